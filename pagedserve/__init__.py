@@ -1,0 +1,10 @@
+"""pagedserve: an LLM inference engine and server (PagedAttention KV cache, continuous
+batching, vLLM-shaped offline API, OpenAI- and TGI-compatible servers)."""
+from pagedserve.errors import EngineDeadError, ModelLoadError, OverloadedError, ValidationError
+from pagedserve.llm import LLM
+from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedserve.sampling_params import SamplingParams
+
+__version__ = "0.1.0"
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "ValidationError",
+           "OverloadedError", "EngineDeadError", "ModelLoadError", "__version__"]

@@ -1,0 +1,86 @@
+"""Torch reference attention over the paged KV cache (CPU backend, and the oracle that the
+Triton kernels are tested against).
+
+KV layout per layer: k_cache, v_cache of shape [num_blocks, block_size, num_kv_heads, head_dim];
+slot = block_id * block_size + offset.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def store_kv_ref(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write key/value [num_tokens, num_kv_heads, head_dim] into the cache at slot_mapping;
+    slots of -1 are skipped. Mutates k_cache and v_cache in place."""
+    valid = slot_mapping >= 0
+    if not bool(valid.all()):
+        key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
+    block_size = k_cache.shape[1]
+    flat_k = k_cache.view(-1, *k_cache.shape[2:])
+    flat_v = v_cache.view(-1, *v_cache.shape[2:])
+    assert flat_k.shape[0] == k_cache.shape[0] * block_size
+    flat_k.index_copy_(0, slot_mapping, key.to(k_cache.dtype))
+    flat_v.index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+
+
+def _gather_context(cache: torch.Tensor, block_tables: torch.Tensor, max_seq_len: int) -> torch.Tensor:
+    """[num_seqs, max_seq_len, num_kv_heads, head_dim] gathered through the block tables."""
+    num_seqs = block_tables.shape[0]
+    block_size = cache.shape[1]
+    num_blocks = (max_seq_len + block_size - 1) // block_size
+    gathered = cache[block_tables[:, :num_blocks].long()]  # [S, nb, B, H, D]
+    return gathered.reshape(num_seqs, num_blocks * block_size, *cache.shape[2:])[:, :max_seq_len]
+
+
+def _attend_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  block_tables: torch.Tensor, seq_lens: torch.Tensor, query_lens: torch.Tensor,
+                  scale: float) -> torch.Tensor:
+    """Padded attention for a group of sequences; q is [S, Qmax, Hq, D]; returns the same shape."""
+    num_seqs, max_q, num_heads, _ = q.shape
+    max_seq_len = int(seq_lens.max())
+    k = _gather_context(k_cache, block_tables, max_seq_len)
+    v = _gather_context(v_cache, block_tables, max_seq_len)
+    num_kv_heads = k.shape[2]
+    if num_kv_heads != num_heads:
+        k = k.repeat_interleave(num_heads // num_kv_heads, dim=2)
+        v = v.repeat_interleave(num_heads // num_kv_heads, dim=2)
+    key_pos = torch.arange(max_seq_len, device=q.device)
+    query_pos = (seq_lens - query_lens)[:, None] + torch.arange(max_q, device=q.device)[None, :]
+    mask = (key_pos[None, None, :] <= query_pos[:, :, None]) & (key_pos[None, None, :] < seq_lens[:, None, None])
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
+        attn_mask=mask[:, None], scale=scale)
+    return out.transpose(1, 2)
+
+
+def paged_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                        query_start_loc: torch.Tensor, scale: float,
+                        num_decodes: int | None = None) -> torch.Tensor:
+    """Attention for a ragged mixed batch. query: [num_tokens, num_heads, head_dim] with the
+    K/V of these tokens already stored in the cache. Returns [num_tokens, num_heads, head_dim].
+
+    Sequences with one query token (decodes) are attended in one padded call; each longer
+    chunk gets its own call, so padding never multiplies a long chunk by the batch size.
+    """
+    num_tokens = query.shape[0]
+    out = torch.empty_like(query)
+    query_lens = query_start_loc[1:] - query_start_loc[:-1]
+    seq_lens = seq_lens.to(query_lens.dtype)
+    if num_decodes is None:
+        num_decodes = int((query_lens == 1).cumprod(0).sum()) if query_lens.numel() else 0
+    if num_decodes:
+        dq = query[:num_decodes].unsqueeze(1)
+        out[:num_decodes] = _attend_group(dq, k_cache, v_cache, block_tables[:num_decodes],
+                                          seq_lens[:num_decodes], query_lens[:num_decodes], scale)[:, 0]
+    starts = query_start_loc.tolist()
+    for s in range(num_decodes, seq_lens.shape[0]):
+        lo, hi = starts[s], starts[s + 1]
+        if hi == lo:
+            continue
+        out[lo:hi] = _attend_group(query[lo:hi].unsqueeze(0), k_cache, v_cache, block_tables[s:s + 1],
+                                   seq_lens[s:s + 1], query_lens[s:s + 1], scale)[0]
+    assert starts[-1] <= num_tokens
+    return out

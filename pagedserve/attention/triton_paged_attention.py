@@ -1,0 +1,371 @@
+"""Triton paged attention for a ragged mixed batch (prefill chunks and decodes in one call).
+
+Grid: (query tiles, num_kv_heads, num_segments). A query tile packs BLOCK_Q consecutive
+tokens of ONE sequence times the QUERIES_PER_KV query heads that share the program's KV
+head, so every K/V tile is loaded once per KV head (GQA packing):
+
+    tile row m  ->  token  q_block * BLOCK_Q + m // QUERIES_PER_KV   (of its sequence)
+                    head   kv_head * QUERIES_PER_KV + m % QUERIES_PER_KV
+
+Query tiles are numbered per sequence without a host sync: sequence s owns the tiles
+[(qsl[s] - qsl[begin]) // BLOCK_Q + (s - begin), ...) and a program finds its sequence by
+binary search over query_start_loc (qsl); surplus programs exit at once.
+
+Keys of sequence s live at positions [0, seq_len); the query token j of a chunk of length
+query_len sits at position context_len + j (context_len = seq_len - query_len) and sees
+keys <= its position. Keys are read TILE_N at a time through the block table:
+
+    key position p -> k_cache[block_tables[s, p // BLOCK_SIZE], p % BLOCK_SIZE, kv_head, :]
+
+Split-K (flash-decoding): with NUM_SEGMENTS > 1 each program covers one slice of the key
+tiles and writes un-normalised partials (acc, running max, running sum) in fp32;
+`_reduce_segments` merges them. Softmax runs in fp32 in the log2 domain.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _find_seq_idx(query_start_loc_ptr, q_block, seq_begin, seq_end, token_begin,
+                  BLOCK_Q: tl.constexpr):
+    """Last sequence s in [seq_begin, seq_end) whose first query tile is <= q_block."""
+    lo: tl.int32 = seq_begin
+    hi: tl.int32 = seq_end
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first_tile = (tl.load(query_start_loc_ptr + mid) - token_begin) // BLOCK_Q + (mid - seq_begin)
+        if first_tile <= q_block:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+# seq_begin/seq_end/num_seqs may be 0 or 1: keep them runtime ints (no constexpr specialisation,
+# no recompiles between the decode and the prefill launch).
+@triton.jit(do_not_specialize=["seq_begin", "seq_end"])
+def _paged_attention_kernel(
+    out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr,
+    query_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+    scale_log2,  # softmax scale * log2(e)
+    seq_begin, seq_end,  # this launch covers sequences [seq_begin, seq_end)
+    stride_q_token, stride_q_head, stride_o_token, stride_o_head,
+    stride_k_block, stride_k_slot, stride_k_head,
+    stride_v_block, stride_v_slot, stride_v_head,
+    stride_block_table,
+    NUM_HEADS: tl.constexpr, QUERIES_PER_KV: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr,
+    NUM_SEGMENTS: tl.constexpr,
+    ONE_TILE_PER_SEQ: tl.constexpr,  # every query_len <= BLOCK_Q: program i -> sequence begin + i
+    DOT_PRECISION: tl.constexpr,
+):
+    kv_head = tl.program_id(1)
+    segment = tl.program_id(2)
+    if ONE_TILE_PER_SEQ:
+        seq_idx = seq_begin + tl.program_id(0)
+        q_block = 0
+    else:
+        # Reversed so the heaviest (latest, most keys) tiles start first.
+        q_block_global = tl.num_programs(0) - 1 - tl.program_id(0)
+        token_begin = tl.load(query_start_loc_ptr + seq_begin)
+        seq_idx = _find_seq_idx(query_start_loc_ptr, q_block_global, seq_begin, seq_end,
+                                token_begin, BLOCK_Q)
+        seq_first_tile = (tl.load(query_start_loc_ptr + seq_idx) - token_begin) // BLOCK_Q + (seq_idx - seq_begin)
+        q_block = q_block_global - seq_first_tile
+    q_start = tl.load(query_start_loc_ptr + seq_idx)
+    query_len = tl.load(query_start_loc_ptr + seq_idx + 1) - q_start
+    if q_block * BLOCK_Q >= query_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq_idx)
+    context_len = seq_len - query_len
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_n = tl.arange(0, TILE_N)
+    query_pos = q_block * BLOCK_Q + offs_m // QUERIES_PER_KV  # index inside the chunk
+    head = kv_head * QUERIES_PER_KV + offs_m % QUERIES_PER_KV
+    row_valid = (offs_m < BLOCK_Q * QUERIES_PER_KV) & (query_pos < query_len)
+    dim_valid = offs_d < HEAD_DIM
+    token = (q_start + query_pos).to(tl.int64)
+    q = tl.load(query_ptr + token[:, None] * stride_q_token + head[:, None] * stride_q_head + offs_d[None, :],
+                mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
+    query_abs = context_len + query_pos  # absolute position of each row's token
+
+    # Causal horizon of this tile (exclusive), then this segment's share of the key tiles.
+    key_end = tl.minimum(context_len + (q_block + 1) * BLOCK_Q, seq_len)
+    num_tiles = tl.cdiv(key_end, TILE_N)
+    tile_lo = segment * num_tiles // NUM_SEGMENTS
+    tile_hi = (segment + 1) * num_tiles // NUM_SEGMENTS
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    block_table_row = block_tables_ptr + seq_idx.to(tl.int64) * stride_block_table
+    k_head_ptr = k_cache_ptr + kv_head.to(tl.int64) * stride_k_head
+    v_head_ptr = v_cache_ptr + kv_head.to(tl.int64) * stride_v_head
+    # Block ids of the next tile are loaded one iteration ahead, off the K/V loads' critical path.
+    key_pos = tile_lo * TILE_N + offs_n
+    block_id = tl.load(block_table_row + key_pos // BLOCK_SIZE, mask=key_pos < key_end, other=0).to(tl.int64)
+    for tile in range(tile_lo, tile_hi):
+        key_pos = tile * TILE_N + offs_n
+        key_valid = key_pos < key_end
+        slot = key_pos % BLOCK_SIZE
+        kv_mask = key_valid[:, None] & dim_valid[None, :]
+        k = tl.load(k_head_ptr + block_id[:, None] * stride_k_block + slot[:, None] * stride_k_slot
+                    + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_head_ptr + block_id[:, None] * stride_v_block + slot[:, None] * stride_v_slot
+                    + offs_d[None, :], mask=kv_mask, other=0.0)
+        next_pos = key_pos + TILE_N
+        block_id = tl.load(block_table_row + next_pos // BLOCK_SIZE, mask=next_pos < key_end,
+                           other=0).to(tl.int64)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        # key_pos <= query_abs implies key_pos < key_end for every valid row.
+        s = tl.where(row_valid[:, None] & (key_pos[None, :] <= query_abs[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked rows stay at 0
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    store_mask = row_valid[:, None] & dim_valid[None, :]
+    if NUM_SEGMENTS == 1:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(out_ptr + token[:, None] * stride_o_token + head[:, None] * stride_o_head + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=store_mask)
+    else:
+        # Empty segments still write (acc=0, max=-inf, sum=0) so the reduce reads no garbage.
+        row = (token * NUM_HEADS + head) * NUM_SEGMENTS + segment
+        tl.store(partial_acc_ptr + row[:, None] * HEAD_DIM_PAD + offs_d[None, :], acc, mask=store_mask)
+        tl.store(partial_max_ptr + row, m_i, mask=row_valid)
+        tl.store(partial_sum_ptr + row, l_i, mask=row_valid)
+
+
+@triton.jit(do_not_specialize=["num_seqs"])
+def _reduce_segments_kernel(
+    out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, query_start_loc_ptr, num_seqs,
+    stride_o_token, stride_o_head,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    NUM_SEGMENTS: tl.constexpr, NUM_SEGMENTS_PAD: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    if (token < tl.load(query_start_loc_ptr)) | (token >= tl.load(query_start_loc_ptr + num_seqs)):
+        return  # padding token (e.g. CUDA-graph batch padding): left untouched
+    offs_s = tl.arange(0, NUM_SEGMENTS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    seg_valid = offs_s < NUM_SEGMENTS
+    row = (token * NUM_HEADS + head) * NUM_SEGMENTS + offs_s
+    seg_max = tl.load(partial_max_ptr + row, mask=seg_valid, other=float("-inf"))
+    seg_sum = tl.load(partial_sum_ptr + row, mask=seg_valid, other=0.0)
+    overall_max = tl.max(seg_max, 0)
+    weight = tl.math.exp2(seg_max - tl.where(overall_max == float("-inf"), 0.0, overall_max))
+    total = tl.sum(seg_sum * weight, 0)
+    seg_acc = tl.load(partial_acc_ptr + row[:, None] * HEAD_DIM_PAD + offs_d[None, :],
+                      mask=seg_valid[:, None], other=0.0)
+    out = tl.sum(seg_acc * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(out_ptr + token * stride_o_token + head * stride_o_head + offs_d,
+             out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Launch shape of one attention launch. block_m: rows of a query tile (tokens x packed
+    heads), a power of two >= 16; tile_n: keys per loop step, a power of two >= 16."""
+
+    block_m: int
+    tile_n: int
+    num_warps: int
+    num_stages: int
+
+
+def default_tile_config(queries_per_kv: int, head_dim_pad: int, max_query_len: int,
+                        dtype: torch.dtype) -> TileConfig:
+    """Decode-like launches (every query fits one tile) use the smallest tile that packs the
+    GQA group; prefill launches use up to 128 rows so K/V tiles are reused across tokens."""
+    group = max(16, triton.next_power_of_2(queries_per_kv))
+    wide = dtype != torch.float32 and head_dim_pad <= 128
+    if max_query_len * queries_per_kv <= group:
+        return TileConfig(block_m=group, tile_n=64 if wide else (32 if head_dim_pad <= 128 else 16),
+                          num_warps=4, num_stages=3)
+    block_m = min(128 if wide else 64, triton.next_power_of_2(max_query_len * queries_per_kv))
+    block_m = max(block_m, group)
+    return TileConfig(block_m=block_m, tile_n=64 if wide else (32 if head_dim_pad <= 128 else 16),
+                      num_warps=8 if block_m >= 128 else 4, num_stages=2)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # Triton interpreter: any small number keeps the split heuristics testable
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_len: int,
+                      tile_n: int, sm_count: int) -> int:
+    """Split-K only for decode-only batches too small to fill the GPU (fewer programs than
+    SMs) with contexts of at least 4 key tiles; aim for ~2 programs per SM, >= 1 tile each."""
+    programs = num_seqs * num_kv_heads
+    key_tiles = triton.cdiv(max_seq_len, tile_n)
+    if max_query_len != 1 or programs >= sm_count or key_tiles < 4:
+        return 1
+    wanted = min(triton.cdiv(2 * sm_count, programs), key_tiles, 64)
+    return 1 << (wanted.bit_length() - 1) if wanted >= 2 else 1
+
+
+def _check_attention_inputs(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                            query_start_loc: torch.Tensor, out: torch.Tensor | None) -> None:
+    if query.dim() != 3:
+        raise ValueError(f"query must be [num_tokens, num_heads, head_dim]; got {tuple(query.shape)}")
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"k_cache and v_cache must both be [num_blocks, block_size, num_kv_heads, "
+                         f"head_dim]; got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if k_cache.shape[3] != query.shape[2] or query.shape[1] % k_cache.shape[2] != 0:
+        raise ValueError(f"query heads/head_dim {tuple(query.shape[1:])} do not fit the cache's "
+                         f"[num_kv_heads, head_dim] {tuple(k_cache.shape[2:])} (num_heads must be "
+                         f"a multiple of num_kv_heads)")
+    if query.dtype not in _FLOAT_DTYPES or k_cache.dtype != query.dtype or v_cache.dtype != query.dtype:
+        raise ValueError(f"query, k_cache, v_cache must share one dtype in {_FLOAT_DTYPES}; got "
+                         f"{query.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    for name, tensor in (("query", query), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if tensor.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dim; strides {tensor.stride()}")
+    num_seqs = seq_lens.shape[0] if seq_lens.dim() == 1 else -1
+    if (seq_lens.dim() != 1 or query_start_loc.shape != (num_seqs + 1,) or block_tables.dim() != 2
+            or block_tables.shape[0] < num_seqs):
+        raise ValueError(f"need seq_lens [num_seqs], query_start_loc [num_seqs + 1], block_tables "
+                         f"[>= num_seqs, max_blocks]; got {tuple(seq_lens.shape)}, "
+                         f"{tuple(query_start_loc.shape)}, {tuple(block_tables.shape)}")
+    for name, tensor in (("seq_lens", seq_lens), ("query_start_loc", query_start_loc),
+                         ("block_tables", block_tables)):
+        if tensor.dtype != torch.int32 or tensor.stride(-1) != 1:
+            raise ValueError(f"{name} must be a contiguous int32 tensor; got {tensor.dtype}, "
+                             f"strides {tensor.stride()}")
+    for name, tensor in (("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables),
+                         ("seq_lens", seq_lens), ("query_start_loc", query_start_loc)):
+        if tensor.device != query.device:
+            raise ValueError(f"{name} is on {tensor.device}, query is on {query.device}")
+    if out is not None and (out.shape != query.shape or out.dtype != query.dtype
+                            or out.device != query.device or out.stride(-1) != 1):
+        raise ValueError(f"out must match query {tuple(query.shape)} {query.dtype} with a contiguous "
+                         f"last dim; got {tuple(out.shape)} {out.dtype} strides {out.stride()}")
+
+
+def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                    query_start_loc: torch.Tensor, scale: float, max_query_len: int | None,
+                    max_seq_len: int | None, num_decodes: int | None = None,
+                    out: torch.Tensor | None = None, *, num_splits: int | None = None,
+                    tiles: TileConfig | None = None) -> torch.Tensor:
+    """Causal attention of a ragged mixed batch over the paged KV cache (K/V of the query
+    tokens must already be stored). query: [num_tokens, num_heads, head_dim]; returns `out`
+    (allocated when None), written for tokens [query_start_loc[0], query_start_loc[-1]) only:
+    padding rows past query_start_loc[-1] are left untouched.
+
+    max_query_len / max_seq_len: host ints (upper bounds are fine); with both given the call
+    never synchronises with the device, so it can be captured in a CUDA graph. num_decodes:
+    the first num_decodes sequences have query_len 1 (decode-first order); they then get their
+    own small-tile launch. None makes no assumption about the order. num_splits: None picks
+    split-K automatically, 1 disables it, n > 1 forces n segments. tiles: overrides the
+    default tile shapes of every launch (tuning only). Mutates only `out`.
+    """
+    _check_attention_inputs(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out)
+    if max_query_len is None:
+        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max()) if seq_lens.numel() else 0
+    if max_seq_len is None:
+        max_seq_len = int(seq_lens.max()) if seq_lens.numel() else 0
+    if out is None:
+        out = torch.empty_like(query)
+    num_seqs, num_tokens = seq_lens.shape[0], query.shape[0]
+    if num_seqs == 0 or num_tokens == 0 or max_query_len == 0:
+        return out
+    num_heads, head_dim, num_kv_heads = query.shape[1], query.shape[2], k_cache.shape[2]
+    queries_per_kv, head_dim_pad = num_heads // num_kv_heads, triton.next_power_of_2(head_dim)
+    num_decodes = num_decodes or 0
+    if not 0 <= num_decodes <= num_seqs:
+        raise ValueError(f"num_decodes={num_decodes} must lie in [0, num_seqs={num_seqs}]")
+    # (seq_begin, seq_end, max_query_len, token upper bound) of each launch
+    launches = [(0, num_decodes, 1, num_decodes)] if num_decodes else []
+    if num_decodes < num_seqs:
+        launches.append((num_decodes, num_seqs, max_query_len, num_tokens - num_decodes))
+    if num_splits is None:
+        default = tiles or default_tile_config(queries_per_kv, head_dim_pad, max_query_len, query.dtype)
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_query_len, max_seq_len,
+                                       default.tile_n, _sm_count(query.device))
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1 or None; got {num_splits}")
+    partials = None
+    if num_splits > 1:
+        rows = num_tokens * num_heads * num_splits
+        partials = (torch.empty(rows, head_dim_pad, dtype=torch.float32, device=query.device),
+                    torch.empty(rows, dtype=torch.float32, device=query.device),
+                    torch.empty(rows, dtype=torch.float32, device=query.device))
+    for seq_begin, seq_end, launch_max_query_len, launch_tokens in launches:
+        config = tiles or default_tile_config(queries_per_kv, head_dim_pad, launch_max_query_len, query.dtype)
+        _launch_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+                          out, partials, seq_begin, seq_end, launch_max_query_len, launch_tokens,
+                          config, num_splits)
+    if partials is not None:
+        _reduce_segments(out, partials, query_start_loc, num_splits)
+    return out
+
+
+def _launch_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                      query_start_loc: torch.Tensor, scale: float, out: torch.Tensor,
+                      partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+                      seq_begin: int, seq_end: int, max_query_len: int, max_tokens: int,
+                      config: TileConfig, num_splits: int) -> None:
+    """One kernel launch over sequences [seq_begin, seq_end) whose query tokens number at
+    most max_tokens. Writes `out` (num_splits == 1) or the fp32 partials."""
+    num_heads, head_dim, num_kv_heads = query.shape[1], query.shape[2], k_cache.shape[2]
+    queries_per_kv = num_heads // num_kv_heads
+    if config.block_m < max(16, queries_per_kv) or config.block_m & (config.block_m - 1):
+        raise ValueError(f"block_m={config.block_m} must be a power of two >= max(16, queries_per_kv)")
+    block_q = config.block_m // queries_per_kv
+    num_launch_seqs = seq_end - seq_begin
+    one_tile_per_seq = max_query_len <= block_q
+    # Sum over sequences of cdiv(query_len, block_q) <= max_tokens // block_q + num_seqs.
+    grid_q = num_launch_seqs if one_tile_per_seq else max(max_tokens, 0) // block_q + num_launch_seqs
+    partial_acc, partial_max, partial_sum = partials if partials is not None else (out, out, out)
+    _paged_attention_kernel[(grid_q, num_kv_heads, num_splits)](
+        out, partial_acc, partial_max, partial_sum,
+        query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+        scale * _LOG2E, seq_begin, seq_end,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        NUM_HEADS=num_heads, QUERIES_PER_KV=queries_per_kv,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_M=config.block_m, BLOCK_Q=block_q, TILE_N=config.tile_n, NUM_SEGMENTS=num_splits,
+        ONE_TILE_PER_SEQ=one_tile_per_seq,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+
+
+def _reduce_segments(out: torch.Tensor, partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                     query_start_loc: torch.Tensor, num_splits: int) -> None:
+    """Merge the split-K partials of every real token into `out` (mutated in place)."""
+    num_tokens, num_heads, head_dim = out.shape
+    partial_acc, partial_max, partial_sum = partials
+    _reduce_segments_kernel[(num_tokens, num_heads)](
+        out, partial_acc, partial_max, partial_sum, query_start_loc, query_start_loc.shape[0] - 1,
+        out.stride(0), out.stride(1),
+        NUM_HEADS=num_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+        NUM_SEGMENTS=num_splits, NUM_SEGMENTS_PAD=triton.next_power_of_2(num_splits),
+        num_warps=4,
+    )

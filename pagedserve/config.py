@@ -1,0 +1,194 @@
+"""One frozen EngineConfig made of parts; each component receives only the part it uses.
+
+ModelConfig.from_hf converts a Hugging Face config ONCE; nothing below reads HF configs.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pagedserve.errors import ValidationError
+
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+           "float16": torch.float16, "half": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: tuple[tuple[str, Any], ...] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    qk_norm: bool
+    hidden_act: str
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None
+    dtype: torch.dtype
+    max_model_len: int
+    sliding_window: int | None = None
+
+    @staticmethod
+    def from_hf(hf_config: Any, dtype: torch.dtype, max_model_len: int | None) -> "ModelConfig":
+        arch = architecture_of(hf_config)
+        num_heads = hf_config.num_attention_heads
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
+        eos = getattr(hf_config, "eos_token_id", None)
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        rope_scaling = _rope_scaling(hf_config)
+        rope_theta = _rope_theta(hf_config)
+        max_pos = getattr(hf_config, "max_position_embeddings", None) or 2048
+        if max_model_len is None:
+            max_model_len = max_pos
+        elif max_model_len < 1:
+            raise ValidationError(f"max_model_len must be >= 1, got {max_model_len}", "max_model_len")
+        sliding = getattr(hf_config, "sliding_window", None)
+        if getattr(hf_config, "use_sliding_window", True) is False:
+            sliding = None
+        if sliding is not None and max_model_len > sliding:
+            raise ValidationError(
+                f"max_model_len={max_model_len} exceeds the model's sliding_window={sliding}; "
+                f"sliding-window attention is not supported yet: set max_model_len <= {sliding}",
+                "max_model_len")
+        return ModelConfig(
+            architecture=arch,
+            vocab_size=hf_config.vocab_size,
+            hidden_size=hf_config.hidden_size,
+            intermediate_size=hf_config.intermediate_size,
+            num_layers=hf_config.num_hidden_layers,
+            num_heads=num_heads,
+            num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=getattr(hf_config, "rms_norm_eps", 1e-6),
+            rope_theta=rope_theta,
+            rope_scaling=tuple(sorted(rope_scaling.items())) if rope_scaling else None,
+            max_position_embeddings=max_pos,
+            tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+            attention_bias=bool(getattr(hf_config, "attention_bias", False)) or arch == "Qwen2ForCausalLM",
+            qk_norm=arch == "Qwen3ForCausalLM",
+            hidden_act=getattr(hf_config, "hidden_act", "silu"),
+            eos_token_ids=eos_ids,
+            bos_token_id=getattr(hf_config, "bos_token_id", None),
+            dtype=dtype,
+            max_model_len=max_model_len,
+            sliding_window=sliding,
+        )
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any] | None:
+        return dict(self.rope_scaling) if self.rope_scaling else None
+
+
+def architecture_of(hf_config: Any) -> str:
+    """The HF architecture name; GGUF-derived configs may only carry a model_type."""
+    archs = getattr(hf_config, "architectures", None) or []
+    if archs:
+        return archs[0]
+    model_type = getattr(hf_config, "model_type", "")
+    return _ARCH_BY_MODEL_TYPE.get(model_type, model_type)
+
+
+_ARCH_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                       "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def _rope_parameters(hf_config: Any) -> dict[str, Any]:
+    """transformers 5 keeps rope settings in `rope_parameters`; 4.x in rope_theta/rope_scaling."""
+    params = getattr(hf_config, "rope_parameters", None)
+    if isinstance(params, dict) and "rope_type" in params or isinstance(params, dict) and "rope_theta" in params:
+        return dict(params)
+    return {}
+
+
+def _rope_theta(hf_config: Any) -> float:
+    params = _rope_parameters(hf_config)
+    if "rope_theta" in params:
+        return float(params["rope_theta"])
+    return float(getattr(hf_config, "rope_theta", 10000.0))
+
+
+def _rope_scaling(hf_config: Any) -> dict[str, Any] | None:
+    params = _rope_parameters(hf_config) or dict(getattr(hf_config, "rope_scaling", None) or {})
+    params.pop("rope_theta", None)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type in (None, "default"):
+        return None
+    if rope_type not in ("llama3", "linear"):
+        raise ValidationError(f"rope_scaling type {rope_type!r} is not supported (supported: llama3, linear)",
+                              "rope_scaling")
+    params["rope_type"] = rope_type
+    params.pop("type", None)
+    return params
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    kv_cache_memory_gb: float | None = None   # CPU: explicit KV budget
+    num_kv_blocks: int | None = None          # explicit override (tests, benchmarks)
+    gpu_memory_utilization: float = 0.9
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+    policy: str = "continuous"   # "continuous" | "static"
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    device: str = "cpu"
+    enforce_eager: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_path: str
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    load_format: str = "auto"
+    gguf_file: str | None = None
+
+    def replace(self, **changes: Any) -> "EngineConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def resolve_dtype(dtype: str | torch.dtype, config_dtype: Any, device: str) -> torch.dtype:
+    """"auto" is float32 on CPU and the checkpoint's dtype (fp16/bf16) on GPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device == "cpu":
+            return torch.float32
+        if isinstance(config_dtype, torch.dtype) and config_dtype in (torch.float16, torch.bfloat16):
+            return config_dtype
+        if isinstance(config_dtype, str) and config_dtype in ("float16", "bfloat16"):
+            return _DTYPES[config_dtype]
+        return torch.bfloat16
+    if dtype not in _DTYPES:
+        raise ValidationError(f"dtype must be one of auto, float32, bfloat16, float16; got {dtype!r}", "dtype")
+    return _DTYPES[dtype]

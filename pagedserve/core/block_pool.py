@@ -1,0 +1,120 @@
+"""The pool of KV blocks: free list in LRU order, ref counts, and the hash -> block map of
+the prefix cache.
+
+Invariants:
+- a block is in the free queue iff its ref_cnt == 0;
+- a free block keeps its hash (and stays findable) until it is handed out again, so a
+  later request can revive it (lazy eviction); the free queue's head is evicted first;
+- `cached` maps a hash to at most one block, and that block's `block_hash` is the key.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import NewType
+
+BlockId = NewType("BlockId", int)
+BlockHash = NewType("BlockHash", int)
+
+
+@dataclass(eq=False)
+class KVCacheBlock:
+    block_id: BlockId
+    ref_cnt: int = 0
+    block_hash: BlockHash | None = None
+    token_ids: tuple[int, ...] = field(default=(), repr=False)   # set once the block is full and hashed
+
+
+def hash_block_tokens(parent_hash: BlockHash | None, token_ids: tuple[int, ...],
+                      extra_keys: tuple | None = None) -> BlockHash:
+    """Chained hash of a full block: (parent hash, token ids, extra keys such as a cache salt).
+    Python's tuple hash of ints is deterministic; lookups also compare token ids, so a
+    collision can never serve the wrong KV."""
+    return BlockHash(hash((parent_hash, token_ids, extra_keys)))
+
+
+class BlockPool:
+    """Mutated only by the KV cache manager, from the engine thread."""
+
+    def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.enable_caching = enable_caching
+        self.blocks = [KVCacheBlock(BlockId(i)) for i in range(num_blocks)]
+        # block_id -> None; insertion order = eviction order (head first).
+        self._free: OrderedDict[BlockId, None] = OrderedDict((b.block_id, None) for b in self.blocks)
+        self.cached: dict[BlockHash, KVCacheBlock] = {}
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    def usage(self) -> float:
+        """Fraction of blocks held by live requests (0.0 .. 1.0)."""
+        return 1.0 - len(self._free) / self.num_blocks
+
+    def free_block_ids(self) -> list[BlockId]:
+        """Free blocks in eviction order (for tests and reports)."""
+        return list(self._free)
+
+    def allocate(self, count: int) -> list[KVCacheBlock]:
+        """Pop `count` blocks from the head of the free queue, evicting their cached hashes.
+        The caller checked num_free_blocks first."""
+        if count > len(self._free):
+            raise RuntimeError(f"cannot allocate {count} blocks, {len(self._free)} free")
+        out = []
+        for _ in range(count):
+            block_id, _ = self._free.popitem(last=False)
+            block = self.blocks[block_id]
+            self._evict(block)
+            block.ref_cnt = 1
+            out.append(block)
+        return out
+
+    def _evict(self, block: KVCacheBlock) -> None:
+        if block.block_hash is not None:
+            if self.cached.get(block.block_hash) is block:
+                del self.cached[block.block_hash]
+            block.block_hash = None
+            block.token_ids = ()
+
+    def lookup(self, block_hash: BlockHash, token_ids: tuple[int, ...]) -> KVCacheBlock | None:
+        block = self.cached.get(block_hash)
+        if block is None or block.token_ids != token_ids:
+            return None
+        return block
+
+    def touch(self, blocks: list[KVCacheBlock]) -> None:
+        """Take one more reference on each block (prefix hit or fork); a free block leaves the
+        free queue."""
+        for block in blocks:
+            if block.ref_cnt == 0:
+                del self._free[block.block_id]
+            block.ref_cnt += 1
+
+    def free(self, blocks: list[KVCacheBlock]) -> None:
+        """Drop one reference on each block, in the order given; a block reaching 0 goes to the
+        tail of the free queue (evicted last). Callers pass a request's blocks tail first, so
+        a prefix's head blocks outlive its tail."""
+        for block in blocks:
+            assert block.ref_cnt > 0, f"double free of block {block.block_id}"
+            block.ref_cnt -= 1
+            if block.ref_cnt == 0:
+                self._free[block.block_id] = None
+
+    def cache_block(self, block: KVCacheBlock, block_hash: BlockHash, token_ids: tuple[int, ...]) -> None:
+        """Register a full block under its hash (first writer wins on duplicates)."""
+        if not self.enable_caching or block.block_hash is not None:
+            return
+        block.block_hash = block_hash
+        block.token_ids = token_ids
+        self.cached.setdefault(block_hash, block)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached hash; only allowed when no block is in use."""
+        if len(self._free) != self.num_blocks:
+            return False
+        for block in self.blocks:
+            self._evict(block)
+        return True

@@ -1,0 +1,123 @@
+"""The engine step: schedule -> execute -> update. Everything else is set-up.
+
+EngineCore is driven from one thread (the offline loop or the async engine's background
+thread); it is not thread-safe.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from pagedserve.config import EngineConfig
+from pagedserve.core.kv_cache_manager import KVCacheManager
+from pagedserve.core.request import Request, RequestId, RequestStatus
+from pagedserve.core.scheduler import Scheduler
+from pagedserve.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from pagedserve.errors import ValidationError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineCoreOutput:
+    """What one step did to one request."""
+
+    req_id: RequestId
+    new_token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    new_logprobs: tuple[list[int], list[float], int] | None = None
+    new_prompt_logprobs: list[tuple[list[int], list[float], int]] | None = None
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, hf_config: Any, executor: Any = None) -> None:
+        if executor is None:
+            from pagedserve.worker.executor import make_executor
+            executor = make_executor(config, hf_config)
+        self.config = config
+        self.executor = executor
+        block_size = config.cache.block_size
+        num_blocks = executor.num_blocks
+        max_model_len = config.scheduler.max_model_len
+        if num_blocks * block_size < max_model_len:
+            raise ValidationError(
+                f"the KV cache holds {num_blocks * block_size} tokens ({num_blocks} blocks of {block_size}), "
+                f"fewer than max_model_len={max_model_len}: raise gpu_memory_utilization (or "
+                f"kv_cache_memory_gb on CPU) or lower max_model_len", "max_model_len")
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens; max concurrency at max_model_len=%d: %.1fx",
+                    num_blocks, block_size, num_blocks * block_size, max_model_len,
+                    num_blocks * block_size / max_model_len)
+        self.kv_cache_manager = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv_cache_manager, config.scheduler.max_num_seqs,
+                                   config.scheduler.max_num_batched_tokens, max_model_len,
+                                   config.scheduler.policy)
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.kv_cache_manager.num_blocks
+
+    def add_request(self, request: Request, forks: list[Request] | None = None) -> None:
+        needed = self.kv_cache_manager.blocks_needed(request.num_prompt_tokens + 1)
+        if needed > self.kv_cache_manager.num_blocks:
+            raise ValidationError(
+                f"the prompt ({request.num_prompt_tokens} tokens) can never fit in the KV cache "
+                f"({self.kv_cache_manager.num_blocks * self.config.cache.block_size} tokens)", "prompt")
+        self.scheduler.add_request(request, forks)
+
+    def abort_requests(self, request_ids: list[RequestId]) -> list[Request]:
+        """Finish these requests now and free their blocks (unknown ids are ignored)."""
+        return self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+
+    def finish_requests(self, request_ids: list[RequestId], status: RequestStatus) -> list[Request]:
+        return self.scheduler.finish_requests(request_ids, status)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[EngineCoreOutput]:
+        so = self.scheduler.schedule()
+        runner_output = self._execute(so)
+        return self._update(so, runner_output)
+
+    def _execute(self, so: SchedulerOutput) -> ModelRunnerOutput | None:
+        if so.is_empty and not (so.finished_req_ids or so.preempted_req_ids):
+            return ModelRunnerOutput()
+        try:
+            return self.executor.execute_model(so)
+        except Exception as exc:   # fail this step's requests, keep serving the rest
+            self.executor.check_health()
+            logger.exception("step failed; failing its %d requests", len(so.num_scheduled_tokens))
+            self._failed = (list(so.num_scheduled_tokens), f"{type(exc).__name__}: {exc}")
+            return None
+
+    def _update(self, so: SchedulerOutput, runner_output: ModelRunnerOutput | None) -> list[EngineCoreOutput]:
+        if runner_output is None:
+            failed_ids, message = self._failed
+            failed = self.scheduler.finish_requests(failed_ids, RequestStatus.FINISHED_ERROR)
+            return [EngineCoreOutput(r.request_id, finish_reason="abort", error=message) for r in failed]
+        changed = self.scheduler.update_from_output(so, runner_output)
+        outputs = []
+        for request in changed:
+            rid = request.request_id
+            outputs.append(EngineCoreOutput(
+                rid, [request.output_token_ids[-1]], request.get_finish_reason(), request.stop_reason,
+                runner_output.logprobs.get(rid), None, max(request.num_cached_tokens, 0)))
+        for rid, prompt_logprobs in runner_output.prompt_logprobs.items():
+            for out in outputs:
+                if out.req_id == rid:
+                    out.new_prompt_logprobs = prompt_logprobs
+                    break
+            else:
+                outputs.append(EngineCoreOutput(rid, new_prompt_logprobs=prompt_logprobs))
+        return outputs
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

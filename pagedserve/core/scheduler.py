@@ -1,0 +1,239 @@
+"""Continuous batching under one rule: each request's num_computed_tokens catches up with
+its num_tokens under a per-step token budget. Prefill, chunked prefill, decode, prefix-cache
+hits and recompute after preemption all fall out of that rule. First come, first served;
+preemption evicts the newest running request.
+
+Policy "static" (for the static-vs-continuous benchmark): a batch is admitted together and
+no request joins until every request of the batch has finished.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from pagedserve.core.kv_cache_manager import KVCacheManager
+from pagedserve.core.request import Request, RequestId, RequestStatus
+from pagedserve.core.scheduler_output import (CachedRequestData, ForkedRequestData, ModelRunnerOutput,
+                                              NewRequestData, SchedulerOutput)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SchedulerStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    num_preemptions: int = 0   # cumulative
+    num_batched_tokens: int = 0
+
+
+class Scheduler:
+    """Owns the request queues; mutated only from the engine thread."""
+
+    def __init__(self, kv_cache_manager: KVCacheManager, max_num_seqs: int,
+                 max_num_batched_tokens: int, max_model_len: int, policy: str = "continuous") -> None:
+        if policy not in ("continuous", "static"):
+            raise ValueError(f"scheduling policy must be 'continuous' or 'static', got {policy!r}")
+        self.kv = kv_cache_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.policy = policy
+        self.requests: dict[RequestId, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.pending_forks: dict[RequestId, list[Request]] = {}
+        self._sent_block_ids: dict[RequestId, list[int]] = {}   # what the runner knows
+        self._finished_since_last_step: set[RequestId] = set()
+        self.stats = SchedulerStats()
+
+    # ---- queue management -------------------------------------------------------------
+    def add_request(self, request: Request, forks: list[Request] | None = None) -> None:
+        """Queue a request; `forks` are its parallel-sampling siblings, forked from it once
+        its prompt is computed."""
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+        if forks:
+            self.pending_forks[request.request_id] = forks
+            for child in forks:
+                self.requests[child.request_id] = child
+
+    def finish_requests(self, request_ids: list[RequestId], status: RequestStatus) -> list[Request]:
+        """Finish (abort, stop-string stop, error) requests wherever they are; frees blocks.
+        Unknown or already finished ids are ignored."""
+        finished = []
+        for rid in request_ids:
+            request = self.requests.get(rid)
+            if request is None or request.is_finished():
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            elif request in self.waiting:
+                self.waiting.remove(request)
+            request.status = status
+            for child in self.pending_forks.pop(rid, []):
+                child.status = status
+                self._free(child)
+                finished.append(child)
+            self._free(request)
+            finished.append(request)
+        return finished
+
+    def _free(self, request: Request) -> None:
+        self.kv.forget(request)
+        self.requests.pop(request.request_id, None)
+        if self._sent_block_ids.pop(request.request_id, None) is not None:
+            self._finished_since_last_step.add(request.request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step ---------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(finished_req_ids=self._finished_since_last_step)
+        self._finished_since_last_step = set()
+        budget = self.max_num_batched_tokens
+        scheduled: list[Request] = []
+        preempted: list[Request] = []
+
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new <= 0:
+                index += 1
+                continue
+            while not self.kv.allocate_slots(request, num_new):
+                victim = self.running.pop()
+                self._preempt(victim, out)
+                preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                scheduled.append(request)
+                out.num_scheduled_tokens[request.request_id] = num_new
+                budget -= num_new
+                index += 1
+                continue
+            break
+
+        can_admit = not preempted and not (self.policy == "static" and self.running)
+        while can_admit and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            hits, num_hit_tokens = [], 0
+            if request.num_computed_tokens == 0 and request.sampling_params.prompt_logprobs is None:
+                hits, num_hit_tokens = self.kv.get_computed_blocks(request)
+            num_new = min(request.num_tokens - request.num_computed_tokens - num_hit_tokens, budget)
+            if not self.kv.allocate_slots(request, num_new, hits):
+                break
+            self.waiting.popleft()
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit_tokens
+            request.num_computed_tokens += num_hit_tokens
+            request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
+            self.running.append(request)
+            scheduled.append(request)
+            out.num_scheduled_tokens[request.request_id] = num_new
+            budget -= num_new
+
+        for request in scheduled:
+            self._describe(request, out)
+        out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
+        self._fork_completed_prompts(scheduled, out)
+        out.blocks_to_copy = self.kv.take_pending_copies()
+        self.stats.num_batched_tokens = out.total_num_scheduled_tokens
+        return out
+
+    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.stats.num_preemptions += 1
+        self.waiting.appendleft(request)
+        if self._sent_block_ids.pop(request.request_id, None) is not None:
+            out.preempted_req_ids.add(request.request_id)
+        out.num_scheduled_tokens.pop(request.request_id, None)
+        logger.debug("preempted %s", request.request_id)
+
+    def _describe(self, request: Request, out: SchedulerOutput) -> None:
+        """New (or resumed) requests go to the runner in full, known ones as block diffs."""
+        block_ids = self.kv.block_ids(request.request_id)
+        sent = self._sent_block_ids.get(request.request_id)
+        if sent is None:
+            out.new_requests.append(NewRequestData(
+                request.request_id, request.all_token_ids, request.num_prompt_tokens,
+                request.sampling_params, block_ids, request.num_computed_tokens))
+        else:
+            replaced = None
+            if sent and block_ids[len(sent) - 1] != sent[-1]:
+                replaced = block_ids[len(sent) - 1]
+            out.cached_requests.append(CachedRequestData(
+                request.request_id, block_ids[len(sent):], request.num_computed_tokens, replaced,
+                request.num_tokens, request.output_token_ids[-1] if request.output_token_ids else None))
+        self._sent_block_ids[request.request_id] = block_ids
+
+    def _fork_completed_prompts(self, scheduled: list[Request], out: SchedulerOutput) -> None:
+        """n > 1: siblings join when the parent's prompt completes; they share its blocks and
+        sample from its logits in this very step."""
+        for parent in scheduled:
+            forks = self.pending_forks.get(parent.request_id)
+            num_new = out.num_scheduled_tokens.get(parent.request_id, 0)
+            if not forks or parent.num_computed_tokens + num_new < parent.num_tokens:
+                continue
+            del self.pending_forks[parent.request_id]
+            for child in forks:
+                self.kv.fork(parent, child)
+                child.num_computed_tokens = parent.num_computed_tokens
+                child.num_cached_tokens = parent.num_cached_tokens
+                child.first_scheduled_time = parent.first_scheduled_time
+                child.status = RequestStatus.RUNNING
+                self.running.append(child)
+                self._sent_block_ids[child.request_id] = self.kv.block_ids(child.request_id)
+                out.forked_requests.append(ForkedRequestData(child.request_id, parent.request_id,
+                                                             child.sampling_params))
+                out.num_scheduled_tokens[child.request_id] = num_new
+
+    def update_from_output(self, out: SchedulerOutput, runner_output: ModelRunnerOutput) -> list[Request]:
+        """Advance counters, append sampled tokens, apply token-level stop rules.
+        Returns the requests that got a new token or finished this step."""
+        changed = []
+        now = time.monotonic()
+        for rid, num_new in out.num_scheduled_tokens.items():
+            request = self.requests.get(rid)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue
+            request.num_computed_tokens += num_new
+            token = runner_output.sampled_token_ids.get(rid)
+            if token is None:
+                continue
+            request.output_token_ids.append(token)
+            if request.first_token_time is None:
+                request.first_token_time = now
+            self._check_stop(request, token)
+            if request.is_finished():
+                self.running.remove(request)
+                self._free(request)
+            changed.append(request)
+        self.stats.num_running = len(self.running)
+        self.stats.num_waiting = len(self.waiting)
+        self.stats.kv_cache_usage = self.kv.usage()
+        return changed
+
+    def _check_stop(self, request: Request, token: int) -> None:
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and token in request.eos_token_ids:
+                request.status = RequestStatus.FINISHED_STOPPED
+                return
+            if token in params.stop_token_ids:
+                request.status = RequestStatus.FINISHED_STOPPED
+                request.stop_reason = token
+                return
+        if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:
+            request.status = RequestStatus.FINISHED_LENGTH_CAPPED

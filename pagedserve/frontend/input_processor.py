@@ -1,0 +1,125 @@
+"""Boundary validation: prompts and sampling parameters become Requests or a
+ValidationError naming the parameter. Also renders chat templates."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any, Union
+
+from pagedserve.core.request import Request, RequestId
+from pagedserve.errors import ValidationError
+from pagedserve.sampling_params import SamplingParams
+
+PromptType = Union[str, dict, list[int]]
+MAX_LOGPROBS = 20
+
+
+@dataclass
+class ProcessedPrompt:
+    prompt: str | None
+    prompt_token_ids: list[int]
+
+
+class InputProcessor:
+    def __init__(self, tokenizer: Any, vocab_size: int, max_model_len: int,
+                 eos_token_ids: tuple[int, ...], max_logprobs: int = MAX_LOGPROBS) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.eos_token_ids = eos_token_ids
+        self.max_logprobs = max_logprobs
+        self._counter = itertools.count()
+
+    def next_request_id(self) -> str:
+        return str(next(self._counter))
+
+    def process_prompt(self, prompt: PromptType, add_special_tokens: bool = True) -> ProcessedPrompt:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                ids = list(prompt["prompt_token_ids"])
+                return ProcessedPrompt(prompt.get("prompt"), self._check_ids(ids))
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValidationError("a prompt dict needs 'prompt' or 'prompt_token_ids'", "prompt")
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return ProcessedPrompt(None, self._check_ids(list(prompt)))
+        if not isinstance(prompt, str):
+            raise ValidationError(f"prompt must be a string, a token id list or a dict, got {type(prompt).__name__}",
+                                  "prompt")
+        if self.tokenizer is None:
+            raise ValidationError("text prompts need a tokenizer (skip_tokenizer_init=True): pass prompt_token_ids",
+                                  "prompt")
+        if prompt == "":
+            raise ValidationError("prompt must not be empty", "prompt")
+        ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        return ProcessedPrompt(prompt, self._check_ids(ids))
+
+    def _check_ids(self, ids: list[int]) -> list[int]:
+        if not ids:
+            raise ValidationError("prompt must not be empty", "prompt")
+        bad = next((t for t in ids if not isinstance(t, int) or t < 0 or t >= self.vocab_size), None)
+        if bad is not None:
+            raise ValidationError(f"token id {bad} is out of vocabulary (size {self.vocab_size})", "prompt")
+        if len(ids) >= self.max_model_len:
+            raise ValidationError(
+                f"the prompt is {len(ids)} tokens long; max_model_len is {self.max_model_len} and at least "
+                f"one token must be generated", "prompt")
+        return ids
+
+    def check_params(self, params: SamplingParams, num_prompt_tokens: int, strict_length: bool = False) -> int:
+        """Validate what depends on the model; returns the effective max_tokens. With
+        strict_length, a prompt plus max_tokens beyond max_model_len is an error (OpenAI
+        server); otherwise generation just stops at max_model_len (vLLM's offline API)."""
+        room = self.max_model_len - num_prompt_tokens
+        if params.max_tokens is None:
+            return room
+        if strict_length and params.max_tokens > room:
+            raise ValidationError(
+                f"this model's maximum context length is {self.max_model_len} tokens; the request asks for "
+                f"{num_prompt_tokens + params.max_tokens} ({num_prompt_tokens} in the prompt, "
+                f"{params.max_tokens} in max_tokens)", "max_tokens")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > self.max_logprobs:
+                raise ValidationError(f"{name} must be at most {self.max_logprobs}, got {value}", name)
+        for token in list(params.logit_bias or {}) + list(params.stop_token_ids):
+            if token >= self.vocab_size:
+                raise ValidationError(f"token id {token} is out of vocabulary (size {self.vocab_size})",
+                                      "logit_bias" if token in (params.logit_bias or {}) else "stop_token_ids")
+        if not params.detokenize and params.stop:
+            raise ValidationError("stop strings need detokenize=True", "stop")
+        return min(params.max_tokens, room)
+
+    def make_requests(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
+                      strict_length: bool = False) -> tuple[Request, list[Request]]:
+        """The request and, for n > 1 (or best_of), its siblings to fork after the prefill."""
+        max_tokens = self.check_params(params, len(prompt.prompt_token_ids), strict_length)
+        num_seqs = max(params.n, params.best_of or 1)
+        requests = []
+        for index in range(num_seqs):
+            child_params = params
+            if num_seqs > 1:
+                child_params = params.clone()
+                if params.seed is not None:
+                    child_params.seed = params.seed + index
+            rid = RequestId(request_id if num_seqs == 1 else f"{request_id}-{index}")
+            requests.append(Request(rid, prompt.prompt_token_ids, child_params, self.eos_token_ids, max_tokens,
+                                    parent_id=RequestId(request_id) if num_seqs > 1 else None, index=index))
+        return requests[0], requests[1:]
+
+    def render_chat(self, messages: list[dict], chat_template: str | None = None,
+                    add_generation_prompt: bool = True, continue_final_message: bool = False) -> str:
+        if self.tokenizer is None:
+            raise ValidationError("chat needs a tokenizer", "messages")
+        if not isinstance(messages, list) or not messages:
+            raise ValidationError("messages must be a non-empty list", "messages")
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m:
+                raise ValidationError("each message needs a 'role' and 'content'", "messages")
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, tokenize=False)
+        except ValueError as exc:
+            raise ValidationError(f"cannot apply the chat template: {exc}", "chat_template") from exc

@@ -1,0 +1,83 @@
+"""The synchronous engine shared by the offline LLM and the async server engine:
+input processing -> EngineCore -> output processing. Not thread-safe; one driver thread."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pagedserve.core.engine_core import EngineCore
+from pagedserve.core.request import RequestId, RequestStatus
+from pagedserve.engine_args import EngineArgs
+from pagedserve.frontend.input_processor import InputProcessor, PromptType
+from pagedserve.frontend.output_processor import OutputKind, OutputProcessor
+from pagedserve.models.loader import load_tokenizer
+from pagedserve.outputs import RequestOutput
+from pagedserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs) -> None:
+        self.args = args
+        self.config, self.hf_config, source = args.create_config()
+        self.tokenizer = None if args.skip_tokenizer_init else load_tokenizer(source, args.tokenizer)
+        model = self.config.model
+        eos = set(model.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = tuple(sorted(eos))
+        self.core = EngineCore(self.config, self.hf_config)
+        self.input_processor = InputProcessor(self.tokenizer, model.vocab_size, self.config.scheduler.max_model_len,
+                                              self.eos_token_ids)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.children: dict[str, list[RequestId]] = {}
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.scheduler.max_model_len
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
+                    output_kind: OutputKind = OutputKind.FINAL_ONLY, strict_length: bool = False,
+                    add_special_tokens: bool = True) -> None:
+        """Validate and queue; raises ValidationError (nothing is queued then)."""
+        if request_id in self.children:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        processed = self.input_processor.process_prompt(prompt, add_special_tokens)
+        report_logprobs = params.logprobs is not None
+        params = self._internal_params(params)
+        parent, forks = self.input_processor.make_requests(request_id, processed, params, strict_length)
+        self.core.add_request(parent, forks)
+        ids = [parent.request_id] + [f.request_id for f in forks]
+        self.children[request_id] = ids
+        self.output_processor.add_request(request_id, ids, processed.prompt, processed.prompt_token_ids, params,
+                                          output_kind, report_logprobs)
+
+    @staticmethod
+    def _internal_params(params: SamplingParams) -> SamplingParams:
+        """best_of > n ranks sequences by cumulative logprob, so their logprobs are needed."""
+        if params.best_of is not None and params.best_of > params.n and params.logprobs is None:
+            params = params.clone()
+            params.logprobs = 0
+        return params
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        ids = self.children.pop(request_id, [])
+        self.core.abort_requests(ids)
+        return self.output_processor.abort_request(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.core.has_unfinished_requests() or self.output_processor.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        outputs = self.core.step()
+        results, stopped = self.output_processor.process_outputs(outputs)
+        if stopped:
+            self.core.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        for result in results:
+            if result.finished:
+                self.children.pop(result.request_id, None)
+        return results
+
+    def shutdown(self) -> None:
+        self.core.shutdown()

@@ -1,0 +1,34 @@
+"""The attention layer: store this step's K/V into the layer's paged cache, then attend
+through the block tables with the backend chosen at start-up (torch reference on CPU,
+Triton kernels on GPU)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pagedserve.attention.backend import AttentionBackend
+from pagedserve.attention.metadata import AttentionMetadata
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.num_kv_heads = num_kv_heads
+        # Bound by the model runner once the cache is allocated.
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+        self.backend: AttentionBackend | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q [T, Hq*D], k/v [T, Hkv*D] -> [T, Hq*D]; mutates this layer's KV cache."""
+        num_tokens = q.shape[0]
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        assert self.backend is not None, "KV cache not bound"
+        self.backend.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        out = self.backend.attend(q, self.k_cache, self.v_cache, meta, self.scale)
+        return out.reshape(num_tokens, self.num_heads * self.head_dim)

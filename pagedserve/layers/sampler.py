@@ -1,0 +1,155 @@
+"""Vectorized sampling over the batch: one pass, no per-request Python loop except for the
+rows of seeded requests (each draws from its own generator, so its tokens do not depend on
+what else is in the batch).
+
+Order: logit_bias and min_tokens masks -> penalties (repetition, frequency, presence) ->
+greedy argmax for temperature 0 -> temperature -> top-k -> top-p -> min-p -> typical-p ->
+sample. Logprobs are those of the model's raw distribution (log_softmax of the logits
+before any processing), which is vLLM's default ("raw_logprobs").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+_EPS = 1e-5
+
+
+@dataclass
+class SamplingTensors:
+    """Per-row sampling parameters on the logits' device. Built once per step by the runner."""
+
+    temperature: torch.Tensor            # [B] float; 0 = greedy
+    top_k: torch.Tensor | None = None    # [B] int; vocab size = off
+    top_p: torch.Tensor | None = None    # [B] float; 1 = off
+    min_p: torch.Tensor | None = None    # [B] float; 0 = off
+    typical_p: torch.Tensor | None = None
+    repetition_penalty: torch.Tensor | None = None   # [B]
+    frequency_penalty: torch.Tensor | None = None
+    presence_penalty: torch.Tensor | None = None
+    prompt_mask: torch.Tensor | None = None          # [B, V] bool: token occurs in the prompt
+    output_counts: torch.Tensor | None = None        # [B, V] int: occurrences in the output
+    bias_rows: torch.Tensor | None = None            # logit_bias as (row, token, value) triples
+    bias_tokens: torch.Tensor | None = None
+    bias_values: torch.Tensor | None = None
+    mask_rows: torch.Tensor | None = None            # min_tokens: (row, token) set to -inf
+    mask_tokens: torch.Tensor | None = None
+    all_greedy: bool = False
+    generators: dict[int, torch.Generator] = field(default_factory=dict)
+    max_num_logprobs: int | None = None
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor                      # [B] int64
+    logprob_token_ids: torch.Tensor | None = None   # [B, 1 + k]: sampled token, then top-k
+    logprobs: torch.Tensor | None = None            # [B, 1 + k]
+    sampled_ranks: torch.Tensor | None = None       # [B]
+
+
+def apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    if t.repetition_penalty is not None:
+        seen = t.prompt_mask | (t.output_counts > 0)
+        penalty = t.repetition_penalty[:, None].expand_as(logits)
+        penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits = torch.where(seen, penalized, logits)
+    if t.frequency_penalty is not None:
+        logits = logits - t.frequency_penalty[:, None] * t.output_counts
+    if t.presence_penalty is not None:
+        logits = logits - t.presence_penalty[:, None] * (t.output_counts > 0)
+    return logits
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+    """Mask (to -inf) tokens outside top-k and outside the top-p nucleus; ties at the k-th
+    value are kept and at least one token always survives, as transformers' warpers do."""
+    if top_k is None and top_p is None:
+        return logits
+    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
+    vocab = logits.shape[-1]
+    if top_k is not None:
+        kth = sorted_logits.gather(-1, (vocab - top_k.clamp(1, vocab)).long()[:, None])
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    if top_p is not None:
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove = cum <= (1 - top_p[:, None])
+        remove[:, -1] = False
+        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, sorted_idx, sorted_logits)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    probs = logits.softmax(dim=-1)
+    threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def apply_typical_p(logits: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """Locally typical sampling (transformers' TypicalLogitsWarper, per-row mass)."""
+    normalized = logits.log_softmax(dim=-1)
+    probs = normalized.exp()
+    entropy = -(normalized * probs).nansum(-1, keepdim=True)
+    shifted = (-normalized - entropy).abs()
+    sorted_scores, sorted_idx = shifted.sort(dim=-1, descending=False)
+    cum = logits.gather(-1, sorted_idx).softmax(dim=-1).cumsum(dim=-1)
+    last = (cum < mass[:, None]).sum(dim=1).clamp(max=logits.shape[-1] - 1)
+    remove_sorted = sorted_scores > sorted_scores.gather(1, last[:, None])
+    remove_sorted[:, 0] = False
+    remove = remove_sorted.scatter(1, sorted_idx, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def _random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
+    """Exponential-race sampling: argmax(p / q) with q ~ Exp(1) is a draw from p. Seeded rows
+    draw q from their own generator."""
+    q = torch.empty_like(probs)
+    if len(generators) < probs.shape[0]:
+        q.exponential_()
+    for row, generator in generators.items():
+        q[row].exponential_(generator=generator)
+    return probs.div(q).argmax(dim=-1)
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
+        logits = logits.float()
+        raw_logprobs = logits.log_softmax(dim=-1) if t.max_num_logprobs is not None else None
+        if t.bias_rows is not None:
+            logits = logits.index_put((t.bias_rows, t.bias_tokens), t.bias_values, accumulate=True)
+        if t.mask_rows is not None:
+            logits = logits.index_put((t.mask_rows, t.mask_tokens),
+                                      torch.tensor(float("-inf"), device=logits.device))
+        logits = apply_penalties(logits, t)
+        greedy = logits.argmax(dim=-1)
+        if t.all_greedy:
+            tokens = greedy
+        else:
+            temperature = torch.where(t.temperature < _EPS, torch.ones_like(t.temperature), t.temperature)
+            logits = logits / temperature[:, None]
+            logits = apply_top_k_top_p(logits, t.top_k, t.top_p)
+            if t.min_p is not None:
+                logits = apply_min_p(logits, t.min_p)
+            if t.typical_p is not None:
+                logits = apply_typical_p(logits, t.typical_p)
+            sampled = _random_sample(logits.softmax(dim=-1), t.generators)
+            tokens = torch.where(t.temperature < _EPS, greedy, sampled)
+        out = SamplerOutput(token_ids=tokens)
+        if raw_logprobs is not None:
+            out.logprob_token_ids, out.logprobs, out.sampled_ranks = gather_logprobs(
+                raw_logprobs, tokens, t.max_num_logprobs)
+        return out
+
+
+def gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each row: [token, top-1 .. top-k] ids and logprobs, and the token's rank (1 = best)."""
+    token_lp = logprobs.gather(-1, token_ids[:, None].long())
+    ranks = (logprobs > token_lp).sum(dim=-1) + 1
+    if k > 0:
+        top_lp, top_ids = logprobs.topk(k, dim=-1)
+        ids = torch.cat([token_ids[:, None].long(), top_ids], dim=1)
+        lps = torch.cat([token_lp, top_lp], dim=1)
+    else:
+        ids, lps = token_ids[:, None].long(), token_lp
+    return ids, lps, ranks

@@ -1,0 +1,113 @@
+"""The offline API, shaped like vLLM's: LLM(...).generate(prompts, SamplingParams(...))."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+from tqdm.auto import tqdm
+
+from pagedserve.engine_args import EngineArgs
+from pagedserve.errors import ValidationError
+from pagedserve.frontend.input_processor import PromptType
+from pagedserve.frontend.llm_engine import LLMEngine
+from pagedserve.outputs import RequestOutput
+from pagedserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class LLM:
+    """An offline engine. `model=None` loads the embedded default (SmolLM2-135M-Instruct)."""
+
+    def __init__(self, model: str | None = None, tokenizer: str | None = None, dtype: str = "auto",
+                 max_model_len: int | None = None, block_size: int = 16, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True, seed: int = 0,
+                 load_format: str = "auto", skip_tokenizer_init: bool = False, device: str = "auto",
+                 gpu_memory_utilization: float = 0.9, enforce_eager: bool = False,
+                 tensor_parallel_size: int = 1, **kwargs: Any) -> None:
+        args = EngineArgs.from_kwargs(
+            model=model, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len, block_size=block_size,
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            enable_prefix_caching=enable_prefix_caching, seed=seed, load_format=load_format,
+            skip_tokenizer_init=skip_tokenizer_init, device=device, gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size, **kwargs)
+        self.engine = LLMEngine(args)
+        self._request_counter = 0
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs in input order."""
+        prompts = _as_prompt_list(prompts)
+        params = _per_prompt(sampling_params, len(prompts))
+        return self._run(prompts, params, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | Sequence[SamplingParams]
+             | None = None, use_tqdm: bool = True, chat_template: str | None = None,
+             add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"}) or a list of conversations, rendered
+        with the model's chat template (or `chat_template`)."""
+        if not messages:
+            raise ValidationError("messages must not be empty", "messages")
+        conversations = [messages] if isinstance(messages[0], dict) else messages
+        processor = self.engine.input_processor
+        prompts = [processor.render_chat(conv, chat_template, add_generation_prompt, continue_final_message)
+                   for conv in conversations]
+        params = _per_prompt(sampling_params, len(prompts))
+        return self._run(prompts, params, use_tqdm, add_special_tokens=False)
+
+    def _run(self, prompts: list[PromptType], params: list[SamplingParams], use_tqdm: bool,
+             add_special_tokens: bool = True) -> list[RequestOutput]:
+        ids = []
+        try:
+            for prompt, sp in zip(prompts, params):
+                request_id = str(self._request_counter)
+                self._request_counter += 1
+                self.engine.add_request(request_id, prompt, sp, add_special_tokens=add_special_tokens)
+                ids.append(request_id)
+        except Exception:
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+            raise
+        results: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm)
+        try:
+            while len(results) < len(ids):
+                for output in self.engine.step():
+                    if output.finished:
+                        results[output.request_id] = output
+                        bar.update(1)
+        finally:
+            bar.close()
+            for request_id in ids:
+                if request_id not in results:
+                    self.engine.abort_request(request_id)
+        return [results[request_id] for request_id in ids]
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValidationError("prompts must not be empty", "prompts")
+    return prompts
+
+
+def _per_prompt(params: SamplingParams | Sequence[SamplingParams] | None, count: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams() for _ in range(count)]
+    if isinstance(params, SamplingParams):
+        return [params] * count
+    params = list(params)
+    if len(params) != count:
+        raise ValidationError(f"got {len(params)} sampling_params for {count} prompts", "sampling_params")
+    return params

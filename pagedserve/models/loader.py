@@ -1,0 +1,219 @@
+"""Find a model (local folder, GGUF file, local Hugging Face cache, or the embedded default),
+read its config and tokenizer, and stream its weights into the model's parameters.
+
+Formats: *.safetensors (single or sharded; read lazily, so a TP rank reads only its
+slice), *.bin (torch.load(weights_only=True), with a warning), GGUF (dequantized at load by
+transformers' GGUF reader), and "dummy" (random weights from config.json alone).
+No network access: `org/name` is looked up in the local Hugging Face cache only.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from pagedserve.errors import ModelLoadError
+from pagedserve.layers.linear import as_tensor
+
+logger = logging.getLogger(__name__)
+
+LOAD_FORMATS = ("auto", "safetensors", "pt", "gguf", "dummy")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model lives: a folder, and the GGUF file inside it if that is the format."""
+
+    directory: str
+    gguf_file: str | None = None
+
+    @property
+    def gguf_path(self) -> str | None:
+        return os.path.join(self.directory, self.gguf_file) if self.gguf_file else None
+
+
+def resolve_model(model: str | None) -> ModelSource:
+    """A path (folder or .gguf file), an `org/name` in the local HF cache, or None for the
+    embedded default. Raises ModelLoadError naming every place it looked."""
+    if model is None:
+        from pagedserve.models.default_model import default_model_path
+        path = default_model_path()
+        return ModelSource(os.path.dirname(path), os.path.basename(path))
+    path = os.path.expanduser(model)
+    if os.path.isfile(path):
+        if not path.endswith(".gguf"):
+            raise ModelLoadError(f"model file {path!r} is not a .gguf file; pass a folder for HF checkpoints")
+        return ModelSource(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
+    if os.path.isdir(path):
+        return _source_from_dir(path)
+    looked = [os.path.abspath(path)]
+    if model.count("/") == 1 and not model.startswith((".", "/")):
+        from huggingface_hub import constants, snapshot_download
+        looked.append(f"the local Hugging Face cache ({constants.HF_HUB_CACHE})")
+        try:
+            return _source_from_dir(snapshot_download(model, local_files_only=True))
+        except Exception as exc:   # LocalEntryNotFoundError and friends
+            logger.debug("HF cache lookup for %s failed: %s", model, exc)
+    raise ModelLoadError(f"model {model!r} not found; looked in: {'; '.join(looked)} "
+                         "(no network access: download the model first or pass a local path)")
+
+
+def _source_from_dir(directory: str) -> ModelSource:
+    if os.path.isfile(os.path.join(directory, "config.json")):
+        return ModelSource(directory)
+    ggufs = sorted(f for f in os.listdir(directory) if f.endswith(".gguf"))
+    if ggufs:
+        if len(ggufs) > 1:
+            logger.warning("several GGUF files in %s; using %s", directory, ggufs[0])
+        return ModelSource(directory, ggufs[0])
+    raise ModelLoadError(f"{directory!r} holds neither config.json nor a .gguf file")
+
+
+def load_hf_config(source: ModelSource) -> Any:
+    from transformers import AutoConfig
+    try:
+        if source.gguf_file:
+            return AutoConfig.from_pretrained(source.directory, gguf_file=source.gguf_file)
+        return AutoConfig.from_pretrained(source.directory)
+    except Exception as exc:
+        if source.gguf_file is None:
+            _check_architecture_known(source.directory)
+        raise ModelLoadError(f"cannot read the model config in {source.directory}: {exc}") from exc
+
+
+def _check_architecture_known(directory: str) -> None:
+    """A config.json with a model_type transformers does not know: report the architecture."""
+    try:
+        with open(os.path.join(directory, "config.json")) as f:
+            archs = json.load(f).get("architectures") or []
+    except (OSError, ValueError):
+        return
+    from pagedserve.models.registry import resolve_model_class
+    for arch in archs:
+        resolve_model_class(arch)
+
+
+def load_tokenizer(source: ModelSource, tokenizer: str | None = None) -> Any:
+    from transformers import AutoTokenizer
+    try:
+        if tokenizer is not None:
+            return AutoTokenizer.from_pretrained(resolve_model(tokenizer).directory)
+        if source.gguf_file:
+            return AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
+        return AutoTokenizer.from_pretrained(source.directory)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load a tokenizer from {tokenizer or source.directory}: {exc}") from exc
+
+
+def iterate_weights(source: ModelSource, hf_config: Any, load_format: str, dtype: torch.dtype
+                    ) -> Iterator[tuple[str, Any]]:
+    """(HF parameter name, tensor or lazy safetensors slice) for every checkpoint tensor."""
+    if source.gguf_file or load_format == "gguf":
+        yield from _gguf_weights(source, hf_config, dtype)
+        return
+    files = sorted(glob.glob(os.path.join(source.directory, "*.safetensors")))
+    if files and load_format in ("auto", "safetensors"):
+        from safetensors import safe_open
+        for path in files:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_slice(name)
+        return
+    bins = sorted(p for p in glob.glob(os.path.join(source.directory, "*.bin"))
+                  if not os.path.basename(p).startswith("training_args"))
+    if bins and load_format in ("auto", "pt"):
+        logger.warning("loading *.bin weights from %s with torch.load(weights_only=True); "
+                       "safetensors is preferred (faster and safer)", source.directory)
+        for path in bins:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            yield from state.items()
+        return
+    raise ModelLoadError(f"no weights found in {source.directory} for load_format={load_format!r} "
+                         "(expected *.safetensors, *.bin or a .gguf file; or use load_format='dummy')")
+
+
+def _gguf_weights(source: ModelSource, hf_config: Any, dtype: torch.dtype) -> Iterator[tuple[str, Any]]:
+    """Dequantize through transformers' GGUF reader, which also undoes llama.cpp's Q/K
+    permutation and maps tensor names to HF names (it needs an HF model skeleton on meta)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(hf_config)
+    parsed = load_gguf_checkpoint(source.gguf_path, return_tensors=True, model_to_load=skeleton,
+                                  torch_dtype=dtype)
+    yield from parsed["tensors"].items()
+
+
+def gguf_cache_root() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "pagedserve", "gguf")
+
+
+def materialize_gguf(source: ModelSource) -> ModelSource:
+    """Convert a GGUF file once into an HF folder (config.json, tokenizer files, fp32
+    safetensors of the dequantized weights) under ~/.cache/pagedserve/gguf/, keyed by the
+    file's name, size and mtime, and return that folder. Reading GGUF metadata through the
+    gguf package takes tens of seconds on a small CPU; the folder loads in about two.
+    The weights are bit-identical to loading the GGUF directly. Falls back to the GGUF
+    itself when the cache cannot be written."""
+    path = source.gguf_path
+    stat = os.stat(path)
+    key = f"{os.path.splitext(source.gguf_file)[0]}-{stat.st_size}-{int(stat.st_mtime)}"
+    target = os.path.join(gguf_cache_root(), key)
+    if os.path.isfile(os.path.join(target, "model.safetensors")):
+        return ModelSource(target)
+    logger.info("converting %s once into %s", path, target)
+    try:
+        from safetensors.torch import save_file
+        hf_config = load_hf_config(source)
+        tokenizer = load_tokenizer(source)
+        tensors = {name: as_tensor(t).contiguous() for name, t in _gguf_weights(source, hf_config, torch.float32)}
+        os.makedirs(gguf_cache_root(), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=key + ".", dir=gguf_cache_root())
+        hf_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        save_file(tensors, os.path.join(tmp, "model.safetensors"))
+        try:
+            os.replace(tmp, target)
+        except OSError:   # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as exc:
+        logger.warning("cannot cache the converted GGUF (%s); loading it directly", exc)
+        return source
+    return ModelSource(target)
+
+
+def init_dummy_weights(model: nn.Module, seed: int, low: float = -1e-3, high: float = 1e-3) -> None:
+    """Random weights (uniform, seeded) for benchmarks; norms get ones so activations stay sane."""
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.data.fill_(1.0)
+        else:
+            param.data.uniform_(low, high, generator=generator)
+
+
+def load_weights(model: nn.Module, source: ModelSource, hf_config: Any, load_format: str,
+                 dtype: torch.dtype, seed: int = 0) -> None:
+    """Fill every parameter of `model`; raise ModelLoadError if the checkpoint misses some."""
+    if load_format not in LOAD_FORMATS:
+        raise ModelLoadError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}")
+    if load_format == "dummy":
+        init_dummy_weights(model, seed)
+        return
+    loaded = model.load_weights(iterate_weights(source, hf_config, load_format, dtype))
+    expected = {name for name, _ in model.named_parameters()}
+    missing = sorted(expected - loaded)
+    if missing:
+        raise ModelLoadError(f"checkpoint in {source.directory} lacks weights for: {', '.join(missing[:8])}"
+                             + (" ..." if len(missing) > 8 else ""))

@@ -1,0 +1,109 @@
+"""SamplingParams, shaped like vLLM's, validated at construction: a bad value raises
+ValidationError naming the field."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from pagedserve.errors import ValidationError
+
+_SAMPLING_EPS = 1e-5
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    best_of: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    detokenize: bool = True
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None
+    # Filled by the engine, not by users: token ids that end the request (EOS of the model).
+    all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif self.stop is None:
+            self.stop = []
+        else:
+            self.stop = list(self.stop)
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == -1:
+            self.top_k = 0
+        if self.logit_bias:
+            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+        self.validate()
+        self.all_stop_token_ids = set(self.stop_token_ids)
+
+    def validate(self) -> None:
+        """Raise ValidationError(param=...) for the first invalid field."""
+        _check(isinstance(self.n, int) and self.n >= 1, "n", f"n must be at least 1, got {self.n}")
+        if self.best_of is not None:
+            _check(isinstance(self.best_of, int) and self.best_of >= self.n, "best_of",
+                   f"best_of must be >= n ({self.n}), got {self.best_of}")
+        _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty",
+               f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+        _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty",
+               f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        _check(self.repetition_penalty > 0.0, "repetition_penalty",
+               f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        _check(self.temperature >= 0.0, "temperature",
+               f"temperature must be non-negative, got {self.temperature}")
+        _check(0.0 < self.top_p <= 1.0, "top_p", f"top_p must be in (0, 1], got {self.top_p}")
+        _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k",
+               f"top_k must be -1 (disable), 0 (disable) or at least 1, got {self.top_k}")
+        _check(0.0 <= self.min_p <= 1.0, "min_p", f"min_p must be in [0, 1], got {self.min_p}")
+        _check(0.0 < self.typical_p <= 1.0, "typical_p", f"typical_p must be in (0, 1], got {self.typical_p}")
+        if self.max_tokens is not None:
+            _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens",
+                   f"max_tokens must be at least 1, got {self.max_tokens}")
+        _check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens",
+               f"min_tokens must be greater than or equal to 0, got {self.min_tokens}")
+        if self.max_tokens is not None:
+            _check(self.min_tokens <= self.max_tokens, "min_tokens",
+                   f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, got {self.min_tokens}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                _check(isinstance(value, int) and value >= 0, name, f"{name} must be non-negative, got {value}")
+        if self.seed is not None:
+            _check(isinstance(self.seed, int), "seed", f"seed must be an integer, got {self.seed!r}")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty strings")
+        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+               "stop_token_ids must be non-negative integers")
+        if self.stop and not self.detokenize:
+            raise ValidationError("stop strings are only supported when detokenize is True", "detokenize")
+        if self.logit_bias:
+            for token_id, bias in self.logit_bias.items():
+                _check(-100.0 <= bias <= 100.0, "logit_bias", f"logit_bias values must be in [-100, 100], got {bias}")
+                _check(token_id >= 0, "logit_bias", f"logit_bias token ids must be non-negative, got {token_id}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _SAMPLING_EPS
+
+    def clone(self) -> "SamplingParams":
+        return copy.deepcopy(self)
+
+
+def _check(ok: bool, param: str, message: str) -> None:
+    if not ok:
+        raise ValidationError(message, param)

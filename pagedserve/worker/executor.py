@@ -1,0 +1,92 @@
+"""Runs the model runner: in this process (TP=1), or one process per rank (TP>1, see
+worker/tp_executor.py). Also sizes the KV cache: from kv_cache_memory_gb / num_kv_blocks
+on CPU, from gpu_memory_utilization after a profiled peak forward on GPU."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from pagedserve.config import EngineConfig
+from pagedserve.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from pagedserve.errors import ValidationError
+from pagedserve.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CPU_KV_CACHE_GB = 1.0
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValidationError(f"device must be auto, cpu or cuda, got {device!r}", "device")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValidationError("device='cuda' but no CUDA GPU is available", "device")
+    return torch.device(device)
+
+
+def num_kv_blocks(config: EngineConfig, runner: ModelRunner) -> int:
+    """How many KV blocks to allocate on this rank."""
+    cache, sched = config.cache, config.scheduler
+    if cache.num_kv_blocks is not None:
+        return cache.num_kv_blocks
+    bytes_per_block = runner.kv_bytes_per_block()
+    if runner.device.type == "cuda":
+        budget = _profile_cuda_kv_budget(config, runner)
+    else:
+        budget = (cache.kv_cache_memory_gb or DEFAULT_CPU_KV_CACHE_GB) * 2**30
+        # more blocks than every sequence at full length can use is wasted memory
+        useful = sched.max_num_seqs * -(-sched.max_model_len // cache.block_size)
+        return max(1, min(int(budget // bytes_per_block), useful))
+    return max(0, int(budget // bytes_per_block))
+
+
+def _profile_cuda_kv_budget(config: EngineConfig, runner: ModelRunner) -> float:
+    """Bytes left for the KV cache: total * gpu_memory_utilization minus the peak of a forward
+    at max_num_batched_tokens (weights included) and memory that torch does not manage."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    runner.profile_run(config.scheduler.max_num_batched_tokens)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    free, total = torch.cuda.mem_get_info()
+    non_torch = (total - free) - torch.cuda.memory_reserved()
+    budget = total * config.cache.gpu_memory_utilization - peak - max(non_torch, 0)
+    torch.cuda.empty_cache()
+    logger.info("memory: total %.1f GiB, peak forward %.2f GiB, non-torch %.2f GiB, KV budget %.2f GiB",
+                total / 2**30, peak / 2**30, non_torch / 2**30, budget / 2**30)
+    return budget
+
+
+class UniprocExecutor:
+    """TP=1: the runner lives in this process."""
+
+    def __init__(self, config: EngineConfig, hf_config: Any) -> None:
+        self.device = resolve_device(config.device.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.runner = ModelRunner(config, hf_config, self.device)
+        self.runner.load_model()
+        self.num_blocks = num_kv_blocks(config, self.runner)
+        self.runner.init_kv_cache(self.num_blocks)
+        self.runner.finish_setup()
+
+    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        return self.runner.execute_model(so)
+
+    def check_health(self) -> None:
+        """Raises if the workers are gone (TP); nothing to check in-process."""
+
+    def shutdown(self) -> None:
+        pass
+
+
+def make_executor(config: EngineConfig, hf_config: Any) -> Any:
+    if config.parallel.tensor_parallel_size > 1:
+        from pagedserve.worker.tp_executor import MultiprocTPExecutor
+        return MultiprocTPExecutor(config, hf_config)
+    return UniprocExecutor(config, hf_config)

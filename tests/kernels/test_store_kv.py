@@ -1,0 +1,89 @@
+"""store_kv (Triton) against store_kv_ref: exact copies, -1 slots skipped, strided inputs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed")
+from pagedserve.attention.torch_ref import store_kv_ref  # noqa: E402
+from pagedserve.attention.triton_store_kv import store_kv  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# The interpreter (CPU) runs numpy, which has no bfloat16: half types are tested on CUDA only.
+FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16] if DEVICE.type == "cuda" else [torch.float32]
+
+
+def _random_case(num_tokens: int, num_kv_heads: int, head_dim: int, block_size: int,
+                 num_blocks: int, dtype: torch.dtype, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    key = torch.randn(num_tokens, num_kv_heads, head_dim, generator=generator).to(DEVICE, dtype)
+    value = torch.randn(num_tokens, num_kv_heads, head_dim, generator=generator).to(DEVICE, dtype)
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=generator).to(DEVICE, dtype)
+    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=generator).to(DEVICE, dtype)
+    slots = torch.randperm(num_blocks * block_size, generator=generator)[:num_tokens]
+    return key, value, k_cache, v_cache, slots.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+@pytest.mark.parametrize("num_kv_heads,head_dim", [(1, 64), (2, 128), (3, 96)])
+def test_store_kv_matches_reference(dtype: torch.dtype, block_size: int, num_kv_heads: int,
+                                    head_dim: int) -> None:
+    key, value, k_cache, v_cache, slots = _random_case(
+        num_tokens=37, num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size,
+        num_blocks=9, dtype=dtype, seed=block_size * 100 + head_dim)
+    slots[[0, 5, 36]] = -1  # padding tokens
+    k_expected, v_expected = k_cache.clone(), v_cache.clone()
+    store_kv_ref(key, value, k_expected, v_expected, slots)
+    k_before = k_cache.clone()
+    store_kv(key, value, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, k_expected)
+    assert torch.equal(v_cache, v_expected)
+    assert not torch.equal(k_cache, k_before)  # the test writes something
+
+
+def test_all_padding_leaves_cache_unchanged() -> None:
+    key, value, k_cache, v_cache, slots = _random_case(5, 2, 64, 16, 2, torch.float32, seed=1)
+    slots.fill_(-1)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    store_kv(key, value, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, k_before) and torch.equal(v_cache, v_before)
+
+
+def test_strided_views_of_fused_qkv_and_int32_slots() -> None:
+    num_tokens, num_heads, num_kv_heads, head_dim = 11, 4, 2, 64
+    generator = torch.Generator().manual_seed(7)
+    qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, generator=generator).to(DEVICE)
+    _, key, value = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    key = key.view(num_tokens, num_kv_heads, head_dim)
+    value = value.view(num_tokens, num_kv_heads, head_dim)
+    assert not key.is_contiguous()
+    k_cache = torch.zeros(4, 16, num_kv_heads, head_dim, device=DEVICE)
+    v_cache = torch.zeros_like(k_cache)
+    slots = torch.tensor([3, 17, 18, 63, -1, 0, 40, 41, 42, 5, 6], dtype=torch.int32, device=DEVICE)
+    k_expected, v_expected = k_cache.clone(), v_cache.clone()
+    store_kv_ref(key, value, k_expected, v_expected, slots.long())
+    store_kv(key, value, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, k_expected) and torch.equal(v_cache, v_expected)
+
+
+def test_empty_batch_is_a_no_op() -> None:
+    key, value, k_cache, v_cache, slots = _random_case(0, 2, 64, 16, 2, torch.float32, seed=2)
+    k_before = k_cache.clone()
+    store_kv(key, value, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, k_before)
+
+
+@pytest.mark.parametrize("bad", ["slot_len", "head_dim", "slot_dtype", "cache_layout"])
+def test_bad_inputs_raise_clear_errors(bad: str) -> None:
+    key, value, k_cache, v_cache, slots = _random_case(6, 2, 64, 16, 2, torch.float32, seed=3)
+    if bad == "slot_len":
+        slots = slots[:5]
+    elif bad == "head_dim":
+        key, value = key[..., :32], value[..., :32]
+    elif bad == "slot_dtype":
+        slots = slots.float()
+    else:
+        k_cache = k_cache.transpose(1, 2)
+    with pytest.raises(ValueError):
+        store_kv(key, value, k_cache, v_cache, slots)
