@@ -96,6 +96,9 @@ def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptTy
         return [prompts]
     if isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts):
         return [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise ValidationError(f"prompts must be a string, a dict, a token id list or a list of those, "
+                              f"got {type(prompts).__name__}", "prompt")
     prompts = list(prompts)
     if not prompts:
         raise ValidationError("prompts must not be empty", "prompts")

@@ -5,7 +5,9 @@ what else is in the batch).
 Order: logit_bias and min_tokens masks -> penalties (repetition, frequency, presence) ->
 greedy argmax for temperature 0 -> temperature -> top-k -> top-p -> min-p -> typical-p ->
 sample. Logprobs are those of the model's raw distribution (log_softmax of the logits
-before any processing), which is vLLM's default ("raw_logprobs").
+before any processing), which is vLLM's default ("raw_logprobs"): temperature, penalties,
+logit_bias and the filters change which token is drawn, never the logprobs reported for it.
+Each row reports the sampled token's logprob and rank (1 = most likely), then the top-k.
 """
 from __future__ import annotations
 
@@ -111,27 +113,43 @@ def _random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) 
     return probs.div(q).argmax(dim=-1)
 
 
+def apply_bias_and_min_tokens(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """Add logit_bias, then set the stop tokens of rows still under min_tokens to -inf."""
+    if t.bias_rows is not None:
+        logits = logits.index_put((t.bias_rows, t.bias_tokens), t.bias_values, accumulate=True)
+    if t.mask_rows is not None:
+        logits = logits.index_put((t.mask_rows, t.mask_tokens),
+                                  torch.tensor(float("-inf"), device=logits.device))
+    return logits
+
+
+def apply_temperature_and_filters(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """Temperature (greedy rows divide by 1), then top-k / top-p, min-p and typical-p: the
+    logits that non-greedy rows sample from (removed tokens are -inf)."""
+    temperature = torch.where(t.temperature < _EPS, torch.ones_like(t.temperature), t.temperature)
+    logits = logits / temperature[:, None]
+    logits = apply_top_k_top_p(logits, t.top_k, t.top_p)
+    if t.min_p is not None:
+        logits = apply_min_p(logits, t.min_p)
+    if t.typical_p is not None:
+        logits = apply_typical_p(logits, t.typical_p)
+    return logits
+
+
 class Sampler:
+    """Stateless; every tensor op covers the whole batch. The only Python loop is over the
+    seeded rows in `_random_sample`."""
+
     def __call__(self, logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
         logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if t.max_num_logprobs is not None else None
-        if t.bias_rows is not None:
-            logits = logits.index_put((t.bias_rows, t.bias_tokens), t.bias_values, accumulate=True)
-        if t.mask_rows is not None:
-            logits = logits.index_put((t.mask_rows, t.mask_tokens),
-                                      torch.tensor(float("-inf"), device=logits.device))
+        logits = apply_bias_and_min_tokens(logits, t)
         logits = apply_penalties(logits, t)
-        greedy = logits.argmax(dim=-1)
+        greedy = logits.argmax(dim=-1)   # exact argmax for temperature 0, after bias and penalties
         if t.all_greedy:
             tokens = greedy
         else:
-            temperature = torch.where(t.temperature < _EPS, torch.ones_like(t.temperature), t.temperature)
-            logits = logits / temperature[:, None]
-            logits = apply_top_k_top_p(logits, t.top_k, t.top_p)
-            if t.min_p is not None:
-                logits = apply_min_p(logits, t.min_p)
-            if t.typical_p is not None:
-                logits = apply_typical_p(logits, t.typical_p)
+            logits = apply_temperature_and_filters(logits, t)
             sampled = _random_sample(logits.softmax(dim=-1), t.generators)
             tokens = torch.where(t.temperature < _EPS, greedy, sampled)
         out = SamplerOutput(token_ids=tokens)

@@ -59,7 +59,7 @@ def resolve_model(model: str | None) -> ModelSource:
         from huggingface_hub import constants, snapshot_download
         looked.append(f"the local Hugging Face cache ({constants.HF_HUB_CACHE})")
         try:
-            return _source_from_dir(snapshot_download(model, local_files_only=True))
+            return _source_from_dir(snapshot_download(model, local_files_only=True, cache_dir=constants.HF_HUB_CACHE))
         except Exception as exc:   # LocalEntryNotFoundError and friends
             logger.debug("HF cache lookup for %s failed: %s", model, exc)
     raise ModelLoadError(f"model {model!r} not found; looked in: {'; '.join(looked)} "

@@ -1,7 +1,13 @@
 """Turn the sampling parameters of the rows that sample this step into SamplingTensors.
-Optional tensors stay None when no row uses the feature, so the common case (greedy or
-plain temperature) costs one argmax or one softmax."""
+
+One Python pass over the rows collects plain lists (and flat (row, token) index lists for
+the sparse parts: logit_bias, min_tokens masks, output counts, prompt tokens); each tensor
+is then built in one call. Optional tensors stay None when no row uses the feature, so the
+common case (greedy or plain temperature) costs one argmax or one softmax.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
@@ -9,77 +15,119 @@ from pagedserve.layers.sampler import SamplingTensors
 from pagedserve.worker.input_batch import CachedRequestState
 
 
+@dataclass
+class _Columns:
+    """Per-row values and flat sparse indices, filled by the one pass over the rows."""
+
+    temperature: list[float] = field(default_factory=list)
+    top_k: list[int] = field(default_factory=list)
+    top_p: list[float] = field(default_factory=list)
+    min_p: list[float] = field(default_factory=list)
+    typical_p: list[float] = field(default_factory=list)
+    repetition: list[float] = field(default_factory=list)
+    frequency: list[float] = field(default_factory=list)
+    presence: list[float] = field(default_factory=list)
+    count_rows: list[int] = field(default_factory=list)
+    count_tokens: list[int] = field(default_factory=list)
+    count_values: list[int] = field(default_factory=list)
+    prompt_rows: list[int] = field(default_factory=list)
+    prompt_tokens: list[int] = field(default_factory=list)
+    bias_rows: list[int] = field(default_factory=list)
+    bias_tokens: list[int] = field(default_factory=list)
+    bias_values: list[float] = field(default_factory=list)
+    mask_rows: list[int] = field(default_factory=list)
+    mask_tokens: list[int] = field(default_factory=list)
+    generators: dict[int, torch.Generator] = field(default_factory=dict)
+    max_logprobs: int | None = None
+
+
 def build_sampling_tensors(states: list[CachedRequestState], vocab_size: int, device: torch.device,
                            eos_token_ids: tuple[int, ...]) -> SamplingTensors:
-    params = [s.sampling_params for s in states]
-    t = SamplingTensors(temperature=_tensor([p.temperature for p in params], torch.float32, device))
-    t.all_greedy = all(p.temperature < 1e-5 for p in params)
-    if any(p.top_k > 0 for p in params):
-        t.top_k = _tensor([p.top_k if p.top_k > 0 else vocab_size for p in params], torch.int64, device)
-    if any(p.top_p < 1.0 for p in params):
-        t.top_p = _tensor([p.top_p for p in params], torch.float32, device)
-    if any(p.min_p > 0.0 for p in params):
-        t.min_p = _tensor([p.min_p for p in params], torch.float32, device)
-    if any(p.typical_p < 1.0 for p in params):
-        t.typical_p = _tensor([p.typical_p for p in params], torch.float32, device)
-    _add_penalties(t, states, vocab_size, device)
-    _add_biases(t, states, vocab_size, device, eos_token_ids)
-    t.generators = {row: s.generator for row, s in enumerate(states) if s.generator is not None}
-    wanted = [p.logprobs for p in params if p.logprobs is not None]
-    t.max_num_logprobs = max(wanted) if wanted else None
+    """Reads the states; mutates nothing. Rows are in `states` order."""
+    c = _Columns()
+    for row, state in enumerate(states):
+        _collect_row(c, row, state, vocab_size, eos_token_ids)
+    t = SamplingTensors(temperature=_tensor(c.temperature, torch.float32, device))
+    t.all_greedy = all(value < 1e-5 for value in c.temperature)
+    if any(k < vocab_size for k in c.top_k):
+        t.top_k = _tensor(c.top_k, torch.int64, device)
+    if any(p < 1.0 for p in c.top_p):
+        t.top_p = _tensor(c.top_p, torch.float32, device)
+    if any(p > 0.0 for p in c.min_p):
+        t.min_p = _tensor(c.min_p, torch.float32, device)
+    if any(p < 1.0 for p in c.typical_p):
+        t.typical_p = _tensor(c.typical_p, torch.float32, device)
+    _add_penalties(t, c, len(states), vocab_size, device)
+    if c.bias_rows:
+        t.bias_rows = _tensor(c.bias_rows, torch.int64, device)
+        t.bias_tokens = _tensor(c.bias_tokens, torch.int64, device)
+        t.bias_values = _tensor(c.bias_values, torch.float32, device)
+    if c.mask_rows:
+        t.mask_rows = _tensor(c.mask_rows, torch.int64, device)
+        t.mask_tokens = _tensor(c.mask_tokens, torch.int64, device)
+    t.generators = c.generators
+    t.max_num_logprobs = c.max_logprobs
     return t
+
+
+def _collect_row(c: _Columns, row: int, state: CachedRequestState, vocab_size: int,
+                 eos_token_ids: tuple[int, ...]) -> None:
+    p = state.sampling_params
+    c.temperature.append(p.temperature)
+    c.top_k.append(p.top_k if 0 < p.top_k < vocab_size else vocab_size)
+    c.top_p.append(p.top_p)
+    c.min_p.append(p.min_p)
+    c.typical_p.append(p.typical_p)
+    c.repetition.append(p.repetition_penalty)
+    c.frequency.append(p.frequency_penalty)
+    c.presence.append(p.presence_penalty)
+    if p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:
+        c.count_rows.extend([row] * len(state.output_counts))
+        c.count_tokens.extend(state.output_counts.keys())
+        c.count_values.extend(state.output_counts.values())
+        if p.repetition_penalty != 1.0:
+            c.prompt_rows.extend([row] * state.num_prompt_tokens)
+            c.prompt_tokens.extend(state.token_ids[:state.num_prompt_tokens])
+    for token, value in (p.logit_bias or {}).items():
+        if token < vocab_size:
+            c.bias_rows.append(row)
+            c.bias_tokens.append(token)
+            c.bias_values.append(value)
+    if state.num_output_tokens < p.min_tokens:
+        stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
+        for token in sorted(stops):
+            if token < vocab_size:
+                c.mask_rows.append(row)
+                c.mask_tokens.append(token)
+    if state.generator is not None:
+        c.generators[row] = state.generator
+    if p.logprobs is not None:
+        c.max_logprobs = max(p.logprobs, c.max_logprobs or 0)
 
 
 def _tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
-def _add_penalties(t: SamplingTensors, states: list[CachedRequestState], vocab_size: int,
+def _add_penalties(t: SamplingTensors, c: _Columns, num_rows: int, vocab_size: int,
                    device: torch.device) -> None:
-    params = [s.sampling_params for s in states]
-    use_rep = any(p.repetition_penalty != 1.0 for p in params)
-    use_freq = any(p.frequency_penalty != 0.0 for p in params)
-    use_pres = any(p.presence_penalty != 0.0 for p in params)
+    use_rep = any(v != 1.0 for v in c.repetition)
+    use_freq = any(v != 0.0 for v in c.frequency)
+    use_pres = any(v != 0.0 for v in c.presence)
     if not (use_rep or use_freq or use_pres):
         return
-    counts = torch.zeros(len(states), vocab_size, dtype=torch.int32)
-    prompt_mask = torch.zeros(len(states), vocab_size, dtype=torch.bool)
-    for row, state in enumerate(states):
-        if state.output_counts:
-            ids = torch.tensor(list(state.output_counts.keys()), dtype=torch.int64)
-            counts[row, ids] = torch.tensor(list(state.output_counts.values()), dtype=torch.int32)
-        if use_rep:
-            prompt_mask[row, torch.tensor(state.token_ids[:state.num_prompt_tokens], dtype=torch.int64)] = True
+    counts = torch.zeros(num_rows, vocab_size, dtype=torch.int32)
+    if c.count_rows:
+        counts[torch.tensor(c.count_rows), torch.tensor(c.count_tokens)] = torch.tensor(
+            c.count_values, dtype=torch.int32)
+    prompt_mask = torch.zeros(num_rows, vocab_size, dtype=torch.bool)
+    if c.prompt_rows:
+        prompt_mask[torch.tensor(c.prompt_rows), torch.tensor(c.prompt_tokens)] = True
     t.output_counts = counts.to(device)
     t.prompt_mask = prompt_mask.to(device)
     if use_rep:
-        t.repetition_penalty = _tensor([p.repetition_penalty for p in params], torch.float32, device)
+        t.repetition_penalty = _tensor(c.repetition, torch.float32, device)
     if use_freq:
-        t.frequency_penalty = _tensor([p.frequency_penalty for p in params], torch.float32, device)
+        t.frequency_penalty = _tensor(c.frequency, torch.float32, device)
     if use_pres:
-        t.presence_penalty = _tensor([p.presence_penalty for p in params], torch.float32, device)
-
-
-def _add_biases(t: SamplingTensors, states: list[CachedRequestState], vocab_size: int, device: torch.device,
-                eos_token_ids: tuple[int, ...]) -> None:
-    bias_rows, bias_tokens, bias_values, mask_rows, mask_tokens = [], [], [], [], []
-    for row, state in enumerate(states):
-        p = state.sampling_params
-        for token, value in (p.logit_bias or {}).items():
-            if token < vocab_size:
-                bias_rows.append(row)
-                bias_tokens.append(token)
-                bias_values.append(value)
-        if state.num_output_tokens < p.min_tokens:
-            stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
-            for token in stops:
-                if token < vocab_size:
-                    mask_rows.append(row)
-                    mask_tokens.append(token)
-    if bias_rows:
-        t.bias_rows = _tensor(bias_rows, torch.int64, device)
-        t.bias_tokens = _tensor(bias_tokens, torch.int64, device)
-        t.bias_values = _tensor(bias_values, torch.float32, device)
-    if mask_rows:
-        t.mask_rows = _tensor(mask_rows, torch.int64, device)
-        t.mask_tokens = _tensor(mask_tokens, torch.int64, device)
+        t.presence_penalty = _tensor(c.presence, torch.float32, device)

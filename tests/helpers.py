@@ -1,0 +1,53 @@
+"""Helpers shared by tests: tiny random checkpoints and transformers' greedy reference."""
+from __future__ import annotations
+
+import torch
+
+TINY_COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                   initializer_range=0.2, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+
+def tiny_config(name: str):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    if name == "llama":
+        return LlamaConfig(**TINY_COMMON, rope_theta=10000.0, tie_word_embeddings=False)
+    if name == "llama3_tied":
+        return LlamaConfig(**TINY_COMMON, tie_word_embeddings=True, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    if name == "mistral":
+        return MistralConfig(**TINY_COMMON, sliding_window=None, tie_word_embeddings=False)
+    if name == "qwen2":
+        return Qwen2Config(**TINY_COMMON, tie_word_embeddings=False, use_sliding_window=False)
+    if name == "qwen3":
+        return Qwen3Config(**TINY_COMMON, head_dim=32, tie_word_embeddings=False, use_sliding_window=False)
+    raise KeyError(name)
+
+
+def write_tiny_checkpoint(path: str, name: str, seed: int = 0, **save_kwargs) -> str:
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(name), dtype=torch.float32)
+    if name == "qwen2":   # transformers zero-initialises biases; make them matter
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.2)
+    model.save_pretrained(path, **save_kwargs)
+    return path
+
+
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' greedy generate for one unpadded prompt; the new token ids."""
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=0)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def random_prompts(count: int, vocab: int, min_len: int, max_len: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_len, max_len + 1, (count,), generator=g).tolist()
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]

@@ -1,0 +1,50 @@
+"""The embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF): pagedserve and
+transformers load the same GGUF, and greedy ids must be identical."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from pagedserve import LLM, SamplingParams
+from pagedserve.models.default_model import default_model_path
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "The three primary colors are",
+           "Water boils at", "My favorite food is", "In 1492, Columbus", "The largest planet in the solar system is",
+           "Hello, my name is", "To make a cake, you need"]
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    from transformers import AutoModelForCausalLM
+    path = default_model_path()
+    return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(device="cpu")
+
+
+def test_greedy_ids_equal_transformers(llm, hf_model):
+    tokenizer = llm.get_tokenizer()
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0), use_tqdm=False)
+    for prompt, out in zip(PROMPTS, outs):
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        assert out.prompt_token_ids == ids[0].tolist()
+        with torch.no_grad():
+            ref = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                    max_new_tokens=NEW_TOKENS)[0, ids.shape[1]:].tolist()
+        assert out.outputs[0].token_ids == ref, prompt
+        # EOS ends the sequence with finish_reason "stop" and no stop_reason, as vLLM reports it
+        expected_reason = "stop" if ref[-1] in llm.engine.eos_token_ids else "length"
+        assert out.outputs[0].finish_reason == expected_reason
+        assert out.outputs[0].text == tokenizer.decode(ref, skip_special_tokens=True)
+
+
+def test_capital_of_france(llm):
+    out = llm.generate("The capital of France is", SamplingParams(max_tokens=20, temperature=0), use_tqdm=False)
+    assert out[0].outputs[0].text.startswith(" Paris")

@@ -1,0 +1,153 @@
+"""Scheduler: token budget, chunked prefill mixed with decodes, FCFS admission, preemption
+(newest first) and resume by recompute, max_num_seqs, and the static policy."""
+from __future__ import annotations
+
+from pagedserve.core.kv_cache_manager import KVCacheManager
+from pagedserve.core.request import Request, RequestId, RequestStatus
+from pagedserve.core.scheduler import Scheduler
+from pagedserve.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from pagedserve.sampling_params import SamplingParams
+
+B = 4
+
+
+def make(num_blocks=64, budget=16, max_seqs=8, max_len=64, policy="continuous") -> Scheduler:
+    return Scheduler(KVCacheManager(num_blocks, B), max_seqs, budget, max_len, policy)
+
+
+def req(rid: str, prompt_len: int, max_tokens: int = 4, start: int = 0) -> Request:
+    return Request(RequestId(rid), list(range(start, start + prompt_len)), SamplingParams(max_tokens=max_tokens),
+                   max_tokens=max_tokens)
+
+
+def run_step(s: Scheduler) -> tuple[SchedulerOutput, list[Request]]:
+    """Pretend to run the model: every request reaching its last known token samples 7."""
+    out = s.schedule()
+    sampled = {}
+    for rid, n in out.num_scheduled_tokens.items():
+        r = s.requests[rid]
+        if r.num_computed_tokens + n == r.num_tokens:
+            sampled[rid] = 7
+    return out, s.update_from_output(out, ModelRunnerOutput(sampled_token_ids=sampled))
+
+
+def test_budget_and_chunked_prefill_mixed_with_decodes():
+    s = make(budget=16)
+    s.add_request(req("a", 6))
+    out, _ = run_step(s)
+    assert out.num_scheduled_tokens == {"a": 6}
+    s.add_request(req("b", 30, start=100))
+    out, _ = run_step(s)
+    # a decodes (1 token), b gets the remaining 15 of the budget
+    assert out.num_scheduled_tokens == {"a": 1, "b": 15}
+    assert out.total_num_scheduled_tokens == 16
+    assert [n.req_id for n in out.new_requests] == ["b"] and [c.req_id for c in out.cached_requests] == ["a"]
+    out, _ = run_step(s)
+    assert out.num_scheduled_tokens == {"a": 1, "b": 15}
+    assert s.requests["b"].num_computed_tokens == 30 and s.requests["b"].output_token_ids == [7]
+    out, _ = run_step(s)
+    assert out.num_scheduled_tokens == {"a": 1, "b": 1}
+
+
+def test_max_num_seqs_and_fcfs():
+    s = make(budget=100, max_seqs=2)
+    for i in range(3):
+        s.add_request(req(f"r{i}", 4, start=10 * i))
+    out, _ = run_step(s)
+    assert list(out.num_scheduled_tokens) == ["r0", "r1"]
+    assert [r.request_id for r in s.waiting] == ["r2"]
+
+
+def test_finished_request_leaves_and_frees():
+    s = make(budget=100)
+    s.add_request(req("a", 5, max_tokens=2))
+    run_step(s)
+    _, changed = run_step(s)
+    assert changed[0].status == RequestStatus.FINISHED_LENGTH_CAPPED
+    assert not s.running and s.kv.pool.num_free_blocks == 64
+    out = s.schedule()
+    assert out.finished_req_ids == {"a"}
+
+
+def test_preemption_newest_first_and_resume():
+    # 5 blocks of 4 tokens; two requests of 8 prompt tokens need 2 blocks each, then grow.
+    s = make(num_blocks=5, budget=100, max_len=40)
+    s.add_request(req("old", 8, max_tokens=10))
+    s.add_request(req("new", 8, max_tokens=10, start=50))
+    out, _ = run_step(s)
+    assert out.num_scheduled_tokens == {"old": 8, "new": 8}
+    assert s.kv.block_ids("old") == [0, 1] and s.kv.block_ids("new") == [2, 3]
+    # step 2: each has 9 tokens and needs a 3rd block; one is free: old gets it, new
+    # (the newest) is preempted, its blocks freed and its progress reset
+    out, _ = run_step(s)
+    assert s.kv.block_ids("old") == [0, 1, 4]
+    assert out.num_scheduled_tokens == {"old": 1}
+    assert out.preempted_req_ids == {"new"}
+    new = s.waiting[0]
+    assert new.request_id == "new" and new.num_computed_tokens == 0 and new.num_preemptions == 1
+    assert new.output_token_ids == [7]
+    assert s.kv.pool.num_free_blocks == 2
+    # run to completion: everything finishes, nothing leaks, outputs have the right length
+    finished = {}
+    for _ in range(100):
+        if not s.has_unfinished():
+            break
+        _, changed = run_step(s)
+        finished.update({r.request_id: r for r in changed if r.is_finished()})
+    assert set(finished) == {"old", "new"}
+    assert all(len(r.output_token_ids) == 10 for r in finished.values())
+    assert s.kv.pool.num_free_blocks == 5
+
+
+def test_preempted_request_is_resent_in_full():
+    s = make(num_blocks=4, budget=100, max_len=40)
+    s.add_request(req("a", 8, max_tokens=8))
+    s.add_request(req("b", 7, max_tokens=8, start=50))
+    run_step(s)                                   # a: blocks 0,1  b: blocks 2,3
+    out, _ = run_step(s)                          # a needs block for token 9: b is preempted
+    assert out.preempted_req_ids == {"b"}
+    assert out.num_scheduled_tokens == {"a": 1}
+    assert s.waiting[0].request_id == "b" and s.waiting[0].num_computed_tokens == 0
+    while s.requests.get("a") is not None:
+        run_step(s)
+    out, _ = run_step(s)
+    # b resumes: prompt + its sampled output are recomputed, sent as a new request
+    (new,) = out.new_requests
+    assert new.req_id == "b" and new.token_ids == list(range(50, 57)) + [7]
+    assert new.num_computed_tokens == 0
+
+
+def test_prompt_longer_than_budget_is_chunked_exactly():
+    s = make(budget=8, max_len=64)
+    s.add_request(req("a", 20))
+    sizes = []
+    for _ in range(3):
+        out, _ = run_step(s)
+        sizes.append(out.num_scheduled_tokens["a"])
+    assert sizes == [8, 8, 4]
+    assert s.requests["a"].output_token_ids == [7]
+
+
+def test_static_policy_admits_only_when_batch_done():
+    s = make(budget=100, policy="static")
+    s.add_request(req("a", 4, max_tokens=1))
+    s.add_request(req("b", 4, max_tokens=3, start=20))
+    out, _ = run_step(s)
+    assert set(out.num_scheduled_tokens) == {"a", "b"}
+    s.add_request(req("c", 4, start=40))
+    out, _ = run_step(s)                          # a finished; b still running: c must wait
+    assert set(out.num_scheduled_tokens) == {"b"}
+    run_step(s)                                   # b finishes
+    out, _ = run_step(s)
+    assert set(out.num_scheduled_tokens) == {"c"}
+
+
+def test_abort_frees_blocks_everywhere():
+    s = make(budget=100)
+    s.add_request(req("a", 9))
+    s.add_request(req("b", 9, start=30))
+    run_step(s)
+    s.add_request(req("c", 9, start=60))
+    s.finish_requests([RequestId("a"), RequestId("c"), RequestId("zzz")], RequestStatus.FINISHED_ABORTED)
+    assert [r.request_id for r in s.running] == ["b"] and not s.waiting
+    assert s.kv.pool.num_free_blocks == 64 - 3
