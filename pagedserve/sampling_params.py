@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pagedserve.errors import ValidationError
 
 _SAMPLING_EPS = 1e-5
+_FLOAT_FIELDS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p",
+                 "min_p", "typical_p")
 
 
 @dataclass
@@ -44,17 +46,24 @@ class SamplingParams:
         elif self.stop is None:
             self.stop = []
         else:
-            self.stop = list(self.stop)
-        self.stop_token_ids = list(self.stop_token_ids or [])
+            self.stop = _as_list(self.stop, "stop")
+        self.stop_token_ids = _as_list(self.stop_token_ids or [], "stop_token_ids")
         if self.top_k == -1:
             self.top_k = 0
         if self.logit_bias:
-            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            try:   # OpenAI sends token ids as strings
+                self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            except (TypeError, ValueError) as exc:
+                raise ValidationError(f"logit_bias must map token ids to numbers: {exc}", "logit_bias") from exc
         self.validate()
         self.all_stop_token_ids = set(self.stop_token_ids)
 
     def validate(self) -> None:
         """Raise ValidationError(param=...) for the first invalid field."""
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and not isinstance(value, bool), name,
+                   f"{name} must be a number, got {value!r}")
         _check(isinstance(self.n, int) and self.n >= 1, "n", f"n must be at least 1, got {self.n}")
         if self.best_of is not None:
             _check(isinstance(self.best_of, int) and self.best_of >= self.n, "best_of",
@@ -107,3 +116,9 @@ class SamplingParams:
 def _check(ok: bool, param: str, message: str) -> None:
     if not ok:
         raise ValidationError(message, param)
+
+
+def _as_list(value: object, param: str) -> list:
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+        raise ValidationError(f"{param} must be a list, got {value!r}", param)
+    return list(value)

@@ -1,7 +1,12 @@
 """Helpers shared by tests: tiny random checkpoints and transformers' greedy reference."""
 from __future__ import annotations
 
+import os
+
 import torch
+
+# The model tests run on CPU in CI; on the GPU machine PAGEDSERVE_TEST_DEVICE=cuda runs them there.
+TEST_DEVICE = os.environ.get("PAGEDSERVE_TEST_DEVICE", "cpu")
 
 TINY_COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,

@@ -6,6 +6,8 @@ import itertools
 from dataclasses import dataclass
 from typing import Any, Union
 
+import jinja2
+
 from pagedserve.core.request import Request, RequestId
 from pagedserve.errors import ValidationError
 from pagedserve.sampling_params import SamplingParams
@@ -110,16 +112,45 @@ class InputProcessor:
 
     def render_chat(self, messages: list[dict], chat_template: str | None = None,
                     add_generation_prompt: bool = True, continue_final_message: bool = False) -> str:
+        """One conversation -> the prompt text, through the model's chat template (from
+        tokenizer_config.json or the GGUF metadata) or `chat_template`. The text already
+        holds the template's special tokens: tokenize it with add_special_tokens=False."""
         if self.tokenizer is None:
             raise ValidationError("chat needs a tokenizer", "messages")
-        if not isinstance(messages, list) or not messages:
-            raise ValidationError("messages must be a non-empty list", "messages")
-        for m in messages:
-            if not isinstance(m, dict) or "role" not in m:
-                raise ValidationError("each message needs a 'role' and 'content'", "messages")
+        if add_generation_prompt and continue_final_message:
+            raise ValidationError("add_generation_prompt and continue_final_message cannot both be true",
+                                  "continue_final_message")
+        conversation = normalize_messages(messages)
         try:
             return self.tokenizer.apply_chat_template(
-                messages, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+                conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message, tokenize=False)
-        except ValueError as exc:
+        except (ValueError, TypeError, jinja2.TemplateError) as exc:
             raise ValidationError(f"cannot apply the chat template: {exc}", "chat_template") from exc
+
+
+def normalize_messages(messages: Any) -> list[dict[str, Any]]:
+    """Check a conversation and flatten OpenAI content parts: a list of {"type": "text",
+    "text": ...} becomes the texts joined by newlines (as vLLM does); None becomes "".
+    Other keys (name, tool_calls, ...) pass through to the template untouched."""
+    if not isinstance(messages, list) or not messages:
+        raise ValidationError("messages must be a non-empty list of {'role', 'content'} dicts", "messages")
+    conversation = []
+    for position, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ValidationError(f"messages[{position}] needs a string 'role'", "messages")
+        content = message.get("content")
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise ValidationError(f"messages[{position}]: only text content parts are supported", "messages")
+                texts.append(part["text"])
+            content = "\n".join(texts)
+        elif content is None:
+            content = ""
+        elif not isinstance(content, str):
+            raise ValidationError(f"messages[{position}].content must be a string or a list of text parts",
+                                  "messages")
+        conversation.append({**message, "content": content})
+    return conversation

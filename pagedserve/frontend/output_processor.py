@@ -1,6 +1,6 @@
 """The one per-step loop over engine outputs: detokenize, match stop strings, gather
-logprobs, and assemble RequestOutputs (in index order for n > 1; best_of picks the n best
-by cumulative logprob when all are done).
+logprobs, and assemble RequestOutputs (in index order for n > 1; best_of > n reports
+nothing until every candidate is done, then the n best by cumulative logprob, best first).
 
 Output kinds: FINAL_ONLY (offline generate), DELTA (streaming: only what is new),
 CUMULATIVE (everything so far, every step).
@@ -167,12 +167,17 @@ class OutputProcessor:
         if kind == OutputKind.FINAL_ONLY and not finished:
             return None
         sequences = state.sequences
-        if finished and len(sequences) > state.params.n:   # best_of: keep the n best
+        if len(sequences) > state.params.n:
+            # best_of (vLLM's): nothing until all are done, then the n best by cumulative
+            # logprob, best first, numbered 0..n-1 in that order
+            if not finished:
+                return None
             sequences = sorted(sequences, key=lambda s: s.cumulative_logprob, reverse=True)[:state.params.n]
-            sequences = sorted(sequences, key=lambda s: s.index)
-        completions = [self._completion(state, seq, kind == OutputKind.DELTA, finished, i if len(sequences)
-                                        != len(state.sequences) else seq.index)
-                       for i, seq in enumerate(sequences)]
+            indices = list(range(len(sequences)))
+        else:
+            indices = [seq.index for seq in sequences]
+        completions = [self._completion(state, seq, kind == OutputKind.DELTA, finished, index)
+                       for index, seq in zip(indices, sequences)]
         if kind == OutputKind.DELTA:
             completions = [c for c in completions if c.token_ids or c.text or c.finish_reason]
         prompt_logprobs = state.prompt_logprobs

@@ -1,4 +1,5 @@
-"""RMSNorm, with the residual add fused in: forward(x, residual) -> (normed, x + residual)."""
+"""RMSNorm, with the residual add fused in: forward(x, residual) -> (normed, x + residual).
+On CUDA one Triton kernel does both (and updates `residual` in place)."""
 from __future__ import annotations
 
 import torch
@@ -19,6 +20,12 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if x.is_cuda and x.dim() == 2 and x.stride(1) == 1:   # one fused kernel
+            from pagedserve.layers.triton_ops import rms_norm
+            if residual is None:
+                return rms_norm(x, self.weight, self.eps)
+            residual = residual.contiguous()
+            return rms_norm(x, self.weight, self.eps, residual), residual
         if residual is None:
             return self._norm(x)
         x = x + residual

@@ -44,7 +44,11 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """query [T, Hq, D], key [T, Hkv, D] -> rotated copies."""
+        """query [T, Hq, D], key [T, Hkv, D] -> rotated (on CUDA: in place, one kernel)."""
+        if query.is_cuda and self.head_dim & (self.head_dim - 1) == 0:
+            from pagedserve.layers.triton_ops import rotary_in_place
+            rotary_in_place(positions, query, key, self.cos_cache, self.sin_cache)
+            return query, key
         cos = self.cos_cache[positions].unsqueeze(1)
         sin = self.sin_cache[positions].unsqueeze(1)
         return (query * cos + self._rotate_half(query) * sin,

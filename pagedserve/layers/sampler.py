@@ -75,7 +75,7 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: t
         sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
     if top_p is not None:
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        remove = cum <= (1 - top_p[:, None])
+        remove = (cum <= (1 - top_p[:, None])) & (top_p < 1.0)[:, None]   # top_p = 1: row untouched
         remove[:, -1] = False
         sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, sorted_idx, sorted_logits)
@@ -96,7 +96,8 @@ def apply_typical_p(logits: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     sorted_scores, sorted_idx = shifted.sort(dim=-1, descending=False)
     cum = logits.gather(-1, sorted_idx).softmax(dim=-1).cumsum(dim=-1)
     last = (cum < mass[:, None]).sum(dim=1).clamp(max=logits.shape[-1] - 1)
-    remove_sorted = sorted_scores > sorted_scores.gather(1, last[:, None])
+    # typical_p = 1 leaves the row untouched (a cumsum that rounds to 1 early would cut it)
+    remove_sorted = (sorted_scores > sorted_scores.gather(1, last[:, None])) & (mass < 1.0)[:, None]
     remove_sorted[:, 0] = False
     remove = remove_sorted.scatter(1, sorted_idx, remove_sorted)
     return logits.masked_fill(remove, float("-inf"))

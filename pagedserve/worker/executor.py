@@ -20,7 +20,9 @@ DEFAULT_CPU_KV_CACHE_GB = 1.0
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        device = "cuda:0"
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ValidationError(f"device must be auto, cpu or cuda, got {device!r}", "device")
     if device.startswith("cuda") and not torch.cuda.is_available():

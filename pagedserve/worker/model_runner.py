@@ -40,6 +40,7 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.is_driver = tp_rank() == 0
         self._forked: dict[RequestId, RequestId] = {}   # this step's new siblings -> parent
+        self.graph_runner = None
 
     # ---- set-up -----------------------------------------------------------------------
     def load_model(self) -> None:
@@ -72,7 +73,14 @@ class ModelRunner:
             self.kv_caches.append((k, v))
 
     def finish_setup(self) -> None:
-        """Hook after the KV cache exists (CUDA graph capture lives here on GPU)."""
+        """After the KV cache exists: capture decode CUDA graphs on GPU (unless enforce_eager)."""
+        if self.device.type != "cuda" or self.config.device.enforce_eager:
+            return
+        from pagedserve.worker.cuda_graph import CudaGraphRunner
+        sched = self.config.scheduler
+        self.graph_runner = CudaGraphRunner(self.model, sched.max_num_seqs, sched.max_model_len,
+                                            self.block_size, self.device)
+        self.graph_runner.capture()
 
     @torch.inference_mode()
     def profile_run(self, num_tokens: int) -> None:
@@ -117,11 +125,16 @@ class ModelRunner:
             return ModelRunnerOutput() if self.is_driver else None
         inputs = build_step_inputs(scheduled, [so.num_scheduled_tokens[s.req_id] for s in scheduled],
                                    self.block_size, self.device)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
+        prompt_logprobs = {}
+        if self.graph_runner is not None and self.graph_runner.can_run(inputs):
+            hidden, logits = None, self.graph_runner.run(inputs)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])
         for row, q_len in zip(inputs.rows, inputs.query_lens):
             row.num_computed_tokens += q_len
-        prompt_logprobs = self._prompt_logprobs(inputs, hidden)
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        if any(row.sampling_params.prompt_logprobs is not None for row in inputs.rows):
+            prompt_logprobs = self._prompt_logprobs(inputs, hidden)
         sample_states = [inputs.rows[r] for r in inputs.sample_rows]
         row_of_logits = list(range(len(sample_states)))
         for child_id, parent_id in self._forked.items():   # siblings sample from the parent's row

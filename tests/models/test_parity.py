@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pagedserve import LLM, SamplingParams
-from tests.helpers import hf_greedy, random_prompts
+from tests.helpers import TEST_DEVICE, hf_greedy, random_prompts
 
 ARCHS = ["llama", "llama3_tied", "mistral", "qwen2", "qwen3"]
 NEW_TOKENS = 24
@@ -26,7 +26,7 @@ def references(tiny_checkpoints):
 
 def _llm(path: str, **kwargs) -> LLM:
     kwargs.setdefault("max_model_len", 256)
-    return LLM(model=path, device="cpu", dtype="float32", **kwargs)
+    return LLM(model=path, device=TEST_DEVICE, dtype="float32", **kwargs)
 
 
 def _generate(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One device call: check and time everything on the GPU machine. Results under $OUT.
+# Usage (device tool): bash benchmarks/gpu_check.sh [stages...]   stages: kernels tests peers1b peers8b hf1b hf8b bf16
+set -uo pipefail
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/machine.txt"
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/machine.txt"
+date -u +%Y-%m-%dT%H:%MZ | tee -a "$OUT/machine.txt"
+for stage in "$@"; do
+  echo "=== $stage"
+  case $stage in
+    kernels) timeout 200 python3 benchmarks/gpu_kernels.py 2>&1 | tee "$OUT/kernels.txt" | tail -30 ;;
+    tests) PAGEDSERVE_TEST_DEVICE=cuda timeout 300 python3 -m pytest -x -q -p no:cacheprovider tests/kernels tests/models/test_parity.py 2>&1 | tail -15 ;;
+    peers1b) timeout 400 python3 .devcarry/peers.py pagedserve llama-1b 2>&1 | tee "$OUT/peers1b.txt" | grep -E "RESULT|Error|error" ;;
+    peers8b) timeout 500 python3 .devcarry/peers.py pagedserve llama-8b 2>&1 | tee "$OUT/peers8b.txt" | grep -E "RESULT|Error|error|KV cache" ;;
+    hf1b) timeout 300 python3 .devcarry/peers.py hf llama-1b 2>&1 | grep RESULT | tee "$OUT/hf1b.txt" ;;
+    hf8b) timeout 500 python3 .devcarry/peers.py hf llama-8b 128 2>&1 | grep RESULT | tee "$OUT/hf8b.txt" ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+done

@@ -1,0 +1,1 @@
+"""Entry points shaped like vLLM's (`python -m pagedserve.entrypoints.openai.api_server`)."""

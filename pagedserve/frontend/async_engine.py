@@ -1,0 +1,410 @@
+"""The engine behind the server: LLMEngine's step loop on one background thread, and an
+asyncio face for it (one output stream per request).
+
+    event loop thread                         engine thread ("pagedserve-engine")
+    -----------------                         -----------------------------------
+    add_request() --command--> [commands] --> drain commands (add / abort)
+    abort()       --command-->     |          step()  (torch releases the GIL)
+    RequestStream <--call_soon_threadsafe---- deliver this step's outputs in one batch
+
+LLMEngine is not thread-safe: only the engine thread touches it. Every engine call made on
+behalf of the event loop is a command, drained at the top of each iteration, so an abort
+frees its blocks before the next step runs. When there are no commands and no unfinished
+requests the thread sleeps on a condition variable (no spinning).
+
+Failure model: an error while adding, or an engine-side failure of one request, fails that
+request's stream only. An exception out of step() kills the loop: `is_healthy` turns False
+and every open or later request gets EngineDeadError.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
+
+from pagedserve.engine_args import EngineArgs
+from pagedserve.errors import EngineDeadError, PagedServeError
+from pagedserve.frontend.input_processor import PromptType
+from pagedserve.frontend.llm_engine import LLMEngine
+from pagedserve.frontend.output_processor import OutputKind
+from pagedserve.outputs import RequestOutput
+from pagedserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class RequestFailedError(PagedServeError):
+    """The engine failed this request (the others go on)."""
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of engine state, replaced (never mutated) after every loop iteration."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    num_preemptions: int = 0        # cumulative
+    prefix_cache_queries: int = 0   # cumulative, tokens
+    prefix_cache_hits: int = 0      # cumulative, tokens
+
+
+@dataclass(frozen=True)
+class FinishedRequestStats:
+    """One finished (or aborted) request, for metrics. Times are time.monotonic()."""
+
+    finish_reason: str
+    num_prompt_tokens: int
+    num_generation_tokens: int
+    arrival_time: float
+    first_scheduled_time: float | None
+    first_token_time: float | None
+    finish_time: float
+
+
+FinishListener = Callable[[FinishedRequestStats], None]
+_END = object()
+
+
+@dataclass
+class _Tracked:
+    """Engine-thread bookkeeping for one live request."""
+
+    stream: "RequestStream"
+    output_kind: OutputKind
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+
+
+class RequestStream:
+    """Async iterator over one request's RequestOutputs; raises the request's error if it
+    fails. Consumed on the event loop that created it. Closing it early aborts the request."""
+
+    def __init__(self, request_id: str, engine: "AsyncEngine", loop: asyncio.AbstractEventLoop) -> None:
+        self.request_id = request_id
+        self._engine = engine
+        self._loop = loop
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.finished = False
+
+    def put(self, item: Any) -> None:
+        """Event-loop side only (reached through call_soon_threadsafe)."""
+        self._queue.put_nowait(item)
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if item is _END:
+            self.finished = True
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        if item.finished:
+            self.finished = True
+        return item
+
+    def close(self) -> None:
+        """Abort the request unless it already finished. Safe to call twice."""
+        if not self.finished:
+            self.finished = True
+            self._engine.abort(self.request_id)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, start: bool = True) -> None:
+        self.engine = engine
+        self._cond = threading.Condition()
+        # (run on the engine thread, or fail with the death error) -- guarded by _cond
+        self._commands: deque[tuple[Callable[[], None], Callable[[EngineDeadError], None]]] = deque()
+        self._tracked: dict[str, _Tracked] = {}               # engine thread only
+        self._unscheduled: set[str] = set()                   # tracked, first schedule not seen yet
+        self._stopping = False
+        self._dead: EngineDeadError | None = None
+        self._listeners: list[FinishListener] = []
+        self.stats = EngineStats()
+        self._thread = threading.Thread(target=self._run, name="pagedserve-engine", daemon=True)
+        if start:
+            self._thread.start()
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> "AsyncEngine":
+        return cls(LLMEngine(args))
+
+    # ---- read-only facts, safe from any thread ------------------------------------------
+    @property
+    def is_healthy(self) -> bool:
+        return self._dead is None and self._thread.is_alive()
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def render_chat(self, messages: list[dict], chat_template: str | None = None,
+                    add_generation_prompt: bool = True, continue_final_message: bool = False) -> str:
+        """Chat template -> prompt text. Safe off the engine thread: rendering reads only the
+        tokenizer's template. Raises ValidationError."""
+        return self.engine.input_processor.render_chat(messages, chat_template, add_generation_prompt,
+                                                       continue_final_message)
+
+    def add_finish_listener(self, listener: FinishListener) -> None:
+        """Called on the engine thread for each finished or aborted request; must be quick."""
+        self._listeners.append(listener)
+
+    # ---- the event-loop API --------------------------------------------------------------
+    async def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
+                          output_kind: OutputKind = OutputKind.DELTA, strict_length: bool = False,
+                          add_special_tokens: bool = True) -> RequestStream:
+        """Queue a request; returns its stream once the engine accepted it. Raises the
+        ValidationError of a bad request (nothing is queued then) or EngineDeadError."""
+        loop = asyncio.get_running_loop()
+        stream = RequestStream(request_id, self, loop)
+        accepted: asyncio.Future[None] = loop.create_future()
+
+        def add() -> None:
+            try:
+                self.engine.add_request(request_id, prompt, params, output_kind, strict_length, add_special_tokens)
+            except Exception as exc:
+                _settle_threadsafe(loop, accepted, exc)
+                return
+            state = self.engine.output_processor.states.get(request_id)
+            num_prompt = len(state.prompt_token_ids) if state is not None else 0
+            self._tracked[request_id] = _Tracked(stream, output_kind, num_prompt)
+            self._unscheduled.add(request_id)
+            _settle_threadsafe(loop, accepted, None)
+
+        self._submit(add, on_dead=lambda exc: _settle_threadsafe(loop, accepted, exc))
+        try:
+            await accepted
+        except asyncio.CancelledError:
+            self.abort(request_id)   # queued after the add: undoes it if it went through
+            raise
+        return stream
+
+    async def generate(self, prompt: PromptType, params: SamplingParams, request_id: str | None = None,
+                       output_kind: OutputKind = OutputKind.DELTA, strict_length: bool = False,
+                       add_special_tokens: bool = True) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request as they come. Validation errors are raised before the first
+        output; leaving the loop early (or being cancelled) aborts the request."""
+        request_id = request_id or uuid.uuid4().hex
+        stream = await self.add_request(request_id, prompt, params, output_kind, strict_length, add_special_tokens)
+        try:
+            async for output in stream:
+                yield output
+        finally:
+            stream.close()
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request from any thread; its blocks are freed before the next step.
+        Unknown or finished ids are ignored."""
+        self._submit(lambda: self._abort_now(request_id), on_dead=_ignore)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the loop (open requests get EngineDeadError) and release the engine. Idempotent."""
+        with self._cond:
+            already, self._stopping = self._stopping, True
+            self._cond.notify()
+        if already:
+            return
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self.engine.shutdown()
+
+    # ---- engine thread -----------------------------------------------------------------
+    def _submit(self, command: Callable[[], None], on_dead: Callable[[EngineDeadError], None]) -> None:
+        with self._cond:
+            if self._dead is None and not self._stopping:
+                self._commands.append((command, on_dead))
+                self._cond.notify()
+                return
+            dead = self._dead or EngineDeadError("the engine is shutting down")
+        on_dead(dead)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not (self._commands or self._stopping or self._has_work()):
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                    commands = list(self._commands)
+                    self._commands.clear()
+                for command, _ in commands:
+                    command()
+                if self._has_work():
+                    outputs = self.engine.step()
+                    self._note_scheduled()
+                    self._dispatch(outputs)
+                self._refresh_stats()
+        except BaseException as exc:   # the loop is gone: fail everyone, loudly
+            logger.exception("engine loop died")
+            self._die(exc)
+        finally:
+            self._fail_open_requests(self._dead or EngineDeadError("the engine was shut down"))
+
+    def _has_work(self) -> bool:
+        # The core's view: a step with an empty core produces nothing, so never spin on it.
+        return self.engine.core.has_unfinished_requests()
+
+    def _abort_now(self, request_id: str) -> None:
+        """Abort on the caller's behalf: free the blocks, count it, end its stream."""
+        tracked, output = self._drop(request_id)
+        if tracked is None:
+            return
+        if output is not None:
+            self._count(tracked, output)
+        self._finished(tracked, "abort")
+        _post(tracked.stream, _END)
+
+    def _drop(self, request_id: str) -> tuple[_Tracked | None, RequestOutput | None]:
+        """Forget a request and abort it in the engine (frees its blocks); tells nobody."""
+        tracked = self._tracked.pop(request_id, None)
+        self._unscheduled.discard(request_id)
+        try:
+            return tracked, self.engine.abort_request(request_id)
+        except Exception:   # keep serving the others
+            logger.exception("aborting request %s failed", request_id)
+            return tracked, None
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        """Hand this step's outputs to their streams: one call_soon_threadsafe per loop."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, Any]]] = {}
+        for output in outputs:
+            tracked = self._tracked.get(output.request_id)
+            if tracked is None:
+                continue
+            item: Any = output
+            try:
+                self._count(tracked, output)
+                if output.finished:
+                    del self._tracked[output.request_id]
+                    self._unscheduled.discard(output.request_id)
+                    reasons = {c.finish_reason for c in output.outputs}
+                    if "abort" in reasons:   # not ours (ours are untracked first): it failed
+                        item = RequestFailedError(f"request {output.request_id} failed in the engine")
+                    self._finished(tracked, next(r for r in ("abort", "length", "stop") if r in reasons or r == "stop"))
+            except Exception as exc:   # bookkeeping for this request broke: fail it alone
+                logger.exception("request %s failed while its output was processed", output.request_id)
+                self._drop(output.request_id)
+                item = RequestFailedError(f"request {output.request_id} failed: {exc}")
+            batches.setdefault(tracked.stream._loop, []).append((tracked.stream, item))
+        for loop, batch in batches.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:   # that event loop is closed; nobody is listening
+                for stream, _ in batch:
+                    self._abort_now(stream.request_id)
+
+    def _count(self, tracked: _Tracked, output: RequestOutput) -> None:
+        if tracked.first_token_time is None and "first_token_time" in output.metrics:
+            tracked.first_token_time = output.metrics["first_token_time"]
+        num_tokens = sum(len(c.token_ids) for c in output.outputs)
+        if tracked.output_kind == OutputKind.DELTA:
+            tracked.num_generation_tokens += num_tokens
+        else:   # cumulative or final: the latest count is the total
+            tracked.num_generation_tokens = num_tokens
+        tracked.arrival_time = output.metrics.get("arrival_time", tracked.arrival_time)
+
+    def _note_scheduled(self) -> None:
+        """Record when each waiting request was first scheduled (for the queue-time metric);
+        read right after the step, while the scheduler still holds the request."""
+        if not self._unscheduled:
+            return
+        scheduler = self.engine.core.scheduler
+        for request_id in list(self._unscheduled):
+            tracked = self._tracked.get(request_id)
+            if tracked is None:
+                self._unscheduled.discard(request_id)
+                continue
+            for child_id in self.engine.children.get(request_id, []):
+                request = scheduler.requests.get(child_id)
+                if request is not None and request.first_scheduled_time is not None:
+                    tracked.first_scheduled_time = request.first_scheduled_time
+                    self._unscheduled.discard(request_id)
+                    break
+
+    def _finished(self, tracked: _Tracked, reason: str) -> None:
+        stats = FinishedRequestStats(reason, tracked.num_prompt_tokens, tracked.num_generation_tokens,
+                                     tracked.arrival_time, tracked.first_scheduled_time, tracked.first_token_time,
+                                     time.monotonic())
+        for listener in self._listeners:
+            try:
+                listener(stats)
+            except Exception:
+                logger.exception("finish listener failed")
+
+    def _refresh_stats(self) -> None:
+        scheduler = self.engine.core.scheduler
+        prefix = self.engine.core.kv_cache_manager.stats
+        self.stats = EngineStats(len(scheduler.running), len(scheduler.waiting),
+                                 self.engine.core.kv_cache_manager.usage(), scheduler.stats.num_preemptions,
+                                 prefix.queries, prefix.hits)
+
+    def _die(self, exc: BaseException) -> None:
+        with self._cond:
+            self._dead = EngineDeadError(f"the engine loop died: {type(exc).__name__}: {exc}")
+
+    def _fail_open_requests(self, error: EngineDeadError) -> None:
+        """Every open stream and every queued command gets `error`; later submits too."""
+        with self._cond:
+            if self._dead is None:
+                self._dead = error
+            leftover = list(self._commands)
+            self._commands.clear()
+        for _, on_dead in leftover:
+            on_dead(self._dead)
+        for tracked in list(self._tracked.values()):
+            _post(tracked.stream, self._dead)
+        self._tracked.clear()
+
+
+def _ignore(error: EngineDeadError) -> None:
+    return None
+
+
+def _settle_threadsafe(loop: asyncio.AbstractEventLoop, future: asyncio.Future,
+                       error: BaseException | None) -> None:
+    try:
+        loop.call_soon_threadsafe(_settle, future, error)
+    except RuntimeError:   # that event loop is closed; nobody waits
+        pass
+
+
+def _settle(future: asyncio.Future, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+def _post(stream: RequestStream, item: Any) -> None:
+    """Engine thread -> the stream's event loop; a closed loop has nobody left to tell."""
+    try:
+        stream._loop.call_soon_threadsafe(stream.put, item)
+    except RuntimeError:
+        pass
+
+
+def _deliver(batch: list[tuple[RequestStream, Any]]) -> None:
+    for stream, item in batch:
+        stream.put(item)

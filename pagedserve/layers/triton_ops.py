@@ -1,0 +1,109 @@
+"""Fused elementwise kernels for CUDA: RMSNorm (with the residual add), SiLU-and-mul, and
+rotary embedding applied in place. Each kernel sits beside a thin launcher that checks
+shapes, dtypes and strides; the torch layers call these only for CUDA tensors.
+
+Arithmetic matches the torch path: statistics in fp32, the normalised row cast back to
+the input dtype before the weight multiply (as transformers' LlamaRMSNorm does).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, x_stride, res_stride, out_stride, n_cols, eps,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        x = x + tl.load(residual_ptr + row * res_stride + cols, mask=mask, other=0.0)
+        tl.store(residual_ptr + row * res_stride + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    inv = tl.rsqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
+    normed = (xf * inv).to(x.dtype)
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * out_stride + cols, (normed * weight).to(x.dtype), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+             ) -> torch.Tensor:
+    """x [rows, hidden] -> normalised rows. With `residual`: x + residual is written back
+    into `residual` (in place) and normalised."""
+    if x.dim() != 2 or x.stride(1) != 1 or weight.shape != (x.shape[1],):
+        raise ValueError(f"rms_norm: x must be 2-D with unit column stride and weight [{x.shape[-1]}]; "
+                         f"got x {tuple(x.shape)} strides {x.stride()}, weight {tuple(weight.shape)}")
+    if residual is not None and (residual.shape != x.shape or residual.stride(1) != 1 or residual.dtype != x.dtype):
+        raise ValueError("rms_norm: residual must match x in shape and dtype with unit column stride")
+    out = torch.empty_like(x)
+    block = triton.next_power_of_2(x.shape[1])
+    _rms_norm_kernel[(x.shape[0],)](x, residual if residual is not None else x, weight, out, x.stride(0),
+                                    residual.stride(0) if residual is not None else 0, out.stride(0), x.shape[1],
+                                    eps, HAS_RESIDUAL=residual is not None, BLOCK=block,
+                                    num_warps=min(max(block // 256, 1), 8))
+    return out
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, n_cols, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * x_stride + n_cols + cols, mask=mask, other=0.0)
+    silu = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
+    tl.store(out_ptr + row * out_stride + cols, silu * up, mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [rows, 2 * d] = [gate | up] -> silu(gate) * up, [rows, d]."""
+    if x.dim() != 2 or x.shape[1] % 2 or x.stride(1) != 1:
+        raise ValueError(f"silu_and_mul: x must be [rows, 2*d] with unit column stride, got {tuple(x.shape)}")
+    d = x.shape[1] // 2
+    out = torch.empty((x.shape[0], d), dtype=x.dtype, device=x.device)
+    block = 1024
+    _silu_and_mul_kernel[(x.shape[0], triton.cdiv(d, block))](x, out, x.stride(0), out.stride(0), d, BLOCK=block)
+    return out
+
+
+@triton.jit
+def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, pos_ptr, q_stride_t, q_stride_h, k_stride_t, k_stride_h,
+                   cache_stride, num_q_heads, num_k_heads, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    token = tl.program_id(0)
+    pos = tl.load(pos_ptr + token)
+    offs = tl.arange(0, HALF)
+    cos = tl.load(cos_ptr + pos * cache_stride + offs).to(tl.float32)
+    sin = tl.load(sin_ptr + pos * cache_stride + offs).to(tl.float32)
+    heads = tl.arange(0, BLOCK_H)
+    for which in tl.static_range(2):
+        if which == 0:
+            base, stride_t, stride_h, n_heads = q_ptr, q_stride_t, q_stride_h, num_q_heads
+        else:
+            base, stride_t, stride_h, n_heads = k_ptr, k_stride_t, k_stride_h, num_k_heads
+        ptr = base + token * stride_t + heads[:, None] * stride_h + offs[None, :]
+        mask = heads[:, None] < n_heads
+        x1 = tl.load(ptr, mask=mask, other=0.0)
+        x2 = tl.load(ptr + HALF, mask=mask, other=0.0)
+        x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+        tl.store(ptr, (x1f * cos[None, :] - x2f * sin[None, :]).to(x1.dtype), mask=mask)
+        tl.store(ptr + HALF, (x2f * cos[None, :] + x1f * sin[None, :]).to(x1.dtype), mask=mask)
+
+
+def rotary_in_place(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_cache: torch.Tensor,
+                    sin_cache: torch.Tensor) -> None:
+    """Rotate query [T, Hq, D] and key [T, Hk, D] (views allowed: unit stride on D) in place;
+    cos/sin caches are [max_position, D] with duplicated halves (rotate-half layout)."""
+    head_dim = query.shape[-1]
+    if query.dim() != 3 or key.dim() != 3 or key.shape[-1] != head_dim or query.stride(2) != 1 \
+            or key.stride(2) != 1 or head_dim & (head_dim - 1):
+        raise ValueError(f"rotary: query/key must be [T, H, D] with unit stride on a power-of-two D; "
+                         f"got {tuple(query.shape)} {tuple(key.shape)}")
+    if cos_cache.shape[-1] != head_dim or positions.shape[0] != query.shape[0]:
+        raise ValueError("rotary: cos/sin cache or positions do not match query")
+    block_h = triton.next_power_of_2(max(query.shape[1], key.shape[1]))
+    _rotary_kernel[(query.shape[0],)](query, key, cos_cache, sin_cache, positions, query.stride(0), query.stride(1),
+                                      key.stride(0), key.stride(1), cos_cache.stride(0), query.shape[1],
+                                      key.shape[1], HALF=head_dim // 2, BLOCK_H=block_h)

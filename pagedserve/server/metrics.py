@@ -1,0 +1,95 @@
+"""Prometheus metrics: vLLM V1's names under the `pagedserve:` prefix, each with a
+`model_name` label. Gauges and engine-cumulative counters are read from AsyncEngine.stats
+at scrape time; per-request counters and histograms are fed by the engine's finish
+listener (called on the engine thread; prometheus_client is thread-safe)."""
+from __future__ import annotations
+
+from typing import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from pagedserve.frontend.async_engine import AsyncEngine, FinishedRequestStats
+
+PREFIX = "pagedserve:"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+FINISH_REASONS = ("stop", "length", "abort")
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0, 160.0, 640.0, 2560.0)
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+                80.0)
+LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+                   480.0, 960.0, 1920.0, 7680.0)
+
+
+class _EngineStateCollector(Collector):
+    """Scrape-time view of AsyncEngine.stats."""
+
+    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+        self.engine = engine
+        self.model_name = model_name
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.engine.stats
+        labels = [self.model_name]
+        for name, doc, value in (
+                ("num_requests_running", "Number of requests in the running batch.", stats.num_running),
+                ("num_requests_waiting", "Number of requests waiting to be scheduled.", stats.num_waiting),
+                ("kv_cache_usage_perc", "KV-cache usage: 1 means 100 percent.", stats.kv_cache_usage)):
+            gauge = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
+            gauge.add_metric(labels, value)
+            yield gauge
+        for name, doc, value in (
+                ("num_preemptions", "Cumulative number of preemptions.", stats.num_preemptions),
+                ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", stats.prefix_cache_queries),
+                ("prefix_cache_hits", "Prompt tokens served from the prefix cache.", stats.prefix_cache_hits)):
+            counter = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
+            counter.add_metric(labels, value)
+            yield counter
+
+
+class ServerMetrics:
+    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+        self.model_name = model_name
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineStateCollector(engine, model_name))
+        labels = ["model_name"]
+        reg = self.registry
+        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Number of prefill tokens processed.", labels,
+                                     registry=reg).labels(model_name)
+        self.generation_tokens = Counter(PREFIX + "generation_tokens", "Number of generation tokens processed.",
+                                         labels, registry=reg).labels(model_name)
+        success = Counter(PREFIX + "request_success", "Count of finished requests, by finish reason.",
+                          labels + ["finished_reason"], registry=reg)
+        self.request_success = {reason: success.labels(model_name, reason) for reason in FINISH_REASONS}
+        self._success = success
+        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Time to first token in seconds.", labels,
+                              buckets=TTFT_BUCKETS, registry=reg).labels(model_name)
+        self.tpot = Histogram(PREFIX + "time_per_output_token_seconds", "Time per output token in seconds.",
+                              labels, buckets=TPOT_BUCKETS, registry=reg).labels(model_name)
+        self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "End-to-end request latency in seconds.",
+                             labels, buckets=LATENCY_BUCKETS, registry=reg).labels(model_name)
+        self.queue_time = Histogram(PREFIX + "request_queue_time_seconds", "Time spent waiting in seconds.",
+                                    labels, buckets=LATENCY_BUCKETS, registry=reg).labels(model_name)
+        engine.add_finish_listener(self.observe_finished)
+
+    def observe_finished(self, stats: FinishedRequestStats) -> None:
+        self.prompt_tokens.inc(stats.num_prompt_tokens)
+        self.generation_tokens.inc(stats.num_generation_tokens)
+        counter = self.request_success.get(stats.finish_reason)
+        if counter is None:
+            counter = self._success.labels(self.model_name, stats.finish_reason)
+        counter.inc()
+        self.e2e.observe(max(stats.finish_time - stats.arrival_time, 0.0))
+        if stats.first_scheduled_time is not None:
+            self.queue_time.observe(max(stats.first_scheduled_time - stats.arrival_time, 0.0))
+        if stats.first_token_time is not None:
+            self.ttft.observe(max(stats.first_token_time - stats.arrival_time, 0.0))
+            if stats.num_generation_tokens > 1:
+                self.tpot.observe(max(stats.finish_time - stats.first_token_time, 0.0)
+                                  / (stats.num_generation_tokens - 1))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,124 @@
+"""POST /v1/completions: one engine request per prompt; choice index = prompt index * n +
+sequence index (as vLLM numbers them)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from pagedserve.frontend.async_engine import RequestStream
+from pagedserve.frontend.output_processor import OutputKind
+from pagedserve.outputs import CompletionOutput, RequestOutput, openai_finish_reason
+from pagedserve.server.context import ServerContext, new_request_id
+from pagedserve.server.errors import error_payload
+from pagedserve.server.openai_logprobs import CompletionLogprobs, prompt_logprobs_json
+from pagedserve.server.openai_protocol import CompletionRequest
+from pagedserve.server.streaming import (DONE_EVENT, SSEResponse, add_prompts, close_all, final_outputs,
+                                         merge_streams, sse_event, unless_disconnected)
+from pagedserve.server.usage import Usage
+
+
+async def create_completion(ctx: ServerContext, request: CompletionRequest, raw_request: Request) -> Response:
+    ctx.check_model(request.model)
+    params = request.to_sampling_params()
+    prompts = request.prompts()
+    response_id, engine_id = new_request_id("cmpl", request.request_id)
+    kind = OutputKind.DELTA if request.stream else OutputKind.FINAL_ONLY
+    streams = await add_prompts(ctx.engine, engine_id, prompts, params, kind, request.add_special_tokens)
+    builder = _CompletionBuilder(ctx, request, response_id)
+    if request.stream:
+        return SSEResponse(builder.stream(streams))
+    try:
+        finals = await unless_disconnected(final_outputs(streams), raw_request)
+    finally:
+        close_all(streams)
+    return JSONResponse(builder.response(finals))
+
+
+@dataclass
+class _ChoiceState:
+    logprobs: CompletionLogprobs
+    echo_pending: bool
+    num_tokens: int = 0
+
+
+@dataclass
+class _CompletionBuilder:
+    ctx: ServerContext
+    request: CompletionRequest
+    response_id: str
+    choices: dict[int, _ChoiceState] = field(default_factory=dict)
+    usage: Usage = field(default_factory=Usage)
+
+    @property
+    def n(self) -> int:
+        return self.request.n or 1
+
+    def response(self, finals: list[RequestOutput]) -> dict[str, Any]:
+        choices = []
+        for prompt_index, output in enumerate(finals):
+            self.usage.add_prompt(prompt_index, len(output.prompt_token_ids))
+            for completion in output.outputs:
+                choice = self._choice(prompt_index, output, completion)
+                if self.request.prompt_logprobs is not None:
+                    choice["prompt_logprobs"] = prompt_logprobs_json(output.prompt_logprobs)
+                choices.append(choice)
+        choices.sort(key=lambda c: c["index"])
+        return {"id": self.response_id, "object": "text_completion", "created": self.ctx.created,
+                "model": self.ctx.model_name, "choices": choices, "usage": self.usage.as_dict()}
+
+    async def stream(self, streams: list[RequestStream]) -> AsyncIterator[str]:
+        options = self.request.stream_options
+        try:
+            async for prompt_index, output in merge_streams(streams):
+                self.usage.add_prompt(prompt_index, len(output.prompt_token_ids))
+                for completion in output.outputs:
+                    chunk = self._chunk([self._choice(prompt_index, output, completion)])
+                    if options is not None and options.include_usage and options.continuous_usage_stats:
+                        chunk["usage"] = self.usage.as_dict()
+                    yield sse_event(chunk)
+            if options is not None and options.include_usage:
+                yield sse_event({**self._chunk([]), "usage": self.usage.as_dict()})
+        except Exception as exc:
+            yield sse_event(error_payload(exc))
+        finally:
+            close_all(streams)
+        yield DONE_EVENT
+
+    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": self.response_id, "object": "text_completion", "created": self.ctx.created,
+                "model": self.ctx.model_name, "choices": choices}
+
+    def _choice(self, prompt_index: int, output: RequestOutput, completion: CompletionOutput) -> dict[str, Any]:
+        index = prompt_index * self.n + completion.index
+        state = self.choices.get(index)
+        if state is None:
+            state = _ChoiceState(CompletionLogprobs(self.ctx, bool(self.request.return_tokens_as_token_ids)),
+                                 echo_pending=bool(self.request.echo))
+            self.choices[index] = state
+        text, token_ids, logprobs = completion.text, completion.token_ids, completion.logprobs
+        self.usage.add_completion(len(token_ids))
+        if state.echo_pending:
+            state.echo_pending = False
+            text = self._prompt_text(output) + text
+            if self.request.logprobs is not None:
+                token_ids = output.prompt_token_ids + token_ids
+                logprobs = _prompt_logprobs(output) + list(logprobs or [])
+        logprobs_json = None
+        if self.request.logprobs is not None and logprobs is not None:
+            logprobs_json = state.logprobs.build(token_ids, logprobs)
+        return {"index": index, "text": text, "logprobs": logprobs_json,
+                "finish_reason": openai_finish_reason(completion.finish_reason),
+                "stop_reason": completion.stop_reason}
+
+    def _prompt_text(self, output: RequestOutput) -> str:
+        return output.prompt if output.prompt is not None else self.ctx.decode(output.prompt_token_ids)
+
+
+def _prompt_logprobs(output: RequestOutput) -> list:
+    """One entry per prompt token (None where the engine gave none)."""
+    entries = list(output.prompt_logprobs or [])
+    count = len(output.prompt_token_ids)
+    return (entries + [None] * count)[:count]

@@ -1,0 +1,247 @@
+"""OpenAI request bodies (with vLLM's extras) as pydantic models, and their translation to
+SamplingParams. Unknown fields are a 400 naming the field; known fields we do not support
+are accepted only at their neutral value, otherwise a 400 naming them."""
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar, Union
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field
+
+from pagedserve.errors import ValidationError
+from pagedserve.sampling_params import SamplingParams
+
+_LONG_MIN, _LONG_MAX = -(2**63), 2**63 - 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = True
+    continuous_usage_stats: bool | None = False
+
+
+class _SamplingFields(_Strict):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model: str | None = None
+    frequency_penalty: float | None = 0.0
+    logit_bias: dict[str, float] | None = None
+    n: int | None = 1
+    presence_penalty: float | None = 0.0
+    seed: int | None = Field(None, ge=_LONG_MIN, le=_LONG_MAX)
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    user: str | None = None
+    # vLLM extras
+    best_of: int | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    prompt_logprobs: int | None = None
+    return_tokens_as_token_ids: bool | None = None
+    request_id: str | None = None
+    # vLLM extras accepted only at their neutral value (see UNSUPPORTED)
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    priority: int = 0
+    truncate_prompt_tokens: int | None = None
+    allowed_token_ids: list[int] | None = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
+    structured_outputs: Any = None
+    response_format: dict[str, Any] | None = None
+    logits_processors: Any = None
+    cache_salt: str | None = None
+    kv_transfer_params: Any = None
+    vllm_xargs: Any = None
+
+    def check_supported(self) -> None:
+        for name, neutral in UNSUPPORTED.items():
+            if hasattr(self, name) and getattr(self, name) not in neutral:
+                raise ValidationError(f"{name} is not supported by this server", name)
+        if self.response_format is not None and self.response_format.get("type", "text") != "text":
+            raise ValidationError("response_format other than {\"type\": \"text\"} is not supported "
+                                  "(no structured output yet)", "response_format")
+        if self.stream_options is not None and not self.stream:
+            raise ValidationError("stream_options can only be set when stream is true", "stream_options")
+        if self.stream and self.best_of is not None and self.best_of > (self.n or 1):
+            raise ValidationError("best_of > n cannot be streamed", "best_of")
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        return SamplingParams(
+            n=1 if self.n is None else self.n, best_of=self.best_of,
+            presence_penalty=_or(self.presence_penalty, 0.0), frequency_penalty=_or(self.frequency_penalty, 0.0),
+            repetition_penalty=_or(self.repetition_penalty, 1.0), temperature=_or(self.temperature, 1.0),
+            top_p=_or(self.top_p, 1.0), top_k=_or(self.top_k, 0), min_p=_or(self.min_p, 0.0), seed=self.seed,
+            stop=self.stop, stop_token_ids=self.stop_token_ids,
+            include_stop_str_in_output=self.include_stop_str_in_output, ignore_eos=self.ignore_eos,
+            max_tokens=max_tokens, min_tokens=self.min_tokens, logprobs=logprobs,
+            prompt_logprobs=self.prompt_logprobs, skip_special_tokens=self.skip_special_tokens,
+            spaces_between_special_tokens=self.spaces_between_special_tokens,
+            logit_bias=_logit_bias(self.logit_bias))
+
+
+# Fields accepted only at these values (their default, or an explicit "off").
+UNSUPPORTED: dict[str, tuple] = {
+    "use_beam_search": (False,), "length_penalty": (1.0,), "priority": (0,), "truncate_prompt_tokens": (None,),
+    "allowed_token_ids": (None,), "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
+    "guided_grammar": (None,), "guided_decoding_backend": (None,), "guided_whitespace_pattern": (None,),
+    "structured_outputs": (None,), "logits_processors": (None,), "cache_salt": (None,),
+    "kv_transfer_params": (None,), "vllm_xargs": (None,), "suffix": (None, ""), "tools": (None, []),
+    "tool_choice": (None, "none", "auto"), "chat_template_kwargs": (None, {}), "documents": (None, []),
+}
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Union[str, list[int], list[str], list[list[int]]]
+    echo: bool | None = False
+    logprobs: int | None = None
+    max_tokens: int | None = 16
+    suffix: str | None = None
+    add_special_tokens: bool = True
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt as a list of engine prompts (text or token ids)."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if not prompt:
+            raise ValidationError("prompt must not be empty", "prompt")
+        if isinstance(prompt[0], int):
+            return [list(prompt)]   # type: ignore[arg-type]
+        return list(prompt)   # type: ignore[arg-type]
+
+    def to_sampling_params(self) -> SamplingParams:
+        params = self.sampling_params(self.max_tokens, self.logprobs)
+        if self.echo and self.logprobs is not None and params.prompt_logprobs is None:
+            params.prompt_logprobs = self.logprobs   # echoed prompt tokens carry logprobs too
+        return params
+
+
+class TextContentPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: str
+    content: str | list[TextContentPart] | None = None
+    name: str | None = None
+
+    def as_template_message(self) -> dict[str, Any]:
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        message: dict[str, Any] = {"role": self.role, "content": content or ""}
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage]
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    # vLLM extras
+    echo: bool = False
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    documents: list[Any] | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if not self.messages:
+            raise ValidationError("messages must not be empty", "messages")
+        if self.echo:
+            raise ValidationError("echo is not supported for chat completions", "echo")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValidationError("top_logprobs needs logprobs set to true", "top_logprobs")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValidationError("continue_final_message and add_generation_prompt cannot both be true",
+                                  "continue_final_message")
+
+    def to_sampling_params(self) -> SamplingParams:
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self.sampling_params(max_tokens, logprobs)
+
+
+class TokenizeRequest(_Strict):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]
+
+
+RequestT = TypeVar("RequestT", bound=BaseModel)
+
+
+def parse_request(model: type[RequestT], body: Any) -> RequestT:
+    """Validate a JSON body; the first problem becomes a ValidationError naming its field."""
+    if not isinstance(body, dict):
+        raise ValidationError("the request body must be a JSON object", None)
+    try:
+        request = model.model_validate(body)
+    except pydantic.ValidationError as exc:
+        error = exc.errors()[0]
+        param = ".".join(str(part) for part in error["loc"] if not _is_union_tag(part)) or None
+        if error["type"] == "extra_forbidden":
+            raise ValidationError(f"unknown or unsupported field {param!r}", param) from None
+        if error["type"] == "missing":
+            raise ValidationError(f"{param} is required", param) from None
+        raise ValidationError(f"{param}: {error['msg']}", param) from None
+    check = getattr(request, "check_supported", None)
+    if check is not None:
+        check()
+    return request
+
+
+def _is_union_tag(part: Any) -> bool:
+    """pydantic puts the union member it tried into `loc` ('str', 'list[int]', ...)."""
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool"))
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    if not bias:
+        return None
+    try:
+        return {int(token): float(value) for token, value in bias.items()}
+    except ValueError:
+        raise ValidationError("logit_bias keys must be token ids", "logit_bias") from None

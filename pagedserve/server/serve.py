@@ -1,0 +1,125 @@
+"""`pagedserve serve [MODEL] ...`: build the engine from flags, then serve the OpenAI API
+with uvicorn. Also the body of `python -m pagedserve.entrypoints.openai.api_server`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from pagedserve.engine_args import EngineArgs
+from pagedserve.errors import ValidationError
+from pagedserve.models.default_model import DEFAULT_MODEL_NAME
+from pagedserve.server.context import DEFAULT_MAX_REQUEST_BODY_BYTES, ServerSettings
+
+logger = logging.getLogger(__name__)
+
+API_KEY_ENV = "PAGEDSERVE_API_KEY"
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                        help="model folder, .gguf file or org/name in the local HF cache "
+                             "(default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", default=None, help="same as MODEL (vLLM's spelling)")
+    parser.add_argument("--tokenizer", default=None)
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--served-model-name", default=None,
+                        help="the name clients use (default: the model path's basename)")
+    parser.add_argument("--api-key", default=None,
+                        help=f"require `Authorization: Bearer KEY` on /v1 (default: env {API_KEY_ENV})")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--chat-template", default=None, help="a Jinja template, or a file holding one")
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--load-format", default="auto")
+    parser.add_argument("--kv-cache-memory-gb", type=float, default=None, help="KV cache size on CPU")
+    parser.add_argument("--num-kv-blocks", type=int, default=None)
+    parser.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_REQUEST_BODY_BYTES)
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def make_parser() -> argparse.ArgumentParser:
+    return add_serve_arguments(argparse.ArgumentParser(
+        prog="pagedserve serve", description="Serve a model over an OpenAI-compatible HTTP API."))
+
+
+def engine_args_from(args: argparse.Namespace) -> EngineArgs:
+    return EngineArgs(
+        model=_model(args), tokenizer=args.tokenizer, dtype=args.dtype, max_model_len=args.max_model_len,
+        block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching,
+        seed=args.seed, load_format=args.load_format, device=args.device,
+        gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+        tensor_parallel_size=args.tensor_parallel_size, kv_cache_memory_gb=args.kv_cache_memory_gb,
+        num_kv_blocks=args.num_kv_blocks)
+
+
+def server_settings_from(args: argparse.Namespace) -> ServerSettings:
+    model = _model(args)
+    return ServerSettings(served_model_name=args.served_model_name or served_name_of(model),
+                          model_root=model or DEFAULT_MODEL_NAME,
+                          api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+                          chat_template=load_chat_template(args.chat_template),
+                          max_request_body_bytes=args.max_request_body_bytes)
+
+
+def served_name_of(model: str | None) -> str:
+    """The default served name: the local path's basename, else the name as given."""
+    if model is None:
+        return DEFAULT_MODEL_NAME
+    path = os.path.expanduser(model)
+    if os.path.exists(path):
+        return os.path.basename(os.path.normpath(path))
+    return model
+
+
+def load_chat_template(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    if "{" not in value:
+        raise ValidationError(f"--chat-template {value!r} is neither a file nor a Jinja template", "chat_template")
+    return value
+
+
+def run_server(args: argparse.Namespace) -> None:
+    """Load the model, then serve until interrupted."""
+    import uvicorn
+
+    from pagedserve.frontend.async_engine import AsyncEngine
+    from pagedserve.server.app import build_app
+
+    logging.getLogger("pagedserve").setLevel(args.log_level.upper())   # handler: pagedserve/logger.py
+    settings = server_settings_from(args)
+    engine = AsyncEngine.from_engine_args(engine_args_from(args))
+    app = build_app(engine, settings)
+    logger.info("serving %s on http://%s:%d", settings.served_model_name, args.host, args.port)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=5)
+    finally:
+        engine.shutdown()
+
+
+def _model(args: argparse.Namespace) -> str | None:
+    if args.model_tag and args.model and args.model_tag != args.model:
+        raise ValidationError(f"two models given: {args.model_tag!r} and --model {args.model!r}", "model")
+    return args.model_tag or args.model
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m pagedserve.entrypoints.openai.api_server`: `pagedserve serve` by another name."""
+    from pagedserve.cli import main as cli_main
+    raise SystemExit(cli_main(["serve", *(sys.argv[1:] if argv is None else argv)]))

@@ -1,0 +1,69 @@
+"""Fused Triton elementwise kernels against the torch layers (CPU: Triton's interpreter)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from pagedserve.layers.rotary import RotaryEmbedding  # noqa: E402
+from pagedserve.layers.triton_ops import rms_norm, rotary_in_place, silu_and_mul  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32] + ([torch.bfloat16, torch.float16] if DEVICE == "cuda" else [])
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+def ref_rms(x, w, eps):
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,hidden", [(1, 64), (7, 576), (33, 1000)])
+def test_rms_norm(dtype, rows, hidden):
+    g = torch.Generator().manual_seed(rows * hidden)
+    x = torch.randn(rows, hidden, generator=g).to(DEVICE, dtype)
+    res = torch.randn(rows, hidden, generator=g).to(DEVICE, dtype)
+    w = torch.randn(hidden, generator=g).to(DEVICE, dtype)
+    torch.testing.assert_close(rms_norm(x, w, 1e-5), ref_rms(x, w, 1e-5), atol=TOL[dtype], rtol=TOL[dtype])
+    expected_res = x + res
+    out = rms_norm(x, w, 1e-5, res)
+    torch.testing.assert_close(res, expected_res, atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(out, ref_rms(expected_res, w, 1e-5), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,d", [(1, 128), (5, 1536), (9, 1100)])
+def test_silu_and_mul(dtype, rows, d):
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(rows, 2 * d, generator=g).to(DEVICE, dtype)
+    expected = torch.nn.functional.silu(x[:, :d]) * x[:, d:]
+    torch.testing.assert_close(silu_and_mul(x), expected, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 64), (9, 3, 64), (8, 8, 128)])
+def test_rotary_in_place_on_qkv_views(dtype, heads, kv_heads, head_dim):
+    rope = RotaryEmbedding(head_dim, 256, 10000.0, dtype=dtype).to(DEVICE)
+    g = torch.Generator().manual_seed(heads)
+    tokens = 11
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=g).to(DEVICE, dtype)
+    positions = torch.randint(0, 256, (tokens,), generator=g).to(DEVICE)
+    q, k, _ = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k = q.reshape(tokens, heads, head_dim), k.reshape(tokens, kv_heads, head_dim)
+    cos, sin = rope.cos_cache[positions].unsqueeze(1), rope.sin_cache[positions].unsqueeze(1)
+    exp_q = q * cos + rope._rotate_half(q) * sin
+    exp_k = k * cos + rope._rotate_half(k) * sin
+    v_before = qkv[:, (heads + kv_heads) * head_dim:].clone()
+    rotary_in_place(positions, q, k, rope.cos_cache, rope.sin_cache)
+    torch.testing.assert_close(q, exp_q, atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(k, exp_k, atol=TOL[dtype], rtol=TOL[dtype])
+    assert torch.equal(qkv[:, (heads + kv_heads) * head_dim:], v_before)   # V untouched
+
+
+def test_launchers_reject_bad_shapes():
+    with pytest.raises(ValueError, match="rms_norm"):
+        rms_norm(torch.zeros(2, 3, 4, device=DEVICE), torch.ones(4, device=DEVICE), 1e-5)
+    with pytest.raises(ValueError, match="silu_and_mul"):
+        silu_and_mul(torch.zeros(2, 5, device=DEVICE))

@@ -1,0 +1,130 @@
+"""Real server processes on free loopback ports (the embedded default model), started once
+per session and killed at the end; the offline engine for reference outputs."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+STARTUP_TIMEOUT_S = 180.0
+API_KEY = "test-key-3f9c"
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen
+    port: int
+    log_path: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_tail(self, num_chars: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-num_chars:]
+
+    def wait_healthy(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                if requests.get(f"{self.base_url}/health", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.25)
+        raise TimeoutError(f"server not healthy after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=15)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(log_dir: Path, name: str, *extra_args: str) -> ServerProcess:
+    port = free_port()
+    log_path = log_dir / f"{name}.log"
+    env = {k: v for k, v in os.environ.items() if k != "PAGEDSERVE_API_KEY"}
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pagedserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+             "--log-level", "warning", *extra_args],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).resolve().parents[2])
+    return ServerProcess(process, port, log_path)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
+    proc = start_server(tmp_path_factory.mktemp("server"), "server")
+    try:
+        proc.wait_healthy()
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def auth_server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
+    proc = start_server(tmp_path_factory.mktemp("auth_server"), "auth_server", "--api-key", API_KEY,
+                        "--served-model-name", "smol", "--num-kv-blocks", "64", "--max-model-len", "1024")
+    try:
+        proc.wait_healthy()
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def offline_llm():
+    """The offline engine with the server's defaults, for reference outputs."""
+    from pagedserve import LLM
+    llm = LLM()
+    try:
+        yield llm
+    finally:
+        llm.shutdown()
+
+
+def scrape_metrics(base_url: str) -> dict[tuple[str, tuple], float]:
+    """(sample name, sorted labels) -> value, parsed with prometheus_client's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+    response = requests.get(f"{base_url}/metrics", timeout=10)
+    response.raise_for_status()
+    samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def wait_idle(base_url: str, timeout: float = 60.0) -> dict[tuple[str, tuple], float]:
+    """Poll /metrics until nothing runs or waits and the KV cache is empty; the last scrape."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = scrape_metrics(base_url)
+        busy = [value for (name, _), value in samples.items()
+                if name in ("pagedserve:num_requests_running", "pagedserve:num_requests_waiting",
+                            "pagedserve:kv_cache_usage_perc") and value != 0]
+        if not busy:
+            return samples
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"server still busy after {timeout} s")
+        time.sleep(0.1)

@@ -1,0 +1,139 @@
+"""AsyncEngine's failure model on a scripted stand-in for LLMEngine (no model): a failing
+request fails alone, a dead loop fails everyone (and /health answers 503 over real HTTP),
+validation errors reach the caller, and an idle loop does not step."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import requests
+
+from pagedserve.errors import EngineDeadError, ValidationError
+from pagedserve.frontend.async_engine import AsyncEngine, RequestFailedError
+from pagedserve.outputs import CompletionOutput, RequestOutput
+from pagedserve.sampling_params import SamplingParams
+from tests.server.conftest import free_port
+
+
+class ScriptedEngine:
+    """LLMEngine's surface as AsyncEngine uses it. Prompt "bad" fails in the engine,
+    "invalid" fails validation, "die" makes step() raise; others finish after one step."""
+
+    max_model_len = 128
+    tokenizer = None
+
+    def __init__(self) -> None:
+        self.pending: dict[str, str] = {}
+        self.num_steps = 0
+        scheduler = SimpleNamespace(running=[], waiting=[], requests={}, stats=SimpleNamespace(num_preemptions=0))
+        kv = SimpleNamespace(usage=lambda: 0.0, stats=SimpleNamespace(queries=0, hits=0))
+        self.core = SimpleNamespace(scheduler=scheduler, kv_cache_manager=kv,
+                                    has_unfinished_requests=lambda: bool(self.pending))
+        self.children: dict[str, list[str]] = {}
+        self.output_processor = SimpleNamespace(states={})
+
+    def add_request(self, request_id, prompt, params, output_kind, strict_length, add_special_tokens) -> None:
+        if prompt == "invalid":
+            raise ValidationError("prompt is invalid", "prompt")
+        self.pending[request_id] = prompt
+
+    def step(self) -> list[RequestOutput]:
+        self.num_steps += 1
+        if "die" in self.pending.values():
+            raise RuntimeError("device lost")
+        outputs = []
+        for request_id, prompt in self.pending.items():
+            reason = "abort" if prompt == "bad" else "length"
+            outputs.append(RequestOutput(request_id, prompt, [1, 2], [CompletionOutput(0, "ok", [3], None, None,
+                                                                                       reason)], True))
+        self.pending.clear()
+        return outputs
+
+    def abort_request(self, request_id: str) -> None:
+        self.pending.pop(request_id, None)
+
+    def shutdown(self) -> None:
+        pass
+
+
+async def _collect(engine: AsyncEngine, prompt: str) -> list[RequestOutput]:
+    return [output async for output in engine.generate(prompt, SamplingParams(), request_id=prompt)]
+
+
+def test_failing_request_fails_alone() -> None:
+    engine = AsyncEngine(ScriptedEngine())
+
+    async def main():
+        return await asyncio.wait_for(asyncio.gather(_collect(engine, "good"), _collect(engine, "bad"),
+                                                     return_exceptions=True), timeout=10)
+
+    good, bad = asyncio.run(main())
+    assert isinstance(bad, RequestFailedError)
+    assert good[-1].finished and good[-1].outputs[0].text == "ok"
+    assert engine.is_healthy
+    engine.shutdown()
+
+
+def test_validation_error_reaches_caller() -> None:
+    engine = AsyncEngine(ScriptedEngine())
+    with pytest.raises(ValidationError) as info:
+        asyncio.run(asyncio.wait_for(_collect(engine, "invalid"), timeout=10))
+    assert info.value.param == "prompt" and engine.is_healthy
+    engine.shutdown()
+
+
+def test_dead_loop_fails_everyone() -> None:
+    engine = AsyncEngine(ScriptedEngine())
+
+    async def main():
+        return await asyncio.wait_for(asyncio.gather(_collect(engine, "die"), _collect(engine, "other"),
+                                                     return_exceptions=True), timeout=10)
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, EngineDeadError) for r in results), results
+    assert not engine.is_healthy
+    with pytest.raises(EngineDeadError):   # later requests fail at once instead of hanging
+        asyncio.run(asyncio.wait_for(_collect(engine, "later"), timeout=5))
+
+
+def test_idle_loop_sleeps() -> None:
+    scripted = ScriptedEngine()
+    engine = AsyncEngine(scripted)
+    asyncio.run(asyncio.wait_for(_collect(engine, "good"), timeout=10))
+    steps = scripted.num_steps
+    time.sleep(0.3)
+    assert scripted.num_steps == steps == 1
+    engine.shutdown()
+
+
+def test_dead_engine_over_http_is_503() -> None:
+    import uvicorn
+
+    from pagedserve.server.app import build_app
+    from pagedserve.server.context import ServerSettings
+
+    engine = AsyncEngine(ScriptedEngine())
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(engine, ServerSettings("scripted")), host="127.0.0.1",
+                                           port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert requests.get(f"{base}/health", timeout=5).status_code == 200
+        for prompt in ("die", "after death"):
+            response = requests.post(f"{base}/v1/completions", json={"prompt": prompt, "max_tokens": 2}, timeout=10)
+            assert response.status_code == 503
+            assert response.json()["error"]["type"] == "EngineDeadError"
+        health = requests.get(f"{base}/health", timeout=5)
+        assert health.status_code == 503 and health.json()["error"]["code"] == 503
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

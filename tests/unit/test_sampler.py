@@ -1,0 +1,340 @@
+"""The sampler against transformers' logits processors (same logits in, same processed
+logits out), penalties against their formulas, and seeded statistical checks of the draw.
+
+Processed logits are compared exactly: the same finite values and the same -inf set.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
+                                                    TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+                                                    TypicalLogitsWarper)
+
+from pagedserve.layers.sampler import (Sampler, apply_bias_and_min_tokens, apply_penalties,
+                                       apply_temperature_and_filters)
+from pagedserve.sampling_params import SamplingParams
+from pagedserve.worker.input_batch import CachedRequestState
+from pagedserve.worker.sampling_inputs import build_sampling_tensors
+
+VOCAB = 512
+EOS = (7,)
+
+
+def make_state(params: SamplingParams, prompt: list[int] | None = None, outputs: list[int] | None = None,
+               seed_generator: bool = True) -> CachedRequestState:
+    prompt = prompt or [1, 2, 3]
+    outputs = outputs or []
+    generator = None
+    if seed_generator and params.seed is not None:
+        generator = torch.Generator().manual_seed(params.seed)
+    state = CachedRequestState("r", list(prompt), len(prompt), params, [0], len(prompt), generator)
+    for token in outputs:
+        state.append_output(token)
+    return state
+
+
+def random_logits(rows: int, seed: int, scale: float = 3.0) -> torch.Tensor:
+    return torch.randn(rows, VOCAB, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def hf_filters(scores: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """transformers' warpers in the sampler's order, for one row [1, V]."""
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    if p.temperature > 0:
+        scores = TemperatureLogitsWarper(p.temperature)(ids, scores)
+    if p.top_k > 0:
+        scores = TopKLogitsWarper(p.top_k)(ids, scores)
+    if p.top_p < 1.0:
+        scores = TopPLogitsWarper(p.top_p)(ids, scores)
+    if p.min_p > 0.0:
+        scores = MinPLogitsWarper(p.min_p)(ids, scores)
+    if p.typical_p < 1.0:
+        scores = TypicalLogitsWarper(p.typical_p)(ids, scores)
+    return scores
+
+
+def assert_same_processed(ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    assert torch.equal(torch.isneginf(ours), torch.isneginf(theirs))
+    finite = torch.isfinite(theirs)
+    assert torch.isfinite(ours).eq(finite).all()
+    torch.testing.assert_close(ours[finite], theirs[finite], rtol=0, atol=0)
+
+
+# One batch, one row per configuration, so per-row parameters are exercised side by side.
+FILTER_ROWS = [
+    SamplingParams(temperature=0.7),
+    SamplingParams(temperature=1.3, top_k=5),
+    SamplingParams(temperature=1.0, top_k=40),
+    SamplingParams(temperature=0.9, top_p=0.8),
+    SamplingParams(temperature=1.0, top_p=0.3),
+    SamplingParams(temperature=0.5, top_k=50, top_p=0.9),
+    SamplingParams(temperature=1.0, min_p=0.05),
+    SamplingParams(temperature=2.0, min_p=0.2),
+    SamplingParams(temperature=1.0, typical_p=0.5),
+    SamplingParams(temperature=0.8, typical_p=0.9),
+    SamplingParams(temperature=1.1, top_k=100, top_p=0.95, min_p=0.01),
+    SamplingParams(temperature=1.0, top_k=-1, top_p=1.0),
+]
+
+
+def test_filters_match_transformers_per_row():
+    logits = random_logits(len(FILTER_ROWS), seed=0)
+    states = [make_state(p) for p in FILTER_ROWS]
+    tensors = build_sampling_tensors(states, VOCAB, torch.device("cpu"), EOS)
+    ours = apply_temperature_and_filters(logits, tensors)
+    kept = torch.isfinite(ours).sum(dim=-1).tolist()
+    for row, params in enumerate(FILTER_ROWS):
+        assert_same_processed(ours[row:row + 1], hf_filters(logits[row:row + 1].clone(), params))
+    # the filters did real work: the filtered rows keep strictly fewer than the whole vocabulary
+    assert kept[0] == VOCAB and kept[-1] == VOCAB
+    assert kept[1] == 5 and kept[2] == 40
+    assert all(1 <= k < VOCAB for k in kept[3:-1])
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_filters_match_transformers_random_params(seed):
+    gen = torch.Generator().manual_seed(seed)
+
+    def pick(values):
+        return values[int(torch.randint(len(values), (1,), generator=gen))]
+
+    rows = [SamplingParams(temperature=pick([0.3, 0.7, 1.0, 1.5]), top_k=pick([0, 1, 3, 20, 200]),
+                           top_p=pick([1.0, 0.95, 0.6, 0.1]), min_p=pick([0.0, 0.02, 0.3]),
+                           typical_p=pick([1.0, 0.95, 0.4]))
+            for _ in range(24)]
+    logits = random_logits(len(rows), seed=100 + seed, scale=float(pick([1.0, 3.0, 6.0])))
+    ours = apply_temperature_and_filters(
+        logits, build_sampling_tensors([make_state(p) for p in rows], VOCAB, torch.device("cpu"), EOS))
+    for row, params in enumerate(rows):
+        assert_same_processed(ours[row:row + 1], hf_filters(logits[row:row + 1].clone(), params))
+
+
+def test_repetition_penalty_matches_transformers():
+    prompts = [[5, 9, 9, 300], [1, 2], [40, 41, 42, 43, 44], [8]]
+    outputs = [[11, 5, 12], [], [44, 44, 100], [9, 9, 9]]
+    penalties = [1.3, 1.7, 0.8, 1.0]
+    states = [make_state(SamplingParams(repetition_penalty=pen), prompt, out)
+              for pen, prompt, out in zip(penalties, prompts, outputs)]
+    logits = random_logits(len(states), seed=4)
+    # seen tokens on both sides of zero, so both branches (divide / multiply) are taken
+    logits[0, 5], logits[0, 9], logits[2, 44], logits[2, 40] = 2.5, -1.5, -3.0, 4.0
+    tensors = build_sampling_tensors(states, VOCAB, torch.device("cpu"), EOS)
+    ours = apply_penalties(logits, tensors)
+    for row, (pen, prompt, out) in enumerate(zip(penalties, prompts, outputs)):
+        input_ids = torch.tensor([prompt + out])
+        theirs = RepetitionPenaltyLogitsProcessor(pen)(input_ids, logits[row:row + 1].clone())
+        torch.testing.assert_close(ours[row:row + 1], theirs, rtol=0, atol=0)
+    assert ours[0, 5].item() == pytest.approx(2.5 / 1.3) and ours[0, 9].item() == pytest.approx(-1.5 * 1.3)
+    assert ours[2, 44].item() == pytest.approx(-3.0 * 0.8) and ours[2, 40].item() == pytest.approx(4.0 / 0.8)
+    assert torch.equal(ours[3], logits[3])
+    unseen = [t for t in range(VOCAB) if t not in set(prompts[0] + outputs[0])]
+    assert torch.equal(ours[0, unseen], logits[0, unseen])
+
+
+def test_frequency_and_presence_penalties_formula():
+    outputs = [[3, 3, 3, 10, 11], [3], [], [50, 50, 51]]
+    params = [SamplingParams(frequency_penalty=0.5), SamplingParams(presence_penalty=1.5),
+              SamplingParams(frequency_penalty=2.0, presence_penalty=-1.0),
+              SamplingParams(frequency_penalty=-0.7, presence_penalty=0.4)]
+    states = [make_state(p, prompt=[3, 50, 60], outputs=out) for p, out in zip(params, outputs)]
+    logits = random_logits(len(states), seed=5)
+    ours = apply_penalties(logits, build_sampling_tensors(states, VOCAB, torch.device("cpu"), EOS))
+    expected = logits.clone()
+    for row, (p, out) in enumerate(zip(params, outputs)):
+        for token in set(out):   # prompt tokens are not penalized by frequency/presence
+            expected[row, token] -= p.frequency_penalty * out.count(token) + p.presence_penalty
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+    assert ours[0, 3].item() == pytest.approx(logits[0, 3].item() - 1.5)
+    assert ours[1, 3].item() == pytest.approx(logits[1, 3].item() - 1.5)
+    assert torch.equal(ours[2], logits[2])
+    assert ours[3, 50].item() == pytest.approx(logits[3, 50].item() + 1.4 - 0.4)
+    assert ours[0, 60].item() == logits[0, 60].item()
+
+
+def test_penalties_combined_order_repetition_then_frequency_presence():
+    p = SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25)
+    state = make_state(p, prompt=[4], outputs=[6, 6])
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 4], logits[0, 6], logits[0, 8] = 3.0, -1.0, 1.0
+    ours = apply_penalties(logits, build_sampling_tensors([state], VOCAB, torch.device("cpu"), EOS))
+    assert ours[0, 4].item() == 1.5                      # prompt: repetition only
+    assert ours[0, 6].item() == -2.0 - 2 * 0.5 - 0.25     # output: repetition, then -freq*count - presence
+    assert ours[0, 8].item() == 1.0
+
+
+def test_logit_bias_and_min_tokens_masks():
+    states = [
+        make_state(SamplingParams(logit_bias={10: 5.0, 20: -100.0}, min_tokens=2, stop_token_ids=[30]),
+                   outputs=[1]),
+        make_state(SamplingParams(min_tokens=2, stop_token_ids=[30]), outputs=[1, 2]),  # min reached
+        make_state(SamplingParams(min_tokens=3, ignore_eos=True, stop_token_ids=[31])),
+    ]
+    logits = random_logits(3, seed=6)
+    tensors = build_sampling_tensors(states, VOCAB, torch.device("cpu"), EOS)
+    ours = apply_bias_and_min_tokens(logits, tensors)
+    expected = logits.clone()
+    expected[0, 10] += 5.0
+    expected[0, 20] -= 100.0
+    expected[0, [EOS[0], 30]] = float("-inf")
+    expected[2, 31] = float("-inf")      # ignore_eos: EOS stays allowed, the stop token does not
+    assert torch.equal(ours, expected)
+
+
+# ---- the draw -------------------------------------------------------------------------
+
+def sample(rows: list[SamplingParams], logits: torch.Tensor, outputs: list[list[int]] | None = None
+           ) -> torch.Tensor:
+    outputs = outputs or [[] for _ in rows]
+    states = [make_state(p, outputs=out) for p, out in zip(rows, outputs)]
+    return Sampler()(logits, build_sampling_tensors(states, VOCAB, torch.device("cpu"), EOS)).token_ids
+
+
+def test_top_k_1_equals_greedy():
+    torch.manual_seed(0)
+    logits = random_logits(256, seed=7, scale=1.0)
+    topk1 = sample([SamplingParams(temperature=1.5, top_k=1)] * 256, logits)
+    greedy = sample([SamplingParams(temperature=0.0)] * 256, logits)
+    assert torch.equal(topk1, logits.argmax(-1))
+    assert torch.equal(greedy, logits.argmax(-1))
+    plain = sample([SamplingParams(temperature=1.5)] * 256, logits)
+    assert (plain != logits.argmax(-1)).sum() > 100   # without top_k=1 the draw does vary
+
+
+def test_tiny_top_p_keeps_only_the_argmax():
+    torch.manual_seed(1)
+    logits = random_logits(256, seed=8, scale=0.5)
+    tokens = sample([SamplingParams(temperature=1.0, top_p=1e-4)] * 256, logits)
+    assert torch.equal(tokens, logits.argmax(-1))
+
+
+def test_min_tokens_suppresses_eos():
+    torch.manual_seed(2)
+    logits = random_logits(64, seed=9)
+    logits[:, EOS[0]] = 30.0   # EOS all but certain
+    free = sample([SamplingParams(temperature=1.0)] * 64, logits)
+    assert (free == EOS[0]).all()
+    held = sample([SamplingParams(temperature=1.0, min_tokens=4)] * 64, logits, outputs=[[1, 2]] * 64)
+    assert (held != EOS[0]).all()
+    greedy_held = sample([SamplingParams(temperature=0.0, min_tokens=1)] * 64, logits)
+    assert torch.equal(greedy_held, logits.clone().index_fill_(1, torch.tensor(EOS), float("-inf")).argmax(-1))
+    done = sample([SamplingParams(temperature=1.0, min_tokens=2)] * 64, logits, outputs=[[1, 2]] * 64)
+    assert (done == EOS[0]).all()
+
+
+def test_logit_bias_forces_a_token():
+    torch.manual_seed(3)
+    logits = random_logits(64, seed=10)
+    weakest = logits.argmin(-1)
+    rows = [SamplingParams(temperature=t, logit_bias={int(w): 100.0}) for t, w in zip([0.0, 1.0] * 32, weakest)]
+    assert torch.equal(sample(rows, logits), weakest)
+
+
+def test_draw_follows_the_distribution():
+    """Exponential-race sampling draws from softmax(logits / T): 40,000 draws, each
+    frequency within 0.01 of its probability (about 5 standard errors)."""
+    torch.manual_seed(4)
+    small = torch.full((1, VOCAB), float("-inf"))
+    small[0, :4] = torch.tensor([2.0, 1.0, 0.5, -1.0])
+    logits = small.expand(40_000, VOCAB).contiguous()
+    tokens = sample([SamplingParams(temperature=0.8)] * 40_000, logits)
+    freq = torch.bincount(tokens, minlength=VOCAB)[:4].double() / 40_000
+    probs = (small[0, :4] / 0.8).softmax(-1).double()
+    torch.testing.assert_close(freq, probs, rtol=0, atol=0.01)
+    assert int(tokens.max()) < 4
+
+
+def test_seeded_rows_do_not_depend_on_the_batch():
+    logits = random_logits(6, seed=11, scale=0.5)
+    seeded = SamplingParams(temperature=1.0, seed=1234)
+
+    def run(row_params: list[SamplingParams], row_logits: torch.Tensor, steps: int = 20) -> list[list[int]]:
+        states = [make_state(p) for p in row_params]
+        sampler, out = Sampler(), []
+        for _ in range(steps):
+            tensors = build_sampling_tensors(states, VOCAB, torch.device("cpu"), EOS)
+            out.append(sampler(row_logits, tensors).token_ids.tolist())
+        return [list(col) for col in zip(*out)]
+
+    torch.manual_seed(5)
+    alone = run([seeded], logits[2:3])[0]
+    torch.manual_seed(6)   # the unseeded rows draw from the global generator: a different state
+    batch = run([SamplingParams(temperature=1.0), SamplingParams(temperature=0.0), seeded,
+                 SamplingParams(temperature=0.7, top_p=0.9, seed=99), SamplingParams(temperature=1.0, top_k=3),
+                 SamplingParams(temperature=1.0, presence_penalty=1.0)], logits)
+    assert batch[2] == alone
+    assert len(set(alone)) > 5   # 20 draws from a flat distribution: really random
+    other_seed = run([SamplingParams(temperature=1.0, seed=4321)], logits[2:3])[0]
+    assert other_seed != alone
+
+
+def test_greedy_rows_in_a_mixed_batch_are_exact_argmax_after_penalties():
+    torch.manual_seed(7)
+    logits = random_logits(4, seed=12)
+    top = logits[1].argmax().item()
+    rows = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.0, frequency_penalty=2.0),
+            SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_k=2)]
+    tokens = sample(rows, logits, outputs=[[], [top] * 10, [], []])
+    penalized = logits[1].clone()
+    penalized[top] -= 20.0
+    assert tokens[1].item() == penalized.argmax().item() != top
+    assert tokens[2].item() == logits[2].argmax().item()
+
+
+def test_logprobs_are_raw_whatever_the_processing():
+    logits = random_logits(3, seed=13)
+    rows = [SamplingParams(temperature=0.5, top_k=3, logprobs=5, logit_bias={0: 50.0}),
+            SamplingParams(temperature=0.0, logprobs=2, repetition_penalty=1.5),
+            SamplingParams(temperature=1.0)]
+    states = [make_state(p, outputs=[int(logits[1].argmax())]) for p in rows]
+    out = Sampler()(logits, build_sampling_tensors(states, VOCAB, torch.device("cpu"), EOS))
+    raw = logits.log_softmax(-1)
+    assert out.token_ids[0].item() == 0      # the bias decided the draw ...
+    assert out.logprob_token_ids.shape == (3, 6)   # sampled token + top-5 (the batch's max)
+    for row in range(3):
+        token = out.token_ids[row].item()
+        top_lp, top_ids = raw[row].topk(5)
+        assert out.logprob_token_ids[row].tolist() == [token] + top_ids.tolist()
+        torch.testing.assert_close(out.logprobs[row], torch.cat([raw[row, token:token + 1], top_lp]),
+                                   rtol=0, atol=0)   # ... but not the reported logprob
+        assert out.sampled_ranks[row].item() == int((raw[row] > raw[row, token]).sum()) + 1
+    assert out.sampled_ranks[0].item() > 1
+
+
+def test_no_logprobs_requested_means_none_computed():
+    out = Sampler()(random_logits(2, seed=14), build_sampling_tensors(
+        [make_state(SamplingParams(temperature=0.0))] * 2, VOCAB, torch.device("cpu"), EOS))
+    assert out.logprobs is None and out.logprob_token_ids is None
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_for_batch(num_rows: int, num_seeded: int) -> int:
+    rows = [SamplingParams(temperature=0.8, top_k=20, top_p=0.9, min_p=0.01, typical_p=0.95,
+                           repetition_penalty=1.2, frequency_penalty=0.3, presence_penalty=0.2,
+                           logit_bias={3: 1.0}, min_tokens=5, logprobs=3,
+                           seed=row if row < num_seeded else None)
+            for row in range(num_rows)]
+    tensors = build_sampling_tensors([make_state(p, outputs=[4, 4]) for p in rows], VOCAB,
+                                     torch.device("cpu"), EOS)
+    logits = random_logits(num_rows, seed=15)
+    with _CountOps() as counter:
+        Sampler()(logits, tensors)
+    return counter.count
+
+
+def test_hot_path_has_no_per_row_python_loop():
+    """Every feature on: the number of tensor ops does not grow with the batch; each seeded
+    row adds exactly two (a view of its row and its own exponential draw)."""
+    base = _ops_for_batch(2, 0)
+    assert _ops_for_batch(64, 0) == base
+    assert _ops_for_batch(64, 5) == base + 2 * 5
