@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Callable, NamedTuple
 
+from pagedserve.bench.cli import add_bench_arguments, run_bench
 from pagedserve.errors import PagedServeError
 
 
@@ -55,6 +56,7 @@ def _run_serve(args: argparse.Namespace) -> None:
 COMMANDS: dict[str, Command] = {
     "serve": Command("serve a model over an OpenAI-compatible HTTP API", _add_serve_arguments, _run_serve),
     "generate": Command("complete one prompt offline and print the text", _add_generate_arguments, _run_generate),
+    "bench": Command("benchmark throughput, latency or a running server", add_bench_arguments, run_bench),
 }
 
 

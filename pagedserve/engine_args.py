@@ -116,7 +116,8 @@ def check_tensor_parallel(tp: int, model: ModelConfig, device_type: str) -> None
     if tp == 1:
         return
     import torch
-    if device_type == "cuda" and tp > torch.cuda.device_count():
+    from pagedserve.worker.tp_executor import external_rendezvous
+    if device_type == "cuda" and tp > torch.cuda.device_count() and not external_rendezvous():
         raise ValidationError(f"tensor_parallel_size={tp} is larger than the {torch.cuda.device_count()} "
                               "GPUs present", "tensor_parallel_size")
     for value, what in ((model.num_heads, "num_attention_heads"), (model.vocab_size, "vocab_size"),

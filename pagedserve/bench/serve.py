@@ -174,18 +174,18 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     for rate in rates:
         metrics, results = run_rate(args, inputs, rate, slos)
         print(format_serve_metrics(metrics, f"Serving Benchmark Result (rate {rate:g})"))
-        run: dict[str, Any] = {"request_rate": rate, "burstiness": args.burstiness,
+        run: dict[str, Any] = {"request_rate": "inf" if math.isinf(rate) else rate, "burstiness": args.burstiness,
                                "max_concurrency": args.max_concurrency, "metrics": metrics.to_dict()}
         run["requests"] = [asdict(r) for r in results] if args.save_detailed else None
         run["errors"] = sorted({r.error.splitlines()[-1] if r.error else "" for r in results if not r.success})
-        runs.append((run, results))
+        runs.append((rate, run, results))
     if args.plot:
         from pagedserve.bench.plots import plot_serve
-        for path in plot_serve([(run["request_rate"], results) for run, results in runs],
-                               [(run["request_rate"], run["metrics"]) for run, _ in runs], args.plot):
+        for path in plot_serve([(rate, results) for rate, _, results in runs],
+                               [(rate, run["metrics"]) for rate, run, _ in runs], args.plot):
             print(f"plot written to {path}")
     report = envelope("serve", args, {"backend": args.backend, "base_url": base_url, "model": model,
-                                      "slos_ms": slos, "runs": [run for run, _ in runs]})
+                                      "slos_ms": slos, "runs": [run for _, run, _ in runs]})
     filename = args.result_filename or (default_filename("serve") if args.save_result else None)
     if filename:
         print(f"results written to {save_result(report, filename)}")

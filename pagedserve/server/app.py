@@ -4,6 +4,8 @@ everything (unknown routes included).
     POST /v1/completions        POST /v1/chat/completions     GET /v1/models
     GET  /health                GET  /version                 GET /metrics
     POST /tokenize              POST /detokenize
+and text-generation-inference's routes (tgi_routes.py): POST /generate, /generate_stream, /;
+GET /info; POST /tokenize with {"inputs": ...} answers in TGI's shape.
 """
 from __future__ import annotations
 
@@ -29,11 +31,13 @@ from pagedserve.server.openai_chat import create_chat_completion
 from pagedserve.server.openai_completions import create_completion
 from pagedserve.server.openai_protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                                TokenizeRequest, parse_request)
+from pagedserve.server.tgi_routes import tgi_router, tgi_tokenize
+from pagedserve.server.tgi_settings import TGISettings
 
 logger = logging.getLogger(__name__)
 
 
-def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
+def build_app(engine: AsyncEngine, settings: ServerSettings, tgi_settings: TGISettings | None = None) -> FastAPI:
     """An app serving `engine`; the app's lifespan ends with engine.shutdown()."""
     ctx = ServerContext(engine, settings)
     metrics = ServerMetrics(engine, settings.served_model_name)
@@ -49,6 +53,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_exception)   # type: ignore[arg-type]
     _add_openai_routes(app, ctx)
     _add_info_routes(app, ctx, metrics)
+    app.include_router(tgi_router(ctx, tgi_settings or TGISettings(), metrics.tgi))
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)   # outermost: before the body is read
@@ -122,7 +127,10 @@ def _add_info_routes(app: FastAPI, ctx: ServerContext, metrics: ServerMetrics) -
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:
         try:
-            body = parse_request(TokenizeRequest, await _json_body(request))
+            raw = await _json_body(request)
+            if isinstance(raw, dict) and "inputs" in raw:   # TGI's body (vLLM's has prompt or messages)
+                return await tgi_tokenize(ctx, raw, request)
+            body = parse_request(TokenizeRequest, raw)
             return JSONResponse(_tokenize(ctx, body))
         except Exception as exc:
             return error_response(exc)

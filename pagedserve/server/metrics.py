@@ -1,5 +1,5 @@
 """Prometheus metrics: vLLM V1's names under the `pagedserve:` prefix, each with a
-`model_name` label. Gauges and engine-cumulative counters are read from AsyncEngine.stats
+`model_name` label, and TGI's `tgi_*` metrics for the TGI routes. Gauges and engine-cumulative counters are read from AsyncEngine.stats
 at scrape time; per-request counters and histograms are fed by the engine's finish
 listener (called on the engine thread; prometheus_client is thread-safe)."""
 from __future__ import annotations
@@ -74,6 +74,7 @@ class ServerMetrics:
         self.queue_time = Histogram(PREFIX + "request_queue_time_seconds", "Time spent waiting in seconds.",
                                     labels, buckets=LATENCY_BUCKETS, registry=reg).labels(model_name)
         engine.add_finish_listener(self.observe_finished)
+        self.tgi = TGIMetrics(engine, reg)
 
     def observe_finished(self, stats: FinishedRequestStats) -> None:
         self.prompt_tokens.inc(stats.num_prompt_tokens)
@@ -93,3 +94,59 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+# ---- TGI's metrics (text-generation-inference's names, no prefix, no model label) ----------
+
+TGI_ERROR_TYPES = ("validation", "overloaded", "generation", "incomplete_generation")
+TGI_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+TGI_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+class TGIMetrics(Collector):
+    """tgi_request_count / _success / _failure{err} (exposed untyped under their exact TGI
+    names: prometheus_client would append `_total` to a counter), the request histograms,
+    and tgi_batch_current_size / tgi_queue_size read from AsyncEngine.stats at scrape time.
+    Fed by the TGI routes on the event loop."""
+
+    def __init__(self, engine: AsyncEngine, registry: CollectorRegistry) -> None:
+        self.engine = engine
+        self.request_count = 0
+        self.request_success = 0
+        self.request_failure = {err: 0 for err in TGI_ERROR_TYPES}
+        self.duration = Histogram("tgi_request_duration", "End-to-end TGI request duration in seconds.",
+                                  buckets=TGI_DURATION_BUCKETS, registry=registry)
+        self.queue_duration = Histogram("tgi_request_queue_duration",
+                                        "Seconds from arrival until the first generated token (the engine does "
+                                        "not report per-request scheduling times).",
+                                        buckets=TGI_DURATION_BUCKETS, registry=registry)
+        self.generated_tokens = Histogram("tgi_request_generated_tokens", "Tokens generated per TGI request.",
+                                          buckets=TGI_TOKEN_BUCKETS, registry=registry)
+        registry.register(self)
+
+    def observe_success(self, duration_s: float, queue_s: float | None, generated_tokens: int) -> None:
+        self.request_success += 1
+        self.duration.observe(max(duration_s, 0.0))
+        if queue_s is not None:
+            self.queue_duration.observe(max(queue_s, 0.0))
+        self.generated_tokens.observe(generated_tokens)
+
+    def observe_failure(self, error_type: str) -> None:
+        self.request_failure[error_type] = self.request_failure.get(error_type, 0) + 1
+
+    def collect(self) -> Iterator[Metric]:
+        for name, doc, samples in (
+                ("tgi_request_count", "TGI requests received.", [({}, self.request_count)]),
+                ("tgi_request_success", "TGI requests that succeeded.", [({}, self.request_success)]),
+                ("tgi_request_failure", "TGI requests that failed, by error type.",
+                 [({"err": err}, count) for err, count in self.request_failure.items()])):
+            metric = Metric(name, doc, "unknown")
+            for labels, value in samples:
+                metric.add_sample(name, labels, value)
+            yield metric
+        stats = self.engine.stats
+        for name, doc, value in (("tgi_batch_current_size", "Requests in the running batch.", stats.num_running),
+                                 ("tgi_queue_size", "Requests waiting to be scheduled.", stats.num_waiting)):
+            gauge = GaugeMetricFamily(name, doc)
+            gauge.add_metric([], value)
+            yield gauge

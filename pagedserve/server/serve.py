@@ -1,5 +1,6 @@
-"""`pagedserve serve [MODEL] ...`: build the engine from flags, then serve the OpenAI API
-with uvicorn. Also the body of `python -m pagedserve.entrypoints.openai.api_server`."""
+"""`pagedserve serve [MODEL] ...`: build the engine from flags (and TGI's launcher
+environment variables, see tgi_settings.py), then serve the OpenAI and TGI APIs with
+uvicorn. Also the body of `python -m pagedserve.entrypoints.openai.api_server`."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +12,7 @@ from pagedserve.engine_args import EngineArgs
 from pagedserve.errors import ValidationError
 from pagedserve.models.default_model import DEFAULT_MODEL_NAME
 from pagedserve.server.context import DEFAULT_MAX_REQUEST_BODY_BYTES, ServerSettings
+from pagedserve.server.tgi_settings import DEFAULT_PORT, add_tgi_arguments, apply_tgi_settings
 
 logger = logging.getLogger(__name__)
 
@@ -24,12 +26,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--model", default=None, help="same as MODEL (vLLM's spelling)")
     parser.add_argument("--tokenizer", default=None)
     parser.add_argument("--host", default="0.0.0.0")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=None, help=f"default: env PORT, else {DEFAULT_PORT}")
     parser.add_argument("--served-model-name", default=None,
                         help="the name clients use (default: the model path's basename)")
     parser.add_argument("--api-key", default=None,
-                        help=f"require `Authorization: Bearer KEY` on /v1 (default: env {API_KEY_ENV})")
-    parser.add_argument("--dtype", default="auto")
+                        help=f"require `Authorization: Bearer KEY` on /v1 and the TGI routes "
+                             f"(default: env {API_KEY_ENV}, else API_KEY)")
+    parser.add_argument("--dtype", default=None, help="default: env DTYPE, else auto")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
@@ -39,13 +42,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--chat-template", default=None, help="a Jinja template, or a file holding one")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=None, help="default: env NUM_SHARD, else 1")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--load-format", default="auto")
     parser.add_argument("--kv-cache-memory-gb", type=float, default=None, help="KV cache size on CPU")
     parser.add_argument("--num-kv-blocks", type=int, default=None)
     parser.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_REQUEST_BODY_BYTES)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_tgi_arguments(parser)
     return parser
 
 
@@ -56,12 +60,12 @@ def make_parser() -> argparse.ArgumentParser:
 
 def engine_args_from(args: argparse.Namespace) -> EngineArgs:
     return EngineArgs(
-        model=_model(args), tokenizer=args.tokenizer, dtype=args.dtype, max_model_len=args.max_model_len,
+        model=_model(args), tokenizer=args.tokenizer, dtype=args.dtype or "auto", max_model_len=args.max_model_len,
         block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching,
         seed=args.seed, load_format=args.load_format, device=args.device,
         gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
-        tensor_parallel_size=args.tensor_parallel_size, kv_cache_memory_gb=args.kv_cache_memory_gb,
+        tensor_parallel_size=args.tensor_parallel_size or 1, kv_cache_memory_gb=args.kv_cache_memory_gb,
         num_kv_blocks=args.num_kv_blocks)
 
 
@@ -103,9 +107,10 @@ def run_server(args: argparse.Namespace) -> None:
     from pagedserve.server.app import build_app
 
     logging.getLogger("pagedserve").setLevel(args.log_level.upper())   # handler: pagedserve/logger.py
+    tgi_settings = apply_tgi_settings(args)   # TGI flags and env vars, folded into args
     settings = server_settings_from(args)
     engine = AsyncEngine.from_engine_args(engine_args_from(args))
-    app = build_app(engine, settings)
+    app = build_app(engine, settings, tgi_settings)
     logger.info("serving %s on http://%s:%d", settings.served_model_name, args.host, args.port)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=5)

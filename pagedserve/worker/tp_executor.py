@@ -1,0 +1,201 @@
+"""TP>1: rank 0 is this process (scheduler + its own runner); ranks 1..N-1 are processes
+spawned here (or, with env:// rendezvous, started on other machines; see tp_worker.py).
+
+    rank 0 (engine thread)                     rank r (tp_worker.serve_rank)
+    execute_model(so):                         loop:
+      [workers alive?]                           kind, so = broadcast(...)
+      broadcast(("step", so)) ---------------->  runner.execute_model(so)
+      runner.execute_model(so)  <- all-reduces ->   (returns None)
+      -> ModelRunnerOutput                        "shutdown" -> exit
+
+A heartbeat thread broadcasts ("noop", None) when no message went out for a while, so an idle
+server never trips the collective timeout on the workers; every broadcast holds `_lock`, so
+messages keep one order. A dead rank is found before a step (process sentinels), during one
+(the collective fails, or times out after `timeout_s`), or in check_health; from then on the
+executor is dead and execute_model / check_health raise EngineDeadError.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import socket
+import threading
+import time
+from multiprocessing.connection import wait as wait_for_sentinels
+from typing import Any
+
+import torch.distributed as dist
+
+from pagedserve.config import EngineConfig
+from pagedserve.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from pagedserve.errors import EngineDeadError, ValidationError
+from pagedserve.worker.executor import resolve_device
+from pagedserve.worker.tp_worker import (NOOP, SHUTDOWN, STEP, RankInit, broadcast_message, build_runner,
+                                         init_distributed, run_spawned_rank)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 600.0
+
+
+def external_rendezvous() -> bool:
+    """Ranks 1..N-1 are started by hand (other machines) when rank 0 runs with MASTER_ADDR and
+    WORLD_SIZE in its environment (torch.distributed's env:// rendezvous)."""
+    return "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ
+
+
+class MultiprocTPExecutor:
+    def __init__(self, config: EngineConfig, hf_config: Any, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.world_size = config.parallel.tensor_parallel_size
+        self.timeout_s = timeout_s
+        self.device = resolve_device(config.device.device)
+        self.processes: list[multiprocessing.process.BaseProcess] = []
+        self._pipes: list[Any] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._dead: EngineDeadError | None = None
+        self._closed = False
+        self._last_message = time.monotonic()
+        init = self._rank_init()
+        try:
+            if not external_rendezvous():
+                self._spawn_workers(init)
+            self.control = init_distributed(init)
+            broadcast_message((config, hf_config), self.control)
+            if self.device.type == "cuda":
+                import torch
+                torch.cuda.set_device(self.device)
+            self.runner, self.num_blocks = build_runner(config, hf_config, self.device)
+        except BaseException:
+            self.shutdown()
+            raise
+        self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="pagedserve-tp-heartbeat", daemon=True)
+        self._heartbeat.start()
+        logger.info("tensor parallel: %d ranks (%s), %d KV blocks per rank", self.world_size, init.backend,
+                    self.num_blocks)
+
+    # ---- set-up -------------------------------------------------------------------------
+    def _rank_init(self) -> RankInit:
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        if external_rendezvous():
+            world = int(os.environ["WORLD_SIZE"])
+            if world != self.world_size or int(os.environ.get("RANK", "0")) != 0:
+                raise ValidationError(f"env:// rendezvous: this process must be RANK=0 of WORLD_SIZE="
+                                      f"{self.world_size} (tensor_parallel_size), got RANK={os.environ.get('RANK')}"
+                                      f" WORLD_SIZE={world}", "tensor_parallel_size")
+            return RankInit(0, world, "env://", backend, self.timeout_s)
+        return RankInit(0, self.world_size, f"tcp://127.0.0.1:{_free_port()}", backend, self.timeout_s)
+
+    def _spawn_workers(self, init: RankInit) -> None:
+        context = multiprocessing.get_context("spawn")
+        for rank in range(1, self.world_size):
+            reader, writer = context.Pipe(duplex=False)   # the worker exits on EOF: we died
+            process = context.Process(target=run_spawned_rank, name=f"pagedserve-tp-rank{rank}", daemon=True,
+                                      args=(RankInit(rank, init.world_size, init.init_method, init.backend,
+                                                     init.timeout_s), reader))
+            process.start()
+            reader.close()
+            self.processes.append(process)
+            self._pipes.append(writer)
+
+    # ---- per step -----------------------------------------------------------------------
+    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        self.check_health()
+        with self._lock:
+            try:
+                broadcast_message((STEP, so), self.control)
+            except Exception as exc:
+                raise self._mark_dead(f"sending the step to the workers failed: {exc}") from exc
+            self._last_message = time.monotonic()
+            try:
+                return self.runner.execute_model(so)
+            except Exception as exc:
+                # a failed collective (peer died or timed out) leaves the ranks out of step
+                if isinstance(exc, dist.DistError) or self._dead_worker(wait_s=0.5):
+                    raise self._mark_dead(f"a collective failed: {exc}") from exc
+                raise
+
+    def check_health(self) -> None:
+        """Raises EngineDeadError if any rank is gone (or a collective failed earlier)."""
+        if self._dead is None:
+            dead = self._dead_worker(wait_s=0.0)
+            if dead:
+                self._mark_dead(dead)
+        if self._dead is not None:
+            raise self._dead
+
+    def _dead_worker(self, wait_s: float) -> str | None:
+        """A line naming the first spawned rank that exited, else None."""
+        if not self.processes:
+            return None
+        if wait_s:
+            wait_for_sentinels([p.sentinel for p in self.processes], timeout=wait_s)
+        for rank, process in enumerate(self.processes, start=1):
+            if process.exitcode is not None:
+                return f"tensor-parallel rank {rank} (pid {process.pid}) exited with code {process.exitcode}"
+        return None
+
+    def _mark_dead(self, why: str) -> EngineDeadError:
+        if self._dead is None:
+            detail = self._dead_worker(wait_s=0.0)
+            self._dead = EngineDeadError(f"{why}; {detail}" if detail and detail not in why else why)
+            logger.error("tensor parallel group is dead: %s", self._dead)
+        return self._dead
+
+    def _heartbeat_loop(self) -> None:
+        interval = max(self.timeout_s / 4, 0.1)
+        while not self._stop.wait(interval / 2):
+            if self._dead is not None:
+                return
+            dead = self._dead_worker(wait_s=0.0)
+            if dead:
+                self._mark_dead(dead)
+                return
+            if time.monotonic() - self._last_message < interval or not self._lock.acquire(blocking=False):
+                continue
+            try:
+                if self._dead is None and not self._closed:
+                    broadcast_message((NOOP, None), self.control)
+                    self._last_message = time.monotonic()
+            except Exception as exc:
+                self._mark_dead(f"heartbeat to the workers failed: {exc}")
+            finally:
+                self._lock.release()
+
+    # ---- tear-down ----------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Tell the workers to stop, reap them (terminate, then kill, if they do not), and leave
+        the process group. Idempotent; safe after a rank died or a failed set-up."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        if self._dead is None and hasattr(self, "runner") and self._lock.acquire(timeout=5.0):
+            try:
+                broadcast_message((SHUTDOWN, None), self.control)
+            except Exception:
+                logger.warning("could not send shutdown to the workers", exc_info=True)
+            finally:
+                self._lock.release()
+        for process in self.processes:
+            process.join(timeout=5.0)
+            if process.is_alive():
+                process.terminate()
+                process.join(timeout=2.0)
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=2.0)
+        for pipe in self._pipes:
+            pipe.close()
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:
+                logger.warning("destroy_process_group failed", exc_info=True)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,0 +1,149 @@
+"""One tensor-parallel rank: join the process group, load this rank's shard, then run every
+step rank 0 broadcasts until told to stop.
+
+Ranks 1..N-1 are either spawned by rank 0's MultiprocTPExecutor (one machine) or started by
+hand on other machines through torch.distributed's env:// rendezvous:
+
+    MASTER_ADDR=<rank 0 host> MASTER_PORT=29500 WORLD_SIZE=N RANK=r python -m pagedserve.worker.tp_worker
+
+Messages on the gloo control group, in order, from rank 0:
+
+    (config, hf_config)   once, right after the group forms
+    ("step", SchedulerOutput) | ("noop", None) | ("shutdown", None)   until shutdown
+
+A rank ends when told to, when rank 0's pipe reaches EOF (parent died), or when a collective
+fails or times out (a peer died or went silent); it never outlives rank 0 for long.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+STEP, NOOP, SHUTDOWN = "step", "noop", "shutdown"
+
+
+@dataclass(frozen=True)
+class RankInit:
+    """How one rank joins the group; small and picklable (crosses the spawn boundary)."""
+
+    rank: int
+    world_size: int
+    init_method: str          # "tcp://host:port" or "env://"
+    backend: str              # "gloo" (CPU) or "nccl" (GPU)
+    timeout_s: float          # per collective; rank 0 sends a heartbeat more often than this
+
+
+def init_distributed(init: RankInit) -> Any:
+    """Join the default group (used by the parallel layers) and return a gloo group for the
+    small per-step control messages (pickled objects travel over CPU even with NCCL)."""
+    timeout = timedelta(seconds=init.timeout_s)
+    dist.init_process_group(init.backend, init_method=init.init_method, rank=init.rank,
+                            world_size=init.world_size, timeout=timeout)
+    return dist.new_group(backend="gloo", timeout=timeout)
+
+
+def broadcast_message(message: Any, group: Any) -> Any:
+    """Rank 0 sends `message`; every rank returns it (pickled: size, then bytes)."""
+    box = [message if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
+def build_runner(config: Any, hf_config: Any, device: torch.device) -> tuple[Any, int]:
+    """Load this rank's shard and size its KV cache: the block count is the minimum over
+    ranks, so every rank can hold every block the scheduler hands out."""
+    from pagedserve.worker.executor import num_kv_blocks
+    from pagedserve.worker.model_runner import ModelRunner
+    runner = ModelRunner(config, hf_config, device)
+    runner.load_model()
+    blocks = torch.tensor([num_kv_blocks(config, runner)], dtype=torch.int64, device=device)
+    dist.all_reduce(blocks, op=dist.ReduceOp.MIN)
+    num_blocks = int(blocks.item())
+    runner.init_kv_cache(num_blocks)
+    runner.finish_setup()
+    return runner, num_blocks
+
+
+def worker_device(config: Any, rank: int) -> torch.device:
+    if not str(config.device.device).startswith("cuda"):
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
+    device = torch.device(f"cuda:{local_rank}")
+    torch.cuda.set_device(device)
+    return device
+
+
+def serve_rank(init: RankInit) -> None:
+    """Everything a non-zero rank does, from joining the group to a clean exit."""
+    control = init_distributed(init)
+    config, hf_config = broadcast_message(None, control)
+    runner, _ = build_runner(config, hf_config, worker_device(config, init.rank))
+    logger.info("tp rank %d/%d ready", init.rank, init.world_size)
+    while True:
+        kind, payload = broadcast_message(None, control)
+        if kind == SHUTDOWN:
+            break
+        if kind == STEP:
+            runner.execute_model(payload)
+    dist.destroy_process_group()
+
+
+def _exit_on_eof(parent_conn: Any) -> None:
+    """Blocks on the pipe rank 0 holds open; EOF means rank 0 is gone, so go too."""
+    try:
+        while True:
+            parent_conn.recv()
+    except (EOFError, OSError):
+        os._exit(0)
+
+
+def run_spawned_rank(init: RankInit, parent_conn: Any) -> None:
+    """Entry of a rank spawned by MultiprocTPExecutor (multiprocessing spawn context)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is rank 0's; it shuts us down
+    threading.Thread(target=_exit_on_eof, args=(parent_conn,), daemon=True, name="parent-watch").start()
+    _run_or_die(init)
+
+
+def _run_or_die(init: RankInit) -> None:
+    try:
+        serve_rank(init)
+    except BaseException:   # a failed rank must end, so rank 0 sees it and never waits on it
+        logger.exception("tp rank %d failed", init.rank)
+        sys.stderr.flush()
+        os._exit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m pagedserve.worker.tp_worker`: one rank on another machine (env:// rendezvous)."""
+    parser = argparse.ArgumentParser(description="Run one pagedserve tensor-parallel rank (env:// rendezvous: "
+                                                 "MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK).")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="must match rank 0's device kind (NCCL on cuda, gloo on cpu)")
+    parser.add_argument("--timeout-s", type=float, default=600.0)
+    args = parser.parse_args(argv)
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK") if k not in os.environ]
+    if missing:
+        parser.error(f"set {', '.join(missing)} in the environment")
+    rank = int(os.environ["RANK"])
+    if rank == 0:
+        parser.error("RANK=0 is the server (pagedserve serve ... --tensor-parallel-size N)")
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    logging.basicConfig(level=logging.INFO)
+    _run_or_die(RankInit(rank, int(os.environ["WORLD_SIZE"]), "env://", "nccl" if use_cuda else "gloo",
+                         args.timeout_s))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Tensor parallelism on CPU (gloo, 2 processes): TP=2 gives TP=1's greedy tokens and logprobs
+(within 1e-4) per architecture on tiny fp32 checkpoints; impossible splits are rejected with
+clear errors; the server serves with --tensor-parallel-size 2; a dead rank fails the engine
+(EngineDeadError, /health 503) instead of hanging; workers never outlive rank 0."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+
+from pagedserve import LLM, SamplingParams
+from pagedserve.errors import EngineDeadError, ValidationError
+from tests.helpers import random_prompts, write_tiny_checkpoint
+
+ARCHS = ["llama", "llama3_tied", "mistral", "qwen2", "qwen3"]
+NEW_TOKENS = 12
+REPO = Path(__file__).resolve().parents[2]
+PARAMS = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True, logprobs=3)
+
+
+def _llm(path: str, tp: int, **kwargs) -> LLM:
+    return LLM(model=path, device="cpu", dtype="float32", skip_tokenizer_init=True, max_model_len=128,
+               tensor_parallel_size=tp, **kwargs)
+
+
+def _run(llm: LLM, prompts: list[list[int]]):
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], PARAMS, use_tqdm=False)
+    return [o.outputs[0] for o in outs]
+
+
+def _workers(pid: int) -> list[psutil.Process]:
+    """The spawned ranks among `pid`'s children (not multiprocessing's resource tracker)."""
+    return [p for p in psutil.Process(pid).children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tp2_matches_tp1(arch, tiny_checkpoints):
+    # mixed lengths; a small batch budget forces chunked prefill across ranks too
+    prompts = random_prompts(4, 512, 3, 40, seed=2)
+    reference = _run(_llm(tiny_checkpoints[arch], 1), prompts)
+    llm = _llm(tiny_checkpoints[arch], 2, max_num_batched_tokens=32)
+    try:
+        assert len(llm.engine.core.executor.processes) == 1
+        got = _run(llm, prompts)
+    finally:
+        llm.shutdown()
+    for ref, out in zip(reference, got):
+        assert out.token_ids == ref.token_ids
+        for ref_step, step in zip(ref.logprobs, out.logprobs):
+            assert ref_step.keys() == step.keys()
+            for token, lp in ref_step.items():
+                assert abs(step[token].logprob - lp.logprob) <= 1e-4
+
+
+def test_default_model_cannot_split_in_two():
+    # SmolLM2-135M has 9 attention heads (3 KV heads): TP=2 is impossible, and says why
+    with pytest.raises(ValidationError, match=r"num_attention_heads \(9\) is not divisible by "
+                                              r"tensor_parallel_size \(2\)") as info:
+        LLM(tensor_parallel_size=2, device="cpu")
+    assert info.value.param == "tensor_parallel_size"
+
+
+def test_bad_splits_are_rejected(tmp_path):
+    path = write_tiny_checkpoint(str(tmp_path / "llama"), "llama")   # 4 heads, 2 KV heads, vocab 512
+    with pytest.raises(ValidationError, match=r"num_attention_heads \(4\) is not divisible by "
+                                              r"tensor_parallel_size \(3\)"):
+        _llm(path, 3)
+    with pytest.raises(ValidationError, match="tensor_parallel_size must be >= 1"):
+        _llm(path, 0)
+
+
+def test_killed_worker_fails_the_engine_clearly(tiny_checkpoints):
+    llm = _llm(tiny_checkpoints["llama"], 2)
+    try:
+        prompts = random_prompts(2, 512, 3, 20, seed=3)
+        _run(llm, prompts)
+        worker = llm.engine.core.executor.processes[0]
+        os.kill(worker.pid, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(EngineDeadError, match="rank 1"):
+            _run(llm, prompts)
+        assert time.monotonic() - start < 30
+        with pytest.raises(EngineDeadError):
+            llm.engine.core.executor.check_health()
+    finally:
+        llm.shutdown()
+
+
+def test_workers_exit_when_rank0_is_killed(tiny_checkpoints, tmp_path):
+    script = textwrap.dedent(f"""
+        import time
+        from pagedserve import LLM
+        if __name__ == "__main__":
+            llm = LLM(model={tiny_checkpoints['llama']!r}, device="cpu", dtype="float32",
+                      skip_tokenizer_init=True, max_model_len=128, tensor_parallel_size=2)
+            print("READY", llm.engine.core.executor.processes[0].pid, flush=True)
+            time.sleep(120)
+    """)
+    (tmp_path / "rank0.py").write_text(script)
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "rank0.py")], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, cwd=REPO)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("READY"), line
+        worker = psutil.Process(int(line.split()[1]))
+        proc.kill()
+        proc.wait(timeout=10)
+        worker.wait(timeout=15)    # raises psutil.TimeoutExpired if the worker is orphaned
+    finally:
+        proc.kill()
+
+
+def _start_server(log_path: Path, model: str, tokenizer: str) -> tuple[subprocess.Popen, str]:
+    from tests.server.conftest import free_port
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PAGEDSERVE_API_KEY"}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pagedserve.cli", "serve", model, "--tokenizer", tokenizer, "--host", "127.0.0.1",
+             "--port", str(port), "--device", "cpu", "--dtype", "float32", "--max-model-len", "128",
+             "--tensor-parallel-size", "2", "--log-level", "warning"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def test_server_with_tp2_then_a_dead_rank(tiny_checkpoints, tmp_path):
+    from pagedserve.models.loader import materialize_gguf, resolve_model
+    tokenizer = materialize_gguf(resolve_model(None)).directory   # the default model's tokenizer; ids < 512
+    log_path = tmp_path / "server.log"
+    proc, base = _start_server(log_path, tiny_checkpoints["llama"], tokenizer)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, log_path.read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, log_path.read_text(errors="replace")[-3000:]
+            try:
+                if requests.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.25)
+        body = {"model": os.path.basename(tiny_checkpoints["llama"]), "prompt": [5, 17, 300, 42],
+                "max_tokens": 6, "temperature": 0}
+        response = requests.post(f"{base}/v1/completions", json=body, timeout=30)
+        assert response.status_code == 200, response.text
+        choice = response.json()["choices"][0]
+        assert choice["finish_reason"] == "length"
+        assert response.json()["usage"]["completion_tokens"] == 6
+
+        workers = _workers(proc.pid)
+        assert len(workers) == 1, workers
+        workers[0].kill()
+        workers[0].wait(timeout=10)
+        response = requests.post(f"{base}/v1/completions", json=body, timeout=30)
+        assert response.status_code >= 500, response.text
+        assert requests.get(f"{base}/health", timeout=5).status_code == 503
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
