@@ -1,7 +1,8 @@
 """Prometheus metrics: vLLM V1's names under the `pagedserve:` prefix, each with a
-`model_name` label, and TGI's `tgi_*` metrics for the TGI routes. Gauges and engine-cumulative counters are read from AsyncEngine.stats
-at scrape time; per-request counters and histograms are fed by the engine's finish
-listener (called on the engine thread; prometheus_client is thread-safe)."""
+`model_name` label (TGI's `tgi_*` metrics for the TGI routes are at the end). Gauges and
+engine-cumulative counters are read from AsyncEngine.stats at scrape time; per-request
+counters and histograms are fed by the engine's finish listener (called on the engine
+thread; prometheus_client is thread-safe)."""
 from __future__ import annotations
 
 from typing import Iterator

@@ -132,6 +132,28 @@ def validate(request: GenerateRequest, settings: TGISettings, max_total_tokens: 
              stream: bool) -> ValidGenerateRequest:
     """TGI's rules, in TGI's order; raises TGIError (422) naming the parameter."""
     p = request.parameters
+    best_of = _check_best_of(p, settings, stream)
+    _check_ranges(p, settings)
+    input_ids, max_new_tokens = _check_inputs(request, settings, max_total_tokens, tokenizer)
+    sampling = p.do_sample   # do_sample=false is greedy whatever the temperature
+    seed = (p.seed if p.seed is not None else random.randrange(MAX_SEED)) if sampling else None
+    top_n_tokens = p.top_n_tokens or 0
+    params = SamplingParams(
+        n=best_of, best_of=best_of if best_of > 1 else None,
+        temperature=(p.temperature if p.temperature is not None else 1.0) if sampling else 0.0,
+        top_p=p.top_p if sampling and p.top_p is not None else 1.0,
+        top_k=p.top_k if sampling and p.top_k is not None else 0,
+        typical_p=p.typical_p if sampling and p.typical_p is not None else 1.0,
+        repetition_penalty=p.repetition_penalty if p.repetition_penalty is not None else 1.0,
+        frequency_penalty=p.frequency_penalty or 0.0, seed=seed,
+        stop=list(p.stop), include_stop_str_in_output=True,   # TGI keeps the stop sequence in the text
+        max_tokens=max_new_tokens, logprobs=top_n_tokens,    # logprobs=0: the sampled token's own
+        prompt_logprobs=0 if p.decoder_input_details else None)
+    return ValidGenerateRequest(request.inputs, input_ids, params, best_of, sampling, seed, p.details,
+                                p.decoder_input_details, top_n_tokens, bool(p.return_full_text))
+
+
+def _check_best_of(p: GenerateParameters, settings: TGISettings, stream: bool) -> int:
     best_of = p.best_of if p.best_of is not None else 1
     if best_of != 1:
         if settings.max_best_of == 1:
@@ -142,16 +164,19 @@ def validate(request: GenerateRequest, settings: TGISettings, max_total_tokens: 
             raise TGIError("`best_of` != 1 is not supported when streaming tokens")
         if not p.do_sample:   # do_sample=false is greedy here, so best_of needs it
             raise TGIError("you must use sampling when `best_of` is > 1")
+        if p.seed is not None:
+            raise TGIError("`seed` must not be set when `best_of` > 1")
     if p.decoder_input_details and stream:
         raise TGIError("`decoder_input_details` == true is not supported when streaming tokens")
-    temperature = p.temperature if p.temperature is not None else 1.0
-    if temperature <= 0.0:
+    return best_of
+
+
+def _check_ranges(p: GenerateParameters, settings: TGISettings) -> None:
+    if p.temperature is not None and p.temperature <= 0.0:
         raise TGIError("`temperature` must be strictly positive")
-    repetition_penalty = p.repetition_penalty if p.repetition_penalty is not None else 1.0
-    if repetition_penalty <= 0.0:
+    if p.repetition_penalty is not None and p.repetition_penalty <= 0.0:
         raise TGIError("`repetition_penalty` must be strictly positive")
-    frequency_penalty = p.frequency_penalty if p.frequency_penalty is not None else 0.0
-    if not -2.0 <= frequency_penalty <= 2.0:
+    if p.frequency_penalty is not None and not -2.0 <= p.frequency_penalty <= 2.0:
         raise TGIError("`frequency_penalty` must be >= -2.0 and <= 2.0")
     if p.top_p is not None and not 0.0 < p.top_p < 1.0:
         raise TGIError("`top_p` must be > 0.0 and < 1.0")
@@ -165,17 +190,20 @@ def validate(request: GenerateRequest, settings: TGISettings, max_total_tokens: 
         raise TGIError(f"`stop` supports up to {settings.max_stop_sequences} stop sequences. Given: {len(p.stop)}")
     if any(not s for s in p.stop):
         raise TGIError("`stop` sequences must not be empty")
-    if p.seed is not None and best_of > 1:
-        raise TGIError("`seed` must not be set when `best_of` > 1")
-    top_n_tokens = p.top_n_tokens or 0
-    if top_n_tokens > settings.max_top_n_tokens:
-        raise TGIError(f"`top_n_tokens` must be >= 0 and <= {settings.max_top_n_tokens}. Given: {top_n_tokens}")
+    if (p.top_n_tokens or 0) > settings.max_top_n_tokens:
+        raise TGIError(f"`top_n_tokens` must be >= 0 and <= {settings.max_top_n_tokens}. Given: {p.top_n_tokens}")
     if p.watermark:
         raise TGIError("watermark is not supported")
     if p.grammar is not None:
         raise TGIError("grammar is not supported")
     if p.adapter_id is not None:
         raise TGIError("adapter_id is not supported: this server serves one model without adapters")
+
+
+def _check_inputs(request: GenerateRequest, settings: TGISettings, max_total_tokens: int,
+                  tokenizer: Any) -> tuple[list[int], int]:
+    """(input ids after truncation, max_new_tokens); TGI's default max_new_tokens fills the context."""
+    p = request.parameters
     if not request.inputs:
         raise TGIError("`inputs` cannot be empty")
     max_input_tokens = settings.input_limit(max_total_tokens)
@@ -191,17 +219,4 @@ def validate(request: GenerateRequest, settings: TGISettings, max_total_tokens: 
                        f"`inputs` tokens and {max_new_tokens} `max_new_tokens`")
     if input_length > max_input_tokens:
         raise TGIError(f"`inputs` must have less than {max_input_tokens} tokens. Given: {input_length}")
-    sampling = p.do_sample
-    seed = (p.seed if p.seed is not None else random.randrange(MAX_SEED)) if sampling else None
-    params = SamplingParams(
-        n=best_of, best_of=best_of if best_of > 1 else None,
-        temperature=temperature if sampling else 0.0,
-        top_p=p.top_p if sampling and p.top_p is not None else 1.0,
-        top_k=p.top_k if sampling and p.top_k is not None else 0,
-        typical_p=p.typical_p if sampling and p.typical_p is not None else 1.0,
-        repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty, seed=seed,
-        stop=list(p.stop), include_stop_str_in_output=True,   # TGI keeps the stop sequence in the text
-        max_tokens=max_new_tokens, logprobs=top_n_tokens,    # logprobs=0: the sampled token's own
-        prompt_logprobs=0 if p.decoder_input_details else None)
-    return ValidGenerateRequest(request.inputs, input_ids, params, best_of, sampling, seed, p.details,
-                                p.decoder_input_details, top_n_tokens, bool(p.return_full_text))
+    return input_ids, max_new_tokens

@@ -18,7 +18,7 @@ from pagedserve import SamplingParams
 from pagedserve.errors import ValidationError
 from pagedserve.server.serve import make_parser
 from pagedserve.server.tgi_settings import apply_tgi_settings
-from tests.server.conftest import ServerProcess, free_port, scrape_metrics
+from tests.server.conftest import API_KEY, ServerProcess, free_port, scrape_metrics
 
 PROMPT = "The capital of France is"
 MODEL = "SmolLM2-135M-Instruct"
@@ -232,6 +232,15 @@ def test_tgi_metrics(server) -> None:
     assert ("tgi_batch_current_size", ()) in samples and ("tgi_request_queue_duration_count", ()) in samples
 
 
+def test_api_key_guards_tgi_routes(auth_server) -> None:
+    denied = _post(auth_server.base_url, {"max_new_tokens": 2})
+    assert denied.status_code == 401 and denied.json()["error_type"] == "authentication"
+    allowed = requests.post(f"{auth_server.base_url}/generate", headers={"Authorization": f"Bearer {API_KEY}"},
+                            json={"inputs": PROMPT, "parameters": {"max_new_tokens": 2}}, timeout=60)
+    assert allowed.status_code == 200 and allowed.json()["details"]["generated_tokens"] == 2
+    assert requests.get(f"{auth_server.base_url}/info", timeout=10).json()["max_total_tokens"] == 1024
+
+
 # ---- configuration from the environment ------------------------------------------------------
 
 def test_info_reflects_environment(env_server) -> None:
@@ -264,12 +273,13 @@ def test_overload_429(env_server) -> None:
     """Two streams in flight (MAX_CONCURRENT_REQUESTS=2): a third request is a 429; once
     they finish, requests are served again."""
     base = env_server.base_url
-    body = {"inputs": "Count from 1 to 1000: 1, 2, 3, 4, 5,", "parameters": {"max_new_tokens": 400, "details": True}}
+    body = {"inputs": "Count from 1 to 1000: 1, 2, 3, 4, 5,", "parameters": {"max_new_tokens": 400}}
     streams = [requests.post(f"{base}/generate_stream", json=body, stream=True, timeout=60) for _ in range(2)]
     try:
-        for response in streams:
+        lines = [response.iter_lines(decode_unicode=True) for response in streams]   # kept: dropping one closes it
+        for response, stream_lines in zip(streams, lines):
             assert response.status_code == 200
-            assert next(response.iter_lines(decode_unicode=True)).startswith("data:")   # in flight
+            assert next(stream_lines).startswith("data:")   # in flight
         for route in ("/generate", "/generate_stream"):
             overloaded = _post(base, {"max_new_tokens": 2}, route=route)
             assert overloaded.status_code == 429

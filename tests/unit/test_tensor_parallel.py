@@ -41,6 +41,14 @@ def _workers(pid: int) -> list[psutil.Process]:
     return [p for p in psutil.Process(pid).children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
 
 
+def _wait_gone(process: psutil.Process, timeout: float) -> None:
+    """Until `process` has exited (a zombie not yet reaped by its parent counts as exited)."""
+    deadline = time.monotonic() + timeout
+    while process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, f"pid {process.pid} still running after {timeout} s"
+        time.sleep(0.1)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_tp2_matches_tp1(arch, tiny_checkpoints):
     # mixed lengths; a small batch budget forces chunked prefill across ranks too
@@ -113,7 +121,7 @@ def test_workers_exit_when_rank0_is_killed(tiny_checkpoints, tmp_path):
         worker = psutil.Process(int(line.split()[1]))
         proc.kill()
         proc.wait(timeout=10)
-        worker.wait(timeout=15)    # raises psutil.TimeoutExpired if the worker is orphaned
+        _wait_gone(worker, 15)    # an orphaned worker would live on
     finally:
         proc.kill()
 
@@ -158,7 +166,7 @@ def test_server_with_tp2_then_a_dead_rank(tiny_checkpoints, tmp_path):
         workers = _workers(proc.pid)
         assert len(workers) == 1, workers
         workers[0].kill()
-        workers[0].wait(timeout=10)
+        _wait_gone(workers[0], 10)
         response = requests.post(f"{base}/v1/completions", json=body, timeout=30)
         assert response.status_code >= 500, response.text
         assert requests.get(f"{base}/health", timeout=5).status_code == 503
