@@ -1,6 +1,8 @@
-"""Where a step's time goes on the GPU machine: cProfile of batch-1 decode (host side) and
-the torch profiler's kernel table for one 1024-token prefill and one decode step.
-Usage: python3 benchmarks/profile_step.py llama-1b|llama-8b"""
+"""Where a step's time goes on the GPU machine.
+Usage: python3 benchmarks/profile_step.py llama-1b|llama-8b [decode|thr|ttft ...]
+  decode: b1 decode wall, graph replay time, and the kernel table of one eager bs=1 step
+  thr:    cProfile (host side) of 128 requests of the peers workload
+  ttft:   kernel table of one 1024-token prefill"""
 import cProfile
 import io
 import pstats
@@ -8,44 +10,64 @@ import sys
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, ".devcarry")
-from peers import make_model_dir  # noqa: E402
+from peers import make_model_dir, workload  # noqa: E402
 
 from pagedserve import LLM, SamplingParams  # noqa: E402
 
-name = sys.argv[1] if len(sys.argv) > 1 else "llama-1b"
+name = sys.argv[1]
+stages = sys.argv[2:] or ["decode"]
 llm = LLM(model=make_model_dir(name), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
           max_model_len=2048, gpu_memory_utilization=0.85, seed=0)
-prompt = {"prompt_token_ids": list(range(100, 228))}
-sp = SamplingParams(max_tokens=256, ignore_eos=True, temperature=0.0, detokenize=False)
-llm.generate([prompt], [sp], use_tqdm=False)
-prof = cProfile.Profile()
-t0 = time.time()
-prof.enable()
-llm.generate([prompt], [sp], use_tqdm=False)
-prof.disable()
-print(f"b1 decode: {256 / (time.time() - t0):.1f} tok/s (under cProfile)")
-s = io.StringIO()
-pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
-print(s.getvalue()[:6000])
-runner = llm.engine.core.executor.runner
-g = runner.graph_runner
-if g is not None:
+
+
+def kernel_table(fn, rows=20):
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as pr:
+        fn()
+        torch.cuda.synchronize()
+    print(pr.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70))
+
+
+if "decode" in stages:
+    prompt = {"prompt_token_ids": list(range(100, 228))}
+    sp = SamplingParams(max_tokens=256, ignore_eos=True, temperature=0.0, detokenize=False)
+    llm.generate([prompt], [sp], use_tqdm=False)
+    t0 = time.time()
+    llm.generate([prompt], [sp], use_tqdm=False)
+    print(f"{name} b1 decode: {256 / (time.time() - t0):.1f} tok/s")
+    g = llm.engine.core.executor.runner.graph_runner
     torch.cuda.synchronize()
     t0 = time.time()
-    for _ in range(100):
+    for _ in range(50):
         g.graphs[1].replay()
     torch.cuda.synchronize()
-    print(f"graph replay bs=1: {(time.time() - t0) * 10:.3f} ms")
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
-p1024 = {"prompt_token_ids": [(i * 13 + 7) % 32000 + 3 for i in range(1024)]}
-one = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0, detokenize=False)
-llm.generate([p1024], [one], use_tqdm=False)
-p1024 = {"prompt_token_ids": [(i * 17 + 3) % 32000 + 3 for i in range(1024)]}
-with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as pr:
+    print(f"graph replay bs=1: {(time.time() - t0) * 20:.3f} ms")
+    with torch.inference_mode():
+        kernel_table(lambda: g._forward(1), 25)
+if "thr" in stages:
+    reqs = workload(128)
+    prompts = [{"prompt_token_ids": p} for p, _ in reqs]
+    sps = [SamplingParams(max_tokens=o, ignore_eos=True, temperature=0.0, detokenize=False) for _, o in reqs]
+    llm.generate(prompts[:8], sps[:8], use_tqdm=False)
+    prof = cProfile.Profile()
     t0 = time.time()
-    llm.generate([p1024], [one], use_tqdm=False)
-    torch.cuda.synchronize()
-    print(f"ttft1024 under profiler: {(time.time() - t0) * 1e3:.1f} ms")
-print(pr.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+    prof.enable()
+    outs = llm.generate(prompts, sps, use_tqdm=False)
+    prof.disable()
+    dt = time.time() - t0
+    print(f"thr128 under cProfile: {sum(len(o.outputs[0].token_ids) for o in outs) / dt:.0f} out tok/s")
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(22)
+    print(s.getvalue()[:5000])
+if "ttft" in stages:
+    one = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0, detokenize=False)
+    seeds = iter(range(11, 100))
+
+    def fresh_prefill():   # a prompt never seen before: no prefix-cache hit
+        k = next(seeds)
+        llm.generate([{"prompt_token_ids": [(i * k + 3) % 32000 + 3 for i in range(1024)]}], [one], use_tqdm=False)
+    kernel_table(fresh_prefill, 15)
