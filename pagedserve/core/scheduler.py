@@ -120,9 +120,18 @@ class Scheduler:
                 continue
             break
 
-        can_admit = not preempted and not (self.policy == "static" and self.running)
-        while can_admit and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        forming_static_batch = self.policy == "static" and not self.running
+        can_admit = not preempted and (self.policy == "continuous" or forming_static_batch)
+        # A static batch is formed in one step: its members join even past this step's token
+        # budget (their prefill then proceeds in chunks), as long as their prompts fit the pool.
+        reserve = self.kv.pool.num_free_blocks
+        while can_admit and self.waiting and len(self.running) < self.max_num_seqs \
+                and (budget > 0 or forming_static_batch):
             request = self.waiting[0]
+            if forming_static_batch:
+                reserve -= self.kv.blocks_needed(request.num_tokens + 1)
+                if reserve < 0 and self.running:
+                    break
             hits, num_hit_tokens = [], 0
             if request.num_computed_tokens == 0 and request.sampling_params.prompt_logprobs is None:
                 hits, num_hit_tokens = self.kv.get_computed_blocks(request)
@@ -137,9 +146,10 @@ class Scheduler:
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
             self.running.append(request)
-            scheduled.append(request)
-            out.num_scheduled_tokens[request.request_id] = num_new
-            budget -= num_new
+            if num_new > 0:
+                scheduled.append(request)
+                out.num_scheduled_tokens[request.request_id] = num_new
+                budget -= num_new
 
         for request in scheduled:
             self._describe(request, out)

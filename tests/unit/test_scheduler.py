@@ -151,3 +151,30 @@ def test_abort_frees_blocks_everywhere():
     s.finish_requests([RequestId("a"), RequestId("c"), RequestId("zzz")], RequestStatus.FINISHED_ABORTED)
     assert [r.request_id for r in s.running] == ["b"] and not s.waiting
     assert s.kv.pool.num_free_blocks == 64 - 3
+
+
+def test_static_batch_forms_past_the_token_budget():
+    # budget 16, prompts of 12: a continuous step admits one and a chunk of the next; a
+    # static batch admits all four at once and prefills them over the following steps
+    s = make(budget=16, max_seqs=4, policy="static")
+    for i in range(4):
+        s.add_request(req(f"r{i}", 12, max_tokens=2, start=20 * i))
+    out, _ = run_step(s)
+    assert [r.request_id for r in s.running] == ["r0", "r1", "r2", "r3"]
+    assert out.num_scheduled_tokens == {"r0": 12, "r1": 4}
+    out, _ = run_step(s)
+    assert out.num_scheduled_tokens == {"r0": 1, "r1": 8, "r2": 7}
+    s.add_request(req("late", 4, start=200))
+    for _ in range(6):
+        out, _ = run_step(s)
+        assert "late" not in out.num_scheduled_tokens or not any(
+            r.request_id.startswith("r") for r in s.running)
+    assert s.kv.pool.num_free_blocks + sum(len(s.kv.block_ids(r.request_id)) for r in s.running) == 64
+
+
+def test_static_batch_limited_by_kv_pool():
+    s = make(num_blocks=8, budget=100, max_seqs=8, policy="static")
+    for i in range(4):
+        s.add_request(req(f"r{i}", 12, max_tokens=2, start=20 * i))   # 4 blocks each with room to grow
+    run_step(s)
+    assert [r.request_id for r in s.running] == ["r0", "r1"]
