@@ -84,8 +84,13 @@ class KVCacheManager:
         `new_computed_blocks`, prefix hits for a request with no blocks). Returns False and
         changes nothing when the pool cannot satisfy it. A shared partial last block is
         copied first (copy-on-write), queued in `pending_copies`."""
-        new_computed_blocks = new_computed_blocks or []
         blocks = self.req_to_blocks.setdefault(request.request_id, [])
+        if not new_computed_blocks and blocks and blocks[-1].ref_cnt == 1 \
+                and request.num_computed_tokens + num_new_tokens <= len(blocks) * self.block_size:
+            # fast path (most decode steps): the tokens fit the blocks held, nothing shared
+            self._cache_full_blocks(request, blocks, request.num_computed_tokens + num_new_tokens)
+            return True
+        new_computed_blocks = new_computed_blocks or []
         num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
         num_total = num_computed + num_new_tokens
         num_new_blocks = self.blocks_needed(num_total) - len(blocks) - len(new_computed_blocks)
@@ -115,11 +120,11 @@ class KVCacheManager:
         start = self.num_cached_blocks.get(request.request_id, 0)
         if num_full <= start:
             return
+        self.num_cached_blocks[request.request_id] = num_full
         hashes = self._block_hashes(request, num_full)
         size = self.block_size
         for i in range(start, num_full):
             self.pool.cache_block(blocks[i], hashes[i], tuple(request.token_ids_range(i * size, (i + 1) * size)))
-        self.num_cached_blocks[request.request_id] = num_full
 
     def fork(self, parent: Request, child: Request) -> None:
         """Give `child` the parent's blocks by reference (n > 1 after the shared prefill). The

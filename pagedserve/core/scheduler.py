@@ -46,7 +46,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.pending_forks: dict[RequestId, list[Request]] = {}
-        self._sent_block_ids: dict[RequestId, list[int]] = {}   # what the runner knows
+        self._sent_blocks: dict[RequestId, tuple[int, int]] = {}   # what the runner knows
         self._finished_since_last_step: set[RequestId] = set()
         self.stats = SchedulerStats()
 
@@ -85,7 +85,7 @@ class Scheduler:
     def _free(self, request: Request) -> None:
         self.kv.forget(request)
         self.requests.pop(request.request_id, None)
-        if self._sent_block_ids.pop(request.request_id, None) is not None:
+        if self._sent_blocks.pop(request.request_id, None) is not None:
             self._finished_since_last_step.add(request.request_id)
 
     def has_unfinished(self) -> bool:
@@ -166,27 +166,30 @@ class Scheduler:
         request.num_preemptions += 1
         self.stats.num_preemptions += 1
         self.waiting.appendleft(request)
-        if self._sent_block_ids.pop(request.request_id, None) is not None:
+        if self._sent_blocks.pop(request.request_id, None) is not None:
             out.preempted_req_ids.add(request.request_id)
         out.num_scheduled_tokens.pop(request.request_id, None)
         logger.debug("preempted %s", request.request_id)
 
     def _describe(self, request: Request, out: SchedulerOutput) -> None:
-        """New (or resumed) requests go to the runner in full, known ones as block diffs."""
-        block_ids = self.kv.block_ids(request.request_id)
-        sent = self._sent_block_ids.get(request.request_id)
+        """New (or resumed) requests go to the runner in full, known ones as block diffs.
+        `_sent_blocks` remembers (count, last block id) of what the runner holds."""
+        rid = request.request_id
+        blocks = self.kv.req_to_blocks[rid]
+        sent = self._sent_blocks.get(rid)
         if sent is None:
             out.new_requests.append(NewRequestData(
-                request.request_id, request.all_token_ids, request.num_prompt_tokens,
-                request.sampling_params, block_ids, request.num_computed_tokens))
+                rid, request.all_token_ids, request.num_prompt_tokens, request.sampling_params,
+                [b.block_id for b in blocks], request.num_computed_tokens))
         else:
+            num_sent, last_sent = sent
             replaced = None
-            if sent and block_ids[len(sent) - 1] != sent[-1]:
-                replaced = block_ids[len(sent) - 1]
+            if num_sent and blocks[num_sent - 1].block_id != last_sent:   # copy-on-write moved it
+                replaced = blocks[num_sent - 1].block_id
             out.cached_requests.append(CachedRequestData(
-                request.request_id, block_ids[len(sent):], request.num_computed_tokens, replaced,
+                rid, [b.block_id for b in blocks[num_sent:]], request.num_computed_tokens, replaced,
                 request.num_tokens, request.output_token_ids[-1] if request.output_token_ids else None))
-        self._sent_block_ids[request.request_id] = block_ids
+        self._sent_blocks[rid] = (len(blocks), blocks[-1].block_id if blocks else -1)
 
     def _fork_completed_prompts(self, scheduled: list[Request], out: SchedulerOutput) -> None:
         """n > 1: siblings join when the parent's prompt completes; they share its blocks and
@@ -204,7 +207,8 @@ class Scheduler:
                 child.first_scheduled_time = parent.first_scheduled_time
                 child.status = RequestStatus.RUNNING
                 self.running.append(child)
-                self._sent_block_ids[child.request_id] = self.kv.block_ids(child.request_id)
+                child_blocks = self.kv.req_to_blocks[child.request_id]
+                self._sent_blocks[child.request_id] = (len(child_blocks), child_blocks[-1].block_id)
                 out.forked_requests.append(ForkedRequestData(child.request_id, parent.request_id,
                                                              child.sampling_params))
                 out.num_scheduled_tokens[child.request_id] = num_new
