@@ -177,3 +177,18 @@ def test_server_with_tp2_then_a_dead_rank(tiny_checkpoints, tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
+
+
+def test_num_shard_environment_sets_tensor_parallel_size():
+    """NUM_SHARD=N (TGI's launcher setting) is --tensor-parallel-size N; an explicit flag wins."""
+    from pagedserve.server.serve import make_parser
+    from pagedserve.server.tgi_settings import apply_tgi_settings
+    args = make_parser().parse_args([])
+    apply_tgi_settings(args, {"NUM_SHARD": "2"})
+    assert args.tensor_parallel_size == 2
+    args = make_parser().parse_args(["--tensor-parallel-size", "1"])
+    apply_tgi_settings(args, {"NUM_SHARD": "2"})
+    assert args.tensor_parallel_size == 1
+    args = make_parser().parse_args(["--num-shard", "2"])
+    apply_tgi_settings(args, {})
+    assert args.tensor_parallel_size == 2
