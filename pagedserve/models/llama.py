@@ -129,6 +129,32 @@ class LlamaForCausalLM(nn.Module):
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]
 
+    def checkpoint_shapes(self) -> dict[str, tuple[int, ...]]:
+        """HF parameter name -> full (unsharded) shape: what a checkpoint of this config holds.
+        Dummy weights are generated at these shapes so every TP size sees the same model."""
+        c = self.config
+        q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size),
+                                              "model.norm.weight": (c.hidden_size,)}
+        for i in range(c.num_layers):
+            pre = f"model.layers.{i}."
+            shapes.update({
+                pre + "self_attn.q_proj.weight": (q, c.hidden_size), pre + "self_attn.k_proj.weight": (kv, c.hidden_size),
+                pre + "self_attn.v_proj.weight": (kv, c.hidden_size), pre + "self_attn.o_proj.weight": (c.hidden_size, q),
+                pre + "mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
+                pre + "mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
+                pre + "mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
+                pre + "input_layernorm.weight": (c.hidden_size,), pre + "post_attention_layernorm.weight": (c.hidden_size,)})
+            if c.attention_bias:
+                shapes.update({pre + "self_attn.q_proj.bias": (q,), pre + "self_attn.k_proj.bias": (kv,),
+                               pre + "self_attn.v_proj.bias": (kv,)})
+            if c.qk_norm:
+                shapes.update({pre + "self_attn.q_norm.weight": (c.head_dim,),
+                               pre + "self_attn.k_norm.weight": (c.head_dim,)})
+        if not c.tie_word_embeddings:
+            shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+        return shapes
+
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
         """Copy checkpoint tensors (HF names) into parameters through their weight_loader.
         Returns the set of parameter names loaded."""

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+import zlib
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -193,14 +194,19 @@ def materialize_gguf(source: ModelSource) -> ModelSource:
     return ModelSource(target)
 
 
-def init_dummy_weights(model: nn.Module, seed: int, low: float = -1e-3, high: float = 1e-3) -> None:
-    """Random weights (uniform, seeded) for benchmarks; norms get ones so activations stay sane."""
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    for name, param in model.named_parameters():
+def dummy_weights(model: nn.Module, seed: int, low: float = -1e-3, high: float = 1e-3
+                  ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Random checkpoint tensors (uniform; norm weights 1) at the model's full shapes, each
+    drawn from a generator seeded by (seed, name): the same values whatever the TP size, so
+    tensor_parallel_size=N on dummy weights is the same model as N=1."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    for name, shape in model.checkpoint_shapes().items():
         if name.endswith("norm.weight"):
-            param.data.fill_(1.0)
-        else:
-            param.data.uniform_(low, high, generator=generator)
+            yield name, torch.ones(shape, dtype=dtype, device=device)
+            continue
+        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        yield name, torch.empty(shape, dtype=dtype, device=device).uniform_(low, high, generator=generator)
 
 
 def load_weights(model: nn.Module, source: ModelSource, hf_config: Any, load_format: str,
@@ -209,9 +215,10 @@ def load_weights(model: nn.Module, source: ModelSource, hf_config: Any, load_for
     if load_format not in LOAD_FORMATS:
         raise ModelLoadError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}")
     if load_format == "dummy":
-        init_dummy_weights(model, seed)
-        return
-    loaded = model.load_weights(iterate_weights(source, hf_config, load_format, dtype))
+        weights = dummy_weights(model, seed)
+    else:
+        weights = iterate_weights(source, hf_config, load_format, dtype)
+    loaded = model.load_weights(weights)
     expected = {name for name, _ in model.named_parameters()}
     missing = sorted(expected - loaded)
     if missing:

@@ -80,8 +80,9 @@ class CudaGraphRunner:
         return bool(self.graphs) and inputs.meta.num_decodes == num and num <= self.buckets[-1] \
             and inputs.meta.max_seq_len <= self.max_model_len
 
-    def run(self, inputs: StepInputs) -> torch.Tensor:
-        """Logits [num_decodes, vocab] for an all-decode step."""
+    def run(self, inputs: StepInputs) -> torch.Tensor | None:
+        """Logits [num_decodes, vocab] for an all-decode step (None on TP ranks other than 0,
+        which compute no logits)."""
         num = len(inputs.rows)
         bs = next(b for b in self.buckets if b >= num)
         meta = inputs.meta
@@ -95,4 +96,5 @@ class CudaGraphRunner:
             self.slot_mapping[num:bs].fill_(-1)
             self.seq_lens[num:bs].fill_(1)
         self.graphs[bs].replay()
-        return self.outputs[bs][:num]
+        out = self.outputs[bs]
+        return None if out is None else out[:num]

@@ -31,7 +31,7 @@ from pagedserve.config import EngineConfig
 from pagedserve.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from pagedserve.errors import EngineDeadError, ValidationError
 from pagedserve.worker.executor import resolve_device
-from pagedserve.worker.tp_worker import (NOOP, SHUTDOWN, STEP, RankInit, broadcast_message, build_runner,
+from pagedserve.worker.tp_worker import (NOOP, SHUTDOWN, STEP, RankInit, broadcast_message, build_runner, step_group,
                                          init_distributed, run_spawned_rank)
 
 logger = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class MultiprocTPExecutor:
                 import torch
                 torch.cuda.set_device(self.device)
             self.runner, self.num_blocks = build_runner(config, hf_config, self.device)
+            self.steps = step_group(init, self.control)
         except BaseException:
             self.shutdown()
             raise
@@ -104,7 +105,7 @@ class MultiprocTPExecutor:
         self.check_health()
         with self._lock:
             try:
-                broadcast_message((STEP, so), self.control)
+                broadcast_message((STEP, so), self.steps)
             except Exception as exc:
                 raise self._mark_dead(f"sending the step to the workers failed: {exc}") from exc
             self._last_message = time.monotonic()
@@ -156,7 +157,7 @@ class MultiprocTPExecutor:
                 continue
             try:
                 if self._dead is None and not self._closed:
-                    broadcast_message((NOOP, None), self.control)
+                    broadcast_message((NOOP, None), self.steps)
                     self._last_message = time.monotonic()
             except Exception as exc:
                 self._mark_dead(f"heartbeat to the workers failed: {exc}")
@@ -171,9 +172,10 @@ class MultiprocTPExecutor:
             return
         self._closed = True
         self._stop.set()
-        if self._dead is None and hasattr(self, "runner") and self._lock.acquire(timeout=5.0):
+        if self._dead is None and hasattr(self, "steps") and not self._dead_worker(wait_s=0.0) \
+                and self._lock.acquire(timeout=5.0):
             try:
-                broadcast_message((SHUTDOWN, None), self.control)
+                broadcast_message((SHUTDOWN, None), self.steps)
             except Exception:
                 logger.warning("could not send shutdown to the workers", exc_info=True)
             finally:

@@ -6,7 +6,8 @@ hand on other machines through torch.distributed's env:// rendezvous:
 
     MASTER_ADDR=<rank 0 host> MASTER_PORT=29500 WORLD_SIZE=N RANK=r python -m pagedserve.worker.tp_worker
 
-Messages on the gloo control group, in order, from rank 0:
+Messages from rank 0, in order (the first on the gloo control group, the rest on the step
+group: the default NCCL group on GPU, the gloo group on CPU):
 
     (config, hf_config)   once, right after the group forms
     ("step", SchedulerOutput) | ("noop", None) | ("shutdown", None)   until shutdown
@@ -54,6 +55,14 @@ def init_distributed(init: RankInit) -> Any:
     return dist.new_group(backend="gloo", timeout=timeout)
 
 
+def step_group(init: RankInit, control: Any) -> Any:
+    """Where the per-step messages travel: with NCCL, the default (GPU) group, a few tens of
+    microseconds (pickled bytes in a device tensor); gloo's TCP broadcast of small objects
+    costs milliseconds per step. On CPU, the gloo control group. The start-up message always
+    uses gloo (sent before the CUDA device is chosen)."""
+    return None if init.backend == "nccl" else control
+
+
 def broadcast_message(message: Any, group: Any) -> Any:
     """Rank 0 sends `message`; every rank returns it (pickled: size, then bytes)."""
     box = [message if dist.get_rank() == 0 else None]
@@ -90,9 +99,10 @@ def serve_rank(init: RankInit) -> None:
     control = init_distributed(init)
     config, hf_config = broadcast_message(None, control)
     runner, _ = build_runner(config, hf_config, worker_device(config, init.rank))
+    steps = step_group(init, control)
     logger.info("tp rank %d/%d ready", init.rank, init.world_size)
     while True:
-        kind, payload = broadcast_message(None, control)
+        kind, payload = broadcast_message(None, steps)
         if kind == SHUTDOWN:
             break
         if kind == STEP:

@@ -192,3 +192,19 @@ def test_num_shard_environment_sets_tensor_parallel_size():
     args = make_parser().parse_args(["--num-shard", "2"])
     apply_tgi_settings(args, {})
     assert args.tensor_parallel_size == 2
+
+
+def test_dummy_weights_are_the_same_model_at_any_tp(tiny_checkpoints, tmp_path):
+    """load_format="dummy" draws each full tensor from a generator seeded by its name, so
+    TP=2 shards one model, the same as TP=1 runs (issue 9 compares them on GPU)."""
+    import shutil
+    shutil.copy(os.path.join(tiny_checkpoints["qwen3"], "config.json"), tmp_path)
+    prompts = random_prompts(3, 512, 5, 30, seed=9)
+    one = _llm(str(tmp_path), 1, load_format="dummy", seed=3)
+    expected = [o.token_ids for o in _run(one, prompts)]
+    one.shutdown()
+    two = _llm(str(tmp_path), 2, load_format="dummy", seed=3)
+    try:
+        assert [o.token_ids for o in _run(two, prompts)] == expected
+    finally:
+        two.shutdown()
