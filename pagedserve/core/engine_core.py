@@ -56,6 +56,7 @@ class EngineCore:
                     num_blocks, block_size, num_blocks * block_size, max_model_len,
                     num_blocks * block_size / max_model_len)
         self.kv_cache_manager = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
+        self._failed: tuple[list[RequestId], str] = ([], "")   # the last failed step's requests
         self.scheduler = Scheduler(self.kv_cache_manager, config.scheduler.max_num_seqs,
                                    config.scheduler.max_num_batched_tokens, max_model_len,
                                    config.scheduler.policy)
