@@ -59,13 +59,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(log_dir: Path, name: str, *extra_args: str) -> ServerProcess:
-    port = free_port()
+def start_server(log_dir: Path, name: str, *extra_args: str, env: dict[str, str] | None = None) -> ServerProcess:
+    """`pagedserve serve` on a free loopback port (logs in log_dir/name.log). With `env`, the
+    process gets exactly that environment and, if it holds PORT, no --port flag: the port
+    then comes from the environment alone (TGI's launcher setting)."""
+    port_from_env = env is not None and "PORT" in env
+    if env is None:
+        env = {k: v for k, v in os.environ.items() if k != "PAGEDSERVE_API_KEY"}
+    port = int(env["PORT"]) if port_from_env else free_port()
+    port_args = [] if port_from_env else ["--port", str(port)]
     log_path = log_dir / f"{name}.log"
-    env = {k: v for k, v in os.environ.items() if k != "PAGEDSERVE_API_KEY"}
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "pagedserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+            [sys.executable, "-m", "pagedserve.cli", "serve", "--host", "127.0.0.1", *port_args,
              "--log-level", "warning", *extra_args],
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).resolve().parents[2])
     return ServerProcess(process, port, log_path)

@@ -18,7 +18,7 @@ from pagedserve import SamplingParams
 from pagedserve.errors import ValidationError
 from pagedserve.server.serve import make_parser
 from pagedserve.server.tgi_settings import apply_tgi_settings
-from tests.server.conftest import API_KEY, ServerProcess, free_port, scrape_metrics
+from tests.server.conftest import API_KEY, ServerProcess, free_port, scrape_metrics, start_server
 
 PROMPT = "The capital of France is"
 MODEL = "SmolLM2-135M-Instruct"
@@ -37,14 +37,8 @@ def _clean_env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def env_server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
     """Configured by environment variables alone: no flag names the port or any limit."""
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("tgi_env_server") / "server.log"
-    env = {**_clean_env(), **ENV_LIMITS, "PORT": str(port)}
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "pagedserve.cli", "serve", "--host", "127.0.0.1",
-                                    "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                   cwd=REPO_ROOT)
-    proc = ServerProcess(process, port, log_path)
+    env = {**_clean_env(), **ENV_LIMITS, "PORT": str(free_port())}
+    proc = start_server(tmp_path_factory.mktemp("tgi_env_server"), "server", env=env)
     try:
         proc.wait_healthy()
         yield proc

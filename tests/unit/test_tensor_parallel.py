@@ -19,6 +19,7 @@ import requests
 from pagedserve import LLM, SamplingParams
 from pagedserve.errors import EngineDeadError, ValidationError
 from tests.helpers import random_prompts, write_tiny_checkpoint
+from tests.server.conftest import start_server
 
 ARCHS = ["llama", "llama3_tied", "mistral", "qwen2", "qwen3"]
 NEW_TOKENS = 12
@@ -126,35 +127,14 @@ def test_workers_exit_when_rank0_is_killed(tiny_checkpoints, tmp_path):
         proc.kill()
 
 
-def _start_server(log_path: Path, model: str, tokenizer: str) -> tuple[subprocess.Popen, str]:
-    from tests.server.conftest import free_port
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "PAGEDSERVE_API_KEY"}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pagedserve.cli", "serve", model, "--tokenizer", tokenizer, "--host", "127.0.0.1",
-             "--port", str(port), "--device", "cpu", "--dtype", "float32", "--max-model-len", "128",
-             "--tensor-parallel-size", "2", "--log-level", "warning"],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    return proc, f"http://127.0.0.1:{port}"
-
-
 def test_server_with_tp2_then_a_dead_rank(tiny_checkpoints, tmp_path):
     from pagedserve.models.loader import materialize_gguf, resolve_model
     tokenizer = materialize_gguf(resolve_model(None)).directory   # the default model's tokenizer; ids < 512
-    log_path = tmp_path / "server.log"
-    proc, base = _start_server(log_path, tiny_checkpoints["llama"], tokenizer)
+    server = start_server(tmp_path, "server", tiny_checkpoints["llama"], "--tokenizer", tokenizer, "--device", "cpu",
+                          "--dtype", "float32", "--max-model-len", "128", "--tensor-parallel-size", "2")
+    proc, base = server.process, server.base_url
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, log_path.read_text(errors="replace")[-3000:]
-            assert time.monotonic() < deadline, log_path.read_text(errors="replace")[-3000:]
-            try:
-                if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.25)
+        server.wait_healthy(timeout=90)
         body = {"model": os.path.basename(tiny_checkpoints["llama"]), "prompt": [5, 17, 300, 42],
                 "max_tokens": 6, "temperature": 0}
         response = requests.post(f"{base}/v1/completions", json=body, timeout=30)
