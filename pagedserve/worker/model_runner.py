@@ -144,8 +144,7 @@ class ModelRunner:
                 sample_states.append(self.states[child_id])
                 self.states[child_id].num_computed_tokens = parent.num_computed_tokens
         if not self.is_driver:
-            self._append_tokens(sample_states, None)
-            return None
+            return None   # non-driver ranks learn sampled tokens from the next SchedulerOutput
         output = ModelRunnerOutput(prompt_logprobs=prompt_logprobs)
         if sample_states:
             if len(row_of_logits) != logits.shape[0]:
@@ -154,19 +153,12 @@ class ModelRunner:
                                              self.model_config.eos_token_ids)
             sampled = self.sampler(logits, tensors)
             token_ids = sampled.token_ids.tolist()
-            self._append_tokens(sample_states, token_ids)
             for state, token in zip(sample_states, token_ids):
+                state.append_output(token)
                 output.sampled_token_ids[state.req_id] = token
             if sampled.logprobs is not None:
                 self._collect_logprobs(sample_states, sampled, output)
         return output
-
-    def _append_tokens(self, states: list[CachedRequestState], token_ids: list[int] | None) -> None:
-        """Non-driver ranks learn sampled tokens from the next SchedulerOutput instead."""
-        if token_ids is None:
-            return
-        for state, token in zip(states, token_ids):
-            state.append_output(token)
 
     def _update_states(self, so: SchedulerOutput) -> None:
         for rid in so.finished_req_ids:
