@@ -1,7 +1,8 @@
 """Where a step's time goes on the GPU machine.
 Usage: python3 benchmarks/profile_step.py llama-1b|llama-8b [decode|thr|ttft ...]
   decode: b1 decode wall, graph replay time, and the kernel table of one eager bs=1 step
-  thr:    cProfile (host side) of 128 requests of the peers workload
+  b1host: cProfile (host side) of the b1 decode (256 steps)
+  thr:    cProfile (host side) of 512 requests of the peers workload (thr512)
   ttft:   kernel table of one 1024-token prefill"""
 import cProfile
 import io
@@ -48,21 +49,37 @@ if "decode" in stages:
     print(f"graph replay bs=1: {(time.time() - t0) * 20:.3f} ms")
     with torch.inference_mode():
         kernel_table(lambda: g._forward(1), 25)
-if "thr" in stages:
-    reqs = workload(128)
-    prompts = [{"prompt_token_ids": p} for p, _ in reqs]
-    sps = [SamplingParams(max_tokens=o, ignore_eos=True, temperature=0.0, detokenize=False) for _, o in reqs]
-    llm.generate(prompts[:8], sps[:8], use_tqdm=False)
+
+
+def cprofile(fn, label, rows=22):
     prof = cProfile.Profile()
     t0 = time.time()
     prof.enable()
-    outs = llm.generate(prompts, sps, use_tqdm=False)
+    result = fn()
     prof.disable()
     dt = time.time() - t0
-    print(f"thr128 under cProfile: {sum(len(o.outputs[0].token_ids) for o in outs) / dt:.0f} out tok/s")
     s = io.StringIO()
-    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(22)
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(rows)
+    print(f"--- {label}: {dt:.2f} s under cProfile")
     print(s.getvalue()[:5000])
+    return result, dt
+
+
+if "b1host" in stages:
+    prompt = {"prompt_token_ids": list(range(100, 228))}
+    sp = SamplingParams(max_tokens=256, ignore_eos=True, temperature=0.0, detokenize=False)
+    llm.generate([prompt], [sp], use_tqdm=False)
+    cprofile(lambda: llm.generate([prompt], [sp], use_tqdm=False), "b1 decode, 256 steps")
+if "thr" in stages:
+    reqs = workload(512)
+    prompts = [{"prompt_token_ids": p} for p, _ in reqs]
+    sps = [SamplingParams(max_tokens=o, ignore_eos=True, temperature=0.0, detokenize=False) for _, o in reqs]
+    llm.generate(prompts[:8], sps[:8], use_tqdm=False)
+    t0 = time.time()
+    outs = llm.generate(prompts, sps, use_tqdm=False)
+    print(f"thr512: {sum(len(o.outputs[0].token_ids) for o in outs) / (time.time() - t0):.0f} out tok/s")
+    outs, dt = cprofile(lambda: llm.generate(prompts, sps, use_tqdm=False), "thr512", 30)
+    print(f"thr512 under cProfile: {sum(len(o.outputs[0].token_ids) for o in outs) / dt:.0f} out tok/s")
 if "ttft" in stages:
     one = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0, detokenize=False)
     seeds = iter(range(11, 100))

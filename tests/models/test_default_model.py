@@ -9,6 +9,7 @@ import torch
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.models.default_model import default_model_path
+from tests.helpers import TEST_DEVICE
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "The three primary colors are",
            "Water boils at", "My favorite food is", "In 1492, Columbus", "The largest planet in the solar system is",
@@ -21,19 +22,19 @@ def hf_model():
     from transformers import AutoModelForCausalLM
     path = default_model_path()
     return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                dtype=torch.float32).eval()
+                                                dtype=torch.float32).to(TEST_DEVICE).eval()
 
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(device="cpu")
+    return LLM(device=TEST_DEVICE, dtype="float32")
 
 
 def test_greedy_ids_equal_transformers(llm, hf_model):
     tokenizer = llm.get_tokenizer()
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0), use_tqdm=False)
     for prompt, out in zip(PROMPTS, outs):
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(TEST_DEVICE)
         assert out.prompt_token_ids == ids[0].tolist()
         with torch.no_grad():
             ref = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
