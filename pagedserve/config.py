@@ -160,6 +160,7 @@ class DeviceConfig:
     device: str = "cpu"
     enforce_eager: bool = False
     seed: int = 0
+    async_scheduling: bool = False
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,8 @@ class EngineArgs:
     device: str = "auto"
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False
+    # Schedule step N+1 while step N runs on the device (None: on for CUDA with TP=1).
+    async_scheduling: bool | None = None
     tensor_parallel_size: int = 1
     kv_cache_memory_gb: float | None = None
     num_kv_blocks: int | None = None
@@ -107,7 +109,9 @@ class EngineArgs:
                               self.num_kv_blocks, self.gpu_memory_utilization),
             scheduler=SchedulerConfig(self.max_num_seqs, batched, max_model_len, self.scheduling_policy),
             parallel=ParallelConfig(self.tensor_parallel_size),
-            device=DeviceConfig(str(device), self.enforce_eager, self.seed),
+            device=DeviceConfig(str(device), self.enforce_eager, self.seed,
+                                self.async_scheduling if self.async_scheduling is not None
+                                else device.type == "cuda" and self.tensor_parallel_size == 1),
             load_format=self.load_format)
         return config, hf_config, source
 

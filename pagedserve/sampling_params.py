@@ -40,6 +40,12 @@ class SamplingParams:
     # Filled by the engine, not by users: token ids that end the request (EOS of the model).
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
+    @property
+    def reads_output_history(self) -> bool:
+        """Penalties read the tokens sampled so far: such a request needs each step's tokens
+        on the host before the next step is built (no async scheduling while it runs)."""
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]

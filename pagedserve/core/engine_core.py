@@ -2,6 +2,13 @@
 
 EngineCore is driven from one thread (the offline loop or the async engine's background
 thread); it is not thread-safe.
+
+Async scheduling (config.device.async_scheduling; on by default for CUDA with TP=1) keeps one
+step in flight: each call schedules and launches step N+1, then waits for step N's sampled
+tokens and applies them, so the host's scheduling, input building and output handling run
+while the device computes. A request that ends at step N (EOS, stop) was already scheduled
+in N+1: that row's token is dropped. Requests whose sampling reads earlier outputs
+(penalties) make the engine run in lockstep while they are alive.
 """
 from __future__ import annotations
 
@@ -60,6 +67,8 @@ class EngineCore:
         self.scheduler = Scheduler(self.kv_cache_manager, config.scheduler.max_num_seqs,
                                    config.scheduler.max_num_batched_tokens, max_model_len,
                                    config.scheduler.policy)
+        self.async_scheduling = config.device.async_scheduling and getattr(executor, "supports_non_block", False)
+        self._in_flight: tuple[SchedulerOutput, Any] | None = None   # launched, not yet applied
 
     @property
     def num_kv_blocks(self) -> int:
@@ -81,11 +90,41 @@ class EngineCore:
         return self.scheduler.finish_requests(request_ids, status)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     def step(self) -> list[EngineCoreOutput]:
+        if not self.async_scheduling:
+            so = self.scheduler.schedule()
+            return self._update(so, self._execute(so))
+        outputs = []
+        if self._in_flight is not None and self.scheduler.num_history_dependent:
+            outputs = self._resolve()   # lockstep: the next step needs these tokens on the host
         so = self.scheduler.schedule()
-        runner_output = self._execute(so)
+        launched = self._launch(so)
+        if self._in_flight is not None:
+            outputs += self._resolve()
+        self._in_flight = launched
+        if launched is not None and (not launched[0].num_scheduled_tokens or self.scheduler.num_history_dependent):
+            outputs += self._resolve()   # nothing to wait for, or lockstep
+        return outputs
+
+    def _launch(self, so: SchedulerOutput) -> tuple[SchedulerOutput, Any] | None:
+        if so.is_empty and not (so.finished_req_ids or so.preempted_req_ids):
+            return None
+        try:
+            return so, self.executor.execute_model(so, non_block=True)
+        except Exception as exc:
+            return so, exc
+
+    def _resolve(self) -> list[EngineCoreOutput]:
+        so, pending = self._in_flight
+        self._in_flight = None
+        try:
+            if isinstance(pending, Exception):
+                raise pending
+            runner_output = pending if isinstance(pending, ModelRunnerOutput) else pending.get()
+        except Exception as exc:   # fail this step's requests, keep serving the rest
+            runner_output = self._step_failed(so, exc)
         return self._update(so, runner_output)
 
     def _execute(self, so: SchedulerOutput) -> ModelRunnerOutput | None:
@@ -94,10 +133,13 @@ class EngineCore:
         try:
             return self.executor.execute_model(so)
         except Exception as exc:   # fail this step's requests, keep serving the rest
-            self.executor.check_health()
-            logger.exception("step failed; failing its %d requests", len(so.num_scheduled_tokens))
-            self._failed = (list(so.num_scheduled_tokens), f"{type(exc).__name__}: {exc}")
-            return None
+            return self._step_failed(so, exc)
+
+    def _step_failed(self, so: SchedulerOutput, exc: Exception) -> None:
+        self.executor.check_health()
+        logger.error("step failed; failing its %d requests", len(so.num_scheduled_tokens), exc_info=exc)
+        self._failed = (list(so.num_scheduled_tokens), f"{type(exc).__name__}: {exc}")
+        return None
 
     def _update(self, so: SchedulerOutput, runner_output: ModelRunnerOutput | None) -> list[EngineCoreOutput]:
         if runner_output is None:

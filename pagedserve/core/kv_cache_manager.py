@@ -86,12 +86,12 @@ class KVCacheManager:
         copied first (copy-on-write), queued in `pending_copies`."""
         blocks = self.req_to_blocks.setdefault(request.request_id, [])
         if not new_computed_blocks and blocks and blocks[-1].ref_cnt == 1 \
-                and request.num_computed_tokens + num_new_tokens <= len(blocks) * self.block_size:
+                and request.num_scheduled_tokens_ahead + num_new_tokens <= len(blocks) * self.block_size:
             # fast path (most decode steps): the tokens fit the blocks held, nothing shared
-            self._cache_full_blocks(request, blocks, request.num_computed_tokens + num_new_tokens)
+            self._cache_full_blocks(request, blocks, request.num_scheduled_tokens_ahead + num_new_tokens)
             return True
         new_computed_blocks = new_computed_blocks or []
-        num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
+        num_computed = request.num_scheduled_tokens_ahead + len(new_computed_blocks) * self.block_size
         num_total = num_computed + num_new_tokens
         num_new_blocks = self.blocks_needed(num_total) - len(blocks) - len(new_computed_blocks)
         needs_copy = bool(blocks) and blocks[-1].ref_cnt > 1 and num_computed % self.block_size != 0 \

@@ -44,7 +44,7 @@ class Request:
     """Token counters obey: num_computed_tokens <= num_tokens = len(prompt) + len(output).
 
     `num_computed_tokens` is what the KV cache holds; the scheduler makes it catch up with
-    `num_tokens` under the step's token budget (prefill, chunked prefill, decode and
+    `num_tokens` (plus any sampled token still in flight) under the step's token budget (prefill, chunked prefill, decode and
     recompute after preemption are all that one rule).
     """
 
@@ -60,6 +60,10 @@ class Request:
     index: int = 0
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    # Scheduled in steps whose results are not back yet (async scheduling keeps one step in
+    # flight): tokens being computed, and sampled tokens not yet appended (0 or 1).
+    num_unresolved_tokens: int = 0
+    num_inflight_samples: int = 0
     num_cached_tokens: int = -1   # prefix-cache hit at first schedule; -1 = not scheduled yet
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
@@ -78,6 +82,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_scheduled_tokens_ahead(self) -> int:
+        """Tokens whose KV is computed or being computed: where the next step starts."""
+        return self.num_computed_tokens + self.num_unresolved_tokens
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -3,6 +3,12 @@ its num_tokens under a per-step token budget. Prefill, chunked prefill, decode, 
 hits and recompute after preemption all fall out of that rule. First come, first served;
 preemption evicts the newest running request.
 
+Async scheduling (one step in flight, see EngineCore): the next step is scheduled before the
+last one's sampled tokens are back. Each request counts what is scheduled but unresolved
+(num_unresolved_tokens, num_inflight_samples); a step never schedules past max_tokens or
+max_model_len counting the in-flight token, and never preempts a request with work in
+flight (it schedules less instead; the next step, with that work resolved, may preempt).
+
 Policy "static" (for the static-vs-continuous benchmark): a batch is admitted together and
 no request joins until every request of the batch has finished.
 """
@@ -48,6 +54,7 @@ class Scheduler:
         self.pending_forks: dict[RequestId, list[Request]] = {}
         self._sent_blocks: dict[RequestId, tuple[int, int]] = {}   # what the runner knows
         self._finished_since_last_step: set[RequestId] = set()
+        self.num_history_dependent = 0   # live requests whose sampling reads earlier outputs
         self.stats = SchedulerStats()
 
     # ---- queue management -------------------------------------------------------------
@@ -56,10 +63,12 @@ class Scheduler:
         its prompt is computed."""
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        self.num_history_dependent += request.sampling_params.reads_output_history
         if forks:
             self.pending_forks[request.request_id] = forks
             for child in forks:
                 self.requests[child.request_id] = child
+                self.num_history_dependent += child.sampling_params.reads_output_history
 
     def finish_requests(self, request_ids: list[RequestId], status: RequestStatus) -> list[Request]:
         """Finish (abort, stop-string stop, error) requests wherever they are; frees blocks.
@@ -84,7 +93,8 @@ class Scheduler:
 
     def _free(self, request: Request) -> None:
         self.kv.forget(request)
-        self.requests.pop(request.request_id, None)
+        if self.requests.pop(request.request_id, None) is not None:
+            self.num_history_dependent -= request.sampling_params.reads_output_history
         if self._sent_blocks.pop(request.request_id, None) is not None:
             self._finished_since_last_step.add(request.request_id)
 
@@ -100,14 +110,20 @@ class Scheduler:
         preempted: list[Request] = []
 
         index = 0
+        blocked = False   # a preemption was needed but its victim has work in flight
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if num_new <= 0:
+            num_new = min(request.num_tokens + request.num_inflight_samples - request.num_scheduled_tokens_ahead,
+                          budget)
+            if num_new <= 0 or (request.num_inflight_samples and self._reaches_limit(request)):
                 index += 1
                 continue
             while not self.kv.allocate_slots(request, num_new):
-                victim = self.running.pop()
+                victim = self.running[-1]
+                if victim.num_unresolved_tokens:
+                    blocked = True
+                    break
+                self.running.pop()
                 self._preempt(victim, out)
                 preempted.append(victim)
                 if victim is request:
@@ -121,7 +137,7 @@ class Scheduler:
             break
 
         forming_static_batch = self.policy == "static" and not self.running
-        can_admit = not preempted and (self.policy == "continuous" or forming_static_batch)
+        can_admit = not preempted and not blocked and (self.policy == "continuous" or forming_static_batch)
         # A static batch is formed in one step: its members join even past this step's token
         # budget (their prefill then proceeds in chunks), as long as their prompts fit the pool.
         reserve = self.kv.pool.num_free_blocks
@@ -157,9 +173,20 @@ class Scheduler:
         self._fork_completed_prompts(scheduled, out)
         out.blocks_to_copy = self.kv.take_pending_copies()
         self.stats.num_batched_tokens = out.total_num_scheduled_tokens
+        for rid, num_new in out.num_scheduled_tokens.items():   # now in flight until update_from_output
+            request = self.requests[rid]
+            request.num_unresolved_tokens += num_new
+            if request.num_scheduled_tokens_ahead >= request.num_tokens + request.num_inflight_samples:
+                request.num_inflight_samples += 1
         return out
 
+    def _reaches_limit(self, request: Request) -> bool:
+        """Will the token in flight end the request by length? Then schedule nothing more."""
+        num_tokens = request.num_tokens + request.num_inflight_samples
+        return num_tokens - request.num_prompt_tokens >= request.max_tokens or num_tokens >= self.max_model_len
+
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+        assert not request.num_unresolved_tokens, "a request with work in flight is never preempted"
         self.kv.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
@@ -180,14 +207,14 @@ class Scheduler:
         if sent is None:
             out.new_requests.append(NewRequestData(
                 rid, request.all_token_ids, request.num_prompt_tokens, request.sampling_params,
-                [b.block_id for b in blocks], request.num_computed_tokens))
+                [b.block_id for b in blocks], request.num_scheduled_tokens_ahead))
         else:
             num_sent, last_sent = sent
             replaced = None
             if num_sent and blocks[num_sent - 1].block_id != last_sent:   # copy-on-write moved it
                 replaced = blocks[num_sent - 1].block_id
             out.cached_requests.append(CachedRequestData(
-                rid, [b.block_id for b in blocks[num_sent:]], request.num_computed_tokens, replaced,
+                rid, [b.block_id for b in blocks[num_sent:]], request.num_scheduled_tokens_ahead, replaced,
                 request.num_tokens, request.output_token_ids[-1] if request.output_token_ids else None))
         self._sent_blocks[rid] = (len(blocks), blocks[-1].block_id if blocks else -1)
 
@@ -197,12 +224,13 @@ class Scheduler:
         for parent in scheduled:
             forks = self.pending_forks.get(parent.request_id)
             num_new = out.num_scheduled_tokens.get(parent.request_id, 0)
-            if not forks or parent.num_computed_tokens + num_new < parent.num_tokens:
+            if not forks or parent.num_scheduled_tokens_ahead + num_new < parent.num_tokens:
                 continue
             del self.pending_forks[parent.request_id]
             for child in forks:
                 self.kv.fork(parent, child)
                 child.num_computed_tokens = parent.num_computed_tokens
+                child.num_unresolved_tokens = parent.num_unresolved_tokens
                 child.num_cached_tokens = parent.num_cached_tokens
                 child.first_scheduled_time = parent.first_scheduled_time
                 child.status = RequestStatus.RUNNING
@@ -221,11 +249,13 @@ class Scheduler:
         for rid, num_new in out.num_scheduled_tokens.items():
             request = self.requests.get(rid)
             if request is None or request.status != RequestStatus.RUNNING:
-                continue
+                continue   # finished (or aborted) while the step was in flight
             request.num_computed_tokens += num_new
+            request.num_unresolved_tokens -= num_new
             token = runner_output.sampled_token_ids.get(rid)
             if token is None:
                 continue
+            request.num_inflight_samples -= 1
             request.output_token_ids.append(token)
             if request.first_token_time is None:
                 request.first_token_time = now

@@ -41,6 +41,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--chat-template", default=None, help="a Jinja template, or a file holding one")
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                        help="schedule the next step while the current one runs (default: on for CUDA, TP=1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=None, help="default: env NUM_SHARD, else 1")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -65,6 +67,7 @@ def engine_args_from(args: argparse.Namespace) -> EngineArgs:
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching,
         seed=args.seed, load_format=args.load_format, device=args.device,
         gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+        async_scheduling=args.async_scheduling,
         tensor_parallel_size=args.tensor_parallel_size or 1, kv_cache_memory_gb=args.kv_cache_memory_gb,
         num_kv_blocks=args.num_kv_blocks)
 

@@ -77,8 +77,10 @@ class UniprocExecutor:
         self.runner.init_kv_cache(self.num_blocks)
         self.runner.finish_setup()
 
-    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
-        return self.runner.execute_model(so)
+    supports_non_block = True   # async scheduling: execute_model(so, non_block=True)
+
+    def execute_model(self, so: SchedulerOutput, non_block: bool = False):
+        return self.runner.execute_model(so, non_block)
 
     def check_health(self) -> None:
         """Raises if the workers are gone (TP); nothing to check in-process."""

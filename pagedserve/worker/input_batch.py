@@ -26,6 +26,9 @@ class CachedRequestState:
     num_computed_tokens: int
     generator: torch.Generator | None = None
     output_counts: dict[int, int] = field(default_factory=dict)   # for frequency/presence penalties
+    # Async scheduling: index in token_ids of the latest sampled token still on the device
+    # (a -1 placeholder until its step is resolved), else -1.
+    pending_pos: int = -1
 
     @property
     def num_output_tokens(self) -> int:

@@ -3,6 +3,12 @@ the SchedulerOutput says and reports sampled tokens in a ModelRunnerOutput.
 
 Under tensor parallelism every rank runs one of these on the same SchedulerOutput; only
 rank 0 gets logits and samples (the others return None).
+
+Async scheduling (`execute_model(so, non_block=True)`): the step is launched and a
+PendingRunnerOutput returned at once; its sampled ids reach the host through a pinned copy.
+Each sampled row gets a -1 placeholder token in its state; if the next step is built before
+the placeholder is resolved, that token's input id is taken from the device tensor of the
+previous step's samples (no host round trip).
 """
 from __future__ import annotations
 
@@ -26,6 +32,48 @@ from pagedserve.worker.sampling_inputs import build_sampling_tensors
 logger = logging.getLogger(__name__)
 
 
+class PendingRunnerOutput:
+    """A launched step whose sampled tokens are on their way to the host."""
+
+    def __init__(self, output: ModelRunnerOutput, states: list[CachedRequestState], positions: list[int],
+                 token_ids: torch.Tensor, logprobs: tuple[torch.Tensor, ...] | None,
+                 event: torch.cuda.Event | None) -> None:
+        self.output, self.states, self.positions = output, states, positions
+        self.token_ids, self.logprobs, self.event = token_ids, logprobs, event
+
+    def get(self) -> ModelRunnerOutput:
+        """Wait for the copy, fill the placeholders, and report the tokens."""
+        if self.event is not None:
+            self.event.synchronize()
+        output = self.output
+        for state, pos, token in zip(self.states, self.positions, self.token_ids.tolist()):
+            state.token_ids[pos] = token
+            state.output_counts[token] = state.output_counts.get(token, 0) + 1
+            if state.pending_pos == pos:
+                state.pending_pos = -1
+            output.sampled_token_ids[state.req_id] = token
+        if self.logprobs is not None:
+            _collect_logprobs(self.states, *self.logprobs, output)
+        return output
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """Start a device -> pinned host copy (the caller records an event after it)."""
+    if tensor.device.type != "cuda":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
+
+
+def _collect_logprobs(states: list[CachedRequestState], token_ids: torch.Tensor, logprobs: torch.Tensor,
+                      ranks: torch.Tensor, output: ModelRunnerOutput) -> None:
+    ids, lps, ranks = token_ids.tolist(), logprobs.tolist(), ranks.tolist()
+    for row, state in enumerate(states):
+        k = state.sampling_params.logprobs
+        if k is not None:
+            output.logprobs[state.req_id] = (ids[row][:1 + k], lps[row][:1 + k], ranks[row])
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, hf_config: object, device: torch.device) -> None:
         self.config = config
@@ -41,6 +89,9 @@ class ModelRunner:
         self.is_driver = tp_rank() == 0
         self._forked: dict[RequestId, RequestId] = {}   # this step's new siblings -> parent
         self.graph_runner = None
+        # the last launched step's sampled ids on the device, and each request's row in them
+        self._prev_sampled: torch.Tensor | None = None
+        self._prev_rows: dict[RequestId, int] = {}
 
     # ---- set-up -----------------------------------------------------------------------
     def load_model(self) -> None:
@@ -115,7 +166,10 @@ class ModelRunner:
 
     # ---- one step ---------------------------------------------------------------------
     @torch.inference_mode()
-    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput | None:
+    def execute_model(self, so: SchedulerOutput, non_block: bool = False
+                      ) -> ModelRunnerOutput | PendingRunnerOutput | None:
+        """Run one step. `non_block` (driver only): return a PendingRunnerOutput without
+        waiting for the device."""
         self._update_states(so)
         if so.blocks_to_copy:
             self._copy_blocks(so.blocks_to_copy)
@@ -125,6 +179,7 @@ class ModelRunner:
             return ModelRunnerOutput() if self.is_driver else None
         inputs = build_step_inputs(scheduled, [so.num_scheduled_tokens[s.req_id] for s in scheduled],
                                    self.block_size, self.device)
+        self._feed_inflight_tokens(inputs)
         prompt_logprobs = {}
         if self.graph_runner is not None and self.graph_runner.can_run(inputs):
             hidden, logits = None, self.graph_runner.run(inputs)
@@ -152,13 +207,53 @@ class ModelRunner:
             tensors = build_sampling_tensors(sample_states, self.model_config.vocab_size, self.device,
                                              self.model_config.eos_token_ids)
             sampled = self.sampler(logits, tensors)
+            if non_block:
+                return self._defer(output, sample_states, sampled)
             token_ids = sampled.token_ids.tolist()
             for state, token in zip(sample_states, token_ids):
                 state.append_output(token)
                 output.sampled_token_ids[state.req_id] = token
             if sampled.logprobs is not None:
-                self._collect_logprobs(sample_states, sampled, output)
+                _collect_logprobs(sample_states, sampled.logprob_token_ids, sampled.logprobs, sampled.sampled_ranks,
+                                  output)
+        elif non_block:
+            self._prev_sampled, self._prev_rows = None, {}
         return output
+
+    def _defer(self, output: ModelRunnerOutput, states: list[CachedRequestState], sampled) -> PendingRunnerOutput:
+        positions = []
+        for state in states:
+            state.token_ids.append(-1)   # placeholder, filled by PendingRunnerOutput.get()
+            state.pending_pos = len(state.token_ids) - 1
+            positions.append(state.pending_pos)
+        self._prev_sampled = sampled.token_ids
+        self._prev_rows = {state.req_id: row for row, state in enumerate(states)}
+        token_ids = _to_host(sampled.token_ids)
+        logprobs = None
+        if sampled.logprobs is not None:
+            logprobs = tuple(_to_host(t) for t in (sampled.logprob_token_ids, sampled.logprobs,
+                                                   sampled.sampled_ranks))
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        return PendingRunnerOutput(output, states, positions, token_ids, logprobs, event)
+
+    def _feed_inflight_tokens(self, inputs: StepInputs) -> None:
+        """Input ids still on the device (placeholders of the last launched step) are copied
+        there from that step's sampled ids."""
+        dst, src = [], []
+        offset = 0
+        for state, q_len in zip(inputs.rows, inputs.query_lens):
+            pos = state.pending_pos
+            start = state.num_computed_tokens
+            if start <= pos < start + q_len:
+                dst.append(offset + pos - start)
+                src.append(self._prev_rows[state.req_id])
+            offset += q_len
+        if dst:
+            index = torch.tensor([dst, src], dtype=torch.int64).to(self.device, non_blocking=True)
+            inputs.input_ids[index[0]] = self._prev_sampled[index[1]]
 
     def _update_states(self, so: SchedulerOutput) -> None:
         for rid in so.finished_req_ids:
@@ -223,11 +318,3 @@ class ModelRunner:
                         out[state.req_id] = list(zip(ids.tolist(), lps.tolist(), ranks.tolist()))
             offset += q_len
         return out
-
-    def _collect_logprobs(self, states: list[CachedRequestState], sampled, output: ModelRunnerOutput) -> None:
-        ids, lps, ranks = sampled.logprob_token_ids.tolist(), sampled.logprobs.tolist(), sampled.sampled_ranks.tolist()
-        for row, state in enumerate(states):
-            k = state.sampling_params.logprobs
-            if k is not None:
-                output.logprobs[state.req_id] = (ids[row][:1 + k], lps[row][:1 + k], ranks[row])
-

@@ -1,7 +1,9 @@
 """Sampling end to end through LLM.generate on the default model (SmolLM2-135M-Instruct,
 fp32, CPU): seeded reproducibility whatever else is in the batch, top_k=1 / tiny top_p
 equal greedy, min_tokens holds EOS back, logit_bias forces a token, and finish_reason /
-stop_reason exactly as vLLM reports them.
+stop_reason exactly as vLLM reports them. Every test runs twice: in lockstep, and with async
+scheduling (one step in flight; EOS and stop strings are seen a step late, the extra row's
+token is dropped), which must not change a single token or reason.
 
 Greedy continuation of PROMPT, token by token (pinned below, so a change shows up here):
     " Paris" "." "\\n" "\\n" "The" " answer" " is" ":" ...
@@ -22,9 +24,11 @@ CHAT_GREEDY_LEN = 30   # the greedy reply ends with EOS as its 30th token
 OTHER_PROMPTS = ["Once upon a time", "1, 2, 3,", "Hello, my name is"]
 
 
-@pytest.fixture(scope="module")
-def llm():
-    engine = LLM(device="cpu", dtype="float32", max_model_len=256, num_kv_blocks=128, seed=0)
+@pytest.fixture(scope="module", params=[False, True], ids=["lockstep", "async"])
+def llm(request):
+    engine = LLM(device="cpu", dtype="float32", max_model_len=256, num_kv_blocks=128, seed=0,
+                 async_scheduling=request.param)
+    assert engine.engine.core.async_scheduling == request.param
     yield engine
     engine.shutdown()
 

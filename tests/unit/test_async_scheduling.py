@@ -1,0 +1,110 @@
+"""Async scheduling: one step in flight. The scheduler counts work scheduled but not yet
+resolved; the engine launches step N+1 before applying step N and must give the same tokens,
+reasons and block accounting as lockstep, through aborts and failed steps."""
+from __future__ import annotations
+
+import pytest
+
+from pagedserve import LLM, SamplingParams
+from pagedserve.core.request import RequestStatus
+from pagedserve.core.scheduler_output import ModelRunnerOutput
+from tests.helpers import random_prompts
+from tests.unit.test_scheduler import make, req
+
+
+def test_an_in_flight_sample_counts_towards_max_tokens():
+    s = make()
+    s.add_request(req("a", 4, max_tokens=2))
+    first = s.schedule()
+    assert first.num_scheduled_tokens == {"a": 4}   # the prompt; samples output token 1
+    second = s.schedule()                           # token 1 still in flight: decode it anyway
+    assert second.num_scheduled_tokens == {"a": 1}
+    assert second.cached_requests[0].num_computed_tokens == 4
+    assert s.schedule().num_scheduled_tokens == {}  # token 2 in flight is the last one
+    a = s.requests["a"]
+    assert (a.num_unresolved_tokens, a.num_inflight_samples) == (5, 2)
+    s.update_from_output(first, ModelRunnerOutput(sampled_token_ids={"a": 7}))
+    assert (a.num_computed_tokens, a.num_unresolved_tokens, a.output_token_ids) == (4, 1, [7])
+    s.update_from_output(second, ModelRunnerOutput(sampled_token_ids={"a": 8}))
+    assert a.output_token_ids == [7, 8] and a.status == RequestStatus.FINISHED_LENGTH_CAPPED
+    assert "a" not in s.requests and s.kv.pool.num_free_blocks == 64
+
+
+def test_no_preemption_of_a_request_with_work_in_flight():
+    # the setting of test_scheduler's preemption test: 5 blocks of 4, two 8-token prompts
+    s = make(num_blocks=5, budget=100)
+    s.add_request(req("old", 8, max_tokens=10))
+    s.add_request(req("new", 8, max_tokens=10, start=50))
+    first = s.schedule()
+    assert first.num_scheduled_tokens == {"old": 8, "new": 8}
+    # both prompts in flight; old's next token needs a 3rd block (one is free), new's too,
+    # but new (the victim) has work in flight: no preemption, new waits a step
+    second = s.schedule()
+    assert second.num_scheduled_tokens == {"old": 1} and not second.preempted_req_ids
+    assert s.kv.block_ids("old") == [0, 1, 4]
+    s.update_from_output(first, ModelRunnerOutput(sampled_token_ids={"old": 7, "new": 7}))
+    # new's work is resolved: now it is preempted; old decodes on (its 3 blocks hold 10 tokens)
+    third = s.schedule()
+    assert third.preempted_req_ids == {"new"} and third.num_scheduled_tokens == {"old": 1}
+    assert s.waiting[0].request_id == "new" and s.waiting[0].output_token_ids == [7]
+    s.update_from_output(second, ModelRunnerOutput(sampled_token_ids={"old": 8}))
+    assert s.requests["old"].output_token_ids == [7, 8]
+
+
+PROMPTS = [{"prompt_token_ids": p} for p in random_prompts(8, 512, 3, 40, seed=3)]
+
+
+def _llm(path, async_scheduling):
+    return LLM(model=path, device="cpu", dtype="float32", max_model_len=128, skip_tokenizer_init=True,
+               async_scheduling=async_scheduling, block_size=4, num_kv_blocks=200)
+
+
+def _params():
+    return [SamplingParams(max_tokens=4 + 3 * i, temperature=0.0, ignore_eos=True) for i in range(len(PROMPTS))]
+
+
+def test_abort_while_in_flight_frees_everything(tiny_checkpoints):
+    lockstep = [o.outputs[0].token_ids for o in _llm(tiny_checkpoints["llama"], False).generate(
+        PROMPTS, _params(), use_tqdm=False)]
+    llm = _llm(tiny_checkpoints["llama"], True)
+    engine = llm.engine
+    for i, (prompt, sp) in enumerate(zip(PROMPTS, _params())):
+        engine.add_request(f"r{i}", prompt, sp)
+    results = {}
+    for _ in range(3):
+        results.update({o.request_id: o for o in engine.step() if o.finished})
+    assert engine.core._in_flight is not None
+    engine.abort_request("r7")          # its step is on the device right now
+    while engine.has_unfinished_requests():
+        results.update({o.request_id: o for o in engine.step() if o.finished})
+    assert "r7" not in results
+    assert [results[f"r{i}"].outputs[0].token_ids for i in range(7)] == lockstep[:7]
+    pool = engine.core.kv_cache_manager.pool
+    assert pool.num_free_blocks == pool.num_blocks
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["lockstep", "async"])
+def test_a_failed_step_fails_its_requests_and_the_engine_serves_on(tiny_checkpoints, async_scheduling):
+    llm = _llm(tiny_checkpoints["llama"], async_scheduling)
+    expected = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, _params(), use_tqdm=False)]
+    runner = llm.engine.core.executor.runner
+    real = runner.execute_model
+    calls = {"n": 0}
+
+    def flaky(so, non_block=False):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected failure")
+        return real(so, non_block)
+
+    runner.execute_model = flaky
+    outs = llm.generate(PROMPTS, _params(), use_tqdm=False)
+    failed = [o for o in outs if o.outputs[0].finish_reason == "abort"]
+    assert failed, "the injected failure must fail the requests of its step"
+    for out, ref in zip(outs, expected):
+        if out.outputs[0].finish_reason != "abort":
+            assert out.outputs[0].token_ids == ref
+    runner.execute_model = real
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, _params(), use_tqdm=False)] == expected
+    pool = llm.engine.core.kv_cache_manager.pool
+    assert pool.num_free_blocks == pool.num_blocks
