@@ -46,6 +46,13 @@ class SamplingParams:
         on the host before the next step is built (no async scheduling while it runs)."""
         return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
+    @property
+    def is_plain_greedy(self) -> bool:
+        """Greedy with nothing that changes the logits or asks for more than the token: the
+        runner's fast path (one argmax, no per-row sampling tensors)."""
+        return self.temperature < 1e-5 and not self.logit_bias and not self.min_tokens and self.logprobs is None \
+            and not self.reads_output_history
+
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]

@@ -142,6 +142,9 @@ class Sampler:
     seeded rows in `_random_sample`."""
 
     def __call__(self, logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
+        if t.all_greedy and t.max_num_logprobs is None and t.bias_rows is None and t.mask_rows is None \
+                and t.output_counts is None:
+            return SamplerOutput(token_ids=logits.argmax(dim=-1))   # same ids as on the fp32 copy
         logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if t.max_num_logprobs is not None else None
         logits = apply_bias_and_min_tokens(logits, t)

@@ -44,6 +44,8 @@ class _Columns:
 def build_sampling_tensors(states: list[CachedRequestState], vocab_size: int, device: torch.device,
                            eos_token_ids: tuple[int, ...]) -> SamplingTensors:
     """Reads the states; mutates nothing. Rows are in `states` order."""
+    if all(state.sampling_params.is_plain_greedy for state in states):   # the common case: one argmax
+        return SamplingTensors(temperature=torch.zeros(len(states), device=device), all_greedy=True)
     c = _Columns()
     for row, state in enumerate(states):
         _collect_row(c, row, state, vocab_size, eos_token_ids)
