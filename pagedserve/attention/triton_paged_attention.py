@@ -52,7 +52,7 @@ def _find_seq_idx(query_start_loc_ptr, q_block, seq_begin, seq_end, token_begin,
 
 # seq_begin/seq_end/num_seqs may be 0 or 1: keep them runtime ints (no constexpr specialisation,
 # no recompiles between the decode and the prefill launch).
-@triton.jit(do_not_specialize=["seq_begin", "seq_end"])
+@triton.jit(do_not_specialize=["seq_begin", "seq_end", "stride_block_table"])
 def _paged_attention_kernel(
     out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr,
     query_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
@@ -193,16 +193,16 @@ class TileConfig:
 def default_tile_config(queries_per_kv: int, head_dim_pad: int, max_query_len: int,
                         dtype: torch.dtype) -> TileConfig:
     """Decode-like launches (every query fits one tile) use the smallest tile that packs the
-    GQA group; prefill launches use up to 128 rows so K/V tiles are reused across tokens."""
+    GQA group; prefill launches use one wide tile shape (128 rows for 16-bit types) whatever
+    their length, so K/V tiles are reused across tokens and a serving run meets only two
+    eager kernel variants: none is JIT-compiled in the middle of a run."""
     group = max(16, triton.next_power_of_2(queries_per_kv))
     wide = dtype != torch.float32 and head_dim_pad <= 128
+    tile_n = 64 if wide else (32 if head_dim_pad <= 128 else 16)
     if max_query_len * queries_per_kv <= group:
-        return TileConfig(block_m=group, tile_n=64 if wide else (32 if head_dim_pad <= 128 else 16),
-                          num_warps=4, num_stages=3)
-    block_m = min(128 if wide else 64, triton.next_power_of_2(max_query_len * queries_per_kv))
-    block_m = max(block_m, group)
-    return TileConfig(block_m=block_m, tile_n=64 if wide else (32 if head_dim_pad <= 128 else 16),
-                      num_warps=8 if block_m >= 128 else 4, num_stages=2)
+        return TileConfig(block_m=group, tile_n=tile_n, num_warps=4, num_stages=3)
+    block_m = max(128 if wide else 64, group)
+    return TileConfig(block_m=block_m, tile_n=tile_n, num_warps=8 if block_m >= 128 else 4, num_stages=2)
 
 
 @functools.lru_cache(maxsize=None)
@@ -336,7 +336,8 @@ def _launch_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         raise ValueError(f"block_m={config.block_m} must be a power of two >= max(16, queries_per_kv)")
     block_q = config.block_m // queries_per_kv
     num_launch_seqs = seq_end - seq_begin
-    one_tile_per_seq = max_query_len <= block_q
+    # one program per sequence only for decode-like launches (fewer kernel variants)
+    one_tile_per_seq = max_query_len <= block_q and (max_query_len * queries_per_kv <= 16 or max_query_len == 1)
     # Sum over sequences of cdiv(query_len, block_q) <= max_tokens // block_q + num_seqs.
     grid_q = num_launch_seqs if one_tile_per_seq else max(max_tokens, 0) // block_q + num_launch_seqs
     partial_acc, partial_max, partial_sum = partials if partials is not None else (out, out, out)
