@@ -16,7 +16,7 @@ for stage in "$@"; do
   echo "=== $stage"
   case $stage in
     kernels) timeout 200 python3 benchmarks/gpu_kernels.py 2>&1 | tee "$OUT/kernels.txt" | tail -30 ;;
-    tests) PAGEDSERVE_TEST_DEVICE=cuda timeout 300 python3 -m pytest -x -q -p no:cacheprovider tests/kernels tests/models/test_parity.py 2>&1 | tail -15 ;;
+    tests) PAGEDSERVE_TEST_DEVICE=cuda timeout 480 python3 -m pytest -x -q -p no:cacheprovider tests/kernels tests/models/test_parity.py 2>&1 | tail -15 ;;
     peers1b) timeout 400 python3 .devcarry/peers.py pagedserve llama-1b 2>&1 | tee "$OUT/peers1b.txt" | grep -E "RESULT|Error|error" ;;
     peers8b) timeout 500 python3 .devcarry/peers.py pagedserve llama-8b 2>&1 | tee "$OUT/peers8b.txt" | grep -E "RESULT|Error|error|KV cache" ;;
     hf1b) timeout 300 python3 .devcarry/peers.py hf llama-1b 2>&1 | grep RESULT | tee "$OUT/hf1b.txt" ;;

@@ -75,19 +75,20 @@ def test_prefix_cache_hit_keeps_parity(tiny_checkpoints, references):
     assert stats.hits - hits_before == sum((len(p) - 1) // 4 * 4 for p in prompts)
 
 
-def test_async_scheduling_keeps_parity(tiny_checkpoints, references):
+@pytest.mark.parametrize("kwargs", [{}, {"max_num_batched_tokens": 32},
+                                    {"block_size": 4, "num_kv_blocks": 40, "max_model_len": 128}],
+                         ids=["batch", "chunked", "preemption"])
+def test_async_scheduling_keeps_parity(kwargs, tiny_checkpoints, references):
     """One step in flight (the next scheduled before the last one's tokens are back): the same
     ids for a batch, chunked prefill, preemption (never of a request with work in flight) and
     prefix-cache hits; every block comes back."""
     prompts, expected = references["llama"]
-    path = tiny_checkpoints["llama"]
-    for kwargs in ({}, {"max_num_batched_tokens": 32}, {"block_size": 4, "num_kv_blocks": 40, "max_model_len": 128}):
-        llm = _llm(path, skip_tokenizer_init=True, async_scheduling=True, **kwargs)
-        assert llm.engine.core.async_scheduling
-        assert _generate(llm, prompts) == expected
-        if "num_kv_blocks" in kwargs:
-            assert llm.engine.core.scheduler.stats.num_preemptions > 0
-            assert _generate(llm, prompts) == expected   # again, now with prefix-cache hits
-        pool = llm.engine.core.kv_cache_manager.pool
-        assert pool.num_free_blocks == pool.num_blocks
-        assert not llm.engine.core.has_unfinished_requests()
+    llm = _llm(tiny_checkpoints["llama"], skip_tokenizer_init=True, async_scheduling=True, **kwargs)
+    assert llm.engine.core.async_scheduling
+    assert _generate(llm, prompts) == expected
+    if "num_kv_blocks" in kwargs:
+        assert llm.engine.core.scheduler.stats.num_preemptions > 0
+        assert _generate(llm, prompts) == expected   # again, now with prefix-cache hits
+    pool = llm.engine.core.kv_cache_manager.pool
+    assert pool.num_free_blocks == pool.num_blocks
+    assert not llm.engine.core.has_unfinished_requests()
