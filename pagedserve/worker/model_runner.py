@@ -4,8 +4,9 @@ the SchedulerOutput says and reports sampled tokens in a ModelRunnerOutput.
 Under tensor parallelism every rank runs one of these on the same SchedulerOutput; only
 rank 0 gets logits and samples (the others return None).
 
-Async scheduling (`execute_model(so, non_block=True)`): the step is launched and a
-PendingRunnerOutput returned at once; its sampled ids reach the host through a pinned copy.
+Sampled ids reach the host through a PendingRunnerOutput (a pinned copy and an event):
+`execute_model(so)` waits for it; with async scheduling (`non_block=True`) it is returned at
+once and resolved by the engine after the next step is launched.
 Each sampled row gets a -1 placeholder token in its state; if the next step is built before
 the placeholder is resolved, that token's input id is taken from the device tensor of the
 previous step's samples (no host round trip).
@@ -206,18 +207,9 @@ class ModelRunner:
                 logits = logits[torch.tensor(row_of_logits, device=logits.device)]
             tensors = build_sampling_tensors(sample_states, self.model_config.vocab_size, self.device,
                                              self.model_config.eos_token_ids)
-            sampled = self.sampler(logits, tensors)
-            if non_block:
-                return self._defer(output, sample_states, sampled)
-            token_ids = sampled.token_ids.tolist()
-            for state, token in zip(sample_states, token_ids):
-                state.append_output(token)
-                output.sampled_token_ids[state.req_id] = token
-            if sampled.logprobs is not None:
-                _collect_logprobs(sample_states, sampled.logprob_token_ids, sampled.logprobs, sampled.sampled_ranks,
-                                  output)
-        elif non_block:
-            self._prev_sampled, self._prev_rows = None, {}
+            pending = self._defer(output, sample_states, self.sampler(logits, tensors))
+            return pending if non_block else pending.get()
+        self._prev_sampled, self._prev_rows = None, {}
         return output
 
     def _defer(self, output: ModelRunnerOutput, states: list[CachedRequestState], sampled) -> PendingRunnerOutput:
