@@ -1,9 +1,10 @@
 """Where a step's time goes on the GPU machine.
-Usage: python3 benchmarks/profile_step.py llama-1b|llama-8b [decode|thr|ttft ...]
+Usage: python3 benchmarks/profile_step.py llama-1b|llama-8b [decode|b1host|thr|ttft ...] [lockstep]
   decode: b1 decode wall, graph replay time, and the kernel table of one eager bs=1 step
   b1host: cProfile (host side) of the b1 decode (256 steps)
   thr:    cProfile (host side) of 512 requests of the peers workload (thr512)
-  ttft:   kernel table of one 1024-token prefill"""
+  ttft:   kernel table of one 1024-token prefill
+  lockstep: async scheduling off (`thr lockstep` vs `thr` is the on/off A/B on one machine)"""
 import cProfile
 import io
 import pstats
@@ -21,7 +22,8 @@ from pagedserve import LLM, SamplingParams  # noqa: E402
 name = sys.argv[1]
 stages = sys.argv[2:] or ["decode"]
 llm = LLM(model=make_model_dir(name), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
-          max_model_len=2048, gpu_memory_utilization=0.85, seed=0)
+          max_model_len=2048, gpu_memory_utilization=0.85, seed=0,
+          async_scheduling=False if "lockstep" in stages else None)
 
 
 def kernel_table(fn, rows=20):

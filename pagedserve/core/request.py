@@ -44,8 +44,8 @@ class Request:
     """Token counters obey: num_computed_tokens <= num_tokens = len(prompt) + len(output).
 
     `num_computed_tokens` is what the KV cache holds; the scheduler makes it catch up with
-    `num_tokens` (plus any sampled token still in flight) under the step's token budget (prefill, chunked prefill, decode and
-    recompute after preemption are all that one rule).
+    `num_tokens` (plus any sampled token still in flight) under the step's token budget
+    (prefill, chunked prefill, decode and recompute after preemption are all that one rule).
     """
 
     request_id: RequestId
