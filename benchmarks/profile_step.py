@@ -1,10 +1,12 @@
 """Where a step's time goes on the GPU machine.
-Usage: python3 benchmarks/profile_step.py llama-1b|llama-8b [decode|b1host|thr|ttft ...] [lockstep]
+Usage: python3 benchmarks/profile_step.py llama-1b|llama-8b [decode|b1host|thr|thrq|ttft ...] [lockstep] [key=value ...]
   decode: b1 decode wall, graph replay time, and the kernel table of one eager bs=1 step
   b1host: cProfile (host side) of the b1 decode (256 steps)
   thr:    cProfile (host side) of 512 requests of the peers workload (thr512)
+  thrq:   thr512 timed only (for sweeps of engine arguments)
   ttft:   kernel table of one 1024-token prefill
-  lockstep: async scheduling off (`thr lockstep` vs `thr` is the on/off A/B on one machine)"""
+  lockstep: async scheduling off (`thr lockstep` vs `thr` is the on/off A/B on one machine)
+  key=value: extra LLM(...) arguments, e.g. max_num_seqs=512 (ints parsed)"""
 import cProfile
 import io
 import pstats
@@ -20,10 +22,13 @@ from peers import make_model_dir, workload  # noqa: E402
 from pagedserve import LLM, SamplingParams  # noqa: E402
 
 name = sys.argv[1]
-stages = sys.argv[2:] or ["decode"]
+stages = [a for a in sys.argv[2:] if "=" not in a] or ["decode"]
+extra = {k: int(v) if v.isdigit() else v for k, v in (a.split("=", 1) for a in sys.argv[2:] if "=" in a)}
+t_start = time.time()
 llm = LLM(model=make_model_dir(name), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
           max_model_len=2048, gpu_memory_utilization=0.85, seed=0,
-          async_scheduling=False if "lockstep" in stages else None)
+          async_scheduling=False if "lockstep" in stages else None, **extra)
+print(f"{name} {extra}: ready in {time.time() - t_start:.1f} s")
 
 
 def kernel_table(fn, rows=20):
@@ -72,14 +77,15 @@ if "b1host" in stages:
     sp = SamplingParams(max_tokens=256, ignore_eos=True, temperature=0.0, detokenize=False)
     llm.generate([prompt], [sp], use_tqdm=False)
     cprofile(lambda: llm.generate([prompt], [sp], use_tqdm=False), "b1 decode, 256 steps")
-if "thr" in stages:
+if "thr" in stages or "thrq" in stages:
     reqs = workload(512)
     prompts = [{"prompt_token_ids": p} for p, _ in reqs]
     sps = [SamplingParams(max_tokens=o, ignore_eos=True, temperature=0.0, detokenize=False) for _, o in reqs]
     llm.generate(prompts[:8], sps[:8], use_tqdm=False)
     t0 = time.time()
     outs = llm.generate(prompts, sps, use_tqdm=False)
-    print(f"thr512: {sum(len(o.outputs[0].token_ids) for o in outs) / (time.time() - t0):.0f} out tok/s")
+    print(f"{name} {extra} thr512: {sum(len(o.outputs[0].token_ids) for o in outs) / (time.time() - t0):.0f} out tok/s")
+if "thr" in stages:
     outs, dt = cprofile(lambda: llm.generate(prompts, sps, use_tqdm=False), "thr512", 30)
     print(f"thr512 under cProfile: {sum(len(o.outputs[0].token_ids) for o in outs) / dt:.0f} out tok/s")
 if "ttft" in stages:

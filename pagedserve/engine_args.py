@@ -7,6 +7,8 @@ import logging
 from dataclasses import dataclass, fields
 from typing import Any
 
+import torch
+
 from pagedserve.config import (CacheConfig, architecture_of, DeviceConfig, EngineConfig, ModelConfig, ParallelConfig,
                                SchedulerConfig, resolve_dtype)
 from pagedserve.errors import ValidationError
@@ -32,7 +34,7 @@ class EngineArgs:
     dtype: str = "auto"
     max_model_len: int | None = None
     block_size: int = 16
-    max_num_seqs: int = 256
+    max_num_seqs: int | None = None   # None: 1024 on a large GPU, else 256 (default_max_num_seqs)
     max_num_batched_tokens: int | None = None
     enable_prefix_caching: bool = True
     seed: int = 0
@@ -63,7 +65,7 @@ class EngineArgs:
     def validate(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValidationError(f"block_size must be a power of two, got {self.block_size}", "block_size")
-        if self.max_num_seqs < 1:
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise ValidationError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}", "max_num_seqs")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValidationError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}",
@@ -102,18 +104,31 @@ class EngineArgs:
             batched = 8192 if device.type == "cuda" else 2048
         if batched < 1:
             raise ValidationError(f"max_num_batched_tokens must be >= 1, got {batched}", "max_num_batched_tokens")
+        max_num_seqs = self.max_num_seqs or default_max_num_seqs(device)
         check_tensor_parallel(self.tensor_parallel_size, model_config, device.type)
         config = EngineConfig(
             model_path=source.directory, gguf_file=source.gguf_file, model=model_config,
             cache=CacheConfig(self.block_size, self.enable_prefix_caching, self.kv_cache_memory_gb,
                               self.num_kv_blocks, self.gpu_memory_utilization),
-            scheduler=SchedulerConfig(self.max_num_seqs, batched, max_model_len, self.scheduling_policy),
+            scheduler=SchedulerConfig(max_num_seqs, batched, max_model_len, self.scheduling_policy),
             parallel=ParallelConfig(self.tensor_parallel_size),
             device=DeviceConfig(str(device), self.enforce_eager, self.seed,
                                 self.async_scheduling if self.async_scheduling is not None
                                 else device.type == "cuda" and self.tensor_parallel_size == 1),
             load_format=self.load_format)
         return config, hf_config, source
+
+
+def default_max_num_seqs(device: torch.device) -> int:
+    """vLLM's rule: 1024 concurrent sequences on GPUs with 70 GiB or more (A100 excepted),
+    256 elsewhere. Big batches amortise each step's weight reads and host work; the sampler
+    and CUDA graphs keep their memory bounded whatever this is (SAMPLER_CHUNK_ROWS,
+    MAX_CAPTURE_SIZE)."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        if props.total_memory >= 70 * 2**30 and "A100" not in props.name:
+            return 1024
+    return 256
 
 
 def check_tensor_parallel(tp: int, model: ModelConfig, device_type: str) -> None:

@@ -20,7 +20,7 @@ class LLM:
     """An offline engine. `model=None` loads the embedded default (SmolLM2-135M-Instruct)."""
 
     def __init__(self, model: str | None = None, tokenizer: str | None = None, dtype: str = "auto",
-                 max_model_len: int | None = None, block_size: int = 16, max_num_seqs: int = 256,
+                 max_model_len: int | None = None, block_size: int = 16, max_num_seqs: int | None = None,
                  max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True, seed: int = 0,
                  load_format: str = "auto", skip_tokenizer_init: bool = False, device: str = "auto",
                  gpu_memory_utilization: float = 0.9, enforce_eager: bool = False,

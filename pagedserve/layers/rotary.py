@@ -10,7 +10,8 @@ from torch import nn
 
 
 def _inv_freq(head_dim: int, base: float, scaling: dict[str, Any] | None) -> torch.Tensor:
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    """On the CPU, as transformers computes it (a GPU pow can differ in the last bit)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
     if not scaling:
         return inv_freq
     factor = float(scaling["factor"])
@@ -32,7 +33,10 @@ class RotaryEmbedding(nn.Module):
                  scaling: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.head_dim = head_dim
-        freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), _inv_freq(head_dim, base, scaling))
+        # positions x inv_freq and cos/sin on the model's device (the default device at
+        # construction), as transformers computes them at run time
+        inv_freq = _inv_freq(head_dim, base, scaling).to(torch.get_default_device())
+        freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos_cache", emb.cos().to(dtype), persistent=False)
         self.register_buffer("sin_cache", emb.sin().to(dtype), persistent=False)

@@ -2,18 +2,31 @@
 rotary embedding applied in place. Each kernel sits beside a thin launcher that checks
 shapes, dtypes and strides; the torch layers call these only for CUDA tensors.
 
-Arithmetic matches the torch path: statistics in fp32, the normalised row cast back to
-the input dtype before the weight multiply (as transformers' LlamaRMSNorm does).
+Arithmetic follows transformers' rounding points, so that bf16 / fp16 outputs match the
+torch ops bit for bit where the order of a reduction allows it:
+- RMSNorm: statistics in fp32 (the mean as sum * (1/n), as torch's mean kernel), the
+  normalised row cast to the input dtype before the weight multiply (LlamaRMSNorm);
+- SiLU: x / (1 + exp(-x)) in fp32 with IEEE exp and division (torch's silu kernel), rounded,
+  then the product with `up` rounded;
+- rotary: q*cos and rotate_half(q)*sin each rounded to the input dtype, then their sum
+  (transformers' apply_rotary_pos_emb runs three ops in the input dtype); compiled without
+  FMA contraction, which would fuse a product into the sum past its rounding.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
+
+# Triton's CPU interpreter (CI) has no libdevice: tl.exp stands in for the IEEE exp there.
+_LIBDEVICE = os.environ.get("TRITON_INTERPRET") != "1"
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, x_stride, res_stride, out_stride, n_cols, eps,
+def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, x_stride, res_stride, out_stride, n_cols, inv_n, eps,
                      HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -23,7 +36,7 @@ def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, x_stride, res_str
         x = x + tl.load(residual_ptr + row * res_stride + cols, mask=mask, other=0.0)
         tl.store(residual_ptr + row * res_stride + cols, x, mask=mask)
     xf = x.to(tl.float32)
-    inv = tl.rsqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
+    inv = tl.rsqrt(tl.sum(xf * xf, axis=0) * inv_n + eps)
     normed = (xf * inv).to(x.dtype)
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
     tl.store(out_ptr + row * out_stride + cols, (normed * weight).to(x.dtype), mask=mask)
@@ -42,19 +55,24 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     block = triton.next_power_of_2(x.shape[1])
     _rms_norm_kernel[(x.shape[0],)](x, residual if residual is not None else x, weight, out, x.stride(0),
                                     residual.stride(0) if residual is not None else 0, out.stride(0), x.shape[1],
-                                    eps, HAS_RESIDUAL=residual is not None, BLOCK=block,
+                                    1.0 / x.shape[1], eps, HAS_RESIDUAL=residual is not None, BLOCK=block,
                                     num_warps=min(max(block // 256, 1), 8))
     return out
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, n_cols, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, n_cols, BLOCK: tl.constexpr,
+                         LIBDEVICE: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * x_stride + n_cols + cols, mask=mask, other=0.0)
-    silu = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
+    if LIBDEVICE:
+        e = libdevice.exp(-gate)
+    else:
+        e = tl.exp(-gate)
+    silu = tl.div_rn(gate, 1.0 + e).to(up.dtype)
     tl.store(out_ptr + row * out_stride + cols, silu * up, mask=mask)
 
 
@@ -65,7 +83,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     d = x.shape[1] // 2
     out = torch.empty((x.shape[0], d), dtype=x.dtype, device=x.device)
     block = 1024
-    _silu_and_mul_kernel[(x.shape[0], triton.cdiv(d, block))](x, out, x.stride(0), out.stride(0), d, BLOCK=block)
+    _silu_and_mul_kernel[(x.shape[0], triton.cdiv(d, block))](x, out, x.stride(0), out.stride(0), d, BLOCK=block,
+                                                                     LIBDEVICE=_LIBDEVICE)
     return out
 
 
@@ -88,8 +107,11 @@ def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, pos_ptr, q_stride_t, q_stride
         x1 = tl.load(ptr, mask=mask, other=0.0)
         x2 = tl.load(ptr + HALF, mask=mask, other=0.0)
         x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-        tl.store(ptr, (x1f * cos[None, :] - x2f * sin[None, :]).to(x1.dtype), mask=mask)
-        tl.store(ptr + HALF, (x2f * cos[None, :] + x1f * sin[None, :]).to(x1.dtype), mask=mask)
+        dt = x1.dtype   # each product rounded to the input dtype, then the sum (transformers)
+        out1 = (x1f * cos[None, :]).to(dt).to(tl.float32) - (x2f * sin[None, :]).to(dt).to(tl.float32)
+        out2 = (x2f * cos[None, :]).to(dt).to(tl.float32) + (x1f * sin[None, :]).to(dt).to(tl.float32)
+        tl.store(ptr, out1.to(dt), mask=mask)
+        tl.store(ptr + HALF, out2.to(dt), mask=mask)
 
 
 def rotary_in_place(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_cache: torch.Tensor,
@@ -106,4 +128,5 @@ def rotary_in_place(positions: torch.Tensor, query: torch.Tensor, key: torch.Ten
     block_h = triton.next_power_of_2(max(query.shape[1], key.shape[1]))
     _rotary_kernel[(query.shape[0],)](query, key, cos_cache, sin_cache, positions, query.stride(0), query.stride(1),
                                       key.stride(0), key.stride(1), cos_cache.stride(0), query.shape[1],
-                                      key.shape[1], HALF=head_dim // 2, BLOCK_H=block_h)
+                                      key.shape[1], HALF=head_dim // 2, BLOCK_H=block_h,
+                                      enable_fp_fusion=False)   # no FMA across the roundings

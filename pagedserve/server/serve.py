@@ -34,7 +34,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                              f"(default: env {API_KEY_ENV}, else API_KEY)")
     parser.add_argument("--dtype", default=None, help="default: env DTYPE, else auto")
     parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-seqs", type=int, default=None,
+                        help="default: 1024 on GPUs with 70 GiB or more, else 256 (as vLLM)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--block-size", type=int, default=16)

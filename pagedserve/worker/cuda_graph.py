@@ -1,5 +1,6 @@
-"""CUDA graphs for decode steps: one graph per batch-size bucket up to max_num_seqs, captured
-over static input buffers; a step of n decodes replays the smallest bucket >= n with the
+"""CUDA graphs for decode steps: one graph per batch-size bucket up to max_num_seqs (at most
+MAX_CAPTURE_SIZE, as vLLM's default capture limit: larger decode batches run eagerly, where
+launch overhead is small against the work), captured over static input buffers; a step of n decodes replays the smallest bucket >= n with the
 rows past n padded harmlessly (slot -1: no KV write; seq_len 1: reads one cached key of
 whatever block the stale table row names; their logits are dropped).
 
@@ -21,7 +22,11 @@ from pagedserve.worker.input_batch import StepInputs
 logger = logging.getLogger(__name__)
 
 
+MAX_CAPTURE_SIZE = 512
+
+
 def batch_size_buckets(max_num_seqs: int) -> list[int]:
+    max_num_seqs = min(max_num_seqs, MAX_CAPTURE_SIZE)
     sizes = [1, 2, 4, 8] + list(range(16, max_num_seqs + 1, 16))
     sizes = sorted({s for s in sizes if s <= max_num_seqs} | {max_num_seqs})
     return sizes

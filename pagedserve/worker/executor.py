@@ -30,14 +30,24 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def num_kv_blocks(config: EngineConfig, runner: ModelRunner) -> int:
-    """How many KV blocks to allocate on this rank."""
+def non_torch_memory(device: torch.device) -> int:
+    """Bytes in use on a CUDA device outside torch's caching allocator: the CUDA context,
+    cuBLAS workspaces, NCCL buffers, kernel modules, other processes."""
+    if device.type != "cuda":
+        return 0
+    free, total = torch.cuda.mem_get_info(device)
+    return (total - free) - torch.cuda.memory_reserved(device)
+
+
+def num_kv_blocks(config: EngineConfig, runner: ModelRunner, baseline_non_torch: int = 0) -> int:
+    """How many KV blocks to allocate on this rank. `baseline_non_torch`: non_torch_memory()
+    taken before the model was loaded (see _profile_cuda_kv_budget)."""
     cache, sched = config.cache, config.scheduler
     if cache.num_kv_blocks is not None:
         return cache.num_kv_blocks
     bytes_per_block = runner.kv_bytes_per_block()
     if runner.device.type == "cuda":
-        budget = _profile_cuda_kv_budget(config, runner)
+        budget = _profile_cuda_kv_budget(config, runner, baseline_non_torch)
     else:
         budget = (cache.kv_cache_memory_gb or DEFAULT_CPU_KV_CACHE_GB) * 2**30
         # more blocks than every sequence at full length can use is wasted memory
@@ -46,21 +56,25 @@ def num_kv_blocks(config: EngineConfig, runner: ModelRunner) -> int:
     return max(0, int(budget // bytes_per_block))
 
 
-def _profile_cuda_kv_budget(config: EngineConfig, runner: ModelRunner) -> float:
-    """Bytes left for the KV cache: total * gpu_memory_utilization minus the peak of a forward
-    at max_num_batched_tokens (weights included) and memory that torch does not manage."""
+def _profile_cuda_kv_budget(config: EngineConfig, runner: ModelRunner, baseline_non_torch: int) -> float:
+    """Bytes left for the KV cache: total * gpu_memory_utilization minus what this engine
+    allocates besides it: the peak of a profiled forward at max_num_batched_tokens plus a
+    sampler pass (weights included), and the non-torch memory it added since
+    `baseline_non_torch` (cuBLAS workspaces, kernel modules). As in vLLM, the CUDA context
+    that existed before the model was loaded is not charged to gpu_memory_utilization."""
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     runner.profile_run(config.scheduler.max_num_batched_tokens)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
-    free, total = torch.cuda.mem_get_info()
-    non_torch = (total - free) - torch.cuda.memory_reserved()
-    budget = total * config.cache.gpu_memory_utilization - peak - max(non_torch, 0)
+    total = torch.cuda.mem_get_info()[1]
+    non_torch = max(non_torch_memory(runner.device) - baseline_non_torch, 0)
+    budget = total * config.cache.gpu_memory_utilization - peak - non_torch
     torch.cuda.empty_cache()
-    logger.info("memory: total %.1f GiB, peak forward %.2f GiB, non-torch %.2f GiB, KV budget %.2f GiB",
-                total / 2**30, peak / 2**30, non_torch / 2**30, budget / 2**30)
+    logger.info("memory: total %.1f GiB, peak forward %.2f GiB, non-torch %.2f GiB (+%.2f GiB before loading), "
+                "KV budget %.2f GiB", total / 2**30, peak / 2**30, non_torch / 2**30, baseline_non_torch / 2**30,
+                budget / 2**30)
     return budget
 
 
@@ -71,9 +85,10 @@ class UniprocExecutor:
         self.device = resolve_device(config.device.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        baseline = non_torch_memory(self.device)
         self.runner = ModelRunner(config, hf_config, self.device)
         self.runner.load_model()
-        self.num_blocks = num_kv_blocks(config, self.runner)
+        self.num_blocks = num_kv_blocks(config, self.runner, baseline)
         self.runner.init_kv_cache(self.num_blocks)
         self.runner.finish_setup()
 

@@ -73,11 +73,12 @@ def broadcast_message(message: Any, group: Any) -> Any:
 def build_runner(config: Any, hf_config: Any, device: torch.device) -> tuple[Any, int]:
     """Load this rank's shard and size its KV cache: the block count is the minimum over
     ranks, so every rank can hold every block the scheduler hands out."""
-    from pagedserve.worker.executor import num_kv_blocks
+    from pagedserve.worker.executor import non_torch_memory, num_kv_blocks
     from pagedserve.worker.model_runner import ModelRunner
+    baseline = non_torch_memory(device)
     runner = ModelRunner(config, hf_config, device)
     runner.load_model()
-    blocks = torch.tensor([num_kv_blocks(config, runner)], dtype=torch.int64, device=device)
+    blocks = torch.tensor([num_kv_blocks(config, runner, baseline)], dtype=torch.int64, device=device)
     dist.all_reduce(blocks, op=dist.ReduceOp.MIN)
     num_blocks = int(blocks.item())
     runner.init_kv_cache(num_blocks)

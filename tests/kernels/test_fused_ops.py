@@ -39,6 +39,8 @@ def test_silu_and_mul(dtype, rows, d):
     g = torch.Generator().manual_seed(d)
     x = torch.randn(rows, 2 * d, generator=g).to(DEVICE, dtype)
     expected = torch.nn.functional.silu(x[:, :d]) * x[:, d:]
+    if DEVICE == "cuda":   # same rounding points as torch's silu and mul: bit for bit
+        assert torch.equal(silu_and_mul(x), expected)
     torch.testing.assert_close(silu_and_mul(x), expected, atol=TOL[dtype], rtol=TOL[dtype])
 
 
@@ -57,6 +59,8 @@ def test_rotary_in_place_on_qkv_views(dtype, heads, kv_heads, head_dim):
     exp_k = k * cos + rope._rotate_half(k) * sin
     v_before = qkv[:, (heads + kv_heads) * head_dim:].clone()
     rotary_in_place(positions, q, k, rope.cos_cache, rope.sin_cache)
+    if dtype != torch.float32:   # transformers' three roundings in the input dtype: bit for bit
+        assert torch.equal(q, exp_q) and torch.equal(k, exp_k)
     torch.testing.assert_close(q, exp_q, atol=TOL[dtype], rtol=TOL[dtype])
     torch.testing.assert_close(k, exp_k, atol=TOL[dtype], rtol=TOL[dtype])
     assert torch.equal(qkv[:, (heads + kv_heads) * head_dim:], v_before)   # V untouched
