@@ -49,6 +49,26 @@ class SamplerOutput:
     logprobs: torch.Tensor | None = None            # [B, 1 + k]
     sampled_ranks: torch.Tensor | None = None       # [B]
 
+    @staticmethod
+    def cat(parts: list["SamplerOutput"]) -> "SamplerOutput":
+        """Rows of several outputs, in order. Logprob tables are padded to the widest k (a row
+        reads only its own 1 + k columns); parts without logprobs get zero tables."""
+        token_ids = torch.cat([p.token_ids for p in parts])
+        if all(p.logprobs is None for p in parts):
+            return SamplerOutput(token_ids)
+        width = max(p.logprobs.shape[1] for p in parts if p.logprobs is not None)
+
+        def table(p: SamplerOutput, t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+            if t is None:
+                return torch.zeros((p.token_ids.shape[0], width), dtype=dtype, device=token_ids.device)
+            return torch.nn.functional.pad(t, (0, width - t.shape[1]))
+        return SamplerOutput(
+            token_ids,
+            torch.cat([table(p, p.logprob_token_ids, torch.int64) for p in parts]),
+            torch.cat([table(p, p.logprobs, torch.float32) for p in parts]),
+            torch.cat([p.sampled_ranks if p.sampled_ranks is not None
+                       else torch.zeros_like(p.token_ids) for p in parts]))
+
 
 def apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     if t.repetition_penalty is not None:

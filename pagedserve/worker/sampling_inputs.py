@@ -4,6 +4,10 @@ One Python pass over the rows collects plain lists (and flat (row, token) index 
 the sparse parts: logit_bias, min_tokens masks, output counts, prompt tokens); each tensor
 is then built in one call. Optional tensors stay None when no row uses the feature, so the
 common case (greedy or plain temperature) costs one argmax or one softmax.
+
+`sample` runs the sampler over at most SAMPLER_CHUNK_ROWS rows at a time: its float32 working
+set (logits, log-softmax, sort values and indices, probabilities: ~40 bytes per row per
+vocabulary entry) is then bounded whatever max_num_seqs is, and the KV cache keeps that memory.
 """
 from __future__ import annotations
 
@@ -11,8 +15,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pagedserve.layers.sampler import SamplingTensors
+from pagedserve.layers.sampler import Sampler, SamplerOutput, SamplingTensors
 from pagedserve.worker.input_batch import CachedRequestState
+
+SAMPLER_CHUNK_ROWS = 128
 
 
 @dataclass
@@ -39,6 +45,17 @@ class _Columns:
     mask_tokens: list[int] = field(default_factory=list)
     generators: dict[int, torch.Generator] = field(default_factory=dict)
     max_logprobs: int | None = None
+
+
+def sample(sampler: Sampler, logits: torch.Tensor, states: list[CachedRequestState], vocab_size: int,
+           device: torch.device, eos_token_ids: tuple[int, ...]) -> SamplerOutput:
+    """Sample one token per row of `logits` (row i belongs to states[i]), in chunks of rows."""
+    if len(states) <= SAMPLER_CHUNK_ROWS or all(state.sampling_params.is_plain_greedy for state in states):
+        return sampler(logits, build_sampling_tensors(states, vocab_size, device, eos_token_ids))
+    return SamplerOutput.cat([
+        sampler(logits[start:start + SAMPLER_CHUNK_ROWS],
+                build_sampling_tensors(states[start:start + SAMPLER_CHUNK_ROWS], vocab_size, device, eos_token_ids))
+        for start in range(0, len(states), SAMPLER_CHUNK_ROWS)])
 
 
 def build_sampling_tensors(states: list[CachedRequestState], vocab_size: int, device: torch.device,

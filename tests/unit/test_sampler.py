@@ -338,3 +338,28 @@ def test_hot_path_has_no_per_row_python_loop():
     base = _ops_for_batch(2, 0)
     assert _ops_for_batch(64, 0) == base
     assert _ops_for_batch(64, 5) == base + 2 * 5
+
+
+def test_sampling_in_chunks_equals_one_pass(monkeypatch):
+    """sampling_inputs.sample bounds the sampler's memory by sampling SAMPLER_CHUNK_ROWS rows at
+    a time: the tokens, logprob tables and ranks are those of one pass over the batch."""
+    from pagedserve.worker import sampling_inputs
+    params = [SamplingParams(temperature=0.0, logprobs=2), SamplingParams(temperature=0.8, seed=5, top_p=0.9),
+              SamplingParams(temperature=0.0, logit_bias={11: 100.0}), SamplingParams(temperature=1.0, seed=9, top_k=5,
+                                                                                        logprobs=4),
+              SamplingParams(temperature=0.0, min_tokens=3), SamplingParams(temperature=0.7, seed=1, min_p=0.1)]
+    logits = random_logits(len(params), seed=3)
+    logits[4, EOS[0]] = 1e4   # masked by min_tokens
+    results = []
+    for chunk in (len(params), 4, 1):
+        monkeypatch.setattr(sampling_inputs, "SAMPLER_CHUNK_ROWS", chunk)
+        states = [make_state(p) for p in params]   # fresh generators: same draws each time
+        results.append(sampling_inputs.sample(Sampler(), logits, states, VOCAB, torch.device("cpu"), EOS))
+    one = results[0]
+    assert one.token_ids[2].item() == 11 and one.token_ids[4].item() != EOS[0]
+    for out in results[1:]:
+        assert torch.equal(out.token_ids, one.token_ids)
+        for row, k in ((0, 2), (3, 4)):   # rows asking logprobs read their rank and 1 + k columns
+            assert out.sampled_ranks[row] == one.sampled_ranks[row]
+            assert torch.equal(out.logprob_token_ids[row, :1 + k], one.logprob_token_ids[row, :1 + k])
+            assert torch.equal(out.logprobs[row, :1 + k], one.logprobs[row, :1 + k])
