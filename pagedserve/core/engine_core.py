@@ -26,7 +26,7 @@ from pagedserve.errors import ValidationError
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(slots=True)
 class EngineCoreOutput:
     """What one step did to one request."""
 
@@ -147,12 +147,11 @@ class EngineCore:
             failed = self.scheduler.finish_requests(failed_ids, RequestStatus.FINISHED_ERROR)
             return [EngineCoreOutput(r.request_id, finish_reason="abort", error=message) for r in failed]
         changed = self.scheduler.update_from_output(so, runner_output)
-        outputs = []
-        for request in changed:
-            rid = request.request_id
-            outputs.append(EngineCoreOutput(
-                rid, [request.output_token_ids[-1]], request.get_finish_reason(), request.stop_reason,
-                runner_output.logprobs.get(rid), None, max(request.num_cached_tokens, 0)))
+        logprobs = runner_output.logprobs
+        outputs = [EngineCoreOutput(request.request_id, [request.output_token_ids[-1]], request.get_finish_reason(),
+                                    request.stop_reason, logprobs.get(request.request_id) if logprobs else None,
+                                    None, max(request.num_cached_tokens, 0))
+                   for request in changed]
         for rid, prompt_logprobs in runner_output.prompt_logprobs.items():
             for out in outputs:
                 if out.req_id == rid:

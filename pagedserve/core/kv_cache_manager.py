@@ -84,11 +84,17 @@ class KVCacheManager:
         `new_computed_blocks`, prefix hits for a request with no blocks). Returns False and
         changes nothing when the pool cannot satisfy it. A shared partial last block is
         copied first (copy-on-write), queued in `pending_copies`."""
-        blocks = self.req_to_blocks.setdefault(request.request_id, [])
+        blocks = self.req_to_blocks.get(request.request_id)
+        if blocks is None:
+            blocks = self.req_to_blocks[request.request_id] = []
+        num_total = request.num_computed_tokens + request.num_unresolved_tokens + num_new_tokens
         if not new_computed_blocks and blocks and blocks[-1].ref_cnt == 1 \
-                and request.num_scheduled_tokens_ahead + num_new_tokens <= len(blocks) * self.block_size:
-            # fast path (most decode steps): the tokens fit the blocks held, nothing shared
-            self._cache_full_blocks(request, blocks, request.num_scheduled_tokens_ahead + num_new_tokens)
+                and num_total <= len(blocks) * self.block_size:
+            # fast path (most decode steps): the tokens fit the blocks held, nothing shared,
+            # and no block filled up since the last call
+            if self.enable_prefix_caching \
+                    and num_total // self.block_size > self.num_cached_blocks.get(request.request_id, 0):
+                self._cache_full_blocks(request, blocks, num_total)
             return True
         new_computed_blocks = new_computed_blocks or []
         num_computed = request.num_scheduled_tokens_ahead + len(new_computed_blocks) * self.block_size

@@ -39,7 +39,7 @@ _FINISH_REASONS = {
 }
 
 
-@dataclass
+@dataclass(eq=False)   # identity: `running.remove(request)` must not compare every field of every request
 class Request:
     """Token counters obey: num_computed_tokens <= num_tokens = len(prompt) + len(output).
 
@@ -105,4 +105,4 @@ class Request:
         return RequestStatus.is_finished(self.status)
 
     def get_finish_reason(self) -> str | None:
-        return RequestStatus.finish_reason(self.status)
+        return _FINISH_REASONS.get(self.status)

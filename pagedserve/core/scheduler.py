@@ -25,6 +25,7 @@ from pagedserve.core.scheduler_output import (CachedRequestData, ForkedRequestDa
                                               NewRequestData, SchedulerOutput)
 
 logger = logging.getLogger(__name__)
+_RUNNING = RequestStatus.RUNNING
 
 
 @dataclass
@@ -111,26 +112,31 @@ class Scheduler:
 
         index = 0
         blocked = False   # a preemption was needed but its victim has work in flight
-        while index < len(self.running) and budget > 0:
-            request = self.running[index]
-            num_new = min(request.num_tokens + request.num_inflight_samples - request.num_scheduled_tokens_ahead,
-                          budget)
-            if num_new <= 0 or (request.num_inflight_samples and self._reaches_limit(request)):
+        running = self.running
+        while index < len(running) and budget > 0:
+            request = running[index]
+            num_inflight = request.num_inflight_samples
+            num_tokens = len(request.prompt_token_ids) + len(request.output_token_ids) + num_inflight
+            num_new = min(num_tokens - request.num_computed_tokens - request.num_unresolved_tokens, budget)
+            # skip if the token in flight ends the request by length: schedule nothing more
+            if num_new <= 0 or (num_inflight and (
+                    num_tokens - len(request.prompt_token_ids) >= request.max_tokens
+                    or num_tokens >= self.max_model_len)):
                 index += 1
                 continue
             while not self.kv.allocate_slots(request, num_new):
-                victim = self.running[-1]
+                victim = running[-1]
                 if victim.num_unresolved_tokens:
                     blocked = True
                     break
-                self.running.pop()
+                running.pop()
                 self._preempt(victim, out)
                 preempted.append(victim)
                 if victim is request:
                     break
             else:
+                self._describe(request, num_new, out)
                 scheduled.append(request)
-                out.num_scheduled_tokens[request.request_id] = num_new
                 budget -= num_new
                 index += 1
                 continue
@@ -163,27 +169,16 @@ class Scheduler:
                 request.first_scheduled_time = time.monotonic()
             self.running.append(request)
             if num_new > 0:
+                self._describe(request, num_new, out)
                 scheduled.append(request)
-                out.num_scheduled_tokens[request.request_id] = num_new
                 budget -= num_new
 
-        for request in scheduled:
-            self._describe(request, out)
         out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
-        self._fork_completed_prompts(scheduled, out)
-        out.blocks_to_copy = self.kv.take_pending_copies()
         self.stats.num_batched_tokens = out.total_num_scheduled_tokens
-        for rid, num_new in out.num_scheduled_tokens.items():   # now in flight until update_from_output
-            request = self.requests[rid]
-            request.num_unresolved_tokens += num_new
-            if request.num_scheduled_tokens_ahead >= request.num_tokens + request.num_inflight_samples:
-                request.num_inflight_samples += 1
+        if self.pending_forks:
+            self._fork_completed_prompts(scheduled, out)
+        out.blocks_to_copy = self.kv.take_pending_copies()
         return out
-
-    def _reaches_limit(self, request: Request) -> bool:
-        """Will the token in flight end the request by length? Then schedule nothing more."""
-        num_tokens = request.num_tokens + request.num_inflight_samples
-        return num_tokens - request.num_prompt_tokens >= request.max_tokens or num_tokens >= self.max_model_len
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         assert not request.num_unresolved_tokens, "a request with work in flight is never preempted"
@@ -198,39 +193,51 @@ class Scheduler:
         out.num_scheduled_tokens.pop(request.request_id, None)
         logger.debug("preempted %s", request.request_id)
 
-    def _describe(self, request: Request, out: SchedulerOutput) -> None:
-        """New (or resumed) requests go to the runner in full, known ones as block diffs.
-        `_sent_blocks` remembers (count, last block id) of what the runner holds."""
+    def _describe(self, request: Request, num_new: int, out: SchedulerOutput) -> None:
+        """Schedule `num_new` tokens of `request` (its blocks are final for this step): tell
+        the runner, then count the work as in flight until update_from_output. New (or resumed)
+        requests go in full, known ones as block diffs; `_sent_blocks` remembers (count, last
+        block id) of what the runner holds."""
         rid = request.request_id
+        out.num_scheduled_tokens[rid] = num_new
         blocks = self.kv.req_to_blocks[rid]
+        num_ahead = request.num_computed_tokens + request.num_unresolved_tokens
+        output_token_ids = request.output_token_ids
+        num_tokens = len(request.prompt_token_ids) + len(output_token_ids)
         sent = self._sent_blocks.get(rid)
         if sent is None:
             out.new_requests.append(NewRequestData(
-                rid, request.all_token_ids, request.num_prompt_tokens, request.sampling_params,
-                [b.block_id for b in blocks], request.num_scheduled_tokens_ahead))
+                rid, request.all_token_ids, len(request.prompt_token_ids), request.sampling_params,
+                [b.block_id for b in blocks], num_ahead))
+            self._sent_blocks[rid] = (len(blocks), blocks[-1].block_id if blocks else -1)
         else:
             num_sent, last_sent = sent
-            replaced = None
-            if num_sent and blocks[num_sent - 1].block_id != last_sent:   # copy-on-write moved it
-                replaced = blocks[num_sent - 1].block_id
+            new_block_ids, replaced = [], None
+            if num_sent != len(blocks) or (num_sent and blocks[-1].block_id != last_sent):
+                if num_sent and blocks[num_sent - 1].block_id != last_sent:   # copy-on-write moved it
+                    replaced = blocks[num_sent - 1].block_id
+                new_block_ids = [b.block_id for b in blocks[num_sent:]]
+                self._sent_blocks[rid] = (len(blocks), blocks[-1].block_id)
             out.cached_requests.append(CachedRequestData(
-                rid, [b.block_id for b in blocks[num_sent:]], request.num_scheduled_tokens_ahead, replaced,
-                request.num_tokens, request.output_token_ids[-1] if request.output_token_ids else None))
-        self._sent_blocks[rid] = (len(blocks), blocks[-1].block_id if blocks else -1)
+                rid, new_block_ids, num_ahead, replaced, num_tokens,
+                output_token_ids[-1] if output_token_ids else None))
+        request.num_unresolved_tokens += num_new
+        if num_ahead + num_new >= num_tokens + request.num_inflight_samples:
+            request.num_inflight_samples += 1
 
     def _fork_completed_prompts(self, scheduled: list[Request], out: SchedulerOutput) -> None:
         """n > 1: siblings join when the parent's prompt completes; they share its blocks and
         sample from its logits in this very step."""
         for parent in scheduled:
             forks = self.pending_forks.get(parent.request_id)
-            num_new = out.num_scheduled_tokens.get(parent.request_id, 0)
-            if not forks or parent.num_scheduled_tokens_ahead + num_new < parent.num_tokens:
+            if not forks or parent.num_scheduled_tokens_ahead < parent.num_tokens:
                 continue
             del self.pending_forks[parent.request_id]
             for child in forks:
                 self.kv.fork(parent, child)
                 child.num_computed_tokens = parent.num_computed_tokens
-                child.num_unresolved_tokens = parent.num_unresolved_tokens
+                child.num_unresolved_tokens = parent.num_unresolved_tokens   # in flight, as the parent's
+                child.num_inflight_samples = parent.num_inflight_samples
                 child.num_cached_tokens = parent.num_cached_tokens
                 child.first_scheduled_time = parent.first_scheduled_time
                 child.status = RequestStatus.RUNNING
@@ -239,28 +246,28 @@ class Scheduler:
                 self._sent_blocks[child.request_id] = (len(child_blocks), child_blocks[-1].block_id)
                 out.forked_requests.append(ForkedRequestData(child.request_id, parent.request_id,
                                                              child.sampling_params))
-                out.num_scheduled_tokens[child.request_id] = num_new
+                out.num_scheduled_tokens[child.request_id] = out.num_scheduled_tokens[parent.request_id]
 
     def update_from_output(self, out: SchedulerOutput, runner_output: ModelRunnerOutput) -> list[Request]:
         """Advance counters, append sampled tokens, apply token-level stop rules.
         Returns the requests that got a new token or finished this step."""
         changed = []
         now = time.monotonic()
+        requests, sampled = self.requests, runner_output.sampled_token_ids
         for rid, num_new in out.num_scheduled_tokens.items():
-            request = self.requests.get(rid)
-            if request is None or request.status != RequestStatus.RUNNING:
+            request = requests.get(rid)
+            if request is None or request.status != _RUNNING:
                 continue   # finished (or aborted) while the step was in flight
             request.num_computed_tokens += num_new
             request.num_unresolved_tokens -= num_new
-            token = runner_output.sampled_token_ids.get(rid)
+            token = sampled.get(rid)
             if token is None:
                 continue
             request.num_inflight_samples -= 1
             request.output_token_ids.append(token)
             if request.first_token_time is None:
                 request.first_token_time = now
-            self._check_stop(request, token)
-            if request.is_finished():
+            if self._check_stop(request, token):
                 self.running.remove(request)
                 self._free(request)
             changed.append(request)
@@ -269,15 +276,19 @@ class Scheduler:
         self.stats.kv_cache_usage = self.kv.usage()
         return changed
 
-    def _check_stop(self, request: Request, token: int) -> None:
+    def _check_stop(self, request: Request, token: int) -> bool:
+        """Set a finished status if `token` ends the request; True if it did."""
         params = request.sampling_params
-        if request.num_output_tokens >= params.min_tokens:
+        num_output = len(request.output_token_ids)
+        if num_output >= params.min_tokens:
             if not params.ignore_eos and token in request.eos_token_ids:
                 request.status = RequestStatus.FINISHED_STOPPED
-                return
+                return True
             if token in params.stop_token_ids:
                 request.status = RequestStatus.FINISHED_STOPPED
                 request.stop_reason = token
-                return
-        if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:
+                return True
+        if num_output >= request.max_tokens or len(request.prompt_token_ids) + num_output >= self.max_model_len:
             request.status = RequestStatus.FINISHED_LENGTH_CAPPED
+            return True
+        return False

@@ -25,6 +25,9 @@ class OutputKind(enum.Enum):
     FINAL_ONLY = 2
 
 
+_FINAL_ONLY = OutputKind.FINAL_ONLY   # enum attribute lookups are slow on the per-step path
+
+
 @dataclass
 class SequenceState:
     index: int
@@ -55,7 +58,10 @@ class RequestState:
     prompt_logprobs_sent: bool = False
 
     def finished(self) -> bool:
-        return all(s.finish_reason is not None for s in self.sequences)
+        for seq in self.sequences:
+            if seq.finish_reason is None:
+                return False
+        return True
 
 
 class OutputProcessor:
@@ -101,7 +107,7 @@ class OutputProcessor:
                 state.error = out.error
             if out.new_prompt_logprobs and state.prompt_logprobs is not None:
                 state.prompt_logprobs.extend(self._logprob_dicts(e) for e in out.new_prompt_logprobs)
-            if out.new_token_ids and state.first_token_time is None:
+            if state.first_token_time is None and out.new_token_ids:
                 state.first_token_time = time.monotonic()
             state.num_cached_tokens = out.num_cached_tokens
             if self._apply(seq, out):
@@ -110,10 +116,12 @@ class OutputProcessor:
                 del self.seq_of[out.req_id]
         results = []
         for state in touched.values():
-            result = self._make_output(state)
-            if result is not None:
-                results.append(result)
-            if state.finished():
+            finished = state.finished()
+            if finished or state.output_kind is not _FINAL_ONLY:
+                result = self._make_output(state)
+                if result is not None:
+                    results.append(result)
+            if finished:
                 self.states.pop(state.request_id, None)
         return results, to_stop
 

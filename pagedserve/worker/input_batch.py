@@ -2,7 +2,9 @@
 tokens into model inputs (token ids, positions, slot mapping, block tables).
 
 Rows are ordered decodes first, then prefill chunks, so attention backends can treat the
-`num_decodes` leading rows as a batch of single-token queries.
+`num_decodes` leading rows as a batch of single-token queries. Per-row work is a few list
+comprehensions; the rest is numpy over whole columns (block tables are gathered from the
+persistent BlockTable, not rebuilt from each request's list).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pagedserve.core.request import RequestId
 from pagedserve.sampling_params import SamplingParams
 
 
-@dataclass
+@dataclass(eq=False)
 class CachedRequestState:
     req_id: RequestId
     token_ids: list[int]              # prompt + outputs sampled so far
@@ -25,10 +27,17 @@ class CachedRequestState:
     block_ids: list[int]
     num_computed_tokens: int
     generator: torch.Generator | None = None
-    output_counts: dict[int, int] = field(default_factory=dict)   # for frequency/presence penalties
+    # Occurrences of each output token, kept only for rows whose penalties read them.
+    output_counts: dict[int, int] = field(default_factory=dict)
     # Async scheduling: index in token_ids of the latest sampled token still on the device
     # (a -1 placeholder until its step is resolved), else -1.
     pending_pos: int = -1
+    sampled_row: int = -1   # row of the last launched step's samples (valid while pending_pos >= 0)
+    block_row: int = -1     # this request's row of the runner's BlockTable
+    counts_outputs: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.counts_outputs = self.sampling_params.reads_output_history
 
     @property
     def num_output_tokens(self) -> int:
@@ -36,7 +45,44 @@ class CachedRequestState:
 
     def append_output(self, token: int) -> None:
         self.token_ids.append(token)
-        self.output_counts[token] = self.output_counts.get(token, 0) + 1
+        self.count_output(token)
+
+    def count_output(self, token: int) -> None:
+        if self.counts_outputs:
+            self.output_counts[token] = self.output_counts.get(token, 0) + 1
+
+
+class BlockTable:
+    """The block ids of every request the runner holds, one persistent int32 row each
+    (entries past a request's blocks are 0). Rows are written only when blocks change, so a
+    step gathers its block tables with one fancy index instead of converting each list."""
+
+    def __init__(self, num_cols: int) -> None:
+        self.array = np.zeros((0, max(num_cols, 1)), dtype=np.int32)
+        self._free_rows: list[int] = []
+
+    def add(self, block_ids: list[int]) -> int:
+        """Take a free row (growing the array if none is left) holding `block_ids`."""
+        if not self._free_rows:
+            num_rows = len(self.array)
+            grown = np.zeros((max(2 * num_rows, 64), self.array.shape[1]), dtype=np.int32)
+            grown[:num_rows] = self.array
+            self.array = grown
+            self._free_rows = list(range(len(grown) - 1, num_rows - 1, -1))
+        row = self._free_rows.pop()
+        self.write(row, 0, block_ids)
+        return row
+
+    def write(self, row: int, start: int, block_ids: list[int]) -> None:
+        """Set entries start .. start + len(block_ids) of `row`."""
+        end = start + len(block_ids)
+        if end > self.array.shape[1]:
+            self.array = np.pad(self.array, ((0, 0), (0, end - self.array.shape[1])))
+        self.array[row, start:end] = block_ids
+
+    def remove(self, row: int) -> None:
+        self.array[row] = 0
+        self._free_rows.append(row)
 
 
 @dataclass
@@ -54,37 +100,37 @@ class StepInputs:
 
 
 def build_step_inputs(states: list[CachedRequestState], num_scheduled: list[int], block_size: int,
-                      device: torch.device) -> StepInputs:
-    """Flatten the scheduled requests (any order) into decode-first model inputs."""
-    order = sorted(range(len(states)), key=lambda i: num_scheduled[i] != 1)
-    rows = [states[i] for i in order]
-    query_lens = [num_scheduled[i] for i in order]
-    num_tokens = sum(query_lens)
-    input_ids = np.empty(num_tokens, dtype=np.int64)
-    positions = np.empty(num_tokens, dtype=np.int64)
-    seq_lens = np.empty(len(rows), dtype=np.int32)
-    max_blocks = max(len(s.block_ids) for s in rows)
-    block_tables = np.zeros((len(rows), max_blocks), dtype=np.int32)
-    logits_indices, sample_rows = [], []
-    offset = 0
-    for row, (state, q_len) in enumerate(zip(rows, query_lens)):
-        start = state.num_computed_tokens
-        end = start + q_len
-        input_ids[offset:offset + q_len] = state.token_ids[start:end]
-        positions[offset:offset + q_len] = np.arange(start, end)
-        seq_lens[row] = end
-        block_tables[row, :len(state.block_ids)] = state.block_ids
-        offset += q_len
-        if end == len(state.token_ids):
-            logits_indices.append(offset - 1)
-            sample_rows.append(row)
+                      device: torch.device, block_table: BlockTable) -> StepInputs:
+    """Flatten the scheduled requests (any order) into decode-first model inputs. Reads the
+    states' `block_row`s of `block_table`; mutates nothing."""
+    decodes = [i for i, q_len in enumerate(num_scheduled) if q_len == 1]
+    num_decodes = len(decodes)
+    if num_decodes == len(states):
+        rows, query_lens = states, num_scheduled
+    else:
+        order = decodes + [i for i, q_len in enumerate(num_scheduled) if q_len != 1]
+        rows = [states[i] for i in order]
+        query_lens = [num_scheduled[i] for i in order]
+    starts = [state.num_computed_tokens for state in rows]
+    token_ids = [state.token_ids[start] for state, start in zip(rows[:num_decodes], starts)]
+    for state, start, q_len in zip(rows[num_decodes:], starts[num_decodes:], query_lens[num_decodes:]):
+        token_ids += state.token_ids[start:start + q_len]
+    input_ids = np.array(token_ids, dtype=np.int64)
+    query_start_loc = np.zeros(len(rows) + 1, dtype=np.int32)
+    np.cumsum(query_lens, out=query_start_loc[1:])
+    starts_np = np.array(starts, dtype=np.int64)
+    seq_lens = (starts_np + query_lens).astype(np.int32)
+    # row r's tokens: input_ids[query_start_loc[r]:query_start_loc[r + 1]] at positions
+    # starts[r] .. seq_lens[r] - 1; the row samples if seq_lens[r] reaches its known tokens
+    positions = np.arange(len(token_ids), dtype=np.int64) + np.repeat(starts_np - query_start_loc[:-1], query_lens)
+    sample_rows = np.flatnonzero(seq_lens == np.array([len(state.token_ids) for state in rows]))
+    logits_indices = query_start_loc[1:][sample_rows].astype(np.int64) - 1
+    max_blocks = max(len(state.block_ids) for state in rows)
+    block_tables = block_table.array[[state.block_row for state in rows], :max_blocks]
     # slot = block_table[pos // block_size] * block_size + pos % block_size
     row_of_token = np.repeat(np.arange(len(rows)), query_lens)
     slot_mapping = block_tables[row_of_token, positions // block_size].astype(np.int64) * block_size \
         + positions % block_size
-    query_start_loc = np.zeros(len(rows) + 1, dtype=np.int32)
-    np.cumsum(query_lens, out=query_start_loc[1:])
-    num_decodes = sum(1 for q in query_lens if q == 1)
 
     def to(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(device, non_blocking=True)
@@ -94,5 +140,4 @@ def build_step_inputs(states: list[CachedRequestState], num_scheduled: list[int]
                              max_query_len=max(query_lens), max_seq_len=int(seq_lens.max()),
                              num_decodes=num_decodes, num_decode_tokens=num_decodes)
     return StepInputs(input_ids=to(input_ids), positions=to(positions), meta=meta, rows=rows,
-                      query_lens=query_lens, logits_indices=to(np.array(logits_indices, dtype=np.int64)),
-                      sample_rows=sample_rows)
+                      query_lens=query_lens, logits_indices=to(logits_indices), sample_rows=sample_rows.tolist())

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -27,8 +28,8 @@ from pagedserve.layers.parallel import tp_rank
 from pagedserve.layers.sampler import Sampler, gather_logprobs
 from pagedserve.models.loader import ModelSource, load_weights
 from pagedserve.models.registry import resolve_model_class
-from pagedserve.worker.input_batch import CachedRequestState, StepInputs, build_step_inputs
-from pagedserve.worker.sampling_inputs import build_sampling_tensors
+from pagedserve.worker.input_batch import BlockTable, CachedRequestState, StepInputs, build_step_inputs
+from pagedserve.worker.sampling_inputs import sample
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +48,14 @@ class PendingRunnerOutput:
         if self.event is not None:
             self.event.synchronize()
         output = self.output
-        for state, pos, token in zip(self.states, self.positions, self.token_ids.tolist()):
+        tokens = self.token_ids.tolist()
+        for state, pos, token in zip(self.states, self.positions, tokens):
             state.token_ids[pos] = token
-            state.output_counts[token] = state.output_counts.get(token, 0) + 1
+            if state.counts_outputs:
+                state.count_output(token)
             if state.pending_pos == pos:
                 state.pending_pos = -1
-            output.sampled_token_ids[state.req_id] = token
+        output.sampled_token_ids.update(zip([state.req_id for state in self.states], tokens))
         if self.logprobs is not None:
             _collect_logprobs(self.states, *self.logprobs, output)
         return output
@@ -83,6 +86,7 @@ class ModelRunner:
         self.device = device
         self.block_size = config.cache.block_size
         self.states: dict[RequestId, CachedRequestState] = {}
+        self.block_table = BlockTable(-(-config.scheduler.max_model_len // self.block_size))
         self.generators: dict[RequestId, torch.Generator] = {}
         self.sampler = Sampler()
         self.model: nn.Module | None = None
@@ -90,9 +94,8 @@ class ModelRunner:
         self.is_driver = tp_rank() == 0
         self._forked: dict[RequestId, RequestId] = {}   # this step's new siblings -> parent
         self.graph_runner = None
-        # the last launched step's sampled ids on the device, and each request's row in them
+        # the last launched step's sampled ids on the device (each state's `sampled_row` in them)
         self._prev_sampled: torch.Tensor | None = None
-        self._prev_rows: dict[RequestId, int] = {}
 
     # ---- set-up -----------------------------------------------------------------------
     def load_model(self) -> None:
@@ -136,10 +139,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def profile_run(self, num_tokens: int) -> None:
-        """A forward of `num_tokens` prompt tokens plus a sampler pass over max_num_seqs rows,
+        """A forward of `num_tokens` prompt tokens, logits of max_num_seqs rows and a sampler pass,
         against a one-block scratch cache (stores skipped), to measure peak memory."""
         from pagedserve.attention.metadata import AttentionMetadata
         from pagedserve.layers.sampler import SamplingTensors
+        from pagedserve.worker.sampling_inputs import SAMPLER_CHUNK_ROWS
         num_tokens = min(num_tokens, self.config.scheduler.max_model_len)
         backend = select_backend(self.device)
         for layer in self.model.attention_layers():
@@ -159,10 +163,11 @@ class ModelRunner:
         hidden = self.model(ids, positions, meta)
         rows = min(self.config.scheduler.max_num_seqs, num_tokens)
         logits = self.model.compute_logits(hidden[:rows])
-        if logits is not None:
+        if logits is not None:   # the sampler's largest chunk (see sampling_inputs.sample)
+            rows = min(rows, SAMPLER_CHUNK_ROWS)
             tensors = SamplingTensors(temperature=torch.ones(rows, device=self.device),
                                       top_p=torch.full((rows,), 0.9, device=self.device), max_num_logprobs=20)
-            self.sampler(logits, tensors)
+            self.sampler(logits[:rows], tensors)
         del hidden, logits
 
     # ---- one step ---------------------------------------------------------------------
@@ -174,12 +179,13 @@ class ModelRunner:
         self._update_states(so)
         if so.blocks_to_copy:
             self._copy_blocks(so.blocks_to_copy)
-        scheduled = [self.states[rid] for rid in so.num_scheduled_tokens if rid in self.states
-                     and rid not in self._forked]
+        scheduled = [state for state in map(self.states.get, so.num_scheduled_tokens)
+                     if state is not None and state.req_id not in self._forked]
         if not scheduled:
             return ModelRunnerOutput() if self.is_driver else None
-        inputs = build_step_inputs(scheduled, [so.num_scheduled_tokens[s.req_id] for s in scheduled],
-                                   self.block_size, self.device)
+        num_scheduled = so.num_scheduled_tokens
+        inputs = build_step_inputs(scheduled, [num_scheduled[state.req_id] for state in scheduled],
+                                   self.block_size, self.device, self.block_table)
         self._feed_inflight_tokens(inputs)
         prompt_logprobs = {}
         if self.graph_runner is not None and self.graph_runner.can_run(inputs):
@@ -205,21 +211,24 @@ class ModelRunner:
         if sample_states:
             if len(row_of_logits) != logits.shape[0]:
                 logits = logits[torch.tensor(row_of_logits, device=logits.device)]
-            tensors = build_sampling_tensors(sample_states, self.model_config.vocab_size, self.device,
-                                             self.model_config.eos_token_ids)
-            pending = self._defer(output, sample_states, self.sampler(logits, tensors))
-            return pending if non_block else pending.get()
-        self._prev_sampled, self._prev_rows = None, {}
+            sampled = sample(self.sampler, logits, sample_states, self.model_config.vocab_size, self.device,
+                             self.model_config.eos_token_ids)
+            pending = self._defer(output, sample_states, sampled)
+            if non_block:
+                return pending
+            self._prev_sampled = None   # resolved at once: no placeholder left to feed
+            return pending.get()
+        self._prev_sampled = None
         return output
 
     def _defer(self, output: ModelRunnerOutput, states: list[CachedRequestState], sampled) -> PendingRunnerOutput:
         positions = []
-        for state in states:
+        for row, state in enumerate(states):
+            pos = state.pending_pos = len(state.token_ids)
             state.token_ids.append(-1)   # placeholder, filled by PendingRunnerOutput.get()
-            state.pending_pos = len(state.token_ids) - 1
-            positions.append(state.pending_pos)
+            state.sampled_row = row
+            positions.append(pos)
         self._prev_sampled = sampled.token_ids
-        self._prev_rows = {state.req_id: row for row, state in enumerate(states)}
         token_ids = _to_host(sampled.token_ids)
         logprobs = None
         if sampled.logprobs is not None:
@@ -233,26 +242,25 @@ class ModelRunner:
 
     def _feed_inflight_tokens(self, inputs: StepInputs) -> None:
         """Input ids still on the device (placeholders of the last launched step) are copied
-        there from that step's sampled ids."""
-        dst, src = [], []
-        offset = 0
-        for state, q_len in zip(inputs.rows, inputs.query_lens):
-            pos = state.pending_pos
-            start = state.num_computed_tokens
-            if start <= pos < start + q_len:
-                dst.append(offset + pos - start)
-                src.append(self._prev_rows[state.req_id])
-            offset += q_len
-        if dst:
-            index = torch.tensor([dst, src], dtype=torch.int64).to(self.device, non_blocking=True)
+        there from that step's sampled ids. With one step in flight, a placeholder still
+        pending at launch always belongs to the last launched step."""
+        if self._prev_sampled is None:
+            return
+        rows, query_lens = inputs.rows, np.array(inputs.query_lens)
+        offsets = np.array([state.pending_pos - state.num_computed_tokens for state in rows])
+        fed = np.flatnonzero((offsets >= 0) & (offsets < query_lens))
+        if fed.size:
+            dst = (np.cumsum(query_lens) - query_lens + offsets)[fed]
+            src = np.array([state.sampled_row for state in rows])[fed]
+            index = torch.from_numpy(np.stack([dst, src])).to(self.device, non_blocking=True)
             inputs.input_ids[index[0]] = self._prev_sampled[index[1]]
 
     def _update_states(self, so: SchedulerOutput) -> None:
         for rid in so.finished_req_ids:
-            self.states.pop(rid, None)
+            self._drop_state(rid)
             self.generators.pop(rid, None)
         for rid in so.preempted_req_ids:
-            self.states.pop(rid, None)
+            self._drop_state(rid)
         for new in so.new_requests:
             generator = self.generators.get(new.req_id)
             if generator is None and new.sampling_params.seed is not None:
@@ -262,13 +270,16 @@ class ModelRunner:
                                        new.sampling_params, list(new.block_ids), new.num_computed_tokens,
                                        generator)
             for token in new.token_ids[new.num_prompt_tokens:]:
-                state.output_counts[token] = state.output_counts.get(token, 0) + 1
-            self.states[new.req_id] = state
+                state.count_output(token)
+            self._add_state(state)
         for cached in so.cached_requests:
             state = self.states[cached.req_id]
             if cached.replaced_last_block is not None:
                 state.block_ids[-1] = cached.replaced_last_block
-            state.block_ids.extend(cached.new_block_ids)
+                self.block_table.write(state.block_row, len(state.block_ids) - 1, [cached.replaced_last_block])
+            if cached.new_block_ids:
+                self.block_table.write(state.block_row, len(state.block_ids), cached.new_block_ids)
+                state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
             if cached.last_token_id is not None and len(state.token_ids) == cached.num_tokens - 1:
                 state.append_output(cached.last_token_id)
@@ -279,10 +290,20 @@ class ModelRunner:
             if fork.sampling_params.seed is not None:
                 generator = torch.Generator(device=self.device).manual_seed(fork.sampling_params.seed)
                 self.generators[fork.req_id] = generator
-            self.states[fork.req_id] = CachedRequestState(
+            self._add_state(CachedRequestState(
                 fork.req_id, list(parent.token_ids), parent.num_prompt_tokens, fork.sampling_params,
-                list(parent.block_ids), parent.num_computed_tokens, generator, dict(parent.output_counts))
+                list(parent.block_ids), parent.num_computed_tokens, generator, dict(parent.output_counts)))
             self._forked[fork.req_id] = fork.parent_req_id
+
+    def _add_state(self, state: CachedRequestState) -> None:
+        self._drop_state(state.req_id)
+        state.block_row = self.block_table.add(state.block_ids)
+        self.states[state.req_id] = state
+
+    def _drop_state(self, req_id: RequestId) -> None:
+        state = self.states.pop(req_id, None)
+        if state is not None:
+            self.block_table.remove(state.block_row)
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         src = torch.tensor([s for s, _ in copies], device=self.device)
