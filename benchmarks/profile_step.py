@@ -5,6 +5,7 @@ Usage: python3 benchmarks/profile_step.py llama-1b|llama-8b [decode|b1host|thr|t
   thr:    cProfile (host side) of 512 requests of the peers workload (thr512)
   thrq:   thr512 timed only (for sweeps of engine arguments)
   ttft:   kernel table of one 1024-token prefill
+  ttftrep: ttft1024 wall time of 8 fresh prompts (one figure is noisy: the step is host-bound)
   lockstep: async scheduling off (`thr lockstep` vs `thr` is the on/off A/B on one machine)
   key=value: extra LLM(...) arguments, e.g. max_num_seqs=512 (ints parsed)"""
 import cProfile
@@ -88,6 +89,16 @@ if "thr" in stages or "thrq" in stages:
 if "thr" in stages:
     outs, dt = cprofile(lambda: llm.generate(prompts, sps, use_tqdm=False), "thr512", 30)
     print(f"thr512 under cProfile: {sum(len(o.outputs[0].token_ids) for o in outs) / dt:.0f} out tok/s")
+if "ttftrep" in stages:
+    one = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0, detokenize=False)
+    llm.generate([{"prompt_token_ids": [(i * 7) % 32000 + 3 for i in range(1024)]}], [one], use_tqdm=False)
+    times = []
+    for k in range(8):
+        t0 = time.time()
+        llm.generate([{"prompt_token_ids": [(i * (13 + 2 * k) + 5) % 32000 + 3 for i in range(1024)]}], [one],
+                     use_tqdm=False)
+        times.append(round((time.time() - t0) * 1e3, 1))
+    print(f"{name} ttft1024 ms, 8 fresh prompts: {times}")
 if "ttft" in stages:
     one = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0, detokenize=False)
     seeds = iter(range(11, 100))
