@@ -35,9 +35,11 @@ class CachedRequestState:
     sampled_row: int = -1   # row of the last launched step's samples (valid while pending_pos >= 0)
     block_row: int = -1     # this request's row of the runner's BlockTable
     counts_outputs: bool = field(init=False)
+    plain_greedy: bool = field(init=False)   # SamplingParams.is_plain_greedy, read every step
 
     def __post_init__(self) -> None:
         self.counts_outputs = self.sampling_params.reads_output_history
+        self.plain_greedy = self.sampling_params.is_plain_greedy
 
     @property
     def num_output_tokens(self) -> int:

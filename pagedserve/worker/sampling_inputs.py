@@ -50,7 +50,9 @@ class _Columns:
 def sample(sampler: Sampler, logits: torch.Tensor, states: list[CachedRequestState], vocab_size: int,
            device: torch.device, eos_token_ids: tuple[int, ...]) -> SamplerOutput:
     """Sample one token per row of `logits` (row i belongs to states[i]), in chunks of rows."""
-    if len(states) <= SAMPLER_CHUNK_ROWS or all(state.sampling_params.is_plain_greedy for state in states):
+    if all(state.plain_greedy for state in states):   # the common case: one argmax
+        return sampler(logits, SamplingTensors(temperature=torch.zeros(len(states), device=device), all_greedy=True))
+    if len(states) <= SAMPLER_CHUNK_ROWS:
         return sampler(logits, build_sampling_tensors(states, vocab_size, device, eos_token_ids))
     return SamplerOutput.cat([
         sampler(logits[start:start + SAMPLER_CHUNK_ROWS],
@@ -61,7 +63,7 @@ def sample(sampler: Sampler, logits: torch.Tensor, states: list[CachedRequestSta
 def build_sampling_tensors(states: list[CachedRequestState], vocab_size: int, device: torch.device,
                            eos_token_ids: tuple[int, ...]) -> SamplingTensors:
     """Reads the states; mutates nothing. Rows are in `states` order."""
-    if all(state.sampling_params.is_plain_greedy for state in states):   # the common case: one argmax
+    if all(state.plain_greedy for state in states):   # the common case: one argmax
         return SamplingTensors(temperature=torch.zeros(len(states), device=device), all_greedy=True)
     c = _Columns()
     for row, state in enumerate(states):
