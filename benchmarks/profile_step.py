@@ -18,7 +18,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, ".devcarry")
-from peers import make_model_dir, workload  # noqa: E402
+from peers import make_model_dir  # noqa: E402
+from peers_thr import run_thr, thr_requests  # noqa: E402
 
 from pagedserve import LLM, SamplingParams  # noqa: E402
 
@@ -79,14 +80,10 @@ if "b1host" in stages:
     llm.generate([prompt], [sp], use_tqdm=False)
     cprofile(lambda: llm.generate([prompt], [sp], use_tqdm=False), "b1 decode, 256 steps")
 if "thr" in stages or "thrq" in stages:
-    reqs = workload(512)
-    prompts = [{"prompt_token_ids": p} for p, _ in reqs]
-    sps = [SamplingParams(max_tokens=o, ignore_eos=True, temperature=0.0, detokenize=False) for _, o in reqs]
-    llm.generate(prompts[:8], sps[:8], use_tqdm=False)
-    t0 = time.time()
-    outs = llm.generate(prompts, sps, use_tqdm=False)
-    print(f"{name} {extra} thr512: {sum(len(o.outputs[0].token_ids) for o in outs) / (time.time() - t0):.0f} out tok/s")
+    outs, dt = run_thr(llm)
+    print(f"{name} {extra} thr512: {sum(len(o.outputs[0].token_ids) for o in outs) / dt:.0f} out tok/s")
 if "thr" in stages:
+    prompts, sps = thr_requests(512)
     outs, dt = cprofile(lambda: llm.generate(prompts, sps, use_tqdm=False), "thr512", 30)
     print(f"thr512 under cProfile: {sum(len(o.outputs[0].token_ids) for o in outs) / dt:.0f} out tok/s")
 if "ttftrep" in stages:

@@ -10,6 +10,7 @@ import time
 
 sys.path.insert(0, ".devcarry")
 from peers import emit, make_model_dir, workload  # noqa: E402
+from peers_thr import run_thr  # noqa: E402
 
 
 def make_llm(tp: int):
@@ -42,13 +43,7 @@ def main() -> None:
         outs = llm.generate(prompts, sp, use_tqdm=False)
         json.dump([o.outputs[0].token_ids for o in outs], open(sys.argv[3], "w"))
     else:
-        reqs = workload(512)
-        prompts = [{"prompt_token_ids": p} for p, _ in reqs]
-        sps = [SamplingParams(max_tokens=o, ignore_eos=True, temperature=0.0, detokenize=False) for _, o in reqs]
-        llm.generate(prompts[:8], sps[:8], use_tqdm=False)
-        t0 = time.time()
-        outs = llm.generate(prompts, sps, use_tqdm=False)
-        dt = time.time() - t0
+        outs, dt = run_thr(llm)
         gen = sum(len(o.outputs[0].token_ids) for o in outs)
         emit(engine="pagedserve", model="llama-8b", tp=tp, workload="thr512", wall_s=round(dt, 2),
              req_s=round(512 / dt, 2), out_tok_s=round(gen / dt, 1))

@@ -26,10 +26,6 @@ class RequestStatus(enum.IntEnum):
     def is_finished(status: "RequestStatus") -> bool:
         return status > RequestStatus.PREEMPTED
 
-    @staticmethod
-    def finish_reason(status: "RequestStatus") -> str | None:
-        return _FINISH_REASONS.get(status)
-
 
 _FINISH_REASONS = {
     RequestStatus.FINISHED_STOPPED: "stop",

@@ -1,7 +1,7 @@
 """CUDA graphs for decode steps: one graph per batch-size bucket up to max_num_seqs (at most
 MAX_CAPTURE_SIZE, as vLLM's default capture limit: larger decode batches run eagerly, where
-launch overhead is small against the work), captured over static input buffers; a step of n decodes replays the smallest bucket >= n with the
-rows past n padded harmlessly (slot -1: no KV write; seq_len 1: reads one cached key of
+launch overhead is small against the work), captured over static input buffers; a step of
+n decodes replays the smallest bucket >= n with the rows past n padded harmlessly (slot -1: no KV write; seq_len 1: reads one cached key of
 whatever block the stale table row names; their logits are dropped).
 
 The graph covers embedding -> layers -> final norm -> LM head, so a replay returns logits.

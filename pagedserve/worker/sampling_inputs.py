@@ -50,9 +50,7 @@ class _Columns:
 def sample(sampler: Sampler, logits: torch.Tensor, states: list[CachedRequestState], vocab_size: int,
            device: torch.device, eos_token_ids: tuple[int, ...]) -> SamplerOutput:
     """Sample one token per row of `logits` (row i belongs to states[i]), in chunks of rows."""
-    if all(state.plain_greedy for state in states):   # the common case: one argmax
-        return sampler(logits, SamplingTensors(temperature=torch.zeros(len(states), device=device), all_greedy=True))
-    if len(states) <= SAMPLER_CHUNK_ROWS:
+    if len(states) <= SAMPLER_CHUNK_ROWS or all(state.plain_greedy for state in states):   # one pass
         return sampler(logits, build_sampling_tensors(states, vocab_size, device, eos_token_ids))
     return SamplerOutput.cat([
         sampler(logits[start:start + SAMPLER_CHUNK_ROWS],
