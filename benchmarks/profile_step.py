@@ -6,6 +6,8 @@ Usage: python3 benchmarks/profile_step.py llama-1b|llama-8b [decode|b1host|thr|t
   thrq:   thr512 timed only (for sweeps of engine arguments)
   ttft:   kernel table of one 1024-token prefill
   ttftrep: ttft1024 wall time of 8 fresh prompts (one figure is noisy: the step is host-bound)
+  ttftdiag: where a ttft1024 goes: fresh prompts plain / after gc.freeze, the eager forward's
+          host enqueue vs device time, host cost per launch of each kernel, cProfile by phase
   lockstep: async scheduling off (`thr lockstep` vs `thr` is the on/off A/B on one machine)
   key=value: extra LLM(...) arguments, e.g. max_num_seqs=512 (ints parsed)"""
 import cProfile
@@ -104,3 +106,83 @@ if "ttft" in stages:
         k = next(seeds)
         llm.generate([{"prompt_token_ids": [(i * k + 3) % 32000 + 3 for i in range(1024)]}], [one], use_tqdm=False)
     kernel_table(fresh_prefill, 15)
+
+if "ttftdiag" in stages:
+    import gc
+
+    from pagedserve.attention.metadata import AttentionMetadata
+    from pagedserve.attention.triton_paged_attention import paged_attention
+    from pagedserve.attention.triton_store_kv import store_kv
+    from pagedserve.layers import triton_ops
+    one = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0, detokenize=False)
+    seeds = iter(range(101, 1000, 2))
+
+    def fresh():
+        k = next(seeds)
+        t0 = time.perf_counter()
+        llm.generate([{"prompt_token_ids": [(i * k + 5) % 32000 + 3 for i in range(1024)]}], [one], use_tqdm=False)
+        return round((time.perf_counter() - t0) * 1e3, 1)
+    fresh()
+    print(f"{name} ttft1024 ms plain:      {[fresh() for _ in range(6)]}")
+    gc.collect()
+    gc.freeze()
+    print(f"{name} ttft1024 ms gc.freeze:  {[fresh() for _ in range(6)]}")
+    runner = llm.engine.core.executor.runner
+    dev = runner.device
+    n = 1024
+    meta = AttentionMetadata(slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=dev),
+                             query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=dev),
+                             seq_lens=torch.tensor([n], dtype=torch.int32, device=dev),
+                             block_tables=torch.arange(n // 16, dtype=torch.int32, device=dev)[None],
+                             max_query_len=n, max_seq_len=n, num_decodes=0)
+    ids = torch.randint(3, 32000, (n,), device=dev)
+    pos = torch.arange(n, device=dev)
+    with torch.inference_mode():
+        for _ in range(3):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            hidden = runner.model(ids, pos, meta)
+            logits = runner.model.compute_logits(hidden[-1:])
+            t1 = time.perf_counter()
+            torch.cuda.synchronize()
+            t2 = time.perf_counter()
+            print(f"eager prefill forward: host enqueue {(t1 - t0) * 1e3:.2f} ms, done after {(t2 - t0) * 1e3:.2f} ms")
+
+        def per_call(label, fn, reps=300):
+            fn()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            t1 = time.perf_counter()
+            torch.cuda.synchronize()
+            print(f"host per call {label:28s} {(t1 - t0) / reps * 1e6:7.1f} us")
+        layer = runner.model.attention_layers()[0]
+        h = layer.num_kv_heads * layer.head_dim
+        x = torch.randn(1, 2048, device=dev, dtype=torch.bfloat16)
+        w = torch.randn(2048, device=dev, dtype=torch.bfloat16)
+        res = torch.randn(1, 2048, device=dev, dtype=torch.bfloat16)
+        q = torch.randn(1, layer.num_heads, layer.head_dim, device=dev, dtype=torch.bfloat16)
+        k = torch.randn(1, layer.num_kv_heads, layer.head_dim, device=dev, dtype=torch.bfloat16)
+        cos = torch.randn(4096, layer.head_dim, device=dev, dtype=torch.bfloat16)
+        one_meta = dict(block_tables=meta.block_tables, seq_lens=torch.tensor([1], dtype=torch.int32, device=dev),
+                        query_start_loc=torch.tensor([0, 1], dtype=torch.int32, device=dev))
+        slot = torch.tensor([-1], device=dev)
+        weight = torch.randn(2048, 2048, device=dev, dtype=torch.bfloat16)
+        per_call("torch F.linear 1x2048x2048", lambda: torch.nn.functional.linear(x, weight))
+        per_call("torch add", lambda: x + res)
+        per_call("triton rms_norm+residual", lambda: triton_ops.rms_norm(x, w, 1e-5, res))
+        per_call("triton silu_and_mul", lambda: triton_ops.silu_and_mul(x))
+        per_call("triton rotary", lambda: triton_ops.rotary_in_place(pos[:1], q, k, cos, cos))
+        per_call("triton store_kv", lambda: store_kv(k, k, layer.k_cache, layer.v_cache, slot))
+        per_call("triton paged_attention", lambda: paged_attention(
+            q, layer.k_cache, layer.v_cache, one_meta["block_tables"], one_meta["seq_lens"],
+            one_meta["query_start_loc"], 0.1, 1, 1, num_decodes=0))
+    prompt = [(i * 997 + 5) % 32000 + 3 for i in range(1024)]
+    prof = cProfile.Profile()
+    prof.enable()
+    llm.generate([{"prompt_token_ids": prompt}], [one], use_tqdm=False)
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(45)
+    print(out.getvalue()[:9000])

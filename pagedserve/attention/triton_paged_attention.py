@@ -17,7 +17,7 @@ keys <= its position. Keys are read TILE_N at a time through the block table:
 
     key position p -> k_cache[block_tables[s, p // BLOCK_SIZE], p % BLOCK_SIZE, kv_head, :]
 
-Split-K (flash-decoding): with NUM_SEGMENTS > 1 each program covers one slice of the key
+Split-K (flash-decoding): with num_segments > 1 each program covers one slice of the key
 tiles and writes un-normalised partials (acc, running max, running sum) in fp32;
 `_reduce_segments` merges them. Softmax runs in fp32 in the log2 domain.
 """
@@ -50,14 +50,15 @@ def _find_seq_idx(query_start_loc_ptr, q_block, seq_begin, seq_end, token_begin,
     return lo - 1
 
 
-# seq_begin/seq_end/num_seqs may be 0 or 1: keep them runtime ints (no constexpr specialisation,
-# no recompiles between the decode and the prefill launch).
-@triton.jit(do_not_specialize=["seq_begin", "seq_end", "stride_block_table"])
+# seq_begin/seq_end/num_seqs/num_segments may be 0 or 1: keep them runtime ints (no constexpr
+# specialisation: one compiled variant serves every split count, decode and prefill alike).
+@triton.jit(do_not_specialize=["seq_begin", "seq_end", "stride_block_table", "num_segments"])
 def _paged_attention_kernel(
     out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr,
     query_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     scale_log2,  # softmax scale * log2(e)
     seq_begin, seq_end,  # this launch covers sequences [seq_begin, seq_end)
+    num_segments,  # split-K slices (grid axis 2); 1 writes `out` directly
     stride_q_token, stride_q_head, stride_o_token, stride_o_head,
     stride_k_block, stride_k_slot, stride_k_head,
     stride_v_block, stride_v_slot, stride_v_head,
@@ -65,7 +66,6 @@ def _paged_attention_kernel(
     NUM_HEADS: tl.constexpr, QUERIES_PER_KV: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr,
-    NUM_SEGMENTS: tl.constexpr,
     ONE_TILE_PER_SEQ: tl.constexpr,  # every query_len <= BLOCK_Q: program i -> sequence begin + i
     DOT_PRECISION: tl.constexpr,
 ):
@@ -104,8 +104,8 @@ def _paged_attention_kernel(
     # Causal horizon of this tile (exclusive), then this segment's share of the key tiles.
     key_end = tl.minimum(context_len + (q_block + 1) * BLOCK_Q, seq_len)
     num_tiles = tl.cdiv(key_end, TILE_N)
-    tile_lo = segment * num_tiles // NUM_SEGMENTS
-    tile_hi = (segment + 1) * num_tiles // NUM_SEGMENTS
+    tile_lo = segment * num_tiles // num_segments
+    tile_hi = (segment + 1) * num_tiles // num_segments
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -140,41 +140,51 @@ def _paged_attention_kernel(
         m_i = m_new
 
     store_mask = row_valid[:, None] & dim_valid[None, :]
-    if NUM_SEGMENTS == 1:
+    if num_segments == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(out_ptr + token[:, None] * stride_o_token + head[:, None] * stride_o_head + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=store_mask)
     else:
         # Empty segments still write (acc=0, max=-inf, sum=0) so the reduce reads no garbage.
-        row = (token * NUM_HEADS + head) * NUM_SEGMENTS + segment
+        row = (token * NUM_HEADS + head) * num_segments + segment
         tl.store(partial_acc_ptr + row[:, None] * HEAD_DIM_PAD + offs_d[None, :], acc, mask=store_mask)
         tl.store(partial_max_ptr + row, m_i, mask=row_valid)
         tl.store(partial_sum_ptr + row, l_i, mask=row_valid)
 
 
-@triton.jit(do_not_specialize=["num_seqs"])
+@triton.jit(do_not_specialize=["num_seqs", "num_segments"])
 def _reduce_segments_kernel(
     out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, query_start_loc_ptr, num_seqs,
-    stride_o_token, stride_o_head,
+    num_segments, stride_o_token, stride_o_head,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    NUM_SEGMENTS: tl.constexpr, NUM_SEGMENTS_PAD: tl.constexpr,
+    SEG_CHUNK: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     if (token < tl.load(query_start_loc_ptr)) | (token >= tl.load(query_start_loc_ptr + num_seqs)):
         return  # padding token (e.g. CUDA-graph batch padding): left untouched
-    offs_s = tl.arange(0, NUM_SEGMENTS_PAD)
+    offs_s = tl.arange(0, SEG_CHUNK)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    seg_valid = offs_s < NUM_SEGMENTS
-    row = (token * NUM_HEADS + head) * NUM_SEGMENTS + offs_s
-    seg_max = tl.load(partial_max_ptr + row, mask=seg_valid, other=float("-inf"))
-    seg_sum = tl.load(partial_sum_ptr + row, mask=seg_valid, other=0.0)
-    overall_max = tl.max(seg_max, 0)
-    weight = tl.math.exp2(seg_max - tl.where(overall_max == float("-inf"), 0.0, overall_max))
-    total = tl.sum(seg_sum * weight, 0)
-    seg_acc = tl.load(partial_acc_ptr + row[:, None] * HEAD_DIM_PAD + offs_d[None, :],
-                      mask=seg_valid[:, None], other=0.0)
-    out = tl.sum(seg_acc * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    first_row = (token * NUM_HEADS + head) * num_segments
+    # Segments are merged SEG_CHUNK at a time (one chunk up to SEG_CHUNK splits), online.
+    m = tl.full([1], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([1], dtype=tl.float32)
+    acc = tl.zeros([HEAD_DIM_PAD], dtype=tl.float32)
+    for start in range(0, num_segments, SEG_CHUNK):
+        seg_valid = start + offs_s < num_segments
+        row = first_row + start + offs_s
+        seg_max = tl.load(partial_max_ptr + row, mask=seg_valid, other=float("-inf"))
+        seg_sum = tl.load(partial_sum_ptr + row, mask=seg_valid, other=0.0)
+        seg_acc = tl.load(partial_acc_ptr + row[:, None] * HEAD_DIM_PAD + offs_d[None, :],
+                          mask=seg_valid[:, None], other=0.0)
+        m_new = tl.maximum(m, tl.max(seg_max, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m - m_safe)
+        weight = tl.math.exp2(seg_max - m_safe)
+        total = total * alpha + tl.sum(seg_sum * weight, 0)
+        acc = acc * alpha + tl.sum(seg_acc * weight[:, None], 0)
+        m = m_new
+    out = acc / tl.where(total == 0.0, 1.0, total)
     tl.store(out_ptr + token * stride_o_token + head * stride_o_head + offs_d,
              out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
@@ -344,14 +354,14 @@ def _launch_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     _paged_attention_kernel[(grid_q, num_kv_heads, num_splits)](
         out, partial_acc, partial_max, partial_sum,
         query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-        scale * _LOG2E, seq_begin, seq_end,
+        scale * _LOG2E, seq_begin, seq_end, num_splits,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         NUM_HEADS=num_heads, QUERIES_PER_KV=queries_per_kv,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=k_cache.shape[1],
-        BLOCK_M=config.block_m, BLOCK_Q=block_q, TILE_N=config.tile_n, NUM_SEGMENTS=num_splits,
+        BLOCK_M=config.block_m, BLOCK_Q=block_q, TILE_N=config.tile_n,
         ONE_TILE_PER_SEQ=one_tile_per_seq,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
@@ -365,8 +375,8 @@ def _reduce_segments(out: torch.Tensor, partials: tuple[torch.Tensor, torch.Tens
     partial_acc, partial_max, partial_sum = partials
     _reduce_segments_kernel[(num_tokens, num_heads)](
         out, partial_acc, partial_max, partial_sum, query_start_loc, query_start_loc.shape[0] - 1,
-        out.stride(0), out.stride(1),
+        num_splits, out.stride(0), out.stride(1),
         NUM_HEADS=num_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
-        NUM_SEGMENTS=num_splits, NUM_SEGMENTS_PAD=triton.next_power_of_2(num_splits),
+        SEG_CHUNK=16,
         num_warps=4,
     )

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedserve.layers.linear import _copy, narrow
+from pagedserve.layers.linear import _copy, linear, narrow
 from pagedserve.layers.parallel import all_reduce, divide, gather_last_dim_to_rank0, tp_rank, tp_world_size
 
 
@@ -38,4 +38,4 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Logits for this rank's vocab slice, gathered on rank 0 (other ranks get None)."""
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        return gather_last_dim_to_rank0(F.linear(hidden, self.weight))
+        return gather_last_dim_to_rank0(linear(hidden, self.weight))

@@ -9,6 +9,7 @@ that copies only this rank's shard; `loaded` may be a tensor or a lazy safetenso
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -16,6 +17,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.layers.parallel import all_reduce, divide, tp_rank, tp_world_size
+
+
+# Decode-sized batches (at most this many rows) of bf16/fp16 on CUDA go through the Triton
+# gemv (layers/triton_gemv.py) where it streams the weights faster than cuBLAS
+# (benchmarks/gemv_sweep.py); 0 turns it off (A/B measurements).
+GEMV_MAX_ROWS = int(os.environ.get("PAGEDSERVE_GEMV_MAX_ROWS", "16"))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias): the Triton gemv for few rows of a large weight on CUDA, else F.linear."""
+    if bias is None and x.shape[0] <= GEMV_MAX_ROWS and x.is_cuda:
+        from pagedserve.layers.triton_gemv import gemv, use_gemv
+        if use_gemv(x, weight, GEMV_MAX_ROWS):
+            return gemv(x, weight)
+    return F.linear(x, weight, bias)
 
 
 def narrow(loaded: Any, dim: int, start: int, size: int) -> torch.Tensor:
@@ -56,7 +72,7 @@ class LinearBase(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -133,7 +149,7 @@ class RowParallelLinear(LinearBase):
         _copy(param, narrow(loaded, 1, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight)
+        out = linear(x, self.weight)
         if self.reduce_results and self.tp_size > 1:
             out = all_reduce(out)
         if self.bias is not None:

@@ -134,7 +134,7 @@ class ModelRunner:
         from pagedserve.worker.cuda_graph import CudaGraphRunner
         sched = self.config.scheduler
         self.graph_runner = CudaGraphRunner(self.model, sched.max_num_seqs, sched.max_model_len,
-                                            self.block_size, self.device)
+                                            self.block_size, self.device, sched.max_num_batched_tokens)
         self.graph_runner.capture()
 
     @torch.inference_mode()
@@ -188,14 +188,18 @@ class ModelRunner:
                                    self.block_size, self.device, self.block_table)
         self._feed_inflight_tokens(inputs)
         prompt_logprobs = {}
-        if self.graph_runner is not None and self.graph_runner.can_run(inputs):
-            hidden, logits = None, self.graph_runner.run(inputs)
+        wants_prompt_logprobs = any(row.sampling_params.prompt_logprobs is not None for row in inputs.rows)
+        graphs = self.graph_runner
+        if graphs is not None and graphs.can_run(inputs):
+            hidden, logits = None, graphs.run(inputs)
+        elif graphs is not None and not wants_prompt_logprobs and graphs.can_run_prefill(inputs):
+            hidden, logits = None, graphs.run_prefill(inputs)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
             logits = self.model.compute_logits(hidden[inputs.logits_indices])
         for row, q_len in zip(inputs.rows, inputs.query_lens):
             row.num_computed_tokens += q_len
-        if any(row.sampling_params.prompt_logprobs is not None for row in inputs.rows):
+        if wants_prompt_logprobs:
             prompt_logprobs = self._prompt_logprobs(inputs, hidden)
         sample_states = [inputs.rows[r] for r in inputs.sample_rows]
         row_of_logits = list(range(len(sample_states)))

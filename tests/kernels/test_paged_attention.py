@@ -93,8 +93,9 @@ def test_mixed_batch(queries_per_kv: int, head_dim: int, block_size: int, dtype:
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("block_size", [16, 32])
-@pytest.mark.parametrize("num_splits", [None, 1, 4])
+@pytest.mark.parametrize("num_splits", [None, 1, 4, 20])
 def test_decode_only(num_splits: int | None, block_size: int, dtype: torch.dtype) -> None:
+    """20 splits: more segments than key tiles (empty ones) and than one reduce chunk (16)."""
     batch = make_batch(query_lens=[1, 1, 1], context_lens=[0, 70, 130], num_heads=8, num_kv_heads=2,
                        head_dim=64, block_size=block_size, dtype=dtype, seed=block_size)
     check_against_reference(batch, num_decodes=3, num_splits=num_splits)

@@ -92,3 +92,21 @@ def test_async_scheduling_keeps_parity(kwargs, tiny_checkpoints, references):
     pool = llm.engine.core.kv_cache_manager.pool
     assert pool.num_free_blocks == pool.num_blocks
     assert not llm.engine.core.has_unfinished_requests()
+
+
+def test_single_prefills_keep_parity(tiny_checkpoints, references):
+    """Requests one at a time (on CUDA: padded single-sequence prefill graphs), the second round
+    from the prefix cache (a graph over a cached context); ids equal transformers'."""
+    prompts, expected = references["llama"]
+    llm = _llm(tiny_checkpoints["llama"], skip_tokenizer_init=True, block_size=4)
+    graphs = llm.engine.core.executor.runner.graph_runner
+    replays = []
+    if graphs is not None:   # CUDA: count the prefill graph replays
+        run_prefill = graphs.run_prefill
+        graphs.run_prefill = lambda inputs: replays.append(inputs.query_lens[0]) or run_prefill(inputs)
+    for _ in range(2):
+        assert [_generate(llm, [p])[0] for p in prompts] == expected
+    if graphs is not None:
+        # every prompt's prefill, the second time only its uncached tail
+        assert replays[:len(prompts)] == [len(p) for p in prompts]
+        assert replays[len(prompts):] == [len(p) - (len(p) - 1) // 4 * 4 for p in prompts]
