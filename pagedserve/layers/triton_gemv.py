@@ -64,9 +64,10 @@ DEFAULT_CONFIG = GemvConfig()
 
 
 def use_gemv(x: torch.Tensor, weight: torch.Tensor, max_rows: int = MAX_ROWS) -> bool:
-    """Whether gemv beats cuBLAS here: CUDA, bf16/fp16, at most max_rows rows, a weight of
-    at least MIN_WEIGHT_BYTES, unit column strides."""
-    return (x.dim() == 2 and x.shape[0] <= max_rows and x.is_cuda and x.dtype in _DTYPES
+    """Whether gemv beats cuBLAS here: CUDA, bf16/fp16, 1 to min(max_rows, MAX_ROWS) rows (a
+    step that samples no row computes logits of 0 rows), a weight of at least
+    MIN_WEIGHT_BYTES, unit column strides."""
+    return (x.dim() == 2 and 0 < x.shape[0] <= min(max_rows, MAX_ROWS) and x.is_cuda and x.dtype in _DTYPES
             and weight.dtype == x.dtype and weight.numel() * weight.element_size() >= MIN_WEIGHT_BYTES
             and x.stride(1) == 1 and weight.stride(1) == 1)
 

@@ -126,6 +126,16 @@ class CudaGraphRunner:
                     self.prefill_buckets[0] if self.prefill_buckets else "-",
                     self.prefill_buckets[-1] if self.prefill_buckets else "-", time.monotonic() - start)
 
+    def _copy_tokens(self, inputs: StepInputs, size: int) -> None:
+        """The step's token ids, positions and slots into the static buffers; tokens from its
+        count up to the graph's `size` get slot -1 (no KV write)."""
+        num = inputs.input_ids.shape[0]
+        self.input_ids[:num].copy_(inputs.input_ids)
+        self.positions[:num].copy_(inputs.positions)
+        self.slot_mapping[:num].copy_(inputs.meta.slot_mapping)
+        if size > num:
+            self.slot_mapping[num:size].fill_(-1)
+
     def can_run(self, inputs: StepInputs) -> bool:
         num = len(inputs.rows)
         return bool(self.graphs) and inputs.meta.num_decodes == num and num <= self.buckets[-1] \
@@ -137,14 +147,10 @@ class CudaGraphRunner:
         num = len(inputs.rows)
         bs = next(b for b in self.buckets if b >= num)
         meta = inputs.meta
-        self.input_ids[:num].copy_(inputs.input_ids)
-        self.positions[:num].copy_(inputs.positions)
-        self.slot_mapping[:num].copy_(meta.slot_mapping)
+        self._copy_tokens(inputs, bs)
         self.seq_lens[:num].copy_(meta.seq_lens)
-        width = meta.block_tables.shape[1]
-        self.block_tables[:num, :width].copy_(meta.block_tables)
+        self.block_tables[:num, :meta.block_tables.shape[1]].copy_(meta.block_tables)
         if bs > num:
-            self.slot_mapping[num:bs].fill_(-1)
             self.seq_lens[num:bs].fill_(1)
         self.graphs[bs].replay()
         out = self.outputs[bs]
@@ -162,11 +168,7 @@ class CudaGraphRunner:
         num = inputs.query_lens[0]
         size = next(s for s in self.prefill_buckets if s >= num)
         meta = inputs.meta
-        self.input_ids[:num].copy_(inputs.input_ids)
-        self.positions[:num].copy_(inputs.positions)
-        self.slot_mapping[:num].copy_(meta.slot_mapping)
-        if size > num:
-            self.slot_mapping[num:size].fill_(-1)
+        self._copy_tokens(inputs, size)
         self.prefill_query_start_loc.copy_(meta.query_start_loc)
         self.prefill_seq_len.copy_(meta.seq_lens)
         self.prefill_last_row.copy_(inputs.logits_indices)

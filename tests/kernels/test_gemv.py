@@ -43,13 +43,15 @@ def test_gemv_default_config(dtype: torch.dtype) -> None:
 
 
 def test_use_gemv_only_where_it_pays() -> None:
-    """CPU tensors, float32, more than MAX_ROWS rows or a small weight go to F.linear."""
+    """CPU tensors, float32, no rows or more than MAX_ROWS, or a small weight go to F.linear."""
     small = torch.zeros(8, 64, dtype=torch.bfloat16)
     assert not use_gemv(torch.zeros(1, 64, dtype=torch.bfloat16), small)
     if DEVICE == "cuda":
         big = torch.zeros(8192, 2048, dtype=torch.bfloat16, device="cuda")   # 32 MiB
         assert use_gemv(torch.zeros(16, 2048, dtype=torch.bfloat16, device="cuda"), big)
         assert not use_gemv(torch.zeros(17, 2048, dtype=torch.bfloat16, device="cuda"), big)
+        assert not use_gemv(torch.zeros(17, 2048, dtype=torch.bfloat16, device="cuda"), big, max_rows=64)
+        assert not use_gemv(torch.zeros(0, 2048, dtype=torch.bfloat16, device="cuda"), big)
         assert not use_gemv(torch.zeros(1, 2048, dtype=torch.bfloat16, device="cuda"), big[:4096])
 
 
