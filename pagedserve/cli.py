@@ -8,6 +8,9 @@ from typing import Callable, NamedTuple
 
 from pagedserve.bench.cli import add_bench_arguments, run_bench
 from pagedserve.errors import PagedServeError
+from pagedserve.logger import configure_default_logging
+from pagedserve.server.engine_flags import add_engine_arguments, engine_kwargs
+from pagedserve.server.serve import add_serve_arguments, run_server
 
 
 class Command(NamedTuple):
@@ -18,15 +21,12 @@ class Command(NamedTuple):
 
 def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", metavar="PROMPT")
-    parser.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=None, help="the sampling seed")
+    add_engine_arguments(parser.add_argument_group("engine"), exclude=("seed",))   # --seed is the sampling seed
 
 
 def _run_generate(args: argparse.Namespace) -> None:
@@ -35,7 +35,7 @@ def _run_generate(args: argparse.Namespace) -> None:
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed)
-    llm = LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, device=args.device)
+    llm = LLM(**engine_kwargs(args))
     try:
         output = llm.generate([args.prompt], params, use_tqdm=False)[0]
     finally:
@@ -43,18 +43,8 @@ def _run_generate(args: argparse.Namespace) -> None:
     print(output.outputs[0].text)
 
 
-def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    from pagedserve.server.serve import add_serve_arguments
-    add_serve_arguments(parser)
-
-
-def _run_serve(args: argparse.Namespace) -> None:
-    from pagedserve.server.serve import run_server
-    run_server(args)
-
-
 COMMANDS: dict[str, Command] = {
-    "serve": Command("serve a model over an OpenAI-compatible HTTP API", _add_serve_arguments, _run_serve),
+    "serve": Command("serve a model over an OpenAI-compatible HTTP API", add_serve_arguments, run_server),
     "generate": Command("complete one prompt offline and print the text", _add_generate_arguments, _run_generate),
     "bench": Command("benchmark throughput, latency or a running server", add_bench_arguments, run_bench),
 }
@@ -73,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_default_logging()
     args = build_parser().parse_args(argv)
     try:
         args.run(args)

@@ -1,6 +1,7 @@
 """One frozen EngineConfig made of parts; each component receives only the part it uses.
 
-ModelConfig.from_hf converts a Hugging Face config ONCE; nothing below reads HF configs.
+ModelConfig.from_hf converts a Hugging Face config ONCE; none travels to the worker (the loader
+re-reads a GGUF file's own config only when it dequantizes that file directly).
 """
 from __future__ import annotations
 
@@ -153,6 +154,9 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     tensor_parallel_size: int = 1
+    # How ranks 1..N-1 join: "spawn" (rank 0 starts them on this machine) or "env" (started by
+    # hand, torch.distributed's env:// rendezvous; rank 0 had MASTER_ADDR and WORLD_SIZE set).
+    distributed_init: str = "spawn"
 
 
 @dataclass(frozen=True)
@@ -161,18 +165,30 @@ class DeviceConfig:
     enforce_eager: bool = False
     seed: int = 0
     async_scheduling: bool = False
+    # Decode batches of at most this many rows use the Triton gemv on CUDA (0: off);
+    # PAGEDSERVE_GEMV_MAX_ROWS at start-up, see layers/linear.py.
+    gemv_max_rows: int = 16
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """Where the worker reads the weights: a folder, the GGUF file inside it if that is the
+    format, the load format, and the seed of "dummy" (random) weights."""
+
+    directory: str
+    gguf_file: str | None = None
+    load_format: str = "auto"
+    seed: int = 0
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model_path: str
     model: ModelConfig
+    weights: WeightSource
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
-    load_format: str = "auto"
-    gguf_file: str | None = None
 
     def replace(self, **changes: Any) -> "EngineConfig":
         return dataclasses.replace(self, **changes)

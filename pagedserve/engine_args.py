@@ -4,16 +4,18 @@ are rejected with a ValidationError naming them."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields
+import os
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 
 from pagedserve.config import (CacheConfig, architecture_of, DeviceConfig, EngineConfig, ModelConfig, ParallelConfig,
-                               SchedulerConfig, resolve_dtype)
+                               SchedulerConfig, WeightSource, resolve_dtype)
 from pagedserve.errors import ValidationError
 from pagedserve.models.loader import LOAD_FORMATS, ModelSource, load_hf_config, materialize_gguf, resolve_model
 from pagedserve.models.registry import resolve_model_class
+from pagedserve.worker.kv_budget import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -27,29 +29,45 @@ NOT_SUPPORTED = {
 }
 
 
+def _knob(default: Any, help: str, **cli: Any) -> Any:
+    """An EngineArgs field: its default and its help text (the CLI flags are generated from
+    the fields: `--max-model-len` from max_model_len; `cli` may add aliases or choices)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
 @dataclass
 class EngineArgs:
-    model: str | None = None
-    tokenizer: str | None = None
-    dtype: str = "auto"
-    max_model_len: int | None = None
-    block_size: int = 16
-    max_num_seqs: int | None = None   # None: 1024 on a large GPU, else 256 (default_max_num_seqs)
-    max_num_batched_tokens: int | None = None
-    enable_prefix_caching: bool = True
-    seed: int = 0
-    load_format: str = "auto"
-    skip_tokenizer_init: bool = False
-    device: str = "auto"
-    gpu_memory_utilization: float = 0.9
-    enforce_eager: bool = False
-    # Schedule step N+1 while step N runs on the device (None: on for CUDA with TP=1).
-    async_scheduling: bool | None = None
-    tensor_parallel_size: int = 1
-    kv_cache_memory_gb: float | None = None
-    num_kv_blocks: int | None = None
-    scheduling_policy: str = "continuous"
-    trust_remote_code: bool = False
+    """The engine knobs, the one list of them: LLM(**kwargs) takes exactly these (see
+    from_kwargs) and `pagedserve serve` / `generate` generate their flags from them
+    (server/engine_flags.py)."""
+
+    model: str | None = _knob(None, "model folder, .gguf file or org/name in the local HF cache "
+                                    "(default: the embedded SmolLM2-135M-Instruct)")
+    tokenizer: str | None = _knob(None, "tokenizer folder or name (default: the model's)")
+    dtype: str = _knob("auto", "auto (float32 on CPU, the checkpoint's float16/bfloat16 on GPU), float16, "
+                               "bfloat16 or float32")
+    max_model_len: int | None = _knob(None, "longest prompt + output in tokens (default: the model's context "
+                                            "length)")
+    block_size: int = _knob(16, "tokens per KV cache block (a power of two)")
+    max_num_seqs: int | None = _knob(None, "most sequences in one step (default: 1024 on GPUs with 70 GiB or "
+                                           "more, else 256, as vLLM)")
+    max_num_batched_tokens: int | None = _knob(None, "most tokens in one step (default: 8192 on CUDA, else 2048)")
+    enable_prefix_caching: bool = _knob(True, "reuse the KV cache blocks of shared prompt prefixes")
+    seed: int = _knob(0, "random seed of the engine (dummy weights, and sampling without a request seed)")
+    load_format: str = _knob("auto", "auto, safetensors, pt, gguf or dummy (random weights)")
+    skip_tokenizer_init: bool = _knob(False, "load no tokenizer: prompts are token ids, outputs are not "
+                                             "detokenized")
+    device: str = _knob("auto", "auto, cpu, cuda or cuda:N")
+    gpu_memory_utilization: float = _knob(0.9, "share of the GPU memory for weights, activations and KV cache")
+    enforce_eager: bool = _knob(False, "run eagerly: no CUDA graphs")
+    async_scheduling: bool | None = _knob(None, "schedule the next step while the current one runs "
+                                                "(default: on for CUDA with TP=1)")
+    tensor_parallel_size: int = _knob(1, "number of GPUs to shard the model over", aliases=("-tp",))
+    kv_cache_memory_gb: float | None = _knob(None, "KV cache size on CPU, in GB")
+    num_kv_blocks: int | None = _knob(None, "number of KV cache blocks (instead of sizing them from memory)")
+    scheduling_policy: str = _knob("continuous", "continuous (requests join and leave the batch every step) or "
+                                                 "static (one batch at a time)", choices=("continuous", "static"))
+    trust_remote_code: bool = _knob(False, "not supported: only built-in architectures run")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineArgs":
@@ -84,9 +102,10 @@ class EngineArgs:
                                   "trust_remote_code")
 
     def create_config(self) -> tuple[EngineConfig, Any, ModelSource]:
-        """Resolve the model (offline), read its config once, check every cross-field rule."""
+        """Resolve the model (offline), read its config once, check every cross-field rule.
+        The environment is read here, once: PAGEDSERVE_GEMV_MAX_ROWS, and MASTER_ADDR /
+        WORLD_SIZE / RANK (tensor-parallel ranks started by hand, env:// rendezvous)."""
         self.validate()
-        from pagedserve.worker.executor import resolve_device
         device = resolve_device(self.device)
         source = resolve_model(self.model)
         if source.gguf_file and self.load_format != "dummy":
@@ -105,17 +124,19 @@ class EngineArgs:
         if batched < 1:
             raise ValidationError(f"max_num_batched_tokens must be >= 1, got {batched}", "max_num_batched_tokens")
         max_num_seqs = self.max_num_seqs or default_max_num_seqs(device)
-        check_tensor_parallel(self.tensor_parallel_size, model_config, device.type)
+        distributed_init = "env" if "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ else "spawn"
+        check_tensor_parallel(self.tensor_parallel_size, model_config, device.type, distributed_init)
         config = EngineConfig(
-            model_path=source.directory, gguf_file=source.gguf_file, model=model_config,
+            model=model_config,
+            weights=WeightSource(source.directory, source.gguf_file, self.load_format, self.seed),
             cache=CacheConfig(self.block_size, self.enable_prefix_caching, self.kv_cache_memory_gb,
                               self.num_kv_blocks, self.gpu_memory_utilization),
             scheduler=SchedulerConfig(max_num_seqs, batched, max_model_len, self.scheduling_policy),
-            parallel=ParallelConfig(self.tensor_parallel_size),
+            parallel=ParallelConfig(self.tensor_parallel_size, distributed_init),
             device=DeviceConfig(str(device), self.enforce_eager, self.seed,
                                 self.async_scheduling if self.async_scheduling is not None
-                                else device.type == "cuda" and self.tensor_parallel_size == 1),
-            load_format=self.load_format)
+                                else device.type == "cuda" and self.tensor_parallel_size == 1,
+                                int(os.environ.get("PAGEDSERVE_GEMV_MAX_ROWS", "16"))))
         return config, hf_config, source
 
 
@@ -131,12 +152,16 @@ def default_max_num_seqs(device: torch.device) -> int:
     return 256
 
 
-def check_tensor_parallel(tp: int, model: ModelConfig, device_type: str) -> None:
+def check_tensor_parallel(tp: int, model: ModelConfig, device_type: str, distributed_init: str = "spawn") -> None:
     if tp == 1:
         return
-    import torch
-    from pagedserve.worker.tp_executor import external_rendezvous
-    if device_type == "cuda" and tp > torch.cuda.device_count() and not external_rendezvous():
+    if distributed_init == "env":
+        world, rank = int(os.environ["WORLD_SIZE"]), os.environ.get("RANK", "0")
+        if world != tp or int(rank) != 0:
+            raise ValidationError(f"env:// rendezvous: this process must be RANK=0 of WORLD_SIZE={tp} "
+                                  f"(tensor_parallel_size), got RANK={os.environ.get('RANK')} WORLD_SIZE={world}",
+                                  "tensor_parallel_size")
+    elif device_type == "cuda" and tp > torch.cuda.device_count():
         raise ValidationError(f"tensor_parallel_size={tp} is larger than the {torch.cuda.device_count()} "
                               "GPUs present", "tensor_parallel_size")
     for value, what in ((model.num_heads, "num_attention_heads"), (model.vocab_size, "vocab_size"),

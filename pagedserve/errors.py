@@ -28,5 +28,9 @@ class ModelLoadError(PagedServeError):
     """A model could not be found, read or is of an unsupported kind."""
 
 
+class RequestFailedError(PagedServeError):
+    """The engine failed this one request (the others go on); the message carries the cause."""
+
+
 class RequestAbortedError(PagedServeError):
     """The request was aborted (client disconnect or explicit abort)."""

@@ -10,6 +10,7 @@ from pagedserve.engine_args import EngineArgs
 from pagedserve.errors import ValidationError
 from pagedserve.frontend.input_processor import PromptType
 from pagedserve.frontend.llm_engine import LLMEngine
+from pagedserve.logger import configure_default_logging
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
@@ -19,18 +20,13 @@ logger = logging.getLogger(__name__)
 class LLM:
     """An offline engine. `model=None` loads the embedded default (SmolLM2-135M-Instruct)."""
 
-    def __init__(self, model: str | None = None, tokenizer: str | None = None, dtype: str = "auto",
-                 max_model_len: int | None = None, block_size: int = 16, max_num_seqs: int | None = None,
-                 max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True, seed: int = 0,
-                 load_format: str = "auto", skip_tokenizer_init: bool = False, device: str = "auto",
-                 gpu_memory_utilization: float = 0.9, enforce_eager: bool = False,
-                 tensor_parallel_size: int = 1, **kwargs: Any) -> None:
-        args = EngineArgs.from_kwargs(
-            model=model, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len, block_size=block_size,
-            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-            enable_prefix_caching=enable_prefix_caching, seed=seed, load_format=load_format,
-            skip_tokenizer_init=skip_tokenizer_init, device=device, gpu_memory_utilization=gpu_memory_utilization,
-            enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size, **kwargs)
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        """`kwargs`: any EngineArgs field (engine_args.py lists them with their help), e.g.
+        dtype="float32", max_model_len=1024, tensor_parallel_size=2; an unknown or
+        unsupported one is a ValidationError naming it. Sets up the `pagedserve` log
+        output unless the application configured it (logger.py)."""
+        configure_default_logging()
+        args = EngineArgs.from_kwargs(model=model, **kwargs)
         self.engine = LLMEngine(args)
         self._request_counter = 0
 

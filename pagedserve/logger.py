@@ -1,5 +1,6 @@
 """The library's log output: like vLLM, the `pagedserve` logger prints INFO to stderr unless
-the application configured it (set PAGEDSERVE_CONFIGURE_LOGGING=0 to leave it alone)."""
+the application configured it (set PAGEDSERVE_CONFIGURE_LOGGING=0 to leave it alone).
+Called at the edges, never on import: LLM(), the CLI's main and the server's start-up."""
 from __future__ import annotations
 
 import logging

@@ -1,20 +1,8 @@
 """What the offline API returns, shaped like vLLM's RequestOutput / CompletionOutput, and the
-one table that maps engine finish reasons to the OpenAI and TGI vocabularies."""
+map from engine finish reasons ("stop", "length", "abort"; the OpenAI vocabulary as is) to TGI's."""
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
-
-
-class FinishReason(enum.Enum):
-    """Why a sequence ended. STOP covers EOS, stop token ids and stop strings."""
-
-    STOP = "stop"
-    LENGTH = "length"
-    ABORT = "abort"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 # Logprobs: one dict per position, token id -> Logprob (vLLM's layout).
@@ -52,12 +40,8 @@ class RequestOutput:
     finished: bool
     prompt_logprobs: PromptLogprobs | None = None
     num_cached_tokens: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-def openai_finish_reason(reason: str | None) -> str | None:
-    """Engine reason -> OpenAI finish_reason ("stop", "length", "abort")."""
-    return reason
+    metrics: dict[str, float] = field(default_factory=dict)   # "arrival_time", "first_token_time"
+    error: str | None = None   # why the engine failed this request (its finish_reason is "abort")
 
 
 def tgi_finish_reason(reason: str | None, stop_reason: int | str | None) -> str | None:

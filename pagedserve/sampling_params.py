@@ -3,7 +3,7 @@ ValidationError naming the field."""
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pagedserve.errors import ValidationError
 
@@ -37,8 +37,6 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
-    # Filled by the engine, not by users: token ids that end the request (EOS of the model).
-    all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
     @property
     def reads_output_history(self) -> bool:
@@ -50,7 +48,7 @@ class SamplingParams:
     def is_plain_greedy(self) -> bool:
         """Greedy with nothing that changes the logits or asks for more than the token: the
         runner's fast path (one argmax, no per-row sampling tensors)."""
-        return self.temperature < 1e-5 and not self.logit_bias and not self.min_tokens and self.logprobs is None \
+        return self.temperature < _SAMPLING_EPS and not self.logit_bias and not self.min_tokens and self.logprobs is None \
             and not self.reads_output_history
 
     def __post_init__(self) -> None:
@@ -69,7 +67,6 @@ class SamplingParams:
             except (TypeError, ValueError) as exc:
                 raise ValidationError(f"logit_bias must map token ids to numbers: {exc}", "logit_bias") from exc
         self.validate()
-        self.all_stop_token_ids = set(self.stop_token_ids)
 
     def validate(self) -> None:
         """Raise ValidationError(param=...) for the first invalid field."""
@@ -117,10 +114,6 @@ class SamplingParams:
             for token_id, bias in self.logit_bias.items():
                 _check(-100.0 <= bias <= 100.0, "logit_bias", f"logit_bias values must be in [-100, 100], got {bias}")
                 _check(token_id >= 0, "logit_bias", f"logit_bias token ids must be non-negative, got {token_id}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature < _SAMPLING_EPS
 
     def clone(self) -> "SamplingParams":
         return copy.deepcopy(self)

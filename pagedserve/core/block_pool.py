@@ -13,7 +13,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import NewType
 
-BlockId = NewType("BlockId", int)
+from pagedserve.engine_io import BlockId
+
 BlockHash = NewType("BlockHash", int)
 
 
@@ -110,11 +111,3 @@ class BlockPool:
         block.block_hash = block_hash
         block.token_ids = token_ids
         self.cached.setdefault(block_hash, block)
-
-    def reset_prefix_cache(self) -> bool:
-        """Forget every cached hash; only allowed when no block is in use."""
-        if len(self._free) != self.num_blocks:
-            return False
-        for block in self.blocks:
-            self._evict(block)
-        return True

@@ -1,54 +1,43 @@
 """The engine step: schedule -> execute -> update. Everything else is set-up.
 
 EngineCore is driven from one thread (the offline loop or the async engine's background
-thread); it is not thread-safe.
+thread); it is not thread-safe. Each step returns one EngineCoreOutputs (core/outputs.py):
+the outputs, the core's stats and the request events (queued, scheduled, first token,
+finished); the frontend reads the core's state through nothing else (and stats() when idle).
 
-Async scheduling (config.device.async_scheduling; on by default for CUDA with TP=1) keeps one
-step in flight: each call schedules and launches step N+1, then waits for step N's sampled
-tokens and applies them, so the host's scheduling, input building and output handling run
-while the device computes. A request that ends at step N (EOS, stop) was already scheduled
-in N+1: that row's token is dropped. Requests whose sampling reads earlier outputs
-(penalties) make the engine run in lockstep while they are alive.
+Async scheduling (config.device.async_scheduling, and an executor that takes more than one
+batch at a time) keeps one step in flight: each call schedules and launches step N+1, then
+waits for step N's sampled tokens and applies them, so the host's scheduling, input building
+and output handling run while the device computes. A request that ends at step N (EOS, stop)
+was already scheduled in N+1: that row's token is dropped. Requests whose sampling reads
+earlier outputs (penalties) make the engine run in lockstep while they are alive.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Any
+import time
 
 from pagedserve.config import EngineConfig
 from pagedserve.core.kv_cache_manager import KVCacheManager
-from pagedserve.core.request import Request, RequestId, RequestStatus
+from pagedserve.core.outputs import EngineCoreOutput, EngineCoreOutputs, EngineStats, RequestEvent, RequestEventType
+from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.scheduler import Scheduler
-from pagedserve.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from pagedserve.engine_io import Executor, ModelRunnerOutput, PendingOutput, RequestId, SchedulerOutput
 from pagedserve.errors import ValidationError
+from pagedserve.worker.executor import make_executor
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(slots=True)
-class EngineCoreOutput:
-    """What one step did to one request."""
-
-    req_id: RequestId
-    new_token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    new_logprobs: tuple[list[int], list[float], int] | None = None
-    new_prompt_logprobs: list[tuple[list[int], list[float], int]] | None = None
-    num_cached_tokens: int = 0
-    error: str | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
+_QUEUED, _SCHEDULED = RequestEventType.QUEUED, RequestEventType.SCHEDULED
+_FIRST_TOKEN, _FINISHED = RequestEventType.FIRST_TOKEN, RequestEventType.FINISHED
+# a launched step: its scheduler output and its result (or what launching it raised)
+_Launched = tuple[SchedulerOutput, ModelRunnerOutput | PendingOutput | Exception]
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, hf_config: Any, executor: Any = None) -> None:
+    def __init__(self, config: EngineConfig, executor: Executor | None = None) -> None:
         if executor is None:
-            from pagedserve.worker.executor import make_executor
-            executor = make_executor(config, hf_config)
+            executor = make_executor(config)
         self.config = config
         self.executor = executor
         block_size = config.cache.block_size
@@ -63,12 +52,18 @@ class EngineCore:
                     num_blocks, block_size, num_blocks * block_size, max_model_len,
                     num_blocks * block_size / max_model_len)
         self.kv_cache_manager = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
-        self._failed: tuple[list[RequestId], str] = ([], "")   # the last failed step's requests
         self.scheduler = Scheduler(self.kv_cache_manager, config.scheduler.max_num_seqs,
                                    config.scheduler.max_num_batched_tokens, max_model_len,
                                    config.scheduler.policy)
-        self.async_scheduling = config.device.async_scheduling and getattr(executor, "supports_non_block", False)
-        self._in_flight: tuple[SchedulerOutput, Any] | None = None   # launched, not yet applied
+        self.async_scheduling = config.device.async_scheduling and executor.max_concurrent_batches > 1
+        # picked once; an unbound function, so the core holds no reference cycle to itself (a
+        # bound method would keep a dropped engine's KV cache alive until the cycle collector ran)
+        self._step_impl = EngineCore._step_async if self.async_scheduling else EngineCore._step_lockstep
+        self._in_flight: _Launched | None = None   # launched, not yet applied (async only)
+        # Event bookkeeping, touched only for requests that change state.
+        self._events: list[RequestEvent] = []                  # since the last step
+        self._unscheduled: dict[RequestId, Request] = {}       # queued, never scheduled
+        self._awaiting_first_token: dict[RequestId, Request] = {}
 
     @property
     def num_kv_blocks(self) -> int:
@@ -81,35 +76,69 @@ class EngineCore:
                 f"the prompt ({request.num_prompt_tokens} tokens) can never fit in the KV cache "
                 f"({self.kv_cache_manager.num_blocks * self.config.cache.block_size} tokens)", "prompt")
         self.scheduler.add_request(request, forks)
+        now = time.monotonic()
+        for queued in [request, *(forks or ())]:
+            self._unscheduled[queued.request_id] = queued
+            self._events.append(RequestEvent(queued.request_id, _QUEUED, now))
 
     def abort_requests(self, request_ids: list[RequestId]) -> list[Request]:
         """Finish these requests now and free their blocks (unknown ids are ignored)."""
-        return self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+        return self.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
     def finish_requests(self, request_ids: list[RequestId], status: RequestStatus) -> list[Request]:
-        return self.scheduler.finish_requests(request_ids, status)
+        finished = self.scheduler.finish_requests(request_ids, status)
+        for request in finished:
+            self._unscheduled.pop(request.request_id, None)
+            self._awaiting_first_token.pop(request.request_id, None)
+        return finished
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or self._in_flight is not None
 
-    def step(self) -> list[EngineCoreOutput]:
-        if not self.async_scheduling:
-            so = self.scheduler.schedule()
-            return self._update(so, self._execute(so))
-        outputs = []
+    def stats(self) -> EngineStats:
+        scheduler, kv = self.scheduler, self.kv_cache_manager
+        return EngineStats(len(scheduler.running), len(scheduler.waiting), kv.usage(),
+                           scheduler.stats.num_preemptions, kv.stats.queries, kv.stats.hits)
+
+    def step(self) -> EngineCoreOutputs:
+        """Schedule -> execute -> update: _step_lockstep or _step_async, picked at construction."""
+        return self._step_impl(self)
+
+    # ---- one step: one of these two, picked at construction ---------------------------------
+    def _step_lockstep(self) -> EngineCoreOutputs:
+        so = self._schedule()
+        if not so.has_work:
+            return self._result(self._update(so, ModelRunnerOutput()))
+        try:
+            runner_output = self.executor.execute_model(so)
+        except Exception as exc:   # fail this step's requests, keep serving the rest
+            return self._result(self._fail(so, exc))
+        return self._result(self._update(so, runner_output))   # non_block=False: never a PendingOutput
+
+    def _step_async(self) -> EngineCoreOutputs:
+        outputs: list[EngineCoreOutput] = []
         if self._in_flight is not None and self.scheduler.num_history_dependent:
             outputs = self._resolve()   # lockstep: the next step needs these tokens on the host
-        so = self.scheduler.schedule()
-        launched = self._launch(so)
+        launched = self._launch(self._schedule())
         if self._in_flight is not None:
             outputs += self._resolve()
         self._in_flight = launched
         if launched is not None and (not launched[0].num_scheduled_tokens or self.scheduler.num_history_dependent):
             outputs += self._resolve()   # nothing to wait for, or lockstep
-        return outputs
+        return self._result(outputs)
 
-    def _launch(self, so: SchedulerOutput) -> tuple[SchedulerOutput, Any] | None:
-        if so.is_empty and not (so.finished_req_ids or so.preempted_req_ids):
+    def _schedule(self) -> SchedulerOutput:
+        so = self.scheduler.schedule()
+        if self._unscheduled and (so.new_requests or so.forked_requests):
+            for rid in [new.req_id for new in so.new_requests] + [fork.req_id for fork in so.forked_requests]:
+                request = self._unscheduled.pop(rid, None)
+                if request is not None:
+                    self._events.append(RequestEvent(rid, _SCHEDULED, request.first_scheduled_time))
+                    self._awaiting_first_token[rid] = request
+        return so
+
+    def _launch(self, so: SchedulerOutput) -> _Launched | None:
+        if not so.has_work:
             return None
         try:
             return so, self.executor.execute_model(so, non_block=True)
@@ -124,34 +153,40 @@ class EngineCore:
                 raise pending
             runner_output = pending if isinstance(pending, ModelRunnerOutput) else pending.get()
         except Exception as exc:   # fail this step's requests, keep serving the rest
-            runner_output = self._step_failed(so, exc)
+            return self._fail(so, exc)
         return self._update(so, runner_output)
 
-    def _execute(self, so: SchedulerOutput) -> ModelRunnerOutput | None:
-        if so.is_empty and not (so.finished_req_ids or so.preempted_req_ids):
-            return ModelRunnerOutput()
-        try:
-            return self.executor.execute_model(so)
-        except Exception as exc:   # fail this step's requests, keep serving the rest
-            return self._step_failed(so, exc)
-
-    def _step_failed(self, so: SchedulerOutput, exc: Exception) -> None:
+    def _fail(self, so: SchedulerOutput, exc: Exception) -> list[EngineCoreOutput]:
+        """A step raised: fail exactly its requests, each with the error text (re-raises
+        EngineDeadError if the executor itself is gone)."""
         self.executor.check_health()
         logger.error("step failed; failing its %d requests", len(so.num_scheduled_tokens), exc_info=exc)
-        self._failed = (list(so.num_scheduled_tokens), f"{type(exc).__name__}: {exc}")
-        return None
+        return self._fail_requests(list(so.num_scheduled_tokens), f"{type(exc).__name__}: {exc}")
 
-    def _update(self, so: SchedulerOutput, runner_output: ModelRunnerOutput | None) -> list[EngineCoreOutput]:
-        if runner_output is None:
-            failed_ids, message = self._failed
-            failed = self.scheduler.finish_requests(failed_ids, RequestStatus.FINISHED_ERROR)
-            return [EngineCoreOutput(r.request_id, finish_reason="abort", error=message) for r in failed]
+    def _fail_requests(self, request_ids: list[RequestId], error: str) -> list[EngineCoreOutput]:
+        failed = self.finish_requests(request_ids, RequestStatus.FINISHED_ERROR)
+        now = time.monotonic()
+        self._events += [RequestEvent(r.request_id, _FINISHED, now, "abort") for r in failed]
+        return [EngineCoreOutput(r.request_id, finish_reason="abort", error=error) for r in failed]
+
+    def _update(self, so: SchedulerOutput, runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
         changed = self.scheduler.update_from_output(so, runner_output)
+        now = time.monotonic()
+        events = self._events
+        if self._awaiting_first_token:
+            for rid, request in list(self._awaiting_first_token.items()):
+                if request.output_token_ids:
+                    events.append(RequestEvent(rid, _FIRST_TOKEN, now))
+                    del self._awaiting_first_token[rid]
         logprobs = runner_output.logprobs
-        outputs = [EngineCoreOutput(request.request_id, [request.output_token_ids[-1]], request.get_finish_reason(),
-                                    request.stop_reason, logprobs.get(request.request_id) if logprobs else None,
-                                    None, max(request.num_cached_tokens, 0))
-                   for request in changed]
+        outputs = []
+        for request in changed:
+            rid, reason = request.request_id, request.get_finish_reason()
+            outputs.append(EngineCoreOutput(rid, [request.output_token_ids[-1]], reason, request.stop_reason,
+                                            logprobs.get(rid) if logprobs else None, None,
+                                            max(request.num_cached_tokens, 0)))
+            if reason is not None:
+                events.append(RequestEvent(rid, _FINISHED, now, reason))
         for rid, prompt_logprobs in runner_output.prompt_logprobs.items():
             for out in outputs:
                 if out.req_id == rid:
@@ -160,6 +195,10 @@ class EngineCore:
             else:
                 outputs.append(EngineCoreOutput(rid, new_prompt_logprobs=prompt_logprobs))
         return outputs
+
+    def _result(self, outputs: list[EngineCoreOutput]) -> EngineCoreOutputs:
+        events, self._events = self._events, []
+        return EngineCoreOutputs(outputs, self.stats(), events)
 
     def shutdown(self) -> None:
         self.executor.shutdown()

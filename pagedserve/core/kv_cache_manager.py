@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pagedserve.core.block_pool import BlockHash, BlockId, BlockPool, KVCacheBlock, hash_block_tokens
-from pagedserve.core.request import Request, RequestId
+from pagedserve.core.block_pool import BlockHash, BlockPool, KVCacheBlock, hash_block_tokens
+from pagedserve.core.request import Request
+from pagedserve.engine_io import BlockId, RequestId
 
 
 @dataclass

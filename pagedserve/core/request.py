@@ -2,13 +2,10 @@
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
-from typing import NewType
 
+from pagedserve.engine_io import RequestId
 from pagedserve.sampling_params import SamplingParams
-
-RequestId = NewType("RequestId", str)
 
 
 class RequestStatus(enum.IntEnum):
@@ -49,7 +46,6 @@ class Request:
     sampling_params: SamplingParams
     eos_token_ids: tuple[int, ...] = ()
     max_tokens: int = 16
-    arrival_time: float = field(default_factory=time.monotonic)
     cache_salt: str | None = None
     # Parallel sampling: the sibling sequences of one user request share `parent_id`.
     parent_id: RequestId | None = None
@@ -64,8 +60,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     num_preemptions: int = 0
-    first_scheduled_time: float | None = None
-    first_token_time: float | None = None
+    first_scheduled_time: float | None = None   # read by the async engine's metrics
 
     @property
     def num_prompt_tokens(self) -> int:

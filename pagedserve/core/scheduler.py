@@ -20,9 +20,9 @@ from collections import deque
 from dataclasses import dataclass
 
 from pagedserve.core.kv_cache_manager import KVCacheManager
-from pagedserve.core.request import Request, RequestId, RequestStatus
-from pagedserve.core.scheduler_output import (CachedRequestData, ForkedRequestData, ModelRunnerOutput,
-                                              NewRequestData, SchedulerOutput)
+from pagedserve.core.request import Request, RequestStatus
+from pagedserve.engine_io import (CachedRequestData, ForkedRequestData, ModelRunnerOutput, NewRequestData, RequestId,
+                                  SchedulerOutput)
 
 logger = logging.getLogger(__name__)
 _RUNNING = RequestStatus.RUNNING
@@ -252,7 +252,6 @@ class Scheduler:
         """Advance counters, append sampled tokens, apply token-level stop rules.
         Returns the requests that got a new token or finished this step."""
         changed = []
-        now = time.monotonic()
         requests, sampled = self.requests, runner_output.sampled_token_ids
         for rid, num_new in out.num_scheduled_tokens.items():
             request = requests.get(rid)
@@ -265,8 +264,6 @@ class Scheduler:
                 continue
             request.num_inflight_samples -= 1
             request.output_token_ids.append(token)
-            if request.first_token_time is None:
-                request.first_token_time = now
             if self._check_stop(request, token):
                 self.running.remove(request)
                 self._free(request)

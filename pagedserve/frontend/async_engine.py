@@ -13,75 +13,35 @@ frees its blocks before the next step runs. When there are no commands and no un
 requests the thread sleeps on a condition variable (no spinning).
 
 Failure model: an error while adding, or an engine-side failure of one request, fails that
-request's stream only. An exception out of step() kills the loop: `is_healthy` turns False
-and every open or later request gets EngineDeadError.
+request's stream only (RequestFailedError, with the failed step's error text). An exception
+out of step() kills the loop: `is_healthy` turns False and every open or later request gets
+EngineDeadError.
+
+The loop reads only what LLMEngine.step_with_stats() returns: the outputs and the core's
+EngineStats (kept as `self.stats` for /metrics). Request timing lives in
+frontend/request_metrics.py, which feeds the finish listeners.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
-import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
+from pagedserve.core.outputs import EngineStats
 from pagedserve.engine_args import EngineArgs
-from pagedserve.errors import EngineDeadError, PagedServeError
+from pagedserve.errors import EngineDeadError, RequestFailedError
 from pagedserve.frontend.input_processor import PromptType
 from pagedserve.frontend.llm_engine import LLMEngine
 from pagedserve.frontend.output_processor import OutputKind
+from pagedserve.frontend.request_metrics import FinishListener
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-
-class RequestFailedError(PagedServeError):
-    """The engine failed this request (the others go on)."""
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """A snapshot of engine state, replaced (never mutated) after every loop iteration."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_cache_usage: float = 0.0
-    num_preemptions: int = 0        # cumulative
-    prefix_cache_queries: int = 0   # cumulative, tokens
-    prefix_cache_hits: int = 0      # cumulative, tokens
-
-
-@dataclass(frozen=True)
-class FinishedRequestStats:
-    """One finished (or aborted) request, for metrics. Times are time.monotonic()."""
-
-    finish_reason: str
-    num_prompt_tokens: int
-    num_generation_tokens: int
-    arrival_time: float
-    first_scheduled_time: float | None
-    first_token_time: float | None
-    finish_time: float
-
-
-FinishListener = Callable[[FinishedRequestStats], None]
 _END = object()
-
-
-@dataclass
-class _Tracked:
-    """Engine-thread bookkeeping for one live request."""
-
-    stream: "RequestStream"
-    output_kind: OutputKind
-    num_prompt_tokens: int = 0
-    num_generation_tokens: int = 0
-    arrival_time: float = field(default_factory=time.monotonic)
-    first_scheduled_time: float | None = None
-    first_token_time: float | None = None
 
 
 class RequestStream:
@@ -129,12 +89,10 @@ class AsyncEngine:
         self._cond = threading.Condition()
         # (run on the engine thread, or fail with the death error) -- guarded by _cond
         self._commands: deque[tuple[Callable[[], None], Callable[[EngineDeadError], None]]] = deque()
-        self._tracked: dict[str, _Tracked] = {}               # engine thread only
-        self._unscheduled: set[str] = set()                   # tracked, first schedule not seen yet
+        self._streams: dict[str, RequestStream] = {}   # engine thread only
         self._stopping = False
         self._dead: EngineDeadError | None = None
-        self._listeners: list[FinishListener] = []
-        self.stats = EngineStats()
+        self.stats = EngineStats()   # the core's, replaced (never mutated) after every loop iteration
         self._thread = threading.Thread(target=self._run, name="pagedserve-engine", daemon=True)
         if start:
             self._thread.start()
@@ -153,6 +111,11 @@ class AsyncEngine:
         return self.engine.tokenizer
 
     @property
+    def device_type(self) -> str:
+        """"cpu" or "cuda": where the model runs."""
+        return self.engine.config.device.device.split(":")[0]
+
+    @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
@@ -164,8 +127,8 @@ class AsyncEngine:
                                                        continue_final_message)
 
     def add_finish_listener(self, listener: FinishListener) -> None:
-        """Called on the engine thread for each finished or aborted request; must be quick."""
-        self._listeners.append(listener)
+        """Called on the engine thread for each finished, aborted or failed request; must be quick."""
+        self.engine.add_finish_listener(listener)
 
     # ---- the event-loop API --------------------------------------------------------------
     async def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
@@ -183,10 +146,7 @@ class AsyncEngine:
             except Exception as exc:
                 _settle_threadsafe(loop, accepted, exc)
                 return
-            state = self.engine.output_processor.states.get(request_id)
-            num_prompt = len(state.prompt_token_ids) if state is not None else 0
-            self._tracked[request_id] = _Tracked(stream, output_kind, num_prompt)
-            self._unscheduled.add(request_id)
+            self._streams[request_id] = stream
             _settle_threadsafe(loop, accepted, None)
 
         self._submit(add, on_dead=lambda exc: _settle_threadsafe(loop, accepted, exc))
@@ -241,7 +201,8 @@ class AsyncEngine:
         try:
             while True:
                 with self._cond:
-                    while not (self._commands or self._stopping or self._has_work()):
+                    # a step with an empty core produces nothing: never spin on it
+                    while not (self._commands or self._stopping or self.engine.has_work()):
                         self._cond.wait()
                     if self._stopping:
                         break
@@ -249,114 +210,49 @@ class AsyncEngine:
                     self._commands.clear()
                 for command, _ in commands:
                     command()
-                if self._has_work():
-                    outputs = self.engine.step()
-                    self._note_scheduled()
+                if self.engine.has_work():
+                    outputs, self.stats = self.engine.step_with_stats()
                     self._dispatch(outputs)
-                self._refresh_stats()
+                else:   # the commands changed what is queued (an abort freed blocks)
+                    self.stats = self.engine.stats()
         except BaseException as exc:   # the loop is gone: fail everyone, loudly
             logger.exception("engine loop died")
             self._die(exc)
         finally:
             self._fail_open_requests(self._dead or EngineDeadError("the engine was shut down"))
 
-    def _has_work(self) -> bool:
-        # The core's view: a step with an empty core produces nothing, so never spin on it.
-        return self.engine.core.has_unfinished_requests()
-
     def _abort_now(self, request_id: str) -> None:
-        """Abort on the caller's behalf: free the blocks, count it, end its stream."""
-        tracked, output = self._drop(request_id)
-        if tracked is None:
+        """Abort on the caller's behalf: free the blocks, end its stream (unknown ids: nothing)."""
+        stream = self._streams.pop(request_id, None)
+        if stream is None:
             return
-        if output is not None:
-            self._count(tracked, output)
-        self._finished(tracked, "abort")
-        _post(tracked.stream, _END)
-
-    def _drop(self, request_id: str) -> tuple[_Tracked | None, RequestOutput | None]:
-        """Forget a request and abort it in the engine (frees its blocks); tells nobody."""
-        tracked = self._tracked.pop(request_id, None)
-        self._unscheduled.discard(request_id)
         try:
-            return tracked, self.engine.abort_request(request_id)
+            self.engine.abort_request(request_id)
         except Exception:   # keep serving the others
             logger.exception("aborting request %s failed", request_id)
-            return tracked, None
+        _post(stream, _END)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         """Hand this step's outputs to their streams: one call_soon_threadsafe per loop."""
         batches: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, Any]]] = {}
         for output in outputs:
-            tracked = self._tracked.get(output.request_id)
-            if tracked is None:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
                 continue
             item: Any = output
-            try:
-                self._count(tracked, output)
-                if output.finished:
-                    del self._tracked[output.request_id]
-                    self._unscheduled.discard(output.request_id)
-                    reasons = {c.finish_reason for c in output.outputs}
-                    if "abort" in reasons:   # not ours (ours are untracked first): it failed
-                        item = RequestFailedError(f"request {output.request_id} failed in the engine")
-                    self._finished(tracked, next(r for r in ("abort", "length", "stop") if r in reasons or r == "stop"))
-            except Exception as exc:   # bookkeeping for this request broke: fail it alone
-                logger.exception("request %s failed while its output was processed", output.request_id)
-                self._drop(output.request_id)
-                item = RequestFailedError(f"request {output.request_id} failed: {exc}")
-            batches.setdefault(tracked.stream._loop, []).append((tracked.stream, item))
+            if output.finished:
+                del self._streams[output.request_id]
+                # an abort we did not ask for (ours are untracked first): the engine failed it
+                if output.error is not None or any(c.finish_reason == "abort" for c in output.outputs):
+                    item = RequestFailedError(f"request {output.request_id} failed in the engine"
+                                              + (f": {output.error}" if output.error else ""))
+            batches.setdefault(stream._loop, []).append((stream, item))
         for loop, batch in batches.items():
             try:
                 loop.call_soon_threadsafe(_deliver, batch)
             except RuntimeError:   # that event loop is closed; nobody is listening
                 for stream, _ in batch:
                     self._abort_now(stream.request_id)
-
-    def _count(self, tracked: _Tracked, output: RequestOutput) -> None:
-        if tracked.first_token_time is None and "first_token_time" in output.metrics:
-            tracked.first_token_time = output.metrics["first_token_time"]
-        num_tokens = sum(len(c.token_ids) for c in output.outputs)
-        if tracked.output_kind == OutputKind.DELTA:
-            tracked.num_generation_tokens += num_tokens
-        else:   # cumulative or final: the latest count is the total
-            tracked.num_generation_tokens = num_tokens
-        tracked.arrival_time = output.metrics.get("arrival_time", tracked.arrival_time)
-
-    def _note_scheduled(self) -> None:
-        """Record when each waiting request was first scheduled (for the queue-time metric);
-        read right after the step, while the scheduler still holds the request."""
-        if not self._unscheduled:
-            return
-        scheduler = self.engine.core.scheduler
-        for request_id in list(self._unscheduled):
-            tracked = self._tracked.get(request_id)
-            if tracked is None:
-                self._unscheduled.discard(request_id)
-                continue
-            for child_id in self.engine.children.get(request_id, []):
-                request = scheduler.requests.get(child_id)
-                if request is not None and request.first_scheduled_time is not None:
-                    tracked.first_scheduled_time = request.first_scheduled_time
-                    self._unscheduled.discard(request_id)
-                    break
-
-    def _finished(self, tracked: _Tracked, reason: str) -> None:
-        stats = FinishedRequestStats(reason, tracked.num_prompt_tokens, tracked.num_generation_tokens,
-                                     tracked.arrival_time, tracked.first_scheduled_time, tracked.first_token_time,
-                                     time.monotonic())
-        for listener in self._listeners:
-            try:
-                listener(stats)
-            except Exception:
-                logger.exception("finish listener failed")
-
-    def _refresh_stats(self) -> None:
-        scheduler = self.engine.core.scheduler
-        prefix = self.engine.core.kv_cache_manager.stats
-        self.stats = EngineStats(len(scheduler.running), len(scheduler.waiting),
-                                 self.engine.core.kv_cache_manager.usage(), scheduler.stats.num_preemptions,
-                                 prefix.queries, prefix.hits)
 
     def _die(self, exc: BaseException) -> None:
         with self._cond:
@@ -371,9 +267,9 @@ class AsyncEngine:
             self._commands.clear()
         for _, on_dead in leftover:
             on_dead(self._dead)
-        for tracked in list(self._tracked.values()):
-            _post(tracked.stream, self._dead)
-        self._tracked.clear()
+        for stream in list(self._streams.values()):
+            _post(stream, self._dead)
+        self._streams.clear()
 
 
 def _ignore(error: EngineDeadError) -> None:

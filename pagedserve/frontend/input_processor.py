@@ -2,13 +2,13 @@
 ValidationError naming the parameter. Also renders chat templates."""
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Any, Union
 
 import jinja2
 
-from pagedserve.core.request import Request, RequestId
+from pagedserve.core.request import Request
+from pagedserve.engine_io import RequestId
 from pagedserve.errors import ValidationError
 from pagedserve.sampling_params import SamplingParams
 
@@ -20,6 +20,7 @@ MAX_LOGPROBS = 20
 class ProcessedPrompt:
     prompt: str | None
     prompt_token_ids: list[int]
+    cache_salt: str | None = None   # prompts with different salts never share prefix-cache blocks
 
 
 class InputProcessor:
@@ -30,22 +31,24 @@ class InputProcessor:
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
         self.max_logprobs = max_logprobs
-        self._counter = itertools.count()
-
-    def next_request_id(self) -> str:
-        return str(next(self._counter))
 
     def process_prompt(self, prompt: PromptType, add_special_tokens: bool = True) -> ProcessedPrompt:
+        """A string, a token id list, or a dict (vLLM's TextPrompt / TokensPrompt): "prompt" or
+        "prompt_token_ids", and optionally "cache_salt"."""
+        salt = None
         if isinstance(prompt, dict):
+            salt = prompt.get("cache_salt")
+            if salt is not None and (not isinstance(salt, str) or not salt):
+                raise ValidationError("cache_salt must be a non-empty string", "cache_salt")
             if "prompt_token_ids" in prompt:
                 ids = list(prompt["prompt_token_ids"])
-                return ProcessedPrompt(prompt.get("prompt"), self._check_ids(ids))
+                return ProcessedPrompt(prompt.get("prompt"), self._check_ids(ids), salt)
             if "prompt" in prompt:
                 prompt = prompt["prompt"]
             else:
                 raise ValidationError("a prompt dict needs 'prompt' or 'prompt_token_ids'", "prompt")
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            return ProcessedPrompt(None, self._check_ids(list(prompt)))
+            return ProcessedPrompt(None, self._check_ids(list(prompt)), salt)
         if not isinstance(prompt, str):
             raise ValidationError(f"prompt must be a string, a token id list or a dict, got {type(prompt).__name__}",
                                   "prompt")
@@ -55,7 +58,7 @@ class InputProcessor:
         if prompt == "":
             raise ValidationError("prompt must not be empty", "prompt")
         ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-        return ProcessedPrompt(prompt, self._check_ids(ids))
+        return ProcessedPrompt(prompt, self._check_ids(ids), salt)
 
     def _check_ids(self, ids: list[int]) -> list[int]:
         if not ids:
@@ -107,7 +110,7 @@ class InputProcessor:
                     child_params.seed = params.seed + index
             rid = RequestId(request_id if num_seqs == 1 else f"{request_id}-{index}")
             requests.append(Request(rid, prompt.prompt_token_ids, child_params, self.eos_token_ids, max_tokens,
-                                    parent_id=RequestId(request_id) if num_seqs > 1 else None, index=index))
+                                    cache_salt=prompt.cache_salt, parent_id=RequestId(request_id) if num_seqs > 1 else None, index=index))
         return requests[0], requests[1:]
 
     def render_chat(self, messages: list[dict], chat_template: str | None = None,

@@ -1,15 +1,19 @@
 """The synchronous engine shared by the offline LLM and the async server engine:
-input processing -> EngineCore -> output processing. Not thread-safe; one driver thread."""
+input processing -> EngineCore -> output processing (+ request metrics). Not thread-safe;
+one driver thread."""
 from __future__ import annotations
 
 import logging
-from typing import Any
+import time
 
 from pagedserve.core.engine_core import EngineCore
-from pagedserve.core.request import RequestId, RequestStatus
+from pagedserve.core.outputs import EngineStats
+from pagedserve.core.request import RequestStatus
 from pagedserve.engine_args import EngineArgs
+from pagedserve.engine_io import RequestId
 from pagedserve.frontend.input_processor import InputProcessor, PromptType
 from pagedserve.frontend.output_processor import OutputKind, OutputProcessor
+from pagedserve.frontend.request_metrics import FinishListener, RequestMetrics
 from pagedserve.models.loader import load_tokenizer
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
@@ -27,20 +31,26 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
-        self.core = EngineCore(self.config, self.hf_config)
+        self.core = EngineCore(self.config)
         self.input_processor = InputProcessor(self.tokenizer, model.vocab_size, self.config.scheduler.max_model_len,
                                               self.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer)
+        self.request_metrics = RequestMetrics()
         self.children: dict[str, list[RequestId]] = {}
 
     @property
     def max_model_len(self) -> int:
         return self.config.scheduler.max_model_len
 
+    def add_finish_listener(self, listener: FinishListener) -> None:
+        """Called (on the driver thread) with each finished, aborted or failed request's stats."""
+        self.request_metrics.listeners.append(listener)
+
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
                     output_kind: OutputKind = OutputKind.FINAL_ONLY, strict_length: bool = False,
                     add_special_tokens: bool = True) -> None:
         """Validate and queue; raises ValidationError (nothing is queued then)."""
+        arrival_time = time.monotonic()
         if request_id in self.children:
             raise ValueError(f"request id {request_id!r} is already in use")
         processed = self.input_processor.process_prompt(prompt, add_special_tokens)
@@ -52,6 +62,8 @@ class LLMEngine:
         self.children[request_id] = ids
         self.output_processor.add_request(request_id, ids, processed.prompt, processed.prompt_token_ids, params,
                                           output_kind, report_logprobs)
+        self.request_metrics.add(request_id, ids, len(processed.prompt_token_ids), output_kind == OutputKind.DELTA,
+                                 arrival_time)
 
     @staticmethod
     def _internal_params(params: SamplingParams) -> SamplingParams:
@@ -62,22 +74,41 @@ class LLMEngine:
         return params
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Abort a request; its last output (finish_reason "abort"), or None if it is unknown
+        or already finished."""
         ids = self.children.pop(request_id, [])
         self.core.abort_requests(ids)
-        return self.output_processor.abort_request(request_id)
+        output = self.output_processor.abort_request(request_id)
+        if output is not None:
+            self.request_metrics.observe(output)
+        return output
 
     def has_unfinished_requests(self) -> bool:
         return self.core.has_unfinished_requests() or self.output_processor.has_unfinished()
 
+    def has_work(self) -> bool:
+        """Whether a step would do anything (the core's view; an idle driver need not step)."""
+        return self.core.has_unfinished_requests()
+
+    def stats(self) -> EngineStats:
+        return self.core.stats()
+
     def step(self) -> list[RequestOutput]:
-        outputs = self.core.step()
-        results, stopped = self.output_processor.process_outputs(outputs)
+        return self.step_with_stats()[0]
+
+    def step_with_stats(self) -> tuple[list[RequestOutput], EngineStats]:
+        """One step: the RequestOutputs to deliver and the core's stats after it."""
+        core_outputs = self.core.step()
+        if core_outputs.events:
+            self.request_metrics.record(core_outputs.events)
+        results, stopped = self.output_processor.process_outputs(core_outputs.outputs)
         if stopped:
             self.core.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         for result in results:
+            self.request_metrics.observe(result)
             if result.finished:
                 self.children.pop(result.request_id, None)
-        return results
+        return results, core_outputs.stats
 
     def shutdown(self) -> None:
         self.core.shutdown()

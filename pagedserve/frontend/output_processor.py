@@ -8,12 +8,11 @@ CUMULATIVE (everything so far, every step).
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pagedserve.core.engine_core import EngineCoreOutput
-from pagedserve.core.request import RequestId
+from pagedserve.core.outputs import EngineCoreOutput
+from pagedserve.engine_io import RequestId, TokenLogprobs
 from pagedserve.frontend.detokenizer import IncrementalDetokenizer
 from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput
 from pagedserve.sampling_params import SamplingParams
@@ -52,9 +51,7 @@ class RequestState:
     report_logprobs: bool
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     num_cached_tokens: int = 0
-    arrival_time: float = field(default_factory=time.monotonic)
-    first_token_time: float | None = None
-    error: str | None = None
+    error: str | None = None   # why the engine failed it
     prompt_logprobs_sent: bool = False
 
     def finished(self) -> bool:
@@ -107,8 +104,6 @@ class OutputProcessor:
                 state.error = out.error
             if out.new_prompt_logprobs and state.prompt_logprobs is not None:
                 state.prompt_logprobs.extend(self._logprob_dicts(e) for e in out.new_prompt_logprobs)
-            if state.first_token_time is None and out.new_token_ids:
-                state.first_token_time = time.monotonic()
             state.num_cached_tokens = out.num_cached_tokens
             if self._apply(seq, out):
                 to_stop.append(out.req_id)
@@ -131,10 +126,9 @@ class OutputProcessor:
         if out.new_token_ids:
             seq.token_ids.extend(out.new_token_ids)
             if out.new_logprobs is not None:
-                ids, lps, rank = out.new_logprobs
-                seq.cumulative_logprob += lps[0]
+                seq.cumulative_logprob += out.new_logprobs[1][0]   # the chosen token's logprob
                 if seq.logprobs is not None:
-                    seq.logprobs.append(self._logprob_dicts((ids, lps, rank)))
+                    seq.logprobs.append(self._logprob_dicts(out.new_logprobs))
             if seq.detokenizer is not None:
                 stop_terminated = out.finish_reason == "stop" and out.stop_reason is None \
                     or isinstance(out.stop_reason, int)
@@ -146,7 +140,7 @@ class OutputProcessor:
             seq.finish_reason, seq.stop_reason = out.finish_reason, out.stop_reason
         return stopped_by_string
 
-    def _logprob_dicts(self, entry: tuple[list[int], list[float], int]) -> dict[int, Logprob]:
+    def _logprob_dicts(self, entry: TokenLogprobs) -> dict[int, Logprob]:
         ids, lps, rank = entry
         result = {ids[0]: Logprob(lps[0], rank, self._decode(ids[0]))}
         for position, (tid, lp) in enumerate(zip(ids[1:], lps[1:]), start=1):
@@ -192,11 +186,8 @@ class OutputProcessor:
         if kind == OutputKind.DELTA and state.prompt_logprobs_sent:
             prompt_logprobs = None
         state.prompt_logprobs_sent = prompt_logprobs is not None or state.prompt_logprobs_sent
-        metrics = {"arrival_time": state.arrival_time}
-        if state.first_token_time is not None:
-            metrics["first_token_time"] = state.first_token_time
         return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, completions, finished,
-                             prompt_logprobs, state.num_cached_tokens, metrics)
+                             prompt_logprobs, state.num_cached_tokens, error=state.error)
 
     def _completion(self, state: RequestState, seq: SequenceState, delta: bool, finished: bool,
                     index: int) -> CompletionOutput:

@@ -9,7 +9,6 @@ that copies only this rank's shard; `loaded` may be a tensor or a lazy safetenso
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -21,8 +20,14 @@ from pagedserve.layers.parallel import all_reduce, divide, tp_rank, tp_world_siz
 
 # Decode-sized batches (at most this many rows) of bf16/fp16 on CUDA go through the Triton
 # gemv (layers/triton_gemv.py) where it streams the weights faster than cuBLAS
-# (benchmarks/gemv_sweep.py); 0 turns it off (A/B measurements).
-GEMV_MAX_ROWS = int(os.environ.get("PAGEDSERVE_GEMV_MAX_ROWS", "16"))
+# (benchmarks/gemv_sweep.py); 0 turns it off (A/B measurements). The runner sets it from
+# DeviceConfig.gemv_max_rows when it loads the model.
+GEMV_MAX_ROWS = 16
+
+
+def set_gemv_max_rows(rows: int) -> None:
+    global GEMV_MAX_ROWS
+    GEMV_MAX_ROWS = rows
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -73,11 +78,6 @@ class LinearBase(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
-
-
-class ReplicatedLinear(LinearBase):
-    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
-        _copy(param, as_tensor(loaded))
 
 
 class ColumnParallelLinear(LinearBase):

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from pagedserve.config import WeightSource
 from pagedserve.errors import ModelLoadError
 from pagedserve.layers.linear import as_tensor
 
@@ -116,11 +117,10 @@ def load_tokenizer(source: ModelSource, tokenizer: str | None = None) -> Any:
         raise ModelLoadError(f"cannot load a tokenizer from {tokenizer or source.directory}: {exc}") from exc
 
 
-def iterate_weights(source: ModelSource, hf_config: Any, load_format: str, dtype: torch.dtype
-                    ) -> Iterator[tuple[str, Any]]:
+def iterate_weights(source: ModelSource, load_format: str, dtype: torch.dtype) -> Iterator[tuple[str, Any]]:
     """(HF parameter name, tensor or lazy safetensors slice) for every checkpoint tensor."""
     if source.gguf_file or load_format == "gguf":
-        yield from _gguf_weights(source, hf_config, dtype)
+        yield from _gguf_weights(source, dtype)
         return
     files = sorted(glob.glob(os.path.join(source.directory, "*.safetensors")))
     if files and load_format in ("auto", "safetensors"):
@@ -143,11 +143,14 @@ def iterate_weights(source: ModelSource, hf_config: Any, load_format: str, dtype
                          "(expected *.safetensors, *.bin or a .gguf file; or use load_format='dummy')")
 
 
-def _gguf_weights(source: ModelSource, hf_config: Any, dtype: torch.dtype) -> Iterator[tuple[str, Any]]:
+def _gguf_weights(source: ModelSource, dtype: torch.dtype, hf_config: Any = None) -> Iterator[tuple[str, Any]]:
     """Dequantize through transformers' GGUF reader, which also undoes llama.cpp's Q/K
-    permutation and maps tensor names to HF names (it needs an HF model skeleton on meta)."""
+    permutation and maps tensor names to HF names (it needs an HF model skeleton on meta,
+    built from the file's own config unless the caller has read it already)."""
     from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    if hf_config is None:
+        hf_config = load_hf_config(source)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(hf_config)
     parsed = load_gguf_checkpoint(source.gguf_path, return_tensors=True, model_to_load=skeleton,
@@ -178,7 +181,7 @@ def materialize_gguf(source: ModelSource) -> ModelSource:
         from safetensors.torch import save_file
         hf_config = load_hf_config(source)
         tokenizer = load_tokenizer(source)
-        tensors = {name: as_tensor(t).contiguous() for name, t in _gguf_weights(source, hf_config, torch.float32)}
+        tensors = {name: as_tensor(t).contiguous() for name, t in _gguf_weights(source, torch.float32, hf_config)}
         os.makedirs(gguf_cache_root(), exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=key + ".", dir=gguf_cache_root())
         hf_config.save_pretrained(tmp)
@@ -209,15 +212,15 @@ def dummy_weights(model: nn.Module, seed: int, low: float = -1e-3, high: float =
         yield name, torch.empty(shape, dtype=dtype, device=device).uniform_(low, high, generator=generator)
 
 
-def load_weights(model: nn.Module, source: ModelSource, hf_config: Any, load_format: str,
-                 dtype: torch.dtype, seed: int = 0) -> None:
+def load_weights(model: nn.Module, source: WeightSource, dtype: torch.dtype) -> None:
     """Fill every parameter of `model`; raise ModelLoadError if the checkpoint misses some."""
+    load_format = source.load_format
     if load_format not in LOAD_FORMATS:
         raise ModelLoadError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {load_format!r}")
     if load_format == "dummy":
-        weights = dummy_weights(model, seed)
+        weights = dummy_weights(model, source.seed)
     else:
-        weights = iterate_weights(source, hf_config, load_format, dtype)
+        weights = iterate_weights(ModelSource(source.directory, source.gguf_file), load_format, dtype)
     loaded = model.load_weights(weights)
     expected = {name for name, _ in model.named_parameters()}
     missing = sorted(expected - loaded)

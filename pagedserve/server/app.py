@@ -5,34 +5,34 @@ everything (unknown routes included).
     GET  /health                GET  /version                 GET /metrics
     POST /tokenize              POST /detokenize
 and text-generation-inference's routes (tgi_routes.py): POST /generate, /generate_stream, /;
-GET /info; POST /tokenize with {"inputs": ...} answers in TGI's shape.
+GET /info; POST /tokenize with {"inputs": ...} answers in TGI's shape (tokenize.py).
+Errors: errors.py (one table, both bodies); auth and body size: middleware.py.
 """
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pagedserve import __version__
-from pagedserve.errors import ValidationError
 from pagedserve.frontend.async_engine import AsyncEngine
 from pagedserve.server.context import ServerContext, ServerSettings
 from pagedserve.server.errors import (HTTPError, MethodNotAllowedError, NotFoundError, ServiceUnavailableError,
-                                      error_response)
+                                      api_of, error_response)
 from pagedserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from pagedserve.server.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
 from pagedserve.server.openai_chat import create_chat_completion
 from pagedserve.server.openai_completions import create_completion
-from pagedserve.server.openai_protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                               TokenizeRequest, parse_request)
-from pagedserve.server.tgi_routes import tgi_router, tgi_tokenize
+from pagedserve.server.openai_protocol import ChatCompletionRequest, CompletionRequest
+from pagedserve.server.request_body import parse_body, read_json
+from pagedserve.server.tgi_routes import tgi_router
 from pagedserve.server.tgi_settings import TGISettings
+from pagedserve.server.tokenize import detokenize, tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -66,24 +66,15 @@ async def _http_exception(request: Request, exc: StarletteHTTPException) -> Resp
     elif exc.status_code == 405:
         error = MethodNotAllowedError(f"{request.method} is not allowed on {request.url.path}")
     else:
-        error = HTTPError(str(exc.detail))
-        error.status = exc.status_code   # type: ignore[assignment]
-    return error_response(error)
-
-
-async def _json_body(request: Request) -> Any:
-    raw = await request.body()
-    try:
-        return json.loads(raw)
-    except ValueError as exc:
-        raise ValidationError(f"the request body is not valid JSON: {exc}", None) from None
+        error = HTTPError(str(exc.detail), status=exc.status_code)
+    return error_response(error, api_of(request.url.path))
 
 
 def _add_openai_routes(app: FastAPI, ctx: ServerContext) -> None:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         try:
-            body = parse_request(CompletionRequest, await _json_body(request))
+            body = parse_body(CompletionRequest, await read_json(request))
             return await create_completion(ctx, body, request)
         except Exception as exc:
             return error_response(exc)
@@ -91,7 +82,7 @@ def _add_openai_routes(app: FastAPI, ctx: ServerContext) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         try:
-            body = parse_request(ChatCompletionRequest, await _json_body(request))
+            body = parse_body(ChatCompletionRequest, await read_json(request))
             return await create_chat_completion(ctx, body, request)
         except Exception as exc:
             return error_response(exc)
@@ -125,44 +116,9 @@ def _add_info_routes(app: FastAPI, ctx: ServerContext, metrics: ServerMetrics) -
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.post("/tokenize")
-    async def tokenize(request: Request) -> Response:
-        try:
-            raw = await _json_body(request)
-            if isinstance(raw, dict) and "inputs" in raw:   # TGI's body (vLLM's has prompt or messages)
-                return await tgi_tokenize(ctx, raw, request)
-            body = parse_request(TokenizeRequest, raw)
-            return JSONResponse(_tokenize(ctx, body))
-        except Exception as exc:
-            return error_response(exc)
+    async def tokenize_route(request: Request) -> Response:
+        return await tokenize(ctx, request)
 
     @app.post("/detokenize")
-    async def detokenize(request: Request) -> Response:
-        try:
-            body = parse_request(DetokenizeRequest, await _json_body(request))
-            ctx.check_model(body.model)
-            vocab = len(ctx.engine.tokenizer)
-            bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise ValidationError(f"token id {bad} is out of vocabulary (size {vocab})", "tokens")
-            return JSONResponse({"prompt": ctx.decode(body.tokens)})
-        except Exception as exc:
-            return error_response(exc)
-
-
-def _tokenize(ctx: ServerContext, body: TokenizeRequest) -> dict[str, Any]:
-    ctx.check_model(body.model)
-    if (body.prompt is None) == (body.messages is None):
-        raise ValidationError("give exactly one of prompt and messages", "prompt")
-    if body.messages is not None:
-        text = ctx.engine.render_chat([m.as_template_message() for m in body.messages],
-                                      body.chat_template or ctx.settings.chat_template, body.add_generation_prompt,
-                                      body.continue_final_message)
-        add_special = bool(body.add_special_tokens)   # the template already has them
-    else:
-        text = body.prompt or ""
-        add_special = True if body.add_special_tokens is None else body.add_special_tokens
-    tokenizer = ctx.engine.tokenizer
-    tokens = tokenizer.encode(text, add_special_tokens=add_special)
-    token_strs = tokenizer.convert_ids_to_tokens(tokens) if body.return_token_strs else None
-    return {"count": len(tokens), "max_model_len": ctx.engine.max_model_len, "tokens": tokens,
-            "token_strs": token_strs}
+    async def detokenize_route(request: Request) -> Response:
+        return await detokenize(ctx, request)

@@ -1,102 +1,154 @@
-"""HTTP errors: each error class maps to one status and the OpenAI error body
+"""HTTP errors: one table from error class to how each API family answers it.
 
-    {"error": {"message": str, "type": str, "param": str | null, "code": int}}
+    OpenAI routes (/v1/*, /tokenize, /detokenize, unknown routes):
+        {"error": {"message": str, "type": str, "param": str | null, "code": int}}
+        (`type` and `code` as vLLM's server sets them: the error class name and the status)
+    TGI routes (/generate, /generate_stream, /, /info, and /tokenize with TGI's body):
+        {"error": str, "error_type": str}   (422 validation, 429 overloaded, 424 generation)
 
-(`type` and `code` as vLLM's server sets them: the error class name and the status).
+The route family decides which body; the error's class decides the status and the type.
 """
 from __future__ import annotations
 
+import enum
 import logging
-from http import HTTPStatus
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from fastapi.responses import JSONResponse
 
-from pagedserve.errors import EngineDeadError, OverloadedError, RequestAbortedError, ValidationError
-from pagedserve.frontend.async_engine import RequestFailedError
+from pagedserve.errors import (EngineDeadError, OverloadedError, RequestAbortedError, RequestFailedError,
+                               ValidationError)
 
 logger = logging.getLogger(__name__)
 
 
+class API(enum.Enum):
+    """The route family: it picks the error body and the SSE framing."""
+
+    OPENAI = "openai"
+    TGI = "tgi"
+
+
+TGI_PATHS = frozenset({"/generate", "/generate_stream", "/", "/info"})
+
+
+def api_of(path: str) -> API:
+    """The family of a route by its path (/tokenize is vLLM's unless its body is TGI's)."""
+    return API.TGI if path in TGI_PATHS else API.OPENAI
+
+
 class HTTPError(Exception):
-    """An error the server answers itself; subclasses fix the status."""
+    """An error the server answers itself; ERRORS fixes its status per subclass
+    (`status` overrides it, e.g. for a status Starlette raised)."""
 
-    status = HTTPStatus.INTERNAL_SERVER_ERROR
-    error_type = "InternalServerError"
-
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, status: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.status = status
 
 
 class BadRequestError(HTTPError):
-    status = HTTPStatus.BAD_REQUEST
-    error_type = "BadRequestError"
+    pass
 
 
 class UnauthorizedError(HTTPError):
-    status = HTTPStatus.UNAUTHORIZED
-    error_type = "AuthenticationError"
+    pass
 
 
 class NotFoundError(HTTPError):
-    status = HTTPStatus.NOT_FOUND
-    error_type = "NotFoundError"
+    pass
 
 
 class MethodNotAllowedError(HTTPError):
-    status = HTTPStatus.METHOD_NOT_ALLOWED
-    error_type = "MethodNotAllowedError"
+    pass
 
 
 class RequestTooLargeError(HTTPError):
-    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
-    error_type = "RequestTooLargeError"
+    pass
 
 
 class ClientDisconnected(HTTPError):
     """The client went away before the response was ready (nginx's 499; nobody reads it)."""
-
-    status = 499   # type: ignore[assignment]
-    error_type = "ClientClosedRequest"
 
     def __init__(self, message: str = "the client closed the connection", param: str | None = None) -> None:
         super().__init__(message, param)
 
 
 class ServiceUnavailableError(HTTPError):
-    status = HTTPStatus.SERVICE_UNAVAILABLE
-    error_type = "ServiceUnavailableError"
+    pass
 
 
-def error_body(status: HTTPStatus | int, error_type: str, message: str, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": error_type, "param": param, "code": int(status)}}
+class IncompleteGenerationError(HTTPError):
+    """A request ended without the output it owed (its last token, or any output)."""
 
 
-def classify(exc: BaseException) -> tuple[HTTPStatus | int, str, str, str | None]:
-    """(status, type, message, param) for any exception a route can raise."""
-    if isinstance(exc, HTTPError):
-        return exc.status, exc.error_type, exc.message, exc.param
-    if isinstance(exc, ValidationError):
-        return HTTPStatus.BAD_REQUEST, "BadRequestError", exc.message, exc.param
-    if isinstance(exc, EngineDeadError):
-        return HTTPStatus.SERVICE_UNAVAILABLE, "EngineDeadError", str(exc) or "the engine is dead", None
-    if isinstance(exc, OverloadedError):
-        return HTTPStatus.SERVICE_UNAVAILABLE, "ServiceUnavailableError", str(exc) or "the engine is overloaded", None
-    if isinstance(exc, RequestAbortedError):
-        return HTTPStatus.INTERNAL_SERVER_ERROR, "RequestAbortedError", str(exc) or "the request was aborted", None
-    if isinstance(exc, RequestFailedError):
-        return HTTPStatus.INTERNAL_SERVER_ERROR, "InternalServerError", str(exc), None
-    logger.exception("unexpected error while serving a request", exc_info=exc)
-    return HTTPStatus.INTERNAL_SERVER_ERROR, "InternalServerError", f"{type(exc).__name__}: {exc}", None
+class _Row(NamedTuple):
+    openai_status: int
+    openai_type: str
+    tgi_status: int
+    tgi_type: str
+    default_message: str
 
 
-def error_response(exc: BaseException) -> JSONResponse:
-    status, error_type, message, param = classify(exc)
-    return JSONResponse(error_body(status, error_type, message, param), status_code=int(status))
+# error class -> its answer in each family; the most specific class in an error's MRO wins.
+ERRORS: dict[type[BaseException], _Row] = {
+    ValidationError: _Row(400, "BadRequestError", 422, "validation", "invalid request"),
+    OverloadedError: _Row(503, "ServiceUnavailableError", 429, "overloaded", "Model is overloaded"),
+    EngineDeadError: _Row(503, "EngineDeadError", 424, "generation", "the engine is dead"),
+    RequestFailedError: _Row(500, "InternalServerError", 424, "generation", "the engine failed the request"),
+    RequestAbortedError: _Row(500, "RequestAbortedError", 500, "incomplete_generation", "the request was aborted"),
+    HTTPError: _Row(500, "InternalServerError", 500, "generation", "internal server error"),
+    BadRequestError: _Row(400, "BadRequestError", 422, "validation", "bad request"),
+    UnauthorizedError: _Row(401, "AuthenticationError", 401, "authentication", "unauthorized"),
+    NotFoundError: _Row(404, "NotFoundError", 404, "validation", "not found"),
+    MethodNotAllowedError: _Row(405, "MethodNotAllowedError", 405, "validation", "method not allowed"),
+    RequestTooLargeError: _Row(413, "RequestTooLargeError", 413, "validation", "request too large"),
+    ClientDisconnected: _Row(499, "ClientClosedRequest", 499, "validation", "the client closed the connection"),
+    ServiceUnavailableError: _Row(503, "ServiceUnavailableError", 503, "validation", "service unavailable"),
+    IncompleteGenerationError: _Row(500, "InternalServerError", 500, "incomplete_generation",
+                                    "the request ended without its output"),
+}
 
 
-def error_payload(exc: BaseException) -> dict:
+@dataclass(frozen=True)
+class ErrorInfo:
+    """One error as one family answers it."""
+
+    api: API
+    status: int
+    type: str
+    message: str
+    param: str | None = None
+
+    def body(self) -> dict[str, Any]:
+        if self.api is API.TGI:
+            return {"error": self.message, "error_type": self.type}
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
+
+    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def describe(exc: BaseException, api: API = API.OPENAI) -> ErrorInfo:
+    """Any exception a route can raise, as `api` answers it."""
+    row = next((ERRORS[cls] for cls in type(exc).__mro__ if cls in ERRORS), None)
+    if row is None:
+        logger.exception("unexpected error while serving a request", exc_info=exc)
+        status, error_type = (500, "InternalServerError") if api is API.OPENAI else (500, "generation")
+        return ErrorInfo(api, status, error_type, f"{type(exc).__name__}: {exc}")
+    status, error_type = (row.openai_status, row.openai_type) if api is API.OPENAI else (row.tgi_status, row.tgi_type)
+    if isinstance(exc, HTTPError) and exc.status is not None:
+        status = exc.status
+    message = getattr(exc, "message", None) or str(exc) or row.default_message
+    return ErrorInfo(api, int(status), error_type, message, getattr(exc, "param", None))
+
+
+def error_response(exc: BaseException, api: API = API.OPENAI) -> JSONResponse:
+    return describe(exc, api).response()
+
+
+def error_payload(exc: BaseException, api: API = API.OPENAI) -> dict[str, Any]:
     """The body of `exc` for an SSE `data:` event (a stream that already answered 200)."""
-    status, error_type, message, param = classify(exc)
-    return error_body(status, error_type, message, param)
+    return describe(exc, api).body()

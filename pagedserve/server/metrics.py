@@ -1,8 +1,9 @@
 """Prometheus metrics: vLLM V1's names under the `pagedserve:` prefix, each with a
 `model_name` label (TGI's `tgi_*` metrics for the TGI routes are at the end). Gauges and
-engine-cumulative counters are read from AsyncEngine.stats at scrape time; per-request
-counters and histograms are fed by the engine's finish listener (called on the engine
-thread; prometheus_client is thread-safe)."""
+engine-cumulative counters are read from AsyncEngine.stats (the core's EngineStats of the
+last step) at scrape time; per-request counters and histograms are fed by the engine's
+finish listener with FinishedRequestStats (called on the engine thread; prometheus_client
+is thread-safe)."""
 from __future__ import annotations
 
 from typing import Iterator
@@ -11,7 +12,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from pagedserve.frontend.async_engine import AsyncEngine, FinishedRequestStats
+from pagedserve.frontend.async_engine import AsyncEngine
+from pagedserve.frontend.request_metrics import FinishedRequestStats
 
 PREFIX = "pagedserve:"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -86,7 +88,8 @@ class ServerMetrics:
         counter.inc()
         self.e2e.observe(max(stats.finish_time - stats.arrival_time, 0.0))
         if stats.first_scheduled_time is not None:
-            self.queue_time.observe(max(stats.first_scheduled_time - stats.arrival_time, 0.0))
+            queued = stats.arrival_time if stats.queued_time is None else stats.queued_time
+            self.queue_time.observe(max(stats.first_scheduled_time - queued, 0.0))
         if stats.first_token_time is not None:
             self.ttft.observe(max(stats.first_token_time - stats.arrival_time, 0.0))
             if stats.num_generation_tokens > 1:

@@ -1,5 +1,5 @@
-"""Pure-ASGI middleware (no buffering of streamed responses): API-key check and a request
-body size limit. Both answer with the OpenAI error body."""
+"""Pure-ASGI middleware (no buffering of streamed responses): the API-key check and a
+request body size limit. Both answer in the route family's error body (errors.py)."""
 from __future__ import annotations
 
 import hmac
@@ -7,34 +7,42 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pagedserve.server.errors import RequestTooLargeError, UnauthorizedError, error_body
+from pagedserve.server.errors import HTTPError, RequestTooLargeError, UnauthorizedError, api_of, describe
+
+# Routes that touch the model need the key: every /v1 route, TGI's generation routes, and
+# the tokenizer routes. /health, /metrics, /version and /info stay open (as vLLM and TGI).
+GUARDED_PATHS = frozenset({"/generate", "/generate_stream", "/", "/tokenize", "/detokenize"})
 
 
-async def _send_error(send: Send, error: UnauthorizedError | RequestTooLargeError, headers: list | None = None) -> None:
-    body = json.dumps(error_body(error.status, error.error_type, error.message, error.param)).encode()
-    await send({"type": "http.response.start", "status": int(error.status),
+def needs_api_key(path: str) -> bool:
+    return path.startswith("/v1") or path in GUARDED_PATHS
+
+
+async def _send_error(send: Send, path: str, error: HTTPError, headers: list | None = None) -> None:
+    info = describe(error, api_of(path))
+    body = json.dumps(info.body()).encode()
+    await send({"type": "http.response.start", "status": info.status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *(headers or [])]})
     await send({"type": "http.response.body", "body": body})
 
 
 class APIKeyMiddleware:
-    """Requests under /v1 need `Authorization: Bearer <api_key>` (as vLLM: /health,
-    /metrics and the like stay open). Compared in constant time."""
+    """Guarded routes need `Authorization: Bearer <api_key>`, compared in constant time."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("method") == "OPTIONS" or not scope["path"].startswith("/v1"):
+        if scope["type"] != "http" or scope.get("method") == "OPTIONS" or not needs_api_key(scope["path"]):
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"authorization", b"")
         if not hmac.compare_digest(given, self.expected):
-            await _send_error(send, UnauthorizedError("missing or invalid API key: send `Authorization: Bearer "
-                                                      "<key>`", "api_key"),
-                              [(b"www-authenticate", b"Bearer")])
+            await _send_error(send, scope["path"], UnauthorizedError(
+                "missing or invalid API key: send `Authorization: Bearer <key>`", "api_key"),
+                [(b"www-authenticate", b"Bearer")])
             return
         await self.app(scope, receive, send)
 
@@ -54,7 +62,7 @@ class BodySizeLimitMiddleware:
         declared = dict(scope["headers"]).get(b"content-length")
         too_large = RequestTooLargeError(f"the request body is larger than {self.max_bytes} bytes", None)
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await _send_error(send, too_large)
+            await _send_error(send, scope["path"], too_large)
             return
         received = 0
 

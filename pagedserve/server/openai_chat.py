@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 
 from pagedserve.frontend.async_engine import RequestStream
 from pagedserve.frontend.output_processor import OutputKind
-from pagedserve.outputs import CompletionOutput, RequestOutput, openai_finish_reason
+from pagedserve.outputs import CompletionOutput, RequestOutput
 from pagedserve.server.context import ServerContext, new_request_id
 from pagedserve.server.errors import error_payload
 from pagedserve.server.openai_logprobs import chat_logprobs, prompt_logprobs_json
@@ -32,7 +32,8 @@ async def create_chat_completion(ctx: ServerContext, request: ChatCompletionRequ
                                     request.add_generation_prompt, request.continue_final_message)
     response_id, engine_id = new_request_id("chatcmpl", request.request_id)
     kind = OutputKind.DELTA if request.stream else OutputKind.FINAL_ONLY
-    streams = await add_prompts(ctx.engine, engine_id, [prompt], params, kind, request.add_special_tokens)
+    streams = await add_prompts(ctx.engine, engine_id, [request.engine_prompt(prompt)], params, kind,
+                                request.add_special_tokens)
     builder = _ChatBuilder(ctx, request, response_id)
     if request.stream:
         return SSEResponse(builder.stream(streams))
@@ -58,7 +59,7 @@ class _ChatBuilder:
             choices.append({"index": completion.index,
                             "message": {"role": ASSISTANT, "content": completion.text},
                             "logprobs": self._logprobs(completion),
-                            "finish_reason": openai_finish_reason(completion.finish_reason),
+                            "finish_reason": completion.finish_reason,
                             "stop_reason": completion.stop_reason})
         body = {"id": self.response_id, "object": "chat.completion", "created": self.ctx.created,
                 "model": self.ctx.model_name, "choices": choices, "usage": self.usage.as_dict()}
@@ -94,8 +95,7 @@ class _ChatBuilder:
         if completion.text or (logprobs and logprobs["content"]):
             chunks.append(self._chunk(completion.index, {"content": completion.text}, logprobs))
         if completion.finish_reason is not None:
-            chunks.append(self._chunk(completion.index, {}, None, openai_finish_reason(completion.finish_reason),
-                                      completion.stop_reason))
+            chunks.append(self._chunk(completion.index, {}, None, completion.finish_reason, completion.stop_reason))
         return chunks
 
     def _chunk(self, index: int, delta: dict[str, Any], logprobs: dict | None = None,

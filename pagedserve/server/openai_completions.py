@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response
 
 from pagedserve.frontend.async_engine import RequestStream
 from pagedserve.frontend.output_processor import OutputKind
-from pagedserve.outputs import CompletionOutput, RequestOutput, openai_finish_reason
+from pagedserve.outputs import CompletionOutput, RequestOutput
 from pagedserve.server.context import ServerContext, new_request_id
 from pagedserve.server.errors import error_payload
 from pagedserve.server.openai_logprobs import CompletionLogprobs, prompt_logprobs_json
@@ -23,7 +23,7 @@ from pagedserve.server.usage import Usage
 async def create_completion(ctx: ServerContext, request: CompletionRequest, raw_request: Request) -> Response:
     ctx.check_model(request.model)
     params = request.to_sampling_params()
-    prompts = request.prompts()
+    prompts = [request.engine_prompt(prompt) for prompt in request.prompts()]
     response_id, engine_id = new_request_id("cmpl", request.request_id)
     kind = OutputKind.DELTA if request.stream else OutputKind.FINAL_ONLY
     streams = await add_prompts(ctx.engine, engine_id, prompts, params, kind, request.add_special_tokens)
@@ -110,7 +110,7 @@ class _CompletionBuilder:
         if self.request.logprobs is not None and logprobs is not None:
             logprobs_json = state.logprobs.build(token_ids, logprobs)
         return {"index": index, "text": text, "logprobs": logprobs_json,
-                "finish_reason": openai_finish_reason(completion.finish_reason),
+                "finish_reason": completion.finish_reason,
                 "stop_reason": completion.stop_reason}
 
     def _prompt_text(self, output: RequestOutput) -> str:

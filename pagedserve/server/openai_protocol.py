@@ -3,9 +3,8 @@ SamplingParams. Unknown fields are a 400 naming the field; known fields we do no
 are accepted only at their neutral value, otherwise a 400 naming them."""
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar, Union
+from typing import Any, Literal, Union
 
-import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
 from pagedserve.errors import ValidationError
@@ -52,6 +51,7 @@ class _SamplingFields(_Strict):
     prompt_logprobs: int | None = None
     return_tokens_as_token_ids: bool | None = None
     request_id: str | None = None
+    cache_salt: str | None = None   # salts this request's prefix-cache hashes
     # vLLM extras accepted only at their neutral value (see UNSUPPORTED)
     use_beam_search: bool = False
     length_penalty: float = 1.0
@@ -67,7 +67,6 @@ class _SamplingFields(_Strict):
     structured_outputs: Any = None
     response_format: dict[str, Any] | None = None
     logits_processors: Any = None
-    cache_salt: str | None = None
     kv_transfer_params: Any = None
     vllm_xargs: Any = None
 
@@ -78,10 +77,18 @@ class _SamplingFields(_Strict):
         if self.response_format is not None and self.response_format.get("type", "text") != "text":
             raise ValidationError("response_format other than {\"type\": \"text\"} is not supported "
                                   "(no structured output yet)", "response_format")
+        if self.cache_salt is not None and not self.cache_salt:
+            raise ValidationError("cache_salt must be a non-empty string if given", "cache_salt")
         if self.stream_options is not None and not self.stream:
             raise ValidationError("stream_options can only be set when stream is true", "stream_options")
         if self.stream and self.best_of is not None and self.best_of > (self.n or 1):
             raise ValidationError("best_of > n cannot be streamed", "best_of")
+
+    def engine_prompt(self, prompt: str | list[int]) -> str | list[int] | dict[str, Any]:
+        """A prompt as the engine takes it: a dict carrying cache_salt when one is given."""
+        if self.cache_salt is None:
+            return prompt
+        return {"prompt" if isinstance(prompt, str) else "prompt_token_ids": prompt, "cache_salt": self.cache_salt}
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         return SamplingParams(
@@ -102,7 +109,7 @@ UNSUPPORTED: dict[str, tuple] = {
     "use_beam_search": (False,), "length_penalty": (1.0,), "priority": (0,), "truncate_prompt_tokens": (None,),
     "allowed_token_ids": (None,), "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
     "guided_grammar": (None,), "guided_decoding_backend": (None,), "guided_whitespace_pattern": (None,),
-    "structured_outputs": (None,), "logits_processors": (None,), "cache_salt": (None,),
+    "structured_outputs": (None,), "logits_processors": (None,),
     "kv_transfer_params": (None,), "vllm_xargs": (None,), "suffix": (None, ""), "tools": (None, []),
     "tool_choice": (None, "none", "auto"), "chat_template_kwargs": (None, {}), "documents": (None, []),
 }
@@ -145,13 +152,9 @@ class ChatMessage(_Strict):
     name: str | None = None
 
     def as_template_message(self) -> dict[str, Any]:
-        content = self.content
-        if isinstance(content, list):
-            content = "".join(part.text for part in content)
-        message: dict[str, Any] = {"role": self.role, "content": content or ""}
-        if self.name is not None:
-            message["name"] = self.name
-        return message
+        """The message as given; the frontend's render_chat flattens content parts (the
+        same function LLM.chat uses, so online and offline prompts are the same)."""
+        return self.model_dump(exclude_none=True)
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -188,50 +191,6 @@ class ChatCompletionRequest(_SamplingFields):
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self.sampling_params(max_tokens, logprobs)
-
-
-class TokenizeRequest(_Strict):
-    model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
-    add_special_tokens: bool | None = None
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    chat_template: str | None = None
-    return_token_strs: bool = False
-
-
-class DetokenizeRequest(_Strict):
-    model: str | None = None
-    tokens: list[int]
-
-
-RequestT = TypeVar("RequestT", bound=BaseModel)
-
-
-def parse_request(model: type[RequestT], body: Any) -> RequestT:
-    """Validate a JSON body; the first problem becomes a ValidationError naming its field."""
-    if not isinstance(body, dict):
-        raise ValidationError("the request body must be a JSON object", None)
-    try:
-        request = model.model_validate(body)
-    except pydantic.ValidationError as exc:
-        error = exc.errors()[0]
-        param = ".".join(str(part) for part in error["loc"] if not _is_union_tag(part)) or None
-        if error["type"] == "extra_forbidden":
-            raise ValidationError(f"unknown or unsupported field {param!r}", param) from None
-        if error["type"] == "missing":
-            raise ValidationError(f"{param} is required", param) from None
-        raise ValidationError(f"{param}: {error['msg']}", param) from None
-    check = getattr(request, "check_supported", None)
-    if check is not None:
-        check()
-    return request
-
-
-def _is_union_tag(part: Any) -> bool:
-    """pydantic puts the union member it tried into `loc` ('str', 'list[int]', ...)."""
-    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool"))
 
 
 def _or(value: Any, default: Any) -> Any:

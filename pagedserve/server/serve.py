@@ -1,17 +1,18 @@
 """`pagedserve serve [MODEL] ...`: build the engine from flags (and TGI's launcher
 environment variables, see tgi_settings.py), then serve the OpenAI and TGI APIs with
-uvicorn. Also the body of `python -m pagedserve.entrypoints.openai.api_server`."""
+uvicorn. `python -m pagedserve.entrypoints.openai.api_server` runs the same command."""
 from __future__ import annotations
 
 import argparse
 import logging
 import os
-import sys
 
 from pagedserve.engine_args import EngineArgs
 from pagedserve.errors import ValidationError
+from pagedserve.logger import configure_default_logging
 from pagedserve.models.default_model import DEFAULT_MODEL_NAME
 from pagedserve.server.context import DEFAULT_MAX_REQUEST_BODY_BYTES, ServerSettings
+from pagedserve.server.engine_flags import add_engine_arguments, engine_kwargs
 from pagedserve.server.tgi_settings import DEFAULT_PORT, add_tgi_arguments, apply_tgi_settings
 
 logger = logging.getLogger(__name__)
@@ -23,35 +24,21 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
                         help="model folder, .gguf file or org/name in the local HF cache "
                              "(default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--model", default=None, help="same as MODEL (vLLM's spelling)")
-    parser.add_argument("--tokenizer", default=None)
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=None, help=f"default: env PORT, else {DEFAULT_PORT}")
     parser.add_argument("--served-model-name", default=None,
                         help="the name clients use (default: the model path's basename)")
     parser.add_argument("--api-key", default=None,
-                        help=f"require `Authorization: Bearer KEY` on /v1 and the TGI routes "
-                             f"(default: env {API_KEY_ENV}, else API_KEY)")
-    parser.add_argument("--dtype", default=None, help="default: env DTYPE, else auto")
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--max-num-seqs", type=int, default=None,
-                        help="default: 1024 on GPUs with 70 GiB or more, else 256 (as vLLM)")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+                        help=f"require `Authorization: Bearer KEY` on /v1, the TGI generation routes, /tokenize "
+                             f"and /detokenize (default: env {API_KEY_ENV}, else API_KEY)")
     parser.add_argument("--chat-template", default=None, help="a Jinja template, or a file holding one")
-    parser.add_argument("--enforce-eager", action="store_true")
-    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                        help="schedule the next step while the current one runs (default: on for CUDA, TP=1)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=None, help="default: env NUM_SHARD, else 1")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--load-format", default="auto")
-    parser.add_argument("--kv-cache-memory-gb", type=float, default=None, help="KV cache size on CPU")
-    parser.add_argument("--num-kv-blocks", type=int, default=None)
     parser.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_REQUEST_BODY_BYTES)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    # None where TGI's environment may fill the value in (apply_tgi_settings)
+    add_engine_arguments(parser.add_argument_group("engine"),
+                         defaults={"dtype": None, "tensor_parallel_size": None},
+                         notes={"model": "same as MODEL, vLLM's spelling", "dtype": "default: env DTYPE, else auto",
+                                "tensor_parallel_size": "default: env NUM_SHARD, else 1"})
     add_tgi_arguments(parser)
     return parser
 
@@ -62,15 +49,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def engine_args_from(args: argparse.Namespace) -> EngineArgs:
-    return EngineArgs(
-        model=_model(args), tokenizer=args.tokenizer, dtype=args.dtype or "auto", max_model_len=args.max_model_len,
-        block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching,
-        seed=args.seed, load_format=args.load_format, device=args.device,
-        gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
-        async_scheduling=args.async_scheduling,
-        tensor_parallel_size=args.tensor_parallel_size or 1, kv_cache_memory_gb=args.kv_cache_memory_gb,
-        num_kv_blocks=args.num_kv_blocks)
+    """EngineArgs from the generated engine flags (after apply_tgi_settings, or without it)."""
+    return EngineArgs(**{**engine_kwargs(args), "model": _model(args), "dtype": args.dtype or "auto",
+                         "tensor_parallel_size": args.tensor_parallel_size or 1})
 
 
 def server_settings_from(args: argparse.Namespace) -> ServerSettings:
@@ -110,7 +91,8 @@ def run_server(args: argparse.Namespace) -> None:
     from pagedserve.frontend.async_engine import AsyncEngine
     from pagedserve.server.app import build_app
 
-    logging.getLogger("pagedserve").setLevel(args.log_level.upper())   # handler: pagedserve/logger.py
+    configure_default_logging()
+    logging.getLogger("pagedserve").setLevel(args.log_level.upper())
     tgi_settings = apply_tgi_settings(args)   # TGI flags and env vars, folded into args
     settings = server_settings_from(args)
     engine = AsyncEngine.from_engine_args(engine_args_from(args))
@@ -126,9 +108,3 @@ def _model(args: argparse.Namespace) -> str | None:
     if args.model_tag and args.model and args.model_tag != args.model:
         raise ValidationError(f"two models given: {args.model_tag!r} and --model {args.model!r}", "model")
     return args.model_tag or args.model
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m pagedserve.entrypoints.openai.api_server`: `pagedserve serve` by another name."""
-    from pagedserve.cli import main as cli_main
-    raise SystemExit(cli_main(["serve", *(sys.argv[1:] if argv is None else argv)]))

@@ -1,5 +1,5 @@
-"""Plumbing shared by the OpenAI routes: adding a request's prompts together, merging their
-output streams, Server-Sent Events, and aborting when the client goes away.
+"""Plumbing shared by the routes: adding a request's prompts together, merging their output
+streams, Server-Sent Events (both APIs), and aborting when the client goes away.
 
 Disconnects: a streamed response closes its body iterator when the client is gone (the
 iterator's `finally` closes the engine streams, which aborts them); a non-streamed request
@@ -19,14 +19,16 @@ from pagedserve.frontend.input_processor import PromptType
 from pagedserve.frontend.output_processor import OutputKind
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
-from pagedserve.server.errors import ClientDisconnected
+from pagedserve.server.errors import API, ClientDisconnected
 
 T = TypeVar("T")
 DONE_EVENT = "data: [DONE]\n\n"
 
 
-def sse_event(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+def sse_event(payload: dict[str, Any], api: API = API.OPENAI) -> str:
+    """One `data:` event; TGI's (axum's) framing has no space after the colon."""
+    prefix = "data:" if api is API.TGI else "data: "
+    return f"{prefix}{json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
 class SSEResponse(StreamingResponse):

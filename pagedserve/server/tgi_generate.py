@@ -5,7 +5,6 @@ best_of=N runs N sampled sequences (n=N): the answer is the one with the highest
 logprob, the others go to details.best_of_sequences. Sequence i is seeded seed + i."""
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -18,13 +17,9 @@ from pagedserve.frontend.output_processor import OutputKind
 from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput, tgi_finish_reason
 from pagedserve.server.context import ServerContext
 from pagedserve.server.metrics import TGIMetrics
-from pagedserve.server.streaming import unless_disconnected
-from pagedserve.server.tgi_protocol import TGIError, ValidGenerateRequest, classify, error_json
-
-
-def sse_event(payload: dict[str, Any]) -> str:
-    """TGI's (axum's) framing: `data:` with no space."""
-    return f"data:{json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+from pagedserve.server.errors import API, IncompleteGenerationError, describe
+from pagedserve.server.streaming import sse_event, unless_disconnected
+from pagedserve.server.tgi_protocol import ValidGenerateRequest
 
 
 @dataclass
@@ -112,7 +107,7 @@ async def generate_stream(ctx: ServerContext, valid: ValidGenerateRequest, strea
             ids = completion.token_ids
             if not ids:
                 if completion.finish_reason is not None:
-                    raise TGIError("the request ended before its last token", "incomplete_generation", 500)
+                    raise IncompleteGenerationError("the request ended before its last token")
                 continue
             entries = completion.logprobs or []
             for i, token_id in enumerate(ids):
@@ -133,12 +128,12 @@ async def generate_stream(ctx: ServerContext, valid: ValidGenerateRequest, strea
                             "finish_reason": tgi_finish_reason(completion.finish_reason, completion.stop_reason),
                             "generated_tokens": num_tokens, "seed": valid.seed,
                             "input_length": len(valid.input_ids)}
-                yield sse_event(event)
+                yield sse_event(event, API.TGI)
         metrics.observe_success(time.monotonic() - arrival, queue_s, num_tokens)
     except Exception as exc:
-        error = classify(exc)
-        metrics.observe_failure(error.error_type)
-        yield sse_event(error_json(error))
+        error = describe(exc, API.TGI)
+        metrics.observe_failure(error.type)
+        yield sse_event(error.body(), API.TGI)
     finally:
         stream.close()
         on_close()
@@ -149,7 +144,7 @@ async def _last(stream: RequestStream) -> RequestOutput:
     async for output in stream:
         final = output
     if final is None or not final.outputs:
-        raise TGIError("the request ended without an output", "incomplete_generation", 500)
+        raise IncompleteGenerationError("the request ended without an output")
     return final
 
 

@@ -1,65 +1,21 @@
 """TGI's request bodies and their validation, with text-generation-inference's rules and
 messages (router/src/validation.rs), into one ValidGenerateRequest the routes run.
 
-Errors are TGI's body `{"error": str, "error_type": str}`: 422 validation, 429 overloaded,
-424 generation (the engine failed the request), 500 anything else."""
+Every rule raises pagedserve's ValidationError with TGI's message; errors.py answers it as
+TGI does: 422 `{"error": message, "error_type": "validation"}`."""
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from http import HTTPStatus
 from typing import Any
 
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
-from pydantic import ValidationError as PydanticValidationError
 
-from pagedserve.errors import EngineDeadError, RequestAbortedError, ValidationError
-from pagedserve.frontend.async_engine import RequestFailedError
+from pagedserve.errors import ValidationError
 from pagedserve.sampling_params import SamplingParams
-from pagedserve.server.errors import HTTPError
 from pagedserve.server.tgi_settings import TGISettings
 
 MAX_SEED = 2**32   # seeds TGI draws when none is given (reported back in details.seed)
-
-
-class TGIError(Exception):
-    """An error answered with TGI's body."""
-
-    def __init__(self, message: str, error_type: str = "validation",
-                 status: int = HTTPStatus.UNPROCESSABLE_ENTITY) -> None:
-        super().__init__(message)
-        self.message = message
-        self.error_type = error_type
-        self.status = int(status)
-
-
-def overloaded() -> TGIError:
-    return TGIError("Model is overloaded", "overloaded", HTTPStatus.TOO_MANY_REQUESTS)
-
-
-def classify(exc: BaseException) -> TGIError:
-    """Any exception a TGI route can raise -> TGIError (status, error_type, message)."""
-    if isinstance(exc, TGIError):
-        return exc
-    if isinstance(exc, HTTPError):   # e.g. the body size limit: keep its status
-        return TGIError(exc.message, "validation", exc.status)
-    if isinstance(exc, ValidationError):
-        return TGIError(exc.message)
-    if isinstance(exc, (RequestFailedError, EngineDeadError)):
-        return TGIError(str(exc) or "the engine failed the request", "generation", HTTPStatus.FAILED_DEPENDENCY)
-    if isinstance(exc, RequestAbortedError):
-        return TGIError(str(exc) or "the request was aborted", "incomplete_generation",
-                        HTTPStatus.INTERNAL_SERVER_ERROR)
-    return TGIError(f"{type(exc).__name__}: {exc}", "generation", HTTPStatus.INTERNAL_SERVER_ERROR)
-
-
-def error_json(error: TGIError) -> dict[str, str]:
-    return {"error": error.message, "error_type": error.error_type}
-
-
-def error_response(error: TGIError) -> JSONResponse:
-    return JSONResponse(error_json(error), status_code=error.status)
 
 
 class GenerateParameters(BaseModel):
@@ -95,25 +51,6 @@ class GenerateRequest(BaseModel):
     add_special_tokens: bool = True
 
 
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    inputs: str
-    parameters: GenerateParameters | None = None
-    add_special_tokens: bool = True
-
-
-def parse(model: type[BaseModel], body: Any) -> Any:
-    """A body -> `model`, or a 422 naming the first bad field (as axum's Json rejection)."""
-    try:
-        return model.model_validate(body)
-    except PydanticValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise TGIError(f"Failed to deserialize the JSON body into the target type: {where}: {first['msg']}") \
-            from None
-
-
 @dataclass
 class ValidGenerateRequest:
     inputs: str
@@ -130,7 +67,7 @@ class ValidGenerateRequest:
 
 def validate(request: GenerateRequest, settings: TGISettings, max_total_tokens: int, tokenizer: Any,
              stream: bool) -> ValidGenerateRequest:
-    """TGI's rules, in TGI's order; raises TGIError (422) naming the parameter."""
+    """TGI's rules, in TGI's order; raises ValidationError (a 422) with TGI's message."""
     p = request.parameters
     best_of = _check_best_of(p, settings, stream)
     _check_ranges(p, settings)
@@ -157,47 +94,49 @@ def _check_best_of(p: GenerateParameters, settings: TGISettings, stream: bool) -
     best_of = p.best_of if p.best_of is not None else 1
     if best_of != 1:
         if settings.max_best_of == 1:
-            raise TGIError("`best_of` != 1 is not allowed for this endpoint")
+            raise ValidationError("`best_of` != 1 is not allowed for this endpoint")
         if best_of > settings.max_best_of:
-            raise TGIError(f"`best_of` must be > 0 and <= {settings.max_best_of}. Given: {best_of}")
+            raise ValidationError(f"`best_of` must be > 0 and <= {settings.max_best_of}. Given: {best_of}")
         if stream:
-            raise TGIError("`best_of` != 1 is not supported when streaming tokens")
+            raise ValidationError("`best_of` != 1 is not supported when streaming tokens")
         if not p.do_sample:   # do_sample=false is greedy here, so best_of needs it
-            raise TGIError("you must use sampling when `best_of` is > 1")
+            raise ValidationError("you must use sampling when `best_of` is > 1")
         if p.seed is not None:
-            raise TGIError("`seed` must not be set when `best_of` > 1")
+            raise ValidationError("`seed` must not be set when `best_of` > 1")
     if p.decoder_input_details and stream:
-        raise TGIError("`decoder_input_details` == true is not supported when streaming tokens")
+        raise ValidationError("`decoder_input_details` == true is not supported when streaming tokens")
     return best_of
 
 
 def _check_ranges(p: GenerateParameters, settings: TGISettings) -> None:
     if p.temperature is not None and p.temperature <= 0.0:
-        raise TGIError("`temperature` must be strictly positive")
+        raise ValidationError("`temperature` must be strictly positive")
     if p.repetition_penalty is not None and p.repetition_penalty <= 0.0:
-        raise TGIError("`repetition_penalty` must be strictly positive")
+        raise ValidationError("`repetition_penalty` must be strictly positive")
     if p.frequency_penalty is not None and not -2.0 <= p.frequency_penalty <= 2.0:
-        raise TGIError("`frequency_penalty` must be >= -2.0 and <= 2.0")
+        raise ValidationError("`frequency_penalty` must be >= -2.0 and <= 2.0")
     if p.top_p is not None and not 0.0 < p.top_p < 1.0:
-        raise TGIError("`top_p` must be > 0.0 and < 1.0")
+        raise ValidationError("`top_p` must be > 0.0 and < 1.0")
     if p.typical_p is not None and not 0.0 < p.typical_p < 1.0:
-        raise TGIError("`typical_p` must be > 0.0 and < 1.0")
+        raise ValidationError("`typical_p` must be > 0.0 and < 1.0")
     if p.top_k is not None and p.top_k <= 0:
-        raise TGIError("`top_k` must be strictly positive")
+        raise ValidationError("`top_k` must be strictly positive")
     if p.max_new_tokens == 0:
-        raise TGIError("`max_new_tokens` must be strictly positive")
+        raise ValidationError("`max_new_tokens` must be strictly positive")
     if len(p.stop) > settings.max_stop_sequences:
-        raise TGIError(f"`stop` supports up to {settings.max_stop_sequences} stop sequences. Given: {len(p.stop)}")
+        raise ValidationError(f"`stop` supports up to {settings.max_stop_sequences} stop sequences. "
+                              f"Given: {len(p.stop)}")
     if any(not s for s in p.stop):
-        raise TGIError("`stop` sequences must not be empty")
+        raise ValidationError("`stop` sequences must not be empty")
     if (p.top_n_tokens or 0) > settings.max_top_n_tokens:
-        raise TGIError(f"`top_n_tokens` must be >= 0 and <= {settings.max_top_n_tokens}. Given: {p.top_n_tokens}")
+        raise ValidationError(f"`top_n_tokens` must be >= 0 and <= {settings.max_top_n_tokens}. "
+                              f"Given: {p.top_n_tokens}")
     if p.watermark:
-        raise TGIError("watermark is not supported")
+        raise ValidationError("watermark is not supported")
     if p.grammar is not None:
-        raise TGIError("grammar is not supported")
+        raise ValidationError("grammar is not supported")
     if p.adapter_id is not None:
-        raise TGIError("adapter_id is not supported: this server serves one model without adapters")
+        raise ValidationError("adapter_id is not supported: this server serves one model without adapters")
 
 
 def _check_inputs(request: GenerateRequest, settings: TGISettings, max_total_tokens: int,
@@ -205,18 +144,19 @@ def _check_inputs(request: GenerateRequest, settings: TGISettings, max_total_tok
     """(input ids after truncation, max_new_tokens); TGI's default max_new_tokens fills the context."""
     p = request.parameters
     if not request.inputs:
-        raise TGIError("`inputs` cannot be empty")
+        raise ValidationError("`inputs` cannot be empty")
     max_input_tokens = settings.input_limit(max_total_tokens)
     if p.truncate is not None and (p.truncate == 0 or p.truncate > max_input_tokens):
-        raise TGIError(f"`truncate` must be strictly positive and less than {max_input_tokens}. Given: {p.truncate}")
+        raise ValidationError(f"`truncate` must be strictly positive and less than {max_input_tokens}. "
+                              f"Given: {p.truncate}")
     input_ids = tokenizer.encode(request.inputs, add_special_tokens=request.add_special_tokens)
     if p.truncate is not None:
         input_ids = input_ids[-p.truncate:]   # keep the last `truncate` tokens
     input_length = len(input_ids)
     max_new_tokens = p.max_new_tokens if p.max_new_tokens is not None else max(max_total_tokens - input_length, 1)
     if input_length + max_new_tokens > max_total_tokens:
-        raise TGIError(f"`inputs` tokens + `max_new_tokens` must be <= {max_total_tokens}. Given: {input_length} "
-                       f"`inputs` tokens and {max_new_tokens} `max_new_tokens`")
+        raise ValidationError(f"`inputs` tokens + `max_new_tokens` must be <= {max_total_tokens}. "
+                              f"Given: {input_length} `inputs` tokens and {max_new_tokens} `max_new_tokens`")
     if input_length > max_input_tokens:
-        raise TGIError(f"`inputs` must have less than {max_input_tokens} tokens. Given: {input_length}")
+        raise ValidationError(f"`inputs` must have less than {max_input_tokens} tokens. Given: {input_length}")
     return input_ids, max_new_tokens

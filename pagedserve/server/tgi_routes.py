@@ -1,29 +1,29 @@
 """text-generation-inference's API on the shared app:
 
     POST /generate          POST /generate_stream (SSE)       POST /  (dispatch on "stream")
-    GET  /info              POST /tokenize with {"inputs": ...} (app.py routes bodies with
-                            "prompt"/"messages" to the vLLM-shaped tokenizer instead)
+    GET  /info              (POST /tokenize with {"inputs": ...}: tokenize.py)
 
 /health, /metrics and the OpenAI routes are shared. At most max_concurrent_requests
-generations are in flight on these routes; one more is a 429 (TGI's semaphore). With an
-API key set, these routes need `Authorization: Bearer KEY` too (except /info)."""
+generations are in flight on these routes; one more is a 429 (TGI's semaphore, raised as
+OverloadedError). With an API key set, the generation routes need `Authorization: Bearer
+KEY` too (middleware.py; /info stays open)."""
 from __future__ import annotations
 
-import hmac
-import json
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from pagedserve import __version__
+from pagedserve.errors import OverloadedError
 from pagedserve.frontend.output_processor import OutputKind
 from pagedserve.server.context import ServerContext
+from pagedserve.server.errors import API, describe
 from pagedserve.server.metrics import TGIMetrics
+from pagedserve.server.request_body import parse_body, read_json
 from pagedserve.server.streaming import SSEResponse
 from pagedserve.server.tgi_generate import generate, generate_stream, start
-from pagedserve.server.tgi_protocol import (GenerateRequest, TGIError, TokenizeRequest, classify, error_response,
-                                            overloaded, parse, validate)
+from pagedserve.server.tgi_protocol import GenerateRequest, validate
 from pagedserve.server.tgi_settings import TGISettings
 
 
@@ -36,7 +36,7 @@ class ConcurrencyLimit:
 
     def acquire(self) -> None:
         if self.in_flight >= self.limit:
-            raise overloaded()
+            raise OverloadedError("Model is overloaded")
         self.in_flight += 1
 
     def release(self) -> None:
@@ -51,8 +51,7 @@ def tgi_router(ctx: ServerContext, settings: TGISettings, metrics: TGIMetrics) -
         metrics.request_count += 1
         acquired = False
         try:
-            _check_auth(ctx, request)
-            body = parse(GenerateRequest, await _json_body(request))
+            body = parse_body(GenerateRequest, await read_json(request))
             stream = body.stream if force_stream is None else force_stream
             valid = validate(body, settings, ctx.engine.max_model_len, ctx.engine.tokenizer, stream)
             limit.acquire()
@@ -92,7 +91,7 @@ def tgi_router(ctx: ServerContext, settings: TGISettings, metrics: TGIMetrics) -
 def info_body(ctx: ServerContext, settings: TGISettings) -> dict[str, Any]:
     max_total_tokens = ctx.engine.max_model_len
     return {"model_id": settings.model_id or ctx.settings.model_root or ctx.model_name, "model_sha": None,
-            "model_dtype": settings.dtype, "model_device_type": _device_type(ctx),
+            "model_dtype": settings.dtype, "model_device_type": ctx.engine.device_type,
             "model_pipeline_tag": "text-generation",
             "max_concurrent_requests": settings.max_concurrent_requests, "max_best_of": settings.max_best_of,
             "max_stop_sequences": settings.max_stop_sequences,
@@ -102,48 +101,10 @@ def info_body(ctx: ServerContext, settings: TGISettings) -> dict[str, Any]:
             "version": __version__, "sha": None, "docker_label": None}
 
 
-async def tgi_tokenize(ctx: ServerContext, body: Any, request: Request) -> Response:
-    """TGI's /tokenize: [{"id", "text", "start", "stop"}] with character offsets into inputs."""
-    try:
-        _check_auth(ctx, request)
-        parsed = parse(TokenizeRequest, body)
-        if not parsed.inputs:
-            raise TGIError("`inputs` cannot be empty")
-        encoding = ctx.engine.tokenizer(parsed.inputs, add_special_tokens=parsed.add_special_tokens,
-                                        return_offsets_mapping=True)
-        tokens = [{"id": token_id, "text": parsed.inputs[start:stop], "start": start, "stop": stop}
-                  for token_id, (start, stop) in zip(encoding["input_ids"], encoding["offset_mapping"])]
-        return JSONResponse(tokens)
-    except Exception as exc:
-        return error_response(classify(exc))
-
-
 def _fail(exc: BaseException, metrics: TGIMetrics) -> Response:
-    error = classify(exc)
-    if error.error_type != "authentication":
-        metrics.observe_failure(error.error_type)
-    return error_response(error)
+    error = describe(exc, API.TGI)
+    metrics.observe_failure(error.type)
+    return error.response()
 
 
-def _check_auth(ctx: ServerContext, request: Request) -> None:
-    api_key = ctx.settings.api_key
-    if not api_key:
-        return
-    given = request.headers.get("authorization", "").encode()
-    if not hmac.compare_digest(given, f"Bearer {api_key}".encode()):
-        raise TGIError("missing or invalid API key: send `Authorization: Bearer <key>`", "authentication", 401)
-
-
-async def _json_body(request: Request) -> Any:
-    raw = await request.body()
-    try:
-        return json.loads(raw)
-    except ValueError as exc:
-        raise TGIError(f"Failed to parse the request body as JSON: {exc}") from None
-
-
-def _device_type(ctx: ServerContext) -> str | None:
-    config = getattr(ctx.engine.engine, "config", None)
-    device = getattr(getattr(config, "device", None), "device", None)
-    return None if device is None else str(getattr(device, "type", device))
 

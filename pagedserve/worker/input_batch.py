@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from pagedserve.attention.metadata import AttentionMetadata
-from pagedserve.core.request import RequestId
+from pagedserve.engine_io import RequestId
 from pagedserve.sampling_params import SamplingParams
 
 

@@ -21,12 +21,12 @@ import torch
 from torch import nn
 
 from pagedserve.attention.backend import select_backend
-from pagedserve.config import EngineConfig
-from pagedserve.core.request import RequestId
-from pagedserve.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from pagedserve.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig, WeightSource
+from pagedserve.engine_io import ModelRunnerOutput, RequestId, SchedulerOutput, TokenLogprobs
+from pagedserve.layers.linear import set_gemv_max_rows
 from pagedserve.layers.parallel import tp_rank
 from pagedserve.layers.sampler import Sampler, gather_logprobs
-from pagedserve.models.loader import ModelSource, load_weights
+from pagedserve.models.loader import load_weights
 from pagedserve.models.registry import resolve_model_class
 from pagedserve.worker.input_batch import BlockTable, CachedRequestState, StepInputs, build_step_inputs
 from pagedserve.worker.sampling_inputs import sample
@@ -75,18 +75,20 @@ def _collect_logprobs(states: list[CachedRequestState], token_ids: torch.Tensor,
     for row, state in enumerate(states):
         k = state.sampling_params.logprobs
         if k is not None:
-            output.logprobs[state.req_id] = (ids[row][:1 + k], lps[row][:1 + k], ranks[row])
+            output.logprobs[state.req_id] = TokenLogprobs(ids[row][:1 + k], lps[row][:1 + k], ranks[row])
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, hf_config: object, device: torch.device) -> None:
-        self.config = config
-        self.model_config = config.model
-        self.hf_config = hf_config
+    def __init__(self, model: ModelConfig, cache: CacheConfig, scheduler: SchedulerConfig,
+                 device_config: DeviceConfig, weights: WeightSource, device: torch.device) -> None:
+        self.model_config = model
+        self.scheduler_config = scheduler
+        self.device_config = device_config
+        self.weights = weights
         self.device = device
-        self.block_size = config.cache.block_size
+        self.block_size = cache.block_size
         self.states: dict[RequestId, CachedRequestState] = {}
-        self.block_table = BlockTable(-(-config.scheduler.max_model_len // self.block_size))
+        self.block_table = BlockTable(-(-scheduler.max_model_len // self.block_size))
         self.generators: dict[RequestId, torch.Generator] = {}
         self.sampler = Sampler()
         self.model: nn.Module | None = None
@@ -101,12 +103,11 @@ class ModelRunner:
     def load_model(self) -> None:
         start = time.monotonic()
         cls = resolve_model_class(self.model_config.architecture)
-        torch.manual_seed(self.config.device.seed)
+        set_gemv_max_rows(self.device_config.gemv_max_rows)
+        torch.manual_seed(self.device_config.seed)
         with torch.device(self.device):
             model = cls(self.model_config)
-        source = ModelSource(self.config.model_path, self.config.gguf_file)
-        load_weights(model, source, self.hf_config, self.config.load_format, self.model_config.dtype,
-                     self.config.device.seed)
+        load_weights(model, self.weights, self.model_config.dtype)
         self.model = model.eval()
         logger.info("model loaded in %.1f s", time.monotonic() - start)
 
@@ -129,10 +130,10 @@ class ModelRunner:
 
     def finish_setup(self) -> None:
         """After the KV cache exists: capture decode CUDA graphs on GPU (unless enforce_eager)."""
-        if self.device.type != "cuda" or self.config.device.enforce_eager:
+        if self.device.type != "cuda" or self.device_config.enforce_eager:
             return
         from pagedserve.worker.cuda_graph import CudaGraphRunner
-        sched = self.config.scheduler
+        sched = self.scheduler_config
         self.graph_runner = CudaGraphRunner(self.model, sched.max_num_seqs, sched.max_model_len,
                                             self.block_size, self.device, sched.max_num_batched_tokens)
         self.graph_runner.capture()
@@ -144,7 +145,7 @@ class ModelRunner:
         from pagedserve.attention.metadata import AttentionMetadata
         from pagedserve.layers.sampler import SamplingTensors
         from pagedserve.worker.sampling_inputs import SAMPLER_CHUNK_ROWS
-        num_tokens = min(num_tokens, self.config.scheduler.max_model_len)
+        num_tokens = min(num_tokens, self.scheduler_config.max_model_len)
         backend = select_backend(self.device)
         for layer in self.model.attention_layers():
             shape = (1, self.block_size, layer.num_kv_heads, layer.head_dim)
@@ -161,7 +162,7 @@ class ModelRunner:
         ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
         positions = torch.arange(num_tokens, device=self.device)
         hidden = self.model(ids, positions, meta)
-        rows = min(self.config.scheduler.max_num_seqs, num_tokens)
+        rows = min(self.scheduler_config.max_num_seqs, num_tokens)
         logits = self.model.compute_logits(hidden[:rows])
         if logits is not None:   # the sampler's largest chunk (see sampling_inputs.sample)
             rows = min(rows, SAMPLER_CHUNK_ROWS)
@@ -317,9 +318,9 @@ class ModelRunner:
             v[dst] = v[src]
 
     def _prompt_logprobs(self, inputs: StepInputs, hidden: torch.Tensor
-                         ) -> dict[RequestId, list[tuple[list[int], list[float], int]]]:
+                         ) -> dict[RequestId, list[TokenLogprobs]]:
         """For rows asking prompt_logprobs: logprobs of each prompt token given its prefix."""
-        out: dict[RequestId, list[tuple[list[int], list[float], int]]] = {}
+        out: dict[RequestId, list[TokenLogprobs]] = {}
         offset = 0
         for state, q_len in zip(inputs.rows, inputs.query_lens):
             k = state.sampling_params.prompt_logprobs
@@ -332,6 +333,6 @@ class ModelRunner:
                     if logits is not None:
                         targets = torch.tensor(state.token_ids[start + 1:end + 1], device=logits.device)
                         ids, lps, ranks = gather_logprobs(logits.float().log_softmax(-1), targets, k)
-                        out[state.req_id] = list(zip(ids.tolist(), lps.tolist(), ranks.tolist()))
+                        out[state.req_id] = list(map(TokenLogprobs, ids.tolist(), lps.tolist(), ranks.tolist()))
             offset += q_len
         return out

@@ -3,22 +3,27 @@ spawned here (or, with env:// rendezvous, started on other machines; see tp_work
 
     rank 0 (engine thread)                     rank r (tp_worker.serve_rank)
     execute_model(so):                         loop:
-      [workers alive?]                           kind, so = broadcast(...)
-      broadcast(("step", so)) ---------------->  runner.execute_model(so)
+      [workers alive?]                           message = broadcast(...)
+      broadcast(StepMessage(so)) ------------->  runner.execute_model(so)
       runner.execute_model(so)  <- all-reduces ->   (returns None)
-      -> ModelRunnerOutput                        "shutdown" -> exit
+      -> ModelRunnerOutput                        ShutdownMessage -> exit
 
-A heartbeat thread broadcasts ("noop", None) when no message went out for a while, so an idle
+A heartbeat thread broadcasts NoopMessage() when no message went out for a while, so an idle
 server never trips the collective timeout on the workers; every broadcast holds `_lock`, so
 messages keep one order. A dead rank is found before a step (process sentinels), during one
 (the collective fails, or times out after `timeout_s`), or in check_health; from then on the
 executor is dead and execute_model / check_health raise EngineDeadError.
+
+No async scheduling under TP (max_concurrent_batches = 1): the workers learn each step's
+input tokens from the SchedulerOutput (CachedRequestData.last_token_id), but a step scheduled
+while the previous one is in flight carries no token for that previous step; only rank 0's
+runner holds it (on its device). Async TP would need rank 0 to broadcast its sampled ids to
+the other ranks' runners every step.
 """
 from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 import socket
 import threading
 import time
@@ -28,26 +33,24 @@ from typing import Any
 import torch.distributed as dist
 
 from pagedserve.config import EngineConfig
-from pagedserve.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
-from pagedserve.errors import EngineDeadError, ValidationError
-from pagedserve.worker.executor import resolve_device
-from pagedserve.worker.tp_worker import (NOOP, SHUTDOWN, STEP, RankInit, broadcast_message, build_runner, step_group,
-                                         init_distributed, run_spawned_rank)
+from pagedserve.engine_io import ModelRunnerOutput, SchedulerOutput
+from pagedserve.errors import EngineDeadError
+from pagedserve.worker.kv_budget import resolve_device
+from pagedserve.worker.tp_worker import (NoopMessage, RankInit, ShutdownMessage, StartMessage, StepMessage,
+                                         broadcast_message, build_runner, init_distributed, run_spawned_rank,
+                                         step_group)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 600.0
 
 
-def external_rendezvous() -> bool:
-    """Ranks 1..N-1 are started by hand (other machines) when rank 0 runs with MASTER_ADDR and
-    WORLD_SIZE in its environment (torch.distributed's env:// rendezvous)."""
-    return "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ
-
-
 class MultiprocTPExecutor:
-    def __init__(self, config: EngineConfig, hf_config: Any, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    max_concurrent_batches = 1   # see the module docstring
+
+    def __init__(self, config: EngineConfig, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self.world_size = config.parallel.tensor_parallel_size
+        self.external = config.parallel.distributed_init == "env"   # ranks 1..N-1 started by hand
         self.timeout_s = timeout_s
         self.device = resolve_device(config.device.device)
         self.processes: list[multiprocessing.process.BaseProcess] = []
@@ -59,14 +62,14 @@ class MultiprocTPExecutor:
         self._last_message = time.monotonic()
         init = self._rank_init()
         try:
-            if not external_rendezvous():
+            if not self.external:
                 self._spawn_workers(init)
             self.control = init_distributed(init)
-            broadcast_message((config, hf_config), self.control)
+            broadcast_message(StartMessage(config), self.control)
             if self.device.type == "cuda":
                 import torch
                 torch.cuda.set_device(self.device)
-            self.runner, self.num_blocks = build_runner(config, hf_config, self.device)
+            self.runner, self.num_blocks = build_runner(config, self.device)
             self.steps = step_group(init, self.control)
         except BaseException:
             self.shutdown()
@@ -79,13 +82,8 @@ class MultiprocTPExecutor:
     # ---- set-up -------------------------------------------------------------------------
     def _rank_init(self) -> RankInit:
         backend = "nccl" if self.device.type == "cuda" else "gloo"
-        if external_rendezvous():
-            world = int(os.environ["WORLD_SIZE"])
-            if world != self.world_size or int(os.environ.get("RANK", "0")) != 0:
-                raise ValidationError(f"env:// rendezvous: this process must be RANK=0 of WORLD_SIZE="
-                                      f"{self.world_size} (tensor_parallel_size), got RANK={os.environ.get('RANK')}"
-                                      f" WORLD_SIZE={world}", "tensor_parallel_size")
-            return RankInit(0, world, "env://", backend, self.timeout_s)
+        if self.external:   # RANK=0 and WORLD_SIZE=tensor_parallel_size: checked in engine_args
+            return RankInit(0, self.world_size, "env://", backend, self.timeout_s)
         return RankInit(0, self.world_size, f"tcp://127.0.0.1:{_free_port()}", backend, self.timeout_s)
 
     def _spawn_workers(self, init: RankInit) -> None:
@@ -101,11 +99,12 @@ class MultiprocTPExecutor:
             self._pipes.append(writer)
 
     # ---- per step -----------------------------------------------------------------------
-    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+    def execute_model(self, so: SchedulerOutput, non_block: bool = False) -> ModelRunnerOutput:
+        """Runs the step on every rank; resolved before it returns, whatever `non_block`."""
         self.check_health()
         with self._lock:
             try:
-                broadcast_message((STEP, so), self.steps)
+                broadcast_message(StepMessage(so), self.steps)
             except Exception as exc:
                 raise self._mark_dead(f"sending the step to the workers failed: {exc}") from exc
             self._last_message = time.monotonic()
@@ -131,7 +130,11 @@ class MultiprocTPExecutor:
         if not self.processes:
             return None
         if wait_s:
-            wait_for_sentinels([p.sentinel for p in self.processes], timeout=wait_s)
+            ready = wait_for_sentinels([p.sentinel for p in self.processes], timeout=wait_s)
+            for process in self.processes:
+                if process.sentinel in ready:
+                    # its pipes close a moment before it can be reaped: wait for that moment
+                    process.join(timeout=wait_s)
         for rank, process in enumerate(self.processes, start=1):
             if process.exitcode is not None:
                 return f"tensor-parallel rank {rank} (pid {process.pid}) exited with code {process.exitcode}"
@@ -139,7 +142,8 @@ class MultiprocTPExecutor:
 
     def _mark_dead(self, why: str) -> EngineDeadError:
         if self._dead is None:
-            detail = self._dead_worker(wait_s=0.0)
+            # a rank killed a moment ago breaks the connection before its exit is visible
+            detail = self._dead_worker(wait_s=0.5)
             self._dead = EngineDeadError(f"{why}; {detail}" if detail and detail not in why else why)
             logger.error("tensor parallel group is dead: %s", self._dead)
         return self._dead
@@ -157,7 +161,7 @@ class MultiprocTPExecutor:
                 continue
             try:
                 if self._dead is None and not self._closed:
-                    broadcast_message((NOOP, None), self.steps)
+                    broadcast_message(NoopMessage(), self.steps)
                     self._last_message = time.monotonic()
             except Exception as exc:
                 self._mark_dead(f"heartbeat to the workers failed: {exc}")
@@ -175,7 +179,7 @@ class MultiprocTPExecutor:
         if self._dead is None and hasattr(self, "steps") and not self._dead_worker(wait_s=0.0) \
                 and self._lock.acquire(timeout=5.0):
             try:
-                broadcast_message((SHUTDOWN, None), self.steps)
+                broadcast_message(ShutdownMessage(), self.steps)
             except Exception:
                 logger.warning("could not send shutdown to the workers", exc_info=True)
             finally:

@@ -9,8 +9,8 @@ hand on other machines through torch.distributed's env:// rendezvous:
 Messages from rank 0, in order (the first on the gloo control group, the rest on the step
 group: the default NCCL group on GPU, the gloo group on CPU):
 
-    (config, hf_config)   once, right after the group forms
-    ("step", SchedulerOutput) | ("noop", None) | ("shutdown", None)   until shutdown
+    StartMessage(config)   once, right after the group forms
+    StepMessage(so) | NoopMessage() | ShutdownMessage()   until shutdown
 
 A rank ends when told to, when rank 0's pipe reaches EOF (parent died), or when a collective
 fails or times out (a peer died or went silent); it never outlives rank 0 for long.
@@ -30,9 +30,37 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pagedserve.config import EngineConfig
+from pagedserve.engine_io import SchedulerOutput
+from pagedserve.worker.kv_budget import non_torch_memory, num_kv_blocks
+from pagedserve.worker.model_runner import ModelRunner
+
 logger = logging.getLogger(__name__)
 
-STEP, NOOP, SHUTDOWN = "step", "noop", "shutdown"
+
+@dataclass(frozen=True)
+class StartMessage:
+    """Everything a rank needs to build its runner (weights are read from config.weights)."""
+
+    config: EngineConfig
+
+
+@dataclass(frozen=True)
+class StepMessage:
+    scheduler_output: SchedulerOutput
+
+
+@dataclass(frozen=True)
+class NoopMessage:
+    """Heartbeat: keeps an idle group inside the collective timeout."""
+
+
+@dataclass(frozen=True)
+class ShutdownMessage:
+    pass
+
+
+Message = StartMessage | StepMessage | NoopMessage | ShutdownMessage
 
 
 @dataclass(frozen=True)
@@ -63,20 +91,18 @@ def step_group(init: RankInit, control: Any) -> Any:
     return None if init.backend == "nccl" else control
 
 
-def broadcast_message(message: Any, group: Any) -> Any:
+def broadcast_message(message: Message | None, group: Any) -> Message:
     """Rank 0 sends `message`; every rank returns it (pickled: size, then bytes)."""
     box = [message if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0, group=group)
     return box[0]
 
 
-def build_runner(config: Any, hf_config: Any, device: torch.device) -> tuple[Any, int]:
+def build_runner(config: EngineConfig, device: torch.device) -> tuple[ModelRunner, int]:
     """Load this rank's shard and size its KV cache: the block count is the minimum over
     ranks, so every rank can hold every block the scheduler hands out."""
-    from pagedserve.worker.executor import non_torch_memory, num_kv_blocks
-    from pagedserve.worker.model_runner import ModelRunner
     baseline = non_torch_memory(device)
-    runner = ModelRunner(config, hf_config, device)
+    runner = ModelRunner(config.model, config.cache, config.scheduler, config.device, config.weights, device)
     runner.load_model()
     blocks = torch.tensor([num_kv_blocks(config, runner, baseline)], dtype=torch.int64, device=device)
     dist.all_reduce(blocks, op=dist.ReduceOp.MIN)
@@ -86,7 +112,7 @@ def build_runner(config: Any, hf_config: Any, device: torch.device) -> tuple[Any
     return runner, num_blocks
 
 
-def worker_device(config: Any, rank: int) -> torch.device:
+def worker_device(config: EngineConfig, rank: int) -> torch.device:
     if not str(config.device.device).startswith("cuda"):
         return torch.device("cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
@@ -98,16 +124,16 @@ def worker_device(config: Any, rank: int) -> torch.device:
 def serve_rank(init: RankInit) -> None:
     """Everything a non-zero rank does, from joining the group to a clean exit."""
     control = init_distributed(init)
-    config, hf_config = broadcast_message(None, control)
-    runner, _ = build_runner(config, hf_config, worker_device(config, init.rank))
+    config = broadcast_message(None, control).config
+    runner, _ = build_runner(config, worker_device(config, init.rank))
     steps = step_group(init, control)
     logger.info("tp rank %d/%d ready", init.rank, init.world_size)
     while True:
-        kind, payload = broadcast_message(None, steps)
-        if kind == SHUTDOWN:
+        message = broadcast_message(None, steps)
+        if isinstance(message, StepMessage):
+            runner.execute_model(message.scheduler_output)
+        elif isinstance(message, ShutdownMessage):
             break
-        if kind == STEP:
-            runner.execute_model(payload)
     if init.backend == "nccl":
         # Seen on an H200x2 machine: tearing NCCL down at shutdown hung until killed. Rank 0
         # stops using the group right after the shutdown message; exit without the teardown.

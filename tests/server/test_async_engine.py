@@ -6,13 +6,12 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from types import SimpleNamespace
-
 import pytest
 import requests
 
-from pagedserve.errors import EngineDeadError, ValidationError
-from pagedserve.frontend.async_engine import AsyncEngine, RequestFailedError
+from pagedserve.core.outputs import EngineStats
+from pagedserve.errors import EngineDeadError, RequestFailedError, ValidationError
+from pagedserve.frontend.async_engine import AsyncEngine
 from pagedserve.outputs import CompletionOutput, RequestOutput
 from pagedserve.sampling_params import SamplingParams
 from tests.server.conftest import free_port
@@ -28,19 +27,22 @@ class ScriptedEngine:
     def __init__(self) -> None:
         self.pending: dict[str, str] = {}
         self.num_steps = 0
-        scheduler = SimpleNamespace(running=[], waiting=[], requests={}, stats=SimpleNamespace(num_preemptions=0))
-        kv = SimpleNamespace(usage=lambda: 0.0, stats=SimpleNamespace(queries=0, hits=0))
-        self.core = SimpleNamespace(scheduler=scheduler, kv_cache_manager=kv,
-                                    has_unfinished_requests=lambda: bool(self.pending))
-        self.children: dict[str, list[str]] = {}
-        self.output_processor = SimpleNamespace(states={})
+
+    def add_finish_listener(self, listener) -> None:
+        pass
+
+    def has_work(self) -> bool:
+        return bool(self.pending)
+
+    def stats(self) -> EngineStats:
+        return EngineStats()
 
     def add_request(self, request_id, prompt, params, output_kind, strict_length, add_special_tokens) -> None:
         if prompt == "invalid":
             raise ValidationError("prompt is invalid", "prompt")
         self.pending[request_id] = prompt
 
-    def step(self) -> list[RequestOutput]:
+    def step_with_stats(self) -> tuple[list[RequestOutput], EngineStats]:
         self.num_steps += 1
         if "die" in self.pending.values():
             raise RuntimeError("device lost")
@@ -48,9 +50,10 @@ class ScriptedEngine:
         for request_id, prompt in self.pending.items():
             reason = "abort" if prompt == "bad" else "length"
             outputs.append(RequestOutput(request_id, prompt, [1, 2], [CompletionOutput(0, "ok", [3], None, None,
-                                                                                       reason)], True))
+                                                                                       reason)], True,
+                                         error="RuntimeError: bad row" if prompt == "bad" else None))
         self.pending.clear()
-        return outputs
+        return outputs, EngineStats()
 
     def abort_request(self, request_id: str) -> None:
         self.pending.pop(request_id, None)
@@ -71,7 +74,7 @@ def test_failing_request_fails_alone() -> None:
                                                      return_exceptions=True), timeout=10)
 
     good, bad = asyncio.run(main())
-    assert isinstance(bad, RequestFailedError)
+    assert isinstance(bad, RequestFailedError) and "RuntimeError: bad row" in str(bad)
     assert good[-1].finished and good[-1].outputs[0].text == "ok"
     assert engine.is_healthy
     engine.shutdown()

@@ -7,7 +7,7 @@ import pytest
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.core.request import RequestStatus
-from pagedserve.core.scheduler_output import ModelRunnerOutput
+from pagedserve.engine_io import ModelRunnerOutput
 from tests.helpers import random_prompts
 from tests.unit.test_scheduler import make, req
 

@@ -20,7 +20,7 @@ from pagedserve.bench.throughput import make_result, ratios
 from pagedserve.core.kv_cache_manager import KVCacheManager
 from pagedserve.core.request import Request, RequestId
 from pagedserve.core.scheduler import Scheduler
-from pagedserve.core.scheduler_output import ModelRunnerOutput
+from pagedserve.engine_io import ModelRunnerOutput
 from pagedserve.errors import ValidationError
 from pagedserve.sampling_params import SamplingParams
 

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from pagedserve import LLM, SamplingParams
-from pagedserve.core.scheduler_output import SchedulerOutput
+from pagedserve.engine_io import SchedulerOutput
 
 NUM_BLOCKS = 32
 BLOCK_SIZE = 4

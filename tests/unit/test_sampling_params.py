@@ -64,7 +64,7 @@ def test_edges_that_are_valid():
                        presence_penalty=-2.0, frequency_penalty=2.0, repetition_penalty=0.01, max_tokens=1,
                        min_tokens=1, logprobs=0, prompt_logprobs=0, seed=0, logit_bias={0: -100.0, 5: 100.0},
                        stop_token_ids=[0])
-    assert p.greedy and p.min_tokens == 1 and p.logprobs == 0
+    assert p.temperature == 0.0 and p.min_tokens == 1 and p.logprobs == 0
     assert SamplingParams(max_tokens=None).max_tokens is None
 
 
@@ -76,7 +76,7 @@ def test_defaults_are_vllms():
     assert p.stop == [] and p.stop_token_ids == [] and p.logit_bias is None
     assert (p.ignore_eos, p.include_stop_str_in_output, p.skip_special_tokens,
             p.spaces_between_special_tokens, p.detokenize) == (False, False, True, True, True)
-    assert not p.greedy
+    assert not p.is_plain_greedy
 
 
 def test_normalisations():
@@ -86,7 +86,7 @@ def test_normalisations():
     assert SamplingParams(stop_token_ids=(3, 4)).stop_token_ids == [3, 4]
     # OpenAI sends logit_bias keys as strings
     assert SamplingParams(logit_bias={"17": 2, 3: -1}).logit_bias == {17: 2.0, 3: -1.0}
-    assert SamplingParams(temperature=1e-6).greedy
+    assert SamplingParams(temperature=1e-6).is_plain_greedy
 
 
 def test_clone_is_deep():

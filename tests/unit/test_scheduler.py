@@ -5,7 +5,7 @@ from __future__ import annotations
 from pagedserve.core.kv_cache_manager import KVCacheManager
 from pagedserve.core.request import Request, RequestId, RequestStatus
 from pagedserve.core.scheduler import Scheduler
-from pagedserve.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from pagedserve.engine_io import ModelRunnerOutput, SchedulerOutput
 from pagedserve.sampling_params import SamplingParams
 
 B = 4

@@ -2,7 +2,15 @@
 `pagedserve serve`, for users coming from vLLM."""
 from __future__ import annotations
 
-from pagedserve.server.serve import main
+import sys
+
+from pagedserve.cli import main as cli_main
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`pagedserve serve` by another name."""
+    raise SystemExit(cli_main(["serve", *(sys.argv[1:] if argv is None else argv)]))
+
 
 if __name__ == "__main__":
     main()

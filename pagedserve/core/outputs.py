@@ -1,0 +1,63 @@
+"""The core -> frontend contract: what one EngineCore.step() hands back. One object per step:
+the per-request outputs, a snapshot of the core's state (for /metrics) and the request events
+with their times (for per-request latency metrics). Times are time.monotonic()."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from pagedserve.engine_io import RequestId, TokenLogprobs
+
+
+@dataclass(slots=True)
+class EngineCoreOutput:
+    """What one step did to one request."""
+
+    req_id: RequestId
+    new_token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    new_logprobs: TokenLogprobs | None = None
+    new_prompt_logprobs: list[TokenLogprobs] | None = None
+    num_cached_tokens: int = 0
+    error: str | None = None   # why the engine failed this request (finish_reason "abort")
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """The core's state after a step."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    num_preemptions: int = 0        # cumulative
+    prefix_cache_queries: int = 0   # cumulative, tokens
+    prefix_cache_hits: int = 0      # cumulative, tokens
+
+
+class RequestEventType(enum.Enum):
+    QUEUED = "queued"             # add_request accepted it
+    SCHEDULED = "scheduled"       # first scheduled (not again after a preemption)
+    FIRST_TOKEN = "first_token"   # its first output token reached the host
+    FINISHED = "finished"         # the core finished it in a step (stop, length, or a failed step)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestEvent:
+    req_id: RequestId
+    type: RequestEventType
+    timestamp: float
+    finish_reason: str | None = None   # FINISHED only
+
+
+@dataclass(slots=True)
+class EngineCoreOutputs:
+    """One step's result. Events cover only requests whose state changed."""
+
+    outputs: list[EngineCoreOutput]
+    stats: EngineStats
+    events: list[RequestEvent]

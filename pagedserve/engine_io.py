@@ -1,0 +1,117 @@
+"""The core <-> worker contract: what the scheduler hands the model runner each step, what
+comes back, and the Executor interface the core drives. A leaf module: it belongs to neither
+package and imports nothing of pagedserve but the sampling parameters the runner needs.
+
+Everything here is small and picklable: under tensor parallelism a SchedulerOutput is
+broadcast to every rank. New requests travel in full, running ones as diffs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple, NewType, Protocol, runtime_checkable
+
+from pagedserve.sampling_params import SamplingParams
+
+RequestId = NewType("RequestId", str)
+BlockId = NewType("BlockId", int)
+
+
+@dataclass
+class NewRequestData:
+    """A request the runner has not seen (or must rebuild after preemption)."""
+
+    req_id: RequestId
+    token_ids: list[int]            # prompt + any output so far (after preemption)
+    num_prompt_tokens: int
+    sampling_params: SamplingParams
+    block_ids: list[BlockId]
+    num_computed_tokens: int
+
+
+@dataclass
+class CachedRequestData:
+    """A request already in the runner's batch: only what changed."""
+
+    req_id: RequestId
+    new_block_ids: list[BlockId]
+    num_computed_tokens: int
+    replaced_last_block: BlockId | None = None   # copy-on-write moved the last block
+    # The last sampled token, for ranks that did not sample it themselves (TP workers).
+    num_tokens: int = 0
+    last_token_id: int | None = None
+
+
+@dataclass
+class ForkedRequestData:
+    """A sibling of a parallel-sampling request: shares the parent's state and blocks."""
+
+    req_id: RequestId
+    parent_req_id: RequestId
+    sampling_params: SamplingParams
+
+
+@dataclass
+class SchedulerOutput:
+    new_requests: list[NewRequestData] = field(default_factory=list)
+    cached_requests: list[CachedRequestData] = field(default_factory=list)
+    forked_requests: list[ForkedRequestData] = field(default_factory=list)
+    num_scheduled_tokens: dict[RequestId, int] = field(default_factory=dict)
+    total_num_scheduled_tokens: int = 0
+    finished_req_ids: set[RequestId] = field(default_factory=set)     # runner drops their state
+    preempted_req_ids: set[RequestId] = field(default_factory=set)    # runner drops state, keeps RNG
+    blocks_to_copy: list[tuple[BlockId, BlockId]] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return self.total_num_scheduled_tokens == 0
+
+    @property
+    def has_work(self) -> bool:
+        """Anything for the runner to do: tokens to compute, or state to drop."""
+        return bool(self.total_num_scheduled_tokens or self.finished_req_ids or self.preempted_req_ids)
+
+
+class TokenLogprobs(NamedTuple):
+    """Logprobs at one position: the chosen token first, then the top-k (token_ids and
+    logprobs have 1 + k entries); `rank` is the chosen token's rank in the distribution
+    (1 = most likely)."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    rank: int
+
+
+@dataclass
+class ModelRunnerOutput:
+    """Per scheduled request that reached the end of its tokens: the sampled token and,
+    when asked for, logprobs. Requests in the middle of a chunked prefill are absent."""
+
+    sampled_token_ids: dict[RequestId, int] = field(default_factory=dict)
+    logprobs: dict[RequestId, TokenLogprobs] = field(default_factory=dict)
+    # one entry per prompt position that got logprobs this step (the actual next token first)
+    prompt_logprobs: dict[RequestId, list[TokenLogprobs]] = field(default_factory=dict)
+
+
+class PendingOutput(Protocol):
+    """A launched step whose output is on its way to the host."""
+
+    def get(self) -> ModelRunnerOutput: ...
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """What the core drives. `num_blocks` KV blocks exist on every rank.
+
+    execute_model(so, non_block=False) runs one step and returns its ModelRunnerOutput; with
+    non_block=True it may return a PendingOutput at once (resolved by `.get()`), which the
+    core only asks for when `max_concurrent_batches` > 1 (async scheduling)."""
+
+    num_blocks: int
+    max_concurrent_batches: int
+
+    def execute_model(self, so: SchedulerOutput, non_block: bool = False) -> ModelRunnerOutput | PendingOutput: ...
+
+    def check_health(self) -> None:
+        """Raise EngineDeadError if the executor can no longer run steps."""
+
+    def shutdown(self) -> None: ...

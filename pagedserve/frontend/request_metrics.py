@@ -1,0 +1,111 @@
+"""Per-request timing and token counts, kept in one place. Fed by the core's request events
+(core/outputs.py) and by the RequestOutputs of each step; gives every RequestOutput its
+`metrics` ("arrival_time", "first_token_time": vLLM's offline API, read by the TGI routes) and,
+when a request ends, hands a FinishedRequestStats to the finish listeners (the server's
+Prometheus metrics). Times are time.monotonic(). Used from the engine's one driver thread."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from pagedserve.core.outputs import RequestEvent, RequestEventType
+from pagedserve.engine_io import RequestId
+from pagedserve.outputs import RequestOutput
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedRequestStats:
+    """One finished (or aborted, or failed) request."""
+
+    finish_reason: str
+    num_prompt_tokens: int
+    num_generation_tokens: int
+    arrival_time: float                  # the frontend accepted it
+    queued_time: float | None            # the core queued it
+    first_scheduled_time: float | None
+    first_token_time: float | None
+    finish_time: float
+
+
+FinishListener = Callable[[FinishedRequestStats], None]
+
+
+@dataclass(slots=True)
+class _Timing:
+    core_ids: list[RequestId]   # its sequences in the core (n > 1: one per sample)
+    num_prompt_tokens: int
+    delta: bool                 # its outputs carry only what is new
+    arrival_time: float
+    queued_time: float | None = None
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    num_generation_tokens: int = 0
+
+
+class RequestMetrics:
+    def __init__(self) -> None:
+        self.listeners: list[FinishListener] = []
+        self._requests: dict[str, _Timing] = {}
+        self._of_core_id: dict[RequestId, _Timing] = {}
+
+    def add(self, request_id: str, core_ids: list[RequestId], num_prompt_tokens: int, delta: bool,
+            arrival_time: float) -> None:
+        timing = _Timing(core_ids, num_prompt_tokens, delta, arrival_time)
+        self._requests[request_id] = timing
+        for core_id in core_ids:
+            self._of_core_id[core_id] = timing
+
+    def record(self, events: list[RequestEvent]) -> None:
+        """A step's events; the first of each kind among a request's sequences counts."""
+        for event in events:
+            timing = self._of_core_id.get(event.req_id)
+            if timing is None:
+                continue
+            kind = event.type
+            if kind is RequestEventType.FIRST_TOKEN:
+                if timing.first_token_time is None:
+                    timing.first_token_time = event.timestamp
+            elif kind is RequestEventType.SCHEDULED:
+                if timing.first_scheduled_time is None:
+                    timing.first_scheduled_time = event.timestamp
+            elif kind is RequestEventType.QUEUED:
+                if timing.queued_time is None:
+                    timing.queued_time = event.timestamp
+            else:   # FINISHED: this sequence reports nothing more
+                del self._of_core_id[event.req_id]
+
+    def observe(self, output: RequestOutput) -> None:
+        """Count an output's tokens and set its metrics; a finished request is reported to
+        the listeners and forgotten."""
+        timing = self._requests.get(output.request_id)
+        if timing is None:
+            return
+        num_tokens = sum(len(c.token_ids) for c in output.outputs)
+        timing.num_generation_tokens = timing.num_generation_tokens + num_tokens if timing.delta else num_tokens
+        metrics = {"arrival_time": timing.arrival_time}
+        if timing.first_token_time is not None:
+            metrics["first_token_time"] = timing.first_token_time
+        output.metrics = metrics
+        if output.finished:
+            self._finish(output, timing)
+
+    def _finish(self, output: RequestOutput, timing: _Timing) -> None:
+        del self._requests[output.request_id]
+        for core_id in timing.core_ids:
+            self._of_core_id.pop(core_id, None)
+        if not self.listeners:
+            return
+        reasons = {c.finish_reason for c in output.outputs}
+        reason = "abort" if "abort" in reasons else "length" if "length" in reasons else "stop"
+        stats = FinishedRequestStats(reason, timing.num_prompt_tokens, timing.num_generation_tokens,
+                                     timing.arrival_time, timing.queued_time, timing.first_scheduled_time,
+                                     timing.first_token_time, time.monotonic())
+        for listener in self.listeners:
+            try:
+                listener(stats)
+            except Exception:
+                logger.exception("finish listener failed")

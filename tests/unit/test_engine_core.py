@@ -1,0 +1,187 @@
+"""EngineCore on a scripted fake Executor (no model, CPU): what one step returns (outputs, stats,
+request events), a failing step failing exactly its requests with the error text, and the
+lockstep / async step picked once at construction."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from pagedserve.config import CacheConfig, DeviceConfig, EngineConfig, SchedulerConfig, WeightSource
+from pagedserve.core.engine_core import EngineCore
+from pagedserve.core.outputs import EngineCoreOutput, EngineStats, RequestEventType
+from pagedserve.core.request import Request
+from pagedserve.engine_io import ModelRunnerOutput, RequestId, SchedulerOutput, TokenLogprobs
+from pagedserve.sampling_params import SamplingParams
+
+NUM_BLOCKS = 32
+TOKEN = 7
+
+
+class FakePending:
+    def __init__(self, output: ModelRunnerOutput) -> None:
+        self.output = output
+
+    def get(self) -> ModelRunnerOutput:
+        return self.output
+
+
+class FakeExecutor:
+    """Every scheduled request samples TOKEN (prompts fit one step); call numbers in
+    `fail_calls` raise instead."""
+
+    def __init__(self, max_concurrent_batches: int = 1, fail_calls: tuple[int, ...] = ()) -> None:
+        self.num_blocks = NUM_BLOCKS
+        self.max_concurrent_batches = max_concurrent_batches
+        self.fail_calls = fail_calls
+        self.calls: list[tuple[SchedulerOutput, bool]] = []
+        self.health_checks = 0
+
+    def execute_model(self, so: SchedulerOutput, non_block: bool = False) -> ModelRunnerOutput | FakePending:
+        self.calls.append((so, non_block))
+        if len(self.calls) in self.fail_calls:
+            raise RuntimeError("device fault")
+        output = ModelRunnerOutput({rid: TOKEN for rid in so.num_scheduled_tokens},
+                                   {rid: TokenLogprobs([TOKEN], [-0.5], 1) for rid in so.num_scheduled_tokens})
+        return FakePending(output) if non_block else output
+
+    def check_health(self) -> None:
+        self.health_checks += 1
+
+    def shutdown(self) -> None:
+        pass
+
+
+def make_core(executor: FakeExecutor, async_scheduling: bool = False) -> EngineCore:
+    # the core reads only the cache, scheduler and device parts of the config
+    config = EngineConfig(model=None, weights=WeightSource("unused"),  # type: ignore[arg-type]
+                          cache=CacheConfig(block_size=4),
+                          scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64),
+                          device=DeviceConfig(async_scheduling=async_scheduling))
+    return EngineCore(config, executor)
+
+
+def request(rid: str, max_tokens: int = 2) -> Request:
+    return Request(RequestId(rid), [1, 2, 3, 4, 5], SamplingParams(max_tokens=max_tokens, logprobs=0),
+                   max_tokens=max_tokens)
+
+
+def test_a_request_through_two_lockstep_steps():
+    core = make_core(FakeExecutor())
+    before = time.monotonic()
+    core.add_request(request("a"))
+    first = core.step()
+    after_first = time.monotonic()
+    assert first.outputs == [EngineCoreOutput(RequestId("a"), [TOKEN], None, None, TokenLogprobs([TOKEN], [-0.5], 1),
+                                              None, 0)]
+    # 5 prompt tokens in blocks of 4: 2 of 32 blocks held; nothing cached yet
+    assert first.stats == EngineStats(num_running=1, num_waiting=0, kv_cache_usage=2 / NUM_BLOCKS,
+                                      num_preemptions=0, prefix_cache_queries=5, prefix_cache_hits=0)
+    assert [(e.req_id, e.type, e.finish_reason) for e in first.events] == [
+        ("a", RequestEventType.QUEUED, None), ("a", RequestEventType.SCHEDULED, None),
+        ("a", RequestEventType.FIRST_TOKEN, None)]
+    times = [e.timestamp for e in first.events]
+    assert before <= times[0] <= times[1] <= times[2] <= after_first
+
+    second = core.step()
+    assert second.outputs == [EngineCoreOutput(RequestId("a"), [TOKEN], "length", None,
+                                               TokenLogprobs([TOKEN], [-0.5], 1), None, 0)]
+    assert second.stats == EngineStats(0, 0, 0.0, 0, 5, 0)
+    assert [(e.req_id, e.type, e.finish_reason) for e in second.events] == [
+        ("a", RequestEventType.FINISHED, "length")]
+    assert second.events[0].timestamp >= times[2]
+    assert not core.has_unfinished_requests()
+    # an idle step: nothing, no events
+    idle = core.step()
+    assert idle.outputs == [] and idle.events == [] and idle.stats == second.stats
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["lockstep", "async"])
+def test_a_failed_step_fails_exactly_its_requests_and_the_core_serves_on(async_scheduling):
+    executor = FakeExecutor(max_concurrent_batches=2, fail_calls=(2,))
+    core = make_core(executor, async_scheduling)
+    core.add_request(request("a", max_tokens=3))
+    core.add_request(request("b", max_tokens=3))
+    outputs: list[EngineCoreOutput] = []
+    events = []
+    while core.has_unfinished_requests():
+        result = core.step()
+        outputs += result.outputs
+        events += result.events
+    failed = [o for o in outputs if o.error is not None]
+    assert [(o.req_id, o.finish_reason, o.error, o.new_token_ids) for o in failed] == [
+        ("a", "abort", "RuntimeError: device fault", []), ("b", "abort", "RuntimeError: device fault", [])]
+    assert [(o.req_id, o.new_token_ids) for o in outputs if o.error is None] == [("a", [TOKEN]), ("b", [TOKEN])]
+    assert [(e.req_id, e.finish_reason) for e in events if e.type is RequestEventType.FINISHED] == [
+        ("a", "abort"), ("b", "abort")]
+    assert executor.health_checks == 1
+    assert core.stats().kv_cache_usage == 0.0
+
+    core.add_request(request("c", max_tokens=3))
+    later: list[EngineCoreOutput] = []
+    while core.has_unfinished_requests():
+        later += core.step().outputs
+    assert [(o.req_id, o.new_token_ids, o.finish_reason, o.error) for o in later] == [
+        ("c", [TOKEN], None, None), ("c", [TOKEN], None, None), ("c", [TOKEN], "length", None)]
+    assert core.stats().kv_cache_usage == 0.0
+
+
+@pytest.mark.parametrize("async_config, max_batches, expected", [
+    (False, 2, "_step_lockstep"), (True, 1, "_step_lockstep"), (True, 2, "_step_async")])
+def test_the_step_method_is_picked_once(async_config, max_batches, expected):
+    executor = FakeExecutor(max_concurrent_batches=max_batches)
+    core = make_core(executor, async_config)
+    assert core._step_impl is getattr(EngineCore, expected)
+    assert core.async_scheduling == (expected == "_step_async")
+    core.add_request(request("a"))
+    tokens = []
+    while core.has_unfinished_requests():
+        tokens.append([o.new_token_ids for o in core.step().outputs])
+    if expected == "_step_async":
+        # one step in flight: the first call only launches; each later call applies the previous one
+        assert tokens == [[], [[TOKEN]], [[TOKEN]]]
+        assert [non_block for _, non_block in executor.calls] == [True, True]
+    else:
+        assert tokens == [[[TOKEN]], [[TOKEN]]]
+        assert [non_block for _, non_block in executor.calls] == [False, False]
+
+
+# ---- through the frontend, on the tiny model -----------------------------------------------
+
+def test_cache_salt_separates_prefix_cache_hits(tiny_checkpoints):
+    from pagedserve import LLM
+    llm = LLM(model=tiny_checkpoints["llama"], device="cpu", dtype="float32", max_model_len=128,
+              skip_tokenizer_init=True, block_size=4, num_kv_blocks=200)
+    prompt = list(range(10, 30))
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+
+    def cached(salt: str | None) -> int:
+        request = {"prompt_token_ids": prompt} if salt is None else {"prompt_token_ids": prompt, "cache_salt": salt}
+        (output,) = llm.generate(request, params, use_tqdm=False)
+        assert output.metrics["arrival_time"] <= output.metrics["first_token_time"]
+        return output.num_cached_tokens
+
+    assert cached("alice") == 0
+    assert cached("alice") == 16     # the last prompt token is always computed: 4 full blocks of 4
+    assert cached("bob") == 0
+    assert cached(None) == 0
+    assert cached("bob") == 16
+    llm.shutdown()
+
+
+def test_a_dropped_core_is_freed_without_the_cycle_collector():
+    """The picked step method must not make the core reference itself: a dropped engine's
+    executor (and on GPU its KV cache) goes at once, not at the next gc pass."""
+    import gc
+    import weakref
+    gc.disable()
+    try:
+        executor = FakeExecutor(max_concurrent_batches=2)
+        ref = weakref.ref(executor)
+        core = make_core(executor, True)
+        core.add_request(request("a"))
+        core.step()
+        del core, executor
+        assert ref() is None
+    finally:
+        gc.enable()

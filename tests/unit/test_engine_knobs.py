@@ -1,0 +1,92 @@
+"""The engine knobs are kept once, as EngineArgs fields: each has help text, a flag on
+`pagedserve serve` (and on `generate`, but --seed, which is the sampling seed there), and
+is taken by LLM(...) unchanged; unknown or unsupported knobs still raise ValidationError
+naming them."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+import pytest
+
+import pagedserve.llm
+from pagedserve import LLM, ValidationError
+from pagedserve.cli import build_parser
+from pagedserve.engine_args import EngineArgs
+from pagedserve.server.engine_flags import flag_of
+from pagedserve.server.serve import engine_args_from, make_parser
+
+NAMES = [f.name for f in fields(EngineArgs)]
+
+# A value other than the default for every field, of the field's type.
+NON_DEFAULTS = {"model": "some/model", "tokenizer": "some/tokenizer", "dtype": "bfloat16", "max_model_len": 333,
+                "block_size": 32, "max_num_seqs": 7, "max_num_batched_tokens": 99, "enable_prefix_caching": False,
+                "seed": 5, "load_format": "dummy", "skip_tokenizer_init": True, "device": "cpu",
+                "gpu_memory_utilization": 0.5, "enforce_eager": True, "async_scheduling": False,
+                "tensor_parallel_size": 2, "kv_cache_memory_gb": 1.5, "num_kv_blocks": 12,
+                "scheduling_policy": "static", "trust_remote_code": True}
+
+
+def _options(parser: argparse.ArgumentParser) -> set[str]:
+    return {option for action in parser._actions for option in action.option_strings}
+
+
+def _subparser(name: str) -> argparse.ArgumentParser:
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return subparsers.choices[name]
+
+
+def test_every_field_has_help_and_a_test_value() -> None:
+    assert set(NON_DEFAULTS) == set(NAMES), "a new EngineArgs field: add a value for it here"
+    for f in fields(EngineArgs):
+        assert f.metadata.get("help"), f"EngineArgs.{f.name} has no help text"
+        assert NON_DEFAULTS[f.name] != f.default
+
+
+def test_every_field_has_a_flag() -> None:
+    serve = _options(make_parser())
+    assert _options(_subparser("serve")) == serve
+    generate = _options(_subparser("generate"))
+    for name in NAMES:
+        assert flag_of(name) in serve, name
+        if name != "seed":   # generate's --seed is the sampling seed
+            assert flag_of(name) in generate, name
+    assert {"-tp", "--no-enable-prefix-caching", "--no-async-scheduling"} <= serve
+
+
+def _argv(values: dict) -> list[str]:
+    argv = []
+    for name, value in values.items():
+        if isinstance(value, bool):
+            argv.append(flag_of(name) if value else flag_of(name).replace("--", "--no-"))
+        else:
+            argv += [flag_of(name), str(value)]
+    return argv
+
+
+def test_serve_flags_build_engine_args() -> None:
+    args = make_parser().parse_args(_argv(NON_DEFAULTS))
+    assert engine_args_from(args) == EngineArgs(**NON_DEFAULTS)
+    defaults = make_parser().parse_args([])
+    assert engine_args_from(defaults) == EngineArgs()   # dtype and TP fall back as without the environment
+    assert engine_args_from(make_parser().parse_args(["m", "-tp", "3"])) == EngineArgs(model="m",
+                                                                                       tensor_parallel_size=3)
+
+
+def test_llm_takes_exactly_the_engine_args(monkeypatch) -> None:
+    built = []
+    monkeypatch.setattr(pagedserve.llm, "LLMEngine", built.append)
+    LLM(**NON_DEFAULTS)
+    assert built == [EngineArgs(**NON_DEFAULTS)]
+    LLM("positional/model", quantization=None)   # an unsupported knob at its default is fine
+    assert built[-1] == EngineArgs(model="positional/model")
+
+
+@pytest.mark.parametrize("kwargs,param", [(dict(no_such_knob=1), "no_such_knob"), (dict(quantization="awq"),
+                                                                                   "quantization"),
+                                          (dict(pipeline_parallel_size=2), "pipeline_parallel_size")])
+def test_unknown_and_unsupported_knobs_name_themselves(monkeypatch, kwargs, param) -> None:
+    monkeypatch.setattr(pagedserve.llm, "LLMEngine", lambda args: None)
+    with pytest.raises(ValidationError) as err:
+        LLM(**kwargs)
+    assert err.value.param == param and param in str(err.value)
