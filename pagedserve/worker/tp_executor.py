@@ -23,21 +23,18 @@ the other ranks' runners every step.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import socket
 import threading
 import time
-from multiprocessing.connection import wait as wait_for_sentinels
-from typing import Any
-
 import torch.distributed as dist
 
 from pagedserve.config import EngineConfig
 from pagedserve.engine_io import ModelRunnerOutput, SchedulerOutput
 from pagedserve.errors import EngineDeadError
 from pagedserve.worker.kv_budget import resolve_device
+from pagedserve.worker.rank_process import JOINING, LOADED, RankProcess, first_exited, wait_for_milestone
 from pagedserve.worker.tp_worker import (NoopMessage, RankInit, ShutdownMessage, StartMessage, StepMessage,
-                                         broadcast_message, build_runner, init_distributed, run_spawned_rank,
+                                         broadcast_message, build_runner, init_distributed,
                                          step_group)
 
 logger = logging.getLogger(__name__)
@@ -53,8 +50,7 @@ class MultiprocTPExecutor:
         self.external = config.parallel.distributed_init == "env"   # ranks 1..N-1 started by hand
         self.timeout_s = timeout_s
         self.device = resolve_device(config.device.device)
-        self.processes: list[multiprocessing.process.BaseProcess] = []
-        self._pipes: list[Any] = []
+        self.processes: list[RankProcess] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._dead: EngineDeadError | None = None
@@ -64,12 +60,15 @@ class MultiprocTPExecutor:
         try:
             if not self.external:
                 self._spawn_workers(init)
+            # each start-up collective is entered only once every rank got there (rank_process.py)
+            wait_for_milestone(self.processes, JOINING, timeout_s)
             self.control = init_distributed(init)
             broadcast_message(StartMessage(config), self.control)
             if self.device.type == "cuda":
                 import torch
                 torch.cuda.set_device(self.device)
-            self.runner, self.num_blocks = build_runner(config, self.device)
+            self.runner, self.num_blocks = build_runner(
+                config, self.device, lambda: wait_for_milestone(self.processes, LOADED, timeout_s))
             self.steps = step_group(init, self.control)
         except BaseException:
             self.shutdown()
@@ -87,16 +86,10 @@ class MultiprocTPExecutor:
         return RankInit(0, self.world_size, f"tcp://127.0.0.1:{_free_port()}", backend, self.timeout_s)
 
     def _spawn_workers(self, init: RankInit) -> None:
-        context = multiprocessing.get_context("spawn")
         for rank in range(1, self.world_size):
-            reader, writer = context.Pipe(duplex=False)   # the worker exits on EOF: we died
-            process = context.Process(target=run_spawned_rank, name=f"pagedserve-tp-rank{rank}", daemon=True,
-                                      args=(RankInit(rank, init.world_size, init.init_method, init.backend,
-                                                     init.timeout_s), reader))
-            process.start()
-            reader.close()
-            self.processes.append(process)
-            self._pipes.append(writer)
+            self.processes.append(RankProcess(rank, [
+                "--rank", str(rank), "--world-size", str(init.world_size), "--init-method", init.init_method,
+                "--backend", init.backend, "--timeout-s", str(init.timeout_s)]))
 
     # ---- per step -----------------------------------------------------------------------
     def execute_model(self, so: SchedulerOutput, non_block: bool = False) -> ModelRunnerOutput:
@@ -126,19 +119,9 @@ class MultiprocTPExecutor:
             raise self._dead
 
     def _dead_worker(self, wait_s: float) -> str | None:
-        """A line naming the first spawned rank that exited, else None."""
-        if not self.processes:
-            return None
-        if wait_s:
-            ready = wait_for_sentinels([p.sentinel for p in self.processes], timeout=wait_s)
-            for process in self.processes:
-                if process.sentinel in ready:
-                    # its pipes close a moment before it can be reaped: wait for that moment
-                    process.join(timeout=wait_s)
-        for rank, process in enumerate(self.processes, start=1):
-            if process.exitcode is not None:
-                return f"tensor-parallel rank {rank} (pid {process.pid}) exited with code {process.exitcode}"
-        return None
+        """A line naming the first spawned rank that exited (waiting up to `wait_s`), else None."""
+        process = first_exited(self.processes, wait_s)
+        return None if process is None else process.failure()
 
     def _mark_dead(self, why: str) -> EngineDeadError:
         if self._dead is None:
@@ -185,15 +168,7 @@ class MultiprocTPExecutor:
             finally:
                 self._lock.release()
         for process in self.processes:
-            process.join(timeout=5.0)
-            if process.is_alive():
-                process.terminate()
-                process.join(timeout=2.0)
-            if process.is_alive():
-                process.kill()
-                process.join(timeout=2.0)
-        for pipe in self._pipes:
-            pipe.close()
+            process.stop()
         if dist.is_initialized() and dist.get_backend() == "nccl":
             # NCCL teardown hung at shutdown on an H200x2 machine (the peer already exited);
             # the group is left to process exit, so an NCCL engine is one per process.

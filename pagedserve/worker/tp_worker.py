@@ -1,10 +1,12 @@
 """One tensor-parallel rank: join the process group, load this rank's shard, then run every
 step rank 0 broadcasts until told to stop.
 
-Ranks 1..N-1 are either spawned by rank 0's MultiprocTPExecutor (one machine) or started by
-hand on other machines through torch.distributed's env:// rendezvous:
+Ranks 1..N-1 are either started by rank 0's MultiprocTPExecutor as `python -m
+pagedserve.worker --spawned ...` processes on its machine (worker/rank_process.py:
+stdin, stderr and start-up milestones) or started by hand on other machines through
+torch.distributed's env:// rendezvous:
 
-    MASTER_ADDR=<rank 0 host> MASTER_PORT=29500 WORLD_SIZE=N RANK=r python -m pagedserve.worker.tp_worker
+    MASTER_ADDR=<rank 0 host> MASTER_PORT=29500 WORLD_SIZE=N RANK=r python -m pagedserve.worker
 
 Messages from rank 0, in order (the first on the gloo control group, the rest on the step
 group: the default NCCL group on GPU, the gloo group on CPU):
@@ -12,7 +14,7 @@ group: the default NCCL group on GPU, the gloo group on CPU):
     StartMessage(config)   once, right after the group forms
     StepMessage(so) | NoopMessage() | ShutdownMessage()   until shutdown
 
-A rank ends when told to, when rank 0's pipe reaches EOF (parent died), or when a collective
+A rank ends when told to, when its stdin reaches EOF (rank 0 died; spawned ranks), or when a collective
 fails or times out (a peer died or went silent); it never outlives rank 0 for long.
 """
 from __future__ import annotations
@@ -25,7 +27,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -34,6 +36,7 @@ from pagedserve.config import EngineConfig
 from pagedserve.engine_io import SchedulerOutput
 from pagedserve.worker.kv_budget import non_torch_memory, num_kv_blocks
 from pagedserve.worker.model_runner import ModelRunner
+from pagedserve.worker.rank_process import JOINING, LOADED
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +68,7 @@ Message = StartMessage | StepMessage | NoopMessage | ShutdownMessage
 
 @dataclass(frozen=True)
 class RankInit:
-    """How one rank joins the group; small and picklable (crosses the spawn boundary)."""
+    """How one rank joins the group."""
 
     rank: int
     world_size: int
@@ -98,13 +101,17 @@ def broadcast_message(message: Message | None, group: Any) -> Message:
     return box[0]
 
 
-def build_runner(config: EngineConfig, device: torch.device) -> tuple[ModelRunner, int]:
+def build_runner(config: EngineConfig, device: torch.device,
+                 before_all_reduce: Callable[[], None] | None = None) -> tuple[ModelRunner, int]:
     """Load this rank's shard and size its KV cache: the block count is the minimum over
-    ranks, so every rank can hold every block the scheduler hands out."""
+    ranks, so every rank can hold every block the scheduler hands out. `before_all_reduce`
+    runs between the two (rank 0 waits there for every rank's LOADED, the others report it)."""
     baseline = non_torch_memory(device)
     runner = ModelRunner(config.model, config.cache, config.scheduler, config.device, config.weights, device)
     runner.load_model()
     blocks = torch.tensor([num_kv_blocks(config, runner, baseline)], dtype=torch.int64, device=device)
+    if before_all_reduce is not None:
+        before_all_reduce()
     dist.all_reduce(blocks, op=dist.ReduceOp.MIN)
     num_blocks = int(blocks.item())
     runner.init_kv_cache(num_blocks)
@@ -121,11 +128,13 @@ def worker_device(config: EngineConfig, rank: int) -> torch.device:
     return device
 
 
-def serve_rank(init: RankInit) -> None:
-    """Everything a non-zero rank does, from joining the group to a clean exit."""
+def serve_rank(init: RankInit, report: Callable[[bytes], None] = lambda milestone: None) -> None:
+    """Everything a non-zero rank does, from joining the group to a clean exit. `report` tells
+    rank 0 the start-up milestones (worker/rank_process.py) when rank 0 started this rank."""
+    report(JOINING)
     control = init_distributed(init)
     config = broadcast_message(None, control).config
-    runner, _ = build_runner(config, worker_device(config, init.rank))
+    runner, _ = build_runner(config, worker_device(config, init.rank), lambda: report(LOADED))
     steps = step_group(init, control)
     logger.info("tp rank %d/%d ready", init.rank, init.world_size)
     while True:
@@ -141,25 +150,33 @@ def serve_rank(init: RankInit) -> None:
     dist.destroy_process_group()
 
 
-def _exit_on_eof(parent_conn: Any) -> None:
-    """Blocks on the pipe rank 0 holds open; EOF means rank 0 is gone, so go too."""
+def _exit_when_stdin_closes() -> None:
+    """Rank 0 holds our stdin open; EOF means rank 0 is gone, so go too."""
     try:
-        while True:
-            parent_conn.recv()
-    except (EOFError, OSError):
-        os._exit(0)
+        while sys.stdin.buffer.read(4096):
+            pass
+    except (OSError, ValueError):
+        pass
+    os._exit(0)
 
 
-def run_spawned_rank(init: RankInit, parent_conn: Any) -> None:
-    """Entry of a rank spawned by MultiprocTPExecutor (multiprocessing spawn context)."""
+def _run_spawned(args: argparse.Namespace) -> None:
+    """A rank that rank 0 started on this machine (worker/rank_process.py)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is rank 0's; it shuts us down
-    threading.Thread(target=_exit_on_eof, args=(parent_conn,), daemon=True, name="parent-watch").start()
-    _run_or_die(init)
+    threading.Thread(target=_exit_when_stdin_closes, daemon=True, name="parent-watch").start()
+    status = os.fdopen(args.status_fd, "wb", buffering=0)
+
+    def report(milestone: bytes) -> None:
+        status.write(milestone)
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s [tp rank " + str(args.rank)
+                        + "] %(name)s: %(message)s")
+    _run_or_die(RankInit(args.rank, args.world_size, args.init_method, args.backend, args.timeout_s), report)
 
 
-def _run_or_die(init: RankInit) -> None:
+def _run_or_die(init: RankInit, report: Callable[[bytes], None] = lambda milestone: None) -> None:
     try:
-        serve_rank(init)
+        serve_rank(init, report)
     except BaseException:   # a failed rank must end, so rank 0 sees it and never waits on it
         logger.exception("tp rank %d failed", init.rank)
         sys.stderr.flush()
@@ -167,13 +184,22 @@ def _run_or_die(init: RankInit) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m pagedserve.worker.tp_worker`: one rank on another machine (env:// rendezvous)."""
+    """`python -m pagedserve.worker`: one rank on another machine (env:// rendezvous), or one that
+    rank 0 started (--spawned)."""
     parser = argparse.ArgumentParser(description="Run one pagedserve tensor-parallel rank (env:// rendezvous: "
                                                  "MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK).")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="must match rank 0's device kind (NCCL on cuda, gloo on cpu)")
     parser.add_argument("--timeout-s", type=float, default=600.0)
+    # set by rank 0 when it starts this rank itself (worker/rank_process.py)
+    parser.add_argument("--spawned", action="store_true", help=argparse.SUPPRESS)
+    for name, kind in (("--rank", int), ("--world-size", int), ("--init-method", str), ("--backend", str),
+                       ("--status-fd", int)):
+        parser.add_argument(name, type=kind, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.spawned:
+        _run_spawned(args)
+        return
     missing = [k for k in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK") if k not in os.environ]
     if missing:
         parser.error(f"set {', '.join(missing)} in the environment")
@@ -187,4 +213,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # run the canonical module, not this __main__ copy: the messages rank 0 pickles are
+    # instances of pagedserve.worker.tp_worker's classes (prefer `python -m pagedserve.worker`)
+    from pagedserve.worker.tp_worker import main as canonical_main
+    canonical_main()

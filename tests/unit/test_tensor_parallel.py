@@ -38,8 +38,8 @@ def _run(llm: LLM, prompts: list[list[int]]):
 
 
 def _workers(pid: int) -> list[psutil.Process]:
-    """The spawned ranks among `pid`'s children (not multiprocessing's resource tracker)."""
-    return [p for p in psutil.Process(pid).children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+    """The ranks `pid` started (python -m pagedserve.worker --spawned) among its children."""
+    return [p for p in psutil.Process(pid).children(recursive=True) if "--spawned" in p.cmdline()]
 
 
 def _wait_gone(process: psutil.Process, timeout: float) -> None:

@@ -1,0 +1,100 @@
+"""Tensor-parallel start-up on CPU (gloo): a rank that dies while starting fails LLM() within
+seconds with that rank's own error, and leaves no process behind; a script read from standard
+input starts ranks like a script file does (ranks are `python -m pagedserve.worker` processes,
+they need nothing from the user's __main__)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pagedserve import LLM
+from pagedserve.errors import EngineDeadError
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Installed as sitecustomize.py in a folder on the ranks' PYTHONPATH: only processes started with
+# --spawned (rank 1) fail, the test process (rank 0) is already running and never reads it.
+FAULTS = textwrap.dedent('''
+    import importlib.abc, os, sys
+    MODE = os.environ.get("PAGEDSERVE_TEST_RANK_FAULT")
+
+    class _Fault(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if MODE == "import" and name == "pagedserve.worker.tp_worker":
+                raise ImportError("simulated: rank cannot import its worker module")
+            if MODE == "load" and name == "pagedserve.worker.model_runner":
+                import importlib.machinery
+                spec = importlib.machinery.PathFinder.find_spec(name, path)
+                run_module = spec.loader.exec_module
+
+                def exec_module(module):
+                    run_module(module)
+
+                    def load_model(runner):
+                        raise MemoryError("simulated: out of memory while loading rank 1's shard")
+                    module.ModelRunner.load_model = load_model
+                spec.loader.exec_module = exec_module
+                return spec
+            return None
+
+    if MODE and "--spawned" in sys.argv:
+        sys.meta_path.insert(0, _Fault())
+''')
+
+
+def _spawned_children() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children(recursive=True) if "--spawned" in p.cmdline()]
+
+
+def _wait_no_children(timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [p for p in _spawned_children() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        if not alive:
+            return
+        assert time.monotonic() < deadline, f"ranks left behind: {alive}"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("mode, expected", [
+    ("import", r"rank 1 \(pid \d+\) exited with code 1 before it joined the group(.|\n)*simulated: rank cannot "
+               r"import its worker module"),
+    ("load", r"rank 1 \(pid \d+\) exited with code 1 before it loaded its shard(.|\n)*simulated: out of memory "
+             r"while loading rank 1's shard"),
+])
+def test_a_rank_that_dies_while_starting_fails_the_engine_at_once(mode, expected, tiny_checkpoints, tmp_path,
+                                                                  monkeypatch):
+    (tmp_path / "sitecustomize.py").write_text(FAULTS)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("PAGEDSERVE_TEST_RANK_FAULT", mode)
+    start = time.monotonic()
+    with pytest.raises(EngineDeadError, match=expected):
+        LLM(model=tiny_checkpoints["llama"], device="cpu", dtype="float32", skip_tokenizer_init=True,
+            max_model_len=128, tensor_parallel_size=2)
+    assert time.monotonic() - start < 30
+    _wait_no_children(10)
+
+
+def test_a_script_read_from_stdin_runs_tp2_and_exits(tiny_checkpoints):
+    script = textwrap.dedent(f"""
+        from pagedserve import LLM, SamplingParams
+        llm = LLM(model={tiny_checkpoints['llama']!r}, device="cpu", dtype="float32", skip_tokenizer_init=True,
+                  max_model_len=128, tensor_parallel_size=2)
+        out = llm.generate([{{"prompt_token_ids": [5, 17, 300, 42]}}], SamplingParams(max_tokens=4, temperature=0),
+                           use_tqdm=False)
+        print("TOKENS", out[0].outputs[0].token_ids, flush=True)
+        llm.shutdown()
+    """)
+    proc = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, cwd=REPO,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tokens = [line for line in proc.stdout.splitlines() if line.startswith("TOKENS")]
+    assert len(tokens) == 1 and len(eval(tokens[0].split(" ", 1)[1])) == 4, proc.stdout
+    _wait_no_children(10)
