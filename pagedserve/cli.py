@@ -35,7 +35,9 @@ def _run_generate(args: argparse.Namespace) -> None:
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed)
-    llm = LLM(**engine_kwargs(args))
+    kwargs = engine_kwargs(args)
+    kwargs.pop("seed", None)   # --seed here is the sampling seed, not the engine's
+    llm = LLM(**kwargs)
     try:
         output = llm.generate([args.prompt], params, use_tqdm=False)[0]
     finally:

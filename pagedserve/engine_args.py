@@ -68,6 +68,11 @@ class EngineArgs:
     scheduling_policy: str = _knob("continuous", "continuous (requests join and leave the batch every step) or "
                                                  "static (one batch at a time)", choices=("continuous", "static"))
     trust_remote_code: bool = _knob(False, "not supported: only built-in architectures run")
+    max_logprobs: int = _knob(20, "most logprobs and prompt_logprobs a request may ask for (-1: no cap; a "
+                                  "request's -1 means the whole vocabulary and needs a cap at least that large)")
+    allow_long_max_model_len: bool = _knob(False, "allow a max_model_len beyond the model's max_position_embeddings "
+                                                  "(and its rope scaling's range); outputs past it may be garbage "
+                                                  "(vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN)")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineArgs":
@@ -97,6 +102,8 @@ class EngineArgs:
         if self.scheduling_policy not in ("continuous", "static"):
             raise ValidationError(f"scheduling_policy must be continuous or static, got {self.scheduling_policy!r}",
                                   "scheduling_policy")
+        if not isinstance(self.max_logprobs, int) or self.max_logprobs < -1:
+            raise ValidationError(f"max_logprobs must be -1 (no cap) or >= 0, got {self.max_logprobs}", "max_logprobs")
         if self.trust_remote_code:
             raise ValidationError("trust_remote_code is not supported: only built-in architectures run",
                                   "trust_remote_code")
@@ -108,13 +115,19 @@ class EngineArgs:
         self.validate()
         device = resolve_device(self.device)
         source = resolve_model(self.model)
+        distributed_init = "env" if "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ else "spawn"
         if source.gguf_file and self.load_format != "dummy":
+            if self.tensor_parallel_size > 1:   # from the file's metadata, before the long conversion
+                early = ModelConfig.from_hf(load_hf_config(source), torch.float32, self.max_model_len)
+                check_tensor_parallel(self.tensor_parallel_size, early, device.type, distributed_init)
             source = materialize_gguf(source)
         hf_config = load_hf_config(source)
         resolve_model_class(architecture_of(hf_config))
         dtype = resolve_dtype(self.dtype, getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None),
                               device.type)
         model_config = ModelConfig.from_hf(hf_config, dtype, self.max_model_len)
+        check_tensor_parallel(self.tensor_parallel_size, model_config, device.type, distributed_init)
+        check_max_model_len(self.max_model_len, model_config, self.allow_long_max_model_len)
         max_model_len = model_config.max_model_len
         if self.max_model_len is None and max_model_len > model_config.max_position_embeddings:
             max_model_len = model_config.max_position_embeddings
@@ -124,8 +137,6 @@ class EngineArgs:
         if batched < 1:
             raise ValidationError(f"max_num_batched_tokens must be >= 1, got {batched}", "max_num_batched_tokens")
         max_num_seqs = self.max_num_seqs or default_max_num_seqs(device)
-        distributed_init = "env" if "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ else "spawn"
-        check_tensor_parallel(self.tensor_parallel_size, model_config, device.type, distributed_init)
         config = EngineConfig(
             model=model_config,
             weights=WeightSource(source.directory, source.gguf_file, self.load_format, self.seed),
@@ -150,6 +161,33 @@ def default_max_num_seqs(device: torch.device) -> int:
         if props.total_memory >= 70 * 2**30 and "A100" not in props.name:
             return 1024
     return 256
+
+
+def derived_max_len(model: ModelConfig) -> int:
+    """The longest context the model's positions cover: max_position_embeddings, times the
+    rope scaling factor for the scalings that extend it (llama3, longrope and dynamic ones
+    already count it in max_position_embeddings, as in vLLM)."""
+    derived = model.max_position_embeddings
+    scaling = model.rope_scaling_dict or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    factor = scaling.get("factor")
+    if kind not in (None, "default", "llama3", "longrope", "su", "dynamic") and isinstance(factor, (int, float)):
+        derived = int(derived * factor)
+    return derived
+
+
+def check_max_model_len(requested: int | None, model: ModelConfig, allow_long: bool) -> None:
+    derived = derived_max_len(model)
+    if requested is None or requested <= derived:
+        return
+    if allow_long:
+        logger.warning("max_model_len=%d exceeds the model's %d positions (allow_long_max_model_len): outputs past "
+                       "them may be wrong", requested, derived)
+        return
+    raise ValidationError(
+        f"max_model_len={requested} is larger than the model's max_position_embeddings={model.max_position_embeddings}"
+        + (f" (rope scaling covers {derived})" if derived != model.max_position_embeddings else "")
+        + "; lower max_model_len, or set allow_long_max_model_len to accept it", "max_model_len")
 
 
 def check_tensor_parallel(tp: int, model: ModelConfig, device_type: str, distributed_init: str = "spawn") -> None:

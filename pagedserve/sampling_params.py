@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pagedserve.errors import ValidationError
 
 _SAMPLING_EPS = 1e-5
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1   # what torch.Generator.manual_seed accepts
 _FLOAT_FIELDS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p",
                  "min_p", "typical_p")
 
@@ -102,9 +103,14 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None:
-                _check(isinstance(value, int) and value >= 0, name, f"{name} must be non-negative, got {value}")
+                # -1: the whole vocabulary (vLLM), allowed when the engine's max_logprobs allows it
+                _check(isinstance(value, int) and not isinstance(value, bool) and value >= -1, name,
+                       f"{name} must be non-negative (or -1 for the whole vocabulary), got {value}")
         if self.seed is not None:
-            _check(isinstance(self.seed, int), "seed", f"seed must be an integer, got {self.seed!r}")
+            _check(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed",
+                   f"seed must be an integer, got {self.seed!r}")
+            _check(SEED_MIN <= self.seed <= SEED_MAX, "seed",
+                   f"seed must be in [{SEED_MIN}, {SEED_MAX}], got {self.seed}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty strings")
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                "stop_token_ids must be non-negative integers")

@@ -104,6 +104,10 @@ class BlockPool:
             if block.ref_cnt == 0:
                 self._free[block.block_id] = None
 
+    def uncache(self, block: KVCacheBlock) -> None:
+        """Drop the block's hash: it is no longer a prefix-cache entry."""
+        self._evict(block)
+
     def cache_block(self, block: KVCacheBlock, block_hash: BlockHash, token_ids: tuple[int, ...]) -> None:
         """Register a full block under its hash (first writer wins on duplicates)."""
         if not self.enable_caching or block.block_hash is not None:

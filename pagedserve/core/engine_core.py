@@ -92,6 +92,14 @@ class EngineCore:
             self._awaiting_first_token.pop(request.request_id, None)
         return finished
 
+    def is_alive(self) -> bool:
+        """The executor's liveness (every TP rank); cheap, safe from any thread."""
+        try:
+            self.executor.check_health()
+        except Exception:
+            return False
+        return True
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or self._in_flight is not None
 
@@ -121,7 +129,17 @@ class EngineCore:
             outputs = self._resolve()   # lockstep: the next step needs these tokens on the host
         launched = self._launch(self._schedule())
         if self._in_flight is not None:
-            outputs += self._resolve()
+            previous, self._in_flight = self._in_flight, None
+            result = self._wait(previous)
+            if isinstance(result, Exception):
+                # the launched step was built on the failed one: let it finish, drop its results
+                dropped = launched[0] if launched is not None else None
+                if launched is not None:
+                    self._wait(launched)
+                launched = None
+                outputs += self._fail(previous[0], result, dropped)
+            else:
+                outputs += self._update(previous[0], result)
         self._in_flight = launched
         if launched is not None and (not launched[0].num_scheduled_tokens or self.scheduler.num_history_dependent):
             outputs += self._resolve()   # nothing to wait for, or lockstep
@@ -146,24 +164,47 @@ class EngineCore:
             return so, exc
 
     def _resolve(self) -> list[EngineCoreOutput]:
-        so, pending = self._in_flight
-        self._in_flight = None
+        launched, self._in_flight = self._in_flight, None
+        result = self._wait(launched)
+        if isinstance(result, Exception):
+            return self._fail(launched[0], result)
+        return self._update(launched[0], result)
+
+    @staticmethod
+    def _wait(launched: _Launched) -> ModelRunnerOutput | Exception:
+        """A launched step's output, or what it raised."""
+        pending = launched[1]
         try:
             if isinstance(pending, Exception):
-                raise pending
-            runner_output = pending if isinstance(pending, ModelRunnerOutput) else pending.get()
-        except Exception as exc:   # fail this step's requests, keep serving the rest
-            return self._fail(so, exc)
-        return self._update(so, runner_output)
+                return pending
+            return pending if isinstance(pending, ModelRunnerOutput) else pending.get()
+        except Exception as exc:
+            return exc
 
-    def _fail(self, so: SchedulerOutput, exc: Exception) -> list[EngineCoreOutput]:
-        """A step raised: fail exactly its requests, each with the error text (re-raises
-        EngineDeadError if the executor itself is gone)."""
+    def _fail(self, so: SchedulerOutput, exc: Exception, dropped: SchedulerOutput | None = None
+              ) -> list[EngineCoreOutput]:
+        """A step raised (re-raises EngineDeadError if the executor itself is gone). If the
+        step held one user request (a request and its parallel samples), it fails with the
+        error text. Otherwise nothing fails yet: the step's requests are recomputed, each
+        alone first (Scheduler.suspects), so the culprit fails alone and the others go on;
+        a request caught in failed steps twice fails. `dropped`: a step launched on top of
+        the failed one, whose results are discarded (its requests are recomputed too)."""
         self.executor.check_health()
-        logger.error("step failed; failing its %d requests", len(so.num_scheduled_tokens), exc_info=exc)
-        return self._fail_requests(list(so.num_scheduled_tokens), f"{type(exc).__name__}: {exc}")
+        error = f"{type(exc).__name__}: {exc}"
+        step_ids = list(so.num_scheduled_tokens)
+        requests = self.scheduler.requests
+        families = {(requests[rid].parent_id or rid) if rid in requests else rid for rid in step_ids}
+        others = [rid for rid in (dropped.num_scheduled_tokens if dropped else ()) if rid not in so.num_scheduled_tokens]
+        if len(families) <= 1:
+            logger.error("step failed; failing its request %s", next(iter(families), "?"), exc_info=exc)
+            self.scheduler.requeue_after_failure(others, suspects=set())
+            return self._fail_requests(step_ids, error)
+        logger.warning("a step of %d requests failed (%s); retrying them one by one", len(step_ids), error)
+        give_up = self.scheduler.requeue_after_failure(step_ids + others, suspects=set(step_ids))
+        return self._fail_requests(give_up, error)
 
     def _fail_requests(self, request_ids: list[RequestId], error: str) -> list[EngineCoreOutput]:
+        self.scheduler.uncache(request_ids)   # their last step may not have written its KV
         failed = self.finish_requests(request_ids, RequestStatus.FINISHED_ERROR)
         now = time.monotonic()
         self._events += [RequestEvent(r.request_id, _FINISHED, now, "abort") for r in failed]

@@ -148,6 +148,12 @@ class KVCacheManager:
         self.pool.free(list(reversed(blocks)))
         self.num_cached_blocks.pop(request.request_id, None)
 
+    def uncache(self, request: Request) -> None:
+        """A step with this request failed: its blocks' KV may be unwritten, so none of them
+        may serve a prefix-cache hit any more (their contents stay, for current holders)."""
+        for block in self.req_to_blocks.get(request.request_id, []):
+            self.pool.uncache(block)
+
     def forget(self, request: Request) -> None:
         """The request is finished for good: drop its memoised hashes too."""
         self.free(request)

@@ -60,6 +60,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    num_step_failures: int = 0   # steps that raised with this request in them
     first_scheduled_time: float | None = None   # read by the async engine's metrics
 
     @property

@@ -56,6 +56,10 @@ class Scheduler:
         self._sent_blocks: dict[RequestId, tuple[int, int]] = {}   # what the runner knows
         self._finished_since_last_step: set[RequestId] = set()
         self.num_history_dependent = 0   # live requests whose sampling reads earlier outputs
+        # After a failed step: its requests, each scheduled alone until it samples a token
+        # (EngineCore._fail); a suspect that fails alone is failed.
+        self.suspects: set[RequestId] = set()
+        self._requeued_since_last_step: set[RequestId] = set()
         self.stats = SchedulerStats()
 
     # ---- queue management -------------------------------------------------------------
@@ -92,7 +96,46 @@ class Scheduler:
             finished.append(request)
         return finished
 
+    def requeue_after_failure(self, request_ids: list[RequestId], suspects: set[RequestId],
+                              max_failures: int = 2) -> list[RequestId]:
+        """Undo a failed (or dropped) step for these requests: their in-flight work is
+        forgotten, their blocks uncached and freed, and they wait to be recomputed (outputs
+        kept), in order. Those in `suspects` are isolated afterwards. Returns the ids that
+        already failed `max_failures` times: the caller fails them instead."""
+        give_up, requeued = [], []
+        for rid in request_ids:
+            request = self.requests.get(rid)
+            if request is None or request.is_finished():
+                continue
+            if rid in suspects:
+                request.num_step_failures += 1
+                if request.num_step_failures >= max_failures:
+                    give_up.append(rid)
+                    continue
+                self.suspects.add(rid)
+            request.num_unresolved_tokens = 0
+            request.num_inflight_samples = 0
+            if request.status == _RUNNING:
+                self.running.remove(request)
+                self.kv.uncache(request)
+                self.kv.free(request)
+                request.num_computed_tokens = 0
+                request.status = RequestStatus.PREEMPTED
+                if self._sent_blocks.pop(rid, None) is not None:
+                    self._requeued_since_last_step.add(rid)
+                requeued.append(request)
+        for request in reversed(requeued):
+            self.waiting.appendleft(request)
+        return give_up
+
+    def uncache(self, request_ids: list[RequestId]) -> None:
+        for rid in request_ids:
+            request = self.requests.get(rid)
+            if request is not None:
+                self.kv.uncache(request)
+
     def _free(self, request: Request) -> None:
+        self.suspects.discard(request.request_id)
         self.kv.forget(request)
         if self.requests.pop(request.request_id, None) is not None:
             self.num_history_dependent -= request.sampling_params.reads_output_history
@@ -106,6 +149,10 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(finished_req_ids=self._finished_since_last_step)
         self._finished_since_last_step = set()
+        if self._requeued_since_last_step:   # the runner drops their state; they come back as new
+            out.preempted_req_ids |= self._requeued_since_last_step
+            self._requeued_since_last_step = set()
+        isolate = bool(self.suspects)   # one suspect alone per step, nothing else
         budget = self.max_num_batched_tokens
         scheduled: list[Request] = []
         preempted: list[Request] = []
@@ -115,6 +162,9 @@ class Scheduler:
         running = self.running
         while index < len(running) and budget > 0:
             request = running[index]
+            if isolate and (scheduled or request.request_id not in self.suspects):
+                index += 1
+                continue
             num_inflight = request.num_inflight_samples
             num_tokens = len(request.prompt_token_ids) + len(request.output_token_ids) + num_inflight
             num_new = min(num_tokens - request.num_computed_tokens - request.num_unresolved_tokens, budget)
@@ -147,9 +197,16 @@ class Scheduler:
         # A static batch is formed in one step: its members join even past this step's token
         # budget (their prefill then proceeds in chunks), as long as their prompts fit the pool.
         reserve = self.kv.pool.num_free_blocks
-        while can_admit and self.waiting and len(self.running) < self.max_num_seqs \
+        num_seqs = self._num_running_seqs()
+        if isolate:
+            can_admit = can_admit and not scheduled and self._suspect_first()
+        while can_admit and self.waiting and num_seqs < self.max_num_seqs \
                 and (budget > 0 or forming_static_batch):
             request = self.waiting[0]
+            # parallel samples count: a parent joins only when all its sequences fit
+            family = 1 + len(self.pending_forks.get(request.request_id, ()))
+            if num_seqs + family > self.max_num_seqs:
+                break
             if forming_static_batch:
                 reserve -= self.kv.blocks_needed(request.num_tokens + 1)
                 if reserve < 0 and self.running:
@@ -168,17 +225,37 @@ class Scheduler:
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
             self.running.append(request)
+            num_seqs += family
             if num_new > 0:
                 self._describe(request, num_new, out)
                 scheduled.append(request)
                 budget -= num_new
+            if isolate:
+                break
 
+        if isolate and not scheduled:   # no suspect can run alone now (memory): stop isolating
+            self.suspects.clear()
         out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
         self.stats.num_batched_tokens = out.total_num_scheduled_tokens
         if self.pending_forks:
             self._fork_completed_prompts(scheduled, out)
         out.blocks_to_copy = self.kv.take_pending_copies()
         return out
+
+    def _suspect_first(self) -> bool:
+        """Move the first waiting suspect to the head of the queue; False if none waits."""
+        suspect = next((r for r in self.waiting if r.request_id in self.suspects), None)
+        if suspect is None:
+            return False
+        self.waiting.remove(suspect)
+        self.waiting.appendleft(suspect)
+        return True
+
+    def _num_running_seqs(self) -> int:
+        """Running sequences plus the forks reserved for running parents."""
+        reserved = sum(len(forks) for rid, forks in self.pending_forks.items()
+                       if rid in self.requests and self.requests[rid].status == _RUNNING)
+        return len(self.running) + reserved
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         assert not request.num_unresolved_tokens, "a request with work in flight is never preempted"
@@ -264,6 +341,9 @@ class Scheduler:
                 continue
             request.num_inflight_samples -= 1
             request.output_token_ids.append(token)
+            if self.suspects and rid in self.suspects:   # it ran a whole step alone: cleared
+                self.suspects.discard(rid)
+                request.num_step_failures = 0
             if self._check_stop(request, token):
                 self.running.remove(request)
                 self._free(request)

@@ -17,6 +17,17 @@ request's stream only (RequestFailedError, with the failed step's error text). A
 out of step() kills the loop: `is_healthy` turns False and every open or later request gets
 EngineDeadError.
 
+Prompt processing (chat template rendering, tokenization, validation) runs in a small
+worker pool, never on the event loop nor on the engine thread: a huge prompt or a slow
+template stalls neither /health nor the running streams. The engine thread only queues the
+processed request (LLMEngine.add_processed). For the server's own use:
+
+    async def tokenize_prompt(prompt: str, add_special_tokens: bool = True) -> list[int]
+    async def render_chat_async(messages, chat_template=None, add_generation_prompt=True,
+                                continue_final_message=False) -> str
+        (a request's own chat_template renders under a deadline and size caps:
+        ValidationError("chat_template") past them; see frontend/chat_template.py)
+
 The loop reads only what LLMEngine.step_with_stats() returns: the outputs and the core's
 EngineStats (kept as `self.stats` for /metrics). Request timing lives in
 frontend/request_metrics.py, which feeds the finish listeners.
@@ -28,11 +39,12 @@ import logging
 import threading
 import uuid
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable
 
 from pagedserve.core.outputs import EngineStats
 from pagedserve.engine_args import EngineArgs
-from pagedserve.errors import EngineDeadError, RequestFailedError
+from pagedserve.errors import EngineDeadError, RequestFailedError, ValidationError
 from pagedserve.frontend.input_processor import PromptType
 from pagedserve.frontend.llm_engine import LLMEngine
 from pagedserve.frontend.output_processor import OutputKind
@@ -42,6 +54,7 @@ from pagedserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 _END = object()
+PROCESSING_THREADS = 4   # rendering + tokenization; tokenizers release the GIL while encoding
 
 
 class RequestStream:
@@ -93,6 +106,7 @@ class AsyncEngine:
         self._stopping = False
         self._dead: EngineDeadError | None = None
         self.stats = EngineStats()   # the core's, replaced (never mutated) after every loop iteration
+        self._processing = ThreadPoolExecutor(PROCESSING_THREADS, thread_name_prefix="pagedserve-inputs")
         self._thread = threading.Thread(target=self._run, name="pagedserve-engine", daemon=True)
         if start:
             self._thread.start()
@@ -104,11 +118,16 @@ class AsyncEngine:
     # ---- read-only facts, safe from any thread ------------------------------------------
     @property
     def is_healthy(self) -> bool:
-        return self._dead is None and self._thread.is_alive()
+        """The loop runs and the executor (every TP rank) is alive; cheap, any thread."""
+        return self._dead is None and self._thread.is_alive() and self.engine.is_alive()
 
     @property
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.engine.max_num_seqs
 
     @property
     def device_type(self) -> str:
@@ -126,6 +145,22 @@ class AsyncEngine:
         return self.engine.input_processor.render_chat(messages, chat_template, add_generation_prompt,
                                                        continue_final_message)
 
+    async def render_chat_async(self, messages: list[dict], chat_template: str | None = None,
+                                add_generation_prompt: bool = True, continue_final_message: bool = False) -> str:
+        """render_chat in the worker pool (a request's template under its bounds)."""
+        return await self._in_pool(self.render_chat, messages, chat_template, add_generation_prompt,
+                                   continue_final_message)
+
+    async def tokenize_prompt(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
+        """Text -> token ids in the worker pool. Raises ValidationError without a tokenizer."""
+        if self.engine.tokenizer is None:
+            raise ValidationError("tokenizing needs a tokenizer (skip_tokenizer_init=True)", "prompt")
+        return await self._in_pool(lambda: list(self.engine.tokenizer.encode(prompt,
+                                                                          add_special_tokens=add_special_tokens)))
+
+    async def _in_pool(self, function: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._processing, function, *args)
+
     def add_finish_listener(self, listener: FinishListener) -> None:
         """Called on the engine thread for each finished, aborted or failed request; must be quick."""
         self.engine.add_finish_listener(listener)
@@ -136,13 +171,17 @@ class AsyncEngine:
                           add_special_tokens: bool = True) -> RequestStream:
         """Queue a request; returns its stream once the engine accepted it. Raises the
         ValidationError of a bad request (nothing is queued then) or EngineDeadError."""
+        if self._dead is not None:
+            raise self._dead
+        processed = await self._in_pool(self.engine.process_request, request_id, prompt, params, output_kind,
+                                        strict_length, add_special_tokens)
         loop = asyncio.get_running_loop()
         stream = RequestStream(request_id, self, loop)
         accepted: asyncio.Future[None] = loop.create_future()
 
         def add() -> None:
             try:
-                self.engine.add_request(request_id, prompt, params, output_kind, strict_length, add_special_tokens)
+                self.engine.add_processed(processed)
             except Exception as exc:
                 _settle_threadsafe(loop, accepted, exc)
                 return
@@ -184,6 +223,7 @@ class AsyncEngine:
             return
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+        self._processing.shutdown(wait=False, cancel_futures=True)
         if not self._thread.is_alive():
             self.engine.shutdown()
 

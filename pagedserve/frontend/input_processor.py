@@ -9,6 +9,7 @@ import jinja2
 
 from pagedserve.core.request import Request
 from pagedserve.engine_io import RequestId
+from pagedserve.frontend.chat_template import render_untrusted_template
 from pagedserve.errors import ValidationError
 from pagedserve.sampling_params import SamplingParams
 
@@ -25,12 +26,14 @@ class ProcessedPrompt:
 
 class InputProcessor:
     def __init__(self, tokenizer: Any, vocab_size: int, max_model_len: int,
-                 eos_token_ids: tuple[int, ...], max_logprobs: int = MAX_LOGPROBS) -> None:
+                 eos_token_ids: tuple[int, ...], max_logprobs: int = MAX_LOGPROBS,
+                 max_num_seqs: int = 2**31) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
-        self.max_logprobs = max_logprobs
+        self.max_logprobs = max_logprobs   # -1: no cap
+        self.max_num_seqs = max_num_seqs   # n and best_of are capped by it
 
     def process_prompt(self, prompt: PromptType, add_special_tokens: bool = True) -> ProcessedPrompt:
         """A string, a token id list, or a dict (vLLM's TextPrompt / TokensPrompt): "prompt" or
@@ -73,9 +76,27 @@ class InputProcessor:
         return ids
 
     def check_params(self, params: SamplingParams, num_prompt_tokens: int, strict_length: bool = False) -> int:
-        """Validate what depends on the model; returns the effective max_tokens. With
+        """Validate what depends on the model or the engine's limits; returns the effective
+        max_tokens. Every check runs whatever else is missing (max_tokens None included). With
         strict_length, a prompt plus max_tokens beyond max_model_len is an error (OpenAI
         server); otherwise generation just stops at max_model_len (vLLM's offline API)."""
+        for name in ("n", "best_of"):
+            value = getattr(params, name)
+            if value is not None and value > self.max_num_seqs:
+                raise ValidationError(f"{name} must be at most {self.max_num_seqs} (max_num_seqs), got {value}", name)
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is None:
+                continue
+            wanted = self.vocab_size if value == -1 else value
+            if self.max_logprobs != -1 and wanted > self.max_logprobs:
+                raise ValidationError(f"{name} must be at most {self.max_logprobs} (max_logprobs), got {value}", name)
+        for name, tokens in (("logit_bias", list(params.logit_bias or {})), ("stop_token_ids", params.stop_token_ids)):
+            bad = next((t for t in tokens if t >= self.vocab_size), None)
+            if bad is not None:
+                raise ValidationError(f"{name}: token id {bad} is out of vocabulary (size {self.vocab_size})", name)
+        if not params.detokenize and params.stop:
+            raise ValidationError("stop strings need detokenize=True", "stop")
         room = self.max_model_len - num_prompt_tokens
         if params.max_tokens is None:
             return room
@@ -84,30 +105,31 @@ class InputProcessor:
                 f"this model's maximum context length is {self.max_model_len} tokens; the request asks for "
                 f"{num_prompt_tokens + params.max_tokens} ({num_prompt_tokens} in the prompt, "
                 f"{params.max_tokens} in max_tokens)", "max_tokens")
-        for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(params, name)
-            if value is not None and value > self.max_logprobs:
-                raise ValidationError(f"{name} must be at most {self.max_logprobs}, got {value}", name)
-        for token in list(params.logit_bias or {}) + list(params.stop_token_ids):
-            if token >= self.vocab_size:
-                raise ValidationError(f"token id {token} is out of vocabulary (size {self.vocab_size})",
-                                      "logit_bias" if token in (params.logit_bias or {}) else "stop_token_ids")
-        if not params.detokenize and params.stop:
-            raise ValidationError("stop strings need detokenize=True", "stop")
         return min(params.max_tokens, room)
+
+    def resolve_params(self, params: SamplingParams) -> SamplingParams:
+        """logprobs / prompt_logprobs of -1 mean the whole vocabulary (a copy is returned)."""
+        if params.logprobs != -1 and params.prompt_logprobs != -1:
+            return params
+        params = params.clone()
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(params, name) == -1:
+                setattr(params, name, self.vocab_size)
+        return params
 
     def make_requests(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
                       strict_length: bool = False) -> tuple[Request, list[Request]]:
         """The request and, for n > 1 (or best_of), its siblings to fork after the prefill."""
         max_tokens = self.check_params(params, len(prompt.prompt_token_ids), strict_length)
+        params = self.resolve_params(params)
         num_seqs = max(params.n, params.best_of or 1)
         requests = []
         for index in range(num_seqs):
             child_params = params
             if num_seqs > 1:
                 child_params = params.clone()
-                if params.seed is not None:
-                    child_params.seed = params.seed + index
+                if params.seed is not None:   # stays in torch's seed range
+                    child_params.seed = (params.seed + index) % 2**64 if index else params.seed
             rid = RequestId(request_id if num_seqs == 1 else f"{request_id}-{index}")
             requests.append(Request(rid, prompt.prompt_token_ids, child_params, self.eos_token_ids, max_tokens,
                                     cache_salt=prompt.cache_salt, parent_id=RequestId(request_id) if num_seqs > 1 else None, index=index))
@@ -124,12 +146,20 @@ class InputProcessor:
             raise ValidationError("add_generation_prompt and continue_final_message cannot both be true",
                                   "continue_final_message")
         conversation = normalize_messages(messages)
+        if chat_template is not None:   # the request's own: untrusted, rendered under bounds
+            return render_untrusted_template(chat_template, conversation, add_generation_prompt,
+                                             continue_final_message, self._special_tokens())
         try:
             return self.tokenizer.apply_chat_template(
                 conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message, tokenize=False)
-        except (ValueError, TypeError, jinja2.TemplateError) as exc:
+        except (ValueError, TypeError, OverflowError, jinja2.TemplateError) as exc:
             raise ValidationError(f"cannot apply the chat template: {exc}", "chat_template") from exc
+
+    def _special_tokens(self) -> dict[str, str]:
+        """bos_token, eos_token, ... as the model's template sees them."""
+        tokens = getattr(self.tokenizer, "special_tokens_map", {}) or {}
+        return {name: value for name, value in tokens.items() if isinstance(value, str)}
 
 
 def normalize_messages(messages: Any) -> list[dict[str, Any]]:

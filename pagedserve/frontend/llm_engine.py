@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 from pagedserve.core.engine_core import EngineCore
 from pagedserve.core.outputs import EngineStats
-from pagedserve.core.request import RequestStatus
+from pagedserve.core.request import Request, RequestStatus
 from pagedserve.engine_args import EngineArgs
 from pagedserve.engine_io import RequestId
-from pagedserve.frontend.input_processor import InputProcessor, PromptType
+from pagedserve.frontend.input_processor import InputProcessor, ProcessedPrompt, PromptType
 from pagedserve.frontend.output_processor import OutputKind, OutputProcessor
 from pagedserve.frontend.request_metrics import FinishListener, RequestMetrics
 from pagedserve.models.loader import load_tokenizer
@@ -19,6 +20,19 @@ from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ProcessedRequest:
+    """A request tokenized and validated (LLMEngine.process_request), ready to queue."""
+    request_id: str
+    processed: ProcessedPrompt
+    params: SamplingParams        # as the engine runs it (logprobs -1 resolved, best_of's logprobs)
+    parent: Request
+    forks: list[Request]
+    output_kind: OutputKind
+    report_logprobs: bool
+    arrival_time: float
 
 
 class LLMEngine:
@@ -33,10 +47,15 @@ class LLMEngine:
         self.eos_token_ids = tuple(sorted(eos))
         self.core = EngineCore(self.config)
         self.input_processor = InputProcessor(self.tokenizer, model.vocab_size, self.config.scheduler.max_model_len,
-                                              self.eos_token_ids)
+                                              self.eos_token_ids, args.max_logprobs,
+                                              self.config.scheduler.max_num_seqs)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.request_metrics = RequestMetrics()
         self.children: dict[str, list[RequestId]] = {}
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.config.scheduler.max_num_seqs
 
     @property
     def max_model_len(self) -> int:
@@ -50,20 +69,39 @@ class LLMEngine:
                     output_kind: OutputKind = OutputKind.FINAL_ONLY, strict_length: bool = False,
                     add_special_tokens: bool = True) -> None:
         """Validate and queue; raises ValidationError (nothing is queued then)."""
+        self.add_processed(self.process_request(request_id, prompt, params, output_kind, strict_length,
+                                                add_special_tokens))
+
+    def process_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
+                        output_kind: OutputKind = OutputKind.FINAL_ONLY, strict_length: bool = False,
+                        add_special_tokens: bool = True) -> ProcessedRequest:
+        """Tokenize and validate, touching no engine state: safe on any thread, concurrently
+        (the AsyncEngine runs it in a worker pool). Raises ValidationError."""
         arrival_time = time.monotonic()
-        if request_id in self.children:
-            raise ValueError(f"request id {request_id!r} is already in use")
         processed = self.input_processor.process_prompt(prompt, add_special_tokens)
         report_logprobs = params.logprobs is not None
         params = self._internal_params(params)
         parent, forks = self.input_processor.make_requests(request_id, processed, params, strict_length)
-        self.core.add_request(parent, forks)
-        ids = [parent.request_id] + [f.request_id for f in forks]
+        return ProcessedRequest(request_id, processed, parent.sampling_params, parent, forks, output_kind,
+                                report_logprobs, arrival_time)
+
+    def add_processed(self, request: ProcessedRequest) -> None:
+        """Queue a processed request (driver thread only); raises ValidationError if it can
+        never fit the KV cache, ValueError if its id is in use (nothing is queued then)."""
+        request_id, processed = request.request_id, request.processed
+        if request_id in self.children:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.core.add_request(request.parent, request.forks)
+        ids = [request.parent.request_id] + [f.request_id for f in request.forks]
         self.children[request_id] = ids
-        self.output_processor.add_request(request_id, ids, processed.prompt, processed.prompt_token_ids, params,
-                                          output_kind, report_logprobs)
-        self.request_metrics.add(request_id, ids, len(processed.prompt_token_ids), output_kind == OutputKind.DELTA,
-                                 arrival_time)
+        self.output_processor.add_request(request_id, ids, processed.prompt, processed.prompt_token_ids,
+                                          request.params, request.output_kind, request.report_logprobs)
+        self.request_metrics.add(request_id, ids, len(processed.prompt_token_ids),
+                                 request.output_kind == OutputKind.DELTA, request.arrival_time)
+
+    def is_alive(self) -> bool:
+        """Whether the executor (every TP rank) is alive; cheap, safe from any thread."""
+        return self.core.is_alive()
 
     @staticmethod
     def _internal_params(params: SamplingParams) -> SamplingParams:

@@ -126,9 +126,19 @@ def iterate_weights(source: ModelSource, load_format: str, dtype: torch.dtype) -
     if files and load_format in ("auto", "safetensors"):
         from safetensors import safe_open
         for path in files:
-            with safe_open(path, framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_slice(name)
+            try:
+                handle = safe_open(path, framework="pt")
+                names = list(handle.keys())
+            except Exception as exc:   # truncated or not a safetensors file
+                raise ModelLoadError(f"cannot read the weights file {path}: {_one_line(exc)} "
+                                     "(truncated or corrupt safetensors file?)") from exc
+            with handle as f:
+                for name in names:
+                    try:
+                        tensor = f.get_slice(name)
+                    except Exception as exc:
+                        raise ModelLoadError(f"cannot read tensor {name!r} from {path}: {_one_line(exc)}") from exc
+                    yield name, tensor
         return
     bins = sorted(p for p in glob.glob(os.path.join(source.directory, "*.bin"))
                   if not os.path.basename(p).startswith("training_args"))
@@ -136,11 +146,34 @@ def iterate_weights(source: ModelSource, load_format: str, dtype: torch.dtype) -
         logger.warning("loading *.bin weights from %s with torch.load(weights_only=True); "
                        "safetensors is preferred (faster and safer)", source.directory)
         for path in bins:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            state = _load_bin(path)
             yield from state.items()
         return
     raise ModelLoadError(f"no weights found in {source.directory} for load_format={load_format!r} "
                          "(expected *.safetensors, *.bin or a .gguf file; or use load_format='dummy')")
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+def _load_bin(path: str) -> dict[str, torch.Tensor]:
+    """torch.load(weights_only=True): a pickle that would run code is refused, a truncated
+    or corrupt file too; either way one line naming the file (ModelLoadError)."""
+    import pickle
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        raise ModelLoadError(f"refusing to load {path}: it holds objects other than tensors, which "
+                             f"weights_only loading blocks (possibly malicious pickle): {_one_line(exc)}") from exc
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read the weights file {path}: {_one_line(exc)} "
+                             "(truncated or corrupt .bin file?)") from exc
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"{path} does not hold a state dict of tensors (got {type(state).__name__})")
+    return state
 
 
 def _gguf_weights(source: ModelSource, dtype: torch.dtype, hf_config: Any = None) -> Iterator[tuple[str, Any]]:

@@ -6,7 +6,9 @@ everything (unknown routes included).
     POST /tokenize              POST /detokenize
 and text-generation-inference's routes (tgi_routes.py): POST /generate, /generate_stream, /;
 GET /info; POST /tokenize with {"inputs": ...} answers in TGI's shape (tokenize.py).
-Errors: errors.py (one table, both bodies); auth and body size: middleware.py.
+Errors: errors.py (one table, both bodies); auth and body size: middleware.py; admission
+(both APIs, 503/429 with Retry-After beyond it): context.AdmissionLimit; /openapi.json's
+request bodies and error responses: openapi_docs.py.
 """
 from __future__ import annotations
 
@@ -21,18 +23,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pagedserve import __version__
 from pagedserve.frontend.async_engine import AsyncEngine
-from pagedserve.server.context import ServerContext, ServerSettings
+from pagedserve.server.context import AdmissionLimit, ServerContext, ServerSettings
 from pagedserve.server.errors import (HTTPError, MethodNotAllowedError, NotFoundError, ServiceUnavailableError,
                                       api_of, error_response)
 from pagedserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from pagedserve.server.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
 from pagedserve.server.openai_chat import create_chat_completion
 from pagedserve.server.openai_completions import create_completion
+from pagedserve.server.openai_models import models_response, tokenizer_info_response
+from pagedserve.server.openapi_docs import document_openapi
 from pagedserve.server.openai_protocol import ChatCompletionRequest, CompletionRequest
 from pagedserve.server.request_body import parse_body, read_json
 from pagedserve.server.tgi_routes import tgi_router
+from pagedserve.server.tgi_protocol import GenerateRequest
 from pagedserve.server.tgi_settings import TGISettings
-from pagedserve.server.tokenize import detokenize, tokenize
+from pagedserve.server.tokenize import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +56,14 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, tgi_settings: TGISe
     app.state.ctx = ctx
     app.state.metrics = metrics
     app.add_exception_handler(StarletteHTTPException, _http_exception)   # type: ignore[arg-type]
-    _add_openai_routes(app, ctx)
+    max_num_seqs = engine.max_num_seqs
+    admission = AdmissionLimit(max_num_seqs + settings.max_waiting_requests, settings.max_concurrent_requests)
+    _add_openai_routes(app, ctx, admission)
     _add_info_routes(app, ctx, metrics)
-    app.include_router(tgi_router(ctx, tgi_settings or TGISettings(), metrics.tgi))
+    app.include_router(tgi_router(ctx, tgi_settings or TGISettings(), metrics.tgi, admission))
+    document_openapi(app, {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
+                           "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest,
+                           "/generate": GenerateRequest, "/generate_stream": GenerateRequest, "/": GenerateRequest})
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)   # outermost: before the body is read
@@ -63,19 +73,25 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, tgi_settings: TGISe
 async def _http_exception(request: Request, exc: StarletteHTTPException) -> Response:
     if exc.status_code == 404:
         error: HTTPError = NotFoundError(f"no route for {request.method} {request.url.path}")
-    elif exc.status_code == 405:
-        error = MethodNotAllowedError(f"{request.method} is not allowed on {request.url.path}")
+    elif exc.status_code == 405:   # Starlette's exception carries the Allow header
+        error = MethodNotAllowedError(f"{request.method} is not allowed on {request.url.path}",
+                                      headers=exc.headers)
     else:
-        error = HTTPError(str(exc.detail), status=exc.status_code)
+        error = HTTPError(str(exc.detail), status=exc.status_code, headers=exc.headers)
     return error_response(error, api_of(request.url.path))
 
 
-def _add_openai_routes(app: FastAPI, ctx: ServerContext) -> None:
+def _add_openai_routes(app: FastAPI, ctx: ServerContext, admission: AdmissionLimit) -> None:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         try:
             body = parse_body(CompletionRequest, await read_json(request))
-            return await create_completion(ctx, body, request)
+            held = admission.admit(len(body.prompts()))
+            try:
+                return held.hold_until_sent(await create_completion(ctx, body, request))
+            except BaseException:
+                held.release()
+                raise
         except Exception as exc:
             return error_response(exc)
 
@@ -83,21 +99,22 @@ def _add_openai_routes(app: FastAPI, ctx: ServerContext) -> None:
     async def chat_completions(request: Request) -> Response:
         try:
             body = parse_body(ChatCompletionRequest, await read_json(request))
-            return await create_chat_completion(ctx, body, request)
+            held = admission.admit(1)
+            try:
+                return held.hold_until_sent(await create_chat_completion(ctx, body, request))
+            except BaseException:
+                held.release()
+                raise
         except Exception as exc:
             return error_response(exc)
 
     @app.get("/v1/models")
     async def models() -> Response:
-        card = {"id": ctx.model_name, "object": "model", "created": ctx.created, "owned_by": "pagedserve",
-                "root": ctx.settings.model_root or ctx.model_name, "parent": None,
-                "max_model_len": ctx.engine.max_model_len,
-                "permission": [{"id": f"modelperm-{ctx.model_name}", "object": "model_permission",
-                                "created": ctx.created, "allow_create_engine": False, "allow_sampling": True,
-                                "allow_logprobs": True, "allow_search_indices": False, "allow_view": True,
-                                "allow_fine_tuning": False, "organization": "*", "group": None,
-                                "is_blocking": False}]}
-        return JSONResponse({"object": "list", "data": [card]})
+        return models_response(ctx)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info_route() -> Response:
+        return tokenizer_info_response(ctx)
 
 
 def _add_info_routes(app: FastAPI, ctx: ServerContext, metrics: ServerMetrics) -> None:

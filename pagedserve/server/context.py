@@ -2,15 +2,22 @@
 (model-name check, response ids, token strings)."""
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, TypeVar
 
-from pagedserve.errors import ValidationError
+from starlette.responses import Response, StreamingResponse
+
+from pagedserve.errors import OverloadedError
 from pagedserve.frontend.async_engine import AsyncEngine
 from pagedserve.outputs import Logprob
+from pagedserve.server.errors import NotFoundError
 
 DEFAULT_MAX_REQUEST_BODY_BYTES = 16 * 2**20
+DEFAULT_MAX_WAITING_REQUESTS = 1024   # engine requests queued beyond max_num_seqs, both APIs
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -20,6 +27,13 @@ class ServerSettings:
     api_key: str | None = None          # None: no authentication
     chat_template: str | None = None    # overrides the tokenizer's template
     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
+    # H2 (issue 16, item 5): admission at the edge, both APIs (AdmissionLimit)
+    max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS
+    max_concurrent_requests: int | None = None   # TGI's setting, when given, bounds the OpenAI routes too
+    # H3 (issue 16, item 17): vLLM's server flags
+    served_model_aliases: tuple[str, ...] = ()   # --served-model-name's further names (also accepted)
+    return_tokens_as_token_ids: bool = False     # logprobs tokens as "token_id:N" by default
+    enable_force_include_usage: bool = False     # usage on every stream, as if include_usage were set
 
 
 @dataclass
@@ -32,11 +46,15 @@ class ServerContext:
     def model_name(self) -> str:
         return self.settings.served_model_name
 
+    @property
+    def served_model_names(self) -> tuple[str, ...]:
+        return (self.settings.served_model_name, *self.settings.served_model_aliases)
+
     def check_model(self, model: str | None) -> None:
-        """An absent model means the served one; any other name is a 400 naming `model`."""
-        if model is not None and model != self.model_name:
-            raise ValidationError(f"the model `{model}` does not exist; this server serves `{self.model_name}`",
-                                  "model")
+        """An absent model means the served one; any other name is a 404 (OpenAI's and vLLM's
+        NotFoundError) naming `model`."""
+        if model is not None and model not in self.served_model_names:
+            raise NotFoundError(f"The model `{model}` does not exist.", "model")
 
     def token_str(self, token_id: int, logprob: Logprob | None = None, as_token_id: bool = False) -> str:
         """A token as OpenAI logprobs show it: its own decoded text, or `token_id:N`."""
@@ -54,3 +72,68 @@ def new_request_id(prefix: str, requested: str | None = None) -> tuple[str, str]
     """(response id shown to the client, engine request id, unique even if `requested` is not)."""
     unique = uuid.uuid4().hex
     return f"{prefix}-{requested or unique}", f"{prefix}-{unique}"
+
+
+async def off_loop(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run CPU-bound request work (tokenizing, rendering a chat template) in a worker thread
+    so the event loop (and /health) stays responsive whatever the request holds."""
+    return await asyncio.to_thread(function, *args, **kwargs)
+
+
+class AdmissionLimit:
+    """The edge's bound on work in flight, shared by both APIs (event loop only, so plain
+    counters): engine requests (one per prompt) up to max_num_seqs + max_waiting_requests,
+    and HTTP generation requests up to max_concurrent_requests when set. One more is an
+    OverloadedError (OpenAI 503 / TGI 429, with Retry-After) before anything is queued."""
+
+    def __init__(self, max_engine_requests: int, max_http_requests: int | None = None) -> None:
+        self.max_engine_requests = max_engine_requests
+        self.max_http_requests = max_http_requests
+        self.engine_requests = 0
+        self.http_requests = 0
+
+    def admit(self, num_engine_requests: int = 1) -> "Admission":
+        if self.max_http_requests is not None and self.http_requests >= self.max_http_requests:
+            raise OverloadedError(f"the server is overloaded: {self.http_requests} requests in flight "
+                                  f"(max_concurrent_requests {self.max_http_requests}); retry later")
+        if self.engine_requests + num_engine_requests > self.max_engine_requests:
+            raise OverloadedError(f"the server is overloaded: {self.engine_requests} requests running or waiting "
+                                  f"(at most {self.max_engine_requests}: max_num_seqs + --max-waiting-requests); "
+                                  "retry later")
+        self.engine_requests += num_engine_requests
+        self.http_requests += 1
+        return Admission(self, num_engine_requests)
+
+
+class Admission:
+    """One admitted HTTP request; release() (idempotent) gives its share back."""
+
+    def __init__(self, limit: AdmissionLimit, num_engine_requests: int) -> None:
+        self.limit = limit
+        self.num_engine_requests = num_engine_requests
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.limit.engine_requests -= self.num_engine_requests
+            self.limit.http_requests -= 1
+
+    def hold_until_sent(self, response: Response) -> Response:
+        """Release now, or, for a streamed response, when its body iterator closes (finished,
+        failed or the client gone: SSEResponse always closes it)."""
+        if not isinstance(response, StreamingResponse):
+            self.release()
+            return response
+        response.body_iterator = self._released_after(response.body_iterator)
+        return response
+
+    async def _released_after(self, body: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        try:
+            async for chunk in body:
+                yield chunk
+        finally:
+            self.release()
+            close = getattr(body, "aclose", None)
+            if close is not None:
+                await close()

@@ -16,11 +16,15 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from pagedserve.errors import (EngineDeadError, OverloadedError, RequestAbortedError, RequestFailedError,
                                ValidationError)
 
 logger = logging.getLogger(__name__)
+
+
+RETRY_AFTER_S = 1   # what an overloaded server asks clients to wait before retrying
 
 
 class API(enum.Enum):
@@ -42,11 +46,13 @@ class HTTPError(Exception):
     """An error the server answers itself; ERRORS fixes its status per subclass
     (`status` overrides it, e.g. for a status Starlette raised)."""
 
-    def __init__(self, message: str, param: str | None = None, status: int | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, status: int | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.status = status
+        self.headers = headers
 
 
 class BadRequestError(HTTPError):
@@ -121,14 +127,15 @@ class ErrorInfo:
     type: str
     message: str
     param: str | None = None
+    headers: dict[str, str] | None = None   # e.g. Retry-After on 429/503, Allow on 405
 
     def body(self) -> dict[str, Any]:
         if self.api is API.TGI:
             return {"error": self.message, "error_type": self.type}
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
 
-    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def describe(exc: BaseException, api: API = API.OPENAI) -> ErrorInfo:
@@ -142,7 +149,19 @@ def describe(exc: BaseException, api: API = API.OPENAI) -> ErrorInfo:
     if isinstance(exc, HTTPError) and exc.status is not None:
         status = exc.status
     message = getattr(exc, "message", None) or str(exc) or row.default_message
-    return ErrorInfo(api, int(status), error_type, message, getattr(exc, "param", None))
+    message, param = _encodable(message), _encodable(getattr(exc, "param", None))
+    headers = getattr(exc, "headers", None) if isinstance(exc, HTTPError) else None
+    if isinstance(exc, OverloadedError):
+        headers = {"Retry-After": str(RETRY_AFTER_S)}   # clients (openai-python, TGI's) back off and retry
+    return ErrorInfo(api, int(status), error_type, message, param, headers)
+
+
+def _encodable(text: str | None) -> str | None:
+    """`text` with anything UTF-8 cannot hold (a lone surrogate echoed from a request)
+    replaced, so the error body itself can always be sent."""
+    if text is None:
+        return None
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def error_response(exc: BaseException, api: API = API.OPENAI) -> JSONResponse:
@@ -152,3 +171,31 @@ def error_response(exc: BaseException, api: API = API.OPENAI) -> JSONResponse:
 def error_payload(exc: BaseException, api: API = API.OPENAI) -> dict[str, Any]:
     """The body of `exc` for an SSE `data:` event (a stream that already answered 200)."""
     return describe(exc, api).body()
+
+
+# The bodies above as schemas, for /openapi.json (openapi_docs.py).
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class OpenAIErrorBody(BaseModel):
+    error: OpenAIErrorDetail
+
+
+class TGIErrorBody(BaseModel):
+    error: str
+    error_type: str
+
+
+# status -> when a route family answers it (what /openapi.json lists per route)
+ERROR_STATUSES: dict[API, dict[int, str]] = {
+    API.OPENAI: {400: "invalid request: `param` names the field", 401: "missing or wrong API key",
+                 404: "unknown model or route", 405: "method not allowed (see the Allow header)",
+                 413: "request body too large", 503: "overloaded (see Retry-After) or the engine is dead"},
+    API.TGI: {401: "missing or wrong API key", 413: "request body too large",
+              422: "invalid request: the message names the field", 424: "the generation failed",
+              429: "overloaded (see Retry-After)"},
+}

@@ -6,10 +6,13 @@ finish listener with FinishedRequestStats (called on the engine thread; promethe
 is thread-safe)."""
 from __future__ import annotations
 
-from typing import Iterator
+import bisect
+import itertools
+import threading
+from typing import Any, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from pagedserve.frontend.async_engine import AsyncEngine
@@ -23,8 +26,52 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
                 40.0, 80.0, 160.0, 640.0, 2560.0)
 TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
                 80.0)
+ITL_BUCKETS = TPOT_BUCKETS
+PARAMS_N_BUCKETS = (1, 2, 5, 10, 20)
 LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
                    480.0, 960.0, 1920.0, 7680.0)
+
+
+def buckets_1_2_5(max_value: int) -> list[int]:
+    """vLLM's token-count buckets: 1, 2, 5, 10, 20, 50, ... up to max_value."""
+    buckets, exponent = [], 0
+    while True:
+        for mantissa in (1, 2, 5):
+            value = mantissa * 10**exponent
+            if value > max_value:
+                return buckets
+            buckets.append(value)
+        exponent += 1
+
+
+class _WeightedHistogram(Collector):
+    """A histogram that takes one value `count` times in O(buckets) (prometheus_client's
+    Histogram observes one at a time)."""
+
+    def __init__(self, name: str, doc: str, model_name: str, buckets: tuple[float, ...]) -> None:
+        self.name, self.doc, self.model_name = name, doc, model_name
+        self.bounds = [*buckets, float("inf")]
+        self.counts = [0] * len(self.bounds)
+        self.sum = 0.0
+        self.lock = threading.Lock()
+
+    def observe(self, value: float, count: int = 1) -> None:
+        index = bisect.bisect_left(self.bounds, value)
+        with self.lock:
+            self.counts[index] += count
+            self.sum += value * count
+
+    def collect(self) -> Iterator[Metric]:
+        with self.lock:
+            counts, total = list(self.counts), self.sum
+        family = HistogramMetricFamily(self.name, self.doc, labels=["model_name"])
+        cumulative = list(itertools.accumulate(counts))
+        family.add_metric([self.model_name], [(_bound(b), c) for b, c in zip(self.bounds, cumulative)], total)
+        yield family
+
+
+def _bound(value: float) -> str:
+    return "+Inf" if value == float("inf") else repr(float(value))
 
 
 class _EngineStateCollector(Collector):
@@ -76,8 +123,49 @@ class ServerMetrics:
                              labels, buckets=LATENCY_BUCKETS, registry=reg).labels(model_name)
         self.queue_time = Histogram(PREFIX + "request_queue_time_seconds", "Time spent waiting in seconds.",
                                     labels, buckets=LATENCY_BUCKETS, registry=reg).labels(model_name)
+        # H3 (issue 16 #17): the rest of vLLM V1's request metrics
+        token_buckets = buckets_1_2_5(engine.max_model_len)
+        self.itl = _WeightedHistogram(PREFIX + "inter_token_latency_seconds",
+                                      "Inter-token latency in seconds (each request's mean gap, once per gap).",
+                                      model_name, ITL_BUCKETS)
+        reg.register(self.itl)
+        def histogram(name: str, doc: str, buckets) -> Any:
+            return Histogram(PREFIX + name, doc, labels, buckets=buckets, registry=reg).labels(model_name)
+
+        self.request_prompt_tokens = histogram("request_prompt_tokens", "Number of prefill tokens processed.",
+                                               token_buckets)
+        self.request_generation_tokens = histogram("request_generation_tokens",
+                                                   "Number of generation tokens processed.", token_buckets)
+        self.params_n = histogram("request_params_n", "Histogram of the n request parameter.", PARAMS_N_BUCKETS)
+        self.params_max_tokens = histogram("request_params_max_tokens",
+                                           "Histogram of the max_tokens request parameter.", token_buckets)
+        self.inference_time = histogram("request_inference_time_seconds",
+                                        "Histogram of time spent in RUNNING phase for request.", LATENCY_BUCKETS)
+        self.prefill_time = histogram("request_prefill_time_seconds",
+                                      "Histogram of time spent in PREFILL phase for request.", LATENCY_BUCKETS)
+        self.decode_time = histogram("request_decode_time_seconds",
+                                     "Histogram of time spent in DECODE phase for request.", LATENCY_BUCKETS)
+        self._add_cache_config_info(engine)
         engine.add_finish_listener(self.observe_finished)
         self.tgi = TGIMetrics(engine, reg)
+
+    def _add_cache_config_info(self, engine: AsyncEngine) -> None:
+        """vLLM's cache_config_info: a gauge of 1 whose labels are the cache settings."""
+        config = getattr(getattr(engine, "engine", None), "config", None)
+        cache = getattr(config, "cache", None)
+        if cache is None:
+            return
+        info = {name: str(getattr(cache, name)) for name in
+                ("block_size", "enable_prefix_caching", "gpu_memory_utilization", "kv_cache_memory_gb",
+                 "num_kv_blocks")}
+        gauge = Gauge(PREFIX + "cache_config_info", "Information of the LLMEngine CacheConfig.", list(info),
+                      registry=self.registry)
+        gauge.labels(**info).set(1)
+
+    def observe_request_params(self, n: int, max_tokens: int) -> None:
+        """Fed by the OpenAI routes once per prompt (the engine's stats carry neither)."""
+        self.params_n.observe(n)
+        self.params_max_tokens.observe(max_tokens)
 
     def observe_finished(self, stats: FinishedRequestStats) -> None:
         self.prompt_tokens.inc(stats.num_prompt_tokens)
@@ -87,6 +175,17 @@ class ServerMetrics:
             counter = self._success.labels(self.model_name, stats.finish_reason)
         counter.inc()
         self.e2e.observe(max(stats.finish_time - stats.arrival_time, 0.0))
+        self.request_prompt_tokens.observe(stats.num_prompt_tokens)
+        self.request_generation_tokens.observe(stats.num_generation_tokens)
+        if stats.first_scheduled_time is not None:
+            self.inference_time.observe(max(stats.finish_time - stats.first_scheduled_time, 0.0))
+            if stats.first_token_time is not None:
+                self.prefill_time.observe(max(stats.first_token_time - stats.first_scheduled_time, 0.0))
+        if stats.first_token_time is not None:
+            self.decode_time.observe(max(stats.finish_time - stats.first_token_time, 0.0))
+            gaps = stats.num_generation_tokens - 1
+            if gaps > 0:
+                self.itl.observe(max(stats.finish_time - stats.first_token_time, 0.0) / gaps, gaps)
         if stats.first_scheduled_time is not None:
             queued = stats.arrival_time if stats.queued_time is None else stats.queued_time
             self.queue_time.observe(max(stats.first_scheduled_time - queued, 0.0))

@@ -11,7 +11,7 @@ from pagedserve.server.errors import HTTPError, RequestTooLargeError, Unauthoriz
 
 # Routes that touch the model need the key: every /v1 route, TGI's generation routes, and
 # the tokenizer routes. /health, /metrics, /version and /info stay open (as vLLM and TGI).
-GUARDED_PATHS = frozenset({"/generate", "/generate_stream", "/", "/tokenize", "/detokenize"})
+GUARDED_PATHS = frozenset({"/generate", "/generate_stream", "/", "/tokenize", "/detokenize", "/tokenizer_info"})
 
 
 def needs_api_key(path: str) -> bool:
@@ -21,9 +21,10 @@ def needs_api_key(path: str) -> bool:
 async def _send_error(send: Send, path: str, error: HTTPError, headers: list | None = None) -> None:
     info = describe(error, api_of(path))
     body = json.dumps(info.body()).encode()
+    own = [(name.lower().encode(), value.encode()) for name, value in (info.headers or {}).items()]
     await send({"type": "http.response.start", "status": info.status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            *(headers or [])]})
+                            *own, *(headers or [])]})
     await send({"type": "http.response.body", "body": body})
 
 

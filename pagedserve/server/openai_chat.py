@@ -1,10 +1,13 @@
 """POST /v1/chat/completions: messages -> chat template -> one engine request with n
-sequences. A stream sends, per choice, a role chunk, content deltas, then a chunk with an
-empty delta and the finish_reason; an optional usage chunk; then [DONE]."""
+sequences. A stream sends, per choice, a role chunk (then the echoed last message with
+`echo`), content deltas, then one chunk with an empty delta and the finish_reason (exactly
+once per choice); a usage chunk when include_usage (or --enable-force-include-usage); then
+[DONE]. With continuous_usage_stats every chunk, the role chunks included, carries usage."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -14,6 +17,7 @@ from pagedserve.frontend.output_processor import OutputKind
 from pagedserve.outputs import CompletionOutput, RequestOutput
 from pagedserve.server.context import ServerContext, new_request_id
 from pagedserve.server.errors import error_payload
+from pagedserve.server.openai_common import params_observer, truncate_prompts, usage_options, warn_ignored_fields
 from pagedserve.server.openai_logprobs import chat_logprobs, prompt_logprobs_json
 from pagedserve.server.openai_protocol import ChatCompletionRequest
 from pagedserve.server.streaming import (DONE_EVENT, SSEResponse, add_prompts, close_all, final_outputs,
@@ -26,15 +30,18 @@ ASSISTANT = "assistant"
 async def create_chat_completion(ctx: ServerContext, request: ChatCompletionRequest,
                                  raw_request: Request) -> Response:
     ctx.check_model(request.model)
+    warn_ignored_fields(request, "/v1/chat/completions")
     params = request.to_sampling_params()
-    prompt = ctx.engine.render_chat([m.as_template_message() for m in request.messages],
-                                    request.chat_template or ctx.settings.chat_template,
-                                    request.add_generation_prompt, request.continue_final_message)
+    messages = [m.as_template_message() for m in request.messages]
+    prompt = await ctx.engine.render_chat_async(messages, request.chat_template or ctx.settings.chat_template,
+                                                request.add_generation_prompt, request.continue_final_message)
+    [prompt] = await truncate_prompts(ctx, [prompt], request.truncate_prompt_tokens, request.add_special_tokens)
     response_id, engine_id = new_request_id("chatcmpl", request.request_id)
     kind = OutputKind.DELTA if request.stream else OutputKind.FINAL_ONLY
     streams = await add_prompts(ctx.engine, engine_id, [request.engine_prompt(prompt)], params, kind,
                                 request.add_special_tokens)
-    builder = _ChatBuilder(ctx, request, response_id)
+    observe = params_observer(raw_request, params.n, params.max_tokens, ctx.engine.max_model_len)
+    builder = _ChatBuilder(ctx, request, response_id, observe)
     if request.stream:
         return SSEResponse(builder.stream(streams))
     try:
@@ -49,38 +56,82 @@ class _ChatBuilder:
     ctx: ServerContext
     request: ChatCompletionRequest
     response_id: str
+    observe_params: Callable[[int], None]
     usage: Usage = field(default_factory=Usage)
+    created: int = field(default_factory=lambda: int(time.time()))   # this response's time
+    finished: set[int] = field(default_factory=set)
+    observed: bool = False
+
+    @property
+    def role(self) -> str:
+        """vLLM's: the assistant's, or the last message's when continuing it."""
+        return ASSISTANT if self.request.add_generation_prompt else self.request.messages[-1].role
+
+    @property
+    def echo_text(self) -> str:
+        """With `echo`, the last message's content when it has the response's role (vLLM)."""
+        last = self.request.messages[-1]
+        return last.text() if self.request.echo and last.role == self.role else ""
+
+    @property
+    def as_token_ids(self) -> bool:
+        value = self.request.return_tokens_as_token_ids
+        return self.ctx.settings.return_tokens_as_token_ids if value is None else value
+
+    def _first_output(self, output: RequestOutput) -> None:
+        self.usage.add_prompt(0, len(output.prompt_token_ids))
+        if not self.observed:
+            self.observed = True
+            self.observe_params(len(output.prompt_token_ids))
 
     def response(self, output: RequestOutput) -> dict[str, Any]:
-        self.usage.add_prompt(0, len(output.prompt_token_ids))
+        self._first_output(output)
         choices = []
         for completion in output.outputs:
             self.usage.add_completion(len(completion.token_ids))
-            choices.append({"index": completion.index,
-                            "message": {"role": ASSISTANT, "content": completion.text},
-                            "logprobs": self._logprobs(completion),
-                            "finish_reason": completion.finish_reason,
-                            "stop_reason": completion.stop_reason})
-        body = {"id": self.response_id, "object": "chat.completion", "created": self.ctx.created,
-                "model": self.ctx.model_name, "choices": choices, "usage": self.usage.as_dict()}
+            choice = {"index": completion.index,
+                      "message": {"role": self.role, "content": self.echo_text + completion.text},
+                      "logprobs": self._logprobs(completion),
+                      "finish_reason": completion.finish_reason,
+                      "stop_reason": completion.stop_reason}
+            if self.request.return_token_ids:
+                choice["token_ids"] = list(completion.token_ids)
+            choices.append(choice)
+        body = {"id": self.response_id, "object": "chat.completion", "created": self.created,
+                "model": self.ctx.model_name, "choices": choices, "usage": self.usage.as_dict(),
+                "prompt_logprobs": None}
         if self.request.prompt_logprobs is not None:
             body["prompt_logprobs"] = prompt_logprobs_json(output.prompt_logprobs)
+        if self.request.return_token_ids:
+            body["prompt_token_ids"] = list(output.prompt_token_ids)
         return body
 
     async def stream(self, streams: list[RequestStream]) -> AsyncIterator[str]:
-        options = self.request.stream_options
-        continuous = options is not None and bool(options.include_usage and options.continuous_usage_stats)
+        include_usage, continuous = usage_options(self.request.stream_options,
+                                                  self.ctx.settings.enable_force_include_usage)
+        opened = False
         try:
-            for index in range(self.request.n or 1):
-                yield sse_event(self._chunk(index, {"role": ASSISTANT, "content": ""}))
+            if not continuous:   # continuous usage needs the prompt's length: open at the first output
+                opened = True
+                for chunk in self._opening(None):
+                    yield sse_event(chunk)
             async for _, output in merge_streams(streams):
-                self.usage.add_prompt(0, len(output.prompt_token_ids))
+                self._first_output(output)
+                if not opened:
+                    opened = True
+                    for chunk in self._opening(output):
+                        yield sse_event(chunk)
                 for completion in output.outputs:
+                    if completion.index in self.finished:
+                        continue   # a finished choice is reported once
                     for chunk in self._deltas(completion):
                         if continuous:
                             chunk["usage"] = self.usage.as_dict()
                         yield sse_event(chunk)
-            if options is not None and options.include_usage:
+            if not opened:
+                for chunk in self._opening(None):
+                    yield sse_event(chunk)
+            if include_usage:
                 yield sse_event({**self._envelope([]), "usage": self.usage.as_dict()})
         except Exception as exc:
             yield sse_event(error_payload(exc))
@@ -88,13 +139,30 @@ class _ChatBuilder:
             close_all(streams)
         yield DONE_EVENT
 
+    def _opening(self, output: RequestOutput | None) -> list[dict[str, Any]]:
+        """The role chunk of every choice, then the echoed text (vLLM's order)."""
+        chunks = [self._chunk(index, {"role": self.role, "content": ""}) for index in range(self.request.n or 1)]
+        if self.echo_text:
+            chunks += [self._chunk(index, {"content": self.echo_text}) for index in range(self.request.n or 1)]
+        if output is not None:
+            for chunk in chunks:
+                chunk["usage"] = self.usage.as_dict()
+        if self.request.return_token_ids and output is not None:
+            chunks[0]["prompt_token_ids"] = list(output.prompt_token_ids)
+        return chunks
+
     def _deltas(self, completion: CompletionOutput) -> list[dict[str, Any]]:
         self.usage.add_completion(len(completion.token_ids))
         chunks = []
         logprobs = self._logprobs(completion)
-        if completion.text or (logprobs and logprobs["content"]):
-            chunks.append(self._chunk(completion.index, {"content": completion.text}, logprobs))
+        if completion.text or (logprobs and logprobs["content"]) or (self.request.return_token_ids
+                                                                       and completion.token_ids):
+            chunk = self._chunk(completion.index, {"content": completion.text}, logprobs)
+            if self.request.return_token_ids:
+                chunk["choices"][0]["token_ids"] = list(completion.token_ids)
+            chunks.append(chunk)
         if completion.finish_reason is not None:
+            self.finished.add(completion.index)
             chunks.append(self._chunk(completion.index, {}, None, completion.finish_reason, completion.stop_reason))
         return chunks
 
@@ -106,11 +174,11 @@ class _ChatBuilder:
         return self._envelope([choice])
 
     def _envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"id": self.response_id, "object": "chat.completion.chunk", "created": self.ctx.created,
+        return {"id": self.response_id, "object": "chat.completion.chunk", "created": self.created,
                 "model": self.ctx.model_name, "choices": choices}
 
     def _logprobs(self, completion: CompletionOutput) -> dict[str, Any] | None:
         if not self.request.logprobs or completion.logprobs is None:
             return None
-        return chat_logprobs(self.ctx, completion.token_ids, completion.logprobs, self.request.top_logprobs or 0,
-                             bool(self.request.return_tokens_as_token_ids))
+        top = self.request.top_logprobs or 0
+        return chat_logprobs(self.ctx, completion.token_ids, completion.logprobs, top, self.as_token_ids)

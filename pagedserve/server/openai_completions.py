@@ -1,9 +1,11 @@
 """POST /v1/completions: one engine request per prompt; choice index = prompt index * n +
-sequence index (as vLLM numbers them)."""
+sequence index (as vLLM numbers them). A stream reports each choice's finish_reason once;
+every non-streamed choice carries `prompt_logprobs` (null unless asked for), as vLLM's."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -13,6 +15,7 @@ from pagedserve.frontend.output_processor import OutputKind
 from pagedserve.outputs import CompletionOutput, RequestOutput
 from pagedserve.server.context import ServerContext, new_request_id
 from pagedserve.server.errors import error_payload
+from pagedserve.server.openai_common import params_observer, truncate_prompts, usage_options, warn_ignored_fields
 from pagedserve.server.openai_logprobs import CompletionLogprobs, prompt_logprobs_json
 from pagedserve.server.openai_protocol import CompletionRequest
 from pagedserve.server.streaming import (DONE_EVENT, SSEResponse, add_prompts, close_all, final_outputs,
@@ -22,12 +25,16 @@ from pagedserve.server.usage import Usage
 
 async def create_completion(ctx: ServerContext, request: CompletionRequest, raw_request: Request) -> Response:
     ctx.check_model(request.model)
+    warn_ignored_fields(request, "/v1/completions")
     params = request.to_sampling_params()
-    prompts = [request.engine_prompt(prompt) for prompt in request.prompts()]
+    prompts = await truncate_prompts(ctx, request.prompts(), request.truncate_prompt_tokens,
+                                     request.add_special_tokens)
+    prompts = [request.engine_prompt(prompt) for prompt in prompts]
     response_id, engine_id = new_request_id("cmpl", request.request_id)
     kind = OutputKind.DELTA if request.stream else OutputKind.FINAL_ONLY
     streams = await add_prompts(ctx.engine, engine_id, prompts, params, kind, request.add_special_tokens)
-    builder = _CompletionBuilder(ctx, request, response_id)
+    observe = params_observer(raw_request, params.n, params.max_tokens, ctx.engine.max_model_len)
+    builder = _CompletionBuilder(ctx, request, response_id, observe)
     if request.stream:
         return SSEResponse(builder.stream(streams))
     try:
@@ -42,6 +49,8 @@ class _ChoiceState:
     logprobs: CompletionLogprobs
     echo_pending: bool
     num_tokens: int = 0
+    first: bool = True        # its first chunk not sent yet (prompt_token_ids go there)
+    finished: bool = False    # its finish_reason sent
 
 
 @dataclass
@@ -49,8 +58,22 @@ class _CompletionBuilder:
     ctx: ServerContext
     request: CompletionRequest
     response_id: str
+    observe_params: Callable[[int], None]
     choices: dict[int, _ChoiceState] = field(default_factory=dict)
     usage: Usage = field(default_factory=Usage)
+    created: int = field(default_factory=lambda: int(time.time()))   # this response's time
+    observed: set[int] = field(default_factory=set)
+
+    @property
+    def as_token_ids(self) -> bool:
+        value = self.request.return_tokens_as_token_ids
+        return self.ctx.settings.return_tokens_as_token_ids if value is None else value
+
+    def _add_prompt(self, prompt_index: int, output: RequestOutput) -> None:
+        self.usage.add_prompt(prompt_index, len(output.prompt_token_ids))
+        if prompt_index not in self.observed:
+            self.observed.add(prompt_index)
+            self.observe_params(len(output.prompt_token_ids))
 
     @property
     def n(self) -> int:
@@ -59,27 +82,31 @@ class _CompletionBuilder:
     def response(self, finals: list[RequestOutput]) -> dict[str, Any]:
         choices = []
         for prompt_index, output in enumerate(finals):
-            self.usage.add_prompt(prompt_index, len(output.prompt_token_ids))
+            self._add_prompt(prompt_index, output)
             for completion in output.outputs:
                 choice = self._choice(prompt_index, output, completion)
-                if self.request.prompt_logprobs is not None:
-                    choice["prompt_logprobs"] = prompt_logprobs_json(output.prompt_logprobs)
+                choice["prompt_logprobs"] = (prompt_logprobs_json(output.prompt_logprobs)
+                                             if self.request.prompt_logprobs is not None else None)
                 choices.append(choice)
         choices.sort(key=lambda c: c["index"])
-        return {"id": self.response_id, "object": "text_completion", "created": self.ctx.created,
+        return {"id": self.response_id, "object": "text_completion", "created": self.created,
                 "model": self.ctx.model_name, "choices": choices, "usage": self.usage.as_dict()}
 
     async def stream(self, streams: list[RequestStream]) -> AsyncIterator[str]:
-        options = self.request.stream_options
+        include_usage, continuous = usage_options(self.request.stream_options,
+                                                  self.ctx.settings.enable_force_include_usage)
         try:
             async for prompt_index, output in merge_streams(streams):
-                self.usage.add_prompt(prompt_index, len(output.prompt_token_ids))
+                self._add_prompt(prompt_index, output)
                 for completion in output.outputs:
+                    state = self.choices.get(prompt_index * self.n + completion.index)
+                    if state is not None and state.finished:
+                        continue   # a finished choice is reported once
                     chunk = self._chunk([self._choice(prompt_index, output, completion)])
-                    if options is not None and options.include_usage and options.continuous_usage_stats:
+                    if continuous:
                         chunk["usage"] = self.usage.as_dict()
                     yield sse_event(chunk)
-            if options is not None and options.include_usage:
+            if include_usage:
                 yield sse_event({**self._chunk([]), "usage": self.usage.as_dict()})
         except Exception as exc:
             yield sse_event(error_payload(exc))
@@ -88,17 +115,17 @@ class _CompletionBuilder:
         yield DONE_EVENT
 
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"id": self.response_id, "object": "text_completion", "created": self.ctx.created,
+        return {"id": self.response_id, "object": "text_completion", "created": self.created,
                 "model": self.ctx.model_name, "choices": choices}
 
     def _choice(self, prompt_index: int, output: RequestOutput, completion: CompletionOutput) -> dict[str, Any]:
         index = prompt_index * self.n + completion.index
         state = self.choices.get(index)
         if state is None:
-            state = _ChoiceState(CompletionLogprobs(self.ctx, bool(self.request.return_tokens_as_token_ids)),
-                                 echo_pending=bool(self.request.echo))
+            state = _ChoiceState(CompletionLogprobs(self.ctx, self.as_token_ids), echo_pending=bool(self.request.echo))
             self.choices[index] = state
         text, token_ids, logprobs = completion.text, completion.token_ids, completion.logprobs
+        output_token_ids = list(token_ids)
         self.usage.add_completion(len(token_ids))
         if state.echo_pending:
             state.echo_pending = False
@@ -109,9 +136,15 @@ class _CompletionBuilder:
         logprobs_json = None
         if self.request.logprobs is not None and logprobs is not None:
             logprobs_json = state.logprobs.build(token_ids, logprobs)
-        return {"index": index, "text": text, "logprobs": logprobs_json,
-                "finish_reason": completion.finish_reason,
-                "stop_reason": completion.stop_reason}
+        choice = {"index": index, "text": text, "logprobs": logprobs_json,
+                  "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason}
+        if self.request.return_token_ids:
+            if state.first:
+                choice["prompt_token_ids"] = list(output.prompt_token_ids)
+            choice["token_ids"] = output_token_ids
+        state.first = False
+        state.finished = completion.finish_reason is not None
+        return choice
 
     def _prompt_text(self, output: RequestOutput) -> str:
         return output.prompt if output.prompt is not None else self.ctx.decode(output.prompt_token_ids)

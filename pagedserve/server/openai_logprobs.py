@@ -63,7 +63,7 @@ def chat_logprobs(ctx: ServerContext, token_ids: list[int], logprobs: list[dict[
         chosen = step.get(token_id)
         token = ctx.token_str(token_id, chosen, as_token_ids)
         top = []
-        for tid, lp in _ranked(step)[:top_logprobs]:
+        for tid, lp in (_ranked(step) if top_logprobs < 0 else _ranked(step)[:top_logprobs]):   # -1: all
             text = ctx.token_str(tid, lp, as_token_ids)
             top.append({"token": text, "logprob": _clamp(lp.logprob), "bytes": list(text.encode("utf-8"))})
         content.append({"token": token, "logprob": _clamp(chosen.logprob) if chosen is not None else MIN_LOGPROB,

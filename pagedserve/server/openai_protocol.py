@@ -12,13 +12,22 @@ from pagedserve.sampling_params import SamplingParams
 
 _LONG_MIN, _LONG_MAX = -(2**63), 2**63 - 1
 
+# H2 (issue 16): caps on request sizes, each named in its 400 (README "Limits")
+MAX_PROMPTS_PER_REQUEST = 128     # entries of a completions `prompt` list
+MAX_STOP_STRINGS = 32             # OpenAI documents 4; vLLM has no cap
+MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS_ENTRIES = 1024
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown fields are errors; numbers are strict (a bool is not an int, "2" and 2.0 are
+    not ints) and finite (Infinity and NaN, which Python's JSON reader accepts, are not)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):
-    include_usage: bool | None = True
+    include_usage: bool | None = False   # OpenAI's and vLLM's default: no usage chunk
     continuous_usage_stats: bool | None = False
 
 
@@ -50,13 +59,14 @@ class _SamplingFields(_Strict):
     spaces_between_special_tokens: bool = True
     prompt_logprobs: int | None = None
     return_tokens_as_token_ids: bool | None = None
+    return_token_ids: bool | None = None   # prompt_token_ids / token_ids in the response (vLLM)
     request_id: str | None = None
     cache_salt: str | None = None   # salts this request's prefix-cache hashes
     # vLLM extras accepted only at their neutral value (see UNSUPPORTED)
     use_beam_search: bool = False
     length_penalty: float = 1.0
     priority: int = 0
-    truncate_prompt_tokens: int | None = None
+    truncate_prompt_tokens: int | None = None   # keep the last k prompt tokens (-1: max_model_len)
     allowed_token_ids: list[int] | None = None
     guided_json: Any = None
     guided_regex: str | None = None
@@ -83,6 +93,24 @@ class _SamplingFields(_Strict):
             raise ValidationError("stream_options can only be set when stream is true", "stream_options")
         if self.stream and self.best_of is not None and self.best_of > (self.n or 1):
             raise ValidationError("best_of > n cannot be streamed", "best_of")
+        self._check_sizes()
+
+    def _check_sizes(self) -> None:
+        """Caps on lists a client could make arbitrarily long (H2, issue 16 item 5)."""
+        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        if len(stop) > MAX_STOP_STRINGS:
+            raise ValidationError(f"stop supports up to {MAX_STOP_STRINGS} strings; given {len(stop)}", "stop")
+        if self.stop_token_ids is not None and len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValidationError(f"stop_token_ids supports up to {MAX_STOP_TOKEN_IDS} ids; given "
+                                  f"{len(self.stop_token_ids)}", "stop_token_ids")
+        if self.logit_bias is not None and len(self.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+            raise ValidationError(f"logit_bias supports up to {MAX_LOGIT_BIAS_ENTRIES} entries; given "
+                                  f"{len(self.logit_bias)}", "logit_bias")
+        prompt = getattr(self, "prompt", None)
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) \
+                and len(prompt) > MAX_PROMPTS_PER_REQUEST:
+            raise ValidationError(f"prompt supports up to {MAX_PROMPTS_PER_REQUEST} prompts per request; given "
+                                  f"{len(prompt)}", "prompt")
 
     def engine_prompt(self, prompt: str | list[int]) -> str | list[int] | dict[str, Any]:
         """A prompt as the engine takes it: a dict carrying cache_salt when one is given."""
@@ -106,13 +134,37 @@ class _SamplingFields(_Strict):
 
 # Fields accepted only at these values (their default, or an explicit "off").
 UNSUPPORTED: dict[str, tuple] = {
-    "use_beam_search": (False,), "length_penalty": (1.0,), "priority": (0,), "truncate_prompt_tokens": (None,),
+    "use_beam_search": (False,), "length_penalty": (1.0,), "priority": (0,),
     "allowed_token_ids": (None,), "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
     "guided_grammar": (None,), "guided_decoding_backend": (None,), "guided_whitespace_pattern": (None,),
     "structured_outputs": (None,), "logits_processors": (None,),
     "kv_transfer_params": (None,), "vllm_xargs": (None,), "suffix": (None, ""), "tools": (None, []),
     "tool_choice": (None, "none", "auto"), "chat_template_kwargs": (None, {}), "documents": (None, []),
+    # OpenAI chat fields that would change the output: accepted only when off (H3, issue 16 #13)
+    "reasoning_effort": (None,), "verbosity": (None,), "web_search_options": (None,), "audio": (None,),
+    "modalities": (None, ["text"]), "functions": (None, []), "function_call": (None, "none", "auto"),
 }
+
+# OpenAI spec fields accepted and ignored (they do not change the output); a warning is logged.
+IGNORED_FIELDS = ("store", "metadata", "service_tier", "user", "prompt_cache_key", "safety_identifier",
+                  "prediction", "parallel_tool_calls")
+
+
+def ignored_fields_set(request: BaseModel) -> list[str]:
+    """The accepted-and-ignored fields this request set (to anything but null)."""
+    return [name for name in IGNORED_FIELDS if getattr(request, name, None) is not None]
+
+
+def check_truncate_prompt_tokens(value: int | None, max_model_len: int) -> int | None:
+    """vLLM's rule: -1 (max_model_len) or 1..max_model_len; the number of tokens to keep."""
+    if value is None:
+        return None
+    if value == -1:
+        return max_model_len
+    if value < 1 or value > max_model_len:
+        raise ValidationError(f"truncate_prompt_tokens must be -1 or between 1 and max_model_len "
+                              f"({max_model_len}), got {value}", "truncate_prompt_tokens")
+    return value
 
 
 class CompletionRequest(_SamplingFields):
@@ -150,11 +202,28 @@ class ChatMessage(_Strict):
     role: str
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    # OpenAI spec fields of earlier turns: accepted when they hold nothing (H3, issue 16 #13)
+    refusal: None = None
+    tool_calls: list[Any] | None = None
+    tool_call_id: str | None = None
+    audio: None = None
+    function_call: None = None
 
     def as_template_message(self) -> dict[str, Any]:
         """The message as given; the frontend's render_chat flattens content parts (the
         same function LLM.chat uses, so online and offline prompts are the same)."""
-        return self.model_dump(exclude_none=True)
+        if self.tool_calls:
+            raise ValidationError("tool_calls in messages are not supported (no tool calling yet)",
+                                  "messages.tool_calls")
+        return self.model_dump(exclude_none=True, exclude={"refusal", "tool_calls", "audio", "function_call"})
+
+    def text(self) -> str:
+        """The content as one string (parts joined with newlines, as vLLM's echo)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text for part in self.content)
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -166,6 +235,20 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
+    # OpenAI spec fields: ignored (IGNORED_FIELDS) or accepted only when off (UNSUPPORTED)
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    web_search_options: dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    functions: list[Any] | None = None
+    function_call: Any = None
     # vLLM extras
     echo: bool = False
     add_generation_prompt: bool = True
@@ -179,8 +262,6 @@ class ChatCompletionRequest(_SamplingFields):
         super().check_supported()
         if not self.messages:
             raise ValidationError("messages must not be empty", "messages")
-        if self.echo:
-            raise ValidationError("echo is not supported for chat completions", "echo")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValidationError("top_logprobs needs logprobs set to true", "top_logprobs")
         if self.continue_final_message and self.add_generation_prompt:

@@ -11,7 +11,8 @@ from pagedserve.engine_args import EngineArgs
 from pagedserve.errors import ValidationError
 from pagedserve.logger import configure_default_logging
 from pagedserve.models.default_model import DEFAULT_MODEL_NAME
-from pagedserve.server.context import DEFAULT_MAX_REQUEST_BODY_BYTES, ServerSettings
+from pagedserve.server.compat_flags import add_compat_arguments
+from pagedserve.server.context import DEFAULT_MAX_REQUEST_BODY_BYTES, DEFAULT_MAX_WAITING_REQUESTS, ServerSettings
 from pagedserve.server.engine_flags import add_engine_arguments, engine_kwargs
 from pagedserve.server.tgi_settings import DEFAULT_PORT, add_tgi_arguments, apply_tgi_settings
 
@@ -26,13 +27,23 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                              "(default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=None, help=f"default: env PORT, else {DEFAULT_PORT}")
-    parser.add_argument("--served-model-name", default=None,
-                        help="the name clients use (default: the model path's basename)")
+    parser.add_argument("--served-model-name", default=None, nargs="+",
+                        help="the name(s) clients use; all are accepted as `model`, the first is the one "
+                             "responses report (default: the model path's basename)")
+    parser.add_argument("--return-tokens-as-token-ids", action="store_true",
+                        help='logprobs show tokens as "token_id:N" unless a request says otherwise')
+    parser.add_argument("--enable-force-include-usage", action="store_true",
+                        help="every streamed OpenAI response ends with a usage chunk, as if include_usage were set")
     parser.add_argument("--api-key", default=None,
                         help=f"require `Authorization: Bearer KEY` on /v1, the TGI generation routes, /tokenize "
                              f"and /detokenize (default: env {API_KEY_ENV}, else API_KEY)")
     parser.add_argument("--chat-template", default=None, help="a Jinja template, or a file holding one")
-    parser.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_REQUEST_BODY_BYTES)
+    parser.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_REQUEST_BODY_BYTES,
+                        help="larger bodies get 413 (default: 16 MiB)")
+    parser.add_argument("--max-waiting-requests", type=int, default=DEFAULT_MAX_WAITING_REQUESTS,
+                        help="engine requests (one per prompt) allowed to wait beyond --max-num-seqs, both APIs; "
+                             "one more is answered 503 (OpenAI) / 429 (TGI) with Retry-After "
+                             f"(default {DEFAULT_MAX_WAITING_REQUESTS})")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     # None where TGI's environment may fill the value in (apply_tgi_settings)
     add_engine_arguments(parser.add_argument_group("engine"),
@@ -40,6 +51,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                          notes={"model": "same as MODEL, vLLM's spelling", "dtype": "default: env DTYPE, else auto",
                                 "tensor_parallel_size": "default: env NUM_SHARD, else 1"})
     add_tgi_arguments(parser)
+    add_compat_arguments(parser)
     return parser
 
 
@@ -56,11 +68,28 @@ def engine_args_from(args: argparse.Namespace) -> EngineArgs:
 
 def server_settings_from(args: argparse.Namespace) -> ServerSettings:
     model = _model(args)
-    return ServerSettings(served_model_name=args.served_model_name or served_name_of(model),
+    if args.max_waiting_requests < 0:
+        raise ValidationError(f"--max-waiting-requests must be >= 0, got {args.max_waiting_requests}",
+                              "max_waiting_requests")
+    names = args.served_model_name or [served_name_of(model)]
+    return ServerSettings(served_model_name=names[0], served_model_aliases=tuple(names[1:]),
+                          return_tokens_as_token_ids=args.return_tokens_as_token_ids,
+                          enable_force_include_usage=args.enable_force_include_usage,
                           model_root=model or DEFAULT_MODEL_NAME,
                           api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                           chat_template=load_chat_template(args.chat_template),
-                          max_request_body_bytes=args.max_request_body_bytes)
+                          max_request_body_bytes=args.max_request_body_bytes,
+                          max_waiting_requests=args.max_waiting_requests,
+                          max_concurrent_requests=_given_max_concurrent_requests(args))
+
+
+def _given_max_concurrent_requests(args: argparse.Namespace) -> int | None:
+    """TGI's max_concurrent_requests when given (flag or env): then it bounds both APIs;
+    otherwise only the TGI routes, at TGI's default."""
+    given = getattr(args, "max_concurrent_requests", None)
+    if given is None and os.environ.get("MAX_CONCURRENT_REQUESTS"):
+        given = int(os.environ["MAX_CONCURRENT_REQUESTS"])   # apply_tgi_settings has checked it
+    return given
 
 
 def served_name_of(model: str | None) -> str:

@@ -16,10 +16,15 @@ from pagedserve.sampling_params import SamplingParams
 from pagedserve.server.tgi_settings import TGISettings
 
 MAX_SEED = 2**32   # seeds TGI draws when none is given (reported back in details.seed)
+SEED_LIMIT = 2**64  # TGI's seed is a u64: 0 <= seed < 2**64
+
+# Strict numbers (a bool is not an int, "2" and 2.0 are not ints) and finite floats, as
+# TGI's serde types are: anything else is a 422 naming the field.
+_STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class GenerateParameters(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     best_of: int | None = Field(default=None, ge=1)
     decoder_input_details: bool = False
@@ -29,7 +34,7 @@ class GenerateParameters(BaseModel):
     max_new_tokens: int | None = Field(default=None, ge=0)
     repetition_penalty: float | None = None
     return_full_text: bool | None = None
-    seed: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
     stop: list[str] = Field(default_factory=list)
     temperature: float | None = None
     top_k: int | None = None
@@ -43,7 +48,7 @@ class GenerateParameters(BaseModel):
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     inputs: str
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)

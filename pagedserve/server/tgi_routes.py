@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from pagedserve import __version__
 from pagedserve.errors import OverloadedError
 from pagedserve.frontend.output_processor import OutputKind
-from pagedserve.server.context import ServerContext
+from pagedserve.server.context import Admission, AdmissionLimit, ServerContext, off_loop
 from pagedserve.server.errors import API, describe
 from pagedserve.server.metrics import TGIMetrics
 from pagedserve.server.request_body import parse_body, read_json
@@ -43,30 +43,40 @@ class ConcurrencyLimit:
         self.in_flight -= 1
 
 
-def tgi_router(ctx: ServerContext, settings: TGISettings, metrics: TGIMetrics) -> APIRouter:
+def tgi_router(ctx: ServerContext, settings: TGISettings, metrics: TGIMetrics,
+               admission: AdmissionLimit | None = None) -> APIRouter:
+    """TGI's routes; `admission` is the edge's limit shared with the OpenAI routes."""
     router = APIRouter()
     limit = ConcurrencyLimit(settings.max_concurrent_requests)
+    shared = admission or AdmissionLimit(2**62)
 
     async def handle(request: Request, force_stream: bool | None) -> Response:
         metrics.request_count += 1
-        acquired = False
+        acquired: Admission | None = None
         try:
             body = parse_body(GenerateRequest, await read_json(request))
             stream = body.stream if force_stream is None else force_stream
-            valid = validate(body, settings, ctx.engine.max_model_len, ctx.engine.tokenizer, stream)
+            # tokenizing the inputs runs in a worker thread, off the event loop
+            valid = await off_loop(validate, body, settings, ctx.engine.max_model_len, ctx.engine.tokenizer, stream)
             limit.acquire()
-            acquired = True
+            try:
+                acquired = shared.admit(1)
+            except BaseException:
+                limit.release()
+                raise
             if stream:
                 engine_stream = await start(ctx, valid, OutputKind.DELTA)
-                acquired = False   # the stream's generator releases it
-                return SSEResponse(generate_stream(ctx, valid, engine_stream, metrics, limit.release))
+                held, acquired = acquired, None   # the stream's generator releases it
+                return SSEResponse(generate_stream(ctx, valid, engine_stream, metrics,
+                                                   lambda: (held.release(), limit.release())))
             result = await generate(ctx, valid, request, metrics)
             # POST / answers a list, as the Inference API does; /generate one object
             return JSONResponse([result] if force_stream is None else result)
         except Exception as exc:
             return _fail(exc, metrics)
         finally:
-            if acquired:
+            if acquired is not None:
+                acquired.release()
                 limit.release()
 
     @router.post("/generate")

@@ -3,7 +3,8 @@
     vLLM's: {"prompt": str} or {"messages": [...]} -> {"count", "max_model_len", "tokens", "token_strs"}
     TGI's:  {"inputs": str} -> [{"id", "text", "start", "stop"}] (character offsets into inputs)
 
-A body with `inputs` is TGI's, and its errors are answered in TGI's shape."""
+A body with `inputs` is TGI's, and its errors are answered in TGI's shape. Rendering and
+tokenizing run in a worker thread (context.off_loop), never on the event loop."""
 from __future__ import annotations
 
 from typing import Any
@@ -13,17 +14,20 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict
 
 from pagedserve.errors import ValidationError
-from pagedserve.server.context import ServerContext
+from pagedserve.server.context import ServerContext, off_loop
 from pagedserve.server.errors import API, error_response
 from pagedserve.server.openai_protocol import ChatMessage
-from pagedserve.server.request_body import parse_body, read_json
+from pagedserve.server.request_body import check_json_value, parse_body, read_json
 from pagedserve.server.tgi_protocol import GenerateParameters
 
 _TGI_FIELDS = frozenset({"inputs", "parameters", "add_special_tokens"})
 
 
+_STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)   # a bool is not a token id
+
+
 class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     # vLLM's
     model: str | None = None
@@ -46,7 +50,7 @@ class TokenizeRequest(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     model: str | None = None
     tokens: list[int]
@@ -55,11 +59,13 @@ class DetokenizeRequest(BaseModel):
 async def tokenize(ctx: ServerContext, request: Request) -> Response:
     api = API.OPENAI
     try:
-        raw = await read_json(request)
+        raw = await read_json(request, check=False)
         if isinstance(raw, dict) and "inputs" in raw:
             api = API.TGI
+        await off_loop(check_json_value, raw)
         body = parse_body(TokenizeRequest, raw)
-        return JSONResponse(_tgi_tokens(ctx, body) if api is API.TGI else _vllm_tokens(ctx, body))
+        return JSONResponse(await off_loop(_tgi_tokens, ctx, body) if api is API.TGI
+                            else await _vllm_tokens(ctx, body))
     except Exception as exc:
         return error_response(exc, api)
 
@@ -68,30 +74,38 @@ async def detokenize(ctx: ServerContext, request: Request) -> Response:
     try:
         body = parse_body(DetokenizeRequest, await read_json(request))
         ctx.check_model(body.model)
-        vocab = len(ctx.engine.tokenizer)
-        bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValidationError(f"token id {bad} is out of vocabulary (size {vocab})", "tokens")
-        return JSONResponse({"prompt": ctx.decode(body.tokens)})
+        return JSONResponse({"prompt": await off_loop(_decode, ctx, body.tokens)})
     except Exception as exc:
         return error_response(exc)
 
 
-def _vllm_tokens(ctx: ServerContext, body: TokenizeRequest) -> dict[str, Any]:
+def _decode(ctx: ServerContext, tokens: list[int]) -> str:
+    vocab = len(ctx.engine.tokenizer)
+    bad = next((t for t in tokens if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise ValidationError(f"token id {bad} is out of vocabulary (size {vocab})", "tokens")
+    return ctx.decode(tokens)
+
+
+async def _vllm_tokens(ctx: ServerContext, body: TokenizeRequest) -> dict[str, Any]:
     ctx.check_model(body.model)
     if (body.prompt is None) == (body.messages is None):
         raise ValidationError("give exactly one of prompt and messages", "prompt")
     if body.messages is not None:
-        text = ctx.engine.render_chat([m.as_template_message() for m in body.messages],
-                                      body.chat_template or ctx.settings.chat_template, body.add_generation_prompt,
-                                      body.continue_final_message)
+        text = await ctx.engine.render_chat_async([m.as_template_message() for m in body.messages],
+                                                  body.chat_template or ctx.settings.chat_template,
+                                                  body.add_generation_prompt, body.continue_final_message)
         add_special = bool(body.add_special_tokens)   # the template already has them
     else:
         text = body.prompt or ""
         add_special = True if body.add_special_tokens is None else body.add_special_tokens
+    return await off_loop(_encode, ctx, text, add_special, body.return_token_strs)
+
+
+def _encode(ctx: ServerContext, text: str, add_special: bool, return_token_strs: bool) -> dict[str, Any]:
     tokenizer = ctx.engine.tokenizer
     tokens = tokenizer.encode(text, add_special_tokens=add_special)
-    token_strs = tokenizer.convert_ids_to_tokens(tokens) if body.return_token_strs else None
+    token_strs = tokenizer.convert_ids_to_tokens(tokens) if return_token_strs else None
     return {"count": len(tokens), "max_model_len": ctx.engine.max_model_len, "tokens": tokens,
             "token_strs": token_strs}
 

@@ -9,6 +9,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import requests
@@ -77,25 +78,26 @@ def start_server(log_dir: Path, name: str, *extra_args: str, env: dict[str, str]
     return ServerProcess(process, port, log_path)
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
-    proc = start_server(tmp_path_factory.mktemp("server"), "server")
+def serving(tmp_path_factory: pytest.TempPathFactory, name: str, *extra_args: str,
+            env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
+    """The body of a server fixture: a healthy server for the fixture's scope, stopped after."""
+    proc = start_server(tmp_path_factory.mktemp(name), name, *extra_args, env=env)
     try:
         proc.wait_healthy()
         yield proc
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
+    yield from serving(tmp_path_factory, "server")
 
 
 @pytest.fixture(scope="session")
 def auth_server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
-    proc = start_server(tmp_path_factory.mktemp("auth_server"), "auth_server", "--api-key", API_KEY,
+    yield from serving(tmp_path_factory, "auth_server", "--api-key", API_KEY,
                         "--served-model-name", "smol", "--num-kv-blocks", "64", "--max-model-len", "1024")
-    try:
-        proc.wait_healthy()
-        yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ class ScriptedEngine:
     "invalid" fails validation, "die" makes step() raise; others finish after one step."""
 
     max_model_len = 128
+    max_num_seqs = 8
     tokenizer = None
 
     def __init__(self) -> None:
@@ -38,9 +39,20 @@ class ScriptedEngine:
         return EngineStats()
 
     def add_request(self, request_id, prompt, params, output_kind, strict_length, add_special_tokens) -> None:
+        self.add_processed(self.process_request(request_id, prompt, params, output_kind, strict_length,
+                                                add_special_tokens))
+
+    def process_request(self, request_id, prompt, params, output_kind, strict_length, add_special_tokens):
         if prompt == "invalid":
             raise ValidationError("prompt is invalid", "prompt")
+        return request_id, prompt
+
+    def add_processed(self, processed) -> None:
+        request_id, prompt = processed
         self.pending[request_id] = prompt
+
+    def is_alive(self) -> bool:
+        return True
 
     def step_with_stats(self) -> tuple[list[RequestOutput], EngineStats]:
         self.num_steps += 1

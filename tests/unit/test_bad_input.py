@@ -49,7 +49,7 @@ def test_bad_prompt_in_a_batch_queues_nothing(llm):
     (dict(top_k=-2), "top_k"), (dict(max_tokens=0), "max_tokens"), (dict(n=0), "n"),
     (dict(min_p=2.0), "min_p"), (dict(repetition_penalty=0.0), "repetition_penalty"),
     (dict(presence_penalty=3.0), "presence_penalty"), (dict(frequency_penalty=-3.0), "frequency_penalty"),
-    (dict(min_tokens=5, max_tokens=2), "min_tokens"), (dict(logprobs=-1), "logprobs"),
+    (dict(min_tokens=5, max_tokens=2), "min_tokens"), (dict(logprobs=-2), "logprobs"),
     (dict(stop_token_ids=[-1]), "stop_token_ids"), (dict(best_of=1, n=2), "best_of"),
 ])
 def test_invalid_sampling_values(kwargs, param):

@@ -30,10 +30,12 @@ class FakeExecutor:
     """Every scheduled request samples TOKEN (prompts fit one step); call numbers in
     `fail_calls` raise instead."""
 
-    def __init__(self, max_concurrent_batches: int = 1, fail_calls: tuple[int, ...] = ()) -> None:
+    def __init__(self, max_concurrent_batches: int = 1, fail_calls: tuple[int, ...] = (),
+                 poisoned: str | None = None) -> None:
         self.num_blocks = NUM_BLOCKS
         self.max_concurrent_batches = max_concurrent_batches
         self.fail_calls = fail_calls
+        self.poisoned = poisoned   # every step holding this request id raises
         self.calls: list[tuple[SchedulerOutput, bool]] = []
         self.health_checks = 0
 
@@ -41,6 +43,8 @@ class FakeExecutor:
         self.calls.append((so, non_block))
         if len(self.calls) in self.fail_calls:
             raise RuntimeError("device fault")
+        if self.poisoned in so.num_scheduled_tokens:
+            raise RuntimeError(f"bad value in {self.poisoned}")
         output = ModelRunnerOutput({rid: TOKEN for rid in so.num_scheduled_tokens},
                                    {rid: TokenLogprobs([TOKEN], [-0.5], 1) for rid in so.num_scheduled_tokens})
         return FakePending(output) if non_block else output
@@ -96,34 +100,73 @@ def test_a_request_through_two_lockstep_steps():
     assert idle.outputs == [] and idle.events == [] and idle.stats == second.stats
 
 
+def run_to_end(core: EngineCore, limit: int = 100) -> tuple[list[EngineCoreOutput], list]:
+    outputs: list[EngineCoreOutput] = []
+    events = []
+    for _ in range(limit):
+        if not core.has_unfinished_requests():
+            break
+        result = core.step()
+        outputs += result.outputs
+        events += result.events
+    assert not core.has_unfinished_requests()
+    return outputs, events
+
+
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["lockstep", "async"])
-def test_a_failed_step_fails_exactly_its_requests_and_the_core_serves_on(async_scheduling):
+def test_a_failed_step_of_several_requests_retries_them_and_the_core_serves_on(async_scheduling):
+    """A fault no single request explains: nothing fails; the step's requests are recomputed
+    (each alone first) and finish with all their tokens."""
     executor = FakeExecutor(max_concurrent_batches=2, fail_calls=(2,))
     core = make_core(executor, async_scheduling)
     core.add_request(request("a", max_tokens=3))
     core.add_request(request("b", max_tokens=3))
-    outputs: list[EngineCoreOutput] = []
-    events = []
-    while core.has_unfinished_requests():
-        result = core.step()
-        outputs += result.outputs
-        events += result.events
-    failed = [o for o in outputs if o.error is not None]
-    assert [(o.req_id, o.finish_reason, o.error, o.new_token_ids) for o in failed] == [
-        ("a", "abort", "RuntimeError: device fault", []), ("b", "abort", "RuntimeError: device fault", [])]
-    assert [(o.req_id, o.new_token_ids) for o in outputs if o.error is None] == [("a", [TOKEN]), ("b", [TOKEN])]
-    assert [(e.req_id, e.finish_reason) for e in events if e.type is RequestEventType.FINISHED] == [
-        ("a", "abort"), ("b", "abort")]
+    outputs, events = run_to_end(core)
+    assert [o for o in outputs if o.error is not None] == []
+    for rid in "ab":
+        mine = [o for o in outputs if o.req_id == rid]
+        assert sum(len(o.new_token_ids) for o in mine) == 3 and mine[-1].finish_reason == "length"
+    assert sorted((e.req_id, e.finish_reason) for e in events if e.type is RequestEventType.FINISHED) == [
+        ("a", "length"), ("b", "length")]
     assert executor.health_checks == 1
-    assert core.stats().kv_cache_usage == 0.0
+    assert core.stats().kv_cache_usage == 0.0 and not core.scheduler.suspects
+    # the failed step's requests were sent again in full (the runner dropped their state)
+    retried = [so for so, _ in executor.calls[2:] if so.preempted_req_ids]
+    assert retried and retried[0].preempted_req_ids == {"a", "b"}
 
     core.add_request(request("c", max_tokens=3))
-    later: list[EngineCoreOutput] = []
-    while core.has_unfinished_requests():
-        later += core.step().outputs
+    later, _ = run_to_end(core)
     assert [(o.req_id, o.new_token_ids, o.finish_reason, o.error) for o in later] == [
         ("c", [TOKEN], None, None), ("c", [TOKEN], None, None), ("c", [TOKEN], "length", None)]
     assert core.stats().kv_cache_usage == 0.0
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["lockstep", "async"])
+def test_a_request_that_makes_every_step_fail_fails_alone(async_scheduling):
+    executor = FakeExecutor(max_concurrent_batches=2)
+    core = make_core(executor, async_scheduling)
+    for rid in ("a", "b"):
+        core.add_request(request(rid, max_tokens=4))
+    core.step()
+    core.step()   # a and b are decoding when the bad one joins
+    executor.poisoned = "bad"
+    core.add_request(request("bad", max_tokens=4))
+    core.add_request(request("d", max_tokens=4))
+    outputs, events = run_to_end(core)
+    failed = [(o.req_id, o.finish_reason, o.error) for o in outputs if o.error is not None]
+    assert failed == [("bad", "abort", "RuntimeError: bad value in bad")]
+    finished = {e.req_id: e.finish_reason for e in events if e.type is RequestEventType.FINISHED}
+    assert finished == {"a": "length", "b": "length", "bad": "abort", "d": "length"}
+    assert core.stats().kv_cache_usage == 0.0 and not core.scheduler.suspects
+
+
+def test_a_lone_failing_request_fails_at_once():
+    executor = FakeExecutor(poisoned="bad")
+    core = make_core(executor)
+    core.add_request(request("bad"))
+    outputs, _ = run_to_end(core, limit=3)
+    assert [(o.req_id, o.error) for o in outputs] == [("bad", "RuntimeError: bad value in bad")]
+    assert len(executor.calls) == 1
 
 
 @pytest.mark.parametrize("async_config, max_batches, expected", [

@@ -21,7 +21,7 @@ BAD_VALUES = [
     ("frequency_penalty", 2.5), ("frequency_penalty", -2.01),
     ("max_tokens", 0), ("max_tokens", -5),
     ("min_tokens", -1),
-    ("logprobs", -1), ("prompt_logprobs", -2),
+    ("logprobs", -2), ("prompt_logprobs", -2), ("seed", 2**64), ("seed", -(2**63) - 1), ("seed", True),
     ("seed", 1.5), ("seed", "42"),
     ("stop", [""]), ("stop", ["ok", 3]),
     ("stop_token_ids", [-1]), ("stop_token_ids", ["2"]),
