@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any, Sequence
 
 from tqdm.auto import tqdm
@@ -29,6 +30,9 @@ class LLM:
         args = EngineArgs.from_kwargs(model=model, **kwargs)
         self.engine = LLMEngine(args)
         self._request_counter = 0
+        # shutdown() runs once: when called, when this LLM is garbage-collected, or at
+        # interpreter exit, whichever comes first (no rank process outlives its LLM)
+        self._shutdown = weakref.finalize(self, self.engine.shutdown)
 
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
@@ -84,7 +88,8 @@ class LLM:
         return [results[request_id] for request_id in ids]
 
     def shutdown(self) -> None:
-        self.engine.shutdown()
+        """Release the engine (and stop its tensor-parallel ranks). Idempotent."""
+        self._shutdown()
 
 
 def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:

@@ -106,7 +106,8 @@ class EngineCore:
     def stats(self) -> EngineStats:
         scheduler, kv = self.scheduler, self.kv_cache_manager
         return EngineStats(len(scheduler.running), len(scheduler.waiting), kv.usage(),
-                           scheduler.stats.num_preemptions, kv.stats.queries, kv.stats.hits)
+                           scheduler.stats.num_preemptions, kv.stats.queries, kv.stats.hits,
+                           scheduler.stats.num_batched_tokens)
 
     def step(self) -> EngineCoreOutputs:
         """Schedule -> execute -> update: _step_lockstep or _step_async, picked at construction."""

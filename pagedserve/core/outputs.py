@@ -37,6 +37,7 @@ class EngineStats:
     num_preemptions: int = 0        # cumulative
     prefix_cache_queries: int = 0   # cumulative, tokens
     prefix_cache_hits: int = 0      # cumulative, tokens
+    num_batched_tokens: int = 0     # tokens scheduled in the latest step
 
 
 class RequestEventType(enum.Enum):

@@ -106,6 +106,7 @@ class AsyncEngine:
         self._stopping = False
         self._dead: EngineDeadError | None = None
         self.stats = EngineStats()   # the core's, replaced (never mutated) after every loop iteration
+        self._step_listeners: list[Callable[[EngineStats], None]] = []
         self._processing = ThreadPoolExecutor(PROCESSING_THREADS, thread_name_prefix="pagedserve-inputs")
         self._thread = threading.Thread(target=self._run, name="pagedserve-engine", daemon=True)
         if start:
@@ -164,6 +165,10 @@ class AsyncEngine:
     def add_finish_listener(self, listener: FinishListener) -> None:
         """Called on the engine thread for each finished, aborted or failed request; must be quick."""
         self.engine.add_finish_listener(listener)
+
+    def add_step_listener(self, listener: Callable[[EngineStats], None]) -> None:
+        """Called on the engine thread with the core's stats after every step; must be quick."""
+        self._step_listeners.append(listener)
 
     # ---- the event-loop API --------------------------------------------------------------
     async def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
@@ -253,6 +258,7 @@ class AsyncEngine:
                 if self.engine.has_work():
                     outputs, self.stats = self.engine.step_with_stats()
                     self._dispatch(outputs)
+                    self._after_step(self.stats)
                 else:   # the commands changed what is queued (an abort freed blocks)
                     self.stats = self.engine.stats()
         except BaseException as exc:   # the loop is gone: fail everyone, loudly
@@ -260,6 +266,13 @@ class AsyncEngine:
             self._die(exc)
         finally:
             self._fail_open_requests(self._dead or EngineDeadError("the engine was shut down"))
+
+    def _after_step(self, stats: EngineStats) -> None:
+        for listener in self._step_listeners:
+            try:
+                listener(stats)
+            except Exception:
+                logger.exception("step listener failed")
 
     def _abort_now(self, request_id: str) -> None:
         """Abort on the caller's behalf: free the blocks, end its stream (unknown ids: nothing)."""

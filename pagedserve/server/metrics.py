@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from pagedserve.core.outputs import EngineStats
 from pagedserve.frontend.async_engine import AsyncEngine
 from pagedserve.frontend.request_metrics import FinishedRequestStats
 
@@ -28,6 +29,7 @@ TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
                 80.0)
 ITL_BUCKETS = TPOT_BUCKETS
 PARAMS_N_BUCKETS = (1, 2, 5, 10, 20)
+ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
                    480.0, 960.0, 1920.0, 7680.0)
 
@@ -145,7 +147,10 @@ class ServerMetrics:
                                       "Histogram of time spent in PREFILL phase for request.", LATENCY_BUCKETS)
         self.decode_time = histogram("request_decode_time_seconds",
                                      "Histogram of time spent in DECODE phase for request.", LATENCY_BUCKETS)
+        self.iteration_tokens = histogram("iteration_tokens_total", "Histogram of number of tokens per engine_step.",
+                                          ITERATION_TOKEN_BUCKETS)
         self._add_cache_config_info(engine)
+        engine.add_step_listener(self.observe_step)
         engine.add_finish_listener(self.observe_finished)
         self.tgi = TGIMetrics(engine, reg)
 
@@ -166,6 +171,10 @@ class ServerMetrics:
         """Fed by the OpenAI routes once per prompt (the engine's stats carry neither)."""
         self.params_n.observe(n)
         self.params_max_tokens.observe(max_tokens)
+
+    def observe_step(self, stats: EngineStats) -> None:
+        if stats.num_batched_tokens:
+            self.iteration_tokens.observe(stats.num_batched_tokens)
 
     def observe_finished(self, stats: FinishedRequestStats) -> None:
         self.prompt_tokens.inc(stats.num_prompt_tokens)

@@ -248,7 +248,7 @@ def test_vllm_metrics_exported(client, srv) -> None:
     label = (("model_name", MODEL),)
     for name in ("inter_token_latency_seconds", "request_prompt_tokens", "request_generation_tokens",
                  "request_params_n", "request_params_max_tokens", "request_inference_time_seconds",
-                 "request_prefill_time_seconds", "request_decode_time_seconds"):
+                 "request_prefill_time_seconds", "request_decode_time_seconds", "iteration_tokens_total"):
         assert samples[(f"pagedserve:{name}_count", label)] > 0, name
     assert samples[("pagedserve:request_params_n_bucket", (("le", "1.0"), ("model_name", MODEL)))] \
         < samples[("pagedserve:request_params_n_bucket", (("le", "2.0"), ("model_name", MODEL)))]

@@ -3,6 +3,7 @@ request events), a failing step failing exactly its requests with the error text
 lockstep / async step picked once at construction."""
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -80,7 +81,8 @@ def test_a_request_through_two_lockstep_steps():
                                               None, 0)]
     # 5 prompt tokens in blocks of 4: 2 of 32 blocks held; nothing cached yet
     assert first.stats == EngineStats(num_running=1, num_waiting=0, kv_cache_usage=2 / NUM_BLOCKS,
-                                      num_preemptions=0, prefix_cache_queries=5, prefix_cache_hits=0)
+                                      num_preemptions=0, prefix_cache_queries=5, prefix_cache_hits=0,
+                                      num_batched_tokens=5)
     assert [(e.req_id, e.type, e.finish_reason) for e in first.events] == [
         ("a", RequestEventType.QUEUED, None), ("a", RequestEventType.SCHEDULED, None),
         ("a", RequestEventType.FIRST_TOKEN, None)]
@@ -90,14 +92,15 @@ def test_a_request_through_two_lockstep_steps():
     second = core.step()
     assert second.outputs == [EngineCoreOutput(RequestId("a"), [TOKEN], "length", None,
                                                TokenLogprobs([TOKEN], [-0.5], 1), None, 0)]
-    assert second.stats == EngineStats(0, 0, 0.0, 0, 5, 0)
+    assert second.stats == EngineStats(0, 0, 0.0, 0, 5, 0, 1)   # the decode step: 1 token
     assert [(e.req_id, e.type, e.finish_reason) for e in second.events] == [
         ("a", RequestEventType.FINISHED, "length")]
     assert second.events[0].timestamp >= times[2]
     assert not core.has_unfinished_requests()
     # an idle step: nothing, no events
     idle = core.step()
-    assert idle.outputs == [] and idle.events == [] and idle.stats == second.stats
+    assert idle.outputs == [] and idle.events == [] and idle.stats == dataclasses.replace(second.stats,
+                                                                                          num_batched_tokens=0)
 
 
 def run_to_end(core: EngineCore, limit: int = 100) -> tuple[list[EngineCoreOutput], list]:

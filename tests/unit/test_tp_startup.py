@@ -98,3 +98,33 @@ def test_a_script_read_from_stdin_runs_tp2_and_exits(tiny_checkpoints):
     tokens = [line for line in proc.stdout.splitlines() if line.startswith("TOKENS")]
     assert len(tokens) == 1 and len(eval(tokens[0].split(" ", 1)[1])) == 4, proc.stdout
     _wait_no_children(10)
+
+
+def test_a_dropped_llm_stops_its_ranks(tiny_checkpoints):
+    """No shutdown() call: garbage collection of the LLM stops rank 1 while the script runs on,
+    and the script then exits at once."""
+    script = textwrap.dedent(f"""
+        import gc, time
+        from pagedserve import LLM
+        llm = LLM(model={tiny_checkpoints['llama']!r}, device="cpu", dtype="float32", skip_tokenizer_init=True,
+                  max_model_len=128, tensor_parallel_size=2)
+        print("RANK1", llm.engine.core.executor.processes[0].pid, flush=True)
+        del llm
+        gc.collect()
+        print("DROPPED", flush=True)
+        time.sleep(float(input()))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, cwd=REPO)
+    try:
+        rank1 = psutil.Process(int(proc.stdout.readline().split()[1]))
+        assert proc.stdout.readline().strip() == "DROPPED"
+        deadline = time.monotonic() + 10
+        while rank1.is_running() and rank1.status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "rank 1 outlived its dropped LLM"
+            time.sleep(0.1)
+        proc.stdin.write("0\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=10) == 0
+    finally:
+        proc.kill()
