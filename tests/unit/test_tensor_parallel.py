@@ -147,6 +147,11 @@ def test_server_with_tp2_then_a_dead_rank(tiny_checkpoints, tmp_path):
         assert len(workers) == 1, workers
         workers[0].kill()
         _wait_gone(workers[0], 10)
+        # /health sees the dead rank by itself (no request needed), within a second
+        deadline = time.monotonic() + 1.0
+        while requests.get(f"{base}/health", timeout=5).status_code != 503:
+            assert time.monotonic() < deadline, "/health still 200 a second after a rank died"
+            time.sleep(0.05)
         response = requests.post(f"{base}/v1/completions", json=body, timeout=30)
         assert response.status_code >= 500, response.text
         assert requests.get(f"{base}/health", timeout=5).status_code == 503
