@@ -4,8 +4,8 @@ configures nothing: log output is set up at the edges (LLM(), the CLI, the serve
 from pagedserve.errors import EngineDeadError, ModelLoadError, OverloadedError, ValidationError
 from pagedserve.llm import LLM
 from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput
-from pagedserve.sampling_params import SamplingParams
+from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "ValidationError",
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput", "Logprob", "ValidationError",
            "OverloadedError", "EngineDeadError", "ModelLoadError", "__version__"]

@@ -8,7 +8,7 @@ broadcast to every rank. New requests travel in full, running ones as diffs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple, NewType, Protocol, runtime_checkable
+from typing import Any, NamedTuple, NewType, Protocol, runtime_checkable
 
 from pagedserve.sampling_params import SamplingParams
 
@@ -60,6 +60,11 @@ class SchedulerOutput:
     finished_req_ids: set[RequestId] = field(default_factory=set)     # runner drops their state
     preempted_req_ids: set[RequestId] = field(default_factory=set)    # runner drops state, keeps RNG
     blocks_to_copy: list[tuple[BlockId, BlockId]] = field(default_factory=list)
+    # Structured outputs: the sampling rows with a grammar this step, and their token bitmask
+    # (an int32 CPU tensor [len(structured_req_ids), ceil(vocab / 32)], row i for id i; a set
+    # bit allows the token). None when no sampling row is constrained.
+    structured_req_ids: list[RequestId] = field(default_factory=list)
+    grammar_bitmask: Any | None = None
 
     @property
     def is_empty(self) -> bool:

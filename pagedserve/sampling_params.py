@@ -3,7 +3,9 @@ ValidationError naming the field."""
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, fields
+from typing import Any
 
 from pagedserve.errors import ValidationError
 
@@ -11,6 +13,48 @@ _SAMPLING_EPS = 1e-5
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1   # what torch.Generator.manual_seed accepts
 _FLOAT_FIELDS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p",
                  "min_p", "typical_p")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrained decoding, as vLLM spells it: exactly one of `json` (a JSON schema, as a dict
+    or its text), `regex`, `choice` (the output is one of these strings), `grammar` (EBNF, as
+    xgrammar reads it) or `json_object=True` (any JSON object). Checked for shape here; the
+    grammar itself is compiled (and rejected if invalid) when the request is processed."""
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        given = [f.name for f in fields(self) if getattr(self, f.name) not in (None, False)]
+        if len(given) != 1:
+            raise ValidationError("structured_outputs takes exactly one of json, regex, choice, grammar or "
+                                  f"json_object, got {', '.join(given) or 'none'}", "structured_outputs")
+        if isinstance(self.json, str):
+            try:
+                self.json = json.loads(self.json)
+            except ValueError as exc:
+                raise ValidationError(f"structured_outputs.json is not valid JSON: {exc}", "json") from None
+        if self.json is not None and not isinstance(self.json, dict):
+            raise ValidationError("structured_outputs.json must be a JSON schema object", "json")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValidationError(f"structured_outputs.{name} must be a non-empty string", name)
+        if self.choice is not None and (not isinstance(self.choice, list) or not self.choice
+                                        or not all(isinstance(c, str) and c for c in self.choice)):
+            raise ValidationError("structured_outputs.choice must be a non-empty list of non-empty strings",
+                                  "choice")
+        if self.json_object not in (None, True, False):
+            raise ValidationError("structured_outputs.json_object must be a boolean", "json_object")
+
+    @property
+    def kind(self) -> str:
+        """Which constraint: "json", "regex", "choice", "grammar" or "json_object"."""
+        return next(f.name for f in fields(self) if getattr(self, f.name) not in (None, False))
 
 
 @dataclass
@@ -38,6 +82,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     @property
     def reads_output_history(self) -> bool:
@@ -120,6 +165,8 @@ class SamplingParams:
             for token_id, bias in self.logit_bias.items():
                 _check(-100.0 <= bias <= 100.0, "logit_bias", f"logit_bias values must be in [-100, 100], got {bias}")
                 _check(token_id >= 0, "logit_bias", f"logit_bias token ids must be non-negative, got {token_id}")
+        _check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+               "structured_outputs", "structured_outputs must be a StructuredOutputsParams")
 
     def clone(self) -> "SamplingParams":
         return copy.deepcopy(self)

@@ -226,7 +226,7 @@ class EngineCore:
             rid, reason = request.request_id, request.get_finish_reason()
             outputs.append(EngineCoreOutput(rid, [request.output_token_ids[-1]], reason, request.stop_reason,
                                             logprobs.get(rid) if logprobs else None, None,
-                                            max(request.num_cached_tokens, 0)))
+                                            max(request.num_cached_tokens, 0), request.error))
             if reason is not None:
                 events.append(RequestEvent(rid, _FINISHED, now, reason))
         for rid, prompt_logprobs in runner_output.prompt_logprobs.items():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from pagedserve.engine_io import RequestId
 from pagedserve.sampling_params import SamplingParams
@@ -62,6 +63,11 @@ class Request:
     num_preemptions: int = 0
     num_step_failures: int = 0   # steps that raised with this request in them
     first_scheduled_time: float | None = None   # read by the async engine's metrics
+    # Structured outputs: the compiled grammar (opaque, from the frontend) and this sequence's
+    # own matcher (core/structured_output.py, created at its first sampling step).
+    grammar: Any = None
+    grammar_matcher: Any = None
+    error: str | None = None   # why the core failed it (FINISHED_ERROR), for the frontend
 
     @property
     def num_prompt_tokens(self) -> int:

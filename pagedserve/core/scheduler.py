@@ -9,6 +9,11 @@ last one's sampled tokens are back. Each request counts what is scheduled but un
 max_model_len counting the in-flight token, and never preempts a request with work in
 flight (it schedules less instead; the next step, with that work resolved, may preempt).
 
+Structured outputs (core/structured_output.py): the scheduler fills the token bitmask of the
+constrained requests that sample in the step it builds, and advances their matchers by the
+sampled tokens. Under async scheduling a constrained request whose last sampled token is still
+in flight is skipped (its mask needs that token): it runs every other step, nobody waits.
+
 Policy "static" (for the static-vs-continuous benchmark): a batch is admitted together and
 no request joins until every request of the batch has finished.
 """
@@ -19,6 +24,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from pagedserve.core import structured_output
 from pagedserve.core.kv_cache_manager import KVCacheManager
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.engine_io import (CachedRequestData, ForkedRequestData, ModelRunnerOutput, NewRequestData, RequestId,
@@ -60,6 +66,7 @@ class Scheduler:
         # (EngineCore._fail); a suspect that fails alone is failed.
         self.suspects: set[RequestId] = set()
         self._requeued_since_last_step: set[RequestId] = set()
+        self._constrained_samples: list[Request] = []   # this step's sampling rows with a grammar
         self.stats = SchedulerStats()
 
     # ---- queue management -------------------------------------------------------------
@@ -166,6 +173,9 @@ class Scheduler:
                 index += 1
                 continue
             num_inflight = request.num_inflight_samples
+            if num_inflight and request.grammar is not None:   # its next mask needs the token in flight
+                index += 1
+                continue
             num_tokens = len(request.prompt_token_ids) + len(request.output_token_ids) + num_inflight
             num_new = min(num_tokens - request.num_computed_tokens - request.num_unresolved_tokens, budget)
             # skip if the token in flight ends the request by length: schedule nothing more
@@ -240,7 +250,16 @@ class Scheduler:
         if self.pending_forks:
             self._fork_completed_prompts(scheduled, out)
         out.blocks_to_copy = self.kv.take_pending_copies()
+        if self._constrained_samples:
+            self._fill_bitmask(out)
         return out
+
+    def _fill_bitmask(self, out: SchedulerOutput) -> None:
+        constrained = [r for r in self._constrained_samples if r.request_id in out.num_scheduled_tokens]
+        self._constrained_samples = []
+        if constrained:
+            out.structured_req_ids = [r.request_id for r in constrained]
+            out.grammar_bitmask = structured_output.fill_bitmask(constrained)
 
     def _suspect_first(self) -> bool:
         """Move the first waiting suspect to the head of the queue; False if none waits."""
@@ -301,6 +320,8 @@ class Scheduler:
         request.num_unresolved_tokens += num_new
         if num_ahead + num_new >= num_tokens + request.num_inflight_samples:
             request.num_inflight_samples += 1
+            if request.grammar is not None:
+                self._constrained_samples.append(request)
 
     def _fork_completed_prompts(self, scheduled: list[Request], out: SchedulerOutput) -> None:
         """n > 1: siblings join when the parent's prompt completes; they share its blocks and
@@ -319,6 +340,8 @@ class Scheduler:
                 child.first_scheduled_time = parent.first_scheduled_time
                 child.status = RequestStatus.RUNNING
                 self.running.append(child)
+                if child.grammar is not None:
+                    self._constrained_samples.append(child)
                 child_blocks = self.kv.req_to_blocks[child.request_id]
                 self._sent_blocks[child.request_id] = (len(child_blocks), child_blocks[-1].block_id)
                 out.forked_requests.append(ForkedRequestData(child.request_id, parent.request_id,
@@ -344,7 +367,7 @@ class Scheduler:
             if self.suspects and rid in self.suspects:   # it ran a whole step alone: cleared
                 self.suspects.discard(rid)
                 request.num_step_failures = 0
-            if self._check_stop(request, token):
+            if (request.grammar is not None and self._advance_grammar(request, token)) or self._check_stop(request, token):
                 self.running.remove(request)
                 self._free(request)
             changed.append(request)
@@ -352,6 +375,21 @@ class Scheduler:
         self.stats.num_waiting = len(self.waiting)
         self.stats.kv_cache_usage = self.kv.usage()
         return changed
+
+    @staticmethod
+    def _advance_grammar(request: Request, token: int) -> bool:
+        """Feed a sampled token to the request's matcher; True (status set) if that ends the
+        request: the grammar terminated (stop), or the token broke it (error; masking
+        should make that impossible)."""
+        accepted, terminated = structured_output.accept(request, token)
+        if not accepted:
+            request.status = RequestStatus.FINISHED_ERROR
+            request.error = f"sampled token {token} does not match the request's structured_outputs grammar"
+            return True
+        if terminated:
+            request.status = RequestStatus.FINISHED_STOPPED
+            return True
+        return False
 
     def _check_stop(self, request: Request, token: int) -> bool:
         """Set a finished status if `token` ends the request; True if it did."""

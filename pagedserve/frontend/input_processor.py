@@ -136,7 +136,8 @@ class InputProcessor:
         return requests[0], requests[1:]
 
     def render_chat(self, messages: list[dict], chat_template: str | None = None,
-                    add_generation_prompt: bool = True, continue_final_message: bool = False) -> str:
+                    add_generation_prompt: bool = True, continue_final_message: bool = False,
+                    tools: list[dict] | None = None) -> str:
         """One conversation -> the prompt text, through the model's chat template (from
         tokenizer_config.json or the GGUF metadata) or `chat_template`. The text already
         holds the template's special tokens: tokenize it with add_special_tokens=False."""
@@ -152,7 +153,7 @@ class InputProcessor:
         try:
             return self.tokenizer.apply_chat_template(
                 conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message, tokenize=False)
+                continue_final_message=continue_final_message, tokenize=False, tools=tools)
         except (ValueError, TypeError, OverflowError, jinja2.TemplateError) as exc:
             raise ValidationError(f"cannot apply the chat template: {exc}", "chat_template") from exc
 

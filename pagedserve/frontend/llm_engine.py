@@ -15,6 +15,7 @@ from pagedserve.engine_io import RequestId
 from pagedserve.frontend.input_processor import InputProcessor, ProcessedPrompt, PromptType
 from pagedserve.frontend.output_processor import OutputKind, OutputProcessor
 from pagedserve.frontend.request_metrics import FinishListener, RequestMetrics
+from pagedserve.frontend.structured_output import GrammarCompiler
 from pagedserve.models.loader import load_tokenizer
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
@@ -50,6 +51,7 @@ class LLMEngine:
                                               self.eos_token_ids, args.max_logprobs,
                                               self.config.scheduler.max_num_seqs)
         self.output_processor = OutputProcessor(self.tokenizer)
+        self.grammar_compiler = GrammarCompiler(self.tokenizer, model.vocab_size, self.eos_token_ids)
         self.request_metrics = RequestMetrics()
         self.children: dict[str, list[RequestId]] = {}
 
@@ -82,6 +84,10 @@ class LLMEngine:
         report_logprobs = params.logprobs is not None
         params = self._internal_params(params)
         parent, forks = self.input_processor.make_requests(request_id, processed, params, strict_length)
+        if params.structured_outputs is not None:   # compiled here, off the engine thread (cached)
+            grammar = self.grammar_compiler.compile(params.structured_outputs)
+            for request in (parent, *forks):
+                request.grammar = grammar
         return ProcessedRequest(request_id, processed, parent.sampling_params, parent, forks, output_kind,
                                 report_logprobs, arrival_time)
 

@@ -183,6 +183,24 @@ class Sampler:
         return out
 
 
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """Structured outputs: in place, set logits[rows[i], t] to -inf where bit t of bitmask[i]
+    (an int32 CPU tensor [len(rows), ceil(vocab / 32)], xgrammar's layout) is 0. One copy to
+    the device and one xgrammar kernel (Triton on CUDA, C++ on CPU) for all the rows."""
+    import xgrammar
+    width = bitmask.shape[1]
+    if rows != list(range(len(rows))):   # xgrammar's `indices` index logits and bitmask alike
+        aligned = torch.full((max(rows) + 1, width), -1, dtype=bitmask.dtype)
+        aligned[torch.tensor(rows)] = bitmask
+        bitmask = aligned
+    if logits.device.type != "cpu":
+        bitmask = bitmask.to(logits.device, non_blocking=True)
+    covered = min(logits.shape[-1], width * 32)
+    xgrammar.apply_token_bitmask_inplace(logits, bitmask, vocab_size=covered, indices=rows)
+    if covered < logits.shape[-1]:   # logits wider than the grammar's vocabulary: never allowed
+        logits[torch.tensor(rows, device=logits.device), covered:] = float("-inf")
+
+
 def gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For each row: [token, top-1 .. top-k] ids and logprobs, and the token's rank (1 = best)."""

@@ -21,6 +21,7 @@ NO_OP_FLAGS: dict[str, tuple[bool, str]] = {
     "--swap-space": (True, "preempted requests are recomputed, never swapped"),
     "--disable-custom-all-reduce": (False, "tensor parallelism uses torch.distributed's all-reduce"),
     "--enable-tokenizer-info-endpoint": (False, "GET /tokenizer_info is always served (behind the API key)"),
+    "--guided-decoding-backend": (True, "structured outputs always compile with xgrammar"),
 }
 
 # flag -> the missing feature (True: the flag takes a value)
@@ -28,10 +29,7 @@ MISSING_FEATURE_FLAGS: dict[str, tuple[bool, str]] = {
     "--enable-lora": (False, "LoRA adapters"),
     "--lora-modules": (True, "LoRA adapters"),
     "--speculative-config": (True, "speculative decoding"),
-    "--enable-auto-tool-choice": (False, "tool calling"),
-    "--tool-call-parser": (True, "tool calling"),
     "--reasoning-parser": (True, "reasoning output parsing"),
-    "--guided-decoding-backend": (True, "structured output"),
     "--pipeline-parallel-size": (True, "pipeline parallelism"),
     "--quantization": (True, "quantized checkpoints other than GGUF (see --load-format)"),
 }

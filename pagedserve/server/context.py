@@ -34,6 +34,9 @@ class ServerSettings:
     served_model_aliases: tuple[str, ...] = ()   # --served-model-name's further names (also accepted)
     return_tokens_as_token_ids: bool = False     # logprobs tokens as "token_id:N" by default
     enable_force_include_usage: bool = False     # usage on every stream, as if include_usage were set
+    # issue 20, part 4: tool calling ("auto" needs both, as in vLLM)
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None          # one of tool_calls.TOOL_CALL_PARSERS
 
 
 @dataclass

@@ -2,7 +2,9 @@
 sequences. A stream sends, per choice, a role chunk (then the echoed last message with
 `echo`), content deltas, then one chunk with an empty delta and the finish_reason (exactly
 once per choice); a usage chunk when include_usage (or --enable-force-include-usage); then
-[DONE]. With continuous_usage_stats every chunk, the role chunks included, carries usage."""
+[DONE]. With continuous_usage_stats every chunk, the role chunks included, carries usage.
+With tools (tool_calls.py), calls come back as message.tool_calls / tool_calls deltas and
+finish_reason "tool_calls"."""
 from __future__ import annotations
 
 import time
@@ -14,14 +16,18 @@ from fastapi.responses import JSONResponse, Response
 
 from pagedserve.frontend.async_engine import RequestStream
 from pagedserve.frontend.output_processor import OutputKind
+from pagedserve.errors import ValidationError
 from pagedserve.outputs import CompletionOutput, RequestOutput
+from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
 from pagedserve.server.context import ServerContext, new_request_id
 from pagedserve.server.errors import error_payload
 from pagedserve.server.openai_common import params_observer, truncate_prompts, usage_options, warn_ignored_fields
 from pagedserve.server.openai_logprobs import chat_logprobs, prompt_logprobs_json
 from pagedserve.server.openai_protocol import ChatCompletionRequest
+from pagedserve.server import structured
 from pagedserve.server.streaming import (DONE_EVENT, SSEResponse, add_prompts, close_all, final_outputs,
                                          merge_streams, sse_event, unless_disconnected)
+from pagedserve.server.tool_calls import ToolCallStream, ToolPlan, template_tools
 from pagedserve.server.usage import Usage
 
 ASSISTANT = "assistant"
@@ -32,16 +38,20 @@ async def create_chat_completion(ctx: ServerContext, request: ChatCompletionRequ
     ctx.check_model(request.model)
     warn_ignored_fields(request, "/v1/chat/completions")
     params = request.to_sampling_params()
-    messages = [m.as_template_message() for m in request.messages]
+    plan = request.tool_plan(ctx.settings.enable_auto_tool_choice, ctx.settings.tool_call_parser)
+    constraint = _tool_constraint(plan, params) or request.structured_constraint()
+    messages = [m.as_template_message(position) for position, m in enumerate(request.messages)]
     prompt = await ctx.engine.render_chat_async(messages, request.chat_template or ctx.settings.chat_template,
-                                                request.add_generation_prompt, request.continue_final_message)
+                                                request.add_generation_prompt, request.continue_final_message,
+                                                template_tools(request.tools))
     [prompt] = await truncate_prompts(ctx, [prompt], request.truncate_prompt_tokens, request.add_special_tokens)
     response_id, engine_id = new_request_id("chatcmpl", request.request_id)
     kind = OutputKind.DELTA if request.stream else OutputKind.FINAL_ONLY
-    streams = await add_prompts(ctx.engine, engine_id, [request.engine_prompt(prompt)], params, kind,
-                                request.add_special_tokens)
+    with structured.naming(constraint):   # compile errors name the request's field
+        streams = await add_prompts(ctx.engine, engine_id, [request.engine_prompt(prompt)], params, kind,
+                                    request.add_special_tokens)
     observe = params_observer(raw_request, params.n, params.max_tokens, ctx.engine.max_model_len)
-    builder = _ChatBuilder(ctx, request, response_id, observe)
+    builder = _ChatBuilder(ctx, request, response_id, observe, plan)
     if request.stream:
         return SSEResponse(builder.stream(streams))
     try:
@@ -51,16 +61,35 @@ async def create_chat_completion(ctx: ServerContext, request: ChatCompletionRequ
     return JSONResponse(builder.response(finals[0]))
 
 
+def _tool_constraint(plan: ToolPlan, params: SamplingParams) -> structured.Constraint | None:
+    """tool_choice "required" or a named function: the output follows the tools' schema
+    (set on params); None for "none" / "auto"."""
+    schema = plan.schema()
+    if schema is None:
+        return None
+    if params.structured_outputs is not None:
+        raise ValidationError('tool_choice "required" or a named function cannot be combined with another '
+                              'structured-output constraint (response_format, structured_outputs, guided_*)',
+                              "tool_choice")
+    try:
+        params.structured_outputs = StructuredOutputsParams(json=schema)
+    except ValidationError as exc:
+        raise ValidationError(f"tools: {exc.message}", "tools") from None
+    return structured.Constraint(params.structured_outputs, "tools")
+
+
 @dataclass
 class _ChatBuilder:
     ctx: ServerContext
     request: ChatCompletionRequest
     response_id: str
     observe_params: Callable[[int], None]
+    tool_plan: ToolPlan = field(default_factory=lambda: ToolPlan("none"))
     usage: Usage = field(default_factory=Usage)
     created: int = field(default_factory=lambda: int(time.time()))   # this response's time
     finished: set[int] = field(default_factory=set)
     observed: bool = False
+    tool_streams: dict[int, ToolCallStream] = field(default_factory=dict)   # per choice, when tools are active
 
     @property
     def role(self) -> str:
@@ -89,10 +118,10 @@ class _ChatBuilder:
         choices = []
         for completion in output.outputs:
             self.usage.add_completion(len(completion.token_ids))
-            choice = {"index": completion.index,
-                      "message": {"role": self.role, "content": self.echo_text + completion.text},
+            message, finish_reason = self._message(completion)
+            choice = {"index": completion.index, "message": message,
                       "logprobs": self._logprobs(completion),
-                      "finish_reason": completion.finish_reason,
+                      "finish_reason": finish_reason,
                       "stop_reason": completion.stop_reason}
             if self.request.return_token_ids:
                 choice["token_ids"] = list(completion.token_ids)
@@ -105,6 +134,20 @@ class _ChatBuilder:
         if self.request.return_token_ids:
             body["prompt_token_ids"] = list(output.prompt_token_ids)
         return body
+
+    def _message(self, completion: CompletionOutput) -> tuple[dict[str, Any], str | None]:
+        """The choice's message and finish_reason: with tools, calls found in (or forced on)
+        the output become tool_calls (content null when nothing else was said) and a
+        finished call's finish_reason is "tool_calls"."""
+        if self.request.tools is None:
+            return {"role": self.role, "content": self.echo_text + completion.text}, completion.finish_reason
+        parsed = self.tool_plan.parse(completion.text)
+        content = self.echo_text + (parsed.content or "")
+        finish_reason = completion.finish_reason
+        if parsed.tool_calls and finish_reason == "stop":
+            finish_reason = "tool_calls"
+        return ({"role": self.role, "content": content or None,
+                 "tool_calls": [call.as_dict() for call in parsed.tool_calls]}, finish_reason)
 
     async def stream(self, streams: list[RequestStream]) -> AsyncIterator[str]:
         include_usage, continuous = usage_options(self.request.stream_options,
@@ -153,6 +196,8 @@ class _ChatBuilder:
 
     def _deltas(self, completion: CompletionOutput) -> list[dict[str, Any]]:
         self.usage.add_completion(len(completion.token_ids))
+        if self.tool_plan.active:
+            return self._tool_deltas(completion)
         chunks = []
         logprobs = self._logprobs(completion)
         if completion.text or (logprobs and logprobs["content"]) or (self.request.return_token_ids
@@ -164,6 +209,17 @@ class _ChatBuilder:
         if completion.finish_reason is not None:
             self.finished.add(completion.index)
             chunks.append(self._chunk(completion.index, {}, None, completion.finish_reason, completion.stop_reason))
+        return chunks
+
+    def _tool_deltas(self, completion: CompletionOutput) -> list[dict[str, Any]]:
+        """Tool calls streamed as OpenAI does (tool_calls.ToolCallStream); no logprobs."""
+        tool_stream = self.tool_streams.setdefault(completion.index, ToolCallStream(self.tool_plan))
+        finished = completion.finish_reason is not None
+        chunks = [self._chunk(completion.index, delta) for delta in tool_stream.feed(completion.text, finished)]
+        if finished:
+            self.finished.add(completion.index)
+            chunks.append(self._chunk(completion.index, {}, None, tool_stream.finish_reason(completion.finish_reason),
+                                      completion.stop_reason))
         return chunks
 
     def _chunk(self, index: int, delta: dict[str, Any], logprobs: dict | None = None,

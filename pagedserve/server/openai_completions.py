@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from pagedserve.frontend.async_engine import RequestStream
 from pagedserve.frontend.output_processor import OutputKind
 from pagedserve.outputs import CompletionOutput, RequestOutput
+from pagedserve.server import structured
 from pagedserve.server.context import ServerContext, new_request_id
 from pagedserve.server.errors import error_payload
 from pagedserve.server.openai_common import params_observer, truncate_prompts, usage_options, warn_ignored_fields
@@ -32,7 +33,8 @@ async def create_completion(ctx: ServerContext, request: CompletionRequest, raw_
     prompts = [request.engine_prompt(prompt) for prompt in prompts]
     response_id, engine_id = new_request_id("cmpl", request.request_id)
     kind = OutputKind.DELTA if request.stream else OutputKind.FINAL_ONLY
-    streams = await add_prompts(ctx.engine, engine_id, prompts, params, kind, request.add_special_tokens)
+    with structured.naming(request.structured_constraint()):   # compile errors name the request's field
+        streams = await add_prompts(ctx.engine, engine_id, prompts, params, kind, request.add_special_tokens)
     observe = params_observer(raw_request, params.n, params.max_tokens, ctx.engine.max_model_len)
     builder = _CompletionBuilder(ctx, request, response_id, observe)
     if request.stream:

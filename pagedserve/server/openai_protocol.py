@@ -8,7 +8,9 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from pagedserve.errors import ValidationError
-from pagedserve.sampling_params import SamplingParams
+from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
+from pagedserve.server import structured
+from pagedserve.server.tool_calls import ToolPlan, check_history_tool_calls, check_tools, resolve_tool_choice
 
 _LONG_MIN, _LONG_MAX = -(2**63), 2**63 - 1
 
@@ -72,7 +74,7 @@ class _SamplingFields(_Strict):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
-    guided_decoding_backend: str | None = None
+    guided_decoding_backend: str | None = None   # accepted and ignored (one backend: xgrammar)
     guided_whitespace_pattern: str | None = None
     structured_outputs: Any = None
     response_format: dict[str, Any] | None = None
@@ -84,9 +86,7 @@ class _SamplingFields(_Strict):
         for name, neutral in UNSUPPORTED.items():
             if hasattr(self, name) and getattr(self, name) not in neutral:
                 raise ValidationError(f"{name} is not supported by this server", name)
-        if self.response_format is not None and self.response_format.get("type", "text") != "text":
-            raise ValidationError("response_format other than {\"type\": \"text\"} is not supported "
-                                  "(no structured output yet)", "response_format")
+        self.structured_constraint()   # structured-output fields: a 400 naming the field (structured.py)
         if self.cache_salt is not None and not self.cache_salt:
             raise ValidationError("cache_salt must be a non-empty string if given", "cache_salt")
         if self.stream_options is not None and not self.stream:
@@ -129,17 +129,24 @@ class _SamplingFields(_Strict):
             max_tokens=max_tokens, min_tokens=self.min_tokens, logprobs=logprobs,
             prompt_logprobs=self.prompt_logprobs, skip_special_tokens=self.skip_special_tokens,
             spaces_between_special_tokens=self.spaces_between_special_tokens,
-            logit_bias=_logit_bias(self.logit_bias))
+            logit_bias=_logit_bias(self.logit_bias), structured_outputs=self.structured_params())
+
+    def structured_constraint(self) -> structured.Constraint | None:
+        """The request's one structured-output constraint (response_format, structured_outputs
+        or guided_*) and the field it came from; ValidationError naming the field."""
+        return structured.from_openai(self)
+
+    def structured_params(self) -> StructuredOutputsParams | None:
+        constraint = self.structured_constraint()
+        return None if constraint is None else constraint.params
 
 
 # Fields accepted only at these values (their default, or an explicit "off").
 UNSUPPORTED: dict[str, tuple] = {
     "use_beam_search": (False,), "length_penalty": (1.0,), "priority": (0,),
-    "allowed_token_ids": (None,), "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
-    "guided_grammar": (None,), "guided_decoding_backend": (None,), "guided_whitespace_pattern": (None,),
-    "structured_outputs": (None,), "logits_processors": (None,),
-    "kv_transfer_params": (None,), "vllm_xargs": (None,), "suffix": (None, ""), "tools": (None, []),
-    "tool_choice": (None, "none", "auto"), "chat_template_kwargs": (None, {}), "documents": (None, []),
+    "allowed_token_ids": (None,), "guided_whitespace_pattern": (None,), "logits_processors": (None,),
+    "kv_transfer_params": (None,), "vllm_xargs": (None,), "suffix": (None, ""),
+    "chat_template_kwargs": (None, {}), "documents": (None, []),
     # OpenAI chat fields that would change the output: accepted only when off (H3, issue 16 #13)
     "reasoning_effort": (None,), "verbosity": (None,), "web_search_options": (None,), "audio": (None,),
     "modalities": (None, ["text"]), "functions": (None, []), "function_call": (None, "none", "auto"),
@@ -209,13 +216,15 @@ class ChatMessage(_Strict):
     audio: None = None
     function_call: None = None
 
-    def as_template_message(self) -> dict[str, Any]:
+    def as_template_message(self, position: int = 0) -> dict[str, Any]:
         """The message as given; the frontend's render_chat flattens content parts (the
-        same function LLM.chat uses, so online and offline prompts are the same)."""
+        same function LLM.chat uses, so online and offline prompts are the same). An
+        assistant turn's tool_calls reach the template with their arguments as dicts (the HF
+        convention, as vLLM passes them); a "tool" message keeps its tool_call_id."""
+        message = self.model_dump(exclude_none=True, exclude={"refusal", "tool_calls", "audio", "function_call"})
         if self.tool_calls:
-            raise ValidationError("tool_calls in messages are not supported (no tool calling yet)",
-                                  "messages.tool_calls")
-        return self.model_dump(exclude_none=True, exclude={"refusal", "tool_calls", "audio", "function_call"})
+            message["tool_calls"] = check_history_tool_calls(self.tool_calls, position)
+        return message
 
     def text(self) -> str:
         """The content as one string (parts joined with newlines, as vLLM's echo)."""
@@ -264,9 +273,15 @@ class ChatCompletionRequest(_SamplingFields):
             raise ValidationError("messages must not be empty", "messages")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValidationError("top_logprobs needs logprobs set to true", "top_logprobs")
+        check_tools(self.tools)   # tool_choice needs the server's flags: checked in tool_plan()
         if self.continue_final_message and self.add_generation_prompt:
             raise ValidationError("continue_final_message and add_generation_prompt cannot both be true",
                                   "continue_final_message")
+
+    def tool_plan(self, enable_auto_tool_choice: bool, tool_call_parser: str | None) -> ToolPlan:
+        """tools + tool_choice under the server's flags (tool_calls.py); a 400 naming the field."""
+        return resolve_tool_choice(check_tools(self.tools), self.tool_choice, enable_auto_tool_choice,
+                                   tool_call_parser)
 
     def to_sampling_params(self) -> SamplingParams:
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

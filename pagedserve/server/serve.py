@@ -14,6 +14,7 @@ from pagedserve.models.default_model import DEFAULT_MODEL_NAME
 from pagedserve.server.compat_flags import add_compat_arguments
 from pagedserve.server.context import DEFAULT_MAX_REQUEST_BODY_BYTES, DEFAULT_MAX_WAITING_REQUESTS, ServerSettings
 from pagedserve.server.engine_flags import add_engine_arguments, engine_kwargs
+from pagedserve.server.tool_calls import TOOL_CALL_PARSERS
 from pagedserve.server.tgi_settings import DEFAULT_PORT, add_tgi_arguments, apply_tgi_settings
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="engine requests (one per prompt) allowed to wait beyond --max-num-seqs, both APIs; "
                              "one more is answered 503 (OpenAI) / 429 (TGI) with Retry-After "
                              f"(default {DEFAULT_MAX_WAITING_REQUESTS})")
+    parser.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help='allow tool_choice "auto" (the default when a request has tools): calls are '
+                             "parsed from the output with --tool-call-parser")
+    parser.add_argument("--tool-call-parser", default=None, choices=TOOL_CALL_PARSERS,
+                        help="how tool calls are found in the output for tool_choice \"auto\": hermes "
+                             "(<tool_call>{json}</tool_call>), llama3_json ({\"name\", \"parameters\"}), "
+                             "pythonic ([f(a=1)])")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     # None where TGI's environment may fill the value in (apply_tgi_settings)
     add_engine_arguments(parser.add_argument_group("engine"),
@@ -71,10 +79,14 @@ def server_settings_from(args: argparse.Namespace) -> ServerSettings:
     if args.max_waiting_requests < 0:
         raise ValidationError(f"--max-waiting-requests must be >= 0, got {args.max_waiting_requests}",
                               "max_waiting_requests")
+    if getattr(args, "enable_auto_tool_choice", False) and not getattr(args, "tool_call_parser", None):
+        raise ValidationError("--enable-auto-tool-choice requires --tool-call-parser", "tool_call_parser")
     names = args.served_model_name or [served_name_of(model)]
     return ServerSettings(served_model_name=names[0], served_model_aliases=tuple(names[1:]),
                           return_tokens_as_token_ids=args.return_tokens_as_token_ids,
                           enable_force_include_usage=args.enable_force_include_usage,
+                          enable_auto_tool_choice=getattr(args, "enable_auto_tool_choice", False),
+                          tool_call_parser=getattr(args, "tool_call_parser", None),
                           model_root=model or DEFAULT_MODEL_NAME,
                           api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                           chat_template=load_chat_template(args.chat_template),

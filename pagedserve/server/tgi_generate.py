@@ -15,9 +15,10 @@ from fastapi import Request
 from pagedserve.frontend.async_engine import RequestStream
 from pagedserve.frontend.output_processor import OutputKind
 from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput, tgi_finish_reason
+from pagedserve.server import structured
 from pagedserve.server.context import ServerContext
-from pagedserve.server.metrics import TGIMetrics
 from pagedserve.server.errors import API, IncompleteGenerationError, describe
+from pagedserve.server.metrics import TGIMetrics
 from pagedserve.server.streaming import sse_event, unless_disconnected
 from pagedserve.server.tgi_protocol import ValidGenerateRequest
 
@@ -51,8 +52,9 @@ class TokenBuilder:
 
 
 async def start(ctx: ServerContext, valid: ValidGenerateRequest, kind: OutputKind) -> RequestStream:
-    return await ctx.engine.add_request(f"tgi-{uuid.uuid4().hex}", {"prompt_token_ids": valid.input_ids},
-                                        valid.params, kind, strict_length=True)
+    with structured.naming(valid.constraint):   # a grammar that fails to compile: 422 naming parameters.grammar
+        return await ctx.engine.add_request(f"tgi-{uuid.uuid4().hex}", {"prompt_token_ids": valid.input_ids},
+                                            valid.params, kind, strict_length=True)
 
 
 async def generate(ctx: ServerContext, valid: ValidGenerateRequest, raw_request: Request,

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pagedserve.errors import ValidationError
 from pagedserve.sampling_params import SamplingParams
+from pagedserve.server import structured
 from pagedserve.server.tgi_settings import TGISettings
 
 MAX_SEED = 2**32   # seeds TGI draws when none is given (reported back in details.seed)
@@ -68,6 +69,7 @@ class ValidGenerateRequest:
     decoder_input_details: bool
     top_n_tokens: int
     return_full_text: bool
+    constraint: structured.Constraint | None = None   # parameters.grammar (its compile errors name it)
 
 
 def validate(request: GenerateRequest, settings: TGISettings, max_total_tokens: int, tokenizer: Any,
@@ -80,6 +82,7 @@ def validate(request: GenerateRequest, settings: TGISettings, max_total_tokens: 
     sampling = p.do_sample   # do_sample=false is greedy whatever the temperature
     seed = (p.seed if p.seed is not None else random.randrange(MAX_SEED)) if sampling else None
     top_n_tokens = p.top_n_tokens or 0
+    constraint = structured.from_tgi_grammar(p.grammar)   # 422 naming parameters.grammar
     params = SamplingParams(
         n=best_of, best_of=best_of if best_of > 1 else None,
         temperature=(p.temperature if p.temperature is not None else 1.0) if sampling else 0.0,
@@ -90,9 +93,10 @@ def validate(request: GenerateRequest, settings: TGISettings, max_total_tokens: 
         frequency_penalty=p.frequency_penalty or 0.0, seed=seed,
         stop=list(p.stop), include_stop_str_in_output=True,   # TGI keeps the stop sequence in the text
         max_tokens=max_new_tokens, logprobs=top_n_tokens,    # logprobs=0: the sampled token's own
-        prompt_logprobs=0 if p.decoder_input_details else None)
+        prompt_logprobs=0 if p.decoder_input_details else None,
+        structured_outputs=None if constraint is None else constraint.params)
     return ValidGenerateRequest(request.inputs, input_ids, params, best_of, sampling, seed, p.details,
-                                p.decoder_input_details, top_n_tokens, bool(p.return_full_text))
+                                p.decoder_input_details, top_n_tokens, bool(p.return_full_text), constraint)
 
 
 def _check_best_of(p: GenerateParameters, settings: TGISettings, stream: bool) -> int:
@@ -138,8 +142,6 @@ def _check_ranges(p: GenerateParameters, settings: TGISettings) -> None:
                               f"Given: {p.top_n_tokens}")
     if p.watermark:
         raise ValidationError("watermark is not supported")
-    if p.grammar is not None:
-        raise ValidationError("grammar is not supported")
     if p.adapter_id is not None:
         raise ValidationError("adapter_id is not supported: this server serves one model without adapters")
 

@@ -25,7 +25,7 @@ from pagedserve.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerC
 from pagedserve.engine_io import ModelRunnerOutput, RequestId, SchedulerOutput, TokenLogprobs
 from pagedserve.layers.linear import set_gemv_max_rows
 from pagedserve.layers.parallel import tp_rank
-from pagedserve.layers.sampler import Sampler, gather_logprobs
+from pagedserve.layers.sampler import Sampler, apply_token_bitmask, gather_logprobs
 from pagedserve.models.loader import load_weights
 from pagedserve.models.registry import resolve_model_class
 from pagedserve.worker.input_batch import BlockTable, CachedRequestState, StepInputs, build_step_inputs
@@ -216,6 +216,8 @@ class ModelRunner:
         if sample_states:
             if len(row_of_logits) != logits.shape[0]:
                 logits = logits[torch.tensor(row_of_logits, device=logits.device)]
+            if so.grammar_bitmask is not None:
+                self._apply_grammar(logits, so, sample_states)
             sampled = sample(self.sampler, logits, sample_states, self.model_config.vocab_size, self.device,
                              self.model_config.eos_token_ids)
             pending = self._defer(output, sample_states, sampled)
@@ -225,6 +227,23 @@ class ModelRunner:
             return pending.get()
         self._prev_sampled = None
         return output
+
+    @staticmethod
+    def _apply_grammar(logits: torch.Tensor, so: SchedulerOutput, states: list[CachedRequestState]) -> None:
+        """Mask the logits rows of constrained requests with their bitmask rows (before
+        sampling and logprobs, so every sampler path, greedy argmax included, obeys it)."""
+        mask_row = {rid: i for i, rid in enumerate(so.structured_req_ids)}
+        rows, picked = [], []
+        for row, state in enumerate(states):
+            i = mask_row.get(state.req_id)
+            if i is not None:
+                rows.append(row)
+                picked.append(i)
+        if rows:
+            bitmask = so.grammar_bitmask
+            if picked != list(range(bitmask.shape[0])):
+                bitmask = bitmask[torch.tensor(picked)]
+            apply_token_bitmask(logits, bitmask, rows)
 
     def _defer(self, output: ModelRunnerOutput, states: list[CachedRequestState], sampled) -> PendingRunnerOutput:
         positions = []

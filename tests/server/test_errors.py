@@ -34,8 +34,9 @@ def _assert_error(response: requests.Response, status: int, param: str | None, e
     (COMPLETIONS, {"prompt": "hi", "suffix": "!"}, "suffix"),
     (COMPLETIONS, {"prompt": "hi", "use_beam_search": True}, "use_beam_search"),
     (COMPLETIONS, {"prompt": "hi", "made_up_field": 1}, "made_up_field"),
-    (CHAT, {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    (CHAT, {"messages": MESSAGES, "response_format": {"type": "json_object"}}, "response_format"),
+    # tools without tool_choice mean "auto", which needs --enable-auto-tool-choice (as vLLM)
+    (CHAT, {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
+    (CHAT, {"messages": MESSAGES, "response_format": {"type": "json_object", "made_up": 1}}, "response_format"),
     (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages.0.content"),
     (COMPLETIONS, {"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),

@@ -162,9 +162,9 @@ def test_spec_fields_accepted_and_ignored(client, srv, references) -> None:
     ({"reasoning_effort": "high"}, "reasoning_effort"),
     ({"modalities": ["text", "audio"]}, "modalities"),
     ({"web_search_options": {}}, "web_search_options"),
-    ({"messages": [{"role": "assistant", "content": None,
+    ({"messages": [{"role": "assistant", "content": None,   # tool_calls are accepted; bad arguments are not
                     "tool_calls": [{"id": "1", "type": "function",
-                                    "function": {"name": "f", "arguments": "{}"}}]}]}, "messages.tool_calls"),
+                                    "function": {"name": "f", "arguments": "{bad"}}]}]}, "messages"),
 ])
 def test_output_changing_fields_rejected(srv, extra, param) -> None:
     body = {"model": MODEL, "messages": CHAT, "max_tokens": 4, **extra}

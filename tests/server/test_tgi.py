@@ -184,7 +184,8 @@ VALIDATION_CASES = [
     ({"stop": ["a", "b", "c", "d", "e"]}, "`stop` supports up to 4 stop sequences. Given: 5"),
     ({"top_n_tokens": 6}, "`top_n_tokens` must be >= 0 and <= 5. Given: 6"),
     ({"watermark": True}, "watermark is not supported"),
-    ({"grammar": {"type": "regex", "value": "a+"}}, "grammar is not supported"),
+    ({"grammar": {"type": "xml", "value": "a+"}},
+     'parameters.grammar.type must be "json", "json_object", "regex" or "json_schema", got \'xml\''),
 ]
 
 

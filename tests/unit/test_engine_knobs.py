@@ -74,9 +74,21 @@ def test_serve_flags_build_engine_args() -> None:
                                                                                        tensor_parallel_size=3)
 
 
+class _RecordedEngine:
+    """Stands in for LLMEngine: records the EngineArgs it was built with."""
+
+    built: list[EngineArgs] = []
+
+    def __init__(self, args: EngineArgs) -> None:
+        self.built.append(args)
+
+    def shutdown(self) -> None:
+        pass
+
+
 def test_llm_takes_exactly_the_engine_args(monkeypatch) -> None:
-    built = []
-    monkeypatch.setattr(pagedserve.llm, "LLMEngine", built.append)
+    built = _RecordedEngine.built = []
+    monkeypatch.setattr(pagedserve.llm, "LLMEngine", _RecordedEngine)
     LLM(**NON_DEFAULTS)
     assert built == [EngineArgs(**NON_DEFAULTS)]
     LLM("positional/model", quantization=None)   # an unsupported knob at its default is fine

@@ -1,0 +1,75 @@
+"""Structured outputs, the frontend half: StructuredOutputsParams -> an xgrammar CompiledGrammar.
+
+One GrammarCompiler per engine, built on first use from the engine's tokenizer (with the
+model's vocabulary size, which may exceed the tokenizer's, and the engine's EOS ids as the
+grammar's stop tokens). xgrammar's compiler caches compiled grammars by their text, so a
+schema compiles once however many requests send it. `compile` is thread-safe: it runs in
+LLMEngine.process_request (the AsyncEngine's processing pool, off the event loop and off the
+engine thread). An invalid schema, regex or grammar is a ValidationError naming the field.
+
+The compiled grammar is opaque to everything above the core: it rides on the core Request
+(`Request.grammar`), where core/structured_output.py gives each sequence its own matcher.
+"""
+from __future__ import annotations
+
+import json
+import re
+import threading
+from typing import Any
+
+from pagedserve.errors import ValidationError
+from pagedserve.sampling_params import StructuredOutputsParams
+
+# xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:123: "
+_CPP_PREFIX = re.compile(r"^\s*\[[^\]]*\]\s*\S+:\d+:\s*")
+CACHE_LIMIT_BYTES = 256 * 2**20
+
+
+class GrammarCompiler:
+    """Compiles StructuredOutputsParams for one tokenizer; safe from any thread."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: tuple[int, ...]) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.eos_token_ids = eos_token_ids
+        self._compiler = None
+        self._lock = threading.Lock()
+
+    def _get(self):
+        with self._lock:
+            if self._compiler is None:
+                import xgrammar
+                info = xgrammar.TokenizerInfo.from_huggingface(
+                    self.tokenizer, vocab_size=self.vocab_size, stop_token_ids=list(self.eos_token_ids) or None)
+                self._compiler = xgrammar.GrammarCompiler(info, max_threads=2, cache_limit_bytes=CACHE_LIMIT_BYTES)
+            return self._compiler
+
+    def compile(self, params: StructuredOutputsParams) -> Any:
+        """The xgrammar CompiledGrammar for `params`; ValidationError naming the field if it
+        cannot compile."""
+        if self.tokenizer is None:
+            raise ValidationError("structured_outputs needs a tokenizer (the engine runs with "
+                                  "skip_tokenizer_init=True)", "structured_outputs")
+        compiler = self._get()
+        kind = params.kind
+        try:
+            if kind == "json":
+                return compiler.compile_json_schema(json.dumps(params.json), any_whitespace=False)
+            if kind == "json_object":
+                return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
+            if kind == "regex":
+                return compiler.compile_regex(params.regex)
+            if kind == "grammar":
+                return compiler.compile_grammar(params.grammar)
+            return compiler.compile_grammar(choice_grammar(params.choice))
+        except (RuntimeError, ValueError, TypeError) as exc:
+            text = _CPP_PREFIX.sub("", str(exc)).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            what = {"json": "JSON schema", "json_object": "JSON object grammar", "regex": "regex",
+                    "grammar": "grammar", "choice": "choice"}[kind]
+            raise ValidationError(f"structured_outputs.{kind}: invalid {what}: {text}", kind) from None
+
+
+def choice_grammar(choices: list[str]) -> str:
+    """EBNF whose language is exactly the given strings (JSON string escaping is also
+    xgrammar's EBNF literal escaping)."""
+    return "root ::= " + " | ".join(json.dumps(choice, ensure_ascii=False) for choice in choices)

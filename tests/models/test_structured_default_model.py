@@ -1,0 +1,75 @@
+"""Structured outputs on the default model (SmolLM2-135M-Instruct) through the offline API:
+32 prompts under a JSON schema (nested objects, arrays, enums, required fields) all parse and
+validate, greedy and at temperature 1.0; regex, choice and EBNF outputs match."""
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+
+from pagedserve import LLM, SamplingParams, StructuredOutputsParams
+from tests.helpers import TEST_DEVICE
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 16},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "role": {"enum": ["admin", "user", "guest"]},
+        "address": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 16}, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+            "required": ["city", "zip"],
+        },
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "minItems": 1, "maxItems": 3},
+        "active": {"type": "boolean"},
+    },
+    "required": ["name", "age", "role", "address", "tags", "active"],
+}
+SUBJECTS = ["a teacher", "a pilot", "a farmer", "a student", "a chef", "a doctor", "a painter", "a nurse"]
+PROMPTS = [f"{verb} {subject} as a JSON user record:" for verb in ("Describe", "Write", "Invent", "Give")
+           for subject in SUBJECTS]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(device=TEST_DEVICE, dtype="float32", max_model_len=512)
+
+
+def _chat_prompt(llm: LLM, text: str) -> str:
+    return llm.get_tokenizer().apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                   add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_json_schema_outputs_all_validate(llm, temperature):
+    assert len(PROMPTS) == 32
+    params = SamplingParams(max_tokens=128, temperature=temperature, seed=1234,
+                            structured_outputs=StructuredOutputsParams(json=SCHEMA))
+    outs = llm.generate([_chat_prompt(llm, p) for p in PROMPTS], params, use_tqdm=False)
+    for out in outs:
+        completion = out.outputs[0]
+        assert completion.finish_reason == "stop", completion.text
+        jsonschema.validate(json.loads(completion.text), SCHEMA)
+
+
+def test_regex_choice_and_grammar_outputs_match(llm):
+    regex = r"\d{3}-\d{3}-\d{4}"
+    choices = ["Paris", "London", "Berlin", "Madrid"]
+    grammar = ('root ::= "The answer is " answer "."\n'
+               'answer ::= "yes" | "no" | [0-9] [0-9]?')
+    prompts = [_chat_prompt(llm, "Give me a phone number."), _chat_prompt(llm, "What is the capital of France?"),
+               _chat_prompt(llm, "Is water wet?"), _chat_prompt(llm, "Pick a city.")]
+    params = [SamplingParams(max_tokens=32, temperature=0.0, structured_outputs=StructuredOutputsParams(regex=regex)),
+              SamplingParams(max_tokens=16, temperature=0.0, structured_outputs=StructuredOutputsParams(choice=choices)),
+              SamplingParams(max_tokens=32, temperature=0.0, structured_outputs=StructuredOutputsParams(grammar=grammar)),
+              SamplingParams(max_tokens=16, temperature=1.0, seed=5, n=3,
+                             structured_outputs=StructuredOutputsParams(choice=choices))]
+    phone, capital, answer, cities = llm.generate(prompts, params, use_tqdm=False)
+    assert re.fullmatch(regex, phone.outputs[0].text), phone.outputs[0].text
+    assert capital.outputs[0].text in choices
+    assert re.fullmatch(r"The answer is (yes|no|[0-9][0-9]?)\.", answer.outputs[0].text), answer.outputs[0].text
+    assert all(c.text in choices and c.finish_reason == "stop" for c in cities.outputs)
+    assert all(o.outputs[0].finish_reason == "stop" for o in (phone, capital, answer))

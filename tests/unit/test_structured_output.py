@@ -1,0 +1,159 @@
+"""Structured outputs, the engine mechanics, on a tiny random llama that uses the default
+model's tokenizer (so xgrammar sees a real byte-level vocabulary): the bitmask op, grammar
+compliance of sampled outputs, isolation from unconstrained requests in the same batch
+(async and lockstep), parallel samples, bad grammars, and unsatisfiable grammars."""
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+import torch
+
+from pagedserve import LLM, SamplingParams, StructuredOutputsParams, ValidationError
+from pagedserve.layers.sampler import apply_token_bitmask
+from tests.helpers import random_prompts
+
+VOCAB = 49152
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from pagedserve.models.default_model import default_model_path
+    from tests.helpers import TINY_COMMON
+    path = str(tmp_path_factory.mktemp("tiny_tok"))
+    gguf = default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**TINY_COMMON, "vocab_size": VOCAB, "eos_token_id": tokenizer.eos_token_id},
+                         rope_theta=10000.0, tie_word_embeddings=True)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["async", "lockstep"])
+def llm(request, checkpoint) -> LLM:
+    return LLM(model=checkpoint, device="cpu", dtype="float32", max_model_len=256, block_size=16,
+               num_kv_blocks=256, async_scheduling=request.param)
+
+
+def _gen(llm: LLM, prompts, params):
+    return llm.generate(prompts, params, use_tqdm=False)
+
+
+def test_bitmask_masks_only_the_constrained_rows():
+    import xgrammar
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 100, generator=g)
+    original = logits.clone()
+    bitmask = torch.zeros(2, 4, dtype=torch.int32)   # 128 bits, 100 used
+    bitmask[0, 0] = 0b1011           # row 0 of the mask allows tokens 0, 1, 3
+    bitmask[1, 3] = 1 << 2           # row 1 allows token 98
+    apply_token_bitmask(logits, bitmask, rows=[3, 1])   # mask row 0 -> logits row 3, 1 -> 1
+    allowed = [torch.isfinite(logits[r]).nonzero().flatten().tolist() for r in range(4)]
+    assert allowed[3] == [0, 1, 3] and allowed[1] == [98]
+    assert torch.equal(logits[0], original[0]) and torch.equal(logits[2], original[2])
+    assert torch.equal(logits[3, [0, 1, 3]], original[3, [0, 1, 3]])
+    assert xgrammar.bitmask_dtype == torch.int32
+
+
+def test_choice_outputs_are_choices_with_parallel_samples(llm):
+    choices = ["yes", "no", "maybe not", 'a "quoted" one']
+    params = SamplingParams(n=2, max_tokens=20, temperature=1.0, seed=7, ignore_eos=True,
+                            structured_outputs=StructuredOutputsParams(choice=choices))
+    outs = _gen(llm, ["Answer:", "Is it?", "Well"], params)
+    for out in outs:
+        assert len(out.outputs) == 2
+        for completion in out.outputs:
+            assert completion.text in choices
+            # ignore_eos: the matcher's termination still ends it, as a stop
+            assert completion.finish_reason == "stop"
+
+
+def test_regex_and_grammar_outputs_match(llm):
+    regex = r"[a-z]{2,6}@[a-z]{2,4}\.(com|org)"
+    grammar = 'root ::= "(" num ("+" num)* ")"\nnum ::= [1-9] [0-9]?'
+    outs = _gen(llm, ["Email:", "Sum:"], [
+        SamplingParams(max_tokens=40, temperature=1.0, seed=3, structured_outputs=StructuredOutputsParams(regex=regex)),
+        SamplingParams(max_tokens=40, temperature=0.0, structured_outputs=StructuredOutputsParams(grammar=grammar))])
+    assert re.fullmatch(regex, outs[0].outputs[0].text), outs[0].outputs[0].text
+    grammar_out = outs[1].outputs[0]
+    if grammar_out.finish_reason == "stop":
+        assert re.fullmatch(r"\((?:[1-9][0-9]?)(?:\+[1-9][0-9]?)*\)", grammar_out.text), grammar_out.text
+    else:   # the random model may keep adding terms: a prefix of the language
+        assert re.fullmatch(r"\((?:[1-9][0-9]?\+?)*", grammar_out.text), grammar_out.text
+
+
+def test_constrained_request_leaves_the_others_unchanged(llm):
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(4, VOCAB, 3, 30, seed=5)]
+    plain = [SamplingParams(max_tokens=6 + 3 * i, temperature=0.0, ignore_eos=True) for i in range(4)]
+    alone = [o.outputs[0].token_ids for o in _gen(llm, prompts, plain)]
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    constrained = SamplingParams(max_tokens=30, temperature=0.0,
+                                 structured_outputs=StructuredOutputsParams(json=schema))
+    mixed = _gen(llm, prompts[:2] + ["Give JSON:"] + prompts[2:], plain[:2] + [constrained] + plain[2:])
+    assert [o.outputs[0].token_ids for i, o in enumerate(mixed) if i != 2] == alone
+    text = mixed[2].outputs[0].text
+    assert text.startswith('{"a": '), text
+
+
+def test_json_object_starts_an_object(llm):
+    out = _gen(llm, ["JSON:"], SamplingParams(max_tokens=8, temperature=1.0, seed=0,
+                                              structured_outputs=StructuredOutputsParams(json_object=True)))
+    assert out[0].outputs[0].text.startswith("{")
+
+
+def test_unsatisfiable_within_max_tokens_ends_by_length(llm):
+    out = _gen(llm, ["a"], SamplingParams(max_tokens=5, temperature=1.0, seed=1,
+                                          structured_outputs=StructuredOutputsParams(regex="a{300}")))
+    completion = out[0].outputs[0]
+    assert completion.finish_reason == "length" and len(completion.token_ids) == 5
+    assert set(completion.text) == {"a"}
+
+
+@pytest.mark.parametrize("field, value", [
+    ("json", {"type": "object", "properties": {"a": {"type": "strin"}}}),
+    ("regex", "a(b"),
+    ("grammar", "root ::= undefined_rule"),
+])
+def test_invalid_grammar_is_a_validation_error_naming_the_field(llm, field, value):
+    params = SamplingParams(max_tokens=4, structured_outputs=StructuredOutputsParams(**{field: value}))
+    with pytest.raises(ValidationError) as info:
+        llm.engine.add_request("bad", "x", params)
+    assert info.value.param == field
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_no_tokenizer_rejects_structured_outputs(checkpoint):
+    llm = LLM(model=checkpoint, device="cpu", dtype="float32", max_model_len=64, skip_tokenizer_init=True,
+              num_kv_blocks=16)
+    params = SamplingParams(max_tokens=4, structured_outputs=StructuredOutputsParams(regex="a+"))
+    with pytest.raises(ValidationError) as info:
+        llm.generate([{"prompt_token_ids": [1, 2, 3]}], params, use_tqdm=False)
+    assert info.value.param == "structured_outputs"
+
+
+def test_preemption_keeps_the_matcher_state(checkpoint):
+    """Recompute after preemption replays tokens the matcher already accepted: the outputs
+    equal those of a run with room for everyone (seeded), and still match the grammar."""
+    regex = r"\[(\d{1,3}, ){3,12}\d{1,3}\]"
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(6, VOCAB, 20, 40, seed=9)]
+    params = [SamplingParams(max_tokens=60, temperature=1.0, seed=i,
+                             structured_outputs=StructuredOutputsParams(regex=regex)) for i in range(6)]
+
+    def run(num_kv_blocks):
+        llm = LLM(model=checkpoint, device="cpu", dtype="float32", max_model_len=128, block_size=16,
+                  num_kv_blocks=num_kv_blocks, async_scheduling=False)
+        outs = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+        return outs, llm.engine.stats().num_preemptions
+
+    roomy, _ = run(256)
+    tight, preemptions = run(12)
+    assert preemptions > 0
+    assert [o.token_ids for o in tight] == [o.token_ids for o in roomy]
+    assert any(out.finish_reason == "stop" for out in tight)
+    for out in tight:
+        assert re.fullmatch(regex, out.text) or out.finish_reason == "length", out.text
