@@ -62,6 +62,7 @@ class Scheduler:
         self._sent_blocks: dict[RequestId, tuple[int, int]] = {}   # what the runner knows
         self._finished_since_last_step: set[RequestId] = set()
         self.num_history_dependent = 0   # live requests whose sampling reads earlier outputs
+        self.num_constrained = 0         # live requests with a structured-outputs grammar
         # After a failed step: its requests, each scheduled alone until it samples a token
         # (EngineCore._fail); a suspect that fails alone is failed.
         self.suspects: set[RequestId] = set()
@@ -76,11 +77,13 @@ class Scheduler:
         self.requests[request.request_id] = request
         self.waiting.append(request)
         self.num_history_dependent += request.sampling_params.reads_output_history
+        self.num_constrained += request.grammar is not None
         if forks:
             self.pending_forks[request.request_id] = forks
             for child in forks:
                 self.requests[child.request_id] = child
                 self.num_history_dependent += child.sampling_params.reads_output_history
+                self.num_constrained += child.grammar is not None
 
     def finish_requests(self, request_ids: list[RequestId], status: RequestStatus) -> list[Request]:
         """Finish (abort, stop-string stop, error) requests wherever they are; frees blocks.
@@ -146,6 +149,7 @@ class Scheduler:
         self.kv.forget(request)
         if self.requests.pop(request.request_id, None) is not None:
             self.num_history_dependent -= request.sampling_params.reads_output_history
+            self.num_constrained -= request.grammar is not None
         if self._sent_blocks.pop(request.request_id, None) is not None:
             self._finished_since_last_step.add(request.request_id)
 
@@ -160,6 +164,7 @@ class Scheduler:
             out.preempted_req_ids |= self._requeued_since_last_step
             self._requeued_since_last_step = set()
         isolate = bool(self.suspects)   # one suspect alone per step, nothing else
+        constrained = self.num_constrained > 0
         budget = self.max_num_batched_tokens
         scheduled: list[Request] = []
         preempted: list[Request] = []
@@ -173,7 +178,7 @@ class Scheduler:
                 index += 1
                 continue
             num_inflight = request.num_inflight_samples
-            if num_inflight and request.grammar is not None:   # its next mask needs the token in flight
+            if num_inflight and constrained and request.grammar is not None:   # its mask needs that token
                 index += 1
                 continue
             num_tokens = len(request.prompt_token_ids) + len(request.output_token_ids) + num_inflight
@@ -353,6 +358,7 @@ class Scheduler:
         Returns the requests that got a new token or finished this step."""
         changed = []
         requests, sampled = self.requests, runner_output.sampled_token_ids
+        suspects, constrained = self.suspects, self.num_constrained > 0
         for rid, num_new in out.num_scheduled_tokens.items():
             request = requests.get(rid)
             if request is None or request.status != _RUNNING:
@@ -364,10 +370,11 @@ class Scheduler:
                 continue
             request.num_inflight_samples -= 1
             request.output_token_ids.append(token)
-            if self.suspects and rid in self.suspects:   # it ran a whole step alone: cleared
-                self.suspects.discard(rid)
+            if suspects and rid in suspects:   # it ran a whole step alone: cleared
+                suspects.discard(rid)
                 request.num_step_failures = 0
-            if (request.grammar is not None and self._advance_grammar(request, token)) or self._check_stop(request, token):
+            if (constrained and request.grammar is not None and self._advance_grammar(request, token)) \
+                    or self._check_stop(request, token):
                 self.running.remove(request)
                 self._free(request)
             changed.append(request)
