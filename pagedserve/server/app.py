@@ -56,11 +56,12 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, tgi_settings: TGISe
     app.state.ctx = ctx
     app.state.metrics = metrics
     app.add_exception_handler(StarletteHTTPException, _http_exception)   # type: ignore[arg-type]
-    max_num_seqs = engine.max_num_seqs
-    admission = AdmissionLimit(max_num_seqs + settings.max_waiting_requests, settings.max_concurrent_requests)
+    tgi_settings = tgi_settings or TGISettings()
+    admission = AdmissionLimit(engine.max_num_seqs + settings.max_waiting_requests, settings.max_concurrent_requests,
+                               tgi_settings.max_concurrent_requests)
     _add_openai_routes(app, ctx, admission)
     _add_info_routes(app, ctx, metrics)
-    app.include_router(tgi_router(ctx, tgi_settings or TGISettings(), metrics.tgi, admission))
+    app.include_router(tgi_router(ctx, tgi_settings, metrics.tgi, admission))
     document_openapi(app, {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
                            "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest,
                            "/generate": GenerateRequest, "/generate_stream": GenerateRequest, "/": GenerateRequest})
@@ -86,12 +87,7 @@ def _add_openai_routes(app: FastAPI, ctx: ServerContext, admission: AdmissionLim
     async def completions(request: Request) -> Response:
         try:
             body = parse_body(CompletionRequest, await read_json(request))
-            held = admission.admit(len(body.prompts()))
-            try:
-                return held.hold_until_sent(await create_completion(ctx, body, request))
-            except BaseException:
-                held.release()
-                raise
+            return await admission.admit(len(body.prompts())).respond(lambda: create_completion(ctx, body, request))
         except Exception as exc:
             return error_response(exc)
 
@@ -99,12 +95,7 @@ def _add_openai_routes(app: FastAPI, ctx: ServerContext, admission: AdmissionLim
     async def chat_completions(request: Request) -> Response:
         try:
             body = parse_body(ChatCompletionRequest, await read_json(request))
-            held = admission.admit(1)
-            try:
-                return held.hold_until_sent(await create_chat_completion(ctx, body, request))
-            except BaseException:
-                held.release()
-                raise
+            return await admission.admit(1).respond(lambda: create_chat_completion(ctx, body, request))
         except Exception as exc:
             return error_response(exc)
 

@@ -6,7 +6,7 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from starlette.responses import Response, StreamingResponse
 
@@ -86,16 +86,22 @@ async def off_loop(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 class AdmissionLimit:
     """The edge's bound on work in flight, shared by both APIs (event loop only, so plain
     counters): engine requests (one per prompt) up to max_num_seqs + max_waiting_requests,
-    and HTTP generation requests up to max_concurrent_requests when set. One more is an
-    OverloadedError (OpenAI 503 / TGI 429, with Retry-After) before anything is queued."""
+    HTTP generation requests up to max_concurrent_requests when set, and TGI generations up
+    to TGI's own max_concurrent_requests (default 128). One more is an OverloadedError
+    (OpenAI 503 / TGI 429, with Retry-After) before anything is queued."""
 
-    def __init__(self, max_engine_requests: int, max_http_requests: int | None = None) -> None:
+    def __init__(self, max_engine_requests: int, max_http_requests: int | None = None,
+                 max_tgi_requests: int | None = None) -> None:
         self.max_engine_requests = max_engine_requests
         self.max_http_requests = max_http_requests
+        self.max_tgi_requests = max_tgi_requests
         self.engine_requests = 0
         self.http_requests = 0
+        self.tgi_requests = 0
 
-    def admit(self, num_engine_requests: int = 1) -> "Admission":
+    def admit(self, num_engine_requests: int = 1, tgi: bool = False) -> "Admission":
+        if tgi and self.max_tgi_requests is not None and self.tgi_requests >= self.max_tgi_requests:
+            raise OverloadedError("Model is overloaded")
         if self.max_http_requests is not None and self.http_requests >= self.max_http_requests:
             raise OverloadedError(f"the server is overloaded: {self.http_requests} requests in flight "
                                   f"(max_concurrent_requests {self.max_http_requests}); retry later")
@@ -105,15 +111,17 @@ class AdmissionLimit:
                                   "retry later")
         self.engine_requests += num_engine_requests
         self.http_requests += 1
-        return Admission(self, num_engine_requests)
+        self.tgi_requests += tgi
+        return Admission(self, num_engine_requests, tgi)
 
 
 class Admission:
     """One admitted HTTP request; release() (idempotent) gives its share back."""
 
-    def __init__(self, limit: AdmissionLimit, num_engine_requests: int) -> None:
+    def __init__(self, limit: AdmissionLimit, num_engine_requests: int, tgi: bool) -> None:
         self.limit = limit
         self.num_engine_requests = num_engine_requests
+        self.tgi = tgi
         self.released = False
 
     def release(self) -> None:
@@ -121,6 +129,16 @@ class Admission:
             self.released = True
             self.limit.engine_requests -= self.num_engine_requests
             self.limit.http_requests -= 1
+            self.limit.tgi_requests -= self.tgi
+
+    async def respond(self, make_response: Callable[[], Awaitable[Response]]) -> Response:
+        """The route's response, holding this admission until it is sent (released at once
+        if making it fails)."""
+        try:
+            return self.hold_until_sent(await make_response())
+        except BaseException:
+            self.release()
+            raise
 
     def hold_until_sent(self, response: Response) -> Response:
         """Release now, or, for a streamed response, when its body iterator closes (finished,

@@ -4,8 +4,8 @@
     GET  /info              (POST /tokenize with {"inputs": ...}: tokenize.py)
 
 /health, /metrics and the OpenAI routes are shared. At most max_concurrent_requests
-generations are in flight on these routes; one more is a 429 (TGI's semaphore, raised as
-OverloadedError). With an API key set, the generation routes need `Authorization: Bearer
+generations are in flight on these routes; one more is a 429 (the edge's AdmissionLimit,
+context.py, raises OverloadedError). With an API key set, the generation routes need `Authorization: Bearer
 KEY` too (middleware.py; /info stays open)."""
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from pagedserve import __version__
-from pagedserve.errors import OverloadedError
 from pagedserve.frontend.output_processor import OutputKind
 from pagedserve.server.context import Admission, AdmissionLimit, ServerContext, off_loop
 from pagedserve.server.errors import API, describe
@@ -27,28 +26,12 @@ from pagedserve.server.tgi_protocol import GenerateRequest, validate
 from pagedserve.server.tgi_settings import TGISettings
 
 
-class ConcurrencyLimit:
-    """In-flight TGI generations (event loop only): acquire() fails instead of waiting."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.in_flight = 0
-
-    def acquire(self) -> None:
-        if self.in_flight >= self.limit:
-            raise OverloadedError("Model is overloaded")
-        self.in_flight += 1
-
-    def release(self) -> None:
-        self.in_flight -= 1
-
-
 def tgi_router(ctx: ServerContext, settings: TGISettings, metrics: TGIMetrics,
                admission: AdmissionLimit | None = None) -> APIRouter:
-    """TGI's routes; `admission` is the edge's limit shared with the OpenAI routes."""
+    """TGI's routes; `admission` is the edge's limit shared with the OpenAI routes (it also
+    holds TGI's own max_concurrent_requests)."""
     router = APIRouter()
-    limit = ConcurrencyLimit(settings.max_concurrent_requests)
-    shared = admission or AdmissionLimit(2**62)
+    shared = admission or AdmissionLimit(2**62, None, settings.max_concurrent_requests)
 
     async def handle(request: Request, force_stream: bool | None) -> Response:
         metrics.request_count += 1
@@ -58,17 +41,11 @@ def tgi_router(ctx: ServerContext, settings: TGISettings, metrics: TGIMetrics,
             stream = body.stream if force_stream is None else force_stream
             # tokenizing the inputs runs in a worker thread, off the event loop
             valid = await off_loop(validate, body, settings, ctx.engine.max_model_len, ctx.engine.tokenizer, stream)
-            limit.acquire()
-            try:
-                acquired = shared.admit(1)
-            except BaseException:
-                limit.release()
-                raise
+            acquired = shared.admit(1, tgi=True)
             if stream:
                 engine_stream = await start(ctx, valid, OutputKind.DELTA)
                 held, acquired = acquired, None   # the stream's generator releases it
-                return SSEResponse(generate_stream(ctx, valid, engine_stream, metrics,
-                                                   lambda: (held.release(), limit.release())))
+                return SSEResponse(generate_stream(ctx, valid, engine_stream, metrics, held.release))
             result = await generate(ctx, valid, request, metrics)
             # POST / answers a list, as the Inference API does; /generate one object
             return JSONResponse([result] if force_stream is None else result)
@@ -77,7 +54,6 @@ def tgi_router(ctx: ServerContext, settings: TGISettings, metrics: TGIMetrics,
         finally:
             if acquired is not None:
                 acquired.release()
-                limit.release()
 
     @router.post("/generate")
     async def generate_route(request: Request) -> Response:
