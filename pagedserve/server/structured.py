@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from pagedserve.errors import ValidationError
 from pagedserve.sampling_params import StructuredOutputsParams
 
-KINDS = ("json", "regex", "choice", "grammar", "json_object")
+KINDS = tuple(f.name for f in fields(StructuredOutputsParams))   # json, regex, choice, grammar, json_object
 # what the engine (and StructuredOutputsParams) name their errors
 _ENGINE_PARAMS = frozenset(KINDS) | {"structured_outputs"}
 # vLLM's structured_outputs options that do not change a constraint's language here:
