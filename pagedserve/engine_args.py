@@ -117,10 +117,10 @@ class EngineArgs:
         source = resolve_model(self.model)
         distributed_init = "env" if "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ else "spawn"
         if source.gguf_file and self.load_format != "dummy":
-            if self.tensor_parallel_size > 1:   # from the file's metadata, before the long conversion
-                early = ModelConfig.from_hf(load_hf_config(source), torch.float32, self.max_model_len)
+            def check_split(hf_config: Any) -> None:   # from the file's metadata, before the long conversion
+                early = ModelConfig.from_hf(hf_config, torch.float32, self.max_model_len)
                 check_tensor_parallel(self.tensor_parallel_size, early, device.type, distributed_init)
-            source = materialize_gguf(source)
+            source = materialize_gguf(source, check_split if self.tensor_parallel_size > 1 else None)
         hf_config = load_hf_config(source)
         resolve_model_class(architecture_of(hf_config))
         dtype = resolve_dtype(self.dtype, getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None),

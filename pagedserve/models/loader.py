@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import zlib
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -196,13 +196,14 @@ def gguf_cache_root() -> str:
     return os.path.join(base, "pagedserve", "gguf")
 
 
-def materialize_gguf(source: ModelSource) -> ModelSource:
+def materialize_gguf(source: ModelSource, check_config: Callable[[Any], None] | None = None) -> ModelSource:
     """Convert a GGUF file once into an HF folder (config.json, tokenizer files, fp32
     safetensors of the dequantized weights) under ~/.cache/pagedserve/gguf/, keyed by the
     file's name, size and mtime, and return that folder. Reading GGUF metadata through the
     gguf package takes tens of seconds on a small CPU; the folder loads in about two.
     The weights are bit-identical to loading the GGUF directly. Falls back to the GGUF
-    itself when the cache cannot be written."""
+    itself when the cache cannot be written. `check_config(hf_config)` runs on the file's
+    config before a conversion starts (a doomed configuration fails fast, not after it)."""
     path = source.gguf_path
     stat = os.stat(path)
     key = f"{os.path.splitext(source.gguf_file)[0]}-{stat.st_size}-{int(stat.st_mtime)}"
@@ -213,6 +214,8 @@ def materialize_gguf(source: ModelSource) -> ModelSource:
     try:
         from safetensors.torch import save_file
         hf_config = load_hf_config(source)
+        if check_config is not None:
+            check_config(hf_config)
         tokenizer = load_tokenizer(source)
         tensors = {name: as_tensor(t).contiguous() for name, t in _gguf_weights(source, torch.float32, hf_config)}
         os.makedirs(gguf_cache_root(), exist_ok=True)

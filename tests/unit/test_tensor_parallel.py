@@ -193,3 +193,13 @@ def test_dummy_weights_are_the_same_model_at_any_tp(tiny_checkpoints, tmp_path):
         assert [o.token_ids for o in _run(two, prompts)] == expected
     finally:
         two.shutdown()
+
+
+def test_an_impossible_split_fails_before_a_gguf_conversion(tmp_path, monkeypatch):
+    """Cold GGUF cache: the split is checked on the file's own config before the (long)
+    dequantizing conversion starts, and nothing is written to the cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    from pagedserve.models.loader import gguf_cache_root
+    with pytest.raises(ValidationError, match=r"num_attention_heads \(9\) is not divisible"):
+        LLM(tensor_parallel_size=2, device="cpu")
+    assert not os.path.exists(gguf_cache_root()) or not os.listdir(gguf_cache_root())
