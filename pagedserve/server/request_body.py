@@ -92,7 +92,7 @@ def parse_body(model: type[ModelT], body: Any) -> ModelT:
         request = model.model_validate(body)
     except pydantic.ValidationError as exc:
         error = exc.errors()[0]
-        param = ".".join(str(part) for part in error["loc"] if not _is_union_tag(part)) or None
+        param = _param(tuple(part for part in error["loc"] if not _is_union_tag(part)))
         if error["type"] == "extra_forbidden":
             raise ValidationError(f"unknown or unsupported field {param!r}", param) from None
         if error["type"] == "missing":
