@@ -22,7 +22,8 @@ from pagedserve.core.kv_cache_manager import KVCacheManager
 from pagedserve.core.outputs import EngineCoreOutput, EngineCoreOutputs, EngineStats, RequestEvent, RequestEventType
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.scheduler import Scheduler
-from pagedserve.engine_io import Executor, ModelRunnerOutput, PendingOutput, RequestId, SchedulerOutput
+from pagedserve.engine_io import (DeferredSampling, Executor, ModelRunnerOutput, PendingOutput, RequestId,
+                                  SchedulerOutput)
 from pagedserve.errors import ValidationError
 from pagedserve.worker.executor import make_executor
 
@@ -31,7 +32,7 @@ logger = logging.getLogger(__name__)
 _QUEUED, _SCHEDULED = RequestEventType.QUEUED, RequestEventType.SCHEDULED
 _FIRST_TOKEN, _FINISHED = RequestEventType.FIRST_TOKEN, RequestEventType.FINISHED
 # a launched step: its scheduler output and its result (or what launching it raised)
-_Launched = tuple[SchedulerOutput, ModelRunnerOutput | PendingOutput | Exception]
+_Launched = tuple[SchedulerOutput, ModelRunnerOutput | PendingOutput | DeferredSampling | Exception]
 
 
 class EngineCore:
@@ -59,6 +60,8 @@ class EngineCore:
         # picked once; an unbound function, so the core holds no reference cycle to itself (a
         # bound method would keep a dropped engine's KV cache alive until the cycle collector ran)
         self._step_impl = EngineCore._step_async if self.async_scheduling else EngineCore._step_lockstep
+        # async: a step's grammar bitmask is filled after the previous step's tokens are applied
+        self.scheduler.defer_grammar = self.async_scheduling
         self._in_flight: _Launched | None = None   # launched, not yet applied (async only)
         # Event bookkeeping, touched only for requests that change state.
         self._events: list[RequestEvent] = []                  # since the last step
@@ -141,7 +144,7 @@ class EngineCore:
                 outputs += self._fail(previous[0], result, dropped)
             else:
                 outputs += self._update(previous[0], result)
-        self._in_flight = launched
+        self._in_flight = self._sample_deferred(launched)
         if launched is not None and (not launched[0].num_scheduled_tokens or self.scheduler.num_history_dependent):
             outputs += self._resolve()   # nothing to wait for, or lockstep
         return self._result(outputs)
@@ -161,6 +164,17 @@ class EngineCore:
             return None
         try:
             return so, self.executor.execute_model(so, non_block=True)
+        except Exception as exc:
+            return so, exc
+
+    def _sample_deferred(self, launched: _Launched | None) -> _Launched | None:
+        """A launched step that waits for its grammar bitmask gets it now: the matchers have
+        taken every earlier token, and the device ran the forward pass meanwhile."""
+        if launched is None or not isinstance(launched[1], DeferredSampling):
+            return launched
+        so, deferred = launched
+        try:
+            return so, deferred.sample(self.scheduler.deferred_grammar_bitmask())
         except Exception as exc:
             return so, exc
 

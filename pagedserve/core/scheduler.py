@@ -9,10 +9,13 @@ last one's sampled tokens are back. Each request counts what is scheduled but un
 max_model_len counting the in-flight token, and never preempts a request with work in
 flight (it schedules less instead; the next step, with that work resolved, may preempt).
 
-Structured outputs (core/structured_output.py): the scheduler fills the token bitmask of the
-constrained requests that sample in the step it builds, and advances their matchers by the
-sampled tokens. Under async scheduling a constrained request whose last sampled token is still
-in flight is skipped (its mask needs that token): it runs every other step, nobody waits.
+Structured outputs (core/structured_output.py): a step names the constrained requests that
+sample in it (structured_req_ids) and carries their token bitmask; update_from_output
+advances their matchers by the sampled tokens. In lockstep the scheduler fills the bitmask
+at once. Under async scheduling (`defer_grammar`, set by EngineCore) a constrained request
+is scheduled with its last token still in flight, and the bitmask is filled later
+(`deferred_grammar_bitmask`), once the engine has applied that token, while the device runs
+the step's forward pass; the runner samples the step when the mask arrives.
 
 Policy "static" (for the static-vs-continuous benchmark): a batch is admitted together and
 no request joins until every request of the batch has finished.
@@ -23,6 +26,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 from pagedserve.core import structured_output
 from pagedserve.core.kv_cache_manager import KVCacheManager
@@ -68,6 +72,9 @@ class Scheduler:
         self.suspects: set[RequestId] = set()
         self._requeued_since_last_step: set[RequestId] = set()
         self._constrained_samples: list[Request] = []   # this step's sampling rows with a grammar
+        self.defer_grammar = False          # async scheduling: the engine fills the bitmask later
+        self._deferred_rows: list[Request] = []   # the rows of the step whose bitmask is deferred
+        self._bitmask_buffer: Any = None
         self.stats = SchedulerStats()
 
     # ---- queue management -------------------------------------------------------------
@@ -178,7 +185,8 @@ class Scheduler:
                 index += 1
                 continue
             num_inflight = request.num_inflight_samples
-            if num_inflight and constrained and request.grammar is not None:   # its mask needs that token
+            if num_inflight and constrained and request.grammar is not None and not self.defer_grammar:
+                # lockstep filling: its mask needs the token in flight
                 index += 1
                 continue
             num_tokens = len(request.prompt_token_ids) + len(request.output_token_ids) + num_inflight
@@ -264,7 +272,22 @@ class Scheduler:
         self._constrained_samples = []
         if constrained:
             out.structured_req_ids = [r.request_id for r in constrained]
-            out.grammar_bitmask = structured_output.fill_bitmask(constrained)
+            if self.defer_grammar:
+                self._deferred_rows = constrained
+            else:
+                out.grammar_bitmask = self._fill(constrained)
+
+    def deferred_grammar_bitmask(self) -> Any:
+        """The bitmask of the last step scheduled with `defer_grammar`, filled now: the engine
+        calls this after applying the previous step's tokens (the matchers' inputs)."""
+        rows, self._deferred_rows = self._deferred_rows, []
+        return self._fill(rows)
+
+    def _fill(self, rows: list[Request]) -> Any:
+        """Rows of one reused buffer: a step's mask is consumed (copied to the device, or
+        applied) when the step samples, before the next one is filled."""
+        self._bitmask_buffer = structured_output.bitmask_buffer(rows, self._bitmask_buffer)
+        return structured_output.fill_bitmask(rows, self._bitmask_buffer)
 
     def _suspect_first(self) -> bool:
         """Move the first waiting suspect to the head of the queue; False if none waits."""

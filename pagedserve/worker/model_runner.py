@@ -78,6 +78,25 @@ def _collect_logprobs(states: list[CachedRequestState], token_ids: torch.Tensor,
             output.logprobs[state.req_id] = TokenLogprobs(ids[row][:1 + k], lps[row][:1 + k], ranks[row])
 
 
+class DeferredSample:
+    """A step whose forward pass is queued and whose sampling waits for the grammar bitmask
+    (engine_io.DeferredSampling): the host fills the mask while the device computes. The
+    runner launches nothing else until `sample` (the engine samples a step before it
+    launches the next one, whose inputs may be this step's sampled ids)."""
+
+    def __init__(self, runner: ModelRunner, output: ModelRunnerOutput, logits: torch.Tensor,
+                 states: list[CachedRequestState], structured_req_ids: list[RequestId]) -> None:
+        self.runner, self.output, self.logits = runner, output, logits
+        self.states, self.structured_req_ids = states, structured_req_ids
+
+    @torch.inference_mode()
+    def sample(self, grammar_bitmask: torch.Tensor | None) -> PendingRunnerOutput:
+        return self.runner._sample(self.output, self.logits, self.states, self.structured_req_ids, grammar_bitmask)
+
+    def get(self) -> ModelRunnerOutput:
+        return self.sample(None).get()
+
+
 class ModelRunner:
     def __init__(self, model: ModelConfig, cache: CacheConfig, scheduler: SchedulerConfig,
                  device_config: DeviceConfig, weights: WeightSource, device: torch.device) -> None:
@@ -98,6 +117,7 @@ class ModelRunner:
         self.graph_runner = None
         # the last launched step's sampled ids on the device (each state's `sampled_row` in them)
         self._prev_sampled: torch.Tensor | None = None
+        self._staging: tuple[torch.Tensor | None, torch.cuda.Event | None] = (None, None)   # see _bitmask_staging
 
     # ---- set-up -----------------------------------------------------------------------
     def load_model(self) -> None:
@@ -216,11 +236,9 @@ class ModelRunner:
         if sample_states:
             if len(row_of_logits) != logits.shape[0]:
                 logits = logits[torch.tensor(row_of_logits, device=logits.device)]
-            if so.grammar_bitmask is not None:
-                self._apply_grammar(logits, so, sample_states)
-            sampled = sample(self.sampler, logits, sample_states, self.model_config.vocab_size, self.device,
-                             self.model_config.eos_token_ids)
-            pending = self._defer(output, sample_states, sampled)
+            if non_block and so.structured_req_ids and so.grammar_bitmask is None:
+                return DeferredSample(self, output, logits, sample_states, so.structured_req_ids)
+            pending = self._sample(output, logits, sample_states, so.structured_req_ids, so.grammar_bitmask)
             if non_block:
                 return pending
             self._prev_sampled = None   # resolved at once: no placeholder left to feed
@@ -228,11 +246,19 @@ class ModelRunner:
         self._prev_sampled = None
         return output
 
-    @staticmethod
-    def _apply_grammar(logits: torch.Tensor, so: SchedulerOutput, states: list[CachedRequestState]) -> None:
+    def _sample(self, output: ModelRunnerOutput, logits: torch.Tensor, states: list[CachedRequestState],
+                structured_req_ids: list[RequestId], grammar_bitmask: torch.Tensor | None) -> PendingRunnerOutput:
+        if grammar_bitmask is not None:
+            self._apply_grammar(logits, structured_req_ids, grammar_bitmask, states)
+        sampled = sample(self.sampler, logits, states, self.model_config.vocab_size, self.device,
+                         self.model_config.eos_token_ids)
+        return self._defer(output, states, sampled)
+
+    def _apply_grammar(self, logits: torch.Tensor, structured_req_ids: list[RequestId], bitmask: torch.Tensor,
+                       states: list[CachedRequestState]) -> None:
         """Mask the logits rows of constrained requests with their bitmask rows (before
         sampling and logprobs, so every sampler path, greedy argmax included, obeys it)."""
-        mask_row = {rid: i for i, rid in enumerate(so.structured_req_ids)}
+        mask_row = {rid: i for i, rid in enumerate(structured_req_ids)}
         rows, picked = [], []
         for row, state in enumerate(states):
             i = mask_row.get(state.req_id)
@@ -240,10 +266,26 @@ class ModelRunner:
                 rows.append(row)
                 picked.append(i)
         if rows:
-            bitmask = so.grammar_bitmask
             if picked != list(range(bitmask.shape[0])):
                 bitmask = bitmask[torch.tensor(picked)]
-            apply_token_bitmask(logits, bitmask, rows)
+            staging = self._bitmask_staging(logits.shape[0], bitmask.shape[1])
+            apply_token_bitmask(logits, bitmask, rows, staging)
+            if staging is not None:
+                self._staging[1].record()   # after the copy from it, for the next reuse
+
+    def _bitmask_staging(self, num_rows: int, width: int) -> torch.Tensor | None:
+        """On CUDA, a pinned host buffer for the step's bitmask, reused once the copy from it
+        of an earlier step is done (normally long done: that step was waited for)."""
+        if self.device.type != "cuda":
+            return None
+        staging, event = self._staging
+        if staging is None or staging.shape[0] < num_rows or staging.shape[1] != width:
+            rows = max(num_rows, self.scheduler_config.max_num_seqs)
+            staging = torch.empty((rows, width), dtype=torch.int32, pin_memory=True)
+            self._staging = (staging, torch.cuda.Event())
+        else:
+            event.synchronize()
+        return staging
 
     def _defer(self, output: ModelRunnerOutput, states: list[CachedRequestState], sampled) -> PendingRunnerOutput:
         positions = []
