@@ -148,3 +148,20 @@ def test_auto_needs_the_server_flags(server) -> None:
     assert "--enable-auto-tool-choice" in response.json()["error"]["message"]
     ok = requests.post(url, json={"messages": ASK, "tools": TOOLS, "tool_choice": "none", "max_tokens": 4}, timeout=60)
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["tool_calls"] == []
+
+
+def test_tools_reach_the_template_on_tokenize_and_with_a_request_template(tool_server, client) -> None:
+    """A request's own chat_template sees `tools` (the default model's own template ignores
+    them), and /tokenize renders tools as the chat route does: the same prompt tokens."""
+    url = f"{tool_server.base_url}/tokenize"
+    template = "{% for t in tools or [] %}<{{ t.function.name }}>{% endfor %}{{ messages[0].content }}"
+    body = {"model": MODEL, "messages": ASK, "chat_template": template, "return_token_strs": True}
+    plain = requests.post(url, json=body, timeout=60).json()
+    with_tools = requests.post(url, json={**body, "tools": TOOLS}, timeout=60).json()
+    assert "".join(with_tools["token_strs"]).startswith("<get_weather><get_time>What")
+    assert "".join(plain["token_strs"]).startswith("What")
+    chat = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="none", max_tokens=1,
+                                          temperature=0, extra_body={"chat_template": template})
+    assert with_tools["count"] == chat.usage.prompt_tokens > plain["count"]
+    bad = requests.post(url, json={**body, "tools": [{"type": "web"}]}, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tools"
