@@ -61,8 +61,12 @@ def test_named_function_gives_a_valid_call(named) -> None:
 
 def test_named_function_streamed_assembles_the_same_call(client, named) -> None:
     chunks = list(client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=NAMED,
-                                                 max_tokens=MAX_TOKENS, temperature=0, stream=True))
+                                                 max_tokens=MAX_TOKENS, temperature=0, stream=True, logprobs=True,
+                                                 stream_options={"include_usage": True}))
     deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    # logprobs ride on the tool-call deltas: one entry per generated token, none lost
+    entries = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert len(entries) == chunks[-1].usage.completion_tokens and all(e.logprob <= 0 for e in entries)
     first = deltas[0]
     assert first.index == 0 and first.id.startswith("chatcmpl-tool-") and first.type == "function"
     assert first.function.name == "get_weather" and first.function.arguments == ""
@@ -112,6 +116,16 @@ def test_auto_parses_or_answers_plain_text(client) -> None:
         assert choice.finish_reason == "tool_calls"
     else:
         assert choice.message.content and choice.finish_reason in ("stop", "length")
+    # streamed: the same answer; plain text arrives as it is generated, not all at the end
+    chunks = list(client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=24,
+                                                 temperature=0, stream=True))
+    contents = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    if choice.message.tool_calls:
+        calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+        assert [tc.function.name for tc in calls if tc.function.name] == [t.function.name for t in
+                                                                         choice.message.tool_calls]
+    else:
+        assert "".join(contents) == choice.message.content and len(contents) > 3
 
 
 def test_tgi_client_named_tool(tool_server) -> None:
