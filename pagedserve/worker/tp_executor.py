@@ -33,8 +33,9 @@ from pagedserve.engine_io import ModelRunnerOutput, SchedulerOutput
 from pagedserve.errors import EngineDeadError
 from pagedserve.worker.kv_budget import resolve_device
 from pagedserve.worker.rank_process import JOINING, LOADED, RankProcess, first_exited, wait_for_milestone
-from pagedserve.worker.tp_worker import (NoopMessage, RankInit, ShutdownMessage, StartMessage, StepMessage,
-                                         broadcast_message, build_runner, init_distributed,
+from pagedserve.worker.shm_queue import ShmMessageQueue
+from pagedserve.worker.tp_worker import (NoopMessage, RankInit, ShutdownMessage, StartMessage, StepChannel,
+                                         StepMessage, broadcast_message, build_runner, init_distributed,
                                          step_group)
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class MultiprocTPExecutor:
         self._dead: EngineDeadError | None = None
         self._closed = False
         self._last_message = time.monotonic()
+        self._queue: ShmMessageQueue | None = None
         init = self._rank_init()
         try:
             if not self.external:
@@ -63,13 +65,15 @@ class MultiprocTPExecutor:
             # each start-up collective is entered only once every rank got there (rank_process.py)
             wait_for_milestone(self.processes, JOINING, timeout_s)
             self.control = init_distributed(init)
-            broadcast_message(StartMessage(config), self.control)
+            if config.parallel.step_queue == "shm" and not self.external:
+                self._queue = ShmMessageQueue(self.world_size - 1)
+            broadcast_message(StartMessage(config, self._queue.handle() if self._queue else None), self.control)
             if self.device.type == "cuda":
                 import torch
                 torch.cuda.set_device(self.device)
             self.runner, self.num_blocks = build_runner(
                 config, self.device, lambda: wait_for_milestone(self.processes, LOADED, timeout_s))
-            self.steps = step_group(init, self.control)
+            self.steps = StepChannel(step_group(init, self.control), self._queue)
         except BaseException:
             self.shutdown()
             raise
@@ -97,7 +101,7 @@ class MultiprocTPExecutor:
         self.check_health()
         with self._lock:
             try:
-                broadcast_message(StepMessage(so), self.steps)
+                self.steps.send(StepMessage(so), self._raise_if_dead_worker, self.timeout_s)
             except Exception as exc:
                 raise self._mark_dead(f"sending the step to the workers failed: {exc}") from exc
             self._last_message = time.monotonic()
@@ -117,6 +121,11 @@ class MultiprocTPExecutor:
                 self._mark_dead(dead)
         if self._dead is not None:
             raise self._dead
+
+    def _raise_if_dead_worker(self) -> None:
+        dead = self._dead_worker(wait_s=0.0)
+        if dead:
+            raise RuntimeError(dead)
 
     def _dead_worker(self, wait_s: float) -> str | None:
         """A line naming the first spawned rank that exited (waiting up to `wait_s`), else None."""
@@ -144,7 +153,7 @@ class MultiprocTPExecutor:
                 continue
             try:
                 if self._dead is None and not self._closed:
-                    broadcast_message(NoopMessage(), self.steps)
+                    self.steps.send(NoopMessage(), self._raise_if_dead_worker, self.timeout_s)
                     self._last_message = time.monotonic()
             except Exception as exc:
                 self._mark_dead(f"heartbeat to the workers failed: {exc}")
@@ -162,13 +171,15 @@ class MultiprocTPExecutor:
         if self._dead is None and hasattr(self, "steps") and not self._dead_worker(wait_s=0.0) \
                 and self._lock.acquire(timeout=5.0):
             try:
-                broadcast_message(ShutdownMessage(), self.steps)
+                self.steps.send(ShutdownMessage(), self._raise_if_dead_worker, 5.0)
             except Exception:
                 logger.warning("could not send shutdown to the workers", exc_info=True)
             finally:
                 self._lock.release()
         for process in self.processes:
             process.stop()
+        if self._queue is not None:
+            self._queue.close()
         if dist.is_initialized() and dist.get_backend() == "nccl":
             # NCCL teardown hung at shutdown on an H200x2 machine (the peer already exited);
             # the group is left to process exit, so an NCCL engine is one per process.
