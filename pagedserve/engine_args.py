@@ -61,7 +61,7 @@ class EngineArgs:
     gpu_memory_utilization: float = _knob(0.9, "share of the GPU memory for weights, activations and KV cache")
     enforce_eager: bool = _knob(False, "run eagerly: no CUDA graphs")
     async_scheduling: bool | None = _knob(None, "schedule the next step while the current one runs "
-                                                "(default: on for CUDA with TP=1)")
+                                                "(default: on for CUDA)")
     tensor_parallel_size: int = _knob(1, "number of GPUs to shard the model over", aliases=("-tp",))
     disable_custom_all_reduce: bool = _knob(False, "tensor parallelism: every all-reduce through NCCL (no "
                                                    "one-shot all-reduce over symmetric memory for small tensors)")
@@ -149,7 +149,7 @@ class EngineArgs:
                                     _step_queue()),
             device=DeviceConfig(str(device), self.enforce_eager, self.seed,
                                 self.async_scheduling if self.async_scheduling is not None
-                                else device.type == "cuda" and self.tensor_parallel_size == 1,
+                                else device.type == "cuda",
                                 int(os.environ.get("PAGEDSERVE_GEMV_MAX_ROWS", "16"))))
         return config, hf_config, source
 

@@ -6,12 +6,12 @@ writes this rank's partial sums into its symmetric buffer, waits on the peers' s
 every peer's buffer costs ~5 us, and is captured inside the decode CUDA graphs like any kernel.
 
 One op per all-reduce: `symm_mem.one_shot_all_reduce_copy_out(buffer, x, "sum", group, out)`
-(copy-in, barrier, reduce, barrier in one kernel). With two ranks one-shot suits every size up to
-the buffer (each rank reads its one peer's partial once, as vLLM's custom all-reduce does at two
-ranks); with more, one-shot serves up to ONE_SHOT_MAX_BYTES and two-shot (copy into the buffer,
-`two_shot_all_reduce_out`) the rest of the buffer. Anything else (fp16, larger or misaligned
-tensors) goes to NCCL, and so does everything when set-up finds no support: every rank must
-agree, so `init_symm_mem_all_reduce` decides collectively.
+(copy-in, barrier, reduce, barrier in one kernel; a misaligned x is copied into the buffer
+first). One-shot only, up to BUFFER_BYTES: its kernel runs on at most 24 blocks, so for large
+tensors NCCL's bandwidth wins (benchmarks/tp_gpu.py allreduce measures the crossover). The
+choice depends only on dtype, size and contiguity, the same on every rank. Anything else (fp16,
+larger tensors) goes to NCCL, and so does everything when set-up finds no support: every rank
+must agree, so `init_symm_mem_all_reduce` decides collectively.
 """
 from __future__ import annotations
 
@@ -22,8 +22,7 @@ import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
-BUFFER_BYTES = 8 << 20          # a decode step of 512 rows x 4096 bf16 is 4 MB
-ONE_SHOT_MAX_BYTES = 256 << 10  # above this, with more than two ranks: two-shot
+BUFFER_BYTES = 1 << 20   # llama-8b: decode steps up to 128 rows (4096 bf16 per row)
 DTYPES = (torch.bfloat16, torch.float32)   # what the symm_mem kernels dispatch on
 
 
@@ -33,25 +32,23 @@ class SymmMemAllReduce:
     all-reduce at a time, in stream order (each op ends with a barrier, so the next may reuse
     the buffer)."""
 
-    def __init__(self, buffer: torch.Tensor, group_name: str, world_size: int,
-                 one_shot_max_bytes: int = ONE_SHOT_MAX_BYTES) -> None:
-        self.buffer, self.group_name, self.world_size = buffer, group_name, world_size
+    def __init__(self, buffer: torch.Tensor, group_name: str) -> None:
+        self.buffer, self.group_name = buffer, group_name
         self.max_bytes = buffer.numel() * buffer.element_size()
-        self.one_shot_max_bytes = self.max_bytes if world_size == 2 else one_shot_max_bytes
 
     def can_reduce(self, tensor: torch.Tensor) -> bool:
+        """The same answer on every rank for the same shape and dtype (no pointer in it)."""
         nbytes = tensor.numel() * tensor.element_size()
         return (tensor.dtype in DTYPES and tensor.is_cuda and tensor.is_contiguous() and 0 < nbytes <= self.max_bytes
-                and nbytes % 16 == 0 and tensor.data_ptr() % 16 == 0)
+                and nbytes % 16 == 0)
 
     def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
-        nbytes = tensor.numel() * tensor.element_size()
         staged = self.buffer.view(tensor.dtype)[:tensor.numel()].view(tensor.shape)
         out = torch.empty_like(tensor)
-        if nbytes <= self.one_shot_max_bytes:
+        if tensor.data_ptr() % 16 == 0:   # the kernel copies it in (same alignment as the buffer)
             return torch.ops.symm_mem.one_shot_all_reduce_copy_out(staged, tensor, "sum", self.group_name, out)
         staged.copy_(tensor)
-        return torch.ops.symm_mem.two_shot_all_reduce_out(staged, "sum", self.group_name, out)
+        return torch.ops.symm_mem.one_shot_all_reduce_out(staged, "sum", self.group_name, out)
 
 
 def local_support(device: torch.device, world_size: int) -> str | None:
@@ -63,7 +60,7 @@ def local_support(device: torch.device, world_size: int) -> str | None:
     try:
         import torch.distributed._symmetric_memory  # noqa: F401
         ops = torch.ops.symm_mem
-        for name in ("one_shot_all_reduce_copy_out", "two_shot_all_reduce_out"):
+        for name in ("one_shot_all_reduce_copy_out", "one_shot_all_reduce_out"):
             getattr(ops, name)
     except (ImportError, AttributeError, RuntimeError) as exc:
         return f"torch has no symmetric-memory all-reduce ({exc})"
@@ -96,7 +93,7 @@ def init_symm_mem_all_reduce(device: torch.device, buffer_bytes: int = BUFFER_BY
         buffer = symm_mem.empty(buffer_bytes, dtype=torch.uint8, device=device)
         if symm_mem.rendezvous(buffer, group_name) is None:
             raise RuntimeError("rendezvous returned no handle")
-        reducer = SymmMemAllReduce(buffer, group_name, world)
+        reducer = SymmMemAllReduce(buffer, group_name)
         probe = torch.arange(4096, dtype=torch.float32, device=device) * (dist.get_rank() + 1)
         expected = torch.arange(4096, dtype=torch.float32, device=device) * (world * (world + 1) // 2)
         if not torch.equal(reducer(probe), expected):
@@ -106,6 +103,5 @@ def init_symm_mem_all_reduce(device: torch.device, buffer_bytes: int = BUFFER_BY
     if not _all_agree(reducer is not None, device):
         logger.warning("custom all-reduce off: %s", error or "set-up failed on another rank")
         return None
-    logger.info("custom all-reduce: symmetric memory, %d MiB buffer, one-shot up to %d KiB", buffer_bytes >> 20,
-                reducer.one_shot_max_bytes >> 10)
+    logger.info("custom all-reduce: symmetric memory one-shot up to %d KiB", buffer_bytes >> 10)
     return reducer

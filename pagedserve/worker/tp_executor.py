@@ -14,11 +14,14 @@ messages keep one order. A dead rank is found before a step (process sentinels),
 (the collective fails, or times out after `timeout_s`), or in check_health; from then on the
 executor is dead and execute_model / check_health raise EngineDeadError.
 
-No async scheduling under TP (max_concurrent_batches = 1): the workers learn each step's
-input tokens from the SchedulerOutput (CachedRequestData.last_token_id), but a step scheduled
-while the previous one is in flight carries no token for that previous step; only rank 0's
-runner holds it (on its device). Async TP would need rank 0 to broadcast its sampled ids to
-the other ranks' runners every step.
+Step messages reach ranks on this machine through a shared-memory queue (worker/shm_queue.py;
+PAGEDSERVE_TP_STEP_QUEUE=broadcast, or ranks started by hand: the step group's collective).
+
+Async scheduling under TP (config.device.async_scheduling: max_concurrent_batches = 2): a
+step scheduled while the previous one is in flight carries no token for that previous step, so
+rank 0's runner broadcasts each step's sampled ids on the device and every worker's runner feeds
+them to the next step as rank 0's does (model_runner.py, `share_sampled`). Lockstep otherwise:
+the workers learn each step's input tokens from the SchedulerOutput (last_token_id).
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from pagedserve.config import EngineConfig
 from pagedserve.engine_io import ModelRunnerOutput, SchedulerOutput
 from pagedserve.errors import EngineDeadError
 from pagedserve.worker.kv_budget import resolve_device
+from pagedserve.worker.model_runner import PendingRunnerOutput
 from pagedserve.worker.rank_process import JOINING, LOADED, RankProcess, first_exited, wait_for_milestone
 from pagedserve.worker.shm_queue import ShmMessageQueue
 from pagedserve.worker.tp_worker import (NoopMessage, RankInit, ShutdownMessage, StartMessage, StepChannel,
@@ -44,9 +48,8 @@ DEFAULT_TIMEOUT_S = 600.0
 
 
 class MultiprocTPExecutor:
-    max_concurrent_batches = 1   # see the module docstring
-
     def __init__(self, config: EngineConfig, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.max_concurrent_batches = 2 if config.device.async_scheduling else 1   # see the module docstring
         self.world_size = config.parallel.tensor_parallel_size
         self.external = config.parallel.distributed_init == "env"   # ranks 1..N-1 started by hand
         self.timeout_s = timeout_s
@@ -96,8 +99,10 @@ class MultiprocTPExecutor:
                 "--backend", init.backend, "--timeout-s", str(init.timeout_s)]))
 
     # ---- per step -----------------------------------------------------------------------
-    def execute_model(self, so: SchedulerOutput, non_block: bool = False) -> ModelRunnerOutput:
-        """Runs the step on every rank; resolved before it returns, whatever `non_block`."""
+    def execute_model(self, so: SchedulerOutput, non_block: bool = False
+                      ) -> ModelRunnerOutput | PendingRunnerOutput:
+        """Runs the step on every rank; `non_block` (async scheduling): rank 0's output is
+        returned pending, as UniprocExecutor's."""
         self.check_health()
         with self._lock:
             try:
@@ -106,7 +111,7 @@ class MultiprocTPExecutor:
                 raise self._mark_dead(f"sending the step to the workers failed: {exc}") from exc
             self._last_message = time.monotonic()
             try:
-                return self.runner.execute_model(so)
+                return self.runner.execute_model(so, non_block)
             except Exception as exc:
                 # a failed collective (peer died or timed out) leaves the ranks out of step
                 if isinstance(exc, dist.DistError) or self._dead_worker(wait_s=0.5):

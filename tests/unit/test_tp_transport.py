@@ -88,10 +88,8 @@ def test_all_reduce_uses_the_custom_reducer_only_for_what_it_takes(monkeypatch):
     assert reducer.calls == 1 and nccl == [8]
 
 
-def test_symm_mem_all_reduce_takes_only_aligned_bf16_or_fp32_cuda_tensors():
-    reducer = custom_all_reduce.SymmMemAllReduce(torch.empty(1024, dtype=torch.uint8), "0", 2)
-    assert reducer.max_bytes == 1024 and reducer.one_shot_max_bytes == 1024   # two ranks: one-shot up to the buffer
+def test_symm_mem_all_reduce_takes_bf16_or_fp32_cuda_tensors_that_fit():
+    reducer = custom_all_reduce.SymmMemAllReduce(torch.empty(1024, dtype=torch.uint8), "0")
+    assert reducer.max_bytes == 1024
     assert not reducer.can_reduce(torch.ones(8, dtype=torch.bfloat16))   # a CPU tensor
-    assert custom_all_reduce.SymmMemAllReduce(torch.empty(1 << 20, dtype=torch.uint8), "0", 4).one_shot_max_bytes \
-        == custom_all_reduce.ONE_SHOT_MAX_BYTES
     assert custom_all_reduce.local_support(torch.device("cpu"), 2) == "not a CUDA device"
