@@ -71,6 +71,16 @@ def local_support(device: torch.device, world_size: int) -> str | None:
     return None
 
 
+def _prefer_cuda_backend(symm_mem, device: torch.device) -> None:
+    """Peer memory over CUDA IPC (the backend the one-shot kernel was written for), unless this
+    process already allocated symmetric memory; a torch without backends has only that one."""
+    try:
+        if symm_mem.get_backend(device) is None:
+            symm_mem.set_backend("CUDA")
+    except (AttributeError, RuntimeError) as exc:
+        logger.debug("symmetric memory backend left as it is: %s", exc)
+
+
 def _all_agree(ok: bool, device: torch.device) -> bool:
     flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
@@ -89,6 +99,7 @@ def init_symm_mem_all_reduce(device: torch.device, buffer_bytes: int = BUFFER_BY
     reducer, error = None, None
     try:
         import torch.distributed._symmetric_memory as symm_mem
+        _prefer_cuda_backend(symm_mem, device)
         group_name = dist.group.WORLD.group_name
         buffer = symm_mem.empty(buffer_bytes, dtype=torch.uint8, device=device)
         if symm_mem.rendezvous(buffer, group_name) is None:

@@ -335,11 +335,8 @@ class ModelRunner:
                 self.block_table.write(state.block_row, len(state.block_ids), cached.new_block_ids)
                 state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
-            if cached.last_token_id is not None and len(state.token_ids) == cached.num_tokens - 1:
-                state.append_output(cached.last_token_id)
-            elif cached.last_token_id is not None and state.pending_pos == cached.num_tokens - 1:
-                state.token_ids[state.pending_pos] = cached.last_token_id   # a worker's placeholder (async TP)
-                state.pending_pos = -1
+            if cached.last_token_id is not None:
+                self._learn_token(state, cached.num_tokens - 1, cached.last_token_id)
         self._forked = {}
         for fork in so.forked_requests:
             parent = self.states[fork.parent_req_id]
@@ -351,6 +348,17 @@ class ModelRunner:
                 fork.req_id, list(parent.token_ids), parent.num_prompt_tokens, fork.sampling_params,
                 list(parent.block_ids), parent.num_computed_tokens, generator, dict(parent.output_counts)))
             self._forked[fork.req_id] = fork.parent_req_id
+
+    @staticmethod
+    def _learn_token(state: CachedRequestState, pos: int, token: int) -> None:
+        """The scheduler's token at `pos`: appended if new here; on a worker under async TP it
+        may fill a placeholder (rank 0's placeholders are filled by PendingRunnerOutput.get())."""
+        if len(state.token_ids) == pos:
+            state.append_output(token)
+        elif pos < len(state.token_ids) and state.token_ids[pos] == -1:
+            state.token_ids[pos] = token
+            if state.pending_pos == pos:
+                state.pending_pos = -1
 
     def _add_state(self, state: CachedRequestState) -> None:
         self._drop_state(state.req_id)

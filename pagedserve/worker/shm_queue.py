@@ -20,6 +20,7 @@ slot is published with length -1 and travels through `fallback` (the step group'
 """
 from __future__ import annotations
 
+import os
 import pickle
 import threading
 import time
@@ -46,13 +47,22 @@ def _fence() -> None:
 class ShmMessageQueue:
     """One writer (rank 0), `num_readers` readers; see the module docstring."""
 
-    def __init__(self, num_readers: int, num_slots: int = 4, slot_bytes: int = 8 << 20,
+    def __init__(self, num_readers: int, num_slots: int = 4, slot_bytes: int = 1 << 20,
                  name: str | None = None, reader: int | None = None) -> None:
+        """The writer creates the segment (OSError if /dev/shm cannot hold it: its pages are
+        reserved here, so a full /dev/shm fails now instead of a SIGBUS at a later write);
+        a reader (`reader` = its index) attaches to `name`. A slot of 1 MiB holds a step of
+        thousands of requests; larger ones (a long structured-output bitmask) overflow."""
         self.num_readers, self.num_slots, self.slot_bytes = num_readers, num_slots, slot_bytes
         size = 8 * num_readers + num_slots * (HEADER + slot_bytes)
         self.is_writer = reader is None
         if self.is_writer:
             self.shm = shared_memory.SharedMemory(create=True, size=size)   # zero-filled
+            try:
+                os.posix_fallocate(self.shm._fd, 0, size)  # noqa: SLF001
+            except OSError:
+                self.close()
+                raise
         else:
             self.shm = _attach(name)
         self.reader = reader

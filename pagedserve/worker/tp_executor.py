@@ -69,7 +69,7 @@ class MultiprocTPExecutor:
             wait_for_milestone(self.processes, JOINING, timeout_s)
             self.control = init_distributed(init)
             if config.parallel.step_queue == "shm" and not self.external:
-                self._queue = ShmMessageQueue(self.world_size - 1)
+                self._queue = _make_queue(self.world_size - 1)
             broadcast_message(StartMessage(config, self._queue.handle() if self._queue else None), self.control)
             if self.device.type == "cuda":
                 import torch
@@ -194,6 +194,14 @@ class MultiprocTPExecutor:
                 dist.destroy_process_group()
             except Exception:
                 logger.warning("destroy_process_group failed", exc_info=True)
+
+
+def _make_queue(num_readers: int) -> ShmMessageQueue | None:
+    try:
+        return ShmMessageQueue(num_readers)
+    except OSError as exc:   # e.g. a small /dev/shm in a container: the step group's broadcast instead
+        logger.warning("no shared-memory step queue (%s): step messages go through the process group", exc)
+        return None
 
 
 def _free_port() -> int:

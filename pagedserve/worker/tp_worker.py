@@ -136,10 +136,9 @@ def build_runner(config: EngineConfig, device: torch.device,
                  before_all_reduce: Callable[[], None] | None = None) -> tuple[ModelRunner, int]:
     """Load this rank's shard and size its KV cache: the block count is the minimum over
     ranks, so every rank can hold every block the scheduler hands out. `before_all_reduce`
-    runs between the two (rank 0 waits there for every rank's LOADED, the others report it)."""
+    runs between the two (rank 0 waits there for every rank's LOADED, the others report it).
+    On GPUs of one machine, the custom all-reduce is set up then (collectively)."""
     baseline = non_torch_memory(device)
-    if device.type == "cuda" and config.parallel.custom_all_reduce and config.parallel.distributed_init == "spawn":
-        set_custom_all_reduce(init_symm_mem_all_reduce(device))
     runner = ModelRunner(config.model, config.cache, config.scheduler, config.device, config.weights, device)
     runner.load_model()
     blocks = torch.tensor([num_kv_blocks(config, runner, baseline)], dtype=torch.int64, device=device)
@@ -147,6 +146,9 @@ def build_runner(config: EngineConfig, device: torch.device,
         before_all_reduce()
     dist.all_reduce(blocks, op=dist.ReduceOp.MIN)
     num_blocks = int(blocks.item())
+    if device.type == "cuda" and config.parallel.custom_all_reduce and config.parallel.distributed_init == "spawn":
+        # before the CUDA graphs are captured (they hold its kernels), after every rank loaded
+        set_custom_all_reduce(init_symm_mem_all_reduce(device))
     runner.init_kv_cache(num_blocks)
     runner.finish_setup()
     return runner, num_blocks
