@@ -15,6 +15,7 @@ VARIANT switches issue 17's pieces (each one alone can be measured against `base
   car     + symmetric-memory one-shot all-reduce (custom all-reduce)
   all     + async scheduling under TP (rank 0's sampled ids broadcast on device)   (the default)
   asyncnocar  shm + async, NCCL all-reduces
+TP=1 runs use `all`: there only async scheduling applies (its default on CUDA).
 Set ENFORCE_EAGER=1 to run without CUDA graphs; DRY=1 runs every mode but allreduce on CPU with a
 tiny model and 16 requests (the script's own check, no timing meaning)."""
 import json
@@ -75,7 +76,17 @@ def make_llm(tp: int, variant: str):
               max_model_len=2048, seed=0, tensor_parallel_size=tp,
               enforce_eager=os.environ.get("ENFORCE_EAGER") == "1", disable_custom_all_reduce=not custom,
               async_scheduling=asynchronous)
-    emit(engine="pagedserve", model=MODEL, tp=tp, variant=variant, startup_s=round(time.time() - t0, 1))
+    startup = round(time.time() - t0, 1)
+    from pagedserve.layers import parallel
+    core = llm.engine.core
+    runner = getattr(core.executor, "runner", None)
+    graphs = getattr(runner, "graph_runner", None)
+    queue = getattr(getattr(core.executor, "steps", None), "queue", None)
+    # what the engine really runs (a piece that failed to set up falls back silently but for a log line)
+    emit(engine="pagedserve", model=MODEL, tp=tp, variant=variant, startup_s=startup,
+         decode_graphs=len(graphs.graphs) if graphs else 0, prefill_graphs=len(graphs.prefill_graphs) if graphs else 0,
+         custom_all_reduce=parallel._custom_all_reduce is not None, shm_step_queue=queue is not None,
+         async_scheduling=core.async_scheduling, kv_blocks=core.executor.num_blocks)
     return llm
 
 
@@ -168,8 +179,8 @@ def run_profile(llm, tp: int, variant: str, steps: int = 32) -> None:
         wall = time.time() - t0
     events = prof.key_averages()
     if not DRY:
-        print(events.table(sort_by="self_cuda_time_total" if hasattr(events[0], "self_cuda_time_total")
-                           else "self_device_time_total", row_limit=25), flush=True)
+        print(events.table(sort_by="self_device_time_total" if hasattr(events[0], "self_device_time_total")
+                           else "self_cuda_time_total", row_limit=25), flush=True)
     print(events.table(sort_by="cpu_time_total", row_limit=20), flush=True)
 
     from torch.autograd import DeviceType
@@ -181,8 +192,9 @@ def run_profile(llm, tp: int, variant: str, steps: int = 32) -> None:
 
     def host_us(label):
         return sum(e.cpu_time_total for e in events if e.key == label)
+    device_ms = device_us(lambda k: True) / 1e3 / steps
     emit(workload="profile_decode", tp=tp, variant=variant, steps=steps, wall_ms_per_step=round(wall * 1e3 / steps, 3),
-         device_ms_per_step=round(device_us(lambda k: True) / 1e3 / steps, 3),
+         device_ms_per_step=round(device_ms, 3), device_idle_ms_per_step=round(wall * 1e3 / steps - device_ms, 3),
          nccl_allreduce_us_per_step=round(device_us(lambda k: "nccl" in k and "allreduce" in k) / steps, 1),
          nccl_other_us_per_step=round(device_us(lambda k: "nccl" in k and "allreduce" not in k) / steps, 1),
          one_shot_us_per_step=round(device_us(lambda k: "one_shot" in k or "two_shot" in k) / steps, 1),

@@ -35,6 +35,8 @@ class SymmMemAllReduce:
     def __init__(self, buffer: torch.Tensor, group_name: str) -> None:
         self.buffer, self.group_name = buffer, group_name
         self.max_bytes = buffer.numel() * buffer.element_size()
+        # copy-in inside the kernel (torch >= 2.8); without it, a copy into the buffer first
+        self._copy_out = getattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out", None)
 
     def can_reduce(self, tensor: torch.Tensor) -> bool:
         """The same answer on every rank for the same shape and dtype (no pointer in it)."""
@@ -45,8 +47,8 @@ class SymmMemAllReduce:
     def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
         staged = self.buffer.view(tensor.dtype)[:tensor.numel()].view(tensor.shape)
         out = torch.empty_like(tensor)
-        if tensor.data_ptr() % 16 == 0:   # the kernel copies it in (same alignment as the buffer)
-            return torch.ops.symm_mem.one_shot_all_reduce_copy_out(staged, tensor, "sum", self.group_name, out)
+        if self._copy_out is not None and tensor.data_ptr() % 16 == 0:   # same alignment as the buffer
+            return self._copy_out(staged, tensor, "sum", self.group_name, out)
         staged.copy_(tensor)
         return torch.ops.symm_mem.one_shot_all_reduce_out(staged, "sum", self.group_name, out)
 
@@ -59,9 +61,7 @@ def local_support(device: torch.device, world_size: int) -> str | None:
         return "one rank"
     try:
         import torch.distributed._symmetric_memory  # noqa: F401
-        ops = torch.ops.symm_mem
-        for name in ("one_shot_all_reduce_copy_out", "one_shot_all_reduce_out"):
-            getattr(ops, name)
+        _ = torch.ops.symm_mem.one_shot_all_reduce_out   # AttributeError where torch lacks it
     except (ImportError, AttributeError, RuntimeError) as exc:
         return f"torch has no symmetric-memory all-reduce ({exc})"
     index = device.index if device.index is not None else torch.cuda.current_device()

@@ -127,10 +127,6 @@ class StepChannel:
             return broadcast_message(None, self.group)
         return self.queue.recv(lambda: broadcast_message(None, self.group))
 
-    def close(self) -> None:
-        if self.queue is not None:
-            self.queue.close()
-
 
 def build_runner(config: EngineConfig, device: torch.device,
                  before_all_reduce: Callable[[], None] | None = None) -> tuple[ModelRunner, int]:
