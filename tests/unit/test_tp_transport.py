@@ -110,3 +110,12 @@ def test_a_worker_fills_its_placeholders_when_the_scheduler_learns_their_tokens(
     ModelRunner._learn_token(state, 4, 9)   # lockstep: a token the worker never saw
     ModelRunner._learn_token(state, 4, 1)   # known already: kept
     assert state.token_ids == [5, 6, 7, 8, 9]
+
+
+def test_no_room_for_the_queue_means_steps_through_the_process_group(monkeypatch):
+    from pagedserve.worker import tp_executor
+
+    def full(num_readers):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(tp_executor, "ShmMessageQueue", full)
+    assert tp_executor._make_queue(1) is None
