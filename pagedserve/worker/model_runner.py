@@ -2,11 +2,9 @@
 the SchedulerOutput says and reports sampled tokens in a ModelRunnerOutput.
 
 Under tensor parallelism every rank runs one of these on the same SchedulerOutput; only
-rank 0 gets logits and samples (the others return None). With async scheduling under TP
-(`share_sampled`) rank 0 broadcasts each step's sampled ids on the device, and every rank keeps
-the same placeholders and `_prev_sampled`, so a step built before its input tokens reached the
-host finds them on the device on every rank alike; a worker's placeholder is filled on the host
-once a SchedulerOutput carries that token (CachedRequestData.last_token_id).
+rank 0 gets logits and samples (the others return None). Async TP (`share_sampled`): rank 0
+broadcasts each step's sampled ids on the device and every rank keeps the same placeholders and
+`_prev_sampled`; a worker fills a placeholder when a SchedulerOutput carries its token.
 
 Sampled ids reach the host through a PendingRunnerOutput (a pinned copy and an event):
 `execute_model(so)` waits for it; with async scheduling (`non_block=True`) it is returned at
@@ -221,26 +219,32 @@ class ModelRunner:
             return None   # otherwise workers learn sampled tokens from the next SchedulerOutput
         output = ModelRunnerOutput(prompt_logprobs=prompt_logprobs)
         if sample_states:
-            try:
-                if len(row_of_logits) != logits.shape[0]:
-                    logits = logits[torch.tensor(row_of_logits, device=logits.device)]
-                if so.grammar_bitmask is not None:
-                    self._apply_grammar(logits, so, sample_states)
-                sampled = sample(self.sampler, logits, sample_states, self.model_config.vocab_size, self.device,
-                                 self.model_config.eos_token_ids)
-            except Exception:
-                if self.share_sampled:   # the workers wait for this step's ids: keep the group in step
-                    broadcast_from_rank0(torch.zeros(len(sample_states), dtype=torch.int64, device=self.device))
-                raise
-            if self.share_sampled:
-                broadcast_from_rank0(sampled.token_ids)
-            pending = self._defer(output, sample_states, sampled)
+            pending = self._defer(output, sample_states, self._sample(so, logits, sample_states, row_of_logits))
             if non_block:
                 return pending
             self._prev_sampled = None   # resolved at once: no placeholder left to feed
             return pending.get()
         self._prev_sampled = None
         return output
+
+    def _sample(self, so: SchedulerOutput, logits: torch.Tensor, states: list[CachedRequestState],
+                row_of_logits: list[int]):
+        """Rank 0: sample the rows (grammar masks first). Under async TP the ids go to every rank
+        on the device; zeros if sampling raised, since the workers wait for them."""
+        try:
+            if len(row_of_logits) != logits.shape[0]:
+                logits = logits[torch.tensor(row_of_logits, device=logits.device)]
+            if so.grammar_bitmask is not None:
+                self._apply_grammar(logits, so, states)
+            sampled = sample(self.sampler, logits, states, self.model_config.vocab_size, self.device,
+                             self.model_config.eos_token_ids)
+        except Exception:
+            if self.share_sampled:
+                broadcast_from_rank0(torch.zeros(len(states), dtype=torch.int64, device=self.device))
+            raise
+        if self.share_sampled:
+            broadcast_from_rank0(sampled.token_ids)
+        return sampled
 
     @staticmethod
     def _apply_grammar(logits: torch.Tensor, so: SchedulerOutput, states: list[CachedRequestState]) -> None:
