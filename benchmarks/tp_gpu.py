@@ -15,6 +15,7 @@ VARIANT switches issue 17's pieces (each one alone can be measured against `base
   car     + symmetric-memory one-shot all-reduce (custom all-reduce)
   all     + async scheduling under TP (rank 0's sampled ids broadcast on device)   (the default)
   asyncnocar  shm + async, NCCL all-reduces
+  all4m   all, custom all-reduce up to 4 MiB (decode steps up to 512 rows) instead of 1 MiB
 TP=1 runs use `all`: there only async scheduling applies (its default on CUDA).
 Set ENFORCE_EAGER=1 to run without CUDA graphs; DRY=1 runs every mode but allreduce on CPU with a
 tiny model and 16 requests (the script's own check, no timing meaning)."""
@@ -33,12 +34,13 @@ MODELS = {
 DRY = os.environ.get("DRY") == "1"
 MODEL = "tiny" if DRY else "llama-8b"
 THR_N = 16 if DRY else 512
-VARIANTS = {   # name -> (step queue, custom all-reduce, async scheduling)
-    "base": ("broadcast", False, False),
-    "shm": ("shm", False, False),
-    "car": ("shm", True, False),
-    "all": ("shm", True, True),
-    "asyncnocar": ("shm", False, True),
+VARIANTS = {   # name -> (step queue, custom all-reduce up to KiB (0: off), async scheduling)
+    "base": ("broadcast", 0, False),
+    "shm": ("shm", 0, False),
+    "car": ("shm", 1024, False),
+    "all": ("shm", 1024, True),
+    "asyncnocar": ("shm", 0, True),
+    "all4m": ("shm", 4096, True),
 }
 
 
@@ -67,14 +69,15 @@ def workload(n: int, seed: int = 0) -> list:
 
 
 def make_llm(tp: int, variant: str):
-    queue, custom, asynchronous = VARIANTS[variant]
+    queue, custom_kb, asynchronous = VARIANTS[variant]
     os.environ["PAGEDSERVE_TP_STEP_QUEUE"] = queue
+    os.environ["PAGEDSERVE_CUSTOM_ALL_REDUCE_MAX_KB"] = str(custom_kb or 1024)
     from pagedserve import LLM
     t0 = time.time()
     device = dict(device="cpu", dtype="float32") if DRY else dict(dtype="bfloat16", gpu_memory_utilization=0.85)
     llm = LLM(model=make_model_dir(MODEL), load_format="dummy", skip_tokenizer_init=True, **device,
               max_model_len=2048, seed=0, tensor_parallel_size=tp,
-              enforce_eager=os.environ.get("ENFORCE_EAGER") == "1", disable_custom_all_reduce=not custom,
+              enforce_eager=os.environ.get("ENFORCE_EAGER") == "1", disable_custom_all_reduce=not custom_kb,
               async_scheduling=asynchronous)
     startup = round(time.time() - t0, 1)
     from pagedserve.layers import parallel

@@ -112,7 +112,8 @@ class EngineArgs:
 
     def create_config(self) -> tuple[EngineConfig, Any, ModelSource]:
         """Resolve the model (offline), read its config once, check every cross-field rule.
-        The environment is read here, once: PAGEDSERVE_GEMV_MAX_ROWS, PAGEDSERVE_TP_STEP_QUEUE, and MASTER_ADDR /
+        The environment is read here, once: PAGEDSERVE_GEMV_MAX_ROWS, PAGEDSERVE_TP_STEP_QUEUE,
+        PAGEDSERVE_CUSTOM_ALL_REDUCE_MAX_KB, and MASTER_ADDR /
         WORLD_SIZE / RANK (tensor-parallel ranks started by hand, env:// rendezvous)."""
         self.validate()
         device = resolve_device(self.device)
@@ -145,7 +146,9 @@ class EngineArgs:
             cache=CacheConfig(self.block_size, self.enable_prefix_caching, self.kv_cache_memory_gb,
                               self.num_kv_blocks, self.gpu_memory_utilization),
             scheduler=SchedulerConfig(max_num_seqs, batched, max_model_len, self.scheduling_policy),
-            parallel=ParallelConfig(self.tensor_parallel_size, distributed_init, not self.disable_custom_all_reduce,
+            parallel=ParallelConfig(self.tensor_parallel_size, distributed_init,
+                                    0 if self.disable_custom_all_reduce
+                                    else int(os.environ.get("PAGEDSERVE_CUSTOM_ALL_REDUCE_MAX_KB", "1024")) << 10,
                                     _step_queue()),
             device=DeviceConfig(str(device), self.enforce_eager, self.seed,
                                 self.async_scheduling if self.async_scheduling is not None

@@ -7,7 +7,8 @@ every peer's buffer costs ~5 us, and is captured inside the decode CUDA graphs l
 
 One op per all-reduce: `symm_mem.one_shot_all_reduce_copy_out(buffer, x, "sum", group, out)`
 (copy-in, barrier, reduce, barrier in one kernel; a misaligned x is copied into the buffer
-first). One-shot only, up to BUFFER_BYTES: its kernel runs on at most 24 blocks, so for large
+first). One-shot only, up to the buffer's size (ParallelConfig.custom_all_reduce_bytes, 1 MiB:
+llama-8b decode steps of up to 128 rows): its kernel runs on at most 24 blocks, so for large
 tensors NCCL's bandwidth wins (benchmarks/tp_gpu.py allreduce measures the crossover). The
 choice depends only on dtype, size and contiguity, the same on every rank. Anything else (fp16,
 larger tensors) goes to NCCL, and so does everything when set-up finds no support: every rank
@@ -22,7 +23,6 @@ import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
-BUFFER_BYTES = 1 << 20   # llama-8b: decode steps up to 128 rows (4096 bf16 per row)
 DTYPES = (torch.bfloat16, torch.float32)   # what the symm_mem kernels dispatch on
 
 
@@ -87,7 +87,7 @@ def _all_agree(ok: bool, device: torch.device) -> bool:
     return bool(flag.item())
 
 
-def init_symm_mem_all_reduce(device: torch.device, buffer_bytes: int = BUFFER_BYTES) -> SymmMemAllReduce | None:
+def init_symm_mem_all_reduce(device: torch.device, buffer_bytes: int) -> SymmMemAllReduce | None:
     """Collective (every rank of the default group calls it): allocate and exchange the
     symmetric buffer, then check one all-reduce against NCCL. Returns None on every rank
     (NCCL for everything) if any rank lacks support, fails to set up, or gets a wrong sum."""

@@ -142,9 +142,10 @@ def build_runner(config: EngineConfig, device: torch.device,
         before_all_reduce()
     dist.all_reduce(blocks, op=dist.ReduceOp.MIN)
     num_blocks = int(blocks.item())
-    if device.type == "cuda" and config.parallel.custom_all_reduce and config.parallel.distributed_init == "spawn":
+    parallel = config.parallel
+    if device.type == "cuda" and parallel.custom_all_reduce_bytes > 0 and parallel.distributed_init == "spawn":
         # before the CUDA graphs are captured (they hold its kernels), after every rank loaded
-        set_custom_all_reduce(init_symm_mem_all_reduce(device))
+        set_custom_all_reduce(init_symm_mem_all_reduce(device, parallel.custom_all_reduce_bytes))
     runner.init_kv_cache(num_blocks)
     runner.finish_setup()
     return runner, num_blocks
