@@ -4,7 +4,8 @@
 # Usage (device tool, two calls, each under 10 minutes even if every step times out):
 #   bash benchmarks/tp_gpu.sh check profile      (~5 min)
 #   bash benchmarks/tp_gpu.sh time               (~6 min)
-#   check    custom all-reduce vs NCCL (sums, in-graph, latency); greedy ids TP=2 (all, base) vs TP=1
+#   check    custom all-reduce vs NCCL (sums, in-graph, latency); greedy ids TP=2 (all, base) vs TP=1,
+#            and TP=2 all vs base (the new pieces should change no token)
 #   profile  torch.profiler of TP=2 batch-1 decode steps on rank 0, before (base) and after (all)
 #   time     thr512 / b1_decode / ttft1024: TP=1 (its default, async), then TP=2 base, shm, car, all
 #            (see tp_gpu.py VARIANTS; VARIANTS="base all" SKIP_TP1=1 for fewer)
@@ -24,7 +25,8 @@ for stage in ${*:-check profile time}; do
            run 80 ids 1 all "$OUT/ids_tp1.json"
            run 100 ids 2 all "$OUT/ids_tp2_all.json"
            run 100 ids 2 base "$OUT/ids_tp2_base.json"
-           for v in all base; do python3 benchmarks/tp_gpu.py compare "$OUT/ids_tp1.json" "$OUT/ids_tp2_$v.json" | tee -a "$OUT/results.txt"; done ;;
+           for pair in "tp1 tp2_all" "tp1 tp2_base" "tp2_base tp2_all"; do set -- $pair
+             python3 benchmarks/tp_gpu.py compare "$OUT/ids_$1.json" "$OUT/ids_$2.json" | tee -a "$OUT/results.txt"; done ;;
     profile) for v in base all; do
                timeout 110 python3 benchmarks/tp_gpu.py profile 2 $v > "$OUT/profile_tp2_$v.txt" 2>&1 || echo "exit $?: profile $v"
                grep -E "^RESULT|Error|Traceback" "$OUT/profile_tp2_$v.txt" | tee -a "$OUT/results.txt"; done ;;
