@@ -157,6 +157,14 @@ class ParallelConfig:
     # How ranks 1..N-1 join: "spawn" (rank 0 starts them on this machine) or "env" (started by
     # hand, torch.distributed's env:// rendezvous; rank 0 had MASTER_ADDR and WORLD_SIZE set).
     distributed_init: str = "spawn"
+    # All-reduces of tensors up to this many bytes through torch's symmetric memory (one-shot
+    # over NVLink peer memory, layers/custom_all_reduce.py) instead of NCCL; 0: off
+    # (disable_custom_all_reduce). PAGEDSERVE_CUSTOM_ALL_REDUCE_MAX_KB at start-up.
+    custom_all_reduce_bytes: int = 1 << 20
+    # How step messages reach ranks on this machine: "shm" (worker/shm_queue.py) or "broadcast"
+    # (the step group's collective); PAGEDSERVE_TP_STEP_QUEUE at start-up. Ranks started by hand
+    # (distributed_init "env") always use "broadcast".
+    step_queue: str = "shm"
 
 
 @dataclass(frozen=True)

@@ -61,8 +61,10 @@ class EngineArgs:
     gpu_memory_utilization: float = _knob(0.9, "share of the GPU memory for weights, activations and KV cache")
     enforce_eager: bool = _knob(False, "run eagerly: no CUDA graphs")
     async_scheduling: bool | None = _knob(None, "schedule the next step while the current one runs "
-                                                "(default: on for CUDA with TP=1)")
+                                                "(default: on for CUDA)")
     tensor_parallel_size: int = _knob(1, "number of GPUs to shard the model over", aliases=("-tp",))
+    disable_custom_all_reduce: bool = _knob(False, "tensor parallelism: every all-reduce through NCCL (no "
+                                                   "one-shot all-reduce over symmetric memory for small tensors)")
     kv_cache_memory_gb: float | None = _knob(None, "KV cache size on CPU, in GB")
     num_kv_blocks: int | None = _knob(None, "number of KV cache blocks (instead of sizing them from memory)")
     scheduling_policy: str = _knob("continuous", "continuous (requests join and leave the batch every step) or "
@@ -110,7 +112,8 @@ class EngineArgs:
 
     def create_config(self) -> tuple[EngineConfig, Any, ModelSource]:
         """Resolve the model (offline), read its config once, check every cross-field rule.
-        The environment is read here, once: PAGEDSERVE_GEMV_MAX_ROWS, and MASTER_ADDR /
+        The environment is read here, once: PAGEDSERVE_GEMV_MAX_ROWS, PAGEDSERVE_TP_STEP_QUEUE,
+        PAGEDSERVE_CUSTOM_ALL_REDUCE_MAX_KB, and MASTER_ADDR /
         WORLD_SIZE / RANK (tensor-parallel ranks started by hand, env:// rendezvous)."""
         self.validate()
         device = resolve_device(self.device)
@@ -143,12 +146,23 @@ class EngineArgs:
             cache=CacheConfig(self.block_size, self.enable_prefix_caching, self.kv_cache_memory_gb,
                               self.num_kv_blocks, self.gpu_memory_utilization),
             scheduler=SchedulerConfig(max_num_seqs, batched, max_model_len, self.scheduling_policy),
-            parallel=ParallelConfig(self.tensor_parallel_size, distributed_init),
+            parallel=ParallelConfig(self.tensor_parallel_size, distributed_init,
+                                    0 if self.disable_custom_all_reduce
+                                    else int(os.environ.get("PAGEDSERVE_CUSTOM_ALL_REDUCE_MAX_KB", "1024")) << 10,
+                                    _step_queue()),
             device=DeviceConfig(str(device), self.enforce_eager, self.seed,
                                 self.async_scheduling if self.async_scheduling is not None
-                                else device.type == "cuda" and self.tensor_parallel_size == 1,
+                                else device.type == "cuda",
                                 int(os.environ.get("PAGEDSERVE_GEMV_MAX_ROWS", "16"))))
         return config, hf_config, source
+
+
+def _step_queue() -> str:
+    queue = os.environ.get("PAGEDSERVE_TP_STEP_QUEUE", "shm")
+    if queue not in ("shm", "broadcast"):
+        raise ValidationError(f"PAGEDSERVE_TP_STEP_QUEUE must be shm or broadcast, got {queue!r}",
+                              "PAGEDSERVE_TP_STEP_QUEUE")
+    return queue
 
 
 def default_max_num_seqs(device: torch.device) -> int:

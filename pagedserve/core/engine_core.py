@@ -174,7 +174,12 @@ class EngineCore:
             return launched
         so, deferred = launched
         try:
-            return so, deferred.sample(self.scheduler.deferred_grammar_bitmask())
+            bitmask = self.scheduler.deferred_grammar_bitmask()
+        except Exception as exc:
+            self._wait(launched)   # sampled unmasked and dropped: every rank finishes the step
+            return so, exc
+        try:
+            return so, deferred.sample(bitmask)
         except Exception as exc:
             return so, exc
 

@@ -2,7 +2,9 @@
 the SchedulerOutput says and reports sampled tokens in a ModelRunnerOutput.
 
 Under tensor parallelism every rank runs one of these on the same SchedulerOutput; only
-rank 0 gets logits and samples (the others return None).
+rank 0 gets logits and samples (the others return None). Async TP (`share_sampled`): rank 0
+broadcasts each step's sampled ids on the device and every rank keeps the same placeholders and
+`_prev_sampled`; a worker fills a placeholder when a SchedulerOutput carries its token.
 
 Sampled ids reach the host through a PendingRunnerOutput (a pinned copy and an event):
 `execute_model(so)` waits for it; with async scheduling (`non_block=True`) it is returned at
@@ -24,7 +26,7 @@ from pagedserve.attention.backend import select_backend
 from pagedserve.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig, WeightSource
 from pagedserve.engine_io import ModelRunnerOutput, RequestId, SchedulerOutput, TokenLogprobs
 from pagedserve.layers.linear import set_gemv_max_rows
-from pagedserve.layers.parallel import tp_rank
+from pagedserve.layers.parallel import broadcast_from_rank0, tp_rank, tp_world_size
 from pagedserve.layers.sampler import Sampler, apply_token_bitmask, gather_logprobs
 from pagedserve.models.loader import load_weights
 from pagedserve.models.registry import resolve_model_class
@@ -113,6 +115,7 @@ class ModelRunner:
         self.model: nn.Module | None = None
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.is_driver = tp_rank() == 0
+        self.share_sampled = device_config.async_scheduling and tp_world_size() > 1
         self._forked: dict[RequestId, RequestId] = {}   # this step's new siblings -> parent
         self.graph_runner = None
         # the last launched step's sampled ids on the device (each state's `sampled_row` in them)
@@ -231,7 +234,9 @@ class ModelRunner:
                 sample_states.append(self.states[child_id])
                 self.states[child_id].num_computed_tokens = parent.num_computed_tokens
         if not self.is_driver:
-            return None   # non-driver ranks learn sampled tokens from the next SchedulerOutput
+            if self.share_sampled:
+                self._receive_sampled(sample_states)
+            return None   # otherwise workers learn sampled tokens from the next SchedulerOutput
         output = ModelRunnerOutput(prompt_logprobs=prompt_logprobs)
         if sample_states:
             if len(row_of_logits) != logits.shape[0]:
@@ -248,10 +253,19 @@ class ModelRunner:
 
     def _sample(self, output: ModelRunnerOutput, logits: torch.Tensor, states: list[CachedRequestState],
                 structured_req_ids: list[RequestId], grammar_bitmask: torch.Tensor | None) -> PendingRunnerOutput:
-        if grammar_bitmask is not None:
-            self._apply_grammar(logits, structured_req_ids, grammar_bitmask, states)
-        sampled = sample(self.sampler, logits, states, self.model_config.vocab_size, self.device,
-                         self.model_config.eos_token_ids)
+        """Rank 0: sample the rows (grammar masks first). Under async TP the ids go to every rank
+        on the device; zeros if sampling raised, since the workers wait for them."""
+        try:
+            if grammar_bitmask is not None:
+                self._apply_grammar(logits, structured_req_ids, grammar_bitmask, states)
+            sampled = sample(self.sampler, logits, states, self.model_config.vocab_size, self.device,
+                             self.model_config.eos_token_ids)
+        except Exception:
+            if self.share_sampled:
+                broadcast_from_rank0(torch.zeros(len(states), dtype=torch.int64, device=self.device))
+            raise
+        if self.share_sampled:
+            broadcast_from_rank0(sampled.token_ids)
         return self._defer(output, states, sampled)
 
     def _apply_grammar(self, logits: torch.Tensor, structured_req_ids: list[RequestId], bitmask: torch.Tensor,
@@ -287,13 +301,29 @@ class ModelRunner:
             event.synchronize()
         return staging
 
-    def _defer(self, output: ModelRunnerOutput, states: list[CachedRequestState], sampled) -> PendingRunnerOutput:
+    @staticmethod
+    def _add_placeholders(states: list[CachedRequestState]) -> list[int]:
+        """A -1 token at the end of each sampled row (its position returned), sampled_row set."""
         positions = []
         for row, state in enumerate(states):
             pos = state.pending_pos = len(state.token_ids)
-            state.token_ids.append(-1)   # placeholder, filled by PendingRunnerOutput.get()
+            state.token_ids.append(-1)
             state.sampled_row = row
             positions.append(pos)
+        return positions
+
+    def _receive_sampled(self, states: list[CachedRequestState]) -> None:
+        """A worker under async TP: this step's sampled ids from rank 0, on the device, with the
+        placeholders rank 0 keeps (filled later from a SchedulerOutput's last_token_id)."""
+        if not states:
+            self._prev_sampled = None
+            return
+        ids = torch.empty(len(states), dtype=torch.int64, device=self.device)
+        self._prev_sampled = broadcast_from_rank0(ids)
+        self._add_placeholders(states)
+
+    def _defer(self, output: ModelRunnerOutput, states: list[CachedRequestState], sampled) -> PendingRunnerOutput:
+        positions = self._add_placeholders(states)   # filled by PendingRunnerOutput.get()
         self._prev_sampled = sampled.token_ids
         token_ids = _to_host(sampled.token_ids)
         logprobs = None
@@ -347,8 +377,8 @@ class ModelRunner:
                 self.block_table.write(state.block_row, len(state.block_ids), cached.new_block_ids)
                 state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
-            if cached.last_token_id is not None and len(state.token_ids) == cached.num_tokens - 1:
-                state.append_output(cached.last_token_id)
+            if cached.last_token_id is not None:
+                self._learn_token(state, cached.num_tokens - 1, cached.last_token_id)
         self._forked = {}
         for fork in so.forked_requests:
             parent = self.states[fork.parent_req_id]
@@ -360,6 +390,17 @@ class ModelRunner:
                 fork.req_id, list(parent.token_ids), parent.num_prompt_tokens, fork.sampling_params,
                 list(parent.block_ids), parent.num_computed_tokens, generator, dict(parent.output_counts)))
             self._forked[fork.req_id] = fork.parent_req_id
+
+    @staticmethod
+    def _learn_token(state: CachedRequestState, pos: int, token: int) -> None:
+        """The scheduler's token at `pos`: appended if new here; on a worker under async TP it
+        may fill a placeholder (rank 0's placeholders are filled by PendingRunnerOutput.get())."""
+        if len(state.token_ids) == pos:
+            state.append_output(token)
+        elif pos < len(state.token_ids) and state.token_ids[pos] == -1:
+            state.token_ids[pos] = token
+            if state.pending_pos == pos:
+                state.pending_pos = -1
 
     def _add_state(self, state: CachedRequestState) -> None:
         self._drop_state(state.req_id)

@@ -14,11 +14,14 @@ messages keep one order. A dead rank is found before a step (process sentinels),
 (the collective fails, or times out after `timeout_s`), or in check_health; from then on the
 executor is dead and execute_model / check_health raise EngineDeadError.
 
-No async scheduling under TP (max_concurrent_batches = 1): the workers learn each step's
-input tokens from the SchedulerOutput (CachedRequestData.last_token_id), but a step scheduled
-while the previous one is in flight carries no token for that previous step; only rank 0's
-runner holds it (on its device). Async TP would need rank 0 to broadcast its sampled ids to
-the other ranks' runners every step.
+Step messages reach ranks on this machine through a shared-memory queue (worker/shm_queue.py;
+PAGEDSERVE_TP_STEP_QUEUE=broadcast, or ranks started by hand: the step group's collective).
+
+Async scheduling under TP (config.device.async_scheduling: max_concurrent_batches = 2): a
+step scheduled while the previous one is in flight carries no token for that previous step, so
+rank 0's runner broadcasts each step's sampled ids on the device and every worker's runner feeds
+them to the next step as rank 0's does (model_runner.py, `share_sampled`). Lockstep otherwise:
+the workers learn each step's input tokens from the SchedulerOutput (last_token_id).
 """
 from __future__ import annotations
 
@@ -32,9 +35,11 @@ from pagedserve.config import EngineConfig
 from pagedserve.engine_io import ModelRunnerOutput, SchedulerOutput
 from pagedserve.errors import EngineDeadError
 from pagedserve.worker.kv_budget import resolve_device
+from pagedserve.worker.model_runner import PendingRunnerOutput
 from pagedserve.worker.rank_process import JOINING, LOADED, RankProcess, first_exited, wait_for_milestone
-from pagedserve.worker.tp_worker import (NoopMessage, RankInit, ShutdownMessage, StartMessage, StepMessage,
-                                         broadcast_message, build_runner, init_distributed,
+from pagedserve.worker.shm_queue import ShmMessageQueue
+from pagedserve.worker.tp_worker import (NoopMessage, RankInit, ShutdownMessage, StartMessage, StepChannel,
+                                         StepMessage, broadcast_message, build_runner, init_distributed,
                                          step_group)
 
 logger = logging.getLogger(__name__)
@@ -43,9 +48,8 @@ DEFAULT_TIMEOUT_S = 600.0
 
 
 class MultiprocTPExecutor:
-    max_concurrent_batches = 1   # see the module docstring
-
     def __init__(self, config: EngineConfig, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.max_concurrent_batches = 2 if config.device.async_scheduling else 1   # see the module docstring
         self.world_size = config.parallel.tensor_parallel_size
         self.external = config.parallel.distributed_init == "env"   # ranks 1..N-1 started by hand
         self.timeout_s = timeout_s
@@ -56,6 +60,7 @@ class MultiprocTPExecutor:
         self._dead: EngineDeadError | None = None
         self._closed = False
         self._last_message = time.monotonic()
+        self._queue: ShmMessageQueue | None = None
         init = self._rank_init()
         try:
             if not self.external:
@@ -63,13 +68,15 @@ class MultiprocTPExecutor:
             # each start-up collective is entered only once every rank got there (rank_process.py)
             wait_for_milestone(self.processes, JOINING, timeout_s)
             self.control = init_distributed(init)
-            broadcast_message(StartMessage(config), self.control)
+            if config.parallel.step_queue == "shm" and not self.external:
+                self._queue = _make_queue(self.world_size - 1)
+            broadcast_message(StartMessage(config, self._queue.handle() if self._queue else None), self.control)
             if self.device.type == "cuda":
                 import torch
                 torch.cuda.set_device(self.device)
             self.runner, self.num_blocks = build_runner(
                 config, self.device, lambda: wait_for_milestone(self.processes, LOADED, timeout_s))
-            self.steps = step_group(init, self.control)
+            self.steps = StepChannel(step_group(init, self.control), self._queue)
         except BaseException:
             self.shutdown()
             raise
@@ -92,17 +99,19 @@ class MultiprocTPExecutor:
                 "--backend", init.backend, "--timeout-s", str(init.timeout_s)]))
 
     # ---- per step -----------------------------------------------------------------------
-    def execute_model(self, so: SchedulerOutput, non_block: bool = False) -> ModelRunnerOutput:
-        """Runs the step on every rank; resolved before it returns, whatever `non_block`."""
+    def execute_model(self, so: SchedulerOutput, non_block: bool = False
+                      ) -> ModelRunnerOutput | PendingRunnerOutput:
+        """Runs the step on every rank; `non_block` (async scheduling): rank 0's output is
+        returned pending, as UniprocExecutor's."""
         self.check_health()
         with self._lock:
             try:
-                broadcast_message(StepMessage(so), self.steps)
+                self.steps.send(StepMessage(so), self._raise_if_dead_worker, self.timeout_s)
             except Exception as exc:
                 raise self._mark_dead(f"sending the step to the workers failed: {exc}") from exc
             self._last_message = time.monotonic()
             try:
-                return self.runner.execute_model(so)
+                return self.runner.execute_model(so, non_block)
             except Exception as exc:
                 # a failed collective (peer died or timed out) leaves the ranks out of step
                 if isinstance(exc, dist.DistError) or self._dead_worker(wait_s=0.5):
@@ -117,6 +126,11 @@ class MultiprocTPExecutor:
                 self._mark_dead(dead)
         if self._dead is not None:
             raise self._dead
+
+    def _raise_if_dead_worker(self) -> None:
+        dead = self._dead_worker(wait_s=0.0)
+        if dead:
+            raise RuntimeError(dead)
 
     def _dead_worker(self, wait_s: float) -> str | None:
         """A line naming the first spawned rank that exited (waiting up to `wait_s`), else None."""
@@ -144,7 +158,7 @@ class MultiprocTPExecutor:
                 continue
             try:
                 if self._dead is None and not self._closed:
-                    broadcast_message(NoopMessage(), self.steps)
+                    self.steps.send(NoopMessage(), self._raise_if_dead_worker, self.timeout_s)
                     self._last_message = time.monotonic()
             except Exception as exc:
                 self._mark_dead(f"heartbeat to the workers failed: {exc}")
@@ -162,13 +176,15 @@ class MultiprocTPExecutor:
         if self._dead is None and hasattr(self, "steps") and not self._dead_worker(wait_s=0.0) \
                 and self._lock.acquire(timeout=5.0):
             try:
-                broadcast_message(ShutdownMessage(), self.steps)
+                self.steps.send(ShutdownMessage(), self._raise_if_dead_worker, 5.0)
             except Exception:
                 logger.warning("could not send shutdown to the workers", exc_info=True)
             finally:
                 self._lock.release()
         for process in self.processes:
             process.stop()
+        if self._queue is not None:
+            self._queue.close()
         if dist.is_initialized() and dist.get_backend() == "nccl":
             # NCCL teardown hung at shutdown on an H200x2 machine (the peer already exited);
             # the group is left to process exit, so an NCCL engine is one per process.
@@ -178,6 +194,14 @@ class MultiprocTPExecutor:
                 dist.destroy_process_group()
             except Exception:
                 logger.warning("destroy_process_group failed", exc_info=True)
+
+
+def _make_queue(num_readers: int) -> ShmMessageQueue | None:
+    try:
+        return ShmMessageQueue(num_readers)
+    except OSError as exc:   # e.g. a small /dev/shm in a container: the step group's broadcast instead
+        logger.warning("no shared-memory step queue (%s): step messages go through the process group", exc)
+        return None
 
 
 def _free_port() -> int:
