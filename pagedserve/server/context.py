@@ -20,6 +20,11 @@ DEFAULT_MAX_WAITING_REQUESTS = 1024   # engine requests queued beyond max_num_se
 T = TypeVar("T")
 
 
+# huggingface_hub's InferenceClient sends "dummy" (chat_completion without a model) and
+# TGI's own clients "tgi": a TGI server serves one model and reads neither
+TGI_CLIENT_PLACEHOLDERS = frozenset({"tgi", "dummy"})
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     served_model_name: str
@@ -54,9 +59,10 @@ class ServerContext:
         return (self.settings.served_model_name, *self.settings.served_model_aliases)
 
     def check_model(self, model: str | None) -> None:
-        """An absent model means the served one; any other name is a 404 (OpenAI's and vLLM's
-        NotFoundError) naming `model`."""
-        if model is not None and model not in self.served_model_names:
+        """An absent model means the served one, and so do the placeholders TGI's clients send
+        on the shared chat route (TGI ignores the field); any other name is a 404 (OpenAI's
+        and vLLM's NotFoundError) naming `model`."""
+        if model is not None and model not in self.served_model_names and model not in TGI_CLIENT_PLACEHOLDERS:
             raise NotFoundError(f"The model `{model}` does not exist.", "model")
 
     def token_str(self, token_id: int, logprob: Logprob | None = None, as_token_id: bool = False) -> str:

@@ -132,8 +132,8 @@ def test_tgi_client_named_tool(tool_server) -> None:
     """TGI's chat route is the same route: huggingface_hub's spelling of tool_choice."""
     from huggingface_hub import InferenceClient
     hf = InferenceClient(base_url=tool_server.base_url, timeout=120)
-    # model given: without it huggingface_hub sends "dummy", which TGI ignores and this server 404s
-    output = hf.chat_completion(model=MODEL, messages=ASK, tools=TOOLS, tool_choice={"function": {"name": "get_weather"}},
+    # no model: huggingface_hub then sends "dummy", TGI's placeholder, which the server accepts
+    output = hf.chat_completion(messages=ASK, tools=TOOLS, tool_choice={"function": {"name": "get_weather"}},
                                 max_tokens=MAX_TOKENS, temperature=0)
     call = output.choices[0].message.tool_calls[0]
     assert call.function.name == "get_weather" and output.choices[0].finish_reason == "tool_calls"
