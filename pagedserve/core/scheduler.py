@@ -3,6 +3,13 @@ its num_tokens under a per-step token budget. Prefill, chunked prefill, decode, 
 hits and recompute after preemption all fall out of that rule. First come, first served;
 preemption evicts the newest running request.
 
+Preemption by swap (preemption_mode "swap", the default when a host tier exists): the
+victim's blocks go to the host tier (KVCacheManager.swap_out) and it waits, at the head of
+the queue, with its num_computed_tokens kept; resuming, it gets fresh device blocks that the
+worker fills from the host before the forward, so they count as computed tokens. When the
+host tier has no room the victim is recomputed, as in mode "recompute". Each step's copy
+lists (blocks_to_swap_out, blocks_to_swap_in) travel in its SchedulerOutput.
+
 Async scheduling (one step in flight, see EngineCore): the next step is scheduled before the
 last one's sampled tokens are back. Each request counts what is scheduled but unresolved
 (num_unresolved_tokens, num_inflight_samples); a step never schedules past max_tokens or
@@ -41,15 +48,20 @@ class SchedulerStats:
     kv_cache_usage: float = 0.0
     num_preemptions: int = 0   # cumulative
     num_batched_tokens: int = 0
+    num_swapped: int = 0       # waiting requests whose blocks are in the host tier
 
 
 class Scheduler:
     """Owns the request queues; mutated only from the engine thread."""
 
     def __init__(self, kv_cache_manager: KVCacheManager, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_model_len: int, policy: str = "continuous") -> None:
+                 max_num_batched_tokens: int, max_model_len: int, policy: str = "continuous",
+                 preemption_mode: str = "swap") -> None:
         if policy not in ("continuous", "static"):
             raise ValueError(f"scheduling policy must be 'continuous' or 'static', got {policy!r}")
+        if preemption_mode not in ("swap", "recompute"):
+            raise ValueError(f"preemption_mode must be 'swap' or 'recompute', got {preemption_mode!r}")
+        self.swap = preemption_mode == "swap" and kv_cache_manager.host is not None
         self.kv = kv_cache_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -255,6 +267,7 @@ class Scheduler:
         if self.pending_forks:
             self._fork_completed_prompts(scheduled, out)
         out.blocks_to_copy = self.kv.take_pending_copies()
+        out.blocks_to_swap_out, out.blocks_to_swap_in = self.kv.take_swaps()
         if self._constrained_samples:
             self._fill_bitmask(out)
         return out
@@ -283,9 +296,10 @@ class Scheduler:
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         assert not request.num_unresolved_tokens, "a request with work in flight is never preempted"
-        self.kv.free(request)
+        if not (self.swap and self.kv.swap_out(request)):   # swapped: it keeps its computed tokens
+            self.kv.free(request)
+            request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
-        request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.stats.num_preemptions += 1
         self.waiting.appendleft(request)
@@ -381,7 +395,17 @@ class Scheduler:
         self.stats.num_running = len(self.running)
         self.stats.num_waiting = len(self.waiting)
         self.stats.kv_cache_usage = self.kv.usage()
+        self.stats.num_swapped = len(self.kv.req_to_host_blocks)
         return changed
+
+    def drop_swaps(self, out: SchedulerOutput) -> None:
+        """`out` failed (or was dropped): its swap-outs may not have run. Requests whose host
+        copy came from it are recomputed instead of swapped in."""
+        lost = self.kv.drop_swapped({host for _, host in out.blocks_to_swap_out})
+        for rid in lost:
+            request = self.requests.get(rid)
+            if request is not None:
+                request.num_computed_tokens = 0
 
     @staticmethod
     def _advance_grammar(request: Request, token: int) -> bool:

@@ -69,6 +69,7 @@ class MultiprocTPExecutor:
                 torch.cuda.set_device(self.device)
             self.runner, self.num_blocks = build_runner(
                 config, self.device, lambda: wait_for_milestone(self.processes, LOADED, timeout_s))
+            self.num_host_blocks = self.runner.num_host_blocks
             self.steps = step_group(init, self.control)
         except BaseException:
             self.shutdown()

@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from pagedserve.config import EngineConfig
 from pagedserve.engine_io import SchedulerOutput
-from pagedserve.worker.kv_budget import non_torch_memory, num_kv_blocks
+from pagedserve.worker.kv_budget import non_torch_memory, num_host_blocks, num_kv_blocks
 from pagedserve.worker.model_runner import ModelRunner
 from pagedserve.worker.rank_process import JOINING, LOADED
 
@@ -115,6 +115,7 @@ def build_runner(config: EngineConfig, device: torch.device,
     dist.all_reduce(blocks, op=dist.ReduceOp.MIN)
     num_blocks = int(blocks.item())
     runner.init_kv_cache(num_blocks)
+    runner.init_host_cache(num_host_blocks(config, runner))
     runner.finish_setup()
     return runner, num_blocks
 

@@ -1,0 +1,153 @@
+"""The host tier of the KV cache: exact block ids and copy lists for swap-out, swap-in and
+host prefix hits, fallback to recompute, abort while swapped out, no leak in either pool,
+and the worker's copies (CPU: both pools are plain tensors)."""
+from __future__ import annotations
+
+import torch
+
+from pagedserve.core.kv_cache_manager import KVCacheManager
+from pagedserve.core.request import Request, RequestId, RequestStatus
+from pagedserve.core.scheduler import Scheduler
+from pagedserve.engine_io import ModelRunnerOutput, SchedulerOutput
+from pagedserve.sampling_params import SamplingParams
+from pagedserve.worker.host_kv_cache import HostKVCache
+
+B = 4
+
+
+def req(rid: str, tokens: list[int], max_tokens: int = 8) -> Request:
+    return Request(RequestId(rid), tokens, SamplingParams(max_tokens=max_tokens), max_tokens=max_tokens)
+
+
+def ids(m: KVCacheManager, request: Request) -> list[int]:
+    return m.block_ids(request.request_id)
+
+
+def test_swap_out_then_in_exact_blocks_and_copies():
+    m = KVCacheManager(8, B, num_host_blocks=4)
+    a = req("a", list(range(10)))                       # 3 blocks, 2 of them full and hashed
+    assert m.allocate_slots(a, 10) and ids(m, a) == [0, 1, 2]
+    a.num_computed_tokens = 10
+    assert m.swap_out(a)
+    assert [b.block_id for b in m.req_to_host_blocks["a"]] == [0, 1, 2]
+    assert m.take_swaps() == ([(0, 0), (1, 1), (2, 2)], [])
+    assert m.pool.num_free_blocks == 8 and m.host.num_free_blocks == 1
+    a.output_token_ids.append(5)                        # resumes with 11 tokens, 10 computed
+    assert m.allocate_slots(a, 1)
+    assert ids(m, a) == [3, 4, 5]                       # hashed 0, 1 stay free at the LRU tail
+    assert m.take_swaps() == ([], [(0, 3), (1, 4), (2, 5)])
+    assert m.host.num_free_blocks == 4 and not m.req_to_host_blocks
+    # the host copies of the full blocks stay findable: the host tier's prefix entries
+    assert sorted(m.host.cached) == sorted(m.req_to_hashes["a"])
+    assert (m.stats.blocks_swapped_out, m.stats.blocks_swapped_in) == (3, 3)
+
+
+def test_evicted_prefix_goes_to_host_and_comes_back():
+    m = KVCacheManager(4, B, num_host_blocks=4)
+    a = req("a", list(range(9)))                        # blocks 0, 1 full and hashed; 2 partial
+    assert m.allocate_slots(a, 9) and ids(m, a) == [0, 1, 2]
+    m.forget(a)                                         # free queue: 3, 2, 1, 0
+    b = req("b", list(range(100, 116)))                 # takes all 4 blocks: evicts 1 and 0
+    assert m.allocate_slots(b, 16) and ids(m, b) == [3, 2, 1, 0]
+    assert m.take_swaps() == ([(1, 0), (0, 1)], [])     # (device, host) offloads
+    m.forget(b)                                         # free queue: 0, 1, 2, 3 (all hashed)
+    c = req("c", list(range(9)))                        # a's prompt again: a device miss, a host hit
+    hits, num = m.get_computed_blocks(c)
+    assert [(h.block_id, h.on_host) for h in hits] == [(1, True), (0, True)] and num == 8
+    assert m.allocate_slots(c, 1, hits)
+    assert ids(m, c) == [0, 1, 2]
+    # b's evicted blocks 0, 1, 2 go to the two free host blocks (the host hits are held), LRU:
+    # 2 takes the host block 0 had, and only its copy is queued. Swap-outs run first, so
+    # device blocks 1 and 2 are read before the swap-ins write 0 and 1.
+    assert m.take_swaps() == ([(1, 3), (2, 2)], [(1, 0), (0, 1)])
+    assert m.stats.host_hits == 8 and m.stats.hits == 8
+    assert m.host.num_free_blocks == 4
+
+
+def make(num_blocks=5, host_blocks=8, mode="swap") -> Scheduler:
+    return Scheduler(KVCacheManager(num_blocks, B, num_host_blocks=host_blocks), 8, 100, 40,
+                     preemption_mode=mode)
+
+
+def run_step(s: Scheduler) -> SchedulerOutput:
+    out = s.schedule()
+    sampled = {rid: 7 for rid, n in out.num_scheduled_tokens.items()
+               if s.requests[rid].num_computed_tokens + n == s.requests[rid].num_tokens}
+    s.update_from_output(out, ModelRunnerOutput(sampled_token_ids=sampled))
+    return out
+
+
+def two_requests(s: Scheduler) -> SchedulerOutput:
+    """old: blocks 0, 1; new: 2, 3; step 2 needs a 3rd block each: new is preempted."""
+    s.add_request(req("old", list(range(8)), max_tokens=10))
+    s.add_request(req("new", list(range(50, 58)), max_tokens=10))
+    run_step(s)
+    return run_step(s)
+
+
+def test_preemption_by_swap_resumes_with_computed_tokens_and_leaks_nothing():
+    s = make()
+    out = two_requests(s)
+    assert out.preempted_req_ids == {"new"} and out.num_scheduled_tokens == {"old": 1}
+    assert out.blocks_to_swap_out == [(2, 0), (3, 1)] and out.blocks_to_swap_in == []
+    new = s.waiting[0]
+    assert new.num_computed_tokens == 8 and s.kv.is_swapped(new) and s.stats.num_swapped == 1
+    resumed = None
+    for _ in range(40):
+        out = run_step(s)
+        if out.new_requests:
+            resumed = out
+        if not s.has_unfinished():
+            break
+    (data,) = resumed.new_requests
+    # old finished; new comes back to fresh device blocks filled from host blocks 0, 1, and
+    # computes only its sampled token
+    assert data.req_id == "new" and data.num_computed_tokens == 8 and data.block_ids == [2, 3, 4]
+    assert resumed.blocks_to_swap_in == [(0, 2), (1, 3)]
+    assert resumed.num_scheduled_tokens == {"new": 1}
+    assert s.kv.pool.num_free_blocks == 5 and s.kv.host.num_free_blocks == 8
+    assert s.kv.host_usage() == 0.0 and not s.kv.req_to_host_blocks
+
+
+def test_full_host_tier_falls_back_to_recompute():
+    s = make(host_blocks=1)
+    out = two_requests(s)
+    assert out.preempted_req_ids == {"new"} and out.blocks_to_swap_out == []
+    assert s.waiting[0].num_computed_tokens == 0 and not s.kv.is_swapped(s.waiting[0])
+
+
+def test_recompute_mode_never_swaps():
+    s = make(mode="recompute")
+    out = two_requests(s)
+    assert out.preempted_req_ids == {"new"} and out.blocks_to_swap_out == []
+    assert s.waiting[0].num_computed_tokens == 0
+
+
+def test_abort_while_swapped_out_frees_host_blocks():
+    s = make()
+    two_requests(s)
+    assert s.kv.host.num_free_blocks == 6
+    s.finish_requests([RequestId("new")], RequestStatus.FINISHED_ABORTED)
+    assert s.kv.host.num_free_blocks == 8 and not s.kv.req_to_host_blocks
+
+
+def test_a_failed_step_drops_the_host_copies_it_was_to_write():
+    s = make()
+    out = two_requests(s)
+    s.drop_swaps(out)
+    new = s.waiting[0]
+    assert new.num_computed_tokens == 0 and not s.kv.is_swapped(new)
+    assert s.kv.host.num_free_blocks == 8 and not s.kv.host.cached
+
+
+def test_host_cache_copies_blocks_both_ways_on_cpu():
+    device = torch.randn(4, 6, B, 2, 3)                 # [planes, blocks, block_size, heads, dim]
+    before = device.clone()
+    cache = HostKVCache(device, 5)
+    cache.swap([(1, 3), (4, 0)], [])
+    assert torch.equal(cache.host[:, 3], before[:, 1]) and torch.equal(cache.host[:, 0], before[:, 4])
+    # out first, then in: device block 1 is read before it is overwritten
+    cache.swap([(1, 2)], [(3, 5), (0, 1)])
+    assert torch.equal(cache.host[:, 2], before[:, 1])
+    assert torch.equal(device[:, 5], before[:, 1]) and torch.equal(device[:, 1], before[:, 4])
+    assert torch.equal(device[:, [0, 2, 3, 4]], before[:, [0, 2, 3, 4]])
