@@ -17,7 +17,7 @@ multiturn  64 conversations x 4 turns sharing nothing across conversations: turn
            user tokens (6144, 6656, 7168, 7680 prompt tokens: ~8k at the end). Closed loop: each
            conversation sends its next turn as soon as the last one ends, all 64 at once. The
            device cache holds 8192 blocks = 128k tokens (~16 conversations); the host tier
-           --host-gib GiB (default 64: all 64 contexts, ~61 GiB, fit). TTFT (submit -> first
+           --host-gib GiB (default 70: all 64 contexts, ~61 GiB, fit). TTFT (submit -> first
            token) of turns 2-4, mean and P99, without the host tier (swap_space=0) and with it;
            target >= 2x lower mean.
 """
@@ -174,7 +174,7 @@ def main(argv: list[str]) -> None:
         run_pressure(mode) if kind == "pressure" else run_multiturn(mode, host_gib)
         return
     which = argv[0]
-    host_gib = float(argv[argv.index("--host-gib") + 1]) if "--host-gib" in argv else 64.0
+    host_gib = float(argv[argv.index("--host-gib") + 1]) if "--host-gib" in argv else 70.0
     if which in ("pressure", "all"):
         recompute, swap = child("pressure", "recompute", host_gib), child("pressure", "swap", host_gib)
         if recompute and swap:

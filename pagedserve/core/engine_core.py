@@ -195,8 +195,8 @@ class EngineCore:
         a request caught in failed steps twice fails. `dropped`: a step launched on top of
         the failed one, whose results are discarded (its requests are recomputed too)."""
         self.executor.check_health()
-        for failed in (so, dropped):   # their swap-outs may not have run
-            if failed is not None and failed.blocks_to_swap_out:
+        for failed in (so, dropped):   # their copies may not have run
+            if failed is not None and (failed.blocks_to_swap_out or failed.blocks_to_swap_in):
                 self.scheduler.drop_swaps(failed)
         error = f"{type(exc).__name__}: {exc}"
         step_ids = list(so.num_scheduled_tokens)

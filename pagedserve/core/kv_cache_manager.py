@@ -20,9 +20,12 @@ memory, holding
   keeping their hash, so swapped requests' blocks always win over them.
 Each step's copies are queued as (source, destination) block id pairs and taken by the
 scheduler into the SchedulerOutput (`take_swaps`); the worker runs the swap-outs (device ->
-host) first, then the swap-ins (host -> device), then copy-on-write, then the forward. So
-that a host block read by this step's swap-ins is not overwritten by its swap-outs, host
-blocks read in a step stay referenced until take_swaps.
+host) first, then the swap-ins (host -> device). The step's forward waits for the swap-outs
+(their source blocks are handed out again in the same step) but not for the swap-ins: it
+overlaps them, so a request whose blocks are loaded in a step (`is_loading`) runs from the
+next step on, and its blocks become prefix-cache entries only then. So that a host block
+read by this step's swap-ins is not overwritten by its swap-outs, host blocks read in a step
+stay referenced until take_swaps.
 """
 from __future__ import annotations
 
@@ -59,6 +62,7 @@ class KVCacheManager:
         self._swap_out: dict[BlockId, BlockId] = {}   # host block -> device block (one writer per host block)
         self._swap_in: list[tuple[BlockId, BlockId]] = []   # (host block, device block)
         self._host_reads: list[KVCacheBlock] = []   # held until take_swaps
+        self._loading: set[RequestId] = set()       # requests with swap-ins this step
         if self.host is not None and enable_prefix_caching:
             self.pool.on_evict = self._offload
 
@@ -177,9 +181,16 @@ class KVCacheManager:
                 self.stats.blocks_swapped_in += len(sources)
                 if swapped is None:
                     self.stats.host_hits += len(sources) * self.block_size
+                self._loading.add(request.request_id)
             blocks.extend(new_blocks)
-        self._cache_full_blocks(request, blocks, num_total)
+        if not sources:   # loading blocks are hashed next step, once their copies are awaited
+            self._cache_full_blocks(request, blocks, num_total)
         return True
+
+    def is_loading(self, request: Request) -> bool:
+        """Blocks of the request are copied in from the host tier in this step: it may not run
+        (or be a prefix hit) before the next step, whose forward waits for those copies."""
+        return request.request_id in self._loading
 
     def _cache_full_blocks(self, request: Request, blocks: list[KVCacheBlock], num_tokens: int) -> None:
         if not self.enable_prefix_caching:
@@ -263,6 +274,7 @@ class KVCacheManager:
             return [], []
         swap_out = [(device, host) for host, device in self._swap_out.items()]
         swap_in, self._swap_in, self._swap_out = self._swap_in, [], {}
+        self._loading.clear()
         if self._host_reads:
             self.host.free(list(reversed(self._host_reads)))
             self._host_reads = []

@@ -6,7 +6,8 @@ preemption evicts the newest running request.
 Preemption by swap (preemption_mode "swap", the default when a host tier exists): the
 victim's blocks go to the host tier (KVCacheManager.swap_out) and it waits, at the head of
 the queue, with its num_computed_tokens kept; resuming, it gets fresh device blocks that the
-worker fills from the host before the forward, so they count as computed tokens. When the
+worker fills from the host while the step's forward runs (so it joins the batch a step
+later, as a request with host prefix hits does), and they count as computed tokens. When the
 host tier has no room the victim is recomputed, as in mode "recompute". Each step's copy
 lists (blocks_to_swap_out, blocks_to_swap_in) travel in its SchedulerOutput.
 
@@ -244,6 +245,8 @@ class Scheduler:
             num_new = min(request.num_tokens - request.num_computed_tokens - num_hit_tokens, budget)
             if not self.kv.allocate_slots(request, num_new, hits):
                 break
+            if self.kv.is_loading(request):   # it runs next step, after its blocks are copied in
+                num_new = 0
             self.waiting.popleft()
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit_tokens
@@ -399,13 +402,19 @@ class Scheduler:
         return changed
 
     def drop_swaps(self, out: SchedulerOutput) -> None:
-        """`out` failed (or was dropped): its swap-outs may not have run. Requests whose host
-        copy came from it are recomputed instead of swapped in."""
+        """`out` failed (or was dropped): its copies may not have run. Requests whose host copy
+        came from it are recomputed instead of swapped in; running requests whose blocks it was
+        to load are recomputed too."""
         lost = self.kv.drop_swapped({host for _, host in out.blocks_to_swap_out})
         for rid in lost:
             request = self.requests.get(rid)
             if request is not None:
                 request.num_computed_tokens = 0
+        loaded = {device for _, device in out.blocks_to_swap_in}
+        if loaded:
+            owners = [r.request_id for r in self.running
+                      if any(b.block_id in loaded for b in self.kv.req_to_blocks.get(r.request_id, ()))]
+            self.requeue_after_failure(owners, suspects=set())
 
     @staticmethod
     def _advance_grammar(request: Request, token: int) -> bool:

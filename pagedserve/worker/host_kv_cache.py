@@ -11,9 +11,10 @@ over all layers: no per-block or per-layer launch, no staging buffer, no host sy
 Ordering (the SchedulerOutput's lists, see engine_io): on CUDA the copies run on their own
 stream, which first waits for the work already queued on the compute stream (the previous
 forward wrote the blocks a swap-out reads, and may still write blocks the scheduler has since
-freed); the compute stream then waits for the copies (the forward reads swapped-in blocks and
-may overwrite swapped-out ones, which the scheduler reuses in the same step). The host builds
-the step's inputs meanwhile. Swap-outs run before swap-ins, in stream order.
+freed). Swap-outs run first; the step's forward waits for them (the scheduler hands their
+source blocks out again in the same step). Swap-ins run next, overlapping the step's forward:
+the scheduler runs no request of the step on blocks it loads (KVCacheManager.is_loading), and
+the next step's forward waits for them (`await_loads`).
 
 If the mapped view cannot be made or fails its start-up check, copies go through device
 staging tensors and synchronous transfers instead (slower, same results), with a warning.
@@ -86,6 +87,7 @@ class HostKVCache:
         self.host = raw.view(device_cache.dtype).view(shape)
         self.stream: torch.cuda.Stream | None = None
         self._mapped: torch.Tensor | None = None   # CUDA view of `host` (words)
+        self._loads: torch.cuda.Event | None = None   # after the last swap-ins, not yet awaited
         if self.device.type == "cuda":
             self.stream = torch.cuda.Stream(self.device)
             _register(raw)
@@ -125,6 +127,12 @@ class HostKVCache:
             logger.warning("host KV tier: no mapped view of the pinned pool (%s); swaps use staged copies", exc)
             return None
 
+    def await_loads(self) -> None:
+        """Before a forward: the compute stream waits for the last step's swap-ins."""
+        if self._loads is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._loads)
+            self._loads = None
+
     def swap(self, swap_out: list[tuple[BlockId, BlockId]], swap_in: list[tuple[BlockId, BlockId]]) -> None:
         """Copy device -> host for each (device, host) pair of `swap_out`, then host -> device
         for each (host, device) pair of `swap_in`, ordered with the compute stream (module
@@ -135,14 +143,17 @@ class HostKVCache:
             return
         compute = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(compute)
+        mapped = self._mapped is not None
+        copy = self._copy if mapped else self._staged
+        host = self._mapped if mapped else self._host_words
         with torch.cuda.stream(self.stream):
-            if self._mapped is not None:
-                self._copy(self._device_words, self._mapped, swap_out)
-                self._copy(self._mapped, self._device_words, swap_in)
-            else:
-                self._staged(self._device_words, self._host_words, swap_out)
-                self._staged(self._host_words, self._device_words, swap_in)
-        compute.wait_stream(self.stream)
+            if swap_out:
+                copy(self._device_words, host, swap_out)
+                compute.wait_stream(self.stream)   # the forward may overwrite their sources
+            if swap_in:
+                copy(host, self._device_words, swap_in)
+                self._loads = torch.cuda.Event()
+                self._loads.record(self.stream)
 
     def _copy(self, src: torch.Tensor, dst: torch.Tensor, pairs: list[tuple[BlockId, BlockId]]) -> None:
         if not pairs:

@@ -194,6 +194,8 @@ class ModelRunner:
         """Run one step. `non_block` (driver only): return a PendingRunnerOutput without
         waiting for the device."""
         self._update_states(so)
+        if self.host_cache is not None and self.host_cache.stream is not None:
+            self.host_cache.await_loads()   # the last step's swap-ins land before this forward
         if so.blocks_to_swap_out or so.blocks_to_swap_in:
             self.host_cache.swap(so.blocks_to_swap_out, so.blocks_to_swap_in)
         if so.blocks_to_copy:

@@ -55,11 +55,16 @@ def test_evicted_prefix_goes_to_host_and_comes_back():
     hits, num = m.get_computed_blocks(c)
     assert [(h.block_id, h.on_host) for h in hits] == [(1, True), (0, True)] and num == 8
     assert m.allocate_slots(c, 1, hits)
-    assert ids(m, c) == [0, 1, 2]
+    assert ids(m, c) == [0, 1, 2] and m.is_loading(c)
     # b's evicted blocks 0, 1, 2 go to the two free host blocks (the host hits are held), LRU:
     # 2 takes the host block 0 had, and only its copy is queued. Swap-outs run first, so
     # device blocks 1 and 2 are read before the swap-ins write 0 and 1.
     assert m.take_swaps() == ([(1, 3), (2, 2)], [(1, 0), (0, 1)])
+    # c runs from the next step: until then its loading blocks serve no device prefix hit
+    assert m.is_loading(c) is False and m.pool.blocks[0].block_hash is None
+    c.num_computed_tokens = 8
+    assert m.allocate_slots(c, 1) and ids(m, c) == [0, 1, 2]
+    assert m.pool.blocks[0].block_hash is not None and m.take_swaps() == ([], [])
     assert m.stats.host_hits == 8 and m.stats.hits == 8
     assert m.host.num_free_blocks == 4
 
@@ -92,19 +97,20 @@ def test_preemption_by_swap_resumes_with_computed_tokens_and_leaks_nothing():
     assert out.blocks_to_swap_out == [(2, 0), (3, 1)] and out.blocks_to_swap_in == []
     new = s.waiting[0]
     assert new.num_computed_tokens == 8 and s.kv.is_swapped(new) and s.stats.num_swapped == 1
-    resumed = None
+    steps = []
     for _ in range(40):
-        out = run_step(s)
-        if out.new_requests:
-            resumed = out
+        steps.append(run_step(s))
         if not s.has_unfinished():
             break
-    (data,) = resumed.new_requests
-    # old finished; new comes back to fresh device blocks filled from host blocks 0, 1, and
-    # computes only its sampled token
+    loading = next(i for i, out in enumerate(steps) if out.blocks_to_swap_in)
+    # old finished; new's blocks come back to fresh device blocks 2, 3 from host blocks 0, 1
+    # while that step's forward runs (new is not in it), and new runs from the next step on,
+    # computing only its sampled token
+    assert steps[loading].blocks_to_swap_in == [(0, 2), (1, 3)]
+    assert "new" not in steps[loading].num_scheduled_tokens
+    (data,) = steps[loading + 1].new_requests
     assert data.req_id == "new" and data.num_computed_tokens == 8 and data.block_ids == [2, 3, 4]
-    assert resumed.blocks_to_swap_in == [(0, 2), (1, 3)]
-    assert resumed.num_scheduled_tokens == {"new": 1}
+    assert steps[loading + 1].num_scheduled_tokens == {"new": 1}
     assert s.kv.pool.num_free_blocks == 5 and s.kv.host.num_free_blocks == 8
     assert s.kv.host_usage() == 0.0 and not s.kv.req_to_host_blocks
 
@@ -151,3 +157,15 @@ def test_host_cache_copies_blocks_both_ways_on_cpu():
     assert torch.equal(cache.host[:, 2], before[:, 1])
     assert torch.equal(device[:, 5], before[:, 1]) and torch.equal(device[:, 1], before[:, 4])
     assert torch.equal(device[:, [0, 2, 3, 4]], before[:, [0, 2, 3, 4]])
+
+
+def test_a_failed_step_recomputes_the_requests_it_was_to_load():
+    s = make()
+    two_requests(s)
+    s.finish_requests([RequestId("old")], RequestStatus.FINISHED_ABORTED)
+    out = run_step(s)                                   # new's blocks are loaded; it runs next step
+    assert out.blocks_to_swap_in == [(0, 3), (1, 2)] and not out.num_scheduled_tokens
+    s.drop_swaps(out)
+    new = s.waiting[0]
+    assert new.request_id == "new" and new.num_computed_tokens == 0 and not s.running
+    assert s.kv.pool.num_free_blocks == 5 and s.kv.host.num_free_blocks == 8
