@@ -16,8 +16,9 @@ source blocks out again in the same step). Swap-ins run next, overlapping the st
 the scheduler runs no request of the step on blocks it loads (KVCacheManager.is_loading), and
 the next step's forward waits for them (`await_loads`).
 
-If the mapped view cannot be made or fails its start-up check, copies go through device
-staging tensors and synchronous transfers instead (slower, same results), with a warning.
+If the pool cannot be registered, or the mapped view cannot be made or fails its start-up
+check, copies go through device staging tensors and synchronous transfers instead (slower,
+same results), with a warning.
 """
 from __future__ import annotations
 
@@ -90,9 +91,13 @@ class HostKVCache:
         self._loads: torch.cuda.Event | None = None   # after the last swap-ins, not yet awaited
         if self.device.type == "cuda":
             self.stream = torch.cuda.Stream(self.device)
-            _register(raw)
-            weakref.finalize(self, _unregister, raw.data_ptr())
-            self._mapped = self._map(raw)
+            try:
+                _register(raw)
+            except Exception as exc:   # pageable memory still works, through staged copies
+                logger.warning("host KV tier: %s; swaps use staged copies from pageable memory", exc)
+            else:
+                weakref.finalize(self, _unregister, raw.data_ptr())
+                self._mapped = self._map(raw)
         self._device_words = _words(device_cache)
         self._host_words = _words(self.host)
 

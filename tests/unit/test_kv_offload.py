@@ -169,3 +169,18 @@ def test_a_failed_step_recomputes_the_requests_it_was_to_load():
     new = s.waiting[0]
     assert new.request_id == "new" and new.num_computed_tokens == 0 and not s.running
     assert s.kv.pool.num_free_blocks == 5 and s.kv.host.num_free_blocks == 8
+
+
+def test_the_staged_fallback_copies_the_same_blocks():
+    """The CUDA fallback's gather -> transfer -> scatter, run on CPU tensors, in chunks."""
+    import pagedserve.worker.host_kv_cache as host_kv_cache
+    device = torch.randn(4, 6, B, 2, 3)
+    cache = HostKVCache(device, 5)
+    chunk, host_kv_cache._STAGED_CHUNK_BYTES = host_kv_cache._STAGED_CHUNK_BYTES, 1   # one block per chunk
+    try:
+        cache._staged(cache._device_words, cache._host_words, [(1, 3), (4, 0)])
+        cache._staged(cache._host_words, cache._device_words, [(3, 5)])
+    finally:
+        host_kv_cache._STAGED_CHUNK_BYTES = chunk
+    assert torch.equal(cache.host[:, 3], device[:, 1]) and torch.equal(cache.host[:, 0], device[:, 4])
+    assert torch.equal(device[:, 5], device[:, 1])
