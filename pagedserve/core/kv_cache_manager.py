@@ -13,7 +13,8 @@ and scheduled. The last prompt token is never served from cache: its logits are 
 The host tier (num_host_blocks > 0): a second BlockPool of the same block layout in host
 memory, holding
 - the blocks of requests preempted by swap (`swap_out`; they come back to fresh device
-  blocks in allocate_slots when the request resumes, and count as computed tokens), and
+  blocks in allocate_slots when the request resumes, but for its leading full blocks still
+  cached on the device, which it shares again; all count as computed tokens), and
 - prefix-cache entries: a hashed device block evicted to make room is copied to the host
   (`_offload`); a lookup that misses on the device goes on in the host pool, and those hits
   are loaded into fresh device blocks. Both pools are LRU; host entries are free blocks
@@ -150,14 +151,12 @@ class KVCacheManager:
         new_computed_blocks = new_computed_blocks or []
         num_computed = request.num_scheduled_tokens_ahead + len(new_computed_blocks) * self.block_size
         num_total = num_computed + num_new_tokens
-        host_hits = [b for b in new_computed_blocks if b.on_host]   # a suffix of the hits
-        if host_hits:
-            new_computed_blocks = new_computed_blocks[:-len(host_hits)]
-        # host hits count among the new blocks: each needs a device block to land in
-        num_new_blocks = self.blocks_needed(num_total) - len(blocks) - len(new_computed_blocks)
+        device_hits, loads, swapped = self._split_hits(request, blocks, new_computed_blocks)
+        # each block to load counts among the new blocks: it needs a device block to land in
+        num_new_blocks = self.blocks_needed(num_total) - len(blocks) - len(device_hits)
         needs_copy = bool(blocks) and blocks[-1].ref_cnt > 1 and num_computed % self.block_size != 0 \
             and num_new_tokens > 0
-        num_revived = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
+        num_revived = sum(1 for b in device_hits if b.ref_cnt == 0)
         if max(num_new_blocks, 0) + int(needs_copy) + num_revived > self.pool.num_free_blocks:
             return False
         if needs_copy:
@@ -166,26 +165,48 @@ class KVCacheManager:
             self.pool.free([src])
             blocks[-1] = dst
             self.pending_copies.append((src.block_id, dst.block_id))
-        if new_computed_blocks:
-            self.pool.touch(new_computed_blocks)
-            blocks.extend(new_computed_blocks)
-        swapped = self.req_to_host_blocks.pop(request.request_id, None)
-        sources = swapped if swapped is not None else host_hits
-        if host_hits:   # held (no eviction may take them) until the step's swap-ins are queued
-            self.host.touch(host_hits)
+        if device_hits:
+            self.pool.touch(device_hits)
+            blocks.extend(device_hits)
+        # host blocks stay held (no eviction may take them) until the step's lists are taken
+        if swapped is not None:
+            del self.req_to_host_blocks[request.request_id]
+            self._host_reads += swapped
+        elif loads:
+            self.host.touch(loads)
+            self._host_reads += loads
         if num_new_blocks > 0:
             new_blocks = self.pool.allocate(num_new_blocks)
-            if sources:   # swapped-out blocks, or host hits: the first new blocks are theirs
-                self._swap_in += [(src.block_id, dst.block_id) for src, dst in zip(sources, new_blocks)]
-                self._host_reads += sources
-                self.stats.blocks_swapped_in += len(sources)
+            if loads:   # the first new blocks are theirs
+                self._swap_in += [(src.block_id, dst.block_id) for src, dst in zip(loads, new_blocks)]
+                self.stats.blocks_swapped_in += len(loads)
                 if swapped is None:
-                    self.stats.host_hits += len(sources) * self.block_size
+                    self.stats.host_hits += len(loads) * self.block_size
                 self._loading.add(request.request_id)
             blocks.extend(new_blocks)
-        if not sources:   # loading blocks are hashed next step, once their copies are awaited
+        if not loads:   # loading blocks are hashed next step, once their copies are awaited
             self._cache_full_blocks(request, blocks, num_total)
         return True
+
+    def _split_hits(self, request: Request, blocks: list[KVCacheBlock], new_computed_blocks: list[KVCacheBlock]
+                    ) -> tuple[list[KVCacheBlock], list[KVCacheBlock], list[KVCacheBlock] | None]:
+        """(device blocks to share, host blocks to load, a swapped-out request's host blocks or
+        None). Prefix hits split by tier (host hits are a suffix); a swapped-out request
+        resuming shares its leading blocks that are still cached on the device and loads the
+        rest."""
+        swapped = None if blocks else self.req_to_host_blocks.get(request.request_id)
+        if swapped is None:
+            loads = [b for b in new_computed_blocks if b.on_host]
+            return new_computed_blocks[:len(new_computed_blocks) - len(loads)], loads, None
+        shared = []
+        for host_block in swapped:
+            device = None
+            if host_block.block_hash is not None:
+                device = self.pool.lookup(host_block.block_hash, host_block.token_ids)
+            if device is None:
+                break
+            shared.append(device)
+        return shared, swapped[len(shared):], swapped
 
     def is_loading(self, request: Request) -> bool:
         """Blocks of the request are copied in from the host tier in this step: it may not run

@@ -34,12 +34,31 @@ def test_swap_out_then_in_exact_blocks_and_copies():
     assert m.pool.num_free_blocks == 8 and m.host.num_free_blocks == 1
     a.output_token_ids.append(5)                        # resumes with 11 tokens, 10 computed
     assert m.allocate_slots(a, 1)
-    assert ids(m, a) == [3, 4, 5]                       # hashed 0, 1 stay free at the LRU tail
-    assert m.take_swaps() == ([], [(0, 3), (1, 4), (2, 5)])
+    # the full blocks 0, 1 are still cached on the device (free, at the LRU tail): shared
+    # again; only the partial block comes back from the host
+    assert ids(m, a) == [0, 1, 3]
+    assert m.take_swaps() == ([], [(2, 3)]) and m.is_loading(a) is False
     assert m.host.num_free_blocks == 4 and not m.req_to_host_blocks
     # the host copies of the full blocks stay findable: the host tier's prefix entries
     assert sorted(m.host.cached) == sorted(m.req_to_hashes["a"])
-    assert (m.stats.blocks_swapped_out, m.stats.blocks_swapped_in) == (3, 3)
+    assert (m.stats.blocks_swapped_out, m.stats.blocks_swapped_in) == (3, 1)
+
+
+def test_swap_in_loads_every_block_the_device_lost():
+    m = KVCacheManager(4, B, num_host_blocks=4)
+    a = req("a", list(range(10)))
+    assert m.allocate_slots(a, 10) and ids(m, a) == [0, 1, 2]
+    a.num_computed_tokens = 10
+    assert m.swap_out(a) and m.take_swaps() == ([(0, 0), (1, 1), (2, 2)], [])
+    b = req("b", list(range(100, 116)))                 # takes every device block
+    assert m.allocate_slots(b, 16) and m.take_swaps() == ([], [])   # a's copies are on the host already
+    m.forget(b)
+    a.output_token_ids.append(5)
+    assert m.allocate_slots(a, 1) and ids(m, a) == [0, 1, 2]
+    assert m.is_loading(a)
+    # b's evicted blocks 0, 1, 2 take turns in the one free host block (the last one stays);
+    # device 2 is read (swap-out) before it is written (swap-in)
+    assert m.take_swaps() == ([(2, 3)], [(0, 0), (1, 1), (2, 2)])
 
 
 def test_evicted_prefix_goes_to_host_and_comes_back():
@@ -69,8 +88,9 @@ def test_evicted_prefix_goes_to_host_and_comes_back():
     assert m.host.num_free_blocks == 4
 
 
-def make(num_blocks=5, host_blocks=8, mode="swap") -> Scheduler:
-    return Scheduler(KVCacheManager(num_blocks, B, num_host_blocks=host_blocks), 8, 100, 40,
+def make(num_blocks=5, host_blocks=8, mode="swap", caching=False) -> Scheduler:
+    """Prefix caching off by default: resumed requests then load every block from the host."""
+    return Scheduler(KVCacheManager(num_blocks, B, caching, num_host_blocks=host_blocks), 8, 100, 40,
                      preemption_mode=mode)
 
 
@@ -143,7 +163,7 @@ def test_a_failed_step_drops_the_host_copies_it_was_to_write():
     s.drop_swaps(out)
     new = s.waiting[0]
     assert new.num_computed_tokens == 0 and not s.kv.is_swapped(new)
-    assert s.kv.host.num_free_blocks == 8 and not s.kv.host.cached
+    assert s.kv.host.num_free_blocks == 8
 
 
 def test_host_cache_copies_blocks_both_ways_on_cpu():
