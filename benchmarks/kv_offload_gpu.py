@@ -78,7 +78,9 @@ def thr_workload(n: int, seed: int = 0) -> list[tuple[list[int], int]]:
 
 def offload_stats(llm) -> dict:
     stats = llm.engine.stats()
-    return dict(preemptions=stats.num_preemptions, blocks_swapped_out=stats.kv_offload_blocks_swapped_out,
+    return dict(preemptions=stats.num_preemptions,
+                swap_preemptions=llm.engine.core.scheduler.stats.num_swap_preemptions,
+                blocks_swapped_out=stats.kv_offload_blocks_swapped_out,
                 blocks_swapped_in=stats.kv_offload_blocks_swapped_in,
                 host_prefix_hit_tokens=stats.kv_offload_host_prefix_hits,
                 host_blocks=llm.engine.core.kv_cache_manager.num_host_blocks)

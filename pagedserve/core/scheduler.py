@@ -50,6 +50,7 @@ class SchedulerStats:
     num_preemptions: int = 0   # cumulative
     num_batched_tokens: int = 0
     num_swapped: int = 0       # waiting requests whose blocks are in the host tier
+    num_swap_preemptions: int = 0   # cumulative preemptions by swap (of num_preemptions)
 
 
 class Scheduler:
@@ -299,7 +300,9 @@ class Scheduler:
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         assert not request.num_unresolved_tokens, "a request with work in flight is never preempted"
-        if not (self.swap and self.kv.swap_out(request)):   # swapped: it keeps its computed tokens
+        if self.swap and self.kv.swap_out(request):   # swapped: it keeps its computed tokens
+            self.stats.num_swap_preemptions += 1
+        else:
             self.kv.free(request)
             request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED

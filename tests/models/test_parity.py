@@ -80,10 +80,26 @@ def test_preemption_by_swap(arch, async_scheduling, tiny_checkpoints, references
     assert _generate(llm, prompts) == expected
     core = llm.engine.core
     kv = core.kv_cache_manager
-    assert core.scheduler.stats.num_preemptions > 0
+    assert core.scheduler.stats.num_swap_preemptions > 0
     assert kv.stats.blocks_swapped_in > 0 and core.stats().kv_offload_blocks_swapped_out > 0
     assert _generate(llm, prompts) == expected
     assert kv.stats.host_hits > 0
+    for pool in (kv.pool, kv.host):
+        assert pool.num_free_blocks == pool.num_blocks
+    assert not kv.req_to_host_blocks
+
+
+def test_swap_without_prefix_caching_loads_every_block(tiny_checkpoints, references):
+    """No prefix cache: a resumed request shares nothing and loads all its blocks back."""
+    prompts, expected = references["llama"]
+    llm = _llm(tiny_checkpoints["llama"], skip_tokenizer_init=True, block_size=4, num_kv_blocks=40,
+               max_model_len=128, enable_prefix_caching=False)
+    assert _generate(llm, prompts) == expected
+    core = llm.engine.core
+    kv = core.kv_cache_manager
+    swaps = core.scheduler.stats.num_swap_preemptions
+    assert swaps > 0 and core.scheduler.stats.num_preemptions == swaps
+    assert kv.stats.blocks_swapped_in == kv.stats.blocks_swapped_out > 0 and kv.stats.host_hits == 0
     for pool in (kv.pool, kv.host):
         assert pool.num_free_blocks == pool.num_blocks
     assert not kv.req_to_host_blocks
