@@ -141,6 +141,10 @@ class CacheConfig:
     kv_cache_memory_gb: float | None = None   # CPU: explicit KV budget
     num_kv_blocks: int | None = None          # explicit override (tests, benchmarks)
     gpu_memory_utilization: float = 0.9
+    # The host tier (pinned on CUDA): GiB for swapped-out requests and evicted prefix blocks;
+    # kv_offloading_size, when set, sizes it instead of swap_space. 0: no host tier.
+    swap_space: float = 4.0
+    kv_offloading_size: float | None = None
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
     policy: str = "continuous"   # "continuous" | "static"
+    preemption_mode: str = "swap"   # "swap" (to the host tier when it has room, else recompute) | "recompute"
 
 
 @dataclass(frozen=True)

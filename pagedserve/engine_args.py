@@ -75,6 +75,14 @@ class EngineArgs:
     allow_long_max_model_len: bool = _knob(False, "allow a max_model_len beyond the model's max_position_embeddings "
                                                   "(and its rope scaling's range); outputs past it may be garbage "
                                                   "(vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN)")
+    swap_space: float = _knob(4.0, "host memory for the KV cache's host tier, in GiB (pinned on CUDA; per "
+                                   "rank under TP): preempted requests are swapped there instead of "
+                                   "recomputed, and evicted prefix-cache blocks are kept there; 0 turns it off")
+    kv_offloading_size: float | None = _knob(None, "size of the host tier in GiB, instead of swap_space (vLLM V1's "
+                                                   "name for the CPU tier of the prefix cache; one pool serves both)")
+    preemption_mode: str | None = _knob(None, "swap (to the host tier while it has room, else recompute) or "
+                                              "recompute (default: swap when the host tier exists)",
+                                        choices=("swap", "recompute"))
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineArgs":
@@ -106,6 +114,13 @@ class EngineArgs:
                                   "scheduling_policy")
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < -1:
             raise ValidationError(f"max_logprobs must be -1 (no cap) or >= 0, got {self.max_logprobs}", "max_logprobs")
+        for name in ("swap_space", "kv_offloading_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or not 0 <= value < float("inf")):
+                raise ValidationError(f"{name} must be a number of GiB >= 0, got {value!r}", name)
+        if self.preemption_mode not in (None, "swap", "recompute"):
+            raise ValidationError(f"preemption_mode must be swap or recompute, got {self.preemption_mode!r}",
+                                  "preemption_mode")
         if self.trust_remote_code:
             raise ValidationError("trust_remote_code is not supported: only built-in architectures run",
                                   "trust_remote_code")
@@ -144,8 +159,10 @@ class EngineArgs:
             model=model_config,
             weights=WeightSource(source.directory, source.gguf_file, self.load_format, self.seed),
             cache=CacheConfig(self.block_size, self.enable_prefix_caching, self.kv_cache_memory_gb,
-                              self.num_kv_blocks, self.gpu_memory_utilization),
-            scheduler=SchedulerConfig(max_num_seqs, batched, max_model_len, self.scheduling_policy),
+                              self.num_kv_blocks, self.gpu_memory_utilization, float(self.swap_space),
+                              self.kv_offloading_size),
+            scheduler=SchedulerConfig(max_num_seqs, batched, max_model_len, self.scheduling_policy,
+                                      self.preemption_mode or "swap"),
             parallel=ParallelConfig(self.tensor_parallel_size, distributed_init,
                                     0 if self.disable_custom_all_reduce
                                     else int(os.environ.get("PAGEDSERVE_CUSTOM_ALL_REDUCE_MAX_KB", "1024")) << 10,

@@ -66,6 +66,11 @@ class SchedulerOutput:
     # execute_model(so, non_block=True) returns a DeferredSampling, sampled once it arrives.
     structured_req_ids: list[RequestId] = field(default_factory=list)
     grammar_bitmask: Any | None = None
+    # The host tier (core/kv_cache_manager.py): (device block, host block) copies out and
+    # (host block, device block) copies in. The runner applies them in that order, before
+    # copy-on-write and the forward; each list's destinations are distinct.
+    blocks_to_swap_out: list[tuple[BlockId, BlockId]] = field(default_factory=list)
+    blocks_to_swap_in: list[tuple[BlockId, BlockId]] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -73,8 +78,9 @@ class SchedulerOutput:
 
     @property
     def has_work(self) -> bool:
-        """Anything for the runner to do: tokens to compute, or state to drop."""
-        return bool(self.total_num_scheduled_tokens or self.finished_req_ids or self.preempted_req_ids)
+        """Anything for the runner to do: tokens to compute, state to drop, or blocks to copy."""
+        return bool(self.total_num_scheduled_tokens or self.finished_req_ids or self.preempted_req_ids
+                    or self.blocks_to_swap_out or self.blocks_to_swap_in)
 
 
 class TokenLogprobs(NamedTuple):
@@ -118,7 +124,8 @@ class DeferredSampling(Protocol):
 
 @runtime_checkable
 class Executor(Protocol):
-    """What the core drives. `num_blocks` KV blocks exist on every rank.
+    """What the core drives. `num_blocks` KV blocks exist on every rank, and `num_host_blocks`
+    host-tier blocks (0: none; an executor without the attribute has none).
 
     execute_model(so, non_block=False) runs one step and returns its ModelRunnerOutput; with
     non_block=True it may return a PendingOutput at once (resolved by `.get()`), or a
@@ -127,6 +134,7 @@ class Executor(Protocol):
 
     num_blocks: int
     max_concurrent_batches: int
+    num_host_blocks: int
 
     def execute_model(self, so: SchedulerOutput, non_block: bool = False
                       ) -> ModelRunnerOutput | PendingOutput | DeferredSampling: ...

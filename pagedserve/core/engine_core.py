@@ -49,13 +49,16 @@ class EngineCore:
                 f"the KV cache holds {num_blocks * block_size} tokens ({num_blocks} blocks of {block_size}), "
                 f"fewer than max_model_len={max_model_len}: raise gpu_memory_utilization (or "
                 f"kv_cache_memory_gb on CPU) or lower max_model_len", "max_model_len")
-        logger.info("KV cache: %d blocks of %d tokens = %d tokens; max concurrency at max_model_len=%d: %.1fx",
-                    num_blocks, block_size, num_blocks * block_size, max_model_len,
-                    num_blocks * block_size / max_model_len)
-        self.kv_cache_manager = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
+        num_host_blocks = getattr(executor, "num_host_blocks", 0)
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens; max concurrency at max_model_len=%d: %.1fx; "
+                    "host tier: %d blocks = %d tokens", num_blocks, block_size, num_blocks * block_size,
+                    max_model_len, num_blocks * block_size / max_model_len, num_host_blocks,
+                    num_host_blocks * block_size)
+        self.kv_cache_manager = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching,
+                                               num_host_blocks)
         self.scheduler = Scheduler(self.kv_cache_manager, config.scheduler.max_num_seqs,
                                    config.scheduler.max_num_batched_tokens, max_model_len,
-                                   config.scheduler.policy)
+                                   config.scheduler.policy, config.scheduler.preemption_mode)
         self.async_scheduling = config.device.async_scheduling and executor.max_concurrent_batches > 1
         # picked once; an unbound function, so the core holds no reference cycle to itself (a
         # bound method would keep a dropped engine's KV cache alive until the cycle collector ran)
@@ -110,7 +113,8 @@ class EngineCore:
         scheduler, kv = self.scheduler, self.kv_cache_manager
         return EngineStats(len(scheduler.running), len(scheduler.waiting), kv.usage(),
                            scheduler.stats.num_preemptions, kv.stats.queries, kv.stats.hits,
-                           scheduler.stats.num_batched_tokens)
+                           scheduler.stats.num_batched_tokens, kv.host_usage(), kv.stats.blocks_swapped_out,
+                           kv.stats.blocks_swapped_in, kv.stats.host_hits)
 
     def step(self) -> EngineCoreOutputs:
         """Schedule -> execute -> update: _step_lockstep or _step_async, picked at construction."""
@@ -210,6 +214,9 @@ class EngineCore:
         a request caught in failed steps twice fails. `dropped`: a step launched on top of
         the failed one, whose results are discarded (its requests are recomputed too)."""
         self.executor.check_health()
+        for failed in (so, dropped):   # their copies may not have run
+            if failed is not None and (failed.blocks_to_swap_out or failed.blocks_to_swap_in):
+                self.scheduler.drop_swaps(failed)
         error = f"{type(exc).__name__}: {exc}"
         step_ids = list(so.num_scheduled_tokens)
         requests = self.scheduler.requests

@@ -3,6 +3,14 @@ its num_tokens under a per-step token budget. Prefill, chunked prefill, decode, 
 hits and recompute after preemption all fall out of that rule. First come, first served;
 preemption evicts the newest running request.
 
+Preemption by swap (preemption_mode "swap", the default when a host tier exists): the
+victim's blocks go to the host tier (KVCacheManager.swap_out) and it waits, at the head of
+the queue, with its num_computed_tokens kept; resuming, it gets fresh device blocks that the
+worker fills from the host while the step's forward runs (so it joins the batch a step
+later, as a request with host prefix hits does), and they count as computed tokens. When the
+host tier has no room the victim is recomputed, as in mode "recompute". Each step's copy
+lists (blocks_to_swap_out, blocks_to_swap_in) travel in its SchedulerOutput.
+
 Async scheduling (one step in flight, see EngineCore): the next step is scheduled before the
 last one's sampled tokens are back. Each request counts what is scheduled but unresolved
 (num_unresolved_tokens, num_inflight_samples); a step never schedules past max_tokens or
@@ -45,15 +53,21 @@ class SchedulerStats:
     kv_cache_usage: float = 0.0
     num_preemptions: int = 0   # cumulative
     num_batched_tokens: int = 0
+    num_swapped: int = 0       # waiting requests whose blocks are in the host tier
+    num_swap_preemptions: int = 0   # cumulative preemptions by swap (of num_preemptions)
 
 
 class Scheduler:
     """Owns the request queues; mutated only from the engine thread."""
 
     def __init__(self, kv_cache_manager: KVCacheManager, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_model_len: int, policy: str = "continuous") -> None:
+                 max_num_batched_tokens: int, max_model_len: int, policy: str = "continuous",
+                 preemption_mode: str = "swap") -> None:
         if policy not in ("continuous", "static"):
             raise ValueError(f"scheduling policy must be 'continuous' or 'static', got {policy!r}")
+        if preemption_mode not in ("swap", "recompute"):
+            raise ValueError(f"preemption_mode must be 'swap' or 'recompute', got {preemption_mode!r}")
+        self.swap = preemption_mode == "swap" and kv_cache_manager.host is not None
         self.kv = kv_cache_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -240,6 +254,8 @@ class Scheduler:
             num_new = min(request.num_tokens - request.num_computed_tokens - num_hit_tokens, budget)
             if not self.kv.allocate_slots(request, num_new, hits):
                 break
+            if self.kv.is_loading(request):   # it runs next step, after its blocks are copied in
+                num_new = 0
             self.waiting.popleft()
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit_tokens
@@ -263,6 +279,7 @@ class Scheduler:
         if self.pending_forks:
             self._fork_completed_prompts(scheduled, out)
         out.blocks_to_copy = self.kv.take_pending_copies()
+        out.blocks_to_swap_out, out.blocks_to_swap_in = self.kv.take_swaps()
         if self._constrained_samples:
             self._fill_bitmask(out)
         return out
@@ -306,9 +323,12 @@ class Scheduler:
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         assert not request.num_unresolved_tokens, "a request with work in flight is never preempted"
-        self.kv.free(request)
+        if self.swap and self.kv.swap_out(request):   # swapped: it keeps its computed tokens
+            self.stats.num_swap_preemptions += 1
+        else:
+            self.kv.free(request)
+            request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
-        request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.stats.num_preemptions += 1
         self.waiting.appendleft(request)
@@ -404,7 +424,23 @@ class Scheduler:
         self.stats.num_running = len(self.running)
         self.stats.num_waiting = len(self.waiting)
         self.stats.kv_cache_usage = self.kv.usage()
+        self.stats.num_swapped = len(self.kv.req_to_host_blocks)
         return changed
+
+    def drop_swaps(self, out: SchedulerOutput) -> None:
+        """`out` failed (or was dropped): its copies may not have run. Requests whose host copy
+        came from it are recomputed instead of swapped in; running requests whose blocks it was
+        to load are recomputed too."""
+        lost = self.kv.drop_swapped({host for _, host in out.blocks_to_swap_out})
+        for rid in lost:
+            request = self.requests.get(rid)
+            if request is not None:
+                request.num_computed_tokens = 0
+        loaded = {device for _, device in out.blocks_to_swap_in}
+        if loaded:
+            owners = [r.request_id for r in self.running
+                      if any(b.block_id in loaded for b in self.kv.req_to_blocks.get(r.request_id, ()))]
+            self.requeue_after_failure(owners, suspects=set())
 
     @staticmethod
     def _advance_grammar(request: Request, token: int) -> bool:

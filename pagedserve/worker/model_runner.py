@@ -114,6 +114,9 @@ class ModelRunner:
         self.sampler = Sampler()
         self.model: nn.Module | None = None
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.kv_cache: torch.Tensor | None = None   # every layer's K and V (init_kv_cache)
+        self.num_host_blocks = 0
+        self.host_cache = None   # HostKVCache (init_host_cache)
         self.is_driver = tp_rank() == 0
         self.share_sampled = device_config.async_scheduling and tp_world_size() > 1
         self._forked: dict[RequestId, RequestId] = {}   # this step's new siblings -> parent
@@ -141,15 +144,28 @@ class ModelRunner:
 
     def init_kv_cache(self, num_blocks: int) -> None:
         """Allocate K and V per layer, [num_blocks, block_size, num_kv_heads, head_dim], zeroed
-        (masked-out reads must never meet NaN), and bind them to the attention layers."""
+        (masked-out reads must never meet NaN), and bind them to the attention layers. They are
+        the planes of one tensor [2 * num_layers, num_blocks, ...] (`kv_cache`), so the host
+        tier copies a block of every layer in one op."""
         backend = select_backend(self.device)
+        layers = self.model.attention_layers()
+        shape = (num_blocks, self.block_size, layers[0].num_kv_heads, layers[0].head_dim)
+        self.kv_cache = torch.zeros((2 * len(layers), *shape), dtype=self.model_config.dtype, device=self.device)
         self.kv_caches = []
-        for layer in self.model.attention_layers():
-            shape = (num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
-            k = torch.zeros(shape, dtype=self.model_config.dtype, device=self.device)
-            v = torch.zeros(shape, dtype=self.model_config.dtype, device=self.device)
+        for i, layer in enumerate(layers):
+            k, v = self.kv_cache[2 * i], self.kv_cache[2 * i + 1]
             layer.k_cache, layer.v_cache, layer.backend = k, v, backend
             self.kv_caches.append((k, v))
+
+    def init_host_cache(self, num_blocks: int) -> None:
+        """The host tier's `num_blocks` blocks (worker/host_kv_cache.py); after init_kv_cache."""
+        from pagedserve.worker.host_kv_cache import HostKVCache
+        self.num_host_blocks = num_blocks
+        self.host_cache = HostKVCache(self.kv_cache, num_blocks) if num_blocks else None
+        if self.host_cache is not None and self.device.type == "cuda":
+            logger.info("host KV tier: %d blocks, %.1f GiB pinned, %s copies", num_blocks,
+                        self.host_cache.host.numel() * self.host_cache.host.element_size() / 2**30,
+                        "mapped" if self.host_cache.mapped else "staged")
 
     def finish_setup(self) -> None:
         """After the KV cache exists: capture decode CUDA graphs on GPU (unless enforce_eager)."""
@@ -201,6 +217,10 @@ class ModelRunner:
         """Run one step. `non_block` (driver only): return a PendingRunnerOutput without
         waiting for the device."""
         self._update_states(so)
+        if self.host_cache is not None and self.host_cache.stream is not None:
+            self.host_cache.await_loads()   # the last step's swap-ins land before this forward
+        if so.blocks_to_swap_out or so.blocks_to_swap_in:
+            self.host_cache.swap(so.blocks_to_swap_out, so.blocks_to_swap_in)
         if so.blocks_to_copy:
             self._copy_blocks(so.blocks_to_copy)
         scheduled = [state for state in map(self.states.get, so.num_scheduled_tokens)

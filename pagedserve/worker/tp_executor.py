@@ -76,6 +76,7 @@ class MultiprocTPExecutor:
                 torch.cuda.set_device(self.device)
             self.runner, self.num_blocks = build_runner(
                 config, self.device, lambda: wait_for_milestone(self.processes, LOADED, timeout_s))
+            self.num_host_blocks = self.runner.num_host_blocks
             self.steps = StepChannel(step_group(init, self.control), self._queue)
         except BaseException:
             self.shutdown()

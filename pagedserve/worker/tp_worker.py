@@ -37,7 +37,7 @@ from pagedserve.config import EngineConfig
 from pagedserve.engine_io import SchedulerOutput
 from pagedserve.layers.custom_all_reduce import init_symm_mem_all_reduce
 from pagedserve.layers.parallel import set_custom_all_reduce
-from pagedserve.worker.kv_budget import non_torch_memory, num_kv_blocks
+from pagedserve.worker.kv_budget import non_torch_memory, num_host_blocks, num_kv_blocks
 from pagedserve.worker.model_runner import ModelRunner
 from pagedserve.worker.rank_process import JOINING, LOADED
 from pagedserve.worker.shm_queue import QueueHandle, ShmMessageQueue
@@ -147,6 +147,7 @@ def build_runner(config: EngineConfig, device: torch.device,
         # before the CUDA graphs are captured (they hold its kernels), after every rank loaded
         set_custom_all_reduce(init_symm_mem_all_reduce(device, parallel.custom_all_reduce_bytes))
     runner.init_kv_cache(num_blocks)
+    runner.init_host_cache(num_host_blocks(config, runner))
     runner.finish_setup()
     return runner, num_blocks
 

@@ -26,7 +26,8 @@ NON_DEFAULTS = {"model": "some/model", "tokenizer": "some/tokenizer", "dtype": "
                 "tensor_parallel_size": 2, "disable_custom_all_reduce": True, "kv_cache_memory_gb": 1.5,
                 "num_kv_blocks": 12,
                 "scheduling_policy": "static", "trust_remote_code": True, "max_logprobs": 5,
-                "allow_long_max_model_len": True}
+                "allow_long_max_model_len": True, "swap_space": 2.5, "kv_offloading_size": 8.0,
+                "preemption_mode": "recompute"}
 
 
 def _options(parser: argparse.ArgumentParser) -> set[str]:
