@@ -46,7 +46,7 @@ def _check(src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tensor, dst_ids:
     if src_ids.shape != dst_ids.shape or src_ids.dim() != 1:
         raise ValueError(f"src_ids {tuple(src_ids.shape)} and dst_ids {tuple(dst_ids.shape)} must be equal 1-d")
     for name, ids in (("src_ids", src_ids), ("dst_ids", dst_ids)):
-        if ids.dtype not in (torch.int32, torch.int64) or ids.stride(0) != 1:
+        if ids.dtype not in (torch.int32, torch.int64) or (ids.stride(0) != 1 and ids.numel() > 1):
             raise ValueError(f"{name} must be a contiguous int32/int64 tensor")
         if ids.device != src.device or ids.device != dst.device:
             raise ValueError(f"{name} ({ids.device}), src ({src.device}) and dst ({dst.device}) must share a "

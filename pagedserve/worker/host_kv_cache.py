@@ -163,7 +163,9 @@ class HostKVCache:
     def _copy(self, src: torch.Tensor, dst: torch.Tensor, pairs: list[tuple[BlockId, BlockId]]) -> None:
         if not pairs:
             return
-        ids = torch.tensor(pairs, dtype=torch.int64).t().contiguous()
+        # [2, n]: sources then destinations, each row contiguous (a transpose of [n, 2] is not
+        # when n == 1: `contiguous()` keeps its strides, size-1 dims being exempt)
+        ids = torch.tensor([s for s, _ in pairs] + [d for _, d in pairs], dtype=torch.int64).view(2, -1)
         if src.device.type == "cuda":
             from pagedserve.attention.triton_copy_blocks import copy_blocks
             ids = ids.pin_memory().to(self.device, non_blocking=True)

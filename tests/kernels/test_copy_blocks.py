@@ -23,6 +23,17 @@ def test_copy_blocks_matches_indexing(dtype: torch.dtype, words: int) -> None:
     assert torch.equal(dst, expected)
 
 
+def test_copy_blocks_one_pair_from_a_transposed_list() -> None:
+    """One (src, dst) pair as the rows of a transposed [1, 2] tensor: each row has one element
+    and a stride of 2 (contiguous() keeps it). Failed on an H200 as "not contiguous"."""
+    src = torch.arange(2 * 4 * 8, device=DEVICE).view(2, 4, 8)
+    dst = torch.zeros(2, 3, 8, dtype=src.dtype, device=DEVICE)
+    ids = torch.tensor([[3, 1]], device=DEVICE).t().contiguous()
+    assert ids[0].stride(0) == 2
+    copy_blocks(src, dst, ids[0], ids[1])
+    assert torch.equal(dst[:, 1], src[:, 3]) and not dst[:, 0].any() and not dst[:, 2].any()
+
+
 def test_copy_blocks_checks_layouts() -> None:
     src = torch.zeros(2, 3, 8, dtype=torch.int64, device=DEVICE)
     ids = torch.zeros(1, dtype=torch.int64, device=DEVICE)
