@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from pagedserve.core.snapshot import EngineSnapshot
 from pagedserve.engine_io import RequestId, TokenLogprobs
 
 
@@ -38,6 +39,7 @@ class EngineStats:
     prefix_cache_queries: int = 0   # cumulative, tokens
     prefix_cache_hits: int = 0      # cumulative, tokens
     num_batched_tokens: int = 0     # tokens scheduled in the latest step
+    snapshot: EngineSnapshot | None = None   # only when requested (EngineCore.request_snapshot)
 
 
 class RequestEventType(enum.Enum):
