@@ -3,10 +3,14 @@ queues at one moment, and the steps run since the previous snapshot (what each r
 was scheduled: a prefill chunk or a decode; arrivals, finishes, preemptions).
 
 Nothing here runs unless a viewer asked (EngineCore.request_snapshot): then the core keeps
-a StepLog, which costs each step one append of references it already holds (the step's
-SchedulerOutput and events, never copied), and builds an EngineSnapshot when one is due,
-in O(blocks in use + prefix-cache entries + logged steps x their batch). Per-block state is
-two byte strings (ref counts, hash flags), not per-block objects.
+a StepLog, which turns each step into a StepView as it returns, and builds an EngineSnapshot
+when one is due, in O(blocks in use + prefix-cache entries + requests + logged steps). A
+step in which the same requests as in the one before decode one token each (most steps) is
+only compared with that one (C-level dict and set operations) and marked `repeat`; other
+steps are classified request by request. A StepView holds the step's own scheduled-tokens
+dict and a few tuples, never the SchedulerOutput (keeping hundreds of request objects per
+step alive would make the garbage collector's passes longer). Per-block state is two byte
+strings (ref counts, hash flags), not per-block objects.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ class StepView:
     arrived: tuple[RequestId, ...]          # queued since the previous step
     finished: tuple[tuple[RequestId, str], ...]   # (id, finish reason)
     num_generated: int                      # requests that got a token
+    repeat: bool = False                    # the same requests as the step before, each decoding one token
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,24 +107,23 @@ class StepLog:
     """The core's record of steps while a viewer watches (engine thread only)."""
 
     def __init__(self, max_steps: int = MAX_LOGGED_STEPS) -> None:
-        self._steps: deque[tuple[int, float, SchedulerOutput | None, list[RequestEvent], int]] = deque(
-            maxlen=max_steps)
+        self._steps: deque[StepView] = deque(maxlen=max_steps)
         self.num_steps = 0
         self._num_taken = 0                 # step counter at the previous snapshot
         self._last_time = time.monotonic()
         self.pending: SchedulerOutput | None = None   # scheduled in the running step call
         self.requested = False              # the next stats carry a snapshot
-        self._prompt_lens: dict[RequestId, int] = {}   # live requests' at the previous snapshot
+        self._previous: dict[RequestId, int] = {}   # the last logged step's scheduled tokens
+        self._in_prompt: set[RequestId] = set()     # prefill started, nothing sampled yet
 
     def log(self, events: list[RequestEvent], num_outputs: int) -> None:
-        """One step returned: keep references to what it scheduled and its events (a step
-        that scheduled nothing and changed nothing is not logged)."""
-        if not events and (self.pending is None or not self.pending.num_scheduled_tokens):
-            self.pending = None
+        """One step returned: what it scheduled (`pending`) and its events, as a StepView (a
+        step that scheduled nothing and changed nothing is not logged)."""
+        so, self.pending = self.pending, None
+        if not events and (so is None or not so.num_scheduled_tokens):
             return
         self.num_steps += 1
-        self._steps.append((self.num_steps, time.monotonic(), self.pending, events, num_outputs))
-        self.pending = None
+        self._steps.append(self._step_view(self.num_steps, time.monotonic(), so, events, num_outputs))
 
     def take(self, scheduler: Scheduler, kv_cache_usage: float) -> EngineSnapshot:
         """The snapshot now, with the steps logged since the previous one (then forgotten)."""
@@ -136,9 +140,9 @@ class StepLog:
                 if block.block_hash is not None:
                     cached[block.block_id] = 1
         now = time.monotonic()
-        prompt_lens = self._prompt_lens
-        prompt_lens.update((rid, r.num_prompt_tokens) for rid, r in scheduler.requests.items())
-        steps = tuple(_step_view(*entry, prompt_lens) for entry in self._steps)
+        if self._in_prompt:
+            self._in_prompt.intersection_update(scheduler.requests)
+        steps = tuple(self._steps)
         num_dropped = self.num_steps - self._num_taken - len(steps)
         elapsed = max(now - self._last_time, 1e-9)
         snapshot = EngineSnapshot(
@@ -150,32 +154,46 @@ class StepLog:
             sum(sum(s.scheduled.values()) for s in steps) / elapsed,
             sum(s.num_generated for s in steps) / elapsed, time.perf_counter() - started)
         self._steps.clear()
-        self._prompt_lens = {rid: r.num_prompt_tokens for rid, r in scheduler.requests.items()}
         self._num_taken, self._last_time, self.requested = self.num_steps, now, False
         return snapshot
+
+
+    def _step_view(self, step: int, when: float, so: SchedulerOutput | None, events: list[RequestEvent],
+                   num_outputs: int) -> StepView:
+        scheduled = so.num_scheduled_tokens if so is not None else {}
+        previous, self._previous = self._previous, scheduled
+        arrived = tuple(e.req_id for e in events if e.type.value == "queued") if events else ()
+        finished = tuple((e.req_id, e.finish_reason or "") for e in events if e.type.value == "finished") \
+            if events else ()
+        preempted = tuple(so.preempted_req_ids) if so is not None else ()
+        if so is not None and scheduled and not so.new_requests and not so.forked_requests \
+                and scheduled.keys() == previous.keys() and max(scheduled.values()) == 1 \
+                and (not self._in_prompt or self._in_prompt.isdisjoint(scheduled)):
+            return StepView(step, when, scheduled, (), preempted, arrived, finished, num_outputs, True)
+        prefill: list[RequestId] = []
+        if so is not None:
+            # a new (or resumed) request's first chunk, any chunk of more than one token, and a
+            # one-token chunk before anything was sampled that does not reach the end of the
+            # known tokens (the prompt's last token; under async scheduling a first decode
+            # starts there) are prefill; the rest decode
+            in_prompt = self._in_prompt
+            for new in so.new_requests:
+                prefill.append(new.req_id)
+                if new.num_computed_tokens + scheduled[new.req_id] < len(new.token_ids):
+                    in_prompt.add(new.req_id)
+            for c in so.cached_requests:
+                n = scheduled[c.req_id]
+                if n > 1 or (c.last_token_id is None and c.num_computed_tokens < c.num_tokens):
+                    prefill.append(c.req_id)
+                    if c.num_computed_tokens + n < c.num_tokens:
+                        in_prompt.add(c.req_id)
+                        continue
+                in_prompt.discard(c.req_id)
+            prefill += [f.req_id for f in so.forked_requests if f.parent_req_id in prefill]
+        return StepView(step, when, scheduled, tuple(prefill), preempted, arrived, finished, num_outputs)
 
 
 def _request_view(request: Request, blocks) -> RequestView:
     return RequestView(request.request_id, request.parent_id, request.num_prompt_tokens, request.num_output_tokens,
                        request.num_computed_tokens, max(request.num_cached_tokens, 0), request.max_tokens,
                        request.num_preemptions, tuple(b.block_id for b in blocks))
-
-
-def _step_view(step: int, when: float, so: SchedulerOutput | None, events: list[RequestEvent],
-               num_outputs: int, prompt_lens: dict[RequestId, int]) -> StepView:
-    scheduled = so.num_scheduled_tokens if so is not None else {}
-    prefill: list[RequestId] = []
-    if so is not None:
-        # a new (or resumed) request's first chunk, any chunk of more than one token, and a
-        # one-token chunk that starts inside the prompt are prefill; the rest decode
-        for new in so.new_requests:
-            prefill.append(new.req_id)
-            prompt_lens[new.req_id] = new.num_prompt_tokens
-        prefill += [c.req_id for c in so.cached_requests
-                    if scheduled[c.req_id] > 1 or c.num_computed_tokens < prompt_lens.get(c.req_id, 0)]
-        prefill += [f.req_id for f in so.forked_requests if f.parent_req_id in prefill]
-    return StepView(
-        step, when, scheduled, tuple(prefill), tuple(so.preempted_req_ids) if so is not None else (),
-        tuple(e.req_id for e in events if e.type.value == "queued"),
-        tuple((e.req_id, e.finish_reason or "") for e in events if e.type.value == "finished"),
-        num_outputs)

@@ -3,10 +3,14 @@ executor of test_engine_core: exact block ids, ref counts, hash flags, block tab
 and the logged steps; nothing is logged or built unless a snapshot was requested."""
 from __future__ import annotations
 
+import pytest
+
+from pagedserve.config import CacheConfig, DeviceConfig, EngineConfig, SchedulerConfig, WeightSource
+from pagedserve.core.engine_core import EngineCore
 from pagedserve.core.request import Request
-from pagedserve.engine_io import RequestId
+from pagedserve.engine_io import ModelRunnerOutput, RequestId, SchedulerOutput
 from pagedserve.sampling_params import SamplingParams
-from tests.unit.test_engine_core import NUM_BLOCKS, FakeExecutor, make_core
+from tests.unit.test_engine_core import NUM_BLOCKS, TOKEN, FakeExecutor, FakePending, make_core
 
 
 def req(rid: str, prompt: list[int], max_tokens: int = 2, n: int = 1) -> Request:
@@ -109,6 +113,7 @@ def test_preemption_is_logged_and_the_victim_waits_without_blocks():
         (3, {"a": 1, "b": 1}, (), ()),
         (4, {"a": 1}, (), ("b",)),
     ]
+    assert [s.repeat for s in steps] == [False, True, True, False]
     assert snap.num_preemptions == 1
     (a,) = snap.running
     assert a.block_ids == (0, 1, 2, 3, 4, 5, 6, 7, 15)   # b's last block, freed by the preemption
@@ -118,3 +123,46 @@ def test_preemption_is_logged_and_the_victim_waits_without_blocks():
     # b's full blocks stay in the prefix cache, free; its last one was evicted for a's (partial) block
     assert list(snap.cached) == [1] * 15 + [0]
     assert snap.cached_free_block_ids == list(range(8, 15))
+
+
+class ChunkingExecutor(FakeExecutor):
+    """Samples a token only for rows that reach the end of their known tokens (as the model
+    runner does: a partial prefill chunk samples nothing)."""
+
+    def execute_model(self, so: SchedulerOutput, non_block: bool = False):
+        ends = {n.req_id: len(n.token_ids) for n in so.new_requests}
+        ends.update((c.req_id, c.num_tokens) for c in so.cached_requests)
+        starts = {n.req_id: n.num_computed_tokens for n in so.new_requests}
+        starts.update((c.req_id, c.num_computed_tokens) for c in so.cached_requests)
+        self.calls.append((so, non_block))
+        output = ModelRunnerOutput({rid: TOKEN for rid, n in so.num_scheduled_tokens.items()
+                                    if starts[rid] + n >= ends[rid]})
+        return FakePending(output) if non_block else output
+
+
+def _core(max_num_batched_tokens: int, async_scheduling: bool) -> EngineCore:
+    config = EngineConfig(model=None, weights=WeightSource("unused"),  # type: ignore[arg-type]
+                          cache=CacheConfig(block_size=4),
+                          scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=max_num_batched_tokens,
+                                                    max_model_len=128),
+                          device=DeviceConfig(async_scheduling=async_scheduling))
+    return EngineCore(config, ChunkingExecutor(max_concurrent_batches=2 if async_scheduling else 1))
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_one_token_last_prompt_chunk_is_prefill_and_decodes_are_not(async_scheduling):
+    core = _core(max_num_batched_tokens=8, async_scheduling=async_scheduling)
+    core.request_snapshot()
+    core.add_request(req("a", list(range(1, 18)), max_tokens=3))   # 17 tokens: chunks of 8, 8, 1
+    steps = []
+    while core.has_unfinished_requests():
+        core.request_snapshot()
+        steps += core.step().stats.snapshot.steps
+    # async: the third token is applied one call later, in a step that schedules nothing
+    tail = [({}, ())] if async_scheduling else []
+    assert [(s.scheduled, s.prefill) for s in steps] == [
+        ({"a": 8}, ("a",)), ({"a": 8}, ("a",)), ({"a": 1}, ("a",)), ({"a": 1}, ()), ({"a": 1}, ())] + tail
+    assert [s.finished for s in steps][-1] == (("a", "length"),)
+    assert [s.num_generated for s in steps] == ([0, 0, 0, 1, 1, 1] if async_scheduling else [0, 0, 1, 1, 1])
+    # decodes of the same requests as the step before are marked, not classified again
+    assert [s.repeat for s in steps] == [False, False, False, True, True] + [False] * len(tail)
