@@ -6,8 +6,12 @@ Times steady-state decode steps (every request running, none finishing), less th
 forward, logits and sampler (what a GPU runs asynchronously), with `num` and `num // 4`
 requests, async scheduling on and off (the best median of 3 runs of 60 steps); the per-row
 cost is the slope between the two. `--profile` adds a cProfile breakdown of the async run
-at `num` requests.
-Usage: python benchmarks/host_overhead.py [num_requests] [--profile]"""
+at `num` requests. `--viewer` measures what a dashboard viewer costs instead (issue 23): the
+mean host time per decode step at `num` requests, in alternating blocks of steps without and
+with a viewer (snapshots requested as the server's ticker does: every 100 ms of wall time,
+or less often when the last one cost more than 0.5% of that interval; each encoded as the
+server does: on the server that runs on the event loop, here it is counted in the step).
+Usage: python benchmarks/host_overhead.py [num_requests] [--profile | --viewer]"""
 import cProfile
 import io
 import pstats
@@ -53,18 +57,22 @@ class ModelTimer:
         return timed
 
 
-def decode_step_times(llm: LLM, timer: ModelTimer, num: int, prof: cProfile.Profile | None = None) -> list[float]:
-    """Seconds per engine step (core + output processing), less the model's forward, logits
-    and sampling, once all `num` requests decode."""
-    engine = llm.engine
-    sp = SamplingParams(max_tokens=WARMUP_STEPS + TIMED_STEPS + 64, ignore_eos=True, temperature=0.0,
-                        detokenize=False)
+def start_decoding(engine, num: int, max_tokens: int) -> None:
+    """`num` requests r0.. (prompts of 32-96 tokens), run until all of them decode, then warmed up."""
+    sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0, detokenize=False)
     for i, prompt in enumerate(random_prompts(num, 512, 32, 96)):
         engine.add_request(f"r{i}", {"prompt_token_ids": prompt}, sp)
     while engine.core.scheduler.waiting or any(not r.output_token_ids for r in engine.core.scheduler.running):
         engine.step()
     for _ in range(WARMUP_STEPS):
         engine.step()
+
+
+def decode_step_times(llm: LLM, timer: ModelTimer, num: int, prof: cProfile.Profile | None = None) -> list[float]:
+    """Seconds per engine step (core + output processing), less the model's forward, logits
+    and sampling, once all `num` requests decode."""
+    engine = llm.engine
+    start_decoding(engine, num, WARMUP_STEPS + TIMED_STEPS + 64)
     times = []
     for _ in range(TIMED_STEPS):
         if prof is not None:
@@ -81,6 +89,44 @@ def decode_step_times(llm: LLM, timer: ModelTimer, num: int, prof: cProfile.Prof
     return times
 
 
+def viewer_overhead(llm: LLM, timer: ModelTimer, num: int, block: int = 40, pairs: int = 4
+                    ) -> tuple[float, float, int, float]:
+    """(mean host s per step without a viewer, with one, snapshots taken, their build + encode
+    seconds) over `pairs` alternating blocks of `block` steps (ABBA order), all `num` requests
+    decoding (at most 96 + 8 + 320 = 424 tokens each, under max_model_len)."""
+    from pagedserve.server.dashboard import encode_snapshot, encode_step, snapshot_interval
+    engine = llm.engine
+    start_decoding(engine, num, WARMUP_STEPS + 2 * pairs * block + 8)
+    spent = {False: 0.0, True: 0.0}
+    snapshots, snapshot_s = 0, 0.0
+    watched_clock, next_request = 0.0, 0.0   # the ticker's clock: wall time while watched
+    for watched in [False, True, True, False] * (pairs // 2):   # ABBA: steps slow down as sequences grow
+        for _ in range(block):
+            t0, model_s = time.perf_counter(), timer.seconds
+            if watched and watched_clock >= next_request:
+                engine.request_snapshot()
+                next_request = float("inf")
+            _, stats = engine.step_with_stats()
+            if stats.snapshot is not None:
+                encoding = time.perf_counter()
+                encode_snapshot(stats.snapshot, "m")
+                [encode_step(s) for s in stats.snapshot.steps]
+                cost = time.perf_counter() - encoding + stats.snapshot.build_seconds
+                next_request = watched_clock + (time.perf_counter() - t0) + snapshot_interval(cost)
+                snapshots += 1
+                snapshot_s += cost
+            if watched:
+                watched_clock += time.perf_counter() - t0
+            spent[watched] += time.perf_counter() - t0 - (timer.seconds - model_s)
+        if watched:   # the ticker's clock runs on: the next watched block waits for it
+            engine.stop_snapshots()
+    for i in range(num):
+        engine.abort_request(f"r{i}")
+    while engine.has_unfinished_requests():
+        engine.step()
+    return spent[False] / (pairs * block), spent[True] / (pairs * block), snapshots, snapshot_s
+
+
 def main() -> None:
     import torch
     torch.set_num_threads(1)   # the tiny model gains nothing from threads; fewer timing outliers
@@ -92,6 +138,15 @@ def main() -> None:
                   async_scheduling=async_scheduling, max_num_seqs=num)
         timer = ModelTimer(llm.engine.core.executor.runner)
         decode_step_times(llm, timer, 4)
+        if "--viewer" in sys.argv:
+            without, with_viewer, snapshots, snapshot_s = viewer_overhead(llm, timer, num)
+            steps = 4 * 40
+            print(f"{'async' if async_scheduling else 'lockstep'}: {num} rows, host ms/step without a viewer "
+                  f"{without * 1e3:.3f}, with one {with_viewer * 1e3:.3f} ({(with_viewer / without - 1) * 100:+.1f}%); "
+                  f"{snapshots} snapshots took {snapshot_s * 1e3:.1f} ms = "
+                  f"{snapshot_s / (with_viewer * steps) * 100:.2f}% of the watched steps' host time")
+            llm.engine.shutdown()
+            continue
         small, large = (min(statistics.median(decode_step_times(llm, timer, n)) for _ in range(REPEATS))
                         for n in (num // 4, num))
         per_row = (large - small) / (num - num // 4)
