@@ -75,6 +75,13 @@ def _page_counts(page) -> dict:
         finishedRows: document.querySelectorAll('#timeline g.tl-row[data-finished="true"]').length,
         finishMarks: document.querySelectorAll('#timeline .tl-finish').length,
         usedIds: [...document.querySelectorAll('#grid rect.block.used')].map(r => Number(r.dataset.block)),
+        // blocks in the block tables of two requests or more that are not samples of one request
+        prefixShared: (() => {
+            const families = new Map();
+            for (const r of (state.snapshot ? state.snapshot.running : []))
+                for (const b of r.blocks) families.set(b, (families.get(b) || new Set()).add(r.parent || r.id));
+            return [...families.values()].filter(f => f.size > 1).length;
+        })(),
     })""")
 
 
@@ -109,11 +116,12 @@ def test_dashboard_in_a_browser_while_both_apis_stream(dash_server: ServerProces
                 thread.start()
 
             # while they stream: the grid's used blocks equal /metrics' (both move; wait for a match)
-            matched, shared_seen, held = False, [], set()
+            matched, shared_seen, prefix_shared, held = False, [], 0, set()
             deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and not (matched and shared_seen):
+            while time.monotonic() < deadline and not (matched and shared_seen and prefix_shared):
                 counts = _page_counts(page)
                 held |= set(counts["usedIds"])
+                prefix_shared = max(prefix_shared, counts["prefixShared"])
                 if counts["shared"]:
                     shared_seen = counts["shared"]
                 if counts["used"] and counts["used"] == counts["usedLabel"] == _metrics_used_blocks(base) \
@@ -122,6 +130,7 @@ def test_dashboard_in_a_browser_while_both_apis_stream(dash_server: ServerProces
                 time.sleep(0.05)
             assert matched, "the grid never showed /metrics' count of used blocks"
             assert shared_seen and max(shared_seen) > 1, "no shared block (ref count > 1) was shown"
+            assert prefix_shared >= 1, "no block of the common prompt prefix was shared by two requests"
             page.click("#request-list li")   # its block table: one arrow per logical block
             page.wait_for_selector("#arrows line.arrow", state="attached", timeout=5_000)
             page.screenshot(path=str(tmp_path / "dashboard-streaming.png"), full_page=True)

@@ -280,7 +280,7 @@ function renderTimeline() {
   });
   if (steps.length) {
     parts.push(`<text x="${labelW}" y="12" class="lbl">step ${steps[0].step}</text>`);
-    parts.push(`<text x="${labelW + (steps.length - 1) * cw}" y="12" class="lbl" text-anchor="end">` +
+    parts.push(`<text x="${labelW + Math.max(steps.length * cw, 110)}" y="12" class="lbl" text-anchor="end">` +
                `step ${steps[steps.length - 1].step}</text>`);
   }
   svg.innerHTML = parts.join("");
