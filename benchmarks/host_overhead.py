@@ -90,11 +90,21 @@ def decode_step_times(llm: LLM, timer: ModelTimer, num: int, prof: cProfile.Prof
 
 
 def viewer_overhead(llm: LLM, timer: ModelTimer, num: int, block: int = 40, pairs: int = 4
-                    ) -> tuple[float, float, int, float]:
+                    ) -> tuple[float, float, int, float, float]:
     """(mean host s per step without a viewer, with one, snapshots taken, their build + encode
-    seconds) over `pairs` alternating blocks of `block` steps (ABBA order), all `num` requests
+    seconds, seconds spent logging steps for them) over `pairs` alternating blocks of `block` steps (ABBA order), all `num` requests
     decoding (at most 96 + 8 + 320 = 424 tokens each, under max_model_len)."""
+    from pagedserve.core.snapshot import StepLog
     from pagedserve.server.dashboard import encode_snapshot, encode_step, snapshot_interval
+    log_s = [0.0]   # time in StepLog.log, the per-step part of the cost
+    log = StepLog.log
+
+    def timed_log(self, *args) -> None:
+        t0 = time.perf_counter()
+        log(self, *args)
+        log_s[0] += time.perf_counter() - t0
+
+    StepLog.log = timed_log
     engine = llm.engine
     start_decoding(engine, num, WARMUP_STEPS + 2 * pairs * block + 8)
     spent = {False: 0.0, True: 0.0}
@@ -124,7 +134,8 @@ def viewer_overhead(llm: LLM, timer: ModelTimer, num: int, block: int = 40, pair
         engine.abort_request(f"r{i}")
     while engine.has_unfinished_requests():
         engine.step()
-    return spent[False] / (pairs * block), spent[True] / (pairs * block), snapshots, snapshot_s
+    StepLog.log = log
+    return spent[False] / (pairs * block), spent[True] / (pairs * block), snapshots, snapshot_s, log_s[0]
 
 
 def main() -> None:
@@ -139,12 +150,13 @@ def main() -> None:
         timer = ModelTimer(llm.engine.core.executor.runner)
         decode_step_times(llm, timer, 4)
         if "--viewer" in sys.argv:
-            without, with_viewer, snapshots, snapshot_s = viewer_overhead(llm, timer, num)
-            steps = 4 * 40
+            without, with_viewer, snapshots, snapshot_s, log_s = viewer_overhead(llm, timer, num)
+            watched_s = with_viewer * 4 * 40
             print(f"{'async' if async_scheduling else 'lockstep'}: {num} rows, host ms/step without a viewer "
                   f"{without * 1e3:.3f}, with one {with_viewer * 1e3:.3f} ({(with_viewer / without - 1) * 100:+.1f}%); "
-                  f"{snapshots} snapshots took {snapshot_s * 1e3:.1f} ms = "
-                  f"{snapshot_s / (with_viewer * steps) * 100:.2f}% of the watched steps' host time")
+                  f"of the watched steps' host time: {snapshots} snapshots {snapshot_s * 1e3:.1f} ms "
+                  f"({snapshot_s / watched_s * 100:.2f}%), step log {log_s * 1e3:.1f} ms "
+                  f"({log_s / watched_s * 100:.2f}%)")
             llm.engine.shutdown()
             continue
         small, large = (min(statistics.median(decode_step_times(llm, timer, n)) for _ in range(REPEATS))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from pagedserve.engine_io import BlockId, RequestId, SchedulerOutput
 
@@ -28,9 +28,8 @@ if TYPE_CHECKING:
 MAX_LOGGED_STEPS = 4096   # steps kept between two snapshots; older ones are dropped (counted)
 
 
-@dataclass(frozen=True, slots=True)
-class StepView:
-    """One engine step as the timeline shows it."""
+class StepView(NamedTuple):
+    """One engine step as the timeline shows it (a NamedTuple: one is made per step)."""
 
     step: int                               # the log's step counter (steps while watched)
     time: float                             # time.monotonic() when the step returned
@@ -43,8 +42,9 @@ class StepView:
     repeat: bool = False                    # the same requests as the step before, each decoding one token
 
 
-@dataclass(frozen=True, slots=True)
-class RequestView:
+class RequestView(NamedTuple):
+    """One request (a NamedTuple: cheap to make by the hundred)."""
+
     req_id: RequestId
     parent_id: RequestId | None             # parallel samples (n > 1) share their parent's prompt blocks
     num_prompt_tokens: int
@@ -136,7 +136,7 @@ class StepLog:
             cached[block.block_id] = 1
         for blocks in kv.req_to_blocks.values():
             for block in blocks:
-                ref_counts[block.block_id] = min(block.ref_cnt, 255)
+                ref_counts[block.block_id] = block.ref_cnt if block.ref_cnt < 255 else 255
                 if block.block_hash is not None:
                     cached[block.block_id] = 1
         now = time.monotonic()
@@ -194,6 +194,7 @@ class StepLog:
 
 
 def _request_view(request: Request, blocks) -> RequestView:
-    return RequestView(request.request_id, request.parent_id, request.num_prompt_tokens, request.num_output_tokens,
-                       request.num_computed_tokens, max(request.num_cached_tokens, 0), request.max_tokens,
-                       request.num_preemptions, tuple(b.block_id for b in blocks))
+    cached = request.num_cached_tokens
+    return RequestView(request.request_id, request.parent_id, len(request.prompt_token_ids),
+                       len(request.output_token_ids), request.num_computed_tokens, cached if cached > 0 else 0,
+                       request.max_tokens, request.num_preemptions, tuple([b.block_id for b in blocks]))

@@ -160,16 +160,20 @@ def encode_snapshot(snapshot: EngineSnapshot, model_name: str) -> str:
         "max_num_seqs": snapshot.max_num_seqs, "num_blocks": snapshot.num_blocks,
         "ref_counts": base64.b64encode(snapshot.ref_counts).decode(),
         "cached": base64.b64encode(snapshot.cached).decode(),
+        "request_fields": REQUEST_FIELDS,
         "running": [_request(r) for r in snapshot.running], "waiting": [_request(r) for r in snapshot.waiting],
         "dropped_steps": snapshot.num_dropped_steps, "num_preemptions": snapshot.num_preemptions,
         "kv_cache_usage": snapshot.kv_cache_usage,
     }, separators=(",", ":"))
 
 
-def _request(r: RequestView) -> dict:
-    return {"id": r.req_id, "parent": r.parent_id, "prompt": r.num_prompt_tokens, "output": r.num_output_tokens,
-            "computed": r.num_computed_tokens, "cached": r.num_cached_tokens, "max_tokens": r.max_tokens,
-            "preemptions": r.num_preemptions, "blocks": r.block_ids}
+REQUEST_FIELDS = ("id", "parent", "prompt", "output", "computed", "cached", "max_tokens", "preemptions", "blocks")
+
+
+def _request(r: RequestView) -> tuple:
+    """A request as a list in REQUEST_FIELDS order (lists encode faster than objects)."""
+    return (r.req_id, r.parent_id, r.num_prompt_tokens, r.num_output_tokens, r.num_computed_tokens,
+            r.num_cached_tokens, r.max_tokens, r.num_preemptions, r.block_ids)
 
 
 def encode_step(s: StepView) -> str:

@@ -104,6 +104,10 @@ function addStep(s) {
 
 // ---- memory --------------------------------------------------------------------------
 function showSnapshot(snap) {
+  // requests come as lists in request_fields order
+  const asObject = (row) => Object.fromEntries(snap.request_fields.map((name, i) => [name, row[i]]));
+  snap.running = snap.running.map(asObject);
+  snap.waiting = snap.waiting.map(asObject);
   state.snapshot = snap;
   state.refCounts = b64bytes(snap.ref_counts);
   state.cached = b64bytes(snap.cached);
