@@ -9,7 +9,7 @@ cost is the slope between the two. `--profile` adds a cProfile breakdown of the 
 at `num` requests. `--viewer` measures what a dashboard viewer costs instead (issue 23): the
 mean host time per decode step at `num` requests, in alternating blocks of steps without and
 with a viewer (snapshots requested as the server's ticker does: every 100 ms of wall time,
-or less often when the last one cost more than 0.5% of that interval; each encoded as the
+or less often when the last one cost more than 0.25% of that interval; each encoded as the
 server does: on the server that runs on the event loop, here it is counted in the step).
 Usage: python benchmarks/host_overhead.py [num_requests] [--profile | --viewer]"""
 import cProfile
@@ -89,11 +89,12 @@ def decode_step_times(llm: LLM, timer: ModelTimer, num: int, prof: cProfile.Prof
     return times
 
 
-def viewer_overhead(llm: LLM, timer: ModelTimer, num: int, block: int = 40, pairs: int = 4
-                    ) -> tuple[float, float, int, float, float]:
-    """(mean host s per step without a viewer, with one, snapshots taken, their build + encode
-    seconds, seconds spent logging steps for them) over `pairs` alternating blocks of `block` steps (ABBA order), all `num` requests
-    decoding (at most 96 + 8 + 320 = 424 tokens each, under max_model_len)."""
+def viewer_overhead(llm: LLM, timer: ModelTimer, num: int, block: int = 150, pairs: int = 4
+                    ) -> tuple[list[float], list[float], int, float, float]:
+    """(host s of each step without a viewer, of each step with one, snapshots taken, their
+    build + encode seconds, seconds spent logging steps for them) over `pairs` alternating
+    blocks of `block` steps (ABBA order) after one unmeasured block, all `num` requests
+    decoding (at most 96 + 8 + 1350 + 8 tokens each: run with max_model_len 2048)."""
     from pagedserve.core.snapshot import StepLog
     from pagedserve.server.dashboard import encode_snapshot, encode_step, snapshot_interval
     log_s = [0.0]   # time in StepLog.log, the per-step part of the cost
@@ -106,8 +107,10 @@ def viewer_overhead(llm: LLM, timer: ModelTimer, num: int, block: int = 40, pair
 
     StepLog.log = timed_log
     engine = llm.engine
-    start_decoding(engine, num, WARMUP_STEPS + 2 * pairs * block + 8)
-    spent = {False: 0.0, True: 0.0}
+    start_decoding(engine, num, WARMUP_STEPS + (2 * pairs + 1) * block + 8)
+    for _ in range(block):
+        engine.step()
+    spent: dict[bool, list[float]] = {False: [], True: []}
     snapshots, snapshot_s = 0, 0.0
     watched_clock, next_request = 0.0, 0.0   # the ticker's clock: wall time while watched
     for watched in [False, True, True, False] * (pairs // 2):   # ABBA: steps slow down as sequences grow
@@ -127,7 +130,7 @@ def viewer_overhead(llm: LLM, timer: ModelTimer, num: int, block: int = 40, pair
                 snapshot_s += cost
             if watched:
                 watched_clock += time.perf_counter() - t0
-            spent[watched] += time.perf_counter() - t0 - (timer.seconds - model_s)
+            spent[watched].append(time.perf_counter() - t0 - (timer.seconds - model_s))
         if watched:   # the ticker's clock runs on: the next watched block waits for it
             engine.stop_snapshots()
     for i in range(num):
@@ -135,7 +138,7 @@ def viewer_overhead(llm: LLM, timer: ModelTimer, num: int, block: int = 40, pair
     while engine.has_unfinished_requests():
         engine.step()
     StepLog.log = log
-    return spent[False] / (pairs * block), spent[True] / (pairs * block), snapshots, snapshot_s, log_s[0]
+    return spent[False], spent[True], snapshots, snapshot_s, log_s[0]
 
 
 def main() -> None:
@@ -145,15 +148,19 @@ def main() -> None:
     num = int(args[0]) if args else 256
     path = write_micro_checkpoint(tempfile.mkdtemp())
     for async_scheduling in (True, False):
-        llm = LLM(model=path, device="cpu", dtype="float32", max_model_len=512, skip_tokenizer_init=True,
-                  async_scheduling=async_scheduling, max_num_seqs=num)
+        viewer = "--viewer" in sys.argv   # longer runs: 2048 positions (the micro model's rope extends them)
+        llm = LLM(model=path, device="cpu", dtype="float32", max_model_len=2048 if viewer else 512,
+                  allow_long_max_model_len=viewer, skip_tokenizer_init=True, async_scheduling=async_scheduling,
+                  max_num_seqs=num)
         timer = ModelTimer(llm.engine.core.executor.runner)
         decode_step_times(llm, timer, 4)
-        if "--viewer" in sys.argv:
-            without, with_viewer, snapshots, snapshot_s, log_s = viewer_overhead(llm, timer, num)
-            watched_s = with_viewer * 4 * 40
-            print(f"{'async' if async_scheduling else 'lockstep'}: {num} rows, host ms/step without a viewer "
-                  f"{without * 1e3:.3f}, with one {with_viewer * 1e3:.3f} ({(with_viewer / without - 1) * 100:+.1f}%); "
+        if viewer:
+            off, on, snapshots, snapshot_s, log_s = viewer_overhead(llm, timer, num)
+            watched_s = sum(on)
+            without, with_viewer = statistics.median(off), statistics.median(on)
+            print(f"{'async' if async_scheduling else 'lockstep'}: {num} rows, median host ms/step without a viewer "
+                  f"{without * 1e3:.3f}, with one {with_viewer * 1e3:.3f} ({(with_viewer / without - 1) * 100:+.1f}%), "
+                  f"means {statistics.mean(off) * 1e3:.3f} / {statistics.mean(on) * 1e3:.3f}; "
                   f"of the watched steps' host time: {snapshots} snapshots {snapshot_s * 1e3:.1f} ms "
                   f"({snapshot_s / watched_s * 100:.2f}%), step log {log_s * 1e3:.1f} ms "
                   f"({log_s / watched_s * 100:.2f}%)")

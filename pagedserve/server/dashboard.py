@@ -12,8 +12,8 @@ when it navigates or opens an EventSource).
 Cost to the engine: nothing while nobody watches (no snapshot is asked for, no step is
 logged). While someone does, a ticker on the event loop asks the engine thread for one
 EngineSnapshot (core/snapshot.py) every SNAPSHOT_INTERVAL_S, or less often: the interval
-stretches to 1 / MAX_COST_SHARE (200) times what the last snapshot cost to build (engine thread)
-and encode (here), so snapshots never take more than ~0.5% of the time. A frame is encoded
+stretches to 1 / MAX_COST_SHARE (400) times what the last snapshot cost to build (engine thread)
+and encode (here), so snapshots never take more than ~0.25% of the time. A frame is encoded
 once, on the event loop, and shared by every viewer; a viewer holds only a flag "something
 new" and its cursor into the step history, so a slow client skips frames (it gets the
 latest snapshot and the steps it missed, up to HISTORY_STEPS) and stalls nobody.
@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent / "dashboard_static"
 STATIC_FILES = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
 SNAPSHOT_INTERVAL_S = 0.1   # at most 10 snapshots a second
-MAX_COST_SHARE = 0.005      # snapshots never take more than this share of the wall time
+MAX_COST_SHARE = 0.0025     # snapshots never take more than this share of the wall time
 HISTORY_STEPS = 1024        # steps a (new or slow) viewer can still be sent
 MAX_VIEWERS = 16
 KEEPALIVE_S = 15.0
