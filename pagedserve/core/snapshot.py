@@ -167,7 +167,7 @@ class StepLog:
             if events else ()
         preempted = tuple(so.preempted_req_ids) if so is not None else ()
         if so is not None and scheduled and not so.new_requests and not so.forked_requests \
-                and scheduled.keys() == previous.keys() and max(scheduled.values()) == 1 \
+                and so.total_num_scheduled_tokens == len(scheduled) and scheduled.keys() == previous.keys() \
                 and (not self._in_prompt or self._in_prompt.isdisjoint(scheduled)):
             return StepView(step, when, scheduled, (), preempted, arrived, finished, num_outputs, True)
         prefill: list[RequestId] = []
