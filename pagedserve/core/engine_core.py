@@ -22,6 +22,7 @@ from pagedserve.core.kv_cache_manager import KVCacheManager
 from pagedserve.core.outputs import EngineCoreOutput, EngineCoreOutputs, EngineStats, RequestEvent, RequestEventType
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.scheduler import Scheduler
+from pagedserve.core.snapshot import StepLog
 from pagedserve.engine_io import (DeferredSampling, Executor, ModelRunnerOutput, PendingOutput, RequestId,
                                   SchedulerOutput)
 from pagedserve.errors import ValidationError
@@ -70,6 +71,7 @@ class EngineCore:
         self._events: list[RequestEvent] = []                  # since the last step
         self._unscheduled: dict[RequestId, Request] = {}       # queued, never scheduled
         self._awaiting_first_token: dict[RequestId, Request] = {}
+        self._step_log: StepLog | None = None   # while a viewer watches (core/snapshot.py)
 
     @property
     def num_kv_blocks(self) -> int:
@@ -110,11 +112,26 @@ class EngineCore:
         return self.scheduler.has_unfinished() or self._in_flight is not None
 
     def stats(self) -> EngineStats:
+        """The core's state now; with an EngineSnapshot when one was requested since the last."""
         scheduler, kv = self.scheduler, self.kv_cache_manager
-        return EngineStats(len(scheduler.running), len(scheduler.waiting), kv.usage(),
+        log = self._step_log
+        usage = kv.usage()
+        return EngineStats(len(scheduler.running), len(scheduler.waiting), usage,
                            scheduler.stats.num_preemptions, kv.stats.queries, kv.stats.hits,
                            scheduler.stats.num_batched_tokens, kv.host_usage(), kv.stats.blocks_swapped_out,
-                           kv.stats.blocks_swapped_in, kv.stats.host_hits)
+                           kv.stats.blocks_swapped_in, kv.stats.host_hits,
+                           log.take(scheduler, usage) if log is not None and log.requested else None)
+
+    def request_snapshot(self) -> None:
+        """The next stats (a step's, or stats()) carry an EngineSnapshot; steps are logged for
+        it from now on, until stop_snapshots(). Cheap; the building happens then."""
+        if self._step_log is None:
+            self._step_log = StepLog()
+        self._step_log.requested = True
+
+    def stop_snapshots(self) -> None:
+        """Nobody watches any more: steps are no longer logged."""
+        self._step_log = None
 
     def step(self) -> EngineCoreOutputs:
         """Schedule -> execute -> update: _step_lockstep or _step_async, picked at construction."""
@@ -155,6 +172,8 @@ class EngineCore:
 
     def _schedule(self) -> SchedulerOutput:
         so = self.scheduler.schedule()
+        if self._step_log is not None:
+            self._step_log.pending = so
         if self._unscheduled and (so.new_requests or so.forked_requests):
             for rid in [new.req_id for new in so.new_requests] + [fork.req_id for fork in so.forked_requests]:
                 request = self._unscheduled.pop(rid, None)
@@ -266,6 +285,8 @@ class EngineCore:
 
     def _result(self, outputs: list[EngineCoreOutput]) -> EngineCoreOutputs:
         events, self._events = self._events, []
+        if self._step_log is not None:
+            self._step_log.log(events, len(outputs))
         return EngineCoreOutputs(outputs, self.stats(), events)
 
     def shutdown(self) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from pagedserve.core.snapshot import EngineSnapshot
 from pagedserve.engine_io import RequestId, TokenLogprobs
 
 
@@ -43,6 +44,7 @@ class EngineStats:
     kv_offload_blocks_swapped_out: int = 0  # cumulative device -> host block copies
     kv_offload_blocks_swapped_in: int = 0   # cumulative host -> device block copies
     kv_offload_host_prefix_hits: int = 0    # cumulative prompt tokens loaded from the host tier
+    snapshot: EngineSnapshot | None = None   # only when requested (EngineCore.request_snapshot)
 
 
 class RequestEventType(enum.Enum):

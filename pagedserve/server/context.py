@@ -6,6 +6,7 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from starlette.responses import Response, StreamingResponse
@@ -13,6 +14,7 @@ from starlette.responses import Response, StreamingResponse
 from pagedserve.errors import OverloadedError
 from pagedserve.frontend.async_engine import AsyncEngine
 from pagedserve.outputs import Logprob
+from pagedserve.server.bench_results import DEFAULT_RESULTS_DIR
 from pagedserve.server.errors import NotFoundError
 
 DEFAULT_MAX_REQUEST_BODY_BYTES = 16 * 2**20
@@ -42,6 +44,8 @@ class ServerSettings:
     # issue 20, part 4: tool calling ("auto" needs both, as in vLLM)
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None          # one of tool_calls.TOOL_CALL_PARSERS
+    # issue 23: where /dashboard/results reads benchmark figures (fixed at start-up)
+    dashboard_results_dir: Path = DEFAULT_RESULTS_DIR
 
 
 @dataclass
