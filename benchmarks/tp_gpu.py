@@ -30,9 +30,13 @@ MODELS = {
                  num_key_value_heads=2, tie_word_embeddings=False),
     "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                      num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
+    "llama-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                      num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False),
 }
 DRY = os.environ.get("DRY") == "1"
-MODEL = "tiny" if DRY else "llama-8b"
+# TP_MODEL=llama-70b GPU_UTIL=0.9 MAX_LEN=4096: the seed's large-model case (issue 17 part 5)
+MODEL = "tiny" if DRY else os.environ.get("TP_MODEL", "llama-8b")
+GPU_UTIL, MAX_LEN = float(os.environ.get("GPU_UTIL", "0.85")), int(os.environ.get("MAX_LEN", "2048"))
 THR_N = 16 if DRY else 512
 VARIANTS = {   # name -> (step queue, custom all-reduce up to KiB (0: off), async scheduling)
     "base": ("broadcast", 0, False),
@@ -74,9 +78,9 @@ def make_llm(tp: int, variant: str):
     os.environ["PAGEDSERVE_CUSTOM_ALL_REDUCE_MAX_KB"] = str(custom_kb or 1024)
     from pagedserve import LLM
     t0 = time.time()
-    device = dict(device="cpu", dtype="float32") if DRY else dict(dtype="bfloat16", gpu_memory_utilization=0.85)
+    device = dict(device="cpu", dtype="float32") if DRY else dict(dtype="bfloat16", gpu_memory_utilization=GPU_UTIL)
     llm = LLM(model=make_model_dir(MODEL), load_format="dummy", skip_tokenizer_init=True, **device,
-              max_model_len=2048, seed=0, tensor_parallel_size=tp,
+              max_model_len=MAX_LEN, seed=0, tensor_parallel_size=tp,
               enforce_eager=os.environ.get("ENFORCE_EAGER") == "1", disable_custom_all_reduce=not custom_kb,
               async_scheduling=asynchronous)
     startup = round(time.time() - t0, 1)
