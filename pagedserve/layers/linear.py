@@ -38,6 +38,7 @@ class LinearBase(nn.Module):
         self.prefix = prefix
         self.input_size_per_partition, self.output_size_per_partition = in_features, out_features
         self.output_partition_sizes = output_partition_sizes or [out_features]
+        self.params_dtype = dtype
         method: LinearMethod | None = quant_config.get_linear_method(self, prefix) if quant_config else None
         self.quant_method = method or UnquantizedLinearMethod()
         self.quant_method.create_weights(self, in_features, self.output_partition_sizes, input_size or in_features,

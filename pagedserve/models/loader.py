@@ -252,8 +252,9 @@ def dummy_weights(model: nn.Module, seed: int, low: float = -1e-3, high: float =
         generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
         target = spec.dtype or dtype
         if not target.is_floating_point:
-            info = torch.iinfo(target)
-            yield name, torch.randint(info.min, info.max, spec.shape, generator=generator, device=device,
+            low, high = (int(spec.low), int(spec.high)) if spec.high - spec.low >= 1 else \
+                (torch.iinfo(target).min, torch.iinfo(target).max)
+            yield name, torch.randint(low, high, spec.shape, generator=generator, device=device,
                                       dtype=torch.int64).to(target)
             continue
         draw = dtype if target.itemsize == 1 else target   # fp8: drawn in the model dtype, then cast

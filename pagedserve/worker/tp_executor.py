@@ -70,6 +70,7 @@ class MultiprocTPExecutor:
             self.runner, self.num_blocks = build_runner(
                 config, self.device, lambda: wait_for_milestone(self.processes, LOADED, timeout_s))
             self.steps = step_group(init, self.control)
+            self.weight_bytes = self.runner.weight_bytes   # rank 0's shard
         except BaseException:
             self.shutdown()
             raise

@@ -25,7 +25,7 @@ NON_DEFAULTS = {"model": "some/model", "tokenizer": "some/tokenizer", "dtype": "
                 "gpu_memory_utilization": 0.5, "enforce_eager": True, "async_scheduling": False,
                 "tensor_parallel_size": 2, "kv_cache_memory_gb": 1.5, "num_kv_blocks": 12,
                 "scheduling_policy": "static", "trust_remote_code": True, "max_logprobs": 5,
-                "allow_long_max_model_len": True}
+                "allow_long_max_model_len": True, "quantization": "fp8"}
 
 
 def _options(parser: argparse.ArgumentParser) -> set[str]:
@@ -91,12 +91,12 @@ def test_llm_takes_exactly_the_engine_args(monkeypatch) -> None:
     monkeypatch.setattr(pagedserve.llm, "LLMEngine", _RecordedEngine)
     LLM(**NON_DEFAULTS)
     assert built == [EngineArgs(**NON_DEFAULTS)]
-    LLM("positional/model", quantization=None)   # an unsupported knob at its default is fine
+    LLM("positional/model", speculative_config=None)   # an unsupported knob at its default is fine
     assert built[-1] == EngineArgs(model="positional/model")
 
 
-@pytest.mark.parametrize("kwargs,param", [(dict(no_such_knob=1), "no_such_knob"), (dict(quantization="awq"),
-                                                                                   "quantization"),
+@pytest.mark.parametrize("kwargs,param", [(dict(no_such_knob=1), "no_such_knob"),
+                                          (dict(speculative_config={"method": "ngram"}), "speculative_config"),
                                           (dict(pipeline_parallel_size=2), "pipeline_parallel_size")])
 def test_unknown_and_unsupported_knobs_name_themselves(monkeypatch, kwargs, param) -> None:
     monkeypatch.setattr(pagedserve.llm, "LLMEngine", lambda args: None)

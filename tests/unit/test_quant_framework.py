@@ -68,6 +68,8 @@ def test_a_split_across_a_group_is_an_error(monkeypatch):
 
 def test_unquantized_layers_keep_their_shapes():
     layer = linear_mod.QKVParallelLinear(64, 16, 4, 2, bias=True)
+    torch.nn.init.normal_(layer.weight)
+    torch.nn.init.normal_(layer.bias)
     assert layer.weight.shape == (128, 64) and layer.bias.shape == (128,)
     assert type(layer.quant_method).__name__ == "UnquantizedLinearMethod"
     x = torch.randn(3, 64)

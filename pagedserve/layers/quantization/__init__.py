@@ -13,12 +13,22 @@ from pagedserve.layers.quantization.unquantized import UnquantizedLinearMethod
 __all__ = ["CheckpointTensor", "LinearMethod", "QuantizationConfig", "UnquantizedLinearMethod", "make_param",
            "replace_param", "get_quantization_config", "register_quantization", "QUANTIZATION_METHODS"]
 
-# canonical method name -> config class (filled by register_quantization)
+# canonical method name -> config class (register_quantization adds more)
 QUANTIZATION_METHODS: dict[str, Callable[[dict], QuantizationConfig]] = {}
 
 
 def register_quantization(name: str, factory: Callable[[dict], QuantizationConfig]) -> None:
     QUANTIZATION_METHODS[name] = factory
+
+
+def _register_builtin() -> None:
+    from pagedserve.layers.quantization.configs import (AWQConfig, BitsAndBytesConfig, CompressedTensorsConfig,
+                                                        Fp8Config, GPTQConfig)
+    for config in (CompressedTensorsConfig, GPTQConfig, AWQConfig, Fp8Config, BitsAndBytesConfig):
+        register_quantization(config.name, config.from_config)
+
+
+_register_builtin()
 
 
 def get_quantization_config(spec: QuantizationSpec | None) -> QuantizationConfig | None:

@@ -37,7 +37,8 @@ PACKED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("
 @dataclass(frozen=True)
 class CheckpointTensor:
     """One tensor of a checkpoint, for dummy weights: shape, dtype and the range random
-    values are drawn from (integer dtypes: random bits over the whole type)."""
+    values are drawn from (integer dtypes: integers in [low, high) when that holds one,
+    else random bits over the whole type)."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype | None = None     # None: the model's dtype
@@ -61,8 +62,9 @@ def make_param(layer: nn.Module, name: str, shape: tuple[int, ...], dtype: torch
 
 
 def replace_param(layer: nn.Module, name: str, data: torch.Tensor) -> None:
-    """After loading: swap a parameter for a repacked tensor (a plain Parameter; no loader)."""
-    delattr(layer, name)
+    """After loading: set (or swap) a parameter to a repacked tensor (a plain Parameter; no loader)."""
+    if hasattr(layer, name):
+        delattr(layer, name)
     layer.register_parameter(name, nn.Parameter(data, requires_grad=False))
 
 
@@ -98,7 +100,7 @@ class QuantizationConfig:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "QuantizationConfig":
-        raise NotImplementedError
+        return cls(config)
 
     def get_linear_method(self, layer: nn.Module, prefix: str) -> LinearMethod | None:
         """The method for the linear layer named `prefix` (pagedserve's name: a fused
@@ -108,6 +110,12 @@ class QuantizationConfig:
 
     def weight_description(self) -> str:
         return self.name
+
+
+def skipped(patterns: list[str], prefix: str) -> bool:
+    """Whether a layer is in a format's list of modules left unquantized (substrings of the
+    checkpoint names, as transformers matches modules_to_not_convert)."""
+    return any(pattern in name for pattern in patterns for name in checkpoint_names(prefix))
 
 
 def checkpoint_names(prefix: str) -> list[str]:

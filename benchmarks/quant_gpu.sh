@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Issue 18 on the GPU machine: kernel checks, then llama-8b dummy timings for bf16, W4A16
+# and FP8, each in its own process (fresh GPU memory). RESULT / CHECK lines on stdout.
+# Usage: bash benchmarks/quant_gpu.sh [N]   (N requests for thrN, default 512)
+set -u
+cd "$(dirname "$0")/.."
+N="${1:-512}"
+timeout 240 python benchmarks/quant_gpu.py check; echo "check exit $?"
+for variant in w4a16 fp8 bf16; do
+    timeout 170 python benchmarks/quant_gpu.py time "$variant" "$N"; echo "time $variant exit $?"
+done
