@@ -7,6 +7,8 @@
           FP8 block and bitsandbytes LLM.int8 layers; then every tiny fixture of
           tests/fixtures/quant on CUDA against the CPU reference's greedy ids.
           Prints `CHECK {json}` lines and `CHECK_SUMMARY failed=N`.
+  sweep   the split-K W4A16 GEMV's launch configurations on llama-8b's decode shapes
+          against bf16 (cuBLAS and the Triton gemv). Prints `SWEEP {json}` lines.
   time    llama-8b dummy weights (config only, as /work/shared/bench/peers.py) for one of
           bf16 | w4a16 (compressed-tensors pack-quantized, symmetric, group 128) | fp8
           (compressed-tensors FP8, per-channel weights, dynamic per-token activations):
@@ -14,6 +16,7 @@
           Prints `RESULT {json}` lines.
 
     python benchmarks/quant_gpu.py check
+    python benchmarks/quant_gpu.py sweep
     python benchmarks/quant_gpu.py time w4a16 [N]     (N requests for thrN, default 512)
     bash benchmarks/quant_gpu.sh                      (all of it, each stage in its own process)
 """
@@ -203,6 +206,50 @@ def run_checks() -> None:
     print(f"CHECK_SUMMARY failed={len(FAILED)} {FAILED[:20]}", flush=True)
 
 
+# ---- sweep -------------------------------------------------------------------------------
+def _time_ms(fn, iters: int = 50) -> float:
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(10):
+            fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    for _ in range(iters // 10):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / (iters // 10 * 10)
+
+
+def run_sweep() -> None:
+    """Decode-sized W4A16 matmuls of llama-8b (group 128) against bf16 cuBLAS and the bf16
+    Triton gemv: time per call (CUDA graphs of 10 calls) and the weight bytes streamed per
+    second, for a few GEMV launch configurations."""
+    from pagedserve.layers.linear_ops import linear
+    from pagedserve.layers.quantization.int4 import pack_int32
+    from pagedserve.layers.quantization.triton_w4a16 import GemvConfig, w4a16_matmul
+    configs = [GemvConfig(), GemvConfig(block_n=32), GemvConfig(block_n=128), GemvConfig(block_k=256),
+               GemvConfig(programs_per_sm=8), GemvConfig(programs_per_sm=2), GemvConfig(num_warps=8),
+               GemvConfig(num_stages=4), GemvConfig(block_n=32, block_k=256, programs_per_sm=8)]
+    for name, k, n in (("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096)):
+        qweight = pack_int32(torch.randint(0, 16, (k, n), device="cuda"), 0)
+        scales = torch.rand(k // 128, n, device="cuda", dtype=torch.bfloat16) * 1e-3
+        zeros = torch.full_like(scales, 8.0)
+        dense = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        for m in (1, 8, 16):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            bf16_ms = _time_ms(lambda: linear(x, dense))
+            cublas_ms = _time_ms(lambda: torch.nn.functional.linear(x, dense))
+            for config in configs:
+                ms = _time_ms(lambda: w4a16_matmul(x, qweight, scales, zeros, 128, None, "gemv", config))
+                emit("SWEEP", layer=name, m=m, config=config.__dict__, w4a16_us=round(ms * 1e3, 1),
+                     bf16_us=round(bf16_ms * 1e3, 1), cublas_bf16_us=round(cublas_ms * 1e3, 1),
+                     speedup=round(bf16_ms / ms, 2), w4_gb_s=round(k * n / 2 / ms / 1e6, 0))
+
+
 # ---- time --------------------------------------------------------------------------------
 def make_model_dir(variant: str) -> str:
     directory = f"/tmp/models/llama-8b-{variant}"
@@ -262,11 +309,14 @@ def run_timing(variant: str, n: int) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) < 2 or sys.argv[1] not in ("check", "time"):
+    if len(sys.argv) < 2 or sys.argv[1] not in ("check", "sweep", "time"):
         sys.exit(__doc__)
     if sys.argv[1] == "check":
         run_checks()
         sys.exit(1 if FAILED else 0)
+    if sys.argv[1] == "sweep":
+        run_sweep()
+        return
     variant = sys.argv[2] if len(sys.argv) > 2 else "w4a16"
     if variant not in QUANT_CONFIGS:
         sys.exit(f"variant must be one of {', '.join(QUANT_CONFIGS)}")

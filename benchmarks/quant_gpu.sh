@@ -6,6 +6,7 @@ set -u
 cd "$(dirname "$0")/.."
 N="${1:-512}"
 timeout 240 python benchmarks/quant_gpu.py check; echo "check exit $?"
+timeout 120 python benchmarks/quant_gpu.py sweep; echo "sweep exit $?"
 for variant in w4a16 fp8 bf16; do
     timeout 170 python benchmarks/quant_gpu.py time "$variant" "$N"; echo "time $variant exit $?"
 done

@@ -81,6 +81,14 @@ class LinearBase(nn.Module):
                 raise ValueError(f"{self.prefix}: input shard of {size} features is not a whole number of "
                                  f"groups or packs of {ratio}: this checkpoint cannot be split this way")
             loaded = narrow(loaded, in_dim, self.tp_rank * size // ratio, size // ratio)
+        if self.splits_output and out_dim is None and shard_id is not None:
+            # one tensor for all fused projections (act-order g_idx): they must agree
+            data = as_tensor(loaded)
+            if getattr(param, "shared_loaded", False) and not torch.equal(dest, data.to(dest.dtype)):
+                raise ValueError(f"{self.prefix}: the projections fused here have different {tuple(dest.shape)} "
+                                 f"tensors where one is shared (act-order g_idx); cannot fuse them")
+            param.shared_loaded = True
+            loaded = data
         _copy(dest, as_tensor(loaded))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from pagedserve.config import WeightSource
 from pagedserve.errors import ModelLoadError
 from pagedserve.layers.linear import as_tensor
 from pagedserve.layers.quantization import CheckpointTensor
+from pagedserve.layers.quantization.base import fused_name
 
 logger = logging.getLogger(__name__)
 
@@ -249,7 +250,8 @@ def dummy_weights(model: nn.Module, seed: int, low: float = -1e-3, high: float =
         if name.endswith("norm.weight"):
             yield name, torch.ones(spec.shape, dtype=dtype, device=device)
             continue
-        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        seed_name = fused_name(name) if spec.shared else name
+        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(seed_name.encode()))
         target = spec.dtype or dtype
         if not target.is_floating_point:
             low, high = (int(spec.low), int(spec.high)) if spec.high - spec.low >= 1 else \

@@ -22,6 +22,7 @@ class PackedMethod(LinearMethod):
         make_param(layer, "scales", (k // self.group, n), params_dtype, input_dim=0, input_ratio=self.group,
                    output_dim=1)
         make_param(layer, "tensor_scale", (len(output_partition_sizes),), params_dtype, shard_indexed=True)
+        make_param(layer, "g_idx", (k,), torch.int32, input_dim=0)
 
 
 class PackedConfig(QuantizationConfig):
@@ -57,6 +58,15 @@ def test_row_and_merged_column_shards(monkeypatch, rank):
     assert torch.equal(merged.qweight[:, :2], gate[:, rank * 2:(rank + 1) * 2])
     assert torch.equal(merged.qweight[:, 2:], up[:, rank * 4:(rank + 1) * 4])
     assert merged.tensor_scale[1].item() == 3.0
+
+
+def test_fused_projections_must_share_their_g_idx():
+    merged = linear_mod.MergedColumnParallelLinear(16, [8, 8], quant_config=PackedConfig(), prefix="mlp.gate_up_proj")
+    g_idx = torch.arange(16, dtype=torch.int32) // 4
+    merged.g_idx.weight_loader(merged.g_idx, g_idx, 0)
+    merged.g_idx.weight_loader(merged.g_idx, g_idx.clone(), 1)
+    with pytest.raises(ValueError, match="mlp.gate_up_proj: the projections fused here have different"):
+        merged.g_idx.weight_loader(merged.g_idx, g_idx.flip(0), 1)
 
 
 def test_a_split_across_a_group_is_an_error(monkeypatch):

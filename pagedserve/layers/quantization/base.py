@@ -44,6 +44,7 @@ class CheckpointTensor:
     dtype: torch.dtype | None = None     # None: the model's dtype
     low: float = -1e-3
     high: float = 1e-3
+    shared: bool = False                 # the same for every projection fused with this one (g_idx)
 
 
 def make_param(layer: nn.Module, name: str, shape: tuple[int, ...], dtype: torch.dtype, *,
@@ -116,6 +117,16 @@ def skipped(patterns: list[str], prefix: str) -> bool:
     """Whether a layer is in a format's list of modules left unquantized (substrings of the
     checkpoint names, as transformers matches modules_to_not_convert)."""
     return any(pattern in name for pattern in patterns for name in checkpoint_names(prefix))
+
+
+def fused_name(name: str) -> str:
+    """A checkpoint tensor's name with its projection replaced by the fused layer's
+    (model.layers.0.self_attn.k_proj.g_idx -> model.layers.0.self_attn.qkv_proj.g_idx)."""
+    for fused, members in PACKED_MODULES.items():
+        for member in members:
+            if f".{member}." in name:
+                return name.replace(f".{member}.", f".{fused}.")
+    return name
 
 
 def checkpoint_names(prefix: str) -> list[str]:

@@ -39,7 +39,7 @@ class BitsAndBytesInt8Method(LinearMethod):
         if self.online:
             return {"weight": CheckpointTensor((output_size, input_size))}
         return {"weight": CheckpointTensor((output_size, input_size), torch.int8),
-                "SCB": CheckpointTensor((output_size,), torch.float32, 0.05, 0.1)}
+                "SCB": CheckpointTensor((output_size,), torch.float32, 5e-4, 1e-3)}
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         if self.online:

@@ -54,7 +54,7 @@ class CompressedTensorsW4A16(Int4LinearMethod):
         if not self.symmetric:
             out["weight_zero_point"] = CheckpointTensor((output_size // PACK, groups), torch.int32)
         if self.has_g_idx:
-            out["weight_g_idx"] = CheckpointTensor((input_size,), torch.int32, 0, groups)
+            out["weight_g_idx"] = CheckpointTensor((input_size,), torch.int32, 0, groups, shared=True)
         return out
 
     def to_kernel_layout(self, layer: nn.Module):
@@ -94,7 +94,7 @@ class GPTQMethod(Int4LinearMethod):
                "qzeros": CheckpointTensor((groups, output_size // PACK), torch.int32),
                "scales": CheckpointTensor((groups, output_size), None, *_SCALE_RANGE)}
         if self.has_g_idx:
-            out["g_idx"] = CheckpointTensor((input_size,), torch.int32, 0, groups)
+            out["g_idx"] = CheckpointTensor((input_size,), torch.int32, 0, groups, shared=True)
         return out
 
     def to_kernel_layout(self, layer: nn.Module):

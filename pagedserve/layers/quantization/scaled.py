@@ -67,8 +67,10 @@ class ScaledLinearMethod(LinearMethod):
                        fill=1.0)
 
     def checkpoint_tensors(self, output_size, input_size, params_dtype):
-        low = 1e-3 if self.weight_dtype == torch.int8 else 2e-3
-        out = {"weight": CheckpointTensor((output_size, input_size), self.weight_dtype, -448.0, 448.0)}
+        # dequantized dummy weights of about 1e-3, as float dummy weights
+        qmax = 127.0 if self.weight_dtype == torch.int8 else 448.0
+        low = 1e-3 / qmax
+        out = {"weight": CheckpointTensor((output_size, input_size), self.weight_dtype, -qmax, qmax)}
         if self.weight_strategy == "tensor":
             out[self.scale_name] = CheckpointTensor((1,), torch.float32, low, low)
         elif self.weight_strategy == "channel":

@@ -15,6 +15,7 @@ the same value as the torch reference in that dtype.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -137,8 +138,24 @@ def _block_k(group_size: int, has_g_idx: bool, preferred: int) -> tuple[int, boo
     return preferred, False
 
 
+@dataclass(frozen=True)
+class GemvConfig:
+    """The split-K GEMV's launch: tile sizes, warps, pipeline stages and how many programs
+    per SM the K split aims for (benchmarks/quant_gpu.py sweep times alternatives)."""
+
+    block_n: int = 64
+    block_k: int = 128
+    num_warps: int = 4
+    num_stages: int = 3
+    programs_per_sm: int = 4
+
+
+DEFAULT_GEMV = GemvConfig()
+
+
 def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                 group_size: int, g_idx: torch.Tensor | None = None, path: str = "auto") -> torch.Tensor:
+                 group_size: int, g_idx: torch.Tensor | None = None, path: str = "auto",
+                 gemv: GemvConfig = DEFAULT_GEMV) -> torch.Tensor:
     """x [M, K] @ W [K, N] -> [M, N] in x's dtype. `path`: auto, gemv, gemm or dequant."""
     m, k, n = _check(x, qweight, scales, zeros, group_size, g_idx)
     if path == "auto":
@@ -149,16 +166,17 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     gidx = g_idx if has_g_idx else qweight   # any pointer; unused
     ieee = x.dtype == torch.float32
     if path == "gemv":
-        block_m, block_n = 16, 64
-        block_k, one_group = _block_k(group_size, has_g_idx, 128)
+        block_m, block_n = 16, gemv.block_n
+        block_k, one_group = _block_k(group_size, has_g_idx, gemv.block_k)
         k_blocks = triton.cdiv(k, block_k)
         n_blocks = triton.cdiv(n, block_n)
-        splits = max(1, min(k_blocks, triton.cdiv(4 * _num_sms(x.device), n_blocks * triton.cdiv(m, block_m))))
+        target = gemv.programs_per_sm * _num_sms(x.device)
+        splits = max(1, min(k_blocks, triton.cdiv(target, n_blocks * triton.cdiv(m, block_m))))
         k_per_split = triton.cdiv(k_blocks, splits) * block_k
         splits = triton.cdiv(k, k_per_split)
         out = torch.empty((splits, m, n), dtype=torch.float32 if splits > 1 else x.dtype, device=x.device)
         grid = (triton.cdiv(m, block_m), n_blocks, splits)
-        warps, stages = 4, 3
+        warps, stages = gemv.num_warps, gemv.num_stages
     else:
         block_m, block_n = 64, 128
         block_k, one_group = _block_k(group_size, has_g_idx, 64)
