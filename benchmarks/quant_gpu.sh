@@ -5,8 +5,9 @@
 set -u
 cd "$(dirname "$0")/.."
 N="${1:-512}"
-timeout 240 python benchmarks/quant_gpu.py check; echo "check exit $?"
-timeout 120 python benchmarks/quant_gpu.py sweep; echo "sweep exit $?"
+PY="${PYTHON:-python}"
+timeout 300 "$PY" benchmarks/quant_gpu.py check; echo "check exit $?"
+timeout 120 "$PY" benchmarks/quant_gpu.py sweep; echo "sweep exit $?"
 for variant in w4a16 fp8 bf16; do
-    timeout 240 python benchmarks/quant_gpu.py time "$variant" "$N"; echo "time $variant exit $?"
+    timeout 240 "$PY" benchmarks/quant_gpu.py time "$variant" "$N"; echo "time $variant exit $?"
 done
