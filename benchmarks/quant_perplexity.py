@@ -102,6 +102,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--only", nargs="*", default=None, help="run only these variants (the float model always "
+                                                              "runs: it is the baseline)")
     args = parser.parse_args()
     source = materialize_gguf(resolve_model(None)).directory
     tokenizer = load_tokenizer(resolve_model(source))
@@ -112,10 +114,13 @@ def main() -> None:
     variants = [("float", source, None), ("fp8", source, "fp8"), ("fp8-per-channel", source, "fp8-per-channel"),
                 ("bitsandbytes-8bit", source, "bitsandbytes")]
     for scheme in ("w8a8", "w4a16-g64-sym", "w4a16-g64-asym"):
-        variants.append((f"compressed-tensors {scheme}",
-                         write_compressed_tensors(source, os.path.join(tmp, scheme), scheme), None))
+        variants.append((f"compressed-tensors {scheme}", (source, scheme), None))
     base = None
     for name, path, quantization in variants:
+        if args.only is not None and name != "float" and name not in args.only:
+            continue
+        if isinstance(path, tuple):
+            path = write_compressed_tensors(path[0], os.path.join(tmp, path[1]), path[1])
         ppl = perplexity(path, windows, args.dtype, quantization)
         base = base or ppl
         print("RESULT " + json.dumps({"variant": name, "dtype": args.dtype, "tokens": len(ids),
