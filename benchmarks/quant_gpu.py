@@ -18,7 +18,7 @@
     python benchmarks/quant_gpu.py check
     python benchmarks/quant_gpu.py sweep
     python benchmarks/quant_gpu.py time w4a16 [N]     (N requests for thrN, default 512)
-    bash benchmarks/quant_gpu.sh                      (all of it, each stage in its own process)
+    bash benchmarks/quant_gpu.sh checks | quant | bf16 | all   (each part fits a 10-minute command)
 """
 from __future__ import annotations
 
