@@ -6,6 +6,7 @@ re-reads a GGUF file's own config only when it dequantizes that file directly).
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,19 @@ from pagedserve.errors import ValidationError
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16, "half": torch.float16}
+
+
+@dataclass(frozen=True)
+class QuantizationSpec:
+    """How the weights are quantized: the canonical method name (layers/quantization) and
+    the checkpoint's quantization_config as JSON text ("{}" when quantized at load)."""
+
+    method: str
+    config_json: str = "{}"
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return json.loads(self.config_json)
 
 
 @dataclass(frozen=True)
@@ -40,6 +54,7 @@ class ModelConfig:
     dtype: torch.dtype
     max_model_len: int
     sliding_window: int | None = None
+    quantization: QuantizationSpec | None = None   # None: float weights
 
     @staticmethod
     def from_hf(hf_config: Any, dtype: torch.dtype, max_model_len: int | None) -> "ModelConfig":
@@ -179,7 +194,7 @@ class DeviceConfig:
     seed: int = 0
     async_scheduling: bool = False
     # Decode batches of at most this many rows use the Triton gemv on CUDA (0: off);
-    # PAGEDSERVE_GEMV_MAX_ROWS at start-up, see layers/linear.py.
+    # PAGEDSERVE_GEMV_MAX_ROWS at start-up, see layers/linear_ops.py.
     gemv_max_rows: int = 16
 
 

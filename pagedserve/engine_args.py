@@ -3,6 +3,7 @@ into one frozen EngineConfig. Unknown knobs, and knobs whose feature does not ex
 are rejected with a ValidationError naming them."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field, fields
@@ -13,6 +14,8 @@ import torch
 from pagedserve.config import (CacheConfig, architecture_of, DeviceConfig, EngineConfig, ModelConfig, ParallelConfig,
                                SchedulerConfig, WeightSource, resolve_dtype)
 from pagedserve.errors import ValidationError
+from pagedserve.layers.quantization import get_quantization_config
+from pagedserve.layers.quantization.detect import QuantizationError, checkpoint_quantization, resolve_quantization
 from pagedserve.models.loader import LOAD_FORMATS, ModelSource, load_hf_config, materialize_gguf, resolve_model
 from pagedserve.models.registry import resolve_model_class
 from pagedserve.worker.kv_budget import resolve_device
@@ -21,7 +24,6 @@ logger = logging.getLogger(__name__)
 
 # vLLM knobs we accept only at their default, with why.
 NOT_SUPPORTED = {
-    "quantization": "quantization is not supported yet",
     "speculative_config": "speculative decoding is not supported yet",
     "pipeline_parallel_size": "pipeline parallelism is not supported",
     "enable_lora": "LoRA adapters are not supported yet",
@@ -83,6 +85,10 @@ class EngineArgs:
     preemption_mode: str | None = _knob(None, "swap (to the host tier while it has room, else recompute) or "
                                               "recompute (default: swap when the host tier exists)",
                                         choices=("swap", "recompute"))
+    quantization: str | None = _knob(None, "quantization method (vLLM's names): compressed-tensors, gptq, awq, fp8, "
+                                           "bitsandbytes (default: the checkpoint's quantization_config); fp8, "
+                                           "fp8-per-channel and bitsandbytes also quantize a float checkpoint at "
+                                           "load", aliases=("-q",))
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineArgs":
@@ -144,6 +150,7 @@ class EngineArgs:
         dtype = resolve_dtype(self.dtype, getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None),
                               device.type)
         model_config = ModelConfig.from_hf(hf_config, dtype, self.max_model_len)
+        model_config = dataclasses.replace(model_config, quantization=self._quantization(source))
         check_tensor_parallel(self.tensor_parallel_size, model_config, device.type, distributed_init)
         check_max_model_len(self.max_model_len, model_config, self.allow_long_max_model_len)
         max_model_len = model_config.max_model_len
@@ -172,6 +179,20 @@ class EngineArgs:
                                 else device.type == "cuda",
                                 int(os.environ.get("PAGEDSERVE_GEMV_MAX_ROWS", "16"))))
         return config, hf_config, source
+
+    def _quantization(self, source: ModelSource):
+        """The checkpoint's quantization_config and `quantization`, reconciled and checked
+        (the config's schemes are parsed here, so a bad one fails before any weight loads)."""
+        checkpoint = None if source.gguf_file else checkpoint_quantization(source.directory)
+        try:
+            spec = resolve_quantization(self.quantization, checkpoint)
+            get_quantization_config(spec)
+        except QuantizationError as exc:
+            raise ValidationError(str(exc), exc.param) from None
+        except ValueError as exc:
+            raise ValidationError(f"unsupported quantization_config in {source.directory}: {exc}",
+                                  "quantization") from None
+        return spec
 
 
 def _step_queue() -> str:

@@ -42,6 +42,7 @@ class EngineCore:
             executor = make_executor(config)
         self.config = config
         self.executor = executor
+        self.weight_bytes = getattr(executor, "weight_bytes", 0)   # model weights on rank 0 (/metrics)
         block_size = config.cache.block_size
         num_blocks = executor.num_blocks
         max_model_len = config.scheduler.max_model_len

@@ -18,21 +18,25 @@ from pagedserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from pagedserve.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
                                       default_weight_loader)
 from pagedserve.layers.norm import RMSNorm
+from pagedserve.layers.quantization import CheckpointTensor, QuantizationConfig, get_quantization_config
 from pagedserve.layers.rotary import RotaryEmbedding
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, quant_config: QuantizationConfig | None = None,
+                 prefix: str = "") -> None:
         super().__init__()
         dtype = config.dtype
         self.qkv_proj = QKVParallelLinear(config.hidden_size, config.head_dim, config.num_heads,
-                                          config.num_kv_heads, bias=config.attention_bias, dtype=dtype)
+                                          config.num_kv_heads, bias=config.attention_bias, dtype=dtype,
+                                          quant_config=quant_config, prefix=f"{prefix}.qkv_proj")
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.o_proj = RowParallelLinear(config.num_heads * config.head_dim, config.hidden_size, dtype=dtype)
+        self.o_proj = RowParallelLinear(config.num_heads * config.head_dim, config.hidden_size, dtype=dtype,
+                                        quant_config=quant_config, prefix=f"{prefix}.o_proj")
         self.rotary = rotary
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
@@ -55,13 +59,15 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
         super().__init__()
         if config.hidden_act != "silu":
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only silu)")
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2,
-                                                       dtype=config.dtype)
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, dtype=config.dtype)
+                                                       dtype=config.dtype, quant_config=quant_config,
+                                                       prefix=f"{prefix}.gate_up_proj")
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, dtype=config.dtype,
+                                           quant_config=quant_config, prefix=f"{prefix}.down_proj")
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,10 +75,11 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, quant_config: QuantizationConfig | None = None,
+                 prefix: str = "") -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, rotary)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = LlamaAttention(config, rotary, quant_config, f"{prefix}.self_attn")
+        self.mlp = LlamaMLP(config, quant_config, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
 
@@ -89,12 +96,13 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, quant_config: QuantizationConfig | None = None) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, config.dtype)
         rotary = RotaryEmbedding(config.head_dim, max(config.max_position_embeddings, config.max_model_len),
                                  config.rope_theta, config.rope_scaling_dict, config.dtype)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary, quant_config, f"model.layers.{i}")
+                                    for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -114,7 +122,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
+        self.model = LlamaModel(config, get_quantization_config(config.quantization))
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, config.dtype)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -129,22 +137,31 @@ class LlamaForCausalLM(nn.Module):
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]
 
-    def checkpoint_shapes(self) -> dict[str, tuple[int, ...]]:
+    def checkpoint_shapes(self) -> dict[str, tuple[int, ...] | CheckpointTensor]:
         """HF parameter name -> full (unsharded) shape: what a checkpoint of this config holds.
-        Dummy weights are generated at these shapes so every TP size sees the same model."""
+        Dummy weights are generated at these shapes so every TP size sees the same model.
+        A linear layer's tensors are its LinearMethod's (packed weights and scales when
+        quantized: CheckpointTensor carries their dtype)."""
         c = self.config
         q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size),
                                               "model.norm.weight": (c.hidden_size,)}
         for i in range(c.num_layers):
             pre = f"model.layers.{i}."
-            shapes.update({
-                pre + "self_attn.q_proj.weight": (q, c.hidden_size), pre + "self_attn.k_proj.weight": (kv, c.hidden_size),
-                pre + "self_attn.v_proj.weight": (kv, c.hidden_size), pre + "self_attn.o_proj.weight": (c.hidden_size, q),
-                pre + "mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
-                pre + "mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
-                pre + "mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
-                pre + "input_layernorm.weight": (c.hidden_size,), pre + "post_attention_layernorm.weight": (c.hidden_size,)})
+            layer = self.model.layers[i]
+            attn, mlp = layer.self_attn, layer.mlp
+            for name, method, out, inp in (
+                    ("self_attn.q_proj", attn.qkv_proj.quant_method, q, c.hidden_size),
+                    ("self_attn.k_proj", attn.qkv_proj.quant_method, kv, c.hidden_size),
+                    ("self_attn.v_proj", attn.qkv_proj.quant_method, kv, c.hidden_size),
+                    ("self_attn.o_proj", attn.o_proj.quant_method, c.hidden_size, q),
+                    ("mlp.gate_proj", mlp.gate_up_proj.quant_method, c.intermediate_size, c.hidden_size),
+                    ("mlp.up_proj", mlp.gate_up_proj.quant_method, c.intermediate_size, c.hidden_size),
+                    ("mlp.down_proj", mlp.down_proj.quant_method, c.hidden_size, c.intermediate_size)):
+                for suffix, tensor in method.checkpoint_tensors(out, inp, c.dtype).items():
+                    shapes[f"{pre}{name}.{suffix}"] = tensor.shape if tensor == CheckpointTensor(tensor.shape) else tensor
+            shapes.update({pre + "input_layernorm.weight": (c.hidden_size,),
+                           pre + "post_attention_layernorm.weight": (c.hidden_size,)})
             if c.attention_bias:
                 shapes.update({pre + "self_attn.q_proj.bias": (q,), pre + "self_attn.k_proj.bias": (kv,),
                                pre + "self_attn.v_proj.bias": (kv,)})
@@ -168,7 +185,9 @@ class LlamaForCausalLM(nn.Module):
             for param_suffix, ckpt_suffix, shard_id in self.stacked_params:
                 if ckpt_suffix in name:
                     target = name.replace(ckpt_suffix, param_suffix)
-                    param = params[target]
+                    param = params.get(target)
+                    if param is None:   # a checkpoint tensor the layer's method does not keep
+                        break
                     param.weight_loader(param, tensor, shard_id)
                     loaded.add(target)
                     break

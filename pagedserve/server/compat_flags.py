@@ -29,7 +29,6 @@ MISSING_FEATURE_FLAGS: dict[str, tuple[bool, str]] = {
     "--speculative-config": (True, "speculative decoding"),
     "--reasoning-parser": (True, "reasoning output parsing"),
     "--pipeline-parallel-size": (True, "pipeline parallelism"),
-    "--quantization": (True, "quantized checkpoints other than GGUF (see --load-format)"),
 }
 
 

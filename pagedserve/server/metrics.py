@@ -174,6 +174,11 @@ class ServerMetrics:
         gauge = Gauge(PREFIX + "cache_config_info", "Information of the LLMEngine CacheConfig.", list(info),
                       registry=self.registry)
         gauge.labels(**info).set(1)
+        quant = config.model.quantization
+        weights = Gauge(PREFIX + "model_weight_bytes", "Bytes the model weights take on one rank (after "
+                        "quantization).", ["quantization"], registry=self.registry)
+        weights.labels(quant.method if quant else "none").set(getattr(getattr(engine.engine, "core", None),
+                                                                      "weight_bytes", 0))
 
     def observe_request_params(self, n: int, max_tokens: int) -> None:
         """Fed by the OpenAI routes once per prompt (the engine's stats carry neither)."""

@@ -26,6 +26,7 @@ class UniprocExecutor:
         self.runner = ModelRunner(config.model, config.cache, config.scheduler, config.device, config.weights,
                                   self.device)
         self.runner.load_model()
+        self.weight_bytes = self.runner.weight_bytes
         self.num_blocks = num_kv_blocks(config, self.runner, baseline)
         self.runner.init_kv_cache(self.num_blocks)
         self.num_host_blocks = num_host_blocks(config, self.runner)

@@ -113,6 +113,7 @@ class ModelRunner:
         self.generators: dict[RequestId, torch.Generator] = {}
         self.sampler = Sampler()
         self.model: nn.Module | None = None
+        self.weight_bytes = 0
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.kv_cache: torch.Tensor | None = None   # every layer's K and V (init_kv_cache)
         self.num_host_blocks = 0
@@ -135,7 +136,11 @@ class ModelRunner:
             model = cls(self.model_config)
         load_weights(model, self.weights, self.model_config.dtype)
         self.model = model.eval()
-        logger.info("model loaded in %.1f s", time.monotonic() - start)
+        # what the weights hold on this rank (the KV cache budget is what is left after them)
+        self.weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        quant = self.model_config.quantization
+        logger.info("model loaded in %.1f s: weights %.3f GiB on this rank (%s)", time.monotonic() - start,
+                    self.weight_bytes / 2**30, f"quantization {quant.method}" if quant else "not quantized")
 
     def kv_bytes_per_block(self) -> int:
         layer = self.model.attention_layers()[0]

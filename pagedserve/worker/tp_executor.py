@@ -77,6 +77,7 @@ class MultiprocTPExecutor:
             self.runner, self.num_blocks = build_runner(
                 config, self.device, lambda: wait_for_milestone(self.processes, LOADED, timeout_s))
             self.num_host_blocks = self.runner.num_host_blocks
+            self.weight_bytes = self.runner.weight_bytes   # rank 0's shard
             self.steps = StepChannel(step_group(init, self.control), self._queue)
         except BaseException:
             self.shutdown()
