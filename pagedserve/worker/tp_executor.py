@@ -54,6 +54,7 @@ class MultiprocTPExecutor:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._dead: EngineDeadError | None = None
+        self._interrupted = False   # a step was left midway (Ctrl-C): the ranks wait in its collectives
         self._closed = False
         self._last_message = time.monotonic()
         init = self._rank_init()
@@ -108,6 +109,9 @@ class MultiprocTPExecutor:
                 if isinstance(exc, dist.DistError) or self._dead_worker(wait_s=0.5):
                     raise self._mark_dead(f"a collective failed: {exc}") from exc
                 raise
+            except BaseException:   # KeyboardInterrupt midway: no message can reach the ranks now
+                self._interrupted = True
+                raise
 
     def check_health(self) -> None:
         """Raises EngineDeadError if any rank is gone (or a collective failed earlier)."""
@@ -130,6 +134,22 @@ class MultiprocTPExecutor:
             self._dead = EngineDeadError(f"{why}; {detail}" if detail and detail not in why else why)
             logger.error("tensor parallel group is dead: %s", self._dead)
         return self._dead
+
+    def _send_shutdown(self, timeout_s: float) -> None:
+        """Broadcast ShutdownMessage, waiting at most `timeout_s`: a wedged rank must not hold
+        rank 0's exit (spawned ranks are stopped next anyway; ranks started by hand leave when
+        their next collective fails)."""
+        def send() -> None:
+            try:
+                broadcast_message(ShutdownMessage(), self.steps)
+            except Exception:
+                logger.warning("could not send shutdown to the workers", exc_info=True)
+        sender = threading.Thread(target=send, name="pagedserve-tp-shutdown", daemon=True)
+        sender.start()
+        sender.join(timeout_s)
+        if sender.is_alive():
+            logger.warning("the workers did not take the shutdown message within %.0f s", timeout_s)
+            self._interrupted = True
 
     def _heartbeat_loop(self) -> None:
         interval = max(self.timeout_s / 4, 0.1)
@@ -159,17 +179,17 @@ class MultiprocTPExecutor:
             return
         self._closed = True
         self._stop.set()
-        if self._dead is None and hasattr(self, "steps") and not self._dead_worker(wait_s=0.0) \
-                and self._lock.acquire(timeout=5.0):
+        if self._dead is None and not self._interrupted and hasattr(self, "steps") \
+                and not self._dead_worker(wait_s=0.0) and self._lock.acquire(timeout=5.0):
             try:
-                broadcast_message(ShutdownMessage(), self.steps)
-            except Exception:
-                logger.warning("could not send shutdown to the workers", exc_info=True)
+                self._send_shutdown(timeout_s=5.0)
             finally:
                 self._lock.release()
         for process in self.processes:
             process.stop()
-        if dist.is_initialized() and dist.get_backend() == "nccl":
+        if self._interrupted:
+            logger.debug("a collective was left midway: the process group is left to process exit")
+        elif dist.is_initialized() and dist.get_backend() == "nccl":
             # NCCL teardown hung at shutdown on an H200x2 machine (the peer already exited);
             # the group is left to process exit, so an NCCL engine is one per process.
             logger.debug("leaving the NCCL group to process exit")
