@@ -154,9 +154,17 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     tensor_parallel_size: int = 1
-    # How ranks 1..N-1 join: "spawn" (rank 0 starts them on this machine) or "env" (started by
-    # hand, torch.distributed's env:// rendezvous; rank 0 had MASTER_ADDR and WORLD_SIZE set).
+    # How ranks 1..N-1 join: "spawn" (rank 0 starts them on this machine), "env" (started by
+    # hand, torch.distributed's env:// rendezvous; rank 0 had MASTER_ADDR and WORLD_SIZE set)
+    # or "ray" (Ray actors on a Ray cluster, distributed_executor_backend="ray").
     distributed_init: str = "spawn"
+    # Stages of consecutive layers; world = tensor_parallel_size x pipeline_parallel_size,
+    # rank = pp_rank * tensor_parallel_size + tp_rank (layers/parallel.py).
+    pipeline_parallel_size: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,12 @@ constrained requests that sample in the step it builds, and advances their match
 sampled tokens. Under async scheduling a constrained request whose last sampled token is still
 in flight is skipped (its mask needs that token): it runs every other step, nobody waits.
 
+Pipeline parallelism (`micro_batches` = PP > 1): up to PP steps are in flight, one per stage.
+A request whose sampled token is in flight is not scheduled again (the first stage would wait
+for the last one), so the steps in flight are disjoint micro-batches; each step takes at most
+1/PP of the sequences that could run, so the next one finds requests left for it. Prompt
+chunks, which need no sampled token, follow each other down the pipeline.
+
 Policy "static" (for the static-vs-continuous benchmark): a batch is admitted together and
 no request joins until every request of the batch has finished.
 """
@@ -69,6 +75,7 @@ class Scheduler:
         self._requeued_since_last_step: set[RequestId] = set()
         self._constrained_samples: list[Request] = []   # this step's sampling rows with a grammar
         self.stats = SchedulerStats()
+        self.micro_batches = 1   # pipeline stages to keep busy (set by EngineCore)
 
     # ---- queue management -------------------------------------------------------------
     def add_request(self, request: Request, forks: list[Request] | None = None) -> None:
@@ -172,13 +179,15 @@ class Scheduler:
         index = 0
         blocked = False   # a preemption was needed but its victim has work in flight
         running = self.running
-        while index < len(running) and budget > 0:
+        max_seqs = self._max_seqs_per_step()
+        while index < len(running) and budget > 0 and len(scheduled) < max_seqs:
             request = running[index]
             if isolate and (scheduled or request.request_id not in self.suspects):
                 index += 1
                 continue
             num_inflight = request.num_inflight_samples
-            if num_inflight and constrained and request.grammar is not None:   # its mask needs that token
+            # its mask needs that token; under PP the first stage would wait for it
+            if num_inflight and (self.micro_batches > 1 or constrained and request.grammar is not None):
                 index += 1
                 continue
             num_tokens = len(request.prompt_token_ids) + len(request.output_token_ids) + num_inflight
@@ -215,7 +224,7 @@ class Scheduler:
         num_seqs = self._num_running_seqs()
         if isolate:
             can_admit = can_admit and not scheduled and self._suspect_first()
-        while can_admit and self.waiting and num_seqs < self.max_num_seqs \
+        while can_admit and self.waiting and num_seqs < self.max_num_seqs and len(scheduled) < max_seqs \
                 and (budget > 0 or forming_static_batch):
             request = self.waiting[0]
             # parallel samples count: a parent joins only when all its sequences fit
@@ -258,6 +267,13 @@ class Scheduler:
         if self._constrained_samples:
             self._fill_bitmask(out)
         return out
+
+    def _max_seqs_per_step(self) -> int:
+        """Under PP, 1/micro_batches of the sequences that could run (at least 1)."""
+        if self.micro_batches == 1:
+            return self.max_num_seqs
+        could_run = min(len(self.running) + len(self.waiting), self.max_num_seqs)
+        return max(1, -(-could_run // self.micro_batches))
 
     def _fill_bitmask(self, out: SchedulerOutput) -> None:
         constrained = [r for r in self._constrained_samples if r.request_id in out.num_scheduled_tokens]

@@ -2,7 +2,11 @@
 (QKV bias) and Qwen3 (per-head q/k RMSNorm). One implementation; the differences are
 ModelConfig fields (attention_bias, qk_norm, rope_scaling, tie_word_embeddings).
 
-Inputs are one flat ragged batch: input_ids [T], positions [T]."""
+Inputs are one flat ragged batch: input_ids [T], positions [T]. Under pipeline parallelism a
+stage builds only its decoder layers (the others are empty placeholders, so checkpoint names
+keep their indices), the first stage the embedding, the last the final norm and the LM head;
+a stage that is not the last returns its (hidden, residual) for the next one, which takes
+them as `intermediate`."""
 from __future__ import annotations
 
 from typing import Any, Iterable
@@ -18,6 +22,7 @@ from pagedserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from pagedserve.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
                                       default_weight_loader)
 from pagedserve.layers.norm import RMSNorm
+from pagedserve.layers.parallel import is_first_stage, is_last_stage, pp_rank, pp_world_size, stage_layers
 from pagedserve.layers.rotary import RotaryEmbedding
 
 
@@ -88,20 +93,33 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
+Intermediate = tuple[torch.Tensor, torch.Tensor]   # (hidden, residual) between pipeline stages
+
+
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, config.dtype)
+        self.first, self.last = is_first_stage(), is_last_stage()
+        self.stage = stage_layers(config.num_layers, pp_world_size(), pp_rank())
+        if self.first:
+            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, config.dtype)
         rotary = RotaryEmbedding(config.head_dim, max(config.max_position_embeddings, config.max_model_len),
                                  config.rope_theta, config.rope_scaling_dict, config.dtype)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary) for _ in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary) if i in self.stage else nn.Identity()
+                                    for i in range(config.num_layers))
+        if self.last:
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
-        residual = None
-        for layer in self.layers:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                intermediate: Intermediate | None = None) -> torch.Tensor | Intermediate:
+        if self.first:
+            hidden, residual = self.embed_tokens(input_ids), None
+        else:
+            hidden, residual = intermediate
+        for layer in self.layers[self.stage.start:self.stage.stop]:
             hidden, residual = layer(positions, hidden, residual, meta)
+        if not self.last:
+            return hidden, residual
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -115,19 +133,23 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, config.dtype)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        if self.model.last:
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, config.dtype)
+            if config.tie_word_embeddings and self.model.first:
+                self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        return self.model(input_ids, positions, meta)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                intermediate: Intermediate | None = None) -> torch.Tensor | Intermediate:
+        """The last stage's final hidden states [T, H]; an earlier stage's (hidden, residual)."""
+        return self.model(input_ids, positions, meta, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """[N, H] -> [N, vocab] on rank 0 (None on other ranks)."""
         return self.lm_head.compute_logits(hidden)
 
     def attention_layers(self) -> list[Attention]:
-        return [layer.self_attn.attn for layer in self.model.layers]
+        """This stage's attention layers: its KV cache holds these only."""
+        return [self.model.layers[i].self_attn.attn for i in self.model.stage]
 
     def checkpoint_shapes(self) -> dict[str, tuple[int, ...]]:
         """HF parameter name -> full (unsharded) shape: what a checkpoint of this config holds.
@@ -160,17 +182,23 @@ class LlamaForCausalLM(nn.Module):
         Returns the set of parameter names loaded."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
+        # a later pipeline stage holds a tied LM head without the embedding it shares
+        tied_head_alone = self.config.tie_word_embeddings and "lm_head.weight" in params \
+            and "model.embed_tokens.weight" not in params
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name:
                 continue
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
+            if name == "model.embed_tokens.weight" and tied_head_alone:
+                name = "lm_head.weight"
             for param_suffix, ckpt_suffix, shard_id in self.stacked_params:
                 if ckpt_suffix in name:
                     target = name.replace(ckpt_suffix, param_suffix)
-                    param = params[target]
-                    param.weight_loader(param, tensor, shard_id)
-                    loaded.add(target)
+                    param = params.get(target)   # None: a layer of another pipeline stage
+                    if param is not None:
+                        param.weight_loader(param, tensor, shard_id)
+                        loaded.add(target)
                     break
             else:
                 if name not in params:

@@ -19,6 +19,12 @@ input tokens from the SchedulerOutput (CachedRequestData.last_token_id), but a s
 while the previous one is in flight carries no token for that previous step; only rank 0's
 runner holds it (on its device). Async TP would need rank 0 to broadcast its sampled ids to
 the other ranks' runners every step.
+
+Pipeline parallelism (PP > 1; world = TP x PP, worker/pipeline.py): rank 0 runs stage 0, sends
+the step on to stage 1 and returns a pending output at once, which the last stage fills; up
+to PP micro-batches are in flight (max_concurrent_batches = PP; the scheduler never puts a
+request in two of them, core/scheduler.py). A step that fails under PP leaves the stages out
+of step: the engine is dead.
 """
 from __future__ import annotations
 
@@ -31,10 +37,11 @@ import torch.distributed as dist
 from pagedserve.config import EngineConfig
 from pagedserve.engine_io import ModelRunnerOutput, SchedulerOutput
 from pagedserve.errors import EngineDeadError
+from pagedserve.layers.parallel import reset_model_parallel
 from pagedserve.worker.kv_budget import resolve_device
 from pagedserve.worker.rank_process import JOINING, LOADED, RankProcess, first_exited, wait_for_milestone
-from pagedserve.worker.tp_worker import (NoopMessage, RankInit, ShutdownMessage, StartMessage, StepMessage,
-                                         broadcast_message, build_runner, init_distributed,
+from pagedserve.worker.tp_worker import (Message, NoopMessage, RankInit, ShutdownMessage, StartMessage, StepMessage,
+                                         broadcast_message, build_runner, init_distributed, setup_parallel,
                                          step_group)
 
 logger = logging.getLogger(__name__)
@@ -46,11 +53,16 @@ class MultiprocTPExecutor:
     max_concurrent_batches = 1   # see the module docstring
 
     def __init__(self, config: EngineConfig, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-        self.world_size = config.parallel.tensor_parallel_size
+        parallel = config.parallel
+        self.world_size = parallel.tensor_parallel_size * parallel.pipeline_parallel_size
+        self.max_concurrent_batches = parallel.pipeline_parallel_size   # 1 without PP, see above
         self.external = config.parallel.distributed_init == "env"   # ranks 1..N-1 started by hand
+        self.ray = config.parallel.distributed_init == "ray"        # ranks 1..N-1 are Ray actors
         self.timeout_s = timeout_s
         self.device = resolve_device(config.device.device)
         self.processes: list[RankProcess] = []
+        self.pipe = None
+        self.placement = None   # distributed_init == "ray": the Ray placement group (worker/ray_ranks.py)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._dead: EngineDeadError | None = None
@@ -59,7 +71,9 @@ class MultiprocTPExecutor:
         self._last_message = time.monotonic()
         init = self._rank_init()
         try:
-            if not self.external:
+            if parallel.distributed_init == "ray":
+                self._start_ray_ranks(init)
+            elif not self.external:
                 self._spawn_workers(init)
             # each start-up collective is entered only once every rank got there (rank_process.py)
             wait_for_milestone(self.processes, JOINING, timeout_s)
@@ -68,15 +82,17 @@ class MultiprocTPExecutor:
             if self.device.type == "cuda":
                 import torch
                 torch.cuda.set_device(self.device)
+            self.pipe = setup_parallel(config, 0, self.control, self.device)
             self.runner, self.num_blocks = build_runner(
-                config, self.device, lambda: wait_for_milestone(self.processes, LOADED, timeout_s))
-            self.steps = step_group(init, self.control)
+                config, self.device, lambda: wait_for_milestone(self.processes, LOADED, timeout_s), self.pipe)
+            self.steps = step_group(init, self.control, config)
         except BaseException:
             self.shutdown()
             raise
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="pagedserve-tp-heartbeat", daemon=True)
         self._heartbeat.start()
-        logger.info("tensor parallel: %d ranks (%s), %d KV blocks per rank", self.world_size, init.backend,
+        logger.info("tensor parallel %d x pipeline parallel %d: %d ranks (%s), %d KV blocks per rank",
+                    parallel.tensor_parallel_size, parallel.pipeline_parallel_size, self.world_size, init.backend,
                     self.num_blocks)
 
     # ---- set-up -------------------------------------------------------------------------
@@ -84,7 +100,16 @@ class MultiprocTPExecutor:
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         if self.external:   # RANK=0 and WORLD_SIZE=tensor_parallel_size: checked in engine_args
             return RankInit(0, self.world_size, "env://", backend, self.timeout_s)
+        if self.ray:        # the other ranks may be on other machines: this node's cluster address
+            from pagedserve.worker.ray_ranks import node_ip
+            return RankInit(0, self.world_size, f"tcp://{node_ip()}:{_free_port('')}", backend, self.timeout_s)
         return RankInit(0, self.world_size, f"tcp://127.0.0.1:{_free_port()}", backend, self.timeout_s)
+
+    def _start_ray_ranks(self, init: RankInit) -> None:
+        from pagedserve.worker.ray_ranks import start_ray_ranks
+        self.processes, self.placement = start_ray_ranks(init, self.device.type == "cuda", self.timeout_s)
+        if self.placement.gpu is not None:
+            self.device = resolve_device(f"cuda:{self.placement.gpu}")
 
     def _spawn_workers(self, init: RankInit) -> None:
         for rank in range(1, self.world_size):
@@ -93,8 +118,13 @@ class MultiprocTPExecutor:
                 "--backend", init.backend, "--timeout-s", str(init.timeout_s)]))
 
     # ---- per step -----------------------------------------------------------------------
-    def execute_model(self, so: SchedulerOutput, non_block: bool = False) -> ModelRunnerOutput:
-        """Runs the step on every rank; resolved before it returns, whatever `non_block`."""
+    def execute_model(self, so: SchedulerOutput, non_block: bool = False
+                      ) -> ModelRunnerOutput | PipelineOutput:
+        """Runs the step on every rank; without PP resolved before it returns, whatever
+        `non_block`; under PP a PipelineOutput with `non_block`."""
+        if self.pipe is not None:
+            pending = self._launch_pipelined(so)
+            return pending if non_block else pending.get()
         self.check_health()
         with self._lock:
             try:
@@ -112,6 +142,27 @@ class MultiprocTPExecutor:
             except BaseException:   # KeyboardInterrupt midway: no message can reach the ranks now
                 self._interrupted = True
                 raise
+
+    def _launch_pipelined(self, so: SchedulerOutput) -> "PipelineOutput":
+        """Send the step down the pipeline and run stage 0; the last stage answers later."""
+        self.check_health()
+        with self._lock:
+            try:
+                self._send(StepMessage(so))
+                self.runner.execute_model(so)
+            except Exception as exc:   # the stages are out of step now
+                raise self._mark_dead(f"a pipeline step failed on rank 0: {exc}") from exc
+            except BaseException:
+                self._interrupted = True
+                raise
+        return PipelineOutput(self)
+
+    def _send(self, message: Message) -> None:
+        """To every rank: broadcast (stage 0), then on down the pipeline."""
+        broadcast_message(message, self.steps)
+        if self.pipe is not None:
+            self.pipe.forward_message(message)
+        self._last_message = time.monotonic()
 
     def check_health(self) -> None:
         """Raises EngineDeadError if any rank is gone (or a collective failed earlier)."""
@@ -141,7 +192,7 @@ class MultiprocTPExecutor:
         their next collective fails)."""
         def send() -> None:
             try:
-                broadcast_message(ShutdownMessage(), self.steps)
+                self._send(ShutdownMessage())
             except Exception:
                 logger.warning("could not send shutdown to the workers", exc_info=True)
         sender = threading.Thread(target=send, name="pagedserve-tp-shutdown", daemon=True)
@@ -164,8 +215,7 @@ class MultiprocTPExecutor:
                 continue
             try:
                 if self._dead is None and not self._closed:
-                    broadcast_message(NoopMessage(), self.steps)
-                    self._last_message = time.monotonic()
+                    self._send(NoopMessage())
             except Exception as exc:
                 self._mark_dead(f"heartbeat to the workers failed: {exc}")
             finally:
@@ -187,6 +237,9 @@ class MultiprocTPExecutor:
                 self._lock.release()
         for process in self.processes:
             process.stop()
+        if self.placement is not None:
+            self.placement.remove()
+        reset_model_parallel()   # a later engine in this process starts from no groups
         if self._interrupted:
             logger.debug("a collective was left midway: the process group is left to process exit")
         elif dist.is_initialized() and dist.get_backend() == "nccl":
@@ -200,7 +253,26 @@ class MultiprocTPExecutor:
                 logger.warning("destroy_process_group failed", exc_info=True)
 
 
-def _free_port() -> int:
+class PipelineOutput:
+    """A step launched down the pipeline; get() waits for the last stage's ModelRunnerOutput.
+    Steps answer in launch order, so get() is called in that order (EngineCore does)."""
+
+    def __init__(self, executor: MultiprocTPExecutor) -> None:
+        self.executor = executor
+
+    def get(self) -> ModelRunnerOutput:
+        executor = self.executor
+        executor.check_health()
+        try:
+            return executor.pipe.recv_output()
+        except Exception as exc:
+            raise executor._mark_dead(f"the last pipeline stage did not answer: {exc}") from exc
+        except BaseException:
+            executor._interrupted = True
+            raise
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]

@@ -1,5 +1,5 @@
-"""One tensor-parallel rank: join the process group, load this rank's shard, then run every
-step rank 0 broadcasts until told to stop.
+"""One tensor- or pipeline-parallel rank: join the process group, load this rank's shard (its
+slice of its pipeline stage's layers), then run every step rank 0 sends until told to stop.
 
 Ranks 1..N-1 are either started by rank 0's MultiprocTPExecutor as `python -m
 pagedserve.worker --spawned ...` processes on its machine (worker/rank_process.py:
@@ -13,6 +13,10 @@ group: the default NCCL group on GPU, the gloo group on CPU):
 
     StartMessage(config)   once, right after the group forms
     StepMessage(so) | NoopMessage() | ShutdownMessage()   until shutdown
+
+Under pipeline parallelism only stage 0's ranks get the step messages by broadcast (on a gloo
+group of stage 0); each rank forwards every message to its peer in the next stage, which
+receives it point to point (worker/pipeline.py).
 
 A rank ends when told to, when its stdin reaches EOF (rank 0 died; spawned ranks), or when a collective
 fails or times out (a peer died or went silent); it never outlives rank 0 for long.
@@ -33,9 +37,11 @@ import torch
 import torch.distributed as dist
 
 from pagedserve.config import EngineConfig
-from pagedserve.engine_io import SchedulerOutput
+from pagedserve.engine_io import ModelRunnerOutput, SchedulerOutput
+from pagedserve.layers.parallel import init_model_parallel
 from pagedserve.worker.kv_budget import non_torch_memory, num_kv_blocks
 from pagedserve.worker.model_runner import ModelRunner
+from pagedserve.worker.pipeline import PipelineLinks
 from pagedserve.worker.rank_process import JOINING, LOADED
 
 logger = logging.getLogger(__name__)
@@ -86,12 +92,44 @@ def init_distributed(init: RankInit) -> Any:
     return dist.new_group(backend="gloo", timeout=timeout)
 
 
-def step_group(init: RankInit, control: Any) -> Any:
+def step_group(init: RankInit, control: Any, config: EngineConfig) -> Any:
     """Where the per-step messages travel: with NCCL, the default (GPU) group, a few tens of
     microseconds (pickled bytes in a device tensor); gloo's TCP broadcast of small objects
     costs milliseconds per step. On CPU, the gloo control group. The start-up message always
-    uses gloo (sent before the CUDA device is chosen)."""
+    uses gloo (sent before the CUDA device is chosen). Under pipeline parallelism: a gloo
+    group of stage 0's ranks (every rank creates it; the other stages get the messages point
+    to point)."""
+    if config.parallel.pipeline_parallel_size > 1:
+        return dist.new_group(list(range(config.parallel.tensor_parallel_size)), backend="gloo",
+                              timeout=timedelta(seconds=init.timeout_s))
     return None if init.backend == "nccl" else control
+
+
+def setup_parallel(config: EngineConfig, rank: int, control: Any, device: torch.device) -> PipelineLinks | None:
+    """The TP groups of every stage, and this rank's pipeline links (None without PP)."""
+    tp, pp = config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size
+    init_model_parallel(tp, pp)
+    return PipelineLinks.of(rank, tp, pp, control, device) if pp > 1 else None
+
+
+def receive_message(steps: Any, pipe: PipelineLinks | None) -> Message:
+    """The next message: broadcast from rank 0 on stage 0, from the previous stage after it."""
+    if pipe is None or pipe.prev is None:
+        return broadcast_message(None, steps)
+    return pipe.recv_message()
+
+
+def run_message(message: Message, runner: ModelRunner, pipe: PipelineLinks | None) -> ModelRunnerOutput | None:
+    """Pass `message` on to the next stage, and run it if it is a step. The last stage's
+    sampling rank sends the step's output to rank 0; the runner's output is returned."""
+    if pipe is not None:
+        pipe.forward_message(message)
+    if not isinstance(message, StepMessage):
+        return None
+    output = runner.execute_model(message.scheduler_output)
+    if pipe is not None and runner.is_driver:
+        pipe.send_output(output)
+    return output
 
 
 def broadcast_message(message: Message | None, group: Any) -> Message:
@@ -102,12 +140,14 @@ def broadcast_message(message: Message | None, group: Any) -> Message:
 
 
 def build_runner(config: EngineConfig, device: torch.device,
-                 before_all_reduce: Callable[[], None] | None = None) -> tuple[ModelRunner, int]:
+                 before_all_reduce: Callable[[], None] | None = None,
+                 pipe: PipelineLinks | None = None) -> tuple[ModelRunner, int]:
     """Load this rank's shard and size its KV cache: the block count is the minimum over
     ranks, so every rank can hold every block the scheduler hands out. `before_all_reduce`
     runs between the two (rank 0 waits there for every rank's LOADED, the others report it)."""
     baseline = non_torch_memory(device)
     runner = ModelRunner(config.model, config.cache, config.scheduler, config.device, config.weights, device)
+    runner.pipeline = pipe
     runner.load_model()
     blocks = torch.tensor([num_kv_blocks(config, runner, baseline)], dtype=torch.int64, device=device)
     if before_all_reduce is not None:
@@ -134,15 +174,18 @@ def serve_rank(init: RankInit, report: Callable[[bytes], None] = lambda mileston
     report(JOINING)
     control = init_distributed(init)
     config = broadcast_message(None, control).config
-    runner, _ = build_runner(config, worker_device(config, init.rank), lambda: report(LOADED))
-    steps = step_group(init, control)
-    logger.info("tp rank %d/%d ready", init.rank, init.world_size)
+    device = worker_device(config, init.rank)
+    pipe = setup_parallel(config, init.rank, control, device)
+    runner, _ = build_runner(config, device, lambda: report(LOADED), pipe)
+    steps = step_group(init, control, config)
+    logger.info("rank %d/%d ready", init.rank, init.world_size)
     while True:
-        message = broadcast_message(None, steps)
-        if isinstance(message, StepMessage):
-            runner.execute_model(message.scheduler_output)
-        elif isinstance(message, ShutdownMessage):
+        message = receive_message(steps, pipe)
+        run_message(message, runner, pipe)
+        if isinstance(message, ShutdownMessage):
             break
+    if pipe is not None:
+        pipe.wait_sent()
     if init.backend == "nccl":
         # Seen on an H200x2 machine: tearing NCCL down at shutdown hung until killed. Rank 0
         # stops using the group right after the shutdown message; exit without the teardown.

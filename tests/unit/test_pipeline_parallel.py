@@ -1,0 +1,85 @@
+"""Pipeline parallelism on CPU (gloo, real rank processes): PP=2 and TP=2 x PP=2 give PP=1's
+greedy tokens per architecture on tiny fp32 checkpoints, through chunked prefill and
+preemption; the scheduler splits the running requests into disjoint micro-batches; a killed
+stage fails the engine with EngineDeadError."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from pagedserve import LLM, SamplingParams
+from pagedserve.engine_io import ModelRunnerOutput
+from pagedserve.errors import EngineDeadError, ValidationError
+from pagedserve.layers.parallel import stage_layers
+from tests.helpers import random_prompts
+from tests.unit.test_scheduler import make, req
+
+PROMPTS = random_prompts(6, 512, 3, 40, seed=2)
+PARAMS = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+def _llm(path: str, **kwargs) -> LLM:
+    return LLM(model=path, device="cpu", dtype="float32", skip_tokenizer_init=True, max_model_len=128, **kwargs)
+
+
+def _run(llm: LLM) -> list[list[int]]:
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], PARAMS, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.mark.parametrize("arch, tp", [("llama", 1), ("llama3_tied", 1), ("mistral", 1), ("qwen2", 1), ("qwen3", 1),
+                                      ("llama3_tied", 2), ("qwen3", 2)])
+def test_pipeline_stages_give_the_tokens_of_one_process(arch, tp, tiny_checkpoints):
+    reference = _run(_llm(tiny_checkpoints[arch]))
+    # 32 tokens a step: prompts are chunked; 9 blocks of 16 for 6 sequences of up to 52 tokens: preemption
+    llm = _llm(tiny_checkpoints[arch], tensor_parallel_size=tp, pipeline_parallel_size=2,
+               max_num_batched_tokens=32, num_kv_blocks=9)
+    try:
+        core = llm.engine.core
+        assert len(core.executor.processes) == 2 * tp - 1 and core.executor.max_concurrent_batches == 2
+        assert _run(llm) == reference
+        assert core.scheduler.stats.num_preemptions > 0
+    finally:
+        llm.shutdown()
+
+
+def test_micro_batches_are_disjoint():
+    """PP=2: a step takes half of what could run and never a request whose token is in flight."""
+    s = make(budget=100)
+    s.micro_batches = 2
+    for i in range(4):
+        s.add_request(req(f"r{i}", 4, max_tokens=5, start=10 * i))
+    first, second = s.schedule(), s.schedule()
+    assert first.num_scheduled_tokens == {"r0": 4, "r1": 4}
+    assert second.num_scheduled_tokens == {"r2": 4, "r3": 4}
+    assert s.schedule().num_scheduled_tokens == {}          # everything is in flight
+    s.update_from_output(first, ModelRunnerOutput(sampled_token_ids={"r0": 7, "r1": 8}))
+    third = s.schedule()
+    assert third.num_scheduled_tokens == {"r0": 1, "r1": 1}
+    assert [c.last_token_id for c in third.cached_requests] == [7, 8]   # the first stage's input ids
+
+
+def test_stage_layers_split_evenly_and_bad_sizes_name_the_knob(tiny_checkpoints):
+    assert [list(stage_layers(7, 3, s)) for s in range(3)] == [[0, 1, 2], [3, 4], [5, 6]]
+    with pytest.raises(ValidationError, match=r"pipeline_parallel_size \(3\) is larger than the model's 2 layers"):
+        _llm(tiny_checkpoints["llama"], pipeline_parallel_size=3)
+    with pytest.raises(ValidationError, match="pipeline_parallel_size must be >= 1") as info:
+        _llm(tiny_checkpoints["llama"], pipeline_parallel_size=0)
+    assert info.value.param == "pipeline_parallel_size"
+
+
+def test_a_killed_stage_fails_the_engine(tiny_checkpoints):
+    llm = _llm(tiny_checkpoints["llama"], pipeline_parallel_size=2)
+    try:
+        _run(llm)
+        os.kill(llm.engine.core.executor.processes[0].pid, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(EngineDeadError, match="rank 1"):
+            _run(llm)
+        assert time.monotonic() - start < 30
+        assert not llm.engine.core.is_alive()
+    finally:
+        llm.shutdown()
