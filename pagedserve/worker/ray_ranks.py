@@ -185,7 +185,9 @@ def start_ray_ranks(init: Any, use_gpu: bool, timeout_s: float) -> tuple[list[Ra
         raise EngineDeadError(f"no {resource} of the Ray cluster is on this machine (rank 0 runs here); start the "
                               "engine on a machine that has one")
     rank0_bundle = local[0]
-    others = [index for index in sorted(nodes) if index != rank0_bundle]
+    # ranks in node order, this node first: a TP group (consecutive ranks) stays on one node
+    others = sorted((index for index in nodes if index != rank0_bundle),
+                    key=lambda index: (nodes[index] != here, nodes[index], index))
     # the actors import pagedserve as installed on their node (or from the PYTHONPATH their
     # raylet was started with), as ranks started by hand do
     options = dict(num_cpus=0 if use_gpu else 1, num_gpus=1 if use_gpu else 0, max_concurrency=2)
