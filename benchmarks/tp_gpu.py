@@ -2,7 +2,7 @@
   python3 benchmarks/tp_gpu.py ids TP OUT.json   greedy ids of 32 prompts x 64 tokens
   python3 benchmarks/tp_gpu.py peers TP          thr512 and b1_decode (peers.py workloads)
   python3 benchmarks/tp_gpu.py compare A.json B.json
-Set ENFORCE_EAGER=1 to run without CUDA graphs."""
+Set ENFORCE_EAGER=1 to run without CUDA graphs, PP=N for N pipeline stages (benchmarks/pp_gpu.sh)."""
 import json
 import os
 import sys
@@ -12,14 +12,16 @@ sys.path.insert(0, ".devcarry")
 from peers import emit, make_model_dir, workload  # noqa: E402
 from peers_thr import run_thr  # noqa: E402
 
+PP = int(os.environ.get("PP", "1"))
+
 
 def make_llm(tp: int):
     from pagedserve import LLM
     t0 = time.time()
     llm = LLM(model=make_model_dir("llama-8b"), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
               max_model_len=2048, gpu_memory_utilization=0.85, seed=0, tensor_parallel_size=tp,
-              enforce_eager=os.environ.get("ENFORCE_EAGER") == "1")
-    emit(engine="pagedserve", model="llama-8b", tp=tp, startup_s=round(time.time() - t0, 1))
+              pipeline_parallel_size=PP, enforce_eager=os.environ.get("ENFORCE_EAGER") == "1")
+    emit(engine="pagedserve", model="llama-8b", tp=tp, pp=PP, startup_s=round(time.time() - t0, 1))
     return llm
 
 
@@ -45,14 +47,15 @@ def main() -> None:
     else:
         outs, dt = run_thr(llm)
         gen = sum(len(o.outputs[0].token_ids) for o in outs)
-        emit(engine="pagedserve", model="llama-8b", tp=tp, workload="thr512", wall_s=round(dt, 2),
+        emit(engine="pagedserve", model="llama-8b", tp=tp, pp=PP, workload="thr512", wall_s=round(dt, 2),
              req_s=round(512 / dt, 2), out_tok_s=round(gen / dt, 1))
         p = {"prompt_token_ids": list(range(100, 228))}
         sp = SamplingParams(max_tokens=256, ignore_eos=True, temperature=0.0, detokenize=False)
         llm.generate([p], [sp], use_tqdm=False)
         t0 = time.time()
         llm.generate([p], [sp], use_tqdm=False)
-        emit(engine="pagedserve", model="llama-8b", tp=tp, workload="b1_decode", tok_s=round(256 / (time.time() - t0), 1))
+        emit(engine="pagedserve", model="llama-8b", tp=tp, pp=PP, workload="b1_decode",
+             tok_s=round(256 / (time.time() - t0), 1))
     llm.shutdown()
 
 
