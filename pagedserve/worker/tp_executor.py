@@ -56,6 +56,7 @@ class MultiprocTPExecutor:
         parallel = config.parallel
         self.world_size = parallel.tensor_parallel_size * parallel.pipeline_parallel_size
         self.max_concurrent_batches = parallel.pipeline_parallel_size   # 1 without PP, see above
+        self.tp = parallel.tensor_parallel_size
         self.external = config.parallel.distributed_init == "env"   # ranks 1..N-1 started by hand
         self.ray = config.parallel.distributed_init == "ray"        # ranks 1..N-1 are Ray actors
         self.timeout_s = timeout_s
@@ -158,8 +159,9 @@ class MultiprocTPExecutor:
         return PipelineOutput(self)
 
     def _send(self, message: Message) -> None:
-        """To every rank: broadcast (stage 0), then on down the pipeline."""
-        broadcast_message(message, self.steps)
+        """To every rank: broadcast (stage 0, if it has other ranks), then on down the pipeline."""
+        if self.pipe is None or self.tp > 1:
+            broadcast_message(message, self.steps)
         if self.pipe is not None:
             self.pipe.forward_message(message)
         self._last_message = time.monotonic()
