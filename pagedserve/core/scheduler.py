@@ -269,8 +269,9 @@ class Scheduler:
         return out
 
     def _max_seqs_per_step(self) -> int:
-        """Under PP, 1/micro_batches of the sequences that could run (at least 1)."""
-        if self.micro_batches == 1:
+        """Under PP, 1/micro_batches of the sequences that could run (at least 1); a static
+        batch still forms in one step."""
+        if self.micro_batches == 1 or self.policy == "static":
             return self.max_num_seqs
         could_run = min(len(self.running) + len(self.waiting), self.max_num_seqs)
         return max(1, -(-could_run // self.micro_batches))

@@ -17,8 +17,10 @@ are isend: their buffers are kept until the transfer completed.
 from __future__ import annotations
 
 import pickle
+import time
 from collections import deque
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -94,7 +96,13 @@ class PipelineLinks:
         for tensor in tensors:
             self._sending.append((dist.isend(tensor, dst=dst, group=group), tensors))
 
-    def wait_sent(self) -> None:
-        """Block until every send left this rank (before leaving the group)."""
+    def wait_sent(self, timeout_s: float = 5.0) -> None:
+        """Before leaving the group: wait up to `timeout_s` for the sends to leave this rank (an
+        output rank 0 never asked for, at shutdown, may never leave)."""
+        deadline = time.monotonic() + timeout_s
         while self._sending:
-            self._sending.popleft()[0].wait()
+            work = self._sending.popleft()[0]
+            try:
+                work.wait(timedelta(seconds=max(deadline - time.monotonic(), 0.01)))
+            except Exception:
+                return
