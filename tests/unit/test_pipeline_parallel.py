@@ -30,20 +30,38 @@ def _run(llm: LLM) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outs]
 
 
-@pytest.mark.parametrize("arch, tp", [("llama", 1), ("llama3_tied", 1), ("mistral", 1), ("qwen2", 1), ("qwen3", 1),
-                                      ("llama3_tied", 2), ("qwen3", 2)])
-def test_pipeline_stages_give_the_tokens_of_one_process(arch, tp, tiny_checkpoints):
-    reference = _run(_llm(tiny_checkpoints[arch]))
+def _check_stages(arch: str, tp: int, checkpoints: dict[str, str], then=None) -> None:
+    reference = _run(_llm(checkpoints[arch]))
     # 32 tokens a step: prompts are chunked; 9 blocks of 16 for 6 sequences of up to 52 tokens: preemption
-    llm = _llm(tiny_checkpoints[arch], tensor_parallel_size=tp, pipeline_parallel_size=2,
+    llm = _llm(checkpoints[arch], tensor_parallel_size=tp, pipeline_parallel_size=2,
                max_num_batched_tokens=32, num_kv_blocks=9)
     try:
         core = llm.engine.core
         assert len(core.executor.processes) == 2 * tp - 1 and core.executor.max_concurrent_batches == 2
         assert _run(llm) == reference
         assert core.scheduler.stats.num_preemptions > 0
+        if then is not None:
+            then(llm)
     finally:
         llm.shutdown()
+
+
+@pytest.mark.parametrize("arch, tp", [("llama3_tied", 1), ("mistral", 1), ("qwen2", 1), ("qwen3", 1),
+                                      ("llama3_tied", 2), ("qwen3", 2)])
+def test_pipeline_stages_give_the_tokens_of_one_process(arch, tp, tiny_checkpoints):
+    _check_stages(arch, tp, tiny_checkpoints)
+
+
+def test_llama_stages_then_a_killed_stage_fails_the_engine(tiny_checkpoints):
+    """llama's PP=2 tokens, then rank 1 (the last stage) is killed: EngineDeadError naming it."""
+    def kill_rank1(llm: LLM) -> None:
+        os.kill(llm.engine.core.executor.processes[0].pid, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(EngineDeadError, match="rank 1"):
+            _run(llm)
+        assert time.monotonic() - start < 30
+        assert not llm.engine.core.is_alive()
+    _check_stages("llama", 1, tiny_checkpoints, then=kill_rank1)
 
 
 def test_micro_batches_are_disjoint():
@@ -69,17 +87,3 @@ def test_stage_layers_split_evenly_and_bad_sizes_name_the_knob(tiny_checkpoints)
     with pytest.raises(ValidationError, match="pipeline_parallel_size must be >= 1") as info:
         _llm(tiny_checkpoints["llama"], pipeline_parallel_size=0)
     assert info.value.param == "pipeline_parallel_size"
-
-
-def test_a_killed_stage_fails_the_engine(tiny_checkpoints):
-    llm = _llm(tiny_checkpoints["llama"], pipeline_parallel_size=2)
-    try:
-        _run(llm)
-        os.kill(llm.engine.core.executor.processes[0].pid, signal.SIGKILL)
-        start = time.monotonic()
-        with pytest.raises(EngineDeadError, match="rank 1"):
-            _run(llm)
-        assert time.monotonic() - start < 30
-        assert not llm.engine.core.is_alive()
-    finally:
-        llm.shutdown()
