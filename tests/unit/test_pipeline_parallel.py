@@ -87,3 +87,31 @@ def test_stage_layers_split_evenly_and_bad_sizes_name_the_knob(tiny_checkpoints)
     with pytest.raises(ValidationError, match="pipeline_parallel_size must be >= 1") as info:
         _llm(tiny_checkpoints["llama"], pipeline_parallel_size=0)
     assert info.value.param == "pipeline_parallel_size"
+
+
+def test_the_core_keeps_a_step_in_flight_per_stage():
+    """PP=3 on a fake executor: three disjoint micro-batches of two requests are launched before
+    the first is applied, and every request gets all its tokens."""
+    import dataclasses
+    from pagedserve.config import ParallelConfig, SchedulerConfig
+    from pagedserve.core.engine_core import EngineCore
+    from tests.unit.test_engine_core import TOKEN, FakeExecutor, make_core, request
+    config = dataclasses.replace(make_core(FakeExecutor()).config, parallel=ParallelConfig(pipeline_parallel_size=3),
+                                 scheduler=SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=64, max_model_len=64))
+    config = dataclasses.replace(config, device=dataclasses.replace(config.device, async_scheduling=True))
+    executor = FakeExecutor(max_concurrent_batches=3)
+    core = EngineCore(config, executor)
+    for i in range(6):
+        core.add_request(request(f"r{i}", max_tokens=3))
+    tokens: dict[str, list[int]] = {}
+    depths = []
+    while core.has_unfinished_requests():
+        for out in core.step().outputs:
+            tokens.setdefault(out.req_id, []).extend(out.new_token_ids)
+        in_flight = [set(so.num_scheduled_tokens) for so, _ in core._in_flight]
+        assert sum(map(len, in_flight)) == len(set().union(*in_flight))   # disjoint micro-batches
+        depths.append(len(in_flight))
+    assert [sorted(so.num_scheduled_tokens) for so, _ in executor.calls[:3]] == [["r0", "r1"], ["r2", "r3"],
+                                                                                 ["r4", "r5"]]
+    assert depths[:2] == [1, 2] and max(depths) == 2   # 3 launched while the oldest is awaited
+    assert tokens == {f"r{i}": [TOKEN] * 3 for i in range(6)}
