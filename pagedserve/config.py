@@ -6,6 +6,7 @@ re-reads a GGUF file's own config only when it dequantizes that file directly).
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,19 @@ from pagedserve.errors import ValidationError
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16, "half": torch.float16}
+
+
+@dataclass(frozen=True)
+class QuantizationSpec:
+    """How the weights are quantized: the canonical method name (layers/quantization) and
+    the checkpoint's quantization_config as JSON text ("{}" when quantized at load)."""
+
+    method: str
+    config_json: str = "{}"
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return json.loads(self.config_json)
 
 
 @dataclass(frozen=True)
@@ -40,6 +54,7 @@ class ModelConfig:
     dtype: torch.dtype
     max_model_len: int
     sliding_window: int | None = None
+    quantization: QuantizationSpec | None = None   # None: float weights
 
     @staticmethod
     def from_hf(hf_config: Any, dtype: torch.dtype, max_model_len: int | None) -> "ModelConfig":
@@ -141,6 +156,10 @@ class CacheConfig:
     kv_cache_memory_gb: float | None = None   # CPU: explicit KV budget
     num_kv_blocks: int | None = None          # explicit override (tests, benchmarks)
     gpu_memory_utilization: float = 0.9
+    # The host tier (pinned on CUDA): GiB for swapped-out requests and evicted prefix blocks;
+    # kv_offloading_size, when set, sizes it instead of swap_space. 0: no host tier.
+    swap_space: float = 4.0
+    kv_offloading_size: float | None = None
 
 
 @dataclass(frozen=True)
@@ -149,6 +168,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
     policy: str = "continuous"   # "continuous" | "static"
+    preemption_mode: str = "swap"   # "swap" (to the host tier when it has room, else recompute) | "recompute"
 
 
 @dataclass(frozen=True)
@@ -161,6 +181,14 @@ class ParallelConfig:
     # Stages of consecutive layers; world = tensor_parallel_size x pipeline_parallel_size,
     # rank = pp_rank * tensor_parallel_size + tp_rank (layers/parallel.py).
     pipeline_parallel_size: int = 1
+    # All-reduces of tensors up to this many bytes through torch's symmetric memory (one-shot
+    # over NVLink peer memory, layers/custom_all_reduce.py) instead of NCCL; 0: off
+    # (disable_custom_all_reduce). PAGEDSERVE_CUSTOM_ALL_REDUCE_MAX_KB at start-up.
+    custom_all_reduce_bytes: int = 1 << 20
+    # How step messages reach ranks on this machine: "shm" (worker/shm_queue.py) or "broadcast"
+    # (the step group's collective); PAGEDSERVE_TP_STEP_QUEUE at start-up. Ranks started by hand
+    # (distributed_init "env") always use "broadcast".
+    step_queue: str = "shm"
 
     @property
     def world_size(self) -> int:
@@ -174,7 +202,7 @@ class DeviceConfig:
     seed: int = 0
     async_scheduling: bool = False
     # Decode batches of at most this many rows use the Triton gemv on CUDA (0: off);
-    # PAGEDSERVE_GEMV_MAX_ROWS at start-up, see layers/linear.py.
+    # PAGEDSERVE_GEMV_MAX_ROWS at start-up, see layers/linear_ops.py.
     gemv_max_rows: int = 16
 
 

@@ -28,7 +28,9 @@ from pagedserve.core.kv_cache_manager import KVCacheManager
 from pagedserve.core.outputs import EngineCoreOutput, EngineCoreOutputs, EngineStats, RequestEvent, RequestEventType
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.scheduler import Scheduler
-from pagedserve.engine_io import Executor, ModelRunnerOutput, PendingOutput, RequestId, SchedulerOutput
+from pagedserve.core.snapshot import StepLog
+from pagedserve.engine_io import (DeferredSampling, Executor, ModelRunnerOutput, PendingOutput, RequestId,
+                                  SchedulerOutput)
 from pagedserve.errors import ValidationError
 from pagedserve.worker.executor import make_executor
 
@@ -37,7 +39,7 @@ logger = logging.getLogger(__name__)
 _QUEUED, _SCHEDULED = RequestEventType.QUEUED, RequestEventType.SCHEDULED
 _FIRST_TOKEN, _FINISHED = RequestEventType.FIRST_TOKEN, RequestEventType.FINISHED
 # a launched step: its scheduler output and its result (or what launching it raised)
-_Launched = tuple[SchedulerOutput, ModelRunnerOutput | PendingOutput | Exception]
+_Launched = tuple[SchedulerOutput, ModelRunnerOutput | PendingOutput | DeferredSampling | Exception]
 
 
 class EngineCore:
@@ -46,6 +48,7 @@ class EngineCore:
             executor = make_executor(config)
         self.config = config
         self.executor = executor
+        self.weight_bytes = getattr(executor, "weight_bytes", 0)   # model weights on rank 0 (/metrics)
         block_size = config.cache.block_size
         num_blocks = executor.num_blocks
         max_model_len = config.scheduler.max_model_len
@@ -54,23 +57,31 @@ class EngineCore:
                 f"the KV cache holds {num_blocks * block_size} tokens ({num_blocks} blocks of {block_size}), "
                 f"fewer than max_model_len={max_model_len}: raise gpu_memory_utilization (or "
                 f"kv_cache_memory_gb on CPU) or lower max_model_len", "max_model_len")
-        logger.info("KV cache: %d blocks of %d tokens = %d tokens; max concurrency at max_model_len=%d: %.1fx",
-                    num_blocks, block_size, num_blocks * block_size, max_model_len,
-                    num_blocks * block_size / max_model_len)
-        self.kv_cache_manager = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
+        num_host_blocks = getattr(executor, "num_host_blocks", 0)
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens; max concurrency at max_model_len=%d: %.1fx; "
+                    "host tier: %d blocks = %d tokens", num_blocks, block_size, num_blocks * block_size,
+                    max_model_len, num_blocks * block_size / max_model_len, num_host_blocks,
+                    num_host_blocks * block_size)
+        self.kv_cache_manager = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching,
+                                               num_host_blocks)
         self.scheduler = Scheduler(self.kv_cache_manager, config.scheduler.max_num_seqs,
                                    config.scheduler.max_num_batched_tokens, max_model_len,
-                                   config.scheduler.policy)
+                                   config.scheduler.policy, config.scheduler.preemption_mode)
         self.async_scheduling = config.device.async_scheduling and executor.max_concurrent_batches > 1
         self.scheduler.micro_batches = max(1, getattr(config.parallel, "pipeline_parallel_size", 1))
         # picked once; an unbound function, so the core holds no reference cycle to itself (a
         # bound method would keep a dropped engine's KV cache alive until the cycle collector ran)
         self._step_impl = EngineCore._step_async if self.async_scheduling else EngineCore._step_lockstep
+        # async: a step's grammar bitmask is filled after the previous step's tokens are applied.
+        # Not under PP: its micro-batches never hold a request whose token is in flight, so the
+        # bitmask is filled at schedule time and no DeferredSampling is launched.
+        self.scheduler.defer_grammar = self.async_scheduling and self.scheduler.micro_batches == 1
         self._in_flight: deque[_Launched] = deque()   # launched, not yet applied, oldest first (async only)
         # Event bookkeeping, touched only for requests that change state.
         self._events: list[RequestEvent] = []                  # since the last step
         self._unscheduled: dict[RequestId, Request] = {}       # queued, never scheduled
         self._awaiting_first_token: dict[RequestId, Request] = {}
+        self._step_log: StepLog | None = None   # while a viewer watches (core/snapshot.py)
 
     @property
     def num_kv_blocks(self) -> int:
@@ -111,10 +122,26 @@ class EngineCore:
         return self.scheduler.has_unfinished() or bool(self._in_flight)
 
     def stats(self) -> EngineStats:
+        """The core's state now; with an EngineSnapshot when one was requested since the last."""
         scheduler, kv = self.scheduler, self.kv_cache_manager
-        return EngineStats(len(scheduler.running), len(scheduler.waiting), kv.usage(),
+        log = self._step_log
+        usage = kv.usage()
+        return EngineStats(len(scheduler.running), len(scheduler.waiting), usage,
                            scheduler.stats.num_preemptions, kv.stats.queries, kv.stats.hits,
-                           scheduler.stats.num_batched_tokens)
+                           scheduler.stats.num_batched_tokens, kv.host_usage(), kv.stats.blocks_swapped_out,
+                           kv.stats.blocks_swapped_in, kv.stats.host_hits,
+                           log.take(scheduler, usage) if log is not None and log.requested else None)
+
+    def request_snapshot(self) -> None:
+        """The next stats (a step's, or stats()) carry an EngineSnapshot; steps are logged for
+        it from now on, until stop_snapshots(). Cheap; the building happens then."""
+        if self._step_log is None:
+            self._step_log = StepLog()
+        self._step_log.requested = True
+
+    def stop_snapshots(self) -> None:
+        """Nobody watches any more: steps are no longer logged."""
+        self._step_log = None
 
     def step(self) -> EngineCoreOutputs:
         """Schedule -> execute -> update: _step_lockstep or _step_async, picked at construction."""
@@ -137,22 +164,28 @@ class EngineCore:
         if queue and self.scheduler.num_history_dependent:
             outputs = self._resolve()   # lockstep: the next step needs these tokens on the host
         launched = self._launch(self._schedule())
-        if launched is not None:
-            queue.append(launched)
-        if len(queue) >= self.executor.max_concurrent_batches or (launched is None and queue):
+        if queue and (launched is None or len(queue) + 1 >= self.executor.max_concurrent_batches):
             previous = queue.popleft()
             result = self._wait(previous)
             if isinstance(result, Exception):
+                # the steps launched on top of the failed one finish; their results are dropped
+                if launched is not None:
+                    queue.append(launched)
+                    launched = None
                 outputs += self._fail(previous[0], result, self._drop_in_flight())
             else:
                 outputs += self._update(previous[0], result)
-        if launched is not None and queue and (not launched[0].num_scheduled_tokens
-                                               or self.scheduler.num_history_dependent):
+        launched = self._sample_deferred(launched)   # after the previous step's tokens are applied
+        if launched is not None:
+            queue.append(launched)
+        if launched is not None and (not launched[0].num_scheduled_tokens or self.scheduler.num_history_dependent):
             outputs += self._resolve()   # nothing to wait for, or lockstep
         return self._result(outputs)
 
     def _schedule(self) -> SchedulerOutput:
         so = self.scheduler.schedule()
+        if self._step_log is not None:
+            self._step_log.pending = so
         if self._unscheduled and (so.new_requests or so.forked_requests):
             for rid in [new.req_id for new in so.new_requests] + [fork.req_id for fork in so.forked_requests]:
                 request = self._unscheduled.pop(rid, None)
@@ -166,6 +199,22 @@ class EngineCore:
             return None
         try:
             return so, self.executor.execute_model(so, non_block=True)
+        except Exception as exc:
+            return so, exc
+
+    def _sample_deferred(self, launched: _Launched | None) -> _Launched | None:
+        """A launched step that waits for its grammar bitmask gets it now: the matchers have
+        taken every earlier token, and the device ran the forward pass meanwhile."""
+        if launched is None or not isinstance(launched[1], DeferredSampling):
+            return launched
+        so, deferred = launched
+        try:
+            bitmask = self.scheduler.deferred_grammar_bitmask()
+        except Exception as exc:
+            self._wait(launched)   # sampled unmasked and dropped: every rank finishes the step
+            return so, exc
+        try:
+            return so, deferred.sample(bitmask)
         except Exception as exc:
             return so, exc
 
@@ -209,6 +258,9 @@ class EngineCore:
         a request caught in failed steps twice fails. `dropped`: steps launched on top of
         the failed one, whose results are discarded (their requests are recomputed too)."""
         self.executor.check_health()
+        for failed in (so, *dropped):   # their copies may not have run
+            if failed.blocks_to_swap_out or failed.blocks_to_swap_in:
+                self.scheduler.drop_swaps(failed)
         error = f"{type(exc).__name__}: {exc}"
         step_ids = list(so.num_scheduled_tokens)
         requests = self.scheduler.requests
@@ -259,6 +311,8 @@ class EngineCore:
 
     def _result(self, outputs: list[EngineCoreOutput]) -> EngineCoreOutputs:
         events, self._events = self._events, []
+        if self._step_log is not None:
+            self._step_log.log(events, len(outputs))
         return EngineCoreOutputs(outputs, self.stats(), events)
 
     def shutdown(self) -> None:

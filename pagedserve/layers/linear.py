@@ -1,6 +1,9 @@
 """Megatron-style linear layers. Each parameter owns a `weight_loader(param, loaded, shard_id)`
 that copies only this rank's shard; `loaded` may be a tensor or a lazy safetensors slice
-(only the slice is read from disk).
+(only the slice is read from disk). A layer's parameters and matmul belong to its
+LinearMethod (layers/quantization: float weights, or a quantized format); the parameters
+say which dims run over output / input features, and the layer's one weight_loader shards
+them by those attributes.
 
     ColumnParallelLinear   weight [out / tp, in]     output stays sharded
     MergedColumnParallel   [gate; up] stacked on dim 0, each sharded
@@ -12,97 +15,117 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from pagedserve.layers.linear_ops import (_copy, as_tensor, default_weight_loader, linear,  # noqa: F401
+                                          narrow, set_gemv_max_rows)
 from pagedserve.layers.parallel import all_reduce, divide, tp_rank, tp_world_size
-
-
-# Decode-sized batches (at most this many rows) of bf16/fp16 on CUDA go through the Triton
-# gemv (layers/triton_gemv.py) where it streams the weights faster than cuBLAS
-# (benchmarks/gemv_sweep.py); 0 turns it off (A/B measurements). The runner sets it from
-# DeviceConfig.gemv_max_rows when it loads the model.
-GEMV_MAX_ROWS = 16
-
-
-def set_gemv_max_rows(rows: int) -> None:
-    global GEMV_MAX_ROWS
-    GEMV_MAX_ROWS = rows
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T (+ bias): the Triton gemv for few rows of a large weight on CUDA, else F.linear."""
-    if bias is None and x.shape[0] <= GEMV_MAX_ROWS and x.is_cuda:
-        from pagedserve.layers.triton_gemv import gemv, use_gemv
-        if use_gemv(x, weight, GEMV_MAX_ROWS):
-            return gemv(x, weight)
-    return F.linear(x, weight, bias)
-
-
-def narrow(loaded: Any, dim: int, start: int, size: int) -> torch.Tensor:
-    """Slice a tensor or a safetensors slice along `dim` and return a tensor."""
-    if isinstance(loaded, torch.Tensor):
-        return loaded.narrow(dim, start, size)
-    index = [slice(None)] * len(loaded.get_shape())
-    index[dim] = slice(start, start + size)
-    return loaded[tuple(index)]
-
-
-def as_tensor(loaded: Any) -> torch.Tensor:
-    return loaded if isinstance(loaded, torch.Tensor) else loaded[:]
-
-
-def _copy(param: torch.Tensor, data: torch.Tensor) -> None:
-    if param.shape != data.shape:
-        raise ValueError(f"weight shape mismatch: parameter {tuple(param.shape)}, checkpoint {tuple(data.shape)}")
-    param.data.copy_(data.to(param.dtype))
-
-
-def default_weight_loader(param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
-    _copy(param, as_tensor(loaded))
+from pagedserve.layers.quantization import LinearMethod, QuantizationConfig, UnquantizedLinearMethod
 
 
 class LinearBase(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
+    """Sizes per partition; `quant_config` picks the LinearMethod (None: float weights) and
+    `prefix` is the layer's name in the model (quantization schemes and ignore lists use it)."""
+
+    splits_output = False   # column-parallel: output features are sharded
+    splits_input = False    # row-parallel: input features are sharded
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+                 quant_config: QuantizationConfig | None = None, prefix: str = "",
+                 output_partition_sizes: list[int] | None = None, input_size: int | None = None,
+                 output_size: int | None = None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        self.prefix = prefix
+        self.input_size_per_partition, self.output_size_per_partition = in_features, out_features
+        self.output_partition_sizes = output_partition_sizes or [out_features]
+        self.params_dtype = dtype
+        method: LinearMethod | None = quant_config.get_linear_method(self, prefix) if quant_config else None
+        self.quant_method = method or UnquantizedLinearMethod()
+        self.quant_method.create_weights(self, in_features, self.output_partition_sizes, input_size or in_features,
+                                         output_size or out_features, dtype)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
+            self.bias.output_dim, self.bias.input_dim = 0, None
+            self.bias.output_ratio = self.bias.input_ratio = 1
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
 
-    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+    # The shard of this rank, in features: (offset in the parameter, size, start in the checkpoint).
+    def output_shard(self, shard_id: Any) -> tuple[int, int, int]:
         raise NotImplementedError
 
+    def shard_index(self, shard_id: Any) -> int:
+        """Index of a logical shard (q, k, v / gate, up) in the parameters that hold one value each."""
+        return 0
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+        if getattr(param, "shard_indexed", False):
+            _copy(param.data[self.shard_index(shard_id)], as_tensor(loaded).reshape(()))
+            return
+        dest = param.data
+        out_dim = getattr(param, "output_dim", None)
+        if self.splits_output and out_dim is not None:
+            offset, size, start = self.output_shard(shard_id)
+            ratio = param.output_ratio
+            for value in (offset, size, start):
+                if value % ratio:
+                    raise ValueError(f"{self.prefix}: output shard ({offset}, {size}, {start}) does not fall on "
+                                     f"whole packs of {ratio}: this checkpoint cannot be split this way")
+            dest = dest.narrow(out_dim, offset // ratio, size // ratio)
+            loaded = narrow(loaded, out_dim, start // ratio, size // ratio)
+        in_dim = getattr(param, "input_dim", None)
+        if self.splits_input and in_dim is not None:
+            size, ratio = self.input_size_per_partition, param.input_ratio
+            if size % ratio:
+                raise ValueError(f"{self.prefix}: input shard of {size} features is not a whole number of "
+                                 f"groups or packs of {ratio}: this checkpoint cannot be split this way")
+            loaded = narrow(loaded, in_dim, self.tp_rank * size // ratio, size // ratio)
+        if self.splits_output and out_dim is None and shard_id is not None:
+            # one tensor for all fused projections (act-order g_idx): they must agree
+            data = as_tensor(loaded)
+            if getattr(param, "shared_loaded", False) and not torch.equal(dest, data.to(dest.dtype)):
+                raise ValueError(f"{self.prefix}: the projections fused here have different {tuple(dest.shape)} "
+                                 f"tensors where one is shared (act-order g_idx); cannot fuse them")
+            param.shared_loaded = True
+            loaded = data
+        _copy(dest, as_tensor(loaded))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return self.quant_method.apply(self, x, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 dtype: torch.dtype = torch.float32) -> None:
-        self.tp_size, self.tp_rank = tp_world_size(), tp_rank()
-        super().__init__(in_features, divide(out_features, self.tp_size, "output features"), bias, dtype)
+    splits_output = True
 
-    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
-        size = param.shape[0]
-        _copy(param, narrow(loaded, 0, self.tp_rank * size, size))
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 dtype: torch.dtype = torch.float32, quant_config: QuantizationConfig | None = None,
+                 prefix: str = "", output_sizes: list[int] | None = None) -> None:
+        self.tp_size, self.tp_rank = tp_world_size(), tp_rank()
+        sizes = [divide(size, self.tp_size, "output features") for size in (output_sizes or [out_features])]
+        super().__init__(in_features, sum(sizes), bias, dtype, quant_config, prefix, sizes, in_features, out_features)
+
+    def output_shard(self, shard_id: Any) -> tuple[int, int, int]:
+        size = self.output_size_per_partition
+        return 0, size, self.tp_rank * size
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel outputs stacked (gate and up); shard_id indexes `output_sizes`."""
 
     def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, quant_config: QuantizationConfig | None = None,
+                 prefix: str = "") -> None:
         self.output_sizes = output_sizes
-        super().__init__(in_features, sum(output_sizes), bias, dtype)
+        super().__init__(in_features, sum(output_sizes), bias, dtype, quant_config, prefix, output_sizes)
 
-    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+    def output_shard(self, shard_id: Any) -> tuple[int, int, int]:
         shard_size = self.output_sizes[shard_id] // self.tp_size
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
-        _copy(param.data.narrow(0, offset, shard_size), narrow(loaded, 0, self.tp_rank * shard_size, shard_size))
+        return offset, shard_size, self.tp_rank * shard_size
+
+    def shard_index(self, shard_id: Any) -> int:
+        return shard_id
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -111,7 +134,8 @@ class QKVParallelLinear(ColumnParallelLinear):
     head its query heads use."""
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
-                 bias: bool = False, dtype: torch.dtype = torch.float32) -> None:
+                 bias: bool = False, dtype: torch.dtype = torch.float32,
+                 quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
         tp = tp_world_size()
         self.head_dim = head_dim
         self.num_heads = divide(num_heads, tp, "num_attention_heads")
@@ -121,35 +145,34 @@ class QKVParallelLinear(ColumnParallelLinear):
         else:
             self.num_kv_heads = 1
             self.kv_replicas = divide(tp, num_kv_heads, "tensor_parallel_size over num_key_value_heads")
-        out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp
-        super().__init__(hidden_size, out, bias, dtype)
+        q, kv = self.num_heads * head_dim * tp, self.num_kv_heads * head_dim * tp
+        super().__init__(hidden_size, q + 2 * kv, bias, dtype, quant_config, prefix, [q, kv, kv])
 
-    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+    def output_shard(self, shard_id: Any) -> tuple[int, int, int]:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         if shard_id == "q":
-            offset, size, start = 0, q_size, self.tp_rank * q_size
-        else:
-            offset = q_size if shard_id == "k" else q_size + kv_size
-            size, start = kv_size, (self.tp_rank // self.kv_replicas) * kv_size
-        _copy(param.data.narrow(0, offset, size), narrow(loaded, 0, start, size))
+            return 0, q_size, self.tp_rank * q_size
+        offset = q_size if shard_id == "k" else q_size + kv_size
+        return offset, kv_size, (self.tp_rank // self.kv_replicas) * kv_size
+
+    def shard_index(self, shard_id: Any) -> int:
+        return "qkv".index(shard_id)
 
 
 class RowParallelLinear(LinearBase):
+    splits_input = True
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 dtype: torch.dtype = torch.float32, reduce_results: bool = True) -> None:
+                 dtype: torch.dtype = torch.float32, reduce_results: bool = True,
+                 quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
         self.tp_size, self.tp_rank = tp_world_size(), tp_rank()
         self.reduce_results = reduce_results
-        super().__init__(divide(in_features, self.tp_size, "input features"), out_features, bias, dtype)
-
-    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
-        if param.dim() == 1:   # bias is not sharded; added once, after the reduction
-            _copy(param, as_tensor(loaded))
-            return
-        size = param.shape[1]
-        _copy(param, narrow(loaded, 1, self.tp_rank * size, size))
+        super().__init__(divide(in_features, self.tp_size, "input features"), out_features, bias, dtype,
+                         quant_config, prefix, None, in_features, out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = linear(x, self.weight)
+        # the bias is not sharded; added once, after the reduction
+        out = self.quant_method.apply(self, x)
         if self.reduce_results and self.tp_size > 1:
             out = all_reduce(out)
         if self.bias is not None:

@@ -4,12 +4,13 @@ Ranks are laid out as vLLM's: tensor-parallel inner, pipeline-parallel outer, so
 = pp_rank * tp_size + tp_rank; stage s holds ranks s*tp .. s*tp+tp-1. With no process group
 initialised everything is rank 0 of 1 and the collectives are identity, so the same layers
 serve TP=1 and TP=N. With a group but no init_model_parallel() call (PP=1), the TP group is
-the default (world) group.
+the default (world) group. A rank may install a faster all-reduce for the tensors it can take
+(layers/custom_all_reduce.py; PP=1 only, it rendezvouses on the world group); NCCL takes the rest.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -56,6 +57,20 @@ def _tp_group() -> Any:
     return _STATE.tp_group if _STATE is not None else None
 
 
+class CustomAllReduce(Protocol):
+    def can_reduce(self, tensor: torch.Tensor) -> bool: ...
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+
+_custom_all_reduce: CustomAllReduce | None = None
+
+
+def set_custom_all_reduce(reducer: CustomAllReduce | None) -> None:
+    """Install (or remove, None) this rank's custom all-reduce; every rank must do the same."""
+    global _custom_all_reduce
+    _custom_all_reduce = reducer
+
+
 def tp_world_size() -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return 1
@@ -99,9 +114,21 @@ def stage_layers(num_layers: int, pp_size: int, stage: int) -> range:
 
 
 def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum across the TP group, in place; returns the tensor."""
+    """Sum across the TP group: the custom all-reduce's new tensor when it takes this one, else
+    NCCL's in place (the input itself). Use the returned tensor."""
     if tp_world_size() > 1:
+        custom = _custom_all_reduce
+        if custom is not None and custom.can_reduce(tensor):
+            return custom(tensor)
         dist.all_reduce(tensor, group=_tp_group())
+    return tensor
+
+
+def broadcast_from_rank0(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's `tensor` into every rank's `tensor` (same shape and dtype on every rank), in place.
+    World group: used with PP=1 only (async TP's sampled ids)."""
+    if tp_world_size() > 1:
+        dist.broadcast(tensor, src=0)
     return tensor
 
 

@@ -183,21 +183,40 @@ class Sampler:
         return out
 
 
-def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int],
+                        staging: torch.Tensor | None = None) -> None:
     """Structured outputs: in place, set logits[rows[i], t] to -inf where bit t of bitmask[i]
     (an int32 CPU tensor [len(rows), ceil(vocab / 32)], xgrammar's layout) is 0. One copy to
-    the device and one xgrammar kernel (Triton on CUDA, C++ on CPU) for all the rows."""
+    the device and one xgrammar kernel (Triton on CUDA, C++ on CPU) for all the rows.
+
+    `staging` (CUDA): a pinned host buffer of at least [logits rows, width]. The mask goes to
+    the device as one full-height copy from it (-1 rows for the unconstrained rows) and the
+    kernel gets no `indices` list: a copy from pageable memory (xgrammar's list of indices
+    included) first waits for the stream, i.e. for the forward pass the host is overlapping."""
     import xgrammar
     width = bitmask.shape[1]
+    covered = min(logits.shape[-1], width * 32)
+    if staging is not None:
+        num_rows = logits.shape[0]
+        full = staging[:num_rows]
+        if rows == list(range(num_rows)):
+            full.copy_(bitmask)
+        else:
+            full.fill_(-1)
+            full[torch.tensor(rows)] = bitmask
+        xgrammar.apply_token_bitmask_inplace(logits, full.to(logits.device, non_blocking=True), vocab_size=covered)
+        if covered < logits.shape[-1]:   # logits wider than the grammar's vocabulary: never allowed
+            index = torch.tensor(rows, pin_memory=True).to(logits.device, non_blocking=True)
+            logits[index, covered:] = float("-inf")
+        return
     if rows != list(range(len(rows))):   # xgrammar's `indices` index logits and bitmask alike
         aligned = torch.full((max(rows) + 1, width), -1, dtype=bitmask.dtype)
         aligned[torch.tensor(rows)] = bitmask
         bitmask = aligned
     if logits.device.type != "cpu":
         bitmask = bitmask.to(logits.device, non_blocking=True)
-    covered = min(logits.shape[-1], width * 32)
     xgrammar.apply_token_bitmask_inplace(logits, bitmask, vocab_size=covered, indices=rows)
-    if covered < logits.shape[-1]:   # logits wider than the grammar's vocabulary: never allowed
+    if covered < logits.shape[-1]:
         logits[torch.tensor(rows, device=logits.device), covered:] = float("-inf")
 
 

@@ -23,21 +23,26 @@ from pagedserve.layers.linear import (MergedColumnParallelLinear, QKVParallelLin
                                       default_weight_loader)
 from pagedserve.layers.norm import RMSNorm
 from pagedserve.layers.parallel import is_first_stage, is_last_stage, pp_rank, pp_world_size, stage_layers
+from pagedserve.layers.quantization import (CheckpointTensor, LinearMethod, QuantizationConfig, UnquantizedLinearMethod,
+                                            get_quantization_config)
 from pagedserve.layers.rotary import RotaryEmbedding
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, quant_config: QuantizationConfig | None = None,
+                 prefix: str = "") -> None:
         super().__init__()
         dtype = config.dtype
         self.qkv_proj = QKVParallelLinear(config.hidden_size, config.head_dim, config.num_heads,
-                                          config.num_kv_heads, bias=config.attention_bias, dtype=dtype)
+                                          config.num_kv_heads, bias=config.attention_bias, dtype=dtype,
+                                          quant_config=quant_config, prefix=f"{prefix}.qkv_proj")
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.o_proj = RowParallelLinear(config.num_heads * config.head_dim, config.hidden_size, dtype=dtype)
+        self.o_proj = RowParallelLinear(config.num_heads * config.head_dim, config.hidden_size, dtype=dtype,
+                                        quant_config=quant_config, prefix=f"{prefix}.o_proj")
         self.rotary = rotary
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
@@ -60,13 +65,15 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
         super().__init__()
         if config.hidden_act != "silu":
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only silu)")
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2,
-                                                       dtype=config.dtype)
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, dtype=config.dtype)
+                                                       dtype=config.dtype, quant_config=quant_config,
+                                                       prefix=f"{prefix}.gate_up_proj")
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, dtype=config.dtype,
+                                           quant_config=quant_config, prefix=f"{prefix}.down_proj")
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,10 +81,11 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, quant_config: QuantizationConfig | None = None,
+                 prefix: str = "") -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, rotary)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = LlamaAttention(config, rotary, quant_config, f"{prefix}.self_attn")
+        self.mlp = LlamaMLP(config, quant_config, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
 
@@ -97,7 +105,7 @@ Intermediate = tuple[torch.Tensor, torch.Tensor]   # (hidden, residual) between 
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, quant_config: QuantizationConfig | None = None) -> None:
         super().__init__()
         self.first, self.last = is_first_stage(), is_last_stage()
         self.stage = stage_layers(config.num_layers, pp_world_size(), pp_rank())
@@ -105,8 +113,9 @@ class LlamaModel(nn.Module):
             self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, config.dtype)
         rotary = RotaryEmbedding(config.head_dim, max(config.max_position_embeddings, config.max_model_len),
                                  config.rope_theta, config.rope_scaling_dict, config.dtype)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary) if i in self.stage else nn.Identity()
-                                    for i in range(config.num_layers))
+        self.quant_config = quant_config
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary, quant_config, f"model.layers.{i}")
+                                    if i in self.stage else nn.Identity() for i in range(config.num_layers))
         if self.last:
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
 
@@ -132,7 +141,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
+        self.model = LlamaModel(config, get_quantization_config(config.quantization))
         if self.model.last:
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, config.dtype)
             if config.tie_word_embeddings and self.model.first:
@@ -151,22 +160,30 @@ class LlamaForCausalLM(nn.Module):
         """This stage's attention layers: its KV cache holds these only."""
         return [self.model.layers[i].self_attn.attn for i in self.model.stage]
 
-    def checkpoint_shapes(self) -> dict[str, tuple[int, ...]]:
+    def checkpoint_shapes(self) -> dict[str, tuple[int, ...] | CheckpointTensor]:
         """HF parameter name -> full (unsharded) shape: what a checkpoint of this config holds.
-        Dummy weights are generated at these shapes so every TP size sees the same model."""
+        Dummy weights are generated at these shapes so every TP size sees the same model.
+        A linear layer's tensors are its LinearMethod's (packed weights and scales when
+        quantized: CheckpointTensor carries their dtype)."""
         c = self.config
         q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size),
                                               "model.norm.weight": (c.hidden_size,)}
         for i in range(c.num_layers):
             pre = f"model.layers.{i}."
-            shapes.update({
-                pre + "self_attn.q_proj.weight": (q, c.hidden_size), pre + "self_attn.k_proj.weight": (kv, c.hidden_size),
-                pre + "self_attn.v_proj.weight": (kv, c.hidden_size), pre + "self_attn.o_proj.weight": (c.hidden_size, q),
-                pre + "mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
-                pre + "mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
-                pre + "mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
-                pre + "input_layernorm.weight": (c.hidden_size,), pre + "post_attention_layernorm.weight": (c.hidden_size,)})
+            method = self._linear_methods(i)
+            for name, fused, out, inp in (
+                    ("self_attn.q_proj", "self_attn.qkv_proj", q, c.hidden_size),
+                    ("self_attn.k_proj", "self_attn.qkv_proj", kv, c.hidden_size),
+                    ("self_attn.v_proj", "self_attn.qkv_proj", kv, c.hidden_size),
+                    ("self_attn.o_proj", "self_attn.o_proj", c.hidden_size, q),
+                    ("mlp.gate_proj", "mlp.gate_up_proj", c.intermediate_size, c.hidden_size),
+                    ("mlp.up_proj", "mlp.gate_up_proj", c.intermediate_size, c.hidden_size),
+                    ("mlp.down_proj", "mlp.down_proj", c.hidden_size, c.intermediate_size)):
+                for suffix, tensor in method[fused].checkpoint_tensors(out, inp, c.dtype).items():
+                    shapes[f"{pre}{name}.{suffix}"] = tensor.shape if tensor == CheckpointTensor(tensor.shape) else tensor
+            shapes.update({pre + "input_layernorm.weight": (c.hidden_size,),
+                           pre + "post_attention_layernorm.weight": (c.hidden_size,)})
             if c.attention_bias:
                 shapes.update({pre + "self_attn.q_proj.bias": (q,), pre + "self_attn.k_proj.bias": (kv,),
                                pre + "self_attn.v_proj.bias": (kv,)})
@@ -176,6 +193,18 @@ class LlamaForCausalLM(nn.Module):
         if not c.tie_word_embeddings:
             shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
         return shapes
+
+    def _linear_methods(self, i: int) -> dict[str, LinearMethod]:
+        """Layer i's linear methods by layer name: its own on this pipeline stage, else the ones
+        the quantization config would give it (another stage holds it; dummy weights are still
+        drawn for every layer, so every PP size sees the same model)."""
+        names = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+        if i in self.model.stage:
+            layer = self.model.layers[i]
+            return {name: layer.get_submodule(name).quant_method for name in names}
+        quant = self.model.quant_config
+        return {name: (quant.get_linear_method(None, f"model.layers.{i}.{name}") if quant else None)
+                or UnquantizedLinearMethod() for name in names}
 
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
         """Copy checkpoint tensors (HF names) into parameters through their weight_loader.
@@ -195,7 +224,9 @@ class LlamaForCausalLM(nn.Module):
             for param_suffix, ckpt_suffix, shard_id in self.stacked_params:
                 if ckpt_suffix in name:
                     target = name.replace(ckpt_suffix, param_suffix)
-                    param = params.get(target)   # None: a layer of another pipeline stage
+                    param = params.get(target)
+                    # None: a layer of another pipeline stage, or a checkpoint tensor the
+                    # layer's method does not keep
                     if param is not None:
                         param.weight_loader(param, tensor, shard_id)
                         loaded.add(target)

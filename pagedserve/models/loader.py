@@ -24,6 +24,8 @@ from torch import nn
 from pagedserve.config import WeightSource
 from pagedserve.errors import ModelLoadError
 from pagedserve.layers.linear import as_tensor
+from pagedserve.layers.quantization import CheckpointTensor
+from pagedserve.layers.quantization.base import fused_name
 
 logger = logging.getLogger(__name__)
 
@@ -237,15 +239,29 @@ def dummy_weights(model: nn.Module, seed: int, low: float = -1e-3, high: float =
                   ) -> Iterator[tuple[str, torch.Tensor]]:
     """Random checkpoint tensors (uniform; norm weights 1) at the model's full shapes, each
     drawn from a generator seeded by (seed, name): the same values whatever the TP size, so
-    tensor_parallel_size=N on dummy weights is the same model as N=1."""
+    tensor_parallel_size=N on dummy weights is the same model as N=1. Quantized layers
+    name their tensors with a CheckpointTensor: integer dtypes get random bits (packed
+    weights), other dtypes a uniform draw in its range, cast (fp8 weights, scales)."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    for name, shape in model.checkpoint_shapes().items():
+    for name, spec in model.checkpoint_shapes().items():
+        if not isinstance(spec, CheckpointTensor):
+            spec = CheckpointTensor(tuple(spec), None, low, high)
         if name.endswith("norm.weight"):
-            yield name, torch.ones(shape, dtype=dtype, device=device)
+            yield name, torch.ones(spec.shape, dtype=dtype, device=device)
             continue
-        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-        yield name, torch.empty(shape, dtype=dtype, device=device).uniform_(low, high, generator=generator)
+        seed_name = fused_name(name) if spec.shared else name
+        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(seed_name.encode()))
+        target = spec.dtype or dtype
+        if not target.is_floating_point:
+            low, high = (int(spec.low), int(spec.high)) if spec.high - spec.low >= 1 else \
+                (torch.iinfo(target).min, torch.iinfo(target).max)
+            yield name, torch.randint(low, high, spec.shape, generator=generator, device=device,
+                                      dtype=torch.int64).to(target)
+            continue
+        draw = dtype if target.itemsize == 1 else target   # fp8: drawn in the model dtype, then cast
+        yield name, torch.empty(spec.shape, dtype=draw, device=device).uniform_(
+            spec.low, spec.high, generator=generator).to(target)
 
 
 def load_weights(model: nn.Module, source: WeightSource, dtype: torch.dtype) -> None:
@@ -263,3 +279,7 @@ def load_weights(model: nn.Module, source: WeightSource, dtype: torch.dtype) -> 
     if missing:
         raise ModelLoadError(f"checkpoint in {source.directory} lacks weights for: {', '.join(missing[:8])}"
                              + (" ..." if len(missing) > 8 else ""))
+    for module in model.modules():   # repack / requantize into the layout the kernels want
+        method = getattr(module, "quant_method", None)
+        if method is not None:
+            method.process_weights_after_loading(module)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from pathlib import Path
 
 from pagedserve.engine_args import EngineArgs
 from pagedserve.errors import ValidationError
@@ -53,6 +54,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="how tool calls are found in the output for tool_choice \"auto\": hermes "
                              "(<tool_call>{json}</tool_call>), llama3_json ({\"name\", \"parameters\"}), "
                              "pythonic ([f(a=1)])")
+    parser.add_argument("--dashboard-results-dir", default=None, metavar="DIR",
+                        help="benchmark results the dashboard plots (`pagedserve bench` JSON, peer JSON lines); "
+                             "default: the repository's benchmarks/")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     # None where TGI's environment may fill the value in (apply_tgi_settings)
     add_engine_arguments(parser.add_argument_group("engine"),
@@ -93,7 +97,9 @@ def server_settings_from(args: argparse.Namespace) -> ServerSettings:
                           chat_template=load_chat_template(args.chat_template),
                           max_request_body_bytes=args.max_request_body_bytes,
                           max_waiting_requests=args.max_waiting_requests,
-                          max_concurrent_requests=_given_max_concurrent_requests(args))
+                          max_concurrent_requests=_given_max_concurrent_requests(args),
+                          **({"dashboard_results_dir": Path(args.dashboard_results_dir).expanduser().resolve()}
+                             if getattr(args, "dashboard_results_dir", None) else {}))
 
 
 def _given_max_concurrent_requests(args: argparse.Namespace) -> int | None:

@@ -14,17 +14,23 @@ messages keep one order. A dead rank is found before a step (process sentinels),
 (the collective fails, or times out after `timeout_s`), or in check_health; from then on the
 executor is dead and execute_model / check_health raise EngineDeadError.
 
-No async scheduling under TP (max_concurrent_batches = 1): the workers learn each step's
-input tokens from the SchedulerOutput (CachedRequestData.last_token_id), but a step scheduled
-while the previous one is in flight carries no token for that previous step; only rank 0's
-runner holds it (on its device). Async TP would need rank 0 to broadcast its sampled ids to
-the other ranks' runners every step.
+Step messages reach ranks on this machine through a shared-memory queue (worker/shm_queue.py;
+PAGEDSERVE_TP_STEP_QUEUE=broadcast, ranks started by hand or Ray actors: the step group's
+collective).
+
+Async scheduling under TP (config.device.async_scheduling: max_concurrent_batches = 2): a
+step scheduled while the previous one is in flight carries no token for that previous step, so
+rank 0's runner broadcasts each step's sampled ids on the device and every worker's runner feeds
+them to the next step as rank 0's does (model_runner.py, `share_sampled`). Lockstep otherwise:
+the workers learn each step's input tokens from the SchedulerOutput (last_token_id).
 
 Pipeline parallelism (PP > 1; world = TP x PP, worker/pipeline.py): rank 0 runs stage 0, sends
 the step on to stage 1 and returns a pending output at once, which the last stage fills; up
 to PP micro-batches are in flight (max_concurrent_batches = PP; the scheduler never puts a
 request in two of them, core/scheduler.py). A step that fails under PP leaves the stages out
-of step: the engine is dead.
+of step: the engine is dead. Under PP the step messages take PP's own path (a broadcast on
+stage 0's gloo group, then point to point), never the shared-memory queue; no custom
+all-reduce and no `share_sampled` (the last stage samples and sends the output back).
 """
 from __future__ import annotations
 
@@ -39,9 +45,11 @@ from pagedserve.engine_io import ModelRunnerOutput, SchedulerOutput
 from pagedserve.errors import EngineDeadError
 from pagedserve.layers.parallel import reset_model_parallel
 from pagedserve.worker.kv_budget import resolve_device
+from pagedserve.worker.model_runner import PendingRunnerOutput
 from pagedserve.worker.rank_process import JOINING, LOADED, RankProcess, first_exited, wait_for_milestone
-from pagedserve.worker.tp_worker import (Message, NoopMessage, RankInit, ShutdownMessage, StartMessage, StepMessage,
-                                         broadcast_message, build_runner, init_distributed, setup_parallel,
+from pagedserve.worker.shm_queue import ShmMessageQueue
+from pagedserve.worker.tp_worker import (Message, NoopMessage, RankInit, ShutdownMessage, StartMessage, StepChannel,
+                                         StepMessage, broadcast_message, build_runner, init_distributed, setup_parallel,
                                          step_group)
 
 logger = logging.getLogger(__name__)
@@ -50,12 +58,12 @@ DEFAULT_TIMEOUT_S = 600.0
 
 
 class MultiprocTPExecutor:
-    max_concurrent_batches = 1   # see the module docstring
-
     def __init__(self, config: EngineConfig, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         parallel = config.parallel
         self.world_size = parallel.tensor_parallel_size * parallel.pipeline_parallel_size
-        self.max_concurrent_batches = parallel.pipeline_parallel_size   # 1 without PP, see above
+        # see the module docstring: PP micro-batches in flight, else 2 with async TP
+        self.max_concurrent_batches = parallel.pipeline_parallel_size if parallel.pipeline_parallel_size > 1 \
+            else 2 if config.device.async_scheduling else 1
         self.tp = parallel.tensor_parallel_size
         self.external = config.parallel.distributed_init == "env"   # ranks 1..N-1 started by hand
         self.ray = config.parallel.distributed_init == "ray"        # ranks 1..N-1 are Ray actors
@@ -70,6 +78,7 @@ class MultiprocTPExecutor:
         self._interrupted = False   # a step was left midway (Ctrl-C): the ranks wait in its collectives
         self._closed = False
         self._last_message = time.monotonic()
+        self._queue: ShmMessageQueue | None = None
         init = self._rank_init()
         try:
             if parallel.distributed_init == "ray":
@@ -79,14 +88,20 @@ class MultiprocTPExecutor:
             # each start-up collective is entered only once every rank got there (rank_process.py)
             wait_for_milestone(self.processes, JOINING, timeout_s)
             self.control = init_distributed(init)
-            broadcast_message(StartMessage(config), self.control)
+            # ranks on this machine only; under PP the steps take PP's path (worker/pipeline.py)
+            if parallel.step_queue == "shm" and not self.external and not self.ray \
+                    and parallel.pipeline_parallel_size == 1:
+                self._queue = _make_queue(self.world_size - 1)
+            broadcast_message(StartMessage(config, self._queue.handle() if self._queue else None), self.control)
             if self.device.type == "cuda":
                 import torch
                 torch.cuda.set_device(self.device)
             self.pipe = setup_parallel(config, 0, self.control, self.device)
             self.runner, self.num_blocks = build_runner(
                 config, self.device, lambda: wait_for_milestone(self.processes, LOADED, timeout_s), self.pipe)
-            self.steps = step_group(init, self.control, config)
+            self.num_host_blocks = self.runner.num_host_blocks
+            self.weight_bytes = self.runner.weight_bytes   # rank 0's shard
+            self.steps = StepChannel(step_group(init, self.control, config), self._queue)
         except BaseException:
             self.shutdown()
             raise
@@ -120,21 +135,20 @@ class MultiprocTPExecutor:
 
     # ---- per step -----------------------------------------------------------------------
     def execute_model(self, so: SchedulerOutput, non_block: bool = False
-                      ) -> ModelRunnerOutput | PipelineOutput:
-        """Runs the step on every rank; without PP resolved before it returns, whatever
-        `non_block`; under PP a PipelineOutput with `non_block`."""
+                      ) -> ModelRunnerOutput | PendingRunnerOutput | PipelineOutput:
+        """Runs the step on every rank; `non_block` (async scheduling): rank 0's output is
+        returned pending, as UniprocExecutor's; under PP a PipelineOutput."""
         if self.pipe is not None:
             pending = self._launch_pipelined(so)
             return pending if non_block else pending.get()
         self.check_health()
         with self._lock:
             try:
-                broadcast_message(StepMessage(so), self.steps)
+                self._send(StepMessage(so))
             except Exception as exc:
                 raise self._mark_dead(f"sending the step to the workers failed: {exc}") from exc
-            self._last_message = time.monotonic()
             try:
-                return self.runner.execute_model(so)
+                return self.runner.execute_model(so, non_block)
             except Exception as exc:
                 # a failed collective (peer died or timed out) leaves the ranks out of step
                 if isinstance(exc, dist.DistError) or self._dead_worker(wait_s=0.5):
@@ -158,10 +172,11 @@ class MultiprocTPExecutor:
                 raise
         return PipelineOutput(self)
 
-    def _send(self, message: Message) -> None:
-        """To every rank: broadcast (stage 0, if it has other ranks), then on down the pipeline."""
+    def _send(self, message: Message, timeout_s: float | None = None) -> None:
+        """To every rank: the step channel (stage 0, if it has other ranks), then on down the
+        pipeline. `timeout_s`: at most this long waiting for room in the shared-memory queue."""
         if self.pipe is None or self.tp > 1:
-            broadcast_message(message, self.steps)
+            self.steps.send(message, self._raise_if_dead_worker, self.timeout_s if timeout_s is None else timeout_s)
         if self.pipe is not None:
             self.pipe.forward_message(message)
         self._last_message = time.monotonic()
@@ -174,6 +189,11 @@ class MultiprocTPExecutor:
                 self._mark_dead(dead)
         if self._dead is not None:
             raise self._dead
+
+    def _raise_if_dead_worker(self) -> None:
+        dead = self._dead_worker(wait_s=0.0)
+        if dead:
+            raise RuntimeError(dead)
 
     def _dead_worker(self, wait_s: float) -> str | None:
         """A line naming the first spawned rank that exited (waiting up to `wait_s`), else None."""
@@ -194,7 +214,7 @@ class MultiprocTPExecutor:
         their next collective fails)."""
         def send() -> None:
             try:
-                self._send(ShutdownMessage())
+                self._send(ShutdownMessage(), timeout_s)
             except Exception:
                 logger.warning("could not send shutdown to the workers", exc_info=True)
         sender = threading.Thread(target=send, name="pagedserve-tp-shutdown", daemon=True)
@@ -239,6 +259,8 @@ class MultiprocTPExecutor:
                 self._lock.release()
         for process in self.processes:
             process.stop()
+        if self._queue is not None:
+            self._queue.close()
         if self.placement is not None:
             self.placement.remove()
         reset_model_parallel()   # a later engine in this process starts from no groups
@@ -272,6 +294,14 @@ class PipelineOutput:
         except BaseException:
             executor._interrupted = True
             raise
+
+
+def _make_queue(num_readers: int) -> ShmMessageQueue | None:
+    try:
+        return ShmMessageQueue(num_readers)
+    except OSError as exc:   # e.g. a small /dev/shm in a container: the step group's broadcast instead
+        logger.warning("no shared-memory step queue (%s): step messages go through the process group", exc)
+        return None
 
 
 def _free_port(host: str = "127.0.0.1") -> int:

@@ -1,0 +1,54 @@
+"""What linear layers and their quantization methods share below them: the float matmul
+(with the Triton gemv for decode-sized batches on CUDA) and the helpers that slice a
+checkpoint tensor or lazy safetensors slice. layers/linear.py re-exports them."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# Decode-sized batches (at most this many rows) of bf16/fp16 on CUDA go through the Triton
+# gemv (layers/triton_gemv.py) where it streams the weights faster than cuBLAS
+# (benchmarks/gemv_sweep.py); 0 turns it off (A/B measurements). The runner sets it from
+# DeviceConfig.gemv_max_rows when it loads the model.
+GEMV_MAX_ROWS = 16
+
+
+def set_gemv_max_rows(rows: int) -> None:
+    global GEMV_MAX_ROWS
+    GEMV_MAX_ROWS = rows
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias): the Triton gemv for few rows of a large weight on CUDA, else F.linear."""
+    if bias is None and x.shape[0] <= GEMV_MAX_ROWS and x.is_cuda:
+        from pagedserve.layers.triton_gemv import gemv, use_gemv
+        if use_gemv(x, weight, GEMV_MAX_ROWS):
+            return gemv(x, weight)
+    return F.linear(x, weight, bias)
+
+
+def narrow(loaded: Any, dim: int, start: int, size: int) -> torch.Tensor:
+    """Slice a tensor or a safetensors slice along `dim` and return a tensor."""
+    if isinstance(loaded, torch.Tensor):
+        return loaded.narrow(dim, start, size)
+    index = [slice(None)] * len(loaded.get_shape())
+    index[dim] = slice(start, start + size)
+    return loaded[tuple(index)]
+
+
+def as_tensor(loaded: Any) -> torch.Tensor:
+    return loaded if isinstance(loaded, torch.Tensor) else loaded[:]
+
+
+def _copy(param: torch.Tensor, data: torch.Tensor) -> None:
+    if param.shape != data.shape:
+        raise ValueError(f"weight shape mismatch: parameter {tuple(param.shape)}, checkpoint {tuple(data.shape)}")
+    param.data.copy_(data.to(param.dtype))
+
+
+def default_weight_loader(param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+    _copy(param, as_tensor(loaded))

@@ -1,0 +1,40 @@
+"""Quantized linear layers: a QuantizationConfig per checkpoint format hands every linear
+layer its LinearMethod (base.py). `get_quantization_config(spec)` builds the config of a
+ModelConfig's QuantizationSpec; None means plain float weights."""
+from __future__ import annotations
+
+from typing import Callable
+
+from pagedserve.config import QuantizationSpec
+from pagedserve.layers.quantization.base import (CheckpointTensor, LinearMethod, QuantizationConfig, make_param,
+                                                 replace_param)
+from pagedserve.layers.quantization.unquantized import UnquantizedLinearMethod
+
+__all__ = ["CheckpointTensor", "LinearMethod", "QuantizationConfig", "UnquantizedLinearMethod", "make_param",
+           "replace_param", "get_quantization_config", "register_quantization", "QUANTIZATION_METHODS"]
+
+# canonical method name -> config class (register_quantization adds more)
+QUANTIZATION_METHODS: dict[str, Callable[[dict], QuantizationConfig]] = {}
+
+
+def register_quantization(name: str, factory: Callable[[dict], QuantizationConfig]) -> None:
+    QUANTIZATION_METHODS[name] = factory
+
+
+def _register_builtin() -> None:
+    from pagedserve.layers.quantization.configs import (AWQConfig, BitsAndBytesConfig, CompressedTensorsConfig,
+                                                        Fp8Config, GPTQConfig)
+    for config in (CompressedTensorsConfig, GPTQConfig, AWQConfig, Fp8Config, BitsAndBytesConfig):
+        register_quantization(config.name, config.from_config)
+
+
+_register_builtin()
+
+
+def get_quantization_config(spec: QuantizationSpec | None) -> QuantizationConfig | None:
+    if spec is None:
+        return None
+    if spec.method not in QUANTIZATION_METHODS:
+        raise ValueError(f"quantization method {spec.method!r} is not supported; supported: "
+                         f"{', '.join(sorted(QUANTIZATION_METHODS)) or 'none'}")
+    return QUANTIZATION_METHODS[spec.method](spec.config)
