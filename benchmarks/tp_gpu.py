@@ -17,8 +17,9 @@ VARIANT switches issue 17's pieces (each one alone can be measured against `base
   asyncnocar  shm + async, NCCL all-reduces
   all4m   all, custom all-reduce up to 4 MiB (decode steps up to 512 rows) instead of 1 MiB
 TP=1 runs use `all`: there only async scheduling applies (its default on CUDA).
-Set ENFORCE_EAGER=1 to run without CUDA graphs; DRY=1 runs every mode but allreduce on CPU with a
-tiny model and 16 requests (the script's own check, no timing meaning)."""
+Set ENFORCE_EAGER=1 to run without CUDA graphs, PP=N for N pipeline stages (benchmarks/pp_gpu.sh; the
+shm queue, custom all-reduce and async TP of a variant do not apply under PP); DRY=1 runs every mode
+but allreduce on CPU with a tiny model and 16 requests (the script's own check, no timing meaning)."""
 import json
 import os
 import random
@@ -46,6 +47,8 @@ VARIANTS = {   # name -> (step queue, custom all-reduce up to KiB (0: off), asyn
     "asyncnocar": ("shm", 0, True),
     "all4m": ("shm", 4096, True),
 }
+
+PP = int(os.environ.get("PP", "1"))
 
 
 def emit(**kw) -> None:
@@ -80,7 +83,7 @@ def make_llm(tp: int, variant: str):
     t0 = time.time()
     device = dict(device="cpu", dtype="float32") if DRY else dict(dtype="bfloat16", gpu_memory_utilization=GPU_UTIL)
     llm = LLM(model=make_model_dir(MODEL), load_format="dummy", skip_tokenizer_init=True, **device,
-              max_model_len=MAX_LEN, seed=0, tensor_parallel_size=tp,
+              max_model_len=MAX_LEN, seed=0, tensor_parallel_size=tp, pipeline_parallel_size=PP,
               enforce_eager=os.environ.get("ENFORCE_EAGER") == "1", disable_custom_all_reduce=not custom_kb,
               async_scheduling=asynchronous)
     startup = round(time.time() - t0, 1)
@@ -90,7 +93,7 @@ def make_llm(tp: int, variant: str):
     graphs = getattr(runner, "graph_runner", None)
     queue = getattr(getattr(core.executor, "steps", None), "queue", None)
     # what the engine really runs (a piece that failed to set up falls back silently but for a log line)
-    emit(engine="pagedserve", model=MODEL, tp=tp, variant=variant, startup_s=startup,
+    emit(engine="pagedserve", model=MODEL, tp=tp, pp=PP, variant=variant, startup_s=startup,
          decode_graphs=len(graphs.graphs) if graphs else 0, prefill_graphs=len(graphs.prefill_graphs) if graphs else 0,
          custom_all_reduce=parallel._custom_all_reduce is not None, shm_step_queue=queue is not None,
          async_scheduling=core.async_scheduling, kv_blocks=core.executor.num_blocks)
@@ -104,7 +107,7 @@ def greedy(max_tokens: int):
 
 def run_peers(llm, tp: int, variant: str) -> None:
     """peers.py's run_engine workloads, timed the same way."""
-    tags = dict(engine="pagedserve", model=MODEL, tp=tp, variant=variant)
+    tags = dict(engine="pagedserve", model=MODEL, tp=tp, pp=PP, variant=variant)
     reqs = workload(THR_N)
     if DRY:
         reqs = [(p[:64], min(o, 8)) for p, o in reqs]

@@ -174,9 +174,13 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     tensor_parallel_size: int = 1
-    # How ranks 1..N-1 join: "spawn" (rank 0 starts them on this machine) or "env" (started by
-    # hand, torch.distributed's env:// rendezvous; rank 0 had MASTER_ADDR and WORLD_SIZE set).
+    # How ranks 1..N-1 join: "spawn" (rank 0 starts them on this machine), "env" (started by
+    # hand, torch.distributed's env:// rendezvous; rank 0 had MASTER_ADDR and WORLD_SIZE set)
+    # or "ray" (Ray actors on a Ray cluster, distributed_executor_backend="ray").
     distributed_init: str = "spawn"
+    # Stages of consecutive layers; world = tensor_parallel_size x pipeline_parallel_size,
+    # rank = pp_rank * tensor_parallel_size + tp_rank (layers/parallel.py).
+    pipeline_parallel_size: int = 1
     # All-reduces of tensors up to this many bytes through torch's symmetric memory (one-shot
     # over NVLink peer memory, layers/custom_all_reduce.py) instead of NCCL; 0: off
     # (disable_custom_all_reduce). PAGEDSERVE_CUSTOM_ALL_REDUCE_MAX_KB at start-up.
@@ -185,6 +189,10 @@ class ParallelConfig:
     # (the step group's collective); PAGEDSERVE_TP_STEP_QUEUE at start-up. Ranks started by hand
     # (distributed_init "env") always use "broadcast".
     step_queue: str = "shm"
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 @dataclass(frozen=True)

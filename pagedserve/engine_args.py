@@ -25,7 +25,6 @@ logger = logging.getLogger(__name__)
 # vLLM knobs we accept only at their default, with why.
 NOT_SUPPORTED = {
     "speculative_config": "speculative decoding is not supported yet",
-    "pipeline_parallel_size": "pipeline parallelism is not supported",
     "enable_lora": "LoRA adapters are not supported yet",
     "kv_cache_dtype": "a KV cache dtype other than the model dtype is not supported yet",
 }
@@ -63,7 +62,7 @@ class EngineArgs:
     gpu_memory_utilization: float = _knob(0.9, "share of the GPU memory for weights, activations and KV cache")
     enforce_eager: bool = _knob(False, "run eagerly: no CUDA graphs")
     async_scheduling: bool | None = _knob(None, "schedule the next step while the current one runs "
-                                                "(default: on for CUDA)")
+                                                "(default: on for CUDA, and with pipeline_parallel_size > 1)")
     tensor_parallel_size: int = _knob(1, "number of GPUs to shard the model over", aliases=("-tp",))
     disable_custom_all_reduce: bool = _knob(False, "tensor parallelism: every all-reduce through NCCL (no "
                                                    "one-shot all-reduce over symmetric memory for small tensors)")
@@ -77,6 +76,11 @@ class EngineArgs:
     allow_long_max_model_len: bool = _knob(False, "allow a max_model_len beyond the model's max_position_embeddings "
                                                   "(and its rope scaling's range); outputs past it may be garbage "
                                                   "(vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN)")
+    pipeline_parallel_size: int = _knob(1, "number of pipeline stages (consecutive layers each) over ranks; "
+                                           "world = tensor_parallel_size x this", aliases=("-pp",))
+    distributed_executor_backend: str = _knob("mp", "how ranks 1..N-1 start: mp (processes on this machine) or ray "
+                                                    "(Ray actors placed on the Ray cluster: RAY_ADDRESS or `ray "
+                                                    "start` here, else a local Ray)", choices=("mp", "ray"))
     swap_space: float = _knob(4.0, "host memory for the KV cache's host tier, in GiB (pinned on CUDA; per "
                                    "rank under TP): preempted requests are swapped there instead of "
                                    "recomputed, and evicted prefix-cache blocks are kept there; 0 turns it off")
@@ -112,6 +116,12 @@ class EngineArgs:
         if self.tensor_parallel_size < 1:
             raise ValidationError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}",
                                   "tensor_parallel_size")
+        if not isinstance(self.pipeline_parallel_size, int) or self.pipeline_parallel_size < 1:
+            raise ValidationError(f"pipeline_parallel_size must be >= 1, got {self.pipeline_parallel_size}",
+                                  "pipeline_parallel_size")
+        if self.distributed_executor_backend not in ("mp", "ray"):
+            raise ValidationError(f"distributed_executor_backend must be mp or ray, got "
+                                  f"{self.distributed_executor_backend!r}", "distributed_executor_backend")
         if self.load_format not in LOAD_FORMATS:
             raise ValidationError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}",
                                   "load_format")
@@ -140,18 +150,26 @@ class EngineArgs:
         device = resolve_device(self.device)
         source = resolve_model(self.model)
         distributed_init = "env" if "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ else "spawn"
+        if self.distributed_executor_backend == "ray":
+            if distributed_init == "env":
+                raise ValidationError("distributed_executor_backend='ray' places the ranks itself: unset MASTER_ADDR "
+                                      "and WORLD_SIZE (the env:// rendezvous)", "distributed_executor_backend")
+            distributed_init = "ray"
         if source.gguf_file and self.load_format != "dummy":
             def check_split(hf_config: Any) -> None:   # from the file's metadata, before the long conversion
                 early = ModelConfig.from_hf(hf_config, torch.float32, self.max_model_len)
-                check_tensor_parallel(self.tensor_parallel_size, early, device.type, distributed_init)
-            source = materialize_gguf(source, check_split if self.tensor_parallel_size > 1 else None)
+                check_tensor_parallel(self.tensor_parallel_size, early, device.type, distributed_init,
+                                      self.pipeline_parallel_size)
+            source = materialize_gguf(source, check_split if self.tensor_parallel_size * self.pipeline_parallel_size > 1
+                                      else None)
         hf_config = load_hf_config(source)
         resolve_model_class(architecture_of(hf_config))
         dtype = resolve_dtype(self.dtype, getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None),
                               device.type)
         model_config = ModelConfig.from_hf(hf_config, dtype, self.max_model_len)
         model_config = dataclasses.replace(model_config, quantization=self._quantization(source))
-        check_tensor_parallel(self.tensor_parallel_size, model_config, device.type, distributed_init)
+        check_tensor_parallel(self.tensor_parallel_size, model_config, device.type, distributed_init,
+                              self.pipeline_parallel_size)
         check_max_model_len(self.max_model_len, model_config, self.allow_long_max_model_len)
         max_model_len = model_config.max_model_len
         if self.max_model_len is None and max_model_len > model_config.max_position_embeddings:
@@ -170,13 +188,15 @@ class EngineArgs:
                               self.kv_offloading_size),
             scheduler=SchedulerConfig(max_num_seqs, batched, max_model_len, self.scheduling_policy,
                                       self.preemption_mode or "swap"),
-            parallel=ParallelConfig(self.tensor_parallel_size, distributed_init,
-                                    0 if self.disable_custom_all_reduce
-                                    else int(os.environ.get("PAGEDSERVE_CUSTOM_ALL_REDUCE_MAX_KB", "1024")) << 10,
-                                    _step_queue()),
+            parallel=ParallelConfig(
+                tensor_parallel_size=self.tensor_parallel_size, distributed_init=distributed_init,
+                pipeline_parallel_size=self.pipeline_parallel_size,
+                custom_all_reduce_bytes=0 if self.disable_custom_all_reduce
+                else int(os.environ.get("PAGEDSERVE_CUSTOM_ALL_REDUCE_MAX_KB", "1024")) << 10,
+                step_queue=_step_queue()),
             device=DeviceConfig(str(device), self.enforce_eager, self.seed,
                                 self.async_scheduling if self.async_scheduling is not None
-                                else device.type == "cuda",
+                                else device.type == "cuda" or self.pipeline_parallel_size > 1,
                                 int(os.environ.get("PAGEDSERVE_GEMV_MAX_ROWS", "16"))))
         return config, hf_config, source
 
@@ -242,18 +262,24 @@ def check_max_model_len(requested: int | None, model: ModelConfig, allow_long: b
         + "; lower max_model_len, or set allow_long_max_model_len to accept it", "max_model_len")
 
 
-def check_tensor_parallel(tp: int, model: ModelConfig, device_type: str, distributed_init: str = "spawn") -> None:
-    if tp == 1:
+def check_tensor_parallel(tp: int, model: ModelConfig, device_type: str, distributed_init: str = "spawn",
+                          pp: int = 1) -> None:
+    if tp * pp == 1:
         return
+    if pp > model.num_layers:
+        raise ValidationError(f"pipeline_parallel_size ({pp}) is larger than the model's {model.num_layers} layers",
+                              "pipeline_parallel_size")
     if distributed_init == "env":
         world, rank = int(os.environ["WORLD_SIZE"]), os.environ.get("RANK", "0")
-        if world != tp or int(rank) != 0:
-            raise ValidationError(f"env:// rendezvous: this process must be RANK=0 of WORLD_SIZE={tp} "
-                                  f"(tensor_parallel_size), got RANK={os.environ.get('RANK')} WORLD_SIZE={world}",
-                                  "tensor_parallel_size")
-    elif device_type == "cuda" and tp > torch.cuda.device_count():
-        raise ValidationError(f"tensor_parallel_size={tp} is larger than the {torch.cuda.device_count()} "
-                              "GPUs present", "tensor_parallel_size")
+        if world != tp * pp or int(rank) != 0:
+            raise ValidationError(f"env:// rendezvous: this process must be RANK=0 of WORLD_SIZE={tp * pp} "
+                                  f"(tensor_parallel_size x pipeline_parallel_size), got "
+                                  f"RANK={os.environ.get('RANK')} WORLD_SIZE={world}", "tensor_parallel_size")
+    elif distributed_init == "spawn" and device_type == "cuda" and tp * pp > torch.cuda.device_count():
+        raise ValidationError(f"tensor_parallel_size x pipeline_parallel_size = {tp * pp} is larger than the "
+                              f"{torch.cuda.device_count()} GPUs present", "tensor_parallel_size")
+    if tp == 1:
+        return
     for value, what in ((model.num_heads, "num_attention_heads"), (model.vocab_size, "vocab_size"),
                         (model.intermediate_size, "intermediate_size")):
         if value % tp:

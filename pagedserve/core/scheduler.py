@@ -25,6 +25,12 @@ is scheduled with its last token still in flight, and the bitmask is filled late
 (`deferred_grammar_bitmask`), once the engine has applied that token, while the device runs
 the step's forward pass; the runner samples the step when the mask arrives.
 
+Pipeline parallelism (`micro_batches` = PP > 1): up to PP steps are in flight, one per stage.
+A request whose sampled token is in flight is not scheduled again (the first stage would wait
+for the last one), so the steps in flight are disjoint micro-batches; each step takes at most
+1/PP of the sequences that could run, so the next one finds requests left for it. Prompt
+chunks, which need no sampled token, follow each other down the pipeline.
+
 Policy "static" (for the static-vs-continuous benchmark): a batch is admitted together and
 no request joins until every request of the batch has finished.
 """
@@ -90,6 +96,7 @@ class Scheduler:
         self._deferred_rows: list[Request] = []   # the rows of the step whose bitmask is deferred
         self._bitmask_buffer: Any = None
         self.stats = SchedulerStats()
+        self.micro_batches = 1   # pipeline stages to keep busy (set by EngineCore)
 
     # ---- queue management -------------------------------------------------------------
     def add_request(self, request: Request, forks: list[Request] | None = None) -> None:
@@ -193,14 +200,17 @@ class Scheduler:
         index = 0
         blocked = False   # a preemption was needed but its victim has work in flight
         running = self.running
-        while index < len(running) and budget > 0:
+        max_seqs = self._max_seqs_per_step()
+        while index < len(running) and budget > 0 and len(scheduled) < max_seqs:
             request = running[index]
             if isolate and (scheduled or request.request_id not in self.suspects):
                 index += 1
                 continue
             num_inflight = request.num_inflight_samples
-            if num_inflight and constrained and request.grammar is not None and not self.defer_grammar:
-                # lockstep filling: its mask needs the token in flight
+            # lockstep filling: its mask needs the token in flight; under PP the first stage
+            # would wait for it (PP never defers the grammar: EngineCore)
+            if num_inflight and (self.micro_batches > 1
+                                 or constrained and request.grammar is not None and not self.defer_grammar):
                 index += 1
                 continue
             num_tokens = len(request.prompt_token_ids) + len(request.output_token_ids) + num_inflight
@@ -237,7 +247,7 @@ class Scheduler:
         num_seqs = self._num_running_seqs()
         if isolate:
             can_admit = can_admit and not scheduled and self._suspect_first()
-        while can_admit and self.waiting and num_seqs < self.max_num_seqs \
+        while can_admit and self.waiting and num_seqs < self.max_num_seqs and len(scheduled) < max_seqs \
                 and (budget > 0 or forming_static_batch):
             request = self.waiting[0]
             # parallel samples count: a parent joins only when all its sequences fit
@@ -283,6 +293,14 @@ class Scheduler:
         if self._constrained_samples:
             self._fill_bitmask(out)
         return out
+
+    def _max_seqs_per_step(self) -> int:
+        """Under PP, 1/micro_batches of the sequences that could run (at least 1); a static
+        batch still forms in one step."""
+        if self.micro_batches == 1 or self.policy == "static":
+            return self.max_num_seqs
+        could_run = min(len(self.running) + len(self.waiting), self.max_num_seqs)
+        return max(1, -(-could_run // self.micro_batches))
 
     def _fill_bitmask(self, out: SchedulerOutput) -> None:
         constrained = [r for r in self._constrained_samples if r.request_id in out.num_scheduled_tokens]

@@ -28,7 +28,6 @@ MISSING_FEATURE_FLAGS: dict[str, tuple[bool, str]] = {
     "--lora-modules": (True, "LoRA adapters"),
     "--speculative-config": (True, "speculative decoding"),
     "--reasoning-parser": (True, "reasoning output parsing"),
-    "--pipeline-parallel-size": (True, "pipeline parallelism"),
 }
 
 
@@ -42,8 +41,6 @@ class _NoOp(argparse.Action):
 
 class _Missing(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None) -> None:   # type: ignore[override]
-        if option_string == "--pipeline-parallel-size" and values == "1":
-            return   # the one size there is
         feature = MISSING_FEATURE_FLAGS[option_string][1]
         parser.error(f"{option_string}: not supported by pagedserve (no {feature})")
 

@@ -21,6 +21,7 @@ from pagedserve.server.tgi_settings import DEFAULT_PORT, add_tgi_arguments, appl
 logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "PAGEDSERVE_API_KEY"
+GRACEFUL_SHUTDOWN_S = 3.0   # after SIGTERM / Ctrl-C, for open requests (uvicorn timeout_graceful_shutdown)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -146,7 +147,10 @@ def run_server(args: argparse.Namespace) -> None:
     app = build_app(engine, settings, tgi_settings)
     logger.info("serving %s on http://%s:%d", settings.served_model_name, args.host, args.port)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=5)
+        # open requests get GRACEFUL_SHUTDOWN_S to finish after SIGTERM / Ctrl-C, then are cancelled:
+        # the server (and its tensor-parallel ranks) is gone within 10 s
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=5,
+                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     finally:
         engine.shutdown()
 

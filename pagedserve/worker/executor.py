@@ -45,6 +45,6 @@ class UniprocExecutor:
 
 
 def make_executor(config: EngineConfig) -> Executor:
-    if config.parallel.tensor_parallel_size > 1:
+    if config.parallel.world_size > 1:
         return MultiprocTPExecutor(config)
     return UniprocExecutor(config)

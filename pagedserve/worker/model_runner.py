@@ -2,9 +2,12 @@
 the SchedulerOutput says and reports sampled tokens in a ModelRunnerOutput.
 
 Under tensor parallelism every rank runs one of these on the same SchedulerOutput; only
-rank 0 gets logits and samples (the others return None). Async TP (`share_sampled`): rank 0
-broadcasts each step's sampled ids on the device and every rank keeps the same placeholders and
-`_prev_sampled`; a worker fills a placeholder when a SchedulerOutput carries its token.
+rank 0 gets logits and samples (the others return None). Under pipeline parallelism each
+stage runs its layers (`pipeline`: hidden states in from the previous stage, out to the next,
+worker/pipeline.py) and the last stage's TP rank 0 samples. Async TP (`share_sampled`, PP=1
+only): rank 0 broadcasts each step's sampled ids on the device and every rank keeps the same
+placeholders and `_prev_sampled`; a worker fills a placeholder when a SchedulerOutput carries
+its token.
 
 Sampled ids reach the host through a PendingRunnerOutput (a pinned copy and an event):
 `execute_model(so)` waits for it; with async scheduling (`non_block=True`) it is returned at
@@ -26,7 +29,7 @@ from pagedserve.attention.backend import select_backend
 from pagedserve.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig, WeightSource
 from pagedserve.engine_io import ModelRunnerOutput, RequestId, SchedulerOutput, TokenLogprobs
 from pagedserve.layers.linear import set_gemv_max_rows
-from pagedserve.layers.parallel import broadcast_from_rank0, tp_rank, tp_world_size
+from pagedserve.layers.parallel import broadcast_from_rank0, is_last_stage, pp_world_size, tp_rank, tp_world_size
 from pagedserve.layers.sampler import Sampler, apply_token_bitmask, gather_logprobs
 from pagedserve.models.loader import load_weights
 from pagedserve.models.registry import resolve_model_class
@@ -118,8 +121,10 @@ class ModelRunner:
         self.kv_cache: torch.Tensor | None = None   # every layer's K and V (init_kv_cache)
         self.num_host_blocks = 0
         self.host_cache = None   # HostKVCache (init_host_cache)
-        self.is_driver = tp_rank() == 0
-        self.share_sampled = device_config.async_scheduling and tp_world_size() > 1
+        self.is_driver = tp_rank() == 0 and is_last_stage()
+        self.pipeline = None   # PipelineLinks under pipeline parallelism (set by tp_worker.build_runner)
+        # not under PP: the last stage samples and sends its output back to rank 0
+        self.share_sampled = device_config.async_scheduling and tp_world_size() > 1 and pp_world_size() == 1
         self._forked: dict[RequestId, RequestId] = {}   # this step's new siblings -> parent
         self.graph_runner = None
         # the last launched step's sampled ids on the device (each state's `sampled_row` in them)
@@ -145,7 +150,8 @@ class ModelRunner:
     def kv_bytes_per_block(self) -> int:
         layer = self.model.attention_layers()[0]
         element = torch.tensor([], dtype=self.model_config.dtype).element_size()
-        return 2 * self.model_config.num_layers * self.block_size * layer.num_kv_heads * layer.head_dim * element
+        num_layers = len(self.model.attention_layers())   # this pipeline stage's
+        return 2 * num_layers * self.block_size * layer.num_kv_heads * layer.head_dim * element
 
     def init_kv_cache(self, num_blocks: int) -> None:
         """Allocate K and V per layer, [num_blocks, block_size, num_kv_heads, head_dim], zeroed
@@ -174,8 +180,8 @@ class ModelRunner:
 
     def finish_setup(self) -> None:
         """After the KV cache exists: capture decode CUDA graphs on GPU (unless enforce_eager)."""
-        if self.device.type != "cuda" or self.device_config.enforce_eager:
-            return
+        if self.device.type != "cuda" or self.device_config.enforce_eager or pp_world_size() > 1:
+            return   # no graphs of a pipeline stage yet
         from pagedserve.worker.cuda_graph import CudaGraphRunner
         sched = self.scheduler_config
         self.graph_runner = CudaGraphRunner(self.model, sched.max_num_seqs, sched.max_model_len,
@@ -205,7 +211,15 @@ class ModelRunner:
             max_query_len=num_tokens, max_seq_len=num_tokens, num_decodes=0)
         ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
         positions = torch.arange(num_tokens, device=self.device)
-        hidden = self.model(ids, positions, meta)
+        intermediate = None
+        if self.pipeline is not None and self.pipeline.prev is not None:
+            hidden = torch.zeros((num_tokens, self.model_config.hidden_size), dtype=self.model_config.dtype,
+                                 device=self.device)
+            intermediate = (hidden, hidden.clone())
+        hidden = self.model(ids, positions, meta, intermediate)
+        if not is_last_stage():
+            del hidden, intermediate
+            return
         rows = min(self.scheduler_config.max_num_seqs, num_tokens)
         logits = self.model.compute_logits(hidden[:rows])
         if logits is not None:   # the sampler's largest chunk (see sampling_inputs.sample)
@@ -243,12 +257,15 @@ class ModelRunner:
             hidden, logits = None, graphs.run(inputs)
         elif graphs is not None and not wants_prompt_logprobs and graphs.can_run_prefill(inputs):
             hidden, logits = None, graphs.run_prefill(inputs)
+        elif self.pipeline is not None:
+            hidden = self._stage_forward(inputs)
+            logits = None if hidden is None else self.model.compute_logits(hidden[inputs.logits_indices])
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
             logits = self.model.compute_logits(hidden[inputs.logits_indices])
         for row, q_len in zip(inputs.rows, inputs.query_lens):
             row.num_computed_tokens += q_len
-        if wants_prompt_logprobs:
+        if wants_prompt_logprobs and hidden is not None:
             prompt_logprobs = self._prompt_logprobs(inputs, hidden)
         sample_states = [inputs.rows[r] for r in inputs.sample_rows]
         row_of_logits = list(range(len(sample_states)))
@@ -275,6 +292,20 @@ class ModelRunner:
             return pending.get()
         self._prev_sampled = None
         return output
+
+    def _stage_forward(self, inputs: StepInputs) -> torch.Tensor | None:
+        """This pipeline stage's layers: hidden states in from the previous stage (none on the
+        first), out to the next; the last stage returns its final hidden states, others None."""
+        pipe = self.pipeline
+        intermediate = None
+        if pipe.prev is not None:
+            intermediate = pipe.recv_intermediate(inputs.input_ids.shape[0], self.model_config.hidden_size,
+                                                  self.model_config.dtype)
+        out = self.model(inputs.input_ids, inputs.positions, inputs.meta, intermediate)
+        if pipe.next is None:
+            return out
+        pipe.send_intermediate(*out)
+        return None
 
     def _sample(self, output: ModelRunnerOutput, logits: torch.Tensor, states: list[CachedRequestState],
                 structured_req_ids: list[RequestId], grammar_bitmask: torch.Tensor | None) -> PendingRunnerOutput:

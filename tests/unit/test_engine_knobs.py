@@ -26,7 +26,8 @@ NON_DEFAULTS = {"model": "some/model", "tokenizer": "some/tokenizer", "dtype": "
                 "tensor_parallel_size": 2, "disable_custom_all_reduce": True, "kv_cache_memory_gb": 1.5,
                 "num_kv_blocks": 12,
                 "scheduling_policy": "static", "trust_remote_code": True, "max_logprobs": 5,
-                "allow_long_max_model_len": True, "swap_space": 2.5, "kv_offloading_size": 8.0,
+                "allow_long_max_model_len": True, "pipeline_parallel_size": 2,
+                "distributed_executor_backend": "ray", "swap_space": 2.5, "kv_offloading_size": 8.0,
                 "preemption_mode": "recompute", "quantization": "fp8"}
 
 
@@ -54,7 +55,7 @@ def test_every_field_has_a_flag() -> None:
         assert flag_of(name) in serve, name
         if name != "seed":   # generate's --seed is the sampling seed
             assert flag_of(name) in generate, name
-    assert {"-tp", "--no-enable-prefix-caching", "--no-async-scheduling"} <= serve
+    assert {"-tp", "-pp", "--no-enable-prefix-caching", "--no-async-scheduling"} <= serve
 
 
 def _argv(values: dict) -> list[str]:
@@ -99,7 +100,7 @@ def test_llm_takes_exactly_the_engine_args(monkeypatch) -> None:
 
 @pytest.mark.parametrize("kwargs,param", [(dict(no_such_knob=1), "no_such_knob"),
                                           (dict(speculative_config={"method": "ngram"}), "speculative_config"),
-                                          (dict(pipeline_parallel_size=2), "pipeline_parallel_size")])
+                                          (dict(kv_cache_dtype="fp8"), "kv_cache_dtype")])
 def test_unknown_and_unsupported_knobs_name_themselves(monkeypatch, kwargs, param) -> None:
     monkeypatch.setattr(pagedserve.llm, "LLMEngine", lambda args: None)
     with pytest.raises(ValidationError) as err:

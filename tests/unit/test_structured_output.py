@@ -194,3 +194,23 @@ def test_async_samples_a_constrained_request_every_step(checkpoint):
         assert constrained_steps == list(range(constrained_steps[0], constrained_steps[-1] + 1))
     assert len(lock_steps) == len(lock_json.token_ids)
     assert len(async_json.token_ids) <= len(async_steps) <= len(async_json.token_ids) + 1
+
+
+def test_pipeline_stages_fill_the_bitmask_at_schedule_time(checkpoint):
+    """Under PP the grammar is not deferred (a micro-batch never holds a request whose token is
+    in flight): the constrained greedy output equals a single process's, beside a plain one."""
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    params = [SamplingParams(max_tokens=30, temperature=0.0, structured_outputs=StructuredOutputsParams(json=schema)),
+              SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)]
+    prompts = ["Give JSON:", {"prompt_token_ids": random_prompts(1, VOCAB, 12, 13, seed=3)[0]}]
+
+    def run(**kwargs):
+        llm = LLM(model=checkpoint, device="cpu", dtype="float32", max_model_len=128, block_size=16,
+                  num_kv_blocks=64, **kwargs)
+        try:
+            assert llm.engine.core.scheduler.defer_grammar is False
+            return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        finally:
+            llm.shutdown()
+
+    assert run(pipeline_parallel_size=2) == run(async_scheduling=False)
