@@ -84,7 +84,7 @@ class LinearBase(nn.Module):
         if self.splits_output and out_dim is None and shard_id is not None:
             # one tensor for all fused projections (act-order g_idx): they must agree
             data = as_tensor(loaded)
-            if getattr(param, "shared_loaded", False) and not torch.equal(dest, data.to(dest.dtype)):
+            if getattr(param, "shared_loaded", False) and not torch.equal(dest, data.to(dest.device, dest.dtype)):
                 raise ValueError(f"{self.prefix}: the projections fused here have different {tuple(dest.shape)} "
                                  f"tensors where one is shared (act-order g_idx); cannot fuse them")
             param.shared_loaded = True
