@@ -291,7 +291,7 @@ class Scheduler:
         out.blocks_to_copy = self.kv.take_pending_copies()
         out.blocks_to_swap_out, out.blocks_to_swap_in = self.kv.take_swaps()
         if self._constrained_samples:
-            self._fill_bitmask(out)
+            self._name_constrained_rows(out)
         return out
 
     def _max_seqs_per_step(self) -> int:
@@ -302,7 +302,8 @@ class Scheduler:
         could_run = min(len(self.running) + len(self.waiting), self.max_num_seqs)
         return max(1, -(-could_run // self.micro_batches))
 
-    def _fill_bitmask(self, out: SchedulerOutput) -> None:
+    def _name_constrained_rows(self, out: SchedulerOutput) -> None:
+        """The step's sampling rows with a grammar, and their bitmask (later, if deferred)."""
         constrained = [r for r in self._constrained_samples if r.request_id in out.num_scheduled_tokens]
         self._constrained_samples = []
         if constrained:
