@@ -93,6 +93,14 @@ def main() -> None:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
 
 
+def _json_error(text: str) -> str:
+    try:
+        json.loads(text)
+        return ""
+    except ValueError as exc:
+        return f"{exc} near {text[max(0, exc.pos - 40):exc.pos + 40]!r}" if hasattr(exc, "pos") else str(exc)
+
+
 def _parses(text: str) -> bool:
     try:
         json.loads(text)

@@ -62,6 +62,31 @@ def test_bitmask_masks_only_the_constrained_rows(staging):
     assert xgrammar.bitmask_dtype == torch.int32
 
 
+def test_json_strings_refuse_raw_control_characters(checkpoint):
+    """JSON forbids unescaped U+0000-U+001F in strings; xgrammar's rule for strings with a
+    maxLength lets them through (random weights on an H200 produced them: 63 of 64 outputs
+    failed json.loads). The engine's JSON-schema grammar refuses them in bounded and unbounded
+    strings alike and still takes escapes where xgrammar allows them."""
+    from transformers import AutoTokenizer
+
+    from pagedserve.frontend.structured_output import GrammarCompiler
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    compiler = GrammarCompiler(tokenizer, VOCAB, (tokenizer.eos_token_id,))
+    schema = {"type": "object", "properties": {"short": {"type": "string", "maxLength": 8},
+                                               "long": {"type": "string"}}, "required": ["short", "long"]}
+    grammar = compiler.compile(StructuredOutputsParams(json=schema))
+
+    def accepts(text: str) -> bool:
+        import xgrammar
+        matcher = xgrammar.GrammarMatcher(grammar, terminate_without_stop_token=True)
+        return matcher.accept_string(text) and matcher.is_completed()
+
+    assert accepts('{"short": "ab c", "long": "x\\ty\\u0041"}')
+    for bad in ('{"short": "a\x12b", "long": ""}', '{"short": "a\tb", "long": ""}',
+                '{"short": "ab", "long": "x\x1cy"}'):
+        assert not accepts(bad), repr(bad)
+
+
 def test_choice_outputs_are_choices_with_parallel_samples(llm):
     choices = ["yes", "no", "maybe not", 'a "quoted" one']
     params = SamplingParams(n=2, max_tokens=20, temperature=1.0, seed=7, ignore_eos=True,
