@@ -342,10 +342,9 @@ class Scheduler:
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         assert not request.num_unresolved_tokens, "a request with work in flight is never preempted"
-        if self.swap and self.kv.swap_out(request):   # swapped: it keeps its computed tokens
+        if self.kv.preempt(request, swap=self.swap):   # swapped: it keeps its computed tokens
             self.stats.num_swap_preemptions += 1
         else:
-            self.kv.free(request)
             request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1

@@ -30,7 +30,10 @@ def test_swap_out_then_in_exact_blocks_and_copies():
     a.num_computed_tokens = 10
     assert m.swap_out(a)
     assert [b.block_id for b in m.req_to_host_blocks["a"]] == [0, 1, 2]
-    assert m.take_swaps() == ([(0, 0), (1, 1), (2, 2)], [])
+    # the full blocks stay in the device prefix cache: host blocks 0, 1 are only reserved for
+    # them; the partial block is copied now
+    assert m.take_swaps() == ([(2, 2)], [])
+    assert {h: b.block_id for h, b in m._pending.items()} == dict(zip(m.req_to_hashes["a"], [0, 1]))
     assert m.pool.num_free_blocks == 8 and m.host.num_free_blocks == 1
     a.output_token_ids.append(5)                        # resumes with 11 tokens, 10 computed
     assert m.allocate_slots(a, 1)
@@ -38,10 +41,10 @@ def test_swap_out_then_in_exact_blocks_and_copies():
     # again; only the partial block comes back from the host
     assert ids(m, a) == [0, 1, 3]
     assert m.take_swaps() == ([], [(2, 3)]) and m.is_loading(a) is False
-    assert m.host.num_free_blocks == 4 and not m.req_to_host_blocks
-    # the host copies of the full blocks stay findable: the host tier's prefix entries
-    assert sorted(m.host.cached) == sorted(m.req_to_hashes["a"])
-    assert (m.stats.blocks_swapped_out, m.stats.blocks_swapped_in) == (3, 1)
+    # the unused reservations end: nothing pending, every host block free, none cached
+    assert m.host.num_free_blocks == 4 and not m.req_to_host_blocks and not m._pending and not m._reserved
+    assert not m.host.cached
+    assert (m.stats.blocks_swapped_out, m.stats.blocks_swapped_in) == (1, 1)
 
 
 def test_swap_in_loads_every_block_the_device_lost():
@@ -49,9 +52,11 @@ def test_swap_in_loads_every_block_the_device_lost():
     a = req("a", list(range(10)))
     assert m.allocate_slots(a, 10) and ids(m, a) == [0, 1, 2]
     a.num_computed_tokens = 10
-    assert m.swap_out(a) and m.take_swaps() == ([(0, 0), (1, 1), (2, 2)], [])
+    assert m.swap_out(a) and m.take_swaps() == ([(2, 2)], [])
     b = req("b", list(range(100, 116)))                 # takes every device block
-    assert m.allocate_slots(b, 16) and m.take_swaps() == ([], [])   # a's copies are on the host already
+    # evicting a's full blocks 1 and 0 writes them to the host blocks reserved for them
+    assert m.allocate_slots(b, 16) and ids(m, b) == [3, 2, 1, 0]
+    assert m.take_swaps() == ([(1, 1), (0, 0)], []) and not m._pending
     m.forget(b)
     a.output_token_ids.append(5)
     assert m.allocate_slots(a, 1) and ids(m, a) == [0, 1, 2]
@@ -59,6 +64,85 @@ def test_swap_in_loads_every_block_the_device_lost():
     # b's evicted blocks 0, 1, 2 take turns in the one free host block (the last one stays);
     # device 2 is read (swap-out) before it is written (swap-in)
     assert m.take_swaps() == ([(2, 3)], [(0, 0), (1, 1), (2, 2)])
+
+
+def test_resume_shares_what_the_device_kept_and_loads_the_rest_in_table_order():
+    m = KVCacheManager(5, B, num_host_blocks=4)
+    a = req("a", list(range(10)))
+    assert m.allocate_slots(a, 10) and ids(m, a) == [0, 1, 2]
+    a.num_computed_tokens = 10
+    assert m.preempt(a, swap=True) and m.take_swaps() == ([(2, 2)], [])   # host 0, 1 reserved
+    b = req("b", list(range(100, 116)))
+    # b gets 3, 4, 2 and then a's block 1, whose eviction writes it to its reserved host block
+    assert m.allocate_slots(b, 16) and ids(m, b) == [3, 4, 2, 1]
+    assert m.take_swaps() == ([(1, 1)], [])
+    assert [h.block_id for h in m._pending.values()] == [0]
+    m.forget(b)                                         # free queue: 0 (a's), 1, 2, 4, 3 (b's)
+    a.output_token_ids.append(5)
+    assert m.allocate_slots(a, 1)
+    # block 0 is still a's first block on the device: shared; host 1 and 2 land in fresh
+    # blocks 1 and 2 (b's evicted blocks take turns in free host block 3 first)
+    assert ids(m, a) == [0, 1, 2] and m.is_loading(a)
+    assert m.take_swaps() == ([(2, 3)], [(1, 1), (2, 2)])
+    assert not m._pending and not m._reserved and m.host.num_free_blocks == 4
+    assert m.stats.preempted_tokens == 10
+    assert (m.stats.resumed_device_tokens, m.stats.resumed_host_tokens) == (4, 6)
+    m.forget(a)
+    assert m.pool.num_free_blocks == 5
+
+
+def test_swapped_requests_share_one_reservation_written_once():
+    m = KVCacheManager(6, B, num_host_blocks=6)
+    a, c = req("a", list(range(6))), req("c", list(range(4)) + [50, 51])   # first block shared
+    assert m.allocate_slots(a, 6) and ids(m, a) == [0, 1]
+    hits, _ = m.get_computed_blocks(c)
+    assert m.allocate_slots(c, 2, hits) and ids(m, c) == [0, 2]
+    a.num_computed_tokens = c.num_computed_tokens = 6
+    assert m.preempt(a, swap=True) and m.preempt(c, swap=True)
+    assert [b.block_id for b in m.req_to_host_blocks["a"]] == [0, 1]
+    assert [b.block_id for b in m.req_to_host_blocks["c"]] == [0, 2]   # host 0 reserved for both
+    assert m.host.blocks[0].ref_cnt == 2 and m.take_swaps() == ([(1, 1), (2, 2)], [])
+    d = req("d", list(range(100, 124)))                 # all 6 device blocks: block 0 is written once
+    assert m.allocate_slots(d, 24) and m.take_swaps() == ([(0, 0)], [])
+    m.forget(d)
+    a.output_token_ids.append(9)
+    assert m.allocate_slots(a, 1) and len(m.take_swaps()[1]) == 2
+    assert m.host.blocks[0].ref_cnt == 1 and m.host.blocks[0].block_hash is not None   # c still holds it
+    m.forget(c)
+    m.forget(a)
+    assert m.host.num_free_blocks == 6 and m.pool.num_free_blocks == 6 and not m._pending
+
+
+def test_uncaching_a_reserved_block_writes_it_first():
+    """A running request sharing a swapped request's pending block fails a step: the block
+    leaves the device prefix cache, so its KV goes to the reserved host block first."""
+    m = KVCacheManager(6, B, num_host_blocks=4)
+    a = req("a", list(range(6)))
+    assert m.allocate_slots(a, 6) and ids(m, a) == [0, 1]
+    a.num_computed_tokens = 6
+    assert m.preempt(a, swap=True) and m.take_swaps() == ([(1, 1)], [])
+    c = req("c", list(range(4)) + [70, 71])
+    hits, _ = m.get_computed_blocks(c)
+    assert [h.block_id for h in hits] == [0] and m.allocate_slots(c, 2, hits)
+    m.uncache(c)
+    assert m.take_swaps() == ([(0, 0)], []) and not m._pending
+    m.forget(c)
+    a.output_token_ids.append(9)
+    assert m.allocate_slots(a, 1) and ids(m, a) == [3, 4]   # nothing left on the device: both loaded
+    assert m.take_swaps() == ([], [(0, 3), (1, 4)])
+
+
+def test_recompute_counts_what_the_device_prefix_cache_gives_back():
+    m = KVCacheManager(8, B)
+    a = req("a", list(range(10)))
+    assert m.allocate_slots(a, 10)
+    a.num_computed_tokens = 10
+    assert not m.preempt(a, swap=True)                  # no host tier: recompute
+    a.num_computed_tokens = 0
+    a.output_token_ids.append(5)
+    hits, num = m.get_computed_blocks(a)
+    assert num == 8 and m.allocate_slots(a, 3, hits)
+    assert (m.stats.preempted_tokens, m.stats.resumed_device_tokens, m.stats.resumed_host_tokens) == (10, 8, 0)
 
 
 def test_evicted_prefix_goes_to_host_and_comes_back():
