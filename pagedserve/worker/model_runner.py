@@ -174,9 +174,9 @@ class ModelRunner:
         self.num_host_blocks = num_blocks
         self.host_cache = HostKVCache(self.kv_cache, num_blocks) if num_blocks else None
         if self.host_cache is not None and self.device.type == "cuda":
-            logger.info("host KV tier: %d blocks, %.1f GiB pinned, %s copies", num_blocks,
+            logger.info("host KV tier: %d blocks, %.1f GiB, copies %s", num_blocks,
                         self.host_cache.host.numel() * self.host_cache.host.element_size() / 2**30,
-                        "mapped" if self.host_cache.mapped else "staged")
+                        self.host_cache.copy_mode)
 
     def finish_setup(self) -> None:
         """After the KV cache exists: capture decode CUDA graphs on GPU (unless enforce_eager)."""

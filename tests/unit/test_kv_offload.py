@@ -10,7 +10,7 @@ from pagedserve.core.request import Request, RequestId, RequestStatus
 from pagedserve.core.scheduler import Scheduler
 from pagedserve.engine_io import ModelRunnerOutput, SchedulerOutput
 from pagedserve.sampling_params import SamplingParams
-from pagedserve.worker.host_kv_cache import HostKVCache
+from pagedserve.worker.host_kv_cache import HostKVCache, pin_chunks
 
 B = 4
 
@@ -288,3 +288,26 @@ def test_the_staged_fallback_copies_the_same_blocks():
         host_kv_cache._STAGED_CHUNK_BYTES = chunk
     assert torch.equal(cache.host[:, 3], device[:, 1]) and torch.equal(cache.host[:, 0], device[:, 4])
     assert torch.equal(device[:, 5], device[:, 1])
+
+
+def test_background_pinning_cuts_the_pool_at_chunk_multiples():
+    """The chunks registered one by one tile the pool exactly and never share a page."""
+    assert pin_chunks(1000, 5000, chunk=1024) == [(1000, 1024), (1024, 2048), (2048, 3072), (3072, 4096),
+                                                  (4096, 5120), (5120, 6000)]
+    assert pin_chunks(2048, 1024, chunk=1024) == [(2048, 3072)]
+    assert pin_chunks(2048, 1000, chunk=1024) == [(2048, 3048)]
+
+
+def test_background_pinning_registers_every_chunk_and_unregisters_on_close(monkeypatch):
+    """The pinning thread's bookkeeping, with the CUDA calls replaced by a log."""
+    import pagedserve.worker.host_kv_cache as host_kv_cache
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(host_kv_cache, "_register", lambda pointer, nbytes: calls.append(("reg", pointer, nbytes)))
+    monkeypatch.setattr(host_kv_cache, "_unregister", lambda pointer: calls.append(("unreg", pointer)))
+    monkeypatch.setattr(host_kv_cache, "_PIN_CHUNK_BYTES", 1024)
+    pinning = host_kv_cache._Pinning(1000, 2100, torch.device("cpu"))
+    assert pinning.done.wait(10) and pinning.ok and pinning.error is None
+    assert calls == [("reg", 1000, 24), ("reg", 1024, 1024), ("reg", 2048, 1024), ("reg", 3072, 28)]
+    pinning.close()
+    assert calls[4:] == [("unreg", 1000), ("unreg", 1024), ("unreg", 2048), ("unreg", 3072)] and not pinning.chunks
