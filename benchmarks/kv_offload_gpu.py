@@ -225,11 +225,13 @@ def run_sim(name: str, mode: str, num_blocks: int = 2048, host_blocks: int = 819
     for i, (prompt, out_len) in enumerate(reqs):
         params = SamplingParams(max_tokens=out_len, ignore_eos=True, temperature=0.0)
         scheduler.add_request(Request(RequestId(str(i)), prompt, params, max_tokens=out_len))
-    steps = computed = peak_host = 0
+    steps = computed = peak_host = behind = waiting_steps = 0
     while scheduler.has_unfinished():
         out = scheduler.schedule()
         steps += 1
         computed += out.total_num_scheduled_tokens
+        behind += out.num_swap_out_behind
+        waiting_steps += len(out.blocks_to_swap_out) > out.num_swap_out_behind   # the forward waits for a copy
         peak_host = max(peak_host, round(kv.host_usage() * kv.num_host_blocks))
         sampled = {rid: 7 for rid, n in out.num_scheduled_tokens.items()
                    if scheduler.requests[rid].num_scheduled_tokens_ahead >= scheduler.requests[rid].num_tokens}
@@ -237,6 +239,7 @@ def run_sim(name: str, mode: str, num_blocks: int = 2048, host_blocks: int = 819
     needed = sum(len(p) + o - 1 for p, o in reqs)
     return dict(workload=name, mode=mode, prefix_caching=caching, steps=steps, tokens_computed=computed,
                 tokens_needed=needed, leak_free=leak_free(kv), peak_host_blocks=peak_host,
+                blocks_written_behind=behind, steps_waiting_for_swap_outs=waiting_steps,
                 **diff(counters(kv, scheduler), dict.fromkeys(counters(kv, scheduler), 0)))
 
 

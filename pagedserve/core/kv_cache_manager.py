@@ -31,9 +31,17 @@ overlaps them, so a request whose blocks are loaded in a step (`is_loading`) run
 next step on, and its blocks become prefix-cache entries only then. So that a host block
 read by this step's swap-ins is not overwritten by its swap-outs, host blocks read in a step
 stay referenced until take_swaps.
+
+Write-behind: so that evictions rarely wait for a copy, take_swaps also copies the hashed
+free device blocks next in line for eviction (as many as the most any of the last 16 steps
+handed out) that the host lacks, as if they were evicted now (`_offload`) but staying cached on the device. They end
+the swap-out list (`num_behind`): the worker runs them after the swap-ins, overlapping this
+step's forward (which cannot write them: they are free), and the next step's forward waits
+for them. Their eviction then finds them on the host and copies nothing.
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 from pagedserve.core.block_pool import BlockHash, BlockPool, KVCacheBlock, hash_block_tokens
@@ -71,7 +79,10 @@ class KVCacheManager:
         # host tier (see the module docstring)
         self.host = BlockPool(num_host_blocks, enable_prefix_caching, on_host=True) if num_host_blocks else None
         self.req_to_host_blocks: dict[RequestId, list[KVCacheBlock]] = {}   # swapped-out requests
-        self._swap_out: dict[BlockId, BlockId] = {}   # host block -> device block (one writer per host block)
+        # host block -> (device block, write-behind?): one writer per host block
+        self._swap_out: dict[BlockId, tuple[BlockId, bool]] = {}
+        self._num_allocated = 0   # device blocks handed out since the last take_swaps
+        self._recent_allocated: deque[int] = deque(maxlen=16)   # ... in each of the last 16 steps
         self._swap_in: list[tuple[BlockId, BlockId]] = []   # (host block, device block)
         self._host_reads: list[KVCacheBlock] = []   # held until take_swaps
         self._loading: set[RequestId] = set()       # requests with swap-ins this step
@@ -177,6 +188,7 @@ class KVCacheManager:
         num_revived = sum(1 for b in device_hits if b.ref_cnt == 0)
         if max(num_new_blocks, 0) + int(needs_copy) + num_revived > self.pool.num_free_blocks:
             return False
+        self._num_allocated += max(num_new_blocks, 0) + int(needs_copy)
         if needs_copy:
             src = blocks[-1]
             (dst,) = self.pool.allocate(1)
@@ -314,11 +326,11 @@ class KVCacheManager:
         self.req_to_host_blocks[request.request_id] = host_blocks
         return True
 
-    def _offload(self, block: KVCacheBlock) -> None:
-        """The device pool hands out a free hashed block: write it to the host block reserved
-        for it, if any; else keep its KV in the host tier as a free (evictable) entry, unless
-        the host has it already or has no free block."""
-        if self._write_pending(block):
+    def _offload(self, block: KVCacheBlock, behind: bool = False) -> None:
+        """The device pool hands out a free hashed block (or, `behind`, will soon): write it to
+        the host block reserved for it, if any; else keep its KV in the host tier as a free
+        (evictable) entry, unless the host has it already or has no free block."""
+        if self._write_pending(block, behind):
             return
         host = self.host
         cached = host.lookup(block.block_hash, block.token_ids)
@@ -330,10 +342,10 @@ class KVCacheManager:
         (dst,) = host.allocate(1)
         host.cache_block(dst, block.block_hash, block.token_ids)
         host.free([dst])
-        self._queue_swap_out(block, dst)
+        self._queue_swap_out(block, dst, behind)
         self.stats.blocks_offloaded += 1
 
-    def _write_pending(self, block: KVCacheBlock) -> bool:
+    def _write_pending(self, block: KVCacheBlock, behind: bool = False) -> bool:
         """A hashed device block is about to lose its hash: if swapped-out requests reserved a
         host block for it, copy it there (which makes that a host prefix entry). True if so."""
         dst = self._pending.get(block.block_hash)
@@ -341,7 +353,7 @@ class KVCacheManager:
             return False
         del self._pending[block.block_hash], self._reserved[dst.block_id]
         self.host.cache_block(dst, block.block_hash, block.token_ids)
-        self._queue_swap_out(block, dst)
+        self._queue_swap_out(block, dst, behind)
         return True
 
     def _release_host(self, blocks: list[KVCacheBlock]) -> None:
@@ -351,24 +363,35 @@ class KVCacheManager:
                 del self._pending[key[0]]
             self.host.free([block])
 
-    def _queue_swap_out(self, src: KVCacheBlock, dst: KVCacheBlock) -> None:
+    def _queue_swap_out(self, src: KVCacheBlock, dst: KVCacheBlock, behind: bool = False) -> None:
         # a host block reallocated within the step keeps only its last writer
         self._swap_out.pop(dst.block_id, None)
-        self._swap_out[dst.block_id] = src.block_id
+        self._swap_out[dst.block_id] = (src.block_id, behind)
         self.stats.blocks_swapped_out += 1
 
-    def take_swaps(self) -> tuple[list[tuple[BlockId, BlockId]], list[tuple[BlockId, BlockId]]]:
-        """This step's copies: (device, host) swap-outs and (host, device) swap-ins. Releases
-        the host blocks the swap-ins read (they stay cached in the host tier)."""
+    def take_swaps(self) -> tuple[list[tuple[BlockId, BlockId]], list[tuple[BlockId, BlockId]], int]:
+        """This step's copies: (device, host) swap-outs, (host, device) swap-ins, and how many
+        swap-outs (the last ones) are write-behind copies of free device blocks (module
+        docstring). Releases the host blocks the swap-ins read (they stay cached in the host
+        tier)."""
+        self._recent_allocated.append(self._num_allocated)
+        self._num_allocated = 0
+        window = max(self._recent_allocated)   # a step's needs vary: prefills come in bursts
+        if window and self.pool.on_evict is not None:
+            for block in self.pool.peek_free(window):
+                if block.block_hash is not None:
+                    self._offload(block, behind=True)
         if not (self._swap_out or self._swap_in):
-            return [], []
-        swap_out = [(device, host) for host, device in self._swap_out.items()]
+            return [], [], 0
+        swap_out = [(device, host) for host, (device, behind) in self._swap_out.items() if not behind]
+        num_behind = len(self._swap_out) - len(swap_out)
+        swap_out += [(device, host) for host, (device, behind) in self._swap_out.items() if behind]
         swap_in, self._swap_in, self._swap_out = self._swap_in, [], {}
         self._loading.clear()
         if self._host_reads:
             self._release_host(list(reversed(self._host_reads)))
             self._host_reads = []
-        return swap_out, swap_in
+        return swap_out, swap_in, num_behind
 
     def drop_swapped(self, host_block_ids: set[BlockId]) -> list[RequestId]:
         """A step failed: host blocks it was to write hold no valid KV. They leave the host

@@ -289,7 +289,7 @@ class Scheduler:
         if self.pending_forks:
             self._fork_completed_prompts(scheduled, out)
         out.blocks_to_copy = self.kv.take_pending_copies()
-        out.blocks_to_swap_out, out.blocks_to_swap_in = self.kv.take_swaps()
+        out.blocks_to_swap_out, out.blocks_to_swap_in, out.num_swap_out_behind = self.kv.take_swaps()
         if self._constrained_samples:
             self._name_constrained_rows(out)
         return out

@@ -22,7 +22,9 @@ forward wrote the blocks a swap-out reads, and may still write blocks the schedu
 freed). Swap-outs run first; the step's forward waits for them (the scheduler hands their
 source blocks out again in the same step). Swap-ins run next, overlapping the step's forward:
 the scheduler runs no request of the step on blocks it loads (KVCacheManager.is_loading), and
-the next step's forward waits for them (`await_loads`).
+the next step's forward waits for them (`await_loads`). Write-behind swap-outs (the list's
+last `num_swap_out_behind`: free device blocks next in line for eviction) run last, also
+overlapping the forward (it cannot write them), and the next forward waits for them too.
 
 If the pool cannot be registered, or the mapped view cannot be made or fails its check,
 copies go through device staging tensors and synchronous transfers instead (slower, same
@@ -231,21 +233,26 @@ class HostKVCache:
             return None
 
     def await_loads(self) -> None:
-        """Before a forward: the compute stream waits for the last step's swap-ins. The first
-        call starts the background pinning."""
+        """Before a forward: the compute stream waits for the last step's swap-ins and
+        write-behind swap-outs. The first call starts the background pinning."""
         if not self._pin_started:
             self._start_pinning()
         if self._loads is not None:
             torch.cuda.current_stream(self.device).wait_event(self._loads)
             self._loads = None
 
-    def swap(self, swap_out: list[tuple[BlockId, BlockId]], swap_in: list[tuple[BlockId, BlockId]]) -> None:
-        """Copy device -> host for each (device, host) pair of `swap_out`, then host -> device
-        for each (host, device) pair of `swap_in`, ordered with the compute stream (module
-        docstring). Mutates the host pool and the device cache."""
+    def swap(self, swap_out: list[tuple[BlockId, BlockId]], swap_in: list[tuple[BlockId, BlockId]],
+             num_behind: int = 0) -> None:
+        """Copy device -> host for each (device, host) pair of `swap_out` but its last
+        `num_behind` (write-behind), then host -> device for each (host, device) pair of
+        `swap_in`, then the write-behind pairs, ordered with the compute stream (module
+        docstring): the step's forward waits for the first group only, the next step's for
+        all. Mutates the host pool and the device cache."""
+        swap_out, behind = swap_out[:len(swap_out) - num_behind], swap_out[len(swap_out) - num_behind:]
         if self.stream is None:
             self._copy(self._device_words, self._host_words, swap_out)
             self._copy(self._host_words, self._device_words, swap_in)
+            self._copy(self._device_words, self._host_words, behind)
             return
         if not self._pin_started:
             self._start_pinning()
@@ -262,6 +269,9 @@ class HostKVCache:
                 compute.wait_stream(self.stream)   # the forward may overwrite their sources
             if swap_in:
                 copy(host, self._device_words, swap_in)
+            if behind:
+                copy(self._device_words, host, behind)
+            if swap_in or behind:   # the next step's forward waits for these
                 self._loads = torch.cuda.Event()
                 self._loads.record(self.stream)
 

@@ -239,7 +239,7 @@ class ModelRunner:
         if self.host_cache is not None and self.host_cache.stream is not None:
             self.host_cache.await_loads()   # the last step's swap-ins land before this forward
         if so.blocks_to_swap_out or so.blocks_to_swap_in:
-            self.host_cache.swap(so.blocks_to_swap_out, so.blocks_to_swap_in)
+            self.host_cache.swap(so.blocks_to_swap_out, so.blocks_to_swap_in, so.num_swap_out_behind)
         if so.blocks_to_copy:
             self._copy_blocks(so.blocks_to_copy)
         scheduled = [state for state in map(self.states.get, so.num_scheduled_tokens)

@@ -32,7 +32,7 @@ def test_swap_out_then_in_exact_blocks_and_copies():
     assert [b.block_id for b in m.req_to_host_blocks["a"]] == [0, 1, 2]
     # the full blocks stay in the device prefix cache: host blocks 0, 1 are only reserved for
     # them; the partial block is copied now
-    assert m.take_swaps() == ([(2, 2)], [])
+    assert m.take_swaps() == ([(2, 2)], [], 0)
     assert {h: b.block_id for h, b in m._pending.items()} == dict(zip(m.req_to_hashes["a"], [0, 1]))
     assert m.pool.num_free_blocks == 8 and m.host.num_free_blocks == 1
     a.output_token_ids.append(5)                        # resumes with 11 tokens, 10 computed
@@ -40,7 +40,7 @@ def test_swap_out_then_in_exact_blocks_and_copies():
     # the full blocks 0, 1 are still cached on the device (free, at the LRU tail): shared
     # again; only the partial block comes back from the host
     assert ids(m, a) == [0, 1, 3]
-    assert m.take_swaps() == ([], [(2, 3)]) and m.is_loading(a) is False
+    assert m.take_swaps() == ([], [(2, 3)], 0) and m.is_loading(a) is False
     # the unused reservations end: nothing pending, every host block free, none cached
     assert m.host.num_free_blocks == 4 and not m.req_to_host_blocks and not m._pending and not m._reserved
     assert not m.host.cached
@@ -51,39 +51,47 @@ def test_swap_in_loads_every_block_the_device_lost():
     m = KVCacheManager(4, B, num_host_blocks=4)
     a = req("a", list(range(10)))
     assert m.allocate_slots(a, 10) and ids(m, a) == [0, 1, 2]
+    assert m.take_swaps() == ([], [], 0)               # a step ends: free 3 is not hashed
     a.num_computed_tokens = 10
-    assert m.swap_out(a) and m.take_swaps() == ([(2, 2)], [])
+    # the partial block is copied; a's block 1, within the 3 blocks next in line (the last
+    # step handed out 3), is written behind to its reserved host block at once
+    assert m.swap_out(a) and m.take_swaps() == ([(2, 2), (1, 1)], [], 1)
     b = req("b", list(range(100, 116)))                 # takes every device block
-    # evicting a's full blocks 1 and 0 writes them to the host blocks reserved for them
+    # evicting block 1 copies nothing (the host has it); evicting block 0 writes it to the
+    # host block reserved for it
     assert m.allocate_slots(b, 16) and ids(m, b) == [3, 2, 1, 0]
-    assert m.take_swaps() == ([(1, 1), (0, 0)], []) and not m._pending
+    assert m.take_swaps() == ([(0, 0)], [], 0) and not m._pending
     m.forget(b)
     a.output_token_ids.append(5)
     assert m.allocate_slots(a, 1) and ids(m, a) == [0, 1, 2]
     assert m.is_loading(a)
-    # b's evicted blocks 0, 1, 2 take turns in the one free host block (the last one stays);
-    # device 2 is read (swap-out) before it is written (swap-in)
-    assert m.take_swaps() == ([(2, 3)], [(0, 0), (1, 1), (2, 2)])
+    # b's evicted blocks 0, 1, 2 take turns in the one free host block, and then device 3,
+    # next in line for eviction (3 blocks were handed out), takes it as a write-behind copy
+    # that runs after the swap-ins (the last writer of host block 3 wins)
+    assert m.take_swaps() == ([(3, 3)], [(0, 0), (1, 1), (2, 2)], 1)
 
 
 def test_resume_shares_what_the_device_kept_and_loads_the_rest_in_table_order():
     m = KVCacheManager(5, B, num_host_blocks=4)
     a = req("a", list(range(10)))
     assert m.allocate_slots(a, 10) and ids(m, a) == [0, 1, 2]
+    assert m.take_swaps() == ([], [], 0)
     a.num_computed_tokens = 10
-    assert m.preempt(a, swap=True) and m.take_swaps() == ([(2, 2)], [])   # host 0, 1 reserved
+    assert m.preempt(a, swap=True) and m.take_swaps() == ([(2, 2)], [], 0)   # host 0, 1 reserved
     b = req("b", list(range(100, 116)))
-    # b gets 3, 4, 2 and then a's block 1, whose eviction writes it to its reserved host block
+    # b gets 3, 4, 2 and then a's block 1, whose eviction writes it to its reserved host block;
+    # a's block 0, next in line, is written behind (it stays cached on the device)
     assert m.allocate_slots(b, 16) and ids(m, b) == [3, 4, 2, 1]
-    assert m.take_swaps() == ([(1, 1)], [])
-    assert [h.block_id for h in m._pending.values()] == [0]
+    assert m.take_swaps() == ([(1, 1), (0, 0)], [], 1)
+    assert not m._pending and m.pool.blocks[0].block_hash is not None
     m.forget(b)                                         # free queue: 0 (a's), 1, 2, 4, 3 (b's)
     a.output_token_ids.append(5)
     assert m.allocate_slots(a, 1)
     # block 0 is still a's first block on the device: shared; host 1 and 2 land in fresh
-    # blocks 1 and 2 (b's evicted blocks take turns in free host block 3 first)
+    # blocks 1 and 2 (b's evicted blocks, then the two next in line, take turns in free
+    # host block 3: the last, written behind, wins)
     assert ids(m, a) == [0, 1, 2] and m.is_loading(a)
-    assert m.take_swaps() == ([(2, 3)], [(1, 1), (2, 2)])
+    assert m.take_swaps() == ([(3, 3)], [(1, 1), (2, 2)], 1)
     assert not m._pending and not m._reserved and m.host.num_free_blocks == 4
     assert m.stats.preempted_tokens == 10
     assert (m.stats.resumed_device_tokens, m.stats.resumed_host_tokens) == (4, 6)
@@ -101,9 +109,9 @@ def test_swapped_requests_share_one_reservation_written_once():
     assert m.preempt(a, swap=True) and m.preempt(c, swap=True)
     assert [b.block_id for b in m.req_to_host_blocks["a"]] == [0, 1]
     assert [b.block_id for b in m.req_to_host_blocks["c"]] == [0, 2]   # host 0 reserved for both
-    assert m.host.blocks[0].ref_cnt == 2 and m.take_swaps() == ([(1, 1), (2, 2)], [])
+    assert m.host.blocks[0].ref_cnt == 2 and m.take_swaps() == ([(1, 1), (2, 2)], [], 0)
     d = req("d", list(range(100, 124)))                 # all 6 device blocks: block 0 is written once
-    assert m.allocate_slots(d, 24) and m.take_swaps() == ([(0, 0)], [])
+    assert m.allocate_slots(d, 24) and m.take_swaps() == ([(0, 0)], [], 0)
     m.forget(d)
     a.output_token_ids.append(9)
     assert m.allocate_slots(a, 1) and len(m.take_swaps()[1]) == 2
@@ -120,16 +128,16 @@ def test_uncaching_a_reserved_block_writes_it_first():
     a = req("a", list(range(6)))
     assert m.allocate_slots(a, 6) and ids(m, a) == [0, 1]
     a.num_computed_tokens = 6
-    assert m.preempt(a, swap=True) and m.take_swaps() == ([(1, 1)], [])
+    assert m.preempt(a, swap=True) and m.take_swaps() == ([(1, 1)], [], 0)
     c = req("c", list(range(4)) + [70, 71])
     hits, _ = m.get_computed_blocks(c)
     assert [h.block_id for h in hits] == [0] and m.allocate_slots(c, 2, hits)
     m.uncache(c)
-    assert m.take_swaps() == ([(0, 0)], []) and not m._pending
+    assert m.take_swaps() == ([(0, 0)], [], 0) and not m._pending
     m.forget(c)
     a.output_token_ids.append(9)
     assert m.allocate_slots(a, 1) and ids(m, a) == [3, 4]   # nothing left on the device: both loaded
-    assert m.take_swaps() == ([], [(0, 3), (1, 4)])
+    assert m.take_swaps() == ([], [(0, 3), (1, 4)], 0)
 
 
 def test_recompute_counts_what_the_device_prefix_cache_gives_back():
@@ -145,6 +153,25 @@ def test_recompute_counts_what_the_device_prefix_cache_gives_back():
     assert (m.stats.preempted_tokens, m.stats.resumed_device_tokens, m.stats.resumed_host_tokens) == (10, 8, 0)
 
 
+def test_write_behind_copies_the_blocks_next_in_line_so_their_eviction_copies_nothing():
+    m = KVCacheManager(6, B, num_host_blocks=8)
+    a = req("a", list(range(16)))                       # 4 full blocks
+    assert m.allocate_slots(a, 16) and ids(m, a) == [0, 1, 2, 3]
+    assert m.take_swaps() == ([], [], 0)                # free 4, 5 are not hashed
+    m.forget(a)                                         # free queue: 4, 5, 3, 2, 1, 0
+    b = req("b", list(range(100, 108)))
+    assert m.allocate_slots(b, 8) and ids(m, b) == [4, 5]
+    # the window is the most blocks a recent step handed out (4): a's blocks, still cached,
+    # are written behind, in eviction order
+    assert m.take_swaps() == ([(3, 0), (2, 1), (1, 2), (0, 3)], [], 4)
+    assert m.pool.blocks[3].block_hash is not None and m.stats.blocks_offloaded == 4
+    c = req("c", list(range(200, 208)))
+    assert m.allocate_slots(c, 8) and ids(m, c) == [3, 2]
+    assert m.take_swaps() == ([], [], 0)                # their eviction copies nothing
+    assert sorted(b.block_id for b in m.host.cached.values()) == [0, 1, 2, 3]
+    assert m.stats.blocks_swapped_out == 4
+
+
 def test_evicted_prefix_goes_to_host_and_comes_back():
     m = KVCacheManager(4, B, num_host_blocks=4)
     a = req("a", list(range(9)))                        # blocks 0, 1 full and hashed; 2 partial
@@ -152,7 +179,7 @@ def test_evicted_prefix_goes_to_host_and_comes_back():
     m.forget(a)                                         # free queue: 3, 2, 1, 0
     b = req("b", list(range(100, 116)))                 # takes all 4 blocks: evicts 1 and 0
     assert m.allocate_slots(b, 16) and ids(m, b) == [3, 2, 1, 0]
-    assert m.take_swaps() == ([(1, 0), (0, 1)], [])     # (device, host) offloads
+    assert m.take_swaps() == ([(1, 0), (0, 1)], [], 0)     # (device, host) offloads
     m.forget(b)                                         # free queue: 0, 1, 2, 3 (all hashed)
     c = req("c", list(range(9)))                        # a's prompt again: a device miss, a host hit
     hits, num = m.get_computed_blocks(c)
@@ -160,14 +187,15 @@ def test_evicted_prefix_goes_to_host_and_comes_back():
     assert m.allocate_slots(c, 1, hits)
     assert ids(m, c) == [0, 1, 2] and m.is_loading(c)
     # b's evicted blocks 0, 1, 2 go to the two free host blocks (the host hits are held), LRU:
-    # 2 takes the host block 0 had, and only its copy is queued. Swap-outs run first, so
-    # device blocks 1 and 2 are read before the swap-ins write 0 and 1.
-    assert m.take_swaps() == ([(1, 3), (2, 2)], [(1, 0), (0, 1)])
+    # 2 takes the host block 0 had, and only its copy is queued; device 3, next in line, is
+    # written behind into the host block 1 had. Swap-outs run first, so device block 2 is
+    # read before the swap-ins write 0 and 1; the write-behind runs last.
+    assert m.take_swaps() == ([(2, 2), (3, 3)], [(1, 0), (0, 1)], 1)
     # c runs from the next step: until then its loading blocks serve no device prefix hit
     assert m.is_loading(c) is False and m.pool.blocks[0].block_hash is None
     c.num_computed_tokens = 8
     assert m.allocate_slots(c, 1) and ids(m, c) == [0, 1, 2]
-    assert m.pool.blocks[0].block_hash is not None and m.take_swaps() == ([], [])
+    assert m.pool.blocks[0].block_hash is not None and m.take_swaps() == ([], [], 0)
     assert m.stats.host_hits == 8 and m.stats.hits == 8
     assert m.host.num_free_blocks == 4
 
