@@ -1,8 +1,8 @@
 """Issue 21 (the KV cache's host tier) on one GPU: each configuration in its own subprocess
 (a fresh CUDA context and host pool), one `RESULT {json}` line per run and one per comparison.
 
-    PYTHONPATH=$PWD python3 benchmarks/kv_offload_gpu.py pressure [--only a,b,c] | multiturn | all
-        [--host-gib N] [--cpu-smoke]
+    PYTHONPATH=$PWD python3 benchmarks/kv_offload_gpu.py pressure [--only a,b,c] | multiturn | all | check
+        [--host-gib N] [--no-check] [--cpu-smoke]
     PYTHONPATH=$PWD python3 benchmarks/kv_offload_gpu.py sim     # CPU only: the scheduler alone
 
 Model: a dummy-weight llama-8b from a config alone (load_format="dummy", bf16), as
@@ -33,6 +33,9 @@ includes it; each run waits for it after its warm-up (pin_wait_s) so it times ma
 sim        no model: the Scheduler and KVCacheManager alone run the pressure workloads with
            llama-8b's block counts (2048 device blocks, 8192 host blocks, 1024 seqs,
            8192 tokens a step, lockstep) and print the same counters plus the tokens computed.
+check      (first, unless --no-check) a tiny fp32 llama with 40 blocks of 4: greedy ids with
+           preemption by swap and by recompute equal to a run without preemption (ids_equal of
+           6), both pools free, swaps counted. ~20 s.
 --cpu-smoke  the same code on CPU at toy sizes (to check the script, not to measure).
 """
 from __future__ import annotations
@@ -209,6 +212,42 @@ def run_multiturn(mode: str, host_gib: float) -> None:
          leak_free=leak_free(kv), host_blocks=kv.num_host_blocks, **tier, **diff(counters(kv, scheduler), before))
 
 
+def run_check() -> None:
+    """Correctness on the device before timing: a tiny fp32 llama (dummy weights), 6 prompts,
+    greedy; 40 blocks of 4 force preemptions. Token ids with preemption by swap (mapped copies,
+    reservations, write-behind) and by recompute vs a run with room for all; both pools free."""
+    from pagedserve import LLM, SamplingParams
+    config = dict(LLAMA_8B, vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, torch_dtype="float32")
+    path = "/tmp/models/llama-tiny-kvoff-check"
+    os.makedirs(path, exist_ok=True)
+    with open(f"{path}/config.json", "w") as f:
+        json.dump(config, f)
+    rng = random.Random(5)
+    prompts = [{"prompt_token_ids": [rng.randrange(3, 32000) for _ in range(rng.randint(20, 60))]} for _ in range(6)]
+    params = SamplingParams(max_tokens=24, ignore_eos=True, temperature=0.0, detokenize=False)
+
+    def ids(**kwargs) -> tuple[list[list[int]], object]:
+        llm = LLM(model=path, load_format="dummy", skip_tokenizer_init=True, dtype="float32", seed=0,
+                  block_size=4, max_model_len=128, **kwargs)
+        cache = getattr(getattr(llm.engine.core.executor, "runner", None), "host_cache", None)
+        if cache is not None and cache.stream is not None:
+            cache.wait_pinned()
+        outs = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        return outs, llm
+
+    reference, llm = ids(num_kv_blocks=1024, swap_space=0)
+    del llm
+    for mode, kwargs in (("swap", dict(swap_space=0.01)), ("recompute", dict(swap_space=0))):
+        outs, llm = ids(num_kv_blocks=40, preemption_mode=mode, **kwargs)
+        kv, scheduler = llm.engine.core.kv_cache_manager, llm.engine.core.scheduler
+        cache = getattr(llm.engine.core.executor.runner, "host_cache", None)
+        emit(check=mode, ids_equal=sum(a == b for a, b in zip(outs, reference)), of=len(reference),
+             leak_free=leak_free(kv), copy_mode=cache.copy_mode if cache is not None else None,
+             **diff(counters(kv, scheduler), dict.fromkeys(counters(kv, scheduler), 0)))
+        del llm
+
+
 def run_sim(name: str, mode: str, num_blocks: int = 2048, host_blocks: int = 8192, block_size: int = 16,
             max_num_seqs: int = 1024, max_tokens_per_step: int = 8192) -> dict:
     """The scheduler alone (no model: every sampled token is 7), lockstep, on a pressure
@@ -276,7 +315,9 @@ def main(argv: list[str]) -> None:
     argv = [a for a in argv if a != "--cpu-smoke"]
     if argv[0] == "_one":
         kind, mode = argv[1], argv[2]
-        if kind == "pressure":
+        if kind == "check":
+            run_check()
+        elif kind == "pressure":
             run_pressure(mode, argv[3] == "on", argv[4].split(","), float(argv[5]))
         else:
             run_multiturn(mode, float(argv[3]))
@@ -290,6 +331,8 @@ def main(argv: list[str]) -> None:
                 print(json.dumps(results[-1]), flush=True)
         return
     gib = float(argv[argv.index("--host-gib") + 1]) if "--host-gib" in argv else None
+    if which in ("pressure", "all", "check") and "--no-check" not in argv:
+        child(["check", "-"])
     if which in ("pressure", "all"):
         names = argv[argv.index("--only") + 1].split(",") if "--only" in argv else list(WORKLOADS)
         results = []

@@ -162,7 +162,10 @@ class HostKVCache:
 
     @property
     def copy_mode(self) -> str:
-        """How copies run now: "mapped", "staged", or staged until the background pinning ends."""
+        """How copies run now: "cpu" (two tensors), "mapped", "staged", or staged until the
+        background pinning ends."""
+        if self.stream is None:
+            return "cpu"
         if self.stream is not None and (not self._pin_started or not self._pinning.done.is_set()):
             return "staged until pinned (in the background, from the first step on)"
         return "mapped" if self._mapped is not None else "staged"
