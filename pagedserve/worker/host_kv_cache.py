@@ -91,6 +91,15 @@ def pin_chunks(pointer: int, nbytes: int, chunk: int | None = None) -> list[tupl
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+def check_blocks(pointer: int, nbytes: int, planes: int, num_blocks: int, most: int = 32) -> list[int]:
+    """The pool's blocks that the mapped view's check copies: the first, the last, and (up to
+    `most` of) those with a plane that crosses a registered chunk's edge. The pool is
+    [planes, num_blocks, block] at `pointer`, `nbytes` long."""
+    plane_bytes = nbytes // planes
+    edges = [(start - pointer) % plane_bytes * num_blocks // plane_bytes for start, _ in pin_chunks(pointer, nbytes)[1:]]
+    return sorted({0, num_blocks - 1, *edges[::max(1, -(-len(edges) // most))]})
+
+
 class _Pinning:
     """Registers [pointer, pointer + nbytes) chunk by chunk in a daemon thread; `done` is set
     when it ends, `ok` tells whether every chunk was registered. close() stops it (between
@@ -166,7 +175,7 @@ class HostKVCache:
         background pinning ends."""
         if self.stream is None:
             return "cpu"
-        if self.stream is not None and (not self._pin_started or not self._pinning.done.is_set()):
+        if not self._pin_started or (self._pinning is not None and not self._pinning.done.is_set()):
             return "staged until pinned (in the background, from the first step on)"
         return "mapped" if self._mapped is not None else "staged"
 
@@ -197,37 +206,35 @@ class HostKVCache:
                         pinning.nbytes / 2**30, pinning.seconds)
 
     def _map(self, raw: torch.Tensor) -> torch.Tensor | None:
-        """The mapped view as words, after a round trip through the kernel (host blocks 0 and
-        last <-> a scratch device tensor; the host blocks' contents are kept); None (with a
-        warning) if that fails."""
+        """The mapped view as words, after a round trip through the kernel (the first, last and
+        chunk-edge host blocks <-> a scratch device tensor; their contents are kept); None
+        (with a warning) if that fails."""
         try:
             from pagedserve.attention.triton_copy_blocks import copy_blocks
             view = torch.as_tensor(_CudaArray(raw), device=self.device)
             mapped = _words(view.view(self.device_cache.dtype).view(self.host.shape))
             host_words = _words(self.host)
             planes, words = mapped.shape[0], mapped.shape[2]
-            # the first and last blocks and (up to 32 of) those across a registration's edge
-            plane_bytes = raw.numel() // mapped.shape[0]
-            edges = [(start - raw.data_ptr()) % plane_bytes * self.num_blocks // plane_bytes
-                     for start, _ in pin_chunks(raw.data_ptr(), raw.numel())[1:]]
-            ends = sorted({0, self.num_blocks - 1, *edges[::max(1, -(-len(edges) // 32))]})
-            saved = host_words[:, ends].clone()
+            ends = check_blocks(raw.data_ptr(), raw.numel(), planes, self.num_blocks)
+            saved = host_words[:, ends].clone()   # they may hold swapped-out blocks
             n = len(ends)
             pattern = torch.arange(planes * n * words, dtype=torch.int64).to(mapped.dtype).view(planes, n, words)
-            host_words[:, ends] = pattern
-            scratch = torch.zeros(planes, n, words, dtype=mapped.dtype, device=self.device)
-            src = torch.tensor(ends, dtype=torch.int64, device=self.device)
-            dst = torch.arange(n, dtype=torch.int64, device=self.device)
-            self.stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self.stream):
-                copy_blocks(mapped, scratch, src, dst)                                # host -> device
-                self.stream.synchronize()
-                ok = torch.equal(scratch.cpu(), pattern)
-                scratch.zero_()
-                copy_blocks(scratch, mapped, dst, src)                                # device -> host
-                self.stream.synchronize()
-            ok = ok and not host_words[:, ends].any()
-            host_words[:, ends] = saved
+            try:
+                host_words[:, ends] = pattern
+                scratch = torch.zeros(planes, n, words, dtype=mapped.dtype, device=self.device)
+                src = torch.tensor(ends, dtype=torch.int64, device=self.device)
+                dst = torch.arange(n, dtype=torch.int64, device=self.device)
+                self.stream.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(self.stream):
+                    copy_blocks(mapped, scratch, src, dst)                            # host -> device
+                    self.stream.synchronize()
+                    ok = torch.equal(scratch.cpu(), pattern)
+                    scratch.zero_()
+                    copy_blocks(scratch, mapped, dst, src)                            # device -> host
+                    self.stream.synchronize()
+                ok = ok and not host_words[:, ends].any()
+            finally:
+                host_words[:, ends] = saved
             if not ok:
                 raise RuntimeError("a block copied through the mapped view came back different")
             return mapped

@@ -10,7 +10,7 @@ from pagedserve.core.request import Request, RequestId, RequestStatus
 from pagedserve.core.scheduler import Scheduler
 from pagedserve.engine_io import ModelRunnerOutput, SchedulerOutput
 from pagedserve.sampling_params import SamplingParams
-from pagedserve.worker.host_kv_cache import HostKVCache, pin_chunks
+from pagedserve.worker.host_kv_cache import HostKVCache, check_blocks, pin_chunks
 
 B = 4
 
@@ -324,6 +324,15 @@ def test_background_pinning_cuts_the_pool_at_chunk_multiples():
                                                   (4096, 5120), (5120, 6000)]
     assert pin_chunks(2048, 1024, chunk=1024) == [(2048, 3072)]
     assert pin_chunks(2048, 1000, chunk=1024) == [(2048, 3048)]
+
+
+def test_the_mapped_view_check_covers_blocks_across_chunk_edges(monkeypatch):
+    """2 planes of 10 blocks of 100 bytes at 1000 (2000 bytes), chunks of 512: edges at 1024,
+    1536, 2048, 2560 fall in plane 0 block 0 and 5, plane 1 block 0 and 5."""
+    import pagedserve.worker.host_kv_cache as host_kv_cache
+    monkeypatch.setattr(host_kv_cache, "_PIN_CHUNK_BYTES", 512)
+    assert check_blocks(1000, 2000, 2, 10) == [0, 5, 9]
+    assert check_blocks(1000, 2000, 2, 10, most=1) == [0, 9]
 
 
 def test_background_pinning_registers_every_chunk_and_unregisters_on_close(monkeypatch):
