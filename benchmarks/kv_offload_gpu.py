@@ -17,7 +17,8 @@ pressure   the KV cache limited to 2048 blocks of 16 = 32k tokens (num_kv_blocks
                prefix caching on (the default, as users run it);
            (b) the same with prefix caching off (vLLM V0's swap setting: recompute redoes all);
            (c) long prompts: 64 requests, input U[2048,4096], output U[256,512], seed 2,
-               prefix caching on: recompute redoes long prefills.
+               prefix caching on (where recompute would redo long prefills, if the
+               preempted contexts left the device; --only d: the same, prefix caching off).
            One process per (mode, prefix caching): (a) and (c) share one (max_model_len 4608).
            `--only` picks workloads. Expected on an H200: ~230 s for all three (a, c: ~130 s; b: ~100 s).
 multiturn  64 conversations x 4 turns sharing nothing across conversations: turn 1 is 6144
@@ -31,8 +32,22 @@ multiturn  64 conversations x 4 turns sharing nothing across conversations: turn
 The host pool is pinned in the background from the first step on: startup_s no longer
 includes it; each run waits for it after its warm-up (pin_wait_s) so it times mapped copies.
 sim        no model: the Scheduler and KVCacheManager alone run the pressure workloads with
-           llama-8b's block counts (2048 device blocks, 8192 host blocks, 1024 seqs,
+           llama-8b's block counts (2048 device blocks, 2048 host blocks = 4 GiB, 1024 seqs,
            8192 tokens a step, lockstep) and print the same counters plus the tokens computed.
+           2026-11-30, branch kvpress (tokens of preempted requests: got back from the device
+           prefix cache / loaded from the host / recomputed; tokens computed vs needed):
+             (a) recompute: 189 preemptions, 108,469 tokens: 63,056 / - / 45,413;
+                 455,258 computed of 409,845 (+11%)
+                 swap: 180, 99,684: 53,152 / 46,532 / 0; 409,845. Copies out 26,814 (21,874 of
+                 them evicted prefix blocks nobody reserved: the host prefix tier; 12,445 written
+                 behind), in 2,990; forwards waiting for a swap-out: 545 of 3,235 steps
+                 (2,618 without write-behind). With 8192 host blocks, eager swap-out (main)
+                 copied 24,075 out, lazy 23,824: the copies are the prefix tier's, not swap's.
+             (b) recompute: 108,469 tokens all recomputed, 518,314 computed (+26%);
+                 swap: 6,312 blocks out and in, nothing recomputed.
+             (c) recompute: 8 preemptions, 25,855 tokens: 21,328 / - / 4,527 (+2% computed);
+                 swap: 288 blocks in, 12,611 out (11,847 prefix tier); 58 of 2,819 forwards wait
+                 for a swap-out (1,306 without write-behind).
 check      (first, unless --no-check) a tiny fp32 llama with 40 blocks of 4: greedy ids with
            preemption by swap and by recompute equal to a run without preemption (ids_equal of
            6), both pools free, swaps counted. ~20 s.
@@ -56,7 +71,8 @@ TURNS, CONVERSATIONS, FIRST_PROMPT, USER_TOKENS, OUTPUT_TOKENS = 4, 64, 6144, 44
 PRESSURE_BLOCKS, MULTITURN_BLOCKS, MULTITURN_LEN, DTYPE = 2048, 8192, 8192, "bfloat16"
 # pressure workloads: name -> (requests, input range, output range, seed, prefix caching)
 WORKLOADS = {"a": (512, (64, 1024), (16, 512), 0, True), "b": (512, (64, 1024), (16, 512), 0, False),
-             "c": (64, (2048, 4096), (256, 512), 2, True)}
+             "c": (64, (2048, 4096), (256, 512), 2, True), "d": (64, (2048, 4096), (256, 512), 2, False)}
+DEFAULT_WORKLOADS = ["a", "b", "c"]
 PRESSURE_LEN, PRESSURE_HOST_GIB = 4608, 4.0   # 4 GiB: 2048 host blocks (the sim peaks at 250 held)
 # --cpu-smoke (or KVOFF_SMOKE=1, which the children inherit): toy sizes on CPU
 SMOKE = "--cpu-smoke" in sys.argv or os.environ.get("KVOFF_SMOKE") == "1"
@@ -67,7 +83,7 @@ if SMOKE:
     CONVERSATIONS, FIRST_PROMPT, USER_TOKENS, OUTPUT_TOKENS = 6, 96, 24, 8
     PRESSURE_BLOCKS, MULTITURN_BLOCKS, MULTITURN_LEN, DTYPE = 48, 32, 512, "float32"
     WORKLOADS = {"a": (16, (8, 64), (4, 32), 0, True), "b": (16, (8, 64), (4, 32), 0, False),
-                 "c": (6, (96, 160), (16, 32), 2, True)}
+                 "c": (6, (96, 160), (16, 32), 2, True), "d": (6, (96, 160), (16, 32), 2, False)}
     PRESSURE_LEN, PRESSURE_HOST_GIB = 256, 0.01
 
 
@@ -248,7 +264,7 @@ def run_check() -> None:
         del llm
 
 
-def run_sim(name: str, mode: str, num_blocks: int = 2048, host_blocks: int = 8192, block_size: int = 16,
+def run_sim(name: str, mode: str, num_blocks: int = 2048, host_blocks: int = 2048, block_size: int = 16,
             max_num_seqs: int = 1024, max_tokens_per_step: int = 8192) -> dict:
     """The scheduler alone (no model: every sampled token is 7), lockstep, on a pressure
     workload: the counters, the tokens computed and the steps taken."""
@@ -325,7 +341,7 @@ def main(argv: list[str]) -> None:
     which = argv[0]
     if which == "sim":
         results = []
-        for name in (argv[argv.index("--only") + 1].split(",") if "--only" in argv else WORKLOADS):
+        for name in (argv[argv.index("--only") + 1].split(",") if "--only" in argv else DEFAULT_WORKLOADS):
             for mode in ("recompute", "swap"):
                 results.append(run_sim(name, mode))
                 print(json.dumps(results[-1]), flush=True)
@@ -334,7 +350,7 @@ def main(argv: list[str]) -> None:
     if which in ("pressure", "all", "check") and "--no-check" not in argv:
         child(["check", "-"])
     if which in ("pressure", "all"):
-        names = argv[argv.index("--only") + 1].split(",") if "--only" in argv else list(WORKLOADS)
+        names = argv[argv.index("--only") + 1].split(",") if "--only" in argv else DEFAULT_WORKLOADS
         results = []
         for caching in (True, False):   # each pair of runs compared as soon as it is done
             group = [n for n in names if WORKLOADS[n][4] == caching]
