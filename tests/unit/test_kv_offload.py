@@ -269,6 +269,32 @@ def test_abort_while_swapped_out_frees_host_blocks():
     assert s.kv.host.num_free_blocks == 8 and not s.kv.req_to_host_blocks
 
 
+def test_abort_while_swapped_out_ends_its_reservations():
+    """Prefix caching on: the preempted request's full blocks are only reserved on the host;
+    aborting it frees them and ends the reservations."""
+    m = KVCacheManager(8, B, num_host_blocks=4)
+    a = req("a", list(range(8)))                        # 2 full blocks
+    assert m.allocate_slots(a, 8) and m.take_swaps() == ([], [], 0)
+    a.num_computed_tokens = 8
+    # free queue 2..7, then a's 1, 0: the 2-block window reaches no hashed block
+    assert m.preempt(a, swap=True) and m.take_swaps() == ([], [], 0)
+    assert sorted(b.block_id for b in m._pending.values()) == [0, 1] and m.host.num_free_blocks == 2
+    m.forget(a)
+    assert m.host.num_free_blocks == 4 and not m._pending and not m._reserved
+
+
+def test_preempted_blocks_next_in_line_are_written_behind():
+    """Prefix caching on, a pool so small that the preempted request's blocks are next in
+    line for eviction: the step that preempts it writes them behind at once."""
+    s = make(caching=True)
+    out = two_requests(s)
+    assert out.preempted_req_ids == {"new"}
+    assert (out.blocks_to_swap_out, out.num_swap_out_behind) == ([(3, 1), (2, 0)], 2)
+    assert not s.kv._pending
+    s.finish_requests([RequestId("new")], RequestStatus.FINISHED_ABORTED)
+    assert s.kv.host.num_free_blocks == 8
+
+
 def test_a_failed_step_drops_the_host_copies_it_was_to_write():
     s = make()
     out = two_requests(s)
