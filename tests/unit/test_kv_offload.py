@@ -317,6 +317,17 @@ def test_host_cache_copies_blocks_both_ways_on_cpu():
     assert torch.equal(device[:, [0, 2, 3, 4]], before[:, [0, 2, 3, 4]])
 
 
+def test_write_behind_copies_run_after_the_swap_ins_on_cpu():
+    device = torch.randn(4, 6, B, 2, 3)
+    before = device.clone()
+    cache = HostKVCache(device, 5)
+    # swap-out 1 -> host 2; swap-in host 2 -> device 3; write-behind 3 -> host 4 (after the
+    # swap-in: host 4 gets device 1's data, through 3)
+    cache.swap([(1, 2), (3, 4)], [(2, 3)], 1)
+    assert torch.equal(cache.host[:, 2], before[:, 1]) and torch.equal(cache.host[:, 4], before[:, 1])
+    assert torch.equal(device[:, 3], before[:, 1])
+
+
 def test_a_failed_step_recomputes_the_requests_it_was_to_load():
     s = make()
     two_requests(s)
