@@ -71,14 +71,26 @@ def make_model_dir(directory: Path, dims: dict) -> Path:
 
 # ---------------------------------------------------------------- startup probe (one process)
 
-def startup_probe(model_dir: str, cpu: bool) -> None:
+def startup_probe(model_dir: str, cpu: bool, tokenizer: bool) -> None:
+    import gc
+    gc_s = [0.0, 0]
+
+    def on_gc(phase, info, started=[0.0]):   # noqa: B006 - the start time between the two calls
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            gc_s[0] += time.perf_counter() - started[0]
+            gc_s[1] += info["generation"] == 2
+    gc.callbacks.append(on_gc)
     t_start = time.perf_counter()
     import pagedserve   # noqa: F401 - timed: the import itself
     t_import = time.perf_counter() - t_start
+    import torch
     from pagedserve import LLM, SamplingParams
     from pagedserve.engine_args import EngineArgs
     from pagedserve.frontend import llm_engine
     from pagedserve.worker import executor
+    from pagedserve.worker.cuda_graph import CudaGraphRunner
     from pagedserve.worker.model_runner import ModelRunner
     phases: dict[str, float] = {"import": t_import}
 
@@ -102,32 +114,40 @@ def startup_probe(model_dir: str, cpu: bool) -> None:
     timed(executor, "num_kv_blocks", "kv_profile")
     timed(ModelRunner, "init_kv_cache", "kv_alloc")
     timed(ModelRunner, "finish_setup", "graph_capture")
+    # inside graph_capture: the model forwards (warm-up + recorded, per size) and torch's empty_cache
+    timed(CudaGraphRunner, "_forward", "capture_fwd_decode")
+    timed(CudaGraphRunner, "_prefill_forward", "capture_fwd_prefill")
+    timed(torch.cuda, "empty_cache", "empty_cache")
     t0 = time.perf_counter()
     kwargs = dict(device="cpu", dtype="float32", num_kv_blocks=256) if cpu else \
         dict(dtype="bfloat16", gpu_memory_utilization=0.85)
-    llm = LLM(model=model_dir, load_format="dummy", skip_tokenizer_init=True, max_model_len=2048, seed=0, **kwargs)
+    llm = LLM(model=model_dir, load_format="dummy", skip_tokenizer_init=not tokenizer, max_model_len=2048, seed=0,
+              **kwargs)
     phases["llm_total"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     llm.generate([{"prompt_token_ids": list(range(100, 228))}],
                  SamplingParams(max_tokens=16, ignore_eos=True, temperature=0.0, detokenize=False), use_tqdm=False)
     phases["first_request"] = time.perf_counter() - t1
     phases["ready"] = t_import + phases["llm_total"]
+    # the tokenizer loads on a thread beside the core: not part of the sum
     phases["other"] = phases["llm_total"] - sum(phases.get(k, 0.0) for k in
-                                                ("config", "tokenizer", "weights", "kv_profile", "kv_alloc",
-                                                 "graph_capture"))
+                                                ("config", "weights", "kv_profile", "kv_alloc", "graph_capture"))
+    phases["gc"], phases["gc_full_collections"] = gc_s
     print("STARTUP " + json.dumps({k: round(v, 3) for k, v in phases.items()}), flush=True)
     llm.shutdown()
 
 
 def run_startup(model_dir: Path, cpu: bool, log) -> list[dict]:
-    """A cold Triton cache, then the warm one it left; each in a fresh process."""
+    """A cold Triton cache, then the warm one it left, then warm with the Llama-3 tokenizer
+    loaded (as `pagedserve serve` does); each in a fresh process."""
     cache = Path("/tmp/triton_serve_gpu")
     shutil.rmtree(cache, ignore_errors=True)
     runs = []
-    for label in ("cold", "warm"):
+    for label in ("cold", "warm", "warm+tokenizer"):
         env = {**os.environ, "TRITON_CACHE_DIR": str(cache)}
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "startup", str(model_dir)] + (["--cpu-smoke"] if cpu else []),
+        flags = (["--cpu-smoke"] if cpu else []) + (["--tokenizer"] if "tokenizer" in label else [])
+        proc = subprocess.run([sys.executable, __file__, "startup", str(model_dir), *flags],
                               env=env, cwd=ROOT, capture_output=True, text=True, timeout=150)
         log.write(f"==== startup {label} rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}\n")
         line = next((x for x in proc.stdout.splitlines() if x.startswith("STARTUP ")), None)
@@ -287,11 +307,12 @@ def run_engine(engine: str, model_dir: Path, rates: list[str], num: int, cpu: bo
 def markdown(results: dict) -> str:
     lines = []
     if results.get("startup"):
-        lines += ["| pagedserve startup (llama-8b dummy, skip_tokenizer_init) | " + " | ".join(
+        lines += ["| pagedserve startup s (llama-8b dummy), Triton cache | " + " | ".join(
             r["triton_cache"] for r in results["startup"]) + " |", "|---|" + "---|" * len(results["startup"])]
-        for key in ("import", "config", "tokenizer", "weights", "kv_profile", "kv_alloc", "graph_capture", "other",
-                    "ready", "first_request"):
-            lines.append(f"| {key} s | " + " | ".join(str(r.get(key, "-")) for r in results["startup"]) + " |")
+        for key in ("import", "config", "tokenizer (on a thread)", "weights", "kv_profile", "kv_alloc",
+                    "graph_capture", "capture_fwd_decode", "capture_fwd_prefill", "empty_cache", "other (+ tokenizer wait)", "gc",
+                    "ready", "first_request", "process_s"):
+            lines.append(f"| {key} | " + " | ".join(str(r.get(key.split()[0], "-")) for r in results["startup"]) + " |")
         lines.append("")
     lines += ["| engine | rate req/s | ready s | done/failed | req/s | out tok/s | TTFT P50/P99 ms | TPOT P50/P99 ms "
               "| ITL P50/P99 ms | E2E P50/P99 ms | goodput req/s |",
@@ -318,7 +339,7 @@ def vllm_importable() -> bool:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "startup":
-        startup_probe(sys.argv[2], "--cpu-smoke" in sys.argv)
+        startup_probe(sys.argv[2], "--cpu-smoke" in sys.argv, "--tokenizer" in sys.argv)
         return
     parser = argparse.ArgumentParser()
     parser.add_argument("--cpu-smoke", action="store_true")
