@@ -311,7 +311,7 @@ def markdown(results: dict) -> str:
             r["triton_cache"] for r in results["startup"]) + " |", "|---|" + "---|" * len(results["startup"])]
         for key in ("import", "config", "tokenizer (on a thread)", "weights", "kv_profile", "kv_alloc",
                     "graph_capture", "capture_fwd_decode", "capture_fwd_prefill", "empty_cache", "other (+ tokenizer wait)", "gc",
-                    "ready", "first_request", "process_s"):
+                    "llm_total (= peers.py startup_s)", "ready (import + LLM())", "first_request", "process_s"):
             lines.append(f"| {key} | " + " | ".join(str(r.get(key.split()[0], "-")) for r in results["startup"]) + " |")
         lines.append("")
     lines += ["| engine | rate req/s | ready s | done/failed | req/s | out tok/s | TTFT P50/P99 ms | TPOT P50/P99 ms "
