@@ -21,14 +21,17 @@ class HFRun:
     batch_size: int
 
 
-def load_hf_model(source: Any, hf_config: Any, dtype: Any, device: str, load_format: str) -> Any:
+def load_hf_model(source: Any, dtype: Any, device: str, load_format: str) -> Any:
     """The same weights pagedserve serves (a GGUF is read through its converted folder);
-    load_format "dummy" builds random weights from the config alone."""
+    load_format "dummy" builds random weights from the config alone (transformers' own
+    config object: the engine may have read config.json as plain JSON)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
     if load_format == "dummy":
+        kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source.directory, **kwargs),
+                                                     dtype=dtype)
     else:
         kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
         model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=dtype, **kwargs).to(device)

