@@ -235,7 +235,7 @@ class GemvConfig:
     block_n: int = 128
     num_warps: int = 4
     num_stages: int = 3
-    programs_per_sm: int = 4
+    programs_per_sm: int = 4   # 0: never split K
     dot: bool = False
     block_m: int = 16   # rows per program of the tl.dot launch (>= 16)
 
