@@ -240,12 +240,26 @@ class GemvConfig:
     block_m: int = 16   # rows per program of the tl.dot launch (>= 16)
 
 
-FMA_GEMV = GemvConfig()
-DOT_GEMV = GemvConfig(block_n=64, dot=True)
-# (rows bucket, K, N) -> the measured best launch (benchmarks/w4_gpu.py sweep); buckets of
-# more than GEMV_MAX_ROWS rows are used only where the sweep found this kernel faster than
-# the GEMM path
-TUNED: dict[tuple[int, int, int], GemvConfig] = {}
+FMA_GEMV = GemvConfig(block_n=64, programs_per_sm=8)   # the sweep's most frequent winners
+DOT_GEMV = GemvConfig(block_n=128, dot=True)
+# (rows bucket, K, N) -> the measured best launch: benchmarks/w4_gpu.py's sweep on an H200,
+# 2026-11-30 (llama-8b's qkv / o / gate_up / down, bf16, group 128; benchmarks/QUANT.md).
+# Buckets of more than GEMV_MAX_ROWS rows are used only where the sweep found this kernel
+# faster than the GEMM / dequantize paths (there it did not).
+TUNED: dict[tuple[int, int, int], GemvConfig] = {
+    (1, 4096, 6144): GemvConfig(block_n=64, programs_per_sm=8),
+    (1, 4096, 4096): GemvConfig(block_n=128, programs_per_sm=2),
+    (1, 4096, 28672): GemvConfig(block_n=64, programs_per_sm=8),
+    (1, 14336, 4096): GemvConfig(block_n=64, programs_per_sm=8),
+    (4, 4096, 6144): GemvConfig(block_n=128, dot=True),
+    (4, 4096, 4096): GemvConfig(block_n=64, dot=True),
+    (4, 4096, 28672): GemvConfig(block_n=128, num_warps=8, dot=True),
+    (4, 14336, 4096): GemvConfig(block_n=128, dot=True),
+    (16, 4096, 6144): GemvConfig(block_n=128, dot=True),
+    (16, 4096, 4096): GemvConfig(block_n=128, dot=True),
+    (16, 4096, 28672): GemvConfig(block_n=128, num_warps=8, dot=True),
+    (16, 14336, 4096): GemvConfig(block_n=128, dot=True),
+}
 
 
 def rows_bucket(m: int) -> int:
