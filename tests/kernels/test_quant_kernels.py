@@ -10,7 +10,7 @@ import torch
 from pagedserve.layers.quantization.act_quant import FP8, quantize_per_token_torch
 from pagedserve.layers.quantization.int4 import dequantize_int4, pack_int32, unpack_int32
 from pagedserve.layers.quantization.triton_act_quant import quantize_per_token_triton
-from pagedserve.layers.quantization.triton_w4a16 import w4a16_matmul
+from pagedserve.layers.quantization.triton_w4a16 import GemvConfig, w4a16_gemv, w4a16_matmul
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -36,6 +36,36 @@ def test_w4a16_paths_match_the_dequantized_reference(path, act_order):
         x = torch.randn(rows, k, device=DEVICE)
         out = w4a16_matmul(x, qweight, scales, zeros, group, g_idx, path)
         torch.testing.assert_close(out, x @ weight, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("config", [GemvConfig(block_n=32), GemvConfig(block_n=16, programs_per_sm=0),
+                                    GemvConfig(block_n=32, dot=True), GemvConfig(block_n=16, dot=True, programs_per_sm=0)],
+                         ids=["fma-split", "fma-nosplit", "dot-split", "dot-nosplit"])
+def test_decode_gemv_matches_the_dequantized_reference(config, dtype):
+    """The 128-row-block GEMV: symmetric (zero 8) and asymmetric zeros, groups of 128 and
+    256 (two blocks in one group), 1 and 5 rows, N not a multiple of BLOCK_N, K split over
+    programs or not."""
+    torch.manual_seed(1)
+    k, n = 256, 40
+    for group, symmetric in ((128, True), (256, False)):
+        qweight = pack_int32(torch.randint(0, 16, (k, n)), 0).to(DEVICE)
+        scales = (torch.rand(k // group, n) * 0.1 + 0.01).to(dtype).to(DEVICE)
+        zeros = (torch.full((k // group, n), 8) if symmetric else torch.randint(0, 16, (k // group, n)))
+        zeros = zeros.to(dtype).to(DEVICE)
+        weight = dequantize_int4(qweight, scales, zeros, group, None, torch.float32)
+        for rows in (1, 5):
+            x = torch.randn(rows, k, device=DEVICE).to(dtype)
+            out = w4a16_gemv(x, qweight, scales, zeros, group, config)
+            assert out.dtype == dtype and out.shape == (rows, n)
+            tol = 1e-4 if dtype == torch.float32 else 2e-3
+            torch.testing.assert_close(out.float(), x.float() @ weight, rtol=tol, atol=tol * 10)
+
+
+def test_decode_gemv_refuses_groups_that_split_its_blocks():
+    qweight = torch.zeros(16, 8, dtype=torch.int32)
+    with pytest.raises(ValueError, match="divisible by 128"):
+        w4a16_gemv(torch.zeros(1, 128), qweight, torch.zeros(2, 8), torch.zeros(2, 8), 64)
 
 
 def test_w4a16_launcher_checks_shapes():

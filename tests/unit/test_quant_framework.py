@@ -84,3 +84,33 @@ def test_unquantized_layers_keep_their_shapes():
     assert type(layer.quant_method).__name__ == "UnquantizedLinearMethod"
     x = torch.randn(3, 64)
     torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
+def test_act_order_rows_are_sorted_by_group_at_load():
+    """A GPTQ act-order layer whose groups are whole runs of group_size rows: the kernels'
+    qweight holds the rows sorted by group (no g_idx left), x is gathered by the permutation,
+    and the product is the dequantized reference's with the checkpoint's g_idx; a g_idx whose
+    groups are not whole keeps the gathered path."""
+    from pagedserve.layers.quantization.formats_int4 import GPTQMethod
+    from pagedserve.layers.quantization.int4 import act_order_permutation, dequantize_int4, pack_int32
+    torch.manual_seed(0)
+    k, n, group = 64, 16, 16
+    q = torch.randint(0, 16, (k, n))
+    scales = torch.rand(k // group, n) + 0.5
+    zeros = torch.randint(1, 16, (k // group, n))
+    g_idx = (torch.randperm(k) // group).to(torch.int32)
+    x = torch.randn(3, k)
+    expected = x @ dequantize_int4(pack_int32(q, 0), scales, zeros.float(), group, g_idx, torch.float32)
+    for checkpoint_g_idx, sorted_at_load in ((g_idx, True), (torch.randint(0, k // group, (k,), dtype=torch.int32), False)):
+        layer = torch.nn.Module()
+        layer.params_dtype = torch.float32
+        layer.qweight, layer.scales = pack_int32(q, 0), scales
+        layer.qzeros = pack_int32(zeros - 1, 1)
+        layer.g_idx = checkpoint_g_idx
+        method = GPTQMethod(group, desc_act=True, zero_offset=1)
+        method.process_weights_after_loading(layer)
+        assert (layer.act_order_perm is not None) == sorted_at_load
+        assert (layer.g_idx is None) == sorted_at_load
+        if sorted_at_load:
+            assert torch.equal(layer.act_order_perm, act_order_permutation(g_idx, group, k // group))
+            torch.testing.assert_close(method.apply(layer, x), expected, rtol=1e-5, atol=1e-5)

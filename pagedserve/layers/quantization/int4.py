@@ -7,6 +7,8 @@ layout the kernels read:
     scales   [G, N]           the model dtype
     zeros    [G, N]           the model dtype, in q's unsigned domain: w = (q - zeros) * scales
     g_idx    int32 [K]        group of each input row (act-order); absent: row k is in group k // group_size
+    act_order_perm int64 [K]  where act-order groups are whole: the rows sorted by group at load
+                              (g_idx then absent) and x's columns gathered in that order per matmul
 
 CUDA: the Triton kernels of triton_w4a16.py (a split-K GEMV for decode-sized batches, a
 GEMM with fused dequantization, and dequantize + cuBLAS for large batches). CPU: the layer's
@@ -55,6 +57,19 @@ def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
     return ((q.to(dtype) - zeros.to(dtype)[groups]) * scales.to(dtype)[groups])
 
 
+def act_order_permutation(g_idx: torch.Tensor, group_size: int, groups: int) -> torch.Tensor | None:
+    """The input-row order that makes act-order groups contiguous (sorted row r in group
+    r // group_size), or None where the groups are not whole runs of group_size rows (a
+    row-parallel shard of an act-order layer keeps its g_idx)."""
+    k = g_idx.numel()
+    if group_size <= 0 or k != groups * group_size:
+        return None
+    perm = torch.argsort(g_idx, stable=True)
+    if not torch.equal(g_idx[perm].long(), torch.arange(k, device=g_idx.device) // group_size):
+        return None
+    return perm
+
+
 class Int4LinearMethod(LinearMethod):
     """The shared matmul; subclasses register their checkpoint's tensors and convert them in
     `to_kernel_layout(layer) -> (qweight, scales, zeros, g_idx)`."""
@@ -101,6 +116,12 @@ class Int4LinearMethod(LinearMethod):
         for name in self.checkpoint_names():
             if hasattr(layer, name):
                 delattr(layer, name)
+        perm = None if g_idx is None else act_order_permutation(g_idx, self.group_size, scales.shape[0])
+        if perm is not None:   # rows sorted by group: the kernels see plain groups, x is permuted once
+            qweight, g_idx = pack_int32(unpack_int32(qweight, 0)[perm], 0), None
+            replace_param(layer, "act_order_perm", perm)
+        else:
+            layer.act_order_perm = None
         replace_param(layer, "qweight", qweight.contiguous())
         replace_param(layer, "scales", scales.to(dtype).contiguous())
         replace_param(layer, "zeros", zeros.to(dtype).contiguous())
@@ -112,6 +133,8 @@ class Int4LinearMethod(LinearMethod):
         layer.kernel_group_size = self.group_size if self.group_size != -1 else k
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if layer.act_order_perm is not None:
+            x = x.index_select(1, layer.act_order_perm)
         if x.is_cuda:
             from pagedserve.layers.quantization.triton_w4a16 import w4a16_matmul
             out = w4a16_matmul(x, layer.qweight, layer.scales, layer.zeros, layer.kernel_group_size, layer.g_idx)
