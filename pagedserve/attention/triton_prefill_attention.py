@@ -35,12 +35,13 @@ from pagedserve.attention.triton_paged_attention import _LOG2E, _check_attention
 @triton.jit
 def _softmax_step(q, k, v, acc, m_i, l_i, scale_log2, mask, APPLY_MASK: tl.constexpr,
                   DOT_PRECISION: tl.constexpr):
-    """One online-softmax step of a [BLOCK_M, D] query tile over a [BLOCK_N, D] K/V tile."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+    """One online-softmax step of a [BLOCK_M, D] query tile over a [BLOCK_N, D] K/V tile; m_i is
+    the running max of the scaled scores (log2 domain), so the scale and the max fold into one FMA."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if APPLY_MASK:
         s = tl.where(mask, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.math.exp2(s - m_new[:, None])
+    m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
+    p = tl.math.exp2(s * scale_log2 - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)

@@ -62,13 +62,12 @@ def check(batch: Batch, tiles: PrefillTiles | None, strided_kv: bool = False, fr
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("queries_per_kv", [1, 4])
+@pytest.mark.parametrize("queries_per_kv", [1, 2])
 def test_varlen_fresh_prompts(queries_per_kv: int, dtype: torch.dtype) -> None:
     """No context: causal over the chunk only; lengths below, on and across tile edges."""
     batch = make_batch(query_lens=[16, 5, 37, 1], context_lens=[0, 0, 0, 0], num_heads=2 * queries_per_kv,
                        num_kv_heads=2, head_dim=32, block_size=16, dtype=dtype, seed=queries_per_kv)
     check(batch, SMALL)
-    check(batch, SMALL, from_cache=True)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
@@ -78,7 +77,7 @@ def test_cached_context_and_new_tokens(block_size: int, from_cache: bool, dtype:
     """Chunked prefill: chunks after cached contexts (on and off block/tile edges), GQA 3:1,
     an empty chunk, head_dim padded to a power of two; the new K/V from a strided view of a
     fused buffer, or read back from the cache."""
-    batch = make_batch(query_lens=[20, 0, 33, 7], context_lens=[32, 9, 19, 50], num_heads=6, num_kv_heads=2,
+    batch = make_batch(query_lens=[20, 0, 33, 7], context_lens=[32, 9, 19, 50], num_heads=3, num_kv_heads=1,
                        head_dim=48, block_size=block_size, dtype=dtype, seed=block_size)
     check(batch, SMALL, strided_kv=True, from_cache=from_cache)
 
