@@ -245,7 +245,8 @@ SWEEP = [PrefillTiles(128, 64, 8, 3), PrefillTiles(128, 128, 8, 3), PrefillTiles
 def stage_micro() -> None:
     cases = [("fresh", [300], [0]), ("chunk", [150], [150])] if SMOKE else \
         [("fresh16k", [16384], [0]), ("chunk8k_after8k", [8192], [8192]),
-         ("fresh2k", [2048], [0]), ("chunk512_after4k", [512], [4096])]
+         ("fresh2k", [2048], [0]), ("chunk512_after4k", [512], [4096]), ("fresh1k", [1024], [0]),
+         ("fresh256", [256], [0]), ("chunks4x256_after1k", [256] * 4, [1024] * 4)]
     rows = []
     for label, qls, cls in cases:
         b = Paged(qls, cls, torch.float32 if SMOKE else torch.bfloat16, seed=3)
@@ -266,7 +267,13 @@ def stage_micro() -> None:
                     timings[name] = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
         if cls[0] == 0:
             timings.update(sdpa_refs(b))
-        timings["varlen_attn"] = varlen_ref(b)
+        elif len(qls) == 1:  # what copying the context to contiguous K/V would cost (per layer)
+            index = b.block_tables[0].long()
+            timings["gather_context_kv_only"] = bench_ms(
+                lambda: (b.k_cache[index].reshape(-1, HKV, D)[:cls[0]].contiguous(),
+                         b.v_cache[index].reshape(-1, HKV, D)[:cls[0]].contiguous()))
+        if len(qls) == 1:
+            timings["varlen_attn"] = varlen_ref(b)
         for name, ms in timings.items():
             tflops = round(flop / (ms * 1e-3) / 1e12, 1) if isinstance(ms, float) else None
             emit(stage="micro", case=label, kernel=name, ms=round(ms, 3) if isinstance(ms, float) else ms,
@@ -441,7 +448,10 @@ def stage_long64(llm) -> None:
 
 def main() -> None:
     if not SMOKE:
-        emit(stage="env", device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
+        import torch.nn.attention as nn_attention
+        impls = getattr(nn_attention, "list_flash_attention_impls", lambda: "n/a")()
+        emit(stage="env", device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+             flash_attention_impls=impls)
     ok = stage_check()
     if not ok:
         print("CORRECTNESS FAILED: timings skipped", flush=True)
