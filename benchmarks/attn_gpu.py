@@ -29,6 +29,7 @@ Stages:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -40,7 +41,7 @@ import traceback
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU through the Triton interpreter")
-ap.add_argument("--stages", default="micro,decode,engine,long64")
+ap.add_argument("--stages", default="micro,engine,long64,budget16k")
 args = ap.parse_args()
 SMOKE = args.cpu_smoke
 if SMOKE:
@@ -54,6 +55,7 @@ from pagedserve.attention.backend import TritonBackend  # noqa: E402
 from pagedserve.attention.metadata import AttentionMetadata  # noqa: E402
 from pagedserve.attention.torch_ref import paged_attention_ref  # noqa: E402
 from pagedserve.attention.triton_paged_attention import paged_attention  # noqa: E402
+from pagedserve.attention.sdpa_prefill import sdpa_prefill_sequence  # noqa: E402
 from pagedserve.attention.triton_prefill_attention import (  # noqa: E402
     PrefillTiles, default_prefill_tiles, prefill_attention)
 
@@ -62,6 +64,25 @@ OUT = os.environ.get("OUT")
 T_START = time.time()
 HQ, HKV, D, BS = (4, 2, 32, 16) if SMOKE else (32, 8, 128, 16)
 PAGED_ONLY = 1 << 30  # prefill_min_query_len that keeps every chunk on the paged kernel
+# engine A/B modes: (name, TritonBackend.prefill_min_query_len, TritonBackend.use_sdpa)
+SDPA = ("sdpa_by_sequence", TritonBackend.prefill_min_query_len, True)
+TRITON = ("triton_prefill", TritonBackend.prefill_min_query_len, False)
+PAGED = ("paged_only", PAGED_ONLY, False)
+
+
+class backend_mode:
+    """Sets TritonBackend's class knobs for one A/B mode (every engine layer's backend reads them)."""
+
+    def __init__(self, mode) -> None:
+        self.mode = mode
+
+    def __enter__(self):
+        self.saved = (TritonBackend.prefill_min_query_len, TritonBackend.use_sdpa)
+        TritonBackend.prefill_min_query_len, TritonBackend.use_sdpa = self.mode[1], self.mode[2]
+        return self.mode[0]
+
+    def __exit__(self, *exc) -> None:
+        TritonBackend.prefill_min_query_len, TritonBackend.use_sdpa = self.saved
 
 
 def emit(**kw) -> None:
@@ -124,9 +145,23 @@ class Paged:
             self.num_decodes += 1
         self.scale = D ** -0.5
 
-    def meta(self) -> AttentionMetadata:
+    def as_fused_qkv_views(self) -> None:
+        """query/key/value as views into one [T, (Hq + 2 Hkv) * D] buffer, as the model passes them."""
+        t = self.num_tokens
+        fused = torch.cat([self.query.reshape(t, -1), self.key.reshape(t, -1), self.value.reshape(t, -1)], dim=1)
+        self.query = fused[:, :HQ * D].view(t, HQ, D)
+        self.key = fused[:, HQ * D:(HQ + HKV) * D].view(t, HKV, D)
+        self.value = fused[:, (HQ + HKV) * D:].view(t, HKV, D)
+
+    def meta(self, host_lists: bool = False) -> AttentionMetadata:
+        host = (self.qsl.tolist(), self.seq_lens.tolist()) if host_lists else (None, None)
         return AttentionMetadata(self.slot_mapping, self.qsl, self.seq_lens, self.block_tables, self.max_q,
-                                 self.max_s, self.num_decodes, self.num_decodes)
+                                 self.max_s, self.num_decodes, self.num_decodes, *host)
+
+    def sdpa_by_sequence(self, out):
+        """Single-sequence cases: torch's cuDNN attention (new part + gathered context, LSE merge)."""
+        return sdpa_prefill_sequence(self.query, self.key, self.value, self.k_cache, self.v_cache,
+                                     self.block_tables[0], 0, self.query_lens[0], self.context_lens[0], self.scale, out)
 
     def paged(self, out=None, num_splits=None):
         return paged_attention(self.query, self.k_cache, self.v_cache, self.block_tables, self.seq_lens, self.qsl,
@@ -151,17 +186,27 @@ def stage_check() -> bool:
         ([1, 1, 1, 300, 1000, 37, 2048, 513], [500, 20, 4000, 0, 3000, 100, 1500, 129])
     backend = TritonBackend()
     backend.prefill_min_query_len = 32 if SMOKE else 256
+    backend.sdpa_min_query_len = 40 if SMOKE else 512  # the 513/1000/2048 chunks through cuDNN
+    if SMOKE:
+        backend._sdpa_available = lambda device, dtype, head_dim: True  # math stand-in on CPU
     for dtype in ([torch.float32] if SMOKE else [torch.bfloat16, torch.float32]):
         b = Paged(cases[0], cases[1], dtype, seed=1)
+        b.as_fused_qkv_views()
         ref = b.reference_fp32()
         got_backend = backend.attend(b.query, b.key, b.value, b.k_cache, b.v_cache, b.meta(), b.scale)
+        got_sdpa = backend.attend(b.query, b.key, b.value, b.k_cache, b.v_cache, b.meta(host_lists=True), b.scale)
         got_paged = b.paged()
         tol = 3e-2 if dtype == torch.bfloat16 else 2e-4
         errs = {name: float((got.float() - ref).abs().max())
-                for name, got in (("backend_prefill_kernel", got_backend), ("paged_kernel", got_paged))}
-        passed = all(e <= tol and math.isfinite(e) for e in errs.values())
-        ok &= passed
-        emit(stage="check", dtype=str(dtype), max_abs_err=errs, tol=tol, passed=passed)
+                for name, got in (("backend_prefill_kernel", got_backend), ("backend_sdpa_by_sequence", got_sdpa),
+                                  ("paged_kernel", got_paged))}
+        passed = {name: e <= tol and math.isfinite(e) for name, e in errs.items()}
+        emit(stage="check", dtype=str(dtype), max_abs_err=errs, tol=tol, passed=passed,
+             sdpa_path_still_on=TritonBackend.use_sdpa)
+        if not passed["backend_sdpa_by_sequence"]:  # measure the rest without it rather than stop
+            print("SDPA-BY-SEQUENCE PATH WRONG: turned off for the rest of the run", flush=True)
+            TritonBackend.use_sdpa = False
+        ok &= passed["backend_prefill_kernel"] and passed["paged_kernel"]
     # fresh long prompt, bf16: the prefill kernel against the paged kernel (both bf16)
     n = 300 if SMOKE else 16384
     b = Paged([n], [0], torch.float32 if SMOKE else torch.bfloat16, seed=2)
@@ -238,8 +283,8 @@ def varlen_ref(b: Paged) -> float | str:
         return f"unavailable: {type(exc).__name__}: {str(exc)[:160]}"
 
 
-SWEEP = [PrefillTiles(128, 64, 8, 3), PrefillTiles(128, 128, 8, 3), PrefillTiles(128, 64, 8, 4),
-         PrefillTiles(128, 64, 4, 3), PrefillTiles(128, 128, 8, 2), PrefillTiles(64, 64, 4, 3)]
+# the two best of a first sweep on the H200 (fresh16k / chunk8k_after8k) beside the default
+SWEEP = [PrefillTiles(128, 128, 8, 3), PrefillTiles(128, 64, 8, 4)]
 
 
 def stage_micro() -> None:
@@ -256,7 +301,16 @@ def stage_micro() -> None:
         default = default_prefill_tiles(b.query.dtype, triton.next_power_of_2(D))
         timings["prefill_kernel"] = bench_ms(lambda: b.prefill(out))
         timings["prefill_kernel_kv_from_cache"] = bench_ms(lambda: b.prefill(out, from_cache=True))
-        if not SMOKE and label in ("fresh16k", "chunk8k_after8k"):
+        if len(qls) == 1 and (SMOKE or b.query.is_cuda):
+            try:
+                sdpa_out = torch.empty_like(b.query)
+                err = float((b.sdpa_by_sequence(sdpa_out).float() - b.prefill(out).float()).abs().max()) \
+                    if not SMOKE else 0.0
+                emit(stage="micro", case=label, check="sdpa_by_sequence_vs_prefill_kernel", max_abs=err)
+                timings["sdpa_by_sequence"] = bench_ms(lambda: b.sdpa_by_sequence(sdpa_out))
+            except Exception as exc:
+                timings["sdpa_by_sequence"] = f"failed: {type(exc).__name__}: {str(exc)[:160]}"
+        if not SMOKE:
             for t in SWEEP:
                 if t == default:
                     continue
@@ -310,7 +364,7 @@ def stage_decode() -> None:
 
 
 # --------------------------------------------------------------------------------------- engine
-def make_llm():
+def make_llm(**extra):
     from pagedserve import LLM
     if SMOKE:
         d = "/tmp/attn_gpu_smoke_model"
@@ -321,7 +375,7 @@ def make_llm():
                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
         json.dump(cfg, open(f"{d}/config.json", "w"))
         return LLM(model=d, load_format="dummy", skip_tokenizer_init=True, dtype="float32", max_model_len=2048,
-                   seed=0)
+                   seed=0, **extra)
     sys.path.insert(0, ".devcarry")
     sys.path.insert(0, "../shared/bench")
     from peers import make_model_dir
@@ -332,12 +386,14 @@ def make_llm():
     os.makedirs(d, exist_ok=True)
     json.dump(cfg, open(f"{d}/config.json", "w"))
     return LLM(model=d, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", max_model_len=32768,
-               gpu_memory_utilization=0.85, seed=0)
+               gpu_memory_utilization=0.85, seed=0, **extra)
 
 
 KERNEL_CLASSES = [  # (class, substrings of the kernel name), first match wins
     ("attn_prefill_kernel", ("_prefill_attention_kernel",)),
     ("attn_paged_kernel", ("_paged_attention_kernel", "_reduce_segments")),
+    ("attn_merge", ("_merge_kernel",)),
+    ("attn_sdpa", ("sdpa", "fmha", "flash", "cudnn", "attention")),
     ("store_kv", ("store_kv",)),
     ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "splitk", "gemv", "matmul", "_w4a16")),
     ("norm_rope_act", ("rms", "norm", "rotary", "rope", "silu", "act", "fused")),
@@ -376,7 +432,7 @@ def kernel_summary(prof, wall_ms: float, label: str) -> dict:
                 classes_ms={c: round(ms, 2) for c, ms in classes.items()})
 
 
-def stage_engine(llm, rng: random.Random) -> None:
+def stage_engine(llm, rng: random.Random, modes=(SDPA, TRITON, PAGED), profiles: bool = True) -> None:
     from torch.profiler import ProfilerActivity, profile
     from pagedserve import SamplingParams
     n = 600 if SMOKE else 16384
@@ -394,14 +450,14 @@ def stage_engine(llm, rng: random.Random) -> None:
         return (time.perf_counter() - t0) * 1e3
 
     activities = [ProfilerActivity.CPU] + ([] if SMOKE else [ProfilerActivity.CUDA])
-    for mode, threshold in (("prefill_kernel", TritonBackend.prefill_min_query_len), ("paged_only", PAGED_ONLY)):
-        saved = TritonBackend.prefill_min_query_len
-        TritonBackend.prefill_min_query_len = threshold
-        try:
+    for mode_spec in modes:
+        with backend_mode(mode_spec) as mode:
             ttft()  # compiles / warms this path
             times = [ttft() for _ in range(1 if SMOKE else 3)]
             emit(stage="engine", workload=f"ttft{n}", mode=mode, ms=[round(t, 1) for t in times],
                  median_ms=round(statistics.median(times), 1))
+            if not profiles:
+                continue
             prompt = fresh()
             with profile(activities=activities) as prof:
                 t0 = time.perf_counter()
@@ -414,11 +470,9 @@ def stage_engine(llm, rng: random.Random) -> None:
             except Exception:
                 summary = dict(wall_ms=round(wall, 1), summary_failed=traceback.format_exc(limit=2)[-400:])
             emit(stage="engine", workload=f"profile_ttft{n}", mode=mode, **summary)
-        finally:
-            TritonBackend.prefill_min_query_len = saved
 
 
-def stage_long64(llm) -> None:
+def stage_long64(llm, modes=(SDPA, TRITON), label: str = "long64") -> None:
     """peers_long.py's long64, the same requests (its rng: seed 1, 2000 warm-up draws first)."""
     from pagedserve import SamplingParams
     rng = random.Random(1)
@@ -429,21 +483,16 @@ def stage_long64(llm) -> None:
     if SMOKE:
         reqs = [(p, 4) for p, _ in reqs]
     params = [SamplingParams(max_tokens=o, ignore_eos=True, temperature=0.0, detokenize=False) for _, o in reqs]
-    for run, (mode, threshold) in enumerate((("prefill_kernel", TritonBackend.prefill_min_query_len),
-                                             ("paged_only", PAGED_ONLY))):
-        # the second run shifts every first token: same lengths, no prefix-cache hit on the first run
+    for run, mode_spec in enumerate(modes):
+        # later runs shift every first token: same lengths, no prefix-cache hit on an earlier run
         prompts = [{"prompt_token_ids": [3 + (p[0] + run) % 31990] + p[1:]} for p, _ in reqs]
-        saved = TritonBackend.prefill_min_query_len
-        TritonBackend.prefill_min_query_len = threshold
-        try:
+        with backend_mode(mode_spec) as mode:
             t0 = time.perf_counter()
             outs = llm.generate(prompts, params, use_tqdm=False)
             dt = time.perf_counter() - t0
             gen = sum(len(o.outputs[0].token_ids) for o in outs)
-            emit(stage="long64", mode=mode, wall_s=round(dt, 2), out_tok_s=round(gen / dt, 1),
+            emit(stage=label, mode=mode, wall_s=round(dt, 2), out_tok_s=round(gen / dt, 1),
                  total_tok_s=round((gen + sum(len(p) for p, _ in reqs)) / dt, 1))
-        finally:
-            TritonBackend.prefill_min_query_len = saved
 
 
 def main() -> None:
@@ -473,7 +522,7 @@ def main() -> None:
         guarded("decode", stage_decode)
     if not SMOKE:
         torch.cuda.empty_cache()
-    if STAGES & {"engine", "long64"}:
+    if STAGES & {"engine", "long64", "budget16k"}:
         t0 = time.time()
         llm = make_llm()
         emit(stage="engine", startup_s=round(time.time() - t0, 1))
@@ -482,6 +531,21 @@ def main() -> None:
             guarded("engine", stage_engine, llm, rng)
         if "long64" in STAGES:
             guarded("long64", stage_long64, llm)
+        if "budget16k" in STAGES:  # an engine with a 16k-token step budget: a 16k prompt in one chunk
+            llm.shutdown()
+            del llm
+            gc.collect()
+            if not SMOKE:
+                torch.cuda.empty_cache()
+
+            def stage_budget16k() -> None:
+                budget = 1200 if SMOKE else 16384
+                t0 = time.time()
+                llm = make_llm(max_num_batched_tokens=budget)
+                emit(stage="budget16k", max_num_batched_tokens=budget, startup_s=round(time.time() - t0, 1))
+                stage_engine(llm, random.Random(8), (SDPA,), False)
+                stage_long64(llm, (SDPA,), "long64_budget16k")
+            guarded("budget16k", stage_budget16k)
     emit(stage="done", total_s=round(time.time() - T_START, 1), failed_stages=failed)
 
 

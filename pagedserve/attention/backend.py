@@ -38,21 +38,29 @@ class TorchBackend:
 
 class TritonBackend:
     """Decodes and short prefill chunks: the paged kernel (triton_paged_attention). A step whose
-    longest chunk has at least `prefill_min_query_len` tokens sends its chunks to the
-    FlashAttention-style kernel (triton_prefill_attention: new K/V read contiguous, context
-    through the block table) and only its decodes to the paged kernel. The choice reads host
-    ints only, so it is fixed per CUDA-graph bucket."""
+    longest chunk has at least `prefill_min_query_len` tokens sends only its decodes there; its
+    chunks go to the FlashAttention-style Triton kernel (triton_prefill_attention: new K/V read
+    contiguous, context through the block table), except chunks of at least
+    `sdpa_min_query_len` tokens in eager steps, which run torch's cuDNN attention one sequence
+    at a time (sdpa_prefill: new part causal + gathered context, merged by LSE) where cuDNN
+    attention is available. The choices read host values only, so a CUDA-graph bucket always
+    takes the same path."""
 
     name = "triton"
     prefill_min_query_len = 256
+    sdpa_min_query_len = 1024
+    use_sdpa = True  # turned off (with a warning) if the cuDNN call ever fails
 
     def __init__(self) -> None:
+        from pagedserve.attention.sdpa_prefill import sdpa_available, sdpa_prefill_sequence
         from pagedserve.attention.triton_paged_attention import paged_attention
         from pagedserve.attention.triton_prefill_attention import prefill_attention
         from pagedserve.attention.triton_store_kv import store_kv
         self._store_kv = store_kv
         self._paged_attention = paged_attention
         self._prefill_attention = prefill_attention
+        self._sdpa_available = sdpa_available
+        self._sdpa_prefill_sequence = sdpa_prefill_sequence
 
     def store_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
         self._store_kv(key, value, k_cache, v_cache, slot_mapping)
@@ -68,9 +76,42 @@ class TritonBackend:
             self._paged_attention(query, k_cache, v_cache, meta.block_tables[:num_decodes],
                                   meta.seq_lens[:num_decodes], meta.query_start_loc[:num_decodes + 1],
                                   scale, 1, meta.max_seq_len, num_decodes=num_decodes, out=out)
-        return self._prefill_attention(query, key, value, k_cache, v_cache, meta.block_tables,
-                                       meta.seq_lens, meta.query_start_loc, scale, out, num_decodes,
-                                       num_seqs, query.shape[0] - num_decodes)
+        qsl = meta.query_start_loc_host
+        if self.use_sdpa and qsl is not None and meta.seq_lens_host is not None \
+                and meta.max_query_len >= self.sdpa_min_query_len \
+                and self._sdpa_available(query.device, query.dtype, query.shape[2]):
+            try:
+                return self._prefill_by_sequence(query, key, value, k_cache, v_cache, meta, scale, out)
+            except RuntimeError:
+                logger.warning("torch's cuDNN attention failed on a prefill chunk; using the Triton "
+                               "kernel from now on", exc_info=True)
+                type(self).use_sdpa = False
+        return self._triton_prefill(query, key, value, k_cache, v_cache, meta, scale, out, num_decodes,
+                                    num_seqs, query.shape[0] - num_decodes)
+
+    def _triton_prefill(self, query, key, value, k_cache, v_cache, meta, scale, out, seq_begin, seq_end,
+                        max_tokens) -> torch.Tensor:
+        return self._prefill_attention(query, key, value, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                       meta.query_start_loc, scale, out, seq_begin, seq_end, max_tokens)
+
+    def _prefill_by_sequence(self, query, key, value, k_cache, v_cache, meta, scale, out) -> torch.Tensor:
+        """Chunks of >= sdpa_min_query_len tokens through sdpa_prefill_sequence, each run of
+        shorter ones in one Triton launch."""
+        qsl, seq_lens = meta.query_start_loc_host, meta.seq_lens_host
+        run_begin = None  # first sequence of the current run of short chunks
+        for s in range(meta.num_decodes, meta.num_seqs + 1):
+            query_len = int(qsl[s + 1] - qsl[s]) if s < meta.num_seqs else 0
+            if s < meta.num_seqs and query_len < self.sdpa_min_query_len:
+                run_begin = s if run_begin is None else run_begin
+                continue
+            if run_begin is not None:
+                self._triton_prefill(query, key, value, k_cache, v_cache, meta, scale, out, run_begin, s,
+                                     int(qsl[s] - qsl[run_begin]))
+                run_begin = None
+            if s < meta.num_seqs:
+                self._sdpa_prefill_sequence(query, key, value, k_cache, v_cache, meta.block_tables[s], int(qsl[s]),
+                                      query_len, int(seq_lens[s]) - query_len, scale, out)
+        return out
 
 
 def select_backend(device: torch.device) -> AttentionBackend:

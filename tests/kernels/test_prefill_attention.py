@@ -108,22 +108,42 @@ def test_split_chunked_prefill_matches_one_shot() -> None:
     torch.testing.assert_close(tail[23:40], out[23:40], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_backend_mixed_step(dtype: torch.dtype) -> None:
-    """TritonBackend with the prefill threshold lowered: decodes go to the paged kernel, the
-    chunks to the prefill kernel, one output."""
-    batch = make_batch(query_lens=[1, 1, 24, 9], context_lens=[30, 3, 17, 0], num_heads=4, num_kv_heads=2,
-                       head_dim=32, block_size=16, dtype=dtype, seed=13)
+def backend_step(query_lens: list[int], context_lens: list[int], num_decodes: int, dtype: torch.dtype,
+                 backend: TritonBackend, host_lists: bool, seed: int) -> None:
+    """One step through backend.attend against the reference."""
+    batch = make_batch(query_lens=query_lens, context_lens=context_lens, num_heads=4, num_kv_heads=2,
+                       head_dim=32, block_size=16, dtype=dtype, seed=seed)
     num_tokens = int(batch.query_start_loc[-1])
     key, value = new_kv(batch)
     meta = AttentionMetadata(slot_mapping=torch.zeros(num_tokens, dtype=torch.int64, device=DEVICE),
                              query_start_loc=batch.query_start_loc, seq_lens=batch.seq_lens,
                              block_tables=batch.block_tables, max_query_len=batch.max_query_len,
-                             max_seq_len=batch.max_seq_len, num_decodes=2, num_decode_tokens=2)
-    backend = TritonBackend()
-    backend.prefill_min_query_len = 8
+                             max_seq_len=batch.max_seq_len, num_decodes=num_decodes, num_decode_tokens=num_decodes,
+                             query_start_loc_host=batch.query_start_loc.tolist() if host_lists else None,
+                             seq_lens_host=batch.seq_lens.tolist() if host_lists else None)
     out = backend.attend(batch.query, key, value, batch.k_cache, batch.v_cache, meta, batch.scale)
     expected = paged_attention_ref(batch.query, batch.k_cache, batch.v_cache, batch.block_tables,
-                                   batch.seq_lens, batch.query_start_loc, batch.scale, 2)
+                                   batch.seq_lens, batch.query_start_loc, batch.scale, num_decodes)
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(out[:num_tokens], expected[:num_tokens], atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_backend_mixed_step(dtype: torch.dtype) -> None:
+    """TritonBackend with the prefill threshold lowered: decodes go to the paged kernel, the
+    chunks to the prefill kernel, one output."""
+    backend = TritonBackend()
+    backend.prefill_min_query_len = 8
+    backend_step([1, 1, 24, 9], [30, 3, 17, 0], 2, dtype, backend, host_lists=False, seed=13)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_backend_sdpa_by_sequence(dtype: torch.dtype) -> None:
+    """The per-sequence SDPA path (math stand-in for cuDNN off CUDA), thresholds lowered:
+    decodes -> paged kernel; chunks of >= 20 tokens -> SDPA (with cached context: new part +
+    gathered context merged by LSE; fresh: new part only); the runs of shorter chunks between
+    them -> one Triton launch each."""
+    backend = TritonBackend()
+    backend.prefill_min_query_len, backend.sdpa_min_query_len = 8, 20
+    backend._sdpa_available = lambda device, dtype, head_dim: True
+    backend_step([1, 9, 5, 33, 12, 21], [40, 30, 0, 17, 3, 0], 1, dtype, backend, host_lists=True, seed=17)
