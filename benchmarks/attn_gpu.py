@@ -41,7 +41,7 @@ import traceback
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU through the Triton interpreter")
-ap.add_argument("--stages", default="micro,engine,long64,budget16k")
+ap.add_argument("--stages", default="cudnn_shapes,micro,engine,long64,budget16k")
 args = ap.parse_args()
 SMOKE = args.cpu_smoke
 if SMOKE:
@@ -64,10 +64,11 @@ OUT = os.environ.get("OUT")
 T_START = time.time()
 HQ, HKV, D, BS = (4, 2, 32, 16) if SMOKE else (32, 8, 128, 16)
 PAGED_ONLY = 1 << 30  # prefill_min_query_len that keeps every chunk on the paged kernel
-# engine A/B modes: (name, TritonBackend.prefill_min_query_len, TritonBackend.use_sdpa)
-SDPA = ("sdpa_by_sequence", TritonBackend.prefill_min_query_len, True)
-TRITON = ("triton_prefill", TritonBackend.prefill_min_query_len, False)
-PAGED = ("paged_only", PAGED_ONLY, False)
+# engine A/B modes: (name, TritonBackend.prefill_min_query_len, .use_sdpa, .long_chunk_path)
+SDPA = ("cudnn_by_sequence", TritonBackend.prefill_min_query_len, True, "cudnn")
+GATHERED = ("triton_by_sequence", TritonBackend.prefill_min_query_len, True, "triton")
+TRITON = ("triton_prefill", TritonBackend.prefill_min_query_len, False, "cudnn")
+PAGED = ("paged_only", PAGED_ONLY, False, "cudnn")
 
 
 class backend_mode:
@@ -77,12 +78,12 @@ class backend_mode:
         self.mode = mode
 
     def __enter__(self):
-        self.saved = (TritonBackend.prefill_min_query_len, TritonBackend.use_sdpa)
-        TritonBackend.prefill_min_query_len, TritonBackend.use_sdpa = self.mode[1], self.mode[2]
+        self.saved = (TritonBackend.prefill_min_query_len, TritonBackend.use_sdpa, TritonBackend.long_chunk_path)
+        TritonBackend.prefill_min_query_len, TritonBackend.use_sdpa, TritonBackend.long_chunk_path = self.mode[1:]
         return self.mode[0]
 
     def __exit__(self, *exc) -> None:
-        TritonBackend.prefill_min_query_len, TritonBackend.use_sdpa = self.saved
+        TritonBackend.prefill_min_query_len, TritonBackend.use_sdpa, TritonBackend.long_chunk_path = self.saved
 
 
 def emit(**kw) -> None:
@@ -158,6 +159,14 @@ class Paged:
         return AttentionMetadata(self.slot_mapping, self.qsl, self.seq_lens, self.block_tables, self.max_q,
                                  self.max_s, self.num_decodes, self.num_decodes, *host)
 
+    def triton_by_sequence(self, out):
+        """Single-sequence cases: the prefill kernel on a contiguous copy of the context (gather included)."""
+        from pagedserve.attention.sdpa_prefill import gather_context
+        context = gather_context(self.k_cache, self.v_cache, self.block_tables[0], self.context_lens[0]) \
+            if self.context_lens[0] else None
+        return prefill_attention(self.query, self.key, self.value, self.k_cache, self.v_cache, self.block_tables,
+                                 self.seq_lens, self.qsl, self.scale, out, 0, 1, self.query_lens[0], context=context)
+
     def sdpa_by_sequence(self, out):
         """Single-sequence cases: torch's cuDNN attention (new part + gathered context, LSE merge)."""
         return sdpa_prefill_sequence(self.query, self.key, self.value, self.k_cache, self.v_cache,
@@ -195,18 +204,22 @@ def stage_check() -> bool:
         ref = b.reference_fp32()
         got_backend = backend.attend(b.query, b.key, b.value, b.k_cache, b.v_cache, b.meta(), b.scale)
         got_sdpa = backend.attend(b.query, b.key, b.value, b.k_cache, b.v_cache, b.meta(host_lists=True), b.scale)
+        backend.long_chunk_path = "triton"
+        got_gathered = backend.attend(b.query, b.key, b.value, b.k_cache, b.v_cache, b.meta(host_lists=True),
+                                      b.scale)
+        backend.long_chunk_path = "cudnn"
         got_paged = b.paged()
         tol = 3e-2 if dtype == torch.bfloat16 else 2e-4
         errs = {name: float((got.float() - ref).abs().max())
                 for name, got in (("backend_prefill_kernel", got_backend), ("backend_sdpa_by_sequence", got_sdpa),
-                                  ("paged_kernel", got_paged))}
+                                  ("backend_triton_by_sequence", got_gathered), ("paged_kernel", got_paged))}
         passed = {name: e <= tol and math.isfinite(e) for name, e in errs.items()}
         emit(stage="check", dtype=str(dtype), max_abs_err=errs, tol=tol, passed=passed,
              sdpa_path_still_on=TritonBackend.use_sdpa)
         if not passed["backend_sdpa_by_sequence"]:  # measure the rest without it rather than stop
             print("SDPA-BY-SEQUENCE PATH WRONG: turned off for the rest of the run", flush=True)
             TritonBackend.use_sdpa = False
-        ok &= passed["backend_prefill_kernel"] and passed["paged_kernel"]
+        ok &= passed["backend_prefill_kernel"] and passed["paged_kernel"] and passed["backend_triton_by_sequence"]
     # fresh long prompt, bf16: the prefill kernel against the paged kernel (both bf16)
     n = 300 if SMOKE else 16384
     b = Paged([n], [0], torch.float32 if SMOKE else torch.bfloat16, seed=2)
@@ -310,6 +323,10 @@ def stage_micro() -> None:
                 timings["sdpa_by_sequence"] = bench_ms(lambda: b.sdpa_by_sequence(sdpa_out))
             except Exception as exc:
                 timings["sdpa_by_sequence"] = f"failed: {type(exc).__name__}: {str(exc)[:160]}"
+        if len(qls) == 1:
+            err = float((b.triton_by_sequence(torch.empty_like(b.query)).float() - b.prefill(out).float()).abs().max())
+            emit(stage="micro", case=label, check="triton_by_sequence_vs_prefill_kernel", max_abs=err)
+            timings["triton_by_sequence"] = bench_ms(lambda: b.triton_by_sequence(out))
         if not SMOKE:
             for t in SWEEP:
                 if t == default:
@@ -336,6 +353,41 @@ def stage_micro() -> None:
     print(f"\n{'case':<18} {'kernel':<28} {'ms':>9} {'TFLOP/s':>8}")
     for label, name, ms, tflops in rows:
         print(f"{label:<18} {name:<28} {ms if isinstance(ms, str) else f'{ms:9.3f}'} {tflops or '':>8}")
+
+
+def stage_cudnn_shapes() -> None:
+    """What a chunk shape cuDNN has not seen costs: torch caches one cuDNN graph per (s_q, s_kv,
+    strides), so the first call of each new shape builds one. First call vs the cached call."""
+    from pagedserve.attention.sdpa_prefill import sdpa_with_lse
+    shapes = [(300, 0), (301, 150)] if SMOKE else [(3001, 0), (3001, 2000), (5003, 0), (5003, 7001), (7777, 333)]
+    for query_len, context_len in shapes:
+        b = Paged([query_len], [context_len] if context_len else [0], torch.float32 if SMOKE else torch.bfloat16,
+                  seed=5)
+        q = b.query.transpose(0, 1).unsqueeze(0)
+        k = b.key.transpose(0, 1).unsqueeze(0)
+        v = b.value.transpose(0, 1).unsqueeze(0)
+        if not SMOKE:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        sdpa_with_lse(q, k, v, True, b.scale)
+        if not SMOKE:
+            torch.cuda.synchronize()
+        first_ms = (time.perf_counter() - t0) * 1e3
+        cached_ms = bench_ms(lambda: sdpa_with_lse(q, k, v, True, b.scale))
+        out = torch.empty_like(b.query)
+        if not SMOKE:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        b.sdpa_by_sequence(out)  # a new (L, C) pair: two graphs when C > 0
+        if not SMOKE:
+            torch.cuda.synchronize()
+        seq_first_ms = (time.perf_counter() - t0) * 1e3
+        emit(stage="cudnn_shapes", query_len=query_len, context_len=context_len,
+             new_part_first_call_ms=round(first_ms, 2), new_part_cached_ms=round(cached_ms, 3),
+             by_sequence_first_call_ms=round(seq_first_ms, 2),
+             by_sequence_cached_ms=round(bench_ms(lambda: b.sdpa_by_sequence(out)), 3),
+             triton_prefill_ms=round(bench_ms(lambda: b.prefill(out)), 3),
+             triton_by_sequence_ms=round(bench_ms(lambda: b.triton_by_sequence(out)), 3))
 
 
 # --------------------------------------------------------------------------------------- decode
@@ -432,7 +484,7 @@ def kernel_summary(prof, wall_ms: float, label: str) -> dict:
                 classes_ms={c: round(ms, 2) for c, ms in classes.items()})
 
 
-def stage_engine(llm, rng: random.Random, modes=(SDPA, TRITON, PAGED), profiles: bool = True) -> None:
+def stage_engine(llm, rng: random.Random, modes=(SDPA, GATHERED, TRITON, PAGED), profiles: bool = True) -> None:
     from torch.profiler import ProfilerActivity, profile
     from pagedserve import SamplingParams
     n = 600 if SMOKE else 16384
@@ -472,7 +524,7 @@ def stage_engine(llm, rng: random.Random, modes=(SDPA, TRITON, PAGED), profiles:
             emit(stage="engine", workload=f"profile_ttft{n}", mode=mode, **summary)
 
 
-def stage_long64(llm, modes=(SDPA, TRITON), label: str = "long64") -> None:
+def stage_long64(llm, modes=(SDPA, GATHERED, TRITON), label: str = "long64") -> None:
     """peers_long.py's long64, the same requests (its rng: seed 1, 2000 warm-up draws first)."""
     from pagedserve import SamplingParams
     rng = random.Random(1)
@@ -516,6 +568,8 @@ def main() -> None:
             failed.append(name)
             emit(stage=name, failed=traceback.format_exc(limit=3)[-600:])
 
+    if "cudnn_shapes" in STAGES:
+        guarded("cudnn_shapes", stage_cudnn_shapes)
     if "micro" in STAGES:
         guarded("micro", stage_micro)
     if "decode" in STAGES:

@@ -41,18 +41,20 @@ class TritonBackend:
     longest chunk has at least `prefill_min_query_len` tokens sends only its decodes there; its
     chunks go to the FlashAttention-style Triton kernel (triton_prefill_attention: new K/V read
     contiguous, context through the block table), except chunks of at least
-    `sdpa_min_query_len` tokens in eager steps, which run torch's cuDNN attention one sequence
-    at a time (sdpa_prefill: new part causal + gathered context, merged by LSE) where cuDNN
-    attention is available. The choices read host values only, so a CUDA-graph bucket always
-    takes the same path."""
+    `sdpa_min_query_len` tokens in eager steps, which run one sequence at a time with the
+    context gathered to contiguous K/V: long_chunk_path "cudnn", torch's cuDNN attention
+    (sdpa_prefill: new part causal + context, merged by LSE) where available, or "triton",
+    the same Triton kernel reading the contiguous copy. The choices read host values only, so
+    a CUDA-graph bucket always takes the same path."""
 
     name = "triton"
     prefill_min_query_len = 256
     sdpa_min_query_len = 1024
-    use_sdpa = True  # turned off (with a warning) if the cuDNN call ever fails
+    use_sdpa = True  # the per-sequence path for long chunks (off: every chunk in one Triton launch)
+    long_chunk_path = "cudnn"  # "cudnn" | "triton"; cuDNN is left (with a warning) if it ever fails
 
     def __init__(self) -> None:
-        from pagedserve.attention.sdpa_prefill import sdpa_available, sdpa_prefill_sequence
+        from pagedserve.attention.sdpa_prefill import gather_context, sdpa_available, sdpa_prefill_sequence
         from pagedserve.attention.triton_paged_attention import paged_attention
         from pagedserve.attention.triton_prefill_attention import prefill_attention
         from pagedserve.attention.triton_store_kv import store_kv
@@ -61,6 +63,7 @@ class TritonBackend:
         self._prefill_attention = prefill_attention
         self._sdpa_available = sdpa_available
         self._sdpa_prefill_sequence = sdpa_prefill_sequence
+        self._gather_context = gather_context
 
     def store_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
         self._store_kv(key, value, k_cache, v_cache, slot_mapping)
@@ -78,14 +81,17 @@ class TritonBackend:
                                   scale, 1, meta.max_seq_len, num_decodes=num_decodes, out=out)
         qsl = meta.query_start_loc_host
         if self.use_sdpa and qsl is not None and meta.seq_lens_host is not None \
-                and meta.max_query_len >= self.sdpa_min_query_len \
-                and self._sdpa_available(query.device, query.dtype, query.shape[2]):
+                and meta.max_query_len >= self.sdpa_min_query_len:
+            cudnn = self.long_chunk_path == "cudnn" and self._sdpa_available(query.device, query.dtype,
+                                                                             query.shape[2])
             try:
-                return self._prefill_by_sequence(query, key, value, k_cache, v_cache, meta, scale, out)
+                return self._prefill_by_sequence(query, key, value, k_cache, v_cache, meta, scale, out, cudnn)
             except RuntimeError:
-                logger.warning("torch's cuDNN attention failed on a prefill chunk; using the Triton "
-                               "kernel from now on", exc_info=True)
-                type(self).use_sdpa = False
+                if not cudnn:
+                    raise
+                logger.warning("torch's cuDNN attention failed on a prefill chunk; long chunks use the "
+                               "Triton kernel from now on", exc_info=True)
+                type(self).long_chunk_path = "triton"
         return self._triton_prefill(query, key, value, k_cache, v_cache, meta, scale, out, num_decodes,
                                     num_seqs, query.shape[0] - num_decodes)
 
@@ -94,9 +100,10 @@ class TritonBackend:
         return self._prefill_attention(query, key, value, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                        meta.query_start_loc, scale, out, seq_begin, seq_end, max_tokens)
 
-    def _prefill_by_sequence(self, query, key, value, k_cache, v_cache, meta, scale, out) -> torch.Tensor:
-        """Chunks of >= sdpa_min_query_len tokens through sdpa_prefill_sequence, each run of
-        shorter ones in one Triton launch."""
+    def _prefill_by_sequence(self, query, key, value, k_cache, v_cache, meta, scale, out,
+                             cudnn: bool) -> torch.Tensor:
+        """Chunks of >= sdpa_min_query_len tokens one at a time (cuDNN, or the Triton kernel on a
+        contiguous copy of the context), each run of shorter ones in one Triton launch."""
         qsl, seq_lens = meta.query_start_loc_host, meta.seq_lens_host
         run_begin = None  # first sequence of the current run of short chunks
         for s in range(meta.num_decodes, meta.num_seqs + 1):
@@ -108,9 +115,17 @@ class TritonBackend:
                 self._triton_prefill(query, key, value, k_cache, v_cache, meta, scale, out, run_begin, s,
                                      int(qsl[s] - qsl[run_begin]))
                 run_begin = None
-            if s < meta.num_seqs:
+            if s == meta.num_seqs:
+                break
+            context_len = int(seq_lens[s]) - query_len
+            if cudnn:
                 self._sdpa_prefill_sequence(query, key, value, k_cache, v_cache, meta.block_tables[s], int(qsl[s]),
-                                      query_len, int(seq_lens[s]) - query_len, scale, out)
+                                            query_len, context_len, scale, out)
+            else:
+                context = self._gather_context(k_cache, v_cache, meta.block_tables[s], context_len) \
+                    if context_len else None
+                self._prefill_attention(query, key, value, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                        meta.query_start_loc, scale, out, s, s + 1, query_len, context=context)
         return out
 
 

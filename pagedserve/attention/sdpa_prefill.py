@@ -79,6 +79,15 @@ def sdpa_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     return out.to(q.dtype), lse[0]
 
 
+def gather_context(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table_row: torch.Tensor,
+                   context_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first context_len cached K and V rows of one sequence, [context_len, Hkv, D] each,
+    copied contiguous (one index_select per cache)."""
+    blocks = block_table_row[:-(-context_len // k_cache.shape[1])]
+    return (k_cache.index_select(0, blocks).flatten(0, 1)[:context_len],
+            v_cache.index_select(0, blocks).flatten(0, 1)[:context_len])
+
+
 def sdpa_prefill_sequence(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           k_cache: torch.Tensor, v_cache: torch.Tensor, block_table_row: torch.Tensor,
                           token_begin: int, query_len: int, context_len: int, scale: float,
@@ -94,10 +103,7 @@ def sdpa_prefill_sequence(query: torch.Tensor, key: torch.Tensor, value: torch.T
     if context_len == 0:
         target.copy_(o_new[0].transpose(0, 1))
         return
-    block_size = k_cache.shape[1]
-    blocks = block_table_row[:-(-context_len // block_size)]
-    k_ctx = k_cache.index_select(0, blocks).flatten(0, 1)[:context_len]
-    v_ctx = v_cache.index_select(0, blocks).flatten(0, 1)[:context_len]
+    k_ctx, v_ctx = gather_context(k_cache, v_cache, block_table_row, context_len)
     o_ctx, lse_ctx = sdpa_with_lse(q, k_ctx.transpose(0, 1).unsqueeze(0), v_ctx.transpose(0, 1).unsqueeze(0),
                                    False, scale)
     merge_by_lse(target, o_new[0].transpose(0, 1), lse_new.contiguous(), o_ctx[0].transpose(0, 1),

@@ -95,19 +95,37 @@ def _load_new_kv(k_base, v_base, stride_k_token, stride_v_token, kc_head, vc_hea
     return k, v
 
 
+@triton.jit
+def _load_context(kc_head, vc_head, block_table_row, stride_kc_block, stride_kc_slot, stride_vc_block,
+                  stride_vc_slot, ck_base, cv_base, stride_ck_token, stride_cv_token, key_pos, valid, offs_d,
+                  BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                  MASK_ROWS: tl.constexpr, CONTEXT_CONTIGUOUS: tl.constexpr):
+    """K/V of context positions key_pos: through the block table, or from a contiguous copy."""
+    if CONTEXT_CONTIGUOUS:
+        k = _load_rows(ck_base, key_pos * stride_ck_token, valid, offs_d, HEAD_DIM, HEAD_DIM_PAD, MASK_ROWS)
+        v = _load_rows(cv_base, key_pos * stride_cv_token, valid, offs_d, HEAD_DIM, HEAD_DIM_PAD, MASK_ROWS)
+    else:
+        k = _load_paged(kc_head, block_table_row, key_pos, valid, offs_d, stride_kc_block, stride_kc_slot,
+                        BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, MASK_ROWS)
+        v = _load_paged(vc_head, block_table_row, key_pos, valid, offs_d, stride_vc_block, stride_vc_slot,
+                        BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, MASK_ROWS)
+    return k, v
+
+
 @triton.jit(do_not_specialize=["seq_begin", "seq_end", "stride_block_table"])
 def _prefill_attention_kernel(
-    out_ptr, query_ptr, key_ptr, value_ptr, k_cache_ptr, v_cache_ptr,
+    out_ptr, query_ptr, key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, ctx_key_ptr, ctx_value_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     scale_log2,  # softmax scale * log2(e)
     seq_begin, seq_end,  # this launch covers sequences [seq_begin, seq_end)
     stride_q_token, stride_q_head, stride_k_token, stride_k_head, stride_v_token, stride_v_head,
     stride_o_token, stride_o_head,
     stride_kc_block, stride_kc_slot, stride_kc_head, stride_vc_block, stride_vc_slot, stride_vc_head,
-    stride_block_table,
+    stride_block_table, stride_ck_token, stride_ck_head, stride_cv_token, stride_cv_head,
     QUERIES_PER_KV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NEW_KV_FROM_CACHE: tl.constexpr,  # read the new tokens' K/V through the block table too
+    CONTEXT_CONTIGUOUS: tl.constexpr,  # one sequence whose context is a contiguous copy (ctx_key/value)
     DOT_PRECISION: tl.constexpr,
 ):
     head = tl.program_id(0)
@@ -141,22 +159,22 @@ def _prefill_attention_kernel(
 
     # 1. cached context through the block table (every context key precedes every row):
     # whole tiles unmasked, then the partial last tile.
+    ck_base = ctx_key_ptr + kv_head * stride_ck_head
+    cv_base = ctx_value_ptr + kv_head * stride_cv_head
     full_end = context_len - context_len % BLOCK_N
     for start in range(0, full_end, BLOCK_N):
         key_pos = start + offs_n
-        k = _load_paged(kc_head, block_table_row, key_pos, key_pos, offs_d, stride_kc_block, stride_kc_slot,
-                        BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, False)
-        v = _load_paged(vc_head, block_table_row, key_pos, key_pos, offs_d, stride_vc_block, stride_vc_slot,
-                        BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, False)
+        k, v = _load_context(kc_head, vc_head, block_table_row, stride_kc_block, stride_kc_slot, stride_vc_block,
+                             stride_vc_slot, ck_base, cv_base, stride_ck_token, stride_cv_token, key_pos, key_pos,
+                             offs_d, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, False, CONTEXT_CONTIGUOUS)
         acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, scale_log2, row_valid[:, None], False,
                                       DOT_PRECISION)
     if full_end < context_len:
         key_pos = full_end + offs_n
         key_valid = key_pos < context_len
-        k = _load_paged(kc_head, block_table_row, key_pos, key_valid, offs_d, stride_kc_block, stride_kc_slot,
-                        BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, True)
-        v = _load_paged(vc_head, block_table_row, key_pos, key_valid, offs_d, stride_vc_block, stride_vc_slot,
-                        BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, True)
+        k, v = _load_context(kc_head, vc_head, block_table_row, stride_kc_block, stride_kc_slot, stride_vc_block,
+                             stride_vc_slot, ck_base, cv_base, stride_ck_token, stride_cv_token, key_pos, key_valid,
+                             offs_d, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, True, CONTEXT_CONTIGUOUS)
         acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, scale_log2, key_valid[None, :], True,
                                       DOT_PRECISION)
 
@@ -211,14 +229,16 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor | None, value: torc
                       k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
                       out: torch.Tensor, seq_begin: int, seq_end: int, max_tokens: int,
-                      tiles: PrefillTiles | None = None) -> torch.Tensor:
+                      tiles: PrefillTiles | None = None,
+                      context: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Causal attention of the prefill chunks of sequences [seq_begin, seq_end): query
     [num_tokens, num_heads, D], key/value [num_tokens, num_kv_heads, D] of this step (any token
     stride, contiguous last dim), each chunk's earlier context in k_cache/v_cache through
     block_tables. key/value None: the new tokens' K/V are read from the cache too (they are
     stored before attention). max_tokens: a host upper bound on these sequences' new tokens
-    (the grid). Writes `out` rows of these sequences only (and returns it); never syncs with
-    the device."""
+    (the grid). context: for a launch of ONE sequence, its context K/V as contiguous copies
+    [context_len, num_kv_heads, D] (gathered once; read faster than through the block table).
+    Writes `out` rows of these sequences only (and returns it); never syncs with the device."""
     _check_attention_inputs(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out)
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = k_cache.shape[2]
@@ -236,19 +256,22 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor | None, value: torc
     num_launch_seqs = seq_end - seq_begin
     if num_launch_seqs <= 0 or max_tokens <= 0:
         return out
+    if context is not None and num_launch_seqs != 1:
+        raise ValueError("a contiguous context is for a launch of one sequence")
+    ctx_key, ctx_value = context if context is not None else (key, value)  # unused when None
     # Sum over sequences of cdiv(query_len, block_m) <= max_tokens // block_m + num_seqs.
     grid = (num_heads, max_tokens // tiles.block_m + num_launch_seqs)
     _prefill_attention_kernel[grid](
-        out, query, key, value, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+        out, query, key, value, k_cache, v_cache, ctx_key, ctx_value, block_tables, seq_lens, query_start_loc,
         scale * _LOG2E, seq_begin, seq_end,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables.stride(0),
+        block_tables.stride(0), ctx_key.stride(0), ctx_key.stride(1), ctx_value.stride(0), ctx_value.stride(1),
         QUERIES_PER_KV=num_heads // num_kv_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=k_cache.shape[1], BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-        NEW_KV_FROM_CACHE=new_kv_from_cache,
+        NEW_KV_FROM_CACHE=new_kv_from_cache, CONTEXT_CONTIGUOUS=context is not None,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )

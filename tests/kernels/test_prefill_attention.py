@@ -91,6 +91,24 @@ def test_wider_tiles(tiles: PrefillTiles | None, dtype: torch.dtype) -> None:
     check(batch, tiles)
 
 
+@pytest.mark.parametrize("context_len", [0, 16, 37])
+def test_contiguous_context_copy(context_len: int) -> None:
+    """One sequence whose context comes as a contiguous copy (gathered out of the cache), with a
+    partial last context tile: the same rows as through the block table."""
+    batch = make_batch(query_lens=[21], context_lens=[context_len], num_heads=4, num_kv_heads=2, head_dim=32,
+                       block_size=8, dtype=torch.float32, seed=21)
+    key, value = new_kv(batch)
+    blocks = batch.block_tables[0, :-(-context_len // 8)].long()
+    context = (batch.k_cache[blocks].flatten(0, 1)[:context_len], batch.v_cache[blocks].flatten(0, 1)[:context_len])
+    out = torch.full_like(batch.query, float("nan"))
+    poisoned = batch.k_cache.clone().fill_(float("nan"))  # the paged cache must not be read
+    prefill_attention(batch.query, key, value, poisoned, batch.v_cache, batch.block_tables, batch.seq_lens,
+                      batch.query_start_loc, batch.scale, out, 0, 1, 21, tiles=SMALL, context=context)
+    expected = paged_attention_ref(batch.query, batch.k_cache, batch.v_cache, batch.block_tables,
+                                   batch.seq_lens, batch.query_start_loc, batch.scale, 0)
+    torch.testing.assert_close(out[:21], expected[:21], atol=1e-4, rtol=1e-4)
+
+
 def test_split_chunked_prefill_matches_one_shot() -> None:
     """A prompt attended in one chunk or in two (the second reading the first from the cache)
     gives the same rows: the chunk boundary changes which path reads a key, not the result."""
@@ -138,12 +156,14 @@ def test_backend_mixed_step(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_backend_sdpa_by_sequence(dtype: torch.dtype) -> None:
-    """The per-sequence SDPA path (math stand-in for cuDNN off CUDA), thresholds lowered:
-    decodes -> paged kernel; chunks of >= 20 tokens -> SDPA (with cached context: new part +
-    gathered context merged by LSE; fresh: new part only); the runs of shorter chunks between
-    them -> one Triton launch each."""
+@pytest.mark.parametrize("path", ["cudnn", "triton"])
+def test_backend_long_chunks_by_sequence(path: str, dtype: torch.dtype) -> None:
+    """The per-sequence path, thresholds lowered: decodes -> paged kernel; chunks of >= 20
+    tokens one at a time ("cudnn": SDPA, a math stand-in off CUDA, new part + gathered context
+    merged by LSE; "triton": the prefill kernel on the gathered context); the runs of shorter
+    chunks between them -> one Triton launch each."""
     backend = TritonBackend()
     backend.prefill_min_query_len, backend.sdpa_min_query_len = 8, 20
+    backend.long_chunk_path = path
     backend._sdpa_available = lambda device, dtype, head_dim: True
     backend_step([1, 9, 5, 33, 12, 21], [40, 30, 0, 17, 3, 0], 1, dtype, backend, host_lists=True, seed=17)
