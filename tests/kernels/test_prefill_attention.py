@@ -164,6 +164,19 @@ def test_backend_long_chunks_by_sequence(path: str, dtype: torch.dtype) -> None:
     chunks between them -> one Triton launch each."""
     backend = TritonBackend()
     backend.prefill_min_query_len, backend.sdpa_min_query_len = 8, 20
-    backend.long_chunk_path = path
+    backend.long_chunk_path, backend.cudnn_shape_multiple = path, 1
     backend._sdpa_available = lambda device, dtype, head_dim: True
     backend_step([1, 9, 5, 33, 12, 21], [40, 30, 0, 17, 3, 0], 1, dtype, backend, host_lists=True, seed=17)
+
+
+def test_backend_cudnn_only_round_shapes() -> None:
+    """cuDNN (math stand-in here) takes only chunks whose length and context are multiples of
+    cudnn_shape_multiple; the others go to the Triton kernel."""
+    backend = TritonBackend()
+    backend.prefill_min_query_len, backend.sdpa_min_query_len, backend.cudnn_shape_multiple = 8, 16, 16
+    backend._sdpa_available = lambda device, dtype, head_dim: True
+    calls = []
+    real = backend._sdpa_prefill_sequence
+    backend._sdpa_prefill_sequence = lambda *a: calls.append(a[6:9]) or real(*a)
+    backend_step([1, 32, 20, 16], [7, 16, 0, 5], 1, torch.float32, backend, host_lists=True, seed=19)
+    assert [(token_begin, query_len, context_len) for token_begin, query_len, context_len in calls] == [(1, 32, 16)]
