@@ -71,12 +71,12 @@ def torch_attention(steps: str) -> None:
     from pagedserve.worker import model_runner
 
     class Hybrid(backend.TritonBackend):
-        def attend(self, query, k_cache, v_cache, meta, scale):
+        def attend(self, query, key, value, k_cache, v_cache, meta, scale):
             use_torch = steps == "all" or (steps == "prefill" and meta.num_decodes == 0) \
                 or (steps == "decode" and meta.num_decodes > 0)
             if use_torch:
-                return backend.TorchBackend().attend(query, k_cache, v_cache, meta, scale)
-            return super().attend(query, k_cache, v_cache, meta, scale)
+                return backend.TorchBackend().attend(query, key, value, k_cache, v_cache, meta, scale)
+            return super().attend(query, key, value, k_cache, v_cache, meta, scale)
     model_runner.select_backend = lambda device: Hybrid()
 
 

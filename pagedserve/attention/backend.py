@@ -19,8 +19,10 @@ class AttentionBackend(Protocol):
     def store_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None: ...
 
-    def attend(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-               meta: AttentionMetadata, scale: float) -> torch.Tensor: ...
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+               scale: float) -> torch.Tensor:
+        """query [T, Hq, D]; key/value [T, Hkv, D] are this step's (already stored in the cache)."""
 
 
 class TorchBackend:
@@ -29,27 +31,108 @@ class TorchBackend:
     def store_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
         store_kv_ref(key, value, k_cache, v_cache, slot_mapping)
 
-    def attend(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def attend(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         return paged_attention_ref(query, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                    meta.query_start_loc, scale, meta.num_decodes)
 
 
 class TritonBackend:
+    """Decodes and short prefill chunks: the paged kernel (triton_paged_attention). A step whose
+    longest chunk has at least `prefill_min_query_len` tokens sends only its decodes there; its
+    chunks go to the FlashAttention-style Triton kernel (triton_prefill_attention: new K/V read
+    contiguous, context through the block table), except chunks of at least
+    `sdpa_min_query_len` tokens in eager steps, which run one sequence at a time with the
+    context gathered to contiguous K/V: long_chunk_path "cudnn", torch's cuDNN attention
+    (sdpa_prefill: new part causal + context, merged by LSE) where available, or "triton",
+    the same Triton kernel reading the contiguous copy. The choices read host values only, so
+    a CUDA-graph bucket always takes the same path."""
+
     name = "triton"
+    prefill_min_query_len = 256
+    sdpa_min_query_len = 1024
+    use_sdpa = True  # the per-sequence path for long chunks (off: every chunk in one Triton launch)
+    long_chunk_path = "cudnn"  # "cudnn" | "triton"; cuDNN is left (with a warning) if it ever fails
+    # torch builds (and caches) one cuDNN graph per (s_q, s_kv): on the H200 long64's varied chunk
+    # shapes made the cuDNN path 30.9 s vs 25.6 s Triton, while ttft16k's round chunks gained
+    # (477 vs 537 ms). So cuDNN takes only chunks whose length and context are multiples of this.
+    cudnn_shape_multiple = 1024
 
     def __init__(self) -> None:
+        from pagedserve.attention.sdpa_prefill import gather_context, sdpa_available, sdpa_prefill_sequence
         from pagedserve.attention.triton_paged_attention import paged_attention
+        from pagedserve.attention.triton_prefill_attention import prefill_attention
         from pagedserve.attention.triton_store_kv import store_kv
         self._store_kv = store_kv
         self._paged_attention = paged_attention
+        self._prefill_attention = prefill_attention
+        self._sdpa_available = sdpa_available
+        self._sdpa_prefill_sequence = sdpa_prefill_sequence
+        self._gather_context = gather_context
 
     def store_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
         self._store_kv(key, value, k_cache, v_cache, slot_mapping)
 
-    def attend(self, query, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        return self._paged_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                     meta.query_start_loc, scale, meta.max_query_len, meta.max_seq_len,
-                                     num_decodes=meta.num_decodes)
+    def attend(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        num_decodes, num_seqs = meta.num_decodes, meta.num_seqs
+        if meta.max_query_len < self.prefill_min_query_len or num_decodes >= num_seqs:
+            return self._paged_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                         meta.query_start_loc, scale, meta.max_query_len, meta.max_seq_len,
+                                         num_decodes=num_decodes)
+        out = torch.empty_like(query)
+        if num_decodes:  # the leading decodes alone: one token each, tokens [0, num_decodes)
+            self._paged_attention(query, k_cache, v_cache, meta.block_tables[:num_decodes],
+                                  meta.seq_lens[:num_decodes], meta.query_start_loc[:num_decodes + 1],
+                                  scale, 1, meta.max_seq_len, num_decodes=num_decodes, out=out)
+        qsl = meta.query_start_loc_host
+        if self.use_sdpa and qsl is not None and meta.seq_lens_host is not None \
+                and meta.max_query_len >= self.sdpa_min_query_len:
+            cudnn = self.long_chunk_path == "cudnn" and self._sdpa_available(query.device, query.dtype,
+                                                                             query.shape[2])
+            try:
+                return self._prefill_by_sequence(query, key, value, k_cache, v_cache, meta, scale, out, cudnn)
+            except RuntimeError:
+                if not cudnn:
+                    raise
+                logger.warning("torch's cuDNN attention failed on a prefill chunk; long chunks use the "
+                               "Triton kernel from now on", exc_info=True)
+                type(self).long_chunk_path = "triton"
+        return self._triton_prefill(query, key, value, k_cache, v_cache, meta, scale, out, num_decodes,
+                                    num_seqs, query.shape[0] - num_decodes)
+
+    def _triton_prefill(self, query, key, value, k_cache, v_cache, meta, scale, out, seq_begin, seq_end,
+                        max_tokens) -> torch.Tensor:
+        return self._prefill_attention(query, key, value, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                       meta.query_start_loc, scale, out, seq_begin, seq_end, max_tokens)
+
+    def _prefill_by_sequence(self, query, key, value, k_cache, v_cache, meta, scale, out,
+                             cudnn: bool) -> torch.Tensor:
+        """Chunks of >= sdpa_min_query_len tokens one at a time (cuDNN, or the Triton kernel on a
+        contiguous copy of the context), each run of shorter ones in one Triton launch."""
+        qsl, seq_lens = meta.query_start_loc_host, meta.seq_lens_host
+        run_begin = None  # first sequence of the current run of short chunks
+        multiple = self.cudnn_shape_multiple if cudnn else 1
+        for s in range(meta.num_decodes, meta.num_seqs + 1):
+            query_len = int(qsl[s + 1] - qsl[s]) if s < meta.num_seqs else 0
+            context_len = int(seq_lens[s]) - query_len if s < meta.num_seqs else 0
+            if s < meta.num_seqs and (query_len < self.sdpa_min_query_len or query_len % multiple
+                                      or context_len % multiple):
+                run_begin = s if run_begin is None else run_begin
+                continue
+            if run_begin is not None:
+                self._triton_prefill(query, key, value, k_cache, v_cache, meta, scale, out, run_begin, s,
+                                     int(qsl[s] - qsl[run_begin]))
+                run_begin = None
+            if s == meta.num_seqs:
+                break
+            if cudnn:
+                self._sdpa_prefill_sequence(query, key, value, k_cache, v_cache, meta.block_tables[s], int(qsl[s]),
+                                            query_len, context_len, scale, out)
+            else:
+                context = self._gather_context(k_cache, v_cache, meta.block_tables[s], context_len) \
+                    if context_len else None
+                self._prefill_attention(query, key, value, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                        meta.query_start_loc, scale, out, s, s + 1, query_len, context=context)
+        return out
 
 
 def select_backend(device: torch.device) -> AttentionBackend:

@@ -13,6 +13,7 @@ the request's earlier blocks). K/V of the new tokens are written to the paged ca
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,9 @@ class AttentionMetadata:
     block_tables:    [num_seqs, max_blocks_per_seq] int32; unused entries are 0
     max_query_len / max_seq_len: host ints, for launch grids and padding
     num_decodes:     the first `num_decodes` sequences have query_len == 1 (decode-first order)
+    query_start_loc_host / seq_lens_host: the same on the host (eager steps; None in CUDA-graph
+                     steps, whose values change at replay): long prefill chunks use them to run
+                     torch's fused attention one sequence at a time
     """
 
     slot_mapping: torch.Tensor
@@ -38,6 +42,8 @@ class AttentionMetadata:
     max_seq_len: int
     num_decodes: int = 0
     num_decode_tokens: int = 0
+    query_start_loc_host: Sequence[int] | None = None
+    seq_lens_host: Sequence[int] | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -140,6 +140,7 @@ def build_step_inputs(states: list[CachedRequestState], num_scheduled: list[int]
     meta = AttentionMetadata(slot_mapping=to(slot_mapping), query_start_loc=to(query_start_loc),
                              seq_lens=to(seq_lens), block_tables=to(block_tables),
                              max_query_len=max(query_lens), max_seq_len=int(seq_lens.max()),
-                             num_decodes=num_decodes, num_decode_tokens=num_decodes)
+                             num_decodes=num_decodes, num_decode_tokens=num_decodes,
+                             query_start_loc_host=query_start_loc, seq_lens_host=seq_lens)
     return StepInputs(input_ids=to(input_ids), positions=to(positions), meta=meta, rows=rows,
                       query_lens=query_lens, logits_indices=to(logits_indices), sample_rows=sample_rows.tolist())

@@ -1,0 +1,607 @@
+"""Long-context prefill attention on the GPU machine (issue 22): correctness, kernel
+throughput, and where a 16k-token prefill of llama-8b spends its time.
+
+Usage (repo root): PYTHONPATH=$PWD python3 benchmarks/attn_gpu.py [--stages micro,decode,engine,long64]
+                   PYTHONPATH=$PWD python3 benchmarks/attn_gpu.py --cpu-smoke   (tiny shapes, interpreter)
+Needs ~150 s on one H200 (micro ~35 s incl. compiles, decode ~10 s, engine ~40 s, long64 ~50 s).
+Prints `RESULT {json}` lines and readable tables; with $OUT set, also $OUT/attn_gpu.jsonl and
+the profiler tables $OUT/profile_<mode>.txt.
+
+Stages:
+  check   correctness on ragged batches (decodes, chunks after cached contexts, fresh prompts;
+          Hq=32, Hkv=8, D=128, block 16): TritonBackend (prefill kernel for long chunks, paged
+          kernel for decodes) and the paged kernel alone, bf16 and fp32, against the torch
+          reference computed in fp32 from the same numbers. Always runs first; exits 1 on failure.
+  micro   attention alone, Hq=32 Hkv=8 D=128 bf16, block 16 with a shuffled block table:
+          fresh16k (16,384 new tokens) and chunk8k (8,192 new after 8,192 cached, what a 16k
+          prompt is at max_num_batched_tokens 8192): the paged kernel, the prefill kernel
+          (default tiles + a small sweep), torch SDPA flash / cuDNN / efficient (fresh, causal)
+          and torch.nn.attention.varlen.varlen_attn (when torch has it), in TFLOP/s of causal FLOP.
+  decode  split-K or not at batch 1 (choose_num_splits): 32 paged-kernel calls (one per layer)
+          captured in a CUDA graph, contexts 128..16k.
+  engine  llama-8b dummy, max_model_len 32768 (as ../shared/bench/peers_long.py): ttft16k wall
+          (3 fresh prompts) with the prefill kernel and with the paged kernel alone (A/B on
+          one engine), then torch.profiler over one fresh 16k prompt each, summed per kernel
+          class (attention / matmul / store_kv / other) against the wall time (the rest: host).
+  long64  peers_long.py's long64 workload (same seed, same requests) on the same engine,
+          prefill kernel then paged kernel.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import random
+import statistics
+import sys
+import time
+import traceback
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU through the Triton interpreter")
+ap.add_argument("--stages", default="cudnn_shapes,micro,engine,long64,budget16k")
+args = ap.parse_args()
+SMOKE = args.cpu_smoke
+if SMOKE:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+STAGES = set(args.stages.split(","))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from pagedserve.attention.backend import TritonBackend  # noqa: E402
+from pagedserve.attention.metadata import AttentionMetadata  # noqa: E402
+from pagedserve.attention.torch_ref import paged_attention_ref  # noqa: E402
+from pagedserve.attention.triton_paged_attention import paged_attention  # noqa: E402
+from pagedserve.attention.sdpa_prefill import sdpa_prefill_sequence  # noqa: E402
+from pagedserve.attention.triton_prefill_attention import (  # noqa: E402
+    PrefillTiles, default_prefill_tiles, prefill_attention)
+
+DEV = torch.device("cpu" if SMOKE else "cuda")
+OUT = os.environ.get("OUT")
+T_START = time.time()
+HQ, HKV, D, BS = (4, 2, 32, 16) if SMOKE else (32, 8, 128, 16)
+PAGED_ONLY = 1 << 30  # prefill_min_query_len that keeps every chunk on the paged kernel
+# engine A/B modes: (name, TritonBackend.prefill_min_query_len, .use_sdpa, .long_chunk_path)
+SDPA = ("cudnn_by_sequence", TritonBackend.prefill_min_query_len, True, "cudnn")
+GATHERED = ("triton_by_sequence", TritonBackend.prefill_min_query_len, True, "triton")
+TRITON = ("triton_prefill", TritonBackend.prefill_min_query_len, False, "cudnn")
+PAGED = ("paged_only", PAGED_ONLY, False, "cudnn")
+
+
+class backend_mode:
+    """Sets TritonBackend's class knobs for one A/B mode (every engine layer's backend reads them)."""
+
+    def __init__(self, mode) -> None:
+        self.mode = mode
+
+    def __enter__(self):
+        self.saved = (TritonBackend.prefill_min_query_len, TritonBackend.use_sdpa, TritonBackend.long_chunk_path)
+        TritonBackend.prefill_min_query_len, TritonBackend.use_sdpa, TritonBackend.long_chunk_path = self.mode[1:]
+        return self.mode[0]
+
+    def __exit__(self, *exc) -> None:
+        TritonBackend.prefill_min_query_len, TritonBackend.use_sdpa, TritonBackend.long_chunk_path = self.saved
+
+
+def emit(**kw) -> None:
+    kw["t"] = round(time.time() - T_START, 1)
+    line = json.dumps(kw)
+    print("RESULT " + line, flush=True)
+    if OUT:
+        with open(os.path.join(OUT, "attn_gpu.jsonl"), "a") as f:
+            f.write(line + "\n")
+
+
+def bench_ms(fn) -> float:
+    if SMOKE:
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
+def causal_flop(query_lens: list[int], context_lens: list[int]) -> float:
+    """QK^T and PV of every (query, visible key) pair: 4 * D * Hq per pair."""
+    pairs = sum(q * c + q * (q + 1) / 2 for q, c in zip(query_lens, context_lens))
+    return 4.0 * D * HQ * pairs
+
+
+class Paged:
+    """A ragged step: sequence s has context_lens[s] cached tokens and query_lens[s] new ones,
+    all stored in a paged cache with a shuffled block table; key/value are the new tokens' K/V."""
+
+    def __init__(self, query_lens: list[int], context_lens: list[int], dtype: torch.dtype, seed: int) -> None:
+        g = torch.Generator(device=DEV).manual_seed(seed)
+        self.query_lens, self.context_lens = query_lens, context_lens
+        seq_lens = [q + c for q, c in zip(query_lens, context_lens)]
+        nblocks = [-(-n // BS) for n in seq_lens]
+        total = sum(nblocks) + 2
+        perm = torch.randperm(total, generator=g, device=DEV).to(torch.int32)
+        self.block_tables = torch.zeros(len(seq_lens), max(nblocks), dtype=torch.int32, device=DEV)
+        used = 0
+        for s, n in enumerate(nblocks):
+            self.block_tables[s, :n] = perm[used:used + n]
+            used += n
+        self.k_cache = torch.randn(total, BS, HKV, D, generator=g, device=DEV).to(dtype)
+        self.v_cache = torch.randn(total, BS, HKV, D, generator=g, device=DEV).to(dtype)
+        self.num_tokens = sum(query_lens)
+        self.query = torch.randn(self.num_tokens, HQ, D, generator=g, device=DEV).to(dtype)
+        # the new tokens' positions -> slots; their K/V read back from the cache (as stored)
+        rows = torch.repeat_interleave(torch.arange(len(seq_lens), device=DEV),
+                                       torch.tensor(query_lens, device=DEV))
+        pos = torch.cat([torch.arange(c, c + q, device=DEV) for q, c in zip(query_lens, context_lens)])
+        slots = self.block_tables[rows, pos // BS].long() * BS + pos % BS
+        self.key = self.k_cache.view(-1, HKV, D)[slots].contiguous()
+        self.value = self.v_cache.view(-1, HKV, D)[slots].contiguous()
+        self.slot_mapping = slots
+        self.seq_lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
+        self.qsl = torch.tensor([0] + query_lens, dtype=torch.int32, device=DEV).cumsum(0, dtype=torch.int32)
+        self.max_q, self.max_s = max(query_lens), max(seq_lens)
+        self.num_decodes = 0
+        while self.num_decodes < len(query_lens) and query_lens[self.num_decodes] == 1:
+            self.num_decodes += 1
+        self.scale = D ** -0.5
+
+    def as_fused_qkv_views(self) -> None:
+        """query/key/value as views into one [T, (Hq + 2 Hkv) * D] buffer, as the model passes them."""
+        t = self.num_tokens
+        fused = torch.cat([self.query.reshape(t, -1), self.key.reshape(t, -1), self.value.reshape(t, -1)], dim=1)
+        self.query = fused[:, :HQ * D].view(t, HQ, D)
+        self.key = fused[:, HQ * D:(HQ + HKV) * D].view(t, HKV, D)
+        self.value = fused[:, (HQ + HKV) * D:].view(t, HKV, D)
+
+    def meta(self, host_lists: bool = False) -> AttentionMetadata:
+        host = (self.qsl.tolist(), self.seq_lens.tolist()) if host_lists else (None, None)
+        return AttentionMetadata(self.slot_mapping, self.qsl, self.seq_lens, self.block_tables, self.max_q,
+                                 self.max_s, self.num_decodes, self.num_decodes, *host)
+
+    def triton_by_sequence(self, out):
+        """Single-sequence cases: the prefill kernel on a contiguous copy of the context (gather included)."""
+        from pagedserve.attention.sdpa_prefill import gather_context
+        context = gather_context(self.k_cache, self.v_cache, self.block_tables[0], self.context_lens[0]) \
+            if self.context_lens[0] else None
+        return prefill_attention(self.query, self.key, self.value, self.k_cache, self.v_cache, self.block_tables,
+                                 self.seq_lens, self.qsl, self.scale, out, 0, 1, self.query_lens[0], context=context)
+
+    def sdpa_by_sequence(self, out):
+        """Single-sequence cases: torch's cuDNN attention (new part + gathered context, LSE merge)."""
+        return sdpa_prefill_sequence(self.query, self.key, self.value, self.k_cache, self.v_cache,
+                                     self.block_tables[0], 0, self.query_lens[0], self.context_lens[0], self.scale, out)
+
+    def paged(self, out=None, num_splits=None):
+        return paged_attention(self.query, self.k_cache, self.v_cache, self.block_tables, self.seq_lens, self.qsl,
+                               self.scale, self.max_q, self.max_s, num_decodes=self.num_decodes, out=out,
+                               num_splits=num_splits)
+
+    def prefill(self, out, tiles=None, from_cache=False):
+        key, value = (None, None) if from_cache else (self.key, self.value)
+        return prefill_attention(self.query, key, value, self.k_cache, self.v_cache, self.block_tables,
+                                 self.seq_lens, self.qsl, self.scale, out, self.num_decodes, len(self.query_lens),
+                                 self.num_tokens - self.num_decodes, tiles=tiles)
+
+    def reference_fp32(self):
+        return paged_attention_ref(self.query.float(), self.k_cache.float(), self.v_cache.float(),
+                                   self.block_tables, self.seq_lens, self.qsl, self.scale, self.num_decodes)
+
+
+# ---------------------------------------------------------------------------------------- check
+def stage_check() -> bool:
+    ok = True
+    cases = ([1, 1, 40, 7, 90], [30, 3, 17, 50, 0]) if SMOKE else \
+        ([1, 1, 1, 300, 1000, 37, 2048, 513], [500, 20, 4000, 0, 3000, 100, 1500, 129])
+    backend = TritonBackend()
+    backend.prefill_min_query_len = 32 if SMOKE else 256
+    backend.sdpa_min_query_len = 40 if SMOKE else 512  # the 513/1000/2048 chunks through cuDNN
+    if SMOKE:
+        backend._sdpa_available = lambda device, dtype, head_dim: True  # math stand-in on CPU
+    for dtype in ([torch.float32] if SMOKE else [torch.bfloat16, torch.float32]):
+        b = Paged(cases[0], cases[1], dtype, seed=1)
+        b.as_fused_qkv_views()
+        ref = b.reference_fp32()
+        got_backend = backend.attend(b.query, b.key, b.value, b.k_cache, b.v_cache, b.meta(), b.scale)
+        got_sdpa = backend.attend(b.query, b.key, b.value, b.k_cache, b.v_cache, b.meta(host_lists=True), b.scale)
+        backend.long_chunk_path = "triton"
+        got_gathered = backend.attend(b.query, b.key, b.value, b.k_cache, b.v_cache, b.meta(host_lists=True),
+                                      b.scale)
+        backend.long_chunk_path = "cudnn"
+        got_paged = b.paged()
+        tol = 3e-2 if dtype == torch.bfloat16 else 2e-4
+        errs = {name: float((got.float() - ref).abs().max())
+                for name, got in (("backend_prefill_kernel", got_backend), ("backend_sdpa_by_sequence", got_sdpa),
+                                  ("backend_triton_by_sequence", got_gathered), ("paged_kernel", got_paged))}
+        passed = {name: e <= tol and math.isfinite(e) for name, e in errs.items()}
+        emit(stage="check", dtype=str(dtype), max_abs_err=errs, tol=tol, passed=passed,
+             sdpa_path_still_on=TritonBackend.use_sdpa)
+        if not passed["backend_sdpa_by_sequence"]:  # measure the rest without it rather than stop
+            print("SDPA-BY-SEQUENCE PATH WRONG: turned off for the rest of the run", flush=True)
+            TritonBackend.use_sdpa = False
+        ok &= passed["backend_prefill_kernel"] and passed["paged_kernel"] and passed["backend_triton_by_sequence"]
+    # fresh long prompt, bf16: the prefill kernel against the paged kernel (both bf16)
+    n = 300 if SMOKE else 16384
+    b = Paged([n], [0], torch.float32 if SMOKE else torch.bfloat16, seed=2)
+    paged = b.paged().float()
+    for from_cache in (False, True):
+        diff = float((b.prefill(torch.empty_like(b.query), from_cache=from_cache).float() - paged).abs().max())
+        emit(stage="check", case=f"fresh{n}", kv_from_cache=from_cache, prefill_vs_paged_max_abs=diff,
+             passed=diff <= 3e-2)
+        ok &= diff <= 3e-2
+    return ok
+
+
+# ---------------------------------------------------------------------------------------- micro
+def sdpa_refs(b: Paged) -> dict[str, float]:
+    """torch SDPA backends on a fresh causal prompt (q/k/v [1, H, T, D]); ms per call."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import torch.nn.functional as F
+    q = b.query.transpose(0, 1).unsqueeze(0)
+    k = b.key.transpose(0, 1).unsqueeze(0)
+    v = b.value.transpose(0, 1).unsqueeze(0)
+    k_full = k.repeat_interleave(HQ // HKV, dim=1)
+    v_full = v.repeat_interleave(HQ // HKV, dim=1)
+    results = {}
+    backends = [("sdpa_math", SDPBackend.MATH)] if SMOKE else \
+        [("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
+         ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION)]
+    for name, kind in backends:
+        for gqa in (True, False):
+            try:
+                with sdpa_kernel([kind]):
+                    if gqa:
+                        fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
+                    else:
+                        fn = lambda: F.scaled_dot_product_attention(q, k_full, v_full, is_causal=True)  # noqa: E731
+                    fn()
+                    results[name + ("_gqa" if gqa else "_expanded")] = bench_ms(fn)
+            except Exception as exc:  # a backend that does not take these shapes
+                results[name + ("_gqa" if gqa else "_expanded")] = f"unavailable: {type(exc).__name__}: {str(exc)[:120]}"
+    return results
+
+
+def varlen_ref(b: Paged) -> float | str:
+    """torch.nn.attention.varlen.varlen_attn over contiguous context + new K/V (bottom-right causal)."""
+    try:
+        import inspect
+        from torch.nn.attention.varlen import varlen_attn
+        params = inspect.signature(varlen_attn).parameters
+        ctx, qlen = b.context_lens[0], b.query_lens[0]
+        k_ctx = b.k_cache[b.block_tables[0].long()].reshape(-1, HKV, D)[:ctx]
+        v_ctx = b.v_cache[b.block_tables[0].long()].reshape(-1, HKV, D)[:ctx]
+        k = torch.cat([k_ctx, b.key]).contiguous()
+        v = torch.cat([v_ctx, b.value]).contiguous()
+        cu_q = torch.tensor([0, qlen], dtype=torch.int32, device=DEV)
+        cu_k = torch.tensor([0, ctx + qlen], dtype=torch.int32, device=DEV)
+        kw = {}
+        if "window_size" in params:
+            kw["window_size"] = (-1, 0)
+        elif "is_causal" in params:
+            if ctx:
+                return "unavailable: no window_size (is_causal is top-left aligned)"
+            kw["is_causal"] = True
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:
+            k, v = k.repeat_interleave(HQ // HKV, dim=1), v.repeat_interleave(HQ // HKV, dim=1)
+        fn = lambda: varlen_attn(b.query, k, v, cu_q, cu_k, qlen, ctx + qlen, scale=b.scale, **kw)  # noqa: E731
+        got = fn()
+        out = torch.empty_like(b.query)
+        err = float((got.float() - b.prefill(out).float()).abs().max())
+        ms = bench_ms(fn)
+        emit(stage="micro", case=f"varlen_vs_prefill_kernel_ctx{ctx}", max_abs=err)
+        return ms
+    except Exception as exc:
+        return f"unavailable: {type(exc).__name__}: {str(exc)[:160]}"
+
+
+# the two best of a first sweep on the H200 (fresh16k / chunk8k_after8k) beside the default
+SWEEP = [PrefillTiles(128, 128, 8, 3), PrefillTiles(128, 64, 8, 4)]
+
+
+def stage_micro() -> None:
+    cases = [("fresh", [300], [0]), ("chunk", [150], [150])] if SMOKE else \
+        [("fresh16k", [16384], [0]), ("chunk8k_after8k", [8192], [8192]),
+         ("fresh2k", [2048], [0]), ("chunk512_after4k", [512], [4096]), ("fresh1k", [1024], [0]),
+         ("fresh256", [256], [0]), ("chunks4x256_after1k", [256] * 4, [1024] * 4)]
+    rows = []
+    for label, qls, cls in cases:
+        b = Paged(qls, cls, torch.float32 if SMOKE else torch.bfloat16, seed=3)
+        flop = causal_flop(qls, cls)
+        out = torch.empty_like(b.query)
+        timings: dict[str, float | str] = {"paged_kernel": bench_ms(lambda: b.paged(out=out))}
+        default = default_prefill_tiles(b.query.dtype, triton.next_power_of_2(D))
+        timings["prefill_kernel"] = bench_ms(lambda: b.prefill(out))
+        timings["prefill_kernel_kv_from_cache"] = bench_ms(lambda: b.prefill(out, from_cache=True))
+        if len(qls) == 1 and (SMOKE or b.query.is_cuda):
+            try:
+                sdpa_out = torch.empty_like(b.query)
+                err = float((b.sdpa_by_sequence(sdpa_out).float() - b.prefill(out).float()).abs().max()) \
+                    if not SMOKE else 0.0
+                emit(stage="micro", case=label, check="sdpa_by_sequence_vs_prefill_kernel", max_abs=err)
+                timings["sdpa_by_sequence"] = bench_ms(lambda: b.sdpa_by_sequence(sdpa_out))
+            except Exception as exc:
+                timings["sdpa_by_sequence"] = f"failed: {type(exc).__name__}: {str(exc)[:160]}"
+        if len(qls) == 1:
+            err = float((b.triton_by_sequence(torch.empty_like(b.query)).float() - b.prefill(out).float()).abs().max())
+            emit(stage="micro", case=label, check="triton_by_sequence_vs_prefill_kernel", max_abs=err)
+            timings["triton_by_sequence"] = bench_ms(lambda: b.triton_by_sequence(out))
+        if not SMOKE:
+            for t in SWEEP:
+                if t == default:
+                    continue
+                name = f"prefill_{t.block_m}x{t.block_n}_w{t.num_warps}_s{t.num_stages}"
+                try:
+                    timings[name] = bench_ms(lambda: b.prefill(out, tiles=t))
+                except Exception as exc:  # e.g. out of shared memory
+                    timings[name] = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
+        if cls[0] == 0:
+            timings.update(sdpa_refs(b))
+        elif len(qls) == 1:  # what copying the context to contiguous K/V would cost (per layer)
+            index = b.block_tables[0].long()
+            timings["gather_context_kv_only"] = bench_ms(
+                lambda: (b.k_cache[index].reshape(-1, HKV, D)[:cls[0]].contiguous(),
+                         b.v_cache[index].reshape(-1, HKV, D)[:cls[0]].contiguous()))
+        if len(qls) == 1:
+            timings["varlen_attn"] = varlen_ref(b)
+        for name, ms in timings.items():
+            tflops = round(flop / (ms * 1e-3) / 1e12, 1) if isinstance(ms, float) else None
+            emit(stage="micro", case=label, kernel=name, ms=round(ms, 3) if isinstance(ms, float) else ms,
+                 tflops=tflops)
+            rows.append((label, name, ms, tflops))
+    print(f"\n{'case':<18} {'kernel':<28} {'ms':>9} {'TFLOP/s':>8}")
+    for label, name, ms, tflops in rows:
+        print(f"{label:<18} {name:<28} {ms if isinstance(ms, str) else f'{ms:9.3f}'} {tflops or '':>8}")
+
+
+def stage_cudnn_shapes() -> None:
+    """What a chunk shape cuDNN has not seen costs: torch caches one cuDNN graph per (s_q, s_kv,
+    strides), so the first call of each new shape builds one. First call vs the cached call."""
+    from pagedserve.attention.sdpa_prefill import sdpa_with_lse
+    shapes = [(300, 0), (301, 150)] if SMOKE else [(3001, 0), (3001, 2000), (5003, 0), (5003, 7001), (7777, 333)]
+    for query_len, context_len in shapes:
+        b = Paged([query_len], [context_len] if context_len else [0], torch.float32 if SMOKE else torch.bfloat16,
+                  seed=5)
+        q = b.query.transpose(0, 1).unsqueeze(0)
+        k = b.key.transpose(0, 1).unsqueeze(0)
+        v = b.value.transpose(0, 1).unsqueeze(0)
+        if not SMOKE:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        sdpa_with_lse(q, k, v, True, b.scale)
+        if not SMOKE:
+            torch.cuda.synchronize()
+        first_ms = (time.perf_counter() - t0) * 1e3
+        cached_ms = bench_ms(lambda: sdpa_with_lse(q, k, v, True, b.scale))
+        out = torch.empty_like(b.query)
+        if not SMOKE:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        b.sdpa_by_sequence(out)  # a new (L, C) pair: two graphs when C > 0
+        if not SMOKE:
+            torch.cuda.synchronize()
+        seq_first_ms = (time.perf_counter() - t0) * 1e3
+        emit(stage="cudnn_shapes", query_len=query_len, context_len=context_len,
+             new_part_first_call_ms=round(first_ms, 2), new_part_cached_ms=round(cached_ms, 3),
+             by_sequence_first_call_ms=round(seq_first_ms, 2),
+             by_sequence_cached_ms=round(bench_ms(lambda: b.sdpa_by_sequence(out)), 3),
+             triton_prefill_ms=round(bench_ms(lambda: b.prefill(out)), 3),
+             triton_by_sequence_ms=round(bench_ms(lambda: b.triton_by_sequence(out)), 3))
+
+
+# --------------------------------------------------------------------------------------- decode
+def stage_decode() -> None:
+    """Batch-1 decode attention, 32 calls per graph (one per layer): split-K auto vs off."""
+    contexts = [64, 300] if SMOKE else [128, 512, 1024, 2048, 4096, 16384]
+    for ctx in contexts:
+        b = Paged([1], [ctx - 1], torch.float32 if SMOKE else torch.bfloat16, seed=4)
+        out = torch.empty_like(b.query)
+        result = {}
+        for label, splits in (("auto", None), ("off", 1)):
+            if SMOKE:
+                result[label] = bench_ms(lambda: b.paged(out=out, num_splits=splits))
+                continue
+            b.paged(out=out, num_splits=splits)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(32):
+                    b.paged(out=out, num_splits=splits)
+            result[label] = bench_ms(graph.replay) / 32
+        from pagedserve.attention.triton_paged_attention import _sm_count, choose_num_splits
+        splits = choose_num_splits(1, HKV, 1, ctx, 64, _sm_count(DEV))
+        emit(stage="decode", context=ctx, auto_splits=splits, us_per_call_auto=round(result["auto"] * 1e3, 2),
+             us_per_call_no_split=round(result["off"] * 1e3, 2))
+
+
+# --------------------------------------------------------------------------------------- engine
+def make_llm(**extra):
+    from pagedserve import LLM
+    if SMOKE:
+        d = "/tmp/attn_gpu_smoke_model"
+        os.makedirs(d, exist_ok=True)
+        cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=32000,
+                   max_position_embeddings=2048, rope_theta=500000.0, rms_norm_eps=1e-5, hidden_act="silu",
+                   torch_dtype="float32", bos_token_id=1, eos_token_id=2, hidden_size=64, intermediate_size=128,
+                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+        json.dump(cfg, open(f"{d}/config.json", "w"))
+        return LLM(model=d, load_format="dummy", skip_tokenizer_init=True, dtype="float32", max_model_len=2048,
+                   seed=0, **extra)
+    sys.path.insert(0, ".devcarry")
+    sys.path.insert(0, "../shared/bench")
+    from peers import make_model_dir
+    d = make_model_dir("llama-8b")
+    cfg = json.load(open(f"{d}/config.json"))
+    cfg["max_position_embeddings"] = 32768
+    d = d + "-32k"
+    os.makedirs(d, exist_ok=True)
+    json.dump(cfg, open(f"{d}/config.json", "w"))
+    return LLM(model=d, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", max_model_len=32768,
+               gpu_memory_utilization=0.85, seed=0, **extra)
+
+
+KERNEL_CLASSES = [  # (class, substrings of the kernel name), first match wins
+    ("attn_prefill_kernel", ("_prefill_attention_kernel",)),
+    ("attn_paged_kernel", ("_paged_attention_kernel", "_reduce_segments")),
+    ("attn_merge", ("_merge_kernel",)),
+    ("attn_sdpa", ("sdpa", "fmha", "flash", "cudnn", "attention")),
+    ("store_kv", ("store_kv",)),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "splitk", "gemv", "matmul", "_w4a16")),
+    ("norm_rope_act", ("rms", "norm", "rotary", "rope", "silu", "act", "fused")),
+]
+
+
+def kernel_summary(prof, wall_ms: float, label: str) -> dict:
+    classes: dict[str, float] = {}
+    per_kernel: dict[str, list[float]] = {}
+    for evt in prof.events():
+        if evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = evt.time_range.end - evt.time_range.start
+        per_kernel.setdefault(evt.name, [0.0, 0])
+        per_kernel[evt.name][0] += us
+        per_kernel[evt.name][1] += 1
+        low = evt.name.lower()
+        cls = next((c for c, keys in KERNEL_CLASSES if any(k.lower() in low for k in keys)), "other")
+        classes[cls] = classes.get(cls, 0.0) + us / 1e3
+    device_ms = sum(classes.values())
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:15]
+    lines = [f"== {label}: wall {wall_ms:.1f} ms, device busy {device_ms:.1f} ms"]
+    lines += [f"  {c:<22} {ms:9.2f} ms  {100 * ms / max(device_ms, 1e-9):5.1f}%" for c, ms in
+              sorted(classes.items(), key=lambda kv: -kv[1])]
+    lines += ["  top kernels (total ms, calls):"]
+    lines += [f"    {us / 1e3:9.2f} {n:5d}  {name[:110]}" for name, (us, n) in top]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    if OUT:
+        with open(os.path.join(OUT, f"profile_{label}.txt"), "w") as f:
+            f.write(text + "\n\n")
+            f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25,
+                                              max_name_column_width=60))
+    return dict(wall_ms=round(wall_ms, 1), device_busy_ms=round(device_ms, 1),
+                host_or_idle_ms=round(wall_ms - device_ms, 1),
+                classes_ms={c: round(ms, 2) for c, ms in classes.items()})
+
+
+def stage_engine(llm, rng: random.Random, modes=(SDPA, GATHERED, TRITON, PAGED), profiles: bool = True) -> None:
+    from torch.profiler import ProfilerActivity, profile
+    from pagedserve import SamplingParams
+    n = 600 if SMOKE else 16384
+    one = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0, detokenize=False)
+
+    def fresh():
+        return {"prompt_token_ids": [rng.randrange(3, 32000) for _ in range(n)]}
+
+    def ttft() -> float:
+        prompt = fresh()
+        if not SMOKE:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        llm.generate([prompt], [one], use_tqdm=False)
+        return (time.perf_counter() - t0) * 1e3
+
+    activities = [ProfilerActivity.CPU] + ([] if SMOKE else [ProfilerActivity.CUDA])
+    for mode_spec in modes:
+        with backend_mode(mode_spec) as mode:
+            ttft()  # compiles / warms this path
+            times = [ttft() for _ in range(1 if SMOKE else 3)]
+            emit(stage="engine", workload=f"ttft{n}", mode=mode, ms=[round(t, 1) for t in times],
+                 median_ms=round(statistics.median(times), 1))
+            if not profiles:
+                continue
+            prompt = fresh()
+            with profile(activities=activities) as prof:
+                t0 = time.perf_counter()
+                llm.generate([prompt], [one], use_tqdm=False)
+                if not SMOKE:
+                    torch.cuda.synchronize()
+                wall = (time.perf_counter() - t0) * 1e3
+            try:
+                summary = kernel_summary(prof, wall, mode)
+            except Exception:
+                summary = dict(wall_ms=round(wall, 1), summary_failed=traceback.format_exc(limit=2)[-400:])
+            emit(stage="engine", workload=f"profile_ttft{n}", mode=mode, **summary)
+
+
+def stage_long64(llm, modes=(SDPA, GATHERED, TRITON), label: str = "long64") -> None:
+    """peers_long.py's long64, the same requests (its rng: seed 1, 2000 warm-up draws first)."""
+    from pagedserve import SamplingParams
+    rng = random.Random(1)
+    [rng.randrange(3, 32000) for _ in range(2000)]
+    lo, hi, count = (100, 400, 4) if SMOKE else (4096, 16384, 64)
+    reqs = [([rng.randrange(3, 32000) for _ in range(rng.randint(lo, hi))], rng.randint(64, 256))
+            for _ in range(count)]
+    if SMOKE:
+        reqs = [(p, 4) for p, _ in reqs]
+    params = [SamplingParams(max_tokens=o, ignore_eos=True, temperature=0.0, detokenize=False) for _, o in reqs]
+    for run, mode_spec in enumerate(modes):
+        # later runs shift every first token: same lengths, no prefix-cache hit on an earlier run
+        prompts = [{"prompt_token_ids": [3 + (p[0] + run) % 31990] + p[1:]} for p, _ in reqs]
+        with backend_mode(mode_spec) as mode:
+            t0 = time.perf_counter()
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            dt = time.perf_counter() - t0
+            gen = sum(len(o.outputs[0].token_ids) for o in outs)
+            emit(stage=label, mode=mode, wall_s=round(dt, 2), out_tok_s=round(gen / dt, 1),
+                 total_tok_s=round((gen + sum(len(p) for p, _ in reqs)) / dt, 1))
+
+
+def main() -> None:
+    if not SMOKE:
+        import torch.nn.attention as nn_attention
+        impls = getattr(nn_attention, "list_flash_attention_impls", lambda: "n/a")()
+        emit(stage="env", device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+             flash_attention_impls=impls)
+    ok = stage_check()
+    if not ok:
+        print("CORRECTNESS FAILED: timings skipped", flush=True)
+        sys.exit(1)
+    failed = []
+
+    def guarded(name, fn, *fn_args) -> None:
+        """A stage that fails is reported and the next one still runs (device time is scarce)."""
+        try:
+            fn(*fn_args)
+        except Exception:
+            traceback.print_exc()
+            failed.append(name)
+            emit(stage=name, failed=traceback.format_exc(limit=3)[-600:])
+
+    if "cudnn_shapes" in STAGES:
+        guarded("cudnn_shapes", stage_cudnn_shapes)
+    if "micro" in STAGES:
+        guarded("micro", stage_micro)
+    if "decode" in STAGES:
+        guarded("decode", stage_decode)
+    if not SMOKE:
+        torch.cuda.empty_cache()
+    if STAGES & {"engine", "long64", "budget16k"}:
+        t0 = time.time()
+        llm = make_llm()
+        emit(stage="engine", startup_s=round(time.time() - t0, 1))
+        rng = random.Random(7)
+        if "engine" in STAGES:
+            guarded("engine", stage_engine, llm, rng)
+        if "long64" in STAGES:
+            guarded("long64", stage_long64, llm)
+        if "budget16k" in STAGES:  # an engine with a 16k-token step budget: a 16k prompt in one chunk
+            llm.shutdown()
+            del llm
+            gc.collect()
+            if not SMOKE:
+                torch.cuda.empty_cache()
+
+            def stage_budget16k() -> None:
+                budget = 1200 if SMOKE else 16384
+                t0 = time.time()
+                llm = make_llm(max_num_batched_tokens=budget)
+                emit(stage="budget16k", max_num_batched_tokens=budget, startup_s=round(time.time() - t0, 1))
+                stage_engine(llm, random.Random(8), (SDPA,), False)
+                stage_long64(llm, (SDPA,), "long64_budget16k")
+            guarded("budget16k", stage_budget16k)
+    emit(stage="done", total_s=round(time.time() - T_START, 1), failed_stages=failed)
+
+
+if __name__ == "__main__":
+    main()
