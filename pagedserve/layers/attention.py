@@ -29,6 +29,9 @@ class Attention(nn.Module):
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         assert self.backend is not None, "KV cache not bound"
-        self.backend.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        if self.backend.name == "torch":   # planned once per step (attention/backend.py)
+            self.backend.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping, meta)
+        else:
+            self.backend.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         out = self.backend.attend(q, self.k_cache, self.v_cache, meta, self.scale)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
