@@ -13,6 +13,7 @@ import torch
 from pagedserve.config import (CacheConfig, architecture_of, DeviceConfig, EngineConfig, ModelConfig, ParallelConfig,
                                SchedulerConfig, WeightSource, resolve_dtype)
 from pagedserve.errors import ValidationError
+from pagedserve.models.gguf_packed import with_gguf_quantization
 from pagedserve.models.loader import LOAD_FORMATS, ModelSource, load_hf_config, materialize_gguf, resolve_model
 from pagedserve.models.registry import resolve_model_class
 from pagedserve.worker.kv_budget import resolve_device
@@ -126,6 +127,8 @@ class EngineArgs:
         dtype = resolve_dtype(self.dtype, getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None),
                               device.type)
         model_config = ModelConfig.from_hf(hf_config, dtype, self.max_model_len)
+        if self.load_format != "dummy":
+            model_config = with_gguf_quantization(model_config, source.directory, self.dtype)
         check_tensor_parallel(self.tensor_parallel_size, model_config, device.type, distributed_init)
         check_max_model_len(self.max_model_len, model_config, self.allow_long_max_model_len)
         max_model_len = model_config.max_model_len

@@ -18,7 +18,8 @@ from pagedserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from pagedserve.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
                                       default_weight_loader)
 from pagedserve.layers.norm import RMSNorm
-from pagedserve.layers.quantization import CheckpointTensor, QuantizationConfig, get_quantization_config
+from pagedserve.layers.quantization import (CheckpointTensor, QuantizationConfig, embedding_method,
+                                            get_quantization_config)
 from pagedserve.layers.rotary import RotaryEmbedding
 
 
@@ -98,7 +99,10 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, quant_config: QuantizationConfig | None = None) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, config.dtype)
+        embed_method = embedding_method(quant_config, "model.embed_tokens")
+        # a packed embedding also serves as the tied LM head: it is one (ParallelLMHead)
+        embed_cls = ParallelLMHead if embed_method is not None else VocabParallelEmbedding
+        self.embed_tokens = embed_cls(config.vocab_size, config.hidden_size, config.dtype, embed_method)
         rotary = RotaryEmbedding(config.head_dim, max(config.max_position_embeddings, config.max_model_len),
                                  config.rope_theta, config.rope_scaling_dict, config.dtype)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary, quant_config, f"model.layers.{i}")
@@ -122,10 +126,15 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, get_quantization_config(config.quantization))
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, config.dtype)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        quant_config = get_quantization_config(config.quantization)
+        self.model = LlamaModel(config, quant_config)
+        if config.tie_word_embeddings and self.model.embed_tokens.quant_method is not None:
+            self.lm_head = self.model.embed_tokens
+        else:
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, config.dtype,
+                                          embedding_method(quant_config, "lm_head"))
+            if config.tie_word_embeddings:
+                self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, meta)

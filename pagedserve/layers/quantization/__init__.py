@@ -3,7 +3,7 @@ layer its LinearMethod (base.py). `get_quantization_config(spec)` builds the con
 ModelConfig's QuantizationSpec; None means plain float weights."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from pagedserve.config import QuantizationSpec
 from pagedserve.layers.quantization.base import (CheckpointTensor, LinearMethod, QuantizationConfig, make_param,
@@ -11,7 +11,8 @@ from pagedserve.layers.quantization.base import (CheckpointTensor, LinearMethod,
 from pagedserve.layers.quantization.unquantized import UnquantizedLinearMethod
 
 __all__ = ["CheckpointTensor", "LinearMethod", "QuantizationConfig", "UnquantizedLinearMethod", "make_param",
-           "replace_param", "get_quantization_config", "register_quantization", "QUANTIZATION_METHODS"]
+           "replace_param", "embedding_method", "get_quantization_config", "register_quantization",
+           "QUANTIZATION_METHODS"]
 
 # canonical method name -> config class (filled by register_quantization)
 QUANTIZATION_METHODS: dict[str, Callable[[dict], QuantizationConfig]] = {}
@@ -21,6 +22,12 @@ def register_quantization(name: str, factory: Callable[[dict], QuantizationConfi
     QUANTIZATION_METHODS[name] = factory
 
 
+def embedding_method(config: QuantizationConfig | None, prefix: str) -> Any:
+    """The packed-rows method of the vocab embedding / LM head named `prefix` (None: float)."""
+    get = getattr(config, "get_embedding_method", None)
+    return get(prefix) if get is not None else None
+
+
 def get_quantization_config(spec: QuantizationSpec | None) -> QuantizationConfig | None:
     if spec is None:
         return None
@@ -28,3 +35,8 @@ def get_quantization_config(spec: QuantizationSpec | None) -> QuantizationConfig
         raise ValueError(f"quantization method {spec.method!r} is not supported; supported: "
                          f"{', '.join(sorted(QUANTIZATION_METHODS)) or 'none'}")
     return QUANTIZATION_METHODS[spec.method](spec.config)
+
+
+from pagedserve.layers.quantization.gguf import GGUFConfig  # noqa: E402  (needs register_quantization above)
+
+register_quantization("gguf", GGUFConfig.from_config)
