@@ -5,14 +5,19 @@ in its own subprocess, all cores: torch threads / n_threads = physical cores).
 Workloads (token-id prompts, identical for both engines; greedy, forced output lengths):
   b1_decode   one 128-token prompt, 128 new tokens: decode tok/s (after the first token)
   ttft256     a fresh 256-token prompt, time to the first token (ms; median of 5 prompts)
-  batch64     64 prompts, input U[32,256], output U[16,128]: output tok/s; pagedserve runs
-              them as one generate() call (continuous batching), llama.cpp one at a time
+  batch       64 prompts (--batch N: the first N), input U[32,256], output U[16,128]: output
+              tok/s; pagedserve runs them as one generate() call (continuous batching),
+              llama.cpp one at a time
 
 llama-cpp-python is not a dependency: install it into any interpreter
 (`pip install llama-cpp-python==0.3.36`, it builds llama.cpp) and pass that interpreter
-with --llama-python (the default is this one). pagedserve runs with PYTHONPATH=. .
+with --llama-python (the default is this one), or put its package on PYTHONPATH (and its
+libraries in LLAMA_CPP_LIB_PATH). llama.cpp runs without extra buffer types (its AMX path
+raises SIGILL in the VM this was measured on; LLAMA_NO_EXTRA_BUFTS=0 keeps them).
+pagedserve runs from the current directory (PYTHONPATH=. first): run this from another
+checkout to measure that one.
 Usage: python benchmarks/cpu_vs_llamacpp.py [--engines pagedserve,llamacpp] [--llama-python PY]
-       [--dtype auto|float32] [--out FILE.json] [--repeat N]
+       [--dtype auto|float32] [--threads N] [--batch N] [--out FILE.json] [--repeat N]
 """
 from __future__ import annotations
 
@@ -31,10 +36,10 @@ TTFT_LEN, TTFT_REPS = 256, 5
 BATCH, IN_RANGE, OUT_RANGE = 64, (32, 256), (16, 128)
 
 
-def prompts() -> dict:
+def prompts(batch_size: int = BATCH) -> dict:
     rng = random.Random(0)
     ids = lambda n: [rng.randrange(100, 40000) for _ in range(n)]  # noqa: E731
-    batch = [(ids(rng.randint(*IN_RANGE)), rng.randint(*OUT_RANGE)) for _ in range(BATCH)]
+    batch = [(ids(rng.randint(*IN_RANGE)), rng.randint(*OUT_RANGE)) for _ in range(BATCH)][:batch_size]
     return dict(b1=ids(B1_PROMPT), ttft=[ids(TTFT_LEN) for _ in range(TTFT_REPS + 1)], batch=batch)
 
 
@@ -46,8 +51,9 @@ def physical_cores() -> int:
         return os.cpu_count() or 1
 
 
-def run_pagedserve(p: dict, dtype: str) -> dict:
+def run_pagedserve(p: dict, dtype: str, threads: int) -> dict:
     import torch
+    torch.set_num_threads(threads)
 
     from pagedserve import LLM, SamplingParams
     t0 = time.perf_counter()
@@ -81,8 +87,8 @@ def run_pagedserve(p: dict, dtype: str) -> dict:
     import resource
     return dict(engine="pagedserve", dtype=dtype, torch_threads=torch.get_num_threads(), startup_s=round(startup, 1),
                 b1_decode_tok_s=round(b1, 1), ttft256_ms=round(statistics.median(ttfts), 1),
-                ttft256_all_ms=[round(t, 1) for t in ttfts], batch64_out_tok_s=round(n_out / wall, 1),
-                batch64_wall_s=round(wall, 2), max_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+                ttft256_all_ms=[round(t, 1) for t in ttfts], batch_prompts=len(p["batch"]),
+                batch_out_tok_s=round(n_out / wall, 1), batch_wall_s=round(wall, 2), max_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 
 
 def run_llamacpp(p: dict, threads: int) -> dict:
@@ -90,6 +96,17 @@ def run_llamacpp(p: dict, threads: int) -> dict:
 
     sys.path.insert(0, os.getcwd())
     from pagedserve.models.default_model import default_model_path
+    if os.environ.get("LLAMA_NO_EXTRA_BUFTS", "1") == "1":
+        # llama.cpp's AMX buffer type dies with SIGILL in this VM (AMX tiles not granted to the
+        # guest); without extra buffer types Q4_1 runs on its AVX512 vec_dot path
+        default_params = llama_cpp.llama_model_default_params
+
+        def params():
+            p = default_params()
+            p.use_extra_bufts = False
+            return p
+        llama_cpp.llama_model_default_params = params
+        llama_cpp.llama.llama_cpp.llama_model_default_params = params
     t0 = time.perf_counter()
     llm = llama_cpp.Llama(default_model_path(), n_ctx=1024, n_threads=threads, n_threads_batch=threads,
                           n_batch=512, verbose=False)
@@ -118,13 +135,14 @@ def run_llamacpp(p: dict, threads: int) -> dict:
     return dict(engine="llama.cpp", version=llama_cpp.__version__, n_threads=threads, startup_s=round(startup, 1),
                 b1_decode_tok_s=round(b1, 1), ttft256_ms=round(statistics.median(ttfts), 1),
                 ttft256_all_ms=[round(t, 1) for t in ttfts],
-                batch64_out_tok_s=round(sum(n for _, n in p["batch"]) / wall, 1), batch64_wall_s=round(wall, 2),
+                batch_prompts=len(p["batch"]), batch_out_tok_s=round(sum(n for _, n in p["batch"]) / wall, 1),
+                batch_wall_s=round(wall, 2),
                 max_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 
 
-def child(engine: str, dtype: str, threads: int) -> None:
-    p = prompts()
-    result = run_pagedserve(p, dtype) if engine == "pagedserve" else run_llamacpp(p, threads)
+def child(engine: str, dtype: str, threads: int, batch_size: int) -> None:
+    p = prompts(batch_size)
+    result = run_pagedserve(p, dtype, threads) if engine == "pagedserve" else run_llamacpp(p, threads)
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -135,18 +153,22 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--out")
+    ap.add_argument("--threads", type=int, help="torch threads / n_threads (default: physical cores)")
+    ap.add_argument("--batch", type=int, default=BATCH, help="prompts of the batch workload (the first N of 64)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    threads = physical_cores()
+    threads = args.threads or physical_cores()
     if args.child:
-        child(args.child, args.dtype, threads)
+        child(args.child, args.dtype, threads, args.batch)
         return
     results = []
     for rep in range(args.repeat):
         for engine in args.engines.split(","):
             python = args.llama_python if engine == "llamacpp" else sys.executable
-            cmd = [python, os.path.abspath(__file__), "--child", engine, "--dtype", args.dtype]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+            cmd = [python, os.path.abspath(__file__), "--child", engine, "--dtype", args.dtype,
+                   "--threads", str(threads), "--batch", str(args.batch)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                [os.getcwd()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])})
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
                 sys.exit(f"{engine} failed:\n{proc.stderr[-3000:]}")
@@ -160,7 +182,7 @@ def main() -> None:
     except OSError:
         model = ""
     doc = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), machine=dict(
-        cpu=model, nproc=os.cpu_count(), physical_cores=threads, platform=platform.platform(),
+        cpu=model, nproc=os.cpu_count(), physical_cores=physical_cores(), threads=threads, platform=platform.platform(),
         load_average_at_end=os.getloadavg()), command="python " + " ".join(sys.argv), results=results)
     if args.out:
         with open(args.out, "w") as f:
