@@ -6,8 +6,12 @@ Times steady-state decode steps (every request running, none finishing), less th
 forward, logits and sampler (what a GPU runs asynchronously), with `num` and `num // 4`
 requests, async scheduling on and off (the best median of 3 runs of 60 steps); the per-row
 cost is the slope between the two. `--profile` adds a cProfile breakdown of the async run
-at `num` requests.
-Usage: python benchmarks/host_overhead.py [num_requests] [--profile]"""
+at `num` requests. `--viewer` measures what a dashboard viewer costs instead (issue 23): the
+mean host time per decode step at `num` requests, in alternating blocks of steps without and
+with a viewer (snapshots requested as the server's ticker does: every 100 ms of wall time,
+or less often when the last one cost more than 0.25% of that interval; each encoded as the
+server does: on the server that runs on the event loop, here it is counted in the step).
+Usage: python benchmarks/host_overhead.py [num_requests] [--profile | --viewer]"""
 import cProfile
 import io
 import pstats
@@ -53,18 +57,22 @@ class ModelTimer:
         return timed
 
 
-def decode_step_times(llm: LLM, timer: ModelTimer, num: int, prof: cProfile.Profile | None = None) -> list[float]:
-    """Seconds per engine step (core + output processing), less the model's forward, logits
-    and sampling, once all `num` requests decode."""
-    engine = llm.engine
-    sp = SamplingParams(max_tokens=WARMUP_STEPS + TIMED_STEPS + 64, ignore_eos=True, temperature=0.0,
-                        detokenize=False)
+def start_decoding(engine, num: int, max_tokens: int) -> None:
+    """`num` requests r0.. (prompts of 32-96 tokens), run until all of them decode, then warmed up."""
+    sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0, detokenize=False)
     for i, prompt in enumerate(random_prompts(num, 512, 32, 96)):
         engine.add_request(f"r{i}", {"prompt_token_ids": prompt}, sp)
     while engine.core.scheduler.waiting or any(not r.output_token_ids for r in engine.core.scheduler.running):
         engine.step()
     for _ in range(WARMUP_STEPS):
         engine.step()
+
+
+def decode_step_times(llm: LLM, timer: ModelTimer, num: int, prof: cProfile.Profile | None = None) -> list[float]:
+    """Seconds per engine step (core + output processing), less the model's forward, logits
+    and sampling, once all `num` requests decode."""
+    engine = llm.engine
+    start_decoding(engine, num, WARMUP_STEPS + TIMED_STEPS + 64)
     times = []
     for _ in range(TIMED_STEPS):
         if prof is not None:
@@ -81,6 +89,58 @@ def decode_step_times(llm: LLM, timer: ModelTimer, num: int, prof: cProfile.Prof
     return times
 
 
+def viewer_overhead(llm: LLM, timer: ModelTimer, num: int, block: int = 150, pairs: int = 4
+                    ) -> tuple[list[float], list[float], int, float, float]:
+    """(host s of each step without a viewer, of each step with one, snapshots taken, their
+    build + encode seconds, seconds spent logging steps for them) over `pairs` alternating
+    blocks of `block` steps (ABBA order) after one unmeasured block, all `num` requests
+    decoding (at most 96 + 8 + 1350 + 8 tokens each: run with max_model_len 2048)."""
+    from pagedserve.core.snapshot import StepLog
+    from pagedserve.server.dashboard import encode_snapshot, encode_step, snapshot_interval
+    log_s = [0.0]   # time in StepLog.log, the per-step part of the cost
+    log = StepLog.log
+
+    def timed_log(self, *args) -> None:
+        t0 = time.perf_counter()
+        log(self, *args)
+        log_s[0] += time.perf_counter() - t0
+
+    StepLog.log = timed_log
+    engine = llm.engine
+    start_decoding(engine, num, WARMUP_STEPS + (2 * pairs + 1) * block + 8)
+    for _ in range(block):
+        engine.step()
+    spent: dict[bool, list[float]] = {False: [], True: []}
+    snapshots, snapshot_s = 0, 0.0
+    watched_clock, next_request = 0.0, 0.0   # the ticker's clock: wall time while watched
+    for watched in [False, True, True, False] * (pairs // 2):   # ABBA: steps slow down as sequences grow
+        for _ in range(block):
+            t0, model_s = time.perf_counter(), timer.seconds
+            if watched and watched_clock >= next_request:
+                engine.request_snapshot()
+                next_request = float("inf")
+            _, stats = engine.step_with_stats()
+            if stats.snapshot is not None:
+                encoding = time.perf_counter()
+                encode_snapshot(stats.snapshot, "m")
+                [encode_step(s) for s in stats.snapshot.steps]
+                cost = time.perf_counter() - encoding + stats.snapshot.build_seconds
+                next_request = watched_clock + (time.perf_counter() - t0) + snapshot_interval(cost)
+                snapshots += 1
+                snapshot_s += cost
+            if watched:
+                watched_clock += time.perf_counter() - t0
+            spent[watched].append(time.perf_counter() - t0 - (timer.seconds - model_s))
+        if watched:   # the ticker's clock runs on: the next watched block waits for it
+            engine.stop_snapshots()
+    for i in range(num):
+        engine.abort_request(f"r{i}")
+    while engine.has_unfinished_requests():
+        engine.step()
+    StepLog.log = log
+    return spent[False], spent[True], snapshots, snapshot_s, log_s[0]
+
+
 def main() -> None:
     import torch
     torch.set_num_threads(1)   # the tiny model gains nothing from threads; fewer timing outliers
@@ -88,10 +148,24 @@ def main() -> None:
     num = int(args[0]) if args else 256
     path = write_micro_checkpoint(tempfile.mkdtemp())
     for async_scheduling in (True, False):
-        llm = LLM(model=path, device="cpu", dtype="float32", max_model_len=512, skip_tokenizer_init=True,
-                  async_scheduling=async_scheduling, max_num_seqs=num)
+        viewer = "--viewer" in sys.argv   # longer runs: 2048 positions (the micro model's rope extends them)
+        llm = LLM(model=path, device="cpu", dtype="float32", max_model_len=2048 if viewer else 512,
+                  allow_long_max_model_len=viewer, skip_tokenizer_init=True, async_scheduling=async_scheduling,
+                  max_num_seqs=num)
         timer = ModelTimer(llm.engine.core.executor.runner)
         decode_step_times(llm, timer, 4)
+        if viewer:
+            off, on, snapshots, snapshot_s, log_s = viewer_overhead(llm, timer, num)
+            watched_s = sum(on)
+            without, with_viewer = statistics.median(off), statistics.median(on)
+            print(f"{'async' if async_scheduling else 'lockstep'}: {num} rows, median host ms/step without a viewer "
+                  f"{without * 1e3:.3f}, with one {with_viewer * 1e3:.3f} ({(with_viewer / without - 1) * 100:+.1f}%), "
+                  f"means {statistics.mean(off) * 1e3:.3f} / {statistics.mean(on) * 1e3:.3f}; "
+                  f"of the watched steps' host time: {snapshots} snapshots {snapshot_s * 1e3:.1f} ms "
+                  f"({snapshot_s / watched_s * 100:.2f}%), step log {log_s * 1e3:.1f} ms "
+                  f"({log_s / watched_s * 100:.2f}%)")
+            llm.engine.shutdown()
+            continue
         small, large = (min(statistics.median(decode_step_times(llm, timer, n)) for _ in range(REPEATS))
                         for n in (num // 4, num))
         per_row = (large - small) / (num - num // 4)

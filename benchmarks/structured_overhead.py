@@ -46,6 +46,8 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=1, help="timed runs of each kind (best is kept)")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the timed runs, one schema run under cProfile: the top host functions")
     args = parser.parse_args()
     kwargs = {"model": args.model} if args.model else {}
     llm = LLM(device=args.device, dtype=args.dtype, max_model_len=1024, load_format=args.load_format, **kwargs)
@@ -79,6 +81,12 @@ def main() -> None:
         "overhead_pct": round(100 * (best_structured / best_plain - 1), 1),
     }
     print("RESULT " + json.dumps(result))
+    if args.profile:
+        import cProfile
+        import pstats
+        profiler = cProfile.Profile()
+        profiler.runcall(run, structured)
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
 
 
 def _parses(text: str) -> bool:

@@ -1,59 +1,344 @@
-"""Tensor parallelism on a multi-GPU machine (issue 9): llama-8b dummy weights, same seed.
-  python3 benchmarks/tp_gpu.py ids TP OUT.json   greedy ids of 32 prompts x 64 tokens
-  python3 benchmarks/tp_gpu.py peers TP          thr512 and b1_decode (peers.py workloads)
-  python3 benchmarks/tp_gpu.py compare A.json B.json
-Set ENFORCE_EAGER=1 to run without CUDA graphs."""
+"""Tensor parallelism on a multi-GPU machine (issues 9 and 17): llama-8b dummy weights, same seed,
+the peers workloads (input U[64,1024], output U[16,512], seed 0: thr512; b1_decode; ttft1024),
+copied here so the script needs nothing outside the repository. Every mode prints RESULT lines.
+
+  python3 benchmarks/tp_gpu.py allreduce              custom all-reduce vs NCCL: sums (eager and in a
+                                                      CUDA graph), latencies (2 GPUs)
+  python3 benchmarks/tp_gpu.py ids TP VARIANT OUT.json   greedy ids of 32 prompts x 64 tokens
+  python3 benchmarks/tp_gpu.py compare A.json B.json     match rate of two ids files
+  python3 benchmarks/tp_gpu.py peers TP VARIANT          thr512, b1_decode, ttft1024
+  python3 benchmarks/tp_gpu.py profile TP VARIANT        torch.profiler of TP decode steps (rank 0)
+
+VARIANT switches issue 17's pieces (each one alone can be measured against `base`):
+  base    step messages by NCCL broadcast, NCCL all-reduces, lockstep   (before issue 17)
+  shm     + step messages through the shared-memory queue
+  car     + symmetric-memory one-shot all-reduce (custom all-reduce)
+  all     + async scheduling under TP (rank 0's sampled ids broadcast on device)   (the default)
+  asyncnocar  shm + async, NCCL all-reduces
+  all4m   all, custom all-reduce up to 4 MiB (decode steps up to 512 rows) instead of 1 MiB
+TP=1 runs use `all`: there only async scheduling applies (its default on CUDA).
+Set ENFORCE_EAGER=1 to run without CUDA graphs, PP=N for N pipeline stages (benchmarks/pp_gpu.sh; the
+shm queue, custom all-reduce and async TP of a variant do not apply under PP); DRY=1 runs every mode
+but allreduce on CPU with a tiny model and 16 requests (the script's own check, no timing meaning)."""
 import json
 import os
+import random
 import sys
 import time
 
-sys.path.insert(0, ".devcarry")
-from peers import emit, make_model_dir, workload  # noqa: E402
-from peers_thr import run_thr  # noqa: E402
+MODELS = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, tie_word_embeddings=False),
+    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
+    "llama-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                      num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False),
+}
+DRY = os.environ.get("DRY") == "1"
+# TP_MODEL=llama-70b GPU_UTIL=0.9 MAX_LEN=4096: the seed's large-model case (issue 17 part 5)
+MODEL = "tiny" if DRY else os.environ.get("TP_MODEL", "llama-8b")
+GPU_UTIL, MAX_LEN = float(os.environ.get("GPU_UTIL", "0.85")), int(os.environ.get("MAX_LEN", "2048"))
+THR_N = 16 if DRY else 512
+VARIANTS = {   # name -> (step queue, custom all-reduce up to KiB (0: off), async scheduling)
+    "base": ("broadcast", 0, False),
+    "shm": ("shm", 0, False),
+    "car": ("shm", 1024, False),
+    "all": ("shm", 1024, True),
+    "asyncnocar": ("shm", 0, True),
+    "all4m": ("shm", 4096, True),
+}
+
+PP = int(os.environ.get("PP", "1"))
 
 
-def make_llm(tp: int):
+def emit(**kw) -> None:
+    print("RESULT " + json.dumps(kw), flush=True)
+
+
+def make_model_dir(name: str) -> str:
+    d = f"/tmp/models/{name}"
+    os.makedirs(d, exist_ok=True)
+    cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256,
+               max_position_embeddings=4096, rope_theta=500000.0, rms_norm_eps=1e-5,
+               hidden_act="silu", torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2, **MODELS[name])
+    json.dump(cfg, open(f"{d}/config.json", "w"))
+    return d
+
+
+def workload(n: int, seed: int = 0) -> list:
+    rng = random.Random(seed)
+    reqs = []
+    for _ in range(n):
+        il = rng.randint(64, 1024)
+        ol = rng.randint(16, 512)
+        reqs.append(([rng.randrange(3, 32000) for _ in range(il)], ol))
+    return reqs
+
+
+def make_llm(tp: int, variant: str):
+    queue, custom_kb, asynchronous = VARIANTS[variant]
+    os.environ["PAGEDSERVE_TP_STEP_QUEUE"] = queue
+    os.environ["PAGEDSERVE_CUSTOM_ALL_REDUCE_MAX_KB"] = str(custom_kb or 1024)
     from pagedserve import LLM
     t0 = time.time()
-    llm = LLM(model=make_model_dir("llama-8b"), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
-              max_model_len=2048, gpu_memory_utilization=0.85, seed=0, tensor_parallel_size=tp,
-              enforce_eager=os.environ.get("ENFORCE_EAGER") == "1")
-    emit(engine="pagedserve", model="llama-8b", tp=tp, startup_s=round(time.time() - t0, 1))
+    device = dict(device="cpu", dtype="float32") if DRY else dict(dtype="bfloat16", gpu_memory_utilization=GPU_UTIL)
+    llm = LLM(model=make_model_dir(MODEL), load_format="dummy", skip_tokenizer_init=True, **device,
+              max_model_len=MAX_LEN, seed=0, tensor_parallel_size=tp, pipeline_parallel_size=PP,
+              enforce_eager=os.environ.get("ENFORCE_EAGER") == "1", disable_custom_all_reduce=not custom_kb,
+              async_scheduling=asynchronous)
+    startup = round(time.time() - t0, 1)
+    from pagedserve.layers import parallel
+    core = llm.engine.core
+    runner = getattr(core.executor, "runner", None)
+    graphs = getattr(runner, "graph_runner", None)
+    queue = getattr(getattr(core.executor, "steps", None), "queue", None)
+    # what the engine really runs (a piece that failed to set up falls back silently but for a log line)
+    emit(engine="pagedserve", model=MODEL, tp=tp, pp=PP, variant=variant, startup_s=startup,
+         decode_graphs=len(graphs.graphs) if graphs else 0, prefill_graphs=len(graphs.prefill_graphs) if graphs else 0,
+         custom_all_reduce=parallel._custom_all_reduce is not None, shm_step_queue=queue is not None,
+         async_scheduling=core.async_scheduling, kv_blocks=core.executor.num_blocks)
     return llm
 
 
-def main() -> None:
+def greedy(max_tokens: int):
     from pagedserve import SamplingParams
+    return SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0, detokenize=False)
+
+
+def run_peers(llm, tp: int, variant: str) -> None:
+    """peers.py's run_engine workloads, timed the same way."""
+    tags = dict(engine="pagedserve", model=MODEL, tp=tp, pp=PP, variant=variant)
+    reqs = workload(THR_N)
+    if DRY:
+        reqs = [(p[:64], min(o, 8)) for p, o in reqs]
+    prompts = [{"prompt_token_ids": p} for p, _ in reqs]
+    sps = [greedy(o) for _, o in reqs]
+    llm.generate(prompts[:8], sps[:8], use_tqdm=False)   # warm-up
+    t0 = time.time()
+    outs = llm.generate(prompts, sps, use_tqdm=False)
+    dt = time.time() - t0
+    gen = sum(len(o.outputs[0].token_ids) for o in outs)
+    emit(**tags, workload=f"thr{THR_N}", wall_s=round(dt, 2), req_s=round(THR_N / dt, 2), out_tok_s=round(gen / dt, 1),
+         total_tok_s=round((gen + sum(len(p) for p, _ in reqs)) / dt, 1), gen_tokens=gen)
+    p = {"prompt_token_ids": list(range(100, 228))}
+    b1 = 16 if DRY else 256
+    llm.generate([p], [greedy(b1)], use_tqdm=False)
+    t0 = time.time()
+    llm.generate([p], [greedy(b1)], use_tqdm=False)
+    dt = time.time() - t0
+    emit(**tags, workload="b1_decode", wall_s=round(dt, 3), tok_s=round(b1 / dt, 1))
+    warm = {"prompt_token_ids": [(i * 7) % 32000 + 3 for i in range(1024)]}
+    llm.generate([warm], [greedy(1)], use_tqdm=False)
+    p = {"prompt_token_ids": [(i * 11 + 5) % 32000 + 3 for i in range(1024)]}
+    t0 = time.time()
+    llm.generate([p], [greedy(1)], use_tqdm=False)
+    emit(**tags, workload="ttft1024", ms=round((time.time() - t0) * 1e3, 1))
+
+
+def run_ids(llm, out_path: str) -> None:
+    reqs = workload(32, seed=7)
+    outs = llm.generate([{"prompt_token_ids": p[:256]} for p, _ in reqs], greedy(64), use_tqdm=False)
+    json.dump([o.outputs[0].token_ids for o in outs], open(out_path, "w"))
+
+
+def compare(a_path: str, b_path: str) -> None:
+    a, b = (json.load(open(p)) for p in (a_path, b_path))
+    same = sum(x == y for x, y in zip(a, b))
+    prefix = [next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), len(x)) for x, y in zip(a, b)]
+    emit(workload="ids_match", a=os.path.basename(a_path), b=os.path.basename(b_path), prompts=len(a),
+         identical=same, match_rate=round(same / len(a), 3), mean_common_prefix=round(sum(prefix) / len(prefix), 1),
+         token_agreement=round(sum(s == t for x, y in zip(a, b) for s, t in zip(x, y)) / sum(len(x) for x in a), 4))
+
+
+def _wrap_ranges() -> None:
+    """Name the host phases of a step in the profile (rank 0): schedule, send, runner, update."""
+    import torch
+    from pagedserve.core.engine_core import EngineCore
+    from pagedserve.core.scheduler import Scheduler
+    from pagedserve.worker.model_runner import ModelRunner, PendingRunnerOutput
+    from pagedserve.worker.tp_worker import StepChannel
+
+    def wrap(cls, name, label):
+        fn = getattr(cls, name)
+
+        def wrapped(*a, **k):
+            with torch.profiler.record_function(label):
+                return fn(*a, **k)
+        setattr(cls, name, wrapped)
+    wrap(Scheduler, "schedule", "host:schedule")
+    wrap(StepChannel, "send", "host:send_step_message")
+    wrap(ModelRunner, "execute_model", "host:runner_execute")
+    wrap(PendingRunnerOutput, "get", "host:wait_sampled_ids")
+    wrap(EngineCore, "_update", "host:update")
+
+
+def run_profile(llm, tp: int, variant: str, steps: int = 32) -> None:
+    """torch.profiler over `steps` batch-1 decode steps on rank 0: per-step wall time, device
+    time in all-reduce kernels (NCCL and one-shot), in broadcasts, and the host phases."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    _wrap_ranges()
+    p = {"prompt_token_ids": list(range(300, 428))}
+    llm.generate([p], [greedy(steps)], use_tqdm=False)
+    sync = (lambda: None) if DRY else torch.cuda.synchronize
+    sync()
+    with profile(activities=[ProfilerActivity.CPU] + ([] if DRY else [ProfilerActivity.CUDA])) as prof:
+        t0 = time.time()
+        llm.generate([{"prompt_token_ids": list(range(500, 628))}], [greedy(steps)], use_tqdm=False)
+        sync()
+        wall = time.time() - t0
+    events = prof.key_averages()
+    if not DRY:
+        print(events.table(sort_by="self_device_time_total" if hasattr(events[0], "self_device_time_total")
+                           else "self_cuda_time_total", row_limit=25), flush=True)
+    print(events.table(sort_by="cpu_time_total", row_limit=20), flush=True)
+
+    from torch.autograd import DeviceType
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]   # device-side events only
+
+    def device_us(match):
+        return sum(getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+                   for e in kernels if match(e.name.lower()))
+
+    def host_us(label):
+        return sum(e.cpu_time_total for e in events if e.key == label)
+    device_ms = device_us(lambda k: True) / 1e3 / steps
+    emit(workload="profile_decode", tp=tp, variant=variant, steps=steps, wall_ms_per_step=round(wall * 1e3 / steps, 3),
+         device_ms_per_step=round(device_ms, 3), device_idle_ms_per_step=round(wall * 1e3 / steps - device_ms, 3),
+         nccl_allreduce_us_per_step=round(device_us(lambda k: "nccl" in k and "allreduce" in k) / steps, 1),
+         nccl_other_us_per_step=round(device_us(lambda k: "nccl" in k and "allreduce" not in k) / steps, 1),
+         one_shot_us_per_step=round(device_us(lambda k: "one_shot" in k or "two_shot" in k) / steps, 1),
+         host_ms_per_step={label: round(host_us(label) / 1e3 / steps, 3) for label in (
+             "host:schedule", "host:send_step_message", "host:runner_execute", "host:wait_sampled_ids",
+             "host:update")})
+
+
+def _allreduce_rank(rank: int, world: int, port: int) -> None:
+    import torch
+    import torch.distributed as dist
+    from pagedserve.layers.custom_all_reduce import init_symm_mem_all_reduce
+    torch.cuda.set_device(rank)
+    device = torch.device(f"cuda:{rank}")
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            device_id=device)
+    reducer = init_symm_mem_all_reduce(device, buffer_bytes=16 << 20)   # larger than the engine's: find the crossover
+    if rank == 0:
+        emit(workload="custom_allreduce_setup", available=reducer is not None)
+    if reducer is None:
+        dist.destroy_process_group()
+        return
+    gen = torch.Generator(device=device).manual_seed(1234 + rank)
+    checks = []
+    for dtype in (torch.bfloat16, torch.float32):
+        for rows in (1, 2, 3, 8, 16, 64, 128, 256, 512, 1024):
+            numel = rows * 4096
+            x = torch.randn(numel, generator=gen, device=device, dtype=torch.float32).to(dtype)
+            if not reducer.can_reduce(x):
+                checks.append((str(dtype), rows, "nccl (too big)", 0.0))
+                continue
+            ref = x.clone()
+            dist.all_reduce(ref)
+            got = reducer(x)
+            checks.append((str(dtype), rows, bool(torch.equal(got, ref)), float((got.float() - ref.float()).abs().max())))
+    # a misaligned input (a view one element in): staged through the buffer
+    x = torch.randn(16 * 4096 + 8, generator=gen, device=device).to(torch.bfloat16)[1:1 + 16 * 4096]
+    ref = x.clone()
+    dist.all_reduce(ref)
+    checks.append(("misaligned bf16", 16, bool(torch.equal(reducer(x), ref)), 0.0))
+    # inside a CUDA graph: a chain of 8 all-reduces (each the next one's input), replayed on new data
+    x = torch.zeros(16 * 4096, device=device, dtype=torch.bfloat16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        y = x
+        for _ in range(8):
+            y = reducer(y) * 0.5
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            y = x
+            for _ in range(8):
+                y = reducer(y) * 0.5
+    torch.cuda.current_stream().wait_stream(stream)
+    ok_graph = True
+    for trial in range(3):
+        x.copy_(torch.randn(x.numel(), generator=gen, device=device).to(torch.bfloat16))
+        ref = x.clone()
+        for _ in range(8):
+            dist.all_reduce(ref)
+            ref = ref * 0.5
+        graph.replay()
+        torch.cuda.synchronize()
+        ok_graph &= bool(torch.equal(y, ref))
+    # latency: 64 all-reduces captured in one graph (a decode step of llama-8b has 65)
+    lat = {}
+    for rows in (1, 16, 64, 128, 256, 512, 1024, 2048):
+        t = torch.randn(rows * 4096, generator=gen, device=device).to(torch.bfloat16)
+        for name in ("nccl", "custom"):
+            def chain():
+                out = t
+                for _ in range(64):
+                    if name == "nccl":
+                        dist.all_reduce(out)   # in place, as RowParallelLinear's fallback
+                    else:
+                        out = reducer(out)
+                return out
+            with torch.cuda.stream(stream):
+                chain()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, stream=stream):
+                    chain()
+            torch.cuda.current_stream().wait_stream(stream)
+            for _ in range(3):
+                g.replay()
+            torch.cuda.synchronize()
+            dist.barrier()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(10):
+                g.replay()
+            end.record()
+            torch.cuda.synchronize()
+            lat[f"{name}_{rows}rows_us"] = round(start.elapsed_time(end) * 1e3 / 640, 2)
+    if rank == 0:
+        bad = [c for c in checks if c[2] is False]
+        emit(workload="custom_allreduce_check", exact=all(c[2] is not False for c in checks), in_graph_exact=ok_graph,
+             checks=checks, mismatches=bad)
+        emit(workload="allreduce_latency_in_graph", **lat)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def check_allreduce() -> None:
+    if DRY:
+        emit(workload="custom_allreduce_check", skipped="DRY: needs two GPUs")
+        return
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_allreduce_rank, args=(2, port), nprocs=2)
+
+
+def main() -> None:
     mode = sys.argv[1]
     if mode == "compare":
-        a, b = (json.load(open(p)) for p in sys.argv[2:4])
-        same = sum(x == y for x, y in zip(a, b))
-        prefix = [next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), len(x)) for x, y in zip(a, b)]
-        emit(workload="tp2_vs_tp1_ids", prompts=len(a), identical=same, match_rate=round(same / len(a), 3),
-             mean_common_prefix=round(sum(prefix) / len(prefix), 1), token_agreement=round(
-                 sum(s == t for x, y in zip(a, b) for s, t in zip(x, y)) / sum(len(x) for x in a), 4))
+        compare(sys.argv[2], sys.argv[3])
         return
-    tp = int(sys.argv[2])
-    llm = make_llm(tp)
+    if mode == "allreduce":
+        check_allreduce()
+        return
+    tp, variant = int(sys.argv[2]), sys.argv[3]
+    llm = make_llm(tp, variant)
     if mode == "ids":
-        reqs = workload(32, seed=7)
-        prompts = [{"prompt_token_ids": p[:256]} for p, _ in reqs]
-        sp = SamplingParams(max_tokens=64, ignore_eos=True, temperature=0.0, detokenize=False)
-        outs = llm.generate(prompts, sp, use_tqdm=False)
-        json.dump([o.outputs[0].token_ids for o in outs], open(sys.argv[3], "w"))
+        run_ids(llm, sys.argv[4])
+    elif mode == "profile":
+        run_profile(llm, tp, variant)
     else:
-        outs, dt = run_thr(llm)
-        gen = sum(len(o.outputs[0].token_ids) for o in outs)
-        emit(engine="pagedserve", model="llama-8b", tp=tp, workload="thr512", wall_s=round(dt, 2),
-             req_s=round(512 / dt, 2), out_tok_s=round(gen / dt, 1))
-        p = {"prompt_token_ids": list(range(100, 228))}
-        sp = SamplingParams(max_tokens=256, ignore_eos=True, temperature=0.0, detokenize=False)
-        llm.generate([p], [sp], use_tqdm=False)
-        t0 = time.time()
-        llm.generate([p], [sp], use_tqdm=False)
-        emit(engine="pagedserve", model="llama-8b", tp=tp, workload="b1_decode", tok_s=round(256 / (time.time() - t0), 1))
+        run_peers(llm, tp, variant)
     llm.shutdown()
+    sys.stdout.flush()
+    os._exit(0)   # NCCL teardown at exit hung on this machine (tp_executor.shutdown)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,37 @@
 #!/usr/bin/env bash
-# Issue 9 in one device call on nvidia-h200-x2 (NVLink multicast off, as KINDS.md asks).
+# Issues 9 and 17 on nvidia-h200-x2 (NVLink multicast off, as KINDS.md asks), llama-8b dummy weights.
+# DRY=1 runs it on CPU with a tiny model (no allreduce check): the script's own test.
+# Usage (device tool, two calls, each under 10 minutes even if every step times out):
+#   bash benchmarks/tp_gpu.sh check profile      (~5 min)
+#   bash benchmarks/tp_gpu.sh time               (~6 min)
+#   check    custom all-reduce vs NCCL (sums, in-graph, latency); greedy ids TP=2 (all, base) vs TP=1,
+#            and TP=2 all vs base (the new pieces should change no token)
+#   profile  torch.profiler of TP=2 batch-1 decode steps on rank 0, before (base) and after (all)
+#   time     thr512 / b1_decode / ttft1024: TP=1 (its default, async), then TP=2 base, shm, car, all
+#            (see tp_gpu.py VARIANTS; VARIANTS="base all" SKIP_TP1=1 for fewer)
+#   quick    time, TP=2 all only
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/machine.txt"; date -u | tee -a "$OUT/machine.txt"
-run() { timeout "$1" python3 benchmarks/tp_gpu.py "${@:2}" 2>&1 | tee -a "$OUT/log.txt" | grep -E "RESULT|Error|error" | tail -8; }
-run 120 ids 2 "$OUT/ids_tp2.json"
-EAGER2=0
-[ -s "$OUT/ids_tp2.json" ] || { echo "TP=2 with graphs failed; retrying eager"; EAGER2=1; ENFORCE_EAGER=1 run 100 ids 2 "$OUT/ids_tp2.json"; }
-run 90 ids 1 "$OUT/ids_tp1.json"
-python3 benchmarks/tp_gpu.py compare "$OUT/ids_tp1.json" "$OUT/ids_tp2.json" | tee -a "$OUT/results.txt"
-[ "${SKIP_TP1_PEERS:-0}" = 1 ] || run 120 peers 1 | tee -a "$OUT/results.txt"
-ENFORCE_EAGER=$EAGER2 run 140 peers 2 | tee -a "$OUT/results.txt"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$OUT/machine.txt"; date -u | tee -a "$OUT/machine.txt"
+run() { local log="$OUT/log_$(echo "${@:2:3}" | tr -c 'A-Za-z0-9\n' '_').txt"
+        timeout "$1" python3 benchmarks/tp_gpu.py "${@:2}" > "$log" 2>&1; local rc=$?
+        grep -E "^RESULT|Error|error|Traceback|custom all-reduce|step queue|captured" "$log" | awk '!seen[$0]++' | tail -12 | tee -a "$OUT/results.txt"
+        [ $rc = 0 ] || echo "exit $rc: ${*:2}" | tee -a "$OUT/results.txt"; }
+for stage in ${*:-check profile time}; do
+  echo "=== $stage"
+  case $stage in
+    check) run 90 allreduce
+           run 80 ids 1 all "$OUT/ids_tp1.json"
+           run 100 ids 2 all "$OUT/ids_tp2_all.json"
+           run 100 ids 2 base "$OUT/ids_tp2_base.json"
+           for pair in "tp1 tp2_all" "tp1 tp2_base" "tp2_base tp2_all"; do set -- $pair
+             python3 benchmarks/tp_gpu.py compare "$OUT/ids_$1.json" "$OUT/ids_$2.json" | tee -a "$OUT/results.txt"; done ;;
+    profile) for v in base all; do
+               timeout 110 python3 benchmarks/tp_gpu.py profile 2 $v > "$OUT/profile_tp2_$v.txt" 2>&1 || echo "exit $?: profile $v"
+               grep -E "^RESULT|Error|Traceback" "$OUT/profile_tp2_$v.txt" | tee -a "$OUT/results.txt"; done ;;
+    time) [ "${SKIP_TP1:-0}" = 1 ] || run 100 peers 1 all
+          for v in ${VARIANTS:-base shm car all}; do run 120 peers 2 $v; done ;;
+    quick) run 120 peers 2 all ;;
+  esac
+done

@@ -156,6 +156,10 @@ class CacheConfig:
     kv_cache_memory_gb: float | None = None   # CPU: explicit KV budget
     num_kv_blocks: int | None = None          # explicit override (tests, benchmarks)
     gpu_memory_utilization: float = 0.9
+    # The host tier (pinned on CUDA): GiB for swapped-out requests and evicted prefix blocks;
+    # kv_offloading_size, when set, sizes it instead of swap_space. 0: no host tier.
+    swap_space: float = 4.0
+    kv_offloading_size: float | None = None
 
 
 @dataclass(frozen=True)
@@ -164,14 +168,31 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
     policy: str = "continuous"   # "continuous" | "static"
+    preemption_mode: str = "swap"   # "swap" (to the host tier when it has room, else recompute) | "recompute"
 
 
 @dataclass(frozen=True)
 class ParallelConfig:
     tensor_parallel_size: int = 1
-    # How ranks 1..N-1 join: "spawn" (rank 0 starts them on this machine) or "env" (started by
-    # hand, torch.distributed's env:// rendezvous; rank 0 had MASTER_ADDR and WORLD_SIZE set).
+    # How ranks 1..N-1 join: "spawn" (rank 0 starts them on this machine), "env" (started by
+    # hand, torch.distributed's env:// rendezvous; rank 0 had MASTER_ADDR and WORLD_SIZE set)
+    # or "ray" (Ray actors on a Ray cluster, distributed_executor_backend="ray").
     distributed_init: str = "spawn"
+    # Stages of consecutive layers; world = tensor_parallel_size x pipeline_parallel_size,
+    # rank = pp_rank * tensor_parallel_size + tp_rank (layers/parallel.py).
+    pipeline_parallel_size: int = 1
+    # All-reduces of tensors up to this many bytes through torch's symmetric memory (one-shot
+    # over NVLink peer memory, layers/custom_all_reduce.py) instead of NCCL; 0: off
+    # (disable_custom_all_reduce). PAGEDSERVE_CUSTOM_ALL_REDUCE_MAX_KB at start-up.
+    custom_all_reduce_bytes: int = 1 << 20
+    # How step messages reach ranks on this machine: "shm" (worker/shm_queue.py) or "broadcast"
+    # (the step group's collective); PAGEDSERVE_TP_STEP_QUEUE at start-up. Ranks started by hand
+    # (distributed_init "env") always use "broadcast".
+    step_queue: str = "shm"
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 @dataclass(frozen=True)

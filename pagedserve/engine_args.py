@@ -3,6 +3,8 @@ into one frozen EngineConfig. Unknown knobs, and knobs whose feature does not ex
 are rejected with a ValidationError naming them."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 from dataclasses import dataclass, field, fields
@@ -13,7 +15,8 @@ import torch
 from pagedserve.config import (CacheConfig, architecture_of, DeviceConfig, EngineConfig, ModelConfig, ParallelConfig,
                                SchedulerConfig, WeightSource, resolve_dtype)
 from pagedserve.errors import ValidationError
-from pagedserve.models.gguf_packed import with_gguf_quantization
+from pagedserve.layers.quantization import get_quantization_config
+from pagedserve.layers.quantization.detect import QuantizationError, checkpoint_quantization, resolve_quantization
 from pagedserve.models.loader import LOAD_FORMATS, ModelSource, load_hf_config, materialize_gguf, resolve_model
 from pagedserve.models.registry import resolve_model_class
 from pagedserve.worker.kv_budget import resolve_device
@@ -22,9 +25,7 @@ logger = logging.getLogger(__name__)
 
 # vLLM knobs we accept only at their default, with why.
 NOT_SUPPORTED = {
-    "quantization": "quantization is not supported yet",
     "speculative_config": "speculative decoding is not supported yet",
-    "pipeline_parallel_size": "pipeline parallelism is not supported",
     "enable_lora": "LoRA adapters are not supported yet",
     "kv_cache_dtype": "a KV cache dtype other than the model dtype is not supported yet",
 }
@@ -62,8 +63,10 @@ class EngineArgs:
     gpu_memory_utilization: float = _knob(0.9, "share of the GPU memory for weights, activations and KV cache")
     enforce_eager: bool = _knob(False, "run eagerly: no CUDA graphs")
     async_scheduling: bool | None = _knob(None, "schedule the next step while the current one runs "
-                                                "(default: on for CUDA with TP=1)")
+                                                "(default: on for CUDA, and with pipeline_parallel_size > 1)")
     tensor_parallel_size: int = _knob(1, "number of GPUs to shard the model over", aliases=("-tp",))
+    disable_custom_all_reduce: bool = _knob(False, "tensor parallelism: every all-reduce through NCCL (no "
+                                                   "one-shot all-reduce over symmetric memory for small tensors)")
     kv_cache_memory_gb: float | None = _knob(None, "KV cache size on CPU, in GB")
     num_kv_blocks: int | None = _knob(None, "number of KV cache blocks (instead of sizing them from memory)")
     scheduling_policy: str = _knob("continuous", "continuous (requests join and leave the batch every step) or "
@@ -74,6 +77,23 @@ class EngineArgs:
     allow_long_max_model_len: bool = _knob(False, "allow a max_model_len beyond the model's max_position_embeddings "
                                                   "(and its rope scaling's range); outputs past it may be garbage "
                                                   "(vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN)")
+    pipeline_parallel_size: int = _knob(1, "number of pipeline stages (consecutive layers each) over ranks; "
+                                           "world = tensor_parallel_size x this", aliases=("-pp",))
+    distributed_executor_backend: str = _knob("mp", "how ranks 1..N-1 start: mp (processes on this machine) or ray "
+                                                    "(Ray actors placed on the Ray cluster: RAY_ADDRESS or `ray "
+                                                    "start` here, else a local Ray)", choices=("mp", "ray"))
+    swap_space: float = _knob(4.0, "host memory for the KV cache's host tier, in GiB (pinned on CUDA; per "
+                                   "rank under TP): preempted requests are swapped there instead of "
+                                   "recomputed, and evicted prefix-cache blocks are kept there; 0 turns it off")
+    kv_offloading_size: float | None = _knob(None, "size of the host tier in GiB, instead of swap_space (vLLM V1's "
+                                                   "name for the CPU tier of the prefix cache; one pool serves both)")
+    preemption_mode: str | None = _knob(None, "swap (to the host tier while it has room, else recompute) or "
+                                              "recompute (default: swap when the host tier exists)",
+                                        choices=("swap", "recompute"))
+    quantization: str | None = _knob(None, "quantization method (vLLM's names): compressed-tensors, gptq, awq, fp8, "
+                                           "bitsandbytes (default: the checkpoint's quantization_config); fp8, "
+                                           "fp8-per-channel and bitsandbytes also quantize a float checkpoint at "
+                                           "load", aliases=("-q",))
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineArgs":
@@ -97,6 +117,12 @@ class EngineArgs:
         if self.tensor_parallel_size < 1:
             raise ValidationError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}",
                                   "tensor_parallel_size")
+        if not isinstance(self.pipeline_parallel_size, int) or self.pipeline_parallel_size < 1:
+            raise ValidationError(f"pipeline_parallel_size must be >= 1, got {self.pipeline_parallel_size}",
+                                  "pipeline_parallel_size")
+        if self.distributed_executor_backend not in ("mp", "ray"):
+            raise ValidationError(f"distributed_executor_backend must be mp or ray, got "
+                                  f"{self.distributed_executor_backend!r}", "distributed_executor_backend")
         if self.load_format not in LOAD_FORMATS:
             raise ValidationError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}",
                                   "load_format")
@@ -105,31 +131,46 @@ class EngineArgs:
                                   "scheduling_policy")
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < -1:
             raise ValidationError(f"max_logprobs must be -1 (no cap) or >= 0, got {self.max_logprobs}", "max_logprobs")
+        for name in ("swap_space", "kv_offloading_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or not 0 <= value < float("inf")):
+                raise ValidationError(f"{name} must be a number of GiB >= 0, got {value!r}", name)
+        if self.preemption_mode not in (None, "swap", "recompute"):
+            raise ValidationError(f"preemption_mode must be swap or recompute, got {self.preemption_mode!r}",
+                                  "preemption_mode")
         if self.trust_remote_code:
             raise ValidationError("trust_remote_code is not supported: only built-in architectures run",
                                   "trust_remote_code")
 
     def create_config(self) -> tuple[EngineConfig, Any, ModelSource]:
         """Resolve the model (offline), read its config once, check every cross-field rule.
-        The environment is read here, once: PAGEDSERVE_GEMV_MAX_ROWS, and MASTER_ADDR /
+        The environment is read here, once: PAGEDSERVE_GEMV_MAX_ROWS, PAGEDSERVE_TP_STEP_QUEUE,
+        PAGEDSERVE_CUSTOM_ALL_REDUCE_MAX_KB, and MASTER_ADDR /
         WORLD_SIZE / RANK (tensor-parallel ranks started by hand, env:// rendezvous)."""
         self.validate()
         device = resolve_device(self.device)
         source = resolve_model(self.model)
         distributed_init = "env" if "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ else "spawn"
+        if self.distributed_executor_backend == "ray":
+            if distributed_init == "env":
+                raise ValidationError("distributed_executor_backend='ray' places the ranks itself: unset MASTER_ADDR "
+                                      "and WORLD_SIZE (the env:// rendezvous)", "distributed_executor_backend")
+            distributed_init = "ray"
         if source.gguf_file and self.load_format != "dummy":
             def check_split(hf_config: Any) -> None:   # from the file's metadata, before the long conversion
                 early = ModelConfig.from_hf(hf_config, torch.float32, self.max_model_len)
-                check_tensor_parallel(self.tensor_parallel_size, early, device.type, distributed_init)
-            source = materialize_gguf(source, check_split if self.tensor_parallel_size > 1 else None)
+                check_tensor_parallel(self.tensor_parallel_size, early, device.type, distributed_init,
+                                      self.pipeline_parallel_size)
+            source = materialize_gguf(source, check_split if self.tensor_parallel_size * self.pipeline_parallel_size > 1
+                                      else None)
         hf_config = load_hf_config(source)
         resolve_model_class(architecture_of(hf_config))
         dtype = resolve_dtype(self.dtype, getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None),
                               device.type)
         model_config = ModelConfig.from_hf(hf_config, dtype, self.max_model_len)
-        if self.load_format != "dummy":
-            model_config = with_gguf_quantization(model_config, source.directory, self.dtype)
-        check_tensor_parallel(self.tensor_parallel_size, model_config, device.type, distributed_init)
+        model_config = dataclasses.replace(model_config, quantization=self._quantization(source))
+        check_tensor_parallel(self.tensor_parallel_size, model_config, device.type, distributed_init,
+                              self.pipeline_parallel_size)
         check_max_model_len(self.max_model_len, model_config, self.allow_long_max_model_len)
         max_model_len = model_config.max_model_len
         if self.max_model_len is None and max_model_len > model_config.max_position_embeddings:
@@ -144,14 +185,46 @@ class EngineArgs:
             model=model_config,
             weights=WeightSource(source.directory, source.gguf_file, self.load_format, self.seed),
             cache=CacheConfig(self.block_size, self.enable_prefix_caching, self.kv_cache_memory_gb,
-                              self.num_kv_blocks, self.gpu_memory_utilization),
-            scheduler=SchedulerConfig(max_num_seqs, batched, max_model_len, self.scheduling_policy),
-            parallel=ParallelConfig(self.tensor_parallel_size, distributed_init),
+                              self.num_kv_blocks, self.gpu_memory_utilization, float(self.swap_space),
+                              self.kv_offloading_size),
+            scheduler=SchedulerConfig(max_num_seqs, batched, max_model_len, self.scheduling_policy,
+                                      self.preemption_mode or "swap"),
+            parallel=ParallelConfig(
+                tensor_parallel_size=self.tensor_parallel_size, distributed_init=distributed_init,
+                pipeline_parallel_size=self.pipeline_parallel_size,
+                custom_all_reduce_bytes=0 if self.disable_custom_all_reduce
+                else int(os.environ.get("PAGEDSERVE_CUSTOM_ALL_REDUCE_MAX_KB", "1024")) << 10,
+                step_queue=_step_queue()),
             device=DeviceConfig(str(device), self.enforce_eager, self.seed,
                                 self.async_scheduling if self.async_scheduling is not None
-                                else device.type == "cuda" and self.tensor_parallel_size == 1,
+                                else device.type == "cuda" or self.pipeline_parallel_size > 1,
                                 int(os.environ.get("PAGEDSERVE_GEMV_MAX_ROWS", "16"))))
         return config, hf_config, source
+
+    def _quantization(self, source: ModelSource):
+        """The checkpoint's quantization_config and `quantization`, reconciled and checked
+        (the config's schemes are parsed here, so a bad one fails before any weight loads)."""
+        checkpoint = None if source.gguf_file else checkpoint_quantization(source.directory)
+        try:
+            spec = resolve_quantization(self.quantization, checkpoint)
+            if spec is not None and spec.method == "gguf" and self.dtype in ("float32", "float", torch.float32):
+                # asked for fp32 arithmetic: the blocks are dequantized at load (exact results)
+                spec = dataclasses.replace(spec, config_json=json.dumps({**spec.config, "dequantize": True}))
+            get_quantization_config(spec)
+        except QuantizationError as exc:
+            raise ValidationError(str(exc), exc.param) from None
+        except ValueError as exc:
+            raise ValidationError(f"unsupported quantization_config in {source.directory}: {exc}",
+                                  "quantization") from None
+        return spec
+
+
+def _step_queue() -> str:
+    queue = os.environ.get("PAGEDSERVE_TP_STEP_QUEUE", "shm")
+    if queue not in ("shm", "broadcast"):
+        raise ValidationError(f"PAGEDSERVE_TP_STEP_QUEUE must be shm or broadcast, got {queue!r}",
+                              "PAGEDSERVE_TP_STEP_QUEUE")
+    return queue
 
 
 def default_max_num_seqs(device: torch.device) -> int:
@@ -193,18 +266,24 @@ def check_max_model_len(requested: int | None, model: ModelConfig, allow_long: b
         + "; lower max_model_len, or set allow_long_max_model_len to accept it", "max_model_len")
 
 
-def check_tensor_parallel(tp: int, model: ModelConfig, device_type: str, distributed_init: str = "spawn") -> None:
-    if tp == 1:
+def check_tensor_parallel(tp: int, model: ModelConfig, device_type: str, distributed_init: str = "spawn",
+                          pp: int = 1) -> None:
+    if tp * pp == 1:
         return
+    if pp > model.num_layers:
+        raise ValidationError(f"pipeline_parallel_size ({pp}) is larger than the model's {model.num_layers} layers",
+                              "pipeline_parallel_size")
     if distributed_init == "env":
         world, rank = int(os.environ["WORLD_SIZE"]), os.environ.get("RANK", "0")
-        if world != tp or int(rank) != 0:
-            raise ValidationError(f"env:// rendezvous: this process must be RANK=0 of WORLD_SIZE={tp} "
-                                  f"(tensor_parallel_size), got RANK={os.environ.get('RANK')} WORLD_SIZE={world}",
-                                  "tensor_parallel_size")
-    elif device_type == "cuda" and tp > torch.cuda.device_count():
-        raise ValidationError(f"tensor_parallel_size={tp} is larger than the {torch.cuda.device_count()} "
-                              "GPUs present", "tensor_parallel_size")
+        if world != tp * pp or int(rank) != 0:
+            raise ValidationError(f"env:// rendezvous: this process must be RANK=0 of WORLD_SIZE={tp * pp} "
+                                  f"(tensor_parallel_size x pipeline_parallel_size), got "
+                                  f"RANK={os.environ.get('RANK')} WORLD_SIZE={world}", "tensor_parallel_size")
+    elif distributed_init == "spawn" and device_type == "cuda" and tp * pp > torch.cuda.device_count():
+        raise ValidationError(f"tensor_parallel_size x pipeline_parallel_size = {tp * pp} is larger than the "
+                              f"{torch.cuda.device_count()} GPUs present", "tensor_parallel_size")
+    if tp == 1:
+        return
     for value, what in ((model.num_heads, "num_attention_heads"), (model.vocab_size, "vocab_size"),
                         (model.intermediate_size, "intermediate_size")):
         if value % tp:

@@ -62,9 +62,15 @@ class SchedulerOutput:
     blocks_to_copy: list[tuple[BlockId, BlockId]] = field(default_factory=list)
     # Structured outputs: the sampling rows with a grammar this step, and their token bitmask
     # (an int32 CPU tensor [len(structured_req_ids), ceil(vocab / 32)], row i for id i; a set
-    # bit allows the token). None when no sampling row is constrained.
+    # bit allows the token). None with rows named: the mask is deferred (async scheduling):
+    # execute_model(so, non_block=True) returns a DeferredSampling, sampled once it arrives.
     structured_req_ids: list[RequestId] = field(default_factory=list)
     grammar_bitmask: Any | None = None
+    # The host tier (core/kv_cache_manager.py): (device block, host block) copies out and
+    # (host block, device block) copies in. The runner applies them in that order, before
+    # copy-on-write and the forward; each list's destinations are distinct.
+    blocks_to_swap_out: list[tuple[BlockId, BlockId]] = field(default_factory=list)
+    blocks_to_swap_in: list[tuple[BlockId, BlockId]] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -72,8 +78,9 @@ class SchedulerOutput:
 
     @property
     def has_work(self) -> bool:
-        """Anything for the runner to do: tokens to compute, or state to drop."""
-        return bool(self.total_num_scheduled_tokens or self.finished_req_ids or self.preempted_req_ids)
+        """Anything for the runner to do: tokens to compute, state to drop, or blocks to copy."""
+        return bool(self.total_num_scheduled_tokens or self.finished_req_ids or self.preempted_req_ids
+                    or self.blocks_to_swap_out or self.blocks_to_swap_in)
 
 
 class TokenLogprobs(NamedTuple):
@@ -104,17 +111,33 @@ class PendingOutput(Protocol):
 
 
 @runtime_checkable
+class DeferredSampling(Protocol):
+    """A launched step whose forward pass is queued on the device and whose sampling waits
+    for the grammar bitmask of its constrained rows (the deferred SchedulerOutput.grammar_bitmask).
+    `sample(bitmask)` queues the sampling; `get()` without it samples the rows unmasked (only
+    for a step whose results are dropped)."""
+
+    def sample(self, grammar_bitmask: Any) -> PendingOutput: ...
+
+    def get(self) -> ModelRunnerOutput: ...
+
+
+@runtime_checkable
 class Executor(Protocol):
-    """What the core drives. `num_blocks` KV blocks exist on every rank.
+    """What the core drives. `num_blocks` KV blocks exist on every rank, and `num_host_blocks`
+    host-tier blocks (0: none; an executor without the attribute has none).
 
     execute_model(so, non_block=False) runs one step and returns its ModelRunnerOutput; with
-    non_block=True it may return a PendingOutput at once (resolved by `.get()`), which the
-    core only asks for when `max_concurrent_batches` > 1 (async scheduling)."""
+    non_block=True it may return a PendingOutput at once (resolved by `.get()`), or a
+    DeferredSampling when the step's grammar bitmask is deferred, which the core only asks for
+    when `max_concurrent_batches` > 1 (async scheduling)."""
 
     num_blocks: int
     max_concurrent_batches: int
+    num_host_blocks: int
 
-    def execute_model(self, so: SchedulerOutput, non_block: bool = False) -> ModelRunnerOutput | PendingOutput: ...
+    def execute_model(self, so: SchedulerOutput, non_block: bool = False
+                      ) -> ModelRunnerOutput | PendingOutput | DeferredSampling: ...
 
     def check_health(self) -> None:
         """Raise EngineDeadError if the executor can no longer run steps."""

@@ -8,6 +8,17 @@ PY=${PYTHON:-python3}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 stamp=.venv/.pagedserve-setup
+# The dashboard's browser test drives the system's Chromium (Debian's package; Playwright
+# downloads no browser). As root with apt (CI's machine), install it once; else say so.
+if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -q --no-install-recommends chromium \
+            || { apt-get update -q && apt-get install -y -q --no-install-recommends chromium; }
+    else
+        echo "warning: no chromium (apt-get install chromium): tests/server/test_dashboard.py will fail" >&2
+    fi
+fi
 if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt "$0" ]; then exit 0; fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate

@@ -6,12 +6,15 @@ Invariants:
 - a free block keeps its hash (and stays findable) until it is handed out again, so a
   later request can revive it (lazy eviction); the free queue's head is evicted first;
 - `cached` maps a hash to at most one block, and that block's `block_hash` is the key.
+
+The host tier (kv_cache_manager.py) is a second BlockPool whose blocks are `on_host`; the
+device pool's `on_evict` hook lets the manager copy an evicted prefix block there first.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import NewType
+from typing import Callable, NewType
 
 from pagedserve.engine_io import BlockId
 
@@ -24,6 +27,7 @@ class KVCacheBlock:
     ref_cnt: int = 0
     block_hash: BlockHash | None = None
     token_ids: tuple[int, ...] = field(default=(), repr=False)   # set once the block is full and hashed
+    on_host: bool = False   # a block of the host tier's pool (core/kv_cache_manager.py)
 
 
 def hash_block_tokens(parent_hash: BlockHash | None, token_ids: tuple[int, ...],
@@ -37,12 +41,15 @@ def hash_block_tokens(parent_hash: BlockHash | None, token_ids: tuple[int, ...],
 class BlockPool:
     """Mutated only by the KV cache manager, from the engine thread."""
 
-    def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, enable_caching: bool = True, on_host: bool = False) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
-        self.blocks = [KVCacheBlock(BlockId(i)) for i in range(num_blocks)]
+        self.blocks = [KVCacheBlock(BlockId(i), on_host=on_host) for i in range(num_blocks)]
+        # called with a hashed block about to lose its hash because it is handed out again
+        # (not on uncache: that KV may be unwritten)
+        self.on_evict: Callable[[KVCacheBlock], None] | None = None
         # block_id -> None; insertion order = eviction order (head first).
         self._free: OrderedDict[BlockId, None] = OrderedDict((b.block_id, None) for b in self.blocks)
         self.cached: dict[BlockHash, KVCacheBlock] = {}
@@ -68,6 +75,8 @@ class BlockPool:
         for _ in range(count):
             block_id, _ = self._free.popitem(last=False)
             block = self.blocks[block_id]
+            if block.block_hash is not None and self.on_evict is not None:
+                self.on_evict(block)
             self._evict(block)
             block.ref_cnt = 1
             out.append(block)
@@ -103,6 +112,11 @@ class BlockPool:
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
                 self._free[block.block_id] = None
+
+    def refresh(self, block: KVCacheBlock) -> None:
+        """A free block was used again (a host-tier hit by an eviction): evict it last."""
+        if block.ref_cnt == 0:
+            self._free.move_to_end(block.block_id)
 
     def uncache(self, block: KVCacheBlock) -> None:
         """Drop the block's hash: it is no longer a prefix-cache entry."""

@@ -11,18 +11,26 @@ waits for step N's sampled tokens and applies them, so the host's scheduling, in
 and output handling run while the device computes. A request that ends at step N (EOS, stop)
 was already scheduled in N+1: that row's token is dropped. Requests whose sampling reads
 earlier outputs (penalties) make the engine run in lockstep while they are alive.
+
+With an executor of more than two concurrent batches (pipeline parallelism: one per stage),
+the same loop keeps up to `max_concurrent_batches` steps in flight, a FIFO queue as vLLM's
+batch queue: each call launches a step if the queue has room and waits for the oldest only
+when the queue is full or nothing new could be scheduled.
 """
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 
 from pagedserve.config import EngineConfig
 from pagedserve.core.kv_cache_manager import KVCacheManager
 from pagedserve.core.outputs import EngineCoreOutput, EngineCoreOutputs, EngineStats, RequestEvent, RequestEventType
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.scheduler import Scheduler
-from pagedserve.engine_io import Executor, ModelRunnerOutput, PendingOutput, RequestId, SchedulerOutput
+from pagedserve.core.snapshot import StepLog
+from pagedserve.engine_io import (DeferredSampling, Executor, ModelRunnerOutput, PendingOutput, RequestId,
+                                  SchedulerOutput)
 from pagedserve.errors import ValidationError
 from pagedserve.worker.executor import make_executor
 
@@ -31,7 +39,7 @@ logger = logging.getLogger(__name__)
 _QUEUED, _SCHEDULED = RequestEventType.QUEUED, RequestEventType.SCHEDULED
 _FIRST_TOKEN, _FINISHED = RequestEventType.FIRST_TOKEN, RequestEventType.FINISHED
 # a launched step: its scheduler output and its result (or what launching it raised)
-_Launched = tuple[SchedulerOutput, ModelRunnerOutput | PendingOutput | Exception]
+_Launched = tuple[SchedulerOutput, ModelRunnerOutput | PendingOutput | DeferredSampling | Exception]
 
 
 class EngineCore:
@@ -40,6 +48,7 @@ class EngineCore:
             executor = make_executor(config)
         self.config = config
         self.executor = executor
+        self.weight_bytes = getattr(executor, "weight_bytes", 0)   # model weights on rank 0 (/metrics)
         block_size = config.cache.block_size
         num_blocks = executor.num_blocks
         max_model_len = config.scheduler.max_model_len
@@ -48,22 +57,31 @@ class EngineCore:
                 f"the KV cache holds {num_blocks * block_size} tokens ({num_blocks} blocks of {block_size}), "
                 f"fewer than max_model_len={max_model_len}: raise gpu_memory_utilization (or "
                 f"kv_cache_memory_gb on CPU) or lower max_model_len", "max_model_len")
-        logger.info("KV cache: %d blocks of %d tokens = %d tokens; max concurrency at max_model_len=%d: %.1fx",
-                    num_blocks, block_size, num_blocks * block_size, max_model_len,
-                    num_blocks * block_size / max_model_len)
-        self.kv_cache_manager = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
+        num_host_blocks = getattr(executor, "num_host_blocks", 0)
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens; max concurrency at max_model_len=%d: %.1fx; "
+                    "host tier: %d blocks = %d tokens", num_blocks, block_size, num_blocks * block_size,
+                    max_model_len, num_blocks * block_size / max_model_len, num_host_blocks,
+                    num_host_blocks * block_size)
+        self.kv_cache_manager = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching,
+                                               num_host_blocks)
         self.scheduler = Scheduler(self.kv_cache_manager, config.scheduler.max_num_seqs,
                                    config.scheduler.max_num_batched_tokens, max_model_len,
-                                   config.scheduler.policy)
+                                   config.scheduler.policy, config.scheduler.preemption_mode)
         self.async_scheduling = config.device.async_scheduling and executor.max_concurrent_batches > 1
+        self.scheduler.micro_batches = max(1, getattr(config.parallel, "pipeline_parallel_size", 1))
         # picked once; an unbound function, so the core holds no reference cycle to itself (a
         # bound method would keep a dropped engine's KV cache alive until the cycle collector ran)
         self._step_impl = EngineCore._step_async if self.async_scheduling else EngineCore._step_lockstep
-        self._in_flight: _Launched | None = None   # launched, not yet applied (async only)
+        # async: a step's grammar bitmask is filled after the previous step's tokens are applied.
+        # Not under PP: its micro-batches never hold a request whose token is in flight, so the
+        # bitmask is filled at schedule time and no DeferredSampling is launched.
+        self.scheduler.defer_grammar = self.async_scheduling and self.scheduler.micro_batches == 1
+        self._in_flight: deque[_Launched] = deque()   # launched, not yet applied, oldest first (async only)
         # Event bookkeeping, touched only for requests that change state.
         self._events: list[RequestEvent] = []                  # since the last step
         self._unscheduled: dict[RequestId, Request] = {}       # queued, never scheduled
         self._awaiting_first_token: dict[RequestId, Request] = {}
+        self._step_log: StepLog | None = None   # while a viewer watches (core/snapshot.py)
 
     @property
     def num_kv_blocks(self) -> int:
@@ -101,13 +119,29 @@ class EngineCore:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or self._in_flight is not None
+        return self.scheduler.has_unfinished() or bool(self._in_flight)
 
     def stats(self) -> EngineStats:
+        """The core's state now; with an EngineSnapshot when one was requested since the last."""
         scheduler, kv = self.scheduler, self.kv_cache_manager
-        return EngineStats(len(scheduler.running), len(scheduler.waiting), kv.usage(),
+        log = self._step_log
+        usage = kv.usage()
+        return EngineStats(len(scheduler.running), len(scheduler.waiting), usage,
                            scheduler.stats.num_preemptions, kv.stats.queries, kv.stats.hits,
-                           scheduler.stats.num_batched_tokens)
+                           scheduler.stats.num_batched_tokens, kv.host_usage(), kv.stats.blocks_swapped_out,
+                           kv.stats.blocks_swapped_in, kv.stats.host_hits,
+                           log.take(scheduler, usage) if log is not None and log.requested else None)
+
+    def request_snapshot(self) -> None:
+        """The next stats (a step's, or stats()) carry an EngineSnapshot; steps are logged for
+        it from now on, until stop_snapshots(). Cheap; the building happens then."""
+        if self._step_log is None:
+            self._step_log = StepLog()
+        self._step_log.requested = True
+
+    def stop_snapshots(self) -> None:
+        """Nobody watches any more: steps are no longer logged."""
+        self._step_log = None
 
     def step(self) -> EngineCoreOutputs:
         """Schedule -> execute -> update: _step_lockstep or _step_async, picked at construction."""
@@ -126,28 +160,32 @@ class EngineCore:
 
     def _step_async(self) -> EngineCoreOutputs:
         outputs: list[EngineCoreOutput] = []
-        if self._in_flight is not None and self.scheduler.num_history_dependent:
+        queue = self._in_flight
+        if queue and self.scheduler.num_history_dependent:
             outputs = self._resolve()   # lockstep: the next step needs these tokens on the host
         launched = self._launch(self._schedule())
-        if self._in_flight is not None:
-            previous, self._in_flight = self._in_flight, None
+        if queue and (launched is None or len(queue) + 1 >= self.executor.max_concurrent_batches):
+            previous = queue.popleft()
             result = self._wait(previous)
             if isinstance(result, Exception):
-                # the launched step was built on the failed one: let it finish, drop its results
-                dropped = launched[0] if launched is not None else None
+                # the steps launched on top of the failed one finish; their results are dropped
                 if launched is not None:
-                    self._wait(launched)
-                launched = None
-                outputs += self._fail(previous[0], result, dropped)
+                    queue.append(launched)
+                    launched = None
+                outputs += self._fail(previous[0], result, self._drop_in_flight())
             else:
                 outputs += self._update(previous[0], result)
-        self._in_flight = launched
+        launched = self._sample_deferred(launched)   # after the previous step's tokens are applied
+        if launched is not None:
+            queue.append(launched)
         if launched is not None and (not launched[0].num_scheduled_tokens or self.scheduler.num_history_dependent):
             outputs += self._resolve()   # nothing to wait for, or lockstep
         return self._result(outputs)
 
     def _schedule(self) -> SchedulerOutput:
         so = self.scheduler.schedule()
+        if self._step_log is not None:
+            self._step_log.pending = so
         if self._unscheduled and (so.new_requests or so.forked_requests):
             for rid in [new.req_id for new in so.new_requests] + [fork.req_id for fork in so.forked_requests]:
                 request = self._unscheduled.pop(rid, None)
@@ -164,12 +202,41 @@ class EngineCore:
         except Exception as exc:
             return so, exc
 
+    def _sample_deferred(self, launched: _Launched | None) -> _Launched | None:
+        """A launched step that waits for its grammar bitmask gets it now: the matchers have
+        taken every earlier token, and the device ran the forward pass meanwhile."""
+        if launched is None or not isinstance(launched[1], DeferredSampling):
+            return launched
+        so, deferred = launched
+        try:
+            bitmask = self.scheduler.deferred_grammar_bitmask()
+        except Exception as exc:
+            self._wait(launched)   # sampled unmasked and dropped: every rank finishes the step
+            return so, exc
+        try:
+            return so, deferred.sample(bitmask)
+        except Exception as exc:
+            return so, exc
+
     def _resolve(self) -> list[EngineCoreOutput]:
-        launched, self._in_flight = self._in_flight, None
-        result = self._wait(launched)
-        if isinstance(result, Exception):
-            return self._fail(launched[0], result)
-        return self._update(launched[0], result)
+        """Apply every step in flight, oldest first."""
+        outputs: list[EngineCoreOutput] = []
+        while self._in_flight:
+            launched = self._in_flight.popleft()
+            result = self._wait(launched)
+            if isinstance(result, Exception):
+                return outputs + self._fail(launched[0], result, self._drop_in_flight())
+            outputs += self._update(launched[0], result)
+        return outputs
+
+    def _drop_in_flight(self) -> list[SchedulerOutput]:
+        """After a failed step: the steps launched on top of it finish; their results are dropped."""
+        dropped = []
+        while self._in_flight:
+            launched = self._in_flight.popleft()
+            self._wait(launched)
+            dropped.append(launched[0])
+        return dropped
 
     @staticmethod
     def _wait(launched: _Launched) -> ModelRunnerOutput | Exception:
@@ -182,20 +249,24 @@ class EngineCore:
         except Exception as exc:
             return exc
 
-    def _fail(self, so: SchedulerOutput, exc: Exception, dropped: SchedulerOutput | None = None
+    def _fail(self, so: SchedulerOutput, exc: Exception, dropped: list[SchedulerOutput] = ()
               ) -> list[EngineCoreOutput]:
         """A step raised (re-raises EngineDeadError if the executor itself is gone). If the
         step held one user request (a request and its parallel samples), it fails with the
         error text. Otherwise nothing fails yet: the step's requests are recomputed, each
         alone first (Scheduler.suspects), so the culprit fails alone and the others go on;
-        a request caught in failed steps twice fails. `dropped`: a step launched on top of
-        the failed one, whose results are discarded (its requests are recomputed too)."""
+        a request caught in failed steps twice fails. `dropped`: steps launched on top of
+        the failed one, whose results are discarded (their requests are recomputed too)."""
         self.executor.check_health()
+        for failed in (so, *dropped):   # their copies may not have run
+            if failed.blocks_to_swap_out or failed.blocks_to_swap_in:
+                self.scheduler.drop_swaps(failed)
         error = f"{type(exc).__name__}: {exc}"
         step_ids = list(so.num_scheduled_tokens)
         requests = self.scheduler.requests
         families = {(requests[rid].parent_id or rid) if rid in requests else rid for rid in step_ids}
-        others = [rid for rid in (dropped.num_scheduled_tokens if dropped else ()) if rid not in so.num_scheduled_tokens]
+        others = list(dict.fromkeys(rid for d in dropped for rid in d.num_scheduled_tokens
+                                    if rid not in so.num_scheduled_tokens))
         if len(families) <= 1:
             logger.error("step failed; failing its request %s", next(iter(families), "?"), exc_info=exc)
             self.scheduler.requeue_after_failure(others, suspects=set())
@@ -240,6 +311,8 @@ class EngineCore:
 
     def _result(self, outputs: list[EngineCoreOutput]) -> EngineCoreOutputs:
         events, self._events = self._events, []
+        if self._step_log is not None:
+            self._step_log.log(events, len(outputs))
         return EngineCoreOutputs(outputs, self.stats(), events)
 
     def shutdown(self) -> None:

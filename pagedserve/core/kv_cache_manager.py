@@ -9,6 +9,24 @@ Block table of a request with block_size 4 and 10 tokens, 6 of them computed:
 
 A block is hashed (and becomes a prefix-cache entry) once all its token ids are known
 and scheduled. The last prompt token is never served from cache: its logits are needed.
+
+The host tier (num_host_blocks > 0): a second BlockPool of the same block layout in host
+memory, holding
+- the blocks of requests preempted by swap (`swap_out`; they come back to fresh device
+  blocks in allocate_slots when the request resumes, but for its leading full blocks still
+  cached on the device, which it shares again; all count as computed tokens), and
+- prefix-cache entries: a hashed device block evicted to make room is copied to the host
+  (`_offload`); a lookup that misses on the device goes on in the host pool, and those hits
+  are loaded into fresh device blocks. Both pools are LRU; host entries are free blocks
+  keeping their hash, so swapped requests' blocks always win over them.
+Each step's copies are queued as (source, destination) block id pairs and taken by the
+scheduler into the SchedulerOutput (`take_swaps`); the worker runs the swap-outs (device ->
+host) first, then the swap-ins (host -> device). The step's forward waits for the swap-outs
+(their source blocks are handed out again in the same step) but not for the swap-ins: it
+overlaps them, so a request whose blocks are loaded in a step (`is_loading`) runs from the
+next step on, and its blocks become prefix-cache entries only then. So that a host block
+read by this step's swap-ins is not overwritten by its swap-outs, host blocks read in a step
+stay referenced until take_swaps.
 """
 from __future__ import annotations
 
@@ -22,11 +40,15 @@ from pagedserve.engine_io import BlockId, RequestId
 @dataclass
 class PrefixCacheStats:
     queries: int = 0   # prompt tokens looked up
-    hits: int = 0      # prompt tokens served from cache
+    hits: int = 0      # prompt tokens served from cache (either tier)
+    host_hits: int = 0           # prompt tokens loaded from the host tier (every load, resumes included)
+    blocks_swapped_out: int = 0  # device -> host copies (preemption by swap and evicted prefix blocks)
+    blocks_swapped_in: int = 0   # host -> device copies (resumed requests and host prefix hits)
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 num_host_blocks: int = 0) -> None:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
@@ -35,6 +57,15 @@ class KVCacheManager:
         self.num_cached_blocks: dict[RequestId, int] = {}
         self.pending_copies: list[tuple[BlockId, BlockId]] = []   # copy-on-write (src, dst)
         self.stats = PrefixCacheStats()
+        # host tier (see the module docstring)
+        self.host = BlockPool(num_host_blocks, enable_prefix_caching, on_host=True) if num_host_blocks else None
+        self.req_to_host_blocks: dict[RequestId, list[KVCacheBlock]] = {}   # swapped-out requests
+        self._swap_out: dict[BlockId, BlockId] = {}   # host block -> device block (one writer per host block)
+        self._swap_in: list[tuple[BlockId, BlockId]] = []   # (host block, device block)
+        self._host_reads: list[KVCacheBlock] = []   # held until take_swaps
+        self._loading: set[RequestId] = set()       # requests with swap-ins this step
+        if self.host is not None and enable_prefix_caching:
+            self.pool.on_evict = self._offload
 
     @property
     def num_blocks(self) -> int:
@@ -42,6 +73,17 @@ class KVCacheManager:
 
     def usage(self) -> float:
         return self.pool.usage()
+
+    @property
+    def num_host_blocks(self) -> int:
+        return self.host.num_blocks if self.host is not None else 0
+
+    def host_usage(self) -> float:
+        """Fraction of host blocks held (by swapped-out requests); 0.0 without a host tier."""
+        return self.host.usage() if self.host is not None else 0.0
+
+    def is_swapped(self, request: Request) -> bool:
+        return request.request_id in self.req_to_host_blocks
 
     def block_ids(self, request_id: RequestId) -> list[BlockId]:
         return [b.block_id for b in self.req_to_blocks.get(request_id, [])]
@@ -61,18 +103,25 @@ class KVCacheManager:
         return hashes
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
-        """Longest cached prefix of a request that has no blocks yet: (blocks, num_tokens).
-        Takes no references; pass the result to allocate_slots."""
+        """Longest cached prefix of a request that has no blocks yet: (blocks, num_tokens),
+        device blocks first, then any host-tier blocks (`on_host`) that continue it. Takes no
+        references; pass the result to allocate_slots (which loads the host ones)."""
         if not self.enable_prefix_caching:
             return [], 0
         max_blocks = (request.num_tokens - 1) // self.block_size   # keep the last token to compute
         hashes = self._block_hashes(request, max_blocks)
         hits: list[KVCacheBlock] = []
         size = self.block_size
+        pool = self.pool
         for i in range(max_blocks):
-            block = self.pool.lookup(hashes[i], tuple(request.token_ids_range(i * size, (i + 1) * size)))
+            block = pool.lookup(hashes[i], tuple(request.token_ids_range(i * size, (i + 1) * size)))
             if block is None:
-                break
+                if pool is self.host or self.host is None:
+                    break
+                pool = self.host   # the device missed: go on in the host tier
+                block = pool.lookup(hashes[i], tuple(request.token_ids_range(i * size, (i + 1) * size)))
+                if block is None:
+                    break
             hits.append(block)
         if request.num_cached_tokens < 0:
             self.stats.queries += request.num_tokens
@@ -84,7 +133,9 @@ class KVCacheManager:
         """Make room for `num_new_tokens` more tokens after the computed ones (and after
         `new_computed_blocks`, prefix hits for a request with no blocks). Returns False and
         changes nothing when the pool cannot satisfy it. A shared partial last block is
-        copied first (copy-on-write), queued in `pending_copies`."""
+        copied first (copy-on-write), queued in `pending_copies`. Host-tier hits among
+        `new_computed_blocks`, and a swapped-out request's blocks, get fresh device blocks
+        and are queued as swap-ins."""
         blocks = self.req_to_blocks.get(request.request_id)
         if blocks is None:
             blocks = self.req_to_blocks[request.request_id] = []
@@ -100,10 +151,12 @@ class KVCacheManager:
         new_computed_blocks = new_computed_blocks or []
         num_computed = request.num_scheduled_tokens_ahead + len(new_computed_blocks) * self.block_size
         num_total = num_computed + num_new_tokens
-        num_new_blocks = self.blocks_needed(num_total) - len(blocks) - len(new_computed_blocks)
+        device_hits, loads, swapped = self._split_hits(request, blocks, new_computed_blocks)
+        # each block to load counts among the new blocks: it needs a device block to land in
+        num_new_blocks = self.blocks_needed(num_total) - len(blocks) - len(device_hits)
         needs_copy = bool(blocks) and blocks[-1].ref_cnt > 1 and num_computed % self.block_size != 0 \
             and num_new_tokens > 0
-        num_revived = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
+        num_revived = sum(1 for b in device_hits if b.ref_cnt == 0)
         if max(num_new_blocks, 0) + int(needs_copy) + num_revived > self.pool.num_free_blocks:
             return False
         if needs_copy:
@@ -112,13 +165,53 @@ class KVCacheManager:
             self.pool.free([src])
             blocks[-1] = dst
             self.pending_copies.append((src.block_id, dst.block_id))
-        if new_computed_blocks:
-            self.pool.touch(new_computed_blocks)
-            blocks.extend(new_computed_blocks)
+        if device_hits:
+            self.pool.touch(device_hits)
+            blocks.extend(device_hits)
+        # host blocks stay held (no eviction may take them) until the step's lists are taken
+        if swapped is not None:
+            del self.req_to_host_blocks[request.request_id]
+            self._host_reads += swapped
+        elif loads:
+            self.host.touch(loads)
+            self._host_reads += loads
         if num_new_blocks > 0:
-            blocks.extend(self.pool.allocate(num_new_blocks))
-        self._cache_full_blocks(request, blocks, num_total)
+            new_blocks = self.pool.allocate(num_new_blocks)
+            if loads:   # the first new blocks are theirs
+                self._swap_in += [(src.block_id, dst.block_id) for src, dst in zip(loads, new_blocks)]
+                self.stats.blocks_swapped_in += len(loads)
+                if swapped is None:
+                    self.stats.host_hits += len(loads) * self.block_size
+                self._loading.add(request.request_id)
+            blocks.extend(new_blocks)
+        if not loads:   # loading blocks are hashed next step, once their copies are awaited
+            self._cache_full_blocks(request, blocks, num_total)
         return True
+
+    def _split_hits(self, request: Request, blocks: list[KVCacheBlock], new_computed_blocks: list[KVCacheBlock]
+                    ) -> tuple[list[KVCacheBlock], list[KVCacheBlock], list[KVCacheBlock] | None]:
+        """(device blocks to share, host blocks to load, a swapped-out request's host blocks or
+        None). Prefix hits split by tier (host hits are a suffix); a swapped-out request
+        resuming shares its leading blocks that are still cached on the device and loads the
+        rest."""
+        swapped = None if blocks else self.req_to_host_blocks.get(request.request_id)
+        if swapped is None:
+            loads = [b for b in new_computed_blocks if b.on_host]
+            return new_computed_blocks[:len(new_computed_blocks) - len(loads)], loads, None
+        shared = []
+        for host_block in swapped:
+            device = None
+            if host_block.block_hash is not None:
+                device = self.pool.lookup(host_block.block_hash, host_block.token_ids)
+            if device is None:
+                break
+            shared.append(device)
+        return shared, swapped[len(shared):], swapped
+
+    def is_loading(self, request: Request) -> bool:
+        """Blocks of the request are copied in from the host tier in this step: it may not run
+        (or be a prefix hit) before the next step, whose forward waits for those copies."""
+        return request.request_id in self._loading
 
     def _cache_full_blocks(self, request: Request, blocks: list[KVCacheBlock], num_tokens: int) -> None:
         if not self.enable_prefix_caching:
@@ -143,10 +236,84 @@ class KVCacheManager:
         self.num_cached_blocks[child.request_id] = self.num_cached_blocks.get(parent.request_id, 0)
 
     def free(self, request: Request) -> None:
-        """Drop the request's blocks, tail first (a prefix's head is evicted last)."""
+        """Drop the request's device blocks, tail first (a prefix's head is evicted last)."""
         blocks = self.req_to_blocks.pop(request.request_id, [])
         self.pool.free(list(reversed(blocks)))
         self.num_cached_blocks.pop(request.request_id, None)
+
+    def swap_out(self, request: Request) -> bool:
+        """Preemption by swap: the blocks holding the request's computed tokens go to the host
+        tier (a full block the host already caches is shared, not copied), then its device
+        blocks are freed; it keeps num_computed_tokens. False, changing nothing, when the host
+        tier cannot hold them (the caller recomputes instead). The request must have no work
+        in flight (its blocks' KV is final)."""
+        host = self.host
+        num = self.blocks_needed(request.num_computed_tokens)
+        if host is None or num == 0 or num > host.num_free_blocks:
+            return False
+        host_blocks = []
+        for block in self.req_to_blocks.get(request.request_id, [])[:num]:
+            cached = host.lookup(block.block_hash, block.token_ids) if block.block_hash is not None else None
+            if cached is not None:
+                host.touch([cached])
+                host_blocks.append(cached)
+                continue
+            (dst,) = host.allocate(1)
+            if block.block_hash is not None:
+                host.cache_block(dst, block.block_hash, block.token_ids)
+            self._queue_swap_out(block, dst)
+            host_blocks.append(dst)
+        self.free(request)
+        self.req_to_host_blocks[request.request_id] = host_blocks
+        return True
+
+    def _offload(self, block: KVCacheBlock) -> None:
+        """The device pool hands out a free hashed block: keep its KV in the host tier as a
+        free (evictable) entry, unless the host has it already or has no free block."""
+        host = self.host
+        cached = host.lookup(block.block_hash, block.token_ids)
+        if cached is not None:
+            host.refresh(cached)
+            return
+        if host.num_free_blocks == 0:
+            return
+        (dst,) = host.allocate(1)
+        host.cache_block(dst, block.block_hash, block.token_ids)
+        host.free([dst])
+        self._queue_swap_out(block, dst)
+
+    def _queue_swap_out(self, src: KVCacheBlock, dst: KVCacheBlock) -> None:
+        # a host block reallocated within the step keeps only its last writer
+        self._swap_out.pop(dst.block_id, None)
+        self._swap_out[dst.block_id] = src.block_id
+        self.stats.blocks_swapped_out += 1
+
+    def take_swaps(self) -> tuple[list[tuple[BlockId, BlockId]], list[tuple[BlockId, BlockId]]]:
+        """This step's copies: (device, host) swap-outs and (host, device) swap-ins. Releases
+        the host blocks the swap-ins read (they stay cached in the host tier)."""
+        if not (self._swap_out or self._swap_in):
+            return [], []
+        swap_out = [(device, host) for host, device in self._swap_out.items()]
+        swap_in, self._swap_in, self._swap_out = self._swap_in, [], {}
+        self._loading.clear()
+        if self._host_reads:
+            self.host.free(list(reversed(self._host_reads)))
+            self._host_reads = []
+        return swap_out, swap_in
+
+    def drop_swapped(self, host_block_ids: set[BlockId]) -> list[RequestId]:
+        """A step failed: host blocks it was to write hold no valid KV. They leave the host
+        prefix cache; swapped-out requests holding one lose their host copy (returned: they
+        are recomputed)."""
+        if self.host is None or not host_block_ids:
+            return []
+        for block_id in host_block_ids:
+            self.host.uncache(self.host.blocks[block_id])
+        lost = [rid for rid, blocks in self.req_to_host_blocks.items()
+                if any(b.block_id in host_block_ids for b in blocks)]
+        for rid in lost:
+            self.host.free(list(reversed(self.req_to_host_blocks.pop(rid))))
+        return lost
 
     def uncache(self, request: Request) -> None:
         """A step with this request failed: its blocks' KV may be unwritten, so none of them
@@ -155,9 +322,12 @@ class KVCacheManager:
             self.pool.uncache(block)
 
     def forget(self, request: Request) -> None:
-        """The request is finished for good: drop its memoised hashes too."""
+        """The request is finished for good: drop its memoised hashes and any host blocks too."""
         self.free(request)
         self.req_to_hashes.pop(request.request_id, None)
+        host_blocks = self.req_to_host_blocks.pop(request.request_id, None)
+        if host_blocks:
+            self.host.free(list(reversed(host_blocks)))
 
     def take_pending_copies(self) -> list[tuple[BlockId, BlockId]]:
         copies, self.pending_copies = self.pending_copies, []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from pagedserve.core.snapshot import EngineSnapshot
 from pagedserve.engine_io import RequestId, TokenLogprobs
 
 
@@ -38,6 +39,12 @@ class EngineStats:
     prefix_cache_queries: int = 0   # cumulative, tokens
     prefix_cache_hits: int = 0      # cumulative, tokens
     num_batched_tokens: int = 0     # tokens scheduled in the latest step
+    # the host tier (core/kv_cache_manager.py)
+    kv_offload_host_usage: float = 0.0      # fraction of host blocks held by swapped-out requests
+    kv_offload_blocks_swapped_out: int = 0  # cumulative device -> host block copies
+    kv_offload_blocks_swapped_in: int = 0   # cumulative host -> device block copies
+    kv_offload_host_prefix_hits: int = 0    # cumulative prompt tokens loaded from the host tier
+    snapshot: EngineSnapshot | None = None   # only when requested (EngineCore.request_snapshot)
 
 
 class RequestEventType(enum.Enum):

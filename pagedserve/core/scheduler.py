@@ -3,16 +3,33 @@ its num_tokens under a per-step token budget. Prefill, chunked prefill, decode, 
 hits and recompute after preemption all fall out of that rule. First come, first served;
 preemption evicts the newest running request.
 
+Preemption by swap (preemption_mode "swap", the default when a host tier exists): the
+victim's blocks go to the host tier (KVCacheManager.swap_out) and it waits, at the head of
+the queue, with its num_computed_tokens kept; resuming, it gets fresh device blocks that the
+worker fills from the host while the step's forward runs (so it joins the batch a step
+later, as a request with host prefix hits does), and they count as computed tokens. When the
+host tier has no room the victim is recomputed, as in mode "recompute". Each step's copy
+lists (blocks_to_swap_out, blocks_to_swap_in) travel in its SchedulerOutput.
+
 Async scheduling (one step in flight, see EngineCore): the next step is scheduled before the
 last one's sampled tokens are back. Each request counts what is scheduled but unresolved
 (num_unresolved_tokens, num_inflight_samples); a step never schedules past max_tokens or
 max_model_len counting the in-flight token, and never preempts a request with work in
 flight (it schedules less instead; the next step, with that work resolved, may preempt).
 
-Structured outputs (core/structured_output.py): the scheduler fills the token bitmask of the
-constrained requests that sample in the step it builds, and advances their matchers by the
-sampled tokens. Under async scheduling a constrained request whose last sampled token is still
-in flight is skipped (its mask needs that token): it runs every other step, nobody waits.
+Structured outputs (core/structured_output.py): a step names the constrained requests that
+sample in it (structured_req_ids) and carries their token bitmask; update_from_output
+advances their matchers by the sampled tokens. In lockstep the scheduler fills the bitmask
+at once. Under async scheduling (`defer_grammar`, set by EngineCore) a constrained request
+is scheduled with its last token still in flight, and the bitmask is filled later
+(`deferred_grammar_bitmask`), once the engine has applied that token, while the device runs
+the step's forward pass; the runner samples the step when the mask arrives.
+
+Pipeline parallelism (`micro_batches` = PP > 1): up to PP steps are in flight, one per stage.
+A request whose sampled token is in flight is not scheduled again (the first stage would wait
+for the last one), so the steps in flight are disjoint micro-batches; each step takes at most
+1/PP of the sequences that could run, so the next one finds requests left for it. Prompt
+chunks, which need no sampled token, follow each other down the pipeline.
 
 Policy "static" (for the static-vs-continuous benchmark): a batch is admitted together and
 no request joins until every request of the batch has finished.
@@ -23,6 +40,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 from pagedserve.core import structured_output
 from pagedserve.core.kv_cache_manager import KVCacheManager
@@ -41,15 +59,21 @@ class SchedulerStats:
     kv_cache_usage: float = 0.0
     num_preemptions: int = 0   # cumulative
     num_batched_tokens: int = 0
+    num_swapped: int = 0       # waiting requests whose blocks are in the host tier
+    num_swap_preemptions: int = 0   # cumulative preemptions by swap (of num_preemptions)
 
 
 class Scheduler:
     """Owns the request queues; mutated only from the engine thread."""
 
     def __init__(self, kv_cache_manager: KVCacheManager, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_model_len: int, policy: str = "continuous") -> None:
+                 max_num_batched_tokens: int, max_model_len: int, policy: str = "continuous",
+                 preemption_mode: str = "swap") -> None:
         if policy not in ("continuous", "static"):
             raise ValueError(f"scheduling policy must be 'continuous' or 'static', got {policy!r}")
+        if preemption_mode not in ("swap", "recompute"):
+            raise ValueError(f"preemption_mode must be 'swap' or 'recompute', got {preemption_mode!r}")
+        self.swap = preemption_mode == "swap" and kv_cache_manager.host is not None
         self.kv = kv_cache_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -68,7 +92,11 @@ class Scheduler:
         self.suspects: set[RequestId] = set()
         self._requeued_since_last_step: set[RequestId] = set()
         self._constrained_samples: list[Request] = []   # this step's sampling rows with a grammar
+        self.defer_grammar = False          # async scheduling: the engine fills the bitmask later
+        self._deferred_rows: list[Request] = []   # the rows of the step whose bitmask is deferred
+        self._bitmask_buffer: Any = None
         self.stats = SchedulerStats()
+        self.micro_batches = 1   # pipeline stages to keep busy (set by EngineCore)
 
     # ---- queue management -------------------------------------------------------------
     def add_request(self, request: Request, forks: list[Request] | None = None) -> None:
@@ -172,13 +200,17 @@ class Scheduler:
         index = 0
         blocked = False   # a preemption was needed but its victim has work in flight
         running = self.running
-        while index < len(running) and budget > 0:
+        max_seqs = self._max_seqs_per_step()
+        while index < len(running) and budget > 0 and len(scheduled) < max_seqs:
             request = running[index]
             if isolate and (scheduled or request.request_id not in self.suspects):
                 index += 1
                 continue
             num_inflight = request.num_inflight_samples
-            if num_inflight and constrained and request.grammar is not None:   # its mask needs that token
+            # lockstep filling: its mask needs the token in flight; under PP the first stage
+            # would wait for it (PP never defers the grammar: EngineCore)
+            if num_inflight and (self.micro_batches > 1
+                                 or constrained and request.grammar is not None and not self.defer_grammar):
                 index += 1
                 continue
             num_tokens = len(request.prompt_token_ids) + len(request.output_token_ids) + num_inflight
@@ -215,7 +247,7 @@ class Scheduler:
         num_seqs = self._num_running_seqs()
         if isolate:
             can_admit = can_admit and not scheduled and self._suspect_first()
-        while can_admit and self.waiting and num_seqs < self.max_num_seqs \
+        while can_admit and self.waiting and num_seqs < self.max_num_seqs and len(scheduled) < max_seqs \
                 and (budget > 0 or forming_static_batch):
             request = self.waiting[0]
             # parallel samples count: a parent joins only when all its sequences fit
@@ -232,6 +264,8 @@ class Scheduler:
             num_new = min(request.num_tokens - request.num_computed_tokens - num_hit_tokens, budget)
             if not self.kv.allocate_slots(request, num_new, hits):
                 break
+            if self.kv.is_loading(request):   # it runs next step, after its blocks are copied in
+                num_new = 0
             self.waiting.popleft()
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit_tokens
@@ -255,16 +289,41 @@ class Scheduler:
         if self.pending_forks:
             self._fork_completed_prompts(scheduled, out)
         out.blocks_to_copy = self.kv.take_pending_copies()
+        out.blocks_to_swap_out, out.blocks_to_swap_in = self.kv.take_swaps()
         if self._constrained_samples:
-            self._fill_bitmask(out)
+            self._name_constrained_rows(out)
         return out
 
-    def _fill_bitmask(self, out: SchedulerOutput) -> None:
+    def _max_seqs_per_step(self) -> int:
+        """Under PP, 1/micro_batches of the sequences that could run (at least 1); a static
+        batch still forms in one step."""
+        if self.micro_batches == 1 or self.policy == "static":
+            return self.max_num_seqs
+        could_run = min(len(self.running) + len(self.waiting), self.max_num_seqs)
+        return max(1, -(-could_run // self.micro_batches))
+
+    def _name_constrained_rows(self, out: SchedulerOutput) -> None:
+        """The step's sampling rows with a grammar, and their bitmask (later, if deferred)."""
         constrained = [r for r in self._constrained_samples if r.request_id in out.num_scheduled_tokens]
         self._constrained_samples = []
         if constrained:
             out.structured_req_ids = [r.request_id for r in constrained]
-            out.grammar_bitmask = structured_output.fill_bitmask(constrained)
+            if self.defer_grammar:
+                self._deferred_rows = constrained
+            else:
+                out.grammar_bitmask = self._fill(constrained)
+
+    def deferred_grammar_bitmask(self) -> Any:
+        """The bitmask of the last step scheduled with `defer_grammar`, filled now: the engine
+        calls this after applying the previous step's tokens (the matchers' inputs)."""
+        rows, self._deferred_rows = self._deferred_rows, []
+        return self._fill(rows)
+
+    def _fill(self, rows: list[Request]) -> Any:
+        """Rows of one reused buffer: a step's mask is consumed (copied to the device, or
+        applied) when the step samples, before the next one is filled."""
+        self._bitmask_buffer = structured_output.bitmask_buffer(rows, self._bitmask_buffer)
+        return structured_output.fill_bitmask(rows, self._bitmask_buffer)
 
     def _suspect_first(self) -> bool:
         """Move the first waiting suspect to the head of the queue; False if none waits."""
@@ -283,9 +342,12 @@ class Scheduler:
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         assert not request.num_unresolved_tokens, "a request with work in flight is never preempted"
-        self.kv.free(request)
+        if self.swap and self.kv.swap_out(request):   # swapped: it keeps its computed tokens
+            self.stats.num_swap_preemptions += 1
+        else:
+            self.kv.free(request)
+            request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
-        request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.stats.num_preemptions += 1
         self.waiting.appendleft(request)
@@ -381,7 +443,23 @@ class Scheduler:
         self.stats.num_running = len(self.running)
         self.stats.num_waiting = len(self.waiting)
         self.stats.kv_cache_usage = self.kv.usage()
+        self.stats.num_swapped = len(self.kv.req_to_host_blocks)
         return changed
+
+    def drop_swaps(self, out: SchedulerOutput) -> None:
+        """`out` failed (or was dropped): its copies may not have run. Requests whose host copy
+        came from it are recomputed instead of swapped in; running requests whose blocks it was
+        to load are recomputed too."""
+        lost = self.kv.drop_swapped({host for _, host in out.blocks_to_swap_out})
+        for rid in lost:
+            request = self.requests.get(rid)
+            if request is not None:
+                request.num_computed_tokens = 0
+        loaded = {device for _, device in out.blocks_to_swap_in}
+        if loaded:
+            owners = [r.request_id for r in self.running
+                      if any(b.block_id in loaded for b in self.kv.req_to_blocks.get(r.request_id, ()))]
+            self.requeue_after_failure(owners, suspects=set())
 
     @staticmethod
     def _advance_grammar(request: Request, token: int) -> bool:

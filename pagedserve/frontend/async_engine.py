@@ -43,6 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable
 
 from pagedserve.core.outputs import EngineStats
+from pagedserve.core.snapshot import EngineSnapshot
 from pagedserve.engine_args import EngineArgs
 from pagedserve.errors import EngineDeadError, RequestFailedError, ValidationError
 from pagedserve.frontend.input_processor import PromptType
@@ -107,6 +108,7 @@ class AsyncEngine:
         self._dead: EngineDeadError | None = None
         self.stats = EngineStats()   # the core's, replaced (never mutated) after every loop iteration
         self._step_listeners: list[Callable[[EngineStats], None]] = []
+        self._snapshot_listeners: list[Callable[[EngineSnapshot], None]] = []
         self._processing = ThreadPoolExecutor(PROCESSING_THREADS, thread_name_prefix="pagedserve-inputs")
         self._thread = threading.Thread(target=self._run, name="pagedserve-engine", daemon=True)
         if start:
@@ -172,6 +174,20 @@ class AsyncEngine:
     def add_step_listener(self, listener: Callable[[EngineStats], None]) -> None:
         """Called on the engine thread with the core's stats after every step; must be quick."""
         self._step_listeners.append(listener)
+
+    def add_snapshot_listener(self, listener: Callable[[EngineSnapshot], None]) -> None:
+        """Called on the engine thread with each EngineSnapshot asked for by request_snapshot()
+        (after the next step, or at once when idle); must be quick."""
+        self._snapshot_listeners.append(listener)
+
+    def request_snapshot(self) -> None:
+        """From any thread: the engine thread builds one EngineSnapshot soon (after its next
+        step, or now if idle) and logs steps for the next ones until stop_snapshots()."""
+        self._submit(self.engine.request_snapshot, on_dead=_ignore)
+
+    def stop_snapshots(self) -> None:
+        """From any thread: nobody watches; the step loop stops logging for snapshots."""
+        self._submit(self.engine.stop_snapshots, on_dead=_ignore)
 
     # ---- the event-loop API --------------------------------------------------------------
     async def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
@@ -261,21 +277,25 @@ class AsyncEngine:
                 if self.engine.has_work():
                     outputs, self.stats = self.engine.step_with_stats()
                     self._dispatch(outputs)
-                    self._after_step(self.stats)
+                    self._notify(self._step_listeners, self.stats)
                 else:   # the commands changed what is queued (an abort freed blocks)
                     self.stats = self.engine.stats()
+                if self.stats.snapshot is not None:
+                    self._notify(self._snapshot_listeners, self.stats.snapshot)
         except BaseException as exc:   # the loop is gone: fail everyone, loudly
             logger.exception("engine loop died")
             self._die(exc)
         finally:
             self._fail_open_requests(self._dead or EngineDeadError("the engine was shut down"))
 
-    def _after_step(self, stats: EngineStats) -> None:
-        for listener in self._step_listeners:
+    @staticmethod
+    def _notify(listeners: list[Callable[[Any], None]], value: Any) -> None:
+        """Each listener in turn; one that raises is logged, the others still run."""
+        for listener in listeners:
             try:
-                listener(stats)
+                listener(value)
             except Exception:
-                logger.exception("step listener failed")
+                logger.exception("listener %r failed", listener)
 
     def _abort_now(self, request_id: str) -> None:
         """Abort on the caller's behalf: free the blocks, end its stream (unknown ids: nothing)."""

@@ -149,7 +149,7 @@ class InputProcessor:
         conversation = normalize_messages(messages)
         if chat_template is not None:   # the request's own: untrusted, rendered under bounds
             return render_untrusted_template(chat_template, conversation, add_generation_prompt,
-                                             continue_final_message, self._special_tokens())
+                                             continue_final_message, self._special_tokens(), tools=tools)
         try:
             return self.tokenizer.apply_chat_template(
                 conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt,

@@ -137,6 +137,14 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         return self.core.stats()
 
+    def request_snapshot(self) -> None:
+        """The next stats (a step's or stats()) carry an EngineSnapshot (core/snapshot.py);
+        steps are logged for it until stop_snapshots()."""
+        self.core.request_snapshot()
+
+    def stop_snapshots(self) -> None:
+        self.core.stop_snapshots()
+
     def step(self) -> list[RequestOutput]:
         return self.step_with_stats()[0]
 

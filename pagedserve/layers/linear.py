@@ -38,6 +38,7 @@ class LinearBase(nn.Module):
         self.prefix = prefix
         self.input_size_per_partition, self.output_size_per_partition = in_features, out_features
         self.output_partition_sizes = output_partition_sizes or [out_features]
+        self.params_dtype = dtype
         method: LinearMethod | None = quant_config.get_linear_method(self, prefix) if quant_config else None
         self.quant_method = method or UnquantizedLinearMethod()
         self.quant_method.create_weights(self, in_features, self.output_partition_sizes, input_size or in_features,
@@ -80,6 +81,14 @@ class LinearBase(nn.Module):
                 raise ValueError(f"{self.prefix}: input shard of {size} features is not a whole number of "
                                  f"groups or packs of {ratio}: this checkpoint cannot be split this way")
             loaded = narrow(loaded, in_dim, self.tp_rank * size // ratio, size // ratio)
+        if self.splits_output and out_dim is None and shard_id is not None:
+            # one tensor for all fused projections (act-order g_idx): they must agree
+            data = as_tensor(loaded)
+            if getattr(param, "shared_loaded", False) and not torch.equal(dest, data.to(dest.device, dest.dtype)):
+                raise ValueError(f"{self.prefix}: the projections fused here have different {tuple(dest.shape)} "
+                                 f"tensors where one is shared (act-order g_idx); cannot fuse them")
+            param.shared_loaded = True
+            loaded = data
         _copy(dest, as_tensor(loaded))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

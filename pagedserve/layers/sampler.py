@@ -183,22 +183,30 @@ class Sampler:
         return out
 
 
-def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int],
+                        staging: torch.Tensor | None = None) -> None:
     """Structured outputs: in place, set logits[rows[i], t] to -inf where bit t of bitmask[i]
     (an int32 CPU tensor [len(rows), ceil(vocab / 32)], xgrammar's layout) is 0. One copy to
-    the device and one xgrammar kernel (Triton on CUDA, C++ on CPU) for all the rows."""
+    the device and one xgrammar kernel (Triton on CUDA, C++ on CPU) for all the rows.
+
+    The mask goes to the device full height (-1, all allowed, for the unconstrained rows) and
+    the kernel gets no `indices` list: a copy from pageable memory (xgrammar's list of indices
+    included) first waits for the stream, i.e. for the forward pass the host is overlapping.
+    `staging` (CUDA): a pinned host buffer of at least [logits rows, width] for that copy."""
     import xgrammar
-    width = bitmask.shape[1]
-    if rows != list(range(len(rows))):   # xgrammar's `indices` index logits and bitmask alike
-        aligned = torch.full((max(rows) + 1, width), -1, dtype=bitmask.dtype)
-        aligned[torch.tensor(rows)] = bitmask
-        bitmask = aligned
-    if logits.device.type != "cpu":
-        bitmask = bitmask.to(logits.device, non_blocking=True)
+    num_rows, width = logits.shape[0], bitmask.shape[1]
     covered = min(logits.shape[-1], width * 32)
-    xgrammar.apply_token_bitmask_inplace(logits, bitmask, vocab_size=covered, indices=rows)
+    if rows != list(range(num_rows)):
+        full = staging[:num_rows] if staging is not None else torch.empty((num_rows, width), dtype=bitmask.dtype)
+        full.fill_(-1)
+        full[torch.tensor(rows)] = bitmask
+        bitmask = full
+    elif staging is not None:
+        bitmask = staging[:num_rows].copy_(bitmask)
+    xgrammar.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), vocab_size=covered)
     if covered < logits.shape[-1]:   # logits wider than the grammar's vocabulary: never allowed
-        logits[torch.tensor(rows, device=logits.device), covered:] = float("-inf")
+        index = torch.tensor(rows, pin_memory=logits.is_cuda).to(logits.device, non_blocking=True)
+        logits[index, covered:] = float("-inf")
 
 
 def gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int

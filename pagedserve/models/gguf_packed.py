@@ -7,12 +7,11 @@ float tensors (norms, biases, F16/BF16/F32 weights) stay `<name>.weight` in fp32
 permutes the rows of attn_q / attn_k for its rotary layout; the permutation is undone on
 whole rows of blocks, bit-exact. Types without a kernel here (Q2_K, Q3_K, IQ*), and fused
 projections (q/k/v, gate/up) whose types differ, are dequantized to fp32 by gguf.quants.
-The types of the packed tensors go to gguf_quant.json beside the weights.
+The types of the packed tensors go to gguf_quant.json beside the weights (quantization/
+detect.py reads it: the model runs with quantization "gguf").
 """
 from __future__ import annotations
 
-import json
-import os
 import re
 from typing import Any
 
@@ -104,28 +103,3 @@ def convert(gguf_path: str, num_heads: int, num_kv_heads: int, progress: Any = N
         if packed:
             types[key] = fmt
     return arrays, types
-
-
-def read_quant_file(directory: str) -> dict[str, Any] | None:
-    path = os.path.join(directory, QUANT_FILE)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def with_gguf_quantization(model_config: Any, directory: str, requested_dtype: Any) -> Any:
-    """The ModelConfig with QuantizationSpec("gguf") when `directory` is a packed GGUF cache.
-    An explicit float32 dtype asks for fp32 arithmetic: the blocks are dequantized at load
-    (today's exact results); otherwise 4-bit types and Q8_0 run on the int4 kernel (CPU)."""
-    quant = read_quant_file(directory)
-    if quant is None:
-        return model_config
-    import dataclasses
-
-    import torch
-
-    from pagedserve.config import QuantizationSpec
-    exact = requested_dtype in ("float32", "float", torch.float32)
-    spec = QuantizationSpec("gguf", json.dumps({**quant, "int4": not exact}, sort_keys=True))
-    return dataclasses.replace(model_config, quantization=spec)

@@ -2,7 +2,11 @@
 (QKV bias) and Qwen3 (per-head q/k RMSNorm). One implementation; the differences are
 ModelConfig fields (attention_bias, qk_norm, rope_scaling, tie_word_embeddings).
 
-Inputs are one flat ragged batch: input_ids [T], positions [T]."""
+Inputs are one flat ragged batch: input_ids [T], positions [T]. Under pipeline parallelism a
+stage builds only its decoder layers (the others are empty placeholders, so checkpoint names
+keep their indices), the first stage the embedding, the last the final norm and the LM head;
+a stage that is not the last returns its (hidden, residual) for the next one, which takes
+them as `intermediate`."""
 from __future__ import annotations
 
 from typing import Any, Iterable
@@ -18,8 +22,9 @@ from pagedserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from pagedserve.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
                                       default_weight_loader)
 from pagedserve.layers.norm import RMSNorm
-from pagedserve.layers.quantization import (CheckpointTensor, QuantizationConfig, embedding_method,
-                                            get_quantization_config)
+from pagedserve.layers.parallel import is_first_stage, is_last_stage, pp_rank, pp_world_size, stage_layers
+from pagedserve.layers.quantization import (CheckpointTensor, LinearMethod, QuantizationConfig, UnquantizedLinearMethod,
+                                            embedding_method, get_quantization_config)
 from pagedserve.layers.rotary import RotaryEmbedding
 
 
@@ -96,24 +101,37 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
+Intermediate = tuple[torch.Tensor, torch.Tensor]   # (hidden, residual) between pipeline stages
+
+
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, quant_config: QuantizationConfig | None = None) -> None:
         super().__init__()
-        embed_method = embedding_method(quant_config, "model.embed_tokens")
-        # a packed embedding also serves as the tied LM head: it is one (ParallelLMHead)
-        embed_cls = ParallelLMHead if embed_method is not None else VocabParallelEmbedding
-        self.embed_tokens = embed_cls(config.vocab_size, config.hidden_size, config.dtype, embed_method)
+        self.first, self.last = is_first_stage(), is_last_stage()
+        self.stage = stage_layers(config.num_layers, pp_world_size(), pp_rank())
+        if self.first:
+            embed_method = embedding_method(quant_config, "model.embed_tokens")
+            # a packed embedding also serves as the tied LM head: it is one (ParallelLMHead)
+            embed_cls = ParallelLMHead if embed_method is not None else VocabParallelEmbedding
+            self.embed_tokens = embed_cls(config.vocab_size, config.hidden_size, config.dtype, embed_method)
         rotary = RotaryEmbedding(config.head_dim, max(config.max_position_embeddings, config.max_model_len),
                                  config.rope_theta, config.rope_scaling_dict, config.dtype)
+        self.quant_config = quant_config
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary, quant_config, f"model.layers.{i}")
-                                    for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
+                                    if i in self.stage else nn.Identity() for i in range(config.num_layers))
+        if self.last:
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
-        residual = None
-        for layer in self.layers:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                intermediate: Intermediate | None = None) -> torch.Tensor | Intermediate:
+        if self.first:
+            hidden, residual = self.embed_tokens(input_ids), None
+        else:
+            hidden, residual = intermediate
+        for layer in self.layers[self.stage.start:self.stage.stop]:
             hidden, residual = layer(positions, hidden, residual, meta)
+        if not self.last:
+            return hidden, residual
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -128,23 +146,28 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         quant_config = get_quantization_config(config.quantization)
         self.model = LlamaModel(config, quant_config)
-        if config.tie_word_embeddings and self.model.embed_tokens.quant_method is not None:
-            self.lm_head = self.model.embed_tokens
-        else:
-            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, config.dtype,
-                                          embedding_method(quant_config, "lm_head"))
-            if config.tie_word_embeddings:
+        tied, first, last = config.tie_word_embeddings, self.model.first, self.model.last
+        if last and tied and first and self.model.embed_tokens.quant_method is not None:
+            self.lm_head = self.model.embed_tokens   # a packed embedding is its own tied head
+        elif last:
+            # tied on a later pipeline stage: the head holds the embedding's rows (loaded under its name)
+            head_method = embedding_method(quant_config, "model.embed_tokens" if tied else "lm_head")
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, config.dtype, head_method)
+            if tied and first:
                 self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        return self.model(input_ids, positions, meta)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                intermediate: Intermediate | None = None) -> torch.Tensor | Intermediate:
+        """The last stage's final hidden states [T, H]; an earlier stage's (hidden, residual)."""
+        return self.model(input_ids, positions, meta, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """[N, H] -> [N, vocab] on rank 0 (None on other ranks)."""
         return self.lm_head.compute_logits(hidden)
 
     def attention_layers(self) -> list[Attention]:
-        return [layer.self_attn.attn for layer in self.model.layers]
+        """This stage's attention layers: its KV cache holds these only."""
+        return [self.model.layers[i].self_attn.attn for i in self.model.stage]
 
     def checkpoint_shapes(self) -> dict[str, tuple[int, ...] | CheckpointTensor]:
         """HF parameter name -> full (unsharded) shape: what a checkpoint of this config holds.
@@ -157,17 +180,16 @@ class LlamaForCausalLM(nn.Module):
                                               "model.norm.weight": (c.hidden_size,)}
         for i in range(c.num_layers):
             pre = f"model.layers.{i}."
-            layer = self.model.layers[i]
-            attn, mlp = layer.self_attn, layer.mlp
-            for name, method, out, inp in (
-                    ("self_attn.q_proj", attn.qkv_proj.quant_method, q, c.hidden_size),
-                    ("self_attn.k_proj", attn.qkv_proj.quant_method, kv, c.hidden_size),
-                    ("self_attn.v_proj", attn.qkv_proj.quant_method, kv, c.hidden_size),
-                    ("self_attn.o_proj", attn.o_proj.quant_method, c.hidden_size, q),
-                    ("mlp.gate_proj", mlp.gate_up_proj.quant_method, c.intermediate_size, c.hidden_size),
-                    ("mlp.up_proj", mlp.gate_up_proj.quant_method, c.intermediate_size, c.hidden_size),
-                    ("mlp.down_proj", mlp.down_proj.quant_method, c.hidden_size, c.intermediate_size)):
-                for suffix, tensor in method.checkpoint_tensors(out, inp, c.dtype).items():
+            method = self._linear_methods(i)
+            for name, fused, out, inp in (
+                    ("self_attn.q_proj", "self_attn.qkv_proj", q, c.hidden_size),
+                    ("self_attn.k_proj", "self_attn.qkv_proj", kv, c.hidden_size),
+                    ("self_attn.v_proj", "self_attn.qkv_proj", kv, c.hidden_size),
+                    ("self_attn.o_proj", "self_attn.o_proj", c.hidden_size, q),
+                    ("mlp.gate_proj", "mlp.gate_up_proj", c.intermediate_size, c.hidden_size),
+                    ("mlp.up_proj", "mlp.gate_up_proj", c.intermediate_size, c.hidden_size),
+                    ("mlp.down_proj", "mlp.down_proj", c.hidden_size, c.intermediate_size)):
+                for suffix, tensor in method[fused].checkpoint_tensors(out, inp, c.dtype).items():
                     shapes[f"{pre}{name}.{suffix}"] = tensor.shape if tensor == CheckpointTensor(tensor.shape) else tensor
             shapes.update({pre + "input_layernorm.weight": (c.hidden_size,),
                            pre + "post_attention_layernorm.weight": (c.hidden_size,)})
@@ -181,24 +203,41 @@ class LlamaForCausalLM(nn.Module):
             shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
         return shapes
 
+    def _linear_methods(self, i: int) -> dict[str, LinearMethod]:
+        """Layer i's linear methods by layer name: its own on this pipeline stage, else the ones
+        the quantization config would give it (another stage holds it; dummy weights are still
+        drawn for every layer, so every PP size sees the same model)."""
+        names = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+        if i in self.model.stage:
+            layer = self.model.layers[i]
+            return {name: layer.get_submodule(name).quant_method for name in names}
+        quant = self.model.quant_config
+        return {name: (quant.get_linear_method(None, f"model.layers.{i}.{name}") if quant else None)
+                or UnquantizedLinearMethod() for name in names}
+
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
         """Copy checkpoint tensors (HF names) into parameters through their weight_loader.
         Returns the set of parameter names loaded."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
+        # a later pipeline stage holds a tied LM head without the embedding it shares
+        tied_head_alone = self.config.tie_word_embeddings and self.model.last and not self.model.first
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name:
                 continue
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
+            if name.startswith("model.embed_tokens.") and tied_head_alone:   # .weight, or .qweight (GGUF)
+                name = "lm_head." + name.removeprefix("model.embed_tokens.")
             for param_suffix, ckpt_suffix, shard_id in self.stacked_params:
                 if ckpt_suffix in name:
                     target = name.replace(ckpt_suffix, param_suffix)
                     param = params.get(target)
-                    if param is None:   # a checkpoint tensor the layer's method does not keep
-                        break
-                    param.weight_loader(param, tensor, shard_id)
-                    loaded.add(target)
+                    # None: a layer of another pipeline stage, or a checkpoint tensor the
+                    # layer's method does not keep
+                    if param is not None:
+                        param.weight_loader(param, tensor, shard_id)
+                        loaded.add(target)
                     break
             else:
                 if name not in params:

@@ -25,6 +25,7 @@ from pagedserve.config import WeightSource
 from pagedserve.errors import ModelLoadError
 from pagedserve.layers.linear import as_tensor
 from pagedserve.layers.quantization import CheckpointTensor
+from pagedserve.layers.quantization.base import fused_name
 
 logger = logging.getLogger(__name__)
 
@@ -239,7 +240,7 @@ def materialize_gguf(source: ModelSource, check_config: Callable[[Any], None] | 
         save_file(tensors, os.path.join(tmp, "model.safetensors"))
         if types:
             with open(os.path.join(tmp, gguf_packed.QUANT_FILE), "w") as f:
-                json.dump({"tensor_types": types}, f)
+                json.dump({"quant_method": "gguf", "tensor_types": types}, f)
         try:
             os.replace(tmp, target)
         except OSError:   # another process won the race
@@ -265,11 +266,13 @@ def dummy_weights(model: nn.Module, seed: int, low: float = -1e-3, high: float =
         if name.endswith("norm.weight"):
             yield name, torch.ones(spec.shape, dtype=dtype, device=device)
             continue
-        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        seed_name = fused_name(name) if spec.shared else name
+        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(seed_name.encode()))
         target = spec.dtype or dtype
         if not target.is_floating_point:
-            info = torch.iinfo(target)
-            yield name, torch.randint(info.min, info.max, spec.shape, generator=generator, device=device,
+            low, high = (int(spec.low), int(spec.high)) if spec.high - spec.low >= 1 else \
+                (torch.iinfo(target).min, torch.iinfo(target).max)
+            yield name, torch.randint(low, high, spec.shape, generator=generator, device=device,
                                       dtype=torch.int64).to(target)
             continue
         draw = dtype if target.itemsize == 1 else target   # fp8: drawn in the model dtype, then cast

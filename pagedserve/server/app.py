@@ -6,6 +6,7 @@ everything (unknown routes included).
     POST /tokenize              POST /detokenize
 and text-generation-inference's routes (tgi_routes.py): POST /generate, /generate_stream, /;
 GET /info; POST /tokenize with {"inputs": ...} answers in TGI's shape (tokenize.py).
+The live dashboard (GET /dashboard and its stream): dashboard.py.
 Errors: errors.py (one table, both bodies); auth and body size: middleware.py; admission
 (both APIs, 503/429 with Retry-After beyond it): context.AdmissionLimit; /openapi.json's
 request bodies and error responses: openapi_docs.py.
@@ -24,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pagedserve import __version__
 from pagedserve.frontend.async_engine import AsyncEngine
 from pagedserve.server.context import AdmissionLimit, ServerContext, ServerSettings
+from pagedserve.server.dashboard import DashboardHub, add_dashboard_routes
 from pagedserve.server.errors import (HTTPError, MethodNotAllowedError, NotFoundError, ServiceUnavailableError,
                                       api_of, error_response)
 from pagedserve.server.metrics import CONTENT_TYPE, ServerMetrics
@@ -62,6 +64,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, tgi_settings: TGISe
     _add_openai_routes(app, ctx, admission)
     _add_info_routes(app, ctx, metrics)
     app.include_router(tgi_router(ctx, tgi_settings, metrics.tgi, admission))
+    add_dashboard_routes(app, DashboardHub(engine, settings.served_model_name), settings.dashboard_results_dir)
     document_openapi(app, {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
                            "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest,
                            "/generate": GenerateRequest, "/generate_stream": GenerateRequest, "/": GenerateRequest})

@@ -18,8 +18,6 @@ NO_OP_FLAGS: dict[str, tuple[bool, str]] = {
     "--disable-uvicorn-access-log": (False, "uvicorn's access log follows --log-level"),
     "--uvicorn-log-level": (True, "uvicorn's log level follows --log-level"),
     "--disable-frontend-multiprocessing": (False, "the server and the engine share one process"),
-    "--swap-space": (True, "preempted requests are recomputed, never swapped"),
-    "--disable-custom-all-reduce": (False, "tensor parallelism uses torch.distributed's all-reduce"),
     "--enable-tokenizer-info-endpoint": (False, "GET /tokenizer_info is always served (behind the API key)"),
     "--guided-decoding-backend": (True, "structured outputs always compile with xgrammar"),
 }
@@ -30,8 +28,6 @@ MISSING_FEATURE_FLAGS: dict[str, tuple[bool, str]] = {
     "--lora-modules": (True, "LoRA adapters"),
     "--speculative-config": (True, "speculative decoding"),
     "--reasoning-parser": (True, "reasoning output parsing"),
-    "--pipeline-parallel-size": (True, "pipeline parallelism"),
-    "--quantization": (True, "quantized checkpoints other than GGUF (see --load-format)"),
 }
 
 
@@ -45,8 +41,6 @@ class _NoOp(argparse.Action):
 
 class _Missing(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None) -> None:   # type: ignore[override]
-        if option_string == "--pipeline-parallel-size" and values == "1":
-            return   # the one size there is
         feature = MISSING_FEATURE_FLAGS[option_string][1]
         parser.error(f"{option_string}: not supported by pagedserve (no {feature})")
 

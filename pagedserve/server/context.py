@@ -6,6 +6,7 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from starlette.responses import Response, StreamingResponse
@@ -13,11 +14,17 @@ from starlette.responses import Response, StreamingResponse
 from pagedserve.errors import OverloadedError
 from pagedserve.frontend.async_engine import AsyncEngine
 from pagedserve.outputs import Logprob
+from pagedserve.server.bench_results import DEFAULT_RESULTS_DIR
 from pagedserve.server.errors import NotFoundError
 
 DEFAULT_MAX_REQUEST_BODY_BYTES = 16 * 2**20
 DEFAULT_MAX_WAITING_REQUESTS = 1024   # engine requests queued beyond max_num_seqs, both APIs
 T = TypeVar("T")
+
+
+# huggingface_hub's InferenceClient sends "dummy" (chat_completion without a model) and
+# TGI's own clients "tgi": a TGI server serves one model and reads neither
+TGI_CLIENT_PLACEHOLDERS = frozenset({"tgi", "dummy"})
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,8 @@ class ServerSettings:
     # issue 20, part 4: tool calling ("auto" needs both, as in vLLM)
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None          # one of tool_calls.TOOL_CALL_PARSERS
+    # issue 23: where /dashboard/results reads benchmark figures (fixed at start-up)
+    dashboard_results_dir: Path = DEFAULT_RESULTS_DIR
 
 
 @dataclass
@@ -54,9 +63,10 @@ class ServerContext:
         return (self.settings.served_model_name, *self.settings.served_model_aliases)
 
     def check_model(self, model: str | None) -> None:
-        """An absent model means the served one; any other name is a 404 (OpenAI's and vLLM's
-        NotFoundError) naming `model`."""
-        if model is not None and model not in self.served_model_names:
+        """An absent model means the served one, and so do the placeholders TGI's clients send
+        on the shared chat route (TGI ignores the field); any other name is a 404 (OpenAI's
+        and vLLM's NotFoundError) naming `model`."""
+        if model is not None and model not in self.served_model_names and model not in TGI_CLIENT_PLACEHOLDERS:
             raise NotFoundError(f"The model `{model}` does not exist.", "model")
 
     def token_str(self, token_id: int, logprob: Logprob | None = None, as_token_id: bool = False) -> str:

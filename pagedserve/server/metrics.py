@@ -89,14 +89,22 @@ class _EngineStateCollector(Collector):
         for name, doc, value in (
                 ("num_requests_running", "Number of requests in the running batch.", stats.num_running),
                 ("num_requests_waiting", "Number of requests waiting to be scheduled.", stats.num_waiting),
-                ("kv_cache_usage_perc", "KV-cache usage: 1 means 100 percent.", stats.kv_cache_usage)):
+                ("kv_cache_usage_perc", "KV-cache usage: 1 means 100 percent.", stats.kv_cache_usage),
+                ("kv_offload_host_usage_perc", "Host KV tier usage by swapped-out requests: 1 means 100 percent.",
+                 stats.kv_offload_host_usage)):
             gauge = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
             gauge.add_metric(labels, value)
             yield gauge
         for name, doc, value in (
                 ("num_preemptions", "Cumulative number of preemptions.", stats.num_preemptions),
                 ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", stats.prefix_cache_queries),
-                ("prefix_cache_hits", "Prompt tokens served from the prefix cache.", stats.prefix_cache_hits)):
+                ("prefix_cache_hits", "Prompt tokens served from the prefix cache.", stats.prefix_cache_hits),
+                ("kv_offload_blocks_swapped_out", "KV blocks copied to the host tier (preemption by swap, "
+                 "evicted prefix blocks).", stats.kv_offload_blocks_swapped_out),
+                ("kv_offload_blocks_swapped_in", "KV blocks copied back from the host tier (resumed requests, "
+                 "host prefix hits).", stats.kv_offload_blocks_swapped_in),
+                ("kv_offload_host_prefix_hits", "Prompt tokens loaded from the host tier of the prefix cache.",
+                 stats.kv_offload_host_prefix_hits)):
             counter = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
             counter.add_metric(labels, value)
             yield counter
@@ -162,10 +170,15 @@ class ServerMetrics:
             return
         info = {name: str(getattr(cache, name)) for name in
                 ("block_size", "enable_prefix_caching", "gpu_memory_utilization", "kv_cache_memory_gb",
-                 "num_kv_blocks")}
+                 "num_kv_blocks", "swap_space", "kv_offloading_size")}
         gauge = Gauge(PREFIX + "cache_config_info", "Information of the LLMEngine CacheConfig.", list(info),
                       registry=self.registry)
         gauge.labels(**info).set(1)
+        quant = config.model.quantization
+        weights = Gauge(PREFIX + "model_weight_bytes", "Bytes the model weights take on one rank (after "
+                        "quantization).", ["quantization"], registry=self.registry)
+        weights.labels(quant.method if quant else "none").set(getattr(getattr(engine.engine, "core", None),
+                                                                      "weight_bytes", 0))
 
     def observe_request_params(self, n: int, max_tokens: int) -> None:
         """Fed by the OpenAI routes once per prompt (the engine's stats carry neither)."""

@@ -4,18 +4,41 @@ from __future__ import annotations
 
 import hmac
 import json
+from urllib.parse import unquote_to_bytes
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pagedserve.server.errors import HTTPError, RequestTooLargeError, UnauthorizedError, api_of, describe
 
 # Routes that touch the model need the key: every /v1 route, TGI's generation routes, and
-# the tokenizer routes. /health, /metrics, /version and /info stay open (as vLLM and TGI).
+# the tokenizer routes; and the dashboard (its page, stream and figures). /health, /metrics,
+# /version and /info stay open (as vLLM and TGI).
 GUARDED_PATHS = frozenset({"/generate", "/generate_stream", "/", "/tokenize", "/detokenize", "/tokenizer_info"})
+DASHBOARD_COOKIE = b"pagedserve_api_key"   # the dashboard page's key form sets it (browsers send no header)
 
 
 def needs_api_key(path: str) -> bool:
-    return path.startswith("/v1") or path in GUARDED_PATHS
+    return path.startswith("/v1") or path in GUARDED_PATHS or is_dashboard(path)
+
+
+def is_dashboard(path: str) -> bool:
+    return path == "/dashboard" or path.startswith("/dashboard/")
+
+
+def _cookie(headers: dict[bytes, bytes], name: bytes) -> bytes:
+    for part in headers.get(b"cookie", b"").split(b";"):
+        key, _, value = part.strip().partition(b"=")
+        if key == name:
+            return value
+    return b""
+
+
+LOGIN_PAGE = b"""<!doctype html><html><head><meta charset="utf-8"><title>pagedserve dashboard</title></head>
+<body style="font-family:sans-serif;margin:3em"><h1>pagedserve dashboard</h1>
+<p>This server needs its API key.</p><form id="f"><input id="k" type="password" placeholder="API key" autofocus>
+<button>Open</button></form><script>document.getElementById("f").onsubmit=function(e){e.preventDefault();
+document.cookie="pagedserve_api_key="+encodeURIComponent(document.getElementById("k").value)+
+";path=/dashboard;SameSite=Strict";location.reload();};</script></body></html>"""
 
 
 async def _send_error(send: Send, path: str, error: HTTPError, headers: list | None = None) -> None:
@@ -39,8 +62,19 @@ class APIKeyMiddleware:
         if scope["type"] != "http" or scope.get("method") == "OPTIONS" or not needs_api_key(scope["path"]):
             await self.app(scope, receive, send)
             return
-        given = dict(scope["headers"]).get(b"authorization", b"")
+        headers = dict(scope["headers"])
+        given = headers.get(b"authorization", b"")
+        path = scope["path"]
+        if is_dashboard(path) and not given:
+            given = b"Bearer " + unquote_to_bytes(_cookie(headers, DASHBOARD_COOKIE))
         if not hmac.compare_digest(given, self.expected):
+            if path == "/dashboard":   # a person with a browser: ask for the key
+                await send({"type": "http.response.start", "status": 401,
+                            "headers": [(b"content-type", b"text/html; charset=utf-8"),
+                                        (b"content-length", str(len(LOGIN_PAGE)).encode()),
+                                        (b"www-authenticate", b"Bearer")]})
+                await send({"type": "http.response.body", "body": LOGIN_PAGE})
+                return
             await _send_error(send, scope["path"], UnauthorizedError(
                 "missing or invalid API key: send `Authorization: Bearer <key>`", "api_key"),
                 [(b"www-authenticate", b"Bearer")])

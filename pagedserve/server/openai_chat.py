@@ -90,6 +90,7 @@ class _ChatBuilder:
     finished: set[int] = field(default_factory=set)
     observed: bool = False
     tool_streams: dict[int, ToolCallStream] = field(default_factory=dict)   # per choice, when tools are active
+    held_logprobs: dict[int, list] = field(default_factory=dict)   # per choice: of text not sent yet
 
     @property
     def role(self) -> str:
@@ -212,14 +213,23 @@ class _ChatBuilder:
         return chunks
 
     def _tool_deltas(self, completion: CompletionOutput) -> list[dict[str, Any]]:
-        """Tool calls streamed as OpenAI does (tool_calls.ToolCallStream); no logprobs."""
-        tool_stream = self.tool_streams.setdefault(completion.index, ToolCallStream(self.tool_plan))
+        """Tool calls streamed as OpenAI does (tool_calls.ToolCallStream). Logprobs of tokens
+        whose text is held back ride on the next chunk sent (at the latest the finish chunk)."""
+        index = completion.index
+        tool_stream = self.tool_streams.setdefault(index, ToolCallStream(self.tool_plan))
         finished = completion.finish_reason is not None
-        chunks = [self._chunk(completion.index, delta) for delta in tool_stream.feed(completion.text, finished)]
+        chunks = [self._chunk(index, delta) for delta in tool_stream.feed(completion.text, finished)]
         if finished:
-            self.finished.add(completion.index)
-            chunks.append(self._chunk(completion.index, {}, None, tool_stream.finish_reason(completion.finish_reason),
+            self.finished.add(index)
+            chunks.append(self._chunk(index, {}, None, tool_stream.finish_reason(completion.finish_reason),
                                       completion.stop_reason))
+        logprobs = self._logprobs(completion)
+        if logprobs is not None:
+            held = self.held_logprobs.setdefault(index, [])
+            held += logprobs["content"]
+            if chunks and held:
+                chunks[0]["choices"][0]["logprobs"] = {"content": held}
+                self.held_logprobs[index] = []
         return chunks
 
     def _chunk(self, index: int, delta: dict[str, Any], logprobs: dict | None = None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from pathlib import Path
 
 from pagedserve.engine_args import EngineArgs
 from pagedserve.errors import ValidationError
@@ -20,6 +21,7 @@ from pagedserve.server.tgi_settings import DEFAULT_PORT, add_tgi_arguments, appl
 logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "PAGEDSERVE_API_KEY"
+GRACEFUL_SHUTDOWN_S = 3.0   # after SIGTERM / Ctrl-C, for open requests (uvicorn timeout_graceful_shutdown)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -52,6 +54,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="how tool calls are found in the output for tool_choice \"auto\": hermes "
                              "(<tool_call>{json}</tool_call>), llama3_json ({\"name\", \"parameters\"}), "
                              "pythonic ([f(a=1)])")
+    parser.add_argument("--dashboard-results-dir", default=None, metavar="DIR",
+                        help="benchmark results the dashboard plots (`pagedserve bench` JSON, peer JSON lines); "
+                             "default: the repository's benchmarks/")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     # None where TGI's environment may fill the value in (apply_tgi_settings)
     add_engine_arguments(parser.add_argument_group("engine"),
@@ -92,7 +97,9 @@ def server_settings_from(args: argparse.Namespace) -> ServerSettings:
                           chat_template=load_chat_template(args.chat_template),
                           max_request_body_bytes=args.max_request_body_bytes,
                           max_waiting_requests=args.max_waiting_requests,
-                          max_concurrent_requests=_given_max_concurrent_requests(args))
+                          max_concurrent_requests=_given_max_concurrent_requests(args),
+                          **({"dashboard_results_dir": Path(args.dashboard_results_dir).expanduser().resolve()}
+                             if getattr(args, "dashboard_results_dir", None) else {}))
 
 
 def _given_max_concurrent_requests(args: argparse.Namespace) -> int | None:
@@ -140,7 +147,10 @@ def run_server(args: argparse.Namespace) -> None:
     app = build_app(engine, settings, tgi_settings)
     logger.info("serving %s on http://%s:%d", settings.served_model_name, args.host, args.port)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=5)
+        # open requests get GRACEFUL_SHUTDOWN_S to finish after SIGTERM / Ctrl-C, then are cancelled:
+        # the server (and its tensor-parallel ranks) is gone within 10 s
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=5,
+                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     finally:
         engine.shutdown()
 

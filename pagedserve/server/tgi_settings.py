@@ -5,7 +5,8 @@ environment; the environment wins over pagedserve's defaults.
     TGI setting                 env var                        pagedserve field
     --model-id                  MODEL_ID                       model
     --num-shard                 NUM_SHARD                      tensor_parallel_size
-    --quantize                  QUANTIZE                       (any value: startup error)
+    --quantize                  QUANTIZE                       quantization (awq, gptq, compressed-tensors,
+                                                               fp8, bitsandbytes; others: startup error)
     --dtype                     DTYPE                          dtype
     --max-input-tokens          MAX_INPUT_TOKENS (MAX_INPUT_LENGTH)   TGISettings.max_input_tokens
     --max-total-tokens          MAX_TOTAL_TOKENS               max_model_len
@@ -50,7 +51,8 @@ def add_tgi_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("TGI launcher settings (also read from TGI's environment variables)")
     group.add_argument("--model-id", default=None, help="same as MODEL (env MODEL_ID)")
     group.add_argument("--num-shard", type=int, default=None, help="tensor parallel size (env NUM_SHARD)")
-    group.add_argument("--quantize", default=None, help="not supported yet: any value fails (env QUANTIZE)")
+    group.add_argument("--quantize", default=None, help="quantization: awq, gptq, compressed-tensors, fp8 or "
+                                                        "bitsandbytes, as --quantization (env QUANTIZE)")
     group.add_argument("--max-input-tokens", "--max-input-length", dest="max_input_tokens", type=int, default=None,
                        help="longest prompt on the TGI routes (env MAX_INPUT_TOKENS or MAX_INPUT_LENGTH; "
                             "default: max total tokens - 1)")
@@ -72,8 +74,11 @@ def apply_tgi_settings(args: argparse.Namespace, environ: Mapping[str, str] | No
     env = os.environ if environ is None else environ
     quantize = args.quantize if args.quantize is not None else env.get("QUANTIZE", "")
     if quantize:
-        raise ValidationError(f"quantize={quantize!r} (--quantize / QUANTIZE): quantization is not supported yet; "
-                              "unset it to serve the model's own weights", "quantize")
+        given = getattr(args, "quantization", None)
+        if given is not None and given != quantize:
+            raise ValidationError(f"two quantizations given: --quantization {given!r} and --quantize / QUANTIZE "
+                                  f"{quantize!r}", "quantize")
+        args.quantization = quantize
     if args.model_id is not None:
         given = args.model_tag or args.model
         if given is not None and given != args.model_id:

@@ -19,6 +19,7 @@ from pagedserve.server.errors import API, error_response
 from pagedserve.server.openai_protocol import ChatMessage
 from pagedserve.server.request_body import check_json_value, parse_body, read_json
 from pagedserve.server.tgi_protocol import GenerateParameters
+from pagedserve.server.tool_calls import check_tools, template_tools
 
 _TGI_FIELDS = frozenset({"inputs", "parameters", "add_special_tokens"})
 
@@ -37,6 +38,7 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template: str | None = None
+    tools: list[Any] | None = None   # rendered by the chat template, as on /v1/chat/completions
     return_token_strs: bool = False
     # TGI's
     inputs: str | None = None
@@ -94,12 +96,18 @@ async def _vllm_tokens(ctx: ServerContext, body: TokenizeRequest) -> dict[str, A
     if body.messages is not None:
         text = await ctx.engine.render_chat_async([m.as_template_message() for m in body.messages],
                                                   body.chat_template or ctx.settings.chat_template,
-                                                  body.add_generation_prompt, body.continue_final_message)
+                                                  body.add_generation_prompt, body.continue_final_message,
+                                                  _template_tools(body.tools))
         add_special = bool(body.add_special_tokens)   # the template already has them
     else:
         text = body.prompt or ""
         add_special = True if body.add_special_tokens is None else body.add_special_tokens
     return await off_loop(_encode, ctx, text, add_special, body.return_token_strs)
+
+
+def _template_tools(tools: list[Any] | None) -> list[dict[str, Any]] | None:
+    check_tools(tools)   # a 400 naming `tools` on a bad shape, as on /v1/chat/completions
+    return template_tools(tools)
 
 
 def _encode(ctx: ServerContext, text: str, add_special: bool, return_token_strs: bool) -> dict[str, Any]:

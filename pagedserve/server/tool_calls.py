@@ -281,6 +281,9 @@ def _dotted_name(node: ast.expr) -> str:
 
 PARSERS: dict[str, Callable[[str], ParsedOutput]] = {
     "hermes": parse_hermes, "llama3_json": parse_llama3_json, "pythonic": parse_pythonic}
+# How a call begins, for streaming "auto": a marker after any content, or the whole output's start
+_MARKER_PARSERS = {"hermes": "<tool_call>"}
+_WHOLE_OUTPUT_OPENERS = {"llama3_json": ("{", "<|python_tag|>"), "pythonic": ("[", "<|python_start|>")}
 
 
 def _call(name: Any, arguments: Any) -> ToolCall | None:
@@ -311,12 +314,18 @@ def _skip(text: str, position: int, characters: str) -> int:
 
 class ToolCallStream:
     """One choice's streamed deltas under a plan: a named function's arguments stream as they
-    come (after one delta with the call's id and name); "required" and "auto" output is held
-    until the choice finishes, then parsed and sent as tool-call deltas (or as content)."""
+    come (after one delta with the call's id and name); "required" output is held until the
+    choice finishes, then parsed and sent as tool-call deltas (or as content). "auto" streams
+    content while it cannot be a call: up to the parser's marker (hermes: `<tool_call>`,
+    holding back a partial one at the end), or, for parsers whose calls are the whole output
+    (llama3_json, pythonic), all of it once its start is not a call's start; what may be calls
+    is held and parsed when the choice finishes."""
 
     def __init__(self, plan: ToolPlan) -> None:
         self.plan = plan
         self.held: list[str] = []
+        self.sent = 0           # characters of the output already sent as content ("auto")
+        self.holding = False    # "auto": a call may have started; the rest waits for the end
         self.called = False
 
     def feed(self, text: str, finished: bool) -> list[dict[str, Any]]:
@@ -330,18 +339,50 @@ class ToolCallStream:
                 deltas.append({"tool_calls": [{"index": 0, "function": {"arguments": text}}]})
             return deltas
         self.held.append(text)
+        full = "".join(self.held)
         if not finished:
-            return []
-        parsed = self.plan.parse("".join(self.held))
-        deltas = [{"content": parsed.content}] if parsed.content else []
+            if self.plan.mode != "auto" or self.holding:
+                return []
+            end = self._content_end(full)
+            if end <= self.sent:
+                return []
+            piece, self.sent = full[self.sent:end], end
+            return [{"content": piece}]
+        parsed = self.plan.parse(full)
+        content = full if not parsed.tool_calls else (parsed.content or "")
+        deltas = [{"content": content[self.sent:]}] if content[self.sent:] else []
         for index, call in enumerate(parsed.tool_calls):
             deltas.append(_call_delta(index, call))
             deltas.append({"tool_calls": [{"index": index, "function": {"arguments": call.arguments}}]})
         self.called = bool(parsed.tool_calls)
         return deltas
 
+    def _content_end(self, full: str) -> int:
+        """How much of the unfinished output is surely content; sets `holding` once a call
+        may have begun."""
+        opener = _MARKER_PARSERS.get(self.plan.parser or "")
+        if opener is not None:   # calls after content: stream up to the marker
+            start = full.find(opener)
+            if start >= 0:
+                self.holding = True
+                return start
+            return len(full) - _partial_suffix(full, opener)
+        body = full.lstrip()   # calls are the whole output: decided by how it starts
+        if not body or any(o.startswith(body[:len(o)]) for o in _WHOLE_OUTPUT_OPENERS.get(self.plan.parser or "", ())):
+            self.holding = bool(body)
+            return self.sent
+        return len(full)
+
     def finish_reason(self, reason: str | None) -> str | None:
         return "tool_calls" if self.called and reason == "stop" else reason
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    """The length of the longest end of `text` that begins `marker` (held back: it may be one)."""
+    for size in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-size:]):
+            return size
+    return 0
 
 
 def _call_delta(index: int, call: ToolCall) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import torch
 
 from pagedserve.config import EngineConfig
 from pagedserve.engine_io import Executor, ModelRunnerOutput, SchedulerOutput
-from pagedserve.worker.kv_budget import non_torch_memory, num_kv_blocks, resolve_device
+from pagedserve.worker.kv_budget import non_torch_memory, num_host_blocks, num_kv_blocks, resolve_device
 from pagedserve.worker.model_runner import ModelRunner, PendingRunnerOutput
 from pagedserve.worker.tp_executor import MultiprocTPExecutor
 
@@ -26,8 +26,11 @@ class UniprocExecutor:
         self.runner = ModelRunner(config.model, config.cache, config.scheduler, config.device, config.weights,
                                   self.device)
         self.runner.load_model()
+        self.weight_bytes = self.runner.weight_bytes
         self.num_blocks = num_kv_blocks(config, self.runner, baseline)
         self.runner.init_kv_cache(self.num_blocks)
+        self.num_host_blocks = num_host_blocks(config, self.runner)
+        self.runner.init_host_cache(self.num_host_blocks)
         self.runner.finish_setup()
 
     def execute_model(self, so: SchedulerOutput, non_block: bool = False
@@ -42,6 +45,6 @@ class UniprocExecutor:
 
 
 def make_executor(config: EngineConfig) -> Executor:
-    if config.parallel.tensor_parallel_size > 1:
+    if config.parallel.world_size > 1:
         return MultiprocTPExecutor(config)
     return UniprocExecutor(config)

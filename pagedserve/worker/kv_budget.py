@@ -53,6 +53,18 @@ def num_kv_blocks(config: EngineConfig, runner: ModelRunner, baseline_non_torch:
     return max(0, int(budget // bytes_per_block))
 
 
+def num_host_blocks(config: EngineConfig, runner: ModelRunner) -> int:
+    """Blocks of the host tier: kv_offloading_size GiB if set, else swap_space GiB, capped at
+    what max_num_seqs sequences of max_model_len could hold (as the CPU device cache). The
+    same on every TP rank (their shards' blocks are the same size)."""
+    cache, sched = config.cache, config.scheduler
+    gib = cache.kv_offloading_size if cache.kv_offloading_size is not None else cache.swap_space
+    if not gib:
+        return 0
+    useful = sched.max_num_seqs * -(-sched.max_model_len // cache.block_size)
+    return min(int(gib * 2**30 // runner.kv_bytes_per_block()), useful)
+
+
 def _profile_cuda_kv_budget(config: EngineConfig, runner: ModelRunner, baseline_non_torch: int) -> float:
     """Bytes left for the KV cache: total * gpu_memory_utilization minus what this engine
     allocates besides it: the peak of a profiled forward at max_num_batched_tokens plus a

@@ -2,7 +2,12 @@
 the SchedulerOutput says and reports sampled tokens in a ModelRunnerOutput.
 
 Under tensor parallelism every rank runs one of these on the same SchedulerOutput; only
-rank 0 gets logits and samples (the others return None).
+rank 0 gets logits and samples (the others return None). Under pipeline parallelism each
+stage runs its layers (`pipeline`: hidden states in from the previous stage, out to the next,
+worker/pipeline.py) and the last stage's TP rank 0 samples. Async TP (`share_sampled`, PP=1
+only): rank 0 broadcasts each step's sampled ids on the device and every rank keeps the same
+placeholders and `_prev_sampled`; a worker fills a placeholder when a SchedulerOutput carries
+its token.
 
 Sampled ids reach the host through a PendingRunnerOutput (a pinned copy and an event):
 `execute_model(so)` waits for it; with async scheduling (`non_block=True`) it is returned at
@@ -24,7 +29,7 @@ from pagedserve.attention.backend import select_backend
 from pagedserve.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig, WeightSource
 from pagedserve.engine_io import ModelRunnerOutput, RequestId, SchedulerOutput, TokenLogprobs
 from pagedserve.layers.linear import set_gemv_max_rows
-from pagedserve.layers.parallel import tp_rank
+from pagedserve.layers.parallel import broadcast_from_rank0, is_last_stage, pp_world_size, tp_rank, tp_world_size
 from pagedserve.layers.sampler import Sampler, apply_token_bitmask, gather_logprobs
 from pagedserve.models.loader import load_weights
 from pagedserve.models.registry import resolve_model_class
@@ -78,6 +83,25 @@ def _collect_logprobs(states: list[CachedRequestState], token_ids: torch.Tensor,
             output.logprobs[state.req_id] = TokenLogprobs(ids[row][:1 + k], lps[row][:1 + k], ranks[row])
 
 
+class DeferredSample:
+    """A step whose forward pass is queued and whose sampling waits for the grammar bitmask
+    (engine_io.DeferredSampling): the host fills the mask while the device computes. The
+    runner launches nothing else until `sample` (the engine samples a step before it
+    launches the next one, whose inputs may be this step's sampled ids)."""
+
+    def __init__(self, runner: ModelRunner, output: ModelRunnerOutput, logits: torch.Tensor,
+                 states: list[CachedRequestState], structured_req_ids: list[RequestId]) -> None:
+        self.runner, self.output, self.logits = runner, output, logits
+        self.states, self.structured_req_ids = states, structured_req_ids
+
+    @torch.inference_mode()
+    def sample(self, grammar_bitmask: torch.Tensor | None) -> PendingRunnerOutput:
+        return self.runner._sample(self.output, self.logits, self.states, self.structured_req_ids, grammar_bitmask)
+
+    def get(self) -> ModelRunnerOutput:
+        return self.sample(None).get()
+
+
 class ModelRunner:
     def __init__(self, model: ModelConfig, cache: CacheConfig, scheduler: SchedulerConfig,
                  device_config: DeviceConfig, weights: WeightSource, device: torch.device) -> None:
@@ -92,12 +116,20 @@ class ModelRunner:
         self.generators: dict[RequestId, torch.Generator] = {}
         self.sampler = Sampler()
         self.model: nn.Module | None = None
+        self.weight_bytes = 0
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.is_driver = tp_rank() == 0
+        self.kv_cache: torch.Tensor | None = None   # every layer's K and V (init_kv_cache)
+        self.num_host_blocks = 0
+        self.host_cache = None   # HostKVCache (init_host_cache)
+        self.is_driver = tp_rank() == 0 and is_last_stage()
+        self.pipeline = None   # PipelineLinks under pipeline parallelism (set by tp_worker.build_runner)
+        # not under PP: the last stage samples and sends its output back to rank 0
+        self.share_sampled = device_config.async_scheduling and tp_world_size() > 1 and pp_world_size() == 1
         self._forked: dict[RequestId, RequestId] = {}   # this step's new siblings -> parent
         self.graph_runner = None
         # the last launched step's sampled ids on the device (each state's `sampled_row` in them)
         self._prev_sampled: torch.Tensor | None = None
+        self._staging: tuple[torch.Tensor | None, torch.cuda.Event | None] = (None, None)   # see _bitmask_staging
 
     # ---- set-up -----------------------------------------------------------------------
     def load_model(self) -> None:
@@ -109,29 +141,47 @@ class ModelRunner:
             model = cls(self.model_config)
         load_weights(model, self.weights, self.model_config.dtype)
         self.model = model.eval()
-        logger.info("model loaded in %.1f s", time.monotonic() - start)
+        # what the weights hold on this rank (the KV cache budget is what is left after them)
+        self.weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        quant = self.model_config.quantization
+        logger.info("model loaded in %.1f s: weights %.3f GiB on this rank (%s)", time.monotonic() - start,
+                    self.weight_bytes / 2**30, f"quantization {quant.method}" if quant else "not quantized")
 
     def kv_bytes_per_block(self) -> int:
         layer = self.model.attention_layers()[0]
         element = torch.tensor([], dtype=self.model_config.dtype).element_size()
-        return 2 * self.model_config.num_layers * self.block_size * layer.num_kv_heads * layer.head_dim * element
+        num_layers = len(self.model.attention_layers())   # this pipeline stage's
+        return 2 * num_layers * self.block_size * layer.num_kv_heads * layer.head_dim * element
 
     def init_kv_cache(self, num_blocks: int) -> None:
         """Allocate K and V per layer, [num_blocks, block_size, num_kv_heads, head_dim], zeroed
-        (masked-out reads must never meet NaN), and bind them to the attention layers."""
+        (masked-out reads must never meet NaN), and bind them to the attention layers. They are
+        the planes of one tensor [2 * num_layers, num_blocks, ...] (`kv_cache`), so the host
+        tier copies a block of every layer in one op."""
         backend = select_backend(self.device)
+        layers = self.model.attention_layers()
+        shape = (num_blocks, self.block_size, layers[0].num_kv_heads, layers[0].head_dim)
+        self.kv_cache = torch.zeros((2 * len(layers), *shape), dtype=self.model_config.dtype, device=self.device)
         self.kv_caches = []
-        for layer in self.model.attention_layers():
-            shape = (num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
-            k = torch.zeros(shape, dtype=self.model_config.dtype, device=self.device)
-            v = torch.zeros(shape, dtype=self.model_config.dtype, device=self.device)
+        for i, layer in enumerate(layers):
+            k, v = self.kv_cache[2 * i], self.kv_cache[2 * i + 1]
             layer.k_cache, layer.v_cache, layer.backend = k, v, backend
             self.kv_caches.append((k, v))
 
+    def init_host_cache(self, num_blocks: int) -> None:
+        """The host tier's `num_blocks` blocks (worker/host_kv_cache.py); after init_kv_cache."""
+        from pagedserve.worker.host_kv_cache import HostKVCache
+        self.num_host_blocks = num_blocks
+        self.host_cache = HostKVCache(self.kv_cache, num_blocks) if num_blocks else None
+        if self.host_cache is not None and self.device.type == "cuda":
+            logger.info("host KV tier: %d blocks, %.1f GiB pinned, %s copies", num_blocks,
+                        self.host_cache.host.numel() * self.host_cache.host.element_size() / 2**30,
+                        "mapped" if self.host_cache.mapped else "staged")
+
     def finish_setup(self) -> None:
         """After the KV cache exists: capture decode CUDA graphs on GPU (unless enforce_eager)."""
-        if self.device.type != "cuda" or self.device_config.enforce_eager:
-            return
+        if self.device.type != "cuda" or self.device_config.enforce_eager or pp_world_size() > 1:
+            return   # no graphs of a pipeline stage yet
         from pagedserve.worker.cuda_graph import CudaGraphRunner
         sched = self.scheduler_config
         self.graph_runner = CudaGraphRunner(self.model, sched.max_num_seqs, sched.max_model_len,
@@ -161,7 +211,15 @@ class ModelRunner:
             max_query_len=num_tokens, max_seq_len=num_tokens, num_decodes=0)
         ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
         positions = torch.arange(num_tokens, device=self.device)
-        hidden = self.model(ids, positions, meta)
+        intermediate = None
+        if self.pipeline is not None and self.pipeline.prev is not None:
+            hidden = torch.zeros((num_tokens, self.model_config.hidden_size), dtype=self.model_config.dtype,
+                                 device=self.device)
+            intermediate = (hidden, hidden.clone())
+        hidden = self.model(ids, positions, meta, intermediate)
+        if not is_last_stage():
+            del hidden, intermediate
+            return
         rows = min(self.scheduler_config.max_num_seqs, num_tokens)
         logits = self.model.compute_logits(hidden[:rows])
         if logits is not None:   # the sampler's largest chunk (see sampling_inputs.sample)
@@ -178,6 +236,10 @@ class ModelRunner:
         """Run one step. `non_block` (driver only): return a PendingRunnerOutput without
         waiting for the device."""
         self._update_states(so)
+        if self.host_cache is not None and self.host_cache.stream is not None:
+            self.host_cache.await_loads()   # the last step's swap-ins land before this forward
+        if so.blocks_to_swap_out or so.blocks_to_swap_in:
+            self.host_cache.swap(so.blocks_to_swap_out, so.blocks_to_swap_in)
         if so.blocks_to_copy:
             self._copy_blocks(so.blocks_to_copy)
         scheduled = [state for state in map(self.states.get, so.num_scheduled_tokens)
@@ -195,12 +257,15 @@ class ModelRunner:
             hidden, logits = None, graphs.run(inputs)
         elif graphs is not None and not wants_prompt_logprobs and graphs.can_run_prefill(inputs):
             hidden, logits = None, graphs.run_prefill(inputs)
+        elif self.pipeline is not None:
+            hidden = self._stage_forward(inputs)
+            logits = None if hidden is None else self.model.compute_logits(hidden[inputs.logits_indices])
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
             logits = self.model.compute_logits(hidden[inputs.logits_indices])
         for row, q_len in zip(inputs.rows, inputs.query_lens):
             row.num_computed_tokens += q_len
-        if wants_prompt_logprobs:
+        if wants_prompt_logprobs and hidden is not None:
             prompt_logprobs = self._prompt_logprobs(inputs, hidden)
         sample_states = [inputs.rows[r] for r in inputs.sample_rows]
         row_of_logits = list(range(len(sample_states)))
@@ -211,16 +276,16 @@ class ModelRunner:
                 sample_states.append(self.states[child_id])
                 self.states[child_id].num_computed_tokens = parent.num_computed_tokens
         if not self.is_driver:
-            return None   # non-driver ranks learn sampled tokens from the next SchedulerOutput
+            if self.share_sampled:
+                self._receive_sampled(sample_states)
+            return None   # otherwise workers learn sampled tokens from the next SchedulerOutput
         output = ModelRunnerOutput(prompt_logprobs=prompt_logprobs)
         if sample_states:
             if len(row_of_logits) != logits.shape[0]:
                 logits = logits[torch.tensor(row_of_logits, device=logits.device)]
-            if so.grammar_bitmask is not None:
-                self._apply_grammar(logits, so, sample_states)
-            sampled = sample(self.sampler, logits, sample_states, self.model_config.vocab_size, self.device,
-                             self.model_config.eos_token_ids)
-            pending = self._defer(output, sample_states, sampled)
+            if non_block and so.structured_req_ids and so.grammar_bitmask is None:
+                return DeferredSample(self, output, logits, sample_states, so.structured_req_ids)
+            pending = self._sample(output, logits, sample_states, so.structured_req_ids, so.grammar_bitmask)
             if non_block:
                 return pending
             self._prev_sampled = None   # resolved at once: no placeholder left to feed
@@ -228,11 +293,42 @@ class ModelRunner:
         self._prev_sampled = None
         return output
 
-    @staticmethod
-    def _apply_grammar(logits: torch.Tensor, so: SchedulerOutput, states: list[CachedRequestState]) -> None:
+    def _stage_forward(self, inputs: StepInputs) -> torch.Tensor | None:
+        """This pipeline stage's layers: hidden states in from the previous stage (none on the
+        first), out to the next; the last stage returns its final hidden states, others None."""
+        pipe = self.pipeline
+        intermediate = None
+        if pipe.prev is not None:
+            intermediate = pipe.recv_intermediate(inputs.input_ids.shape[0], self.model_config.hidden_size,
+                                                  self.model_config.dtype)
+        out = self.model(inputs.input_ids, inputs.positions, inputs.meta, intermediate)
+        if pipe.next is None:
+            return out
+        pipe.send_intermediate(*out)
+        return None
+
+    def _sample(self, output: ModelRunnerOutput, logits: torch.Tensor, states: list[CachedRequestState],
+                structured_req_ids: list[RequestId], grammar_bitmask: torch.Tensor | None) -> PendingRunnerOutput:
+        """Rank 0: sample the rows (grammar masks first). Under async TP the ids go to every rank
+        on the device; zeros if sampling raised, since the workers wait for them."""
+        try:
+            if grammar_bitmask is not None:
+                self._apply_grammar(logits, structured_req_ids, grammar_bitmask, states)
+            sampled = sample(self.sampler, logits, states, self.model_config.vocab_size, self.device,
+                             self.model_config.eos_token_ids)
+        except Exception:
+            if self.share_sampled:
+                broadcast_from_rank0(torch.zeros(len(states), dtype=torch.int64, device=self.device))
+            raise
+        if self.share_sampled:
+            broadcast_from_rank0(sampled.token_ids)
+        return self._defer(output, states, sampled)
+
+    def _apply_grammar(self, logits: torch.Tensor, structured_req_ids: list[RequestId], bitmask: torch.Tensor,
+                       states: list[CachedRequestState]) -> None:
         """Mask the logits rows of constrained requests with their bitmask rows (before
         sampling and logprobs, so every sampler path, greedy argmax included, obeys it)."""
-        mask_row = {rid: i for i, rid in enumerate(so.structured_req_ids)}
+        mask_row = {rid: i for i, rid in enumerate(structured_req_ids)}
         rows, picked = [], []
         for row, state in enumerate(states):
             i = mask_row.get(state.req_id)
@@ -240,18 +336,50 @@ class ModelRunner:
                 rows.append(row)
                 picked.append(i)
         if rows:
-            bitmask = so.grammar_bitmask
             if picked != list(range(bitmask.shape[0])):
                 bitmask = bitmask[torch.tensor(picked)]
-            apply_token_bitmask(logits, bitmask, rows)
+            staging = self._bitmask_staging(logits.shape[0], bitmask.shape[1])
+            apply_token_bitmask(logits, bitmask, rows, staging)
+            if staging is not None:
+                self._staging[1].record()   # after the copy from it, for the next reuse
 
-    def _defer(self, output: ModelRunnerOutput, states: list[CachedRequestState], sampled) -> PendingRunnerOutput:
+    def _bitmask_staging(self, num_rows: int, width: int) -> torch.Tensor | None:
+        """On CUDA, a pinned host buffer for the step's bitmask, reused once the copy from it
+        of an earlier step is done (normally long done: that step was waited for)."""
+        if self.device.type != "cuda":
+            return None
+        staging, event = self._staging
+        if staging is None or staging.shape[0] < num_rows or staging.shape[1] != width:
+            rows = max(num_rows, self.scheduler_config.max_num_seqs)
+            staging = torch.empty((rows, width), dtype=torch.int32, pin_memory=True)
+            self._staging = (staging, torch.cuda.Event())
+        else:
+            event.synchronize()
+        return staging
+
+    @staticmethod
+    def _add_placeholders(states: list[CachedRequestState]) -> list[int]:
+        """A -1 token at the end of each sampled row (its position returned), sampled_row set."""
         positions = []
         for row, state in enumerate(states):
             pos = state.pending_pos = len(state.token_ids)
-            state.token_ids.append(-1)   # placeholder, filled by PendingRunnerOutput.get()
+            state.token_ids.append(-1)
             state.sampled_row = row
             positions.append(pos)
+        return positions
+
+    def _receive_sampled(self, states: list[CachedRequestState]) -> None:
+        """A worker under async TP: this step's sampled ids from rank 0, on the device, with the
+        placeholders rank 0 keeps (filled later from a SchedulerOutput's last_token_id)."""
+        if not states:
+            self._prev_sampled = None
+            return
+        ids = torch.empty(len(states), dtype=torch.int64, device=self.device)
+        self._prev_sampled = broadcast_from_rank0(ids)
+        self._add_placeholders(states)
+
+    def _defer(self, output: ModelRunnerOutput, states: list[CachedRequestState], sampled) -> PendingRunnerOutput:
+        positions = self._add_placeholders(states)   # filled by PendingRunnerOutput.get()
         self._prev_sampled = sampled.token_ids
         token_ids = _to_host(sampled.token_ids)
         logprobs = None
@@ -305,8 +433,8 @@ class ModelRunner:
                 self.block_table.write(state.block_row, len(state.block_ids), cached.new_block_ids)
                 state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
-            if cached.last_token_id is not None and len(state.token_ids) == cached.num_tokens - 1:
-                state.append_output(cached.last_token_id)
+            if cached.last_token_id is not None:
+                self._learn_token(state, cached.num_tokens - 1, cached.last_token_id)
         self._forked = {}
         for fork in so.forked_requests:
             parent = self.states[fork.parent_req_id]
@@ -318,6 +446,17 @@ class ModelRunner:
                 fork.req_id, list(parent.token_ids), parent.num_prompt_tokens, fork.sampling_params,
                 list(parent.block_ids), parent.num_computed_tokens, generator, dict(parent.output_counts)))
             self._forked[fork.req_id] = fork.parent_req_id
+
+    @staticmethod
+    def _learn_token(state: CachedRequestState, pos: int, token: int) -> None:
+        """The scheduler's token at `pos`: appended if new here; on a worker under async TP it
+        may fill a placeholder (rank 0's placeholders are filled by PendingRunnerOutput.get())."""
+        if len(state.token_ids) == pos:
+            state.append_output(token)
+        elif pos < len(state.token_ids) and state.token_ids[pos] == -1:
+            state.token_ids[pos] = token
+            if state.pending_pos == pos:
+                state.pending_pos = -1
 
     def _add_state(self, state: CachedRequestState) -> None:
         self._drop_state(state.req_id)

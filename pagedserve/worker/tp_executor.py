@@ -14,11 +14,23 @@ messages keep one order. A dead rank is found before a step (process sentinels),
 (the collective fails, or times out after `timeout_s`), or in check_health; from then on the
 executor is dead and execute_model / check_health raise EngineDeadError.
 
-No async scheduling under TP (max_concurrent_batches = 1): the workers learn each step's
-input tokens from the SchedulerOutput (CachedRequestData.last_token_id), but a step scheduled
-while the previous one is in flight carries no token for that previous step; only rank 0's
-runner holds it (on its device). Async TP would need rank 0 to broadcast its sampled ids to
-the other ranks' runners every step.
+Step messages reach ranks on this machine through a shared-memory queue (worker/shm_queue.py;
+PAGEDSERVE_TP_STEP_QUEUE=broadcast, ranks started by hand or Ray actors: the step group's
+collective).
+
+Async scheduling under TP (config.device.async_scheduling: max_concurrent_batches = 2): a
+step scheduled while the previous one is in flight carries no token for that previous step, so
+rank 0's runner broadcasts each step's sampled ids on the device and every worker's runner feeds
+them to the next step as rank 0's does (model_runner.py, `share_sampled`). Lockstep otherwise:
+the workers learn each step's input tokens from the SchedulerOutput (last_token_id).
+
+Pipeline parallelism (PP > 1; world = TP x PP, worker/pipeline.py): rank 0 runs stage 0, sends
+the step on to stage 1 and returns a pending output at once, which the last stage fills; up
+to PP micro-batches are in flight (max_concurrent_batches = PP; the scheduler never puts a
+request in two of them, core/scheduler.py). A step that fails under PP leaves the stages out
+of step: the engine is dead. Under PP the step messages take PP's own path (a broadcast on
+stage 0's gloo group, then point to point), never the shared-memory queue; no custom
+all-reduce and no `share_sampled` (the last stage samples and sends the output back).
 """
 from __future__ import annotations
 
@@ -31,10 +43,13 @@ import torch.distributed as dist
 from pagedserve.config import EngineConfig
 from pagedserve.engine_io import ModelRunnerOutput, SchedulerOutput
 from pagedserve.errors import EngineDeadError
+from pagedserve.layers.parallel import reset_model_parallel
 from pagedserve.worker.kv_budget import resolve_device
+from pagedserve.worker.model_runner import PendingRunnerOutput
 from pagedserve.worker.rank_process import JOINING, LOADED, RankProcess, first_exited, wait_for_milestone
-from pagedserve.worker.tp_worker import (NoopMessage, RankInit, ShutdownMessage, StartMessage, StepMessage,
-                                         broadcast_message, build_runner, init_distributed,
+from pagedserve.worker.shm_queue import ShmMessageQueue
+from pagedserve.worker.tp_worker import (Message, NoopMessage, RankInit, ShutdownMessage, StartMessage, StepChannel,
+                                         StepMessage, broadcast_message, build_runner, init_distributed, setup_parallel,
                                          step_group)
 
 logger = logging.getLogger(__name__)
@@ -43,39 +58,57 @@ DEFAULT_TIMEOUT_S = 600.0
 
 
 class MultiprocTPExecutor:
-    max_concurrent_batches = 1   # see the module docstring
-
     def __init__(self, config: EngineConfig, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-        self.world_size = config.parallel.tensor_parallel_size
+        parallel = config.parallel
+        self.world_size = parallel.tensor_parallel_size * parallel.pipeline_parallel_size
+        # see the module docstring: PP micro-batches in flight, else 2 with async TP
+        self.max_concurrent_batches = parallel.pipeline_parallel_size if parallel.pipeline_parallel_size > 1 \
+            else 2 if config.device.async_scheduling else 1
+        self.tp = parallel.tensor_parallel_size
         self.external = config.parallel.distributed_init == "env"   # ranks 1..N-1 started by hand
+        self.ray = config.parallel.distributed_init == "ray"        # ranks 1..N-1 are Ray actors
         self.timeout_s = timeout_s
         self.device = resolve_device(config.device.device)
         self.processes: list[RankProcess] = []
+        self.pipe = None
+        self.placement = None   # distributed_init == "ray": the Ray placement group (worker/ray_ranks.py)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._dead: EngineDeadError | None = None
+        self._interrupted = False   # a step was left midway (Ctrl-C): the ranks wait in its collectives
         self._closed = False
         self._last_message = time.monotonic()
+        self._queue: ShmMessageQueue | None = None
         init = self._rank_init()
         try:
-            if not self.external:
+            if parallel.distributed_init == "ray":
+                self._start_ray_ranks(init)
+            elif not self.external:
                 self._spawn_workers(init)
             # each start-up collective is entered only once every rank got there (rank_process.py)
             wait_for_milestone(self.processes, JOINING, timeout_s)
             self.control = init_distributed(init)
-            broadcast_message(StartMessage(config), self.control)
+            # ranks on this machine only; under PP the steps take PP's path (worker/pipeline.py)
+            if parallel.step_queue == "shm" and not self.external and not self.ray \
+                    and parallel.pipeline_parallel_size == 1:
+                self._queue = _make_queue(self.world_size - 1)
+            broadcast_message(StartMessage(config, self._queue.handle() if self._queue else None), self.control)
             if self.device.type == "cuda":
                 import torch
                 torch.cuda.set_device(self.device)
+            self.pipe = setup_parallel(config, 0, self.control, self.device)
             self.runner, self.num_blocks = build_runner(
-                config, self.device, lambda: wait_for_milestone(self.processes, LOADED, timeout_s))
-            self.steps = step_group(init, self.control)
+                config, self.device, lambda: wait_for_milestone(self.processes, LOADED, timeout_s), self.pipe)
+            self.num_host_blocks = self.runner.num_host_blocks
+            self.weight_bytes = self.runner.weight_bytes   # rank 0's shard
+            self.steps = StepChannel(step_group(init, self.control, config), self._queue)
         except BaseException:
             self.shutdown()
             raise
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="pagedserve-tp-heartbeat", daemon=True)
         self._heartbeat.start()
-        logger.info("tensor parallel: %d ranks (%s), %d KV blocks per rank", self.world_size, init.backend,
+        logger.info("tensor parallel %d x pipeline parallel %d: %d ranks (%s), %d KV blocks per rank",
+                    parallel.tensor_parallel_size, parallel.pipeline_parallel_size, self.world_size, init.backend,
                     self.num_blocks)
 
     # ---- set-up -------------------------------------------------------------------------
@@ -83,7 +116,16 @@ class MultiprocTPExecutor:
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         if self.external:   # RANK=0 and WORLD_SIZE=tensor_parallel_size: checked in engine_args
             return RankInit(0, self.world_size, "env://", backend, self.timeout_s)
+        if self.ray:        # the other ranks may be on other machines: this node's cluster address
+            from pagedserve.worker.ray_ranks import node_ip
+            return RankInit(0, self.world_size, f"tcp://{node_ip()}:{_free_port('')}", backend, self.timeout_s)
         return RankInit(0, self.world_size, f"tcp://127.0.0.1:{_free_port()}", backend, self.timeout_s)
+
+    def _start_ray_ranks(self, init: RankInit) -> None:
+        from pagedserve.worker.ray_ranks import start_ray_ranks
+        self.processes, self.placement = start_ray_ranks(init, self.device.type == "cuda", self.timeout_s)
+        if self.placement.gpu is not None:
+            self.device = resolve_device(f"cuda:{self.placement.gpu}")
 
     def _spawn_workers(self, init: RankInit) -> None:
         for rank in range(1, self.world_size):
@@ -92,22 +134,52 @@ class MultiprocTPExecutor:
                 "--backend", init.backend, "--timeout-s", str(init.timeout_s)]))
 
     # ---- per step -----------------------------------------------------------------------
-    def execute_model(self, so: SchedulerOutput, non_block: bool = False) -> ModelRunnerOutput:
-        """Runs the step on every rank; resolved before it returns, whatever `non_block`."""
+    def execute_model(self, so: SchedulerOutput, non_block: bool = False
+                      ) -> ModelRunnerOutput | PendingRunnerOutput | PipelineOutput:
+        """Runs the step on every rank; `non_block` (async scheduling): rank 0's output is
+        returned pending, as UniprocExecutor's; under PP a PipelineOutput."""
+        if self.pipe is not None:
+            pending = self._launch_pipelined(so)
+            return pending if non_block else pending.get()
         self.check_health()
         with self._lock:
             try:
-                broadcast_message(StepMessage(so), self.steps)
+                self._send(StepMessage(so))
             except Exception as exc:
                 raise self._mark_dead(f"sending the step to the workers failed: {exc}") from exc
-            self._last_message = time.monotonic()
             try:
-                return self.runner.execute_model(so)
+                return self.runner.execute_model(so, non_block)
             except Exception as exc:
                 # a failed collective (peer died or timed out) leaves the ranks out of step
                 if isinstance(exc, dist.DistError) or self._dead_worker(wait_s=0.5):
                     raise self._mark_dead(f"a collective failed: {exc}") from exc
                 raise
+            except BaseException:   # KeyboardInterrupt midway: no message can reach the ranks now
+                self._interrupted = True
+                raise
+
+    def _launch_pipelined(self, so: SchedulerOutput) -> "PipelineOutput":
+        """Send the step down the pipeline and run stage 0; the last stage answers later."""
+        self.check_health()
+        with self._lock:
+            try:
+                self._send(StepMessage(so))
+                self.runner.execute_model(so)
+            except Exception as exc:   # the stages are out of step now
+                raise self._mark_dead(f"a pipeline step failed on rank 0: {exc}") from exc
+            except BaseException:
+                self._interrupted = True
+                raise
+        return PipelineOutput(self)
+
+    def _send(self, message: Message, timeout_s: float | None = None) -> None:
+        """To every rank: the step channel (stage 0, if it has other ranks), then on down the
+        pipeline. `timeout_s`: at most this long waiting for room in the shared-memory queue."""
+        if self.pipe is None or self.tp > 1:
+            self.steps.send(message, self._raise_if_dead_worker, self.timeout_s if timeout_s is None else timeout_s)
+        if self.pipe is not None:
+            self.pipe.forward_message(message)
+        self._last_message = time.monotonic()
 
     def check_health(self) -> None:
         """Raises EngineDeadError if any rank is gone (or a collective failed earlier)."""
@@ -117,6 +189,11 @@ class MultiprocTPExecutor:
                 self._mark_dead(dead)
         if self._dead is not None:
             raise self._dead
+
+    def _raise_if_dead_worker(self) -> None:
+        dead = self._dead_worker(wait_s=0.0)
+        if dead:
+            raise RuntimeError(dead)
 
     def _dead_worker(self, wait_s: float) -> str | None:
         """A line naming the first spawned rank that exited (waiting up to `wait_s`), else None."""
@@ -131,6 +208,22 @@ class MultiprocTPExecutor:
             logger.error("tensor parallel group is dead: %s", self._dead)
         return self._dead
 
+    def _send_shutdown(self, timeout_s: float) -> None:
+        """Broadcast ShutdownMessage, waiting at most `timeout_s`: a wedged rank must not hold
+        rank 0's exit (spawned ranks are stopped next anyway; ranks started by hand leave when
+        their next collective fails)."""
+        def send() -> None:
+            try:
+                self._send(ShutdownMessage(), timeout_s)
+            except Exception:
+                logger.warning("could not send shutdown to the workers", exc_info=True)
+        sender = threading.Thread(target=send, name="pagedserve-tp-shutdown", daemon=True)
+        sender.start()
+        sender.join(timeout_s)
+        if sender.is_alive():
+            logger.warning("the workers did not take the shutdown message within %.0f s", timeout_s)
+            self._interrupted = True
+
     def _heartbeat_loop(self) -> None:
         interval = max(self.timeout_s / 4, 0.1)
         while not self._stop.wait(interval / 2):
@@ -144,8 +237,7 @@ class MultiprocTPExecutor:
                 continue
             try:
                 if self._dead is None and not self._closed:
-                    broadcast_message(NoopMessage(), self.steps)
-                    self._last_message = time.monotonic()
+                    self._send(NoopMessage())
             except Exception as exc:
                 self._mark_dead(f"heartbeat to the workers failed: {exc}")
             finally:
@@ -159,17 +251,22 @@ class MultiprocTPExecutor:
             return
         self._closed = True
         self._stop.set()
-        if self._dead is None and hasattr(self, "steps") and not self._dead_worker(wait_s=0.0) \
-                and self._lock.acquire(timeout=5.0):
+        if self._dead is None and not self._interrupted and hasattr(self, "steps") \
+                and not self._dead_worker(wait_s=0.0) and self._lock.acquire(timeout=5.0):
             try:
-                broadcast_message(ShutdownMessage(), self.steps)
-            except Exception:
-                logger.warning("could not send shutdown to the workers", exc_info=True)
+                self._send_shutdown(timeout_s=5.0)
             finally:
                 self._lock.release()
         for process in self.processes:
             process.stop()
-        if dist.is_initialized() and dist.get_backend() == "nccl":
+        if self._queue is not None:
+            self._queue.close()
+        if self.placement is not None:
+            self.placement.remove()
+        reset_model_parallel()   # a later engine in this process starts from no groups
+        if self._interrupted:
+            logger.debug("a collective was left midway: the process group is left to process exit")
+        elif dist.is_initialized() and dist.get_backend() == "nccl":
             # NCCL teardown hung at shutdown on an H200x2 machine (the peer already exited);
             # the group is left to process exit, so an NCCL engine is one per process.
             logger.debug("leaving the NCCL group to process exit")
@@ -180,7 +277,34 @@ class MultiprocTPExecutor:
                 logger.warning("destroy_process_group failed", exc_info=True)
 
 
-def _free_port() -> int:
+class PipelineOutput:
+    """A step launched down the pipeline; get() waits for the last stage's ModelRunnerOutput.
+    Steps answer in launch order, so get() is called in that order (EngineCore does)."""
+
+    def __init__(self, executor: MultiprocTPExecutor) -> None:
+        self.executor = executor
+
+    def get(self) -> ModelRunnerOutput:
+        executor = self.executor
+        executor.check_health()
+        try:
+            return executor.pipe.recv_output()
+        except Exception as exc:
+            raise executor._mark_dead(f"the last pipeline stage did not answer: {exc}") from exc
+        except BaseException:
+            executor._interrupted = True
+            raise
+
+
+def _make_queue(num_readers: int) -> ShmMessageQueue | None:
+    try:
+        return ShmMessageQueue(num_readers)
+    except OSError as exc:   # e.g. a small /dev/shm in a container: the step group's broadcast instead
+        logger.warning("no shared-memory step queue (%s): step messages go through the process group", exc)
+        return None
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]

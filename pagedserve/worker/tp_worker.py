@@ -1,5 +1,5 @@
-"""One tensor-parallel rank: join the process group, load this rank's shard, then run every
-step rank 0 broadcasts until told to stop.
+"""One tensor- or pipeline-parallel rank: join the process group, load this rank's shard (its
+slice of its pipeline stage's layers), then run every step rank 0 sends until told to stop.
 
 Ranks 1..N-1 are either started by rank 0's MultiprocTPExecutor as `python -m
 pagedserve.worker --spawned ...` processes on its machine (worker/rank_process.py:
@@ -8,11 +8,16 @@ torch.distributed's env:// rendezvous:
 
     MASTER_ADDR=<rank 0 host> MASTER_PORT=29500 WORLD_SIZE=N RANK=r python -m pagedserve.worker
 
-Messages from rank 0, in order (the first on the gloo control group, the rest on the step
+Messages from rank 0, in order (the first on the gloo control group, the rest through the
+StepChannel: rank 0's shared-memory queue (worker/shm_queue.py) when it made one, else the step
 group: the default NCCL group on GPU, the gloo group on CPU):
 
-    StartMessage(config)   once, right after the group forms
+    StartMessage(config, step_queue)   once, right after the group forms
     StepMessage(so) | NoopMessage() | ShutdownMessage()   until shutdown
+
+Under pipeline parallelism only stage 0's ranks get the step messages by broadcast (on a gloo
+group of stage 0); each rank forwards every message to its peer in the next stage, which
+receives it point to point (worker/pipeline.py).
 
 A rank ends when told to, when its stdin reaches EOF (rank 0 died; spawned ranks), or when a collective
 fails or times out (a peer died or went silent); it never outlives rank 0 for long.
@@ -33,19 +38,25 @@ import torch
 import torch.distributed as dist
 
 from pagedserve.config import EngineConfig
-from pagedserve.engine_io import SchedulerOutput
-from pagedserve.worker.kv_budget import non_torch_memory, num_kv_blocks
+from pagedserve.engine_io import ModelRunnerOutput, SchedulerOutput
+from pagedserve.layers.custom_all_reduce import init_symm_mem_all_reduce
+from pagedserve.layers.parallel import init_model_parallel, set_custom_all_reduce
+from pagedserve.worker.kv_budget import non_torch_memory, num_host_blocks, num_kv_blocks
 from pagedserve.worker.model_runner import ModelRunner
+from pagedserve.worker.pipeline import PipelineLinks
 from pagedserve.worker.rank_process import JOINING, LOADED
+from pagedserve.worker.shm_queue import QueueHandle, ShmMessageQueue
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class StartMessage:
-    """Everything a rank needs to build its runner (weights are read from config.weights)."""
+    """Everything a rank needs to build its runner (weights are read from config.weights), and
+    the shared-memory step queue to attach to (None: steps come through the step group)."""
 
     config: EngineConfig
+    step_queue: QueueHandle | None = None
 
 
 @dataclass(frozen=True)
@@ -86,12 +97,45 @@ def init_distributed(init: RankInit) -> Any:
     return dist.new_group(backend="gloo", timeout=timeout)
 
 
-def step_group(init: RankInit, control: Any) -> Any:
+def step_group(init: RankInit, control: Any, config: EngineConfig) -> Any:
     """Where the per-step messages travel: with NCCL, the default (GPU) group, a few tens of
     microseconds (pickled bytes in a device tensor); gloo's TCP broadcast of small objects
     costs milliseconds per step. On CPU, the gloo control group. The start-up message always
-    uses gloo (sent before the CUDA device is chosen)."""
+    uses gloo (sent before the CUDA device is chosen). Under pipeline parallelism: a gloo
+    group of stage 0's ranks (every rank creates it; the other stages get the messages point
+    to point)."""
+    if config.parallel.pipeline_parallel_size > 1:
+        return dist.new_group(list(range(config.parallel.tensor_parallel_size)), backend="gloo",
+                              timeout=timedelta(seconds=init.timeout_s))
     return None if init.backend == "nccl" else control
+
+
+def setup_parallel(config: EngineConfig, rank: int, control: Any, device: torch.device) -> PipelineLinks | None:
+    """The TP groups of every stage, and this rank's pipeline links (None without PP)."""
+    tp, pp = config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size
+    init_model_parallel(tp, pp)
+    return PipelineLinks.of(rank, tp, pp, control, device) if pp > 1 else None
+
+
+def receive_message(steps: "StepChannel", pipe: PipelineLinks | None) -> Message:
+    """The next message: from rank 0's step channel on stage 0 (under PP always the broadcast
+    on stage 0's group: no shared-memory queue), from the previous stage after it."""
+    if pipe is None or pipe.prev is None:
+        return steps.recv()
+    return pipe.recv_message()
+
+
+def run_message(message: Message, runner: ModelRunner, pipe: PipelineLinks | None) -> ModelRunnerOutput | None:
+    """Pass `message` on to the next stage, and run it if it is a step. The last stage's
+    sampling rank sends the step's output to rank 0; the runner's output is returned."""
+    if pipe is not None:
+        pipe.forward_message(message)
+    if not isinstance(message, StepMessage):
+        return None
+    output = runner.execute_model(message.scheduler_output)
+    if pipe is not None and runner.is_driver:
+        pipe.send_output(output)
+    return output
 
 
 def broadcast_message(message: Message | None, group: Any) -> Message:
@@ -101,20 +145,59 @@ def broadcast_message(message: Message | None, group: Any) -> Message:
     return box[0]
 
 
+class StepChannel:
+    """Where the step messages travel after start-up: rank 0's shared-memory queue when it made
+    one (every rank on its machine), else broadcast_message over the step group; a message too
+    large for the queue's slot goes through the group too."""
+
+    def __init__(self, group: Any, queue: ShmMessageQueue | None = None) -> None:
+        self.group, self.queue = group, queue
+
+    def send(self, message: Message, alive: Callable[[], None] = lambda: None, timeout_s: float = 600.0) -> None:
+        """Rank 0: publish `message`. `alive` raises if a rank died (called while the queue is full)."""
+        if self.queue is None:
+            broadcast_message(message, self.group)
+        else:
+            self.queue.send(message, lambda big: broadcast_message(big, self.group), alive, timeout_s)
+
+    def recv(self) -> Message:
+        if self.queue is None:
+            return broadcast_message(None, self.group)
+        return self.queue.recv(lambda: broadcast_message(None, self.group))
+
+
 def build_runner(config: EngineConfig, device: torch.device,
-                 before_all_reduce: Callable[[], None] | None = None) -> tuple[ModelRunner, int]:
+                 before_all_reduce: Callable[[], None] | None = None,
+                 pipe: PipelineLinks | None = None) -> tuple[ModelRunner, int]:
     """Load this rank's shard and size its KV cache: the block count is the minimum over
     ranks, so every rank can hold every block the scheduler hands out. `before_all_reduce`
-    runs between the two (rank 0 waits there for every rank's LOADED, the others report it)."""
+    runs between the two (rank 0 waits there for every rank's LOADED, the others report it).
+    On GPUs of one machine, the custom all-reduce is set up then (collectively)."""
     baseline = non_torch_memory(device)
     runner = ModelRunner(config.model, config.cache, config.scheduler, config.device, config.weights, device)
+    runner.pipeline = pipe
     runner.load_model()
     blocks = torch.tensor([num_kv_blocks(config, runner, baseline)], dtype=torch.int64, device=device)
     if before_all_reduce is not None:
         before_all_reduce()
     dist.all_reduce(blocks, op=dist.ReduceOp.MIN)
     num_blocks = int(blocks.item())
+    parallel = config.parallel
+    # Not under PP: the symmetric-memory all-reduce rendezvouses on the world group, while a
+    # stage's TP group is a subgroup (layers/parallel.py); NCCL on that group takes every tensor.
+    if device.type == "cuda" and parallel.custom_all_reduce_bytes > 0 and parallel.distributed_init == "spawn" \
+            and parallel.pipeline_parallel_size == 1:
+        # before the CUDA graphs are captured (they hold its kernels), after every rank loaded
+        set_custom_all_reduce(init_symm_mem_all_reduce(device, parallel.custom_all_reduce_bytes))
     runner.init_kv_cache(num_blocks)
+    host_blocks = num_host_blocks(config, runner)
+    if parallel.pipeline_parallel_size > 1:
+        # a stage's blocks are as large as its layers: the scheduler's host block ids must fit
+        # every stage's tier (TP ranks of one stage hold equal shards)
+        count = torch.tensor([host_blocks], dtype=torch.int64, device=device)
+        dist.all_reduce(count, op=dist.ReduceOp.MIN)
+        host_blocks = int(count.item())
+    runner.init_host_cache(host_blocks)
     runner.finish_setup()
     return runner, num_blocks
 
@@ -133,16 +216,21 @@ def serve_rank(init: RankInit, report: Callable[[bytes], None] = lambda mileston
     rank 0 the start-up milestones (worker/rank_process.py) when rank 0 started this rank."""
     report(JOINING)
     control = init_distributed(init)
-    config = broadcast_message(None, control).config
-    runner, _ = build_runner(config, worker_device(config, init.rank), lambda: report(LOADED))
-    steps = step_group(init, control)
-    logger.info("tp rank %d/%d ready", init.rank, init.world_size)
+    start = broadcast_message(None, control)
+    config = start.config
+    device = worker_device(config, init.rank)
+    pipe = setup_parallel(config, init.rank, control, device)
+    runner, _ = build_runner(config, device, lambda: report(LOADED), pipe)
+    queue = start.step_queue.attach(init.rank - 1) if start.step_queue is not None else None
+    steps = StepChannel(step_group(init, control, config), queue)
+    logger.info("rank %d/%d ready", init.rank, init.world_size)
     while True:
-        message = broadcast_message(None, steps)
-        if isinstance(message, StepMessage):
-            runner.execute_model(message.scheduler_output)
-        elif isinstance(message, ShutdownMessage):
+        message = receive_message(steps, pipe)
+        run_message(message, runner, pipe)
+        if isinstance(message, ShutdownMessage):
             break
+    if pipe is not None:
+        pipe.wait_sent()
     if init.backend == "nccl":
         # Seen on an H200x2 machine: tearing NCCL down at shutdown hung until killed. Rank 0
         # stops using the group right after the shutdown message; exit without the teardown.

@@ -1,5 +1,6 @@
 """Greedy token ids identical to transformers' generate, per architecture, on tiny random
-fp32 checkpoints: one request, a batch of mixed lengths, chunked prefill, preemption."""
+fp32 checkpoints: one request, a batch of mixed lengths, chunked prefill, preemption (by
+recompute and by swap to the host tier), prefix hits from the host tier."""
 from __future__ import annotations
 
 import pytest
@@ -58,11 +59,50 @@ def test_preemption(arch, tiny_checkpoints, references):
     prompts, expected = references[arch]
     # 6 requests need up to 6 * ceil(84/4) = 126 blocks of 4; give them 40.
     llm = _llm(tiny_checkpoints[arch], skip_tokenizer_init=True, block_size=4, num_kv_blocks=40,
-               max_model_len=128)
+               max_model_len=128, swap_space=0)   # no host tier: recompute
     assert _generate(llm, prompts) == expected
     assert llm.engine.core.scheduler.stats.num_preemptions > 0
-    pool = llm.engine.core.kv_cache_manager.pool
-    assert pool.num_free_blocks == pool.num_blocks
+    kv = llm.engine.core.kv_cache_manager
+    assert kv.pool.num_free_blocks == kv.pool.num_blocks and kv.stats.blocks_swapped_in == 0
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["lockstep", "async"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_preemption_by_swap(arch, async_scheduling, tiny_checkpoints, references):
+    """Preempted requests go to the host tier and come back (the default mode): the same ids;
+    then a second pass whose prefixes the 40-block device cache evicted to the host tier
+    loads them back. Both pools end with every block free."""
+    if async_scheduling and arch != "llama":
+        pytest.skip("async scheduling: one architecture is enough")
+    prompts, expected = references[arch]
+    llm = _llm(tiny_checkpoints[arch], skip_tokenizer_init=True, block_size=4, num_kv_blocks=40,
+               max_model_len=128, async_scheduling=async_scheduling)
+    assert _generate(llm, prompts) == expected
+    core = llm.engine.core
+    kv = core.kv_cache_manager
+    assert core.scheduler.stats.num_swap_preemptions > 0
+    assert kv.stats.blocks_swapped_in > 0 and core.stats().kv_offload_blocks_swapped_out > 0
+    assert _generate(llm, prompts) == expected
+    assert kv.stats.host_hits > 0
+    for pool in (kv.pool, kv.host):
+        assert pool.num_free_blocks == pool.num_blocks
+    assert not kv.req_to_host_blocks
+
+
+def test_swap_without_prefix_caching_loads_every_block(tiny_checkpoints, references):
+    """No prefix cache: a resumed request shares nothing and loads all its blocks back."""
+    prompts, expected = references["llama"]
+    llm = _llm(tiny_checkpoints["llama"], skip_tokenizer_init=True, block_size=4, num_kv_blocks=40,
+               max_model_len=128, enable_prefix_caching=False)
+    assert _generate(llm, prompts) == expected
+    core = llm.engine.core
+    kv = core.kv_cache_manager
+    swaps = core.scheduler.stats.num_swap_preemptions
+    assert swaps > 0 and core.scheduler.stats.num_preemptions == swaps
+    assert kv.stats.blocks_swapped_in == kv.stats.blocks_swapped_out > 0 and kv.stats.host_hits == 0
+    for pool in (kv.pool, kv.host):
+        assert pool.num_free_blocks == pool.num_blocks
+    assert not kv.req_to_host_blocks
 
 
 def test_prefix_cache_hit_keeps_parity(tiny_checkpoints, references):

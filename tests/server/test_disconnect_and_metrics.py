@@ -73,6 +73,9 @@ def test_metrics_counters_move(server) -> None:
         assert after[(f"pagedserve:{gauge}", LABEL)] == 0
     assert ("pagedserve:num_preemptions_total", LABEL) in after
     assert ("pagedserve:prefix_cache_hits_total", LABEL) in after
+    assert after[("pagedserve:kv_offload_host_usage_perc", LABEL)] == 0   # the host tier, next to the KV metrics
+    for counter in ("blocks_swapped_out", "blocks_swapped_in", "host_prefix_hits"):
+        assert (f"pagedserve:kv_offload_{counter}_total", LABEL) in after, counter
 
 
 def test_idle_server_does_not_spin(server) -> None:

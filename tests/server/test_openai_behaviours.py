@@ -254,6 +254,8 @@ def test_vllm_metrics_exported(client, srv) -> None:
         < samples[("pagedserve:request_params_n_bucket", (("le", "2.0"), ("model_name", MODEL)))]
     info = [value for (name, _), value in samples.items() if name == "pagedserve:cache_config_info"]
     assert info == [1.0]
+    # the default model (135M parameters in fp32 on CPU) reports what its weights take
+    assert 4e8 < samples[("pagedserve:model_weight_bytes", (("quantization", "none"),))] < 8e8
 
 
 # ---- 17: server flags ------------------------------------------------------------------------

@@ -307,12 +307,15 @@ def test_flags_win_over_environment() -> None:
     apply_tgi_settings(args, env)
     assert args.model is None and args.model_tag == "some/model"   # MODEL wins over MODEL_ID
     assert args.port == 9001 and args.max_model_len == 512
-    with pytest.raises(ValidationError, match="quantization is not supported"):
-        apply_tgi_settings(make_parser().parse_args([]), {"QUANTIZE": "awq"})
+    args = make_parser().parse_args([])
+    apply_tgi_settings(args, {"QUANTIZE": "awq"})
+    assert args.quantization == "awq"
+    with pytest.raises(ValidationError, match="two quantizations given"):
+        apply_tgi_settings(make_parser().parse_args(["--quantization", "gptq"]), {"QUANTIZE": "awq"})
 
 
-def test_quantize_fails_at_startup() -> None:
+def test_quantize_of_a_method_the_checkpoint_lacks_fails_at_startup() -> None:
     result = subprocess.run([sys.executable, "-m", "pagedserve.cli", "serve"], capture_output=True, text=True,
                             env={**_clean_env(), "QUANTIZE": "gptq"}, cwd=REPO_ROOT, timeout=120)
-    assert result.returncode == 2 and "quantization is not supported yet" in result.stderr
+    assert result.returncode == 2 and "needs a gptq checkpoint" in result.stderr
 

@@ -61,8 +61,12 @@ def test_named_function_gives_a_valid_call(named) -> None:
 
 def test_named_function_streamed_assembles_the_same_call(client, named) -> None:
     chunks = list(client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=NAMED,
-                                                 max_tokens=MAX_TOKENS, temperature=0, stream=True))
+                                                 max_tokens=MAX_TOKENS, temperature=0, stream=True, logprobs=True,
+                                                 stream_options={"include_usage": True}))
     deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    # logprobs ride on the tool-call deltas: one entry per generated token, none lost
+    entries = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert len(entries) == chunks[-1].usage.completion_tokens and all(e.logprob <= 0 for e in entries)
     first = deltas[0]
     assert first.index == 0 and first.id.startswith("chatcmpl-tool-") and first.type == "function"
     assert first.function.name == "get_weather" and first.function.arguments == ""
@@ -112,14 +116,24 @@ def test_auto_parses_or_answers_plain_text(client) -> None:
         assert choice.finish_reason == "tool_calls"
     else:
         assert choice.message.content and choice.finish_reason in ("stop", "length")
+    # streamed: the same answer; plain text arrives as it is generated, not all at the end
+    chunks = list(client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=24,
+                                                 temperature=0, stream=True))
+    contents = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    if choice.message.tool_calls:
+        calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+        assert [tc.function.name for tc in calls if tc.function.name] == [t.function.name for t in
+                                                                         choice.message.tool_calls]
+    else:
+        assert "".join(contents) == choice.message.content and len(contents) > 3
 
 
 def test_tgi_client_named_tool(tool_server) -> None:
     """TGI's chat route is the same route: huggingface_hub's spelling of tool_choice."""
     from huggingface_hub import InferenceClient
     hf = InferenceClient(base_url=tool_server.base_url, timeout=120)
-    # model given: without it huggingface_hub sends "dummy", which TGI ignores and this server 404s
-    output = hf.chat_completion(model=MODEL, messages=ASK, tools=TOOLS, tool_choice={"function": {"name": "get_weather"}},
+    # no model: huggingface_hub then sends "dummy", TGI's placeholder, which the server accepts
+    output = hf.chat_completion(messages=ASK, tools=TOOLS, tool_choice={"function": {"name": "get_weather"}},
                                 max_tokens=MAX_TOKENS, temperature=0)
     call = output.choices[0].message.tool_calls[0]
     assert call.function.name == "get_weather" and output.choices[0].finish_reason == "tool_calls"
@@ -148,3 +162,20 @@ def test_auto_needs_the_server_flags(server) -> None:
     assert "--enable-auto-tool-choice" in response.json()["error"]["message"]
     ok = requests.post(url, json={"messages": ASK, "tools": TOOLS, "tool_choice": "none", "max_tokens": 4}, timeout=60)
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["tool_calls"] == []
+
+
+def test_tools_reach_the_template_on_tokenize_and_with_a_request_template(tool_server, client) -> None:
+    """A request's own chat_template sees `tools` (the default model's own template ignores
+    them), and /tokenize renders tools as the chat route does: the same prompt tokens."""
+    url = f"{tool_server.base_url}/tokenize"
+    template = "{% for t in tools or [] %}<{{ t.function.name }}>{% endfor %}{{ messages[0].content }}"
+    body = {"model": MODEL, "messages": ASK, "chat_template": template, "return_token_strs": True}
+    plain = requests.post(url, json=body, timeout=60).json()
+    with_tools = requests.post(url, json={**body, "tools": TOOLS}, timeout=60).json()
+    assert "".join(with_tools["token_strs"]).startswith("<get_weather><get_time>What")
+    assert "".join(plain["token_strs"]).startswith("What")
+    chat = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="none", max_tokens=1,
+                                          temperature=0, extra_body={"chat_template": template})
+    assert with_tools["count"] == chat.usage.prompt_tokens > plain["count"]
+    bad = requests.post(url, json={**body, "tools": [{"type": "web"}]}, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tools"

@@ -71,7 +71,7 @@ def test_model_dependent_sampling_values(llm):
 
 def test_unsupported_engine_features_are_rejected(tiny_checkpoints):
     with pytest.raises(ValidationError) as err:
-        LLM(model=tiny_checkpoints["llama"], device="cpu", quantization="awq")
+        LLM(model=tiny_checkpoints["llama"], device="cpu", quantization="exl2")
     assert err.value.param == "quantization" and "not supported" in str(err.value)
     with pytest.raises(ValidationError) as err:
         LLM(model=tiny_checkpoints["llama"], device="cpu", no_such_option=1)

@@ -23,9 +23,12 @@ NON_DEFAULTS = {"model": "some/model", "tokenizer": "some/tokenizer", "dtype": "
                 "block_size": 32, "max_num_seqs": 7, "max_num_batched_tokens": 99, "enable_prefix_caching": False,
                 "seed": 5, "load_format": "dummy", "skip_tokenizer_init": True, "device": "cpu",
                 "gpu_memory_utilization": 0.5, "enforce_eager": True, "async_scheduling": False,
-                "tensor_parallel_size": 2, "kv_cache_memory_gb": 1.5, "num_kv_blocks": 12,
+                "tensor_parallel_size": 2, "disable_custom_all_reduce": True, "kv_cache_memory_gb": 1.5,
+                "num_kv_blocks": 12,
                 "scheduling_policy": "static", "trust_remote_code": True, "max_logprobs": 5,
-                "allow_long_max_model_len": True}
+                "allow_long_max_model_len": True, "pipeline_parallel_size": 2,
+                "distributed_executor_backend": "ray", "swap_space": 2.5, "kv_offloading_size": 8.0,
+                "preemption_mode": "recompute", "quantization": "fp8"}
 
 
 def _options(parser: argparse.ArgumentParser) -> set[str]:
@@ -52,7 +55,7 @@ def test_every_field_has_a_flag() -> None:
         assert flag_of(name) in serve, name
         if name != "seed":   # generate's --seed is the sampling seed
             assert flag_of(name) in generate, name
-    assert {"-tp", "--no-enable-prefix-caching", "--no-async-scheduling"} <= serve
+    assert {"-tp", "-pp", "--no-enable-prefix-caching", "--no-async-scheduling"} <= serve
 
 
 def _argv(values: dict) -> list[str]:
@@ -91,13 +94,13 @@ def test_llm_takes_exactly_the_engine_args(monkeypatch) -> None:
     monkeypatch.setattr(pagedserve.llm, "LLMEngine", _RecordedEngine)
     LLM(**NON_DEFAULTS)
     assert built == [EngineArgs(**NON_DEFAULTS)]
-    LLM("positional/model", quantization=None)   # an unsupported knob at its default is fine
+    LLM("positional/model", speculative_config=None)   # an unsupported knob at its default is fine
     assert built[-1] == EngineArgs(model="positional/model")
 
 
-@pytest.mark.parametrize("kwargs,param", [(dict(no_such_knob=1), "no_such_knob"), (dict(quantization="awq"),
-                                                                                   "quantization"),
-                                          (dict(pipeline_parallel_size=2), "pipeline_parallel_size")])
+@pytest.mark.parametrize("kwargs,param", [(dict(no_such_knob=1), "no_such_knob"),
+                                          (dict(speculative_config={"method": "ngram"}), "speculative_config"),
+                                          (dict(kv_cache_dtype="fp8"), "kv_cache_dtype")])
 def test_unknown_and_unsupported_knobs_name_themselves(monkeypatch, kwargs, param) -> None:
     monkeypatch.setattr(pagedserve.llm, "LLMEngine", lambda args: None)
     with pytest.raises(ValidationError) as err:

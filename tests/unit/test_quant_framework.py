@@ -22,6 +22,7 @@ class PackedMethod(LinearMethod):
         make_param(layer, "scales", (k // self.group, n), params_dtype, input_dim=0, input_ratio=self.group,
                    output_dim=1)
         make_param(layer, "tensor_scale", (len(output_partition_sizes),), params_dtype, shard_indexed=True)
+        make_param(layer, "g_idx", (k,), torch.int32, input_dim=0)
 
 
 class PackedConfig(QuantizationConfig):
@@ -59,6 +60,15 @@ def test_row_and_merged_column_shards(monkeypatch, rank):
     assert merged.tensor_scale[1].item() == 3.0
 
 
+def test_fused_projections_must_share_their_g_idx():
+    merged = linear_mod.MergedColumnParallelLinear(16, [8, 8], quant_config=PackedConfig(), prefix="mlp.gate_up_proj")
+    g_idx = torch.arange(16, dtype=torch.int32) // 4
+    merged.g_idx.weight_loader(merged.g_idx, g_idx, 0)
+    merged.g_idx.weight_loader(merged.g_idx, g_idx.clone(), 1)
+    with pytest.raises(ValueError, match="mlp.gate_up_proj: the projections fused here have different"):
+        merged.g_idx.weight_loader(merged.g_idx, g_idx.flip(0), 1)
+
+
 def test_a_split_across_a_group_is_an_error(monkeypatch):
     _as_rank(monkeypatch, 0, 2)
     row = linear_mod.RowParallelLinear(24, 4, quant_config=PackedConfig(), prefix="o_proj")   # 12 per rank, packs of 8
@@ -68,6 +78,8 @@ def test_a_split_across_a_group_is_an_error(monkeypatch):
 
 def test_unquantized_layers_keep_their_shapes():
     layer = linear_mod.QKVParallelLinear(64, 16, 4, 2, bias=True)
+    torch.nn.init.normal_(layer.weight)
+    torch.nn.init.normal_(layer.bias)
     assert layer.weight.shape == (128, 64) and layer.bias.shape == (128,)
     assert type(layer.quant_method).__name__ == "UnquantizedLinearMethod"
     x = torch.randn(3, 64)

@@ -44,7 +44,8 @@ def _gen(llm: LLM, prompts, params):
     return llm.generate(prompts, params, use_tqdm=False)
 
 
-def test_bitmask_masks_only_the_constrained_rows():
+@pytest.mark.parametrize("staging", [False, True], ids=["indices", "full-height staging"])
+def test_bitmask_masks_only_the_constrained_rows(staging):
     import xgrammar
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 100, generator=g)
@@ -52,7 +53,8 @@ def test_bitmask_masks_only_the_constrained_rows():
     bitmask = torch.zeros(2, 4, dtype=torch.int32)   # 128 bits, 100 used
     bitmask[0, 0] = 0b1011           # row 0 of the mask allows tokens 0, 1, 3
     bitmask[1, 3] = 1 << 2           # row 1 allows token 98
-    apply_token_bitmask(logits, bitmask, rows=[3, 1])   # mask row 0 -> logits row 3, 1 -> 1
+    buffer = torch.zeros(6, 4, dtype=torch.int32) if staging else None   # stale content: must not leak
+    apply_token_bitmask(logits, bitmask, rows=[3, 1], staging=buffer)   # mask row 0 -> logits row 3, 1 -> 1
     allowed = [torch.isfinite(logits[r]).nonzero().flatten().tolist() for r in range(4)]
     assert allowed[3] == [0, 1, 3] and allowed[1] == [98]
     assert torch.equal(logits[0], original[0]) and torch.equal(logits[2], original[2])
@@ -157,3 +159,58 @@ def test_preemption_keeps_the_matcher_state(checkpoint):
     assert any(out.finish_reason == "stop" for out in tight)
     for out in tight:
         assert re.fullmatch(regex, out.text) or out.finish_reason == "length", out.text
+
+
+def test_async_samples_a_constrained_request_every_step(checkpoint):
+    """Async scheduling defers the bitmask until the previous token is applied, so the
+    constrained request is scheduled in every step (not every other one) and its greedy
+    output equals lockstep's, beside an unconstrained request."""
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"enum": ["x", "yy"]}},
+              "required": ["a", "b"]}
+    params = [SamplingParams(max_tokens=40, temperature=0.0, structured_outputs=StructuredOutputsParams(json=schema)),
+              SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)]
+    prompts = ["Give JSON:", {"prompt_token_ids": random_prompts(1, VOCAB, 12, 13, seed=3)[0]}]
+
+    def run(async_scheduling):
+        llm = LLM(model=checkpoint, device="cpu", dtype="float32", max_model_len=128, block_size=16,
+                  num_kv_blocks=64, async_scheduling=async_scheduling)
+        scheduler, steps = llm.engine.core.scheduler, []
+        schedule = scheduler.schedule
+
+        def counting_schedule():
+            out = schedule()
+            steps.append(list(out.structured_req_ids))
+            return out
+        scheduler.schedule = counting_schedule
+        outs = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+        return outs, [i for i, ids in enumerate(steps) if ids]
+
+    (lock_json, lock_plain), lock_steps = run(False)
+    (async_json, async_plain), async_steps = run(True)
+    assert async_json.token_ids == lock_json.token_ids and async_plain.token_ids == lock_plain.token_ids
+    assert async_json.text.startswith('{"a": ') and len(async_json.token_ids) < 30
+    # in consecutive steps, one per sampled token (async may schedule one more, then drop it)
+    for constrained_steps in (lock_steps, async_steps):
+        assert constrained_steps == list(range(constrained_steps[0], constrained_steps[-1] + 1))
+    assert len(lock_steps) == len(lock_json.token_ids)
+    assert len(async_json.token_ids) <= len(async_steps) <= len(async_json.token_ids) + 1
+
+
+def test_pipeline_stages_fill_the_bitmask_at_schedule_time(checkpoint):
+    """Under PP the grammar is not deferred (a micro-batch never holds a request whose token is
+    in flight): the constrained greedy output equals a single process's, beside a plain one."""
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    params = [SamplingParams(max_tokens=30, temperature=0.0, structured_outputs=StructuredOutputsParams(json=schema)),
+              SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)]
+    prompts = ["Give JSON:", {"prompt_token_ids": random_prompts(1, VOCAB, 12, 13, seed=3)[0]}]
+
+    def run(**kwargs):
+        llm = LLM(model=checkpoint, device="cpu", dtype="float32", max_model_len=128, block_size=16,
+                  num_kv_blocks=64, **kwargs)
+        try:
+            assert llm.engine.core.scheduler.defer_grammar is False
+            return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        finally:
+            llm.shutdown()
+
+    assert run(pipeline_parallel_size=2) == run(async_scheduling=False)

@@ -69,6 +69,31 @@ def test_tp2_matches_tp1(arch, tiny_checkpoints):
                 assert abs(step[token].logprob - lp.logprob) <= 1e-4
 
 
+@pytest.mark.parametrize("queue", ["shm", "broadcast"])
+def test_async_tp2_matches_tp1(queue, tiny_checkpoints, monkeypatch):
+    # async scheduling under TP: workers take rank 0's sampled ids from the device broadcast;
+    # chunked prefill and requests finishing at different steps on both step transports
+    monkeypatch.setenv("PAGEDSERVE_TP_STEP_QUEUE", queue)
+    prompts = random_prompts(4, 512, 3, 40, seed=3)
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=2) for n in (12, 3, 7, 1)]
+    reference = [o.outputs[0] for o in _llm(tiny_checkpoints["llama"], 1).generate(
+        [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)]
+    llm = _llm(tiny_checkpoints["llama"], 2, max_num_batched_tokens=32, async_scheduling=True)
+    try:
+        assert llm.engine.core.async_scheduling and llm.engine.core.executor.max_concurrent_batches == 2
+        assert (llm.engine.core.executor.steps.queue is not None) == (queue == "shm")
+        got = [o.outputs[0] for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                                 use_tqdm=False)]
+        again = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                                             use_tqdm=False)]
+    finally:
+        llm.shutdown()
+    assert [o.token_ids for o in got] == [o.token_ids for o in reference] == again
+    for ref, out in zip(reference, got):
+        for ref_step, step in zip(ref.logprobs, out.logprobs):
+            assert ref_step.keys() == step.keys()
+
+
 def test_default_model_cannot_split_in_two():
     # SmolLM2-135M has 9 attention heads (3 KV heads): TP=2 is impossible, and says why
     with pytest.raises(ValidationError, match=r"num_attention_heads \(9\) is not divisible by "

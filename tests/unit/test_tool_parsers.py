@@ -141,16 +141,34 @@ def test_stream_named_streams_arguments_as_they_come():
     assert stream.finish_reason("stop") == "tool_calls"
 
 
-def test_stream_auto_holds_until_finished():
+def test_stream_auto_streams_content_up_to_the_hermes_marker():
     stream = ToolCallStream(ToolPlan("auto", tuple(check_tools([WEATHER])), parser="hermes"))
-    assert stream.feed("Sure <tool_call>{\"name\": \"get_weather\", ", False) == []
+    assert stream.feed("Sure, let me <tool", False) == [{"content": "Sure, let me "}]   # "<tool" may begin one
+    assert stream.feed("_call>{\"name\": \"get_weather\", ", False) == []
     deltas = stream.feed('"arguments": {"city": "Rome"}}</tool_call>', True)
-    assert deltas[0] == {"content": "Sure "}
-    assert deltas[1]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": ""}
-    assert deltas[2] == {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": "Rome"}'}}]}
-    assert stream.finish_reason("stop") == "tool_calls"
+    assert deltas[0]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": ""}
+    assert deltas[1] == {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": "Rome"}'}}]}
+    assert len(deltas) == 2 and stream.finish_reason("stop") == "tool_calls"
     plain = ToolCallStream(ToolPlan("auto", (), parser="hermes"))
-    assert plain.feed("hello", True) == [{"content": "hello"}] and plain.finish_reason("stop") == "stop"
+    assert plain.feed("hel", False) == [{"content": "hel"}]
+    assert plain.feed("lo <b> <to", False) == [{"content": "lo <b> "}]   # "<to" held back a moment
+    assert plain.feed("p", True) == [{"content": "<top"}] and plain.finish_reason("stop") == "stop"
+    broken = ToolCallStream(ToolPlan("auto", (), parser="hermes"))
+    assert broken.feed("a <tool_call>{oops", False) == [{"content": "a "}]
+    assert broken.feed("}", True) == [{"content": "<tool_call>{oops}"}]   # not a call: content after all
+
+
+@pytest.mark.parametrize("parser, call", [("llama3_json", '{"name": "get_weather", "parameters": {"city": "Oslo"}}'),
+                                          ("pythonic", '[get_weather(city="Oslo")]')])
+def test_stream_auto_whole_output_parsers(parser, call):
+    stream = ToolCallStream(ToolPlan("auto", tuple(check_tools([WEATHER])), parser=parser))
+    assert stream.feed(" ", False) == [] and stream.feed(call[:5], False) == []
+    deltas = stream.feed(call[5:], True)
+    assert [d["tool_calls"][0]["function"] for d in deltas] == [{"name": "get_weather", "arguments": ""},
+                                                                {"arguments": '{"city": "Oslo"}'}]
+    text = ToolCallStream(ToolPlan("auto", (), parser=parser))
+    assert text.feed(" It is", False) == [{"content": " It is"}]
+    assert text.feed(" sunny", True) == [{"content": " sunny"}] and text.finish_reason("stop") == "stop"
 
 
 def test_serve_flags_reach_the_settings():

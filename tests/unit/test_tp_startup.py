@@ -5,6 +5,7 @@ they need nothing from the user's __main__)."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -128,3 +129,73 @@ def test_a_dropped_llm_stops_its_ranks(tiny_checkpoints):
         assert proc.wait(timeout=10) == 0
     finally:
         proc.kill()
+
+
+@pytest.mark.parametrize("how", ["end of script", "SIGINT"])
+def test_a_tp2_script_exits_within_10s_and_leaves_no_rank(how, tiny_checkpoints):
+    """Whether a TP=2 script ends by its last line (no shutdown() call) or by Ctrl-C in the middle
+    of generate (rank 1 then waits in a collective rank 0 left), it is gone within 10 s and so is
+    every rank it started. (SIGTERM and SIGKILL: test_workers_exit_when_rank0_is_killed.)"""
+    script = textwrap.dedent(f"""
+        import sys
+        from pagedserve import LLM, SamplingParams
+        llm = LLM(model={tiny_checkpoints['llama']!r}, device="cpu", dtype="float32", skip_tokenizer_init=True,
+                  max_model_len=512, tensor_parallel_size=2)
+        print("RANK1", llm.engine.core.executor.processes[0].pid, flush=True)
+        if sys.argv[1] != "end of script":
+            print("GENERATING", flush=True)
+            llm.generate([{{"prompt_token_ids": [5, 17, 300]}}] * 4, SamplingParams(max_tokens=400, ignore_eos=True),
+                         use_tqdm=False)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script, how], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, cwd=REPO)
+    try:
+        rank1 = psutil.Process(int(proc.stdout.readline().split()[1]))
+        if how != "end of script":
+            assert proc.stdout.readline().strip() == "GENERATING"
+            time.sleep(1.0)   # in the middle of generate: rank 1 waits in a collective of this step or the next
+            proc.send_signal(getattr(signal, how))
+        start = time.monotonic()
+        proc.wait(timeout=10)
+        assert time.monotonic() - start < 10
+        assert proc.returncode == (0 if how == "end of script" else -signal.SIGINT)
+        rank1.wait(timeout=max(0.1, 10 - (time.monotonic() - start)))   # reaped by the script, or gone
+    except psutil.NoSuchProcess:
+        pass
+    finally:
+        proc.kill()
+    assert not rank1.is_running() or rank1.status() == psutil.STATUS_ZOMBIE
+
+
+def test_the_tp2_server_exits_within_10s_of_sigterm_mid_request(tiny_checkpoints, tmp_path):
+    """SIGTERM while a long request runs: open requests get a short grace period, then the server
+    and its rank are gone within 10 s."""
+    import threading
+    from pagedserve.models.loader import materialize_gguf, resolve_model
+    from tests.server.conftest import start_server
+    tokenizer = materialize_gguf(resolve_model(None)).directory   # the default model's tokenizer; ids < 512
+    server = start_server(tmp_path, "server", tiny_checkpoints["llama"], "--tokenizer", tokenizer, "--device", "cpu",
+                          "--dtype", "float32", "--max-model-len", "512", "--tensor-parallel-size", "2")
+    try:
+        server.wait_healthy(timeout=90)
+        rank1 = [p for p in psutil.Process(server.process.pid).children(recursive=True) if "--spawned" in p.cmdline()]
+        body = {"model": "llama", "prompt": [5, 17, 300, 42], "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+        threading.Thread(target=lambda: _post_ignoring_errors(f"{server.base_url}/v1/completions", body),
+                         daemon=True).start()
+        time.sleep(1.0)
+        server.process.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        server.process.wait(timeout=10)
+        assert time.monotonic() - start < 10
+        gone, alive = psutil.wait_procs(rank1, timeout=max(0.1, 10 - (time.monotonic() - start)))
+        assert len(rank1) == 1 and not alive
+    finally:
+        server.process.kill()
+
+
+def _post_ignoring_errors(url: str, body: dict) -> None:
+    import requests
+    try:
+        requests.post(url, json=body, timeout=30)
+    except requests.RequestException:
+        pass

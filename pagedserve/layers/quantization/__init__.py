@@ -14,7 +14,7 @@ __all__ = ["CheckpointTensor", "LinearMethod", "QuantizationConfig", "Unquantize
            "replace_param", "embedding_method", "get_quantization_config", "register_quantization",
            "QUANTIZATION_METHODS"]
 
-# canonical method name -> config class (filled by register_quantization)
+# canonical method name -> config class (register_quantization adds more)
 QUANTIZATION_METHODS: dict[str, Callable[[dict], QuantizationConfig]] = {}
 
 
@@ -22,10 +22,15 @@ def register_quantization(name: str, factory: Callable[[dict], QuantizationConfi
     QUANTIZATION_METHODS[name] = factory
 
 
-def embedding_method(config: QuantizationConfig | None, prefix: str) -> Any:
-    """The packed-rows method of the vocab embedding / LM head named `prefix` (None: float)."""
-    get = getattr(config, "get_embedding_method", None)
-    return get(prefix) if get is not None else None
+def _register_builtin() -> None:
+    from pagedserve.layers.quantization.configs import (AWQConfig, BitsAndBytesConfig, CompressedTensorsConfig,
+                                                        Fp8Config, GPTQConfig)
+    from pagedserve.layers.quantization.gguf import GGUFConfig
+    for config in (CompressedTensorsConfig, GPTQConfig, AWQConfig, Fp8Config, BitsAndBytesConfig, GGUFConfig):
+        register_quantization(config.name, config.from_config)
+
+
+_register_builtin()
 
 
 def get_quantization_config(spec: QuantizationSpec | None) -> QuantizationConfig | None:
@@ -37,6 +42,6 @@ def get_quantization_config(spec: QuantizationSpec | None) -> QuantizationConfig
     return QUANTIZATION_METHODS[spec.method](spec.config)
 
 
-from pagedserve.layers.quantization.gguf import GGUFConfig  # noqa: E402  (needs register_quantization above)
-
-register_quantization("gguf", GGUFConfig.from_config)
+def embedding_method(config: QuantizationConfig | None, prefix: str) -> Any:
+    """The method of the vocab embedding / LM head named `prefix` (None: float rows)."""
+    return config.get_embedding_method(prefix) if config is not None else None

@@ -37,12 +37,14 @@ PACKED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("
 @dataclass(frozen=True)
 class CheckpointTensor:
     """One tensor of a checkpoint, for dummy weights: shape, dtype and the range random
-    values are drawn from (integer dtypes: random bits over the whole type)."""
+    values are drawn from (integer dtypes: integers in [low, high) when that holds one,
+    else random bits over the whole type)."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype | None = None     # None: the model's dtype
     low: float = -1e-3
     high: float = 1e-3
+    shared: bool = False                 # the same for every projection fused with this one (g_idx)
 
 
 def make_param(layer: nn.Module, name: str, shape: tuple[int, ...], dtype: torch.dtype, *,
@@ -61,8 +63,9 @@ def make_param(layer: nn.Module, name: str, shape: tuple[int, ...], dtype: torch
 
 
 def replace_param(layer: nn.Module, name: str, data: torch.Tensor) -> None:
-    """After loading: swap a parameter for a repacked tensor (a plain Parameter; no loader)."""
-    delattr(layer, name)
+    """After loading: set (or swap) a parameter to a repacked tensor (a plain Parameter; no loader)."""
+    if hasattr(layer, name):
+        delattr(layer, name)
     layer.register_parameter(name, nn.Parameter(data, requires_grad=False))
 
 
@@ -98,7 +101,7 @@ class QuantizationConfig:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "QuantizationConfig":
-        raise NotImplementedError
+        return cls(config)
 
     def get_linear_method(self, layer: nn.Module, prefix: str) -> LinearMethod | None:
         """The method for the linear layer named `prefix` (pagedserve's name: a fused
@@ -106,8 +109,30 @@ class QuantizationConfig:
         unquantized."""
         raise NotImplementedError
 
+    def get_embedding_method(self, prefix: str) -> Any:
+        """The method of the vocab embedding / LM head named `prefix` (it packs the rows and
+        both looks them up and multiplies by them); None keeps them float (every format
+        but GGUF)."""
+        return None
+
     def weight_description(self) -> str:
         return self.name
+
+
+def skipped(patterns: list[str], prefix: str) -> bool:
+    """Whether a layer is in a format's list of modules left unquantized (substrings of the
+    checkpoint names, as transformers matches modules_to_not_convert)."""
+    return any(pattern in name for pattern in patterns for name in checkpoint_names(prefix))
+
+
+def fused_name(name: str) -> str:
+    """A checkpoint tensor's name with its projection replaced by the fused layer's
+    (model.layers.0.self_attn.k_proj.g_idx -> model.layers.0.self_attn.qkv_proj.g_idx)."""
+    for fused, members in PACKED_MODULES.items():
+        for member in members:
+            if f".{member}." in name:
+                return name.replace(f".{member}.", f".{fused}.")
+    return name
 
 
 def checkpoint_names(prefix: str) -> list[str]:

@@ -8,7 +8,8 @@ process_weights_after_loading turns them into what the device multiplies fast:
     Q5_0, Q5_1, Q5_K, Q6_K, or CUDA dequantized once to a float `weight` (the model dtype)
 
 The embedding looks rows up in the raw blocks and dequantizes only those (exact fp32).
-QuantizationSpec("gguf", {"tensor_types": {checkpoint name: type}}); a fused layer whose
+QuantizationSpec("gguf", {"tensor_types": {checkpoint name: type}}, plus "dequantize": true
+when dtype=float32 asks for exact fp32 arithmetic: detect.py, engine_args.py); a fused layer whose
 projections do not share one type is stored dequantized by the converter and runs
 unquantized here."""
 from __future__ import annotations
@@ -32,7 +33,7 @@ class GGUFConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "GGUFConfig":
-        return cls(dict(config.get("tensor_types", {})), bool(config.get("int4", True)))
+        return cls(dict(config.get("tensor_types", {})), not config.get("dequantize", False))
 
     def _type_of(self, names: list[str]) -> str | None:
         types = {self.tensor_types.get(f"{name}.qweight") for name in names}
