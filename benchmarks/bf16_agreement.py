@@ -82,10 +82,8 @@ def torch_attention(steps: str) -> None:
 
 def torch_ops(attention: bool) -> None:
     """Swap the fused Triton kernels (and optionally the Triton attention) for torch ops."""
-    from pagedserve.attention import backend
     from pagedserve.layers import triton_ops
     from pagedserve.layers.rotary import RotaryEmbedding
-    from pagedserve.worker import model_runner
 
     def rms_norm(x, w, eps, residual=None):
         if residual is not None:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 17 (pipeline parallelism) on nvidia-h200-x2, NVLink multicast off (KINDS.md). Two calls,
 # each under 10 minutes:  bash benchmarks/pp_gpu.sh check   then   bash benchmarks/pp_gpu.sh perf
+# or one (~6 min): bash benchmarks/pp_gpu.sh one   (check, then PP=2 timed alone)
 # pp_gpu.py needs .devcarry/peers.py (a copy of ../shared/bench/peers.py).
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -13,6 +14,9 @@ case ${1:-check} in
     PP=2 run 200 benchmarks/tp_gpu.py ids 1 all "$OUT/ids_pp2.json"
     run 150 benchmarks/tp_gpu.py ids 1 all "$OUT/ids_tp1.json"
     python3 benchmarks/tp_gpu.py compare "$OUT/ids_tp1.json" "$OUT/ids_pp2.json" | tee -a "$OUT/results.txt" ;;
+  one)     # check, then PP=2 timed alone
+    bash "$0" check
+    PP=2 run 280 benchmarks/tp_gpu.py peers 1 all | tee -a "$OUT/results.txt" ;;
   perf)    # thr512 and b1_decode: PP=2, then TP=2 next to it
     PP=2 run 280 benchmarks/tp_gpu.py peers 1 all | tee -a "$OUT/results.txt"
     run 280 benchmarks/tp_gpu.py peers 2 all | tee -a "$OUT/results.txt" ;;

@@ -62,6 +62,35 @@ def test_bitmask_masks_only_the_constrained_rows(staging):
     assert xgrammar.bitmask_dtype == torch.int32
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_threaded_fill_equals_the_row_by_row_fill(checkpoint, threads):
+    """xgrammar's batch matcher (PAGEDSERVE_GRAMMAR_THREADS) fills the same rows as the
+    per-row loop, terminated rows (all allowed) and rows in a reused buffer included."""
+    import types
+
+    import xgrammar
+    from transformers import AutoTokenizer
+
+    from pagedserve.core import structured_output
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=VOCAB)
+    grammar = xgrammar.GrammarCompiler(info).compile_regex(r"(cat|dog) [0-9]{1,3}")
+    rows = []
+    for prefix in ["", "cat", "dog 4", "cat 123", "d"]:
+        row = types.SimpleNamespace(grammar=grammar, grammar_matcher=None)
+        for token in tokenizer.encode(prefix, add_special_tokens=False):
+            assert structured_output._matcher(row).accept_token(token)
+        rows.append(row)
+    assert structured_output._matcher(rows[3]).accept_token(tokenizer.eos_token_id)   # terminated
+    expected = structured_output.fill_bitmask(rows, structured_output.bitmask_buffer(rows), threads=0).clone()
+    assert expected[3].eq(-1).all() and not expected[0].eq(-1).all()
+    assert len({tuple(r.tolist()) for r in expected}) == 5   # five different states, one terminated
+    buffer = structured_output.bitmask_buffer(rows)
+    buffer.fill_(0x5A5A)
+    got = structured_output.fill_bitmask(rows, buffer, threads=threads)
+    assert torch.equal(got, expected)
+
+
 def test_choice_outputs_are_choices_with_parallel_samples(llm):
     choices = ["yes", "no", "maybe not", 'a "quoted" one']
     params = SamplingParams(n=2, max_tokens=20, temperature=1.0, seed=7, ignore_eos=True,
