@@ -1,10 +1,13 @@
 """GGUF block formats: our torch dequantize equals gguf.quants.dequantize for every type,
-and the int4 repack (Q4_0, Q4_1, Q4_K, Q8_0) multiplies like the dequantized weight."""
+and the int4 repack (Q4_0, Q4_1, Q4_K, Q8_0) multiplies like the dequantized weight, both
+through torch's int4 kernel (few rows) and the bf16 GEMM on the weight dequantized from the
+int4 layout (many rows), which equals the kernel's own weight bit for bit."""
 import numpy as np
 import pytest
 import torch
 
-from pagedserve.layers.quantization.gguf_kernels import FORMATS, dequantize, int4_matmul, to_int4
+from pagedserve.layers.quantization.gguf_kernels import (FORMATS, INT4_MAX_ROWS, dequantize, int4_dequantize,
+                                                        int4_matmul, to_int4)
 
 gguf = pytest.importorskip("gguf")
 
@@ -34,12 +37,24 @@ def test_dequantize_equals_gguf(fmt):
 
 
 @pytest.mark.parametrize("fmt", [f for f in sorted(FORMATS) if FORMATS[f].int4])
-def test_int4_repack_matches_dequantized(fmt):
-    raw = torch.from_numpy(random_blocks(fmt, 64, 512, seed=1))
+@pytest.mark.parametrize("rows", [3, INT4_MAX_ROWS + 1])
+def test_int4_repack_matches_dequantized(fmt, rows):
+    raw = torch.from_numpy(random_blocks(fmt, 128, 512, seed=1))
     weight = dequantize(raw, fmt)
-    x = torch.randn(3, 512)
+    x = torch.randn(rows, 512)
     ref = x.bfloat16().float() @ weight.t()
     out = int4_matmul(x, to_int4(raw, fmt))
-    assert out.dtype == torch.float32 and out.shape == (3, 64)
+    assert out.dtype == torch.float32 and out.shape == (rows, 128)
     # bf16 scales / zeros and a bf16 output per int4 part: a few bf16 ulps of the result
     assert (out - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+
+@pytest.mark.parametrize("fmt", [f for f in sorted(FORMATS) if FORMATS[f].int4])
+def test_int4_dequantize_is_the_kernels_weight(fmt):
+    """x = identity through the kernel gives its weight (one product per output, bf16)."""
+    raw = torch.from_numpy(random_blocks(fmt, 192, 256, seed=2))
+    for part in to_int4(raw, fmt):
+        ours = int4_dequantize(part).permute(1, 0, 2).reshape(256, 192)
+        kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.eye(256, dtype=torch.bfloat16), part.packed, 32,
+                                                             part.scales_zeros)
+        assert torch.equal(ours.bfloat16(), kernel)

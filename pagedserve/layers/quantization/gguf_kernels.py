@@ -157,9 +157,37 @@ def to_int4(raw: torch.Tensor, fmt: str) -> list[Int4Weight]:
     return [_int4(q, scale, offset + 8 * scale)]
 
 
+# Rows up to which the int4 kernel multiplies; more rows (prefill, large batches) dequantize
+# the weight to bf16 for this one product and run a bf16 GEMM (oneDNN, AMX where the CPU has
+# it): the int4 kernel computes like a GEMV per row (2026-11-30, 2 cores: at 256 rows 20x
+# slower than dequantize + bf16 GEMM, at 64 rows about 2x faster). Same bf16 rounding of x.
+INT4_MAX_ROWS = 64
+_BLOCK_N = 64   # torch's CPU int4 layout: [N / 64, K, 32] bytes, byte j = rows j (low) and 32 + j (high)
+
+
+def int4_dequantize(part: Int4Weight) -> torch.Tensor:
+    """An int4 operand -> its weight as fp32 [N / 64, K, 64] (row 64 b + j is [b, :, j]):
+    (q - 8) * scale + zero per group of 32 input features, as the kernel computes it."""
+    nb, k = part.scales_zeros.shape[1] // _BLOCK_N, part.scales_zeros.shape[0] * GROUP
+    p = part.packed.view(nb, k, _BLOCK_N // 2)
+    q = torch.cat((p & 0xF, p >> 4), -1).view(nb, k // GROUP, GROUP, _BLOCK_N)
+    sz = part.scales_zeros.view(k // GROUP, nb, _BLOCK_N, 2).transpose(0, 1).unsqueeze(2).float()
+    scale, zero = sz[..., 0], sz[..., 1]
+    out = torch.empty(q.shape)
+    return torch.addcmul(zero - 8 * scale, q, scale, out=out).view(nb, k, _BLOCK_N)
+
+
 def int4_matmul(x: torch.Tensor, parts: list[Int4Weight]) -> torch.Tensor:
-    """x [T, K] -> x @ w.T [T, N] in x's dtype (bf16 inside the kernel, fp32 sum of parts)."""
+    """x [T, K] -> x @ w.T [T, N] in x's dtype (bf16 inside the kernel, fp32 sum of parts);
+    for more than INT4_MAX_ROWS rows a bf16 GEMM on the weight dequantized for this call."""
     xb = x.to(torch.bfloat16)
+    n = parts[0].scales_zeros.shape[1]
+    if x.shape[0] > INT4_MAX_ROWS and n % _BLOCK_N == 0:
+        w = int4_dequantize(parts[0])
+        for part in parts[1:]:
+            w += int4_dequantize(part)
+        out = torch.matmul(xb, w.to(torch.bfloat16))             # [N / 64, T, 64]
+        return out.transpose(0, 1).reshape(x.shape[0], n).to(x.dtype)
     out = None
     for part in parts:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, part.packed, GROUP, part.scales_zeros)
