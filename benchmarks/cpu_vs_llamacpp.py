@@ -7,7 +7,9 @@ Workloads (token-id prompts, identical for both engines; greedy, forced output l
   ttft256     a fresh 256-token prompt, time to the first token (ms; median of 5 prompts)
   batch       64 prompts (--batch N: the first N), input U[32,256], output U[16,128]: output
               tok/s; pagedserve runs them as one generate() call (continuous batching),
-              llama.cpp one at a time
+              llama.cpp one at a time, transformers (engine "transformers": only this
+              workload) as one batched generate() (left padding, the batch's longest output
+              forced; only requested tokens count), fp32 weights dequantized from the GGUF
 
 llama-cpp-python is not a dependency: install it into any interpreter
 (`pip install llama-cpp-python==0.3.36`, it builds llama.cpp) and pass that interpreter
@@ -16,7 +18,9 @@ libraries in LLAMA_CPP_LIB_PATH). llama.cpp runs without extra buffer types (its
 raises SIGILL in the VM this was measured on; LLAMA_NO_EXTRA_BUFTS=0 keeps them).
 pagedserve runs from the current directory (PYTHONPATH=. first): run this from another
 checkout to measure that one.
-Usage: python benchmarks/cpu_vs_llamacpp.py [--engines pagedserve,llamacpp] [--llama-python PY]
+The machine's 1-minute load average at the start and end of each engine's run is recorded
+(a shared machine makes absolute figures noisy: compare engines of the same repeat).
+Usage: python benchmarks/cpu_vs_llamacpp.py [--engines pagedserve,llamacpp,transformers] [--llama-python PY]
        [--dtype auto|float32] [--threads N] [--batch N] [--out FILE.json] [--repeat N]
 """
 from __future__ import annotations
@@ -140,9 +144,42 @@ def run_llamacpp(p: dict, threads: int) -> dict:
                 max_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 
 
+def run_transformers(p: dict, threads: int) -> dict:
+    import torch
+    torch.set_num_threads(threads)
+    from transformers import AutoModelForCausalLM
+
+    from pagedserve.models.default_model import default_model_path
+    path = default_model_path()
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                 dtype=torch.float32).eval()
+    startup = time.perf_counter() - t0
+    batch = p["batch"]
+    width = max(len(ids) for ids, _ in batch)
+    pad = 0
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _ in batch])
+    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in batch])
+    longest = max(n for _, n in batch)
+    with torch.inference_mode():
+        model.generate(input_ids[:2, -16:], attention_mask=mask[:2, -16:], max_new_tokens=4, do_sample=False)
+        t0 = time.perf_counter()
+        model.generate(input_ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
+                       do_sample=False, pad_token_id=pad)
+        wall = time.perf_counter() - t0
+    import resource
+    return dict(engine="transformers", torch_threads=torch.get_num_threads(), startup_s=round(startup, 1),
+                batch_prompts=len(batch), batch_out_tok_s=round(sum(n for _, n in batch) / wall, 1),
+                batch_wall_s=round(wall, 2), max_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+
+
 def child(engine: str, dtype: str, threads: int, batch_size: int) -> None:
     p = prompts(batch_size)
-    result = run_pagedserve(p, dtype, threads) if engine == "pagedserve" else run_llamacpp(p, threads)
+    load = os.getloadavg()[0]
+    runners = {"pagedserve": lambda: run_pagedserve(p, dtype, threads), "llamacpp": lambda: run_llamacpp(p, threads),
+               "transformers": lambda: run_transformers(p, threads)}
+    result = runners[engine]()
+    result["load_average_1m"] = [round(load, 2), round(os.getloadavg()[0], 2)]   # at start, at end
     print("RESULT " + json.dumps(result), flush=True)
 
 
