@@ -68,6 +68,9 @@ def _repack(layer: nn.Module, fmt: str, int4: bool, dtype: torch.dtype, keep_raw
     layer.int4_parts = None
     if int4 and FORMATS[fmt].int4 and raw.device.type == "cpu":
         layer.int4_parts = to_int4(raw, fmt)
+        for i, part in enumerate(layer.int4_parts):   # buffers: counted in the runner's weight_bytes
+            layer.register_buffer(f"int4_packed_{i}", part.packed, persistent=False)
+            layer.register_buffer(f"int4_scales_zeros_{i}", part.scales_zeros, persistent=False)
     else:
         layer.weight = nn.Parameter(dequantize(raw, fmt, dtype), requires_grad=False)
     if not keep_raw or layer.int4_parts is None:   # a float weight serves lookups too
