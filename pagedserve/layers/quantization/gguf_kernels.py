@@ -159,8 +159,9 @@ def to_int4(raw: torch.Tensor, fmt: str) -> list[Int4Weight]:
 
 # Rows up to which the int4 kernel multiplies; more rows (prefill, large batches) dequantize
 # the weight to bf16 for this one product and run a bf16 GEMM (oneDNN, AMX where the CPU has
-# it): the int4 kernel computes like a GEMV per row (2026-11-30, 2 cores: at 256 rows 20x
-# slower than dequantize + bf16 GEMM, at 64 rows about 2x faster). Same bf16 rounding of x.
+# it): the int4 kernel's cost grows with the rows, the dequantize's does not (2026-11-30, 2
+# cores, 4 layers of the default model: 64 rows 36 vs 48 ms, 256 rows 111 vs 63 ms;
+# benchmarks/RESULTS.md, issue 19). Same bf16 rounding of x.
 INT4_MAX_ROWS = 64
 _BLOCK_N = 64   # torch's CPU int4 layout: [N / 64, K, 32] bytes, byte j = rows j (low) and 32 + j (high)
 
