@@ -88,6 +88,9 @@ def resolve_quantization(requested: str | None, checkpoint: dict[str, Any] | Non
         return QuantizationSpec(ckpt_method, json.dumps(checkpoint, sort_keys=True)) if ckpt_method else None
     method = canonical(requested)
     if ckpt_method is not None:
+        if method != ckpt_method and ckpt_method == "gguf":
+            raise QuantizationError(f"quantization={requested!r} needs a {method} checkpoint, but the model is a "
+                                    "GGUF file (its blocks run as quantization 'gguf'): leave quantization unset")
         if method != ckpt_method:
             raise QuantizationError(f"quantization={requested!r} conflicts with the checkpoint's quantization_config "
                                     f"(quant_method {checkpoint.get('quant_method')!r}): pass "

@@ -14,6 +14,7 @@ torch kernel: they are dequantized once at load (gguf.py).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -158,11 +159,15 @@ def to_int4(raw: torch.Tensor, fmt: str) -> list[Int4Weight]:
 
 
 # Rows up to which the int4 kernel multiplies; more rows (prefill, large batches) dequantize
-# the weight to bf16 for this one product and run a bf16 GEMM (oneDNN, AMX where the CPU has
+# the weight to bf16 for that one product and run a bf16 GEMM (oneDNN, AMX where the CPU has
 # it): the int4 kernel's cost grows with the rows, the dequantize's does not (2026-11-30, 2
-# cores, 4 layers of the default model: 64 rows 36 vs 48 ms, 256 rows 111 vs 63 ms;
-# benchmarks/RESULTS.md, issue 19). Same bf16 rounding of x.
-INT4_MAX_ROWS = 64
+# cores, 4 layers of the default model: 64 rows 36 vs 48 ms, 256 rows 111 vs 63 ms; a
+# 256-token TTFT 2-5x faster; benchmarks/RESULTS.md, issue 19). Neither path makes a row's
+# result independent of what it is batched with (the int4 kernel's neither: a server test
+# comparing concurrent streams with one offline batch passes and fails by timing), so
+# greedy ids on this path may depend on the batch; dtype=float32 is the exact path.
+# PAGEDSERVE_GGUF_INT4_MAX_ROWS=0: the int4 kernel for every product.
+INT4_MAX_ROWS = int(os.environ.get("PAGEDSERVE_GGUF_INT4_MAX_ROWS", "64")) or None
 _BLOCK_N = 64   # torch's CPU int4 layout: [N / 64, K, 32] bytes, byte j = rows j (low) and 32 + j (high)
 
 
@@ -178,12 +183,12 @@ def int4_dequantize(part: Int4Weight) -> torch.Tensor:
     return torch.addcmul(zero - 8 * scale, q, scale, out=out).view(nb, k, _BLOCK_N)
 
 
-def int4_matmul(x: torch.Tensor, parts: list[Int4Weight]) -> torch.Tensor:
+def int4_matmul(x: torch.Tensor, parts: list[Int4Weight], max_rows: int | None = INT4_MAX_ROWS) -> torch.Tensor:
     """x [T, K] -> x @ w.T [T, N] in x's dtype (bf16 inside the kernel, fp32 sum of parts);
-    for more than INT4_MAX_ROWS rows a bf16 GEMM on the weight dequantized for this call."""
+    for more than `max_rows` rows a bf16 GEMM on the weight dequantized for this call."""
     xb = x.to(torch.bfloat16)
     n = parts[0].scales_zeros.shape[1]
-    if x.shape[0] > INT4_MAX_ROWS and n % _BLOCK_N == 0:
+    if max_rows is not None and x.shape[0] > max_rows and n % _BLOCK_N == 0:
         w = int4_dequantize(parts[0])
         for part in parts[1:]:
             w += int4_dequantize(part)
