@@ -15,8 +15,8 @@ Prints one `RESULT {...}` JSON line.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
-import os
 import time
 
 from pagedserve import LLM, SamplingParams, StructuredOutputsParams
@@ -47,9 +47,6 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=1, help="timed runs of each kind (best is kept)")
-    parser.add_argument("--grammar-threads", default=None,
-                        help="comma list of PAGEDSERVE_GRAMMAR_THREADS values to compare in one process "
-                             "(xgrammar's batch fill thread pool; 0 = row by row); one RESULT line each")
     parser.add_argument("--profile", action="store_true",
                         help="after the timed runs, one schema run under cProfile: the top host functions")
     args = parser.parse_args()
@@ -68,34 +65,40 @@ def main() -> None:
         outs = llm.generate(prompts, params, use_tqdm=False)
         return time.perf_counter() - start, sum(len(o.outputs[0].token_ids) for o in outs), outs
 
-    variants = args.grammar_threads.split(",") if args.grammar_threads else [os.environ.get("PAGEDSERVE_GRAMMAR_THREADS")]
-    for threads in variants:
-        if threads is not None:
-            os.environ["PAGEDSERVE_GRAMMAR_THREADS"] = threads
-        best_structured, best_plain = float("inf"), float("inf")
-        for _ in range(args.repeats):
-            seconds, tokens, outs = run(structured)
-            best_structured = min(best_structured, seconds)
-            lengths = [len(o.outputs[0].token_ids) for o in outs]
-            plain = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in lengths]
-            plain_seconds, plain_tokens, _ = run(plain)
-            best_plain = min(best_plain, plain_seconds)
-            assert plain_tokens == tokens
-        valid = sum(_parses(o.outputs[0].text) for o in outs)
-        result = {
-            "device": args.device, "dtype": args.dtype, "model": args.model or "default (SmolLM2-135M-Instruct)",
-            "grammar_threads": threads or "0",
-            "num_requests": args.num_requests, "generated_tokens": tokens, "valid_json": valid,
-            "structured_tok_s": round(tokens / best_structured, 1), "plain_tok_s": round(tokens / best_plain, 1),
-            "overhead_pct": round(100 * (best_structured / best_plain - 1), 1),
-        }
-        print("RESULT " + json.dumps(result), flush=True)
+    best_structured, best_plain = float("inf"), float("inf")
+    for _ in range(args.repeats):
+        seconds, tokens, outs = run(structured)
+        best_structured = min(best_structured, seconds)
+        lengths = [len(o.outputs[0].token_ids) for o in outs]
+        plain = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in lengths]
+        plain_seconds, plain_tokens, _ = run(plain)
+        best_plain = min(best_plain, plain_seconds)
+        assert plain_tokens == tokens
+    valid = sum(_parses(o.outputs[0].text) for o in outs)
+    result = {
+        "device": args.device, "dtype": args.dtype, "model": args.model or "default (SmolLM2-135M-Instruct)",
+        "num_requests": args.num_requests, "generated_tokens": tokens, "valid_json": valid,
+        "finish_reasons": dict(collections.Counter(o.outputs[0].finish_reason for o in outs)),
+        "an_invalid_output": next(([o.outputs[0].text[-120:], o.error] for o in outs
+                                   if not _parses(o.outputs[0].text)), None),
+        "structured_tok_s": round(tokens / best_structured, 1), "plain_tok_s": round(tokens / best_plain, 1),
+        "overhead_pct": round(100 * (best_structured / best_plain - 1), 1),
+    }
+    print("RESULT " + json.dumps(result), flush=True)
     if args.profile:
         import cProfile
         import pstats
         profiler = cProfile.Profile()
         profiler.runcall(run, structured)
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+
+
+def _json_error(text: str) -> str:
+    try:
+        json.loads(text)
+        return ""
+    except ValueError as exc:
+        return f"{exc} near {text[max(0, exc.pos - 40):exc.pos + 40]!r}" if hasattr(exc, "pos") else str(exc)
 
 
 def _parses(text: str) -> bool:

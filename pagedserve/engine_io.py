@@ -71,6 +71,9 @@ class SchedulerOutput:
     # copy-on-write and the forward; each list's destinations are distinct.
     blocks_to_swap_out: list[tuple[BlockId, BlockId]] = field(default_factory=list)
     blocks_to_swap_in: list[tuple[BlockId, BlockId]] = field(default_factory=list)
+    # the last `num_swap_out_behind` swap-outs copy free device blocks (write-behind): they
+    # run after the swap-ins; this step's forward need not wait for them, the next one does
+    num_swap_out_behind: int = 0
 
     @property
     def is_empty(self) -> bool:

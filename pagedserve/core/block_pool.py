@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Callable, NewType
 
 from pagedserve.engine_io import BlockId
@@ -65,6 +66,10 @@ class BlockPool:
     def free_block_ids(self) -> list[BlockId]:
         """Free blocks in eviction order (for tests and reports)."""
         return list(self._free)
+
+    def peek_free(self, count: int) -> list[KVCacheBlock]:
+        """The first `count` free blocks in eviction order (next to be handed out)."""
+        return [self.blocks[block_id] for block_id in islice(self._free, count)]
 
     def allocate(self, count: int) -> list[KVCacheBlock]:
         """Pop `count` blocks from the head of the free queue, evicting their cached hashes.

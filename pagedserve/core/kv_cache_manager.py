@@ -12,9 +12,13 @@ and scheduled. The last prompt token is never served from cache: its logits are 
 
 The host tier (num_host_blocks > 0): a second BlockPool of the same block layout in host
 memory, holding
-- the blocks of requests preempted by swap (`swap_out`; they come back to fresh device
-  blocks in allocate_slots when the request resumes, but for its leading full blocks still
-  cached on the device, which it shares again; all count as computed tokens), and
+- the blocks of requests preempted by swap (`swap_out`; they count as computed tokens). A
+  block that is not a device prefix-cache entry (the partial last block; every block with
+  prefix caching off) is copied at once. A full, hashed block stays where it is, a free
+  (evictable) device prefix entry, and only a host block is reserved for it (`_pending`):
+  it is copied there if and when the device evicts it. Resuming, the request shares each
+  of its blocks still cached on the device and loads the others into fresh device blocks,
+  so swap copies only what recompute would have had to recompute; and
 - prefix-cache entries: a hashed device block evicted to make room is copied to the host
   (`_offload`); a lookup that misses on the device goes on in the host pool, and those hits
   are loaded into fresh device blocks. Both pools are LRU; host entries are free blocks
@@ -27,9 +31,17 @@ overlaps them, so a request whose blocks are loaded in a step (`is_loading`) run
 next step on, and its blocks become prefix-cache entries only then. So that a host block
 read by this step's swap-ins is not overwritten by its swap-outs, host blocks read in a step
 stay referenced until take_swaps.
+
+Write-behind: so that evictions rarely wait for a copy, take_swaps also copies the hashed
+free device blocks next in line for eviction (as many as the most any of the last 16 steps
+handed out) that the host lacks, as if they were evicted now (`_offload`) but staying cached on the device. They end
+the swap-out list (`num_behind`): the worker runs them after the swap-ins, overlapping this
+step's forward (which cannot write them: they are free), and the next step's forward waits
+for them. Their eviction then finds them on the host and copies nothing.
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 from pagedserve.core.block_pool import BlockHash, BlockPool, KVCacheBlock, hash_block_tokens
@@ -44,6 +56,13 @@ class PrefixCacheStats:
     host_hits: int = 0           # prompt tokens loaded from the host tier (every load, resumes included)
     blocks_swapped_out: int = 0  # device -> host copies (preemption by swap and evicted prefix blocks)
     blocks_swapped_in: int = 0   # host -> device copies (resumed requests and host prefix hits)
+    blocks_offloaded: int = 0    # of blocks_swapped_out: evicted prefix blocks nobody reserved
+    # preempted requests (either mode): their computed tokens when preempted, and of those,
+    # the tokens they got back on resuming from the device prefix cache / from the host tier
+    # (the rest were recomputed)
+    preempted_tokens: int = 0
+    resumed_device_tokens: int = 0
+    resumed_host_tokens: int = 0
 
 
 class KVCacheManager:
@@ -60,10 +79,18 @@ class KVCacheManager:
         # host tier (see the module docstring)
         self.host = BlockPool(num_host_blocks, enable_prefix_caching, on_host=True) if num_host_blocks else None
         self.req_to_host_blocks: dict[RequestId, list[KVCacheBlock]] = {}   # swapped-out requests
-        self._swap_out: dict[BlockId, BlockId] = {}   # host block -> device block (one writer per host block)
+        # host block -> (device block, write-behind?): one writer per host block
+        self._swap_out: dict[BlockId, tuple[BlockId, bool]] = {}
+        self._num_allocated = 0   # device blocks handed out since the last take_swaps
+        self._recent_allocated: deque[int] = deque(maxlen=16)   # ... in each of the last 16 steps
         self._swap_in: list[tuple[BlockId, BlockId]] = []   # (host block, device block)
         self._host_reads: list[KVCacheBlock] = []   # held until take_swaps
         self._loading: set[RequestId] = set()       # requests with swap-ins this step
+        # host blocks reserved by swap_out for hashed blocks left in the device prefix cache,
+        # written when the device evicts them. Invariant: a pending hash is in pool.cached.
+        self._pending: dict[BlockHash, KVCacheBlock] = {}
+        self._reserved: dict[BlockId, tuple[BlockHash, tuple[int, ...]]] = {}   # host block -> its key
+        self._preempted: dict[RequestId, int] = {}   # computed tokens when preempted (stats)
         if self.host is not None and enable_prefix_caching:
             self.pool.on_evict = self._offload
 
@@ -151,7 +178,9 @@ class KVCacheManager:
         new_computed_blocks = new_computed_blocks or []
         num_computed = request.num_scheduled_tokens_ahead + len(new_computed_blocks) * self.block_size
         num_total = num_computed + num_new_tokens
-        device_hits, loads, swapped = self._split_hits(request, blocks, new_computed_blocks)
+        table, swapped = self._resume_table(request, blocks, new_computed_blocks)
+        device_hits = [b for b in table if not b.on_host]
+        loads = [b for b in table if b.on_host]
         # each block to load counts among the new blocks: it needs a device block to land in
         num_new_blocks = self.blocks_needed(num_total) - len(blocks) - len(device_hits)
         needs_copy = bool(blocks) and blocks[-1].ref_cnt > 1 and num_computed % self.block_size != 0 \
@@ -159,15 +188,14 @@ class KVCacheManager:
         num_revived = sum(1 for b in device_hits if b.ref_cnt == 0)
         if max(num_new_blocks, 0) + int(needs_copy) + num_revived > self.pool.num_free_blocks:
             return False
+        self._num_allocated += max(num_new_blocks, 0) + int(needs_copy)
         if needs_copy:
             src = blocks[-1]
             (dst,) = self.pool.allocate(1)
             self.pool.free([src])
             blocks[-1] = dst
             self.pending_copies.append((src.block_id, dst.block_id))
-        if device_hits:
-            self.pool.touch(device_hits)
-            blocks.extend(device_hits)
+        self.pool.touch(device_hits)
         # host blocks stay held (no eviction may take them) until the step's lists are taken
         if swapped is not None:
             del self.req_to_host_blocks[request.request_id]
@@ -175,38 +203,48 @@ class KVCacheManager:
         elif loads:
             self.host.touch(loads)
             self._host_reads += loads
-        if num_new_blocks > 0:
-            new_blocks = self.pool.allocate(num_new_blocks)
-            if loads:   # the first new blocks are theirs
-                self._swap_in += [(src.block_id, dst.block_id) for src, dst in zip(loads, new_blocks)]
-                self.stats.blocks_swapped_in += len(loads)
-                if swapped is None:
-                    self.stats.host_hits += len(loads) * self.block_size
-                self._loading.add(request.request_id)
-            blocks.extend(new_blocks)
+        new_blocks = self.pool.allocate(num_new_blocks) if num_new_blocks > 0 else []
+        fresh = iter(new_blocks)
+        for block in table:   # a host block lands in the next new block, in table order
+            if block.on_host:
+                dst = next(fresh)
+                self._swap_in.append((block.block_id, dst.block_id))
+                block = dst
+            blocks.append(block)
+        blocks.extend(fresh)
+        if loads:
+            self.stats.blocks_swapped_in += len(loads)
+            if swapped is None:
+                self.stats.host_hits += len(loads) * self.block_size
+            self._loading.add(request.request_id)
+        preempted = self._preempted.pop(request.request_id, None)
+        if preempted is not None:   # resuming after a preemption
+            device = min(preempted, len(device_hits) * self.block_size)
+            self.stats.resumed_device_tokens += device
+            self.stats.resumed_host_tokens += min(preempted, num_computed) - device
         if not loads:   # loading blocks are hashed next step, once their copies are awaited
             self._cache_full_blocks(request, blocks, num_total)
         return True
 
-    def _split_hits(self, request: Request, blocks: list[KVCacheBlock], new_computed_blocks: list[KVCacheBlock]
-                    ) -> tuple[list[KVCacheBlock], list[KVCacheBlock], list[KVCacheBlock] | None]:
-        """(device blocks to share, host blocks to load, a swapped-out request's host blocks or
-        None). Prefix hits split by tier (host hits are a suffix); a swapped-out request
-        resuming shares its leading blocks that are still cached on the device and loads the
-        rest."""
+    def _resume_table(self, request: Request, blocks: list[KVCacheBlock], new_computed_blocks: list[KVCacheBlock]
+                      ) -> tuple[list[KVCacheBlock], list[KVCacheBlock] | None]:
+        """(the computed blocks to add, in table order: device blocks to share and host blocks
+        to load; a swapped-out request's host blocks or None). For prefix hits that is
+        `new_computed_blocks` (host hits are a suffix). A swapped-out request resuming shares
+        each of its blocks still cached on the device (a pending reservation's block always
+        is) and loads the others."""
         swapped = None if blocks else self.req_to_host_blocks.get(request.request_id)
         if swapped is None:
-            loads = [b for b in new_computed_blocks if b.on_host]
-            return new_computed_blocks[:len(new_computed_blocks) - len(loads)], loads, None
-        shared = []
+            return new_computed_blocks, None
+        table = []
         for host_block in swapped:
-            device = None
-            if host_block.block_hash is not None:
-                device = self.pool.lookup(host_block.block_hash, host_block.token_ids)
-            if device is None:
-                break
-            shared.append(device)
-        return shared, swapped[len(shared):], swapped
+            key = self._reserved.get(host_block.block_id)
+            if key is None and host_block.block_hash is not None:
+                key = (host_block.block_hash, host_block.token_ids)
+            device = self.pool.lookup(*key) if key is not None else None
+            assert device is not None or host_block.block_id not in self._reserved, "pending block lost"
+            table.append(device if device is not None else host_block)
+        return table, swapped
 
     def is_loading(self, request: Request) -> bool:
         """Blocks of the request are copied in from the host tier in this step: it may not run
@@ -241,35 +279,59 @@ class KVCacheManager:
         self.pool.free(list(reversed(blocks)))
         self.num_cached_blocks.pop(request.request_id, None)
 
+    def preempt(self, request: Request, swap: bool) -> bool:
+        """Free a preempted request's device blocks; with `swap`, keep its KV in the host tier
+        if it has room (swap_out). True if swapped: the request keeps num_computed_tokens."""
+        self._preempted[request.request_id] = request.num_computed_tokens
+        self.stats.preempted_tokens += request.num_computed_tokens
+        if swap and self.swap_out(request):
+            return True
+        self.free(request)
+        return False
+
     def swap_out(self, request: Request) -> bool:
-        """Preemption by swap: the blocks holding the request's computed tokens go to the host
-        tier (a full block the host already caches is shared, not copied), then its device
-        blocks are freed; it keeps num_computed_tokens. False, changing nothing, when the host
-        tier cannot hold them (the caller recomputes instead). The request must have no work
-        in flight (its blocks' KV is final)."""
+        """Preemption by swap: a host block for each block holding the request's computed
+        tokens, then its device blocks are freed; it keeps num_computed_tokens. A full block
+        the host caches (or has reserved) is shared; a hashed block, which stays in the
+        device prefix cache, gets a pending reservation (written if the device evicts it);
+        any other block is copied now. False, changing nothing, when the host tier cannot
+        hold them (the caller recomputes instead). The request must have no work in flight
+        (its blocks' KV is final)."""
         host = self.host
         num = self.blocks_needed(request.num_computed_tokens)
         if host is None or num == 0 or num > host.num_free_blocks:
             return False
         host_blocks = []
         for block in self.req_to_blocks.get(request.request_id, [])[:num]:
-            cached = host.lookup(block.block_hash, block.token_ids) if block.block_hash is not None else None
-            if cached is not None:
-                host.touch([cached])
-                host_blocks.append(cached)
-                continue
-            (dst,) = host.allocate(1)
+            key = (block.block_hash, block.token_ids)
             if block.block_hash is not None:
-                host.cache_block(dst, block.block_hash, block.token_ids)
-            self._queue_swap_out(block, dst)
+                held = host.lookup(*key)
+                if held is None and (pending := self._pending.get(block.block_hash)) is not None \
+                        and self._reserved[pending.block_id] == key:
+                    held = pending
+                if held is not None:
+                    host.touch([held])
+                    host_blocks.append(held)
+                    continue
+            (dst,) = host.allocate(1)
             host_blocks.append(dst)
+            if block.block_hash is not None and self.pool.lookup(*key) is not None:
+                self._pending[block.block_hash] = dst
+                self._reserved[dst.block_id] = key
+                continue
+            if block.block_hash is not None:
+                host.cache_block(dst, *key)
+            self._queue_swap_out(block, dst)
         self.free(request)
         self.req_to_host_blocks[request.request_id] = host_blocks
         return True
 
-    def _offload(self, block: KVCacheBlock) -> None:
-        """The device pool hands out a free hashed block: keep its KV in the host tier as a
-        free (evictable) entry, unless the host has it already or has no free block."""
+    def _offload(self, block: KVCacheBlock, behind: bool = False) -> None:
+        """The device pool hands out a free hashed block (or, `behind`, will soon): write it to
+        the host block reserved for it, if any; else keep its KV in the host tier as a free
+        (evictable) entry, unless the host has it already or has no free block."""
+        if self._write_pending(block, behind):
+            return
         host = self.host
         cached = host.lookup(block.block_hash, block.token_ids)
         if cached is not None:
@@ -280,26 +342,56 @@ class KVCacheManager:
         (dst,) = host.allocate(1)
         host.cache_block(dst, block.block_hash, block.token_ids)
         host.free([dst])
-        self._queue_swap_out(block, dst)
+        self._queue_swap_out(block, dst, behind)
+        self.stats.blocks_offloaded += 1
 
-    def _queue_swap_out(self, src: KVCacheBlock, dst: KVCacheBlock) -> None:
+    def _write_pending(self, block: KVCacheBlock, behind: bool = False) -> bool:
+        """A hashed device block is about to lose its hash: if swapped-out requests reserved a
+        host block for it, copy it there (which makes that a host prefix entry). True if so."""
+        dst = self._pending.get(block.block_hash)
+        if dst is None or self._reserved[dst.block_id] != (block.block_hash, block.token_ids):
+            return False
+        del self._pending[block.block_hash], self._reserved[dst.block_id]
+        self.host.cache_block(dst, block.block_hash, block.token_ids)
+        self._queue_swap_out(block, dst, behind)
+        return True
+
+    def _release_host(self, blocks: list[KVCacheBlock]) -> None:
+        """Drop one reference on each host block; a reservation nobody holds any more ends."""
+        for block in blocks:
+            if block.ref_cnt == 1 and (key := self._reserved.pop(block.block_id, None)) is not None:
+                del self._pending[key[0]]
+            self.host.free([block])
+
+    def _queue_swap_out(self, src: KVCacheBlock, dst: KVCacheBlock, behind: bool = False) -> None:
         # a host block reallocated within the step keeps only its last writer
         self._swap_out.pop(dst.block_id, None)
-        self._swap_out[dst.block_id] = src.block_id
+        self._swap_out[dst.block_id] = (src.block_id, behind)
         self.stats.blocks_swapped_out += 1
 
-    def take_swaps(self) -> tuple[list[tuple[BlockId, BlockId]], list[tuple[BlockId, BlockId]]]:
-        """This step's copies: (device, host) swap-outs and (host, device) swap-ins. Releases
-        the host blocks the swap-ins read (they stay cached in the host tier)."""
+    def take_swaps(self) -> tuple[list[tuple[BlockId, BlockId]], list[tuple[BlockId, BlockId]], int]:
+        """This step's copies: (device, host) swap-outs, (host, device) swap-ins, and how many
+        swap-outs (the last ones) are write-behind copies of free device blocks (module
+        docstring). Releases the host blocks the swap-ins read (they stay cached in the host
+        tier)."""
+        self._recent_allocated.append(self._num_allocated)
+        self._num_allocated = 0
+        window = max(self._recent_allocated)   # a step's needs vary: prefills come in bursts
+        if window and self.pool.on_evict is not None:
+            for block in self.pool.peek_free(window):
+                if block.block_hash is not None:
+                    self._offload(block, behind=True)
         if not (self._swap_out or self._swap_in):
-            return [], []
-        swap_out = [(device, host) for host, device in self._swap_out.items()]
+            return [], [], 0
+        swap_out = [(device, host) for host, (device, behind) in self._swap_out.items() if not behind]
+        num_behind = len(self._swap_out) - len(swap_out)
+        swap_out += [(device, host) for host, (device, behind) in self._swap_out.items() if behind]
         swap_in, self._swap_in, self._swap_out = self._swap_in, [], {}
         self._loading.clear()
         if self._host_reads:
-            self.host.free(list(reversed(self._host_reads)))
+            self._release_host(list(reversed(self._host_reads)))
             self._host_reads = []
-        return swap_out, swap_in
+        return swap_out, swap_in, num_behind
 
     def drop_swapped(self, host_block_ids: set[BlockId]) -> list[RequestId]:
         """A step failed: host blocks it was to write hold no valid KV. They leave the host
@@ -312,22 +404,27 @@ class KVCacheManager:
         lost = [rid for rid, blocks in self.req_to_host_blocks.items()
                 if any(b.block_id in host_block_ids for b in blocks)]
         for rid in lost:
-            self.host.free(list(reversed(self.req_to_host_blocks.pop(rid))))
+            self._release_host(list(reversed(self.req_to_host_blocks.pop(rid))))
         return lost
 
     def uncache(self, request: Request) -> None:
         """A step with this request failed: its blocks' KV may be unwritten, so none of them
-        may serve a prefix-cache hit any more (their contents stay, for current holders)."""
+        may serve a prefix-cache hit any more (their contents stay, for current holders). A
+        block a swapped-out request reserved a host block for is written there first: that
+        reservation was made for valid KV (a pending hash's cached block is final)."""
         for block in self.req_to_blocks.get(request.request_id, []):
+            if block.block_hash is not None and self.pool.cached.get(block.block_hash) is block:
+                self._write_pending(block)
             self.pool.uncache(block)
 
     def forget(self, request: Request) -> None:
         """The request is finished for good: drop its memoised hashes and any host blocks too."""
         self.free(request)
         self.req_to_hashes.pop(request.request_id, None)
+        self._preempted.pop(request.request_id, None)
         host_blocks = self.req_to_host_blocks.pop(request.request_id, None)
         if host_blocks:
-            self.host.free(list(reversed(host_blocks)))
+            self._release_host(list(reversed(host_blocks)))
 
     def take_pending_copies(self) -> list[tuple[BlockId, BlockId]]:
         copies, self.pending_copies = self.pending_copies, []

@@ -289,7 +289,7 @@ class Scheduler:
         if self.pending_forks:
             self._fork_completed_prompts(scheduled, out)
         out.blocks_to_copy = self.kv.take_pending_copies()
-        out.blocks_to_swap_out, out.blocks_to_swap_in = self.kv.take_swaps()
+        out.blocks_to_swap_out, out.blocks_to_swap_in, out.num_swap_out_behind = self.kv.take_swaps()
         if self._constrained_samples:
             self._name_constrained_rows(out)
         return out
@@ -342,10 +342,9 @@ class Scheduler:
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         assert not request.num_unresolved_tokens, "a request with work in flight is never preempted"
-        if self.swap and self.kv.swap_out(request):   # swapped: it keeps its computed tokens
+        if self.kv.preempt(request, swap=self.swap):   # swapped: it keeps its computed tokens
             self.stats.num_swap_preemptions += 1
         else:
-            self.kv.free(request)
             request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1

@@ -12,6 +12,7 @@ The compiled grammar is opaque to everything above the core: it rides on the cor
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 import threading
@@ -54,7 +55,7 @@ class GrammarCompiler:
         kind = params.kind
         try:
             if kind == "json":
-                return compiler.compile_json_schema(json.dumps(params.json), any_whitespace=False)
+                return compiler.compile_grammar(json_schema_ebnf(json.dumps(params.json)))
             if kind == "json_object":
                 return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
             if kind == "regex":
@@ -67,6 +68,22 @@ class GrammarCompiler:
             what = {"json": "JSON schema", "json_object": "JSON object grammar", "regex": "regex",
                     "grammar": "grammar", "choice": "choice"}[kind]
             raise ValidationError(f"structured_outputs.{kind}: invalid {what}: {text}", kind) from None
+
+
+# xgrammar (0.2.9; its issue #286) lets a string with minLength/maxLength take any character but
+# quote, backslash, CR and LF, so raw control characters (U+0000-U+001F), which JSON forbids
+# unescaped, pass; its unbounded strings exclude them. The bounded rule, with them excluded:
+_BOUNDED_STRING_CHARS = '[^\\"\\\\\\r\\n]'
+_BOUNDED_STRING_CHARS_FIXED = '[^\\0-\\x1f\\"\\\\\\r\\n]'
+
+
+@functools.lru_cache(maxsize=1024)
+def json_schema_ebnf(schema: str) -> str:
+    """xgrammar's EBNF for a JSON schema (compact separators), every string rule excluding
+    raw control characters; raises what xgrammar raises for an invalid schema."""
+    import xgrammar
+    text = str(xgrammar.Grammar.from_json_schema(schema, any_whitespace=False))
+    return text.replace(_BOUNDED_STRING_CHARS, _BOUNDED_STRING_CHARS_FIXED)
 
 
 def choice_grammar(choices: list[str]) -> str:

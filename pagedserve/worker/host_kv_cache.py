@@ -8,21 +8,33 @@ allocator rounds up to a power of two) and mapped into the device's address spac
 Triton kernel per direction (attention/triton_copy_blocks.py) copies every block of the step
 over all layers: no per-block or per-layer launch, no staging buffer, no host sync.
 
+Pinning 70 GiB takes about half a minute, so it runs in a background thread, in chunks
+(several registrations of one contiguous range; the mapping is per page): start-up is not
+blocked, and until the whole pool is pinned, copies go through the staged path below. It
+starts with the first step, after start-up's CUDA graph capture (a capture in global mode
+forbids other threads' cudaHostRegister). The engine thread adopts the mapped view at the
+first swap after pinning ends, once a round trip through the kernel (the pool's first, last
+and chunk-edge blocks to a scratch device tensor and back) checks it.
+
 Ordering (the SchedulerOutput's lists, see engine_io): on CUDA the copies run on their own
 stream, which first waits for the work already queued on the compute stream (the previous
 forward wrote the blocks a swap-out reads, and may still write blocks the scheduler has since
 freed). Swap-outs run first; the step's forward waits for them (the scheduler hands their
 source blocks out again in the same step). Swap-ins run next, overlapping the step's forward:
 the scheduler runs no request of the step on blocks it loads (KVCacheManager.is_loading), and
-the next step's forward waits for them (`await_loads`).
+the next step's forward waits for them (`await_loads`). Write-behind swap-outs (the list's
+last `num_swap_out_behind`: free device blocks next in line for eviction) run last, also
+overlapping the forward (it cannot write them), and the next forward waits for them too.
 
-If the pool cannot be registered, or the mapped view cannot be made or fails its start-up
-check, copies go through device staging tensors and synchronous transfers instead (slower,
-same results), with a warning.
+If the pool cannot be registered, or the mapped view cannot be made or fails its check,
+copies go through device staging tensors and synchronous transfers instead (slower, same
+results), with a warning.
 """
 from __future__ import annotations
 
 import logging
+import threading
+import time
 import weakref
 
 import torch
@@ -33,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 _CUDA_HOST_REGISTER_PORTABLE_MAPPED = 0x01 | 0x02
 _STAGED_CHUNK_BYTES = 256 * 2**20   # bound on the fallback's device staging tensor
+_PIN_CHUNK_BYTES = 256 * 2**20      # one cudaHostRegister call (~0.1 s) of the background pinning
 
 
 def _words(cache: torch.Tensor) -> torch.Tensor:
@@ -55,13 +68,11 @@ class _CudaArray:
                                          "data": (host.data_ptr(), False), "version": 3, "strides": None}
 
 
-def _register(host: torch.Tensor) -> None:
-    error = torch.cuda.cudart().cudaHostRegister(host.data_ptr(), host.numel() * host.element_size(),
-                                                 _CUDA_HOST_REGISTER_PORTABLE_MAPPED)
+def _register(pointer: int, nbytes: int) -> None:
+    error = torch.cuda.cudart().cudaHostRegister(pointer, nbytes, _CUDA_HOST_REGISTER_PORTABLE_MAPPED)
     code = int(getattr(error, "value", error))
     if code != 0:
-        raise RuntimeError(f"cudaHostRegister of {host.numel() * host.element_size() / 2**30:.1f} GiB failed "
-                           f"(CUDA error {code})")
+        raise RuntimeError(f"cudaHostRegister of {nbytes / 2**30:.1f} GiB failed (CUDA error {code})")
 
 
 def _unregister(pointer: int) -> None:
@@ -69,6 +80,63 @@ def _unregister(pointer: int) -> None:
         torch.cuda.cudart().cudaHostUnregister(pointer)
     except Exception:   # interpreter shutdown
         pass
+
+
+def pin_chunks(pointer: int, nbytes: int, chunk: int | None = None) -> list[tuple[int, int]]:
+    """[start, end) address ranges covering the pool, cut at multiples of `chunk` (default
+    _PIN_CHUNK_BYTES), so two ranges never share a page."""
+    chunk = chunk or _PIN_CHUNK_BYTES
+    edges = list(range((pointer // chunk + 1) * chunk, pointer + nbytes, chunk))
+    bounds = [pointer, *edges, pointer + nbytes]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def check_blocks(pointer: int, nbytes: int, planes: int, num_blocks: int, most: int = 32) -> list[int]:
+    """The pool's blocks that the mapped view's check copies: the first, the last, and (up to
+    `most` of) those with a plane that crosses a registered chunk's edge. The pool is
+    [planes, num_blocks, block] at `pointer`, `nbytes` long."""
+    plane_bytes = nbytes // planes
+    edges = [(start - pointer) % plane_bytes * num_blocks // plane_bytes for start, _ in pin_chunks(pointer, nbytes)[1:]]
+    return sorted({0, num_blocks - 1, *edges[::max(1, -(-len(edges) // most))]})
+
+
+class _Pinning:
+    """Registers [pointer, pointer + nbytes) chunk by chunk in a daemon thread; `done` is set
+    when it ends, `ok` tells whether every chunk was registered. close() stops it (between
+    chunks) and unregisters what it registered; it holds no reference to the HostKVCache."""
+
+    def __init__(self, pointer: int, nbytes: int, device: torch.device) -> None:
+        self.pointer, self.nbytes, self.device = pointer, nbytes, device
+        self.chunks: list[int] = []
+        self.ok = False
+        self.error: Exception | None = None
+        self.seconds = 0.0
+        self.stop, self.done = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self._run, name="host-kv-pinning", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        began = time.monotonic()
+        try:
+            torch.cuda.set_device(self.device)
+            for start, end in pin_chunks(self.pointer, self.nbytes):
+                if self.stop.is_set():
+                    return
+                _register(start, end - start)
+                self.chunks.append(start)
+            self.ok = True
+        except Exception as exc:   # pageable memory still works, through staged copies
+            self.error = exc
+        finally:
+            self.seconds = time.monotonic() - began
+            self.done.set()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        for pointer in self.chunks:
+            _unregister(pointer)
+        self.chunks = []
 
 
 class HostKVCache:
@@ -89,15 +157,11 @@ class HostKVCache:
         self.stream: torch.cuda.Stream | None = None
         self._mapped: torch.Tensor | None = None   # CUDA view of `host` (words)
         self._loads: torch.cuda.Event | None = None   # after the last swap-ins, not yet awaited
+        self._raw = raw
+        self._pinning: _Pinning | None = None   # until the mapped view is adopted (or refused)
+        self._pin_started = False
         if self.device.type == "cuda":
             self.stream = torch.cuda.Stream(self.device)
-            try:
-                _register(raw)
-            except Exception as exc:   # pageable memory still works, through staged copies
-                logger.warning("host KV tier: %s; swaps use staged copies from pageable memory", exc)
-            else:
-                weakref.finalize(self, _unregister, raw.data_ptr())
-                self._mapped = self._map(raw)
         self._device_words = _words(device_cache)
         self._host_words = _words(self.host)
 
@@ -105,26 +169,72 @@ class HostKVCache:
     def mapped(self) -> bool:
         return self._mapped is not None
 
+    @property
+    def copy_mode(self) -> str:
+        """How copies run now: "cpu" (two tensors), "mapped", "staged", or staged until the
+        background pinning ends."""
+        if self.stream is None:
+            return "cpu"
+        if not self._pin_started or (self._pinning is not None and not self._pinning.done.is_set()):
+            return "staged until pinned (in the background, from the first step on)"
+        return "mapped" if self._mapped is not None else "staged"
+
+    def _start_pinning(self) -> None:
+        self._pin_started = True
+        self._pinning = _Pinning(self._raw.data_ptr(), self._raw.numel(), self.device)
+        weakref.finalize(self, self._pinning.close)
+
+    def wait_pinned(self) -> bool:
+        """Block until the background pinning ends (starting it if no step did) and adopt the
+        mapped view; True if mapped (benchmarks and checks; the engine never waits)."""
+        if self.stream is not None and not self._pin_started:
+            self._start_pinning()
+        if self._pinning is not None:
+            self._pinning.done.wait()
+            self._adopt()
+        return self.mapped
+
+    def _adopt(self) -> None:
+        """The pinning ended: check and adopt the mapped view (engine thread, between steps)."""
+        pinning, self._pinning = self._pinning, None
+        if not pinning.ok:
+            logger.warning("host KV tier: %s; swaps use staged copies from pageable memory", pinning.error)
+            return
+        self._mapped = self._map(self._raw)
+        if self._mapped is not None:
+            logger.info("host KV tier: %.1f GiB pinned in the background in %.1f s; copies mapped",
+                        pinning.nbytes / 2**30, pinning.seconds)
+
     def _map(self, raw: torch.Tensor) -> torch.Tensor | None:
-        """The mapped view as words, after a round trip through the kernel; None (with a
-        warning) if that fails."""
+        """The mapped view as words, after a round trip through the kernel (the first, last and
+        chunk-edge host blocks <-> a scratch device tensor; their contents are kept); None
+        (with a warning) if that fails."""
         try:
             from pagedserve.attention.triton_copy_blocks import copy_blocks
             view = torch.as_tensor(_CudaArray(raw), device=self.device)
             mapped = _words(view.view(self.device_cache.dtype).view(self.host.shape))
-            device_words = _words(self.device_cache)
-            pattern = torch.arange(mapped.shape[0] * mapped.shape[2], dtype=torch.int64)
-            pattern = pattern.to(mapped.dtype).view(mapped.shape[0], mapped.shape[2])
-            saved = device_words[:, 0].clone()
-            ids = torch.zeros(1, dtype=torch.int64, device=self.device)
-            _words(self.host)[:, 0] = pattern
-            copy_blocks(mapped, device_words, ids, ids)                           # host -> device
-            ok = torch.equal(device_words[:, 0].cpu(), pattern)
-            device_words[:, 0] = 0
-            copy_blocks(device_words, mapped, ids, ids)                           # device -> host
-            torch.cuda.synchronize(self.device)
-            ok = ok and not _words(self.host)[:, 0].any()
-            device_words[:, 0] = saved
+            host_words = _words(self.host)
+            planes, words = mapped.shape[0], mapped.shape[2]
+            ends = check_blocks(raw.data_ptr(), raw.numel(), planes, self.num_blocks)
+            saved = host_words[:, ends].clone()   # they may hold swapped-out blocks
+            n = len(ends)
+            pattern = torch.arange(planes * n * words, dtype=torch.int64).to(mapped.dtype).view(planes, n, words)
+            try:
+                host_words[:, ends] = pattern
+                scratch = torch.zeros(planes, n, words, dtype=mapped.dtype, device=self.device)
+                src = torch.tensor(ends, dtype=torch.int64, device=self.device)
+                dst = torch.arange(n, dtype=torch.int64, device=self.device)
+                self.stream.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(self.stream):
+                    copy_blocks(mapped, scratch, src, dst)                            # host -> device
+                    self.stream.synchronize()
+                    ok = torch.equal(scratch.cpu(), pattern)
+                    scratch.zero_()
+                    copy_blocks(scratch, mapped, dst, src)                            # device -> host
+                    self.stream.synchronize()
+                ok = ok and not host_words[:, ends].any()
+            finally:
+                host_words[:, ends] = saved
             if not ok:
                 raise RuntimeError("a block copied through the mapped view came back different")
             return mapped
@@ -133,19 +243,31 @@ class HostKVCache:
             return None
 
     def await_loads(self) -> None:
-        """Before a forward: the compute stream waits for the last step's swap-ins."""
+        """Before a forward: the compute stream waits for the last step's swap-ins and
+        write-behind swap-outs. The first call starts the background pinning."""
+        if not self._pin_started:
+            self._start_pinning()
         if self._loads is not None:
             torch.cuda.current_stream(self.device).wait_event(self._loads)
             self._loads = None
 
-    def swap(self, swap_out: list[tuple[BlockId, BlockId]], swap_in: list[tuple[BlockId, BlockId]]) -> None:
-        """Copy device -> host for each (device, host) pair of `swap_out`, then host -> device
-        for each (host, device) pair of `swap_in`, ordered with the compute stream (module
-        docstring). Mutates the host pool and the device cache."""
+    def swap(self, swap_out: list[tuple[BlockId, BlockId]], swap_in: list[tuple[BlockId, BlockId]],
+             num_behind: int = 0) -> None:
+        """Copy device -> host for each (device, host) pair of `swap_out` but its last
+        `num_behind` (write-behind), then host -> device for each (host, device) pair of
+        `swap_in`, then the write-behind pairs, ordered with the compute stream (module
+        docstring): the step's forward waits for the first group only, the next step's for
+        all. Mutates the host pool and the device cache."""
+        swap_out, behind = swap_out[:len(swap_out) - num_behind], swap_out[len(swap_out) - num_behind:]
         if self.stream is None:
             self._copy(self._device_words, self._host_words, swap_out)
             self._copy(self._host_words, self._device_words, swap_in)
+            self._copy(self._device_words, self._host_words, behind)
             return
+        if not self._pin_started:
+            self._start_pinning()
+        elif self._pinning is not None and self._pinning.done.is_set():
+            self._adopt()
         compute = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(compute)
         mapped = self._mapped is not None
@@ -157,6 +279,9 @@ class HostKVCache:
                 compute.wait_stream(self.stream)   # the forward may overwrite their sources
             if swap_in:
                 copy(host, self._device_words, swap_in)
+            if behind:
+                copy(self._device_words, host, behind)
+            if swap_in or behind:   # the next step's forward waits for these
                 self._loads = torch.cuda.Event()
                 self._loads.record(self.stream)
 

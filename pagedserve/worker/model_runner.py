@@ -174,9 +174,9 @@ class ModelRunner:
         self.num_host_blocks = num_blocks
         self.host_cache = HostKVCache(self.kv_cache, num_blocks) if num_blocks else None
         if self.host_cache is not None and self.device.type == "cuda":
-            logger.info("host KV tier: %d blocks, %.1f GiB pinned, %s copies", num_blocks,
+            logger.info("host KV tier: %d blocks, %.1f GiB, copies %s", num_blocks,
                         self.host_cache.host.numel() * self.host_cache.host.element_size() / 2**30,
-                        "mapped" if self.host_cache.mapped else "staged")
+                        self.host_cache.copy_mode)
 
     def finish_setup(self) -> None:
         """After the KV cache exists: capture decode CUDA graphs on GPU (unless enforce_eager)."""
@@ -239,7 +239,7 @@ class ModelRunner:
         if self.host_cache is not None and self.host_cache.stream is not None:
             self.host_cache.await_loads()   # the last step's swap-ins land before this forward
         if so.blocks_to_swap_out or so.blocks_to_swap_in:
-            self.host_cache.swap(so.blocks_to_swap_out, so.blocks_to_swap_in)
+            self.host_cache.swap(so.blocks_to_swap_out, so.blocks_to_swap_in, so.num_swap_out_behind)
         if so.blocks_to_copy:
             self._copy_blocks(so.blocks_to_copy)
         scheduled = [state for state in map(self.states.get, so.num_scheduled_tokens)

@@ -10,7 +10,7 @@ from pagedserve.core.request import Request, RequestId, RequestStatus
 from pagedserve.core.scheduler import Scheduler
 from pagedserve.engine_io import ModelRunnerOutput, SchedulerOutput
 from pagedserve.sampling_params import SamplingParams
-from pagedserve.worker.host_kv_cache import HostKVCache
+from pagedserve.worker.host_kv_cache import HostKVCache, check_blocks, pin_chunks
 
 B = 4
 
@@ -30,35 +30,146 @@ def test_swap_out_then_in_exact_blocks_and_copies():
     a.num_computed_tokens = 10
     assert m.swap_out(a)
     assert [b.block_id for b in m.req_to_host_blocks["a"]] == [0, 1, 2]
-    assert m.take_swaps() == ([(0, 0), (1, 1), (2, 2)], [])
+    # the full blocks stay in the device prefix cache: host blocks 0, 1 are only reserved for
+    # them; the partial block is copied now
+    assert m.take_swaps() == ([(2, 2)], [], 0)
+    assert {h: b.block_id for h, b in m._pending.items()} == dict(zip(m.req_to_hashes["a"], [0, 1]))
     assert m.pool.num_free_blocks == 8 and m.host.num_free_blocks == 1
     a.output_token_ids.append(5)                        # resumes with 11 tokens, 10 computed
     assert m.allocate_slots(a, 1)
     # the full blocks 0, 1 are still cached on the device (free, at the LRU tail): shared
     # again; only the partial block comes back from the host
     assert ids(m, a) == [0, 1, 3]
-    assert m.take_swaps() == ([], [(2, 3)]) and m.is_loading(a) is False
-    assert m.host.num_free_blocks == 4 and not m.req_to_host_blocks
-    # the host copies of the full blocks stay findable: the host tier's prefix entries
-    assert sorted(m.host.cached) == sorted(m.req_to_hashes["a"])
-    assert (m.stats.blocks_swapped_out, m.stats.blocks_swapped_in) == (3, 1)
+    assert m.take_swaps() == ([], [(2, 3)], 0) and m.is_loading(a) is False
+    # the unused reservations end: nothing pending, every host block free, none cached
+    assert m.host.num_free_blocks == 4 and not m.req_to_host_blocks and not m._pending and not m._reserved
+    assert not m.host.cached
+    assert (m.stats.blocks_swapped_out, m.stats.blocks_swapped_in) == (1, 1)
 
 
 def test_swap_in_loads_every_block_the_device_lost():
     m = KVCacheManager(4, B, num_host_blocks=4)
     a = req("a", list(range(10)))
     assert m.allocate_slots(a, 10) and ids(m, a) == [0, 1, 2]
+    assert m.take_swaps() == ([], [], 0)               # a step ends: free 3 is not hashed
     a.num_computed_tokens = 10
-    assert m.swap_out(a) and m.take_swaps() == ([(0, 0), (1, 1), (2, 2)], [])
+    # the partial block is copied; a's block 1, within the 3 blocks next in line (the last
+    # step handed out 3), is written behind to its reserved host block at once
+    assert m.swap_out(a) and m.take_swaps() == ([(2, 2), (1, 1)], [], 1)
     b = req("b", list(range(100, 116)))                 # takes every device block
-    assert m.allocate_slots(b, 16) and m.take_swaps() == ([], [])   # a's copies are on the host already
+    # evicting block 1 copies nothing (the host has it); evicting block 0 writes it to the
+    # host block reserved for it
+    assert m.allocate_slots(b, 16) and ids(m, b) == [3, 2, 1, 0]
+    assert m.take_swaps() == ([(0, 0)], [], 0) and not m._pending
     m.forget(b)
     a.output_token_ids.append(5)
     assert m.allocate_slots(a, 1) and ids(m, a) == [0, 1, 2]
     assert m.is_loading(a)
-    # b's evicted blocks 0, 1, 2 take turns in the one free host block (the last one stays);
-    # device 2 is read (swap-out) before it is written (swap-in)
-    assert m.take_swaps() == ([(2, 3)], [(0, 0), (1, 1), (2, 2)])
+    # b's evicted blocks 0, 1, 2 take turns in the one free host block, and then device 3,
+    # next in line for eviction (3 blocks were handed out), takes it as a write-behind copy
+    # that runs after the swap-ins (the last writer of host block 3 wins)
+    assert m.take_swaps() == ([(3, 3)], [(0, 0), (1, 1), (2, 2)], 1)
+
+
+def test_resume_shares_what_the_device_kept_and_loads_the_rest_in_table_order():
+    m = KVCacheManager(5, B, num_host_blocks=4)
+    a = req("a", list(range(10)))
+    assert m.allocate_slots(a, 10) and ids(m, a) == [0, 1, 2]
+    assert m.take_swaps() == ([], [], 0)
+    a.num_computed_tokens = 10
+    assert m.preempt(a, swap=True) and m.take_swaps() == ([(2, 2)], [], 0)   # host 0, 1 reserved
+    b = req("b", list(range(100, 116)))
+    # b gets 3, 4, 2 and then a's block 1, whose eviction writes it to its reserved host block;
+    # a's block 0, next in line, is written behind (it stays cached on the device)
+    assert m.allocate_slots(b, 16) and ids(m, b) == [3, 4, 2, 1]
+    assert m.take_swaps() == ([(1, 1), (0, 0)], [], 1)
+    assert not m._pending and m.pool.blocks[0].block_hash is not None
+    m.forget(b)                                         # free queue: 0 (a's), 1, 2, 4, 3 (b's)
+    a.output_token_ids.append(5)
+    assert m.allocate_slots(a, 1)
+    # block 0 is still a's first block on the device: shared; host 1 and 2 land in fresh
+    # blocks 1 and 2 (b's evicted blocks, then the two next in line, take turns in free
+    # host block 3: the last, written behind, wins)
+    assert ids(m, a) == [0, 1, 2] and m.is_loading(a)
+    assert m.take_swaps() == ([(3, 3)], [(1, 1), (2, 2)], 1)
+    assert not m._pending and not m._reserved and m.host.num_free_blocks == 4
+    assert m.stats.preempted_tokens == 10
+    assert (m.stats.resumed_device_tokens, m.stats.resumed_host_tokens) == (4, 6)
+    m.forget(a)
+    assert m.pool.num_free_blocks == 5
+
+
+def test_swapped_requests_share_one_reservation_written_once():
+    m = KVCacheManager(6, B, num_host_blocks=6)
+    a, c = req("a", list(range(6))), req("c", list(range(4)) + [50, 51])   # first block shared
+    assert m.allocate_slots(a, 6) and ids(m, a) == [0, 1]
+    hits, _ = m.get_computed_blocks(c)
+    assert m.allocate_slots(c, 2, hits) and ids(m, c) == [0, 2]
+    a.num_computed_tokens = c.num_computed_tokens = 6
+    assert m.preempt(a, swap=True) and m.preempt(c, swap=True)
+    assert [b.block_id for b in m.req_to_host_blocks["a"]] == [0, 1]
+    assert [b.block_id for b in m.req_to_host_blocks["c"]] == [0, 2]   # host 0 reserved for both
+    assert m.host.blocks[0].ref_cnt == 2 and m.take_swaps() == ([(1, 1), (2, 2)], [], 0)
+    d = req("d", list(range(100, 124)))                 # all 6 device blocks: block 0 is written once
+    assert m.allocate_slots(d, 24) and m.take_swaps() == ([(0, 0)], [], 0)
+    m.forget(d)
+    a.output_token_ids.append(9)
+    assert m.allocate_slots(a, 1) and len(m.take_swaps()[1]) == 2
+    assert m.host.blocks[0].ref_cnt == 1 and m.host.blocks[0].block_hash is not None   # c still holds it
+    m.forget(c)
+    m.forget(a)
+    assert m.host.num_free_blocks == 6 and m.pool.num_free_blocks == 6 and not m._pending
+
+
+def test_uncaching_a_reserved_block_writes_it_first():
+    """A running request sharing a swapped request's pending block fails a step: the block
+    leaves the device prefix cache, so its KV goes to the reserved host block first."""
+    m = KVCacheManager(6, B, num_host_blocks=4)
+    a = req("a", list(range(6)))
+    assert m.allocate_slots(a, 6) and ids(m, a) == [0, 1]
+    a.num_computed_tokens = 6
+    assert m.preempt(a, swap=True) and m.take_swaps() == ([(1, 1)], [], 0)
+    c = req("c", list(range(4)) + [70, 71])
+    hits, _ = m.get_computed_blocks(c)
+    assert [h.block_id for h in hits] == [0] and m.allocate_slots(c, 2, hits)
+    m.uncache(c)
+    assert m.take_swaps() == ([(0, 0)], [], 0) and not m._pending
+    m.forget(c)
+    a.output_token_ids.append(9)
+    assert m.allocate_slots(a, 1) and ids(m, a) == [3, 4]   # nothing left on the device: both loaded
+    assert m.take_swaps() == ([], [(0, 3), (1, 4)], 0)
+
+
+def test_recompute_counts_what_the_device_prefix_cache_gives_back():
+    m = KVCacheManager(8, B)
+    a = req("a", list(range(10)))
+    assert m.allocate_slots(a, 10)
+    a.num_computed_tokens = 10
+    assert not m.preempt(a, swap=True)                  # no host tier: recompute
+    a.num_computed_tokens = 0
+    a.output_token_ids.append(5)
+    hits, num = m.get_computed_blocks(a)
+    assert num == 8 and m.allocate_slots(a, 3, hits)
+    assert (m.stats.preempted_tokens, m.stats.resumed_device_tokens, m.stats.resumed_host_tokens) == (10, 8, 0)
+
+
+def test_write_behind_copies_the_blocks_next_in_line_so_their_eviction_copies_nothing():
+    m = KVCacheManager(6, B, num_host_blocks=8)
+    a = req("a", list(range(16)))                       # 4 full blocks
+    assert m.allocate_slots(a, 16) and ids(m, a) == [0, 1, 2, 3]
+    assert m.take_swaps() == ([], [], 0)                # free 4, 5 are not hashed
+    m.forget(a)                                         # free queue: 4, 5, 3, 2, 1, 0
+    b = req("b", list(range(100, 108)))
+    assert m.allocate_slots(b, 8) and ids(m, b) == [4, 5]
+    # the window is the most blocks a recent step handed out (4): a's blocks, still cached,
+    # are written behind, in eviction order
+    assert m.take_swaps() == ([(3, 0), (2, 1), (1, 2), (0, 3)], [], 4)
+    assert m.pool.blocks[3].block_hash is not None and m.stats.blocks_offloaded == 4
+    c = req("c", list(range(200, 208)))
+    assert m.allocate_slots(c, 8) and ids(m, c) == [3, 2]
+    assert m.take_swaps() == ([], [], 0)                # their eviction copies nothing
+    assert sorted(b.block_id for b in m.host.cached.values()) == [0, 1, 2, 3]
+    assert m.stats.blocks_swapped_out == 4
 
 
 def test_evicted_prefix_goes_to_host_and_comes_back():
@@ -68,7 +179,7 @@ def test_evicted_prefix_goes_to_host_and_comes_back():
     m.forget(a)                                         # free queue: 3, 2, 1, 0
     b = req("b", list(range(100, 116)))                 # takes all 4 blocks: evicts 1 and 0
     assert m.allocate_slots(b, 16) and ids(m, b) == [3, 2, 1, 0]
-    assert m.take_swaps() == ([(1, 0), (0, 1)], [])     # (device, host) offloads
+    assert m.take_swaps() == ([(1, 0), (0, 1)], [], 0)     # (device, host) offloads
     m.forget(b)                                         # free queue: 0, 1, 2, 3 (all hashed)
     c = req("c", list(range(9)))                        # a's prompt again: a device miss, a host hit
     hits, num = m.get_computed_blocks(c)
@@ -76,14 +187,15 @@ def test_evicted_prefix_goes_to_host_and_comes_back():
     assert m.allocate_slots(c, 1, hits)
     assert ids(m, c) == [0, 1, 2] and m.is_loading(c)
     # b's evicted blocks 0, 1, 2 go to the two free host blocks (the host hits are held), LRU:
-    # 2 takes the host block 0 had, and only its copy is queued. Swap-outs run first, so
-    # device blocks 1 and 2 are read before the swap-ins write 0 and 1.
-    assert m.take_swaps() == ([(1, 3), (2, 2)], [(1, 0), (0, 1)])
+    # 2 takes the host block 0 had, and only its copy is queued; device 3, next in line, is
+    # written behind into the host block 1 had. Swap-outs run first, so device block 2 is
+    # read before the swap-ins write 0 and 1; the write-behind runs last.
+    assert m.take_swaps() == ([(2, 2), (3, 3)], [(1, 0), (0, 1)], 1)
     # c runs from the next step: until then its loading blocks serve no device prefix hit
     assert m.is_loading(c) is False and m.pool.blocks[0].block_hash is None
     c.num_computed_tokens = 8
     assert m.allocate_slots(c, 1) and ids(m, c) == [0, 1, 2]
-    assert m.pool.blocks[0].block_hash is not None and m.take_swaps() == ([], [])
+    assert m.pool.blocks[0].block_hash is not None and m.take_swaps() == ([], [], 0)
     assert m.stats.host_hits == 8 and m.stats.hits == 8
     assert m.host.num_free_blocks == 4
 
@@ -157,6 +269,32 @@ def test_abort_while_swapped_out_frees_host_blocks():
     assert s.kv.host.num_free_blocks == 8 and not s.kv.req_to_host_blocks
 
 
+def test_abort_while_swapped_out_ends_its_reservations():
+    """Prefix caching on: the preempted request's full blocks are only reserved on the host;
+    aborting it frees them and ends the reservations."""
+    m = KVCacheManager(8, B, num_host_blocks=4)
+    a = req("a", list(range(8)))                        # 2 full blocks
+    assert m.allocate_slots(a, 8) and m.take_swaps() == ([], [], 0)
+    a.num_computed_tokens = 8
+    # free queue 2..7, then a's 1, 0: the 2-block window reaches no hashed block
+    assert m.preempt(a, swap=True) and m.take_swaps() == ([], [], 0)
+    assert sorted(b.block_id for b in m._pending.values()) == [0, 1] and m.host.num_free_blocks == 2
+    m.forget(a)
+    assert m.host.num_free_blocks == 4 and not m._pending and not m._reserved
+
+
+def test_preempted_blocks_next_in_line_are_written_behind():
+    """Prefix caching on, a pool so small that the preempted request's blocks are next in
+    line for eviction: the step that preempts it writes them behind at once."""
+    s = make(caching=True)
+    out = two_requests(s)
+    assert out.preempted_req_ids == {"new"}
+    assert (out.blocks_to_swap_out, out.num_swap_out_behind) == ([(3, 1), (2, 0)], 2)
+    assert not s.kv._pending
+    s.finish_requests([RequestId("new")], RequestStatus.FINISHED_ABORTED)
+    assert s.kv.host.num_free_blocks == 8
+
+
 def test_a_failed_step_drops_the_host_copies_it_was_to_write():
     s = make()
     out = two_requests(s)
@@ -177,6 +315,17 @@ def test_host_cache_copies_blocks_both_ways_on_cpu():
     assert torch.equal(cache.host[:, 2], before[:, 1])
     assert torch.equal(device[:, 5], before[:, 1]) and torch.equal(device[:, 1], before[:, 4])
     assert torch.equal(device[:, [0, 2, 3, 4]], before[:, [0, 2, 3, 4]])
+
+
+def test_write_behind_copies_run_after_the_swap_ins_on_cpu():
+    device = torch.randn(4, 6, B, 2, 3)
+    before = device.clone()
+    cache = HostKVCache(device, 5)
+    # swap-out 1 -> host 2; swap-in host 2 -> device 3; write-behind 3 -> host 4 (after the
+    # swap-in: host 4 gets device 1's data, through 3)
+    cache.swap([(1, 2), (3, 4)], [(2, 3)], 1)
+    assert torch.equal(cache.host[:, 2], before[:, 1]) and torch.equal(cache.host[:, 4], before[:, 1])
+    assert torch.equal(device[:, 3], before[:, 1])
 
 
 def test_a_failed_step_recomputes_the_requests_it_was_to_load():
@@ -204,3 +353,35 @@ def test_the_staged_fallback_copies_the_same_blocks():
         host_kv_cache._STAGED_CHUNK_BYTES = chunk
     assert torch.equal(cache.host[:, 3], device[:, 1]) and torch.equal(cache.host[:, 0], device[:, 4])
     assert torch.equal(device[:, 5], device[:, 1])
+
+
+def test_background_pinning_cuts_the_pool_at_chunk_multiples():
+    """The chunks registered one by one tile the pool exactly and never share a page."""
+    assert pin_chunks(1000, 5000, chunk=1024) == [(1000, 1024), (1024, 2048), (2048, 3072), (3072, 4096),
+                                                  (4096, 5120), (5120, 6000)]
+    assert pin_chunks(2048, 1024, chunk=1024) == [(2048, 3072)]
+    assert pin_chunks(2048, 1000, chunk=1024) == [(2048, 3048)]
+
+
+def test_the_mapped_view_check_covers_blocks_across_chunk_edges(monkeypatch):
+    """2 planes of 10 blocks of 100 bytes at 1000 (2000 bytes), chunks of 512: edges at 1024,
+    1536, 2048, 2560 fall in plane 0 block 0 and 5, plane 1 block 0 and 5."""
+    import pagedserve.worker.host_kv_cache as host_kv_cache
+    monkeypatch.setattr(host_kv_cache, "_PIN_CHUNK_BYTES", 512)
+    assert check_blocks(1000, 2000, 2, 10) == [0, 5, 9]
+    assert check_blocks(1000, 2000, 2, 10, most=1) == [0, 9]
+
+
+def test_background_pinning_registers_every_chunk_and_unregisters_on_close(monkeypatch):
+    """The pinning thread's bookkeeping, with the CUDA calls replaced by a log."""
+    import pagedserve.worker.host_kv_cache as host_kv_cache
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(host_kv_cache, "_register", lambda pointer, nbytes: calls.append(("reg", pointer, nbytes)))
+    monkeypatch.setattr(host_kv_cache, "_unregister", lambda pointer: calls.append(("unreg", pointer)))
+    monkeypatch.setattr(host_kv_cache, "_PIN_CHUNK_BYTES", 1024)
+    pinning = host_kv_cache._Pinning(1000, 2100, torch.device("cpu"))
+    assert pinning.done.wait(10) and pinning.ok and pinning.error is None
+    assert calls == [("reg", 1000, 24), ("reg", 1024, 1024), ("reg", 2048, 1024), ("reg", 3072, 28)]
+    pinning.close()
+    assert calls[4:] == [("unreg", 1000), ("unreg", 1024), ("unreg", 2048), ("unreg", 3072)] and not pinning.chunks
