@@ -4,6 +4,7 @@ are rejected with a ValidationError naming them."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from dataclasses import dataclass, field, fields
@@ -206,6 +207,9 @@ class EngineArgs:
         checkpoint = None if source.gguf_file else checkpoint_quantization(source.directory)
         try:
             spec = resolve_quantization(self.quantization, checkpoint)
+            if spec is not None and spec.method == "gguf" and self.dtype in ("float32", "float", torch.float32):
+                # asked for fp32 arithmetic: the blocks are dequantized at load (exact results)
+                spec = dataclasses.replace(spec, config_json=json.dumps({**spec.config, "dequantize": True}))
             get_quantization_config(spec)
         except QuantizationError as exc:
             raise ValidationError(str(exc), exc.param) from None

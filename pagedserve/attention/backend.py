@@ -8,7 +8,7 @@ from typing import Protocol
 import torch
 
 from pagedserve.attention.metadata import AttentionMetadata
-from pagedserve.attention.torch_ref import paged_attention_ref, store_kv_ref
+from pagedserve.attention.torch_ref import StepPlan, store_kv_ref
 
 logger = logging.getLogger(__name__)
 
@@ -17,7 +17,8 @@ class AttentionBackend(Protocol):
     name: str
 
     def store_kv(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None: ...
+                 v_cache: torch.Tensor, slot_mapping: torch.Tensor, meta: AttentionMetadata | None = None
+                 ) -> None: ...
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
@@ -26,14 +27,31 @@ class AttentionBackend(Protocol):
 
 
 class TorchBackend:
+    """The torch reference; what the layers share of a step (valid slots, gather indices,
+    masks) is planned once per step (StepPlan, keyed by the step's metadata object) and
+    reused by every layer."""
+
     name = "torch"
 
-    def store_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
-        store_kv_ref(key, value, k_cache, v_cache, slot_mapping)
+    def __init__(self) -> None:
+        self._meta: AttentionMetadata | None = None
+        self._plan: StepPlan | None = None
+
+    def _plan_for(self, meta: AttentionMetadata, block_size: int) -> StepPlan:
+        if meta is not self._meta:
+            self._plan = StepPlan(meta.block_tables, meta.seq_lens, meta.query_start_loc, meta.slot_mapping,
+                                  meta.num_decodes, block_size)
+            self._meta = meta
+        return self._plan
+
+    def store_kv(self, key, value, k_cache, v_cache, slot_mapping, meta: AttentionMetadata | None = None) -> None:
+        if meta is None or slot_mapping is not meta.slot_mapping:
+            store_kv_ref(key, value, k_cache, v_cache, slot_mapping)
+            return
+        self._plan_for(meta, k_cache.shape[1]).store(key, value, k_cache, v_cache)
 
     def attend(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        return paged_attention_ref(query, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                   meta.query_start_loc, scale, meta.num_decodes)
+        return self._plan_for(meta, k_cache.shape[1]).attend(query, k_cache, v_cache, scale)
 
 
 class TritonBackend:
@@ -69,7 +87,7 @@ class TritonBackend:
         self._sdpa_prefill_sequence = sdpa_prefill_sequence
         self._gather_context = gather_context
 
-    def store_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
+    def store_kv(self, key, value, k_cache, v_cache, slot_mapping, meta: AttentionMetadata | None = None) -> None:
         self._store_kv(key, value, k_cache, v_cache, slot_mapping)
 
     def attend(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:

@@ -81,3 +81,57 @@ def paged_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                                    seq_lens[s:s + 1], query_lens[s:s + 1], scale)[0]
     assert starts[-1] <= num_tokens
     return out
+
+
+class StepPlan:
+    """What paged_attention_ref and store_kv_ref derive from the step's metadata, derived
+    once per step instead of once per layer: the valid slots, and per group of sequences
+    (the decodes together, then each longer chunk) its token rows, the cache rows to gather
+    and the attention mask. The same arithmetic as the functions above."""
+
+    def __init__(self, block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                 slot_mapping: torch.Tensor, num_decodes: int, block_size: int) -> None:
+        valid = slot_mapping >= 0
+        self.slots = slot_mapping if bool(valid.all()) else slot_mapping[valid]
+        self.valid = None if self.slots is slot_mapping else valid
+        query_lens = query_start_loc[1:] - query_start_loc[:-1]
+        seq_lens = seq_lens.to(query_lens.dtype)
+        starts = query_start_loc.tolist()
+        self.groups: list[tuple[int, int, torch.Tensor, int, int, torch.Tensor]] = []
+        if num_decodes:
+            self._add(0, num_decodes, num_decodes, block_tables[:num_decodes], seq_lens[:num_decodes],
+                      query_lens[:num_decodes], block_size)
+        for s in range(num_decodes, seq_lens.shape[0]):
+            lo, hi = starts[s], starts[s + 1]
+            if hi > lo:
+                self._add(lo, hi, 1, block_tables[s:s + 1], seq_lens[s:s + 1], query_lens[s:s + 1], block_size)
+
+    def _add(self, lo: int, hi: int, num_seqs: int, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+             query_lens: torch.Tensor, block_size: int) -> None:
+        max_q = (hi - lo) // num_seqs
+        max_seq_len = int(seq_lens.max())
+        num_blocks = (max_seq_len + block_size - 1) // block_size
+        index = block_tables[:, :num_blocks].reshape(-1).long()
+        key_pos = torch.arange(max_seq_len, device=seq_lens.device)
+        query_pos = (seq_lens - query_lens)[:, None] + torch.arange(max_q, device=seq_lens.device)[None, :]
+        mask = (key_pos[None, None, :] <= query_pos[:, :, None]) & (key_pos[None, None, :] < seq_lens[:, None, None])
+        self.groups.append((lo, hi, index, num_seqs, max_seq_len, mask[:, None]))
+
+    def store(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        if self.valid is not None:
+            key, value = key[self.valid], value[self.valid]
+        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, self.slots, key.to(k_cache.dtype))
+        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, self.slots, value.to(v_cache.dtype))
+
+    def attend(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+        out = torch.empty_like(query)
+        num_heads = query.shape[1]
+        for lo, hi, index, num_seqs, max_seq_len, mask in self.groups:
+            q = query[lo:hi].view(num_seqs, (hi - lo) // num_seqs, *query.shape[1:])
+            k = k_cache.index_select(0, index).view(num_seqs, -1, *k_cache.shape[2:])[:, :max_seq_len]
+            v = v_cache.index_select(0, index).view(num_seqs, -1, *v_cache.shape[2:])[:, :max_seq_len]
+            o = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
+                attn_mask=mask, scale=scale, enable_gqa=k.shape[2] != num_heads)
+            out[lo:hi] = o.transpose(1, 2).reshape(hi - lo, *query.shape[1:])
+        return out

@@ -29,6 +29,6 @@ class Attention(nn.Module):
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         assert self.backend is not None, "KV cache not bound"
-        self.backend.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        self.backend.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping, meta)
         out = self.backend.attend(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)

@@ -40,6 +40,8 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos_cache", emb.cos().to(dtype), persistent=False)
         self.register_buffer("sin_cache", emb.sin().to(dtype), persistent=False)
+        self._positions: torch.Tensor | None = None
+        self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @staticmethod
     def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -53,7 +55,9 @@ class RotaryEmbedding(nn.Module):
             from pagedserve.layers.triton_ops import rotary_in_place
             rotary_in_place(positions, query, key, self.cos_cache, self.sin_cache)
             return query, key
-        cos = self.cos_cache[positions].unsqueeze(1)
-        sin = self.sin_cache[positions].unsqueeze(1)
+        if positions is not self._positions:   # one gather per step: every layer shares this module
+            self._positions = positions
+            self._cos_sin = self.cos_cache[positions].unsqueeze(1), self.sin_cache[positions].unsqueeze(1)
+        cos, sin = self._cos_sin
         return (query * cos + self._rotate_half(query) * sin,
                 key * cos + self._rotate_half(key) * sin)

@@ -24,7 +24,7 @@ from pagedserve.layers.linear import (MergedColumnParallelLinear, QKVParallelLin
 from pagedserve.layers.norm import RMSNorm
 from pagedserve.layers.parallel import is_first_stage, is_last_stage, pp_rank, pp_world_size, stage_layers
 from pagedserve.layers.quantization import (CheckpointTensor, LinearMethod, QuantizationConfig, UnquantizedLinearMethod,
-                                            get_quantization_config)
+                                            embedding_method, get_quantization_config)
 from pagedserve.layers.rotary import RotaryEmbedding
 
 
@@ -110,7 +110,10 @@ class LlamaModel(nn.Module):
         self.first, self.last = is_first_stage(), is_last_stage()
         self.stage = stage_layers(config.num_layers, pp_world_size(), pp_rank())
         if self.first:
-            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, config.dtype)
+            embed_method = embedding_method(quant_config, "model.embed_tokens")
+            # a packed embedding also serves as the tied LM head: it is one (ParallelLMHead)
+            embed_cls = ParallelLMHead if embed_method is not None else VocabParallelEmbedding
+            self.embed_tokens = embed_cls(config.vocab_size, config.hidden_size, config.dtype, embed_method)
         rotary = RotaryEmbedding(config.head_dim, max(config.max_position_embeddings, config.max_model_len),
                                  config.rope_theta, config.rope_scaling_dict, config.dtype)
         self.quant_config = quant_config
@@ -141,10 +144,16 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, get_quantization_config(config.quantization))
-        if self.model.last:
-            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, config.dtype)
-            if config.tie_word_embeddings and self.model.first:
+        quant_config = get_quantization_config(config.quantization)
+        self.model = LlamaModel(config, quant_config)
+        tied, first, last = config.tie_word_embeddings, self.model.first, self.model.last
+        if last and tied and first and self.model.embed_tokens.quant_method is not None:
+            self.lm_head = self.model.embed_tokens   # a packed embedding is its own tied head
+        elif last:
+            # tied on a later pipeline stage: the head holds the embedding's rows (loaded under its name)
+            head_method = embedding_method(quant_config, "model.embed_tokens" if tied else "lm_head")
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, config.dtype, head_method)
+            if tied and first:
                 self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
@@ -212,15 +221,14 @@ class LlamaForCausalLM(nn.Module):
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         # a later pipeline stage holds a tied LM head without the embedding it shares
-        tied_head_alone = self.config.tie_word_embeddings and "lm_head.weight" in params \
-            and "model.embed_tokens.weight" not in params
+        tied_head_alone = self.config.tie_word_embeddings and self.model.last and not self.model.first
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name:
                 continue
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
-            if name == "model.embed_tokens.weight" and tied_head_alone:
-                name = "lm_head.weight"
+            if name.startswith("model.embed_tokens.") and tied_head_alone:   # .weight, or .qweight (GGUF)
+                name = "lm_head." + name.removeprefix("model.embed_tokens.")
             for param_suffix, ckpt_suffix, shard_id in self.stacked_params:
                 if ckpt_suffix in name:
                     target = name.replace(ckpt_suffix, param_suffix)

@@ -224,32 +224,48 @@ def gguf_cache_root() -> str:
 
 
 def materialize_gguf(source: ModelSource, check_config: Callable[[Any], None] | None = None) -> ModelSource:
-    """Convert a GGUF file once into an HF folder (config.json, tokenizer files, fp32
-    safetensors of the dequantized weights) under ~/.cache/pagedserve/gguf/, keyed by the
-    file's name, size and mtime, and return that folder. Reading GGUF metadata through the
-    gguf package takes tens of seconds on a small CPU; the folder loads in about two.
-    The weights are bit-identical to loading the GGUF directly. Falls back to the GGUF
+    """Convert a GGUF file once into an HF folder (config.json, tokenizer files, safetensors)
+    under ~/.cache/pagedserve/gguf/, keyed by the file's name, size and mtime, and return that
+    folder. Quantized tensors stay llama.cpp's raw blocks (models/gguf_packed.py; their types
+    in gguf_quant.json); architectures it does not map are dequantized to fp32 as before.
+    Reading GGUF metadata through the gguf package takes tens of seconds on a small CPU (a
+    progress bar shows it); the folder loads in about a second. Falls back to the GGUF
     itself when the cache cannot be written. `check_config(hf_config)` runs on the file's
     config before a conversion starts (a doomed configuration fails fast, not after it)."""
+    from pagedserve.models import gguf_packed
     path = source.gguf_path
     stat = os.stat(path)
-    key = f"{os.path.splitext(source.gguf_file)[0]}-{stat.st_size}-{int(stat.st_mtime)}"
+    key = f"{os.path.splitext(source.gguf_file)[0]}-{stat.st_size}-{int(stat.st_mtime)}-packed"
     target = os.path.join(gguf_cache_root(), key)
     if os.path.isfile(os.path.join(target, "model.safetensors")):
         return ModelSource(target)
     logger.info("converting %s once into %s", path, target)
     try:
         from safetensors.torch import save_file
-        hf_config = load_hf_config(source)
-        if check_config is not None:
-            check_config(hf_config)
-        tokenizer = load_tokenizer(source)
-        tensors = {name: as_tensor(t).contiguous() for name, t in _gguf_weights(source, torch.float32, hf_config)}
+        from tqdm import tqdm
+        with tqdm(total=3, desc=f"converting {source.gguf_file} (once)", unit="step") as bar:
+            hf_config = load_hf_config(source)
+            if check_config is not None:
+                check_config(hf_config)
+            bar.update()
+            tokenizer = load_tokenizer(source)
+            bar.update()
+            kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+            converted = gguf_packed.convert(path, hf_config.num_attention_heads, kv_heads, bar)
+            if converted is None:
+                tensors = {name: as_tensor(t).contiguous() for name, t in _gguf_weights(source, torch.float32, hf_config)}
+                types: dict[str, str] = {}
+            else:
+                tensors = {name: torch.from_numpy(array) for name, array in converted[0].items()}
+                types = converted[1]
         os.makedirs(gguf_cache_root(), exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=key + ".", dir=gguf_cache_root())
         hf_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         save_file(tensors, os.path.join(tmp, "model.safetensors"))
+        if types:
+            with open(os.path.join(tmp, gguf_packed.QUANT_FILE), "w") as f:
+                json.dump({"quant_method": "gguf", "tensor_types": types}, f)
         try:
             os.replace(tmp, target)
         except OSError:   # another process won the race

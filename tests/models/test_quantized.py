@@ -99,7 +99,7 @@ def _copy_with_config(tmp_path: Path, name: str, **changes) -> str:
 
 def test_bad_quantization_configs_fail_at_load(tmp_path):
     with pytest.raises(ValidationError, match="quant_method 'exl2', which is not supported; supported: awq, "
-                                              "bitsandbytes, compressed-tensors, fp8, gptq") as err:
+                                              "bitsandbytes, compressed-tensors, fp8, gguf, gptq") as err:
         _llm(_copy_with_config(tmp_path / "a", "gptq-sym", quant_method="exl2"))
     assert err.value.param == "quantization"
     with pytest.raises(ValueError, match=r"input features \(128\) is not divisible by 48"):

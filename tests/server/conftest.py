@@ -91,7 +91,8 @@ def serving(tmp_path_factory: pytest.TempPathFactory, name: str, *extra_args: st
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
-    yield from serving(tmp_path_factory, "server")
+    # float32: the exact path (the default GGUF int4 path's greedy ids may depend on the batch)
+    yield from serving(tmp_path_factory, "server", "--dtype", "float32")
 
 
 @pytest.fixture(scope="session")
@@ -102,9 +103,9 @@ def auth_server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
 
 @pytest.fixture(scope="session")
 def offline_llm():
-    """The offline engine with the server's defaults, for reference outputs."""
+    """The offline engine with the `server` fixture's settings, for reference outputs."""
     from pagedserve import LLM
-    llm = LLM()
+    llm = LLM(dtype="float32")
     try:
         yield llm
     finally:

@@ -24,7 +24,7 @@ SURROGATE = '"abc\\ud800def"'   # the JSON escape of a lone surrogate
 @pytest.fixture(scope="module")
 def edge(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
     yield from serving(tmp_path_factory, "edge", "--api-key", API_KEY, "--max-num-seqs", "8",
-                        "--max-model-len", "1024", "--num-kv-blocks", "256")
+                        "--max-model-len", "1024", "--num-kv-blocks", "256", "--dtype", "float32")
 
 
 @pytest.fixture(scope="module")

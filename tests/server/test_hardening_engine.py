@@ -22,7 +22,7 @@ MAX_TOKENS = 8
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
     yield from serving(tmp_path_factory, "hardening_engine", "--max-num-seqs", "8",
-                        "--max-model-len", "512", "--num-kv-blocks", "256")
+                        "--max-model-len", "512", "--num-kv-blocks", "256", "--dtype", "float32")
 
 
 def _complete(base: str, prompt: str, stream: bool) -> tuple[str, str | None]:

@@ -37,7 +37,7 @@ TIME_LIMIT_S = 90.0
 @pytest.fixture(scope="module")
 def load_server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
     yield from serving(tmp_path_factory, "load", "--max-num-seqs", "8", "--max-model-len", "512",
-                        "--num-kv-blocks", "256")
+                        "--num-kv-blocks", "256", "--dtype", "float32")
 
 
 def _body(prompt: str, stream: bool) -> dict:

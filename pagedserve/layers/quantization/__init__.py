@@ -3,7 +3,7 @@ layer its LinearMethod (base.py). `get_quantization_config(spec)` builds the con
 ModelConfig's QuantizationSpec; None means plain float weights."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from pagedserve.config import QuantizationSpec
 from pagedserve.layers.quantization.base import (CheckpointTensor, LinearMethod, QuantizationConfig, make_param,
@@ -11,7 +11,8 @@ from pagedserve.layers.quantization.base import (CheckpointTensor, LinearMethod,
 from pagedserve.layers.quantization.unquantized import UnquantizedLinearMethod
 
 __all__ = ["CheckpointTensor", "LinearMethod", "QuantizationConfig", "UnquantizedLinearMethod", "make_param",
-           "replace_param", "get_quantization_config", "register_quantization", "QUANTIZATION_METHODS"]
+           "replace_param", "embedding_method", "get_quantization_config", "register_quantization",
+           "QUANTIZATION_METHODS"]
 
 # canonical method name -> config class (register_quantization adds more)
 QUANTIZATION_METHODS: dict[str, Callable[[dict], QuantizationConfig]] = {}
@@ -24,7 +25,8 @@ def register_quantization(name: str, factory: Callable[[dict], QuantizationConfi
 def _register_builtin() -> None:
     from pagedserve.layers.quantization.configs import (AWQConfig, BitsAndBytesConfig, CompressedTensorsConfig,
                                                         Fp8Config, GPTQConfig)
-    for config in (CompressedTensorsConfig, GPTQConfig, AWQConfig, Fp8Config, BitsAndBytesConfig):
+    from pagedserve.layers.quantization.gguf import GGUFConfig
+    for config in (CompressedTensorsConfig, GPTQConfig, AWQConfig, Fp8Config, BitsAndBytesConfig, GGUFConfig):
         register_quantization(config.name, config.from_config)
 
 
@@ -38,3 +40,8 @@ def get_quantization_config(spec: QuantizationSpec | None) -> QuantizationConfig
         raise ValueError(f"quantization method {spec.method!r} is not supported; supported: "
                          f"{', '.join(sorted(QUANTIZATION_METHODS)) or 'none'}")
     return QUANTIZATION_METHODS[spec.method](spec.config)
+
+
+def embedding_method(config: QuantizationConfig | None, prefix: str) -> Any:
+    """The method of the vocab embedding / LM head named `prefix` (None: float rows)."""
+    return config.get_embedding_method(prefix) if config is not None else None

@@ -109,6 +109,12 @@ class QuantizationConfig:
         unquantized."""
         raise NotImplementedError
 
+    def get_embedding_method(self, prefix: str) -> Any:
+        """The method of the vocab embedding / LM head named `prefix` (it packs the rows and
+        both looks them up and multiplies by them); None keeps them float (every format
+        but GGUF)."""
+        return None
+
     def weight_description(self) -> str:
         return self.name
 

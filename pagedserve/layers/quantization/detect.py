@@ -1,6 +1,7 @@
 """Which quantization a model runs with: the checkpoint's `quantization_config` (config.json,
 or quantize_config.json beside it for older GPTQ) and the user's `quantization=` (vLLM's
-value names and aliases; TGI's QUANTIZE values map here too). A conflict names both; an
+value names and aliases; TGI's QUANTIZE values map here too). A converted GGUF (models/
+gguf_packed.py) carries gguf_quant.json: its blocks run as method "gguf". A conflict names both; an
 unknown method lists the supported ones."""
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 from pagedserve.config import QuantizationSpec
 
-SUPPORTED = ("awq", "bitsandbytes", "compressed-tensors", "fp8", "gptq")
+SUPPORTED = ("awq", "bitsandbytes", "compressed-tensors", "fp8", "gguf", "gptq")
 
 # the names users pass (vLLM's --quantization, TGI's --quantize) -> our method
 ALIASES = {
@@ -19,7 +20,10 @@ ALIASES = {
     "compressed-tensors": "compressed-tensors", "compressed_tensors": "compressed-tensors",
     "fp8": "fp8", "fp8-per-channel": "fp8",
     "bitsandbytes": "bitsandbytes", "bitsandbytes-8bit": "bitsandbytes",
+    "gguf": "gguf",
 }
+# quantization files beside config.json -> the quant_method they imply when they name none
+SIDE_FILES = {"quantize_config.json": "gptq", "quant_config.json": "awq", "gguf_quant.json": "gguf"}
 # online (quantized at load from a float checkpoint): name -> the config it stands for
 ONLINE = {
     "fp8": {"quant_method": "fp8", "online": True, "weight_strategy": "tensor"},
@@ -50,8 +54,9 @@ def canonical(name: str) -> str:
 
 
 def checkpoint_quantization(directory: str) -> dict[str, Any] | None:
-    """The checkpoint's quantization_config (config.json), else quantize_config.json (GPTQ
-    before transformers carried it; its quant_method defaults to gptq)."""
+    """The checkpoint's quantization_config (config.json), else a SIDE_FILES file
+    (quantize_config.json: GPTQ before transformers carried it; gguf_quant.json: the
+    block types of a converted GGUF)."""
     try:
         with open(os.path.join(directory, "config.json")) as f:
             config = json.load(f).get("quantization_config")
@@ -59,12 +64,12 @@ def checkpoint_quantization(directory: str) -> dict[str, Any] | None:
         config = None
     if config:
         return dict(config)
-    for name in ("quantize_config.json", "quant_config.json"):
+    for name, method in SIDE_FILES.items():
         path = os.path.join(directory, name)
         if os.path.isfile(path):
             with open(path) as f:
                 config = json.load(f)
-            config.setdefault("quant_method", "gptq" if name == "quantize_config.json" else "awq")
+            config.setdefault("quant_method", method)
             return config
     return None
 
@@ -83,6 +88,9 @@ def resolve_quantization(requested: str | None, checkpoint: dict[str, Any] | Non
         return QuantizationSpec(ckpt_method, json.dumps(checkpoint, sort_keys=True)) if ckpt_method else None
     method = canonical(requested)
     if ckpt_method is not None:
+        if method != ckpt_method and ckpt_method == "gguf":
+            raise QuantizationError(f"quantization={requested!r} needs a {method} checkpoint, but the model is a "
+                                    "GGUF file (its blocks run as quantization 'gguf'): leave quantization unset")
         if method != ckpt_method:
             raise QuantizationError(f"quantization={requested!r} conflicts with the checkpoint's quantization_config "
                                     f"(quant_method {checkpoint.get('quant_method')!r}): pass "

@@ -1,0 +1,129 @@
+"""GGUF weights kept quantized: linear layers and the vocab embedding / LM head hold
+llama.cpp's raw blocks (models/gguf_packed.py writes them, one uint8 `qweight` of
+[rows, K / block_elems, block_bytes] per projection, rows already in HF order) and
+process_weights_after_loading turns them into what the device multiplies fast:
+
+    Q4_0, Q4_1, Q4_K, Q8_0 on CPU   torch's int4 kernel (gguf_kernels.to_int4; Q8_0 as
+                                    two int4 halves): bf16 activations, fp32 result
+    Q5_0, Q5_1, Q5_K, Q6_K, or CUDA dequantized once to a float `weight` (the model dtype)
+
+The embedding looks rows up in the raw blocks and dequantizes only those (exact fp32).
+QuantizationSpec("gguf", {"tensor_types": {checkpoint name: type}}, plus "dequantize": true
+when dtype=float32 asks for exact fp32 arithmetic: detect.py, engine_args.py); a fused layer whose
+projections do not share one type is stored dequantized by the converter and runs
+unquantized here."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from pagedserve.layers.quantization.base import (CheckpointTensor, LinearMethod, QuantizationConfig,
+                                                 checkpoint_names, make_param)
+from pagedserve.layers.quantization.gguf_kernels import FORMATS, dequantize, int4_matmul, to_int4
+
+
+class GGUFConfig(QuantizationConfig):
+    name = "gguf"
+
+    def __init__(self, tensor_types: dict[str, str], int4: bool = True) -> None:
+        self.tensor_types = tensor_types
+        self.int4 = int4   # False: dequantize every type at load (fp32 arithmetic as the float model)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "GGUFConfig":
+        return cls(dict(config.get("tensor_types", {})), not config.get("dequantize", False))
+
+    def _type_of(self, names: list[str]) -> str | None:
+        types = {self.tensor_types.get(f"{name}.qweight") for name in names}
+        if len(types) != 1:
+            return None
+        (fmt,) = types
+        return fmt if fmt in FORMATS else None
+
+    def get_linear_method(self, layer: nn.Module, prefix: str) -> LinearMethod | None:
+        fmt = self._type_of(checkpoint_names(prefix))
+        return GGUFLinearMethod(fmt, self.int4) if fmt else None
+
+    def get_embedding_method(self, prefix: str) -> "GGUFEmbeddingMethod | None":
+        fmt = self._type_of([prefix])
+        return GGUFEmbeddingMethod(fmt, self.int4) if fmt else None
+
+    def weight_description(self) -> str:
+        return "gguf (" + ", ".join(sorted(set(self.tensor_types.values()))) + ")"
+
+
+def _create_qweight(layer: nn.Module, fmt: str, rows: int, cols: int, **dims: Any) -> None:
+    spec = FORMATS[fmt]
+    if cols % spec.elems:
+        raise ValueError(f"{getattr(layer, 'prefix', '')}: {cols} input features are not whole {fmt} blocks "
+                         f"of {spec.elems}")
+    make_param(layer, "qweight", (rows, cols // spec.elems, spec.nbytes), torch.uint8, **dims)
+
+
+def _repack(layer: nn.Module, fmt: str, int4: bool, dtype: torch.dtype, keep_raw: bool = False) -> None:
+    """qweight -> int4 parts (CPU, 4-bit types and Q8_0) or a dequantized `weight`."""
+    raw = layer.qweight.data
+    layer.int4_parts = None
+    if int4 and FORMATS[fmt].int4 and raw.device.type == "cpu":
+        layer.int4_parts = to_int4(raw, fmt)
+        for i, part in enumerate(layer.int4_parts):   # buffers: counted in the runner's weight_bytes
+            layer.register_buffer(f"int4_packed_{i}", part.packed, persistent=False)
+            layer.register_buffer(f"int4_scales_zeros_{i}", part.scales_zeros, persistent=False)
+    else:
+        layer.weight = nn.Parameter(dequantize(raw, fmt, dtype), requires_grad=False)
+    if not keep_raw or layer.int4_parts is None:   # a float weight serves lookups too
+        del layer.qweight
+
+
+def _matmul(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    parts = layer.int4_parts
+    if parts is not None:
+        return int4_matmul(x, parts)
+    from pagedserve.layers.linear_ops import linear
+    return linear(x, layer.weight)
+
+
+class GGUFLinearMethod(LinearMethod):
+    def __init__(self, fmt: str, int4: bool = True) -> None:
+        self.fmt, self.int4 = fmt, int4
+
+    def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
+                       params_dtype):
+        _create_qweight(layer, self.fmt, sum(output_partition_sizes), input_size_per_partition,
+                        output_dim=0, input_dim=1, input_ratio=FORMATS[self.fmt].elems)
+        layer.gguf_dtype = params_dtype
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        _repack(layer, self.fmt, self.int4, layer.gguf_dtype)
+
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        out = _matmul(layer, x)
+        return out if bias is None else out + bias
+
+    def checkpoint_tensors(self, output_size, input_size, params_dtype):
+        spec = FORMATS[self.fmt]
+        return {"qweight": CheckpointTensor((output_size, input_size // spec.elems, spec.nbytes), torch.uint8)}
+
+
+class GGUFEmbeddingMethod:
+    """Vocab embedding (and the LM head when tied or quantized): rows are vocab entries."""
+
+    def __init__(self, fmt: str, int4: bool = True) -> None:
+        self.fmt, self.int4 = fmt, int4
+
+    def create_weights(self, layer: nn.Module, rows: int, hidden: int, params_dtype: torch.dtype) -> None:
+        _create_qweight(layer, self.fmt, rows, hidden, output_dim=0)
+        layer.gguf_dtype = params_dtype
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        _repack(layer, self.fmt, self.int4, layer.gguf_dtype, keep_raw=True)
+
+    def embed(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        if layer.int4_parts is None:
+            return torch.nn.functional.embedding(ids, layer.weight)
+        return dequantize(layer.qweight[ids], self.fmt, layer.gguf_dtype)   # only these rows, exact
+
+    def logits(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return _matmul(layer, hidden)
