@@ -1,17 +1,19 @@
 """Pipeline parallelism on GPU (issue 17): a tiny fp32 llama (4 layers) gives the same greedy ids
 with PP=2 as with PP=1, through chunked prefill and preemption (tests/unit/test_pipeline_parallel
-on CUDA). The llama-8b figures come from tp_gpu.py with PP=2 (benchmarks/pp_gpu.sh).
-  python3 benchmarks/pp_gpu.py"""
-import sys
+on CUDA), with each stage's CUDA graphs (decode and lone-prefill) and eagerly. The llama-8b
+figures come from tp_gpu.py with PP=2 (benchmarks/pp_gpu.sh).
+  python3 benchmarks/pp_gpu.py          (~60 s on an H200 x2: three engines)
+  DRY=1 python3 benchmarks/pp_gpu.py    (CPU, gloo: the script's own check; no graphs there)"""
+import os
 import tempfile
 
 import torch
+from tp_gpu import emit
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-sys.path[:0] = [".devcarry", "../shared/bench"]
-from peers import emit  # noqa: E402
+from pagedserve import LLM, SamplingParams
 
-from pagedserve import LLM, SamplingParams  # noqa: E402
+DRY = os.environ.get("DRY") == "1"
 
 
 def main() -> None:
@@ -25,14 +27,20 @@ def main() -> None:
     prompts = [{"prompt_token_ids": torch.randint(0, 512, (n,), generator=g).tolist()}
                for n in torch.randint(3, 41, (6,), generator=g).tolist()]
     sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    # 32 tokens a step: prompts are chunked (the prefill graphs take a lone last chunk of <= 32
+    # tokens); 9 blocks of 16 for 6 sequences of up to 52 tokens: preemption
+    pp2 = dict(pipeline_parallel_size=2, max_num_batched_tokens=32, num_kv_blocks=9)
     ids = {}
-    for pp, extra in ((1, {}), (2, dict(max_num_batched_tokens=32, num_kv_blocks=9))):
-        llm = LLM(model=path, device="cuda", dtype="float32", skip_tokenizer_init=True, max_model_len=128,
-                  pipeline_parallel_size=pp, **extra)
-        ids[pp] = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
-        preemptions = llm.engine.core.scheduler.stats.num_preemptions
+    for name, kwargs in (("pp1", {}), ("pp2_graphs", pp2), ("pp2_eager", dict(pp2, enforce_eager=True))):
+        llm = LLM(model=path, device="cpu" if DRY else "cuda", dtype="float32", skip_tokenizer_init=True,
+                  max_model_len=128, **kwargs)
+        ids[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+        graphs = llm.engine.core.executor.runner.graph_runner   # rank 0's (stage 0 under PP)
+        emit(workload="pp_fp32_tiny", engine=name, identical_to_pp1=ids[name] == ids["pp1"],
+             stage0_decode_graphs=len(graphs.graphs) if graphs else 0,
+             stage0_prefill_graphs=len(graphs.prefill_graphs) if graphs else 0,
+             preemptions=llm.engine.core.scheduler.stats.num_preemptions)
         llm.shutdown()
-    emit(workload="pp2_vs_pp1_fp32_tiny", identical=ids[1] == ids[2], preemptions=preemptions)
 
 
 if __name__ == "__main__":

@@ -86,9 +86,14 @@ class PipelineLinks:
                           ) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = torch.empty((num_tokens, hidden_size), dtype=dtype, device=self.device)
         residual = torch.empty_like(hidden)
+        self.recv_into(hidden, residual)
+        return hidden, residual
+
+    def recv_into(self, hidden: torch.Tensor, residual: torch.Tensor) -> None:
+        """The previous stage's rows into these (contiguous) tensors: a CUDA graph's static
+        inputs, or fresh ones. On NCCL the current stream waits, not the host (gloo: the host)."""
         for tensor in (hidden, residual):
             dist.recv(tensor, src=self.prev, group=self.tensors)
-        return hidden, residual
 
     def _isend(self, tensors: tuple[torch.Tensor, ...], dst: int, group: Any) -> None:
         while self._sending and self._sending[0][0].is_completed():
