@@ -49,6 +49,10 @@ class PendingRunnerOutput:
         self.output, self.states, self.positions = output, states, positions
         self.token_ids, self.logprobs, self.event = token_ids, logprobs, event
 
+    def ready(self) -> bool:
+        """Whether get() would return without waiting for the device."""
+        return self.event is None or self.event.query()
+
     def get(self) -> ModelRunnerOutput:
         """Wait for the copy, fill the placeholders, and report the tokens."""
         if self.event is not None:
@@ -98,6 +102,9 @@ class DeferredSample:
     @torch.inference_mode()
     def sample(self, grammar_bitmask: torch.Tensor | None) -> PendingRunnerOutput:
         return self.runner._sample(self.output, self.logits, self.states, self.structured_req_ids, grammar_bitmask)
+
+    def ready(self) -> bool:
+        return False   # not even sampled yet
 
     def get(self) -> ModelRunnerOutput:
         return self.sample(None).get()

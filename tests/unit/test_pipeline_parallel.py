@@ -21,6 +21,7 @@ from pagedserve.errors import EngineDeadError, ValidationError
 from pagedserve.layers import parallel
 from pagedserve.layers.parallel import ModelParallel, stage_layers
 from pagedserve.worker.model_runner import ModelRunner
+from pagedserve.worker.tp_worker import NoopMessage, StepMessage, answer, run_message
 from tests.helpers import random_prompts
 from tests.unit.test_scheduler import make, req
 
@@ -206,3 +207,45 @@ def test_stage_graph_buffers_give_the_tokens_of_one_process(tiny_checkpoints, mo
         graphs = stage.graph_runner
         assert graphs.graphs[4].count == 3 and graphs.prefill_graphs[16].count == 2
         assert sum(g.count for g in graphs.graphs.values()) == 3
+
+
+def test_the_last_stage_launches_a_step_before_it_answers_the_one_before():
+    """The last stage's sampling rank: step 2 is launched before step 1's sampled ids are
+    waited for and sent; a finished step is sent before waiting for a message; a NoopMessage
+    (rank 0 waits for a step no later one follows) flushes the last answer."""
+    events: list[tuple] = []
+
+    class Pending:
+        def __init__(self, name: str) -> None:
+            self.name, self.done = name, False
+
+        def ready(self) -> bool:
+            return self.done
+
+        def get(self) -> ModelRunnerOutput:
+            events.append(("wait", self.name))
+            return ModelRunnerOutput(sampled_token_ids={self.name: 1})
+
+    class Runner:
+        is_driver = True
+
+        def execute_model(self, so, non_block=False):
+            events.append(("launch", so, non_block))
+            return Pending(so)
+
+    class Pipe:
+        def forward_message(self, message) -> None:
+            pass
+
+        def send_output(self, output: ModelRunnerOutput) -> None:
+            events.append(("send", *output.sampled_token_ids))
+
+    runner, pipe = Runner(), Pipe()
+    first = run_message(StepMessage("s1"), runner, pipe)
+    second = run_message(StepMessage("s2"), runner, pipe, first)
+    assert events == [("launch", "s1", True), ("launch", "s2", True), ("wait", "s1"), ("send", "s1")]
+    assert answer(pipe, second, only_if_ready=True) is second          # the device still works on it
+    second.done = True
+    assert answer(pipe, second, only_if_ready=True) is None and events[-2:] == [("wait", "s2"), ("send", "s2")]
+    third = run_message(StepMessage("s3"), runner, pipe)
+    assert run_message(NoopMessage(), runner, pipe, third) is None and events[-2:] == [("wait", "s3"), ("send", "s3")]
