@@ -29,6 +29,9 @@ import torch.distributed as dist
 from pagedserve.engine_io import ModelRunnerOutput
 
 
+MAX_UNFINISHED_SENDS = 64   # per group; older sends are waited for (see PipelineLinks._isend)
+
+
 @dataclass
 class PipelineLinks:
     """This rank's neighbours: `prev` / `next` (None at the ends) and, on the last stage's TP
@@ -42,7 +45,8 @@ class PipelineLinks:
     device: torch.device
 
     def __post_init__(self) -> None:
-        self._sending: deque[tuple[Any, tuple[torch.Tensor, ...]]] = deque()
+        # per group (gloo objects, NCCL tensors): (work, its tensors) of each send not known to be done, oldest first
+        self._sending: dict[int, deque[tuple[Any, tuple[torch.Tensor, ...]]]] = {}
 
     @staticmethod
     def of(rank: int, tp: int, pp: int, objects: Any, device: torch.device) -> "PipelineLinks":
@@ -96,17 +100,27 @@ class PipelineLinks:
             dist.recv(tensor, src=self.prev, group=self.tensors)
 
     def _isend(self, tensors: tuple[torch.Tensor, ...], dst: int, group: Any) -> None:
-        while self._sending and self._sending[0][0].is_completed():
-            self._sending.popleft()
+        sending = self._sending.setdefault(id(group), deque())
+        # NCCL sends report completion; gloo ones only to wait(), which returns once the peer has
+        # received (long since for all but the newest few: at most PP steps are in flight)
+        while sending:
+            work = sending[0][0]
+            if not work.is_completed():
+                if len(sending) + len(tensors) <= MAX_UNFINISHED_SENDS:
+                    break
+                work.wait()
+            sending.popleft()
         for tensor in tensors:
-            self._sending.append((dist.isend(tensor, dst=dst, group=group), tensors))
+            sending.append((dist.isend(tensor, dst=dst, group=group), tensors))
 
     def wait_sent(self, timeout_s: float = 5.0) -> None:
         """Before leaving the group: wait up to `timeout_s` for the sends to leave this rank (an
         output rank 0 never asked for, at shutdown, may never leave)."""
         deadline = time.monotonic() + timeout_s
-        while self._sending:
-            work = self._sending.popleft()[0]
+        sending = deque(entry for group in self._sending.values() for entry in group)
+        self._sending.clear()
+        while sending:
+            work = sending.popleft()[0]
             try:
                 work.wait(timedelta(seconds=max(deadline - time.monotonic(), 0.01)))
             except Exception:
