@@ -2,8 +2,25 @@
 with PP=2 as with PP=1, through chunked prefill and preemption (tests/unit/test_pipeline_parallel
 on CUDA), with each stage's CUDA graphs (decode and lone-prefill) and eagerly. The llama-8b
 figures come from tp_gpu.py with PP=2 (benchmarks/pp_gpu.sh).
-  python3 benchmarks/pp_gpu.py          (~60 s on an H200 x2: three engines)
-  DRY=1 python3 benchmarks/pp_gpu.py    (CPU, gloo: the script's own check; no graphs there)"""
+  python3 benchmarks/pp_gpu.py          (~75 s on an H200 x2: three engines)
+  DRY=1 python3 benchmarks/pp_gpu.py    (CPU, gloo: the script's own check; no graphs there)
+
+Why llama-8b PP=2 thr512 was below one GPU (7,231 vs 8,982 out tok/s, H200 x2, 2026-11-30),
+read from the code; `tp_gpu.py peers` under PP prints rank 0's host ms per step by phase:
+- eager stages: every step launched ~10 kernels per layer from Python on both ranks (b1 62 tok/s,
+  16 ms a token, against 4.8 ms with TP=1's graphs); the tail of thr512, few sequences, ran at
+  that rate. Now each stage replays its own graphs.
+- the last stage answered each step (sample, wait for the device, pickle, send) before it even
+  received the next one, so its GPU idled while its host unpickled, built inputs and launched;
+  now it launches the next micro-batch first.
+- every send was kept referenced forever (gloo works never report completion), ~16 KB of GPU
+  memory per prefill token; now bounded.
+- left: exactly PP micro-batches are in flight, so rank 0's round trip (receive the last
+  stage's output over gloo TCP, update, schedule, pickle, send, build stage 0's inputs) sits
+  between one micro-batch's last stage and its next first stage: both GPUs idle for it once per
+  micro-batch (thr512_host_phases: wait_last_stage against the rest). More micro-batches in
+  flight than stages (SGLang's --pp-async-batch-depth), the shared-memory step queue instead of
+  gloo for the messages, and the sampled ids to stage 0 on the device would each shorten it."""
 import os
 import tempfile
 
