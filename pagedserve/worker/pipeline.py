@@ -11,8 +11,10 @@ isend / recv), so that no stage waits for a later one.
 Messages and outputs are pickled into byte tensors on the gloo group (CPU); hidden states go
 on the default group (NCCL on GPU, gloo on CPU). Every channel is one pair of ranks, in order,
 and data only flows forward on NCCL (outputs return over gloo), so a stage never waits for a
-later one: rank 0 launches the next micro-batch while the last stage computes this one. Sends
-are isend: their buffers are kept until the transfer completed.
+later one: rank 0 launches the next micro-batch while the last stage computes this one. The
+last stage answers a step after it launched the next message (tp_worker.run_message; rank 0
+sends a NoopMessage when no step follows the one it waits for). Sends are isend: their buffers
+are kept until the transfer completed.
 """
 from __future__ import annotations
 
