@@ -18,7 +18,8 @@ VARIANT switches issue 17's pieces (each one alone can be measured against `base
   all4m   all, custom all-reduce up to 4 MiB (decode steps up to 512 rows) instead of 1 MiB
 TP=1 runs use `all`: there only async scheduling applies (its default on CUDA).
 Set ENFORCE_EAGER=1 to run without CUDA graphs, PP=N for N pipeline stages (benchmarks/pp_gpu.sh; the
-shm queue, custom all-reduce and async TP of a variant do not apply under PP); DRY=1 runs every mode
+shm queue, custom all-reduce and async TP of a variant do not apply under PP; `peers` then also
+prints rank 0's host time per step by phase, *_host_phases); DRY=1 runs every mode
 but allreduce on CPU with a tiny model and 16 requests (the script's own check, no timing meaning)."""
 import json
 import os
@@ -49,6 +50,7 @@ VARIANTS = {   # name -> (step queue, custom all-reduce up to KiB (0: off), asyn
 }
 
 PP = int(os.environ.get("PP", "1"))
+EAGER = os.environ.get("ENFORCE_EAGER") == "1"
 
 
 def emit(**kw) -> None:
@@ -84,7 +86,7 @@ def make_llm(tp: int, variant: str):
     device = dict(device="cpu", dtype="float32") if DRY else dict(dtype="bfloat16", gpu_memory_utilization=GPU_UTIL)
     llm = LLM(model=make_model_dir(MODEL), load_format="dummy", skip_tokenizer_init=True, **device,
               max_model_len=MAX_LEN, seed=0, tensor_parallel_size=tp, pipeline_parallel_size=PP,
-              enforce_eager=os.environ.get("ENFORCE_EAGER") == "1", disable_custom_all_reduce=not custom_kb,
+              enforce_eager=EAGER, disable_custom_all_reduce=not custom_kb,
               async_scheduling=asynchronous)
     startup = round(time.time() - t0, 1)
     from pagedserve.layers import parallel
@@ -93,7 +95,7 @@ def make_llm(tp: int, variant: str):
     graphs = getattr(runner, "graph_runner", None)
     queue = getattr(getattr(core.executor, "steps", None), "queue", None)
     # what the engine really runs (a piece that failed to set up falls back silently but for a log line)
-    emit(engine="pagedserve", model=MODEL, tp=tp, pp=PP, variant=variant, startup_s=startup,
+    emit(engine="pagedserve", model=MODEL, tp=tp, pp=PP, variant=variant, eager=EAGER, startup_s=startup,
          decode_graphs=len(graphs.graphs) if graphs else 0, prefill_graphs=len(graphs.prefill_graphs) if graphs else 0,
          custom_all_reduce=parallel._custom_all_reduce is not None, shm_step_queue=queue is not None,
          async_scheduling=core.async_scheduling, kv_blocks=core.executor.num_blocks)
@@ -107,26 +109,33 @@ def greedy(max_tokens: int):
 
 def run_peers(llm, tp: int, variant: str) -> None:
     """peers.py's run_engine workloads, timed the same way."""
-    tags = dict(engine="pagedserve", model=MODEL, tp=tp, pp=PP, variant=variant)
+    tags = dict(engine="pagedserve", model=MODEL, tp=tp, pp=PP, variant=variant, eager=EAGER)
     reqs = workload(THR_N)
     if DRY:
         reqs = [(p[:64], min(o, 8)) for p, o in reqs]
     prompts = [{"prompt_token_ids": p} for p, _ in reqs]
     sps = [greedy(o) for _, o in reqs]
     llm.generate(prompts[:8], sps[:8], use_tqdm=False)   # warm-up
+    if PP > 1:   # where rank 0's host time goes per step (a few perf_counter calls a step)
+        _wrap_ranges()
     t0 = time.time()
     outs = llm.generate(prompts, sps, use_tqdm=False)
     dt = time.time() - t0
     gen = sum(len(o.outputs[0].token_ids) for o in outs)
     emit(**tags, workload=f"thr{THR_N}", wall_s=round(dt, 2), req_s=round(THR_N / dt, 2), out_tok_s=round(gen / dt, 1),
          total_tok_s=round((gen + sum(len(p) for p, _ in reqs)) / dt, 1), gen_tokens=gen)
+    if HOST_PHASES:
+        emit_phases(tags, f"thr{THR_N}", dt)
     p = {"prompt_token_ids": list(range(100, 228))}
     b1 = 16 if DRY else 256
     llm.generate([p], [greedy(b1)], use_tqdm=False)
+    reset_phases()   # not the warm-up's
     t0 = time.time()
     llm.generate([p], [greedy(b1)], use_tqdm=False)
     dt = time.time() - t0
     emit(**tags, workload="b1_decode", wall_s=round(dt, 3), tok_s=round(b1 / dt, 1))
+    if HOST_PHASES:
+        emit_phases(tags, "b1_decode", dt)
     warm = {"prompt_token_ids": [(i * 7) % 32000 + 3 for i in range(1024)]}
     llm.generate([warm], [greedy(1)], use_tqdm=False)
     p = {"prompt_token_ids": [(i * 11 + 5) % 32000 + 3 for i in range(1024)]}
@@ -150,26 +159,56 @@ def compare(a_path: str, b_path: str) -> None:
          token_agreement=round(sum(s == t for x, y in zip(a, b) for s, t in zip(x, y)) / sum(len(x) for x in a), 4))
 
 
+HOST_PHASES: dict[str, list[float]] = {}   # label -> [seconds, calls] on rank 0, once _wrap_ranges ran
+
+
 def _wrap_ranges() -> None:
-    """Name the host phases of a step in the profile (rank 0): schedule, send, runner, update."""
+    """Name the host phases of a step on rank 0 (in a profile) and time them (HOST_PHASES):
+    schedule, send the step, the runner (under PP: stage 0's inputs and launch), wait for
+    the sampled ids (under PP: for the last stage's output), update."""
     import torch
     from pagedserve.core.engine_core import EngineCore
     from pagedserve.core.scheduler import Scheduler
     from pagedserve.worker.model_runner import ModelRunner, PendingRunnerOutput
+    from pagedserve.worker.tp_executor import MultiprocTPExecutor, PipelineOutput
     from pagedserve.worker.tp_worker import StepChannel
 
     def wrap(cls, name, label):
         fn = getattr(cls, name)
+        total = HOST_PHASES.setdefault(label, [0.0, 0])
 
         def wrapped(*a, **k):
-            with torch.profiler.record_function(label):
-                return fn(*a, **k)
+            start = time.perf_counter()
+            try:
+                with torch.profiler.record_function(label):
+                    return fn(*a, **k)
+            finally:
+                total[0] += time.perf_counter() - start
+                total[1] += 1
         setattr(cls, name, wrapped)
     wrap(Scheduler, "schedule", "host:schedule")
     wrap(StepChannel, "send", "host:send_step_message")
+    wrap(MultiprocTPExecutor, "_send", "host:send_step_all")   # under PP: + pickled on to stage 1
     wrap(ModelRunner, "execute_model", "host:runner_execute")
     wrap(PendingRunnerOutput, "get", "host:wait_sampled_ids")
+    wrap(PipelineOutput, "get", "host:wait_last_stage")
     wrap(EngineCore, "_update", "host:update")
+
+
+def emit_phases(tags: dict, workload: str, wall_s: float) -> None:
+    """HOST_PHASES since the last call: ms per launched step (rank 0's runner calls) of each
+    phase; calls: how often each ran (schedule runs more often than steps launch under PP)."""
+    steps = max(HOST_PHASES.get("host:runner_execute", [0, 0])[1], 1)
+    per_step = {label.split(":")[1]: round(sec * 1e3 / steps, 3) for label, (sec, calls) in HOST_PHASES.items()
+                if calls}
+    emit(**tags, workload=f"{workload}_host_phases", steps=steps, wall_ms_per_step=round(wall_s * 1e3 / steps, 3),
+         ms_per_step=per_step, calls={label.split(":")[1]: calls for label, (_, calls) in HOST_PHASES.items()})
+    reset_phases()
+
+
+def reset_phases() -> None:
+    for total in HOST_PHASES.values():
+        total[:] = [0.0, 0]
 
 
 def run_profile(llm, tp: int, variant: str, steps: int = 32) -> None:

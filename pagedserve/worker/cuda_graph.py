@@ -13,6 +13,11 @@ forward is bound by the host launching ~10 kernels per layer:
   prefill of llama-1b took the host 7-15 ms to launch, the device ~5 ms.
 
 Each graph covers embedding -> layers -> final norm -> LM head, so a replay returns logits.
+Under pipeline parallelism each stage captures its own layers: a later stage's graphs read the
+previous stage's (hidden, residual) from static input buffers (the pipeline recv writes the
+step's rows into them before the replay: `receive`), and an earlier stage's graphs end in
+static (hidden, residual) outputs, which the runner copies and sends on (the next replay
+overwrites them while the send may still be reading). Only the last stage computes logits.
 Attention in a graph is launched for max_seq_len = max_model_len: the grid (and split-K
 choice) is fixed at capture, and each program bounds its work by the live seq_lens and
 query_start_loc.
@@ -21,12 +26,16 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 import torch
 from torch import nn
 
 from pagedserve.attention.metadata import AttentionMetadata
 from pagedserve.worker.input_batch import StepInputs
+
+Output = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None   # logits, a stage's (hidden, residual), or None
+Receive = Callable[[torch.Tensor, torch.Tensor], None]   # fills (hidden, residual) views in place
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +64,10 @@ def prefill_token_buckets(max_tokens: int) -> list[int]:
 
 class CudaGraphRunner:
     def __init__(self, model: nn.Module, max_num_seqs: int, max_model_len: int, block_size: int,
-                 device: torch.device, max_num_batched_tokens: int = MAX_PREFILL_TOKENS) -> None:
+                 device: torch.device, max_num_batched_tokens: int = MAX_PREFILL_TOKENS,
+                 stage_input: tuple[int, torch.dtype] | None = None) -> None:
+        """`stage_input`: (hidden size, dtype) of the hidden states a pipeline stage after the
+        first receives (None: this model embeds the token ids itself)."""
         self.model = model
         self.max_model_len = max_model_len
         self.buckets = batch_size_buckets(max_num_seqs)
@@ -73,10 +85,14 @@ class CudaGraphRunner:
         self.prefill_query_start_loc = torch.zeros(2, dtype=torch.int32, device=device)
         self.prefill_seq_len = torch.ones(1, dtype=torch.int32, device=device)
         self.prefill_last_row = torch.zeros(1, dtype=torch.int64, device=device)
+        self.stage_in: tuple[torch.Tensor, torch.Tensor] | None = None   # (hidden, residual) from the last stage
+        if stage_input is not None:
+            hidden = torch.zeros((max_tokens, stage_input[0]), dtype=stage_input[1], device=device)
+            self.stage_in = (hidden, torch.zeros_like(hidden))
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, Output] = {}
         self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.prefill_outputs: dict[int, torch.Tensor] = {}
+        self.prefill_outputs: dict[int, Output] = {}
         self.pool = None
 
     def _meta(self, bs: int) -> AttentionMetadata:
@@ -85,46 +101,72 @@ class CudaGraphRunner:
                                  max_query_len=1, max_seq_len=self.max_model_len, num_decodes=bs,
                                  num_decode_tokens=bs)
 
-    def _forward(self, bs: int) -> torch.Tensor:
-        hidden = self.model(self.input_ids[:bs], self.positions[:bs], self._meta(bs))
-        return self.model.compute_logits(hidden)
+    def _stage_in(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None if self.stage_in is None else (self.stage_in[0][:num_tokens], self.stage_in[1][:num_tokens])
 
-    def _prefill_forward(self, num_tokens: int) -> torch.Tensor:
+    def _forward(self, bs: int) -> Output:
+        out = self.model(self.input_ids[:bs], self.positions[:bs], self._meta(bs), self._stage_in(bs))
+        return out if isinstance(out, tuple) else self.model.compute_logits(out)
+
+    def _prefill_forward(self, num_tokens: int) -> Output:
         meta = AttentionMetadata(slot_mapping=self.slot_mapping[:num_tokens],
                                  query_start_loc=self.prefill_query_start_loc, seq_lens=self.prefill_seq_len,
                                  block_tables=self.block_tables[:1], max_query_len=num_tokens,
                                  max_seq_len=self.max_model_len, num_decodes=0)
-        hidden = self.model(self.input_ids[:num_tokens], self.positions[:num_tokens], meta)
-        return self.model.compute_logits(hidden.index_select(0, self.prefill_last_row))
+        out = self.model(self.input_ids[:num_tokens], self.positions[:num_tokens], meta, self._stage_in(num_tokens))
+        return out if isinstance(out, tuple) else self.model.compute_logits(out.index_select(0, self.prefill_last_row))
 
     @torch.inference_mode()
     def capture(self) -> None:
         start = time.monotonic()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        # padding prefill rows while capturing: a one-token sequence, no KV writes
-        self.prefill_query_start_loc.copy_(torch.tensor([0, 1], dtype=torch.int32))
-        self.slot_mapping.fill_(-1)
         with torch.cuda.stream(stream):
-            # largest first: the pool grows once and later graphs reuse its memory
-            for graphs, outputs, sizes, forward in (
-                    (self.prefill_graphs, self.prefill_outputs, self.prefill_buckets, self._prefill_forward),
-                    (self.graphs, self.outputs, self.buckets, self._forward)):
-                for size in reversed(sizes):
-                    forward(size)               # warm-up (Triton compilation, cuBLAS handles)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                        out = forward(size)
-                    if self.pool is None:
-                        self.pool = graph.pool()
-                    graphs[size] = graph
-                    outputs[size] = out
+            self._capture_all(lambda forward, size: self._capture_one(forward, size, stream))
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         logger.info("captured %d decode CUDA graphs (batch sizes %s..%s) and %d prefill graphs (tokens %s..%s) "
                     "in %.1f s", len(self.graphs), self.buckets[0], self.buckets[-1], len(self.prefill_graphs),
                     self.prefill_buckets[0] if self.prefill_buckets else "-",
                     self.prefill_buckets[-1] if self.prefill_buckets else "-", time.monotonic() - start)
+
+    def _capture_all(self, record: Callable[[Callable[[int], Output], int], tuple[torch.cuda.CUDAGraph, Output]]
+                     ) -> None:
+        """Every bucket's graph and static output, `record(forward, size)` capturing each
+        (largest first: the pool grows once and later graphs reuse its memory)."""
+        # padding prefill rows while capturing: a one-token sequence, no KV writes
+        self.prefill_query_start_loc.copy_(torch.tensor([0, 1], dtype=torch.int32))
+        self.slot_mapping.fill_(-1)
+        for graphs, outputs, sizes, forward in (
+                (self.prefill_graphs, self.prefill_outputs, self.prefill_buckets, self._prefill_forward),
+                (self.graphs, self.outputs, self.buckets, self._forward)):
+            for size in reversed(sizes):
+                graphs[size], outputs[size] = record(forward, size)
+
+    def _capture_one(self, forward: Callable[[int], Output], size: int, stream: torch.cuda.Stream
+                     ) -> tuple[torch.cuda.CUDAGraph, Output]:
+        forward(size)               # warm-up (Triton compilation, cuBLAS handles)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+            out = forward(size)
+        if self.pool is None:
+            self.pool = graph.pool()
+        return graph, out
+
+    def _replay(self, graph: torch.cuda.CUDAGraph, out: Output, num_tokens: int, size: int,
+                receive: Receive | None) -> Output:
+        """Receive the previous stage's rows into the static inputs, replay, and return the
+        output's first `num_tokens` rows (logits of a prefill graph are one row already). The
+        layers add into the received residual in place: padding rows are zeroed, or they would
+        grow replay after replay."""
+        if self.stage_in is not None:
+            receive(*self._stage_in(num_tokens))
+            if size > num_tokens:
+                self.stage_in[1][num_tokens:size].zero_()
+        graph.replay()
+        if isinstance(out, tuple):
+            return out[0][:num_tokens], out[1][:num_tokens]
+        return None if out is None else out[:num_tokens]
 
     def _copy_tokens(self, inputs: StepInputs, size: int) -> None:
         """The step's token ids, positions and slots into the static buffers; tokens from its
@@ -141,9 +183,9 @@ class CudaGraphRunner:
         return bool(self.graphs) and inputs.meta.num_decodes == num and num <= self.buckets[-1] \
             and inputs.meta.max_seq_len <= self.max_model_len
 
-    def run(self, inputs: StepInputs) -> torch.Tensor | None:
+    def run(self, inputs: StepInputs, receive: Receive | None = None) -> Output:
         """Logits [num_decodes, vocab] for an all-decode step (None on TP ranks other than 0,
-        which compute no logits)."""
+        which compute no logits; a stage before the last: its (hidden, residual) rows)."""
         num = len(inputs.rows)
         bs = next(b for b in self.buckets if b >= num)
         meta = inputs.meta
@@ -152,9 +194,7 @@ class CudaGraphRunner:
         self.block_tables[:num, :meta.block_tables.shape[1]].copy_(meta.block_tables)
         if bs > num:
             self.seq_lens[num:bs].fill_(1)
-        self.graphs[bs].replay()
-        out = self.outputs[bs]
-        return None if out is None else out[:num]
+        return self._replay(self.graphs[bs], self.outputs[bs], num, bs, receive)
 
     def can_run_prefill(self, inputs: StepInputs) -> bool:
         """One sequence whose chunk ends its prompt (it samples), no decodes, at most the
@@ -163,8 +203,9 @@ class CudaGraphRunner:
                 and bool(self.prefill_graphs) and inputs.query_lens[0] <= self.prefill_buckets[-1]
                 and inputs.meta.max_seq_len <= self.max_model_len)
 
-    def run_prefill(self, inputs: StepInputs) -> torch.Tensor | None:
-        """Logits [1, vocab] of the chunk's last token (None on TP ranks other than 0)."""
+    def run_prefill(self, inputs: StepInputs, receive: Receive | None = None) -> Output:
+        """Logits [1, vocab] of the chunk's last token (None on TP ranks other than 0; a stage
+        before the last: the (hidden, residual) rows of every token)."""
         num = inputs.query_lens[0]
         size = next(s for s in self.prefill_buckets if s >= num)
         meta = inputs.meta
@@ -173,5 +214,4 @@ class CudaGraphRunner:
         self.prefill_seq_len.copy_(meta.seq_lens)
         self.prefill_last_row.copy_(inputs.logits_indices)
         self.block_tables[:1, :meta.block_tables.shape[1]].copy_(meta.block_tables)
-        self.prefill_graphs[size].replay()
-        return self.prefill_outputs[size]
+        return self._replay(self.prefill_graphs[size], self.prefill_outputs[size], num, size, receive)

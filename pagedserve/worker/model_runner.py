@@ -33,6 +33,7 @@ from pagedserve.layers.parallel import broadcast_from_rank0, is_last_stage, pp_w
 from pagedserve.layers.sampler import Sampler, apply_token_bitmask, gather_logprobs
 from pagedserve.models.loader import load_weights
 from pagedserve.models.registry import resolve_model_class
+from pagedserve.worker.cuda_graph import CudaGraphRunner
 from pagedserve.worker.input_batch import BlockTable, CachedRequestState, StepInputs, build_step_inputs
 from pagedserve.worker.sampling_inputs import sample
 
@@ -47,6 +48,10 @@ class PendingRunnerOutput:
                  event: torch.cuda.Event | None) -> None:
         self.output, self.states, self.positions = output, states, positions
         self.token_ids, self.logprobs, self.event = token_ids, logprobs, event
+
+    def ready(self) -> bool:
+        """Whether get() would return without waiting for the device."""
+        return self.event is None or self.event.query()
 
     def get(self) -> ModelRunnerOutput:
         """Wait for the copy, fill the placeholders, and report the tokens."""
@@ -97,6 +102,9 @@ class DeferredSample:
     @torch.inference_mode()
     def sample(self, grammar_bitmask: torch.Tensor | None) -> PendingRunnerOutput:
         return self.runner._sample(self.output, self.logits, self.states, self.structured_req_ids, grammar_bitmask)
+
+    def ready(self) -> bool:
+        return False   # not even sampled yet
 
     def get(self) -> ModelRunnerOutput:
         return self.sample(None).get()
@@ -179,14 +187,20 @@ class ModelRunner:
                         self.host_cache.copy_mode)
 
     def finish_setup(self) -> None:
-        """After the KV cache exists: capture decode CUDA graphs on GPU (unless enforce_eager)."""
-        if self.device.type != "cuda" or self.device_config.enforce_eager or pp_world_size() > 1:
-            return   # no graphs of a pipeline stage yet
-        from pagedserve.worker.cuda_graph import CudaGraphRunner
-        sched = self.scheduler_config
-        self.graph_runner = CudaGraphRunner(self.model, sched.max_num_seqs, sched.max_model_len,
-                                            self.block_size, self.device, sched.max_num_batched_tokens)
+        """After the KV cache exists: capture decode CUDA graphs on GPU (unless enforce_eager);
+        a pipeline stage captures its own layers (worker/cuda_graph.py)."""
+        if self.device.type != "cuda" or self.device_config.enforce_eager:
+            return
+        self.graph_runner = self.make_graph_runner()
         self.graph_runner.capture()
+
+    def make_graph_runner(self) -> CudaGraphRunner:
+        """The graph runner of this model (uncaptured); a stage after the first gets static
+        inputs for the hidden states it receives."""
+        sched, model = self.scheduler_config, self.model_config
+        takes_hidden = self.pipeline is not None and self.pipeline.prev is not None
+        return CudaGraphRunner(self.model, sched.max_num_seqs, sched.max_model_len, self.block_size, self.device,
+                               sched.max_num_batched_tokens, (model.hidden_size, model.dtype) if takes_hidden else None)
 
     @torch.inference_mode()
     def profile_run(self, num_tokens: int) -> None:
@@ -254,9 +268,9 @@ class ModelRunner:
         wants_prompt_logprobs = any(row.sampling_params.prompt_logprobs is not None for row in inputs.rows)
         graphs = self.graph_runner
         if graphs is not None and graphs.can_run(inputs):
-            hidden, logits = None, graphs.run(inputs)
+            hidden, logits = None, self._replay(graphs.run, inputs)
         elif graphs is not None and not wants_prompt_logprobs and graphs.can_run_prefill(inputs):
-            hidden, logits = None, graphs.run_prefill(inputs)
+            hidden, logits = None, self._replay(graphs.run_prefill, inputs)
         elif self.pipeline is not None:
             hidden = self._stage_forward(inputs)
             logits = None if hidden is None else self.model.compute_logits(hidden[inputs.logits_indices])
@@ -292,6 +306,20 @@ class ModelRunner:
             return pending.get()
         self._prev_sampled = None
         return output
+
+    def _replay(self, run, inputs: StepInputs) -> torch.Tensor | None:
+        """A CUDA graph's logits. Under PP a later stage's graph reads the previous stage's
+        hidden states from its static inputs (received into them), and an earlier stage's
+        static outputs are sent on as copies: the next replay overwrites them, maybe before
+        the send has read them. Stages pick graph or eager each on its own: rows travel unpadded."""
+        pipe = self.pipeline
+        if pipe is None:
+            return run(inputs)
+        out = run(inputs, pipe.recv_into if pipe.prev is not None else None)
+        if pipe.next is None:
+            return out
+        pipe.send_intermediate(out[0].clone(), out[1].clone())
+        return None
 
     def _stage_forward(self, inputs: StepInputs) -> torch.Tensor | None:
         """This pipeline stage's layers: hidden states in from the previous stage (none on the

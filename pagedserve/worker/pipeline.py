@@ -11,8 +11,10 @@ isend / recv), so that no stage waits for a later one.
 Messages and outputs are pickled into byte tensors on the gloo group (CPU); hidden states go
 on the default group (NCCL on GPU, gloo on CPU). Every channel is one pair of ranks, in order,
 and data only flows forward on NCCL (outputs return over gloo), so a stage never waits for a
-later one: rank 0 launches the next micro-batch while the last stage computes this one. Sends
-are isend: their buffers are kept until the transfer completed.
+later one: rank 0 launches the next micro-batch while the last stage computes this one. The
+last stage answers a step after it launched the next message (tp_worker.run_message; rank 0
+sends a NoopMessage when no step follows the one it waits for). Sends are isend: their buffers
+are kept until the transfer completed.
 """
 from __future__ import annotations
 
@@ -29,6 +31,9 @@ import torch.distributed as dist
 from pagedserve.engine_io import ModelRunnerOutput
 
 
+MAX_UNFINISHED_SENDS = 64   # per group; older sends are waited for (see PipelineLinks._isend)
+
+
 @dataclass
 class PipelineLinks:
     """This rank's neighbours: `prev` / `next` (None at the ends) and, on the last stage's TP
@@ -42,7 +47,8 @@ class PipelineLinks:
     device: torch.device
 
     def __post_init__(self) -> None:
-        self._sending: deque[tuple[Any, tuple[torch.Tensor, ...]]] = deque()
+        # per group (gloo objects, NCCL tensors): (work, its tensors) of each send not known to be done, oldest first
+        self._sending: dict[int, deque[tuple[Any, tuple[torch.Tensor, ...]]]] = {}
 
     @staticmethod
     def of(rank: int, tp: int, pp: int, objects: Any, device: torch.device) -> "PipelineLinks":
@@ -86,22 +92,37 @@ class PipelineLinks:
                           ) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = torch.empty((num_tokens, hidden_size), dtype=dtype, device=self.device)
         residual = torch.empty_like(hidden)
-        for tensor in (hidden, residual):
-            dist.recv(tensor, src=self.prev, group=self.tensors)
+        self.recv_into(hidden, residual)
         return hidden, residual
 
+    def recv_into(self, hidden: torch.Tensor, residual: torch.Tensor) -> None:
+        """The previous stage's rows into these (contiguous) tensors: a CUDA graph's static
+        inputs, or fresh ones. On NCCL the current stream waits, not the host (gloo: the host)."""
+        for tensor in (hidden, residual):
+            dist.recv(tensor, src=self.prev, group=self.tensors)
+
     def _isend(self, tensors: tuple[torch.Tensor, ...], dst: int, group: Any) -> None:
-        while self._sending and self._sending[0][0].is_completed():
-            self._sending.popleft()
+        sending = self._sending.setdefault(id(group), deque())
+        # NCCL sends report completion; gloo ones only to wait(), which returns once the peer has
+        # received (long since for all but the newest few: at most PP steps are in flight)
+        while sending:
+            work = sending[0][0]
+            if not work.is_completed():
+                if len(sending) + len(tensors) <= MAX_UNFINISHED_SENDS:
+                    break
+                work.wait()
+            sending.popleft()
         for tensor in tensors:
-            self._sending.append((dist.isend(tensor, dst=dst, group=group), tensors))
+            sending.append((dist.isend(tensor, dst=dst, group=group), tensors))
 
     def wait_sent(self, timeout_s: float = 5.0) -> None:
         """Before leaving the group: wait up to `timeout_s` for the sends to leave this rank (an
         output rank 0 never asked for, at shutdown, may never leave)."""
         deadline = time.monotonic() + timeout_s
-        while self._sending:
-            work = self._sending.popleft()[0]
+        sending = deque(entry for group in self._sending.values() for entry in group)
+        self._sending.clear()
+        while sending:
+            work = sending.popleft()[0]
             try:
                 work.wait(timedelta(seconds=max(deadline - time.monotonic(), 0.01)))
             except Exception:

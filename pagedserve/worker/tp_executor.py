@@ -71,6 +71,7 @@ class MultiprocTPExecutor:
         self.device = resolve_device(config.device.device)
         self.processes: list[RankProcess] = []
         self.pipe = None
+        self._launches = 0   # steps launched down the pipeline
         self.placement = None   # distributed_init == "ray": the Ray placement group (worker/ray_ranks.py)
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -170,7 +171,8 @@ class MultiprocTPExecutor:
             except BaseException:
                 self._interrupted = True
                 raise
-        return PipelineOutput(self)
+            self._launches += 1
+        return PipelineOutput(self, self._launches)
 
     def _send(self, message: Message, timeout_s: float | None = None) -> None:
         """To every rank: the step channel (stage 0, if it has other ranks), then on down the
@@ -279,15 +281,20 @@ class MultiprocTPExecutor:
 
 class PipelineOutput:
     """A step launched down the pipeline; get() waits for the last stage's ModelRunnerOutput.
-    Steps answer in launch order, so get() is called in that order (EngineCore does)."""
+    Steps answer in launch order, so get() is called in that order (EngineCore does). The last
+    stage answers a step when the next message reaches it (tp_worker.run_message): if no step
+    was launched after this one, get() sends a NoopMessage first."""
 
-    def __init__(self, executor: MultiprocTPExecutor) -> None:
-        self.executor = executor
+    def __init__(self, executor: MultiprocTPExecutor, seq: int) -> None:
+        self.executor, self.seq = executor, seq
 
     def get(self) -> ModelRunnerOutput:
         executor = self.executor
         executor.check_health()
         try:
+            if executor._launches == self.seq:
+                with executor._lock:
+                    executor._send(NoopMessage())
             return executor.pipe.recv_output()
         except Exception as exc:
             raise executor._mark_dead(f"the last pipeline stage did not answer: {exc}") from exc

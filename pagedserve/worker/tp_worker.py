@@ -17,7 +17,8 @@ group: the default NCCL group on GPU, the gloo group on CPU):
 
 Under pipeline parallelism only stage 0's ranks get the step messages by broadcast (on a gloo
 group of stage 0); each rank forwards every message to its peer in the next stage, which
-receives it point to point (worker/pipeline.py).
+receives it point to point (worker/pipeline.py). The last stage answers each step when the
+next message arrives (run_message).
 
 A rank ends when told to, when its stdin reaches EOF (rank 0 died; spawned ranks), or when a collective
 fails or times out (a peer died or went silent); it never outlives rank 0 for long.
@@ -125,17 +126,30 @@ def receive_message(steps: "StepChannel", pipe: PipelineLinks | None) -> Message
     return pipe.recv_message()
 
 
-def run_message(message: Message, runner: ModelRunner, pipe: PipelineLinks | None) -> ModelRunnerOutput | None:
-    """Pass `message` on to the next stage, and run it if it is a step. The last stage's
-    sampling rank sends the step's output to rank 0; the runner's output is returned."""
+def run_message(message: Message, runner: ModelRunner, pipe: PipelineLinks | None, unsent: Any = None) -> Any:
+    """Pass `message` on to the next stage, and run it if it is a step; the runner's output is
+    returned. Under PP the last stage's sampling rank answers rank 0 one message late: it
+    launches a step before it waits for the sampled ids of the one before (`unsent`, sent
+    now), so its device goes from one micro-batch to the next while its host prepares the
+    next; it returns what it has not sent yet. Rank 0 sends a NoopMessage before it waits for
+    a step that no later one follows (PipelineOutput.get), so no answer is held for long."""
     if pipe is not None:
         pipe.forward_message(message)
-    if not isinstance(message, StepMessage):
-        return None
-    output = runner.execute_model(message.scheduler_output)
-    if pipe is not None and runner.is_driver:
-        pipe.send_output(output)
+    answers = pipe is not None and runner.is_driver
+    output = None
+    if isinstance(message, StepMessage):
+        output = runner.execute_model(message.scheduler_output, non_block=answers)
+    answer(pipe, unsent)
     return output
+
+
+def answer(pipe: PipelineLinks, unsent: Any, only_if_ready: bool = False) -> Any:
+    """Send the last stage's output of a step to rank 0 (after waiting for the device, unless
+    `only_if_ready`: then only if the device is done with it). Returns what is still unsent."""
+    if unsent is None or only_if_ready and not (isinstance(unsent, ModelRunnerOutput) or unsent.ready()):
+        return unsent
+    pipe.send_output(unsent if isinstance(unsent, ModelRunnerOutput) else unsent.get())
+    return None
 
 
 def broadcast_message(message: Message | None, group: Any) -> Message:
@@ -224,9 +238,12 @@ def serve_rank(init: RankInit, report: Callable[[bytes], None] = lambda mileston
     queue = start.step_queue.attach(init.rank - 1) if start.step_queue is not None else None
     steps = StepChannel(step_group(init, control, config), queue)
     logger.info("rank %d/%d ready", init.rank, init.world_size)
+    unsent = None   # under PP, the last stage's step not answered yet (run_message)
     while True:
+        unsent = answer(pipe, unsent, only_if_ready=True)   # done already: rank 0 need not wait for a message
         message = receive_message(steps, pipe)
-        run_message(message, runner, pipe)
+        output = run_message(message, runner, pipe, unsent)
+        unsent = output if pipe is not None and runner.is_driver else None
         if isinstance(message, ShutdownMessage):
             break
     if pipe is not None:

@@ -1,19 +1,28 @@
 """Pipeline parallelism on CPU (gloo, real rank processes): PP=2 and TP=2 x PP=2 give PP=1's
 greedy tokens per architecture on tiny fp32 checkpoints, through chunked prefill and
 preemption; the scheduler splits the running requests into disjoint micro-batches; a killed
-stage fails the engine with EngineDeadError."""
+stage fails the engine with EngineDeadError. On one process: two stages' runners with
+their CUDA-graph runners (replays stood in for by eager forwards, so the static buffers, bucket
+padding, receive-into and send-after-replay plumbing run on CPU) give PP=1's tokens."""
 from __future__ import annotations
 
 import os
 import signal
 import time
+from collections import deque
 
 import pytest
+import torch
 
 from pagedserve import LLM, SamplingParams
-from pagedserve.engine_io import ModelRunnerOutput
+from pagedserve.engine_args import EngineArgs
+from pagedserve.engine_io import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
 from pagedserve.errors import EngineDeadError, ValidationError
-from pagedserve.layers.parallel import stage_layers
+from pagedserve.layers import parallel
+from pagedserve.layers.parallel import ModelParallel, stage_layers
+from pagedserve.worker.model_runner import ModelRunner
+from pagedserve.worker.pipeline import MAX_UNFINISHED_SENDS
+from pagedserve.worker.tp_worker import NoopMessage, StepMessage, answer, run_message
 from tests.helpers import random_prompts
 from tests.unit.test_scheduler import make, req
 
@@ -40,6 +49,9 @@ def _check_stages(arch: str, tp: int, checkpoints: dict[str, str], then=None) ->
         assert len(core.executor.processes) == 2 * tp - 1 and core.executor.max_concurrent_batches == 2
         assert _run(llm) == reference
         assert core.scheduler.stats.num_preemptions > 0
+        # gloo sends never report completion: rank 0 keeps a bounded tail of them (it reaches the bound here)
+        sends = [len(group) for group in core.executor.pipe._sending.values()]
+        assert sends and max(sends) <= MAX_UNFINISHED_SENDS
         if then is not None:
             then(llm)
     finally:
@@ -115,3 +127,129 @@ def test_the_core_keeps_a_step_in_flight_per_stage():
                                                                                  ["r4", "r5"]]
     assert depths[:2] == [1, 2] and max(depths) == 2   # 3 launched while the oldest is awaited
     assert tokens == {f"r{i}": [TOKEN] * 3 for i in range(6)}
+
+
+class _Replay:
+    """A CUDA graph stand-in on CPU: replay() runs the captured forward again over the static
+    buffers and copies the result into the static output, which callers then read."""
+
+    def __init__(self, forward, size: int) -> None:
+        self.forward, self.size, self.count = forward, size, 0
+        self.out = forward(size)
+
+    def replay(self) -> None:
+        new = self.forward(self.size)
+        for dst, src in zip(*(o if isinstance(o, tuple) else (o,) for o in (self.out, new))):
+            dst.copy_(src)
+        self.count += 1
+
+
+class _Link:
+    """Stage 0 -> stage 1 in one process: sent (hidden, residual) pairs, received in order."""
+
+    def __init__(self, queue: deque, first: bool) -> None:
+        self.queue, self.prev, self.next = queue, None if first else 0, 1 if first else None
+
+    def send_intermediate(self, hidden: torch.Tensor, residual: torch.Tensor) -> None:
+        self.queue.append((hidden, residual))
+
+    def recv_into(self, hidden: torch.Tensor, residual: torch.Tensor) -> None:
+        sent = self.queue.popleft()
+        hidden.copy_(sent[0])
+        residual.copy_(sent[1])
+
+    def recv_intermediate(self, num_tokens: int, hidden_size: int, dtype: torch.dtype):
+        return self.queue.popleft()
+
+
+def test_stage_graph_buffers_give_the_tokens_of_one_process(tiny_checkpoints, monkeypatch):
+    """PP=2 stage runners with graph runners (eager replays) vs a PP=1 runner: prefill graphs
+    (a lone prompt, padded to 16 tokens), eager mixed steps, decode graphs (3 rows in the
+    bucket of 4); greedy ids equal at every step, and both stages replayed both kinds."""
+    config, _, _ = EngineArgs(model=tiny_checkpoints["llama"], device="cpu", dtype="float32", max_model_len=64,
+                              block_size=4, num_kv_blocks=16, max_num_seqs=4,
+                              skip_tokenizer_init=True).create_config()
+
+    def runner(stage: int | None, link: _Link | None = None) -> ModelRunner:
+        monkeypatch.setattr(parallel, "_model_parallel",
+                            lambda: None if stage is None else ModelParallel(None, (0,), stage, 2))
+        made = ModelRunner(config.model, config.cache, config.scheduler, config.device, config.weights,
+                           torch.device("cpu"))
+        made.pipeline = link
+        made.load_model()
+        made.init_kv_cache(16)
+        if stage is not None:
+            made.graph_runner = made.make_graph_runner()
+            made.graph_runner._capture_all(lambda forward, size: (graph := _Replay(forward, size), graph.out))
+        return made
+
+    sent: deque = deque()
+    reference, first, last = runner(None), runner(0, _Link(sent, True)), runner(1, _Link(sent, False))
+    assert first.graph_runner.stage_in is None and last.graph_runner.stage_in[0].shape == (64, 64)   # up to the largest prefill bucket
+    prompts = random_prompts(3, 512, 5, 8, seed=4)
+    blocks = {"a": [5, 2, 11], "b": [9, 3, 7], "c": [1, 4, 6]}
+    tokens = {rid: list(p) for rid, p in zip(blocks, prompts)}
+
+    def step(scheduled: dict[str, int], new=(), cached=()) -> None:
+        so = SchedulerOutput(num_scheduled_tokens=scheduled, total_num_scheduled_tokens=sum(scheduled.values()),
+                             new_requests=[NewRequestData(r, tokens[r], len(tokens[r]), PARAMS, blocks[r], 0)
+                                           for r in new],
+                             cached_requests=[CachedRequestData(r, [], len(tokens[r]) - 1, None, len(tokens[r]),
+                                                                tokens[r][-1]) for r in cached])
+        want = reference.execute_model(so)
+        assert first.execute_model(so) is None
+        assert last.execute_model(so).sampled_token_ids == want.sampled_token_ids and not sent
+        for rid, token in want.sampled_token_ids.items():
+            tokens[rid].append(token)
+
+    step({"a": len(tokens["a"])}, new=["a"])                              # prefill graph
+    step({"a": 1, "b": len(tokens["b"])}, new=["b"], cached=["a"])        # eager (mixed)
+    step({"c": len(tokens["c"])}, new=["c"])                              # prefill graph
+    for _ in range(3):
+        step({"a": 1, "b": 1, "c": 1}, cached=["a", "b", "c"])            # decode graph, bucket 4
+    for stage in (first, last):
+        graphs = stage.graph_runner
+        assert graphs.graphs[4].count == 3 and graphs.prefill_graphs[16].count == 2
+        assert sum(g.count for g in graphs.graphs.values()) == 3
+
+
+def test_the_last_stage_launches_a_step_before_it_answers_the_one_before():
+    """The last stage's sampling rank: step 2 is launched before step 1's sampled ids are
+    waited for and sent; a finished step is sent before waiting for a message; a NoopMessage
+    (rank 0 waits for a step no later one follows) flushes the last answer."""
+    events: list[tuple] = []
+
+    class Pending:
+        def __init__(self, name: str) -> None:
+            self.name, self.done = name, False
+
+        def ready(self) -> bool:
+            return self.done
+
+        def get(self) -> ModelRunnerOutput:
+            events.append(("wait", self.name))
+            return ModelRunnerOutput(sampled_token_ids={self.name: 1})
+
+    class Runner:
+        is_driver = True
+
+        def execute_model(self, so, non_block=False):
+            events.append(("launch", so, non_block))
+            return Pending(so)
+
+    class Pipe:
+        def forward_message(self, message) -> None:
+            pass
+
+        def send_output(self, output: ModelRunnerOutput) -> None:
+            events.append(("send", *output.sampled_token_ids))
+
+    runner, pipe = Runner(), Pipe()
+    first = run_message(StepMessage("s1"), runner, pipe)
+    second = run_message(StepMessage("s2"), runner, pipe, first)
+    assert events == [("launch", "s1", True), ("launch", "s2", True), ("wait", "s1"), ("send", "s1")]
+    assert answer(pipe, second, only_if_ready=True) is second          # the device still works on it
+    second.done = True
+    assert answer(pipe, second, only_if_ready=True) is None and events[-2:] == [("wait", "s2"), ("send", "s2")]
+    third = run_message(StepMessage("s3"), runner, pipe)
+    assert run_message(NoopMessage(), runner, pipe, third) is None and events[-2:] == [("wait", "s3"), ("send", "s3")]
