@@ -16,7 +16,8 @@ read once and the arithmetic is nil. Each program streams a [BLOCK_N, BLOCK_K] s
 over the whole of K through a software pipeline (NUM_STAGES loads in flight); the
 accumulator is fp32, the output is rounded once. Rows are padded to 16 for tl.dot; at M = 1
 the FMA variant (`m1_dot=False`) multiplies one row without padding (a prologue then computes
-1 row, not 16: SiLU's IEEE exp is not free).
+1 row, not 16: SiLU's IEEE exp is not free), each lane accumulating its products across the slices
+and one reduction at the end.
 
 Launch shapes: `benchmarks/decode_gpu.py` sweeps them per weight shape (`CONFIGS`, by (N, K));
 others take DEFAULT_CONFIG. On an H100 (`benchmarks/gemv_sweep.py`), 32 x 512, 4 warps, 4
@@ -68,7 +69,10 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, res_ptr, res_out_ptr, norm_ptr, M, N, K,
             squares += hf * hf
         inv = tl.rsqrt(tl.sum(squares, axis=1) * inv_k + eps)[:, None]
         writes_h = offs_m[:, None] < tl.where(pid == 0, M, 0)   # program 0 writes x + residual out
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if BLOCK_M == 1:   # one row: per-lane FMAs over the slices, one reduction at the end
+        acc_k = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
         cols = k + offs_k
         x_mask = m_valid if EVEN_K else m_valid & (cols[None, :] < K)
@@ -89,10 +93,12 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, res_ptr, res_out_ptr, norm_ptr, M, N, K,
         else:
             x = tl.load(x_rows + cols[None, :], mask=x_mask, other=0.0)
         w = tl.load(w_rows + cols[None, :], mask=w_mask, other=0.0)
-        if BLOCK_M == 1:   # one row: FMAs and a reduction over the slice, no padded rows
-            acc += tl.sum(x.to(tl.float32) * w.to(tl.float32), axis=1)[None, :]
+        if BLOCK_M == 1:
+            acc_k += x.to(tl.float32) * w.to(tl.float32)
         else:
             acc = tl.dot(x, tl.trans(w), acc)
+    if BLOCK_M == 1:
+        acc = tl.sum(acc_k, axis=1)[None, :]
     out = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_valid & (offs_n[None, :] < N))
 
