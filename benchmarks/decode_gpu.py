@@ -175,7 +175,7 @@ def sweep(dev: torch.device, dtype: torch.dtype, models: list[str]) -> None:
                        current_us=round(cur_us, 2), current_tb_s=round(nbytes / cur_us / 1e6, 2),
                        best_us=round(timed[0][0], 2), best_tb_s=round(nbytes / timed[0][0] / 1e6, 2),
                        best=timed[0][1].__dict__, top5=[(round(t, 2), c.__dict__) for t, c in timed[:5]])
-            best[(n, k)] = timed[0][1]
+            best[(n, k)] = (timed[0][1], timed[0][0] < cublas)
             # each fusion against its two unfused launches (current configs)
             if role in ("qkv", "gate_up", "lm_head"):
                 nw, res = torch.randn(k, device=dev).to(dtype), torch.randn(1, k, device=dev).to(dtype)
@@ -199,8 +199,9 @@ def sweep(dev: torch.device, dtype: torch.dtype, models: list[str]) -> None:
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
     RESULTS["sweep"] = rows
-    log("CONFIGS = {" + ", ".join(f"({n}, {k}): GemvConfig({c.block_n}, {c.block_k}, {c.num_warps}, {c.num_stages}, "
-                                  f"{c.m1_dot})" for (n, k), c in best.items()) + "}")
+    log("CONFIGS = {  # the best launch shape per weight shape; # cuBLAS: where cuBLAS was faster\n" + "\n".join(
+        f"    ({n}, {k}): GemvConfig({c.block_n}, {c.block_k}, {c.num_warps}, {c.num_stages}, {c.m1_dot}),"
+        + ("" if wins else "  # cuBLAS") for (n, k), (c, wins) in best.items()) + "\n}")
 
 
 def kernel_kind(name: str) -> str:
