@@ -4,15 +4,15 @@ traceback and the next stage runs):
 
   check   the fused decode kernels against the unfused ones at the models' shapes, bf16:
           SiLU-and-mul -> down gemv and rotary -> KV store bit for bit; RMSNorm -> gemv
-          within an ulp or two (the row statistic is summed in another order)
+          (max abs difference: the normalised row is not rounded in between)
   sweep   M=1 matmuls of llama-1b / llama-8b (qkv, o, gate_up, down, lm_head): cuBLAS against
-          the Triton gemv over a grid of launch shapes (tl.dot on padded rows, and the FMA
-          variant), weights cycled past the L2, each call timed in a CUDA graph of 40; and
-          each fusion against its two unfused launches. Prints a CONFIGS table to paste.
+          the Triton gemv over a grid of launch shapes (one row: the FMA variant), weights
+          cycled past the L2, each call timed in a CUDA graph of 40; each fusion against its
+          two unfused launches; M=8 cuBLAS against the tl.dot gemv. Prints a CONFIGS table.
   models  per model: b1_decode tok/s as ../shared/bench/peers.py measures it (128-token prompt,
           256 greedy tokens, warmed once), the decode graph's replay time (bs=1, context ~384),
           and a torch.profiler table of one replay: per kernel calls, us, bytes moved, GB/s.
-          --ab MODELS repeats it with the fusions off (same process, a second engine).
+          --ab MODELS (default both) repeats it with the fusions off (same process, a second engine).
   bf16    benchmarks/bf16_agreement.py (needs the default model's GGUF: see gpu_check.sh)
   tests   (not by default) the kernel tests of these kernels on the GPU, bf16 included
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import itertools
 import json
 import os
 import subprocess
@@ -95,14 +94,11 @@ def time_us(fn, args_list) -> float:
 
 
 def sweep_configs() -> list[GemvConfig]:
+    """M = 1 launch shapes (the FMA variant: block_n may be below 16)."""
     if SMOKE:
-        return [GemvConfig(16, 64, 4, 2), GemvConfig(16, 64, 4, 2, m1_dot=False)]
-    dot = [GemvConfig(bn, bk, 4, st) for bn, bk, st in itertools.product([16, 32, 64], [256, 512], [4, 6])]
-    dot += [GemvConfig(32, 512, 8, 4), GemvConfig(32, 1024, 4, 3), GemvConfig(16, 1024, 4, 3)]
-    fma = [GemvConfig(bn, bk, w, 4, m1_dot=False) for bn, bk, w in
-           [(8, 512, 4), (8, 1024, 4), (16, 256, 4), (16, 512, 4), (16, 1024, 8), (32, 256, 4), (32, 512, 8),
-            (64, 128, 4), (64, 256, 8)]]
-    return dot + fma
+        return [GemvConfig(16, 64, 4, 2), GemvConfig(8, 64, 4, 2)]
+    tiles = [(bn, bk) for bn in (4, 8, 16, 32) for bk in (256, 512, 1024, 2048) if 2048 <= bn * bk <= 16384]
+    return [GemvConfig(bn, bk, w, st) for bn, bk in tiles for w, st in ((4, 4), (8, 4), (4, 3), (4, 6))]
 
 
 # ----------------------------------------------------------------------------- stages
@@ -117,11 +113,10 @@ def check(dev: torch.device, dtype: torch.dtype) -> None:
     rnd = lambda *shape, scale=1.0: (torch.randn(*shape, generator=gen) * scale).to(dev, dtype)  # noqa: E731
     for model in (["tiny"] if SMOKE else ["llama-1b", "llama-8b"]):
         shapes, s = weight_shapes(model), SHAPES[model]
-        fma = GemvConfig(16, 64, 4, 2, m1_dot=False) if SMOKE else None
+        fma = GemvConfig(16, 64, 4, 2) if SMOKE else None
         x, gate_up = rnd(1, s["h"]), rnd(1, 2 * s["i"])
         w_down, w_qkv = rnd(*shapes["down"], scale=0.02), rnd(*shapes["qkv"], scale=0.02)
-        ref = gemv(triton_ops.silu_and_mul(gate_up), w_down,
-                   fma or GemvConfig(**{**config_for(*shapes["down"]).__dict__, "m1_dot": False}))
+        ref = gemv(triton_ops.silu_and_mul(gate_up), w_down, fma)
         out[f"{model}.silu_down_equal"] = bool(torch.equal(silu_and_mul_gemv(gate_up, w_down, fma), ref))
         norm_w, res = rnd(s["h"]), rnd(1, s["h"])
         res_ref = res.clone()
@@ -168,13 +163,17 @@ def sweep(dev: torch.device, dtype: torch.dtype, models: list[str]) -> None:
                 except Exception as exc:   # e.g. out of shared memory / registers for a big tile
                     log(f"  {model}.{role} {cfg}: {type(exc).__name__}: {str(exc)[:100]}")
             timed.sort(key=lambda t: t[0])
-            cur = config_for(n, k)
+            cur = config_for(1, n, k)
             cur_us = time_us(lambda w: gemv(x, w, cur), [(w,) for w in weights])
+            x8 = torch.randn(8, k, device=dev).to(dtype)   # M = 8: tl.dot on padded rows against cuBLAS
+            m8 = (time_us(lambda w: torch.nn.functional.linear(x8, w), [(w,) for w in weights]),
+                  time_us(lambda w: gemv(x8, w), [(w,) for w in weights]))
             row = dict(shape=f"{model}.{role}", n=n, k=k, mbytes=round(nbytes / 2**20, 1),
                        cublas_us=round(cublas, 2), cublas_tb_s=round(nbytes / cublas / 1e6, 2),
                        current_us=round(cur_us, 2), current_tb_s=round(nbytes / cur_us / 1e6, 2),
                        best_us=round(timed[0][0], 2), best_tb_s=round(nbytes / timed[0][0] / 1e6, 2),
-                       best=timed[0][1].__dict__, top5=[(round(t, 2), c.__dict__) for t, c in timed[:5]])
+                       best=timed[0][1].__dict__, top5=[(round(t, 2), c.__dict__) for t, c in timed[:5]],
+                       m8_cublas_us=round(m8[0], 2), m8_gemv_us=round(m8[1], 2))
             best[(n, k)] = (timed[0][1], timed[0][0] < cublas)
             # each fusion against its two unfused launches (current configs)
             if role in ("qkv", "gate_up", "lm_head"):
@@ -194,13 +193,14 @@ def sweep(dev: torch.device, dtype: torch.dtype, models: list[str]) -> None:
                 f"  current {cur_us:8.2f} ({row['current_tb_s']:.2f})  best {timed[0][0]:8.2f} "
                 f"({row['best_tb_s']:.2f}) {timed[0][1]}"
                 + "".join(f"  {key} {row[key]}" for key in ("fused_norm_us", "unfused_norm_us", "fused_silu_us",
-                                                            "unfused_silu_us") if key in row))
+                                                            "unfused_silu_us", "m8_cublas_us", "m8_gemv_us")
+                          if key in row))
             del weights
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
     RESULTS["sweep"] = rows
     log("CONFIGS = {  # the best launch shape per weight shape; # cuBLAS: where cuBLAS was faster\n" + "\n".join(
-        f"    ({n}, {k}): GemvConfig({c.block_n}, {c.block_k}, {c.num_warps}, {c.num_stages}, {c.m1_dot}),"
+        f"    ({n}, {k}): GemvConfig({c.block_n}, {c.block_k}, {c.num_warps}, {c.num_stages}),"
         + ("" if wins else "  # cuBLAS") for (n, k), (c, wins) in best.items()) + "\n}")
 
 
@@ -400,7 +400,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stages", default="check,sweep,models,bf16")
     ap.add_argument("--models", default="llama-1b,llama-8b")
-    ap.add_argument("--ab", default="llama-1b", help="models also measured with the fusions off")
+    ap.add_argument("--ab", default="llama-1b,llama-8b", help="models also measured with the fusions off")
     ap.add_argument("--cpu-smoke", action="store_true")
     args = ap.parse_args()
     stages, models = args.stages.split(","), args.models.split(",")

@@ -3,27 +3,29 @@ and an nn.Linear weight w [N, K], bf16 / fp16, on CUDA; optionally with the op t
 fused in front of it (its prologue), so a decode layer launches fewer kernels:
 
 - `gemv(x, w)`: plain;
-- `rms_norm_gemv(x, norm_weight, eps, w, residual)`: RMSNorm of x (+ residual) then the matmul:
-  a first pass over the row gives each program the row's rsqrt statistic, the main loop
-  normalises each K slice (times the norm weight) as it streams the weights; program 0 also
-  writes x + residual out (a new tensor: the others still read the old residual);
-- `silu_and_mul_gemv(gate_up, w)`: silu(gate) * up computed per K slice of [gate | up].
-The prologues round where the standalone kernels (layers/triton_ops.py) round, with the
-same jit helpers.
+- `rms_norm_gemv(x, norm_weight, eps, w, residual)`: RMSNorm of x (+ residual) then the matmul.
+  The loop streams h = x + residual (L2-resident) beside the weights, multiplies by the norm
+  weight and gathers the row's sum of squares; the rsqrt scales the fp32 accumulator at the
+  end. So the normalised row is never rounded to the input dtype (RMSNorm then a matmul
+  round it twice): equal to the unfused ops within an output ulp, not bit for bit. A first
+  pass for the statistic (bit for bit) cost 1.4-1.8x the plain gemv's time on an H200: each
+  program waited on it before its weight stream began. Program 0 also writes h out (a new
+  tensor: the other programs still read the old residual);
+- `silu_and_mul_gemv(gate_up, w)`: silu(gate) * up computed per K slice of [gate | up], as
+  the standalone kernel rounds it (the same jit helper, layers/triton_ops.py): bit for bit.
 
 At batch 1-16 a decode step's matmuls are bound by reading the weights: every byte of w is
 read once and the arithmetic is nil. Each program streams a [BLOCK_N, BLOCK_K] slab of w
-over the whole of K through a software pipeline (NUM_STAGES loads in flight); the
-accumulator is fp32, the output is rounded once. Rows are padded to 16 for tl.dot; at M = 1
-the FMA variant (`m1_dot=False`) multiplies one row without padding (a prologue then computes
-1 row, not 16: SiLU's IEEE exp is not free), each lane accumulating its products across the slices
-and one reduction at the end.
+over the whole of K through a software pipeline (NUM_STAGES loads in flight), fp32
+accumulation, one rounding of the output. One row (M = 1) is multiplied with FMAs, each lane
+accumulating its products across the slices and one reduction at the end; 2-16 rows go
+through tl.dot on 16 padded rows.
 
-Launch shapes: `benchmarks/decode_gpu.py` sweeps them per weight shape (`CONFIGS`, by (N, K));
-others take DEFAULT_CONFIG. On an H100 (`benchmarks/gemv_sweep.py`), 32 x 512, 4 warps, 4
-stages was the best or within 2% on the weights of >= 32 MiB, 3-14% ahead of cuBLAS; smaller
-plain matmuls stay with cuBLAS (MIN_WEIGHT_BYTES), fused ones take the gemv at any size (the
-fusion saves a launch).
+Launch shapes: M = 1 by weight shape (CONFIGS, from the sweep in `benchmarks/decode_gpu.py` on
+an H200: the FMA variant beat both cuBLAS and tl.dot on padded rows on every llama-1b/8b shape,
+reaching 3.3-4.6 TB/s on >= 32 MiB weights); M > 1 DEFAULT_CONFIG (32 x 512, 4 warps, 4 stages:
+the best or within 2% on an H100, `benchmarks/gemv_sweep.py`). Plain matmuls go to cuBLAS below
+MIN_WEIGHT_BYTES unless one row meets a CONFIGS shape; fused ones take the gemv at any size.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedserve.layers.triton_ops import _LIBDEVICE, norm_scale, silu_mul
+from pagedserve.layers.triton_ops import _LIBDEVICE, silu_mul
 
 MAX_ROWS = 16
 MIN_WEIGHT_BYTES = 32 * 2**20
@@ -57,17 +59,8 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, res_ptr, res_out_ptr, norm_ptr, M, N, K,
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     m_valid = offs_m[:, None] < M
     n_valid = offs_n[:, None] < N
-    if PROLOGUE == 1:   # RMSNorm statistics of each row: sum of squares over K
+    if PROLOGUE == 1:   # RMSNorm: each row's sum of squares gathered as the loop streams the row
         squares = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
-            cols = k + offs_k
-            mask = m_valid if EVEN_K else m_valid & (cols[None, :] < K)
-            h = tl.load(x_rows + cols[None, :], mask=mask, other=0.0)
-            if HAS_RESIDUAL:
-                h = h + tl.load(r_rows + cols[None, :], mask=mask, other=0.0)
-            hf = h.to(tl.float32)
-            squares += hf * hf
-        inv = tl.rsqrt(tl.sum(squares, axis=1) * inv_k + eps)[:, None]
         writes_h = offs_m[:, None] < tl.where(pid == 0, M, 0)   # program 0 writes x + residual out
     if BLOCK_M == 1:   # one row: per-lane FMAs over the slices, one reduction at the end
         acc_k = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -80,7 +73,7 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, res_ptr, res_out_ptr, norm_ptr, M, N, K,
         if PROLOGUE == 2:
             gate = tl.load(x_rows + cols[None, :], mask=x_mask, other=0.0)
             x = silu_mul(gate, tl.load(x_rows + K + cols[None, :], mask=x_mask, other=0.0), LIBDEVICE)
-        elif PROLOGUE == 1:
+        elif PROLOGUE == 1:   # h * norm weight now, times the row's rsqrt after the loop
             h = tl.load(x_rows + cols[None, :], mask=x_mask, other=0.0)
             if HAS_RESIDUAL:
                 h = h + tl.load(r_rows + cols[None, :], mask=x_mask, other=0.0)
@@ -89,7 +82,11 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, res_ptr, res_out_ptr, norm_ptr, M, N, K,
                 nw = tl.load(norm_ptr + cols)
             else:
                 nw = tl.load(norm_ptr + cols, mask=cols < K, other=0.0)
-            x = norm_scale(h, inv, nw[None, :])
+            hf = h.to(tl.float32)
+            squares += hf * hf
+            x = hf * nw.to(tl.float32)[None, :]
+            if BLOCK_M > 1:
+                x = x.to(h.dtype)   # tl.dot's operand
         else:
             x = tl.load(x_rows + cols[None, :], mask=x_mask, other=0.0)
         w = tl.load(w_rows + cols[None, :], mask=w_mask, other=0.0)
@@ -99,6 +96,8 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, res_ptr, res_out_ptr, norm_ptr, M, N, K,
             acc = tl.dot(x, tl.trans(w), acc)
     if BLOCK_M == 1:
         acc = tl.sum(acc_k, axis=1)[None, :]
+    if PROLOGUE == 1:
+        acc = acc * tl.rsqrt(tl.sum(squares, axis=1) * inv_k + eps)[:, None]
     out = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_valid & (offs_n[None, :] < N))
 
@@ -109,17 +108,30 @@ class GemvConfig:
     block_k: int = 512
     num_warps: int = 4
     num_stages: int = 4
-    m1_dot: bool = True   # plain M = 1 through tl.dot on 16 padded rows (False, and always with
-    # the SiLU prologue: the FMA variant)
 
 
-DEFAULT_CONFIG = GemvConfig()
-# (N, K) -> launch shape, from the sweep in benchmarks/decode_gpu.py on an H200
-CONFIGS: dict[tuple[int, int], GemvConfig] = {}
+DEFAULT_CONFIG = GemvConfig()   # M > 1: tl.dot on 16 padded rows (block_n >= 16)
+# M = 1 (the FMA variant): per weight shape (N, K), the best of the sweep in
+# benchmarks/decode_gpu.py on an H200 (2026-11-30, benchmarks/gpu/2026-11-30-h200-decode-gpu-*.txt);
+# on each of these shapes it beat cuBLAS (1.1-1.4x), so plain matmuls of these shapes take the
+# gemv at one row whatever the weight's size
+CONFIGS: dict[tuple[int, int], GemvConfig] = {
+    (3072, 2048): GemvConfig(8, 512, 4, 4),      # llama-1b qkv
+    (2048, 2048): GemvConfig(8, 512, 4, 4),      # llama-1b o
+    (16384, 2048): GemvConfig(8, 1024, 4, 4),    # llama-1b gate_up
+    (2048, 8192): GemvConfig(8, 1024, 4, 4),     # llama-1b down
+    (128256, 2048): GemvConfig(16, 256, 4, 4),   # llama-1b lm_head
+    (6144, 4096): GemvConfig(16, 256, 4, 4),     # llama-8b qkv
+    (4096, 4096): GemvConfig(8, 512, 4, 4),      # llama-8b o
+    (28672, 4096): GemvConfig(16, 256, 4, 4),    # llama-8b gate_up
+    (4096, 14336): GemvConfig(16, 512, 4, 4),    # llama-8b down
+    (128256, 4096): GemvConfig(8, 1024, 4, 4),   # llama-8b lm_head
+}
+M1_DEFAULT = GemvConfig(16, 512, 4, 4)
 
 
-def config_for(n: int, k: int) -> GemvConfig:
-    return CONFIGS.get((n, k), DEFAULT_CONFIG)
+def config_for(m: int, n: int, k: int) -> GemvConfig:
+    return CONFIGS.get((n, k), M1_DEFAULT) if m == 1 else DEFAULT_CONFIG
 
 
 def fusable(x: torch.Tensor, weight: torch.Tensor, max_rows: int = MAX_ROWS) -> bool:
@@ -131,8 +143,10 @@ def fusable(x: torch.Tensor, weight: torch.Tensor, max_rows: int = MAX_ROWS) -> 
 
 def use_gemv(x: torch.Tensor, weight: torch.Tensor, max_rows: int = MAX_ROWS) -> bool:
     """Whether the plain gemv beats cuBLAS here: `fusable` and a weight of at least
-    MIN_WEIGHT_BYTES (a step that samples no row computes logits of 0 rows: F.linear)."""
-    return fusable(x, weight, max_rows) and weight.numel() * weight.element_size() >= MIN_WEIGHT_BYTES
+    MIN_WEIGHT_BYTES, or one row into a weight shape of CONFIGS (a step that samples no row
+    computes logits of 0 rows: F.linear)."""
+    return fusable(x, weight, max_rows) and (weight.numel() * weight.element_size() >= MIN_WEIGHT_BYTES
+                                             or x.shape[0] == 1 and tuple(weight.shape) in CONFIGS)
 
 
 def _check(x: torch.Tensor, k: int, weight: torch.Tensor) -> None:
@@ -153,7 +167,7 @@ def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, config: GemvCo
             norm_weight: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
     _check(x, k, weight)
     m, n = x.shape[0], weight.shape[0]
-    config = config or config_for(n, k)
+    config = config or config_for(m, n, k)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     res = residual if residual is not None else x
     out = res_out if res_out is not None else x
@@ -161,7 +175,7 @@ def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, config: GemvCo
         x, weight, y, res, out, norm_weight if norm_weight is not None else weight, m, n, k,
         x.stride(0), weight.stride(0), y.stride(0), res.stride(0), out.stride(0), 1.0 / k, eps,
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None,
-        BLOCK_M=1 if m == 1 and (prologue == _SILU or not config.m1_dot) else 16, BLOCK_N=config.block_n,
+        BLOCK_M=1 if m == 1 else 16, BLOCK_N=config.block_n,
         BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0, NUM_STAGES=config.num_stages, LIBDEVICE=_LIBDEVICE, num_warps=config.num_warps)
     return y
 

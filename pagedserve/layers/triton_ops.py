@@ -39,15 +39,9 @@ def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, x_stride, res_str
         tl.store(residual_ptr + row * res_stride + cols, x, mask=mask)
     xf = x.to(tl.float32)
     inv = tl.rsqrt(tl.sum(xf * xf, axis=0) * inv_n + eps)
+    normed = (xf * inv).to(x.dtype)
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
-    tl.store(out_ptr + row * out_stride + cols, norm_scale(x, inv, weight), mask=mask)
-
-
-@triton.jit
-def norm_scale(x, inv, weight):
-    """RMSNorm's last step as LlamaRMSNorm rounds it: (x * inv) to x's dtype, times the weight
-    (also the gemv's prologue: layers/triton_gemv.py)."""
-    return ((x.to(tl.float32) * inv).to(x.dtype) * weight).to(x.dtype)
+    tl.store(out_ptr + row * out_stride + cols, (normed * weight).to(x.dtype), mask=mask)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
