@@ -12,7 +12,8 @@ traceback and the next stage runs):
   models  per model: b1_decode tok/s as ../shared/bench/peers.py measures it (128-token prompt,
           256 greedy tokens, warmed once), the decode graph's replay time (bs=1, context ~384),
           and a torch.profiler table of one replay: per kernel calls, us, bytes moved, GB/s.
-          --ab MODELS (default both) repeats it with the fusions off (same process, a second engine).
+          --ab MODELS (default both) repeats it with the fusions off, and with the gemv
+          launched with programmatic dependent launch (PDL) (same process, a second engine).
   bf16    benchmarks/bf16_agreement.py (needs the default model's GGUF: see gpu_check.sh)
   tests   (not by default) the kernel tests of these kernels on the GPU, bf16 included
 
@@ -41,7 +42,7 @@ import torch  # noqa: E402
 
 sys.path[:0] = [".devcarry", os.path.join(os.path.dirname(os.path.abspath(".")), "shared", "bench")]
 
-from pagedserve.layers import linear_ops  # noqa: E402
+from pagedserve.layers import linear_ops, triton_gemv  # noqa: E402
 from pagedserve.layers.triton_gemv import GemvConfig, config_for, gemv, rms_norm_gemv, silu_and_mul_gemv  # noqa: E402
 
 HBM_TB_S = 4.3   # the bandwidth basis for the ceilings (~287 / ~1,740 tok/s)
@@ -139,6 +140,14 @@ def check(dev: torch.device, dtype: torch.dtype) -> None:
         triton_ops.rotary_in_place(pos, q2, k2, rope.cos_cache, rope.sin_cache)
         store_kv_ref(k2, v, *ref_caches, slots)
         rotary_store_kv(pos, q, k, v, rope.cos_cache, rope.sin_cache, *caches, slots)
+        if dev.type == "cuda" and triton_gemv.HAS_PDL:   # the PDL launch of the same gemv: the same bits
+            triton_gemv.set_pdl(True)
+            try:
+                pdl_y = silu_and_mul_gemv(gate_up, w_down)
+                torch.cuda.synchronize()
+                out[f"{model}.pdl_equal"] = bool(torch.equal(pdl_y, ref))
+            finally:
+                triton_gemv.set_pdl(False)
         out[f"{model}.rotary_store_equal"] = bool(torch.equal(q, q2) and torch.equal(k, k2) and torch.equal(
             caches[0], ref_caches[0]) and torch.equal(caches[1], ref_caches[1]))
     log(json.dumps(out))
@@ -289,8 +298,15 @@ def kernel_table(kernels: list, model: str, ctx: int, replays: int) -> dict:
 @stage("models")
 def models_stage(dev: torch.device, models: list[str], ab: list[str]) -> None:
     for model in (["tiny"] if SMOKE else models):
-        for fused in ([True, False] if model in ab or (SMOKE and ab) else [True]):
-            run_model(dev, model, fused)
+        for variant in (["fused", "unfused", "fused+pdl"] if model in ab or (SMOKE and ab) else ["fused"]):
+            try:
+                run_model(dev, model, variant)
+            except Exception:   # the other variants still run
+                traceback.print_exc()
+                RESULTS.setdefault("failed", []).append(f"{model}.{variant}")
+            finally:
+                linear_ops.set_decode_fusion(True)
+                triton_gemv.set_pdl(False)
 
 
 def model_dir(model: str) -> str:
@@ -313,10 +329,14 @@ def model_dir(model: str) -> str:
     return d
 
 
-def run_model(dev: torch.device, model: str, fused: bool) -> None:
+def run_model(dev: torch.device, model: str, variant: str) -> None:
     from pagedserve import LLM, SamplingParams
-    label = f"{model}.{'fused' if fused else 'unfused'}"
-    linear_ops.set_decode_fusion(fused)
+    label = f"{model}.{variant}"
+    linear_ops.set_decode_fusion(variant != "unfused")
+    triton_gemv.set_pdl(variant == "fused+pdl")
+    if variant == "fused+pdl" and not triton_gemv.PDL:
+        log(f"{label}: skipped, this Triton has no programmatic dependent launch")
+        return
     t0 = time.time()
     kwargs = dict(device="cpu", dtype="float32", max_model_len=512) if SMOKE else \
         dict(dtype="bfloat16", max_model_len=2048, gpu_memory_utilization=0.85)
@@ -359,16 +379,15 @@ def run_model(dev: torch.device, model: str, fused: bool) -> None:
                 for i, n in enumerate(names * 2)]
         res["profile"] = kernel_table(fake, model, 200, 2)
     RESULTS.setdefault("models", {})[label] = res
-    if not fused and f"{model}.fused" in RESULTS["models"]:   # dummy weights: ids may differ by an ulp's tie
+    if variant != "fused" and f"{model}.fused" in RESULTS["models"]:   # dummy weights: an ulp may flip a tie
         same = RESULTS["models"][f"{model}.fused"]["first_ids"] == res["first_ids"]
-        log(f"{model}: fused and unfused first ids equal: {same}")
+        log(f"{model}: fused and {variant} first ids equal: {same}")
     log(json.dumps({k: v for k, v in res.items() if k != "profile"}))
     llm.shutdown()
     del llm, graphs
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-    linear_ops.set_decode_fusion(True)
 
 
 @stage("bf16")

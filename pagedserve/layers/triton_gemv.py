@@ -37,7 +37,22 @@ import triton.language as tl
 
 from pagedserve.layers.triton_ops import _LIBDEVICE, silu_mul
 
+try:   # programmatic dependent launch (sm_90+): Triton >= 3.4
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    HAS_PDL = True
+except ImportError:
+    HAS_PDL = False
+
 MAX_ROWS = 16
+# Launch with programmatic dependent launch: the next gemv's programs are placed on the SMs
+# while this one's last wave runs and wait (griddepcontrol.wait) for its results; off by
+# default until measured (benchmarks/decode_gpu.py A/B).
+PDL = False
+
+
+def set_pdl(on: bool) -> None:
+    global PDL
+    PDL = on and HAS_PDL
 MIN_WEIGHT_BYTES = 32 * 2**20
 _DTYPES = (torch.bfloat16, torch.float16)
 
@@ -49,7 +64,10 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, res_ptr, res_out_ptr, norm_ptr, M, N, K,
                  stride_xm, stride_wn, stride_ym, stride_rm, stride_om, inv_k, eps,
                  PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-                 LIBDEVICE: tl.constexpr):
+                 LIBDEVICE: tl.constexpr, PDL: tl.constexpr):
+    if PDL:   # x comes from the kernel before: wait for it, and let the next kernel be placed
+        gdc_wait()
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -171,12 +189,14 @@ def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, config: GemvCo
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     res = residual if residual is not None else x
     out = res_out if res_out is not None else x
+    pdl = dict(PDL=True, launch_pdl=True) if PDL and x.is_cuda else dict(PDL=False)
     _gemv_kernel[(triton.cdiv(n, config.block_n),)](
         x, weight, y, res, out, norm_weight if norm_weight is not None else weight, m, n, k,
         x.stride(0), weight.stride(0), y.stride(0), res.stride(0), out.stride(0), 1.0 / k, eps,
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None,
-        BLOCK_M=1 if m == 1 else 16, BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0, NUM_STAGES=config.num_stages, LIBDEVICE=_LIBDEVICE, num_warps=config.num_warps)
+        BLOCK_M=1 if m == 1 else 16, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        EVEN_K=k % config.block_k == 0, NUM_STAGES=config.num_stages, LIBDEVICE=_LIBDEVICE,
+        num_warps=config.num_warps, **pdl)
     return y
 
 
