@@ -105,7 +105,9 @@ class LinearBase(nn.Module):
         """This layer of norm(x + residual) (of norm(x) without one) -> (output, x + residual
         or x): one gemv launch for decode-sized batches (the norm in its prologue), else the
         norm (updating residual in place) and the matmul."""
-        if self._fuses(x):
+        # 2-16 rows feed tl.dot x * norm weight in the input dtype before the rsqrt scales it:
+        # bf16 only there (fp16 could overflow on a large residual stream)
+        if self._fuses(x) and (x.shape[0] == 1 or x.dtype == torch.bfloat16):
             from pagedserve.layers.triton_gemv import rms_norm_gemv
             return rms_norm_gemv(x, norm.weight, norm.eps, self.weight, residual)
         if residual is None:

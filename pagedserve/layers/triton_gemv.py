@@ -210,7 +210,9 @@ def rms_norm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight
                   residual: torch.Tensor | None = None, config: GemvConfig | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(h) * norm_weight) @ weight.T with h = x (+ residual): -> (y [M, N], h [M, K]).
-    h is a new tensor when residual is given (else x itself); nothing is mutated."""
+    h is a new tensor when residual is given (else x itself); nothing is mutated. At M > 1
+    h * norm_weight is rounded to the input dtype for tl.dot before the rsqrt scales the
+    product: fp16 may overflow where the residual stream is large (callers fuse bf16 there)."""
     k = x.shape[-1]
     if norm_weight.shape != (k,) or norm_weight.dtype != x.dtype or norm_weight.stride(0) != 1:
         raise ValueError(f"rms_norm_gemv: norm weight must be [{k}] in {x.dtype}; got {tuple(norm_weight.shape)} "
