@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedserve.layers.triton_ops import _LIBDEVICE, rotate
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -40,6 +42,48 @@ def _store_kv_kernel(
     v_dst = v_cache_ptr + block_id * stride_v_cache_block + offset * stride_v_cache_slot + cols
     tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotary_store_kv_kernel(
+    q_ptr, key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, pos_ptr, cos_ptr, sin_ptr,
+    stride_q_token, stride_q_head, stride_key_token, stride_value_token,
+    stride_k_cache_block, stride_k_cache_slot, stride_v_cache_block, stride_v_cache_slot, stride_cos,
+    num_q_heads, num_kv_heads,
+    BLOCK_SIZE: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, LIBDEVICE: tl.constexpr,
+):
+    """Rotary on the token's query and key heads (in place, as _rotary_kernel in
+    layers/triton_ops.py, with its rounding), then the key and value rows into the cache slot
+    (as _store_kv_kernel)."""
+    token = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + token)
+    offs = tl.arange(0, HALF)
+    cos = tl.load(cos_ptr + pos * stride_cos + offs).to(tl.float32)[None, :]
+    sin = tl.load(sin_ptr + pos * stride_cos + offs).to(tl.float32)[None, :]
+    heads = tl.arange(0, BLOCK_H)
+    q = q_ptr + token * stride_q_token + heads[:, None] * stride_q_head + offs[None, :]
+    q_mask = heads[:, None] < num_q_heads
+    q1, q2 = rotate(tl.load(q, mask=q_mask, other=0.0), tl.load(q + HALF, mask=q_mask, other=0.0), cos, sin,
+                    LIBDEVICE)
+    tl.store(q, q1, mask=q_mask)
+    tl.store(q + HALF, q2, mask=q_mask)
+    row = heads[:, None] * (2 * HALF) + offs[None, :]   # [num_kv_heads, head_dim] rows are contiguous
+    kv_mask = heads[:, None] < num_kv_heads
+    k = key_ptr + token * stride_key_token + row
+    k1, k2 = rotate(tl.load(k, mask=kv_mask, other=0.0), tl.load(k + HALF, mask=kv_mask, other=0.0), cos, sin,
+                    LIBDEVICE)
+    tl.store(k, k1, mask=kv_mask)
+    tl.store(k + HALF, k2, mask=kv_mask)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot < 0:
+        return
+    k_dst = k_cache_ptr + (slot // BLOCK_SIZE) * stride_k_cache_block + (slot % BLOCK_SIZE) * stride_k_cache_slot + row
+    tl.store(k_dst, k1.to(k_cache_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(k_dst + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=kv_mask)
+    v_dst = v_cache_ptr + (slot // BLOCK_SIZE) * stride_v_cache_block + (slot % BLOCK_SIZE) * stride_v_cache_slot + row
+    for half in tl.static_range(2):
+        v = tl.load(value_ptr + token * stride_value_token + row + half * HALF, mask=kv_mask)
+        tl.store(v_dst + half * HALF, v.to(v_cache_ptr.dtype.element_ty), mask=kv_mask)
 
 
 def _check_rows_contiguous(name: str, tensor: torch.Tensor) -> None:
@@ -100,3 +144,30 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
         BLOCK_SIZE=k_cache.shape[1], ROW=row, ROW_PAD=triton.next_power_of_2(row),
         num_warps=4 if row <= 2048 else 8,
     )
+
+
+def rotary_store_kv(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    cos_cache: torch.Tensor, sin_cache: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Rotary embedding of query [T, Hq, D] (in place) and key [T, Hkv, D] at `positions`
+    (cos/sin caches [max_position, D], halves duplicated: layers/rotary.py), then store_kv of
+    the rotated key and value: one launch for what rotary_in_place + store_kv do in two, with
+    the same results (query and key rotated in place, the cache written)."""
+    _check_store_inputs(key, value, k_cache, v_cache, slot_mapping)
+    head_dim = key.shape[-1]
+    if query.dim() != 3 or query.shape[0] != key.shape[0] or query.shape[-1] != head_dim or query.stride(2) != 1 \
+            or head_dim & (head_dim - 1) or query.dtype != key.dtype:
+        raise ValueError(f"rotary_store_kv: query must be [T, Hq, D] of key's dtype with unit stride on a "
+                         f"power-of-two D; got {tuple(query.shape)} {query.dtype}, key {tuple(key.shape)}")
+    if cos_cache.shape[-1] != head_dim or sin_cache.stride() != cos_cache.stride() \
+            or positions.shape != (key.shape[0],):
+        raise ValueError("rotary_store_kv: cos/sin cache or positions do not match the query")
+    if key.shape[0] == 0:
+        return
+    _rotary_store_kv_kernel[(key.shape[0],)](
+        query, key, value, k_cache, v_cache, slot_mapping, positions, cos_cache, sin_cache,
+        query.stride(0), query.stride(1), key.stride(0), value.stride(0),
+        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), cos_cache.stride(0),
+        query.shape[1], key.shape[1],
+        BLOCK_SIZE=k_cache.shape[1], HALF=head_dim // 2,
+        BLOCK_H=triton.next_power_of_2(max(query.shape[1], key.shape[1])), LIBDEVICE=_LIBDEVICE, num_warps=4)

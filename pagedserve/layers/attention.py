@@ -8,6 +8,8 @@ from torch import nn
 
 from pagedserve.attention.backend import AttentionBackend
 from pagedserve.attention.metadata import AttentionMetadata
+from pagedserve.layers.linear_ops import fuses
+from pagedserve.layers.rotary import RotaryEmbedding
 
 
 class Attention(nn.Module):
@@ -22,13 +24,24 @@ class Attention(nn.Module):
         self.v_cache = torch.empty(0)
         self.backend: AttentionBackend | None = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """q [T, Hq*D], k/v [T, Hkv*D] -> [T, Hq*D]; mutates this layer's KV cache."""
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+                rotary: tuple[RotaryEmbedding, torch.Tensor] | None = None) -> torch.Tensor:
+        """q [T, Hq*D], k/v [T, Hkv*D] -> [T, Hq*D]; mutates this layer's KV cache. With
+        `rotary` (the embedding and the positions) q and k are rotated first: for decode-sized
+        batches on the Triton backend in the KV store's launch (and q in place)."""
         num_tokens = q.shape[0]
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         assert self.backend is not None, "KV cache not bound"
-        self.backend.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping, meta)
+        if rotary is not None and self.backend.name == "triton" and fuses(q) and rotary[0].uses_triton(q):
+            from pagedserve.attention.triton_store_kv import rotary_store_kv
+            rope, positions = rotary
+            rotary_store_kv(positions, q, k, v, rope.cos_cache, rope.sin_cache, self.k_cache, self.v_cache,
+                            meta.slot_mapping)
+        else:
+            if rotary is not None:
+                q, k = rotary[0](rotary[1], q, k)
+            self.backend.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping, meta)
         out = self.backend.attend(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)

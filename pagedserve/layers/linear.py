@@ -17,8 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagedserve.layers.linear_ops import (_copy, as_tensor, default_weight_loader, linear,  # noqa: F401
+from pagedserve.layers.activation import SiluAndMul
+from pagedserve.layers.linear_ops import (_copy, as_tensor, default_weight_loader, fuses, linear,  # noqa: F401
                                           narrow, set_gemv_max_rows)
+from pagedserve.layers.norm import RMSNorm
 from pagedserve.layers.parallel import all_reduce, divide, tp_rank, tp_world_size
 from pagedserve.layers.quantization import LinearMethod, QuantizationConfig, UnquantizedLinearMethod
 
@@ -93,6 +95,25 @@ class LinearBase(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_method.apply(self, x, self.bias)
+
+    def _fuses(self, x: torch.Tensor) -> bool:
+        """Decode-sized x on CUDA into float weights without a bias: the gemv with a prologue."""
+        return self.bias is None and type(self.quant_method) is UnquantizedLinearMethod and fuses(x, self.weight)
+
+    def forward_normed(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer of norm(x + residual) (of norm(x) without one) -> (output, x + residual
+        or x): one gemv launch for decode-sized batches (the norm in its prologue), else the
+        norm (updating residual in place) and the matmul."""
+        # 2-16 rows feed tl.dot x * norm weight in the input dtype before the rsqrt scales it:
+        # bf16 only there (fp16 could overflow on a large residual stream)
+        if self._fuses(x) and (x.shape[0] == 1 or x.dtype == torch.bfloat16):
+            from pagedserve.layers.triton_gemv import rms_norm_gemv
+            return rms_norm_gemv(x, norm.weight, norm.eps, self.weight, residual)
+        if residual is None:
+            return self(norm(x)), x
+        normed, residual = norm(x, residual)
+        return self(normed), residual
 
 
 class ColumnParallelLinear(LinearBase):
@@ -171,8 +192,18 @@ class RowParallelLinear(LinearBase):
                          quant_config, prefix, None, in_features, out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._reduce(self.quant_method.apply(self, x))
+
+    def forward_silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """This layer of silu(gate) * up for gate_up = [gate | up]: one gemv launch for one row
+        (the activation in its prologue), else the activation and the matmul."""
+        if gate_up.shape[0] == 1 and self._fuses(gate_up):
+            from pagedserve.layers.triton_gemv import silu_and_mul_gemv
+            return self._reduce(silu_and_mul_gemv(gate_up, self.weight))
+        return self(SiluAndMul()(gate_up))
+
+    def _reduce(self, out: torch.Tensor) -> torch.Tensor:
         # the bias is not sharded; added once, after the reduction
-        out = self.quant_method.apply(self, x)
         if self.reduce_results and self.tp_size > 1:
             out = all_reduce(out)
         if self.bias is not None:

@@ -22,6 +22,25 @@ def set_gemv_max_rows(rows: int) -> None:
     GEMV_MAX_ROWS = rows
 
 
+# Decode-sized batches on the gemv path also fuse RMSNorm and SiLU-and-mul into the gemv that
+# consumes them, and rotary into the KV store (layers/linear.py, layers/attention.py); off
+# for A/B measurements (benchmarks/decode_gpu.py).
+FUSE_DECODE = True
+
+
+def set_decode_fusion(on: bool) -> None:
+    global FUSE_DECODE
+    FUSE_DECODE = on
+
+
+def fuses(x: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
+    """Whether x (and a float weight) takes the fused decode path: few rows on CUDA."""
+    if not (FUSE_DECODE and x.is_cuda and 0 < x.shape[0] <= GEMV_MAX_ROWS):
+        return False
+    from pagedserve.layers.triton_gemv import fusable
+    return weight is None or fusable(x, weight, GEMV_MAX_ROWS)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T (+ bias): the Triton gemv for few rows of a large weight on CUDA, else F.linear."""
     if bias is None and x.shape[0] <= GEMV_MAX_ROWS and x.is_cuda:

@@ -48,10 +48,14 @@ class RotaryEmbedding(nn.Module):
         half = x.shape[-1] // 2
         return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
+    def uses_triton(self, query: torch.Tensor) -> bool:
+        """Whether the Triton kernels rotate this query (CUDA, a power-of-two head_dim)."""
+        return query.is_cuda and self.head_dim & (self.head_dim - 1) == 0
+
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """query [T, Hq, D], key [T, Hkv, D] -> rotated (on CUDA: in place, one kernel)."""
-        if query.is_cuda and self.head_dim & (self.head_dim - 1) == 0:
+        if self.uses_triton(query):
             from pagedserve.layers.triton_ops import rotary_in_place
             rotary_in_place(positions, query, key, self.cos_cache, self.sin_cache)
             return query, key

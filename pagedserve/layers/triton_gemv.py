@@ -1,18 +1,31 @@
 """Triton matmul for decode-sized batches: y = x @ w.T for x [M, K] with few rows (M <= 16)
-and an nn.Linear weight w [N, K], bf16 / fp16, on CUDA.
+and an nn.Linear weight w [N, K], bf16 / fp16, on CUDA; optionally with the op that makes x
+fused in front of it (its prologue), so a decode layer launches fewer kernels:
+
+- `gemv(x, w)`: plain;
+- `rms_norm_gemv(x, norm_weight, eps, w, residual)`: RMSNorm of x (+ residual) then the matmul.
+  The loop streams h = x + residual (L2-resident) beside the weights, multiplies by the norm
+  weight and gathers the row's sum of squares; the rsqrt scales the fp32 accumulator at the
+  end. So the normalised row is never rounded to the input dtype (RMSNorm then a matmul
+  round it twice): equal to the unfused ops within an output ulp, not bit for bit. A first
+  pass for the statistic (bit for bit) cost 1.4-1.8x the plain gemv's time on an H200: each
+  program waited on it before its weight stream began. Program 0 also writes h out (a new
+  tensor: the other programs still read the old residual);
+- `silu_and_mul_gemv(gate_up, w)`: silu(gate) * up computed per K slice of [gate | up], as
+  the standalone kernel rounds it (the same jit helper, layers/triton_ops.py): bit for bit.
 
 At batch 1-16 a decode step's matmuls are bound by reading the weights: every byte of w is
 read once and the arithmetic is nil. Each program streams a [BLOCK_N, BLOCK_K] slab of w
-over the whole of K through a software pipeline (NUM_STAGES loads in flight, as tl.dot lets
-Triton pipeline them) against the padded [16, BLOCK_K] rows of x; the accumulator is fp32,
-the output is rounded once.
+over the whole of K through a software pipeline (NUM_STAGES loads in flight), fp32
+accumulation, one rounding of the output. One row (M = 1) is multiplied with FMAs, each lane
+accumulating its products across the slices and one reduction at the end; 2-16 rows go
+through tl.dot on 16 padded rows.
 
-One launch shape serves every weight: `benchmarks/gemv_sweep.py` searched block_n 16-128,
-block_k 128-512, split K 1-8, 4/8 warps and 3-6 stages on an H100 (benchmarks/gpu/
-2026-11-24-h100-gemv.json); 32 x 512, 4 warps, 4 stages, no split is the best or within 2% of
-it on the weights of >= 32 MiB, where it beats cuBLAS by 3-14% (HBM 2.8-3.1 TB/s). Smaller
-weights (llama-1b's qkv and o) stay with cuBLAS, which is as fast there. One shape is also one
-compiled kernel: a cold start pays a single Triton compile for it.
+Launch shapes: M = 1 by weight shape (CONFIGS, from the sweep in `benchmarks/decode_gpu.py` on
+an H200: the FMA variant beat both cuBLAS and tl.dot on padded rows on every llama-1b/8b shape,
+reaching 3.3-4.6 TB/s on >= 32 MiB weights); M > 1 DEFAULT_CONFIG (32 x 512, 4 warps, 4 stages:
+the best or within 2% on an H100, `benchmarks/gemv_sweep.py`). Plain matmuls go to cuBLAS below
+MIN_WEIGHT_BYTES unless one row meets a CONFIGS shape; fused ones take the gemv at any size.
 """
 from __future__ import annotations
 
@@ -22,32 +35,87 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedserve.layers.triton_ops import _LIBDEVICE, silu_mul
+
+try:   # programmatic dependent launch (sm_90+): Triton >= 3.4
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    HAS_PDL = True
+except ImportError:
+    HAS_PDL = False
+
 MAX_ROWS = 16
+# Launch with programmatic dependent launch: the next gemv's programs are placed on the SMs
+# while this one's last wave runs and wait (griddepcontrol.wait) for its results; off by
+# default until measured (benchmarks/decode_gpu.py A/B).
+PDL = False
+
+
+def set_pdl(on: bool) -> None:
+    global PDL
+    PDL = on and HAS_PDL
 MIN_WEIGHT_BYTES = 32 * 2**20
 _DTYPES = (torch.bfloat16, torch.float16)
 
+_PLAIN, _NORM, _SILU = 0, 1, 2
+
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, y_ptr, res_ptr, res_out_ptr, norm_ptr, M, N, K,
+                 stride_xm, stride_wn, stride_ym, stride_rm, stride_om, inv_k, eps,
+                 PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+                 LIBDEVICE: tl.constexpr, PDL: tl.constexpr):
+    if PDL:   # x comes from the kernel before: wait for it, and let the next kernel be placed
+        gdc_wait()
+        gdc_launch_dependents()
+    pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + offs_m[:, None] * stride_xm
+    r_rows = res_ptr + offs_m[:, None] * stride_rm
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     m_valid = offs_m[:, None] < M
     n_valid = offs_n[:, None] < N
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if PROLOGUE == 1:   # RMSNorm: each row's sum of squares gathered as the loop streams the row
+        squares = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+        writes_h = offs_m[:, None] < tl.where(pid == 0, M, 0)   # program 0 writes x + residual out
+    if BLOCK_M == 1:   # one row: per-lane FMAs over the slices, one reduction at the end
+        acc_k = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
         cols = k + offs_k
-        if EVEN_K:
-            x = tl.load(x_rows + cols[None, :], mask=m_valid, other=0.0)
-            w = tl.load(w_rows + cols[None, :], mask=n_valid, other=0.0)
+        x_mask = m_valid if EVEN_K else m_valid & (cols[None, :] < K)
+        w_mask = n_valid if EVEN_K else n_valid & (cols[None, :] < K)
+        if PROLOGUE == 2:
+            gate = tl.load(x_rows + cols[None, :], mask=x_mask, other=0.0)
+            x = silu_mul(gate, tl.load(x_rows + K + cols[None, :], mask=x_mask, other=0.0), LIBDEVICE)
+        elif PROLOGUE == 1:   # h * norm weight now, times the row's rsqrt after the loop
+            h = tl.load(x_rows + cols[None, :], mask=x_mask, other=0.0)
+            if HAS_RESIDUAL:
+                h = h + tl.load(r_rows + cols[None, :], mask=x_mask, other=0.0)
+                tl.store(res_out_ptr + offs_m[:, None] * stride_om + cols[None, :], h, mask=x_mask & writes_h)
+            if EVEN_K:
+                nw = tl.load(norm_ptr + cols)
+            else:
+                nw = tl.load(norm_ptr + cols, mask=cols < K, other=0.0)
+            hf = h.to(tl.float32)
+            squares += hf * hf
+            x = hf * nw.to(tl.float32)[None, :]
+            if BLOCK_M > 1:
+                x = x.to(h.dtype)   # tl.dot's operand
         else:
-            x = tl.load(x_rows + cols[None, :], mask=m_valid & (cols[None, :] < K), other=0.0)
-            w = tl.load(w_rows + cols[None, :], mask=n_valid & (cols[None, :] < K), other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc)
+            x = tl.load(x_rows + cols[None, :], mask=x_mask, other=0.0)
+        w = tl.load(w_rows + cols[None, :], mask=w_mask, other=0.0)
+        if BLOCK_M == 1:
+            acc_k += x.to(tl.float32) * w.to(tl.float32)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+    if BLOCK_M == 1:
+        acc = tl.sum(acc_k, axis=1)[None, :]
+    if PROLOGUE == 1:
+        acc = acc * tl.rsqrt(tl.sum(squares, axis=1) * inv_k + eps)[:, None]
     out = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_valid & (offs_n[None, :] < N))
 
@@ -60,23 +128,49 @@ class GemvConfig:
     num_stages: int = 4
 
 
-DEFAULT_CONFIG = GemvConfig()
+DEFAULT_CONFIG = GemvConfig()   # M > 1: tl.dot on 16 padded rows (block_n >= 16)
+# M = 1 (the FMA variant): per weight shape (N, K), the best of the sweep in
+# benchmarks/decode_gpu.py on an H200 (2026-11-30, benchmarks/gpu/2026-11-30-h200-decode-gpu-*.txt);
+# on each of these shapes it beat cuBLAS (1.1-1.4x), so plain matmuls of these shapes take the
+# gemv at one row whatever the weight's size
+CONFIGS: dict[tuple[int, int], GemvConfig] = {
+    (3072, 2048): GemvConfig(8, 512, 4, 4),      # llama-1b qkv
+    (2048, 2048): GemvConfig(8, 512, 4, 4),      # llama-1b o
+    (16384, 2048): GemvConfig(8, 1024, 4, 4),    # llama-1b gate_up
+    (2048, 8192): GemvConfig(8, 1024, 4, 4),     # llama-1b down
+    (128256, 2048): GemvConfig(16, 256, 4, 4),   # llama-1b lm_head
+    (6144, 4096): GemvConfig(16, 256, 4, 4),     # llama-8b qkv
+    (4096, 4096): GemvConfig(8, 512, 4, 4),      # llama-8b o
+    (28672, 4096): GemvConfig(16, 256, 4, 4),    # llama-8b gate_up
+    (4096, 14336): GemvConfig(16, 512, 4, 4),    # llama-8b down
+    (128256, 4096): GemvConfig(8, 1024, 4, 4),   # llama-8b lm_head
+}
+M1_DEFAULT = GemvConfig(16, 512, 4, 4)
+
+
+def config_for(m: int, n: int, k: int) -> GemvConfig:
+    return CONFIGS.get((n, k), M1_DEFAULT) if m == 1 else DEFAULT_CONFIG
+
+
+def fusable(x: torch.Tensor, weight: torch.Tensor, max_rows: int = MAX_ROWS) -> bool:
+    """Whether the gemv can take x here (any weight size): CUDA, bf16/fp16, 1 to
+    min(max_rows, MAX_ROWS) rows, unit column strides."""
+    return (x.dim() == 2 and 0 < x.shape[0] <= min(max_rows, MAX_ROWS) and x.is_cuda and x.dtype in _DTYPES
+            and weight.dtype == x.dtype and x.stride(1) == 1 and weight.stride(1) == 1)
 
 
 def use_gemv(x: torch.Tensor, weight: torch.Tensor, max_rows: int = MAX_ROWS) -> bool:
-    """Whether gemv beats cuBLAS here: CUDA, bf16/fp16, 1 to min(max_rows, MAX_ROWS) rows (a
-    step that samples no row computes logits of 0 rows), a weight of at least
-    MIN_WEIGHT_BYTES, unit column strides."""
-    return (x.dim() == 2 and 0 < x.shape[0] <= min(max_rows, MAX_ROWS) and x.is_cuda and x.dtype in _DTYPES
-            and weight.dtype == x.dtype and weight.numel() * weight.element_size() >= MIN_WEIGHT_BYTES
-            and x.stride(1) == 1 and weight.stride(1) == 1)
+    """Whether the plain gemv beats cuBLAS here: `fusable` and a weight of at least
+    MIN_WEIGHT_BYTES, or one row into a weight shape of CONFIGS (a step that samples no row
+    computes logits of 0 rows: F.linear)."""
+    return fusable(x, weight, max_rows) and (weight.numel() * weight.element_size() >= MIN_WEIGHT_BYTES
+                                             or x.shape[0] == 1 and tuple(weight.shape) in CONFIGS)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig = DEFAULT_CONFIG) -> torch.Tensor:
-    """x [M, K] (M <= MAX_ROWS, unit column stride) @ weight.T ([N, K], unit column stride)
-    -> [M, N] in x's dtype. Mutates nothing."""
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"gemv: x must be [M, K] and weight [N, K]; got {tuple(x.shape)} and {tuple(weight.shape)}")
+def _check(x: torch.Tensor, k: int, weight: torch.Tensor) -> None:
+    if x.dim() != 2 or weight.dim() != 2 or k != weight.shape[1]:
+        raise ValueError(f"gemv: x must be [M, K] (gate_up: [M, 2K]) and weight [N, K]; "
+                         f"got {tuple(x.shape)} and {tuple(weight.shape)}")
     if not 0 < x.shape[0] <= MAX_ROWS:
         raise ValueError(f"gemv: x has {x.shape[0]} rows; this kernel takes 1..{MAX_ROWS}")
     if x.dtype not in _DTYPES or weight.dtype != x.dtype:
@@ -84,11 +178,58 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig = DEFAULT_CON
     if x.stride(1) != 1 or weight.stride(1) != 1 or x.device != weight.device:
         raise ValueError(f"gemv: x and weight need unit column strides on one device; got strides "
                          f"{x.stride()} and {weight.stride()}")
-    m, k = x.shape
-    n = weight.shape[0]
+
+
+def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None, k: int,
+            residual: torch.Tensor | None = None, res_out: torch.Tensor | None = None,
+            norm_weight: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+    _check(x, k, weight)
+    m, n = x.shape[0], weight.shape[0]
+    config = config or config_for(m, n, k)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    res = residual if residual is not None else x
+    out = res_out if res_out is not None else x
+    pdl = dict(PDL=True, launch_pdl=True) if PDL and x.is_cuda else dict(PDL=False)
     _gemv_kernel[(triton.cdiv(n, config.block_n),)](
-        x, weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
-        BLOCK_M=16, BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
-        NUM_STAGES=config.num_stages, num_warps=config.num_warps)
+        x, weight, y, res, out, norm_weight if norm_weight is not None else weight, m, n, k,
+        x.stride(0), weight.stride(0), y.stride(0), res.stride(0), out.stride(0), 1.0 / k, eps,
+        PROLOGUE=prologue, HAS_RESIDUAL=residual is not None,
+        BLOCK_M=1 if m == 1 else 16, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        EVEN_K=k % config.block_k == 0, NUM_STAGES=config.num_stages, LIBDEVICE=_LIBDEVICE,
+        num_warps=config.num_warps, **pdl)
     return y
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
+    """x [M, K] (M <= MAX_ROWS, unit column stride) @ weight.T ([N, K], unit column stride)
+    -> [M, N] in x's dtype. Mutates nothing."""
+    return _launch(_PLAIN, x, weight, config, x.shape[-1])
+
+
+def rms_norm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                  residual: torch.Tensor | None = None, config: GemvConfig | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(h) * norm_weight) @ weight.T with h = x (+ residual): -> (y [M, N], h [M, K]).
+    h is a new tensor when residual is given (else x itself); nothing is mutated. At M > 1
+    h * norm_weight is rounded to the input dtype for tl.dot before the rsqrt scales the
+    product: fp16 may overflow where the residual stream is large (callers fuse bf16 there)."""
+    k = x.shape[-1]
+    if norm_weight.shape != (k,) or norm_weight.dtype != x.dtype or norm_weight.stride(0) != 1:
+        raise ValueError(f"rms_norm_gemv: norm weight must be [{k}] in {x.dtype}; got {tuple(norm_weight.shape)} "
+                         f"{norm_weight.dtype}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype or residual.stride(1) != 1):
+        raise ValueError("rms_norm_gemv: residual must match x in shape and dtype with unit column stride")
+    h = torch.empty_like(residual) if residual is not None else x
+    y = _launch(_NORM, x, weight, config, k, residual,
+                h if residual is not None else None, norm_weight, eps)
+    return y, h
+
+
+def silu_and_mul_gemv(gate_up: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None
+                      ) -> torch.Tensor:
+    """(silu(gate) * up) @ weight.T for gate_up = [gate | up] ([M, 2K]) -> [M, N]. At M > 1 the
+    prologue computes 16 padded rows of IEEE exp and division per slice: decode layers fuse
+    it at M = 1 only (layers/linear.py)."""
+    if gate_up.dim() != 2 or gate_up.shape[-1] % 2:
+        raise ValueError(f"silu_and_mul_gemv: gate_up must be [M, 2K]; got {tuple(gate_up.shape)}")
+    return _launch(_SILU, gate_up, weight, config, gate_up.shape[-1] // 2)

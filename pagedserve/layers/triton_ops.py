@@ -68,14 +68,20 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, n_cols, BLOCK: tl
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
-    gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
     up = tl.load(x_ptr + row * x_stride + n_cols + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * out_stride + cols, silu_mul(gate, up, LIBDEVICE), mask=mask)
+
+
+@triton.jit
+def silu_mul(gate, up, LIBDEVICE: tl.constexpr):
+    """silu(gate) * up as torch rounds it (also the down gemv's prologue: layers/triton_gemv.py)."""
+    g = gate.to(tl.float32)
     if LIBDEVICE:
-        e = libdevice.exp(-gate)
+        e = libdevice.exp(-g)
     else:
-        e = tl.exp(-gate)
-    silu = tl.div_rn(gate, 1.0 + e).to(up.dtype)
-    tl.store(out_ptr + row * out_stride + cols, silu * up, mask=mask)
+        e = tl.exp(-g)
+    return tl.div_rn(g, 1.0 + e).to(up.dtype) * up
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -109,19 +115,27 @@ def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, pos_ptr, q_stride_t, q_stride
         mask = heads[:, None] < n_heads
         x1 = tl.load(ptr, mask=mask, other=0.0)
         x2 = tl.load(ptr + HALF, mask=mask, other=0.0)
-        x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-        dt = x1.dtype   # each product rounded to the input dtype, then the sum (transformers)
-        if LIBDEVICE:   # explicitly rounded ops: never contracted into an FMA past the rounding
-            a = libdevice.mul_rn(x1f, cos[None, :]).to(dt).to(tl.float32)
-            b = libdevice.mul_rn(x2f, sin[None, :]).to(dt).to(tl.float32)
-            c = libdevice.mul_rn(x2f, cos[None, :]).to(dt).to(tl.float32)
-            d = libdevice.mul_rn(x1f, sin[None, :]).to(dt).to(tl.float32)
-            out1, out2 = libdevice.sub_rn(a, b), libdevice.add_rn(c, d)
-        else:
-            out1 = (x1f * cos[None, :]).to(dt).to(tl.float32) - (x2f * sin[None, :]).to(dt).to(tl.float32)
-            out2 = (x2f * cos[None, :]).to(dt).to(tl.float32) + (x1f * sin[None, :]).to(dt).to(tl.float32)
-        tl.store(ptr, out1.to(dt), mask=mask)
-        tl.store(ptr + HALF, out2.to(dt), mask=mask)
+        out1, out2 = rotate(x1, x2, cos[None, :], sin[None, :], LIBDEVICE)
+        tl.store(ptr, out1, mask=mask)
+        tl.store(ptr + HALF, out2, mask=mask)
+
+
+@triton.jit
+def rotate(x1, x2, cos, sin, LIBDEVICE: tl.constexpr):
+    """Rotate-half rotary of the halves x1, x2 (input dtype) by fp32 cos / sin, rounded as
+    transformers rounds it (also the KV store's: attention/triton_store_kv.py)."""
+    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+    dt = x1.dtype   # each product rounded to the input dtype, then the sum (transformers)
+    if LIBDEVICE:   # explicitly rounded ops: never contracted into an FMA past the rounding
+        a = libdevice.mul_rn(x1f, cos).to(dt).to(tl.float32)
+        b = libdevice.mul_rn(x2f, sin).to(dt).to(tl.float32)
+        c = libdevice.mul_rn(x2f, cos).to(dt).to(tl.float32)
+        d = libdevice.mul_rn(x1f, sin).to(dt).to(tl.float32)
+        out1, out2 = libdevice.sub_rn(a, b), libdevice.add_rn(c, d)
+    else:
+        out1 = (x1f * cos).to(dt).to(tl.float32) - (x2f * sin).to(dt).to(tl.float32)
+        out2 = (x2f * cos).to(dt).to(tl.float32) + (x1f * sin).to(dt).to(tl.float32)
+    return out1.to(dt), out2.to(dt)
 
 
 def rotary_in_place(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_cache: torch.Tensor,

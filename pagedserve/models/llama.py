@@ -16,7 +16,6 @@ from torch import nn
 
 from pagedserve.attention.metadata import AttentionMetadata
 from pagedserve.config import ModelConfig
-from pagedserve.layers.activation import SiluAndMul
 from pagedserve.layers.attention import Attention
 from pagedserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from pagedserve.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
@@ -50,17 +49,16 @@ class LlamaAttention(nn.Module):
         self.qk_norm = config.qk_norm
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5, self.num_kv_heads)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        qkv = self.qkv_proj(hidden)
+    def forward(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """qkv: this layer's qkv_proj output (the decoder layer fuses the norm before it)."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        num_tokens = hidden.shape[0]
+        num_tokens = qkv.shape[0]
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q = self.q_norm(q)
             k = self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        out = self.attn(q.reshape(num_tokens, -1), k.reshape(num_tokens, -1), v, meta)
+        out = self.attn(q, k, v, meta, rotary=(self.rotary, positions))
         return self.o_proj(out)
 
 
@@ -74,10 +72,10 @@ class LlamaMLP(nn.Module):
                                                        prefix=f"{prefix}.gate_up_proj")
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, dtype=config.dtype,
                                            quant_config=quant_config, prefix=f"{prefix}.down_proj")
-        self.act = SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """gate_up: gate_up_proj's output (the decoder layer fuses the norm before it)."""
+        return self.down_proj.forward_silu_and_mul(gate_up)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -91,14 +89,11 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, meta)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        # each norm with the projection after it: one gemv launch for decode-sized batches
+        qkv, residual = self.self_attn.qkv_proj.forward_normed(hidden, residual, self.input_layernorm)
+        hidden = self.self_attn(positions, qkv, meta)
+        gate_up, residual = self.mlp.gate_up_proj.forward_normed(hidden, residual, self.post_attention_layernorm)
+        return self.mlp(gate_up), residual
 
 
 Intermediate = tuple[torch.Tensor, torch.Tensor]   # (hidden, residual) between pipeline stages

@@ -1,4 +1,5 @@
-"""The decode-sized matmul kernel against torch: every row count, ragged N and K."""
+"""The decode-sized matmul kernel against torch: every row count, ragged N and K, both M = 1
+variants; its fused prologues (RMSNorm, SiLU-and-mul) against the unfused kernels and torch."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +7,10 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from pagedserve.layers.triton_gemv import GemvConfig, gemv, use_gemv  # noqa: E402
+from pagedserve.layers.norm import RMSNorm  # noqa: E402
+from pagedserve.layers.triton_gemv import (GemvConfig, gemv, rms_norm_gemv, silu_and_mul_gemv,  # noqa: E402
+                                           use_gemv)
+from pagedserve.layers.triton_ops import rms_norm, silu_and_mul  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Triton's CPU interpreter mishandles bfloat16 loads/stores: bf16 runs on the GPU machine only.
@@ -31,6 +35,13 @@ def test_gemv_rows(m: int, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k", [(96, 512), (50, 300)])
+def test_gemv_one_row_ragged(n: int, k: int, dtype: torch.dtype) -> None:
+    """M = 1 (FMAs, no padded rows, no tl.dot: block_n may be below 16)."""
+    _check(1, n, k, dtype, GemvConfig(block_n=8, block_k=128, num_warps=4, num_stages=2), seed=k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,k", [(50, 300), (33, 520), (64, 1024)])
 def test_gemv_ragged(n: int, k: int, dtype: torch.dtype) -> None:
     """N not a multiple of the column block, K not a multiple of the K block."""
@@ -52,6 +63,9 @@ def test_use_gemv_only_where_it_pays() -> None:
         assert not use_gemv(torch.zeros(17, 2048, dtype=torch.bfloat16, device="cuda"), big)
         assert not use_gemv(torch.zeros(17, 2048, dtype=torch.bfloat16, device="cuda"), big, max_rows=64)
         assert not use_gemv(torch.zeros(0, 2048, dtype=torch.bfloat16, device="cuda"), big)
+        assert not use_gemv(torch.zeros(2, 2048, dtype=torch.bfloat16, device="cuda"), big[:3072])
+        # one row into a swept shape (llama-1b's qkv, 12 MiB): the gemv won there
+        assert use_gemv(torch.zeros(1, 2048, dtype=torch.bfloat16, device="cuda"), big[:3072])
         assert not use_gemv(torch.zeros(1, 2048, dtype=torch.bfloat16, device="cuda"), big[:4096])
 
 
@@ -63,3 +77,58 @@ def test_gemv_rejects_bad_input() -> None:
         gemv(torch.zeros(1, 64, dtype=torch.float32, device=DEVICE), w)
     with pytest.raises(ValueError, match="weight"):
         gemv(torch.zeros(1, 32, dtype=torch.float16, device=DEVICE), w)
+
+
+SMALL = GemvConfig(block_n=16, block_k=128, num_warps=4, num_stages=2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k", [(1, 40, 256), (1, 33, 300), (3, 33, 300), (16, 64, 384)])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_rms_norm_gemv(m: int, n: int, k: int, with_residual: bool, dtype: torch.dtype) -> None:
+    """The norm in the prologue: x + residual out exactly (nothing mutated); the product within
+    an output ulp of the Triton norm kernel then the gemv (the normalised row is not rounded
+    to the input dtype in between), and within bf16/fp16 tolerance of torch's RMSNorm then a
+    float matmul."""
+    gen = torch.Generator().manual_seed(m * n + k)
+    x, res = (torch.randn(m, k, generator=gen).to(DEVICE, dtype) for _ in range(2))
+    norm = RMSNorm(k, 1e-5, dtype).to(DEVICE)
+    norm.weight.data = (1 + 0.1 * torch.randn(k, generator=gen)).to(DEVICE, dtype)
+    w = (torch.randn(n, k, generator=gen) * 0.05).to(DEVICE, dtype)
+    x0, res0 = x.clone(), res.clone()
+    y, h = rms_norm_gemv(x, norm.weight, norm.eps, w, res if with_residual else None, SMALL)
+    assert torch.equal(x, x0) and torch.equal(res, res0)
+    expected_h = x + res if with_residual else x
+    assert torch.equal(h, expected_h)
+    unfused = gemv(rms_norm(x, norm.weight, norm.eps, res.clone() if with_residual else None), w, SMALL)
+    ulp = 2e-3 if dtype == torch.float16 else 1.6e-2
+    torch.testing.assert_close(y, unfused, rtol=ulp, atol=ulp)
+    ref = (norm._norm(expected_h).float() @ w.float().T).to(dtype)
+    torch.testing.assert_close(y, ref, rtol=2 * ulp, atol=2 * ulp)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k", [(1, 40, 512), (1, 33, 300), (3, 24, 256)])
+def test_silu_and_mul_gemv(m: int, n: int, k: int, dtype: torch.dtype) -> None:
+    """The activation in the prologue, bit for bit the SiLU-and-mul kernel then the gemv (the
+    same roundings, the same accumulation order), and torch within tolerance."""
+    gen = torch.Generator().manual_seed(m + n + k)
+    gate_up = torch.randn(m, 2 * k, generator=gen).to(DEVICE, dtype)
+    w = (torch.randn(n, k, generator=gen) * 0.05).to(DEVICE, dtype)
+    y = silu_and_mul_gemv(gate_up, w, SMALL)
+    assert torch.equal(y, gemv(silu_and_mul(gate_up), w, SMALL))
+    act = torch.nn.functional.silu(gate_up[:, :k]) * gate_up[:, k:]
+    torch.testing.assert_close(y, (act.float() @ w.float().T).to(dtype), rtol=1e-2, atol=1e-2)
+
+
+def test_prologue_launchers_reject_bad_input() -> None:
+    w = torch.zeros(8, 64, dtype=torch.float16, device=DEVICE)
+    x = torch.zeros(1, 64, dtype=torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match="norm weight"):
+        rms_norm_gemv(x, torch.ones(32, dtype=torch.float16, device=DEVICE), 1e-5, w)
+    with pytest.raises(ValueError, match="residual"):
+        rms_norm_gemv(x, torch.ones(64, dtype=torch.float16, device=DEVICE), 1e-5, w, torch.zeros(2, 64))
+    with pytest.raises(ValueError, match="gate_up"):
+        silu_and_mul_gemv(torch.zeros(1, 63, dtype=torch.float16, device=DEVICE), w)
+    with pytest.raises(ValueError, match="weight"):
+        silu_and_mul_gemv(torch.zeros(1, 64, dtype=torch.float16, device=DEVICE), w)

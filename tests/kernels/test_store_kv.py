@@ -1,4 +1,5 @@
-"""store_kv (Triton) against store_kv_ref: exact copies, -1 slots skipped, strided inputs."""
+"""store_kv (Triton) against store_kv_ref: exact copies, -1 slots skipped, strided inputs; and
+rotary_store_kv (rotary fused into the store) against the rotary kernel then store_kv."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +7,9 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
 from pagedserve.attention.torch_ref import store_kv_ref  # noqa: E402
-from pagedserve.attention.triton_store_kv import store_kv  # noqa: E402
+from pagedserve.attention.triton_store_kv import rotary_store_kv, store_kv  # noqa: E402
+from pagedserve.layers.rotary import RotaryEmbedding  # noqa: E402
+from pagedserve.layers.triton_ops import rotary_in_place  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # The interpreter (CPU) runs numpy, which has no bfloat16: half types are tested on CUDA only.
@@ -87,3 +90,38 @@ def test_bad_inputs_raise_clear_errors(bad: str) -> None:
         k_cache = k_cache.transpose(1, 2)
     with pytest.raises(ValueError):
         store_kv(key, value, k_cache, v_cache, slots)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 64), (6, 3, 32), (8, 8, 128)])
+def test_rotary_store_kv_matches_rotary_then_store(dtype: torch.dtype, heads: int, kv_heads: int,
+                                                  head_dim: int) -> None:
+    """Views of one qkv projection, padding slots: q and k rotated in place and the cache
+    written bit for bit as the rotary kernel then store_kv do it (the same rotation helper),
+    and q / the cached k within tolerance of the torch rotary."""
+    generator = torch.Generator().manual_seed(heads * head_dim)
+    tokens, block_size, num_blocks = 5, 16, 4
+    rope = RotaryEmbedding(head_dim, 512, 10000.0, dtype=dtype).to(DEVICE)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=generator).to(DEVICE, dtype)
+    positions = torch.tensor([0, 3, 200, 511, 17], device=DEVICE)
+    slots = torch.tensor([5, -1, 63, 20, -1], device=DEVICE)
+    caches = [torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=generator).to(DEVICE, dtype)
+              for _ in range(2)]
+
+    def views(t):
+        q, k, v = t.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+        return q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim), v.view(tokens, kv_heads, head_dim)
+    ref_qkv, ref_caches = qkv.clone(), [c.clone() for c in caches]
+    q_ref, k_ref, v_ref = views(ref_qkv)
+    cos, sin = rope.cos_cache[positions].unsqueeze(1), rope.sin_cache[positions].unsqueeze(1)
+    torch_q, torch_k = q_ref * cos + rope._rotate_half(q_ref) * sin, k_ref * cos + rope._rotate_half(k_ref) * sin
+    rotary_in_place(positions, q_ref, k_ref, rope.cos_cache, rope.sin_cache)
+    store_kv(k_ref, v_ref, *ref_caches, slots)
+    q, k, v = views(qkv)
+    rotary_store_kv(positions, q, k, v, rope.cos_cache, rope.sin_cache, *caches, slots)
+    assert torch.equal(qkv, ref_qkv)
+    assert torch.equal(caches[0], ref_caches[0]) and torch.equal(caches[1], ref_caches[1])
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(q, torch_q, atol=tol, rtol=tol)
+    torch.testing.assert_close(caches[0].view(-1, kv_heads, head_dim)[slots[slots >= 0]], torch_k[slots >= 0],
+                               atol=tol, rtol=tol)

@@ -1,0 +1,454 @@
+"""Batch-1 decode on the GPU (issue 22): where one decode step's time goes and how fast the
+matmuls stream their weights. One run, stages in order (each guarded: a failure prints its
+traceback and the next stage runs):
+
+  check   the fused decode kernels against the unfused ones at the models' shapes, bf16:
+          SiLU-and-mul -> down gemv and rotary -> KV store bit for bit; RMSNorm -> gemv
+          (max abs difference: the normalised row is not rounded in between)
+  sweep   M=1 matmuls of llama-1b / llama-8b (qkv, o, gate_up, down, lm_head): cuBLAS against
+          the Triton gemv over a grid of launch shapes (one row: the FMA variant), weights
+          cycled past the L2, each call timed in a CUDA graph of 40; each fusion against its
+          two unfused launches; M=8 cuBLAS against the tl.dot gemv. Prints a CONFIGS table.
+  models  per model: b1_decode tok/s as ../shared/bench/peers.py measures it (128-token prompt,
+          256 greedy tokens, warmed once), the decode graph's replay time (bs=1, context ~384),
+          and a torch.profiler table of one replay: per kernel calls, us, bytes moved, GB/s.
+          --ab MODELS (default both) repeats it with the fusions off, and with the gemv
+          launched with programmatic dependent launch (PDL) (same process, a second engine).
+  bf16    benchmarks/bf16_agreement.py (needs the default model's GGUF: see gpu_check.sh)
+  tests   (not by default) the kernel tests of these kernels on the GPU, bf16 included
+
+Usage (repo root, PYTHONPATH=$PWD; peers.py in .devcarry/ or ../shared/bench/):
+  python3 benchmarks/decode_gpu.py [--stages check,sweep,models,bf16] [--models llama-1b,llama-8b]
+                                   [--ab llama-1b] [--cpu-smoke]
+About 150 s on an H200 with a cold Triton cache. Writes decode_gpu.json (and bf16 json) under
+$OUT when set. --cpu-smoke runs every stage on a tiny model and tiny shapes on the CPU
+(Triton's interpreter) to prove the script, not to measure."""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+SMOKE = "--cpu-smoke" in sys.argv
+if SMOKE:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+sys.path[:0] = [".devcarry", os.path.join(os.path.dirname(os.path.abspath(".")), "shared", "bench")]
+
+from pagedserve.layers import linear_ops, triton_gemv  # noqa: E402
+from pagedserve.layers.triton_gemv import GemvConfig, config_for, gemv, rms_norm_gemv, silu_and_mul_gemv  # noqa: E402
+
+HBM_TB_S = 4.3   # the issue's bandwidth basis for the ceilings (~287 / ~1,740 tok/s)
+SHAPES = {  # model: dict(hidden, intermediate, layers, heads, kv_heads, vocab)
+    "llama-1b": dict(h=2048, i=8192, layers=16, heads=32, kv=8, vocab=128256),
+    "llama-8b": dict(h=4096, i=14336, layers=32, heads=32, kv=8, vocab=128256),
+    "tiny": dict(h=64, i=128, layers=2, heads=4, kv=2, vocab=512),
+}
+TIED = {"llama-1b": True, "llama-8b": False, "tiny": True}
+RESULTS: dict = {"date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime())}
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def stage(name):
+    def wrap(fn):
+        def run(*args, **kwargs):
+            t0 = time.time()
+            log(f"=== {name}")
+            try:
+                fn(*args, **kwargs)
+            except Exception:   # one stage's failure must not cost the others' device time
+                traceback.print_exc()
+                RESULTS.setdefault("failed", []).append(name)
+            log(f"=== {name} done in {time.time() - t0:.1f} s")
+        return run
+    return wrap
+
+
+def weight_shapes(model: str) -> dict[str, tuple[int, int]]:
+    s = SHAPES[model]
+    d = s["h"] // s["heads"]
+    return {"qkv": ((s["heads"] + 2 * s["kv"]) * d, s["h"]), "o": (s["h"], s["heads"] * d),
+            "gate_up": (2 * s["i"], s["h"]), "down": (s["h"], s["i"]), "lm_head": (s["vocab"], s["h"])}
+
+
+# ----------------------------------------------------------------------------- timing helpers
+def time_us(fn, args_list) -> float:
+    """Per-call microseconds of fn(*args) cycling over args_list, in a CUDA graph of 40 calls
+    (gemv_sweep.py's timer: host launch cost excluded, as in the decode graphs); on CPU one
+    eager call."""
+    if SMOKE:
+        t0 = time.perf_counter()
+        fn(*args_list[0])
+        return (time.perf_counter() - t0) * 1e6
+    from gemv_sweep import time_us as graph_time_us
+    return graph_time_us(lambda args: fn(*args), args_list)
+
+
+def sweep_configs() -> list[GemvConfig]:
+    """M = 1 launch shapes (the FMA variant: block_n may be below 16)."""
+    if SMOKE:
+        return [GemvConfig(16, 64, 4, 2), GemvConfig(8, 64, 4, 2)]
+    tiles = [(bn, bk) for bn in (4, 8, 16, 32) for bk in (256, 512, 1024, 2048) if 2048 <= bn * bk <= 16384]
+    return [GemvConfig(bn, bk, w, st) for bn, bk in tiles for w, st in ((4, 4), (8, 4), (4, 3), (4, 6))]
+
+
+# ----------------------------------------------------------------------------- stages
+@stage("check")
+def check(dev: torch.device, dtype: torch.dtype) -> None:
+    from pagedserve.attention.torch_ref import store_kv_ref
+    from pagedserve.attention.triton_store_kv import rotary_store_kv
+    from pagedserve.layers import triton_ops
+    from pagedserve.layers.rotary import RotaryEmbedding
+    out = RESULTS.setdefault("check", {})
+    gen = torch.Generator().manual_seed(0)
+    rnd = lambda *shape, scale=1.0: (torch.randn(*shape, generator=gen) * scale).to(dev, dtype)  # noqa: E731
+    for model in (["tiny"] if SMOKE else ["llama-1b", "llama-8b"]):
+        shapes, s = weight_shapes(model), SHAPES[model]
+        fma = GemvConfig(16, 64, 4, 2) if SMOKE else None
+        x, gate_up = rnd(1, s["h"]), rnd(1, 2 * s["i"])
+        w_down, w_qkv = rnd(*shapes["down"], scale=0.02), rnd(*shapes["qkv"], scale=0.02)
+        ref = gemv(triton_ops.silu_and_mul(gate_up), w_down, fma)
+        out[f"{model}.silu_down_equal"] = bool(torch.equal(silu_and_mul_gemv(gate_up, w_down, fma), ref))
+        norm_w, res = rnd(s["h"]), rnd(1, s["h"])
+        res_ref = res.clone()
+        normed = triton_ops.rms_norm(x, norm_w, 1e-5, res_ref)
+        y, h = rms_norm_gemv(x, norm_w, 1e-5, w_qkv, res, fma)
+        y_ref = gemv(normed, w_qkv, fma)
+        out[f"{model}.norm_qkv_residual_equal"] = bool(torch.equal(h, res_ref))
+        out[f"{model}.norm_qkv_max_abs_diff"] = (y.float() - y_ref.float()).abs().max().item()
+        out[f"{model}.norm_qkv_ref_max_abs"] = y_ref.float().abs().max().item()
+        d = s["h"] // s["heads"]
+        rope = RotaryEmbedding(d, 4096, 500000.0, dtype=dtype).to(dev)
+        qkv = rnd(3, (s["heads"] + 2 * s["kv"]) * d)
+        q, k, v = qkv.split([s["heads"] * d, s["kv"] * d, s["kv"] * d], dim=-1)
+        q, k, v = (t.reshape(3, -1, d) for t in (q, k, v))
+        caches = [rnd(8, 16, s["kv"], d) for _ in range(2)]
+        ref_caches = [c.clone() for c in caches]
+        pos = torch.tensor([5, 300, 4000], device=dev)
+        slots = torch.tensor([7, -1, 100], device=dev)
+        q2, k2 = q.clone(), k.clone()
+        triton_ops.rotary_in_place(pos, q2, k2, rope.cos_cache, rope.sin_cache)
+        store_kv_ref(k2, v, *ref_caches, slots)
+        rotary_store_kv(pos, q, k, v, rope.cos_cache, rope.sin_cache, *caches, slots)
+        if dev.type == "cuda" and triton_gemv.HAS_PDL:   # the PDL launch of the same gemv: the same bits
+            triton_gemv.set_pdl(True)
+            try:
+                pdl_y = silu_and_mul_gemv(gate_up, w_down)
+                torch.cuda.synchronize()
+                out[f"{model}.pdl_equal"] = bool(torch.equal(pdl_y, ref))
+            finally:
+                triton_gemv.set_pdl(False)
+        out[f"{model}.rotary_store_equal"] = bool(torch.equal(q, q2) and torch.equal(k, k2) and torch.equal(
+            caches[0], ref_caches[0]) and torch.equal(caches[1], ref_caches[1]))
+    log(json.dumps(out))
+
+
+@stage("sweep")
+def sweep(dev: torch.device, dtype: torch.dtype, models: list[str]) -> None:
+    from pagedserve.layers import triton_ops
+    rows, best = [], {}
+    configs = sweep_configs()
+    for model in (["tiny"] if SMOKE else models):
+        for role, (n, k) in weight_shapes(model).items():
+            nbytes = n * k * 2
+            copies = 1 if SMOKE else max(3, -(-600 * 2**20 // nbytes))
+            weights = [(torch.randn(n, k, device=dev) * 0.02).to(dtype) for _ in range(copies)]
+            x = torch.randn(1, k, device=dev).to(dtype)
+            cublas = time_us(lambda w: torch.nn.functional.linear(x, w), [(w,) for w in weights])
+            timed = []
+            for cfg in configs:
+                try:
+                    timed.append((time_us(lambda w, c=cfg: gemv(x, w, c), [(w,) for w in weights]), cfg))
+                except Exception as exc:   # e.g. out of shared memory / registers for a big tile
+                    log(f"  {model}.{role} {cfg}: {type(exc).__name__}: {str(exc)[:100]}")
+            timed.sort(key=lambda t: t[0])
+            cur = config_for(1, n, k)
+            cur_us = time_us(lambda w: gemv(x, w, cur), [(w,) for w in weights])
+            x8 = torch.randn(8, k, device=dev).to(dtype)   # M = 8: tl.dot on padded rows against cuBLAS
+            m8 = (time_us(lambda w: torch.nn.functional.linear(x8, w), [(w,) for w in weights]),
+                  time_us(lambda w: gemv(x8, w), [(w,) for w in weights]))
+            row = dict(shape=f"{model}.{role}", n=n, k=k, mbytes=round(nbytes / 2**20, 1),
+                       cublas_us=round(cublas, 2), cublas_tb_s=round(nbytes / cublas / 1e6, 2),
+                       current_us=round(cur_us, 2), current_tb_s=round(nbytes / cur_us / 1e6, 2),
+                       best_us=round(timed[0][0], 2), best_tb_s=round(nbytes / timed[0][0] / 1e6, 2),
+                       best=timed[0][1].__dict__, top5=[(round(t, 2), c.__dict__) for t, c in timed[:5]],
+                       m8_cublas_us=round(m8[0], 2), m8_gemv_us=round(m8[1], 2))
+            best[(n, k)] = (timed[0][1], timed[0][0] < cublas)
+            # each fusion against its two unfused launches (current configs)
+            if role in ("qkv", "gate_up", "lm_head"):
+                nw, res = torch.randn(k, device=dev).to(dtype), torch.randn(1, k, device=dev).to(dtype)
+                row["fused_norm_us"] = round(time_us(lambda w: rms_norm_gemv(x, nw, 1e-5, w, res),
+                                                     [(w,) for w in weights]), 2)
+                row["unfused_norm_us"] = round(time_us(
+                    lambda w: linear_ops.linear(triton_ops.rms_norm(x, nw, 1e-5, res), w),
+                    [(w,) for w in weights]), 2)
+            if role == "down":
+                gu = torch.randn(1, 2 * k, device=dev).to(dtype)
+                row["fused_silu_us"] = round(time_us(lambda w: silu_and_mul_gemv(gu, w), [(w,) for w in weights]), 2)
+                row["unfused_silu_us"] = round(time_us(lambda w: linear_ops.linear(triton_ops.silu_and_mul(gu), w),
+                                                       [(w,) for w in weights]), 2)
+            rows.append(row)
+            log(f"{row['shape']:16s} {row['mbytes']:7.1f} MiB  cuBLAS {cublas:8.2f} us ({row['cublas_tb_s']:.2f} TB/s)"
+                f"  current {cur_us:8.2f} ({row['current_tb_s']:.2f})  best {timed[0][0]:8.2f} "
+                f"({row['best_tb_s']:.2f}) {timed[0][1]}"
+                + "".join(f"  {key} {row[key]}" for key in ("fused_norm_us", "unfused_norm_us", "fused_silu_us",
+                                                            "unfused_silu_us", "m8_cublas_us", "m8_gemv_us")
+                          if key in row))
+            del weights
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    RESULTS["sweep"] = rows
+    log("CONFIGS = {  # the best launch shape per weight shape; # cuBLAS: where cuBLAS was faster\n" + "\n".join(
+        f"    ({n}, {k}): GemvConfig({c.block_n}, {c.block_k}, {c.num_warps}, {c.num_stages}),"
+        + ("" if wins else "  # cuBLAS") for (n, k), (c, wins) in best.items()) + "\n}")
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    for key, kind in (("_gemv_kernel", "gemv"), ("rotary_store", "rotary_store_kv"), ("rotary", "rotary"),
+                      ("store_kv", "store_kv"), ("rms_norm", "rms_norm"), ("silu", "silu_and_mul"),
+                      ("splitkreduce", "cublas_reduce"), ("paged_attention", "attention"), ("attn", "attention"),
+                      ("reduce", "attention_reduce"), ("gemm", "cublas"), ("gemv", "cublas"), ("nvjet", "cublas"),
+                      ("xmma", "cublas"), ("cutlass", "cublas"), ("index", "embedding"), ("embedding", "embedding")):
+        if key in low:
+            return kind
+    return "other"
+
+
+def bytes_of(kind: str, model: str, ctx: int) -> int:
+    s = SHAPES[model]
+    d = s["h"] // s["heads"]
+    kv_row = s["kv"] * d * 2
+    return {"rms_norm": 5 * s["h"] * 2, "silu_and_mul": 3 * s["i"] * 2, "rotary": 2 * (s["heads"] * d * 2 + kv_row),
+            "store_kv": 4 * kv_row, "rotary_store_kv": 2 * s["heads"] * d * 2 + 4 * kv_row,
+            "attention": 2 * ctx * kv_row + 2 * s["heads"] * d * 2, "embedding": 2 * s["h"] * 2}.get(kind, 0)
+
+
+def profile_replay(graph, model: str, ctx: int, replays: int = 5) -> dict:
+    """torch.profiler over `replays` replays of the bs=1 decode graph: per kernel (role for
+    the matmuls, by order: qkv, o, gate_up, down per layer, then the LM head) calls, us,
+    bytes and GB/s per replay."""
+    from torch.profiler import ProfilerActivity, profile
+    graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                      and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()),
+                     key=lambda e: e.time_range.start)
+    if not kernels:
+        log("profiler saw no kernels in the graph replay")
+        return {}
+    return kernel_table(kernels, model, ctx, replays)
+
+
+def kernel_table(kernels: list, model: str, ctx: int, replays: int) -> dict:
+    """The table of profiler kernel events (in launch order) of `replays` decode steps."""
+    layers, shapes = SHAPES[model]["layers"], weight_shapes(model)
+    matmuls = [e for e in kernels if kernel_kind(e.name) in ("gemv", "cublas")]
+    per_replay = len(matmuls) // replays
+    roles_ok = per_replay == 4 * layers + 1 and len(matmuls) % replays == 0
+    if not roles_ok:
+        log(f"matmul kernels per replay {per_replay} != 4 * layers + 1: bytes of matmuls not attributed")
+    roles = {}
+    if roles_ok:
+        for i, e in enumerate(matmuls):
+            j = i % per_replay
+            roles[id(e)] = "lm_head" if j == 4 * layers else ("qkv", "o", "gate_up", "down")[j % 4]
+    table: dict[str, dict] = {}
+    for e in kernels:
+        kind = kernel_kind(e.name)
+        role = roles.get(id(e))
+        key = f"{kind}:{role}" if role else kind
+        nbytes = shapes[role][0] * shapes[role][1] * 2 if role else bytes_of(kind, model, ctx)
+        row = table.setdefault(key, dict(calls=0, us=0.0, bytes=0, names=set()))
+        row["calls"] += 1
+        row["us"] += e.time_range.elapsed_us()
+        row["bytes"] += nbytes
+        row["names"].add(e.name[:60])
+    out = {}
+    total_us = sum(r["us"] for r in table.values()) / replays
+    total_bytes = sum(r["bytes"] for r in table.values()) / replays
+    log(f"{'kernel':26s} {'calls':>6s} {'us':>9s} {'%':>6s} {'MB':>9s} {'GB/s':>8s}  names")
+    for key, r in sorted(table.items(), key=lambda kv: -kv[1]["us"]):
+        us, nbytes = r["us"] / replays, r["bytes"] / replays
+        gbs = nbytes / us / 1e3 if us and nbytes else None
+        out[key] = dict(calls=r["calls"] // replays, us=round(us, 1), mb=round(nbytes / 1e6, 3),
+                        gb_s=round(gbs) if gbs else None, names=sorted(r["names"]))
+        log(f"{key:26s} {r['calls'] // replays:6d} {us:9.1f} {100 * us / total_us:5.1f}% {nbytes / 1e6:9.2f} "
+            f"{gbs or 0:8.0f}  {', '.join(sorted(r['names']))[:90]}")
+    log(f"{'total (kernels)':26s} {len(kernels) // replays:6d} {total_us:9.1f} 100.0% {total_bytes / 1e6:9.2f} "
+        f"{total_bytes / total_us / 1e3:8.0f}   floor at {HBM_TB_S} TB/s: {total_bytes / HBM_TB_S / 1e6:.1f} us")
+    return dict(kernels=out, kernel_us=round(total_us, 1), launches=len(kernels) // replays,
+                mbytes=round(total_bytes / 1e6, 1), floor_us=round(total_bytes / HBM_TB_S / 1e6, 1))
+
+
+@stage("models")
+def models_stage(dev: torch.device, models: list[str], ab: list[str]) -> None:
+    for model in (["tiny"] if SMOKE else models):
+        for variant in (["fused", "unfused", "fused+pdl"] if model in ab or (SMOKE and ab) else ["fused"]):
+            try:
+                run_model(dev, model, variant)
+            except Exception:   # the other variants still run
+                traceback.print_exc()
+                RESULTS.setdefault("failed", []).append(f"{model}.{variant}")
+            finally:
+                linear_ops.set_decode_fusion(True)
+                triton_gemv.set_pdl(False)
+
+
+def model_dir(model: str) -> str:
+    """peers.py's dummy config folder (its make_model_dir); where peers.py is not at hand, the
+    same config from SHAPES."""
+    if model != "tiny":
+        try:
+            from peers import make_model_dir
+            return make_model_dir(model)
+        except ImportError:
+            log("peers.py not found (.devcarry/ or ../shared/bench/): writing the config from SHAPES")
+    d = f"/tmp/models/decode_gpu_{model}"
+    os.makedirs(d, exist_ok=True)
+    s = SHAPES[model]
+    json.dump(dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=s["vocab"],
+                   hidden_size=s["h"], intermediate_size=s["i"], num_hidden_layers=s["layers"],
+                   num_attention_heads=s["heads"], num_key_value_heads=s["kv"], max_position_embeddings=4096,
+                   rope_theta=500000.0, rms_norm_eps=1e-5, hidden_act="silu", torch_dtype="bfloat16",
+                   bos_token_id=1, eos_token_id=2, tie_word_embeddings=TIED[model]), open(f"{d}/config.json", "w"))
+    return d
+
+
+def run_model(dev: torch.device, model: str, variant: str) -> None:
+    from pagedserve import LLM, SamplingParams
+    label = f"{model}.{variant}"
+    linear_ops.set_decode_fusion(variant != "unfused")
+    triton_gemv.set_pdl(variant == "fused+pdl")
+    if variant == "fused+pdl" and not triton_gemv.PDL:
+        log(f"{label}: skipped, this Triton has no programmatic dependent launch")
+        return
+    t0 = time.time()
+    kwargs = dict(device="cpu", dtype="float32", max_model_len=512) if SMOKE else \
+        dict(dtype="bfloat16", max_model_len=2048, gpu_memory_utilization=0.85)
+    llm = LLM(model=model_dir(model), load_format="dummy", skip_tokenizer_init=True, seed=0, **kwargs)
+    res = dict(ready_s=round(time.time() - t0, 1))
+    new = 16 if SMOKE else 256
+    prompt = {"prompt_token_ids": list(range(100, 228))}
+    sp = SamplingParams(max_tokens=new, ignore_eos=True, temperature=0.0, detokenize=False)
+    first = llm.generate([prompt], [sp], use_tqdm=False)
+    t0 = time.time()
+    second = llm.generate([prompt], [sp], use_tqdm=False)
+    dt = time.time() - t0
+    res["b1_decode_tok_s"] = round(new / dt, 1)
+    res["same_ids_twice"] = first[0].outputs[0].token_ids == second[0].outputs[0].token_ids
+    res["first_ids"] = list(second[0].outputs[0].token_ids[:8])
+    graphs = llm.engine.core.executor.runner.graph_runner
+    if graphs is not None:
+        ctx = int(graphs.seq_lens[0].item())
+        graph = graphs.graphs[1]
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(50):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        res["replay_ms"] = round(start.elapsed_time(end) / 50, 3)
+        res["host_gap_ms"] = round(dt * 1e3 / new - res["replay_ms"], 3)   # per token, beside the replay
+        res["context"] = ctx
+        log(f"{label}: b1_decode {res['b1_decode_tok_s']} tok/s, replay {res['replay_ms']} ms "
+            f"({1e3 / res['replay_ms']:.0f} tok/s if the host were free), context {ctx}")
+        res["profile"] = profile_replay(graph, model, ctx)
+    else:   # the CPU smoke run: the table code on made-up kernel events
+        log(f"{label}: b1_decode {res['b1_decode_tok_s']} tok/s (no CUDA graphs here)")
+        from types import SimpleNamespace
+        names = ["index_select"] + ["_gemv_kernel", "_rotary_store_kv_kernel", "_paged_attention_kernel",
+                                    "nvjet_tst_64x8", "_gemv_kernel", "_gemv_kernel"] * SHAPES[model]["layers"] \
+            + ["_gemv_kernel", "argmax"]
+        fake = [SimpleNamespace(name=n, time_range=SimpleNamespace(start=i, elapsed_us=lambda: 2.0))
+                for i, n in enumerate(names * 2)]
+        res["profile"] = kernel_table(fake, model, 200, 2)
+    RESULTS.setdefault("models", {})[label] = res
+    if variant != "fused" and f"{model}.fused" in RESULTS["models"]:   # dummy weights: an ulp may flip a tie
+        same = RESULTS["models"][f"{model}.fused"]["first_ids"] == res["first_ids"]
+        log(f"{model}: fused and {variant} first ids equal: {same}")
+    log(json.dumps({k: v for k, v in res.items() if k != "profile"}))
+    llm.shutdown()
+    del llm, graphs
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@stage("bf16")
+def bf16_stage(out_dir: str) -> None:
+    if SMOKE:
+        log("bf16 agreement: skipped on the CPU smoke run")
+        return
+    path = os.path.join(out_dir, "bf16_agreement.json")
+    proc = subprocess.run([sys.executable, "benchmarks/bf16_agreement.py", path, "cuda"], capture_output=True,
+                          text=True, timeout=240)
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines()
+             if any(key in ln for key in ("identical", "RESULT", "Error", "error"))]
+    log("\n".join(lines[-12:]) or f"bf16_agreement exited {proc.returncode} without output")
+    RESULTS["bf16_rc"] = proc.returncode
+
+
+@stage("tests")
+def tests_stage() -> None:
+    """The kernel tests of the fused decode path on the GPU (bf16 included; ~60 s)."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                           "tests/kernels/test_gemv.py", "tests/kernels/test_fused_ops.py",
+                           "tests/kernels/test_store_kv.py"], capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "PAGEDSERVE_TEST_DEVICE": "cuda"})
+    log("\n".join((proc.stdout + proc.stderr).splitlines()[-15:]))
+    RESULTS["tests_rc"] = proc.returncode
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stages", default="check,sweep,models,bf16")
+    ap.add_argument("--models", default="llama-1b,llama-8b")
+    ap.add_argument("--ab", default="llama-1b,llama-8b", help="models also measured with the fusions off")
+    ap.add_argument("--cpu-smoke", action="store_true")
+    args = ap.parse_args()
+    stages, models = args.stages.split(","), args.models.split(",")
+    ab = [m for m in args.ab.split(",") if m]
+    dev = torch.device("cpu" if SMOKE else "cuda")
+    dtype = torch.float16 if SMOKE else torch.bfloat16   # the interpreter has no bfloat16
+    out_dir = os.environ.get("OUT", "/tmp/decode_gpu")
+    os.makedirs(out_dir, exist_ok=True)
+    if dev.type == "cuda":
+        import triton
+        RESULTS["machine"] = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}"
+        log(RESULTS["machine"])
+    t0 = time.time()
+    if "check" in stages:
+        check(dev, dtype)
+    if "sweep" in stages:
+        sweep(dev, dtype, models)
+    if "models" in stages:
+        models_stage(dev, models, ab)
+    if "bf16" in stages:
+        bf16_stage(out_dir)
+    if "tests" in stages and not SMOKE:
+        tests_stage()
+    RESULTS["wall_s"] = round(time.time() - t0, 1)
+    with open(os.path.join(out_dir, "decode_gpu.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1, default=str)
+    log("RESULT " + json.dumps({k: v for k, v in RESULTS.items() if k not in ("sweep", "models")}, default=str))
+    log(f"total {RESULTS['wall_s']} s; failed stages: {RESULTS.get('failed', [])}")
+
+
+if __name__ == "__main__":
+    main()
