@@ -110,6 +110,9 @@ class LinearBase(nn.Module):
         if self._fuses(x) and (x.shape[0] == 1 or x.dtype == torch.bfloat16):
             from pagedserve.layers.triton_gemv import rms_norm_gemv
             return rms_norm_gemv(x, norm.weight, norm.eps, self.weight, residual)
+        fused = getattr(self.quant_method, "apply_normed", None)   # a method's own fused kernel (GGUF on CPU)
+        if fused is not None and self.bias is None and (out := fused(self, x, residual, norm)) is not None:
+            return out
         if residual is None:
             return self(norm(x)), x
         normed, residual = norm(x, residual)
@@ -200,6 +203,9 @@ class RowParallelLinear(LinearBase):
         if gate_up.shape[0] == 1 and self._fuses(gate_up):
             from pagedserve.layers.triton_gemv import silu_and_mul_gemv
             return self._reduce(silu_and_mul_gemv(gate_up, self.weight))
+        fused = getattr(self.quant_method, "apply_silu_and_mul", None)   # GGUF on CPU
+        if fused is not None and (out := fused(self, gate_up)) is not None:
+            return self._reduce(out)
         return self(SiluAndMul()(gate_up))
 
     def _reduce(self, out: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,455 @@
+// GGUF (llama.cpp) blocks multiplied as they are stored, on the CPU: y = x @ w.T for a few
+// rows of x (decode), fp32 in, fp32 accumulate, fp32 out. gguf_cpu.py compiles this file on
+// first use (torch.utils.cpp_extension, -O3 -march=native) and binds it.
+//
+// Every supported type is read as runs of S = 32 (16 for Q6_K) small integers q with one
+// (scale, offset) per run: value = scale * q + offset, as ggml's dequantize_row_* computes it.
+// A run contributes scale * dot(q, x_run) + offset * sum(x_run); the sums of x per run are
+// computed once per call, so the inner loop is int8 -> fp32 conversions and FMAs. The
+// vector types are GCC vector extensions: the compiler lowers them to AVX-512, AVX2 or
+// SSE, whatever -march=native finds. Output rows are split across torch's threads
+// (at::parallel_for).
+//
+// Prologues (one call instead of the several torch ops around a decode GEMV):
+//   norm: x <- rms_norm(x + residual) * weight (x + residual returned too)
+//   silu: x = [gate | up] <- silu(gate) * up
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+#include <immintrin.h>
+
+namespace {
+
+typedef float v16f __attribute__((vector_size(64)));
+typedef uint8_t v16u __attribute__((vector_size(16)));
+
+enum Type { Q4_0 = 0, Q4_1 = 1, Q5_0 = 2, Q5_1 = 3, Q8_0 = 4, Q4_K = 5, Q5_K = 6, Q6_K = 7 };
+
+struct Format { int elems, nbytes, run; };
+constexpr Format FORMATS[] = {{32, 18, 32}, {32, 20, 32}, {32, 22, 32}, {32, 24, 32},
+                              {32, 34, 32}, {256, 144, 32}, {256, 176, 32}, {256, 210, 16}};
+constexpr int MAX_ROWS = 4;   // rows of x per pass over the weight
+
+// fp16 -> fp32 through a table (as ggml's ggml_table_f32_f16): a scale becomes a load, and
+// its broadcast a load too, leaving the vector ALUs to the products
+struct HalfTable {
+  float values[65536];
+  HalfTable() {
+    for (int i = 0; i < 65536; ++i) values[i] = static_cast<float>(c10::Half(i, c10::Half::from_bits()));
+  }
+};
+const HalfTable HALF;
+
+inline const float* f16_ptr(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return HALF.values + bits;
+}
+inline float f16(const uint8_t* p) { return *f16_ptr(p); }
+
+inline v16u load16(const uint8_t* p) { v16u v; std::memcpy(&v, p, 16); return v; }
+inline void store16(int8_t* p, v16u v) { std::memcpy(p, &v, 16); }
+inline v16f loadf(const float* p) { v16f v; std::memcpy(&v, p, 64); return v; }
+// 16 int8 -> 16 fp32 (GCC scalarizes __builtin_convertvector for this one: intrinsics)
+inline v16f to_float(const int8_t* q) {
+  __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+#if defined(__AVX512F__)
+  return (v16f)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+#elif defined(__AVX2__)
+  __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+  __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+  v16f v; std::memcpy(&v, &lo, 32); std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
+  return v;
+#else
+  v16f v; for (int i = 0; i < 16; ++i) v[i] = q[i];
+  return v;
+#endif
+}
+inline float hsum(v16f v) { float s = 0; for (int i = 0; i < 16; ++i) s += v[i]; return s; }
+
+// nibbles of 16 bytes: low ones -> q[0..16), high ones -> q[16..32)
+inline void nibbles(const uint8_t* qs, int8_t* q) {
+  v16u b = load16(qs);
+  store16(q, b & 0xF);
+  store16(q + 16, b >> 4);
+}
+
+// the fifth bit of Q5_0 / Q5_1: bit j of the little-endian word qh tops element j
+inline void fifth_bits(const uint8_t* qh, int8_t* q) {
+  uint32_t h; std::memcpy(&h, qh, 4);
+  for (int j = 0; j < 32; ++j) q[j] |= ((h >> j) & 1) << 4;
+}
+
+// Q4_K / Q5_K: six-bit scale and min of sub-block j (ggml's get_scale_min_k4)
+inline void scale_min_k4(int j, const uint8_t* s, int* sc, int* m) {
+  if (j < 4) { *sc = s[j] & 63; *m = s[j + 4] & 63; }
+  else { *sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4); *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4); }
+}
+
+// One block -> q [elems], scale / offset [elems / run].
+template <int T>
+inline void unpack(const uint8_t* b, int8_t* q, float* scale, float* offset) {
+  if constexpr (T == Q4_0 || T == Q4_1) {
+    float d = f16(b);
+    nibbles(b + (T == Q4_0 ? 2 : 4), q);
+    scale[0] = d;
+    offset[0] = T == Q4_0 ? -8 * d : f16(b + 2);
+  } else if constexpr (T == Q5_0 || T == Q5_1) {
+    int body = T == Q5_0 ? 2 : 4;
+    float d = f16(b);
+    nibbles(b + body + 4, q);
+    fifth_bits(b + body, q);
+    scale[0] = d;
+    offset[0] = T == Q5_0 ? -16 * d : f16(b + 2);
+  } else if constexpr (T == Q8_0) {
+    std::memcpy(q, b + 2, 32);
+    scale[0] = f16(b);
+    offset[0] = 0;
+  } else if constexpr (T == Q4_K || T == Q5_K) {
+    float d = f16(b), dmin = f16(b + 2);
+    const uint8_t* qs = b + (T == Q4_K ? 16 : 48);
+    for (int j = 0; j < 4; ++j) {   // 4 chunks of 32 bytes: sub-block 2j low nibbles, 2j + 1 high
+        v16u lo0 = load16(qs + 32 * j), lo1 = load16(qs + 32 * j + 16);
+        store16(q + 64 * j, lo0 & 0xF); store16(q + 64 * j + 16, lo1 & 0xF);
+        store16(q + 64 * j + 32, lo0 >> 4); store16(q + 64 * j + 48, lo1 >> 4);
+    }
+    if constexpr (T == Q5_K) {
+      const uint8_t* qh = b + 16;
+      for (int s = 0; s < 8; ++s)
+        for (int l = 0; l < 32; ++l) q[32 * s + l] |= ((qh[l] >> s) & 1) << 4;
+    }
+    for (int s = 0; s < 8; ++s) {
+      int sc, m;
+      scale_min_k4(s, b + 4, &sc, &m);
+      scale[s] = d * sc;
+      offset[s] = -dmin * m;
+    }
+  } else {   // Q6_K: ql [128], qh [64], int8 scales [16], d
+    const uint8_t *ql = b, *qh = b + 128;
+    const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+    float d = f16(b + 208);
+    for (int n = 0; n < 2; ++n) {
+      const uint8_t *l4 = ql + 64 * n, *h2 = qh + 32 * n;
+      int8_t* y = q + 128 * n;
+      for (int l = 0; l < 32; ++l) {
+        y[l] = (l4[l] & 0xF) | ((h2[l] & 3) << 4);
+        y[l + 32] = (l4[l + 32] & 0xF) | (((h2[l] >> 2) & 3) << 4);
+        y[l + 64] = (l4[l] >> 4) | (((h2[l] >> 4) & 3) << 4);
+        y[l + 96] = (l4[l + 32] >> 4) | (((h2[l] >> 6) & 3) << 4);
+      }
+    }
+    for (int s = 0; s < 16; ++s) {
+      scale[s] = d * sc[s];
+      offset[s] = -32 * scale[s];
+    }
+  }
+}
+
+// out[m, n0:n1] for M rows of x (row stride K), xsum [M, K / run]
+template <int T, int M>
+void rows(const uint8_t* w, int64_t blocks_per_row, const float* x, int64_t K, const float* xsum,
+          float* out, int64_t N, int64_t n0, int64_t n1) {
+  constexpr Format F = FORMATS[T];
+  constexpr int RUNS = F.elems / F.run;
+  alignas(64) int8_t q[F.elems];
+  float scale[RUNS], offset[RUNS];
+  const int64_t runs_per_row = K / F.run;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * blocks_per_row * F.nbytes;
+    v16f acc[M];
+    float off[M];
+    for (int m = 0; m < M; ++m) { acc[m] = v16f{}; off[m] = 0; }
+    for (int64_t blk = 0; blk < blocks_per_row; ++blk) {
+      unpack<T>(row + blk * F.nbytes, q, scale, offset);
+      for (int r = 0; r < RUNS; ++r) {
+        const int64_t at = blk * F.elems + r * F.run, run_index = blk * RUNS + r;
+        v16f q0 = to_float(q + r * F.run);
+        if constexpr (F.run == 32) {
+          v16f q1 = to_float(q + r * F.run + 16);
+          for (int m = 0; m < M; ++m) {
+            const float* xm = x + m * K + at;
+            v16f t = q0 * loadf(xm) + q1 * loadf(xm + 16);
+            acc[m] += scale[r] * t;
+            off[m] += offset[r] * xsum[m * runs_per_row + run_index];
+          }
+        } else {
+          for (int m = 0; m < M; ++m) {
+            acc[m] += scale[r] * (q0 * loadf(x + m * K + at));
+            off[m] += offset[r] * xsum[m * runs_per_row + run_index];
+          }
+        }
+      }
+    }
+    for (int m = 0; m < M; ++m) out[m * N + n] = hsum(acc[m]) + off[m];
+  }
+}
+
+#if defined(__AVX512F__)
+// The 32-value types on AVX-512: a block -> its 32 values (scale * q + offset, one FMA per
+// entry of a 16- or 32-entry table the nibbles index: vpermps / vpermt2ps) in two registers.
+template <int T>
+inline void block_values(const uint8_t* b, __m512& w0, __m512& w1) {
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const float d = f16(b);
+  if constexpr (T == Q8_0) {
+    const __m512 dv = _mm512_set1_ps(d);
+    w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(b + 2)))), dv);
+    w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(b + 18)))), dv);
+  } else {
+    constexpr bool has_min = T == Q4_1 || T == Q5_1;
+    constexpr bool five = T == Q5_0 || T == Q5_1;
+    const uint8_t* qs = b + (has_min ? 4 : 2) + (five ? 4 : 0);
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)qs));
+    const __m512 dv = _mm512_set1_ps(*f16_ptr(b));
+    const __m512 ov = has_min ? _mm512_set1_ps(*f16_ptr(b + 2)) : _mm512_set1_ps(five ? -16 * d : -8 * d);
+    const __m512 table = _mm512_fmadd_ps(dv, iota, ov);   // vpermps reads the index's low 4 bits
+    if constexpr (!five) {
+      w0 = _mm512_permutexvar_ps(v, table);
+      w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+    } else {
+      const __m512 table_hi = _mm512_fmadd_ps(dv, _mm512_add_ps(iota, _mm512_set1_ps(16)), ov);
+      uint32_t h; std::memcpy(&h, b + (has_min ? 4 : 2), 4);
+      const __m512i hv = _mm512_set1_epi32(h), one = _mm512_set1_epi32(1), lane = _mm512_cvtps_epi32(iota);
+      const __m512i top0 = _mm512_slli_epi32(_mm512_and_si512(_mm512_srlv_epi32(hv, lane), one), 4);
+      const __m512i top1 = _mm512_slli_epi32(
+          _mm512_and_si512(_mm512_srlv_epi32(hv, _mm512_add_epi32(lane, _mm512_set1_epi32(16))), one), 4);
+      const __m512i i0 = _mm512_or_si512(_mm512_and_si512(v, _mm512_set1_epi32(15)), top0);
+      const __m512i i1 = _mm512_or_si512(_mm512_srli_epi32(v, 4), top1);
+      w0 = _mm512_permutex2var_ps(table, i0, table_hi);
+      w1 = _mm512_permutex2var_ps(table, i1, table_hi);
+    }
+  }
+}
+
+// out[m, n0:n1] for M rows of x: two blocks per iteration, four accumulators per row of x
+// (independent FMA chains)
+template <int T, int M>
+void rows32(const uint8_t* w, int64_t blocks_per_row, const float* x, int64_t K, float* out, int64_t N,
+            int64_t n0, int64_t n1) {
+  constexpr int NB = FORMATS[T].nbytes;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * blocks_per_row * NB;
+    __m512 acc[M][4];
+    for (int m = 0; m < M; ++m)
+      for (int a = 0; a < 4; ++a) acc[m][a] = _mm512_setzero_ps();
+    int64_t blk = 0;
+    for (; blk + 1 < blocks_per_row; blk += 2) {
+      __m512 a0, a1, b0, b1;
+      block_values<T>(row + blk * NB, a0, a1);
+      block_values<T>(row + (blk + 1) * NB, b0, b1);
+      for (int m = 0; m < M; ++m) {
+        const float* xm = x + m * K + blk * 32;
+        acc[m][0] = _mm512_fmadd_ps(a0, _mm512_loadu_ps(xm), acc[m][0]);
+        acc[m][1] = _mm512_fmadd_ps(a1, _mm512_loadu_ps(xm + 16), acc[m][1]);
+        acc[m][2] = _mm512_fmadd_ps(b0, _mm512_loadu_ps(xm + 32), acc[m][2]);
+        acc[m][3] = _mm512_fmadd_ps(b1, _mm512_loadu_ps(xm + 48), acc[m][3]);
+      }
+    }
+    if (blk < blocks_per_row) {
+      __m512 a0, a1;
+      block_values<T>(row + blk * NB, a0, a1);
+      for (int m = 0; m < M; ++m) {
+        const float* xm = x + m * K + blk * 32;
+        acc[m][0] = _mm512_fmadd_ps(a0, _mm512_loadu_ps(xm), acc[m][0]);
+        acc[m][1] = _mm512_fmadd_ps(a1, _mm512_loadu_ps(xm + 16), acc[m][1]);
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      out[m * N + n] = _mm512_reduce_add_ps(
+          _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]), _mm512_add_ps(acc[m][2], acc[m][3])));
+  }
+}
+#endif
+
+template <int T>
+void gemv_type(const uint8_t* w, int64_t N, int64_t blocks_per_row, const float* x, int64_t M, int64_t K,
+               float* out) {
+  constexpr Format F = FORMATS[T];
+  const int64_t runs = K / F.run;
+#if defined(__AVX512F__)
+  constexpr bool sums = F.elems != 32;   // rows32 needs no sums of x
+#else
+  constexpr bool sums = true;
+#endif
+  std::vector<float> xsum(sums ? M * runs : 0);
+  for (int64_t m = 0; m < (sums ? M : 0); ++m)
+    for (int64_t r = 0; r < runs; ++r) {
+      float s = 0;
+      for (int i = 0; i < F.run; ++i) s += x[m * K + r * F.run + i];
+      xsum[m * runs + r] = s;
+    }
+  // chunks of >= ~4K blocks: a thread's share outweighs waking it
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, blocks_per_row));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
+      const float* xm = x + m0 * K;
+      const float* sm = xsum.data() + m0 * runs;
+      float* om = out + m0 * N;
+#if defined(__AVX512F__)
+      if constexpr (F.elems == 32) {
+        switch (std::min<int64_t>(MAX_ROWS, M - m0)) {
+          case 1: rows32<T, 1>(w, blocks_per_row, xm, K, om, N, n0, n1); break;
+          case 2: rows32<T, 2>(w, blocks_per_row, xm, K, om, N, n0, n1); break;
+          case 3: rows32<T, 3>(w, blocks_per_row, xm, K, om, N, n0, n1); break;
+          default: rows32<T, 4>(w, blocks_per_row, xm, K, om, N, n0, n1); break;
+        }
+        continue;
+      }
+#endif
+      switch (std::min<int64_t>(MAX_ROWS, M - m0)) {
+        case 1: rows<T, 1>(w, blocks_per_row, xm, K, sm, om, N, n0, n1); break;
+        case 2: rows<T, 2>(w, blocks_per_row, xm, K, sm, om, N, n0, n1); break;
+        case 3: rows<T, 3>(w, blocks_per_row, xm, K, sm, om, N, n0, n1); break;
+        default: rows<T, 4>(w, blocks_per_row, xm, K, sm, om, N, n0, n1); break;
+      }
+    }
+  });
+}
+
+inline void store_values(float* y, const float* v, int n) { std::memcpy(y, v, n * sizeof(float)); }
+inline void store_values(c10::BFloat16* y, const float* v, int n) {
+  for (int i = 0; i < n; ++i) y[i] = c10::BFloat16(v[i]);   // round to nearest even
+}
+
+// w uint8 [N, K / elems, nbytes] -> out [N, K] (fp32 or bf16): value = scale * q + offset per run
+template <int T, typename Out>
+void dequantize_type(const uint8_t* w, int64_t N, int64_t blocks_per_row, Out* out) {
+  constexpr Format F = FORMATS[T];
+  constexpr int RUNS = F.elems / F.run;
+  const int64_t K = blocks_per_row * F.elems;
+  at::parallel_for(0, N, std::max<int64_t>(1, 4096 / blocks_per_row), [&](int64_t n0, int64_t n1) {
+    alignas(64) int8_t q[F.elems];
+    alignas(64) float values[F.elems];
+    float scale[RUNS], offset[RUNS];
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t blk = 0; blk < blocks_per_row; ++blk) {
+        const uint8_t* b = w + (n * blocks_per_row + blk) * F.nbytes;
+        Out* y = out + n * K + blk * F.elems;
+#if defined(__AVX512F__)
+        if constexpr (F.elems == 32) {
+          __m512 w0, w1;
+          block_values<T>(b, w0, w1);
+#if defined(__AVX512BF16__)
+          if constexpr (std::is_same_v<Out, c10::BFloat16>) {
+            _mm256_storeu_si256((__m256i*)y, (__m256i)_mm512_cvtneps_pbh(w0));
+            _mm256_storeu_si256((__m256i*)(y + 16), (__m256i)_mm512_cvtneps_pbh(w1));
+            continue;
+          }
+#endif
+          _mm512_store_ps(values, w0);
+          _mm512_store_ps(values + 16, w1);
+          store_values(y, values, 32);
+          continue;
+        }
+#endif
+        unpack<T>(b, q, scale, offset);
+        for (int r = 0; r < RUNS; ++r)
+          for (int i = 0; i < F.run; ++i) values[r * F.run + i] = scale[r] * q[r * F.run + i] + offset[r];
+        store_values(y, values, F.elems);
+      }
+  });
+}
+
+template <typename Out>
+void dequantize_any(int64_t type, const uint8_t* w, int64_t N, int64_t blocks_per_row, Out* out) {
+  switch (type) {
+    case Q4_0: dequantize_type<Q4_0>(w, N, blocks_per_row, out); break;
+    case Q4_1: dequantize_type<Q4_1>(w, N, blocks_per_row, out); break;
+    case Q5_0: dequantize_type<Q5_0>(w, N, blocks_per_row, out); break;
+    case Q5_1: dequantize_type<Q5_1>(w, N, blocks_per_row, out); break;
+    case Q8_0: dequantize_type<Q8_0>(w, N, blocks_per_row, out); break;
+    case Q4_K: dequantize_type<Q4_K>(w, N, blocks_per_row, out); break;
+    case Q5_K: dequantize_type<Q5_K>(w, N, blocks_per_row, out); break;
+    default: dequantize_type<Q6_K>(w, N, blocks_per_row, out); break;
+  }
+}
+
+using GemvFn = void (*)(const uint8_t*, int64_t, int64_t, const float*, int64_t, int64_t, float*);
+constexpr GemvFn GEMV[] = {gemv_type<Q4_0>, gemv_type<Q4_1>, gemv_type<Q5_0>, gemv_type<Q5_1>,
+                           gemv_type<Q8_0>, gemv_type<Q4_K>, gemv_type<Q5_K>, gemv_type<Q6_K>};
+
+const Format& check_weight(const torch::Tensor& w, int64_t type) {
+  TORCH_CHECK(type >= 0 && type < 8, "unknown GGUF type id ", type);
+  const Format& f = FORMATS[type];
+  TORCH_CHECK(w.dim() == 3 && w.scalar_type() == torch::kUInt8 && w.is_contiguous() && w.size(2) == f.nbytes,
+              "w: contiguous uint8 [N, K / ", f.elems, ", ", f.nbytes, "]");
+  return f;
+}
+
+// x [M, K] fp32 contiguous, w uint8 [N, K / elems, nbytes] -> [M, N] fp32
+torch::Tensor gemv_f32(const torch::Tensor& x, const torch::Tensor& w, int64_t type) {
+  const Format& f = check_weight(w, type);
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous fp32 [M, K]");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(w.size(1) * f.elems == K, "x has ", K, " features, w ", w.size(1) * f.elems);
+  auto out = torch::empty({M, N}, x.options());
+  if (M > 0 && N > 0)
+    GEMV[type](w.data_ptr<uint8_t>(), N, w.size(1), x.data_ptr<float>(), M, K, out.data_ptr<float>());
+  return out;
+}
+
+// w uint8 [N, K / elems, nbytes] -> [N, K], fp32 or (bf16 = true) bf16
+torch::Tensor dequantize(const torch::Tensor& w, int64_t type, bool bf16) {
+  const Format& f = check_weight(w, type);
+  auto out = torch::empty({w.size(0), w.size(1) * f.elems}, bf16 ? torch::kBFloat16 : torch::kFloat32);
+  if (out.numel() == 0) return out;
+  if (bf16)
+    dequantize_any(type, w.data_ptr<uint8_t>(), w.size(0), w.size(1), out.data_ptr<c10::BFloat16>());
+  else
+    dequantize_any(type, w.data_ptr<uint8_t>(), w.size(0), w.size(1), out.data_ptr<float>());
+  return out;
+}
+
+torch::Tensor as_f32(const torch::Tensor& x) { return x.to(torch::kFloat32).contiguous(); }
+
+// x @ w.T in x's dtype (computed in fp32)
+torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& w, int64_t type) {
+  return gemv_f32(as_f32(x), w, type).to(x.scalar_type());
+}
+
+// (rms_norm(x + residual) * norm_weight) @ w.T, x + residual; without a residual, x itself
+std::tuple<torch::Tensor, torch::Tensor> gemv_normed(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual,
+                                                     const torch::Tensor& norm_weight, double eps,
+                                                     const torch::Tensor& w, int64_t type) {
+  auto hf = residual.has_value() ? (x.to(torch::kFloat32) + residual->to(torch::kFloat32)).contiguous() : as_f32(x);
+  const int64_t M = hf.size(0), K = hf.size(1);
+  auto normed = torch::empty_like(hf);
+  auto nw = as_f32(norm_weight);
+  const float *src = hf.data_ptr<float>(), *g = nw.data_ptr<float>();
+  float* dst = normed.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    float ss = 0;
+    for (int64_t k = 0; k < K; ++k) ss += src[m * K + k] * src[m * K + k];
+    const float inv = 1.0f / std::sqrt(ss / K + static_cast<float>(eps));
+    for (int64_t k = 0; k < K; ++k) dst[m * K + k] = g[k] * (src[m * K + k] * inv);
+  }
+  return {gemv_f32(normed, w, type).to(x.scalar_type()), hf.to(x.scalar_type())};
+}
+
+// (silu(gate) * up) @ w.T for gate_up = [gate | up]
+torch::Tensor gemv_silu(const torch::Tensor& gate_up, const torch::Tensor& w, int64_t type) {
+  auto gu = as_f32(gate_up);
+  const int64_t M = gu.size(0), I = gu.size(1) / 2;
+  auto act = torch::empty({M, I}, gu.options());
+  const float* src = gu.data_ptr<float>();
+  float* dst = act.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t i = 0; i < I; ++i) {
+      const float gate = src[m * 2 * I + i];
+      dst[m * I + i] = gate / (1.0f + std::exp(-gate)) * src[m * 2 * I + I + i];
+    }
+  return gemv_f32(act, w, type).to(gate_up.scalar_type());
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("dequantize", &dequantize, "GGUF blocks -> fp32 or bf16 [N, K]");
+  m.def("gemv", &gemv, "x @ w.T on GGUF blocks (fp32 accumulate)");
+  m.def("gemv_normed", &gemv_normed, "rms_norm(x + residual) @ w.T on GGUF blocks, and x + residual");
+  m.def("gemv_silu", &gemv_silu, "(silu(gate) * up) @ w.T on GGUF blocks");
+}

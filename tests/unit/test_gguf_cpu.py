@@ -1,0 +1,48 @@
+"""The C++ GGUF kernels (gguf_cpu.cpp) against the dequantize-then-fp32 reference, every type:
+GEMV within fp32 rounding (relative to sum |x| |w|), the fused RMSNorm / SiLU-and-mul
+prologues against the torch ops, dequantize (fp32 within one rounding, bf16 = RNE of it)."""
+import pytest
+import torch
+
+from pagedserve.layers.quantization import gguf_cpu
+from pagedserve.layers.quantization.gguf_kernels import FORMATS, dequantize
+from tests.unit.test_gguf_kernels import random_blocks
+
+pytest.importorskip("gguf")
+if gguf_cpu.extension() is None:
+    pytest.skip("no C++ compiler for the GGUF CPU kernels", allow_module_level=True)
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+@pytest.mark.parametrize("rows", [1, 3, 4, 7])
+def test_gemv_matches_dequantized_fp32(fmt, rows):
+    raw = torch.from_numpy(random_blocks(fmt, 96, 512, seed=1))
+    w = dequantize(raw, fmt).double()
+    x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows))
+    out = gguf_cpu.gemv(x, raw, fmt)
+    assert out.dtype == torch.float32 and out.shape == (rows, 96)
+    bound = x.double().abs() @ w.abs().t()
+    assert ((out.double() - x.double() @ w.t()).abs() / bound).max() < 1e-6
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_dequantize(fmt):
+    raw = torch.from_numpy(random_blocks(fmt, 16, 512, seed=2))
+    ref = dequantize(raw, fmt)
+    assert torch.allclose(gguf_cpu.dequantize(raw, fmt), ref, rtol=1e-6, atol=0)
+    assert torch.equal(gguf_cpu.dequantize(raw, fmt, torch.bfloat16), ref.bfloat16())
+
+
+def test_fused_prologues():
+    raw = torch.from_numpy(random_blocks("Q4_1", 64, 256, seed=3))
+    w = dequantize(raw, "Q4_1")
+    x, res, g = torch.randn(2, 256), torch.randn(2, 256), torch.rand(256) + 0.5
+    out, h = gguf_cpu.gemv_normed(x, res, g, 1e-5, raw, "Q4_1")
+    ref_h = x + res
+    normed = g * (ref_h * torch.rsqrt(ref_h.pow(2).mean(-1, keepdim=True) + 1e-5))
+    assert torch.equal(h, ref_h)
+    assert torch.allclose(out, normed @ w.t(), rtol=1e-4, atol=1e-4)
+    raw_down = torch.from_numpy(random_blocks("Q8_0", 32, 128, seed=4))
+    gate_up = torch.randn(3, 256)
+    ref = torch.nn.functional.silu(gate_up[:, :128]) * gate_up[:, 128:] @ dequantize(raw_down, "Q8_0").t()
+    assert torch.allclose(gguf_cpu.gemv_silu(gate_up, raw_down, "Q8_0"), ref, rtol=1e-4, atol=1e-4)
