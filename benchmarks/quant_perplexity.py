@@ -40,8 +40,14 @@ def float_folder() -> str:
     gguf = resolve_model(None)
     out = os.path.join(tempfile.gettempdir(), "pagedserve-default-fp32")
     if not os.path.isfile(os.path.join(out, "model.safetensors")):
-        AutoModelForCausalLM.from_pretrained(gguf.directory, gguf_file=gguf.gguf_file,
-                                             dtype=torch.float32).save_pretrained(out)
+        from safetensors.torch import save_file
+        model = AutoModelForCausalLM.from_pretrained(gguf.directory, gguf_file=gguf.gguf_file, dtype=torch.float32)
+        os.makedirs(out, exist_ok=True)
+        model.config.__dict__.pop("quantization_config", None)   # transformers refuses to save a "gguf-quantized" model
+        model.config.save_pretrained(out)
+        tied = model.config.tie_word_embeddings
+        save_file({k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")},
+                  os.path.join(out, "model.safetensors"))
         load_tokenizer(resolve_model(materialize_gguf(gguf).directory)).save_pretrained(out)
     return out
 
