@@ -1,0 +1,107 @@
+"""Triton kernels compiled before start-up needs them, in parallel.
+
+Without this, a cold Triton cache compiles each kernel specialisation (constexpr combination,
+dtype, the divisibility of its pointers and ints) at its first launch, one after the other:
+the profile forward and the CUDA graph warm-ups of an 8B model spent ~13 s of a cold start
+compiling on an H200 (2026-11-30, benchmarks/gpu/2026-11-30-h200-serve). `compile_ahead(dry_run)`
+runs `dry_run` (the forwards about to be run) with every uncompiled Triton launch recorded and
+skipped (Triton's jit_cache_hook; torch's own ops still run, on whatever the skipped kernels
+left in their outputs: a dry run must not keep any result), then compiles what it recorded
+on a thread pool (Triton's AsyncCompileMode + JITFunction.preload, the specialisation the
+launch would have compiled, keyed the same), and builds each kernel's C launcher there too.
+Triton's LLVM code generation and the ptxas / gcc child processes run outside the GIL.
+The real launches that follow find the kernels compiled; with a warm cache the threads only
+load them. Any failure here is logged and left to the real launch, which compiles as before.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+from pagedserve.layers.parallel import pp_world_size, tp_world_size
+
+logger = logging.getLogger(__name__)
+
+# threads compiling at once; 0 turns compile-ahead off (benchmarks/startup_gpu.py compares)
+WORKERS = min(16, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One recorded specialisation: the JITFunction and its serialized specialisation data."""
+    kernel: Any
+    data: str
+
+
+@contextmanager
+def recording() -> Iterator[list[Launch]]:
+    """Inside, a Triton launch whose specialisation is not compiled in this process is
+    appended (once per kernel and key) to the yielded list instead of compiled and launched."""
+    from triton import knobs
+    launches: list[Launch] = []
+    seen: set[tuple[int, str]] = set()
+
+    def hook(*, key: Any, fn: Any, compile: dict, **_: Any) -> bool:
+        if (id(fn.jit_function), str(key)) not in seen:
+            seen.add((id(fn.jit_function), str(key)))
+            launches.append(Launch(fn.jit_function, compile["specialization_data"]))
+        return True   # skip the compile and the launch
+
+    previous, knobs.runtime.jit_cache_hook = knobs.runtime.jit_cache_hook, hook
+    try:
+        yield launches
+    finally:
+        knobs.runtime.jit_cache_hook = previous
+
+
+def _build_launcher(kernel: Any) -> None:
+    """The compiled kernel's C launcher (a gcc run on a cold cache, cached on disk)."""
+    from triton.runtime.driver import driver
+    driver.active.launcher_cls(kernel.src, kernel.metadata)
+
+
+def compile_all(launches: list[Launch], workers: int) -> None:
+    """Compile every recorded specialisation on `workers` threads into its JITFunction's
+    cache (AsyncCompileMode waits for them all on exit)."""
+    from triton.runtime._async_compile import AsyncCompileMode
+    futures = []
+    with ThreadPoolExecutor(workers, thread_name_prefix="triton-compile") as pool:
+        with AsyncCompileMode(pool, ignore_errors=True):   # a failed compile is left to the launch
+            for launch in launches:
+                try:
+                    futures.append(launch.kernel.preload(launch.data))
+                except Exception as exc:   # noqa: BLE001 - left to the launch
+                    logger.debug("cannot compile %s ahead: %s", launch.kernel, exc)
+        kernels = [f.result(ignore_errors=True) for f in futures if f is not None]
+        for done in [pool.submit(_build_launcher, k) for k in kernels if k is not None]:
+            if done.exception() is not None:
+                logger.debug("cannot build a Triton launcher ahead: %s", done.exception())
+
+
+def compile_ahead(dry_run: Callable[[], object], workers: int | None = None) -> None:
+    """Record the Triton launches of `dry_run()` (CUDA tensors) and compile them in parallel
+    (see the module docstring). A no-op with 0 workers and under TP or PP: skipping a launch
+    there could desynchronise the ranks' collectives. Never raises for a compile: the real
+    launch retries it."""
+    workers = WORKERS if workers is None else workers
+    if workers <= 0 or tp_world_size() * pp_world_size() > 1:
+        return
+    start = time.perf_counter()
+    try:
+        with recording() as launches:
+            dry_run()
+        recorded = time.perf_counter()
+        if launches:
+            compile_all(launches, workers)
+    except Exception as exc:   # noqa: BLE001 - the real launch compiles (and reports) it again
+        logger.warning("compiling Triton kernels ahead failed (%s: %s); they compile at first launch",
+                       type(exc).__name__, exc)
+        return
+    if launches:
+        logger.info("compiled %d Triton kernel specialisations ahead on %d threads in %.1f s (dry run %.2f s)",
+                    len(launches), workers, time.perf_counter() - recorded, recorded - start)
