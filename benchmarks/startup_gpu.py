@@ -59,8 +59,9 @@ def probe_setup(workers: int, tokenizer_way: str | None):
     figures = {"ahead_dry_run": 0.0, "ahead_compile": 0.0, "compiled_ahead": 0, "late_compiles": 0}
     inside = [False]
 
-    def on_compile(**_kwargs) -> None:
+    def on_compile(**kwargs) -> None:   # one line per specialisation in the log: which kernels, how many
         figures["compiled_ahead" if inside[0] else "late_compiles"] += 1
+        print(f"TRITON_COMPILE {'ahead' if inside[0] else 'late'} {kwargs.get('repr', '?')[:300]}", flush=True)
     knobs.runtime.jit_post_compile_hook = on_compile
 
     compile_all, recording = compile_ahead.compile_all, compile_ahead.recording
