@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from pagedserve.attention.metadata import AttentionMetadata
+from pagedserve.worker.compile_ahead import compile_ahead
 from pagedserve.worker.input_batch import StepInputs
 
 Output = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None   # logits, a stage's (hidden, residual), or None
@@ -126,6 +127,8 @@ class CudaGraphRunner:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
+            # a dry run of every forward about to be captured: its Triton kernels compile in parallel
+            compile_ahead(lambda: self._capture_all(_run_only))
             self._capture_all(lambda forward, size: self._capture_one(forward, size, stream))
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
@@ -149,12 +152,6 @@ class CudaGraphRunner:
                 made = record(forward, size)
                 if made is not None:
                     graphs[size], outputs[size] = made
-
-    def dry_run(self) -> None:
-        """Every forward capture() records, run eagerly once and dropped: part of the profile
-        run's compile_ahead dry run (worker/compile_ahead.py), so that one parallel compile
-        covers the graphs' Triton kernels too."""
-        self._capture_all(_run_only)
 
     def _capture_one(self, forward: Callable[[int], Output], size: int, stream: torch.cuda.Stream
                      ) -> tuple[torch.cuda.CUDAGraph, Output]:

@@ -231,8 +231,8 @@ class ModelRunner:
             hidden = torch.zeros((num_tokens, self.model_config.hidden_size), dtype=self.model_config.dtype,
                                  device=self.device)
             intermediate = (hidden, hidden.clone())
-        if self.device.type == "cuda":   # the Triton kernels of this forward and the graphs', compiled in parallel
-            compile_ahead(lambda: self._dry_run(ids, positions, meta, intermediate))
+        if self.device.type == "cuda":
+            compile_ahead(lambda: self.model(ids, positions, meta, intermediate))   # its Triton kernels, in parallel
         hidden = self.model(ids, positions, meta, intermediate)
         if not is_last_stage():
             del hidden, intermediate
@@ -245,13 +245,6 @@ class ModelRunner:
                                       top_p=torch.full((rows,), 0.9, device=self.device), max_num_logprobs=20)
             self.sampler(logits[:rows], tensors)
         del hidden, logits
-
-    def _dry_run(self, ids: torch.Tensor, positions: torch.Tensor, meta, intermediate) -> None:
-        """compile_ahead's dry run: the profile forward, then every CUDA graph's forward (their
-        kernels are keyed the same against this scratch cache as against the real one)."""
-        self.model(ids, positions, meta, intermediate)
-        if not self.device_config.enforce_eager:
-            self.make_graph_runner().dry_run()
 
     # ---- one step ---------------------------------------------------------------------
     @torch.inference_mode()
