@@ -33,6 +33,7 @@ from pagedserve.layers.parallel import broadcast_from_rank0, is_last_stage, pp_w
 from pagedserve.layers.sampler import Sampler, apply_token_bitmask, gather_logprobs
 from pagedserve.models.loader import load_weights
 from pagedserve.models.registry import resolve_model_class
+from pagedserve.worker.compile_ahead import compile_ahead
 from pagedserve.worker.cuda_graph import CudaGraphRunner
 from pagedserve.worker.input_batch import BlockTable, CachedRequestState, StepInputs, build_step_inputs
 from pagedserve.worker.sampling_inputs import sample
@@ -230,6 +231,8 @@ class ModelRunner:
             hidden = torch.zeros((num_tokens, self.model_config.hidden_size), dtype=self.model_config.dtype,
                                  device=self.device)
             intermediate = (hidden, hidden.clone())
+        if self.device.type == "cuda":
+            compile_ahead(lambda: self.model(ids, positions, meta, intermediate))   # its Triton kernels, in parallel
         hidden = self.model(ids, positions, meta, intermediate)
         if not is_last_stage():
             del hidden, intermediate
