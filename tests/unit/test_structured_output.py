@@ -239,3 +239,61 @@ def test_pipeline_stages_fill_the_bitmask_at_schedule_time(checkpoint):
             llm.shutdown()
 
     assert run(pipeline_parallel_size=2) == run(async_scheduling=False)
+
+
+class _Row:
+    """What core/structured_output reads from a Request: its grammar, matcher and status."""
+
+    def __init__(self, grammar, finished: bool = False) -> None:
+        import xgrammar
+        self.grammar, self.grammar_matcher, self.finished = grammar, xgrammar.GrammarMatcher(grammar), finished
+
+    def is_finished(self) -> bool:
+        return self.finished
+
+
+def _json_grammar(checkpoint):
+    from transformers import AutoTokenizer
+
+    from pagedserve.frontend.structured_output import GrammarCompiler
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "n": {"type": "integer"}, "tags": {"type": "array", "items": {
+                                                   "enum": ["a", "bb"]}, "maxItems": 3}},
+              "required": ["name", "n", "tags"]}
+    return tokenizer, GrammarCompiler(tokenizer, VOCAB, (tokenizer.eos_token_id,)).compile(
+        StructuredOutputsParams(json=schema))
+
+
+def test_thread_filled_bitmask_equals_the_row_by_row_one(checkpoint):
+    """fill_async (the grammar thread, while this thread runs Python) and fill_bitmask give,
+    bit for bit, what each matcher's own fill_next_token_bitmask gives, for rows at staggered
+    states; a finished request's row (its matcher may have terminated) is all-allowed."""
+    import xgrammar
+
+    from pagedserve.core import structured_output
+    tokenizer, grammar = _json_grammar(checkpoint)
+    ids = tokenizer.encode('{"name": "Ada L", "n": -42, "tags": ["bb", "a"]}', add_special_tokens=False)
+    rows = [_Row(grammar, finished=i % 7 == 3) for i in range(24)]
+    for i, row in enumerate(rows):
+        for token in ids[:i % (len(ids) + 1)]:
+            assert row.grammar_matcher.accept_token(token)
+    rows[-1] = _Row(grammar, finished=True)   # terminated: the whole object, then the stop token
+    assert all(rows[-1].grammar_matcher.accept_token(t) for t in ids + [tokenizer.eos_token_id])
+    assert rows[-1].grammar_matcher.is_terminated()
+    expected = xgrammar.allocate_token_bitmask(len(rows), VOCAB)
+    for i, row in enumerate(rows):
+        if row.finished:
+            expected[i].fill_(-1)
+        else:
+            row.grammar_matcher.fill_next_token_bitmask(expected, i)
+    buffer = structured_output.bitmask_buffer(rows)
+    assert buffer.shape[0] >= 64
+    buffer.fill_(7)   # stale content of a reused buffer must not leak
+    pending = structured_output.fill_async(rows, buffer)
+    busy = sum(i * i for i in range(20000))   # Python beside the fill
+    threaded = pending.result().clone()
+    assert busy and threaded.shape == expected.shape and torch.equal(threaded, expected)
+    buffer.fill_(7)
+    assert torch.equal(structured_output.fill_bitmask(rows, buffer), expected)
+
