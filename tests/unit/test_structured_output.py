@@ -297,3 +297,27 @@ def test_thread_filled_bitmask_equals_the_row_by_row_one(checkpoint):
     buffer.fill_(7)
     assert torch.equal(structured_output.fill_bitmask(rows, buffer), expected)
 
+
+
+def test_a_fill_that_raises_on_the_grammar_thread_fails_its_request_alone(checkpoint, monkeypatch):
+    """The deferred fill raises on the grammar thread: the engine thread gets the error when it
+    takes the mask, the constrained request fails (recomputed alone first), and the plain
+    request beside it finishes with the ids it has alone."""
+    from pagedserve.core import structured_output
+
+    class Broken:
+        def batch_fill_next_token_bitmask(self, *args):
+            raise RuntimeError("fill broke")
+
+    llm = LLM(model=checkpoint, device="cpu", dtype="float32", max_model_len=128, block_size=16,
+              num_kv_blocks=64, async_scheduling=True)
+    prompt = {"prompt_token_ids": random_prompts(1, VOCAB, 12, 13, seed=3)[0]}
+    plain = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    alone = _gen(llm, [prompt], plain)[0].outputs[0].token_ids
+    monkeypatch.setattr(structured_output, "_batch_matcher", Broken)
+    constrained = SamplingParams(max_tokens=12, temperature=0.0, structured_outputs=StructuredOutputsParams(regex="[a-z]+"))
+    failed, ok = _gen(llm, ["Word:", prompt], [constrained, plain])
+    assert failed.error == "RuntimeError: fill broke" and failed.outputs[0].finish_reason == "abort"
+    assert ok.error is None and ok.outputs[0].token_ids == alone
+    monkeypatch.undo()
+    assert re.fullmatch("[a-z]+", _gen(llm, ["Word:"], constrained)[0].outputs[0].text)   # the thread serves on
