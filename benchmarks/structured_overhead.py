@@ -6,10 +6,9 @@ is wall time per generated token at equal work. The schema run includes grammar 
 (one schema, compiled once: xgrammar's cache) and the per-step bitmask fill and masking.
 
 Variants of the schema run (--variants, timed in turns with the plain run, best of --repeats):
-  thread  the engine as is: under async scheduling the mask fills on the grammar thread
-          while the engine thread hands the outputs over and schedules the next step
-  inline  the same fill (one batch call) on the engine thread, where the thread would start it
-  rows    inline, and row by row (fill_next_token_bitmask per row: the fill before this pass)
+  batch   the engine as is: the mask filled in one xgrammar batch call
+  rows    row by row (fill_next_token_bitmask and is_terminated per row: the fill before
+          issue 20's fourth pass)
 Every variant must give the same token ids (the masks are the same); `ids_equal` says so.
 Validity: json.loads, and jsonschema.validate against the schema where jsonschema is installed.
 
@@ -51,16 +50,6 @@ SCHEMA = {
 }
 
 
-class _Filled:
-    """A fill done on the calling thread, as PendingFill: result() is the mask."""
-
-    def __init__(self, bitmask) -> None:
-        self.bitmask = bitmask
-
-    def result(self):
-        return self.bitmask
-
-
 def _fill_rows(requests, buffer):
     bitmask = buffer[:len(requests)]
     for row, request in enumerate(requests):
@@ -72,10 +61,7 @@ def _fill_rows(requests, buffer):
     return bitmask
 
 
-THREAD_FILL = structured_output.fill_async
-FILLS = {"thread": THREAD_FILL,
-         "inline": lambda requests, buffer: _Filled(structured_output.fill_bitmask(requests, buffer)),
-         "rows": lambda requests, buffer: _Filled(_fill_rows(requests, buffer))}
+FILLS = {"batch": structured_output.fill_bitmask, "rows": _fill_rows}
 
 
 def _tiny_model(tokenizer_dir: str) -> str:
@@ -101,7 +87,7 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=1, help="timed runs of each kind (best is kept)")
-    parser.add_argument("--variants", default="thread,inline,rows", help=f"schema-run variants: {', '.join(FILLS)}")
+    parser.add_argument("--variants", default="batch,rows", help=f"schema-run variants: {', '.join(FILLS)}")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="a tiny random llama with --model's tokenizer on CPU, async scheduling, 8 requests")
     parser.add_argument("--profile", action="store_true",
@@ -121,14 +107,14 @@ def main() -> None:
                                 structured_outputs=StructuredOutputsParams(json=SCHEMA))
     llm.generate(prompts[:2], structured, use_tqdm=False)   # warm-up: compile, first-step costs
 
-    def run(params, variant: str = "thread") -> tuple[float, list]:
-        structured_output.fill_async = FILLS[variant]
+    def run(params, variant: str = "batch") -> tuple[float, list]:
+        structured_output.fill_bitmask = FILLS[variant]
         try:
             start = time.perf_counter()
             outs = llm.generate(prompts, params, use_tqdm=False)
             return time.perf_counter() - start, outs
         finally:
-            structured_output.fill_async = THREAD_FILL
+            structured_output.fill_bitmask = FILLS["batch"]
 
     _, outs = run(structured)   # untimed: the token counts for the plain run, first-shape costs
     reference_ids = [o.outputs[0].token_ids for o in outs]

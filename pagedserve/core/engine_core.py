@@ -10,10 +10,7 @@ batch at a time) keeps one step in flight: each call schedules and launches step
 waits for step N's sampled tokens and applies them, so the host's scheduling, input building
 and output handling run while the device computes. A request that ends at step N (EOS, stop)
 was already scheduled in N+1: that row's token is dropped. Requests whose sampling reads
-earlier outputs (penalties) make the engine run in lockstep while they are alive. Step N+1,
-if it has structured-output rows, is sampled at the next call: its grammar bitmask fills on
-the grammar thread (core/structured_output.py) once step N's tokens are applied, while the
-frontend takes the outputs and step N+2 is scheduled; N+1 is sampled before N+2 is launched.
+earlier outputs (penalties) make the engine run in lockstep while they are alive.
 
 With an executor of more than two concurrent batches (pipeline parallelism: one per stage),
 the same loop keeps up to `max_concurrent_batches` steps in flight, a FIFO queue as vLLM's
@@ -32,7 +29,6 @@ from pagedserve.core.outputs import EngineCoreOutput, EngineCoreOutputs, EngineS
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.scheduler import Scheduler
 from pagedserve.core.snapshot import StepLog
-from pagedserve.core.structured_output import PendingFill
 from pagedserve.engine_io import (DeferredSampling, Executor, ModelRunnerOutput, PendingOutput, RequestId,
                                   SchedulerOutput)
 from pagedserve.errors import ValidationError
@@ -81,8 +77,6 @@ class EngineCore:
         # bitmask is filled at schedule time and no DeferredSampling is launched.
         self.scheduler.defer_grammar = self.async_scheduling and self.scheduler.micro_batches == 1
         self._in_flight: deque[_Launched] = deque()   # launched, not yet applied, oldest first (async only)
-        # the newest step in flight's grammar bitmask, filling on the grammar thread (async only)
-        self._pending_fill: PendingFill | None = None
         # Event bookkeeping, touched only for requests that change state.
         self._events: list[RequestEvent] = []                  # since the last step
         self._unscheduled: dict[RequestId, Request] = {}       # queued, never scheduled
@@ -169,9 +163,7 @@ class EngineCore:
         queue = self._in_flight
         if queue and self.scheduler.num_history_dependent:
             outputs = self._resolve()   # lockstep: the next step needs these tokens on the host
-        so = self._schedule()
-        self._sample_pending()   # the mask filled while the outputs were handed over and `so` scheduled
-        launched = self._launch(so)
+        launched = self._launch(self._schedule())
         if queue and (launched is None or len(queue) + 1 >= self.executor.max_concurrent_batches):
             previous = queue.popleft()
             result = self._wait(previous)
@@ -183,9 +175,9 @@ class EngineCore:
                 outputs += self._fail(previous[0], result, self._drop_in_flight())
             else:
                 outputs += self._update(previous[0], result)
+        launched = self._sample_deferred(launched)   # after the previous step's tokens are applied
         if launched is not None:
             queue.append(launched)
-            self._start_fill(launched)   # after the previous step's tokens are applied
         if launched is not None and (not launched[0].num_scheduled_tokens or self.scheduler.num_history_dependent):
             outputs += self._resolve()   # nothing to wait for, or lockstep
         return self._result(outputs)
@@ -210,38 +202,24 @@ class EngineCore:
         except Exception as exc:
             return so, exc
 
-    def _start_fill(self, launched: _Launched) -> None:
-        """A launched step that waits for its grammar bitmask (the newest in flight): the
-        matchers have taken every earlier token, so its fill starts on the grammar thread."""
-        if isinstance(launched[1], DeferredSampling):
-            try:
-                self._pending_fill = self.scheduler.deferred_grammar_bitmask()
-            except Exception as exc:
-                self._wait(launched)   # sampled unmasked and dropped: every rank finishes the step
-                self._in_flight[-1] = (launched[0], exc)
-
-    def _sample_pending(self) -> None:
-        """The newest step in flight, if it waits for its bitmask, gets it and is sampled:
-        before anything else is launched or waited for (the next step's inputs may be its
-        sampled ids)."""
-        if self._pending_fill is None:
-            return
-        fill, self._pending_fill = self._pending_fill, None
-        so, deferred = launched = self._in_flight.pop()
+    def _sample_deferred(self, launched: _Launched | None) -> _Launched | None:
+        """A launched step that waits for its grammar bitmask gets it now: the matchers have
+        taken every earlier token, and the device ran the forward pass meanwhile."""
+        if launched is None or not isinstance(launched[1], DeferredSampling):
+            return launched
+        so, deferred = launched
         try:
-            bitmask = fill.result()
+            bitmask = self.scheduler.deferred_grammar_bitmask()
         except Exception as exc:
             self._wait(launched)   # sampled unmasked and dropped: every rank finishes the step
-            self._in_flight.append((so, exc))
-            return
+            return so, exc
         try:
-            self._in_flight.append((so, deferred.sample(bitmask)))
+            return so, deferred.sample(bitmask)
         except Exception as exc:
-            self._in_flight.append((so, exc))
+            return so, exc
 
     def _resolve(self) -> list[EngineCoreOutput]:
         """Apply every step in flight, oldest first."""
-        self._sample_pending()
         outputs: list[EngineCoreOutput] = []
         while self._in_flight:
             launched = self._in_flight.popleft()
@@ -253,7 +231,6 @@ class EngineCore:
 
     def _drop_in_flight(self) -> list[SchedulerOutput]:
         """After a failed step: the steps launched on top of it finish; their results are dropped."""
-        self._sample_pending()
         dropped = []
         while self._in_flight:
             launched = self._in_flight.popleft()

@@ -313,13 +313,11 @@ class Scheduler:
             else:
                 out.grammar_bitmask = self._fill(constrained)
 
-    def deferred_grammar_bitmask(self) -> structured_output.PendingFill:
-        """The bitmask of the last step scheduled with `defer_grammar`, being filled on the
-        grammar thread: the engine calls this after applying the previous step's tokens (the
-        matchers' inputs) and takes the result before it applies the next ones."""
+    def deferred_grammar_bitmask(self) -> Any:
+        """The bitmask of the last step scheduled with `defer_grammar`, filled now: the engine
+        calls this after applying the previous step's tokens (the matchers' inputs)."""
         rows, self._deferred_rows = self._deferred_rows, []
-        self._bitmask_buffer = structured_output.bitmask_buffer(rows, self._bitmask_buffer)
-        return structured_output.fill_async(rows, self._bitmask_buffer)
+        return self._fill(rows)
 
     def _fill(self, rows: list[Request]) -> Any:
         """Rows of one reused buffer: a step's mask is consumed (copied to the device, or

@@ -265,10 +265,10 @@ def _json_grammar(checkpoint):
         StructuredOutputsParams(json=schema))
 
 
-def test_thread_filled_bitmask_equals_the_row_by_row_one(checkpoint):
-    """fill_async (the grammar thread, while this thread runs Python) and fill_bitmask give,
-    bit for bit, what each matcher's own fill_next_token_bitmask gives, for rows at staggered
-    states; a finished request's row (its matcher may have terminated) is all-allowed."""
+def test_batched_fill_equals_the_row_by_row_one(checkpoint):
+    """fill_bitmask (one xgrammar batch call) gives, bit for bit, what each matcher's own
+    fill_next_token_bitmask gives, for rows at staggered states; a finished request's row
+    (its matcher may have terminated: xgrammar refuses to fill those) is all-allowed."""
     import xgrammar
 
     from pagedserve.core import structured_output
@@ -290,19 +290,14 @@ def test_thread_filled_bitmask_equals_the_row_by_row_one(checkpoint):
     buffer = structured_output.bitmask_buffer(rows)
     assert buffer.shape[0] >= 64
     buffer.fill_(7)   # stale content of a reused buffer must not leak
-    pending = structured_output.fill_async(rows, buffer)
-    busy = sum(i * i for i in range(20000))   # Python beside the fill
-    threaded = pending.result().clone()
-    assert busy and threaded.shape == expected.shape and torch.equal(threaded, expected)
-    buffer.fill_(7)
-    assert torch.equal(structured_output.fill_bitmask(rows, buffer), expected)
+    filled = structured_output.fill_bitmask(rows, buffer)
+    assert filled.shape == expected.shape and torch.equal(filled, expected)
 
 
-
-def test_a_fill_that_raises_on_the_grammar_thread_fails_its_request_alone(checkpoint, monkeypatch):
-    """The deferred fill raises on the grammar thread: the engine thread gets the error when it
-    takes the mask, the constrained request fails (recomputed alone first), and the plain
-    request beside it finishes with the ids it has alone."""
+def test_a_deferred_fill_that_raises_fails_its_request_alone(checkpoint, monkeypatch):
+    """Async scheduling, the deferred fill raises: the step is sampled unmasked and dropped,
+    the constrained request fails (recomputed alone first), and the plain request beside it
+    finishes with the ids it has alone; the engine serves on."""
     from pagedserve.core import structured_output
 
     class Broken:
@@ -320,4 +315,4 @@ def test_a_fill_that_raises_on_the_grammar_thread_fails_its_request_alone(checkp
     assert failed.error == "RuntimeError: fill broke" and failed.outputs[0].finish_reason == "abort"
     assert ok.error is None and ok.outputs[0].token_ids == alone
     monkeypatch.undo()
-    assert re.fullmatch("[a-z]+", _gen(llm, ["Word:"], constrained)[0].outputs[0].text)   # the thread serves on
+    assert re.fullmatch("[a-z]+", _gen(llm, ["Word:"], constrained)[0].outputs[0].text)
