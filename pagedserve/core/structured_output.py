@@ -16,7 +16,6 @@ the fill behind Python work in isolation but gained nothing end to end on an H20
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 from pagedserve.core.request import Request
@@ -30,10 +29,10 @@ def _matcher(request: Request) -> Any:
     return matcher
 
 
-@functools.cache
 def _batch_matcher() -> Any:
-    """xgrammar's batch calls without a thread pool: on an H200 host the pool saved fill time
-    in isolation and lost far more end to end (benchmarks/RESULTS.md, issue 20)."""
+    """xgrammar's batch calls without a thread pool (on an H200 host the pool saved fill time
+    in isolation and lost far more end to end: benchmarks/RESULTS.md, issue 20); one per call
+    (~3 us), so engines on different threads share nothing."""
     import xgrammar
     return xgrammar.BatchGrammarMatcher(max_threads=1)
 
