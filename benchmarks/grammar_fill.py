@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import threading
 import time
 
@@ -105,16 +106,21 @@ def main() -> None:
         _python_work(work)
         structured_output.fill_bitmask(rows, buffer)
 
+    jobs: queue.SimpleQueue = queue.SimpleQueue()
+
+    def filler():   # one thread for every repeat, asleep between them (as it was in the engine)
+        while True:
+            started, done = jobs.get()
+            started.release()
+            structured_output.fill_bitmask(rows, buffer)
+            done.release()
+    threading.Thread(target=filler, daemon=True).start()
+
     def beside(_):
         started, done = threading.Lock(), threading.Lock()
         started.acquire()
         done.acquire()
-
-        def fill():
-            started.release()
-            structured_output.fill_bitmask(rows, buffer)
-            done.release()
-        threading.Thread(target=fill).start()
+        jobs.put((started, done))
         started.acquire()   # blocking drops the GIL: the thread takes it and enters xgrammar
         _python_work(work)
         done.acquire()
