@@ -10,13 +10,16 @@
 #   time     thr512 / b1_decode / ttft1024: TP=1 (its default, async), then TP=2 base, shm, car, all
 #            (see tp_gpu.py VARIANTS; VARIANTS="base all" SKIP_TP1=1 for fewer)
 #   quick    time, TP=2 all only
+#   tp17     issue 17 part 2, second pass (~200 s, at most 350): the M=1 gemv launch sweep at TP=2's
+#            weight shards, then one engine each (ids, peers with rank 0's and rank 1's host phases, the
+#            decode profile by kernel kind): TP=2 all as it is, and with the sweep's launch shapes
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$OUT/machine.txt"; date -u | tee -a "$OUT/machine.txt"
-run() { local log="$OUT/log_$(echo "${@:2:3}" | tr -c 'A-Za-z0-9\n' '_').txt"
+run() { local log="$OUT/log_$(echo "${@:2:3}${GEMV_CONFIGS:+_tuned}" | tr -c 'A-Za-z0-9\n' '_').txt"
         timeout "$1" python3 benchmarks/tp_gpu.py "${@:2}" > "$log" 2>&1; local rc=$?
-        grep -E "^RESULT|Error|error|Traceback|custom all-reduce|step queue|captured" "$log" | awk '!seen[$0]++' | tail -12 | tee -a "$OUT/results.txt"
+        grep -E "^RESULT|RANK_PHASES|Error|error|Traceback|custom all-reduce|step queue|captured" "$log" | awk '!seen[$0]++' | tail -12 | tee -a "$OUT/results.txt"
         [ $rc = 0 ] || echo "exit $rc: ${*:2}" | tee -a "$OUT/results.txt"; }
 for stage in ${*:-check profile time}; do
   echo "=== $stage"
@@ -33,5 +36,12 @@ for stage in ${*:-check profile time}; do
     time) [ "${SKIP_TP1:-0}" = 1 ] || run 100 peers 1 all
           for v in ${VARIANTS:-base shm car all}; do run 120 peers 2 $v; done ;;
     quick) run 120 peers 2 all ;;
+    tp17) run 90 sweep 2 "$OUT/gemv_tp2.json"
+          export RANK_PHASES=1
+          run 130 suite 2 all "$OUT/tp2_all"
+          GEMV_CONFIGS="$OUT/gemv_tp2.json"; export GEMV_CONFIGS
+          run 130 suite 2 all "$OUT/tp2_tuned"
+          unset GEMV_CONFIGS RANK_PHASES
+          python3 benchmarks/tp_gpu.py compare "$OUT/tp2_all_ids.json" "$OUT/tp2_tuned_ids.json" | tee -a "$OUT/results.txt" ;;
   esac
 done
