@@ -16,6 +16,7 @@ VARIANT switches issue 17's pieces (each one alone can be measured against `base
   all     + async scheduling under TP (rank 0's sampled ids broadcast on device)   (the default)
   asyncnocar  shm + async, NCCL all-reduces
   all4m   all, custom all-reduce up to 4 MiB (decode steps up to 512 rows) instead of 1 MiB
+  push    all, with the push all-reduce (two ranks: one one-way signal per all-reduce); push4m up to 4 MiB
 TP=1 runs use `all`: there only async scheduling applies (its default on CUDA).
 Set ENFORCE_EAGER=1 to run without CUDA graphs, PP=N for N pipeline stages (benchmarks/pp_gpu.sh; the
 shm queue, custom all-reduce and async TP of a variant do not apply under PP; `peers` then also
@@ -53,13 +54,15 @@ if DRY:   # the gemv sweep's kernels through Triton's interpreter (before anythi
 MODEL = "tiny" if DRY else os.environ.get("TP_MODEL", "llama-8b")
 GPU_UTIL, MAX_LEN = float(os.environ.get("GPU_UTIL", "0.85")), int(os.environ.get("MAX_LEN", "2048"))
 THR_N = 16 if DRY else 512
-VARIANTS = {   # name -> (step queue, custom all-reduce up to KiB (0: off), async scheduling)
-    "base": ("broadcast", 0, False),
-    "shm": ("shm", 0, False),
-    "car": ("shm", 1024, False),
-    "all": ("shm", 1024, True),
-    "asyncnocar": ("shm", 0, True),
-    "all4m": ("shm", 4096, True),
+VARIANTS = {   # name -> (step queue, custom all-reduce up to KiB (0: off), async scheduling, its kernel)
+    "base": ("broadcast", 0, False, "one_shot"),
+    "shm": ("shm", 0, False, "one_shot"),
+    "car": ("shm", 1024, False, "one_shot"),
+    "all": ("shm", 1024, True, "one_shot"),
+    "asyncnocar": ("shm", 0, True, "one_shot"),
+    "all4m": ("shm", 4096, True, "one_shot"),
+    "push": ("shm", 1024, True, "push"),       # all, with the push all-reduce (layers/triton_all_reduce.py)
+    "push4m": ("shm", 4096, True, "push"),
 }
 
 PP = int(os.environ.get("PP", "1"))
@@ -160,8 +163,9 @@ def install_rank_hooks() -> None:
 
 def make_llm(tp: int, variant: str):
     install_rank_hooks()
-    queue, custom_kb, asynchronous = VARIANTS[variant]
+    queue, custom_kb, asynchronous, kind = VARIANTS[variant]
     os.environ["PAGEDSERVE_TP_STEP_QUEUE"] = queue
+    os.environ["PAGEDSERVE_CUSTOM_ALL_REDUCE_KIND"] = kind
     os.environ["PAGEDSERVE_CUSTOM_ALL_REDUCE_MAX_KB"] = str(custom_kb or 1024)
     from pagedserve import LLM
     t0 = time.time()
@@ -179,7 +183,8 @@ def make_llm(tp: int, variant: str):
     # what the engine really runs (a piece that failed to set up falls back silently but for a log line)
     emit(engine="pagedserve", model=MODEL, tp=tp, pp=PP, variant=variant, eager=EAGER, startup_s=startup,
          decode_graphs=len(graphs.graphs) if graphs else 0, prefill_graphs=len(graphs.prefill_graphs) if graphs else 0,
-         custom_all_reduce=parallel._custom_all_reduce is not None, shm_step_queue=queue is not None,
+         custom_all_reduce=type(parallel._custom_all_reduce).__name__ if parallel._custom_all_reduce else None,
+         shm_step_queue=queue is not None,
          async_scheduling=core.async_scheduling, kv_blocks=core.executor.num_blocks)
     return llm
 
@@ -382,6 +387,9 @@ def run_profile(llm, tp: int, variant: str, steps: int = 64) -> None:
 
 
 def _allreduce_rank(rank: int, world: int, port: int) -> None:
+    """Each custom all-reduce (torch's one-shot, the push kernel) against NCCL: exact sums of
+    bf16/fp32 up to 1024 rows, a misaligned view, a chain of 8 in a CUDA graph replayed on new
+    data, then in-graph latency per all-reduce (64 in one graph, as a decode step's 65)."""
     import torch
     import torch.distributed as dist
     from pagedserve.layers.custom_all_reduce import init_symm_mem_all_reduce
@@ -389,66 +397,77 @@ def _allreduce_rank(rank: int, world: int, port: int) -> None:
     device = torch.device(f"cuda:{rank}")
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             device_id=device)
-    reducer = init_symm_mem_all_reduce(device, buffer_bytes=16 << 20)   # larger than the engine's: find the crossover
+    reducers = {}
+    for kind, name in (("one_shot", "custom"), ("push", "push")):
+        # larger than the engine's 1 MiB: find the crossover
+        reducers[name] = init_symm_mem_all_reduce(device, buffer_bytes=16 << 20, kind=kind)
     if rank == 0:
-        emit(workload="custom_allreduce_setup", available=reducer is not None)
-    if reducer is None:
-        dist.destroy_process_group()
-        return
+        emit(workload="custom_allreduce_setup", **{name: r is not None for name, r in reducers.items()})
+    reducers = {name: r for name, r in reducers.items() if r is not None}
     gen = torch.Generator(device=device).manual_seed(1234 + rank)
-    checks = []
-    for dtype in (torch.bfloat16, torch.float32):
-        for rows in (1, 2, 3, 8, 16, 64, 128, 256, 512, 1024):
-            numel = rows * 4096
-            x = torch.randn(numel, generator=gen, device=device, dtype=torch.float32).to(dtype)
-            if not reducer.can_reduce(x):
-                checks.append((str(dtype), rows, "nccl (too big)", 0.0))
-                continue
-            ref = x.clone()
-            dist.all_reduce(ref)
-            got = reducer(x)
-            checks.append((str(dtype), rows, bool(torch.equal(got, ref)), float((got.float() - ref.float()).abs().max())))
-    # a misaligned input (a view one element in): staged through the buffer
-    x = torch.randn(16 * 4096 + 8, generator=gen, device=device).to(torch.bfloat16)[1:1 + 16 * 4096]
-    ref = x.clone()
-    dist.all_reduce(ref)
-    checks.append(("misaligned bf16", 16, bool(torch.equal(reducer(x), ref)), 0.0))
-    # inside a CUDA graph: a chain of 8 all-reduces (each the next one's input), replayed on new data
-    x = torch.zeros(16 * 4096, device=device, dtype=torch.bfloat16)
     stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        y = x
-        for _ in range(8):
-            y = reducer(y) * 0.5
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
+    for name, reducer in reducers.items():
+        checks = []
+        for dtype in (torch.bfloat16, torch.float32):
+            for rows in (1, 2, 3, 8, 16, 64, 128, 256, 512, 1024):
+                numel = rows * 4096
+                x = torch.randn(numel, generator=gen, device=device, dtype=torch.float32).to(dtype)
+                if not reducer.can_reduce(x):
+                    checks.append((str(dtype), rows, "nccl (too big)", 0.0))
+                    continue
+                ref = x.clone()
+                dist.all_reduce(ref)
+                got = reducer(x)
+                checks.append((str(dtype), rows, bool(torch.equal(got, ref)),
+                               float((got.float() - ref.float()).abs().max())))
+        # a misaligned input (a view one element in)
+        x = torch.randn(16 * 4096 + 8, generator=gen, device=device).to(torch.bfloat16)[1:1 + 16 * 4096]
+        ref = x.clone()
+        dist.all_reduce(ref)
+        checks.append(("misaligned bf16", 16, bool(torch.equal(reducer(x), ref)), 0.0))
+        # inside a CUDA graph: a chain of 8 all-reduces (each the next one's input), replayed on new data
+        x = torch.zeros(16 * 4096, device=device, dtype=torch.bfloat16)
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
             y = x
             for _ in range(8):
                 y = reducer(y) * 0.5
-    torch.cuda.current_stream().wait_stream(stream)
-    ok_graph = True
-    for trial in range(3):
-        x.copy_(torch.randn(x.numel(), generator=gen, device=device).to(torch.bfloat16))
-        ref = x.clone()
-        for _ in range(8):
-            dist.all_reduce(ref)
-            ref = ref * 0.5
-        graph.replay()
-        torch.cuda.synchronize()
-        ok_graph &= bool(torch.equal(y, ref))
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                y = x
+                for _ in range(8):
+                    y = reducer(y) * 0.5
+        torch.cuda.current_stream().wait_stream(stream)
+        ok_graph = True
+        for trial in range(3):
+            x.copy_(torch.randn(x.numel(), generator=gen, device=device).to(torch.bfloat16))
+            ref = x.clone()
+            for _ in range(8):
+                dist.all_reduce(ref)
+                ref = ref * 0.5
+            graph.replay()
+            torch.cuda.synchronize()
+            ok_graph &= bool(torch.equal(y, ref))
+        errors = int(reducer.error.sum()) if hasattr(reducer, "error") else 0
+        if rank == 0:
+            bad = [c for c in checks if c[2] is False]
+            emit(workload="custom_allreduce_check", reducer=name, exact=all(c[2] is not False for c in checks),
+                 in_graph_exact=ok_graph, spin_timeouts=errors, checks=checks, mismatches=bad)
     # latency: 64 all-reduces captured in one graph (a decode step of llama-8b has 65)
     lat = {}
     for rows in (1, 16, 64, 128, 256, 512, 1024, 2048):
         t = torch.randn(rows * 4096, generator=gen, device=device).to(torch.bfloat16)
-        for name in ("nccl", "custom"):
+        for name in ("nccl", *reducers):
+            if name != "nccl" and not reducers[name].can_reduce(t):
+                continue
+
             def chain():
                 out = t
                 for _ in range(64):
                     if name == "nccl":
                         dist.all_reduce(out)   # in place, as RowParallelLinear's fallback
                     else:
-                        out = reducer(out)
+                        out = reducers[name](out)
                 return out
             with torch.cuda.stream(stream):
                 chain()
@@ -468,9 +487,6 @@ def _allreduce_rank(rank: int, world: int, port: int) -> None:
             torch.cuda.synchronize()
             lat[f"{name}_{rows}rows_us"] = round(start.elapsed_time(end) * 1e3 / 640, 2)
     if rank == 0:
-        bad = [c for c in checks if c[2] is False]
-        emit(workload="custom_allreduce_check", exact=all(c[2] is not False for c in checks), in_graph_exact=ok_graph,
-             checks=checks, mismatches=bad)
         emit(workload="allreduce_latency_in_graph", **lat)
     dist.barrier()
     dist.destroy_process_group()

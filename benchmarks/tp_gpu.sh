@@ -10,9 +10,10 @@
 #   time     thr512 / b1_decode / ttft1024: TP=1 (its default, async), then TP=2 base, shm, car, all
 #            (see tp_gpu.py VARIANTS; VARIANTS="base all" SKIP_TP1=1 for fewer)
 #   quick    time, TP=2 all only
-#   tp17     issue 17 part 2, second pass (~200 s, at most 350): the M=1 gemv launch sweep at TP=2's
-#            weight shards, then one engine each (ids, peers with rank 0's and rank 1's host phases, the
-#            decode profile by kernel kind): TP=2 all as it is, and with the sweep's launch shapes
+#   tp17     issue 17 part 2, second pass (~220 s, at most 440): all-reduce check + latency (NCCL,
+#            torch's one-shot, the push kernel), the M=1 gemv launch sweep at TP=2's weight shards, then
+#            one engine each (ids, peers with rank 0's and rank 1's host phases, the decode profile by
+#            kernel kind): TP=2 `all` as it is, and `push` (push all-reduce) with the swept launch shapes
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -36,12 +37,14 @@ for stage in ${*:-check profile time}; do
     time) [ "${SKIP_TP1:-0}" = 1 ] || run 100 peers 1 all
           for v in ${VARIANTS:-base shm car all}; do run 120 peers 2 $v; done ;;
     quick) run 120 peers 2 all ;;
-    tp17) run 90 sweep 2 "$OUT/gemv_tp2.json"
+    tp17) [ "${DRY:-0}" = 1 ] || run 90 allreduce
+          run 90 sweep 2 "$OUT/gemv_tp2.json"
           export RANK_PHASES=1
           run 130 suite 2 all "$OUT/tp2_all"
           GEMV_CONFIGS="$OUT/gemv_tp2.json"; export GEMV_CONFIGS
-          run 130 suite 2 all "$OUT/tp2_tuned"
+          run 130 suite 2 push "$OUT/tp2_push_tuned"
           unset GEMV_CONFIGS RANK_PHASES
-          python3 benchmarks/tp_gpu.py compare "$OUT/tp2_all_ids.json" "$OUT/tp2_tuned_ids.json" | tee -a "$OUT/results.txt" ;;
+          python3 benchmarks/tp_gpu.py compare "$OUT/tp2_all_ids.json" "$OUT/tp2_push_tuned_ids.json" \
+            | tee -a "$OUT/results.txt" ;;
   esac
 done

@@ -145,7 +145,7 @@ class EngineArgs:
     def create_config(self) -> tuple[EngineConfig, Any, ModelSource]:
         """Resolve the model (offline), read its config once, check every cross-field rule.
         The environment is read here, once: PAGEDSERVE_GEMV_MAX_ROWS, PAGEDSERVE_TP_STEP_QUEUE,
-        PAGEDSERVE_CUSTOM_ALL_REDUCE_MAX_KB, and MASTER_ADDR /
+        PAGEDSERVE_CUSTOM_ALL_REDUCE_MAX_KB / _KIND, and MASTER_ADDR /
         WORLD_SIZE / RANK (tensor-parallel ranks started by hand, env:// rendezvous)."""
         self.validate()
         device = resolve_device(self.device)
@@ -194,7 +194,8 @@ class EngineArgs:
                 pipeline_parallel_size=self.pipeline_parallel_size,
                 custom_all_reduce_bytes=0 if self.disable_custom_all_reduce
                 else int(os.environ.get("PAGEDSERVE_CUSTOM_ALL_REDUCE_MAX_KB", "1024")) << 10,
-                step_queue=_step_queue()),
+                custom_all_reduce_kind=_choice("PAGEDSERVE_CUSTOM_ALL_REDUCE_KIND", "one_shot", ("one_shot", "push")),
+                step_queue=_choice("PAGEDSERVE_TP_STEP_QUEUE", "shm", ("shm", "broadcast"))),
             device=DeviceConfig(str(device), self.enforce_eager, self.seed,
                                 self.async_scheduling if self.async_scheduling is not None
                                 else device.type == "cuda" or self.pipeline_parallel_size > 1,
@@ -219,12 +220,11 @@ class EngineArgs:
         return spec
 
 
-def _step_queue() -> str:
-    queue = os.environ.get("PAGEDSERVE_TP_STEP_QUEUE", "shm")
-    if queue not in ("shm", "broadcast"):
-        raise ValidationError(f"PAGEDSERVE_TP_STEP_QUEUE must be shm or broadcast, got {queue!r}",
-                              "PAGEDSERVE_TP_STEP_QUEUE")
-    return queue
+def _choice(variable: str, default: str, choices: tuple[str, ...]) -> str:
+    value = os.environ.get(variable, default)
+    if value not in choices:
+        raise ValidationError(f"{variable} must be {' or '.join(choices)}, got {value!r}", variable)
+    return value
 
 
 def default_max_num_seqs(device: torch.device) -> int:

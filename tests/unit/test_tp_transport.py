@@ -119,3 +119,23 @@ def test_no_room_for_the_queue_means_steps_through_the_process_group(monkeypatch
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(tp_executor, "ShmMessageQueue", full)
     assert tp_executor._make_queue(1) is None
+
+
+def test_the_custom_all_reduce_kernel_is_picked_at_start_up(tiny_checkpoints, monkeypatch):
+    from pagedserve.engine_args import EngineArgs
+    from pagedserve.errors import ValidationError
+
+    def kind() -> str:
+        config, _, _ = EngineArgs(model=tiny_checkpoints["llama"], device="cpu", skip_tokenizer_init=True,
+                                  tensor_parallel_size=2).create_config()
+        return config.parallel.custom_all_reduce_kind
+    assert kind() == "one_shot"
+    monkeypatch.setenv("PAGEDSERVE_CUSTOM_ALL_REDUCE_KIND", "push")
+    assert kind() == "push"
+    monkeypatch.setenv("PAGEDSERVE_CUSTOM_ALL_REDUCE_KIND", "two_shot")
+    with pytest.raises(ValidationError, match="PAGEDSERVE_CUSTOM_ALL_REDUCE_KIND must be one_shot or push"):
+        kind()
+    monkeypatch.setenv("PAGEDSERVE_CUSTOM_ALL_REDUCE_KIND", "push")
+    monkeypatch.setenv("PAGEDSERVE_TP_STEP_QUEUE", "pipe")
+    with pytest.raises(ValidationError, match="PAGEDSERVE_TP_STEP_QUEUE must be shm or broadcast"):
+        kind()
