@@ -66,6 +66,7 @@ VARIANTS = {   # name -> (step queue, custom all-reduce up to KiB (0: off), asyn
 }
 
 PP = int(os.environ.get("PP", "1"))
+MAX_BATCHED = int(os.environ["MAX_BATCHED"]) if os.environ.get("MAX_BATCHED") else None   # engine default if unset
 EAGER = os.environ.get("ENFORCE_EAGER") == "1"
 
 
@@ -173,7 +174,7 @@ def make_llm(tp: int, variant: str):
     llm = LLM(model=make_model_dir(MODEL), load_format="dummy", skip_tokenizer_init=True, **device,
               max_model_len=MAX_LEN, seed=0, tensor_parallel_size=tp, pipeline_parallel_size=PP,
               enforce_eager=EAGER, disable_custom_all_reduce=not custom_kb,
-              async_scheduling=asynchronous)
+              async_scheduling=asynchronous, max_num_batched_tokens=MAX_BATCHED)
     startup = round(time.time() - t0, 1)
     from pagedserve.layers import parallel
     core = llm.engine.core
@@ -182,6 +183,7 @@ def make_llm(tp: int, variant: str):
     queue = getattr(getattr(core.executor, "steps", None), "queue", None)
     # what the engine really runs (a piece that failed to set up falls back silently but for a log line)
     emit(engine="pagedserve", model=MODEL, tp=tp, pp=PP, variant=variant, eager=EAGER, startup_s=startup,
+         max_num_batched_tokens=core.scheduler.max_num_batched_tokens, max_num_seqs=core.scheduler.max_num_seqs,
          decode_graphs=len(graphs.graphs) if graphs else 0, prefill_graphs=len(graphs.prefill_graphs) if graphs else 0,
          custom_all_reduce=type(parallel._custom_all_reduce).__name__ if parallel._custom_all_reduce else None,
          shm_step_queue=queue is not None,
@@ -194,9 +196,10 @@ def greedy(max_tokens: int):
     return SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0, detokenize=False)
 
 
-def run_peers(llm, tp: int, variant: str) -> None:
-    """peers.py's run_engine workloads, timed the same way."""
-    tags = dict(engine="pagedserve", model=MODEL, tp=tp, pp=PP, variant=variant, eager=EAGER)
+def run_peers(llm, tp: int, variant: str, ttft: bool = True) -> None:
+    """peers.py's run_engine workloads, timed the same way (ttft1024 unless `ttft` is False)."""
+    tags = dict(engine="pagedserve", model=MODEL, tp=tp, pp=PP, variant=variant, eager=EAGER,
+                max_num_batched_tokens=MAX_BATCHED)
     reqs = workload(THR_N)
     if DRY:
         reqs = [(p[:64], min(o, 8)) for p, o in reqs]
@@ -223,6 +226,8 @@ def run_peers(llm, tp: int, variant: str) -> None:
     emit(**tags, workload="b1_decode", wall_s=round(dt, 3), tok_s=round(b1 / dt, 1))
     if HOST_PHASES:
         emit_phases(tags, "b1_decode", dt)
+    if not ttft:
+        return
     warm = {"prompt_token_ids": [(i * 7) % 32000 + 3 for i in range(1024)]}
     llm.generate([warm], [greedy(1)], use_tqdm=False)
     p = {"prompt_token_ids": [(i * 11 + 5) % 32000 + 3 for i in range(1024)]}
@@ -279,6 +284,18 @@ def _wrap_ranges() -> None:
     wrap(StepChannel, "send", "host:send_step_message")
     wrap(MultiprocTPExecutor, "_send", "host:send_step_all")   # under PP: + pickled on to stage 1
     wrap(ModelRunner, "execute_model", "host:runner_execute")
+    by_kind = ModelRunner.execute_model   # and again by step kind: all decodes (a graph) or not (eager)
+    kinds = {kind: HOST_PHASES.setdefault(f"host:runner_{kind}", [0.0, 0]) for kind in ("decode", "mixed")}
+
+    def split(self, so, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return by_kind(self, so, *args, **kwargs)
+        finally:
+            total = kinds["decode" if max(so.num_scheduled_tokens.values(), default=1) == 1 else "mixed"]
+            total[0] += time.perf_counter() - start
+            total[1] += 1
+    ModelRunner.execute_model = split
     wrap(PendingRunnerOutput, "get", "host:wait_sampled_ids")
     wrap(PipelineOutput, "get", "host:wait_last_stage")
     wrap(EngineCore, "_update", "host:update")
@@ -310,7 +327,8 @@ KINDS = (   # (substrings of a lower-cased kernel name, kind): the first match w
     (("memset",), "memset"), (("rms_norm",), "rms_norm"), (("silu",), "silu_and_mul"),
     (("splitk",), "cublas"), (("gemm",), "cublas"), (("gemv",), "cublas"), (("nvjet",), "cublas"),
     (("xmma",), "cublas"), (("cutlass",), "cublas"), (("argmax",), "argmax"), (("reduce_kernel",), "reduce"),
-    (("index",), "index"), (("embedding",), "embedding"), (("fill",), "fill"), (("copy",), "copy"),
+    (("reduce_segments",), "attention"), (("index",), "index"), (("embedding",), "embedding"), (("fill",), "fill"),
+    (("copy",), "copy"),
     (("elementwise",), "elementwise"))
 
 
@@ -323,7 +341,10 @@ def kernel_breakdown(kernels: list, steps: int) -> dict:
     """Device kernels (profiler events) -> per step: us and launches of each kind, and the
     device's idle time between kernels, by the kind of the kernel before the gap (a gap after
     the last kernel of a step is the device waiting for the host's next step)."""
-    kernels = sorted(kernels, key=lambda e: e.time_range.start)
+    # record_function ranges and ops show up on the device too (host:*, aten::*, nccl:*): not kernels
+    kernels = sorted((e for e in kernels if not (e.name.startswith(("host:", "aten::", "nccl:"))
+                                                 or e.name == "record_param_comms")),
+                     key=lambda e: e.time_range.start)
     busy: dict[str, list[float]] = {}
     gaps: dict[str, list[float]] = {}
     for i, e in enumerate(kernels):
@@ -595,6 +616,10 @@ def main() -> None:
         run_ids(llm, sys.argv[4])
     elif mode == "profile":
         run_profile(llm, tp, variant)
+    elif mode == "ab":   # an A/B arm: thr512 and b1_decode (host phases), ids first when PREFIX is given
+        if len(sys.argv) > 4:
+            run_ids(llm, f"{sys.argv[4]}_ids.json")
+        run_peers(llm, tp, variant, ttft=False)
     elif mode == "suite":   # one start-up for all three (~20 s each on the H200s)
         run_ids(llm, f"{sys.argv[4]}_ids.json")
         run_peers(llm, tp, variant)

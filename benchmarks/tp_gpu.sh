@@ -10,6 +10,8 @@
 #   time     thr512 / b1_decode / ttft1024: TP=1 (its default, async), then TP=2 base, shm, car, all
 #            (see tp_gpu.py VARIANTS; VARIANTS="base all" SKIP_TP1=1 for fewer)
 #   quick    time, TP=2 all only
+#   tp17b    thr512 and b1_decode, TP=2: `all`, `push` (+ ids: push must change no token), and `push` with
+#            max_num_batched_tokens 16384 (vLLM's default for its LLM class on 70+ GiB GPUs; ours is 8192)
 #   tp17     issue 17 part 2, second pass (~220 s, at most 440): all-reduce check + latency (NCCL,
 #            torch's one-shot, the push kernel), the M=1 gemv launch sweep at TP=2's weight shards, then
 #            one engine each (ids, peers with rank 0's and rank 1's host phases, the decode profile by
@@ -18,7 +20,7 @@ set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$OUT/machine.txt"; date -u | tee -a "$OUT/machine.txt"
-run() { local log="$OUT/log_$(echo "${@:2:3}${GEMV_CONFIGS:+_tuned}" | tr -c 'A-Za-z0-9\n' '_').txt"
+run() { local log="$OUT/log_$(echo "${@:2:3}${GEMV_CONFIGS:+_tuned}${MAX_BATCHED:+_mbt$MAX_BATCHED}" | tr -c 'A-Za-z0-9\n' '_').txt"
         timeout "$1" python3 benchmarks/tp_gpu.py "${@:2}" > "$log" 2>&1; local rc=$?
         grep -E "^RESULT|RANK_PHASES|Error|error|Traceback|custom all-reduce|step queue|captured" "$log" | awk '!seen[$0]++' | tail -12 | tee -a "$OUT/results.txt"
         [ $rc = 0 ] || echo "exit $rc: ${*:2}" | tee -a "$OUT/results.txt"; }
@@ -46,5 +48,12 @@ for stage in ${*:-check profile time}; do
           unset GEMV_CONFIGS RANK_PHASES
           python3 benchmarks/tp_gpu.py compare "$OUT/tp2_all_ids.json" "$OUT/tp2_push_tuned_ids.json" \
             | tee -a "$OUT/results.txt" ;;
+    tp17b) export RANK_PHASES=1   # thr512 A/B, b1 in each arm (~135 s, at most 180)
+          run 60 ab 2 all "$OUT/ab_all"
+          run 60 ab 2 push "$OUT/ab_push"
+          python3 benchmarks/tp_gpu.py compare "$OUT/ab_all_ids.json" "$OUT/ab_push_ids.json" | tee -a "$OUT/results.txt"
+          MAX_BATCHED=16384; export MAX_BATCHED
+          run 60 ab 2 push
+          unset MAX_BATCHED RANK_PHASES ;;
   esac
 done

@@ -129,6 +129,7 @@ def init_symm_mem_all_reduce(device: torch.device, buffer_bytes: int, kind: str 
         group_name = dist.group.WORLD.group_name
         if kind == "push":
             reducer = _push_reducer(symm_mem, device, buffer_bytes, group_name)
+            reducer.max_spins = 1 << 24   # the probe: a few seconds (each rank compiles the kernel first)
         else:
             buffer = symm_mem.empty(buffer_bytes, dtype=torch.uint8, device=device)
             if symm_mem.rendezvous(buffer, group_name) is None:
@@ -138,6 +139,8 @@ def init_symm_mem_all_reduce(device: torch.device, buffer_bytes: int, kind: str 
         expected = torch.arange(4096, dtype=torch.float32, device=device) * (world * (world + 1) // 2)
         if not torch.equal(reducer(probe), expected) or bool(getattr(reducer, "error", torch.zeros(1)).any()):
             raise RuntimeError("the symmetric-memory sum differs from the expected one")
+        if kind == "push":
+            reducer.max_spins = reducer.MAX_SPINS
     except Exception as exc:   # any failure: every rank falls back to NCCL together
         error, reducer = exc, None
     if not _all_agree(reducer is not None, device):

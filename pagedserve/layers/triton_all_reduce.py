@@ -22,7 +22,8 @@ slot e % 2 (stream order), so no second barrier is needed.
 Both ranks must launch the same kernels in the same order with the same grid (the grid
 depends only on the size), as they do: the same model code on the same steps. The sum of two
 values is commutative, so both ranks get the same bits, equal to NCCL's. A spin that outlasts
-`max_spins` sets `error` and gives up (a dead peer cannot hang the device forever).
+`max_spins` sets `error` and gives up: in service that is ~an hour (a peer that slow is dead);
+the start-up probe waits seconds (layers/custom_all_reduce.py).
 """
 from __future__ import annotations
 
@@ -75,8 +76,10 @@ class PushBuffers:
     `recv_flags`, in its memory) and the peer's (`send`, `send_flags`, mapped from the peer's
     memory), as bytes / int64; plus its own epoch counters and error flags."""
 
+    MAX_SPINS = (1 << 31) - 1
+
     def __init__(self, send: torch.Tensor, recv: torch.Tensor, send_flags: torch.Tensor, recv_flags: torch.Tensor,
-                 max_spins: int = 1 << 26) -> None:
+                 max_spins: int = MAX_SPINS) -> None:
         if send.dtype != torch.uint8 or recv.shape != send.shape or send.numel() % 32:
             raise ValueError("push all-reduce: send and recv must be byte buffers of one size, two slots")
         if not (send_flags.dtype == recv_flags.dtype == torch.int64 and recv_flags.numel() >= MAX_PROGRAMS):
