@@ -10,8 +10,9 @@
 #   time     thr512 / b1_decode / ttft1024: TP=1 (its default, async), then TP=2 base, shm, car, all
 #            (see tp_gpu.py VARIANTS; VARIANTS="base all" SKIP_TP1=1 for fewer)
 #   quick    time, TP=2 all only
-#   tp17b    thr512 and b1_decode, TP=2: `all`, `push` (+ ids: push must change no token), and `push` with
-#            max_num_batched_tokens 16384 (vLLM's default for its LLM class on 70+ GiB GPUs; ours is 8192)
+#   tp17b    thr512 and b1_decode, TP=2: `all`, `push4m` (the push all-reduce up to 4 MiB: decode steps up to
+#            512 rows; + ids: it must change no token), and `push4m` with max_num_batched_tokens 16384
+#            (vLLM's default for its LLM class on 70+ GiB GPUs; ours is 8192)
 #   tp17     issue 17 part 2, second pass (~220 s, at most 440): all-reduce check + latency (NCCL,
 #            torch's one-shot, the push kernel), the M=1 gemv launch sweep at TP=2's weight shards, then
 #            one engine each (ids, peers with rank 0's and rank 1's host phases, the decode profile by
@@ -50,10 +51,10 @@ for stage in ${*:-check profile time}; do
             | tee -a "$OUT/results.txt" ;;
     tp17b) export RANK_PHASES=1   # thr512 A/B, b1 in each arm (~135 s, at most 180)
           run 60 ab 2 all "$OUT/ab_all"
-          run 60 ab 2 push "$OUT/ab_push"
-          python3 benchmarks/tp_gpu.py compare "$OUT/ab_all_ids.json" "$OUT/ab_push_ids.json" | tee -a "$OUT/results.txt"
+          run 60 ab 2 push4m "$OUT/ab_push4m"
+          python3 benchmarks/tp_gpu.py compare "$OUT/ab_all_ids.json" "$OUT/ab_push4m_ids.json" | tee -a "$OUT/results.txt"
           MAX_BATCHED=16384; export MAX_BATCHED
-          run 60 ab 2 push
+          run 60 ab 2 push4m
           unset MAX_BATCHED RANK_PHASES ;;
   esac
 done

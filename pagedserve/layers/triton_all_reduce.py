@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 BLOCK = 1024        # elements per program and iteration
-MAX_PROGRAMS = 32   # programs of the largest call (all resident: each waits on one peer program)
+MAX_PROGRAMS = 64   # programs of the largest call (all resident: each waits on one peer program)
 
 
 @triton.jit
