@@ -31,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 1024        # elements per program and iteration
+BLOCK = 4096        # elements per program and iteration: 16 per thread, loads in flight while the last store goes
+NUM_WARPS = 8
 MAX_PROGRAMS = 64   # programs of the largest call (all resident: each waits on one peer program)
 
 
@@ -109,5 +110,5 @@ class PushBuffers:
         _push_all_reduce_kernel[(programs,)](
             tensor, out, *views, self.send_flags, self.recv_flags,
             self.epochs, self.error, numel, chunk, self.slot_bytes // tensor.element_size(), self.max_spins,
-            BLOCK=BLOCK, num_warps=4)
+            BLOCK=BLOCK, num_warps=NUM_WARPS)
         return out

@@ -37,15 +37,18 @@ def _all_reduce_in_turn(ranks: list[PushBuffers], xs: list[torch.Tensor]) -> lis
 
 
 def test_two_ranks_get_the_same_exact_sum_call_after_call():
-    ranks = _pair(slot_bytes=1 << 14)
+    ranks = _pair(slot_bytes=4 * 4 * BLOCK)
     gen = torch.Generator().manual_seed(0)
-    for numel in (4096, 1000, 3 * BLOCK + 5, 4 * 1024, 1):   # slots 1, 0, 1, 0, 1
+    calls = torch.zeros(MAX_PROGRAMS, dtype=torch.int64)
+    for numel in (BLOCK, 1000, 3 * BLOCK + 5, 2 * BLOCK, 1):   # slots 1, 0, 1, 0, 1 of programs 0
         xs = [torch.randn(numel, generator=gen).to(DEVICE) for _ in range(2)]
         out0, out1 = _all_reduce_in_turn(ranks, xs)
         assert torch.equal(out0, xs[0] + xs[1]) and torch.equal(out1, out0)
         assert xs[0].shape == out0.shape and not out0.data_ptr() == xs[0].data_ptr()
-    # each program counts its own calls: program 0 ran in all 5, programs 1-3 in the 3 calls of 4 blocks
-    assert ranks[0].epochs[:5].tolist() == [5, 3, 3, 3, 0] == ranks[1].epochs[:5].tolist()
+        calls[:grid_for(numel)[0]] += 1
+    # each program counts its own calls: program 0 ran in all 5, program 3 only in the call of 4 blocks
+    assert calls[:5].tolist() == [5, 2, 1, 1, 0]
+    assert ranks[0].epochs.tolist() == calls.tolist() == ranks[1].epochs.tolist()
 
 
 def test_the_grid_depends_only_on_the_size_and_covers_it():
