@@ -14,8 +14,10 @@ choice depends only on dtype, size and contiguity, the same on every rank. Anyth
 larger tensors) goes to NCCL, and so does everything when set-up finds no support: every rank
 must agree, so `init_symm_mem_all_reduce` decides collectively.
 
-kind "push" (two ranks; ParallelConfig.custom_all_reduce_kind): layers/triton_all_reduce.py's
-kernel instead, one one-way signal per all-reduce where the one-shot op waits for two round trips.
+kind "push" (ParallelConfig.custom_all_reduce_kind; the default at TP=2, up to 4 MiB):
+layers/triton_all_reduce.py's kernel instead, one one-way signal per all-reduce where the
+one-shot op waits for two round trips (H200 pair: b1_decode 312 -> 330 tok/s, thr512 +1.6%,
+the same tokens); more than two ranks keep the one-shot op.
 """
 from __future__ import annotations
 
