@@ -105,6 +105,9 @@ if os.environ.get("GEMV_CONFIGS"):
     from pagedserve.layers import triton_gemv
     triton_gemv.CONFIGS.update({tuple(map(int, k.split("x"))): triton_gemv.GemvConfig(*v)
                                 for k, v in json.load(open(os.environ["GEMV_CONFIGS"])).items()})
+if os.environ.get("PAGEABLE_INPUTS") == "1":   # step inputs from pageable memory, as before
+    from pagedserve.worker import input_batch
+    input_batch.PINNED_COPY_MIN_BYTES = 1 << 62
 if os.environ.get("RANK_PHASES") == "1":
     from pagedserve.worker import tp_worker
     from pagedserve.worker.model_runner import ModelRunner
@@ -149,10 +152,16 @@ def apply_gemv_configs(path: str) -> None:
 
 
 def install_rank_hooks() -> None:
-    """GEMV_CONFIGS / RANK_PHASES: SITE_HOOKS as the sitecustomize of every rank spawned from
-    here on (RankProcess passes PYTHONPATH on), and the launch shapes in this process too."""
-    if not (os.environ.get("GEMV_CONFIGS") or os.environ.get("RANK_PHASES") == "1"):
+    """GEMV_CONFIGS / RANK_PHASES / PAGEABLE_INPUTS: SITE_HOOKS as the sitecustomize of every
+    rank spawned from here on (RankProcess passes PYTHONPATH on); launch shapes and pageable
+    inputs in this process too."""
+    if not (os.environ.get("GEMV_CONFIGS") or os.environ.get("RANK_PHASES") == "1"
+            or os.environ.get("PAGEABLE_INPUTS") == "1"):
         return
+    if os.environ.get("PAGEABLE_INPUTS") == "1":
+        from pagedserve.worker import input_batch
+        input_batch.PINNED_COPY_MIN_BYTES = 1 << 62
+        emit(workload="pageable_inputs")
     import tempfile
     site = tempfile.mkdtemp(prefix="tp_gpu_site_")
     with open(os.path.join(site, "sitecustomize.py"), "w") as f:
@@ -599,8 +608,43 @@ def sweep_gemv(tp: int, out_path: str) -> None:
     emit(workload="gemv_sweep_configs", tp=tp, path=out_path, configs=best_configs)
 
 
+def h2d_probe() -> None:
+    """How long the host spends issuing a non-blocking host -> device copy while the GPU is busy
+    (~100 ms of torch.cuda._sleep): from pageable memory (a numpy array, as the step inputs went)
+    and through pinned memory. Milliseconds near the busy time mean the copy waited for the
+    stream (the driver staged it synchronously)."""
+    if DRY:
+        emit(workload="h2d_while_busy", skipped="DRY: needs a GPU")
+        return
+    import numpy as np
+    import torch
+    dev = torch.device("cuda:0")
+    torch.zeros(1, device=dev)
+    for nbytes in (4096, 32768, 65536, 65536 + 8, 262144):
+        array = np.arange(nbytes // 8, dtype=np.int64)
+        row = dict(workload="h2d_while_busy", bytes=nbytes)
+        for how in ("pageable", "pinned"):
+            for _ in range(2):   # the second one is reported (the first warms the allocators)
+                torch.cuda.synchronize()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                torch.cuda._sleep(200_000_000)   # ~100 ms at ~2 GHz
+                end.record()
+                t0 = time.perf_counter()
+                tensor = torch.from_numpy(array)
+                out = (tensor if how == "pageable" else tensor.pin_memory()).to(dev, non_blocking=True)
+                row[f"{how}_host_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
+                torch.cuda.synchronize()
+                row["gpu_busy_ms"] = round(start.elapsed_time(end), 1)
+                row[f"{how}_exact"] = bool(torch.equal(out.cpu(), tensor))
+        emit(**row)
+
+
 def main() -> None:
     mode = sys.argv[1]
+    if mode == "h2d":
+        h2d_probe()
+        return
     if mode == "compare":
         compare(sys.argv[2], sys.argv[3])
         return
