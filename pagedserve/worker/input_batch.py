@@ -17,6 +17,12 @@ from pagedserve.attention.metadata import AttentionMetadata
 from pagedserve.engine_io import RequestId
 from pagedserve.sampling_params import SamplingParams
 
+# Host arrays of at least this many bytes reach the device through pinned memory. A copy from
+# pageable memory may be staged synchronously by the CUDA driver, i.e. wait until the stream has
+# run everything queued before it: under async scheduling, a prefill step's token ids (8192
+# tokens: 64 KB) would then wait for the whole step in flight. Decode steps' arrays are smaller.
+PINNED_COPY_MIN_BYTES = 16 << 10
+
 
 @dataclass(eq=False)
 class CachedRequestState:
@@ -135,7 +141,10 @@ def build_step_inputs(states: list[CachedRequestState], num_scheduled: list[int]
         + positions % block_size
 
     def to(array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(array).to(device, non_blocking=True)
+        tensor = torch.from_numpy(array)
+        if device.type == "cuda" and array.nbytes >= PINNED_COPY_MIN_BYTES:
+            tensor = tensor.pin_memory()   # kept by the host allocator until the copy is done
+        return tensor.to(device, non_blocking=True)
 
     meta = AttentionMetadata(slot_mapping=to(slot_mapping), query_start_loc=to(query_start_loc),
                              seq_lens=to(seq_lens), block_tables=to(block_tables),
