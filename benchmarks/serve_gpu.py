@@ -221,7 +221,9 @@ class Server:
         deadline = self.t0 + timeout_s
         while time.perf_counter() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.engine} server exited with {self.proc.returncode}")
+                self.log.flush()
+                last = Path(self.log.name).read_text(errors="replace").strip().splitlines()[-1:]
+                raise RuntimeError(f"{self.engine} server exited with {self.proc.returncode}: {' '.join(last)[-300:]}")
             try:
                 with urllib.request.urlopen(f"{self.base_url}/v1/models", timeout=2) as response:
                     if response.status == 200:
