@@ -10,7 +10,7 @@ import torch
 from pagedserve.layers.quantization.act_quant import FP8, quantize_per_token_torch
 from pagedserve.layers.quantization.int4 import dequantize_int4, pack_int32, unpack_int32
 from pagedserve.layers.quantization.triton_act_quant import quantize_per_token_triton
-from pagedserve.layers.quantization.triton_w4a16 import GemvConfig, w4a16_gemv, w4a16_matmul
+from pagedserve.layers.quantization.triton_w4a16 import GemmConfig, GemvConfig, w4a16_gemm, w4a16_gemv, w4a16_matmul
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -40,8 +40,9 @@ def test_w4a16_paths_match_the_dequantized_reference(path, act_order):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("config", [GemvConfig(block_n=32), GemvConfig(block_n=16, programs_per_sm=0),
+                                    GemvConfig(block_n=16, words=8, fixup=False),
                                     GemvConfig(block_n=32, dot=True), GemvConfig(block_n=16, dot=True, programs_per_sm=0)],
-                         ids=["fma-split", "fma-nosplit", "dot-split", "dot-nosplit"])
+                         ids=["fma-split", "fma-nosplit", "fma-words8-sumkernel", "dot-split", "dot-nosplit"])
 def test_decode_gemv_matches_the_dequantized_reference(config, dtype):
     """The 128-row-block GEMV: symmetric (zero 8) and asymmetric zeros, groups of 128 and
     256 (two blocks in one group), 1 and 5 rows, N not a multiple of BLOCK_N, K split over
@@ -60,6 +61,39 @@ def test_decode_gemv_matches_the_dequantized_reference(config, dtype):
             assert out.dtype == dtype and out.shape == (rows, n)
             tol = 1e-4 if dtype == torch.float32 else 2e-3
             torch.testing.assert_close(out.float(), x.float() @ weight, rtol=tol, atol=tol * 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_w4_gemm_matches_the_dequantized_reference(dtype):
+    """The one-load-per-word GEMM (nibbles joined into a [128, BLOCK_N] tile per block):
+    rows and columns not multiples of the tile, two groups of 128 and one of 256."""
+    torch.manual_seed(3)
+    k, n = 256, 40
+    for group in (128, 256):
+        qweight = pack_int32(torch.randint(0, 16, (k, n)), 0).to(DEVICE)
+        scales = (torch.rand(k // group, n) * 0.1 + 0.01).to(dtype).to(DEVICE)
+        zeros = torch.randint(0, 16, (k // group, n)).to(dtype).to(DEVICE)
+        weight = dequantize_int4(qweight, scales, zeros, group, None, torch.float32)
+        for rows in (1, 19, 70):
+            x = torch.randn(rows, k, device=DEVICE).to(dtype)
+            out = w4a16_gemm(x, qweight, scales, zeros, group, GemmConfig(block_m=32, block_n=32))
+            tol = 1e-4 if dtype == torch.float32 else 2e-3
+            torch.testing.assert_close(out.float(), x.float() @ weight, rtol=tol, atol=tol * 10)
+
+
+@pytest.mark.parametrize("magnitude", [1e-12, 1e-6, 3e4, 1e9])
+def test_fma_gemv_keeps_small_and_large_activations(magnitude):
+    """The FMA kernel multiplies denormal nibbles by x * 2**(89 - 4j): exact (fp32 level) for
+    activations far beyond those of bf16 models both ways (|x| from ~2**-66 to 2**38)."""
+    torch.manual_seed(2)
+    k, n = 256, 32
+    qweight = pack_int32(torch.randint(0, 16, (k, n)), 0).to(DEVICE)
+    scales = (torch.rand(2, n) * 0.1 + 0.01).to(DEVICE)
+    zeros = torch.randint(0, 16, (2, n)).float().to(DEVICE)
+    weight = dequantize_int4(qweight, scales, zeros, 128, None, torch.float32)
+    x = torch.randn(2, k, device=DEVICE) * magnitude
+    out = w4a16_gemv(x, qweight, scales, zeros, 128, GemvConfig(block_n=32))
+    torch.testing.assert_close(out, x @ weight, rtol=1e-5, atol=1e-5 * magnitude)
 
 
 def test_decode_gemv_refuses_groups_that_split_its_blocks():
