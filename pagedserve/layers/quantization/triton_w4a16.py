@@ -139,13 +139,14 @@ def _w4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, BLOCKS_PER_SPLIT, 
 
 @triton.jit
 def _x_nibbles(x_ptr, row, WORDS: tl.constexpr):
-    """x[row + 8r + i] (r < WORDS, i < 8) as fp32 times 2**(89 - 4 (i % 4)) (see
+    """x[row + 8r + i] (r < WORDS, i < 8) as fp32 times 2**(89 - place of nibble i) (see
     _w4_gemv_fma_kernel), one [WORDS] vector per nibble i: one [WORDS, 8] load split in
     registers (three halvings of the nibble axis); and the sum of the unscaled x."""
     offs_i = tl.arange(0, 8)
     xb = tl.load(x_ptr + row + tl.arange(0, WORDS)[:, None] * 8 + offs_i[None, :]).to(tl.float32)
     x_sum = tl.sum(tl.sum(xb, 1), 0)
-    factor = ((127 + 89 - 4 * (offs_i % 4)) << 23).to(tl.float32, bitcast=True)
+    place = tl.where(offs_i < 5, 4 * offs_i, 4 * offs_i - 12)   # the nibble's bits in _w4_gemv_fma_kernel
+    factor = ((127 + 89 - place) << 23).to(tl.float32, bitcast=True)
     xb = xb * factor[None, :]
     even, odd = tl.split(xb.reshape(WORDS, 4, 2))     # i = 2u, 2u + 1
     e0, e1 = tl.split(even.reshape(WORDS, 2, 2))       # i = 4v, 4v + 2
@@ -159,8 +160,8 @@ def _x_nibbles(x_ptr, row, WORDS: tl.constexpr):
 
 @triton.jit
 def _nibble(word, j: tl.constexpr):
-    """Nibble j (bits 4j..4j+3) of `word` left in place, read as a float: q * 2**(4j - 149), a
-    denormal (exact: FFMA keeps fp32 denormals unless told to flush them)."""
+    """Bits 4j..4j+3 of `word` left in place (j <= 4: below fp32's exponent), read as a float:
+    q * 2**(4j - 149), a denormal (exact: FFMA keeps fp32 denormals unless told to flush)."""
     return (word & (15 << (4 * j))).to(tl.float32, bitcast=True)
 
 
@@ -173,11 +174,12 @@ def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLO
     of 8 * WORDS rows (inside one group). Meant for BLOCK_N >= 4 * 32 * num_warps: threads
     and warps then lie along N, each thread holds all WORDS words of its columns, loads a
     block's scale and zero once per column and its 8 * WORDS x values once (one [WORDS, 8]
-    load, split in registers). Each nibble costs one LOP3 (masked in place, its bits read as
-    the denormal float q * 2**(4j - 149), j its place in a 16-bit half) and one FFMA with x
-    scaled by 2**(89 - 4j): the products are q * x * 2**-60 in every place, exact, far from
-    fp32's overflow (|x| < 2**38) and underflow; the zero comes off per block and column as
-    zero * sum(x). Accumulation is fp32 throughout.
+    load, split in registers). Each nibble costs one LOP3 (masked at bit p = 4i for nibbles
+    i <= 4, of the word shifted by 12 bits for 5..7 (one SHF per word), its bits read as the
+    denormal float q * 2**(p - 149)) and one FFMA with x scaled by 2**(89 - p): the products
+    are q * x * 2**-60 in every place, exact, far from fp32's overflow (|x| < 2**38) and
+    underflow; the zero comes off per block and column as zero * sum(x). Accumulation is
+    fp32 throughout.
     y and the partials are [.., M, N] with row stride N (stride_ym). SPLIT: programs along K
     write fp32 partials to p_ptr [splits, M, N]; the last one of an (M, N) tile to arrive (a
     per-tile counter in c_ptr, reset by it) sums them into y, so split K needs no second
@@ -204,15 +206,15 @@ def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLO
             scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_valid, other=0.0).to(tl.float32)
             zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_valid, other=0.0).to(tl.float32)
         x0, x1, x2, x3, x4, x5, x6, x7, x_sum = _x_nibbles(x_ptr, x_row + b * WORDS * 8, WORDS)
-        high = packed >> 16
+        high = packed >> 12   # nibbles 5..7 to bits 8..19: below the exponent, like 0..4 in place
         part = _nibble(packed, 0) * x0[:, None]
         part += _nibble(packed, 1) * x1[:, None]
         part += _nibble(packed, 2) * x2[:, None]
         part += _nibble(packed, 3) * x3[:, None]
-        part += _nibble(high, 0) * x4[:, None]
-        part += _nibble(high, 1) * x5[:, None]
-        part += _nibble(high, 2) * x6[:, None]
-        part += _nibble(high, 3) * x7[:, None]
+        part += _nibble(packed, 4) * x4[:, None]
+        part += _nibble(high, 2) * x5[:, None]
+        part += _nibble(high, 3) * x6[:, None]
+        part += _nibble(high, 4) * x7[:, None]
         acc += (tl.sum(part, 0) * 1.152921504606847e18 - zero * x_sum) * scale   # 2**60
     row = (pid_k * tl.num_programs(2) + pid_m).to(tl.int64) * stride_ym   # [splits, M, N] when split
     if SPLIT:
