@@ -10,7 +10,8 @@
                        lines: us per call in CUDA graphs, the int4 weight + scale/zero stream
                        in TB/s, against the bf16 Triton gemv / cuBLAS): M = 1, 4, 16 over GEMV
                        launches, M = 64, 256 over GEMM launches against the dequantize + cuBLAS
-                       and generic GEMM paths; the bf16 LM head at M = 1; `FLOOR` estimates the
+                       and generic GEMM paths (the GEMM with split K at M = 4, 16 too); the
+                       bf16 LM head at M = 1; `FLOOR` estimates the
                        b1 step's linears (32 layers of the best launches + the LM head). The
                        best launch per (M bucket, K, N) goes to w4_tuned.json (`TUNED`).
   e2e_w4a16 (<= 70 s)  llama-8b dummy W4A16 (compressed-tensors, symmetric, group 128, LM head
@@ -62,9 +63,12 @@ FMA = ([GemvConfig(block_n=64, num_warps=1), GemvConfig(block_n=32, words=8, fix
 DOT = ([GemvConfig(block_n=32, dot=True)] if SMOKE else
        [GemvConfig(block_n=128, dot=True), GemvConfig(block_n=64, dot=True),
         GemvConfig(block_n=128, num_warps=8, dot=True)])
-GEMM = ([GemmConfig(block_m=32, block_n=32)] if SMOKE else
+GEMM = ([GemmConfig(block_m=32, block_n=32), GemmConfig(block_m=32, block_n=32, programs_per_sm=4)] if SMOKE else
         [GemmConfig(), GemmConfig(128, 128, 8, 3), GemmConfig(64, 64, 4, 4), GemmConfig(128, 256, 8, 3),
-         GemmConfig(64, 256, 8, 3), GemmConfig(128, 64, 4, 4)])
+         GemmConfig(64, 256, 8, 3), GemmConfig(128, 64, 4, 4), GemmConfig(64, 128, 4, 3, programs_per_sm=2)])
+# the GEMM with split K for a few rows (16 per program), against the tl.dot GEMV
+FEW = ([GemmConfig(block_m=16, block_n=32, programs_per_sm=4)] if SMOKE else
+       [GemmConfig(16, 128, 4, 3, 4), GemmConfig(16, 64, 4, 3, 4), GemmConfig(16, 256, 8, 3, 4)])
 
 
 def _weights(k: int, n: int, dtype: torch.dtype, symmetric: bool, seed: int = 0):
@@ -95,7 +99,8 @@ def check_kernels() -> None:
                 qweight, scales, zeros = _weights(k, n, dtype, symmetric)
                 weight = dequantize_int4(qweight, scales, zeros, 128, None, dtype).float()
                 cases = [(m, c) for m in (1, 3) for c in FMA[:4 if not SMOKE else 2]]
-                cases += [(m, c) for m in (4, 16) for c in DOT[:1]] + [(m, c) for m in (64, 100, 256) for c in GEMM[:2]]
+                cases += [(m, c) for m in (4, 16) for c in DOT[:1] + FEW[:1]]
+                cases += [(m, c) for m in (64, 100, 256) for c in GEMM[:2] + GEMM[-1:]]
                 for m, config in cases:
                     x = torch.randn(m, k, device=DEVICE, dtype=dtype)
                     if isinstance(config, GemmConfig):
@@ -180,6 +185,7 @@ def sweep() -> None:
             else:
                 configs = FMA if m == 1 else FMA[:1] + FMA[3:4] + DOT if m <= 4 else DOT
                 launches = [(c, lambda c=c: w4a16_gemv(x, qweight, scales, zeros, 128, c)) for c in configs]
+                launches += [(c, lambda c=c: w4a16_gemm(x, qweight, scales, zeros, 128, c)) for c in FEW if m > 1]
             for what, fn in launches:
                 label = what if isinstance(what, str) else _name(what)
                 try:

@@ -66,7 +66,8 @@ def test_decode_gemv_matches_the_dequantized_reference(config, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_w4_gemm_matches_the_dequantized_reference(dtype):
     """The one-load-per-word GEMM (nibbles joined into a [128, BLOCK_N] tile per block):
-    rows and columns not multiples of the tile, two groups of 128 and one of 256."""
+    rows and columns not multiples of the tile, two groups of 128 and one of 256, K whole or
+    split over programs."""
     torch.manual_seed(3)
     k, n = 256, 40
     for group in (128, 256):
@@ -76,9 +77,10 @@ def test_w4_gemm_matches_the_dequantized_reference(dtype):
         weight = dequantize_int4(qweight, scales, zeros, group, None, torch.float32)
         for rows in (1, 19, 70):
             x = torch.randn(rows, k, device=DEVICE).to(dtype)
-            out = w4a16_gemm(x, qweight, scales, zeros, group, GemmConfig(block_m=32, block_n=32))
-            tol = 1e-4 if dtype == torch.float32 else 2e-3
-            torch.testing.assert_close(out.float(), x.float() @ weight, rtol=tol, atol=tol * 10)
+            for split in (0, 8):   # 8 programs per SM: K split in two (8 fake SMs on CPU)
+                out = w4a16_gemm(x, qweight, scales, zeros, group, GemmConfig(32, 32, programs_per_sm=split))
+                tol = 1e-4 if dtype == torch.float32 else 2e-3
+                torch.testing.assert_close(out.float(), x.float() @ weight, rtol=tol, atol=tol * 10)
 
 
 @pytest.mark.parametrize("magnitude", [1e-12, 1e-6, 3e4, 1e9])

@@ -233,8 +233,8 @@ def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLO
 
 
 @triton.jit
-def _w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K,
-                    stride_xm, stride_qk, stride_sg, stride_ym,
+def _w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, BLOCKS_PER_SPLIT, K_BLOCKS,
+                    stride_xm, stride_qk, stride_sg, stride_ym, stride_ysplit,
                     GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     IEEE: tl.constexpr, NUM_STAGES: tl.constexpr):
     """x [M, K] @ W for tens to hundreds of rows: each program a [BLOCK_M, BLOCK_N] tile over
@@ -242,9 +242,11 @@ def _w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K,
     BLOCK_N] words are loaded once; their 8 nibbles (the LOP3 magic of _w4_gemv_kernel)
     become the [128, BLOCK_N] tile of q - zero in x's dtype (exact integers) by joins, and
     one [BLOCK_M, 128] x [128, BLOCK_N] dot per block takes x's contiguous 128 columns; the
-    scale multiplies the block's sums."""
+    scale multiplies the block's sums. K may be split over programs (pid 2): each writes fp32
+    partials to y [splits, M, N]."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, 16)
@@ -252,7 +254,8 @@ def _w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K,
     m_valid = offs_m < M
     n_valid = offs_n < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for b in tl.range(0, K // 128, num_stages=NUM_STAGES):
+    b_begin = pid_k * BLOCKS_PER_SPLIT
+    for b in tl.range(b_begin, tl.minimum(b_begin + BLOCKS_PER_SPLIT, K_BLOCKS), num_stages=NUM_STAGES):
         packed = tl.load(qw_ptr + (b * 16 + offs_r)[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
                          mask=n_valid[None, :], other=0)
         group = (b * 128) // GROUP_SIZE
@@ -277,7 +280,7 @@ def _w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K,
         else:
             part = tl.dot(x, w)
         acc += part * scale[None, :]
-    out = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    out = y_ptr + pid_k * stride_ysplit + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_valid[:, None] & n_valid[None, :])
 
 
@@ -401,12 +404,13 @@ TUNED: dict[tuple[int, int, int], GemvConfig] = {
 
 @dataclass(frozen=True)
 class GemmConfig:
-    """A launch of _w4_gemm_kernel (tens to hundreds of rows)."""
+    """A launch of _w4_gemm_kernel (tens to hundreds of rows; with split K, a few)."""
 
     block_m: int = 64
     block_n: int = 128
     num_warps: int = 4
     num_stages: int = 3
+    programs_per_sm: int = 0   # > 0: split K until about this many programs per SM
 
 
 # (rows bucket, K, N) -> _w4_gemm_kernel's launch where benchmarks/w4_gpu.py's sweep found it
@@ -442,6 +446,26 @@ def _tile_counters(device: torch.device) -> torch.Tensor | None:
     return _TILE_COUNTERS[device]
 
 
+def _split_k(x: torch.Tensor, n: int, k_blocks: int, tiles: int, programs_per_sm: int
+             ) -> tuple[int, int, torch.Tensor]:
+    """(splits, K blocks per split, the output [splits, M, N]: fp32 partials when split) for
+    `tiles` (M, N) tiles aiming at programs_per_sm programs per SM."""
+    splits = max(1, min(k_blocks, triton.cdiv(programs_per_sm * _num_sms(x.device), tiles)))
+    per_split = triton.cdiv(k_blocks, splits)
+    splits = triton.cdiv(k_blocks, per_split)
+    out = torch.empty((splits, x.shape[0], n), dtype=torch.float32 if splits > 1 else x.dtype, device=x.device)
+    return splits, per_split, out
+
+
+def _sum_splits(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if partials.shape[0] == 1:
+        return partials[0]
+    _, m, n = partials.shape
+    y = torch.empty((m, n), dtype=dtype, device=partials.device)
+    _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](partials, y, partials.shape[0], m * n, BLOCK=1024)
+    return y
+
+
 def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                group_size: int, config: GemvConfig | None = None) -> torch.Tensor:
     """x [M, K] (decode-sized) @ W through _w4_gemv_fma_kernel or _w4_gemv_kernel
@@ -454,35 +478,22 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     block_m = config.block_m if config.dot else 1
     k_blocks = k // (128 if config.dot else 8 * config.words)
     n_blocks, m_blocks = triton.cdiv(n, config.block_n), triton.cdiv(m, block_m)
-    target = config.programs_per_sm * _num_sms(x.device)
-    splits = max(1, min(k_blocks, triton.cdiv(target, n_blocks * m_blocks)))
-    per_split = triton.cdiv(k_blocks, splits)
-    splits = triton.cdiv(k_blocks, per_split)
-    partials = torch.empty((splits, m, n), dtype=torch.float32 if splits > 1 else x.dtype, device=x.device)
-    if not config.dot:
-        counters = _tile_counters(x.device) if splits > 1 and config.fixup and m * n_blocks <= (1 << 16) else None
-        fixup = counters is not None
-        y = torch.empty((m, n), dtype=x.dtype, device=x.device) if fixup else partials
-        _w4_gemv_fma_kernel[(n_blocks, splits, m)](
-            x, qweight, scales, zeros, y, partials, counters if fixup else qweight, n, per_split,
-            k_blocks, x.stride(0), qweight.stride(0), scales.stride(0), n,
-            GROUP_SIZE=group_size, BLOCK_N=config.block_n, WORDS=config.words, EVEN_N=n % config.block_n == 0,
-            SPLIT=fixup, NUM_STAGES=config.num_stages, num_warps=config.num_warps)
-        if fixup:
-            return y
-        if splits == 1:
-            return partials[0]
-    else:
+    splits, per_split, partials = _split_k(x, n, k_blocks, n_blocks * m_blocks, config.programs_per_sm)
+    if config.dot:
         _w4_gemv_kernel[(n_blocks, splits, m_blocks)](
             x, qweight, scales, zeros, partials, m, n, per_split, k_blocks,
             x.stride(0), qweight.stride(0), scales.stride(0), partials.stride(1), partials.stride(0),
             GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=config.block_n,
             IEEE=x.dtype == torch.float32, NUM_STAGES=config.num_stages, num_warps=config.num_warps)
-        if splits == 1:
-            return partials[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](partials, y, splits, m * n, BLOCK=1024)
-    return y
+        return _sum_splits(partials, x.dtype)
+    counters = _tile_counters(x.device) if splits > 1 and config.fixup and m * n_blocks <= (1 << 16) else None
+    y = partials if counters is None else torch.empty((m, n), dtype=x.dtype, device=x.device)
+    _w4_gemv_fma_kernel[(n_blocks, splits, m)](
+        x, qweight, scales, zeros, y, partials, qweight if counters is None else counters, n, per_split,
+        k_blocks, x.stride(0), qweight.stride(0), scales.stride(0), n,
+        GROUP_SIZE=group_size, BLOCK_N=config.block_n, WORDS=config.words, EVEN_N=n % config.block_n == 0,
+        SPLIT=counters is not None, NUM_STAGES=config.num_stages, num_warps=config.num_warps)
+    return _sum_splits(partials, x.dtype) if counters is None else y
 
 
 def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -492,12 +503,13 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     if not fast_gemv_fits(k, group_size, None):
         raise ValueError(f"w4a16_gemm: needs K ({k}) and the group size ({group_size}) divisible by 128")
     config = config or GemmConfig()
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    _w4_gemm_kernel[(triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m))](
-        x, qweight, scales, zeros, y, m, n, k, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
-        GROUP_SIZE=group_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n, IEEE=x.dtype == torch.float32,
-        NUM_STAGES=config.num_stages, num_warps=config.num_warps)
-    return y
+    n_blocks, m_blocks = triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m)
+    splits, per_split, out = _split_k(x, n, k // 128, n_blocks * m_blocks, config.programs_per_sm)
+    _w4_gemm_kernel[(n_blocks, m_blocks, splits)](
+        x, qweight, scales, zeros, out, m, n, per_split, k // 128, x.stride(0), qweight.stride(0), scales.stride(0),
+        out.stride(1), out.stride(0), GROUP_SIZE=group_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        IEEE=x.dtype == torch.float32, NUM_STAGES=config.num_stages, num_warps=config.num_warps)
+    return _sum_splits(out, x.dtype)
 
 
 def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
