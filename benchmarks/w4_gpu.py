@@ -8,12 +8,12 @@
                        4096->4096, gate_up 4096->28672, down 14336->4096), bf16 (fp16 and
                        asymmetric zeros on some), M = 1..256. Then the launch sweep (`SWEEP`
                        lines: us per call in CUDA graphs, the int4 weight + scale/zero stream
-                       in TB/s, against the bf16 Triton gemv / cuBLAS): M = 1, 4, 16 over GEMV
-                       launches, M = 64, 256 over GEMM launches against the dequantize + cuBLAS
-                       and generic GEMM paths (the GEMM with split K at M = 4, 16 too); the
-                       bf16 LM head at M = 1; `FLOOR` estimates the
-                       b1 step's linears (32 layers of the best launches + the LM head). The
-                       best launch per (M bucket, K, N) goes to w4_tuned.json (`TUNED`).
+                       in TB/s, against the bf16 Triton gemv / cuBLAS), in the order M = 1
+                       (GEMV launches), 256, 64 (GEMM launches against the dequantize + cuBLAS
+                       and generic GEMM paths), 4, 16 (GEMV launches and the GEMM with split
+                       K); the bf16 LM head at M = 1; `FLOOR` estimates the b1 step's linears
+                       (32 layers of the best launches + the LM head). The best launch per (M
+                       bucket, K, N) goes to w4_tuned.json (`TUNED`), rewritten as it goes.
   e2e_w4a16 (<= 70 s)  llama-8b dummy W4A16 (compressed-tensors, symmetric, group 128, LM head
                        bf16) with the tuned launches: b1_decode, ttft1024, thr512 (quant_gpu.py's
                        timing; `RESULT` lines).
@@ -101,6 +101,8 @@ def check_kernels() -> None:
                 cases = [(m, c) for m in (1, 3) for c in FMA[:4 if not SMOKE else 2]]
                 cases += [(m, c) for m in (4, 16) for c in DOT[:1] + FEW[:1]]
                 cases += [(m, c) for m in (64, 100, 256) for c in GEMM[:2] + GEMM[-1:]]
+                if dtype == torch.float16 and not SMOKE:   # fewer compilations: one launch per kernel
+                    cases = [(1, FMA[0]), (3, FMA[0]), (4, DOT[0]), (16, FEW[0]), (100, GEMM[0])]
                 for m, config in cases:
                     x = torch.randn(m, k, device=DEVICE, dtype=dtype)
                     if isinstance(config, GemmConfig):
@@ -168,7 +170,7 @@ def sweep() -> None:
     weights = {name: _weights(k, n, torch.bfloat16, True) + (torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16),)
                for name, k, n in SHAPES}
     head_ms = _lm_head_ms()
-    for m in ((1, 4, 64) if SMOKE else (1, 4, 16, 64, 256)):
+    for m in ((1, 4, 64) if SMOKE else (1, 256, 64, 4, 16)):   # b1's and thr512's rows first
         for name, k, n in SHAPES:
             qweight, scales, zeros, dense = weights[name]
             w4_bytes = k * n // 2 + 2 * scales.numel() * scales.element_size()
