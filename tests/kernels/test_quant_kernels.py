@@ -83,6 +83,21 @@ def test_w4_gemm_matches_the_dequantized_reference(dtype):
                 torch.testing.assert_close(out.float(), x.float() @ weight, rtol=tol, atol=tol * 10)
 
 
+def test_auto_path_takes_the_tuned_gemm(monkeypatch):
+    """w4a16_matmul's auto path runs _w4_gemm_kernel for a (rows bucket, K, N) in GEMM_TUNED."""
+    from pagedserve.layers.quantization import triton_w4a16
+    torch.manual_seed(4)
+    k, n = 128, 32
+    qweight = pack_int32(torch.randint(0, 16, (k, n)), 0).to(DEVICE)
+    scales = (torch.rand(1, n) * 0.1 + 0.01).to(DEVICE)
+    zeros = torch.randint(0, 16, (1, n)).float().to(DEVICE)
+    calls = []
+    monkeypatch.setitem(triton_w4a16.GEMM_TUNED, (64, k, n), GemmConfig(32, 32))
+    monkeypatch.setattr(triton_w4a16, "w4a16_gemm", lambda *args: calls.append(args[-1]) or torch.zeros(40, n))
+    w4a16_matmul(torch.randn(40, k, device=DEVICE), qweight, scales, zeros, 128)
+    assert calls == [GemmConfig(32, 32)]
+
+
 @pytest.mark.parametrize("magnitude", [1e-12, 1e-6, 3e4, 1e9])
 def test_fma_gemv_keeps_small_and_large_activations(magnitude):
     """The FMA kernel multiplies denormal nibbles by x * 2**(89 - 4j): exact (fp32 level) for
