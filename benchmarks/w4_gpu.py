@@ -3,7 +3,7 @@
 
   kernels   (<= 110 s) exactness first (`CHECK` lines): the one-row FMA GEMV (denormal
                        nibbles; in-kernel split-K fix-up or the sum kernel; 16 or 8 words per
-                       K block), the tl.dot GEMV and the new one-load-per-word GEMM against the
+                       K block; its SiLU-and-mul prologue), the tl.dot GEMV and the new one-load-per-word GEMM against the
                        torch dequantized reference on llama-8b's shapes (qkv 4096->6144, o
                        4096->4096, gate_up 4096->28672, down 14336->4096), bf16 (fp16 and
                        asymmetric zeros on some), M = 1..256. Then the launch sweep (`SWEEP`
@@ -111,6 +111,15 @@ def check_kernels() -> None:
                         out = w4a16_gemv(x, qweight, scales, zeros, 128, config)
                     _report(f"w4 {name} m={m} {str(dtype)[6:]} sym={symmetric} {type(config).__name__} {_name(config)}",
                             _rel(out, x.float() @ weight), 1e-2)
+    # the SiLU-and-mul prologue (down_proj at one row) against SiluAndMul then the same launch
+    from pagedserve.layers.activation import SiluAndMul
+    _, k, n = SHAPES[-1]
+    qweight, scales, zeros = _weights(k, n, torch.bfloat16 if not SMOKE else torch.float16, True)
+    gate_up = torch.randn(1, 2 * k, device=DEVICE, dtype=scales.dtype)
+    for config in FMA[:2]:
+        ref = w4a16_gemv(SiluAndMul()(gate_up), qweight, scales, zeros, 128, config)
+        out = w4a16_gemv(gate_up[:, :k], qweight, scales, zeros, 128, config, silu=True)
+        _report(f"w4 fma silu prologue {_name(config)}", _rel(out, ref), 1e-6)
     # split-K's in-kernel fix-up resets its counters: the same call twice gives the same bits
     qweight, scales, zeros = _weights(4096 if not SMOKE else 256, 512, torch.float16, True)
     x = torch.randn(1, qweight.shape[0] * 8, device=DEVICE, dtype=torch.float16)

@@ -196,11 +196,13 @@ class RowParallelLinear(LinearBase):
 
     def forward_silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """This layer of silu(gate) * up for gate_up = [gate | up]: one gemv launch for one row
-        (the activation in its prologue), else the activation and the matmul."""
+        (the activation in its prologue; a quantized layer's where its LinearMethod has one),
+        else the activation and the matmul."""
         if gate_up.shape[0] == 1 and self._fuses(gate_up):
             from pagedserve.layers.triton_gemv import silu_and_mul_gemv
             return self._reduce(silu_and_mul_gemv(gate_up, self.weight))
-        return self(SiluAndMul()(gate_up))
+        fused = self.quant_method.apply_silu_and_mul(self, gate_up)
+        return self(SiluAndMul()(gate_up)) if fused is None else self._reduce(fused)
 
     def _reduce(self, out: torch.Tensor) -> torch.Tensor:
         # the bias is not sharded; added once, after the reduction

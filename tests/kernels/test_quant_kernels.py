@@ -83,6 +83,24 @@ def test_w4_gemm_matches_the_dequantized_reference(dtype):
                 torch.testing.assert_close(out.float(), x.float() @ weight, rtol=tol, atol=tol * 10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fma_gemv_silu_and_mul_prologue(dtype):
+    """silu(gate) * up fused into the FMA GEMV equals SiluAndMul's output (same rounding)
+    through the unfused GEMV; split K both ways (bf16: benchmarks/w4_gpu.py on the GPU, the
+    interpreter's bf16 products are not the GPU's)."""
+    from pagedserve.layers.activation import SiluAndMul
+    torch.manual_seed(5)
+    k, n = 256, 32
+    qweight = pack_int32(torch.randint(0, 16, (k, n)), 0).to(DEVICE)
+    scales = (torch.rand(2, n) * 0.1 + 0.01).to(dtype).to(DEVICE)
+    zeros = torch.randint(0, 16, (2, n)).to(dtype).to(DEVICE)
+    gate_up = torch.randn(1, 2 * k, device=DEVICE).to(dtype)
+    for config in (GemvConfig(block_n=32), GemvConfig(block_n=32, programs_per_sm=0)):
+        ref = w4a16_gemv(SiluAndMul()(gate_up), qweight, scales, zeros, 128, config)
+        out = w4a16_gemv(gate_up[:, :k], qweight, scales, zeros, 128, config, silu=True)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_auto_path_takes_the_tuned_gemm(monkeypatch):
     """w4a16_matmul's auto path runs _w4_gemm_kernel for a (rows bucket, K, N) in GEMM_TUNED."""
     from pagedserve.layers.quantization import triton_w4a16

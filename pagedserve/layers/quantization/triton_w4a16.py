@@ -31,7 +31,10 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedserve.layers.triton_ops import _LIBDEVICE, silu_mul
+
 GEMV_MAX_ROWS = 16
+LIBDEVICE = tl.constexpr(_LIBDEVICE)   # silu_mul's exp (not under the interpreter)
 GEMM_MAX_ROWS = 256
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -138,12 +141,17 @@ def _w4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, BLOCKS_PER_SPLIT, 
 
 
 @triton.jit
-def _x_nibbles(x_ptr, row, WORDS: tl.constexpr):
+def _x_nibbles(x_ptr, row, up, WORDS: tl.constexpr, SILU: tl.constexpr):
     """x[row + 8r + i] (r < WORDS, i < 8) as fp32 times 2**(89 - place of nibble i) (see
     _w4_gemv_fma_kernel), one [WORDS] vector per nibble i: one [WORDS, 8] load split in
-    registers (three halvings of the nibble axis); and the sum of the unscaled x."""
+    registers (three halvings of the nibble axis); and the sum of the unscaled x. SILU: x is
+    silu(gate) * up of gate_up = [gate | up] (`up`: the offset of up)."""
     offs_i = tl.arange(0, 8)
-    xb = tl.load(x_ptr + row + tl.arange(0, WORDS)[:, None] * 8 + offs_i[None, :]).to(tl.float32)
+    where = x_ptr + row + tl.arange(0, WORDS)[:, None] * 8 + offs_i[None, :]
+    if SILU:   # x = silu(gate) * up, rounded as SiluAndMul rounds it; up lies `up` elements on
+        xb = silu_mul(tl.load(where), tl.load(where + up), LIBDEVICE).to(tl.float32)
+    else:
+        xb = tl.load(where).to(tl.float32)
     x_sum = tl.sum(tl.sum(xb, 1), 0)
     place = tl.where(offs_i < 5, 4 * offs_i, 4 * offs_i - 12)   # the nibble's bits in _w4_gemv_fma_kernel
     factor = ((127 + 89 - place) << 23).to(tl.float32, bitcast=True)
@@ -167,9 +175,9 @@ def _nibble(word, j: tl.constexpr):
 
 @triton.jit
 def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLOCKS_PER_SPLIT, K_BLOCKS,
-                        stride_xm, stride_qk, stride_sg, stride_ym,
+                        stride_xm, stride_qk, stride_sg, stride_ym, up,
                         GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
-                        EVEN_N: tl.constexpr, SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr):
+                        EVEN_N: tl.constexpr, SPLIT: tl.constexpr, SILU: tl.constexpr, NUM_STAGES: tl.constexpr):
     """One row of x per program (M = pid 2) @ W over BLOCK_N columns and a range of K blocks
     of 8 * WORDS rows (inside one group). Meant for BLOCK_N >= 4 * 32 * num_warps: threads
     and warps then lie along N, each thread holds all WORDS words of its columns, loads a
@@ -183,7 +191,8 @@ def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLO
     y and the partials are [.., M, N] with row stride N (stride_ym). SPLIT: programs along K
     write fp32 partials to p_ptr [splits, M, N]; the last one of an (M, N) tile to arrive (a
     per-tile counter in c_ptr, reset by it) sums them into y, so split K needs no second
-    launch. Otherwise each writes its sum to y [splits, M, N] (fp32 partials when split)."""
+    launch. Otherwise each writes its sum to y [splits, M, N] (fp32 partials when split).
+    SILU: x_ptr holds gate_up = [gate | up] (up at offset `up`), x = silu(gate) * up."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -205,7 +214,7 @@ def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLO
             packed = tl.load(words, mask=n_valid[None, :], other=0)
             scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_valid, other=0.0).to(tl.float32)
             zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_valid, other=0.0).to(tl.float32)
-        x0, x1, x2, x3, x4, x5, x6, x7, x_sum = _x_nibbles(x_ptr, x_row + b * WORDS * 8, WORDS)
+        x0, x1, x2, x3, x4, x5, x6, x7, x_sum = _x_nibbles(x_ptr, x_row + b * WORDS * 8, up, WORDS, SILU)
         high = packed >> 12   # nibbles 5..7 to bits 8..19: below the exponent, like 0..4 in place
         part = _nibble(packed, 0) * x0[:, None]
         part += _nibble(packed, 1) * x1[:, None]
@@ -466,11 +475,24 @@ def _sum_splits(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return y
 
 
+def w4a16_silu_and_mul_gemv(gate_up: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                            zeros: torch.Tensor, group_size: int, g_idx: torch.Tensor | None) -> torch.Tensor | None:
+    """silu(gate) * up @ W for gate_up = [gate | up] [M, 2K] in one launch of the FMA GEMV
+    where its tuned launch is the FMA one (else None: the caller runs the two)."""
+    k = gate_up.shape[-1] // 2
+    config = gemv_config(gate_up.shape[0], k, qweight.shape[1])
+    if (gate_up.dim() != 2 or gate_up.stride(1) != 1 or config is None or config.dot
+            or not fast_gemv_fits(k, group_size, g_idx)):
+        return None
+    return w4a16_gemv(gate_up[:, :k], qweight, scales, zeros, group_size, config, silu=True)
+
+
 def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-               group_size: int, config: GemvConfig | None = None) -> torch.Tensor:
+               group_size: int, config: GemvConfig | None = None, silu: bool = False) -> torch.Tensor:
     """x [M, K] (decode-sized) @ W through _w4_gemv_fma_kernel or _w4_gemv_kernel
     (fast_gemv_fits must hold); split K sums fp32 partials (in the FMA kernel, or by one
-    more small kernel)."""
+    more small kernel). silu (FMA only): x is the gate half of [gate | up] (up right after
+    it in each row), and silu(gate) * up is what meets W."""
     m, k, n = _check(x, qweight, scales, zeros, group_size, None)
     if not fast_gemv_fits(k, group_size, None):
         raise ValueError(f"w4a16_gemv: needs K ({k}) and the group size ({group_size}) divisible by 128")
@@ -479,6 +501,8 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     k_blocks = k // (128 if config.dot else 8 * config.words)
     n_blocks, m_blocks = triton.cdiv(n, config.block_n), triton.cdiv(m, block_m)
     splits, per_split, partials = _split_k(x, n, k_blocks, n_blocks * m_blocks, config.programs_per_sm)
+    if silu and config.dot:
+        raise ValueError("w4a16_gemv: the SiLU-and-mul prologue is the FMA launch's")
     if config.dot:
         _w4_gemv_kernel[(n_blocks, splits, m_blocks)](
             x, qweight, scales, zeros, partials, m, n, per_split, k_blocks,
@@ -490,9 +514,9 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     y = partials if counters is None else torch.empty((m, n), dtype=x.dtype, device=x.device)
     _w4_gemv_fma_kernel[(n_blocks, splits, m)](
         x, qweight, scales, zeros, y, partials, qweight if counters is None else counters, n, per_split,
-        k_blocks, x.stride(0), qweight.stride(0), scales.stride(0), n,
+        k_blocks, x.stride(0), qweight.stride(0), scales.stride(0), n, k if silu else 0,
         GROUP_SIZE=group_size, BLOCK_N=config.block_n, WORDS=config.words, EVEN_N=n % config.block_n == 0,
-        SPLIT=counters is not None, NUM_STAGES=config.num_stages, num_warps=config.num_warps)
+        SPLIT=counters is not None, SILU=silu, NUM_STAGES=config.num_stages, num_warps=config.num_warps)
     return _sum_splits(partials, x.dtype) if counters is None else y
 
 
