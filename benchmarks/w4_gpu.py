@@ -16,7 +16,9 @@
                        bucket, K, N) goes to w4_tuned.json (`TUNED`), rewritten as it goes.
   e2e_w4a16 (<= 70 s)  llama-8b dummy W4A16 (compressed-tensors, symmetric, group 128, LM head
                        bf16) with the tuned launches: b1_decode, ttft1024, thr512 (quant_gpu.py's
-                       timing; `RESULT` lines).
+                       timing; `RESULT` lines); then the one-row CUDA graph replayed alone (the
+                       step's GPU time, `PROFILE`) and the kernel table of one eager one-row
+                       forward (torch.profiler).
   e2e_bf16  (<= 60 s)  the same for bf16, for the ratios.
 
     PYTHONPATH=$PWD python3 benchmarks/w4_gpu.py              all stages (<= 240 s)
@@ -241,8 +243,32 @@ def e2e(variant: str) -> None:
         shape = dict(hidden_size=256, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, tie_word_embeddings=False)
         run_timing(variant, 2, shape=shape, decode_tokens=8, device="cpu", max_model_len=1100, max_num_seqs=4)
-    else:
-        run_timing(variant, 512)
+        return
+    llm = run_timing(variant, 512)
+    try:
+        decode_profile(variant, llm)
+    except Exception as exc:   # the figures above stand without it
+        emit("PROFILE", variant=variant, error=f"{type(exc).__name__}: {exc}"[:300])
+
+
+def decode_profile(variant: str, llm) -> None:
+    """Where a b1 step goes: the one-row CUDA graph replayed alone (the step's GPU time; b1_decode
+    adds the host's), then the kernel table of one eager one-row forward (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    graphs = llm.engine.core.executor.runner.graph_runner
+    torch.cuda.synchronize()
+    start = time.time()
+    for _ in range(50):
+        graphs.graphs[1].replay()
+    torch.cuda.synchronize()
+    emit("PROFILE", variant=variant, graph_replay_bs1_ms=round((time.time() - start) * 20, 3))
+    with torch.inference_mode():
+        graphs._forward(1)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            graphs._forward(1)
+            torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60), flush=True)
 
 
 def run_stage(stage: str) -> None:
