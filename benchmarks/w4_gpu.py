@@ -3,7 +3,7 @@
 
   kernels   (<= 110 s) exactness first (`CHECK` lines): the one-row FMA GEMV (denormal
                        nibbles; in-kernel split-K fix-up or the sum kernel; 16 or 8 words per
-                       K block; its SiLU-and-mul prologue), the tl.dot GEMV and the new one-load-per-word GEMM against the
+                       K block; its SiLU-and-mul and RMSNorm prologues), the tl.dot GEMV and the new one-load-per-word GEMM against the
                        torch dequantized reference on llama-8b's shapes (qkv 4096->6144, o
                        4096->4096, gate_up 4096->28672, down 14336->4096), bf16 (fp16 and
                        asymmetric zeros on some), M = 1..256. Then the launch sweep (`SWEEP`
@@ -46,7 +46,7 @@ if SMOKE:
 import torch  # noqa: E402
 
 from benchmarks.quant_gpu import FAILED, _rel, _report, emit, run_timing  # noqa: E402
-from pagedserve.layers.quantization.triton_w4a16 import GemmConfig, GemvConfig  # noqa: E402
+from pagedserve.layers.quantization.triton_w4a16 import SILU_AND_MUL, GemmConfig, GemvConfig  # noqa: E402
 
 STAGES = {"kernels": 110, "e2e_w4a16": 70, "e2e_bf16": 60}
 TUNED_FILE = os.path.join(os.environ.get("OUT") or "/tmp", "w4_tuned.json")
@@ -120,8 +120,32 @@ def check_kernels() -> None:
     gate_up = torch.randn(1, 2 * k, device=DEVICE, dtype=scales.dtype)
     for config in FMA[:2]:
         ref = w4a16_gemv(SiluAndMul()(gate_up), qweight, scales, zeros, 128, config)
-        out = w4a16_gemv(gate_up[:, :k], qweight, scales, zeros, 128, config, silu=True)
+        out = w4a16_gemv(gate_up[:, :k], qweight, scales, zeros, 128, config, prologue=SILU_AND_MUL)
         _report(f"w4 fma silu prologue {_name(config)}", _rel(out, ref), 1e-6)
+    # the RMSNorm prologue (qkv at one row, with and without the residual) against RMSNorm
+    # then the same launch (x normalised in fp32 here, rounded twice there: 1e-2)
+    from pagedserve.layers.norm import RMSNorm
+    from pagedserve.layers.quantization import triton_w4a16
+    _, k, n = SHAPES[0]
+    qweight, scales, zeros = _weights(k, n, torch.bfloat16 if not SMOKE else torch.float16, True)
+    norm = RMSNorm(k, 1e-5, scales.dtype).to(DEVICE)
+    norm.weight.data = torch.rand(k, device=DEVICE, dtype=scales.dtype) + 0.5
+    x, residual = (torch.randn(1, k, device=DEVICE, dtype=scales.dtype) * 4 for _ in range(2))
+    for config in [c for c in FMA if c.fixup][:2]:   # split K: summed in the kernel, or not fused
+        triton_w4a16.TUNED[(1, k, n)] = config
+        for res in (None, residual):
+            fused = triton_w4a16.w4a16_rms_norm_gemv(x, res, norm.weight, norm.eps, qweight, scales, zeros, 128, None)
+            if fused is None:
+                _report(f"w4 fma rms_norm prologue ran {_name(config)}", 1.0, 0.0)
+                continue
+            out, h = fused
+            normed, h_ref = (norm(x), x) if res is None else norm(x, res.clone())
+            ref = w4a16_gemv(normed, qweight, scales, zeros, 128, config)
+            _report(f"w4 fma rms_norm prologue residual={res is not None} {_name(config)}", _rel(out, ref), 1e-2,
+                    h_equal=bool(torch.equal(h, h_ref)))
+            if not torch.equal(h, h_ref):
+                FAILED.append("w4 fma rms_norm prologue: x + residual")
+    triton_w4a16.TUNED.pop((1, k, n))
     # split-K's in-kernel fix-up resets its counters: the same call twice gives the same bits
     qweight, scales, zeros = _weights(4096 if not SMOKE else 256, 512, torch.float16, True)
     x = torch.randn(1, qweight.shape[0] * 8, device=DEVICE, dtype=torch.float16)

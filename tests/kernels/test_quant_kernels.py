@@ -10,7 +10,8 @@ import torch
 from pagedserve.layers.quantization.act_quant import FP8, quantize_per_token_torch
 from pagedserve.layers.quantization.int4 import dequantize_int4, pack_int32, unpack_int32
 from pagedserve.layers.quantization.triton_act_quant import quantize_per_token_triton
-from pagedserve.layers.quantization.triton_w4a16 import GemmConfig, GemvConfig, w4a16_gemm, w4a16_gemv, w4a16_matmul
+from pagedserve.layers.quantization.triton_w4a16 import (SILU_AND_MUL, GemmConfig, GemvConfig, w4a16_gemm, w4a16_gemv,
+                                                          w4a16_matmul)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -97,8 +98,33 @@ def test_fma_gemv_silu_and_mul_prologue(dtype):
     gate_up = torch.randn(1, 2 * k, device=DEVICE).to(dtype)
     for config in (GemvConfig(block_n=32), GemvConfig(block_n=32, programs_per_sm=0)):
         ref = w4a16_gemv(SiluAndMul()(gate_up), qweight, scales, zeros, 128, config)
-        out = w4a16_gemv(gate_up[:, :k], qweight, scales, zeros, 128, config, silu=True)
+        out = w4a16_gemv(gate_up[:, :k], qweight, scales, zeros, 128, config, prologue=SILU_AND_MUL)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fma_gemv_rms_norm_prologue(dtype, monkeypatch):
+    """RMSNorm(x + residual) fused into the FMA GEMV (the row's rsqrt applied to the sums,
+    split K summed in the kernel) against RMSNorm then the matmul; x + residual returned."""
+    from pagedserve.layers.norm import RMSNorm
+    from pagedserve.layers.quantization import triton_w4a16
+    torch.manual_seed(6)
+    k, n = 256, 32
+    qweight = pack_int32(torch.randint(0, 16, (k, n)), 0).to(DEVICE)
+    scales = (torch.rand(2, n) * 0.1 + 0.01).to(dtype).to(DEVICE)
+    zeros = torch.randint(0, 16, (2, n)).to(dtype).to(DEVICE)
+    weight = dequantize_int4(qweight, scales, zeros, 128, None, torch.float32)
+    norm = RMSNorm(k, 1e-5, dtype).to(DEVICE)
+    norm.weight.data = (torch.rand(k) + 0.5).to(dtype).to(DEVICE)
+    x, residual = (torch.randn(1, k, device=DEVICE).to(dtype) * 3 for _ in range(2))
+    for config in (GemvConfig(block_n=32), GemvConfig(block_n=32, programs_per_sm=0)):
+        monkeypatch.setitem(triton_w4a16.TUNED, (1, k, n), config)
+        for res in (None, residual):
+            out, h = triton_w4a16.w4a16_rms_norm_gemv(x, res, norm.weight, norm.eps, qweight, scales, zeros, 128, None)
+            normed, h_ref = (norm(x), x) if res is None else norm(x, res.clone())
+            assert torch.equal(h, h_ref)
+            ref = normed.float() @ weight   # fp16: x normalised and rounded twice there, not here
+            assert (out.float() - ref).norm() / ref.norm() < (1e-6 if dtype == torch.float32 else 2e-3)
 
 
 def test_auto_path_takes_the_tuned_gemm(monkeypatch):

@@ -141,15 +141,29 @@ def _w4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, BLOCKS_PER_SPLIT, 
 
 
 @triton.jit
-def _x_nibbles(x_ptr, row, up, WORDS: tl.constexpr, SILU: tl.constexpr):
-    """x[row + 8r + i] (r < WORDS, i < 8) as fp32 times 2**(89 - place of nibble i) (see
+def _x_nibbles(x_ptr, row, col, up, res_ptr, res_out_ptr, nw_ptr, res_limit, WORDS: tl.constexpr,
+               PROLOGUE: tl.constexpr):
+    """x[row + col + 8r + i] (r < WORDS, i < 8) as fp32 times 2**(89 - place of nibble i) (see
     _w4_gemv_fma_kernel), one [WORDS] vector per nibble i: one [WORDS, 8] load split in
-    registers (three halvings of the nibble axis); and the sum of the unscaled x. SILU: x is
-    silu(gate) * up of gate_up = [gate | up] (`up`: the offset of up)."""
+    registers (three halvings of the nibble axis); the sum of the unscaled x; and for the
+    norm prologues the sum of squares of h. PROLOGUE: 0 x as it is; 1 SILU: x_ptr holds
+    gate_up = [gate | up] (`up`: the offset of up), x = silu(gate) * up rounded as SiluAndMul
+    rounds it; 2 NORM: h = x, 3 NORM_RESIDUAL: h = x + residual (rounded to x's dtype, stored
+    to res_out where index < res_limit), x = h * the norm weight (the row's rsqrt comes after)."""
     offs_i = tl.arange(0, 8)
-    where = x_ptr + row + tl.arange(0, WORDS)[:, None] * 8 + offs_i[None, :]
-    if SILU:   # x = silu(gate) * up, rounded as SiluAndMul rounds it; up lies `up` elements on
+    idx = tl.arange(0, WORDS)[:, None] * 8 + offs_i[None, :]
+    where = x_ptr + row + col + idx
+    sq = 0.0
+    if PROLOGUE == 1:
         xb = silu_mul(tl.load(where), tl.load(where + up), LIBDEVICE).to(tl.float32)
+    elif PROLOGUE >= 2:
+        h = tl.load(where)
+        if PROLOGUE == 3:
+            h = h + tl.load(res_ptr + row + col + idx)
+            tl.store(res_out_ptr + row + col + idx, h, mask=idx < res_limit)
+        hf = h.to(tl.float32)
+        sq = tl.sum(tl.sum(hf * hf, 1), 0)
+        xb = hf * tl.load(nw_ptr + col + idx).to(tl.float32)
     else:
         xb = tl.load(where).to(tl.float32)
     x_sum = tl.sum(tl.sum(xb, 1), 0)
@@ -163,7 +177,7 @@ def _x_nibbles(x_ptr, row, up, WORDS: tl.constexpr, SILU: tl.constexpr):
     x2, x6 = tl.split(e1)
     x1, x5 = tl.split(o0)
     x3, x7 = tl.split(o1)
-    return x0, x1, x2, x3, x4, x5, x6, x7, x_sum
+    return x0, x1, x2, x3, x4, x5, x6, x7, x_sum, sq
 
 
 @triton.jit
@@ -175,9 +189,10 @@ def _nibble(word, j: tl.constexpr):
 
 @triton.jit
 def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLOCKS_PER_SPLIT, K_BLOCKS,
-                        stride_xm, stride_qk, stride_sg, stride_ym, up,
+                        stride_xm, stride_qk, stride_sg, stride_ym, up, res_ptr, res_out_ptr, nw_ptr, q_ptr, eps,
                         GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
-                        EVEN_N: tl.constexpr, SPLIT: tl.constexpr, SILU: tl.constexpr, NUM_STAGES: tl.constexpr):
+                        EVEN_N: tl.constexpr, SPLIT: tl.constexpr, PROLOGUE: tl.constexpr,
+                        NUM_STAGES: tl.constexpr):
     """One row of x per program (M = pid 2) @ W over BLOCK_N columns and a range of K blocks
     of 8 * WORDS rows (inside one group). Meant for BLOCK_N >= 4 * 32 * num_warps: threads
     and warps then lie along N, each thread holds all WORDS words of its columns, loads a
@@ -192,7 +207,10 @@ def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLO
     write fp32 partials to p_ptr [splits, M, N]; the last one of an (M, N) tile to arrive (a
     per-tile counter in c_ptr, reset by it) sums them into y, so split K needs no second
     launch. Otherwise each writes its sum to y [splits, M, N] (fp32 partials when split).
-    SILU: x_ptr holds gate_up = [gate | up] (up at offset `up`), x = silu(gate) * up."""
+    PROLOGUE (see _x_nibbles): 1 silu(gate) * up; 2, 3 RMSNorm (with the residual add, h
+    written out by the programs of the first N block): the block sums see h * norm weight,
+    the row's rsqrt(mean(h^2) + eps) scales the sum at the end (the squares of a split's K
+    range summed in q_ptr [splits, M] when split: then only with SPLIT)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -203,6 +221,8 @@ def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLO
     b_end = tl.minimum(b_begin + BLOCKS_PER_SPLIT, K_BLOCKS)
     x_row = pid_m.to(tl.int64) * stride_xm
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    squares = 0.0
+    res_limit = tl.where(pid_n == 0, WORDS * 8, 0)
     for b in tl.range(b_begin, b_end, num_stages=NUM_STAGES):
         words = qw_ptr + (b * WORDS + offs_r)[:, None].to(tl.int64) * stride_qk + offs_n[None, :]
         group = (b * WORDS * 8) // GROUP_SIZE
@@ -214,7 +234,9 @@ def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLO
             packed = tl.load(words, mask=n_valid[None, :], other=0)
             scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_valid, other=0.0).to(tl.float32)
             zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_valid, other=0.0).to(tl.float32)
-        x0, x1, x2, x3, x4, x5, x6, x7, x_sum = _x_nibbles(x_ptr, x_row + b * WORDS * 8, up, WORDS, SILU)
+        x0, x1, x2, x3, x4, x5, x6, x7, x_sum, sq = _x_nibbles(x_ptr, x_row, b * WORDS * 8, up, res_ptr, res_out_ptr,
+                                                                nw_ptr, res_limit, WORDS, PROLOGUE)
+        squares += sq
         high = packed >> 12   # nibbles 5..7 to bits 8..19: below the exponent, like 0..4 in place
         part = _nibble(packed, 0) * x0[:, None]
         part += _nibble(packed, 1) * x1[:, None]
@@ -226,18 +248,28 @@ def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLO
         part += _nibble(high, 4) * x7[:, None]
         acc += (tl.sum(part, 0) * 1.152921504606847e18 - zero * x_sum) * scale   # 2**60
     row = (pid_k * tl.num_programs(2) + pid_m).to(tl.int64) * stride_ym   # [splits, M, N] when split
+    inv_k = 1.0 / (K_BLOCKS * WORDS * 8)
     if SPLIT:
         tl.store(p_ptr + row + offs_n, acc, mask=n_valid)
+        if PROLOGUE >= 2:
+            tl.store(q_ptr + pid_k * tl.num_programs(2) + pid_m, squares)
         tl.debug_barrier()   # every thread's partial stored before the one arrival below
         tile = pid_m * tl.num_programs(0) + pid_n
         if tl.atomic_add(c_ptr + tile, 1, sem="acq_rel") == tl.num_programs(1) - 1:
             total = tl.zeros([BLOCK_N], dtype=tl.float32)
+            squares = 0.0
             for s in range(tl.num_programs(1)):
                 total += tl.load(p_ptr + (s * tl.num_programs(2) + pid_m).to(tl.int64) * stride_ym + offs_n,
                                  mask=n_valid, other=0.0, cache_modifier=".cg")
+                if PROLOGUE >= 2:
+                    squares += tl.load(q_ptr + s * tl.num_programs(2) + pid_m, cache_modifier=".cg")
+            if PROLOGUE >= 2:
+                total = total * tl.rsqrt(squares * inv_k + eps)
             tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + offs_n, total.to(y_ptr.dtype.element_ty), mask=n_valid)
             tl.atomic_xchg(c_ptr + tile, 0)
     else:
+        if PROLOGUE >= 2:
+            acc = acc * tl.rsqrt(squares * inv_k + eps)
         tl.store(y_ptr + row + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_valid)
 
 
@@ -475,6 +507,9 @@ def _sum_splits(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return y
 
 
+PLAIN, SILU_AND_MUL, RMS_NORM, RMS_NORM_RESIDUAL = 0, 1, 2, 3   # the FMA GEMV's x prologues
+
+
 def w4a16_silu_and_mul_gemv(gate_up: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                             zeros: torch.Tensor, group_size: int, g_idx: torch.Tensor | None) -> torch.Tensor | None:
     """silu(gate) * up @ W for gate_up = [gate | up] [M, 2K] in one launch of the FMA GEMV
@@ -484,15 +519,36 @@ def w4a16_silu_and_mul_gemv(gate_up: torch.Tensor, qweight: torch.Tensor, scales
     if (gate_up.dim() != 2 or gate_up.stride(1) != 1 or config is None or config.dot
             or not fast_gemv_fits(k, group_size, g_idx)):
         return None
-    return w4a16_gemv(gate_up[:, :k], qweight, scales, zeros, group_size, config, silu=True)
+    return w4a16_gemv(gate_up[:, :k], qweight, scales, zeros, group_size, config, prologue=SILU_AND_MUL)
+
+
+def w4a16_rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                        qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                        g_idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(RMSNorm(x + residual) @ W, x + residual) (without a residual: of x, and x) for one row
+    in one launch of the FMA GEMV where its tuned launch is the FMA one and its K splits (if
+    any) can be summed in the kernel; else None (the caller runs the norm, then the matmul).
+    The normalised x is not rounded to x's dtype first (the unfused path rounds it twice)."""
+    m, k = x.shape
+    config = gemv_config(m, k, qweight.shape[1])
+    if (m != 1 or not x.is_contiguous() or (residual is not None and not residual.is_contiguous())
+            or config is None or config.dot or not fast_gemv_fits(k, group_size, g_idx)):
+        return None
+    h = x if residual is None else torch.empty_like(x)
+    out = w4a16_gemv(x, qweight, scales, zeros, group_size, config, prologue=RMS_NORM if residual is None else
+                     RMS_NORM_RESIDUAL, norm=(norm_weight, eps, residual, h))
+    return None if out is None else (out, h)
 
 
 def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-               group_size: int, config: GemvConfig | None = None, silu: bool = False) -> torch.Tensor:
+               group_size: int, config: GemvConfig | None = None, prologue: int = PLAIN,
+               norm: tuple | None = None) -> torch.Tensor | None:
     """x [M, K] (decode-sized) @ W through _w4_gemv_fma_kernel or _w4_gemv_kernel
     (fast_gemv_fits must hold); split K sums fp32 partials (in the FMA kernel, or by one
-    more small kernel). silu (FMA only): x is the gate half of [gate | up] (up right after
-    it in each row), and silu(gate) * up is what meets W."""
+    more small kernel). `prologue` (FMA only; see _x_nibbles): SILU_AND_MUL, x is the gate half of
+    [gate | up] (up right after it in each row); RMS_NORM / RMS_NORM_RESIDUAL with `norm` =
+    (norm weight, eps, residual, h out). None where a norm prologue's splits cannot be summed
+    in the kernel (before the split-K counters exist)."""
     m, k, n = _check(x, qweight, scales, zeros, group_size, None)
     if not fast_gemv_fits(k, group_size, None):
         raise ValueError(f"w4a16_gemv: needs K ({k}) and the group size ({group_size}) divisible by 128")
@@ -501,8 +557,8 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     k_blocks = k // (128 if config.dot else 8 * config.words)
     n_blocks, m_blocks = triton.cdiv(n, config.block_n), triton.cdiv(m, block_m)
     splits, per_split, partials = _split_k(x, n, k_blocks, n_blocks * m_blocks, config.programs_per_sm)
-    if silu and config.dot:
-        raise ValueError("w4a16_gemv: the SiLU-and-mul prologue is the FMA launch's")
+    if prologue != PLAIN and config.dot:
+        raise ValueError("w4a16_gemv: the prologues are the FMA launch's")
     if config.dot:
         _w4_gemv_kernel[(n_blocks, splits, m_blocks)](
             x, qweight, scales, zeros, partials, m, n, per_split, k_blocks,
@@ -511,12 +567,17 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
             IEEE=x.dtype == torch.float32, NUM_STAGES=config.num_stages, num_warps=config.num_warps)
         return _sum_splits(partials, x.dtype)
     counters = _tile_counters(x.device) if splits > 1 and config.fixup and m * n_blocks <= (1 << 16) else None
+    if splits > 1 and counters is None and prologue >= RMS_NORM:
+        return None
     y = partials if counters is None else torch.empty((m, n), dtype=x.dtype, device=x.device)
+    norm_weight, eps, residual, h = norm or (qweight, 0.0, None, None)
+    squares = torch.empty((splits, m), dtype=torch.float32, device=x.device) if prologue >= RMS_NORM else qweight
     _w4_gemv_fma_kernel[(n_blocks, splits, m)](
         x, qweight, scales, zeros, y, partials, qweight if counters is None else counters, n, per_split,
-        k_blocks, x.stride(0), qweight.stride(0), scales.stride(0), n, k if silu else 0,
+        k_blocks, x.stride(0), qweight.stride(0), scales.stride(0), n, k if prologue == SILU_AND_MUL else 0,
+        qweight if residual is None else residual, qweight if h is None else h, norm_weight, squares, eps,
         GROUP_SIZE=group_size, BLOCK_N=config.block_n, WORDS=config.words, EVEN_N=n % config.block_n == 0,
-        SPLIT=counters is not None, SILU=silu, NUM_STAGES=config.num_stages, num_warps=config.num_warps)
+        SPLIT=counters is not None, PROLOGUE=prologue, NUM_STAGES=config.num_stages, num_warps=config.num_warps)
     return _sum_splits(partials, x.dtype) if counters is None else y
 
 
