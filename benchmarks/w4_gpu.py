@@ -253,7 +253,7 @@ def load_tuned() -> None:
     with open(TUNED_FILE) as f:
         tuned = json.load(f)
     for kind, table, cls in (("gemv", triton_w4a16.TUNED, GemvConfig), ("gemm", triton_w4a16.GEMM_TUNED, GemmConfig)):
-        for key, config in tuned[kind].items():
+        for key, config in tuned.get(kind, {}).items():   # (an older file: flat, no kinds)
             table[tuple(int(v) for v in key.split(","))] = cls(**config)
     for _, k, n in SHAPES:   # no M = 1 launch measured (a stage cut short, or none compiled): tl.dot
         triton_w4a16.TUNED.setdefault((1, k, n), triton_w4a16.DOT_GEMV)
