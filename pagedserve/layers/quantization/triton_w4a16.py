@@ -609,7 +609,9 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
             return w4a16_gemm(x, qweight, scales, zeros, group_size, GEMM_TUNED[(rows_bucket(m), k, n)])
         if fits and m <= GEMM_MAX_ROWS and gemv_config(m, k, n) is not None:
             return w4a16_gemv(x, qweight, scales, zeros, group_size)
-        path = "gemv" if m <= GEMV_MAX_ROWS else "gemm" if m <= GEMM_MAX_ROWS else "dequant"
+        # the generic GEMM reloads each word per row of its block: slower than dequantize +
+        # cuBLAS at 64 and 256 rows on the H200 (benchmarks/QUANT.md), kept for act-order g_idx
+        path = "gemv" if m <= GEMV_MAX_ROWS else "gemm" if m <= GEMM_MAX_ROWS and not fits else "dequant"
     if path == "dequant":
         return x @ dequantize_w4(qweight, scales, zeros, group_size, g_idx, x.dtype)
     if path == "gemv" and fits:
