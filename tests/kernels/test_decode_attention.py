@@ -1,0 +1,96 @@
+"""decode_attention (one launch: rotary, K/V store, attention, split-K merge) against the
+generic path: rotary_in_place, store_kv_ref, paged_attention_ref. The cache must come out bit
+for bit the same; the output within the paged kernel's tolerances; padded sequences
+(query_len 0) untouched; slot -1 writes nothing; the merge counters back at zero."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed")
+from pagedserve.attention import triton_decode_attention  # noqa: E402
+from pagedserve.attention.torch_ref import paged_attention_ref, store_kv_ref  # noqa: E402
+from pagedserve.attention.triton_decode_attention import decode_attention  # noqa: E402
+from pagedserve.layers.rotary import RotaryEmbedding  # noqa: E402
+from pagedserve.layers.triton_ops import rotary_in_place  # noqa: E402
+
+from tests.kernels.test_paged_attention import DEVICE, FLOAT_DTYPES, TOLERANCES, make_batch  # noqa: E402
+
+
+def run_case(context_lens: list[int], dtype: torch.dtype, rotary: bool, num_splits: int | None,
+             tiles_per_segment: int, heads: int = 8, kv_heads: int = 2, head_dim: int = 64,
+             padded: int = -1, no_slot: int = -1, seed: int = 0) -> None:
+    """Sequence `padded` has no query token (query_len 0); sequence `no_slot` has slot -1."""
+    query_lens = [0 if s == padded else 1 for s in range(len(context_lens))]
+    batch = make_batch(query_lens, context_lens, heads, kv_heads, head_dim, 16, dtype, seed)
+    num_tokens = sum(query_lens)
+    generator = torch.Generator().manual_seed(seed + 1)
+    qkv = torch.randn(num_tokens, (heads + 2 * kv_heads) * head_dim, generator=generator).to(DEVICE, dtype)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k, v = q.view(-1, heads, head_dim), k.view(-1, kv_heads, head_dim), v.view(-1, kv_heads, head_dim)
+    seq_lens = batch.seq_lens.tolist()
+    positions, slots = [], []
+    for s, n in enumerate(seq_lens):
+        if query_lens[s]:
+            positions.append(n - 1)
+            block = int(batch.block_tables[s, (n - 1) // 16])
+            slots.append(-1 if s == no_slot else block * 16 + (n - 1) % 16)
+    positions = torch.tensor(positions, device=DEVICE)
+    slot_mapping = torch.tensor(slots, dtype=torch.int64, device=DEVICE)
+    rope = RotaryEmbedding(head_dim, 4096, 10000.0, dtype=dtype).to(DEVICE)
+
+    ref_caches = [batch.k_cache.clone(), batch.v_cache.clone()]
+    q_ref, k_ref = q.clone(), k.clone()
+    if rotary:
+        rotary_in_place(positions, q_ref, k_ref, rope.cos_cache, rope.sin_cache)
+    store_kv_ref(k_ref, v, *ref_caches, slot_mapping)
+    expected = paged_attention_ref(q_ref, *ref_caches, batch.block_tables, batch.seq_lens, batch.query_start_loc,
+                                   batch.scale, None)
+
+    qkv_before = qkv.clone()
+    for repeat in range(2):   # the second call finds the merge counters reset
+        caches = [batch.k_cache.clone(), batch.v_cache.clone()]
+        out = torch.full_like(q, float("nan"))
+        decode_attention(q, k, v, *caches, batch.block_tables, batch.seq_lens, batch.query_start_loc, slot_mapping,
+                         batch.scale, batch.max_seq_len, (positions, rope.cos_cache, rope.sin_cache) if rotary else None,
+                         out, num_splits=num_splits, tiles_per_segment=tiles_per_segment)
+        assert torch.equal(qkv, qkv_before), "query / key / value were modified"
+        assert torch.equal(caches[0], ref_caches[0]) and torch.equal(caches[1], ref_caches[1])
+        atol, rtol = TOLERANCES[dtype]
+        token_seqs = [s for s in range(len(context_lens)) if query_lens[s]]
+        live = [t for t, s in enumerate(token_seqs) if s != no_slot]   # slot -1: the cache holds no new key
+        torch.testing.assert_close(out[live], expected[live], atol=atol, rtol=rtol)
+        counters = triton_decode_attention._counters(DEVICE)[0]
+        assert int(counters.abs().sum()) == 0, f"merge counters left set after call {repeat}"
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("rotary", [True, False])
+@pytest.mark.parametrize("num_splits,tiles_per_segment", [(None, 1), (1, 1), (4, 1), (4, 2), (8, 100)])
+def test_decode_attention_matches_rotary_store_then_attend(dtype: torch.dtype, rotary: bool,
+                                                           num_splits: int | None, tiles_per_segment: int) -> None:
+    # contexts: none (only the new key), inside one tile, several tiles (split over segments)
+    run_case([0, 5, 40, 300, 129], dtype, rotary, num_splits, tiles_per_segment)
+
+
+def test_padded_sequence_and_no_slot() -> None:
+    """A sequence without a query token writes nothing; slot -1 leaves the cache as it was."""
+    run_case([7, 100, 250, 33], torch.float32, True, 4, 1, padded=1, no_slot=3)
+
+
+def test_head_dim_128_one_kv_head_group_of_eight() -> None:
+    run_case([1, 200, 64], torch.float32, True, 2, 1, heads=8, kv_heads=1, head_dim=128)
+
+
+def test_bad_inputs_raise_clear_errors() -> None:
+    batch = make_batch([1], [3], 4, 2, 64, 16, torch.float32, 0)
+    q = batch.query[:1]
+    k = torch.zeros(1, 2, 64, device=DEVICE)
+    slots = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    args = (batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc)
+    with pytest.raises(ValueError, match="key/value"):
+        decode_attention(q, k[:, :1], k, *args, slots, 1.0, 64)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        decode_attention(q, k, k, *args, torch.zeros(2, dtype=torch.int64, device=DEVICE), 1.0, 64)
+    with pytest.raises(ValueError, match="rotary"):
+        decode_attention(q, k, k, *args, slots, 1.0, 64, (slots, torch.zeros(8, 63), torch.zeros(8, 63)))
