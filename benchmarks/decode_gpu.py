@@ -14,8 +14,8 @@ traceback and the next stage runs):
           lm_head): cuBLAS against the Triton gemv over a grid of launch shapes, weights cycled
           past the L2, each call timed in a CUDA graph of 40; each fusion against its two
           unfused launches; M=8 cuBLAS against the tl.dot gemv. Prints a CONFIGS table.
-  models  per model and --variants (fused: everything on; base: main before the one-launch
-          attention; unfused; fused+pdl): b1_decode tok/s as ../shared/bench/peers.py measures
+  models  per model and --variants (fused: everything on; base: main before this branch (no
+          one-launch attention, one pageable copy per step input); attn_only; unfused; fused+pdl): b1_decode tok/s as ../shared/bench/peers.py measures
           it (128-token prompt, 256 greedy tokens, warmed once), the decode graph's replay time
           (bs=1, context ~384), a torch.profiler table of one replay (per kernel calls, us,
           bytes moved, GB/s), a CPU + CUDA profile of a 33-token generate (per step: wall, device
@@ -27,7 +27,7 @@ traceback and the next stage runs):
 
 Usage (repo root, PYTHONPATH=$PWD; peers.py in .devcarry/, .. or ../shared/bench/):
   python3 benchmarks/decode_gpu.py [--stages check,attn,models] [--models llama-1b,llama-8b]
-                                   [--variants fused,base] [--thr llama-1b] [--cpu-smoke]
+                                   [--variants fused,base,attn_only] [--thr llama-1b] [--cpu-smoke]
 About 120 s on an H200 with a cold Triton cache (+ ~60 s with tests). Writes decode_gpu.json
 (and bf16 json) under $OUT when set. --cpu-smoke runs every stage on a tiny model and tiny
 shapes on the CPU (Triton's interpreter) to prove the script, not to measure."""
@@ -406,9 +406,10 @@ def kernel_table(kernels: list, model: str, ctx: int, replays: int) -> dict:
                 mbytes=round(total_bytes / 1e6, 1), floor_us=round(total_bytes / HBM_TB_S / 1e6, 1))
 
 
-VARIANTS = {   # name: (gemv fusions, one-launch decode attention, PDL)
-    "fused": (True, True, False), "base": (True, False, False),   # base: main before the one-launch attention
-    "unfused": (False, False, False), "fused+pdl": (True, True, True)}
+VARIANTS = {   # name: (gemv fusions, one-launch decode attention, packed step inputs, PDL)
+    "fused": (True, True, True, False), "base": (True, False, False, False),   # base: main before this branch
+    "attn_only": (True, True, False, False), "unfused": (False, False, False, False),
+    "fused+pdl": (True, True, True, True)}
 
 
 @stage("models")
@@ -416,7 +417,7 @@ def models_stage(dev: torch.device, models: list[str], ab: list[str], variants: 
     for model in (["tiny"] if SMOKE else models):
         for variant in (variants if model in ab or (SMOKE and ab) else variants[:1]):
             try:
-                run_model(dev, model, variant, model in thr or (SMOKE and bool(thr)))
+                run_model(dev, model, variant, variant in ("fused", "base") and (model in thr or (SMOKE and bool(thr))))
             except Exception:   # the other variants still run
                 traceback.print_exc()
                 RESULTS.setdefault("failed", []).append(f"{model}.{variant}")
@@ -424,6 +425,8 @@ def models_stage(dev: torch.device, models: list[str], ab: list[str], variants: 
                 linear_ops.set_decode_fusion(True)
                 linear_ops.set_decode_attention_fusion(True)
                 triton_gemv.set_pdl(False)
+                from pagedserve.worker import input_batch
+                input_batch.PACK_STEP_INPUTS = True
 
 
 def model_dir(model: str) -> str:
@@ -449,9 +452,11 @@ def model_dir(model: str) -> str:
 def run_model(dev: torch.device, model: str, variant: str, thr512: bool) -> None:
     from pagedserve import LLM, SamplingParams
     label = f"{model}.{variant}"
-    gemv_fusion, attention_fusion, pdl = VARIANTS[variant]
+    from pagedserve.worker import input_batch
+    gemv_fusion, attention_fusion, packed_inputs, pdl = VARIANTS[variant]
     linear_ops.set_decode_fusion(gemv_fusion)
     linear_ops.set_decode_attention_fusion(attention_fusion)
+    input_batch.PACK_STEP_INPUTS = packed_inputs
     triton_gemv.set_pdl(pdl)
     if pdl and not triton_gemv.PDL:
         log(f"{label}: skipped, this Triton has no programmatic dependent launch")
@@ -611,7 +616,7 @@ def main() -> None:
     ap.add_argument("--stages", default="check,attn,models")
     ap.add_argument("--models", default="llama-1b,llama-8b")
     ap.add_argument("--ab", default="llama-1b,llama-8b", help="models measured in every --variants")
-    ap.add_argument("--variants", default="fused,base", help=f"of {list(VARIANTS)}; the first for the others")
+    ap.add_argument("--variants", default="fused,base,attn_only", help=f"of {list(VARIANTS)}; the first for the others")
     ap.add_argument("--thr", default="llama-1b", help="models whose variants also run peers' thr512")
     ap.add_argument("--cpu-smoke", action="store_true")
     args = ap.parse_args()

@@ -144,11 +144,17 @@ def build_step_inputs(states: list[CachedRequestState], num_scheduled: list[int]
                       query_lens=query_lens, logits_indices=logits_t, sample_rows=sample_rows.tolist())
 
 
+# Off: one pageable copy per array, as before (A/B measurements in benchmarks/decode_gpu.py).
+PACK_STEP_INPUTS = True
+
+
 def to_device(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
     """The arrays on `device` through one host buffer (pinned on CUDA) and one copy: a step's
     seven small arrays as seven pageable copies cost the device ~2-3 us each and the host more
     (benchmarks/decode_gpu.py's step profile). Returns views of the copy, each 16-byte
     aligned (as Triton's launchers specialise pointers)."""
+    if not PACK_STEP_INPUTS:
+        return [torch.from_numpy(array).to(device, non_blocking=True) for array in arrays]
     offsets, total = [], 0
     for array in arrays:
         offsets.append(total)

@@ -34,6 +34,7 @@ from pagedserve.layers.sampler import Sampler, apply_token_bitmask, gather_logpr
 from pagedserve.models.loader import load_weights
 from pagedserve.models.registry import resolve_model_class
 from pagedserve.worker.cuda_graph import CudaGraphRunner
+from pagedserve.worker import input_batch
 from pagedserve.worker.input_batch import BlockTable, CachedRequestState, StepInputs, build_step_inputs
 from pagedserve.worker.sampling_inputs import sample
 
@@ -432,7 +433,8 @@ class ModelRunner:
         if fed.size:
             dst = (np.cumsum(query_lens) - query_lens + offsets)[fed]
             src = np.array([state.sampled_row for state in rows])[fed]
-            if dst[-1] == src[-1] == fed.size - 1 and (dst == src).all():   # steady decode: rows in place
+            if input_batch.PACK_STEP_INPUTS and dst[-1] == src[-1] == fed.size - 1 and (dst == src).all():
+                # steady decode: the previous step's rows in place
                 inputs.input_ids[:fed.size].copy_(self._prev_sampled[:fed.size])
                 return
             index = torch.from_numpy(np.stack([dst, src])).to(self.device, non_blocking=True)
