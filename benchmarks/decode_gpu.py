@@ -10,6 +10,8 @@ traceback and the next stage runs):
           difference, and two CUDA-graph replays equal to the eager call
   attn    per-layer decode attention timed in CUDA graphs (bs 1 at contexts 128-2048, bs 4
           and 16): the generic launches against the one-launch kernel per tiles_per_segment
+  normsweep  (not by default) the RMSNorm-prologue gemv (qkv, gate_up) over launch shapes,
+          against the plain gemv and the unfused norm + gemv (~20 s)
   sweep   (not by default) M=1 matmuls of llama-1b / llama-8b (qkv, o, gate_up, down,
           lm_head): cuBLAS against the Triton gemv over a grid of launch shapes, weights cycled
           past the L2, each call timed in a CUDA graph of 40; each fusion against its two
@@ -324,6 +326,46 @@ def sweep(dev: torch.device, dtype: torch.dtype, models: list[str]) -> None:
         + ("" if wins else "  # cuBLAS") for (n, k), (c, wins) in best.items()) + "\n}")
 
 
+@stage("normsweep")
+def norm_sweep(dev: torch.device, dtype: torch.dtype, models: list[str]) -> None:
+    """The RMSNorm-prologue gemv (one row, with a residual) at the qkv and gate_up shapes over
+    launch shapes: every program re-reads h, the residual and the norm weight beside its weight
+    slab, so wider slabs (block_n) may pay where the plain gemv's best did not."""
+    from pagedserve.layers import triton_ops
+    rows = []
+    if SMOKE:
+        configs = [GemvConfig(16, 64, 4, 2)]
+    else:
+        configs = [GemvConfig(bn, bk, w, st) for bn in (8, 16, 32, 64) for bk in (256, 512, 1024)
+                   for w, st in ((4, 3), (4, 4), (8, 3)) if 2048 <= bn * bk <= 32768]
+    for model in (["tiny"] if SMOKE else models):
+        for role in ("qkv", "gate_up"):
+            n, k = weight_shapes(model)[role]
+            copies = 1 if SMOKE else max(3, -(-600 * 2**20 // (n * k * 2)))
+            weights = [(torch.randn(n, k, device=dev) * 0.02).to(dtype) for _ in range(copies)]
+            x, res = torch.randn(1, k, device=dev).to(dtype), torch.randn(1, k, device=dev).to(dtype)
+            nw = torch.randn(k, device=dev).to(dtype)
+            args = [(w,) for w in weights]
+            row = dict(shape=f"{model}.{role}", current=config_for(1, n, k).__dict__,
+                       current_us=round(time_us(lambda w: rms_norm_gemv(x, nw, 1e-5, w, res), args), 2),
+                       plain_us=round(time_us(lambda w: gemv(x, w), args), 2),
+                       unfused_us=round(time_us(lambda w: linear_ops.linear(triton_ops.rms_norm(x, nw, 1e-5, res), w),
+                                                args), 2))
+            timed = []
+            for cfg in configs:
+                try:
+                    timed.append((time_us(lambda w, c=cfg: rms_norm_gemv(x, nw, 1e-5, w, res, c), args), cfg))
+                except Exception as exc:
+                    log(f"  {model}.{role} {cfg}: {type(exc).__name__}: {str(exc)[:100]}")
+            timed.sort(key=lambda t: t[0])
+            row["best_us"], row["best"] = round(timed[0][0], 2), timed[0][1].__dict__
+            row["top5"] = [(round(t, 2), c.__dict__) for t, c in timed[:5]]
+            rows.append(row)
+            log(json.dumps(row))
+            del weights
+    RESULTS["normsweep"] = rows
+
+
 def kernel_kind(name: str) -> str:
     low = name.lower()
     for key, kind in (("_gemv_kernel", "gemv"), ("rotary_store", "rotary_store_kv"), ("rotary", "rotary"),
@@ -599,13 +641,17 @@ def bf16_stage(out_dir: str) -> None:
     RESULTS["bf16_rc"] = proc.returncode
 
 
+TESTS_MORE = [] if "--all-tests" not in sys.argv else ["tests/kernels/test_gemv.py", "tests/kernels/test_fused_ops.py"]
+
+
 @stage("tests")
 def tests_stage() -> None:
-    """The kernel tests of the fused decode path on the GPU (bf16 included; ~60 s)."""
+    """The kernel tests of the decode attention path on the GPU (bf16 included; ~30 s); with
+    --all-tests the gemv and fused-op tests too (~60 s more)."""
     proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                           "tests/kernels/test_gemv.py", "tests/kernels/test_fused_ops.py",
-                           "tests/kernels/test_store_kv.py", "tests/kernels/test_decode_attention.py"],
-                          capture_output=True, text=True, timeout=150,
+                           "tests/kernels/test_decode_attention.py", "tests/kernels/test_store_kv.py",
+                           "tests/kernels/test_paged_attention.py"] + TESTS_MORE,
+                          capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PAGEDSERVE_TEST_DEVICE": "cuda"})
     log("\n".join((proc.stdout + proc.stderr).splitlines()[-15:]))
     RESULTS["tests_rc"] = proc.returncode
@@ -619,6 +665,7 @@ def main() -> None:
     ap.add_argument("--variants", default="fused,base,attn_only", help=f"of {list(VARIANTS)}; the first for the others")
     ap.add_argument("--thr", default="llama-1b", help="models whose variants also run peers' thr512")
     ap.add_argument("--cpu-smoke", action="store_true")
+    ap.add_argument("--all-tests", action="store_true", help="tests: the gemv and fused-op tests too")
     args = ap.parse_args()
     stages, models = args.stages.split(","), args.models.split(",")
     ab = [m for m in args.ab.split(",") if m]
@@ -637,6 +684,8 @@ def main() -> None:
         sweep(dev, dtype, models)
     if "attn" in stages:
         attn_stage(dev, dtype, models)
+    if "normsweep" in stages:
+        norm_sweep(dev, dtype, models)
     if "models" in stages:
         models_stage(dev, models, ab, args.variants.split(","), [m for m in args.thr.split(",") if m])
     if "bf16" in stages:
