@@ -9,7 +9,8 @@ traceback and the next stage runs):
           the paged kernel + its reduce: the cache bit for bit, the output's max abs
           difference, and two CUDA-graph replays equal to the eager call
   attn    per-layer decode attention timed in CUDA graphs (bs 1 at contexts 128-2048, bs 4
-          and 16): the generic launches against the one-launch kernel per tiles_per_segment
+          and 16): the generic launches against the one-launch kernel per tiles_per_segment;
+          the greedy argmax over 128k logits (1 and 16 rows): torch's against argmax_rows
   normsweep  (not by default) the RMSNorm-prologue gemv (qkv, gate_up) over launch shapes,
           against the plain gemv and the unfused norm + gemv (~20 s)
   sweep   (not by default) M=1 matmuls of llama-1b / llama-8b (qkv, o, gate_up, down,
@@ -164,6 +165,10 @@ def check(dev: torch.device, dtype: torch.dtype) -> None:
         out[f"{model}.rotary_store_equal"] = bool(torch.equal(q, q2) and torch.equal(k, k2) and torch.equal(
             caches[0], ref_caches[0]) and torch.equal(caches[1], ref_caches[1]))
         out.update(check_decode_attention(model, dev, dtype, rope, rnd))
+    for rows in (1, 16, 512):   # the greedy sampler's argmax against torch's, bit for bit
+        logits = torch.randn(rows, 512 if SMOKE else 128256, device=dev).to(dtype)
+        logits[:, 100] = logits[:, 7] = logits.max() + 1   # a tie: the first index wins
+        out[f"argmax_rows{rows}_equal"] = bool(torch.equal(triton_ops.argmax_rows(logits), logits.argmax(dim=-1)))
     log(json.dumps(out))
 
 
@@ -265,6 +270,13 @@ def attn_stage(dev: torch.device, dtype: torch.dtype, models: list[str]) -> None
                                                           [(i,) for i in range(copies)]), 2)
             rows.append(row)
             log(json.dumps(row))
+    for n_rows in (1, 16):   # the greedy sampler's argmax over a 128k vocabulary
+        logits = [torch.randn(n_rows, 512 if SMOKE else 128256, device=dev).to(dtype) for _ in range(4)]
+        from pagedserve.layers.triton_ops import argmax_rows
+        row = dict(argmax_rows=n_rows, torch_us=round(time_us(lambda x: x.argmax(dim=-1), [(x,) for x in logits]), 2),
+                   triton_us=round(time_us(argmax_rows, [(x,) for x in logits]), 2))
+        rows.append(row)
+        log(json.dumps(row))
     RESULTS["attn"] = rows
 
 
@@ -450,7 +462,7 @@ def kernel_table(kernels: list, model: str, ctx: int, replays: int) -> dict:
                 mbytes=round(total_bytes / 1e6, 1), floor_us=round(total_bytes / HBM_TB_S / 1e6, 1))
 
 
-VARIANTS = {   # name: (gemv fusions, one-launch decode attention, packed step inputs, PDL)
+VARIANTS = {   # name: (gemv fusions, one-launch decode attention, packed step inputs + Triton argmax, PDL)
     "fused": (True, True, True, False), "base": (True, False, False, False),   # base: main before this branch
     "attn_only": (True, True, False, False), "unfused": (False, False, False, False),
     "fused+pdl": (True, True, True, True)}
@@ -469,8 +481,9 @@ def models_stage(dev: torch.device, models: list[str], ab: list[str], variants: 
                 linear_ops.set_decode_fusion(True)
                 linear_ops.set_decode_attention_fusion(True)
                 triton_gemv.set_pdl(False)
+                from pagedserve.layers import sampler
                 from pagedserve.worker import input_batch
-                input_batch.PACK_STEP_INPUTS = True
+                input_batch.PACK_STEP_INPUTS = sampler.TRITON_GREEDY = True
 
 
 def model_dir(model: str) -> str:
@@ -496,11 +509,12 @@ def model_dir(model: str) -> str:
 def run_model(dev: torch.device, model: str, variant: str, thr512: bool) -> None:
     from pagedserve import LLM, SamplingParams
     label = f"{model}.{variant}"
+    from pagedserve.layers import sampler
     from pagedserve.worker import input_batch
     gemv_fusion, attention_fusion, packed_inputs, pdl = VARIANTS[variant]
     linear_ops.set_decode_fusion(gemv_fusion)
     linear_ops.set_decode_attention_fusion(attention_fusion)
-    input_batch.PACK_STEP_INPUTS = packed_inputs
+    input_batch.PACK_STEP_INPUTS = sampler.TRITON_GREEDY = packed_inputs
     triton_gemv.set_pdl(pdl)
     if pdl and not triton_gemv.PDL:
         log(f"{label}: skipped, this Triton has no programmatic dependent launch")
@@ -651,7 +665,8 @@ def tests_stage() -> None:
     """The kernel tests of the decode attention path on the GPU (bf16 included; ~30 s); with
     --all-tests the gemv and fused-op tests too (~60 s more)."""
     proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                           "tests/kernels/test_decode_attention.py", "tests/kernels/test_store_kv.py",
+                           "tests/kernels/test_decode_attention.py", "tests/kernels/test_argmax.py",
+                           "tests/kernels/test_store_kv.py",
                            "tests/kernels/test_paged_attention.py"] + TESTS_MORE,
                           capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PAGEDSERVE_TEST_DEVICE": "cuda"})

@@ -24,8 +24,6 @@ equals the generic kernels' up to fp32 summation order.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -33,7 +31,7 @@ import triton.language as tl
 from pagedserve.attention.triton_paged_attention import (_LOG2E, _check_attention_inputs, _load_kv_tile,
                                                           _online_softmax_step, _sm_count, choose_num_splits,
                                                           default_tile_config)
-from pagedserve.layers.triton_ops import _LIBDEVICE, libdevice
+from pagedserve.layers.triton_ops import _LIBDEVICE, libdevice, zeroed_counters
 
 # A segment covers at least this many key tiles (TILE_N keys each) before the keys are split
 # over more programs: benchmarks/decode_gpu.py times the choices (stage "attn").
@@ -179,22 +177,6 @@ def _decode_attention_kernel(
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")   # ready for the next launch
 
 
-@functools.lru_cache(maxsize=None)
-def _counters(device: torch.device) -> list[torch.Tensor]:
-    return [torch.zeros(0, dtype=torch.int32, device=device)]
-
-
-def _counter_buffer(device: torch.device, size: int) -> torch.Tensor | None:
-    """The per-device zeroed counters (each launch leaves them at zero); grown outside CUDA-graph
-    capture only (None: the caller splits no further)."""
-    holder = _counters(device)
-    if holder[0].numel() < size:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        holder[0] = torch.zeros(max(size, 1 << 16), dtype=torch.int32, device=device)
-    return holder[0]
-
-
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                      query_start_loc: torch.Tensor, slot_mapping: torch.Tensor, scale: float, max_seq_len: int,
@@ -235,7 +217,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, 1, max_seq_len, config.tile_n,
                                        _sm_count(query.device))
-    counters = _counter_buffer(query.device, num_tokens * num_kv_heads) if num_splits > 1 else None
+    counters = zeroed_counters(query.device, num_tokens * num_kv_heads) if num_splits > 1 else None
     if counters is None:
         num_splits = 1
         counters = slot_mapping   # unused
