@@ -94,3 +94,10 @@ def test_bad_inputs_raise_clear_errors() -> None:
         decode_attention(q, k, k, *args, torch.zeros(2, dtype=torch.int64, device=DEVICE), 1.0, 64)
     with pytest.raises(ValueError, match="rotary"):
         decode_attention(q, k, k, *args, slots, 1.0, 64, (slots, torch.zeros(8, 63), torch.zeros(8, 63)))
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_three_query_heads_per_kv_head(num_splits: int) -> None:
+    """The default model's shape (9 heads over 3 KV heads, head_dim 64): a group that does not
+    fill a power of two."""
+    run_case([3, 77, 260], torch.float32, True, num_splits, 1, heads=9, kv_heads=3, head_dim=64)
