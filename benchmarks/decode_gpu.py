@@ -473,7 +473,7 @@ def models_stage(dev: torch.device, models: list[str], ab: list[str], variants: 
     for model in (["tiny"] if SMOKE else models):
         for variant in (variants if model in ab or (SMOKE and ab) else variants[:1]):
             try:
-                run_model(dev, model, variant, variant in ("fused", "base") and (model in thr or (SMOKE and bool(thr))))
+                run_model(dev, model, variant, variant != "unfused" and (model in thr or (SMOKE and bool(thr))))
             except Exception:   # the other variants still run
                 traceback.print_exc()
                 RESULTS.setdefault("failed", []).append(f"{model}.{variant}")
