@@ -207,8 +207,8 @@ def generic_decode(c: dict, rope, copy: int = 0, clone: bool = True) -> torch.Te
 def fused_decode(c: dict, rope, copy: int = 0, tiles: int | None = None) -> torch.Tensor:
     from pagedserve.attention.triton_decode_attention import decode_attention
     return decode_attention(c["q"], c["k"], c["v"], c["k_cache"], c["v_cache"], c["tables"][copy], c["seq_lens"],
-                            c["qsl"], c["slots"][copy], c["scale"], MAX_MODEL_LEN,
-                            (c["positions"], rope.cos_cache, rope.sin_cache), tiles_per_segment=tiles)
+                            c["slots"][copy], c["scale"], MAX_MODEL_LEN, (rope.cos_cache, rope.sin_cache),
+                            tiles_per_segment=tiles)
 
 
 def check_decode_attention(model: str, dev: torch.device, dtype: torch.dtype, rope, rnd) -> dict:

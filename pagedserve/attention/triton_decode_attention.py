@@ -65,7 +65,7 @@ def _rotate_row(x, x_other, cos, sin, first_half, LIBDEVICE: tl.constexpr):
 def _decode_attention_kernel(
     out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, counter_ptr,
     query_ptr, key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
-    query_start_loc_ptr, slot_mapping_ptr, positions_ptr, cos_ptr, sin_ptr,
+    slot_mapping_ptr, cos_ptr, sin_ptr,
     scale_log2, num_segments, tiles_per_segment,
     stride_q_token, stride_q_head, stride_key_token, stride_key_head, stride_value_token, stride_value_head,
     stride_o_token, stride_o_head,
@@ -79,10 +79,7 @@ def _decode_attention_kernel(
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
-    token = tl.load(query_start_loc_ptr + seq)
-    if tl.load(query_start_loc_ptr + seq + 1) == token:
-        return   # no query token (a padded sequence)
-    token = token.to(tl.int64)
+    token = seq.to(tl.int64)   # an all-decode batch: token s is sequence s's, at position seq_len - 1
     cached = tl.load(seq_lens_ptr + seq) - 1   # keys before the new token's
     num_tiles = tl.cdiv(cached, TILE_N)
     active = tl.minimum(num_segments, tl.maximum(tl.cdiv(num_tiles, tiles_per_segment), 1))
@@ -104,7 +101,7 @@ def _decode_attention_kernel(
                     mask=dim_valid, other=0.0)
     if ROTARY:   # HEAD_DIM is a power of two (== HEAD_DIM_PAD)
         swapped = (offs_d + HALF) % HEAD_DIM
-        pos = tl.load(positions_ptr + token).to(tl.int64)
+        pos = cached.to(tl.int64)   # no positions load: one dependent round trip fewer
         cos = tl.load(cos_ptr + pos * stride_cos + offs_d).to(tl.float32)
         sin = tl.load(sin_ptr + pos * stride_cos + offs_d).to(tl.float32)
         first_half = offs_d < HALF
@@ -179,34 +176,35 @@ def _decode_attention_kernel(
 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                     query_start_loc: torch.Tensor, slot_mapping: torch.Tensor, scale: float, max_seq_len: int,
-                     rotary: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                     slot_mapping: torch.Tensor, scale: float, max_seq_len: int,
+                     rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
                      out: torch.Tensor | None = None, *, num_splits: int | None = None,
                      tiles_per_segment: int | None = None) -> torch.Tensor:
-    """Attention of an all-decode batch (sequence s's one token is token query_start_loc[s];
-    query_start_loc[s + 1] == query_start_loc[s] marks a padded sequence, skipped), storing
+    """Attention of an all-decode batch: token s is sequence s's new token, at position
+    seq_lens[s] - 1 (padding rows as the decode graphs pad them: seq_len 1, slot -1), storing
     the new K/V first. query [T, Hq, D], key / value [T, Hkv, D] (views with any token and
-    head strides); rotary = (positions [T], cos_cache, sin_cache) rotates query and key as
+    head strides); rotary = (cos_cache, sin_cache) rotates query and key at that position as
     rotary_store_kv does (query and key themselves are not modified). Mutates k_cache /
     v_cache (the tokens' slots) and `out`; never synchronises with the device (graph-safe:
     max_seq_len is a host upper bound that fixes the split count)."""
-    _check_attention_inputs(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out)
+    _check_attention_inputs(query, k_cache, v_cache, block_tables, seq_lens, None, out)
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = k_cache.shape[2]
     if key.shape != (num_tokens, num_kv_heads, head_dim) or value.shape != key.shape \
             or key.stride(-1) != 1 or value.stride(-1) != 1 or key.dtype != query.dtype or value.dtype != query.dtype:
         raise ValueError(f"key/value must be [T, Hkv, D] = {(num_tokens, num_kv_heads, head_dim)} of the query's "
                          f"dtype with a contiguous last dim; got {tuple(key.shape)}, {tuple(value.shape)}")
-    if slot_mapping.shape != (num_tokens,) or slot_mapping.stride(0) != 1:
-        raise ValueError(f"slot_mapping must be a contiguous [num_tokens={num_tokens}]; got {tuple(slot_mapping.shape)}")
+    if slot_mapping.shape != (num_tokens,) or slot_mapping.stride(0) != 1 or seq_lens.shape != (num_tokens,):
+        raise ValueError(f"slot_mapping and seq_lens must be [num_tokens={num_tokens}] (one token a sequence), "
+                         f"slot_mapping contiguous; got {tuple(slot_mapping.shape)}, {tuple(seq_lens.shape)}")
     if rotary is not None:
-        positions, cos_cache, sin_cache = rotary
+        cos_cache, sin_cache = rotary
         if head_dim & (head_dim - 1) or cos_cache.shape[-1] != head_dim or sin_cache.stride() != cos_cache.stride() \
-                or cos_cache.stride(-1) != 1 or positions.shape != (num_tokens,):
-            raise ValueError("decode_attention: rotary needs a power-of-two head_dim, [max_pos, head_dim] "
-                             "cos/sin caches of one layout and positions [num_tokens]")
+                or cos_cache.stride(-1) != 1:
+            raise ValueError("decode_attention: rotary needs a power-of-two head_dim and [max_pos, head_dim] "
+                             "cos/sin caches of one layout")
     else:
-        positions, cos_cache, sin_cache = slot_mapping, query, query   # unused (ROTARY=False)
+        cos_cache, sin_cache = query, query   # unused (ROTARY=False)
     if out is None:
         out = torch.empty_like(query)
     num_seqs = seq_lens.shape[0]
@@ -229,8 +227,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         partial_sum = torch.empty(rows, dtype=torch.float32, device=query.device)
     _decode_attention_kernel[(num_seqs, num_kv_heads, num_splits)](
         out, partial_acc, partial_max, partial_sum, counters,
-        query, key, value, k_cache, v_cache, block_tables, seq_lens, query_start_loc, slot_mapping,
-        positions, cos_cache, sin_cache,
+        query, key, value, k_cache, v_cache, block_tables, seq_lens, slot_mapping, cos_cache, sin_cache,
         scale * _LOG2E, num_splits, tiles_per_segment or TILES_PER_SEGMENT,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         out.stride(0), out.stride(1),

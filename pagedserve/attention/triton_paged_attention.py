@@ -253,7 +253,7 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_query_len: int, max_
 
 def _check_attention_inputs(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                            query_start_loc: torch.Tensor, out: torch.Tensor | None) -> None:
+                            query_start_loc: torch.Tensor | None, out: torch.Tensor | None) -> None:
     if query.dim() != 3:
         raise ValueError(f"query must be [num_tokens, num_heads, head_dim]; got {tuple(query.shape)}")
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
@@ -270,18 +270,20 @@ def _check_attention_inputs(query: torch.Tensor, k_cache: torch.Tensor, v_cache:
         if tensor.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dim; strides {tensor.stride()}")
     num_seqs = seq_lens.shape[0] if seq_lens.dim() == 1 else -1
-    if (seq_lens.dim() != 1 or query_start_loc.shape != (num_seqs + 1,) or block_tables.dim() != 2
-            or block_tables.shape[0] < num_seqs):
+    # query_start_loc None: an all-decode batch whose token s is sequence s's (decode_attention)
+    if (seq_lens.dim() != 1 or block_tables.dim() != 2 or block_tables.shape[0] < num_seqs
+            or query_start_loc is not None and query_start_loc.shape != (num_seqs + 1,)):
         raise ValueError(f"need seq_lens [num_seqs], query_start_loc [num_seqs + 1], block_tables "
                          f"[>= num_seqs, max_blocks]; got {tuple(seq_lens.shape)}, "
                          f"{tuple(query_start_loc.shape)}, {tuple(block_tables.shape)}")
-    for name, tensor in (("seq_lens", seq_lens), ("query_start_loc", query_start_loc),
-                         ("block_tables", block_tables)):
+    index_tensors = [("seq_lens", seq_lens), ("block_tables", block_tables)]
+    if query_start_loc is not None:
+        index_tensors.append(("query_start_loc", query_start_loc))
+    for name, tensor in index_tensors:
         if tensor.dtype != torch.int32 or tensor.stride(-1) != 1:
             raise ValueError(f"{name} must be a contiguous int32 tensor; got {tensor.dtype}, "
                              f"strides {tensor.stride()}")
-    for name, tensor in (("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables),
-                         ("seq_lens", seq_lens), ("query_start_loc", query_start_loc)):
+    for name, tensor in [("k_cache", k_cache), ("v_cache", v_cache)] + index_tensors:
         if tensor.device != query.device:
             raise ValueError(f"{name} is on {tensor.device}, query is on {query.device}")
     if out is not None and (out.shape != query.shape or out.dtype != query.dtype

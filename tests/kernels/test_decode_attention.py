@@ -1,7 +1,8 @@
 """decode_attention (one launch: rotary, K/V store, attention, split-K merge) against the
-generic path: rotary_in_place, store_kv_ref, paged_attention_ref. The cache must come out bit
-for bit the same; the output within the paged kernel's tolerances; padded sequences
-(query_len 0) untouched; slot -1 writes nothing; the merge counters back at zero."""
+generic path: rotary_in_place at position seq_len - 1, store_kv_ref, paged_attention_ref. The
+cache must come out bit for bit the same; the output within the paged kernel's tolerances;
+padding rows as the decode graphs pad them (seq_len 1, slot -1) write nothing; the merge
+counters back at zero."""
 from __future__ import annotations
 
 import pytest
@@ -19,24 +20,20 @@ from tests.kernels.test_paged_attention import DEVICE, FLOAT_DTYPES, TOLERANCES,
 
 def run_case(context_lens: list[int], dtype: torch.dtype, rotary: bool, num_splits: int | None,
              tiles_per_segment: int, heads: int = 8, kv_heads: int = 2, head_dim: int = 64,
-             padded: int = -1, no_slot: int = -1, seed: int = 0) -> None:
-    """Sequence `padded` has no query token (query_len 0); sequence `no_slot` has slot -1."""
-    query_lens = [0 if s == padded else 1 for s in range(len(context_lens))]
+             no_slot: tuple[int, ...] = (), seed: int = 0) -> None:
+    """One token per sequence; the sequences in `no_slot` have slot -1 (their rows are not
+    compared: the reference cache holds no new key for them)."""
+    query_lens = [1] * len(context_lens)
     batch = make_batch(query_lens, context_lens, heads, kv_heads, head_dim, 16, dtype, seed)
-    num_tokens = sum(query_lens)
+    num_tokens = len(context_lens)
     generator = torch.Generator().manual_seed(seed + 1)
     qkv = torch.randn(num_tokens, (heads + 2 * kv_heads) * head_dim, generator=generator).to(DEVICE, dtype)
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     q, k, v = q.view(-1, heads, head_dim), k.view(-1, kv_heads, head_dim), v.view(-1, kv_heads, head_dim)
     seq_lens = batch.seq_lens.tolist()
-    positions, slots = [], []
-    for s, n in enumerate(seq_lens):
-        if query_lens[s]:
-            positions.append(n - 1)
-            block = int(batch.block_tables[s, (n - 1) // 16])
-            slots.append(-1 if s == no_slot else block * 16 + (n - 1) % 16)
-    positions = torch.tensor(positions, device=DEVICE)
-    slot_mapping = torch.tensor(slots, dtype=torch.int64, device=DEVICE)
+    positions = torch.tensor([n - 1 for n in seq_lens], device=DEVICE)
+    slot_mapping = torch.tensor([-1 if s in no_slot else int(batch.block_tables[s, (n - 1) // 16]) * 16 + (n - 1) % 16
+                                 for s, n in enumerate(seq_lens)], dtype=torch.int64, device=DEVICE)
     rope = RotaryEmbedding(head_dim, 4096, 10000.0, dtype=dtype).to(DEVICE)
 
     ref_caches = [batch.k_cache.clone(), batch.v_cache.clone()]
@@ -51,14 +48,13 @@ def run_case(context_lens: list[int], dtype: torch.dtype, rotary: bool, num_spli
     for repeat in range(2):   # the second call finds the merge counters reset
         caches = [batch.k_cache.clone(), batch.v_cache.clone()]
         out = torch.full_like(q, float("nan"))
-        decode_attention(q, k, v, *caches, batch.block_tables, batch.seq_lens, batch.query_start_loc, slot_mapping,
-                         batch.scale, batch.max_seq_len, (positions, rope.cos_cache, rope.sin_cache) if rotary else None,
-                         out, num_splits=num_splits, tiles_per_segment=tiles_per_segment)
+        decode_attention(q, k, v, *caches, batch.block_tables, batch.seq_lens, slot_mapping, batch.scale,
+                         batch.max_seq_len, (rope.cos_cache, rope.sin_cache) if rotary else None, out,
+                         num_splits=num_splits, tiles_per_segment=tiles_per_segment)
         assert torch.equal(qkv, qkv_before), "query / key / value were modified"
         assert torch.equal(caches[0], ref_caches[0]) and torch.equal(caches[1], ref_caches[1])
         atol, rtol = TOLERANCES[dtype]
-        token_seqs = [s for s in range(len(context_lens)) if query_lens[s]]
-        live = [t for t, s in enumerate(token_seqs) if s != no_slot]   # slot -1: the cache holds no new key
+        live = [t for t in range(num_tokens) if t not in no_slot]   # slot -1: the cache holds no new key
         torch.testing.assert_close(out[live], expected[live], atol=atol, rtol=rtol)
         counters = triton_ops._counter_holder(DEVICE)[0]
         assert int(counters.abs().sum()) == 0, f"merge counters left set after call {repeat}"
@@ -73,9 +69,9 @@ def test_decode_attention_matches_rotary_store_then_attend(dtype: torch.dtype, r
     run_case([0, 5, 40, 300, 129], dtype, rotary, num_splits, tiles_per_segment)
 
 
-def test_padded_sequence_and_no_slot() -> None:
-    """A sequence without a query token writes nothing; slot -1 leaves the cache as it was."""
-    run_case([7, 100, 250, 33], torch.float32, True, 4, 1, padded=1, no_slot=3)
+def test_graph_padding_rows_write_nothing() -> None:
+    """Rows padded as the decode graphs pad them (seq_len 1, slot -1) leave the cache as it was."""
+    run_case([7, 0, 250, 0], torch.float32, True, 4, 1, no_slot=(1, 3))
 
 
 def test_head_dim_128_one_kv_head_group_of_eight() -> None:
@@ -87,13 +83,16 @@ def test_bad_inputs_raise_clear_errors() -> None:
     q = batch.query[:1]
     k = torch.zeros(1, 2, 64, device=DEVICE)
     slots = torch.zeros(1, dtype=torch.int64, device=DEVICE)
-    args = (batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc)
+    args = (batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens)
     with pytest.raises(ValueError, match="key/value"):
         decode_attention(q, k[:, :1], k, *args, slots, 1.0, 64)
     with pytest.raises(ValueError, match="slot_mapping"):
         decode_attention(q, k, k, *args, torch.zeros(2, dtype=torch.int64, device=DEVICE), 1.0, 64)
+    with pytest.raises(ValueError, match="one token a sequence"):   # two sequences, one token
+        decode_attention(q, k, k, batch.k_cache, batch.v_cache, batch.block_tables.repeat(2, 1),
+                         batch.seq_lens.repeat(2), slots, 1.0, 64)
     with pytest.raises(ValueError, match="rotary"):
-        decode_attention(q, k, k, *args, slots, 1.0, 64, (slots, torch.zeros(8, 63), torch.zeros(8, 63)))
+        decode_attention(q, k, k, *args, slots, 1.0, 64, (torch.zeros(8, 63), torch.zeros(8, 63)))
 
 
 @pytest.mark.parametrize("num_splits", [1, 4])
