@@ -100,3 +100,39 @@ def test_three_query_heads_per_kv_head(num_splits: int) -> None:
     """The default model's shape (9 heads over 3 KV heads, head_dim 64): a group that does not
     fill a power of two."""
     run_case([3, 77, 260], torch.float32, True, num_splits, 1, heads=9, kv_heads=3, head_dim=64)
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama3_tied", "qwen3"])
+def test_engine_takes_the_one_launch_path_and_keeps_greedy_ids(arch, tiny_checkpoints, monkeypatch) -> None:
+    """The engine on the CPU with the Triton backend under the interpreter and Attention's CUDA
+    gate opened (on CUDA it is open): its decode steps go through decode_attention (every
+    layer, the step's padding and split choice as the runner builds them) and the greedy ids
+    equal the torch backend's."""
+    if DEVICE.type == "cuda":
+        pytest.skip("on CUDA the model parity tests run this path natively")
+    from pagedserve import LLM, SamplingParams
+    from pagedserve.attention import backend, triton_decode_attention
+    from pagedserve.layers import attention
+    from pagedserve.worker import model_runner
+    from tests.helpers import random_prompts
+
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(3, 512, 3, 40, seed=2)]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+    def generate() -> list[list[int]]:
+        llm = LLM(model=tiny_checkpoints[arch], device="cpu", dtype="float32", skip_tokenizer_init=True,
+                  max_model_len=128)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        llm.shutdown()
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+    expected = generate()
+    calls = []
+    one_launch = triton_decode_attention.decode_attention
+    monkeypatch.setattr(triton_decode_attention, "decode_attention",
+                        lambda *args, **kwargs: calls.append(args[0].shape[0]) or one_launch(*args, **kwargs))
+    monkeypatch.setattr(attention, "fuses", lambda q, weight=None: 0 < q.shape[0] <= 16)
+    monkeypatch.setattr(RotaryEmbedding, "uses_triton", lambda self, q: True)
+    monkeypatch.setattr(model_runner, "select_backend", lambda device: backend.TritonBackend())
+    assert generate() == expected
+    assert calls and set(calls) <= {1, 2, 3}
