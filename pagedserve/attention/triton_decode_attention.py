@@ -31,6 +31,8 @@ import triton.language as tl
 from pagedserve.attention.triton_paged_attention import (_LOG2E, _check_attention_inputs, _load_kv_tile,
                                                           _online_softmax_step, _sm_count, choose_num_splits,
                                                           default_tile_config)
+from pagedserve.layers import triton_gemv
+from pagedserve.layers.triton_gemv import gdc_launch_dependents, gdc_wait
 from pagedserve.layers.triton_ops import _LIBDEVICE, libdevice, zeroed_counters
 
 # A segment covers at least this many key tiles (TILE_N keys each) before the keys are split
@@ -74,8 +76,11 @@ def _decode_attention_kernel(
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, QUERIES_PER_KV: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, ROTARY: tl.constexpr, LIBDEVICE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:   # launched early (programmatic dependent launch): the qkv gemv's output first
+        gdc_wait()
+        gdc_launch_dependents()   # the o projection's programs may be placed (and prefetch) now
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
@@ -238,5 +243,6 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         BLOCK_M=config.block_m, TILE_N=config.tile_n, ROTARY=rotary is not None, LIBDEVICE=_LIBDEVICE,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
+        **(dict(PDL=True, launch_pdl=True) if triton_gemv.PDL and query.is_cuda else dict(PDL=False)),
     )
     return out
