@@ -167,11 +167,12 @@ def zeroed_counters(device: torch.device, size: int) -> torch.Tensor | None:
     zeroed; launches on one stream never overlap). Grown outside CUDA-graph capture only:
     None while capturing (the caller then takes a path without counters)."""
     holder = _counter_holder(device)
-    if holder[0].numel() < size:
+    if holder[-1].numel() < size:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
-        holder[0] = torch.zeros(max(size, 1 << 16), dtype=torch.int32, device=device)
-    return holder[0]
+        # a larger buffer joins the list: CUDA graphs captured with a smaller one still use it
+        holder.append(torch.zeros(max(size, 1 << 16), dtype=torch.int32, device=device))
+    return holder[-1]
 
 
 @triton.jit(do_not_specialize=["num_splits"])

@@ -27,7 +27,7 @@ def test_argmax_rows_equals_torch(dtype: torch.dtype, n: int) -> None:
     x[5] = 0.0                                            # all equal: index 0
     x = x.to(DEVICE, dtype)
     assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
-    assert int(triton_ops._counter_holder(DEVICE)[0].abs().sum()) == 0
+    assert int(triton_ops._counter_holder(DEVICE)[-1].abs().sum()) == 0
 
 
 def test_strided_rows_and_repeat() -> None:
@@ -43,3 +43,13 @@ def test_bad_inputs_raise() -> None:
     with pytest.raises(ValueError):
         argmax_rows(torch.zeros(3, 4, device=DEVICE).t())
     assert argmax_rows(torch.zeros(0, 9, device=DEVICE)).shape == (0,)
+
+
+def test_counters_grow_without_freeing_what_graphs_captured() -> None:
+    """A larger counter buffer joins the per-device list: a CUDA graph captured with the
+    smaller one keeps pointing at live, zeroed memory."""
+    first = triton_ops.zeroed_counters(DEVICE, 16)
+    grown = triton_ops.zeroed_counters(DEVICE, first.numel() + 1)
+    assert grown.numel() > first.numel() and int(grown.abs().sum()) == 0
+    assert any(t is first for t in triton_ops._counter_holder(DEVICE))
+    assert triton_ops.zeroed_counters(DEVICE, 16) is grown
