@@ -1,11 +1,13 @@
 """One launch per layer for an all-decode batch (every sequence has one new token): rotary of
 the token's query and key, its K/V into the paged cache, attention over the cache, and the
 split-K merge, where the generic path launches three kernels (rotary_store_kv, the paged
-kernel, _reduce_segments). At batch 1 on an H200 each launch costs ~2-4 us of a ~4 us layer
-body, so the count matters more than the work.
+kernel, _reduce_segments). At batch 1 the work is a few hundred KB and each launch is latency:
+on an H200 the three took 9.6 us a layer of llama-1b, this one 8.4 (benchmarks/RESULTS.md).
 
-Grid: (num_seqs, num_kv_heads, num_segments). A program packs the QUERIES_PER_KV query heads
-of one KV head into the rows of a BLOCK_M tile (as the paged kernel) and:
+Grid: (num_seqs, num_kv_heads, num_segments). Token s is sequence s's, at position
+seq_lens[s] - 1 (all-decode: no query_start_loc or positions loads, so the first dependent
+load is seq_len). A program packs the QUERIES_PER_KV query heads of one KV head into the rows
+of a BLOCK_M tile (as the paged kernel) and:
 
 1. loads and rotates (ROTARY) the token's query rows and key head, rounded as
    layers/triton_ops.rotate rounds them (the cos/sin caches have duplicated halves, so one
