@@ -17,9 +17,11 @@ traceback and the next stage runs):
           lm_head): cuBLAS against the Triton gemv over a grid of launch shapes, weights cycled
           past the L2, each call timed in a CUDA graph of 40; each fusion against its two
           unfused launches; M=8 cuBLAS against the tl.dot gemv. Prints a CONFIGS table.
-  models  per model and --variants (fused: everything on; base: main before this branch (no
-          one-launch attention, one pageable copy per step input); attn_only; unfused; fused+pdl): b1_decode tok/s as ../shared/bench/peers.py measures
-          it (128-token prompt, 256 greedy tokens, warmed once), the decode graph's replay time
+  models  per model and --variants (fused: everything on; base: main before this branch: no
+          one-launch attention, torch's argmax, one pageable copy per step input; attn_only:
+          base + the one-launch attention; unfused; fused+pdl): b1_decode tok/s as
+          ../shared/bench/peers.py measures it (128-token prompt, 256 greedy tokens, warmed
+          once), the decode graph's replay time
           (bs=1, context ~384), a torch.profiler table of one replay (per kernel calls, us,
           bytes moved, GB/s), a CPU + CUDA profile of a 33-token generate (per step: wall, device
           busy, the device work beside the graph, the host's top ops), and for --thr models
@@ -52,7 +54,8 @@ if SMOKE:
 import torch  # noqa: E402
 
 # peers.py: .devcarry/ (repo root), .. (a copy under .devcarry/NAME/), or ../shared/bench
-sys.path[:0] = [".devcarry", os.path.abspath(".."), os.path.join(os.path.dirname(os.path.abspath(".")), "shared", "bench")]
+sys.path[:0] = [".devcarry", os.path.abspath(".."),
+                os.path.join(os.path.dirname(os.path.abspath(".")), "shared", "bench")]
 
 from pagedserve.layers import linear_ops, triton_gemv  # noqa: E402
 from pagedserve.layers.triton_gemv import GemvConfig, config_for, gemv, rms_norm_gemv, silu_and_mul_gemv  # noqa: E402

@@ -41,7 +41,8 @@ class Attention(nn.Module):
             if linear_ops.FUSE_DECODE_ATTENTION and meta.num_decodes == meta.num_seqs:   # one launch
                 from pagedserve.attention.triton_decode_attention import decode_attention
                 out = decode_attention(q, k, v, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
-                                       meta.slot_mapping, self.scale, meta.max_seq_len, (rope.cos_cache, rope.sin_cache))
+                                       meta.slot_mapping, self.scale, meta.max_seq_len,
+                                       (rope.cos_cache, rope.sin_cache))
                 return out.reshape(num_tokens, self.num_heads * self.head_dim)
             rotary_store_kv(positions, q, k, v, rope.cos_cache, rope.sin_cache, self.k_cache, self.v_cache,
                             meta.slot_mapping)

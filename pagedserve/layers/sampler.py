@@ -140,7 +140,8 @@ TRITON_GREEDY = True   # off: torch's argmax (A/B in benchmarks/decode_gpu.py)
 def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
     """logits.argmax(dim=-1); on CUDA one Triton launch (torch's reduce took 37 us over one
     row of a 128k vocabulary on an H200, more than a llama-1b layer)."""
-    if TRITON_GREEDY and logits.is_cuda and logits.dim() == 2 and logits.stride(1) == 1 and 0 < logits.shape[1] < 2**31 - 1:
+    if TRITON_GREEDY and logits.is_cuda and logits.dim() == 2 and logits.stride(1) == 1 \
+            and 0 < logits.shape[1] < 2**31 - 1:
         from pagedserve.layers.triton_ops import argmax_rows
         return argmax_rows(logits)
     return logits.argmax(dim=-1)

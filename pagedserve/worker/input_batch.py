@@ -146,6 +146,7 @@ def build_step_inputs(states: list[CachedRequestState], num_scheduled: list[int]
 
 # Off: one pageable copy per array, as before (A/B measurements in benchmarks/decode_gpu.py).
 PACK_STEP_INPUTS = True
+_TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32}
 
 
 def to_device(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
@@ -167,5 +168,3 @@ def to_device(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tens
     return [packed[offset:offset + array.nbytes].view(_TORCH_DTYPES[array.dtype]).view(array.shape)
             for array, offset in zip(arrays, offsets)]
 
-
-_TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32}
