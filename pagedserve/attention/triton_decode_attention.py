@@ -65,6 +65,42 @@ def _rotate_row(x, x_other, cos, sin, first_half, LIBDEVICE: tl.constexpr):
     return out.to(dt)
 
 
+@triton.jit
+def _merge_segments(out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, token, kv_head, active,
+                    num_segments, stride_o_token, stride_o_head, NUM_HEADS: tl.constexpr,
+                    QUERIES_PER_KV: tl.constexpr, QPK_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    HEAD_DIM_PAD: tl.constexpr, SEG_CHUNK: tl.constexpr):
+    """The last segment's merge of every active segment's (max, sum, acc) for this KV head's
+    query rows: SEG_CHUNK segments per load, so one dependent round trip per chunk, not per
+    segment. Every active segment's max is finite (it saw >= 1 key: a tile, or the new key)."""
+    rq = tl.arange(0, QPK_PAD)
+    segs = tl.arange(0, SEG_CHUNK)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    row_ok = rq < QUERIES_PER_KV
+    dim_ok = offs_d < HEAD_DIM
+    base = (token * NUM_HEADS + kv_head * QUERIES_PER_KV + rq) * num_segments   # partial row of segment 0
+    m = tl.full([QPK_PAD], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([QPK_PAD], dtype=tl.float32)
+    merged = tl.zeros([QPK_PAD, HEAD_DIM_PAD], dtype=tl.float32)
+    for start in range(0, active, SEG_CHUNK):
+        seg = start + segs
+        ok = (seg < active)[:, None] & row_ok[None, :]   # [SEG_CHUNK, QPK_PAD]
+        rows = base[None, :] + seg[:, None]
+        seg_max = tl.load(partial_max_ptr + rows, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        seg_sum = tl.load(partial_sum_ptr + rows, mask=ok, other=0.0, cache_modifier=".cg")
+        seg_acc = tl.load(partial_acc_ptr + rows[:, :, None] * HEAD_DIM_PAD + offs_d[None, None, :],
+                          mask=ok[:, :, None] & dim_ok[None, None, :], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, tl.max(seg_max, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows past QUERIES_PER_KV
+        alpha = tl.math.exp2(m - m_safe)
+        weight = tl.math.exp2(seg_max - m_safe[None, :])   # masked segments: 0
+        total = total * alpha + tl.sum(seg_sum * weight, 0)
+        merged = merged * alpha[:, None] + tl.sum(seg_acc * weight[:, :, None], 0)
+        m = m_new
+    out = out_ptr + token * stride_o_token + (kv_head * QUERIES_PER_KV + rq)[:, None] * stride_o_head + offs_d[None, :]
+    tl.store(out, (merged / total[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+
+
 @triton.jit(do_not_specialize=["num_segments", "tiles_per_segment", "stride_block_table"])
 def _decode_attention_kernel(
     out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, counter_ptr,
@@ -75,7 +111,7 @@ def _decode_attention_kernel(
     stride_o_token, stride_o_head,
     stride_k_block, stride_k_slot, stride_k_head, stride_v_block, stride_v_slot, stride_v_head,
     stride_block_table, stride_cos,
-    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, QUERIES_PER_KV: tl.constexpr,
+    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, QUERIES_PER_KV: tl.constexpr, QPK_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, ROTARY: tl.constexpr, LIBDEVICE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
@@ -163,21 +199,9 @@ def _decode_attention_kernel(
         tl.debug_barrier()   # every thread's partials are written before the counter is released
         counter = counter_ptr + token * NUM_KV_HEADS + kv_head
         if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == active - 1:   # the last one merges
-            m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-            total = tl.zeros([BLOCK_M], dtype=tl.float32)
-            merged = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-            for seg in range(0, active):   # every segment's max is finite (>= 1 key tile, or segment 0)
-                seg_max = tl.load(partial_max_ptr + rows + seg, mask=row_valid, other=0.0, cache_modifier=".cg")
-                seg_sum = tl.load(partial_sum_ptr + rows + seg, mask=row_valid, other=0.0, cache_modifier=".cg")
-                seg_acc = tl.load(partial_acc_ptr + (rows + seg)[:, None] * HEAD_DIM_PAD + offs_d[None, :],
-                                  mask=q_mask, other=0.0, cache_modifier=".cg")
-                m_new = tl.maximum(m, seg_max)
-                alpha = tl.math.exp2(m - m_new)
-                weight = tl.math.exp2(seg_max - m_new)
-                total = total * alpha + seg_sum * weight
-                merged = merged * alpha[:, None] + seg_acc * weight[:, None]
-                m = m_new
-            tl.store(out_ptrs, (merged / total[:, None]).to(out_ptr.dtype.element_ty), mask=q_mask)
+            _merge_segments(out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, token, kv_head, active,
+                            num_segments, stride_o_token, stride_o_head, NUM_HEADS, QUERIES_PER_KV,
+                            QPK_PAD, HEAD_DIM, HEAD_DIM_PAD, 8)
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")   # ready for the next launch
 
 
@@ -241,6 +265,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), block_tables.stride(0), cos_cache.stride(0),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, QUERIES_PER_KV=queries_per_kv,
+        QPK_PAD=triton.next_power_of_2(queries_per_kv),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, HALF=head_dim // 2, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_M=config.block_m, TILE_N=config.tile_n, ROTARY=rotary is not None, LIBDEVICE=_LIBDEVICE,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",

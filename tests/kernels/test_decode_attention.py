@@ -74,6 +74,11 @@ def test_graph_padding_rows_write_nothing() -> None:
     run_case([7, 0, 250, 0], torch.float32, True, 4, 1, no_slot=(1, 3))
 
 
+def test_merge_of_more_segments_than_one_chunk() -> None:
+    """16 active segments: the last one merges them in two chunks of 8."""
+    run_case([600, 3, 530], torch.float32, True, 16, 1)
+
+
 def test_head_dim_128_one_kv_head_group_of_eight() -> None:
     run_case([1, 200, 64], torch.float32, True, 2, 1, heads=8, kv_heads=1, head_dim=128)
 
