@@ -33,9 +33,9 @@ from pagedserve.layers.parallel import broadcast_from_rank0, is_last_stage, pp_w
 from pagedserve.layers.sampler import Sampler, apply_token_bitmask, gather_logprobs
 from pagedserve.models.loader import load_weights
 from pagedserve.models.registry import resolve_model_class
-from pagedserve.worker import input_batch
 from pagedserve.worker.cuda_graph import CudaGraphRunner
 from pagedserve.worker.input_batch import BlockTable, CachedRequestState, StepInputs, build_step_inputs
+from pagedserve.worker import input_batch   # its PACK_STEP_INPUTS switch, read per step
 from pagedserve.worker.sampling_inputs import sample
 
 logger = logging.getLogger(__name__)
