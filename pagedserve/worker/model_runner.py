@@ -30,7 +30,7 @@ from pagedserve.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerC
 from pagedserve.engine_io import ModelRunnerOutput, RequestId, SchedulerOutput, TokenLogprobs
 from pagedserve.layers.linear import set_gemv_max_rows
 from pagedserve.layers.parallel import broadcast_from_rank0, is_last_stage, pp_world_size, tp_rank, tp_world_size
-from pagedserve.layers.sampler import Sampler, apply_token_bitmask, gather_logprobs
+from pagedserve.layers.sampler import Sampler, apply_token_bitmask, gather_logprobs, greedy_ids
 from pagedserve.models.loader import load_weights
 from pagedserve.models.registry import resolve_model_class
 from pagedserve.worker.cuda_graph import CudaGraphRunner
@@ -242,6 +242,7 @@ class ModelRunner:
             tensors = SamplingTensors(temperature=torch.ones(rows, device=self.device),
                                       top_p=torch.full((rows,), 0.9, device=self.device), max_num_logprobs=20)
             self.sampler(logits[:rows], tensors)
+            greedy_ids(logits[:rows])   # its Triton argmax compiles here, not in the first request
         del hidden, logits
 
     # ---- one step ---------------------------------------------------------------------
