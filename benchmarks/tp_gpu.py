@@ -105,9 +105,9 @@ if os.environ.get("GEMV_CONFIGS"):
     from pagedserve.layers import triton_gemv
     triton_gemv.CONFIGS.update({tuple(map(int, k.split("x"))): triton_gemv.GemvConfig(*v)
                                 for k, v in json.load(open(os.environ["GEMV_CONFIGS"])).items()})
-if os.environ.get("PAGEABLE_INPUTS") == "1":   # step inputs from pageable memory, as before
+if os.environ.get("PAGEABLE_INPUTS") == "1":   # step inputs as one pageable copy per array, as before
     from pagedserve.worker import input_batch
-    input_batch.PINNED_COPY_MIN_BYTES = 1 << 62
+    input_batch.PACK_STEP_INPUTS = False
 if os.environ.get("RANK_PHASES") == "1":
     from pagedserve.worker import tp_worker
     from pagedserve.worker.model_runner import ModelRunner
@@ -160,7 +160,7 @@ def install_rank_hooks() -> None:
         return
     if os.environ.get("PAGEABLE_INPUTS") == "1":
         from pagedserve.worker import input_batch
-        input_batch.PINNED_COPY_MIN_BYTES = 1 << 62
+        input_batch.PACK_STEP_INPUTS = False
         emit(workload="pageable_inputs")
     import tempfile
     site = tempfile.mkdtemp(prefix="tp_gpu_site_")
