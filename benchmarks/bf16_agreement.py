@@ -3,8 +3,8 @@
 in one batch (how a server runs them), and one at a time (batch 1, as transformers runs them).
 Batching changes the GEMM shapes and so the bf16 rounding of each row (batch variance); on
 CPU the one-at-a-time run is bit-identical to transformers.
-Both sides load the same weights: the GGUF's dequantized tensors (pagedserve's converted
-folder, bit-identical to the GGUF), cast to bf16. transformers runs one prompt at a time (no
+Both sides load the same weights: the GGUF's tensors dequantized (transformers through its own
+GGUF loader, `from_pretrained(dir, gguf_file=name)`), cast to bf16. transformers runs one prompt at a time (no
 padding), pagedserve the whole batch.
 Where the differences come from (`variants`): the same one-at-a-time run with the Triton
 RMSNorm / SiLU / rotary kernels swapped for the torch ops, then the torch attention backend
@@ -51,9 +51,12 @@ def agreement(outs: list[list[int]], refs: list[list[int]]) -> dict:
                 tokens_equal_pct=round(100 * tokens_equal / (NEW * len(PROMPTS)), 1), rows=rows)
 
 
-def hf_generate(folder: str, device: str, prompt_ids: list[list[int]], eos: int, attn: str = "sdpa") -> list[list[int]]:
+def hf_generate(gguf: str, device: str, prompt_ids: list[list[int]], eos: int, attn: str = "sdpa") -> list[list[int]]:
+    # transformers' own GGUF loader: pagedserve's converted folder keeps packed blocks (qweight),
+    # which transformers cannot read (it would start from random weights).
     from transformers import AutoModelForCausalLM
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, attn_implementation=attn).to(device).eval()
+    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
+                                              dtype=torch.bfloat16, attn_implementation=attn).to(device).eval()
     refs = []
     for prompt in prompt_ids:
         ids = torch.tensor([prompt], device=device)
@@ -129,7 +132,7 @@ def main() -> None:
     folder = materialize_gguf(ModelSource(os.path.dirname(gguf), os.path.basename(gguf))).directory
     tok = AutoTokenizer.from_pretrained(folder)
     assert prompt_ids == [tok(p).input_ids for p in PROMPTS]
-    refs = hf_generate(folder, device, prompt_ids, tok.eos_token_id)
+    refs = hf_generate(gguf, device, prompt_ids, tok.eos_token_id)
     print(f"transformers ({folder}) done in {time.time() - t0:.1f} s", flush=True)
     result = dict(prompts=len(PROMPTS), new_tokens=NEW, device=torch.cuda.get_device_name() if device == "cuda" else device,
                   torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
@@ -138,7 +141,7 @@ def main() -> None:
         print(f"{mode}: {result[mode]['identical']}/{len(PROMPTS)} identical; "
               f"first differences {[r['first_diff'] for r in result[mode]['rows']]}")
     if variants:
-        eager = hf_generate(folder, device, prompt_ids, tok.eos_token_id, "eager")
+        eager = hf_generate(gguf, device, prompt_ids, tok.eos_token_id, "eager")
         result["hf_eager_vs_sdpa"] = agreement(eager, refs)
         for steps in ("prefill", "decode"):   # Triton elementwise kernels, torch attention in some steps
             torch_attention(steps)

@@ -4,25 +4,38 @@ traceback and the next stage runs):
 
   check   the fused decode kernels against the unfused ones at the models' shapes, bf16:
           SiLU-and-mul -> down gemv and rotary -> KV store bit for bit; RMSNorm -> gemv
-          (max abs difference: the normalised row is not rounded in between)
-  sweep   M=1 matmuls of llama-1b / llama-8b (qkv, o, gate_up, down, lm_head): cuBLAS against
-          the Triton gemv over a grid of launch shapes (one row: the FMA variant), weights
-          cycled past the L2, each call timed in a CUDA graph of 40; each fusion against its
-          two unfused launches; M=8 cuBLAS against the tl.dot gemv. Prints a CONFIGS table.
-  models  per model: b1_decode tok/s as ../shared/bench/peers.py measures it (128-token prompt,
-          256 greedy tokens, warmed once), the decode graph's replay time (bs=1, context ~384),
-          and a torch.profiler table of one replay: per kernel calls, us, bytes moved, GB/s.
-          --ab MODELS (default both) repeats it with the fusions off, and with the gemv
-          launched with programmatic dependent launch (PDL) (same process, a second engine).
-  bf16    benchmarks/bf16_agreement.py (needs the default model's GGUF: see gpu_check.sh)
+          (max abs difference: the normalised row is not rounded in between); the one-launch
+          decode attention (attention/triton_decode_attention.py) against rotary_store_kv +
+          the paged kernel + its reduce: the cache bit for bit, the output's max abs
+          difference, and two CUDA-graph replays equal to the eager call
+  attn    per-layer decode attention timed in CUDA graphs (bs 1 at contexts 128-2048, bs 4
+          and 16): the generic launches against the one-launch kernel per tiles_per_segment;
+          the greedy argmax over 128k logits (1 and 16 rows): torch's against argmax_rows
+  normsweep  (not by default) the RMSNorm-prologue gemv (qkv, gate_up) over launch shapes,
+          against the plain gemv and the unfused norm + gemv (~20 s)
+  sweep   (not by default) M=1 matmuls of llama-1b / llama-8b (qkv, o, gate_up, down,
+          lm_head): cuBLAS against the Triton gemv over a grid of launch shapes, weights cycled
+          past the L2, each call timed in a CUDA graph of 40; each fusion against its two
+          unfused launches; M=8 cuBLAS against the tl.dot gemv. Prints a CONFIGS table.
+  models  per model and --variants (fused: everything on; base: main before this branch: no
+          one-launch attention, torch's argmax, one pageable copy per step input; attn_only:
+          base + the one-launch attention; unfused; fused+pdl): b1_decode tok/s as
+          ../shared/bench/peers.py measures it (128-token prompt, 256 greedy tokens, warmed
+          once), the decode graph's replay time
+          (bs=1, context ~384), a torch.profiler table of one replay (per kernel calls, us,
+          bytes moved, GB/s), a CPU + CUDA profile of a 33-token generate (per step: wall, device
+          busy, the device work beside the graph, the host's top ops), and for --thr models
+          peers' thr512 on the same engine
+  bf16    (not by default) benchmarks/bf16_agreement.py (needs the default model's GGUF: see
+          gpu_check.sh)
   tests   (not by default) the kernel tests of these kernels on the GPU, bf16 included
 
-Usage (repo root, PYTHONPATH=$PWD; peers.py in .devcarry/ or ../shared/bench/):
-  python3 benchmarks/decode_gpu.py [--stages check,sweep,models,bf16] [--models llama-1b,llama-8b]
-                                   [--ab llama-1b] [--cpu-smoke]
-About 150 s on an H200 with a cold Triton cache. Writes decode_gpu.json (and bf16 json) under
-$OUT when set. --cpu-smoke runs every stage on a tiny model and tiny shapes on the CPU
-(Triton's interpreter) to prove the script, not to measure."""
+Usage (repo root, PYTHONPATH=$PWD; peers.py in .devcarry/, .. or ../shared/bench/):
+  python3 benchmarks/decode_gpu.py [--stages check,attn,models] [--models llama-1b,llama-8b]
+                                   [--variants fused,base,attn_only] [--thr llama-1b] [--cpu-smoke]
+About 120 s on an H200 with a cold Triton cache (+ ~60 s with tests). Writes decode_gpu.json
+(and bf16 json) under $OUT when set. --cpu-smoke runs every stage on a tiny model and tiny
+shapes on the CPU (Triton's interpreter) to prove the script, not to measure."""
 from __future__ import annotations
 
 import argparse
@@ -40,11 +53,14 @@ if SMOKE:
 
 import torch  # noqa: E402
 
-sys.path[:0] = [".devcarry", os.path.join(os.path.dirname(os.path.abspath(".")), "shared", "bench")]
+# peers.py: .devcarry/ (repo root), .. (a copy under .devcarry/NAME/), or ../shared/bench
+sys.path[:0] = [".devcarry", os.path.abspath(".."),
+                os.path.join(os.path.dirname(os.path.abspath(".")), "shared", "bench")]
 
 from pagedserve.layers import linear_ops, triton_gemv  # noqa: E402
 from pagedserve.layers.triton_gemv import GemvConfig, config_for, gemv, rms_norm_gemv, silu_and_mul_gemv  # noqa: E402
 
+MAX_MODEL_LEN = 2048   # peers.py's: the decode graphs' attention is launched for it
 HBM_TB_S = 4.3   # the issue's bandwidth basis for the ceilings (~287 / ~1,740 tok/s)
 SHAPES = {  # model: dict(hidden, intermediate, layers, heads, kv_heads, vocab)
     "llama-1b": dict(h=2048, i=8192, layers=16, heads=32, kv=8, vocab=128256),
@@ -105,6 +121,7 @@ def sweep_configs() -> list[GemvConfig]:
 # ----------------------------------------------------------------------------- stages
 @stage("check")
 def check(dev: torch.device, dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
     from pagedserve.attention.torch_ref import store_kv_ref
     from pagedserve.attention.triton_store_kv import rotary_store_kv
     from pagedserve.layers import triton_ops
@@ -150,7 +167,159 @@ def check(dev: torch.device, dtype: torch.dtype) -> None:
                 triton_gemv.set_pdl(False)
         out[f"{model}.rotary_store_equal"] = bool(torch.equal(q, q2) and torch.equal(k, k2) and torch.equal(
             caches[0], ref_caches[0]) and torch.equal(caches[1], ref_caches[1]))
+        out.update(check_decode_attention(model, dev, dtype, rope, rnd))
+    for rows in (1, 16, 512):   # the greedy sampler's argmax against torch's, bit for bit
+        logits = torch.randn(rows, 512 if SMOKE else 128256, device=dev).to(dtype)
+        logits[:, 100] = logits[:, 7] = logits.max() + 1   # a tie: the first index wins
+        out[f"argmax_rows{rows}_equal"] = bool(torch.equal(triton_ops.argmax_rows(logits), logits.argmax(dim=-1)))
     log(json.dumps(out))
+
+
+def decode_case(model: str, dev: torch.device, dtype: torch.dtype, rnd, bs: int, ctx: int, copies: int = 1) -> dict:
+    """A decode batch of `bs` sequences at context `ctx` (the new token included) over a paged cache
+    of `copies` disjoint block sets (one per timed call: not all L2-resident)."""
+    s = SHAPES[model]
+    d = s["h"] // s["heads"]
+    blocks = -(-ctx // 16)
+    num_blocks = blocks * bs * copies + 1
+    perm = torch.randperm(num_blocks - 1, generator=torch.Generator().manual_seed(ctx)).to(dev, torch.int32) + 1
+    tables = perm.view(copies, bs, blocks)
+    qkv = rnd(bs, (s["heads"] + 2 * s["kv"]) * d)
+    q, k, v = qkv.split([s["heads"] * d, s["kv"] * d, s["kv"] * d], dim=-1)
+    seq_lens = torch.full((bs,), ctx, dtype=torch.int32, device=dev)
+    last = tables[:, :, (ctx - 1) // 16].long() * 16 + (ctx - 1) % 16   # [copies, bs] slots of the new tokens
+    return dict(qkv=qkv, q=q.view(bs, -1, d), k=k.view(bs, -1, d), v=v.view(bs, -1, d), tables=tables,
+                seq_lens=seq_lens, qsl=torch.arange(bs + 1, dtype=torch.int32, device=dev), slots=last,
+                positions=torch.full((bs,), ctx - 1, device=dev), scale=d ** -0.5,   # caches drawn on the device
+                k_cache=torch.randn(num_blocks, 16, s["kv"], d, device=dev).to(dtype),
+                v_cache=torch.randn(num_blocks, 16, s["kv"], d, device=dev).to(dtype))
+
+
+def generic_decode(c: dict, rope, copy: int = 0, clone: bool = True) -> torch.Tensor:
+    """What main launches per layer: rotary_store_kv, the paged kernel (+ its split-K reduce);
+    clone=False (timing) rotates the case's q and k in place."""
+    from pagedserve.attention.triton_paged_attention import paged_attention
+    from pagedserve.attention.triton_store_kv import rotary_store_kv
+    q, k = (c["q"].clone(), c["k"].clone()) if clone else (c["q"], c["k"])
+    rotary_store_kv(c["positions"], q, k, c["v"], rope.cos_cache, rope.sin_cache, c["k_cache"], c["v_cache"],
+                    c["slots"][copy])
+    return paged_attention(q, c["k_cache"], c["v_cache"], c["tables"][copy], c["seq_lens"], c["qsl"], c["scale"],
+                           1, MAX_MODEL_LEN, num_decodes=q.shape[0])
+
+
+def fused_decode(c: dict, rope, copy: int = 0, tiles: int | None = None) -> torch.Tensor:
+    from pagedserve.attention.triton_decode_attention import decode_attention
+    return decode_attention(c["q"], c["k"], c["v"], c["k_cache"], c["v_cache"], c["tables"][copy], c["seq_lens"],
+                            c["slots"][copy], c["scale"], MAX_MODEL_LEN, (rope.cos_cache, rope.sin_cache),
+                            tiles_per_segment=tiles)
+
+
+def check_decode_attention(model: str, dev: torch.device, dtype: torch.dtype, rope, rnd) -> dict:
+    """The one-launch decode attention against the generic launches at the model's shapes: the
+    cache bit for bit, the output's max abs difference; eagerly and replayed twice from a CUDA
+    graph (the merge counters must reset)."""
+    out = {}
+    for bs, ctx in ((1, 7), (1, 383), (4, 1500)) if not SMOKE else ((1, 7), (2, 100)):
+        c = decode_case(model, dev, dtype, rnd, bs, ctx)
+        caches0 = c["k_cache"].clone(), c["v_cache"].clone()
+        ref = generic_decode(c, rope)
+        ref_caches = c["k_cache"].clone(), c["v_cache"].clone()
+        c["k_cache"].copy_(caches0[0])
+        c["v_cache"].copy_(caches0[1])
+        got = fused_decode(c, rope)
+        key = f"{model}.decode_attn.bs{bs}.ctx{ctx}"
+        out[f"{key}.cache_equal"] = bool(torch.equal(c["k_cache"], ref_caches[0])
+                                         and torch.equal(c["v_cache"], ref_caches[1]))
+        out[f"{key}.max_abs_diff"] = (got.float() - ref.float()).abs().max().item()
+        if dev.type == "cuda":
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                fused_decode(c, rope)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                graphed = fused_decode(c, rope)
+            replays = []
+            for _ in range(2):
+                graph.replay()
+                torch.cuda.synchronize()
+                replays.append(graphed.clone())
+            out[f"{key}.graph_equal"] = bool(torch.equal(replays[0], got) and torch.equal(replays[1], got))
+    return out
+
+
+def cold_time_us(fn, dev: torch.device, calls: int = 20) -> float:
+    """Microseconds of fn() after the L2 is flushed (a 256 MiB fill before each call), in a CUDA
+    graph, less the fills' own time (a graph of the fills alone); on CPU one eager call."""
+    if SMOKE:
+        t0 = time.perf_counter()
+        fn()
+        return round((time.perf_counter() - t0) * 1e6, 2)
+    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=dev)
+
+    def graph_us(body) -> float:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            body()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                body()
+        graph.replay()
+        best = float("inf")
+        for _ in range(3):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) * 1e3 / calls)
+        return best
+    both = graph_us(lambda: (flush.fill_(1), fn()))
+    alone = graph_us(lambda: flush.fill_(1))
+    return round(both - alone, 2)
+
+
+@stage("attn")
+def attn_stage(dev: torch.device, dtype: torch.dtype, models: list[str]) -> None:
+    """Per-layer decode attention, timed in CUDA graphs of 40 calls (16 disjoint caches, mostly
+    L2-resident): the generic launches (rotary_store_kv + paged kernel + reduce) against the
+    one-launch kernel with each tiles_per_segment; at bs 1 also with the L2 flushed before each
+    call (cold_*: the cache from HBM, as a model's layers meet it)."""
+    from pagedserve.layers.rotary import RotaryEmbedding
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    rnd = lambda *shape, scale=1.0: (torch.randn(*shape, generator=gen) * scale).to(dev, dtype)  # noqa: E731
+    cases = ((1, 100),) if SMOKE else ((1, 128), (1, 384), (1, 1024), (1, 2048), (4, 384), (16, 512))
+    for model in (["tiny"] if SMOKE else models):
+        d = SHAPES[model]["h"] // SHAPES[model]["heads"]
+        rope = RotaryEmbedding(d, 4096, 500000.0, dtype=dtype).to(dev)
+        for bs, ctx in cases:
+            copies = 1 if SMOKE else 16
+            c = decode_case(model, dev, dtype, rnd, bs, ctx, copies)
+            row = dict(model=model, bs=bs, ctx=ctx,
+                       generic_us=round(time_us(lambda i: generic_decode(c, rope, i, False),
+                                                [(i,) for i in range(copies)]), 2))
+            for tiles in (1, 2, 4, 8, 1000):
+                row[f"fused_t{tiles}_us"] = round(time_us(lambda i, t=tiles: fused_decode(c, rope, i, t),
+                                                          [(i,) for i in range(copies)]), 2)
+            if bs == 1:   # as in the model: the cache read from HBM, not the L2
+                row["cold_generic_us"] = cold_time_us(lambda: generic_decode(c, rope, 0, False), dev)
+                for tiles in (1, 2, 4):
+                    row[f"cold_fused_t{tiles}_us"] = cold_time_us(lambda t=tiles: fused_decode(c, rope, 0, t), dev)
+            rows.append(row)
+            log(json.dumps(row))
+    for n_rows in (1, 16):   # the greedy sampler's argmax over a 128k vocabulary
+        logits = [torch.randn(n_rows, 512 if SMOKE else 128256, device=dev).to(dtype) for _ in range(4)]
+        from pagedserve.layers.triton_ops import argmax_rows
+        row = dict(argmax_rows=n_rows, torch_us=round(time_us(lambda x: x.argmax(dim=-1), [(x,) for x in logits]), 2),
+                   triton_us=round(time_us(argmax_rows, [(x,) for x in logits]), 2))
+        rows.append(row)
+        log(json.dumps(row))
+    RESULTS["attn"] = rows
 
 
 @stage("sweep")
@@ -211,6 +380,46 @@ def sweep(dev: torch.device, dtype: torch.dtype, models: list[str]) -> None:
     log("CONFIGS = {  # the best launch shape per weight shape; # cuBLAS: where cuBLAS was faster\n" + "\n".join(
         f"    ({n}, {k}): GemvConfig({c.block_n}, {c.block_k}, {c.num_warps}, {c.num_stages}),"
         + ("" if wins else "  # cuBLAS") for (n, k), (c, wins) in best.items()) + "\n}")
+
+
+@stage("normsweep")
+def norm_sweep(dev: torch.device, dtype: torch.dtype, models: list[str]) -> None:
+    """The RMSNorm-prologue gemv (one row, with a residual) at the qkv and gate_up shapes over
+    launch shapes: every program re-reads h, the residual and the norm weight beside its weight
+    slab, so wider slabs (block_n) may pay where the plain gemv's best did not."""
+    from pagedserve.layers import triton_ops
+    rows = []
+    if SMOKE:
+        configs = [GemvConfig(16, 64, 4, 2)]
+    else:
+        configs = [GemvConfig(bn, bk, w, st) for bn in (8, 16, 32, 64) for bk in (256, 512, 1024)
+                   for w, st in ((4, 3), (4, 4), (8, 3)) if 2048 <= bn * bk <= 32768]
+    for model in (["tiny"] if SMOKE else models):
+        for role in ("qkv", "gate_up"):
+            n, k = weight_shapes(model)[role]
+            copies = 1 if SMOKE else max(3, -(-600 * 2**20 // (n * k * 2)))
+            weights = [(torch.randn(n, k, device=dev) * 0.02).to(dtype) for _ in range(copies)]
+            x, res = torch.randn(1, k, device=dev).to(dtype), torch.randn(1, k, device=dev).to(dtype)
+            nw = torch.randn(k, device=dev).to(dtype)
+            args = [(w,) for w in weights]
+            row = dict(shape=f"{model}.{role}", current=config_for(1, n, k).__dict__,
+                       current_us=round(time_us(lambda w: rms_norm_gemv(x, nw, 1e-5, w, res), args), 2),
+                       plain_us=round(time_us(lambda w: gemv(x, w), args), 2),
+                       unfused_us=round(time_us(lambda w: linear_ops.linear(triton_ops.rms_norm(x, nw, 1e-5, res), w),
+                                                args), 2))
+            timed = []
+            for cfg in configs:
+                try:
+                    timed.append((time_us(lambda w, c=cfg: rms_norm_gemv(x, nw, 1e-5, w, res, c), args), cfg))
+                except Exception as exc:
+                    log(f"  {model}.{role} {cfg}: {type(exc).__name__}: {str(exc)[:100]}")
+            timed.sort(key=lambda t: t[0])
+            row["best_us"], row["best"] = round(timed[0][0], 2), timed[0][1].__dict__
+            row["top5"] = [(round(t, 2), c.__dict__) for t, c in timed[:5]]
+            rows.append(row)
+            log(json.dumps(row))
+            del weights
+    RESULTS["normsweep"] = rows
 
 
 def kernel_kind(name: str) -> str:
@@ -295,18 +504,28 @@ def kernel_table(kernels: list, model: str, ctx: int, replays: int) -> dict:
                 mbytes=round(total_bytes / 1e6, 1), floor_us=round(total_bytes / HBM_TB_S / 1e6, 1))
 
 
+VARIANTS = {   # name: (gemv fusions, one-launch decode attention, packed step inputs + Triton argmax, PDL)
+    "fused": (True, True, True, False), "base": (True, False, False, False),   # base: main before this branch
+    "attn_only": (True, True, False, False), "unfused": (False, False, False, False),
+    "fused+pdl": (True, True, True, True)}
+
+
 @stage("models")
-def models_stage(dev: torch.device, models: list[str], ab: list[str]) -> None:
+def models_stage(dev: torch.device, models: list[str], ab: list[str], variants: list[str], thr: list[str]) -> None:
     for model in (["tiny"] if SMOKE else models):
-        for variant in (["fused", "unfused", "fused+pdl"] if model in ab or (SMOKE and ab) else ["fused"]):
+        for variant in (variants if model in ab or (SMOKE and ab) else variants[:1]):
             try:
-                run_model(dev, model, variant)
+                run_model(dev, model, variant, variant != "unfused" and (model in thr or (SMOKE and bool(thr))))
             except Exception:   # the other variants still run
                 traceback.print_exc()
                 RESULTS.setdefault("failed", []).append(f"{model}.{variant}")
             finally:
                 linear_ops.set_decode_fusion(True)
+                linear_ops.set_decode_attention_fusion(True)
                 triton_gemv.set_pdl(False)
+                from pagedserve.layers import sampler
+                from pagedserve.worker import input_batch
+                input_batch.PACK_STEP_INPUTS = sampler.TRITON_GREEDY = True
 
 
 def model_dir(model: str) -> str:
@@ -329,12 +548,17 @@ def model_dir(model: str) -> str:
     return d
 
 
-def run_model(dev: torch.device, model: str, variant: str) -> None:
+def run_model(dev: torch.device, model: str, variant: str, thr512: bool) -> None:
     from pagedserve import LLM, SamplingParams
     label = f"{model}.{variant}"
-    linear_ops.set_decode_fusion(variant != "unfused")
-    triton_gemv.set_pdl(variant == "fused+pdl")
-    if variant == "fused+pdl" and not triton_gemv.PDL:
+    from pagedserve.layers import sampler
+    from pagedserve.worker import input_batch
+    gemv_fusion, attention_fusion, packed_inputs, pdl = VARIANTS[variant]
+    linear_ops.set_decode_fusion(gemv_fusion)
+    linear_ops.set_decode_attention_fusion(attention_fusion)
+    input_batch.PACK_STEP_INPUTS = sampler.TRITON_GREEDY = packed_inputs
+    triton_gemv.set_pdl(pdl)
+    if pdl and not triton_gemv.PDL:
         log(f"{label}: skipped, this Triton has no programmatic dependent launch")
         return
     t0 = time.time()
@@ -378,6 +602,9 @@ def run_model(dev: torch.device, model: str, variant: str) -> None:
         fake = [SimpleNamespace(name=n, time_range=SimpleNamespace(start=i, elapsed_us=lambda: 2.0))
                 for i, n in enumerate(names * 2)]
         res["profile"] = kernel_table(fake, model, 200, 2)
+    res["steps"] = profile_steps(llm, prompt, res.get("profile", {}))
+    if thr512:
+        res["thr512"] = run_thr512(llm)
     RESULTS.setdefault("models", {})[label] = res
     if variant != "fused" and f"{model}.fused" in RESULTS["models"]:   # dummy weights: an ulp may flip a tie
         same = RESULTS["models"][f"{model}.fused"]["first_ids"] == res["first_ids"]
@@ -388,6 +615,74 @@ def run_model(dev: torch.device, model: str, variant: str) -> None:
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def profile_steps(llm, prompt: dict, replay: dict, tokens: int = 33) -> dict:
+    """torch.profiler (CPU + CUDA) over one generate of `tokens` greedy tokens: per decode step
+    the wall time, the device's busy time, what ran on the device beside the graph replay
+    (copies, sampling: kernel names not in the replay's table) and the host's top ops."""
+    from torch.profiler import ProfilerActivity, profile
+    from pagedserve import SamplingParams
+    sp = SamplingParams(max_tokens=tokens, ignore_eos=True, temperature=0.0, detokenize=False)
+    cuda = dev_is_cuda()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    llm.generate([prompt], [sp], use_tqdm=False)
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        llm.generate([prompt], [sp], use_tqdm=False)
+        wall_ms = (time.perf_counter() - t0) * 1e3
+    steps = tokens   # one prefill step (prefix-cached prompt) + tokens - 1 decode steps
+    graph_names = {n for row in replay.get("kernels", {}).values() for n in row["names"]}
+    device_events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_ms = sum(e.time_range.elapsed_us() for e in device_events) / 1e3
+    beside: dict[str, list] = {}
+    for e in device_events:
+        if e.name[:60] not in graph_names:
+            row = beside.setdefault(e.name[:70], [0, 0.0])
+            row[0] += 1
+            row[1] += e.time_range.elapsed_us()
+    out = dict(wall_ms_per_step=round(wall_ms / steps, 4), device_busy_ms_per_step=round(busy_ms / steps, 4),
+               beside_graph={k: dict(per_step=round(n / steps, 2), us_per_step=round(us / steps, 2))
+                             for k, (n, us) in sorted(beside.items(), key=lambda kv: -kv[1][1])[:15]})
+    host = sorted((e for e in prof.key_averages() if e.self_cpu_time_total > 0),
+                  key=lambda e: -e.self_cpu_time_total)[:15]
+    out["host_top_self_us_per_step"] = {e.key[:60]: round(e.self_cpu_time_total / steps, 1) for e in host}
+    log(f"steps: wall {out['wall_ms_per_step']} ms/step, device busy {out['device_busy_ms_per_step']} ms/step")
+    for k, v in out["beside_graph"].items():
+        log(f"  beside the graph: {k:70s} {v['per_step']:5.2f}/step {v['us_per_step']:8.2f} us/step")
+    for k, v in out["host_top_self_us_per_step"].items():
+        log(f"  host self: {k:60s} {v:8.1f} us/step")
+    return out
+
+
+def dev_is_cuda() -> bool:
+    return not SMOKE and torch.cuda.is_available()
+
+
+def run_thr512(llm) -> dict:
+    """peers.py's thr512 (512 requests, input U[64,1024], output U[16,512], seed 0) on this engine."""
+    from pagedserve import SamplingParams
+    try:
+        from peers import workload
+    except ImportError:
+        import random
+
+        def workload(n, seed=0):
+            rng = random.Random(seed)
+            return [([rng.randrange(3, 32000) for _ in range(rng.randint(64, 1024))], rng.randint(16, 512))
+                    for _ in range(n)]
+    n = 8 if SMOKE else 512
+    reqs = [([t % 500 for t in p[:48]], min(o, 8)) for p, o in workload(n)] if SMOKE else workload(n)
+    prompts = [{"prompt_token_ids": p} for p, _ in reqs]
+    sps = [SamplingParams(max_tokens=o, ignore_eos=True, temperature=0.0, detokenize=False) for _, o in reqs]
+    llm.generate(prompts[:8], sps[:8], use_tqdm=False)
+    t0 = time.time()
+    outs = llm.generate(prompts, sps, use_tqdm=False)
+    dt = time.time() - t0
+    gen = sum(len(o.outputs[0].token_ids) for o in outs)
+    res = dict(wall_s=round(dt, 2), out_tok_s=round(gen / dt, 1), gen_tokens=gen)
+    log(f"thr{n}: {json.dumps(res)}")
+    return res
 
 
 @stage("bf16")
@@ -404,12 +699,18 @@ def bf16_stage(out_dir: str) -> None:
     RESULTS["bf16_rc"] = proc.returncode
 
 
+TESTS_MORE = [] if "--all-tests" not in sys.argv else ["tests/kernels/test_gemv.py", "tests/kernels/test_fused_ops.py"]
+
+
 @stage("tests")
 def tests_stage() -> None:
-    """The kernel tests of the fused decode path on the GPU (bf16 included; ~60 s)."""
+    """The kernel tests of the decode attention path on the GPU (bf16 included; ~30 s); with
+    --all-tests the gemv and fused-op tests too (~60 s more)."""
     proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                           "tests/kernels/test_gemv.py", "tests/kernels/test_fused_ops.py",
-                           "tests/kernels/test_store_kv.py"], capture_output=True, text=True, timeout=240,
+                           "tests/kernels/test_decode_attention.py", "tests/kernels/test_argmax.py",
+                           "tests/kernels/test_store_kv.py",
+                           "tests/kernels/test_paged_attention.py"] + TESTS_MORE,
+                          capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PAGEDSERVE_TEST_DEVICE": "cuda"})
     log("\n".join((proc.stdout + proc.stderr).splitlines()[-15:]))
     RESULTS["tests_rc"] = proc.returncode
@@ -417,10 +718,13 @@ def tests_stage() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stages", default="check,sweep,models,bf16")
+    ap.add_argument("--stages", default="check,attn,models")
     ap.add_argument("--models", default="llama-1b,llama-8b")
-    ap.add_argument("--ab", default="llama-1b,llama-8b", help="models also measured with the fusions off")
+    ap.add_argument("--ab", default="llama-1b,llama-8b", help="models measured in every --variants")
+    ap.add_argument("--variants", default="fused,base,attn_only", help=f"of {list(VARIANTS)}; the first for the others")
+    ap.add_argument("--thr", default="llama-1b", help="models whose variants also run peers' thr512")
     ap.add_argument("--cpu-smoke", action="store_true")
+    ap.add_argument("--all-tests", action="store_true", help="tests: the gemv and fused-op tests too")
     args = ap.parse_args()
     stages, models = args.stages.split(","), args.models.split(",")
     ab = [m for m in args.ab.split(",") if m]
@@ -437,8 +741,12 @@ def main() -> None:
         check(dev, dtype)
     if "sweep" in stages:
         sweep(dev, dtype, models)
+    if "attn" in stages:
+        attn_stage(dev, dtype, models)
+    if "normsweep" in stages:
+        norm_sweep(dev, dtype, models)
     if "models" in stages:
-        models_stage(dev, models, ab)
+        models_stage(dev, models, ab, args.variants.split(","), [m for m in args.thr.split(",") if m])
     if "bf16" in stages:
         bf16_stage(out_dir)
     if "tests" in stages and not SMOKE:

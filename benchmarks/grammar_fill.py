@@ -1,8 +1,17 @@
-"""Host cost of the grammar work per decode step, without a model: xgrammar's per-row
-fill_next_token_bitmask loop vs its BatchGrammarMatcher (C++ thread pool) at several thread
-counts, for N matchers of one JSON schema at staggered positions (the default model's tokenizer, 49,152 tokens).
+"""Host cost of the grammar work per decode step, without a model, for N matchers of one JSON
+schema at staggered positions (the default model's tokenizer, 49,152 tokens):
 
-    python benchmarks/grammar_fill.py [--rows 64] [--threads 1,2,4,8] [--tokenizer DIR]
+- the fill: xgrammar's per-row fill_next_token_bitmask loop (the engine before issue 20's fourth
+  pass), the engine's fill_bitmask (one batch call) and BatchGrammarMatcher's thread pool at
+  several sizes;
+- the overlap: a stretch of pure-Python work alone, then with the engine's fill running beside
+  it on a second thread (started by a handshake, joined at the end), vs the two one after the
+  other. xgrammar's calls go through tvm_ffi, which drops the GIL for each call, so the fill
+  can hide behind Python work (in the engine it did not pay: benchmarks/RESULTS.md);
+- the accept: per-row accept_token + is_terminated (the engine's) vs BatchGrammarMatcher's
+  batch_accept_token (one call, then its result read element by element).
+
+    python benchmarks/grammar_fill.py [--rows 64] [--threads 2,4,8] [--tokenizer DIR]
 
 Prints a table and one `RESULT {...}` JSON line (microseconds per step, best of --repeats)."""
 from __future__ import annotations
@@ -10,40 +19,43 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
+import threading
 import time
 
 import xgrammar
 
-from pagedserve.core.structured_output import fill_bitmask
-
-
-def _batch_fill(rows, buffer, threads: int):
-    """xgrammar's batch matcher: one GIL-free call, rows filled on its C++ thread pool."""
-    matcher = _MATCHERS.setdefault(threads, xgrammar.BatchGrammarMatcher(max_threads=threads))
-    matcher.batch_fill_next_token_bitmask([row.grammar_matcher for row in rows], buffer)
-
-
-_MATCHERS: dict = {}
 from benchmarks.structured_overhead import SCHEMA
+from pagedserve.core import structured_output
 
 
-def _best(fn, repeats: int) -> float:
+def _best(fn, repeats: int, setup=None) -> float:
     best = float("inf")
     for _ in range(repeats):
+        state = setup() if setup else None
         start = time.perf_counter()
-        fn()
+        fn(state)
         best = min(best, time.perf_counter() - start)
     return best * 1e6
+
+
+def _python_work(n: int) -> int:
+    """Pure-Python work holding the GIL, like the engine's per-request loops."""
+    total = 0
+    for i in range(n):
+        total += len(str(i))
+    return total
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=64)
-    parser.add_argument("--threads", default="1,2,4,8")
-    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--threads", default="2,4,8", help="BatchGrammarMatcher pool sizes to time")
+    parser.add_argument("--repeats", type=int, default=100)
     parser.add_argument("--tokenizer", default=None, help="a folder with tokenizer files (default: the default model's GGUF)")
     args = parser.parse_args()
     from transformers import AutoTokenizer
+
     from pagedserve.models.default_model import default_model_path
     if args.tokenizer:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
@@ -57,23 +69,81 @@ def main() -> None:
                        "tags": ["math", "poetry"], "bio": "First programmer, wrote notes on the engine"})
     ids = tokenizer.encode(text, add_special_tokens=False)
 
-    class Row:   # what fill_bitmask / accept_all read from a Request
+    class Row:   # what core/structured_output reads from a Request
         def __init__(self, i: int) -> None:
             self.grammar, self.grammar_matcher = grammar, xgrammar.GrammarMatcher(grammar)
             for token in ids[:i % len(ids)]:
                 assert self.grammar_matcher.accept_token(token)
+            self.next_token = ids[i % len(ids)]
+
+        def is_finished(self) -> bool:
+            return False
 
     rows = [Row(i) for i in range(args.rows)]
-    buffer = xgrammar.allocate_token_bitmask(args.rows, info.vocab_size)
+    buffer = structured_output.bitmask_buffer(rows)
     result = {"rows": args.rows, "cpus": os.cpu_count()}
-    result["fill_rows_us"] = _best(lambda: fill_bitmask(rows, buffer), args.repeats)
-    reference = buffer.clone()
-    for threads in [int(t) for t in args.threads.split(",")]:
-        result[f"fill_batch{threads}_us"] = _best(lambda: _batch_fill(rows, buffer, threads), args.repeats)
-        assert buffer.equal(reference), threads
+
+    def fill_rows(_):
+        for i, row in enumerate(rows):
+            row.grammar_matcher.fill_next_token_bitmask(buffer, i)
+    result["fill_rows_us"] = _best(fill_rows, args.repeats)
+    reference = buffer[:args.rows].clone()
+    result["fill_batch1_us"] = _best(lambda _: structured_output.fill_bitmask(rows, buffer), args.repeats)
+    assert buffer[:args.rows].equal(reference)
+    for threads in [int(t) for t in args.threads.split(",") if t]:
+        pool = xgrammar.BatchGrammarMatcher(max_threads=threads)
+        result[f"fill_pool{threads}_us"] = _best(
+            lambda _: pool.batch_fill_next_token_bitmask([r.grammar_matcher for r in rows], buffer), args.repeats)
+        assert buffer[:args.rows].equal(reference), threads
+
+    # the overlap: Python work sized to about twice the fill, alone / then the fill / beside it
+    work = 1000
+    while _best(lambda _: _python_work(work), 5) < 2 * result["fill_batch1_us"]:
+        work *= 2
+    result["python_work_us"] = _best(lambda _: _python_work(work), args.repeats)
+
+    def one_after_other(_):
+        _python_work(work)
+        structured_output.fill_bitmask(rows, buffer)
+
+    jobs: queue.SimpleQueue = queue.SimpleQueue()
+
+    def filler():   # one thread for every repeat, asleep between them (as it was in the engine)
+        while True:
+            started, done = jobs.get()
+            started.release()
+            structured_output.fill_bitmask(rows, buffer)
+            done.release()
+    threading.Thread(target=filler, daemon=True).start()
+
+    def beside(_):
+        started, done = threading.Lock(), threading.Lock()
+        started.acquire()
+        done.acquire()
+        jobs.put((started, done))
+        started.acquire()   # blocking drops the GIL: the thread takes it and enters xgrammar
+        _python_work(work)
+        done.acquire()
+    result["work_then_fill_us"] = _best(one_after_other, args.repeats)
+    result["work_beside_fill_us"] = _best(beside, args.repeats)
+    assert buffer[:args.rows].equal(reference)
+    result["fill_hidden_pct"] = 100 * (result["python_work_us"] + result["fill_batch1_us"]
+                                       - result["work_beside_fill_us"]) / result["fill_batch1_us"]
+
+    def forks():
+        return [r.grammar_matcher.fork() for r in rows]
+    tokens = [r.next_token for r in rows]
+
+    def accept_rows(matchers):   # the engine's accept, row by row
+        for matcher, token in zip(matchers, tokens):
+            matcher.accept_token(token)
+            matcher.is_terminated()
+    result["accept_rows_us"] = _best(accept_rows, args.repeats, forks)
+    result["accept_batch_us"] = _best(
+        lambda matchers: xgrammar.BatchGrammarMatcher.batch_accept_token(matchers, tokens), args.repeats, forks)
     for key, value in result.items():
         print(f"{key:>20}: {value:.1f}" if isinstance(value, float) else f"{key:>20}: {value}")
-    print("RESULT " + json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in result.items()}))
+    print("RESULT " + json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in result.items()}), flush=True)
 
 
 if __name__ == "__main__":

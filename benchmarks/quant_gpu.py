@@ -284,8 +284,8 @@ def workload(n: int, seed: int = 0):
     return [([rng.randrange(3, 32000) for _ in range(rng.randint(64, 1024))], rng.randint(16, 512)) for _ in range(n)]
 
 
-def run_timing(variant: str, n: int, shape: dict | None = None, decode_tokens: int = 256, **llm_kwargs) -> None:
-    """The timed workloads; `shape` / `llm_kwargs` shrink them for a CPU smoke run."""
+def run_timing(variant: str, n: int, shape: dict | None = None, decode_tokens: int = 256, **llm_kwargs):
+    """The timed workloads; `shape` / `llm_kwargs` shrink them for a CPU smoke run. Returns the LLM."""
     from pagedserve import LLM, SamplingParams
     directory = make_model_dir(variant, shape, 128256 if shape is None else 32064)
     start = time.time()
@@ -323,6 +323,7 @@ def run_timing(variant: str, n: int, shape: dict | None = None, decode_tokens: i
     total = generated + sum(len(p) for p, _ in reqs)
     emit("RESULT", variant=variant, workload=f"thr{n}", wall_s=round(wall, 2), req_s=round(n / wall, 2),
          out_tok_s=round(generated / wall, 1), total_tok_s=round(total / wall, 1))
+    return llm
 
 
 def main() -> None:

@@ -32,6 +32,26 @@ from pagedserve.models.loader import load_tokenizer, materialize_gguf, resolve_m
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def float_folder() -> str:
+    """The default model dequantized to fp32 as a plain HF folder, through transformers' own GGUF
+    loader (pagedserve's converted folder keeps llama.cpp's packed blocks since issue 19), cached
+    under the temp dir."""
+    from transformers import AutoModelForCausalLM
+    gguf = resolve_model(None)
+    out = os.path.join(tempfile.gettempdir(), "pagedserve-default-fp32")
+    if not os.path.isfile(os.path.join(out, "model.safetensors")):
+        from safetensors.torch import save_file
+        model = AutoModelForCausalLM.from_pretrained(gguf.directory, gguf_file=gguf.gguf_file, dtype=torch.float32)
+        os.makedirs(out, exist_ok=True)
+        model.config.__dict__.pop("quantization_config", None)   # transformers refuses to save a "gguf-quantized" model
+        model.config.save_pretrained(out)
+        tied = model.config.tie_word_embeddings
+        save_file({k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")},
+                  os.path.join(out, "model.safetensors"))
+        load_tokenizer(resolve_model(materialize_gguf(gguf).directory)).save_pretrained(out)
+    return out
+
+
 def write_compressed_tensors(source: str, target: str, scheme: str) -> str:
     """A compressed-tensors checkpoint of `source`'s float weights: "w8a8" (int8 per channel,
     dynamic per-token activations) or "w4a16-g64-sym" / "w4a16-g64-asym" (pack-quantized)."""
@@ -105,7 +125,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="run only these variants (the float model always "
                                                               "runs: it is the baseline)")
     args = parser.parse_args()
-    source = materialize_gguf(resolve_model(None)).directory
+    source = float_folder()
     tokenizer = load_tokenizer(resolve_model(source))
     with open(os.path.join(REPO, "README.md")) as f:
         ids = tokenizer(f.read())["input_ids"]

@@ -71,7 +71,9 @@ def make_model_dir(directory: Path, dims: dict) -> Path:
 
 # ---------------------------------------------------------------- startup probe (one process)
 
-def startup_probe(model_dir: str, cpu: bool, tokenizer: bool) -> None:
+def startup_probe(model_dir: str, cpu: bool, tokenizer: bool, setup=None) -> None:
+    """`setup()` (benchmarks/startup_gpu.py's variants) runs after the timed import and
+    returns a dict of figures printed at the end."""
     import gc
     gc_s = [0.0, 0]
 
@@ -118,6 +120,7 @@ def startup_probe(model_dir: str, cpu: bool, tokenizer: bool) -> None:
     timed(CudaGraphRunner, "_forward", "capture_fwd_decode")
     timed(CudaGraphRunner, "_prefill_forward", "capture_fwd_prefill")
     timed(torch.cuda, "empty_cache", "empty_cache")
+    extra = setup() if setup is not None else {}
     t0 = time.perf_counter()
     kwargs = dict(device="cpu", dtype="float32", num_kv_blocks=256) if cpu else \
         dict(dtype="bfloat16", gpu_memory_utilization=0.85)
@@ -125,15 +128,17 @@ def startup_probe(model_dir: str, cpu: bool, tokenizer: bool) -> None:
               **kwargs)
     phases["llm_total"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    llm.generate([{"prompt_token_ids": list(range(100, 228))}],
-                 SamplingParams(max_tokens=16, ignore_eos=True, temperature=0.0, detokenize=False), use_tqdm=False)
+    out = llm.generate([{"prompt_token_ids": list(range(100, 228))}],
+                       SamplingParams(max_tokens=16, ignore_eos=True, temperature=0.0, detokenize=False), use_tqdm=False)
     phases["first_request"] = time.perf_counter() - t1
+    phases.update(extra)
     phases["ready"] = t_import + phases["llm_total"]
     # the tokenizer loads on a thread beside the core: not part of the sum
     phases["other"] = phases["llm_total"] - sum(phases.get(k, 0.0) for k in
                                                 ("config", "weights", "kv_profile", "kv_alloc", "graph_capture"))
     phases["gc"], phases["gc_full_collections"] = gc_s
-    print("STARTUP " + json.dumps({k: round(v, 3) for k, v in phases.items()}), flush=True)
+    print("STARTUP " + json.dumps({**{k: round(v, 3) for k, v in phases.items()},
+                                   "token_ids": list(out[0].outputs[0].token_ids)}), flush=True)
     llm.shutdown()
 
 
@@ -149,16 +154,25 @@ def run_startup(model_dir: Path, cpu: bool, log) -> list[dict]:
         flags = (["--cpu-smoke"] if cpu else []) + (["--tokenizer"] if "tokenizer" in label else [])
         proc = subprocess.run([sys.executable, __file__, "startup", str(model_dir), *flags],
                               env=env, cwd=ROOT, capture_output=True, text=True, timeout=150)
-        log.write(f"==== startup {label} rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}\n")
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("STARTUP ")), None)
-        if line is None:
-            print(f"startup {label} failed (rc {proc.returncode}):\n{proc.stderr[-2000:]}", flush=True)
-            continue
-        phases = json.loads(line[len("STARTUP "):])
-        phases.update(triton_cache=label, process_s=round(time.perf_counter() - t0, 2))
-        emit(engine="pagedserve", workload="startup", **phases)
-        runs.append(phases)
+        phases = probe_result(proc, f"startup {label}", log, t0, triton_cache=label)
+        if phases is not None:
+            runs.append(phases)
     return runs
+
+
+def probe_result(proc: subprocess.CompletedProcess, label: str, log, t0: float, **tags) -> dict | None:
+    """A probe process's STARTUP figures (+ tags, its wall time), logged and emitted; None
+    (and its stderr's tail printed) if it printed none."""
+    log.write(f"==== {label} rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}\n")
+    log.flush()
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("STARTUP ")), None)
+    if line is None:
+        print(f"{label} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
+        return None
+    phases = json.loads(line[len("STARTUP "):])
+    phases.update(**tags, process_s=round(time.perf_counter() - t0, 2))
+    emit(engine="pagedserve", workload="startup", **phases)
+    return phases
 
 
 # ---------------------------------------------------------------- servers
@@ -207,7 +221,9 @@ class Server:
         deadline = self.t0 + timeout_s
         while time.perf_counter() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.engine} server exited with {self.proc.returncode}")
+                self.log.flush()
+                last = Path(self.log.name).read_text(errors="replace").strip().splitlines()[-1:]
+                raise RuntimeError(f"{self.engine} server exited with {self.proc.returncode}: {' '.join(last)[-300:]}")
             try:
                 with urllib.request.urlopen(f"{self.base_url}/v1/models", timeout=2) as response:
                     if response.status == 200:

@@ -7,6 +7,8 @@
 # made by benchmarks/serve_gpu_prepare.sh). vLLM: ../shared/bench/vllm_bundle.sh's parts staged in
 # /tmp/peer by earlier calls on the same warm machine (a/b/c: `mkdir -p /tmp/peer && cp .peer/X/* /tmp/peer/`),
 # part d either staged too or carried in this call (.peer/d); or vLLM already unpacked in /tmp/site_v.
+# .peer/e (carried with the last call, from serve_gpu_prepare.sh): pure-Python wheels that vLLM's API
+# server imports at start-up and the bundle lacks (jmespath, for model_hosting_container_standards).
 # Without vLLM the pagedserve half runs alone. CPU proof: python3 benchmarks/serve_gpu.py --cpu-smoke
 set -uo pipefail
 export PYTHONPATH=$PWD:/tmp/site_s PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -25,6 +27,10 @@ if [ ! -d /tmp/site_v/vllm ]; then
   else
     echo "no vLLM parts in /tmp/peer: the vLLM half is skipped"
   fi
+fi
+if [ -d /tmp/site_v/vllm ] && ls .peer/e/*.whl >/dev/null 2>&1; then   # the bundle's missing pieces
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_v .peer/e/*.whl \
+    && echo "installed into /tmp/site_v: $(cd .peer/e && ls *.whl | tr '\n' ' ')" || echo ".peer/e wheels failed to install"
 fi
 echo "setup $((SECONDS - t0)) s"
 timeout $((588 - SECONDS)) python3 benchmarks/serve_gpu.py --budget-s $((570 - SECONDS)) "$@"

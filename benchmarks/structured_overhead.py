@@ -5,10 +5,19 @@ request's max_tokens set to the token count its constrained twin produced, so th
 is wall time per generated token at equal work. The schema run includes grammar compilation
 (one schema, compiled once: xgrammar's cache) and the per-step bitmask fill and masking.
 
+Variants of the schema run (--variants, timed in turns with the plain run, best of --repeats):
+  batch   the engine as is: the mask filled in one xgrammar batch call
+  rows    row by row (fill_next_token_bitmask and is_terminated per row: the fill before
+          issue 20's fourth pass)
+Every variant must give the same token ids (the masks are the same); `ids_equal` says so.
+Validity: json.loads, and jsonschema.validate against the schema where jsonschema is installed.
+
     python benchmarks/structured_overhead.py                       # CPU, default model
     python benchmarks/structured_overhead.py --device cuda --dtype bfloat16
     python benchmarks/structured_overhead.py --device cuda --dtype bfloat16 --model DIR --load-format dummy
         (DIR: a config.json and the default model's tokenizer files; random weights)
+    python benchmarks/structured_overhead.py --cpu-smoke --model DIR
+        (a tiny random llama with DIR's tokenizer, async scheduling, 8 requests: proves the script runs)
 
 Prints one `RESULT {...}` JSON line.
 """
@@ -17,9 +26,13 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
+import shutil
+import tempfile
 import time
 
 from pagedserve import LLM, SamplingParams, StructuredOutputsParams
+from pagedserve.core import structured_output
 
 SCHEMA = {
     "type": "object",
@@ -37,6 +50,33 @@ SCHEMA = {
 }
 
 
+def _fill_rows(requests, buffer):
+    bitmask = buffer[:len(requests)]
+    for row, request in enumerate(requests):
+        matcher = structured_output._matcher(request)
+        if matcher.is_terminated():
+            bitmask[row].fill_(-1)
+        else:
+            matcher.fill_next_token_bitmask(bitmask, row)
+    return bitmask
+
+
+FILLS = {"batch": structured_output.fill_bitmask, "rows": _fill_rows}
+
+
+def _tiny_model(tokenizer_dir: str) -> str:
+    """A 2-layer llama (vocab 49,152) with `tokenizer_dir`'s tokenizer files, for --cpu-smoke."""
+    path = tempfile.mkdtemp(prefix="structured_smoke_")
+    for name in os.listdir(tokenizer_dir):
+        if name != "config.json" and not name.endswith((".safetensors", ".bin", ".gguf")):
+            shutil.copy(os.path.join(tokenizer_dir, name), path)
+    config = json.load(open(os.path.join(tokenizer_dir, "config.json")))
+    config.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16)
+    json.dump(config, open(os.path.join(path, "config.json"), "w"))
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="default: the embedded default model")
@@ -47,10 +87,17 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=1, help="timed runs of each kind (best is kept)")
+    parser.add_argument("--variants", default="batch,rows", help=f"schema-run variants: {', '.join(FILLS)}")
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="a tiny random llama with --model's tokenizer on CPU, async scheduling, 8 requests")
     parser.add_argument("--profile", action="store_true",
                         help="after the timed runs, one schema run under cProfile: the top host functions")
     args = parser.parse_args()
+    variants = args.variants.split(",")
     kwargs = {"model": args.model} if args.model else {}
+    if args.cpu_smoke:
+        kwargs = {"model": _tiny_model(args.model), "async_scheduling": True}
+        args.device, args.dtype, args.load_format, args.num_requests = "cpu", "float32", "dummy", 8
     llm = LLM(device=args.device, dtype=args.dtype, max_model_len=1024, load_format=args.load_format, **kwargs)
     tokenizer = llm.get_tokenizer()
     prompts = [tokenizer.apply_chat_template(
@@ -60,31 +107,50 @@ def main() -> None:
                                 structured_outputs=StructuredOutputsParams(json=SCHEMA))
     llm.generate(prompts[:2], structured, use_tqdm=False)   # warm-up: compile, first-step costs
 
-    def run(params) -> tuple[float, int, list]:
-        start = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        return time.perf_counter() - start, sum(len(o.outputs[0].token_ids) for o in outs), outs
+    def run(params, variant: str = "batch") -> tuple[float, list]:
+        structured_output.fill_bitmask = FILLS[variant]
+        try:
+            start = time.perf_counter()
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            return time.perf_counter() - start, outs
+        finally:
+            structured_output.fill_bitmask = FILLS["batch"]
 
-    best_structured, best_plain = float("inf"), float("inf")
-    for _ in range(args.repeats):
-        seconds, tokens, outs = run(structured)
-        best_structured = min(best_structured, seconds)
-        lengths = [len(o.outputs[0].token_ids) for o in outs]
-        plain = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in lengths]
-        plain_seconds, plain_tokens, _ = run(plain)
-        best_plain = min(best_plain, plain_seconds)
-        assert plain_tokens == tokens
-    valid = sum(_parses(o.outputs[0].text) for o in outs)
+    _, outs = run(structured)   # untimed: the token counts for the plain run, first-shape costs
+    reference_ids = [o.outputs[0].token_ids for o in outs]
+    tokens = sum(len(ids) for ids in reference_ids)
+    plain = [SamplingParams(max_tokens=len(ids), temperature=0.0, ignore_eos=True) for ids in reference_ids]
+    best = dict.fromkeys(["plain", *variants], float("inf"))
+    last = {}
+    for _ in range(args.repeats):   # in turns, so that a slow spell of the host hits every kind
+        for kind in best:
+            seconds, last[kind] = run(plain) if kind == "plain" else run(structured, kind)
+            best[kind] = min(best[kind], seconds)
+    assert sum(len(o.outputs[0].token_ids) for o in last["plain"]) == tokens
     result = {
         "device": args.device, "dtype": args.dtype, "model": args.model or "default (SmolLM2-135M-Instruct)",
-        "num_requests": args.num_requests, "generated_tokens": tokens, "valid_json": valid,
-        "finish_reasons": dict(collections.Counter(o.outputs[0].finish_reason for o in outs)),
-        "an_invalid_output": next(([o.outputs[0].text[-120:], o.error] for o in outs
-                                   if not _parses(o.outputs[0].text)), None),
-        "structured_tok_s": round(tokens / best_structured, 1), "plain_tok_s": round(tokens / best_plain, 1),
-        "overhead_pct": round(100 * (best_structured / best_plain - 1), 1),
+        "cpu_smoke": args.cpu_smoke, "num_requests": args.num_requests, "generated_tokens": tokens,
+        "repeats": args.repeats, "plain_tok_s": round(tokens / best["plain"], 1), "variants": {},
     }
+    for variant in variants:
+        outs = last[variant]
+        texts = [o.outputs[0].text for o in outs]
+        result["variants"][variant] = {
+            "tok_s": round(tokens / best[variant], 1),
+            "overhead_pct": round(100 * (best[variant] / best["plain"] - 1), 1),
+            "ids_equal": [o.outputs[0].token_ids for o in outs] == reference_ids,
+            "valid_json": sum(_json_error(t) == "" for t in texts),
+            "schema_valid": _schema_valid(texts),
+            "finish_reasons": dict(collections.Counter(o.outputs[0].finish_reason for o in outs)),
+            "an_invalid_output": next(([o.outputs[0].text[-120:], o.error, _json_error(o.outputs[0].text)]
+                                       for o in outs if _json_error(o.outputs[0].text)), None),
+        }
     print("RESULT " + json.dumps(result), flush=True)
+    for variant, figures in result["variants"].items():
+        print(f"{variant:>8}: {figures['tok_s']:>10.1f} tok/s vs plain {result['plain_tok_s']:.1f}: "
+              f"overhead {figures['overhead_pct']:5.1f}%  ids_equal {figures['ids_equal']}  "
+              f"json {figures['valid_json']}/{args.num_requests}  schema {figures['schema_valid']}  "
+              f"{figures['finish_reasons']}", flush=True)
     if args.profile:
         import cProfile
         import pstats
@@ -101,12 +167,20 @@ def _json_error(text: str) -> str:
         return f"{exc} near {text[max(0, exc.pos - 40):exc.pos + 40]!r}" if hasattr(exc, "pos") else str(exc)
 
 
-def _parses(text: str) -> bool:
+def _schema_valid(texts: list[str]) -> int | str:
+    """How many texts are JSON that jsonschema validates against SCHEMA."""
     try:
-        json.loads(text)
-        return True
-    except ValueError:
-        return False
+        import jsonschema
+    except ImportError:
+        return "jsonschema not installed"
+    valid = 0
+    for text in texts:
+        try:
+            jsonschema.validate(json.loads(text), SCHEMA)
+            valid += 1
+        except (ValueError, jsonschema.ValidationError):
+            pass
+    return valid
 
 
 if __name__ == "__main__":

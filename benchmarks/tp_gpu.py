@@ -16,11 +16,23 @@ VARIANT switches issue 17's pieces (each one alone can be measured against `base
   all     + async scheduling under TP (rank 0's sampled ids broadcast on device)   (the default)
   asyncnocar  shm + async, NCCL all-reduces
   all4m   all, custom all-reduce up to 4 MiB (decode steps up to 512 rows) instead of 1 MiB
+  push    all, with the push all-reduce (two ranks: one one-way signal per all-reduce); push4m up to 4 MiB
 TP=1 runs use `all`: there only async scheduling applies (its default on CUDA).
 Set ENFORCE_EAGER=1 to run without CUDA graphs, PP=N for N pipeline stages (benchmarks/pp_gpu.sh; the
 shm queue, custom all-reduce and async TP of a variant do not apply under PP; `peers` then also
 prints rank 0's host time per step by phase, *_host_phases); DRY=1 runs every mode
-but allreduce on CPU with a tiny model and 16 requests (the script's own check, no timing meaning)."""
+but allreduce on CPU with a tiny model and 16 requests (the script's own check, no timing meaning).
+
+Issue 17 part 2, second pass (`bash benchmarks/tp_gpu.sh tp17`):
+  python3 benchmarks/tp_gpu.py sweep TP OUT.json         M=1 gemv launch shapes at this TP's weight
+                                                         shards (one GPU); the ones that beat today's
+                                                         launch by >2% go to OUT.json
+  python3 benchmarks/tp_gpu.py suite TP VARIANT PREFIX   one engine: ids (PREFIX_ids.json), peers with
+                                                         host phases of rank 0 and of the other ranks,
+                                                         then the decode profile by kernel kind
+GEMV_CONFIGS=OUT.json applies sweep's launch shapes on every rank (a sitecustomize on the spawned
+ranks' PYTHONPATH: benchmark-only, the engine has no such knob); RANK_PHASES=1 makes every spawned
+rank print its host time per step (waiting for the message, the runner) every 128 steps."""
 import json
 import os
 import random
@@ -36,20 +48,25 @@ MODELS = {
                       num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False),
 }
 DRY = os.environ.get("DRY") == "1"
+if DRY:   # the gemv sweep's kernels through Triton's interpreter (before anything imports triton)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 # TP_MODEL=llama-70b GPU_UTIL=0.9 MAX_LEN=4096: the seed's large-model case (issue 17 part 5)
 MODEL = "tiny" if DRY else os.environ.get("TP_MODEL", "llama-8b")
 GPU_UTIL, MAX_LEN = float(os.environ.get("GPU_UTIL", "0.85")), int(os.environ.get("MAX_LEN", "2048"))
 THR_N = 16 if DRY else 512
-VARIANTS = {   # name -> (step queue, custom all-reduce up to KiB (0: off), async scheduling)
-    "base": ("broadcast", 0, False),
-    "shm": ("shm", 0, False),
-    "car": ("shm", 1024, False),
-    "all": ("shm", 1024, True),
-    "asyncnocar": ("shm", 0, True),
-    "all4m": ("shm", 4096, True),
+VARIANTS = {   # name -> (step queue, custom all-reduce up to KiB (0: off), async scheduling, its kernel)
+    "base": ("broadcast", 0, False, "one_shot"),
+    "shm": ("shm", 0, False, "one_shot"),
+    "car": ("shm", 1024, False, "one_shot"),
+    "all": ("shm", 1024, True, "one_shot"),
+    "asyncnocar": ("shm", 0, True, "one_shot"),
+    "all4m": ("shm", 4096, True, "one_shot"),
+    "push": ("shm", 1024, True, "push"),       # all, with the push all-reduce (layers/triton_all_reduce.py)
+    "push4m": ("shm", 4096, True, "push"),
 }
 
 PP = int(os.environ.get("PP", "1"))
+MAX_BATCHED = int(os.environ["MAX_BATCHED"]) if os.environ.get("MAX_BATCHED") else None   # engine default if unset
 EAGER = os.environ.get("ENFORCE_EAGER") == "1"
 
 
@@ -57,10 +74,13 @@ def emit(**kw) -> None:
     print("RESULT " + json.dumps(kw), flush=True)
 
 
+VOCAB = 128256
+
+
 def make_model_dir(name: str) -> str:
     d = f"/tmp/models/{name}"
     os.makedirs(d, exist_ok=True)
-    cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256,
+    cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=VOCAB,
                max_position_embeddings=4096, rope_theta=500000.0, rms_norm_eps=1e-5,
                hidden_act="silu", torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2, **MODELS[name])
     json.dump(cfg, open(f"{d}/config.json", "w"))
@@ -77,9 +97,85 @@ def workload(n: int, seed: int = 0) -> list:
     return reqs
 
 
+# Runs at start-up in every rank this process spawns once install_rank_hooks put it on their
+# PYTHONPATH (benchmark-only: the engine has no knob for launch shapes or per-rank timers).
+SITE_HOOKS = r'''
+import json, os, sys, time
+if os.environ.get("GEMV_CONFIGS"):
+    from pagedserve.layers import triton_gemv
+    triton_gemv.CONFIGS.update({tuple(map(int, k.split("x"))): triton_gemv.GemvConfig(*v)
+                                for k, v in json.load(open(os.environ["GEMV_CONFIGS"])).items()})
+if os.environ.get("PAGEABLE_INPUTS") == "1":   # step inputs as one pageable copy per array, as before
+    from pagedserve.worker import input_batch
+    input_batch.PACK_STEP_INPUTS = False
+if os.environ.get("RANK_PHASES") == "1":
+    from pagedserve.worker import tp_worker
+    from pagedserve.worker.model_runner import ModelRunner
+    _stats = dict(recv=0.0, runner=0.0, steps=0, rows=0, start=None)
+    _receive, _execute = tp_worker.receive_message, ModelRunner.execute_model
+
+    def _timed_receive(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return _receive(*args, **kwargs)
+        finally:
+            _stats["recv"] += time.perf_counter() - start
+
+    def _timed_execute(self, so, *args, **kwargs):
+        start = time.perf_counter()
+        if _stats["start"] is None:
+            _stats.update(recv=0.0, start=start)
+        try:
+            return _execute(self, so, *args, **kwargs)
+        finally:
+            _stats["runner"] += time.perf_counter() - start
+            _stats["steps"] += 1
+            _stats["rows"] += len(so.num_scheduled_tokens)
+            if _stats["steps"] == 128:
+                n, wall = 128, time.perf_counter() - _stats["start"]
+                print("RANK_PHASES " + json.dumps(dict(
+                    pid=os.getpid(), steps=n, mean_rows=round(_stats["rows"] / n, 2),
+                    wall_ms_per_step=round(wall * 1e3 / n, 3), wait_message_ms=round(_stats["recv"] * 1e3 / n, 3),
+                    runner_ms=round(_stats["runner"] * 1e3 / n, 3))), file=sys.stderr, flush=True)
+                _stats.update(runner=0.0, steps=0, rows=0, start=None)
+
+    tp_worker.receive_message = _timed_receive
+    ModelRunner.execute_model = _timed_execute
+'''
+
+
+def apply_gemv_configs(path: str) -> None:
+    from pagedserve.layers import triton_gemv
+    configs = json.load(open(path))
+    triton_gemv.CONFIGS.update({tuple(map(int, k.split("x"))): triton_gemv.GemvConfig(*v) for k, v in configs.items()})
+    emit(workload="gemv_configs_applied", path=path, configs=configs)
+
+
+def install_rank_hooks() -> None:
+    """GEMV_CONFIGS / RANK_PHASES / PAGEABLE_INPUTS: SITE_HOOKS as the sitecustomize of every
+    rank spawned from here on (RankProcess passes PYTHONPATH on); launch shapes and pageable
+    inputs in this process too."""
+    if not (os.environ.get("GEMV_CONFIGS") or os.environ.get("RANK_PHASES") == "1"
+            or os.environ.get("PAGEABLE_INPUTS") == "1"):
+        return
+    if os.environ.get("PAGEABLE_INPUTS") == "1":
+        from pagedserve.worker import input_batch
+        input_batch.PACK_STEP_INPUTS = False
+        emit(workload="pageable_inputs")
+    import tempfile
+    site = tempfile.mkdtemp(prefix="tp_gpu_site_")
+    with open(os.path.join(site, "sitecustomize.py"), "w") as f:
+        f.write(SITE_HOOKS)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (site, os.environ.get("PYTHONPATH")) if p)
+    if os.environ.get("GEMV_CONFIGS"):
+        apply_gemv_configs(os.environ["GEMV_CONFIGS"])
+
+
 def make_llm(tp: int, variant: str):
-    queue, custom_kb, asynchronous = VARIANTS[variant]
+    install_rank_hooks()
+    queue, custom_kb, asynchronous, kind = VARIANTS[variant]
     os.environ["PAGEDSERVE_TP_STEP_QUEUE"] = queue
+    os.environ["PAGEDSERVE_CUSTOM_ALL_REDUCE_KIND"] = kind
     os.environ["PAGEDSERVE_CUSTOM_ALL_REDUCE_MAX_KB"] = str(custom_kb or 1024)
     from pagedserve import LLM
     t0 = time.time()
@@ -87,7 +183,7 @@ def make_llm(tp: int, variant: str):
     llm = LLM(model=make_model_dir(MODEL), load_format="dummy", skip_tokenizer_init=True, **device,
               max_model_len=MAX_LEN, seed=0, tensor_parallel_size=tp, pipeline_parallel_size=PP,
               enforce_eager=EAGER, disable_custom_all_reduce=not custom_kb,
-              async_scheduling=asynchronous)
+              async_scheduling=asynchronous, max_num_batched_tokens=MAX_BATCHED)
     startup = round(time.time() - t0, 1)
     from pagedserve.layers import parallel
     core = llm.engine.core
@@ -96,8 +192,10 @@ def make_llm(tp: int, variant: str):
     queue = getattr(getattr(core.executor, "steps", None), "queue", None)
     # what the engine really runs (a piece that failed to set up falls back silently but for a log line)
     emit(engine="pagedserve", model=MODEL, tp=tp, pp=PP, variant=variant, eager=EAGER, startup_s=startup,
+         max_num_batched_tokens=core.scheduler.max_num_batched_tokens, max_num_seqs=core.scheduler.max_num_seqs,
          decode_graphs=len(graphs.graphs) if graphs else 0, prefill_graphs=len(graphs.prefill_graphs) if graphs else 0,
-         custom_all_reduce=parallel._custom_all_reduce is not None, shm_step_queue=queue is not None,
+         custom_all_reduce=type(parallel._custom_all_reduce).__name__ if parallel._custom_all_reduce else None,
+         shm_step_queue=queue is not None,
          async_scheduling=core.async_scheduling, kv_blocks=core.executor.num_blocks)
     return llm
 
@@ -107,17 +205,18 @@ def greedy(max_tokens: int):
     return SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0, detokenize=False)
 
 
-def run_peers(llm, tp: int, variant: str) -> None:
-    """peers.py's run_engine workloads, timed the same way."""
-    tags = dict(engine="pagedserve", model=MODEL, tp=tp, pp=PP, variant=variant, eager=EAGER)
+def run_peers(llm, tp: int, variant: str, ttft: bool = True) -> None:
+    """peers.py's run_engine workloads, timed the same way (ttft1024 unless `ttft` is False)."""
+    tags = dict(engine="pagedserve", model=MODEL, tp=tp, pp=PP, variant=variant, eager=EAGER,
+                max_num_batched_tokens=MAX_BATCHED)
     reqs = workload(THR_N)
     if DRY:
         reqs = [(p[:64], min(o, 8)) for p, o in reqs]
     prompts = [{"prompt_token_ids": p} for p, _ in reqs]
     sps = [greedy(o) for _, o in reqs]
     llm.generate(prompts[:8], sps[:8], use_tqdm=False)   # warm-up
-    if PP > 1:   # where rank 0's host time goes per step (a few perf_counter calls a step)
-        _wrap_ranges()
+    _wrap_ranges()   # where rank 0's host time goes per step (a few perf_counter calls a step)
+    reset_phases()
     t0 = time.time()
     outs = llm.generate(prompts, sps, use_tqdm=False)
     dt = time.time() - t0
@@ -136,6 +235,8 @@ def run_peers(llm, tp: int, variant: str) -> None:
     emit(**tags, workload="b1_decode", wall_s=round(dt, 3), tok_s=round(b1 / dt, 1))
     if HOST_PHASES:
         emit_phases(tags, "b1_decode", dt)
+    if not ttft:
+        return
     warm = {"prompt_token_ids": [(i * 7) % 32000 + 3 for i in range(1024)]}
     llm.generate([warm], [greedy(1)], use_tqdm=False)
     p = {"prompt_token_ids": [(i * 11 + 5) % 32000 + 3 for i in range(1024)]}
@@ -166,6 +267,8 @@ def _wrap_ranges() -> None:
     """Name the host phases of a step on rank 0 (in a profile) and time them (HOST_PHASES):
     schedule, send the step, the runner (under PP: stage 0's inputs and launch), wait for
     the sampled ids (under PP: for the last stage's output), update."""
+    if HOST_PHASES:   # wrapped already
+        return
     import torch
     from pagedserve.core.engine_core import EngineCore
     from pagedserve.core.scheduler import Scheduler
@@ -190,6 +293,18 @@ def _wrap_ranges() -> None:
     wrap(StepChannel, "send", "host:send_step_message")
     wrap(MultiprocTPExecutor, "_send", "host:send_step_all")   # under PP: + pickled on to stage 1
     wrap(ModelRunner, "execute_model", "host:runner_execute")
+    by_kind = ModelRunner.execute_model   # and again by step kind: all decodes (a graph) or not (eager)
+    kinds = {kind: HOST_PHASES.setdefault(f"host:runner_{kind}", [0.0, 0]) for kind in ("decode", "mixed")}
+
+    def split(self, so, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return by_kind(self, so, *args, **kwargs)
+        finally:
+            total = kinds["decode" if max(so.num_scheduled_tokens.values(), default=1) == 1 else "mixed"]
+            total[0] += time.perf_counter() - start
+            total[1] += 1
+    ModelRunner.execute_model = split
     wrap(PendingRunnerOutput, "get", "host:wait_sampled_ids")
     wrap(PipelineOutput, "get", "host:wait_last_stage")
     wrap(EngineCore, "_update", "host:update")
@@ -211,16 +326,72 @@ def reset_phases() -> None:
         total[:] = [0.0, 0]
 
 
-def run_profile(llm, tp: int, variant: str, steps: int = 32) -> None:
-    """torch.profiler over `steps` batch-1 decode steps on rank 0: per-step wall time, device
-    time in all-reduce kernels (NCCL and one-shot), in broadcasts, and the host phases."""
+KINDS = (   # (substrings of a lower-cased kernel name, kind): the first match wins
+    (("one_shot",), "allreduce_one_shot"), (("two_shot",), "allreduce_two_shot"),
+    (("nccl", "allreduce"), "nccl_allreduce"), (("nccl", "broadcast"), "nccl_broadcast"),
+    (("nccl", "sendrecv"), "nccl_gather"), (("nccl", "allgather"), "nccl_allgather"), (("nccl",), "nccl_other"),
+    (("_gemv_kernel",), "gemv"), (("rotary_store",), "rotary_store_kv"), (("store_kv",), "store_kv"),
+    (("paged_attention",), "attention"), (("attn",), "attention"), (("attention",), "attention"),
+    (("memcpy htod",), "memcpy_h2d"), (("memcpy dtoh",), "memcpy_d2h"), (("memcpy dtod",), "memcpy_d2d"),
+    (("memset",), "memset"), (("rms_norm",), "rms_norm"), (("silu",), "silu_and_mul"),
+    (("splitk",), "cublas"), (("gemm",), "cublas"), (("gemv",), "cublas"), (("nvjet",), "cublas"),
+    (("xmma",), "cublas"), (("cutlass",), "cublas"), (("argmax",), "argmax"), (("reduce_kernel",), "reduce"),
+    (("reduce_segments",), "attention"), (("index",), "index"), (("embedding",), "embedding"), (("fill",), "fill"),
+    (("copy",), "copy"),
+    (("elementwise",), "elementwise"))
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for keys, kind in KINDS if all(k in low for k in keys)), "other")
+
+
+def kernel_breakdown(kernels: list, steps: int) -> dict:
+    """Device kernels (profiler events) -> per step: us and launches of each kind, and the
+    device's idle time between kernels, by the kind of the kernel before the gap (a gap after
+    the last kernel of a step is the device waiting for the host's next step)."""
+    # record_function ranges and ops show up on the device too (host:*, aten::*, nccl:*): not kernels
+    kernels = sorted((e for e in kernels if not (e.name.startswith(("host:", "aten::", "nccl:"))
+                                                 or e.name == "record_param_comms")),
+                     key=lambda e: e.time_range.start)
+    busy: dict[str, list[float]] = {}
+    gaps: dict[str, list[float]] = {}
+    for i, e in enumerate(kernels):
+        kind = kernel_kind(e.name)
+        slot = busy.setdefault(kind, [0.0, 0])
+        slot[0] += e.time_range.end - e.time_range.start
+        slot[1] += 1
+        if i + 1 < len(kernels):
+            gap = kernels[i + 1].time_range.start - e.time_range.end
+            if gap > 0:
+                g = gaps.setdefault(kind, [0.0, 0, 0])
+                g[0] += gap
+                g[1] += 1
+                g[2] += gap > 20   # long ones: the device waited for a launch
+    per = lambda x: round(x / steps, 1)  # noqa: E731
+    span = (kernels[-1].time_range.end - kernels[0].time_range.start) if kernels else 0.0
+    return dict(
+        span_us_per_step=per(span),
+        busy_us_per_step={k: per(v[0]) for k, v in sorted(busy.items(), key=lambda kv: -kv[1][0])},
+        launches_per_step={k: round(v[1] / steps, 2) for k, v in sorted(busy.items(), key=lambda kv: -kv[1][0])},
+        idle_us_per_step=per(sum(g[0] for g in gaps.values())),
+        idle_after_us_per_step={k: per(v[0]) for k, v in sorted(gaps.items(), key=lambda kv: -kv[1][0])},
+        long_gaps_per_step={k: round(v[2] / steps, 2) for k, v in gaps.items() if v[2]})
+
+
+def run_profile(llm, tp: int, variant: str, steps: int = 64) -> None:
+    """torch.profiler over a batch-1 decode of `steps` tokens on rank 0: per-step wall time,
+    device time by kernel kind (NCCL and one-shot all-reduces, broadcasts, gemvs, copies),
+    the device's idle gaps, and the host phases."""
     import torch
     from torch.profiler import ProfilerActivity, profile
     _wrap_ranges()
+    steps = 8 if DRY else steps
     p = {"prompt_token_ids": list(range(300, 428))}
     llm.generate([p], [greedy(steps)], use_tqdm=False)
     sync = (lambda: None) if DRY else torch.cuda.synchronize
     sync()
+    reset_phases()
     with profile(activities=[ProfilerActivity.CPU] + ([] if DRY else [ProfilerActivity.CUDA])) as prof:
         t0 = time.time()
         llm.generate([{"prompt_token_ids": list(range(500, 628))}], [greedy(steps)], use_tqdm=False)
@@ -229,30 +400,26 @@ def run_profile(llm, tp: int, variant: str, steps: int = 32) -> None:
     events = prof.key_averages()
     if not DRY:
         print(events.table(sort_by="self_device_time_total" if hasattr(events[0], "self_device_time_total")
-                           else "self_cuda_time_total", row_limit=25), flush=True)
-    print(events.table(sort_by="cpu_time_total", row_limit=20), flush=True)
+                           else "self_cuda_time_total", row_limit=30), flush=True)
+    print(events.table(sort_by="cpu_time_total", row_limit=25), flush=True)
 
     from torch.autograd import DeviceType
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]   # device-side events only
-
-    def device_us(match):
-        return sum(getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
-                   for e in kernels if match(e.name.lower()))
+    device_ms = sum(e.time_range.end - e.time_range.start for e in kernels) / 1e3 / steps
 
     def host_us(label):
         return sum(e.cpu_time_total for e in events if e.key == label)
-    device_ms = device_us(lambda k: True) / 1e3 / steps
     emit(workload="profile_decode", tp=tp, variant=variant, steps=steps, wall_ms_per_step=round(wall * 1e3 / steps, 3),
          device_ms_per_step=round(device_ms, 3), device_idle_ms_per_step=round(wall * 1e3 / steps - device_ms, 3),
-         nccl_allreduce_us_per_step=round(device_us(lambda k: "nccl" in k and "allreduce" in k) / steps, 1),
-         nccl_other_us_per_step=round(device_us(lambda k: "nccl" in k and "allreduce" not in k) / steps, 1),
-         one_shot_us_per_step=round(device_us(lambda k: "one_shot" in k or "two_shot" in k) / steps, 1),
          host_ms_per_step={label: round(host_us(label) / 1e3 / steps, 3) for label in (
              "host:schedule", "host:send_step_message", "host:runner_execute", "host:wait_sampled_ids",
-             "host:update")})
+             "host:update")}, **kernel_breakdown(kernels, steps))
 
 
 def _allreduce_rank(rank: int, world: int, port: int) -> None:
+    """Each custom all-reduce (torch's one-shot, the push kernel) against NCCL: exact sums of
+    bf16/fp32 up to 1024 rows, a misaligned view, a chain of 8 in a CUDA graph replayed on new
+    data, then in-graph latency per all-reduce (64 in one graph, as a decode step's 65)."""
     import torch
     import torch.distributed as dist
     from pagedserve.layers.custom_all_reduce import init_symm_mem_all_reduce
@@ -260,66 +427,77 @@ def _allreduce_rank(rank: int, world: int, port: int) -> None:
     device = torch.device(f"cuda:{rank}")
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             device_id=device)
-    reducer = init_symm_mem_all_reduce(device, buffer_bytes=16 << 20)   # larger than the engine's: find the crossover
+    reducers = {}
+    for kind, name in (("one_shot", "custom"), ("push", "push")):
+        # larger than the engine's 1 MiB: find the crossover
+        reducers[name] = init_symm_mem_all_reduce(device, buffer_bytes=16 << 20, kind=kind)
     if rank == 0:
-        emit(workload="custom_allreduce_setup", available=reducer is not None)
-    if reducer is None:
-        dist.destroy_process_group()
-        return
+        emit(workload="custom_allreduce_setup", **{name: r is not None for name, r in reducers.items()})
+    reducers = {name: r for name, r in reducers.items() if r is not None}
     gen = torch.Generator(device=device).manual_seed(1234 + rank)
-    checks = []
-    for dtype in (torch.bfloat16, torch.float32):
-        for rows in (1, 2, 3, 8, 16, 64, 128, 256, 512, 1024):
-            numel = rows * 4096
-            x = torch.randn(numel, generator=gen, device=device, dtype=torch.float32).to(dtype)
-            if not reducer.can_reduce(x):
-                checks.append((str(dtype), rows, "nccl (too big)", 0.0))
-                continue
-            ref = x.clone()
-            dist.all_reduce(ref)
-            got = reducer(x)
-            checks.append((str(dtype), rows, bool(torch.equal(got, ref)), float((got.float() - ref.float()).abs().max())))
-    # a misaligned input (a view one element in): staged through the buffer
-    x = torch.randn(16 * 4096 + 8, generator=gen, device=device).to(torch.bfloat16)[1:1 + 16 * 4096]
-    ref = x.clone()
-    dist.all_reduce(ref)
-    checks.append(("misaligned bf16", 16, bool(torch.equal(reducer(x), ref)), 0.0))
-    # inside a CUDA graph: a chain of 8 all-reduces (each the next one's input), replayed on new data
-    x = torch.zeros(16 * 4096, device=device, dtype=torch.bfloat16)
     stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        y = x
-        for _ in range(8):
-            y = reducer(y) * 0.5
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
+    for name, reducer in reducers.items():
+        checks = []
+        for dtype in (torch.bfloat16, torch.float32):
+            for rows in (1, 2, 3, 8, 16, 64, 128, 256, 512, 1024):
+                numel = rows * 4096
+                x = torch.randn(numel, generator=gen, device=device, dtype=torch.float32).to(dtype)
+                if not reducer.can_reduce(x):
+                    checks.append((str(dtype), rows, "nccl (too big)", 0.0))
+                    continue
+                ref = x.clone()
+                dist.all_reduce(ref)
+                got = reducer(x)
+                checks.append((str(dtype), rows, bool(torch.equal(got, ref)),
+                               float((got.float() - ref.float()).abs().max())))
+        # a misaligned input (a view one element in)
+        x = torch.randn(16 * 4096 + 8, generator=gen, device=device).to(torch.bfloat16)[1:1 + 16 * 4096]
+        ref = x.clone()
+        dist.all_reduce(ref)
+        checks.append(("misaligned bf16", 16, bool(torch.equal(reducer(x), ref)), 0.0))
+        # inside a CUDA graph: a chain of 8 all-reduces (each the next one's input), replayed on new data
+        x = torch.zeros(16 * 4096, device=device, dtype=torch.bfloat16)
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
             y = x
             for _ in range(8):
                 y = reducer(y) * 0.5
-    torch.cuda.current_stream().wait_stream(stream)
-    ok_graph = True
-    for trial in range(3):
-        x.copy_(torch.randn(x.numel(), generator=gen, device=device).to(torch.bfloat16))
-        ref = x.clone()
-        for _ in range(8):
-            dist.all_reduce(ref)
-            ref = ref * 0.5
-        graph.replay()
-        torch.cuda.synchronize()
-        ok_graph &= bool(torch.equal(y, ref))
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                y = x
+                for _ in range(8):
+                    y = reducer(y) * 0.5
+        torch.cuda.current_stream().wait_stream(stream)
+        ok_graph = True
+        for trial in range(3):
+            x.copy_(torch.randn(x.numel(), generator=gen, device=device).to(torch.bfloat16))
+            ref = x.clone()
+            for _ in range(8):
+                dist.all_reduce(ref)
+                ref = ref * 0.5
+            graph.replay()
+            torch.cuda.synchronize()
+            ok_graph &= bool(torch.equal(y, ref))
+        errors = int(reducer.error.sum()) if hasattr(reducer, "error") else 0
+        if rank == 0:
+            bad = [c for c in checks if c[2] is False]
+            emit(workload="custom_allreduce_check", reducer=name, exact=all(c[2] is not False for c in checks),
+                 in_graph_exact=ok_graph, spin_timeouts=errors, checks=checks, mismatches=bad)
     # latency: 64 all-reduces captured in one graph (a decode step of llama-8b has 65)
     lat = {}
     for rows in (1, 16, 64, 128, 256, 512, 1024, 2048):
         t = torch.randn(rows * 4096, generator=gen, device=device).to(torch.bfloat16)
-        for name in ("nccl", "custom"):
+        for name in ("nccl", *reducers):
+            if name != "nccl" and not reducers[name].can_reduce(t):
+                continue
+
             def chain():
                 out = t
                 for _ in range(64):
                     if name == "nccl":
                         dist.all_reduce(out)   # in place, as RowParallelLinear's fallback
                     else:
-                        out = reducer(out)
+                        out = reducers[name](out)
                 return out
             with torch.cuda.stream(stream):
                 chain()
@@ -339,9 +517,6 @@ def _allreduce_rank(rank: int, world: int, port: int) -> None:
             torch.cuda.synchronize()
             lat[f"{name}_{rows}rows_us"] = round(start.elapsed_time(end) * 1e3 / 640, 2)
     if rank == 0:
-        bad = [c for c in checks if c[2] is False]
-        emit(workload="custom_allreduce_check", exact=all(c[2] is not False for c in checks), in_graph_exact=ok_graph,
-             checks=checks, mismatches=bad)
         emit(workload="allreduce_latency_in_graph", **lat)
     dist.barrier()
     dist.destroy_process_group()
@@ -359,19 +534,139 @@ def check_allreduce() -> None:
     mp.spawn(_allreduce_rank, args=(2, port), nprocs=2)
 
 
+def shard_shapes(tp: int) -> dict[str, tuple[int, int]]:
+    """(N, K) of one rank's weight per matmul of MODEL at this TP (KV heads replicated below tp)."""
+    m = MODELS[MODEL]
+    h, i, heads, kv = m["hidden_size"], m["intermediate_size"], m["num_attention_heads"], m["num_key_value_heads"]
+    d = h // heads
+    return {"qkv": ((heads + 2 * max(kv, tp)) * d // tp, h), "o": (h, heads * d // tp), "gate_up": (2 * i // tp, h),
+            "down": (h, i // tp), "lm_head": ((512 if DRY else VOCAB) // tp, h)}
+
+
+def sweep_gemv(tp: int, out_path: str) -> None:
+    """Batch-1 matmuls at this TP's shard shapes, each as the decode step calls it (qkv and
+    gate_up with the RMSNorm prologue, down with SiLU-and-mul, o and the LM head plain, where
+    linear() picks cuBLAS or the gemv): today's launch against a grid of launch shapes and
+    cuBLAS, each timed in a CUDA graph of 40 calls cycling weight copies past the L2 (one GPU).
+    OUT.json gets the launch shapes that beat today's call by more than 2%."""
+    import torch
+    import torch.nn.functional as F
+    from pagedserve.layers import linear_ops
+    from pagedserve.layers.triton_gemv import GemvConfig, rms_norm_gemv, silu_and_mul_gemv
+    dev = torch.device("cpu" if DRY else "cuda:0")
+    dtype = torch.bfloat16
+    if DRY:
+        configs = [GemvConfig(16, 64, 4, 2), GemvConfig(8, 64, 4, 2)]
+    else:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from gemv_sweep import time_us as graph_time_us
+        # the neighbourhood of the TP=1 table's winners (triton_gemv.CONFIGS): ~30 compilations
+        configs = [GemvConfig(*c) for c in ((4, 2048, 4, 4), (8, 512, 4, 4), (8, 1024, 4, 4), (16, 256, 4, 4),
+                                            (16, 512, 4, 4), (16, 1024, 4, 4), (32, 256, 4, 4), (32, 512, 4, 4),
+                                            (8, 1024, 8, 4), (16, 512, 8, 4))]
+
+    def time_us(fn, weights) -> float:
+        if not DRY:
+            return graph_time_us(fn, weights)
+        t0 = time.perf_counter()
+        fn(weights[0])
+        return (time.perf_counter() - t0) * 1e6
+    best_configs = {}
+    for role, (n, k) in shard_shapes(tp).items():
+        nbytes = n * k * 2
+        copies = 1 if DRY else max(3, -(-600 * 2**20 // nbytes))
+        weights = [(torch.randn(n, k, device=dev) * 0.02).to(dtype) for _ in range(copies)]
+        x, res = torch.randn(1, k, device=dev).to(dtype), torch.randn(1, k, device=dev).to(dtype)
+        norm_w, gate_up = torch.randn(k, device=dev).to(dtype), torch.randn(1, 2 * k, device=dev).to(dtype)
+        if role in ("qkv", "gate_up"):
+            call = lambda w, c: rms_norm_gemv(x, norm_w, 1e-5, w, res, c)  # noqa: E731
+        elif role == "down":
+            call = lambda w, c: silu_and_mul_gemv(gate_up, w, c)  # noqa: E731
+        else:   # plain: linear() picks cuBLAS or the gemv (today's call); the grid is the gemv's
+            from pagedserve.layers.triton_gemv import gemv
+            call = lambda w, c: linear_ops.linear(x, w) if c is None else gemv(x, w, c)  # noqa: E731
+        current = time_us(lambda w: call(w, None), weights)
+        cublas = time_us(lambda w: F.linear(x, w), weights)
+        timed = []
+        for cfg in configs:
+            try:
+                timed.append((time_us(lambda w, c=cfg: call(w, c), weights), cfg))
+            except Exception as exc:   # a tile too large for shared memory or registers
+                print(f"{role} {cfg}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
+        timed.sort(key=lambda t: t[0])
+        best_us, best = timed[0]
+        if best_us < 0.98 * current:
+            best_configs[f"{n}x{k}"] = [best.block_n, best.block_k, best.num_warps, best.num_stages]
+        emit(workload="gemv_sweep", tp=tp, role=role, n=n, k=k, mbytes=round(nbytes / 2**20, 1),
+             current_us=round(current, 2), current_tb_s=round(nbytes / current / 1e6, 2), cublas_us=round(cublas, 2),
+             best_us=round(best_us, 2), best_tb_s=round(nbytes / best_us / 1e6, 2), best=best.__dict__,
+             top3=[(round(t, 2), c.__dict__) for t, c in timed[:3]], taken=f"{n}x{k}" in best_configs)
+        del weights
+        if not DRY:
+            torch.cuda.empty_cache()
+    json.dump(best_configs, open(out_path, "w"))
+    emit(workload="gemv_sweep_configs", tp=tp, path=out_path, configs=best_configs)
+
+
+def h2d_probe() -> None:
+    """How long the host spends issuing a non-blocking host -> device copy while the GPU is busy
+    (~100 ms of torch.cuda._sleep): from pageable memory (a numpy array, as the step inputs went)
+    and through pinned memory. Milliseconds near the busy time mean the copy waited for the
+    stream (the driver staged it synchronously)."""
+    if DRY:
+        emit(workload="h2d_while_busy", skipped="DRY: needs a GPU")
+        return
+    import numpy as np
+    import torch
+    dev = torch.device("cuda:0")
+    torch.zeros(1, device=dev)
+    for nbytes in (4096, 32768, 65536, 65536 + 8, 262144):
+        array = np.arange(nbytes // 8, dtype=np.int64)
+        row = dict(workload="h2d_while_busy", bytes=nbytes)
+        for how in ("pageable", "pinned"):
+            for _ in range(2):   # the second one is reported (the first warms the allocators)
+                torch.cuda.synchronize()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                torch.cuda._sleep(200_000_000)   # ~100 ms at ~2 GHz
+                end.record()
+                t0 = time.perf_counter()
+                tensor = torch.from_numpy(array)
+                out = (tensor if how == "pageable" else tensor.pin_memory()).to(dev, non_blocking=True)
+                row[f"{how}_host_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
+                torch.cuda.synchronize()
+                row["gpu_busy_ms"] = round(start.elapsed_time(end), 1)
+                row[f"{how}_exact"] = bool(torch.equal(out.cpu(), tensor))
+        emit(**row)
+
+
 def main() -> None:
     mode = sys.argv[1]
+    if mode == "h2d":
+        h2d_probe()
+        return
     if mode == "compare":
         compare(sys.argv[2], sys.argv[3])
         return
     if mode == "allreduce":
         check_allreduce()
         return
+    if mode == "sweep":
+        sweep_gemv(int(sys.argv[2]), sys.argv[3])
+        return
     tp, variant = int(sys.argv[2]), sys.argv[3]
     llm = make_llm(tp, variant)
     if mode == "ids":
         run_ids(llm, sys.argv[4])
     elif mode == "profile":
+        run_profile(llm, tp, variant)
+    elif mode == "ab":   # an A/B arm: thr512 and b1_decode (host phases), ids first when PREFIX is given
+        if len(sys.argv) > 4:
+            run_ids(llm, f"{sys.argv[4]}_ids.json")
+        run_peers(llm, tp, variant, ttft=False)
+    elif mode == "suite":   # one start-up for all three (~20 s each on the H200s)
+        run_ids(llm, f"{sys.argv[4]}_ids.json")
+        run_peers(llm, tp, variant)
         run_profile(llm, tp, variant)
     else:
         run_peers(llm, tp, variant)

@@ -1,21 +1,25 @@
-"""The W4A16 decode GEMV on the GPU machine (issue 18), in one command of at most 240 s on an
-H200 (each stage is a child process with its own time limit; the stages run in order):
+"""The W4A16 kernels on the GPU machine (issue 18), in one command of at most 240 s on an H200
+(each stage is a child process with its own time limit; the stages run in order):
 
-  kernels  (<= 90 s)  _w4_gemv_kernel against the torch dequantized reference on llama-8b's
-                      shapes (qkv 4096->6144, o 4096->4096, gate_up 4096->28672, down
-                      14336->4096), bf16 and fp16, symmetric and asymmetric zeros, FMA and
-                      tl.dot launches, M = 1, 3, 4, 16, 64 (`CHECK` lines); then the sweep
-                      of launch configurations at M = 1, 4, 16 against bf16 (the Triton gemv
-                      / cuBLAS) and at M = 64, 256 against the GEMM and dequantize paths,
-                      time per call in CUDA graphs and the effective weight stream in TB/s
-                      (`SWEEP` lines); the best launch per (M bucket, K, N) is written to
-                      w4_tuned.json (`TUNED` lines).
-  e2e      (<= 95 s) llama-8b dummy W4A16 (compressed-tensors, symmetric, group 128) with
-                      the tuned launches: b1_decode, ttft1024, thr512 (quant_gpu.py's
-                      timing; `RESULT` lines).
-  fixtures (<= 55 s)  quant_gpu.py's fixture check on CUDA (the GPTQ act-order fixture
-                      included); FP8 fixtures that differ get the fp32 reference's margins
-                      at the divergences and a bf16 GPU reference (`CHECK` lines).
+  kernels   (<= 115 s) exactness first (`CHECK` lines): the one-row FMA GEMV (denormal
+                       nibbles; in-kernel split-K fix-up or the sum kernel; 16 or 8 words per
+                       K block; its SiLU-and-mul and RMSNorm prologues), the tl.dot GEMV and the new one-load-per-word GEMM against the
+                       torch dequantized reference on llama-8b's shapes (qkv 4096->6144, o
+                       4096->4096, gate_up 4096->28672, down 14336->4096), bf16 (fp16 and
+                       asymmetric zeros on some), M = 1..256. Then the launch sweep (`SWEEP`
+                       lines: us per call in CUDA graphs, the int4 weight + scale/zero stream
+                       in TB/s, against the bf16 Triton gemv / cuBLAS), in the order M = 1
+                       (GEMV launches), 256, 64 (GEMM launches against the dequantize + cuBLAS
+                       and generic GEMM paths), 4, 16 (GEMV launches and the GEMM with split
+                       K); the bf16 LM head at M = 1; `FLOOR` estimates the b1 step's linears
+                       (32 layers of the best launches + the LM head). The best launch per (M
+                       bucket, K, N) goes to w4_tuned.json (`TUNED`), rewritten as it goes.
+  e2e_w4a16 (<= 70 s)  llama-8b dummy W4A16 (compressed-tensors, symmetric, group 128, LM head
+                       bf16) with the tuned launches: b1_decode, ttft1024, thr512 (quant_gpu.py's
+                       timing; `RESULT` lines); then the one-row CUDA graph replayed alone (the
+                       step's GPU time, `PROFILE`) and the kernel table of one eager one-row
+                       forward (torch.profiler).
+  e2e_bf16  (<= 55 s)  the same for bf16, for the ratios.
 
     PYTHONPATH=$PWD python3 benchmarks/w4_gpu.py              all stages (<= 240 s)
     PYTHONPATH=$PWD python3 benchmarks/w4_gpu.py --cpu-smoke  the same code on CPU, tiny
@@ -26,6 +30,7 @@ Raw output goes to $OUT/w4_gpu.txt as well when OUT is set.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -40,13 +45,32 @@ if SMOKE:
 
 import torch  # noqa: E402
 
-from benchmarks.quant_gpu import FAILED, _rel, _report, check_fixtures, emit, run_timing  # noqa: E402
+from benchmarks.quant_gpu import FAILED, _rel, _report, emit, run_timing  # noqa: E402
+from pagedserve.layers.quantization.triton_w4a16 import SILU_AND_MUL, GemmConfig, GemvConfig  # noqa: E402
 
-STAGES = {"kernels": 90, "e2e": 95, "fixtures": 55}
+STAGES = {"kernels": 115, "e2e_w4a16": 70, "e2e_bf16": 55}
 TUNED_FILE = os.path.join(os.environ.get("OUT") or "/tmp", "w4_tuned.json")
 DEVICE = "cpu" if SMOKE else "cuda"
 SHAPES = ([("qkv", 256, 384), ("down", 384, 256)] if SMOKE else
           [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096)])
+LAYERS = 2 if SMOKE else 32
+LM_HEAD = (256, 32064) if SMOKE else (4096, 128256)
+
+# launches: the checks use the first few of each list, the sweep all of them
+FMA = ([GemvConfig(block_n=64, num_warps=1), GemvConfig(block_n=32, words=8, fixup=False)] if SMOKE else
+       [GemvConfig(), GemvConfig(programs_per_sm=2), GemvConfig(programs_per_sm=8),
+        GemvConfig(block_n=256, num_warps=2), GemvConfig(block_n=256, num_warps=2, words=8),
+        GemvConfig(words=8), GemvConfig(block_n=1024, num_warps=8), GemvConfig(fixup=False),
+        GemvConfig(num_stages=2), GemvConfig(block_n=128, num_warps=1)])
+DOT = ([GemvConfig(block_n=32, dot=True)] if SMOKE else
+       [GemvConfig(block_n=128, dot=True), GemvConfig(block_n=64, dot=True),
+        GemvConfig(block_n=128, num_warps=8, dot=True)])
+GEMM = ([GemmConfig(block_m=32, block_n=32), GemmConfig(block_m=32, block_n=32, programs_per_sm=4)] if SMOKE else
+        [GemmConfig(), GemmConfig(128, 128, 8, 3), GemmConfig(64, 64, 4, 4), GemmConfig(128, 256, 8, 3),
+         GemmConfig(64, 256, 8, 3), GemmConfig(128, 64, 4, 4), GemmConfig(64, 128, 4, 3, programs_per_sm=2)])
+# the GEMM with split K for a few rows (16 per program), against the tl.dot GEMV
+FEW = ([GemmConfig(block_m=16, block_n=32, programs_per_sm=4)] if SMOKE else
+       [GemmConfig(16, 128, 4, 3, 4), GemmConfig(16, 64, 4, 3, 4), GemmConfig(16, 256, 8, 3, 4)])
 
 
 def _weights(k: int, n: int, dtype: torch.dtype, symmetric: bool, seed: int = 0):
@@ -59,42 +83,74 @@ def _weights(k: int, n: int, dtype: torch.dtype, symmetric: bool, seed: int = 0)
     return qweight, scales, zeros
 
 
-def _configs(m: int):
-    from pagedserve.layers.quantization.triton_w4a16 import GemvConfig
-    if SMOKE:
-        return [GemvConfig(block_n=64), GemvConfig(block_n=64, dot=True)]
-    fma = [GemvConfig(block_n=bn, num_warps=w, programs_per_sm=p, num_stages=st)
-           for bn, w, p, st in ((128, 4, 4, 3), (128, 4, 8, 3), (256, 4, 4, 3), (256, 8, 4, 3), (256, 4, 8, 4),
-                                (512, 4, 4, 3), (512, 8, 4, 3), (64, 4, 8, 3), (128, 4, 2, 3), (128, 4, 4, 5))]
-    dot = [GemvConfig(block_n=bn, num_warps=w, programs_per_sm=p, dot=True)
-           for bn, w, p in ((64, 4, 4), (128, 4, 4), (64, 4, 8), (128, 8, 4), (32, 4, 8))]
-    if m > 16:
-        return [GemvConfig(block_n=bn, num_warps=w, block_m=bm, dot=True, programs_per_sm=1)
-                for bn, w, bm in ((64, 4, 32), (128, 4, 32), (128, 8, 64), (64, 4, 64), (128, 4, 64))]
-    return fma + dot if m == 1 else fma[:4] + dot if m <= 4 else dot
+def _name(config) -> str:
+    return " ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items())
 
 
 def check_kernels() -> None:
+    """Every kernel against x.float() @ the torch dequantized weight (1e-2 relative: the
+    output's own rounding to bf16 is ~3e-3)."""
     from pagedserve.layers.quantization.int4 import dequantize_int4
-    from pagedserve.layers.quantization.triton_w4a16 import GemvConfig, w4a16_gemv
-    launches = [GemvConfig(), GemvConfig(block_n=64, dot=True), GemvConfig(block_n=256, programs_per_sm=1),
-                GemvConfig(block_n=128, block_m=64, dot=True, num_warps=8)]
-    for name, k, n in SHAPES:
-        for dtype in (torch.bfloat16, torch.float16):
+    from pagedserve.layers.quantization.triton_w4a16 import w4a16_gemm, w4a16_gemv
+    dtypes = (torch.float16,) if SMOKE else (torch.bfloat16, torch.float16)   # interpreter: no bf16 dot
+    for index, (name, k, n) in enumerate(SHAPES):
+        for dtype in dtypes:
             for symmetric in (True, False):
+                if (dtype == torch.float16 or not symmetric) and index % 2 and not SMOKE:
+                    continue   # fp16 and asymmetric zeros on half the shapes
                 qweight, scales, zeros = _weights(k, n, dtype, symmetric)
                 weight = dequantize_int4(qweight, scales, zeros, 128, None, dtype).float()
-                for m in (1, 3, 4, 16, 64):
+                cases = [(m, c) for m in (1, 3) for c in FMA[:4 if not SMOKE else 2]]
+                cases += [(m, c) for m in (4, 16) for c in DOT[:1] + FEW[:1]]
+                cases += [(m, c) for m in (64, 100, 256) for c in GEMM[:2] + GEMM[-1:]]
+                if dtype == torch.float16 and not SMOKE:   # fewer compilations: one launch per kernel
+                    cases = [(1, FMA[0]), (3, FMA[0]), (4, DOT[0]), (16, FEW[0]), (100, GEMM[0])]
+                for m, config in cases:
                     x = torch.randn(m, k, device=DEVICE, dtype=dtype)
-                    ref = x.float() @ weight
-                    for config in launches:
-                        if SMOKE and config.dot and dtype == torch.bfloat16:
-                            continue   # the Triton interpreter's bf16 tl.dot returns garbage
+                    if isinstance(config, GemmConfig):
+                        out = w4a16_gemm(x, qweight, scales, zeros, 128, config)
+                    else:
                         out = w4a16_gemv(x, qweight, scales, zeros, 128, config)
-                        _report(f"w4 gemv {name} m={m} {str(dtype)[6:]} sym={symmetric} dot={config.dot} "
-                                f"bn={config.block_n}", _rel(out, ref), 1e-2)
-                    if SMOKE:
-                        break
+                    _report(f"w4 {name} m={m} {str(dtype)[6:]} sym={symmetric} {type(config).__name__} {_name(config)}",
+                            _rel(out, x.float() @ weight), 1e-2)
+    # the SiLU-and-mul prologue (down_proj at one row) against SiluAndMul then the same launch
+    from pagedserve.layers.activation import SiluAndMul
+    _, k, n = SHAPES[-1]
+    qweight, scales, zeros = _weights(k, n, torch.bfloat16 if not SMOKE else torch.float16, True)
+    gate_up = torch.randn(1, 2 * k, device=DEVICE, dtype=scales.dtype)
+    for config in FMA[:2]:
+        ref = w4a16_gemv(SiluAndMul()(gate_up), qweight, scales, zeros, 128, config)
+        out = w4a16_gemv(gate_up[:, :k], qweight, scales, zeros, 128, config, prologue=SILU_AND_MUL)
+        _report(f"w4 fma silu prologue {_name(config)}", _rel(out, ref), 1e-6)
+    # the RMSNorm prologue (qkv at one row, with and without the residual) against RMSNorm
+    # then the same launch (x normalised in fp32 here, rounded twice there: 1e-2)
+    from pagedserve.layers.norm import RMSNorm
+    from pagedserve.layers.quantization import triton_w4a16
+    _, k, n = SHAPES[0]
+    qweight, scales, zeros = _weights(k, n, torch.bfloat16 if not SMOKE else torch.float16, True)
+    norm = RMSNorm(k, 1e-5, scales.dtype).to(DEVICE)
+    norm.weight.data = torch.rand(k, device=DEVICE, dtype=scales.dtype) + 0.5
+    x, residual = (torch.randn(1, k, device=DEVICE, dtype=scales.dtype) * 4 for _ in range(2))
+    for config in [c for c in FMA if c.fixup][:2]:   # split K: summed in the kernel, or not fused
+        triton_w4a16.TUNED[(1, k, n)] = config
+        for res in (None, residual):
+            fused = triton_w4a16.w4a16_rms_norm_gemv(x, res, norm.weight, norm.eps, qweight, scales, zeros, 128, None)
+            if fused is None:
+                _report(f"w4 fma rms_norm prologue ran {_name(config)}", 1.0, 0.0)
+                continue
+            out, h = fused
+            normed, h_ref = (norm(x), x) if res is None else norm(x, res.clone())
+            ref = w4a16_gemv(normed, qweight, scales, zeros, 128, config)
+            _report(f"w4 fma rms_norm prologue residual={res is not None} {_name(config)}", _rel(out, ref), 1e-2,
+                    h_equal=bool(torch.equal(h, h_ref)))
+            if not torch.equal(h, h_ref):
+                FAILED.append("w4 fma rms_norm prologue: x + residual")
+    triton_w4a16.TUNED.pop((1, k, n))
+    # split-K's in-kernel fix-up resets its counters: the same call twice gives the same bits
+    qweight, scales, zeros = _weights(4096 if not SMOKE else 256, 512, torch.float16, True)
+    x = torch.randn(1, qweight.shape[0] * 8, device=DEVICE, dtype=torch.float16)
+    first = w4a16_gemv(x, qweight, scales, zeros, 128, FMA[0])
+    _report("w4 fma fix-up repeatable", float((w4a16_gemv(x, qweight, scales, zeros, 128, FMA[0]) != first).sum()), 0.5)
 
 
 def _timer(fn, iters: int = 50) -> float:
@@ -119,16 +175,37 @@ def _timer(fn, iters: int = 50) -> float:
     return start.elapsed_time(end) / (iters // 10 * 10)
 
 
-def sweep() -> None:
-    """Every launch of _configs(m) per M (decode sizes first) and shape; the fastest per
-    (bucket, K, N) is kept, and w4_tuned.json rewritten after each, so that a stage cut short
-    by its time limit still leaves what it measured."""
+def _save(best: dict) -> None:
+    tuned = {"gemv": {}, "gemm": {}}
+    for key, value in best.items():
+        if value["kind"] in tuned:
+            tuned[value["kind"]][key] = value["config"]
+    with open(TUNED_FILE, "w") as f:
+        json.dump(tuned, f)
+
+
+def _lm_head_ms() -> float:
+    """The bf16 LM head at one row (the W4A16 config leaves it unquantized)."""
     from pagedserve.layers.linear_ops import linear
-    from pagedserve.layers.quantization.triton_w4a16 import rows_bucket, w4a16_gemv, w4a16_matmul
+    head = torch.randn(LM_HEAD[1], LM_HEAD[0], device=DEVICE, dtype=torch.bfloat16)
+    x = torch.randn(1, LM_HEAD[0], device=DEVICE, dtype=torch.bfloat16)
+    ms = _timer(lambda: linear(x, head))
+    emit("SWEEP", layer="lm_head_bf16", m=1, k=LM_HEAD[0], n=LM_HEAD[1], bf16_us=round(ms * 1e3, 1),
+         bf16_tb_s=round(head.numel() * 2 / ms / 1e9, 2))
+    return ms
+
+
+def sweep() -> None:
+    """Every launch per M (decode sizes first) and shape; the fastest per (bucket, K, N) is
+    kept, and w4_tuned.json rewritten after each, so that a stage cut short by its time limit
+    still leaves what it measured."""
+    from pagedserve.layers.linear_ops import linear
+    from pagedserve.layers.quantization.triton_w4a16 import rows_bucket, w4a16_gemm, w4a16_gemv, w4a16_matmul
     best: dict[str, dict] = {}
     weights = {name: _weights(k, n, torch.bfloat16, True) + (torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16),)
                for name, k, n in SHAPES}
-    for m in ((1, 4, 64) if SMOKE else (1, 4, 16, 64, 256)):
+    head_ms = _lm_head_ms()
+    for m in ((1, 4, 64) if SMOKE else (1, 256, 64, 4, 16)):   # b1's and thr512's rows first
         for name, k, n in SHAPES:
             qweight, scales, zeros, dense = weights[name]
             w4_bytes = k * n // 2 + 2 * scales.numel() * scales.element_size()
@@ -136,29 +213,36 @@ def sweep() -> None:
             bf16_ms = _timer(lambda: linear(x, dense))
             cublas_ms = _timer(lambda: torch.nn.functional.linear(x, dense))
             key = f"{rows_bucket(m)},{k},{n}"
-            if m > 16:   # the paths these rows take without TUNED: the new launch must beat them
-                for path in ("gemm", "dequant"):
-                    ms = _timer(lambda: w4a16_matmul(x, qweight, scales, zeros, 128, None, path))
-                    emit("SWEEP", layer=name, m=m, k=k, n=n, path=path, w4_us=round(ms * 1e3, 1),
-                         cublas_bf16_us=round(cublas_ms * 1e3, 1))
-                    if key not in best or ms < best[key]["ms"]:
-                        best[key] = dict(ms=ms, config=None, path=path)
-            for config in _configs(m):
+            common = dict(layer=name, m=m, k=k, n=n, bf16_us=round(bf16_ms * 1e3, 1), cublas_bf16_us=round(cublas_ms * 1e3, 1),
+                          bf16_tb_s=round(k * n * 2 / bf16_ms / 1e9, 2))
+            if m > 16:
+                launches = [(path, lambda p=path: w4a16_matmul(x, qweight, scales, zeros, 128, None, p))
+                            for path in ("dequant", "gemm")]
+                launches += [(c, lambda c=c: w4a16_gemm(x, qweight, scales, zeros, 128, c)) for c in GEMM]
+            else:
+                configs = FMA if m == 1 else FMA[:1] + FMA[3:4] + DOT if m <= 4 else DOT
+                launches = [(c, lambda c=c: w4a16_gemv(x, qweight, scales, zeros, 128, c)) for c in configs]
+                launches += [(c, lambda c=c: w4a16_gemm(x, qweight, scales, zeros, 128, c)) for c in FEW if m > 1]
+            for what, fn in launches:
+                label = what if isinstance(what, str) else _name(what)
                 try:
-                    ms = _timer(lambda: w4a16_gemv(x, qweight, scales, zeros, 128, config))
+                    ms = _timer(fn)
                 except Exception as exc:   # a launch that does not compile is reported, not fatal
-                    emit("SWEEP", layer=name, m=m, config=config.__dict__, error=f"{type(exc).__name__}: {exc}"[:300])
+                    emit("SWEEP", layer=name, m=m, launch=label, error=f"{type(exc).__name__}: {exc}"[:300])
                     continue
-                emit("SWEEP", layer=name, m=m, k=k, n=n, config=config.__dict__, w4_us=round(ms * 1e3, 1),
-                     bf16_us=round(bf16_ms * 1e3, 1), cublas_bf16_us=round(cublas_ms * 1e3, 1),
-                     vs_bf16=round(bf16_ms / ms, 2), w4_tb_s=round(w4_bytes / ms / 1e9, 2),
-                     bf16_tb_s=round(k * n * 2 / bf16_ms / 1e9, 2))
+                emit("SWEEP", **common, launch=label, w4_us=round(ms * 1e3, 1), vs_bf16=round(bf16_ms / ms, 2),
+                     w4_tb_s=round(w4_bytes / ms / 1e9, 2))
+                kind = "path" if isinstance(what, str) else "gemm" if isinstance(what, GemmConfig) else "gemv"
                 if key not in best or ms < best[key]["ms"]:
-                    best[key] = dict(ms=ms, config=config.__dict__, path="w4_gemv")
-            emit("TUNED", key=key, us=round(best[key]["ms"] * 1e3, 1), path=best[key]["path"],
-                 config=best[key]["config"])
-            with open(TUNED_FILE, "w") as f:
-                json.dump({key: value["config"] for key, value in best.items() if value["config"]}, f)
+                    best[key] = dict(ms=ms, kind=kind, config=label if kind == "path" else dataclasses.asdict(what))
+            emit("TUNED", key=key, us=round(best[key]["ms"] * 1e3, 1), launch_kind=best[key]["kind"], config=best[key]["config"],
+                 tb_s=round(w4_bytes / best[key]["ms"] / 1e9, 2))
+            _save(best)
+        if m == 1:
+            linears_ms = sum(best[f"1,{k},{n}"]["ms"] for _, k, n in SHAPES)
+            emit("FLOOR", m=1, layer_linears_us=round(linears_ms * 1e3, 1), lm_head_us=round(head_ms * 1e3, 1),
+                 step_linears_ms=round(LAYERS * linears_ms + head_ms, 3),
+                 tok_s_if_nothing_else=round(1e3 / (LAYERS * linears_ms + head_ms), 1))
 
 
 def load_tuned() -> None:
@@ -167,40 +251,57 @@ def load_tuned() -> None:
         emit("TUNED", note=f"no {TUNED_FILE}: default launches")
         return
     with open(TUNED_FILE) as f:
-        for key, config in json.load(f).items():
-            bucket, k, n = (int(v) for v in key.split(","))
-            triton_w4a16.TUNED[(bucket, k, n)] = triton_w4a16.GemvConfig(**config)
-    emit("TUNED", loaded=len(triton_w4a16.TUNED))
+        tuned = json.load(f)
+    for kind, table, cls in (("gemv", triton_w4a16.TUNED, GemvConfig), ("gemm", triton_w4a16.GEMM_TUNED, GemmConfig)):
+        for key, config in tuned.get(kind, {}).items():   # (an older file: flat, no kinds)
+            table[tuple(int(v) for v in key.split(","))] = cls(**config)
+    for _, k, n in SHAPES:   # no M = 1 launch measured (a stage cut short, or none compiled): tl.dot
+        triton_w4a16.TUNED.setdefault((1, k, n), triton_w4a16.DOT_GEMV)
+    emit("TUNED", gemv=len(triton_w4a16.TUNED), gemm=len(triton_w4a16.GEMM_TUNED))
 
 
-def e2e() -> None:
-    load_tuned()
+def e2e(variant: str) -> None:
+    if variant == "w4a16":
+        load_tuned()
     if SMOKE:
         shape = dict(hidden_size=256, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, tie_word_embeddings=False)
-        run_timing("w4a16", 1, shape=shape, decode_tokens=8, device="cpu", max_model_len=1100,
-                   max_num_seqs=4)
-    else:
-        run_timing("w4a16", 512)
+        run_timing(variant, 2, shape=shape, decode_tokens=8, device="cpu", max_model_len=1100, max_num_seqs=4)
+        return
+    llm = run_timing(variant, 512)
+    try:
+        decode_profile(variant, llm)
+    except Exception as exc:   # the figures above stand without it
+        emit("PROFILE", variant=variant, error=f"{type(exc).__name__}: {exc}"[:300])
 
 
-def fixtures() -> None:
-    """The fixtures this run is for first (GPTQ act-order, the FP8 ones), then the rest."""
-    first = ["gptq-asym-actorder", "ct-fp8-dynamic", "ct-fp8-static", "ct-fp8-block", "fp8-block"]
-    if SMOKE:
-        first = ["gptq-asym-actorder", "ct-fp8-dynamic"]
-    rest = [] if SMOKE else sorted(set(os.listdir(os.path.join(REPO, "tests", "fixtures", "quant"))) - set(first))
-    check_fixtures(DEVICE, only=first + rest)
+def decode_profile(variant: str, llm) -> None:
+    """Where a b1 step goes: the one-row CUDA graph replayed alone (the step's GPU time; b1_decode
+    adds the host's), then the kernel table of one eager one-row forward (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    graphs = llm.engine.core.executor.runner.graph_runner
+    torch.cuda.synchronize()
+    start = time.time()
+    for _ in range(50):
+        graphs.graphs[1].replay()
+    torch.cuda.synchronize()
+    emit("PROFILE", variant=variant, graph_replay_bs1_ms=round((time.time() - start) * 20, 3))
+    with torch.inference_mode():
+        graphs._forward(1)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            graphs._forward(1)
+            torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60), flush=True)
 
 
 def run_stage(stage: str) -> None:
     if stage == "kernels":
         check_kernels()
+        print(f"CHECK_SUMMARY failed={len(FAILED)} {FAILED[:20]}", flush=True)
         sweep()
-    elif stage == "e2e":
-        e2e()
     else:
-        fixtures()
+        e2e(stage.split("_")[1])
     print(f"STAGE_SUMMARY {stage} failed={len(FAILED)} {FAILED[:20]}", flush=True)
     sys.exit(1 if FAILED else 0)
 

@@ -185,6 +185,9 @@ class ParallelConfig:
     # over NVLink peer memory, layers/custom_all_reduce.py) instead of NCCL; 0: off
     # (disable_custom_all_reduce). PAGEDSERVE_CUSTOM_ALL_REDUCE_MAX_KB at start-up.
     custom_all_reduce_bytes: int = 1 << 20
+    # Its kernel: "one_shot" (torch's) or "push" (two ranks: layers/triton_all_reduce.py);
+    # PAGEDSERVE_CUSTOM_ALL_REDUCE_KIND at start-up (default: push at TP=2, with 4 MiB).
+    custom_all_reduce_kind: str = "one_shot"
     # How step messages reach ranks on this machine: "shm" (worker/shm_queue.py) or "broadcast"
     # (the step group's collective); PAGEDSERVE_TP_STEP_QUEUE at start-up. Ranks started by hand
     # (distributed_init "env") always use "broadcast".

@@ -66,7 +66,7 @@ class EngineArgs:
                                                 "(default: on for CUDA, and with pipeline_parallel_size > 1)")
     tensor_parallel_size: int = _knob(1, "number of GPUs to shard the model over", aliases=("-tp",))
     disable_custom_all_reduce: bool = _knob(False, "tensor parallelism: every all-reduce through NCCL (no "
-                                                   "one-shot all-reduce over symmetric memory for small tensors)")
+                                                   "custom all-reduce over NVLink peer memory for small tensors)")
     kv_cache_memory_gb: float | None = _knob(None, "KV cache size on CPU, in GB")
     num_kv_blocks: int | None = _knob(None, "number of KV cache blocks (instead of sizing them from memory)")
     scheduling_policy: str = _knob("continuous", "continuous (requests join and leave the batch every step) or "
@@ -145,7 +145,7 @@ class EngineArgs:
     def create_config(self) -> tuple[EngineConfig, Any, ModelSource]:
         """Resolve the model (offline), read its config once, check every cross-field rule.
         The environment is read here, once: PAGEDSERVE_GEMV_MAX_ROWS, PAGEDSERVE_TP_STEP_QUEUE,
-        PAGEDSERVE_CUSTOM_ALL_REDUCE_MAX_KB, and MASTER_ADDR /
+        PAGEDSERVE_CUSTOM_ALL_REDUCE_MAX_KB / _KIND, and MASTER_ADDR /
         WORLD_SIZE / RANK (tensor-parallel ranks started by hand, env:// rendezvous)."""
         self.validate()
         device = resolve_device(self.device)
@@ -181,6 +181,8 @@ class EngineArgs:
         if batched < 1:
             raise ValidationError(f"max_num_batched_tokens must be >= 1, got {batched}", "max_num_batched_tokens")
         max_num_seqs = self.max_num_seqs or default_max_num_seqs(device)
+        one_shot = _choice("PAGEDSERVE_CUSTOM_ALL_REDUCE_KIND", "push" if self.tensor_parallel_size == 2 else "one_shot",
+                           ("one_shot", "push")) == "one_shot"
         config = EngineConfig(
             model=model_config,
             weights=WeightSource(source.directory, source.gguf_file, self.load_format, self.seed),
@@ -189,12 +191,15 @@ class EngineArgs:
                               self.kv_offloading_size),
             scheduler=SchedulerConfig(max_num_seqs, batched, max_model_len, self.scheduling_policy,
                                       self.preemption_mode or "swap"),
+            # TP=2: the push all-reduce up to 4 MiB (llama-8b decode steps of up to 512 rows); more
+            # ranks: torch's one-shot up to 1 MiB (benchmarks/RESULTS.md, issue 17)
             parallel=ParallelConfig(
                 tensor_parallel_size=self.tensor_parallel_size, distributed_init=distributed_init,
                 pipeline_parallel_size=self.pipeline_parallel_size,
                 custom_all_reduce_bytes=0 if self.disable_custom_all_reduce
-                else int(os.environ.get("PAGEDSERVE_CUSTOM_ALL_REDUCE_MAX_KB", "1024")) << 10,
-                step_queue=_step_queue()),
+                else int(os.environ.get("PAGEDSERVE_CUSTOM_ALL_REDUCE_MAX_KB", "1024" if one_shot else "4096")) << 10,
+                custom_all_reduce_kind="one_shot" if one_shot else "push",
+                step_queue=_choice("PAGEDSERVE_TP_STEP_QUEUE", "shm", ("shm", "broadcast"))),
             device=DeviceConfig(str(device), self.enforce_eager, self.seed,
                                 self.async_scheduling if self.async_scheduling is not None
                                 else device.type == "cuda" or self.pipeline_parallel_size > 1,
@@ -219,12 +224,11 @@ class EngineArgs:
         return spec
 
 
-def _step_queue() -> str:
-    queue = os.environ.get("PAGEDSERVE_TP_STEP_QUEUE", "shm")
-    if queue not in ("shm", "broadcast"):
-        raise ValidationError(f"PAGEDSERVE_TP_STEP_QUEUE must be shm or broadcast, got {queue!r}",
-                              "PAGEDSERVE_TP_STEP_QUEUE")
-    return queue
+def _choice(variable: str, default: str, choices: tuple[str, ...]) -> str:
+    value = os.environ.get(variable, default)
+    if value not in choices:
+        raise ValidationError(f"{variable} must be {' or '.join(choices)}, got {value!r}", variable)
+    return value
 
 
 def default_max_num_seqs(device: torch.device) -> int:

@@ -50,6 +50,34 @@ def _find_seq_idx(query_start_loc_ptr, q_block, seq_begin, seq_end, token_begin,
     return lo - 1
 
 
+@triton.jit
+def _load_kv_tile(k_head_ptr, v_head_ptr, block_id, key_pos, key_valid, offs_d, dim_valid,
+                  stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, BLOCK_SIZE: tl.constexpr):
+    """One [TILE_N, HEAD_DIM_PAD] tile of K and of V of one KV head (block ids per key given)."""
+    slot = key_pos % BLOCK_SIZE
+    kv_mask = key_valid[:, None] & dim_valid[None, :]
+    k = tl.load(k_head_ptr + block_id[:, None] * stride_k_block + slot[:, None] * stride_k_slot
+                + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_head_ptr + block_id[:, None] * stride_v_block + slot[:, None] * stride_v_slot
+                + offs_d[None, :], mask=kv_mask, other=0.0)
+    return k, v
+
+
+@triton.jit
+def _online_softmax_step(q, k, v, score_mask, m_i, l_i, acc, scale_log2, DOT_PRECISION: tl.constexpr):
+    """Fold one key tile into the running (max, sum, acc) of the rows of q (log2 domain, fp32);
+    rows with no unmasked key so far stay at max -inf, sum 0, acc 0."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+    s = tl.where(score_mask, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked rows stay at 0
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
 # seq_begin/seq_end/num_seqs/num_segments may be 0 or 1: keep them runtime ints (no constexpr
 # specialisation: one compiled variant serves every split count, decode and prefill alike).
 @triton.jit(do_not_specialize=["seq_begin", "seq_end", "stride_block_table", "num_segments"])
@@ -119,25 +147,14 @@ def _paged_attention_kernel(
     for tile in range(tile_lo, tile_hi):
         key_pos = tile * TILE_N + offs_n
         key_valid = key_pos < key_end
-        slot = key_pos % BLOCK_SIZE
-        kv_mask = key_valid[:, None] & dim_valid[None, :]
-        k = tl.load(k_head_ptr + block_id[:, None] * stride_k_block + slot[:, None] * stride_k_slot
-                    + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_head_ptr + block_id[:, None] * stride_v_block + slot[:, None] * stride_v_slot
-                    + offs_d[None, :], mask=kv_mask, other=0.0)
+        k, v = _load_kv_tile(k_head_ptr, v_head_ptr, block_id, key_pos, key_valid, offs_d, dim_valid,
+                             stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, BLOCK_SIZE)
         next_pos = key_pos + TILE_N
         block_id = tl.load(block_table_row + next_pos // BLOCK_SIZE, mask=next_pos < key_end,
                            other=0).to(tl.int64)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         # key_pos <= query_abs implies key_pos < key_end for every valid row.
-        s = tl.where(row_valid[:, None] & (key_pos[None, :] <= query_abs[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked rows stay at 0
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(q, k, v, row_valid[:, None] & (key_pos[None, :] <= query_abs[:, None]),
+                                             m_i, l_i, acc, scale_log2, DOT_PRECISION)
 
     store_mask = row_valid[:, None] & dim_valid[None, :]
     if num_segments == 1:
@@ -236,7 +253,7 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_query_len: int, max_
 
 def _check_attention_inputs(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                            query_start_loc: torch.Tensor, out: torch.Tensor | None) -> None:
+                            query_start_loc: torch.Tensor | None, out: torch.Tensor | None) -> None:
     if query.dim() != 3:
         raise ValueError(f"query must be [num_tokens, num_heads, head_dim]; got {tuple(query.shape)}")
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
@@ -253,18 +270,20 @@ def _check_attention_inputs(query: torch.Tensor, k_cache: torch.Tensor, v_cache:
         if tensor.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dim; strides {tensor.stride()}")
     num_seqs = seq_lens.shape[0] if seq_lens.dim() == 1 else -1
-    if (seq_lens.dim() != 1 or query_start_loc.shape != (num_seqs + 1,) or block_tables.dim() != 2
-            or block_tables.shape[0] < num_seqs):
+    # query_start_loc None: an all-decode batch whose token s is sequence s's (decode_attention)
+    if (seq_lens.dim() != 1 or block_tables.dim() != 2 or block_tables.shape[0] < num_seqs
+            or query_start_loc is not None and query_start_loc.shape != (num_seqs + 1,)):
         raise ValueError(f"need seq_lens [num_seqs], query_start_loc [num_seqs + 1], block_tables "
                          f"[>= num_seqs, max_blocks]; got {tuple(seq_lens.shape)}, "
                          f"{tuple(query_start_loc.shape)}, {tuple(block_tables.shape)}")
-    for name, tensor in (("seq_lens", seq_lens), ("query_start_loc", query_start_loc),
-                         ("block_tables", block_tables)):
+    index_tensors = [("seq_lens", seq_lens), ("block_tables", block_tables)]
+    if query_start_loc is not None:
+        index_tensors.append(("query_start_loc", query_start_loc))
+    for name, tensor in index_tensors:
         if tensor.dtype != torch.int32 or tensor.stride(-1) != 1:
             raise ValueError(f"{name} must be a contiguous int32 tensor; got {tensor.dtype}, "
                              f"strides {tensor.stride()}")
-    for name, tensor in (("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables),
-                         ("seq_lens", seq_lens), ("query_start_loc", query_start_loc)):
+    for name, tensor in [("k_cache", k_cache), ("v_cache", v_cache)] + index_tensors:
         if tensor.device != query.device:
             raise ValueError(f"{name} is on {tensor.device}, query is on {query.device}")
     if out is not None and (out.shape != query.shape or out.dtype != query.dtype

@@ -5,7 +5,10 @@ crash of the run.
 
 Server-sent events: lines `data: {json}` (TGI writes `data:{json}`), blank lines between
 events, `data: [DONE]` closes an OpenAI stream. A chunk "carries output" when it has text
-or a token; TTFT is taken at the first such chunk, ITL between consecutive ones.
+or a token; TTFT is taken at the first such chunk, ITL between consecutive ones. A
+completions chunk with a choice carries output even when its text is empty (tokens that
+decode to nothing: special tokens, or bytes of an unfinished character), as vLLM's
+benchmark counts it; otherwise such a request would fail for want of text.
 
 TGI's stream, one event per token:
     data:{"index":1,"token":{"id":..,"text":..,"logprob":..,"special":false},
@@ -111,10 +114,10 @@ async def openai_completions(session: aiohttp.ClientSession, request: RequestInp
         payload["ignore_eos"] = True
 
     def on_event(timer: _Timer, now: float, event: dict) -> None:
-        for choice in event.get("choices") or []:
-            if choice.get("text"):
-                timer.output(now)
-                timer.result.generated_text += choice["text"]
+        choices = event.get("choices")
+        if choices:   # one chunk per token step; its text may be "" (see the module doc)
+            timer.output(now)
+            timer.result.generated_text += "".join(choice.get("text") or "" for choice in choices)
         _usage(timer.result, event)
 
     return await _post_stream(session, request, payload, on_event)

@@ -8,6 +8,11 @@ those rows' logits. With async scheduling the mask is filled after the previous 
 tokens are applied, while the device runs this step's forward pass (scheduler.py).
 `accept` advances a matcher by a sampled token, once per token: tokens recomputed after
 preemption are never accepted again (the matcher keeps its state).
+
+Each xgrammar call goes through tvm_ffi, which drops and retakes the GIL: the fill is one
+batch call for all the rows. Filling on a second thread beside the engine thread hid 78% of
+the fill behind Python work in isolation but gained nothing end to end on an H200 host
+(benchmarks/RESULTS.md, issue 20, fourth pass), so the fill stays on the engine thread.
 """
 from __future__ import annotations
 
@@ -24,6 +29,14 @@ def _matcher(request: Request) -> Any:
     return matcher
 
 
+def _batch_matcher() -> Any:
+    """xgrammar's batch calls without a thread pool (on an H200 host the pool saved fill time
+    in isolation and lost far more end to end: benchmarks/RESULTS.md, issue 20); one per call
+    (~3 us), so engines on different threads share nothing."""
+    import xgrammar
+    return xgrammar.BatchGrammarMatcher(max_threads=1)
+
+
 def bitmask_buffer(requests: list[Request], buffer: Any = None) -> Any:
     """`buffer` if it has the rows and width for these requests' bitmask, else a new one. A
     fresh tensor per step cost more than filling 64 rows (page faults)."""
@@ -37,22 +50,26 @@ def bitmask_buffer(requests: list[Request], buffer: Any = None) -> Any:
 
 def fill_bitmask(requests: list[Request], buffer: Any) -> Any:
     """The token bitmask of these requests' next tokens (row i: requests[i]) in the first rows
-    of `buffer` (bitmask_buffer). One row at a time: on an H200 box xgrammar's
-    BatchGrammarMatcher (a thread pool) made the 64-request JSON benchmark slower (11.7k vs
-    19.6k tok/s)."""
+    of `buffer` (bitmask_buffer), in one xgrammar call. A finished request's row (a deferred
+    fill's request that ended meanwhile: its token is dropped, and its matcher may have
+    terminated, which xgrammar refuses to fill) is all-allowed."""
     bitmask = buffer[:len(requests)]
+    matchers, indices = [], []
     for row, request in enumerate(requests):
-        matcher = _matcher(request)
-        if matcher.is_terminated():   # a terminated row is all-allowed (it is finishing)
+        if request.is_finished():
             bitmask[row].fill_(-1)
         else:
-            matcher.fill_next_token_bitmask(bitmask, row)
+            matchers.append(_matcher(request))
+            indices.append(row)
+    _batch_matcher().batch_fill_next_token_bitmask(matchers, bitmask, indices)
     return bitmask
 
 
 def accept(request: Request, token: int) -> tuple[bool, bool]:
     """Advance the request's matcher by `token`: (accepted, terminated). Terminated: the
-    grammar is complete and its stop token was accepted."""
+    grammar is complete and its stop token was accepted. One call per row: xgrammar's
+    batch_accept_token does the same work in C++ (accept_token itself is the cost, ~2 us) and
+    reading each element of its result costs more than is_terminated (benchmarks/grammar_fill.py)."""
     matcher = _matcher(request)
     if not matcher.accept_token(token):
         return False, matcher.is_terminated()

@@ -13,6 +13,11 @@ tensors NCCL's bandwidth wins (benchmarks/tp_gpu.py allreduce measures the cross
 choice depends only on dtype, size and contiguity, the same on every rank. Anything else (fp16,
 larger tensors) goes to NCCL, and so does everything when set-up finds no support: every rank
 must agree, so `init_symm_mem_all_reduce` decides collectively.
+
+kind "push" (ParallelConfig.custom_all_reduce_kind; the default at TP=2, up to 4 MiB):
+layers/triton_all_reduce.py's kernel instead, one one-way signal per all-reduce where the
+one-shot op waits for two round trips (H200 pair: b1_decode 312 -> 330 tok/s, thr512 +1.6%,
+the same tokens); more than two ranks keep the one-shot op.
 """
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ import logging
 
 import torch
 import torch.distributed as dist
+
+from pagedserve.layers.parallel import CustomAllReduce
 
 logger = logging.getLogger(__name__)
 
@@ -87,32 +94,59 @@ def _all_agree(ok: bool, device: torch.device) -> bool:
     return bool(flag.item())
 
 
-def init_symm_mem_all_reduce(device: torch.device, buffer_bytes: int) -> SymmMemAllReduce | None:
+def _push_reducer(symm_mem, device: torch.device, buffer_bytes: int, group_name: str):
+    """Two slots of `buffer_bytes` and the flags in one symmetric buffer per rank; this rank
+    writes into the peer's (layers/triton_all_reduce.py)."""
+    from pagedserve.layers.triton_all_reduce import MAX_PROGRAMS, PushBuffers
+    data = 2 * buffer_bytes
+    buffer = symm_mem.empty(data + 8 * MAX_PROGRAMS, dtype=torch.uint8, device=device)
+    buffer.zero_()
+    torch.cuda.synchronize(device)   # zeroed before the peer can write its first flag
+    handle = symm_mem.rendezvous(buffer, group_name)
+    if handle is None:
+        raise RuntimeError("rendezvous returned no handle")
+    peer = 1 - dist.get_rank()
+    flags = data // 8
+    return PushBuffers(handle.get_buffer(peer, (data,), torch.uint8, 0), buffer[:data],
+                       handle.get_buffer(peer, (MAX_PROGRAMS,), torch.int64, flags),
+                       buffer.view(torch.int64)[flags:flags + MAX_PROGRAMS])
+
+
+def init_symm_mem_all_reduce(device: torch.device, buffer_bytes: int, kind: str = "one_shot"
+                             ) -> CustomAllReduce | None:
     """Collective (every rank of the default group calls it): allocate and exchange the
     symmetric buffer, then check one all-reduce against NCCL. Returns None on every rank
-    (NCCL for everything) if any rank lacks support, fails to set up, or gets a wrong sum."""
+    (NCCL for everything) if any rank lacks support, fails to set up, or gets a wrong sum.
+    `kind`: "one_shot" (torch's op) or "push" (two ranks only; else one_shot)."""
     world = dist.get_world_size()
     why = local_support(device, world)
     if not _all_agree(why is None, device):
         logger.info("custom all-reduce off: %s", why or "another rank lacks support")
         return None
+    kind = kind if world == 2 else "one_shot"
     reducer, error = None, None
     try:
         import torch.distributed._symmetric_memory as symm_mem
         _prefer_cuda_backend(symm_mem, device)
         group_name = dist.group.WORLD.group_name
-        buffer = symm_mem.empty(buffer_bytes, dtype=torch.uint8, device=device)
-        if symm_mem.rendezvous(buffer, group_name) is None:
-            raise RuntimeError("rendezvous returned no handle")
-        reducer = SymmMemAllReduce(buffer, group_name)
+        if kind == "push":
+            reducer = _push_reducer(symm_mem, device, buffer_bytes, group_name)
+            reducer.max_spins = 1 << 24   # the probe: a few seconds (each rank compiles the kernel first)
+        else:
+            buffer = symm_mem.empty(buffer_bytes, dtype=torch.uint8, device=device)
+            if symm_mem.rendezvous(buffer, group_name) is None:
+                raise RuntimeError("rendezvous returned no handle")
+            reducer = SymmMemAllReduce(buffer, group_name)
         probe = torch.arange(4096, dtype=torch.float32, device=device) * (dist.get_rank() + 1)
         expected = torch.arange(4096, dtype=torch.float32, device=device) * (world * (world + 1) // 2)
-        if not torch.equal(reducer(probe), expected):
+        if not torch.equal(reducer(probe), expected) or bool(getattr(reducer, "error", torch.zeros(1)).any()):
             raise RuntimeError("the symmetric-memory sum differs from the expected one")
+        if kind == "push":
+            reducer.max_spins = reducer.MAX_SPINS
     except Exception as exc:   # any failure: every rank falls back to NCCL together
         error, reducer = exc, None
     if not _all_agree(reducer is not None, device):
         logger.warning("custom all-reduce off: %s", error or "set-up failed on another rank")
         return None
-    logger.info("custom all-reduce: symmetric memory one-shot up to %d KiB", buffer_bytes >> 10)
+    logger.info("custom all-reduce: symmetric memory %s up to %d KiB", kind, buffer_bytes >> 10)
     return reducer

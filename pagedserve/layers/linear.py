@@ -103,16 +103,17 @@ class LinearBase(nn.Module):
     def forward_normed(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer of norm(x + residual) (of norm(x) without one) -> (output, x + residual
-        or x): one gemv launch for decode-sized batches (the norm in its prologue), else the
-        norm (updating residual in place) and the matmul."""
+        or x): one gemv launch for decode-sized batches (the norm in its prologue; a quantized
+        layer's where its LinearMethod has one), else the norm (updating residual in place)
+        and the matmul."""
         # 2-16 rows feed tl.dot x * norm weight in the input dtype before the rsqrt scales it:
         # bf16 only there (fp16 could overflow on a large residual stream)
         if self._fuses(x) and (x.shape[0] == 1 or x.dtype == torch.bfloat16):
             from pagedserve.layers.triton_gemv import rms_norm_gemv
             return rms_norm_gemv(x, norm.weight, norm.eps, self.weight, residual)
-        fused = getattr(self.quant_method, "apply_normed", None)   # a method's own fused kernel (GGUF on CPU)
-        if fused is not None and self.bias is None and (out := fused(self, x, residual, norm)) is not None:
-            return out
+        fused = self.quant_method.apply_normed(self, x, residual, norm) if self.bias is None else None
+        if fused is not None:
+            return fused
         if residual is None:
             return self(norm(x)), x
         normed, residual = norm(x, residual)
@@ -199,14 +200,13 @@ class RowParallelLinear(LinearBase):
 
     def forward_silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """This layer of silu(gate) * up for gate_up = [gate | up]: one gemv launch for one row
-        (the activation in its prologue), else the activation and the matmul."""
+        (the activation in its prologue; a quantized layer's where its LinearMethod has one),
+        else the activation and the matmul."""
         if gate_up.shape[0] == 1 and self._fuses(gate_up):
             from pagedserve.layers.triton_gemv import silu_and_mul_gemv
             return self._reduce(silu_and_mul_gemv(gate_up, self.weight))
-        fused = getattr(self.quant_method, "apply_silu_and_mul", None)   # GGUF on CPU
-        if fused is not None and (out := fused(self, gate_up)) is not None:
-            return self._reduce(out)
-        return self(SiluAndMul()(gate_up))
+        fused = self.quant_method.apply_silu_and_mul(self, gate_up)
+        return self(SiluAndMul()(gate_up)) if fused is None else self._reduce(fused)
 
     def _reduce(self, out: torch.Tensor) -> torch.Tensor:
         # the bias is not sharded; added once, after the reduction

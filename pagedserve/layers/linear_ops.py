@@ -33,6 +33,17 @@ def set_decode_fusion(on: bool) -> None:
     FUSE_DECODE = on
 
 
+# Decode-sized all-decode batches on the Triton backend also run rotary, the KV store, attention
+# and its split-K merge as one launch per layer (attention/triton_decode_attention.py); off
+# for A/B measurements.
+FUSE_DECODE_ATTENTION = True
+
+
+def set_decode_attention_fusion(on: bool) -> None:
+    global FUSE_DECODE_ATTENTION
+    FUSE_DECODE_ATTENTION = on
+
+
 def fuses(x: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
     """Whether x (and a float weight) takes the fused decode path: few rows on CUDA."""
     if not (FUSE_DECODE and x.is_cuda and 0 < x.shape[0] <= GEMV_MAX_ROWS):

@@ -134,6 +134,19 @@ def _random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) 
     return probs.div(q).argmax(dim=-1)
 
 
+TRITON_GREEDY = True   # off: torch's argmax (A/B in benchmarks/decode_gpu.py)
+
+
+def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(dim=-1); on CUDA one Triton launch (torch's reduce took 37 us over one
+    row of a 128k vocabulary on an H200, more than a llama-1b layer)."""
+    if TRITON_GREEDY and logits.is_cuda and logits.dim() == 2 and logits.stride(1) == 1 \
+            and 0 < logits.shape[1] < 2**31 - 1:
+        from pagedserve.layers.triton_ops import argmax_rows
+        return argmax_rows(logits)
+    return logits.argmax(dim=-1)
+
+
 def apply_bias_and_min_tokens(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     """Add logit_bias, then set the stop tokens of rows still under min_tokens to -inf."""
     if t.bias_rows is not None:
@@ -164,7 +177,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
         if t.all_greedy and t.max_num_logprobs is None and t.bias_rows is None and t.mask_rows is None \
                 and t.output_counts is None:
-            return SamplerOutput(token_ids=logits.argmax(dim=-1))   # same ids as on the fp32 copy
+            return SamplerOutput(token_ids=greedy_ids(logits))   # same ids as on the fp32 copy
         logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if t.max_num_logprobs is not None else None
         logits = apply_bias_and_min_tokens(logits, t)

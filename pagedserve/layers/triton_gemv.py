@@ -42,11 +42,14 @@ try:   # programmatic dependent launch (sm_90+): Triton >= 3.4
     HAS_PDL = True
 except ImportError:
     HAS_PDL = False
+    gdc_launch_dependents = gdc_wait = None   # referenced only under PDL=True
 
 MAX_ROWS = 16
-# Launch with programmatic dependent launch: the next gemv's programs are placed on the SMs
-# while this one's last wave runs and wait (griddepcontrol.wait) for its results; off by
-# default until measured (benchmarks/decode_gpu.py A/B).
+# Launch with programmatic dependent launch: each gemv (and the decode attention kernel, which
+# lets it be placed at once) is placed on the SMs while the kernel before runs, prefetches its
+# first weight slices into the L2, then waits (griddepcontrol.wait) for its input. Off by default
+# until measured (benchmarks/decode_gpu.py variant fused+pdl; session 4's version, which waited
+# first and prefetched nothing, was slower: 831 vs 951 tok/s on llama-1b).
 PDL = False
 
 
@@ -60,14 +63,22 @@ _PLAIN, _NORM, _SILU = 0, 1, 2
 
 
 @triton.jit
+def _prefetch_l2(rows, K, BLOCK_K: tl.constexpr, SLICES: tl.constexpr):
+    """prefetch.global.L2 of the first SLICES [rows, BLOCK_K] slices of a row-major weight, one
+    address per 128-byte line (2-byte elements); a hint: nothing waits for it."""
+    lines = tl.arange(0, BLOCK_K // 64) * 64
+    for i in tl.static_range(SLICES):
+        cols = tl.minimum(i * BLOCK_K + lines, K - 1)
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [rows + cols[None, :]],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, res_ptr, res_out_ptr, norm_ptr, M, N, K,
                  stride_xm, stride_wn, stride_ym, stride_rm, stride_om, inv_k, eps,
                  PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr,
                  LIBDEVICE: tl.constexpr, PDL: tl.constexpr):
-    if PDL:   # x comes from the kernel before: wait for it, and let the next kernel be placed
-        gdc_wait()
-        gdc_launch_dependents()
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -75,6 +86,10 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, res_ptr, res_out_ptr, norm_ptr, M, N, K,
     x_rows = x_ptr + offs_m[:, None] * stride_xm
     r_rows = res_ptr + offs_m[:, None] * stride_rm
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    if PDL:   # placed while the kernel before runs: let the next one be placed, warm the L2 with
+        gdc_launch_dependents()   # this program's first weight slices (they depend on nothing), then wait for x
+        _prefetch_l2(w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * stride_wn, K, BLOCK_K, NUM_STAGES)
+        gdc_wait()
     m_valid = offs_m[:, None] < M
     n_valid = offs_n[:, None] < N
     if PROLOGUE == 1:   # RMSNorm: each row's sum of squares gathered as the loop streams the row

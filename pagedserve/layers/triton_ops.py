@@ -16,6 +16,7 @@ torch ops bit for bit where the order of a reduction allows it:
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -153,3 +154,84 @@ def rotary_in_place(positions: torch.Tensor, query: torch.Tensor, key: torch.Ten
     _rotary_kernel[(query.shape[0],)](query, key, cos_cache, sin_cache, positions, query.stride(0), query.stride(1),
                                       key.stride(0), key.stride(1), cos_cache.stride(0), query.shape[1],
                                       key.shape[1], HALF=head_dim // 2, BLOCK_H=block_h, LIBDEVICE=_LIBDEVICE)
+
+
+@functools.lru_cache(maxsize=None)
+def _counter_holder(device: torch.device) -> list[torch.Tensor]:
+    return [torch.zeros(0, dtype=torch.int32, device=device)]
+
+
+def zeroed_counters(device: torch.device, size: int) -> torch.Tensor | None:
+    """A per-device int32 buffer of at least `size` zeros for kernels whose programs count
+    their arrivals (the last one merges, then resets its counter: every launch leaves it
+    zeroed; launches on one stream never overlap). Grown outside CUDA-graph capture only:
+    None while capturing (the caller then takes a path without counters)."""
+    holder = _counter_holder(device)
+    if holder[-1].numel() < size:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        # a larger buffer joins the list: CUDA graphs captured with a smaller one still use it
+        holder.append(torch.zeros(max(size, 1 << 16), dtype=torch.int32, device=device))
+    return holder[-1]
+
+
+@triton.jit(do_not_specialize=["num_splits"])
+def _argmax_kernel(x_ptr, part_val_ptr, part_idx_ptr, counter_ptr, out_ptr, n_cols, stride_row, num_splits,
+                   cols_per_split, BLOCK: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    """Program (row, split) scans its slice of the row lane-wise (a lane keeps its first
+    maximum), reduces to (max, first index); the last split to arrive merges the row."""
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    start = split * cols_per_split
+    offs = tl.arange(0, BLOCK)
+    base = x_ptr + row.to(tl.int64) * stride_row
+    best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    best_idx = start + offs
+    for col in range(start, tl.minimum(start + cols_per_split, n_cols), BLOCK):
+        x = tl.load(base + col + offs, mask=col + offs < n_cols, other=float("-inf")).to(tl.float32)
+        x = tl.where(x != x, float("inf"), x)   # NaN counts as the largest (torch.argmax)
+        better = x > best
+        best_idx = tl.where(better, col + offs, best_idx)
+        best = tl.where(better, x, best)
+    top = tl.max(best, 0)
+    tl.store(part_val_ptr + row * num_splits + split, top)
+    tl.store(part_idx_ptr + row * num_splits + split, tl.min(tl.where(best == top, best_idx, n_cols), 0))
+    tl.debug_barrier()   # the partials are written before the arrival is counted
+    if tl.atomic_add(counter_ptr + row, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+        splits = tl.arange(0, SPLITS_PAD)
+        valid = splits < num_splits
+        vals = tl.load(part_val_ptr + row * num_splits + splits, mask=valid, other=float("-inf"),
+                       cache_modifier=".cg")
+        idxs = tl.load(part_idx_ptr + row * num_splits + splits, mask=valid, other=n_cols, cache_modifier=".cg")
+        top = tl.max(vals, 0)
+        tl.store(out_ptr + row, tl.min(tl.where(vals == top, idxs, n_cols), 0).to(tl.int64))
+        tl.atomic_xchg(counter_ptr + row, 0, sem="relaxed", scope="gpu")
+
+
+ARGMAX_BLOCK = 1024
+ARGMAX_MAX_SPLITS = 64
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [rows, n] (unit column stride) -> int64 [rows]: each row's first maximum, NaN the
+    largest, as torch.argmax(dim=-1). One launch: a row's slices scanned by up to
+    ARGMAX_MAX_SPLITS programs, merged by the last to finish (torch's reduce over one row of
+    a 128k vocabulary took 37 us per decode step on an H200: benchmarks/decode_gpu.py)."""
+    if x.dim() != 2 or x.stride(1) != 1 or x.shape[1] == 0 or x.shape[1] >= 2**31 - 1:
+        raise ValueError(f"argmax_rows: x must be [rows, n > 0] with unit column stride; got {tuple(x.shape)} "
+                         f"strides {x.stride()}")
+    rows, n = x.shape
+    out = torch.empty(rows, dtype=torch.int64, device=x.device)
+    if rows == 0:
+        return out
+    counters = zeroed_counters(x.device, rows)
+    if counters is None:
+        return x.argmax(dim=-1)
+    splits = max(1, min(ARGMAX_MAX_SPLITS, triton.cdiv(n, 2 * ARGMAX_BLOCK)))
+    cols_per_split = triton.cdiv(triton.cdiv(n, splits), ARGMAX_BLOCK) * ARGMAX_BLOCK
+    splits = triton.cdiv(n, cols_per_split)   # every split non-empty
+    part_val = torch.empty(rows * splits, dtype=torch.float32, device=x.device)
+    part_idx = torch.empty(rows * splits, dtype=torch.int32, device=x.device)
+    _argmax_kernel[(rows, splits)](x, part_val, part_idx, counters, out, n, x.stride(0), splits, cols_per_split,
+                                   BLOCK=ARGMAX_BLOCK, SPLITS_PAD=triton.next_power_of_2(splits), num_warps=4)
+    return out

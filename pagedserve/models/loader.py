@@ -130,14 +130,43 @@ def _check_architecture_known(directory: str) -> None:
         resolve_model_class(arch)
 
 
-def load_tokenizer(source: ModelSource, tokenizer: str | None = None) -> Any:
-    from transformers import AutoTokenizer
+# tokenizer_config.json classes that mean "tokenizer.json as it stands", and the model types for
+# which AutoTokenizer then loads exactly that (TokenizersBackend, transformers 5.x); others may
+# get a model-specific class (MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS, Mistral's backend)
+PLAIN_TOKENIZER_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
+PLAIN_TOKENIZER_MODEL_TYPES = ("llama",)
+
+
+def plain_tokenizer(directory: str) -> bool:
+    """Whether AutoTokenizer would load the folder's tokenizer.json as TokenizersBackend: a
+    llama config.json, a tokenizer_config.json naming PreTrainedTokenizerFast or
+    TokenizersBackend, no custom code. Then load_tokenizer skips AutoTokenizer's AutoConfig,
+    which imports the model's config module (torch.distributed.tensor, sympy: seconds of
+    import holding the GIL while the engine starts beside it)."""
     try:
-        if tokenizer is not None:
-            return AutoTokenizer.from_pretrained(resolve_model(tokenizer).directory)
-        if source.gguf_file:
-            return AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
-        return AutoTokenizer.from_pretrained(source.directory)
+        with open(os.path.join(directory, "tokenizer_config.json")) as f:
+            tokenizer_config = json.load(f)
+        with open(os.path.join(directory, "config.json")) as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError):
+        return False
+    return (os.path.isfile(os.path.join(directory, "tokenizer.json")) and "auto_map" not in tokenizer_config
+            and tokenizer_config.get("tokenizer_class") in PLAIN_TOKENIZER_CLASSES
+            and model_type in PLAIN_TOKENIZER_MODEL_TYPES)
+
+
+def load_tokenizer(source: ModelSource, tokenizer: str | None = None) -> Any:
+    """The model's tokenizer (or the folder / HF id `tokenizer`'s): what AutoTokenizer gives,
+    by the short way when the folder is plain_tokenizer()."""
+    try:
+        directory = resolve_model(tokenizer).directory if tokenizer is not None else source.directory
+        if (tokenizer is not None or not source.gguf_file) and plain_tokenizer(directory):
+            from transformers import PreTrainedTokenizerFast
+            return PreTrainedTokenizerFast.from_pretrained(directory)
+        from transformers import AutoTokenizer
+        if tokenizer is None and source.gguf_file:
+            return AutoTokenizer.from_pretrained(directory, gguf_file=source.gguf_file)
+        return AutoTokenizer.from_pretrained(directory)
     except ModelLoadError:
         raise
     except Exception as exc:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from pagedserve.attention.metadata import AttentionMetadata
+from pagedserve.worker.compile_ahead import compile_ahead
 from pagedserve.worker.input_batch import StepInputs
 
 Output = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None   # logits, a stage's (hidden, residual), or None
@@ -60,6 +61,10 @@ def prefill_token_buckets(max_tokens: int) -> list[int]:
     most 63 tokens (6% at 1024), 17 graphs for 1024."""
     limit = min(max_tokens, MAX_PREFILL_TOKENS)
     return [s for s in [16, 32] + list(range(64, MAX_PREFILL_TOKENS + 1, 64)) if s <= limit]
+
+
+def _run_only(forward: Callable[[int], Output], size: int) -> None:
+    forward(size)
 
 
 class CudaGraphRunner:
@@ -122,6 +127,8 @@ class CudaGraphRunner:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
+            # a dry run of every forward about to be captured: its Triton kernels compile in parallel
+            compile_ahead(lambda: self._capture_all(_run_only))
             self._capture_all(lambda forward, size: self._capture_one(forward, size, stream))
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
@@ -130,10 +137,11 @@ class CudaGraphRunner:
                     self.prefill_buckets[0] if self.prefill_buckets else "-",
                     self.prefill_buckets[-1] if self.prefill_buckets else "-", time.monotonic() - start)
 
-    def _capture_all(self, record: Callable[[Callable[[int], Output], int], tuple[torch.cuda.CUDAGraph, Output]]
-                     ) -> None:
+    def _capture_all(self, record: Callable[[Callable[[int], Output], int],
+                                            tuple[torch.cuda.CUDAGraph, Output] | None]) -> None:
         """Every bucket's graph and static output, `record(forward, size)` capturing each
-        (largest first: the pool grows once and later graphs reuse its memory)."""
+        (largest first: the pool grows once and later graphs reuse its memory); a `record`
+        that returns None keeps nothing (compile_ahead's dry run)."""
         # padding prefill rows while capturing: a one-token sequence, no KV writes
         self.prefill_query_start_loc.copy_(torch.tensor([0, 1], dtype=torch.int32))
         self.slot_mapping.fill_(-1)
@@ -141,7 +149,9 @@ class CudaGraphRunner:
                 (self.prefill_graphs, self.prefill_outputs, self.prefill_buckets, self._prefill_forward),
                 (self.graphs, self.outputs, self.buckets, self._forward)):
             for size in reversed(sizes):
-                graphs[size], outputs[size] = record(forward, size)
+                made = record(forward, size)
+                if made is not None:
+                    graphs[size], outputs[size] = made
 
     def _capture_one(self, forward: Callable[[int], Output], size: int, stream: torch.cuda.Stream
                      ) -> tuple[torch.cuda.CUDAGraph, Output]:

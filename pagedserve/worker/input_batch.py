@@ -134,13 +134,37 @@ def build_step_inputs(states: list[CachedRequestState], num_scheduled: list[int]
     slot_mapping = block_tables[row_of_token, positions // block_size].astype(np.int64) * block_size \
         + positions % block_size
 
-    def to(array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(array).to(device, non_blocking=True)
-
-    meta = AttentionMetadata(slot_mapping=to(slot_mapping), query_start_loc=to(query_start_loc),
-                             seq_lens=to(seq_lens), block_tables=to(block_tables),
+    (slots_t, input_ids_t, positions_t, logits_t, qsl_t, seq_lens_t, tables_t) = to_device(
+        [slot_mapping, input_ids, positions, logits_indices, query_start_loc, seq_lens, block_tables], device)
+    meta = AttentionMetadata(slot_mapping=slots_t, query_start_loc=qsl_t, seq_lens=seq_lens_t, block_tables=tables_t,
                              max_query_len=max(query_lens), max_seq_len=int(seq_lens.max()),
                              num_decodes=num_decodes, num_decode_tokens=num_decodes,
                              query_start_loc_host=query_start_loc, seq_lens_host=seq_lens)
-    return StepInputs(input_ids=to(input_ids), positions=to(positions), meta=meta, rows=rows,
-                      query_lens=query_lens, logits_indices=to(logits_indices), sample_rows=sample_rows.tolist())
+    return StepInputs(input_ids=input_ids_t, positions=positions_t, meta=meta, rows=rows,
+                      query_lens=query_lens, logits_indices=logits_t, sample_rows=sample_rows.tolist())
+
+
+# Off: one pageable copy per array, as before (A/B measurements in benchmarks/decode_gpu.py).
+PACK_STEP_INPUTS = True
+_TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32}
+
+
+def to_device(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """The arrays on `device` through one host buffer (pinned on CUDA) and one copy: a step's
+    seven small arrays as seven pageable copies cost the device ~2-3 us each and the host more
+    (benchmarks/decode_gpu.py's step profile). Returns views of the copy, each 16-byte
+    aligned (as Triton's launchers specialise pointers)."""
+    if not PACK_STEP_INPUTS:
+        return [torch.from_numpy(array).to(device, non_blocking=True) for array in arrays]
+    offsets, total = [], 0
+    for array in arrays:
+        offsets.append(total)
+        total += -(-array.nbytes // 16) * 16
+    host = torch.empty(max(total, 16), dtype=torch.uint8, pin_memory=device.type == "cuda")
+    staging = host.numpy()
+    for array, offset in zip(arrays, offsets):
+        staging[offset:offset + array.nbytes] = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    packed = host.to(device, non_blocking=True)
+    return [packed[offset:offset + array.nbytes].view(_TORCH_DTYPES[array.dtype]).view(array.shape)
+            for array, offset in zip(arrays, offsets)]
+

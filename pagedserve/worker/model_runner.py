@@ -30,11 +30,13 @@ from pagedserve.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerC
 from pagedserve.engine_io import ModelRunnerOutput, RequestId, SchedulerOutput, TokenLogprobs
 from pagedserve.layers.linear import set_gemv_max_rows
 from pagedserve.layers.parallel import broadcast_from_rank0, is_last_stage, pp_world_size, tp_rank, tp_world_size
-from pagedserve.layers.sampler import Sampler, apply_token_bitmask, gather_logprobs
+from pagedserve.layers.sampler import Sampler, apply_token_bitmask, gather_logprobs, greedy_ids
 from pagedserve.models.loader import load_weights
 from pagedserve.models.registry import resolve_model_class
+from pagedserve.worker.compile_ahead import compile_ahead
 from pagedserve.worker.cuda_graph import CudaGraphRunner
 from pagedserve.worker.input_batch import BlockTable, CachedRequestState, StepInputs, build_step_inputs
+from pagedserve.worker import input_batch   # its PACK_STEP_INPUTS switch, read per step
 from pagedserve.worker.sampling_inputs import sample
 
 logger = logging.getLogger(__name__)
@@ -230,6 +232,8 @@ class ModelRunner:
             hidden = torch.zeros((num_tokens, self.model_config.hidden_size), dtype=self.model_config.dtype,
                                  device=self.device)
             intermediate = (hidden, hidden.clone())
+        if self.device.type == "cuda":
+            compile_ahead(lambda: self.model(ids, positions, meta, intermediate))   # its Triton kernels, in parallel
         hidden = self.model(ids, positions, meta, intermediate)
         if not is_last_stage():
             del hidden, intermediate
@@ -241,6 +245,7 @@ class ModelRunner:
             tensors = SamplingTensors(temperature=torch.ones(rows, device=self.device),
                                       top_p=torch.full((rows,), 0.9, device=self.device), max_num_logprobs=20)
             self.sampler(logits[:rows], tensors)
+            greedy_ids(logits[:rows])   # its Triton argmax compiles here, not in the first request
         del hidden, logits
 
     # ---- one step ---------------------------------------------------------------------
@@ -432,6 +437,10 @@ class ModelRunner:
         if fed.size:
             dst = (np.cumsum(query_lens) - query_lens + offsets)[fed]
             src = np.array([state.sampled_row for state in rows])[fed]
+            if input_batch.PACK_STEP_INPUTS and dst[-1] == src[-1] == fed.size - 1 and (dst == src).all():
+                # steady decode: the previous step's rows in place
+                inputs.input_ids[:fed.size].copy_(self._prev_sampled[:fed.size])
+                return
             index = torch.from_numpy(np.stack([dst, src])).to(self.device, non_blocking=True)
             inputs.input_ids[index[0]] = self._prev_sampled[index[1]]
 

@@ -202,7 +202,8 @@ def build_runner(config: EngineConfig, device: torch.device,
     if device.type == "cuda" and parallel.custom_all_reduce_bytes > 0 and parallel.distributed_init == "spawn" \
             and parallel.pipeline_parallel_size == 1:
         # before the CUDA graphs are captured (they hold its kernels), after every rank loaded
-        set_custom_all_reduce(init_symm_mem_all_reduce(device, parallel.custom_all_reduce_bytes))
+        set_custom_all_reduce(init_symm_mem_all_reduce(device, parallel.custom_all_reduce_bytes,
+                                                       parallel.custom_all_reduce_kind))
     runner.init_kv_cache(num_blocks)
     host_blocks = num_host_blocks(config, runner)
     if parallel.pipeline_parallel_size > 1:

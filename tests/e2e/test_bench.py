@@ -124,6 +124,20 @@ def test_serve_openai_against_live_server(live_server, tmp_path) -> None:
     assert plot.stat().st_size > 10_000 and (tmp_path / "cdf_throughput.png").stat().st_size > 10_000
 
 
+def test_openai_backend_counts_steps_whose_text_is_empty(live_server) -> None:
+    """A request whose every token decodes to nothing (here the special token id 0, forced by
+    logit_bias; on the GPU, dummy weights repeating one) still streams one chunk per step with
+    text "": it succeeds, as vLLM's benchmark counts it, instead of failing for want of text."""
+    forced = {"logit_bias": {"0": 100}}
+    plain = requests.post(f"{live_server}/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 4,
+                                                                "ignore_eos": True, **forced}, timeout=60).json()
+    assert plain["choices"][0]["text"] == "" and plain["usage"]["completion_tokens"] == 4
+    request = RequestInput(f"{live_server}/v1/completions", None, [1, 2, 3], 3, 4, ignore_eos=True, extra_body=forced)
+    (result,), _ = asyncio.run(run_load("openai", [request], math.inf, show_progress=False))
+    assert result.success and result.error == "" and result.generated_text == ""
+    assert result.output_tokens == 4 and 0 < result.ttft <= result.latency and 1 <= len(result.itl) <= 3
+
+
 def test_serve_tgi_against_live_server(live_server, tmp_path) -> None:
     probe = requests.post(f"{live_server}/generate_stream", json={"inputs": "hi", "parameters": {"max_new_tokens": 1}},
                           timeout=60)

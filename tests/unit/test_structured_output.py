@@ -239,3 +239,80 @@ def test_pipeline_stages_fill_the_bitmask_at_schedule_time(checkpoint):
             llm.shutdown()
 
     assert run(pipeline_parallel_size=2) == run(async_scheduling=False)
+
+
+class _Row:
+    """What core/structured_output reads from a Request: its grammar, matcher and status."""
+
+    def __init__(self, grammar, finished: bool = False) -> None:
+        import xgrammar
+        self.grammar, self.grammar_matcher, self.finished = grammar, xgrammar.GrammarMatcher(grammar), finished
+
+    def is_finished(self) -> bool:
+        return self.finished
+
+
+def _json_grammar(checkpoint):
+    from transformers import AutoTokenizer
+
+    from pagedserve.frontend.structured_output import GrammarCompiler
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "n": {"type": "integer"}, "tags": {"type": "array", "items": {
+                                                   "enum": ["a", "bb"]}, "maxItems": 3}},
+              "required": ["name", "n", "tags"]}
+    return tokenizer, GrammarCompiler(tokenizer, VOCAB, (tokenizer.eos_token_id,)).compile(
+        StructuredOutputsParams(json=schema))
+
+
+def test_batched_fill_equals_the_row_by_row_one(checkpoint):
+    """fill_bitmask (one xgrammar batch call) gives, bit for bit, what each matcher's own
+    fill_next_token_bitmask gives, for rows at staggered states; a finished request's row
+    (its matcher may have terminated: xgrammar refuses to fill those) is all-allowed."""
+    import xgrammar
+
+    from pagedserve.core import structured_output
+    tokenizer, grammar = _json_grammar(checkpoint)
+    ids = tokenizer.encode('{"name": "Ada L", "n": -42, "tags": ["bb", "a"]}', add_special_tokens=False)
+    rows = [_Row(grammar, finished=i % 7 == 3) for i in range(24)]
+    for i, row in enumerate(rows):
+        for token in ids[:i % (len(ids) + 1)]:
+            assert row.grammar_matcher.accept_token(token)
+    rows[-1] = _Row(grammar, finished=True)   # terminated: the whole object, then the stop token
+    assert all(rows[-1].grammar_matcher.accept_token(t) for t in ids + [tokenizer.eos_token_id])
+    assert rows[-1].grammar_matcher.is_terminated()
+    expected = xgrammar.allocate_token_bitmask(len(rows), VOCAB)
+    for i, row in enumerate(rows):
+        if row.finished:
+            expected[i].fill_(-1)
+        else:
+            row.grammar_matcher.fill_next_token_bitmask(expected, i)
+    buffer = structured_output.bitmask_buffer(rows)
+    assert buffer.shape[0] >= 64
+    buffer.fill_(7)   # stale content of a reused buffer must not leak
+    filled = structured_output.fill_bitmask(rows, buffer)
+    assert filled.shape == expected.shape and torch.equal(filled, expected)
+
+
+def test_a_deferred_fill_that_raises_fails_its_request_alone(checkpoint, monkeypatch):
+    """Async scheduling, the deferred fill raises: the step is sampled unmasked and dropped,
+    the constrained request fails (recomputed alone first), and the plain request beside it
+    finishes with the ids it has alone; the engine serves on."""
+    from pagedserve.core import structured_output
+
+    class Broken:
+        def batch_fill_next_token_bitmask(self, *args):
+            raise RuntimeError("fill broke")
+
+    llm = LLM(model=checkpoint, device="cpu", dtype="float32", max_model_len=128, block_size=16,
+              num_kv_blocks=64, async_scheduling=True)
+    prompt = {"prompt_token_ids": random_prompts(1, VOCAB, 12, 13, seed=3)[0]}
+    plain = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    alone = _gen(llm, [prompt], plain)[0].outputs[0].token_ids
+    monkeypatch.setattr(structured_output, "_batch_matcher", Broken)
+    constrained = SamplingParams(max_tokens=12, temperature=0.0, structured_outputs=StructuredOutputsParams(regex="[a-z]+"))
+    failed, ok = _gen(llm, ["Word:", prompt], [constrained, plain])
+    assert failed.error == "RuntimeError: fill broke" and failed.outputs[0].finish_reason == "abort"
+    assert ok.error is None and ok.outputs[0].token_ids == alone
+    monkeypatch.undo()
+    assert re.fullmatch("[a-z]+", _gen(llm, ["Word:"], constrained)[0].outputs[0].text)

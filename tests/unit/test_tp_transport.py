@@ -119,3 +119,25 @@ def test_no_room_for_the_queue_means_steps_through_the_process_group(monkeypatch
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(tp_executor, "ShmMessageQueue", full)
     assert tp_executor._make_queue(1) is None
+
+
+def test_the_custom_all_reduce_kernel_is_picked_at_start_up(tiny_checkpoints, monkeypatch):
+    from pagedserve.engine_args import EngineArgs
+    from pagedserve.errors import ValidationError
+
+    def kind(tp: int = 2) -> tuple[str, int]:
+        config, _, _ = EngineArgs(model=tiny_checkpoints["llama"], device="cpu", skip_tokenizer_init=True,
+                                  tensor_parallel_size=tp).create_config()
+        return config.parallel.custom_all_reduce_kind, config.parallel.custom_all_reduce_bytes >> 10
+    assert kind() == ("push", 4096) and kind(tp=1) == ("one_shot", 1024)   # push is for two ranks
+    monkeypatch.setenv("PAGEDSERVE_CUSTOM_ALL_REDUCE_KIND", "one_shot")
+    assert kind() == ("one_shot", 1024)
+    monkeypatch.setenv("PAGEDSERVE_CUSTOM_ALL_REDUCE_MAX_KB", "512")
+    assert kind() == ("one_shot", 512)
+    monkeypatch.setenv("PAGEDSERVE_CUSTOM_ALL_REDUCE_KIND", "two_shot")
+    with pytest.raises(ValidationError, match="PAGEDSERVE_CUSTOM_ALL_REDUCE_KIND must be one_shot or push"):
+        kind()
+    monkeypatch.setenv("PAGEDSERVE_CUSTOM_ALL_REDUCE_KIND", "push")
+    monkeypatch.setenv("PAGEDSERVE_TP_STEP_QUEUE", "pipe")
+    with pytest.raises(ValidationError, match="PAGEDSERVE_TP_STEP_QUEUE must be shm or broadcast"):
+        kind()

@@ -15,6 +15,8 @@ parameters, its matmul and its post-load repacking.
         A column-parallel layer narrows output_dim, a row-parallel one input_dim; a split
         that cuts a pack or a group is an error naming the layer.
     LinearMethod.apply(layer, x, bias) -> y          x [T, in/tp] -> y [T, out/tp]
+    LinearMethod.apply_silu_and_mul(layer, gate_up) -> y or None   the activation fused in
+    LinearMethod.apply_normed(layer, x, residual, norm) -> (y, x + residual) or None   the norm
     LinearMethod.process_weights_after_loading(layer)  repack, requantize, free checkpoint
                                                        layouts; called once by the loader
     LinearMethod.checkpoint_tensors(output_size, input_size, params_dtype)
@@ -84,6 +86,18 @@ class LinearMethod:
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
+
+    def apply_silu_and_mul(self, layer: nn.Module, gate_up: torch.Tensor) -> torch.Tensor | None:
+        """silu(gate) * up of gate_up = [gate | up] through this layer's matmul (no bias: the
+        caller adds it) in one kernel; None where this method has no such kernel for these
+        inputs (the caller runs the two)."""
+        return None
+
+    def apply_normed(self, layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module
+                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(this layer of norm(x + residual), x + residual) (no bias) in one kernel; None where
+        this method has no such kernel for these inputs (the caller runs the norm first)."""
+        return None
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         pass

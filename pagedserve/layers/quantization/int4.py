@@ -132,6 +132,23 @@ class Int4LinearMethod(LinearMethod):
         k = qweight.shape[0] * PACK
         layer.kernel_group_size = self.group_size if self.group_size != -1 else k
 
+    def apply_silu_and_mul(self, layer: nn.Module, gate_up: torch.Tensor) -> torch.Tensor | None:
+        """One row on CUDA without act-order gathering: the FMA GEMV's SiLU-and-mul prologue."""
+        if not gate_up.is_cuda or gate_up.shape[0] != 1 or layer.act_order_perm is not None:
+            return None
+        from pagedserve.layers.quantization.triton_w4a16 import w4a16_silu_and_mul_gemv
+        return w4a16_silu_and_mul_gemv(gate_up, layer.qweight, layer.scales, layer.zeros, layer.kernel_group_size,
+                                       layer.g_idx)
+
+    def apply_normed(self, layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module
+                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """One row on CUDA without act-order gathering: the FMA GEMV's RMSNorm prologue."""
+        if not x.is_cuda or x.dim() != 2 or x.shape[0] != 1 or layer.act_order_perm is not None:
+            return None
+        from pagedserve.layers.quantization.triton_w4a16 import w4a16_rms_norm_gemv
+        return w4a16_rms_norm_gemv(x, residual, norm.weight, norm.eps, layer.qweight, layer.scales, layer.zeros,
+                                   layer.kernel_group_size, layer.g_idx)
+
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if layer.act_order_perm is not None:
             x = x.index_select(1, layer.act_order_perm)

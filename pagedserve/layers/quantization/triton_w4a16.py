@@ -1,23 +1,26 @@
 """Triton kernels for 4-bit weight-only matmuls (W4A16), y = x @ W with W [K, N] stored as
 int4.py's layout (qweight int32 [K/8, N], scales / zeros [G, N], optional g_idx [K]).
+Where groups hold whole 128-row blocks (no g_idx left after int4.py sorts act-order rows),
+each packed word is loaded once:
 
-    rows <= GEMV_MAX_ROWS     _w4_gemv_kernel where groups hold whole 128-row blocks (no g_idx
-                              left after int4.py sorts act-order rows): each packed word is
-                              loaded once, FMAs for one row or tl.dot for up to 16, K split
-                              over programs when N alone gives too few; decode is bound by
-                              reading the 4-bit weights. Other layouts: the generic kernel
-                              below with split K.
-    rows <= GEMM_MAX_ROWS     the generic kernel as a GEMM with the dequantization fused into
-                              the K loop (or _w4_gemv_kernel's tl.dot launch where the sweep of
-                              benchmarks/w4_gpu.py found it faster: TUNED)
+    one row (decode)          _w4_gemv_fma_kernel: FMAs, a nibble masked in place and read as a
+                              denormal float (one LOP3 + one FFMA per weight), K split over
+                              programs when N alone gives too few (summed in the kernel)
+    rows <= GEMV_MAX_ROWS     _w4_gemv_kernel: eight tl.dots per 128-row block (or the FMA
+                              kernel per row, where TUNED says)
+    rows <= GEMM_MAX_ROWS     _w4_gemm_kernel where GEMM_TUNED has a launch (one
+                              [BLOCK_M, 128] x [128, BLOCK_N] dot per block), else as below
     more rows                 dequantize the layer into a scratch bf16/fp16 weight, then cuBLAS
                               (compute-bound: the dequantization is amortised over the rows)
+
+Other layouts: the generic kernel below (split K for a few rows, a GEMM with the
+dequantization fused into the K loop for more). Launches are tuned by benchmarks/w4_gpu.py.
 
 In the generic kernel each K block of BLOCK_K rows lies in one group when there is no g_idx
 and BLOCK_K divides the group size: its scales and zeros are one row; otherwise (act-order)
 they are gathered per row through g_idx. Dequantization is (q - zero) * scale in fp32,
 rounded once to x's dtype: the same value as the torch reference in that dtype.
-_w4_gemv_kernel applies the scale to the partial sums of each block instead (see there).
+The 128-row-block kernels apply the scale to the partial sums of each block instead.
 """
 from __future__ import annotations
 
@@ -28,7 +31,10 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedserve.layers.triton_ops import _LIBDEVICE, silu_mul
+
 GEMV_MAX_ROWS = 16
+LIBDEVICE = tl.constexpr(_LIBDEVICE)   # silu_mul's exp (not under the interpreter)
 GEMM_MAX_ROWS = 256
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -87,18 +93,15 @@ def _w4a16_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, y_ptr, M, N, K, K_PER_SPLI
 def _w4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, BLOCKS_PER_SPLIT, K_BLOCKS,
                     stride_xm, stride_qk, stride_sg, stride_ym, stride_ysplit,
                     GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    USE_DOT: tl.constexpr, IEEE: tl.constexpr, NUM_STAGES: tl.constexpr):
-    """Decode-sized x [M, K] @ W: programs over (N blocks, K splits, M blocks); each K block
-    is 128 rows = 16 packed int32 rows of W inside one group (GROUP_SIZE % 128 == 0), loaded
-    once as [16, BLOCK_N] words. Nibble i of word r is row 8r + i: its values meet x's rows
-    8r + i. A nibble becomes a float without shifts or int->float conversions: nibble j of a
-    16-bit half, masked in place (q << 4j) and or-ed with the exponent of 2**(23 - 4j), reads
-    as the fp32 2**(23 - 4j) + q exactly, so q - zero is one subtraction (zero points are
-    integers 0..15). The scale multiplies the block's partial sums once per word.
-    USE_DOT=False: one row of x per program (BLOCK_M 1), fp32 FMAs into a [16, BLOCK_N]
-    accumulator summed at the end.
-    USE_DOT=True: eight [BLOCK_M, 16] x [16, BLOCK_N] dots per block on the exact integers
-    q - zero in x's dtype (BLOCK_M >= 16; also a GEMM for a few hundred rows)."""
+                    IEEE: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """Decode-sized x [M, K] @ W for a few rows: programs over (N blocks, K splits, M blocks
+    of BLOCK_M >= 16 rows); each K block is 128 rows = 16 packed int32 rows of W inside one
+    group (GROUP_SIZE % 128 == 0), loaded once as [16, BLOCK_N] words. Nibble i of word r is
+    row 8r + i: its values meet x's rows 8r + i. A nibble becomes a float without shifts or
+    int->float conversions: nibble j of a 16-bit half, masked in place (q << 4j) and or-ed
+    with the exponent of 2**(23 - 4j), reads as the fp32 2**(23 - 4j) + q exactly, so q - zero
+    is one subtraction (zero points are integers 0..15), exact in x's dtype: eight
+    [BLOCK_M, 16] x [16, BLOCK_N] dots per block, the scale applied to the block's sums."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -107,12 +110,9 @@ def _w4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, BLOCKS_PER_SPLIT, 
     n_valid = offs_n < N
     b_begin = pid_k * BLOCKS_PER_SPLIT
     b_end = tl.minimum(b_begin + BLOCKS_PER_SPLIT, K_BLOCKS)
-    if USE_DOT:
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_valid = offs_m < M
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    else:
-        acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_valid = offs_m < M
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for b in tl.range(b_begin, b_end, num_stages=NUM_STAGES):
         packed = tl.load(qw_ptr + (b * 16 + offs_r)[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
                          mask=n_valid[None, :], other=0)
@@ -120,37 +120,217 @@ def _w4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, BLOCKS_PER_SPLIT, 
         scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_valid, other=0.0).to(tl.float32)
         zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_valid, other=0.0).to(tl.float32)
         high = packed >> 16
-        if USE_DOT:
-            part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        else:
-            part = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+        part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for j in tl.static_range(4):
-            zc = zero + 8388608.0 / 16.0 ** j   # the magic's own value, 2**(23 - 4j), plus the zero
             for h in tl.static_range(2):
                 if h == 0:
                     word = packed
                 else:
                     word = high
-                nib = ((word & (15 << (4 * j))) | (0x4B000000 - j * 0x02000000)).to(tl.float32, bitcast=True)
-                nib = nib - zc[None, :]
+                w = _magic_nibble(word, j, zero, x_ptr.dtype.element_ty)
                 cols = b * 128 + offs_r * 8 + 4 * h + j
-                if USE_DOT:
-                    xs = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + cols[None, :],
-                                 mask=m_valid[:, None], other=0.0)
-                    w = nib.to(x_ptr.dtype.element_ty)
-                    if IEEE:
-                        part = tl.dot(xs, w, part, input_precision="ieee")
-                    else:
-                        part = tl.dot(xs, w, part)
+                xs = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + cols[None, :],
+                             mask=m_valid[:, None], other=0.0)
+                if IEEE:
+                    part = tl.dot(xs, w, part, input_precision="ieee")
                 else:
-                    xs = tl.load(x_ptr + pid_m.to(tl.int64) * stride_xm + cols).to(tl.float32)
-                    part += nib * xs[:, None]
+                    part = tl.dot(xs, w, part)
         acc += part * scale[None, :]
-    if USE_DOT:
-        out = y_ptr + pid_k * stride_ysplit + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_valid[:, None] & n_valid[None, :])
+    out = y_ptr + pid_k * stride_ysplit + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_valid[:, None] & n_valid[None, :])
+
+
+@triton.jit
+def _x_nibbles(x_ptr, row, col, up, res_ptr, res_out_ptr, nw_ptr, res_limit, WORDS: tl.constexpr,
+               PROLOGUE: tl.constexpr):
+    """x[row + col + 8r + i] (r < WORDS, i < 8) as fp32 times 2**(89 - place of nibble i) (see
+    _w4_gemv_fma_kernel), one [WORDS] vector per nibble i: one [WORDS, 8] load split in
+    registers (three halvings of the nibble axis); the sum of the unscaled x; and for the
+    norm prologues the sum of squares of h. PROLOGUE: 0 x as it is; 1 SILU: x_ptr holds
+    gate_up = [gate | up] (`up`: the offset of up), x = silu(gate) * up rounded as SiluAndMul
+    rounds it; 2 NORM: h = x, 3 NORM_RESIDUAL: h = x + residual (rounded to x's dtype, stored
+    to res_out where index < res_limit), x = h * the norm weight (the row's rsqrt comes after)."""
+    offs_i = tl.arange(0, 8)
+    idx = tl.arange(0, WORDS)[:, None] * 8 + offs_i[None, :]
+    where = x_ptr + row + col + idx
+    sq = 0.0
+    if PROLOGUE == 1:
+        xb = silu_mul(tl.load(where), tl.load(where + up), LIBDEVICE).to(tl.float32)
+    elif PROLOGUE >= 2:
+        h = tl.load(where)
+        if PROLOGUE == 3:
+            h = h + tl.load(res_ptr + row + col + idx)
+            tl.store(res_out_ptr + row + col + idx, h, mask=idx < res_limit)
+        hf = h.to(tl.float32)
+        sq = tl.sum(tl.sum(hf * hf, 1), 0)
+        xb = hf * tl.load(nw_ptr + col + idx).to(tl.float32)
     else:
-        tl.store(y_ptr + pid_k * stride_ysplit + pid_m.to(tl.int64) * stride_ym + offs_n, tl.sum(acc, 0).to(y_ptr.dtype.element_ty), mask=n_valid)
+        xb = tl.load(where).to(tl.float32)
+    x_sum = tl.sum(tl.sum(xb, 1), 0)
+    place = tl.where(offs_i < 5, 4 * offs_i, 4 * offs_i - 12)   # the nibble's bits in _w4_gemv_fma_kernel
+    factor = ((127 + 89 - place) << 23).to(tl.float32, bitcast=True)
+    xb = xb * factor[None, :]
+    even, odd = tl.split(xb.reshape(WORDS, 4, 2))     # i = 2u, 2u + 1
+    e0, e1 = tl.split(even.reshape(WORDS, 2, 2))       # i = 4v, 4v + 2
+    o0, o1 = tl.split(odd.reshape(WORDS, 2, 2))        # i = 4v + 1, 4v + 3
+    x0, x4 = tl.split(e0)
+    x2, x6 = tl.split(e1)
+    x1, x5 = tl.split(o0)
+    x3, x7 = tl.split(o1)
+    return x0, x1, x2, x3, x4, x5, x6, x7, x_sum, sq
+
+
+@triton.jit
+def _nibble(word, j: tl.constexpr):
+    """Bits 4j..4j+3 of `word` left in place (j <= 4: below fp32's exponent), read as a float:
+    q * 2**(4j - 149), a denormal (exact: FFMA keeps fp32 denormals unless told to flush)."""
+    return (word & (15 << (4 * j))).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLOCKS_PER_SPLIT, K_BLOCKS,
+                        stride_xm, stride_qk, stride_sg, stride_ym, up, res_ptr, res_out_ptr, nw_ptr, q_ptr, eps,
+                        GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
+                        EVEN_N: tl.constexpr, SPLIT: tl.constexpr, PROLOGUE: tl.constexpr,
+                        NUM_STAGES: tl.constexpr):
+    """One row of x per program (M = pid 2) @ W over BLOCK_N columns and a range of K blocks
+    of 8 * WORDS rows (inside one group). Meant for BLOCK_N >= 4 * 32 * num_warps: threads
+    and warps then lie along N, each thread holds all WORDS words of its columns, loads a
+    block's scale and zero once per column and its 8 * WORDS x values once (one [WORDS, 8]
+    load, split in registers). Each nibble costs one LOP3 (masked at bit p = 4i for nibbles
+    i <= 4, of the word shifted by 12 bits for 5..7 (one SHF per word), its bits read as the
+    denormal float q * 2**(p - 149)) and one FFMA with x scaled by 2**(89 - p): the products
+    are q * x * 2**-60 in every place, exact, far from fp32's overflow (|x| < 2**38) and
+    underflow; the zero comes off per block and column as zero * sum(x). Accumulation is
+    fp32 throughout.
+    y and the partials are [.., M, N] with row stride N (stride_ym). SPLIT: programs along K
+    write fp32 partials to p_ptr [splits, M, N]; the last one of an (M, N) tile to arrive (a
+    per-tile counter in c_ptr, reset by it) sums them into y, so split K needs no second
+    launch. Otherwise each writes its sum to y [splits, M, N] (fp32 partials when split).
+    PROLOGUE (see _x_nibbles): 1 silu(gate) * up; 2, 3 RMSNorm (with the residual add, h
+    written out by the programs of the first N block): the block sums see h * norm weight,
+    the row's rsqrt(mean(h^2) + eps) scales the sum at the end (the squares of a split's K
+    range summed in q_ptr [splits, M] when split: then only with SPLIT)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, WORDS)
+    n_valid = offs_n < N
+    b_begin = pid_k * BLOCKS_PER_SPLIT
+    b_end = tl.minimum(b_begin + BLOCKS_PER_SPLIT, K_BLOCKS)
+    x_row = pid_m.to(tl.int64) * stride_xm
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    squares = 0.0
+    res_limit = tl.where(pid_n == 0, WORDS * 8, 0)
+    for b in tl.range(b_begin, b_end, num_stages=NUM_STAGES):
+        words = qw_ptr + (b * WORDS + offs_r)[:, None].to(tl.int64) * stride_qk + offs_n[None, :]
+        group = (b * WORDS * 8) // GROUP_SIZE
+        if EVEN_N:
+            packed = tl.load(words)
+            scale = tl.load(s_ptr + group * stride_sg + offs_n).to(tl.float32)
+            zero = tl.load(z_ptr + group * stride_sg + offs_n).to(tl.float32)
+        else:
+            packed = tl.load(words, mask=n_valid[None, :], other=0)
+            scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_valid, other=0.0).to(tl.float32)
+            zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_valid, other=0.0).to(tl.float32)
+        x0, x1, x2, x3, x4, x5, x6, x7, x_sum, sq = _x_nibbles(x_ptr, x_row, b * WORDS * 8, up, res_ptr, res_out_ptr,
+                                                                nw_ptr, res_limit, WORDS, PROLOGUE)
+        squares += sq
+        high = packed >> 12   # nibbles 5..7 to bits 8..19: below the exponent, like 0..4 in place
+        part = _nibble(packed, 0) * x0[:, None]
+        part += _nibble(packed, 1) * x1[:, None]
+        part += _nibble(packed, 2) * x2[:, None]
+        part += _nibble(packed, 3) * x3[:, None]
+        part += _nibble(packed, 4) * x4[:, None]
+        part += _nibble(high, 2) * x5[:, None]
+        part += _nibble(high, 3) * x6[:, None]
+        part += _nibble(high, 4) * x7[:, None]
+        acc += (tl.sum(part, 0) * 1.152921504606847e18 - zero * x_sum) * scale   # 2**60
+    row = (pid_k * tl.num_programs(2) + pid_m).to(tl.int64) * stride_ym   # [splits, M, N] when split
+    inv_k = 1.0 / (K_BLOCKS * WORDS * 8)
+    if SPLIT:
+        tl.store(p_ptr + row + offs_n, acc, mask=n_valid)
+        if PROLOGUE >= 2:
+            tl.store(q_ptr + pid_k * tl.num_programs(2) + pid_m, squares)
+        tl.debug_barrier()   # every thread's partial stored before the one arrival below
+        tile = pid_m * tl.num_programs(0) + pid_n
+        if tl.atomic_add(c_ptr + tile, 1, sem="acq_rel") == tl.num_programs(1) - 1:
+            total = tl.zeros([BLOCK_N], dtype=tl.float32)
+            squares = 0.0
+            for s in range(tl.num_programs(1)):
+                total += tl.load(p_ptr + (s * tl.num_programs(2) + pid_m).to(tl.int64) * stride_ym + offs_n,
+                                 mask=n_valid, other=0.0, cache_modifier=".cg")
+                if PROLOGUE >= 2:
+                    squares += tl.load(q_ptr + s * tl.num_programs(2) + pid_m, cache_modifier=".cg")
+            if PROLOGUE >= 2:
+                total = total * tl.rsqrt(squares * inv_k + eps)
+            tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + offs_n, total.to(y_ptr.dtype.element_ty), mask=n_valid)
+            tl.atomic_xchg(c_ptr + tile, 0)
+    else:
+        if PROLOGUE >= 2:
+            acc = acc * tl.rsqrt(squares * inv_k + eps)
+        tl.store(y_ptr + row + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_valid)
+
+
+@triton.jit
+def _w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, BLOCKS_PER_SPLIT, K_BLOCKS,
+                    stride_xm, stride_qk, stride_sg, stride_ym, stride_ysplit,
+                    GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    IEEE: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """x [M, K] @ W for tens to hundreds of rows: each program a [BLOCK_M, BLOCK_N] tile over
+    all of K in 128-row blocks (one group each, GROUP_SIZE % 128 == 0). A block's [16,
+    BLOCK_N] words are loaded once; their 8 nibbles (the LOP3 magic of _w4_gemv_kernel)
+    become the [128, BLOCK_N] tile of q - zero in x's dtype (exact integers) by joins, and
+    one [BLOCK_M, 128] x [128, BLOCK_N] dot per block takes x's contiguous 128 columns; the
+    scale multiplies the block's sums. K may be split over programs (pid 2): each writes fp32
+    partials to y [splits, M, N]."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, 16)
+    offs_k = tl.arange(0, 128)
+    m_valid = offs_m < M
+    n_valid = offs_n < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    b_begin = pid_k * BLOCKS_PER_SPLIT
+    for b in tl.range(b_begin, tl.minimum(b_begin + BLOCKS_PER_SPLIT, K_BLOCKS), num_stages=NUM_STAGES):
+        packed = tl.load(qw_ptr + (b * 16 + offs_r)[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
+                         mask=n_valid[None, :], other=0)
+        group = (b * 128) // GROUP_SIZE
+        scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_valid, other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_valid, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + (b * 128 + offs_k)[None, :],
+                    mask=m_valid[:, None], other=0.0)
+        high = packed >> 16
+        v0 = _magic_nibble(packed, 0, zero, x_ptr.dtype.element_ty)
+        v1 = _magic_nibble(packed, 1, zero, x_ptr.dtype.element_ty)
+        v2 = _magic_nibble(packed, 2, zero, x_ptr.dtype.element_ty)
+        v3 = _magic_nibble(packed, 3, zero, x_ptr.dtype.element_ty)
+        v4 = _magic_nibble(high, 0, zero, x_ptr.dtype.element_ty)
+        v5 = _magic_nibble(high, 1, zero, x_ptr.dtype.element_ty)
+        v6 = _magic_nibble(high, 2, zero, x_ptr.dtype.element_ty)
+        v7 = _magic_nibble(high, 3, zero, x_ptr.dtype.element_ty)
+        # [16, BLOCK_N, 8] with the nibble index last (i = 4 d1 + 2 d2 + d3), then rows 8r + i
+        w = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
+        w = tl.permute(w.reshape(16, BLOCK_N, 8), (0, 2, 1)).reshape(128, BLOCK_N)
+        if IEEE:
+            part = tl.dot(x, w, input_precision="ieee")
+        else:
+            part = tl.dot(x, w)
+        acc += part * scale[None, :]
+    out = y_ptr + pid_k * stride_ysplit + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_valid[:, None] & n_valid[None, :])
+
+
+@triton.jit
+def _magic_nibble(word, j: tl.constexpr, zero, dtype: tl.constexpr):
+    """q - zero in `dtype` for nibble j of each 16-bit half of `word` (the LOP3 magic: minus
+    the magic's own value 2**(23 - 4j) and the zero in one FADD)."""
+    nib = ((word & (15 << (4 * j))) | (0x4B000000 - j * 0x02000000)).to(tl.float32, bitcast=True)
+    return (nib - (zero + 8388608.0 / 16.0 ** j)[None, :]).to(dtype)
 
 
 @triton.jit
@@ -228,29 +408,30 @@ def _block_k(group_size: int, has_g_idx: bool, preferred: int) -> tuple[int, boo
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """A decode-sized launch of _w4_gemv_kernel: BLOCK_N, warps, pipeline stages, how many
-    programs per SM the K split aims for (split K only when N alone gives too few), and FMA
-    (one row per program) or tl.dot (16 rows per program). benchmarks/w4_gpu.py sweeps them."""
+    """A decode-sized launch: BLOCK_N, warps, pipeline stages, how many programs per SM the K
+    split aims for (split K only when N alone gives too few), and FMA (_w4_gemv_fma_kernel,
+    one row per program, K blocks of 8 * `words` rows; `fixup`: split K summed in the kernel
+    by the last program of a tile, else by _sum_splits_kernel) or tl.dot (_w4_gemv_kernel,
+    `block_m` >= 16 rows per program). benchmarks/w4_gpu.py sweeps them."""
 
-    block_n: int = 128
+    block_n: int = 512
     num_warps: int = 4
     num_stages: int = 3
     programs_per_sm: int = 4   # 0: never split K
     dot: bool = False
     block_m: int = 16   # rows per program of the tl.dot launch (>= 16)
+    words: int = 16     # packed rows per K block of the FMA launch (16: 128 rows of K)
+    fixup: bool = True
 
 
-FMA_GEMV = GemvConfig(block_n=64, programs_per_sm=8)   # the sweep's most frequent winners
+FMA_GEMV = GemvConfig()
 DOT_GEMV = GemvConfig(block_n=128, dot=True)
 # (rows bucket, K, N) -> the measured best launch: benchmarks/w4_gpu.py's sweep on an H200,
 # 2026-11-30 (llama-8b's qkv / o / gate_up / down, bf16, group 128; benchmarks/QUANT.md).
+# The one-row FMA kernel was rewritten since (denormal nibbles): its launches await the sweep.
 # Buckets of more than GEMV_MAX_ROWS rows are used only where the sweep found this kernel
 # faster than the GEMM / dequantize paths (there it did not).
 TUNED: dict[tuple[int, int, int], GemvConfig] = {
-    (1, 4096, 6144): GemvConfig(block_n=64, programs_per_sm=8),
-    (1, 4096, 4096): GemvConfig(block_n=128, programs_per_sm=2),
-    (1, 4096, 28672): GemvConfig(block_n=64, programs_per_sm=8),
-    (1, 14336, 4096): GemvConfig(block_n=64, programs_per_sm=8),
     (4, 4096, 6144): GemvConfig(block_n=128, dot=True),
     (4, 4096, 4096): GemvConfig(block_n=64, dot=True),
     (4, 4096, 28672): GemvConfig(block_n=128, num_warps=8, dot=True),
@@ -260,6 +441,22 @@ TUNED: dict[tuple[int, int, int], GemvConfig] = {
     (16, 4096, 28672): GemvConfig(block_n=128, num_warps=8, dot=True),
     (16, 14336, 4096): GemvConfig(block_n=128, dot=True),
 }
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """A launch of _w4_gemm_kernel (tens to hundreds of rows; with split K, a few)."""
+
+    block_m: int = 64
+    block_n: int = 128
+    num_warps: int = 4
+    num_stages: int = 3
+    programs_per_sm: int = 0   # > 0: split K until about this many programs per SM
+
+
+# (rows bucket, K, N) -> _w4_gemm_kernel's launch where benchmarks/w4_gpu.py's sweep found it
+# faster than the generic GEMM and dequantize + cuBLAS paths (none measured yet).
+GEMM_TUNED: dict[tuple[int, int, int], GemmConfig] = {}
 
 
 def rows_bucket(m: int) -> int:
@@ -276,44 +473,145 @@ def fast_gemv_fits(k: int, group_size: int, g_idx: torch.Tensor | None) -> bool:
     return g_idx is None and group_size % 128 == 0 and k % 128 == 0
 
 
+_TILE_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _tile_counters(device: torch.device) -> torch.Tensor | None:
+    """Arrival counters of the FMA kernel's split-K tiles (each reset to 0 by its last
+    program), allocated by a device's first split launch outside CUDA graph capture (None
+    until then: the launch sums its splits with _sum_splits_kernel)."""
+    if device not in _TILE_COUNTERS:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        _TILE_COUNTERS[device] = torch.zeros(1 << 16, dtype=torch.int32, device=device)
+    return _TILE_COUNTERS[device]
+
+
+def _split_k(x: torch.Tensor, n: int, k_blocks: int, tiles: int, programs_per_sm: int
+             ) -> tuple[int, int, torch.Tensor]:
+    """(splits, K blocks per split, the output [splits, M, N]: fp32 partials when split) for
+    `tiles` (M, N) tiles aiming at programs_per_sm programs per SM."""
+    splits = max(1, min(k_blocks, triton.cdiv(programs_per_sm * _num_sms(x.device), tiles)))
+    per_split = triton.cdiv(k_blocks, splits)
+    splits = triton.cdiv(k_blocks, per_split)
+    out = torch.empty((splits, x.shape[0], n), dtype=torch.float32 if splits > 1 else x.dtype, device=x.device)
+    return splits, per_split, out
+
+
+def _sum_splits(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if partials.shape[0] == 1:
+        return partials[0]
+    _, m, n = partials.shape
+    y = torch.empty((m, n), dtype=dtype, device=partials.device)
+    _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](partials, y, partials.shape[0], m * n, BLOCK=1024)
+    return y
+
+
+PLAIN, SILU_AND_MUL, RMS_NORM, RMS_NORM_RESIDUAL = 0, 1, 2, 3   # the FMA GEMV's x prologues
+
+
+def w4a16_silu_and_mul_gemv(gate_up: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                            zeros: torch.Tensor, group_size: int, g_idx: torch.Tensor | None) -> torch.Tensor | None:
+    """silu(gate) * up @ W for gate_up = [gate | up] [M, 2K] in one launch of the FMA GEMV
+    where its tuned launch is the FMA one (else None: the caller runs the two)."""
+    k = gate_up.shape[-1] // 2
+    config = gemv_config(gate_up.shape[0], k, qweight.shape[1])
+    if (gate_up.dim() != 2 or gate_up.stride(1) != 1 or config is None or config.dot
+            or not fast_gemv_fits(k, group_size, g_idx)):
+        return None
+    return w4a16_gemv(gate_up[:, :k], qweight, scales, zeros, group_size, config, prologue=SILU_AND_MUL)
+
+
+def w4a16_rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                        qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                        g_idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(RMSNorm(x + residual) @ W, x + residual) (without a residual: of x, and x) for one row
+    in one launch of the FMA GEMV where its tuned launch is the FMA one and its K splits (if
+    any) can be summed in the kernel; else None (the caller runs the norm, then the matmul).
+    The normalised x is not rounded to x's dtype first (the unfused path rounds it twice)."""
+    m, k = x.shape
+    config = gemv_config(m, k, qweight.shape[1])
+    if (m != 1 or not x.is_contiguous() or (residual is not None and not residual.is_contiguous())
+            or config is None or config.dot or not fast_gemv_fits(k, group_size, g_idx)):
+        return None
+    h = x if residual is None else torch.empty_like(x)
+    out = w4a16_gemv(x, qweight, scales, zeros, group_size, config, prologue=RMS_NORM if residual is None else
+                     RMS_NORM_RESIDUAL, norm=(norm_weight, eps, residual, h))
+    return None if out is None else (out, h)
+
+
 def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-               group_size: int, config: GemvConfig | None = None) -> torch.Tensor:
-    """x [M, K] (decode-sized) @ W through _w4_gemv_kernel (fast_gemv_fits must hold);
-    with split K the fp32 partials are summed by one more small kernel."""
+               group_size: int, config: GemvConfig | None = None, prologue: int = PLAIN,
+               norm: tuple | None = None) -> torch.Tensor | None:
+    """x [M, K] (decode-sized) @ W through _w4_gemv_fma_kernel or _w4_gemv_kernel
+    (fast_gemv_fits must hold); split K sums fp32 partials (in the FMA kernel, or by one
+    more small kernel). `prologue` (FMA only; see _x_nibbles): SILU_AND_MUL, x is the gate half of
+    [gate | up] (up right after it in each row); RMS_NORM / RMS_NORM_RESIDUAL with `norm` =
+    (norm weight, eps, residual, h out). None where a norm prologue's splits cannot be summed
+    in the kernel (before the split-K counters exist)."""
     m, k, n = _check(x, qweight, scales, zeros, group_size, None)
     if not fast_gemv_fits(k, group_size, None):
         raise ValueError(f"w4a16_gemv: needs K ({k}) and the group size ({group_size}) divisible by 128")
     config = config or gemv_config(m, k, n) or DOT_GEMV
     block_m = config.block_m if config.dot else 1
-    k_blocks = k // 128
+    k_blocks = k // (128 if config.dot else 8 * config.words)
     n_blocks, m_blocks = triton.cdiv(n, config.block_n), triton.cdiv(m, block_m)
-    target = config.programs_per_sm * _num_sms(x.device)
-    splits = max(1, min(k_blocks, triton.cdiv(target, n_blocks * m_blocks)))
-    per_split = triton.cdiv(k_blocks, splits)
-    splits = triton.cdiv(k_blocks, per_split)
-    out = torch.empty((splits, m, n), dtype=torch.float32 if splits > 1 else x.dtype, device=x.device)
-    _w4_gemv_kernel[(n_blocks, splits, m_blocks)](
-        x, qweight, scales, zeros, out, m, n, per_split, k_blocks,
-        x.stride(0), qweight.stride(0), scales.stride(0), out.stride(1), out.stride(0),
-        GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=config.block_n, USE_DOT=config.dot,
+    splits, per_split, partials = _split_k(x, n, k_blocks, n_blocks * m_blocks, config.programs_per_sm)
+    if prologue != PLAIN and config.dot:
+        raise ValueError("w4a16_gemv: the prologues are the FMA launch's")
+    if config.dot:
+        _w4_gemv_kernel[(n_blocks, splits, m_blocks)](
+            x, qweight, scales, zeros, partials, m, n, per_split, k_blocks,
+            x.stride(0), qweight.stride(0), scales.stride(0), partials.stride(1), partials.stride(0),
+            GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=config.block_n,
+            IEEE=x.dtype == torch.float32, NUM_STAGES=config.num_stages, num_warps=config.num_warps)
+        return _sum_splits(partials, x.dtype)
+    counters = _tile_counters(x.device) if splits > 1 and config.fixup and m * n_blocks <= (1 << 16) else None
+    if splits > 1 and counters is None and prologue >= RMS_NORM:
+        return None
+    y = partials if counters is None else torch.empty((m, n), dtype=x.dtype, device=x.device)
+    norm_weight, eps, residual, h = norm or (qweight, 0.0, None, None)
+    squares = torch.empty((splits, m), dtype=torch.float32, device=x.device) if prologue >= RMS_NORM else qweight
+    _w4_gemv_fma_kernel[(n_blocks, splits, m)](
+        x, qweight, scales, zeros, y, partials, qweight if counters is None else counters, n, per_split,
+        k_blocks, x.stride(0), qweight.stride(0), scales.stride(0), n, k if prologue == SILU_AND_MUL else 0,
+        qweight if residual is None else residual, qweight if h is None else h, norm_weight, squares, eps,
+        GROUP_SIZE=group_size, BLOCK_N=config.block_n, WORDS=config.words, EVEN_N=n % config.block_n == 0,
+        SPLIT=counters is not None, PROLOGUE=prologue, NUM_STAGES=config.num_stages, num_warps=config.num_warps)
+    return _sum_splits(partials, x.dtype) if counters is None else y
+
+
+def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+               group_size: int, config: GemmConfig | None = None) -> torch.Tensor:
+    """x [M, K] @ W through _w4_gemm_kernel (fast_gemv_fits must hold)."""
+    m, k, n = _check(x, qweight, scales, zeros, group_size, None)
+    if not fast_gemv_fits(k, group_size, None):
+        raise ValueError(f"w4a16_gemm: needs K ({k}) and the group size ({group_size}) divisible by 128")
+    config = config or GemmConfig()
+    n_blocks, m_blocks = triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m)
+    splits, per_split, out = _split_k(x, n, k // 128, n_blocks * m_blocks, config.programs_per_sm)
+    _w4_gemm_kernel[(n_blocks, m_blocks, splits)](
+        x, qweight, scales, zeros, out, m, n, per_split, k // 128, x.stride(0), qweight.stride(0), scales.stride(0),
+        out.stride(1), out.stride(0), GROUP_SIZE=group_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         IEEE=x.dtype == torch.float32, NUM_STAGES=config.num_stages, num_warps=config.num_warps)
-    if splits == 1:
-        return out[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](out, y, splits, m * n, BLOCK=1024)
-    return y
+    return _sum_splits(out, x.dtype)
 
 
 def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                  group_size: int, g_idx: torch.Tensor | None = None, path: str = "auto") -> torch.Tensor:
     """x [M, K] @ W [K, N] -> [M, N] in x's dtype. `path`: auto, gemv, gemm or dequant
-    (gemv: _w4_gemv_kernel where fast_gemv_fits, else the generic kernel with split K)."""
+    (gemv: _w4_gemv_kernel where fast_gemv_fits, else the generic kernel with split K; auto:
+    GEMM_TUNED's _w4_gemm_kernel launches first)."""
     m, k, n = _check(x, qweight, scales, zeros, group_size, g_idx)
     fits = fast_gemv_fits(k, group_size, g_idx)
     if path == "auto":
+        if fits and m <= GEMM_MAX_ROWS and (rows_bucket(m), k, n) in GEMM_TUNED:
+            return w4a16_gemm(x, qweight, scales, zeros, group_size, GEMM_TUNED[(rows_bucket(m), k, n)])
         if fits and m <= GEMM_MAX_ROWS and gemv_config(m, k, n) is not None:
             return w4a16_gemv(x, qweight, scales, zeros, group_size)
-        path = "gemv" if m <= GEMV_MAX_ROWS else "gemm" if m <= GEMM_MAX_ROWS else "dequant"
+        # the generic GEMM reloads each word per row of its block: slower than dequantize +
+        # cuBLAS at 64 and 256 rows on the H200 (benchmarks/QUANT.md), kept for act-order g_idx
+        path = "gemv" if m <= GEMV_MAX_ROWS else "gemm" if m <= GEMM_MAX_ROWS and not fits else "dequant"
     if path == "dequant":
         return x @ dequantize_w4(qweight, scales, zeros, group_size, g_idx, x.dtype)
     if path == "gemv" and fits:

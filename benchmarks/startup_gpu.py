@@ -1,0 +1,168 @@
+"""Issue 22, start-up: `LLM(llama-8b dummy)` to ready, cold and warm Triton cache, with and
+without compile-ahead (worker/compile_ahead.py) and with the Llama-3 tokenizer loaded either
+way (AutoTokenizer, or load_tokenizer's short way). Each variant is a fresh process running
+benchmarks/serve_gpu.py's startup probe (phases: import, config, tokenizer, weights, KV
+profile, graph capture, first request); a cold variant gets an empty TRITON_CACHE_DIR.
+
+    python3 benchmarks/startup_gpu.py [--cpu-smoke] [--budget-s 140]
+
+Checks: every variant generates the same 16 greedy ids (dummy weights, seed 0) and, with
+compile-ahead on, no Triton kernel compiles after it (`late_compiles` 0 up to ready).
+Prints one `RESULT {json}` per variant and a table; writes startup_gpu.{json,md} and the
+probes' logs under $OUT. Needs .devcarry/serve/ (the Llama-3 tokenizer, as serve_gpu.py).
+About 110 s on an H200. --cpu-smoke: a 2-layer hidden-64 llama on CPU (compile-ahead is
+CUDA-only there: this proves the plumbing only).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import serve_gpu  # noqa: E402
+
+ROOT = serve_gpu.ROOT
+OUT = serve_gpu.OUT
+# (label, Triton cache, compile-ahead threads, tokenizer: None | "auto" | "short"); in order
+# of importance: later ones are skipped when the budget runs out
+VARIANTS = [
+    ("cold, ahead 16", "cold", 16, None),
+    ("cold, off (before)", "cold", 0, None),
+    ("warm, ahead 16", "warm", 16, None),
+    ("warm, off", "warm", 0, None),
+    ("warm+tok short, ahead 16", "warm", 16, "short"),
+    ("warm+tok auto, ahead 16", "warm", 16, "auto"),
+    ("cold+tok short, ahead 16", "cold", 16, "short"),
+    ("cold, ahead 1 (serial)", "cold", 1, None),
+    ("cold, ahead 4", "cold", 4, None),
+]
+KEYS = ("import", "config", "tokenizer", "weights", "kv_profile", "graph_capture", "capture_fwd_decode",
+        "capture_fwd_prefill", "ahead_dry_run", "ahead_compile", "compiled_ahead", "late_compiles",
+        "gc", "llm_total", "ready", "first_request", "process_s")
+
+
+def probe_setup(workers: int, tokenizer_way: str | None):
+    """Runs in the probe process after `import pagedserve`: sets the variant, counts Triton
+    compiles (ahead, late) and times compile-ahead's two halves."""
+    from triton import knobs
+    from pagedserve.models import loader
+    from pagedserve.worker import compile_ahead
+    compile_ahead.WORKERS = workers
+    if tokenizer_way == "auto":
+        loader.plain_tokenizer = lambda directory: False
+    figures = {"ahead_dry_run": 0.0, "ahead_compile": 0.0, "compiled_ahead": 0, "late_compiles": 0}
+    inside = [False]
+
+    def on_compile(**kwargs) -> None:   # one line per specialisation in the log: which kernels, how many
+        figures["compiled_ahead" if inside[0] else "late_compiles"] += 1
+        print(f"TRITON_COMPILE {'ahead' if inside[0] else 'late'} {kwargs.get('repr', '?')[:300]}", flush=True)
+    knobs.runtime.jit_post_compile_hook = on_compile
+
+    compile_all, recording = compile_ahead.compile_all, compile_ahead.recording
+
+    def timed_compile_all(*args, **kwargs):
+        t0, inside[0] = time.perf_counter(), True
+        try:
+            return compile_all(*args, **kwargs)
+        finally:
+            inside[0] = False
+            figures["ahead_compile"] += time.perf_counter() - t0
+
+    class TimedRecording:
+        def __enter__(self):
+            self.t0, self.inner = time.perf_counter(), recording()
+            return self.inner.__enter__()
+
+        def __exit__(self, *exc):
+            figures["ahead_dry_run"] += time.perf_counter() - self.t0
+            return self.inner.__exit__(*exc)
+    compile_ahead.compile_all, compile_ahead.recording = timed_compile_all, TimedRecording
+    return figures
+
+
+def run_variants(model_dir: Path, cpu: bool, budget_s: float, log) -> list[dict]:
+    start = time.perf_counter()
+    cache = Path("/tmp/triton_startup_gpu")
+    runs = []
+    for label, triton_cache, workers, tokenizer_way in VARIANTS:
+        left = budget_s - (time.perf_counter() - start)
+        if left < (35 if triton_cache == "cold" else 20):
+            print(f"{label}: skipped, {left:.0f} s left", flush=True)
+            continue
+        if triton_cache == "cold":
+            shutil.rmtree(cache, ignore_errors=True)
+        env = {**os.environ, "TRITON_CACHE_DIR": str(cache)}
+        flags = (["--cpu-smoke"] if cpu else []) + (["--tokenizer", tokenizer_way] if tokenizer_way else [])
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run([sys.executable, __file__, "probe", str(model_dir), "--workers", str(workers), *flags],
+                                  env=env, cwd=ROOT, capture_output=True, text=True, timeout=min(120, left))
+        except subprocess.TimeoutExpired as exc:
+            log.write(f"==== {label} timed out\n{exc.stdout}\n{exc.stderr}\n")
+            print(f"{label}: timed out", flush=True)
+            continue
+        phases = serve_gpu.probe_result(proc, label, log, t0, variant=label)
+        if phases is not None:
+            runs.append(phases)
+    return runs
+
+
+def checks(runs: list[dict]) -> list[str]:
+    problems = []
+    ids = {json.dumps(r["token_ids"]) for r in runs}
+    if len(ids) > 1:
+        problems.append(f"greedy ids differ between variants: {sorted(ids)}")
+    for r in runs:
+        if r.get("compiled_ahead") and r.get("late_compiles"):
+            problems.append(f"{r['variant']}: {r['late_compiles']} Triton compiles after compile-ahead")
+    return problems
+
+
+def markdown(runs: list[dict]) -> str:
+    lines = ["| start-up s, llama-8b dummy | " + " | ".join(r["variant"] for r in runs) + " |",
+             "|---|" + "---|" * len(runs)]
+    for key in KEYS:
+        lines.append(f"| {key} | " + " | ".join(str(r.get(key, "-")) for r in runs) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "probe":
+        parser = argparse.ArgumentParser()
+        parser.add_argument("probe")
+        parser.add_argument("model_dir")
+        parser.add_argument("--workers", type=int, required=True)
+        parser.add_argument("--tokenizer", choices=["auto", "short"])
+        parser.add_argument("--cpu-smoke", action="store_true")
+        args = parser.parse_args()
+        serve_gpu.startup_probe(args.model_dir, args.cpu_smoke, args.tokenizer is not None,
+                                lambda: probe_setup(args.workers, args.tokenizer))
+        return
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cpu-smoke", action="store_true")
+    parser.add_argument("--budget-s", type=float, default=140.0)
+    args = parser.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    model_dir = serve_gpu.make_model_dir(Path("/tmp/models/tiny-llama3tok" if args.cpu_smoke
+                                              else "/tmp/models/llama-8b-llama3tok"),
+                                         serve_gpu.TINY if args.cpu_smoke else serve_gpu.LLAMA_8B)
+    with open(OUT / "startup_probes.log", "w") as log:
+        runs = run_variants(model_dir, args.cpu_smoke, args.budget_s, log)
+    problems = checks(runs)
+    table = markdown(runs)
+    result = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": runs, "problems": problems}
+    (OUT / "startup_gpu.json").write_text(json.dumps(result, indent=1))
+    (OUT / "startup_gpu.md").write_text(table)
+    print(table, flush=True)
+    print("CHECKS " + ("ok: same greedy ids in every variant, no compile after compile-ahead" if not problems
+                       else "FAILED: " + "; ".join(problems)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

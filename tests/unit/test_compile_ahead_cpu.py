@@ -1,0 +1,91 @@
+"""compile_ahead's mechanics without a GPU: Triton compiles for an sm_90 target on the CPU
+(its bundled ptxas), through a stand-in driver, for a kernel built as a JITFunction (conftest's
+TRITON_INTERPRET makes `triton.jit` interpret). A dry run records each specialisation once
+and launches nothing; compile_all puts a compiled kernel under each recorded key, the key the
+real launch looks up. tests/kernels/test_compile_ahead.py runs the real launches on CUDA."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime.driver import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+from pagedserve.worker import compile_ahead  # noqa: E402
+
+
+def _scale(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * 2, mask=offs < n)
+
+
+class _Driver:
+    """What JITFunction.run, preload and the launcher build ask of the driver, on the CPU."""
+
+    def __init__(self) -> None:
+        self.launchers: list[str] = []
+
+    def launcher_cls(self, src, metadata) -> None:
+        self.launchers.append(src.fn.fn.__name__)
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device=None) -> int:
+        return 0
+
+    def get_current_target(self) -> GPUTarget:
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def get_device_interface(self):
+        return torch.cuda
+
+
+@pytest.fixture
+def fake_driver(monkeypatch):
+    fake = _Driver()
+    monkeypatch.setattr(driver, "_active", fake)
+    return fake
+
+
+_ISOLATED = "PAGEDSERVE_COMPILE_AHEAD_ISOLATED"
+
+
+def test_compile_ahead_in_a_fresh_interpreter():
+    """Triton's process-wide state (driver, knobs, caches) is shared with the rest of the suite,
+    whose earlier tests change it; the compile-ahead test runs in its own interpreter."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                           "test_dry_run_then_compile_all"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, _ISOLATED: "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "1 passed" in proc.stdout
+
+
+@pytest.mark.skipif(os.environ.get(_ISOLATED) != "1", reason="run by test_compile_ahead_in_a_fresh_interpreter")
+def test_dry_run_then_compile_all(fake_driver, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    kernel = JITFunction(_scale)
+    x, y = torch.ones(100), torch.empty(100)
+    y.fill_(7.0)
+    with compile_ahead.recording() as launches:
+        for block in (64, 64, 128):   # the second launch finds the first's stand-in: no new record
+            kernel[(2,)](x, y, 100, BLOCK=block)
+    assert [json.loads(launch.data)["constant_vals"][-1] for launch in launches] == [64, 128]
+    assert torch.all(y == 7.0)   # nothing ran
+    cache = kernel.device_caches[0][0]
+    assert not cache   # the stand-ins are gone
+    compile_ahead.compile_all(launches, workers=2)
+    assert {json.loads(launch.data)["key"] for launch in launches} == set(cache)
+    assert all(type(compiled).__name__ == "CompiledKernel" for compiled in cache.values())
+    assert fake_driver.launchers == ["_scale", "_scale"]
