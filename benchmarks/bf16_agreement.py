@@ -47,8 +47,8 @@ def agreement(outs: list[list[int]], refs: list[list[int]]) -> dict:
         equal += ours == ref
         tokens_equal += sum(a == b for a, b in zip(ours, ref))
         rows.append(dict(prompt=prompt, first_diff=first_diff))
-    return dict(identical=equal, identical_pct=round(100 * equal / len(PROMPTS), 1),
-                tokens_equal_pct=round(100 * tokens_equal / (NEW * len(PROMPTS)), 1), rows=rows)
+    return dict(identical=equal, identical_pct=round(100 * equal / len(refs), 1),
+                tokens_equal_pct=round(100 * tokens_equal / (NEW * len(refs)), 1), rows=rows)
 
 
 def hf_generate(gguf: str, device: str, prompt_ids: list[list[int]], eos: int, attn: str = "sdpa") -> list[list[int]]:

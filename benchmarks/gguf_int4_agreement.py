@@ -1,14 +1,27 @@
-"""Issue 19: what the CPU int4 path (GGUF blocks on torch's int4 kernel up to 64 rows, a bf16
-GEMM on the int4 weight dequantized for the call above: bf16 activations, scales and output
-per matmul either way) changes against the exact fp32 path (dtype="float32": the
-same blocks dequantized to fp32, bit-identical to transformers), on the default model.
+"""Issue 19: what the packed CPU paths change against the exact fp32 path (dtype="float32": the
+GGUF blocks dequantized to fp32, bit-identical to transformers), on the default model.
 
+Variants (dtype="auto" unless said):
+  cpp    the C++ GEMV on the raw blocks (gguf_cpu.cpp, fp32 activations and accumulation) up
+         to CPP_MAX_ROWS rows, a bf16 GEMM on the weight dequantized per call above
+  int4   PAGEDSERVE_GGUF_CPP=0 (main's path, and the fallback without a compiler): torch's
+         int4 kernel up to 64 rows (bf16 activations), a bf16 GEMM above
+  fp32   dtype="float32", the reference
+
+Each variant, two workloads, each in two shapes (a product's row count picks the kernel):
   agreement   the 40 prompts of benchmarks/bf16_agreement.py, 32 greedy tokens each (EOS
-              masked), one batch: prompts whose tokens are all equal, tokens equal in %
+              masked): "batch" = one generate() of 40 (decode steps of 40 rows), "alone" =
+              one prompt at a time (1-row decode: the chat path); prompts whose tokens all
+              equal the fp32 reference of the same shape, tokens equal in %
   perplexity  the repository's README.md and ARCHITECTURE.md (English prose, no download),
-              in 512-token windows, from prompt logprobs: int4 vs fp32, relative change
+              16 windows of 512 tokens, from prompt logprobs: "512" = each window one
+              prefill step (512-row products), "16" = max_num_batched_tokens=16 (16-row
+              products, the decode-sized kernels); relative change against fp32
 
-Usage: PYTHONPATH=. python benchmarks/gguf_int4_agreement.py [out.json]"""
+Usage: PYTHONPATH=. python benchmarks/gguf_int4_agreement.py [--variants cpp,int4] [--out FILE.json]
+       [--quick]   (4 prompts, 2 windows: a smoke run)"""
+import argparse
+import gc
 import json
 import math
 import os
@@ -21,44 +34,82 @@ from bf16_agreement import NEW, PROMPTS, agreement  # noqa: E402
 
 from pagedserve import LLM, SamplingParams  # noqa: E402
 
-WINDOW, MAX_WINDOWS = 512, 16   # 8k tokens: minutes on a loaded 2-core machine
+WINDOW, MAX_WINDOWS = 512, 16   # 8k tokens
 
 
-def texts_ids(tokenizer) -> list[list[int]]:
+def texts_ids(tokenizer, windows: int) -> list[list[int]]:
     text = "".join(open(name).read() for name in ("README.md", "ARCHITECTURE.md"))
     ids = tokenizer(text).input_ids
-    return [ids[i:i + WINDOW] for i in range(0, len(ids) - WINDOW + 1, WINDOW)][:MAX_WINDOWS]
+    return [ids[i:i + WINDOW] for i in range(0, len(ids) - WINDOW + 1, WINDOW)][:windows]
 
 
-def run(dtype: str) -> tuple[list[list[int]], float, float]:
-    llm = LLM(max_model_len=1024, seed=0, dtype=dtype)
-    greedy = SamplingParams(max_tokens=NEW, min_tokens=NEW, temperature=0.0)   # EOS masked, as bf16_agreement
-    t0 = time.perf_counter()
-    outs = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy, use_tqdm=False)]
-    seconds = time.perf_counter() - t0
+def perplexity(llm: LLM, windows: list[list[int]]) -> float:
     nll, count = 0.0, 0
-    windows = texts_ids(llm.get_tokenizer())
     scored = llm.generate([{"prompt_token_ids": w} for w in windows],
                           SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False), use_tqdm=False)
     for out in scored:
         for token, entry in zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:]):
             nll -= entry[token].logprob
             count += 1
-    return outs, math.exp(nll / count), seconds
+    return math.exp(nll / count)
+
+
+def run(variant: str, prompts: list[str], windows: int) -> dict:
+    os.environ["PAGEDSERVE_GGUF_CPP"] = "0" if variant == "int4" else "1"   # read when the layers load
+    dtype = "float32" if variant == "fp32" else "auto"
+    greedy = SamplingParams(max_tokens=NEW, min_tokens=NEW, temperature=0.0)   # EOS masked, as bf16_agreement
+    out: dict = {}
+    llm = LLM(max_model_len=1024, seed=0, dtype=dtype)
+    t0 = time.perf_counter()
+    out["batch"] = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    t1 = time.perf_counter()
+    out["alone"] = [llm.generate([p], greedy, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+    t2 = time.perf_counter()
+    ids = texts_ids(llm.get_tokenizer(), windows)
+    out["ppl_512"] = perplexity(llm, ids)
+    t3 = time.perf_counter()
+    del llm
+    gc.collect()
+    llm = LLM(max_model_len=1024, seed=0, dtype=dtype, max_num_batched_tokens=16)
+    t4 = time.perf_counter()
+    out["ppl_16"] = perplexity(llm, ids)
+    out["seconds"] = dict(batch=round(t1 - t0, 1), alone=round(t2 - t1, 1), ppl_512=round(t3 - t2, 1),
+                          ppl_16=round(time.perf_counter() - t4, 1))
+    del llm
+    gc.collect()
+    return out
 
 
 def main() -> None:
-    ref, ppl_ref, s_ref = run("float32")
-    ours, ppl, s_ours = run("auto")
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variants", default="cpp,int4")
+    ap.add_argument("--out")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    prompts, windows = (PROMPTS[:4], 2) if args.quick else (PROMPTS, MAX_WINDOWS)
+    load = [round(os.getloadavg()[0], 2)]
+    ref = run("fp32", prompts, windows)
     result = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), command="python " + " ".join(sys.argv),
-                  reference="dtype=float32 (blocks dequantized to fp32)", candidate="dtype=auto (int4 kernel up to 64 rows, bf16 GEMM on the int4 weight dequantized above)",
-                  agreement=agreement(ours, ref), perplexity_fp32=round(ppl_ref, 4), perplexity_int4=round(ppl, 4),
-                  perplexity_change_pct=round(100 * (ppl / ppl_ref - 1), 3),
-                  generate_40_prompts_s=dict(fp32=round(s_ref, 2), int4=round(s_ours, 2)))
-    print(json.dumps({k: v for k, v in result.items() if k != "agreement"} | {
-        "identical": result["agreement"]["identical"], "tokens_equal_pct": result["agreement"]["tokens_equal_pct"]}))
-    if len(sys.argv) > 1:
-        with open(sys.argv[1], "w") as f:
+                  prompts=len(prompts), windows=windows, reference="dtype=float32 (blocks dequantized to fp32)",
+                  perplexity_fp32={k: round(ref[k], 4) for k in ("ppl_512", "ppl_16")}, seconds_fp32=ref["seconds"],
+                  variants={})
+    for variant in args.variants.split(","):
+        ours = run(variant, prompts, windows)
+        row = {}
+        for shape in ("batch", "alone"):
+            agree = agreement(ours[shape], ref[shape])
+            row[f"agreement_{shape}"] = dict(identical=f"{agree['identical']}/{len(prompts)}",
+                                             tokens_equal_pct=agree["tokens_equal_pct"])
+        for k in ("ppl_512", "ppl_16"):
+            row[k] = dict(perplexity=round(ours[k], 4), change_pct=round(100 * (ours[k] / ref[k] - 1), 3))
+        row["seconds"] = ours["seconds"]
+        result["variants"][variant] = row
+        print(json.dumps({"variant": variant} | row), flush=True)
+    load.append(round(os.getloadavg()[0], 2))
+    result["load_average_1m"] = load
+    print(json.dumps({k: v for k, v in result.items() if k != "variants"}))
+    if args.out:
+        with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
 
 

@@ -1,6 +1,7 @@
 """GGUF packed weights in the layers: a fused QKV layer and a row-parallel layer load raw
-blocks through their weight_loader and multiply like the dequantized weight (int4 kernel:
-within bf16 rounding; int4=False: exact fp32); the embedding looks rows up exactly; llama.cpp's
+blocks through their weight_loader and multiply like the dequantized weight (the C++ GEMV:
+within fp32 rounding; torch's int4 kernel, the fallback without a compiler: within bf16
+rounding; int4=False: exact fp32); the embedding looks rows up exactly; llama.cpp's
 q/k row permutation undone on packed rows equals undoing it on the dequantized rows."""
 import numpy as np
 import pytest
@@ -8,7 +9,8 @@ import torch
 
 from pagedserve.layers.embedding import ParallelLMHead
 from pagedserve.layers.linear import QKVParallelLinear, RowParallelLinear
-from pagedserve.layers.quantization.gguf import GGUFConfig
+from pagedserve.layers.quantization import gguf_cpu
+from pagedserve.layers.quantization.gguf import CPP_MAX_ROWS, GGUFConfig
 from pagedserve.layers.quantization.gguf_kernels import dequantize
 from pagedserve.models.gguf_packed import _unpermute
 from tests.unit.test_gguf_kernels import random_blocks
@@ -20,8 +22,13 @@ def _blocks(fmt, rows, cols, seed):
     return torch.from_numpy(random_blocks(fmt, rows, cols, seed))
 
 
-@pytest.mark.parametrize("int4", [True, False])
-def test_qkv_and_row_layers_multiply_like_dequantized(int4):
+@pytest.mark.parametrize("path", ["cpp", "int4", "fp32"])
+def test_qkv_and_row_layers_multiply_like_dequantized(path, monkeypatch):
+    if path == "cpp" and gguf_cpu.extension() is None:
+        pytest.skip("no C++ compiler for the GGUF CPU kernels")
+    if path == "int4":   # as on a machine without a compiler
+        monkeypatch.setattr(gguf_cpu, "extension", lambda: None)
+    int4 = path != "fp32"
     types = {f"l.self_attn.{p}.qweight": "Q4_1" for p in ("q_proj", "k_proj", "v_proj")}
     types["l.self_attn.o_proj.qweight"] = "Q8_0"
     config = GGUFConfig(types, int4=int4)
@@ -38,7 +45,13 @@ def test_qkv_and_row_layers_multiply_like_dequantized(int4):
     for layer, weight in ((qkv, torch.cat([dequantize(r, "Q4_1") for r in shards.values()])),
                           (o, dequantize(o_raw, "Q8_0"))):
         out = layer(x)
-        if int4:
+        assert layer.gguf_cpp == (path == "cpp") and (layer.int4_parts is not None) == (path == "int4")
+        if path == "cpp":
+            assert torch.allclose(out, x @ weight.t(), rtol=1e-5, atol=1e-5)
+            many = torch.randn(CPP_MAX_ROWS + 1, 64)   # more rows: bf16 GEMM on the weight dequantized per call
+            ref = many.bfloat16().float() @ weight.bfloat16().float().t()
+            assert (layer(many) - ref).abs().max() <= 1e-2 * ref.abs().max()
+        elif path == "int4":
             ref = x.bfloat16().float() @ weight.t()
             assert (out - ref).abs().max() <= 2e-2 * ref.abs().max()
         else:

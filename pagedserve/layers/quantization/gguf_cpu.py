@@ -3,7 +3,7 @@ blocks the loader keeps, fp32 accumulate, no repack. Compiled on first use into 
 extensions cache (torch.utils.cpp_extension; -O3 -march=native, since it runs where it is
 built); if that fails (no compiler), a warning and None: the callers keep torch's int4 path.
 
-PAGEDSERVE_GGUF_CPP=0 turns it off (A/B measurements)."""
+PAGEDSERVE_GGUF_CPP=0 turns it off for the layers loaded while it is set (A/B measurements)."""
 from __future__ import annotations
 
 import logging
@@ -17,15 +17,17 @@ import torch
 logger = logging.getLogger(__name__)
 
 TYPE_IDS = {name: i for i, name in enumerate(("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"))}
-ENABLED = os.environ.get("PAGEDSERVE_GGUF_CPP", "1") != "0"
 _SOURCE = os.path.join(os.path.dirname(__file__), "gguf_cpu.cpp")
 
 
-@cache
 def extension() -> ModuleType | None:
-    """The compiled module (built once per source and torch version), or None."""
-    if not ENABLED:
-        return None
+    """The compiled module, or None (off, or it does not build): what a layer loaded now runs."""
+    return None if os.environ.get("PAGEDSERVE_GGUF_CPP", "1") == "0" else _load()
+
+
+@cache
+def _load() -> ModuleType | None:
+    """Built once per source and torch version (torch's extensions cache), or None."""
     from torch.utils.cpp_extension import load
     start = time.perf_counter()
     logger.info("GGUF CPU kernels: compiling or loading %s (torch extensions cache; the first build takes ~30 s)",
@@ -43,21 +45,21 @@ def extension() -> ModuleType | None:
 
 def gemv(x: torch.Tensor, raw: torch.Tensor, fmt: str) -> torch.Tensor:
     """x [M, K] @ dequantize(raw).T -> [M, N] in x's dtype (fp32 inside)."""
-    return extension().gemv(x, raw, TYPE_IDS[fmt])
+    return _load().gemv(x, raw, TYPE_IDS[fmt])
 
 
 def gemv_normed(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                 raw: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual) * norm_weight @ dequantize(raw).T, x + residual); x without a residual."""
-    return extension().gemv_normed(x, residual, norm_weight, eps, raw, TYPE_IDS[fmt])
+    return _load().gemv_normed(x, residual, norm_weight, eps, raw, TYPE_IDS[fmt])
 
 
 def gemv_silu(gate_up: torch.Tensor, raw: torch.Tensor, fmt: str) -> torch.Tensor:
     """(silu(gate) * up) @ dequantize(raw).T for gate_up = [gate | up]."""
-    return extension().gemv_silu(gate_up, raw, TYPE_IDS[fmt])
+    return _load().gemv_silu(gate_up, raw, TYPE_IDS[fmt])
 
 
 def dequantize(raw: torch.Tensor, fmt: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """raw blocks [N, K / elems, nbytes] -> [N, K] in `dtype` (scale * q + offset, one fp32 FMA:
     within an fp32 rounding of gguf.quants.dequantize)."""
-    return extension().dequantize(raw, TYPE_IDS[fmt], dtype == torch.bfloat16).to(dtype)
+    return _load().dequantize(raw, TYPE_IDS[fmt], dtype == torch.bfloat16).to(dtype)
