@@ -17,10 +17,12 @@ with --llama-python (the default is this one), or put its package on PYTHONPATH 
 libraries in LLAMA_CPP_LIB_PATH). llama.cpp runs without extra buffer types (its AMX path
 raises SIGILL in the VM this was measured on; LLAMA_NO_EXTRA_BUFTS=0 keeps them).
 pagedserve runs from the current directory (PYTHONPATH=. first): run this from another
-checkout to measure that one.
+checkout to measure that one. Engine "pagedserve_int4" is pagedserve with PAGEDSERVE_GGUF_CPP=0
+(torch's int4 kernel instead of the C++ GEMV on the GGUF blocks: main's path before it), so
+`--engines pagedserve,pagedserve_int4,llamacpp --repeat 3` interleaves the A/B.
 The machine's 1-minute load average at the start and end of each engine's run is recorded
 (a shared machine makes absolute figures noisy: compare engines of the same repeat).
-Usage: python benchmarks/cpu_vs_llamacpp.py [--engines pagedserve,llamacpp,transformers] [--llama-python PY]
+Usage: python benchmarks/cpu_vs_llamacpp.py [--engines pagedserve,pagedserve_int4,llamacpp,transformers] [--llama-python PY]
        [--dtype auto|float32] [--threads N] [--batch N] [--out FILE.json] [--repeat N]
 """
 from __future__ import annotations
@@ -55,7 +57,7 @@ def physical_cores() -> int:
         return os.cpu_count() or 1
 
 
-def run_pagedserve(p: dict, dtype: str, threads: int) -> dict:
+def run_pagedserve(p: dict, dtype: str, threads: int, engine: str = "pagedserve") -> dict:
     import torch
     torch.set_num_threads(threads)
 
@@ -89,7 +91,7 @@ def run_pagedserve(p: dict, dtype: str, threads: int) -> dict:
     wall = time.perf_counter() - t0
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     import resource
-    return dict(engine="pagedserve", dtype=dtype, torch_threads=torch.get_num_threads(), startup_s=round(startup, 1),
+    return dict(engine=engine, dtype=dtype, torch_threads=torch.get_num_threads(), startup_s=round(startup, 1),
                 b1_decode_tok_s=round(b1, 1), ttft256_ms=round(statistics.median(ttfts), 1),
                 ttft256_all_ms=[round(t, 1) for t in ttfts], batch_prompts=len(p["batch"]),
                 batch_out_tok_s=round(n_out / wall, 1), batch_wall_s=round(wall, 2), max_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
@@ -176,7 +178,8 @@ def run_transformers(p: dict, threads: int) -> dict:
 def child(engine: str, dtype: str, threads: int, batch_size: int) -> None:
     p = prompts(batch_size)
     load = os.getloadavg()[0]
-    runners = {"pagedserve": lambda: run_pagedserve(p, dtype, threads), "llamacpp": lambda: run_llamacpp(p, threads),
+    runners = {"pagedserve": lambda: run_pagedserve(p, dtype, threads),
+               "pagedserve_int4": lambda: run_pagedserve(p, dtype, threads, "pagedserve_int4"), "llamacpp": lambda: run_llamacpp(p, threads),
                "transformers": lambda: run_transformers(p, threads)}
     result = runners[engine]()
     result["load_average_1m"] = [round(load, 2), round(os.getloadavg()[0], 2)]   # at start, at end
@@ -204,8 +207,11 @@ def main() -> None:
             python = args.llama_python if engine == "llamacpp" else sys.executable
             cmd = [python, os.path.abspath(__file__), "--child", engine, "--dtype", args.dtype,
                    "--threads", str(threads), "--batch", str(args.batch)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                [os.getcwd()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])})
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+                [os.getcwd()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+            if engine == "pagedserve_int4":
+                env["PAGEDSERVE_GGUF_CPP"] = "0"
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
                 sys.exit(f"{engine} failed:\n{proc.stderr[-3000:]}")

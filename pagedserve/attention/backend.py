@@ -3,11 +3,12 @@ A backend stores K/V by slot mapping and attends over the paged cache."""
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
 from pagedserve.attention.metadata import AttentionMetadata
+from pagedserve.config import QuantizationSpec
 from pagedserve.attention.torch_ref import StepPlan, store_kv_ref
 
 logger = logging.getLogger(__name__)
@@ -33,9 +34,21 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self) -> None:
+    def __init__(self, decode_kernel: Callable | None = None) -> None:
         self._meta: AttentionMetadata | None = None
         self._plan: StepPlan | None = None
+        self.decode_kernel = decode_kernel   # GGUF packed on CPU: gguf_cpu.decode_attention
+
+    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, rotary: tuple) -> torch.Tensor | None:
+        """Rotary, KV store and attention of an all-decode fp32 step in one call of the decode
+        kernel -> [T, Hq * D]; None where there is none (the caller runs the three)."""
+        if self.decode_kernel is None or meta.num_decodes != meta.num_seqs or q.dtype != torch.float32 \
+                or k_cache.dtype != torch.float32:
+            return None
+        rope, positions = rotary
+        return self.decode_kernel(q, k, v, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.slot_mapping,
+                                  positions, rope.cos_cache, rope.sin_cache, scale)
 
     def _plan_for(self, meta: AttentionMetadata, block_size: int) -> StepPlan:
         if meta is not self._meta:
@@ -153,8 +166,10 @@ class TritonBackend:
         return out
 
 
-def select_backend(device: torch.device) -> AttentionBackend:
-    """Triton on CUDA, the torch reference elsewhere."""
+def select_backend(device: torch.device, quantization: QuantizationSpec | None = None) -> AttentionBackend:
+    """Triton on CUDA, the torch reference elsewhere (with the C++ decode kernel for GGUF
+    blocks on the C++ kernels)."""
     if device.type == "cuda":
         return TritonBackend()
-    return TorchBackend()
+    from pagedserve.layers.quantization.gguf import cpu_decode_attention
+    return TorchBackend(cpu_decode_attention(quantization))

@@ -47,6 +47,9 @@ class Attention(nn.Module):
             rotary_store_kv(positions, q, k, v, rope.cos_cache, rope.sin_cache, self.k_cache, self.v_cache,
                             meta.slot_mapping)
         else:
+            if rotary is not None and self.backend.name == "torch" and \
+                    (out := self.backend.decode(q, k, v, self.k_cache, self.v_cache, meta, self.scale, rotary)) is not None:
+                return out   # one C++ call (GGUF packed on CPU)
             if rotary is not None:
                 q, k = rotary[0](rotary[1], q, k)
             self.backend.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping, meta)

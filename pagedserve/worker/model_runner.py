@@ -168,7 +168,7 @@ class ModelRunner:
         (masked-out reads must never meet NaN), and bind them to the attention layers. They are
         the planes of one tensor [2 * num_layers, num_blocks, ...] (`kv_cache`), so the host
         tier copies a block of every layer in one op."""
-        backend = select_backend(self.device)
+        backend = select_backend(self.device, self.model_config.quantization)
         layers = self.model.attention_layers()
         shape = (num_blocks, self.block_size, layers[0].num_kv_heads, layers[0].head_dim)
         self.kv_cache = torch.zeros((2 * len(layers), *shape), dtype=self.model_config.dtype, device=self.device)
@@ -212,7 +212,7 @@ class ModelRunner:
         from pagedserve.layers.sampler import SamplingTensors
         from pagedserve.worker.sampling_inputs import SAMPLER_CHUNK_ROWS
         num_tokens = min(num_tokens, self.scheduler_config.max_model_len)
-        backend = select_backend(self.device)
+        backend = select_backend(self.device, self.model_config.quantization)
         for layer in self.model.attention_layers():
             shape = (1, self.block_size, layer.num_kv_heads, layer.head_dim)
             layer.k_cache = torch.zeros(shape, dtype=self.model_config.dtype, device=self.device)

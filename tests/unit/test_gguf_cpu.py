@@ -46,3 +46,30 @@ def test_fused_prologues():
     gate_up = torch.randn(3, 256)
     ref = torch.nn.functional.silu(gate_up[:, :128]) * gate_up[:, 128:] @ dequantize(raw_down, "Q8_0").t()
     assert torch.allclose(gguf_cpu.gemv_silu(gate_up, raw_down, "Q8_0"), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_decode_attention_matches_the_torch_path():
+    """Rotary, KV store and paged attention of an all-decode step against RotaryEmbedding,
+    store_kv_ref and paged_attention_ref (GQA, scattered blocks, one padded slot)."""
+    from pagedserve.attention.torch_ref import paged_attention_ref, store_kv_ref
+    from pagedserve.layers.rotary import RotaryEmbedding
+    gen = torch.Generator().manual_seed(5)
+    hq, hkv, d, block, blocks = 6, 2, 64, 16, 12
+    seq_lens = torch.tensor([1, 37, 16, 20], dtype=torch.int32)
+    tables = torch.randperm(blocks, generator=gen)[:12].view(4, 3).int()
+    slots = torch.stack([tables[s, (n - 1) // block] * block + (n - 1) % block for s, n in enumerate(seq_lens)]).long()
+    slots[3] = -1   # padding: not stored (its context is what the cache holds)
+    positions = (seq_lens - 1).long()
+    rope = RotaryEmbedding(d, 256, 10000.0)
+    qkv = torch.randn(4, (hq + 2 * hkv) * d, generator=gen)
+    q, k, v = (t.view(4, -1, d) for t in qkv.split([hq * d, hkv * d, hkv * d], dim=-1))   # strided views, as the model's
+    k_cache = torch.randn(blocks, block, hkv, d, generator=gen)
+    v_cache = torch.randn(blocks, block, hkv, d, generator=gen)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    rq, rk = rope(positions, q, k)
+    store_kv_ref(rk, v, ref_k, ref_v, slots)
+    ref = paged_attention_ref(rq, ref_k, ref_v, tables, seq_lens, torch.arange(5, dtype=torch.int32), d ** -0.5)
+    out = gguf_cpu.decode_attention(q, k, v, k_cache, v_cache, tables, seq_lens, slots, positions, rope.cos_cache,
+                                    rope.sin_cache, d ** -0.5)
+    assert torch.allclose(k_cache, ref_k, rtol=1e-6, atol=1e-6) and torch.equal(v_cache, ref_v)
+    assert torch.allclose(out, ref.reshape(4, hq * d), rtol=1e-5, atol=1e-5)

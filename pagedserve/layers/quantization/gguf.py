@@ -18,11 +18,12 @@ projections do not share one type is stored dequantized by the converter and run
 unquantized here."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from pagedserve.config import QuantizationSpec
 from pagedserve.layers.quantization.base import (CheckpointTensor, LinearMethod, QuantizationConfig,
                                                  checkpoint_names, make_param)
 from pagedserve.layers.quantization import gguf_cpu
@@ -62,6 +63,15 @@ class GGUFConfig(QuantizationConfig):
 
     def weight_description(self) -> str:
         return "gguf (" + ", ".join(sorted(set(self.tensor_types.values()))) + ")"
+
+
+def cpu_decode_attention(spec: QuantizationSpec | None) -> Callable | None:
+    """The C++ decode attention (gguf_cpu.decode_attention) for a model whose GGUF blocks run on
+    the C++ kernels (their rounding already differs from the fp32 reference's); None for every
+    other model, which keeps torch's attention (dtype=float32 stays exact)."""
+    if spec is None or spec.method != "gguf" or spec.config.get("dequantize") or gguf_cpu.extension() is None:
+        return None
+    return gguf_cpu.decode_attention
 
 
 def _create_qweight(layer: nn.Module, fmt: str, rows: int, cols: int, **dims: Any) -> None:

@@ -13,6 +13,11 @@
 // Prologues (one call instead of the several torch ops around a decode GEMV):
 //   norm: x <- rms_norm(x + residual) * weight (x + residual returned too)
 //   silu: x = [gate | up] <- silu(gate) * up
+//
+// decode_attention: an all-decode step's attention of one layer in one call (rotary on q and
+// k, k and v stored into the paged cache, softmax(q K^T * scale) V over the sequence's
+// blocks), fp32, instead of ~40 small torch ops; the GGUF packed path uses it (its rounding
+// already differs from the fp32 reference), the exact fp32 path keeps torch's SDPA.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -445,6 +450,96 @@ torch::Tensor gemv_silu(const torch::Tensor& gate_up, const torch::Tensor& w, in
   return gemv_f32(act, w, type).to(gate_up.scalar_type());
 }
 
+inline float dot(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  v16f acc{};
+  for (; i + 16 <= n; i += 16) acc += loadf(a + i) * loadf(b + i);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline void axpy(float p, const float* x, float* y, int64_t n) {   // y += p * x
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    v16f t = loadf(y + i) + p * loadf(x + i);
+    std::memcpy(y + i, &t, 64);
+  }
+  for (; i < n; ++i) y[i] += p * x[i];
+}
+
+// neox rotary (rotate-half) of one head: y = x * cos + rotate_half(x) * sin
+inline void rotate(const float* x, const float* cos, const float* sin, float* y, int64_t D) {
+  const int64_t h = D / 2;
+  for (int64_t i = 0; i < h; ++i) {
+    y[i] = x[i] * cos[i] - x[i + h] * sin[i];
+    y[i + h] = x[i + h] * cos[i + h] + x[i] * sin[i + h];
+  }
+}
+
+// q [S, Hq, D], k / v [S, Hkv, D] (rows may be strided views of the qkv output; heads and D
+// contiguous), caches [blocks, B, Hkv, D], block_tables [S, max_blocks] int32, seq_lens [S]
+// (context after this step, this token included), slot_mapping [S] (-1: not stored),
+// positions [S], cos / sin [max_pos, D] -> out [S, Hq * D]; all fp32
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                               const torch::Tensor& k_cache, const torch::Tensor& v_cache, const torch::Tensor& block_tables,
+                               const torch::Tensor& seq_lens, const torch::Tensor& slot_mapping,
+                               const torch::Tensor& positions, const torch::Tensor& cos_cache,
+                               const torch::Tensor& sin_cache, double scale) {
+  const int64_t S = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1), B = k_cache.size(1);
+  for (const torch::Tensor* t : {&q, &k, &v})
+    TORCH_CHECK(t->dim() == 3 && t->scalar_type() == torch::kFloat32 && t->stride(2) == 1 && t->stride(1) == D &&
+                t->size(0) == S && t->size(2) == D, "q / k / v: fp32 [S, H, D] with contiguous heads");
+  for (const torch::Tensor* t : {&k_cache, &v_cache, &cos_cache, &sin_cache})
+    TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous(), "caches, cos / sin: contiguous fp32");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(2) == Hkv && k_cache.size(3) == D && Hq % Hkv == 0 &&
+              cos_cache.size(1) == D, "k_cache: [blocks, B, Hkv, D]");
+  auto tables = block_tables.to(torch::kInt32).contiguous();
+  auto lens = seq_lens.to(torch::kInt64).contiguous(), slots = slot_mapping.to(torch::kInt64).contiguous();
+  auto pos = positions.to(torch::kInt64).contiguous();
+  const int32_t* tab = tables.data_ptr<int32_t>();
+  const int64_t *len = lens.data_ptr<int64_t>(), *slot = slots.data_ptr<int64_t>(), *p = pos.data_ptr<int64_t>();
+  const int64_t max_blocks = tables.size(1), row = Hkv * D;
+  float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
+  const float *cs = cos_cache.data_ptr<float>(), *sn = sin_cache.data_ptr<float>();
+  for (int64_t s = 0; s < S; ++s) {   // this step's k (rotated) and v into the cache
+    if (slot[s] < 0) continue;
+    for (int64_t g = 0; g < Hkv; ++g) {
+      rotate(k.data_ptr<float>() + s * k.stride(0) + g * D, cs + p[s] * D, sn + p[s] * D, kc + slot[s] * row + g * D, D);
+      std::memcpy(vc + slot[s] * row + g * D, v.data_ptr<float>() + s * v.stride(0) + g * D, D * sizeof(float));
+    }
+  }
+  auto out = torch::empty({S, Hq * D}, q.options());
+  float* o = out.data_ptr<float>();
+  int64_t work = 0;
+  for (int64_t s = 0; s < S; ++s) work += len[s];
+  // a (sequence, head) pair per task; threads only when there is enough context to share
+  at::parallel_for(0, S * Hq, std::max<int64_t>(1, S * Hq * 16384 / std::max<int64_t>(1, work * Hq * D)),
+                   [&](int64_t t0, int64_t t1) {
+    std::vector<float> qr(D), scores;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t s = t / Hq, h = t % Hq, g = h / (Hq / Hkv), L = len[s];
+      rotate(q.data_ptr<float>() + s * q.stride(0) + h * D, cs + p[s] * D, sn + p[s] * D, qr.data(), D);
+      scores.resize(L);
+      float top = -INFINITY;
+      for (int64_t j = 0; j < L; ++j) {
+        const int64_t at = (static_cast<int64_t>(tab[s * max_blocks + j / B]) * B + j % B) * row + g * D;
+        scores[j] = dot(qr.data(), kc + at, D) * static_cast<float>(scale);
+        top = std::max(top, scores[j]);
+      }
+      float total = 0;
+      for (int64_t j = 0; j < L; ++j) total += (scores[j] = std::exp(scores[j] - top));
+      float* y = o + s * Hq * D + h * D;
+      std::fill(y, y + D, 0.0f);
+      for (int64_t j = 0; j < L; ++j) {
+        const int64_t at = (static_cast<int64_t>(tab[s * max_blocks + j / B]) * B + j % B) * row + g * D;
+        axpy(scores[j] / total, vc + at, y, D);
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -452,4 +547,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "x @ w.T on GGUF blocks (fp32 accumulate)");
   m.def("gemv_normed", &gemv_normed, "rms_norm(x + residual) @ w.T on GGUF blocks, and x + residual");
   m.def("gemv_silu", &gemv_silu, "(silu(gate) * up) @ w.T on GGUF blocks");
+  m.def("decode_attention", &decode_attention, "rotary, KV store and paged attention of an all-decode step");
 }

@@ -59,6 +59,16 @@ def gemv_silu(gate_up: torch.Tensor, raw: torch.Tensor, fmt: str) -> torch.Tenso
     return _load().gemv_silu(gate_up, raw, TYPE_IDS[fmt])
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_tables: torch.Tensor, seq_lens: torch.Tensor, slot_mapping: torch.Tensor,
+                     positions: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """An all-decode step of one layer, fp32: q [S, Hq, D], k / v [S, Hkv, D] rotated (neox),
+    k / v stored at slot_mapping, attention over each sequence's blocks -> [S, Hq * D]."""
+    return _load().decode_attention(q, k, v, k_cache, v_cache, block_tables, seq_lens, slot_mapping, positions,
+                                    cos_cache, sin_cache, scale)
+
+
 def dequantize(raw: torch.Tensor, fmt: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """raw blocks [N, K / elems, nbytes] -> [N, K] in `dtype` (scale * q + offset, one fp32 FMA:
     within an fp32 rounding of gguf.quants.dequantize)."""
