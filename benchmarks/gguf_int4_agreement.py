@@ -19,7 +19,9 @@ Each variant, two workloads, each in two shapes (a product's row count picks the
               products, the decode-sized kernels); relative change against fp32
 
 Usage: PYTHONPATH=. python benchmarks/gguf_int4_agreement.py [--variants cpp,int4] [--out FILE.json]
-       [--quick]   (4 prompts, 2 windows: a smoke run)"""
+       [--quick]   (4 prompts, 2 windows: a smoke run)
+       [--ref FILE.json]   (the fp32 reference's ids and perplexities: read if it exists, else
+                           computed and written; it is the slow part, ~13 min at load ~9)"""
 import argparse
 import gc
 import json
@@ -85,10 +87,19 @@ def main() -> None:
     ap.add_argument("--variants", default="cpp,int4")
     ap.add_argument("--out")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--ref")
     args = ap.parse_args()
     prompts, windows = (PROMPTS[:4], 2) if args.quick else (PROMPTS, MAX_WINDOWS)
     load = [round(os.getloadavg()[0], 2)]
-    ref = run("fp32", prompts, windows)
+    if args.ref and os.path.exists(args.ref):
+        with open(args.ref) as f:
+            ref = json.load(f)
+        assert len(ref["batch"]) == len(prompts), "the reference was computed for other prompts"
+    else:
+        ref = run("fp32", prompts, windows)
+        if args.ref:
+            with open(args.ref, "w") as f:
+                json.dump(ref, f)
     result = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), command="python " + " ".join(sys.argv),
                   prompts=len(prompts), windows=windows, reference="dtype=float32 (blocks dequantized to fp32)",
                   perplexity_fp32={k: round(ref[k], 4) for k in ("ppl_512", "ppl_16")}, seconds_fp32=ref["seconds"],

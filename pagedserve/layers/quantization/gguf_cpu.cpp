@@ -513,8 +513,9 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   float* o = out.data_ptr<float>();
   int64_t work = 0;
   for (int64_t s = 0; s < S; ++s) work += len[s];
-  // a (sequence, head) pair per task; threads only when there is enough context to share
-  at::parallel_for(0, S * Hq, std::max<int64_t>(1, S * Hq * 16384 / std::max<int64_t>(1, work * Hq * D)),
+  // a (sequence, head) pair per task, >= ~256K multiply-adds per thread's chunk: one decode's
+  // heads at a short context (~20 us) stay on one thread rather than wait for a second one
+  at::parallel_for(0, S * Hq, std::max<int64_t>(1, S * Hq * 262144 / std::max<int64_t>(1, work * Hq * D)),
                    [&](int64_t t0, int64_t t1) {
     std::vector<float> qr(D), scores;
     for (int64_t t = t0; t < t1; ++t) {
