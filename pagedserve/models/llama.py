@@ -22,6 +22,7 @@ from pagedserve.layers.linear import (MergedColumnParallelLinear, QKVParallelLin
                                       default_weight_loader)
 from pagedserve.layers.norm import RMSNorm
 from pagedserve.layers.parallel import is_first_stage, is_last_stage, pp_rank, pp_world_size, stage_layers
+from pagedserve.layers.quantization.gguf import cpu_decode_layer
 from pagedserve.layers.quantization import (CheckpointTensor, LinearMethod, QuantizationConfig, UnquantizedLinearMethod,
                                             embedding_method, get_quantization_config)
 from pagedserve.layers.rotary import RotaryEmbedding
@@ -89,6 +90,8 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        if not hidden.is_cuda and (out := cpu_decode_layer(self, positions, hidden, residual, meta)) is not None:
+            return out   # GGUF blocks on the CPU: an all-decode step's layer in one C++ call
         # each norm with the projection after it: one gemv launch for decode-sized batches
         qkv, residual = self.self_attn.qkv_proj.forward_normed(hidden, residual, self.input_layernorm)
         hidden = self.self_attn(positions, qkv, meta)

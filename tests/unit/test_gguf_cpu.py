@@ -73,3 +73,29 @@ def test_decode_attention_matches_the_torch_path():
                                     rope.sin_cache, d ** -0.5)
     assert torch.allclose(k_cache, ref_k, rtol=1e-6, atol=1e-6) and torch.equal(v_cache, ref_v)
     assert torch.allclose(out, ref.reshape(4, hq * d), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_layer_equals_the_modules(monkeypatch):
+    """gguf_cpu.decode_layer (one C++ call per decoder layer of an all-decode step) against the
+    same layers run module by module, on the default model: bit-identical logprobs."""
+    import pagedserve.models.llama as llama
+    from pagedserve import LLM, SamplingParams
+    llm = LLM(max_model_len=256, num_kv_blocks=64, max_num_seqs=4, enable_prefix_caching=False)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=3)
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
+    fused, calls = llama.cpu_decode_layer, []
+
+    def counted(*args):
+        out = fused(*args)
+        calls.append(out is not None)
+        return out
+
+    def run():
+        return [[(t, {k: v.logprob for k, v in lp.items()}) for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
+                for o in llm.generate(prompts, params, use_tqdm=False)]
+    monkeypatch.setattr(llama, "cpu_decode_layer", counted)
+    fast = run()
+    monkeypatch.setattr(llama, "cpu_decode_layer", lambda *args: None)
+    slow = run()
+    assert sum(calls) >= 30 * 11   # every layer of every decode step
+    assert fast == slow

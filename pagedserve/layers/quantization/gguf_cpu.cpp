@@ -18,6 +18,7 @@
 // k, k and v stored into the paged cache, softmax(q K^T * scale) V over the sequence's
 // blocks), fp32, instead of ~40 small torch ops; the GGUF packed path uses it (its rounding
 // already differs from the fp32 reference), the exact fp32 path keeps torch's SDPA.
+// decode_layer: the calls of one Llama decoder layer's decode step in one (no Python between).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -541,6 +542,24 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   return out;
 }
 
+// One decoder layer of an all-decode step (Llama: no biases, no q/k norm, one rank): the same
+// calls, in the same order, as the layer's modules make one by one -> (output, residual)
+std::tuple<torch::Tensor, torch::Tensor> decode_layer(
+    const torch::Tensor& hidden, const c10::optional<torch::Tensor>& residual, const torch::Tensor& norm1,
+    const torch::Tensor& norm2, double eps, const torch::Tensor& qkv_w, int64_t qkv_t, const torch::Tensor& o_w,
+    int64_t o_t, const torch::Tensor& gate_up_w, int64_t gate_up_t, const torch::Tensor& down_w, int64_t down_t,
+    int64_t Hq, int64_t Hkv, int64_t D, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+    const torch::Tensor& block_tables, const torch::Tensor& seq_lens, const torch::Tensor& slot_mapping,
+    const torch::Tensor& positions, const torch::Tensor& cos_cache, const torch::Tensor& sin_cache, double scale) {
+  auto [qkv, h1] = gemv_normed(hidden, residual, norm1, eps, qkv_w, qkv_t);
+  const int64_t T = qkv.size(0);
+  auto attn = decode_attention(qkv.narrow(1, 0, Hq * D).view({T, Hq, D}), qkv.narrow(1, Hq * D, Hkv * D).view({T, Hkv, D}),
+                               qkv.narrow(1, (Hq + Hkv) * D, Hkv * D).view({T, Hkv, D}), k_cache, v_cache, block_tables,
+                               seq_lens, slot_mapping, positions, cos_cache, sin_cache, scale);
+  auto [gate_up, h2] = gemv_normed(gemv(attn, o_w, o_t), h1, norm2, eps, gate_up_w, gate_up_t);
+  return {gemv_silu(gate_up, down_w, down_t), h2};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -549,4 +568,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_normed", &gemv_normed, "rms_norm(x + residual) @ w.T on GGUF blocks, and x + residual");
   m.def("gemv_silu", &gemv_silu, "(silu(gate) * up) @ w.T on GGUF blocks");
   m.def("decode_attention", &decode_attention, "rotary, KV store and paged attention of an all-decode step");
+  m.def("decode_layer", &decode_layer, "a Llama decoder layer of an all-decode step on GGUF blocks");
 }

@@ -69,6 +69,17 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
                                     cos_cache, sin_cache, scale)
 
 
+def decode_layer(hidden: torch.Tensor, residual: torch.Tensor | None, norm1: torch.Tensor, norm2: torch.Tensor,
+                 eps: float, weights: list, num_heads: int, num_kv_heads: int, head_dim: int, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, meta, positions: torch.Tensor, cos_cache: torch.Tensor,
+                 sin_cache: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Llama decoder layer of an all-decode step: weights = [qkv, type id, o, type id,
+    gate_up, type id, down, type id] (raw blocks) -> (output, hidden + residual)."""
+    return _load().decode_layer(hidden, residual, norm1, norm2, eps, *weights, num_heads, num_kv_heads, head_dim,
+                                k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.slot_mapping, positions,
+                                cos_cache, sin_cache, scale)
+
+
 def dequantize(raw: torch.Tensor, fmt: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """raw blocks [N, K / elems, nbytes] -> [N, K] in `dtype` (scale * q + offset, one fp32 FMA:
     within an fp32 rounding of gguf.quants.dequantize)."""
