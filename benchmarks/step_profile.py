@@ -1,14 +1,18 @@
-"""Where long64's wall time goes (issue 22): peers_long.py's long64 workload (64 requests, input
-4k-16k, output 64-256, llama-8b dummy, max_model_len 32768) with every scheduled step recorded:
-its prefill tokens, its decode rows and the time to the next step's schedule (under async
-scheduling that is the device time of a step, once the pipeline is full).
+"""Where an offline workload's wall time goes (issue 22), step by step: every scheduled step's
+prefill tokens, decode rows and the time to the next step's schedule (under async scheduling
+that is the device time of a step, once the pipeline is full).
 
-    PYTHONPATH=$PWD python3 benchmarks/long64_profile.py [--variants default,mbt16384] [--cpu-smoke]
+    PYTHONPATH=$PWD python3 benchmarks/step_profile.py [--workload long64|thr512] [--model llama-8b]
+        [--variants default,mbt16384,seqs512] [--cpu-smoke]
 
-Needs `.devcarry/peers.py` (or ../shared/bench/peers.py) for the llama-8b config. ~35 s per
-variant on an H200 (start-up ~8 s, the run ~26 s). Prints one `RESULT {json}` per variant: the
-phases (steps with prefill tokens, decode-only steps while prompts wait, the decode tail after
-the last prefill), their step counts, milliseconds and tokens.
+long64: peers_long.py's (64 requests, input 4k-16k, output 64-256, max_model_len 32768);
+thr512: peers.py's (512 requests, input 64-1024, output 16-512, max_model_len 2048, 8 warm-up
+requests first). Variants: default, mbtN (max_num_batched_tokens N), seqsN (max_num_seqs N).
+Needs `.devcarry/peers.py` (or ../shared/bench/peers.py) for the model configs. On an H200,
+llama-8b: ~35 s per long64 variant, ~25 s per thr512 variant. One `RESULT {json}` per variant:
+the phases (steps with prefill tokens, decode-only steps while prompts wait, the decode tail
+after the last prefill), their step counts, milliseconds and tokens, and decode-only steps by
+batch size.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 
-def make_llm(smoke: bool, **extra):
+def make_llm(smoke: bool, model: str, max_model_len: int, **extra):
     from pagedserve import LLM
     if smoke:
         d = "/tmp/long64_smoke_model"
@@ -38,14 +42,25 @@ def make_llm(smoke: bool, **extra):
     sys.path.insert(0, os.path.join(REPO, ".devcarry"))
     sys.path.insert(0, os.path.join(REPO, "..", "shared", "bench"))
     from peers import make_model_dir
-    d = make_model_dir("llama-8b")
-    cfg = json.load(open(f"{d}/config.json"))
-    cfg["max_position_embeddings"] = 32768
-    d = d + "-32k"
-    os.makedirs(d, exist_ok=True)
-    json.dump(cfg, open(f"{d}/config.json", "w"))
-    return LLM(model=d, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", max_model_len=32768,
+    d = make_model_dir(model)
+    if max_model_len > 2048:
+        cfg = json.load(open(f"{d}/config.json"))
+        cfg["max_position_embeddings"] = max_model_len
+        d = f"{d}-{max_model_len}"
+        os.makedirs(d, exist_ok=True)
+        json.dump(cfg, open(f"{d}/config.json", "w"))
+    return LLM(model=d, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", max_model_len=max_model_len,
                gpu_memory_utilization=0.85, seed=0, **extra)
+
+
+def thr_requests(smoke: bool, n: int = 512):
+    """peers.py's thrN (seed 0)."""
+    rng = random.Random(0)
+    reqs = []
+    for _ in range(16 if smoke else n):
+        il, ol = rng.randint(64, 1024), rng.randint(16, 512)
+        reqs.append(([rng.randrange(3, 32000) for _ in range(il)], ol))
+    return [(p[:200], min(o, 8)) for p, o in reqs] if smoke else reqs
 
 
 def long64_requests(smoke: bool):
@@ -94,6 +109,13 @@ class StepRecorder:
                              prefill_tokens=sum(r[1] for r, _ in items),
                              decode_tokens=sum(r[2] for r, _ in items),
                              mean_decode_rows=round(sum(r[2] for r, _ in items) / len(items), 1) if items else None)
+        if name != "prefill_steps" and items:   # decode-only steps by batch size: (rows <=, steps, ms/step)
+            buckets = {}
+            for r, dt in items:
+                edge = next(e for e in (1, 8, 32, 64, 128, 256, 512, 1 << 30) if r[2] <= e)
+                n, t = buckets.get(edge, (0, 0.0))
+                buckets[edge] = (n + 1, t + dt)
+            out[name]["by_rows"] = [[e, n, round(1e3 * t / n, 2)] for e, (n, t) in sorted(buckets.items())]
         pre = phases["prefill_steps"]
         if pre:   # prefill steps by size: how full the token budget was
             sizes = sorted(r[1] + r[2] for r, _ in pre)
@@ -106,29 +128,36 @@ class StepRecorder:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", default="default,mbt16384")
+    ap.add_argument("--workload", default="long64", choices=["long64", "thr512"])
+    ap.add_argument("--model", default="llama-8b")
     ap.add_argument("--cpu-smoke", action="store_true")
     args = ap.parse_args()
     from pagedserve import SamplingParams
-    reqs = long64_requests(args.cpu_smoke)
+    reqs = long64_requests(args.cpu_smoke) if args.workload == "long64" else thr_requests(args.cpu_smoke)
+    max_model_len = 2048 if args.cpu_smoke or args.workload == "thr512" else 32768
     for run, variant in enumerate(args.variants.split(",")):
         extra = {}
         if variant.startswith("mbt"):
             extra["max_num_batched_tokens"] = int(variant[3:])
+        elif variant.startswith("seqs"):
+            extra["max_num_seqs"] = int(variant[4:])
         elif variant != "default":
             raise SystemExit(f"unknown variant {variant}")
         t0 = time.perf_counter()
-        llm = make_llm(args.cpu_smoke, **extra)
+        llm = make_llm(args.cpu_smoke, args.model, max_model_len, **extra)
         startup = time.perf_counter() - t0
-        core = llm.engine.core
-        recorder = StepRecorder(core)
         params = [SamplingParams(max_tokens=o, ignore_eos=True, temperature=0.0, detokenize=False) for _, o in reqs]
         prompts = [{"prompt_token_ids": [3 + (p[0] + run) % 31990] + p[1:]} for p, _ in reqs]
+        if args.workload == "thr512":   # peers.py warms up on the first 8
+            llm.generate([{"prompt_token_ids": [4] + p[1:]} for p, _ in reqs[:8]], params[:8], use_tqdm=False)
+        core = llm.engine.core
+        recorder = StepRecorder(core)
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
         end = time.perf_counter()
         gen = sum(len(o.outputs[0].token_ids) for o in outs)
         assert gen == sum(o for _, o in reqs), (gen, sum(o for _, o in reqs))
-        result = dict(variant=variant, startup_s=round(startup, 1), wall_s=round(end - t0, 2),
+        result = dict(workload=args.workload, model=args.model, variant=variant, startup_s=round(startup, 1), wall_s=round(end - t0, 2),
                       out_tok_s=round(gen / (end - t0), 1), steps=len(recorder.rows),
                       first_step_after_s=round(recorder.rows[0][0] - t0, 3) if recorder.rows else None)
         result.update(recorder.summary(end))
