@@ -239,15 +239,23 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# Split-K for decode-only batches with fewer than SPLIT_BELOW_PROGRAMS_PER_SM programs per SM,
+# aiming at twice that many, each segment >= MIN_TILES_PER_SPLIT key tiles (A/B knobs: 1 and 1
+# split only batches too small to fill the GPU, the measured default; benchmarks/step_profile.py).
+SPLIT_BELOW_PROGRAMS_PER_SM = 1
+MIN_TILES_PER_SPLIT = 1
+
+
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_len: int,
                       tile_n: int, sm_count: int) -> int:
-    """Split-K only for decode-only batches too small to fill the GPU (fewer programs than
-    SMs) with contexts of at least 4 key tiles; aim for ~2 programs per SM, >= 1 tile each."""
+    """Split-K only for decode-only batches with too few programs to fill the GPU and contexts
+    of at least 4 key tiles; a power of two."""
     programs = num_seqs * num_kv_heads
     key_tiles = triton.cdiv(max_seq_len, tile_n)
-    if max_query_len != 1 or programs >= sm_count or key_tiles < 4:
+    if max_query_len != 1 or programs >= SPLIT_BELOW_PROGRAMS_PER_SM * sm_count or key_tiles < 4:
         return 1
-    wanted = min(triton.cdiv(2 * sm_count, programs), key_tiles, 64)
+    wanted = min(triton.cdiv(2 * SPLIT_BELOW_PROGRAMS_PER_SM * sm_count, programs),
+                 key_tiles // MIN_TILES_PER_SPLIT, 64)
     return 1 << (wanted.bit_length() - 1) if wanted >= 2 else 1
 
 
