@@ -63,6 +63,12 @@ def prefill_token_buckets(max_tokens: int) -> list[int]:
     return [s for s in [16, 32] + list(range(64, MAX_PREFILL_TOKENS + 1, 64)) if s <= limit]
 
 
+def _run_only(forward: Callable[[int], Output], size: int) -> None:
+    """compile_ahead's dry-run `record`: runs the forward and returns None, so _capture_all
+    keeps nothing (a lambda returning forward's output would be unpacked as a graph)."""
+    forward(size)
+
+
 class CudaGraphRunner:
     def __init__(self, model: nn.Module, max_num_seqs: int, max_model_len: int, block_size: int,
                  device: torch.device, max_num_batched_tokens: int = MAX_PREFILL_TOKENS,
@@ -124,7 +130,7 @@ class CudaGraphRunner:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             # a dry run of every forward about to be captured: its Triton kernels compile in parallel
-            compile_ahead(lambda: self._capture_all(lambda forward, size: forward(size)))
+            compile_ahead(lambda: self._capture_all(_run_only))
             self._capture_all(lambda forward, size: self._capture_one(forward, size, stream))
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
