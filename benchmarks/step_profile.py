@@ -8,8 +8,8 @@ that is the device time of a step, once the pipeline is full).
 long64: peers_long.py's (64 requests, input 4k-16k, output 64-256, max_model_len 32768);
 thr512: peers.py's (512 requests, input 64-1024, output 16-512, max_model_len 2048, 8 warm-up
 requests first). Variants: default, mbtN (max_num_batched_tokens N), seqsN (max_num_seqs N),
-splitwN (decode split-K below N programs per SM, segments of >= 8 key tiles; stays set for
-later variants of the same call).
+splitwN (decode split-K below N programs per SM, default 4; splitw1 splits only batches with
+fewer programs than SMs; stays set for later variants of the same call).
 Needs `.devcarry/peers.py` (or ../shared/bench/peers.py) for the model configs. On an H200,
 llama-8b: ~35 s per long64 variant, ~25 s per thr512 variant. One `RESULT {json}` per variant:
 the phases (steps with prefill tokens, decode-only steps while prompts wait, the decode tail
@@ -143,9 +143,9 @@ def main() -> None:
             extra["max_num_batched_tokens"] = int(variant[3:])
         elif variant.startswith("seqs"):
             extra["max_num_seqs"] = int(variant[4:])
-        elif variant.startswith("splitw"):   # split-K below N programs per SM, >= 8 tiles a segment
+        elif variant.startswith("splitw"):   # split-K below N programs per SM (1: SMs filled once)
             from pagedserve.attention import triton_paged_attention as tpa
-            tpa.SPLIT_BELOW_PROGRAMS_PER_SM, tpa.MIN_TILES_PER_SPLIT = int(variant[6:]), 8
+            tpa.SPLIT_BELOW_PROGRAMS_PER_SM = int(variant[6:])
         elif variant != "default":
             raise SystemExit(f"unknown variant {variant}")
         t0 = time.perf_counter()
