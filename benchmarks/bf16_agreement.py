@@ -9,7 +9,11 @@ padding), pagedserve the whole batch.
 Where the differences come from (`variants`): the same one-at-a-time run with the Triton
 RMSNorm / SiLU / rotary kernels swapped for the torch ops, then the torch attention backend
 too; and transformers' own eager attention against its SDPA, for scale.
-Usage: python3 benchmarks/bf16_agreement.py [out.json] [device] [variants]"""
+With `unfused` the one-at-a-time run is repeated with the decode fusions off
+(linear_ops.set_decode_fusion(False): RMSNorm / SiLU-and-mul before the gemv, rotary before
+the KV store, as separate kernels) against the same transformers reference: the A/B of the
+fused kernels' rounding.
+Usage: python3 benchmarks/bf16_agreement.py [out.json] [device] [variants] [unfused]"""
 import gc
 import json
 import os
@@ -122,6 +126,7 @@ def main() -> None:
     out_path = sys.argv[1] if len(sys.argv) > 1 else "bf16_agreement.json"
     device = sys.argv[2] if len(sys.argv) > 2 else "cuda"
     variants = "variants" in sys.argv[3:]
+    unfused = "unfused" in sys.argv[3:]
     gguf = default_model_path()
     sp = SamplingParams(max_tokens=NEW, min_tokens=NEW, temperature=0.0)
     small = dict(num_kv_blocks=4096) if device == "cuda" else {}
@@ -140,6 +145,15 @@ def main() -> None:
         result[mode] = agreement(ids, refs)
         print(f"{mode}: {result[mode]['identical']}/{len(PROMPTS)} identical; "
               f"first differences {[r['first_diff'] for r in result[mode]['rows']]}")
+    if unfused:
+        from pagedserve.layers import linear_ops
+        linear_ops.set_decode_fusion(False)
+        try:
+            result["one_at_a_time_unfused"] = agreement(run_ours(gguf, device, sp, False, **small)[0], refs)
+        finally:
+            linear_ops.set_decode_fusion(True)
+        print(f"one_at_a_time_unfused: {result['one_at_a_time_unfused']['identical']}/{len(PROMPTS)} identical; "
+              f"first differences {[r['first_diff'] for r in result['one_at_a_time_unfused']['rows']]}")
     if variants:
         eager = hf_generate(gguf, device, prompt_ids, tok.eos_token_id, "eager")
         result["hf_eager_vs_sdpa"] = agreement(eager, refs)
