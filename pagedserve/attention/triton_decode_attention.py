@@ -16,8 +16,9 @@ of a BLOCK_M tile (as the paged kernel) and:
    in this launch reads that slot back: the new key is scored from registers (segment 0
    starts its online softmax with it), the cached keys [0, seq_len - 1) through the block
    table;
-3. only ceil(tiles / tiles_per_segment) segments (at most num_segments) do work, so a short
-   context runs as one program per KV head and writes the output directly; with more than
+3. only as many segments as the context's key tiles call for (TILES_PER_SEGMENT and the
+   thresholds beside it; at most num_segments) do work, so a short context runs as one
+   program per KV head and writes the output directly; with more than
    one active segment each writes fp32 partials, and the last one to finish (an atomic
    counter per (token, KV head), reset by that program) merges them. No second launch.
 
@@ -37,14 +38,15 @@ from pagedserve.layers import triton_gemv
 from pagedserve.layers.triton_gemv import gdc_launch_dependents, gdc_wait
 from pagedserve.layers.triton_ops import _LIBDEVICE, libdevice, zeroed_counters
 
-# A segment covers at least this many key tiles (TILE_N keys each) before the keys are split
-# over more programs: benchmarks/decode_gpu.py times the choices (stage "attn").
+# How a context of n key tiles (TILE_N keys each) is split over segments (programs), from the
+# H200 timings of benchmarks/decode_gpu.py's "attn" stage (bs 1, llama-1b / 8b shapes,
+# 2026-12-01 b1dec2): n <= LONE_TILES: one segment (a merge costs more than it saves: 2 tiles
+# 4.9 us alone, 6.5 us split); n <= SHORT_TILES: one tile a segment (6 tiles: 6.6 us against
+# 7.5 at two a segment); longer: TILES_PER_SEGMENT a segment (16 tiles: 7.6 us against 7.9 at
+# one; 32 tiles: 9.8 against 12.5), at most the launch's num_segments.
 TILES_PER_SEGMENT = 2
-
-
-def set_tiles_per_segment(tiles: int) -> None:
-    global TILES_PER_SEGMENT
-    TILES_PER_SEGMENT = max(1, tiles)
+SHORT_TILES = 8
+LONE_TILES = 2
 
 
 @triton.jit
@@ -101,12 +103,13 @@ def _merge_segments(out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, 
     tl.store(out, (merged / total[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["num_segments", "tiles_per_segment", "stride_block_table"])
+@triton.jit(do_not_specialize=["num_segments", "tiles_per_segment", "short_tiles", "lone_tiles",
+                               "stride_block_table"])
 def _decode_attention_kernel(
     out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, counter_ptr,
     query_ptr, key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
     slot_mapping_ptr, cos_ptr, sin_ptr,
-    scale_log2, num_segments, tiles_per_segment,
+    scale_log2, num_segments, tiles_per_segment, short_tiles, lone_tiles,
     stride_q_token, stride_q_head, stride_key_token, stride_key_head, stride_value_token, stride_value_head,
     stride_o_token, stride_o_head,
     stride_k_block, stride_k_slot, stride_k_head, stride_v_block, stride_v_slot, stride_v_head,
@@ -125,7 +128,9 @@ def _decode_attention_kernel(
     token = seq.to(tl.int64)   # an all-decode batch: token s is sequence s's, at position seq_len - 1
     cached = tl.load(seq_lens_ptr + seq) - 1   # keys before the new token's
     num_tiles = tl.cdiv(cached, TILE_N)
-    active = tl.minimum(num_segments, tl.maximum(tl.cdiv(num_tiles, tiles_per_segment), 1))
+    per_segment = tl.where(num_tiles <= short_tiles, 1, tiles_per_segment)
+    active = tl.minimum(num_segments, tl.maximum(tl.cdiv(num_tiles, per_segment), 1))
+    active = tl.where(num_tiles <= lone_tiles, 1, active)
     if segment >= active:
         return
 
@@ -217,7 +222,9 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     head strides); rotary = (cos_cache, sin_cache) rotates query and key at that position as
     rotary_store_kv does (query and key themselves are not modified). Mutates k_cache /
     v_cache (the tokens' slots) and `out`; never synchronises with the device (graph-safe:
-    max_seq_len is a host upper bound that fixes the split count)."""
+    max_seq_len is a host upper bound that fixes the split count). tiles_per_segment: the
+    module's rule when None (LONE_TILES, SHORT_TILES, TILES_PER_SEGMENT), else that many key
+    tiles a segment at every context (timings, tests)."""
     _check_attention_inputs(query, k_cache, v_cache, block_tables, seq_lens, None, out)
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = k_cache.shape[2]
@@ -260,6 +267,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         out, partial_acc, partial_max, partial_sum, counters,
         query, key, value, k_cache, v_cache, block_tables, seq_lens, slot_mapping, cos_cache, sin_cache,
         scale * _LOG2E, num_splits, tiles_per_segment or TILES_PER_SEGMENT,
+        SHORT_TILES if tiles_per_segment is None else 0, LONE_TILES if tiles_per_segment is None else 0,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),

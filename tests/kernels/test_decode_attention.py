@@ -19,7 +19,7 @@ from tests.kernels.test_paged_attention import DEVICE, FLOAT_DTYPES, TOLERANCES,
 
 
 def run_case(context_lens: list[int], dtype: torch.dtype, rotary: bool, num_splits: int | None,
-             tiles_per_segment: int, heads: int = 8, kv_heads: int = 2, head_dim: int = 64,
+             tiles_per_segment: int | None, heads: int = 8, kv_heads: int = 2, head_dim: int = 64,
              no_slot: tuple[int, ...] = (), seed: int = 0) -> None:
     """One token per sequence; the sequences in `no_slot` have slot -1 (their rows are not
     compared: the reference cache holds no new key for them)."""
@@ -67,6 +67,15 @@ def test_decode_attention_matches_rotary_store_then_attend(dtype: torch.dtype, r
                                                            num_splits: int | None, tiles_per_segment: int) -> None:
     # contexts: none (only the new key), inside one tile, several tiles (split over segments)
     run_case([0, 5, 40, 300, 129], dtype, rotary, num_splits, tiles_per_segment)
+
+
+@pytest.mark.parametrize("num_splits", [None, 16])
+def test_default_segment_rule_at_every_context_length(num_splits: int | None) -> None:
+    """tiles_per_segment None (the module's rule): contexts of 0-2 key tiles (one segment), 3-8
+    (one tile a segment), 16 (two a segment): the same output as the reference."""
+    from pagedserve.attention import triton_decode_attention as module
+    assert (module.LONE_TILES, module.SHORT_TILES, module.TILES_PER_SEGMENT) == (2, 8, 2)
+    run_case([0, 40, 100, 300, 500, 1000], torch.float32, True, num_splits, None)
 
 
 def test_graph_padding_rows_write_nothing() -> None:

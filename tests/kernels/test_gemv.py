@@ -101,9 +101,14 @@ def test_rms_norm_gemv(n: int, k: int, with_residual: bool, dtype: torch.dtype) 
     expected_h = x + res if with_residual else x
     assert torch.equal(h, expected_h)
     normed = rms_norm(x, norm.weight, norm.eps, res.clone() if with_residual else None)
-    assert torch.equal(y, gemv(normed, w, SMALL))
-    ref = (norm._norm(expected_h).float() @ w.float().T).to(dtype)
+    unfused = gemv(normed, w, SMALL)
     ulp = 2e-3 if dtype == torch.float16 else 1.6e-2
+    if DEVICE == "cpu":
+        assert torch.equal(y, unfused)
+    else:   # the two kernels' warps reduce the sum of squares in different fp32 orders: an ulp of
+        # the statistic may, rarely, flip one normalised element's rounding
+        torch.testing.assert_close(y, unfused, rtol=ulp, atol=ulp)
+    ref = (norm._norm(expected_h).float() @ w.float().T).to(dtype)
     torch.testing.assert_close(y, ref, rtol=2 * ulp, atol=2 * ulp)
 
 
