@@ -1,6 +1,6 @@
 """Batch-1 decode on the GPU (issue 22): where one decode step's time goes and how fast the
-matmuls stream their weights. One run, stages in order (each guarded: a failure prints its
-traceback and the next stage runs):
+matmuls stream their weights. One run, stages in the order check, attn, models, sweep,
+normsweep, bf16, tests (each guarded: a failure prints its traceback and the next stage runs):
 
   check   the fused decode kernels against the unfused ones at the models' shapes, bf16:
           SiLU-and-mul -> down gemv, RMSNorm -> qkv gemv and rotary -> KV store bit for bit
@@ -13,7 +13,7 @@ traceback and the next stage runs):
           (auto: the module's rule by context length);
           the greedy argmax over 128k logits (1 and 16 rows): torch's against argmax_rows
   normsweep  (not by default) the RMSNorm-prologue gemv (qkv, gate_up) over launch shapes,
-          against the plain gemv and the unfused norm + gemv (~20 s)
+          against the plain gemv and the unfused norm + gemv (~20 s; QUICK_CONFIGS with --roles)
   sweep   (not by default) M=1 matmuls of llama-1b / llama-8b (qkv, o, gate_up, down,
           lm_head): cuBLAS against the Triton gemv over a grid of launch shapes, weights cycled
           past the L2, each call timed in a CUDA graph of 40; each fusion against its two
@@ -21,7 +21,8 @@ traceback and the next stage runs):
           --roles qkv,o,...: only those matmuls, over QUICK_CONFIGS (~30 s)
   models  per model and --variants (fused: everything on; base: main before this branch: no
           one-launch attention, torch's argmax, one pageable copy per step input; attn_only:
-          base + the one-launch attention; unfused; fused+pdl): b1_decode tok/s as
+          base + the one-launch attention; unfused; fused+pdl; nonorm: fused but the RMSNorm
+          kernel before the one-row gemvs): b1_decode tok/s as
           ../shared/bench/peers.py measures it (128-token prompt, 256 greedy tokens, warmed
           once), the decode graph's replay time
           (bs=1, context ~384), a torch.profiler table of one replay (per kernel calls, us,
@@ -409,6 +410,8 @@ def norm_sweep(dev: torch.device, dtype: torch.dtype, models: list[str]) -> None
     rows = []
     if SMOKE:
         configs = [GemvConfig(16, 64, 4, 2)]
+    elif ROLES:
+        configs = QUICK_CONFIGS
     else:
         configs = [GemvConfig(bn, bk, w, st) for bn in (8, 16, 32, 64) for bk in (256, 512, 1024)
                    for w, st in ((4, 3), (4, 4), (8, 3)) if 2048 <= bn * bk <= 32768]
@@ -522,10 +525,11 @@ def kernel_table(kernels: list, model: str, ctx: int, replays: int) -> dict:
                 mbytes=round(total_bytes / 1e6, 1), floor_us=round(total_bytes / HBM_TB_S / 1e6, 1))
 
 
-VARIANTS = {   # name: (gemv fusions, one-launch decode attention, packed step inputs + Triton argmax, PDL)
-    "fused": (True, True, True, False), "base": (True, False, False, False),   # base: main before this branch
-    "attn_only": (True, True, False, False), "unfused": (False, False, False, False),
-    "fused+pdl": (True, True, True, True)}
+VARIANTS = {   # name: (gemv fusions, one-launch decode attention, packed step inputs + Triton argmax, PDL,
+    # RMSNorm in the one-row gemvs)
+    "fused": (True, True, True, False, True), "base": (True, False, False, False, True),   # base: session 5's main
+    "attn_only": (True, True, False, False, True), "unfused": (False, False, False, False, True),
+    "fused+pdl": (True, True, True, True, True), "nonorm": (True, True, True, False, False)}
 
 
 @stage("models")
@@ -539,6 +543,7 @@ def models_stage(dev: torch.device, models: list[str], ab: list[str], variants: 
                 RESULTS.setdefault("failed", []).append(f"{model}.{variant}")
             finally:
                 linear_ops.set_decode_fusion(True)
+                linear_ops.set_decode_norm_fusion(True)
                 linear_ops.set_decode_attention_fusion(True)
                 triton_gemv.set_pdl(False)
                 from pagedserve.layers import sampler
@@ -571,8 +576,9 @@ def run_model(dev: torch.device, model: str, variant: str, thr512: bool) -> None
     label = f"{model}.{variant}"
     from pagedserve.layers import sampler
     from pagedserve.worker import input_batch
-    gemv_fusion, attention_fusion, packed_inputs, pdl = VARIANTS[variant]
+    gemv_fusion, attention_fusion, packed_inputs, pdl, norm_fusion = VARIANTS[variant]
     linear_ops.set_decode_fusion(gemv_fusion)
+    linear_ops.set_decode_norm_fusion(norm_fusion)
     linear_ops.set_decode_attention_fusion(attention_fusion)
     input_batch.PACK_STEP_INPUTS = sampler.TRITON_GREEDY = packed_inputs
     triton_gemv.set_pdl(pdl)
@@ -760,14 +766,14 @@ def main() -> None:
     t0 = time.time()
     if "check" in stages:
         check(dev, dtype)
-    if "sweep" in stages:
-        sweep(dev, dtype, models)
     if "attn" in stages:
         attn_stage(dev, dtype, models)
+    if "models" in stages:   # before the sweeps: the end-to-end figures first, if time runs out
+        models_stage(dev, models, ab, args.variants.split(","), [m for m in args.thr.split(",") if m])
+    if "sweep" in stages:
+        sweep(dev, dtype, models)
     if "normsweep" in stages:
         norm_sweep(dev, dtype, models)
-    if "models" in stages:
-        models_stage(dev, models, ab, args.variants.split(","), [m for m in args.thr.split(",") if m])
     if "bf16" in stages:
         bf16_stage(out_dir)
     if "tests" in stages and not SMOKE:
