@@ -9,10 +9,13 @@ padding), pagedserve the whole batch.
 Where the differences come from (`variants`): the same one-at-a-time run with the Triton
 RMSNorm / SiLU / rotary kernels swapped for the torch ops, then the torch attention backend
 too; and transformers' own eager attention against its SDPA, for scale.
-With `unfused` the one-at-a-time run is repeated with the decode fusions off
-(linear_ops.set_decode_fusion(False): RMSNorm / SiLU-and-mul before the gemv, rotary before
-the KV store, as separate kernels) against the same transformers reference: the A/B of the
-fused kernels' rounding.
+With `unfused` the one-at-a-time run is repeated against the same transformers reference
+with the one-launch decode attention off (linear_ops.set_decode_attention_fusion(False):
+rotary_store_kv, the paged kernel, its reduce), then with every decode fusion off
+(set_decode_fusion(False): RMSNorm / SiLU-and-mul before the gemv, rotary before the KV store,
+as separate kernels): the A/B of the fused kernels' rounding. The default model is a GGUF:
+its layers dequantize to float weights but keep the GGUF LinearMethod, so the gemv prologues
+do not apply to it; the rotary and attention fusions do.
 Usage: python3 benchmarks/bf16_agreement.py [out.json] [device] [variants] [unfused]"""
 import gc
 import json
@@ -147,13 +150,15 @@ def main() -> None:
               f"first differences {[r['first_diff'] for r in result[mode]['rows']]}")
     if unfused:
         from pagedserve.layers import linear_ops
-        linear_ops.set_decode_fusion(False)
-        try:
-            result["one_at_a_time_unfused"] = agreement(run_ours(gguf, device, sp, False, **small)[0], refs)
-        finally:
-            linear_ops.set_decode_fusion(True)
-        print(f"one_at_a_time_unfused: {result['one_at_a_time_unfused']['identical']}/{len(PROMPTS)} identical; "
-              f"first differences {[r['first_diff'] for r in result['one_at_a_time_unfused']['rows']]}")
+        for key, switch in (("one_at_a_time_generic_attention", linear_ops.set_decode_attention_fusion),
+                            ("one_at_a_time_unfused", linear_ops.set_decode_fusion)):
+            switch(False)
+            try:
+                result[key] = agreement(run_ours(gguf, device, sp, False, **small)[0], refs)
+            finally:
+                switch(True)
+            print(f"{key}: {result[key]['identical']}/{len(PROMPTS)} identical; "
+                  f"first differences {[r['first_diff'] for r in result[key]['rows']]}")
     if variants:
         eager = hf_generate(gguf, device, prompt_ids, tok.eos_token_id, "eager")
         result["hf_eager_vs_sdpa"] = agreement(eager, refs)
