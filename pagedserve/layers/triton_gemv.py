@@ -97,11 +97,11 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, res_ptr, res_out_ptr, norm_ptr, M, N, K,
     n_valid = offs_n[:, None] < N
     if PROLOGUE == 1:   # RMSNorm (one row): the statistic of the whole row first, as the norm kernel
         writes_h = offs_m[:, None] < tl.where(pid == 0, M, 0)   # program 0 writes x + residual out
-        row = tl.arange(0, K_PAD)[None, :]
-        h = tl.load(x_rows + row, mask=m_valid & (row < K), other=0.0)
+        row = tl.arange(0, K_PAD)[None, :]   # (not `h`: the loop's h is a slice, another shape)
+        h_row = tl.load(x_rows + row, mask=m_valid & (row < K), other=0.0)
         if HAS_RESIDUAL:
-            h = h + tl.load(r_rows + row, mask=m_valid & (row < K), other=0.0)
-        inv = rms_inv(h, inv_k, eps, 1)[:, None]
+            h_row = h_row + tl.load(r_rows + row, mask=m_valid & (row < K), other=0.0)
+        inv = rms_inv(h_row, inv_k, eps, 1)[:, None]
     if BLOCK_M == 1:   # one row: per-lane FMAs over the slices, one reduction at the end
         acc_k = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     else:
