@@ -6,8 +6,8 @@ normsweep, bf16, tests (each guarded: a failure prints its traceback and the nex
           SiLU-and-mul -> down gemv, RMSNorm -> qkv gemv and rotary -> KV store bit for bit
           (the norm: up to the fp32 order of its sum on the GPU; also under PDL); the one-launch
           decode attention (attention/triton_decode_attention.py) against rotary_store_kv +
-          the paged kernel + its reduce: the cache bit for bit, the output's max abs
-          difference, and two CUDA-graph replays equal to the eager call
+          the paged kernel + its reduce: the cache and the output bit for bit, and two
+          CUDA-graph replays equal to the eager call
   attn    per-layer decode attention timed in CUDA graphs (bs 1 at contexts 128-2048, bs 4
           and 16): the generic launches against the one-launch kernel per tiles_per_segment
           (auto: the module's rule by context length);
@@ -246,6 +246,7 @@ def check_decode_attention(model: str, dev: torch.device, dtype: torch.dtype, ro
         key = f"{model}.decode_attn.bs{bs}.ctx{ctx}"
         out[f"{key}.cache_equal"] = bool(torch.equal(c["k_cache"], ref_caches[0])
                                          and torch.equal(c["v_cache"], ref_caches[1]))
+        out[f"{key}.equal"] = bool(torch.equal(got, ref))   # bit for bit the generic path (its tiles and merge)
         out[f"{key}.max_abs_diff"] = (got.float() - ref.float()).abs().max().item()
         if dev.type == "cuda":
             stream = torch.cuda.Stream()

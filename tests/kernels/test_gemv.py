@@ -2,10 +2,6 @@
 variants; its fused prologues (RMSNorm, SiLU-and-mul) against the unfused kernels and torch."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -146,28 +142,18 @@ def test_prologue_launchers_reject_bad_input() -> None:
         silu_and_mul_gemv(torch.zeros(1, 64, dtype=torch.float16, device=DEVICE), w)
 
 
-# Compiled for sm_90 with the CUDA backend (ptxas included), without a GPU: the interpreter
-# checks no loop-carried types, and a kernel that ran there failed to compile on the H200.
 _COMPILE_FOR_SM90 = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from pagedserve.layers.triton_gemv import _gemv_kernel
 for prologue, block_m, pdl in [(0, 1, False), (0, 16, False), (1, 1, False), (1, 1, True), (2, 1, False), (2, 1, True)]:
-    const = dict(PROLOGUE=prologue, HAS_RESIDUAL=True, BLOCK_M=block_m, BLOCK_N=8 if block_m == 1 else 32,
-                 BLOCK_K=512, EVEN_K=False, NUM_STAGES=4, K_PAD=4096, LIBDEVICE=True, PDL=pdl)
-    sig = dict(x_ptr="*bf16", w_ptr="*bf16", y_ptr="*bf16", res_ptr="*bf16", res_out_ptr="*bf16",
-               norm_ptr="*bf16", M="i32", N="i32", K="i32", stride_xm="i32", stride_wn="i32", stride_ym="i32",
-               stride_rm="i32", stride_om="i32", inv_k="fp32", eps="fp32", **{name: "constexpr" for name in const})
-    assert "cubin" in triton.compile(ASTSource(_gemv_kernel, sig, const), target=GPUTarget("cuda", 90, 32)).asm
+    build(_gemv_kernel, dict(PROLOGUE=prologue, HAS_RESIDUAL=True, BLOCK_M=block_m, BLOCK_N=8 if block_m == 1 else 32,
+                             BLOCK_K=512, EVEN_K=False, NUM_STAGES=4, K_PAD=4096, LIBDEVICE=True, PDL=pdl), {})
 """
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU tests compile these kernels for the device itself")
 def test_kernels_compile_for_sm90() -> None:
+    """Every gemv variant to a cubin for sm_90 (tests/kernels/sm90_compile.py)."""
     pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.getcwd()
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
-                          timeout=300)
+    from tests.kernels.sm90_compile import run
+    proc = run(_COMPILE_FOR_SM90)
     assert proc.returncode == 0, proc.stderr[-3000:]
