@@ -10,7 +10,7 @@ Where the differences come from (`variants`): the same one-at-a-time run with th
 RMSNorm / SiLU / rotary kernels swapped for the torch ops, then the torch attention backend
 too; and transformers' own eager attention against its SDPA, for scale.
 With `unfused` the one-at-a-time run is repeated against the same transformers reference
-with the one-launch decode attention off (linear_ops.set_decode_attention_fusion(False):
+with the one-launch decode attention on, then off (linear_ops.set_decode_attention_fusion:
 rotary_store_kv, the paged kernel, its reduce), then with every decode fusion off
 (set_decode_fusion(False): RMSNorm / SiLU-and-mul before the gemv, rotary before the KV store,
 as separate kernels): the A/B of the fused kernels' rounding. The default model is a GGUF:
@@ -148,15 +148,20 @@ def main() -> None:
         result[mode] = agreement(ids, refs)
         print(f"{mode}: {result[mode]['identical']}/{len(PROMPTS)} identical; "
               f"first differences {[r['first_diff'] for r in result[mode]['rows']]}")
-    if unfused:
+    if unfused:   # each switch set explicitly, whatever the defaults, then put back
         from pagedserve.layers import linear_ops
-        for key, switch in (("one_at_a_time_generic_attention", linear_ops.set_decode_attention_fusion),
-                            ("one_at_a_time_unfused", linear_ops.set_decode_fusion)):
-            switch(False)
+        for key, flag, setter, on in (
+                ("one_at_a_time_one_launch_attention", "FUSE_DECODE_ATTENTION", linear_ops.set_decode_attention_fusion,
+                 True),
+                ("one_at_a_time_generic_attention", "FUSE_DECODE_ATTENTION", linear_ops.set_decode_attention_fusion,
+                 False),
+                ("one_at_a_time_unfused", "FUSE_DECODE", linear_ops.set_decode_fusion, False)):
+            before = getattr(linear_ops, flag)
+            setter(on)
             try:
                 result[key] = agreement(run_ours(gguf, device, sp, False, **small)[0], refs)
             finally:
-                switch(True)
+                setter(before)
             print(f"{key}: {result[key]['identical']}/{len(PROMPTS)} identical; "
                   f"first differences {[r['first_diff'] for r in result[key]['rows']]}")
     if variants:
