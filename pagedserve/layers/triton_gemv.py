@@ -9,9 +9,8 @@ fused in front of it (its prologue), so a decode layer launches fewer kernels:
   prefetched into the L2 meanwhile, then streams h beside the weights, normalised and rounded
   at the norm kernel's two points: bit for bit the norm kernel then the gemv (up to the fp32
   order of the sum's reduction on the GPU). Session 5's version skipped the roundings (the
-  rsqrt scaled the accumulator at the end): one-at-a-time bf16 agreement with transformers
-  fell from 30/40 to 23/40. Program 0 also writes h out (a new tensor: the other programs
-  still read the old residual);
+  rsqrt scaled the accumulator at the end: within an output ulp, not bit for bit). Program 0
+  also writes h out (a new tensor: the other programs still read the old residual);
 - `silu_and_mul_gemv(gate_up, w)`: silu(gate) * up computed per K slice of [gate | up], as
   the standalone kernel rounds it (the same jit helper, layers/triton_ops.py): bit for bit.
 
