@@ -33,6 +33,16 @@ def set_decode_fusion(on: bool) -> None:
     FUSE_DECODE = on
 
 
+# One-row steps also fuse RMSNorm into the gemv after it (its prologue gathers the row's
+# statistic before its weights stream); off: the norm kernel then the gemv (A/B measurements).
+FUSE_DECODE_NORM = True
+
+
+def set_decode_norm_fusion(on: bool) -> None:
+    global FUSE_DECODE_NORM
+    FUSE_DECODE_NORM = on
+
+
 # Decode-sized all-decode batches on the Triton backend also run rotary, the KV store, attention
 # and its split-K merge as one launch per layer (attention/triton_decode_attention.py); off
 # for A/B measurements.
