@@ -161,7 +161,7 @@ def test_engine_takes_the_one_launch_path_and_keeps_greedy_ids(arch, tiny_checkp
         pytest.skip("on CUDA the model parity tests run this path natively")
     from pagedserve import LLM, SamplingParams
     from pagedserve.attention import backend, triton_decode_attention
-    from pagedserve.layers import attention
+    from pagedserve.layers import attention, linear_ops
     from pagedserve.worker import model_runner
     from tests.helpers import random_prompts
 
@@ -181,6 +181,7 @@ def test_engine_takes_the_one_launch_path_and_keeps_greedy_ids(arch, tiny_checkp
     monkeypatch.setattr(triton_decode_attention, "decode_attention",
                         lambda *args, **kwargs: calls.append(args[0].shape[0]) or one_launch(*args, **kwargs))
     monkeypatch.setattr(attention, "fuses", lambda q, weight=None: 0 < q.shape[0] <= 16)
+    monkeypatch.setattr(linear_ops, "FUSE_DECODE_ATTENTION", True)   # off by default until GPU-checked
     monkeypatch.setattr(RotaryEmbedding, "uses_triton", lambda self, q: True)
     monkeypatch.setattr(model_runner, "select_backend", lambda device: backend.TritonBackend())
     assert generate() == expected
