@@ -1,32 +1,41 @@
-"""The W4A16 kernels on the GPU machine (issue 18), in one command of at most 240 s on an H200
-(each stage is a child process with its own time limit; the stages run in order):
+"""The W4A16 kernels on the GPU machine (issue 18): four stages, each a child process with its
+own time limit, run in order; parts a and b (benchmarks/w4_gpu.sh) split them over two device
+calls on one warm machine, so that each carries half of the default model for `ppl`:
 
-  kernels   (<= 115 s) exactness first (`CHECK` lines): the one-row FMA GEMV (denormal
+  kernels   (<= 170 s) exactness first (`CHECK` lines): the one-row FMA GEMV (denormal
                        nibbles; in-kernel split-K fix-up or the sum kernel; 16 or 8 words per
-                       K block; its SiLU-and-mul and RMSNorm prologues), the tl.dot GEMV and the new one-load-per-word GEMM against the
-                       torch dequantized reference on llama-8b's shapes (qkv 4096->6144, o
-                       4096->4096, gate_up 4096->28672, down 14336->4096), bf16 (fp16 and
-                       asymmetric zeros on some), M = 1..256. Then the launch sweep (`SWEEP`
-                       lines: us per call in CUDA graphs, the int4 weight + scale/zero stream
-                       in TB/s, against the bf16 Triton gemv / cuBLAS), in the order M = 1
-                       (GEMV launches), 256, 64 (GEMM launches against the dequantize + cuBLAS
-                       and generic GEMM paths), 4, 16 (GEMV launches and the GEMM with split
-                       K); the bf16 LM head at M = 1; `FLOOR` estimates the b1 step's linears
-                       (32 layers of the best launches + the LM head). The best launch per (M
-                       bucket, K, N) goes to w4_tuned.json (`TUNED`), rewritten as it goes.
-  e2e_w4a16 (<= 70 s)  llama-8b dummy W4A16 (compressed-tensors, symmetric, group 128, LM head
+                       K block; its SiLU-and-mul and RMSNorm prologues; as a programmatic
+                       dependent launch, alone and in a chain of three in a CUDA graph, bit for
+                       bit), the tl.dot GEMV and the one-load-per-word GEMM (scales on the
+                       block sums or on the weights) against the torch dequantized reference on
+                       llama-8b's shapes (qkv 4096->6144, o 4096->4096, gate_up 4096->28672,
+                       down 14336->4096), bf16 (fp16 and asymmetric zeros on some), M = 1..256.
+                       Then the launch sweep (`SWEEP` lines: us per call in CUDA graphs, each
+                       call on its own copy of the weights, 4x the L2 cache in all, so that they
+                       come from HBM as in the model; the int4 weight + scale/zero stream in
+                       TB/s, against the bf16 Triton gemv / cuBLAS on rotated copies too), in
+                       the order M = 1 (GEMV launches, with and without PDL), 256, 512, 64 (GEMM
+                       launches against dequantize + cuBLAS and the generic GEMM; `DEQUANT`: the
+                       two dequantization kernels alone), 4, 16 (GEMV launches and the GEMM with
+                       split K); the bf16 LM head at M = 1; `FLOOR` estimates the b1 step's
+                       linears. The best launch per (M bucket, K, N) goes to w4_tuned.json
+                       (`TUNED`; /tmp/w4_gpu_tuned.json for part b, a copy under $OUT),
+                       rewritten as it goes.
+  e2e_w4a16 (<= 75 s)  llama-8b dummy W4A16 (compressed-tensors, symmetric, group 128, LM head
                        bf16) with the tuned launches: b1_decode, ttft1024, thr512 (quant_gpu.py's
                        timing; `RESULT` lines); then the one-row CUDA graph replayed alone (the
-                       step's GPU time, `PROFILE`) and the kernel table of one eager one-row
-                       forward (torch.profiler).
-  e2e_bf16  (<= 55 s)  the same for bf16, for the ratios.
+                       step's GPU time, `PROFILE`), the kernel table of one eager one-row
+                       forward (torch.profiler) and its linears' us per projection.
+  e2e_bf16  (<= 60 s)  the same for bf16, for the ratios.
+  ppl       (<= 150 s) benchmarks/quant_perplexity.py on CUDA in bf16 (every variant).
 
-    PYTHONPATH=$PWD python3 benchmarks/w4_gpu.py              all stages (<= 240 s)
+    bash benchmarks/w4_gpu.sh a, then bash benchmarks/w4_gpu.sh b   (the device calls)
+    PYTHONPATH=$PWD python3 benchmarks/w4_gpu.py [a | b]      all stages, or one part
     PYTHONPATH=$PWD python3 benchmarks/w4_gpu.py --cpu-smoke  the same code on CPU, tiny
                                                              shapes (Triton interpreter)
     python3 benchmarks/w4_gpu.py STAGE [--cpu-smoke]          one stage in this process
 
-Raw output goes to $OUT/w4_gpu.txt as well when OUT is set.
+Raw output goes to $OUT/w4_gpu{a,b,}.txt as well when OUT is set.
 """
 from __future__ import annotations
 
@@ -48,8 +57,8 @@ import torch  # noqa: E402
 from benchmarks.quant_gpu import FAILED, _rel, _report, emit, run_timing  # noqa: E402
 from pagedserve.layers.quantization.triton_w4a16 import SILU_AND_MUL, GemmConfig, GemvConfig  # noqa: E402
 
-STAGES = {"kernels": 115, "e2e_w4a16": 70, "e2e_bf16": 55}
-TUNED_FILE = os.path.join(os.environ.get("OUT") or "/tmp", "w4_tuned.json")
+STAGES = {"kernels": 170, "e2e_w4a16": 75, "e2e_bf16": 60, "ppl": 150}
+TUNED_FILE = "/tmp/w4_gpu_tuned.json"   # kept between part a and part b on one machine; a copy under $OUT
 DEVICE = "cpu" if SMOKE else "cuda"
 SHAPES = ([("qkv", 256, 384), ("down", 384, 256)] if SMOKE else
           [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096)])
@@ -62,12 +71,24 @@ FMA = ([GemvConfig(block_n=64, num_warps=1), GemvConfig(block_n=32, words=8, fix
         GemvConfig(block_n=256, num_warps=2), GemvConfig(block_n=256, num_warps=2, words=8),
         GemvConfig(words=8), GemvConfig(block_n=1024, num_warps=8), GemvConfig(fixup=False),
         GemvConfig(num_stages=2), GemvConfig(block_n=128, num_warps=1)])
+# the same FMA launches as programmatic dependent launches (their first words prefetched to L2
+# while the kernel before ends), and a few more programs per SM
+FMA_PDL = ([GemvConfig(block_n=64, num_warps=1, words=8)] if SMOKE else
+           [GemvConfig(block_n=256, num_warps=2, words=8, pdl=True), GemvConfig(words=8, pdl=True),
+            GemvConfig(block_n=128, num_warps=1, pdl=True), GemvConfig(block_n=256, num_warps=2, pdl=True),
+            GemvConfig(block_n=128, num_warps=1, words=8, pdl=True),
+            GemvConfig(block_n=256, num_warps=2, words=8, programs_per_sm=8, pdl=True),
+            GemvConfig(block_n=128, num_warps=1, words=8), GemvConfig(block_n=256, num_warps=2, words=8, programs_per_sm=8)])
 DOT = ([GemvConfig(block_n=32, dot=True)] if SMOKE else
        [GemvConfig(block_n=128, dot=True), GemvConfig(block_n=64, dot=True),
         GemvConfig(block_n=128, num_warps=8, dot=True)])
-GEMM = ([GemmConfig(block_m=32, block_n=32), GemmConfig(block_m=32, block_n=32, programs_per_sm=4)] if SMOKE else
-        [GemmConfig(), GemmConfig(128, 128, 8, 3), GemmConfig(64, 64, 4, 4), GemmConfig(128, 256, 8, 3),
-         GemmConfig(64, 256, 8, 3), GemmConfig(128, 64, 4, 4), GemmConfig(64, 128, 4, 3, programs_per_sm=2)])
+GEMM = ([GemmConfig(block_m=32, block_n=32), GemmConfig(block_m=32, block_n=32, programs_per_sm=4),
+         GemmConfig(block_m=32, block_n=32, scale_w=True)] if SMOKE else
+        [GemmConfig(), GemmConfig(128, 128, 8, 3), GemmConfig(64, 64, 4, 4), GemmConfig(128, 64, 4, 4),
+         GemmConfig(64, 64, 4, 4, programs_per_sm=2), GemmConfig(128, 128, 8, 3, programs_per_sm=1),
+         GemmConfig(64, 128, 4, 3, programs_per_sm=2), GemmConfig(64, 128, 4, 3, scale_w=True),
+         GemmConfig(128, 64, 4, 4, scale_w=True), GemmConfig(64, 64, 4, 4, programs_per_sm=2, scale_w=True),
+         GemmConfig(128, 128, 8, 4, scale_w=True), GemmConfig(128, 128, 8, 3, scale_w=True)])
 # the GEMM with split K for a few rows (16 per program), against the tl.dot GEMV
 FEW = ([GemmConfig(block_m=16, block_n=32, programs_per_sm=4)] if SMOKE else
        [GemmConfig(16, 128, 4, 3, 4), GemmConfig(16, 64, 4, 3, 4), GemmConfig(16, 256, 8, 3, 4)])
@@ -100,7 +121,7 @@ def check_kernels() -> None:
                     continue   # fp16 and asymmetric zeros on half the shapes
                 qweight, scales, zeros = _weights(k, n, dtype, symmetric)
                 weight = dequantize_int4(qweight, scales, zeros, 128, None, dtype).float()
-                cases = [(m, c) for m in (1, 3) for c in FMA[:4 if not SMOKE else 2]]
+                cases = [(m, c) for m in (1, 3) for c in FMA[:4 if not SMOKE else 2] + FMA_PDL[:3 if not SMOKE else 1]]
                 cases += [(m, c) for m in (4, 16) for c in DOT[:1] + FEW[:1]]
                 cases += [(m, c) for m in (64, 100, 256) for c in GEMM[:2] + GEMM[-1:]]
                 if dtype == torch.float16 and not SMOKE:   # fewer compilations: one launch per kernel
@@ -146,6 +167,7 @@ def check_kernels() -> None:
             if not torch.equal(h, h_ref):
                 FAILED.append("w4 fma rms_norm prologue: x + residual")
     triton_w4a16.TUNED.pop((1, k, n))
+    check_chain()
     # split-K's in-kernel fix-up resets its counters: the same call twice gives the same bits
     qweight, scales, zeros = _weights(4096 if not SMOKE else 256, 512, torch.float16, True)
     x = torch.randn(1, qweight.shape[0] * 8, device=DEVICE, dtype=torch.float16)
@@ -153,26 +175,76 @@ def check_kernels() -> None:
     _report("w4 fma fix-up repeatable", float((w4a16_gemv(x, qweight, scales, zeros, 128, FMA[0]) != first).sum()), 0.5)
 
 
-def _timer(fn, iters: int = 50) -> float:
-    """ms per call: CUDA graphs of 10 calls replayed (on CPU: one call, for the smoke run)."""
-    fn()
+def check_chain() -> None:
+    """Programmatic dependent launches in a chain, as in the model (each GEMV's x the output
+    of the one before, its weights prefetched while that one runs): a CUDA graph of three
+    PDL launches (norm prologue with the residual, plain, SiLU-and-mul) replayed twice, bit
+    for bit against the same launches without PDL, run eagerly."""
+    from pagedserve.layers.quantization import triton_w4a16 as t
+    k, n = (256, 512) if SMOKE else (4096, 8192)   # [1, n] = [gate | up] of K = n / 2 for the last
+    dtype = torch.float16 if SMOKE else torch.bfloat16
+    w1, w2, w3 = (_weights(*shape, dtype, True, seed) for seed, shape in enumerate(((k, k), (k, n), (n // 2, k))))
+    x, residual = (torch.randn(1, k, device=DEVICE, dtype=dtype) for _ in range(2))
+    norm_weight = torch.rand(k, device=DEVICE, dtype=dtype) + 0.5
+
+    def chain(pdl: bool):
+        config = GemvConfig(block_n=64 if SMOKE else 256, num_warps=1 if SMOKE else 2, words=8, pdl=pdl)
+        for shape in ((1, k, k), (1, k, n), (1, n // 2, k)):
+            t.TUNED[shape] = config
+        h = torch.empty_like(x)
+        a = t.w4a16_gemv(x, *w1, 128, config, prologue=t.RMS_NORM_RESIDUAL, norm=(norm_weight, 1e-5, residual, h))
+        b = t.w4a16_gemv(a, *w2, 128, config)
+        return h, t.w4a16_silu_and_mul_gemv(b, *w3, 128, None)
+
+    ref = chain(False)
+    if SMOKE:
+        outs = chain(False)
+    else:
+        chain(True)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = chain(True)
+        graph.replay()
+        graph.replay()
+        torch.cuda.synchronize()
+    for shape in ((1, k, k), (1, k, n), (1, n // 2, k)):
+        t.TUNED.pop(shape, None)
+    diff = sum(float((o != r).sum()) for o, r in zip(outs, ref))
+    _report("w4 fma pdl chain in a graph, bitwise vs eager without pdl", diff, 0.5)
+
+
+def _copies(nbytes: int) -> int:
+    """How many copies of a weight of `nbytes` to rotate through so that the calls read HBM, as
+    a model's layers do (each layer its own weights), not L2: 4x the L2 cache in all."""
+    if SMOKE:
+        return 2
+    return max(2, -(-4 * torch.cuda.get_device_properties(0).L2_cache_size // nbytes))
+
+
+def _timer(fn, copies: int = 1, iters: int = 50) -> float:
+    """ms per call of fn(i), i cycling over `copies` (each its own weights): CUDA graphs of
+    max(10, copies) calls replayed (on CPU: one call, for the smoke run)."""
+    fn(0)
     if SMOKE:
         start = time.perf_counter()
-        fn()
+        fn(1 % copies)
         return (time.perf_counter() - start) * 1e3
+    calls = max(10, copies)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(10):
-            fn()
+        for i in range(calls):
+            fn(i % copies)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     graph.replay()
+    replays = max(1, iters // calls)
     start.record()
-    for _ in range(iters // 10):
+    for _ in range(replays):
         graph.replay()
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / (iters // 10 * 10)
+    return start.elapsed_time(end) / (replays * calls)
 
 
 def _save(best: dict) -> None:
@@ -180,8 +252,9 @@ def _save(best: dict) -> None:
     for key, value in best.items():
         if value["kind"] in tuned:
             tuned[value["kind"]][key] = value["config"]
-    with open(TUNED_FILE, "w") as f:
-        json.dump(tuned, f)
+    for path in [TUNED_FILE] + ([os.path.join(os.environ["OUT"], "w4_tuned.json")] if os.environ.get("OUT") else []):
+        with open(path, "w") as f:
+            json.dump(tuned, f)
 
 
 def _lm_head_ms() -> float:
@@ -189,7 +262,7 @@ def _lm_head_ms() -> float:
     from pagedserve.layers.linear_ops import linear
     head = torch.randn(LM_HEAD[1], LM_HEAD[0], device=DEVICE, dtype=torch.bfloat16)
     x = torch.randn(1, LM_HEAD[0], device=DEVICE, dtype=torch.bfloat16)
-    ms = _timer(lambda: linear(x, head))
+    ms = _timer(lambda i: linear(x, head))   # 1 GiB: L2 holds none of it
     emit("SWEEP", layer="lm_head_bf16", m=1, k=LM_HEAD[0], n=LM_HEAD[1], bf16_us=round(ms * 1e3, 1),
          bf16_tb_s=round(head.numel() * 2 / ms / 1e9, 2))
     return ms
@@ -200,33 +273,42 @@ def sweep() -> None:
     kept, and w4_tuned.json rewritten after each, so that a stage cut short by its time limit
     still leaves what it measured."""
     from pagedserve.layers.linear_ops import linear
-    from pagedserve.layers.quantization.triton_w4a16 import rows_bucket, w4a16_gemm, w4a16_gemv, w4a16_matmul
+    from pagedserve.layers.quantization.triton_w4a16 import (dequantize_w4, rows_bucket, w4a16_gemm, w4a16_gemv,
+                                                              w4a16_matmul)
     best: dict[str, dict] = {}
-    weights = {name: _weights(k, n, torch.bfloat16, True) + (torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16),)
-               for name, k, n in SHAPES}
+    weights, dense = {}, {}   # copies of each layer's weights (int4; bf16), rotated by the timings
+    for name, k, n in SHAPES:
+        weights[name] = [_weights(k, n, torch.bfloat16, True, seed) for seed in range(_copies(k * n // 2))]
+        dense[name] = [torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) for _ in range(_copies(k * n * 2))]
+    emit("SWEEP_COPIES", **{name: [len(weights[name]), len(dense[name])] for name, _, _ in SHAPES})
     head_ms = _lm_head_ms()
-    for m in ((1, 4, 64) if SMOKE else (1, 256, 64, 4, 16)):   # b1's and thr512's rows first
+    for m in ((1, 4, 256) if SMOKE else (1, 256, 512, 64, 4, 16)):   # b1's and thr512's rows first
         for name, k, n in SHAPES:
-            qweight, scales, zeros, dense = weights[name]
-            w4_bytes = k * n // 2 + 2 * scales.numel() * scales.element_size()
+            w4, bf = weights[name], dense[name]
+            w4_bytes = k * n // 2 + 2 * w4[0][1].numel() * w4[0][1].element_size()
             x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
-            bf16_ms = _timer(lambda: linear(x, dense))
-            cublas_ms = _timer(lambda: torch.nn.functional.linear(x, dense))
+            bf16_ms = _timer(lambda i: linear(x, bf[i]), len(bf))
+            cublas_ms = _timer(lambda i: torch.nn.functional.linear(x, bf[i]), len(bf))
             key = f"{rows_bucket(m)},{k},{n}"
             common = dict(layer=name, m=m, k=k, n=n, bf16_us=round(bf16_ms * 1e3, 1), cublas_bf16_us=round(cublas_ms * 1e3, 1),
                           bf16_tb_s=round(k * n * 2 / bf16_ms / 1e9, 2))
+            if m == 256:   # the dequantize + cuBLAS path's first half, both kernels (int4 read, 16-bit write)
+                for generic in (False, True):
+                    ms = _timer(lambda i, g=generic: dequantize_w4(*w4[i], 128, None, torch.bfloat16, g), len(w4))
+                    emit("DEQUANT", layer=name, kernel="generic" if generic else "blocks", us=round(ms * 1e3, 1),
+                         tb_s=round((w4_bytes + 2 * k * n) / ms / 1e9, 2))
             if m > 16:
-                launches = [(path, lambda p=path: w4a16_matmul(x, qweight, scales, zeros, 128, None, p))
+                launches = [(path, lambda i, p=path: w4a16_matmul(x, *w4[i], 128, None, p))
                             for path in ("dequant", "gemm")]
-                launches += [(c, lambda c=c: w4a16_gemm(x, qweight, scales, zeros, 128, c)) for c in GEMM]
+                launches += [(c, lambda i, c=c: w4a16_gemm(x, *w4[i], 128, c)) for c in GEMM]
             else:
-                configs = FMA if m == 1 else FMA[:1] + FMA[3:4] + DOT if m <= 4 else DOT
-                launches = [(c, lambda c=c: w4a16_gemv(x, qweight, scales, zeros, 128, c)) for c in configs]
-                launches += [(c, lambda c=c: w4a16_gemm(x, qweight, scales, zeros, 128, c)) for c in FEW if m > 1]
+                configs = FMA + FMA_PDL if m == 1 else FMA[:1] + FMA[3:4] + DOT if m <= 4 else DOT
+                launches = [(c, lambda i, c=c: w4a16_gemv(x, *w4[i], 128, c)) for c in configs]
+                launches += [(c, lambda i, c=c: w4a16_gemm(x, *w4[i], 128, c)) for c in FEW if m > 1]
             for what, fn in launches:
                 label = what if isinstance(what, str) else _name(what)
                 try:
-                    ms = _timer(fn)
+                    ms = _timer(fn, len(w4))
                 except Exception as exc:   # a launch that does not compile is reported, not fatal
                     emit("SWEEP", layer=name, m=m, launch=label, error=f"{type(exc).__name__}: {exc}"[:300])
                     continue
@@ -293,10 +375,33 @@ def decode_profile(variant: str, llm) -> None:
             graphs._forward(1)
             torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60), flush=True)
+    kernels = sorted(((e.time_range.start, e.name, e.time_range.elapsed_us()) for e in prof.events()
+                      if e.device_type.name == "CUDA"), key=lambda e: e[0])
+    per_layer = [us for _, name, us in kernels if name in ("_w4_gemv_fma_kernel", "_gemv_kernel")][:4 * LAYERS]
+    if len(per_layer) == 4 * LAYERS:   # the layers' linears in order: qkv, o, gate_up, down
+        emit("PROFILE", variant=variant, linear_us_in_step={
+            proj: round(sum(per_layer[i::4]) / LAYERS, 1) for i, proj in enumerate(("qkv", "o", "gate_up", "down"))})
+    emit("PROFILE", variant=variant, layer0_kernels=[(name[:28], round(us, 1)) for _, name, us in kernels[:12]])
+
+
+def perplexity() -> None:
+    """benchmarks/quant_perplexity.py on CUDA in bf16 (every variant; the default model must be
+    installed, as w4_gpu.sh does from .devcarry)."""
+    if SMOKE:
+        return
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "quant_perplexity.py"), "--device", "cuda", "--dtype",
+           "bfloat16"]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    print("\n".join(line for line in proc.stdout.splitlines() if "RESULT" in line or "Error" in line), flush=True)
+    if proc.returncode:
+        print(proc.stdout[-3000:], flush=True)
+        FAILED.append(f"quant_perplexity exit {proc.returncode}")
 
 
 def run_stage(stage: str) -> None:
-    if stage == "kernels":
+    if stage == "ppl":
+        perplexity()
+    elif stage == "kernels":
         check_kernels()
         print(f"CHECK_SUMMARY failed={len(FAILED)} {FAILED[:20]}", flush=True)
         sweep()
@@ -306,17 +411,22 @@ def run_stage(stage: str) -> None:
     sys.exit(1 if FAILED else 0)
 
 
+PARTS = {"a": ["kernels"], "b": ["e2e_w4a16", "e2e_bf16", "ppl"]}
+
+
 def main() -> None:
     args = [a for a in sys.argv[1:] if a != "--cpu-smoke"]
-    if args:
-        if args[0] not in STAGES:
-            sys.exit(__doc__)
+    if args and args[0] in STAGES:
         run_stage(args[0])
         return
-    log = open(os.path.join(os.environ["OUT"], "w4_gpu.txt"), "w") if os.environ.get("OUT") else None
-    if os.path.exists(TUNED_FILE):
+    if args and args[0] not in PARTS:
+        sys.exit(__doc__)
+    stages = PARTS[args[0]] if args else list(STAGES)
+    log = open(os.path.join(os.environ["OUT"], f"w4_gpu{args[0] if args else ''}.txt"), "w") if os.environ.get("OUT") else None
+    if "kernels" in stages and os.path.exists(TUNED_FILE):
         os.remove(TUNED_FILE)
-    for stage, limit in STAGES.items():
+    for stage in stages:
+        limit = STAGES[stage]
         start = time.time()
         cmd = [sys.executable, os.path.abspath(__file__), stage] + (["--cpu-smoke"] if SMOKE else [])
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)

@@ -64,22 +64,30 @@ def test_decode_gemv_matches_the_dequantized_reference(config, dtype):
             torch.testing.assert_close(out.float(), x.float() @ weight, rtol=tol, atol=tol * 10)
 
 
+def _asymmetric_int4(k: int, n: int, group: int, dtype: torch.dtype):
+    """Random packed int4 [K/8, N], scales and zero points (0..15) per group of K rows."""
+    qweight = pack_int32(torch.randint(0, 16, (k, n)), 0).to(DEVICE)
+    scales = (torch.rand(k // group, n) * 0.1 + 0.01).to(dtype).to(DEVICE)
+    zeros = torch.randint(0, 16, (k // group, n)).to(dtype).to(DEVICE)
+    return qweight, scales, zeros
+
+
+@pytest.mark.parametrize("scale_w", [False, True], ids=["scale-sums", "scale-weights"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_w4_gemm_matches_the_dequantized_reference(dtype):
+def test_w4_gemm_matches_the_dequantized_reference(dtype, scale_w):
     """The one-load-per-word GEMM (nibbles joined into a [128, BLOCK_N] tile per block):
     rows and columns not multiples of the tile, two groups of 128 and one of 256, K whole or
-    split over programs."""
+    split over programs; the scale on each block's sums or on the weights."""
     torch.manual_seed(3)
     k, n = 256, 40
     for group in (128, 256):
-        qweight = pack_int32(torch.randint(0, 16, (k, n)), 0).to(DEVICE)
-        scales = (torch.rand(k // group, n) * 0.1 + 0.01).to(dtype).to(DEVICE)
-        zeros = torch.randint(0, 16, (k // group, n)).to(dtype).to(DEVICE)
+        qweight, scales, zeros = _asymmetric_int4(k, n, group, dtype)
         weight = dequantize_int4(qweight, scales, zeros, group, None, torch.float32)
         for rows in (1, 19, 70):
             x = torch.randn(rows, k, device=DEVICE).to(dtype)
             for split in (0, 8):   # 8 programs per SM: K split in two (8 fake SMs on CPU)
-                out = w4a16_gemm(x, qweight, scales, zeros, group, GemmConfig(32, 32, programs_per_sm=split))
+                out = w4a16_gemm(x, qweight, scales, zeros, group,
+                                 GemmConfig(32, 32, programs_per_sm=split, scale_w=scale_w))
                 tol = 1e-4 if dtype == torch.float32 else 2e-3
                 torch.testing.assert_close(out.float(), x.float() @ weight, rtol=tol, atol=tol * 10)
 
@@ -140,6 +148,72 @@ def test_auto_path_takes_the_tuned_gemm(monkeypatch):
     monkeypatch.setattr(triton_w4a16, "w4a16_gemm", lambda *args: calls.append(args[-1]) or torch.zeros(40, n))
     w4a16_matmul(torch.randn(40, k, device=DEVICE), qweight, scales, zeros, 128)
     assert calls == [GemmConfig(32, 32)]
+    # 257-512 rows: the 512 bucket's launch where tuned, else dequantize + cuBLAS
+    monkeypatch.setitem(triton_w4a16.GEMM_TUNED, (512, k, n), GemmConfig(64, 32))
+    w4a16_matmul(torch.randn(300, k, device=DEVICE), qweight, scales, zeros, 128)
+    assert calls == [GemmConfig(32, 32), GemmConfig(64, 32)]
+    x = torch.randn(513, k, device=DEVICE)
+    out = w4a16_matmul(x, qweight, scales, zeros, 128)
+    assert len(calls) == 2
+    torch.testing.assert_close(out, x @ dequantize_int4(qweight, scales, zeros, 128, None, torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_block_dequantization_is_the_reference_weight(dtype):
+    """dequantize_w4's one-load-per-word kernel (128-row blocks inside one group) gives the
+    torch reference's weight bit for bit ((q - zero) * scale in fp32, rounded once), as the
+    per-element kernel does; groups of 128 and 256, N not a multiple of its block."""
+    from pagedserve.layers.quantization.triton_w4a16 import dequantize_w4
+    torch.manual_seed(5)
+    k, n = 512, 300
+    for group in (128, 256):
+        qweight, scales, zeros = _asymmetric_int4(k, n, group, dtype)
+        ref = dequantize_int4(qweight, scales, zeros, group, None, dtype)
+        assert torch.equal(dequantize_w4(qweight, scales, zeros, group, None, dtype), ref)
+        assert torch.equal(dequantize_w4(qweight, scales, zeros, group, None, dtype, generic=True), ref)
+
+
+_PDL_PTX = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from pagedserve.layers.quantization import triton_w4a16
+args = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "y_ptr": "*bf16", "p_ptr": "*fp32",
+        "c_ptr": "*i32", "N": "i32", "BLOCKS_PER_SPLIT": "i32", "K_BLOCKS": "i32", "stride_xm": "i32",
+        "stride_qk": "i32", "stride_sg": "i32", "stride_ym": "i32", "up": "i32", "res_ptr": "*bf16",
+        "res_out_ptr": "*bf16", "nw_ptr": "*bf16", "q_ptr": "*fp32", "eps": "fp32"}
+constants = dict(GROUP_SIZE=128, BLOCK_N=256, WORDS=8, EVEN_N=True, SPLIT=True, PROLOGUE=3, NUM_STAGES=3,
+                 PDL=True, PREFETCH=2)
+signature = {**args, **{name: "constexpr" for name in constants}}
+aligned = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(args.items())
+           if kind.startswith("*") or name.startswith("stride")}
+source = ASTSource(triton_w4a16._w4_gemv_fma_kernel, signature, attrs=aligned,
+                   constexprs={(list(signature).index(name),): value for name, value in constants.items()})
+sys.stdout.write(triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                options=dict(num_warps=2, launch_pdl=True)).asm["ptx"])
+"""
+
+
+def test_fma_gemv_pdl_waits_before_reading_x_or_storing():
+    """The FMA GEMV as a programmatic dependent launch, compiled for sm_90 here (ptxas, no
+    GPU; in a fresh interpreter, without TRITON_INTERPRET): the dependents' launch allowed
+    first, L2 prefetches of its words, then griddepcontrol.wait before any other load (x, h,
+    the split-K partials) and before any store or atomic."""
+    pytest.importorskip("triton.backends.nvidia")
+    import os
+    import re
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    ptx = subprocess.run([sys.executable, "-c", _PDL_PTX], env=env, capture_output=True, text=True, check=True,
+                         timeout=300).stdout
+    lines = ptx.splitlines()
+    first = {what: next(i for i, line in enumerate(lines) if re.search(pattern, line)) for what, pattern in (
+        ("trigger", r"griddepcontrol\.launch_dependents"), ("wait", r"griddepcontrol\.wait"),
+        ("prefetch", r"prefetch\.global\.L2"), ("load", r"\bld\.global|cp\.async"),
+        ("store", r"\bst\.global|\batom\.|\bred\.global"))}
+    assert first["trigger"] < first["prefetch"] < first["wait"] < min(first["load"], first["store"])
 
 
 @pytest.mark.parametrize("magnitude", [1e-12, 1e-6, 3e4, 1e9])
