@@ -482,6 +482,7 @@ class GemvConfig:
     words: int = 16     # packed rows per K block of the FMA launch (16: 128 rows of K)
     fixup: bool = True
     pdl: bool = False   # FMA on CUDA: a programmatic dependent launch, its first words prefetched
+    prefetch: int = 2   # with pdl: K blocks of each program asked of L2 before waiting
 
 
 FMA_GEMV = GemvConfig()
@@ -639,13 +640,13 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         qweight if residual is None else residual, qweight if h is None else h, norm_weight, squares, eps,
         GROUP_SIZE=group_size, BLOCK_N=config.block_n, WORDS=config.words, EVEN_N=n % config.block_n == 0,
         SPLIT=counters is not None, PROLOGUE=prologue, NUM_STAGES=config.num_stages, num_warps=config.num_warps,
-        **_pdl(config.pdl and x.is_cuda))
+        **_pdl(config.pdl and x.is_cuda, config.prefetch))
     return _sum_splits(partials, x.dtype) if counters is None else y
 
 
-def _pdl(on: bool) -> dict:
+def _pdl(on: bool, prefetch: int) -> dict:
     """The FMA GEMV's launch arguments for a programmatic dependent launch (none when off)."""
-    return dict(PDL=True, launch_pdl=True) if on else {}
+    return dict(PDL=True, PREFETCH=prefetch, launch_pdl=True) if on else {}
 
 
 def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
