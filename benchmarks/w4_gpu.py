@@ -158,6 +158,7 @@ def check_kernels() -> None:
     norm = RMSNorm(k, 1e-5, scales.dtype).to(DEVICE)
     norm.weight.data = torch.rand(k, device=DEVICE, dtype=scales.dtype) + 0.5
     x, residual = (torch.randn(1, k, device=DEVICE, dtype=scales.dtype) * 4 for _ in range(2))
+    saved = {(1, k, n): triton_w4a16.TUNED[(1, k, n)]} if (1, k, n) in triton_w4a16.TUNED else {}
     for config in [c for c in FMA if c.fixup][:2]:   # split K: summed in the kernel, or not fused
         triton_w4a16.TUNED[(1, k, n)] = config
         for res in (None, residual):
@@ -173,6 +174,7 @@ def check_kernels() -> None:
             if not torch.equal(h, h_ref):
                 FAILED.append("w4 fma rms_norm prologue: x + residual")
     triton_w4a16.TUNED.pop((1, k, n))
+    triton_w4a16.TUNED.update(saved)
     global PDL_OK
     try:
         check_chain()
@@ -203,13 +205,15 @@ def check_chain() -> None:
 
     def chain(pdl: bool):
         config = GemvConfig(block_n=64 if SMOKE else 256, num_warps=1 if SMOKE else 2, words=8, pdl=pdl)
-        for shape in ((1, k, k), (1, k, n), (1, n // 2, k)):
+        for shape in shapes:
             t.TUNED[shape] = config
         h = torch.empty_like(x)
         a = t.w4a16_gemv(x, *w1, 128, config, prologue=t.RMS_NORM_RESIDUAL, norm=(norm_weight, 1e-5, residual, h))
         b = t.w4a16_gemv(a, *w2, 128, config)
         return h, t.w4a16_silu_and_mul_gemv(b, *w3, 128, None)
 
+    shapes = ((1, k, k), (1, k, n), (1, n // 2, k))
+    saved = {shape: t.TUNED[shape] for shape in shapes if shape in t.TUNED}
     try:
         ref = chain(False)
         if SMOKE:
@@ -224,8 +228,9 @@ def check_chain() -> None:
             graph.replay()
             torch.cuda.synchronize()
     finally:
-        for shape in ((1, k, k), (1, k, n), (1, n // 2, k)):
+        for shape in shapes:
             t.TUNED.pop(shape, None)
+        t.TUNED.update(saved)
     diff = sum(float((o != r).sum()) for o, r in zip(outs, ref))
     _report("w4 fma pdl chain in a graph, bitwise vs eager without pdl", diff, 0.5)
     global PDL_OK

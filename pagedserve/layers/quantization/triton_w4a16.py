@@ -487,12 +487,16 @@ class GemvConfig:
 
 FMA_GEMV = GemvConfig()
 DOT_GEMV = GemvConfig(block_n=128, dot=True)
-# (rows bucket, K, N) -> the measured best launch: benchmarks/w4_gpu.py's sweep on an H200,
-# 2026-11-30 (llama-8b's qkv / o / gate_up / down, bf16, group 128; benchmarks/QUANT.md).
-# The one-row FMA kernel was rewritten since (denormal nibbles): its launches await the sweep.
+# (rows bucket, K, N) -> the measured best launch: benchmarks/w4_gpu.py's sweep on an H200
+# (llama-8b's qkv / o / gate_up / down, bf16, group 128; benchmarks/QUANT.md): one row from
+# 2026-12-01 02:56 UTC (gpu/2026-12-01-h200-w4q), 4 and 16 rows from 2026-11-30.
 # Buckets of more than GEMV_MAX_ROWS rows are used only where the sweep found this kernel
 # faster than the GEMM / dequantize paths (there it did not).
 TUNED: dict[tuple[int, int, int], GemvConfig] = {
+    (1, 4096, 6144): GemvConfig(block_n=256, num_warps=2, words=8),
+    (1, 4096, 4096): GemvConfig(block_n=128, num_warps=1),
+    (1, 4096, 28672): GemvConfig(words=8),
+    (1, 14336, 4096): GemvConfig(block_n=256, num_warps=2, words=8),
     (4, 4096, 6144): GemvConfig(block_n=128, dot=True),
     (4, 4096, 4096): GemvConfig(block_n=64, dot=True),
     (4, 4096, 28672): GemvConfig(block_n=128, num_warps=8, dot=True),
@@ -517,8 +521,13 @@ class GemmConfig:
 
 
 # (rows bucket, K, N) -> _w4_gemm_kernel's launch where benchmarks/w4_gpu.py's sweep found it
-# faster than the generic GEMM and dequantize + cuBLAS paths (none measured yet).
-GEMM_TUNED: dict[tuple[int, int, int], GemmConfig] = {}
+# faster than the generic GEMM and dequantize + cuBLAS paths (H200, 2026-12-01 02:56 UTC).
+GEMM_TUNED: dict[tuple[int, int, int], GemmConfig] = {
+    (64, 4096, 6144): GemmConfig(64, 128, 4, 3, programs_per_sm=2),
+    (64, 4096, 4096): GemmConfig(64, 128, 4, 3, programs_per_sm=2),
+    (64, 4096, 28672): GemmConfig(64, 64, 4, 4),
+    (64, 14336, 4096): GemmConfig(64, 128, 4, 3, programs_per_sm=2),
+}
 
 
 def rows_bucket(m: int) -> int:
