@@ -271,10 +271,9 @@ def _timer(fn, copies: int = 1, iters: int = 50) -> float:
 
 
 def _save(best: dict) -> None:
-    tuned = {"gemv": {}, "gemm": {}}
+    tuned = {"gemv": {}, "gemm": {}, "path": {}}
     for key, value in best.items():
-        if value["kind"] in tuned:
-            tuned[value["kind"]][key] = value["config"]
+        tuned[value["kind"]][key] = value["config"]
     for path in [TUNED_FILE] + ([os.path.join(os.environ["OUT"], "w4_tuned.json")] if os.environ.get("OUT") else []):
         with open(path, "w") as f:
             json.dump(tuned, f)
@@ -360,6 +359,9 @@ def load_tuned() -> None:
     for kind, table, cls in (("gemv", triton_w4a16.TUNED, GemvConfig), ("gemm", triton_w4a16.GEMM_TUNED, GemmConfig)):
         for key, config in tuned.get(kind, {}).items():   # (an older file: flat, no kinds)
             table[tuple(int(v) for v in key.split(","))] = cls(**config)
+    for key in tuned.get("path", {}):   # dequantize + cuBLAS measured faster: no static launch for it
+        for table in (triton_w4a16.TUNED, triton_w4a16.GEMM_TUNED):
+            table.pop(tuple(int(v) for v in key.split(",")), None)
     for _, k, n in SHAPES:   # no M = 1 launch measured (a stage cut short, or none compiled): tl.dot
         triton_w4a16.TUNED.setdefault((1, k, n), triton_w4a16.DOT_GEMV)
     emit("TUNED", gemv=len(triton_w4a16.TUNED), gemm=len(triton_w4a16.GEMM_TUNED))
