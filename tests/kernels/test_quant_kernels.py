@@ -173,47 +173,86 @@ def test_block_dequantization_is_the_reference_weight(dtype):
         assert torch.equal(dequantize_w4(qweight, scales, zeros, group, None, dtype, generic=True), ref)
 
 
-_PDL_PTX = """
+_COMPILE_SM90 = """
+import json
 import sys
+
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from pagedserve.layers.quantization import triton_w4a16
-args = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "y_ptr": "*bf16", "p_ptr": "*fp32",
-        "c_ptr": "*i32", "N": "i32", "BLOCKS_PER_SPLIT": "i32", "K_BLOCKS": "i32", "stride_xm": "i32",
-        "stride_qk": "i32", "stride_sg": "i32", "stride_ym": "i32", "up": "i32", "res_ptr": "*bf16",
-        "res_out_ptr": "*bf16", "nw_ptr": "*bf16", "q_ptr": "*fp32", "eps": "fp32"}
-constants = dict(GROUP_SIZE=128, BLOCK_N=256, WORDS=8, EVEN_N=True, SPLIT=True, PROLOGUE=3, NUM_STAGES=3,
-                 PDL=True, PREFETCH=2)
-signature = {**args, **{name: "constexpr" for name in constants}}
-aligned = {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(args.items())
-           if kind.startswith("*") or name.startswith("stride")}
-source = ASTSource(triton_w4a16._w4_gemv_fma_kernel, signature, attrs=aligned,
-                   constexprs={(list(signature).index(name),): value for name, value in constants.items()})
-sys.stdout.write(triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                                options=dict(num_warps=2, launch_pdl=True)).asm["ptx"])
+
+from pagedserve.layers.quantization import triton_w4a16 as t
+
+POINTERS = {"qw_ptr": "*i32", "c_ptr": "*i32", "g_ptr": "*i32", "p_ptr": "*fp32", "q_ptr": "*fp32"}
+
+
+def compile_sm90(kernel, constants, num_warps=4, **options):
+    constants = {**{p.name: p.default for p in kernel.params if p.is_constexpr and p.name not in constants}, **constants}
+    names = [name for name in kernel.arg_names if name not in constants]
+    args = {n: POINTERS.get(n, "*bf16") if n.endswith("_ptr") else "fp32" if n == "eps" else "i32" for n in names}
+    signature = {**args, **{name: "constexpr" for name in constants}}
+    order = list(kernel.arg_names)
+    signature = {name: signature[name] for name in order}
+    aligned = {(order.index(n),): [["tt.divisibility", 16]] for n, kind in args.items()
+               if kind.startswith("*") or n.startswith("stride")}
+    source = ASTSource(kernel, signature, attrs=aligned,
+                       constexprs={(order.index(n),): v for n, v in constants.items()})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, **options))
+
+
+fma = dict(GROUP_SIZE=128, BLOCK_N=256, WORDS=8, EVEN_N=True, SPLIT=True, PROLOGUE=3, NUM_STAGES=3)
+variants = {
+    "fma pdl": (t._w4_gemv_fma_kernel, {**fma, "PDL": True, "PREFETCH": 2}, 2, {"launch_pdl": True}),
+    "fma": (t._w4_gemv_fma_kernel, {**fma, "PROLOGUE": 1, "EVEN_N": False, "SPLIT": False}, 4, {}),
+    "fma words16": (t._w4_gemv_fma_kernel, {**fma, "WORDS": 16, "BLOCK_N": 128, "PROLOGUE": 0}, 1, {}),
+    "dot gemv": (t._w4_gemv_kernel, dict(GROUP_SIZE=128, BLOCK_M=16, BLOCK_N=128, IEEE=False, NUM_STAGES=3), 4, {}),
+    "gemm": (t._w4_gemm_kernel, dict(GROUP_SIZE=128, BLOCK_M=64, BLOCK_N=128, IEEE=False, NUM_STAGES=3), 4, {}),
+    "gemm scale_w": (t._w4_gemm_kernel, dict(GROUP_SIZE=128, BLOCK_M=64, BLOCK_N=64, IEEE=False, NUM_STAGES=4,
+                                             SCALE_W=True), 4, {}),
+    "dequant blocks": (t._dequant_blocks_kernel, dict(GROUP_SIZE=128, BLOCK_N=256), 4, {}),
+    "dequant": (t._dequant_kernel, dict(GROUP_SIZE=128, HAS_GIDX=True, BLOCK_K=32, BLOCK_N=128), 4, {}),
+    "generic": (t._w4a16_kernel, dict(GROUP_SIZE=128, HAS_GIDX=False, ONE_GROUP_PER_BLOCK=True, BLOCK_M=64,
+                                      BLOCK_N=128, BLOCK_K=64, IEEE=False), 4, {}),
+}
+ptx = {name: compile_sm90(kernel, constants, warps, **options).asm["ptx"]
+       for name, (kernel, constants, warps, options) in variants.items()}
+json.dump(ptx, sys.stdout)
 """
 
 
-def test_fma_gemv_pdl_waits_before_reading_x_or_storing():
-    """The FMA GEMV as a programmatic dependent launch, compiled for sm_90 here (ptxas, no
-    GPU; in a fresh interpreter, without TRITON_INTERPRET): the dependents' launch allowed
-    first, L2 prefetches of its words, then griddepcontrol.wait before any other load (x, h,
-    the split-K partials) and before any store or atomic."""
+@pytest.fixture(scope="module")
+def sm90_ptx():
+    """Every W4A16 kernel in a launch variant, compiled for sm_90 here (Triton + ptxas, no GPU;
+    in a fresh interpreter, without TRITON_INTERPRET): {variant: PTX}."""
     pytest.importorskip("triton.backends.nvidia")
+    import json
     import os
-    import re
     import subprocess
     import sys
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    ptx = subprocess.run([sys.executable, "-c", _PDL_PTX], env=env, capture_output=True, text=True, check=True,
-                         timeout=300).stdout
-    lines = ptx.splitlines()
+    done = subprocess.run([sys.executable, "-c", _COMPILE_SM90], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def test_w4a16_kernels_compile_for_sm90(sm90_ptx):
+    """The interpreter runs a kernel's Python, not Triton's compiler: what compiles is checked
+    here (e.g. a jit helper's early return on a None argument ran on CPU and failed to compile)."""
+    assert len(sm90_ptx) == 9 and all(".entry" in ptx for ptx in sm90_ptx.values())
+
+
+def test_fma_gemv_pdl_waits_before_reading_x_or_storing(sm90_ptx):
+    """The FMA GEMV as a programmatic dependent launch: the dependents' launch allowed first,
+    L2 prefetches of its words, then griddepcontrol.wait before any other load (x, h, the
+    split-K partials) and before any store or atomic; no griddepcontrol without PDL."""
+    import re
+    lines = sm90_ptx["fma pdl"].splitlines()
     first = {what: next(i for i, line in enumerate(lines) if re.search(pattern, line)) for what, pattern in (
         ("trigger", r"griddepcontrol\.launch_dependents"), ("wait", r"griddepcontrol\.wait"),
         ("prefetch", r"prefetch\.global\.L2"), ("load", r"\bld\.global|cp\.async"),
         ("store", r"\bst\.global|\batom\.|\bred\.global"))}
     assert first["trigger"] < first["prefetch"] < first["wait"] < min(first["load"], first["store"])
+    assert "griddepcontrol" not in sm90_ptx["fma"]
 
 
 @pytest.mark.parametrize("magnitude", [1e-12, 1e-6, 3e4, 1e9])

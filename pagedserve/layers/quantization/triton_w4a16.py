@@ -368,9 +368,10 @@ def _magic_nibble(word, j: tl.constexpr, zero, dtype: tl.constexpr, scale=None):
     the magic's own value 2**(23 - 4j) and the zero in one FADD); with `scale`, (q - zero) *
     scale (fp32, rounded once)."""
     nib = ((word & (15 << (4 * j))) | (0x4B000000 - j * 0x02000000)).to(tl.float32, bitcast=True)
-    if scale is None:
-        return (nib - (zero + 8388608.0 / 16.0 ** j)[None, :]).to(dtype)
-    return ((nib - (zero + 8388608.0 / 16.0 ** j)[None, :]) * scale[None, :]).to(dtype)
+    value = nib - (zero + 8388608.0 / 16.0 ** j)[None, :]
+    if scale is not None:
+        value = value * scale[None, :]
+    return value.to(dtype)
 
 
 @triton.jit
