@@ -303,6 +303,7 @@ def sweep() -> None:
         weights[name] = [_weights(k, n, torch.bfloat16, True, seed) for seed in range(_copies(k * n // 2))]
         dense[name] = [torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) for _ in range(_copies(k * n * 2))]
     emit("SWEEP_COPIES", **{name: [len(weights[name]), len(dense[name])] for name, _, _ in SHAPES})
+    tinygemm: dict[str, list] = {}
     head_ms = _lm_head_ms()
     for m in ((1, 4, 256) if SMOKE else (1, 256, 512, 64, 4, 16)):   # b1's and thr512's rows first
         for name, k, n in SHAPES:
@@ -341,12 +342,46 @@ def sweep() -> None:
                     best[key] = dict(ms=ms, kind=kind, config=label if kind == "path" else dataclasses.asdict(what))
             emit("TUNED", key=key, us=round(best[key]["ms"] * 1e3, 1), launch_kind=best[key]["kind"], config=best[key]["config"],
                  tb_s=round(w4_bytes / best[key]["ms"] / 1e9, 2))
+            if m <= 64:
+                _tinygemm(name, m, x, w4, tinygemm, w4_bytes, best[key]["ms"])
             _save(best)
         if m == 1:
             linears_ms = sum(best[f"1,{k},{n}"]["ms"] for _, k, n in SHAPES)
             emit("FLOOR", m=1, layer_linears_us=round(linears_ms * 1e3, 1), lm_head_us=round(head_ms * 1e3, 1),
                  step_linears_ms=round(LAYERS * linears_ms + head_ms, 3),
                  tok_s_if_nothing_else=round(1e3 / (LAYERS * linears_ms + head_ms), 1))
+
+
+def _tinygemm_layer(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor):
+    """The same int4 weight for torch's own int4 GEMM (tinygemm: torch._weight_int4pack_mm, the
+    kernel torchao's int4 weight-only path runs): (packed weight, scales_and_zeros, the op).
+    tinygemm dequantizes (q - 8) * scale + zero, so its zero is (8 - our zero) * scale."""
+    from pagedserve.layers.quantization.int4 import unpack_int32
+    w_nk = unpack_int32(qweight, 0).t().contiguous()   # [N, K], values 0..15
+    scales_and_zeros = torch.stack([scales, (8 - zeros) * scales], -1).to(scales.dtype).contiguous()
+    if SMOKE:
+        return (torch._convert_weight_to_int4pack_for_cpu(w_nk, 8), scales_and_zeros,
+                torch._weight_int4pack_mm_for_cpu)
+    packed = (w_nk[:, ::2] << 4 | w_nk[:, 1::2]).to(torch.uint8)
+    return torch._convert_weight_to_int4pack(packed, 8), scales_and_zeros, torch._weight_int4pack_mm
+
+
+def _tinygemm(name: str, m: int, x: torch.Tensor, w4: list, cache: dict, w4_bytes: int, best_ms: float) -> None:
+    """A reference point, not a launch the engine routes to: torch's tinygemm on the same
+    weights (checked against the dequantized reference first) and its time against ours."""
+    from pagedserve.layers.quantization.int4 import dequantize_int4
+    try:
+        if name not in cache:
+            cache[name] = [_tinygemm_layer(*w) for w in w4]
+            packed, sz, op = cache[name][0]
+            ref = x.float() @ dequantize_int4(*w4[0], 128, None, x.dtype).float()
+            emit("TINYGEMM_CHECK", layer=name, rel_err=_rel(op(x, packed, 128, sz), ref))
+        tg = cache[name]
+        ms = _timer(lambda i: tg[i][2](x, tg[i][0], 128, tg[i][1]), len(tg))
+        emit("TINYGEMM", layer=name, m=m, us=round(ms * 1e3, 1), tb_s=round(w4_bytes / ms / 1e9, 2),
+             ours_us=round(best_ms * 1e3, 1), ours_vs_tinygemm=round(ms / best_ms, 2))
+    except Exception as exc:   # torch without it, or a shape it refuses: no figure
+        emit("TINYGEMM", layer=name, m=m, error=f"{type(exc).__name__}: {exc}"[:300])
 
 
 def load_tuned() -> None:
