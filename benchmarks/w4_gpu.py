@@ -80,7 +80,15 @@ FMA_PDL = ([GemvConfig(block_n=64, num_warps=1, words=8)] if SMOKE else
             GemvConfig(block_n=256, num_warps=2, words=8, programs_per_sm=8, pdl=True),
             GemvConfig(block_n=256, num_warps=2, words=8, pdl=True, prefetch=0),   # the launch overlap alone
             GemvConfig(words=8, pdl=True, prefetch=4),
-            GemvConfig(block_n=128, num_warps=1, words=8), GemvConfig(block_n=256, num_warps=2, words=8, programs_per_sm=8)])
+            GemvConfig(block_n=128, num_warps=1, words=8), GemvConfig(block_n=256, num_warps=2, words=8, programs_per_sm=8),
+            # fewer programs, each a longer K range behind a deeper cp.async pipeline (at 4 per SM
+            # a program runs ~3 K blocks: its loads all in flight, then all its FMAs); no staging
+            GemvConfig(block_n=256, num_warps=2, words=8, programs_per_sm=2, num_stages=4),
+            GemvConfig(block_n=256, num_warps=2, words=8, programs_per_sm=1, num_stages=5),
+            GemvConfig(words=8, programs_per_sm=2, num_stages=4),
+            GemvConfig(block_n=256, num_warps=2, words=8, num_stages=1),
+            GemvConfig(block_n=256, num_warps=2, words=8, programs_per_sm=2, num_stages=4, pdl=True),
+            GemvConfig(words=8, programs_per_sm=2, num_stages=4, pdl=True)])
 DOT = ([GemvConfig(block_n=32, dot=True)] if SMOKE else
        [GemvConfig(block_n=128, dot=True), GemvConfig(block_n=64, dot=True),
         GemvConfig(block_n=128, num_warps=8, dot=True)])
