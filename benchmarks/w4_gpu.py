@@ -413,16 +413,58 @@ def load_tuned() -> None:
 def e2e(variant: str) -> None:
     if variant == "w4a16":
         load_tuned()
+    from benchmarks.quant_gpu import make_model_dir
     if SMOKE:
         shape = dict(hidden_size=256, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, tie_word_embeddings=False)
-        run_timing(variant, 2, shape=shape, decode_tokens=8, device="cpu", max_model_len=1100, max_num_seqs=4)
+        llm = run_timing(variant, 2, shape=shape, decode_tokens=8, device="cpu", max_model_len=1100, max_num_seqs=4)
+        if variant == "w4a16":   # the check's code path (PDL is CUDA's: on CPU the flag does nothing)
+            from pagedserve.layers.quantization import triton_w4a16
+            triton_w4a16.TUNED[(1, 256, 384)] = GemvConfig(block_n=64, num_warps=1, pdl=True)
+            pdl_ids_check(llm, make_model_dir(variant, shape, 32064), device="cpu")
         return
     llm = run_timing(variant, 512)
     try:
         decode_profile(variant, llm)
     except Exception as exc:   # the figures above stand without it
         emit("PROFILE", variant=variant, error=f"{type(exc).__name__}: {exc}"[:300])
+    if variant == "w4a16":
+        try:
+            pdl_ids_check(llm, make_model_dir(variant))
+        except Exception as exc:
+            emit("PDL_IDS", error=f"{type(exc).__name__}: {exc}"[:300])
+
+
+def pdl_ids_check(llm, directory: str, **engine_kwargs) -> None:
+    """64 greedy ids of one request through the tuned launches (CUDA graphs, PDL where the
+    sweep chose it) against a second engine on the same dummy weights (seeded per parameter),
+    eager, every PDL launch off: equal ids say the dependent launches change nothing in the
+    model (the kernel check only chains three GEMVs); a difference there may also be graphs
+    against eager, so it is reported, not counted as a failed check."""
+    import gc
+
+    from pagedserve import LLM, SamplingParams
+    from pagedserve.layers.quantization import triton_w4a16
+    pdl = sorted(str(key) for key, config in triton_w4a16.TUNED.items() if config.pdl)
+    if not pdl:
+        emit("PDL_IDS", note="no PDL launch tuned: nothing to compare")
+        return
+    prompt = {"prompt_token_ids": list(range(300, 364))}
+    params = SamplingParams(max_tokens=64, ignore_eos=True, temperature=0.0, detokenize=False)
+    graphed = list(llm.generate([prompt], [params], use_tqdm=False)[0].outputs[0].token_ids)
+    llm.shutdown()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    for key, config in list(triton_w4a16.TUNED.items()):
+        triton_w4a16.TUNED[key] = dataclasses.replace(config, pdl=False)
+    eager = LLM(model=directory, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", seed=0,
+                enforce_eager=True, num_kv_blocks=64, max_model_len=512, **engine_kwargs)
+    plain = list(eager.generate([prompt], [params], use_tqdm=False)[0].outputs[0].token_ids)
+    eager.shutdown()
+    same = sum(a == b for a, b in zip(graphed, plain))
+    emit("PDL_IDS", pdl_launches=pdl, equal=same, of=len(graphed),
+         first_difference=next((i for i, (a, b) in enumerate(zip(graphed, plain)) if a != b), None))
 
 
 def decode_profile(variant: str, llm) -> None:
