@@ -501,10 +501,14 @@ def perplexity() -> None:
         return
     cmd = [sys.executable, os.path.join(REPO, "benchmarks", "quant_perplexity.py"), "--device", "cuda", "--dtype",
            "bfloat16"]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
-    print("\n".join(line for line in proc.stdout.splitlines() if "RESULT" in line or "Error" in line), flush=True)
-    if proc.returncode:
-        print(proc.stdout[-3000:], flush=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    tail = []
+    for line in proc.stdout:   # each variant's line as it comes (the stage may be cut short)
+        tail = (tail + [line])[-40:]
+        if "RESULT" in line or "Error" in line:
+            print(line, end="", flush=True)
+    if proc.wait():
+        print("".join(tail), flush=True)
         FAILED.append(f"quant_perplexity exit {proc.returncode}")
 
 
