@@ -63,6 +63,9 @@ DEVICE = "cpu" if SMOKE else "cuda"
 SHAPES = ([("qkv", 256, 384), ("down", 384, 256)] if SMOKE else
           [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096)])
 LAYERS = 2 if SMOKE else 32
+# the x prologue the decode step folds into each projection's one-row GEMV (models/llama.py
+# through LinearMethod.apply_normed / apply_silu_and_mul): 3 RMSNorm + residual, 1 SiLU-and-mul
+PROLOGUES = {"qkv": 3, "o": 0, "gate_up": 3, "down": 1}
 LM_HEAD = (256, 32064) if SMOKE else (4096, 128256)
 
 # launches: the checks use the first few of each list, the sweep all of them
@@ -245,6 +248,22 @@ def check_chain() -> None:
     PDL_OK = diff == 0 and not any("pdl=True" in name for name in FAILED)   # else the sweep leaves PDL out
 
 
+def _with_prologue(name: str, x: torch.Tensor, w4: list, config: GemvConfig):
+    """fn(i): the one-row launch of `config` on copy i with the prologue the model folds into
+    this projection (SiLU-and-mul on [gate | up] for down, RMSNorm with the residual add for
+    qkv and gate_up, none for o), so the sweep pays what the decode step pays."""
+    from pagedserve.layers.quantization import triton_w4a16 as t
+    k = x.shape[1]
+    if PROLOGUES[name] == SILU_AND_MUL:
+        gate_up = torch.randn(1, 2 * k, device=DEVICE, dtype=x.dtype)
+        return lambda i: t.w4a16_gemv(gate_up[:, :k], *w4[i], 128, config, prologue=SILU_AND_MUL)
+    if PROLOGUES[name] == t.RMS_NORM_RESIDUAL:
+        residual, h = torch.randn_like(x), torch.empty_like(x)
+        norm = (torch.rand(k, device=DEVICE, dtype=x.dtype) + 0.5, 1e-5, residual, h)
+        return lambda i: t.w4a16_gemv(x, *w4[i], 128, config, prologue=t.RMS_NORM_RESIDUAL, norm=norm)
+    return lambda i: t.w4a16_gemv(x, *w4[i], 128, config)
+
+
 def _copies(nbytes: int) -> int:
     """How many copies of a weight of `nbytes` to rotate through so that the calls read HBM, as
     a model's layers do (each layer its own weights), not L2: 4x the L2 cache in all."""
@@ -334,7 +353,11 @@ def sweep() -> None:
                 launches += [(c, lambda i, c=c: w4a16_gemm(x, *w4[i], 128, c)) for c in GEMM]
             else:
                 configs = FMA + (FMA_PDL if PDL_OK else []) if m == 1 else FMA[:1] + FMA[3:4] + DOT if m <= 4 else DOT
-                launches = [(c, lambda i, c=c: w4a16_gemv(x, *w4[i], 128, c)) for c in configs]
+                if m == 1:   # one row as the model runs it: with the projection's prologue
+                    configs = [c for c in configs if c.fixup or PROLOGUES[name] == SILU_AND_MUL]
+                    launches = [(c, _with_prologue(name, x, w4, c)) for c in configs]
+                else:
+                    launches = [(c, lambda i, c=c: w4a16_gemv(x, *w4[i], 128, c)) for c in configs]
                 launches += [(c, lambda i, c=c: w4a16_gemm(x, *w4[i], 128, c)) for c in FEW if m > 1]
             for what, fn in launches:
                 label = what if isinstance(what, str) else _name(what)
