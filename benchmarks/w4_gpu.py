@@ -4,9 +4,8 @@ calls on one warm machine, so that each carries half of the default model for `p
 
   kernels   (<= 170 s) exactness first (`CHECK` lines): the one-row FMA GEMV (denormal
                        nibbles; in-kernel split-K fix-up or the sum kernel; 16 or 8 words per
-                       K block; its SiLU-and-mul and RMSNorm prologues; as a programmatic
-                       dependent launch, alone and in a chain of three in a CUDA graph, bit for
-                       bit), the tl.dot GEMV and the one-load-per-word GEMM (scales on the
+                       K block; its SiLU-and-mul and RMSNorm prologues), the tl.dot GEMV
+                       and the one-load-per-word GEMM (scales on the
                        block sums or on the weights) against the torch dequantized reference on
                        llama-8b's shapes (qkv 4096->6144, o 4096->4096, gate_up 4096->28672,
                        down 14336->4096), bf16 (fp16 and asymmetric zeros on some), M = 1..256.
@@ -14,11 +13,13 @@ calls on one warm machine, so that each carries half of the default model for `p
                        call on its own copy of the weights, 4x the L2 cache in all, so that they
                        come from HBM as in the model; the int4 weight + scale/zero stream in
                        TB/s, against the bf16 Triton gemv / cuBLAS on rotated copies too), in
-                       the order M = 1 (GEMV launches, with and without PDL), 256, 512, 64 (GEMM
+                       the order M = 1 (GEMV launches, each projection with the prologue
+                       the decode step folds into it), 256, 512, 64 (GEMM
                        launches against dequantize + cuBLAS and the generic GEMM; `DEQUANT`: the
                        two dequantization kernels alone), 4, 16 (GEMV launches and the GEMM with
-                       split K); the bf16 LM head at M = 1; `FLOOR` estimates the b1 step's
-                       linears. The best launch per (M bucket, K, N) goes to w4_tuned.json
+                       split K); torch's tinygemm on the same weights at 1-64 rows
+                       (`TINYGEMM`, a reference); the bf16 LM head at M = 1; `FLOOR`
+                       estimates the b1 step's linears. The best launch per (M bucket, K, N) goes to w4_tuned.json
                        (`TUNED`; /tmp/w4_gpu_tuned.json for part b, a copy under $OUT),
                        rewritten as it goes.
   e2e_w4a16 (<= 75 s)  llama-8b dummy W4A16 (compressed-tensors, symmetric, group 128, LM head
@@ -73,25 +74,8 @@ FMA = ([GemvConfig(block_n=64, num_warps=1), GemvConfig(block_n=32, words=8, fix
        [GemvConfig(), GemvConfig(programs_per_sm=2), GemvConfig(programs_per_sm=8),
         GemvConfig(block_n=256, num_warps=2), GemvConfig(block_n=256, num_warps=2, words=8),
         GemvConfig(words=8), GemvConfig(block_n=1024, num_warps=8), GemvConfig(fixup=False),
-        GemvConfig(num_stages=2), GemvConfig(block_n=128, num_warps=1)])
-# the same FMA launches as programmatic dependent launches (their first words prefetched to L2
-# while the kernel before ends), and a few more programs per SM
-FMA_PDL = ([GemvConfig(block_n=64, num_warps=1, words=8)] if SMOKE else
-           [GemvConfig(block_n=256, num_warps=2, words=8, pdl=True), GemvConfig(words=8, pdl=True),
-            GemvConfig(block_n=128, num_warps=1, pdl=True), GemvConfig(block_n=256, num_warps=2, pdl=True),
-            GemvConfig(block_n=128, num_warps=1, words=8, pdl=True),
-            GemvConfig(block_n=256, num_warps=2, words=8, programs_per_sm=8, pdl=True),
-            GemvConfig(block_n=256, num_warps=2, words=8, pdl=True, prefetch=0),   # the launch overlap alone
-            GemvConfig(words=8, pdl=True, prefetch=4),
-            GemvConfig(block_n=128, num_warps=1, words=8), GemvConfig(block_n=256, num_warps=2, words=8, programs_per_sm=8),
-            # fewer programs, each a longer K range behind a deeper cp.async pipeline (at 4 per SM
-            # a program runs ~3 K blocks: its loads all in flight, then all its FMAs); no staging
-            GemvConfig(block_n=256, num_warps=2, words=8, programs_per_sm=2, num_stages=4),
-            GemvConfig(block_n=256, num_warps=2, words=8, programs_per_sm=1, num_stages=5),
-            GemvConfig(words=8, programs_per_sm=2, num_stages=4),
-            GemvConfig(block_n=256, num_warps=2, words=8, num_stages=1),
-            GemvConfig(block_n=256, num_warps=2, words=8, programs_per_sm=2, num_stages=4, pdl=True),
-            GemvConfig(words=8, programs_per_sm=2, num_stages=4, pdl=True)])
+        GemvConfig(num_stages=2), GemvConfig(block_n=128, num_warps=1),
+        GemvConfig(block_n=128, num_warps=1, words=8), GemvConfig(block_n=256, num_warps=2, words=8, num_stages=1)])
 DOT = ([GemvConfig(block_n=32, dot=True)] if SMOKE else
        [GemvConfig(block_n=128, dot=True), GemvConfig(block_n=64, dot=True),
         GemvConfig(block_n=128, num_warps=8, dot=True)])
@@ -134,7 +118,7 @@ def check_kernels() -> None:
                     continue   # fp16 and asymmetric zeros on half the shapes
                 qweight, scales, zeros = _weights(k, n, dtype, symmetric)
                 weight = dequantize_int4(qweight, scales, zeros, 128, None, dtype).float()
-                cases = [(m, c) for m in (1, 3) for c in FMA[:4 if not SMOKE else 2] + FMA_PDL[:3 if not SMOKE else 1]]
+                cases = [(m, c) for m in (1, 3) for c in FMA[:4 if not SMOKE else 2]]
                 cases += [(m, c) for m in (4, 16) for c in DOT[:1] + FEW[:1]]
                 cases += [(m, c) for m in (64, 100, 256) for c in GEMM[:2] + GEMM[-1:]]
                 if dtype == torch.float16 and not SMOKE:   # fewer compilations: one launch per kernel
@@ -186,66 +170,11 @@ def check_kernels() -> None:
                 FAILED.append("w4 fma rms_norm prologue: x + residual")
     triton_w4a16.TUNED.pop((1, k, n))
     triton_w4a16.TUNED.update(saved)
-    global PDL_OK
-    try:
-        check_chain()
-    except Exception as exc:   # PDL then stays out of the sweep
-        _report("w4 fma pdl chain in a graph", float("inf"), 0.5, error=f"{type(exc).__name__}: {exc}"[:300])
-        PDL_OK = False
     # split-K's in-kernel fix-up resets its counters: the same call twice gives the same bits
     qweight, scales, zeros = _weights(4096 if not SMOKE else 256, 512, torch.float16, True)
     x = torch.randn(1, qweight.shape[0] * 8, device=DEVICE, dtype=torch.float16)
     first = w4a16_gemv(x, qweight, scales, zeros, 128, FMA[0])
     _report("w4 fma fix-up repeatable", float((w4a16_gemv(x, qweight, scales, zeros, 128, FMA[0]) != first).sum()), 0.5)
-
-
-PDL_OK = True
-
-
-def check_chain() -> None:
-    """Programmatic dependent launches in a chain, as in the model (each GEMV's x the output
-    of the one before, its weights prefetched while that one runs): a CUDA graph of three
-    PDL launches (norm prologue with the residual, plain, SiLU-and-mul) replayed twice, bit
-    for bit against the same launches without PDL, run eagerly."""
-    from pagedserve.layers.quantization import triton_w4a16 as t
-    k, n = (256, 512) if SMOKE else (4096, 8192)   # [1, n] = [gate | up] of K = n / 2 for the last
-    dtype = torch.float16 if SMOKE else torch.bfloat16
-    w1, w2, w3 = (_weights(*shape, dtype, True, seed) for seed, shape in enumerate(((k, k), (k, n), (n // 2, k))))
-    x, residual = (torch.randn(1, k, device=DEVICE, dtype=dtype) for _ in range(2))
-    norm_weight = torch.rand(k, device=DEVICE, dtype=dtype) + 0.5
-
-    def chain(pdl: bool):
-        config = GemvConfig(block_n=64 if SMOKE else 256, num_warps=1 if SMOKE else 2, words=8, pdl=pdl)
-        for shape in shapes:
-            t.TUNED[shape] = config
-        h = torch.empty_like(x)
-        a = t.w4a16_gemv(x, *w1, 128, config, prologue=t.RMS_NORM_RESIDUAL, norm=(norm_weight, 1e-5, residual, h))
-        b = t.w4a16_gemv(a, *w2, 128, config)
-        return h, t.w4a16_silu_and_mul_gemv(b, *w3, 128, None)
-
-    shapes = ((1, k, k), (1, k, n), (1, n // 2, k))
-    saved = {shape: t.TUNED[shape] for shape in shapes if shape in t.TUNED}
-    try:
-        ref = chain(False)
-        if SMOKE:
-            outs = chain(False)
-        else:
-            chain(True)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                outs = chain(True)
-            graph.replay()
-            graph.replay()
-            torch.cuda.synchronize()
-    finally:
-        for shape in shapes:
-            t.TUNED.pop(shape, None)
-        t.TUNED.update(saved)
-    diff = sum(float((o != r).sum()) for o, r in zip(outs, ref))
-    _report("w4 fma pdl chain in a graph, bitwise vs eager without pdl", diff, 0.5)
-    global PDL_OK
-    PDL_OK = diff == 0 and not any("pdl=True" in name for name in FAILED)   # else the sweep leaves PDL out
 
 
 def _with_prologue(name: str, x: torch.Tensor, w4: list, config: GemvConfig):
@@ -352,7 +281,7 @@ def sweep() -> None:
                             for path in ("dequant", "gemm")]
                 launches += [(c, lambda i, c=c: w4a16_gemm(x, *w4[i], 128, c)) for c in GEMM]
             else:
-                configs = FMA + (FMA_PDL if PDL_OK else []) if m == 1 else FMA[:1] + FMA[3:4] + DOT if m <= 4 else DOT
+                configs = FMA if m == 1 else FMA[:1] + FMA[3:4] + DOT if m <= 4 else DOT
                 if m == 1:   # one row as the model runs it: with the projection's prologue
                     configs = [c for c in configs if c.fixup or PROLOGUES[name] == SILU_AND_MUL]
                     launches = [(c, _with_prologue(name, x, w4, c)) for c in configs]
@@ -436,58 +365,16 @@ def load_tuned() -> None:
 def e2e(variant: str) -> None:
     if variant == "w4a16":
         load_tuned()
-    from benchmarks.quant_gpu import make_model_dir
     if SMOKE:
         shape = dict(hidden_size=256, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, tie_word_embeddings=False)
-        llm = run_timing(variant, 2, shape=shape, decode_tokens=8, device="cpu", max_model_len=1100, max_num_seqs=4)
-        if variant == "w4a16":   # the check's code path (PDL is CUDA's: on CPU the flag does nothing)
-            from pagedserve.layers.quantization import triton_w4a16
-            triton_w4a16.TUNED[(1, 256, 384)] = GemvConfig(block_n=64, num_warps=1, pdl=True)
-            pdl_ids_check(llm, make_model_dir(variant, shape, 32064), device="cpu")
+        run_timing(variant, 2, shape=shape, decode_tokens=8, device="cpu", max_model_len=1100, max_num_seqs=4)
         return
     llm = run_timing(variant, 512)
     try:
         decode_profile(variant, llm)
     except Exception as exc:   # the figures above stand without it
         emit("PROFILE", variant=variant, error=f"{type(exc).__name__}: {exc}"[:300])
-    if variant == "w4a16":
-        try:
-            pdl_ids_check(llm, make_model_dir(variant))
-        except Exception as exc:
-            emit("PDL_IDS", error=f"{type(exc).__name__}: {exc}"[:300])
-
-
-def pdl_ids_check(llm, directory: str, **engine_kwargs) -> None:
-    """64 greedy ids of one request through the tuned launches (CUDA graphs, PDL where the
-    sweep chose it) against a second engine on the same dummy weights (seeded per parameter),
-    eager, every PDL launch off: equal ids say the dependent launches change nothing in the
-    model (the kernel check only chains three GEMVs); a difference there may also be graphs
-    against eager, so it is reported, not counted as a failed check."""
-    import gc
-
-    from pagedserve import LLM, SamplingParams
-    from pagedserve.layers.quantization import triton_w4a16
-    pdl = sorted(str(key) for key, config in triton_w4a16.TUNED.items() if config.pdl)
-    if not pdl:
-        emit("PDL_IDS", note="no PDL launch tuned: nothing to compare")
-        return
-    prompt = {"prompt_token_ids": list(range(300, 364))}
-    params = SamplingParams(max_tokens=64, ignore_eos=True, temperature=0.0, detokenize=False)
-    graphed = list(llm.generate([prompt], [params], use_tqdm=False)[0].outputs[0].token_ids)
-    llm.shutdown()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    for key, config in list(triton_w4a16.TUNED.items()):
-        triton_w4a16.TUNED[key] = dataclasses.replace(config, pdl=False)
-    eager = LLM(model=directory, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", seed=0,
-                enforce_eager=True, num_kv_blocks=64, max_model_len=512, **engine_kwargs)
-    plain = list(eager.generate([prompt], [params], use_tqdm=False)[0].outputs[0].token_ids)
-    eager.shutdown()
-    same = sum(a == b for a, b in zip(graphed, plain))
-    emit("PDL_IDS", pdl_launches=pdl, equal=same, of=len(graphed),
-         first_difference=next((i for i, (a, b) in enumerate(zip(graphed, plain)) if a != b), None))
 
 
 def decode_profile(variant: str, llm) -> None:

@@ -202,7 +202,6 @@ def compile_sm90(kernel, constants, num_warps=4, **options):
 
 fma = dict(GROUP_SIZE=128, BLOCK_N=256, WORDS=8, EVEN_N=True, SPLIT=True, PROLOGUE=3, NUM_STAGES=3)
 variants = {
-    "fma pdl": (t._w4_gemv_fma_kernel, {**fma, "PDL": True, "PREFETCH": 2}, 2, {"launch_pdl": True}),
     "fma": (t._w4_gemv_fma_kernel, {**fma, "PROLOGUE": 1, "EVEN_N": False, "SPLIT": False}, 4, {}),
     "fma words16": (t._w4_gemv_fma_kernel, {**fma, "WORDS": 16, "BLOCK_N": 128, "PROLOGUE": 0}, 1, {}),
     "dot gemv": (t._w4_gemv_kernel, dict(GROUP_SIZE=128, BLOCK_M=16, BLOCK_N=128, IEEE=False, NUM_STAGES=3), 4, {}),
@@ -238,21 +237,7 @@ def sm90_ptx():
 def test_w4a16_kernels_compile_for_sm90(sm90_ptx):
     """The interpreter runs a kernel's Python, not Triton's compiler: what compiles is checked
     here (e.g. a jit helper's early return on a None argument ran on CPU and failed to compile)."""
-    assert len(sm90_ptx) == 9 and all(".entry" in ptx for ptx in sm90_ptx.values())
-
-
-def test_fma_gemv_pdl_waits_before_reading_x_or_storing(sm90_ptx):
-    """The FMA GEMV as a programmatic dependent launch: the dependents' launch allowed first,
-    L2 prefetches of its words, then griddepcontrol.wait before any other load (x, h, the
-    split-K partials) and before any store or atomic; no griddepcontrol without PDL."""
-    import re
-    lines = sm90_ptx["fma pdl"].splitlines()
-    first = {what: next(i for i, line in enumerate(lines) if re.search(pattern, line)) for what, pattern in (
-        ("trigger", r"griddepcontrol\.launch_dependents"), ("wait", r"griddepcontrol\.wait"),
-        ("prefetch", r"prefetch\.global\.L2"), ("load", r"\bld\.global|cp\.async"),
-        ("store", r"\bst\.global|\batom\.|\bred\.global"))}
-    assert first["trigger"] < first["prefetch"] < first["wait"] < min(first["load"], first["store"])
-    assert "griddepcontrol" not in sm90_ptx["fma"]
+    assert len(sm90_ptx) == 8 and all(".entry" in ptx for ptx in sm90_ptx.values())
 
 
 @pytest.mark.parametrize("magnitude", [1e-12, 1e-6, 3e4, 1e9])

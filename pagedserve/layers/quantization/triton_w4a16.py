@@ -30,7 +30,6 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from pagedserve.layers.triton_ops import _LIBDEVICE, silu_mul
 
@@ -179,13 +178,6 @@ def _x_nibbles(x_ptr, row, col, up, res_ptr, res_out_ptr, nw_ptr, res_limit, WOR
 
 
 @triton.jit
-def _prefetch_l2(ptrs):
-    """prefetch.global.L2 of every address in `ptrs` (no registers held, nothing returned)."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
 def _nibble(word, j: tl.constexpr):
     """Bits 4j..4j+3 of `word` left in place (j <= 4: below fp32's exponent), read as a float:
     q * 2**(4j - 149), a denormal (exact: FFMA keeps fp32 denormals unless told to flush)."""
@@ -197,7 +189,7 @@ def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLO
                         stride_xm, stride_qk, stride_sg, stride_ym, up, res_ptr, res_out_ptr, nw_ptr, q_ptr, eps,
                         GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
                         EVEN_N: tl.constexpr, SPLIT: tl.constexpr, PROLOGUE: tl.constexpr,
-                        NUM_STAGES: tl.constexpr, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 2):
+                        NUM_STAGES: tl.constexpr):
     """One row of x per program (M = pid 2) @ W over BLOCK_N columns and a range of K blocks
     of 8 * WORDS rows (inside one group). Meant for BLOCK_N >= 4 * 32 * num_warps: threads
     and warps then lie along N, each thread holds all WORDS words of its columns, loads a
@@ -215,12 +207,7 @@ def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLO
     PROLOGUE (see _x_nibbles): 1 silu(gate) * up; 2, 3 RMSNorm (with the residual add, h
     written out by the programs of the first N block): the block sums see h * norm weight,
     the row's rsqrt(mean(h^2) + eps) scales the sum at the end (the squares of a split's K
-    range summed in q_ptr [splits, M] when split: then only with SPLIT).
-    PDL (launched as a programmatic dependent launch, sm_90+): the weights do not depend on
-    the kernel before, so the first PREFETCH K blocks of this program's words (and their
-    scales / zeros) are asked of L2 while that kernel finishes; then gdc_wait, after which
-    come x, the split-K buffers and every store. The kernel after may launch as soon as all of
-    this one's programs run (gdc_launch_dependents first thing)."""
+    range summed in q_ptr [splits, M] when split: then only with SPLIT)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -229,18 +216,6 @@ def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLO
     n_valid = offs_n < N
     b_begin = pid_k * BLOCKS_PER_SPLIT
     b_end = tl.minimum(b_begin + BLOCKS_PER_SPLIT, K_BLOCKS)
-    if PDL:
-        gdc_launch_dependents()
-        lines = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 32) * 32   # one int32 address per 128-byte line
-        for p in tl.static_range(PREFETCH):
-            b = tl.minimum(b_begin + p, b_end - 1)
-            _prefetch_l2(qw_ptr + (b * WORDS + offs_r)[:, None].to(tl.int64) * stride_qk
-                         + tl.minimum(lines, N - 1)[None, :])
-            group = (b * WORDS * 8) // GROUP_SIZE
-            halves = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 64) * 64   # 16-bit scales / zeros
-            _prefetch_l2(s_ptr + group * stride_sg + tl.minimum(halves, N - 1))
-            _prefetch_l2(z_ptr + group * stride_sg + tl.minimum(halves, N - 1))
-        gdc_wait()
     x_row = pid_m.to(tl.int64) * stride_xm
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     squares = 0.0
@@ -482,8 +457,6 @@ class GemvConfig:
     block_m: int = 16   # rows per program of the tl.dot launch (>= 16)
     words: int = 16     # packed rows per K block of the FMA launch (16: 128 rows of K)
     fixup: bool = True
-    pdl: bool = False   # FMA on CUDA: a programmatic dependent launch, its first words prefetched
-    prefetch: int = 2   # with pdl: K blocks of each program asked of L2 before waiting
 
 
 FMA_GEMV = GemvConfig()
@@ -649,14 +622,9 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         k_blocks, x.stride(0), qweight.stride(0), scales.stride(0), n, k if prologue == SILU_AND_MUL else 0,
         qweight if residual is None else residual, qweight if h is None else h, norm_weight, squares, eps,
         GROUP_SIZE=group_size, BLOCK_N=config.block_n, WORDS=config.words, EVEN_N=n % config.block_n == 0,
-        SPLIT=counters is not None, PROLOGUE=prologue, NUM_STAGES=config.num_stages, num_warps=config.num_warps,
-        **_pdl(config.pdl and x.is_cuda, config.prefetch))
+        SPLIT=counters is not None, PROLOGUE=prologue, NUM_STAGES=config.num_stages, num_warps=config.num_warps)
     return _sum_splits(partials, x.dtype) if counters is None else y
 
-
-def _pdl(on: bool, prefetch: int) -> dict:
-    """The FMA GEMV's launch arguments for a programmatic dependent launch (none when off)."""
-    return dict(PDL=True, PREFETCH=prefetch, launch_pdl=True) if on else {}
 
 
 def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
