@@ -462,13 +462,15 @@ class GemvConfig:
 FMA_GEMV = GemvConfig()
 DOT_GEMV = GemvConfig(block_n=128, dot=True)
 # (rows bucket, K, N) -> the measured best launch: benchmarks/w4_gpu.py's sweep on an H200
-# (llama-8b's qkv / o / gate_up / down, bf16, group 128; benchmarks/QUANT.md): one row from
-# 2026-12-01 02:56 UTC (gpu/2026-12-01-h200-w4q), 4 and 16 rows from 2026-11-30.
+# (llama-8b's qkv / o / gate_up / down, bf16, group 128; benchmarks/QUANT.md), one row as the
+# decode step ran it (gpu/2026-12-01-h200-w4r: qkv 10.3 us with its RMSNorm prologue, o 8.9,
+# gate_up 28.7; down from 02:56's run, gpu/2026-12-01-h200-w4q: the 1-warp launch took 79 us
+# with the SiLU prologue), 4 and 16 rows from 2026-11-30.
 # Buckets of more than GEMV_MAX_ROWS rows are used only where the sweep found this kernel
 # faster than the GEMM / dequantize paths (there it did not).
 TUNED: dict[tuple[int, int, int], GemvConfig] = {
-    (1, 4096, 6144): GemvConfig(block_n=256, num_warps=2, words=8),
-    (1, 4096, 4096): GemvConfig(block_n=128, num_warps=1),
+    (1, 4096, 6144): GemvConfig(block_n=128, num_warps=1, words=8),
+    (1, 4096, 4096): GemvConfig(block_n=128, num_warps=1, words=8),
     (1, 4096, 28672): GemvConfig(words=8),
     (1, 14336, 4096): GemvConfig(block_n=256, num_warps=2, words=8),
     (4, 4096, 6144): GemvConfig(block_n=128, dot=True),
@@ -495,12 +497,13 @@ class GemmConfig:
 
 
 # (rows bucket, K, N) -> _w4_gemm_kernel's launch where benchmarks/w4_gpu.py's sweep found it
-# faster than the generic GEMM and dequantize + cuBLAS paths (H200, 2026-12-01 02:56 UTC).
+# faster than the generic GEMM and dequantize + cuBLAS paths (H200, gpu/2026-12-01-h200-w4r;
+# 256 and 512 rows: dequantize + cuBLAS everywhere).
 GEMM_TUNED: dict[tuple[int, int, int], GemmConfig] = {
     (64, 4096, 6144): GemmConfig(64, 128, 4, 3, programs_per_sm=2),
     (64, 4096, 4096): GemmConfig(64, 128, 4, 3, programs_per_sm=2),
-    (64, 4096, 28672): GemmConfig(64, 64, 4, 4),
-    (64, 14336, 4096): GemmConfig(64, 128, 4, 3, programs_per_sm=2),
+    (64, 4096, 28672): GemmConfig(64, 128, 4, 3, scale_w=True),
+    (64, 14336, 4096): GemmConfig(64, 64, 4, 4, programs_per_sm=2, scale_w=True),
 }
 
 
