@@ -298,21 +298,20 @@ def test_a_deferred_fill_that_raises_fails_its_request_alone(checkpoint, monkeyp
     """Async scheduling, the deferred fill raises: the step is sampled unmasked and dropped,
     the constrained request fails (recomputed alone first), and the plain request beside it
     finishes with the ids it has alone; the engine serves on."""
-    from pagedserve.core import structured_output
+    from pagedserve.core.grammar_process import GrammarProcess, GrammarProcessError
 
-    class Broken:
-        def batch_fill_next_token_bitmask(self, *args):
-            raise RuntimeError("fill broke")
+    def broken(self, timeout=0.0):
+        raise GrammarProcessError("fill broke")
 
     llm = LLM(model=checkpoint, device="cpu", dtype="float32", max_model_len=128, block_size=16,
               num_kv_blocks=64, async_scheduling=True)
     prompt = {"prompt_token_ids": random_prompts(1, VOCAB, 12, 13, seed=3)[0]}
     plain = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     alone = _gen(llm, [prompt], plain)[0].outputs[0].token_ids
-    monkeypatch.setattr(structured_output, "_batch_matcher", Broken)
+    monkeypatch.setattr(GrammarProcess, "wait", broken)
     constrained = SamplingParams(max_tokens=12, temperature=0.0, structured_outputs=StructuredOutputsParams(regex="[a-z]+"))
     failed, ok = _gen(llm, ["Word:", prompt], [constrained, plain])
-    assert failed.error == "RuntimeError: fill broke" and failed.outputs[0].finish_reason == "abort"
+    assert failed.error == "GrammarProcessError: fill broke" and failed.outputs[0].finish_reason == "abort"
     assert ok.error is None and ok.outputs[0].token_ids == alone
     monkeypatch.undo()
     assert re.fullmatch("[a-z]+", _gen(llm, ["Word:"], constrained)[0].outputs[0].text)
