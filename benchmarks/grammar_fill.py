@@ -15,8 +15,9 @@ schema at staggered positions (the default model's tokenizer, 49,152 tokens):
   in-engine path); `process_roundtrip_us`: post, then wait at once (the process's whole
   step plus the hand-off); `process_engine_us`: the engine thread's cost when it does
   `python_work_us` of Python between the post and the wait (post + work + wait - work):
-  what a host-bound engine step would pay. The masks are checked against in-engine
-  matchers fed the same tokens.
+  what a host-bound engine step would pay; `process_handoff_us`: post + wait when the
+  process has already answered (the engine thread's floor, meaningful on a loaded machine
+  too). The masks are checked against in-engine matchers fed the same tokens.
 
     python benchmarks/grammar_fill.py [--rows 64] [--threads 2,4,8] [--tokenizer DIR]
 
@@ -200,7 +201,7 @@ def _process_step(args, grammar, ids: list[int], rows, work: int) -> dict:
 
         fills = list(range(n))
         checked = 0
-        times = {"step_inline_us": [], "process_roundtrip_us": [], "process_engine_us": []}
+        times = {"step_inline_us": [], "process_roundtrip_us": [], "process_engine_us": [], "process_handoff_us": []}
         for step in range(args.repeats):
             slots, tokens = advance()
             start = time.perf_counter()   # in-engine: accept (row by row) + one batch fill
@@ -227,10 +228,24 @@ def _process_step(args, grammar, ids: list[int], rows, work: int) -> dict:
             times["process_engine_us"].append((end - middle) + (middle - start) - _python_seconds[0])
             batch.batch_fill_next_token_bitmask(mirror, buffer)
             assert accepted.all() and torch.equal(mask, buffer[:n]), step
+            slots, tokens = advance()   # the hand-off alone: the answer is there when asked for
+            for slot, token in zip(slots, tokens):
+                mirror[slot].accept_token(token)
+            start = time.perf_counter()
+            process.post(slots, tokens, fills)
+            posted = time.perf_counter()
+            while process.layout.header[1] != process._posted:   # DONE
+                time.sleep(0.001)
+            start_wait = time.perf_counter()
+            mask, accepted = process.wait()
+            times["process_handoff_us"].append(time.perf_counter() - start_wait + posted - start)
+            batch.batch_fill_next_token_bitmask(mirror, buffer)
+            assert accepted.all() and torch.equal(mask, buffer[:n]), step
+            checked += 1
         out = {key: min(values) * 1e6 for key, values in times.items()}
         out.update({key.replace("_us", "_median_us"): sorted(values)[len(values) // 2] * 1e6
                     for key, values in times.items()})
-        out["process_masks_checked"] = checked * 2
+        out["process_masks_checked"] = checked + args.repeats
         return out
     finally:
         process.shutdown()
