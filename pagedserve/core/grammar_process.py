@@ -243,7 +243,7 @@ def _loop(shm, cap: int, width: int, info_path: str, parent_pid: int, torch, xgr
     mask = torch.from_numpy(layout.mask)
     info = xgrammar.TokenizerInfo.deserialize_json(_read_payload(info_path).decode())
     grammars: dict[int, Any] = {}
-    matchers: list[Any] = [None] * cap
+    matchers: dict[int, Any] = {}   # slot -> matcher (slots may outnumber a step's rows: preempted ones keep theirs)
     batch = xgrammar.BatchGrammarMatcher(max_threads=1)
     stdin = sys.stdin.buffer
     seen = 0
@@ -256,7 +256,7 @@ def _loop(shm, cap: int, width: int, info_path: str, parent_pid: int, torch, xgr
                 return
             accept_slot, accept_token, accepted = layout.accept_slot, layout.accept_token, layout.accepted
             for i in range(int(header[NUM_ACCEPT])):
-                matcher = matchers[accept_slot[i]]
+                matcher = matchers.get(int(accept_slot[i]))
                 accepted[i] = matcher is not None and matcher.accept_token(int(accept_token[i]))
             if header[NUM_MESSAGES]:
                 size = int.from_bytes(stdin.read(4), "little")
@@ -264,7 +264,7 @@ def _loop(shm, cap: int, width: int, info_path: str, parent_pid: int, torch, xgr
             fill_matchers, indices = [], []
             for row in range(int(header[NUM_FILL])):
                 slot = int(layout.fill_slot[row])
-                matcher = matchers[slot] if slot >= 0 else None
+                matcher = matchers.get(slot)
                 if matcher is None or matcher.is_terminated():
                     mask[row].fill_(-1)
                 else:
@@ -296,7 +296,7 @@ def _spin(header: Any, seen: int, parent_pid: int) -> bool:
     return True
 
 
-def _apply(messages: list[tuple], grammars: dict[int, Any], matchers: list[Any], info: Any, xgrammar) -> None:
+def _apply(messages: list[tuple], grammars: dict[int, Any], matchers: dict[int, Any], info: Any, xgrammar) -> None:
     for message in messages:
         kind = message[0]
         if kind == "file":
@@ -308,7 +308,7 @@ def _apply(messages: list[tuple], grammars: dict[int, Any], matchers: list[Any],
         elif kind == "open":
             matchers[message[1]] = xgrammar.GrammarMatcher(grammars[message[2]])
         elif kind == "close":
-            matchers[message[1]] = None
+            matchers.pop(message[1], None)
 
 
 if __name__ == "__main__":

@@ -161,3 +161,58 @@ def test_the_frontend_hands_out_one_object_per_constraint(checkpoint):  # noqa: 
     b = compiler.compile(StructuredOutputsParams(json={"type": "object", "properties": {"x": {"type": "integer"}}}))
     c = compiler.compile(StructuredOutputsParams(regex="[a-z]+"))
     assert a is b and c is not a
+
+
+def test_more_slots_than_rows_and_accepts_beyond_a_step(checkpoint):  # noqa: F811
+    """ProcessGrammars with room for 2 rows a step: 5 live sequences (slots 0-4, as when
+    preempted ones keep theirs), 5 queued tokens posted in chunks; each mask equals the mask
+    of an in-engine matcher fed the same tokens, a finished row is all-allowed."""
+    import torch
+    import xgrammar
+    from transformers import AutoTokenizer
+
+    from pagedserve.core.structured_output import ProcessGrammars
+    from pagedserve.frontend.structured_output import GrammarCompiler
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    grammar = GrammarCompiler(tokenizer, VOCAB, (tokenizer.eos_token_id,)).compile(
+        StructuredOutputsParams(regex="(ab|cd)+"))
+
+    class Row:   # what ProcessGrammars reads from a Request
+        def __init__(self, i: int) -> None:
+            self.request_id, self.grammar, self.finished = str(i), grammar, False
+            self.reference = xgrammar.GrammarMatcher(grammar)
+
+        def is_finished(self) -> bool:
+            return self.finished
+
+    def expected(rows):
+        mask = xgrammar.allocate_token_bitmask(len(rows), VOCAB)
+        for i, row in enumerate(rows):
+            if row.finished:
+                mask[i].fill_(-1)
+            else:
+                row.reference.fill_next_token_bitmask(mask, i)
+        return mask
+
+    grammars = ProcessGrammars(max_rows=2)
+    rows = [Row(i) for i in range(5)]
+    try:
+        for pair in (rows[0:2], rows[2:4], rows[4:5]):   # opens slots 0..4, two rows a step at most
+            assert torch.equal(grammars.start_fill(pair).result(), expected(pair))
+        tokens = tokenizer.encode("ab", add_special_tokens=False)
+        for row in rows:   # five tokens queued: more than a step's rows
+            for token in tokens:
+                assert grammars.accept(row, token) == (True, False)
+                assert row.reference.accept_token(token)
+        rows[1].finished = True
+        pending = grammars.start_fill([rows[4], rows[1]])
+        assert torch.equal(pending.result(), expected([rows[4], rows[1]])) and pending.failed == []
+        assert grammars.accept(rows[4], tokenizer.eos_token_id) == (True, True)   # a stop token ends it at once
+        refused = tokenizer.encode("z", add_special_tokens=False)[0]
+        grammars.accept(rows[3], refused)   # learned at the next result
+        pending = grammars.start_fill([rows[3]])
+        assert torch.equal(pending.result(), expected([rows[3]]))
+        assert pending.failed == [(rows[3], f"sampled token {refused} does not match the request's "
+                                            "structured_outputs grammar")]
+    finally:
+        grammars.shutdown()
