@@ -16,7 +16,7 @@ import pytest
 
 from pagedserve import LLM, SamplingParams, StructuredOutputsParams
 from tests.helpers import random_prompts
-from tests.unit.test_structured_output import VOCAB, checkpoint  # noqa: F401  (the fixture)
+from tests.unit.test_structured_output import VOCAB, checkpoint, reference_bitmask  # noqa: F401  (the fixture)
 
 
 def _llm(path: str, async_scheduling: bool = True) -> LLM:
@@ -180,38 +180,29 @@ def test_more_slots_than_rows_and_accepts_beyond_a_step(checkpoint):  # noqa: F8
     class Row:   # what ProcessGrammars reads from a Request
         def __init__(self, i: int) -> None:
             self.request_id, self.grammar, self.finished = str(i), grammar, False
-            self.reference = xgrammar.GrammarMatcher(grammar)
+            self.grammar_matcher = xgrammar.GrammarMatcher(grammar)   # the in-engine reference
 
         def is_finished(self) -> bool:
             return self.finished
-
-    def expected(rows):
-        mask = xgrammar.allocate_token_bitmask(len(rows), VOCAB)
-        for i, row in enumerate(rows):
-            if row.finished:
-                mask[i].fill_(-1)
-            else:
-                row.reference.fill_next_token_bitmask(mask, i)
-        return mask
 
     grammars = ProcessGrammars(max_rows=2)
     rows = [Row(i) for i in range(5)]
     try:
         for pair in (rows[0:2], rows[2:4], rows[4:5]):   # opens slots 0..4, two rows a step at most
-            assert torch.equal(grammars.start_fill(pair).result(), expected(pair))
+            assert torch.equal(grammars.start_fill(pair).result(), reference_bitmask(pair))
         tokens = tokenizer.encode("ab", add_special_tokens=False)
         for row in rows:   # five tokens queued: more than a step's rows
             for token in tokens:
                 assert grammars.accept(row, token) == (True, False)
-                assert row.reference.accept_token(token)
+                assert row.grammar_matcher.accept_token(token)
         rows[1].finished = True
         pending = grammars.start_fill([rows[4], rows[1]])
-        assert torch.equal(pending.result(), expected([rows[4], rows[1]])) and pending.failed == []
+        assert torch.equal(pending.result(), reference_bitmask([rows[4], rows[1]])) and pending.failed == []
         assert grammars.accept(rows[4], tokenizer.eos_token_id) == (True, True)   # a stop token ends it at once
         refused = tokenizer.encode("z", add_special_tokens=False)[0]
         grammars.accept(rows[3], refused)   # learned at the next result
         pending = grammars.start_fill([rows[3]])
-        assert torch.equal(pending.result(), expected([rows[3]]))
+        assert torch.equal(pending.result(), reference_bitmask([rows[3]]))
         assert pending.failed == [(rows[3], f"sampled token {refused} does not match the request's "
                                             "structured_outputs grammar")]
     finally:

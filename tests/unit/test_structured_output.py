@@ -269,8 +269,6 @@ def test_batched_fill_equals_the_row_by_row_one(checkpoint):
     """fill_bitmask (one xgrammar batch call) gives, bit for bit, what each matcher's own
     fill_next_token_bitmask gives, for rows at staggered states; a finished request's row
     (its matcher may have terminated: xgrammar refuses to fill those) is all-allowed."""
-    import xgrammar
-
     from pagedserve.core import structured_output
     tokenizer, grammar = _json_grammar(checkpoint)
     ids = tokenizer.encode('{"name": "Ada L", "n": -42, "tags": ["bb", "a"]}', add_special_tokens=False)
@@ -281,17 +279,25 @@ def test_batched_fill_equals_the_row_by_row_one(checkpoint):
     rows[-1] = _Row(grammar, finished=True)   # terminated: the whole object, then the stop token
     assert all(rows[-1].grammar_matcher.accept_token(t) for t in ids + [tokenizer.eos_token_id])
     assert rows[-1].grammar_matcher.is_terminated()
-    expected = xgrammar.allocate_token_bitmask(len(rows), VOCAB)
-    for i, row in enumerate(rows):
-        if row.finished:
-            expected[i].fill_(-1)
-        else:
-            row.grammar_matcher.fill_next_token_bitmask(expected, i)
+    expected = reference_bitmask(rows)
     buffer = structured_output.bitmask_buffer(rows)
     assert buffer.shape[0] >= 64
     buffer.fill_(7)   # stale content of a reused buffer must not leak
     filled = structured_output.fill_bitmask(rows, buffer)
     assert filled.shape == expected.shape and torch.equal(filled, expected)
+
+
+def reference_bitmask(rows) -> torch.Tensor:
+    """xgrammar's own fill, row by row, of rows with `grammar_matcher` and `finished`; a
+    finished row is all-allowed."""
+    import xgrammar
+    mask = xgrammar.allocate_token_bitmask(len(rows), VOCAB)
+    for i, row in enumerate(rows):
+        if row.finished:
+            mask[i].fill_(-1)
+        else:
+            row.grammar_matcher.fill_next_token_bitmask(mask, i)
+    return mask
 
 
 def test_a_deferred_fill_that_raises_fails_its_request_alone(checkpoint, monkeypatch):
