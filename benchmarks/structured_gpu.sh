@@ -2,8 +2,8 @@
 # Issue 20 on nvidia-h200 in one call (~150 s expected; the timeouts bound it at 290 s): the grammar
 # fill / accept / grammar-process microbenchmark without a model, then the 64-request JSON-schema
 # overhead on a llama-1b and a llama-8b shape (random weights, the default model's tokenizer:
-# .devcarry/smolbench and .devcarry/smolbench8b), each schema run in two variants (process: accept +
-# fill in the grammar process, the engine's default under async scheduling; inline: in-engine
+# .devcarry/smolbench and .devcarry/smolbench8b), each schema run in variants (process: accept +
+# fill in the grammar process, the default under async scheduling; process4 (1b only): its fill on 4 threads; inline: in-engine
 # matchers) against the plain run, in turns. Needs xgrammar and its py3.12 deps carried in .whl/.
 # Carry: .devcarry/smolbench .devcarry/smolbench8b .whl
 set -uo pipefail
@@ -44,7 +44,7 @@ if [[ " $SHAPES " == *" fill "* ]]; then
 fi
 if [[ " $SHAPES " == *" 1b "* ]]; then
   timeout 100 python3 benchmarks/structured_overhead.py --device cuda --dtype bfloat16 --model .devcarry/smolbench \
-    --load-format dummy --repeats 5 --profile $REGISTER 2>&1 | tee "$OUT/overhead_1b.txt" | grep -E "RESULT|Error|overhead"
+    --load-format dummy --repeats 5 --variants process,process4,inline --profile $REGISTER 2>&1 | tee "$OUT/overhead_1b.txt" | grep -E "RESULT|Error|overhead"
 fi
 if [[ " $SHAPES " == *" 8b "* ]]; then
   timeout 100 python3 benchmarks/structured_overhead.py --device cuda --dtype bfloat16 --model .devcarry/smolbench8b \

@@ -8,6 +8,7 @@ is wall time per generated token at equal work. The schema run includes grammar 
 Variants of the schema run (--variants, timed in turns with the plain run, best of --repeats):
   process the engine as is under async scheduling: accept and fill in the grammar process
           (core/grammar_process.py), the step sampled at the next engine call
+  process4  the same with a pool of 4 fill threads in the process (xgrammar's BatchGrammarMatcher)
   inline  the same engine with in-engine matchers (InlineGrammars): accept on the engine
           thread as tokens are applied, one xgrammar batch fill right before sampling
   rows    inline, the fill row by row (fill_next_token_bitmask per row: the fill before
@@ -66,7 +67,8 @@ def _fill_rows(requests, buffer):
     return bitmask
 
 
-FILLS = {"process": structured_output.fill_bitmask, "inline": structured_output.fill_bitmask, "rows": _fill_rows}
+FILLS = {"process": structured_output.fill_bitmask, "process4": structured_output.fill_bitmask,
+         "inline": structured_output.fill_bitmask, "rows": _fill_rows}
 
 
 def _tiny_model(tokenizer_dir: str) -> str:
@@ -117,15 +119,23 @@ def main() -> None:
                                 structured_outputs=StructuredOutputsParams(json=SCHEMA))
     llm.generate(prompts[:2], structured, use_tqdm=False)   # warm-up: compile, first-step costs, the process
     scheduler = llm.engine.core.scheduler
+    lockstep = getattr(scheduler.grammars, "process", None) is None   # in-engine at schedule time
     backends = {"process": scheduler.grammars, "inline": structured_output.InlineGrammars()}
     backends["rows"] = backends["inline"]
-    process = getattr(scheduler.grammars, "process", None)   # None in lockstep
-    waits = {}
+    if "process4" in variants and not lockstep:
+        backends["process4"] = structured_output.ProcessGrammars(scheduler.grammars.max_rows, fill_threads=4)
+        scheduler.grammars = backends["process4"]   # its warm-up (the process starts)
+        llm.generate(prompts[:2], structured, use_tqdm=False)
+        scheduler.grammars = backends["process"]
+    waits = {}   # variant -> (waits, seconds) of its last schema run
 
     def run(params, variant: str = "process") -> tuple[float, list]:
         structured_output.fill_bitmask = FILLS[variant]
-        if process is not None:
+        process = None if lockstep else getattr(backends[variant], "process", None)
+        before = None
+        if not lockstep:
             scheduler.grammars = backends[variant]
+        if process is not None:
             before = (process.waits, process.wait_seconds)
         try:
             start = time.perf_counter()
@@ -133,10 +143,12 @@ def main() -> None:
             return time.perf_counter() - start, outs
         finally:
             structured_output.fill_bitmask = FILLS["process"]
-            if process is not None:
+            if not lockstep:
                 scheduler.grammars = backends["process"]
-                if variant == "process" and isinstance(params, SamplingParams):   # the schema run
-                    waits[variant] = (process.waits - before[0], process.wait_seconds - before[1])
+            process = process or getattr(backends[variant], "process", None)   # started by this run
+            if process is not None and isinstance(params, SamplingParams):   # the schema run
+                waits[variant] = (process.waits - (before[0] if before else 0),
+                                  process.wait_seconds - (before[1] if before else 0.0))
 
     _, outs = run(structured)   # untimed: the token counts for the plain run, first-shape costs
     reference_ids = [o.outputs[0].token_ids for o in outs]
@@ -153,12 +165,11 @@ def main() -> None:
         "device": args.device, "dtype": args.dtype, "model": args.model or "default (SmolLM2-135M-Instruct)",
         "cpu_smoke": args.cpu_smoke, "num_requests": args.num_requests, "generated_tokens": tokens,
         "repeats": args.repeats, "plain_tok_s": round(tokens / best["plain"], 1), "variants": {},
-        "grammar_process": process is not None, "mask_registered": _mask_registered(llm),
+        "grammar_process": not lockstep, "mask_registered": _mask_registered(llm),
     }
-    if "process" in waits and waits["process"][0]:
-        count, seconds = waits["process"]
-        result["process_waits"] = count   # the last process run: engine-thread spin per wait
-        result["process_wait_us"] = round(seconds / count * 1e6, 1)
+    for variant, (count, seconds) in waits.items():   # the engine thread's spin per step, last run
+        if count and variant in variants:
+            result[f"{variant}_wait_us"] = round(seconds / count * 1e6, 1)
     for variant in variants:
         outs = last[variant]
         texts = [o.outputs[0].text for o in outs]
@@ -178,6 +189,9 @@ def main() -> None:
               f"overhead {figures['overhead_pct']:5.1f}%  ids_equal {figures['ids_equal']}  "
               f"json {figures['valid_json']}/{args.num_requests}  schema {figures['schema_valid']}  "
               f"{figures['finish_reasons']}", flush=True)
+    for backend in backends.values():
+        if backend is not scheduler.grammars:
+            backend.shutdown()
     if args.profile:
         import cProfile
         import pstats

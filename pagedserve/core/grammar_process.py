@@ -95,9 +95,10 @@ def _read_payload(path: str) -> bytes:
 
 class GrammarProcess:
     """The engine's side. Not thread-safe: one engine thread posts and waits. Capacity: `cap`
-    accepts and `cap` fill rows per step (the scheduler's max_num_seqs)."""
+    accepts and `cap` fill rows per step (the scheduler's max_num_seqs). `fill_threads`: the
+    process's xgrammar fill pool (1: one batch call on its own thread)."""
 
-    def __init__(self, tokenizer_info: Any, cap: int, width: int) -> None:
+    def __init__(self, tokenizer_info: Any, cap: int, width: int, fill_threads: int = 1) -> None:
         self.cap, self.width = cap, width
         self.shm = shared_memory.SharedMemory(create=True, size=_Layout.nbytes(cap, width))
         self.layout = _Layout(self.shm.buf, cap, width)
@@ -108,7 +109,7 @@ class GrammarProcess:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "pagedserve.core.grammar_process", self.shm.name, str(cap), str(width),
-             info_path, str(os.getpid())], stdin=subprocess.PIPE, env=env)
+             info_path, str(os.getpid()), str(fill_threads)], stdin=subprocess.PIPE, env=env)
         self._messages: list[tuple] = []
         self._posted = 0
         self.waits, self.wait_seconds = 0, 0.0   # what the engine thread spent in wait()
@@ -225,26 +226,26 @@ def _stop(popen: subprocess.Popen, shm: shared_memory.SharedMemory, header: Any)
 
 
 # ---- the process --------------------------------------------------------------------------
-def _serve(shm_name: str, cap: int, width: int, info_path: str, parent_pid: int) -> None:
+def _serve(shm_name: str, cap: int, width: int, info_path: str, parent_pid: int, fill_threads: int) -> None:
     import torch
     import xgrammar
     shm = shared_memory.SharedMemory(name=shm_name)
     from multiprocessing import resource_tracker   # the engine owns (and unlinks) the segment
     resource_tracker.unregister(shm._name, "shared_memory")
     try:
-        _loop(shm, cap, width, info_path, parent_pid, torch, xgrammar)
+        _loop(shm, cap, width, info_path, parent_pid, fill_threads, torch, xgrammar)
     finally:
         shm.close()
 
 
-def _loop(shm, cap: int, width: int, info_path: str, parent_pid: int, torch, xgrammar) -> None:
+def _loop(shm, cap: int, width: int, info_path: str, parent_pid: int, fill_threads: int, torch, xgrammar) -> None:
     layout = _Layout(shm.buf, cap, width)
     header = layout.header
     mask = torch.from_numpy(layout.mask)
     info = xgrammar.TokenizerInfo.deserialize_json(_read_payload(info_path).decode())
     grammars: dict[int, Any] = {}
     matchers: dict[int, Any] = {}   # slot -> matcher (slots may outnumber a step's rows: preempted ones keep theirs)
-    batch = xgrammar.BatchGrammarMatcher(max_threads=1)
+    batch = xgrammar.BatchGrammarMatcher(max_threads=fill_threads)
     stdin = sys.stdin.buffer
     seen = 0
     try:
@@ -312,4 +313,4 @@ def _apply(messages: list[tuple], grammars: dict[int, Any], matchers: dict[int, 
 
 
 if __name__ == "__main__":
-    _serve(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5]))
+    _serve(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))

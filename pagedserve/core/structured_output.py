@@ -136,12 +136,14 @@ class ProcessGrammars:
     constrained request. One slot per live constrained sequence (kept across preemption);
     grammars are sent once per distinct CompiledGrammar object (the frontend hands out one
     object per distinct constraint) and dropped when unused while more than MAX_IDLE_GRAMMARS
-    are known. `max_rows`: the most rows a step samples (max_num_seqs)."""
+    are known. `max_rows`: the most rows a step samples (max_num_seqs); `fill_threads`: the
+    process's fill pool."""
 
     MAX_IDLE_GRAMMARS = 64
 
-    def __init__(self, max_rows: int) -> None:
+    def __init__(self, max_rows: int, fill_threads: int = 1) -> None:
         self.max_rows = max(max_rows, 1)
+        self.fill_threads = fill_threads
         self.process: Any = None
         self._slots: dict[str, int] = {}          # request id -> slot
         self._free_slots: list[int] = []
@@ -158,7 +160,8 @@ class ProcessGrammars:
         if self.process is None:
             from pagedserve.core.grammar_process import GrammarProcess
             grammar = request.grammar
-            self.process = GrammarProcess(grammar.tokenizer_info, self.max_rows, bitmask_width(grammar))
+            self.process = GrammarProcess(grammar.tokenizer_info, self.max_rows, bitmask_width(grammar),
+                                          self.fill_threads)
 
     def accept(self, request: Request, token: int) -> tuple[bool, bool]:
         """Queued for the next post; terminated if `token` is one of the grammar's stop tokens."""
