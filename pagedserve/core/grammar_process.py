@@ -169,7 +169,8 @@ class GrammarProcess:
     def wait(self, timeout: float = WAIT_TIMEOUT_S) -> tuple[Any, Any]:
         """The posted step's result: (mask rows [num fills, width] int32 tensor, a view of the
         segment valid until the next post; accepted [num accepts] int8, 0 where a token broke
-        its grammar). Spins; raises GrammarProcessError if the process failed or is gone."""
+        its grammar). Spins (holding the GIL; after ~2 ms it sleeps between looks); raises
+        GrammarProcessError if the process failed or is gone."""
         header, posted = self.layout.header, self._posted
         spins = 0
         deadline = None
@@ -183,8 +184,8 @@ class GrammarProcess:
                 deadline = deadline or now + timeout
                 if now > deadline:
                     raise GrammarProcessError(f"grammar process: no answer in {timeout:.0f} s")
-                if spins > 100_000:
-                    os.sched_yield()
+                if spins > 30_000:   # a long wait (the process starting): let other threads run
+                    time.sleep(_IDLE_SLEEP_S)
         self.waits += 1
         self.wait_seconds += time.perf_counter() - start
         return self.mask[:int(header[NUM_FILL])], self.layout.accepted[:int(header[NUM_ACCEPT])]
