@@ -10,7 +10,10 @@ batch at a time) keeps one step in flight: each call schedules and launches step
 waits for step N's sampled tokens and applies them, so the host's scheduling, input building
 and output handling run while the device computes. A request that ends at step N (EOS, stop)
 was already scheduled in N+1: that row's token is dropped. Requests whose sampling reads
-earlier outputs (penalties) make the engine run in lockstep while they are alive.
+earlier outputs (penalties) make the engine run in lockstep while they are alive. A step
+with constrained rows (structured outputs) is sampled at the next call, right before the
+step after it is launched: its grammar mask is filled in the grammar process meanwhile, while
+this thread hands the outputs over and schedules (core/structured_output.py).
 
 With an executor of more than two concurrent batches (pipeline parallelism: one per stage),
 the same loop keeps up to `max_concurrent_batches` steps in flight, a FIFO queue as vLLM's
