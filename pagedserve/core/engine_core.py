@@ -176,6 +176,7 @@ class EngineCore:
         so = self._schedule()
         self._sample_pending()   # its mask was filled while the outputs were handed over and `so` scheduled
         launched = self._launch(so)
+        fill_started = False
         if queue and (launched is None or len(queue) + 1 >= self.executor.max_concurrent_batches):
             previous = queue.popleft()
             result = self._wait(previous)
@@ -186,10 +187,13 @@ class EngineCore:
                     launched = None
                 outputs += self._fail(previous[0], result, self._drop_in_flight())
             else:
+                if launched is not None:   # the grammar process works through the update too
+                    launched, fill_started = self._start_fill(launched, previous[0], result), True
                 outputs += self._update(previous[0], result)
         if launched is not None:
+            if not fill_started:
+                launched = self._start_fill(launched)
             queue.append(launched)
-            self._start_fill(launched)   # after the previous step's tokens are applied
         if launched is not None and (not launched[0].num_scheduled_tokens or self.scheduler.num_history_dependent):
             outputs += self._resolve()   # nothing to wait for, or lockstep
         return self._result(outputs)
@@ -214,15 +218,19 @@ class EngineCore:
         except Exception as exc:
             return so, exc
 
-    def _start_fill(self, launched: _Launched) -> None:
-        """A launched step that waits for its grammar bitmask (the newest in flight): the
-        matchers have every earlier token, so its fill starts (in the grammar process)."""
+    def _start_fill(self, launched: _Launched, previous: SchedulerOutput | None = None,
+                    result: ModelRunnerOutput | None = None) -> _Launched:
+        """A launched step that waits for its grammar bitmask: its fill starts (in the grammar
+        process), after the previous step's sampled tokens, `result` of `previous` when that
+        step's update has not run yet (the scheduler takes them ahead). Returns the launched
+        step, or it with what starting raised."""
         if isinstance(launched[1], DeferredSampling):
             try:
-                self._pending_fill = self.scheduler.deferred_grammar_bitmask()
+                self._pending_fill = self.scheduler.deferred_grammar_bitmask(previous, result)
             except Exception as exc:
                 self._wait(launched)   # sampled unmasked and dropped: every rank finishes the step
-                self._in_flight[-1] = (launched[0], exc)
+                return launched[0], exc
+        return launched
 
     def _sample_pending(self) -> None:
         """The newest step in flight, if it waits for its bitmask, gets it and is sampled:

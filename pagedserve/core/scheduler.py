@@ -317,10 +317,19 @@ class Scheduler:
             else:
                 out.grammar_bitmask = self.grammars.fill(constrained)
 
-    def deferred_grammar_bitmask(self) -> structured_output.PendingFill:
+    def deferred_grammar_bitmask(self, previous: SchedulerOutput | None = None,
+                                 result: ModelRunnerOutput | None = None) -> structured_output.PendingFill:
         """The bitmask of the last step scheduled with `defer_grammar`, on its way: the engine
-        calls this after applying the previous step's tokens (the matchers' inputs) and takes
-        the result right before it samples that step."""
+        calls this once the previous step's tokens are back (the matchers' inputs) and takes
+        the result right before it samples that step. `previous` / `result`: that step, whose
+        update_from_output comes after this call: its constrained rows' tokens are taken
+        ahead (update_from_output then decides what they end)."""
+        if previous is not None and previous.structured_req_ids:
+            requests, sampled = self.requests, result.sampled_token_ids
+            for rid in previous.structured_req_ids:
+                request, token = requests.get(rid), sampled.get(rid)
+                if token is not None and request is not None and request.status == _RUNNING:
+                    self.grammars.take_ahead(request, token)
         rows, self._deferred_rows = self._deferred_rows, []
         return self.grammars.start_fill(rows)
 

@@ -116,6 +116,9 @@ class InlineGrammars:
     def accept(self, request: Request, token: int) -> tuple[bool, bool]:
         return accept(request, token)
 
+    def take_ahead(self, request: Request, token: int) -> None:
+        pass   # accepted in update_from_output
+
     def release(self, request: Request) -> None:
         pass
 
@@ -153,6 +156,7 @@ class ProcessGrammars:
         self._next_key = 0
         self._accepts: list[tuple[Request, int, int]] = []   # (request, slot, token), not yet posted
         self._lost: set[str] = set()   # request ids whose matcher died with a process
+        self._ahead: set[str] = set()   # request ids whose next accept() was taken ahead
 
     def prepare(self, request: Request) -> None:
         """A constrained request arrived: the process starts now (its imports take ~2 s) so
@@ -163,17 +167,31 @@ class ProcessGrammars:
             self.process = GrammarProcess(grammar.tokenizer_info, self.max_rows, bitmask_width(grammar),
                                           self.fill_threads)
 
-    def accept(self, request: Request, token: int) -> tuple[bool, bool]:
-        """Queued for the next post; terminated if `token` is one of the grammar's stop tokens."""
+    def take_ahead(self, request: Request, token: int) -> None:
+        """`token`, sampled for `request`, is queued now, before its step's update (whose
+        accept() then only decides termination): the process accepts it during that update."""
         slot = self._slots.get(request.request_id)
         if slot is not None:
             self._accepts.append((request, slot, token))
+            self._ahead.add(request.request_id)
+
+    def accept(self, request: Request, token: int) -> tuple[bool, bool]:
+        """Queued for the next post (unless taken ahead); terminated if `token` is one of the
+        grammar's stop tokens."""
+        rid = request.request_id
+        if self._ahead and rid in self._ahead:
+            self._ahead.discard(rid)
+        else:
+            slot = self._slots.get(rid)
+            if slot is not None:
+                self._accepts.append((request, slot, token))
         entry = self._grammars.get(id(request.grammar))
         stop_ids = entry[2] if entry is not None else request.grammar.tokenizer_info.stop_token_ids
         return True, token in stop_ids
 
     def release(self, request: Request) -> None:
         self._lost.discard(request.request_id)
+        self._ahead.discard(request.request_id)
         slot = self._slots.pop(request.request_id, None)
         if slot is None:
             return
@@ -241,7 +259,7 @@ class ProcessGrammars:
         self.process.shutdown()
         self.process = None
         self._slots, self._free_slots, self._num_slots = {}, [], 0
-        self._grammars, self._slot_grammar, self._accepts = {}, {}, []
+        self._grammars, self._slot_grammar, self._accepts, self._ahead = {}, {}, [], set()
 
     def _post(self, accepts: list[tuple[Request, int, int]], fills: list[int]) -> None:
         self.process.post([a[1] for a in accepts], [a[2] for a in accepts], fills)
