@@ -9,7 +9,14 @@ padding), pagedserve the whole batch.
 Where the differences come from (`variants`): the same one-at-a-time run with the Triton
 RMSNorm / SiLU / rotary kernels swapped for the torch ops, then the torch attention backend
 too; and transformers' own eager attention against its SDPA, for scale.
-Usage: python3 benchmarks/bf16_agreement.py [out.json] [device] [variants]"""
+With `unfused` the one-at-a-time run is repeated against the same transformers reference
+with the one-launch decode attention on, then off (linear_ops.set_decode_attention_fusion:
+rotary_store_kv, the paged kernel, its reduce), then with every decode fusion off
+(set_decode_fusion(False): RMSNorm / SiLU-and-mul before the gemv, rotary before the KV store,
+as separate kernels): the A/B of the fused kernels' rounding. The default model is a GGUF:
+its layers dequantize to float weights but keep the GGUF LinearMethod, so the gemv prologues
+do not apply to it; the rotary and attention fusions do.
+Usage: python3 benchmarks/bf16_agreement.py [out.json] [device] [variants] [unfused]"""
 import gc
 import json
 import os
@@ -122,6 +129,7 @@ def main() -> None:
     out_path = sys.argv[1] if len(sys.argv) > 1 else "bf16_agreement.json"
     device = sys.argv[2] if len(sys.argv) > 2 else "cuda"
     variants = "variants" in sys.argv[3:]
+    unfused = "unfused" in sys.argv[3:]
     gguf = default_model_path()
     sp = SamplingParams(max_tokens=NEW, min_tokens=NEW, temperature=0.0)
     small = dict(num_kv_blocks=4096) if device == "cuda" else {}
@@ -140,6 +148,22 @@ def main() -> None:
         result[mode] = agreement(ids, refs)
         print(f"{mode}: {result[mode]['identical']}/{len(PROMPTS)} identical; "
               f"first differences {[r['first_diff'] for r in result[mode]['rows']]}")
+    if unfused:   # each switch set explicitly, whatever the defaults, then put back
+        from pagedserve.layers import linear_ops
+        for key, flag, setter, on in (
+                ("one_at_a_time_one_launch_attention", "FUSE_DECODE_ATTENTION", linear_ops.set_decode_attention_fusion,
+                 True),
+                ("one_at_a_time_generic_attention", "FUSE_DECODE_ATTENTION", linear_ops.set_decode_attention_fusion,
+                 False),
+                ("one_at_a_time_unfused", "FUSE_DECODE", linear_ops.set_decode_fusion, False)):
+            before = getattr(linear_ops, flag)
+            setter(on)
+            try:
+                result[key] = agreement(run_ours(gguf, device, sp, False, **small)[0], refs)
+            finally:
+                setter(before)
+            print(f"{key}: {result[key]['identical']}/{len(PROMPTS)} identical; "
+                  f"first differences {[r['first_diff'] for r in result[key]['rows']]}")
     if variants:
         eager = hf_generate(gguf, device, prompt_ids, tok.eos_token_id, "eager")
         result["hf_eager_vs_sdpa"] = agreement(eager, refs)

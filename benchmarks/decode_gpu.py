@@ -1,25 +1,28 @@
 """Batch-1 decode on the GPU (issue 22): where one decode step's time goes and how fast the
-matmuls stream their weights. One run, stages in order (each guarded: a failure prints its
-traceback and the next stage runs):
+matmuls stream their weights. One run, stages in the order check, attn, models, sweep,
+normsweep, bf16, tests (each guarded: a failure prints its traceback and the next stage runs):
 
   check   the fused decode kernels against the unfused ones at the models' shapes, bf16:
-          SiLU-and-mul -> down gemv and rotary -> KV store bit for bit; RMSNorm -> gemv
-          (max abs difference: the normalised row is not rounded in between); the one-launch
+          SiLU-and-mul -> down gemv, RMSNorm -> qkv gemv and rotary -> KV store bit for bit
+          (the norm: up to the fp32 order of its sum on the GPU; also under PDL); the one-launch
           decode attention (attention/triton_decode_attention.py) against rotary_store_kv +
-          the paged kernel + its reduce: the cache bit for bit, the output's max abs
-          difference, and two CUDA-graph replays equal to the eager call
+          the paged kernel + its reduce: the cache and the output bit for bit, and two
+          CUDA-graph replays equal to the eager call
   attn    per-layer decode attention timed in CUDA graphs (bs 1 at contexts 128-2048, bs 4
-          and 16): the generic launches against the one-launch kernel per tiles_per_segment;
+          and 16): the generic launches against the one-launch kernel per tiles_per_segment
+          (auto: the module's rule by context length);
           the greedy argmax over 128k logits (1 and 16 rows): torch's against argmax_rows
   normsweep  (not by default) the RMSNorm-prologue gemv (qkv, gate_up) over launch shapes,
-          against the plain gemv and the unfused norm + gemv (~20 s)
+          against the plain gemv and the unfused norm + gemv (~20 s; QUICK_CONFIGS with --roles)
   sweep   (not by default) M=1 matmuls of llama-1b / llama-8b (qkv, o, gate_up, down,
           lm_head): cuBLAS against the Triton gemv over a grid of launch shapes, weights cycled
           past the L2, each call timed in a CUDA graph of 40; each fusion against its two
           unfused launches; M=8 cuBLAS against the tl.dot gemv. Prints a CONFIGS table.
+          --roles qkv,o,...: only those matmuls, over QUICK_CONFIGS (~30 s)
   models  per model and --variants (fused: everything on; base: main before this branch: no
           one-launch attention, torch's argmax, one pageable copy per step input; attn_only:
-          base + the one-launch attention; unfused; fused+pdl): b1_decode tok/s as
+          base + the one-launch attention; unfused; fused+pdl; nonorm: fused but the RMSNorm
+          kernel before the one-row gemvs): b1_decode tok/s as
           ../shared/bench/peers.py measures it (128-token prompt, 256 greedy tokens, warmed
           once), the decode graph's replay time
           (bs=1, context ~384), a torch.profiler table of one replay (per kernel calls, us,
@@ -110,10 +113,21 @@ def time_us(fn, args_list) -> float:
     return graph_time_us(lambda args: fn(*args), args_list)
 
 
+ROLES: list[str] = []   # --roles: the sweep's matmuls (all when empty), over QUICK_CONFIGS
+# launch shapes around the current ones, and the narrow slabs (more programs) and whole-K slices
+# (every load of a program issued at once) that the small-N matmuls (qkv, o) may want
+QUICK_CONFIGS = [GemvConfig(*c) for c in (
+    (8, 512, 4, 4), (16, 256, 4, 4), (8, 1024, 4, 4), (16, 512, 4, 4), (4, 1024, 4, 4), (4, 2048, 4, 2),
+    (2, 2048, 4, 2), (4, 512, 4, 4), (8, 2048, 4, 2), (8, 512, 8, 4), (8, 256, 4, 4), (4, 1024, 2, 4),
+    (8, 512, 2, 4), (16, 1024, 4, 4), (8, 1024, 4, 2))]
+
+
 def sweep_configs() -> list[GemvConfig]:
     """M = 1 launch shapes (the FMA variant: block_n may be below 16)."""
     if SMOKE:
         return [GemvConfig(16, 64, 4, 2), GemvConfig(8, 64, 4, 2)]
+    if ROLES:
+        return QUICK_CONFIGS
     tiles = [(bn, bk) for bn in (4, 8, 16, 32) for bk in (256, 512, 1024, 2048) if 2048 <= bn * bk <= 16384]
     return [GemvConfig(bn, bk, w, st) for bn, bk in tiles for w, st in ((4, 4), (8, 4), (4, 3), (4, 6))]
 
@@ -142,6 +156,7 @@ def check(dev: torch.device, dtype: torch.dtype) -> None:
         y, h = rms_norm_gemv(x, norm_w, 1e-5, w_qkv, res, fma)
         y_ref = gemv(normed, w_qkv, fma)
         out[f"{model}.norm_qkv_residual_equal"] = bool(torch.equal(h, res_ref))
+        out[f"{model}.norm_qkv_equal"] = bool(torch.equal(y, y_ref))   # rounded as the norm kernel rounds
         out[f"{model}.norm_qkv_max_abs_diff"] = (y.float() - y_ref.float()).abs().max().item()
         out[f"{model}.norm_qkv_ref_max_abs"] = y_ref.float().abs().max().item()
         d = s["h"] // s["heads"]
@@ -161,8 +176,9 @@ def check(dev: torch.device, dtype: torch.dtype) -> None:
             triton_gemv.set_pdl(True)
             try:
                 pdl_y = silu_and_mul_gemv(gate_up, w_down)
+                pdl_norm = rms_norm_gemv(x, norm_w, 1e-5, w_qkv, res, fma)[0]
                 torch.cuda.synchronize()
-                out[f"{model}.pdl_equal"] = bool(torch.equal(pdl_y, ref))
+                out[f"{model}.pdl_equal"] = bool(torch.equal(pdl_y, ref) and torch.equal(pdl_norm, y))
             finally:
                 triton_gemv.set_pdl(False)
         out[f"{model}.rotary_store_equal"] = bool(torch.equal(q, q2) and torch.equal(k, k2) and torch.equal(
@@ -230,6 +246,7 @@ def check_decode_attention(model: str, dev: torch.device, dtype: torch.dtype, ro
         key = f"{model}.decode_attn.bs{bs}.ctx{ctx}"
         out[f"{key}.cache_equal"] = bool(torch.equal(c["k_cache"], ref_caches[0])
                                          and torch.equal(c["v_cache"], ref_caches[1]))
+        out[f"{key}.equal"] = bool(torch.equal(got, ref))   # bit for bit the generic path (its tiles and merge)
         out[f"{key}.max_abs_diff"] = (got.float() - ref.float()).abs().max().item()
         if dev.type == "cuda":
             stream = torch.cuda.Stream()
@@ -303,13 +320,14 @@ def attn_stage(dev: torch.device, dtype: torch.dtype, models: list[str]) -> None
             row = dict(model=model, bs=bs, ctx=ctx,
                        generic_us=round(time_us(lambda i: generic_decode(c, rope, i, False),
                                                 [(i,) for i in range(copies)]), 2))
-            for tiles in (1, 2, 4, 8, 1000):
-                row[f"fused_t{tiles}_us"] = round(time_us(lambda i, t=tiles: fused_decode(c, rope, i, t),
-                                                          [(i,) for i in range(copies)]), 2)
+            for tiles in (None, 1, 2, 4, 8, 1000):   # None: the module's rule (auto)
+                row[f"fused_t{tiles or 'auto'}_us"] = round(time_us(lambda i, t=tiles: fused_decode(c, rope, i, t),
+                                                                    [(i,) for i in range(copies)]), 2)
             if bs == 1:   # as in the model: the cache read from HBM, not the L2
                 row["cold_generic_us"] = cold_time_us(lambda: generic_decode(c, rope, 0, False), dev)
-                for tiles in (1, 2, 4):
-                    row[f"cold_fused_t{tiles}_us"] = cold_time_us(lambda t=tiles: fused_decode(c, rope, 0, t), dev)
+                for tiles in (None, 1, 2, 4):
+                    row[f"cold_fused_t{tiles or 'auto'}_us"] = cold_time_us(lambda t=tiles: fused_decode(c, rope, 0, t),
+                                                                             dev)
             rows.append(row)
             log(json.dumps(row))
     for n_rows in (1, 16):   # the greedy sampler's argmax over a 128k vocabulary
@@ -329,6 +347,8 @@ def sweep(dev: torch.device, dtype: torch.dtype, models: list[str]) -> None:
     configs = sweep_configs()
     for model in (["tiny"] if SMOKE else models):
         for role, (n, k) in weight_shapes(model).items():
+            if ROLES and role not in ROLES:
+                continue
             nbytes = n * k * 2
             copies = 1 if SMOKE else max(3, -(-600 * 2**20 // nbytes))
             weights = [(torch.randn(n, k, device=dev) * 0.02).to(dtype) for _ in range(copies)]
@@ -391,6 +411,8 @@ def norm_sweep(dev: torch.device, dtype: torch.dtype, models: list[str]) -> None
     rows = []
     if SMOKE:
         configs = [GemvConfig(16, 64, 4, 2)]
+    elif ROLES:
+        configs = QUICK_CONFIGS
     else:
         configs = [GemvConfig(bn, bk, w, st) for bn in (8, 16, 32, 64) for bk in (256, 512, 1024)
                    for w, st in ((4, 3), (4, 4), (8, 3)) if 2048 <= bn * bk <= 32768]
@@ -426,7 +448,7 @@ def kernel_kind(name: str) -> str:
     low = name.lower()
     for key, kind in (("_gemv_kernel", "gemv"), ("rotary_store", "rotary_store_kv"), ("rotary", "rotary"),
                       ("store_kv", "store_kv"), ("rms_norm", "rms_norm"), ("silu", "silu_and_mul"),
-                      ("splitkreduce", "cublas_reduce"), ("paged_attention", "attention"), ("attn", "attention"),
+                      ("splitkreduce", "cublas_reduce"), ("decode_attention", "attention"), ("paged_attention", "attention"), ("attn", "attention"),
                       ("reduce", "attention_reduce"), ("gemm", "cublas"), ("gemv", "cublas"), ("nvjet", "cublas"),
                       ("xmma", "cublas"), ("cutlass", "cublas"), ("index", "embedding"), ("embedding", "embedding")):
         if key in low:
@@ -504,10 +526,11 @@ def kernel_table(kernels: list, model: str, ctx: int, replays: int) -> dict:
                 mbytes=round(total_bytes / 1e6, 1), floor_us=round(total_bytes / HBM_TB_S / 1e6, 1))
 
 
-VARIANTS = {   # name: (gemv fusions, one-launch decode attention, packed step inputs + Triton argmax, PDL)
-    "fused": (True, True, True, False), "base": (True, False, False, False),   # base: main before this branch
-    "attn_only": (True, True, False, False), "unfused": (False, False, False, False),
-    "fused+pdl": (True, True, True, True)}
+VARIANTS = {   # name: (gemv fusions, one-launch decode attention, packed step inputs + Triton argmax, PDL,
+    # RMSNorm in the one-row gemvs)
+    "fused": (True, True, True, False, True), "base": (True, False, False, False, True),   # base: session 5's main
+    "attn_only": (True, True, False, False, True), "unfused": (False, False, False, False, True),
+    "fused+pdl": (True, True, True, True, True), "nonorm": (True, True, True, False, False)}
 
 
 @stage("models")
@@ -521,6 +544,7 @@ def models_stage(dev: torch.device, models: list[str], ab: list[str], variants: 
                 RESULTS.setdefault("failed", []).append(f"{model}.{variant}")
             finally:
                 linear_ops.set_decode_fusion(True)
+                linear_ops.set_decode_norm_fusion(True)
                 linear_ops.set_decode_attention_fusion(True)
                 triton_gemv.set_pdl(False)
                 from pagedserve.layers import sampler
@@ -553,8 +577,9 @@ def run_model(dev: torch.device, model: str, variant: str, thr512: bool) -> None
     label = f"{model}.{variant}"
     from pagedserve.layers import sampler
     from pagedserve.worker import input_batch
-    gemv_fusion, attention_fusion, packed_inputs, pdl = VARIANTS[variant]
+    gemv_fusion, attention_fusion, packed_inputs, pdl, norm_fusion = VARIANTS[variant]
     linear_ops.set_decode_fusion(gemv_fusion)
+    linear_ops.set_decode_norm_fusion(norm_fusion)
     linear_ops.set_decode_attention_fusion(attention_fusion)
     input_batch.PACK_STEP_INPUTS = sampler.TRITON_GREEDY = packed_inputs
     triton_gemv.set_pdl(pdl)
@@ -725,7 +750,10 @@ def main() -> None:
     ap.add_argument("--thr", default="llama-1b", help="models whose variants also run peers' thr512")
     ap.add_argument("--cpu-smoke", action="store_true")
     ap.add_argument("--all-tests", action="store_true", help="tests: the gemv and fused-op tests too")
+    ap.add_argument("--roles", default="", help="sweep only these matmuls (qkv,o,gate_up,down,lm_head) over "
+                                                "QUICK_CONFIGS (~30 s for qkv,o,gate_up of two models)")
     args = ap.parse_args()
+    ROLES[:] = [r for r in args.roles.split(",") if r]
     stages, models = args.stages.split(","), args.models.split(",")
     ab = [m for m in args.ab.split(",") if m]
     dev = torch.device("cpu" if SMOKE else "cuda")
@@ -739,14 +767,14 @@ def main() -> None:
     t0 = time.time()
     if "check" in stages:
         check(dev, dtype)
-    if "sweep" in stages:
-        sweep(dev, dtype, models)
     if "attn" in stages:
         attn_stage(dev, dtype, models)
+    if "models" in stages:   # before the sweeps: the end-to-end figures first, if time runs out
+        models_stage(dev, models, ab, args.variants.split(","), [m for m in args.thr.split(",") if m])
+    if "sweep" in stages:
+        sweep(dev, dtype, models)
     if "normsweep" in stages:
         norm_sweep(dev, dtype, models)
-    if "models" in stages:
-        models_stage(dev, models, ab, args.variants.split(","), [m for m in args.thr.split(",") if m])
     if "bf16" in stages:
         bf16_stage(out_dir)
     if "tests" in stages and not SMOKE:

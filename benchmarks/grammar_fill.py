@@ -9,7 +9,15 @@ schema at staggered positions (the default model's tokenizer, 49,152 tokens):
   other. xgrammar's calls go through tvm_ffi, which drops the GIL for each call, so the fill
   can hide behind Python work (in the engine it did not pay: benchmarks/RESULTS.md);
 - the accept: per-row accept_token + is_terminated (the engine's) vs BatchGrammarMatcher's
-  batch_accept_token (one call, then its result read element by element).
+  batch_accept_token (one call, then its result read element by element);
+- the grammar process (core/grammar_process.py): per step, every row takes its next token
+  and its next mask is filled. `step_inline_us`: accept + fill on the engine thread (the
+  in-engine path); `process_roundtrip_us`: post, then wait at once (the process's whole
+  step plus the hand-off); `process_engine_us`: the engine thread's cost when it does
+  `python_work_us` of Python between the post and the wait (post + work + wait - work):
+  what a host-bound engine step would pay; `process_handoff_us`: post + wait when the
+  process has already answered (the engine thread's floor, meaningful on a loaded machine
+  too). The masks are checked against in-engine matchers fed the same tokens.
 
     python benchmarks/grammar_fill.py [--rows 64] [--threads 2,4,8] [--tokenizer DIR]
 
@@ -101,6 +109,7 @@ def main() -> None:
     while _best(lambda _: _python_work(work), 5) < 2 * result["fill_batch1_us"]:
         work *= 2
     result["python_work_us"] = _best(lambda _: _python_work(work), args.repeats)
+    _python_seconds[0] = result["python_work_us"] / 1e6
 
     def one_after_other(_):
         _python_work(work)
@@ -141,9 +150,108 @@ def main() -> None:
     result["accept_rows_us"] = _best(accept_rows, args.repeats, forks)
     result["accept_batch_us"] = _best(
         lambda matchers: xgrammar.BatchGrammarMatcher.batch_accept_token(matchers, tokens), args.repeats, forks)
+    result.update(_process_step(args, grammar, ids, rows, work))
     for key, value in result.items():
         print(f"{key:>20}: {value:.1f}" if isinstance(value, float) else f"{key:>20}: {value}")
     print("RESULT " + json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in result.items()}), flush=True)
+
+
+def _process_step(args, grammar, ids: list[int], rows, work: int) -> dict:
+    """The grammar process against the in-engine accept + fill, one decode step of every row."""
+    import torch
+
+    from pagedserve.core.grammar_process import GrammarProcess
+    n = args.rows
+    width = xgrammar.get_bitmask_shape(1, grammar.tokenizer_info.vocab_size)[1]
+    process = GrammarProcess(grammar.tokenizer_info, max(n, 64), width)
+    try:
+        process.add_grammar(0, grammar)
+        for slot in range(n):
+            process.open(slot, 0)
+        positions = [0] * n
+        process.post([], [], [])   # start-up (imports) and the opens
+        process.wait()
+        # staggered positions, as in the engine
+        for slot in range(n):
+            positions[slot] = slot % (len(ids) - 1)
+        for i in range(max(positions)):
+            ahead = [s for s in range(n) if positions[s] > i]
+            process.post(ahead, [ids[i]] * len(ahead), [])
+            assert process.wait()[1].all()
+        mirror = [xgrammar.GrammarMatcher(grammar) for _ in range(n)]   # the in-engine matchers
+        for slot in range(n):
+            for i in range(positions[slot]):
+                mirror[slot].accept_token(ids[i])
+        buffer = xgrammar.allocate_token_bitmask(n, grammar.tokenizer_info.vocab_size)
+        batch = xgrammar.BatchGrammarMatcher(max_threads=1)
+
+        def advance():   # the tokens of one step; a row at the text's end starts again
+            slots, tokens = [], []
+            for slot in range(n):
+                if positions[slot] == len(ids) - 1:
+                    process.close(slot)
+                    process.open(slot, 0)
+                    mirror[slot] = xgrammar.GrammarMatcher(grammar)
+                    positions[slot] = 0
+                    continue
+                slots.append(slot)
+                tokens.append(ids[positions[slot]])
+                positions[slot] += 1
+            return slots, tokens
+
+        fills = list(range(n))
+        checked = 0
+        times = {"step_inline_us": [], "process_roundtrip_us": [], "process_engine_us": [], "process_handoff_us": []}
+        for step in range(args.repeats):
+            slots, tokens = advance()
+            start = time.perf_counter()   # in-engine: accept (row by row) + one batch fill
+            for slot, token in zip(slots, tokens):
+                mirror[slot].accept_token(token)
+                mirror[slot].is_terminated()
+            batch.batch_fill_next_token_bitmask(mirror, buffer)
+            times["step_inline_us"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            process.post(slots, tokens, fills)
+            mask, accepted = process.wait()
+            times["process_roundtrip_us"].append(time.perf_counter() - start)
+            assert accepted.all() and torch.equal(mask, buffer[:n]), step
+            checked += 1
+            slots, tokens = advance()   # the next step: Python work between post and wait
+            for slot, token in zip(slots, tokens):
+                mirror[slot].accept_token(token)
+            start = time.perf_counter()
+            process.post(slots, tokens, fills)
+            _python_work(work)
+            middle = time.perf_counter()
+            mask, accepted = process.wait()
+            end = time.perf_counter()
+            times["process_engine_us"].append((end - middle) + (middle - start) - _python_seconds[0])
+            batch.batch_fill_next_token_bitmask(mirror, buffer)
+            assert accepted.all() and torch.equal(mask, buffer[:n]), step
+            slots, tokens = advance()   # the hand-off alone: the answer is there when asked for
+            for slot, token in zip(slots, tokens):
+                mirror[slot].accept_token(token)
+            start = time.perf_counter()
+            process.post(slots, tokens, fills)
+            posted = time.perf_counter()
+            while process.layout.header[1] != process._posted:   # DONE
+                time.sleep(0.001)
+            start_wait = time.perf_counter()
+            mask, accepted = process.wait()
+            times["process_handoff_us"].append(time.perf_counter() - start_wait + posted - start)
+            batch.batch_fill_next_token_bitmask(mirror, buffer)
+            assert accepted.all() and torch.equal(mask, buffer[:n]), step
+            checked += 1
+        out = {key: min(values) * 1e6 for key, values in times.items()}
+        out.update({key.replace("_us", "_median_us"): sorted(values)[len(values) // 2] * 1e6
+                    for key, values in times.items()})
+        out["process_masks_checked"] = checked + args.repeats
+        return out
+    finally:
+        process.shutdown()
+
+
+_python_seconds = [0.0]   # the python work's best time (seconds), set by main
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Perplexity of the default model (SmolLM2-135M-Instruct) over a fixed English text (this
-repository's README.md) with each quantization, on CPU (issue 18).
+repository's README.md) with each quantization, on CPU or CUDA (issue 18).
 
-    python benchmarks/quant_perplexity.py [--window 512] [--dtype float32]
+    python benchmarks/quant_perplexity.py [--window 512] [--dtype float32] [--device cpu|cuda]
 
 Variants: the float model; online fp8 (per-tensor), fp8-per-channel and bitsandbytes
 (LLM.int8) through quantization=...; W8A8 int8 (per-channel weights, dynamic per-token
@@ -9,11 +9,14 @@ activations) and W4A16 (group 64, symmetric / asymmetric; 576 input features do 
 in groups of 128) written as compressed-tensors checkpoints by round-to-nearest packers
 here (no calibration: GPTQ or AWQ would do better than RTN at 4 bits). The text is cut into
 windows of `--window` tokens scored independently (prompt_logprobs); perplexity =
-exp(mean negative log-likelihood). Prints one `RESULT {json}` per variant.
+exp(mean negative log-likelihood). Prints one `RESULT {json}` per variant (a variant that
+fails prints its error and the others go on). On CUDA each variant runs eagerly with a fixed
+KV pool, and is shut down before the next.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -105,11 +108,21 @@ def write_compressed_tensors(source: str, target: str, scheme: str) -> str:
     return target
 
 
-def perplexity(path: str, windows: list[list[int]], dtype: str, quantization: str | None) -> float:
-    llm = LLM(model=path, device="cpu", dtype=dtype, skip_tokenizer_init=True, quantization=quantization,
-              max_model_len=max(len(w) for w in windows) + 1, max_logprobs=-1)
+def perplexity(path: str, windows: list[list[int]], dtype: str, quantization: str | None,
+               device: str = "cpu") -> float:
+    max_len = max(len(w) for w in windows) + 1
+    extra = {} if device == "cpu" else dict(enforce_eager=True, num_kv_blocks=len(windows) * (max_len // 16 + 2))
+    llm = LLM(model=path, device=device, dtype=dtype, skip_tokenizer_init=True, quantization=quantization,
+              max_model_len=max_len, max_logprobs=-1, **extra)
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
-    outs = llm.generate([{"prompt_token_ids": w} for w in windows], params, use_tqdm=False)
+    try:
+        outs = llm.generate([{"prompt_token_ids": w} for w in windows], params, use_tqdm=False)
+    finally:
+        llm.shutdown()
+        del llm
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
     nll, count = 0.0, 0
     for window, out in zip(windows, outs):
         for token, entry in zip(window[1:], out.prompt_logprobs[1:]):
@@ -122,6 +135,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--only", nargs="*", default=None, help="run only these variants (the float model always "
                                                               "runs: it is the baseline)")
     args = parser.parse_args()
@@ -141,9 +155,14 @@ def main() -> None:
             continue
         if isinstance(path, tuple):
             path = write_compressed_tensors(path[0], os.path.join(tmp, path[1]), path[1])
-        ppl = perplexity(path, windows, args.dtype, quantization)
+        try:
+            ppl = perplexity(path, windows, args.dtype, quantization, args.device)
+        except Exception as exc:   # one variant's failure leaves the others' figures
+            print("RESULT " + json.dumps({"variant": name, "device": args.device, "dtype": args.dtype,
+                                          "error": f"{type(exc).__name__}: {exc}"[:300]}), flush=True)
+            continue
         base = base or ppl
-        print("RESULT " + json.dumps({"variant": name, "dtype": args.dtype, "tokens": len(ids),
+        print("RESULT " + json.dumps({"variant": name, "device": args.device, "dtype": args.dtype, "tokens": len(ids),
                                       "window": args.window, "perplexity": round(ppl, 4),
                                       "loss_vs_float_pct": round((ppl / base - 1) * 100, 2)}), flush=True)
 

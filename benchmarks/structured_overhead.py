@@ -6,9 +6,15 @@ is wall time per generated token at equal work. The schema run includes grammar 
 (one schema, compiled once: xgrammar's cache) and the per-step bitmask fill and masking.
 
 Variants of the schema run (--variants, timed in turns with the plain run, best of --repeats):
-  batch   the engine as is: the mask filled in one xgrammar batch call
-  rows    row by row (fill_next_token_bitmask and is_terminated per row: the fill before
+  process the engine as is under async scheduling: accept and fill in the grammar process
+          (core/grammar_process.py), the step sampled at the next engine call
+  process4  the same with a pool of 4 fill threads in the process (xgrammar's BatchGrammarMatcher)
+  inline  the same engine with in-engine matchers (InlineGrammars): accept on the engine
+          thread as tokens are applied, one xgrammar batch fill right before sampling
+  rows    inline, the fill row by row (fill_next_token_bitmask per row: the fill before
           issue 20's fourth pass)
+In lockstep (the CPU default) every variant is in-engine at schedule time (one batch fill;
+`rows` row by row).
 Every variant must give the same token ids (the masks are the same); `ids_equal` says so.
 Validity: json.loads, and jsonschema.validate against the schema where jsonschema is installed.
 
@@ -61,7 +67,8 @@ def _fill_rows(requests, buffer):
     return bitmask
 
 
-FILLS = {"batch": structured_output.fill_bitmask, "rows": _fill_rows}
+FILLS = {"process": structured_output.fill_bitmask, "process4": structured_output.fill_bitmask,
+         "inline": structured_output.fill_bitmask, "rows": _fill_rows}
 
 
 def _tiny_model(tokenizer_dir: str) -> str:
@@ -87,13 +94,18 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=1, help="timed runs of each kind (best is kept)")
-    parser.add_argument("--variants", default="batch,rows", help=f"schema-run variants: {', '.join(FILLS)}")
+    parser.add_argument("--variants", default="process,inline", help=f"schema-run variants: {', '.join(FILLS)}")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="a tiny random llama with --model's tokenizer on CPU, async scheduling, 8 requests")
+    parser.add_argument("--no-register", action="store_true",
+                        help="stage the grammar process's mask through the runner's pinned copy (no cudaHostRegister)")
     parser.add_argument("--profile", action="store_true",
                         help="after the timed runs, one schema run under cProfile: the top host functions")
     args = parser.parse_args()
     variants = args.variants.split(",")
+    if args.no_register:
+        from pagedserve.worker import model_runner
+        model_runner.REGISTER_GRAMMAR_MASK = False
     kwargs = {"model": args.model} if args.model else {}
     if args.cpu_smoke:
         kwargs = {"model": _tiny_model(args.model), "async_scheduling": True}
@@ -105,16 +117,38 @@ def main() -> None:
         tokenize=False, add_generation_prompt=True) for i in range(args.num_requests)]
     structured = SamplingParams(max_tokens=args.max_tokens, temperature=0.0,
                                 structured_outputs=StructuredOutputsParams(json=SCHEMA))
-    llm.generate(prompts[:2], structured, use_tqdm=False)   # warm-up: compile, first-step costs
+    llm.generate(prompts[:2], structured, use_tqdm=False)   # warm-up: compile, first-step costs, the process
+    scheduler = llm.engine.core.scheduler
+    lockstep = getattr(scheduler.grammars, "process", None) is None   # in-engine at schedule time
+    backends = {"process": scheduler.grammars, "inline": structured_output.InlineGrammars()}
+    backends["rows"] = backends["inline"]
+    if "process4" in variants and not lockstep:
+        backends["process4"] = structured_output.ProcessGrammars(scheduler.grammars.max_rows, fill_threads=4)
+        scheduler.grammars = backends["process4"]   # its warm-up (the process starts)
+        llm.generate(prompts[:2], structured, use_tqdm=False)
+        scheduler.grammars = backends["process"]
+    waits = {}   # variant -> (waits, seconds) of its last schema run
 
-    def run(params, variant: str = "batch") -> tuple[float, list]:
+    def run(params, variant: str = "process") -> tuple[float, list]:
         structured_output.fill_bitmask = FILLS[variant]
+        process = None if lockstep else getattr(backends[variant], "process", None)
+        before = None
+        if not lockstep:
+            scheduler.grammars = backends[variant]
+        if process is not None:
+            before = (process.waits, process.wait_seconds)
         try:
             start = time.perf_counter()
             outs = llm.generate(prompts, params, use_tqdm=False)
             return time.perf_counter() - start, outs
         finally:
-            structured_output.fill_bitmask = FILLS["batch"]
+            structured_output.fill_bitmask = FILLS["process"]
+            if not lockstep:
+                scheduler.grammars = backends["process"]
+            process = process or getattr(backends[variant], "process", None)   # started by this run
+            if process is not None and isinstance(params, SamplingParams):   # the schema run
+                waits[variant] = (process.waits - (before[0] if before else 0),
+                                  process.wait_seconds - (before[1] if before else 0.0))
 
     _, outs = run(structured)   # untimed: the token counts for the plain run, first-shape costs
     reference_ids = [o.outputs[0].token_ids for o in outs]
@@ -131,7 +165,11 @@ def main() -> None:
         "device": args.device, "dtype": args.dtype, "model": args.model or "default (SmolLM2-135M-Instruct)",
         "cpu_smoke": args.cpu_smoke, "num_requests": args.num_requests, "generated_tokens": tokens,
         "repeats": args.repeats, "plain_tok_s": round(tokens / best["plain"], 1), "variants": {},
+        "grammar_process": not lockstep, "mask_registered": _mask_registered(llm),
     }
+    for variant, (count, seconds) in waits.items():   # the engine thread's spin per step, last run
+        if count and variant in variants:
+            result[f"{variant}_wait_us"] = round(seconds / count * 1e6, 1)
     for variant in variants:
         outs = last[variant]
         texts = [o.outputs[0].text for o in outs]
@@ -151,12 +189,22 @@ def main() -> None:
               f"overhead {figures['overhead_pct']:5.1f}%  ids_equal {figures['ids_equal']}  "
               f"json {figures['valid_json']}/{args.num_requests}  schema {figures['schema_valid']}  "
               f"{figures['finish_reasons']}", flush=True)
+    for backend in backends.values():
+        if backend is not scheduler.grammars:
+            backend.shutdown()
     if args.profile:
         import cProfile
         import pstats
         profiler = cProfile.Profile()
         profiler.runcall(run, structured)
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+
+
+def _mask_registered(llm) -> bool | None:
+    """On CUDA: whether the runner page-locked the grammar process's mask in place (no staging)."""
+    runner = getattr(llm.engine.core.executor, "runner", None)
+    held = getattr(runner, "_registered_mask", None)
+    return None if held is None else held[2]
 
 
 def _json_error(text: str) -> str:

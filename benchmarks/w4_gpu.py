@@ -1,32 +1,42 @@
-"""The W4A16 kernels on the GPU machine (issue 18), in one command of at most 240 s on an H200
-(each stage is a child process with its own time limit; the stages run in order):
+"""The W4A16 kernels on the GPU machine (issue 18): four stages, each a child process with its
+own time limit, run in order; parts a and b (benchmarks/w4_gpu.sh) split them over two device
+calls on one warm machine, so that each carries half of the default model for `ppl`:
 
-  kernels   (<= 115 s) exactness first (`CHECK` lines): the one-row FMA GEMV (denormal
+  kernels   (<= 170 s) exactness first (`CHECK` lines): the one-row FMA GEMV (denormal
                        nibbles; in-kernel split-K fix-up or the sum kernel; 16 or 8 words per
-                       K block; its SiLU-and-mul and RMSNorm prologues), the tl.dot GEMV and the new one-load-per-word GEMM against the
-                       torch dequantized reference on llama-8b's shapes (qkv 4096->6144, o
-                       4096->4096, gate_up 4096->28672, down 14336->4096), bf16 (fp16 and
-                       asymmetric zeros on some), M = 1..256. Then the launch sweep (`SWEEP`
-                       lines: us per call in CUDA graphs, the int4 weight + scale/zero stream
-                       in TB/s, against the bf16 Triton gemv / cuBLAS), in the order M = 1
-                       (GEMV launches), 256, 64 (GEMM launches against the dequantize + cuBLAS
-                       and generic GEMM paths), 4, 16 (GEMV launches and the GEMM with split
-                       K); the bf16 LM head at M = 1; `FLOOR` estimates the b1 step's linears
-                       (32 layers of the best launches + the LM head). The best launch per (M
-                       bucket, K, N) goes to w4_tuned.json (`TUNED`), rewritten as it goes.
-  e2e_w4a16 (<= 70 s)  llama-8b dummy W4A16 (compressed-tensors, symmetric, group 128, LM head
+                       K block; its SiLU-and-mul and RMSNorm prologues), the tl.dot GEMV
+                       and the one-load-per-word GEMM (scales on the
+                       block sums or on the weights) against the torch dequantized reference on
+                       llama-8b's shapes (qkv 4096->6144, o 4096->4096, gate_up 4096->28672,
+                       down 14336->4096), bf16 (fp16 and asymmetric zeros on some), M = 1..256.
+                       Then the launch sweep (`SWEEP` lines: us per call in CUDA graphs, each
+                       call on its own copy of the weights, 4x the L2 cache in all, so that they
+                       come from HBM as in the model; the int4 weight + scale/zero stream in
+                       TB/s, against the bf16 Triton gemv / cuBLAS on rotated copies too), in
+                       the order M = 1 (GEMV launches, each projection with the prologue
+                       the decode step folds into it), 256, 512, 64 (GEMM
+                       launches against dequantize + cuBLAS and the generic GEMM; `DEQUANT`: the
+                       two dequantization kernels alone), 4, 16 (GEMV launches and the GEMM with
+                       split K); torch's tinygemm on the same weights at 1-64 rows
+                       (`TINYGEMM`, a reference); the bf16 LM head at M = 1; `FLOOR`
+                       estimates the b1 step's linears. The best launch per (M bucket, K, N) goes to w4_tuned.json
+                       (`TUNED`; /tmp/w4_gpu_tuned.json for part b, a copy under $OUT),
+                       rewritten as it goes.
+  e2e_w4a16 (<= 75 s)  llama-8b dummy W4A16 (compressed-tensors, symmetric, group 128, LM head
                        bf16) with the tuned launches: b1_decode, ttft1024, thr512 (quant_gpu.py's
                        timing; `RESULT` lines); then the one-row CUDA graph replayed alone (the
-                       step's GPU time, `PROFILE`) and the kernel table of one eager one-row
-                       forward (torch.profiler).
-  e2e_bf16  (<= 55 s)  the same for bf16, for the ratios.
+                       step's GPU time, `PROFILE`), the kernel table of one eager one-row
+                       forward (torch.profiler) and its linears' us per projection.
+  e2e_bf16  (<= 60 s)  the same for bf16, for the ratios.
+  ppl       (<= 150 s) benchmarks/quant_perplexity.py on CUDA in bf16 (every variant).
 
-    PYTHONPATH=$PWD python3 benchmarks/w4_gpu.py              all stages (<= 240 s)
+    bash benchmarks/w4_gpu.sh a, then bash benchmarks/w4_gpu.sh b   (the device calls)
+    PYTHONPATH=$PWD python3 benchmarks/w4_gpu.py [a | b]      all stages, or one part
     PYTHONPATH=$PWD python3 benchmarks/w4_gpu.py --cpu-smoke  the same code on CPU, tiny
                                                              shapes (Triton interpreter)
     python3 benchmarks/w4_gpu.py STAGE [--cpu-smoke]          one stage in this process
 
-Raw output goes to $OUT/w4_gpu.txt as well when OUT is set.
+Raw output goes to $OUT/w4_gpu{a,b,}.txt as well when OUT is set.
 """
 from __future__ import annotations
 
@@ -48,12 +58,15 @@ import torch  # noqa: E402
 from benchmarks.quant_gpu import FAILED, _rel, _report, emit, run_timing  # noqa: E402
 from pagedserve.layers.quantization.triton_w4a16 import SILU_AND_MUL, GemmConfig, GemvConfig  # noqa: E402
 
-STAGES = {"kernels": 115, "e2e_w4a16": 70, "e2e_bf16": 55}
-TUNED_FILE = os.path.join(os.environ.get("OUT") or "/tmp", "w4_tuned.json")
+STAGES = {"kernels": 170, "e2e_w4a16": 75, "e2e_bf16": 60, "ppl": 150}
+TUNED_FILE = "/tmp/w4_gpu_tuned.json"   # kept between part a and part b on one machine; a copy under $OUT
 DEVICE = "cpu" if SMOKE else "cuda"
 SHAPES = ([("qkv", 256, 384), ("down", 384, 256)] if SMOKE else
           [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096)])
 LAYERS = 2 if SMOKE else 32
+# the x prologue the decode step folds into each projection's one-row GEMV (models/llama.py
+# through LinearMethod.apply_normed / apply_silu_and_mul): 3 RMSNorm + residual, 1 SiLU-and-mul
+PROLOGUES = {"qkv": 3, "o": 0, "gate_up": 3, "down": 1}
 LM_HEAD = (256, 32064) if SMOKE else (4096, 128256)
 
 # launches: the checks use the first few of each list, the sweep all of them
@@ -61,13 +74,18 @@ FMA = ([GemvConfig(block_n=64, num_warps=1), GemvConfig(block_n=32, words=8, fix
        [GemvConfig(), GemvConfig(programs_per_sm=2), GemvConfig(programs_per_sm=8),
         GemvConfig(block_n=256, num_warps=2), GemvConfig(block_n=256, num_warps=2, words=8),
         GemvConfig(words=8), GemvConfig(block_n=1024, num_warps=8), GemvConfig(fixup=False),
-        GemvConfig(num_stages=2), GemvConfig(block_n=128, num_warps=1)])
+        GemvConfig(num_stages=2), GemvConfig(block_n=128, num_warps=1),
+        GemvConfig(block_n=128, num_warps=1, words=8), GemvConfig(block_n=256, num_warps=2, words=8, num_stages=1)])
 DOT = ([GemvConfig(block_n=32, dot=True)] if SMOKE else
        [GemvConfig(block_n=128, dot=True), GemvConfig(block_n=64, dot=True),
         GemvConfig(block_n=128, num_warps=8, dot=True)])
-GEMM = ([GemmConfig(block_m=32, block_n=32), GemmConfig(block_m=32, block_n=32, programs_per_sm=4)] if SMOKE else
-        [GemmConfig(), GemmConfig(128, 128, 8, 3), GemmConfig(64, 64, 4, 4), GemmConfig(128, 256, 8, 3),
-         GemmConfig(64, 256, 8, 3), GemmConfig(128, 64, 4, 4), GemmConfig(64, 128, 4, 3, programs_per_sm=2)])
+GEMM = ([GemmConfig(block_m=32, block_n=32), GemmConfig(block_m=32, block_n=32, programs_per_sm=4),
+         GemmConfig(block_m=32, block_n=32, scale_w=True)] if SMOKE else
+        [GemmConfig(), GemmConfig(128, 128, 8, 3), GemmConfig(64, 64, 4, 4), GemmConfig(128, 64, 4, 4),
+         GemmConfig(64, 64, 4, 4, programs_per_sm=2), GemmConfig(128, 128, 8, 3, programs_per_sm=1),
+         GemmConfig(64, 128, 4, 3, programs_per_sm=2), GemmConfig(64, 128, 4, 3, scale_w=True),
+         GemmConfig(128, 64, 4, 4, scale_w=True), GemmConfig(64, 64, 4, 4, programs_per_sm=2, scale_w=True),
+         GemmConfig(128, 128, 8, 4, scale_w=True), GemmConfig(128, 128, 8, 3, scale_w=True)])
 # the GEMM with split K for a few rows (16 per program), against the tl.dot GEMV
 FEW = ([GemmConfig(block_m=16, block_n=32, programs_per_sm=4)] if SMOKE else
        [GemmConfig(16, 128, 4, 3, 4), GemmConfig(16, 64, 4, 3, 4), GemmConfig(16, 256, 8, 3, 4)])
@@ -107,12 +125,16 @@ def check_kernels() -> None:
                     cases = [(1, FMA[0]), (3, FMA[0]), (4, DOT[0]), (16, FEW[0]), (100, GEMM[0])]
                 for m, config in cases:
                     x = torch.randn(m, k, device=DEVICE, dtype=dtype)
-                    if isinstance(config, GemmConfig):
-                        out = w4a16_gemm(x, qweight, scales, zeros, 128, config)
-                    else:
-                        out = w4a16_gemv(x, qweight, scales, zeros, 128, config)
-                    _report(f"w4 {name} m={m} {str(dtype)[6:]} sym={symmetric} {type(config).__name__} {_name(config)}",
-                            _rel(out, x.float() @ weight), 1e-2)
+                    label = f"w4 {name} m={m} {str(dtype)[6:]} sym={symmetric} {type(config).__name__} {_name(config)}"
+                    try:
+                        if isinstance(config, GemmConfig):
+                            out = w4a16_gemm(x, qweight, scales, zeros, 128, config)
+                        else:
+                            out = w4a16_gemv(x, qweight, scales, zeros, 128, config)
+                    except Exception as exc:   # reported (a failed check), the other launches go on
+                        _report(label, float("inf"), 1e-2, error=f"{type(exc).__name__}: {exc}"[:300])
+                        continue
+                    _report(label, _rel(out, x.float() @ weight), 1e-2)
     # the SiLU-and-mul prologue (down_proj at one row) against SiluAndMul then the same launch
     from pagedserve.layers.activation import SiluAndMul
     _, k, n = SHAPES[-1]
@@ -131,6 +153,7 @@ def check_kernels() -> None:
     norm = RMSNorm(k, 1e-5, scales.dtype).to(DEVICE)
     norm.weight.data = torch.rand(k, device=DEVICE, dtype=scales.dtype) + 0.5
     x, residual = (torch.randn(1, k, device=DEVICE, dtype=scales.dtype) * 4 for _ in range(2))
+    saved = {(1, k, n): triton_w4a16.TUNED[(1, k, n)]} if (1, k, n) in triton_w4a16.TUNED else {}
     for config in [c for c in FMA if c.fixup][:2]:   # split K: summed in the kernel, or not fused
         triton_w4a16.TUNED[(1, k, n)] = config
         for res in (None, residual):
@@ -146,6 +169,7 @@ def check_kernels() -> None:
             if not torch.equal(h, h_ref):
                 FAILED.append("w4 fma rms_norm prologue: x + residual")
     triton_w4a16.TUNED.pop((1, k, n))
+    triton_w4a16.TUNED.update(saved)
     # split-K's in-kernel fix-up resets its counters: the same call twice gives the same bits
     qweight, scales, zeros = _weights(4096 if not SMOKE else 256, 512, torch.float16, True)
     x = torch.randn(1, qweight.shape[0] * 8, device=DEVICE, dtype=torch.float16)
@@ -153,35 +177,62 @@ def check_kernels() -> None:
     _report("w4 fma fix-up repeatable", float((w4a16_gemv(x, qweight, scales, zeros, 128, FMA[0]) != first).sum()), 0.5)
 
 
-def _timer(fn, iters: int = 50) -> float:
-    """ms per call: CUDA graphs of 10 calls replayed (on CPU: one call, for the smoke run)."""
-    fn()
+def _with_prologue(name: str, x: torch.Tensor, w4: list, config: GemvConfig):
+    """fn(i): the one-row launch of `config` on copy i with the prologue the model folds into
+    this projection (SiLU-and-mul on [gate | up] for down, RMSNorm with the residual add for
+    qkv and gate_up, none for o), so the sweep pays what the decode step pays."""
+    from pagedserve.layers.quantization import triton_w4a16 as t
+    k = x.shape[1]
+    if PROLOGUES[name] == SILU_AND_MUL:
+        gate_up = torch.randn(1, 2 * k, device=DEVICE, dtype=x.dtype)
+        return lambda i: t.w4a16_gemv(gate_up[:, :k], *w4[i], 128, config, prologue=SILU_AND_MUL)
+    if PROLOGUES[name] == t.RMS_NORM_RESIDUAL:
+        residual, h = torch.randn_like(x), torch.empty_like(x)
+        norm = (torch.rand(k, device=DEVICE, dtype=x.dtype) + 0.5, 1e-5, residual, h)
+        return lambda i: t.w4a16_gemv(x, *w4[i], 128, config, prologue=t.RMS_NORM_RESIDUAL, norm=norm)
+    return lambda i: t.w4a16_gemv(x, *w4[i], 128, config)
+
+
+def _copies(nbytes: int) -> int:
+    """How many copies of a weight of `nbytes` to rotate through so that the calls read HBM, as
+    a model's layers do (each layer its own weights), not L2: 4x the L2 cache in all."""
+    if SMOKE:
+        return 2
+    return max(2, -(-4 * torch.cuda.get_device_properties(0).L2_cache_size // nbytes))
+
+
+def _timer(fn, copies: int = 1, iters: int = 50) -> float:
+    """ms per call of fn(i), i cycling over `copies` (each its own weights): CUDA graphs of
+    max(10, copies) calls replayed (on CPU: one call, for the smoke run)."""
+    fn(0)
     if SMOKE:
         start = time.perf_counter()
-        fn()
+        fn(1 % copies)
         return (time.perf_counter() - start) * 1e3
+    calls = max(10, copies)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(10):
-            fn()
+        for i in range(calls):
+            fn(i % copies)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     graph.replay()
+    replays = max(1, iters // calls)
     start.record()
-    for _ in range(iters // 10):
+    for _ in range(replays):
         graph.replay()
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / (iters // 10 * 10)
+    return start.elapsed_time(end) / (replays * calls)
 
 
 def _save(best: dict) -> None:
-    tuned = {"gemv": {}, "gemm": {}}
+    tuned = {"gemv": {}, "gemm": {}, "path": {}}
     for key, value in best.items():
-        if value["kind"] in tuned:
-            tuned[value["kind"]][key] = value["config"]
-    with open(TUNED_FILE, "w") as f:
-        json.dump(tuned, f)
+        tuned[value["kind"]][key] = value["config"]
+    for path in [TUNED_FILE] + ([os.path.join(os.environ["OUT"], "w4_tuned.json")] if os.environ.get("OUT") else []):
+        with open(path, "w") as f:
+            json.dump(tuned, f)
 
 
 def _lm_head_ms() -> float:
@@ -189,7 +240,7 @@ def _lm_head_ms() -> float:
     from pagedserve.layers.linear_ops import linear
     head = torch.randn(LM_HEAD[1], LM_HEAD[0], device=DEVICE, dtype=torch.bfloat16)
     x = torch.randn(1, LM_HEAD[0], device=DEVICE, dtype=torch.bfloat16)
-    ms = _timer(lambda: linear(x, head))
+    ms = _timer(lambda i: linear(x, head))   # 1 GiB: L2 holds none of it
     emit("SWEEP", layer="lm_head_bf16", m=1, k=LM_HEAD[0], n=LM_HEAD[1], bf16_us=round(ms * 1e3, 1),
          bf16_tb_s=round(head.numel() * 2 / ms / 1e9, 2))
     return ms
@@ -200,33 +251,47 @@ def sweep() -> None:
     kept, and w4_tuned.json rewritten after each, so that a stage cut short by its time limit
     still leaves what it measured."""
     from pagedserve.layers.linear_ops import linear
-    from pagedserve.layers.quantization.triton_w4a16 import rows_bucket, w4a16_gemm, w4a16_gemv, w4a16_matmul
+    from pagedserve.layers.quantization.triton_w4a16 import (dequantize_w4, rows_bucket, w4a16_gemm, w4a16_gemv,
+                                                              w4a16_matmul)
     best: dict[str, dict] = {}
-    weights = {name: _weights(k, n, torch.bfloat16, True) + (torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16),)
-               for name, k, n in SHAPES}
+    weights, dense = {}, {}   # copies of each layer's weights (int4; bf16), rotated by the timings
+    for name, k, n in SHAPES:
+        weights[name] = [_weights(k, n, torch.bfloat16, True, seed) for seed in range(_copies(k * n // 2))]
+        dense[name] = [torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) for _ in range(_copies(k * n * 2))]
+    emit("SWEEP_COPIES", **{name: [len(weights[name]), len(dense[name])] for name, _, _ in SHAPES})
+    tinygemm: dict[str, list] = {}
     head_ms = _lm_head_ms()
-    for m in ((1, 4, 64) if SMOKE else (1, 256, 64, 4, 16)):   # b1's and thr512's rows first
+    for m in ((1, 4, 256) if SMOKE else (1, 256, 512, 64, 4, 16)):   # b1's and thr512's rows first
         for name, k, n in SHAPES:
-            qweight, scales, zeros, dense = weights[name]
-            w4_bytes = k * n // 2 + 2 * scales.numel() * scales.element_size()
+            w4, bf = weights[name], dense[name]
+            w4_bytes = k * n // 2 + 2 * w4[0][1].numel() * w4[0][1].element_size()
             x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
-            bf16_ms = _timer(lambda: linear(x, dense))
-            cublas_ms = _timer(lambda: torch.nn.functional.linear(x, dense))
+            bf16_ms = _timer(lambda i: linear(x, bf[i]), len(bf))
+            cublas_ms = _timer(lambda i: torch.nn.functional.linear(x, bf[i]), len(bf))
             key = f"{rows_bucket(m)},{k},{n}"
             common = dict(layer=name, m=m, k=k, n=n, bf16_us=round(bf16_ms * 1e3, 1), cublas_bf16_us=round(cublas_ms * 1e3, 1),
                           bf16_tb_s=round(k * n * 2 / bf16_ms / 1e9, 2))
+            if m == 256:   # the dequantize + cuBLAS path's first half, both kernels (int4 read, 16-bit write)
+                for generic in (False, True):
+                    ms = _timer(lambda i, g=generic: dequantize_w4(*w4[i], 128, None, torch.bfloat16, g), len(w4))
+                    emit("DEQUANT", layer=name, kernel="generic" if generic else "blocks", us=round(ms * 1e3, 1),
+                         tb_s=round((w4_bytes + 2 * k * n) / ms / 1e9, 2))
             if m > 16:
-                launches = [(path, lambda p=path: w4a16_matmul(x, qweight, scales, zeros, 128, None, p))
+                launches = [(path, lambda i, p=path: w4a16_matmul(x, *w4[i], 128, None, p))
                             for path in ("dequant", "gemm")]
-                launches += [(c, lambda c=c: w4a16_gemm(x, qweight, scales, zeros, 128, c)) for c in GEMM]
+                launches += [(c, lambda i, c=c: w4a16_gemm(x, *w4[i], 128, c)) for c in GEMM]
             else:
                 configs = FMA if m == 1 else FMA[:1] + FMA[3:4] + DOT if m <= 4 else DOT
-                launches = [(c, lambda c=c: w4a16_gemv(x, qweight, scales, zeros, 128, c)) for c in configs]
-                launches += [(c, lambda c=c: w4a16_gemm(x, qweight, scales, zeros, 128, c)) for c in FEW if m > 1]
+                if m == 1:   # one row as the model runs it: with the projection's prologue
+                    configs = [c for c in configs if c.fixup or PROLOGUES[name] == SILU_AND_MUL]
+                    launches = [(c, _with_prologue(name, x, w4, c)) for c in configs]
+                else:
+                    launches = [(c, lambda i, c=c: w4a16_gemv(x, *w4[i], 128, c)) for c in configs]
+                launches += [(c, lambda i, c=c: w4a16_gemm(x, *w4[i], 128, c)) for c in FEW if m > 1]
             for what, fn in launches:
                 label = what if isinstance(what, str) else _name(what)
                 try:
-                    ms = _timer(fn)
+                    ms = _timer(fn, len(w4))
                 except Exception as exc:   # a launch that does not compile is reported, not fatal
                     emit("SWEEP", layer=name, m=m, launch=label, error=f"{type(exc).__name__}: {exc}"[:300])
                     continue
@@ -237,12 +302,46 @@ def sweep() -> None:
                     best[key] = dict(ms=ms, kind=kind, config=label if kind == "path" else dataclasses.asdict(what))
             emit("TUNED", key=key, us=round(best[key]["ms"] * 1e3, 1), launch_kind=best[key]["kind"], config=best[key]["config"],
                  tb_s=round(w4_bytes / best[key]["ms"] / 1e9, 2))
+            if m <= 64:
+                _tinygemm(name, m, x, w4, tinygemm, w4_bytes, best[key]["ms"])
             _save(best)
         if m == 1:
             linears_ms = sum(best[f"1,{k},{n}"]["ms"] for _, k, n in SHAPES)
             emit("FLOOR", m=1, layer_linears_us=round(linears_ms * 1e3, 1), lm_head_us=round(head_ms * 1e3, 1),
                  step_linears_ms=round(LAYERS * linears_ms + head_ms, 3),
                  tok_s_if_nothing_else=round(1e3 / (LAYERS * linears_ms + head_ms), 1))
+
+
+def _tinygemm_layer(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor):
+    """The same int4 weight for torch's own int4 GEMM (tinygemm: torch._weight_int4pack_mm, the
+    kernel torchao's int4 weight-only path runs): (packed weight, scales_and_zeros, the op).
+    tinygemm dequantizes (q - 8) * scale + zero, so its zero is (8 - our zero) * scale."""
+    from pagedserve.layers.quantization.int4 import unpack_int32
+    w_nk = unpack_int32(qweight, 0).t().contiguous()   # [N, K], values 0..15
+    scales_and_zeros = torch.stack([scales, (8 - zeros) * scales], -1).to(scales.dtype).contiguous()
+    if SMOKE:
+        return (torch._convert_weight_to_int4pack_for_cpu(w_nk, 8), scales_and_zeros,
+                torch._weight_int4pack_mm_for_cpu)
+    packed = (w_nk[:, ::2] << 4 | w_nk[:, 1::2]).to(torch.uint8)
+    return torch._convert_weight_to_int4pack(packed, 8), scales_and_zeros, torch._weight_int4pack_mm
+
+
+def _tinygemm(name: str, m: int, x: torch.Tensor, w4: list, cache: dict, w4_bytes: int, best_ms: float) -> None:
+    """A reference point, not a launch the engine routes to: torch's tinygemm on the same
+    weights (checked against the dequantized reference first) and its time against ours."""
+    from pagedserve.layers.quantization.int4 import dequantize_int4
+    try:
+        if name not in cache:
+            cache[name] = [_tinygemm_layer(*w) for w in w4]
+            packed, sz, op = cache[name][0]
+            ref = x.float() @ dequantize_int4(*w4[0], 128, None, x.dtype).float()
+            emit("TINYGEMM_CHECK", layer=name, rel_err=_rel(op(x, packed, 128, sz), ref))
+        tg = cache[name]
+        ms = _timer(lambda i: tg[i][2](x, tg[i][0], 128, tg[i][1]), len(tg))
+        emit("TINYGEMM", layer=name, m=m, us=round(ms * 1e3, 1), tb_s=round(w4_bytes / ms / 1e9, 2),
+             ours_us=round(best_ms * 1e3, 1), ours_vs_tinygemm=round(ms / best_ms, 2))
+    except Exception as exc:   # torch without it, or a shape it refuses: no figure
+        emit("TINYGEMM", layer=name, m=m, error=f"{type(exc).__name__}: {exc}"[:300])
 
 
 def load_tuned() -> None:
@@ -255,6 +354,9 @@ def load_tuned() -> None:
     for kind, table, cls in (("gemv", triton_w4a16.TUNED, GemvConfig), ("gemm", triton_w4a16.GEMM_TUNED, GemmConfig)):
         for key, config in tuned.get(kind, {}).items():   # (an older file: flat, no kinds)
             table[tuple(int(v) for v in key.split(","))] = cls(**config)
+    for key in tuned.get("path", {}):   # dequantize + cuBLAS measured faster: no static launch for it
+        for table in (triton_w4a16.TUNED, triton_w4a16.GEMM_TUNED):
+            table.pop(tuple(int(v) for v in key.split(",")), None)
     for _, k, n in SHAPES:   # no M = 1 launch measured (a stage cut short, or none compiled): tl.dot
         triton_w4a16.TUNED.setdefault((1, k, n), triton_w4a16.DOT_GEMV)
     emit("TUNED", gemv=len(triton_w4a16.TUNED), gemm=len(triton_w4a16.GEMM_TUNED))
@@ -293,10 +395,37 @@ def decode_profile(variant: str, llm) -> None:
             graphs._forward(1)
             torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60), flush=True)
+    kernels = sorted(((e.time_range.start, e.name, e.time_range.elapsed_us()) for e in prof.events()
+                      if e.device_type.name == "CUDA"), key=lambda e: e[0])
+    per_layer = [us for _, name, us in kernels if name in ("_w4_gemv_fma_kernel", "_gemv_kernel")][:4 * LAYERS]
+    if len(per_layer) == 4 * LAYERS:   # the layers' linears in order: qkv, o, gate_up, down
+        emit("PROFILE", variant=variant, linear_us_in_step={
+            proj: round(sum(per_layer[i::4]) / LAYERS, 1) for i, proj in enumerate(("qkv", "o", "gate_up", "down"))})
+    emit("PROFILE", variant=variant, layer0_kernels=[(name[:28], round(us, 1)) for _, name, us in kernels[:12]])
+
+
+def perplexity() -> None:
+    """benchmarks/quant_perplexity.py on CUDA in bf16 (every variant; the default model must be
+    installed, as w4_gpu.sh does from .devcarry)."""
+    if SMOKE:
+        return
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "quant_perplexity.py"), "--device", "cuda", "--dtype",
+           "bfloat16"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    tail = []
+    for line in proc.stdout:   # each variant's line as it comes (the stage may be cut short)
+        tail = (tail + [line])[-40:]
+        if "RESULT" in line or "Error" in line:
+            print(line, end="", flush=True)
+    if proc.wait():
+        print("".join(tail), flush=True)
+        FAILED.append(f"quant_perplexity exit {proc.returncode}")
 
 
 def run_stage(stage: str) -> None:
-    if stage == "kernels":
+    if stage == "ppl":
+        perplexity()
+    elif stage == "kernels":
         check_kernels()
         print(f"CHECK_SUMMARY failed={len(FAILED)} {FAILED[:20]}", flush=True)
         sweep()
@@ -306,17 +435,22 @@ def run_stage(stage: str) -> None:
     sys.exit(1 if FAILED else 0)
 
 
+PARTS = {"a": ["kernels"], "b": ["e2e_w4a16", "e2e_bf16", "ppl"]}
+
+
 def main() -> None:
     args = [a for a in sys.argv[1:] if a != "--cpu-smoke"]
-    if args:
-        if args[0] not in STAGES:
-            sys.exit(__doc__)
+    if args and args[0] in STAGES:
         run_stage(args[0])
         return
-    log = open(os.path.join(os.environ["OUT"], "w4_gpu.txt"), "w") if os.environ.get("OUT") else None
-    if os.path.exists(TUNED_FILE):
+    if args and args[0] not in PARTS:
+        sys.exit(__doc__)
+    stages = PARTS[args[0]] if args else list(STAGES)
+    log = open(os.path.join(os.environ["OUT"], f"w4_gpu{args[0] if args else ''}.txt"), "w") if os.environ.get("OUT") else None
+    if "kernels" in stages and os.path.exists(TUNED_FILE):
         os.remove(TUNED_FILE)
-    for stage, limit in STAGES.items():
+    for stage in stages:
+        limit = STAGES[stage]
         start = time.time()
         cmd = [sys.executable, os.path.abspath(__file__), stage] + (["--cpu-smoke"] if SMOKE else [])
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)

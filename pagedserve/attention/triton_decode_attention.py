@@ -13,16 +13,19 @@ of a BLOCK_M tile (as the paged kernel) and:
    layers/triton_ops.rotate rounds them (the cos/sin caches have duplicated halves, so one
    full-width load of the row and one of its half-rotated copy give both halves);
 2. segment 0 stores the rotated key and the value into the token's slot (-1: none); nobody
-   in this launch reads that slot back: the new key is scored from registers (segment 0
-   starts its online softmax with it), the cached keys [0, seq_len - 1) through the block
-   table;
-3. only ceil(tiles / tiles_per_segment) segments (at most num_segments) do work, so a short
-   context runs as one program per KV head and writes the output directly; with more than
-   one active segment each writes fp32 partials, and the last one to finish (an atomic
-   counter per (token, KV head), reset by that program) merges them. No second launch.
+   in this launch reads that slot back: the cached keys [0, seq_len - 1) come through the
+   block table, and in the tile that holds position seq_len - 1 the new key and value stand
+   in for the slot from registers;
+3. the key tiles [0, cdiv(seq_len, TILE_N)) are split over segments as the paged kernel
+   splits them (triton_paged_attention._active_segments: one segment for a short context,
+   which writes the output directly); with more than one active segment each writes fp32
+   partials, and the last one to finish (an atomic counter per (token, KV head), reset by
+   that program) merges them with the paged kernel's merge (merge_segments). No second launch.
 
-Numerics: the rotated key in the cache is bit for bit the generic path's; the attention output
-equals the generic kernels' up to fp32 summation order.
+Numerics: bit for bit the generic path (rotary_store_kv, paged_attention and its reduce): the
+same roundings, tiles, segments and merge order. Session 5's version scored the new key apart
+(first, its weight unrounded) and split the tiles otherwise: one-at-a-time bf16 agreement with
+transformers on the default model 23/40 against the generic path's 30/40 (H200, 2026-12-01).
 """
 from __future__ import annotations
 
@@ -30,22 +33,13 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedserve.attention.triton_paged_attention import (_LOG2E, _check_attention_inputs, _load_kv_tile,
+from pagedserve.attention.triton_paged_attention import (_LOG2E, LONE_TILES, SHORT_TILES, TILES_PER_SEGMENT,
+                                                          _active_segments, _check_attention_inputs, _load_kv_tile,
                                                           _online_softmax_step, _sm_count, choose_num_splits,
-                                                          default_tile_config)
+                                                          default_tile_config, merge_segments)
 from pagedserve.layers import triton_gemv
 from pagedserve.layers.triton_gemv import gdc_launch_dependents, gdc_wait
 from pagedserve.layers.triton_ops import _LIBDEVICE, libdevice, zeroed_counters
-
-# A segment covers at least this many key tiles (TILE_N keys each) before the keys are split
-# over more programs: benchmarks/decode_gpu.py times the choices (stage "attn").
-TILES_PER_SEGMENT = 2
-
-
-def set_tiles_per_segment(tiles: int) -> None:
-    global TILES_PER_SEGMENT
-    TILES_PER_SEGMENT = max(1, tiles)
-
 
 @triton.jit
 def _rotate_row(x, x_other, cos, sin, first_half, LIBDEVICE: tl.constexpr):
@@ -65,53 +59,18 @@ def _rotate_row(x, x_other, cos, sin, first_half, LIBDEVICE: tl.constexpr):
     return out.to(dt)
 
 
-@triton.jit
-def _merge_segments(out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, token, kv_head, active,
-                    num_segments, stride_o_token, stride_o_head, NUM_HEADS: tl.constexpr,
-                    QUERIES_PER_KV: tl.constexpr, QPK_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    HEAD_DIM_PAD: tl.constexpr, SEG_CHUNK: tl.constexpr):
-    """The last segment's merge of every active segment's (max, sum, acc) for this KV head's
-    query rows: SEG_CHUNK segments per load, so one dependent round trip per chunk, not per
-    segment. Every active segment's max is finite (it saw >= 1 key: a tile, or the new key)."""
-    rq = tl.arange(0, QPK_PAD)
-    segs = tl.arange(0, SEG_CHUNK)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    row_ok = rq < QUERIES_PER_KV
-    dim_ok = offs_d < HEAD_DIM
-    base = (token * NUM_HEADS + kv_head * QUERIES_PER_KV + rq) * num_segments   # partial row of segment 0
-    m = tl.full([QPK_PAD], float("-inf"), dtype=tl.float32)
-    total = tl.zeros([QPK_PAD], dtype=tl.float32)
-    merged = tl.zeros([QPK_PAD, HEAD_DIM_PAD], dtype=tl.float32)
-    for start in range(0, active, SEG_CHUNK):
-        seg = start + segs
-        ok = (seg < active)[:, None] & row_ok[None, :]   # [SEG_CHUNK, QPK_PAD]
-        rows = base[None, :] + seg[:, None]
-        seg_max = tl.load(partial_max_ptr + rows, mask=ok, other=float("-inf"), cache_modifier=".cg")
-        seg_sum = tl.load(partial_sum_ptr + rows, mask=ok, other=0.0, cache_modifier=".cg")
-        seg_acc = tl.load(partial_acc_ptr + rows[:, :, None] * HEAD_DIM_PAD + offs_d[None, None, :],
-                          mask=ok[:, :, None] & dim_ok[None, None, :], other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m, tl.max(seg_max, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows past QUERIES_PER_KV
-        alpha = tl.math.exp2(m - m_safe)
-        weight = tl.math.exp2(seg_max - m_safe[None, :])   # masked segments: 0
-        total = total * alpha + tl.sum(seg_sum * weight, 0)
-        merged = merged * alpha[:, None] + tl.sum(seg_acc * weight[:, :, None], 0)
-        m = m_new
-    out = out_ptr + token * stride_o_token + (kv_head * QUERIES_PER_KV + rq)[:, None] * stride_o_head + offs_d[None, :]
-    tl.store(out, (merged / total[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
-
-
-@triton.jit(do_not_specialize=["num_segments", "tiles_per_segment", "stride_block_table"])
+@triton.jit(do_not_specialize=["num_segments", "tiles_per_segment", "short_tiles", "lone_tiles",
+                               "stride_block_table"])
 def _decode_attention_kernel(
     out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, counter_ptr,
     query_ptr, key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
     slot_mapping_ptr, cos_ptr, sin_ptr,
-    scale_log2, num_segments, tiles_per_segment,
+    scale_log2, num_segments, tiles_per_segment, short_tiles, lone_tiles,
     stride_q_token, stride_q_head, stride_key_token, stride_key_head, stride_value_token, stride_value_head,
     stride_o_token, stride_o_head,
     stride_k_block, stride_k_slot, stride_k_head, stride_v_block, stride_v_slot, stride_v_head,
     stride_block_table, stride_cos,
-    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, QUERIES_PER_KV: tl.constexpr, QPK_PAD: tl.constexpr,
+    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, QUERIES_PER_KV: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, ROTARY: tl.constexpr, LIBDEVICE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
@@ -123,9 +82,10 @@ def _decode_attention_kernel(
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
     token = seq.to(tl.int64)   # an all-decode batch: token s is sequence s's, at position seq_len - 1
-    cached = tl.load(seq_lens_ptr + seq) - 1   # keys before the new token's
-    num_tiles = tl.cdiv(cached, TILE_N)
-    active = tl.minimum(num_segments, tl.maximum(tl.cdiv(num_tiles, tiles_per_segment), 1))
+    seq_len = tl.load(seq_lens_ptr + seq)
+    cached = seq_len - 1   # keys before the new token's
+    num_tiles = tl.cdiv(seq_len, TILE_N)   # the new key's tile included, as the paged kernel counts them
+    active = _active_segments(num_tiles, num_segments, tiles_per_segment, short_tiles, lone_tiles)
     if segment >= active:
         return
 
@@ -159,16 +119,12 @@ def _decode_attention_kernel(
                      + kv_head * stride_k_head + offs_d, k_new.to(k_cache_ptr.dtype.element_ty), mask=dim_valid)
             tl.store(v_cache_ptr + block * stride_v_block + (slot % BLOCK_SIZE) * stride_v_slot
                      + kv_head * stride_v_head + offs_d, v_new.to(v_cache_ptr.dtype.element_ty), mask=dim_valid)
-        # the new key opens segment 0's online softmax (as cached keys would, in the cache's dtype)
-        k_new_c = k_new.to(k_cache_ptr.dtype.element_ty).to(tl.float32)
-        m_i = tl.sum(q.to(tl.float32) * k_new_c[None, :], 1) * scale_log2
-        l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32) \
-            + v_new.to(v_cache_ptr.dtype.element_ty).to(tl.float32)[None, :]
-    else:
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    # the new key and value as the cache holds them: they stand in for its slot in the last tile
+    k_new = k_new.to(k_cache_ptr.dtype.element_ty)
+    v_new = v_new.to(v_cache_ptr.dtype.element_ty)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
 
     block_table_row = block_tables_ptr + seq.to(tl.int64) * stride_block_table
     k_head_ptr = k_cache_ptr + kv_head.to(tl.int64) * stride_k_head
@@ -180,17 +136,21 @@ def _decode_attention_kernel(
     block_id = tl.load(block_table_row + key_pos // BLOCK_SIZE, mask=key_pos < cached, other=0).to(tl.int64)
     for tile in range(tile_lo, tile_hi):
         key_pos = tile * TILE_N + offs_n
-        key_valid = key_pos < cached
-        k, v = _load_kv_tile(k_head_ptr, v_head_ptr, block_id, key_pos, key_valid, offs_d, dim_valid,
+        k, v = _load_kv_tile(k_head_ptr, v_head_ptr, block_id, key_pos, key_pos < cached, offs_d, dim_valid,
                              stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, BLOCK_SIZE)
+        is_new = (key_pos == cached)[:, None]   # not read back: segment 0 may be storing it
+        k = tl.where(is_new, k_new[None, :], k)
+        v = tl.where(is_new, v_new[None, :], v)
         next_pos = key_pos + TILE_N
         block_id = tl.load(block_table_row + next_pos // BLOCK_SIZE, mask=next_pos < cached,
                            other=0).to(tl.int64)
-        m_i, l_i, acc = _online_softmax_step(q, k, v, key_valid[None, :], m_i, l_i, acc, scale_log2, DOT_PRECISION)
+        m_i, l_i, acc = _online_softmax_step(q, k, v, (key_pos < seq_len)[None, :], m_i, l_i, acc, scale_log2,
+                                             DOT_PRECISION)
 
     out_ptrs = out_ptr + token * stride_o_token + head[:, None] * stride_o_head + offs_d[None, :]
-    if active == 1:
-        tl.store(out_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=q_mask)
+    if active == 1:   # as the paged kernel's one segment (its merge of one segment divides alike)
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
     else:
         rows = (token * NUM_HEADS + head) * num_segments   # + segment: this program's partial rows
         tl.store(partial_acc_ptr + (rows + segment)[:, None] * HEAD_DIM_PAD + offs_d[None, :], acc, mask=q_mask)
@@ -199,9 +159,11 @@ def _decode_attention_kernel(
         tl.debug_barrier()   # every thread's partials are written before the counter is released
         counter = counter_ptr + token * NUM_KV_HEADS + kv_head
         if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == active - 1:   # the last one merges
-            _merge_segments(out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, token, kv_head, active,
-                            num_segments, stride_o_token, stride_o_head, NUM_HEADS, QUERIES_PER_KV,
-                            QPK_PAD, HEAD_DIM, HEAD_DIM_PAD, 8)
+            for r in tl.static_range(QUERIES_PER_KV):   # each head as the paged kernel's reduce merges it
+                merge_head = kv_head * QUERIES_PER_KV + r
+                merge_segments(out_ptr + token * stride_o_token + merge_head * stride_o_head, partial_acc_ptr,
+                               partial_max_ptr, partial_sum_ptr, (token * NUM_HEADS + merge_head) * num_segments,
+                               active, HEAD_DIM, HEAD_DIM_PAD, 16)
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")   # ready for the next launch
 
 
@@ -217,7 +179,9 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     head strides); rotary = (cos_cache, sin_cache) rotates query and key at that position as
     rotary_store_kv does (query and key themselves are not modified). Mutates k_cache /
     v_cache (the tokens' slots) and `out`; never synchronises with the device (graph-safe:
-    max_seq_len is a host upper bound that fixes the split count)."""
+    max_seq_len is a host upper bound that fixes the split count). tiles_per_segment: the
+    paged kernel's rule when None (bit for bit its output), else that many key tiles a
+    segment at every context (timings, tests)."""
     _check_attention_inputs(query, k_cache, v_cache, block_tables, seq_lens, None, out)
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = k_cache.shape[2]
@@ -260,12 +224,12 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         out, partial_acc, partial_max, partial_sum, counters,
         query, key, value, k_cache, v_cache, block_tables, seq_lens, slot_mapping, cos_cache, sin_cache,
         scale * _LOG2E, num_splits, tiles_per_segment or TILES_PER_SEGMENT,
+        SHORT_TILES if tiles_per_segment is None else 0, LONE_TILES if tiles_per_segment is None else 0,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), block_tables.stride(0), cos_cache.stride(0),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, QUERIES_PER_KV=queries_per_kv,
-        QPK_PAD=triton.next_power_of_2(queries_per_kv),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, HALF=head_dim // 2, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_M=config.block_m, TILE_N=config.tile_n, ROTARY=rotary is not None, LIBDEVICE=_LIBDEVICE,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",

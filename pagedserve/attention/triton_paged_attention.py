@@ -17,9 +17,10 @@ keys <= its position. Keys are read TILE_N at a time through the block table:
 
     key position p -> k_cache[block_tables[s, p // BLOCK_SIZE], p % BLOCK_SIZE, kv_head, :]
 
-Split-K (flash-decoding): with num_segments > 1 each program covers one slice of the key
-tiles and writes un-normalised partials (acc, running max, running sum) in fp32;
-`_reduce_segments` merges them. Softmax runs in fp32 in the log2 domain.
+Split-K (flash-decoding): with num_segments > 1 the first `_active_segments` programs each
+cover one slice of the key tiles and write un-normalised partials (acc, running max, running
+sum) in fp32, the others empty ones; `_reduce_segments` merges them. Softmax runs in fp32 in
+the log2 domain.
 """
 from __future__ import annotations
 
@@ -32,6 +33,27 @@ import triton.language as tl
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
+
+# How a decode's n key tiles (TILE_N keys each, the new key included) are split over the
+# launch's num_segments programs, in both decode kernels (this one and
+# triton_decode_attention.py, which must split alike to round alike), from the H200 timings
+# of benchmarks/decode_gpu.py's "attn" stage (bs 1, llama-1b / 8b shapes, 2026-12-01):
+# n <= LONE_TILES: one segment (a merge costs more than it saves: 2 tiles 4.9 us alone, 6.5 us
+# split); n <= SHORT_TILES: one tile a segment (6 tiles: 6.4 us against 7.2 at two a segment);
+# longer: TILES_PER_SEGMENT a segment (16 tiles: 7.6 us against 7.9 at one; 32 tiles: 9.6
+# against 13.1), at most num_segments. Segments past the active ones do nothing.
+TILES_PER_SEGMENT = 2
+SHORT_TILES = 8
+LONE_TILES = 2
+
+
+@triton.jit
+def _active_segments(num_tiles, num_segments, tiles_per_segment, short_tiles, lone_tiles):
+    """How many of num_segments programs share num_tiles key tiles (the rule above); segment s
+    of them takes tiles [s * num_tiles // active, (s + 1) * num_tiles // active)."""
+    per_segment = tl.where(num_tiles <= short_tiles, 1, tiles_per_segment)
+    active = tl.minimum(num_segments, tl.maximum(tl.cdiv(num_tiles, per_segment), 1))
+    return tl.where(num_tiles <= lone_tiles, 1, active)
 
 
 @triton.jit
@@ -80,13 +102,15 @@ def _online_softmax_step(q, k, v, score_mask, m_i, l_i, acc, scale_log2, DOT_PRE
 
 # seq_begin/seq_end/num_seqs/num_segments may be 0 or 1: keep them runtime ints (no constexpr
 # specialisation: one compiled variant serves every split count, decode and prefill alike).
-@triton.jit(do_not_specialize=["seq_begin", "seq_end", "stride_block_table", "num_segments"])
+@triton.jit(do_not_specialize=["seq_begin", "seq_end", "stride_block_table", "num_segments", "tiles_per_segment",
+                               "short_tiles", "lone_tiles"])
 def _paged_attention_kernel(
     out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr,
     query_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     scale_log2,  # softmax scale * log2(e)
     seq_begin, seq_end,  # this launch covers sequences [seq_begin, seq_end)
     num_segments,  # split-K slices (grid axis 2); 1 writes `out` directly
+    tiles_per_segment, short_tiles, lone_tiles,  # how many of them work: _active_segments
     stride_q_token, stride_q_head, stride_o_token, stride_o_head,
     stride_k_block, stride_k_slot, stride_k_head,
     stride_v_block, stride_v_slot, stride_v_head,
@@ -132,8 +156,9 @@ def _paged_attention_kernel(
     # Causal horizon of this tile (exclusive), then this segment's share of the key tiles.
     key_end = tl.minimum(context_len + (q_block + 1) * BLOCK_Q, seq_len)
     num_tiles = tl.cdiv(key_end, TILE_N)
-    tile_lo = segment * num_tiles // num_segments
-    tile_hi = (segment + 1) * num_tiles // num_segments
+    active = _active_segments(num_tiles, num_segments, tiles_per_segment, short_tiles, lone_tiles)
+    tile_lo = tl.minimum(segment, active) * num_tiles // active   # segments past `active`: none
+    tile_hi = tl.minimum(segment + 1, active) * num_tiles // active
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -169,6 +194,36 @@ def _paged_attention_kernel(
         tl.store(partial_sum_ptr + row, l_i, mask=row_valid)
 
 
+@triton.jit
+def merge_segments(out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, first_row, num_valid,
+                   HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SEG_CHUNK: tl.constexpr):
+    """One (token, head)'s output at out_ptr from its split-K partials at rows first_row +
+    [0, num_valid) (rows past num_valid count as empty: max -inf, sum 0, acc 0), merged
+    SEG_CHUNK at a time, online; also the one-launch decode kernel's merge
+    (triton_decode_attention.py), so both round alike."""
+    offs_s = tl.arange(0, SEG_CHUNK)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    m = tl.full([1], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([1], dtype=tl.float32)
+    acc = tl.zeros([HEAD_DIM_PAD], dtype=tl.float32)
+    for start in range(0, num_valid, SEG_CHUNK):
+        seg_valid = start + offs_s < num_valid
+        row = first_row + start + offs_s
+        seg_max = tl.load(partial_max_ptr + row, mask=seg_valid, other=float("-inf"), cache_modifier=".cg")
+        seg_sum = tl.load(partial_sum_ptr + row, mask=seg_valid, other=0.0, cache_modifier=".cg")
+        seg_acc = tl.load(partial_acc_ptr + row[:, None] * HEAD_DIM_PAD + offs_d[None, :],
+                          mask=seg_valid[:, None], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, tl.max(seg_max, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m - m_safe)
+        weight = tl.math.exp2(seg_max - m_safe)
+        total = total * alpha + tl.sum(seg_sum * weight, 0)
+        acc = acc * alpha + tl.sum(seg_acc * weight[:, None], 0)
+        m = m_new
+    out = acc / tl.where(total == 0.0, 1.0, total)
+    tl.store(out_ptr + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
 @triton.jit(do_not_specialize=["num_seqs", "num_segments"])
 def _reduce_segments_kernel(
     out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, query_start_loc_ptr, num_seqs,
@@ -180,30 +235,10 @@ def _reduce_segments_kernel(
     head = tl.program_id(1)
     if (token < tl.load(query_start_loc_ptr)) | (token >= tl.load(query_start_loc_ptr + num_seqs)):
         return  # padding token (e.g. CUDA-graph batch padding): left untouched
-    offs_s = tl.arange(0, SEG_CHUNK)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    first_row = (token * NUM_HEADS + head) * num_segments
-    # Segments are merged SEG_CHUNK at a time (one chunk up to SEG_CHUNK splits), online.
-    m = tl.full([1], float("-inf"), dtype=tl.float32)
-    total = tl.zeros([1], dtype=tl.float32)
-    acc = tl.zeros([HEAD_DIM_PAD], dtype=tl.float32)
-    for start in range(0, num_segments, SEG_CHUNK):
-        seg_valid = start + offs_s < num_segments
-        row = first_row + start + offs_s
-        seg_max = tl.load(partial_max_ptr + row, mask=seg_valid, other=float("-inf"))
-        seg_sum = tl.load(partial_sum_ptr + row, mask=seg_valid, other=0.0)
-        seg_acc = tl.load(partial_acc_ptr + row[:, None] * HEAD_DIM_PAD + offs_d[None, :],
-                          mask=seg_valid[:, None], other=0.0)
-        m_new = tl.maximum(m, tl.max(seg_max, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m - m_safe)
-        weight = tl.math.exp2(seg_max - m_safe)
-        total = total * alpha + tl.sum(seg_sum * weight, 0)
-        acc = acc * alpha + tl.sum(seg_acc * weight[:, None], 0)
-        m = m_new
-    out = acc / tl.where(total == 0.0, 1.0, total)
-    tl.store(out_ptr + token * stride_o_token + head * stride_o_head + offs_d,
-             out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    # every segment wrote its partials (empty ones: max -inf, sum 0, acc 0)
+    merge_segments(out_ptr + token * stride_o_token + head * stride_o_head, partial_acc_ptr, partial_max_ptr,
+                   partial_sum_ptr, (token * NUM_HEADS + head) * num_segments, num_segments, HEAD_DIM,
+                   HEAD_DIM_PAD, SEG_CHUNK)
 
 
 @dataclass(frozen=True)
@@ -387,7 +422,7 @@ def _launch_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     _paged_attention_kernel[(grid_q, num_kv_heads, num_splits)](
         out, partial_acc, partial_max, partial_sum,
         query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-        scale * _LOG2E, seq_begin, seq_end, num_splits,
+        scale * _LOG2E, seq_begin, seq_end, num_splits, TILES_PER_SEGMENT, SHORT_TILES, LONE_TILES,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

@@ -10,7 +10,10 @@ batch at a time) keeps one step in flight: each call schedules and launches step
 waits for step N's sampled tokens and applies them, so the host's scheduling, input building
 and output handling run while the device computes. A request that ends at step N (EOS, stop)
 was already scheduled in N+1: that row's token is dropped. Requests whose sampling reads
-earlier outputs (penalties) make the engine run in lockstep while they are alive.
+earlier outputs (penalties) make the engine run in lockstep while they are alive. A step
+with constrained rows (structured outputs) is sampled at the next call, right before the
+step after it is launched: its grammar mask is filled in the grammar process meanwhile, while
+this thread hands the outputs over and schedules (core/structured_output.py).
 
 With an executor of more than two concurrent batches (pipeline parallelism: one per stage),
 the same loop keeps up to `max_concurrent_batches` steps in flight, a FIFO queue as vLLM's
@@ -29,6 +32,7 @@ from pagedserve.core.outputs import EngineCoreOutput, EngineCoreOutputs, EngineS
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.scheduler import Scheduler
 from pagedserve.core.snapshot import StepLog
+from pagedserve.core.structured_output import PendingFill, ProcessGrammars
 from pagedserve.engine_io import (DeferredSampling, Executor, ModelRunnerOutput, PendingOutput, RequestId,
                                   SchedulerOutput)
 from pagedserve.errors import ValidationError
@@ -76,7 +80,13 @@ class EngineCore:
         # Not under PP: its micro-batches never hold a request whose token is in flight, so the
         # bitmask is filled at schedule time and no DeferredSampling is launched.
         self.scheduler.defer_grammar = self.async_scheduling and self.scheduler.micro_batches == 1
+        if self.scheduler.defer_grammar:   # accept + fill in a grammar process, beside this thread
+            self.scheduler.grammars = ProcessGrammars(config.scheduler.max_num_seqs)
         self._in_flight: deque[_Launched] = deque()   # launched, not yet applied, oldest first (async only)
+        # the newest step in flight's grammar bitmask, on its way (async only), and the outputs
+        # of requests failed when it arrived (a token their grammar refused, learned a step late)
+        self._pending_fill: PendingFill | None = None
+        self._late_outputs: list[EngineCoreOutput] = []
         # Event bookkeeping, touched only for requests that change state.
         self._events: list[RequestEvent] = []                  # since the last step
         self._unscheduled: dict[RequestId, Request] = {}       # queued, never scheduled
@@ -163,7 +173,10 @@ class EngineCore:
         queue = self._in_flight
         if queue and self.scheduler.num_history_dependent:
             outputs = self._resolve()   # lockstep: the next step needs these tokens on the host
-        launched = self._launch(self._schedule())
+        so = self._schedule()
+        self._sample_pending()   # its mask was filled while the outputs were handed over and `so` scheduled
+        launched = self._launch(so)
+        fill_started = False
         if queue and (launched is None or len(queue) + 1 >= self.executor.max_concurrent_batches):
             previous = queue.popleft()
             result = self._wait(previous)
@@ -174,9 +187,12 @@ class EngineCore:
                     launched = None
                 outputs += self._fail(previous[0], result, self._drop_in_flight())
             else:
+                if launched is not None:   # the grammar process works through the update too
+                    launched, fill_started = self._start_fill(launched, previous[0], result), True
                 outputs += self._update(previous[0], result)
-        launched = self._sample_deferred(launched)   # after the previous step's tokens are applied
         if launched is not None:
+            if not fill_started:
+                launched = self._start_fill(launched)
             queue.append(launched)
         if launched is not None and (not launched[0].num_scheduled_tokens or self.scheduler.num_history_dependent):
             outputs += self._resolve()   # nothing to wait for, or lockstep
@@ -202,24 +218,44 @@ class EngineCore:
         except Exception as exc:
             return so, exc
 
-    def _sample_deferred(self, launched: _Launched | None) -> _Launched | None:
-        """A launched step that waits for its grammar bitmask gets it now: the matchers have
-        taken every earlier token, and the device ran the forward pass meanwhile."""
-        if launched is None or not isinstance(launched[1], DeferredSampling):
-            return launched
-        so, deferred = launched
+    def _start_fill(self, launched: _Launched, previous: SchedulerOutput | None = None,
+                    result: ModelRunnerOutput | None = None) -> _Launched:
+        """A launched step that waits for its grammar bitmask: its fill starts (in the grammar
+        process), after the previous step's sampled tokens, `result` of `previous` when that
+        step's update has not run yet (the scheduler takes them ahead). Returns the launched
+        step, or it with what starting raised."""
+        if isinstance(launched[1], DeferredSampling):
+            try:
+                self._pending_fill = self.scheduler.deferred_grammar_bitmask(previous, result)
+            except Exception as exc:
+                self._wait(launched)   # sampled unmasked and dropped: every rank finishes the step
+                return launched[0], exc
+        return launched
+
+    def _sample_pending(self) -> None:
+        """The newest step in flight, if it waits for its bitmask, gets it and is sampled:
+        before anything else is launched or waited for (the next step's inputs may be its
+        sampled ids). Requests whose last token broke their grammar fail now."""
+        if self._pending_fill is None:
+            return
+        fill, self._pending_fill = self._pending_fill, None
+        so, deferred = launched = self._in_flight.pop()
         try:
-            bitmask = self.scheduler.deferred_grammar_bitmask()
+            bitmask = fill.result()
         except Exception as exc:
             self._wait(launched)   # sampled unmasked and dropped: every rank finishes the step
-            return so, exc
+            self._in_flight.append((so, exc))
+            return
         try:
-            return so, deferred.sample(bitmask)
+            self._in_flight.append((so, deferred.sample(bitmask)))
         except Exception as exc:
-            return so, exc
+            self._in_flight.append((so, exc))
+        for request, error in fill.failed:
+            self._late_outputs += self._fail_requests([request.request_id], error)
 
     def _resolve(self) -> list[EngineCoreOutput]:
         """Apply every step in flight, oldest first."""
+        self._sample_pending()
         outputs: list[EngineCoreOutput] = []
         while self._in_flight:
             launched = self._in_flight.popleft()
@@ -231,6 +267,7 @@ class EngineCore:
 
     def _drop_in_flight(self) -> list[SchedulerOutput]:
         """After a failed step: the steps launched on top of it finish; their results are dropped."""
+        self._sample_pending()
         dropped = []
         while self._in_flight:
             launched = self._in_flight.popleft()
@@ -311,9 +348,12 @@ class EngineCore:
 
     def _result(self, outputs: list[EngineCoreOutput]) -> EngineCoreOutputs:
         events, self._events = self._events, []
+        if self._late_outputs:
+            outputs, self._late_outputs = self._late_outputs + outputs, []
         if self._step_log is not None:
             self._step_log.log(events, len(outputs))
         return EngineCoreOutputs(outputs, self.stats(), events)
 
     def shutdown(self) -> None:
+        self.scheduler.grammars.shutdown()
         self.executor.shutdown()

@@ -94,7 +94,7 @@ class Scheduler:
         self._constrained_samples: list[Request] = []   # this step's sampling rows with a grammar
         self.defer_grammar = False          # async scheduling: the engine fills the bitmask later
         self._deferred_rows: list[Request] = []   # the rows of the step whose bitmask is deferred
-        self._bitmask_buffer: Any = None
+        self.grammars: Any = structured_output.InlineGrammars()   # EngineCore may pick ProcessGrammars
         self.stats = SchedulerStats()
         self.micro_batches = 1   # pipeline stages to keep busy (set by EngineCore)
 
@@ -105,7 +105,9 @@ class Scheduler:
         self.requests[request.request_id] = request
         self.waiting.append(request)
         self.num_history_dependent += request.sampling_params.reads_output_history
-        self.num_constrained += request.grammar is not None
+        if request.grammar is not None:
+            self.num_constrained += 1
+            self.grammars.prepare(request)
         if forks:
             self.pending_forks[request.request_id] = forks
             for child in forks:
@@ -177,7 +179,9 @@ class Scheduler:
         self.kv.forget(request)
         if self.requests.pop(request.request_id, None) is not None:
             self.num_history_dependent -= request.sampling_params.reads_output_history
-            self.num_constrained -= request.grammar is not None
+            if request.grammar is not None:
+                self.num_constrained -= 1
+                self.grammars.release(request)
         if self._sent_blocks.pop(request.request_id, None) is not None:
             self._finished_since_last_step.add(request.request_id)
 
@@ -311,19 +315,23 @@ class Scheduler:
             if self.defer_grammar:
                 self._deferred_rows = constrained
             else:
-                out.grammar_bitmask = self._fill(constrained)
+                out.grammar_bitmask = self.grammars.fill(constrained)
 
-    def deferred_grammar_bitmask(self) -> Any:
-        """The bitmask of the last step scheduled with `defer_grammar`, filled now: the engine
-        calls this after applying the previous step's tokens (the matchers' inputs)."""
+    def deferred_grammar_bitmask(self, previous: SchedulerOutput | None = None,
+                                 result: ModelRunnerOutput | None = None) -> structured_output.PendingFill:
+        """The bitmask of the last step scheduled with `defer_grammar`, on its way: the engine
+        calls this once the previous step's tokens are back (the matchers' inputs) and takes
+        the result right before it samples that step. `previous` / `result`: that step, whose
+        update_from_output comes after this call: its constrained rows' tokens are taken
+        ahead (update_from_output then decides what they end)."""
+        if previous is not None and previous.structured_req_ids:
+            requests, sampled = self.requests, result.sampled_token_ids
+            for rid in previous.structured_req_ids:
+                request, token = requests.get(rid), sampled.get(rid)
+                if token is not None and request is not None and request.status == _RUNNING:
+                    self.grammars.take_ahead(request, token)
         rows, self._deferred_rows = self._deferred_rows, []
-        return self._fill(rows)
-
-    def _fill(self, rows: list[Request]) -> Any:
-        """Rows of one reused buffer: a step's mask is consumed (copied to the device, or
-        applied) when the step samples, before the next one is filled."""
-        self._bitmask_buffer = structured_output.bitmask_buffer(rows, self._bitmask_buffer)
-        return structured_output.fill_bitmask(rows, self._bitmask_buffer)
+        return self.grammars.start_fill(rows)
 
     def _suspect_first(self) -> bool:
         """Move the first waiting suspect to the head of the queue; False if none waits."""
@@ -460,12 +468,11 @@ class Scheduler:
                       if any(b.block_id in loaded for b in self.kv.req_to_blocks.get(r.request_id, ()))]
             self.requeue_after_failure(owners, suspects=set())
 
-    @staticmethod
-    def _advance_grammar(request: Request, token: int) -> bool:
+    def _advance_grammar(self, request: Request, token: int) -> bool:
         """Feed a sampled token to the request's matcher; True (status set) if that ends the
         request: the grammar terminated (stop), or the token broke it (error; masking
         should make that impossible)."""
-        accepted, terminated = structured_output.accept(request, token)
+        accepted, terminated = self.grammars.accept(request, token)
         if not accepted:
             request.status = RequestStatus.FINISHED_ERROR
             request.error = f"sampled token {token} does not match the request's structured_outputs grammar"

@@ -12,6 +12,7 @@ The compiled grammar is opaque to everything above the core: it rides on the cor
 """
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import re
@@ -24,6 +25,7 @@ from pagedserve.sampling_params import StructuredOutputsParams
 # xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:123: "
 _CPP_PREFIX = re.compile(r"^\s*\[[^\]]*\]\s*\S+:\d+:\s*")
 CACHE_LIMIT_BYTES = 256 * 2**20
+OBJECTS_KEPT = 256
 
 
 class GrammarCompiler:
@@ -35,6 +37,9 @@ class GrammarCompiler:
         self.eos_token_ids = eos_token_ids
         self._compiler = None
         self._lock = threading.Lock()
+        # one CompiledGrammar object per distinct constraint (LRU): the core sends a grammar
+        # to its grammar process once per object (core/structured_output.ProcessGrammars)
+        self._objects: collections.OrderedDict[tuple[str, str], Any] = collections.OrderedDict()
 
     def _get(self):
         with self._lock:
@@ -46,8 +51,23 @@ class GrammarCompiler:
             return self._compiler
 
     def compile(self, params: StructuredOutputsParams) -> Any:
-        """The xgrammar CompiledGrammar for `params`; ValidationError naming the field if it
+        """The xgrammar CompiledGrammar for `params` (the same object for the same constraint
+        while it stays among the last OBJECTS_KEPT); ValidationError naming the field if it
         cannot compile."""
+        key = (params.kind, json.dumps(getattr(params, params.kind)))   # key order matters (property order)
+        with self._lock:
+            compiled = self._objects.get(key)
+            if compiled is not None:
+                self._objects.move_to_end(key)
+                return compiled
+        compiled = self._compile(params)
+        with self._lock:
+            compiled = self._objects.setdefault(key, compiled)
+            while len(self._objects) > OBJECTS_KEPT:
+                self._objects.popitem(last=False)
+        return compiled
+
+    def _compile(self, params: StructuredOutputsParams) -> Any:
         if self.tokenizer is None:
             raise ValidationError("structured_outputs needs a tokenizer (the engine runs with "
                                   "skip_tokenizer_init=True)", "structured_outputs")

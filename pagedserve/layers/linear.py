@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pagedserve.layers import linear_ops
 from pagedserve.layers.activation import SiluAndMul
 from pagedserve.layers.linear_ops import (_copy, as_tensor, default_weight_loader, fuses, linear,  # noqa: F401
                                           narrow, set_gemv_max_rows)
@@ -103,12 +104,10 @@ class LinearBase(nn.Module):
     def forward_normed(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer of norm(x + residual) (of norm(x) without one) -> (output, x + residual
-        or x): one gemv launch for decode-sized batches (the norm in its prologue; a quantized
+        or x): one gemv launch for one row (the norm in its prologue; a quantized
         layer's where its LinearMethod has one), else the norm (updating residual in place)
         and the matmul."""
-        # 2-16 rows feed tl.dot x * norm weight in the input dtype before the rsqrt scales it:
-        # bf16 only there (fp16 could overflow on a large residual stream)
-        if self._fuses(x) and (x.shape[0] == 1 or x.dtype == torch.bfloat16):
+        if x.shape[0] == 1 and linear_ops.FUSE_DECODE_NORM and self._fuses(x):   # the prologue takes one row
             from pagedserve.layers.triton_gemv import rms_norm_gemv
             return rms_norm_gemv(x, norm.weight, norm.eps, self.weight, residual)
         fused = self.quant_method.apply_normed(self, x, residual, norm) if self.bias is None else None

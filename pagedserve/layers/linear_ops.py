@@ -33,10 +33,23 @@ def set_decode_fusion(on: bool) -> None:
     FUSE_DECODE = on
 
 
-# Decode-sized all-decode batches on the Triton backend also run rotary, the KV store, attention
-# and its split-K merge as one launch per layer (attention/triton_decode_attention.py); off
-# for A/B measurements.
-FUSE_DECODE_ATTENTION = True
+# One-row steps also fuse RMSNorm into the gemv after it (its prologue gathers the row's
+# statistic before its weights stream); off: the norm kernel then the gemv (A/B measurements).
+FUSE_DECODE_NORM = True
+
+
+def set_decode_norm_fusion(on: bool) -> None:
+    global FUSE_DECODE_NORM
+    FUSE_DECODE_NORM = on
+
+
+# Decode-sized all-decode batches on the Triton backend can also run rotary, the KV store,
+# attention and its split-K merge as one launch per layer (attention/triton_decode_attention.py).
+# Off by default until the GPU confirms it bit for bit the generic path: its first version took
+# the default model's one-at-a-time bf16 agreement from 30 to 23 of 40 on the H200; the fix
+# (be5910d) is exact in the interpreter (tests/kernels/test_decode_attention.py) but has not
+# run on a GPU yet (benchmarks/decode_gpu.py's check stage, benchmarks/bf16_agreement.py).
+FUSE_DECODE_ATTENTION = False
 
 
 def set_decode_attention_fusion(on: bool) -> None:

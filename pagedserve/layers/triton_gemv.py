@@ -3,14 +3,14 @@ and an nn.Linear weight w [N, K], bf16 / fp16, on CUDA; optionally with the op t
 fused in front of it (its prologue), so a decode layer launches fewer kernels:
 
 - `gemv(x, w)`: plain;
-- `rms_norm_gemv(x, norm_weight, eps, w, residual)`: RMSNorm of x (+ residual) then the matmul.
-  The loop streams h = x + residual (L2-resident) beside the weights, multiplies by the norm
-  weight and gathers the row's sum of squares; the rsqrt scales the fp32 accumulator at the
-  end. So the normalised row is never rounded to the input dtype (RMSNorm then a matmul
-  round it twice): equal to the unfused ops within an output ulp, not bit for bit. A first
-  pass for the statistic (bit for bit) cost 1.4-1.8x the plain gemv's time on an H200: each
-  program waited on it before its weight stream began. Program 0 also writes h out (a new
-  tensor: the other programs still read the old residual);
+- `rms_norm_gemv(x, norm_weight, eps, w, residual)` (one row): RMSNorm of x (+ residual) then
+  the matmul. Each program first reduces the whole row h = x + residual (L2-resident) as the
+  norm kernel does (the same jit helpers, layers/triton_ops.py), with its first weight slices
+  prefetched into the L2 meanwhile, then streams h beside the weights, normalised and rounded
+  at the norm kernel's two points: bit for bit the norm kernel then the gemv (up to the fp32
+  order of the sum's reduction on the GPU). Session 5's version skipped the roundings (the
+  rsqrt scaled the accumulator at the end: within an output ulp, not bit for bit). Program 0
+  also writes h out (a new tensor: the other programs still read the old residual);
 - `silu_and_mul_gemv(gate_up, w)`: silu(gate) * up computed per K slice of [gate | up], as
   the standalone kernel rounds it (the same jit helper, layers/triton_ops.py): bit for bit.
 
@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedserve.layers.triton_ops import _LIBDEVICE, silu_mul
+from pagedserve.layers.triton_ops import _LIBDEVICE, rms_inv, rms_scale, silu_mul
 
 try:   # programmatic dependent launch (sm_90+): Triton >= 3.4
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -78,7 +78,7 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, res_ptr, res_out_ptr, norm_ptr, M, N, K,
                  stride_xm, stride_wn, stride_ym, stride_rm, stride_om, inv_k, eps,
                  PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-                 LIBDEVICE: tl.constexpr, PDL: tl.constexpr):
+                 K_PAD: tl.constexpr, LIBDEVICE: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -86,15 +86,21 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, res_ptr, res_out_ptr, norm_ptr, M, N, K,
     x_rows = x_ptr + offs_m[:, None] * stride_xm
     r_rows = res_ptr + offs_m[:, None] * stride_rm
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    if PDL:   # placed while the kernel before runs: let the next one be placed, warm the L2 with
-        gdc_launch_dependents()   # this program's first weight slices (they depend on nothing), then wait for x
+    if PDL or (PROLOGUE == 1 and LIBDEVICE):   # warm the L2 with this program's first weight slices (they depend on
+        # nothing): under PDL while the kernel before runs, with the norm while the statistic is
+        # gathered (LIBDEVICE: not in Triton's CPU interpreter, which has no inline assembly)
         _prefetch_l2(w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * stride_wn, K, BLOCK_K, NUM_STAGES)
+    if PDL:   # placed while the kernel before runs: now wait for x
         gdc_wait()
     m_valid = offs_m[:, None] < M
     n_valid = offs_n[:, None] < N
-    if PROLOGUE == 1:   # RMSNorm: each row's sum of squares gathered as the loop streams the row
-        squares = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    if PROLOGUE == 1:   # RMSNorm (one row): the statistic of the whole row first, as the norm kernel
         writes_h = offs_m[:, None] < tl.where(pid == 0, M, 0)   # program 0 writes x + residual out
+        row = tl.arange(0, K_PAD)[None, :]   # (not `h`: the loop's h is a slice, another shape)
+        h_row = tl.load(x_rows + row, mask=m_valid & (row < K), other=0.0)
+        if HAS_RESIDUAL:
+            h_row = h_row + tl.load(r_rows + row, mask=m_valid & (row < K), other=0.0)
+        inv = rms_inv(h_row, inv_k, eps, 1)[:, None]
     if BLOCK_M == 1:   # one row: per-lane FMAs over the slices, one reduction at the end
         acc_k = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     else:
@@ -106,7 +112,7 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, res_ptr, res_out_ptr, norm_ptr, M, N, K,
         if PROLOGUE == 2:
             gate = tl.load(x_rows + cols[None, :], mask=x_mask, other=0.0)
             x = silu_mul(gate, tl.load(x_rows + K + cols[None, :], mask=x_mask, other=0.0), LIBDEVICE)
-        elif PROLOGUE == 1:   # h * norm weight now, times the row's rsqrt after the loop
+        elif PROLOGUE == 1:   # rounded as the norm kernel rounds it: bit for bit its output
             h = tl.load(x_rows + cols[None, :], mask=x_mask, other=0.0)
             if HAS_RESIDUAL:
                 h = h + tl.load(r_rows + cols[None, :], mask=x_mask, other=0.0)
@@ -115,11 +121,7 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, res_ptr, res_out_ptr, norm_ptr, M, N, K,
                 nw = tl.load(norm_ptr + cols)
             else:
                 nw = tl.load(norm_ptr + cols, mask=cols < K, other=0.0)
-            hf = h.to(tl.float32)
-            squares += hf * hf
-            x = hf * nw.to(tl.float32)[None, :]
-            if BLOCK_M > 1:
-                x = x.to(h.dtype)   # tl.dot's operand
+            x = rms_scale(h, inv, nw[None, :])
         else:
             x = tl.load(x_rows + cols[None, :], mask=x_mask, other=0.0)
         w = tl.load(w_rows + cols[None, :], mask=w_mask, other=0.0)
@@ -127,10 +129,10 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, res_ptr, res_out_ptr, norm_ptr, M, N, K,
             acc_k += x.to(tl.float32) * w.to(tl.float32)
         else:
             acc = tl.dot(x, tl.trans(w), acc)
+    if PDL:   # the last slices are in: the next kernel's programs may be placed (and prefetch) now
+        gdc_launch_dependents()
     if BLOCK_M == 1:
         acc = tl.sum(acc_k, axis=1)[None, :]
-    if PROLOGUE == 1:
-        acc = acc * tl.rsqrt(tl.sum(squares, axis=1) * inv_k + eps)[:, None]
     out = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_valid & (offs_n[None, :] < N))
 
@@ -210,7 +212,8 @@ def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, config: GemvCo
         x.stride(0), weight.stride(0), y.stride(0), res.stride(0), out.stride(0), 1.0 / k, eps,
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None,
         BLOCK_M=1 if m == 1 else 16, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        EVEN_K=k % config.block_k == 0, NUM_STAGES=config.num_stages, LIBDEVICE=_LIBDEVICE,
+        EVEN_K=k % config.block_k == 0, NUM_STAGES=config.num_stages,
+        K_PAD=triton.next_power_of_2(k) if prologue == _NORM else 1, LIBDEVICE=_LIBDEVICE,
         num_warps=config.num_warps, **pdl)
     return y
 
@@ -224,11 +227,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None
 def rms_norm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
                   residual: torch.Tensor | None = None, config: GemvConfig | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(RMSNorm(h) * norm_weight) @ weight.T with h = x (+ residual): -> (y [M, N], h [M, K]).
-    h is a new tensor when residual is given (else x itself); nothing is mutated. At M > 1
-    h * norm_weight is rounded to the input dtype for tl.dot before the rsqrt scales the
-    product: fp16 may overflow where the residual stream is large (callers fuse bf16 there)."""
+    """(RMSNorm(h) * norm_weight) @ weight.T with h = x (+ residual) of one row: -> (y [1, N],
+    h [1, K]), y equal to the norm kernel then the gemv. h is a new tensor when residual is
+    given (else x itself); nothing is mutated."""
     k = x.shape[-1]
+    if x.dim() != 2 or x.shape[0] != 1:
+        raise ValueError(f"rms_norm_gemv: x must be one row [1, K]; got {tuple(x.shape)}")
     if norm_weight.shape != (k,) or norm_weight.dtype != x.dtype or norm_weight.stride(0) != 1:
         raise ValueError(f"rms_norm_gemv: norm weight must be [{k}] in {x.dtype}; got {tuple(norm_weight.shape)} "
                          f"{norm_weight.dtype}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,6 +41,8 @@ from pagedserve.worker import input_batch   # its PACK_STEP_INPUTS switch, read 
 from pagedserve.worker.sampling_inputs import sample
 
 logger = logging.getLogger(__name__)
+# page-lock a grammar bitmask buffer in place (_host_registered); benchmarks switch it off
+REGISTER_GRAMMAR_MASK = True
 
 
 class PendingRunnerOutput:
@@ -140,6 +143,7 @@ class ModelRunner:
         # the last launched step's sampled ids on the device (each state's `sampled_row` in them)
         self._prev_sampled: torch.Tensor | None = None
         self._staging: tuple[torch.Tensor | None, torch.cuda.Event | None] = (None, None)   # see _bitmask_staging
+        self._registered_mask: tuple[int, Any, bool] | None = None   # see _host_registered
 
     # ---- set-up -----------------------------------------------------------------------
     def load_model(self) -> None:
@@ -371,10 +375,39 @@ class ModelRunner:
         if rows:
             if picked != list(range(bitmask.shape[0])):
                 bitmask = bitmask[torch.tensor(picked)]
+            elif len(rows) == logits.shape[0] and self._host_registered(bitmask):
+                apply_token_bitmask(logits, bitmask, rows)   # an async copy straight from it
+                return
             staging = self._bitmask_staging(logits.shape[0], bitmask.shape[1])
             apply_token_bitmask(logits, bitmask, rows, staging)
             if staging is not None:
                 self._staging[1].record()   # after the copy from it, for the next reuse
+
+    def _host_registered(self, bitmask: torch.Tensor) -> bool:
+        """On CUDA, a bitmask in a page-aligned host buffer of its own (the grammar process's
+        shared mask) is page-locked in place once (cudaHostRegister; the buffer is held, and
+        unregistered when another one comes), so it needs no staging copy. Safe to read
+        asynchronously: its producer refills it only after this step's tokens are back."""
+        if self.device.type != "cuda" or not REGISTER_GRAMMAR_MASK or not bitmask.is_contiguous():
+            return False
+        storage = bitmask.untyped_storage()
+        pointer = storage.data_ptr()
+        held = self._registered_mask
+        if held is not None and held[0] == pointer:
+            return held[2]
+        if pointer % 4096:
+            return False
+        from pagedserve.worker.host_kv_cache import _register, _unregister
+        if held is not None and held[2]:
+            _unregister(held[0])
+        try:
+            _register(pointer, storage.nbytes())
+            registered = True
+        except RuntimeError:
+            logger.warning("could not page-lock the grammar bitmask buffer; it is staged through a pinned copy")
+            registered = False
+        self._registered_mask = (pointer, storage, registered)
+        return registered
 
     def _bitmask_staging(self, num_rows: int, width: int) -> torch.Tensor | None:
         """On CUDA, a pinned host buffer for the step's bitmask, reused once the copy from it

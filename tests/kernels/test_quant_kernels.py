@@ -64,22 +64,30 @@ def test_decode_gemv_matches_the_dequantized_reference(config, dtype):
             torch.testing.assert_close(out.float(), x.float() @ weight, rtol=tol, atol=tol * 10)
 
 
+def _asymmetric_int4(k: int, n: int, group: int, dtype: torch.dtype):
+    """Random packed int4 [K/8, N], scales and zero points (0..15) per group of K rows."""
+    qweight = pack_int32(torch.randint(0, 16, (k, n)), 0).to(DEVICE)
+    scales = (torch.rand(k // group, n) * 0.1 + 0.01).to(dtype).to(DEVICE)
+    zeros = torch.randint(0, 16, (k // group, n)).to(dtype).to(DEVICE)
+    return qweight, scales, zeros
+
+
+@pytest.mark.parametrize("scale_w", [False, True], ids=["scale-sums", "scale-weights"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_w4_gemm_matches_the_dequantized_reference(dtype):
+def test_w4_gemm_matches_the_dequantized_reference(dtype, scale_w):
     """The one-load-per-word GEMM (nibbles joined into a [128, BLOCK_N] tile per block):
     rows and columns not multiples of the tile, two groups of 128 and one of 256, K whole or
-    split over programs."""
+    split over programs; the scale on each block's sums or on the weights."""
     torch.manual_seed(3)
     k, n = 256, 40
     for group in (128, 256):
-        qweight = pack_int32(torch.randint(0, 16, (k, n)), 0).to(DEVICE)
-        scales = (torch.rand(k // group, n) * 0.1 + 0.01).to(dtype).to(DEVICE)
-        zeros = torch.randint(0, 16, (k // group, n)).to(dtype).to(DEVICE)
+        qweight, scales, zeros = _asymmetric_int4(k, n, group, dtype)
         weight = dequantize_int4(qweight, scales, zeros, group, None, torch.float32)
         for rows in (1, 19, 70):
             x = torch.randn(rows, k, device=DEVICE).to(dtype)
             for split in (0, 8):   # 8 programs per SM: K split in two (8 fake SMs on CPU)
-                out = w4a16_gemm(x, qweight, scales, zeros, group, GemmConfig(32, 32, programs_per_sm=split))
+                out = w4a16_gemm(x, qweight, scales, zeros, group,
+                                 GemmConfig(32, 32, programs_per_sm=split, scale_w=scale_w))
                 tol = 1e-4 if dtype == torch.float32 else 2e-3
                 torch.testing.assert_close(out.float(), x.float() @ weight, rtol=tol, atol=tol * 10)
 
@@ -140,6 +148,96 @@ def test_auto_path_takes_the_tuned_gemm(monkeypatch):
     monkeypatch.setattr(triton_w4a16, "w4a16_gemm", lambda *args: calls.append(args[-1]) or torch.zeros(40, n))
     w4a16_matmul(torch.randn(40, k, device=DEVICE), qweight, scales, zeros, 128)
     assert calls == [GemmConfig(32, 32)]
+    # 257-512 rows: the 512 bucket's launch where tuned, else dequantize + cuBLAS
+    monkeypatch.setitem(triton_w4a16.GEMM_TUNED, (512, k, n), GemmConfig(64, 32))
+    w4a16_matmul(torch.randn(300, k, device=DEVICE), qweight, scales, zeros, 128)
+    assert calls == [GemmConfig(32, 32), GemmConfig(64, 32)]
+    x = torch.randn(513, k, device=DEVICE)
+    out = w4a16_matmul(x, qweight, scales, zeros, 128)
+    assert len(calls) == 2
+    torch.testing.assert_close(out, x @ dequantize_int4(qweight, scales, zeros, 128, None, torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_block_dequantization_is_the_reference_weight(dtype):
+    """dequantize_w4's one-load-per-word kernel (128-row blocks inside one group) gives the
+    torch reference's weight bit for bit ((q - zero) * scale in fp32, rounded once), as the
+    per-element kernel does; groups of 128 and 256, N not a multiple of its block."""
+    from pagedserve.layers.quantization.triton_w4a16 import dequantize_w4
+    torch.manual_seed(5)
+    k, n = 512, 300
+    for group in (128, 256):
+        qweight, scales, zeros = _asymmetric_int4(k, n, group, dtype)
+        ref = dequantize_int4(qweight, scales, zeros, group, None, dtype)
+        assert torch.equal(dequantize_w4(qweight, scales, zeros, group, None, dtype), ref)
+        assert torch.equal(dequantize_w4(qweight, scales, zeros, group, None, dtype, generic=True), ref)
+
+
+_COMPILE_SM90 = """
+import json
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from pagedserve.layers.quantization import triton_w4a16 as t
+
+POINTERS = {"qw_ptr": "*i32", "c_ptr": "*i32", "g_ptr": "*i32", "p_ptr": "*fp32", "q_ptr": "*fp32"}
+
+
+def compile_sm90(kernel, constants, num_warps=4, **options):
+    constants = {**{p.name: p.default for p in kernel.params if p.is_constexpr and p.name not in constants}, **constants}
+    names = [name for name in kernel.arg_names if name not in constants]
+    args = {n: POINTERS.get(n, "*bf16") if n.endswith("_ptr") else "fp32" if n == "eps" else "i32" for n in names}
+    signature = {**args, **{name: "constexpr" for name in constants}}
+    order = list(kernel.arg_names)
+    signature = {name: signature[name] for name in order}
+    aligned = {(order.index(n),): [["tt.divisibility", 16]] for n, kind in args.items()
+               if kind.startswith("*") or n.startswith("stride")}
+    source = ASTSource(kernel, signature, attrs=aligned,
+                       constexprs={(order.index(n),): v for n, v in constants.items()})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, **options))
+
+
+fma = dict(GROUP_SIZE=128, BLOCK_N=256, WORDS=8, EVEN_N=True, SPLIT=True, PROLOGUE=3, NUM_STAGES=3)
+variants = {
+    "fma": (t._w4_gemv_fma_kernel, {**fma, "PROLOGUE": 1, "EVEN_N": False, "SPLIT": False}, 4, {}),
+    "fma words16": (t._w4_gemv_fma_kernel, {**fma, "WORDS": 16, "BLOCK_N": 128, "PROLOGUE": 0}, 1, {}),
+    "dot gemv": (t._w4_gemv_kernel, dict(GROUP_SIZE=128, BLOCK_M=16, BLOCK_N=128, IEEE=False, NUM_STAGES=3), 4, {}),
+    "gemm": (t._w4_gemm_kernel, dict(GROUP_SIZE=128, BLOCK_M=64, BLOCK_N=128, IEEE=False, NUM_STAGES=3), 4, {}),
+    "gemm scale_w": (t._w4_gemm_kernel, dict(GROUP_SIZE=128, BLOCK_M=64, BLOCK_N=64, IEEE=False, NUM_STAGES=4,
+                                             SCALE_W=True), 4, {}),
+    "dequant blocks": (t._dequant_blocks_kernel, dict(GROUP_SIZE=128, BLOCK_N=256), 4, {}),
+    "dequant": (t._dequant_kernel, dict(GROUP_SIZE=128, HAS_GIDX=True, BLOCK_K=32, BLOCK_N=128), 4, {}),
+    "generic": (t._w4a16_kernel, dict(GROUP_SIZE=128, HAS_GIDX=False, ONE_GROUP_PER_BLOCK=True, BLOCK_M=64,
+                                      BLOCK_N=128, BLOCK_K=64, IEEE=False), 4, {}),
+}
+ptx = {name: compile_sm90(kernel, constants, warps, **options).asm["ptx"]
+       for name, (kernel, constants, warps, options) in variants.items()}
+json.dump(ptx, sys.stdout)
+"""
+
+
+@pytest.fixture(scope="module")
+def sm90_ptx():
+    """Every W4A16 kernel in a launch variant, compiled for sm_90 here (Triton + ptxas, no GPU;
+    in a fresh interpreter, without TRITON_INTERPRET): {variant: PTX}."""
+    pytest.importorskip("triton.backends.nvidia")
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_SM90], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def test_w4a16_kernels_compile_for_sm90(sm90_ptx):
+    """The interpreter runs a kernel's Python, not Triton's compiler: what compiles is checked
+    here (e.g. a jit helper's early return on a None argument ran on CPU and failed to compile)."""
+    assert len(sm90_ptx) == 8 and all(".entry" in ptx for ptx in sm90_ptx.values())
 
 
 @pytest.mark.parametrize("magnitude", [1e-12, 1e-6, 3e4, 1e9])

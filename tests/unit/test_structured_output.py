@@ -269,8 +269,6 @@ def test_batched_fill_equals_the_row_by_row_one(checkpoint):
     """fill_bitmask (one xgrammar batch call) gives, bit for bit, what each matcher's own
     fill_next_token_bitmask gives, for rows at staggered states; a finished request's row
     (its matcher may have terminated: xgrammar refuses to fill those) is all-allowed."""
-    import xgrammar
-
     from pagedserve.core import structured_output
     tokenizer, grammar = _json_grammar(checkpoint)
     ids = tokenizer.encode('{"name": "Ada L", "n": -42, "tags": ["bb", "a"]}', add_special_tokens=False)
@@ -281,12 +279,7 @@ def test_batched_fill_equals_the_row_by_row_one(checkpoint):
     rows[-1] = _Row(grammar, finished=True)   # terminated: the whole object, then the stop token
     assert all(rows[-1].grammar_matcher.accept_token(t) for t in ids + [tokenizer.eos_token_id])
     assert rows[-1].grammar_matcher.is_terminated()
-    expected = xgrammar.allocate_token_bitmask(len(rows), VOCAB)
-    for i, row in enumerate(rows):
-        if row.finished:
-            expected[i].fill_(-1)
-        else:
-            row.grammar_matcher.fill_next_token_bitmask(expected, i)
+    expected = reference_bitmask(rows)
     buffer = structured_output.bitmask_buffer(rows)
     assert buffer.shape[0] >= 64
     buffer.fill_(7)   # stale content of a reused buffer must not leak
@@ -294,25 +287,37 @@ def test_batched_fill_equals_the_row_by_row_one(checkpoint):
     assert filled.shape == expected.shape and torch.equal(filled, expected)
 
 
+def reference_bitmask(rows) -> torch.Tensor:
+    """xgrammar's own fill, row by row, of rows with `grammar_matcher` and `finished`; a
+    finished row is all-allowed."""
+    import xgrammar
+    mask = xgrammar.allocate_token_bitmask(len(rows), VOCAB)
+    for i, row in enumerate(rows):
+        if row.finished:
+            mask[i].fill_(-1)
+        else:
+            row.grammar_matcher.fill_next_token_bitmask(mask, i)
+    return mask
+
+
 def test_a_deferred_fill_that_raises_fails_its_request_alone(checkpoint, monkeypatch):
     """Async scheduling, the deferred fill raises: the step is sampled unmasked and dropped,
     the constrained request fails (recomputed alone first), and the plain request beside it
     finishes with the ids it has alone; the engine serves on."""
-    from pagedserve.core import structured_output
+    from pagedserve.core.grammar_process import GrammarProcess, GrammarProcessError
 
-    class Broken:
-        def batch_fill_next_token_bitmask(self, *args):
-            raise RuntimeError("fill broke")
+    def broken(self, timeout=0.0):
+        raise GrammarProcessError("fill broke")
 
     llm = LLM(model=checkpoint, device="cpu", dtype="float32", max_model_len=128, block_size=16,
               num_kv_blocks=64, async_scheduling=True)
     prompt = {"prompt_token_ids": random_prompts(1, VOCAB, 12, 13, seed=3)[0]}
     plain = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     alone = _gen(llm, [prompt], plain)[0].outputs[0].token_ids
-    monkeypatch.setattr(structured_output, "_batch_matcher", Broken)
+    monkeypatch.setattr(GrammarProcess, "wait", broken)
     constrained = SamplingParams(max_tokens=12, temperature=0.0, structured_outputs=StructuredOutputsParams(regex="[a-z]+"))
     failed, ok = _gen(llm, ["Word:", prompt], [constrained, plain])
-    assert failed.error == "RuntimeError: fill broke" and failed.outputs[0].finish_reason == "abort"
+    assert failed.error == "GrammarProcessError: fill broke" and failed.outputs[0].finish_reason == "abort"
     assert ok.error is None and ok.outputs[0].token_ids == alone
     monkeypatch.undo()
     assert re.fullmatch("[a-z]+", _gen(llm, ["Word:"], constrained)[0].outputs[0].text)

@@ -35,7 +35,8 @@ from pagedserve.layers.triton_ops import _LIBDEVICE, silu_mul
 
 GEMV_MAX_ROWS = 16
 LIBDEVICE = tl.constexpr(_LIBDEVICE)   # silu_mul's exp (not under the interpreter)
-GEMM_MAX_ROWS = 256
+GEMM_MAX_ROWS = 512          # _w4_gemm_kernel, where GEMM_TUNED has the rows' bucket
+GENERIC_GEMM_MAX_ROWS = 256  # act-order (g_idx) layers: the generic GEMM, dequantize + cuBLAS above
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -114,11 +115,7 @@ def _w4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, BLOCKS_PER_SPLIT, 
     m_valid = offs_m < M
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for b in tl.range(b_begin, b_end, num_stages=NUM_STAGES):
-        packed = tl.load(qw_ptr + (b * 16 + offs_r)[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
-                         mask=n_valid[None, :], other=0)
-        group = (b * 128) // GROUP_SIZE
-        scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_valid, other=0.0).to(tl.float32)
-        zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_valid, other=0.0).to(tl.float32)
+        packed, scale, zero = _load_block(qw_ptr, s_ptr, z_ptr, b, offs_n, n_valid, stride_qk, stride_sg, GROUP_SIZE)
         high = packed >> 16
         part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for j in tl.static_range(4):
@@ -277,60 +274,79 @@ def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLO
 def _w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, BLOCKS_PER_SPLIT, K_BLOCKS,
                     stride_xm, stride_qk, stride_sg, stride_ym, stride_ysplit,
                     GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    IEEE: tl.constexpr, NUM_STAGES: tl.constexpr):
+                    IEEE: tl.constexpr, NUM_STAGES: tl.constexpr, SCALE_W: tl.constexpr = False):
     """x [M, K] @ W for tens to hundreds of rows: each program a [BLOCK_M, BLOCK_N] tile over
     all of K in 128-row blocks (one group each, GROUP_SIZE % 128 == 0). A block's [16,
     BLOCK_N] words are loaded once; their 8 nibbles (the LOP3 magic of _w4_gemv_kernel)
     become the [128, BLOCK_N] tile of q - zero in x's dtype (exact integers) by joins, and
     one [BLOCK_M, 128] x [128, BLOCK_N] dot per block takes x's contiguous 128 columns; the
     scale multiplies the block's sums. K may be split over programs (pid 2): each writes fp32
-    partials to y [splits, M, N]."""
+    partials to y [splits, M, N]. SCALE_W: the scale multiplies the weights instead ((q - zero) *
+    scale in fp32, rounded once to x's dtype: the reference's own weight), so the dots chain
+    through the accumulator and a block's MMA may run while the next block is dequantized."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, 16)
     offs_k = tl.arange(0, 128)
     m_valid = offs_m < M
     n_valid = offs_n < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     b_begin = pid_k * BLOCKS_PER_SPLIT
     for b in tl.range(b_begin, tl.minimum(b_begin + BLOCKS_PER_SPLIT, K_BLOCKS), num_stages=NUM_STAGES):
-        packed = tl.load(qw_ptr + (b * 16 + offs_r)[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
-                         mask=n_valid[None, :], other=0)
-        group = (b * 128) // GROUP_SIZE
-        scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_valid, other=0.0).to(tl.float32)
-        zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_valid, other=0.0).to(tl.float32)
+        packed, scale, zero = _load_block(qw_ptr, s_ptr, z_ptr, b, offs_n, n_valid, stride_qk, stride_sg, GROUP_SIZE)
         x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + (b * 128 + offs_k)[None, :],
                     mask=m_valid[:, None], other=0.0)
         high = packed >> 16
-        v0 = _magic_nibble(packed, 0, zero, x_ptr.dtype.element_ty)
-        v1 = _magic_nibble(packed, 1, zero, x_ptr.dtype.element_ty)
-        v2 = _magic_nibble(packed, 2, zero, x_ptr.dtype.element_ty)
-        v3 = _magic_nibble(packed, 3, zero, x_ptr.dtype.element_ty)
-        v4 = _magic_nibble(high, 0, zero, x_ptr.dtype.element_ty)
-        v5 = _magic_nibble(high, 1, zero, x_ptr.dtype.element_ty)
-        v6 = _magic_nibble(high, 2, zero, x_ptr.dtype.element_ty)
-        v7 = _magic_nibble(high, 3, zero, x_ptr.dtype.element_ty)
+        w_scale = scale if SCALE_W else None
+        v0 = _magic_nibble(packed, 0, zero, x_ptr.dtype.element_ty, w_scale)
+        v1 = _magic_nibble(packed, 1, zero, x_ptr.dtype.element_ty, w_scale)
+        v2 = _magic_nibble(packed, 2, zero, x_ptr.dtype.element_ty, w_scale)
+        v3 = _magic_nibble(packed, 3, zero, x_ptr.dtype.element_ty, w_scale)
+        v4 = _magic_nibble(high, 0, zero, x_ptr.dtype.element_ty, w_scale)
+        v5 = _magic_nibble(high, 1, zero, x_ptr.dtype.element_ty, w_scale)
+        v6 = _magic_nibble(high, 2, zero, x_ptr.dtype.element_ty, w_scale)
+        v7 = _magic_nibble(high, 3, zero, x_ptr.dtype.element_ty, w_scale)
         # [16, BLOCK_N, 8] with the nibble index last (i = 4 d1 + 2 d2 + d3), then rows 8r + i
         w = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
         w = tl.permute(w.reshape(16, BLOCK_N, 8), (0, 2, 1)).reshape(128, BLOCK_N)
-        if IEEE:
-            part = tl.dot(x, w, input_precision="ieee")
+        if SCALE_W:
+            if IEEE:
+                acc = tl.dot(x, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, w, acc)
         else:
-            part = tl.dot(x, w)
-        acc += part * scale[None, :]
+            if IEEE:
+                part = tl.dot(x, w, input_precision="ieee")
+            else:
+                part = tl.dot(x, w)
+            acc += part * scale[None, :]
     out = y_ptr + pid_k * stride_ysplit + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_valid[:, None] & n_valid[None, :])
 
 
 @triton.jit
-def _magic_nibble(word, j: tl.constexpr, zero, dtype: tl.constexpr):
+def _load_block(qw_ptr, s_ptr, z_ptr, b, offs_n, n_valid, stride_qk, stride_sg, GROUP_SIZE: tl.constexpr):
+    """128-row block b's [16, BLOCK_N] packed words and its group's scales and zeros (fp32)."""
+    packed = tl.load(qw_ptr + (b * 16 + tl.arange(0, 16))[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
+                     mask=n_valid[None, :], other=0)
+    group = (b * 128) // GROUP_SIZE
+    scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_valid, other=0.0).to(tl.float32)
+    zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_valid, other=0.0).to(tl.float32)
+    return packed, scale, zero
+
+
+@triton.jit
+def _magic_nibble(word, j: tl.constexpr, zero, dtype: tl.constexpr, scale=None):
     """q - zero in `dtype` for nibble j of each 16-bit half of `word` (the LOP3 magic: minus
-    the magic's own value 2**(23 - 4j) and the zero in one FADD)."""
+    the magic's own value 2**(23 - 4j) and the zero in one FADD); with `scale`, (q - zero) *
+    scale (fp32, rounded once)."""
     nib = ((word & (15 << (4 * j))) | (0x4B000000 - j * 0x02000000)).to(tl.float32, bitcast=True)
-    return (nib - (zero + 8388608.0 / 16.0 ** j)[None, :]).to(dtype)
+    value = nib - (zero + 8388608.0 / 16.0 ** j)[None, :]
+    if scale is not None:
+        value = value * scale[None, :]
+    return value.to(dtype)
 
 
 @triton.jit
@@ -362,6 +378,25 @@ def _dequant_kernel(qw_ptr, s_ptr, z_ptr, g_ptr, w_ptr, N, K, stride_qk, stride_
     zero = tl.load(z_ptr + where, mask=mask, other=0.0).to(tl.float32)
     tl.store(w_ptr + rows[:, None].to(tl.int64) * stride_wk + cols[None, :],
              ((q - zero) * scale).to(w_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dequant_blocks_kernel(qw_ptr, s_ptr, z_ptr, w_ptr, N, stride_qk, stride_sg, stride_wk,
+                           GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """W [K, N] = (q - zero) * scale per 128-row block (one group, GROUP_SIZE % 128 == 0):
+    the block's [16, BLOCK_N] words loaded once, each nibble (the LOP3 magic) stored as the 16
+    rows 8r + i it holds (each row a contiguous run of BLOCK_N columns)."""
+    b = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, 16)
+    n_valid = offs_n < N
+    packed, scale, zero = _load_block(qw_ptr, s_ptr, z_ptr, b, offs_n, n_valid, stride_qk, stride_sg, GROUP_SIZE)
+    high = packed >> 16
+    rows = w_ptr + (b * 128 + offs_r * 8)[:, None].to(tl.int64) * stride_wk + offs_n[None, :]
+    dtype = w_ptr.dtype.element_ty
+    for j in tl.static_range(4):
+        tl.store(rows + j * stride_wk, _magic_nibble(packed, j, zero, dtype, scale), mask=n_valid[None, :])
+        tl.store(rows + (4 + j) * stride_wk, _magic_nibble(high, j, zero, dtype, scale), mask=n_valid[None, :])
 
 
 @functools.lru_cache(maxsize=8)
@@ -426,12 +461,18 @@ class GemvConfig:
 
 FMA_GEMV = GemvConfig()
 DOT_GEMV = GemvConfig(block_n=128, dot=True)
-# (rows bucket, K, N) -> the measured best launch: benchmarks/w4_gpu.py's sweep on an H200,
-# 2026-11-30 (llama-8b's qkv / o / gate_up / down, bf16, group 128; benchmarks/QUANT.md).
-# The one-row FMA kernel was rewritten since (denormal nibbles): its launches await the sweep.
+# (rows bucket, K, N) -> the measured best launch: benchmarks/w4_gpu.py's sweep on an H200
+# (llama-8b's qkv / o / gate_up / down, bf16, group 128; benchmarks/QUANT.md), one row as the
+# decode step ran it (gpu/2026-12-01-h200-w4r: qkv 10.3 us with its RMSNorm prologue, o 8.9,
+# gate_up 28.7; down from 02:56's run, gpu/2026-12-01-h200-w4q: the 1-warp launch took 79 us
+# with the SiLU prologue), 4 and 16 rows from 2026-11-30.
 # Buckets of more than GEMV_MAX_ROWS rows are used only where the sweep found this kernel
 # faster than the GEMM / dequantize paths (there it did not).
 TUNED: dict[tuple[int, int, int], GemvConfig] = {
+    (1, 4096, 6144): GemvConfig(block_n=128, num_warps=1, words=8),
+    (1, 4096, 4096): GemvConfig(block_n=128, num_warps=1, words=8),
+    (1, 4096, 28672): GemvConfig(words=8),
+    (1, 14336, 4096): GemvConfig(block_n=256, num_warps=2, words=8),
     (4, 4096, 6144): GemvConfig(block_n=128, dot=True),
     (4, 4096, 4096): GemvConfig(block_n=64, dot=True),
     (4, 4096, 28672): GemvConfig(block_n=128, num_warps=8, dot=True),
@@ -452,15 +493,22 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     programs_per_sm: int = 0   # > 0: split K until about this many programs per SM
+    scale_w: bool = False      # the scales multiply the weights, not each block's sums
 
 
 # (rows bucket, K, N) -> _w4_gemm_kernel's launch where benchmarks/w4_gpu.py's sweep found it
-# faster than the generic GEMM and dequantize + cuBLAS paths (none measured yet).
-GEMM_TUNED: dict[tuple[int, int, int], GemmConfig] = {}
+# faster than the generic GEMM and dequantize + cuBLAS paths (H200, gpu/2026-12-01-h200-w4r;
+# 256 and 512 rows: dequantize + cuBLAS everywhere).
+GEMM_TUNED: dict[tuple[int, int, int], GemmConfig] = {
+    (64, 4096, 6144): GemmConfig(64, 128, 4, 3, programs_per_sm=2),
+    (64, 4096, 4096): GemmConfig(64, 128, 4, 3, programs_per_sm=2),
+    (64, 4096, 28672): GemmConfig(64, 128, 4, 3, scale_w=True),
+    (64, 14336, 4096): GemmConfig(64, 64, 4, 4, programs_per_sm=2, scale_w=True),
+}
 
 
 def rows_bucket(m: int) -> int:
-    return next(b for b in (1, 4, 16, 64, 256) if m <= b) if m <= 256 else m
+    return next(b for b in (1, 4, 16, 64, 256, 512) if m <= b) if m <= 512 else m
 
 
 def gemv_config(m: int, k: int, n: int) -> GemvConfig | None:
@@ -581,6 +629,7 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     return _sum_splits(partials, x.dtype) if counters is None else y
 
 
+
 def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                group_size: int, config: GemmConfig | None = None) -> torch.Tensor:
     """x [M, K] @ W through _w4_gemm_kernel (fast_gemv_fits must hold)."""
@@ -593,7 +642,8 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     _w4_gemm_kernel[(n_blocks, m_blocks, splits)](
         x, qweight, scales, zeros, out, m, n, per_split, k // 128, x.stride(0), qweight.stride(0), scales.stride(0),
         out.stride(1), out.stride(0), GROUP_SIZE=group_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        IEEE=x.dtype == torch.float32, NUM_STAGES=config.num_stages, num_warps=config.num_warps)
+        IEEE=x.dtype == torch.float32, NUM_STAGES=config.num_stages, SCALE_W=config.scale_w,
+        num_warps=config.num_warps)
     return _sum_splits(out, x.dtype)
 
 
@@ -611,7 +661,7 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
             return w4a16_gemv(x, qweight, scales, zeros, group_size)
         # the generic GEMM reloads each word per row of its block: slower than dequantize +
         # cuBLAS at 64 and 256 rows on the H200 (benchmarks/QUANT.md), kept for act-order g_idx
-        path = "gemv" if m <= GEMV_MAX_ROWS else "gemm" if m <= GEMM_MAX_ROWS and not fits else "dequant"
+        path = "gemv" if m <= GEMV_MAX_ROWS else "gemm" if m <= GENERIC_GEMM_MAX_ROWS and not fits else "dequant"
     if path == "dequant":
         return x @ dequantize_w4(qweight, scales, zeros, group_size, g_idx, x.dtype)
     if path == "gemv" and fits:
@@ -644,10 +694,18 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
 
 
 def dequantize_w4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                  g_idx: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """The float weight [K, N] in `dtype`, by the Triton dequantization kernel."""
+                  g_idx: torch.Tensor | None, dtype: torch.dtype, generic: bool = False) -> torch.Tensor:
+    """The float weight [K, N] in `dtype`, by a Triton dequantization kernel: each packed word
+    loaded once where 128-row blocks lie in one group (fast_gemv_fits), else (or `generic`,
+    for comparison) per element, with g_idx."""
     k, n = qweight.shape[0] * 8, qweight.shape[1]
     weight = torch.empty((k, n), dtype=dtype, device=qweight.device)
+    if fast_gemv_fits(k, group_size, g_idx) and not generic:
+        block_n = 256
+        _dequant_blocks_kernel[(k // 128, triton.cdiv(n, block_n))](
+            qweight, scales, zeros, weight, n, qweight.stride(0), scales.stride(0), weight.stride(0),
+            GROUP_SIZE=group_size, BLOCK_N=block_n, num_warps=4)
+        return weight
     block_k, block_n = 32, 128
     _dequant_kernel[(triton.cdiv(k, block_k), triton.cdiv(n, block_n))](
         qweight, scales, zeros, g_idx if g_idx is not None else qweight, weight, n, k,

@@ -1,0 +1,317 @@
+"""Structured outputs off the engine thread: a grammar process with its own GIL.
+
+On a host-bound step (an H200 running a llama-1b shape at ~1.4 ms per step) the xgrammar
+work of 64 constrained rows, ~0.3 ms of fill and ~0.13 ms of accept, stood on the engine
+thread's critical path; a second thread could not take it off (waking it and handing it
+the GIL cost as much: benchmarks/RESULTS.md, issue 20). This process does that work beside
+the engine, talking through one shared-memory segment:
+
+    header   int64 [POSTED, DONE, NUM_ACCEPT, NUM_FILL, NUM_MESSAGES, STOP, FAILED]
+    accepts  int32 slot[cap], int32 token[cap] -> int8 accepted[cap] (written back)
+    fills    int32 slot[cap] (-1: all tokens allowed)
+    mask     int32 [cap, width], xgrammar's bitmask layout, row i for fills[i]
+
+A step (`post`): the engine writes the tokens its constrained rows sampled (per matcher
+slot, in order), the slots whose next-token mask it wants, then bumps POSTED. The process,
+spinning on POSTED, (1) advances the matchers by the tokens, (2) reads the step's control
+messages from its stdin (new grammars, slots opened and closed; pickled, sent before the
+bump), (3) fills the mask rows, then sets DONE = POSTED. The engine, just before it samples,
+spins on DONE (`wait`) and gets the mask rows and what each token did. One step is in flight
+at a time. Big payloads (the tokenizer, a grammar: 0.1-2 MB) go through files in /dev/shm
+(a pipe holds 64 KiB, and the process reads its stdin only after a bump).
+
+Order within a step is (1) then (2): a slot's tokens are taken before it is closed (and
+maybe reopened for another sequence), and a slot opened in this step has no tokens yet.
+The process exits when STOP is set, when its stdin closes, or when its parent is gone; it
+spins with sched_yield while steps come, and sleeps 0.2 ms between looks after 20 ms idle.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from multiprocessing import shared_memory
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+POSTED, DONE, NUM_ACCEPT, NUM_FILL, NUM_MESSAGES, STOP, FAILED = range(7)
+_HEADER = 8
+_IDLE_SPIN_S = 0.02
+_IDLE_SLEEP_S = 0.0002
+WAIT_TIMEOUT_S = 60.0   # the first wait includes the process's start (imports: ~2 s)
+_PAYLOAD_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
+
+
+class GrammarProcessError(RuntimeError):
+    """The grammar process failed or exited."""
+
+
+class _Layout:
+    """Named numpy views of the segment (same code on both sides)."""
+
+    def __init__(self, buf: Any, cap: int, width: int) -> None:
+        offset = 0
+
+        def take(dtype, shape):
+            nonlocal offset
+            array = np.ndarray(shape, dtype=dtype, buffer=buf, offset=offset)
+            offset += array.nbytes
+            offset = -(-offset // 64) * 64
+            return array
+        self.header = take(np.int64, (_HEADER,))
+        self.accept_slot = take(np.int32, (cap,))
+        self.accept_token = take(np.int32, (cap,))
+        self.accepted = take(np.int8, (cap,))
+        self.fill_slot = take(np.int32, (cap,))
+        offset = -(-offset // 4096) * 4096   # the mask on its own pages (registered for the device)
+        self.mask = take(np.int32, (cap, width))
+
+    @staticmethod
+    def nbytes(cap: int, width: int) -> int:
+        return -(-(_HEADER * 8 + cap * 13 + 5 * 64) // 4096) * 4096 + cap * width * 4
+
+
+def _write_payload(data: bytes) -> str:
+    fd, path = tempfile.mkstemp(prefix="pagedserve-grammar-", dir=_PAYLOAD_DIR)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return path
+
+
+def _read_payload(path: str) -> bytes:
+    with open(path, "rb") as f:
+        data = f.read()
+    os.unlink(path)
+    return data
+
+
+class GrammarProcess:
+    """The engine's side. Not thread-safe: one engine thread posts and waits. Capacity: `cap`
+    accepts and `cap` fill rows per step (the scheduler's max_num_seqs). `fill_threads`: the
+    process's xgrammar fill pool (1: one batch call on its own thread)."""
+
+    def __init__(self, tokenizer_info: Any, cap: int, width: int, fill_threads: int = 1) -> None:
+        self.cap, self.width = cap, width
+        self.shm = shared_memory.SharedMemory(create=True, size=_Layout.nbytes(cap, width))
+        self.layout = _Layout(self.shm.buf, cap, width)
+        self.layout.header[:] = 0
+        info_path = _write_payload(tokenizer_info.serialize_json().encode())
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "pagedserve.core.grammar_process", self.shm.name, str(cap), str(width),
+             info_path, str(os.getpid()), str(fill_threads)], stdin=subprocess.PIPE, env=env)
+        self._messages: list[tuple] = []
+        self._posted = 0
+        self.waits, self.wait_seconds = 0, 0.0   # what the engine thread spent in wait()
+        self._finalizer = weakref.finalize(self, _stop, self.popen, self.shm, self.layout.header)
+        import torch
+        self.mask = torch.from_numpy(self.layout.mask)   # shares the segment's memory
+
+    # ---- control messages, sent with the next post ------------------------------------
+    def add_grammar(self, key: int, compiled: Any) -> None:
+        """Make `compiled` (an xgrammar CompiledGrammar) known as `key`."""
+        self._messages.append(("grammar", key, _write_payload(compiled.serialize_json().encode())))
+
+    def drop_grammar(self, key: int) -> None:
+        self._messages.append(("drop", key))
+
+    def open(self, slot: int, key: int) -> None:
+        """A fresh matcher of grammar `key` in `slot`."""
+        self._messages.append(("open", slot, key))
+
+    def close(self, slot: int) -> None:
+        self._messages.append(("close", slot))
+
+    # ---- one step -------------------------------------------------------------------------
+    def post(self, accept_slots: list[int], accept_tokens: list[int], fill_slots: list[int]) -> None:
+        """Start a step: advance the slots by the tokens (in order), then fill a mask row per
+        fill slot (-1: all allowed). A step whose result was never taken (its sampling
+        failed) is waited for first."""
+        layout = self.layout
+        header = layout.header
+        if header[DONE] != self._posted:
+            self.wait()
+        if len(accept_slots) > self.cap or len(fill_slots) > self.cap:
+            raise GrammarProcessError(f"grammar process: more than {self.cap} rows in a step")
+        n = len(accept_slots)
+        if n:
+            layout.accept_slot[:n] = accept_slots
+            layout.accept_token[:n] = accept_tokens
+        if fill_slots:
+            layout.fill_slot[:len(fill_slots)] = fill_slots
+        header[NUM_ACCEPT] = n
+        header[NUM_FILL] = len(fill_slots)
+        header[NUM_MESSAGES] = 0
+        if self._messages:
+            messages, self._messages = self._messages, []
+            data = pickle.dumps(messages)
+            if len(data) > 32768:   # never fill the pipe: the process reads it after the bump
+                data = pickle.dumps([("file", _write_payload(data))])
+            try:
+                self.popen.stdin.write(len(data).to_bytes(4, "little") + data)
+                self.popen.stdin.flush()
+            except (BrokenPipeError, ValueError, OSError) as exc:
+                raise GrammarProcessError(self._why_dead()) from exc
+            header[NUM_MESSAGES] = 1
+        self._posted += 1
+        header[POSTED] = self._posted   # last: the process reads the rest after seeing it
+
+    def wait(self, timeout: float = WAIT_TIMEOUT_S) -> tuple[Any, Any]:
+        """The posted step's result: (mask rows [num fills, width] int32 tensor, a view of the
+        segment valid until the next post; accepted [num accepts] int8, 0 where a token broke
+        its grammar). Spins (holding the GIL; after ~2 ms it sleeps between looks); raises
+        GrammarProcessError if the process failed or is gone."""
+        header, posted = self.layout.header, self._posted
+        spins = 0
+        deadline = None
+        start = time.perf_counter()
+        while header[DONE] != posted:
+            spins += 1
+            if spins & 1023 == 0:
+                if header[FAILED] or self.popen.poll() is not None:
+                    raise GrammarProcessError(self._why_dead())
+                now = time.monotonic()
+                deadline = deadline or now + timeout
+                if now > deadline:
+                    raise GrammarProcessError(f"grammar process: no answer in {timeout:.0f} s")
+                if spins > 30_000:   # a long wait (the process starting): let other threads run
+                    time.sleep(_IDLE_SLEEP_S)
+        self.waits += 1
+        self.wait_seconds += time.perf_counter() - start
+        return self.mask[:int(header[NUM_FILL])], self.layout.accepted[:int(header[NUM_ACCEPT])]
+
+    def _why_dead(self) -> str:
+        code = self.popen.poll()
+        return (f"grammar process (pid {self.popen.pid}) "
+                + (f"exited with code {code}" if code is not None else "failed") + " (its stderr has the cause)")
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None and not self.layout.header[FAILED]
+
+    def shutdown(self) -> None:
+        """Stop the process (STOP, stdin closed; terminate, kill if it lingers), free the segment."""
+        self._finalizer()
+
+
+def _stop(popen: subprocess.Popen, shm: shared_memory.SharedMemory, header: Any) -> None:
+    header[STOP] = 1
+    header[POSTED] += 1
+    try:
+        popen.stdin.close()
+    except OSError:
+        pass
+    try:
+        popen.wait(timeout=2.0)
+    except subprocess.TimeoutExpired:
+        popen.kill()
+        popen.wait(timeout=5.0)
+    try:
+        shm.close()
+    except BufferError:   # a tensor view is still alive (the runner's registered mask); unlink anyway
+        pass
+    try:
+        shm.unlink()
+    except FileNotFoundError:
+        pass
+
+
+# ---- the process --------------------------------------------------------------------------
+def _serve(shm_name: str, cap: int, width: int, info_path: str, parent_pid: int, fill_threads: int) -> None:
+    import torch
+    import xgrammar
+    shm = shared_memory.SharedMemory(name=shm_name)
+    from multiprocessing import resource_tracker   # the engine owns (and unlinks) the segment
+    resource_tracker.unregister(shm._name, "shared_memory")
+    try:
+        _loop(shm, cap, width, info_path, parent_pid, fill_threads, torch, xgrammar)
+    finally:
+        shm.close()
+
+
+def _loop(shm, cap: int, width: int, info_path: str, parent_pid: int, fill_threads: int, torch, xgrammar) -> None:
+    layout = _Layout(shm.buf, cap, width)
+    header = layout.header
+    mask = torch.from_numpy(layout.mask)
+    info = xgrammar.TokenizerInfo.deserialize_json(_read_payload(info_path).decode())
+    grammars: dict[int, Any] = {}
+    matchers: dict[int, Any] = {}   # slot -> matcher (slots may outnumber a step's rows: preempted ones keep theirs)
+    batch = xgrammar.BatchGrammarMatcher(max_threads=fill_threads)
+    stdin = sys.stdin.buffer
+    seen = 0
+    try:
+        while True:
+            if header[POSTED] == seen and not _spin(header, seen, parent_pid):
+                return
+            seen = int(header[POSTED])
+            if header[STOP]:
+                return
+            accept_slot, accept_token, accepted = layout.accept_slot, layout.accept_token, layout.accepted
+            for i in range(int(header[NUM_ACCEPT])):
+                matcher = matchers.get(int(accept_slot[i]))
+                accepted[i] = matcher is not None and matcher.accept_token(int(accept_token[i]))
+            if header[NUM_MESSAGES]:
+                size = int.from_bytes(stdin.read(4), "little")
+                _apply(pickle.loads(stdin.read(size)), grammars, matchers, info, xgrammar)
+            fill_matchers, indices = [], []
+            for row in range(int(header[NUM_FILL])):
+                slot = int(layout.fill_slot[row])
+                matcher = matchers.get(slot)
+                if matcher is None or matcher.is_terminated():
+                    mask[row].fill_(-1)
+                else:
+                    fill_matchers.append(matcher)
+                    indices.append(row)
+            if fill_matchers:
+                batch.batch_fill_next_token_bitmask(fill_matchers, mask, indices)
+            header[DONE] = seen
+    except BaseException:
+        header[FAILED] = 1
+        raise
+
+
+def _spin(header: Any, seen: int, parent_pid: int) -> bool:
+    """Wait for a new post (sched_yield between looks; sleeps once idle); False if the
+    parent is gone."""
+    start = time.monotonic()
+    spins, idle = 0, False
+    while header[POSTED] == seen:
+        spins += 1
+        if spins & 1023 == 0:
+            if os.getppid() != parent_pid:
+                return False
+            idle = time.monotonic() - start > _IDLE_SPIN_S
+        if idle:
+            time.sleep(_IDLE_SLEEP_S)
+        else:
+            os.sched_yield()
+    return True
+
+
+def _apply(messages: list[tuple], grammars: dict[int, Any], matchers: dict[int, Any], info: Any, xgrammar) -> None:
+    for message in messages:
+        kind = message[0]
+        if kind == "file":
+            _apply(pickle.loads(_read_payload(message[1])), grammars, matchers, info, xgrammar)
+        elif kind == "grammar":
+            grammars[message[1]] = xgrammar.CompiledGrammar.deserialize_json(_read_payload(message[2]).decode(), info)
+        elif kind == "drop":
+            grammars.pop(message[1], None)
+        elif kind == "open":
+            matchers[message[1]] = xgrammar.GrammarMatcher(grammars[message[2]])
+        elif kind == "close":
+            matchers.pop(message[1], None)
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))

@@ -1,0 +1,39 @@
+"""Compile Triton kernels for sm_90 on a machine without a GPU (the CUDA backend and its
+ptxas, no device): the interpreter that runs the CPU tests checks no loop-carried types or
+layouts, and a kernel that passed there failed to compile on the H200. `run(code)` executes
+`code` in a fresh interpreter without TRITON_INTERPRET (the tests' process runs Triton's
+interpreter); the code calls `build(kernel, constexprs, pointer_types)`."""
+from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import sys
+
+
+def build(kernel, constexprs: dict, types: dict[str, str]) -> None:
+    """Compile the @triton.jit `kernel` to a cubin for sm_90: constexprs by name, argument
+    types by name (default: `*bf16` for names ending in _ptr, `fp32` for scale_log2 / inv_k /
+    eps, `i32` otherwise)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    sig = {}
+    for name in inspect.signature(kernel.fn).parameters:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in types:
+            sig[name] = types[name]
+        elif name.endswith("_ptr"):
+            sig[name] = "*bf16"
+        else:
+            sig[name] = "fp32" if name in ("scale_log2", "inv_k", "eps") else "i32"
+    compiled = triton.compile(ASTSource(kernel, sig, constexprs), target=GPUTarget("cuda", 90, 32))
+    assert "cubin" in compiled.asm
+
+
+def run(code: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.getcwd()
+    return subprocess.run([sys.executable, "-c", "from tests.kernels.sm90_compile import build\n" + code],
+                          env=env, capture_output=True, text=True, timeout=600)
