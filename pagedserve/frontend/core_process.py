@@ -1,0 +1,124 @@
+"""The engine core in a process of its own (the server's --engine-process; vLLM V1's
+EngineCoreProc): EngineCore's step loop, busy while it has requests, fed and read through
+one duplex pipe by frontend/core_client.py's CoreClient in the server process, where HTTP,
+tokenization and detokenization run. The core's step then never waits for the server's
+GIL (the event loop's JSON and socket writes, the output processing).
+
+Messages, pickled tuples (the core's own dataclasses inside):
+
+    client -> core   ("add", Request, [forks])    ("abort", [ids])    ("finish", [ids], RequestStatus)
+                     ("snapshot",)   ("stop_snapshots",)   ("shutdown",)
+    core -> client   ("ready", CoreInfo)   ("failed", exception)   ("dead", text)
+                     ("outputs", EngineCoreOutputs, StepSpan | None)   one per step, or the
+                     stats after commands that found the core idle
+
+Lifetime: the process exits on ("shutdown",), when the pipe closes (the server died, even
+by SIGKILL: the next poll sees EOF) or when its loop raises (after sending ("dead", text));
+its executor (TP ranks) is shut down on the way out. Ctrl-C reaches the whole process
+group: the core ignores SIGINT and lets the server end it, so open requests can finish.
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+import signal
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+from pagedserve.config import EngineConfig
+from pagedserve.core.outputs import EngineCoreOutput, EngineCoreOutputs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class CoreInfo:
+    """What the client needs to know of the core at start-up."""
+    num_kv_blocks: int
+    block_size: int
+    weight_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class StepSpan:
+    """One core step: perf_counter at its start and end (CLOCK_MONOTONIC: comparable across
+    processes) and the core thread's CPU time at its end."""
+    begin: float
+    end: float
+    cpu: float
+
+
+def run_core_process(config: EngineConfig, conn: Connection, log_level: int) -> None:
+    """The process's target (spawned): build the core, report, serve the pipe until told to stop."""
+    from pagedserve.core.engine_core import EngineCore
+    from pagedserve.logger import configure_default_logging
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    configure_default_logging()
+    logging.getLogger("pagedserve").setLevel(log_level)
+    try:
+        core = EngineCore(config)
+    except BaseException as exc:   # noqa: BLE001 - reported to the client, which re-raises it
+        conn.send(("failed", _picklable(exc)))
+        return
+    try:
+        conn.send(("ready", CoreInfo(core.num_kv_blocks, config.cache.block_size, core.weight_bytes)))
+        _serve(core, conn)
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        logger.info("the server is gone; the engine core exits")
+    except BaseException as exc:   # noqa: BLE001 - the core is dead: say why, then exit
+        logger.exception("engine core died")
+        try:
+            conn.send(("dead", f"{type(exc).__name__}: {exc}"))
+        except OSError:
+            pass
+    finally:
+        core.shutdown()
+
+
+def _serve(core, conn: Connection) -> None:
+    while True:
+        idle = not core.has_unfinished_requests()
+        messages = [conn.recv()] if idle else []   # idle: block until the client says something
+        while conn.poll():
+            messages.append(conn.recv())
+        for message in messages:
+            if message[0] == "shutdown":
+                return
+            _apply(core, conn, message)
+        if core.has_unfinished_requests():
+            begin = time.perf_counter()
+            outputs = core.step()
+            conn.send(("outputs", outputs, StepSpan(begin, time.perf_counter(), time.thread_time())))
+        elif messages:   # e.g. an abort freed blocks: the client's stats (and /metrics) see it
+            conn.send(("outputs", EngineCoreOutputs([], core.stats(), []), None))
+
+
+def _apply(core, conn: Connection, message: tuple) -> None:
+    kind = message[0]
+    if kind == "add":
+        _, request, forks = message
+        try:
+            core.add_request(request, forks)
+        except Exception as exc:   # the client checks what it can first; anything else fails the request
+            error = f"{type(exc).__name__}: {exc}"
+            failed = [EngineCoreOutput(r.request_id, finish_reason="abort", error=error) for r in [request, *forks]]
+            conn.send(("outputs", EngineCoreOutputs(failed, core.stats(), []), None))
+    elif kind == "abort":
+        core.abort_requests(message[1])
+    elif kind == "finish":
+        core.finish_requests(message[1], message[2])
+    elif kind == "snapshot":
+        core.request_snapshot()
+    elif kind == "stop_snapshots":
+        core.stop_snapshots()
+    else:
+        raise ValueError(f"unknown message {kind!r}")
+
+
+def _picklable(exc: BaseException) -> BaseException:
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:   # noqa: BLE001
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
