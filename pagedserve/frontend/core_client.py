@@ -10,14 +10,19 @@ events in order, the latest stats), so a frontend that fell behind catches up in
 `step_spans` then holds each of those core steps' StepSpan and stats (for the step timer).
 A request is unfinished here from add_request until an output finishes it, or it is aborted
 or finished from this side. A dead core process (its pipe closed, or its ("dead", why)) makes
-step() raise EngineDeadError; the process is spawned (a fresh interpreter), daemonic, and
-exits by itself when this side goes away.
+step() raise EngineDeadError. The process runs core_process.main in a fresh interpreter (nothing is re-imported from the user's `__main__`, as for TP ranks), joined
+by a socket pair that multiprocessing.connection frames; it exits by itself when this side
+goes away (EOF).
 """
 from __future__ import annotations
 
-import copyreg
+import io
 import logging
-import multiprocessing
+import os
+import pickle
+import socket
+import subprocess
+import sys
 import weakref
 from collections import deque
 from multiprocessing.connection import Connection
@@ -28,23 +33,30 @@ from pagedserve.core.outputs import EngineCoreOutputs, EngineStats
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.engine_io import RequestId
 from pagedserve.errors import EngineDeadError, ValidationError
-from pagedserve.frontend.core_process import CoreInfo, StepSpan, run_core_process
+from pagedserve.frontend.core_process import CoreInfo, StepSpan
 
 logger = logging.getLogger(__name__)
 STARTUP_POLL_S = 0.5
+CORE_MAIN = "import sys; from pagedserve.frontend.core_process import main; main(sys.argv[1:])"
 SHUTDOWN_TIMEOUT_S = 10.0   # the core shuts its executor (TP ranks: <= 5 s) down before it exits
 
 
 class CoreClient:
     def __init__(self, config: EngineConfig) -> None:
-        _register_grammar_pickling()
-        context = multiprocessing.get_context("spawn")
-        self._conn, child_conn = context.Pipe()
-        self._process = context.Process(target=run_core_process, name="pagedserve-core", daemon=True,
-                                        args=(config, child_conn, logging.getLogger("pagedserve").getEffectiveLevel()))
-        self._process.start()
-        child_conn.close()
+        self._sent_tokenizer_info = False
+        ours, theirs = socket.socketpair()
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-c", CORE_MAIN, str(theirs.fileno()),
+                 str(logging.getLogger("pagedserve").getEffectiveLevel())], pass_fds=(theirs.fileno(),), env=env)
+        finally:
+            theirs.close()
+        self._conn = Connection(ours.detach())
         self._finalizer = weakref.finalize(self, _stop, self._process, self._conn)
+        self._conn.send(config)
         self._live: set[RequestId] = set()
         self._pending: deque[tuple[EngineCoreOutputs, StepSpan | None]] = deque()
         self._stats = EngineStats()
@@ -56,13 +68,13 @@ class CoreClient:
     def _wait_ready(self) -> CoreInfo:
         try:
             while not self._conn.poll(STARTUP_POLL_S):
-                if not self._process.is_alive():
+                if self._process.poll() is not None:
                     raise EOFError
             kind, payload = self._conn.recv()
         except (EOFError, OSError):
             self.shutdown()
             raise EngineDeadError(f"the engine core process exited during start-up "
-                                  f"(exit code {self._process.exitcode}); see its log above") from None
+                                  f"(exit code {self._process.returncode}); see its log above") from None
         if kind == "failed":
             self.shutdown()
             raise payload
@@ -134,7 +146,7 @@ class CoreClient:
         return EngineCoreOutputs(outputs, stats, events)
 
     def is_alive(self) -> bool:
-        return self._dead is None and self._process.is_alive()
+        return self._dead is None and self._process.poll() is None
 
     def shutdown(self) -> None:
         self._finalizer()
@@ -143,8 +155,10 @@ class CoreClient:
     def _send(self, message: tuple) -> None:
         if self._dead is not None:
             raise EngineDeadError(self._dead)
+        buffer = io.BytesIO()
+        _Pickler(buffer, self).dump(message)
         try:
-            self._conn.send(message)
+            self._conn.send_bytes(buffer.getbuffer())
         except (OSError, ValueError) as exc:   # closed pipe: the process is gone
             self._die(f"the engine core process is gone ({type(exc).__name__}: {exc})")
 
@@ -164,8 +178,11 @@ class CoreClient:
         try:
             message = self._conn.recv()
         except (EOFError, OSError, ValueError):
-            self._process.join(1.0)
-            self._die(f"the engine core process exited (exit code {self._process.exitcode})")
+            try:
+                self._process.wait(1.0)
+            except subprocess.TimeoutExpired:
+                pass
+            self._die(f"the engine core process exited (exit code {self._process.returncode})")
         if message[0] == "dead":
             self._die(f"the engine core died: {message[1]}")
         _, outputs, span = message
@@ -183,39 +200,51 @@ def _with_snapshot(stats: EngineStats, snapshot: Any) -> EngineStats:
     return replace(stats, snapshot=snapshot)
 
 
-def _stop(process: multiprocessing.Process, conn: Connection) -> None:
+def _stop(process: subprocess.Popen, conn: Connection) -> None:
     """Ask the core to exit, then make sure: terminate, kill. Idempotent."""
     try:
         conn.send(("shutdown",))
     except (OSError, ValueError):
         pass
-    process.join(SHUTDOWN_TIMEOUT_S)
-    if process.is_alive():
-        logger.warning("the engine core did not exit in %.0f s; terminating it", SHUTDOWN_TIMEOUT_S)
-        process.terminate()
-        process.join(5.0)
-    if process.is_alive():
-        process.kill()
-        process.join(5.0)
+    for signal_it, timeout in ((None, SHUTDOWN_TIMEOUT_S), (process.terminate, 5.0), (process.kill, 5.0)):
+        if process.poll() is not None:
+            break
+        if signal_it is not None:
+            logger.warning("the engine core did not exit; %s", signal_it.__name__)
+            signal_it()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
     conn.close()
 
 
-_grammar_pickling = False
+class _Pickler(pickle.Pickler):
+    """xgrammar's CompiledGrammar (Request.grammar) crosses the pipe as its JSON, the
+    tokenizer's TokenizerInfo (megabytes for a large vocabulary) with the first grammar only;
+    the core process keeps it (_load_grammar). Recognised by name: xgrammar is imported only
+    where structured outputs are used."""
+
+    def __init__(self, buffer: io.BytesIO, client: CoreClient) -> None:
+        super().__init__(buffer, pickle.HIGHEST_PROTOCOL)
+        self.client = client
+
+    def reducer_override(self, obj: Any) -> Any:
+        kind = type(obj)
+        if kind.__name__ != "CompiledGrammar" or not kind.__module__.startswith("xgrammar"):
+            return NotImplemented
+        info = None if self.client._sent_tokenizer_info else obj.tokenizer_info.serialize_json()
+        self.client._sent_tokenizer_info = True
+        return _load_grammar, (obj.serialize_json(), info)
 
 
-def _register_grammar_pickling() -> None:
-    """xgrammar's CompiledGrammar (Request.grammar) crosses the pipe as its JSON."""
-    global _grammar_pickling
-    if _grammar_pickling:
-        return
-    try:
-        import xgrammar
-    except ImportError:
-        return
-    copyreg.pickle(xgrammar.CompiledGrammar, lambda grammar: (_load_grammar, (grammar.serialize_json(),)))
-    _grammar_pickling = True
+_tokenizer_info: Any = None   # in the core process: the TokenizerInfo the first grammar brought
 
 
-def _load_grammar(text: str) -> Any:
+def _load_grammar(text: str, tokenizer_info: str | None) -> Any:
+    """In the core process: a CompiledGrammar back from its JSON."""
     import xgrammar
-    return xgrammar.CompiledGrammar.deserialize_json(text)
+    global _tokenizer_info
+    if tokenizer_info is not None:
+        _tokenizer_info = xgrammar.TokenizerInfo.deserialize_json(tokenizer_info)
+    return xgrammar.CompiledGrammar.deserialize_json(text, _tokenizer_info)

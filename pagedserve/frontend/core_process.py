@@ -4,7 +4,9 @@ one duplex pipe by frontend/core_client.py's CoreClient in the server process, w
 tokenization and detokenization run. The core's step then never waits for the server's
 GIL (the event loop's JSON and socket writes, the output processing).
 
-Messages, pickled tuples (the core's own dataclasses inside):
+main([FD, LOG_LEVEL]) in a fresh interpreter (core_client.CORE_MAIN): FD is this side of a socket pair
+(multiprocessing.connection framing); the first message is the EngineConfig. Messages, pickled
+tuples (the core's own dataclasses inside):
 
     client -> core   ("add", Request, [forks])    ("abort", [ids])    ("finish", [ids], RequestStatus)
                      ("snapshot",)   ("stop_snapshots",)   ("shutdown",)
@@ -49,13 +51,18 @@ class StepSpan:
     cpu: float
 
 
-def run_core_process(config: EngineConfig, conn: Connection, log_level: int) -> None:
-    """The process's target (spawned): build the core, report, serve the pipe until told to stop."""
+def main(argv: list[str]) -> None:
+    """Build the core, report, serve the pipe until told to stop (or the client is gone)."""
     from pagedserve.core.engine_core import EngineCore
     from pagedserve.logger import configure_default_logging
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_default_logging()
-    logging.getLogger("pagedserve").setLevel(log_level)
+    logging.getLogger("pagedserve").setLevel(int(argv[1]))
+    conn = Connection(int(argv[0]))
+    try:
+        config: EngineConfig = conn.recv()
+    except (EOFError, OSError):
+        return   # the client is gone already
     try:
         core = EngineCore(config)
     except BaseException as exc:   # noqa: BLE001 - reported to the client, which re-raises it

@@ -7,6 +7,7 @@ import argparse
 import gc
 import logging
 import os
+import sys
 from pathlib import Path
 
 from pagedserve.engine_args import EngineArgs
@@ -24,6 +25,7 @@ logger = logging.getLogger(__name__)
 API_KEY_ENV = "PAGEDSERVE_API_KEY"
 ENGINE_PROCESS_ENV = "PAGEDSERVE_ENGINE_PROCESS"   # "1" / "0": --engine-process's default
 GIL_PROBE_ENV = "PAGEDSERVE_GIL_PROBE"             # "1": the step timer's GIL probe thread runs
+SWITCH_INTERVAL_ENV = "PAGEDSERVE_SWITCH_INTERVAL_MS"  # CPython's GIL switch interval (default 5 ms)
 GRACEFUL_SHUTDOWN_S = 3.0   # after SIGTERM / Ctrl-C, for open requests (uvicorn timeout_graceful_shutdown)
 
 
@@ -150,6 +152,8 @@ def run_server(args: argparse.Namespace) -> None:
     logging.getLogger("pagedserve").setLevel(args.log_level.upper())
     tgi_settings = apply_tgi_settings(args)   # TGI flags and env vars, folded into args
     settings = server_settings_from(args)
+    if os.environ.get(SWITCH_INTERVAL_ENV):   # a diagnostic knob: how much of the GIL's hand-over delay matters
+        sys.setswitchinterval(float(os.environ[SWITCH_INTERVAL_ENV]) / 1e3)
     engine_process = engine_process_from(args)
     engine = AsyncEngine.from_engine_args(engine_args_from(args), engine_process=engine_process,
                                           probe_gil=os.environ.get(GIL_PROBE_ENV) == "1")
