@@ -352,6 +352,38 @@ def run_engine(engine: str, model_dir: Path, rates: list[str], num: int, cpu: bo
     return record
 
 
+def run_no_http(model_dir: Path, cpu: bool, deadline: float) -> list[dict]:
+    """benchmarks/serve_steps.py (the engine driven in-process, no HTTP) at concurrency 16,
+    the core on a thread then in its own process; each in a fresh process, while time lasts."""
+    runs = []
+    for flags in ([], ["--engine-process"]):
+        left = deadline - time.perf_counter()
+        if left < (40 if cpu else 80):
+            print(f"no-HTTP baseline {flags}: skipped, {left:.0f} s left", flush=True)
+            continue
+        sizes = ["--num-prompts", "16", "--input-len", "40", "--output-len", "10", "--cpu"] if cpu else \
+            ["--num-prompts", "64"]
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "serve_steps.py"), str(model_dir), "--concurrency", "16",
+               *sizes, *flags]
+        env = {**os.environ, "TRITON_CACHE_DIR": "/tmp/triton_serve_gpu",
+               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+        try:
+            proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=left - 10)
+        except subprocess.TimeoutExpired:
+            print(f"no-HTTP baseline {flags}: timed out", flush=True)
+            continue
+        with open(OUT / "no_http.log", "a") as log:
+            log.write(f"==== {' '.join(cmd)} rc={proc.returncode}\n{proc.stdout}\n{proc.stderr[-20000:]}\n")
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("STEPS ")), None)
+        if line is None:
+            print(f"no-HTTP baseline {flags} failed (rc {proc.returncode}):\n{proc.stderr[-2000:]}", flush=True)
+            continue
+        steps = json.loads(line[len("STEPS "):])
+        emit(engine="pagedserve", workload="no_http_steps", **steps)
+        runs.append(steps)
+    return runs
+
+
 def markdown(results: dict) -> str:
     lines = []
     if results.get("startup"):
@@ -388,6 +420,13 @@ def markdown(results: dict) -> str:
                          f"| {st['decode_steps']} / {st['mixed_steps']} | {dist('decode_step_ms')} "
                          f"| {dist('mixed_step_ms')} | {dist('gap_ms')} | {dist('deliver_ms')} "
                          f"| {dist('gil_probe_wait_ms')} | {cpu_busy} |")
+    for st in results.get("no_http", []):
+        dist = lambda k: f"{st[k]['p50']:.2f} / {st[k]['p99']:.2f}" if st.get(k) else "-"   # noqa: E731
+        name = "no HTTP, " + ("process" if st["engine_process"] else "thread")
+        lines.append(f"| {name} | conc {st['concurrency']} | {st['steps_per_s']} | {st['mean_running']} "
+                     f"| {st['decode_steps']} / {st['mixed_steps']} | {dist('decode_step_ms')} "
+                     f"| {dist('mixed_step_ms')} | {dist('gap_ms')} | {dist('deliver_ms')} | - "
+                     f"| ITL P50/P99 {dist('itl_ms')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -409,6 +448,8 @@ def main() -> None:
     parser.add_argument("--rates", default=None, help="default 8,16,32,inf (--cpu-smoke: 8,inf)")
     parser.add_argument("--num-prompts", type=int, default=None, help="per rate; default 200 (--cpu-smoke: 6)")
     parser.add_argument("--skip-startup", action="store_true")
+    parser.add_argument("--no-http", action="store_true",
+                        help="then benchmarks/serve_steps.py: the engine without HTTP at concurrency 16, both ways")
     parser.add_argument("--variants", default="thread,process",
                         help=f"pagedserve's, in order, each its own server: {', '.join(VARIANTS)}")
     parser.add_argument("--budget-s", type=float, default=560.0, help="stop starting work after this long")
@@ -445,6 +486,8 @@ def main() -> None:
             continue
         results["engines"].append(run_engine(engine, model_dir, rates, num, cpu, work, deadline, variant))
         (OUT / "serve_gpu.json").write_text(json.dumps(results, indent=1))
+    if args.no_http:
+        results["no_http"] = run_no_http(model_dir, cpu, deadline)
     results["total_s"] = round(time.perf_counter() - t_all, 1)
     (OUT / "serve_gpu.json").write_text(json.dumps(results, indent=1))
     table = markdown(results)

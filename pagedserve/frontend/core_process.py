@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import pickle
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -70,7 +71,7 @@ def main(argv: list[str]) -> None:
         return
     try:
         conn.send(("ready", CoreInfo(core.num_kv_blocks, config.cache.block_size, core.weight_bytes)))
-        _serve(core, conn)
+        _serve_on_a_thread(core, conn)
     except (EOFError, BrokenPipeError, ConnectionResetError):
         logger.info("the server is gone; the engine core exits")
     except BaseException as exc:   # noqa: BLE001 - the core is dead: say why, then exit
@@ -81,6 +82,25 @@ def main(argv: list[str]) -> None:
             pass
     finally:
         core.shutdown()
+
+
+def _serve_on_a_thread(core, conn: Connection) -> None:
+    """_serve on a thread other than the one that built the core, as in the server process
+    (which builds it on the main thread and steps it on "pagedserve-engine"): on a busy
+    2-core CPU machine the building thread ran the tiny llama's steps ~6x slower (decode step
+    P50 140 vs 22 ms, benchmarks/serve_steps.py --cpu; torch's OpenMP team of that thread)."""
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            _serve(core, conn)
+        except BaseException as exc:   # noqa: BLE001 - re-raised on the main thread
+            raised.append(exc)
+    thread = threading.Thread(target=run, name="pagedserve-core-loop")
+    thread.start()
+    thread.join()
+    if raised:
+        raise raised[0]
 
 
 def _serve(core, conn: Connection) -> None:

@@ -13,8 +13,9 @@ strings) and handed them to the event loop. From those:
 - deliver_ms: from a core step's end until its outputs were handed to the event loop (in
   process: the output processing, part of the gap; engine process: plus the pipe and the
   wait for the server's engine thread);
-- the GIL probe (`probe_gil=True`): a thread that sleeps 1 ms in a loop; how late it wakes is
-  how long a thread that became runnable waited to run (the GIL, or the OS on a busy machine);
+- the GIL probe (`probe_gil=True`): a thread that sleeps PROBE_SLEEP_S in a loop; how late it
+  wakes is how long a thread that became runnable waited to run (the GIL, or the OS on a busy
+  machine); it adds 200 GIL hand-overs a second of its own;
 - cpu: each named thread's CPU time over the wall time (time.thread_time, sampled by the
   threads themselves), e.g. the event loop's and the engine thread's busy fractions.
 """
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 MAX_STEPS = 200_000   # ~a few MB; the oldest are dropped
+PROBE_SLEEP_S = 0.005
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +78,8 @@ class StepTimer:
     def _probe_gil(self) -> None:
         while not self._stop.is_set():
             t0 = time.perf_counter()
-            time.sleep(0.001)
-            self.gil_waits.append(time.perf_counter() - t0 - 0.001)
+            time.sleep(PROBE_SLEEP_S)
+            self.gil_waits.append(time.perf_counter() - t0 - PROBE_SLEEP_S)
 
     def summary(self) -> dict[str, Any]:
         steps = list(self.steps)
