@@ -66,6 +66,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="run the engine core (scheduler + model executor) in a process of its own, as "
                              "vLLM V1 does; the server process keeps HTTP, tokenization and detokenization "
                              f"(default: env {ENGINE_PROCESS_ENV}, else on)")
+    parser.add_argument("--disable-frontend-multiprocessing", dest="engine_process", action="store_false",
+                        default=argparse.SUPPRESS, help="vLLM's spelling of --no-engine-process")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     # None where TGI's environment may fill the value in (apply_tgi_settings)
     add_engine_arguments(parser.add_argument_group("engine"),
