@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import queue
 import signal
 import threading
 import time
@@ -69,22 +70,54 @@ def main(argv: list[str]) -> None:
     except BaseException as exc:   # noqa: BLE001 - reported to the client, which re-raises it
         conn.send(("failed", _picklable(exc)))
         return
+    outbox = None
     try:
         conn.send(("ready", CoreInfo(core.num_kv_blocks, config.cache.block_size, core.weight_bytes)))
-        _serve_on_a_thread(core, conn)
+        outbox = _Outbox(conn)
+        _serve_on_a_thread(core, conn, outbox)
     except (EOFError, BrokenPipeError, ConnectionResetError):
         logger.info("the server is gone; the engine core exits")
     except BaseException as exc:   # noqa: BLE001 - the core is dead: say why, then exit
         logger.exception("engine core died")
-        try:
-            conn.send(("dead", f"{type(exc).__name__}: {exc}"))
-        except OSError:
-            pass
+        if outbox is not None:
+            outbox.put(("dead", f"{type(exc).__name__}: {exc}"))
     finally:
+        if outbox is not None:
+            outbox.close()
         core.shutdown()
 
 
-def _serve_on_a_thread(core, conn: Connection) -> None:
+class _Outbox:
+    """Messages to the client, sent by a thread of their own (vLLM's output thread): the step
+    loop never blocks on a full pipe, so it keeps reading the client's messages, and a client
+    blocked sending a large one (a request's prompt, the first grammar's TokenizerInfo) while
+    the loop's outputs fill the pipe cannot deadlock the two."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.gone = False   # the client stopped reading (its end closed)
+        self._thread = threading.Thread(target=self._run, name="pagedserve-core-out", daemon=True)
+        self._thread.start()
+
+    def put(self, message: tuple) -> None:
+        self._queue.put(message)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Send what is queued (within `timeout`), then stop."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while (message := self._queue.get()) is not None:
+            try:
+                self._conn.send(message)
+            except OSError:
+                self.gone = True
+                return
+
+
+def _serve_on_a_thread(core, conn: Connection, outbox: _Outbox) -> None:
     """_serve on a thread other than the one that built the core, as in the server process
     (which builds it on the main thread and steps it on "pagedserve-engine"): on a busy
     2-core CPU machine the building thread ran the tiny llama's steps ~6x slower (decode step
@@ -93,7 +126,7 @@ def _serve_on_a_thread(core, conn: Connection) -> None:
 
     def run() -> None:
         try:
-            _serve(core, conn)
+            _serve(core, conn, outbox)
         except BaseException as exc:   # noqa: BLE001 - re-raised on the main thread
             raised.append(exc)
     thread = threading.Thread(target=run, name="pagedserve-core-loop")
@@ -103,8 +136,8 @@ def _serve_on_a_thread(core, conn: Connection) -> None:
         raise raised[0]
 
 
-def _serve(core, conn: Connection) -> None:
-    while True:
+def _serve(core, conn: Connection, outbox: _Outbox) -> None:
+    while not outbox.gone:
         idle = not core.has_unfinished_requests()
         messages = [conn.recv()] if idle else []   # idle: block until the client says something
         while conn.poll():
@@ -112,16 +145,17 @@ def _serve(core, conn: Connection) -> None:
         for message in messages:
             if message[0] == "shutdown":
                 return
-            _apply(core, conn, message)
+            _apply(core, outbox, message)
         if core.has_unfinished_requests():
             begin = time.perf_counter()
             outputs = core.step()
-            conn.send(("outputs", outputs, StepSpan(begin, time.perf_counter(), time.thread_time())))
+            outbox.put(("outputs", outputs, StepSpan(begin, time.perf_counter(), time.thread_time())))
         elif messages:   # e.g. an abort freed blocks: the client's stats (and /metrics) see it
-            conn.send(("outputs", EngineCoreOutputs([], core.stats(), []), None))
+            outbox.put(("outputs", EngineCoreOutputs([], core.stats(), []), None))
+    raise BrokenPipeError("the client stopped reading")
 
 
-def _apply(core, conn: Connection, message: tuple) -> None:
+def _apply(core, outbox: _Outbox, message: tuple) -> None:
     kind = message[0]
     if kind == "add":
         _, request, forks = message
@@ -130,7 +164,7 @@ def _apply(core, conn: Connection, message: tuple) -> None:
         except Exception as exc:   # the client checks what it can first; anything else fails the request
             error = f"{type(exc).__name__}: {exc}"
             failed = [EngineCoreOutput(r.request_id, finish_reason="abort", error=error) for r in [request, *forks]]
-            conn.send(("outputs", EngineCoreOutputs(failed, core.stats(), []), None))
+            outbox.put(("outputs", EngineCoreOutputs(failed, core.stats(), []), None))
     elif kind == "abort":
         core.abort_requests(message[1])
     elif kind == "finish":
