@@ -175,6 +175,8 @@ def run_server(args: argparse.Namespace) -> None:
         engine.add_death_listener(lambda error: (died.append(error), setattr(server, "should_exit", True)))
     try:
         server.run()
+    except KeyboardInterrupt:   # uvicorn re-raises the Ctrl-C it handled (uvicorn.run swallows it too)
+        pass
     finally:
         engine.shutdown()
     if died:
