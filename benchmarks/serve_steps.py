@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import time
 
@@ -54,6 +55,8 @@ def main() -> None:
         dict(dtype="bfloat16", gpu_memory_utilization=0.85)
     engine = AsyncEngine.from_engine_args(EngineArgs(model=args.model, load_format="dummy", max_model_len=2048,
                                                      seed=0, **kwargs), engine_process=args.engine_process)
+    gc.collect()
+    gc.freeze()   # as `pagedserve serve` does
     try:
         warm = random_requests(4, args.input_len, 8, 0.0, seed=999, vocab_high=32000)
         asyncio.run(drive(engine, warm, 4))
