@@ -287,13 +287,13 @@ def bench_rate(server: Server, rate: str, num: int, seed: int, cpu: bool, deadli
     return json.loads(result_path.read_text())
 
 
-def step_timing(server: Server, reset: bool) -> dict | None:
+def step_timing(server: Server, reset: bool, raw: int = 0) -> dict | None:
     """pagedserve's GET /debug/steps (None from other engines, or when it fails)."""
     if server.engine != "pagedserve":
         return None
+    query = "?reset=1" if reset else f"?raw={raw}"
     try:
-        with urllib.request.urlopen(f"{server.base_url}/debug/steps" + ("?reset=1" if reset else ""),
-                                    timeout=10) as response:
+        with urllib.request.urlopen(f"{server.base_url}/debug/steps{query}", timeout=10) as response:
             return json.loads(response.read())
     except (OSError, ValueError) as exc:
         print(f"/debug/steps: {type(exc).__name__}: {exc}", flush=True)
@@ -323,7 +323,9 @@ def run_engine(engine: str, model_dir: Path, rates: list[str], num: int, cpu: bo
             step_timing(server, reset=True)
             report = bench_rate(server, rate, num, 1000 + i, cpu, (num / float(rate) if rate != "inf" else 0) + 60,
                                 work / f"{label}_{rate}.json")
-            steps = step_timing(server, reset=False)
+            steps = step_timing(server, reset=False, raw=20000)
+            if steps is not None:   # every step of the rate, to its own file
+                (OUT / f"steps_{label}_{rate}.json").write_text(json.dumps(steps.pop("raw", [])))
             if report is None:
                 print(f"{engine} rate {rate}: bench failed", flush=True)
                 break
@@ -407,8 +409,8 @@ def markdown(results: dict) -> str:
                          f"| {r['req_s']} | {r['out_tok_s']} | {pair('ttft')} | {pair('tpot')} | {pair('itl')} "
                          f"| {pair('e2el')} | {r['goodput']} |")
     lines += ["", "| engine | rate | steps/s | mean running | decode / mixed steps | decode step P50/P99 ms "
-              "| mixed step P50/P99 ms | gap P50/P99 ms | deliver P50/P99 ms | GIL probe wait P50/P99 ms "
-              "| CPU busy (thread: fraction) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| mixed step P50/P99 ms | decode after mixed P50/P99 ms | gap P50/P99 ms | deliver P50/P99 ms | GIL probe wait P50/P99 ms "
+              "| CPU busy (thread: fraction) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for record in results["engines"]:
         for r in record["runs"]:
             st = r.get("steps")
@@ -418,14 +420,15 @@ def markdown(results: dict) -> str:
             cpu_busy = ", ".join(f"{k}: {v}" for k, v in st.get("cpu_busy", {}).items())
             lines.append(f"| {r['engine']} | {r['rate']} | {st['steps_per_s']} | {st['mean_running']} "
                          f"| {st['decode_steps']} / {st['mixed_steps']} | {dist('decode_step_ms')} "
-                         f"| {dist('mixed_step_ms')} | {dist('gap_ms')} | {dist('deliver_ms')} "
-                         f"| {dist('gil_probe_wait_ms')} | {cpu_busy} |")
+                         f"| {dist('mixed_step_ms')} | {dist('decode_after_mixed_ms')} | {dist('gap_ms')} "
+                         f"| {dist('deliver_ms')} | {dist('gil_probe_wait_ms')} | {cpu_busy} |")
     for st in results.get("no_http", []):
         dist = lambda k: f"{st[k]['p50']:.2f} / {st[k]['p99']:.2f}" if st.get(k) else "-"   # noqa: E731
         name = "no HTTP, " + ("process" if st["engine_process"] else "thread")
         lines.append(f"| {name} | conc {st['concurrency']} | {st['steps_per_s']} | {st['mean_running']} "
                      f"| {st['decode_steps']} / {st['mixed_steps']} | {dist('decode_step_ms')} "
-                     f"| {dist('mixed_step_ms')} | {dist('gap_ms')} | {dist('deliver_ms')} | - "
+                     f"| {dist('mixed_step_ms')} | {dist('decode_after_mixed_ms')} | {dist('gap_ms')} "
+                     f"| {dist('deliver_ms')} | - "
                      f"| ITL P50/P99 {dist('itl_ms')} |")
     return "\n".join(lines) + "\n"
 

@@ -7,7 +7,9 @@ the tokens it scheduled, the requests running, and when the frontend had turned 
 strings) and handed them to the event loop. From those:
 
 - step_ms: the core's step (schedule, launch, wait for the previous step, update), split into
-  decode-only steps and mixed ones (a prefill chunk in the batch);
+  decode-only steps and mixed ones (a prefill chunk in the batch), and the decode-only steps
+  right after a mixed one (under async scheduling a call launches step k+1 and waits for step
+  k: its time is k+1's launch plus the rest of k's device time, its tokens k+1's);
 - gap_ms: from one step's end to the next one's start while there was work: the time the
   core's driver spent elsewhere (output processing, commands, waiting for the GIL);
 - deliver_ms: from a core step's end until its outputs were handed to the event loop (in
@@ -81,6 +83,10 @@ class StepTimer:
             time.sleep(PROBE_SLEEP_S)
             self.gil_waits.append(time.perf_counter() - t0 - PROBE_SLEEP_S)
 
+    def raw(self, last: int = 5000) -> list[tuple[float, float, int, int, float]]:
+        """The last `last` steps as (begin, end, tokens, running, deliver_s) tuples."""
+        return [(s.begin, s.end, s.num_tokens, s.num_running, s.deliver_s) for s in list(self.steps)[-last:]]
+
     def summary(self) -> dict[str, Any]:
         steps = list(self.steps)
         out: dict[str, Any] = {"window_s": round(time.perf_counter() - self.since, 3), "steps": len(steps)}
@@ -88,6 +94,8 @@ class StepTimer:
             busy = steps[-1].end - steps[0].begin
             decode = [s for s in steps if s.num_tokens <= s.num_running]
             mixed = [s for s in steps if s.num_tokens > s.num_running]
+            after_mixed = [b for a, b in zip(steps, steps[1:])
+                           if a.num_tokens > a.num_running and b.num_tokens <= b.num_running]
             gaps = [b.begin - a.end for a, b in zip(steps, steps[1:]) if b.begin - a.end < 0.5]   # not idle
             out.update(
                 steps_per_s=round(len(steps) / busy, 1) if busy > 0 else None,
@@ -97,6 +105,7 @@ class StepTimer:
                 step_ms=_dist([s.end - s.begin for s in steps]),
                 decode_step_ms=_dist([s.end - s.begin for s in decode]),
                 mixed_step_ms=_dist([s.end - s.begin for s in mixed]),
+                decode_after_mixed_ms=_dist([s.end - s.begin for s in after_mixed]),
                 gap_ms=_dist(gaps),
                 deliver_ms=_dist([s.deliver_s for s in steps]))
         waits = list(self.gil_waits)

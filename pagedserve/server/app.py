@@ -3,7 +3,8 @@ everything (unknown routes included).
 
     POST /v1/completions        POST /v1/chat/completions     GET /v1/models
     GET  /health                GET  /version                 GET /metrics
-    GET  /debug/steps           the engine's step timing (frontend/step_timing.py); ?reset=1 restarts it
+    GET  /debug/steps           the engine's step timing (frontend/step_timing.py); ?reset=1 restarts it,
+                                ?raw=N adds the last N steps
     POST /tokenize              POST /detokenize
 and text-generation-inference's routes (tgi_routes.py): POST /generate, /generate_stream, /;
 GET /info; POST /tokenize with {"inputs": ...} answers in TGI's shape (tokenize.py).
@@ -137,8 +138,10 @@ def _add_info_routes(app: FastAPI, ctx: ServerContext, metrics: ServerMetrics) -
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/debug/steps")
-    async def step_timing(reset: bool = False) -> Response:
+    async def step_timing(reset: bool = False, raw: int = 0) -> Response:
         summary = ctx.engine.step_timer.summary()
+        if raw > 0:   # the last `raw` steps: [begin, end, tokens, running, deliver_s]
+            summary["raw"] = ctx.engine.step_timer.raw(raw)
         if reset:
             ctx.engine.step_timer.reset()
         return JSONResponse(summary)

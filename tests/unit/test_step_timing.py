@@ -18,6 +18,7 @@ def test_summary_of_known_steps() -> None:
     assert summary["mixed_step_ms"] == {"mean": 10.0, "p50": 10.0, "p90": 10.0, "p99": 10.0, "max": 10.0}
     assert summary["decode_step_ms"]["max"] == 4.0 and summary["decode_step_ms"]["p50"] == 4.0
     assert summary["gap_ms"] == {"mean": 2.0, "p50": 3.0, "p90": 3.0, "p99": 3.0, "max": 3.0}   # 1 and 3 ms; not 1 s
+    assert summary["decode_after_mixed_ms"]["max"] == 2.0 and timer.raw(1) == [(11.022, 11.024, 1, 1, 0.0005)]
     assert summary["deliver_ms"]["max"] == 2.0 and summary["steps_per_s"] == round(4 / 1.024, 1)
     timer.reset()
     assert timer.summary()["steps"] == 0
