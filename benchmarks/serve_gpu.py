@@ -17,7 +17,8 @@
    pagedserve: `python3 -m pagedserve.cli serve`; vLLM: `python3 -m vllm.entrypoints.openai.api_server`
    from /tmp/site_v (serve_gpu.sh installs it from ../shared/bench/vllm_bundle.sh's parts).
 pagedserve runs once per --variants entry (VARIANTS: the engine core on a thread of the server
-process, or in its own process; `thread-si`: on a thread with a 0.5 ms GIL switch interval),
+process, or in its own process; `thread-si`: on a thread with a 0.5 ms GIL switch interval;
+`process-noswap`: no host KV tier),
 and each rate's row carries the server's step timing over that rate (GET /debug/steps:
 core step ms, decode-only vs mixed, the gap between steps, output delivery, the GIL probe,
 CPU busy fractions; frontend/step_timing.py).
@@ -55,7 +56,9 @@ SERVED_NAME = "llama-8b"
 VARIANTS = {"thread": (["--no-engine-process"], {}),
             "process": (["--engine-process"], {}),
             "thread-si": (["--no-engine-process"], {"PAGEDSERVE_SWITCH_INTERVAL_MS": "0.5"}),
-            "process-si": (["--engine-process"], {"PAGEDSERVE_SWITCH_INTERVAL_MS": "0.5"})}
+            "process-si": (["--engine-process"], {"PAGEDSERVE_SWITCH_INTERVAL_MS": "0.5"}),
+            # no host KV tier (vLLM V1 serves without one): no write-behind copies beside the steps
+            "process-noswap": (["--engine-process", "--swap-space", "0"], {})}
 
 
 def emit(**kw) -> None:
