@@ -76,10 +76,6 @@ class SchedulerOutput:
     num_swap_out_behind: int = 0
 
     @property
-    def is_empty(self) -> bool:
-        return self.total_num_scheduled_tokens == 0
-
-    @property
     def has_work(self) -> bool:
         """Anything for the runner to do: tokens to compute, state to drop, or blocks to copy."""
         return bool(self.total_num_scheduled_tokens or self.finished_req_ids or self.preempted_req_ids

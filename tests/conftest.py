@@ -5,6 +5,7 @@ the Triton kernels run through Triton's interpreter on CPU (tests/kernels)."""
 from __future__ import annotations
 
 import os
+import types
 
 import torch
 
@@ -14,6 +15,34 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from tests.helpers import write_tiny_checkpoint  # noqa: E402
+
+
+def _triton_language() -> list:
+    try:
+        import triton.language as tl
+    except ImportError:
+        return []
+    return [tl, tl.core, tl.math, tl.tensor, tl.core.tensor_descriptor_base]
+
+
+_PRISTINE = [(ns, dict(vars(ns))) for ns in _triton_language()]
+
+
+@pytest.fixture(autouse=True)
+def _triton_language_restored():
+    """Triton 3.9's interpreter patches triton.language.core for a @triton.jit helper called
+    inside a kernel (tl.max, tl.sum, ...: InterpretedFunction.__call__) and never restores it;
+    a JITFunction compiled later in the process then traces the interpreter's ops and fails
+    (tests/unit/test_compile_ahead_cpu.py after tests/kernels/test_argmax.py). Each test
+    ends with triton.language as it was imported."""
+    yield
+    for ns, pristine in _PRISTINE:
+        now = vars(ns)
+        for name in [n for n, v in now.items() if n not in pristine and not isinstance(v, types.ModuleType)]:
+            delattr(ns, name)   # a submodule imported since stays
+        for name, value in pristine.items():
+            if now.get(name) is not value:
+                setattr(ns, name, value)
 
 
 @pytest.fixture(scope="session")

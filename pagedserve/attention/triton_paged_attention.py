@@ -239,15 +239,29 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# Decode-only batches that fill the SMs once but fewer than SPLIT_BELOW_PROGRAMS_PER_SM times
+# also split, into segments of >= MIN_TILES_PER_SPLIT key tiles: a few long-context programs
+# per SM cannot keep enough loads in flight (H200, long64's decode tail, ~35 rows x 8 KV heads
+# at ~10k context: 22.6 -> 20.6 ms a step; benchmarks/step_profile.py's splitwN variant).
+SPLIT_BELOW_PROGRAMS_PER_SM = 4
+MIN_TILES_PER_SPLIT = 8
+
+
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_len: int,
                       tile_n: int, sm_count: int) -> int:
-    """Split-K only for decode-only batches too small to fill the GPU (fewer programs than
-    SMs) with contexts of at least 4 key tiles; aim for ~2 programs per SM, >= 1 tile each."""
+    """Split-K segments (a power of two) for a decode-only batch with contexts of at least 4
+    key tiles: fewer programs than SMs aim at ~2 programs per SM, >= 1 tile each; up to
+    SPLIT_BELOW_PROGRAMS_PER_SM programs per SM aim at twice that, >= MIN_TILES_PER_SPLIT
+    tiles each. Prefill and larger batches never split."""
     programs = num_seqs * num_kv_heads
     key_tiles = triton.cdiv(max_seq_len, tile_n)
-    if max_query_len != 1 or programs >= sm_count or key_tiles < 4:
+    if max_query_len != 1 or key_tiles < 4 or programs >= SPLIT_BELOW_PROGRAMS_PER_SM * sm_count:
         return 1
-    wanted = min(triton.cdiv(2 * sm_count, programs), key_tiles, 64)
+    if programs < sm_count:
+        wanted = min(triton.cdiv(2 * sm_count, programs), key_tiles, 64)
+    else:
+        wanted = min(triton.cdiv(2 * SPLIT_BELOW_PROGRAMS_PER_SM * sm_count, programs),
+                     key_tiles // MIN_TILES_PER_SPLIT, 64)
     return 1 << (wanted.bit_length() - 1) if wanted >= 2 else 1
 
 

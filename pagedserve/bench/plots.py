@@ -21,6 +21,13 @@ def _rate_label(rate: float) -> str:
     return "rate inf" if math.isinf(rate) else f"rate {rate:g}/s"
 
 
+def _saved(plt: Any, fig: Any, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def cdf_points(values: Sequence[float]) -> tuple[list[float], list[float]]:
     """Sorted values and their empirical CDF (i / n for the i-th smallest, 1-based)."""
     ordered = sorted(values)
@@ -47,10 +54,7 @@ def plot_latency_cdfs(runs: Sequence[tuple[float, Sequence[RequestResult]]], pat
         ax.set_title(f"{name} CDF")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _saved(plt, fig, path)
 
 
 def plot_throughput_vs_rate(points: Sequence[tuple[float, dict]], path: str) -> str:
@@ -73,10 +77,7 @@ def plot_throughput_vs_rate(points: Sequence[tuple[float, dict]], path: str) -> 
     handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
     ax.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="upper left")
     ax.set_title("Throughput against request rate")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _saved(plt, fig, path)
 
 
 def plot_serve(runs: Sequence[tuple[float, Sequence[RequestResult]]], metrics: Sequence[tuple[float, dict]],
@@ -106,7 +107,4 @@ def plot_kv_blocks(series: dict[str, Sequence[KVSample]], num_blocks: int, path:
     for ax in (blocks_ax, running_ax):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _saved(plt, fig, path)

@@ -210,10 +210,6 @@ class IncrementalDetokenizer:
         return self._output_token_ids
 
     @property
-    def num_output_chars(self) -> int:
-        return len(self._output_text)
-
-    @property
     def uses_decode_stream(self) -> bool:
         """True when tokenizers' DecodeStream does the work, False for the offsets path."""
         return isinstance(self._decoder, _StreamDecoder)

@@ -51,6 +51,11 @@ class SymmMemAllReduce:
         return (tensor.dtype in DTYPES and tensor.is_cuda and tensor.is_contiguous() and 0 < nbytes <= self.max_bytes
                 and nbytes % 16 == 0)
 
+    def probe_ok(self) -> bool:
+        """After the start-up probe: torch's op raises where a peer fails, so a probe that
+        returned completed."""
+        return True
+
     def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
         staged = self.buffer.view(tensor.dtype)[:tensor.numel()].view(tensor.shape)
         out = torch.empty_like(tensor)
@@ -94,9 +99,17 @@ def _all_agree(ok: bool, device: torch.device) -> bool:
     return bool(flag.item())
 
 
+def _one_shot_reducer(symm_mem, device: torch.device, buffer_bytes: int, group_name: str) -> SymmMemAllReduce:
+    buffer = symm_mem.empty(buffer_bytes, dtype=torch.uint8, device=device)
+    if symm_mem.rendezvous(buffer, group_name) is None:
+        raise RuntimeError("rendezvous returned no handle")
+    return SymmMemAllReduce(buffer, group_name)
+
+
 def _push_reducer(symm_mem, device: torch.device, buffer_bytes: int, group_name: str):
     """Two slots of `buffer_bytes` and the flags in one symmetric buffer per rank; this rank
-    writes into the peer's (layers/triton_all_reduce.py)."""
+    writes into the peer's (layers/triton_all_reduce.py). Its spins are bounded to a few
+    seconds until it passes the probe (each rank compiles the kernel first)."""
     from pagedserve.layers.triton_all_reduce import MAX_PROGRAMS, PushBuffers
     data = 2 * buffer_bytes
     buffer = symm_mem.empty(data + 8 * MAX_PROGRAMS, dtype=torch.uint8, device=device)
@@ -109,7 +122,7 @@ def _push_reducer(symm_mem, device: torch.device, buffer_bytes: int, group_name:
     flags = data // 8
     return PushBuffers(handle.get_buffer(peer, (data,), torch.uint8, 0), buffer[:data],
                        handle.get_buffer(peer, (MAX_PROGRAMS,), torch.int64, flags),
-                       buffer.view(torch.int64)[flags:flags + MAX_PROGRAMS])
+                       buffer.view(torch.int64)[flags:flags + MAX_PROGRAMS], max_spins=1 << 24)
 
 
 def init_symm_mem_all_reduce(device: torch.device, buffer_bytes: int, kind: str = "one_shot"
@@ -128,21 +141,12 @@ def init_symm_mem_all_reduce(device: torch.device, buffer_bytes: int, kind: str 
     try:
         import torch.distributed._symmetric_memory as symm_mem
         _prefer_cuda_backend(symm_mem, device)
-        group_name = dist.group.WORLD.group_name
-        if kind == "push":
-            reducer = _push_reducer(symm_mem, device, buffer_bytes, group_name)
-            reducer.max_spins = 1 << 24   # the probe: a few seconds (each rank compiles the kernel first)
-        else:
-            buffer = symm_mem.empty(buffer_bytes, dtype=torch.uint8, device=device)
-            if symm_mem.rendezvous(buffer, group_name) is None:
-                raise RuntimeError("rendezvous returned no handle")
-            reducer = SymmMemAllReduce(buffer, group_name)
+        make = _push_reducer if kind == "push" else _one_shot_reducer
+        reducer = make(symm_mem, device, buffer_bytes, dist.group.WORLD.group_name)
         probe = torch.arange(4096, dtype=torch.float32, device=device) * (dist.get_rank() + 1)
         expected = torch.arange(4096, dtype=torch.float32, device=device) * (world * (world + 1) // 2)
-        if not torch.equal(reducer(probe), expected) or bool(getattr(reducer, "error", torch.zeros(1)).any()):
-            raise RuntimeError("the symmetric-memory sum differs from the expected one")
-        if kind == "push":
-            reducer.max_spins = reducer.MAX_SPINS
+        if not torch.equal(reducer(probe), expected) or not reducer.probe_ok():
+            raise RuntimeError("the symmetric-memory probe gave a wrong sum or gave up waiting")
     except Exception as exc:   # any failure: every rank falls back to NCCL together
         error, reducer = exc, None
     if not _all_agree(reducer is not None, device):

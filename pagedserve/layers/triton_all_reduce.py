@@ -97,6 +97,14 @@ class PushBuffers:
         return tensor.dtype in (torch.bfloat16, torch.float16, torch.float32) and tensor.is_contiguous() \
             and 0 < nbytes <= self.slot_bytes and tensor.device == self.recv.device
 
+    def probe_ok(self) -> bool:
+        """After the start-up probe: whether every spin saw the peer's flag; if so, spins
+        from here on are bounded by MAX_SPINS (in service, ~an hour)."""
+        if bool(self.error.any()):
+            return False
+        self.max_spins = self.MAX_SPINS
+        return True
+
     def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
         """The sum of this rank's `tensor` and the peer's, a new tensor (the input is untouched)."""
         if not self.can_reduce(tensor):

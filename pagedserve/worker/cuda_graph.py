@@ -64,6 +64,8 @@ def prefill_token_buckets(max_tokens: int) -> list[int]:
 
 
 def _run_only(forward: Callable[[int], Output], size: int) -> None:
+    """compile_ahead's dry-run `record`: runs the forward and returns None, so _capture_all
+    keeps nothing (a lambda returning forward's output would be unpacked as a graph)."""
     forward(size)
 
 

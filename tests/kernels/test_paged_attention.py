@@ -171,3 +171,8 @@ def test_split_rule() -> None:
     assert choose_num_splits(256, 8, 1, 600, 64, 132) == 1  # enough programs already
     assert choose_num_splits(1, 8, 1024, 1024, 64, 132) == 1  # prefill never splits
     assert choose_num_splits(1, 8, 1, 128, 64, 132) == 1  # too short to be worth a reduce
+    # the SMs filled once but < 4 times: segments of >= 8 key tiles
+    assert choose_num_splits(35, 8, 1, 32768, 64, 132) == 4
+    assert choose_num_splits(64, 8, 1, 2048, 64, 132) == 2
+    assert choose_num_splits(20, 8, 1, 256, 64, 132) == 1    # 4 tiles: not 8 a segment
+    assert choose_num_splits(66, 8, 1, 32768, 64, 132) == 1  # 528 programs: 4 per SM already

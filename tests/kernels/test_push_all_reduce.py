@@ -51,6 +51,15 @@ def test_two_ranks_get_the_same_exact_sum_call_after_call():
     assert ranks[0].epochs.tolist() == calls.tolist() == ranks[1].epochs.tolist()
 
 
+def test_probe_ok_only_without_a_timeout_then_the_service_spin_bound():
+    ranks = _pair(slot_bytes=4 * BLOCK)
+    x = torch.ones(BLOCK, device=DEVICE)
+    ranks[1](x)   # the peer has not sent: gives up
+    assert not ranks[1].probe_ok() and ranks[1].max_spins == 2
+    ranks[0](x)   # rank 1's flag is up
+    assert ranks[0].probe_ok() and ranks[0].max_spins == PushBuffers.MAX_SPINS
+
+
 def test_the_grid_depends_only_on_the_size_and_covers_it():
     for numel in (1, BLOCK, BLOCK + 1, 7 * BLOCK, MAX_PROGRAMS * BLOCK * 3 + 17):
         programs, chunk = grid_for(numel)

@@ -2,13 +2,12 @@
 (its bundled ptxas), through a stand-in driver, for a kernel built as a JITFunction (conftest's
 TRITON_INTERPRET makes `triton.jit` interpret). A dry run records each specialisation once
 and launches nothing; compile_all puts a compiled kernel under each recorded key, the key the
-real launch looks up. tests/kernels/test_compile_ahead.py runs the real launches on CUDA."""
+real launch looks up. tests/kernels/test_compile_ahead.py runs the real launches on CUDA.
+It runs in the suite's process: conftest's _triton_language_restored undoes what earlier
+interpreted kernels left patched in triton.language (the compile would trace their ops)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -59,20 +58,6 @@ def fake_driver(monkeypatch):
     return fake
 
 
-_ISOLATED = "PAGEDSERVE_COMPILE_AHEAD_ISOLATED"
-
-
-def test_compile_ahead_in_a_fresh_interpreter():
-    """Triton's process-wide state (driver, knobs, caches) is shared with the rest of the suite,
-    whose earlier tests change it; the compile-ahead test runs in its own interpreter."""
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                           "test_dry_run_then_compile_all"], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, _ISOLATED: "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert "1 passed" in proc.stdout
-
-
-@pytest.mark.skipif(os.environ.get(_ISOLATED) != "1", reason="run by test_compile_ahead_in_a_fresh_interpreter")
 def test_dry_run_then_compile_all(fake_driver, tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     kernel = JITFunction(_scale)

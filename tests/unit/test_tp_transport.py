@@ -94,7 +94,7 @@ def test_all_reduce_uses_the_custom_reducer_only_for_what_it_takes(monkeypatch):
 
 def test_symm_mem_all_reduce_takes_bf16_or_fp32_cuda_tensors_that_fit():
     reducer = custom_all_reduce.SymmMemAllReduce(torch.empty(1024, dtype=torch.uint8), "0")
-    assert reducer.max_bytes == 1024
+    assert reducer.max_bytes == 1024 and reducer.probe_ok()   # torch's op raises where a peer fails
     assert not reducer.can_reduce(torch.ones(8, dtype=torch.bfloat16))   # a CPU tensor
     assert custom_all_reduce.local_support(torch.device("cpu"), 2) == "not a CUDA device"
 

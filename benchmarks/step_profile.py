@@ -1,0 +1,177 @@
+"""Where an offline workload's wall time goes (issue 22), step by step: every scheduled step's
+prefill tokens, decode rows and the time to the next step's schedule (under async scheduling
+that is the device time of a step, once the pipeline is full).
+
+    PYTHONPATH=$PWD python3 benchmarks/step_profile.py [--workload long64|thr512] [--model llama-8b]
+        [--variants default,mbt16384,seqs512] [--cpu-smoke]
+
+long64: peers_long.py's (64 requests, input 4k-16k, output 64-256, max_model_len 32768);
+thr512: peers.py's (512 requests, input 64-1024, output 16-512, max_model_len 2048, 8 warm-up
+requests first). Variants: default, mbtN (max_num_batched_tokens N), seqsN (max_num_seqs N),
+splitwN (decode split-K below N programs per SM, default 4; splitw1 splits only batches with
+fewer programs than SMs; stays set for later variants of the same call).
+Needs `.devcarry/peers.py` (or ../shared/bench/peers.py) for the model configs. On an H200,
+llama-8b: ~35 s per long64 variant, ~25 s per thr512 variant. One `RESULT {json}` per variant:
+the phases (steps with prefill tokens, decode-only steps while prompts wait, the decode tail
+after the last prefill), their step counts, milliseconds and tokens, and decode-only steps by
+batch size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def make_llm(smoke: bool, model: str, max_model_len: int, **extra):
+    from pagedserve import LLM
+    if smoke:
+        d = "/tmp/long64_smoke_model"
+        os.makedirs(d, exist_ok=True)
+        cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=32000,
+                   max_position_embeddings=2048, rope_theta=500000.0, rms_norm_eps=1e-5, hidden_act="silu",
+                   torch_dtype="float32", bos_token_id=1, eos_token_id=2, hidden_size=64, intermediate_size=128,
+                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+        json.dump(cfg, open(f"{d}/config.json", "w"))
+        return LLM(model=d, load_format="dummy", skip_tokenizer_init=True, dtype="float32", max_model_len=2048,
+                   seed=0, **extra)
+    sys.path.insert(0, os.path.join(REPO, ".devcarry"))
+    sys.path.insert(0, os.path.join(REPO, "..", "shared", "bench"))
+    from peers import make_model_dir
+    d = make_model_dir(model)
+    if max_model_len > 2048:
+        cfg = json.load(open(f"{d}/config.json"))
+        cfg["max_position_embeddings"] = max_model_len
+        d = f"{d}-{max_model_len}"
+        os.makedirs(d, exist_ok=True)
+        json.dump(cfg, open(f"{d}/config.json", "w"))
+    return LLM(model=d, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", max_model_len=max_model_len,
+               gpu_memory_utilization=0.85, seed=0, **extra)
+
+
+def thr_requests(smoke: bool, n: int = 512):
+    """peers.py's thrN (seed 0)."""
+    rng = random.Random(0)
+    reqs = []
+    for _ in range(16 if smoke else n):
+        il, ol = rng.randint(64, 1024), rng.randint(16, 512)
+        reqs.append(([rng.randrange(3, 32000) for _ in range(il)], ol))
+    return [(p[:200], min(o, 8)) for p, o in reqs] if smoke else reqs
+
+
+def long64_requests(smoke: bool):
+    """peers_long.py's long64 (its rng: seed 1, 2000 warm-up draws first)."""
+    rng = random.Random(1)
+    [rng.randrange(3, 32000) for _ in range(2000)]
+    lo, hi, count = (100, 400, 8) if smoke else (4096, 16384, 64)
+    reqs = [([rng.randrange(3, 32000) for _ in range(rng.randint(lo, hi))], rng.randint(64, 256))
+            for _ in range(count)]
+    return [(p, 8) for p, _ in reqs] if smoke else reqs
+
+
+class StepRecorder:
+    """Wraps EngineCore._schedule: (time, prefill tokens, decode rows, waiting requests) per step."""
+
+    def __init__(self, core) -> None:
+        self.core, self.rows = core, []
+        original = core._schedule
+
+        def schedule():
+            so = original()
+            if so.total_num_scheduled_tokens:
+                counts = list(so.num_scheduled_tokens.values())
+                self.rows.append((time.perf_counter(), sum(n for n in counts if n > 1),
+                                  sum(1 for n in counts if n == 1), len(core.scheduler.waiting)))
+            return so
+        core._schedule = schedule
+
+    def summary(self, end: float) -> dict:
+        rows = self.rows
+        durations = [(rows[i + 1][0] if i + 1 < len(rows) else end) - rows[i][0] for i in range(len(rows))]
+        last_prefill = max((i for i, r in enumerate(rows) if r[1]), default=-1)
+        phases = {"prefill_steps": [], "decode_only_while_prefill_left": [], "decode_tail": []}
+        for i, (row, dt) in enumerate(zip(rows, durations)):
+            if row[1]:
+                phases["prefill_steps"].append((row, dt))
+            elif i < last_prefill:
+                phases["decode_only_while_prefill_left"].append((row, dt))
+            else:
+                phases["decode_tail"].append((row, dt))
+        out = {}
+        for name, items in phases.items():
+            total = sum(dt for _, dt in items)
+            out[name] = dict(steps=len(items), s=round(total, 3),
+                             ms_per_step=round(1e3 * total / len(items), 2) if items else None,
+                             prefill_tokens=sum(r[1] for r, _ in items),
+                             decode_tokens=sum(r[2] for r, _ in items),
+                             mean_decode_rows=round(sum(r[2] for r, _ in items) / len(items), 1) if items else None)
+        if name != "prefill_steps" and items:   # decode-only steps by batch size: (rows <=, steps, ms/step)
+            buckets = {}
+            for r, dt in items:
+                edge = next(e for e in (1, 8, 32, 64, 128, 256, 512, 1 << 30) if r[2] <= e)
+                n, t = buckets.get(edge, (0, 0.0))
+                buckets[edge] = (n + 1, t + dt)
+            out[name]["by_rows"] = [[e, n, round(1e3 * t / n, 2)] for e, (n, t) in sorted(buckets.items())]
+        pre = phases["prefill_steps"]
+        if pre:   # prefill steps by size: how full the token budget was
+            sizes = sorted(r[1] + r[2] for r, _ in pre)
+            out["prefill_step_tokens_p10_p50_p90"] = [sizes[len(sizes) // 10], sizes[len(sizes) // 2],
+                                                      sizes[(9 * len(sizes)) // 10]]
+            out["prefill_tok_s_in_prefill_steps"] = round(sum(r[1] for r, _ in pre) / sum(dt for _, dt in pre))
+        return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variants", default="default,mbt16384")
+    ap.add_argument("--workload", default="long64", choices=["long64", "thr512"])
+    ap.add_argument("--model", default="llama-8b")
+    ap.add_argument("--cpu-smoke", action="store_true")
+    args = ap.parse_args()
+    from pagedserve import SamplingParams
+    reqs = long64_requests(args.cpu_smoke) if args.workload == "long64" else thr_requests(args.cpu_smoke)
+    max_model_len = 2048 if args.cpu_smoke or args.workload == "thr512" else 32768
+    for run, variant in enumerate(args.variants.split(",")):
+        extra = {}
+        if variant.startswith("mbt"):
+            extra["max_num_batched_tokens"] = int(variant[3:])
+        elif variant.startswith("seqs"):
+            extra["max_num_seqs"] = int(variant[4:])
+        elif variant.startswith("splitw"):   # split-K below N programs per SM (1: SMs filled once)
+            from pagedserve.attention import triton_paged_attention as tpa
+            tpa.SPLIT_BELOW_PROGRAMS_PER_SM = int(variant[6:])
+        elif variant != "default":
+            raise SystemExit(f"unknown variant {variant}")
+        t0 = time.perf_counter()
+        llm = make_llm(args.cpu_smoke, args.model, max_model_len, **extra)
+        startup = time.perf_counter() - t0
+        params = [SamplingParams(max_tokens=o, ignore_eos=True, temperature=0.0, detokenize=False) for _, o in reqs]
+        prompts = [{"prompt_token_ids": [3 + (p[0] + run) % 31990] + p[1:]} for p, _ in reqs]
+        if args.workload == "thr512":   # peers.py warms up on the first 8
+            llm.generate([{"prompt_token_ids": [4] + p[1:]} for p, _ in reqs[:8]], params[:8], use_tqdm=False)
+        core = llm.engine.core
+        recorder = StepRecorder(core)
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        end = time.perf_counter()
+        gen = sum(len(o.outputs[0].token_ids) for o in outs)
+        assert gen == sum(o for _, o in reqs), (gen, sum(o for _, o in reqs))
+        result = dict(workload=args.workload, model=args.model, variant=variant, startup_s=round(startup, 1), wall_s=round(end - t0, 2),
+                      out_tok_s=round(gen / (end - t0), 1), steps=len(recorder.rows),
+                      first_step_after_s=round(recorder.rows[0][0] - t0, 3) if recorder.rows else None)
+        result.update(recorder.summary(end))
+        print("RESULT " + json.dumps(result), flush=True)
+        llm.shutdown()
+        del llm, core, recorder
+        import gc
+        gc.collect()
+
+
+if __name__ == "__main__":
+    main()
