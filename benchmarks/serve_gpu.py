@@ -1,7 +1,7 @@
 """Issue 22, online serving and startup, both engines on one machine in one call.
 
     python3 benchmarks/serve_gpu.py [--cpu-smoke] [--engines pagedserve,vllm] [--rates 8,16,32,inf]
-                                    [--num-prompts 200] [--skip-startup]
+                                    [--num-prompts 200] [--skip-startup] [--variants thread,process]
     python3 benchmarks/serve_gpu.py startup MODEL_DIR [--cpu-smoke]     (one probe; run by the above)
 
 1. startup: `LLM(model=llama-8b dummy, load_format="dummy", skip_tokenizer_init=True, ...)` in a
@@ -16,6 +16,12 @@
    goodput at TTFT <= 500 ms and TPOT <= 50 ms. Stop it; next engine.
    pagedserve: `python3 -m pagedserve.cli serve`; vLLM: `python3 -m vllm.entrypoints.openai.api_server`
    from /tmp/site_v (serve_gpu.sh installs it from ../shared/bench/vllm_bundle.sh's parts).
+pagedserve runs once per --variants entry (VARIANTS: the engine core on a thread of the server
+process, or in its own process; `thread-si`: on a thread with a 0.5 ms GIL switch interval;
+`process-noswap`: no host KV tier),
+and each rate's row carries the server's step timing over that rate (GET /debug/steps:
+core step ms, decode-only vs mixed, the gap between steps, output delivery, the GIL probe,
+CPU busy fractions; frontend/step_timing.py).
 Writes under $OUT: serve_gpu.json (everything), serve_gpu.md (the table), one log per server
 and the startup probes' log. Prints `RESULT {json}` lines and the table.
 --cpu-smoke: a 2-layer, hidden-64 llama with the same tokenizer on CPU, 6 prompts of
@@ -46,6 +52,13 @@ LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, tie_word_embeddings=False)
 SERVED_NAME = "llama-8b"
+# pagedserve variants: extra `serve` flags, extra environment
+VARIANTS = {"thread": (["--no-engine-process"], {}),
+            "process": (["--engine-process"], {}),
+            "thread-si": (["--no-engine-process"], {"PAGEDSERVE_SWITCH_INTERVAL_MS": "0.5"}),
+            "process-si": (["--engine-process"], {"PAGEDSERVE_SWITCH_INTERVAL_MS": "0.5"}),
+            # no host KV tier (vLLM V1 serves without one): no write-behind copies beside the steps
+            "process-noswap": (["--engine-process", "--swap-space", "0"], {})}
 
 
 def emit(**kw) -> None:
@@ -184,16 +197,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def server_command(engine: str, model_dir: Path, port: int, cpu: bool) -> tuple[list[str], dict]:
+def server_command(engine: str, model_dir: Path, port: int, cpu: bool, variant: str | None = None
+                   ) -> tuple[list[str], dict]:
     common = ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", SERVED_NAME,
               "--load-format", "dummy", "--max-model-len", "2048", "--seed", "0"]
     env = dict(os.environ)
     if engine == "pagedserve":
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), "/tmp/site_s", env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         env["TRITON_CACHE_DIR"] = "/tmp/triton_serve_gpu"
+        env["PAGEDSERVE_GIL_PROBE"] = "1"
+        flags, extra_env = VARIANTS[variant or "thread"]
+        env.update(extra_env)
         device = ["--device", "cpu", "--dtype", "float32", "--num-kv-blocks", "512"] if cpu else \
             ["--dtype", "bfloat16", "--gpu-memory-utilization", "0.85"]
-        return [sys.executable, "-m", "pagedserve.cli", "serve", str(model_dir), *common, *device,
+        return [sys.executable, "-m", "pagedserve.cli", "serve", str(model_dir), *common, *device, *flags,
                 "--log-level", "warning"], env
     env.update(PYTHONPATH="/tmp/site_v", VLLM_USE_FLASHINFER_SAMPLER="0", HF_HUB_OFFLINE="1",
                VLLM_NO_USAGE_STATS="1", TOKENIZERS_PARALLELISM="false")
@@ -204,13 +221,14 @@ def server_command(engine: str, model_dir: Path, port: int, cpu: bool) -> tuple[
 class Server:
     """One server process in its own session (so that stop() ends its children too)."""
 
-    def __init__(self, engine: str, model_dir: Path, cpu: bool, log_path: Path) -> None:
+    def __init__(self, engine: str, model_dir: Path, cpu: bool, log_path: Path, variant: str | None = None) -> None:
         self.engine, self.port = engine, free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        cmd, env = server_command(engine, model_dir, self.port, cpu)
+        cmd, env = server_command(engine, model_dir, self.port, cpu, variant)
+        self.env_note = " ".join(f"{k}={v}" for k, v in VARIANTS.get(variant, ([], {}))[1].items())
         self.command = " ".join(cmd)
         self.log = open(log_path, "w")
-        self.log.write(self.command + "\n")
+        self.log.write(f"{self.env_note} {self.command}\n")
         self.log.flush()
         self.t0 = time.perf_counter()
         self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
@@ -272,18 +290,32 @@ def bench_rate(server: Server, rate: str, num: int, seed: int, cpu: bool, deadli
     return json.loads(result_path.read_text())
 
 
+def step_timing(server: Server, reset: bool, raw: int = 0) -> dict | None:
+    """pagedserve's GET /debug/steps (None from other engines, or when it fails)."""
+    if server.engine != "pagedserve":
+        return None
+    query = "?reset=1" if reset else f"?raw={raw}"
+    try:
+        with urllib.request.urlopen(f"{server.base_url}/debug/steps{query}", timeout=10) as response:
+            return json.loads(response.read())
+    except (OSError, ValueError) as exc:
+        print(f"/debug/steps: {type(exc).__name__}: {exc}", flush=True)
+        return None
+
+
 def run_engine(engine: str, model_dir: Path, rates: list[str], num: int, cpu: bool, work: Path,
-               deadline: float) -> dict:
+               deadline: float, variant: str | None = None) -> dict:
     """Start, warm up, every rate that still fits before `deadline` (perf_counter), stop."""
-    record: dict = {"engine": engine, "runs": [], "skipped_rates": []}
-    server = Server(engine, model_dir, cpu, OUT / f"{engine}_server.log")
-    record["command"] = server.command
+    label = f"{engine}-{variant}" if variant else engine
+    record: dict = {"engine": label, "variant": variant, "runs": [], "skipped_rates": []}
+    server = Server(engine, model_dir, cpu, OUT / f"{label}_server.log", variant)
+    record["command"] = f"{server.env_note} {server.command}".strip()
     try:
         ready = server.wait_ready(120 if cpu else (150 if engine == "pagedserve" else 240))
         record["ready_s"] = round(ready, 2)
-        emit(engine=engine, workload="serve_ready", s=record["ready_s"])
+        emit(engine=label, workload="serve_ready", s=record["ready_s"])
         t0 = time.perf_counter()
-        bench_rate(server, "inf", 4 if cpu else 32, 999, cpu, 120, work / f"{engine}_warmup.json")
+        bench_rate(server, "inf", 4 if cpu else 32, 999, cpu, 120, work / f"{label}_warmup.json")
         record["warmup_s"] = round(time.perf_counter() - t0, 2)
         for i, rate in enumerate(rates):
             t0 = time.perf_counter()
@@ -291,14 +323,18 @@ def run_engine(engine: str, model_dir: Path, rates: list[str], num: int, cpu: bo
                 record["skipped_rates"].append(rate)
                 print(f"{engine} rate {rate}: skipped, {deadline - t0:.0f} s left", flush=True)
                 continue
+            step_timing(server, reset=True)
             report = bench_rate(server, rate, num, 1000 + i, cpu, (num / float(rate) if rate != "inf" else 0) + 60,
-                                work / f"{engine}_{rate}.json")
+                                work / f"{label}_{rate}.json")
+            steps = step_timing(server, reset=False, raw=20000)
+            if steps is not None:   # every step of the rate, to its own file
+                (OUT / f"steps_{label}_{rate}.json").write_text(json.dumps(steps.pop("raw", [])))
             if report is None:
                 print(f"{engine} rate {rate}: bench failed", flush=True)
                 break
             run = report["runs"][0]
             m = run["metrics"]
-            row = {"engine": engine, "rate": rate, "wall_s": round(time.perf_counter() - t0, 2),
+            row = {"engine": label, "rate": rate, "wall_s": round(time.perf_counter() - t0, 2),
                    "completed": m["completed"], "failed": m["failed"], "errors": run["errors"][:3],
                    "req_s": round(m["request_throughput"], 2), "out_tok_s": round(m["output_throughput"], 1),
                    "goodput": round(m["goodput"], 2), "good": m["good_requests"]}
@@ -306,6 +342,7 @@ def run_engine(engine: str, model_dir: Path, rates: list[str], num: int, cpu: bo
                 d = m[f"{key}_ms"]
                 row[key] = {"mean": round(d["mean"], 2), "p50": round(d["percentiles"]["p50"], 2),
                             "p90": round(d["percentiles"]["p90"], 2), "p99": round(d["percentiles"]["p99"], 2)}
+            row["steps"] = steps
             emit(workload="serve", **row)
             record["runs"].append(row)
             if server.proc.poll() is not None:
@@ -318,6 +355,38 @@ def run_engine(engine: str, model_dir: Path, rates: list[str], num: int, cpu: bo
     finally:
         server.stop()
     return record
+
+
+def run_no_http(model_dir: Path, cpu: bool, deadline: float) -> list[dict]:
+    """benchmarks/serve_steps.py (the engine driven in-process, no HTTP) at concurrency 16,
+    the core on a thread then in its own process; each in a fresh process, while time lasts."""
+    runs = []
+    for flags in ([], ["--engine-process"]):
+        left = deadline - time.perf_counter()
+        if left < (40 if cpu else 80):
+            print(f"no-HTTP baseline {flags}: skipped, {left:.0f} s left", flush=True)
+            continue
+        sizes = ["--num-prompts", "16", "--input-len", "40", "--output-len", "10", "--cpu"] if cpu else \
+            ["--num-prompts", "64"]
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "serve_steps.py"), str(model_dir), "--concurrency", "16",
+               *sizes, *flags]
+        env = {**os.environ, "TRITON_CACHE_DIR": "/tmp/triton_serve_gpu",
+               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+        try:
+            proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=left - 10)
+        except subprocess.TimeoutExpired:
+            print(f"no-HTTP baseline {flags}: timed out", flush=True)
+            continue
+        with open(OUT / "no_http.log", "a") as log:
+            log.write(f"==== {' '.join(cmd)} rc={proc.returncode}\n{proc.stdout}\n{proc.stderr[-20000:]}\n")
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("STEPS ")), None)
+        if line is None:
+            print(f"no-HTTP baseline {flags} failed (rc {proc.returncode}):\n{proc.stderr[-2000:]}", flush=True)
+            continue
+        steps = json.loads(line[len("STEPS "):])
+        emit(engine="pagedserve", workload="no_http_steps", **steps)
+        runs.append(steps)
+    return runs
 
 
 def markdown(results: dict) -> str:
@@ -342,6 +411,28 @@ def markdown(results: dict) -> str:
             lines.append(f"| {r['engine']} | {r['rate']} | {record.get('ready_s', '-')} | {r['completed']}/{r['failed']} "
                          f"| {r['req_s']} | {r['out_tok_s']} | {pair('ttft')} | {pair('tpot')} | {pair('itl')} "
                          f"| {pair('e2el')} | {r['goodput']} |")
+    lines += ["", "| engine | rate | steps/s | mean running | decode / mixed steps | decode step P50/P99 ms "
+              "| mixed step P50/P99 ms | decode after mixed P50/P99 ms | gap P50/P99 ms | deliver P50/P99 ms | GIL probe wait P50/P99 ms "
+              "| CPU busy (thread: fraction) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for record in results["engines"]:
+        for r in record["runs"]:
+            st = r.get("steps")
+            if not st or not st.get("steps"):
+                continue
+            dist = lambda k: f"{st[k]['p50']:.2f} / {st[k]['p99']:.2f}" if st.get(k) else "-"   # noqa: E731
+            cpu_busy = ", ".join(f"{k}: {v}" for k, v in st.get("cpu_busy", {}).items())
+            lines.append(f"| {r['engine']} | {r['rate']} | {st['steps_per_s']} | {st['mean_running']} "
+                         f"| {st['decode_steps']} / {st['mixed_steps']} | {dist('decode_step_ms')} "
+                         f"| {dist('mixed_step_ms')} | {dist('decode_after_mixed_ms')} | {dist('gap_ms')} "
+                         f"| {dist('deliver_ms')} | {dist('gil_probe_wait_ms')} | {cpu_busy} |")
+    for st in results.get("no_http", []):
+        dist = lambda k: f"{st[k]['p50']:.2f} / {st[k]['p99']:.2f}" if st.get(k) else "-"   # noqa: E731
+        name = "no HTTP, " + ("process" if st["engine_process"] else "thread")
+        lines.append(f"| {name} | conc {st['concurrency']} | {st['steps_per_s']} | {st['mean_running']} "
+                     f"| {st['decode_steps']} / {st['mixed_steps']} | {dist('decode_step_ms')} "
+                     f"| {dist('mixed_step_ms')} | {dist('decode_after_mixed_ms')} | {dist('gap_ms')} "
+                     f"| {dist('deliver_ms')} | - "
+                     f"| ITL P50/P99 {dist('itl_ms')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -363,6 +454,10 @@ def main() -> None:
     parser.add_argument("--rates", default=None, help="default 8,16,32,inf (--cpu-smoke: 8,inf)")
     parser.add_argument("--num-prompts", type=int, default=None, help="per rate; default 200 (--cpu-smoke: 6)")
     parser.add_argument("--skip-startup", action="store_true")
+    parser.add_argument("--no-http", action="store_true",
+                        help="then benchmarks/serve_steps.py: the engine without HTTP at concurrency 16, both ways")
+    parser.add_argument("--variants", default="thread,process",
+                        help=f"pagedserve's, in order, each its own server: {', '.join(VARIANTS)}")
     parser.add_argument("--budget-s", type=float, default=560.0, help="stop starting work after this long")
     args = parser.parse_args()
     cpu = args.cpu_smoke
@@ -377,13 +472,16 @@ def main() -> None:
     t_all = time.perf_counter()
     deadline = t_all + args.budget_s
     results: dict = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rates": rates,
+                     "variants": args.variants.split(","),
                      "num_prompts_per_rate": num, "slos": SLOS, "model_dir": str(model_dir),
                      "dataset": "random token ids 64-1024 in / 16-512 out (peers)" if not cpu else "random tiny",
                      "startup": [], "engines": []}
     if not args.skip_startup:
         with open(OUT / "startup.log", "w") as log:
             results["startup"] = run_startup(model_dir, cpu, log)
-    for engine in args.engines.split(","):
+    runs = [(engine, variant) for engine in args.engines.split(",")
+            for variant in (args.variants.split(",") if engine == "pagedserve" else [None])]
+    for engine, variant in runs:
         if engine == "vllm" and not vllm_importable():
             print("vllm not importable from /tmp/site_v: skipped", flush=True)
             results["engines"].append({"engine": "vllm", "runs": [], "error": "not installed"})
@@ -392,8 +490,10 @@ def main() -> None:
             print(f"{engine}: skipped, too little time left", flush=True)
             results["engines"].append({"engine": engine, "runs": [], "error": "skipped: out of time"})
             continue
-        results["engines"].append(run_engine(engine, model_dir, rates, num, cpu, work, deadline))
+        results["engines"].append(run_engine(engine, model_dir, rates, num, cpu, work, deadline, variant))
         (OUT / "serve_gpu.json").write_text(json.dumps(results, indent=1))
+    if args.no_http:
+        results["no_http"] = run_no_http(model_dir, cpu, deadline)
     results["total_s"] = round(time.perf_counter() - t_all, 1)
     (OUT / "serve_gpu.json").write_text(json.dumps(results, indent=1))
     table = markdown(results)

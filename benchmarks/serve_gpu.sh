@@ -10,6 +10,8 @@
 # .peer/e (carried with the last call, from serve_gpu_prepare.sh): pure-Python wheels that vLLM's API
 # server imports at start-up and the bundle lacks (jmespath, for model_hosting_container_standards).
 # Without vLLM the pagedserve half runs alone. CPU proof: python3 benchmarks/serve_gpu.py --cpu-smoke
+# Issue 22's server profile (session 6, no vLLM, ~8-9 min): bash benchmarks/serve_gpu.sh --skip-startup
+#   --engines pagedserve --variants thread,process,thread-si,process-si --rates 8,16,inf,32 --no-http
 set -uo pipefail
 export PYTHONPATH=$PWD:/tmp/site_s PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"

@@ -30,13 +30,20 @@ processed request (LLMEngine.add_processed). For the server's own use:
 
 The loop reads only what LLMEngine.step_with_stats() returns: the outputs and the core's
 EngineStats (kept as `self.stats` for /metrics). Request timing lives in
-frontend/request_metrics.py, which feeds the finish listeners.
+frontend/request_metrics.py, which feeds the finish listeners. `step_timer`
+(frontend/step_timing.py) keeps each core step's times and the output processing after it.
+
+With `engine_process=True` the core runs in its own process (frontend/core_client.py): the
+engine thread here then only sends commands and turns the core's outputs into RequestOutputs
+(detokenizing), and the core's steps never wait for this process's GIL. Idle, the thread
+wakes every IDLE_POLL_S to read what the core sent (the stats after an abort).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
+import time
 import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -50,12 +57,15 @@ from pagedserve.frontend.input_processor import PromptType
 from pagedserve.frontend.llm_engine import LLMEngine
 from pagedserve.frontend.output_processor import OutputKind
 from pagedserve.frontend.request_metrics import FinishListener
+from pagedserve.frontend.step_timing import StepTime, StepTimer
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 _END = object()
 PROCESSING_THREADS = 4   # rendering + tokenization; tokenizers release the GIL while encoding
+IDLE_POLL_S = 0.05       # engine process: an idle engine thread reads the core's messages this often
+CPU_SAMPLE_S = 0.5       # the engine thread's CPU time is sampled this often (step timer)
 
 
 class RequestStream:
@@ -98,8 +108,10 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, start: bool = True) -> None:
+    def __init__(self, engine: LLMEngine, start: bool = True, probe_gil: bool = False) -> None:
         self.engine = engine
+        self.step_timer = StepTimer(probe_gil)
+        self._death_listeners: list[Callable[[EngineDeadError], None]] = []
         self._cond = threading.Condition()
         # (run on the engine thread, or fail with the death error) -- guarded by _cond
         self._commands: deque[tuple[Callable[[], None], Callable[[EngineDeadError], None]]] = deque()
@@ -115,8 +127,9 @@ class AsyncEngine:
             self._thread.start()
 
     @classmethod
-    def from_engine_args(cls, args: EngineArgs) -> "AsyncEngine":
-        return cls(LLMEngine(args))
+    def from_engine_args(cls, args: EngineArgs, engine_process: bool = False, probe_gil: bool = False) -> "AsyncEngine":
+        """`engine_process`: the core in a process of its own; `probe_gil`: the step timer's GIL probe."""
+        return cls(LLMEngine(args, engine_process=engine_process), probe_gil=probe_gil)
 
     # ---- read-only facts, safe from any thread ------------------------------------------
     @property
@@ -174,6 +187,10 @@ class AsyncEngine:
     def add_step_listener(self, listener: Callable[[EngineStats], None]) -> None:
         """Called on the engine thread with the core's stats after every step; must be quick."""
         self._step_listeners.append(listener)
+
+    def add_death_listener(self, listener: Callable[[EngineDeadError], None]) -> None:
+        """Called once, on the engine thread, when the step loop dies (not at shutdown)."""
+        self._death_listeners.append(listener)
 
     def add_snapshot_listener(self, listener: Callable[[EngineSnapshot], None]) -> None:
         """Called on the engine thread with each EngineSnapshot asked for by request_snapshot()
@@ -248,6 +265,7 @@ class AsyncEngine:
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
         self._processing.shutdown(wait=False, cancel_futures=True)
+        self.step_timer.close()
         if not self._thread.is_alive():
             self.engine.shutdown()
 
@@ -262,12 +280,14 @@ class AsyncEngine:
         on_dead(dead)
 
     def _run(self) -> None:
+        idle_wait = IDLE_POLL_S if self.engine.engine_process else None
+        cpu_sampled = 0.0
         try:
             while True:
                 with self._cond:
                     # a step with an empty core produces nothing: never spin on it
                     while not (self._commands or self._stopping or self.engine.has_work()):
-                        self._cond.wait()
+                        self._cond.wait(idle_wait)
                     if self._stopping:
                         break
                     commands = list(self._commands)
@@ -277,7 +297,12 @@ class AsyncEngine:
                 if self.engine.has_work():
                     outputs, self.stats = self.engine.step_with_stats()
                     self._dispatch(outputs)
-                    self._notify(self._step_listeners, self.stats)
+                    self._time_steps()
+                    for _, stats in self.engine.step_spans:   # one call per core step (an engine process may merge some)
+                        self._notify(self._step_listeners, stats)
+                    if self.step_timer.steps and self.step_timer.steps[-1].end - cpu_sampled > CPU_SAMPLE_S:
+                        cpu_sampled = self.step_timer.steps[-1].end
+                        self.step_timer.sample_cpu("engine_thread")
                 else:   # the commands changed what is queued (an abort freed blocks)
                     self.stats = self.engine.stats()
                 if self.stats.snapshot is not None:
@@ -287,6 +312,18 @@ class AsyncEngine:
             self._die(exc)
         finally:
             self._fail_open_requests(self._dead or EngineDeadError("the engine was shut down"))
+        if not self._stopping:
+            self._notify(self._death_listeners, self._dead)
+
+    def _time_steps(self) -> None:
+        """The core steps behind the last step_with_stats(), with the time from each one's
+        end until its outputs were handed to the event loop (now)."""
+        done = time.perf_counter()
+        timer = self.step_timer
+        for span, stats in self.engine.step_spans:
+            timer.record(StepTime(span.begin, span.end, stats.num_batched_tokens, stats.num_running, done - span.end))
+            if span.cpu:
+                timer.sample_cpu("engine_core_process", span.end, span.cpu)
 
     @staticmethod
     def _notify(listeners: list[Callable[[Any], None]], value: Any) -> None:

@@ -1,6 +1,7 @@
 """The synchronous engine shared by the offline LLM and the async server engine:
 input processing -> EngineCore -> output processing (+ request metrics). Not thread-safe;
-one driver thread."""
+one driver thread. With `engine_process` (the server's --engine-process) the core runs in a
+process of its own, driven through frontend/core_client.py's CoreClient."""
 from __future__ import annotations
 
 import logging
@@ -13,6 +14,8 @@ from pagedserve.core.outputs import EngineStats
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.engine_args import EngineArgs
 from pagedserve.engine_io import RequestId
+from pagedserve.frontend.core_client import CoreClient
+from pagedserve.frontend.core_process import StepSpan
 from pagedserve.frontend.input_processor import InputProcessor, ProcessedPrompt, PromptType
 from pagedserve.frontend.output_processor import OutputKind, OutputProcessor
 from pagedserve.frontend.request_metrics import FinishListener, RequestMetrics
@@ -38,14 +41,15 @@ class ProcessedRequest:
 
 
 class LLMEngine:
-    def __init__(self, args: EngineArgs) -> None:
+    def __init__(self, args: EngineArgs, engine_process: bool = False) -> None:
         self.args = args
+        self.engine_process = engine_process
         self.config, self.hf_config, source = args.create_config()
         # the tokenizer (transformers' import, tokenizer.json: seconds) loads on a thread while
         # the core builds the model and its KV cache, which mostly waits on the device
         with ThreadPoolExecutor(1, thread_name_prefix="tokenizer-load") as pool:
             tokenizer = None if args.skip_tokenizer_init else pool.submit(load_tokenizer, source, args.tokenizer)
-            self.core = EngineCore(self.config)
+            self.core: EngineCore | CoreClient = CoreClient(self.config) if engine_process else EngineCore(self.config)
             try:
                 self.tokenizer = tokenizer.result() if tokenizer is not None else None
             except BaseException:
@@ -63,6 +67,7 @@ class LLMEngine:
         self.grammar_compiler = GrammarCompiler(self.tokenizer, model.vocab_size, self.eos_token_ids)
         self.request_metrics = RequestMetrics()
         self.children: dict[str, list[RequestId]] = {}
+        self.step_spans: list[tuple[StepSpan, EngineStats]] = []   # the core steps behind the last step()
 
     @property
     def max_num_seqs(self) -> int:
@@ -159,7 +164,10 @@ class LLMEngine:
 
     def step_with_stats(self) -> tuple[list[RequestOutput], EngineStats]:
         """One step: the RequestOutputs to deliver and the core's stats after it."""
+        begin = time.perf_counter()
         core_outputs = self.core.step()
+        self.step_spans = self.core.step_spans if self.engine_process else \
+            [(StepSpan(begin, time.perf_counter(), 0.0), core_outputs.stats)]
         if core_outputs.events:
             self.request_metrics.record(core_outputs.events)
         results, stopped = self.output_processor.process_outputs(core_outputs.outputs)

@@ -3,6 +3,8 @@ everything (unknown routes included).
 
     POST /v1/completions        POST /v1/chat/completions     GET /v1/models
     GET  /health                GET  /version                 GET /metrics
+    GET  /debug/steps           the engine's step timing (frontend/step_timing.py); ?reset=1 restarts it,
+                                ?raw=N adds the last N steps
     POST /tokenize              POST /detokenize
 and text-generation-inference's routes (tgi_routes.py): POST /generate, /generate_stream, /;
 GET /info; POST /tokenize with {"inputs": ...} answers in TGI's shape (tokenize.py).
@@ -23,7 +25,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pagedserve import __version__
-from pagedserve.frontend.async_engine import AsyncEngine
+from pagedserve.frontend.async_engine import CPU_SAMPLE_S, AsyncEngine
 from pagedserve.server.context import AdmissionLimit, ServerContext, ServerSettings
 from pagedserve.server.dashboard import DashboardHub, add_dashboard_routes
 from pagedserve.server.errors import (HTTPError, MethodNotAllowedError, NotFoundError, ServiceUnavailableError,
@@ -51,7 +53,9 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, tgi_settings: TGISe
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        sampler = asyncio.ensure_future(_sample_loop_cpu(engine))
         yield
+        sampler.cancel()
         await asyncio.to_thread(engine.shutdown)
 
     app = FastAPI(title="pagedserve", version=__version__, lifespan=lifespan)
@@ -72,6 +76,13 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, tgi_settings: TGISe
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)   # outermost: before the body is read
     return app
+
+
+async def _sample_loop_cpu(engine: AsyncEngine) -> None:
+    """The event loop thread's CPU time, for the step timer's busy fraction."""
+    while True:
+        engine.step_timer.sample_cpu("event_loop")
+        await asyncio.sleep(CPU_SAMPLE_S)
 
 
 async def _http_exception(request: Request, exc: StarletteHTTPException) -> Response:
@@ -125,6 +136,15 @@ def _add_info_routes(app: FastAPI, ctx: ServerContext, metrics: ServerMetrics) -
     @app.get("/metrics")
     async def metrics_route() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/debug/steps")
+    async def step_timing(reset: bool = False, raw: int = 0) -> Response:
+        summary = ctx.engine.step_timer.summary()
+        if raw > 0:   # the last `raw` steps: [begin, end, tokens, running, deliver_s]
+            summary["raw"] = ctx.engine.step_timer.raw(raw)
+        if reset:
+            ctx.engine.step_timer.reset()
+        return JSONResponse(summary)
 
     @app.post("/tokenize")
     async def tokenize_route(request: Request) -> Response:

@@ -17,7 +17,6 @@ NO_OP_FLAGS: dict[str, tuple[bool, str]] = {
     "--disable-log-stats": (False, "there is no periodic stats log; see /metrics"),
     "--disable-uvicorn-access-log": (False, "uvicorn's access log follows --log-level"),
     "--uvicorn-log-level": (True, "uvicorn's log level follows --log-level"),
-    "--disable-frontend-multiprocessing": (False, "the server and the engine share one process"),
     "--enable-tokenizer-info-endpoint": (False, "GET /tokenizer_info is always served (behind the API key)"),
     "--guided-decoding-backend": (True, "structured outputs always compile with xgrammar"),
 }

@@ -1,5 +1,5 @@
 """POST /v1/chat/completions: messages -> chat template -> one engine request with n
-sequences. A stream sends, per choice, a role chunk (then the echoed last message with
+sequences. A stream sends, with the first output (as vLLM does), per choice a role chunk (then the echoed last message with
 `echo`), content deltas, then one chunk with an empty delta and the finish_reason (exactly
 once per choice); a usage chunk when include_usage (or --enable-force-include-usage); then
 [DONE]. With continuous_usage_stats every chunk, the role chunks included, carries usage.
@@ -155,15 +155,13 @@ class _ChatBuilder:
                                                   self.ctx.settings.enable_force_include_usage)
         opened = False
         try:
-            if not continuous:   # continuous usage needs the prompt's length: open at the first output
-                opened = True
-                for chunk in self._opening(None):
-                    yield sse_event(chunk)
+            # vLLM's order: the role chunks go out with the first output (the first token),
+            # not before the prefill, so a client's time to first chunk is its TTFT
             async for _, output in merge_streams(streams):
                 self._first_output(output)
                 if not opened:
                     opened = True
-                    for chunk in self._opening(output):
+                    for chunk in self._opening(output, continuous):
                         yield sse_event(chunk)
                 for completion in output.outputs:
                     if completion.index in self.finished:
@@ -173,7 +171,7 @@ class _ChatBuilder:
                             chunk["usage"] = self.usage.as_dict()
                         yield sse_event(chunk)
             if not opened:
-                for chunk in self._opening(None):
+                for chunk in self._opening(None, continuous):
                     yield sse_event(chunk)
             if include_usage:
                 yield sse_event({**self._envelope([]), "usage": self.usage.as_dict()})
@@ -183,12 +181,13 @@ class _ChatBuilder:
             close_all(streams)
         yield DONE_EVENT
 
-    def _opening(self, output: RequestOutput | None) -> list[dict[str, Any]]:
-        """The role chunk of every choice, then the echoed text (vLLM's order)."""
+    def _opening(self, output: RequestOutput | None, continuous: bool) -> list[dict[str, Any]]:
+        """The role chunk of every choice, then the echoed text (vLLM's order); with
+        continuous usage they carry the usage so far (the prompt's)."""
         chunks = [self._chunk(index, {"role": self.role, "content": ""}) for index in range(self.request.n or 1)]
         if self.echo_text:
             chunks += [self._chunk(index, {"content": self.echo_text}) for index in range(self.request.n or 1)]
-        if output is not None:
+        if output is not None and continuous:
             for chunk in chunks:
                 chunk["usage"] = self.usage.as_dict()
         if self.request.return_token_ids and output is not None:

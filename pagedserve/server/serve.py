@@ -7,6 +7,7 @@ import argparse
 import gc
 import logging
 import os
+import sys
 from pathlib import Path
 
 from pagedserve.engine_args import EngineArgs
@@ -22,6 +23,9 @@ from pagedserve.server.tgi_settings import DEFAULT_PORT, add_tgi_arguments, appl
 logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "PAGEDSERVE_API_KEY"
+ENGINE_PROCESS_ENV = "PAGEDSERVE_ENGINE_PROCESS"   # "1" / "0": --engine-process's default
+GIL_PROBE_ENV = "PAGEDSERVE_GIL_PROBE"             # "1": the step timer's GIL probe thread runs
+SWITCH_INTERVAL_ENV = "PAGEDSERVE_SWITCH_INTERVAL_MS"  # CPython's GIL switch interval (default 5 ms)
 GRACEFUL_SHUTDOWN_S = 3.0   # after SIGTERM / Ctrl-C, for open requests (uvicorn timeout_graceful_shutdown)
 
 
@@ -58,6 +62,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--dashboard-results-dir", default=None, metavar="DIR",
                         help="benchmark results the dashboard plots (`pagedserve bench` JSON, peer JSON lines); "
                              "default: the repository's benchmarks/")
+    parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
+                        help="run the engine core (scheduler + model executor) in a process of its own, as "
+                             "vLLM V1 does; the server process keeps HTTP, tokenization and detokenization "
+                             f"(default: env {ENGINE_PROCESS_ENV}, else on)")
+    parser.add_argument("--disable-frontend-multiprocessing", dest="engine_process", action="store_false",
+                        default=argparse.SUPPRESS, help="vLLM's spelling of --no-engine-process")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     # None where TGI's environment may fill the value in (apply_tgi_settings)
     add_engine_arguments(parser.add_argument_group("engine"),
@@ -144,20 +154,40 @@ def run_server(args: argparse.Namespace) -> None:
     logging.getLogger("pagedserve").setLevel(args.log_level.upper())
     tgi_settings = apply_tgi_settings(args)   # TGI flags and env vars, folded into args
     settings = server_settings_from(args)
-    engine = AsyncEngine.from_engine_args(engine_args_from(args))
+    if os.environ.get(SWITCH_INTERVAL_ENV):   # a diagnostic knob: how much of the GIL's hand-over delay matters
+        sys.setswitchinterval(float(os.environ[SWITCH_INTERVAL_ENV]) / 1e3)
+    engine_process = engine_process_from(args)
+    engine = AsyncEngine.from_engine_args(engine_args_from(args), engine_process=engine_process,
+                                          probe_gil=os.environ.get(GIL_PROBE_ENV) == "1")
     app = build_app(engine, settings, tgi_settings)
     # the hundreds of thousands of objects start-up made live as long as the server: frozen, out of
     # the collector's sight, no full collection walks them again (a walk holds the GIL ~0.1-0.4 s)
     gc.collect()
     gc.freeze()
-    logger.info("serving %s on http://%s:%d", settings.served_model_name, args.host, args.port)
+    logger.info("serving %s on http://%s:%d (engine core %s)", settings.served_model_name, args.host, args.port,
+                "in its own process" if engine_process else "on a thread")
+    # open requests get GRACEFUL_SHUTDOWN_S to finish after SIGTERM / Ctrl-C, then are cancelled:
+    # the server (and its tensor-parallel ranks) is gone within 10 s
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_keep_alive=5, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+    died: list[Exception] = []
+    if engine_process:   # a dead core process (vLLM's behaviour): its requests got the error; stop serving
+        engine.add_death_listener(lambda error: (died.append(error), setattr(server, "should_exit", True)))
     try:
-        # open requests get GRACEFUL_SHUTDOWN_S to finish after SIGTERM / Ctrl-C, then are cancelled:
-        # the server (and its tensor-parallel ranks) is gone within 10 s
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=5,
-                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+        server.run()
+    except KeyboardInterrupt:   # uvicorn re-raises the Ctrl-C it handled (uvicorn.run swallows it too)
+        pass
     finally:
         engine.shutdown()
+    if died:
+        logger.error("exiting: %s", died[0])
+        raise SystemExit(1)
+
+
+def engine_process_from(args: argparse.Namespace) -> bool:
+    if args.engine_process is not None:
+        return args.engine_process
+    return os.environ.get(ENGINE_PROCESS_ENV, "1") != "0"
 
 
 def _model(args: argparse.Namespace) -> str | None:

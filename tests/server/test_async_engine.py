@@ -24,6 +24,8 @@ class ScriptedEngine:
     max_model_len = 128
     max_num_seqs = 8
     tokenizer = None
+    engine_process = False
+    step_spans: list = []   # no core steps to time
 
     def __init__(self) -> None:
         self.pending: dict[str, str] = {}

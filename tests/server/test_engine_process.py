@@ -1,0 +1,112 @@
+"""The engine core in its own process (`serve --engine-process`, frontend/core_client.py),
+through real server processes: the same greedy text as the offline engine, structured outputs
+across the pipe, /metrics and /debug/steps fed from the core process; a killed core fails its
+open requests with an error and the server exits; a killed server leaves no core behind.
+Also the chat stream's first chunk (the role) goes out only with the first output, as vLLM's."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from typing import Iterator
+
+import psutil
+import pytest
+import requests
+
+from pagedserve import SamplingParams
+from tests.server.conftest import ServerProcess, serving, start_server, wait_idle
+
+MODEL = "SmolLM2-135M-Instruct"
+LABEL = (("model_name", MODEL),)
+SMALL = ("--engine-process", "--dtype", "float32", "--max-model-len", "1024", "--num-kv-blocks", "128")
+
+
+@pytest.fixture(scope="module")
+def one_seq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One sequence at a time: a second request waits until the first one ends."""
+    yield from serving(tmp_path_factory, "engine_process", *SMALL, "--max-num-seqs", "1")
+
+
+def _core_of(server: ServerProcess) -> psutil.Process:
+    [core] = [c for c in psutil.Process(server.process.pid).children() if "core_process" in " ".join(c.cmdline())]
+    return core
+
+
+def _events(response: requests.Response) -> Iterator[dict | str]:
+    for line in response.iter_lines():
+        if line:
+            data = line[len(b"data: "):]
+            yield data.decode() if data == b"[DONE]" else json.loads(data)
+
+
+def test_greedy_text_and_structured_output_match_offline(one_seq, offline_llm) -> None:
+    prompt = "The capital of France is"
+    reference = offline_llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0), use_tqdm=False)
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 12, "temperature": 0}
+    result = requests.post(f"{one_seq.base_url}/v1/completions", json=body, timeout=60).json()
+    assert result["choices"][0]["text"] == reference[0].outputs[0].text
+    chosen = requests.post(f"{one_seq.base_url}/v1/completions", timeout=60, json={
+        **body, "structured_outputs": {"choice": ["Paris", "Lyon"]}}).json()["choices"][0]["text"]
+    assert chosen in ("Paris", "Lyon")   # the compiled grammar crossed the pipe to the core's matcher
+    samples = wait_idle(one_seq.base_url)
+    assert samples[("pagedserve:iteration_tokens_total_count", LABEL)] >= 12
+    steps = requests.get(f"{one_seq.base_url}/debug/steps", timeout=10).json()
+    assert steps["steps"] >= 12 and steps["decode_step_ms"]["p50"] > 0
+
+
+def test_chat_role_chunk_goes_out_with_the_first_output(one_seq) -> None:
+    """vLLM sends the role with the first output, so a client's first chunk marks the first
+    token: while another request holds the only sequence slot, nothing may arrive."""
+    url = f"{one_seq.base_url}/v1/completions"
+    holder = requests.post(url, json={"model": MODEL, "prompt": "1, 2, 3,", "max_tokens": 900, "ignore_eos": True,
+                                      "stream": True}, stream=True, timeout=60)
+    holder_events = _events(holder)
+    next(holder_events)   # the slot is taken
+    received: list[dict | str] = []
+
+    def chat() -> None:
+        with requests.post(f"{one_seq.base_url}/v1/chat/completions", stream=True, timeout=60, json={
+                "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
+                "temperature": 0, "stream": True}) as response:
+            received.extend(_events(response))
+
+    reader = threading.Thread(target=chat)
+    reader.start()
+    time.sleep(1.0)
+    assert received == [], "a chunk went out before the request was even scheduled"
+    holder.close()   # abort: the chat request gets the slot
+    reader.join(60)
+    assert not reader.is_alive()
+    assert received[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert received[1]["choices"][0]["delta"]["content"]   # the first token's text right behind it
+    assert received[-1] == "[DONE]"
+
+
+def test_killed_core_fails_open_requests_and_the_server_exits(tmp_path) -> None:
+    server = start_server(tmp_path, "killed_core", *SMALL)
+    try:
+        server.wait_healthy()
+        with requests.post(f"{server.base_url}/v1/completions", stream=True, timeout=60, json={
+                "model": MODEL, "prompt": "1, 2, 3,", "max_tokens": 900, "ignore_eos": True, "stream": True}) as r:
+            events = _events(r)
+            next(events)
+            _core_of(server).kill()
+            rest = list(events)   # ends: no hang
+        assert "error" in rest[-2] and "engine core" in rest[-2]["error"]["message"] and rest[-1] == "[DONE]"
+        assert server.process.wait(timeout=20) == 1
+    finally:
+        server.stop()
+
+
+def test_killed_server_takes_its_core_along(tmp_path) -> None:
+    server = start_server(tmp_path, "killed_server", *SMALL)
+    try:
+        server.wait_healthy()
+        core = _core_of(server)
+        os.kill(server.process.pid, signal.SIGKILL)
+        core.wait(timeout=20)   # the core sees its pipe close and exits (psutil.TimeoutExpired otherwise)
+    finally:
+        server.stop()
