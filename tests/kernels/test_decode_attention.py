@@ -183,7 +183,7 @@ def test_engine_takes_the_one_launch_path_and_keeps_greedy_ids(arch, tiny_checkp
     monkeypatch.setattr(attention, "fuses", lambda q, weight=None: 0 < q.shape[0] <= 16)
     monkeypatch.setattr(linear_ops, "FUSE_DECODE_ATTENTION", True)   # off by default until GPU-checked
     monkeypatch.setattr(RotaryEmbedding, "uses_triton", lambda self, q: True)
-    monkeypatch.setattr(model_runner, "select_backend", lambda device: backend.TritonBackend())
+    monkeypatch.setattr(model_runner, "select_backend", lambda device, *_: backend.TritonBackend())
     assert generate() == expected
     assert calls and set(calls) <= {1, 2, 3}
 
