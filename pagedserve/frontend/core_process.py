@@ -141,10 +141,16 @@ def _serve_on_a_thread(core, conn: Connection, outbox: _Outbox) -> None:
         raise raised[0]
 
 
+IDLE_CHECK_S = 0.1   # an idle core checks its ranks' liveness this often
+
+
 def _serve(core, conn: Connection, outbox: _Outbox) -> None:
     while not outbox.gone:
-        idle = not core.has_unfinished_requests()
-        messages = [conn.recv()] if idle else []   # idle: block until the client says something
+        if not core.has_unfinished_requests():   # idle: wait for the client, watching the ranks
+            while not conn.poll(IDLE_CHECK_S):
+                if not core.is_alive():   # a dead TP / PP rank: the client (and /health) hear it now
+                    raise RuntimeError("an engine rank died")
+        messages = []
         while conn.poll():
             messages.append(conn.recv())
         for message in messages:
