@@ -4,11 +4,9 @@ ttft16k walls, torch.profiler summed per kernel class, peers_long.py's long64. a
 one EngineStages (its --cpu-smoke, its emit, $OUT) and runs them after the kernel stages."""
 from __future__ import annotations
 
-import json
 import os
 import random
 import statistics
-import sys
 import time
 import traceback
 from typing import Callable
@@ -16,6 +14,7 @@ from typing import Callable
 import torch
 
 from pagedserve.attention.backend import TritonBackend
+from step_profile import long64_requests, make_llm
 
 PAGED_ONLY = 1 << 30  # prefill_min_query_len that keeps every chunk on the paged kernel
 # engine A/B modes: (name, TritonBackend.prefill_min_query_len, .use_sdpa, .long_chunk_path)
@@ -58,28 +57,7 @@ class EngineStages:
         self.smoke, self.emit, self.out = smoke, emit, out
 
     def make_llm(self, **extra):
-        from pagedserve import LLM
-        if self.smoke:
-            d = "/tmp/attn_gpu_smoke_model"
-            os.makedirs(d, exist_ok=True)
-            cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=32000,
-                       max_position_embeddings=2048, rope_theta=500000.0, rms_norm_eps=1e-5, hidden_act="silu",
-                       torch_dtype="float32", bos_token_id=1, eos_token_id=2, hidden_size=64, intermediate_size=128,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-            json.dump(cfg, open(f"{d}/config.json", "w"))
-            return LLM(model=d, load_format="dummy", skip_tokenizer_init=True, dtype="float32", max_model_len=2048,
-                       seed=0, **extra)
-        sys.path.insert(0, ".devcarry")
-        sys.path.insert(0, "../shared/bench")
-        from peers import make_model_dir
-        d = make_model_dir("llama-8b")
-        cfg = json.load(open(f"{d}/config.json"))
-        cfg["max_position_embeddings"] = 32768
-        d = d + "-32k"
-        os.makedirs(d, exist_ok=True)
-        json.dump(cfg, open(f"{d}/config.json", "w"))
-        return LLM(model=d, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", max_model_len=32768,
-                   gpu_memory_utilization=0.85, seed=0, **extra)
+        return make_llm(self.smoke, "llama-8b", 32768, **extra)
 
     def kernel_summary(self, prof, wall_ms: float, label: str) -> dict:
         classes: dict[str, float] = {}
@@ -155,13 +133,7 @@ class EngineStages:
     def long64(self, llm, modes=(SDPA, GATHERED, TRITON), label: str = "long64") -> None:
         """peers_long.py's long64, the same requests (its rng: seed 1, 2000 warm-up draws first)."""
         from pagedserve import SamplingParams
-        rng = random.Random(1)
-        [rng.randrange(3, 32000) for _ in range(2000)]
-        lo, hi, count = (100, 400, 4) if self.smoke else (4096, 16384, 64)
-        reqs = [([rng.randrange(3, 32000) for _ in range(rng.randint(lo, hi))], rng.randint(64, 256))
-                for _ in range(count)]
-        if self.smoke:
-            reqs = [(p, 4) for p, _ in reqs]
+        reqs = long64_requests(self.smoke)
         params = [SamplingParams(max_tokens=o, ignore_eos=True, temperature=0.0, detokenize=False) for _, o in reqs]
         for run, mode_spec in enumerate(modes):
             # later runs shift every first token: same lengths, no prefix-cache hit on an earlier run

@@ -30,9 +30,11 @@ sys.path.insert(0, REPO)
 
 
 def make_llm(smoke: bool, model: str, max_model_len: int, **extra):
+    """A dummy-weight engine (bf16, gpu_memory_utilization 0.85) of peers.py's `model` config
+    at `max_model_len`; with `smoke` a tiny fp32 llama on the CPU instead. attn_engine.py's too."""
     from pagedserve import LLM
     if smoke:
-        d = "/tmp/long64_smoke_model"
+        d = "/tmp/pagedserve_bench_smoke_model"
         os.makedirs(d, exist_ok=True)
         cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=32000,
                    max_position_embeddings=2048, rope_theta=500000.0, rms_norm_eps=1e-5, hidden_act="silu",
@@ -69,10 +71,10 @@ def long64_requests(smoke: bool):
     """peers_long.py's long64 (its rng: seed 1, 2000 warm-up draws first)."""
     rng = random.Random(1)
     [rng.randrange(3, 32000) for _ in range(2000)]
-    lo, hi, count = (100, 400, 8) if smoke else (4096, 16384, 64)
+    lo, hi, count = (100, 400, 4) if smoke else (4096, 16384, 64)
     reqs = [([rng.randrange(3, 32000) for _ in range(rng.randint(lo, hi))], rng.randint(64, 256))
             for _ in range(count)]
-    return [(p, 8) for p, _ in reqs] if smoke else reqs
+    return [(p, 4) for p, _ in reqs] if smoke else reqs
 
 
 class StepRecorder:
