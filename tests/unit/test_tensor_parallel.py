@@ -156,7 +156,8 @@ def test_server_with_tp2_then_a_dead_rank(tiny_checkpoints, tmp_path):
     from pagedserve.models.loader import materialize_gguf, resolve_model
     tokenizer = materialize_gguf(resolve_model(None)).directory   # the default model's tokenizer; ids < 512
     server = start_server(tmp_path, "server", tiny_checkpoints["llama"], "--tokenizer", tokenizer, "--device", "cpu",
-                          "--dtype", "float32", "--max-model-len", "128", "--tensor-parallel-size", "2")
+                          "--dtype", "float32", "--max-model-len", "128", "--tensor-parallel-size", "2",
+                          "--no-engine-process")   # the core on the server's thread: it keeps serving 503s
     proc, base = server.process, server.base_url
     try:
         server.wait_healthy(timeout=90)
