@@ -22,7 +22,8 @@ normsweep, bf16, tests (each guarded: a failure prints its traceback and the nex
   models  per model and --variants (fused: everything on; base: main before this branch: no
           one-launch attention, torch's argmax, one pageable copy per step input; attn_only:
           base + the one-launch attention; unfused; fused+pdl; nonorm: fused but the RMSNorm
-          kernel before the one-row gemvs): b1_decode tok/s as
+          kernel before the one-row gemvs; noattn: fused but the generic
+          decode attention, the default): b1_decode tok/s as
           ../shared/bench/peers.py measures it (128-token prompt, 256 greedy tokens, warmed
           once), the decode graph's replay time
           (bs=1, context ~384), a torch.profiler table of one replay (per kernel calls, us,
@@ -530,7 +531,8 @@ VARIANTS = {   # name: (gemv fusions, one-launch decode attention, packed step i
     # RMSNorm in the one-row gemvs)
     "fused": (True, True, True, False, True), "base": (True, False, False, False, True),   # base: session 5's main
     "attn_only": (True, True, False, False, True), "unfused": (False, False, False, False, True),
-    "fused+pdl": (True, True, True, True, True), "nonorm": (True, True, True, False, False)}
+    "fused+pdl": (True, True, True, True, True), "nonorm": (True, True, True, False, False),
+    "noattn": (True, False, True, False, True)}   # noattn: fused without the one-launch attention
 
 
 @stage("models")
