@@ -33,9 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedserve.attention.triton_paged_attention import (_LOG2E, LONE_TILES, SHORT_TILES, TILES_PER_SEGMENT,
-                                                          _active_segments, _check_attention_inputs, _load_kv_tile,
-                                                          _online_softmax_step, _sm_count, choose_num_splits,
+from pagedserve.attention.triton_paged_attention import (_LOG2E, SplitPlan, _active_segments,
+                                                          _check_attention_inputs, _load_kv_tile,
+                                                          _online_softmax_step, _sm_count, choose_splits,
                                                           default_tile_config, merge_segments)
 from pagedserve.layers import triton_gemv
 from pagedserve.layers.triton_gemv import gdc_launch_dependents, gdc_wait
@@ -171,7 +171,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                      v_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                      slot_mapping: torch.Tensor, scale: float, max_seq_len: int,
                      rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     out: torch.Tensor | None = None, *, num_splits: int | None = None,
+                     out: torch.Tensor | None = None, *, num_splits: int | SplitPlan | None = None,
                      tiles_per_segment: int | None = None) -> torch.Tensor:
     """Attention of an all-decode batch: token s is sequence s's new token, at position
     seq_lens[s] - 1 (padding rows as the decode graphs pad them: seq_len 1, slot -1), storing
@@ -179,9 +179,9 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     head strides); rotary = (cos_cache, sin_cache) rotates query and key at that position as
     rotary_store_kv does (query and key themselves are not modified). Mutates k_cache /
     v_cache (the tokens' slots) and `out`; never synchronises with the device (graph-safe:
-    max_seq_len is a host upper bound that fixes the split count). tiles_per_segment: the
-    paged kernel's rule when None (bit for bit its output), else that many key tiles a
-    segment at every context (timings, tests)."""
+    max_seq_len is a host upper bound that fixes the split count). num_splits as
+    paged_attention's (None: choose_splits; bit for bit its output given the same). tiles_per_segment:
+    None keeps the plan's rule, else that many key tiles a segment at every context (timings, tests)."""
     _check_attention_inputs(query, k_cache, v_cache, block_tables, seq_lens, None, out)
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = k_cache.shape[2]
@@ -208,12 +208,17 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     queries_per_kv, head_dim_pad = num_heads // num_kv_heads, triton.next_power_of_2(head_dim)
     config = default_tile_config(queries_per_kv, head_dim_pad, 1, query.dtype)
     if num_splits is None:
-        num_splits = choose_num_splits(num_seqs, num_kv_heads, 1, max_seq_len, config.tile_n,
-                                       _sm_count(query.device))
-    counters = zeroed_counters(query.device, num_tokens * num_kv_heads) if num_splits > 1 else None
+        plan = choose_splits(num_seqs, num_kv_heads, 1, max_seq_len, config.tile_n, _sm_count(query.device),
+                             num_heads, head_dim_pad)
+    else:
+        plan = num_splits if isinstance(num_splits, SplitPlan) else SplitPlan(num_splits)
+    if tiles_per_segment is not None:
+        plan = SplitPlan(plan.num_segments, tiles_per_segment, 0, 0)
+    counters = zeroed_counters(query.device, num_tokens * num_kv_heads) if plan.num_segments > 1 else None
     if counters is None:
-        num_splits = 1
+        plan = SplitPlan(1)
         counters = slot_mapping   # unused
+    num_splits = plan.num_segments
     partial_acc = partial_max = partial_sum = out   # unused at one split
     if num_splits > 1:
         rows = num_tokens * num_heads * num_splits
@@ -223,8 +228,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     _decode_attention_kernel[(num_seqs, num_kv_heads, num_splits)](
         out, partial_acc, partial_max, partial_sum, counters,
         query, key, value, k_cache, v_cache, block_tables, seq_lens, slot_mapping, cos_cache, sin_cache,
-        scale * _LOG2E, num_splits, tiles_per_segment or TILES_PER_SEGMENT,
-        SHORT_TILES if tiles_per_segment is None else 0, LONE_TILES if tiles_per_segment is None else 0,
+        scale * _LOG2E, *plan.args(),
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),

@@ -17,10 +17,12 @@ keys <= its position. Keys are read TILE_N at a time through the block table:
 
     key position p -> k_cache[block_tables[s, p // BLOCK_SIZE], p % BLOCK_SIZE, kv_head, :]
 
-Split-K (flash-decoding): with num_segments > 1 the first `_active_segments` programs each
-cover one slice of the key tiles and write un-normalised partials (acc, running max, running
-sum) in fp32, the others empty ones; `_reduce_segments` merges them. Softmax runs in fp32 in
-the log2 domain.
+Split-K (flash-decoding): with num_segments > 1 the first `_active_segments` programs (a
+SplitPlan's rule, chosen by choose_splits) each cover one slice of the key tiles and write
+un-normalised partials (acc, running max, running sum) in fp32 plus the token's count of
+active segments; the others exit at once; `_reduce_segments` merges the active ones. A token
+with one active segment gets its output from it directly (the merge of one segment divides
+alike). Softmax runs in fp32 in the log2 domain.
 """
 from __future__ import annotations
 
@@ -105,7 +107,7 @@ def _online_softmax_step(q, k, v, score_mask, m_i, l_i, acc, scale_log2, DOT_PRE
 @triton.jit(do_not_specialize=["seq_begin", "seq_end", "stride_block_table", "num_segments", "tiles_per_segment",
                                "short_tiles", "lone_tiles"])
 def _paged_attention_kernel(
-    out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr,
+    out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, partial_active_ptr,
     query_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     scale_log2,  # softmax scale * log2(e)
     seq_begin, seq_end,  # this launch covers sequences [seq_begin, seq_end)
@@ -140,6 +142,12 @@ def _paged_attention_kernel(
         return
     seq_len = tl.load(seq_lens_ptr + seq_idx)
     context_len = seq_len - query_len
+    # Causal horizon of this tile (exclusive), then this segment's share of the key tiles.
+    key_end = tl.minimum(context_len + (q_block + 1) * BLOCK_Q, seq_len)
+    num_tiles = tl.cdiv(key_end, TILE_N)
+    active = _active_segments(num_tiles, num_segments, tiles_per_segment, short_tiles, lone_tiles)
+    if segment >= active:
+        return   # nothing to read (the reduce merges only the active segments)
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
@@ -152,13 +160,10 @@ def _paged_attention_kernel(
     q = tl.load(query_ptr + token[:, None] * stride_q_token + head[:, None] * stride_q_head + offs_d[None, :],
                 mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
     query_abs = context_len + query_pos  # absolute position of each row's token
-
-    # Causal horizon of this tile (exclusive), then this segment's share of the key tiles.
-    key_end = tl.minimum(context_len + (q_block + 1) * BLOCK_Q, seq_len)
-    num_tiles = tl.cdiv(key_end, TILE_N)
-    active = _active_segments(num_tiles, num_segments, tiles_per_segment, short_tiles, lone_tiles)
-    tile_lo = tl.minimum(segment, active) * num_tiles // active   # segments past `active`: none
-    tile_hi = tl.minimum(segment + 1, active) * num_tiles // active
+    if (segment == 0) & (kv_head == 0) & (num_segments > 1):   # the reduce's count, per token
+        tl.store(partial_active_ptr + token, active, mask=row_valid)
+    tile_lo = segment * num_tiles // active
+    tile_hi = (segment + 1) * num_tiles // active
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -182,12 +187,11 @@ def _paged_attention_kernel(
                                              m_i, l_i, acc, scale_log2, DOT_PRECISION)
 
     store_mask = row_valid[:, None] & dim_valid[None, :]
-    if num_segments == 1:
+    if active == 1:   # the one segment's output, as the merge of one segment divides (the reduce skips it)
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(out_ptr + token[:, None] * stride_o_token + head[:, None] * stride_o_head + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=store_mask)
     else:
-        # Empty segments still write (acc=0, max=-inf, sum=0) so the reduce reads no garbage.
         row = (token * NUM_HEADS + head) * num_segments + segment
         tl.store(partial_acc_ptr + row[:, None] * HEAD_DIM_PAD + offs_d[None, :], acc, mask=store_mask)
         tl.store(partial_max_ptr + row, m_i, mask=row_valid)
@@ -226,7 +230,7 @@ def merge_segments(out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, f
 
 @triton.jit(do_not_specialize=["num_seqs", "num_segments"])
 def _reduce_segments_kernel(
-    out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, query_start_loc_ptr, num_seqs,
+    out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, active_ptr, query_start_loc_ptr, num_seqs,
     num_segments, stride_o_token, stride_o_head,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     SEG_CHUNK: tl.constexpr,
@@ -235,9 +239,11 @@ def _reduce_segments_kernel(
     head = tl.program_id(1)
     if (token < tl.load(query_start_loc_ptr)) | (token >= tl.load(query_start_loc_ptr + num_seqs)):
         return  # padding token (e.g. CUDA-graph batch padding): left untouched
-    # every segment wrote its partials (empty ones: max -inf, sum 0, acc 0)
+    active = tl.load(active_ptr + token)   # the attention kernel's count for this token
+    if active == 1:
+        return  # its one segment wrote `out`
     merge_segments(out_ptr + token * stride_o_token + head * stride_o_head, partial_acc_ptr, partial_max_ptr,
-                   partial_sum_ptr, (token * NUM_HEADS + head) * num_segments, num_segments, HEAD_DIM,
+                   partial_sum_ptr, (token * NUM_HEADS + head) * num_segments, active, HEAD_DIM,
                    HEAD_DIM_PAD, SEG_CHUNK)
 
 
@@ -274,30 +280,65 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-# Decode-only batches that fill the SMs once but fewer than SPLIT_BELOW_PROGRAMS_PER_SM times
-# also split, into segments of >= MIN_TILES_PER_SPLIT key tiles: a few long-context programs
-# per SM cannot keep enough loads in flight (H200, long64's decode tail, ~35 rows x 8 KV heads
-# at ~10k context: 22.6 -> 20.6 ms a step; benchmarks/step_profile.py's splitwN variant).
+@dataclass(frozen=True)
+class SplitPlan:
+    """Split-K of a launch: num_segments programs per (query tile, KV head) (grid axis 2), of
+    which a query tile with n key tiles uses _active_segments(n, num_segments, tiles_per_segment,
+    short_tiles, lone_tiles); both decode kernels take one (they must split alike to round alike)."""
+
+    num_segments: int
+    tiles_per_segment: int = TILES_PER_SEGMENT
+    short_tiles: int = SHORT_TILES
+    lone_tiles: int = LONE_TILES
+
+    def args(self) -> tuple[int, int, int, int]:
+        return self.num_segments, self.tiles_per_segment, self.short_tiles, self.lone_tiles
+
+
+NO_SPLIT = SplitPlan(1)
+
+# Decode-only batches of at least one program (sequence x KV head) per SM: "chunked" (the
+# default) splits every context into segments of CHUNK_TILES key tiles (the last one shorter),
+# so the launch's programs carry about equal work whatever the mix of context lengths (as
+# FlashInfer's balanced split-KV); the grid holds cdiv(max_seq_len tiles, CHUNK_TILES) segments
+# (in a CUDA graph max_seq_len is max_model_len: unused segments exit after one load). Why:
+# long64's decode tail (~35 rows x 8 KV heads at 4k-16k context, H200) ran ~60% of the KV
+# bandwidth with two segments a sequence, its longest programs 4x its shortest.
+# "legacy" (for A/B): below SPLIT_BELOW_PROGRAMS_PER_SM programs per SM, ~2x that many programs
+# of >= MIN_TILES_PER_SPLIT tiles each, the same count for every sequence (22.6 -> 20.6 ms a
+# step on long64's tail against not splitting; step_profile.py's splitwN variant).
+SPLIT_RULE = "chunked"
+CHUNK_TILES = 16
+MAX_SEGMENTS = 64
+MAX_PARTIAL_BYTES = 64 << 20   # the fp32 partials of one launch (graph pools hold them)
 SPLIT_BELOW_PROGRAMS_PER_SM = 4
 MIN_TILES_PER_SPLIT = 8
 
 
-def choose_num_splits(num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_len: int,
-                      tile_n: int, sm_count: int) -> int:
-    """Split-K segments (a power of two) for a decode-only batch with contexts of at least 4
-    key tiles: fewer programs than SMs aim at ~2 programs per SM, >= 1 tile each; up to
-    SPLIT_BELOW_PROGRAMS_PER_SM programs per SM aim at twice that, >= MIN_TILES_PER_SPLIT
-    tiles each. Prefill and larger batches never split."""
+def choose_splits(num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_len: int, tile_n: int,
+                  sm_count: int, num_heads: int | None = None, head_dim_pad: int = 128) -> SplitPlan:
+    """Split-K for a decode-only batch (prefill never splits) with contexts of at least 4 key
+    tiles: fewer programs than SMs aim at ~2 programs per SM, the tiles spread over them (>= 1
+    each); more: SPLIT_RULE above. num_heads (query heads; default 4 a KV head) sizes the
+    partials, which stay under MAX_PARTIAL_BYTES."""
     programs = num_seqs * num_kv_heads
     key_tiles = triton.cdiv(max_seq_len, tile_n)
-    if max_query_len != 1 or key_tiles < 4 or programs >= SPLIT_BELOW_PROGRAMS_PER_SM * sm_count:
-        return 1
+    if max_query_len != 1 or key_tiles < 4:
+        return NO_SPLIT
     if programs < sm_count:
-        wanted = min(triton.cdiv(2 * sm_count, programs), key_tiles, 64)
-    else:
+        wanted = min(triton.cdiv(2 * sm_count, programs), key_tiles, MAX_SEGMENTS)
+    elif SPLIT_RULE == "legacy":
+        if programs >= SPLIT_BELOW_PROGRAMS_PER_SM * sm_count:
+            return NO_SPLIT
         wanted = min(triton.cdiv(2 * SPLIT_BELOW_PROGRAMS_PER_SM * sm_count, programs),
-                     key_tiles // MIN_TILES_PER_SPLIT, 64)
-    return 1 << (wanted.bit_length() - 1) if wanted >= 2 else 1
+                     key_tiles // MIN_TILES_PER_SPLIT, MAX_SEGMENTS)
+    else:
+        row_bytes = num_seqs * (num_heads or 4 * num_kv_heads) * (head_dim_pad + 2) * 4
+        cap = max(1, min(MAX_SEGMENTS, MAX_PARTIAL_BYTES // row_bytes))
+        chunk = max(CHUNK_TILES, triton.cdiv(key_tiles, cap))
+        segments = triton.cdiv(key_tiles, chunk)
+        return SplitPlan(segments, chunk, 0, 0) if segments > 1 else NO_SPLIT
+    return SplitPlan(1 << (wanted.bit_length() - 1)) if wanted >= 2 else NO_SPLIT
 
 
 def _check_attention_inputs(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -345,7 +386,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                     block_tables: torch.Tensor, seq_lens: torch.Tensor,
                     query_start_loc: torch.Tensor, scale: float, max_query_len: int | None,
                     max_seq_len: int | None, num_decodes: int | None = None,
-                    out: torch.Tensor | None = None, *, num_splits: int | None = None,
+                    out: torch.Tensor | None = None, *, num_splits: int | SplitPlan | None = None,
                     tiles: TileConfig | None = None) -> torch.Tensor:
     """Causal attention of a ragged mixed batch over the paged KV cache (K/V of the query
     tokens must already be stored). query: [num_tokens, num_heads, head_dim]; returns `out`
@@ -356,7 +397,8 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     never synchronises with the device, so it can be captured in a CUDA graph. num_decodes:
     the first num_decodes sequences have query_len 1 (decode-first order); they then get their
     own small-tile launch. None makes no assumption about the order. num_splits: None picks
-    split-K automatically, 1 disables it, n > 1 forces n segments. tiles: overrides the
+    split-K automatically (choose_splits), 1 disables it, n > 1 forces n segments (the
+    short-context rule: SplitPlan(n)), a SplitPlan forces that plan. tiles: overrides the
     default tile shapes of every launch (tuning only). Mutates only `out`.
     """
     _check_attention_inputs(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out)
@@ -380,34 +422,38 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         launches.append((num_decodes, num_seqs, max_query_len, num_tokens - num_decodes))
     if num_splits is None:
         default = tiles or default_tile_config(queries_per_kv, head_dim_pad, max_query_len, query.dtype)
-        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_query_len, max_seq_len,
-                                       default.tile_n, _sm_count(query.device))
-    if num_splits < 1:
+        plan = choose_splits(num_seqs, num_kv_heads, max_query_len, max_seq_len, default.tile_n,
+                             _sm_count(query.device), num_heads, head_dim_pad)
+    else:
+        plan = num_splits if isinstance(num_splits, SplitPlan) else SplitPlan(num_splits)
+    if plan.num_segments < 1:
         raise ValueError(f"num_splits must be >= 1 or None; got {num_splits}")
     partials = None
-    if num_splits > 1:
-        rows = num_tokens * num_heads * num_splits
+    if plan.num_segments > 1:
+        rows = num_tokens * num_heads * plan.num_segments
         partials = (torch.empty(rows, head_dim_pad, dtype=torch.float32, device=query.device),
                     torch.empty(rows, dtype=torch.float32, device=query.device),
-                    torch.empty(rows, dtype=torch.float32, device=query.device))
+                    torch.empty(rows, dtype=torch.float32, device=query.device),
+                    torch.empty(num_tokens, dtype=torch.int32, device=query.device))
     for seq_begin, seq_end, launch_max_query_len, launch_tokens in launches:
         config = tiles or default_tile_config(queries_per_kv, head_dim_pad, launch_max_query_len, query.dtype)
         _launch_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                           out, partials, seq_begin, seq_end, launch_max_query_len, launch_tokens,
-                          config, num_splits)
+                          config, plan)
     if partials is not None:
-        _reduce_segments(out, partials, query_start_loc, num_splits)
+        _reduce_segments(out, partials, query_start_loc, plan.num_segments)
     return out
 
 
 def _launch_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       block_tables: torch.Tensor, seq_lens: torch.Tensor,
                       query_start_loc: torch.Tensor, scale: float, out: torch.Tensor,
-                      partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+                      partials: tuple[torch.Tensor, ...] | None,
                       seq_begin: int, seq_end: int, max_query_len: int, max_tokens: int,
-                      config: TileConfig, num_splits: int) -> None:
+                      config: TileConfig, plan: SplitPlan) -> None:
     """One kernel launch over sequences [seq_begin, seq_end) whose query tokens number at
-    most max_tokens. Writes `out` (num_splits == 1) or the fp32 partials."""
+    most max_tokens. Writes `out` (one active segment) or the fp32 partials and, per token,
+    the count of active segments."""
     num_heads, head_dim, num_kv_heads = query.shape[1], query.shape[2], k_cache.shape[2]
     queries_per_kv = num_heads // num_kv_heads
     if config.block_m < max(16, queries_per_kv) or config.block_m & (config.block_m - 1):
@@ -418,11 +464,10 @@ def _launch_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     one_tile_per_seq = max_query_len <= block_q and (max_query_len * queries_per_kv <= 16 or max_query_len == 1)
     # Sum over sequences of cdiv(query_len, block_q) <= max_tokens // block_q + num_seqs.
     grid_q = num_launch_seqs if one_tile_per_seq else max(max_tokens, 0) // block_q + num_launch_seqs
-    partial_acc, partial_max, partial_sum = partials if partials is not None else (out, out, out)
-    _paged_attention_kernel[(grid_q, num_kv_heads, num_splits)](
-        out, partial_acc, partial_max, partial_sum,
+    _paged_attention_kernel[(grid_q, num_kv_heads, plan.num_segments)](
+        out, *(partials if partials is not None else (out, out, out, out)),
         query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-        scale * _LOG2E, seq_begin, seq_end, num_splits, TILES_PER_SEGMENT, SHORT_TILES, LONE_TILES,
+        scale * _LOG2E, seq_begin, seq_end, *plan.args(),
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -436,13 +481,13 @@ def _launch_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     )
 
 
-def _reduce_segments(out: torch.Tensor, partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                     query_start_loc: torch.Tensor, num_splits: int) -> None:
-    """Merge the split-K partials of every real token into `out` (mutated in place)."""
+def _reduce_segments(out: torch.Tensor, partials: tuple[torch.Tensor, ...], query_start_loc: torch.Tensor,
+                     num_splits: int) -> None:
+    """Merge the split-K partials of every real token with more than one active segment into
+    `out` (mutated in place)."""
     num_tokens, num_heads, head_dim = out.shape
-    partial_acc, partial_max, partial_sum = partials
     _reduce_segments_kernel[(num_tokens, num_heads)](
-        out, partial_acc, partial_max, partial_sum, query_start_loc, query_start_loc.shape[0] - 1,
+        out, *partials, query_start_loc, query_start_loc.shape[0] - 1,
         num_splits, out.stride(0), out.stride(1),
         NUM_HEADS=num_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
         SEG_CHUNK=16,

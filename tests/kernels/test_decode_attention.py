@@ -190,7 +190,8 @@ def test_engine_takes_the_one_launch_path_and_keeps_greedy_ids(arch, tiny_checkp
 
 _COMPILE_FOR_SM90 = """
 from pagedserve.attention import triton_decode_attention as d, triton_paged_attention as p
-ints = {n: "*i32" for n in ("block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr", "counter_ptr")}
+ints = {n: "*i32" for n in ("block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr", "counter_ptr",
+                             "partial_active_ptr", "active_ptr")}
 types = {**ints, **{n: "*fp32" for n in ("partial_acc_ptr", "partial_max_ptr", "partial_sum_ptr")},
          "slot_mapping_ptr": "*i64"}
 shape = dict(NUM_HEADS=32, QUERIES_PER_KV=4, HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_SIZE=16, BLOCK_M=16, TILE_N=64,

@@ -13,8 +13,9 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
 from pagedserve.attention.torch_ref import paged_attention_ref  # noqa: E402
+from pagedserve.attention import triton_paged_attention as tpa  # noqa: E402
 from pagedserve.attention.triton_paged_attention import (  # noqa: E402
-    choose_num_splits, paged_attention)
+    SplitPlan, choose_splits, paged_attention)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # The interpreter (CPU) runs numpy, which has no bfloat16: half types are tested on CUDA only.
@@ -164,15 +165,52 @@ def test_bad_inputs_raise_clear_errors(bad: str) -> None:
         paged_attention(**args)
 
 
-def test_split_rule() -> None:
-    # llama-8b shapes on a 132-SM H100
-    assert choose_num_splits(1, 8, 1, 2048, 64, 132) == 32
-    assert choose_num_splits(1, 8, 1, 256, 64, 132) == 4
-    assert choose_num_splits(256, 8, 1, 600, 64, 132) == 1  # enough programs already
-    assert choose_num_splits(1, 8, 1024, 1024, 64, 132) == 1  # prefill never splits
-    assert choose_num_splits(1, 8, 1, 128, 64, 132) == 1  # too short to be worth a reduce
-    # the SMs filled once but < 4 times: segments of >= 8 key tiles
-    assert choose_num_splits(35, 8, 1, 32768, 64, 132) == 4
-    assert choose_num_splits(64, 8, 1, 2048, 64, 132) == 2
-    assert choose_num_splits(20, 8, 1, 256, 64, 132) == 1    # 4 tiles: not 8 a segment
-    assert choose_num_splits(66, 8, 1, 32768, 64, 132) == 1  # 528 programs: 4 per SM already
+def test_split_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    def splits(*args) -> int:
+        return choose_splits(*args).num_segments
+    # llama-8b shapes on a 132-SM H100 / H200: fewer programs than SMs
+    assert splits(1, 8, 1, 2048, 64, 132) == 32
+    assert splits(1, 8, 1, 256, 64, 132) == 4
+    assert choose_splits(1, 8, 1, 256, 64, 132) == SplitPlan(4, 2, 8, 2)   # the short-context rule
+    assert splits(1, 8, 1024, 1024, 64, 132) == 1  # prefill never splits
+    assert splits(1, 8, 1, 128, 64, 132) == 1  # too short to be worth a reduce
+    # chunked (default): segments of CHUNK_TILES tiles, as many as the longest context may need
+    assert choose_splits(35, 8, 1, 32768, 64, 132) == SplitPlan(32, 16, 0, 0)
+    assert choose_splits(64, 8, 1, 2048, 64, 132) == SplitPlan(2, 16, 0, 0)
+    assert splits(256, 8, 1, 1024, 64, 132) == 1     # 16 tiles: one chunk
+    # the partials stay under MAX_PARTIAL_BYTES: 512 rows x 32 heads x 130 floats = 8.5 MB a segment
+    assert choose_splits(512, 8, 1, 32768, 64, 132, 32, 128) == SplitPlan(7, 74, 0, 0)
+    monkeypatch.setattr(tpa, "SPLIT_RULE", "legacy")   # below 4 programs per SM: >= 8 tiles a segment
+    assert splits(35, 8, 1, 32768, 64, 132) == 4
+    assert splits(64, 8, 1, 2048, 64, 132) == 2
+    assert splits(20, 8, 1, 256, 64, 132) == 1    # 4 tiles: not 8 a segment
+    assert splits(66, 8, 1, 32768, 64, 132) == 1  # 528 programs: 4 per SM already
+
+
+@pytest.mark.parametrize("rule", ["chunked", "legacy"])
+def test_decode_rules_match_the_reference(rule: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Enough sequences to fill the interpreter's 8 "SMs": contexts of one chunk, a few, and
+    one past the graph-like max_seq_len bound's first segments; each rule's plan (chunks of 2
+    tiles here) against the reference."""
+    monkeypatch.setattr(tpa, "SPLIT_RULE", rule)
+    monkeypatch.setattr(tpa, "CHUNK_TILES", 2)
+    batch = make_batch(query_lens=[1] * 6, context_lens=[0, 20, 64, 150, 300, 33], num_heads=8, num_kv_heads=2,
+                       head_dim=64, block_size=16, dtype=torch.float32, seed=21)
+    batch.max_seq_len = 1024   # an upper bound, as the decode graphs pass max_model_len
+    check_against_reference(batch, num_decodes=6)
+
+
+def test_chunked_plan_equals_the_merge_of_forced_segments() -> None:
+    """Exits of unused segments and one-segment rows writing `out` directly round as the
+    full merge would: a plan with chunks of 3 tiles against the same plan over more segments."""
+    batch = make_batch(query_lens=[1] * 4, context_lens=[10, 100, 200, 290], num_heads=4, num_kv_heads=2,
+                       head_dim=64, block_size=16, dtype=torch.float32, seed=8)
+    outs = []
+    for segments in (4, 9):
+        out = torch.full_like(batch.query, float("nan"))
+        paged_attention(batch.query, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens,
+                        batch.query_start_loc, batch.scale, 1, batch.max_seq_len, num_decodes=4, out=out,
+                        num_splits=SplitPlan(segments, 3, 0, 0))
+        outs.append(out)
+    assert torch.equal(outs[0][:4], outs[1][:4])
+    assert outs[0][4:].isnan().all() and outs[1][4:].isnan().all()
