@@ -1,7 +1,7 @@
 """Long-context prefill attention on the GPU machine (issue 22): correctness, kernel
 throughput, and where a 16k-token prefill of llama-8b spends its time.
 
-Usage (repo root): PYTHONPATH=$PWD python3 benchmarks/attn_gpu.py [--stages micro,decode,engine,long64]
+Usage (repo root): PYTHONPATH=$PWD python3 benchmarks/attn_gpu.py [--stages micro,decode,tail,engine,long64]
                    PYTHONPATH=$PWD python3 benchmarks/attn_gpu.py --cpu-smoke   (tiny shapes, interpreter)
 Needs ~150 s on one H200 (micro ~35 s incl. compiles, decode ~10 s, engine ~40 s, long64 ~50 s).
 Prints `RESULT {json}` lines and readable tables; with $OUT set, also $OUT/attn_gpu.jsonl and
@@ -17,8 +17,11 @@ Stages:
           prompt is at max_num_batched_tokens 8192): the paged kernel, the prefill kernel
           (default tiles + a small sweep), torch SDPA flash / cuDNN / efficient (fresh, causal)
           and torch.nn.attention.varlen.varlen_attn (when torch has it), in TFLOP/s of causal FLOP.
-  decode  split-K or not at batch 1 (choose_num_splits): 32 paged-kernel calls (one per layer)
+  decode  split-K or not at batch 1 (choose_splits): 32 paged-kernel calls (one per layer)
           captured in a CUDA graph, contexts 128..16k.
+  tail    the decode kernel alone at long64's / thr512's decode-tail shapes and batch 1 (issue 22):
+          split rules (legacy, chunked at 8/16/32 tiles) and a tile-shape sweep, us a call and KV
+          GB/s, after a check of every variant against the fp32 reference (~80 s on an H200).
   engine  llama-8b dummy, max_model_len 32768 (as ../shared/bench/peers_long.py): ttft16k wall
           (3 fresh prompts) with the prefill kernel and with the paged kernel alone (A/B on
           one engine), then torch.profiler over one fresh 16k prompt each, summed per kernel
@@ -390,10 +393,150 @@ def stage_decode() -> None:
                 for _ in range(32):
                     b.paged(out=out, num_splits=splits)
             result[label] = bench_ms(graph.replay) / 32
-        from pagedserve.attention.triton_paged_attention import _sm_count, choose_num_splits
-        splits = choose_num_splits(1, HKV, 1, ctx, 64, _sm_count(DEV))
+        from pagedserve.attention.triton_paged_attention import _sm_count, choose_splits
+        splits = choose_splits(1, HKV, 1, ctx, 64, _sm_count(DEV)).num_segments
         emit(stage="decode", context=ctx, auto_splits=splits, us_per_call_auto=round(result["auto"] * 1e3, 2),
              us_per_call_no_split=round(result["off"] * 1e3, 2))
+
+
+# ----------------------------------------------------------------------------------------- tail
+# (label, rows, context lo, context hi, max_seq_len bound as the decode graphs pass it: max_model_len)
+TAIL_SHAPES = [("long35", 35, 4096, 16384, 32768), ("long35_even", 35, 10240, 10240, 32768),
+               ("thr512_400", 512, 200, 600, 2048), ("thr256_600", 256, 300, 900, 2048),
+               ("b1_400", 1, 400, 400, 2048), ("b1_4k", 1, 4096, 4096, 4096),
+               ("long64_4k", 64, 2048, 6144, 32768), ("long16", 16, 4096, 16384, 32768),
+               ("long8", 8, 4096, 16384, 32768), ("thr128_1k", 128, 512, 1536, 2048)]
+TAIL_SMOKE_SHAPES = [("long", 12, 200, 700, 1024), ("thr", 24, 20, 90, 256), ("b1", 1, 150, 150, 256)]
+PEAK_GBS = 4000.0   # ~HBM3e bandwidth reachable by a read kernel on the H200 (4.8 TB/s spec)
+
+
+def _tail_batch(rows: int, lo: int, hi: int, copies: int, seed: int) -> Paged:
+    """`copies` disjoint batches of `rows` decodes in one cache (contexts uniform in [lo, hi])."""
+    rng = random.Random(seed)
+    contexts = [rng.randint(lo, hi) for _ in range(rows)] * copies
+    return Paged([1] * (rows * copies), contexts, torch.float32 if SMOKE else torch.bfloat16, seed=seed)
+
+
+def _tail_variants(tile_sweep: bool):
+    """(name, split rule ("nosplit": forced num_splits=1), chunk tiles, TileConfig or None);
+    chunk sizes in keys kept at 1024 across tile widths in the sweep."""
+    from pagedserve.attention.triton_paged_attention import TileConfig
+    variants = [("legacy", "legacy", 16, None), ("chunk8", "chunked", 8, None), ("chunk16", "chunked", 16, None),
+                ("chunk32", "chunked", 32, None), ("nosplit", "nosplit", 16, None)]
+    if tile_sweep:
+        for tile_n, warps, stages in ([(32, 4, 2), (64, 4, 2)] if SMOKE else
+                                      [(32, 4, 3), (64, 4, 2), (64, 4, 4), (64, 8, 3), (128, 4, 2), (16, 4, 3)]):
+            variants.append((f"chunk1024keys_t{tile_n}w{warps}s{stages}", "chunked", max(1, 1024 // tile_n),
+                             TileConfig(16, tile_n, warps, stages)))
+    return variants
+
+
+def stage_tail() -> None:
+    """The decode attention kernel alone at the shapes of long64's and thr512's decode tails and
+    of batch-1 decode (llama-8b heads, bf16, block 16, shuffled block tables): each split rule
+    and tile shape captured G calls to a CUDA graph (disjoint copies of the batch where one
+    is small, so the L2 holds none), microseconds a call, KV GB/s (K and V of every context
+    read once) against PEAK_GBS, the split plan. Checks first: every variant against the fp32
+    torch reference on a mixed-length batch under a graph-like bound, and each variant against
+    the legacy rule at every shape (bf16 tolerance)."""
+    from pagedserve.attention import triton_paged_attention as tpa
+    saved = (tpa.SPLIT_RULE, tpa.CHUNK_TILES)
+    variants = _tail_variants(tile_sweep=True)
+
+    def run(b: Paged, out, bound: int, variant, lo: int = 0, n: int | None = None):
+        _, rule, chunk, tiles = variant
+        tpa.SPLIT_RULE, tpa.CHUNK_TILES = ("chunked" if rule == "nosplit" else rule), chunk
+        try:
+            n = len(b.query_lens) if n is None else n   # rows [lo, lo + n): one token each, so qsl[:n + 1]
+            return paged_attention(b.query[lo:lo + n], b.k_cache, b.v_cache, b.block_tables[lo:lo + n],
+                                   b.seq_lens[lo:lo + n], b.qsl[:n + 1], b.scale, 1, bound, num_decodes=n,
+                                   out=out[lo:lo + n], tiles=tiles, num_splits=1 if rule == "nosplit" else None)
+        finally:
+            tpa.SPLIT_RULE, tpa.CHUNK_TILES = saved
+
+    def plan(rows: int, bound: int, variant) -> str:
+        _, rule, chunk, tiles = variant
+        if rule == "nosplit":
+            return "1"
+        tpa.SPLIT_RULE, tpa.CHUNK_TILES = rule, chunk
+        try:
+            p = tpa.choose_splits(rows, HKV, 1, bound, (tiles.tile_n if tiles else 64 if not SMOKE else 32),
+                                  tpa._sm_count(DEV), HQ, triton.next_power_of_2(D))
+        finally:
+            tpa.SPLIT_RULE, tpa.CHUNK_TILES = saved
+        return f"{p.num_segments}x{p.tiles_per_segment}t" if p.num_segments > 1 else "1"
+
+    # correctness: mixed lengths under a graph-like bound, every variant against the fp32 reference
+    check = _tail_batch(6 if SMOKE else 48, 20 if SMOKE else 100, 400 if SMOKE else 5000, 1, seed=31)
+    ref = check.reference_fp32()
+    bound = 1024 if SMOKE else 32768
+    bad = []
+    for variant in variants:
+        got = run(check, torch.full_like(check.query, float("nan")), bound, variant)
+        err = float((got.float() - ref).abs().max())
+        ok = math.isfinite(err) and err <= (2e-4 if SMOKE else 3e-2)
+        emit(stage="tail_check", variant=variant[0], plan=plan(len(check.query_lens), bound, variant),
+             max_abs_err_vs_fp32_ref=err, passed=ok)
+        if not ok:
+            bad.append(variant[0])
+    if bad:
+        raise RuntimeError(f"tail variants wrong against the reference: {bad}")
+    del check, ref
+
+    rows_out = []
+    for label, rows, lo, hi, bound in (TAIL_SMOKE_SHAPES if SMOKE else TAIL_SHAPES):
+        per_call = rows * (lo + hi) // 2 * HKV * D * 2 * 2
+        copies = 1 if SMOKE else max(1, min(64, -(-(256 << 20) // per_call)))
+        calls = max(copies, 1 if SMOKE else 4)
+        b = _tail_batch(rows, lo, hi, copies, seed=rows)
+        kv_bytes = sum(c + 1 for c in b.context_lens[:rows]) * HKV * D * 2 * b.k_cache.element_size()
+        out = torch.empty_like(b.query)
+        baseline = None
+        for variant in (variants if rows > 1 or SMOKE else [v for v in variants if v[0] in ("legacy", "nosplit")
+                                                             or v[3] is not None]):
+            try:
+                got = run(b, out, bound, variant, 0, rows).clone()   # compiles; the check
+                if baseline is None:
+                    baseline = got
+                diff = float((got.float() - baseline.float()).abs().max())
+                if SMOKE:
+                    ms = bench_ms(lambda: run(b, out, bound, variant, 0, rows))
+                else:
+                    torch.cuda.synchronize()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        for i in range(calls):
+                            run(b, out, bound, variant, (i % copies) * rows, rows)
+                    ms = bench_ms(graph.replay) / calls
+                    del graph
+                us = ms * 1e3
+                gbs = kv_bytes / (us * 1e-6) / 1e9
+                result = dict(stage="tail", shape=label, rows=rows, context=[lo, hi], bound=bound,
+                              variant=variant[0], plan=plan(rows, bound, variant), us=round(us, 2),
+                              kv_gb_s=round(gbs, 1), of_peak=round(gbs / PEAK_GBS, 3),
+                              max_abs_vs_first=diff, diff_ok=diff <= (2e-4 if SMOKE else 3e-2))
+            except Exception as exc:   # e.g. a tile shape out of shared memory
+                result = dict(stage="tail", shape=label, variant=variant[0], failed=f"{type(exc).__name__}: {str(exc)[:160]}")
+            emit(**result)
+            rows_out.append(result)
+        b = out = baseline = None   # freed before the next shape
+        if not SMOKE:
+            torch.cuda.empty_cache()
+    print(f"\n{'shape':<14} {'variant':<30} {'plan':<10} {'us':>9} {'GB/s':>8} {'of peak':>8}")
+    for r in rows_out:
+        if "failed" in r:
+            print(f"{r['shape']:<14} {r['variant']:<30} FAILED {r['failed']}")
+        else:
+            print(f"{r['shape']:<14} {r['variant']:<30} {r['plan']:<10} {r['us']:9.1f} {r['kv_gb_s']:8.0f} "
+                  f"{r['of_peak']:8.2f}{'' if r['diff_ok'] else '  MISMATCH'}")
+    best = {}
+    for r in rows_out:
+        if "failed" not in r and (r["shape"] not in best or r["us"] < best[r["shape"]]["us"]):
+            best[r["shape"]] = r
+    for shape, r in best.items():
+        legacy = next((x for x in rows_out if x["shape"] == shape and x.get("variant") == "legacy" and "us" in x), None)
+        emit(stage="tail_best", shape=shape, variant=r["variant"], us=r["us"], kv_gb_s=r["kv_gb_s"],
+             legacy_us=legacy["us"] if legacy else None)
 
 
 def main() -> None:
@@ -402,7 +545,7 @@ def main() -> None:
         impls = getattr(nn_attention, "list_flash_attention_impls", lambda: "n/a")()
         emit(stage="env", device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
              flash_attention_impls=impls)
-    ok = stage_check()
+    ok = stage_check() if STAGES - {"tail"} else True   # tail checks its own variants
     if not ok:
         print("CORRECTNESS FAILED: timings skipped", flush=True)
         sys.exit(1)
@@ -423,6 +566,8 @@ def main() -> None:
         guarded("micro", stage_micro)
     if "decode" in STAGES:
         guarded("decode", stage_decode)
+    if "tail" in STAGES:
+        guarded("tail", stage_tail)
     if not SMOKE:
         torch.cuda.empty_cache()
     if STAGES & {"engine", "long64", "budget16k"}:

@@ -21,7 +21,7 @@ import triton.testing
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pagedserve.attention.torch_ref import paged_attention_ref, store_kv_ref  # noqa: E402
 from pagedserve.attention.triton_paged_attention import (  # noqa: E402
-    TileConfig, choose_num_splits, default_tile_config, paged_attention)
+    TileConfig, choose_splits, default_tile_config, paged_attention)
 from pagedserve.attention.triton_store_kv import store_kv  # noqa: E402
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
@@ -181,8 +181,8 @@ def benchmark(sweep: bool) -> None:
     for name, batch_size, context in decode_cases:
         batch = make_batch([1] * batch_size, [context - 1] * batch_size, torch.bfloat16, seed=batch_size)
         out = torch.empty_like(batch.query)
-        auto = choose_num_splits(batch_size, NUM_KV_HEADS, 1, context, default_tile_config(
-            NUM_HEADS // NUM_KV_HEADS, HEAD_DIM, 1, torch.bfloat16).tile_n, sms)
+        auto = choose_splits(batch_size, NUM_KV_HEADS, 1, context, default_tile_config(
+            NUM_HEADS // NUM_KV_HEADS, HEAD_DIM, 1, torch.bfloat16).tile_n, sms).num_segments
         for num_splits in sorted({1, auto, 16}):
             fn = lambda: batch.call(out=out, num_splits=num_splits)  # noqa: E731
             us, graph_us = time_us(fn), graph_time_us(fn)

@@ -8,8 +8,9 @@ that is the device time of a step, once the pipeline is full).
 long64: peers_long.py's (64 requests, input 4k-16k, output 64-256, max_model_len 32768);
 thr512: peers.py's (512 requests, input 64-1024, output 16-512, max_model_len 2048, 8 warm-up
 requests first). Variants: default, mbtN (max_num_batched_tokens N), seqsN (max_num_seqs N),
-splitwN (decode split-K below N programs per SM, default 4; splitw1 splits only batches with
-fewer programs than SMs; stays set for later variants of the same call).
+legacy (the decode split-K rule before the chunked one: triton_paged_attention.SPLIT_RULE),
+chunkN (chunked split-K, N key tiles a segment), splitwN (legacy, split below N programs per
+SM, default 4). Each variant starts from the module's split-K defaults.
 Needs `.devcarry/peers.py` (or ../shared/bench/peers.py) for the model configs. On an H200,
 llama-8b: ~35 s per long64 variant, ~25 s per thr512 variant. One `RESULT {json}` per variant:
 the phases (steps with prefill tokens, decode-only steps while prompts wait, the decode tail
@@ -139,15 +140,21 @@ def main() -> None:
     from pagedserve import SamplingParams
     reqs = long64_requests(args.cpu_smoke) if args.workload == "long64" else thr_requests(args.cpu_smoke)
     max_model_len = 2048 if args.cpu_smoke or args.workload == "thr512" else 32768
+    from pagedserve.attention import triton_paged_attention as tpa
+    split_defaults = (tpa.SPLIT_RULE, tpa.CHUNK_TILES, tpa.SPLIT_BELOW_PROGRAMS_PER_SM)
     for run, variant in enumerate(args.variants.split(",")):
         extra = {}
+        tpa.SPLIT_RULE, tpa.CHUNK_TILES, tpa.SPLIT_BELOW_PROGRAMS_PER_SM = split_defaults
         if variant.startswith("mbt"):
             extra["max_num_batched_tokens"] = int(variant[3:])
         elif variant.startswith("seqs"):
             extra["max_num_seqs"] = int(variant[4:])
-        elif variant.startswith("splitw"):   # split-K below N programs per SM (1: SMs filled once)
-            from pagedserve.attention import triton_paged_attention as tpa
-            tpa.SPLIT_BELOW_PROGRAMS_PER_SM = int(variant[6:])
+        elif variant.startswith("splitw"):   # legacy split-K below N programs per SM (1: SMs filled once)
+            tpa.SPLIT_RULE, tpa.SPLIT_BELOW_PROGRAMS_PER_SM = "legacy", int(variant[6:])
+        elif variant == "legacy":
+            tpa.SPLIT_RULE = "legacy"
+        elif variant.startswith("chunk"):
+            tpa.CHUNK_TILES = int(variant[5:])
         elif variant != "default":
             raise SystemExit(f"unknown variant {variant}")
         t0 = time.perf_counter()
@@ -164,7 +171,8 @@ def main() -> None:
         end = time.perf_counter()
         gen = sum(len(o.outputs[0].token_ids) for o in outs)
         assert gen == sum(o for _, o in reqs), (gen, sum(o for _, o in reqs))
-        result = dict(workload=args.workload, model=args.model, variant=variant, startup_s=round(startup, 1), wall_s=round(end - t0, 2),
+        result = dict(workload=args.workload, model=args.model, variant=variant,
+                      split_rule=f"{tpa.SPLIT_RULE} chunk {tpa.CHUNK_TILES}", startup_s=round(startup, 1), wall_s=round(end - t0, 2),
                       out_tok_s=round(gen / (end - t0), 1), steps=len(recorder.rows),
                       first_step_after_s=round(recorder.rows[0][0] - t0, 3) if recorder.rows else None)
         result.update(recorder.summary(end))

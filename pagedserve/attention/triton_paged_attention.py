@@ -297,13 +297,15 @@ class SplitPlan:
 
 NO_SPLIT = SplitPlan(1)
 
-# Decode-only batches of at least one program (sequence x KV head) per SM: "chunked" (the
-# default) splits every context into segments of CHUNK_TILES key tiles (the last one shorter),
-# so the launch's programs carry about equal work whatever the mix of context lengths (as
-# FlashInfer's balanced split-KV); the grid holds cdiv(max_seq_len tiles, CHUNK_TILES) segments
-# (in a CUDA graph max_seq_len is max_model_len: unused segments exit after one load). Why:
-# long64's decode tail (~35 rows x 8 KV heads at 4k-16k context, H200) ran ~60% of the KV
-# bandwidth with two segments a sequence, its longest programs 4x its shortest.
+# Decode-only batches of at least one program (sequence x KV head) per SM, or fewer whose
+# short-context segments could exceed a chunk: "chunked" (the default) splits every context
+# into segments of CHUNK_TILES key tiles (the last one shorter), so the launch's programs
+# carry about equal work whatever the mix of context lengths (as FlashInfer's balanced
+# split-KV); the grid holds cdiv(max_seq_len tiles, CHUNK_TILES) segments (in a CUDA graph
+# max_seq_len is max_model_len: unused segments exit after three loads). Why: long64's decode
+# tail (~35 rows x 8 KV heads at 4k-16k context, H200) ran at ~60% of the KV bandwidth (step
+# time against its floor) with two segments a sequence, its longest programs 4x its shortest.
+# Not yet measured: benchmarks/attn_gpu.py --stages tail times both rules.
 # "legacy" (for A/B): below SPLIT_BELOW_PROGRAMS_PER_SM programs per SM, ~2x that many programs
 # of >= MIN_TILES_PER_SPLIT tiles each, the same count for every sequence (22.6 -> 20.6 ms a
 # step on long64's tail against not splitting; step_profile.py's splitwN variant).
@@ -319,7 +321,8 @@ def choose_splits(num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_
                   sm_count: int, num_heads: int | None = None, head_dim_pad: int = 128) -> SplitPlan:
     """Split-K for a decode-only batch (prefill never splits) with contexts of at least 4 key
     tiles: fewer programs than SMs aim at ~2 programs per SM, the tiles spread over them (>= 1
-    each); more: SPLIT_RULE above. num_heads (query heads; default 4 a KV head) sizes the
+    each), unless (chunked) those segments could exceed CHUNK_TILES at max_seq_len; more
+    programs: SPLIT_RULE above. num_heads (query heads; default 4 a KV head) sizes the
     partials, which stay under MAX_PARTIAL_BYTES."""
     programs = num_seqs * num_kv_heads
     key_tiles = triton.cdiv(max_seq_len, tile_n)
@@ -327,18 +330,21 @@ def choose_splits(num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_
         return NO_SPLIT
     if programs < sm_count:
         wanted = min(triton.cdiv(2 * sm_count, programs), key_tiles, MAX_SEGMENTS)
+        count = 1 << (wanted.bit_length() - 1)
+        # chunked only where these segments could exceed a chunk: a few rows under a long bound
+        if SPLIT_RULE == "legacy" or triton.cdiv(key_tiles, count) <= CHUNK_TILES:
+            return SplitPlan(count) if count >= 2 else NO_SPLIT
     elif SPLIT_RULE == "legacy":
         if programs >= SPLIT_BELOW_PROGRAMS_PER_SM * sm_count:
             return NO_SPLIT
         wanted = min(triton.cdiv(2 * SPLIT_BELOW_PROGRAMS_PER_SM * sm_count, programs),
                      key_tiles // MIN_TILES_PER_SPLIT, MAX_SEGMENTS)
-    else:
-        row_bytes = num_seqs * (num_heads or 4 * num_kv_heads) * (head_dim_pad + 2) * 4
-        cap = max(1, min(MAX_SEGMENTS, MAX_PARTIAL_BYTES // row_bytes))
-        chunk = max(CHUNK_TILES, triton.cdiv(key_tiles, cap))
-        segments = triton.cdiv(key_tiles, chunk)
-        return SplitPlan(segments, chunk, 0, 0) if segments > 1 else NO_SPLIT
-    return SplitPlan(1 << (wanted.bit_length() - 1)) if wanted >= 2 else NO_SPLIT
+        return SplitPlan(1 << (wanted.bit_length() - 1)) if wanted >= 2 else NO_SPLIT
+    row_bytes = num_seqs * (num_heads or 4 * num_kv_heads) * (head_dim_pad + 2) * 4
+    cap = max(1, min(MAX_SEGMENTS, MAX_PARTIAL_BYTES // row_bytes))
+    chunk = max(CHUNK_TILES, triton.cdiv(key_tiles, cap))
+    segments = triton.cdiv(key_tiles, chunk)
+    return SplitPlan(segments, chunk, 0, 0) if segments > 1 else NO_SPLIT
 
 
 def _check_attention_inputs(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed")
 from pagedserve.attention.torch_ref import paged_attention_ref, store_kv_ref  # noqa: E402
 from pagedserve.attention.triton_decode_attention import decode_attention  # noqa: E402
-from pagedserve.attention.triton_paged_attention import paged_attention  # noqa: E402
+from pagedserve.attention.triton_paged_attention import SplitPlan, paged_attention  # noqa: E402
 from pagedserve.attention.triton_store_kv import rotary_store_kv  # noqa: E402
 from pagedserve.layers.rotary import RotaryEmbedding  # noqa: E402
 from pagedserve.layers import triton_ops  # noqa: E402
@@ -81,9 +81,10 @@ def test_default_segment_rule_at_every_context_length(num_splits: int | None) ->
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else []))
-@pytest.mark.parametrize("num_splits", [1, 32])   # 32: 40 tiles over 20 segments, merged in two chunks
+# 32: 40 tiles over 20 segments, merged in two chunks; the chunked plan: 3 tiles a segment, unused ones exit
+@pytest.mark.parametrize("num_splits", [1, 32, SplitPlan(16, 3, 0, 0)])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (8, 2, 128)])
-def test_bit_for_bit_the_generic_path(dtype: torch.dtype, num_splits: int | None, heads: int, kv_heads: int,
+def test_bit_for_bit_the_generic_path(dtype: torch.dtype, num_splits: int | SplitPlan, heads: int, kv_heads: int,
                                       head_dim: int) -> None:
     """The one launch against rotary_store_kv + paged_attention (+ its reduce) on the same
     inputs: output and cache equal bit for bit (the default model's 9 / 3 heads among the

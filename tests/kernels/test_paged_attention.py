@@ -178,9 +178,14 @@ def test_split_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     assert choose_splits(35, 8, 1, 32768, 64, 132) == SplitPlan(32, 16, 0, 0)
     assert choose_splits(64, 8, 1, 2048, 64, 132) == SplitPlan(2, 16, 0, 0)
     assert splits(256, 8, 1, 1024, 64, 132) == 1     # 16 tiles: one chunk
+    # fewer programs than SMs: chunked only where the short-context rule's segments exceed a chunk
+    assert choose_splits(16, 8, 1, 32768, 64, 132) == SplitPlan(32, 16, 0, 0)
+    assert choose_splits(16, 8, 1, 2048, 64, 132) == SplitPlan(2)
+    assert choose_splits(1, 8, 1, 32768, 64, 132) == SplitPlan(32)
     # the partials stay under MAX_PARTIAL_BYTES: 512 rows x 32 heads x 130 floats = 8.5 MB a segment
     assert choose_splits(512, 8, 1, 32768, 64, 132, 32, 128) == SplitPlan(7, 74, 0, 0)
     monkeypatch.setattr(tpa, "SPLIT_RULE", "legacy")   # below 4 programs per SM: >= 8 tiles a segment
+    assert splits(16, 8, 1, 32768, 64, 132) == 2
     assert splits(35, 8, 1, 32768, 64, 132) == 4
     assert splits(64, 8, 1, 2048, 64, 132) == 2
     assert splits(20, 8, 1, 256, 64, 132) == 1    # 4 tiles: not 8 a segment
