@@ -61,6 +61,7 @@ import torch  # noqa: E402
 sys.path[:0] = [".devcarry", os.path.abspath(".."),
                 os.path.join(os.path.dirname(os.path.abspath(".")), "shared", "bench")]
 
+os.environ.setdefault("PAGEDSERVE_COMPILE_AHEAD_STRICT", "1")   # a failed compile-ahead fails the run
 from pagedserve.layers import linear_ops, triton_gemv  # noqa: E402
 from pagedserve.layers.triton_gemv import GemvConfig, config_for, gemv, rms_norm_gemv, silu_and_mul_gemv  # noqa: E402
 
