@@ -45,6 +45,7 @@ import traceback
 ap = argparse.ArgumentParser()
 ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU through the Triton interpreter")
 ap.add_argument("--stages", default="cudnn_shapes,micro,engine,long64,budget16k")
+ap.add_argument("--quick", action="store_true", help="tail: the split rules only (no tile sweep, fewer shapes)")
 args = ap.parse_args()
 SMOKE = args.cpu_smoke
 if SMOKE:
@@ -418,12 +419,14 @@ def _tail_batch(rows: int, lo: int, hi: int, copies: int, seed: int) -> Paged:
     return Paged([1] * (rows * copies), contexts, torch.float32 if SMOKE else torch.bfloat16, seed=seed)
 
 
-def _tail_variants(tile_sweep: bool):
+def _tail_variants(tile_sweep: bool, quick: bool = False):
     """(name, split rule ("nosplit": forced num_splits=1), chunk tiles, TileConfig or None);
     chunk sizes in keys kept at 1024 across tile widths in the sweep."""
     from pagedserve.attention.triton_paged_attention import TileConfig
     variants = [("legacy", "legacy", 16, None), ("chunk8", "chunked", 8, None), ("chunk16", "chunked", 16, None),
                 ("chunk32", "chunked", 32, None), ("nosplit", "nosplit", 16, None)]
+    if quick:
+        return [v for v in variants if v[0] != "chunk8"]
     if tile_sweep:
         for tile_n, warps, stages in ([(32, 4, 2), (64, 4, 2)] if SMOKE else
                                       [(32, 4, 3), (64, 4, 2), (64, 4, 4), (64, 8, 3), (128, 4, 2), (16, 4, 3)]):
@@ -442,7 +445,7 @@ def stage_tail() -> None:
     the legacy rule at every shape (bf16 tolerance)."""
     from pagedserve.attention import triton_paged_attention as tpa
     saved = (tpa.SPLIT_RULE, tpa.CHUNK_TILES)
-    variants = _tail_variants(tile_sweep=True)
+    variants = _tail_variants(tile_sweep=not args.quick, quick=args.quick)
 
     def run(b: Paged, out, bound: int, variant, lo: int = 0, n: int | None = None):
         _, rule, chunk, tiles = variant
@@ -485,7 +488,11 @@ def stage_tail() -> None:
     del check, ref
 
     rows_out = []
-    for label, rows, lo, hi, bound in (TAIL_SMOKE_SHAPES if SMOKE else TAIL_SHAPES):
+    shapes = TAIL_SMOKE_SHAPES if SMOKE else TAIL_SHAPES
+    if args.quick and not SMOKE:
+        shapes = [s for s in shapes if s[0] in ("long35", "long35_even", "thr512_400", "thr256_600", "long16",
+                                                "b1_128", "b1_400", "b1_4k")]
+    for label, rows, lo, hi, bound in shapes:
         per_call = rows * (lo + hi) // 2 * HKV * D * 2 * 2
         copies = 1 if SMOKE else max(1, min(64, -(-(256 << 20) // per_call)))
         calls = max(copies, 1 if SMOKE else 4)
