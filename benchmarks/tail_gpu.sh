@@ -5,7 +5,7 @@
 # 1. attn_gpu.py --stages tail --quick (~45 s, cut at 70): every split rule against the fp32
 #    reference, then the decode kernel alone at long64 / thr512 / batch-1 shapes: legacy rule vs
 #    chunked (16 / 32 tiles) vs no split; us, KV GB/s. (Without --quick: + a tile sweep, ~90 s.)
-# 2. step_profile.py long64, the new default (chunked, 16 tiles) only (~40 s, cut at 70): its
+# 2. step_profile.py long64, the new default (chunked) only (~40 s, cut at 70): its
 #    decode_tail ms a step against the legacy rule's 20.62 (2026-12-01 03:37, same command).
 # Raw output under $OUT (tail.txt, attn_gpu.jsonl, steps.txt) when set.
 set -u

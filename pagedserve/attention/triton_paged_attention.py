@@ -297,20 +297,19 @@ class SplitPlan:
 
 NO_SPLIT = SplitPlan(1)
 
-# Decode-only batches of at least one program (sequence x KV head) per SM, or fewer whose
-# short-context segments could exceed a chunk: "chunked" (the default) splits every context
-# into segments of CHUNK_TILES key tiles (the last one shorter), so the launch's programs
-# carry about equal work whatever the mix of context lengths (as FlashInfer's balanced
-# split-KV); the grid holds cdiv(max_seq_len tiles, CHUNK_TILES) segments (in a CUDA graph
-# max_seq_len is max_model_len: unused segments exit after three loads). Why: long64's decode
-# tail (~35 rows x 8 KV heads at 4k-16k context, H200) ran at ~60% of the KV bandwidth (step
-# time against its floor) with two segments a sequence, its longest programs 4x its shortest.
-# Not yet measured: benchmarks/attn_gpu.py --stages tail times both rules.
-# "legacy" (for A/B): below SPLIT_BELOW_PROGRAMS_PER_SM programs per SM, ~2x that many programs
-# of >= MIN_TILES_PER_SPLIT tiles each, the same count for every sequence (22.6 -> 20.6 ms a
-# step on long64's tail against not splitting; step_profile.py's splitwN variant).
+# The count rule ("legacy"): fewer programs (sequence x KV head) than SMs aim at ~2 programs
+# per SM, >= 1 key tile each; below SPLIT_BELOW_PROGRAMS_PER_SM programs per SM, at ~2x that
+# many programs of >= MIN_TILES_PER_SPLIT tiles each; every sequence gets the same count.
+# "chunked" (the default) keeps that plan unless its segments could exceed CHUNK_TILES key
+# tiles at max_seq_len (in a CUDA graph: max_model_len); then every context is split into
+# segments of CHUNK_TILES (the last one shorter), so programs carry about equal work whatever
+# the mix of context lengths (as FlashInfer's balanced split-KV); the grid holds as many as
+# the bound needs, unused ones exit after three loads. H200, llama-8b heads, the kernel alone
+# (benchmarks/RESULTS.md, "Decode split-K by equal chunks"): 35 rows at 4k-16k 399 -> 364 us
+# (0.91 -> 1.00 of 4 TB/s), 16 rows 254 -> 175, 8 rows 133 -> 89; chunks of 16 tiles cost
+# thr512's shapes (bound 2048) 3-4% (a second, nearly empty segment and its reduce), 32 none.
 SPLIT_RULE = "chunked"
-CHUNK_TILES = 16
+CHUNK_TILES = 32
 MAX_SEGMENTS = 64
 MAX_PARTIAL_BYTES = 64 << 20   # the fp32 partials of one launch (graph pools hold them)
 SPLIT_BELOW_PROGRAMS_PER_SM = 4
@@ -320,26 +319,23 @@ MIN_TILES_PER_SPLIT = 8
 def choose_splits(num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_len: int, tile_n: int,
                   sm_count: int, num_heads: int | None = None, head_dim_pad: int = 128) -> SplitPlan:
     """Split-K for a decode-only batch (prefill never splits) with contexts of at least 4 key
-    tiles: fewer programs than SMs aim at ~2 programs per SM, the tiles spread over them (>= 1
-    each), unless (chunked) those segments could exceed CHUNK_TILES at max_seq_len; more
-    programs: SPLIT_RULE above. num_heads (query heads; default 4 a KV head) sizes the
-    partials, which stay under MAX_PARTIAL_BYTES."""
+    tiles: the count rule, or (SPLIT_RULE "chunked") equal chunks where the count rule's
+    segments could exceed CHUNK_TILES at max_seq_len (comment above). num_heads (query heads;
+    default 4 a KV head) sizes the partials, which stay under MAX_PARTIAL_BYTES."""
     programs = num_seqs * num_kv_heads
     key_tiles = triton.cdiv(max_seq_len, tile_n)
     if max_query_len != 1 or key_tiles < 4:
         return NO_SPLIT
     if programs < sm_count:
         wanted = min(triton.cdiv(2 * sm_count, programs), key_tiles, MAX_SEGMENTS)
-        count = 1 << (wanted.bit_length() - 1)
-        # chunked only where these segments could exceed a chunk: a few rows under a long bound
-        if SPLIT_RULE == "legacy" or triton.cdiv(key_tiles, count) <= CHUNK_TILES:
-            return SplitPlan(count) if count >= 2 else NO_SPLIT
-    elif SPLIT_RULE == "legacy":
-        if programs >= SPLIT_BELOW_PROGRAMS_PER_SM * sm_count:
-            return NO_SPLIT
+    elif programs < SPLIT_BELOW_PROGRAMS_PER_SM * sm_count:
         wanted = min(triton.cdiv(2 * SPLIT_BELOW_PROGRAMS_PER_SM * sm_count, programs),
                      key_tiles // MIN_TILES_PER_SPLIT, MAX_SEGMENTS)
-        return SplitPlan(1 << (wanted.bit_length() - 1)) if wanted >= 2 else NO_SPLIT
+    else:
+        wanted = 1
+    count = 1 << (max(wanted, 1).bit_length() - 1)
+    if SPLIT_RULE == "legacy" or triton.cdiv(key_tiles, count) <= CHUNK_TILES:
+        return SplitPlan(count) if count >= 2 else NO_SPLIT
     row_bytes = num_seqs * (num_heads or 4 * num_kv_heads) * (head_dim_pad + 2) * 4
     cap = max(1, min(MAX_SEGMENTS, MAX_PARTIAL_BYTES // row_bytes))
     chunk = max(CHUNK_TILES, triton.cdiv(key_tiles, cap))

@@ -174,14 +174,15 @@ def test_split_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     assert choose_splits(1, 8, 1, 256, 64, 132) == SplitPlan(4, 2, 8, 2)   # the short-context rule
     assert splits(1, 8, 1024, 1024, 64, 132) == 1  # prefill never splits
     assert splits(1, 8, 1, 128, 64, 132) == 1  # too short to be worth a reduce
-    # chunked (default): segments of CHUNK_TILES tiles, as many as the longest context may need
-    assert choose_splits(35, 8, 1, 32768, 64, 132) == SplitPlan(32, 16, 0, 0)
-    assert choose_splits(64, 8, 1, 2048, 64, 132) == SplitPlan(2, 16, 0, 0)
-    assert splits(256, 8, 1, 1024, 64, 132) == 1     # 16 tiles: one chunk
-    # fewer programs than SMs: chunked only where the short-context rule's segments exceed a chunk
-    assert choose_splits(16, 8, 1, 32768, 64, 132) == SplitPlan(32, 16, 0, 0)
+    # chunked (default): the count rule unless its segments could exceed CHUNK_TILES (32) tiles at
+    # the bound; then segments of CHUNK_TILES tiles, as many as the longest context may need
+    assert choose_splits(35, 8, 1, 32768, 64, 132) == SplitPlan(16, 32, 0, 0)
+    assert choose_splits(66, 8, 1, 32768, 64, 132) == SplitPlan(16, 32, 0, 0)
+    assert choose_splits(16, 8, 1, 32768, 64, 132) == SplitPlan(16, 32, 0, 0)
+    assert choose_splits(64, 8, 1, 2048, 64, 132) == SplitPlan(2)       # 16 tiles a segment at most
     assert choose_splits(16, 8, 1, 2048, 64, 132) == SplitPlan(2)
     assert choose_splits(1, 8, 1, 32768, 64, 132) == SplitPlan(32)
+    assert splits(512, 8, 1, 2048, 64, 132) == 1     # 32 tiles: one chunk (thr512's bound)
     # the partials stay under MAX_PARTIAL_BYTES: 512 rows x 32 heads x 130 floats = 8.5 MB a segment
     assert choose_splits(512, 8, 1, 32768, 64, 132, 32, 128) == SplitPlan(7, 74, 0, 0)
     monkeypatch.setattr(tpa, "SPLIT_RULE", "legacy")   # below 4 programs per SM: >= 8 tiles a segment
@@ -198,7 +199,7 @@ def test_decode_rules_match_the_reference(rule: str, monkeypatch: pytest.MonkeyP
     one past the graph-like max_seq_len bound's first segments; each rule's plan (chunks of 2
     tiles here) against the reference."""
     monkeypatch.setattr(tpa, "SPLIT_RULE", rule)
-    monkeypatch.setattr(tpa, "CHUNK_TILES", 2)
+    monkeypatch.setattr(tpa, "CHUNK_TILES", 2)   # the count rule's 2 segments of up to 32 tiles exceed it
     batch = make_batch(query_lens=[1] * 6, context_lens=[0, 20, 64, 150, 300, 33], num_heads=8, num_kv_heads=2,
                        head_dim=64, block_size=16, dtype=torch.float32, seed=21)
     batch.max_seq_len = 1024   # an upper bound, as the decode graphs pass max_model_len
