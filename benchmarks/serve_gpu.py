@@ -18,7 +18,8 @@
    from /tmp/site_v (serve_gpu.sh installs it from ../shared/bench/vllm_bundle.sh's parts).
 pagedserve runs once per --variants entry (VARIANTS: the engine core on a thread of the server
 process, or in its own process; `thread-si`: on a thread with a 0.5 ms GIL switch interval;
-`process-noswap`: no host KV tier),
+`process-noswap`: no host KV tier; `process-mixedgraph`: PAGEDSERVE_MIXED_GRAPHS=1, piecewise
+CUDA graphs for mixed steps),
 and each rate's row carries the server's step timing over that rate (GET /debug/steps:
 core step ms, decode-only vs mixed, the gap between steps, output delivery, the GIL probe,
 CPU busy fractions; frontend/step_timing.py).
@@ -58,7 +59,9 @@ VARIANTS = {"thread": (["--no-engine-process"], {}),
             "thread-si": (["--no-engine-process"], {"PAGEDSERVE_SWITCH_INTERVAL_MS": "0.5"}),
             "process-si": (["--engine-process"], {"PAGEDSERVE_SWITCH_INTERVAL_MS": "0.5"}),
             # no host KV tier (vLLM V1 serves without one): no write-behind copies beside the steps
-            "process-noswap": (["--engine-process", "--swap-space", "0"], {})}
+            "process-noswap": (["--engine-process", "--swap-space", "0"], {}),
+            # piecewise CUDA graphs for mixed steps (worker/cuda_graph.py; against "process")
+            "process-mixedgraph": (["--engine-process"], {"PAGEDSERVE_MIXED_GRAPHS": "1"})}
 
 
 def emit(**kw) -> None:
