@@ -462,6 +462,8 @@ def main() -> None:
     parser.add_argument("--variants", default="thread,process",
                         help=f"pagedserve's, in order, each its own server: {', '.join(VARIANTS)}")
     parser.add_argument("--budget-s", type=float, default=560.0, help="stop starting work after this long")
+    parser.add_argument("--min-engine-s", type=float, default=150.0,
+                        help="start an engine's server only with this much of the budget left")
     args = parser.parse_args()
     cpu = args.cpu_smoke
     rates = (args.rates or ("8,inf" if cpu else "8,16,32,inf")).split(",")
@@ -489,7 +491,7 @@ def main() -> None:
             print("vllm not importable from /tmp/site_v: skipped", flush=True)
             results["engines"].append({"engine": "vllm", "runs": [], "error": "not installed"})
             continue
-        if deadline - time.perf_counter() < (60 if cpu else 150):
+        if deadline - time.perf_counter() < (60 if cpu else args.min_engine_s):
             print(f"{engine}: skipped, too little time left", flush=True)
             results["engines"].append({"engine": engine, "runs": [], "error": "skipped: out of time"})
             continue
