@@ -3,7 +3,8 @@
 # before 328 s): benchmarks/mixed_gpu.py (start-up, graph replay vs eager check, ids, per-step A/B;
 # ~1.5 min, at most 150 s), then the online-serving A/B (serve_gpu.sh, pagedserve only, the engine
 # process with then without PAGEDSERVE_MIXED_GRAPHS=1, 8 req/s, 160 prompts; every step's timing
-# saved: $OUT/serve/steps_<variant>_8.json, rows (begin, end, tokens, running, deliver_s); ~2.5 min).
+# saved: $OUT/serve/steps_<variant>_8.json, rows (begin, end, tokens, running, deliver_s), broken down by
+# benchmarks/steps_breakdown.py; ~2.5 min).
 # SERVE=0: the first part alone. Carry: .devcarry (peers.py for the model config; serve/ for the
 # tokenizer and the server wheels). CPU proof: PYTHONPATH=$PWD python3 benchmarks/mixed_gpu.py --cpu-smoke
 set -uo pipefail
@@ -16,4 +17,5 @@ if [ "${SERVE:-1}" = 1 ]; then
   OUT="$OUT/serve" timeout $((328 - SECONDS)) bash benchmarks/serve_gpu.sh --skip-startup --engines pagedserve \
     --variants process-mixedgraph,process --rates 8 --num-prompts 160 --budget-s $((312 - SECONDS)) --min-engine-s 80
   echo "serve_gpu.sh exit $? after $SECONDS s"
+  python3 benchmarks/steps_breakdown.py "$OUT"/serve/steps_*.json 2>&1 | tee "$OUT/steps_breakdown.txt"
 fi
