@@ -261,7 +261,7 @@ def main() -> int:
          import_s=round(t0 - t_import, 2), mixed_capture_s=round(mixed_capture_s[0], 2),
          mixed_buckets=len(graphs.mixed_graphs) if graphs else 0,
          pieces_per_bucket=len(graphs.attention_calls) + 1 if graphs else 0,
-         capture_log=[m for m in watch.messages if m.startswith("captured")])
+         capture_log=[m for m in watch.messages if m.startswith("captured") or "failed" in m])
     failed = []
     if smoke:
         emulate_graphs(llm)

@@ -214,7 +214,11 @@ class CudaGraphRunner:
             compile_ahead(lambda: (self._capture_all(_run_only), self._capture_mixed(None)))
             if self.mixed_buckets:   # the largest graphs first: the pool grows once
                 self.pool = torch.cuda.graph_pool_handle()
-                self._capture_mixed(stream)
+                try:
+                    self._capture_mixed(stream)
+                except Exception:   # noqa: BLE001 - mixed steps run eagerly, as without them
+                    logger.warning("capturing the mixed-step graphs failed; mixed steps run eagerly", exc_info=True)
+                    self.mixed_graphs, self.mixed_outputs, self.attention_calls = {}, {}, []
             self._capture_all(lambda forward, size: self._capture_one(forward, size, stream))
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
@@ -294,11 +298,18 @@ class CudaGraphRunner:
                 torch.cuda.synchronize()
                 next_piece()
             hidden = self.model(self.input_ids[:size], self.positions[:size], meta)
-            if stream is not None:
-                pieces[-1].capture_end()
+        except Exception:
+            if pieces:
+                try:   # leave no capture open on the stream
+                    pieces[-1].capture_end()
+                except Exception:   # noqa: BLE001 - the first error is the one raised
+                    pass
+            raise
         finally:
             for layer, backend in zip(layers, backends):
                 layer.backend = backend
+        if stream is not None:
+            pieces[-1].capture_end()
         if stream is not None:
             if self.attention_calls and len(calls) != len(self.attention_calls):
                 raise RuntimeError(f"mixed bucket {size}: {len(calls)} attention calls, "

@@ -22,6 +22,18 @@ from tests.helpers import random_prompts, write_tiny_checkpoint
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 
 
+def tiny_runner(tmp_path, **engine_args) -> ModelRunner:
+    """A ModelRunner of the tiny llama on the CPU, fp32, block size 4, 16 KV blocks."""
+    checkpoint = write_tiny_checkpoint(str(tmp_path / "llama"), "llama")
+    config, _, _ = EngineArgs(model=checkpoint, device="cpu", dtype="float32", max_model_len=64, block_size=4,
+                              num_kv_blocks=16, skip_tokenizer_init=True, **engine_args).create_config()
+    runner = ModelRunner(config.model, config.cache, config.scheduler, config.device, config.weights,
+                         torch.device("cpu"))
+    runner.load_model()
+    runner.init_kv_cache(16)
+    return runner
+
+
 def test_mixed_buckets():
     assert mixed_token_buckets(8192) == [32] + list(range(64, 1025, 64)) + list(range(1152, 2049, 128))
     assert len(mixed_token_buckets(8192)) == 25
@@ -41,13 +53,7 @@ def test_statics_fill_and_views():
 
 
 def test_split_forward_equals_eager(tmp_path):
-    checkpoint = write_tiny_checkpoint(str(tmp_path / "llama"), "llama")
-    config, _, _ = EngineArgs(model=checkpoint, device="cpu", dtype="float32", max_model_len=64, block_size=4,
-                              num_kv_blocks=16, skip_tokenizer_init=True).create_config()
-    runner = ModelRunner(config.model, config.cache, config.scheduler, config.device, config.weights,
-                         torch.device("cpu"))
-    runner.load_model()
-    runner.init_kv_cache(16)
+    runner = tiny_runner(tmp_path)
     a, b = RequestId("a"), RequestId("b")
     prompt_a, prompt_b = random_prompts(2, 512, 7, 7, seed=5)
     prompt_b = prompt_b[:6]
@@ -117,23 +123,20 @@ def fake_graph_context(graph, pool=None, stream=None):
     graph.capture_end()
 
 
+def fake_cuda_graphs(monkeypatch) -> None:
+    for name, value in (("CUDAGraph", FakeGraph), ("Stream", FakeStream), ("current_stream", FakeStream),
+                        ("stream", lambda s: nullcontext()), ("synchronize", lambda: None),
+                        ("graph_pool_handle", lambda: "pool"), ("graph", fake_graph_context)):
+        monkeypatch.setattr(torch.cuda, name, value)
+
+
 def test_capture_and_replay_order(tmp_path, monkeypatch):
     """The capture code end to end on the CPU with CUDA's graph calls faked: every mixed
     bucket is one piece more than the layers, captures never nest, the pieces of a step's
     bucket replay in order with the layers' attention between them on the step's metadata,
     and the runner sends a mixed step there (and not with the switch off)."""
-    for name, value in (("CUDAGraph", FakeGraph), ("Stream", FakeStream), ("current_stream", FakeStream),
-                        ("stream", lambda s: nullcontext()), ("synchronize", lambda: None),
-                        ("graph_pool_handle", lambda: "pool"), ("graph", fake_graph_context)):
-        monkeypatch.setattr(torch.cuda, name, value)
-    checkpoint = write_tiny_checkpoint(str(tmp_path / "llama"), "llama")
-    config, _, _ = EngineArgs(model=checkpoint, device="cpu", dtype="float32", max_model_len=64, block_size=4,
-                              num_kv_blocks=16, skip_tokenizer_init=True, max_num_batched_tokens=64,
-                              max_num_seqs=4).create_config()
-    runner = ModelRunner(config.model, config.cache, config.scheduler, config.device, config.weights,
-                         torch.device("cpu"))
-    runner.load_model()
-    runner.init_kv_cache(16)
+    fake_cuda_graphs(monkeypatch)
+    runner = tiny_runner(tmp_path, max_num_batched_tokens=64, max_num_seqs=4)
     graphs = CudaGraphRunner(runner.model, 4, 64, 4, torch.device("cpu"), 64, mixed=True)
     FakeGraph.log = []
     graphs.capture()
@@ -168,3 +171,25 @@ def test_capture_and_replay_order(tmp_path, monkeypatch):
                                          cached_requests=[CachedRequestData(a, [], 7, None, 8, first.sampled_token_ids[a]),
                                                           CachedRequestData(b, [], 4, None, 6, None)]))
     assert FakeGraph.log == [] and len(metas) == 2 * num_layers
+
+
+def test_failed_mixed_capture_leaves_the_others(tmp_path, monkeypatch, caplog):
+    """A mixed piece whose capture fails: its capture is ended, the mixed graphs are dropped
+    (mixed steps run eagerly) with a warning, and the decode and prefill graphs are captured."""
+    fake_cuda_graphs(monkeypatch)
+    begin = FakeGraph.capture_begin
+
+    def failing_begin(self, pool=None, capture_error_mode="global") -> None:
+        begin(self, pool)
+        if sum(kind == "begin" for kind, _ in FakeGraph.log) == 3:
+            raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(FakeGraph, "capture_begin", failing_begin)
+    runner = tiny_runner(tmp_path)
+    graphs = CudaGraphRunner(runner.model, 4, 64, 4, torch.device("cpu"), 64, mixed=True)
+    FakeGraph.log = []
+    graphs.capture()
+    assert graphs.mixed_graphs == {} and graphs.attention_calls == [] and graphs.graphs and graphs.prefill_graphs
+    assert "mixed-step graphs failed" in caplog.text
+    kinds = [kind for kind, _ in FakeGraph.log]
+    assert kinds == ["begin", "end"] * (len(kinds) // 2)   # the failed piece's capture was ended
+    assert all(type(layer.backend).__name__ == "TorchBackend" for layer in runner.model.attention_layers())
