@@ -16,7 +16,7 @@ timeout 100 python3 benchmarks/mixed_gpu.py --model llama-8b 2>&1 | tee "$OUT/mi
 echo "mixed_gpu.py exit ${PIPESTATUS[0]} after $SECONDS s"
 if [ "${SERVE:-1}" = 1 ] && [ $SECONDS -le 108 ]; then
   OUT="$OUT/serve" timeout $((197 - SECONDS)) bash benchmarks/serve_gpu.sh --skip-startup --engines pagedserve \
-    --variants process-mixedgraph,process --rates 8 --num-prompts 64 --budget-s $((190 - SECONDS)) --min-engine-s 45
+    --variants process-mixedgraph,process-nomixed --rates 8 --num-prompts 64 --budget-s $((190 - SECONDS)) --min-engine-s 45
   echo "serve_gpu.sh exit $? after $SECONDS s"
   python3 benchmarks/steps_breakdown.py "$OUT"/serve/steps_*.json 2>&1 | tee "$OUT/steps_breakdown.txt"
 fi

@@ -18,8 +18,8 @@
    from /tmp/site_v (serve_gpu.sh installs it from ../shared/bench/vllm_bundle.sh's parts).
 pagedserve runs once per --variants entry (VARIANTS: the engine core on a thread of the server
 process, or in its own process; `thread-si`: on a thread with a 0.5 ms GIL switch interval;
-`process-noswap`: no host KV tier; `process-mixedgraph`: PAGEDSERVE_MIXED_GRAPHS=1, piecewise
-CUDA graphs for mixed steps),
+`process-noswap`: no host KV tier; `process-nomixed`: PAGEDSERVE_MIXED_GRAPHS=0, no piecewise
+CUDA graphs for mixed steps, as before 2026-12-01's mixg22; `process-mixedgraph`: them explicitly),
 and each rate's row carries the server's step timing over that rate (GET /debug/steps:
 core step ms, decode-only vs mixed, the gap between steps, output delivery, the GIL probe,
 CPU busy fractions; frontend/step_timing.py).
@@ -60,8 +60,9 @@ VARIANTS = {"thread": (["--no-engine-process"], {}),
             "process-si": (["--engine-process"], {"PAGEDSERVE_SWITCH_INTERVAL_MS": "0.5"}),
             # no host KV tier (vLLM V1 serves without one): no write-behind copies beside the steps
             "process-noswap": (["--engine-process", "--swap-space", "0"], {}),
-            # piecewise CUDA graphs for mixed steps (worker/cuda_graph.py; against "process")
-            "process-mixedgraph": (["--engine-process"], {"PAGEDSERVE_MIXED_GRAPHS": "1"})}
+            # piecewise CUDA graphs for mixed steps (worker/cuda_graph.py; on by default), on / off
+            "process-mixedgraph": (["--engine-process"], {"PAGEDSERVE_MIXED_GRAPHS": "1"}),
+            "process-nomixed": (["--engine-process"], {"PAGEDSERVE_MIXED_GRAPHS": "0"})}
 
 
 def emit(**kw) -> None:

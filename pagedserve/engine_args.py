@@ -204,7 +204,7 @@ class EngineArgs:
                                 self.async_scheduling if self.async_scheduling is not None
                                 else device.type == "cuda" or self.pipeline_parallel_size > 1,
                                 int(os.environ.get("PAGEDSERVE_GEMV_MAX_ROWS", "16")),
-                                os.environ.get("PAGEDSERVE_MIXED_GRAPHS", "0") == "1"))
+                                os.environ.get("PAGEDSERVE_MIXED_GRAPHS", "1") != "0"))
         return config, hf_config, source
 
     def _quantization(self, source: ModelSource):

@@ -12,7 +12,7 @@ forward is bound by the host launching ~10 kernels per layer:
   only the real query rows; the logits of the chunk's last token come back. An eager 1024-token
   prefill of llama-1b took the host 7-15 ms to launch, the device ~5 ms.
 
-- mixed steps (PIECEWISE, `mixed=True`: PAGEDSERVE_MIXED_GRAPHS=1): any other step of at most
+- mixed steps (PIECEWISE, `mixed=True`; PAGEDSERVE_MIXED_GRAPHS=0 turns it off): any other step of at most
   MAX_MIXED_TOKENS tokens, e.g. a new prompt's chunk beside the running decodes. One set of
   graphs per total-token-count bucket (mixed_token_buckets), split at every attention call:
   piece 0 runs embedding -> layer 0's norm, QKV, rotary and KV store and copies q/k/v into

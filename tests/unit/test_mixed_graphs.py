@@ -193,3 +193,18 @@ def test_failed_mixed_capture_leaves_the_others(tmp_path, monkeypatch, caplog):
     kinds = [kind for kind, _ in FakeGraph.log]
     assert kinds == ["begin", "end"] * (len(kinds) // 2)   # the failed piece's capture was ended
     assert all(type(layer.backend).__name__ == "TorchBackend" for layer in runner.model.attention_layers())
+
+
+def test_switch_reaches_the_config(tmp_path, monkeypatch):
+    """On unless PAGEDSERVE_MIXED_GRAPHS=0 (read once, in create_config)."""
+    checkpoint = write_tiny_checkpoint(str(tmp_path / "llama"), "llama")
+
+    def mixed() -> bool:
+        config, _, _ = EngineArgs(model=checkpoint, device="cpu", skip_tokenizer_init=True).create_config()
+        return config.device.mixed_graphs
+    monkeypatch.delenv("PAGEDSERVE_MIXED_GRAPHS", raising=False)
+    assert mixed()
+    monkeypatch.setenv("PAGEDSERVE_MIXED_GRAPHS", "0")
+    assert not mixed()
+    monkeypatch.setenv("PAGEDSERVE_MIXED_GRAPHS", "1")
+    assert mixed()
