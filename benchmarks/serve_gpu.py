@@ -18,7 +18,8 @@
    from /tmp/site_v (serve_gpu.sh installs it from ../shared/bench/vllm_bundle.sh's parts).
 pagedserve runs once per --variants entry (VARIANTS: the engine core on a thread of the server
 process, or in its own process; `thread-si`: on a thread with a 0.5 ms GIL switch interval;
-`process-noswap`: no host KV tier),
+`process-noswap`: no host KV tier; `process-nomixed`: PAGEDSERVE_MIXED_GRAPHS=0, no piecewise
+CUDA graphs for mixed steps, as before 2026-12-01's mixg22; `process-mixedgraph`: them explicitly),
 and each rate's row carries the server's step timing over that rate (GET /debug/steps:
 core step ms, decode-only vs mixed, the gap between steps, output delivery, the GIL probe,
 CPU busy fractions; frontend/step_timing.py).
@@ -58,7 +59,10 @@ VARIANTS = {"thread": (["--no-engine-process"], {}),
             "thread-si": (["--no-engine-process"], {"PAGEDSERVE_SWITCH_INTERVAL_MS": "0.5"}),
             "process-si": (["--engine-process"], {"PAGEDSERVE_SWITCH_INTERVAL_MS": "0.5"}),
             # no host KV tier (vLLM V1 serves without one): no write-behind copies beside the steps
-            "process-noswap": (["--engine-process", "--swap-space", "0"], {})}
+            "process-noswap": (["--engine-process", "--swap-space", "0"], {}),
+            # piecewise CUDA graphs for mixed steps (worker/cuda_graph.py; on by default), on / off
+            "process-mixedgraph": (["--engine-process"], {"PAGEDSERVE_MIXED_GRAPHS": "1"}),
+            "process-nomixed": (["--engine-process"], {"PAGEDSERVE_MIXED_GRAPHS": "0"})}
 
 
 def emit(**kw) -> None:
@@ -459,6 +463,8 @@ def main() -> None:
     parser.add_argument("--variants", default="thread,process",
                         help=f"pagedserve's, in order, each its own server: {', '.join(VARIANTS)}")
     parser.add_argument("--budget-s", type=float, default=560.0, help="stop starting work after this long")
+    parser.add_argument("--min-engine-s", type=float, default=150.0,
+                        help="start an engine's server only with this much of the budget left")
     args = parser.parse_args()
     cpu = args.cpu_smoke
     rates = (args.rates or ("8,inf" if cpu else "8,16,32,inf")).split(",")
@@ -486,7 +492,7 @@ def main() -> None:
             print("vllm not importable from /tmp/site_v: skipped", flush=True)
             results["engines"].append({"engine": "vllm", "runs": [], "error": "not installed"})
             continue
-        if deadline - time.perf_counter() < (60 if cpu else 150):
+        if deadline - time.perf_counter() < (60 if cpu else args.min_engine_s):
             print(f"{engine}: skipped, too little time left", flush=True)
             results["engines"].append({"engine": engine, "runs": [], "error": "skipped: out of time"})
             continue

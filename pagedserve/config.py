@@ -207,6 +207,9 @@ class DeviceConfig:
     # Decode batches of at most this many rows use the Triton gemv on CUDA (0: off);
     # PAGEDSERVE_GEMV_MAX_ROWS at start-up, see layers/linear_ops.py.
     gemv_max_rows: int = 16
+    # Piecewise CUDA graphs for mixed steps (worker/cuda_graph.py; CUDA, unless enforce_eager);
+    # PAGEDSERVE_MIXED_GRAPHS=0 at start-up turns them off.
+    mixed_graphs: bool = True
 
 
 @dataclass(frozen=True)

@@ -144,7 +144,7 @@ class EngineArgs:
 
     def create_config(self) -> tuple[EngineConfig, Any, ModelSource]:
         """Resolve the model (offline), read its config once, check every cross-field rule.
-        The environment is read here, once: PAGEDSERVE_GEMV_MAX_ROWS, PAGEDSERVE_TP_STEP_QUEUE,
+        The environment is read here, once: PAGEDSERVE_GEMV_MAX_ROWS, PAGEDSERVE_MIXED_GRAPHS, PAGEDSERVE_TP_STEP_QUEUE,
         PAGEDSERVE_CUSTOM_ALL_REDUCE_MAX_KB / _KIND, and MASTER_ADDR /
         WORLD_SIZE / RANK (tensor-parallel ranks started by hand, env:// rendezvous)."""
         self.validate()
@@ -203,7 +203,8 @@ class EngineArgs:
             device=DeviceConfig(str(device), self.enforce_eager, self.seed,
                                 self.async_scheduling if self.async_scheduling is not None
                                 else device.type == "cuda" or self.pipeline_parallel_size > 1,
-                                int(os.environ.get("PAGEDSERVE_GEMV_MAX_ROWS", "16"))))
+                                int(os.environ.get("PAGEDSERVE_GEMV_MAX_ROWS", "16")),
+                                os.environ.get("PAGEDSERVE_MIXED_GRAPHS", "1") != "0"))
         return config, hf_config, source
 
     def _quantization(self, source: ModelSource):

@@ -23,8 +23,9 @@ class AttentionBackend(Protocol):
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-               scale: float) -> torch.Tensor:
-        """query [T, Hq, D]; key/value [T, Hkv, D] are this step's (already stored in the cache)."""
+               scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+        """query [T, Hq, D]; key/value [T, Hkv, D] are this step's (already stored in the cache).
+        Returns `out` (like query; allocated when None), written for the metadata's tokens."""
 
 
 class TorchBackend:
@@ -63,8 +64,10 @@ class TorchBackend:
             return
         self._plan_for(meta, k_cache.shape[1]).store(key, value, k_cache, v_cache)
 
-    def attend(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        return self._plan_for(meta, k_cache.shape[1]).attend(query, k_cache, v_cache, scale)
+    def attend(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        result = self._plan_for(meta, k_cache.shape[1]).attend(query, k_cache, v_cache, scale)
+        return result if out is None else out.copy_(result)
 
 
 class TritonBackend:
@@ -103,13 +106,14 @@ class TritonBackend:
     def store_kv(self, key, value, k_cache, v_cache, slot_mapping, meta: AttentionMetadata | None = None) -> None:
         self._store_kv(key, value, k_cache, v_cache, slot_mapping)
 
-    def attend(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def attend(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+               out: torch.Tensor | None = None) -> torch.Tensor:
         num_decodes, num_seqs = meta.num_decodes, meta.num_seqs
         if meta.max_query_len < self.prefill_min_query_len or num_decodes >= num_seqs:
             return self._paged_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                          meta.query_start_loc, scale, meta.max_query_len, meta.max_seq_len,
-                                         num_decodes=num_decodes)
-        out = torch.empty_like(query)
+                                         num_decodes=num_decodes, out=out)
+        out = torch.empty_like(query) if out is None else out
         if num_decodes:  # the leading decodes alone: one token each, tokens [0, num_decodes)
             self._paged_attention(query, k_cache, v_cache, meta.block_tables[:num_decodes],
                                   meta.seq_lens[:num_decodes], meta.query_start_loc[:num_decodes + 1],

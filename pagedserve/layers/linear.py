@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from pagedserve.layers import linear_ops
-from pagedserve.layers.activation import SiluAndMul
+from pagedserve.layers.activation import silu_and_mul
 from pagedserve.layers.linear_ops import (_copy, as_tensor, default_weight_loader, fuses, linear,  # noqa: F401
                                           narrow, set_gemv_max_rows)
 from pagedserve.layers.norm import RMSNorm
@@ -205,7 +205,7 @@ class RowParallelLinear(LinearBase):
             from pagedserve.layers.triton_gemv import silu_and_mul_gemv
             return self._reduce(silu_and_mul_gemv(gate_up, self.weight))
         fused = self.quant_method.apply_silu_and_mul(self, gate_up)
-        return self(SiluAndMul()(gate_up)) if fused is None else self._reduce(fused)
+        return self(silu_and_mul(gate_up)) if fused is None else self._reduce(fused)
 
     def _reduce(self, out: torch.Tensor) -> torch.Tensor:
         # the bias is not sharded; added once, after the reduction

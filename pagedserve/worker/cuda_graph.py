@@ -12,7 +12,20 @@ forward is bound by the host launching ~10 kernels per layer:
   only the real query rows; the logits of the chunk's last token come back. An eager 1024-token
   prefill of llama-1b took the host 7-15 ms to launch, the device ~5 ms.
 
-Each graph covers embedding -> layers -> final norm -> LM head, so a replay returns logits.
+- mixed steps (PIECEWISE, `mixed=True`; PAGEDSERVE_MIXED_GRAPHS=0 turns it off): any other step of at most
+  MAX_MIXED_TOKENS tokens, e.g. a new prompt's chunk beside the running decodes. One set of
+  graphs per total-token-count bucket (mixed_token_buckets), split at every attention call:
+  piece 0 runs embedding -> layer 0's norm, QKV, rotary and KV store and copies q/k/v into
+  static buffers; attention then runs EAGERLY on them with the step's real metadata (the
+  same backend call, so the same kernels as an eager step: decodes, chunks with cached
+  context, long chunks per sequence), writing a static output that piece 1 (o_proj, MLP,
+  layer 1 up to its attention) reads; the last piece ends at the final norm and returns the
+  hidden states (logits are taken eagerly, as in an eager step). This is vLLM V1's default
+  for mixed batches (piecewise graphs around an eager attention); a padded token has slot -1
+  (no KV write) and lies past every sequence (attention never reads or writes its row).
+
+Each decode / prefill graph covers embedding -> layers -> final norm -> LM head, so a replay
+returns logits.
 Under pipeline parallelism each stage captures its own layers: a later stage's graphs read the
 previous stage's (hidden, residual) from static input buffers (the pipeline recv writes the
 step's rows into them before the replay: `receive`), and an earlier stage's graphs end in
@@ -43,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 MAX_CAPTURE_SIZE = 512
 MAX_PREFILL_TOKENS = 1024
+MAX_MIXED_TOKENS = 2048
 
 
 def batch_size_buckets(max_num_seqs: int) -> list[int]:
@@ -63,6 +77,65 @@ def prefill_token_buckets(max_tokens: int) -> list[int]:
     return [s for s in [16, 32] + list(range(64, MAX_PREFILL_TOKENS + 1, 64)) if s <= limit]
 
 
+def mixed_token_buckets(max_tokens: int) -> list[int]:
+    """32, then every 64 up to 1024, every 128 up to min(max_tokens, MAX_MIXED_TOKENS): a step
+    pads by at most 63 tokens below 1024 tokens (6% at 1024), 127 above; 25 buckets for 2048.
+    A step of fewer than 32 tokens pads to 32 (its matmuls cost about the same)."""
+    limit = min(max_tokens, MAX_MIXED_TOKENS)
+    sizes = [32] + list(range(64, 1025, 64)) + list(range(1152, MAX_MIXED_TOKENS + 1, 128))
+    return [s for s in sizes if s <= limit]
+
+
+class _AttentionCall:
+    """The attention of one layer between two pieces: its backend, caches and scale."""
+
+    def __init__(self, backend, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> None:
+        self.backend, self.k_cache, self.v_cache, self.scale = backend, k_cache, v_cache, scale
+
+
+class _SplitBackend:
+    """Stands in for every attention layer's backend while the mixed graphs are warmed up and
+    captured: each attend() copies q/k/v into the static buffers, ends the current piece and
+    starts the next (`split`), and returns the static output the next piece reads. Everything
+    else is the real backend's."""
+
+    def __init__(self, inner, split: Callable) -> None:
+        self.inner, self.name, self.split = inner, inner.name, split
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def store_kv(self, *args, **kwargs) -> None:
+        self.inner.store_kv(*args, **kwargs)
+
+    def attend(self, query, key, value, k_cache, v_cache, meta, scale, out=None) -> torch.Tensor:
+        return self.split(self.inner, query, key, value, k_cache, v_cache, scale)
+
+
+class MixedStatics:
+    """The static tensors the pieces and the eager attention share: q/k/v in, attention out,
+    [max_tokens, heads, head_dim] each (made at the first attention call, whose shapes they take)."""
+
+    def __init__(self, max_tokens: int) -> None:
+        self.max_tokens = max_tokens
+        self.q = self.k = self.v = self.out = None
+
+    def fill(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Copy this layer's q/k/v into the static buffers' first rows."""
+        if self.q is None:
+            self.q = query.new_zeros((self.max_tokens, *query.shape[1:]))
+            self.out = torch.zeros_like(self.q)
+            self.k = key.new_zeros((self.max_tokens, *key.shape[1:]))
+            self.v = value.new_zeros((self.max_tokens, *value.shape[1:]))
+        n = query.shape[0]
+        self.q[:n].copy_(query)
+        self.k[:n].copy_(key)
+        self.v[:n].copy_(value)
+
+    def views(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.q[:n], self.k[:n], self.v[:n], self.out[:n]
+
+
 def _run_only(forward: Callable[[int], Output], size: int) -> None:
     """compile_ahead's dry-run `record`: runs the forward and returns None, so _capture_all
     keeps nothing (a lambda returning forward's output would be unpacked as a graph)."""
@@ -72,15 +145,17 @@ def _run_only(forward: Callable[[int], Output], size: int) -> None:
 class CudaGraphRunner:
     def __init__(self, model: nn.Module, max_num_seqs: int, max_model_len: int, block_size: int,
                  device: torch.device, max_num_batched_tokens: int = MAX_PREFILL_TOKENS,
-                 stage_input: tuple[int, torch.dtype] | None = None) -> None:
+                 stage_input: tuple[int, torch.dtype] | None = None, mixed: bool = False) -> None:
         """`stage_input`: (hidden size, dtype) of the hidden states a pipeline stage after the
-        first receives (None: this model embeds the token ids itself)."""
+        first receives (None: this model embeds the token ids itself). `mixed`: capture the
+        piecewise graphs of mixed steps too (one stage, one rank only)."""
         self.model = model
         self.max_model_len = max_model_len
         self.buckets = batch_size_buckets(max_num_seqs)
         self.prefill_buckets = prefill_token_buckets(min(max_num_batched_tokens, max_model_len))
+        self.mixed_buckets = mixed_token_buckets(max_num_batched_tokens) if mixed and stage_input is None else []
         max_bs = self.buckets[-1]
-        max_tokens = max([max_bs] + self.prefill_buckets)
+        max_tokens = max([max_bs] + self.prefill_buckets + self.mixed_buckets)
         max_blocks = -(-max_model_len // block_size)
         self.input_ids = torch.zeros(max_tokens, dtype=torch.int64, device=device)
         self.positions = torch.zeros(max_tokens, dtype=torch.int64, device=device)
@@ -100,6 +175,12 @@ class CudaGraphRunner:
         self.outputs: dict[int, Output] = {}
         self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.prefill_outputs: dict[int, Output] = {}
+        # mixed steps: per bucket, its pieces (one more than attention calls) and final hidden states
+        self.mixed_graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
+        self.mixed_outputs: dict[int, torch.Tensor] = {}
+        self.mixed_statics = MixedStatics(self.mixed_buckets[-1] if self.mixed_buckets else 0)
+        self.attention_calls: list[_AttentionCall] = []
+        self.mixed_enabled = True   # benchmarks switch it off for an eager A/B on one engine
         self.pool = None
 
     def _meta(self, bs: int) -> AttentionMetadata:
@@ -130,23 +211,31 @@ class CudaGraphRunner:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             # a dry run of every forward about to be captured: its Triton kernels compile in parallel
-            compile_ahead(lambda: self._capture_all(_run_only))
+            compile_ahead(lambda: (self._capture_all(_run_only), self._capture_mixed(None)))
+            if self.mixed_buckets:   # the largest graphs first: the pool grows once
+                self.pool = torch.cuda.graph_pool_handle()
+                try:
+                    self._capture_mixed(stream)
+                except Exception:   # noqa: BLE001 - mixed steps run eagerly, as without them
+                    logger.warning("capturing the mixed-step graphs failed; mixed steps run eagerly", exc_info=True)
+                    self.mixed_graphs, self.mixed_outputs, self.attention_calls = {}, {}, []
             self._capture_all(lambda forward, size: self._capture_one(forward, size, stream))
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
-        logger.info("captured %d decode CUDA graphs (batch sizes %s..%s) and %d prefill graphs (tokens %s..%s) "
-                    "in %.1f s", len(self.graphs), self.buckets[0], self.buckets[-1], len(self.prefill_graphs),
+        logger.info("captured %d decode CUDA graphs (batch sizes %s..%s), %d prefill graphs (tokens %s..%s) and "
+                    "%d mixed-step buckets of %d pieces (tokens %s..%s) in %.1f s", len(self.graphs),
+                    self.buckets[0], self.buckets[-1], len(self.prefill_graphs),
                     self.prefill_buckets[0] if self.prefill_buckets else "-",
-                    self.prefill_buckets[-1] if self.prefill_buckets else "-", time.monotonic() - start)
+                    self.prefill_buckets[-1] if self.prefill_buckets else "-", len(self.mixed_graphs),
+                    len(self.attention_calls) + 1, self.mixed_buckets[0] if self.mixed_buckets else "-",
+                    self.mixed_buckets[-1] if self.mixed_buckets else "-", time.monotonic() - start)
 
     def _capture_all(self, record: Callable[[Callable[[int], Output], int],
                                             tuple[torch.cuda.CUDAGraph, Output] | None]) -> None:
         """Every bucket's graph and static output, `record(forward, size)` capturing each
         (largest first: the pool grows once and later graphs reuse its memory); a `record`
         that returns None keeps nothing (compile_ahead's dry run)."""
-        # padding prefill rows while capturing: a one-token sequence, no KV writes
-        self.prefill_query_start_loc.copy_(torch.tensor([0, 1], dtype=torch.int32))
-        self.slot_mapping.fill_(-1)
+        self._padding_inputs()
         for graphs, outputs, sizes, forward in (
                 (self.prefill_graphs, self.prefill_outputs, self.prefill_buckets, self._prefill_forward),
                 (self.graphs, self.outputs, self.buckets, self._forward)):
@@ -154,6 +243,79 @@ class CudaGraphRunner:
                 made = record(forward, size)
                 if made is not None:
                     graphs[size], outputs[size] = made
+
+    def _padding_inputs(self) -> None:
+        """What the forwards run on while capturing: a one-token sequence, no KV writes."""
+        self.prefill_query_start_loc.copy_(torch.tensor([0, 1], dtype=torch.int32))
+        self.slot_mapping.fill_(-1)
+
+    def _capture_mixed(self, stream: torch.cuda.Stream | None) -> None:
+        """Every mixed bucket's pieces, largest first, each after an eager warm-up of its
+        forward; with no stream only the eager forwards (compile_ahead's dry run)."""
+        self._padding_inputs()
+        for size in reversed(self.mixed_buckets):
+            self._mixed_forward(size, None)
+            if stream is not None:
+                self.mixed_graphs[size], self.mixed_outputs[size] = self._mixed_forward(size, stream)
+
+    def _mixed_forward(self, size: int, stream: torch.cuda.Stream | None, attend_meta: AttentionMetadata | None = None
+                       ) -> tuple[list[torch.cuda.CUDAGraph], torch.Tensor]:
+        """The model's forward over the static inputs' first `size` tokens with every attention
+        call split out: captured as pieces on `stream`, or all run eagerly (None), attention on
+        `attend_meta`'s tokens (default: the capture metadata's one token). Returns the pieces
+        and the final hidden states (static when captured). What run_mixed replays, so run
+        eagerly with a step's metadata it computes what the replay does (tests/unit)."""
+        meta = AttentionMetadata(slot_mapping=self.slot_mapping[:size], query_start_loc=self.prefill_query_start_loc,
+                                 seq_lens=self.prefill_seq_len, block_tables=self.block_tables[:1],
+                                 max_query_len=size, max_seq_len=self.max_model_len, num_decodes=0)
+        attend_meta = attend_meta or meta
+        live = size if attend_meta is meta else int(attend_meta.query_start_loc_host[-1])
+        pieces: list[torch.cuda.CUDAGraph] = []
+        calls: list[_AttentionCall] = []
+
+        def next_piece() -> None:
+            if pieces:
+                pieces[-1].capture_end()
+            pieces.append(torch.cuda.CUDAGraph())
+            pieces[-1].capture_begin(pool=self.pool)
+
+        def split(inner, query, key, value, k_cache, v_cache, scale) -> torch.Tensor:
+            self.mixed_statics.fill(query, key, value)
+            calls.append(_AttentionCall(inner, k_cache, v_cache, scale))
+            if stream is None:
+                q, k, v, out = self.mixed_statics.views(live)
+                inner.attend(q, k, v, k_cache, v_cache, attend_meta, scale, out=out)
+            else:
+                next_piece()
+            return self.mixed_statics.out[:size]
+
+        layers = self.model.attention_layers()
+        backends = [layer.backend for layer in layers]
+        for layer in layers:
+            layer.backend = _SplitBackend(layer.backend, split)
+        try:
+            if stream is not None:
+                torch.cuda.synchronize()
+                next_piece()
+            hidden = self.model(self.input_ids[:size], self.positions[:size], meta)
+        except Exception:
+            if pieces:
+                try:   # leave no capture open on the stream
+                    pieces[-1].capture_end()
+                except Exception:   # noqa: BLE001 - the first error is the one raised
+                    pass
+            raise
+        finally:
+            for layer, backend in zip(layers, backends):
+                layer.backend = backend
+        if stream is not None:
+            pieces[-1].capture_end()
+        if stream is not None:
+            if self.attention_calls and len(calls) != len(self.attention_calls):
+                raise RuntimeError(f"mixed bucket {size}: {len(calls)} attention calls, "
+                                   f"{len(self.attention_calls)} in the first bucket")
+            self.attention_calls = calls
+        return pieces, hidden
 
     def _capture_one(self, forward: Callable[[int], Output], size: int, stream: torch.cuda.Stream
                      ) -> tuple[torch.cuda.CUDAGraph, Output]:
@@ -207,6 +369,27 @@ class CudaGraphRunner:
         if bs > num:
             self.seq_lens[num:bs].fill_(1)
         return self._replay(self.graphs[bs], self.outputs[bs], num, bs, receive)
+
+    def can_run_mixed(self, inputs: StepInputs) -> bool:
+        """Any step of at most the largest mixed bucket of tokens, once they are captured."""
+        return (self.mixed_enabled and bool(self.mixed_graphs) and inputs.input_ids.shape[0] <= self.mixed_buckets[-1]
+                and inputs.meta.max_seq_len <= self.max_model_len)
+
+    def run_mixed(self, inputs: StepInputs) -> torch.Tensor:
+        """The final hidden states [num_tokens, hidden] of a step: the bucket's pieces replayed
+        in turn, each layer's attention run eagerly between them on the static q/k/v with the
+        step's own metadata."""
+        num = inputs.input_ids.shape[0]
+        size = next(s for s in self.mixed_buckets if s >= num)
+        self._copy_tokens(inputs, size)
+        q, k, v, out = self.mixed_statics.views(num)
+        meta = inputs.meta
+        pieces = self.mixed_graphs[size]
+        for piece, call in zip(pieces, self.attention_calls):
+            piece.replay()
+            call.backend.attend(q, k, v, call.k_cache, call.v_cache, meta, call.scale, out=out)
+        pieces[-1].replay()
+        return self.mixed_outputs[size][:num]
 
     def can_run_prefill(self, inputs: StepInputs) -> bool:
         """One sequence whose chunk ends its prompt (it samples), no decodes, at most the

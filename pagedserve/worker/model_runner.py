@@ -193,8 +193,9 @@ class ModelRunner:
                         self.host_cache.copy_mode)
 
     def finish_setup(self) -> None:
-        """After the KV cache exists: capture decode CUDA graphs on GPU (unless enforce_eager);
-        a pipeline stage captures its own layers (worker/cuda_graph.py)."""
+        """After the KV cache exists: capture decode and prefill CUDA graphs on GPU (unless
+        enforce_eager), and with DeviceConfig.mixed_graphs the mixed steps' pieces; a pipeline
+        stage captures its own layers (worker/cuda_graph.py)."""
         if self.device.type != "cuda" or self.device_config.enforce_eager:
             return
         self.graph_runner = self.make_graph_runner()
@@ -205,8 +206,11 @@ class ModelRunner:
         inputs for the hidden states it receives."""
         sched, model = self.scheduler_config, self.model_config
         takes_hidden = self.pipeline is not None and self.pipeline.prev is not None
+        # mixed-step pieces: one rank, one stage (their eager attention between replays is untested under TP / PP)
+        mixed = self.device_config.mixed_graphs and tp_world_size() == 1 and self.pipeline is None
         return CudaGraphRunner(self.model, sched.max_num_seqs, sched.max_model_len, self.block_size, self.device,
-                               sched.max_num_batched_tokens, (model.hidden_size, model.dtype) if takes_hidden else None)
+                               sched.max_num_batched_tokens, (model.hidden_size, model.dtype) if takes_hidden else None,
+                               mixed)
 
     @torch.inference_mode()
     def profile_run(self, num_tokens: int) -> None:
@@ -280,6 +284,9 @@ class ModelRunner:
             hidden, logits = None, self._replay(graphs.run, inputs)
         elif graphs is not None and not wants_prompt_logprobs and graphs.can_run_prefill(inputs):
             hidden, logits = None, self._replay(graphs.run_prefill, inputs)
+        elif graphs is not None and graphs.can_run_mixed(inputs):
+            hidden = graphs.run_mixed(inputs)
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])
         elif self.pipeline is not None:
             hidden = self._stage_forward(inputs)
             logits = None if hidden is None else self.model.compute_logits(hidden[inputs.logits_indices])

@@ -1,6 +1,6 @@
-"""prefill_attention (FlashAttention-style Triton kernel) and TritonBackend's dispatch against
-paged_attention_ref: varlen chunks, cached context + new tokens, GQA, causal diagonal tiles,
-chunk boundaries that do and do not fall on tile edges.
+"""prefill_attention (FlashAttention-style Triton kernel) and TritonBackend's dispatch (also
+into a given output) against paged_attention_ref: varlen chunks, cached context + new tokens,
+GQA, causal diagonal tiles, chunk boundaries that do and do not fall on tile edges.
 
 The batches come from test_paged_attention.make_batch (random non-contiguous block tables,
 junk in unused slots, NaN-poisoned output, padding tokens that must stay untouched); the new
@@ -144,6 +144,12 @@ def backend_step(query_lens: list[int], context_lens: list[int], num_decodes: in
                                    batch.seq_lens, batch.query_start_loc, batch.scale, num_decodes)
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(out[:num_tokens], expected[:num_tokens], atol=atol, rtol=rtol)
+    # into a given output (the mixed graphs' static one: rows of a longer buffer), the same values
+    rows = batch.query.shape[0]
+    buffer = torch.full((rows + 3, *batch.query.shape[1:]), float("nan"), dtype=dtype, device=DEVICE)
+    into = backend.attend(batch.query, key, value, batch.k_cache, batch.v_cache, meta, batch.scale, out=buffer[:rows])
+    assert into.data_ptr() == buffer.data_ptr()
+    assert torch.equal(buffer[:num_tokens], out[:num_tokens]) and buffer[rows:].isnan().all()
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
@@ -179,4 +185,4 @@ def test_backend_cudnn_only_round_shapes() -> None:
     real = backend._sdpa_prefill_sequence
     backend._sdpa_prefill_sequence = lambda *a: calls.append(a[6:9]) or real(*a)
     backend_step([1, 32, 20, 16], [7, 16, 0, 5], 1, torch.float32, backend, host_lists=True, seed=19)
-    assert [(token_begin, query_len, context_len) for token_begin, query_len, context_len in calls] == [(1, 32, 16)]
+    assert [(token_begin, query_len, context_len) for token_begin, query_len, context_len in calls] == [(1, 32, 16)] * 2   # attended twice
