@@ -783,14 +783,18 @@ class DecodeStack {
 
 }  // namespace
 
+// The GIL is released while the kernels run (torch's own ops release it too): the server's
+// event loop and detokenizer keep running beside a step on the engine thread.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("dequantize", &dequantize, "GGUF blocks -> fp32 or bf16 [N, K]");
-  m.def("gemv", &gemv, "x @ w.T on GGUF blocks (fp32 accumulate)");
-  m.def("gemv_normed", &gemv_normed, "rms_norm(x + residual) @ w.T on GGUF blocks, and x + residual");
-  m.def("gemv_silu", &gemv_silu, "(silu(gate) * up) @ w.T on GGUF blocks");
-  m.def("decode_attention", &decode_attention, "rotary, KV store and paged attention of an all-decode step");
+  using no_gil = pybind11::call_guard<pybind11::gil_scoped_release>;
+  m.def("dequantize", &dequantize, "GGUF blocks -> fp32 or bf16 [N, K]", no_gil());
+  m.def("gemv", &gemv, "x @ w.T on GGUF blocks (fp32 accumulate)", no_gil());
+  m.def("gemv_normed", &gemv_normed, "rms_norm(x + residual) @ w.T on GGUF blocks, and x + residual", no_gil());
+  m.def("gemv_silu", &gemv_silu, "(silu(gate) * up) @ w.T on GGUF blocks", no_gil());
+  m.def("decode_attention", &decode_attention, "rotary, KV store and paged attention of an all-decode step",
+        no_gil());
   pybind11::class_<DecodeStack>(m, "DecodeStack")
       .def(pybind11::init<std::vector<torch::Tensor>, std::vector<int64_t>, int64_t, int64_t, int64_t, double,
                           torch::Tensor, torch::Tensor, double>())
-      .def("run", &DecodeStack::run, "the stack's layers of an all-decode step -> (output, residual)");
+      .def("run", &DecodeStack::run, "the stack's layers of an all-decode step -> (output, residual)", no_gil());
 }
