@@ -7,7 +7,10 @@ from __future__ import annotations
 import os
 import types
 
-import torch
+if not {"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & set(os.environ):   # as pagedserve/__init__.py, before torch
+    os.environ["GOMP_SPINCOUNT"] = "2000"   # loads libgomp: a busy CI machine must not stall every barrier
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
