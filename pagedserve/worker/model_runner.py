@@ -117,13 +117,15 @@ class DeferredSample:
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """torch.zeros; on the CPU a private anonymous mapping (the OS's zero pages, 4 KiB each:
-    numpy's arrays would ask for huge pages), so the KV pool is resident only as far as
+    """torch.zeros; on the CPU a private anonymous mapping of 4 KiB pages (the OS's zero pages;
+    no huge pages, which numpy's arrays ask for), so the KV pool is resident only as far as
     blocks have been written, not all at start-up."""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = int(np.prod(shape)) * torch.tensor([], dtype=dtype).element_size()
     pages = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):   # Linux: also where transparent huge pages are "always"
+        pages.madvise(mmap.MADV_NOHUGEPAGE)
     return torch.frombuffer(pages, dtype=torch.uint8)[:nbytes].view(dtype).view(shape)   # holds `pages`
 
 
