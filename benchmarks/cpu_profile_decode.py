@@ -1,10 +1,15 @@
-"""Issue 19: where a batch-1 decode step of the default model goes on the CPU (torch.profiler
-over the decode steps of one 128-token prompt): aten calls per step, the ops by self CPU
-time, and the share of the step outside aten ops (Python, scheduler, sampler glue).
+"""Issue 19: where a batch-1 decode step of the default model goes on the CPU, over the decode
+steps of one 128-token prompt. Default: wall-clock ms per step, split by timing wrappers into
+the C++ decoder stack (gguf.cpu_decode_stack: every layer in one call), the LM head
+(compute_logits), the rest of the model's forward (embedding, final norm), the rest of the
+runner (inputs, sampling) and the engine outside the runner (scheduler, outputs).
+--profile: torch.profiler instead (aten calls per step, the ops by self CPU time, the share
+of the step outside aten ops; it sees nothing inside the C++ call and inflates the step).
 
 Usage: PYTHONPATH=. python benchmarks/cpu_profile_decode.py [--dtype auto|float32] [--threads N]
-       [--steps N] [--out FILE.json]"""
+       [--steps N] [--profile] [--out FILE.json]"""
 import argparse
+import collections
 import json
 import os
 import random
@@ -23,9 +28,13 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--profile", action="store_true")
     ap.add_argument("--out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    spent = collections.defaultdict(float)
+    if not args.profile:
+        time_calls(spent)
     llm = LLM(max_model_len=1024, seed=0, dtype=args.dtype)
     rng = random.Random(0)
     prompt = {"prompt_token_ids": [rng.randrange(100, 40000) for _ in range(128)]}
@@ -37,6 +46,9 @@ def main() -> None:
     t0 = time.perf_counter()
     gen(1)
     prefill = time.perf_counter() - t0
+    if not args.profile:
+        report(args, gen, spent, prefill)
+        return
     t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         gen(args.steps + 1)
@@ -54,6 +66,52 @@ def main() -> None:
                   top_ops=[dict(op=e.key, calls_per_step=round(e.count / args.steps, 1),
                                 self_ms_per_step=round(e.self_cpu_time_total / 1e3 / args.steps, 3),
                                 pct_of_aten=round(100 * e.self_cpu_time_total / 1e3 / total_self, 1)) for e in top])
+    print(json.dumps(result, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+def time_calls(spent: dict) -> None:
+    """Wraps the step's parts so that each call adds its wall time to spent[part]."""
+    import pagedserve.models.llama as llama
+    from pagedserve.core.engine_core import EngineCore
+    from pagedserve.worker.model_runner import ModelRunner
+
+    def timed(fn, part):
+        def call(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[part] += time.perf_counter() - t
+        return call
+    llama.cpu_decode_stack = timed(llama.cpu_decode_stack, "decoder_stack")
+    llama.LlamaModel.forward = timed(llama.LlamaModel.forward, "model_forward")
+    llama.LlamaForCausalLM.compute_logits = timed(llama.LlamaForCausalLM.compute_logits, "lm_head")
+    ModelRunner.execute_model = timed(ModelRunner.execute_model, "runner")
+    EngineCore.step = timed(EngineCore.step, "engine_step")
+
+
+def report(args, gen, spent: dict, prefill: float) -> None:
+    """ms per decode step of each part (the prefill's share, timed alone, taken out)."""
+    spent.clear()
+    gen(1)
+    first = dict(spent)
+    spent.clear()
+    t0 = time.perf_counter()
+    gen(args.steps + 1)
+    wall = time.perf_counter() - t0 - prefill
+    ms = {k: (v - first.get(k, 0.0)) / args.steps * 1e3 for k, v in spent.items()}
+    parts = dict(decoder_stack=ms.get("decoder_stack", 0.0), lm_head=ms.get("lm_head", 0.0),
+                 model_rest=ms.get("model_forward", 0.0) - ms.get("decoder_stack", 0.0),
+                 runner_rest=ms.get("runner", 0.0) - ms.get("model_forward", 0.0) - ms.get("lm_head", 0.0),
+                 engine_rest=ms.get("engine_step", 0.0) - ms.get("runner", 0.0))
+    step_ms = wall / args.steps * 1e3
+    parts["outside_engine_step"] = step_ms - ms.get("engine_step", 0.0)
+    result = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), dtype=args.dtype, threads=args.threads,
+                  load_average_1m=round(os.getloadavg()[0], 2), steps=args.steps, step_ms=round(step_ms, 2),
+                  tok_s=round(1e3 / step_ms, 1), ms_per_step={k: round(v, 3) for k, v in parts.items()})
     print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "w") as f:

@@ -23,7 +23,7 @@ checkout to measure that one. Engine "pagedserve_int4" is pagedserve with PAGEDS
 The machine's 1-minute load average at the start and end of each engine's run is recorded
 (a shared machine makes absolute figures noisy: compare engines of the same repeat).
 Usage: python benchmarks/cpu_vs_llamacpp.py [--engines pagedserve,pagedserve_int4,llamacpp,transformers] [--llama-python PY]
-       [--dtype auto|float32] [--threads N] [--batch N] [--out FILE.json] [--repeat N]
+       [--dtype auto|float32] [--threads N] [--batch N] [--b1-only] [--out FILE.json] [--repeat N]
 """
 from __future__ import annotations
 
@@ -72,8 +72,9 @@ def run_pagedserve(p: dict, dtype: str, threads: int, engine: str = "pagedserve"
                              for _, n in items], use_tqdm=False)
     gen([(p["b1"], 8)])   # warm-up
     t0 = time.perf_counter()
-    gen([(p["ttft"][0], 1)])
     ttfts = []
+    for ids in p["ttft"][:1]:
+        gen([(ids, 1)])
     for ids in p["ttft"][1:]:
         t0 = time.perf_counter()
         gen([(ids, 1)])
@@ -87,14 +88,14 @@ def run_pagedserve(p: dict, dtype: str, threads: int, engine: str = "pagedserve"
     assert len(out[0].outputs[0].token_ids) == B1_NEW
     b1 = (B1_NEW - 1) / (t_all - t_first)
     t0 = time.perf_counter()
-    outs = gen(p["batch"])
+    outs = gen(p["batch"]) if p["batch"] else []
     wall = time.perf_counter() - t0
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     import resource
     return dict(engine=engine, dtype=dtype, torch_threads=torch.get_num_threads(), startup_s=round(startup, 1),
-                b1_decode_tok_s=round(b1, 1), ttft256_ms=round(statistics.median(ttfts), 1),
+                b1_decode_tok_s=round(b1, 1), ttft256_ms=_median(ttfts),
                 ttft256_all_ms=[round(t, 1) for t in ttfts], batch_prompts=len(p["batch"]),
-                batch_out_tok_s=round(n_out / wall, 1), batch_wall_s=round(wall, 2), max_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+                batch_out_tok_s=round(n_out / wall, 1) if n_out else None, batch_wall_s=round(wall, 2), max_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 
 
 def run_llamacpp(p: dict, threads: int) -> dict:
@@ -139,9 +140,10 @@ def run_llamacpp(p: dict, threads: int) -> dict:
     wall = time.perf_counter() - t0
     import resource
     return dict(engine="llama.cpp", version=llama_cpp.__version__, n_threads=threads, startup_s=round(startup, 1),
-                b1_decode_tok_s=round(b1, 1), ttft256_ms=round(statistics.median(ttfts), 1),
+                b1_decode_tok_s=round(b1, 1), ttft256_ms=_median(ttfts),
                 ttft256_all_ms=[round(t, 1) for t in ttfts],
-                batch_prompts=len(p["batch"]), batch_out_tok_s=round(sum(n for _, n in p["batch"]) / wall, 1),
+                batch_prompts=len(p["batch"]),
+                batch_out_tok_s=round(sum(n for _, n in p["batch"]) / wall, 1) if p["batch"] else None,
                 batch_wall_s=round(wall, 2),
                 max_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 
@@ -175,8 +177,14 @@ def run_transformers(p: dict, threads: int) -> dict:
                 batch_wall_s=round(wall, 2), max_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 
 
-def child(engine: str, dtype: str, threads: int, batch_size: int) -> None:
+def _median(values: list) -> float | None:
+    return round(statistics.median(values), 1) if values else None
+
+
+def child(engine: str, dtype: str, threads: int, batch_size: int, b1_only: bool = False) -> None:
     p = prompts(batch_size)
+    if b1_only:
+        p.update(ttft=[], batch=[])
     load = os.getloadavg()[0]
     runners = {"pagedserve": lambda: run_pagedserve(p, dtype, threads),
                "pagedserve_int4": lambda: run_pagedserve(p, dtype, threads, "pagedserve_int4"), "llamacpp": lambda: run_llamacpp(p, threads),
@@ -195,18 +203,21 @@ def main() -> None:
     ap.add_argument("--out")
     ap.add_argument("--threads", type=int, help="torch threads / n_threads (default: physical cores)")
     ap.add_argument("--batch", type=int, default=BATCH, help="prompts of the batch workload (the first N of 64)")
+    ap.add_argument("--b1-only", action="store_true", help="only the b1 decode workload (quick interleaved A/B: --repeat)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     threads = args.threads or physical_cores()
     if args.child:
-        child(args.child, args.dtype, threads, args.batch)
+        child(args.child, args.dtype, threads, args.batch, args.b1_only)
         return
     results = []
     for rep in range(args.repeat):
         for engine in args.engines.split(","):
+            if args.b1_only and engine == "transformers":   # it runs the batch workload only
+                continue
             python = args.llama_python if engine == "llamacpp" else sys.executable
             cmd = [python, os.path.abspath(__file__), "--child", engine, "--dtype", args.dtype,
-                   "--threads", str(threads), "--batch", str(args.batch)]
+                   "--threads", str(threads), "--batch", str(args.batch)] + (["--b1-only"] if args.b1_only else [])
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(
                 [os.getcwd()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
             if engine == "pagedserve_int4":

@@ -22,7 +22,7 @@ from pagedserve.layers.linear import (MergedColumnParallelLinear, QKVParallelLin
                                       default_weight_loader)
 from pagedserve.layers.norm import RMSNorm
 from pagedserve.layers.parallel import is_first_stage, is_last_stage, pp_rank, pp_world_size, stage_layers
-from pagedserve.layers.quantization.gguf import cpu_decode_layer
+from pagedserve.layers.quantization.gguf import cpu_decode_stack
 from pagedserve.layers.quantization import (CheckpointTensor, LinearMethod, QuantizationConfig, UnquantizedLinearMethod,
                                             embedding_method, get_quantization_config)
 from pagedserve.layers.rotary import RotaryEmbedding
@@ -90,8 +90,6 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        if not hidden.is_cuda and (out := cpu_decode_layer(self, positions, hidden, residual, meta)) is not None:
-            return out   # GGUF blocks on the CPU: an all-decode step's layer in one C++ call
         # each norm with the projection after it: one gemv launch for decode-sized batches
         qkv, residual = self.self_attn.qkv_proj.forward_normed(hidden, residual, self.input_layernorm)
         hidden = self.self_attn(positions, qkv, meta)
@@ -126,8 +124,12 @@ class LlamaModel(nn.Module):
             hidden, residual = self.embed_tokens(input_ids), None
         else:
             hidden, residual = intermediate
-        for layer in self.layers[self.stage.start:self.stage.stop]:
-            hidden, residual = layer(positions, hidden, residual, meta)
+        layers = self.layers[self.stage.start:self.stage.stop]
+        if not hidden.is_cuda and (out := cpu_decode_stack(layers, positions, hidden, residual, meta)) is not None:
+            hidden, residual = out   # GGUF blocks on the CPU: an all-decode step's layers in one C++ call
+        else:
+            for layer in layers:
+                hidden, residual = layer(positions, hidden, residual, meta)
         if not self.last:
             return hidden, residual
         hidden, _ = self.norm(hidden, residual)

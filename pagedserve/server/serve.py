@@ -65,7 +65,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
                         help="run the engine core (scheduler + model executor) in a process of its own, as "
                              "vLLM V1 does; the server process keeps HTTP, tokenization and detokenization "
-                             f"(default: env {ENGINE_PROCESS_ENV}, else on)")
+                             f"(default: env {ENGINE_PROCESS_ENV}, else on with a GPU, off on the CPU)")
     parser.add_argument("--disable-frontend-multiprocessing", dest="engine_process", action="store_false",
                         default=argparse.SUPPRESS, help="vLLM's spelling of --no-engine-process")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -185,9 +185,18 @@ def run_server(args: argparse.Namespace) -> None:
 
 
 def engine_process_from(args: argparse.Namespace) -> bool:
+    """--engine-process, else PAGEDSERVE_ENGINE_PROCESS, else on with a GPU and off on the CPU:
+    there a second interpreter adds its own torch (~300 MiB) and its step loop competes for the
+    few cores that run the step, whose C++ kernels release the GIL (benchmarks/RESULTS.md, issue 19)."""
     if args.engine_process is not None:
         return args.engine_process
-    return os.environ.get(ENGINE_PROCESS_ENV, "1") != "0"
+    if ENGINE_PROCESS_ENV in os.environ:
+        return os.environ[ENGINE_PROCESS_ENV] != "0"
+    device = getattr(args, "device", None) or "auto"
+    if device == "auto":
+        import torch
+        return torch.cuda.is_available()
+    return device.startswith("cuda")
 
 
 def _model(args: argparse.Namespace) -> str | None:

@@ -75,27 +75,35 @@ def test_decode_attention_matches_the_torch_path():
     assert torch.allclose(out, ref.reshape(4, hq * d), rtol=1e-5, atol=1e-5)
 
 
-def test_decode_layer_equals_the_modules(monkeypatch):
-    """gguf_cpu.decode_layer (one C++ call per decoder layer of an all-decode step) against the
-    same layers run module by module, on the default model: bit-identical logprobs."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_stack_equals_the_modules(monkeypatch, threads):
+    """gguf_cpu.decode_stack (one C++ call for all decoder layers of an all-decode step, one
+    team of threads) against the same layers run module by module, on the default model, at
+    one and two threads: bit-identical logprobs."""
     import pagedserve.models.llama as llama
     from pagedserve import LLM, SamplingParams
-    llm = LLM(max_model_len=256, num_kv_blocks=64, max_num_seqs=4, enable_prefix_caching=False)
-    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=3)
-    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
-    fused, calls = llama.cpu_decode_layer, []
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        llm = LLM(max_model_len=256, num_kv_blocks=64, max_num_seqs=4, enable_prefix_caching=False)
+        params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=3)
+        prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
+        fused, calls = llama.cpu_decode_stack, []
 
-    def counted(*args):
-        out = fused(*args)
-        calls.append(out is not None)
-        return out
+        def counted(*args):
+            out = fused(*args)
+            calls.append(out is not None)
+            return out
 
-    def run():
-        return [[(t, {k: v.logprob for k, v in lp.items()}) for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
-                for o in llm.generate(prompts, params, use_tqdm=False)]
-    monkeypatch.setattr(llama, "cpu_decode_layer", counted)
-    fast = run()
-    monkeypatch.setattr(llama, "cpu_decode_layer", lambda *args: None)
-    slow = run()
-    assert sum(calls) >= 30 * 11   # every layer of every decode step
+        def run():
+            return [[(t, {k: v.logprob for k, v in lp.items()}) for t, lp in zip(o.outputs[0].token_ids,
+                                                                                  o.outputs[0].logprobs)]
+                    for o in llm.generate(prompts, params, use_tqdm=False)]
+        monkeypatch.setattr(llama, "cpu_decode_stack", counted)
+        fast = run()
+        monkeypatch.setattr(llama, "cpu_decode_stack", lambda *args: None)
+        slow = run()
+    finally:
+        torch.set_num_threads(before)
+    assert sum(calls) >= 11   # every decode step
     assert fast == slow

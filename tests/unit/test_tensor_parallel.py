@@ -191,13 +191,15 @@ def test_server_with_tp2_then_a_dead_rank(tiny_checkpoints, tmp_path):
 
 
 def test_engine_process_with_tp2_then_a_dead_rank_exits_the_server(tiny_checkpoints, tmp_path):
-    """The default server (engine core in its own process, which starts the ranks): a dead rank
-    ends the core, an open stream gets an error event, and the server exits 1 leaving no
-    process behind, as vLLM's server does when its engine dies."""
+    """The engine-process server (the default with a GPU; --engine-process on the CPU), whose
+    core process starts the ranks: a dead rank ends the core, an open stream gets an error
+    event, and the server exits 1 leaving no process behind, as vLLM's server does when its
+    engine dies."""
     from pagedserve.models.loader import materialize_gguf, resolve_model
     tokenizer = materialize_gguf(resolve_model(None)).directory
     server = start_server(tmp_path, "server", tiny_checkpoints["llama"], "--tokenizer", tokenizer, "--device", "cpu",
-                          "--dtype", "float32", "--max-model-len", "128", "--tensor-parallel-size", "2")
+                          "--dtype", "float32", "--max-model-len", "128", "--tensor-parallel-size", "2",
+                          "--engine-process")
     proc = server.process
     try:
         server.wait_healthy(timeout=90)

@@ -74,32 +74,43 @@ def cpu_decode_attention(spec: QuantizationSpec | None) -> Callable | None:
     return gguf_cpu.decode_attention
 
 
-def cpu_decode_layer(layer: nn.Module, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
-                     meta: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """A Llama decoder layer's all-decode step (<= CPP_MAX_ROWS rows, fp32) in one C++ call
-    (gguf_cpu.decode_layer: the calls its modules make, in their order, so the same values)
-    where its attention backend has the C++ decode kernel and its projections run on the C++
-    GEMV without biases, q/k norms or TP; else None (the modules run)."""
-    backend = layer.self_attn.attn.backend
-    if getattr(backend, "decode_kernel", None) is None or meta.num_decodes != meta.num_seqs \
-            or hidden.shape[0] > CPP_MAX_ROWS or hidden.dtype != torch.float32:
+def cpu_decode_stack(layers: list[nn.Module], positions: torch.Tensor, hidden: torch.Tensor,
+                     residual: torch.Tensor | None, meta: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Llama decoder layers' all-decode step (<= CPP_MAX_ROWS rows, fp32) in one C++ call
+    (gguf_cpu.decode_stack: the calls their modules make, in their order, so the same values,
+    with one team of threads through all layers) where every layer's attention backend has
+    the C++ decode kernel and its projections run on the C++ GEMV without biases, q/k norms or
+    TP; else None (the modules run)."""
+    if not layers or hidden.shape[0] > CPP_MAX_ROWS or hidden.dtype != torch.float32 \
+            or meta.num_decodes != meta.num_seqs:
         return None
-    weights = layer.__dict__.get("_gguf_decode_weights")
-    if weights is None:
+    first = layers[0]
+    cached = first.__dict__.get("_gguf_decode_stack")
+    caches = tuple(getattr(layer.self_attn.attn.k_cache, "data_ptr", int)() for layer in (first, layers[-1]))
+    if cached is None or cached[0] != (len(layers), caches):   # built once per KV cache
+        cached = ((len(layers), caches), _build_stack(layers))
+        first.__dict__["_gguf_decode_stack"] = cached
+    stack = cached[1]
+    if stack is None:
+        return None
+    return stack.run(hidden, residual, meta.block_tables, meta.seq_lens, meta.slot_mapping, positions)
+
+
+def _build_stack(layers: list[nn.Module]):
+    """The layers' DecodeStack, or None where one of them does not fit it."""
+    tensors, types = [], []
+    for layer in layers:
         attn, mlp = layer.self_attn, layer.mlp
         linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        ok = not attn.qk_norm and all(getattr(x, "gguf_cpp", False) and x.bias is None and x.tp_size == 1
-                                      for x in linears)
-        weights = [a for x in linears for a in (x.qweight, gguf_cpu.TYPE_IDS[x.quant_method.fmt])] if ok else []
-        layer.__dict__["_gguf_decode_weights"] = weights
-    if not weights:
-        return None
-    attn = layer.self_attn
-    rope = attn.rotary
-    norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
-    return gguf_cpu.decode_layer(hidden, residual, norm1.weight, norm2.weight, norm1.eps, weights, attn.num_heads,
-                                 attn.num_kv_heads, attn.head_dim, attn.attn.k_cache, attn.attn.v_cache, meta,
-                                 positions, rope.cos_cache, rope.sin_cache, attn.attn.scale)
+        if getattr(attn.attn.backend, "decode_kernel", None) is None or attn.qk_norm or not all(
+                getattr(x, "gguf_cpp", False) and x.bias is None and x.tp_size == 1 for x in linears):
+            return None
+        tensors.append([layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                        *(x.qweight for x in linears), attn.attn.k_cache, attn.attn.v_cache])
+        types += [gguf_cpu.TYPE_IDS[x.quant_method.fmt] for x in linears]
+    attn, rope = layers[0].self_attn, layers[0].self_attn.rotary
+    return gguf_cpu.decode_stack(tensors, types, attn.num_heads, attn.num_kv_heads, attn.head_dim,
+                                 layers[0].input_layernorm.eps, rope.cos_cache, rope.sin_cache, attn.attn.scale)
 
 
 def _create_qweight(layer: nn.Module, fmt: str, rows: int, cols: int, **dims: Any) -> None:

@@ -27,6 +27,10 @@
 #include <type_traits>
 #include <vector>
 #include <immintrin.h>
+#include <omp.h>
+#include <atomic>
+#include <memory>
+#include <thread>
 
 namespace {
 
@@ -271,49 +275,91 @@ void rows32(const uint8_t* w, int64_t blocks_per_row, const float* x, int64_t K,
 }
 #endif
 
+// Sums of x per run [M, K / run] for rows<T, M> (none needed by rows32)
 template <int T>
-void gemv_type(const uint8_t* w, int64_t N, int64_t blocks_per_row, const float* x, int64_t M, int64_t K,
-               float* out) {
+std::vector<float> run_sums(const float* x, int64_t M, int64_t K) {
   constexpr Format F = FORMATS[T];
-  const int64_t runs = K / F.run;
 #if defined(__AVX512F__)
-  constexpr bool sums = F.elems != 32;   // rows32 needs no sums of x
-#else
-  constexpr bool sums = true;
+  if constexpr (F.elems == 32) return {};
 #endif
-  std::vector<float> xsum(sums ? M * runs : 0);
-  for (int64_t m = 0; m < (sums ? M : 0); ++m)
+  const int64_t runs = K / F.run;
+  std::vector<float> xsum(M * runs);
+  for (int64_t m = 0; m < M; ++m)
     for (int64_t r = 0; r < runs; ++r) {
       float s = 0;
       for (int i = 0; i < F.run; ++i) s += x[m * K + r * F.run + i];
       xsum[m * runs + r] = s;
     }
-  // chunks of >= ~4K blocks: a thread's share outweighs waking it
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, blocks_per_row));
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
-      const float* xm = x + m0 * K;
-      const float* sm = xsum.data() + m0 * runs;
-      float* om = out + m0 * N;
+  return xsum;
+}
+
+// out[:, n0:n1] of x [M, K] @ w.T, xsum from run_sums<T>: each output row is one thread's, so
+// its value does not depend on how rows are shared out
+template <int T>
+void gemv_range(const uint8_t* w, int64_t N, int64_t blocks_per_row, const float* x, int64_t M, int64_t K,
+                const float* xsum, float* out, int64_t n0, int64_t n1) {
+  constexpr Format F = FORMATS[T];
+  const int64_t runs = K / F.run;
+  for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
+    const float* xm = x + m0 * K;
+    float* om = out + m0 * N;
 #if defined(__AVX512F__)
-      if constexpr (F.elems == 32) {
-        switch (std::min<int64_t>(MAX_ROWS, M - m0)) {
-          case 1: rows32<T, 1>(w, blocks_per_row, xm, K, om, N, n0, n1); break;
-          case 2: rows32<T, 2>(w, blocks_per_row, xm, K, om, N, n0, n1); break;
-          case 3: rows32<T, 3>(w, blocks_per_row, xm, K, om, N, n0, n1); break;
-          default: rows32<T, 4>(w, blocks_per_row, xm, K, om, N, n0, n1); break;
-        }
-        continue;
-      }
-#endif
+    if constexpr (F.elems == 32) {
       switch (std::min<int64_t>(MAX_ROWS, M - m0)) {
-        case 1: rows<T, 1>(w, blocks_per_row, xm, K, sm, om, N, n0, n1); break;
-        case 2: rows<T, 2>(w, blocks_per_row, xm, K, sm, om, N, n0, n1); break;
-        case 3: rows<T, 3>(w, blocks_per_row, xm, K, sm, om, N, n0, n1); break;
-        default: rows<T, 4>(w, blocks_per_row, xm, K, sm, om, N, n0, n1); break;
+        case 1: rows32<T, 1>(w, blocks_per_row, xm, K, om, N, n0, n1); break;
+        case 2: rows32<T, 2>(w, blocks_per_row, xm, K, om, N, n0, n1); break;
+        case 3: rows32<T, 3>(w, blocks_per_row, xm, K, om, N, n0, n1); break;
+        default: rows32<T, 4>(w, blocks_per_row, xm, K, om, N, n0, n1); break;
       }
+      continue;
     }
-  });
+#endif
+    const float* sm = xsum + m0 * runs;
+    switch (std::min<int64_t>(MAX_ROWS, M - m0)) {
+      case 1: rows<T, 1>(w, blocks_per_row, xm, K, sm, om, N, n0, n1); break;
+      case 2: rows<T, 2>(w, blocks_per_row, xm, K, sm, om, N, n0, n1); break;
+      case 3: rows<T, 3>(w, blocks_per_row, xm, K, sm, om, N, n0, n1); break;
+      default: rows<T, 4>(w, blocks_per_row, xm, K, sm, om, N, n0, n1); break;
+    }
+  }
+}
+
+// One weight of any type, multiplied by a range of its rows (the decode stack's unit of work)
+struct Weight {
+  const uint8_t* data = nullptr;
+  int64_t type = 0, N = 0, blocks_per_row = 0;
+  void rows(const float* x, int64_t M, int64_t K, const float* xsum, float* out, int64_t n0, int64_t n1) const;
+  std::vector<float> sums(const float* x, int64_t M, int64_t K) const;
+};
+
+#define GGUF_DISPATCH(TYPE, CALL)                                    \
+  switch (TYPE) {                                                    \
+    case Q4_0: { constexpr int T = Q4_0; CALL; } break;              \
+    case Q4_1: { constexpr int T = Q4_1; CALL; } break;              \
+    case Q5_0: { constexpr int T = Q5_0; CALL; } break;              \
+    case Q5_1: { constexpr int T = Q5_1; CALL; } break;              \
+    case Q8_0: { constexpr int T = Q8_0; CALL; } break;              \
+    case Q4_K: { constexpr int T = Q4_K; CALL; } break;              \
+    case Q5_K: { constexpr int T = Q5_K; CALL; } break;              \
+    default: { constexpr int T = Q6_K; CALL; } break;                \
+  }
+
+void Weight::rows(const float* x, int64_t M, int64_t K, const float* xsum, float* out, int64_t n0, int64_t n1) const {
+  GGUF_DISPATCH(type, (gemv_range<T>(data, N, blocks_per_row, x, M, K, xsum, out, n0, n1)));
+}
+
+std::vector<float> Weight::sums(const float* x, int64_t M, int64_t K) const {
+  std::vector<float> out;
+  GGUF_DISPATCH(type, (out = run_sums<T>(x, M, K)));
+  return out;
+}
+
+// x [M, K] @ w.T -> out [M, N], output rows split across torch's threads (at::parallel_for)
+void gemv_parallel(const Weight& w, const float* x, int64_t M, int64_t K, float* out) {
+  const std::vector<float> xsum = w.sums(x, M, K);
+  // chunks of >= ~4K blocks: a thread's share outweighs waking it
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, w.blocks_per_row));
+  at::parallel_for(0, w.N, grain, [&](int64_t n0, int64_t n1) { w.rows(x, M, K, xsum.data(), out, n0, n1); });
 }
 
 inline void store_values(float* y, const float* v, int n) { std::memcpy(y, v, n * sizeof(float)); }
@@ -362,51 +408,39 @@ void dequantize_type(const uint8_t* w, int64_t N, int64_t blocks_per_row, Out* o
 
 template <typename Out>
 void dequantize_any(int64_t type, const uint8_t* w, int64_t N, int64_t blocks_per_row, Out* out) {
-  switch (type) {
-    case Q4_0: dequantize_type<Q4_0>(w, N, blocks_per_row, out); break;
-    case Q4_1: dequantize_type<Q4_1>(w, N, blocks_per_row, out); break;
-    case Q5_0: dequantize_type<Q5_0>(w, N, blocks_per_row, out); break;
-    case Q5_1: dequantize_type<Q5_1>(w, N, blocks_per_row, out); break;
-    case Q8_0: dequantize_type<Q8_0>(w, N, blocks_per_row, out); break;
-    case Q4_K: dequantize_type<Q4_K>(w, N, blocks_per_row, out); break;
-    case Q5_K: dequantize_type<Q5_K>(w, N, blocks_per_row, out); break;
-    default: dequantize_type<Q6_K>(w, N, blocks_per_row, out); break;
-  }
+  GGUF_DISPATCH(type, (dequantize_type<T>(w, N, blocks_per_row, out)));
 }
 
-using GemvFn = void (*)(const uint8_t*, int64_t, int64_t, const float*, int64_t, int64_t, float*);
-constexpr GemvFn GEMV[] = {gemv_type<Q4_0>, gemv_type<Q4_1>, gemv_type<Q5_0>, gemv_type<Q5_1>,
-                           gemv_type<Q8_0>, gemv_type<Q4_K>, gemv_type<Q5_K>, gemv_type<Q6_K>};
-
-const Format& check_weight(const torch::Tensor& w, int64_t type) {
+Weight weight_of(const torch::Tensor& w, int64_t type) {
   TORCH_CHECK(type >= 0 && type < 8, "unknown GGUF type id ", type);
   const Format& f = FORMATS[type];
   TORCH_CHECK(w.dim() == 3 && w.scalar_type() == torch::kUInt8 && w.is_contiguous() && w.size(2) == f.nbytes,
               "w: contiguous uint8 [N, K / ", f.elems, ", ", f.nbytes, "]");
-  return f;
+  return {w.data_ptr<uint8_t>(), type, w.size(0), w.size(1)};
 }
+
+int64_t features(const Weight& w) { return w.blocks_per_row * FORMATS[w.type].elems; }
 
 // x [M, K] fp32 contiguous, w uint8 [N, K / elems, nbytes] -> [M, N] fp32
 torch::Tensor gemv_f32(const torch::Tensor& x, const torch::Tensor& w, int64_t type) {
-  const Format& f = check_weight(w, type);
+  const Weight wt = weight_of(w, type);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous fp32 [M, K]");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(w.size(1) * f.elems == K, "x has ", K, " features, w ", w.size(1) * f.elems);
-  auto out = torch::empty({M, N}, x.options());
-  if (M > 0 && N > 0)
-    GEMV[type](w.data_ptr<uint8_t>(), N, w.size(1), x.data_ptr<float>(), M, K, out.data_ptr<float>());
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(features(wt) == K, "x has ", K, " features, w ", features(wt));
+  auto out = torch::empty({M, wt.N}, x.options());
+  if (M > 0 && wt.N > 0) gemv_parallel(wt, x.data_ptr<float>(), M, K, out.data_ptr<float>());
   return out;
 }
 
 // w uint8 [N, K / elems, nbytes] -> [N, K], fp32 or (bf16 = true) bf16
 torch::Tensor dequantize(const torch::Tensor& w, int64_t type, bool bf16) {
-  const Format& f = check_weight(w, type);
-  auto out = torch::empty({w.size(0), w.size(1) * f.elems}, bf16 ? torch::kBFloat16 : torch::kFloat32);
+  const Weight wt = weight_of(w, type);
+  auto out = torch::empty({wt.N, features(wt)}, bf16 ? torch::kBFloat16 : torch::kFloat32);
   if (out.numel() == 0) return out;
   if (bf16)
-    dequantize_any(type, w.data_ptr<uint8_t>(), w.size(0), w.size(1), out.data_ptr<c10::BFloat16>());
+    dequantize_any(type, wt.data, wt.N, wt.blocks_per_row, out.data_ptr<c10::BFloat16>());
   else
-    dequantize_any(type, w.data_ptr<uint8_t>(), w.size(0), w.size(1), out.data_ptr<float>());
+    dequantize_any(type, wt.data, wt.N, wt.blocks_per_row, out.data_ptr<float>());
   return out;
 }
 
@@ -417,22 +451,28 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& w, int64_t type)
   return gemv_f32(as_f32(x), w, type).to(x.scalar_type());
 }
 
+// The elementwise parts, one definition each: the module calls and the decode stack compute
+// the same values.
+// dst [M, K] = rms_norm(src) * g
+inline void rms_norm_rows(const float* src, const float* g, float eps, int64_t M, int64_t K, float* dst) {
+  for (int64_t m = 0; m < M; ++m) {
+    float ss = 0;
+    for (int64_t k = 0; k < K; ++k) ss += src[m * K + k] * src[m * K + k];
+    const float inv = 1.0f / std::sqrt(ss / K + eps);
+    for (int64_t k = 0; k < K; ++k) dst[m * K + k] = g[k] * (src[m * K + k] * inv);
+  }
+}
+
+inline float silu_mul(float gate, float up) { return gate / (1.0f + std::exp(-gate)) * up; }
+
 // (rms_norm(x + residual) * norm_weight) @ w.T, x + residual; without a residual, x itself
 std::tuple<torch::Tensor, torch::Tensor> gemv_normed(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual,
                                                      const torch::Tensor& norm_weight, double eps,
                                                      const torch::Tensor& w, int64_t type) {
   auto hf = residual.has_value() ? (x.to(torch::kFloat32) + residual->to(torch::kFloat32)).contiguous() : as_f32(x);
-  const int64_t M = hf.size(0), K = hf.size(1);
   auto normed = torch::empty_like(hf);
-  auto nw = as_f32(norm_weight);
-  const float *src = hf.data_ptr<float>(), *g = nw.data_ptr<float>();
-  float* dst = normed.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) {
-    float ss = 0;
-    for (int64_t k = 0; k < K; ++k) ss += src[m * K + k] * src[m * K + k];
-    const float inv = 1.0f / std::sqrt(ss / K + static_cast<float>(eps));
-    for (int64_t k = 0; k < K; ++k) dst[m * K + k] = g[k] * (src[m * K + k] * inv);
-  }
+  rms_norm_rows(hf.data_ptr<float>(), as_f32(norm_weight).data_ptr<float>(), static_cast<float>(eps), hf.size(0),
+                hf.size(1), normed.data_ptr<float>());
   return {gemv_f32(normed, w, type).to(x.scalar_type()), hf.to(x.scalar_type())};
 }
 
@@ -444,10 +484,7 @@ torch::Tensor gemv_silu(const torch::Tensor& gate_up, const torch::Tensor& w, in
   const float* src = gu.data_ptr<float>();
   float* dst = act.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t i = 0; i < I; ++i) {
-      const float gate = src[m * 2 * I + i];
-      dst[m * I + i] = gate / (1.0f + std::exp(-gate)) * src[m * 2 * I + I + i];
-    }
+    for (int64_t i = 0; i < I; ++i) dst[m * I + i] = silu_mul(src[m * 2 * I + i], src[m * 2 * I + I + i]);
   return gemv_f32(act, w, type).to(gate_up.scalar_type());
 }
 
@@ -478,95 +515,286 @@ inline void rotate(const float* x, const float* cos, const float* sin, float* y,
   }
 }
 
-// q [S, Hq, D], k / v [S, Hkv, D] (rows may be strided views of the qkv output; heads and D
-// contiguous), caches [blocks, B, Hkv, D], block_tables [S, max_blocks] int32, seq_lens [S]
-// (context after this step, this token included), slot_mapping [S] (-1: not stored),
-// positions [S], cos / sin [max_pos, D] -> out [S, Hq * D]; all fp32
+// An all-decode step's attention inputs as raw pointers (the tensors they point into are held
+// by StepTensors): S sequences, caches [blocks, B, Hkv, D], tables [S, max_blocks], lens [S]
+// (context after this step, this token included), slots [S] (-1: not stored), pos [S],
+// cos / sin [max_pos, D]
+struct DecodeBatch {
+  int64_t S = 0, Hq = 0, Hkv = 0, D = 0, B = 0, max_blocks = 0;
+  const int32_t* tables = nullptr;
+  const int64_t *lens = nullptr, *slots = nullptr, *pos = nullptr;
+  const float *cos = nullptr, *sin = nullptr;
+  float scale = 1;
+
+  int64_t cache_row(int64_t s, int64_t j) const {   // context position j of sequence s
+    return static_cast<int64_t>(tables[s * max_blocks + j / B]) * B + j % B;
+  }
+  // k (rotated) and v of sequence s, kv head g (rows `k_stride` / `v_stride` apart) into the caches
+  void store(const float* k, int64_t k_stride, const float* v, int64_t v_stride, float* kc, float* vc, int64_t s,
+             int64_t g) const {
+    if (slots[s] < 0) return;
+    const int64_t at = slots[s] * Hkv * D + g * D;
+    rotate(k + s * k_stride + g * D, cos + pos[s] * D, sin + pos[s] * D, kc + at, D);
+    std::memcpy(vc + at, v + s * v_stride + g * D, D * sizeof(float));
+  }
+  // query head h of sequence s (q rows `stride` apart) over its context -> y [D]; qr [D] and
+  // scores: scratch
+  void attend(const float* q, int64_t stride, const float* kc, const float* vc, int64_t s, int64_t h, float* qr,
+              std::vector<float>& scores, float* y) const {
+    const int64_t g = h / (Hq / Hkv), L = lens[s];
+    rotate(q + s * stride + h * D, cos + pos[s] * D, sin + pos[s] * D, qr, D);
+    scores.resize(L);
+    float top = -INFINITY;
+    for (int64_t j = 0; j < L; ++j) {
+      scores[j] = dot(qr, kc + cache_row(s, j) * Hkv * D + g * D, D) * scale;
+      top = std::max(top, scores[j]);
+    }
+    float total = 0;
+    for (int64_t j = 0; j < L; ++j) total += (scores[j] = std::exp(scores[j] - top));
+    std::fill(y, y + D, 0.0f);
+    for (int64_t j = 0; j < L; ++j) axpy(scores[j] / total, vc + cache_row(s, j) * Hkv * D + g * D, y, D);
+  }
+};
+
+// A step's block tables, lengths, slots and positions in the dtypes DecodeBatch reads
+struct StepTensors {
+  torch::Tensor tables, lens, slots, pos;
+  StepTensors(const torch::Tensor& block_tables, const torch::Tensor& seq_lens, const torch::Tensor& slot_mapping,
+              const torch::Tensor& positions)
+      : tables(block_tables.to(torch::kInt32).contiguous()), lens(seq_lens.to(torch::kInt64).contiguous()),
+        slots(slot_mapping.to(torch::kInt64).contiguous()), pos(positions.to(torch::kInt64).contiguous()) {}
+  DecodeBatch batch(int64_t S, int64_t Hq, int64_t Hkv, int64_t D, const torch::Tensor& k_cache,
+                    const torch::Tensor& cos_cache, const torch::Tensor& sin_cache, double scale) const {
+    TORCH_CHECK(tables.dim() == 2 && tables.size(0) >= S && lens.numel() >= S && slots.numel() >= S &&
+                pos.numel() >= S, "block_tables / seq_lens / slot_mapping / positions: one entry per sequence");
+    for (const torch::Tensor* t : {&k_cache, &cos_cache, &sin_cache})
+      TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous(), "caches, cos / sin: contiguous fp32");
+    TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(2) == Hkv && k_cache.size(3) == D && Hkv > 0 && Hq % Hkv == 0 &&
+                cos_cache.size(1) == D, "k_cache: [blocks, B, Hkv, D]");
+    return {S, Hq, Hkv, D, k_cache.size(1), tables.size(1), tables.data_ptr<int32_t>(), lens.data_ptr<int64_t>(),
+            slots.data_ptr<int64_t>(), pos.data_ptr<int64_t>(), cos_cache.data_ptr<float>(), sin_cache.data_ptr<float>(),
+            static_cast<float>(scale)};
+  }
+};
+
+// q [S, Hq, D], k / v [S, Hkv, D] (rows of the qkv output, one stride; heads and D
+// contiguous), caches [blocks, B, Hkv, D], block_tables [S, max_blocks] int32, seq_lens [S],
+// slot_mapping [S] (-1: not stored), positions [S], cos / sin [max_pos, D] -> out [S, Hq * D]
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                const torch::Tensor& k_cache, const torch::Tensor& v_cache, const torch::Tensor& block_tables,
                                const torch::Tensor& seq_lens, const torch::Tensor& slot_mapping,
                                const torch::Tensor& positions, const torch::Tensor& cos_cache,
                                const torch::Tensor& sin_cache, double scale) {
-  const int64_t S = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1), B = k_cache.size(1);
+  const int64_t S = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1);
   for (const torch::Tensor* t : {&q, &k, &v})
     TORCH_CHECK(t->dim() == 3 && t->scalar_type() == torch::kFloat32 && t->stride(2) == 1 && t->stride(1) == D &&
                 t->size(0) == S && t->size(2) == D, "q / k / v: fp32 [S, H, D] with contiguous heads");
-  for (const torch::Tensor* t : {&k_cache, &v_cache, &cos_cache, &sin_cache})
-    TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous(), "caches, cos / sin: contiguous fp32");
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(2) == Hkv && k_cache.size(3) == D && Hq % Hkv == 0 &&
-              cos_cache.size(1) == D, "k_cache: [blocks, B, Hkv, D]");
-  auto tables = block_tables.to(torch::kInt32).contiguous();
-  auto lens = seq_lens.to(torch::kInt64).contiguous(), slots = slot_mapping.to(torch::kInt64).contiguous();
-  auto pos = positions.to(torch::kInt64).contiguous();
-  const int32_t* tab = tables.data_ptr<int32_t>();
-  const int64_t *len = lens.data_ptr<int64_t>(), *slot = slots.data_ptr<int64_t>(), *p = pos.data_ptr<int64_t>();
-  const int64_t max_blocks = tables.size(1), row = Hkv * D;
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes() && v_cache.is_contiguous() && v_cache.scalar_type() == torch::kFloat32,
+              "v_cache: as k_cache");
+  const StepTensors step(block_tables, seq_lens, slot_mapping, positions);
+  const DecodeBatch b = step.batch(S, Hq, Hkv, D, k_cache, cos_cache, sin_cache, scale);
   float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
-  const float *cs = cos_cache.data_ptr<float>(), *sn = sin_cache.data_ptr<float>();
-  for (int64_t s = 0; s < S; ++s) {   // this step's k (rotated) and v into the cache
-    if (slot[s] < 0) continue;
-    for (int64_t g = 0; g < Hkv; ++g) {
-      rotate(k.data_ptr<float>() + s * k.stride(0) + g * D, cs + p[s] * D, sn + p[s] * D, kc + slot[s] * row + g * D, D);
-      std::memcpy(vc + slot[s] * row + g * D, v.data_ptr<float>() + s * v.stride(0) + g * D, D * sizeof(float));
-    }
-  }
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  for (int64_t s = 0; s < S; ++s)   // this step's k (rotated) and v into the cache
+    for (int64_t g = 0; g < Hkv; ++g) b.store(kp, k.stride(0), vp, v.stride(0), kc, vc, s, g);
   auto out = torch::empty({S, Hq * D}, q.options());
   float* o = out.data_ptr<float>();
   int64_t work = 0;
-  for (int64_t s = 0; s < S; ++s) work += len[s];
+  for (int64_t s = 0; s < S; ++s) work += b.lens[s];
   // a (sequence, head) pair per task, >= ~256K multiply-adds per thread's chunk: one decode's
   // heads at a short context (~20 us) stay on one thread rather than wait for a second one
   at::parallel_for(0, S * Hq, std::max<int64_t>(1, S * Hq * 262144 / std::max<int64_t>(1, work * Hq * D)),
                    [&](int64_t t0, int64_t t1) {
     std::vector<float> qr(D), scores;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t s = t / Hq, h = t % Hq, g = h / (Hq / Hkv), L = len[s];
-      rotate(q.data_ptr<float>() + s * q.stride(0) + h * D, cs + p[s] * D, sn + p[s] * D, qr.data(), D);
-      scores.resize(L);
-      float top = -INFINITY;
-      for (int64_t j = 0; j < L; ++j) {
-        const int64_t at = (static_cast<int64_t>(tab[s * max_blocks + j / B]) * B + j % B) * row + g * D;
-        scores[j] = dot(qr.data(), kc + at, D) * static_cast<float>(scale);
-        top = std::max(top, scores[j]);
-      }
-      float total = 0;
-      for (int64_t j = 0; j < L; ++j) total += (scores[j] = std::exp(scores[j] - top));
-      float* y = o + s * Hq * D + h * D;
-      std::fill(y, y + D, 0.0f);
-      for (int64_t j = 0; j < L; ++j) {
-        const int64_t at = (static_cast<int64_t>(tab[s * max_blocks + j / B]) * B + j % B) * row + g * D;
-        axpy(scores[j] / total, vc + at, y, D);
-      }
-    }
+    for (int64_t t = t0; t < t1; ++t) b.attend(qp, q.stride(0), kc, vc, t / Hq, t % Hq, qr.data(), scores, o + t * D);
   });
   return out;
 }
 
-// One decoder layer of an all-decode step (Llama: no biases, no q/k norm, one rank): the same
-// calls, in the same order, as the layer's modules make one by one -> (output, residual)
-std::tuple<torch::Tensor, torch::Tensor> decode_layer(
-    const torch::Tensor& hidden, const c10::optional<torch::Tensor>& residual, const torch::Tensor& norm1,
-    const torch::Tensor& norm2, double eps, const torch::Tensor& qkv_w, int64_t qkv_t, const torch::Tensor& o_w,
-    int64_t o_t, const torch::Tensor& gate_up_w, int64_t gate_up_t, const torch::Tensor& down_w, int64_t down_t,
-    int64_t Hq, int64_t Hkv, int64_t D, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-    const torch::Tensor& block_tables, const torch::Tensor& seq_lens, const torch::Tensor& slot_mapping,
-    const torch::Tensor& positions, const torch::Tensor& cos_cache, const torch::Tensor& sin_cache, double scale) {
-  auto [qkv, h1] = gemv_normed(hidden, residual, norm1, eps, qkv_w, qkv_t);
-  const int64_t T = qkv.size(0);
-  auto attn = decode_attention(qkv.narrow(1, 0, Hq * D).view({T, Hq, D}), qkv.narrow(1, Hq * D, Hkv * D).view({T, Hkv, D}),
-                               qkv.narrow(1, (Hq + Hkv) * D, Hkv * D).view({T, Hkv, D}), k_cache, v_cache, block_tables,
-                               seq_lens, slot_mapping, positions, cos_cache, sin_cache, scale);
-  auto [gate_up, h2] = gemv_normed(gemv(attn, o_w, o_t), h1, norm2, eps, gate_up_w, gate_up_t);
-  return {gemv_silu(gate_up, down_w, down_t), h2};
-}
+// The phases of one decode step, worked by a team of threads that claim chunks of each phase:
+// a phase ends when all its chunks are done, not when every thread has arrived, so a thread
+// the OS has descheduled (a loaded machine) holds the others up only while it holds a chunk,
+// where a barrier per phase would make every phase wait for it. A thread that arrives late
+// finds the finished phases' chunks all claimed and catches up.
+class Phases {
+ public:
+  explicit Phases(int64_t n) : phases_(new Phase[n]) {}
+  // claims and runs chunks of phase i (work(c), c < chunks) until none is left, then waits
+  // until the other threads' chunks are done
+  template <typename Work>
+  void run(int64_t i, int64_t chunks, Work&& work) {
+    Phase& p = phases_[i];
+    for (int64_t c; (c = p.next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
+      work(c);
+      p.done.fetch_add(1, std::memory_order_release);
+    }
+    for (int spins = 0; p.done.load(std::memory_order_acquire) < chunks; ++spins) {
+      if (spins < 4096) _mm_pause();
+      else std::this_thread::yield();   // the holder may be waiting for this core
+    }
+  }
+
+ private:
+  struct alignas(64) Phase { std::atomic<int64_t> next{0}, done{0}; };
+  std::unique_ptr<Phase[]> phases_;
+};
+
+// [begin, end) of chunk c of n over [0, N)
+inline std::pair<int64_t, int64_t> chunk(int64_t N, int64_t c, int64_t n) { return {N * c / n, N * (c + 1) / n}; }
+
+// The decoder layers of a Llama stack (no biases, no q/k norm, one rank) for all-decode steps
+// of <= 16 rows: per layer the calls the modules make (gemv_normed, decode_attention, gemv,
+// gemv_normed, gemv_silu), in their order and with their arithmetic, so the same values; but
+// one call for the whole stack and one parallel region (Phases: 7 a layer), instead of a
+// fork-join per product and a Python call per layer.
+class DecodeStack {
+ public:
+  // per layer: norm1, norm2, qkv, o, gate_up, down (raw blocks), k_cache, v_cache; types:
+  // per layer the GGUF type ids of qkv, o, gate_up, down
+  DecodeStack(std::vector<torch::Tensor> tensors, std::vector<int64_t> types, int64_t Hq, int64_t Hkv, int64_t D,
+              double eps, torch::Tensor cos_cache, torch::Tensor sin_cache, double scale)
+      : tensors_(std::move(tensors)), Hq_(Hq), Hkv_(Hkv), D_(D), eps_(static_cast<float>(eps)),
+        cos_(std::move(cos_cache)), sin_(std::move(sin_cache)), scale_(scale) {
+    TORCH_CHECK(tensors_.size() % 8 == 0 && types.size() * 2 == tensors_.size() && !tensors_.empty(),
+                "8 tensors and 4 types per layer");
+    for (size_t l = 0; l < tensors_.size() / 8; ++l) {
+      const torch::Tensor* t = &tensors_[8 * l];
+      Layer L{as_f32(t[0]), as_f32(t[1]), weight_of(t[2], types[4 * l]), weight_of(t[3], types[4 * l + 1]),
+              weight_of(t[4], types[4 * l + 2]), weight_of(t[5], types[4 * l + 3]), t[6], t[7]};
+      H_ = L.norm1.numel();
+      I_ = L.gate_up.N / 2;
+      TORCH_CHECK(L.qkv.N == (Hq + 2 * Hkv) * D && features(L.qkv) == H_ && L.o.N == H_ &&
+                  features(L.o) == Hq * D && features(L.gate_up) == H_ && L.gate_up.N == 2 * I_ &&
+                  L.down.N == H_ && features(L.down) == I_ && L.norm2.numel() == H_,
+                  "layer ", l, ": weights do not chain");
+      TORCH_CHECK(L.v_cache.sizes() == L.k_cache.sizes() && L.v_cache.is_contiguous() &&
+                  L.v_cache.scalar_type() == torch::kFloat32, "v_cache: as k_cache");
+      layers_.push_back(std::move(L));
+    }
+  }
+
+  // hidden [M, H] fp32 (the embeddings), residual: None -> (the last layer's output, residual)
+  std::tuple<torch::Tensor, torch::Tensor> run(const torch::Tensor& hidden, const c10::optional<torch::Tensor>& residual,
+                                               const torch::Tensor& block_tables, const torch::Tensor& seq_lens,
+                                               const torch::Tensor& slot_mapping, const torch::Tensor& positions) {
+    TORCH_CHECK(hidden.dim() == 2 && hidden.size(1) == H_ && hidden.scalar_type() == torch::kFloat32,
+                "hidden: fp32 [M, ", H_, "]");
+    const int64_t M = hidden.size(0);
+    const auto x0 = hidden.contiguous();
+    auto out = torch::empty({M, H_}, x0.options());
+    auto res = residual.has_value() ? as_f32(*residual).clone() : x0.clone();   // the residual stream, in place
+    TORCH_CHECK(res.sizes() == x0.sizes(), "residual: as hidden");
+    if (M == 0) return {out, res};
+    const StepTensors step(block_tables, seq_lens, slot_mapping, positions);
+    std::vector<DecodeBatch> batches;
+    for (const Layer& L : layers_) batches.push_back(step.batch(M, Hq_, Hkv_, D_, L.k_cache, cos_, sin_, scale_));
+    const int threads = at::get_num_threads();
+    Step st{M, x0.data_ptr<float>(), residual.has_value(), res.data_ptr<float>(), out.data_ptr<float>(),
+            std::vector<float>(M * H_), std::vector<float>(M * (Hq_ + 2 * Hkv_) * D_), std::vector<float>(M * Hq_ * D_),
+            std::vector<float>(M * H_), std::vector<float>(M * 2 * I_), std::vector<float>(M * I_),
+            Phases(7 * static_cast<int64_t>(layers_.size())), 4 * threads};
+    if (threads <= 1) {
+      work(st, batches);
+    } else {
+#pragma omp parallel num_threads(threads)
+      work(st, batches);
+    }
+    return {out, res};
+  }
+
+ private:
+  struct Layer {
+    torch::Tensor norm1, norm2;
+    Weight qkv, o, gate_up, down;
+    torch::Tensor k_cache, v_cache;
+  };
+  // one step's state, shared by the team
+  struct Step {
+    int64_t M;
+    const float* x0;
+    bool has_residual;
+    float *h, *out;   // the residual stream, the last layer's output
+    std::vector<float> normed, qkv, attn, o, gate_up, act;
+    Phases phases;
+    int64_t chunks;   // per product
+  };
+
+  // out [M, N] = x @ w.T in st.chunks chunks of w's rows (sums of x per chunk: only the
+  // K-quants without AVX-512 need them, and a thread reads x only in a chunk it holds)
+  void product(Step& st, int64_t phase, const Weight& w, const float* x, int64_t K, float* out) const {
+    st.phases.run(phase, st.chunks, [&](int64_t c) {
+      auto [n0, n1] = chunk(w.N, c, st.chunks);
+      w.rows(x, st.M, K, w.sums(x, st.M, K).data(), out, n0, n1);
+    });
+  }
+
+  // h = x + h (h = x: the first layer without a residual); normed = rms_norm(h) * g: one chunk
+  void add_norm(Step& st, int64_t phase, const float* x, bool add, const torch::Tensor& g) const {
+    st.phases.run(phase, 1, [&](int64_t) {
+      const int64_t n = st.M * H_;
+      for (int64_t i = 0; i < n; ++i) st.h[i] = add ? x[i] + st.h[i] : x[i];
+      rms_norm_rows(st.h, g.data_ptr<float>(), eps_, st.M, H_, st.normed.data());
+    });
+  }
+
+  // every thread of the team runs this (or the caller alone)
+  void work(Step& st, const std::vector<DecodeBatch>& batches) const {
+    const int64_t M = st.M, H = H_, I = I_, QKV = (Hq_ + 2 * Hkv_) * D_, A = Hq_ * D_, G = Hq_ / Hkv_;
+    std::vector<float> qr(D_), scores;
+    const float* x = st.x0;
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      const Layer& L = layers_[l];
+      const DecodeBatch& b = batches[l];
+      const int64_t phase = 7 * static_cast<int64_t>(l);
+      float *kc = L.k_cache.data_ptr<float>(), *vc = L.v_cache.data_ptr<float>();
+      add_norm(st, phase, x, l > 0 || st.has_residual, L.norm1);
+      product(st, phase + 1, L.qkv, st.normed.data(), H, st.qkv.data());
+      const float* q = st.qkv.data();
+      st.phases.run(phase + 2, M * Hkv_, [&](int64_t t) {   // a kv head of a sequence: its k / v, its q heads
+        const int64_t s = t / Hkv_, g = t % Hkv_;
+        b.store(q + A, QKV, q + A + Hkv_ * D_, QKV, kc, vc, s, g);
+        for (int64_t h = g * G; h < (g + 1) * G; ++h)
+          b.attend(q, QKV, kc, vc, s, h, qr.data(), scores, st.attn.data() + (s * Hq_ + h) * D_);
+      });
+      product(st, phase + 3, L.o, st.attn.data(), A, st.o.data());
+      add_norm(st, phase + 4, st.o.data(), true, L.norm2);
+      st.phases.run(phase + 5, st.chunks, [&](int64_t c) {   // gate and up rows of the same i, then the activation
+        auto [i0, i1] = chunk(I, c, st.chunks);
+        const std::vector<float> sums = L.gate_up.sums(st.normed.data(), M, H);
+        L.gate_up.rows(st.normed.data(), M, H, sums.data(), st.gate_up.data(), i0, i1);
+        L.gate_up.rows(st.normed.data(), M, H, sums.data(), st.gate_up.data(), I + i0, I + i1);
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t i = i0; i < i1; ++i)
+            st.act[m * I + i] = silu_mul(st.gate_up[m * 2 * I + i], st.gate_up[m * 2 * I + I + i]);
+      });
+      const bool last = l + 1 == layers_.size();
+      product(st, phase + 6, L.down, st.act.data(), I, last ? st.out : st.normed.data());
+      x = st.normed.data();   // the next layer's input (add_norm reads it before it writes normed)
+    }
+  }
+
+  std::vector<torch::Tensor> tensors_;
+  std::vector<Layer> layers_;
+  int64_t Hq_, Hkv_, D_, H_ = 0, I_ = 0;
+  float eps_;
+  torch::Tensor cos_, sin_;
+  double scale_;
+};
 
 }  // namespace
 
+// The GIL is released while the kernels run (torch's own ops release it too): the server's
+// event loop and detokenizer keep running beside a step on the engine thread.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("dequantize", &dequantize, "GGUF blocks -> fp32 or bf16 [N, K]");
-  m.def("gemv", &gemv, "x @ w.T on GGUF blocks (fp32 accumulate)");
-  m.def("gemv_normed", &gemv_normed, "rms_norm(x + residual) @ w.T on GGUF blocks, and x + residual");
-  m.def("gemv_silu", &gemv_silu, "(silu(gate) * up) @ w.T on GGUF blocks");
-  m.def("decode_attention", &decode_attention, "rotary, KV store and paged attention of an all-decode step");
-  m.def("decode_layer", &decode_layer, "a Llama decoder layer of an all-decode step on GGUF blocks");
+  using no_gil = pybind11::call_guard<pybind11::gil_scoped_release>;
+  m.def("dequantize", &dequantize, "GGUF blocks -> fp32 or bf16 [N, K]", no_gil());
+  m.def("gemv", &gemv, "x @ w.T on GGUF blocks (fp32 accumulate)", no_gil());
+  m.def("gemv_normed", &gemv_normed, "rms_norm(x + residual) @ w.T on GGUF blocks, and x + residual", no_gil());
+  m.def("gemv_silu", &gemv_silu, "(silu(gate) * up) @ w.T on GGUF blocks", no_gil());
+  m.def("decode_attention", &decode_attention, "rotary, KV store and paged attention of an all-decode step",
+        no_gil());
+  pybind11::class_<DecodeStack>(m, "DecodeStack")
+      .def(pybind11::init<std::vector<torch::Tensor>, std::vector<int64_t>, int64_t, int64_t, int64_t, double,
+                          torch::Tensor, torch::Tensor, double>())
+      .def("run", &DecodeStack::run, "the stack's layers of an all-decode step -> (output, residual)", no_gil());
 }

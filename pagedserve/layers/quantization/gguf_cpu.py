@@ -6,6 +6,7 @@ built); if that fails (no compiler), a warning and None: the callers keep torch'
 PAGEDSERVE_GGUF_CPP=0 turns it off for the layers loaded while it is set (A/B measurements)."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -33,7 +34,7 @@ def _load() -> ModuleType | None:
     logger.info("GGUF CPU kernels: compiling or loading %s (torch extensions cache; the first build takes ~30 s)",
                 os.path.basename(_SOURCE))
     try:
-        module = load(name="pagedserve_gguf_cpu", sources=[_SOURCE], verbose=False,
+        module = load(name=f"pagedserve_gguf_cpu_{_source_digest()}", sources=[_SOURCE], verbose=False,
                       extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as exc:   # noqa: BLE001  (no compiler, no headers: keep the torch path)
         logger.warning("GGUF CPU kernels unavailable (%s: %s); using torch's int4 kernel", type(exc).__name__,
@@ -41,6 +42,13 @@ def _load() -> ModuleType | None:
         return None
     logger.info("GGUF CPU kernels ready in %.1f s", time.perf_counter() - start)
     return module
+
+
+def _source_digest() -> str:
+    """The build's name carries the source's hash: checkouts of different versions (git
+    worktrees) share torch's extensions cache without rebuilding over each other's build."""
+    with open(_SOURCE, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:12]
 
 
 def gemv(x: torch.Tensor, raw: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -69,15 +77,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
                                     cos_cache, sin_cache, scale)
 
 
-def decode_layer(hidden: torch.Tensor, residual: torch.Tensor | None, norm1: torch.Tensor, norm2: torch.Tensor,
-                 eps: float, weights: list, num_heads: int, num_kv_heads: int, head_dim: int, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor, meta, positions: torch.Tensor, cos_cache: torch.Tensor,
-                 sin_cache: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """A Llama decoder layer of an all-decode step: weights = [qkv, type id, o, type id,
-    gate_up, type id, down, type id] (raw blocks) -> (output, hidden + residual)."""
-    return _load().decode_layer(hidden, residual, norm1, norm2, eps, *weights, num_heads, num_kv_heads, head_dim,
-                                k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.slot_mapping, positions,
-                                cos_cache, sin_cache, scale)
+def decode_stack(layers: list, types: list[int], num_heads: int, num_kv_heads: int, head_dim: int, eps: float,
+                 cos_cache: torch.Tensor, sin_cache: torch.Tensor, scale: float):
+    """Llama decoder layers' all-decode steps in one C++ call each (DecodeStack.run(hidden,
+    residual, block_tables, seq_lens, slot_mapping, positions) -> (output, residual)): per layer
+    [norm1, norm2, qkv, o, gate_up, down, k_cache, v_cache] (raw blocks; held, not copied) and
+    the four projections' type ids."""
+    return _load().DecodeStack([t for layer in layers for t in layer], types, num_heads, num_kv_heads, head_dim, eps,
+                               cos_cache, sin_cache, scale)
 
 
 def dequantize(raw: torch.Tensor, fmt: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
