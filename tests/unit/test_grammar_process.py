@@ -163,14 +163,17 @@ def test_the_frontend_hands_out_one_object_per_constraint(checkpoint):  # noqa: 
     assert a is b and c is not a
 
 
-def test_more_slots_than_rows_and_accepts_beyond_a_step(checkpoint):  # noqa: F811
+def test_more_slots_than_rows_and_tokens_that_land_after_the_post(checkpoint):  # noqa: F811
     """ProcessGrammars with room for 2 rows a step: 5 live sequences (slots 0-4, as when
-    preempted ones keep theirs), 5 queued tokens posted in chunks; each mask equals the mask
-    of an in-engine matcher fed the same tokens, a finished row is all-allowed."""
+    preempted ones keep theirs). Each step posts its rows' ids rows before the ids land (as
+    the device's copy does) and in another order than the rows; each mask equals the mask of
+    an in-engine matcher fed the same tokens, a finished row is all-allowed, a held post
+    (hold_tokens) waits for release_tokens(), a refused token is reported with its id."""
     import torch
     import xgrammar
     from transformers import AutoTokenizer
 
+    from pagedserve.core.grammar_process import DONE
     from pagedserve.core.structured_output import ProcessGrammars
     from pagedserve.frontend.structured_output import GrammarCompiler
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
@@ -185,23 +188,42 @@ def test_more_slots_than_rows_and_accepts_beyond_a_step(checkpoint):  # noqa: F8
         def is_finished(self) -> bool:
             return self.finished
 
+    def step(pair, tokens, fill=(), late=0.0):
+        """Post the pair's tokens (ids rows reversed) and a fill; the tokens land `late` s after."""
+        ids = grammars.sampled_ids()
+        assert (ids == -1).all()
+        pending = grammars.start_fill(list(fill), [(row, len(pair) - 1 - j) for j, row in enumerate(pair)])
+        time.sleep(late)
+        for j, token in enumerate(tokens):
+            ids[len(pair) - 1 - j] = token
+        for row, token in zip(pair, tokens):
+            row.grammar_matcher.accept_token(token)
+        return pending
+
     grammars = ProcessGrammars(max_rows=2)
     rows = [Row(i) for i in range(5)]
     try:
         for pair in (rows[0:2], rows[2:4], rows[4:5]):   # opens slots 0..4, two rows a step at most
             assert torch.equal(grammars.start_fill(pair).result(), reference_bitmask(pair))
-        tokens = tokenizer.encode("ab", add_special_tokens=False)
-        for row in rows:   # five tokens queued: more than a step's rows
-            for token in tokens:
-                assert grammars.accept(row, token) == (True, False)
-                assert row.grammar_matcher.accept_token(token)
+        for token in tokenizer.encode("ab", add_special_tokens=False):
+            for pair in (rows[0:2], rows[2:4], rows[4:5]):
+                assert grammars.accept(pair[0], token) == (True, False)
+                pending = step(pair, [token] * len(pair), pair, late=0.05)
+                assert torch.equal(pending.result(), reference_bitmask(pair)) and pending.failed == []
         rows[1].finished = True
         pending = grammars.start_fill([rows[4], rows[1]])
         assert torch.equal(pending.result(), reference_bitmask([rows[4], rows[1]])) and pending.failed == []
         assert grammars.accept(rows[4], tokenizer.eos_token_id) == (True, True)   # a stop token ends it at once
+        grammars.hold_tokens = True
+        c = tokenizer.encode("c", add_special_tokens=False)[0]
+        pending = step([rows[2]], [c], [rows[2]])
+        time.sleep(0.1)
+        assert grammars.process.layout.header[DONE] != grammars.process._posted   # held
+        grammars.release_tokens()
+        assert torch.equal(pending.result(), reference_bitmask([rows[2]]))
+        grammars.hold_tokens = False
         refused = tokenizer.encode("z", add_special_tokens=False)[0]
-        grammars.accept(rows[3], refused)   # learned at the next result
-        pending = grammars.start_fill([rows[3]])
+        pending = step([rows[0], rows[3]], [tokenizer.encode("c", add_special_tokens=False)[0], refused], [rows[3]])
         assert torch.equal(pending.result(), reference_bitmask([rows[3]]))
         assert pending.failed == [(rows[3], f"sampled token {refused} does not match the request's "
                                             "structured_outputs grammar")]
