@@ -169,11 +169,11 @@ class GrammarProcess:
         return self.ids
 
     def post(self, accept_slots: list[int], accept_rows: list[int], fill_slots: list[int],
-             released: bool = True) -> None:
+             released: bool = True, fills_written: bool = False) -> None:
         """Start a step: advance each slot by the token in its row of `ids` (in order, once it
         has landed), then fill a mask row per fill slot (-1: all allowed). `released=False`:
-        the tokens wait for release() too. A step whose result was never taken is waited for
-        first."""
+        the tokens wait for release() too. `fills_written`: the segment holds these fill slots
+        already (the last post's). A step whose result was never taken is waited for first."""
         layout = self.layout
         header = layout.header
         if header[DONE] != self._posted:
@@ -184,7 +184,7 @@ class GrammarProcess:
         if n:
             layout.accept_slot[:n] = accept_slots
             layout.accept_row[:n] = accept_rows
-        if fill_slots:
+        if fill_slots and not fills_written:
             layout.fill_slot[:len(fill_slots)] = fill_slots
         header[NUM_ACCEPT] = n
         header[NUM_FILL] = len(fill_slots)

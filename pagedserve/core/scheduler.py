@@ -94,7 +94,7 @@ class Scheduler:
         self._requeued_since_last_step: set[RequestId] = set()
         self._constrained_samples: list[Request] = []   # this step's sampling rows with a grammar
         self.defer_grammar = False          # async scheduling: the engine fills the bitmask later
-        self._deferred_rows: list[Request] = []   # the rows of the step whose bitmask is deferred
+        self._deferred: tuple[list[Request], list[RequestId]] = ([], [])   # the deferred step's rows, ids
         self.grammars: Any = structured_output.InlineGrammars()   # EngineCore may pick ProcessGrammars
         self.stats = SchedulerStats()
         self.micro_batches = 1   # pipeline stages to keep busy (set by EngineCore)
@@ -311,30 +311,25 @@ class Scheduler:
         """The step's sampling rows with a grammar, and their bitmask (later, if deferred)."""
         constrained = [r for r in self._constrained_samples if r.request_id in out.num_scheduled_tokens]
         self._constrained_samples = []
-        if self.defer_grammar:
-            self._deferred_rows = constrained
         if constrained:
             out.structured_req_ids = [r.request_id for r in constrained]
             if not self.defer_grammar:
                 out.grammar_bitmask = self.grammars.fill(constrained)
+        if self.defer_grammar:
+            self._deferred = constrained, out.structured_req_ids
 
     def deferred_grammar_bitmask(self, sampled: SchedulerOutput | None = None, rows: list[int] = ()
                                  ) -> structured_output.PendingFill | None:
         """The bitmask of the last step scheduled with `defer_grammar`, on its way (None if it
         has no constrained rows and nothing else is posted): the engine calls this as soon as
         the step before it is sampled, `sampled`, whose constrained rows' tokens land in row
-        rows[i] of the grammars' sampled ids (ProcessGrammars takes them from there; its
-        update_from_output, after this call, decides what they end), and takes the result
-        right before it samples the step."""
-        accepts = []
-        if sampled is not None:
-            requests = self.requests
-            for rid, row in zip(sampled.structured_req_ids, rows):
-                request = requests.get(rid)
-                if request is not None and row >= 0 and request.status == _RUNNING:
-                    accepts.append((request, row))
-        deferred, self._deferred_rows = self._deferred_rows, []
-        return self.grammars.start_fill(deferred, accepts)
+        rows[i] of the grammars' sampled ids (ProcessGrammars takes those of the requests
+        still running from there; update_from_output, after this call, decides what they
+        end), and takes the result right before it samples the step."""
+        (rows_, ids), self._deferred = self._deferred, ([], [])
+        if sampled is None:
+            return self.grammars.start_fill(rows_, ids)
+        return self.grammars.start_fill(rows_, ids, sampled.structured_req_ids, rows, self.requests)
 
     def _suspect_first(self) -> bool:
         """Move the first waiting suspect to the head of the queue; False if none waits."""

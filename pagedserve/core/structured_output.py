@@ -26,9 +26,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pagedserve.core.request import Request
+from pagedserve.core.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
+_RUNNING = RequestStatus.RUNNING
 
 
 def _matcher(request: Request) -> Any:
@@ -131,9 +132,9 @@ class InlineGrammars:
         self._buffer = bitmask_buffer(rows, self._buffer)
         return fill_bitmask(rows, self._buffer)
 
-    def start_fill(self, rows: list[Request], accepts: list[tuple[Request, int]] = ()) -> PendingFill | None:
-        """Filled at result(): the engine takes it right before sampling (`accepts`: taken in
-        update_from_output instead)."""
+    def start_fill(self, rows: list[Request], row_ids: list[str], *sampled) -> PendingFill | None:
+        """Filled at result(): the engine takes it right before sampling (the sampled step's
+        tokens: taken in update_from_output instead)."""
         return PendingFill(lambda: self.fill(rows)) if rows else None
 
     def release_tokens(self) -> None:
@@ -176,6 +177,8 @@ class ProcessGrammars:
         self._next_key = 0
         self._lost: set[str] = set()   # request ids whose matcher died with a process or ran ahead
         self._unreported: list[tuple[Request, str]] = []   # failures of a step nobody took the mask of
+        self._epoch = 0   # bumped when a slot is released or lost: the last post's slots may not serve again
+        self._last: tuple = ([], [], [], -1)   # the last post's fills: row ids, rows, slots, epoch
 
     def prepare(self, request: Request) -> None:
         """A constrained request arrived: the process starts now (its imports take ~2 s) so
@@ -202,6 +205,7 @@ class ProcessGrammars:
         slot = self._slots.pop(request.request_id, None)
         if slot is None:
             return
+        self._epoch += 1
         self.process.close(slot)
         self._free_slots.append(slot)
         entry = self._grammars[self._slot_grammar.pop(slot)]
@@ -216,6 +220,7 @@ class ProcessGrammars:
         """These requests' matchers took a token that will not be applied (its step failed
         after the post): they fail at their next fill."""
         self._lost.update(r.request_id for r in requests if r.request_id in self._slots)
+        self._epoch += 1
 
     def _open(self, request: Request) -> int:
         grammar = request.grammar
@@ -235,18 +240,48 @@ class ProcessGrammars:
         self.process.open(slot, entry[1])
         return slot
 
-    def start_fill(self, rows: list[Request], accepts: list[tuple[Request, int]] = ()) -> PendingFill | None:
-        """Post `accepts` (a request and the row of `sampled_ids` its token lands in; the step
-        just sampled) and these rows' fill; the process works until result(). None if there is
-        nothing to post."""
+    def start_fill(self, rows: list[Request], row_ids: list[str], sampled_ids: list[str] | None = None,
+                   sampled_rows: list[int] = (), requests: dict | None = None) -> PendingFill | None:
+        """Post the fill of `rows` (ids `row_ids`) and the tokens of the step just sampled:
+        its constrained requests `sampled_ids` (the fills of the last post), whose tokens land
+        in rows `sampled_rows` of sampled_ids() (those still running, looked up in
+        `requests`, take them); the process works until result(). None if there is nothing
+        to post. In a steady decode (the same rows step after step, no slot released since)
+        nothing is looked up per row: the last post's slots serve again."""
         if self.process is not None and not self.process.alive:
             self._restart()
-            accepts = ()   # the new process has no matchers for them (they are lost)
-        if not rows and not accepts:
+            sampled_ids = None   # the new process has no matchers for them (they are lost)
+        if not rows and not sampled_ids:
             return None
         failed, self._unreported = self._unreported, []
         if rows:
             self.prepare(rows[0])
+        last_ids, last_rows, last_fills, last_epoch = self._last
+        steady = last_epoch == self._epoch and -1 not in last_fills
+        posted, accept_slots, accept_rows = [], [], []
+        if sampled_ids:
+            if steady and sampled_ids is last_ids and -1 not in sampled_rows:
+                posted, accept_slots, accept_rows = last_rows, last_fills, sampled_rows
+            else:
+                slots = self._slots
+                for rid, row in zip(sampled_ids, sampled_rows):
+                    request, slot = requests.get(rid), slots.get(rid)
+                    if row >= 0 and slot is not None and request is not None and request.status == _RUNNING:
+                        posted.append(request)
+                        accept_slots.append(slot)
+                        accept_rows.append(row)
+        if steady and row_ids == last_ids:
+            fills, written = last_fills, True   # already in the segment
+        else:
+            fills, written = self._fills(rows, failed), False
+        self.process.post(accept_slots, accept_rows, fills, released=not self.hold_tokens, fills_written=written)
+        self._last = (row_ids, rows, fills, self._epoch)
+        pending = PendingFill(lambda: self._collect(posted, pending.failed))
+        pending.failed = failed
+        return pending
+
+    def _fills(self, rows: list[Request], failed: list[tuple[Request, str]]) -> list[int]:
+        """The slot of each row (opened if new; -1: finished, or lost, which fails it)."""
         slots, lost = self._slots, self._lost
         fills = []
         for request in rows:
@@ -259,17 +294,7 @@ class ProcessGrammars:
                                if slot is None else "its grammar matcher ran ahead of a step that failed"))
             else:
                 fills.append(self._open(request) if slot is None else slot)
-        accept_slots, accept_rows, posted = [], [], []
-        for request, row in accepts:
-            slot = slots.get(request.request_id)
-            if slot is not None:
-                accept_slots.append(slot)
-                accept_rows.append(row)
-                posted.append(request)
-        self.process.post(accept_slots, accept_rows, fills, released=not self.hold_tokens)
-        pending = PendingFill(lambda: self._collect(posted, pending.failed))
-        pending.failed = failed
-        return pending
+        return fills
 
     def release_tokens(self) -> None:
         if self.hold_tokens and self.process is not None:
@@ -293,6 +318,7 @@ class ProcessGrammars:
         self.process = None
         self._slots, self._free_slots, self._num_slots = {}, [], 0
         self._grammars, self._slot_grammar = {}, {}
+        self._epoch += 1
 
     def _collect(self, posted: list[Request], failed: list[tuple[Request, str]]) -> Any:
         mask, accepted = self.process.wait()

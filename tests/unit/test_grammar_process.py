@@ -163,7 +163,7 @@ def test_the_frontend_hands_out_one_object_per_constraint(checkpoint):  # noqa: 
     assert a is b and c is not a
 
 
-def test_more_slots_than_rows_and_tokens_that_land_after_the_post(checkpoint):  # noqa: F811
+def test_more_slots_than_rows_and_tokens_that_land_after_the_post(checkpoint, monkeypatch):  # noqa: F811
     """ProcessGrammars with room for 2 rows a step: 5 live sequences (slots 0-4, as when
     preempted ones keep theirs). Each step posts its rows' ids rows before the ids land (as
     the device's copy does) and in another order than the rows; each mask equals the mask of
@@ -174,6 +174,7 @@ def test_more_slots_than_rows_and_tokens_that_land_after_the_post(checkpoint):  
     from transformers import AutoTokenizer
 
     from pagedserve.core.grammar_process import DONE
+    from pagedserve.core.request import RequestStatus
     from pagedserve.core.structured_output import ProcessGrammars
     from pagedserve.frontend.structured_output import GrammarCompiler
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
@@ -183,16 +184,21 @@ def test_more_slots_than_rows_and_tokens_that_land_after_the_post(checkpoint):  
     class Row:   # what ProcessGrammars reads from a Request
         def __init__(self, i: int) -> None:
             self.request_id, self.grammar, self.finished = str(i), grammar, False
+            self.status = RequestStatus.RUNNING
             self.grammar_matcher = xgrammar.GrammarMatcher(grammar)   # the in-engine reference
 
         def is_finished(self) -> bool:
             return self.finished
 
+    def fill(rows):
+        return grammars.start_fill(rows, [row.request_id for row in rows])
+
     def step(pair, tokens, fill=(), late=0.0):
         """Post the pair's tokens (ids rows reversed) and a fill; the tokens land `late` s after."""
         ids = grammars.sampled_ids()
         assert (ids == -1).all()
-        pending = grammars.start_fill(list(fill), [(row, len(pair) - 1 - j) for j, row in enumerate(pair)])
+        pending = grammars.start_fill(list(fill), [row.request_id for row in fill], [row.request_id for row in pair],
+                                      [len(pair) - 1 - j for j in range(len(pair))], {r.request_id: r for r in rows})
         time.sleep(late)
         for j, token in enumerate(tokens):
             ids[len(pair) - 1 - j] = token
@@ -204,14 +210,29 @@ def test_more_slots_than_rows_and_tokens_that_land_after_the_post(checkpoint):  
     rows = [Row(i) for i in range(5)]
     try:
         for pair in (rows[0:2], rows[2:4], rows[4:5]):   # opens slots 0..4, two rows a step at most
-            assert torch.equal(grammars.start_fill(pair).result(), reference_bitmask(pair))
+            assert torch.equal(fill(pair).result(), reference_bitmask(pair))
         for token in tokenizer.encode("ab", add_special_tokens=False):
             for pair in (rows[0:2], rows[2:4], rows[4:5]):
                 assert grammars.accept(pair[0], token) == (True, False)
                 pending = step(pair, [token] * len(pair), pair, late=0.05)
                 assert torch.equal(pending.result(), reference_bitmask(pair)) and pending.failed == []
+        pair, previous = rows[0:2], [rows[0].request_id, rows[1].request_id]
+        grammars.start_fill(pair, previous).result()
+        looked_up = []
+        monkeypatch.setattr(grammars, "_fills", lambda *args: looked_up.append(args) or [])
+        for token in tokenizer.encode("cdab", add_special_tokens=False):   # a steady decode: the last
+            ids = grammars.sampled_ids()                                 # post's slots serve again
+            current = list(previous)
+            pending = grammars.start_fill(pair, current, previous, [1, 0], {})
+            ids[0], ids[1] = token, token
+            for row in pair:
+                assert row.grammar_matcher.accept_token(token)
+            assert torch.equal(pending.result(), reference_bitmask(pair)) and pending.failed == []
+            previous = current
+        assert looked_up == []
+        monkeypatch.undo()
         rows[1].finished = True
-        pending = grammars.start_fill([rows[4], rows[1]])
+        pending = fill([rows[4], rows[1]])
         assert torch.equal(pending.result(), reference_bitmask([rows[4], rows[1]])) and pending.failed == []
         assert grammars.accept(rows[4], tokenizer.eos_token_id) == (True, True)   # a stop token ends it at once
         grammars.hold_tokens = True
