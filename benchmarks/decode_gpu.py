@@ -61,6 +61,7 @@ import torch  # noqa: E402
 sys.path[:0] = [".devcarry", os.path.abspath(".."),
                 os.path.join(os.path.dirname(os.path.abspath(".")), "shared", "bench")]
 
+os.environ.setdefault("PAGEDSERVE_COMPILE_AHEAD_STRICT", "1")   # a failed compile-ahead fails the run
 from pagedserve.layers import linear_ops, triton_gemv  # noqa: E402
 from pagedserve.layers.triton_gemv import GemvConfig, config_for, gemv, rms_norm_gemv, silu_and_mul_gemv  # noqa: E402
 
@@ -532,7 +533,11 @@ VARIANTS = {   # name: (gemv fusions, one-launch decode attention, packed step i
     "fused": (True, True, True, False, True), "base": (True, False, False, False, True),   # base: session 5's main
     "attn_only": (True, True, False, False, True), "unfused": (False, False, False, False, True),
     "fused+pdl": (True, True, True, True, True), "nonorm": (True, True, True, False, False),
-    "noattn": (True, False, True, False, True)}   # noattn: fused without the one-launch attention
+    "noattn": (True, False, True, False, True),   # noattn: fused without the one-launch attention
+    "default": (True, False, True, False, False)}   # the library's defaults (linear_ops) since 2026-12-01
+
+
+DEFAULTS = (linear_ops.FUSE_DECODE, linear_ops.FUSE_DECODE_NORM, linear_ops.FUSE_DECODE_ATTENTION)
 
 
 @stage("models")
@@ -545,9 +550,9 @@ def models_stage(dev: torch.device, models: list[str], ab: list[str], variants: 
                 traceback.print_exc()
                 RESULTS.setdefault("failed", []).append(f"{model}.{variant}")
             finally:
-                linear_ops.set_decode_fusion(True)
-                linear_ops.set_decode_norm_fusion(True)
-                linear_ops.set_decode_attention_fusion(True)
+                linear_ops.set_decode_fusion(DEFAULTS[0])
+                linear_ops.set_decode_norm_fusion(DEFAULTS[1])
+                linear_ops.set_decode_attention_fusion(DEFAULTS[2])
                 triton_gemv.set_pdl(False)
                 from pagedserve.layers import sampler
                 from pagedserve.worker import input_batch

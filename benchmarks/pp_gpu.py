@@ -31,6 +31,7 @@ import torch
 from tp_gpu import emit
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+os.environ.setdefault("PAGEDSERVE_COMPILE_AHEAD_STRICT", "1")   # a failed compile-ahead fails the run
 from pagedserve import LLM, SamplingParams
 
 DRY = os.environ.get("DRY") == "1"

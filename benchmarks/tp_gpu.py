@@ -42,6 +42,7 @@ import sys
 import time
 
 from tp_profile import HOST_PHASES, emit, emit_phases, h2d_probe, reset_phases, run_profile, wrap_host_phases
+os.environ.setdefault("PAGEDSERVE_COMPILE_AHEAD_STRICT", "1")   # a failed compile-ahead fails the run
 
 MODELS = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

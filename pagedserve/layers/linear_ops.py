@@ -33,9 +33,12 @@ def set_decode_fusion(on: bool) -> None:
     FUSE_DECODE = on
 
 
-# One-row steps also fuse RMSNorm into the gemv after it (its prologue gathers the row's
-# statistic before its weights stream); off: the norm kernel then the gemv (A/B measurements).
-FUSE_DECODE_NORM = True
+# One-row steps may also fuse RMSNorm into the gemv after it (its prologue gathers the row's
+# statistic before its weights stream). Off by default: rounded as the norm kernel rounds, every
+# program first reads the whole row, and on the H200 (2026-12-01, decode_gpu.py fused vs nonorm,
+# benchmarks/RESULTS.md) that made b1_decode slower than the norm kernel then the gemv: llama-8b
+# 184.1 vs 230.7 tok/s, llama-1b 913.5 vs 948.8; its best launch shapes lose too (normsweep).
+FUSE_DECODE_NORM = False
 
 
 def set_decode_norm_fusion(on: bool) -> None:
@@ -45,10 +48,11 @@ def set_decode_norm_fusion(on: bool) -> None:
 
 # Decode-sized all-decode batches on the Triton backend can also run rotary, the KV store,
 # attention and its split-K merge as one launch per layer (attention/triton_decode_attention.py).
-# Off by default until the GPU confirms it bit for bit the generic path: its first version took
-# the default model's one-at-a-time bf16 agreement from 30 to 23 of 40 on the H200; the fix
-# (be5910d) is exact in the interpreter (tests/kernels/test_decode_attention.py) but has not
-# run on a GPU yet (benchmarks/decode_gpu.py's check stage, benchmarks/bf16_agreement.py).
+# Off by default. Its first version took the default model's one-at-a-time bf16 agreement from 30
+# to 23 of 40 on the H200; with the fix (be5910d) the H200 gives 30/40 either way, and its output
+# equals the generic path's bit for bit in 7 of 8 checked shapes (llama-8b, 4 rows at 1,500
+# tokens: 1.2e-7 apart in fp32), for +0.8% (llama-1b) / +0.2% (llama-8b) of b1_decode
+# (2026-12-01, benchmarks/RESULTS.md): not worth a second path that is not exact.
 FUSE_DECODE_ATTENTION = False
 
 

@@ -31,6 +31,10 @@ logger = logging.getLogger(__name__)
 
 # threads compiling at once; 0 turns compile-ahead off (benchmarks/startup_gpu.py compares)
 WORKERS = min(16, os.cpu_count() or 1)
+# PAGEDSERVE_COMPILE_AHEAD_STRICT=1 (the GPU benchmark scripts set it): a failed compile-ahead
+# raises instead of leaving the kernels to compile at first launch, so a broken dry run cannot
+# pass unnoticed in a measurement (it once did: session 6's `_run_only` lambda).
+STRICT = os.environ.get("PAGEDSERVE_COMPILE_AHEAD_STRICT") == "1"
 
 
 @dataclass(frozen=True)
@@ -111,8 +115,8 @@ def compile_all(launches: list[Launch], workers: int) -> None:
 def compile_ahead(dry_run: Callable[[], object], workers: int | None = None) -> None:
     """Record the Triton launches of `dry_run()` (CUDA tensors) and compile them in parallel
     (see the module docstring). A no-op with 0 workers and under TP or PP: skipping a launch
-    there could desynchronise the ranks' collectives. Never raises for a compile: the real
-    launch retries it."""
+    there could desynchronise the ranks' collectives. Never raises for a compile (the real
+    launch retries it) unless STRICT."""
     workers = WORKERS if workers is None else workers
     if workers <= 0 or tp_world_size() * pp_world_size() > 1:
         return
@@ -124,6 +128,8 @@ def compile_ahead(dry_run: Callable[[], object], workers: int | None = None) -> 
         if launches:
             compile_all(launches, workers)
     except Exception as exc:   # noqa: BLE001 - the real launch compiles (and reports) it again
+        if STRICT:
+            raise
         logger.warning("compiling Triton kernels ahead failed (%s: %s); they compile at first launch",
                        type(exc).__name__, exc)
         return

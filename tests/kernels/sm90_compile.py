@@ -2,7 +2,8 @@
 ptxas, no device): the interpreter that runs the CPU tests checks no loop-carried types or
 layouts, and a kernel that passed there failed to compile on the H200. `run(code)` executes
 `code` in a fresh interpreter without TRITON_INTERPRET (the tests' process runs Triton's
-interpreter); the code calls `build(kernel, constexprs, pointer_types)`."""
+interpreter); the code calls `build(kernel, constexprs, pointer_types)`. The GPU image's Triton
+(3.6) can differ from this one's: `SM90_TRITON_SITE=DIR` compiles with the Triton in DIR."""
 from __future__ import annotations
 
 import inspect
@@ -34,6 +35,8 @@ def build(kernel, constexprs: dict, types: dict[str, str]) -> None:
 
 def run(code: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.getcwd()
+    # SM90_TRITON_SITE: a folder holding another Triton (e.g. `pip install --no-deps --target DIR
+    # triton==3.6.0`, the GPU image's) to compile with instead of this environment's
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("SM90_TRITON_SITE"), os.getcwd()) if p)
     return subprocess.run([sys.executable, "-c", "from tests.kernels.sm90_compile import build\n" + code],
                           env=env, capture_output=True, text=True, timeout=600)

@@ -74,3 +74,15 @@ def test_dry_run_then_compile_all(fake_driver, tmp_path, monkeypatch):
     assert {json.loads(launch.data)["key"] for launch in launches} == set(cache)
     assert all(type(compiled).__name__ == "CompiledKernel" for compiled in cache.values())
     assert fake_driver.launchers == ["_scale", "_scale"]
+
+
+def test_a_failed_dry_run_is_logged_or_raised_when_strict(monkeypatch, caplog):
+    def broken() -> None:
+        raise ValueError("not enough values to unpack")
+
+    monkeypatch.setattr(compile_ahead, "STRICT", False)
+    compile_ahead.compile_ahead(broken, workers=1)   # left to the first launch
+    assert "compiling Triton kernels ahead failed (ValueError: not enough values to unpack)" in caplog.text
+    monkeypatch.setattr(compile_ahead, "STRICT", True)
+    with pytest.raises(ValueError, match="not enough values"):
+        compile_ahead.compile_ahead(broken, workers=1)

@@ -190,6 +190,34 @@ def test_server_with_tp2_then_a_dead_rank(tiny_checkpoints, tmp_path):
             raise
 
 
+def test_engine_process_with_tp2_then_a_dead_rank_exits_the_server(tiny_checkpoints, tmp_path):
+    """The default server (engine core in its own process, which starts the ranks): a dead rank
+    ends the core, an open stream gets an error event, and the server exits 1 leaving no
+    process behind, as vLLM's server does when its engine dies."""
+    from pagedserve.models.loader import materialize_gguf, resolve_model
+    tokenizer = materialize_gguf(resolve_model(None)).directory
+    server = start_server(tmp_path, "server", tiny_checkpoints["llama"], "--tokenizer", tokenizer, "--device", "cpu",
+                          "--dtype", "float32", "--max-model-len", "128", "--tensor-parallel-size", "2")
+    proc = server.process
+    try:
+        server.wait_healthy(timeout=90)
+        everyone = psutil.Process(proc.pid).children(recursive=True)
+        [worker] = _workers(proc.pid)
+        body = {"model": os.path.basename(tiny_checkpoints["llama"]), "prompt": [5, 17, 300, 42],
+                "max_tokens": 120, "ignore_eos": True, "temperature": 0, "stream": True}
+        with requests.post(f"{server.base_url}/v1/completions", json=body, stream=True, timeout=30) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line).startswith(b"data: {")   # streaming
+            worker.kill()
+            rest = [line for line in lines if line]   # the stream ends, no hang
+        assert b'"error"' in rest[-2] and rest[-1] == b"data: [DONE]", rest[-3:]
+        assert proc.wait(timeout=30) == 1
+        for child in everyone:   # the core and the other rank went with it
+            _wait_gone(child, 10)
+    finally:
+        server.stop()
+
+
 def test_num_shard_environment_sets_tensor_parallel_size():
     """NUM_SHARD=N (TGI's launcher setting) is --tensor-parallel-size N; an explicit flag wins."""
     from pagedserve.server.serve import make_parser
