@@ -50,24 +50,27 @@ finally:
 PY
 echo "register flag: '${REGISTER}'" | tee -a "$OUT/machine.txt"
 SHAPES=${SHAPES:-1b main}   # also: fill, 8b (the 8b shape met the target: -1.7%)
+# SMOKE=1: the same calls on the CPU (a tiny random llama with each shape's tokenizer, 8 requests, one
+# repeat): proves the script and both code trees run, here, before device time is spent
+model_args() { if [[ -n "${SMOKE:-}" ]]; then echo "--cpu-smoke --model $1 --repeats 1";
+               else echo "--device cuda --dtype bfloat16 --model $1 --load-format dummy --repeats $2"; fi; }
 if [[ " $SHAPES " == *" fill "* ]]; then
   timeout 50 python3 benchmarks/grammar_fill.py --tokenizer .devcarry/smolbench --threads ${THREADS:-4} 2>&1 \
     | tee "$OUT/grammar_fill.txt" | grep -E "RESULT|Error"
 fi
 if [[ " $SHAPES " == *" 1b "* ]]; then
-  timeout 110 python3 benchmarks/structured_overhead.py --device cuda --dtype bfloat16 --model .devcarry/smolbench \
-    --load-format dummy --repeats 5 --variants process,held,inline $REGISTER 2>&1 | tee "$OUT/overhead_1b.txt" \
-    | grep -E "RESULT|Error|overhead"
+  timeout 110 python3 benchmarks/structured_overhead.py $(model_args .devcarry/smolbench 5) \
+    --variants process,held,inline $REGISTER 2>&1 | tee "$OUT/overhead_1b.txt" | grep -E "RESULT|Error|overhead"
 fi
 if [[ " $SHAPES " == *" main "* && -d .devcarry/main_snapshot ]]; then
   cat .devcarry/main_snapshot/COMMIT | tee -a "$OUT/machine.txt"
-  PYTHONPATH=$PWD/.devcarry/main_snapshot:/tmp/xgsite timeout 80 python3 .devcarry/main_snapshot/benchmarks/structured_overhead.py \
-    --device cuda --dtype bfloat16 --model .devcarry/smolbench --load-format dummy --repeats 5 --variants process \
-    $REGISTER 2>&1 | tee "$OUT/overhead_1b_main.txt" | grep -E "RESULT|Error|overhead"
+  # from its own folder: its grammar process (python -m) imports the package of the working directory
+  (cd .devcarry/main_snapshot && PYTHONPATH=$PWD:/tmp/xgsite timeout 80 python3 benchmarks/structured_overhead.py \
+    $(model_args ../smolbench 5) --variants process $REGISTER 2>&1) | tee "$OUT/overhead_1b_main.txt" \
+    | grep -E "RESULT|Error|overhead"
 fi
 if [[ " $SHAPES " == *" 8b "* ]]; then
-  timeout 90 python3 benchmarks/structured_overhead.py --device cuda --dtype bfloat16 --model .devcarry/smolbench8b \
-    --load-format dummy --repeats 3 --variants process,held $REGISTER 2>&1 | tee "$OUT/overhead_8b.txt" \
-    | grep -E "RESULT|Error|overhead"
+  timeout 90 python3 benchmarks/structured_overhead.py $(model_args .devcarry/smolbench8b 3) \
+    --variants process,held $REGISTER 2>&1 | tee "$OUT/overhead_8b.txt" | grep -E "RESULT|Error|overhead"
 fi
 echo "done after $SECONDS s"

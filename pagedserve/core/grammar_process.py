@@ -132,8 +132,9 @@ class GrammarProcess:
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        safe_path = ["-P"] if sys.version_info >= (3, 11) else []   # this package, not the working directory's
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "pagedserve.core.grammar_process", self.shm.name, str(cap), str(width),
+            [sys.executable, *safe_path, "-m", "pagedserve.core.grammar_process", self.shm.name, str(cap), str(width),
              info_path, str(os.getpid()), str(fill_threads)], stdin=subprocess.PIPE, env=env)
         self._messages: list[tuple] = []
         self._posted = 0
