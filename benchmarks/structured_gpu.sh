@@ -59,13 +59,13 @@ if [[ " $SHAPES " == *" fill "* ]]; then
     | tee "$OUT/grammar_fill.txt" | grep -E "RESULT|Error"
 fi
 if [[ " $SHAPES " == *" 1b "* ]]; then
-  timeout 110 python3 benchmarks/structured_overhead.py $(model_args .devcarry/smolbench 5) \
+  timeout 85 python3 benchmarks/structured_overhead.py $(model_args .devcarry/smolbench 5) \
     --variants process,held,inline $REGISTER 2>&1 | tee "$OUT/overhead_1b.txt" | grep -E "RESULT|Error|overhead"
 fi
 if [[ " $SHAPES " == *" main "* && -d .devcarry/main_snapshot ]]; then
   cat .devcarry/main_snapshot/COMMIT | tee -a "$OUT/machine.txt"
   # from its own folder: its grammar process (python -m) imports the package of the working directory
-  (cd .devcarry/main_snapshot && PYTHONPATH=$PWD:/tmp/xgsite timeout 80 python3 benchmarks/structured_overhead.py \
+  (cd .devcarry/main_snapshot && PYTHONPATH=$PWD:/tmp/xgsite timeout 55 python3 benchmarks/structured_overhead.py \
     $(model_args ../smolbench 5) --variants process $REGISTER 2>&1) | tee "$OUT/overhead_1b_main.txt" \
     | grep -E "RESULT|Error|overhead"
 fi
