@@ -320,7 +320,7 @@ class EngineCore:
         self.executor.check_health()
         if so is self._posted_step:   # the grammar process took its tokens; they are not applied
             requests = self.scheduler.requests
-            self.scheduler.grammars.lose([requests[rid] for rid in so.structured_req_ids if rid in requests])
+            self.scheduler.grammars.take_back([requests[rid] for rid in so.structured_req_ids if rid in requests])
         for failed in (so, *dropped):   # their copies may not have run
             if failed.blocks_to_swap_out or failed.blocks_to_swap_in:
                 self.scheduler.drop_swaps(failed)

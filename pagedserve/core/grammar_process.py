@@ -19,18 +19,19 @@ its sequence sampled, and the slots whose next-token mask it wants, then bumps P
 posts as soon as it has queued the sampling (the ids are -1 until the device's copy lands:
 `sampled_ids()` resets them), so the process works while the engine thread launches the
 next forward, waits for the tokens and hands them over. The process, spinning on POSTED,
-(1) waits for each token's row (and for RELEASED >= POSTED: a benchmark's switch that holds
-the tokens back until the engine has them, as before the device posted them), advances the
-matchers by the tokens, (2) reads the step's control messages from its stdin (new grammars,
-slots opened and closed; pickled, sent before the bump), (3) fills the mask rows, then sets
-DONE = POSTED. The engine, just before it samples the next step, spins on DONE (`wait`) and
+(1) reads the step's control messages from its stdin (pickled, sent before the bump) and
+rolls back the slots they name (a failed step's tokens), (2) waits for each token's row
+(and for RELEASED >= POSTED: a benchmark's switch that holds the tokens back until the
+engine has them, as before the device posted them), advances the matchers by the tokens,
+(3) applies the other messages (new grammars, slots opened and closed), (4) fills the mask
+rows, then sets DONE = POSTED. The engine, just before it samples the next step, spins on DONE (`wait`) and
 gets the mask rows and what each token did. One step is in flight at a time. The mask is
 refilled only after a token of the step it masked has landed (the device read the mask
 before it wrote the ids) or, with no token to wait for, when no row of that step goes on.
 Big payloads (the tokenizer, a grammar: 0.1-2 MB) go through files in /dev/shm (a pipe
 holds 64 KiB, and the process reads its stdin only after a bump).
 
-Order within a step is (1) then (2): a slot's tokens are taken before it is closed (and
+Order within a step is (2) then (3): a slot's tokens are taken before it is closed (and
 maybe reopened for another sequence), and a slot opened in this step has no tokens yet.
 The process exits when STOP is set, when its stdin closes, or when its parent is gone; it
 spins with sched_yield while steps come, and sleeps 0.2 ms between looks after 20 ms idle.
@@ -158,6 +159,11 @@ class GrammarProcess:
 
     def close(self, slot: int) -> None:
         self._messages.append(("close", slot))
+
+    def rollback(self, slot: int) -> None:
+        """Undo the last token `slot` accepted (its step failed after the post): applied before
+        the next post's tokens."""
+        self._messages.append(("rollback", slot))
 
     # ---- one step -------------------------------------------------------------------------
     def sampled_ids(self) -> Any:
@@ -294,6 +300,8 @@ def _loop(shm, cap: int, width: int, info_path: str, parent_pid: int, fill_threa
     info = xgrammar.TokenizerInfo.deserialize_json(_read_payload(info_path).decode())
     grammars: dict[int, Any] = {}
     matchers: dict[int, Any] = {}   # slot -> matcher (slots may outnumber a step's rows: preempted ones keep theirs)
+    terminated: set[int] = set()    # slots whose matcher took a stop token that ended its grammar
+    stop_ids = frozenset(info.stop_token_ids)
     batch = xgrammar.BatchGrammarMatcher(max_threads=fill_threads)
     stdin = sys.stdin.buffer
     seen = 0
@@ -304,6 +312,14 @@ def _loop(shm, cap: int, width: int, info_path: str, parent_pid: int, fill_threa
             seen = int(header[POSTED])
             if header[STOP]:
                 return
+            messages = []
+            if header[NUM_MESSAGES]:
+                size = int.from_bytes(stdin.read(4), "little")
+                messages = _unpack(pickle.loads(stdin.read(size)))
+                for message in messages:
+                    if message[0] == "rollback" and message[1] in matchers:
+                        matchers[message[1]].rollback(1)
+                        terminated.discard(message[1])
             n = int(header[NUM_ACCEPT])
             start = time.perf_counter_ns()
             if n and header[RELEASED] < seen and not _await(lambda: header[RELEASED] >= seen, header, parent_pid):
@@ -312,8 +328,8 @@ def _loop(shm, cap: int, width: int, info_path: str, parent_pid: int, fill_threa
             waited = time.perf_counter_ns() - start   # held (post(released=False))
             start += waited
             landing_waits = 0
-            for i in range(n):
-                row = int(accept_row[i])
+            results = []
+            for slot, row in zip(accept_slot[:n].tolist(), accept_row[:n].tolist()):
                 token = int(ids[row])
                 if token < 0:   # the device's copy has not landed yet
                     landing = time.perf_counter_ns()
@@ -321,17 +337,20 @@ def _loop(shm, cap: int, width: int, info_path: str, parent_pid: int, fill_threa
                         return
                     landing_waits += time.perf_counter_ns() - landing
                     token = int(ids[row])
-                matcher = matchers.get(int(accept_slot[i]))
-                accepted[i] = matcher is not None and matcher.accept_token(token)
-            accepted_at = time.perf_counter_ns()
-            if header[NUM_MESSAGES]:
-                size = int.from_bytes(stdin.read(4), "little")
-                _apply(pickle.loads(stdin.read(size)), grammars, matchers, info, xgrammar)
-            fill_matchers, indices = [], []
-            for row in range(int(header[NUM_FILL])):
-                slot = int(layout.fill_slot[row])
                 matcher = matchers.get(slot)
-                if matcher is None or matcher.is_terminated():
+                ok = matcher is not None and matcher.accept_token(token)
+                if ok and token in stop_ids and matcher.is_terminated():
+                    terminated.add(slot)
+                results.append(ok)
+            if n:
+                accepted[:n] = results
+            accepted_at = time.perf_counter_ns()
+            if messages:
+                _apply(messages, grammars, matchers, terminated, info, xgrammar)
+            fill_matchers, indices = [], []
+            for row, slot in enumerate(layout.fill_slot[:int(header[NUM_FILL])].tolist()):
+                matcher = matchers.get(slot)
+                if matcher is None or slot in terminated:   # (xgrammar refuses to fill a terminated one)
                     mask[row].fill_(-1)
                 else:
                     fill_matchers.append(matcher)
@@ -372,12 +391,22 @@ def _await(ready, header: Any, parent_pid: int, stop: bool = True) -> bool:
     return True
 
 
-def _apply(messages: list[tuple], grammars: dict[int, Any], matchers: dict[int, Any], info: Any, xgrammar) -> None:
+def _unpack(messages: list[tuple]) -> list[tuple]:
+    """The messages, those sent through a file read in."""
+    out = []
+    for message in messages:
+        out += _unpack(pickle.loads(_read_payload(message[1]))) if message[0] == "file" else [message]
+    return out
+
+
+def _apply(messages: list[tuple], grammars: dict[int, Any], matchers: dict[int, Any], terminated: set[int],
+           info: Any, xgrammar) -> None:
+    """The control messages after the step's tokens (rollbacks came before them)."""
     for message in messages:
         kind = message[0]
-        if kind == "file":
-            _apply(pickle.loads(_read_payload(message[1])), grammars, matchers, info, xgrammar)
-        elif kind == "grammar":
+        if kind in ("open", "close"):
+            terminated.discard(message[1])
+        if kind == "grammar":
             grammars[message[1]] = xgrammar.CompiledGrammar.deserialize_json(_read_payload(message[2]).decode(), info)
         elif kind == "drop":
             grammars.pop(message[1], None)

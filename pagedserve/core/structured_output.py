@@ -4,16 +4,20 @@ samples each have their own) and the step's token bitmask, on one of two backend
 - InlineGrammars: the matchers live on the engine thread (`request.grammar_matcher`). Lockstep
   and pipeline parallelism fill at schedule time (`fill`); async fills when the engine asks.
 - ProcessGrammars (async scheduling, the default there): the matchers live in a grammar
-  process (core/grammar_process.py). `accept` only queues the token and decides termination
-  at once from the grammar's stop tokens (a masked sample is a stop token only where the
-  grammar may end); `start_fill` posts the queued tokens and the step's rows, and the process
-  accepts and fills while the engine thread hands the outputs over and schedules the next
-  step; `PendingFill.result()` waits for the mask just before sampling. A token the grammar
-  refuses (masking makes that impossible unless something is broken) is learned there, one
-  step late: `PendingFill.rejected`, which the engine fails (finish_reason "abort", the
-  error naming the token); that request's next token is dropped. If the process dies, the
-  step that waited for it fails (EngineCore._fail), the next fill starts a new process, and
-  the requests whose matchers died with the old one fail then.
+  process (core/grammar_process.py). A deferred step is sampled with its ids copied into the
+  process's segment (`sampled_ids`); right after, `start_fill` posts where each constrained
+  row's token lands and the next step's rows, and the process accepts each token as the
+  device's copy lands and fills, while the engine thread launches the next forward, waits,
+  hands the outputs over and schedules; `PendingFill.result()` waits for the mask just
+  before sampling. `accept` (in update_from_output) only decides termination, from the
+  grammar's stop tokens (a masked sample is a stop token only where the grammar may end).
+  A token the grammar refuses (masking makes that impossible unless something is broken)
+  is learned at the next result(), one step late: `PendingFill.failed`, which the engine
+  fails (finish_reason "abort", the error naming the token); that request's next token is
+  dropped. A step that fails after its tokens were posted has them rolled back
+  (`take_back`: its requests are recomputed). If the process dies, the step that waited
+  for it fails (EngineCore._fail), the next fill starts a new process, and the requests
+  whose matchers died with the old one fail then.
 
 The bitmask: one int32 CPU tensor [rows, ceil(vocab / 32)] (row i for rows[i]), the first
 rows of a buffer reused from step to step (a step's mask is consumed, copied to the device
@@ -125,7 +129,7 @@ class InlineGrammars:
     def release(self, request: Request) -> None:
         pass
 
-    def lose(self, requests: list[Request]) -> None:
+    def take_back(self, requests: list[Request]) -> None:
         pass   # nothing was accepted ahead of the update
 
     def fill(self, rows: list[Request]) -> Any:
@@ -175,9 +179,9 @@ class ProcessGrammars:
         self._grammars: dict[int, list] = {}      # id(grammar) -> [grammar, key, stop ids, live slots]
         self._slot_grammar: dict[int, int] = {}   # slot -> id(grammar)
         self._next_key = 0
-        self._lost: set[str] = set()   # request ids whose matcher died with a process or ran ahead
+        self._lost: set[str] = set()   # request ids whose matcher died with a process
         self._unreported: list[tuple[Request, str]] = []   # failures of a step nobody took the mask of
-        self._epoch = 0   # bumped when a slot is released or lost: the last post's slots may not serve again
+        self._epoch = 0   # bumped when a slot is released or rolled back: the last post's slots may not serve again
         self._last: tuple = ([], [], [], -1)   # the last post's fills: row ids, rows, slots, epoch
 
     def prepare(self, request: Request) -> None:
@@ -216,10 +220,13 @@ class ProcessGrammars:
                     self.process.drop_grammar(key)
                     del self._grammars[gid]
 
-    def lose(self, requests: list[Request]) -> None:
+    def take_back(self, requests: list[Request]) -> None:
         """These requests' matchers took a token that will not be applied (its step failed
-        after the post): they fail at their next fill."""
-        self._lost.update(r.request_id for r in requests if r.request_id in self._slots)
+        after the post; they are recomputed): each is rolled back by one token."""
+        for request in requests:
+            slot = self._slots.get(request.request_id)
+            if slot is not None:
+                self.process.rollback(slot)
         self._epoch += 1
 
     def _open(self, request: Request) -> int:
@@ -290,8 +297,7 @@ class ProcessGrammars:
                 fills.append(-1)
             elif lost and request.request_id in lost:
                 fills.append(-1)
-                failed.append((request, "its grammar matcher was lost: the grammar process died"
-                               if slot is None else "its grammar matcher ran ahead of a step that failed"))
+                failed.append((request, "its grammar matcher was lost: the grammar process died"))
             else:
                 fills.append(self._open(request) if slot is None else slot)
         return fills

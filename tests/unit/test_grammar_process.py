@@ -250,3 +250,29 @@ def test_more_slots_than_rows_and_tokens_that_land_after_the_post(checkpoint, mo
                                             "structured_outputs grammar")]
     finally:
         grammars.shutdown()
+
+
+def test_a_step_failed_after_its_tokens_were_posted_is_taken_back(checkpoint, monkeypatch):  # noqa: F811
+    """The grammar process takes a step's tokens as soon as it is sampled; if that step then
+    fails (here: fetching its tokens raises once, mid-generation), its requests are
+    recomputed and the process rolls their matchers back by that token: the constrained
+    request and the plain one beside it end as in a run without the failure."""
+    from pagedserve.worker.model_runner import PendingRunnerOutput
+    llm = _llm(checkpoint)
+    regex = "[a-z]{6,30}"
+    params = [SamplingParams(max_tokens=30, temperature=0.0, structured_outputs=StructuredOutputsParams(regex=regex)),
+              SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)]
+    prompts = ["Word:", {"prompt_token_ids": random_prompts(1, VOCAB, 12, 13, seed=3)[0]}]
+    clean = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    get, calls = PendingRunnerOutput.get, []
+
+    def failing_once(self):
+        calls.append(1)
+        if len(calls) == 6:
+            raise RuntimeError("the step's tokens were lost")
+        return get(self)
+    monkeypatch.setattr(PendingRunnerOutput, "get", failing_once)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert len(calls) > 6 and all(o.error is None for o in outs)
+    assert [o.outputs[0].token_ids for o in outs] == clean
+    assert re.fullmatch(regex, outs[0].outputs[0].text)
