@@ -6,8 +6,9 @@
 # each schema run in variants timed in turns with the plain run: process (accept + fill in the
 # grammar process, the tokens taken from the device's copy as soon as the step is sampled: the
 # default under async scheduling), held (the same, the tokens held until the engine thread has
-# them: the window before), process4 (process, its fill on 4 threads), inline (in-engine
-# matchers). "main": the same 1b benchmark on main's code as it was when this branch was made
+# them: the window before), nap (process, the grammar process napping 50 us between looks
+# instead of spinning), inline (in-engine matchers); process4 (its fill on 4 threads) on request.
+# "main": the same 1b benchmark on main's code as it was when this branch was made
 # (.devcarry/main_snapshot, made by `bash benchmarks/structured_gpu.sh --snapshot` here), the
 # committed path's figure in the same call. Needs xgrammar and its py3.12 deps carried in .whl/.
 # Carry: .devcarry/smolbench .devcarry/smolbench8b .devcarry/main_snapshot .whl
@@ -60,7 +61,7 @@ if [[ " $SHAPES " == *" fill "* ]]; then
 fi
 if [[ " $SHAPES " == *" 1b "* ]]; then
   timeout 85 python3 benchmarks/structured_overhead.py $(model_args .devcarry/smolbench 5) \
-    --variants process,held,process4,inline $REGISTER 2>&1 | tee "$OUT/overhead_1b.txt" | grep -E "RESULT|Error|overhead"
+    --variants process,nap,held,inline $REGISTER 2>&1 | tee "$OUT/overhead_1b.txt" | grep -E "RESULT|Error|overhead"
 fi
 if [[ " $SHAPES " == *" main "* && -d .devcarry/main_snapshot ]]; then
   cat .devcarry/main_snapshot/COMMIT | tee -a "$OUT/machine.txt"

@@ -12,6 +12,8 @@ Variants of the schema run (--variants, timed in turns with the plain run, best 
   held    the same, the process holding the tokens until the engine thread has them (after
           its wait for the step, before the update): the window of the path before this one
   process4  process with a pool of 4 fill threads in the process (xgrammar's BatchGrammarMatcher)
+  nap     process, the grammar process sleeping 50 us between looks instead of spinning
+          (sched_yield): whether its spinning slows the engine thread (an SMT sibling)
   inline  the same engine with in-engine matchers (InlineGrammars): accept on the engine
           thread as tokens are applied, one xgrammar batch fill right before sampling
   rows    inline, the fill row by row (fill_next_token_bitmask per row: the fill before
@@ -71,8 +73,9 @@ def _fill_rows(requests, buffer):
 
 
 FILLS = {"process": structured_output.fill_bitmask, "held": structured_output.fill_bitmask,
-         "process4": structured_output.fill_bitmask, "inline": structured_output.fill_bitmask, "rows": _fill_rows}
-PROCESS_VARIANTS = {"held": {"hold_tokens": True}, "process4": {"fill_threads": 4}}
+         "process4": structured_output.fill_bitmask, "nap": structured_output.fill_bitmask,
+         "inline": structured_output.fill_bitmask, "rows": _fill_rows}
+PROCESS_VARIANTS = {"held": {"hold_tokens": True}, "process4": {"fill_threads": 4}, "nap": {"nap_us": 50}}
 
 
 def _tiny_model(tokenizer_dir: str) -> str:

@@ -57,6 +57,7 @@ POSTED, DONE, NUM_ACCEPT, NUM_FILL, NUM_MESSAGES, STOP, FAILED, RELEASED, NS_TOK
 _HEADER = 16
 _IDLE_SPIN_S = 0.02
 _IDLE_SLEEP_S = 0.0002
+_NAP_S = 0.0   # the process's look interval while steps come (0: sched_yield); set from its argv
 WAIT_TIMEOUT_S = 60.0   # the first wait includes the process's start (imports: ~2 s)
 _PAYLOAD_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
@@ -122,9 +123,11 @@ def _read_payload(path: str) -> bytes:
 class GrammarProcess:
     """The engine's side. Not thread-safe: one engine thread posts and waits. Capacity: `cap`
     accepts and `cap` fill rows per step (the scheduler's max_num_seqs). `fill_threads`: the
-    process's xgrammar fill pool (1: one batch call on its own thread)."""
+    process's xgrammar fill pool (1: one batch call on its own thread). `nap_us`: the process
+    sleeps that long between looks instead of spinning with sched_yield (a benchmark's A/B:
+    a spinning process may slow an engine thread on its core's SMT sibling)."""
 
-    def __init__(self, tokenizer_info: Any, cap: int, width: int, fill_threads: int = 1) -> None:
+    def __init__(self, tokenizer_info: Any, cap: int, width: int, fill_threads: int = 1, nap_us: int = 0) -> None:
         self.cap, self.width = cap, width
         self.shm = shared_memory.SharedMemory(create=True, size=_Layout.nbytes(cap, width))
         self.layout = _Layout(self.shm.buf, cap, width)
@@ -136,7 +139,7 @@ class GrammarProcess:
         safe_path = ["-P"] if sys.version_info >= (3, 11) else []   # this package, not the working directory's
         self.popen = subprocess.Popen(
             [sys.executable, *safe_path, "-m", "pagedserve.core.grammar_process", self.shm.name, str(cap), str(width),
-             info_path, str(os.getpid()), str(fill_threads)], stdin=subprocess.PIPE, env=env)
+             info_path, str(os.getpid()), str(fill_threads), str(nap_us)], stdin=subprocess.PIPE, env=env)
         self._messages: list[tuple] = []
         self._posted = 0
         self.waits, self.wait_seconds = 0, 0.0   # what the engine thread spent in wait()
@@ -281,7 +284,10 @@ def _stop(popen: subprocess.Popen, shm: shared_memory.SharedMemory, header: Any)
 
 
 # ---- the process --------------------------------------------------------------------------
-def _serve(shm_name: str, cap: int, width: int, info_path: str, parent_pid: int, fill_threads: int) -> None:
+def _serve(shm_name: str, cap: int, width: int, info_path: str, parent_pid: int, fill_threads: int,
+           nap_us: int = 0) -> None:
+    global _NAP_S
+    _NAP_S = nap_us * 1e-6
     import torch
     import xgrammar
     shm = shared_memory.SharedMemory(name=shm_name)
@@ -386,6 +392,8 @@ def _await(ready, header: Any, parent_pid: int, stop: bool = True) -> bool:
             idle = time.monotonic() - start > _IDLE_SPIN_S
         if idle:
             time.sleep(_IDLE_SLEEP_S)
+        elif _NAP_S:
+            time.sleep(_NAP_S)
         else:
             os.sched_yield()
     return True
@@ -417,4 +425,5 @@ def _apply(messages: list[tuple], grammars: dict[int, Any], matchers: dict[int, 
 
 
 if __name__ == "__main__":
-    _serve(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))
+    _serve(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5]), int(sys.argv[6]),
+           int(sys.argv[7]))

@@ -163,14 +163,14 @@ class ProcessGrammars:
     process's segment (`sampled_ids`), and `start_fill` names each constrained row's ids row
     at once, so the process accepts as soon as the copy lands. `hold_tokens` (a benchmark's
     A/B): the process waits for `release_tokens()`, which the engine calls once it has the
-    tokens itself (the window before the device posted them)."""
+    tokens itself (the window before the device posted them); `nap_us`: see GrammarProcess."""
 
     MAX_IDLE_GRAMMARS = 64
     tokens_from_device = True
 
-    def __init__(self, max_rows: int, fill_threads: int = 1, hold_tokens: bool = False) -> None:
+    def __init__(self, max_rows: int, fill_threads: int = 1, hold_tokens: bool = False, nap_us: int = 0) -> None:
         self.max_rows = max(max_rows, 1)
-        self.fill_threads = fill_threads
+        self.fill_threads, self.nap_us = fill_threads, nap_us
         self.hold_tokens = hold_tokens
         self.process: Any = None
         self._slots: dict[str, int] = {}          # request id -> slot
@@ -191,7 +191,7 @@ class ProcessGrammars:
             from pagedserve.core.grammar_process import GrammarProcess
             grammar = request.grammar
             self.process = GrammarProcess(grammar.tokenizer_info, self.max_rows, bitmask_width(grammar),
-                                          self.fill_threads)
+                                          self.fill_threads, self.nap_us)
 
     def sampled_ids(self) -> Any:
         """Where the runner copies a deferred step's sampled ids (the process reads them there)."""
