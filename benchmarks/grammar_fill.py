@@ -176,7 +176,7 @@ def _process_step(args, grammar, ids: list[int], rows, work: int) -> dict:
             positions[slot] = slot % (len(ids) - 1)
         for i in range(max(positions)):
             ahead = [s for s in range(n) if positions[s] > i]
-            process.post(ahead, [ids[i]] * len(ahead), [])
+            _post(process, ahead, [ids[i]] * len(ahead), [])
             assert process.wait()[1].all()
         mirror = [xgrammar.GrammarMatcher(grammar) for _ in range(n)]   # the in-engine matchers
         for slot in range(n):
@@ -211,7 +211,7 @@ def _process_step(args, grammar, ids: list[int], rows, work: int) -> dict:
             batch.batch_fill_next_token_bitmask(mirror, buffer)
             times["step_inline_us"].append(time.perf_counter() - start)
             start = time.perf_counter()
-            process.post(slots, tokens, fills)
+            _post(process, slots, tokens, fills)
             mask, accepted = process.wait()
             times["process_roundtrip_us"].append(time.perf_counter() - start)
             assert accepted.all() and torch.equal(mask, buffer[:n]), step
@@ -220,7 +220,7 @@ def _process_step(args, grammar, ids: list[int], rows, work: int) -> dict:
             for slot, token in zip(slots, tokens):
                 mirror[slot].accept_token(token)
             start = time.perf_counter()
-            process.post(slots, tokens, fills)
+            _post(process, slots, tokens, fills)
             _python_work(work)
             middle = time.perf_counter()
             mask, accepted = process.wait()
@@ -232,7 +232,7 @@ def _process_step(args, grammar, ids: list[int], rows, work: int) -> dict:
             for slot, token in zip(slots, tokens):
                 mirror[slot].accept_token(token)
             start = time.perf_counter()
-            process.post(slots, tokens, fills)
+            _post(process, slots, tokens, fills)
             posted = time.perf_counter()
             while process.layout.header[1] != process._posted:   # DONE
                 time.sleep(0.001)
@@ -252,6 +252,13 @@ def _process_step(args, grammar, ids: list[int], rows, work: int) -> dict:
 
 
 _python_seconds = [0.0]   # the python work's best time (seconds), set by main
+
+
+def _post(process, slots: list[int], tokens: list[int], fills: list[int]) -> None:
+    """A step's post with its tokens already in the ids rows (as the device's copy leaves them)."""
+    if tokens:
+        process.sampled_ids()[:len(tokens)] = __import__("torch").tensor(tokens)
+    process.post(slots, list(range(len(slots))), fills)
 
 
 if __name__ == "__main__":

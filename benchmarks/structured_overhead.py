@@ -7,8 +7,13 @@ is wall time per generated token at equal work. The schema run includes grammar 
 
 Variants of the schema run (--variants, timed in turns with the plain run, best of --repeats):
   process the engine as is under async scheduling: accept and fill in the grammar process
-          (core/grammar_process.py), the step sampled at the next engine call
-  process4  the same with a pool of 4 fill threads in the process (xgrammar's BatchGrammarMatcher)
+          (core/grammar_process.py), the step sampled at the next engine call; the process
+          takes each step's tokens from the device's copy as soon as the step is sampled
+  held    the same, the process holding the tokens until the engine thread has them (after
+          its wait for the step, before the update): the window of the path before this one
+  process4  process with a pool of 4 fill threads in the process (xgrammar's BatchGrammarMatcher)
+  nap     process, the grammar process sleeping 50 us between looks instead of spinning
+          (sched_yield): whether its spinning slows the engine thread (an SMT sibling)
   inline  the same engine with in-engine matchers (InlineGrammars): accept on the engine
           thread as tokens are applied, one xgrammar batch fill right before sampling
   rows    inline, the fill row by row (fill_next_token_bitmask per row: the fill before
@@ -67,8 +72,10 @@ def _fill_rows(requests, buffer):
     return bitmask
 
 
-FILLS = {"process": structured_output.fill_bitmask, "process4": structured_output.fill_bitmask,
+FILLS = {"process": structured_output.fill_bitmask, "held": structured_output.fill_bitmask,
+         "process4": structured_output.fill_bitmask, "nap": structured_output.fill_bitmask,
          "inline": structured_output.fill_bitmask, "rows": _fill_rows}
+PROCESS_VARIANTS = {"held": {"hold_tokens": True}, "process4": {"fill_threads": 4}, "nap": {"nap_us": 50}}
 
 
 def _tiny_model(tokenizer_dir: str) -> str:
@@ -122,21 +129,20 @@ def main() -> None:
     lockstep = getattr(scheduler.grammars, "process", None) is None   # in-engine at schedule time
     backends = {"process": scheduler.grammars, "inline": structured_output.InlineGrammars()}
     backends["rows"] = backends["inline"]
-    if "process4" in variants and not lockstep:
-        backends["process4"] = structured_output.ProcessGrammars(scheduler.grammars.max_rows, fill_threads=4)
-        scheduler.grammars = backends["process4"]   # its warm-up (the process starts)
-        llm.generate(prompts[:2], structured, use_tqdm=False)
-        scheduler.grammars = backends["process"]
-    waits = {}   # variant -> (waits, seconds) of its last schema run
+    for variant, kwargs in PROCESS_VARIANTS.items():
+        if variant in variants and not lockstep:
+            backends[variant] = structured_output.ProcessGrammars(scheduler.grammars.max_rows, **kwargs)
+            scheduler.grammars = backends[variant]   # its warm-up (the process starts)
+            llm.generate(prompts[:2], structured, use_tqdm=False)
+            scheduler.grammars = backends["process"]
+    waits = {}   # variant -> the grammar process's counters over its last schema run
 
     def run(params, variant: str = "process") -> tuple[float, list]:
         structured_output.fill_bitmask = FILLS[variant]
         process = None if lockstep else getattr(backends[variant], "process", None)
-        before = None
+        before = _counters(process)
         if not lockstep:
             scheduler.grammars = backends[variant]
-        if process is not None:
-            before = (process.waits, process.wait_seconds)
         try:
             start = time.perf_counter()
             outs = llm.generate(prompts, params, use_tqdm=False)
@@ -147,8 +153,7 @@ def main() -> None:
                 scheduler.grammars = backends["process"]
             process = process or getattr(backends[variant], "process", None)   # started by this run
             if process is not None and isinstance(params, SamplingParams):   # the schema run
-                waits[variant] = (process.waits - (before[0] if before else 0),
-                                  process.wait_seconds - (before[1] if before else 0.0))
+                waits[variant] = {k: v - before.get(k, 0) for k, v in _counters(process).items()}
 
     _, outs = run(structured)   # untimed: the token counts for the plain run, first-shape costs
     reference_ids = [o.outputs[0].token_ids for o in outs]
@@ -167,9 +172,11 @@ def main() -> None:
         "repeats": args.repeats, "plain_tok_s": round(tokens / best["plain"], 1), "variants": {},
         "grammar_process": not lockstep, "mask_registered": _mask_registered(llm),
     }
-    for variant, (count, seconds) in waits.items():   # the engine thread's spin per step, last run
+    for variant, counters in waits.items():   # per step of its last run: the engine thread's spin,
+        count = counters.pop("waits")           # the window from post to wait, the process's parts
         if count and variant in variants:
-            result[f"{variant}_wait_us"] = round(seconds / count * 1e6, 1)
+            result[f"{variant}_wait_us"] = round(counters.pop("wait_s") / count * 1e6, 1)
+            result[f"{variant}_per_step_us"] = {k: round(v / count * 1e6, 1) for k, v in counters.items()}
     for variant in variants:
         outs = last[variant]
         texts = [o.outputs[0].text for o in outs]
@@ -198,6 +205,17 @@ def main() -> None:
         profiler = cProfile.Profile()
         profiler.runcall(run, structured)
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+
+
+def _counters(process) -> dict[str, float]:
+    """The grammar process's running totals (seconds): the engine's waits, post-to-wait windows,
+    and the process's time waiting for tokens, accepting and filling."""
+    if process is None:
+        return {}
+    from pagedserve.core.grammar_process import NS_ACCEPT, NS_FILL, NS_TOKENS
+    header = process.layout.header
+    return {"waits": process.waits, "wait_s": process.wait_seconds, "window": process.window_seconds,
+            "tokens": header[NS_TOKENS] * 1e-9, "accept": header[NS_ACCEPT] * 1e-9, "fill": header[NS_FILL] * 1e-9}
 
 
 def _mask_registered(llm) -> bool | None:

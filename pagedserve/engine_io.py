@@ -113,10 +113,14 @@ class PendingOutput(Protocol):
 class DeferredSampling(Protocol):
     """A launched step whose forward pass is queued on the device and whose sampling waits
     for the grammar bitmask of its constrained rows (the deferred SchedulerOutput.grammar_bitmask).
-    `sample(bitmask)` queues the sampling; `get()` without it samples the rows unmasked (only
-    for a step whose results are dropped)."""
+    `sample(bitmask, sampled_ids)` queues the sampling (and, if given, a copy of the sampled
+    ids, one per sampled row, into the int64 CPU tensor `sampled_ids`, landing there
+    asynchronously; `grammar_rows[i]`: the row of structured_req_ids[i], -1 if not sampled);
+    `get()` without it samples the rows unmasked (only for a step whose results are dropped)."""
 
-    def sample(self, grammar_bitmask: Any) -> PendingOutput: ...
+    grammar_rows: list[int]
+
+    def sample(self, grammar_bitmask: Any, sampled_ids: Any = None) -> PendingOutput: ...
 
     def get(self) -> ModelRunnerOutput: ...
 

@@ -12,8 +12,10 @@ and output handling run while the device computes. A request that ends at step N
 was already scheduled in N+1: that row's token is dropped. Requests whose sampling reads
 earlier outputs (penalties) make the engine run in lockstep while they are alive. A step
 with constrained rows (structured outputs) is sampled at the next call, right before the
-step after it is launched: its grammar mask is filled in the grammar process meanwhile, while
-this thread hands the outputs over and schedules (core/structured_output.py).
+step after it is launched: its grammar mask is filled in the grammar process meanwhile, from
+the tokens of the step before, which the process takes from the device as soon as that step
+is sampled, while this thread launches, waits, hands the outputs over and schedules
+(core/structured_output.py).
 
 With an executor of more than two concurrent batches (pipeline parallelism: one per stage),
 the same loop keeps up to `max_concurrent_batches` steps in flight, a FIFO queue as vLLM's
@@ -86,6 +88,8 @@ class EngineCore:
         # the newest step in flight's grammar bitmask, on its way (async only), and the outputs
         # of requests failed when it arrived (a token their grammar refused, learned a step late)
         self._pending_fill: PendingFill | None = None
+        self._fill_error: Exception | None = None   # what posting the next step's fill raised
+        self._posted_step: SchedulerOutput | None = None   # the last step whose tokens were posted
         self._late_outputs: list[EngineCoreOutput] = []
         # Event bookkeeping, touched only for requests that change state.
         self._events: list[RequestEvent] = []                  # since the last step
@@ -174,9 +178,11 @@ class EngineCore:
         if queue and self.scheduler.num_history_dependent:
             outputs = self._resolve()   # lockstep: the next step needs these tokens on the host
         so = self._schedule()
-        self._sample_pending()   # its mask was filled while the outputs were handed over and `so` scheduled
-        launched = self._launch(so)
-        fill_started = False
+        # the step in flight gets the mask filled while the outputs were handed over and `so`
+        # scheduled, and is sampled; its tokens go to the grammar process from the device, and
+        # `so`'s fill starts now, beside the launch, the wait and the update below
+        self._start_fill(self._sample_pending())
+        launched = self._bind_fill(self._launch(so))
         if queue and (launched is None or len(queue) + 1 >= self.executor.max_concurrent_batches):
             previous = queue.popleft()
             result = self._wait(previous)
@@ -187,12 +193,9 @@ class EngineCore:
                     launched = None
                 outputs += self._fail(previous[0], result, self._drop_in_flight())
             else:
-                if launched is not None:   # the grammar process works through the update too
-                    launched, fill_started = self._start_fill(launched, previous[0], result), True
+                self.scheduler.grammars.release_tokens()   # (a benchmark's A/B: the window before)
                 outputs += self._update(previous[0], result)
         if launched is not None:
-            if not fill_started:
-                launched = self._start_fill(launched)
             queue.append(launched)
         if launched is not None and (not launched[0].num_scheduled_tokens or self.scheduler.num_history_dependent):
             outputs += self._resolve()   # nothing to wait for, or lockstep
@@ -218,26 +221,40 @@ class EngineCore:
         except Exception as exc:
             return so, exc
 
-    def _start_fill(self, launched: _Launched, previous: SchedulerOutput | None = None,
-                    result: ModelRunnerOutput | None = None) -> _Launched:
-        """A launched step that waits for its grammar bitmask: its fill starts (in the grammar
-        process), after the previous step's sampled tokens, `result` of `previous` when that
-        step's update has not run yet (the scheduler takes them ahead). Returns the launched
-        step, or it with what starting raised."""
-        if isinstance(launched[1], DeferredSampling):
-            try:
-                self._pending_fill = self.scheduler.deferred_grammar_bitmask(previous, result)
-            except Exception as exc:
-                self._wait(launched)   # sampled unmasked and dropped: every rank finishes the step
-                return launched[0], exc
+    def _start_fill(self, sampled: tuple[SchedulerOutput, list[int]] | None = None) -> None:
+        """Post the grammar work: the tokens of `sampled` (a step just sampled, its constrained
+        rows' rows in the sampled ids) and the fill of the step just scheduled, if deferred.
+        What posting raised fails that step once launched (_bind_fill)."""
+        try:
+            self._pending_fill = self.scheduler.deferred_grammar_bitmask(*(sampled or ()))
+        except Exception as exc:
+            self._pending_fill, self._fill_error = None, exc
+        if sampled is not None:
+            self._posted_step = sampled[0]   # its tokens are in the matchers before its update
+
+    def _bind_fill(self, launched: _Launched | None) -> _Launched | None:
+        """The fill posted before `launched` was launched belongs to it if it waits for its
+        bitmask (DeferredSampling); else it is taken and dropped. A step whose fill could not
+        start is sampled unmasked, dropped, and fails."""
+        fill, error = self._pending_fill, self._fill_error
+        self._fill_error = None
+        deferred = launched is not None and isinstance(launched[1], DeferredSampling)
+        if error is not None and deferred:
+            self._wait(launched)   # sampled unmasked and dropped: every rank finishes the step
+            return launched[0], error
+        if fill is not None and not deferred:
+            self._pending_fill = None
+            self.scheduler.grammars.drop(fill)
         return launched
 
-    def _sample_pending(self) -> None:
+    def _sample_pending(self) -> tuple[SchedulerOutput, list[int]] | None:
         """The newest step in flight, if it waits for its bitmask, gets it and is sampled:
         before anything else is launched or waited for (the next step's inputs may be its
-        sampled ids). Requests whose last token broke their grammar fail now."""
+        sampled ids). Requests whose last token broke their grammar fail now. Returns the
+        step and its constrained rows' rows in the sampled ids when those ids go to the
+        grammars' buffer (the grammar process takes them from there), else None."""
         if self._pending_fill is None:
-            return
+            return None
         fill, self._pending_fill = self._pending_fill, None
         so, deferred = launched = self._in_flight.pop()
         try:
@@ -245,17 +262,23 @@ class EngineCore:
         except Exception as exc:
             self._wait(launched)   # sampled unmasked and dropped: every rank finishes the step
             self._in_flight.append((so, exc))
-            return
+            return None
+        sampled = None
         try:
-            self._in_flight.append((so, deferred.sample(bitmask)))
+            ids = self.scheduler.grammars.sampled_ids()
+            self._in_flight.append((so, deferred.sample(bitmask, ids)))
+            if ids is not None:
+                sampled = so, deferred.grammar_rows
         except Exception as exc:
             self._in_flight.append((so, exc))
         for request, error in fill.failed:
             self._late_outputs += self._fail_requests([request.request_id], error)
+        return sampled
 
     def _resolve(self) -> list[EngineCoreOutput]:
         """Apply every step in flight, oldest first."""
-        self._sample_pending()
+        self._start_fill(self._sample_pending())
+        self._bind_fill(None)   # its tokens' accepts, taken now (no step follows)
         outputs: list[EngineCoreOutput] = []
         while self._in_flight:
             launched = self._in_flight.popleft()
@@ -295,6 +318,9 @@ class EngineCore:
         a request caught in failed steps twice fails. `dropped`: steps launched on top of
         the failed one, whose results are discarded (their requests are recomputed too)."""
         self.executor.check_health()
+        if so is self._posted_step:   # the grammar process took its tokens; they are not applied
+            requests = self.scheduler.requests
+            self.scheduler.grammars.take_back([requests[rid] for rid in so.structured_req_ids if rid in requests])
         for failed in (so, *dropped):   # their copies may not have run
             if failed.blocks_to_swap_out or failed.blocks_to_swap_in:
                 self.scheduler.drop_swaps(failed)

@@ -6,21 +6,32 @@ thread's critical path; a second thread could not take it off (waking it and han
 the GIL cost as much: benchmarks/RESULTS.md, issue 20). This process does that work beside
 the engine, talking through one shared-memory segment:
 
-    header   int64 [POSTED, DONE, NUM_ACCEPT, NUM_FILL, NUM_MESSAGES, STOP, FAILED]
-    accepts  int32 slot[cap], int32 token[cap] -> int8 accepted[cap] (written back)
+    header   int64 [POSTED, DONE, NUM_ACCEPT, NUM_FILL, NUM_MESSAGES, STOP, FAILED, RELEASED,
+                    then the process's time so far (ns): waiting for tokens, accepting, filling]
+    accepts  int32 slot[cap], int32 row[cap] -> int8 accepted[cap] (written back)
     fills    int32 slot[cap] (-1: all tokens allowed)
+    --- page-aligned, one region (page-locked in place by the runner on CUDA) ---
+    ids      int64 [cap]: a step's sampled ids, copied there by the device (-1: not yet)
     mask     int32 [cap, width], xgrammar's bitmask layout, row i for fills[i]
 
-A step (`post`): the engine writes the tokens its constrained rows sampled (per matcher
-slot, in order), the slots whose next-token mask it wants, then bumps POSTED. The process,
-spinning on POSTED, (1) advances the matchers by the tokens, (2) reads the step's control
-messages from its stdin (new grammars, slots opened and closed; pickled, sent before the
-bump), (3) fills the mask rows, then sets DONE = POSTED. The engine, just before it samples,
-spins on DONE (`wait`) and gets the mask rows and what each token did. One step is in flight
-at a time. Big payloads (the tokenizer, a grammar: 0.1-2 MB) go through files in /dev/shm
-(a pipe holds 64 KiB, and the process reads its stdin only after a bump).
+A step (`post`): the engine names, per matcher slot, the row of `ids` that holds the token
+its sequence sampled, and the slots whose next-token mask it wants, then bumps POSTED. It
+posts as soon as it has queued the sampling (the ids are -1 until the device's copy lands:
+`sampled_ids()` resets them), so the process works while the engine thread launches the
+next forward, waits for the tokens and hands them over. The process, spinning on POSTED,
+(1) reads the step's control messages from its stdin (pickled, sent before the bump) and
+rolls back the slots they name (a failed step's tokens), (2) waits for each token's row
+(and for RELEASED >= POSTED: a benchmark's switch that holds the tokens back until the
+engine has them, as before the device posted them), advances the matchers by the tokens,
+(3) applies the other messages (new grammars, slots opened and closed), (4) fills the mask
+rows, then sets DONE = POSTED. The engine, just before it samples the next step, spins on DONE (`wait`) and
+gets the mask rows and what each token did. One step is in flight at a time. The mask is
+refilled only after a token of the step it masked has landed (the device read the mask
+before it wrote the ids) or, with no token to wait for, when no row of that step goes on.
+Big payloads (the tokenizer, a grammar: 0.1-2 MB) go through files in /dev/shm (a pipe
+holds 64 KiB, and the process reads its stdin only after a bump).
 
-Order within a step is (1) then (2): a slot's tokens are taken before it is closed (and
+Order within a step is (2) then (3): a slot's tokens are taken before it is closed (and
 maybe reopened for another sequence), and a slot opened in this step has no tokens yet.
 The process exits when STOP is set, when its stdin closes, or when its parent is gone; it
 spins with sched_yield while steps come, and sleeps 0.2 ms between looks after 20 ms idle.
@@ -42,10 +53,11 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-POSTED, DONE, NUM_ACCEPT, NUM_FILL, NUM_MESSAGES, STOP, FAILED = range(7)
-_HEADER = 8
+POSTED, DONE, NUM_ACCEPT, NUM_FILL, NUM_MESSAGES, STOP, FAILED, RELEASED, NS_TOKENS, NS_ACCEPT, NS_FILL = range(11)
+_HEADER = 16
 _IDLE_SPIN_S = 0.02
 _IDLE_SLEEP_S = 0.0002
+_NAP_S = 0.0   # the process's look interval while steps come (0: sched_yield); set from its argv
 WAIT_TIMEOUT_S = 60.0   # the first wait includes the process's start (imports: ~2 s)
 _PAYLOAD_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
@@ -68,15 +80,30 @@ class _Layout:
             return array
         self.header = take(np.int64, (_HEADER,))
         self.accept_slot = take(np.int32, (cap,))
-        self.accept_token = take(np.int32, (cap,))
+        self.accept_row = take(np.int32, (cap,))
         self.accepted = take(np.int8, (cap,))
         self.fill_slot = take(np.int32, (cap,))
-        offset = -(-offset // 4096) * 4096   # the mask on its own pages (registered for the device)
+        offset = -(-offset // 4096) * 4096   # the device's region on its own pages (page-locked)
+        self.region = np.ndarray((_region_bytes(cap, width),), dtype=np.uint8, buffer=buf, offset=offset)
+        self.ids = take(np.int64, (cap,))
         self.mask = take(np.int32, (cap, width))
 
     @staticmethod
     def nbytes(cap: int, width: int) -> int:
-        return -(-(_HEADER * 8 + cap * 13 + 5 * 64) // 4096) * 4096 + cap * width * 4
+        return -(-(_HEADER * 8 + cap * 13 + 5 * 64) // 4096) * 4096 + _region_bytes(cap, width)
+
+
+def _region_bytes(cap: int, width: int) -> int:
+    return -(-cap * 8 // 64) * 64 + cap * width * 4
+
+
+def region_tensors(layout: _Layout) -> tuple[Any, Any]:
+    """(ids, mask) as torch views of one storage (the region): the runner page-locks it once."""
+    import torch
+    region = torch.from_numpy(layout.region)
+    cap, width = layout.mask.shape
+    ids_bytes = -(-cap * 8 // 64) * 64
+    return region[:cap * 8].view(torch.int64), region[ids_bytes:].view(torch.int32).view(cap, width)
 
 
 def _write_payload(data: bytes) -> str:
@@ -96,9 +123,11 @@ def _read_payload(path: str) -> bytes:
 class GrammarProcess:
     """The engine's side. Not thread-safe: one engine thread posts and waits. Capacity: `cap`
     accepts and `cap` fill rows per step (the scheduler's max_num_seqs). `fill_threads`: the
-    process's xgrammar fill pool (1: one batch call on its own thread)."""
+    process's xgrammar fill pool (1: one batch call on its own thread). `nap_us`: the process
+    sleeps that long between looks instead of spinning with sched_yield (a benchmark's A/B:
+    a spinning process may slow an engine thread on its core's SMT sibling)."""
 
-    def __init__(self, tokenizer_info: Any, cap: int, width: int, fill_threads: int = 1) -> None:
+    def __init__(self, tokenizer_info: Any, cap: int, width: int, fill_threads: int = 1, nap_us: int = 0) -> None:
         self.cap, self.width = cap, width
         self.shm = shared_memory.SharedMemory(create=True, size=_Layout.nbytes(cap, width))
         self.layout = _Layout(self.shm.buf, cap, width)
@@ -107,15 +136,17 @@ class GrammarProcess:
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        safe_path = ["-P"] if sys.version_info >= (3, 11) else []   # this package, not the working directory's
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "pagedserve.core.grammar_process", self.shm.name, str(cap), str(width),
-             info_path, str(os.getpid()), str(fill_threads)], stdin=subprocess.PIPE, env=env)
+            [sys.executable, *safe_path, "-m", "pagedserve.core.grammar_process", self.shm.name, str(cap), str(width),
+             info_path, str(os.getpid()), str(fill_threads), str(nap_us)], stdin=subprocess.PIPE, env=env)
         self._messages: list[tuple] = []
         self._posted = 0
         self.waits, self.wait_seconds = 0, 0.0   # what the engine thread spent in wait()
+        self.window_seconds = 0.0   # from each post to its wait: the process's head start
+        self._post_time = 0.0
         self._finalizer = weakref.finalize(self, _stop, self.popen, self.shm, self.layout.header)
-        import torch
-        self.mask = torch.from_numpy(self.layout.mask)   # shares the segment's memory
+        self.ids, self.mask = region_tensors(self.layout)   # share the segment's memory
 
     # ---- control messages, sent with the next post ------------------------------------
     def add_grammar(self, key: int, compiled: Any) -> None:
@@ -132,11 +163,27 @@ class GrammarProcess:
     def close(self, slot: int) -> None:
         self._messages.append(("close", slot))
 
+    def rollback(self, slot: int) -> None:
+        """Undo the last token `slot` accepted (its step failed after the post): applied before
+        the next post's tokens."""
+        self._messages.append(("rollback", slot))
+
     # ---- one step -------------------------------------------------------------------------
-    def post(self, accept_slots: list[int], accept_tokens: list[int], fill_slots: list[int]) -> None:
-        """Start a step: advance the slots by the tokens (in order), then fill a mask row per
-        fill slot (-1: all allowed). A step whose result was never taken (its sampling
-        failed) is waited for first."""
+    def sampled_ids(self) -> Any:
+        """The ids row the device copies a step's sampled ids into (int64 tensor [cap], a view of
+        the segment), reset to -1 (not landed); the last step is waited for first (it may
+        still read them)."""
+        if self.layout.header[DONE] != self._posted:
+            self.wait()
+        self.layout.ids[:] = -1
+        return self.ids
+
+    def post(self, accept_slots: list[int], accept_rows: list[int], fill_slots: list[int],
+             released: bool = True, fills_written: bool = False) -> None:
+        """Start a step: advance each slot by the token in its row of `ids` (in order, once it
+        has landed), then fill a mask row per fill slot (-1: all allowed). `released=False`:
+        the tokens wait for release() too. `fills_written`: the segment holds these fill slots
+        already (the last post's). A step whose result was never taken is waited for first."""
         layout = self.layout
         header = layout.header
         if header[DONE] != self._posted:
@@ -146,8 +193,8 @@ class GrammarProcess:
         n = len(accept_slots)
         if n:
             layout.accept_slot[:n] = accept_slots
-            layout.accept_token[:n] = accept_tokens
-        if fill_slots:
+            layout.accept_row[:n] = accept_rows
+        if fill_slots and not fills_written:
             layout.fill_slot[:len(fill_slots)] = fill_slots
         header[NUM_ACCEPT] = n
         header[NUM_FILL] = len(fill_slots)
@@ -164,7 +211,14 @@ class GrammarProcess:
                 raise GrammarProcessError(self._why_dead()) from exc
             header[NUM_MESSAGES] = 1
         self._posted += 1
+        self._post_time = time.perf_counter()
+        if released:
+            header[RELEASED] = self._posted
         header[POSTED] = self._posted   # last: the process reads the rest after seeing it
+
+    def release(self) -> None:
+        """The posted step's tokens may be taken (a post with released=False)."""
+        self.layout.header[RELEASED] = self._posted
 
     def wait(self, timeout: float = WAIT_TIMEOUT_S) -> tuple[Any, Any]:
         """The posted step's result: (mask rows [num fills, width] int32 tensor, a view of the
@@ -172,6 +226,8 @@ class GrammarProcess:
         its grammar). Spins (holding the GIL; after ~2 ms it sleeps between looks); raises
         GrammarProcessError if the process failed or is gone."""
         header, posted = self.layout.header, self._posted
+        if header[RELEASED] < posted:   # held tokens (post(released=False)) are released by waiting
+            header[RELEASED] = posted
         spins = 0
         deadline = None
         start = time.perf_counter()
@@ -188,6 +244,7 @@ class GrammarProcess:
                     time.sleep(_IDLE_SLEEP_S)
         self.waits += 1
         self.wait_seconds += time.perf_counter() - start
+        self.window_seconds += start - self._post_time
         return self.mask[:int(header[NUM_FILL])], self.layout.accepted[:int(header[NUM_ACCEPT])]
 
     def _why_dead(self) -> str:
@@ -227,7 +284,10 @@ def _stop(popen: subprocess.Popen, shm: shared_memory.SharedMemory, header: Any)
 
 
 # ---- the process --------------------------------------------------------------------------
-def _serve(shm_name: str, cap: int, width: int, info_path: str, parent_pid: int, fill_threads: int) -> None:
+def _serve(shm_name: str, cap: int, width: int, info_path: str, parent_pid: int, fill_threads: int,
+           nap_us: int = 0) -> None:
+    global _NAP_S
+    _NAP_S = nap_us * 1e-6
     import torch
     import xgrammar
     shm = shared_memory.SharedMemory(name=shm_name)
@@ -242,10 +302,12 @@ def _serve(shm_name: str, cap: int, width: int, info_path: str, parent_pid: int,
 def _loop(shm, cap: int, width: int, info_path: str, parent_pid: int, fill_threads: int, torch, xgrammar) -> None:
     layout = _Layout(shm.buf, cap, width)
     header = layout.header
-    mask = torch.from_numpy(layout.mask)
+    mask = torch.from_numpy(layout.mask)   # xgrammar's fill takes a torch tensor
     info = xgrammar.TokenizerInfo.deserialize_json(_read_payload(info_path).decode())
     grammars: dict[int, Any] = {}
     matchers: dict[int, Any] = {}   # slot -> matcher (slots may outnumber a step's rows: preempted ones keep theirs)
+    terminated: set[int] = set()    # slots whose matcher took a stop token that ended its grammar
+    stop_ids = frozenset(info.stop_token_ids)
     batch = xgrammar.BatchGrammarMatcher(max_threads=fill_threads)
     stdin = sys.stdin.buffer
     seen = 0
@@ -256,24 +318,55 @@ def _loop(shm, cap: int, width: int, info_path: str, parent_pid: int, fill_threa
             seen = int(header[POSTED])
             if header[STOP]:
                 return
-            accept_slot, accept_token, accepted = layout.accept_slot, layout.accept_token, layout.accepted
-            for i in range(int(header[NUM_ACCEPT])):
-                matcher = matchers.get(int(accept_slot[i]))
-                accepted[i] = matcher is not None and matcher.accept_token(int(accept_token[i]))
+            messages = []
             if header[NUM_MESSAGES]:
                 size = int.from_bytes(stdin.read(4), "little")
-                _apply(pickle.loads(stdin.read(size)), grammars, matchers, info, xgrammar)
-            fill_matchers, indices = [], []
-            for row in range(int(header[NUM_FILL])):
-                slot = int(layout.fill_slot[row])
+                messages = _unpack(pickle.loads(stdin.read(size)))
+                for message in messages:
+                    if message[0] == "rollback" and message[1] in matchers:
+                        matchers[message[1]].rollback(1)
+                        terminated.discard(message[1])
+            n = int(header[NUM_ACCEPT])
+            start = time.perf_counter_ns()
+            if n and header[RELEASED] < seen and not _await(lambda: header[RELEASED] >= seen, header, parent_pid):
+                return
+            accept_slot, accept_row, accepted, ids = layout.accept_slot, layout.accept_row, layout.accepted, layout.ids
+            waited = time.perf_counter_ns() - start   # held (post(released=False))
+            start += waited
+            landing_waits = 0
+            results = []
+            for slot, row in zip(accept_slot[:n].tolist(), accept_row[:n].tolist()):
+                token = int(ids[row])
+                if token < 0:   # the device's copy has not landed yet
+                    landing = time.perf_counter_ns()
+                    if not _await(lambda: ids[row] >= 0, header, parent_pid):
+                        return
+                    landing_waits += time.perf_counter_ns() - landing
+                    token = int(ids[row])
                 matcher = matchers.get(slot)
-                if matcher is None or matcher.is_terminated():
+                ok = matcher is not None and matcher.accept_token(token)
+                if ok and token in stop_ids and matcher.is_terminated():
+                    terminated.add(slot)
+                results.append(ok)
+            if n:
+                accepted[:n] = results
+            accepted_at = time.perf_counter_ns()
+            if messages:
+                _apply(messages, grammars, matchers, terminated, info, xgrammar)
+            fill_matchers, indices = [], []
+            for row, slot in enumerate(layout.fill_slot[:int(header[NUM_FILL])].tolist()):
+                matcher = matchers.get(slot)
+                if matcher is None or slot in terminated:   # (xgrammar refuses to fill a terminated one)
                     mask[row].fill_(-1)
                 else:
                     fill_matchers.append(matcher)
                     indices.append(row)
             if fill_matchers:
                 batch.batch_fill_next_token_bitmask(fill_matchers, mask, indices)
+            done = time.perf_counter_ns()
+            header[NS_TOKENS] += waited + landing_waits
+            header[NS_ACCEPT] += accepted_at - start - landing_waits
+            header[NS_FILL] += done - accepted_at
             header[DONE] = seen
     except BaseException:
         header[FAILED] = 1
@@ -283,27 +376,45 @@ def _loop(shm, cap: int, width: int, info_path: str, parent_pid: int, fill_threa
 def _spin(header: Any, seen: int, parent_pid: int) -> bool:
     """Wait for a new post (sched_yield between looks; sleeps once idle); False if the
     parent is gone."""
+    return _await(lambda: header[POSTED] != seen, header, parent_pid, stop=False)
+
+
+def _await(ready, header: Any, parent_pid: int, stop: bool = True) -> bool:
+    """Spin until ready() (sched_yield between looks; sleeps after 20 ms); False if the parent
+    is gone (or, with `stop`, the engine set STOP)."""
     start = time.monotonic()
     spins, idle = 0, False
-    while header[POSTED] == seen:
+    while not ready():
         spins += 1
         if spins & 1023 == 0:
-            if os.getppid() != parent_pid:
+            if os.getppid() != parent_pid or (stop and header[STOP]):
                 return False
             idle = time.monotonic() - start > _IDLE_SPIN_S
         if idle:
             time.sleep(_IDLE_SLEEP_S)
+        elif _NAP_S:
+            time.sleep(_NAP_S)
         else:
             os.sched_yield()
     return True
 
 
-def _apply(messages: list[tuple], grammars: dict[int, Any], matchers: dict[int, Any], info: Any, xgrammar) -> None:
+def _unpack(messages: list[tuple]) -> list[tuple]:
+    """The messages, those sent through a file read in."""
+    out = []
+    for message in messages:
+        out += _unpack(pickle.loads(_read_payload(message[1]))) if message[0] == "file" else [message]
+    return out
+
+
+def _apply(messages: list[tuple], grammars: dict[int, Any], matchers: dict[int, Any], terminated: set[int],
+           info: Any, xgrammar) -> None:
+    """The control messages after the step's tokens (rollbacks came before them)."""
     for message in messages:
         kind = message[0]
-        if kind == "file":
-            _apply(pickle.loads(_read_payload(message[1])), grammars, matchers, info, xgrammar)
-        elif kind == "grammar":
+        if kind in ("open", "close"):
+            terminated.discard(message[1])
+        if kind == "grammar":
             grammars[message[1]] = xgrammar.CompiledGrammar.deserialize_json(_read_payload(message[2]).decode(), info)
         elif kind == "drop":
             grammars.pop(message[1], None)
@@ -314,4 +425,5 @@ def _apply(messages: list[tuple], grammars: dict[int, Any], matchers: dict[int, 
 
 
 if __name__ == "__main__":
-    _serve(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))
+    _serve(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5]), int(sys.argv[6]),
+           int(sys.argv[7]))

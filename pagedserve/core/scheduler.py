@@ -22,8 +22,9 @@ sample in it (structured_req_ids) and carries their token bitmask; update_from_o
 advances their matchers by the sampled tokens. In lockstep the scheduler fills the bitmask
 at once. Under async scheduling (`defer_grammar`, set by EngineCore) a constrained request
 is scheduled with its last token still in flight, and the bitmask is filled later
-(`deferred_grammar_bitmask`), once the engine has applied that token, while the device runs
-the step's forward pass; the runner samples the step when the mask arrives.
+(`deferred_grammar_bitmask`), once the step before it is sampled (the grammar process takes
+that token from the device), while the device runs the step's forward pass; the runner
+samples the step when the mask arrives.
 
 Pipeline parallelism (`micro_batches` = PP > 1): up to PP steps are in flight, one per stage.
 A request whose sampled token is in flight is not scheduled again (the first stage would wait
@@ -93,7 +94,7 @@ class Scheduler:
         self._requeued_since_last_step: set[RequestId] = set()
         self._constrained_samples: list[Request] = []   # this step's sampling rows with a grammar
         self.defer_grammar = False          # async scheduling: the engine fills the bitmask later
-        self._deferred_rows: list[Request] = []   # the rows of the step whose bitmask is deferred
+        self._deferred: tuple[list[Request], list[RequestId]] = ([], [])   # the deferred step's rows, ids
         self.grammars: Any = structured_output.InlineGrammars()   # EngineCore may pick ProcessGrammars
         self.stats = SchedulerStats()
         self.micro_batches = 1   # pipeline stages to keep busy (set by EngineCore)
@@ -312,26 +313,23 @@ class Scheduler:
         self._constrained_samples = []
         if constrained:
             out.structured_req_ids = [r.request_id for r in constrained]
-            if self.defer_grammar:
-                self._deferred_rows = constrained
-            else:
+            if not self.defer_grammar:
                 out.grammar_bitmask = self.grammars.fill(constrained)
+        if self.defer_grammar:
+            self._deferred = constrained, out.structured_req_ids
 
-    def deferred_grammar_bitmask(self, previous: SchedulerOutput | None = None,
-                                 result: ModelRunnerOutput | None = None) -> structured_output.PendingFill:
-        """The bitmask of the last step scheduled with `defer_grammar`, on its way: the engine
-        calls this once the previous step's tokens are back (the matchers' inputs) and takes
-        the result right before it samples that step. `previous` / `result`: that step, whose
-        update_from_output comes after this call: its constrained rows' tokens are taken
-        ahead (update_from_output then decides what they end)."""
-        if previous is not None and previous.structured_req_ids:
-            requests, sampled = self.requests, result.sampled_token_ids
-            for rid in previous.structured_req_ids:
-                request, token = requests.get(rid), sampled.get(rid)
-                if token is not None and request is not None and request.status == _RUNNING:
-                    self.grammars.take_ahead(request, token)
-        rows, self._deferred_rows = self._deferred_rows, []
-        return self.grammars.start_fill(rows)
+    def deferred_grammar_bitmask(self, sampled: SchedulerOutput | None = None, rows: list[int] = ()
+                                 ) -> structured_output.PendingFill | None:
+        """The bitmask of the last step scheduled with `defer_grammar`, on its way (None if it
+        has no constrained rows and nothing else is posted): the engine calls this as soon as
+        the step before it is sampled, `sampled`, whose constrained rows' tokens land in row
+        rows[i] of the grammars' sampled ids (ProcessGrammars takes those of the requests
+        still running from there; update_from_output, after this call, decides what they
+        end), and takes the result right before it samples the step."""
+        (rows_, ids), self._deferred = self._deferred, ([], [])
+        if sampled is None:
+            return self.grammars.start_fill(rows_, ids)
+        return self.grammars.start_fill(rows_, ids, sampled.structured_req_ids, rows, self.requests)
 
     def _suspect_first(self) -> bool:
         """Move the first waiting suspect to the head of the queue; False if none waits."""

@@ -4,16 +4,20 @@ samples each have their own) and the step's token bitmask, on one of two backend
 - InlineGrammars: the matchers live on the engine thread (`request.grammar_matcher`). Lockstep
   and pipeline parallelism fill at schedule time (`fill`); async fills when the engine asks.
 - ProcessGrammars (async scheduling, the default there): the matchers live in a grammar
-  process (core/grammar_process.py). `accept` only queues the token and decides termination
-  at once from the grammar's stop tokens (a masked sample is a stop token only where the
-  grammar may end); `start_fill` posts the queued tokens and the step's rows, and the process
-  accepts and fills while the engine thread hands the outputs over and schedules the next
-  step; `PendingFill.result()` waits for the mask just before sampling. A token the grammar
-  refuses (masking makes that impossible unless something is broken) is learned there, one
-  step late: `PendingFill.rejected`, which the engine fails (finish_reason "abort", the
-  error naming the token); that request's next token is dropped. If the process dies, the
-  step that waited for it fails (EngineCore._fail), the next fill starts a new process, and
-  the requests whose matchers died with the old one fail then.
+  process (core/grammar_process.py). A deferred step is sampled with its ids copied into the
+  process's segment (`sampled_ids`); right after, `start_fill` posts where each constrained
+  row's token lands and the next step's rows, and the process accepts each token as the
+  device's copy lands and fills, while the engine thread launches the next forward, waits,
+  hands the outputs over and schedules; `PendingFill.result()` waits for the mask just
+  before sampling. `accept` (in update_from_output) only decides termination, from the
+  grammar's stop tokens (a masked sample is a stop token only where the grammar may end).
+  A token the grammar refuses (masking makes that impossible unless something is broken)
+  is learned at the next result(), one step late: `PendingFill.failed`, which the engine
+  fails (finish_reason "abort", the error naming the token); that request's next token is
+  dropped. A step that fails after its tokens were posted has them rolled back
+  (`take_back`: its requests are recomputed). If the process dies, the step that waited
+  for it fails (EngineCore._fail), the next fill starts a new process, and the requests
+  whose matchers died with the old one fail then.
 
 The bitmask: one int32 CPU tensor [rows, ceil(vocab / 32)] (row i for rows[i]), the first
 rows of a buffer reused from step to step (a step's mask is consumed, copied to the device
@@ -26,9 +30,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pagedserve.core.request import Request
+from pagedserve.core.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
+_RUNNING = RequestStatus.RUNNING
 
 
 def _matcher(request: Request) -> Any:
@@ -107,6 +112,8 @@ class PendingFill:
 class InlineGrammars:
     """The matchers on the engine thread."""
 
+    tokens_from_device = False   # accepted in update_from_output, from the host's copy
+
     def __init__(self) -> None:
         self._buffer: Any = None
 
@@ -116,19 +123,29 @@ class InlineGrammars:
     def accept(self, request: Request, token: int) -> tuple[bool, bool]:
         return accept(request, token)
 
-    def take_ahead(self, request: Request, token: int) -> None:
-        pass   # accepted in update_from_output
+    def sampled_ids(self) -> None:
+        return None   # the runner's own copy
 
     def release(self, request: Request) -> None:
         pass
+
+    def take_back(self, requests: list[Request]) -> None:
+        pass   # nothing was accepted ahead of the update
 
     def fill(self, rows: list[Request]) -> Any:
         self._buffer = bitmask_buffer(rows, self._buffer)
         return fill_bitmask(rows, self._buffer)
 
-    def start_fill(self, rows: list[Request]) -> PendingFill:
-        """Filled at result(): the engine takes it right before sampling."""
-        return PendingFill(lambda: self.fill(rows))
+    def start_fill(self, rows: list[Request], row_ids: list[str], *sampled) -> PendingFill | None:
+        """Filled at result(): the engine takes it right before sampling (the sampled step's
+        tokens: taken in update_from_output instead)."""
+        return PendingFill(lambda: self.fill(rows)) if rows else None
+
+    def release_tokens(self) -> None:
+        pass
+
+    def drop(self, pending: PendingFill) -> None:
+        pass   # nothing was started
 
     def shutdown(self) -> None:
         pass
@@ -140,13 +157,21 @@ class ProcessGrammars:
     grammars are sent once per distinct CompiledGrammar object (the frontend hands out one
     object per distinct constraint) and dropped when unused while more than MAX_IDLE_GRAMMARS
     are known. `max_rows`: the most rows a step samples (max_num_seqs); `fill_threads`: the
-    process's fill pool."""
+    process's fill pool.
+
+    The tokens come from the device: a deferred step is sampled with its ids copied into the
+    process's segment (`sampled_ids`), and `start_fill` names each constrained row's ids row
+    at once, so the process accepts as soon as the copy lands. `hold_tokens` (a benchmark's
+    A/B): the process waits for `release_tokens()`, which the engine calls once it has the
+    tokens itself (the window before the device posted them); `nap_us`: see GrammarProcess."""
 
     MAX_IDLE_GRAMMARS = 64
+    tokens_from_device = True
 
-    def __init__(self, max_rows: int, fill_threads: int = 1) -> None:
+    def __init__(self, max_rows: int, fill_threads: int = 1, hold_tokens: bool = False, nap_us: int = 0) -> None:
         self.max_rows = max(max_rows, 1)
-        self.fill_threads = fill_threads
+        self.fill_threads, self.nap_us = fill_threads, nap_us
+        self.hold_tokens = hold_tokens
         self.process: Any = None
         self._slots: dict[str, int] = {}          # request id -> slot
         self._free_slots: list[int] = []
@@ -154,9 +179,10 @@ class ProcessGrammars:
         self._grammars: dict[int, list] = {}      # id(grammar) -> [grammar, key, stop ids, live slots]
         self._slot_grammar: dict[int, int] = {}   # slot -> id(grammar)
         self._next_key = 0
-        self._accepts: list[tuple[Request, int, int]] = []   # (request, slot, token), not yet posted
         self._lost: set[str] = set()   # request ids whose matcher died with a process
-        self._ahead: set[str] = set()   # request ids whose next accept() was taken ahead
+        self._unreported: list[tuple[Request, str]] = []   # failures of a step nobody took the mask of
+        self._epoch = 0   # bumped when a slot is released or rolled back: the last post's slots may not serve again
+        self._last: tuple = ([], [], [], -1)   # the last post's fills: row ids, rows, slots, epoch
 
     def prepare(self, request: Request) -> None:
         """A constrained request arrived: the process starts now (its imports take ~2 s) so
@@ -165,36 +191,25 @@ class ProcessGrammars:
             from pagedserve.core.grammar_process import GrammarProcess
             grammar = request.grammar
             self.process = GrammarProcess(grammar.tokenizer_info, self.max_rows, bitmask_width(grammar),
-                                          self.fill_threads)
+                                          self.fill_threads, self.nap_us)
 
-    def take_ahead(self, request: Request, token: int) -> None:
-        """`token`, sampled for `request`, is queued now, before its step's update (whose
-        accept() then only decides termination): the process accepts it during that update."""
-        slot = self._slots.get(request.request_id)
-        if slot is not None:
-            self._accepts.append((request, slot, token))
-            self._ahead.add(request.request_id)
+    def sampled_ids(self) -> Any:
+        """Where the runner copies a deferred step's sampled ids (the process reads them there)."""
+        return self.process.sampled_ids() if self.process is not None and self.process.alive else None
 
     def accept(self, request: Request, token: int) -> tuple[bool, bool]:
-        """Queued for the next post (unless taken ahead); terminated if `token` is one of the
-        grammar's stop tokens."""
-        rid = request.request_id
-        if self._ahead and rid in self._ahead:
-            self._ahead.discard(rid)
-        else:
-            slot = self._slots.get(rid)
-            if slot is not None:
-                self._accepts.append((request, slot, token))
+        """The process took `token` already (start_fill); terminated if it is one of the
+        grammar's stop tokens. A refusal is learned at the next PendingFill.result()."""
         entry = self._grammars.get(id(request.grammar))
         stop_ids = entry[2] if entry is not None else request.grammar.tokenizer_info.stop_token_ids
         return True, token in stop_ids
 
     def release(self, request: Request) -> None:
         self._lost.discard(request.request_id)
-        self._ahead.discard(request.request_id)
         slot = self._slots.pop(request.request_id, None)
         if slot is None:
             return
+        self._epoch += 1
         self.process.close(slot)
         self._free_slots.append(slot)
         entry = self._grammars[self._slot_grammar.pop(slot)]
@@ -204,6 +219,15 @@ class ProcessGrammars:
                 if not live:
                     self.process.drop_grammar(key)
                     del self._grammars[gid]
+
+    def take_back(self, requests: list[Request]) -> None:
+        """These requests' matchers took a token that will not be applied (its step failed
+        after the post; they are recomputed): each is rolled back by one token."""
+        for request in requests:
+            slot = self._slots.get(request.request_id)
+            if slot is not None:
+                self.process.rollback(slot)
+        self._epoch += 1
 
     def _open(self, request: Request) -> int:
         grammar = request.grammar
@@ -223,33 +247,73 @@ class ProcessGrammars:
         self.process.open(slot, entry[1])
         return slot
 
-    def start_fill(self, rows: list[Request]) -> PendingFill:
-        """Post the tokens taken since the last post and these rows' fill; the process works
-        until result()."""
-        failed: list[tuple[Request, str]] = []
+    def start_fill(self, rows: list[Request], row_ids: list[str], sampled_ids: list[str] | None = None,
+                   sampled_rows: list[int] = (), requests: dict | None = None) -> PendingFill | None:
+        """Post the fill of `rows` (ids `row_ids`) and the tokens of the step just sampled:
+        its constrained requests `sampled_ids` (the fills of the last post), whose tokens land
+        in rows `sampled_rows` of sampled_ids() (those still running, looked up in
+        `requests`, take them); the process works until result(). None if there is nothing
+        to post. In a steady decode (the same rows step after step, no slot released since)
+        nothing is looked up per row: the last post's slots serve again."""
         if self.process is not None and not self.process.alive:
             self._restart()
-        self.prepare(rows[0])
+            sampled_ids = None   # the new process has no matchers for them (they are lost)
+        if not rows and not sampled_ids:
+            return None
+        failed, self._unreported = self._unreported, []
+        if rows:
+            self.prepare(rows[0])
+        last_ids, last_rows, last_fills, last_epoch = self._last
+        steady = last_epoch == self._epoch and -1 not in last_fills
+        posted, accept_slots, accept_rows = [], [], []
+        if sampled_ids:
+            if steady and sampled_ids is last_ids and -1 not in sampled_rows:
+                posted, accept_slots, accept_rows = last_rows, last_fills, sampled_rows
+            else:
+                slots = self._slots
+                for rid, row in zip(sampled_ids, sampled_rows):
+                    request, slot = requests.get(rid), slots.get(rid)
+                    if row >= 0 and slot is not None and request is not None and request.status == _RUNNING:
+                        posted.append(request)
+                        accept_slots.append(slot)
+                        accept_rows.append(row)
+        if steady and row_ids == last_ids:
+            fills, written = last_fills, True   # already in the segment
+        else:
+            fills, written = self._fills(rows, failed), False
+        self.process.post(accept_slots, accept_rows, fills, released=not self.hold_tokens, fills_written=written)
+        self._last = (row_ids, rows, fills, self._epoch)
+        pending = PendingFill(lambda: self._collect(posted, pending.failed))
+        pending.failed = failed
+        return pending
+
+    def _fills(self, rows: list[Request], failed: list[tuple[Request, str]]) -> list[int]:
+        """The slot of each row (opened if new; -1: finished, or lost, which fails it)."""
         slots, lost = self._slots, self._lost
         fills = []
         for request in rows:
+            slot = slots.get(request.request_id)
             if request.is_finished():
                 fills.append(-1)
             elif lost and request.request_id in lost:
                 fills.append(-1)
                 failed.append((request, "its grammar matcher was lost: the grammar process died"))
             else:
-                slot = slots.get(request.request_id)
                 fills.append(self._open(request) if slot is None else slot)
-        accepts, self._accepts = self._accepts, []
-        while len(accepts) > self.max_rows:   # more than a step's worth (steps resolved together)
-            chunk, accepts = accepts[:self.max_rows], accepts[self.max_rows:]
-            self._post(chunk, [])
-            self._collect(chunk, failed)
-        self._post(accepts, fills)
-        pending = PendingFill(lambda: self._collect(accepts, pending.failed))
-        pending.failed = failed
-        return pending
+        return fills
+
+    def release_tokens(self) -> None:
+        if self.hold_tokens and self.process is not None:
+            self.process.release()
+
+    def drop(self, pending: PendingFill) -> None:
+        """A posted fill whose step was not launched: its result is taken (its failures are
+        reported with the next post's)."""
+        try:
+            pending.result()
+        except Exception:
+            return   # the process died: the next post restarts it
+        self._unreported += pending.failed
 
     def _restart(self) -> None:
         """The process died: forget it; its sequences' matchers are lost (they fail at their
@@ -259,16 +323,17 @@ class ProcessGrammars:
         self.process.shutdown()
         self.process = None
         self._slots, self._free_slots, self._num_slots = {}, [], 0
-        self._grammars, self._slot_grammar, self._accepts, self._ahead = {}, {}, [], set()
+        self._grammars, self._slot_grammar = {}, {}
+        self._epoch += 1
 
-    def _post(self, accepts: list[tuple[Request, int, int]], fills: list[int]) -> None:
-        self.process.post([a[1] for a in accepts], [a[2] for a in accepts], fills)
-
-    def _collect(self, accepts: list[tuple[Request, int, int]], failed: list[tuple[Request, str]]) -> Any:
+    def _collect(self, posted: list[Request], failed: list[tuple[Request, str]]) -> Any:
         mask, accepted = self.process.wait()
         if not accepted.all():
-            failed += [(request, f"sampled token {token} does not match the request's structured_outputs grammar")
-                       for (request, _, token), ok in zip(accepts, accepted) if not ok]
+            ids = self.process.layout.ids
+            rows = self.process.layout.accept_row
+            failed += [(request, f"sampled token {int(ids[rows[i]])} does not match the request's "
+                                 "structured_outputs grammar")
+                       for i, (request, ok) in enumerate(zip(posted, accepted)) if not ok]
         return mask
 
     def shutdown(self) -> None:

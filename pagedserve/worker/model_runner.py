@@ -77,8 +77,11 @@ class PendingRunnerOutput:
         return output
 
 
-def _to_host(tensor: torch.Tensor) -> torch.Tensor:
-    """Start a device -> pinned host copy (the caller records an event after it)."""
+def _to_host(tensor: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Start a device -> pinned host copy (the caller records an event after it), into the
+    first rows of `out` if given."""
+    if out is not None:
+        return out[:tensor.shape[0]].copy_(tensor, non_blocking=True)
     if tensor.device.type != "cuda":
         return tensor
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
@@ -102,12 +105,14 @@ class DeferredSample:
 
     def __init__(self, runner: ModelRunner, output: ModelRunnerOutput, logits: torch.Tensor,
                  states: list[CachedRequestState], structured_req_ids: list[RequestId]) -> None:
-        self.runner, self.output, self.logits = runner, output, logits
-        self.states, self.structured_req_ids = states, structured_req_ids
+        self.runner, self.output, self.logits, self.states = runner, output, logits, states
+        self.grammar_rows = _grammar_rows(states, structured_req_ids)
 
     @torch.inference_mode()
-    def sample(self, grammar_bitmask: torch.Tensor | None) -> PendingRunnerOutput:
-        return self.runner._sample(self.output, self.logits, self.states, self.structured_req_ids, grammar_bitmask)
+    def sample(self, grammar_bitmask: torch.Tensor | None, sampled_ids: torch.Tensor | None = None
+               ) -> PendingRunnerOutput:
+        return self.runner._sample(self.output, self.logits, self.states, self.grammar_rows, grammar_bitmask,
+                                   sampled_ids)
 
     def ready(self) -> bool:
         return False   # not even sampled yet
@@ -127,6 +132,15 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     if hasattr(mmap, "MADV_NOHUGEPAGE"):   # Linux: also where transparent huge pages are "always"
         pages.madvise(mmap.MADV_NOHUGEPAGE)
     return torch.frombuffer(pages, dtype=torch.uint8)[:nbytes].view(dtype).view(shape)   # holds `pages`
+
+
+def _grammar_rows(states: list[CachedRequestState], structured_req_ids: list[RequestId]) -> list[int]:
+    """The sampled row of each structured_req_ids entry (-1: not sampled in this step)."""
+    req_ids = [state.req_id for state in states]
+    if req_ids == structured_req_ids:
+        return list(range(len(req_ids)))
+    row_of = {rid: row for row, rid in enumerate(req_ids)}
+    return [row_of.get(rid, -1) for rid in structured_req_ids]
 
 
 class ModelRunner:
@@ -330,7 +344,8 @@ class ModelRunner:
                 logits = logits[torch.tensor(row_of_logits, device=logits.device)]
             if non_block and so.structured_req_ids and so.grammar_bitmask is None:
                 return DeferredSample(self, output, logits, sample_states, so.structured_req_ids)
-            pending = self._sample(output, logits, sample_states, so.structured_req_ids, so.grammar_bitmask)
+            rows = _grammar_rows(sample_states, so.structured_req_ids) if so.grammar_bitmask is not None else []
+            pending = self._sample(output, logits, sample_states, rows, so.grammar_bitmask)
             if non_block:
                 return pending
             self._prev_sampled = None   # resolved at once: no placeholder left to feed
@@ -367,12 +382,14 @@ class ModelRunner:
         return None
 
     def _sample(self, output: ModelRunnerOutput, logits: torch.Tensor, states: list[CachedRequestState],
-                structured_req_ids: list[RequestId], grammar_bitmask: torch.Tensor | None) -> PendingRunnerOutput:
-        """Rank 0: sample the rows (grammar masks first). Under async TP the ids go to every rank
-        on the device; zeros if sampling raised, since the workers wait for them."""
+                grammar_rows: list[int], grammar_bitmask: torch.Tensor | None,
+                sampled_ids: torch.Tensor | None = None) -> PendingRunnerOutput:
+        """Rank 0: sample the rows (grammar masks first: mask row i on logits row grammar_rows[i]).
+        Under async TP the ids go to every rank on the device; zeros if sampling raised, since
+        the workers wait for them. `sampled_ids`: a host buffer the ids are copied into."""
         try:
             if grammar_bitmask is not None:
-                self._apply_grammar(logits, structured_req_ids, grammar_bitmask, states)
+                self._apply_grammar(logits, grammar_rows, grammar_bitmask)
             sampled = sample(self.sampler, logits, states, self.model_config.vocab_size, self.device,
                              self.model_config.eos_token_ids)
         except Exception:
@@ -381,29 +398,26 @@ class ModelRunner:
             raise
         if self.share_sampled:
             broadcast_from_rank0(sampled.token_ids)
-        return self._defer(output, states, sampled)
+        if sampled_ids is not None:
+            self._host_registered(sampled_ids)   # the grammar process's segment: page-locked once
+        return self._defer(output, states, sampled, sampled_ids)
 
-    def _apply_grammar(self, logits: torch.Tensor, structured_req_ids: list[RequestId], bitmask: torch.Tensor,
-                       states: list[CachedRequestState]) -> None:
+    def _apply_grammar(self, logits: torch.Tensor, grammar_rows: list[int], bitmask: torch.Tensor) -> None:
         """Mask the logits rows of constrained requests with their bitmask rows (before
         sampling and logprobs, so every sampler path, greedy argmax included, obeys it)."""
-        mask_row = {rid: i for i, rid in enumerate(structured_req_ids)}
-        rows, picked = [], []
-        for row, state in enumerate(states):
-            i = mask_row.get(state.req_id)
-            if i is not None:
-                rows.append(row)
-                picked.append(i)
-        if rows:
-            if picked != list(range(bitmask.shape[0])):
-                bitmask = bitmask[torch.tensor(picked)]
-            elif len(rows) == logits.shape[0] and self._host_registered(bitmask):
-                apply_token_bitmask(logits, bitmask, rows)   # an async copy straight from it
-                return
-            staging = self._bitmask_staging(logits.shape[0], bitmask.shape[1])
-            apply_token_bitmask(logits, bitmask, rows, staging)
-            if staging is not None:
-                self._staging[1].record()   # after the copy from it, for the next reuse
+        if -1 in grammar_rows:
+            keep = [i for i, row in enumerate(grammar_rows) if row >= 0]
+            bitmask, grammar_rows = bitmask[torch.tensor(keep)], [grammar_rows[i] for i in keep]
+        if not grammar_rows:
+            return
+        if len(grammar_rows) == logits.shape[0] and grammar_rows[-1] == len(grammar_rows) - 1 \
+                and self._host_registered(bitmask) and grammar_rows == list(range(len(grammar_rows))):
+            apply_token_bitmask(logits, bitmask, grammar_rows)   # an async copy straight from it
+            return
+        staging = self._bitmask_staging(logits.shape[0], bitmask.shape[1])
+        apply_token_bitmask(logits, bitmask, grammar_rows, staging)
+        if staging is not None:
+            self._staging[1].record()   # after the copy from it, for the next reuse
 
     def _host_registered(self, bitmask: torch.Tensor) -> bool:
         """On CUDA, a bitmask in a page-aligned host buffer of its own (the grammar process's
@@ -466,10 +480,11 @@ class ModelRunner:
         self._prev_sampled = broadcast_from_rank0(ids)
         self._add_placeholders(states)
 
-    def _defer(self, output: ModelRunnerOutput, states: list[CachedRequestState], sampled) -> PendingRunnerOutput:
+    def _defer(self, output: ModelRunnerOutput, states: list[CachedRequestState], sampled,
+               sampled_ids: torch.Tensor | None = None) -> PendingRunnerOutput:
         positions = self._add_placeholders(states)   # filled by PendingRunnerOutput.get()
         self._prev_sampled = sampled.token_ids
-        token_ids = _to_host(sampled.token_ids)
+        token_ids = _to_host(sampled.token_ids, sampled_ids)
         logprobs = None
         if sampled.logprobs is not None:
             logprobs = tuple(_to_host(t) for t in (sampled.logprob_token_ids, sampled.logprobs,

@@ -163,14 +163,18 @@ def test_the_frontend_hands_out_one_object_per_constraint(checkpoint):  # noqa: 
     assert a is b and c is not a
 
 
-def test_more_slots_than_rows_and_accepts_beyond_a_step(checkpoint):  # noqa: F811
+def test_more_slots_than_rows_and_tokens_that_land_after_the_post(checkpoint, monkeypatch):  # noqa: F811
     """ProcessGrammars with room for 2 rows a step: 5 live sequences (slots 0-4, as when
-    preempted ones keep theirs), 5 queued tokens posted in chunks; each mask equals the mask
-    of an in-engine matcher fed the same tokens, a finished row is all-allowed."""
+    preempted ones keep theirs). Each step posts its rows' ids rows before the ids land (as
+    the device's copy does) and in another order than the rows; each mask equals the mask of
+    an in-engine matcher fed the same tokens, a finished row is all-allowed, a held post
+    (hold_tokens) waits for release_tokens(), a refused token is reported with its id."""
     import torch
     import xgrammar
     from transformers import AutoTokenizer
 
+    from pagedserve.core.grammar_process import DONE
+    from pagedserve.core.request import RequestStatus
     from pagedserve.core.structured_output import ProcessGrammars
     from pagedserve.frontend.structured_output import GrammarCompiler
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
@@ -180,30 +184,95 @@ def test_more_slots_than_rows_and_accepts_beyond_a_step(checkpoint):  # noqa: F8
     class Row:   # what ProcessGrammars reads from a Request
         def __init__(self, i: int) -> None:
             self.request_id, self.grammar, self.finished = str(i), grammar, False
+            self.status = RequestStatus.RUNNING
             self.grammar_matcher = xgrammar.GrammarMatcher(grammar)   # the in-engine reference
 
         def is_finished(self) -> bool:
             return self.finished
 
+    def fill(rows):
+        return grammars.start_fill(rows, [row.request_id for row in rows])
+
+    def step(pair, tokens, fill=(), late=0.0):
+        """Post the pair's tokens (ids rows reversed) and a fill; the tokens land `late` s after."""
+        ids = grammars.sampled_ids()
+        assert (ids == -1).all()
+        pending = grammars.start_fill(list(fill), [row.request_id for row in fill], [row.request_id for row in pair],
+                                      [len(pair) - 1 - j for j in range(len(pair))], {r.request_id: r for r in rows})
+        time.sleep(late)
+        for j, token in enumerate(tokens):
+            ids[len(pair) - 1 - j] = token
+        for row, token in zip(pair, tokens):
+            row.grammar_matcher.accept_token(token)
+        return pending
+
     grammars = ProcessGrammars(max_rows=2)
     rows = [Row(i) for i in range(5)]
     try:
         for pair in (rows[0:2], rows[2:4], rows[4:5]):   # opens slots 0..4, two rows a step at most
-            assert torch.equal(grammars.start_fill(pair).result(), reference_bitmask(pair))
-        tokens = tokenizer.encode("ab", add_special_tokens=False)
-        for row in rows:   # five tokens queued: more than a step's rows
-            for token in tokens:
-                assert grammars.accept(row, token) == (True, False)
+            assert torch.equal(fill(pair).result(), reference_bitmask(pair))
+        for token in tokenizer.encode("ab", add_special_tokens=False):
+            for pair in (rows[0:2], rows[2:4], rows[4:5]):
+                assert grammars.accept(pair[0], token) == (True, False)
+                pending = step(pair, [token] * len(pair), pair, late=0.05)
+                assert torch.equal(pending.result(), reference_bitmask(pair)) and pending.failed == []
+        pair, previous = rows[0:2], [rows[0].request_id, rows[1].request_id]
+        grammars.start_fill(pair, previous).result()
+        looked_up = []
+        monkeypatch.setattr(grammars, "_fills", lambda *args: looked_up.append(args) or [])
+        for token in tokenizer.encode("cdab", add_special_tokens=False):   # a steady decode: the last
+            ids = grammars.sampled_ids()                                 # post's slots serve again
+            current = list(previous)
+            pending = grammars.start_fill(pair, current, previous, [1, 0], {})
+            ids[0], ids[1] = token, token
+            for row in pair:
                 assert row.grammar_matcher.accept_token(token)
+            assert torch.equal(pending.result(), reference_bitmask(pair)) and pending.failed == []
+            previous = current
+        assert looked_up == []
+        monkeypatch.undo()
         rows[1].finished = True
-        pending = grammars.start_fill([rows[4], rows[1]])
+        pending = fill([rows[4], rows[1]])
         assert torch.equal(pending.result(), reference_bitmask([rows[4], rows[1]])) and pending.failed == []
         assert grammars.accept(rows[4], tokenizer.eos_token_id) == (True, True)   # a stop token ends it at once
+        grammars.hold_tokens = True
+        c = tokenizer.encode("c", add_special_tokens=False)[0]
+        pending = step([rows[2]], [c], [rows[2]])
+        time.sleep(0.1)
+        assert grammars.process.layout.header[DONE] != grammars.process._posted   # held
+        grammars.release_tokens()
+        assert torch.equal(pending.result(), reference_bitmask([rows[2]]))
+        grammars.hold_tokens = False
         refused = tokenizer.encode("z", add_special_tokens=False)[0]
-        grammars.accept(rows[3], refused)   # learned at the next result
-        pending = grammars.start_fill([rows[3]])
+        pending = step([rows[0], rows[3]], [tokenizer.encode("c", add_special_tokens=False)[0], refused], [rows[3]])
         assert torch.equal(pending.result(), reference_bitmask([rows[3]]))
         assert pending.failed == [(rows[3], f"sampled token {refused} does not match the request's "
                                             "structured_outputs grammar")]
     finally:
         grammars.shutdown()
+
+
+def test_a_step_failed_after_its_tokens_were_posted_is_taken_back(checkpoint, monkeypatch):  # noqa: F811
+    """The grammar process takes a step's tokens as soon as it is sampled; if that step then
+    fails (here: fetching its tokens raises once, mid-generation), its requests are
+    recomputed and the process rolls their matchers back by that token: the constrained
+    request and the plain one beside it end as in a run without the failure."""
+    from pagedserve.worker.model_runner import PendingRunnerOutput
+    llm = _llm(checkpoint)
+    regex = "[a-z]{6,30}"
+    params = [SamplingParams(max_tokens=30, temperature=0.0, structured_outputs=StructuredOutputsParams(regex=regex)),
+              SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)]
+    prompts = ["Word:", {"prompt_token_ids": random_prompts(1, VOCAB, 12, 13, seed=3)[0]}]
+    clean = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    get, calls = PendingRunnerOutput.get, []
+
+    def failing_once(self):
+        calls.append(1)
+        if len(calls) == 6:
+            raise RuntimeError("the step's tokens were lost")
+        return get(self)
+    monkeypatch.setattr(PendingRunnerOutput, "get", failing_once)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert len(calls) > 6 and all(o.error is None for o in outs)
+    assert [o.outputs[0].token_ids for o in outs] == clean
+    assert re.fullmatch(regex, outs[0].outputs[0].text)

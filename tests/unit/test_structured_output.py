@@ -163,9 +163,11 @@ def test_no_tokenizer_rejects_structured_outputs(checkpoint):
     assert info.value.param == "structured_outputs"
 
 
-def test_preemption_keeps_the_matcher_state(checkpoint):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["lockstep", "async-process"])
+def test_preemption_keeps_the_matcher_state(checkpoint, async_scheduling):
     """Recompute after preemption replays tokens the matcher already accepted: the outputs
-    equal those of a run with room for everyone (seeded), and still match the grammar."""
+    equal those of a run with room for everyone (seeded), and still match the grammar (async:
+    the grammar process takes only the tokens of requests still running)."""
     regex = r"\[(\d{1,3}, ){3,12}\d{1,3}\]"
     prompts = [{"prompt_token_ids": p} for p in random_prompts(6, VOCAB, 20, 40, seed=9)]
     params = [SamplingParams(max_tokens=60, temperature=1.0, seed=i,
@@ -173,7 +175,7 @@ def test_preemption_keeps_the_matcher_state(checkpoint):
 
     def run(num_kv_blocks):
         llm = LLM(model=checkpoint, device="cpu", dtype="float32", max_model_len=128, block_size=16,
-                  num_kv_blocks=num_kv_blocks, async_scheduling=False)
+                  num_kv_blocks=num_kv_blocks, async_scheduling=async_scheduling)
         outs = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
         return outs, llm.engine.stats().num_preemptions
 
