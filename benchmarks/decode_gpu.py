@@ -1,10 +1,9 @@
 """Batch-1 decode on the GPU (issue 22): where one decode step's time goes and how fast the
 matmuls stream their weights. One run, stages in the order check, attn, models, sweep,
-normsweep, bf16, tests (each guarded: a failure prints its traceback and the next stage runs):
+bf16, tests (each guarded: a failure prints its traceback and the next stage runs):
 
   check   the fused decode kernels against the unfused ones at the models' shapes, bf16:
-          SiLU-and-mul -> down gemv, RMSNorm -> qkv gemv and rotary -> KV store bit for bit
-          (the norm: up to the fp32 order of its sum on the GPU; also under PDL); the one-launch
+          SiLU-and-mul -> down gemv (also under PDL) and rotary -> KV store bit for bit; the one-launch
           decode attention (attention/triton_decode_attention.py) against rotary_store_kv +
           the paged kernel + its reduce: the cache and the output bit for bit, and two
           CUDA-graph replays equal to the eager call
@@ -12,8 +11,6 @@ normsweep, bf16, tests (each guarded: a failure prints its traceback and the nex
           and 16): the generic launches against the one-launch kernel per tiles_per_segment
           (auto: the module's rule by context length);
           the greedy argmax over 128k logits (1 and 16 rows): torch's against argmax_rows
-  normsweep  (not by default) the RMSNorm-prologue gemv (qkv, gate_up) over launch shapes,
-          against the plain gemv and the unfused norm + gemv (~20 s; QUICK_CONFIGS with --roles)
   sweep   (not by default) M=1 matmuls of llama-1b / llama-8b (qkv, o, gate_up, down,
           lm_head): cuBLAS against the Triton gemv over a grid of launch shapes, weights cycled
           past the L2, each call timed in a CUDA graph of 40; each fusion against its two
@@ -21,9 +18,9 @@ normsweep, bf16, tests (each guarded: a failure prints its traceback and the nex
           --roles qkv,o,...: only those matmuls, over QUICK_CONFIGS (~30 s)
   models  per model and --variants (fused: everything on; base: main before this branch: no
           one-launch attention, torch's argmax, one pageable copy per step input; attn_only:
-          base + the one-launch attention; unfused; fused+pdl; nonorm: fused but the RMSNorm
-          kernel before the one-row gemvs; noattn: fused but the generic
-          decode attention, the default): b1_decode tok/s as
+          base + the one-launch attention; unfused; fused+pdl; default = noattn: fused but the
+          generic decode attention; the RMSNorm-prologue gemv that the 2026-12-01 fused/nonorm
+          variants A/B'd is deleted): b1_decode tok/s as
           ../shared/bench/peers.py measures it (128-token prompt, 256 greedy tokens, warmed
           once), the decode graph's replay time
           (bs=1, context ~384), a torch.profiler table of one replay (per kernel calls, us,
@@ -63,7 +60,7 @@ sys.path[:0] = [".devcarry", os.path.abspath(".."),
 
 os.environ.setdefault("PAGEDSERVE_COMPILE_AHEAD_STRICT", "1")   # a failed compile-ahead fails the run
 from pagedserve.layers import linear_ops, triton_gemv  # noqa: E402
-from pagedserve.layers.triton_gemv import GemvConfig, config_for, gemv, rms_norm_gemv, silu_and_mul_gemv  # noqa: E402
+from pagedserve.layers.triton_gemv import GemvConfig, config_for, gemv, silu_and_mul_gemv  # noqa: E402
 
 MAX_MODEL_LEN = 2048   # peers.py's: the decode graphs' attention is launched for it
 HBM_TB_S = 4.3   # the issue's bandwidth basis for the ceilings (~287 / ~1,740 tok/s)
@@ -148,19 +145,10 @@ def check(dev: torch.device, dtype: torch.dtype) -> None:
     for model in (["tiny"] if SMOKE else ["llama-1b", "llama-8b"]):
         shapes, s = weight_shapes(model), SHAPES[model]
         fma = GemvConfig(16, 64, 4, 2) if SMOKE else None
-        x, gate_up = rnd(1, s["h"]), rnd(1, 2 * s["i"])
-        w_down, w_qkv = rnd(*shapes["down"], scale=0.02), rnd(*shapes["qkv"], scale=0.02)
+        gate_up = rnd(1, 2 * s["i"])
+        w_down = rnd(*shapes["down"], scale=0.02)
         ref = gemv(triton_ops.silu_and_mul(gate_up), w_down, fma)
         out[f"{model}.silu_down_equal"] = bool(torch.equal(silu_and_mul_gemv(gate_up, w_down, fma), ref))
-        norm_w, res = rnd(s["h"]), rnd(1, s["h"])
-        res_ref = res.clone()
-        normed = triton_ops.rms_norm(x, norm_w, 1e-5, res_ref)
-        y, h = rms_norm_gemv(x, norm_w, 1e-5, w_qkv, res, fma)
-        y_ref = gemv(normed, w_qkv, fma)
-        out[f"{model}.norm_qkv_residual_equal"] = bool(torch.equal(h, res_ref))
-        out[f"{model}.norm_qkv_equal"] = bool(torch.equal(y, y_ref))   # rounded as the norm kernel rounds
-        out[f"{model}.norm_qkv_max_abs_diff"] = (y.float() - y_ref.float()).abs().max().item()
-        out[f"{model}.norm_qkv_ref_max_abs"] = y_ref.float().abs().max().item()
         d = s["h"] // s["heads"]
         rope = RotaryEmbedding(d, 4096, 500000.0, dtype=dtype).to(dev)
         qkv = rnd(3, (s["heads"] + 2 * s["kv"]) * d)
@@ -177,10 +165,9 @@ def check(dev: torch.device, dtype: torch.dtype) -> None:
         if dev.type == "cuda" and triton_gemv.HAS_PDL:   # the PDL launch of the same gemv: the same bits
             triton_gemv.set_pdl(True)
             try:
-                pdl_y = silu_and_mul_gemv(gate_up, w_down)
-                pdl_norm = rms_norm_gemv(x, norm_w, 1e-5, w_qkv, res, fma)[0]
+                pdl_y = silu_and_mul_gemv(gate_up, w_down, fma)
                 torch.cuda.synchronize()
-                out[f"{model}.pdl_equal"] = bool(torch.equal(pdl_y, ref) and torch.equal(pdl_norm, y))
+                out[f"{model}.pdl_equal"] = bool(torch.equal(pdl_y, ref))
             finally:
                 triton_gemv.set_pdl(False)
         out[f"{model}.rotary_store_equal"] = bool(torch.equal(q, q2) and torch.equal(k, k2) and torch.equal(
@@ -376,13 +363,6 @@ def sweep(dev: torch.device, dtype: torch.dtype, models: list[str]) -> None:
                        m8_cublas_us=round(m8[0], 2), m8_gemv_us=round(m8[1], 2))
             best[(n, k)] = (timed[0][1], timed[0][0] < cublas)
             # each fusion against its two unfused launches (current configs)
-            if role in ("qkv", "gate_up", "lm_head"):
-                nw, res = torch.randn(k, device=dev).to(dtype), torch.randn(1, k, device=dev).to(dtype)
-                row["fused_norm_us"] = round(time_us(lambda w: rms_norm_gemv(x, nw, 1e-5, w, res),
-                                                     [(w,) for w in weights]), 2)
-                row["unfused_norm_us"] = round(time_us(
-                    lambda w: linear_ops.linear(triton_ops.rms_norm(x, nw, 1e-5, res), w),
-                    [(w,) for w in weights]), 2)
             if role == "down":
                 gu = torch.randn(1, 2 * k, device=dev).to(dtype)
                 row["fused_silu_us"] = round(time_us(lambda w: silu_and_mul_gemv(gu, w), [(w,) for w in weights]), 2)
@@ -392,7 +372,7 @@ def sweep(dev: torch.device, dtype: torch.dtype, models: list[str]) -> None:
             log(f"{row['shape']:16s} {row['mbytes']:7.1f} MiB  cuBLAS {cublas:8.2f} us ({row['cublas_tb_s']:.2f} TB/s)"
                 f"  current {cur_us:8.2f} ({row['current_tb_s']:.2f})  best {timed[0][0]:8.2f} "
                 f"({row['best_tb_s']:.2f}) {timed[0][1]}"
-                + "".join(f"  {key} {row[key]}" for key in ("fused_norm_us", "unfused_norm_us", "fused_silu_us",
+                + "".join(f"  {key} {row[key]}" for key in ("fused_silu_us",
                                                             "unfused_silu_us", "m8_cublas_us", "m8_gemv_us")
                           if key in row))
             del weights
@@ -402,48 +382,6 @@ def sweep(dev: torch.device, dtype: torch.dtype, models: list[str]) -> None:
     log("CONFIGS = {  # the best launch shape per weight shape; # cuBLAS: where cuBLAS was faster\n" + "\n".join(
         f"    ({n}, {k}): GemvConfig({c.block_n}, {c.block_k}, {c.num_warps}, {c.num_stages}),"
         + ("" if wins else "  # cuBLAS") for (n, k), (c, wins) in best.items()) + "\n}")
-
-
-@stage("normsweep")
-def norm_sweep(dev: torch.device, dtype: torch.dtype, models: list[str]) -> None:
-    """The RMSNorm-prologue gemv (one row, with a residual) at the qkv and gate_up shapes over
-    launch shapes: every program re-reads h, the residual and the norm weight beside its weight
-    slab, so wider slabs (block_n) may pay where the plain gemv's best did not."""
-    from pagedserve.layers import triton_ops
-    rows = []
-    if SMOKE:
-        configs = [GemvConfig(16, 64, 4, 2)]
-    elif ROLES:
-        configs = QUICK_CONFIGS
-    else:
-        configs = [GemvConfig(bn, bk, w, st) for bn in (8, 16, 32, 64) for bk in (256, 512, 1024)
-                   for w, st in ((4, 3), (4, 4), (8, 3)) if 2048 <= bn * bk <= 32768]
-    for model in (["tiny"] if SMOKE else models):
-        for role in ("qkv", "gate_up"):
-            n, k = weight_shapes(model)[role]
-            copies = 1 if SMOKE else max(3, -(-600 * 2**20 // (n * k * 2)))
-            weights = [(torch.randn(n, k, device=dev) * 0.02).to(dtype) for _ in range(copies)]
-            x, res = torch.randn(1, k, device=dev).to(dtype), torch.randn(1, k, device=dev).to(dtype)
-            nw = torch.randn(k, device=dev).to(dtype)
-            args = [(w,) for w in weights]
-            row = dict(shape=f"{model}.{role}", current=config_for(1, n, k).__dict__,
-                       current_us=round(time_us(lambda w: rms_norm_gemv(x, nw, 1e-5, w, res), args), 2),
-                       plain_us=round(time_us(lambda w: gemv(x, w), args), 2),
-                       unfused_us=round(time_us(lambda w: linear_ops.linear(triton_ops.rms_norm(x, nw, 1e-5, res), w),
-                                                args), 2))
-            timed = []
-            for cfg in configs:
-                try:
-                    timed.append((time_us(lambda w, c=cfg: rms_norm_gemv(x, nw, 1e-5, w, res, c), args), cfg))
-                except Exception as exc:
-                    log(f"  {model}.{role} {cfg}: {type(exc).__name__}: {str(exc)[:100]}")
-            timed.sort(key=lambda t: t[0])
-            row["best_us"], row["best"] = round(timed[0][0], 2), timed[0][1].__dict__
-            row["top5"] = [(round(t, 2), c.__dict__) for t, c in timed[:5]]
-            rows.append(row)
-            log(json.dumps(row))
-            del weights
-    RESULTS["normsweep"] = rows
 
 
 def kernel_kind(name: str) -> str:
@@ -528,16 +466,14 @@ def kernel_table(kernels: list, model: str, ctx: int, replays: int) -> dict:
                 mbytes=round(total_bytes / 1e6, 1), floor_us=round(total_bytes / HBM_TB_S / 1e6, 1))
 
 
-VARIANTS = {   # name: (gemv fusions, one-launch decode attention, packed step inputs + Triton argmax, PDL,
-    # RMSNorm in the one-row gemvs)
-    "fused": (True, True, True, False, True), "base": (True, False, False, False, True),   # base: session 5's main
-    "attn_only": (True, True, False, False, True), "unfused": (False, False, False, False, True),
-    "fused+pdl": (True, True, True, True, True), "nonorm": (True, True, True, False, False),
-    "noattn": (True, False, True, False, True),   # noattn: fused without the one-launch attention
-    "default": (True, False, True, False, False)}   # the library's defaults (linear_ops) since 2026-12-01
+VARIANTS = {   # name: (gemv fusions, one-launch decode attention, packed step inputs + Triton argmax, PDL)
+    "fused": (True, True, True, False), "base": (True, False, False, False),   # base: session 5's main
+    "attn_only": (True, True, False, False), "unfused": (False, False, False, False),
+    "fused+pdl": (True, True, True, True),
+    "default": (True, False, True, False), "noattn": (True, False, True, False)}   # the library's defaults
 
 
-DEFAULTS = (linear_ops.FUSE_DECODE, linear_ops.FUSE_DECODE_NORM, linear_ops.FUSE_DECODE_ATTENTION)
+DEFAULTS = (linear_ops.FUSE_DECODE, linear_ops.FUSE_DECODE_ATTENTION)
 
 
 @stage("models")
@@ -551,8 +487,7 @@ def models_stage(dev: torch.device, models: list[str], ab: list[str], variants: 
                 RESULTS.setdefault("failed", []).append(f"{model}.{variant}")
             finally:
                 linear_ops.set_decode_fusion(DEFAULTS[0])
-                linear_ops.set_decode_norm_fusion(DEFAULTS[1])
-                linear_ops.set_decode_attention_fusion(DEFAULTS[2])
+                linear_ops.set_decode_attention_fusion(DEFAULTS[1])
                 triton_gemv.set_pdl(False)
                 from pagedserve.layers import sampler
                 from pagedserve.worker import input_batch
@@ -584,9 +519,8 @@ def run_model(dev: torch.device, model: str, variant: str, thr512: bool) -> None
     label = f"{model}.{variant}"
     from pagedserve.layers import sampler
     from pagedserve.worker import input_batch
-    gemv_fusion, attention_fusion, packed_inputs, pdl, norm_fusion = VARIANTS[variant]
+    gemv_fusion, attention_fusion, packed_inputs, pdl = VARIANTS[variant]
     linear_ops.set_decode_fusion(gemv_fusion)
-    linear_ops.set_decode_norm_fusion(norm_fusion)
     linear_ops.set_decode_attention_fusion(attention_fusion)
     input_batch.PACK_STEP_INPUTS = sampler.TRITON_GREEDY = packed_inputs
     triton_gemv.set_pdl(pdl)
@@ -780,8 +714,6 @@ def main() -> None:
         models_stage(dev, models, ab, args.variants.split(","), [m for m in args.thr.split(",") if m])
     if "sweep" in stages:
         sweep(dev, dtype, models)
-    if "normsweep" in stages:
-        norm_sweep(dev, dtype, models)
     if "bf16" in stages:
         bf16_stage(out_dir)
     if "tests" in stages and not SMOKE:

@@ -397,7 +397,7 @@ def sweep_gemv(tp: int, out_path: str) -> None:
     import torch
     import torch.nn.functional as F
     from pagedserve.layers import linear_ops
-    from pagedserve.layers.triton_gemv import GemvConfig, rms_norm_gemv, silu_and_mul_gemv
+    from pagedserve.layers.triton_gemv import GemvConfig, gemv, silu_and_mul_gemv
     dev = torch.device("cpu" if DRY else "cuda:0")
     dtype = torch.bfloat16
     if DRY:
@@ -421,14 +421,10 @@ def sweep_gemv(tp: int, out_path: str) -> None:
         nbytes = n * k * 2
         copies = 1 if DRY else max(3, -(-600 * 2**20 // nbytes))
         weights = [(torch.randn(n, k, device=dev) * 0.02).to(dtype) for _ in range(copies)]
-        x, res = torch.randn(1, k, device=dev).to(dtype), torch.randn(1, k, device=dev).to(dtype)
-        norm_w, gate_up = torch.randn(k, device=dev).to(dtype), torch.randn(1, 2 * k, device=dev).to(dtype)
-        if role in ("qkv", "gate_up"):
-            call = lambda w, c: rms_norm_gemv(x, norm_w, 1e-5, w, res, c)  # noqa: E731
-        elif role == "down":
+        x, gate_up = torch.randn(1, k, device=dev).to(dtype), torch.randn(1, 2 * k, device=dev).to(dtype)
+        if role == "down":
             call = lambda w, c: silu_and_mul_gemv(gate_up, w, c)  # noqa: E731
         else:   # plain: linear() picks cuBLAS or the gemv (today's call); the grid is the gemv's
-            from pagedserve.layers.triton_gemv import gemv
             call = lambda w, c: linear_ops.linear(x, w) if c is None else gemv(x, w, c)  # noqa: E731
         current = time_us(lambda w: call(w, None), weights)
         cublas = time_us(lambda w: F.linear(x, w), weights)

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagedserve.layers import linear_ops
 from pagedserve.layers.activation import silu_and_mul
 from pagedserve.layers.linear_ops import (_copy, as_tensor, default_weight_loader, fuses, linear,  # noqa: F401
                                           narrow, set_gemv_max_rows)
@@ -104,12 +103,10 @@ class LinearBase(nn.Module):
     def forward_normed(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer of norm(x + residual) (of norm(x) without one) -> (output, x + residual
-        or x): one gemv launch for one row (the norm in its prologue; a quantized
-        layer's where its LinearMethod has one), else the norm (updating residual in place)
-        and the matmul."""
-        if x.shape[0] == 1 and linear_ops.FUSE_DECODE_NORM and self._fuses(x):   # the prologue takes one row
-            from pagedserve.layers.triton_gemv import rms_norm_gemv
-            return rms_norm_gemv(x, norm.weight, norm.eps, self.weight, residual)
+        or x): a quantized layer's one launch where its LinearMethod has one, else the norm
+        (updating residual in place) and the matmul. (A float gemv with the norm in its
+        prologue was slower on the H200 than the norm kernel then the gemv, and is gone:
+        benchmarks/RESULTS.md, session 7.)"""
         fused = self.quant_method.apply_normed(self, x, residual, norm) if self.bias is None else None
         if fused is not None:
             return fused

@@ -22,8 +22,8 @@ def set_gemv_max_rows(rows: int) -> None:
     GEMV_MAX_ROWS = rows
 
 
-# Decode-sized batches on the gemv path also fuse RMSNorm and SiLU-and-mul into the gemv that
-# consumes them, and rotary into the KV store (layers/linear.py, layers/attention.py); off
+# Decode-sized batches on the gemv path also fuse SiLU-and-mul into the gemv that consumes it,
+# and rotary into the KV store (layers/linear.py, layers/attention.py); off
 # for A/B measurements (benchmarks/decode_gpu.py).
 FUSE_DECODE = True
 
@@ -31,19 +31,6 @@ FUSE_DECODE = True
 def set_decode_fusion(on: bool) -> None:
     global FUSE_DECODE
     FUSE_DECODE = on
-
-
-# One-row steps may also fuse RMSNorm into the gemv after it (its prologue gathers the row's
-# statistic before its weights stream). Off by default: rounded as the norm kernel rounds, every
-# program first reads the whole row, and on the H200 (2026-12-01, decode_gpu.py fused vs nonorm,
-# benchmarks/RESULTS.md) that made b1_decode slower than the norm kernel then the gemv: llama-8b
-# 184.1 vs 230.7 tok/s, llama-1b 913.5 vs 948.8; its best launch shapes lose too (normsweep).
-FUSE_DECODE_NORM = False
-
-
-def set_decode_norm_fusion(on: bool) -> None:
-    global FUSE_DECODE_NORM
-    FUSE_DECODE_NORM = on
 
 
 # Decode-sized all-decode batches on the Triton backend can also run rotary, the KV store,

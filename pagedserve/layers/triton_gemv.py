@@ -3,14 +3,6 @@ and an nn.Linear weight w [N, K], bf16 / fp16, on CUDA; optionally with the op t
 fused in front of it (its prologue), so a decode layer launches fewer kernels:
 
 - `gemv(x, w)`: plain;
-- `rms_norm_gemv(x, norm_weight, eps, w, residual)` (one row): RMSNorm of x (+ residual) then
-  the matmul. Each program first reduces the whole row h = x + residual (L2-resident) as the
-  norm kernel does (the same jit helpers, layers/triton_ops.py), with its first weight slices
-  prefetched into the L2 meanwhile, then streams h beside the weights, normalised and rounded
-  at the norm kernel's two points: bit for bit the norm kernel then the gemv (up to the fp32
-  order of the sum's reduction on the GPU). Session 5's version skipped the roundings (the
-  rsqrt scaled the accumulator at the end: within an output ulp, not bit for bit). Program 0
-  also writes h out (a new tensor: the other programs still read the old residual);
 - `silu_and_mul_gemv(gate_up, w)`: silu(gate) * up computed per K slice of [gate | up], as
   the standalone kernel rounds it (the same jit helper, layers/triton_ops.py): bit for bit.
 
@@ -35,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedserve.layers.triton_ops import _LIBDEVICE, rms_inv, rms_scale, silu_mul
+from pagedserve.layers.triton_ops import _LIBDEVICE, silu_mul
 
 try:   # programmatic dependent launch (sm_90+): Triton >= 3.4
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -59,7 +51,7 @@ def set_pdl(on: bool) -> None:
 MIN_WEIGHT_BYTES = 32 * 2**20
 _DTYPES = (torch.bfloat16, torch.float16)
 
-_PLAIN, _NORM, _SILU = 0, 1, 2
+_PLAIN, _SILU = 0, 1
 
 
 @triton.jit
@@ -74,33 +66,21 @@ def _prefetch_l2(rows, K, BLOCK_K: tl.constexpr, SLICES: tl.constexpr):
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, y_ptr, res_ptr, res_out_ptr, norm_ptr, M, N, K,
-                 stride_xm, stride_wn, stride_ym, stride_rm, stride_om, inv_k, eps,
-                 PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-                 K_PAD: tl.constexpr, LIBDEVICE: tl.constexpr, PDL: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                 PROLOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, LIBDEVICE: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + offs_m[:, None] * stride_xm
-    r_rows = res_ptr + offs_m[:, None] * stride_rm
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    if PDL or (PROLOGUE == 1 and LIBDEVICE):   # warm the L2 with this program's first weight slices (they depend on
-        # nothing): under PDL while the kernel before runs, with the norm while the statistic is
-        # gathered (LIBDEVICE: not in Triton's CPU interpreter, which has no inline assembly)
+    if PDL:   # placed while the kernel before runs: warm the L2 with this program's first weight
+        # slices (they depend on nothing), then wait for x
         _prefetch_l2(w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * stride_wn, K, BLOCK_K, NUM_STAGES)
-    if PDL:   # placed while the kernel before runs: now wait for x
         gdc_wait()
     m_valid = offs_m[:, None] < M
     n_valid = offs_n[:, None] < N
-    if PROLOGUE == 1:   # RMSNorm (one row): the statistic of the whole row first, as the norm kernel
-        writes_h = offs_m[:, None] < tl.where(pid == 0, M, 0)   # program 0 writes x + residual out
-        row = tl.arange(0, K_PAD)[None, :]   # (not `h`: the loop's h is a slice, another shape)
-        h_row = tl.load(x_rows + row, mask=m_valid & (row < K), other=0.0)
-        if HAS_RESIDUAL:
-            h_row = h_row + tl.load(r_rows + row, mask=m_valid & (row < K), other=0.0)
-        inv = rms_inv(h_row, inv_k, eps, 1)[:, None]
     if BLOCK_M == 1:   # one row: per-lane FMAs over the slices, one reduction at the end
         acc_k = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     else:
@@ -109,19 +89,9 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, res_ptr, res_out_ptr, norm_ptr, M, N, K,
         cols = k + offs_k
         x_mask = m_valid if EVEN_K else m_valid & (cols[None, :] < K)
         w_mask = n_valid if EVEN_K else n_valid & (cols[None, :] < K)
-        if PROLOGUE == 2:
+        if PROLOGUE == 1:   # SiLU-and-mul
             gate = tl.load(x_rows + cols[None, :], mask=x_mask, other=0.0)
             x = silu_mul(gate, tl.load(x_rows + K + cols[None, :], mask=x_mask, other=0.0), LIBDEVICE)
-        elif PROLOGUE == 1:   # rounded as the norm kernel rounds it: bit for bit its output
-            h = tl.load(x_rows + cols[None, :], mask=x_mask, other=0.0)
-            if HAS_RESIDUAL:
-                h = h + tl.load(r_rows + cols[None, :], mask=x_mask, other=0.0)
-                tl.store(res_out_ptr + offs_m[:, None] * stride_om + cols[None, :], h, mask=x_mask & writes_h)
-            if EVEN_K:
-                nw = tl.load(norm_ptr + cols)
-            else:
-                nw = tl.load(norm_ptr + cols, mask=cols < K, other=0.0)
-            x = rms_scale(h, inv, nw[None, :])
         else:
             x = tl.load(x_rows + cols[None, :], mask=x_mask, other=0.0)
         w = tl.load(w_rows + cols[None, :], mask=w_mask, other=0.0)
@@ -197,23 +167,17 @@ def _check(x: torch.Tensor, k: int, weight: torch.Tensor) -> None:
                          f"{x.stride()} and {weight.stride()}")
 
 
-def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None, k: int,
-            residual: torch.Tensor | None = None, res_out: torch.Tensor | None = None,
-            norm_weight: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None, k: int
+            ) -> torch.Tensor:
     _check(x, k, weight)
     m, n = x.shape[0], weight.shape[0]
     config = config or config_for(m, n, k)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    res = residual if residual is not None else x
-    out = res_out if res_out is not None else x
     pdl = dict(PDL=True, launch_pdl=True) if PDL and x.is_cuda else dict(PDL=False)
     _gemv_kernel[(triton.cdiv(n, config.block_n),)](
-        x, weight, y, res, out, norm_weight if norm_weight is not None else weight, m, n, k,
-        x.stride(0), weight.stride(0), y.stride(0), res.stride(0), out.stride(0), 1.0 / k, eps,
-        PROLOGUE=prologue, HAS_RESIDUAL=residual is not None,
-        BLOCK_M=1 if m == 1 else 16, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        EVEN_K=k % config.block_k == 0, NUM_STAGES=config.num_stages,
-        K_PAD=triton.next_power_of_2(k) if prologue == _NORM else 1, LIBDEVICE=_LIBDEVICE,
+        x, weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
+        PROLOGUE=prologue, BLOCK_M=1 if m == 1 else 16, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        EVEN_K=k % config.block_k == 0, NUM_STAGES=config.num_stages, LIBDEVICE=_LIBDEVICE,
         num_warps=config.num_warps, **pdl)
     return y
 
@@ -222,26 +186,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None
     """x [M, K] (M <= MAX_ROWS, unit column stride) @ weight.T ([N, K], unit column stride)
     -> [M, N] in x's dtype. Mutates nothing."""
     return _launch(_PLAIN, x, weight, config, x.shape[-1])
-
-
-def rms_norm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-                  residual: torch.Tensor | None = None, config: GemvConfig | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(RMSNorm(h) * norm_weight) @ weight.T with h = x (+ residual) of one row: -> (y [1, N],
-    h [1, K]), y equal to the norm kernel then the gemv. h is a new tensor when residual is
-    given (else x itself); nothing is mutated."""
-    k = x.shape[-1]
-    if x.dim() != 2 or x.shape[0] != 1:
-        raise ValueError(f"rms_norm_gemv: x must be one row [1, K]; got {tuple(x.shape)}")
-    if norm_weight.shape != (k,) or norm_weight.dtype != x.dtype or norm_weight.stride(0) != 1:
-        raise ValueError(f"rms_norm_gemv: norm weight must be [{k}] in {x.dtype}; got {tuple(norm_weight.shape)} "
-                         f"{norm_weight.dtype}")
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype or residual.stride(1) != 1):
-        raise ValueError("rms_norm_gemv: residual must match x in shape and dtype with unit column stride")
-    h = torch.empty_like(residual) if residual is not None else x
-    y = _launch(_NORM, x, weight, config, k, residual,
-                h if residual is not None else None, norm_weight, eps)
-    return y, h
 
 
 def silu_and_mul_gemv(gate_up: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None
