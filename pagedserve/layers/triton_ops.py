@@ -38,25 +38,11 @@ def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, x_stride, res_str
     if HAS_RESIDUAL:
         x = x + tl.load(residual_ptr + row * res_stride + cols, mask=mask, other=0.0)
         tl.store(residual_ptr + row * res_stride + cols, x, mask=mask)
-    inv = rms_inv(x, inv_n, eps, 0)
-    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
-    tl.store(out_ptr + row * out_stride + cols, rms_scale(x, inv, weight), mask=mask)
-
-
-@triton.jit
-def rms_inv(x, inv_n, eps, AXIS: tl.constexpr):
-    """1 / rms of the rows of x (input dtype) along AXIS, in fp32 (also the norm-prologue
-    gemv's, layers/triton_gemv.py: the same reduction of the same whole row)."""
     xf = x.to(tl.float32)
-    return tl.rsqrt(tl.sum(xf * xf, axis=AXIS) * inv_n + eps)
-
-
-@triton.jit
-def rms_scale(x, inv, weight):
-    """RMSNorm's output given the rows' 1 / rms: x * inv rounded to x's dtype, then times the
-    weight, rounded (LlamaRMSNorm's two rounding points)."""
-    normed = (x.to(tl.float32) * inv).to(x.dtype)
-    return (normed * weight).to(x.dtype)
+    inv = tl.rsqrt(tl.sum(xf * xf, axis=0) * inv_n + eps)
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
+    normed = (xf * inv).to(x.dtype)   # LlamaRMSNorm's two rounding points: x * 1/rms, then times the weight
+    tl.store(out_ptr + row * out_stride + cols, (normed * weight).to(x.dtype), mask=mask)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None

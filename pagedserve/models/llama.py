@@ -90,7 +90,7 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        # each norm with the projection after it: one gemv launch for decode-sized batches
+        # each norm with the projection after it: one launch where a quantized layer fuses them
         qkv, residual = self.self_attn.qkv_proj.forward_normed(hidden, residual, self.input_layernorm)
         hidden = self.self_attn(positions, qkv, meta)
         gate_up, residual = self.mlp.gate_up_proj.forward_normed(hidden, residual, self.post_attention_layernorm)

@@ -310,7 +310,6 @@ class CudaGraphRunner:
                 layer.backend = backend
         if stream is not None:
             pieces[-1].capture_end()
-        if stream is not None:
             if self.attention_calls and len(calls) != len(self.attention_calls):
                 raise RuntimeError(f"mixed bucket {size}: {len(calls)} attention calls, "
                                    f"{len(self.attention_calls)} in the first bucket")

@@ -410,8 +410,8 @@ class ModelRunner:
             bitmask, grammar_rows = bitmask[torch.tensor(keep)], [grammar_rows[i] for i in keep]
         if not grammar_rows:
             return
-        if len(grammar_rows) == logits.shape[0] and grammar_rows[-1] == len(grammar_rows) - 1 \
-                and self._host_registered(bitmask) and grammar_rows == list(range(len(grammar_rows))):
+        if len(grammar_rows) == logits.shape[0] and grammar_rows == list(range(len(grammar_rows))) \
+                and self._host_registered(bitmask):
             apply_token_bitmask(logits, bitmask, grammar_rows)   # an async copy straight from it
             return
         staging = self._bitmask_staging(logits.shape[0], bitmask.shape[1])
