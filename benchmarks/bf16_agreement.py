@@ -10,12 +10,10 @@ Where the differences come from (`variants`): the same one-at-a-time run with th
 RMSNorm / SiLU / rotary kernels swapped for the torch ops, then the torch attention backend
 too; and transformers' own eager attention against its SDPA, for scale.
 With `unfused` the one-at-a-time run is repeated against the same transformers reference
-with the one-launch decode attention on, then off (linear_ops.set_decode_attention_fusion:
-rotary_store_kv, the paged kernel, its reduce), then with every decode fusion off
-(set_decode_fusion(False): RMSNorm / SiLU-and-mul before the gemv, rotary before the KV store,
-as separate kernels): the A/B of the fused kernels' rounding. The default model is a GGUF:
-its layers dequantize to float weights but keep the GGUF LinearMethod, so the gemv prologues
-do not apply to it; the rotary and attention fusions do.
+with every decode fusion off (set_decode_fusion(False): SiLU-and-mul before the gemv, rotary
+before the KV store, as separate kernels): the A/B of the fused kernels' rounding. The default
+model is a GGUF: its layers dequantize to float weights but keep the GGUF LinearMethod, so the
+gemv prologue does not apply to it; the rotary fusion does.
 Usage: python3 benchmarks/bf16_agreement.py [out.json] [device] [variants] [unfused]"""
 import gc
 import json
@@ -150,12 +148,7 @@ def main() -> None:
               f"first differences {[r['first_diff'] for r in result[mode]['rows']]}")
     if unfused:   # each switch set explicitly, whatever the defaults, then put back
         from pagedserve.layers import linear_ops
-        for key, flag, setter, on in (
-                ("one_at_a_time_one_launch_attention", "FUSE_DECODE_ATTENTION", linear_ops.set_decode_attention_fusion,
-                 True),
-                ("one_at_a_time_generic_attention", "FUSE_DECODE_ATTENTION", linear_ops.set_decode_attention_fusion,
-                 False),
-                ("one_at_a_time_unfused", "FUSE_DECODE", linear_ops.set_decode_fusion, False)):
+        for key, flag, setter, on in (("one_at_a_time_unfused", "FUSE_DECODE", linear_ops.set_decode_fusion, False),):
             before = getattr(linear_ops, flag)
             setter(on)
             try:

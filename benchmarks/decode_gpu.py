@@ -3,24 +3,19 @@ matmuls stream their weights. One run, stages in the order check, attn, models, 
 bf16, tests (each guarded: a failure prints its traceback and the next stage runs):
 
   check   the fused decode kernels against the unfused ones at the models' shapes, bf16:
-          SiLU-and-mul -> down gemv (also under PDL) and rotary -> KV store bit for bit; the one-launch
-          decode attention (attention/triton_decode_attention.py) against rotary_store_kv +
-          the paged kernel + its reduce: the cache and the output bit for bit, and two
-          CUDA-graph replays equal to the eager call
-  attn    per-layer decode attention timed in CUDA graphs (bs 1 at contexts 128-2048, bs 4
-          and 16): the generic launches against the one-launch kernel per tiles_per_segment
-          (auto: the module's rule by context length);
+          SiLU-and-mul -> down gemv and rotary -> KV store bit for bit; argmax_rows against torch's
+  attn    per-layer decode attention (rotary_store_kv + the paged kernel + its reduce) timed in
+          CUDA graphs (bs 1 at contexts 128-2048, bs 4 and 16; at bs 1 also from a flushed L2);
           the greedy argmax over 128k logits (1 and 16 rows): torch's against argmax_rows
   sweep   (not by default) M=1 matmuls of llama-1b / llama-8b (qkv, o, gate_up, down,
           lm_head): cuBLAS against the Triton gemv over a grid of launch shapes, weights cycled
           past the L2, each call timed in a CUDA graph of 40; each fusion against its two
           unfused launches; M=8 cuBLAS against the tl.dot gemv. Prints a CONFIGS table.
           --roles qkv,o,...: only those matmuls, over QUICK_CONFIGS (~30 s)
-  models  per model and --variants (fused: everything on; base: main before this branch: no
-          one-launch attention, torch's argmax, one pageable copy per step input; attn_only:
-          base + the one-launch attention; unfused; fused+pdl; default = noattn: fused but the
-          generic decode attention; the RMSNorm-prologue gemv that the 2026-12-01 fused/nonorm
-          variants A/B'd is deleted): b1_decode tok/s as
+  models  per model and --variants (default: the library's defaults; base: torch's argmax and
+          one pageable copy per step input; unfused: no gemv prologue, no rotary in the KV store;
+          the RMSNorm-prologue gemv, the one-launch decode attention and PDL launches that earlier
+          runs A/B'd are deleted): b1_decode tok/s as
           ../shared/bench/peers.py measures it (128-token prompt, 256 greedy tokens, warmed
           once), the decode graph's replay time
           (bs=1, context ~384), a torch.profiler table of one replay (per kernel calls, us,
@@ -33,7 +28,7 @@ bf16, tests (each guarded: a failure prints its traceback and the next stage run
 
 Usage (repo root, PYTHONPATH=$PWD; peers.py in .devcarry/, .. or ../shared/bench/):
   python3 benchmarks/decode_gpu.py [--stages check,attn,models] [--models llama-1b,llama-8b]
-                                   [--variants fused,base,attn_only] [--thr llama-1b] [--cpu-smoke]
+                                   [--variants default,base,unfused] [--thr llama-1b] [--cpu-smoke]
 About 120 s on an H200 with a cold Triton cache (+ ~60 s with tests). Writes decode_gpu.json
 (and bf16 json) under $OUT when set. --cpu-smoke runs every stage on a tiny model and tiny
 shapes on the CPU (Triton's interpreter) to prove the script, not to measure."""
@@ -59,7 +54,7 @@ sys.path[:0] = [".devcarry", os.path.abspath(".."),
                 os.path.join(os.path.dirname(os.path.abspath(".")), "shared", "bench")]
 
 os.environ.setdefault("PAGEDSERVE_COMPILE_AHEAD_STRICT", "1")   # a failed compile-ahead fails the run
-from pagedserve.layers import linear_ops, triton_gemv  # noqa: E402
+from pagedserve.layers import linear_ops  # noqa: E402
 from pagedserve.layers.triton_gemv import GemvConfig, config_for, gemv, silu_and_mul_gemv  # noqa: E402
 
 MAX_MODEL_LEN = 2048   # peers.py's: the decode graphs' attention is launched for it
@@ -162,17 +157,8 @@ def check(dev: torch.device, dtype: torch.dtype) -> None:
         triton_ops.rotary_in_place(pos, q2, k2, rope.cos_cache, rope.sin_cache)
         store_kv_ref(k2, v, *ref_caches, slots)
         rotary_store_kv(pos, q, k, v, rope.cos_cache, rope.sin_cache, *caches, slots)
-        if dev.type == "cuda" and triton_gemv.HAS_PDL:   # the PDL launch of the same gemv: the same bits
-            triton_gemv.set_pdl(True)
-            try:
-                pdl_y = silu_and_mul_gemv(gate_up, w_down, fma)
-                torch.cuda.synchronize()
-                out[f"{model}.pdl_equal"] = bool(torch.equal(pdl_y, ref))
-            finally:
-                triton_gemv.set_pdl(False)
         out[f"{model}.rotary_store_equal"] = bool(torch.equal(q, q2) and torch.equal(k, k2) and torch.equal(
             caches[0], ref_caches[0]) and torch.equal(caches[1], ref_caches[1]))
-        out.update(check_decode_attention(model, dev, dtype, rope, rnd))
     for rows in (1, 16, 512):   # the greedy sampler's argmax against torch's, bit for bit
         logits = torch.randn(rows, 512 if SMOKE else 128256, device=dev).to(dtype)
         logits[:, 100] = logits[:, 7] = logits.max() + 1   # a tie: the first index wins
@@ -212,49 +198,6 @@ def generic_decode(c: dict, rope, copy: int = 0, clone: bool = True) -> torch.Te
                            1, MAX_MODEL_LEN, num_decodes=q.shape[0])
 
 
-def fused_decode(c: dict, rope, copy: int = 0, tiles: int | None = None) -> torch.Tensor:
-    from pagedserve.attention.triton_decode_attention import decode_attention
-    return decode_attention(c["q"], c["k"], c["v"], c["k_cache"], c["v_cache"], c["tables"][copy], c["seq_lens"],
-                            c["slots"][copy], c["scale"], MAX_MODEL_LEN, (rope.cos_cache, rope.sin_cache),
-                            tiles_per_segment=tiles)
-
-
-def check_decode_attention(model: str, dev: torch.device, dtype: torch.dtype, rope, rnd) -> dict:
-    """The one-launch decode attention against the generic launches at the model's shapes: the
-    cache bit for bit, the output's max abs difference; eagerly and replayed twice from a CUDA
-    graph (the merge counters must reset)."""
-    out = {}
-    for bs, ctx in ((1, 7), (1, 383), (4, 1500)) if not SMOKE else ((1, 7), (2, 100)):
-        c = decode_case(model, dev, dtype, rnd, bs, ctx)
-        caches0 = c["k_cache"].clone(), c["v_cache"].clone()
-        ref = generic_decode(c, rope)
-        ref_caches = c["k_cache"].clone(), c["v_cache"].clone()
-        c["k_cache"].copy_(caches0[0])
-        c["v_cache"].copy_(caches0[1])
-        got = fused_decode(c, rope)
-        key = f"{model}.decode_attn.bs{bs}.ctx{ctx}"
-        out[f"{key}.cache_equal"] = bool(torch.equal(c["k_cache"], ref_caches[0])
-                                         and torch.equal(c["v_cache"], ref_caches[1]))
-        out[f"{key}.equal"] = bool(torch.equal(got, ref))   # bit for bit the generic path (its tiles and merge)
-        out[f"{key}.max_abs_diff"] = (got.float() - ref.float()).abs().max().item()
-        if dev.type == "cuda":
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                fused_decode(c, rope)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                graphed = fused_decode(c, rope)
-            replays = []
-            for _ in range(2):
-                graph.replay()
-                torch.cuda.synchronize()
-                replays.append(graphed.clone())
-            out[f"{key}.graph_equal"] = bool(torch.equal(replays[0], got) and torch.equal(replays[1], got))
-    return out
-
-
 def cold_time_us(fn, dev: torch.device, calls: int = 20) -> float:
     """Microseconds of fn() after the L2 is flushed (a 256 MiB fill before each call), in a CUDA
     graph, less the fills' own time (a graph of the fills alone); on CPU one eager call."""
@@ -292,9 +235,8 @@ def cold_time_us(fn, dev: torch.device, calls: int = 20) -> float:
 @stage("attn")
 def attn_stage(dev: torch.device, dtype: torch.dtype, models: list[str]) -> None:
     """Per-layer decode attention, timed in CUDA graphs of 40 calls (16 disjoint caches, mostly
-    L2-resident): the generic launches (rotary_store_kv + paged kernel + reduce) against the
-    one-launch kernel with each tiles_per_segment; at bs 1 also with the L2 flushed before each
-    call (cold_*: the cache from HBM, as a model's layers meet it)."""
+    L2-resident): rotary_store_kv + paged kernel + reduce; at bs 1 also with the L2 flushed
+    before each call (cold_*: the cache from HBM, as a model's layers meet it)."""
     from pagedserve.layers.rotary import RotaryEmbedding
     rows = []
     gen = torch.Generator().manual_seed(0)
@@ -309,14 +251,8 @@ def attn_stage(dev: torch.device, dtype: torch.dtype, models: list[str]) -> None
             row = dict(model=model, bs=bs, ctx=ctx,
                        generic_us=round(time_us(lambda i: generic_decode(c, rope, i, False),
                                                 [(i,) for i in range(copies)]), 2))
-            for tiles in (None, 1, 2, 4, 8, 1000):   # None: the module's rule (auto)
-                row[f"fused_t{tiles or 'auto'}_us"] = round(time_us(lambda i, t=tiles: fused_decode(c, rope, i, t),
-                                                                    [(i,) for i in range(copies)]), 2)
             if bs == 1:   # as in the model: the cache read from HBM, not the L2
                 row["cold_generic_us"] = cold_time_us(lambda: generic_decode(c, rope, 0, False), dev)
-                for tiles in (None, 1, 2, 4):
-                    row[f"cold_fused_t{tiles or 'auto'}_us"] = cold_time_us(lambda t=tiles: fused_decode(c, rope, 0, t),
-                                                                             dev)
             rows.append(row)
             log(json.dumps(row))
     for n_rows in (1, 16):   # the greedy sampler's argmax over a 128k vocabulary
@@ -466,14 +402,11 @@ def kernel_table(kernels: list, model: str, ctx: int, replays: int) -> dict:
                 mbytes=round(total_bytes / 1e6, 1), floor_us=round(total_bytes / HBM_TB_S / 1e6, 1))
 
 
-VARIANTS = {   # name: (gemv fusions, one-launch decode attention, packed step inputs + Triton argmax, PDL)
-    "fused": (True, True, True, False), "base": (True, False, False, False),   # base: session 5's main
-    "attn_only": (True, True, False, False), "unfused": (False, False, False, False),
-    "fused+pdl": (True, True, True, True),
-    "default": (True, False, True, False), "noattn": (True, False, True, False)}   # the library's defaults
+VARIANTS = {   # name: (gemv fusions, packed step inputs + Triton argmax)
+    "default": (True, True), "base": (True, False), "unfused": (False, False)}
 
 
-DEFAULTS = (linear_ops.FUSE_DECODE, linear_ops.FUSE_DECODE_ATTENTION)
+DEFAULT_FUSION = linear_ops.FUSE_DECODE
 
 
 @stage("models")
@@ -486,9 +419,7 @@ def models_stage(dev: torch.device, models: list[str], ab: list[str], variants: 
                 traceback.print_exc()
                 RESULTS.setdefault("failed", []).append(f"{model}.{variant}")
             finally:
-                linear_ops.set_decode_fusion(DEFAULTS[0])
-                linear_ops.set_decode_attention_fusion(DEFAULTS[1])
-                triton_gemv.set_pdl(False)
+                linear_ops.set_decode_fusion(DEFAULT_FUSION)
                 from pagedserve.layers import sampler
                 from pagedserve.worker import input_batch
                 input_batch.PACK_STEP_INPUTS = sampler.TRITON_GREEDY = True
@@ -519,14 +450,9 @@ def run_model(dev: torch.device, model: str, variant: str, thr512: bool) -> None
     label = f"{model}.{variant}"
     from pagedserve.layers import sampler
     from pagedserve.worker import input_batch
-    gemv_fusion, attention_fusion, packed_inputs, pdl = VARIANTS[variant]
+    gemv_fusion, packed_inputs = VARIANTS[variant]
     linear_ops.set_decode_fusion(gemv_fusion)
-    linear_ops.set_decode_attention_fusion(attention_fusion)
     input_batch.PACK_STEP_INPUTS = sampler.TRITON_GREEDY = packed_inputs
-    triton_gemv.set_pdl(pdl)
-    if pdl and not triton_gemv.PDL:
-        log(f"{label}: skipped, this Triton has no programmatic dependent launch")
-        return
     t0 = time.time()
     kwargs = dict(device="cpu", dtype="float32", max_model_len=512) if SMOKE else \
         dict(dtype="bfloat16", max_model_len=2048, gpu_memory_utilization=0.85)
@@ -572,9 +498,9 @@ def run_model(dev: torch.device, model: str, variant: str, thr512: bool) -> None
     if thr512:
         res["thr512"] = run_thr512(llm)
     RESULTS.setdefault("models", {})[label] = res
-    if variant != "fused" and f"{model}.fused" in RESULTS["models"]:   # dummy weights: an ulp may flip a tie
-        same = RESULTS["models"][f"{model}.fused"]["first_ids"] == res["first_ids"]
-        log(f"{model}: fused and {variant} first ids equal: {same}")
+    if variant != "default" and f"{model}.default" in RESULTS["models"]:   # dummy weights: an ulp may flip a tie
+        same = RESULTS["models"][f"{model}.default"]["first_ids"] == res["first_ids"]
+        log(f"{model}: default and {variant} first ids equal: {same}")
     log(json.dumps({k: v for k, v in res.items() if k != "profile"}))
     llm.shutdown()
     del llm, graphs
@@ -673,7 +599,7 @@ def tests_stage() -> None:
     """The kernel tests of the decode attention path on the GPU (bf16 included; ~30 s); with
     --all-tests the gemv and fused-op tests too (~60 s more)."""
     proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                           "tests/kernels/test_decode_attention.py", "tests/kernels/test_argmax.py",
+                           "tests/kernels/test_argmax.py",
                            "tests/kernels/test_store_kv.py",
                            "tests/kernels/test_paged_attention.py"] + TESTS_MORE,
                           capture_output=True, text=True, timeout=120,
@@ -687,7 +613,7 @@ def main() -> None:
     ap.add_argument("--stages", default="check,attn,models")
     ap.add_argument("--models", default="llama-1b,llama-8b")
     ap.add_argument("--ab", default="llama-1b,llama-8b", help="models measured in every --variants")
-    ap.add_argument("--variants", default="fused,base,attn_only", help=f"of {list(VARIANTS)}; the first for the others")
+    ap.add_argument("--variants", default="default,base", help=f"of {list(VARIANTS)}; the first for the others")
     ap.add_argument("--thr", default="llama-1b", help="models whose variants also run peers' thr512")
     ap.add_argument("--cpu-smoke", action="store_true")
     ap.add_argument("--all-tests", action="store_true", help="tests: the gemv and fused-op tests too")

@@ -37,8 +37,7 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
 
 # How a decode's n key tiles (TILE_N keys each, the new key included) are split over the
-# launch's num_segments programs, in both decode kernels (this one and
-# triton_decode_attention.py, which must split alike to round alike), from the H200 timings
+# launch's num_segments programs, from the H200 timings
 # of benchmarks/decode_gpu.py's "attn" stage (bs 1, llama-1b / 8b shapes, 2026-12-01):
 # n <= LONE_TILES: one segment (a merge costs more than it saves: 2 tiles 4.9 us alone, 6.5 us
 # split); n <= SHORT_TILES: one tile a segment (6 tiles: 6.4 us against 7.2 at two a segment);
@@ -203,8 +202,7 @@ def merge_segments(out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, f
                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SEG_CHUNK: tl.constexpr):
     """One (token, head)'s output at out_ptr from its split-K partials at rows first_row +
     [0, num_valid) (rows past num_valid count as empty: max -inf, sum 0, acc 0), merged
-    SEG_CHUNK at a time, online; also the one-launch decode kernel's merge
-    (triton_decode_attention.py), so both round alike."""
+    SEG_CHUNK at a time, online."""
     offs_s = tl.arange(0, SEG_CHUNK)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     m = tl.full([1], float("-inf"), dtype=tl.float32)

@@ -8,7 +8,6 @@ from torch import nn
 
 from pagedserve.attention.backend import AttentionBackend
 from pagedserve.attention.metadata import AttentionMetadata
-from pagedserve.layers import linear_ops
 from pagedserve.layers.linear_ops import fuses
 from pagedserve.layers.rotary import RotaryEmbedding
 
@@ -38,12 +37,6 @@ class Attention(nn.Module):
         if rotary is not None and self.backend.name == "triton" and fuses(q) and rotary[0].uses_triton(q):
             from pagedserve.attention.triton_store_kv import rotary_store_kv
             rope, positions = rotary
-            if linear_ops.FUSE_DECODE_ATTENTION and meta.num_decodes == meta.num_seqs:   # one launch
-                from pagedserve.attention.triton_decode_attention import decode_attention
-                out = decode_attention(q, k, v, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
-                                       meta.slot_mapping, self.scale, meta.max_seq_len,
-                                       (rope.cos_cache, rope.sin_cache))
-                return out.reshape(num_tokens, self.num_heads * self.head_dim)
             rotary_store_kv(positions, q, k, v, rope.cos_cache, rope.sin_cache, self.k_cache, self.v_cache,
                             meta.slot_mapping)
         else:

@@ -33,19 +33,9 @@ def set_decode_fusion(on: bool) -> None:
     FUSE_DECODE = on
 
 
-# Decode-sized all-decode batches on the Triton backend can also run rotary, the KV store,
-# attention and its split-K merge as one launch per layer (attention/triton_decode_attention.py).
-# Off by default. Its first version took the default model's one-at-a-time bf16 agreement from 30
-# to 23 of 40 on the H200; with the fix (be5910d) the H200 gives 30/40 either way, and its output
-# equals the generic path's bit for bit in 7 of 8 checked shapes (llama-8b, 4 rows at 1,500
-# tokens: 1.2e-7 apart in fp32), for +0.8% (llama-1b) / +0.2% (llama-8b) of b1_decode
-# (2026-12-01, benchmarks/RESULTS.md): not worth a second path that is not exact.
-FUSE_DECODE_ATTENTION = False
-
-
-def set_decode_attention_fusion(on: bool) -> None:
-    global FUSE_DECODE_ATTENTION
-    FUSE_DECODE_ATTENTION = on
+# (A one-launch decode attention, rotary + KV store + attention + split-K merge, was measured at
+# +0.8% / +0.2% of b1_decode on llama-1b / 8b, 30/40 bf16 agreement, 1.2e-7 from the generic path
+# in one of 8 shapes: deleted in session 8 as a second, inexact path; benchmarks/RESULTS.md.)
 
 
 def fuses(x: torch.Tensor, weight: torch.Tensor | None = None) -> bool:

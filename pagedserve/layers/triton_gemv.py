@@ -29,25 +29,10 @@ import triton.language as tl
 
 from pagedserve.layers.triton_ops import _LIBDEVICE, silu_mul
 
-try:   # programmatic dependent launch (sm_90+): Triton >= 3.4
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-    HAS_PDL = True
-except ImportError:
-    HAS_PDL = False
-    gdc_launch_dependents = gdc_wait = None   # referenced only under PDL=True
-
 MAX_ROWS = 16
-# Launch with programmatic dependent launch: each gemv (and the decode attention kernel, which
-# lets it be placed at once) is placed on the SMs while the kernel before runs, prefetches its
-# first weight slices into the L2, then waits (griddepcontrol.wait) for its input. Off by default
-# until measured (benchmarks/decode_gpu.py variant fused+pdl; session 4's version, which waited
-# first and prefetched nothing, was slower: 831 vs 951 tok/s on llama-1b).
-PDL = False
-
-
-def set_pdl(on: bool) -> None:
-    global PDL
-    PDL = on and HAS_PDL
+# (Programmatic dependent launch, each gemv placed while the kernel before runs and prefetching its
+# first weight slices into the L2, was measured slower twice on the H200: 831 vs 951 and 933.7 vs
+# 1,025.6 tok/s on llama-1b, benchmarks/RESULTS.md; deleted.)
 MIN_WEIGHT_BYTES = 32 * 2**20
 _DTYPES = (torch.bfloat16, torch.float16)
 
@@ -55,30 +40,15 @@ _PLAIN, _SILU = 0, 1
 
 
 @triton.jit
-def _prefetch_l2(rows, K, BLOCK_K: tl.constexpr, SLICES: tl.constexpr):
-    """prefetch.global.L2 of the first SLICES [rows, BLOCK_K] slices of a row-major weight, one
-    address per 128-byte line (2-byte elements); a hint: nothing waits for it."""
-    lines = tl.arange(0, BLOCK_K // 64) * 64
-    for i in tl.static_range(SLICES):
-        cols = tl.minimum(i * BLOCK_K + lines, K - 1)
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [rows + cols[None, :]],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                  PROLOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, LIBDEVICE: tl.constexpr, PDL: tl.constexpr):
+                 EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, LIBDEVICE: tl.constexpr):
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + offs_m[:, None] * stride_xm
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    if PDL:   # placed while the kernel before runs: warm the L2 with this program's first weight
-        # slices (they depend on nothing), then wait for x
-        _prefetch_l2(w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * stride_wn, K, BLOCK_K, NUM_STAGES)
-        gdc_wait()
     m_valid = offs_m[:, None] < M
     n_valid = offs_n[:, None] < N
     if BLOCK_M == 1:   # one row: per-lane FMAs over the slices, one reduction at the end
@@ -99,8 +69,6 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
             acc_k += x.to(tl.float32) * w.to(tl.float32)
         else:
             acc = tl.dot(x, tl.trans(w), acc)
-    if PDL:   # the last slices are in: the next kernel's programs may be placed (and prefetch) now
-        gdc_launch_dependents()
     if BLOCK_M == 1:
         acc = tl.sum(acc_k, axis=1)[None, :]
     out = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
@@ -173,12 +141,11 @@ def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, config: GemvCo
     m, n = x.shape[0], weight.shape[0]
     config = config or config_for(m, n, k)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    pdl = dict(PDL=True, launch_pdl=True) if PDL and x.is_cuda else dict(PDL=False)
     _gemv_kernel[(triton.cdiv(n, config.block_n),)](
         x, weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
         PROLOGUE=prologue, BLOCK_M=1 if m == 1 else 16, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         EVEN_K=k % config.block_k == 0, NUM_STAGES=config.num_stages, LIBDEVICE=_LIBDEVICE,
-        num_warps=config.num_warps, **pdl)
+        num_warps=config.num_warps)
     return y
 
 
