@@ -197,7 +197,8 @@ def test_the_tp2_server_exits_within_10s_of_a_signal_mid_request(how, core, tiny
     from tests.server.conftest import start_server
     tokenizer = materialize_gguf(resolve_model(None)).directory   # the default model's tokenizer; ids < 512
     server = start_server(tmp_path, "server", tiny_checkpoints["llama"], "--tokenizer", tokenizer, "--device", "cpu",
-                          "--dtype", "float32", "--max-model-len", "512", "--tensor-parallel-size", "2", core)
+                          "--dtype", "float32", "--max-model-len", "512", "--tensor-parallel-size", "2", core,
+                          "--log-level", "info")
     try:
         server.wait_healthy(timeout=90)
         everyone = psutil.Process(server.process.pid).children(recursive=True)
@@ -215,6 +216,10 @@ def test_the_tp2_server_exits_within_10s_of_a_signal_mid_request(how, core, tiny
         assert time.monotonic() - start < 10
         gone, alive = psutil.wait_procs(everyone, timeout=max(0.1, 10 - (time.monotonic() - start)))
         assert not alive
+        # the engine was stopped by the server, not left to the ranks' parent-death watches, and
+        # SIGTERM still ends the process as SIGTERM does
+        assert "stopping the engine" in server.log_tail(), server.log_tail()
+        assert server.process.returncode == (-signal.SIGTERM if how == "SIGTERM" else 0)
     finally:
         server.process.kill()
 
