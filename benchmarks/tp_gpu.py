@@ -15,10 +15,11 @@ VARIANT switches issue 17's pieces (each one alone can be measured against `base
   base    step messages by NCCL broadcast, NCCL all-reduces, lockstep   (before issue 17)
   shm     + step messages through the shared-memory queue
   car     + symmetric-memory one-shot all-reduce (custom all-reduce)
-  all     + async scheduling under TP (rank 0's sampled ids broadcast on device)   (the default)
+  all     + async scheduling under TP (rank 0's sampled ids broadcast on device)   (the default up to session 5)
   asyncnocar  shm + async, NCCL all-reduces
   all4m   all, custom all-reduce up to 4 MiB (decode steps up to 512 rows) instead of 1 MiB
   push    all, with the push all-reduce (two ranks: one one-way signal per all-reduce); push4m up to 4 MiB
+          (push4m is the engine's TP=2 default now: time TP=2 as shipped with it)
 TP=1 runs use `all`: there only async scheduling applies (its default on CUDA).
 Set ENFORCE_EAGER=1 to run without CUDA graphs, PP=N for N pipeline stages (benchmarks/pp_gpu.sh; the
 shm queue, custom all-reduce and async TP of a variant do not apply under PP; `peers` then also

@@ -10,6 +10,8 @@
 #   time     thr512 / b1_decode / ttft1024: TP=1 (its default, async), then TP=2 base, shm, car, all
 #            (see tp_gpu.py VARIANTS; VARIANTS="base all" SKIP_TP1=1 for fewer)
 #   quick    time, TP=2 all only
+#   shutdown (~3-4 min) issue 17 part 1: a TP=2 script's end, shutdown(), gc, Ctrl-C, and serve's SIGTERM /
+#            Ctrl-C mid-request, each under 10 s with no rank or engine core left (benchmarks/shutdown_gpu.py)
 #   tp17c    (~100 s) whether a pageable host -> device copy waits for a busy GPU (h2d), then thr512 /
 #            b1_decode at TP=2 (push4m) with step inputs through pinned memory (now) and pageable (before)
 #   tp17b    thr512 and b1_decode, TP=2: `all`, `push4m` (the push all-reduce up to 4 MiB: decode steps up to
@@ -42,6 +44,8 @@ for stage in ${*:-check profile time}; do
     time) [ "${SKIP_TP1:-0}" = 1 ] || run 100 peers 1 all
           for v in ${VARIANTS:-base shm car all}; do run 120 peers 2 $v; done ;;
     quick) run 120 peers 2 all ;;
+    shutdown) timeout 480 python3 benchmarks/shutdown_gpu.py 2>&1 | tee "$OUT/shutdown.txt" | grep -E "^RESULT|^SUMMARY" \
+                | tee -a "$OUT/results.txt" ;;
     tp17) [ "${DRY:-0}" = 1 ] || run 90 allreduce
           run 90 sweep 2 "$OUT/gemv_tp2.json"
           export RANK_PHASES=1

@@ -7,6 +7,7 @@ import argparse
 import gc
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -173,15 +174,34 @@ def run_server(args: argparse.Namespace) -> None:
     died: list[Exception] = []
     if engine_process:   # a dead core process (vLLM's behaviour): its requests got the error; stop serving
         engine.add_death_listener(lambda error: (died.append(error), setattr(server, "should_exit", True)))
+    # uvicorn re-raises the signal it handled once it has shut down: Ctrl-C as KeyboardInterrupt
+    # (uvicorn.run swallows it too), SIGTERM through the handler it restores, which would end
+    # the process before `finally` (the ranks then left only through their parent-death watches)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    terminated = False
     try:
         server.run()
-    except KeyboardInterrupt:   # uvicorn re-raises the Ctrl-C it handled (uvicorn.run swallows it too)
+    except KeyboardInterrupt:
         pass
+    except _Terminated:
+        terminated = True
     finally:
+        logger.info("stopping the engine")
         engine.shutdown()
+        signal.signal(signal.SIGTERM, previous)
     if died:
         logger.error("exiting: %s", died[0])
         raise SystemExit(1)
+    if terminated:   # end as SIGTERM would have, now that the engine is stopped
+        signal.raise_signal(signal.SIGTERM)
+
+
+class _Terminated(Exception):
+    """SIGTERM reached the server (raised by _raise_terminated)."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated
 
 
 def engine_process_from(args: argparse.Namespace) -> bool:

@@ -1,9 +1,11 @@
 """Pipeline parallelism on CPU (gloo, real rank processes): PP=2 and TP=2 x PP=2 give PP=1's
-greedy tokens per architecture on tiny fp32 checkpoints, through chunked prefill and
-preemption; the scheduler splits the running requests into disjoint micro-batches; a killed
-stage fails the engine with EngineDeadError. On one process: two stages' runners with
-their CUDA-graph runners (replays stood in for by eager forwards, so the static buffers, bucket
-padding, receive-into and send-after-replay plumbing run on CPU) give PP=1's tokens."""
+greedy tokens for every architecture on tiny fp32 checkpoints, through chunked prefill and
+preemption, each stage building and caching only its own layers; the scheduler splits the
+running requests into disjoint micro-batches; a killed stage fails the engine with
+EngineDeadError (and /health 503: test_tensor_parallel.py's server test). On one process:
+two stages' runners with their CUDA-graph runners (replays stood in for by eager forwards, so
+the static buffers, bucket padding, receive-into and send-after-replay plumbing run on CPU)
+give PP=1's tokens."""
 from __future__ import annotations
 
 import os
@@ -40,7 +42,8 @@ def _run(llm: LLM) -> list[list[int]]:
 
 
 def _check_stages(arch: str, tp: int, checkpoints: dict[str, str], then=None) -> None:
-    reference = _run(_llm(checkpoints[arch]))
+    one = _llm(checkpoints[arch])
+    reference, one_kv = _run(one), one.engine.core.executor.runner.kv_cache
     # 32 tokens a step: prompts are chunked; 9 blocks of 16 for 6 sequences of up to 52 tokens: preemption
     llm = _llm(checkpoints[arch], tensor_parallel_size=tp, pipeline_parallel_size=2,
                max_num_batched_tokens=32, num_kv_blocks=9)
@@ -48,6 +51,11 @@ def _check_stages(arch: str, tp: int, checkpoints: dict[str, str], then=None) ->
         core = llm.engine.core
         assert len(core.executor.processes) == 2 * tp - 1 and core.executor.max_concurrent_batches == 2
         assert _run(llm) == reference
+        # rank 0 (stage 0 of 2 layers) built and caches layer 0 only: K and V planes of one layer, its KV heads
+        runner = core.executor.runner
+        assert [type(layer).__name__ for layer in runner.model.model.layers][1] == "Identity"
+        assert runner.kv_cache.shape == (2, 9, one_kv.shape[2], one_kv.shape[3] // tp, one_kv.shape[4])
+        assert one_kv.shape[0] == 4
         assert core.scheduler.stats.num_preemptions > 0
         # gloo sends never report completion: rank 0 keeps a bounded tail of them (it reaches the bound here)
         sends = [len(group) for group in core.executor.pipe._sending.values()]
@@ -58,8 +66,9 @@ def _check_stages(arch: str, tp: int, checkpoints: dict[str, str], then=None) ->
         llm.shutdown()
 
 
+# every architecture at PP=2 and at TP=2 x PP=2 (llama at PP=2: the killed-stage test below)
 @pytest.mark.parametrize("arch, tp", [("llama3_tied", 1), ("mistral", 1), ("qwen2", 1), ("qwen3", 1),
-                                      ("llama3_tied", 2), ("qwen3", 2)])
+                                      ("llama3_tied", 2), ("mistral", 2), ("qwen2", 2), ("qwen3", 2)])
 def test_pipeline_stages_give_the_tokens_of_one_process(arch, tp, tiny_checkpoints):
     _check_stages(arch, tp, tiny_checkpoints)
 
@@ -185,6 +194,10 @@ def test_stage_graph_buffers_give_the_tokens_of_one_process(tiny_checkpoints, mo
 
     sent: deque = deque()
     reference, first, last = runner(None), runner(0, _Link(sent, True)), runner(1, _Link(sent, False))
+    # each stage holds only its layers' KV: one of the two layers each, half the bytes per block
+    assert reference.kv_cache.shape[0] == 4 and first.kv_cache.shape[0] == last.kv_cache.shape[0] == 2
+    assert 2 * first.kv_bytes_per_block() == 2 * last.kv_bytes_per_block() == reference.kv_bytes_per_block()
+    assert [len(r.model.attention_layers()) for r in (reference, first, last)] == [2, 1, 1]
     assert first.graph_runner.stage_in is None and last.graph_runner.stage_in[0].shape == (64, 64)   # up to the largest prefill bucket
     prompts = random_prompts(3, 512, 5, 8, seed=4)
     blocks = {"a": [5, 2, 11], "b": [9, 3, 7], "c": [1, 4, 6]}

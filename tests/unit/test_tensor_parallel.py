@@ -1,7 +1,8 @@
 """Tensor parallelism on CPU (gloo, 2 processes): TP=2 gives TP=1's greedy tokens and logprobs
 (within 1e-4) per architecture on tiny fp32 checkpoints; impossible splits are rejected with
-clear errors; the server serves with --tensor-parallel-size 2; a dead rank fails the engine
-(EngineDeadError, /health 503) instead of hanging; workers never outlive rank 0."""
+clear errors; the server serves with --tensor-parallel-size 2 (and --pipeline-parallel-size 2);
+a dead rank fails the engine (EngineDeadError, /health 503) instead of hanging; workers never
+outlive rank 0."""
 from __future__ import annotations
 
 import os
@@ -152,11 +153,13 @@ def test_workers_exit_when_rank0_is_killed(tiny_checkpoints, tmp_path):
         proc.kill()
 
 
-def test_server_with_tp2_then_a_dead_rank(tiny_checkpoints, tmp_path):
+@pytest.mark.parametrize("split", ["--tensor-parallel-size", "--pipeline-parallel-size"])
+def test_server_with_two_ranks_then_a_dead_rank(split, tiny_checkpoints, tmp_path):
+    """TP=2, or PP=2 (rank 1 is then the last stage): served, then rank 1 is killed: /health 503."""
     from pagedserve.models.loader import materialize_gguf, resolve_model
     tokenizer = materialize_gguf(resolve_model(None)).directory   # the default model's tokenizer; ids < 512
     server = start_server(tmp_path, "server", tiny_checkpoints["llama"], "--tokenizer", tokenizer, "--device", "cpu",
-                          "--dtype", "float32", "--max-model-len", "128", "--tensor-parallel-size", "2",
+                          "--dtype", "float32", "--max-model-len", "128", split, "2",
                           "--no-engine-process")   # the core on the server's thread: it keeps serving 503s
     proc, base = server.process, server.base_url
     try:

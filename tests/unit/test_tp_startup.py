@@ -1,7 +1,10 @@
 """Tensor-parallel start-up on CPU (gloo): a rank that dies while starting fails LLM() within
 seconds with that rank's own error, and leaves no process behind; a script read from standard
 input starts ranks like a script file does (ranks are `python -m pagedserve.worker` processes,
-they need nothing from the user's __main__)."""
+they need nothing from the user's __main__). Issue 17 part 1: however a TP=2 script ends (its
+last line, shutdown(), garbage collection of the LLM, Ctrl-C mid-generate) and however the TP=2
+server is stopped (SIGTERM, Ctrl-C; engine core on a thread or in its own process), it and every
+rank are gone within 10 s."""
 from __future__ import annotations
 
 import os
@@ -54,6 +57,15 @@ def _spawned_children() -> list[psutil.Process]:
     return [p for p in psutil.Process().children(recursive=True) if "--spawned" in p.cmdline()]
 
 
+def _running_rank(pid: int) -> bool:
+    """Whether `pid` is still a running rank (not exited, not a zombie, not a reused pid)."""
+    try:
+        rank = psutil.Process(pid)
+        return rank.status() != psutil.STATUS_ZOMBIE and "--spawned" in rank.cmdline()
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _wait_no_children(timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -83,22 +95,30 @@ def test_a_rank_that_dies_while_starting_fails_the_engine_at_once(mode, expected
     _wait_no_children(10)
 
 
-def test_a_script_read_from_stdin_runs_tp2_and_exits(tiny_checkpoints):
+def test_a_script_read_from_stdin_runs_tp2_and_its_shutdown_ends_every_rank(tiny_checkpoints):
+    """A TP=2 script read from standard input generates, then calls shutdown(): its rank 1 is gone
+    and the script has exited within 10 s of the call."""
     script = textwrap.dedent(f"""
+        import time
         from pagedserve import LLM, SamplingParams
         llm = LLM(model={tiny_checkpoints['llama']!r}, device="cpu", dtype="float32", skip_tokenizer_init=True,
                   max_model_len=128, tensor_parallel_size=2)
+        print("RANK1", llm.engine.core.executor.processes[0].pid, flush=True)
         out = llm.generate([{{"prompt_token_ids": [5, 17, 300, 42]}}], SamplingParams(max_tokens=4, temperature=0),
                            use_tqdm=False)
         print("TOKENS", out[0].outputs[0].token_ids, flush=True)
+        print("SHUTDOWN", time.time(), flush=True)
         llm.shutdown()
     """)
     proc = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, cwd=REPO,
                           timeout=120)
+    exited = time.time()
     assert proc.returncode == 0, proc.stderr[-3000:]
-    tokens = [line for line in proc.stdout.splitlines() if line.startswith("TOKENS")]
-    assert len(tokens) == 1 and len(eval(tokens[0].split(" ", 1)[1])) == 4, proc.stdout
-    _wait_no_children(10)
+    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
+    assert len(eval(lines["TOKENS"])) == 4, proc.stdout
+    assert exited - float(lines["SHUTDOWN"]) < 10
+    # the script is gone, so an orphaned rank would no longer be our descendant: look it up by pid
+    assert not _running_rank(int(lines["RANK1"])), "rank 1 outlived shutdown()"
 
 
 def test_a_dropped_llm_stops_its_ranks(tiny_checkpoints):
@@ -167,28 +187,39 @@ def test_a_tp2_script_exits_within_10s_and_leaves_no_rank(how, tiny_checkpoints)
     assert not rank1.is_running() or rank1.status() == psutil.STATUS_ZOMBIE
 
 
-def test_the_tp2_server_exits_within_10s_of_sigterm_mid_request(tiny_checkpoints, tmp_path):
-    """SIGTERM while a long request runs: open requests get a short grace period, then the server
-    and its rank are gone within 10 s."""
+@pytest.mark.parametrize("how, core", [("SIGTERM", "--no-engine-process"), ("SIGINT", "--engine-process")])
+def test_the_tp2_server_exits_within_10s_of_a_signal_mid_request(how, core, tiny_checkpoints, tmp_path):
+    """SIGTERM, or Ctrl-C (SIGINT to every process of the group, as a terminal sends it), while a long
+    request runs: open requests get a short grace period, then the server, its engine-core process
+    (the default with a GPU) and its rank are gone within 10 s."""
     import threading
     from pagedserve.models.loader import materialize_gguf, resolve_model
     from tests.server.conftest import start_server
     tokenizer = materialize_gguf(resolve_model(None)).directory   # the default model's tokenizer; ids < 512
     server = start_server(tmp_path, "server", tiny_checkpoints["llama"], "--tokenizer", tokenizer, "--device", "cpu",
-                          "--dtype", "float32", "--max-model-len", "512", "--tensor-parallel-size", "2")
+                          "--dtype", "float32", "--max-model-len", "512", "--tensor-parallel-size", "2", core,
+                          "--log-level", "info")
     try:
         server.wait_healthy(timeout=90)
-        rank1 = [p for p in psutil.Process(server.process.pid).children(recursive=True) if "--spawned" in p.cmdline()]
+        everyone = psutil.Process(server.process.pid).children(recursive=True)
+        rank1 = [p for p in everyone if "--spawned" in p.cmdline()]
+        cores = [p for p in everyone if "pagedserve.frontend.core_process" in " ".join(p.cmdline())]
+        assert len(rank1) == 1 and len(cores) == (core == "--engine-process"), everyone
         body = {"model": "llama", "prompt": [5, 17, 300, 42], "max_tokens": 400, "temperature": 0, "ignore_eos": True}
         threading.Thread(target=lambda: _post_ignoring_errors(f"{server.base_url}/v1/completions", body),
                          daemon=True).start()
         time.sleep(1.0)
-        server.process.send_signal(signal.SIGTERM)
+        for process in [server.process] + (everyone if how == "SIGINT" else []):
+            process.send_signal(getattr(signal, how))
         start = time.monotonic()
         server.process.wait(timeout=10)
         assert time.monotonic() - start < 10
-        gone, alive = psutil.wait_procs(rank1, timeout=max(0.1, 10 - (time.monotonic() - start)))
-        assert len(rank1) == 1 and not alive
+        gone, alive = psutil.wait_procs(everyone, timeout=max(0.1, 10 - (time.monotonic() - start)))
+        assert not alive
+        # the engine was stopped by the server, not left to the ranks' parent-death watches, and
+        # SIGTERM still ends the process as SIGTERM does
+        assert "stopping the engine" in server.log_tail(), server.log_tail()
+        assert server.process.returncode == (-signal.SIGTERM if how == "SIGTERM" else 0)
     finally:
         server.process.kill()
 
