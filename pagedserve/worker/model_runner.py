@@ -32,7 +32,7 @@ from pagedserve.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerC
 from pagedserve.engine_io import ModelRunnerOutput, RequestId, SchedulerOutput, TokenLogprobs
 from pagedserve.layers.linear import set_gemv_max_rows
 from pagedserve.layers.parallel import broadcast_from_rank0, is_last_stage, pp_world_size, tp_rank, tp_world_size
-from pagedserve.layers.sampler import Sampler, apply_token_bitmask, gather_logprobs, greedy_ids
+from pagedserve.layers.sampler import Sampler, gather_logprobs, greedy_ids, token_bitmask_to_device
 from pagedserve.models.loader import load_weights
 from pagedserve.models.registry import resolve_model_class
 from pagedserve.worker.compile_ahead import compile_ahead
@@ -388,10 +388,9 @@ class ModelRunner:
         Under async TP the ids go to every rank on the device; zeros if sampling raised, since
         the workers wait for them. `sampled_ids`: a host buffer the ids are copied into."""
         try:
-            if grammar_bitmask is not None:
-                self._apply_grammar(logits, grammar_rows, grammar_bitmask)
+            mask = None if grammar_bitmask is None else self._apply_grammar(logits, grammar_rows, grammar_bitmask)
             sampled = sample(self.sampler, logits, states, self.model_config.vocab_size, self.device,
-                             self.model_config.eos_token_ids)
+                             self.model_config.eos_token_ids, mask)
         except Exception:
             if self.share_sampled:
                 broadcast_from_rank0(torch.zeros(len(states), dtype=torch.int64, device=self.device))
@@ -402,22 +401,25 @@ class ModelRunner:
             self._host_registered(sampled_ids)   # the grammar process's segment: page-locked once
         return self._defer(output, states, sampled, sampled_ids)
 
-    def _apply_grammar(self, logits: torch.Tensor, grammar_rows: list[int], bitmask: torch.Tensor) -> None:
-        """Mask the logits rows of constrained requests with their bitmask rows (before
-        sampling and logprobs, so every sampler path, greedy argmax included, obeys it)."""
+    def _apply_grammar(self, logits: torch.Tensor, grammar_rows: list[int], bitmask: torch.Tensor
+                       ) -> torch.Tensor | None:
+        """The token bitmask of every logits row on the device (the constrained requests' rows
+        from their bitmask rows, the others all allowed), for the sampler to apply before
+        sampling and logprobs (every sampler path, greedy argmax included, obeys it); None if
+        no row here is constrained."""
         if -1 in grammar_rows:
             keep = [i for i, row in enumerate(grammar_rows) if row >= 0]
             bitmask, grammar_rows = bitmask[torch.tensor(keep)], [grammar_rows[i] for i in keep]
         if not grammar_rows:
-            return
+            return None
         if len(grammar_rows) == logits.shape[0] and grammar_rows == list(range(len(grammar_rows))) \
                 and self._host_registered(bitmask):
-            apply_token_bitmask(logits, bitmask, grammar_rows)   # an async copy straight from it
-            return
+            return token_bitmask_to_device(logits, bitmask, grammar_rows)   # an async copy straight from it
         staging = self._bitmask_staging(logits.shape[0], bitmask.shape[1])
-        apply_token_bitmask(logits, bitmask, grammar_rows, staging)
+        mask = token_bitmask_to_device(logits, bitmask, grammar_rows, staging)
         if staging is not None:
             self._staging[1].record()   # after the copy from it, for the next reuse
+        return mask
 
     def _host_registered(self, bitmask: torch.Tensor) -> bool:
         """On CUDA, a bitmask in a page-aligned host buffer of its own (the grammar process's

@@ -28,6 +28,14 @@ def _grammars(llm: LLM):
     return llm.engine.core.scheduler.grammars
 
 
+@pytest.fixture(params=["spin", "nap", "block"])
+def wake(request, monkeypatch):
+    """Each way the process waits for a post (grammar_process.WAKE)."""
+    from pagedserve.core import grammar_process
+    monkeypatch.setattr(grammar_process, "WAKE", request.param)
+    return request.param
+
+
 def _gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -39,7 +47,7 @@ def _gone(pid: int, timeout: float) -> bool:
     return False
 
 
-def test_process_and_inline_give_the_same_ids(checkpoint):  # noqa: F811
+def test_process_and_inline_give_the_same_ids(checkpoint, wake):  # noqa: F811
     """The same requests (a JSON schema at temperature 1, a regex, a plain one) through the
     grammar process and through in-engine matchers, both async: the same ids."""
     from pagedserve.core.structured_output import InlineGrammars, ProcessGrammars
@@ -124,13 +132,15 @@ def test_shutdown_stops_the_process_and_frees_its_memory(checkpoint):  # noqa: F
     assert not os.path.exists(f"/dev/shm/{name}")
 
 
-def test_the_process_exits_when_its_parent_is_killed(checkpoint):  # noqa: F811
+def test_the_process_exits_when_its_parent_is_killed(checkpoint, wake):  # noqa: F811
     """No orphan: a parent killed outright (no clean-up at all) leaves no grammar process."""
     script = textwrap.dedent(f"""
         import sys, time
         from transformers import AutoTokenizer
         import xgrammar
+        from pagedserve.core import grammar_process
         from pagedserve.core.grammar_process import GrammarProcess
+        grammar_process.WAKE = {wake!r}
         tokenizer = AutoTokenizer.from_pretrained({checkpoint!r})
         info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size={VOCAB})
         process = GrammarProcess(info, 4, xgrammar.get_bitmask_shape(1, {VOCAB})[1])
@@ -163,12 +173,12 @@ def test_the_frontend_hands_out_one_object_per_constraint(checkpoint):  # noqa: 
     assert a is b and c is not a
 
 
-def test_more_slots_than_rows_and_tokens_that_land_after_the_post(checkpoint, monkeypatch):  # noqa: F811
+def test_more_slots_than_rows_and_tokens_that_land_after_the_post(checkpoint, monkeypatch, wake):  # noqa: F811
     """ProcessGrammars with room for 2 rows a step: 5 live sequences (slots 0-4, as when
     preempted ones keep theirs). Each step posts its rows' ids rows before the ids land (as
     the device's copy does) and in another order than the rows; each mask equals the mask of
-    an in-engine matcher fed the same tokens, a finished row is all-allowed, a held post
-    (hold_tokens) waits for release_tokens(), a refused token is reported with its id."""
+    an in-engine matcher fed the same tokens, a finished row is all-allowed, a post waits
+    for its token to land, a refused token is reported with its id."""
     import torch
     import xgrammar
     from transformers import AutoTokenizer
@@ -235,14 +245,15 @@ def test_more_slots_than_rows_and_tokens_that_land_after_the_post(checkpoint, mo
         pending = fill([rows[4], rows[1]])
         assert torch.equal(pending.result(), reference_bitmask([rows[4], rows[1]])) and pending.failed == []
         assert grammars.accept(rows[4], tokenizer.eos_token_id) == (True, True)   # a stop token ends it at once
-        grammars.hold_tokens = True
         c = tokenizer.encode("c", add_special_tokens=False)[0]
-        pending = step([rows[2]], [c], [rows[2]])
+        ids = grammars.sampled_ids()
+        pending = grammars.start_fill([rows[2]], [rows[2].request_id], [rows[2].request_id], [0],
+                                      {r.request_id: r for r in rows})
         time.sleep(0.1)
-        assert grammars.process.layout.header[DONE] != grammars.process._posted   # held
-        grammars.release_tokens()
+        assert grammars.process.layout.header[DONE] != grammars.process._posted   # waits for the landing
+        ids[0] = c
+        rows[2].grammar_matcher.accept_token(c)
         assert torch.equal(pending.result(), reference_bitmask([rows[2]]))
-        grammars.hold_tokens = False
         refused = tokenizer.encode("z", add_special_tokens=False)[0]
         pending = step([rows[0], rows[3]], [tokenizer.encode("c", add_special_tokens=False)[0], refused], [rows[3]])
         assert torch.equal(pending.result(), reference_bitmask([rows[3]]))
