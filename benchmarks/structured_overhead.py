@@ -9,10 +9,6 @@ Variants of the schema run (--variants, timed in turns with the plain run, best 
   process the engine as is under async scheduling: accept and fill in the grammar process
           (core/grammar_process.py), the step sampled at the next engine call; the process
           takes each step's tokens from the device's copy as soon as the step is sampled
-  spin / nap / block  process, the grammar process waiting for each post as grammar_process.WAKE
-          says (trees that have WAKE: skipped elsewhere, e.g. on an older snapshot)
-  unfused process with the mask applied by xgrammar's kernel before a greedy argmax, not read
-          by the argmax itself (sampler.FUSED_GREEDY_MASK off; trees that have it)
   inline  the same engine with in-engine matchers (InlineGrammars): accept on the engine
           thread as tokens are applied, one xgrammar batch fill right before sampling
 In lockstep (the CPU default) every variant is in-engine at schedule time (one batch fill).
@@ -58,36 +54,7 @@ SCHEMA = {
 }
 
 
-KNOWN = ("process", "spin", "nap", "block", "unfused", "inline")
-WAKES = ("spin", "nap", "block")
-
-
-def _supported(variant: str) -> bool:
-    """Whether this tree has the switch the variant needs."""
-    if variant in WAKES:
-        from pagedserve.core import grammar_process
-        return hasattr(grammar_process, "WAKE")
-    if variant == "unfused":
-        from pagedserve.layers import sampler
-        return hasattr(sampler, "FUSED_GREEDY_MASK")
-    return variant in KNOWN
-
-
-class _Switch:
-    """The module switch a variant's runs flip (and flip back)."""
-
-    def __init__(self, variant: str) -> None:
-        self.variant = variant
-
-    def __enter__(self) -> None:
-        if self.variant == "unfused":
-            from pagedserve.layers import sampler
-            self.old, sampler.FUSED_GREEDY_MASK = sampler.FUSED_GREEDY_MASK, False
-
-    def __exit__(self, *exc) -> None:
-        if self.variant == "unfused":
-            from pagedserve.layers import sampler
-            sampler.FUSED_GREEDY_MASK = self.old
+KNOWN = ("process", "inline")
 
 
 def _tiny_model(tokenizer_dir: str) -> str:
@@ -118,8 +85,6 @@ def main() -> None:
                         help="a tiny random llama with --model's tokenizer on CPU, async scheduling, 8 requests")
     parser.add_argument("--no-register", action="store_true",
                         help="stage the grammar process's mask through the runner's pinned copy (no cudaHostRegister)")
-    parser.add_argument("--no-fused", action="store_true",
-                        help="every variant applies the mask with xgrammar's kernel (sampler.FUSED_GREEDY_MASK off)")
     parser.add_argument("--profile", action="store_true",
                         help="after the timed runs, one schema run under cProfile: the top host functions")
     args = parser.parse_args()
@@ -127,16 +92,12 @@ def main() -> None:
     unknown = [v for v in variants if v not in KNOWN]
     if unknown:
         parser.error(f"unknown variants {unknown}: {KNOWN}")
-    skipped = [v for v in variants if not _supported(v)]
-    if skipped:
-        print(f"this tree lacks the switches of {skipped}: skipped", flush=True)
-        variants = [v for v in variants if v not in skipped]
-    if args.no_fused:
-        from pagedserve.layers import sampler
-        sampler.FUSED_GREEDY_MASK = False
-    if args.no_register:
-        from pagedserve.worker import model_runner
-        model_runner.REGISTER_GRAMMAR_MASK = False
+    if args.no_register:   # (worker/grammar_mask.py; model_runner.py in older trees)
+        try:
+            from pagedserve.worker import grammar_mask as owner
+        except ImportError:
+            from pagedserve.worker import model_runner as owner
+        owner.REGISTER_GRAMMAR_MASK = False
     kwargs = {"model": args.model} if args.model else {}
     if args.cpu_smoke:
         kwargs = {"model": _tiny_model(args.model), "async_scheduling": True}
@@ -152,17 +113,7 @@ def main() -> None:
     llm.generate(prompts[:2], structured, use_tqdm=False)   # warm-up: compile, first-step costs, the process
     scheduler = llm.engine.core.scheduler
     lockstep = getattr(scheduler.grammars, "process", None) is None   # in-engine at schedule time
-    backends = {"process": scheduler.grammars, "unfused": scheduler.grammars,
-                "inline": structured_output.InlineGrammars()}
-    for variant in WAKES:
-        if variant in variants and not lockstep:
-            from pagedserve.core import grammar_process
-            old, grammar_process.WAKE = grammar_process.WAKE, variant
-            backends[variant] = structured_output.ProcessGrammars(scheduler.grammars.max_rows)
-            scheduler.grammars = backends[variant]   # its warm-up (the process starts)
-            llm.generate(prompts[:2], structured, use_tqdm=False)
-            scheduler.grammars = backends["process"]
-            grammar_process.WAKE = old
+    backends = {"process": scheduler.grammars, "inline": structured_output.InlineGrammars()}
     waits = {}   # variant -> the grammar process's counters over its last schema run
 
     def run(params, variant: str = "process") -> tuple[float, list]:
@@ -171,10 +122,9 @@ def main() -> None:
         if not lockstep:
             scheduler.grammars = backends[variant]
         try:
-            with _Switch(variant):
-                start = time.perf_counter()
-                outs = llm.generate(prompts, params, use_tqdm=False)
-                return time.perf_counter() - start, outs
+            start = time.perf_counter()
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            return time.perf_counter() - start, outs
         finally:
             if not lockstep:
                 scheduler.grammars = backends["process"]
@@ -200,7 +150,6 @@ def main() -> None:
         "cpu_smoke": args.cpu_smoke, "num_requests": args.num_requests, "generated_tokens": tokens,
         "repeats": args.repeats, "plain_tok_s": round(tokens / best["plain"], 1),
         "plain_median_tok_s": round(tokens / median["plain"], 1), "variants": {},
-        "wake_default": getattr(__import__("pagedserve.core.grammar_process").core.grammar_process, "WAKE", None),
         "grammar_process": not lockstep, "mask_registered": _mask_registered(llm),
     }
     for variant, counters in waits.items():   # per step of its last run: the engine thread's spin,
@@ -230,7 +179,7 @@ def main() -> None:
               f"ids_equal {figures['ids_equal']}  "
               f"json {figures['valid_json']}/{args.num_requests}  schema {figures['schema_valid']}  "
               f"{figures['finish_reasons']}", flush=True)
-    for backend in {id(b): b for b in backends.values()}.values():
+    for backend in backends.values():
         if backend is not scheduler.grammars:
             backend.shutdown()
     if args.profile:
@@ -255,7 +204,9 @@ def _counters(process) -> dict[str, float]:
 def _mask_registered(llm) -> bool | None:
     """On CUDA: whether the runner page-locked the grammar process's mask in place (no staging)."""
     runner = getattr(llm.engine.core.executor, "runner", None)
-    held = getattr(runner, "_registered_mask", None)
+    if hasattr(runner, "grammar_mask"):
+        return runner.grammar_mask.registered
+    held = getattr(runner, "_registered_mask", None)   # older trees
     return None if held is None else held[2]
 
 

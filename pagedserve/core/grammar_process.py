@@ -6,7 +6,7 @@ thread's critical path; a second thread could not take it off (waking it and han
 the GIL cost as much: benchmarks/RESULTS.md, issue 20). This process does that work beside
 the engine, talking through one shared-memory segment:
 
-    header   int64 [POSTED, DONE, NUM_ACCEPT, NUM_FILL, NUM_MESSAGES, STOP, FAILED,
+    header   int64 [POSTED, DONE, NUM_ACCEPT, NUM_FILL, STOP, FAILED,
                     then the process's time so far (ns): waiting for tokens, accepting, filling]
     accepts  int32 slot[cap], int32 row[cap] -> int8 accepted[cap] (written back)
     fills    int32 slot[cap] (-1: all tokens allowed)
@@ -15,31 +15,30 @@ the engine, talking through one shared-memory segment:
     mask     int32 [cap, width], xgrammar's bitmask layout, row i for fills[i]
 
 A step (`post`): the engine names, per matcher slot, the row of `ids` that holds the token
-its sequence sampled, and the slots whose next-token mask it wants, then bumps POSTED. It
-posts as soon as it has queued the sampling (the ids are -1 until the device's copy lands:
-`sampled_ids()` resets them), so the process works while the engine thread launches the
-next forward, waits for the tokens and hands them over. The process, waiting for POSTED
-to move (WAKE below), (1) reads the step's control messages from its stdin (pickled) and
-rolls back the slots they name (a failed step's tokens), (2) waits for each token's row,
-advances the matchers by the tokens, (3) applies the other messages (new grammars, slots opened and closed), (4) fills the mask
-rows, then sets DONE = POSTED. The engine, just before it samples the next step, spins on DONE (`wait`) and
+its sequence sampled, and the slots whose next-token mask it wants, bumps POSTED, then
+writes one frame to the process's stdin: the step's control messages (pickled; maybe none).
+It posts as soon as it has queued the sampling (the ids are -1 until the device's copy
+lands: `sampled_ids()` resets them), so the process works while the engine thread launches
+the next forward, waits for the tokens and hands them over. The process, asleep in a read
+of its stdin until the frame comes, (1) rolls back the slots the messages name (a failed
+step's tokens), (2) waits for each token's row (spinning with sched_yield: the device's
+copy lands within a few hundred us), advances the matchers by the tokens, (3) applies the
+other messages (new grammars, slots opened and closed), (4) fills the mask rows, then sets
+DONE = POSTED. The engine, just before it samples the next step, spins on DONE (`wait`) and
 gets the mask rows and what each token did. One step is in flight at a time. The mask is
 refilled only after a token of the step it masked has landed (the device read the mask
 before it wrote the ids) or, with no token to wait for, when no row of that step goes on.
 Big payloads (the tokenizer, a grammar: 0.1-2 MB) go through files in /dev/shm (a pipe
-holds 64 KiB, and the process reads its stdin only after a bump).
+holds 64 KiB).
 
 Order within a step is (2) then (3): a slot's tokens are taken before it is closed (and
 maybe reopened for another sequence), and a slot opened in this step has no tokens yet.
-The process exits when STOP is set, when its stdin closes, or when its parent is gone.
+The process exits when STOP is set, when its stdin closes (the engine shut it down or is
+gone), or when its parent is gone while it waits for a token.
 
-How the process waits for a post (WAKE, an A/B of issue 20's seventh pass, read when a
-process starts): "spin" looks at POSTED with sched_yield between looks (0.2 ms sleeps after
-20 ms idle); "nap" sleeps 50 us between looks; "block" sleeps in a read of its stdin, where
-every post writes one frame (the messages, maybe none) after the bump: a spinning process
-may slow the engine thread (an SMT sibling, a shared cache), and the post comes ~1.6 ms
-before the engine needs the mask while the process's work takes ~0.6 ms. Waiting for a
-token to land spins ("nap": naps) in every mode: it is ~20 us.
+Sleeping between posts rather than spinning (issue 20's seventh pass on an H200: the same
+throughput within noise as spinning or napping 50 us, benchmarks/RESULTS.md) burns no core
+while no constrained request runs; the post comes ~1 ms before the engine needs the mask.
 """
 from __future__ import annotations
 
@@ -58,12 +57,10 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-POSTED, DONE, NUM_ACCEPT, NUM_FILL, NUM_MESSAGES, STOP, FAILED, NS_TOKENS, NS_ACCEPT, NS_FILL = range(10)
+POSTED, DONE, NUM_ACCEPT, NUM_FILL, STOP, FAILED, NS_TOKENS, NS_ACCEPT, NS_FILL = range(9)
 _HEADER = 16
 _IDLE_SPIN_S = 0.02
 _IDLE_SLEEP_S = 0.0002
-WAKE = "block"   # how a new process waits for posts: "spin", "nap" or "block" (module docstring)
-_NAP_S = 0.0   # the process's look interval ("nap"; 0: sched_yield); set from its argv
 WAIT_TIMEOUT_S = 60.0   # the first wait includes the process's start (imports: ~2 s)
 _PAYLOAD_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
@@ -132,7 +129,6 @@ class GrammarProcess:
 
     def __init__(self, tokenizer_info: Any, cap: int, width: int) -> None:
         self.cap, self.width = cap, width
-        self.wake = WAKE
         self.shm = shared_memory.SharedMemory(create=True, size=_Layout.nbytes(cap, width))
         self.layout = _Layout(self.shm.buf, cap, width)
         self.layout.header[:] = 0
@@ -143,7 +139,7 @@ class GrammarProcess:
         safe_path = ["-P"] if sys.version_info >= (3, 11) else []   # this package, not the working directory's
         self.popen = subprocess.Popen(
             [sys.executable, *safe_path, "-m", "pagedserve.core.grammar_process", self.shm.name, str(cap), str(width),
-             info_path, str(os.getpid()), self.wake], stdin=subprocess.PIPE, env=env)
+             info_path, str(os.getpid())], stdin=subprocess.PIPE, env=env)
         self._messages: list[tuple] = []
         self._posted = 0
         self.waits, self.wait_seconds = 0, 0.0   # what the engine thread spent in wait()
@@ -202,27 +198,17 @@ class GrammarProcess:
             layout.fill_slot[:len(fill_slots)] = fill_slots
         header[NUM_ACCEPT] = n
         header[NUM_FILL] = len(fill_slots)
-        header[NUM_MESSAGES] = 0
-        block = self.wake == "block"
-        frame = b""
-        if self._messages or block:   # "block": every post writes a frame, after the bump
+        data = b""
+        if self._messages:
             messages, self._messages = self._messages, []
-            data = pickle.dumps(messages) if messages else b""
-            if len(data) > 32768:   # never fill the pipe: the process reads it after the bump
+            data = pickle.dumps(messages)
+            if len(data) > 32768:   # never fill the pipe (64 KiB): big messages go through a file
                 data = pickle.dumps([("file", _write_payload(data))])
-            frame = len(data).to_bytes(4, "little") + data
-            header[NUM_MESSAGES] = len(data) > 0
-            if not block:
-                self._write(frame)
         self._posted += 1
         self._post_time = time.perf_counter()
-        header[POSTED] = self._posted   # the process reads the rest after seeing it
-        if block:
-            self._write(frame)
-
-    def _write(self, frame: bytes) -> None:
+        header[POSTED] = self._posted   # before the frame: the process reads the header after it
         try:
-            self.popen.stdin.write(frame)
+            self.popen.stdin.write(len(data).to_bytes(4, "little") + data)
             self.popen.stdin.flush()
         except (BrokenPipeError, ValueError, OSError) as exc:
             raise GrammarProcessError(self._why_dead()) from exc
@@ -289,21 +275,19 @@ def _stop(popen: subprocess.Popen, shm: shared_memory.SharedMemory, header: Any)
 
 
 # ---- the process --------------------------------------------------------------------------
-def _serve(shm_name: str, cap: int, width: int, info_path: str, parent_pid: int, wake: str) -> None:
-    global _NAP_S
-    _NAP_S = 50e-6 if wake == "nap" else 0.0
+def _serve(shm_name: str, cap: int, width: int, info_path: str, parent_pid: int) -> None:
     import torch
     import xgrammar
     shm = shared_memory.SharedMemory(name=shm_name)
     from multiprocessing import resource_tracker   # the engine owns (and unlinks) the segment
     resource_tracker.unregister(shm._name, "shared_memory")
     try:
-        _loop(shm, cap, width, info_path, parent_pid, wake == "block", torch, xgrammar)
+        _loop(shm, cap, width, info_path, parent_pid, torch, xgrammar)
     finally:
         shm.close()
 
 
-def _loop(shm, cap: int, width: int, info_path: str, parent_pid: int, block: bool, torch, xgrammar) -> None:
+def _loop(shm, cap: int, width: int, info_path: str, parent_pid: int, torch, xgrammar) -> None:
     layout = _Layout(shm.buf, cap, width)
     header = layout.header
     mask = torch.from_numpy(layout.mask)   # xgrammar's fill takes a torch tensor
@@ -314,20 +298,14 @@ def _loop(shm, cap: int, width: int, info_path: str, parent_pid: int, block: boo
     stop_ids = frozenset(info.stop_token_ids)
     batch = xgrammar.BatchGrammarMatcher(max_threads=1)   # no pool (benchmarks/RESULTS.md, issue 20)
     stdin = sys.stdin.buffer
-    seen = 0
     try:
         while True:
-            if block:
-                messages = _read_frame(stdin)   # asleep until the engine posts
-                if messages is None:
-                    return   # stdin closed: the engine is gone or shut us down
-            elif header[POSTED] == seen and not _spin(header, seen, parent_pid):
-                return
+            messages = _read_frame(stdin)   # asleep until the engine posts
+            if messages is None:
+                return   # stdin closed: the engine is gone or shut us down
             seen = int(header[POSTED])
             if header[STOP]:
                 return
-            if not block:
-                messages = _read_frame(stdin) if header[NUM_MESSAGES] else []
             if messages:
                 for message in messages:
                     if message[0] == "rollback" and message[1] in matchers:
@@ -376,27 +354,19 @@ def _loop(shm, cap: int, width: int, info_path: str, parent_pid: int, block: boo
         raise
 
 
-def _spin(header: Any, seen: int, parent_pid: int) -> bool:
-    """Wait for a new post (sched_yield between looks; sleeps once idle); False if the
-    parent is gone."""
-    return _await(lambda: header[POSTED] != seen, header, parent_pid, stop=False)
-
-
-def _await(ready, header: Any, parent_pid: int, stop: bool = True) -> bool:
+def _await(ready, header: Any, parent_pid: int) -> bool:
     """Spin until ready() (sched_yield between looks; sleeps after 20 ms); False if the parent
-    is gone (or, with `stop`, the engine set STOP)."""
+    is gone or the engine set STOP."""
     start = time.monotonic()
     spins, idle = 0, False
     while not ready():
         spins += 1
         if spins & 1023 == 0:
-            if os.getppid() != parent_pid or (stop and header[STOP]):
+            if os.getppid() != parent_pid or header[STOP]:
                 return False
             idle = time.monotonic() - start > _IDLE_SPIN_S
         if idle:
             time.sleep(_IDLE_SLEEP_S)
-        elif _NAP_S:
-            time.sleep(_NAP_S)
         else:
             os.sched_yield()
     return True
@@ -437,4 +407,4 @@ def _apply(messages: list[tuple], grammars: dict[int, Any], matchers: dict[int, 
 
 
 if __name__ == "__main__":
-    _serve(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5]), sys.argv[6])
+    _serve(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5]))

@@ -330,7 +330,7 @@ class Scheduler:
         end), and takes the result right before it samples the step."""
         (rows_, ids), self._deferred = self._deferred, ([], [])
         if sampled is None:
-            return self.grammars.start_fill(rows_, ids)
+            return self.grammars.start_fill(rows_, ids) if rows_ else None   # (a plain step: nothing)
         return self.grammars.start_fill(rows_, ids, sampled.structured_req_ids, rows, self.requests)
 
     def _suspect_first(self) -> bool:

@@ -135,20 +135,17 @@ def _random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) 
 
 
 TRITON_GREEDY = True   # off: torch's argmax (A/B in benchmarks/decode_gpu.py)
-# the greedy Triton argmax reads a structured-outputs bitmask itself instead of xgrammar's
-# kernel writing -inf into the logits first (one launch a step less); off: that kernel
-# (A/B in benchmarks/structured_overhead.py, variant "unfused")
-FUSED_GREEDY_MASK = True
 
 
 def greedy_ids(logits: torch.Tensor, bitmask: torch.Tensor | None = None) -> torch.Tensor:
     """logits.argmax(dim=-1); on CUDA one Triton launch (torch's reduce took 37 us over one
     row of a 128k vocabulary on an H200, more than a llama-1b layer). `bitmask` (a device
     token bitmask, token_bitmask_to_device): masked columns first count as -inf; on CUDA
-    that launch reads the mask (FUSED_GREEDY_MASK), elsewhere it is applied to the logits."""
+    that launch reads the mask (instead of xgrammar's kernel writing -inf into the logits
+    first: one launch a step less, 1.6-2.4 points of the llama-1b shape's JSON overhead on an
+    H200, benchmarks/RESULTS.md issue 20), elsewhere it is applied to the logits."""
     if TRITON_GREEDY and logits.is_cuda and logits.dim() == 2 and logits.stride(1) == 1 \
-            and 0 < logits.shape[1] < 2**31 - 1 \
-            and (bitmask is None or FUSED_GREEDY_MASK and bitmask.shape[1] * 32 >= logits.shape[1]):
+            and 0 < logits.shape[1] < 2**31 - 1 and (bitmask is None or bitmask.shape[1] * 32 >= logits.shape[1]):
         from pagedserve.layers.triton_ops import argmax_rows
         return argmax_rows(logits, bitmask)
     if bitmask is not None:

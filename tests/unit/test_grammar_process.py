@@ -28,14 +28,6 @@ def _grammars(llm: LLM):
     return llm.engine.core.scheduler.grammars
 
 
-@pytest.fixture(params=["spin", "nap", "block"])
-def wake(request, monkeypatch):
-    """Each way the process waits for a post (grammar_process.WAKE)."""
-    from pagedserve.core import grammar_process
-    monkeypatch.setattr(grammar_process, "WAKE", request.param)
-    return request.param
-
-
 def _gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -47,7 +39,7 @@ def _gone(pid: int, timeout: float) -> bool:
     return False
 
 
-def test_process_and_inline_give_the_same_ids(checkpoint, wake):  # noqa: F811
+def test_process_and_inline_give_the_same_ids(checkpoint):  # noqa: F811
     """The same requests (a JSON schema at temperature 1, a regex, a plain one) through the
     grammar process and through in-engine matchers, both async: the same ids."""
     from pagedserve.core.structured_output import InlineGrammars, ProcessGrammars
@@ -74,12 +66,12 @@ def test_a_refused_token_fails_its_request_with_a_clear_error(checkpoint, monkey
     request ends "abort" with an error naming the token (in the process: learned one step
     late, the step's token dropped, so the same output as in-engine), the plain request beside
     it is untouched, nothing hangs."""
-    from pagedserve.worker.model_runner import ModelRunner
+    from pagedserve.worker.grammar_mask import GrammarMask
     llm = _llm(checkpoint, async_scheduling)
     prompt = {"prompt_token_ids": random_prompts(1, VOCAB, 12, 13, seed=3)[0]}
     plain = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     alone = llm.generate([prompt], plain, use_tqdm=False)[0].outputs[0].token_ids
-    monkeypatch.setattr(ModelRunner, "_apply_grammar", lambda self, *args: None)
+    monkeypatch.setattr(GrammarMask, "to_device", lambda self, *args: None)
     constrained = SamplingParams(max_tokens=12, temperature=0.0, structured_outputs=StructuredOutputsParams(regex="z{5}"))
     failed, ok = llm.generate([prompt, prompt], [constrained, plain], use_tqdm=False)
     assert failed.outputs[0].finish_reason == "abort"
@@ -132,15 +124,13 @@ def test_shutdown_stops_the_process_and_frees_its_memory(checkpoint):  # noqa: F
     assert not os.path.exists(f"/dev/shm/{name}")
 
 
-def test_the_process_exits_when_its_parent_is_killed(checkpoint, wake):  # noqa: F811
+def test_the_process_exits_when_its_parent_is_killed(checkpoint):  # noqa: F811
     """No orphan: a parent killed outright (no clean-up at all) leaves no grammar process."""
     script = textwrap.dedent(f"""
         import sys, time
         from transformers import AutoTokenizer
         import xgrammar
-        from pagedserve.core import grammar_process
         from pagedserve.core.grammar_process import GrammarProcess
-        grammar_process.WAKE = {wake!r}
         tokenizer = AutoTokenizer.from_pretrained({checkpoint!r})
         info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size={VOCAB})
         process = GrammarProcess(info, 4, xgrammar.get_bitmask_shape(1, {VOCAB})[1])
@@ -173,7 +163,7 @@ def test_the_frontend_hands_out_one_object_per_constraint(checkpoint):  # noqa: 
     assert a is b and c is not a
 
 
-def test_more_slots_than_rows_and_tokens_that_land_after_the_post(checkpoint, monkeypatch, wake):  # noqa: F811
+def test_more_slots_than_rows_and_tokens_that_land_after_the_post(checkpoint, monkeypatch):  # noqa: F811
     """ProcessGrammars with room for 2 rows a step: 5 live sequences (slots 0-4, as when
     preempted ones keep theirs). Each step posts its rows' ids rows before the ids land (as
     the device's copy does) and in another order than the rows; each mask equals the mask of
@@ -287,3 +277,32 @@ def test_a_step_failed_after_its_tokens_were_posted_is_taken_back(checkpoint, mo
     assert len(calls) > 6 and all(o.error is None for o in outs)
     assert [o.outputs[0].token_ids for o in outs] == clean
     assert re.fullmatch(regex, outs[0].outputs[0].text)
+
+
+def test_plain_requests_pay_for_no_grammar_work(checkpoint, monkeypatch):  # noqa: F811
+    """Requests without constraints (async, the grammar process's path) start no grammar
+    process, defer no sampling, carry no bitmask and reach none of the grammars' per-token
+    calls; their ids equal lockstep's."""
+    from pagedserve.core.structured_output import ProcessGrammars
+    from pagedserve.worker import grammar_mask
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(3, VOCAB, 5, 20, seed=7)]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    lockstep = [o.outputs[0].token_ids for o in _llm(checkpoint, async_scheduling=False).generate(
+        prompts, params, use_tqdm=False)]
+    llm = _llm(checkpoint)
+    grammars, scheduler = _grammars(llm), llm.engine.core.scheduler
+    assert isinstance(grammars, ProcessGrammars)
+    calls = []
+    for name in ("accept", "start_fill", "sampled_ids", "prepare"):
+        monkeypatch.setattr(grammars, name, lambda *args, _name=name: calls.append(_name))
+    monkeypatch.setattr(grammar_mask.DeferredSample, "__init__", lambda *args: calls.append("deferred"))
+    schedule, masks = scheduler.schedule, []
+
+    def recording_schedule():
+        out = schedule()
+        masks.append((out.structured_req_ids, out.grammar_bitmask))
+        return out
+    monkeypatch.setattr(scheduler, "schedule", recording_schedule)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == lockstep
+    assert calls == [] and grammars.process is None
+    assert len(masks) >= 12 and all(not ids and bitmask is None for ids, bitmask in masks)
