@@ -9,17 +9,10 @@ Variants of the schema run (--variants, timed in turns with the plain run, best 
   process the engine as is under async scheduling: accept and fill in the grammar process
           (core/grammar_process.py), the step sampled at the next engine call; the process
           takes each step's tokens from the device's copy as soon as the step is sampled
-  held    the same, the process holding the tokens until the engine thread has them (after
-          its wait for the step, before the update): the window of the path before this one
-  process4  process with a pool of 4 fill threads in the process (xgrammar's BatchGrammarMatcher)
-  nap     process, the grammar process sleeping 50 us between looks instead of spinning
-          (sched_yield): whether its spinning slows the engine thread (an SMT sibling)
   inline  the same engine with in-engine matchers (InlineGrammars): accept on the engine
           thread as tokens are applied, one xgrammar batch fill right before sampling
-  rows    inline, the fill row by row (fill_next_token_bitmask per row: the fill before
-          issue 20's fourth pass)
-In lockstep (the CPU default) every variant is in-engine at schedule time (one batch fill;
-`rows` row by row).
+In lockstep (the CPU default) every variant is in-engine at schedule time (one batch fill).
+The engine runs without a host KV tier (swap_space 0: its background pinning is noise here).
 Every variant must give the same token ids (the masks are the same); `ids_equal` says so.
 Validity: json.loads, and jsonschema.validate against the schema where jsonschema is installed.
 
@@ -61,21 +54,7 @@ SCHEMA = {
 }
 
 
-def _fill_rows(requests, buffer):
-    bitmask = buffer[:len(requests)]
-    for row, request in enumerate(requests):
-        matcher = structured_output._matcher(request)
-        if matcher.is_terminated():
-            bitmask[row].fill_(-1)
-        else:
-            matcher.fill_next_token_bitmask(bitmask, row)
-    return bitmask
-
-
-FILLS = {"process": structured_output.fill_bitmask, "held": structured_output.fill_bitmask,
-         "process4": structured_output.fill_bitmask, "nap": structured_output.fill_bitmask,
-         "inline": structured_output.fill_bitmask, "rows": _fill_rows}
-PROCESS_VARIANTS = {"held": {"hold_tokens": True}, "process4": {"fill_threads": 4}, "nap": {"nap_us": 50}}
+KNOWN = ("process", "inline")
 
 
 def _tiny_model(tokenizer_dir: str) -> str:
@@ -101,7 +80,7 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=1, help="timed runs of each kind (best is kept)")
-    parser.add_argument("--variants", default="process,inline", help=f"schema-run variants: {', '.join(FILLS)}")
+    parser.add_argument("--variants", default="process,inline", help=f"schema-run variants: {', '.join(KNOWN)}")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="a tiny random llama with --model's tokenizer on CPU, async scheduling, 8 requests")
     parser.add_argument("--no-register", action="store_true",
@@ -109,15 +88,22 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="after the timed runs, one schema run under cProfile: the top host functions")
     args = parser.parse_args()
-    variants = args.variants.split(",")
-    if args.no_register:
-        from pagedserve.worker import model_runner
-        model_runner.REGISTER_GRAMMAR_MASK = False
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in KNOWN]
+    if unknown:
+        parser.error(f"unknown variants {unknown}: {KNOWN}")
+    if args.no_register:   # (worker/grammar_mask.py; model_runner.py in older trees)
+        try:
+            from pagedserve.worker import grammar_mask as owner
+        except ImportError:
+            from pagedserve.worker import model_runner as owner
+        owner.REGISTER_GRAMMAR_MASK = False
     kwargs = {"model": args.model} if args.model else {}
     if args.cpu_smoke:
         kwargs = {"model": _tiny_model(args.model), "async_scheduling": True}
         args.device, args.dtype, args.load_format, args.num_requests = "cpu", "float32", "dummy", 8
-    llm = LLM(device=args.device, dtype=args.dtype, max_model_len=1024, load_format=args.load_format, **kwargs)
+    llm = LLM(device=args.device, dtype=args.dtype, max_model_len=1024, load_format=args.load_format, swap_space=0,
+              **kwargs)
     tokenizer = llm.get_tokenizer()
     prompts = [tokenizer.apply_chat_template(
         [{"role": "user", "content": f"Invent user number {i} as a JSON record with a long bio."}],
@@ -128,17 +114,9 @@ def main() -> None:
     scheduler = llm.engine.core.scheduler
     lockstep = getattr(scheduler.grammars, "process", None) is None   # in-engine at schedule time
     backends = {"process": scheduler.grammars, "inline": structured_output.InlineGrammars()}
-    backends["rows"] = backends["inline"]
-    for variant, kwargs in PROCESS_VARIANTS.items():
-        if variant in variants and not lockstep:
-            backends[variant] = structured_output.ProcessGrammars(scheduler.grammars.max_rows, **kwargs)
-            scheduler.grammars = backends[variant]   # its warm-up (the process starts)
-            llm.generate(prompts[:2], structured, use_tqdm=False)
-            scheduler.grammars = backends["process"]
     waits = {}   # variant -> the grammar process's counters over its last schema run
 
     def run(params, variant: str = "process") -> tuple[float, list]:
-        structured_output.fill_bitmask = FILLS[variant]
         process = None if lockstep else getattr(backends[variant], "process", None)
         before = _counters(process)
         if not lockstep:
@@ -148,7 +126,6 @@ def main() -> None:
             outs = llm.generate(prompts, params, use_tqdm=False)
             return time.perf_counter() - start, outs
         finally:
-            structured_output.fill_bitmask = FILLS["process"]
             if not lockstep:
                 scheduler.grammars = backends["process"]
             process = process or getattr(backends[variant], "process", None)   # started by this run
@@ -159,17 +136,20 @@ def main() -> None:
     reference_ids = [o.outputs[0].token_ids for o in outs]
     tokens = sum(len(ids) for ids in reference_ids)
     plain = [SamplingParams(max_tokens=len(ids), temperature=0.0, ignore_eos=True) for ids in reference_ids]
-    best = dict.fromkeys(["plain", *variants], float("inf"))
+    times = {kind: [] for kind in ["plain", *variants]}
     last = {}
     for _ in range(args.repeats):   # in turns, so that a slow spell of the host hits every kind
-        for kind in best:
+        for kind in times:
             seconds, last[kind] = run(plain) if kind == "plain" else run(structured, kind)
-            best[kind] = min(best[kind], seconds)
+            times[kind].append(seconds)
+    best = {kind: min(values) for kind, values in times.items()}
+    median = {kind: sorted(values)[len(values) // 2] for kind, values in times.items()}
     assert sum(len(o.outputs[0].token_ids) for o in last["plain"]) == tokens
     result = {
         "device": args.device, "dtype": args.dtype, "model": args.model or "default (SmolLM2-135M-Instruct)",
         "cpu_smoke": args.cpu_smoke, "num_requests": args.num_requests, "generated_tokens": tokens,
-        "repeats": args.repeats, "plain_tok_s": round(tokens / best["plain"], 1), "variants": {},
+        "repeats": args.repeats, "plain_tok_s": round(tokens / best["plain"], 1),
+        "plain_median_tok_s": round(tokens / median["plain"], 1), "variants": {},
         "grammar_process": not lockstep, "mask_registered": _mask_registered(llm),
     }
     for variant, counters in waits.items():   # per step of its last run: the engine thread's spin,
@@ -183,6 +163,8 @@ def main() -> None:
         result["variants"][variant] = {
             "tok_s": round(tokens / best[variant], 1),
             "overhead_pct": round(100 * (best[variant] / best["plain"] - 1), 1),
+            "median_tok_s": round(tokens / median[variant], 1),
+            "median_overhead_pct": round(100 * (median[variant] / median["plain"] - 1), 1),
             "ids_equal": [o.outputs[0].token_ids for o in outs] == reference_ids,
             "valid_json": sum(_json_error(t) == "" for t in texts),
             "schema_valid": _schema_valid(texts),
@@ -193,7 +175,8 @@ def main() -> None:
     print("RESULT " + json.dumps(result), flush=True)
     for variant, figures in result["variants"].items():
         print(f"{variant:>8}: {figures['tok_s']:>10.1f} tok/s vs plain {result['plain_tok_s']:.1f}: "
-              f"overhead {figures['overhead_pct']:5.1f}%  ids_equal {figures['ids_equal']}  "
+              f"overhead {figures['overhead_pct']:5.1f}% (medians {figures['median_overhead_pct']:5.1f}%)  "
+              f"ids_equal {figures['ids_equal']}  "
               f"json {figures['valid_json']}/{args.num_requests}  schema {figures['schema_valid']}  "
               f"{figures['finish_reasons']}", flush=True)
     for backend in backends.values():
@@ -221,7 +204,9 @@ def _counters(process) -> dict[str, float]:
 def _mask_registered(llm) -> bool | None:
     """On CUDA: whether the runner page-locked the grammar process's mask in place (no staging)."""
     runner = getattr(llm.engine.core.executor, "runner", None)
-    held = getattr(runner, "_registered_mask", None)
+    if hasattr(runner, "grammar_mask"):
+        return runner.grammar_mask.registered
+    held = getattr(runner, "_registered_mask", None)   # older trees
     return None if held is None else held[2]
 
 

@@ -193,7 +193,6 @@ class EngineCore:
                     launched = None
                 outputs += self._fail(previous[0], result, self._drop_in_flight())
             else:
-                self.scheduler.grammars.release_tokens()   # (a benchmark's A/B: the window before)
                 outputs += self._update(previous[0], result)
         if launched is not None:
             queue.append(launched)

@@ -6,7 +6,7 @@ thread's critical path; a second thread could not take it off (waking it and han
 the GIL cost as much: benchmarks/RESULTS.md, issue 20). This process does that work beside
 the engine, talking through one shared-memory segment:
 
-    header   int64 [POSTED, DONE, NUM_ACCEPT, NUM_FILL, NUM_MESSAGES, STOP, FAILED, RELEASED,
+    header   int64 [POSTED, DONE, NUM_ACCEPT, NUM_FILL, STOP, FAILED,
                     then the process's time so far (ns): waiting for tokens, accepting, filling]
     accepts  int32 slot[cap], int32 row[cap] -> int8 accepted[cap] (written back)
     fills    int32 slot[cap] (-1: all tokens allowed)
@@ -15,26 +15,30 @@ the engine, talking through one shared-memory segment:
     mask     int32 [cap, width], xgrammar's bitmask layout, row i for fills[i]
 
 A step (`post`): the engine names, per matcher slot, the row of `ids` that holds the token
-its sequence sampled, and the slots whose next-token mask it wants, then bumps POSTED. It
-posts as soon as it has queued the sampling (the ids are -1 until the device's copy lands:
-`sampled_ids()` resets them), so the process works while the engine thread launches the
-next forward, waits for the tokens and hands them over. The process, spinning on POSTED,
-(1) reads the step's control messages from its stdin (pickled, sent before the bump) and
-rolls back the slots they name (a failed step's tokens), (2) waits for each token's row
-(and for RELEASED >= POSTED: a benchmark's switch that holds the tokens back until the
-engine has them, as before the device posted them), advances the matchers by the tokens,
-(3) applies the other messages (new grammars, slots opened and closed), (4) fills the mask
-rows, then sets DONE = POSTED. The engine, just before it samples the next step, spins on DONE (`wait`) and
+its sequence sampled, and the slots whose next-token mask it wants, bumps POSTED, then
+writes one frame to the process's stdin: the step's control messages (pickled; maybe none).
+It posts as soon as it has queued the sampling (the ids are -1 until the device's copy
+lands: `sampled_ids()` resets them), so the process works while the engine thread launches
+the next forward, waits for the tokens and hands them over. The process, asleep in a read
+of its stdin until the frame comes, (1) rolls back the slots the messages name (a failed
+step's tokens), (2) waits for each token's row (spinning with sched_yield: the device's
+copy lands within a few hundred us), advances the matchers by the tokens, (3) applies the
+other messages (new grammars, slots opened and closed), (4) fills the mask rows, then sets
+DONE = POSTED. The engine, just before it samples the next step, spins on DONE (`wait`) and
 gets the mask rows and what each token did. One step is in flight at a time. The mask is
 refilled only after a token of the step it masked has landed (the device read the mask
 before it wrote the ids) or, with no token to wait for, when no row of that step goes on.
 Big payloads (the tokenizer, a grammar: 0.1-2 MB) go through files in /dev/shm (a pipe
-holds 64 KiB, and the process reads its stdin only after a bump).
+holds 64 KiB).
 
 Order within a step is (2) then (3): a slot's tokens are taken before it is closed (and
 maybe reopened for another sequence), and a slot opened in this step has no tokens yet.
-The process exits when STOP is set, when its stdin closes, or when its parent is gone; it
-spins with sched_yield while steps come, and sleeps 0.2 ms between looks after 20 ms idle.
+The process exits when STOP is set, when its stdin closes (the engine shut it down or is
+gone), or when its parent is gone while it waits for a token.
+
+Sleeping between posts rather than spinning (issue 20's seventh pass on an H200: the same
+throughput within noise as spinning or napping 50 us, benchmarks/RESULTS.md) burns no core
+while no constrained request runs; the post comes ~1 ms before the engine needs the mask.
 """
 from __future__ import annotations
 
@@ -53,11 +57,10 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-POSTED, DONE, NUM_ACCEPT, NUM_FILL, NUM_MESSAGES, STOP, FAILED, RELEASED, NS_TOKENS, NS_ACCEPT, NS_FILL = range(11)
+POSTED, DONE, NUM_ACCEPT, NUM_FILL, STOP, FAILED, NS_TOKENS, NS_ACCEPT, NS_FILL = range(9)
 _HEADER = 16
 _IDLE_SPIN_S = 0.02
 _IDLE_SLEEP_S = 0.0002
-_NAP_S = 0.0   # the process's look interval while steps come (0: sched_yield); set from its argv
 WAIT_TIMEOUT_S = 60.0   # the first wait includes the process's start (imports: ~2 s)
 _PAYLOAD_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
@@ -122,12 +125,9 @@ def _read_payload(path: str) -> bytes:
 
 class GrammarProcess:
     """The engine's side. Not thread-safe: one engine thread posts and waits. Capacity: `cap`
-    accepts and `cap` fill rows per step (the scheduler's max_num_seqs). `fill_threads`: the
-    process's xgrammar fill pool (1: one batch call on its own thread). `nap_us`: the process
-    sleeps that long between looks instead of spinning with sched_yield (a benchmark's A/B:
-    a spinning process may slow an engine thread on its core's SMT sibling)."""
+    accepts and `cap` fill rows per step (the scheduler's max_num_seqs)."""
 
-    def __init__(self, tokenizer_info: Any, cap: int, width: int, fill_threads: int = 1, nap_us: int = 0) -> None:
+    def __init__(self, tokenizer_info: Any, cap: int, width: int) -> None:
         self.cap, self.width = cap, width
         self.shm = shared_memory.SharedMemory(create=True, size=_Layout.nbytes(cap, width))
         self.layout = _Layout(self.shm.buf, cap, width)
@@ -139,7 +139,7 @@ class GrammarProcess:
         safe_path = ["-P"] if sys.version_info >= (3, 11) else []   # this package, not the working directory's
         self.popen = subprocess.Popen(
             [sys.executable, *safe_path, "-m", "pagedserve.core.grammar_process", self.shm.name, str(cap), str(width),
-             info_path, str(os.getpid()), str(fill_threads), str(nap_us)], stdin=subprocess.PIPE, env=env)
+             info_path, str(os.getpid())], stdin=subprocess.PIPE, env=env)
         self._messages: list[tuple] = []
         self._posted = 0
         self.waits, self.wait_seconds = 0, 0.0   # what the engine thread spent in wait()
@@ -179,11 +179,11 @@ class GrammarProcess:
         return self.ids
 
     def post(self, accept_slots: list[int], accept_rows: list[int], fill_slots: list[int],
-             released: bool = True, fills_written: bool = False) -> None:
+             fills_written: bool = False) -> None:
         """Start a step: advance each slot by the token in its row of `ids` (in order, once it
-        has landed), then fill a mask row per fill slot (-1: all allowed). `released=False`:
-        the tokens wait for release() too. `fills_written`: the segment holds these fill slots
-        already (the last post's). A step whose result was never taken is waited for first."""
+        has landed), then fill a mask row per fill slot (-1: all allowed). `fills_written`: the
+        segment holds these fill slots already (the last post's). A step whose result was
+        never taken is waited for first."""
         layout = self.layout
         header = layout.header
         if header[DONE] != self._posted:
@@ -198,27 +198,20 @@ class GrammarProcess:
             layout.fill_slot[:len(fill_slots)] = fill_slots
         header[NUM_ACCEPT] = n
         header[NUM_FILL] = len(fill_slots)
-        header[NUM_MESSAGES] = 0
+        data = b""
         if self._messages:
             messages, self._messages = self._messages, []
             data = pickle.dumps(messages)
-            if len(data) > 32768:   # never fill the pipe: the process reads it after the bump
+            if len(data) > 32768:   # never fill the pipe (64 KiB): big messages go through a file
                 data = pickle.dumps([("file", _write_payload(data))])
-            try:
-                self.popen.stdin.write(len(data).to_bytes(4, "little") + data)
-                self.popen.stdin.flush()
-            except (BrokenPipeError, ValueError, OSError) as exc:
-                raise GrammarProcessError(self._why_dead()) from exc
-            header[NUM_MESSAGES] = 1
         self._posted += 1
         self._post_time = time.perf_counter()
-        if released:
-            header[RELEASED] = self._posted
-        header[POSTED] = self._posted   # last: the process reads the rest after seeing it
-
-    def release(self) -> None:
-        """The posted step's tokens may be taken (a post with released=False)."""
-        self.layout.header[RELEASED] = self._posted
+        header[POSTED] = self._posted   # before the frame: the process reads the header after it
+        try:
+            self.popen.stdin.write(len(data).to_bytes(4, "little") + data)
+            self.popen.stdin.flush()
+        except (BrokenPipeError, ValueError, OSError) as exc:
+            raise GrammarProcessError(self._why_dead()) from exc
 
     def wait(self, timeout: float = WAIT_TIMEOUT_S) -> tuple[Any, Any]:
         """The posted step's result: (mask rows [num fills, width] int32 tensor, a view of the
@@ -226,8 +219,6 @@ class GrammarProcess:
         its grammar). Spins (holding the GIL; after ~2 ms it sleeps between looks); raises
         GrammarProcessError if the process failed or is gone."""
         header, posted = self.layout.header, self._posted
-        if header[RELEASED] < posted:   # held tokens (post(released=False)) are released by waiting
-            header[RELEASED] = posted
         spins = 0
         deadline = None
         start = time.perf_counter()
@@ -284,22 +275,19 @@ def _stop(popen: subprocess.Popen, shm: shared_memory.SharedMemory, header: Any)
 
 
 # ---- the process --------------------------------------------------------------------------
-def _serve(shm_name: str, cap: int, width: int, info_path: str, parent_pid: int, fill_threads: int,
-           nap_us: int = 0) -> None:
-    global _NAP_S
-    _NAP_S = nap_us * 1e-6
+def _serve(shm_name: str, cap: int, width: int, info_path: str, parent_pid: int) -> None:
     import torch
     import xgrammar
     shm = shared_memory.SharedMemory(name=shm_name)
     from multiprocessing import resource_tracker   # the engine owns (and unlinks) the segment
     resource_tracker.unregister(shm._name, "shared_memory")
     try:
-        _loop(shm, cap, width, info_path, parent_pid, fill_threads, torch, xgrammar)
+        _loop(shm, cap, width, info_path, parent_pid, torch, xgrammar)
     finally:
         shm.close()
 
 
-def _loop(shm, cap: int, width: int, info_path: str, parent_pid: int, fill_threads: int, torch, xgrammar) -> None:
+def _loop(shm, cap: int, width: int, info_path: str, parent_pid: int, torch, xgrammar) -> None:
     layout = _Layout(shm.buf, cap, width)
     header = layout.header
     mask = torch.from_numpy(layout.mask)   # xgrammar's fill takes a torch tensor
@@ -308,31 +296,24 @@ def _loop(shm, cap: int, width: int, info_path: str, parent_pid: int, fill_threa
     matchers: dict[int, Any] = {}   # slot -> matcher (slots may outnumber a step's rows: preempted ones keep theirs)
     terminated: set[int] = set()    # slots whose matcher took a stop token that ended its grammar
     stop_ids = frozenset(info.stop_token_ids)
-    batch = xgrammar.BatchGrammarMatcher(max_threads=fill_threads)
+    batch = xgrammar.BatchGrammarMatcher(max_threads=1)   # no pool (benchmarks/RESULTS.md, issue 20)
     stdin = sys.stdin.buffer
-    seen = 0
     try:
         while True:
-            if header[POSTED] == seen and not _spin(header, seen, parent_pid):
-                return
+            messages = _read_frame(stdin)   # asleep until the engine posts
+            if messages is None:
+                return   # stdin closed: the engine is gone or shut us down
             seen = int(header[POSTED])
             if header[STOP]:
                 return
-            messages = []
-            if header[NUM_MESSAGES]:
-                size = int.from_bytes(stdin.read(4), "little")
-                messages = _unpack(pickle.loads(stdin.read(size)))
+            if messages:
                 for message in messages:
                     if message[0] == "rollback" and message[1] in matchers:
                         matchers[message[1]].rollback(1)
                         terminated.discard(message[1])
             n = int(header[NUM_ACCEPT])
             start = time.perf_counter_ns()
-            if n and header[RELEASED] < seen and not _await(lambda: header[RELEASED] >= seen, header, parent_pid):
-                return
             accept_slot, accept_row, accepted, ids = layout.accept_slot, layout.accept_row, layout.accepted, layout.ids
-            waited = time.perf_counter_ns() - start   # held (post(released=False))
-            start += waited
             landing_waits = 0
             results = []
             for slot, row in zip(accept_slot[:n].tolist(), accept_row[:n].tolist()):
@@ -364,7 +345,7 @@ def _loop(shm, cap: int, width: int, info_path: str, parent_pid: int, fill_threa
             if fill_matchers:
                 batch.batch_fill_next_token_bitmask(fill_matchers, mask, indices)
             done = time.perf_counter_ns()
-            header[NS_TOKENS] += waited + landing_waits
+            header[NS_TOKENS] += landing_waits
             header[NS_ACCEPT] += accepted_at - start - landing_waits
             header[NS_FILL] += done - accepted_at
             header[DONE] = seen
@@ -373,30 +354,31 @@ def _loop(shm, cap: int, width: int, info_path: str, parent_pid: int, fill_threa
         raise
 
 
-def _spin(header: Any, seen: int, parent_pid: int) -> bool:
-    """Wait for a new post (sched_yield between looks; sleeps once idle); False if the
-    parent is gone."""
-    return _await(lambda: header[POSTED] != seen, header, parent_pid, stop=False)
-
-
-def _await(ready, header: Any, parent_pid: int, stop: bool = True) -> bool:
+def _await(ready, header: Any, parent_pid: int) -> bool:
     """Spin until ready() (sched_yield between looks; sleeps after 20 ms); False if the parent
-    is gone (or, with `stop`, the engine set STOP)."""
+    is gone or the engine set STOP."""
     start = time.monotonic()
     spins, idle = 0, False
     while not ready():
         spins += 1
         if spins & 1023 == 0:
-            if os.getppid() != parent_pid or (stop and header[STOP]):
+            if os.getppid() != parent_pid or header[STOP]:
                 return False
             idle = time.monotonic() - start > _IDLE_SPIN_S
         if idle:
             time.sleep(_IDLE_SLEEP_S)
-        elif _NAP_S:
-            time.sleep(_NAP_S)
         else:
             os.sched_yield()
     return True
+
+
+def _read_frame(stdin: Any) -> list[tuple] | None:
+    """One frame of control messages from the engine (blocking); None at end of file."""
+    head = stdin.read(4)
+    if len(head) < 4:
+        return None
+    size = int.from_bytes(head, "little")
+    return _unpack(pickle.loads(stdin.read(size))) if size else []
 
 
 def _unpack(messages: list[tuple]) -> list[tuple]:
@@ -425,5 +407,4 @@ def _apply(messages: list[tuple], grammars: dict[int, Any], matchers: dict[int, 
 
 
 if __name__ == "__main__":
-    _serve(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5]), int(sys.argv[6]),
-           int(sys.argv[7]))
+    _serve(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5]))

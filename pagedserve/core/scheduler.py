@@ -114,7 +114,9 @@ class Scheduler:
             for child in forks:
                 self.requests[child.request_id] = child
                 self.num_history_dependent += child.sampling_params.reads_output_history
-                self.num_constrained += child.grammar is not None
+                if child.grammar is not None:
+                    self.num_constrained += 1
+                    self.grammars.prepare(child)
 
     def finish_requests(self, request_ids: list[RequestId], status: RequestStatus) -> list[Request]:
         """Finish (abort, stop-string stop, error) requests wherever they are; frees blocks.
@@ -328,7 +330,7 @@ class Scheduler:
         end), and takes the result right before it samples the step."""
         (rows_, ids), self._deferred = self._deferred, ([], [])
         if sampled is None:
-            return self.grammars.start_fill(rows_, ids)
+            return self.grammars.start_fill(rows_, ids) if rows_ else None   # (a plain step: nothing)
         return self.grammars.start_fill(rows_, ids, sampled.structured_req_ids, rows, self.requests)
 
     def _suspect_first(self) -> bool:
@@ -426,6 +428,7 @@ class Scheduler:
         changed = []
         requests, sampled = self.requests, runner_output.sampled_token_ids
         suspects, constrained = self.suspects, self.num_constrained > 0
+        stop_tokens = self.grammars.stop_tokens   # None: the grammars see every token
         for rid, num_new in out.num_scheduled_tokens.items():
             request = requests.get(rid)
             if request is None or request.status != _RUNNING:
@@ -440,8 +443,8 @@ class Scheduler:
             if suspects and rid in suspects:   # it ran a whole step alone: cleared
                 suspects.discard(rid)
                 request.num_step_failures = 0
-            if (constrained and request.grammar is not None and self._advance_grammar(request, token)) \
-                    or self._check_stop(request, token):
+            if (constrained and request.grammar is not None and (stop_tokens is None or token in stop_tokens)
+                    and self._advance_grammar(request, token)) or self._check_stop(request, token):
                 self.running.remove(request)
                 self._free(request)
             changed.append(request)

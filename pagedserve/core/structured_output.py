@@ -113,6 +113,7 @@ class InlineGrammars:
     """The matchers on the engine thread."""
 
     tokens_from_device = False   # accepted in update_from_output, from the host's copy
+    stop_tokens = None   # every sampled token goes to accept()
 
     def __init__(self) -> None:
         self._buffer: Any = None
@@ -141,9 +142,6 @@ class InlineGrammars:
         tokens: taken in update_from_output instead)."""
         return PendingFill(lambda: self.fill(rows)) if rows else None
 
-    def release_tokens(self) -> None:
-        pass
-
     def drop(self, pending: PendingFill) -> None:
         pass   # nothing was started
 
@@ -156,22 +154,20 @@ class ProcessGrammars:
     constrained request. One slot per live constrained sequence (kept across preemption);
     grammars are sent once per distinct CompiledGrammar object (the frontend hands out one
     object per distinct constraint) and dropped when unused while more than MAX_IDLE_GRAMMARS
-    are known. `max_rows`: the most rows a step samples (max_num_seqs); `fill_threads`: the
-    process's fill pool.
+    are known. `max_rows`: the most rows a step samples (max_num_seqs).
 
     The tokens come from the device: a deferred step is sampled with its ids copied into the
     process's segment (`sampled_ids`), and `start_fill` names each constrained row's ids row
-    at once, so the process accepts as soon as the copy lands. `hold_tokens` (a benchmark's
-    A/B): the process waits for `release_tokens()`, which the engine calls once it has the
-    tokens itself (the window before the device posted them); `nap_us`: see GrammarProcess."""
+    at once, so the process accepts as soon as the copy lands."""
 
     MAX_IDLE_GRAMMARS = 64
     tokens_from_device = True
 
-    def __init__(self, max_rows: int, fill_threads: int = 1, hold_tokens: bool = False, nap_us: int = 0) -> None:
+    def __init__(self, max_rows: int) -> None:
         self.max_rows = max(max_rows, 1)
-        self.fill_threads, self.nap_us = fill_threads, nap_us
-        self.hold_tokens = hold_tokens
+        # every prepared grammar's stop tokens: accept() can end a request only on one of
+        # these, so the scheduler calls it for those tokens alone (not once per row and step)
+        self.stop_tokens: frozenset[int] = frozenset()
         self.process: Any = None
         self._slots: dict[str, int] = {}          # request id -> slot
         self._free_slots: list[int] = []
@@ -187,11 +183,13 @@ class ProcessGrammars:
     def prepare(self, request: Request) -> None:
         """A constrained request arrived: the process starts now (its imports take ~2 s) so
         that it is ready by the request's first sampled token."""
+        stop_ids = request.grammar.tokenizer_info.stop_token_ids
+        if not self.stop_tokens.issuperset(stop_ids):
+            self.stop_tokens = self.stop_tokens.union(stop_ids)
         if self.process is None:
             from pagedserve.core.grammar_process import GrammarProcess
             grammar = request.grammar
-            self.process = GrammarProcess(grammar.tokenizer_info, self.max_rows, bitmask_width(grammar),
-                                          self.fill_threads, self.nap_us)
+            self.process = GrammarProcess(grammar.tokenizer_info, self.max_rows, bitmask_width(grammar))
 
     def sampled_ids(self) -> Any:
         """Where the runner copies a deferred step's sampled ids (the process reads them there)."""
@@ -281,7 +279,7 @@ class ProcessGrammars:
             fills, written = last_fills, True   # already in the segment
         else:
             fills, written = self._fills(rows, failed), False
-        self.process.post(accept_slots, accept_rows, fills, released=not self.hold_tokens, fills_written=written)
+        self.process.post(accept_slots, accept_rows, fills, fills_written=written)
         self._last = (row_ids, rows, fills, self._epoch)
         pending = PendingFill(lambda: self._collect(posted, pending.failed))
         pending.failed = failed
@@ -301,10 +299,6 @@ class ProcessGrammars:
             else:
                 fills.append(self._open(request) if slot is None else slot)
         return fills
-
-    def release_tokens(self) -> None:
-        if self.hold_tokens and self.process is not None:
-            self.process.release()
 
     def drop(self, pending: PendingFill) -> None:
         """A posted fill whose step was not launched: its result is taken (its failures are

@@ -137,13 +137,19 @@ def _random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) 
 TRITON_GREEDY = True   # off: torch's argmax (A/B in benchmarks/decode_gpu.py)
 
 
-def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
+def greedy_ids(logits: torch.Tensor, bitmask: torch.Tensor | None = None) -> torch.Tensor:
     """logits.argmax(dim=-1); on CUDA one Triton launch (torch's reduce took 37 us over one
-    row of a 128k vocabulary on an H200, more than a llama-1b layer)."""
+    row of a 128k vocabulary on an H200, more than a llama-1b layer). `bitmask` (a device
+    token bitmask, token_bitmask_to_device): masked columns first count as -inf; on CUDA
+    that launch reads the mask (instead of xgrammar's kernel writing -inf into the logits
+    first: one launch a step less, 1.6-2.4 points of the llama-1b shape's JSON overhead on an
+    H200, benchmarks/RESULTS.md issue 20), elsewhere it is applied to the logits."""
     if TRITON_GREEDY and logits.is_cuda and logits.dim() == 2 and logits.stride(1) == 1 \
-            and 0 < logits.shape[1] < 2**31 - 1:
+            and 0 < logits.shape[1] < 2**31 - 1 and (bitmask is None or bitmask.shape[1] * 32 >= logits.shape[1]):
         from pagedserve.layers.triton_ops import argmax_rows
-        return argmax_rows(logits)
+        return argmax_rows(logits, bitmask)
+    if bitmask is not None:
+        apply_token_bitmask(logits, bitmask)
     return logits.argmax(dim=-1)
 
 
@@ -174,10 +180,15 @@ class Sampler:
     """Stateless; every tensor op covers the whole batch. The only Python loop is over the
     seeded rows in `_random_sample`."""
 
-    def __call__(self, logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, t: SamplingTensors, bitmask: torch.Tensor | None = None
+                 ) -> SamplerOutput:
+        """`bitmask`: the rows' structured-outputs token bitmask on the logits' device
+        (token_bitmask_to_device), applied before anything else."""
         if t.all_greedy and t.max_num_logprobs is None and t.bias_rows is None and t.mask_rows is None \
                 and t.output_counts is None:
-            return SamplerOutput(token_ids=greedy_ids(logits))   # same ids as on the fp32 copy
+            return SamplerOutput(token_ids=greedy_ids(logits, bitmask))   # same ids as on the fp32 copy
+        if bitmask is not None:
+            apply_token_bitmask(logits, bitmask)
         logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if t.max_num_logprobs is not None else None
         logits = apply_bias_and_min_tokens(logits, t)
@@ -196,17 +207,18 @@ class Sampler:
         return out
 
 
-def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int],
-                        staging: torch.Tensor | None = None) -> None:
-    """Structured outputs: in place, set logits[rows[i], t] to -inf where bit t of bitmask[i]
-    (an int32 CPU tensor [len(rows), ceil(vocab / 32)], xgrammar's layout) is 0. One copy to
-    the device and one xgrammar kernel (Triton on CUDA, C++ on CPU) for all the rows.
+def token_bitmask_to_device(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int],
+                            staging: torch.Tensor | None = None) -> torch.Tensor:
+    """Structured outputs: the token bitmask of every logits row on the logits' device, int32
+    [logits rows, width], xgrammar's layout (bit t of a row's words is 0 where token t is not
+    allowed), from `bitmask` (an int32 CPU tensor [len(rows), width]: row i for logits row
+    rows[i]; the other rows all allowed). Columns of `logits` beyond the mask's 32 * width are
+    set to -inf in the rows now (logits wider than the grammar's vocabulary: never allowed).
 
-    The mask goes to the device full height (-1, all allowed, for the unconstrained rows) and
-    the kernel gets no `indices` list: a copy from pageable memory (xgrammar's list of indices
-    included) first waits for the stream, i.e. for the forward pass the host is overlapping.
-    `staging` (CUDA): a pinned host buffer of at least [logits rows, width] for that copy."""
-    import xgrammar
+    One copy, full height, with no `indices` list: a copy from pageable memory (xgrammar's
+    list of indices included) first waits for the stream, i.e. for the forward pass the host
+    is overlapping. `staging` (CUDA): a pinned host buffer of at least [logits rows, width]
+    for that copy; without it `bitmask` must be pinned (or page-locked in place) on CUDA."""
     num_rows, width = logits.shape[0], bitmask.shape[1]
     covered = min(logits.shape[-1], width * 32)
     if rows != list(range(num_rows)):
@@ -216,10 +228,17 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[
         bitmask = full
     elif staging is not None:
         bitmask = staging[:num_rows].copy_(bitmask)
-    xgrammar.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), vocab_size=covered)
-    if covered < logits.shape[-1]:   # logits wider than the grammar's vocabulary: never allowed
+    if covered < logits.shape[-1]:
         index = torch.tensor(rows, pin_memory=logits.is_cuda).to(logits.device, non_blocking=True)
         logits[index, covered:] = float("-inf")
+    return bitmask.to(logits.device, non_blocking=True)
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """In place, set logits[r, t] to -inf where bit t of bitmask[r] is 0 (a device mask of
+    every row: token_bitmask_to_device); one xgrammar kernel (Triton on CUDA, C++ on CPU)."""
+    import xgrammar
+    xgrammar.apply_token_bitmask_inplace(logits, bitmask, vocab_size=min(logits.shape[-1], bitmask.shape[1] * 32))
 
 
 def gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int

@@ -177,9 +177,12 @@ def zeroed_counters(device: torch.device, size: int) -> torch.Tensor | None:
 
 @triton.jit(do_not_specialize=["num_splits"])
 def _argmax_kernel(x_ptr, part_val_ptr, part_idx_ptr, counter_ptr, out_ptr, n_cols, stride_row, num_splits,
-                   cols_per_split, BLOCK: tl.constexpr, SPLITS_PAD: tl.constexpr):
+                   cols_per_split, mask_ptr, mask_stride, BLOCK: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                   HAS_MASK: tl.constexpr):
     """Program (row, split) scans its slice of the row lane-wise (a lane keeps its first
-    maximum), reduces to (max, first index); the last split to arrive merges the row."""
+    maximum), reduces to (max, first index); the last split to arrive merges the row.
+    HAS_MASK: column c of row r counts as -inf unless bit c % 32 of word c // 32 of the
+    mask's row r is set (xgrammar's token bitmask layout)."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     start = split * cols_per_split
@@ -190,6 +193,10 @@ def _argmax_kernel(x_ptr, part_val_ptr, part_idx_ptr, counter_ptr, out_ptr, n_co
     for col in range(start, tl.minimum(start + cols_per_split, n_cols), BLOCK):
         x = tl.load(base + col + offs, mask=col + offs < n_cols, other=float("-inf")).to(tl.float32)
         x = tl.where(x != x, float("inf"), x)   # NaN counts as the largest (torch.argmax)
+        if HAS_MASK:   # a masked-out column is -inf (NaN included), as xgrammar's in-place kernel leaves it
+            cols = col + offs
+            words = tl.load(mask_ptr + row * mask_stride + (cols >> 5), mask=cols < n_cols, other=0)
+            x = tl.where(((words >> (cols & 31)) & 1) != 0, x, float("-inf"))
         better = x > best
         best_idx = tl.where(better, col + offs, best_idx)
         best = tl.where(better, x, best)
@@ -212,20 +219,29 @@ ARGMAX_BLOCK = 1024
 ARGMAX_MAX_SPLITS = 64
 
 
-def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+def argmax_rows(x: torch.Tensor, bitmask: torch.Tensor | None = None) -> torch.Tensor:
     """x [rows, n] (unit column stride) -> int64 [rows]: each row's first maximum, NaN the
     largest, as torch.argmax(dim=-1). One launch: a row's slices scanned by up to
     ARGMAX_MAX_SPLITS programs, merged by the last to finish (torch's reduce over one row of
-    a 128k vocabulary took 37 us per decode step on an H200: benchmarks/decode_gpu.py)."""
+    a 128k vocabulary took 37 us per decode step on an H200: benchmarks/decode_gpu.py).
+    `bitmask` (int32 [rows, >= ceil(n / 32)] on x's device, unit column stride): the argmax
+    of x with the columns whose bit is 0 set to -inf (a structured-outputs grammar's mask,
+    read here instead of written into x by a launch of its own)."""
     if x.dim() != 2 or x.stride(1) != 1 or x.shape[1] == 0 or x.shape[1] >= 2**31 - 1:
         raise ValueError(f"argmax_rows: x must be [rows, n > 0] with unit column stride; got {tuple(x.shape)} "
                          f"strides {x.stride()}")
     rows, n = x.shape
+    if bitmask is not None and (bitmask.dtype != torch.int32 or bitmask.dim() != 2 or bitmask.shape[0] != rows
+                                or bitmask.shape[1] * 32 < n or bitmask.stride(1) != 1):
+        raise ValueError(f"argmax_rows: bitmask must be int32 [{rows}, >= {-(-n // 32)}] with unit column stride; "
+                         f"got {bitmask.dtype} {tuple(bitmask.shape)}")
     out = torch.empty(rows, dtype=torch.int64, device=x.device)
     if rows == 0:
         return out
     counters = zeroed_counters(x.device, rows)
     if counters is None:
+        if bitmask is not None:
+            raise ValueError("argmax_rows: a bitmask cannot be read while a CUDA graph is captured")
         return x.argmax(dim=-1)
     splits = max(1, min(ARGMAX_MAX_SPLITS, triton.cdiv(n, 2 * ARGMAX_BLOCK)))
     cols_per_split = triton.cdiv(triton.cdiv(n, splits), ARGMAX_BLOCK) * ARGMAX_BLOCK
@@ -233,5 +249,7 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     part_val = torch.empty(rows * splits, dtype=torch.float32, device=x.device)
     part_idx = torch.empty(rows * splits, dtype=torch.int32, device=x.device)
     _argmax_kernel[(rows, splits)](x, part_val, part_idx, counters, out, n, x.stride(0), splits, cols_per_split,
-                                   BLOCK=ARGMAX_BLOCK, SPLITS_PAD=triton.next_power_of_2(splits), num_warps=4)
+                                   x if bitmask is None else bitmask, 0 if bitmask is None else bitmask.stride(0),
+                                   BLOCK=ARGMAX_BLOCK, SPLITS_PAD=triton.next_power_of_2(splits),
+                                   HAS_MASK=bitmask is not None, num_warps=4)
     return out

@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import mmap
 import time
-from typing import Any
 
 import numpy as np
 import torch
@@ -32,18 +31,17 @@ from pagedserve.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerC
 from pagedserve.engine_io import ModelRunnerOutput, RequestId, SchedulerOutput, TokenLogprobs
 from pagedserve.layers.linear import set_gemv_max_rows
 from pagedserve.layers.parallel import broadcast_from_rank0, is_last_stage, pp_world_size, tp_rank, tp_world_size
-from pagedserve.layers.sampler import Sampler, apply_token_bitmask, gather_logprobs, greedy_ids
+from pagedserve.layers.sampler import Sampler, gather_logprobs, greedy_ids
 from pagedserve.models.loader import load_weights
 from pagedserve.models.registry import resolve_model_class
 from pagedserve.worker.compile_ahead import compile_ahead
 from pagedserve.worker.cuda_graph import CudaGraphRunner
+from pagedserve.worker.grammar_mask import DeferredSample, GrammarMask, grammar_rows
 from pagedserve.worker.input_batch import BlockTable, CachedRequestState, StepInputs, build_step_inputs
 from pagedserve.worker import input_batch   # its PACK_STEP_INPUTS switch, read per step
 from pagedserve.worker.sampling_inputs import sample
 
 logger = logging.getLogger(__name__)
-# page-lock a grammar bitmask buffer in place (_host_registered); benchmarks switch it off
-REGISTER_GRAMMAR_MASK = True
 
 
 class PendingRunnerOutput:
@@ -97,30 +95,6 @@ def _collect_logprobs(states: list[CachedRequestState], token_ids: torch.Tensor,
             output.logprobs[state.req_id] = TokenLogprobs(ids[row][:1 + k], lps[row][:1 + k], ranks[row])
 
 
-class DeferredSample:
-    """A step whose forward pass is queued and whose sampling waits for the grammar bitmask
-    (engine_io.DeferredSampling): the host fills the mask while the device computes. The
-    runner launches nothing else until `sample` (the engine samples a step before it
-    launches the next one, whose inputs may be this step's sampled ids)."""
-
-    def __init__(self, runner: ModelRunner, output: ModelRunnerOutput, logits: torch.Tensor,
-                 states: list[CachedRequestState], structured_req_ids: list[RequestId]) -> None:
-        self.runner, self.output, self.logits, self.states = runner, output, logits, states
-        self.grammar_rows = _grammar_rows(states, structured_req_ids)
-
-    @torch.inference_mode()
-    def sample(self, grammar_bitmask: torch.Tensor | None, sampled_ids: torch.Tensor | None = None
-               ) -> PendingRunnerOutput:
-        return self.runner._sample(self.output, self.logits, self.states, self.grammar_rows, grammar_bitmask,
-                                   sampled_ids)
-
-    def ready(self) -> bool:
-        return False   # not even sampled yet
-
-    def get(self) -> ModelRunnerOutput:
-        return self.sample(None).get()
-
-
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """torch.zeros; on the CPU a private anonymous mapping of 4 KiB pages (the OS's zero pages;
     no huge pages, which numpy's arrays ask for), so the KV pool is resident only as far as
@@ -132,15 +106,6 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     if hasattr(mmap, "MADV_NOHUGEPAGE"):   # Linux: also where transparent huge pages are "always"
         pages.madvise(mmap.MADV_NOHUGEPAGE)
     return torch.frombuffer(pages, dtype=torch.uint8)[:nbytes].view(dtype).view(shape)   # holds `pages`
-
-
-def _grammar_rows(states: list[CachedRequestState], structured_req_ids: list[RequestId]) -> list[int]:
-    """The sampled row of each structured_req_ids entry (-1: not sampled in this step)."""
-    req_ids = [state.req_id for state in states]
-    if req_ids == structured_req_ids:
-        return list(range(len(req_ids)))
-    row_of = {rid: row for row, rid in enumerate(req_ids)}
-    return [row_of.get(rid, -1) for rid in structured_req_ids]
 
 
 class ModelRunner:
@@ -170,8 +135,7 @@ class ModelRunner:
         self.graph_runner = None
         # the last launched step's sampled ids on the device (each state's `sampled_row` in them)
         self._prev_sampled: torch.Tensor | None = None
-        self._staging: tuple[torch.Tensor | None, torch.cuda.Event | None] = (None, None)   # see _bitmask_staging
-        self._registered_mask: tuple[int, Any, bool] | None = None   # see _host_registered
+        self.grammar_mask = GrammarMask(device, scheduler.max_num_seqs)   # structured outputs' bitmasks
 
     # ---- set-up -----------------------------------------------------------------------
     def load_model(self) -> None:
@@ -344,7 +308,7 @@ class ModelRunner:
                 logits = logits[torch.tensor(row_of_logits, device=logits.device)]
             if non_block and so.structured_req_ids and so.grammar_bitmask is None:
                 return DeferredSample(self, output, logits, sample_states, so.structured_req_ids)
-            rows = _grammar_rows(sample_states, so.structured_req_ids) if so.grammar_bitmask is not None else []
+            rows = grammar_rows(sample_states, so.structured_req_ids) if so.grammar_bitmask is not None else []
             pending = self._sample(output, logits, sample_states, rows, so.grammar_bitmask)
             if non_block:
                 return pending
@@ -388,10 +352,11 @@ class ModelRunner:
         Under async TP the ids go to every rank on the device; zeros if sampling raised, since
         the workers wait for them. `sampled_ids`: a host buffer the ids are copied into."""
         try:
+            mask = None
             if grammar_bitmask is not None:
-                self._apply_grammar(logits, grammar_rows, grammar_bitmask)
+                mask = self.grammar_mask.to_device(logits, grammar_rows, grammar_bitmask)
             sampled = sample(self.sampler, logits, states, self.model_config.vocab_size, self.device,
-                             self.model_config.eos_token_ids)
+                             self.model_config.eos_token_ids, mask)
         except Exception:
             if self.share_sampled:
                 broadcast_from_rank0(torch.zeros(len(states), dtype=torch.int64, device=self.device))
@@ -399,65 +364,8 @@ class ModelRunner:
         if self.share_sampled:
             broadcast_from_rank0(sampled.token_ids)
         if sampled_ids is not None:
-            self._host_registered(sampled_ids)   # the grammar process's segment: page-locked once
+            self.grammar_mask.host_registered(sampled_ids)   # the grammar process's segment: page-locked once
         return self._defer(output, states, sampled, sampled_ids)
-
-    def _apply_grammar(self, logits: torch.Tensor, grammar_rows: list[int], bitmask: torch.Tensor) -> None:
-        """Mask the logits rows of constrained requests with their bitmask rows (before
-        sampling and logprobs, so every sampler path, greedy argmax included, obeys it)."""
-        if -1 in grammar_rows:
-            keep = [i for i, row in enumerate(grammar_rows) if row >= 0]
-            bitmask, grammar_rows = bitmask[torch.tensor(keep)], [grammar_rows[i] for i in keep]
-        if not grammar_rows:
-            return
-        if len(grammar_rows) == logits.shape[0] and grammar_rows == list(range(len(grammar_rows))) \
-                and self._host_registered(bitmask):
-            apply_token_bitmask(logits, bitmask, grammar_rows)   # an async copy straight from it
-            return
-        staging = self._bitmask_staging(logits.shape[0], bitmask.shape[1])
-        apply_token_bitmask(logits, bitmask, grammar_rows, staging)
-        if staging is not None:
-            self._staging[1].record()   # after the copy from it, for the next reuse
-
-    def _host_registered(self, bitmask: torch.Tensor) -> bool:
-        """On CUDA, a bitmask in a page-aligned host buffer of its own (the grammar process's
-        shared mask) is page-locked in place once (cudaHostRegister; the buffer is held, and
-        unregistered when another one comes), so it needs no staging copy. Safe to read
-        asynchronously: its producer refills it only after this step's tokens are back."""
-        if self.device.type != "cuda" or not REGISTER_GRAMMAR_MASK or not bitmask.is_contiguous():
-            return False
-        storage = bitmask.untyped_storage()
-        pointer = storage.data_ptr()
-        held = self._registered_mask
-        if held is not None and held[0] == pointer:
-            return held[2]
-        if pointer % 4096:
-            return False
-        from pagedserve.worker.host_kv_cache import _register, _unregister
-        if held is not None and held[2]:
-            _unregister(held[0])
-        try:
-            _register(pointer, storage.nbytes())
-            registered = True
-        except RuntimeError:
-            logger.warning("could not page-lock the grammar bitmask buffer; it is staged through a pinned copy")
-            registered = False
-        self._registered_mask = (pointer, storage, registered)
-        return registered
-
-    def _bitmask_staging(self, num_rows: int, width: int) -> torch.Tensor | None:
-        """On CUDA, a pinned host buffer for the step's bitmask, reused once the copy from it
-        of an earlier step is done (normally long done: that step was waited for)."""
-        if self.device.type != "cuda":
-            return None
-        staging, event = self._staging
-        if staging is None or staging.shape[0] < num_rows or staging.shape[1] != width:
-            rows = max(num_rows, self.scheduler_config.max_num_seqs)
-            staging = torch.empty((rows, width), dtype=torch.int32, pin_memory=True)
-            self._staging = (staging, torch.cuda.Event())
-        else:
-            event.synchronize()
-        return staging
 
     @staticmethod
     def _add_placeholders(states: list[CachedRequestState]) -> list[int]:

@@ -48,13 +48,16 @@ class _Columns:
 
 
 def sample(sampler: Sampler, logits: torch.Tensor, states: list[CachedRequestState], vocab_size: int,
-           device: torch.device, eos_token_ids: tuple[int, ...]) -> SamplerOutput:
-    """Sample one token per row of `logits` (row i belongs to states[i]), in chunks of rows."""
+           device: torch.device, eos_token_ids: tuple[int, ...], bitmask: torch.Tensor | None = None
+           ) -> SamplerOutput:
+    """Sample one token per row of `logits` (row i belongs to states[i]), in chunks of rows.
+    `bitmask`: the rows' structured-outputs token bitmask on the device (Sampler)."""
     if len(states) <= SAMPLER_CHUNK_ROWS or all(state.plain_greedy for state in states):   # one pass
-        return sampler(logits, build_sampling_tensors(states, vocab_size, device, eos_token_ids))
+        return sampler(logits, build_sampling_tensors(states, vocab_size, device, eos_token_ids), bitmask)
     return SamplerOutput.cat([
         sampler(logits[start:start + SAMPLER_CHUNK_ROWS],
-                build_sampling_tensors(states[start:start + SAMPLER_CHUNK_ROWS], vocab_size, device, eos_token_ids))
+                build_sampling_tensors(states[start:start + SAMPLER_CHUNK_ROWS], vocab_size, device, eos_token_ids),
+                None if bitmask is None else bitmask[start:start + SAMPLER_CHUNK_ROWS])
         for start in range(0, len(states), SAMPLER_CHUNK_ROWS)])
 
 

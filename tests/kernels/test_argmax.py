@@ -53,3 +53,34 @@ def test_counters_grow_without_freeing_what_graphs_captured() -> None:
     assert grown.numel() > first.numel() and int(grown.abs().sum()) == 0
     assert any(t is first for t in triton_ops._counter_holder(DEVICE))
     assert triton_ops.zeroed_counters(DEVICE, 16) is grown
+
+
+@pytest.mark.parametrize("n", [1, 1000, 5000, 49152])
+def test_masked_argmax_equals_mask_then_argmax(n: int) -> None:
+    """argmax_rows(x, bitmask) gives the ids of xgrammar's in-place mask (column c of row r is
+    -inf where bit c % 32 of word c // 32 is 0) then torch.argmax: random masks, a row all
+    allowed (-1 words), a row with only its last column allowed, a row with none (index 0,
+    as torch on all -inf), NaN masked out and allowed, a mask wider than the row."""
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(6, n, generator=gen)
+    words = -(-n // 32) + 2
+    bitmask = torch.randint(-2**31, 2**31 - 1, (6, words), generator=gen, dtype=torch.int64).to(torch.int32)
+    bitmask[1] = -1
+    bitmask[2] = 0
+    last_bit = (1 << ((n - 1) % 32)) - (1 << 32 if (n - 1) % 32 == 31 else 0)   # as an int32
+    bitmask[2, (n - 1) // 32] = last_bit
+    bitmask[3] = 0
+    x[4, 0] = float("nan")
+    bitmask[4, 0] &= ~1
+    if n > 1:
+        x[5, n - 1] = float("nan")
+        bitmask[5, (n - 1) // 32] |= last_bit
+    bits = (bitmask.to(torch.int64)[:, :, None] >> torch.arange(32)) & 1   # [rows, words, 32]
+    allowed = bits.reshape(6, -1)[:, :n].bool()
+    for dtype in DTYPES:
+        xd = x.to(dtype)
+        expected = xd.float().masked_fill(~allowed, float("-inf")).argmax(dim=-1)
+        assert torch.equal(argmax_rows(xd.to(DEVICE), bitmask.to(DEVICE)).cpu(), expected), dtype
+    assert int(expected[2]) == n - 1 and int(expected[3]) == 0
+    with pytest.raises(ValueError):   # too narrow a mask, or one of other rows
+        argmax_rows(x.to(DEVICE), bitmask[:, :max(1, n // 32 - 1)].to(DEVICE) if n > 64 else bitmask[:5].to(DEVICE))

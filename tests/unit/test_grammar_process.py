@@ -66,12 +66,12 @@ def test_a_refused_token_fails_its_request_with_a_clear_error(checkpoint, monkey
     request ends "abort" with an error naming the token (in the process: learned one step
     late, the step's token dropped, so the same output as in-engine), the plain request beside
     it is untouched, nothing hangs."""
-    from pagedserve.worker.model_runner import ModelRunner
+    from pagedserve.worker.grammar_mask import GrammarMask
     llm = _llm(checkpoint, async_scheduling)
     prompt = {"prompt_token_ids": random_prompts(1, VOCAB, 12, 13, seed=3)[0]}
     plain = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     alone = llm.generate([prompt], plain, use_tqdm=False)[0].outputs[0].token_ids
-    monkeypatch.setattr(ModelRunner, "_apply_grammar", lambda self, *args: None)
+    monkeypatch.setattr(GrammarMask, "to_device", lambda self, *args: None)
     constrained = SamplingParams(max_tokens=12, temperature=0.0, structured_outputs=StructuredOutputsParams(regex="z{5}"))
     failed, ok = llm.generate([prompt, prompt], [constrained, plain], use_tqdm=False)
     assert failed.outputs[0].finish_reason == "abort"
@@ -167,8 +167,8 @@ def test_more_slots_than_rows_and_tokens_that_land_after_the_post(checkpoint, mo
     """ProcessGrammars with room for 2 rows a step: 5 live sequences (slots 0-4, as when
     preempted ones keep theirs). Each step posts its rows' ids rows before the ids land (as
     the device's copy does) and in another order than the rows; each mask equals the mask of
-    an in-engine matcher fed the same tokens, a finished row is all-allowed, a held post
-    (hold_tokens) waits for release_tokens(), a refused token is reported with its id."""
+    an in-engine matcher fed the same tokens, a finished row is all-allowed, a post waits
+    for its token to land, a refused token is reported with its id."""
     import torch
     import xgrammar
     from transformers import AutoTokenizer
@@ -235,14 +235,15 @@ def test_more_slots_than_rows_and_tokens_that_land_after_the_post(checkpoint, mo
         pending = fill([rows[4], rows[1]])
         assert torch.equal(pending.result(), reference_bitmask([rows[4], rows[1]])) and pending.failed == []
         assert grammars.accept(rows[4], tokenizer.eos_token_id) == (True, True)   # a stop token ends it at once
-        grammars.hold_tokens = True
         c = tokenizer.encode("c", add_special_tokens=False)[0]
-        pending = step([rows[2]], [c], [rows[2]])
+        ids = grammars.sampled_ids()
+        pending = grammars.start_fill([rows[2]], [rows[2].request_id], [rows[2].request_id], [0],
+                                      {r.request_id: r for r in rows})
         time.sleep(0.1)
-        assert grammars.process.layout.header[DONE] != grammars.process._posted   # held
-        grammars.release_tokens()
+        assert grammars.process.layout.header[DONE] != grammars.process._posted   # waits for the landing
+        ids[0] = c
+        rows[2].grammar_matcher.accept_token(c)
         assert torch.equal(pending.result(), reference_bitmask([rows[2]]))
-        grammars.hold_tokens = False
         refused = tokenizer.encode("z", add_special_tokens=False)[0]
         pending = step([rows[0], rows[3]], [tokenizer.encode("c", add_special_tokens=False)[0], refused], [rows[3]])
         assert torch.equal(pending.result(), reference_bitmask([rows[3]]))
@@ -276,3 +277,32 @@ def test_a_step_failed_after_its_tokens_were_posted_is_taken_back(checkpoint, mo
     assert len(calls) > 6 and all(o.error is None for o in outs)
     assert [o.outputs[0].token_ids for o in outs] == clean
     assert re.fullmatch(regex, outs[0].outputs[0].text)
+
+
+def test_plain_requests_pay_for_no_grammar_work(checkpoint, monkeypatch):  # noqa: F811
+    """Requests without constraints (async, the grammar process's path) start no grammar
+    process, defer no sampling, carry no bitmask and reach none of the grammars' per-token
+    calls; their ids equal lockstep's."""
+    from pagedserve.core.structured_output import ProcessGrammars
+    from pagedserve.worker import grammar_mask
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(3, VOCAB, 5, 20, seed=7)]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    lockstep = [o.outputs[0].token_ids for o in _llm(checkpoint, async_scheduling=False).generate(
+        prompts, params, use_tqdm=False)]
+    llm = _llm(checkpoint)
+    grammars, scheduler = _grammars(llm), llm.engine.core.scheduler
+    assert isinstance(grammars, ProcessGrammars)
+    calls = []
+    for name in ("accept", "start_fill", "sampled_ids", "prepare"):
+        monkeypatch.setattr(grammars, name, lambda *args, _name=name: calls.append(_name))
+    monkeypatch.setattr(grammar_mask.DeferredSample, "__init__", lambda *args: calls.append("deferred"))
+    schedule, masks = scheduler.schedule, []
+
+    def recording_schedule():
+        out = schedule()
+        masks.append((out.structured_req_ids, out.grammar_bitmask))
+        return out
+    monkeypatch.setattr(scheduler, "schedule", recording_schedule)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == lockstep
+    assert calls == [] and grammars.process is None
+    assert len(masks) >= 12 and all(not ids and bitmask is None for ids, bitmask in masks)

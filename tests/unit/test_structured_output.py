@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pagedserve import LLM, SamplingParams, StructuredOutputsParams, ValidationError
-from pagedserve.layers.sampler import apply_token_bitmask
+from pagedserve.layers.sampler import apply_token_bitmask, greedy_ids, token_bitmask_to_device
 from tests.helpers import random_prompts
 
 VOCAB = 49152
@@ -54,11 +54,16 @@ def test_bitmask_masks_only_the_constrained_rows(staging):
     bitmask[0, 0] = 0b1011           # row 0 of the mask allows tokens 0, 1, 3
     bitmask[1, 3] = 1 << 2           # row 1 allows token 98
     buffer = torch.zeros(6, 4, dtype=torch.int32) if staging else None   # stale content: must not leak
-    apply_token_bitmask(logits, bitmask, rows=[3, 1], staging=buffer)   # mask row 0 -> logits row 3, 1 -> 1
+    mask = token_bitmask_to_device(logits, bitmask, rows=[3, 1], staging=buffer)   # mask row 0 -> logits row 3, 1 -> 1
+    assert mask.shape == (4, 4) and (mask[0] == -1).all() and (mask[2] == -1).all()
+    assert greedy_ids(logits.clone(), mask)[[1, 3]].tolist() == [98, [0, 1, 3][
+        int(original[3, [0, 1, 3]].argmax())]]
+    apply_token_bitmask(logits, mask)
     allowed = [torch.isfinite(logits[r]).nonzero().flatten().tolist() for r in range(4)]
     assert allowed[3] == [0, 1, 3] and allowed[1] == [98]
     assert torch.equal(logits[0], original[0]) and torch.equal(logits[2], original[2])
     assert torch.equal(logits[3, [0, 1, 3]], original[3, [0, 1, 3]])
+    assert torch.equal(greedy_ids(original.clone(), mask), logits.argmax(dim=-1))
     assert xgrammar.bitmask_dtype == torch.int32
 
 
