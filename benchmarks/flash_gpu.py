@@ -12,7 +12,9 @@ Stages (check always runs first and exits 1 on any failure):
           block table): chunk8k after 4k / 8k / 12k of context, fresh16k, and a long64-like launch
           of two sequences (3,000 new after 9,000 cached + a fresh 5,192); beside them, for one
           sequence, the context gathered to contiguous K/V first (triton_by_sequence, default
-          tiles) and torch's cuDNN by sequence.
+          tiles; and, timed without the gather, with the gathered context read by TMA) and torch's
+          cuDNN by sequence. Variants: old (block ids read in the tile) / pf (a tile ahead) at 128x64
+          and 128x128 tiles, 2-4 stages, and tma (this step's K/V tiles by TMA descriptors).
   engine  llama-8b dummy, max_model_len 32768: ttft16k (3 fresh prompts, median) with the default
           backend (cuDNN takes a 16k prompt's aligned chunks) and with every chunk in one Triton
           launch (triton_prefill), old and new tiles; then long64 (peers_long.py's requests) new,
@@ -40,7 +42,8 @@ import torch  # noqa: E402
 from attn_engine import GATHERED, SDPA, TRITON, EngineStages  # noqa: E402
 from attn_gpu import Paged, bench_ms, causal_flop, emit  # noqa: E402
 from pagedserve.attention import triton_prefill_attention as tpa  # noqa: E402
-from pagedserve.attention.triton_prefill_attention import PrefillTiles  # noqa: E402
+from pagedserve.attention.sdpa_prefill import gather_context  # noqa: E402
+from pagedserve.attention.triton_prefill_attention import PrefillTiles, prefill_attention  # noqa: E402
 from step_profile import StepRecorder, long64_requests  # noqa: E402
 
 SMOKE = attn_gpu.SMOKE
@@ -53,10 +56,12 @@ VARIANTS = {
     "pf_128x64_s4": PrefillTiles(128, 64, 8, 4),
     "pf_128x128": PrefillTiles(128, 128, 8, 3),  # LARGE_TILES
     "pf_128x128_s2": PrefillTiles(128, 128, 8, 2),
+    "pf_128x128_tma": PrefillTiles(128, 128, 8, 3, tma=True),  # this step's K/V by TMA (not the paged context)
+    "pf_128x64_tma": PrefillTiles(128, 64, 8, 3, tma=True),
 }
 if SMOKE:  # interpreter-sized tiles, the same two kernel paths
     VARIANTS = {"old_32x16": PrefillTiles(32, 16, 4, 1, paged_prefetch=False), "pf_32x16": PrefillTiles(32, 16, 4, 1),
-                "pf_32x32": PrefillTiles(32, 32, 4, 1)}
+                "pf_32x32": PrefillTiles(32, 32, 4, 1), "pf_32x16_tma": PrefillTiles(32, 16, 4, 1, tma=True)}
 SUMMARY: list[str] = []
 
 
@@ -108,6 +113,16 @@ def stage_micro() -> None:
             timings[name] = bench_ms(lambda: b.prefill(out, tiles=tiles))
         if len(qls) == 1:
             timings["gathered_default"] = bench_ms(lambda: b.triton_by_sequence(out))
+            if cls[0]:  # the gathered context by TMA too
+                gathered = gather_context(b.k_cache, b.v_cache, b.block_tables[0], cls[0])
+                tma = VARIANTS["pf_32x16_tma" if SMOKE else "pf_128x128_tma"]
+                got = prefill_attention(b.query, b.key, b.value, b.k_cache, b.v_cache, b.block_tables, b.seq_lens,
+                                        b.qsl, b.scale, out, 0, 1, qls[0], tiles=tma, context=gathered).float()
+                if not float((got - base).abs().max()) <= (2e-4 if SMOKE else 3e-2):
+                    raise RuntimeError(f"{label}: the gathered context by TMA differs from {OLD}")
+                timings["gathered_tma_ctx_only"] = bench_ms(
+                    lambda: prefill_attention(b.query, b.key, b.value, b.k_cache, b.v_cache, b.block_tables, b.seq_lens,
+                                              b.qsl, b.scale, out, 0, 1, qls[0], tiles=tma, context=gathered))
             timings["cudnn_by_sequence"] = bench_ms(lambda: b.sdpa_by_sequence(out))
         for name, ms in timings.items():
             tflops = round(flop / (ms * 1e-3) / 1e12, 1)

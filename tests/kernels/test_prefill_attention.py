@@ -63,11 +63,13 @@ def check(batch: Batch, tiles: PrefillTiles | None, strided_kv: bool = False, fr
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("queries_per_kv", [1, 2])
-def test_varlen_fresh_prompts(queries_per_kv: int, dtype: torch.dtype) -> None:
-    """No context: causal over the chunk only; lengths below, on and across tile edges."""
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer_loads", "tma"])
+def test_varlen_fresh_prompts(tma: bool, queries_per_kv: int, dtype: torch.dtype) -> None:
+    """No context: causal over the chunk only; lengths below, on and across tile edges; this
+    step's K/V by pointers or by TMA descriptors (whole tiles before the diagonal)."""
     batch = make_batch(query_lens=[16, 5, 37, 1], context_lens=[0, 0, 0, 0], num_heads=2 * queries_per_kv,
                        num_kv_heads=2, head_dim=32, block_size=16, dtype=dtype, seed=queries_per_kv)
-    check(batch, SMALL)
+    check(batch, PrefillTiles(16, 16, 4, 1, tma=tma), strided_kv=tma)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
@@ -92,9 +94,11 @@ def test_wider_tiles(tiles: PrefillTiles | None, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("context_len", [0, 16, 37])
-def test_contiguous_context_copy(context_len: int) -> None:
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer_loads", "tma"])
+def test_contiguous_context_copy(tma: bool, context_len: int) -> None:
     """One sequence whose context comes as a contiguous copy (gathered out of the cache), with a
-    partial last context tile: the same rows as through the block table."""
+    partial last context tile: the same rows as through the block table (whole tiles of the
+    copy and of this step's K/V by pointers or by TMA)."""
     batch = make_batch(query_lens=[21], context_lens=[context_len], num_heads=4, num_kv_heads=2, head_dim=32,
                        block_size=8, dtype=torch.float32, seed=21)
     key, value = new_kv(batch)
@@ -103,7 +107,8 @@ def test_contiguous_context_copy(context_len: int) -> None:
     out = torch.full_like(batch.query, float("nan"))
     poisoned = batch.k_cache.clone().fill_(float("nan"))  # the paged cache must not be read
     prefill_attention(batch.query, key, value, poisoned, batch.v_cache, batch.block_tables, batch.seq_lens,
-                      batch.query_start_loc, batch.scale, out, 0, 1, 21, tiles=SMALL, context=context)
+                      batch.query_start_loc, batch.scale, out, 0, 1, 21, tiles=PrefillTiles(16, 16, 4, 1, tma=tma),
+                      context=context)
     expected = paged_attention_ref(batch.query, batch.k_cache, batch.v_cache, batch.block_tables,
                                    batch.seq_lens, batch.query_start_loc, batch.scale, 0)
     torch.testing.assert_close(out[:21], expected[:21], atol=1e-4, rtol=1e-4)
@@ -218,7 +223,7 @@ names = list(inspect.signature(kernel.fn).parameters)
 divisible = [n for n in names if n.endswith("_ptr") or (n.startswith("stride") and n != "stride_block_table")]
 types = {n: "*i32" for n in ("block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr")}
 shape = dict(QUERIES_PER_KV=4, HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_SIZE=16, NEW_KV_FROM_CACHE=False,
-             DOT_PRECISION="tf32")
+             DOT_PRECISION="tf32", USE_TMA=False)
 for tiles in (p.LARGE_TILES, p.SMALL_TILES):
     for contiguous, prefetch in ((False, True), (False, False), (True, True)):
         c = build(kernel, dict(shape, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, CONTEXT_CONTIGUOUS=contiguous,
@@ -229,6 +234,15 @@ for tiles in (p.LARGE_TILES, p.SMALL_TILES):
         print(tiles.block_n, contiguous, prefetch, c.metadata.shared, [w.split("num = ")[1][:1] for w in waits])
         if prefetch or contiguous:  # every full-tile loop keeps num_stages - 1 tiles in flight
             assert sum(w.startswith("      ") and "num = 0" not in w for w in waits) == 3, waits
+for tiles in (p.LARGE_TILES, p.SMALL_TILES):  # this step's K/V (and a contiguous context) by TMA
+    desc = f"tensordesc<bf16[{tiles.block_n}, 1, 128]>"
+    for contiguous in (False, True):
+        c = build(kernel, dict(shape, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, CONTEXT_CONTIGUOUS=contiguous,
+                               PAGED_PREFETCH=True, USE_TMA=True),
+                  dict(types, **{n: desc for n in ("k_desc", "v_desc", "ck_desc", "cv_desc")}), tuple(divisible),
+                  num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        assert c.metadata.shared <= 227 * 1024, (tiles, c.metadata.shared)
+        assert "async_tma_copy_global_to_local" in c.asm["ttgir"]
 """
 
 
