@@ -257,3 +257,23 @@ def test_kernel_compiles_for_sm90() -> None:
     from tests.kernels.sm90_compile import run
     proc = run(_COMPILE_FOR_SM90)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("gather_unaligned", [True, False])
+def test_backend_unaligned_long_chunks(gather_unaligned: bool) -> None:
+    """The long chunks cuDNN does not take (shapes not multiples of cudnn_shape_multiple): each
+    on its gathered context in a launch of its own (gather_unaligned), or in the runs of short
+    chunks through the block table; the same rows either way."""
+    backend = TritonBackend()
+    backend.prefill_min_query_len, backend.sdpa_min_query_len, backend.cudnn_shape_multiple = 8, 16, 16
+    backend.gather_unaligned = gather_unaligned
+    backend._sdpa_available = lambda device, dtype, head_dim: True
+    launches = []
+    real = backend._prefill_attention
+    backend._prefill_attention = lambda *a, **kw: launches.append((a[10], a[11], kw.get("context") is not None)) \
+        or real(*a, **kw)
+    backend_step([1, 32, 20, 9, 16], [7, 16, 5, 3, 0], 1, torch.float32, backend, host_lists=True, seed=23)
+    # (seq_begin, seq_end, context copied): sequences 1 (32 after 16) and 4 (16 after 0) are cuDNN's,
+    # 2 is long but unaligned (20 after 5), 3 is short (9)
+    expected = [(2, 3, True), (3, 4, False)] if gather_unaligned else [(2, 4, False)]
+    assert launches == expected * 2   # attended twice
