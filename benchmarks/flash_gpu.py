@@ -12,23 +12,17 @@ Stages (check always runs first and exits 1 on any failure):
           block table): chunk8k after 4k / 8k / 12k of context, fresh16k, and a long64-like launch
           of two sequences (3,000 new after 9,000 cached + a fresh 5,192); beside them, for one
           sequence, the context gathered to contiguous K/V first (triton_by_sequence, default
-          tiles; and, timed without the gather, with the gathered context read by TMA) and torch's
-          cuDNN by sequence. Variants: old (block ids read in the tile) / pf (a tile ahead) at 128x64
-          and 128x128 tiles, 2-4 stages, and tma (this step's K/V tiles by TMA descriptors).
+          tiles) and torch's cuDNN by sequence.
   engine  llama-8b dummy, max_model_len 32768: ttft16k (3 fresh prompts, median) with the default
           backend (cuDNN takes a 16k prompt's aligned chunks) and with every chunk in one Triton
           launch (triton_prefill), old and new tiles; then long64 (peers_long.py's requests) new,
           old, new on the default backend with every step recorded (step_profile.StepRecorder):
           wall, prefill steps x ms, decode tail.
-  quick   (instead of check's first part) the variants and the backend's gathered path only
-  confirm the second call: micro on chunk8k_after8k and fresh16k (TMA on if it wins by >= 3% on
-          both), then long64 gathered / block table / gathered (TritonBackend.gather_unaligned).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import math
 import os
 import random
@@ -37,7 +31,7 @@ import time
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--cpu-smoke", action="store_true")
-ap.add_argument("--stages", default="check,micro,engine", help="or quick,confirm (the second call)")
+ap.add_argument("--stages", default="check,micro,engine")
 ARGS, _ = ap.parse_known_args()
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import attn_gpu  # noqa: E402  (parses --cpu-smoke itself: the same SMOKE, DEV and head shapes)
@@ -45,10 +39,8 @@ import torch  # noqa: E402
 
 from attn_engine import GATHERED, SDPA, TRITON, EngineStages  # noqa: E402
 from attn_gpu import Paged, bench_ms, causal_flop, emit  # noqa: E402
-from pagedserve.attention.backend import TritonBackend  # noqa: E402
 from pagedserve.attention import triton_prefill_attention as tpa  # noqa: E402
-from pagedserve.attention.sdpa_prefill import gather_context  # noqa: E402
-from pagedserve.attention.triton_prefill_attention import PrefillTiles, prefill_attention  # noqa: E402
+from pagedserve.attention.triton_prefill_attention import PrefillTiles  # noqa: E402
 from step_profile import StepRecorder, long64_requests  # noqa: E402
 
 SMOKE = attn_gpu.SMOKE
@@ -61,12 +53,10 @@ VARIANTS = {
     "pf_128x64_s4": PrefillTiles(128, 64, 8, 4),
     "pf_128x128": PrefillTiles(128, 128, 8, 3),  # LARGE_TILES
     "pf_128x128_s2": PrefillTiles(128, 128, 8, 2),
-    "pf_128x128_tma": PrefillTiles(128, 128, 8, 3, tma=True),  # this step's K/V by TMA (not the paged context)
-    "pf_128x64_tma": PrefillTiles(128, 64, 8, 3, tma=True),
 }
 if SMOKE:  # interpreter-sized tiles, the same two kernel paths
     VARIANTS = {"old_32x16": PrefillTiles(32, 16, 4, 1, paged_prefetch=False), "pf_32x16": PrefillTiles(32, 16, 4, 1),
-                "pf_32x32": PrefillTiles(32, 32, 4, 1), "pf_32x16_tma": PrefillTiles(32, 16, 4, 1, tma=True)}
+                "pf_32x32": PrefillTiles(32, 32, 4, 1)}
 SUMMARY: list[str] = []
 
 
@@ -82,22 +72,8 @@ def tiles_mode(name: str):
         tpa.LARGE_TILES, tpa.SMALL_TILES = saved
 
 
-@contextlib.contextmanager
-def gather_mode(on: bool, tma: bool = False):
-    """TritonBackend.gather_unaligned (long eager chunks cuDNN does not take: gathered context vs
-    through the block table) and, with tma, LARGE_TILES reading contiguous K/V by TMA."""
-    saved = (TritonBackend.gather_unaligned, tpa.LARGE_TILES)
-    TritonBackend.gather_unaligned = on
-    if tma:
-        tpa.LARGE_TILES = dataclasses.replace(tpa.LARGE_TILES, tma=True)
-    try:
-        yield
-    finally:
-        TritonBackend.gather_unaligned, tpa.LARGE_TILES = saved
-
-
-def stage_check(full: bool = True) -> bool:
-    ok = attn_gpu.stage_check() if full else True
+def stage_check() -> bool:
+    ok = attn_gpu.stage_check()
     qls, cls = ([40, 7, 90, 33], [30, 0, 17, 64]) if SMOKE else \
         ([300, 1000, 37, 2048, 513, 700], [0, 3000, 100, 1500, 129, 4097])
     b = Paged(qls, cls, DTYPE, seed=11)
@@ -110,34 +86,14 @@ def stage_check(full: bool = True) -> bool:
         passed = math.isfinite(err) and err <= tol
         emit(stage="flash_check", variant=name, max_abs_err_vs_fp32_ref=err, tol=tol, passed=passed)
         ok &= passed
-    # the backend's by-sequence path (host lists): chunks >= sdpa_min_query_len one at a time,
-    # none of round shape, so each on its gathered context (default tiles, then with TMA)
-    backend = TritonBackend()
-    backend.prefill_min_query_len, backend.sdpa_min_query_len = (32, 40) if SMOKE else (256, 512)
-    if SMOKE:
-        backend._sdpa_available = lambda device, dtype, head_dim: True
-    for tma in (False, True):
-        with gather_mode(True, tma):
-            got = backend.attend(b.query, b.key, b.value, b.k_cache, b.v_cache, b.meta(host_lists=True), b.scale)
-        err = float((got.float() - ref).abs().max())
-        passed = math.isfinite(err) and err <= tol
-        emit(stage="flash_check", variant=f"backend_gathered{'_tma' if tma else ''}", max_abs_err_vs_fp32_ref=err,
-             tol=tol, passed=passed)
-        ok &= passed
     return ok
 
 
-def stage_micro(short: bool = False) -> dict:
-    """TFLOP/s per variant and case; `short`: the confirming call's subset (no cuDNN)."""
+def stage_micro() -> None:
     cases = [("chunk150_after150", [150], [150]), ("fresh300", [300], [0]), ("two_seqs", [70, 130], [200, 0])] \
         if SMOKE else [("chunk8k_after4k", [8192], [4096]), ("chunk8k_after8k", [8192], [8192]),
                        ("chunk8k_after12k", [8192], [12288]), ("fresh16k", [16384], [0]),
                        ("long64_like", [3000, 5192], [9000, 0])]
-    variants = VARIANTS
-    if short:
-        cases = [c for c in cases if c[0] in ("chunk150_after150", "fresh300", "chunk8k_after8k", "fresh16k")]
-        variants = {n: t for n, t in VARIANTS.items() if n in ("pf_32x16", "pf_32x16_tma", "pf_128x128",
-                                                                "pf_128x128_tma")}
     table = {}
     for label, qls, cls in cases:
         b = Paged(qls, cls, DTYPE, seed=3)
@@ -145,25 +101,14 @@ def stage_micro(short: bool = False) -> dict:
         out = torch.empty_like(b.query)
         base = b.prefill(torch.empty_like(b.query), tiles=OLD).float()
         timings = {}
-        for name, tiles in variants.items():
+        for name, tiles in VARIANTS.items():
             diff = float((b.prefill(out, tiles=tiles).float() - base).abs().max())
             if not diff <= (2e-4 if SMOKE else 3e-2):
                 raise RuntimeError(f"{label}: {name} differs from {OLD} by {diff}")
             timings[name] = bench_ms(lambda: b.prefill(out, tiles=tiles))
         if len(qls) == 1:
             timings["gathered_default"] = bench_ms(lambda: b.triton_by_sequence(out))
-            if cls[0]:  # the gathered context by TMA too
-                gathered = gather_context(b.k_cache, b.v_cache, b.block_tables[0], cls[0])
-                tma = VARIANTS["pf_32x16_tma" if SMOKE else "pf_128x128_tma"]
-                got = prefill_attention(b.query, b.key, b.value, b.k_cache, b.v_cache, b.block_tables, b.seq_lens,
-                                        b.qsl, b.scale, out, 0, 1, qls[0], tiles=tma, context=gathered).float()
-                if not float((got - base).abs().max()) <= (2e-4 if SMOKE else 3e-2):
-                    raise RuntimeError(f"{label}: the gathered context by TMA differs from {OLD}")
-                timings["gathered_tma_ctx_only"] = bench_ms(
-                    lambda: prefill_attention(b.query, b.key, b.value, b.k_cache, b.v_cache, b.block_tables, b.seq_lens,
-                                              b.qsl, b.scale, out, 0, 1, qls[0], tiles=tma, context=gathered))
-            if not short:
-                timings["cudnn_by_sequence"] = bench_ms(lambda: b.sdpa_by_sequence(out))
+            timings["cudnn_by_sequence"] = bench_ms(lambda: b.sdpa_by_sequence(out))
         for name, ms in timings.items():
             tflops = round(flop / (ms * 1e-3) / 1e12, 1)
             emit(stage="flash_micro", case=label, variant=name, ms=round(ms, 3), tflops=tflops)
@@ -175,16 +120,6 @@ def stage_micro(short: bool = False) -> dict:
     SUMMARY.append("micro TFLOP/s: " + " | ".join(labels))
     for name, row in table.items():
         SUMMARY.append(f"  {name:<20} " + " ".join(f"{row.get(lb, ''):>8}" for lb in labels))
-    return table
-
-
-def tma_wins(table: dict) -> bool:
-    """TMA on by the short micro: >= 3% over pointer loads on fresh16k (this step's K/V) and on
-    chunk8k_after8k's gathered context (noise between identical launches: ~4% at worst)."""
-    fresh, chunk = ("fresh300", "chunk150_after150") if SMOKE else ("fresh16k", "chunk8k_after8k")
-    pf, tma = ("pf_32x16", "pf_32x16_tma") if SMOKE else ("pf_128x128", "pf_128x128_tma")
-    return table[tma][fresh] >= 1.03 * table[pf][fresh] and \
-        table["gathered_tma_ctx_only"][chunk] >= 1.03 * table["gathered_default"][chunk]
 
 
 def stage_engine() -> None:
@@ -228,48 +163,18 @@ def stage_engine() -> None:
     llm.shutdown()
 
 
-def stage_long64ab(tma: bool) -> None:
-    """long64 three times on one engine: gathered (+ TMA when the micro says so), block table,
-    gathered; prefill steps timed."""
-    from pagedserve import SamplingParams
-    t0 = time.time()
-    llm = EngineStages(SMOKE, emit, os.environ.get("OUT")).make_llm()
-    emit(stage="flash_engine", startup_s=round(time.time() - t0, 1))
-    reqs = long64_requests(SMOKE)
-    params = [SamplingParams(max_tokens=o, ignore_eos=True, temperature=0.0, detokenize=False) for _, o in reqs]
-    recorder = StepRecorder(llm.engine.core)
-    for run, gathered in enumerate((True, False, True)):
-        label = ("gathered" + ("_tma" if tma else "")) if gathered else "block_table"
-        prompts = [{"prompt_token_ids": [3 + (p[0] + 11 + run) % 31990] + p[1:]} for p, _ in reqs]
-        with gather_mode(gathered, tma and gathered):
-            recorder.rows = []
-            t0 = time.perf_counter()
-            llm.generate(prompts, params, use_tqdm=False)
-            end = time.perf_counter()
-        pre, tail = (steps := recorder.summary(end))["prefill_steps"], steps["decode_tail"]
-        emit(stage="flash_long64ab", run=run, mode=label, wall_s=round(end - t0, 2), prefill_steps=pre["steps"],
-             prefill_ms_per_step=pre["ms_per_step"], decode_tail_ms_per_step=tail["ms_per_step"], steps=steps)
-        SUMMARY.append(f"long64 run {run} {label}: wall {end - t0:.2f} s, prefill {pre['steps']} x "
-                       f"{pre['ms_per_step']} ms, decode tail {tail['steps']} x {tail['ms_per_step']} ms")
-    llm.shutdown()
-
-
 def main() -> None:
     stages = set(ARGS.stages.split(","))
     if not SMOKE:
         import triton
         emit(stage="env", device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
-    if not stage_check(full="check" in stages):
+    if not stage_check():
         print("CORRECTNESS FAILED: a variant or path is wrong; timings skipped", flush=True)
         sys.exit(1)
     if "micro" in stages:
         stage_micro()
     if "engine" in stages:
         stage_engine()
-    if "confirm" in stages:  # the second call: the short micro, then long64 gathered vs block table
-        tma = tma_wins(stage_micro(short=True))
-        SUMMARY.append(f"TMA for contiguous K/V in the gathered runs: {tma}")
-        stage_long64ab(tma)
     print("\n== flash_gpu summary\n" + "\n".join(SUMMARY), flush=True)
     emit(stage="flash_done", total_s=round(time.time() - attn_gpu.T_START, 1))
 

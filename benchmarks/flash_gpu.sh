@@ -7,26 +7,18 @@
 # on a failure), micro (TFLOP/s per variant: chunk8k after 4k/8k/12k, fresh16k, a long64-like
 # launch), engine (llama-8b: ttft16k by backend mode x old/new tiles, long64 new/old/new with the
 # prefill steps timed). Raw output under $OUT (flash.txt, attn_gpu.jsonl) when set.
-#   bash benchmarks/flash_gpu.sh --confirm   (the second call, ~130 s, cut at 145: the variants'
-# and the backend's gathered path's checks, a short micro deciding TMA, long64 gathered / block
-# table / gathered on one engine)
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/flash_gpu_out}
 mkdir -p "$OUT"
 export OUT
-STAGES="check,micro,engine"
-LIMIT=235
-if [ "${1:-}" = "--confirm" ] || [ "${2:-}" = "--confirm" ]; then STAGES="quick,confirm"; LIMIT=145; fi
 if [ "${1:-}" = "--cpu-smoke" ]; then
-  timeout 900 python3 benchmarks/flash_gpu.py --cpu-smoke --stages "$STAGES" 2>&1 | tee "$OUT/flash.txt" \
-    | grep -v "^RESULT" | tail -30
+  timeout 900 python3 benchmarks/flash_gpu.py --cpu-smoke 2>&1 | tee "$OUT/flash.txt" | grep -v "^RESULT" | tail -30
   exit "${PIPESTATUS[0]}"
 fi
 nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem,memory.total --format=csv,noheader
-timeout $LIMIT python3 benchmarks/flash_gpu.py --stages "$STAGES" 2>&1 | tee "$OUT/flash.txt" | grep -v "^RESULT" \
-  | tail -60
+timeout 235 python3 benchmarks/flash_gpu.py 2>&1 | tee "$OUT/flash.txt" | grep -v "^RESULT" | tail -60
 rc=${PIPESTATUS[0]}
 grep -E '"stage": "(check|flash_check)"' "$OUT/flash.txt" | cut -c1-300
 echo "flash_gpu.py exit status: $rc"

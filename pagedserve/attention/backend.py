@@ -78,10 +78,8 @@ class TritonBackend:
     `sdpa_min_query_len` tokens in eager steps, which run one sequence at a time with the
     context gathered to contiguous K/V: long_chunk_path "cudnn", torch's cuDNN attention
     (sdpa_prefill: new part causal + context, merged by LSE) where available, or "triton",
-    the same Triton kernel reading the contiguous copy. cuDNN takes only chunks of round shapes
-    (cudnn_shape_multiple); the other long chunks take the Triton kernel on the gathered copy
-    (gather_unaligned) or through the block table. The choices read host values only, so a
-    CUDA-graph bucket always takes the same path."""
+    the same Triton kernel reading the contiguous copy. The choices read host values only, so
+    a CUDA-graph bucket always takes the same path."""
 
     name = "triton"
     prefill_min_query_len = 256
@@ -92,10 +90,6 @@ class TritonBackend:
     # shapes made the cuDNN path 30.9 s vs 25.6 s Triton, while ttft16k's round chunks gained
     # (477 vs 537 ms). So cuDNN takes only chunks whose length and context are multiples of this.
     cudnn_shape_multiple = 1024
-    # The long eager chunks cuDNN does not take: off, one Triton launch through the block table per
-    # run of them; on, one launch each on its context gathered to contiguous K/V (H200, chunk8k
-    # after 4k-12k: 494-509 TFLOP/s gathered vs 435-453 through the block table; the gather ~1%).
-    gather_unaligned = True
 
     def __init__(self) -> None:
         from pagedserve.attention.sdpa_prefill import gather_context, sdpa_available, sdpa_prefill_sequence
@@ -155,9 +149,8 @@ class TritonBackend:
         for s in range(meta.num_decodes, meta.num_seqs + 1):
             query_len = int(qsl[s + 1] - qsl[s]) if s < meta.num_seqs else 0
             context_len = int(seq_lens[s]) - query_len if s < meta.num_seqs else 0
-            aligned = not (query_len % multiple or context_len % multiple)
-            if s < meta.num_seqs and (query_len < self.sdpa_min_query_len
-                                      or not (aligned or self.gather_unaligned)):
+            if s < meta.num_seqs and (query_len < self.sdpa_min_query_len or query_len % multiple
+                                      or context_len % multiple):
                 run_begin = s if run_begin is None else run_begin
                 continue
             if run_begin is not None:
@@ -166,7 +159,7 @@ class TritonBackend:
                 run_begin = None
             if s == meta.num_seqs:
                 break
-            if cudnn and aligned:
+            if cudnn:
                 self._sdpa_prefill_sequence(query, key, value, k_cache, v_cache, meta.block_tables[s], int(qsl[s]),
                                             query_len, context_len, scale, out)
             else:

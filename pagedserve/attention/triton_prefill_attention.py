@@ -116,7 +116,6 @@ def _load_context(kc_head, vc_head, block_table_row, stride_kc_block, stride_kc_
 def _prefill_attention_kernel(
     out_ptr, query_ptr, key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, ctx_key_ptr, ctx_value_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-    k_desc, v_desc, ck_desc, cv_desc,  # USE_TMA: descriptors of key/value and the contiguous context
     scale_log2,  # softmax scale * log2(e)
     seq_begin, seq_end,  # this launch covers sequences [seq_begin, seq_end)
     stride_q_token, stride_q_head, stride_k_token, stride_k_head, stride_v_token, stride_v_head,
@@ -129,7 +128,6 @@ def _prefill_attention_kernel(
     CONTEXT_CONTIGUOUS: tl.constexpr,  # one sequence whose context is a contiguous copy (ctx_key/value)
     DOT_PRECISION: tl.constexpr,
     PAGED_PREFETCH: tl.constexpr,  # context through the block table: block ids loaded a tile ahead
-    USE_TMA: tl.constexpr,  # whole contiguous K/V tiles by TMA ([BLOCK_N, 1, D] boxes of [T, Hkv, D])
 ):
     head = tl.program_id(0)
     kv_head = head // QUERIES_PER_KV
@@ -165,13 +163,7 @@ def _prefill_attention_kernel(
     ck_base = ctx_key_ptr + kv_head * stride_ck_head
     cv_base = ctx_value_ptr + kv_head * stride_cv_head
     full_end = context_len - context_len % BLOCK_N
-    if CONTEXT_CONTIGUOUS and USE_TMA:
-        for start in range(0, full_end, BLOCK_N):
-            k = ck_desc.load([start, kv_head, 0]).reshape(BLOCK_N, HEAD_DIM_PAD)
-            v = cv_desc.load([start, kv_head, 0]).reshape(BLOCK_N, HEAD_DIM_PAD)
-            acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, scale_log2, row_valid[:, None], False,
-                                          DOT_PRECISION)
-    elif PAGED_PREFETCH and not CONTEXT_CONTIGUOUS:
+    if PAGED_PREFETCH and not CONTEXT_CONTIGUOUS:
         # Each tile's block ids are loaded one tile ahead (kept in registers): the K/V rows of a
         # tile then hang on no load of their own iteration, and the pipeliner keeps num_stages - 1
         # tiles in flight (reading block ids in the iteration itself, it waited for every copy
@@ -207,21 +199,14 @@ def _prefill_attention_kernel(
                                       DOT_PRECISION)
 
     # 2. new tokens before the tile: all visible to every row, never masked.
-    if USE_TMA:
-        for start in range(0, tile_lo, BLOCK_N):
-            k = k_desc.load([q_start + start, kv_head, 0]).reshape(BLOCK_N, HEAD_DIM_PAD)
-            v = v_desc.load([q_start + start, kv_head, 0]).reshape(BLOCK_N, HEAD_DIM_PAD)
-            acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, scale_log2, row_valid[:, None], False,
-                                          DOT_PRECISION)
-    else:
-        for start in range(0, tile_lo, BLOCK_N):
-            key_idx = start + offs_n
-            k, v = _load_new_kv(k_base, v_base, stride_k_token, stride_v_token, kc_head, vc_head, block_table_row,
-                                stride_kc_block, stride_kc_slot, stride_vc_block, stride_vc_slot, key_idx,
-                                context_len, key_idx, offs_d, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, False,
-                                NEW_KV_FROM_CACHE)
-            acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, scale_log2, row_valid[:, None], False,
-                                          DOT_PRECISION)
+    for start in range(0, tile_lo, BLOCK_N):
+        key_idx = start + offs_n
+        k, v = _load_new_kv(k_base, v_base, stride_k_token, stride_v_token, kc_head, vc_head, block_table_row,
+                            stride_kc_block, stride_kc_slot, stride_vc_block, stride_vc_slot, key_idx,
+                            context_len, key_idx, offs_d, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, False,
+                            NEW_KV_FROM_CACHE)
+        acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, scale_log2, row_valid[:, None], False,
+                                      DOT_PRECISION)
 
     # 3. the diagonal: causal mask (key <= row), keys past the chunk's end are masked too.
     diag_end = tl.minimum(tile_lo + BLOCK_M, query_len)
@@ -245,22 +230,20 @@ def _prefill_attention_kernel(
 class PrefillTiles:
     """Launch shape: block_m query rows (tokens of one head) per program, block_n keys per
     loop step; block_m a multiple of block_n, both powers of two >= 16. paged_prefetch: the
-    context's block ids are loaded a tile ahead (the K/V copies pipeline; see the kernel).
-    tma: whole tiles of contiguous K/V (this step's, a gathered context) by TMA descriptors
-    where the tensors allow (head_dim a power of two, 16-byte aligned base and strides)."""
+    context's block ids are loaded a tile ahead (the K/V copies pipeline; see the kernel)."""
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
     paged_prefetch: bool = True
-    tma: bool = False
 
 
 # 16-bit types on Hopper-sized GPUs, launches of at least LARGE_MIN_TOKENS new tokens (the
 # long chunks of a long-context prefill): 128 x 128 tiles, 8 warps, 3 stages (224 KB of shared
-# memory). Smaller launches keep 128 x 64 (more programs for few tokens). Module-level so that a
-# benchmark can A/B them on one engine.
+# memory). Smaller launches keep 128 x 64 (more programs for few tokens). H200, an 8k chunk after
+# 4k-12k of context: 435-453 TFLOP/s, against 318-365 with 128 x 64 tiles and the block ids read in
+# the tile (benchmarks/RESULTS.md). Module-level so that a benchmark can A/B them on one engine.
 LARGE_TILES = PrefillTiles(block_m=128, block_n=128, num_warps=8, num_stages=3)
 SMALL_TILES = PrefillTiles(block_m=128, block_n=64, num_warps=8, num_stages=3)
 LARGE_MIN_TOKENS = 1024
@@ -272,16 +255,6 @@ def default_prefill_tiles(dtype: torch.dtype, head_dim_pad: int, max_tokens: int
     if dtype != torch.float32 and head_dim_pad <= 128:
         return LARGE_TILES if max_tokens >= LARGE_MIN_TOKENS else SMALL_TILES
     return PrefillTiles(block_m=64, block_n=32 if head_dim_pad <= 128 else 16, num_warps=4, num_stages=2)
-
-
-def _descriptor(t: torch.Tensor, block: list[int]):
-    """A TMA descriptor of [tokens, heads, D] `t` (boxes of `block`), or None where TMA cannot
-    read it (base or a stride not a multiple of 16 bytes)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-    size = t.element_size()
-    if t.shape[0] == 0 or t.data_ptr() % 16 or t.stride(-1) != 1 or any(st * size % 16 for st in t.stride()[:-1]):
-        return None
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), block)
 
 
 def prefill_attention(query: torch.Tensor, key: torch.Tensor | None, value: torch.Tensor | None,
@@ -318,17 +291,11 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor | None, value: torc
     if context is not None and num_launch_seqs != 1:
         raise ValueError("a contiguous context is for a launch of one sequence")
     ctx_key, ctx_value = context if context is not None else (key, value)  # unused when None
-    block = [tiles.block_n, 1, head_dim]
-    descs = [_descriptor(t, block) for t in (key, value, ctx_key, ctx_value)] \
-        if tiles.tma and not new_kv_from_cache and head_dim == head_dim_pad else [None]
-    use_tma = all(d is not None for d in descs)
-    if not use_tma:
-        descs = [key, value, ctx_key, ctx_value]  # unused pointers
     # Sum over sequences of cdiv(query_len, block_m) <= max_tokens // block_m + num_seqs.
     grid = (num_heads, max_tokens // tiles.block_m + num_launch_seqs)
     _prefill_attention_kernel[grid](
         out, query, key, value, k_cache, v_cache, ctx_key, ctx_value, block_tables, seq_lens, query_start_loc,
-        *descs, scale * _LOG2E, seq_begin, seq_end,
+        scale * _LOG2E, seq_begin, seq_end,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -338,7 +305,6 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor | None, value: torc
         BLOCK_SIZE=k_cache.shape[1], BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
         NEW_KV_FROM_CACHE=new_kv_from_cache, CONTEXT_CONTIGUOUS=context is not None,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", PAGED_PREFETCH=tiles.paged_prefetch,
-        USE_TMA=use_tma,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out

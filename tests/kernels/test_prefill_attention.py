@@ -63,13 +63,11 @@ def check(batch: Batch, tiles: PrefillTiles | None, strided_kv: bool = False, fr
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("queries_per_kv", [1, 2])
-@pytest.mark.parametrize("tma", [False, True], ids=["pointer_loads", "tma"])
-def test_varlen_fresh_prompts(tma: bool, queries_per_kv: int, dtype: torch.dtype) -> None:
-    """No context: causal over the chunk only; lengths below, on and across tile edges; this
-    step's K/V by pointers or by TMA descriptors (whole tiles before the diagonal)."""
+def test_varlen_fresh_prompts(queries_per_kv: int, dtype: torch.dtype) -> None:
+    """No context: causal over the chunk only; lengths below, on and across tile edges."""
     batch = make_batch(query_lens=[16, 5, 37, 1], context_lens=[0, 0, 0, 0], num_heads=2 * queries_per_kv,
                        num_kv_heads=2, head_dim=32, block_size=16, dtype=dtype, seed=queries_per_kv)
-    check(batch, PrefillTiles(16, 16, 4, 1, tma=tma), strided_kv=tma)
+    check(batch, SMALL)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
@@ -94,11 +92,9 @@ def test_wider_tiles(tiles: PrefillTiles | None, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("context_len", [0, 16, 37])
-@pytest.mark.parametrize("tma", [False, True], ids=["pointer_loads", "tma"])
-def test_contiguous_context_copy(tma: bool, context_len: int) -> None:
+def test_contiguous_context_copy(context_len: int) -> None:
     """One sequence whose context comes as a contiguous copy (gathered out of the cache), with a
-    partial last context tile: the same rows as through the block table (whole tiles of the
-    copy and of this step's K/V by pointers or by TMA)."""
+    partial last context tile: the same rows as through the block table."""
     batch = make_batch(query_lens=[21], context_lens=[context_len], num_heads=4, num_kv_heads=2, head_dim=32,
                        block_size=8, dtype=torch.float32, seed=21)
     key, value = new_kv(batch)
@@ -107,8 +103,7 @@ def test_contiguous_context_copy(tma: bool, context_len: int) -> None:
     out = torch.full_like(batch.query, float("nan"))
     poisoned = batch.k_cache.clone().fill_(float("nan"))  # the paged cache must not be read
     prefill_attention(batch.query, key, value, poisoned, batch.v_cache, batch.block_tables, batch.seq_lens,
-                      batch.query_start_loc, batch.scale, out, 0, 1, 21, tiles=PrefillTiles(16, 16, 4, 1, tma=tma),
-                      context=context)
+                      batch.query_start_loc, batch.scale, out, 0, 1, 21, tiles=SMALL, context=context)
     expected = paged_attention_ref(batch.query, batch.k_cache, batch.v_cache, batch.block_tables,
                                    batch.seq_lens, batch.query_start_loc, batch.scale, 0)
     torch.testing.assert_close(out[:21], expected[:21], atol=1e-4, rtol=1e-4)
@@ -223,7 +218,7 @@ names = list(inspect.signature(kernel.fn).parameters)
 divisible = [n for n in names if n.endswith("_ptr") or (n.startswith("stride") and n != "stride_block_table")]
 types = {n: "*i32" for n in ("block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr")}
 shape = dict(QUERIES_PER_KV=4, HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_SIZE=16, NEW_KV_FROM_CACHE=False,
-             DOT_PRECISION="tf32", USE_TMA=False)
+             DOT_PRECISION="tf32")
 for tiles in (p.LARGE_TILES, p.SMALL_TILES):
     for contiguous, prefetch in ((False, True), (False, False), (True, True)):
         c = build(kernel, dict(shape, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, CONTEXT_CONTIGUOUS=contiguous,
@@ -234,15 +229,6 @@ for tiles in (p.LARGE_TILES, p.SMALL_TILES):
         print(tiles.block_n, contiguous, prefetch, c.metadata.shared, [w.split("num = ")[1][:1] for w in waits])
         if prefetch or contiguous:  # every full-tile loop keeps num_stages - 1 tiles in flight
             assert sum(w.startswith("      ") and "num = 0" not in w for w in waits) == 3, waits
-for tiles in (p.LARGE_TILES, p.SMALL_TILES):  # this step's K/V (and a contiguous context) by TMA
-    desc = f"tensordesc<bf16[{tiles.block_n}, 1, 128]>"
-    for contiguous in (False, True):
-        c = build(kernel, dict(shape, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, CONTEXT_CONTIGUOUS=contiguous,
-                               PAGED_PREFETCH=True, USE_TMA=True),
-                  dict(types, **{n: desc for n in ("k_desc", "v_desc", "ck_desc", "cv_desc")}), tuple(divisible),
-                  num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-        assert c.metadata.shared <= 227 * 1024, (tiles, c.metadata.shared)
-        assert "async_tma_copy_global_to_local" in c.asm["ttgir"]
 """
 
 
@@ -257,23 +243,3 @@ def test_kernel_compiles_for_sm90() -> None:
     from tests.kernels.sm90_compile import run
     proc = run(_COMPILE_FOR_SM90)
     assert proc.returncode == 0, proc.stderr[-3000:]
-
-
-@pytest.mark.parametrize("gather_unaligned", [True, False])
-def test_backend_unaligned_long_chunks(gather_unaligned: bool) -> None:
-    """The long chunks cuDNN does not take (shapes not multiples of cudnn_shape_multiple): each
-    on its gathered context in a launch of its own (gather_unaligned), or in the runs of short
-    chunks through the block table; the same rows either way."""
-    backend = TritonBackend()
-    backend.prefill_min_query_len, backend.sdpa_min_query_len, backend.cudnn_shape_multiple = 8, 16, 16
-    backend.gather_unaligned = gather_unaligned
-    backend._sdpa_available = lambda device, dtype, head_dim: True
-    launches = []
-    real = backend._prefill_attention
-    backend._prefill_attention = lambda *a, **kw: launches.append((a[10], a[11], kw.get("context") is not None)) \
-        or real(*a, **kw)
-    backend_step([1, 32, 20, 9, 16], [7, 16, 5, 3, 0], 1, torch.float32, backend, host_lists=True, seed=23)
-    # (seq_begin, seq_end, context copied): sequences 1 (32 after 16) and 4 (16 after 0) are cuDNN's,
-    # 2 is long but unaligned (20 after 5), 3 is short (9)
-    expected = [(2, 3, True), (3, 4, False)] if gather_unaligned else [(2, 4, False)]
-    assert launches == expected * 2   # attended twice
