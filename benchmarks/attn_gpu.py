@@ -46,7 +46,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU through the Triton interpreter")
 ap.add_argument("--stages", default="cudnn_shapes,micro,engine,long64,budget16k")
 ap.add_argument("--quick", action="store_true", help="tail: the split rules only (no tile sweep, fewer shapes)")
-args = ap.parse_args()
+args, _ = ap.parse_known_args()  # flash_gpu.py imports this module with its own arguments
 SMOKE = args.cpu_smoke
 if SMOKE:
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -127,6 +127,7 @@ def _prefill_attention_kernel(
     NEW_KV_FROM_CACHE: tl.constexpr,  # read the new tokens' K/V through the block table too
     CONTEXT_CONTIGUOUS: tl.constexpr,  # one sequence whose context is a contiguous copy (ctx_key/value)
     DOT_PRECISION: tl.constexpr,
+    PAGED_PREFETCH: tl.constexpr,  # context through the block table: block ids loaded a tile ahead
 ):
     head = tl.program_id(0)
     kv_head = head // QUERIES_PER_KV
@@ -162,13 +163,32 @@ def _prefill_attention_kernel(
     ck_base = ctx_key_ptr + kv_head * stride_ck_head
     cv_base = ctx_value_ptr + kv_head * stride_cv_head
     full_end = context_len - context_len % BLOCK_N
-    for start in range(0, full_end, BLOCK_N):
-        key_pos = start + offs_n
-        k, v = _load_context(kc_head, vc_head, block_table_row, stride_kc_block, stride_kc_slot, stride_vc_block,
-                             stride_vc_slot, ck_base, cv_base, stride_ck_token, stride_cv_token, key_pos, key_pos,
-                             offs_d, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, False, CONTEXT_CONTIGUOUS)
-        acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, scale_log2, row_valid[:, None], False,
-                                      DOT_PRECISION)
+    if PAGED_PREFETCH and not CONTEXT_CONTIGUOUS:
+        # Each tile's block ids are loaded one tile ahead (kept in registers): the K/V rows of a
+        # tile then hang on no load of their own iteration, and the pipeliner keeps num_stages - 1
+        # tiles in flight (reading block ids in the iteration itself, it waited for every copy
+        # at the top of each iteration: no overlap of the loads with the dots on sm_90).
+        blk = tl.load(block_table_row + offs_n // BLOCK_SIZE, mask=offs_n < full_end, other=0)
+        for start in range(0, full_end, BLOCK_N):
+            key_pos = start + offs_n
+            slot = key_pos % BLOCK_SIZE
+            k = _load_rows(kc_head, blk.to(tl.int64) * stride_kc_block + slot * stride_kc_slot, key_pos, offs_d,
+                           HEAD_DIM, HEAD_DIM_PAD, False)
+            v = _load_rows(vc_head, blk.to(tl.int64) * stride_vc_block + slot * stride_vc_slot, key_pos, offs_d,
+                           HEAD_DIM, HEAD_DIM_PAD, False)
+            next_pos = key_pos + BLOCK_N
+            blk = tl.load(block_table_row + next_pos // BLOCK_SIZE, mask=next_pos < full_end, other=0)
+            acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, scale_log2, row_valid[:, None], False,
+                                          DOT_PRECISION)
+    else:
+        for start in range(0, full_end, BLOCK_N):
+            key_pos = start + offs_n
+            k, v = _load_context(kc_head, vc_head, block_table_row, stride_kc_block, stride_kc_slot,
+                                 stride_vc_block, stride_vc_slot, ck_base, cv_base, stride_ck_token, stride_cv_token,
+                                 key_pos, key_pos, offs_d, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, False,
+                                 CONTEXT_CONTIGUOUS)
+            acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, scale_log2, row_valid[:, None], False,
+                                          DOT_PRECISION)
     if full_end < context_len:
         key_pos = full_end + offs_n
         key_valid = key_pos < context_len
@@ -209,19 +229,31 @@ def _prefill_attention_kernel(
 @dataclass(frozen=True)
 class PrefillTiles:
     """Launch shape: block_m query rows (tokens of one head) per program, block_n keys per
-    loop step; block_m a multiple of block_n, both powers of two >= 16."""
+    loop step; block_m a multiple of block_n, both powers of two >= 16. paged_prefetch: the
+    context's block ids are loaded a tile ahead (the K/V copies pipeline; see the kernel)."""
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    paged_prefetch: bool = True
 
 
-def default_prefill_tiles(dtype: torch.dtype, head_dim_pad: int) -> PrefillTiles:
-    """Hopper-sized tiles for 16-bit types (128 x 64, 8 warps, 3 stages); fp32 tiles stay
+# 16-bit types on Hopper-sized GPUs, launches of at least LARGE_MIN_TOKENS new tokens (the
+# long chunks of a long-context prefill): 128 x 128 tiles, 8 warps, 3 stages (224 KB of shared
+# memory). Smaller launches keep 128 x 64 (more programs for few tokens). H200, an 8k chunk after
+# 4k-12k of context: 435-453 TFLOP/s, against 318-365 with 128 x 64 tiles and the block ids read in
+# the tile (benchmarks/RESULTS.md). Module-level so that a benchmark can A/B them on one engine.
+LARGE_TILES = PrefillTiles(block_m=128, block_n=128, num_warps=8, num_stages=3)
+SMALL_TILES = PrefillTiles(block_m=128, block_n=64, num_warps=8, num_stages=3)
+LARGE_MIN_TOKENS = 1024
+
+
+def default_prefill_tiles(dtype: torch.dtype, head_dim_pad: int, max_tokens: int = 0) -> PrefillTiles:
+    """LARGE_TILES / SMALL_TILES for 16-bit types by the launch's token bound; fp32 tiles stay
     small enough for the register file (fp32 is the parity/test dtype, not the fast one)."""
     if dtype != torch.float32 and head_dim_pad <= 128:
-        return PrefillTiles(block_m=128, block_n=64, num_warps=8, num_stages=3)
+        return LARGE_TILES if max_tokens >= LARGE_MIN_TOKENS else SMALL_TILES
     return PrefillTiles(block_m=64, block_n=32 if head_dim_pad <= 128 else 16, num_warps=4, num_stages=2)
 
 
@@ -250,7 +282,7 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor | None, value: torc
         raise ValueError(f"key/value must be [num_tokens, {num_kv_heads}, {head_dim}] {query.dtype} with a "
                          f"contiguous last dim; got {tuple(key.shape)} {key.dtype}, {tuple(value.shape)}")
     head_dim_pad = triton.next_power_of_2(head_dim)
-    tiles = tiles or default_prefill_tiles(query.dtype, head_dim_pad)
+    tiles = tiles or default_prefill_tiles(query.dtype, head_dim_pad, max_tokens)
     if tiles.block_m % tiles.block_n:
         raise ValueError(f"block_m={tiles.block_m} must be a multiple of block_n={tiles.block_n}")
     num_launch_seqs = seq_end - seq_begin
@@ -272,7 +304,7 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor | None, value: torc
         QUERIES_PER_KV=num_heads // num_kv_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=k_cache.shape[1], BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
         NEW_KV_FROM_CACHE=new_kv_from_cache, CONTEXT_CONTIGUOUS=context is not None,
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", PAGED_PREFETCH=tiles.paged_prefetch,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out

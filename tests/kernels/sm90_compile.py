@@ -12,10 +12,12 @@ import subprocess
 import sys
 
 
-def build(kernel, constexprs: dict, types: dict[str, str]) -> None:
+def build(kernel, constexprs: dict, types: dict[str, str], divisible: tuple[str, ...] = (), **options):
     """Compile the @triton.jit `kernel` to a cubin for sm_90: constexprs by name, argument
     types by name (default: `*bf16` for names ending in _ptr, `fp32` for scale_log2 / inv_k /
-    eps, `i32` otherwise)."""
+    eps, `i32` otherwise). `divisible`: arguments known to be multiples of 16 (as Triton
+    specializes them at a launch; without it no load is pipelined, so shared memory is not
+    what the launch needs); options: num_warps, num_stages. Returns the compiled kernel."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -29,8 +31,12 @@ def build(kernel, constexprs: dict, types: dict[str, str]) -> None:
             sig[name] = "*bf16"
         else:
             sig[name] = "fp32" if name in ("scale_log2", "inv_k", "eps") else "i32"
-    compiled = triton.compile(ASTSource(kernel, sig, constexprs), target=GPUTarget("cuda", 90, 32))
+    names = list(sig)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+    compiled = triton.compile(ASTSource(kernel, sig, constexprs, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                              options=options)
     assert "cubin" in compiled.asm
+    return compiled
 
 
 def run(code: str) -> subprocess.CompletedProcess:
