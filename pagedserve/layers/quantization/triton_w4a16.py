@@ -163,7 +163,8 @@ def _x_nibbles(x_ptr, row, col, up, res_ptr, res_out_ptr, nw_ptr, res_limit, WOR
         xb = hf * tl.load(nw_ptr + col + idx).to(tl.float32)
     else:
         xb = tl.load(where).to(tl.float32)
-    x_sum = tl.sum(tl.sum(xb, 1), 0)
+    x_rows = tl.sum(xb, 1)
+    x_sum = tl.sum(x_rows, 0)
     place = tl.where(offs_i < 5, 4 * offs_i, 4 * offs_i - 12)   # the nibble's bits in _w4_gemv_fma_kernel
     factor = ((127 + 89 - place) << 23).to(tl.float32, bitcast=True)
     xb = xb * factor[None, :]
@@ -174,7 +175,7 @@ def _x_nibbles(x_ptr, row, col, up, res_ptr, res_out_ptr, nw_ptr, res_limit, WOR
     x2, x6 = tl.split(e1)
     x1, x5 = tl.split(o0)
     x3, x7 = tl.split(o1)
-    return x0, x1, x2, x3, x4, x5, x6, x7, x_sum, sq
+    return x0, x1, x2, x3, x4, x5, x6, x7, x_sum, sq, x_rows
 
 
 @triton.jit
@@ -189,7 +190,7 @@ def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLO
                         stride_xm, stride_qk, stride_sg, stride_ym, up, res_ptr, res_out_ptr, nw_ptr, q_ptr, eps,
                         GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
                         EVEN_N: tl.constexpr, SPLIT: tl.constexpr, PROLOGUE: tl.constexpr,
-                        NUM_STAGES: tl.constexpr):
+                        NUM_STAGES: tl.constexpr, ACC2D: tl.constexpr = False, ATOMIC: tl.constexpr = False):
     """One row of x per program (M = pid 2) @ W over BLOCK_N columns and a range of K blocks
     of 8 * WORDS rows (inside one group). Meant for BLOCK_N >= 4 * 32 * num_warps: threads
     and warps then lie along N, each thread holds all WORDS words of its columns, loads a
@@ -217,7 +218,10 @@ def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLO
     b_begin = pid_k * BLOCKS_PER_SPLIT
     b_end = tl.minimum(b_begin + BLOCKS_PER_SPLIT, K_BLOCKS)
     x_row = pid_m.to(tl.int64) * stride_xm
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if ACC2D:
+        acc = tl.zeros([WORDS, BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     squares = 0.0
     res_limit = tl.where(pid_n == 0, WORDS * 8, 0)
     for b in tl.range(b_begin, b_end, num_stages=NUM_STAGES):
@@ -231,7 +235,7 @@ def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLO
             packed = tl.load(words, mask=n_valid[None, :], other=0)
             scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_valid, other=0.0).to(tl.float32)
             zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_valid, other=0.0).to(tl.float32)
-        x0, x1, x2, x3, x4, x5, x6, x7, x_sum, sq = _x_nibbles(x_ptr, x_row, b * WORDS * 8, up, res_ptr, res_out_ptr,
+        x0, x1, x2, x3, x4, x5, x6, x7, x_sum, sq, x_rows = _x_nibbles(x_ptr, x_row, b * WORDS * 8, up, res_ptr, res_out_ptr,
                                                                 nw_ptr, res_limit, WORDS, PROLOGUE)
         squares += sq
         high = packed >> 12   # nibbles 5..7 to bits 8..19: below the exponent, like 0..4 in place
@@ -243,23 +247,41 @@ def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLO
         part += _nibble(high, 2) * x5[:, None]
         part += _nibble(high, 3) * x6[:, None]
         part += _nibble(high, 4) * x7[:, None]
-        acc += (tl.sum(part, 0) * 1.152921504606847e18 - zero * x_sum) * scale   # 2**60
+        if ACC2D:   # rows summed once at the end (threads may lie along K)
+            acc += part * (scale * 1.152921504606847e18)[None, :] - (zero * scale)[None, :] * x_rows[:, None]
+        else:
+            acc += (tl.sum(part, 0) * 1.152921504606847e18 - zero * x_sum) * scale   # 2**60
+    if ACC2D:
+        acc = tl.sum(acc, 0)
     row = (pid_k * tl.num_programs(2) + pid_m).to(tl.int64) * stride_ym   # [splits, M, N] when split
     inv_k = 1.0 / (K_BLOCKS * WORDS * 8)
     if SPLIT:
-        tl.store(p_ptr + row + offs_n, acc, mask=n_valid)
-        if PROLOGUE >= 2:
-            tl.store(q_ptr + pid_k * tl.num_programs(2) + pid_m, squares)
+        sums = p_ptr + pid_m.to(tl.int64) * stride_ym + offs_n   # ATOMIC: [M, N], zero between calls
+        if ATOMIC:
+            tl.atomic_add(sums, acc, mask=n_valid, sem="relaxed")
+            if PROLOGUE >= 2:
+                tl.atomic_add(q_ptr + pid_m, squares, sem="relaxed")
+        else:
+            tl.store(p_ptr + row + offs_n, acc, mask=n_valid)
+            if PROLOGUE >= 2:
+                tl.store(q_ptr + pid_k * tl.num_programs(2) + pid_m, squares)
         tl.debug_barrier()   # every thread's partial stored before the one arrival below
         tile = pid_m * tl.num_programs(0) + pid_n
         if tl.atomic_add(c_ptr + tile, 1, sem="acq_rel") == tl.num_programs(1) - 1:
-            total = tl.zeros([BLOCK_N], dtype=tl.float32)
-            squares = 0.0
-            for s in range(tl.num_programs(1)):
-                total += tl.load(p_ptr + (s * tl.num_programs(2) + pid_m).to(tl.int64) * stride_ym + offs_n,
-                                 mask=n_valid, other=0.0, cache_modifier=".cg")
+            if ATOMIC:   # one read of the sums, then zero them for the next call
+                total = tl.load(sums, mask=n_valid, other=0.0, cache_modifier=".cg")
+                tl.store(sums, tl.zeros([BLOCK_N], dtype=tl.float32), mask=n_valid)
                 if PROLOGUE >= 2:
-                    squares += tl.load(q_ptr + s * tl.num_programs(2) + pid_m, cache_modifier=".cg")
+                    squares = tl.load(q_ptr + pid_m, cache_modifier=".cg")
+                    tl.store(q_ptr + pid_m, 0.0)
+            else:
+                total = tl.zeros([BLOCK_N], dtype=tl.float32)
+                squares = 0.0
+                for s in range(tl.num_programs(1)):
+                    total += tl.load(p_ptr + (s * tl.num_programs(2) + pid_m).to(tl.int64) * stride_ym + offs_n,
+                                     mask=n_valid, other=0.0, cache_modifier=".cg")
+                    if PROLOGUE >= 2:
+                        squares += tl.load(q_ptr + s * tl.num_programs(2) + pid_m, cache_modifier=".cg")
             if PROLOGUE >= 2:
                 total = total * tl.rsqrt(squares * inv_k + eps)
             tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + offs_n, total.to(y_ptr.dtype.element_ty), mask=n_valid)
@@ -457,6 +479,8 @@ class GemvConfig:
     block_m: int = 16   # rows per program of the tl.dot launch (>= 16)
     words: int = 16     # packed rows per K block of the FMA launch (16: 128 rows of K)
     fixup: bool = True
+    acc2d: bool = False   # FMA: [words, block_n] sums, rows reduced once at the end (threads may lie along K)
+    atomic: bool = False  # FMA split K: fp32 atomic adds into zeroed sums, one read by the last program
 
 
 FMA_GEMV = GemvConfig()
@@ -522,6 +546,19 @@ def fast_gemv_fits(k: int, group_size: int, g_idx: torch.Tensor | None) -> bool:
 
 
 _TILE_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_ZERO_SUMS: dict[torch.device, torch.Tensor] = {}
+_SQUARES = 1024   # the zeroed scratch's tail: the rows' sums of squares (norm prologues)
+
+
+def _zero_sums(device: torch.device, size: int) -> torch.Tensor | None:
+    """fp32 scratch kept zero between launches (each atomic launch's last programs zero what they
+    read): [size] sums at the front, _SQUARES at the end; like the counters, allocated outside
+    capture (None then, or when `size` does not fit)."""
+    if device not in _ZERO_SUMS:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        _ZERO_SUMS[device] = torch.zeros(1 << 20, dtype=torch.float32, device=device)
+    return _ZERO_SUMS[device] if size <= (1 << 20) - _SQUARES else None
 
 
 def _tile_counters(device: torch.device) -> torch.Tensor | None:
@@ -620,12 +657,16 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     y = partials if counters is None else torch.empty((m, n), dtype=x.dtype, device=x.device)
     norm_weight, eps, residual, h = norm or (qweight, 0.0, None, None)
     squares = torch.empty((splits, m), dtype=torch.float32, device=x.device) if prologue >= RMS_NORM else qweight
+    sums = _zero_sums(x.device, m * n) if config.atomic and counters is not None and m <= _SQUARES else None
+    if sums is not None:
+        partials, squares = sums, sums[-_SQUARES:]
     _w4_gemv_fma_kernel[(n_blocks, splits, m)](
         x, qweight, scales, zeros, y, partials, qweight if counters is None else counters, n, per_split,
         k_blocks, x.stride(0), qweight.stride(0), scales.stride(0), n, k if prologue == SILU_AND_MUL else 0,
         qweight if residual is None else residual, qweight if h is None else h, norm_weight, squares, eps,
         GROUP_SIZE=group_size, BLOCK_N=config.block_n, WORDS=config.words, EVEN_N=n % config.block_n == 0,
-        SPLIT=counters is not None, PROLOGUE=prologue, NUM_STAGES=config.num_stages, num_warps=config.num_warps)
+        SPLIT=counters is not None, PROLOGUE=prologue, NUM_STAGES=config.num_stages, ACC2D=config.acc2d,
+        ATOMIC=sums is not None, num_warps=config.num_warps)
     return _sum_splits(partials, x.dtype) if counters is None else y
 
 
