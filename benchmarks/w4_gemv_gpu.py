@@ -2,10 +2,10 @@
 then llama-8b b1_decode with each, in one device call (<= 240 s). Four stages, each a child
 process with its own time limit:
 
-  gemv1     (<= 110 s) exactness first (`CHECK` lines, any failure or launch that does not
+  gemv1     (<= 120 s) exactness first (`CHECK` lines, any failure or launch that does not
                        compile fails the run): every launch below at 1 and 3 rows on llama-8b's
                        shapes (qkv 4096->6144, o 4096->4096, gate_up 4096->28672, down
-                       14336->4096; bf16, plus fp16 and asymmetric zeros on one shape), each
+                       14336->4096; bf16, plus asymmetric zeros and (two launches) fp16 on qkv), each
                        with the prologue the decode step folds into it (RMSNorm + residual for
                        qkv / gate_up against RMSNorm then the launch; SiLU-and-mul for down
                        against SiluAndMul then the launch), and the atomic launches' zeroed
@@ -16,11 +16,11 @@ process with its own time limit:
                        the old sweep's list, NEW = the atomic split-K and the [words, block_n]
                        accumulator launches. `BEST` per shape old / new, `FLOOR` per layer, the
                        best of all to /tmp/w4_gemv_tuned.json (a copy under $OUT).
-  e2e_old   (<= 50 s)  llama-8b dummy W4A16 (compressed-tensors, symmetric, group 128, LM head
+  e2e_old   (<= 45 s)  llama-8b dummy W4A16 (compressed-tensors, symmetric, group 128, LM head
                        bf16) with the static TUNED (main's default): b1_decode, then the one-row
                        graph's replay time and the linears' us per projection in an eager step.
   e2e_bf16  (<= 30 s)  bf16 b1_decode (main's default path), for the ratio.
-  e2e_new   (<= 50 s)  W4A16 with the sweep's best launches, then thr512 (last: the time left).
+  e2e_new   (<= 45 s)  W4A16 with the sweep's best launches, then thr512 (last: the time left).
 
     bash benchmarks/w4_gemv_gpu.sh                        (the device call)
     PYTHONPATH=$PWD python3 benchmarks/w4_gemv_gpu.py --cpu-smoke   the same code on CPU (interpreter)
@@ -49,7 +49,7 @@ from benchmarks.w4_gpu import DEVICE, LAYERS, PROLOGUES, SHAPES, _copies, _name,
 from pagedserve.layers.quantization import triton_w4a16 as t  # noqa: E402
 from pagedserve.layers.quantization.triton_w4a16 import GemvConfig  # noqa: E402
 
-STAGES = {"gemv1": 110, "e2e_old": 50, "e2e_bf16": 30, "e2e_new": 50}
+STAGES = {"gemv1": 120, "e2e_old": 45, "e2e_bf16": 30, "e2e_new": 45}
 TUNED_FILE = "/tmp/w4_gemv_tuned.json"
 G = GemvConfig
 STATIC = {key[1:]: config for key, config in t.TUNED.items() if key[0] == 1}   # (K, N) -> main's launch
@@ -124,7 +124,8 @@ def check_launches() -> set:
         for dtype, symmetric in variants:
             w4 = _weights(k, n, dtype, symmetric)
             weight = dequantize_int4(*w4, 128, None, dtype).float()
-            for config in [c for c in OLD + NEW if _fits(name, c)]:
+            configs = OLD + NEW if dtype != torch.float16 or SMOKE else NEW[:1] + NEW[-4:-3]   # fp16: fewer compiles
+            for config in [c for c in configs if _fits(name, c)]:
                 label = f"{name} {str(dtype)[6:]} sym={symmetric} {_name(config)}"
                 try:
                     for m in (1, 3):
