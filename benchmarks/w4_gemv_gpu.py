@@ -46,8 +46,8 @@ import torch  # noqa: E402
 from benchmarks import w4_gpu  # noqa: E402
 from benchmarks.quant_gpu import FAILED, _rel, _report, emit, run_timing  # noqa: E402
 from benchmarks.w4_gpu import DEVICE, LAYERS, PROLOGUES, SHAPES, _copies, _name, _timer, _weights  # noqa: E402
-from pagedserve.layers.quantization import triton_w4a16 as t  # noqa: E402
-from pagedserve.layers.quantization.triton_w4a16 import GemvConfig  # noqa: E402
+from pagedserve.layers.quantization import triton_w4a16_gemv as t  # noqa: E402
+from pagedserve.layers.quantization.triton_w4a16_gemv import GemvConfig  # noqa: E402
 
 STAGES = {"gemv1": 120, "e2e_old": 45, "e2e_bf16": 30, "e2e_new": 45}
 TUNED_FILE = "/tmp/w4_gemv_tuned.json"

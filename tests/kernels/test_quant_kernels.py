@@ -10,9 +10,9 @@ import torch
 from pagedserve.layers.quantization.act_quant import FP8, quantize_per_token_torch
 from pagedserve.layers.quantization.int4 import dequantize_int4, pack_int32, unpack_int32
 from pagedserve.layers.quantization.triton_act_quant import quantize_per_token_triton
-from pagedserve.layers.quantization import triton_w4a16
-from pagedserve.layers.quantization.triton_w4a16 import (SILU_AND_MUL, GemmConfig, GemvConfig, w4a16_gemm, w4a16_gemv,
-                                                          w4a16_matmul)
+from pagedserve.layers.quantization import triton_w4a16, triton_w4a16_gemv
+from pagedserve.layers.quantization.triton_w4a16 import GemmConfig, w4a16_gemm, w4a16_matmul
+from pagedserve.layers.quantization.triton_w4a16_gemv import SILU_AND_MUL, GemvConfig, w4a16_gemv
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -65,7 +65,7 @@ def test_decode_gemv_matches_the_dequantized_reference(config, dtype):
             out = w4a16_gemv(x, qweight, scales, zeros, group, config)
             assert out.dtype == dtype and out.shape == (rows, n)
             if config.atomic:   # the sums it added into are left zero for the next launch
-                assert not any(s.count_nonzero() for s in triton_w4a16._ZERO_SUMS.values())
+                assert not any(s.count_nonzero() for s in triton_w4a16_gemv._ZERO_SUMS.values())
             tol = 1e-4 if dtype == torch.float32 else 2e-3
             torch.testing.assert_close(out.float(), x.float() @ weight, rtol=tol, atol=tol * 10)
 
@@ -133,9 +133,9 @@ def test_fma_gemv_rms_norm_prologue(dtype, monkeypatch):
     x, residual = (torch.randn(1, k, device=DEVICE).to(dtype) * 3 for _ in range(2))
     for config in (GemvConfig(block_n=32), GemvConfig(block_n=32, programs_per_sm=0),
                    GemvConfig(block_n=16, words=8, acc2d=True, atomic=True), GemvConfig(block_n=16, acc2d=True)):
-        monkeypatch.setitem(triton_w4a16.TUNED, (1, k, n), config)
+        monkeypatch.setitem(triton_w4a16_gemv.TUNED, (1, k, n), config)
         for res in (None, residual):
-            out, h = triton_w4a16.w4a16_rms_norm_gemv(x, res, norm.weight, norm.eps, qweight, scales, zeros, 128, None)
+            out, h = triton_w4a16_gemv.w4a16_rms_norm_gemv(x, res, norm.weight, norm.eps, qweight, scales, zeros, 128, None)
             normed, h_ref = (norm(x), x) if res is None else norm(x, res.clone())
             assert torch.equal(h, h_ref)
             ref = normed.float() @ weight   # fp16: x normalised and rounded twice there, not here
@@ -188,6 +188,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from pagedserve.layers.quantization import triton_w4a16 as t
+from pagedserve.layers.quantization import triton_w4a16_gemv as g
 
 POINTERS = {"qw_ptr": "*i32", "c_ptr": "*i32", "g_ptr": "*i32", "p_ptr": "*fp32", "q_ptr": "*fp32"}
 
@@ -208,11 +209,11 @@ def compile_sm90(kernel, constants, num_warps=4, **options):
 
 fma = dict(GROUP_SIZE=128, BLOCK_N=256, WORDS=8, EVEN_N=True, SPLIT=True, PROLOGUE=3, NUM_STAGES=3)
 variants = {
-    "fma": (t._w4_gemv_fma_kernel, {**fma, "PROLOGUE": 1, "EVEN_N": False, "SPLIT": False}, 4, {}),
-    "fma words16": (t._w4_gemv_fma_kernel, {**fma, "WORDS": 16, "BLOCK_N": 128, "PROLOGUE": 0}, 1, {}),
-    "fma acc2d atomic": (t._w4_gemv_fma_kernel, {**fma, "BLOCK_N": 64, "WORDS": 16, "ACC2D": True, "ATOMIC": True}, 4, {}),
-    "fma atomic silu": (t._w4_gemv_fma_kernel, {**fma, "BLOCK_N": 512, "PROLOGUE": 1, "ATOMIC": True}, 2, {}),
-    "dot gemv": (t._w4_gemv_kernel, dict(GROUP_SIZE=128, BLOCK_M=16, BLOCK_N=128, IEEE=False, NUM_STAGES=3), 4, {}),
+    "fma": (g._w4_gemv_fma_kernel, {**fma, "PROLOGUE": 1, "EVEN_N": False, "SPLIT": False}, 4, {}),
+    "fma words16": (g._w4_gemv_fma_kernel, {**fma, "WORDS": 16, "BLOCK_N": 128, "PROLOGUE": 0}, 1, {}),
+    "fma acc2d atomic": (g._w4_gemv_fma_kernel, {**fma, "BLOCK_N": 64, "WORDS": 16, "ACC2D": True, "ATOMIC": True}, 4, {}),
+    "fma atomic silu": (g._w4_gemv_fma_kernel, {**fma, "BLOCK_N": 512, "PROLOGUE": 1, "ATOMIC": True}, 2, {}),
+    "dot gemv": (g._w4_gemv_kernel, dict(GROUP_SIZE=128, BLOCK_M=16, BLOCK_N=128, IEEE=False, NUM_STAGES=3), 4, {}),
     "gemm": (t._w4_gemm_kernel, dict(GROUP_SIZE=128, BLOCK_M=64, BLOCK_N=128, IEEE=False, NUM_STAGES=3), 4, {}),
     "gemm scale_w": (t._w4_gemm_kernel, dict(GROUP_SIZE=128, BLOCK_M=64, BLOCK_N=64, IEEE=False, NUM_STAGES=4,
                                              SCALE_W=True), 4, {}),
