@@ -142,6 +142,12 @@ def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLO
     write fp32 partials to p_ptr [splits, M, N]; the last one of an (M, N) tile to arrive (a
     per-tile counter in c_ptr, reset by it) sums them into y, so split K needs no second
     launch. Otherwise each writes its sum to y [splits, M, N] (fp32 partials when split).
+    ATOMIC (with SPLIT): the programs add their sums (and squares) into p_ptr [M, N] (q_ptr
+    [M]) with fp32 atomics instead, zero before the launch; the last one reads them once and
+    leaves them zero: a fix-up of one read however many splits (the order of the adds varies,
+    so the last bit of y may differ between runs). ACC2D: the products stay [WORDS, BLOCK_N]
+    (the zero and scale applied per word row) and the rows are summed once after the loop,
+    so Triton may lay threads along K too (small BLOCK_N), not only along N.
     PROLOGUE (see _x_nibbles): 1 silu(gate) * up; 2, 3 RMSNorm (with the residual add, h
     written out by the programs of the first N block): the block sums see h * norm weight,
     the row's rsqrt(mean(h^2) + eps) scales the sum at the end (the squares of a split's K
@@ -312,6 +318,7 @@ class GemvConfig:
     fixup: bool = True
     acc2d: bool = False   # FMA: [words, block_n] sums, rows reduced once at the end (threads may lie along K)
     atomic: bool = False  # FMA split K: fp32 atomic adds into zeroed sums, one read by the last program
+    #                       (not bitwise repeatable: the adds' order varies)
 
 
 FMA_GEMV = GemvConfig()
