@@ -100,8 +100,7 @@ def _x_nibbles(x_ptr, row, col, up, res_ptr, res_out_ptr, nw_ptr, res_limit, WOR
         xb = hf * tl.load(nw_ptr + col + idx).to(tl.float32)
     else:
         xb = tl.load(where).to(tl.float32)
-    x_rows = tl.sum(xb, 1)
-    x_sum = tl.sum(x_rows, 0)
+    x_sum = tl.sum(tl.sum(xb, 1), 0)
     place = tl.where(offs_i < 5, 4 * offs_i, 4 * offs_i - 12)   # the nibble's bits in _w4_gemv_fma_kernel
     factor = ((127 + 89 - place) << 23).to(tl.float32, bitcast=True)
     xb = xb * factor[None, :]
@@ -112,7 +111,7 @@ def _x_nibbles(x_ptr, row, col, up, res_ptr, res_out_ptr, nw_ptr, res_limit, WOR
     x2, x6 = tl.split(e1)
     x1, x5 = tl.split(o0)
     x3, x7 = tl.split(o1)
-    return x0, x1, x2, x3, x4, x5, x6, x7, x_sum, sq, x_rows
+    return x0, x1, x2, x3, x4, x5, x6, x7, x_sum, sq
 
 
 @triton.jit
@@ -127,7 +126,7 @@ def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLO
                         stride_xm, stride_qk, stride_sg, stride_ym, up, res_ptr, res_out_ptr, nw_ptr, q_ptr, eps,
                         GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
                         EVEN_N: tl.constexpr, SPLIT: tl.constexpr, PROLOGUE: tl.constexpr,
-                        NUM_STAGES: tl.constexpr, ACC2D: tl.constexpr = False, ATOMIC: tl.constexpr = False):
+                        NUM_STAGES: tl.constexpr, ATOMIC: tl.constexpr = False):
     """One row of x per program (M = pid 2) @ W over BLOCK_N columns and a range of K blocks
     of 8 * WORDS rows (inside one group). Meant for BLOCK_N >= 4 * 32 * num_warps: threads
     and warps then lie along N, each thread holds all WORDS words of its columns, loads a
@@ -142,12 +141,11 @@ def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLO
     write fp32 partials to p_ptr [splits, M, N]; the last one of an (M, N) tile to arrive (a
     per-tile counter in c_ptr, reset by it) sums them into y, so split K needs no second
     launch. Otherwise each writes its sum to y [splits, M, N] (fp32 partials when split).
-    ATOMIC (with SPLIT): the programs add their sums (and squares) into p_ptr [M, N] (q_ptr
-    [M]) with fp32 atomics instead, zero before the launch; the last one reads them once and
-    leaves them zero: a fix-up of one read however many splits (the order of the adds varies,
-    so the last bit of y may differ between runs). ACC2D: the products stay [WORDS, BLOCK_N]
-    (the zero and scale applied per word row) and the rows are summed once after the loop,
-    so Triton may lay threads along K too (small BLOCK_N), not only along N.
+    ATOMIC (with SPLIT): the programs add their sums into p_ptr [M, N] (their squares into
+    q_ptr [tiles]) with fp32 atomics instead, zero before the launch; the last one of a tile
+    reads them once and leaves them zero (after a barrier: Triton may give the zeroing store
+    another thread-to-element map than the read): a fix-up of one read however many splits.
+    The order of the adds varies, so the last bit of y may differ between runs.
     PROLOGUE (see _x_nibbles): 1 silu(gate) * up; 2, 3 RMSNorm (with the residual add, h
     written out by the programs of the first N block): the block sums see h * norm weight,
     the row's rsqrt(mean(h^2) + eps) scales the sum at the end (the squares of a split's K
@@ -161,10 +159,7 @@ def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLO
     b_begin = pid_k * BLOCKS_PER_SPLIT
     b_end = tl.minimum(b_begin + BLOCKS_PER_SPLIT, K_BLOCKS)
     x_row = pid_m.to(tl.int64) * stride_xm
-    if ACC2D:
-        acc = tl.zeros([WORDS, BLOCK_N], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     squares = 0.0
     res_limit = tl.where(pid_n == 0, WORDS * 8, 0)
     for b in tl.range(b_begin, b_end, num_stages=NUM_STAGES):
@@ -178,7 +173,7 @@ def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLO
             packed = tl.load(words, mask=n_valid[None, :], other=0)
             scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_valid, other=0.0).to(tl.float32)
             zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_valid, other=0.0).to(tl.float32)
-        x0, x1, x2, x3, x4, x5, x6, x7, x_sum, sq, x_rows = _x_nibbles(x_ptr, x_row, b * WORDS * 8, up, res_ptr, res_out_ptr,
+        x0, x1, x2, x3, x4, x5, x6, x7, x_sum, sq = _x_nibbles(x_ptr, x_row, b * WORDS * 8, up, res_ptr, res_out_ptr,
                                                                 nw_ptr, res_limit, WORDS, PROLOGUE)
         squares += sq
         high = packed >> 12   # nibbles 5..7 to bits 8..19: below the exponent, like 0..4 in place
@@ -190,33 +185,30 @@ def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLO
         part += _nibble(high, 2) * x5[:, None]
         part += _nibble(high, 3) * x6[:, None]
         part += _nibble(high, 4) * x7[:, None]
-        if ACC2D:   # rows summed once at the end (threads may lie along K)
-            acc += part * (scale * 1.152921504606847e18)[None, :] - (zero * scale)[None, :] * x_rows[:, None]
-        else:
-            acc += (tl.sum(part, 0) * 1.152921504606847e18 - zero * x_sum) * scale   # 2**60
-    if ACC2D:
-        acc = tl.sum(acc, 0)
+        acc += (tl.sum(part, 0) * 1.152921504606847e18 - zero * x_sum) * scale   # 2**60
     row = (pid_k * tl.num_programs(2) + pid_m).to(tl.int64) * stride_ym   # [splits, M, N] when split
     inv_k = 1.0 / (K_BLOCKS * WORDS * 8)
     if SPLIT:
+        tile = pid_m * tl.num_programs(0) + pid_n
         sums = p_ptr + pid_m.to(tl.int64) * stride_ym + offs_n   # ATOMIC: [M, N], zero between calls
-        if ATOMIC:
+        if ATOMIC:   # squares per tile: the tiles of a row are summed (and zeroed) at different times
             tl.atomic_add(sums, acc, mask=n_valid, sem="relaxed")
             if PROLOGUE >= 2:
-                tl.atomic_add(q_ptr + pid_m, squares, sem="relaxed")
+                tl.atomic_add(q_ptr + tile, squares, sem="relaxed")
         else:
             tl.store(p_ptr + row + offs_n, acc, mask=n_valid)
             if PROLOGUE >= 2:
                 tl.store(q_ptr + pid_k * tl.num_programs(2) + pid_m, squares)
         tl.debug_barrier()   # every thread's partial stored before the one arrival below
-        tile = pid_m * tl.num_programs(0) + pid_n
         if tl.atomic_add(c_ptr + tile, 1, sem="acq_rel") == tl.num_programs(1) - 1:
             if ATOMIC:   # one read of the sums, then zero them for the next call
                 total = tl.load(sums, mask=n_valid, other=0.0, cache_modifier=".cg")
+                if PROLOGUE >= 2:
+                    squares = tl.load(q_ptr + tile, cache_modifier=".cg")
+                tl.debug_barrier()   # every thread's read done before any thread zeroes
                 tl.store(sums, tl.zeros([BLOCK_N], dtype=tl.float32), mask=n_valid)
                 if PROLOGUE >= 2:
-                    squares = tl.load(q_ptr + pid_m, cache_modifier=".cg")
-                    tl.store(q_ptr + pid_m, 0.0)
+                    tl.store(q_ptr + tile, 0.0)
             else:
                 total = tl.zeros([BLOCK_N], dtype=tl.float32)
                 squares = 0.0
@@ -316,7 +308,6 @@ class GemvConfig:
     block_m: int = 16   # rows per program of the tl.dot launch (>= 16)
     words: int = 16     # packed rows per K block of the FMA launch (16: 128 rows of K)
     fixup: bool = True
-    acc2d: bool = False   # FMA: [words, block_n] sums, rows reduced once at the end (threads may lie along K)
     atomic: bool = False  # FMA split K: fp32 atomic adds into zeroed sums, one read by the last program
     #                       (not bitwise repeatable: the adds' order varies)
 
@@ -362,7 +353,7 @@ def fast_gemv_fits(k: int, group_size: int, g_idx: torch.Tensor | None) -> bool:
 
 _TILE_COUNTERS: dict[torch.device, torch.Tensor] = {}
 _ZERO_SUMS: dict[torch.device, torch.Tensor] = {}
-_SQUARES = 1024   # the zeroed scratch's tail: the rows' sums of squares (norm prologues)
+_SQUARES = 1 << 16   # the zeroed scratch's tail: each (row, N block) tile's sum of squares (norm prologues)
 
 
 def _zero_sums(device: torch.device, size: int) -> torch.Tensor | None:
@@ -472,7 +463,7 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     y = partials if counters is None else torch.empty((m, n), dtype=x.dtype, device=x.device)
     norm_weight, eps, residual, h = norm or (qweight, 0.0, None, None)
     squares = torch.empty((splits, m), dtype=torch.float32, device=x.device) if prologue >= RMS_NORM else qweight
-    sums = _zero_sums(x.device, m * n) if config.atomic and counters is not None and m <= _SQUARES else None
+    sums = _zero_sums(x.device, m * n) if config.atomic and counters is not None and m * n_blocks <= _SQUARES else None
     if sums is not None:
         partials, squares = sums, sums[-_SQUARES:]
     _w4_gemv_fma_kernel[(n_blocks, splits, m)](
@@ -480,8 +471,8 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         k_blocks, x.stride(0), qweight.stride(0), scales.stride(0), n, k if prologue == SILU_AND_MUL else 0,
         qweight if residual is None else residual, qweight if h is None else h, norm_weight, squares, eps,
         GROUP_SIZE=group_size, BLOCK_N=config.block_n, WORDS=config.words, EVEN_N=n % config.block_n == 0,
-        SPLIT=counters is not None, PROLOGUE=prologue, NUM_STAGES=config.num_stages, ACC2D=config.acc2d,
-        ATOMIC=sums is not None, num_warps=config.num_warps)
+        SPLIT=counters is not None, PROLOGUE=prologue, NUM_STAGES=config.num_stages, ATOMIC=sums is not None,
+        num_warps=config.num_warps)
     return _sum_splits(partials, x.dtype) if counters is None else y
 
 
