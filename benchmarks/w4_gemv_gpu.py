@@ -32,9 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -245,23 +243,7 @@ def main() -> None:
     log = open(os.path.join(os.environ["OUT"], "w4_gemv_gpu.txt"), "w") if os.environ.get("OUT") else None
     if os.path.exists(TUNED_FILE):
         os.remove(TUNED_FILE)
-    failed = []
-    for stage, limit in STAGES.items():
-        start = time.time()
-        cmd = [sys.executable, os.path.abspath(__file__), stage] + (["--cpu-smoke"] if SMOKE else [])
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
-        try:
-            out, _ = proc.communicate(timeout=limit * (20 if SMOKE else 1))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
-            out += f"\nSTAGE {stage} TIMED OUT after {limit} s\n"
-        text = out + f"STAGE {stage} exit={proc.returncode} wall_s={time.time() - start:.1f}\n"
-        failed += [stage] if proc.returncode else []
-        print(text, end="", flush=True)
-        if log:
-            log.write(text)
-            log.flush()
+    failed = w4_gpu.run_stages(os.path.abspath(__file__), STAGES, log)
     lines = [line for line in open(log.name)] if log else []
     summary = [line.strip()[:400] for line in lines if line.startswith(("BEST", "TUNED", "FLOOR", "RESULT", "CHECK_SUMMARY"))
                or "linear_us_in_step" in line or "graph_replay" in line]

@@ -451,10 +451,16 @@ def main() -> None:
     log = open(os.path.join(os.environ["OUT"], f"w4_gpu{args[0] if args else ''}.txt"), "w") if os.environ.get("OUT") else None
     if "kernels" in stages and os.path.exists(TUNED_FILE):
         os.remove(TUNED_FILE)
-    for stage in stages:
-        limit = STAGES[stage]
+    run_stages(os.path.abspath(__file__), {stage: STAGES[stage] for stage in stages}, log)
+
+
+def run_stages(script: str, stages: dict[str, int], log) -> list[str]:
+    """Each stage of `script` in a child process with its time limit (s), its output printed and
+    logged as it ends; returns the stages that failed or timed out."""
+    failed = []
+    for stage, limit in stages.items():
         start = time.time()
-        cmd = [sys.executable, os.path.abspath(__file__), stage] + (["--cpu-smoke"] if SMOKE else [])
+        cmd = [sys.executable, script, stage] + (["--cpu-smoke"] if SMOKE else [])
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
         try:
             out, _ = proc.communicate(timeout=limit * (20 if SMOKE else 1))
@@ -463,10 +469,12 @@ def main() -> None:
             out, _ = proc.communicate()
             out += f"\nSTAGE {stage} TIMED OUT after {limit} s\n"
         text = out + f"STAGE {stage} exit={proc.returncode} wall_s={time.time() - start:.1f}\n"
+        failed += [stage] if proc.returncode else []
         print(text, end="", flush=True)
         if log:
             log.write(text)
             log.flush()
+    return failed
 
 
 if __name__ == "__main__":
