@@ -318,7 +318,10 @@ DOT_GEMV = GemvConfig(block_n=128, dot=True)
 # (llama-8b's qkv / o / gate_up / down, bf16, group 128; benchmarks/QUANT.md), one row as the
 # decode step ran it (gpu/2026-12-01-h200-w4r: qkv 10.3 us with its RMSNorm prologue, o 8.9,
 # gate_up 28.7; down from 02:56's run, gpu/2026-12-01-h200-w4q: the 1-warp launch took 79 us
-# with the SiLU prologue), 4 and 16 rows from 2026-11-30.
+# with the SiLU prologue), 4 and 16 rows from 2026-11-30. The one-row launches were re-timed
+# in session 8 (gpu/2026-12-01-h200-s8-w4g: 10.07 / 8.41 / 26.28 / 17.98 us); the atomic
+# launches were faster for o (7.02) and down (15.52) but are not used until the fixed kernel
+# passes benchmarks/w4_gemv_gpu.sh's check on the device (QUANT.md, session 8).
 # Buckets of more than GEMV_MAX_ROWS rows are used only where the sweep found this kernel
 # faster than the GEMM / dequantize paths (there it did not).
 TUNED: dict[tuple[int, int, int], GemvConfig] = {
