@@ -285,9 +285,11 @@ def workload(n: int, seed: int = 0):
     return [([rng.randrange(3, 32000) for _ in range(rng.randint(64, 1024))], rng.randint(16, 512)) for _ in range(n)]
 
 
-def run_timing(variant: str, n: int, shape: dict | None = None, decode_tokens: int = 256, **llm_kwargs):
-    """The timed workloads; `shape` / `llm_kwargs` shrink them for a CPU smoke run. Returns the LLM."""
-    from pagedserve import LLM, SamplingParams
+def run_timing(variant: str, n: int, shape: dict | None = None, decode_tokens: int = 256,
+               workloads: tuple[str, ...] = ("b1_decode", "ttft1024", "thr"), **llm_kwargs):
+    """The timed workloads (a subset with `workloads`); `shape` / `llm_kwargs` shrink them for a
+    CPU smoke run. Returns the LLM."""
+    from pagedserve import LLM
     directory = make_model_dir(variant, shape, 128256 if shape is None else 32064)
     start = time.time()
     kwargs = dict(gpu_memory_utilization=0.85, max_model_len=2048)
@@ -298,7 +300,18 @@ def run_timing(variant: str, n: int, shape: dict | None = None, decode_tokens: i
          weight_gib=round(core.weight_bytes / 2**30, 3),
          kv_tokens=core.kv_cache_manager.pool.num_blocks * llm.engine.config.cache.block_size)
     greedy = dict(ignore_eos=True, temperature=0.0, detokenize=False)
-    # batch-1 decode: 128-token prompt, 256 output tokens
+    if "b1_decode" in workloads:
+        _b1_decode(llm, variant, decode_tokens, greedy)
+    if "ttft1024" in workloads:
+        _ttft1024(llm, variant, greedy)
+    if "thr" in workloads:
+        _throughput(llm, variant, n, greedy)
+    return llm
+
+
+def _b1_decode(llm, variant: str, decode_tokens: int, greedy: dict) -> None:
+    """batch-1 decode: 128-token prompt, `decode_tokens` output tokens (the second of two runs)."""
+    from pagedserve import SamplingParams
     prompt = {"prompt_token_ids": list(range(100, 228))}
     params = SamplingParams(max_tokens=decode_tokens, **greedy)
     llm.generate([prompt], [params], use_tqdm=False)
@@ -306,13 +319,21 @@ def run_timing(variant: str, n: int, shape: dict | None = None, decode_tokens: i
     llm.generate([prompt], [params], use_tqdm=False)
     wall = time.time() - start
     emit("RESULT", variant=variant, workload="b1_decode", wall_s=round(wall, 3), tok_s=round(decode_tokens / wall, 1))
-    # time to first token: a 1024-token prompt never seen before
+
+
+def _ttft1024(llm, variant: str, greedy: dict) -> None:
+    """time to first token: a 1024-token prompt never seen before."""
+    from pagedserve import SamplingParams
     params = SamplingParams(max_tokens=1, **greedy)
     llm.generate([{"prompt_token_ids": [(i * 7) % 32000 + 3 for i in range(1024)]}], [params], use_tqdm=False)
     start = time.time()
     llm.generate([{"prompt_token_ids": [(i * 11 + 5) % 32000 + 3 for i in range(1024)]}], [params], use_tqdm=False)
     emit("RESULT", variant=variant, workload="ttft1024", ms=round((time.time() - start) * 1e3, 1))
-    # throughput: n requests, input U[64, 1024], output U[16, 512]
+
+
+def _throughput(llm, variant: str, n: int, greedy: dict) -> None:
+    """throughput: n requests, input U[64, 1024], output U[16, 512]."""
+    from pagedserve import SamplingParams
     reqs = workload(n)
     prompts = [{"prompt_token_ids": p} for p, _ in reqs]
     params = [SamplingParams(max_tokens=o, **greedy) for _, o in reqs]
@@ -324,7 +345,6 @@ def run_timing(variant: str, n: int, shape: dict | None = None, decode_tokens: i
     total = generated + sum(len(p) for p, _ in reqs)
     emit("RESULT", variant=variant, workload=f"thr{n}", wall_s=round(wall, 2), req_s=round(n / wall, 2),
          out_tok_s=round(generated / wall, 1), total_tok_s=round(total / wall, 1))
-    return llm
 
 
 def main() -> None:

@@ -56,7 +56,8 @@ if SMOKE:
 import torch  # noqa: E402
 
 from benchmarks.quant_gpu import FAILED, _rel, _report, emit, run_timing  # noqa: E402
-from pagedserve.layers.quantization.triton_w4a16 import SILU_AND_MUL, GemmConfig, GemvConfig  # noqa: E402
+from pagedserve.layers.quantization.triton_w4a16 import GemmConfig  # noqa: E402
+from pagedserve.layers.quantization.triton_w4a16_gemv import SILU_AND_MUL, GemvConfig  # noqa: E402
 
 STAGES = {"kernels": 170, "e2e_w4a16": 75, "e2e_bf16": 60, "ppl": 150}
 TUNED_FILE = "/tmp/w4_gpu_tuned.json"   # kept between part a and part b on one machine; a copy under $OUT
@@ -147,7 +148,7 @@ def check_kernels() -> None:
     # the RMSNorm prologue (qkv at one row, with and without the residual) against RMSNorm
     # then the same launch (x normalised in fp32 here, rounded twice there: 1e-2)
     from pagedserve.layers.norm import RMSNorm
-    from pagedserve.layers.quantization import triton_w4a16
+    from pagedserve.layers.quantization import triton_w4a16_gemv as triton_w4a16
     _, k, n = SHAPES[0]
     qweight, scales, zeros = _weights(k, n, torch.bfloat16 if not SMOKE else torch.float16, True)
     norm = RMSNorm(k, 1e-5, scales.dtype).to(DEVICE)
@@ -181,7 +182,7 @@ def _with_prologue(name: str, x: torch.Tensor, w4: list, config: GemvConfig):
     """fn(i): the one-row launch of `config` on copy i with the prologue the model folds into
     this projection (SiLU-and-mul on [gate | up] for down, RMSNorm with the residual add for
     qkv and gate_up, none for o), so the sweep pays what the decode step pays."""
-    from pagedserve.layers.quantization import triton_w4a16 as t
+    from pagedserve.layers.quantization import triton_w4a16_gemv as t
     k = x.shape[1]
     if PROLOGUES[name] == SILU_AND_MUL:
         gate_up = torch.randn(1, 2 * k, device=DEVICE, dtype=x.dtype)
@@ -346,20 +347,21 @@ def _tinygemm(name: str, m: int, x: torch.Tensor, w4: list, cache: dict, w4_byte
 
 def load_tuned() -> None:
     from pagedserve.layers.quantization import triton_w4a16
+    from pagedserve.layers.quantization import triton_w4a16_gemv
     if not os.path.exists(TUNED_FILE):
         emit("TUNED", note=f"no {TUNED_FILE}: default launches")
         return
     with open(TUNED_FILE) as f:
         tuned = json.load(f)
-    for kind, table, cls in (("gemv", triton_w4a16.TUNED, GemvConfig), ("gemm", triton_w4a16.GEMM_TUNED, GemmConfig)):
+    for kind, table, cls in (("gemv", triton_w4a16_gemv.TUNED, GemvConfig), ("gemm", triton_w4a16.GEMM_TUNED, GemmConfig)):
         for key, config in tuned.get(kind, {}).items():   # (an older file: flat, no kinds)
             table[tuple(int(v) for v in key.split(","))] = cls(**config)
     for key in tuned.get("path", {}):   # dequantize + cuBLAS measured faster: no static launch for it
-        for table in (triton_w4a16.TUNED, triton_w4a16.GEMM_TUNED):
+        for table in (triton_w4a16_gemv.TUNED, triton_w4a16.GEMM_TUNED):
             table.pop(tuple(int(v) for v in key.split(",")), None)
     for _, k, n in SHAPES:   # no M = 1 launch measured (a stage cut short, or none compiled): tl.dot
-        triton_w4a16.TUNED.setdefault((1, k, n), triton_w4a16.DOT_GEMV)
-    emit("TUNED", gemv=len(triton_w4a16.TUNED), gemm=len(triton_w4a16.GEMM_TUNED))
+        triton_w4a16_gemv.TUNED.setdefault((1, k, n), triton_w4a16_gemv.DOT_GEMV)
+    emit("TUNED", gemv=len(triton_w4a16_gemv.TUNED), gemm=len(triton_w4a16.GEMM_TUNED))
 
 
 def e2e(variant: str) -> None:
@@ -449,10 +451,16 @@ def main() -> None:
     log = open(os.path.join(os.environ["OUT"], f"w4_gpu{args[0] if args else ''}.txt"), "w") if os.environ.get("OUT") else None
     if "kernels" in stages and os.path.exists(TUNED_FILE):
         os.remove(TUNED_FILE)
-    for stage in stages:
-        limit = STAGES[stage]
+    run_stages(os.path.abspath(__file__), {stage: STAGES[stage] for stage in stages}, log)
+
+
+def run_stages(script: str, stages: dict[str, int], log) -> list[str]:
+    """Each stage of `script` in a child process with its time limit (s), its output printed and
+    logged as it ends; returns the stages that failed or timed out."""
+    failed = []
+    for stage, limit in stages.items():
         start = time.time()
-        cmd = [sys.executable, os.path.abspath(__file__), stage] + (["--cpu-smoke"] if SMOKE else [])
+        cmd = [sys.executable, script, stage] + (["--cpu-smoke"] if SMOKE else [])
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
         try:
             out, _ = proc.communicate(timeout=limit * (20 if SMOKE else 1))
@@ -461,10 +469,12 @@ def main() -> None:
             out, _ = proc.communicate()
             out += f"\nSTAGE {stage} TIMED OUT after {limit} s\n"
         text = out + f"STAGE {stage} exit={proc.returncode} wall_s={time.time() - start:.1f}\n"
+        failed += [stage] if proc.returncode else []
         print(text, end="", flush=True)
         if log:
             log.write(text)
             log.flush()
+    return failed
 
 
 if __name__ == "__main__":

@@ -4,14 +4,17 @@ per-token activation quantization (int8 exactly; FP8 scales - the interpreter's 
 cast rounds differently from the GPU's, which benchmarks/quant_gpu.py checks natively)."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 from pagedserve.layers.quantization.act_quant import FP8, quantize_per_token_torch
 from pagedserve.layers.quantization.int4 import dequantize_int4, pack_int32, unpack_int32
 from pagedserve.layers.quantization.triton_act_quant import quantize_per_token_triton
-from pagedserve.layers.quantization.triton_w4a16 import (SILU_AND_MUL, GemmConfig, GemvConfig, w4a16_gemm, w4a16_gemv,
-                                                          w4a16_matmul)
+from pagedserve.layers.quantization import triton_w4a16, triton_w4a16_gemv
+from pagedserve.layers.quantization.triton_w4a16 import GemmConfig, w4a16_gemm, w4a16_matmul
+from pagedserve.layers.quantization.triton_w4a16_gemv import SILU_AND_MUL, GemvConfig, w4a16_gemv
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -42,8 +45,10 @@ def test_w4a16_paths_match_the_dequantized_reference(path, act_order):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("config", [GemvConfig(block_n=32), GemvConfig(block_n=16, programs_per_sm=0),
                                     GemvConfig(block_n=16, words=8, fixup=False),
-                                    GemvConfig(block_n=32, dot=True), GemvConfig(block_n=16, dot=True, programs_per_sm=0)],
-                         ids=["fma-split", "fma-nosplit", "fma-words8-sumkernel", "dot-split", "dot-nosplit"])
+                                    GemvConfig(block_n=32, dot=True), GemvConfig(block_n=16, dot=True, programs_per_sm=0),
+                                    GemvConfig(block_n=32, words=8, atomic=True), GemvConfig(block_n=16, atomic=True)],
+                         ids=["fma-split", "fma-nosplit", "fma-words8-sumkernel", "dot-split", "dot-nosplit",
+                              "fma-atomic", "fma-atomic-words16"])
 def test_decode_gemv_matches_the_dequantized_reference(config, dtype):
     """The 128-row-block GEMV: symmetric (zero 8) and asymmetric zeros, groups of 128 and
     256 (two blocks in one group), 1 and 5 rows, N not a multiple of BLOCK_N, K split over
@@ -60,6 +65,8 @@ def test_decode_gemv_matches_the_dequantized_reference(config, dtype):
             x = torch.randn(rows, k, device=DEVICE).to(dtype)
             out = w4a16_gemv(x, qweight, scales, zeros, group, config)
             assert out.dtype == dtype and out.shape == (rows, n)
+            if config.atomic:   # the sums it added into are left zero for the next launch
+                assert not any(s.count_nonzero() for s in triton_w4a16_gemv._ZERO_SUMS.values())
             tol = 1e-4 if dtype == torch.float32 else 2e-3
             torch.testing.assert_close(out.float(), x.float() @ weight, rtol=tol, atol=tol * 10)
 
@@ -104,7 +111,8 @@ def test_fma_gemv_silu_and_mul_prologue(dtype):
     scales = (torch.rand(2, n) * 0.1 + 0.01).to(dtype).to(DEVICE)
     zeros = torch.randint(0, 16, (2, n)).to(dtype).to(DEVICE)
     gate_up = torch.randn(1, 2 * k, device=DEVICE).to(dtype)
-    for config in (GemvConfig(block_n=32), GemvConfig(block_n=32, programs_per_sm=0)):
+    for config in (GemvConfig(block_n=32), GemvConfig(block_n=32, programs_per_sm=0),
+                   GemvConfig(block_n=16, atomic=True)):
         ref = w4a16_gemv(SiluAndMul()(gate_up), qweight, scales, zeros, 128, config)
         out = w4a16_gemv(gate_up[:, :k], qweight, scales, zeros, 128, config, prologue=SILU_AND_MUL)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -115,7 +123,6 @@ def test_fma_gemv_rms_norm_prologue(dtype, monkeypatch):
     """RMSNorm(x + residual) fused into the FMA GEMV (the row's rsqrt applied to the sums,
     split K summed in the kernel) against RMSNorm then the matmul; x + residual returned."""
     from pagedserve.layers.norm import RMSNorm
-    from pagedserve.layers.quantization import triton_w4a16
     torch.manual_seed(6)
     k, n = 256, 32
     qweight = pack_int32(torch.randint(0, 16, (k, n)), 0).to(DEVICE)
@@ -125,10 +132,11 @@ def test_fma_gemv_rms_norm_prologue(dtype, monkeypatch):
     norm = RMSNorm(k, 1e-5, dtype).to(DEVICE)
     norm.weight.data = (torch.rand(k) + 0.5).to(dtype).to(DEVICE)
     x, residual = (torch.randn(1, k, device=DEVICE).to(dtype) * 3 for _ in range(2))
-    for config in (GemvConfig(block_n=32), GemvConfig(block_n=32, programs_per_sm=0)):
-        monkeypatch.setitem(triton_w4a16.TUNED, (1, k, n), config)
+    for config in (GemvConfig(block_n=32), GemvConfig(block_n=32, programs_per_sm=0),
+                   GemvConfig(block_n=16, words=8, atomic=True)):
+        monkeypatch.setitem(triton_w4a16_gemv.TUNED, (1, k, n), config)
         for res in (None, residual):
-            out, h = triton_w4a16.w4a16_rms_norm_gemv(x, res, norm.weight, norm.eps, qweight, scales, zeros, 128, None)
+            out, h = triton_w4a16_gemv.w4a16_rms_norm_gemv(x, res, norm.weight, norm.eps, qweight, scales, zeros, 128, None)
             normed, h_ref = (norm(x), x) if res is None else norm(x, res.clone())
             assert torch.equal(h, h_ref)
             ref = normed.float() @ weight   # fp16: x normalised and rounded twice there, not here
@@ -137,7 +145,6 @@ def test_fma_gemv_rms_norm_prologue(dtype, monkeypatch):
 
 def test_auto_path_takes_the_tuned_gemm(monkeypatch):
     """w4a16_matmul's auto path runs _w4_gemm_kernel for a (rows bucket, K, N) in GEMM_TUNED."""
-    from pagedserve.layers.quantization import triton_w4a16
     torch.manual_seed(4)
     k, n = 128, 32
     qweight = pack_int32(torch.randint(0, 16, (k, n)), 0).to(DEVICE)
@@ -182,6 +189,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from pagedserve.layers.quantization import triton_w4a16 as t
+from pagedserve.layers.quantization import triton_w4a16_gemv as g
 
 POINTERS = {"qw_ptr": "*i32", "c_ptr": "*i32", "g_ptr": "*i32", "p_ptr": "*fp32", "q_ptr": "*fp32"}
 
@@ -202,9 +210,11 @@ def compile_sm90(kernel, constants, num_warps=4, **options):
 
 fma = dict(GROUP_SIZE=128, BLOCK_N=256, WORDS=8, EVEN_N=True, SPLIT=True, PROLOGUE=3, NUM_STAGES=3)
 variants = {
-    "fma": (t._w4_gemv_fma_kernel, {**fma, "PROLOGUE": 1, "EVEN_N": False, "SPLIT": False}, 4, {}),
-    "fma words16": (t._w4_gemv_fma_kernel, {**fma, "WORDS": 16, "BLOCK_N": 128, "PROLOGUE": 0}, 1, {}),
-    "dot gemv": (t._w4_gemv_kernel, dict(GROUP_SIZE=128, BLOCK_M=16, BLOCK_N=128, IEEE=False, NUM_STAGES=3), 4, {}),
+    "fma": (g._w4_gemv_fma_kernel, {**fma, "PROLOGUE": 1, "EVEN_N": False, "SPLIT": False}, 4, {}),
+    "fma words16": (g._w4_gemv_fma_kernel, {**fma, "WORDS": 16, "BLOCK_N": 128, "PROLOGUE": 0}, 1, {}),
+    "fma atomic norm": (g._w4_gemv_fma_kernel, {**fma, "BLOCK_N": 512, "ATOMIC": True}, 2, {}),
+    "fma atomic silu": (g._w4_gemv_fma_kernel, {**fma, "BLOCK_N": 512, "PROLOGUE": 1, "ATOMIC": True}, 2, {}),
+    "dot gemv": (g._w4_gemv_kernel, dict(GROUP_SIZE=128, BLOCK_M=16, BLOCK_N=128, IEEE=False, NUM_STAGES=3), 4, {}),
     "gemm": (t._w4_gemm_kernel, dict(GROUP_SIZE=128, BLOCK_M=64, BLOCK_N=128, IEEE=False, NUM_STAGES=3), 4, {}),
     "gemm scale_w": (t._w4_gemm_kernel, dict(GROUP_SIZE=128, BLOCK_M=64, BLOCK_N=64, IEEE=False, NUM_STAGES=4,
                                              SCALE_W=True), 4, {}),
@@ -237,7 +247,20 @@ def sm90_ptx():
 def test_w4a16_kernels_compile_for_sm90(sm90_ptx):
     """The interpreter runs a kernel's Python, not Triton's compiler: what compiles is checked
     here (e.g. a jit helper's early return on a None argument ran on CPU and failed to compile)."""
-    assert len(sm90_ptx) == 8 and all(".entry" in ptx for ptx in sm90_ptx.values())
+    assert len(sm90_ptx) == 10 and all(".entry" in ptx for ptx in sm90_ptx.values())
+
+
+def test_atomic_fix_up_reads_all_sums_before_zeroing_them(sm90_ptx):
+    """The atomic split-K's last program reads a tile's sums, then zeroes them for the next
+    launch; Triton may map elements to threads differently for the two (it did for BLOCK_N 512
+    on 2 warps, and on the H200 a thread zeroed sums another had not read yet: 7-25% errors).
+    The interpreter runs programs and threads one after another and cannot show that: the
+    compiled kernel must hold a barrier between the last read and the first zeroing store."""
+    ptx = sm90_ptx["fma atomic norm"]
+    last_read = ptx.rindex("ld.global.cg")
+    first_zero = ptx.index("st.global.b32", last_read)
+    assert "bar.sync" in ptx[last_read:first_zero]
+    assert re.search(r"\b(atom|red)\.[\w.]*add\.f32", ptx)   # the splits' fp32 atomic adds
 
 
 @pytest.mark.parametrize("magnitude", [1e-12, 1e-6, 3e4, 1e9])

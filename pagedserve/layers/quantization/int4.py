@@ -10,9 +10,10 @@ layout the kernels read:
     act_order_perm int64 [K]  where act-order groups are whole: the rows sorted by group at load
                               (g_idx then absent) and x's columns gathered in that order per matmul
 
-CUDA: the Triton kernels of triton_w4a16.py (a split-K GEMV for decode-sized batches, a
-GEMM with fused dequantization, and dequantize + cuBLAS for large batches). CPU: the layer's
-weight is dequantized on the fly for each matmul (one layer at a time, never the model).
+CUDA: the Triton kernels of triton_w4a16_gemv.py (the GEMVs of decode-sized batches) and
+triton_w4a16.py (a GEMM with fused dequantization, and dequantize + cuBLAS for large
+batches). CPU: the layer's weight is dequantized on the fly for each matmul (one layer at a
+time, never the model).
 """
 from __future__ import annotations
 
@@ -136,7 +137,7 @@ class Int4LinearMethod(LinearMethod):
         """One row on CUDA without act-order gathering: the FMA GEMV's SiLU-and-mul prologue."""
         if not gate_up.is_cuda or gate_up.shape[0] != 1 or layer.act_order_perm is not None:
             return None
-        from pagedserve.layers.quantization.triton_w4a16 import w4a16_silu_and_mul_gemv
+        from pagedserve.layers.quantization.triton_w4a16_gemv import w4a16_silu_and_mul_gemv
         return w4a16_silu_and_mul_gemv(gate_up, layer.qweight, layer.scales, layer.zeros, layer.kernel_group_size,
                                        layer.g_idx)
 
@@ -145,7 +146,7 @@ class Int4LinearMethod(LinearMethod):
         """One row on CUDA without act-order gathering: the FMA GEMV's RMSNorm prologue."""
         if not x.is_cuda or x.dim() != 2 or x.shape[0] != 1 or layer.act_order_perm is not None:
             return None
-        from pagedserve.layers.quantization.triton_w4a16 import w4a16_rms_norm_gemv
+        from pagedserve.layers.quantization.triton_w4a16_gemv import w4a16_rms_norm_gemv
         return w4a16_rms_norm_gemv(x, residual, norm.weight, norm.eps, layer.qweight, layer.scales, layer.zeros,
                                    layer.kernel_group_size, layer.g_idx)
 

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# benchmarks/w4_gemv_gpu.py in one device call (<= 240 s): the one-row W4A16 launches checked
+# and swept old vs new, then llama-8b b1_decode W4A16 old default / bf16 / W4A16 new (+ thr512).
+set -uo pipefail
+export PYTHONPATH=$PWD:$PWD/.devcarry PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; export OUT
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  git log -1 --format='commit %h %s' 2>/dev/null; date -u +%Y-%m-%dT%H:%MZ; } | tee "$OUT/machine.txt"
+python3 benchmarks/w4_gemv_gpu.py

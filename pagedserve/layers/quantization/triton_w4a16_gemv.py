@@ -1,0 +1,482 @@
+"""The decode-sized W4A16 kernels (one to a few rows of x): y = x @ W with W in int4.py's
+layout (qweight int32 [K/8, N], scales / zeros [G, N]) where every 128-row block of K lies in
+one group (fast_gemv_fits), each packed word loaded once. triton_w4a16.py routes to them (and
+holds the GEMM, dequantization and act-order paths); launches are tuned by
+benchmarks/w4_gpu.py and benchmarks/w4_gemv_gpu.py (one row, session 8).
+
+    _w4_gemv_fma_kernel   one row per program: FMAs, a nibble masked in place and read as a
+                          denormal float (one LOP3 + one FFMA per weight), x prologues (SiLU-
+                          and-mul, RMSNorm with the residual add), K split over programs
+                          (summed in the kernel: by its last program from stored partials or
+                          from fp32 atomic sums)
+    _w4_gemv_kernel       a few rows: eight tl.dots per 128-row block
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from pagedserve.layers.triton_ops import _LIBDEVICE, silu_mul
+
+GEMV_MAX_ROWS = 16
+LIBDEVICE = tl.constexpr(_LIBDEVICE)   # silu_mul's exp (not under the interpreter)
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@triton.jit
+def _w4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, BLOCKS_PER_SPLIT, K_BLOCKS,
+                    stride_xm, stride_qk, stride_sg, stride_ym, stride_ysplit,
+                    GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    IEEE: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """Decode-sized x [M, K] @ W for a few rows: programs over (N blocks, K splits, M blocks
+    of BLOCK_M >= 16 rows); each K block is 128 rows = 16 packed int32 rows of W inside one
+    group (GROUP_SIZE % 128 == 0), loaded once as [16, BLOCK_N] words. Nibble i of word r is
+    row 8r + i: its values meet x's rows 8r + i. A nibble becomes a float without shifts or
+    int->float conversions: nibble j of a 16-bit half, masked in place (q << 4j) and or-ed
+    with the exponent of 2**(23 - 4j), reads as the fp32 2**(23 - 4j) + q exactly, so q - zero
+    is one subtraction (zero points are integers 0..15), exact in x's dtype: eight
+    [BLOCK_M, 16] x [16, BLOCK_N] dots per block, the scale applied to the block's sums."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, 16)
+    n_valid = offs_n < N
+    b_begin = pid_k * BLOCKS_PER_SPLIT
+    b_end = tl.minimum(b_begin + BLOCKS_PER_SPLIT, K_BLOCKS)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_valid = offs_m < M
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for b in tl.range(b_begin, b_end, num_stages=NUM_STAGES):
+        packed, scale, zero = _load_block(qw_ptr, s_ptr, z_ptr, b, offs_n, n_valid, stride_qk, stride_sg, GROUP_SIZE)
+        high = packed >> 16
+        part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for j in tl.static_range(4):
+            for h in tl.static_range(2):
+                if h == 0:
+                    word = packed
+                else:
+                    word = high
+                w = _magic_nibble(word, j, zero, x_ptr.dtype.element_ty)
+                cols = b * 128 + offs_r * 8 + 4 * h + j
+                xs = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + cols[None, :],
+                             mask=m_valid[:, None], other=0.0)
+                if IEEE:
+                    part = tl.dot(xs, w, part, input_precision="ieee")
+                else:
+                    part = tl.dot(xs, w, part)
+        acc += part * scale[None, :]
+    out = y_ptr + pid_k * stride_ysplit + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_valid[:, None] & n_valid[None, :])
+
+
+@triton.jit
+def _x_nibbles(x_ptr, row, col, up, res_ptr, res_out_ptr, nw_ptr, res_limit, WORDS: tl.constexpr,
+               PROLOGUE: tl.constexpr):
+    """x[row + col + 8r + i] (r < WORDS, i < 8) as fp32 times 2**(89 - place of nibble i) (see
+    _w4_gemv_fma_kernel), one [WORDS] vector per nibble i: one [WORDS, 8] load split in
+    registers (three halvings of the nibble axis); the sum of the unscaled x; and for the
+    norm prologues the sum of squares of h. PROLOGUE: 0 x as it is; 1 SILU: x_ptr holds
+    gate_up = [gate | up] (`up`: the offset of up), x = silu(gate) * up rounded as SiluAndMul
+    rounds it; 2 NORM: h = x, 3 NORM_RESIDUAL: h = x + residual (rounded to x's dtype, stored
+    to res_out where index < res_limit), x = h * the norm weight (the row's rsqrt comes after)."""
+    offs_i = tl.arange(0, 8)
+    idx = tl.arange(0, WORDS)[:, None] * 8 + offs_i[None, :]
+    where = x_ptr + row + col + idx
+    sq = 0.0
+    if PROLOGUE == 1:
+        xb = silu_mul(tl.load(where), tl.load(where + up), LIBDEVICE).to(tl.float32)
+    elif PROLOGUE >= 2:
+        h = tl.load(where)
+        if PROLOGUE == 3:
+            h = h + tl.load(res_ptr + row + col + idx)
+            tl.store(res_out_ptr + row + col + idx, h, mask=idx < res_limit)
+        hf = h.to(tl.float32)
+        sq = tl.sum(tl.sum(hf * hf, 1), 0)
+        xb = hf * tl.load(nw_ptr + col + idx).to(tl.float32)
+    else:
+        xb = tl.load(where).to(tl.float32)
+    x_sum = tl.sum(tl.sum(xb, 1), 0)
+    place = tl.where(offs_i < 5, 4 * offs_i, 4 * offs_i - 12)   # the nibble's bits in _w4_gemv_fma_kernel
+    factor = ((127 + 89 - place) << 23).to(tl.float32, bitcast=True)
+    xb = xb * factor[None, :]
+    even, odd = tl.split(xb.reshape(WORDS, 4, 2))     # i = 2u, 2u + 1
+    e0, e1 = tl.split(even.reshape(WORDS, 2, 2))       # i = 4v, 4v + 2
+    o0, o1 = tl.split(odd.reshape(WORDS, 2, 2))        # i = 4v + 1, 4v + 3
+    x0, x4 = tl.split(e0)
+    x2, x6 = tl.split(e1)
+    x1, x5 = tl.split(o0)
+    x3, x7 = tl.split(o1)
+    return x0, x1, x2, x3, x4, x5, x6, x7, x_sum, sq
+
+
+@triton.jit
+def _nibble(word, j: tl.constexpr):
+    """Bits 4j..4j+3 of `word` left in place (j <= 4: below fp32's exponent), read as a float:
+    q * 2**(4j - 149), a denormal (exact: FFMA keeps fp32 denormals unless told to flush)."""
+    return (word & (15 << (4 * j))).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLOCKS_PER_SPLIT, K_BLOCKS,
+                        stride_xm, stride_qk, stride_sg, stride_ym, up, res_ptr, res_out_ptr, nw_ptr, q_ptr, eps,
+                        GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
+                        EVEN_N: tl.constexpr, SPLIT: tl.constexpr, PROLOGUE: tl.constexpr,
+                        NUM_STAGES: tl.constexpr, ATOMIC: tl.constexpr = False):
+    """One row of x per program (M = pid 2) @ W over BLOCK_N columns and a range of K blocks
+    of 8 * WORDS rows (inside one group). Meant for BLOCK_N >= 4 * 32 * num_warps: threads
+    and warps then lie along N, each thread holds all WORDS words of its columns, loads a
+    block's scale and zero once per column and its 8 * WORDS x values once (one [WORDS, 8]
+    load, split in registers). Each nibble costs one LOP3 (masked at bit p = 4i for nibbles
+    i <= 4, of the word shifted by 12 bits for 5..7 (one SHF per word), its bits read as the
+    denormal float q * 2**(p - 149)) and one FFMA with x scaled by 2**(89 - p): the products
+    are q * x * 2**-60 in every place, exact, far from fp32's overflow (|x| < 2**38) and
+    underflow; the zero comes off per block and column as zero * sum(x). Accumulation is
+    fp32 throughout.
+    y and the partials are [.., M, N] with row stride N (stride_ym). SPLIT: programs along K
+    write fp32 partials to p_ptr [splits, M, N]; the last one of an (M, N) tile to arrive (a
+    per-tile counter in c_ptr, reset by it) sums them into y, so split K needs no second
+    launch. Otherwise each writes its sum to y [splits, M, N] (fp32 partials when split).
+    ATOMIC (with SPLIT): the programs add their sums into p_ptr [M, N] (their squares into
+    q_ptr [tiles]) with fp32 atomics instead, zero before the launch; the last one of a tile
+    reads them once and leaves them zero (after a barrier: Triton may give the zeroing store
+    another thread-to-element map than the read): a fix-up of one read however many splits.
+    The order of the adds varies, so the last bit of y may differ between runs.
+    PROLOGUE (see _x_nibbles): 1 silu(gate) * up; 2, 3 RMSNorm (with the residual add, h
+    written out by the programs of the first N block): the block sums see h * norm weight,
+    the row's rsqrt(mean(h^2) + eps) scales the sum at the end (the squares of a split's K
+    range summed in q_ptr [splits, M] when split: then only with SPLIT)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, WORDS)
+    n_valid = offs_n < N
+    b_begin = pid_k * BLOCKS_PER_SPLIT
+    b_end = tl.minimum(b_begin + BLOCKS_PER_SPLIT, K_BLOCKS)
+    x_row = pid_m.to(tl.int64) * stride_xm
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    squares = 0.0
+    res_limit = tl.where(pid_n == 0, WORDS * 8, 0)
+    for b in tl.range(b_begin, b_end, num_stages=NUM_STAGES):
+        words = qw_ptr + (b * WORDS + offs_r)[:, None].to(tl.int64) * stride_qk + offs_n[None, :]
+        group = (b * WORDS * 8) // GROUP_SIZE
+        if EVEN_N:
+            packed = tl.load(words)
+            scale = tl.load(s_ptr + group * stride_sg + offs_n).to(tl.float32)
+            zero = tl.load(z_ptr + group * stride_sg + offs_n).to(tl.float32)
+        else:
+            packed = tl.load(words, mask=n_valid[None, :], other=0)
+            scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_valid, other=0.0).to(tl.float32)
+            zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_valid, other=0.0).to(tl.float32)
+        x0, x1, x2, x3, x4, x5, x6, x7, x_sum, sq = _x_nibbles(x_ptr, x_row, b * WORDS * 8, up, res_ptr, res_out_ptr,
+                                                                nw_ptr, res_limit, WORDS, PROLOGUE)
+        squares += sq
+        high = packed >> 12   # nibbles 5..7 to bits 8..19: below the exponent, like 0..4 in place
+        part = _nibble(packed, 0) * x0[:, None]
+        part += _nibble(packed, 1) * x1[:, None]
+        part += _nibble(packed, 2) * x2[:, None]
+        part += _nibble(packed, 3) * x3[:, None]
+        part += _nibble(packed, 4) * x4[:, None]
+        part += _nibble(high, 2) * x5[:, None]
+        part += _nibble(high, 3) * x6[:, None]
+        part += _nibble(high, 4) * x7[:, None]
+        acc += (tl.sum(part, 0) * 1.152921504606847e18 - zero * x_sum) * scale   # 2**60
+    row = (pid_k * tl.num_programs(2) + pid_m).to(tl.int64) * stride_ym   # [splits, M, N] when split
+    inv_k = 1.0 / (K_BLOCKS * WORDS * 8)
+    if SPLIT:
+        tile = pid_m * tl.num_programs(0) + pid_n
+        sums = p_ptr + pid_m.to(tl.int64) * stride_ym + offs_n   # ATOMIC: [M, N], zero between calls
+        if ATOMIC:   # squares per tile: the tiles of a row are summed (and zeroed) at different times
+            tl.atomic_add(sums, acc, mask=n_valid, sem="relaxed")
+            if PROLOGUE >= 2:
+                tl.atomic_add(q_ptr + tile, squares, sem="relaxed")
+        else:
+            tl.store(p_ptr + row + offs_n, acc, mask=n_valid)
+            if PROLOGUE >= 2:
+                tl.store(q_ptr + pid_k * tl.num_programs(2) + pid_m, squares)
+        tl.debug_barrier()   # every thread's partial stored before the one arrival below
+        if tl.atomic_add(c_ptr + tile, 1, sem="acq_rel") == tl.num_programs(1) - 1:
+            if ATOMIC:   # one read of the sums, then zero them for the next call
+                total = tl.load(sums, mask=n_valid, other=0.0, cache_modifier=".cg")
+                if PROLOGUE >= 2:
+                    squares = tl.load(q_ptr + tile, cache_modifier=".cg")
+                tl.debug_barrier()   # every thread's read done before any thread zeroes
+                tl.store(sums, tl.zeros([BLOCK_N], dtype=tl.float32), mask=n_valid)
+                if PROLOGUE >= 2:
+                    tl.store(q_ptr + tile, 0.0)
+            else:
+                total = tl.zeros([BLOCK_N], dtype=tl.float32)
+                squares = 0.0
+                for s in range(tl.num_programs(1)):
+                    total += tl.load(p_ptr + (s * tl.num_programs(2) + pid_m).to(tl.int64) * stride_ym + offs_n,
+                                     mask=n_valid, other=0.0, cache_modifier=".cg")
+                    if PROLOGUE >= 2:
+                        squares += tl.load(q_ptr + s * tl.num_programs(2) + pid_m, cache_modifier=".cg")
+            if PROLOGUE >= 2:
+                total = total * tl.rsqrt(squares * inv_k + eps)
+            tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + offs_n, total.to(y_ptr.dtype.element_ty), mask=n_valid)
+            tl.atomic_xchg(c_ptr + tile, 0)
+    else:
+        if PROLOGUE >= 2:
+            acc = acc * tl.rsqrt(squares * inv_k + eps)
+        tl.store(y_ptr + row + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_valid)
+
+
+@triton.jit
+def _load_block(qw_ptr, s_ptr, z_ptr, b, offs_n, n_valid, stride_qk, stride_sg, GROUP_SIZE: tl.constexpr):
+    """128-row block b's [16, BLOCK_N] packed words and its group's scales and zeros (fp32)."""
+    packed = tl.load(qw_ptr + (b * 16 + tl.arange(0, 16))[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
+                     mask=n_valid[None, :], other=0)
+    group = (b * 128) // GROUP_SIZE
+    scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_valid, other=0.0).to(tl.float32)
+    zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_valid, other=0.0).to(tl.float32)
+    return packed, scale, zero
+
+
+@triton.jit
+def _magic_nibble(word, j: tl.constexpr, zero, dtype: tl.constexpr, scale=None):
+    """q - zero in `dtype` for nibble j of each 16-bit half of `word` (the LOP3 magic: minus
+    the magic's own value 2**(23 - 4j) and the zero in one FADD); with `scale`, (q - zero) *
+    scale (fp32, rounded once)."""
+    nib = ((word & (15 << (4 * j))) | (0x4B000000 - j * 0x02000000)).to(tl.float32, bitcast=True)
+    value = nib - (zero + 8388608.0 / 16.0 ** j)[None, :]
+    if scale is not None:
+        value = value * scale[None, :]
+    return value.to(dtype)
+
+
+@triton.jit
+def _sum_splits_kernel(p_ptr, y_ptr, SPLITS, SIZE, BLOCK: tl.constexpr):
+    """y = sum over the split axis of fp32 partials [SPLITS, SIZE], rounded once to y's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < SIZE
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(SPLITS):
+        acc += tl.load(p_ptr + s * SIZE + offs, mask=valid, other=0.0)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=valid)
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _check(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+           g_idx: torch.Tensor | None) -> tuple[int, int, int]:
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"w4a16: x must be [M, K] with unit column stride; got {tuple(x.shape)} {x.stride()}")
+    if qweight.dtype != torch.int32 or qweight.dim() != 2 or not qweight.is_contiguous():
+        raise ValueError(f"w4a16: qweight must be a contiguous int32 [K/8, N]; got {qweight.dtype} {tuple(qweight.shape)}")
+    m, k = x.shape
+    n = qweight.shape[1]
+    if qweight.shape[0] * 8 != k:
+        raise ValueError(f"w4a16: x has K={k} but qweight holds {qweight.shape[0] * 8} rows")
+    if x.dtype not in _DTYPES or scales.dtype != x.dtype or zeros.dtype != x.dtype:
+        raise ValueError(f"w4a16: x, scales and zeros must share a dtype in {_DTYPES}; got {x.dtype}, "
+                         f"{scales.dtype}, {zeros.dtype}")
+    groups = -(-k // group_size)
+    if g_idx is None and (scales.shape != (groups, n) or zeros.shape != (groups, n)):
+        raise ValueError(f"w4a16: scales and zeros must be [{groups}, {n}]; got {tuple(scales.shape)}, "
+                         f"{tuple(zeros.shape)}")
+    if g_idx is not None and (g_idx.shape != (k,) or g_idx.dtype != torch.int32 or scales.shape[1] != n):
+        raise ValueError(f"w4a16: g_idx must be int32 [{k}]; got {g_idx.dtype} {tuple(g_idx.shape)}")
+    if not (scales.is_contiguous() and zeros.is_contiguous() and scales.stride() == zeros.stride()):
+        raise ValueError("w4a16: scales and zeros must be contiguous")
+    return m, k, n
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """A decode-sized launch: BLOCK_N, warps, pipeline stages, how many programs per SM the K
+    split aims for (split K only when N alone gives too few), and FMA (_w4_gemv_fma_kernel,
+    one row per program, K blocks of 8 * `words` rows; `fixup`: split K summed in the kernel
+    by the last program of a tile, else by _sum_splits_kernel) or tl.dot (_w4_gemv_kernel,
+    `block_m` >= 16 rows per program). benchmarks/w4_gpu.py sweeps them."""
+
+    block_n: int = 512
+    num_warps: int = 4
+    num_stages: int = 3
+    programs_per_sm: int = 4   # 0: never split K
+    dot: bool = False
+    block_m: int = 16   # rows per program of the tl.dot launch (>= 16)
+    words: int = 16     # packed rows per K block of the FMA launch (16: 128 rows of K)
+    fixup: bool = True
+    atomic: bool = False  # FMA split K: fp32 atomic adds into zeroed sums, one read by the last program
+    #                       (not bitwise repeatable: the adds' order varies)
+
+
+FMA_GEMV = GemvConfig()
+DOT_GEMV = GemvConfig(block_n=128, dot=True)
+# (rows bucket, K, N) -> the measured best launch: benchmarks/w4_gpu.py's sweep on an H200
+# (llama-8b's qkv / o / gate_up / down, bf16, group 128; benchmarks/QUANT.md), one row as the
+# decode step ran it (gpu/2026-12-01-h200-w4r: qkv 10.3 us with its RMSNorm prologue, o 8.9,
+# gate_up 28.7; down from 02:56's run, gpu/2026-12-01-h200-w4q: the 1-warp launch took 79 us
+# with the SiLU prologue), 4 and 16 rows from 2026-11-30. The one-row launches were re-timed
+# in session 8 (gpu/2026-12-01-h200-s8-w4g: 10.07 / 8.41 / 26.28 / 17.98 us); the atomic
+# launches were faster for o (7.02) and down (15.52) but are not used until the fixed kernel
+# passes benchmarks/w4_gemv_gpu.sh's check on the device (QUANT.md, session 8).
+# Buckets of more than GEMV_MAX_ROWS rows are used only where the sweep found this kernel
+# faster than the GEMM / dequantize paths (there it did not).
+TUNED: dict[tuple[int, int, int], GemvConfig] = {
+    (1, 4096, 6144): GemvConfig(block_n=128, num_warps=1, words=8),
+    (1, 4096, 4096): GemvConfig(block_n=128, num_warps=1, words=8),
+    (1, 4096, 28672): GemvConfig(words=8),
+    (1, 14336, 4096): GemvConfig(block_n=256, num_warps=2, words=8),
+    (4, 4096, 6144): GemvConfig(block_n=128, dot=True),
+    (4, 4096, 4096): GemvConfig(block_n=64, dot=True),
+    (4, 4096, 28672): GemvConfig(block_n=128, num_warps=8, dot=True),
+    (4, 14336, 4096): GemvConfig(block_n=128, dot=True),
+    (16, 4096, 6144): GemvConfig(block_n=128, dot=True),
+    (16, 4096, 4096): GemvConfig(block_n=128, dot=True),
+    (16, 4096, 28672): GemvConfig(block_n=128, num_warps=8, dot=True),
+    (16, 14336, 4096): GemvConfig(block_n=128, dot=True),
+}
+
+
+def rows_bucket(m: int) -> int:
+    return next(b for b in (1, 4, 16, 64, 256, 512) if m <= b) if m <= 512 else m
+
+
+def gemv_config(m: int, k: int, n: int) -> GemvConfig | None:
+    default = None if m > GEMV_MAX_ROWS else FMA_GEMV if m == 1 else DOT_GEMV
+    return TUNED.get((rows_bucket(m), k, n), default)
+
+
+def fast_gemv_fits(k: int, group_size: int, g_idx: torch.Tensor | None) -> bool:
+    """_w4_gemv_kernel's 128-row K blocks each lie in one group: no act-order gather left."""
+    return g_idx is None and group_size % 128 == 0 and k % 128 == 0
+
+
+_TILE_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_ZERO_SUMS: dict[torch.device, torch.Tensor] = {}
+_SQUARES = 1 << 16   # the zeroed scratch's tail: each (row, N block) tile's sum of squares (norm prologues)
+
+
+def _zero_sums(device: torch.device, size: int) -> torch.Tensor | None:
+    """fp32 scratch kept zero between launches (each atomic launch's last programs zero what they
+    read): [size] sums at the front, _SQUARES at the end; like the counters, allocated outside
+    capture (None then, or when `size` does not fit)."""
+    if device not in _ZERO_SUMS:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        _ZERO_SUMS[device] = torch.zeros(1 << 20, dtype=torch.float32, device=device)
+    return _ZERO_SUMS[device] if size <= (1 << 20) - _SQUARES else None
+
+
+def _tile_counters(device: torch.device) -> torch.Tensor | None:
+    """Arrival counters of the FMA kernel's split-K tiles (each reset to 0 by its last
+    program), allocated by a device's first split launch outside CUDA graph capture (None
+    until then: the launch sums its splits with _sum_splits_kernel)."""
+    if device not in _TILE_COUNTERS:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        _TILE_COUNTERS[device] = torch.zeros(1 << 16, dtype=torch.int32, device=device)
+    return _TILE_COUNTERS[device]
+
+
+def _split_k(x: torch.Tensor, n: int, k_blocks: int, tiles: int, programs_per_sm: int
+             ) -> tuple[int, int, torch.Tensor]:
+    """(splits, K blocks per split, the output [splits, M, N]: fp32 partials when split) for
+    `tiles` (M, N) tiles aiming at programs_per_sm programs per SM."""
+    splits = max(1, min(k_blocks, triton.cdiv(programs_per_sm * _num_sms(x.device), tiles)))
+    per_split = triton.cdiv(k_blocks, splits)
+    splits = triton.cdiv(k_blocks, per_split)
+    out = torch.empty((splits, x.shape[0], n), dtype=torch.float32 if splits > 1 else x.dtype, device=x.device)
+    return splits, per_split, out
+
+
+def _sum_splits(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if partials.shape[0] == 1:
+        return partials[0]
+    _, m, n = partials.shape
+    y = torch.empty((m, n), dtype=dtype, device=partials.device)
+    _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](partials, y, partials.shape[0], m * n, BLOCK=1024)
+    return y
+
+
+PLAIN, SILU_AND_MUL, RMS_NORM, RMS_NORM_RESIDUAL = 0, 1, 2, 3   # the FMA GEMV's x prologues
+
+
+def w4a16_silu_and_mul_gemv(gate_up: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                            zeros: torch.Tensor, group_size: int, g_idx: torch.Tensor | None) -> torch.Tensor | None:
+    """silu(gate) * up @ W for gate_up = [gate | up] [M, 2K] in one launch of the FMA GEMV
+    where its tuned launch is the FMA one (else None: the caller runs the two)."""
+    k = gate_up.shape[-1] // 2
+    config = gemv_config(gate_up.shape[0], k, qweight.shape[1])
+    if (gate_up.dim() != 2 or gate_up.stride(1) != 1 or config is None or config.dot
+            or not fast_gemv_fits(k, group_size, g_idx)):
+        return None
+    return w4a16_gemv(gate_up[:, :k], qweight, scales, zeros, group_size, config, prologue=SILU_AND_MUL)
+
+
+def w4a16_rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                        qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                        g_idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(RMSNorm(x + residual) @ W, x + residual) (without a residual: of x, and x) for one row
+    in one launch of the FMA GEMV where its tuned launch is the FMA one and its K splits (if
+    any) can be summed in the kernel; else None (the caller runs the norm, then the matmul).
+    The normalised x is not rounded to x's dtype first (the unfused path rounds it twice)."""
+    m, k = x.shape
+    config = gemv_config(m, k, qweight.shape[1])
+    if (m != 1 or not x.is_contiguous() or (residual is not None and not residual.is_contiguous())
+            or config is None or config.dot or not fast_gemv_fits(k, group_size, g_idx)):
+        return None
+    h = x if residual is None else torch.empty_like(x)
+    out = w4a16_gemv(x, qweight, scales, zeros, group_size, config, prologue=RMS_NORM if residual is None else
+                     RMS_NORM_RESIDUAL, norm=(norm_weight, eps, residual, h))
+    return None if out is None else (out, h)
+
+
+def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+               group_size: int, config: GemvConfig | None = None, prologue: int = PLAIN,
+               norm: tuple | None = None) -> torch.Tensor | None:
+    """x [M, K] (decode-sized) @ W through _w4_gemv_fma_kernel or _w4_gemv_kernel
+    (fast_gemv_fits must hold); split K sums fp32 partials (in the FMA kernel, or by one
+    more small kernel). `prologue` (FMA only; see _x_nibbles): SILU_AND_MUL, x is the gate half of
+    [gate | up] (up right after it in each row); RMS_NORM / RMS_NORM_RESIDUAL with `norm` =
+    (norm weight, eps, residual, h out). None where a norm prologue's splits cannot be summed
+    in the kernel (before the split-K counters exist)."""
+    m, k, n = _check(x, qweight, scales, zeros, group_size, None)
+    if not fast_gemv_fits(k, group_size, None):
+        raise ValueError(f"w4a16_gemv: needs K ({k}) and the group size ({group_size}) divisible by 128")
+    config = config or gemv_config(m, k, n) or DOT_GEMV
+    block_m = config.block_m if config.dot else 1
+    k_blocks = k // (128 if config.dot else 8 * config.words)
+    n_blocks, m_blocks = triton.cdiv(n, config.block_n), triton.cdiv(m, block_m)
+    splits, per_split, partials = _split_k(x, n, k_blocks, n_blocks * m_blocks, config.programs_per_sm)
+    if prologue != PLAIN and config.dot:
+        raise ValueError("w4a16_gemv: the prologues are the FMA launch's")
+    if config.dot:
+        _w4_gemv_kernel[(n_blocks, splits, m_blocks)](
+            x, qweight, scales, zeros, partials, m, n, per_split, k_blocks,
+            x.stride(0), qweight.stride(0), scales.stride(0), partials.stride(1), partials.stride(0),
+            GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=config.block_n,
+            IEEE=x.dtype == torch.float32, NUM_STAGES=config.num_stages, num_warps=config.num_warps)
+        return _sum_splits(partials, x.dtype)
+    counters = _tile_counters(x.device) if splits > 1 and config.fixup and m * n_blocks <= (1 << 16) else None
+    if splits > 1 and counters is None and prologue >= RMS_NORM:
+        return None
+    y = partials if counters is None else torch.empty((m, n), dtype=x.dtype, device=x.device)
+    norm_weight, eps, residual, h = norm or (qweight, 0.0, None, None)
+    squares = torch.empty((splits, m), dtype=torch.float32, device=x.device) if prologue >= RMS_NORM else qweight
+    sums = _zero_sums(x.device, m * n) if config.atomic and counters is not None and m * n_blocks <= _SQUARES else None
+    if sums is not None:
+        partials, squares = sums, sums[-_SQUARES:]
+    _w4_gemv_fma_kernel[(n_blocks, splits, m)](
+        x, qweight, scales, zeros, y, partials, qweight if counters is None else counters, n, per_split,
+        k_blocks, x.stride(0), qweight.stride(0), scales.stride(0), n, k if prologue == SILU_AND_MUL else 0,
+        qweight if residual is None else residual, qweight if h is None else h, norm_weight, squares, eps,
+        GROUP_SIZE=group_size, BLOCK_N=config.block_n, WORDS=config.words, EVEN_N=n % config.block_n == 0,
+        SPLIT=counters is not None, PROLOGUE=prologue, NUM_STAGES=config.num_stages, ATOMIC=sums is not None,
+        num_warps=config.num_warps)
+    return _sum_splits(partials, x.dtype) if counters is None else y
+
+
+
