@@ -10,7 +10,7 @@ thr512: peers.py's (512 requests, input 64-1024, output 16-512, max_model_len 20
 requests first). Variants: default, mbtN (max_num_batched_tokens N), seqsN (max_num_seqs N),
 legacy (the decode split-K rule before the chunked one: triton_paged_attention.SPLIT_RULE),
 chunkN (chunked split-K, N key tiles a segment), splitwN (legacy, split below N programs per
-SM, default 4). Each variant starts from the module's split-K defaults.
+SM, default 4), smalltiles (the prefill kernel's 128x64 tiles at every launch size). Each variant starts from the module's split-K defaults.
 Needs `.devcarry/peers.py` (or ../shared/bench/peers.py) for the model configs. On an H200,
 llama-8b: ~35 s per long64 variant, ~25 s per thr512 variant. One `RESULT {json}` per variant:
 the phases (steps with prefill tokens, decode-only steps while prompts wait, the decode tail
@@ -141,10 +141,13 @@ def main() -> None:
     reqs = long64_requests(args.cpu_smoke) if args.workload == "long64" else thr_requests(args.cpu_smoke)
     max_model_len = 2048 if args.cpu_smoke or args.workload == "thr512" else 32768
     from pagedserve.attention import triton_paged_attention as tpa
+    from pagedserve.attention import triton_prefill_attention as tpf
     split_defaults = (tpa.SPLIT_RULE, tpa.CHUNK_TILES, tpa.SPLIT_BELOW_PROGRAMS_PER_SM)
+    large_min = tpf.LARGE_MIN_TOKENS
     for run, variant in enumerate(args.variants.split(",")):
         extra = {}
         tpa.SPLIT_RULE, tpa.CHUNK_TILES, tpa.SPLIT_BELOW_PROGRAMS_PER_SM = split_defaults
+        tpf.LARGE_MIN_TOKENS = large_min
         if variant.startswith("mbt"):
             extra["max_num_batched_tokens"] = int(variant[3:])
         elif variant.startswith("seqs"):
@@ -155,6 +158,8 @@ def main() -> None:
             tpa.SPLIT_RULE = "legacy"
         elif variant.startswith("chunk"):
             tpa.CHUNK_TILES = int(variant[5:])
+        elif variant == "smalltiles":   # the prefill kernel's 128x64 tiles for every launch (before flash22)
+            tpf.LARGE_MIN_TOKENS = 1 << 30
         elif variant != "default":
             raise SystemExit(f"unknown variant {variant}")
         t0 = time.perf_counter()

@@ -319,16 +319,18 @@ DOT_GEMV = GemvConfig(block_n=128, dot=True)
 # decode step ran it (gpu/2026-12-01-h200-w4r: qkv 10.3 us with its RMSNorm prologue, o 8.9,
 # gate_up 28.7; down from 02:56's run, gpu/2026-12-01-h200-w4q: the 1-warp launch took 79 us
 # with the SiLU prologue), 4 and 16 rows from 2026-11-30. The one-row launches were re-timed
-# in session 8 (gpu/2026-12-01-h200-s8-w4g: 10.07 / 8.41 / 26.28 / 17.98 us); the atomic
-# launches were faster for o (7.02) and down (15.52) but are not used until the fixed kernel
-# passes benchmarks/w4_gemv_gpu.sh's check on the device (QUANT.md, session 8).
+# in session 8 (gpu/2026-12-01-h200-s8-w4g: 10.07 / 8.41 / 26.28 / 17.98 us); the fixed
+# atomic split-K kernel then passed every check on the device (CHECK_SUMMARY failed=0) and its
+# one-row launches below took qkv / o / gate_up / down to 8.6 / 6.8 / 23.0 / 15.9 us in the step,
+# b1_decode 365.5 -> 409.3 tok/s (gpu/2026-12-01-h200-s8-final/w4; QUANT.md, session 8). Their
+# fp32 atomic adds make the last bit of a one-row W4A16 output order-dependent (run to run).
 # Buckets of more than GEMV_MAX_ROWS rows are used only where the sweep found this kernel
 # faster than the GEMM / dequantize paths (there it did not).
 TUNED: dict[tuple[int, int, int], GemvConfig] = {
-    (1, 4096, 6144): GemvConfig(block_n=128, num_warps=1, words=8),
-    (1, 4096, 4096): GemvConfig(block_n=128, num_warps=1, words=8),
-    (1, 4096, 28672): GemvConfig(words=8),
-    (1, 14336, 4096): GemvConfig(block_n=256, num_warps=2, words=8),
+    (1, 4096, 6144): GemvConfig(block_n=128, num_warps=1, programs_per_sm=8, words=8, atomic=True),
+    (1, 4096, 4096): GemvConfig(block_n=512, num_warps=4, programs_per_sm=8, words=8, atomic=True),
+    (1, 4096, 28672): GemvConfig(block_n=128, num_warps=1, programs_per_sm=16, words=8, atomic=True),
+    (1, 14336, 4096): GemvConfig(block_n=256, num_warps=2, words=8, atomic=True),
     (4, 4096, 6144): GemvConfig(block_n=128, dot=True),
     (4, 4096, 4096): GemvConfig(block_n=64, dot=True),
     (4, 4096, 28672): GemvConfig(block_n=128, num_warps=8, dot=True),
