@@ -6,16 +6,13 @@ which applies it before sampling (or, greedy on CUDA, reads it in the argmax).""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 import torch
 
 from pagedserve.engine_io import ModelRunnerOutput, RequestId
 from pagedserve.layers.sampler import token_bitmask_to_device
 from pagedserve.worker.input_batch import CachedRequestState
-
-if TYPE_CHECKING:
-    from pagedserve.worker.model_runner import ModelRunner, PendingRunnerOutput
 
 logger = logging.getLogger(__name__)
 # page-lock a grammar bitmask buffer in place (GrammarMask.host_registered); benchmarks switch it off
@@ -28,16 +25,16 @@ class DeferredSample:
     runner launches nothing else until `sample` (the engine samples a step before it
     launches the next one, whose inputs may be this step's sampled ids)."""
 
-    def __init__(self, runner: ModelRunner, output: ModelRunnerOutput, logits: torch.Tensor,
+    def __init__(self, sample: Callable[..., Any], output: ModelRunnerOutput, logits: torch.Tensor,
                  states: list[CachedRequestState], structured_req_ids: list[RequestId]) -> None:
-        self.runner, self.output, self.logits, self.states = runner, output, logits, states
+        # sample: the runner's _sample (output, logits, states, rows, bitmask, sampled_ids) ->
+        # its PendingRunnerOutput; passed in, so this module does not import the runner's
+        self._sample, self.output, self.logits, self.states = sample, output, logits, states
         self.grammar_rows = grammar_rows(states, structured_req_ids)
 
     @torch.inference_mode()
-    def sample(self, grammar_bitmask: torch.Tensor | None, sampled_ids: torch.Tensor | None = None
-               ) -> PendingRunnerOutput:
-        return self.runner._sample(self.output, self.logits, self.states, self.grammar_rows, grammar_bitmask,
-                                   sampled_ids)
+    def sample(self, grammar_bitmask: torch.Tensor | None, sampled_ids: torch.Tensor | None = None) -> Any:
+        return self._sample(self.output, self.logits, self.states, self.grammar_rows, grammar_bitmask, sampled_ids)
 
     def ready(self) -> bool:
         return False   # not even sampled yet

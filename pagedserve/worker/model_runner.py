@@ -307,7 +307,7 @@ class ModelRunner:
             if len(row_of_logits) != logits.shape[0]:
                 logits = logits[torch.tensor(row_of_logits, device=logits.device)]
             if non_block and so.structured_req_ids and so.grammar_bitmask is None:
-                return DeferredSample(self, output, logits, sample_states, so.structured_req_ids)
+                return DeferredSample(self._sample, output, logits, sample_states, so.structured_req_ids)
             rows = grammar_rows(sample_states, so.structured_req_ids) if so.grammar_bitmask is not None else []
             pending = self._sample(output, logits, sample_states, rows, so.grammar_bitmask)
             if non_block:

@@ -14,6 +14,7 @@ torch kernel: they are dequantized once at load (gguf.py).
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -168,19 +169,32 @@ def to_int4(raw: torch.Tensor, fmt: str) -> list[Int4Weight]:
 # greedy ids on this path may depend on the batch; dtype=float32 is the exact path.
 # PAGEDSERVE_GGUF_INT4_MAX_ROWS=0: the int4 kernel for every product.
 INT4_MAX_ROWS = int(os.environ.get("PAGEDSERVE_GGUF_INT4_MAX_ROWS", "64")) or None
-_BLOCK_N = 64   # torch's CPU int4 layout: [N / 64, K, 32] bytes, byte j = rows j (low) and 32 + j (high)
+@functools.cache
+def _block_n() -> int:
+    """torch's CPU int4 layout is [N / B, K, B / 2] bytes, byte j of a row holding output rows j
+    (low nibble) and B / 2 + j (high); B depends on the CPU kernel torch picked (64 with AVX-512,
+    32 with AVX2 only): read it off a probe's packing once."""
+    q = torch.arange(128 * 64, dtype=torch.int32).view(128, 64) % 16
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    for b in (64, 32, 16):
+        p = packed.view(128 // b, 64, b // 2)
+        if torch.equal(torch.cat((p & 0xF, p >> 4), -1).permute(0, 2, 1).reshape(128, 64).to(torch.int32), q):
+            return b
+    raise RuntimeError("torch's CPU int4 weight layout is not one this code can read")
 
 
 def int4_dequantize(part: Int4Weight) -> torch.Tensor:
-    """An int4 operand -> its weight as fp32 [N / 64, K, 64] (row 64 b + j is [b, :, j]):
-    (q - 8) * scale + zero per group of 32 input features, as the kernel computes it."""
-    nb, k = part.scales_zeros.shape[1] // _BLOCK_N, part.scales_zeros.shape[0] * GROUP
-    p = part.packed.view(nb, k, _BLOCK_N // 2)
-    q = torch.cat((p & 0xF, p >> 4), -1).view(nb, k // GROUP, GROUP, _BLOCK_N)
-    sz = part.scales_zeros.view(k // GROUP, nb, _BLOCK_N, 2).transpose(0, 1).unsqueeze(2).float()
+    """An int4 operand -> its weight as fp32 [N / B, K, B] (row B b + j is [b, :, j], B the layout's
+    block: _block_n()): (q - 8) * scale + zero per group of 32 input features, as the kernel
+    computes it."""
+    block = _block_n()
+    nb, k = part.scales_zeros.shape[1] // block, part.scales_zeros.shape[0] * GROUP
+    p = part.packed.view(nb, k, block // 2)
+    q = torch.cat((p & 0xF, p >> 4), -1).view(nb, k // GROUP, GROUP, block)
+    sz = part.scales_zeros.view(k // GROUP, nb, block, 2).transpose(0, 1).unsqueeze(2).float()
     scale, zero = sz[..., 0], sz[..., 1]
     out = torch.empty(q.shape)
-    return torch.addcmul(zero - 8 * scale, q, scale, out=out).view(nb, k, _BLOCK_N)
+    return torch.addcmul(zero - 8 * scale, q, scale, out=out).view(nb, k, block)
 
 
 def int4_matmul(x: torch.Tensor, parts: list[Int4Weight], max_rows: int | None = INT4_MAX_ROWS) -> torch.Tensor:
@@ -188,11 +202,11 @@ def int4_matmul(x: torch.Tensor, parts: list[Int4Weight], max_rows: int | None =
     for more than `max_rows` rows a bf16 GEMM on the weight dequantized for this call."""
     xb = x.to(torch.bfloat16)
     n = parts[0].scales_zeros.shape[1]
-    if max_rows is not None and x.shape[0] > max_rows and n % _BLOCK_N == 0:
+    if max_rows is not None and x.shape[0] > max_rows and n % _block_n() == 0:
         w = int4_dequantize(parts[0])
         for part in parts[1:]:
             w += int4_dequantize(part)
-        out = torch.matmul(xb, w.to(torch.bfloat16))             # [N / 64, T, 64]
+        out = torch.matmul(xb, w.to(torch.bfloat16))             # [N / B, T, B]
         return out.transpose(0, 1).reshape(x.shape[0], n).to(x.dtype)
     out = None
     for part in parts:
