@@ -741,22 +741,33 @@ struct DecodeBatch {
     rotate(k + s * k_stride + g * D, cos + pos[s] * D, sin + pos[s] * D, kc + at, D);
     std::memcpy(vc + at, v + s * v_stride + g * D, D * sizeof(float));
   }
-  // query head h of sequence s (q rows `stride` apart) over its context -> y [D]; qr [D] and
-  // scores: scratch
-  void attend(const float* q, int64_t stride, const float* kc, const float* vc, int64_t s, int64_t h, float* qr,
-              std::vector<float>& scores, float* y) const {
-    const int64_t g = h / (Hq / Hkv), L = lens[s];
-    rotate(q + s * stride + h * D, cos + pos[s] * D, sin + pos[s] * D, qr, D);
-    scores.resize(L);
-    float top = -INFINITY;
+  // the query heads of kv head g of sequence s (q rows `stride` apart) over its context -> y
+  // [Hq / Hkv, D]; each K / V row is read once for the group's heads, each head's arithmetic
+  // is its own (the same as one head at a time); qr [Hq / Hkv * D], scores, tops: scratch
+  void attend(const float* q, int64_t stride, const float* kc, const float* vc, int64_t s, int64_t g, float* qr,
+              std::vector<float>& scores, std::vector<float>& tops, float* y) const {
+    const int64_t G = Hq / Hkv, L = lens[s];
+    for (int64_t i = 0; i < G; ++i)
+      rotate(q + s * stride + (g * G + i) * D, cos + pos[s] * D, sin + pos[s] * D, qr + i * D, D);
+    scores.resize(G * L);
+    tops.assign(G, -INFINITY);
     for (int64_t j = 0; j < L; ++j) {
-      scores[j] = dot(qr, kc + cache_row(s, j) * Hkv * D + g * D, D) * scale;
-      top = std::max(top, scores[j]);
+      const float* k = kc + cache_row(s, j) * Hkv * D + g * D;
+      for (int64_t i = 0; i < G; ++i) {
+        const float sc = scores[i * L + j] = dot(qr + i * D, k, D) * scale;
+        tops[i] = std::max(tops[i], sc);
+      }
     }
-    float total = 0;
-    for (int64_t j = 0; j < L; ++j) total += (scores[j] = std::exp(scores[j] - top));
-    std::fill(y, y + D, 0.0f);
-    for (int64_t j = 0; j < L; ++j) axpy(scores[j] / total, vc + cache_row(s, j) * Hkv * D + g * D, y, D);
+    for (int64_t i = 0; i < G; ++i) {
+      float total = 0;
+      for (int64_t j = 0; j < L; ++j) total += (scores[i * L + j] = std::exp(scores[i * L + j] - tops[i]));
+      tops[i] = total;   // now the softmax denominators
+    }
+    std::fill(y, y + G * D, 0.0f);
+    for (int64_t j = 0; j < L; ++j) {
+      const float* v = vc + cache_row(s, j) * Hkv * D + g * D;
+      for (int64_t i = 0; i < G; ++i) axpy(scores[i * L + j] / tops[i], v, y + i * D, D);
+    }
   }
 };
 
@@ -805,12 +816,14 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   float* o = out.data_ptr<float>();
   int64_t work = 0;
   for (int64_t s = 0; s < S; ++s) work += b.lens[s];
-  // a (sequence, head) pair per task, >= ~256K multiply-adds per thread's chunk: one decode's
-  // heads at a short context (~20 us) stay on one thread rather than wait for a second one
-  at::parallel_for(0, S * Hq, std::max<int64_t>(1, S * Hq * 262144 / std::max<int64_t>(1, work * Hq * D)),
+  // a (sequence, kv head) pair per task, >= ~256K multiply-adds per thread's chunk: one
+  // decode's heads at a short context (~20 us) stay on one thread rather than wait for a second one
+  const int64_t G = Hq / Hkv;
+  at::parallel_for(0, S * Hkv, std::max<int64_t>(1, S * Hkv * 262144 / std::max<int64_t>(1, work * Hq * D)),
                    [&](int64_t t0, int64_t t1) {
-    std::vector<float> qr(D), scores;
-    for (int64_t t = t0; t < t1; ++t) b.attend(qp, q.stride(0), kc, vc, t / Hq, t % Hq, qr.data(), scores, o + t * D);
+    std::vector<float> qr(G * D), scores, tops;
+    for (int64_t t = t0; t < t1; ++t)
+      b.attend(qp, q.stride(0), kc, vc, t / Hkv, t % Hkv, qr.data(), scores, tops, o + t * G * D);
   });
   return out;
 }
@@ -961,7 +974,7 @@ class DecodeStack {
   // every thread of the team runs this (or the caller alone)
   void work(Step& st, const std::vector<DecodeBatch>& batches) const {
     const int64_t M = st.M, H = H_, I = I_, QKV = (Hq_ + 2 * Hkv_) * D_, A = Hq_ * D_, G = Hq_ / Hkv_;
-    std::vector<float> qr(D_), scores;
+    std::vector<float> qr(G * D_), scores, tops;
     const float* x = st.x0;
     for (size_t l = 0; l < layers_.size(); ++l) {
       const Layer& L = layers_[l];
@@ -975,8 +988,7 @@ class DecodeStack {
       st.phases.run(phase + 2, M * Hkv_, [&](int64_t t) {   // a kv head of a sequence: its k / v, its q heads
         const int64_t s = t / Hkv_, g = t % Hkv_;
         b.store(q + A, QKV, q + A + Hkv_ * D_, QKV, kc, vc, s, g);
-        for (int64_t h = g * G; h < (g + 1) * G; ++h)
-          b.attend(q, QKV, kc, vc, s, h, qr.data(), scores, st.attn.data() + (s * Hq_ + h) * D_);
+        b.attend(q, QKV, kc, vc, s, g, qr.data(), scores, tops, st.attn.data() + (s * Hq_ + g * G) * D_);
         if (L.o.q8 && head_blocks) st.qattn.quantize(st.attn.data(), s, g * G * D_ / 32, (g + 1) * G * D_ / 32);
       });
       st.phases.run(phase + 3, L.o.q8 && !head_blocks ? 1 : 0, [&](int64_t) {
