@@ -692,6 +692,33 @@ torch::Tensor gemv_silu(const torch::Tensor& gate_up, const torch::Tensor& w, in
   return gemv_f32(act, w, type, q8).to(gate_up.scalar_type());
 }
 
+// dot: 16 lanes of fma(a, b, acc), summed in lane order, then the tail; axpy: fma per value.
+// Without AVX-512 GCC keeps a 16-float vector on the stack between iterations (a store and a
+// reload per step): two 8-float registers there, the same operations.
+#if defined(__AVX2__) && !defined(__AVX512F__)
+inline float dot(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    lo = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), lo);
+    hi = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), hi);
+  }
+  alignas(32) float v[16];
+  _mm256_store_ps(v, lo);
+  _mm256_store_ps(v + 8, hi);
+  float s = 0;
+  for (int l = 0; l < 16; ++l) s += v[l];
+  for (; i < n; ++i) s = std::fma(a[i], b[i], s);
+  return s;
+}
+
+inline void axpy(float p, const float* x, float* y, int64_t n) {   // y += p * x
+  int64_t i = 0;
+  const __m256 pv = _mm256_set1_ps(p);
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] = std::fma(p, x[i], y[i]);
+}
+#else
 inline float dot(const float* a, const float* b, int64_t n) {
   int64_t i = 0;
   v16f acc{};
@@ -709,6 +736,7 @@ inline void axpy(float p, const float* x, float* y, int64_t n) {   // y += p * x
   }
   for (; i < n; ++i) y[i] += p * x[i];
 }
+#endif
 
 // neox rotary (rotate-half) of one head: y = x * cos + rotate_half(x) * sin
 inline void rotate(const float* x, const float* cos, const float* sin, float* y, int64_t D) {
