@@ -8,7 +8,8 @@ process_weights_after_loading turns them into what the device multiplies fast:
                                     dots; PAGEDSERVE_GGUF_Q8_ACT=0 or the other types: fp32
                                     activations and accumulation) for up to CPP_MAX_ROWS rows,
                                     with the RMSNorm or SiLU-and-mul before it fused in; more
-                                    rows: a bf16 GEMM on the weight dequantized for that call
+                                    rows: a GEMM on the weight dequantized for that call (bf16
+                                    where the CPU has native bf16, else fp32: gemm_dtype)
     Q4_0, Q4_1, Q4_K, Q8_0 on CPU   without a C++ compiler: torch's int4 kernel
                                     (gguf_kernels.to_int4; Q8_0 as two int4 halves)
     Q5_0, Q5_1, Q5_K, Q6_K, or CUDA dequantized once to a float `weight` (the model dtype)
@@ -20,6 +21,7 @@ projections do not share one type is stored dequantized by the converter and run
 unquantized here."""
 from __future__ import annotations
 
+from functools import cache
 from typing import Any, Callable
 
 import torch
@@ -35,6 +37,15 @@ from pagedserve.layers.quantization.gguf_kernels import FORMATS, dequantize, int
 # dequantize the weight for that product and run a bf16 GEMM (2026-12-01, 2 cores, 1 thread,
 # 3072x576 Q4_1: 16 rows 0.96 ms against 1.63 ms, 32 rows 3.5 ms against 2.0 ms).
 CPP_MAX_ROWS = 16
+
+
+@cache
+def gemm_dtype() -> torch.dtype:
+    """The dtype of the GEMM for products of more rows: bf16 where the CPU multiplies it natively
+    (AVX512-BF16 / AMX, oneDNN), else fp32: on an AVX2-only EPYC (2026-12-01, 1 thread, 3072x576
+    Q4_1) 256 rows took 279 ms in bf16 against 32 ms dequantized to fp32 + sgemm."""
+    return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() \
+        else torch.float32
 
 
 class GGUFConfig(QuantizationConfig):
@@ -156,8 +167,9 @@ def _matmul(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         fmt = layer.quant_method.fmt
         if _cpp_rows(layer, x):
             return gguf_cpu.gemv(x, layer.qweight, fmt, layer.gguf_q8)
-        w = gguf_cpu.dequantize(layer.qweight, fmt, torch.bfloat16)
-        return torch.matmul(x.to(torch.bfloat16), w.t()).to(x.dtype)
+        dtype = gemm_dtype()
+        w = gguf_cpu.dequantize(layer.qweight, fmt, dtype)
+        return torch.matmul(x.to(dtype), w.t()).to(x.dtype)
     parts = layer.int4_parts
     if parts is not None:
         return int4_matmul(x, parts)
