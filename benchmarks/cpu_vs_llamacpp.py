@@ -19,10 +19,12 @@ raises SIGILL in the VM this was measured on; LLAMA_NO_EXTRA_BUFTS=0 keeps them)
 pagedserve runs from the current directory (PYTHONPATH=. first): run this from another
 checkout to measure that one. Engine "pagedserve_int4" is pagedserve with PAGEDSERVE_GGUF_CPP=0
 (torch's int4 kernel instead of the C++ GEMV on the GGUF blocks: main's path before it), so
-`--engines pagedserve,pagedserve_int4,llamacpp --repeat 3` interleaves the A/B.
+`--engines pagedserve,pagedserve_int4,llamacpp --repeat 3` interleaves the A/B; engine
+"pagedserve_fp32act" is pagedserve with PAGEDSERVE_GGUF_Q8_ACT=0 (the C++ GEMV with fp32
+activations instead of Q8 ones).
 The machine's 1-minute load average at the start and end of each engine's run is recorded
 (a shared machine makes absolute figures noisy: compare engines of the same repeat).
-Usage: python benchmarks/cpu_vs_llamacpp.py [--engines pagedserve,pagedserve_int4,llamacpp,transformers] [--llama-python PY]
+Usage: python benchmarks/cpu_vs_llamacpp.py [--engines pagedserve,pagedserve_int4,pagedserve_fp32act,llamacpp,transformers] [--llama-python PY]
        [--dtype auto|float32] [--threads N] [--batch N] [--b1-only] [--out FILE.json] [--repeat N]
 """
 from __future__ import annotations
@@ -101,8 +103,6 @@ def run_pagedserve(p: dict, dtype: str, threads: int, engine: str = "pagedserve"
 def run_llamacpp(p: dict, threads: int) -> dict:
     import llama_cpp
 
-    sys.path.insert(0, os.getcwd())
-    from pagedserve.models.default_model import default_model_path
     if os.environ.get("LLAMA_NO_EXTRA_BUFTS", "1") == "1":
         # llama.cpp's AMX buffer type dies with SIGILL in this VM (AMX tiles not granted to the
         # guest); without extra buffer types Q4_1 runs on its AVX512 vec_dot path
@@ -115,7 +115,8 @@ def run_llamacpp(p: dict, threads: int) -> dict:
         llama_cpp.llama_model_default_params = params
         llama_cpp.llama.llama_cpp.llama_model_default_params = params
     t0 = time.perf_counter()
-    llm = llama_cpp.Llama(default_model_path(), n_ctx=1024, n_threads=threads, n_threads_batch=threads,
+    # the path from the parent: the --llama-python interpreter need not import pagedserve
+    llm = llama_cpp.Llama(os.environ["CPU_VS_LLAMACPP_GGUF"], n_ctx=1024, n_threads=threads, n_threads_batch=threads,
                           n_batch=512, verbose=False)
     startup = time.perf_counter() - t0
 
@@ -187,7 +188,9 @@ def child(engine: str, dtype: str, threads: int, batch_size: int, b1_only: bool 
         p.update(ttft=[], batch=[])
     load = os.getloadavg()[0]
     runners = {"pagedserve": lambda: run_pagedserve(p, dtype, threads),
-               "pagedserve_int4": lambda: run_pagedserve(p, dtype, threads, "pagedserve_int4"), "llamacpp": lambda: run_llamacpp(p, threads),
+               "pagedserve_int4": lambda: run_pagedserve(p, dtype, threads, "pagedserve_int4"),
+               "pagedserve_fp32act": lambda: run_pagedserve(p, dtype, threads, "pagedserve_fp32act"),
+               "llamacpp": lambda: run_llamacpp(p, threads),
                "transformers": lambda: run_transformers(p, threads)}
     result = runners[engine]()
     result["load_average_1m"] = [round(load, 2), round(os.getloadavg()[0], 2)]   # at start, at end
@@ -220,8 +223,13 @@ def main() -> None:
                    "--threads", str(threads), "--batch", str(args.batch)] + (["--b1-only"] if args.b1_only else [])
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(
                 [os.getcwd()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+            if engine == "llamacpp":
+                from pagedserve.models.default_model import default_model_path
+                env["CPU_VS_LLAMACPP_GGUF"] = default_model_path()
             if engine == "pagedserve_int4":
                 env["PAGEDSERVE_GGUF_CPP"] = "0"
+            if engine == "pagedserve_fp32act":
+                env["PAGEDSERVE_GGUF_Q8_ACT"] = "0"
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:

@@ -1,6 +1,7 @@
 """GGUF packed weights in the layers: a fused QKV layer and a row-parallel layer load raw
 blocks through their weight_loader and multiply like the dequantized weight (the C++ GEMV:
-within fp32 rounding; torch's int4 kernel, the fallback without a compiler: within bf16
+with Q8 activations, the torch reference of its arithmetic bit for bit; with fp32 ones
+(PAGEDSERVE_GGUF_Q8_ACT=0), within fp32 rounding; torch's int4 kernel, the fallback without a compiler: within bf16
 rounding; int4=False: exact fp32); the embedding looks rows up exactly; llama.cpp's
 q/k row permutation undone on packed rows equals undoing it on the dequantized rows."""
 import numpy as np
@@ -22,10 +23,11 @@ def _blocks(fmt, rows, cols, seed):
     return torch.from_numpy(random_blocks(fmt, rows, cols, seed))
 
 
-@pytest.mark.parametrize("path", ["cpp", "int4", "fp32"])
+@pytest.mark.parametrize("path", ["cpp", "cpp_fp32_act", "int4", "fp32"])
 def test_qkv_and_row_layers_multiply_like_dequantized(path, monkeypatch):
-    if path == "cpp" and gguf_cpu.extension() is None:
+    if path.startswith("cpp") and gguf_cpu.extension() is None:
         pytest.skip("no C++ compiler for the GGUF CPU kernels")
+    monkeypatch.setenv("PAGEDSERVE_GGUF_Q8_ACT", "0" if path == "cpp_fp32_act" else "1")
     if path == "int4":   # as on a machine without a compiler
         monkeypatch.setattr(gguf_cpu, "extension", lambda: None)
     int4 = path != "fp32"
@@ -45,9 +47,14 @@ def test_qkv_and_row_layers_multiply_like_dequantized(path, monkeypatch):
     for layer, weight in ((qkv, torch.cat([dequantize(r, "Q4_1") for r in shards.values()])),
                           (o, dequantize(o_raw, "Q8_0"))):
         out = layer(x)
-        assert layer.gguf_cpp == (path == "cpp") and (layer.int4_parts is not None) == (path == "int4")
+        assert layer.gguf_cpp == path.startswith("cpp") and (layer.int4_parts is not None) == (path == "int4")
+        assert layer.gguf_q8 == (path == "cpp")
         if path == "cpp":
-            assert torch.allclose(out, x @ weight.t(), rtol=1e-5, atol=1e-5)
+            from tests.unit.test_gguf_cpu import q8_reference
+            assert torch.equal(out, q8_reference(x, layer.qweight, layer.quant_method.fmt))
+        if path.startswith("cpp"):
+            if path == "cpp_fp32_act":
+                assert torch.allclose(out, x @ weight.t(), rtol=1e-5, atol=1e-5)
             many = torch.randn(CPP_MAX_ROWS + 1, 64)   # more rows: bf16 GEMM on the weight dequantized per call
             ref = many.bfloat16().float() @ weight.bfloat16().float().t()
             assert (layer(many) - ref).abs().max() <= 1e-2 * ref.abs().max()

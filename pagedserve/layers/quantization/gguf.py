@@ -3,10 +3,13 @@ llama.cpp's raw blocks (models/gguf_packed.py writes them, one uint8 `qweight` o
 [rows, K / block_elems, block_bytes] per projection, rows already in HF order) and
 process_weights_after_loading turns them into what the device multiplies fast:
 
-    every type, on CPU              the blocks as they are: the C++ GEMV (gguf_cpu.cpp, fp32
+    every type, on CPU              the blocks as they are: the C++ GEMV (gguf_cpu.cpp; Q4_0,
+                                    Q4_1, Q8_0: activations quantized to Q8 blocks, integer
+                                    dots; PAGEDSERVE_GGUF_Q8_ACT=0 or the other types: fp32
                                     activations and accumulation) for up to CPP_MAX_ROWS rows,
                                     with the RMSNorm or SiLU-and-mul before it fused in; more
-                                    rows: a bf16 GEMM on the weight dequantized for that call
+                                    rows: a GEMM on the weight dequantized for that call (bf16
+                                    where the CPU has native bf16, else fp32: gemm_dtype)
     Q4_0, Q4_1, Q4_K, Q8_0 on CPU   without a C++ compiler: torch's int4 kernel
                                     (gguf_kernels.to_int4; Q8_0 as two int4 halves)
     Q5_0, Q5_1, Q5_K, Q6_K, or CUDA dequantized once to a float `weight` (the model dtype)
@@ -18,6 +21,7 @@ projections do not share one type is stored dequantized by the converter and run
 unquantized here."""
 from __future__ import annotations
 
+from functools import cache
 from typing import Any, Callable
 
 import torch
@@ -33,6 +37,15 @@ from pagedserve.layers.quantization.gguf_kernels import FORMATS, dequantize, int
 # dequantize the weight for that product and run a bf16 GEMM (2026-12-01, 2 cores, 1 thread,
 # 3072x576 Q4_1: 16 rows 0.96 ms against 1.63 ms, 32 rows 3.5 ms against 2.0 ms).
 CPP_MAX_ROWS = 16
+
+
+@cache
+def gemm_dtype() -> torch.dtype:
+    """The dtype of the GEMM for products of more rows: bf16 where the CPU multiplies it natively
+    (AVX512-BF16 / AMX, oneDNN), else fp32: on an AVX2-only EPYC (2026-12-01, 1 thread, 3072x576
+    Q4_1) 256 rows took 279 ms in bf16 against 32 ms dequantized to fp32 + sgemm."""
+    return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() \
+        else torch.float32
 
 
 class GGUFConfig(QuantizationConfig):
@@ -98,19 +111,23 @@ def cpu_decode_stack(layers: list[nn.Module], positions: torch.Tensor, hidden: t
 
 def _build_stack(layers: list[nn.Module]):
     """The layers' DecodeStack, or None where one of them does not fit it."""
-    tensors, types = [], []
+    tensors, types, q8 = [], [], set()
     for layer in layers:
         attn, mlp = layer.self_attn, layer.mlp
         linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
         if getattr(attn.attn.backend, "decode_kernel", None) is None or attn.qk_norm or not all(
                 getattr(x, "gguf_cpp", False) and x.bias is None and x.tp_size == 1 for x in linears):
             return None
+        q8.update(x.gguf_q8 for x in linears)
         tensors.append([layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
                         *(x.qweight for x in linears), attn.attn.k_cache, attn.attn.v_cache])
         types += [gguf_cpu.TYPE_IDS[x.quant_method.fmt] for x in linears]
+    if len(q8) != 1:   # layers loaded under both settings
+        return None
     attn, rope = layers[0].self_attn, layers[0].self_attn.rotary
     return gguf_cpu.decode_stack(tensors, types, attn.num_heads, attn.num_kv_heads, attn.head_dim,
-                                 layers[0].input_layernorm.eps, rope.cos_cache, rope.sin_cache, attn.attn.scale)
+                                 layers[0].input_layernorm.eps, rope.cos_cache, rope.sin_cache, attn.attn.scale,
+                                 q8.pop())
 
 
 def _create_qweight(layer: nn.Module, fmt: str, rows: int, cols: int, **dims: Any) -> None:
@@ -125,9 +142,9 @@ def _repack(layer: nn.Module, fmt: str, int4: bool, dtype: torch.dtype, keep_raw
     """qweight kept for the C++ kernels (CPU), or -> int4 parts (CPU without them: 4-bit types
     and Q8_0), or a dequantized `weight`."""
     raw = layer.qweight.data
-    layer.int4_parts, layer.gguf_cpp = None, False
+    layer.int4_parts, layer.gguf_cpp, layer.gguf_q8 = None, False, False
     if int4 and raw.device.type == "cpu" and gguf_cpu.extension() is not None:
-        layer.gguf_cpp = True
+        layer.gguf_cpp, layer.gguf_q8 = True, gguf_cpu.q8_activations()
         return
     if int4 and FORMATS[fmt].int4 and raw.device.type == "cpu":
         layer.int4_parts = to_int4(raw, fmt)
@@ -149,9 +166,10 @@ def _matmul(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if layer.gguf_cpp:
         fmt = layer.quant_method.fmt
         if _cpp_rows(layer, x):
-            return gguf_cpu.gemv(x, layer.qweight, fmt)
-        w = gguf_cpu.dequantize(layer.qweight, fmt, torch.bfloat16)
-        return torch.matmul(x.to(torch.bfloat16), w.t()).to(x.dtype)
+            return gguf_cpu.gemv(x, layer.qweight, fmt, layer.gguf_q8)
+        dtype = gemm_dtype()
+        w = gguf_cpu.dequantize(layer.qweight, fmt, dtype)
+        return torch.matmul(x.to(dtype), w.t()).to(x.dtype)
     parts = layer.int4_parts
     if parts is not None:
         return int4_matmul(x, parts)
@@ -181,13 +199,13 @@ class GGUFLinearMethod(LinearMethod):
         """(norm(x + residual) @ w.T, x + residual) in one C++ call, or None (not fused here)."""
         if not _cpp_rows(layer, x):
             return None
-        return gguf_cpu.gemv_normed(x, residual, norm.weight, norm.eps, layer.qweight, self.fmt)
+        return gguf_cpu.gemv_normed(x, residual, norm.weight, norm.eps, layer.qweight, self.fmt, layer.gguf_q8)
 
     def apply_silu_and_mul(self, layer, gate_up: torch.Tensor) -> torch.Tensor | None:
         """(silu(gate) * up) @ w.T in one C++ call, or None (not fused here)."""
         if not _cpp_rows(layer, gate_up):
             return None
-        return gguf_cpu.gemv_silu(gate_up, layer.qweight, self.fmt)
+        return gguf_cpu.gemv_silu(gate_up, layer.qweight, self.fmt, layer.gguf_q8)
 
     def checkpoint_tensors(self, output_size, input_size, params_dtype):
         spec = FORMATS[self.fmt]

@@ -26,7 +26,9 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
 #include <omp.h>
 #include <atomic>
 #include <memory>
@@ -66,10 +68,10 @@ inline void store16(int8_t* p, v16u v) { std::memcpy(p, &v, 16); }
 inline v16f loadf(const float* p) { v16f v; std::memcpy(&v, p, 64); return v; }
 // 16 int8 -> 16 fp32 (GCC scalarizes __builtin_convertvector for this one: intrinsics)
 inline v16f to_float(const int8_t* q) {
-  __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
 #if defined(__AVX512F__)
-  return (v16f)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+  return (v16f)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
 #elif defined(__AVX2__)
+  __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
   __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
   __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
   v16f v; std::memcpy(&v, &lo, 32); std::memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
@@ -275,6 +277,192 @@ void rows32(const uint8_t* w, int64_t blocks_per_row, const float* x, int64_t K,
 }
 #endif
 
+// ---- Q8 activations: x quantized per 32 values, integer dots (as llama.cpp's Q4_1 x Q8_1) ----
+// A row of x in blocks of 32: q = round_half_even(x * (127 / amax)), d = amax / 127 (fp32, not
+// fp16 as ggml stores it), s = d * sum(q). A weight block (scale dw, offset mw: Q4_1; Q4_0 and
+// Q8_0 as signed q with no offset) times an x block: the 8 lanes of
+// isum[l] = sum of qw[j] * qx[j] over j = 4l..4l+3 (exact int32), then
+//   acc[b % 2][l] = fma(dw * dx, float(isum[l]), acc[b % 2][l])     (two accumulators: even,
+//   mins[b % 2] = fma(mw, s, mins[b % 2])                              odd blocks)
+//   out = hsum8(acc[0] + acc[1]) + (mins[0] + mins[1]), hsum8 = ((0+4)+(2+6)) + ((1+5)+(3+7)).
+// The same operations on AVX2 and in the scalar fallback (std::fma, one rounding), so one
+// result bit for bit: tests/unit/test_gguf_cpu.py holds a torch reference of it.
+inline bool q8_type(int64_t t) { return t == Q4_0 || t == Q4_1 || t == Q8_0; }
+
+struct Q8Rows {   // M rows of K values -> q [M, K], d / s [M, K / 32]
+  std::vector<int8_t> q;
+  std::vector<float> d, s;
+  int64_t K = 0;
+  void resize(int64_t M, int64_t K_) { K = K_; q.resize(M * K); d.resize(M * K / 32); s.resize(M * K / 32); }
+  // blocks [b0, b1) of row m of x (row stride K)
+  void quantize(const float* x, int64_t m, int64_t b0, int64_t b1);
+};
+
+void Q8Rows::quantize(const float* x, int64_t m, int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const float* v = x + m * K + 32 * b;
+    int8_t* y = q.data() + m * K + 32 * b;
+    int isum = 0;
+#if defined(__AVX2__)
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8), v2 = _mm256_loadu_ps(v + 16),
+           v3 = _mm256_loadu_ps(v + 24);
+    __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v0, absmask), _mm256_and_ps(v1, absmask)),
+                              _mm256_max_ps(_mm256_and_ps(v2, absmask), _mm256_and_ps(v3, absmask)));
+    __m128 m4 = _mm_max_ps(_mm256_extractf128_ps(mx, 1), _mm256_castps256_ps128(mx));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float amax = _mm_cvtss_f32(m4);
+    const __m256 id = _mm256_set1_ps(amax != 0.0f ? 127.0f / amax : 0.0f);
+    constexpr int R = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, id), R));
+    __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, id), R));
+    __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, id), R));
+    __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, id), R));
+    __m256i sum = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+    __m128i s4 = _mm_add_epi32(_mm256_extracti128_si256(sum, 1), _mm256_castsi256_si128(sum));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+    isum = _mm_cvtsi128_si32(s4);
+    // int32 -> int8 in order: packs interleave 128-bit lanes, the permute undoes it
+    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+    p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), p);
+#else
+    float amax = 0;
+    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(v[j]));
+    const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+    for (int j = 0; j < 32; ++j) {
+      const float t = v[j] * id;
+      y[j] = static_cast<int8_t>(std::nearbyint(t));   // the default rounding mode: half to even
+      isum += y[j];
+    }
+#endif
+    const float dx = amax / 127.0f;
+    d[m * K / 32 + b] = dx;
+    s[m * K / 32 + b] = dx * static_cast<float>(isum);
+  }
+}
+
+#if defined(__AVX2__)
+typedef __m256 Lanes;
+inline Lanes lanes_zero() { return _mm256_setzero_ps(); }
+// the weight block's 32 values as bytes: Q4_1 unsigned nibbles, Q4_0 nibbles - 8, Q8_0 as stored
+template <int T>
+inline __m256i weight_bytes(const uint8_t* b) {
+  if constexpr (T == Q8_0) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2));
+  } else {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (T == Q4_1 ? 4 : 2)));
+    const __m256i v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
+    return T == Q4_0 ? _mm256_sub_epi8(v, _mm256_set1_epi8(8)) : v;
+  }
+}
+// acc = fma(d, float(isum lanes of qw . qx), acc); the products are exact (no int16 saturation:
+// |qw| <= 128, |qx| <= 127)
+template <int T>
+inline Lanes dot_acc(__m256i qw, const int8_t* xq, float d, Lanes acc) {
+  const __m256i qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+  __m256i pairs;
+  if constexpr (T == Q4_1) pairs = _mm256_maddubs_epi16(qw, qx);
+  else pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw));
+  const __m256i isum = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+  return _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(isum), acc);
+}
+inline float hsum8(Lanes a, Lanes b) {
+  const __m256 x = _mm256_add_ps(a, b);
+  __m128 r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
+  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+  r = _mm_add_ss(r, _mm_movehdup_ps(r));
+  return _mm_cvtss_f32(r);
+}
+#else
+struct Lanes { float v[8]; };
+inline Lanes lanes_zero() { return Lanes{}; }
+struct WeightBytes { int8_t q[32]; };
+template <int T>
+inline WeightBytes weight_bytes(const uint8_t* b) {
+  WeightBytes w;
+  if constexpr (T == Q8_0) {
+    std::memcpy(w.q, b + 2, 32);
+  } else {
+    const uint8_t* qs = b + (T == Q4_1 ? 4 : 2);
+    for (int j = 0; j < 16; ++j) {
+      w.q[j] = static_cast<int8_t>((qs[j] & 0xF) - (T == Q4_0 ? 8 : 0));
+      w.q[j + 16] = static_cast<int8_t>((qs[j] >> 4) - (T == Q4_0 ? 8 : 0));
+    }
+  }
+  return w;
+}
+template <int T>
+inline Lanes dot_acc(const WeightBytes& qw, const int8_t* xq, float d, Lanes acc) {
+  for (int l = 0; l < 8; ++l) {
+    int32_t isum = 0;
+    for (int j = 4 * l; j < 4 * l + 4; ++j) isum += qw.q[j] * xq[j];
+    acc.v[l] = std::fma(d, static_cast<float>(isum), acc.v[l]);
+  }
+  return acc;
+}
+inline float hsum8(Lanes a, Lanes b) {
+  float x[8];
+  for (int l = 0; l < 8; ++l) x[l] = a.v[l] + b.v[l];
+  const float r0 = x[0] + x[4], r1 = x[1] + x[5], r2 = x[2] + x[6], r3 = x[3] + x[7];
+  return (r0 + r2) + (r1 + r3);
+}
+#endif
+
+// out[m, n0:n1] for M rows of xq (row m0 + m): two blocks per iteration, even and odd blocks
+// into their own accumulators
+template <int T, int M>
+void q8_rows(const uint8_t* w, int64_t blocks_per_row, const Q8Rows& xq, int64_t m0, float* out, int64_t N,
+             int64_t n0, int64_t n1) {
+  constexpr int NB = FORMATS[T].nbytes;
+  const int64_t K = xq.K;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * blocks_per_row * NB;
+    Lanes acc[M][2];
+    float mins[M][2];
+    for (int m = 0; m < M; ++m) { acc[m][0] = acc[m][1] = lanes_zero(); mins[m][0] = mins[m][1] = 0; }
+    // block blk into accumulator p (a constant: the accumulators stay in registers)
+    auto block = [&](int64_t blk, auto p) {
+      const uint8_t* b = row + blk * NB;
+      const auto qw = weight_bytes<T>(b);
+      const float dw = f16(b);
+      for (int m = 0; m < M; ++m) {
+        const int64_t xb = (m0 + m) * (K / 32) + blk;
+        acc[m][p] = dot_acc<T>(qw, xq.q.data() + (m0 + m) * K + 32 * blk, dw * xq.d[xb], acc[m][p]);
+        if constexpr (T == Q4_1) mins[m][p] = std::fma(f16(b + 2), xq.s[xb], mins[m][p]);
+      }
+    };
+    int64_t blk = 0;
+    for (; blk + 1 < blocks_per_row; blk += 2) {
+      block(blk, std::integral_constant<int, 0>());
+      block(blk + 1, std::integral_constant<int, 1>());
+    }
+    if (blk < blocks_per_row) block(blk, std::integral_constant<int, 0>());
+    for (int m = 0; m < M; ++m) out[m * N + n] = hsum8(acc[m][0], acc[m][1]) + (mins[m][0] + mins[m][1]);
+  }
+}
+
+// out[:, n0:n1] of the M rows of xq @ w.T, 4 rows of x per pass over the weight rows
+template <int T>
+void q8_range(const uint8_t* w, int64_t N, int64_t blocks_per_row, const Q8Rows& xq, int64_t M, float* out,
+              int64_t n0, int64_t n1) {
+  if constexpr (T == Q4_0 || T == Q4_1 || T == Q8_0) {
+    for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
+      float* om = out + m0 * N;
+      switch (std::min<int64_t>(MAX_ROWS, M - m0)) {
+        case 1: q8_rows<T, 1>(w, blocks_per_row, xq, m0, om, N, n0, n1); break;
+        case 2: q8_rows<T, 2>(w, blocks_per_row, xq, m0, om, N, n0, n1); break;
+        case 3: q8_rows<T, 3>(w, blocks_per_row, xq, m0, om, N, n0, n1); break;
+        default: q8_rows<T, 4>(w, blocks_per_row, xq, m0, om, N, n0, n1); break;
+      }
+    }
+  } else {
+    TORCH_CHECK(false, "Q8 activations: not for this GGUF type");
+  }
+}
+
 // Sums of x per run [M, K / run] for rows<T, M> (none needed by rows32)
 template <int T>
 std::vector<float> run_sums(const float* x, int64_t M, int64_t K) {
@@ -325,11 +513,14 @@ void gemv_range(const uint8_t* w, int64_t N, int64_t blocks_per_row, const float
 }
 
 // One weight of any type, multiplied by a range of its rows (the decode stack's unit of work)
+// (q8: its products quantize x to Q8 blocks, where the type has that path)
 struct Weight {
   const uint8_t* data = nullptr;
   int64_t type = 0, N = 0, blocks_per_row = 0;
+  bool q8 = false;
   void rows(const float* x, int64_t M, int64_t K, const float* xsum, float* out, int64_t n0, int64_t n1) const;
   std::vector<float> sums(const float* x, int64_t M, int64_t K) const;
+  void rows_q8(const Q8Rows& xq, int64_t M, float* out, int64_t n0, int64_t n1) const;
 };
 
 #define GGUF_DISPATCH(TYPE, CALL)                                    \
@@ -350,16 +541,28 @@ void Weight::rows(const float* x, int64_t M, int64_t K, const float* xsum, float
 
 std::vector<float> Weight::sums(const float* x, int64_t M, int64_t K) const {
   std::vector<float> out;
-  GGUF_DISPATCH(type, (out = run_sums<T>(x, M, K)));
+  if (!q8) GGUF_DISPATCH(type, (out = run_sums<T>(x, M, K)));
   return out;
+}
+
+void Weight::rows_q8(const Q8Rows& xq, int64_t M, float* out, int64_t n0, int64_t n1) const {
+  GGUF_DISPATCH(type, (q8_range<T>(data, N, blocks_per_row, xq, M, out, n0, n1)));
 }
 
 // x [M, K] @ w.T -> out [M, N], output rows split across torch's threads (at::parallel_for)
 void gemv_parallel(const Weight& w, const float* x, int64_t M, int64_t K, float* out) {
   const std::vector<float> xsum = w.sums(x, M, K);
+  Q8Rows xq;
+  if (w.q8) {
+    xq.resize(M, K);
+    for (int64_t m = 0; m < M; ++m) xq.quantize(x, m, 0, K / 32);
+  }
   // chunks of >= ~4K blocks: a thread's share outweighs waking it
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, w.blocks_per_row));
-  at::parallel_for(0, w.N, grain, [&](int64_t n0, int64_t n1) { w.rows(x, M, K, xsum.data(), out, n0, n1); });
+  at::parallel_for(0, w.N, grain, [&](int64_t n0, int64_t n1) {
+    if (w.q8) w.rows_q8(xq, M, out, n0, n1);
+    else w.rows(x, M, K, xsum.data(), out, n0, n1);
+  });
 }
 
 inline void store_values(float* y, const float* v, int n) { std::memcpy(y, v, n * sizeof(float)); }
@@ -411,19 +614,20 @@ void dequantize_any(int64_t type, const uint8_t* w, int64_t N, int64_t blocks_pe
   GGUF_DISPATCH(type, (dequantize_type<T>(w, N, blocks_per_row, out)));
 }
 
-Weight weight_of(const torch::Tensor& w, int64_t type) {
+// q8: Q8 activations where the type has them (Q4_0, Q4_1, Q8_0), else fp32 ones
+Weight weight_of(const torch::Tensor& w, int64_t type, bool q8 = false) {
   TORCH_CHECK(type >= 0 && type < 8, "unknown GGUF type id ", type);
   const Format& f = FORMATS[type];
   TORCH_CHECK(w.dim() == 3 && w.scalar_type() == torch::kUInt8 && w.is_contiguous() && w.size(2) == f.nbytes,
               "w: contiguous uint8 [N, K / ", f.elems, ", ", f.nbytes, "]");
-  return {w.data_ptr<uint8_t>(), type, w.size(0), w.size(1)};
+  return {w.data_ptr<uint8_t>(), type, w.size(0), w.size(1), q8 && q8_type(type)};
 }
 
 int64_t features(const Weight& w) { return w.blocks_per_row * FORMATS[w.type].elems; }
 
 // x [M, K] fp32 contiguous, w uint8 [N, K / elems, nbytes] -> [M, N] fp32
-torch::Tensor gemv_f32(const torch::Tensor& x, const torch::Tensor& w, int64_t type) {
-  const Weight wt = weight_of(w, type);
+torch::Tensor gemv_f32(const torch::Tensor& x, const torch::Tensor& w, int64_t type, bool q8) {
+  const Weight wt = weight_of(w, type, q8);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous fp32 [M, K]");
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(features(wt) == K, "x has ", K, " features, w ", features(wt));
@@ -447,8 +651,8 @@ torch::Tensor dequantize(const torch::Tensor& w, int64_t type, bool bf16) {
 torch::Tensor as_f32(const torch::Tensor& x) { return x.to(torch::kFloat32).contiguous(); }
 
 // x @ w.T in x's dtype (computed in fp32)
-torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& w, int64_t type) {
-  return gemv_f32(as_f32(x), w, type).to(x.scalar_type());
+torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& w, int64_t type, bool q8) {
+  return gemv_f32(as_f32(x), w, type, q8).to(x.scalar_type());
 }
 
 // The elementwise parts, one definition each: the module calls and the decode stack compute
@@ -468,16 +672,16 @@ inline float silu_mul(float gate, float up) { return gate / (1.0f + std::exp(-ga
 // (rms_norm(x + residual) * norm_weight) @ w.T, x + residual; without a residual, x itself
 std::tuple<torch::Tensor, torch::Tensor> gemv_normed(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual,
                                                      const torch::Tensor& norm_weight, double eps,
-                                                     const torch::Tensor& w, int64_t type) {
+                                                     const torch::Tensor& w, int64_t type, bool q8) {
   auto hf = residual.has_value() ? (x.to(torch::kFloat32) + residual->to(torch::kFloat32)).contiguous() : as_f32(x);
   auto normed = torch::empty_like(hf);
   rms_norm_rows(hf.data_ptr<float>(), as_f32(norm_weight).data_ptr<float>(), static_cast<float>(eps), hf.size(0),
                 hf.size(1), normed.data_ptr<float>());
-  return {gemv_f32(normed, w, type).to(x.scalar_type()), hf.to(x.scalar_type())};
+  return {gemv_f32(normed, w, type, q8).to(x.scalar_type()), hf.to(x.scalar_type())};
 }
 
 // (silu(gate) * up) @ w.T for gate_up = [gate | up]
-torch::Tensor gemv_silu(const torch::Tensor& gate_up, const torch::Tensor& w, int64_t type) {
+torch::Tensor gemv_silu(const torch::Tensor& gate_up, const torch::Tensor& w, int64_t type, bool q8) {
   auto gu = as_f32(gate_up);
   const int64_t M = gu.size(0), I = gu.size(1) / 2;
   auto act = torch::empty({M, I}, gu.options());
@@ -485,9 +689,36 @@ torch::Tensor gemv_silu(const torch::Tensor& gate_up, const torch::Tensor& w, in
   float* dst = act.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m)
     for (int64_t i = 0; i < I; ++i) dst[m * I + i] = silu_mul(src[m * 2 * I + i], src[m * 2 * I + I + i]);
-  return gemv_f32(act, w, type).to(gate_up.scalar_type());
+  return gemv_f32(act, w, type, q8).to(gate_up.scalar_type());
 }
 
+// dot: 16 lanes of fma(a, b, acc), summed in lane order, then the tail; axpy: fma per value.
+// Without AVX-512 GCC keeps a 16-float vector on the stack between iterations (a store and a
+// reload per step): two 8-float registers there, the same operations.
+#if defined(__AVX2__) && !defined(__AVX512F__)
+inline float dot(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    lo = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), lo);
+    hi = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), hi);
+  }
+  alignas(32) float v[16];
+  _mm256_store_ps(v, lo);
+  _mm256_store_ps(v + 8, hi);
+  float s = 0;
+  for (int l = 0; l < 16; ++l) s += v[l];
+  for (; i < n; ++i) s = std::fma(a[i], b[i], s);
+  return s;
+}
+
+inline void axpy(float p, const float* x, float* y, int64_t n) {   // y += p * x
+  int64_t i = 0;
+  const __m256 pv = _mm256_set1_ps(p);
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] = std::fma(p, x[i], y[i]);
+}
+#else
 inline float dot(const float* a, const float* b, int64_t n) {
   int64_t i = 0;
   v16f acc{};
@@ -505,6 +736,7 @@ inline void axpy(float p, const float* x, float* y, int64_t n) {   // y += p * x
   }
   for (; i < n; ++i) y[i] += p * x[i];
 }
+#endif
 
 // neox rotary (rotate-half) of one head: y = x * cos + rotate_half(x) * sin
 inline void rotate(const float* x, const float* cos, const float* sin, float* y, int64_t D) {
@@ -537,22 +769,33 @@ struct DecodeBatch {
     rotate(k + s * k_stride + g * D, cos + pos[s] * D, sin + pos[s] * D, kc + at, D);
     std::memcpy(vc + at, v + s * v_stride + g * D, D * sizeof(float));
   }
-  // query head h of sequence s (q rows `stride` apart) over its context -> y [D]; qr [D] and
-  // scores: scratch
-  void attend(const float* q, int64_t stride, const float* kc, const float* vc, int64_t s, int64_t h, float* qr,
-              std::vector<float>& scores, float* y) const {
-    const int64_t g = h / (Hq / Hkv), L = lens[s];
-    rotate(q + s * stride + h * D, cos + pos[s] * D, sin + pos[s] * D, qr, D);
-    scores.resize(L);
-    float top = -INFINITY;
+  // the query heads of kv head g of sequence s (q rows `stride` apart) over its context -> y
+  // [Hq / Hkv, D]; each K / V row is read once for the group's heads, each head's arithmetic
+  // is its own (the same as one head at a time); qr [Hq / Hkv * D], scores, tops: scratch
+  void attend(const float* q, int64_t stride, const float* kc, const float* vc, int64_t s, int64_t g, float* qr,
+              std::vector<float>& scores, std::vector<float>& tops, float* y) const {
+    const int64_t G = Hq / Hkv, L = lens[s];
+    for (int64_t i = 0; i < G; ++i)
+      rotate(q + s * stride + (g * G + i) * D, cos + pos[s] * D, sin + pos[s] * D, qr + i * D, D);
+    scores.resize(G * L);
+    tops.assign(G, -INFINITY);
     for (int64_t j = 0; j < L; ++j) {
-      scores[j] = dot(qr, kc + cache_row(s, j) * Hkv * D + g * D, D) * scale;
-      top = std::max(top, scores[j]);
+      const float* k = kc + cache_row(s, j) * Hkv * D + g * D;
+      for (int64_t i = 0; i < G; ++i) {
+        const float sc = scores[i * L + j] = dot(qr + i * D, k, D) * scale;
+        tops[i] = std::max(tops[i], sc);
+      }
     }
-    float total = 0;
-    for (int64_t j = 0; j < L; ++j) total += (scores[j] = std::exp(scores[j] - top));
-    std::fill(y, y + D, 0.0f);
-    for (int64_t j = 0; j < L; ++j) axpy(scores[j] / total, vc + cache_row(s, j) * Hkv * D + g * D, y, D);
+    for (int64_t i = 0; i < G; ++i) {
+      float total = 0;
+      for (int64_t j = 0; j < L; ++j) total += (scores[i * L + j] = std::exp(scores[i * L + j] - tops[i]));
+      tops[i] = total;   // now the softmax denominators
+    }
+    std::fill(y, y + G * D, 0.0f);
+    for (int64_t j = 0; j < L; ++j) {
+      const float* v = vc + cache_row(s, j) * Hkv * D + g * D;
+      for (int64_t i = 0; i < G; ++i) axpy(scores[i * L + j] / tops[i], v, y + i * D, D);
+    }
   }
 };
 
@@ -601,12 +844,14 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   float* o = out.data_ptr<float>();
   int64_t work = 0;
   for (int64_t s = 0; s < S; ++s) work += b.lens[s];
-  // a (sequence, head) pair per task, >= ~256K multiply-adds per thread's chunk: one decode's
-  // heads at a short context (~20 us) stay on one thread rather than wait for a second one
-  at::parallel_for(0, S * Hq, std::max<int64_t>(1, S * Hq * 262144 / std::max<int64_t>(1, work * Hq * D)),
+  // a (sequence, kv head) pair per task, >= ~256K multiply-adds per thread's chunk: one
+  // decode's heads at a short context (~20 us) stay on one thread rather than wait for a second one
+  const int64_t G = Hq / Hkv;
+  at::parallel_for(0, S * Hkv, std::max<int64_t>(1, S * Hkv * 262144 / std::max<int64_t>(1, work * Hq * D)),
                    [&](int64_t t0, int64_t t1) {
-    std::vector<float> qr(D), scores;
-    for (int64_t t = t0; t < t1; ++t) b.attend(qp, q.stride(0), kc, vc, t / Hq, t % Hq, qr.data(), scores, o + t * D);
+    std::vector<float> qr(G * D), scores, tops;
+    for (int64_t t = t0; t < t1; ++t)
+      b.attend(qp, q.stride(0), kc, vc, t / Hkv, t % Hkv, qr.data(), scores, tops, o + t * G * D);
   });
   return out;
 }
@@ -629,7 +874,11 @@ class Phases {
       p.done.fetch_add(1, std::memory_order_release);
     }
     for (int spins = 0; p.done.load(std::memory_order_acquire) < chunks; ++spins) {
-      if (spins < 4096) _mm_pause();
+      if (spins < 4096) {
+#if defined(__x86_64__) || defined(__i386__)
+        _mm_pause();
+#endif
+      }
       else std::this_thread::yield();   // the holder may be waiting for this core
     }
   }
@@ -650,17 +899,17 @@ inline std::pair<int64_t, int64_t> chunk(int64_t N, int64_t c, int64_t n) { retu
 class DecodeStack {
  public:
   // per layer: norm1, norm2, qkv, o, gate_up, down (raw blocks), k_cache, v_cache; types:
-  // per layer the GGUF type ids of qkv, o, gate_up, down
+  // per layer the GGUF type ids of qkv, o, gate_up, down; q8: Q8 activations (as the modules')
   DecodeStack(std::vector<torch::Tensor> tensors, std::vector<int64_t> types, int64_t Hq, int64_t Hkv, int64_t D,
-              double eps, torch::Tensor cos_cache, torch::Tensor sin_cache, double scale)
+              double eps, torch::Tensor cos_cache, torch::Tensor sin_cache, double scale, bool q8)
       : tensors_(std::move(tensors)), Hq_(Hq), Hkv_(Hkv), D_(D), eps_(static_cast<float>(eps)),
         cos_(std::move(cos_cache)), sin_(std::move(sin_cache)), scale_(scale) {
     TORCH_CHECK(tensors_.size() % 8 == 0 && types.size() * 2 == tensors_.size() && !tensors_.empty(),
                 "8 tensors and 4 types per layer");
     for (size_t l = 0; l < tensors_.size() / 8; ++l) {
       const torch::Tensor* t = &tensors_[8 * l];
-      Layer L{as_f32(t[0]), as_f32(t[1]), weight_of(t[2], types[4 * l]), weight_of(t[3], types[4 * l + 1]),
-              weight_of(t[4], types[4 * l + 2]), weight_of(t[5], types[4 * l + 3]), t[6], t[7]};
+      Layer L{as_f32(t[0]), as_f32(t[1]), weight_of(t[2], types[4 * l], q8), weight_of(t[3], types[4 * l + 1], q8),
+              weight_of(t[4], types[4 * l + 2], q8), weight_of(t[5], types[4 * l + 3], q8), t[6], t[7]};
       H_ = L.norm1.numel();
       I_ = L.gate_up.N / 2;
       TORCH_CHECK(L.qkv.N == (Hq + 2 * Hkv) * D && features(L.qkv) == H_ && L.o.N == H_ &&
@@ -669,6 +918,7 @@ class DecodeStack {
                   "layer ", l, ": weights do not chain");
       TORCH_CHECK(L.v_cache.sizes() == L.k_cache.sizes() && L.v_cache.is_contiguous() &&
                   L.v_cache.scalar_type() == torch::kFloat32, "v_cache: as k_cache");
+      q8_ = q8_ || L.qkv.q8 || L.gate_up.q8;
       layers_.push_back(std::move(L));
     }
   }
@@ -692,7 +942,10 @@ class DecodeStack {
     Step st{M, x0.data_ptr<float>(), residual.has_value(), res.data_ptr<float>(), out.data_ptr<float>(),
             std::vector<float>(M * H_), std::vector<float>(M * (Hq_ + 2 * Hkv_) * D_), std::vector<float>(M * Hq_ * D_),
             std::vector<float>(M * H_), std::vector<float>(M * 2 * I_), std::vector<float>(M * I_),
-            Phases(7 * static_cast<int64_t>(layers_.size())), 4 * threads};
+            {}, {}, {}, Phases(PHASES * static_cast<int64_t>(layers_.size())), 4 * threads};
+    st.qnormed.resize(M, H_);
+    st.qattn.resize(M, Hq_ * D_);
+    st.qact.resize(M, I_);
     if (threads <= 1) {
       work(st, batches);
     } else {
@@ -715,60 +968,81 @@ class DecodeStack {
     bool has_residual;
     float *h, *out;   // the residual stream, the last layer's output
     std::vector<float> normed, qkv, attn, o, gate_up, act;
+    Q8Rows qnormed, qattn, qact;   // normed, attn, act as Q8 blocks (for the products with q8 weights)
     Phases phases;
     int64_t chunks;   // per product
   };
 
+  static constexpr int64_t PHASES = 8;   // per layer
+
   // out [M, N] = x @ w.T in st.chunks chunks of w's rows (sums of x per chunk: only the
-  // K-quants without AVX-512 need them, and a thread reads x only in a chunk it holds)
-  void product(Step& st, int64_t phase, const Weight& w, const float* x, int64_t K, float* out) const {
+  // K-quants without AVX-512 need them, and a thread reads x only in a chunk it holds); a q8
+  // weight reads xq, x quantized by an earlier phase
+  void product(Step& st, int64_t phase, const Weight& w, const float* x, const Q8Rows& xq, int64_t K,
+               float* out) const {
     st.phases.run(phase, st.chunks, [&](int64_t c) {
       auto [n0, n1] = chunk(w.N, c, st.chunks);
-      w.rows(x, st.M, K, w.sums(x, st.M, K).data(), out, n0, n1);
+      if (w.q8) w.rows_q8(xq, st.M, out, n0, n1);
+      else w.rows(x, st.M, K, w.sums(x, st.M, K).data(), out, n0, n1);
     });
   }
 
-  // h = x + h (h = x: the first layer without a residual); normed = rms_norm(h) * g: one chunk
+  // h = x + h (h = x: the first layer without a residual); normed = rms_norm(h) * g and its Q8
+  // blocks: one chunk
   void add_norm(Step& st, int64_t phase, const float* x, bool add, const torch::Tensor& g) const {
     st.phases.run(phase, 1, [&](int64_t) {
       const int64_t n = st.M * H_;
       for (int64_t i = 0; i < n; ++i) st.h[i] = add ? x[i] + st.h[i] : x[i];
       rms_norm_rows(st.h, g.data_ptr<float>(), eps_, st.M, H_, st.normed.data());
+      if (q8_)
+        for (int64_t m = 0; m < st.M; ++m) st.qnormed.quantize(st.normed.data(), m, 0, H_ / 32);
     });
   }
 
   // every thread of the team runs this (or the caller alone)
   void work(Step& st, const std::vector<DecodeBatch>& batches) const {
     const int64_t M = st.M, H = H_, I = I_, QKV = (Hq_ + 2 * Hkv_) * D_, A = Hq_ * D_, G = Hq_ / Hkv_;
-    std::vector<float> qr(D_), scores;
+    std::vector<float> qr(G * D_), scores, tops;
     const float* x = st.x0;
     for (size_t l = 0; l < layers_.size(); ++l) {
       const Layer& L = layers_[l];
       const DecodeBatch& b = batches[l];
-      const int64_t phase = 7 * static_cast<int64_t>(l);
+      const int64_t phase = PHASES * static_cast<int64_t>(l);
       float *kc = L.k_cache.data_ptr<float>(), *vc = L.v_cache.data_ptr<float>();
       add_norm(st, phase, x, l > 0 || st.has_residual, L.norm1);
-      product(st, phase + 1, L.qkv, st.normed.data(), H, st.qkv.data());
+      product(st, phase + 1, L.qkv, st.normed.data(), st.qnormed, H, st.qkv.data());
       const float* q = st.qkv.data();
+      const bool head_blocks = D_ % 32 == 0;   // a head's output is whole Q8 blocks
       st.phases.run(phase + 2, M * Hkv_, [&](int64_t t) {   // a kv head of a sequence: its k / v, its q heads
         const int64_t s = t / Hkv_, g = t % Hkv_;
         b.store(q + A, QKV, q + A + Hkv_ * D_, QKV, kc, vc, s, g);
-        for (int64_t h = g * G; h < (g + 1) * G; ++h)
-          b.attend(q, QKV, kc, vc, s, h, qr.data(), scores, st.attn.data() + (s * Hq_ + h) * D_);
+        b.attend(q, QKV, kc, vc, s, g, qr.data(), scores, tops, st.attn.data() + (s * Hq_ + g * G) * D_);
+        if (L.o.q8 && head_blocks) st.qattn.quantize(st.attn.data(), s, g * G * D_ / 32, (g + 1) * G * D_ / 32);
       });
-      product(st, phase + 3, L.o, st.attn.data(), A, st.o.data());
-      add_norm(st, phase + 4, st.o.data(), true, L.norm2);
-      st.phases.run(phase + 5, st.chunks, [&](int64_t c) {   // gate and up rows of the same i, then the activation
-        auto [i0, i1] = chunk(I, c, st.chunks);
-        const std::vector<float> sums = L.gate_up.sums(st.normed.data(), M, H);
-        L.gate_up.rows(st.normed.data(), M, H, sums.data(), st.gate_up.data(), i0, i1);
-        L.gate_up.rows(st.normed.data(), M, H, sums.data(), st.gate_up.data(), I + i0, I + i1);
-        for (int64_t m = 0; m < M; ++m)
+      st.phases.run(phase + 3, L.o.q8 && !head_blocks ? 1 : 0, [&](int64_t) {
+        for (int64_t m = 0; m < M; ++m) st.qattn.quantize(st.attn.data(), m, 0, A / 32);
+      });
+      product(st, phase + 4, L.o, st.attn.data(), st.qattn, A, st.o.data());
+      add_norm(st, phase + 5, st.o.data(), true, L.norm2);
+      st.phases.run(phase + 6, st.chunks, [&](int64_t c) {   // gate and up rows of the same i, then the activation
+        auto [b0, b1] = chunk(I / 32, c, st.chunks);   // in whole Q8 blocks of act
+        const int64_t i0 = 32 * b0, i1 = 32 * b1;
+        if (L.gate_up.q8) {
+          L.gate_up.rows_q8(st.qnormed, M, st.gate_up.data(), i0, i1);
+          L.gate_up.rows_q8(st.qnormed, M, st.gate_up.data(), I + i0, I + i1);
+        } else {
+          const std::vector<float> sums = L.gate_up.sums(st.normed.data(), M, H);
+          L.gate_up.rows(st.normed.data(), M, H, sums.data(), st.gate_up.data(), i0, i1);
+          L.gate_up.rows(st.normed.data(), M, H, sums.data(), st.gate_up.data(), I + i0, I + i1);
+        }
+        for (int64_t m = 0; m < M; ++m) {
           for (int64_t i = i0; i < i1; ++i)
             st.act[m * I + i] = silu_mul(st.gate_up[m * 2 * I + i], st.gate_up[m * 2 * I + I + i]);
+          if (L.down.q8) st.qact.quantize(st.act.data(), m, b0, b1);
+        }
       });
       const bool last = l + 1 == layers_.size();
-      product(st, phase + 6, L.down, st.act.data(), I, last ? st.out : st.normed.data());
+      product(st, phase + 7, L.down, st.act.data(), st.qact, I, last ? st.out : st.normed.data());
       x = st.normed.data();   // the next layer's input (add_norm reads it before it writes normed)
     }
   }
@@ -776,6 +1050,7 @@ class DecodeStack {
   std::vector<torch::Tensor> tensors_;
   std::vector<Layer> layers_;
   int64_t Hq_, Hkv_, D_, H_ = 0, I_ = 0;
+  bool q8_ = false;   // a product of normed has Q8 activations
   float eps_;
   torch::Tensor cos_, sin_;
   double scale_;
@@ -795,6 +1070,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         no_gil());
   pybind11::class_<DecodeStack>(m, "DecodeStack")
       .def(pybind11::init<std::vector<torch::Tensor>, std::vector<int64_t>, int64_t, int64_t, int64_t, double,
-                          torch::Tensor, torch::Tensor, double>())
+                          torch::Tensor, torch::Tensor, double, bool>())
       .def("run", &DecodeStack::run, "the stack's layers of an all-decode step -> (output, residual)", no_gil());
 }

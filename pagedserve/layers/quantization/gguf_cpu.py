@@ -3,7 +3,13 @@ blocks the loader keeps, fp32 accumulate, no repack. Compiled on first use into 
 extensions cache (torch.utils.cpp_extension; -O3 -march=native, since it runs where it is
 built); if that fails (no compiler), a warning and None: the callers keep torch's int4 path.
 
-PAGEDSERVE_GGUF_CPP=0 turns it off for the layers loaded while it is set (A/B measurements)."""
+PAGEDSERVE_GGUF_CPP=0 turns it off for the layers loaded while it is set (A/B measurements).
+
+Q8 activations (Q4_0, Q4_1, Q8_0 weights): the GEMV quantizes x per 32 values to int8 and
+multiplies integers (as llama.cpp's Q4_1 x Q8_1 dot; AVX2, with a scalar fallback of the same
+arithmetic), ~2x faster per core than converting the weights to fp32 but rounded differently
+from the fp32 reference. PAGEDSERVE_GGUF_Q8_ACT=0 (read when the layers load) keeps fp32
+activations: one prompt at a time, the fp32 reference's greedy ids."""
 from __future__ import annotations
 
 import hashlib
@@ -51,20 +57,26 @@ def _source_digest() -> str:
         return hashlib.sha256(f.read()).hexdigest()[:12]
 
 
-def gemv(x: torch.Tensor, raw: torch.Tensor, fmt: str) -> torch.Tensor:
-    """x [M, K] @ dequantize(raw).T -> [M, N] in x's dtype (fp32 inside)."""
-    return _load().gemv(x, raw, TYPE_IDS[fmt])
+def q8_activations() -> bool:
+    """Whether layers loaded now quantize their GEMV's activations to Q8 (PAGEDSERVE_GGUF_Q8_ACT,
+    default on); the types without that path (Q5_*, K-quants) keep fp32 activations anyway."""
+    return os.environ.get("PAGEDSERVE_GGUF_Q8_ACT", "1") != "0"
+
+
+def gemv(x: torch.Tensor, raw: torch.Tensor, fmt: str, q8: bool = False) -> torch.Tensor:
+    """x [M, K] @ dequantize(raw).T -> [M, N] in x's dtype (fp32 inside; q8: x as Q8 blocks)."""
+    return _load().gemv(x, raw, TYPE_IDS[fmt], q8)
 
 
 def gemv_normed(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-                raw: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+                raw: torch.Tensor, fmt: str, q8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual) * norm_weight @ dequantize(raw).T, x + residual); x without a residual."""
-    return _load().gemv_normed(x, residual, norm_weight, eps, raw, TYPE_IDS[fmt])
+    return _load().gemv_normed(x, residual, norm_weight, eps, raw, TYPE_IDS[fmt], q8)
 
 
-def gemv_silu(gate_up: torch.Tensor, raw: torch.Tensor, fmt: str) -> torch.Tensor:
+def gemv_silu(gate_up: torch.Tensor, raw: torch.Tensor, fmt: str, q8: bool = False) -> torch.Tensor:
     """(silu(gate) * up) @ dequantize(raw).T for gate_up = [gate | up]."""
-    return _load().gemv_silu(gate_up, raw, TYPE_IDS[fmt])
+    return _load().gemv_silu(gate_up, raw, TYPE_IDS[fmt], q8)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -78,13 +90,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
 
 
 def decode_stack(layers: list, types: list[int], num_heads: int, num_kv_heads: int, head_dim: int, eps: float,
-                 cos_cache: torch.Tensor, sin_cache: torch.Tensor, scale: float):
+                 cos_cache: torch.Tensor, sin_cache: torch.Tensor, scale: float, q8: bool = False):
     """Llama decoder layers' all-decode steps in one C++ call each (DecodeStack.run(hidden,
     residual, block_tables, seq_lens, slot_mapping, positions) -> (output, residual)): per layer
     [norm1, norm2, qkv, o, gate_up, down, k_cache, v_cache] (raw blocks; held, not copied) and
-    the four projections' type ids."""
+    the four projections' type ids; q8: Q8 activations, as the layers' gemv calls."""
     return _load().DecodeStack([t for layer in layers for t in layer], types, num_heads, num_kv_heads, head_dim, eps,
-                               cos_cache, sin_cache, scale)
+                               cos_cache, sin_cache, scale, q8)
 
 
 def dequantize(raw: torch.Tensor, fmt: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:

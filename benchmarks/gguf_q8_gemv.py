@@ -1,0 +1,62 @@
+"""Issue 19: one GGUF GEMV at the default model's shapes (SmolLM2-135M: Q4_1 layers, Q8_0 tied
+LM head), the C++ kernels with fp32 activations against Q8 activations (integer dots),
+interleaved in one process: call A, call B, A, B, ... (a shared machine moves both alike).
+
+"hot": one matrix, called again and again (in cache); "cold": cycling through 30 copies (the
+model's 30 layers: weights stream from memory as in a decode step). Prints the median us per
+call of each and the ratio.
+
+Usage: PYTHONPATH=. python benchmarks/gguf_q8_gemv.py [--threads 1] [--reps 200] [--rows 1]"""
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from pagedserve.layers.quantization import gguf_cpu
+from tests.unit.test_gguf_kernels import random_blocks
+
+SHAPES = [("qkv", "Q4_1", 960, 576), ("o", "Q4_1", 576, 576), ("gate_up", "Q4_1", 3072, 576),
+          ("down", "Q4_1", 576, 1536), ("lm_head", "Q8_0", 49152, 576)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--rows", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    out = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), threads=args.threads, rows=args.rows,
+               load_average_1m=[round(os.getloadavg()[0], 2)], shapes={})
+    for name, fmt, n, k in SHAPES:
+        copies = 1 if name == "lm_head" else 30
+        mats = [torch.from_numpy(random_blocks(fmt, n, k, seed=i)) for i in range(copies)]
+        x = torch.randn(args.rows, k)
+        assert (gguf_cpu.gemv(x, mats[0], fmt, True) - gguf_cpu.gemv(x, mats[0], fmt)).abs().max() \
+            < 0.05 * gguf_cpu.gemv(x, mats[0], fmt).abs().max()
+        row = {}
+        for mode, pool in (("hot", mats[:1]), ("cold", mats)):
+            if name == "lm_head" and mode == "cold":
+                continue
+            times = {False: [], True: []}
+            reps = args.reps if name != "lm_head" else max(10, args.reps // 10)
+            for i in range(reps):
+                for q8 in (False, True):
+                    w = pool[i % len(pool)]
+                    t0 = time.perf_counter()
+                    gguf_cpu.gemv(x, w, fmt, q8)
+                    times[q8].append(time.perf_counter() - t0)
+            fp32, q8 = (statistics.median(times[b]) * 1e6 for b in (False, True))
+            row[mode] = dict(fp32_us=round(fp32, 1), q8_us=round(q8, 1), speedup=round(fp32 / q8, 2),
+                             q8_gb_s=round(mats[0].numel() / q8 / 1e3, 1))
+        out["shapes"][f"{name} {fmt} {n}x{k}"] = row
+        print(name, fmt, f"{n}x{k}", json.dumps(row), flush=True)
+    out["load_average_1m"].append(round(os.getloadavg()[0], 2))
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
