@@ -7,8 +7,8 @@ PAGEDSERVE_GGUF_CPP=0 turns it off for the layers loaded while it is set (A/B me
 
 Q8 activations (Q4_0, Q4_1, Q8_0 weights): the GEMV quantizes x per 32 values to int8 and
 multiplies integers (as llama.cpp's Q4_1 x Q8_1 dot; AVX2, with a scalar fallback of the same
-arithmetic), ~2x faster per core than converting the weights to fp32 but rounded differently
-from the fp32 reference. PAGEDSERVE_GGUF_Q8_ACT=0 (read when the layers load) keeps fp32
+arithmetic), 7-9x faster per GEMV at one thread than fp32 activations on an AVX2-only EPYC
+(benchmarks/RESULTS.md, issue 19, session 8) but rounded differently from the fp32 reference. PAGEDSERVE_GGUF_Q8_ACT=0 (read when the layers load) keeps fp32
 activations: one prompt at a time, the fp32 reference's greedy ids."""
 from __future__ import annotations
 
