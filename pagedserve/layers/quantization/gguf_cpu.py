@@ -23,8 +23,10 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+Q8_TYPES = ("Q4_0", "Q4_1", "Q8_0")   # the types with Q8 activations (gguf_cpu.h's q8_type)
 TYPE_IDS = {name: i for i, name in enumerate(("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"))}
-_SOURCE = os.path.join(os.path.dirname(__file__), "gguf_cpu.cpp")
+_SOURCES = [os.path.join(os.path.dirname(__file__), name) for name in ("gguf_cpu.cpp", "gguf_cpu_q8.cpp")]
+_HEADER = os.path.join(os.path.dirname(__file__), "gguf_cpu.h")
 
 
 def extension() -> ModuleType | None:
@@ -38,9 +40,9 @@ def _load() -> ModuleType | None:
     from torch.utils.cpp_extension import load
     start = time.perf_counter()
     logger.info("GGUF CPU kernels: compiling or loading %s (torch extensions cache; the first build takes ~30 s)",
-                os.path.basename(_SOURCE))
+                ", ".join(os.path.basename(p) for p in _SOURCES))
     try:
-        module = load(name=f"pagedserve_gguf_cpu_{_source_digest()}", sources=[_SOURCE], verbose=False,
+        module = load(name=f"pagedserve_gguf_cpu_{_source_digest()}", sources=_SOURCES, verbose=False,
                       extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as exc:   # noqa: BLE001  (no compiler, no headers: keep the torch path)
         logger.warning("GGUF CPU kernels unavailable (%s: %s); using torch's int4 kernel", type(exc).__name__,
@@ -51,10 +53,14 @@ def _load() -> ModuleType | None:
 
 
 def _source_digest() -> str:
-    """The build's name carries the source's hash: checkouts of different versions (git
-    worktrees) share torch's extensions cache without rebuilding over each other's build."""
-    with open(_SOURCE, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:12]
+    """The build's name carries the sources' hash (the header's too): checkouts of different
+    versions (git worktrees) share torch's extensions cache without rebuilding over each
+    other's build."""
+    digest = hashlib.sha256()
+    for path in (*_SOURCES, _HEADER):
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:12]
 
 
 def q8_activations() -> bool:
