@@ -74,6 +74,14 @@ def test_q8_gemv_equals_the_torch_reference(fmt, rows):
     assert not torch.equal(out, gguf_cpu.gemv(x, raw, fmt))   # not the fp32 path
 
 
+def test_q8_long_rows_take_the_gemv_passes():
+    """Rows of more than 64 blocks (K > 2048) are multiplied by the GEMV's passes at any row
+    count: still the reference's bits."""
+    raw = torch.from_numpy(random_blocks("Q4_1", 40, 2112, seed=5))
+    x = torch.randn(9, 2112, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(gguf_cpu.gemv(x, raw, "Q4_1", q8=True), q8_reference(x, raw, "Q4_1"))
+
+
 @pytest.mark.parametrize("fmt", ["Q4_1", "Q8_0"])
 def test_q8_row_does_not_depend_on_the_batch(fmt):
     """A row's Q8 product is the same bits whether it is multiplied alone (GEMV), among a few

@@ -1,6 +1,7 @@
 // GGUF (llama.cpp) blocks multiplied as they are stored, on the CPU: y = x @ w.T for a few
-// rows of x (decode), fp32 in, fp32 accumulate, fp32 out. gguf_cpu.py compiles this file on
-// first use (torch.utils.cpp_extension, -O3 -march=native) and binds it.
+// rows of x (decode), fp32 in, fp32 accumulate, fp32 out. gguf_cpu.py compiles this file and
+// gguf_cpu_q8.cpp (Q8 activations: the integer GEMV and GEMM; gguf_cpu.h between them) on
+// first use (torch.utils.cpp_extension, -O3 -march=native) and binds them.
 //
 // Every supported type is read as runs of S = 32 (16 for Q6_K) small integers q with one
 // (scale, offset) per run: value = scale * q + offset, as ggml's dequantize_row_* computes it.

@@ -1,5 +1,6 @@
-"""The C++ GEMV on GGUF blocks (gguf_cpu.cpp): decode-sized products on the CPU read the
-blocks the loader keeps, fp32 accumulate, no repack. Compiled on first use into torch's
+"""The C++ GEMV on GGUF blocks (gguf_cpu.cpp; Q8 activations: gguf_cpu_q8.cpp, with
+gguf_cpu.h between them): decode-sized products on the CPU read the blocks the loader keeps,
+fp32 accumulate, no repack. Compiled on first use into torch's
 extensions cache (torch.utils.cpp_extension; -O3 -march=native, since it runs where it is
 built); if that fails (no compiler), a warning and None: the callers keep torch's int4 path.
 
@@ -8,8 +9,11 @@ PAGEDSERVE_GGUF_CPP=0 turns it off for the layers loaded while it is set (A/B me
 Q8 activations (Q4_0, Q4_1, Q8_0 weights): the GEMV quantizes x per 32 values to int8 and
 multiplies integers (as llama.cpp's Q4_1 x Q8_1 dot; AVX2, with a scalar fallback of the same
 arithmetic), 7-9x faster per GEMV at one thread than fp32 activations on an AVX2-only EPYC
-(benchmarks/RESULTS.md, issue 19, session 8) but rounded differently from the fp32 reference. PAGEDSERVE_GGUF_Q8_ACT=0 (read when the layers load) keeps fp32
-activations: one prompt at a time, the fp32 reference's greedy ids."""
+(benchmarks/RESULTS.md, issue 19, session 8) but rounded differently from the fp32 reference.
+From 4 rows an int8 GEMM (register tiles of 4 rows x 2 weight rows) does each row's
+arithmetic exactly as the GEMV would: a row's result does not depend on the batch.
+PAGEDSERVE_GGUF_Q8_ACT=0 (read when the layers load) keeps fp32 activations: one prompt at a
+time, the fp32 reference's greedy ids."""
 from __future__ import annotations
 
 import hashlib
