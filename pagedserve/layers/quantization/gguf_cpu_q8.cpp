@@ -198,8 +198,8 @@ void q8_tile(const uint8_t* w, int64_t blocks_per_row, const Q8Rows& xq, int64_t
   const uint8_t* rows[NR];
   for (int j = 0; j < NR; ++j) rows[j] = w + (n + j) * blocks_per_row * NB;
   const int8_t* xr = xq.q.data() + m0 * K;
-  // dd[blk][j][m] = dw(j, blk) * dx(m, blk): the GEMV's per-block scale products, one multiply
-  // per block for the tile, read back by broadcast loads
+  // dd[blk][j][m] = dw(j, blk) * dx(m, blk): the GEMV's per-block scale products, one 4-lane
+  // multiply per weight row and block, read back by broadcast loads
   alignas(32) float dd[GEMM_MAX_BLOCKS][2][4];
   for (int64_t blk = 0; blk < blocks_per_row; ++blk) {
     const __m128 dx = _mm_loadu_ps(xq.dt.data() + blk * M + m0);
