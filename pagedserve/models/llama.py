@@ -115,6 +115,9 @@ class LlamaModel(nn.Module):
         self.quant_config = quant_config
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary, quant_config, f"model.layers.{i}")
                                     if i in self.stage else nn.Identity() for i in range(config.num_layers))
+        # this stage's layers as a plain list: slicing the ModuleList per step built a new one
+        # (30 add_module calls, ~150 us of a ~10 ms CPU decode step)
+        self.own_layers = list(self.layers)[self.stage.start:self.stage.stop]
         if self.last:
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
 
@@ -124,7 +127,7 @@ class LlamaModel(nn.Module):
             hidden, residual = self.embed_tokens(input_ids), None
         else:
             hidden, residual = intermediate
-        layers = self.layers[self.stage.start:self.stage.stop]
+        layers = self.own_layers
         if not hidden.is_cuda and (out := cpu_decode_stack(layers, positions, hidden, residual, meta)) is not None:
             hidden, residual = out   # GGUF blocks on the CPU: an all-decode step's layers in one C++ call
         else:
