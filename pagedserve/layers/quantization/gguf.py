@@ -240,7 +240,10 @@ class GGUFEmbeddingMethod:
     def embed(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         if layer.int4_parts is None and not layer.gguf_cpp:
             return torch.nn.functional.embedding(ids, layer.weight)
-        return dequantize(layer.qweight[ids], self.fmt, layer.gguf_dtype)   # only these rows, exact
+        rows = layer.qweight[ids]   # only these rows, exact; in one C++ call where it is built (the
+        if layer.gguf_cpp:          # same values as the ~10 small torch ops: test_gguf_cpu, test_gguf_linear)
+            return gguf_cpu.dequantize(rows, self.fmt, layer.gguf_dtype)
+        return dequantize(rows, self.fmt, layer.gguf_dtype)
 
     def logits(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return _matmul(layer, hidden)
