@@ -9,7 +9,7 @@ values. Each (checkout, round) is a fresh process that times `--steps` greedy de
 a 128-token prompt at 2, 1, 2, 1 threads (tok/s, best of the two at each), plus the checkout's
 per-phase stack timing at 2 threads where it has one (DecodeStack.set_profile).
 
-    python benchmarks/cpu_decode_ab.py --model DIR --checkout A=PATH --checkout B=PATH
+    python benchmarks/cpu_decode_ab.py --model DIR|default --checkout A=PATH --checkout B=PATH
         [--cores 2,3] [--rounds 3] [--steps 64] [--out DIR]
 (a checkout PATH holds the `pagedserve` package; its C++ extension builds on first use)"""
 from __future__ import annotations
@@ -55,8 +55,12 @@ def child(args) -> None:
             out["model.embed_tokens.qweight"] = CheckpointTensor(tuple(embed.qweight.shape), torch.uint8)
         return out
     LlamaForCausalLM.checkpoint_shapes = with_packed_embedding
-    llm = LLM(model=args.model, load_format="dummy", skip_tokenizer_init=True, device="cpu", max_model_len=1024,
-              seed=0)
+    if args.model == "default":   # the default model's real weights (where it is cached)
+        gguf._repack = repack
+        llm = LLM(max_model_len=1024, seed=0)
+    else:
+        llm = LLM(model=args.model, load_format="dummy", skip_tokenizer_init=True, device="cpu",
+                  max_model_len=1024, seed=0)
     rng = random.Random(0)
     prompt = {"prompt_token_ids": [rng.randrange(100, 40000) for _ in range(128)]}
     sp = SamplingParams(max_tokens=args.steps + 1, ignore_eos=True, temperature=0.0, detokenize=False)
@@ -70,15 +74,16 @@ def child(args) -> None:
     import pagedserve.models.llama as llama
     llama.cpu_decode_stack = seen
     llm.generate([prompt], sp, use_tqdm=False)
-    out = dict(tok_s={1: [], 2: []}, ids=None)
+    out = dict(tok_s={1: [], 2: []}, cpu_ms={1: [], 2: []}, ids=None)   # cpu_ms: process CPU time a step
     for threads in (2, 1, 2, 1):
         torch.set_num_threads(threads)
         t0 = time.perf_counter()
         llm.generate([prompt], one, use_tqdm=False)
         prefill = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = llm.generate([prompt], sp, use_tqdm=False)
         out["tok_s"][threads].append(round(args.steps / (time.perf_counter() - t0 - prefill), 1))
+        out["cpu_ms"][threads].append(round((time.process_time() - c0) / args.steps * 1e3, 2))
         out["ids"] = res[0].outputs[0].token_ids[:8]
     st = stack[0] if stack else None
     if st is not None and hasattr(st, "set_profile"):
@@ -95,7 +100,8 @@ def child(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
+    ap.add_argument("--model", required=True, help="a config.json + gguf_quant.json folder (dummy weights), "
+                    "or 'default': the default model")
     ap.add_argument("--checkout", action="append", required=True, help="NAME=PATH")
     ap.add_argument("--cores", default="2,3")
     ap.add_argument("--rounds", type=int, default=3)
@@ -121,8 +127,9 @@ def main() -> None:
     results = []
     for r in range(args.rounds):
         for name, path in checkouts.items():
+            model = args.model if args.model == "default" else os.path.abspath(args.model)
             cmd = ["taskset", "-c", args.cores, sys.executable, os.path.abspath(__file__), "--child", "--model",
-                   os.path.abspath(args.model), "--checkout", f"{name}={path}", "--steps", str(args.steps)]
+                   model, "--checkout", f"{name}={path}", "--steps", str(args.steps)]
             t = time.perf_counter()
             p = subprocess.run(cmd, env={**env0, "PYTHONPATH": os.path.abspath(path)}, cwd=os.path.abspath(path),
                                capture_output=True, text=True, timeout=400)
