@@ -1,7 +1,7 @@
 """Issue 19: where a batch-1 decode step of the default model goes on the CPU, over the decode
 steps of one 128-token prompt. Default: wall-clock ms per step, split by timing wrappers into
-the C++ decoder stack (gguf.cpu_decode_stack: every layer in one call), the LM head
-(compute_logits), the rest of the model's forward (the embedding; the final norm is in the stack's call), the rest of the
+the C++ decoder stack (gguf.cpu_decode_stack: every layer and the final norm in one call), the
+LM head (compute_logits), the rest of the model's forward (the embedding), the rest of the
 runner (inputs, sampling) and the engine outside the runner (scheduler, outputs).
 --profile: torch.profiler instead (aten calls per step, the ops by self CPU time, the share
 of the step outside aten ops; it sees nothing inside the C++ call and inflates the step).
