@@ -704,10 +704,10 @@ torch::Tensor gemv_silu(const torch::Tensor& gate_up, const torch::Tensor& w, in
   return gemv_f32(act, w, type, q8).to(gate_up.scalar_type());
 }
 
-// dot: 16 lanes of fma(a, b, acc), summed in lane order, then the tail; axpy: fma per value.
-// Without AVX-512 GCC keeps a 16-float vector on the stack between iterations (a store and a
-// reload per step): two 8-float registers there, the same operations.
-#if defined(__AVX2__) && !defined(__AVX512F__)
+// dot: 16 lanes of fma(a, b, acc), summed in lane order, then the tail (fma). With AVX2 (also
+// where AVX-512 is present: dot4 below does the same operations on 4 keys at once) in two
+// 8-float registers: GCC kept a 16-float vector type on the stack without AVX-512.
+#if defined(__AVX2__)
 inline float dot(const float* a, const float* b, int64_t n) {
   int64_t i = 0;
   __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
@@ -723,13 +723,6 @@ inline float dot(const float* a, const float* b, int64_t n) {
   for (; i < n; ++i) s = std::fma(a[i], b[i], s);
   return s;
 }
-
-inline void axpy(float p, const float* x, float* y, int64_t n) {   // y += p * x
-  int64_t i = 0;
-  const __m256 pv = _mm256_set1_ps(p);
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-  for (; i < n; ++i) y[i] = std::fma(p, x[i], y[i]);
-}
 #else
 inline float dot(const float* a, const float* b, int64_t n) {
   int64_t i = 0;
@@ -738,15 +731,6 @@ inline float dot(const float* a, const float* b, int64_t n) {
   float s = hsum(acc);
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
-}
-
-inline void axpy(float p, const float* x, float* y, int64_t n) {   // y += p * x
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    v16f t = loadf(y + i) + p * loadf(x + i);
-    std::memcpy(y + i, &t, 64);
-  }
-  for (; i < n; ++i) y[i] += p * x[i];
 }
 #endif
 
@@ -794,7 +778,7 @@ inline void dot4(const float* a, const float* const* rows, int64_t n, float* out
 }
 
 // y [n] = the sum over j < L of p[j] * rows[j], each value an fma per j in the order of j from
-// 0 (as axpy per j), 64 values at a time in registers
+// 0, 64 values at a time in registers
 inline void weighted_sum(const float* p, const float* const* rows, int64_t L, int64_t n, float* y) {
   int64_t d = 0;
 #if defined(__AVX2__)
