@@ -398,22 +398,21 @@ class GemvConfig:
 FMA_GEMV = GemvConfig()
 DOT_GEMV = GemvConfig(block_n=128, dot=True)
 # (rows bucket, K, N) -> the measured best launch: benchmarks/w4_gpu.py's sweep on an H200
-# (llama-8b's qkv / o / gate_up / down, bf16, group 128; benchmarks/QUANT.md), one row as the
-# decode step ran it (gpu/2026-12-01-h200-w4r: qkv 10.3 us with its RMSNorm prologue, o 8.9,
-# gate_up 28.7; down from 02:56's run, gpu/2026-12-01-h200-w4q: the 1-warp launch took 79 us
-# with the SiLU prologue), 4 and 16 rows from 2026-11-30. The one-row launches were re-timed
-# in session 8 (gpu/2026-12-01-h200-s8-w4g: 10.07 / 8.41 / 26.28 / 17.98 us); the fixed
-# atomic split-K kernel then passed every check on the device (CHECK_SUMMARY failed=0) and its
-# one-row launches below took qkv / o / gate_up / down to 8.6 / 6.8 / 23.0 / 15.9 us in the step,
-# b1_decode 365.5 -> 409.3 tok/s (gpu/2026-12-01-h200-s8-final/w4; QUANT.md, session 8). Their
-# fp32 atomic adds make the last bit of a one-row W4A16 output order-dependent (run to run).
+# (llama-8b's qkv / o / gate_up / down, bf16, group 128; benchmarks/QUANT.md), 4 and 16 rows from
+# 2026-11-30. One row: benchmarks/w4_gemv_gpu.py's sweep with each projection's fused prologue,
+# session 9 (gpu/2026-12-01-h200-s9-w4h): qkv 7.92 us (session 8's launch), o 6.72 and down 12.47
+# (256 columns on two warps, the next block's loads in registers before this one's FMAs, weights
+# evict-first), gate_up 20.34 (8 columns a thread on one warp: the x work and addressing shared
+# by twice the weights); b1_decode 408.8 -> 444.2 tok/s (1.905x bf16). Split K is summed by fp32
+# atomics: the last bit of a one-row output depends on the order the programs finish (the
+# split-order sum, repeatable, measured 406.1 tok/s with its best launches: not the default).
 # Buckets of more than GEMV_MAX_ROWS rows are used only where the sweep found this kernel
 # faster than the GEMM / dequantize paths (there it did not).
 TUNED: dict[tuple[int, int, int], GemvConfig] = {
     (1, 4096, 6144): GemvConfig(block_n=128, num_warps=1, programs_per_sm=8, words=8, atomic=True),
-    (1, 4096, 4096): GemvConfig(block_n=512, num_warps=4, programs_per_sm=8, words=8, atomic=True),
-    (1, 4096, 28672): GemvConfig(block_n=128, num_warps=1, programs_per_sm=16, words=8, atomic=True),
-    (1, 14336, 4096): GemvConfig(block_n=256, num_warps=2, words=8, atomic=True),
+    (1, 4096, 4096): GemvConfig(block_n=256, num_warps=2, words=8, atomic=True, prefetch=True, evict=True),
+    (1, 4096, 28672): GemvConfig(block_n=256, num_warps=1, programs_per_sm=8, words=8, atomic=True),
+    (1, 14336, 4096): GemvConfig(block_n=256, num_warps=2, words=8, atomic=True, prefetch=True, evict=True),
     (4, 4096, 6144): GemvConfig(block_n=128, dot=True),
     (4, 4096, 4096): GemvConfig(block_n=64, dot=True),
     (4, 4096, 28672): GemvConfig(block_n=128, num_warps=8, dot=True),
