@@ -393,6 +393,7 @@ class GemvConfig:
     prefetch: bool = False  # FMA: the next K block's loads into registers before this one's FMAs
     #                         (no shared-memory pipeline: num_stages unused)
     evict: bool = False     # FMA: weights loaded evict-first
+    maxnreg: int = 0        # FMA: cap on registers a thread (0: ptxas's choice), for more warps an SM
 
 
 FMA_GEMV = GemvConfig()
@@ -560,7 +561,8 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         GROUP_SIZE=group_size, BLOCK_N=config.block_n, WORDS=config.words, EVEN_N=n % config.block_n == 0,
         SPLIT=counters is not None, PROLOGUE=prologue, NUM_STAGES=1 if config.prefetch else config.num_stages,
         ATOMIC=sums is not None, SPLITS=splits if counters is not None and sums is None else 1,
-        PREFETCH=config.prefetch, EVICT=config.evict, num_warps=config.num_warps)
+        PREFETCH=config.prefetch, EVICT=config.evict, num_warps=config.num_warps,
+        **({"maxnreg": config.maxnreg} if config.maxnreg else {}))
     return _sum_splits(partials, x.dtype) if counters is None else y
 
 
