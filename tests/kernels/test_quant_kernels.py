@@ -49,7 +49,7 @@ def test_w4a16_paths_match_the_dequantized_reference(path, act_order):
                                     GemvConfig(block_n=32, words=8, atomic=True), GemvConfig(block_n=16, atomic=True),
                                     GemvConfig(block_n=32, words=8, prefetch=True, evict=True),
                                     GemvConfig(block_n=16, words=8, prefetch=True, programs_per_sm=0),
-                                    GemvConfig(block_n=32, words=8, atomic=True, prefetch=True, maxnreg=128),
+                                    GemvConfig(block_n=32, words=8, atomic=True, prefetch=True),
                                     GemvConfig(block_n=16, words=8, programs_per_sm=64, evict=True)],
                          ids=["fma-split", "fma-nosplit", "fma-words8-sumkernel", "dot-split", "dot-nosplit",
                               "fma-atomic", "fma-atomic-words16", "fma-prefetch-evict", "fma-prefetch-nosplit",

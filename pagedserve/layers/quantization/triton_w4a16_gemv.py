@@ -393,7 +393,6 @@ class GemvConfig:
     prefetch: bool = False  # FMA: the next K block's loads into registers before this one's FMAs
     #                         (no shared-memory pipeline: num_stages unused)
     evict: bool = False     # FMA: weights loaded evict-first
-    maxnreg: int = 0        # FMA: cap on registers a thread (0: ptxas's choice), for more warps an SM
 
 
 FMA_GEMV = GemvConfig()
@@ -404,7 +403,8 @@ DOT_GEMV = GemvConfig(block_n=128, dot=True)
 # session 9 (gpu/2026-12-01-h200-s9-w4h): qkv 7.92 us (session 8's launch), o 6.72 and down 12.47
 # (256 columns on two warps, the next block's loads in registers before this one's FMAs, weights
 # evict-first), gate_up 20.34 (8 columns a thread on one warp: the x work and addressing shared
-# by twice the weights); b1_decode 408.8 -> 444.2 tok/s (1.905x bf16). Split K is summed by fp32
+# by twice the weights); b1_decode 408.8 -> 444.2 tok/s (1.905x bf16; a second call: 444.8, 1.93x,
+# and none of 40 neighbouring launches faster: gpu/2026-12-01-h200-s9-w4h-call2). Split K is summed by fp32
 # atomics: the last bit of a one-row output depends on the order the programs finish (the
 # split-order sum, repeatable, measured 406.1 tok/s with its best launches: not the default).
 # Buckets of more than GEMV_MAX_ROWS rows are used only where the sweep found this kernel
@@ -561,8 +561,7 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         GROUP_SIZE=group_size, BLOCK_N=config.block_n, WORDS=config.words, EVEN_N=n % config.block_n == 0,
         SPLIT=counters is not None, PROLOGUE=prologue, NUM_STAGES=1 if config.prefetch else config.num_stages,
         ATOMIC=sums is not None, SPLITS=splits if counters is not None and sums is None else 1,
-        PREFETCH=config.prefetch, EVICT=config.evict, num_warps=config.num_warps,
-        **({"maxnreg": config.maxnreg} if config.maxnreg else {}))
+        PREFETCH=config.prefetch, EVICT=config.evict, num_warps=config.num_warps)
     return _sum_splits(partials, x.dtype) if counters is None else y
 
 
