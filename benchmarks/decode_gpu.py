@@ -14,7 +14,7 @@ bf16, tests (each guarded: a failure prints its traceback and the next stage run
           keeps it for the variant "swept" (then it runs before models).
           --roles qkv,o,...: only those matmuls, over QUICK_CONFIGS (~30 s)
   models  per model and --variants (default: the library's defaults; swept: with the sweep's
-          gemv table; default2: the defaults again; base: torch's argmax and
+          gemv table; default2: the defaults again; old: the gemv table before split K; base: torch's argmax and
           one pageable copy per step input; unfused: no gemv prologue, no rotary in the KV store;
           the RMSNorm-prologue gemv, the one-launch decode attention and PDL launches that earlier
           runs A/B'd are deleted): b1_decode tok/s as
@@ -451,7 +451,13 @@ VARIANTS = {   # name: (gemv fusions, packed step inputs + Triton argmax)
     "default": (True, True), "base": (True, False), "unfused": (False, False),
     # the library's defaults with the gemv table updated by this run's sweep (SWEPT), and the
     # defaults once more after it (the drift between two runs of one engine)
-    "swept": (True, True), "default2": (True, True)}
+    "swept": (True, True), "default2": (True, True), "old": (True, True)}
+# variant "old": the one-row table before split K (session 8's CONFIGS), for the A/B against main's
+OLD_CONFIGS = {(n, k): GemvConfig(*c) for (n, k), c in {
+    (3072, 2048): (8, 512, 4, 4), (2048, 2048): (8, 512, 4, 4), (16384, 2048): (8, 1024, 4, 4),
+    (2048, 8192): (8, 1024, 4, 4), (128256, 2048): (16, 256, 4, 4), (6144, 4096): (16, 256, 4, 4),
+    (4096, 4096): (8, 512, 4, 4), (28672, 4096): (16, 256, 4, 4), (4096, 14336): (16, 512, 4, 4),
+    (128256, 4096): (8, 1024, 4, 4)}.items()}
 
 
 DEFAULT_FUSION = linear_ops.FUSE_DECODE
@@ -504,6 +510,8 @@ def run_model(dev: torch.device, model: str, variant: str, thr512: bool) -> None
         triton_gemv.CONFIGS.update(SWEPT)
         res_table = {f"{n}x{k}": list(c.__dict__.values()) for (n, k), c in SWEPT.items()}
         log(f"{label}: gemv table {res_table}")
+    elif variant == "old":
+        triton_gemv.CONFIGS.update(OLD_CONFIGS)
     try:
         run_engine(dev, model, variant, thr512, label, gemv_fusion, packed_inputs)
     finally:
