@@ -170,7 +170,8 @@ def _scratch(device: torch.device, n: int, splits: int) -> tuple[torch.Tensor, t
     each tile's last program resets its own), one pair per (device, N, splits), allocated by the
     first launch outside CUDA-graph capture and kept (captured graphs hold their addresses);
     None while capturing before that (the launch then does not split: an engine's eager warm-up
-    runs every decode shape before its capture)."""
+    runs every decode shape before its capture). Launches sharing a pair must not overlap: the
+    model's forwards run on one stream at a time."""
     key = (device, n, splits)
     if key not in _SCRATCH:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
