@@ -9,12 +9,12 @@ bf16, tests (each guarded: a failure prints its traceback and the next stage run
           the greedy argmax over 128k logits (1 and 16 rows): torch's against argmax_rows
   sweep   (not by default) M=1 matmuls of llama-1b / llama-8b (qkv, o, gate_up, down with its
           SiLU prologue, lm_head): cuBLAS against the Triton gemv over a grid of launch shapes
-          with split K (sweep_configs), each launch checked first (check_launches), weights
+          (sweep_configs), each launch checked first (check_launches), weights
           cycled past the L2, each call timed in a CUDA graph of 40. Prints a CONFIGS table and
           keeps it for the variant "swept" (then it runs before models).
           --roles qkv,o,...: only those matmuls, over QUICK_CONFIGS (~30 s)
   models  per model and --variants (default: the library's defaults; swept: with the sweep's
-          gemv table; default2: the defaults again; old: the gemv table before split K; base: torch's argmax and
+          gemv table; default2: the defaults again; old: session 8's gemv table; base: torch's argmax and
           one pageable copy per step input; unfused: no gemv prologue, no rotary in the KV store;
           the RMSNorm-prologue gemv, the one-launch decode attention and PDL launches that earlier
           runs A/B'd are deleted): b1_decode tok/s as
@@ -120,17 +120,16 @@ QUICK_CONFIGS = [GemvConfig(*c) for c in (
 
 def sweep_configs(n: int, k: int) -> list[GemvConfig]:
     """M = 1 launch shapes (the FMA variant: block_n may be below 16) for weight [n, k]: tiles
-    around the table's, each with K split 1-8 ways (1-2 for the wide gate_up and LM head, whose
-    grids already fill the SMs); every split at least one K slice."""
+    around the table's, narrower ones for the narrow matmuls. (Split K, summed in the same
+    launch by each tile's last program, lost on all ten llama shapes by 0.8-6.1 us a call:
+    benchmarks/RESULTS.md, session 9.)"""
     if SMOKE:
-        return [GemvConfig(16, 64, 4, 2), GemvConfig(8, 64, 4, 2), GemvConfig(8, 32, 4, 2, 2), GemvConfig(8, 32, 4, 2, 4)]
+        return [GemvConfig(16, 64, 4, 2), GemvConfig(8, 64, 4, 2), GemvConfig(8, 32, 4, 2)]
     if ROLES:
         return QUICK_CONFIGS
     tiles = ((4, 512), (4, 1024), (8, 256), (8, 512), (8, 1024), (16, 256), (16, 512), (32, 256))
-    wide = n >= 16384
-    tiles += () if wide else ((2, 1024), (4, 256))   # narrower slabs: more programs without a split
-    return [GemvConfig(bn, bk, w, st, sp) for bn, bk in tiles for w, st in ((4, 4), (4, 3), (8, 4))
-            for sp in ((1, 2) if wide else (1, 2, 4, 8)) if bk * sp <= k]
+    tiles += () if n >= 16384 else ((2, 1024), (4, 256))   # narrower slabs: more programs
+    return [GemvConfig(bn, bk, w, st) for bn, bk in tiles for w, st in ((4, 4), (4, 3), (8, 4)) if bk <= k]
 
 
 SWEPT: dict[tuple[int, int], GemvConfig] = {}   # the sweep's best launch per weight shape (variant "swept")
@@ -277,8 +276,8 @@ def attn_stage(dev: torch.device, dtype: torch.dtype, models: list[str]) -> None
 
 def check_launches(run, x: torch.Tensor, weights: list, refs: list, cfg: GemvConfig) -> str | None:
     """None if `run(x, w, cfg)` is within bf16 rounding of the fp32 reference (refs) on each weight,
-    launched back to back over all of them twice (a split read before it was written would
-    show another weight's partial), and the same bits both times; else what failed."""
+    launched back to back over all of them twice (a launch reading state another left would
+    show another weight's values), and the same bits both times; else what failed."""
     outs = [[run(x, w, cfg) for w in weights] for _ in range(2)]
     for i, ref in enumerate(refs):
         err = (outs[0][i].float() - ref).abs()
@@ -295,7 +294,7 @@ def sweep(dev: torch.device, dtype: torch.dtype, models: list[str]) -> None:
     """Every launch shape of sweep_configs, compiled ahead in parallel, checked (check_launches;
     down with its SiLU-and-mul prologue, as the model runs it, also bit for bit the unfused
     activation then the same launch), then timed on weights cycled past the L2 in CUDA graphs;
-    the same bits again after the timing (the counters left clean). Fills SWEPT."""
+    the same bits again after the timing. Fills SWEPT."""
     from pagedserve.layers import triton_ops
     from pagedserve.worker.compile_ahead import compile_ahead
     rows, best = [], {}
@@ -340,12 +339,11 @@ def sweep(dev: torch.device, dtype: torch.dtype, models: list[str]) -> None:
             timed.sort(key=lambda t: t[0])
             cur = config_for(1, n, k)
             cur_us = time_us(lambda w: run(x, w, cur), [(w,) for w in weights])
-            unsplit = [t for t in timed if t[1].splits == 1]
             row = dict(shape=f"{model}.{role}", n=n, k=k, mbytes=round(nbytes / 2**20, 1),
                        cublas_us=round(cublas, 2), cublas_tb_s=round(nbytes / cublas / 1e6, 2),
                        current_us=round(cur_us, 2), current_tb_s=round(nbytes / cur_us / 1e6, 2),
                        best_us=round(timed[0][0], 2), best_tb_s=round(nbytes / timed[0][0] / 1e6, 2),
-                       best=timed[0][1].__dict__, best_unsplit_us=round(unsplit[0][0], 2) if unsplit else None,
+                       best=timed[0][1].__dict__,
                        top5=[(round(t, 2), c.__dict__) for t, c in timed[:5]], configs=len(configs),
                        all=[(round(t, 2), list(c.__dict__.values())) for t, c in timed])
             best[(n, k)] = (timed[0][1], timed[0][0] < cublas)
@@ -353,7 +351,7 @@ def sweep(dev: torch.device, dtype: torch.dtype, models: list[str]) -> None:
             rows.append(row)
             log(f"{row['shape']:16s} {row['mbytes']:7.1f} MiB  cuBLAS {cublas:8.2f} us ({row['cublas_tb_s']:.2f} TB/s)"
                 f"  current {cur_us:8.2f} ({row['current_tb_s']:.2f})  best {timed[0][0]:8.2f} "
-                f"({row['best_tb_s']:.2f}) {timed[0][1]}  best unsplit {row['best_unsplit_us']}")
+                f"({row['best_tb_s']:.2f}) {timed[0][1]}")
             del weights
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
@@ -361,7 +359,7 @@ def sweep(dev: torch.device, dtype: torch.dtype, models: list[str]) -> None:
     RESULTS["sweep_check_failed"] = failed
     log(f"CHECK_SUMMARY failed={len(failed)} of {sum(r['configs'] for r in rows)} launches")
     log("CONFIGS = {  # the best launch shape per weight shape; # cuBLAS: where cuBLAS was faster\n" + "\n".join(
-        f"    ({n}, {k}): GemvConfig({c.block_n}, {c.block_k}, {c.num_warps}, {c.num_stages}, {c.splits}),"
+        f"    ({n}, {k}): GemvConfig({c.block_n}, {c.block_k}, {c.num_warps}, {c.num_stages}),"
         + ("" if wins else "  # cuBLAS") for (n, k), (c, wins) in best.items()) + "\n}")
 
 
@@ -452,7 +450,7 @@ VARIANTS = {   # name: (gemv fusions, packed step inputs + Triton argmax)
     # the library's defaults with the gemv table updated by this run's sweep (SWEPT), and the
     # defaults once more after it (the drift between two runs of one engine)
     "swept": (True, True), "default2": (True, True), "old": (True, True)}
-# variant "old": the one-row table before split K (session 8's CONFIGS), for the A/B against main's
+# variant "old": the one-row table before session 9's sweep (session 8's CONFIGS)
 OLD_CONFIGS = {(n, k): GemvConfig(*c) for (n, k), c in {
     (3072, 2048): (8, 512, 4, 4), (2048, 2048): (8, 512, 4, 4), (16384, 2048): (8, 1024, 4, 4),
     (2048, 8192): (8, 1024, 4, 4), (128256, 2048): (16, 256, 4, 4), (6144, 4096): (16, 256, 4, 4),

@@ -11,11 +11,7 @@ read once and the arithmetic is nil. Each program streams a [BLOCK_N, BLOCK_K] s
 over the whole of K through a software pipeline (NUM_STAGES loads in flight), fp32
 accumulation, one rounding of the output. One row (M = 1) is multiplied with FMAs, each lane
 accumulating its products across the slices and one reduction at the end; 2-16 rows go
-through tl.dot on 16 padded rows. One row may also split K over `splits` programs per column
-tile (GemvConfig.splits: more bytes in flight where N / BLOCK_N programs are few per SM or K is
-long): each stores its fp32 sums, the tile's last to arrive adds them in a fixed order in the
-same launch. Deterministic (the same bits every run), but not the unsplit kernel's bits (another
-summation order).
+through tl.dot on 16 padded rows.
 
 Launch shapes: M = 1 by weight shape (CONFIGS, from the sweep in `benchmarks/decode_gpu.py` on
 an H200: the FMA variant beat both cuBLAS and tl.dot on padded rows on every llama-1b/8b shape,
@@ -37,6 +33,9 @@ MAX_ROWS = 16
 # (Programmatic dependent launch, each gemv placed while the kernel before runs and prefetching its
 # first weight slices into the L2, was measured slower twice on the H200: 831 vs 951 and 933.7 vs
 # 1,025.6 tok/s on llama-1b, benchmarks/RESULTS.md; deleted.)
+# (Split K at one row, each tile's fp32 partials summed in a fixed order by its last program in
+# the same launch, was checked exact and deterministic on the H200 but slower on all ten llama
+# shapes, by 0.8-6.1 us a call, and level end to end: benchmarks/RESULTS.md, session 9; deleted.)
 MIN_WEIGHT_BYTES = 32 * 2**20
 _DTYPES = (torch.bfloat16, torch.float16)
 
@@ -44,14 +43,9 @@ _PLAIN, _SILU = 0, 1
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, y_ptr, p_ptr, c_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn, stride_ym,
+def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                  PROLOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, LIBDEVICE: tl.constexpr,
-                 SPLITS: tl.constexpr = 1, SPLITS_POW2: tl.constexpr = 1):
-    """SPLITS > 1 (one row only): program (n tile, split) streams K[split * K_SPLIT, +K_SPLIT)
-    and stores its fp32 sums in p_ptr [SPLITS, N]; the tile's last program to arrive (counter
-    c_ptr[tile], reset by it) loads the SPLITS partials as one block and sums them in a fixed
-    order: the same bits every run."""
+                 EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, LIBDEVICE: tl.constexpr):
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -60,17 +54,11 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, p_ptr, c_ptr, M, N, K, K_SPLIT, stride_xm,
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     m_valid = offs_m[:, None] < M
     n_valid = offs_n[:, None] < N
-    if SPLITS == 1:
-        k_lo = 0
-        k_hi = K
-    else:
-        k_lo = tl.program_id(1) * K_SPLIT
-        k_hi = tl.minimum(k_lo + K_SPLIT, K)
     if BLOCK_M == 1:   # one row: per-lane FMAs over the slices, one reduction at the end
         acc_k = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):
+    for k in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
         cols = k + offs_k
         x_mask = m_valid if EVEN_K else m_valid & (cols[None, :] < K)
         w_mask = n_valid if EVEN_K else n_valid & (cols[None, :] < K)
@@ -84,21 +72,10 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, p_ptr, c_ptr, M, N, K, K_SPLIT, stride_xm,
             acc_k += x.to(tl.float32) * w.to(tl.float32)
         else:
             acc = tl.dot(x, tl.trans(w), acc)
-    if SPLITS == 1:
-        if BLOCK_M == 1:
-            acc = tl.sum(acc_k, axis=1)[None, :]
-        out = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_valid & (offs_n[None, :] < N))
-    else:
-        n_ok = offs_n < N
-        tl.store(p_ptr + tl.program_id(1) * N + offs_n, tl.sum(acc_k, axis=1), mask=n_ok)
-        tl.debug_barrier()   # every thread's partial stored before the one arrival below
-        if tl.atomic_add(c_ptr + pid, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
-            splits = tl.arange(0, SPLITS_POW2)
-            parts = tl.load(p_ptr + splits[:, None] * N + offs_n[None, :],
-                            mask=(splits[:, None] < SPLITS) & n_ok[None, :], other=0.0, cache_modifier=".cg")
-            tl.store(y_ptr + offs_n, tl.sum(parts, axis=0).to(y_ptr.dtype.element_ty), mask=n_ok)
-            tl.atomic_xchg(c_ptr + pid, 0, sem="relaxed", scope="gpu")   # clean for the next launch
+    if BLOCK_M == 1:
+        acc = tl.sum(acc_k, axis=1)[None, :]
+    out = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_valid & (offs_n[None, :] < N))
 
 
 @dataclass(frozen=True)
@@ -107,7 +84,6 @@ class GemvConfig:
     block_k: int = 512
     num_warps: int = 4
     num_stages: int = 4
-    splits: int = 1   # M = 1 only: programs along K, their fp32 partials summed by each tile's last
 
 
 DEFAULT_CONFIG = GemvConfig()   # M > 1: tl.dot on 16 padded rows (block_n >= 16)
@@ -162,45 +138,17 @@ def _check(x: torch.Tensor, k: int, weight: torch.Tensor) -> None:
                          f"{x.stride()} and {weight.stride()}")
 
 
-_SCRATCH: dict[tuple[torch.device, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _scratch(device: torch.device, n: int, splits: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Split K's fp32 partials [splits, n] and per-tile arrival counters (zero between launches:
-    each tile's last program resets its own), one pair per (device, N, splits), allocated by the
-    first launch outside CUDA-graph capture and kept (captured graphs hold their addresses);
-    None while capturing before that (the launch then does not split: an engine's eager warm-up
-    runs every decode shape before its capture). Launches sharing a pair must not overlap: the
-    model's forwards run on one stream at a time."""
-    key = (device, n, splits)
-    if key not in _SCRATCH:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        _SCRATCH[key] = (torch.empty((splits, n), dtype=torch.float32, device=device),
-                         torch.zeros(n, dtype=torch.int32, device=device))
-    return _SCRATCH[key]
-
-
 def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None, k: int
             ) -> torch.Tensor:
     _check(x, k, weight)
     m, n = x.shape[0], weight.shape[0]
     config = config or config_for(m, n, k)
-    if config.splits > 1 and m > 1:
-        raise ValueError(f"gemv: split K is for one row; got {m} rows with {config}")
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    # K_SPLIT: whole K slices per split; the splits actually needed (at most config.splits)
-    k_split = triton.cdiv(triton.cdiv(k, config.block_k), config.splits) * config.block_k
-    splits = triton.cdiv(k, k_split)
-    scratch = _scratch(x.device, n, splits) if splits > 1 else None
-    if scratch is None:
-        splits, k_split = 1, k
-    partials, counters = scratch or (y, y)
-    _gemv_kernel[(triton.cdiv(n, config.block_n), splits)](
-        x, weight, y, partials, counters, m, n, k, k_split, x.stride(0), weight.stride(0), y.stride(0),
+    _gemv_kernel[(triton.cdiv(n, config.block_n),)](
+        x, weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
         PROLOGUE=prologue, BLOCK_M=1 if m == 1 else 16, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         EVEN_K=k % config.block_k == 0, NUM_STAGES=config.num_stages, LIBDEVICE=_LIBDEVICE,
-        SPLITS=splits, SPLITS_POW2=triton.next_power_of_2(splits), num_warps=config.num_warps)
+        num_warps=config.num_warps)
     return y
 
 
