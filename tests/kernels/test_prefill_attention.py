@@ -168,6 +168,8 @@ def test_backend_long_chunks_by_sequence(path: str, dtype: torch.dtype) -> None:
     tokens one at a time ("cudnn": SDPA, a math stand-in off CUDA, new part + gathered context
     merged by LSE; "triton": the prefill kernel on the gathered context); the runs of shorter
     chunks between them -> one Triton launch each."""
+    if path == "cudnn" and DEVICE.type == "cuda" and dtype == torch.float32:
+        pytest.skip("cuDNN's fused attention takes 16-bit types only (sdpa_available)")
     backend = TritonBackend()
     backend.prefill_min_query_len, backend.sdpa_min_query_len = 8, 20
     backend.long_chunk_path, backend.cudnn_shape_multiple = path, 1
@@ -177,14 +179,16 @@ def test_backend_long_chunks_by_sequence(path: str, dtype: torch.dtype) -> None:
 
 def test_backend_cudnn_only_round_shapes() -> None:
     """cuDNN (math stand-in here) takes only chunks whose length and context are multiples of
-    cudnn_shape_multiple; the others go to the Triton kernel."""
+    cudnn_shape_multiple; the others go to the Triton kernel (bf16 on CUDA: cuDNN takes 16-bit
+    types only)."""
     backend = TritonBackend()
     backend.prefill_min_query_len, backend.sdpa_min_query_len, backend.cudnn_shape_multiple = 8, 16, 16
     backend._sdpa_available = lambda device, dtype, head_dim: True
     calls = []
     real = backend._sdpa_prefill_sequence
     backend._sdpa_prefill_sequence = lambda *a: calls.append(a[6:9]) or real(*a)
-    backend_step([1, 32, 20, 16], [7, 16, 0, 5], 1, torch.float32, backend, host_lists=True, seed=19)
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+    backend_step([1, 32, 20, 16], [7, 16, 0, 5], 1, dtype, backend, host_lists=True, seed=19)
     assert [(token_begin, query_len, context_len) for token_begin, query_len, context_len in calls] == [(1, 32, 16)] * 2   # attended twice
 
 
