@@ -1,13 +1,16 @@
 """Issue 19: where a batch-1 decode step of the default model goes on the CPU, over the decode
 steps of one 128-token prompt. Default: wall-clock ms per step, split by timing wrappers into
-the C++ decoder stack (gguf.cpu_decode_stack: every layer in one call), the LM head
-(compute_logits), the rest of the model's forward (embedding, final norm), the rest of the
+the C++ decoder stack (gguf.cpu_decode_stack: every layer and the final norm in one call), the
+LM head (compute_logits), the rest of the model's forward (the embedding), the rest of the
 runner (inputs, sampling) and the engine outside the runner (scheduler, outputs).
 --profile: torch.profiler instead (aten calls per step, the ops by self CPU time, the share
 of the step outside aten ops; it sees nothing inside the C++ call and inflates the step).
+--phases: inside the C++ stack (DecodeStack.set_profile / timings), per thread and kind of
+phase, us per step working (claiming and running chunks) and waiting for the other threads'
+chunks, and chunks per step; "entry" is the time from the call to a thread's first phase.
 
 Usage: PYTHONPATH=. python benchmarks/cpu_profile_decode.py [--dtype auto|float32] [--threads N]
-       [--steps N] [--profile] [--out FILE.json]"""
+       [--steps N] [--profile | --phases] [--out FILE.json]"""
 import argparse
 import collections
 import json
@@ -29,12 +32,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--phases", action="store_true")
     ap.add_argument("--out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     spent = collections.defaultdict(float)
     if not args.profile:
-        time_calls(spent)
+        time_calls(spent)   # --phases too: it finds the stack through the timed call
     llm = LLM(max_model_len=1024, seed=0, dtype=args.dtype)
     rng = random.Random(0)
     prompt = {"prompt_token_ids": [rng.randrange(100, 40000) for _ in range(128)]}
@@ -46,6 +50,8 @@ def main() -> None:
     t0 = time.perf_counter()
     gen(1)
     prefill = time.perf_counter() - t0
+    if args.phases:
+        return phases(args, gen, prefill)
     if not args.profile:
         report(args, gen, spent, prefill)
         return
@@ -72,6 +78,38 @@ def main() -> None:
             json.dump(result, f, indent=1)
 
 
+STACK_LAYERS: list = []   # the layers of the last cpu_decode_stack call
+PHASE_NAMES = ("qkv", "attention", "attn_q8", "o", "gate_up_silu", "down", "final_norm", "entry")
+
+
+def phases(args, gen, prefill: float) -> None:
+    """us per decode step in each kind of phase of the C++ stack, per thread."""
+    stack = STACK_LAYERS[0].__dict__["_gguf_decode_stack"][1]
+    stack.set_profile(True)
+    t0 = time.perf_counter()
+    gen(args.steps + 1)
+    wall = time.perf_counter() - t0 - prefill
+    times, runs, stack_us = stack.timings()
+    stack.set_profile(False)
+    per = times / runs
+    rows = {name: dict(work_us=[round(float(x), 1) for x in per[:, k, 0]],
+                       wait_us=[round(float(x), 1) for x in per[:, k, 1]],
+                       chunks=[round(float(x), 1) for x in per[:, k, 2]]) for k, name in enumerate(PHASE_NAMES)}
+    result = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), dtype=args.dtype, threads=args.threads,
+                  load_average_1m=round(os.getloadavg()[0], 2), steps=runs, step_ms=round(wall / args.steps * 1e3, 2),
+                  stack_ms=round(stack_us / runs / 1e3, 3),
+                  work_ms=[round(float(x), 3) for x in per[:, :-1, 0].sum(1) / 1e3],
+                  wait_ms=[round(float(x), 3) for x in per[:, :-1, 1].sum(1) / 1e3], phases=rows)
+    print(f"{'phase':14s}" + "".join(f"  t{t} work / wait us (chunks)" for t in range(per.shape[0])))
+    for name, r in rows.items():
+        print(f"{name:14s}" + "".join(f"  {w:8.1f} / {x:7.1f} ({c:5.1f})      "
+                                      for w, x, c in zip(r["work_us"], r["wait_us"], r["chunks"])))
+    print(json.dumps({k: v for k, v in result.items() if k != "phases"}))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
 def time_calls(spent: dict) -> None:
     """Wraps the step's parts so that each call adds its wall time to spent[part]."""
     import pagedserve.models.llama as llama
@@ -86,7 +124,12 @@ def time_calls(spent: dict) -> None:
             finally:
                 spent[part] += time.perf_counter() - t
         return call
-    llama.cpu_decode_stack = timed(llama.cpu_decode_stack, "decoder_stack")
+    fused = llama.cpu_decode_stack
+
+    def stack_call(layers, *a):
+        STACK_LAYERS[:] = layers
+        return fused(layers, *a)
+    llama.cpu_decode_stack = timed(stack_call, "decoder_stack")
     llama.LlamaModel.forward = timed(llama.LlamaModel.forward, "model_forward")
     llama.LlamaForCausalLM.compute_logits = timed(llama.LlamaForCausalLM.compute_logits, "lm_head")
     ModelRunner.execute_model = timed(ModelRunner.execute_model, "runner")

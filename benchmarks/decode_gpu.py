@@ -7,12 +7,14 @@ bf16, tests (each guarded: a failure prints its traceback and the next stage run
   attn    per-layer decode attention (rotary_store_kv + the paged kernel + its reduce) timed in
           CUDA graphs (bs 1 at contexts 128-2048, bs 4 and 16; at bs 1 also from a flushed L2);
           the greedy argmax over 128k logits (1 and 16 rows): torch's against argmax_rows
-  sweep   (not by default) M=1 matmuls of llama-1b / llama-8b (qkv, o, gate_up, down,
-          lm_head): cuBLAS against the Triton gemv over a grid of launch shapes, weights cycled
-          past the L2, each call timed in a CUDA graph of 40; each fusion against its two
-          unfused launches; M=8 cuBLAS against the tl.dot gemv. Prints a CONFIGS table.
+  sweep   (not by default) M=1 matmuls of llama-1b / llama-8b (qkv, o, gate_up, down with its
+          SiLU prologue, lm_head): cuBLAS against the Triton gemv over a grid of launch shapes
+          (sweep_configs), each launch checked first (check_launches), weights
+          cycled past the L2, each call timed in a CUDA graph of 40. Prints a CONFIGS table and
+          keeps it for the variant "swept" (then it runs before models).
           --roles qkv,o,...: only those matmuls, over QUICK_CONFIGS (~30 s)
-  models  per model and --variants (default: the library's defaults; base: torch's argmax and
+  models  per model and --variants (default: the library's defaults; swept: with the sweep's
+          gemv table; default2: the defaults again; old: session 8's gemv table; base: torch's argmax and
           one pageable copy per step input; unfused: no gemv prologue, no rotary in the KV store;
           the RMSNorm-prologue gemv, the one-launch decode attention and PDL launches that earlier
           runs A/B'd are deleted): b1_decode tok/s as
@@ -116,14 +118,21 @@ QUICK_CONFIGS = [GemvConfig(*c) for c in (
     (8, 512, 2, 4), (16, 1024, 4, 4), (8, 1024, 4, 2))]
 
 
-def sweep_configs() -> list[GemvConfig]:
-    """M = 1 launch shapes (the FMA variant: block_n may be below 16)."""
+def sweep_configs(n: int, k: int) -> list[GemvConfig]:
+    """M = 1 launch shapes (the FMA variant: block_n may be below 16) for weight [n, k]: tiles
+    around the table's, narrower ones for the narrow matmuls. (Split K, summed in the same
+    launch by each tile's last program, lost on all ten llama shapes by 0.8-6.1 us a call:
+    benchmarks/RESULTS.md, session 9.)"""
     if SMOKE:
-        return [GemvConfig(16, 64, 4, 2), GemvConfig(8, 64, 4, 2)]
+        return [GemvConfig(16, 64, 4, 2), GemvConfig(8, 64, 4, 2), GemvConfig(8, 32, 4, 2)]
     if ROLES:
         return QUICK_CONFIGS
-    tiles = [(bn, bk) for bn in (4, 8, 16, 32) for bk in (256, 512, 1024, 2048) if 2048 <= bn * bk <= 16384]
-    return [GemvConfig(bn, bk, w, st) for bn, bk in tiles for w, st in ((4, 4), (8, 4), (4, 3), (4, 6))]
+    tiles = ((4, 512), (4, 1024), (8, 256), (8, 512), (8, 1024), (16, 256), (16, 512), (32, 256))
+    tiles += () if n >= 16384 else ((2, 1024), (4, 256))   # narrower slabs: more programs
+    return [GemvConfig(bn, bk, w, st) for bn, bk in tiles for w, st in ((4, 4), (4, 3), (8, 4)) if bk <= k]
+
+
+SWEPT: dict[tuple[int, int], GemvConfig] = {}   # the sweep's best launch per weight shape (variant "swept")
 
 
 # ----------------------------------------------------------------------------- stages
@@ -265,56 +274,90 @@ def attn_stage(dev: torch.device, dtype: torch.dtype, models: list[str]) -> None
     RESULTS["attn"] = rows
 
 
+def check_launches(run, x: torch.Tensor, weights: list, refs: list, cfg: GemvConfig) -> str | None:
+    """None if `run(x, w, cfg)` is within bf16 rounding of the fp32 reference (refs) on each weight,
+    launched back to back over all of them twice (a launch reading state another left would
+    show another weight's values), and the same bits both times; else what failed."""
+    outs = [[run(x, w, cfg) for w in weights] for _ in range(2)]
+    for i, ref in enumerate(refs):
+        err = (outs[0][i].float() - ref).abs()
+        bad = (err > ref.abs() * 2.0 ** -7 + 1e-3 * ref.abs().max()).sum().item()
+        if bad:
+            return f"weight {i}: {bad} outputs off (max err {err.max().item():.3g})"
+        if not torch.equal(outs[0][i], outs[1][i]):
+            return f"weight {i}: two launches differ"
+    return None
+
+
 @stage("sweep")
 def sweep(dev: torch.device, dtype: torch.dtype, models: list[str]) -> None:
+    """Every launch shape of sweep_configs, compiled ahead in parallel, checked (check_launches;
+    down with its SiLU-and-mul prologue, as the model runs it, also bit for bit the unfused
+    activation then the same launch), then timed on weights cycled past the L2 in CUDA graphs;
+    the same bits again after the timing. Fills SWEPT."""
     from pagedserve.layers import triton_ops
+    from pagedserve.worker.compile_ahead import compile_ahead
     rows, best = [], {}
-    configs = sweep_configs()
+    failed: list[str] = []
     for model in (["tiny"] if SMOKE else models):
         for role, (n, k) in weight_shapes(model).items():
             if ROLES and role not in ROLES:
                 continue
+            configs = sweep_configs(n, k)
             nbytes = n * k * 2
             copies = 1 if SMOKE else max(3, -(-600 * 2**20 // nbytes))
             weights = [(torch.randn(n, k, device=dev) * 0.02).to(dtype) for _ in range(copies)]
-            x = torch.randn(1, k, device=dev).to(dtype)
-            cublas = time_us(lambda w: torch.nn.functional.linear(x, w), [(w,) for w in weights])
+            x = torch.randn(1, 2 * k if role == "down" else k, device=dev).to(dtype)
+            act = triton_ops.silu_and_mul(x) if role == "down" else x
+            run = silu_and_mul_gemv if role == "down" else gemv
+            refs = [act.float() @ w.float().T for w in weights[:3]]
+            if not SMOKE:
+                try:
+                    compile_ahead(lambda w0=weights[0]: [run(x, w0, c) for c in configs])
+                except Exception as exc:   # each launch then compiles (or fails) on its own
+                    log(f"  compile_ahead: {type(exc).__name__}: {str(exc)[:200]}")
+            cublas = time_us(lambda w: torch.nn.functional.linear(act, w), [(w,) for w in weights])
             timed = []
             for cfg in configs:
                 try:
-                    timed.append((time_us(lambda w, c=cfg: gemv(x, w, c), [(w,) for w in weights]), cfg))
+                    why = check_launches(run, x, weights[:3], refs, cfg)
+                    if why is None and role == "down" and not torch.equal(run(x, weights[0], cfg),
+                                                                          gemv(act, weights[0], cfg)):
+                        why = "the SiLU prologue differs from the activation kernel then the gemv"
+                    if why is None:
+                        first = run(x, weights[0], cfg)
+                        us = time_us(lambda w, c=cfg: run(x, w, c), [(w,) for w in weights])
+                        if not torch.equal(run(x, weights[0], cfg), first):
+                            why = "bits differ after the timed graph replays"
+                    if why is not None:
+                        failed.append(f"{model}.{role} {cfg}: {why}")
+                        log(f"  CHECK FAILED {failed[-1]}")
+                        continue
+                    timed.append((us, cfg))
                 except Exception as exc:   # e.g. out of shared memory / registers for a big tile
                     log(f"  {model}.{role} {cfg}: {type(exc).__name__}: {str(exc)[:100]}")
             timed.sort(key=lambda t: t[0])
             cur = config_for(1, n, k)
-            cur_us = time_us(lambda w: gemv(x, w, cur), [(w,) for w in weights])
-            x8 = torch.randn(8, k, device=dev).to(dtype)   # M = 8: tl.dot on padded rows against cuBLAS
-            m8 = (time_us(lambda w: torch.nn.functional.linear(x8, w), [(w,) for w in weights]),
-                  time_us(lambda w: gemv(x8, w), [(w,) for w in weights]))
+            cur_us = time_us(lambda w: run(x, w, cur), [(w,) for w in weights])
             row = dict(shape=f"{model}.{role}", n=n, k=k, mbytes=round(nbytes / 2**20, 1),
                        cublas_us=round(cublas, 2), cublas_tb_s=round(nbytes / cublas / 1e6, 2),
                        current_us=round(cur_us, 2), current_tb_s=round(nbytes / cur_us / 1e6, 2),
                        best_us=round(timed[0][0], 2), best_tb_s=round(nbytes / timed[0][0] / 1e6, 2),
-                       best=timed[0][1].__dict__, top5=[(round(t, 2), c.__dict__) for t, c in timed[:5]],
-                       m8_cublas_us=round(m8[0], 2), m8_gemv_us=round(m8[1], 2))
+                       best=timed[0][1].__dict__,
+                       top5=[(round(t, 2), c.__dict__) for t, c in timed[:5]], configs=len(configs),
+                       all=[(round(t, 2), list(c.__dict__.values())) for t, c in timed])
             best[(n, k)] = (timed[0][1], timed[0][0] < cublas)
-            # each fusion against its two unfused launches (current configs)
-            if role == "down":
-                gu = torch.randn(1, 2 * k, device=dev).to(dtype)
-                row["fused_silu_us"] = round(time_us(lambda w: silu_and_mul_gemv(gu, w), [(w,) for w in weights]), 2)
-                row["unfused_silu_us"] = round(time_us(lambda w: linear_ops.linear(triton_ops.silu_and_mul(gu), w),
-                                                       [(w,) for w in weights]), 2)
+            SWEPT[(n, k)] = timed[0][1]
             rows.append(row)
             log(f"{row['shape']:16s} {row['mbytes']:7.1f} MiB  cuBLAS {cublas:8.2f} us ({row['cublas_tb_s']:.2f} TB/s)"
                 f"  current {cur_us:8.2f} ({row['current_tb_s']:.2f})  best {timed[0][0]:8.2f} "
-                f"({row['best_tb_s']:.2f}) {timed[0][1]}"
-                + "".join(f"  {key} {row[key]}" for key in ("fused_silu_us",
-                                                            "unfused_silu_us", "m8_cublas_us", "m8_gemv_us")
-                          if key in row))
+                f"({row['best_tb_s']:.2f}) {timed[0][1]}")
             del weights
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
     RESULTS["sweep"] = rows
+    RESULTS["sweep_check_failed"] = failed
+    log(f"CHECK_SUMMARY failed={len(failed)} of {sum(r['configs'] for r in rows)} launches")
     log("CONFIGS = {  # the best launch shape per weight shape; # cuBLAS: where cuBLAS was faster\n" + "\n".join(
         f"    ({n}, {k}): GemvConfig({c.block_n}, {c.block_k}, {c.num_warps}, {c.num_stages}),"
         + ("" if wins else "  # cuBLAS") for (n, k), (c, wins) in best.items()) + "\n}")
@@ -403,7 +446,16 @@ def kernel_table(kernels: list, model: str, ctx: int, replays: int) -> dict:
 
 
 VARIANTS = {   # name: (gemv fusions, packed step inputs + Triton argmax)
-    "default": (True, True), "base": (True, False), "unfused": (False, False)}
+    "default": (True, True), "base": (True, False), "unfused": (False, False),
+    # the library's defaults with the gemv table updated by this run's sweep (SWEPT), and the
+    # defaults once more after it (the drift between two runs of one engine)
+    "swept": (True, True), "default2": (True, True), "old": (True, True)}
+# variant "old": the one-row table before session 9's sweep (session 8's CONFIGS)
+OLD_CONFIGS = {(n, k): GemvConfig(*c) for (n, k), c in {
+    (3072, 2048): (8, 512, 4, 4), (2048, 2048): (8, 512, 4, 4), (16384, 2048): (8, 1024, 4, 4),
+    (2048, 8192): (8, 1024, 4, 4), (128256, 2048): (16, 256, 4, 4), (6144, 4096): (16, 256, 4, 4),
+    (4096, 4096): (8, 512, 4, 4), (28672, 4096): (16, 256, 4, 4), (4096, 14336): (16, 512, 4, 4),
+    (128256, 4096): (8, 1024, 4, 4)}.items()}
 
 
 DEFAULT_FUSION = linear_ops.FUSE_DECODE
@@ -446,11 +498,30 @@ def model_dir(model: str) -> str:
 
 
 def run_model(dev: torch.device, model: str, variant: str, thr512: bool) -> None:
-    from pagedserve import LLM, SamplingParams
     label = f"{model}.{variant}"
+    gemv_fusion, packed_inputs = VARIANTS[variant]
+    from pagedserve.layers import triton_gemv
+    table = dict(triton_gemv.CONFIGS)
+    if variant == "swept":
+        if not SWEPT:
+            raise RuntimeError("variant swept needs the sweep stage first (--stages sweep,models)")
+        triton_gemv.CONFIGS.update(SWEPT)
+        res_table = {f"{n}x{k}": list(c.__dict__.values()) for (n, k), c in SWEPT.items()}
+        log(f"{label}: gemv table {res_table}")
+    elif variant == "old":
+        triton_gemv.CONFIGS.update(OLD_CONFIGS)
+    try:
+        run_engine(dev, model, variant, thr512, label, gemv_fusion, packed_inputs)
+    finally:
+        triton_gemv.CONFIGS.clear()
+        triton_gemv.CONFIGS.update(table)
+
+
+def run_engine(dev: torch.device, model: str, variant: str, thr512: bool, label: str, gemv_fusion: bool,
+               packed_inputs: bool) -> None:
+    from pagedserve import LLM, SamplingParams
     from pagedserve.layers import sampler
     from pagedserve.worker import input_batch
-    gemv_fusion, packed_inputs = VARIANTS[variant]
     linear_ops.set_decode_fusion(gemv_fusion)
     input_batch.PACK_STEP_INPUTS = sampler.TRITON_GREEDY = packed_inputs
     t0 = time.time()
@@ -636,9 +707,12 @@ def main() -> None:
         check(dev, dtype)
     if "attn" in stages:
         attn_stage(dev, dtype, models)
-    if "models" in stages:   # before the sweeps: the end-to-end figures first, if time runs out
+    sweep_first = "swept" in args.variants.split(",")   # its table comes from the sweep
+    if "sweep" in stages and sweep_first:
+        sweep(dev, dtype, models)
+    if "models" in stages:   # before other sweeps: the end-to-end figures first, if time runs out
         models_stage(dev, models, ab, args.variants.split(","), [m for m in args.thr.split(",") if m])
-    if "sweep" in stages:
+    if "sweep" in stages and not sweep_first:
         sweep(dev, dtype, models)
     if "bf16" in stages:
         bf16_stage(out_dir)

@@ -45,24 +45,23 @@ from step_profile import StepRecorder, long64_requests  # noqa: E402
 
 SMOKE = attn_gpu.SMOKE
 DTYPE = torch.float32 if SMOKE else torch.bfloat16
-OLD = PrefillTiles(128, 64, 8, 3, paged_prefetch=False)  # the default before this branch, every launch
+# the tile shape of every launch before session 8 (its loop that read block ids in the tile, the
+# "old" rows of RESULTS.md, was deleted after that session)
+OLD = PrefillTiles(128, 64, 8, 3)
 VARIANTS = {
-    "old_128x64": OLD,
-    "old_128x128": PrefillTiles(128, 128, 8, 3, paged_prefetch=False),
-    "pf_128x64": PrefillTiles(128, 64, 8, 3),
+    "pf_128x64": OLD,
     "pf_128x64_s4": PrefillTiles(128, 64, 8, 4),
     "pf_128x128": PrefillTiles(128, 128, 8, 3),  # LARGE_TILES
     "pf_128x128_s2": PrefillTiles(128, 128, 8, 2),
 }
-if SMOKE:  # interpreter-sized tiles, the same two kernel paths
-    VARIANTS = {"old_32x16": PrefillTiles(32, 16, 4, 1, paged_prefetch=False), "pf_32x16": PrefillTiles(32, 16, 4, 1),
-                "pf_32x32": PrefillTiles(32, 32, 4, 1)}
+if SMOKE:  # interpreter-sized tiles
+    VARIANTS = {"pf_32x16": PrefillTiles(32, 16, 4, 1), "pf_32x32": PrefillTiles(32, 32, 4, 1)}
 SUMMARY: list[str] = []
 
 
 @contextlib.contextmanager
 def tiles_mode(name: str):
-    """'new': the module's defaults (LARGE_TILES / SMALL_TILES by launch size); 'old': OLD everywhere."""
+    """'new': the module's defaults (LARGE_TILES / SMALL_TILES by launch size); 'old': OLD's tile shape everywhere."""
     saved = (tpa.LARGE_TILES, tpa.SMALL_TILES)
     if name == "old":
         tpa.LARGE_TILES = tpa.SMALL_TILES = OLD

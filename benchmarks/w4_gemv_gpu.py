@@ -1,27 +1,31 @@
-"""The one-row W4A16 GEMV on the GPU machine (issue 18, session 8): old launches against new ones,
+"""The one-row W4A16 GEMV on the GPU machine (issue 18, sessions 8-9): old launches against new ones,
 then llama-8b b1_decode with each, in one device call (<= 240 s). Four stages, each a child
 process with its own time limit:
 
-  gemv1     (<= 120 s) exactness first (`CHECK` lines, any failure or launch that does not
+  gemv1     (<= 100 s) exactness first (`CHECK` lines, any failure or launch that does not
                        compile fails the run): every launch below at 1 and 3 rows on llama-8b's
                        shapes (qkv 4096->6144, o 4096->4096, gate_up 4096->28672, down
                        14336->4096; bf16, plus asymmetric zeros and (two launches) fp16 on qkv), each
                        with the prologue the decode step folds into it (RMSNorm + residual for
                        qkv / gate_up against RMSNorm then the launch; SiLU-and-mul for down
-                       against SiluAndMul then the launch), and the atomic launches' zeroed
-                       scratch and counters left zero. Then the sweep (`SWEEP` lines: us per
-                       call in CUDA graphs, each call on its own copy of the weights, 4x L2 in
-                       all, with the projection's prologue; TB/s of int4 weights + scales):
-                       OLD = triton_w4a16.TUNED's static one-row launches (main's default) and
-                       the old sweep's list, NEW = the atomic split-K launches (session 8's
-                       [words, block_n] accumulator lost everywhere and is gone). `BEST` per
-                       shape old / new, `FLOOR` per layer, the
-                       best of all to /tmp/w4_gemv_tuned.json (a copy under $OUT).
-  e2e_old   (<= 45 s)  llama-8b dummy W4A16 (compressed-tensors, symmetric, group 128, LM head
-                       bf16) with the static TUNED (main's default): b1_decode, then the one-row
+                       against SiluAndMul then the launch), the atomic launches' zeroed
+                       scratch and counters left zero, and each launch run 8 times on one input
+                       (`REPEAT`: the split-order launches must give the same bits every time).
+                       Then the sweep (`SWEEP` lines: us per call in CUDA graphs, each call on
+                       its own copy of the weights, 4x L2 in all, with the projection's prologue;
+                       TB/s of int4 weights + scales): OLD = triton_w4a16_gemv.TUNED's one-row
+                       launches (main's default: split K by fp32 atomics), ATOMIC = new atomic
+                       launches (register prefetch, evict-first weights, other shapes), DET =
+                       split K summed by the last program in split order (bitwise repeatable).
+                       `BEST` per shape and group, `FLOOR` per layer; the best of all to
+                       /tmp/w4_gemv_tuned.json, the best DET to /tmp/w4_gemv_det.json (copies
+                       under $OUT). Launches may be swept on some projections only (ONLY).
+  e2e_default (<= 45 s) llama-8b dummy W4A16 (compressed-tensors, symmetric, group 128, LM head
+                       bf16) with the static TUNED (the default): b1_decode, then the one-row
                        graph's replay time and the linears' us per projection in an eager step.
   e2e_bf16  (<= 30 s)  bf16 b1_decode (main's default path), for the ratio.
-  e2e_new   (<= 45 s)  W4A16 with the sweep's best launches, then thr512 (last: the time left).
+  (gemv1 runs third: the two e2e figures first, in case the sweep runs out of time.)
+  e2e_new   (<= 30 s)  W4A16 with the sweep's best launches.
 
     bash benchmarks/w4_gemv_gpu.sh                        (the device call)
     PYTHONPATH=$PWD python3 benchmarks/w4_gemv_gpu.py --cpu-smoke   the same code on CPU (interpreter)
@@ -48,26 +52,50 @@ from benchmarks.w4_gpu import DEVICE, LAYERS, PROLOGUES, SHAPES, _copies, _name,
 from pagedserve.layers.quantization import triton_w4a16_gemv as t  # noqa: E402
 from pagedserve.layers.quantization.triton_w4a16_gemv import GemvConfig  # noqa: E402
 
-STAGES = {"gemv1": 120, "e2e_old": 45, "e2e_bf16": 30, "e2e_new": 45}
+STAGES = {"e2e_default": 45, "e2e_bf16": 30, "gemv1": 100, "e2e_new": 30}   # the first e2e compiles cold
 TUNED_FILE = "/tmp/w4_gemv_tuned.json"
+DET_FILE = "/tmp/w4_gemv_det.json"
 G = GemvConfig
 STATIC = {key[1:]: config for key, config in t.TUNED.items() if key[0] == 1}   # (K, N) -> main's launch
+ONLY: dict[GemvConfig, set] = {}   # launches swept on some projections only (the rest: on all)
+
+
+def _only(layers: str, *configs: GemvConfig) -> list[GemvConfig]:
+    for config in configs:
+        ONLY.setdefault(config, set()).update(layers.split())
+    return list(configs)
+
+
 if SMOKE:
-    OLD = [G(block_n=32, words=8), G(block_n=32, words=8, fixup=False)]
-    NEW = [G(block_n=32, words=8, atomic=True), G(block_n=16, atomic=True)]
+    OLD = [G(block_n=32, words=8, atomic=True)]
+    ATOMIC = [G(block_n=32, words=8, atomic=True, prefetch=True, evict=True),
+              *_only("down", G(block_n=16, atomic=True, prefetch=True))]
+    DET = [G(block_n=32, words=8), G(block_n=32, words=8, prefetch=True, evict=True)]
+    FP16 = ATOMIC[:1] + DET[1:2]
 else:
-    OLD = list(dict.fromkeys(list(STATIC.values()) + [
-        G(), G(block_n=256, num_warps=2, words=8, num_stages=1), G(block_n=256, num_warps=2, words=8, fixup=False)]))
-    NEW = [
-        # split K summed by fp32 atomics: more programs per SM without a longer fix-up
-        G(block_n=128, num_warps=1, words=8, atomic=True, programs_per_sm=8),
-        G(block_n=128, num_warps=1, words=8, atomic=True, programs_per_sm=16),
-        G(block_n=256, num_warps=2, words=8, atomic=True),
-        G(block_n=256, num_warps=2, words=8, atomic=True, programs_per_sm=8),
-        G(words=8, atomic=True, programs_per_sm=8),
-        G(block_n=512, num_warps=2, words=8, atomic=True),          # 8 columns a thread
-        G(block_n=512, num_warps=2, words=8, atomic=True, programs_per_sm=8),
+    OLD = list(dict.fromkeys(STATIC.values()))   # the default (session 9's first call's best)
+    PF = dict(prefetch=True, evict=True)   # registers double-buffered, weights evict-first
+    GU = dict(block_n=256, num_warps=1, words=8, atomic=True)          # gate_up's: 8 columns a thread
+    DN = dict(block_n=256, num_warps=2, words=8, atomic=True, **PF)    # down's and o's
+    ATOMIC = [   # the runners-up of session 9's two calls (QUANT.md), each on its projection
+        *_only("gate_up", G(**GU, programs_per_sm=6), G(**GU, programs_per_sm=8, num_stages=2),
+               G(block_n=128, num_warps=1, words=8, atomic=True, programs_per_sm=16)),
+        *_only("down", G(**DN, programs_per_sm=6), G(block_n=256, num_warps=2, words=8, atomic=True, prefetch=True),
+               G(block_n=128, num_warps=1, words=8, atomic=True, programs_per_sm=8, **PF)),
+        *_only("qkv", G(block_n=128, num_warps=1, words=8, atomic=True, programs_per_sm=12), G(**DN)),
+        *_only("o", G(block_n=128, num_warps=1, words=8, atomic=True, programs_per_sm=8, **PF),
+               G(**DN, programs_per_sm=3)),
     ]
+    ATOMIC = [config for config in dict.fromkeys(ATOMIC) if config not in OLD]
+    for (k, n), config in STATIC.items():   # the default launch on its own projection (and where listed above)
+        _only(" ".join(name for name, kk, nn in SHAPES if (kk, nn) == (k, n)), config)
+    # split-order sums of the default launches, each on its own projection: the launch-for-launch
+    # cost of a bitwise repeatable one-row output
+    DET = [dataclasses.replace(config, atomic=False) for config in OLD]
+    for (k, n), config in STATIC.items():
+        _only(" ".join(name for name, kk, nn in SHAPES if (kk, nn) == (k, n)), dataclasses.replace(config, atomic=False))
+    FP16 = [G(**DN), DET[0]]
+GROUPS = (("old", OLD), ("atomic", ATOMIC), ("det", DET))
 
 
 def _scratch_clean(label: str) -> None:
@@ -79,7 +107,7 @@ def _scratch_clean(label: str) -> None:
 def _fits(name: str, config: GemvConfig) -> bool:
     """A launch the step can run for this projection: its norm prologue sums split K in the
     kernel (fixup), or the step would not fuse the norm (w4a16_rms_norm_gemv returns None)."""
-    return config.fixup or PROLOGUES[name] != t.RMS_NORM_RESIDUAL
+    return (config.fixup or PROLOGUES[name] != t.RMS_NORM_RESIDUAL) and name in ONLY.get(config, {name})
 
 
 def _fused(name: str, config: GemvConfig, x: torch.Tensor, w4: tuple, norm_weight: torch.Tensor,
@@ -104,8 +132,18 @@ def _fused(name: str, config: GemvConfig, x: torch.Tensor, w4: tuple, norm_weigh
     return None
 
 
+def _repeat(label: str, config: GemvConfig, x: torch.Tensor, w4: tuple) -> None:
+    """One row through the launch 8 times on one input: how many differ from the first in any
+    bit (`REPEAT`); a split-order (non-atomic) launch must give the same bits every time."""
+    first = t.w4a16_gemv(x, *w4, 128, config)
+    differ = sum(not torch.equal(first, t.w4a16_gemv(x, *w4, 128, config)) for _ in range(7))
+    emit("REPEAT", launch=label, differ_of_7=differ, atomic=config.atomic)
+    if differ and not config.atomic:
+        FAILED.append(f"{label}: not repeatable ({differ} of 7 runs differ)")
+
+
 def check_launches() -> set:
-    """Every OLD and NEW launch against x.float() @ the dequantized weight (1e-2 relative: the
+    """Every OLD, ATOMIC and DET launch against x.float() @ the dequantized weight (1e-2 relative: the
     bf16 output's own rounding is ~3e-3) at 1 and 3 rows, and its fused prologue against the
     unfused one (1e-2: the norm is rounded twice there, once here). Returns the failed labels."""
     from pagedserve.layers.quantization.int4 import dequantize_int4
@@ -117,7 +155,7 @@ def check_launches() -> set:
         for dtype, symmetric in variants:
             w4 = _weights(k, n, dtype, symmetric)
             weight = dequantize_int4(*w4, 128, None, dtype).float()
-            configs = OLD + NEW if dtype != torch.float16 or SMOKE else NEW[:1] + NEW[-2:-1]   # fp16: fewer compiles
+            configs = OLD + ATOMIC + DET if dtype != torch.float16 else FP16   # fp16: fewer compiles
             for config in [c for c in configs if _fits(name, c)]:
                 label = f"{name} {str(dtype)[6:]} sym={symmetric} {_name(config)}"
                 try:
@@ -127,6 +165,7 @@ def check_launches() -> set:
                         _report(f"w4 m={m} {label}", err, 1e-2)
                         bad |= {label} if err > 1e-2 else set()
                     if (dtype, symmetric) == variants[0]:
+                        _repeat(label, config, x[:1], w4)
                         x, residual = (torch.randn(1, k, device=DEVICE, dtype=dtype) * 3 for _ in range(2))
                         pair = _fused(name, config, x, w4, torch.rand(k, device=DEVICE, dtype=dtype) + 0.5, residual)
                         if pair is not None:
@@ -143,15 +182,15 @@ def check_launches() -> set:
 def sweep(bad: set) -> None:
     """Every launch at one row with its prologue, on rotated copies of the weights; the best
     old (main's static table and the old list) and new launch per shape."""
-    best, chosen = {}, {}
-    totals = {"static": 0.0, "old": 0.0, "new": 0.0, "any": 0.0}
+    best, chosen, chosen_det = {}, {}, {}
+    totals = {"static": 0.0, "old": 0.0, "atomic": 0.0, "det": 0.0, "any": 0.0}
     for name, k, n in SHAPES:
         w4 = [_weights(k, n, torch.bfloat16 if not SMOKE else torch.float16, True, seed)
               for seed in range(_copies(k * n // 2))]
         w4_bytes = k * n // 2 + 2 * w4[0][1].numel() * w4[0][1].element_size()
         x = torch.randn(1, k, device=DEVICE, dtype=w4[0][1].dtype)
         times = {}
-        for group, configs in (("old", OLD), ("new", NEW)):
+        for group, configs in GROUPS:
             for config in [c for c in configs if _fits(name, c)]:
                 label = _name(config)
                 if any(b.endswith(label) and b.startswith(name + " ") for b in bad):
@@ -168,7 +207,7 @@ def sweep(bad: set) -> None:
         if not times:
             continue
         static = times.get(("old", STATIC.get((k, n))))
-        for group in ("old", "new"):
+        for group, _ in GROUPS:
             mine = {c: ms for (g, c), ms in times.items() if g == group}
             if mine:
                 config, ms = min(mine.items(), key=lambda kv: kv[1])
@@ -182,20 +221,23 @@ def sweep(bad: set) -> None:
         chosen[f"1,{k},{n}"] = dataclasses.asdict(config)
         emit("TUNED", layer=name, group=group, us=round(ms * 1e3, 2), static_us=round((static or 0) * 1e3, 2),
              tb_s=round(w4_bytes / ms / 1e9, 2), launch=_name(config))
-        for path in [TUNED_FILE] + ([os.path.join(os.environ["OUT"], "w4_gemv_tuned.json")]
-                                    if os.environ.get("OUT") else []):
-            with open(path, "w") as f:
-                json.dump({"gemv": chosen}, f)
+        if (name, "det") in best:
+            chosen_det[f"1,{k},{n}"] = dataclasses.asdict(best[(name, "det")][0])
+        for path, table in ((TUNED_FILE, chosen), (DET_FILE, chosen_det)):
+            for where in [path] + ([os.path.join(os.environ["OUT"], os.path.basename(path))]
+                                   if os.environ.get("OUT") else []):
+                with open(where, "w") as f:
+                    json.dump({"gemv": table}, f)
     emit("FLOOR", **{f"{key}_layer_us": round(ms * 1e3, 1) for key, ms in totals.items()},
          step_saved_ms=round(LAYERS * (totals["static"] - totals["any"]), 3),
          note="sum over the 4 projections of the one-row launch (static: main's TUNED); saved: x layers")
 
 
-def load_tuned() -> None:
-    if not os.path.exists(TUNED_FILE):
-        FAILED.append(f"no {TUNED_FILE}: the sweep did not run")
+def load_tuned(path: str) -> None:
+    if not os.path.exists(path):
+        FAILED.append(f"no {path}: the sweep did not run")
         return
-    with open(TUNED_FILE) as f:
+    with open(path) as f:
         for key, config in json.load(f)["gemv"].items():
             t.TUNED[tuple(int(v) for v in key.split(","))] = GemvConfig(**config)
     emit("TUNED", loaded={str(key): _name(c) for key, c in t.TUNED.items() if key[0] == 1})
@@ -204,8 +246,8 @@ def load_tuned() -> None:
 def e2e(stage: str) -> None:
     variant = "bf16" if stage == "e2e_bf16" else "w4a16"
     if stage == "e2e_new":
-        load_tuned()
-    workloads = ("b1_decode", "thr") if stage == "e2e_new" else ("b1_decode",)
+        load_tuned(TUNED_FILE)
+    workloads = ("b1_decode",)
     if SMOKE:
         shape = dict(hidden_size=256, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, tie_word_embeddings=False)
@@ -217,13 +259,30 @@ def e2e(stage: str) -> None:
         w4_gpu.decode_profile(f"{variant}_{stage}", llm)
     except Exception as exc:   # the figures above stand without it
         emit("PROFILE", variant=variant, error=f"{type(exc).__name__}: {exc}"[:300])
-    if "thr" in workloads:
-        from benchmarks.quant_gpu import _throughput
-        _throughput(llm, f"{variant}_{stage}", 512, dict(ignore_eos=True, temperature=0.0, detokenize=False))
+
+
+def warm(workers: int = 8, limit_s: float = 60.0) -> None:
+    """Compile every launch before the checks, in `workers` processes at once (each runs the checks
+    of every workers-th launch, its output dropped): Triton's on-disk cache then serves the checks,
+    the sweep and the e2e stages, which compile one kernel at a time (~270 kernels here)."""
+    import subprocess
+    import time
+    start = time.time()
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "warm", str(i), str(workers)], cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(workers)]
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(1.0, limit_s - (time.time() - start)))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    emit("WARM", workers=workers, wall_s=round(time.time() - start, 1), exits=[proc.returncode for proc in procs])
 
 
 def run_stage(stage: str) -> None:
     if stage == "gemv1":
+        if not SMOKE:
+            warm()
         bad = check_launches()
         print(f"CHECK_SUMMARY failed={len(FAILED)} {FAILED[:20]}", flush=True)
         sweep(bad)
@@ -238,14 +297,23 @@ def main() -> None:
     if args and args[0] in STAGES:
         run_stage(args[0])
         return
+    if len(args) == 3 and args[0] == "warm":   # one of warm()'s workers: every n-th launch of each list
+        index, workers = int(args[1]), int(args[2])
+        global OLD, ATOMIC, DET, FP16, GROUPS
+        OLD, ATOMIC, DET, FP16 = (configs[index::workers] for configs in (OLD, ATOMIC, DET, FP16))
+        GROUPS = (("old", OLD), ("atomic", ATOMIC), ("det", DET))
+        check_launches()
+        return
     if args:
         sys.exit(__doc__)
     log = open(os.path.join(os.environ["OUT"], "w4_gemv_gpu.txt"), "w") if os.environ.get("OUT") else None
-    if os.path.exists(TUNED_FILE):
-        os.remove(TUNED_FILE)
+    for path in (TUNED_FILE, DET_FILE):
+        if os.path.exists(path):
+            os.remove(path)
     failed = w4_gpu.run_stages(os.path.abspath(__file__), STAGES, log)
     lines = [line for line in open(log.name)] if log else []
-    summary = [line.strip()[:400] for line in lines if line.startswith(("BEST", "TUNED", "FLOOR", "RESULT", "CHECK_SUMMARY"))
+    summary = [line.strip()[:400] for line in lines if line.startswith(("BEST", "TUNED", "FLOOR", "RESULT", "CHECK_SUMMARY",
+                                                                         "STAGE "))
                or "linear_us_in_step" in line or "graph_replay" in line]
     print("==== SUMMARY\n" + "\n".join(summary) + f"\nFAILED_STAGES {failed}", flush=True)
     sys.exit(1 if failed else 0)

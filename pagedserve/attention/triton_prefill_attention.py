@@ -127,7 +127,6 @@ def _prefill_attention_kernel(
     NEW_KV_FROM_CACHE: tl.constexpr,  # read the new tokens' K/V through the block table too
     CONTEXT_CONTIGUOUS: tl.constexpr,  # one sequence whose context is a contiguous copy (ctx_key/value)
     DOT_PRECISION: tl.constexpr,
-    PAGED_PREFETCH: tl.constexpr,  # context through the block table: block ids loaded a tile ahead
 ):
     head = tl.program_id(0)
     kv_head = head // QUERIES_PER_KV
@@ -163,7 +162,7 @@ def _prefill_attention_kernel(
     ck_base = ctx_key_ptr + kv_head * stride_ck_head
     cv_base = ctx_value_ptr + kv_head * stride_cv_head
     full_end = context_len - context_len % BLOCK_N
-    if PAGED_PREFETCH and not CONTEXT_CONTIGUOUS:
+    if not CONTEXT_CONTIGUOUS:
         # Each tile's block ids are loaded one tile ahead (kept in registers): the K/V rows of a
         # tile then hang on no load of their own iteration, and the pipeliner keeps num_stages - 1
         # tiles in flight (reading block ids in the iteration itself, it waited for every copy
@@ -229,14 +228,12 @@ def _prefill_attention_kernel(
 @dataclass(frozen=True)
 class PrefillTiles:
     """Launch shape: block_m query rows (tokens of one head) per program, block_n keys per
-    loop step; block_m a multiple of block_n, both powers of two >= 16. paged_prefetch: the
-    context's block ids are loaded a tile ahead (the K/V copies pipeline; see the kernel)."""
+    loop step; block_m a multiple of block_n, both powers of two >= 16."""
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
-    paged_prefetch: bool = True
 
 
 # 16-bit types on Hopper-sized GPUs, launches of at least LARGE_MIN_TOKENS new tokens (the
@@ -304,7 +301,7 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor | None, value: torc
         QUERIES_PER_KV=num_heads // num_kv_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=k_cache.shape[1], BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
         NEW_KV_FROM_CACHE=new_kv_from_cache, CONTEXT_CONTIGUOUS=context is not None,
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", PAGED_PREFETCH=tiles.paged_prefetch,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out

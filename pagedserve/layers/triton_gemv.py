@@ -33,6 +33,9 @@ MAX_ROWS = 16
 # (Programmatic dependent launch, each gemv placed while the kernel before runs and prefetching its
 # first weight slices into the L2, was measured slower twice on the H200: 831 vs 951 and 933.7 vs
 # 1,025.6 tok/s on llama-1b, benchmarks/RESULTS.md; deleted.)
+# (Split K at one row, each tile's fp32 partials summed in a fixed order by its last program in
+# the same launch, was checked exact and deterministic on the H200 but slower on all ten llama
+# shapes, by 0.8-6.1 us a call, and level end to end: benchmarks/RESULTS.md, session 9; deleted.)
 MIN_WEIGHT_BYTES = 32 * 2**20
 _DTYPES = (torch.bfloat16, torch.float16)
 
@@ -85,18 +88,20 @@ class GemvConfig:
 
 DEFAULT_CONFIG = GemvConfig()   # M > 1: tl.dot on 16 padded rows (block_n >= 16)
 # M = 1 (the FMA variant): per weight shape (N, K), the best of the sweep in
-# benchmarks/decode_gpu.py on an H200 (2026-11-30, benchmarks/gpu/2026-11-30-h200-decode-gpu-*.txt);
-# on each of these shapes it beat cuBLAS (1.1-1.4x), so plain matmuls of these shapes take the
-# gemv at one row whatever the weight's size
+# benchmarks/decode_gpu.py on an H200 (2026-12-01 session 9, cold weights in CUDA graphs, 24-30
+# launch shapes a weight; benchmarks/gpu/2026-12-01-h200-s9-gemv22/): against session 8's table
+# the llama-1b decode replay 0.977 vs 0.986 / 0.986 ms, llama-8b 4.267 vs 4.273 / 4.292 ms in one
+# process; on each of these shapes the gemv beat cuBLAS (1.0-1.4x), so plain matmuls of these
+# shapes take the gemv at one row whatever the weight's size
 CONFIGS: dict[tuple[int, int], GemvConfig] = {
-    (3072, 2048): GemvConfig(8, 512, 4, 4),      # llama-1b qkv
-    (2048, 2048): GemvConfig(8, 512, 4, 4),      # llama-1b o
-    (16384, 2048): GemvConfig(8, 1024, 4, 4),    # llama-1b gate_up
-    (2048, 8192): GemvConfig(8, 1024, 4, 4),     # llama-1b down
-    (128256, 2048): GemvConfig(16, 256, 4, 4),   # llama-1b lm_head
-    (6144, 4096): GemvConfig(16, 256, 4, 4),     # llama-8b qkv
-    (4096, 4096): GemvConfig(8, 512, 4, 4),      # llama-8b o
-    (28672, 4096): GemvConfig(16, 256, 4, 4),    # llama-8b gate_up
+    (3072, 2048): GemvConfig(4, 512, 4, 3),      # llama-1b qkv
+    (2048, 2048): GemvConfig(4, 512, 4, 3),      # llama-1b o
+    (16384, 2048): GemvConfig(4, 512, 4, 3),     # llama-1b gate_up
+    (2048, 8192): GemvConfig(8, 1024, 4, 3),     # llama-1b down
+    (128256, 2048): GemvConfig(8, 512, 4, 3),    # llama-1b lm_head
+    (6144, 4096): GemvConfig(8, 256, 4, 4),      # llama-8b qkv
+    (4096, 4096): GemvConfig(4, 512, 4, 3),      # llama-8b o
+    (28672, 4096): GemvConfig(8, 256, 4, 3),     # llama-8b gate_up
     (4096, 14336): GemvConfig(16, 512, 4, 4),    # llama-8b down
     (128256, 4096): GemvConfig(8, 1024, 4, 4),   # llama-8b lm_head
 }

@@ -153,9 +153,17 @@ def to_device(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tens
     """The arrays on `device` through one host buffer (pinned on CUDA) and one copy: a step's
     seven small arrays as seven pageable copies cost the device ~2-3 us each and the host more
     (benchmarks/decode_gpu.py's step profile). Returns views of the copy, each 16-byte
-    aligned (as Triton's launchers specialise pointers)."""
+    aligned (as Triton's launchers specialise pointers). On the CPU: the arrays themselves
+    (torch.from_numpy, no copy)."""
+    if device.type == "cpu":
+        return [torch.from_numpy(np.ascontiguousarray(array)) for array in arrays]
     if not PACK_STEP_INPUTS:
         return [torch.from_numpy(array).to(device, non_blocking=True) for array in arrays]
+    return packed(arrays, device)
+
+
+def packed(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """to_device's copy through one host buffer (any device: the tests run it on the CPU)."""
     offsets, total = [], 0
     for array in arrays:
         offsets.append(total)

@@ -46,9 +46,14 @@ def test_w4a16_paths_match_the_dequantized_reference(path, act_order):
 @pytest.mark.parametrize("config", [GemvConfig(block_n=32), GemvConfig(block_n=16, programs_per_sm=0),
                                     GemvConfig(block_n=16, words=8, fixup=False),
                                     GemvConfig(block_n=32, dot=True), GemvConfig(block_n=16, dot=True, programs_per_sm=0),
-                                    GemvConfig(block_n=32, words=8, atomic=True), GemvConfig(block_n=16, atomic=True)],
+                                    GemvConfig(block_n=32, words=8, atomic=True), GemvConfig(block_n=16, atomic=True),
+                                    GemvConfig(block_n=32, words=8, prefetch=True, evict=True),
+                                    GemvConfig(block_n=16, words=8, prefetch=True, programs_per_sm=0),
+                                    GemvConfig(block_n=32, words=8, atomic=True, prefetch=True),
+                                    GemvConfig(block_n=16, words=8, programs_per_sm=64, evict=True)],
                          ids=["fma-split", "fma-nosplit", "fma-words8-sumkernel", "dot-split", "dot-nosplit",
-                              "fma-atomic", "fma-atomic-words16"])
+                              "fma-atomic", "fma-atomic-words16", "fma-prefetch-evict", "fma-prefetch-nosplit",
+                              "fma-atomic-prefetch", "fma-split-every-block"])
 def test_decode_gemv_matches_the_dequantized_reference(config, dtype):
     """The 128-row-block GEMV: symmetric (zero 8) and asymmetric zeros, groups of 128 and
     256 (two blocks in one group), 1 and 5 rows, N not a multiple of BLOCK_N, K split over
@@ -67,6 +72,8 @@ def test_decode_gemv_matches_the_dequantized_reference(config, dtype):
             assert out.dtype == dtype and out.shape == (rows, n)
             if config.atomic:   # the sums it added into are left zero for the next launch
                 assert not any(s.count_nonzero() for s in triton_w4a16_gemv._ZERO_SUMS.values())
+            else:   # split K summed in split order: the same bits every run
+                assert torch.equal(out, w4a16_gemv(x, qweight, scales, zeros, group, config))
             tol = 1e-4 if dtype == torch.float32 else 2e-3
             torch.testing.assert_close(out.float(), x.float() @ weight, rtol=tol, atol=tol * 10)
 
@@ -112,7 +119,7 @@ def test_fma_gemv_silu_and_mul_prologue(dtype):
     zeros = torch.randint(0, 16, (2, n)).to(dtype).to(DEVICE)
     gate_up = torch.randn(1, 2 * k, device=DEVICE).to(dtype)
     for config in (GemvConfig(block_n=32), GemvConfig(block_n=32, programs_per_sm=0),
-                   GemvConfig(block_n=16, atomic=True)):
+                   GemvConfig(block_n=16, atomic=True), GemvConfig(block_n=32, words=8, prefetch=True)):
         ref = w4a16_gemv(SiluAndMul()(gate_up), qweight, scales, zeros, 128, config)
         out = w4a16_gemv(gate_up[:, :k], qweight, scales, zeros, 128, config, prologue=SILU_AND_MUL)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -133,7 +140,7 @@ def test_fma_gemv_rms_norm_prologue(dtype, monkeypatch):
     norm.weight.data = (torch.rand(k) + 0.5).to(dtype).to(DEVICE)
     x, residual = (torch.randn(1, k, device=DEVICE).to(dtype) * 3 for _ in range(2))
     for config in (GemvConfig(block_n=32), GemvConfig(block_n=32, programs_per_sm=0),
-                   GemvConfig(block_n=16, words=8, atomic=True)):
+                   GemvConfig(block_n=16, words=8, atomic=True), GemvConfig(block_n=16, words=8, prefetch=True)):
         monkeypatch.setitem(triton_w4a16_gemv.TUNED, (1, k, n), config)
         for res in (None, residual):
             out, h = triton_w4a16_gemv.w4a16_rms_norm_gemv(x, res, norm.weight, norm.eps, qweight, scales, zeros, 128, None)
@@ -208,12 +215,15 @@ def compile_sm90(kernel, constants, num_warps=4, **options):
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, **options))
 
 
-fma = dict(GROUP_SIZE=128, BLOCK_N=256, WORDS=8, EVEN_N=True, SPLIT=True, PROLOGUE=3, NUM_STAGES=3)
+fma = dict(GROUP_SIZE=128, BLOCK_N=256, WORDS=8, EVEN_N=True, SPLIT=True, PROLOGUE=3, NUM_STAGES=3, stride_qk=4096)
 variants = {
     "fma": (g._w4_gemv_fma_kernel, {**fma, "PROLOGUE": 1, "EVEN_N": False, "SPLIT": False}, 4, {}),
     "fma words16": (g._w4_gemv_fma_kernel, {**fma, "WORDS": 16, "BLOCK_N": 128, "PROLOGUE": 0}, 1, {}),
     "fma atomic norm": (g._w4_gemv_fma_kernel, {**fma, "BLOCK_N": 512, "ATOMIC": True}, 2, {}),
     "fma atomic silu": (g._w4_gemv_fma_kernel, {**fma, "BLOCK_N": 512, "PROLOGUE": 1, "ATOMIC": True}, 2, {}),
+    "fma split order": (g._w4_gemv_fma_kernel, {**fma, "BLOCK_N": 128, "SPLITS": 10}, 1, {}),
+    "fma prefetch": (g._w4_gemv_fma_kernel, {**fma, "BLOCK_N": 128, "NUM_STAGES": 1, "ATOMIC": True, "PREFETCH": True,
+                                             "EVICT": True}, 1, {}),
     "dot gemv": (g._w4_gemv_kernel, dict(GROUP_SIZE=128, BLOCK_M=16, BLOCK_N=128, IEEE=False, NUM_STAGES=3), 4, {}),
     "gemm": (t._w4_gemm_kernel, dict(GROUP_SIZE=128, BLOCK_M=64, BLOCK_N=128, IEEE=False, NUM_STAGES=3), 4, {}),
     "gemm scale_w": (t._w4_gemm_kernel, dict(GROUP_SIZE=128, BLOCK_M=64, BLOCK_N=64, IEEE=False, NUM_STAGES=4,
@@ -247,7 +257,7 @@ def sm90_ptx():
 def test_w4a16_kernels_compile_for_sm90(sm90_ptx):
     """The interpreter runs a kernel's Python, not Triton's compiler: what compiles is checked
     here (e.g. a jit helper's early return on a None argument ran on CPU and failed to compile)."""
-    assert len(sm90_ptx) == 10 and all(".entry" in ptx for ptx in sm90_ptx.values())
+    assert len(sm90_ptx) == 12 and all(".entry" in ptx for ptx in sm90_ptx.values())
 
 
 def test_atomic_fix_up_reads_all_sums_before_zeroing_them(sm90_ptx):
@@ -261,6 +271,33 @@ def test_atomic_fix_up_reads_all_sums_before_zeroing_them(sm90_ptx):
     first_zero = ptx.index("st.global.b32", last_read)
     assert "bar.sync" in ptx[last_read:first_zero]
     assert re.search(r"\b(atom|red)\.[\w.]*add\.f32", ptx)   # the splits' fp32 atomic adds
+
+
+def test_split_order_fix_up_reads_every_partial_in_one_go(sm90_ptx):
+    """Split K without atomics: the last program of a tile reads all SPLITS partials (4 columns
+    a thread on one warp: 4 loads each) and squares with straight-line loads between its arrival
+    and the counter's reset (no loop: one round trip, not one per split), summing them in split
+    order (the same bits every run)."""
+    ptx = sm90_ptx["fma split order"]
+    arrive, reset = ptx.index("atom.global.gpu.acq_rel.add"), ptx.index("atom.global.gpu.acq_rel.exch")
+    fix_up = ptx[arrive:reset]
+    assert len(re.findall(r"ld\.global\.cg", fix_up)) == 10 * 4 + 10
+    assert not re.search(r"^\$\w+:", fix_up, re.M)   # no label: nothing branches back into it
+    assert not re.search(r"\b(atom|red)\.[\w.]*add\.f32", ptx)
+
+
+def test_prefetch_issues_the_next_blocks_loads_before_the_fmas(sm90_ptx):
+    """PREFETCH: the loop body loads the next K block's words (8 vector loads, evict-first) before
+    its first FMA on the current one, so they are in flight while it computes."""
+    lines = sm90_ptx["fma prefetch"].splitlines()
+    back = [i for i, line in enumerate(lines) if re.search(r"bra\s+(\$L__BB0_\d+)", line)]
+    targets = {i: re.search(r"bra\s+(\$L__BB0_\d+)", lines[i]).group(1) for i in back}
+    labels = {m.group(1): i for i, m in enumerate(re.match(r"(\$L__BB0_\d+):", line) for line in lines) if m}
+    loop = next(i for i in back if labels[targets[i]] < i)   # the backward branch closes the K loop
+    body = lines[labels[targets[loop]]:loop]
+    first_fma = next(i for i, line in enumerate(body) if "fma.rn.f32" in line)
+    weights = [i for i, line in enumerate(body) if "evict_first" in line and ".v4." in line]
+    assert len(weights) == 8 and max(weights) < first_fma
 
 
 @pytest.mark.parametrize("magnitude", [1e-12, 1e-6, 3e4, 1e9])

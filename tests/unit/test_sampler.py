@@ -363,3 +363,23 @@ def test_sampling_in_chunks_equals_one_pass(monkeypatch):
             assert out.sampled_ranks[row] == one.sampled_ranks[row]
             assert torch.equal(out.logprob_token_ids[row, :1 + k], one.logprob_token_ids[row, :1 + k])
             assert torch.equal(out.logprobs[row, :1 + k], one.logprobs[row, :1 + k])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_host_argmax_equals_torch_argmax(dtype):
+    """The CPU argmax through numpy gives torch.argmax's ids: first maximum on ties, a NaN as
+    the maximum, all -inf rows at 0, strided views, int64."""
+    from pagedserve.layers.sampler import argmax_rows_host
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 1000, generator=g, dtype=dtype)
+    x[1, [10, 500, 999]] = 50.0          # ties: first wins
+    x[2, 7] = float("nan")
+    x[2, 3] = float("nan")               # two NaNs: the first
+    x[3] = float("-inf")
+    x[4, :] = 1.5                         # all equal
+    x[5, 999] = float("inf")
+    for t in (x, x[:, ::3], x.t().contiguous().t(), x[:0]):
+        got = argmax_rows_host(t)
+        assert got.dtype == torch.int64
+        assert torch.equal(got, t.argmax(dim=-1))
+    assert argmax_rows_host(x)[1:6].tolist() == [10, 3, 0, 0, 999]

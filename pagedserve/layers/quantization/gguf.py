@@ -92,12 +92,15 @@ def cpu_decode_attention(spec: QuantizationSpec | None) -> Callable | None:
 
 
 def cpu_decode_stack(layers: list[nn.Module], positions: torch.Tensor, hidden: torch.Tensor,
-                     residual: torch.Tensor | None, meta: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+                     residual: torch.Tensor | None, meta: Any, norm: nn.Module | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Llama decoder layers' all-decode step (fp32, up to the rows the layers' products take
     the C++ kernels for: _max_rows) in one C++ call (gguf_cpu.decode_stack: the calls their
-    modules make, in their order, so the same values, with one team of threads through all
-    layers) where every layer's attention backend has the C++ decode kernel and its
-    projections run on the C++ GEMV without biases, q/k norms or TP; else None (the modules run)."""
+    modules make, so the same values, with one team of threads through all layers) where every
+    layer's attention backend has the C++ decode kernel and its projections run on the C++
+    GEMV without biases, q/k norms or TP; else None (the modules run). With `norm` (the
+    model's final RMSNorm), the output is normed in the same call, as cpu_final_norm's norm
+    computes it."""
     if not layers or hidden.shape[0] > Q8_MAX_ROWS or hidden.dtype != torch.float32 \
             or meta.num_decodes != meta.num_seqs:
         return None
@@ -110,7 +113,17 @@ def cpu_decode_stack(layers: list[nn.Module], positions: torch.Tensor, hidden: t
     stack = cached[1]
     if stack is None or hidden.shape[0] > min(_max_rows(x) for x in _linears(first)):
         return None
-    return stack.run(hidden, residual, meta.block_tables, meta.seq_lens, meta.slot_mapping, positions)
+    return stack.run(hidden, residual, meta.block_tables, meta.seq_lens, meta.slot_mapping, positions,
+                     None if norm is None else norm.weight)
+
+
+def cpu_final_norm(layers: list[nn.Module], norm: nn.Module) -> Callable:
+    """The final norm for the steps the decode stack does not run: where the layers run on the
+    C++ GEMV, the C++ norm the stack applies (the same values for a sequence whichever runs its
+    step), else `norm` itself."""
+    if layers and getattr(layers[-1].mlp.down_proj, "gguf_cpp", False):
+        return lambda x, residual: gguf_cpu.rms_norm(x, residual, norm.weight, norm.eps)
+    return norm
 
 
 def _build_stack(layers: list[nn.Module]):
@@ -241,7 +254,10 @@ class GGUFEmbeddingMethod:
     def embed(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         if layer.int4_parts is None and not layer.gguf_cpp:
             return torch.nn.functional.embedding(ids, layer.weight)
-        return dequantize(layer.qweight[ids], self.fmt, layer.gguf_dtype)   # only these rows, exact
+        rows = layer.qweight[ids]   # only these rows, exact; in one C++ call where it is built (the
+        if layer.gguf_cpp:          # same values as the ~10 small torch ops: test_gguf_cpu, test_gguf_linear)
+            return gguf_cpu.dequantize(rows, self.fmt, layer.gguf_dtype)
+        return dequantize(rows, self.fmt, layer.gguf_dtype)
 
     def logits(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return _matmul(layer, hidden)

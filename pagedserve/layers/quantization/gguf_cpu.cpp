@@ -34,6 +34,7 @@
 #endif
 #include <omp.h>
 #include <atomic>
+#include <chrono>
 #include <memory>
 #include <thread>
 
@@ -455,8 +456,8 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& w, int64_t type,
 
 // The elementwise parts, one definition each: the module calls and the decode stack compute
 // the same values.
-// dst [M, K] = rms_norm(src) * g
-inline void rms_norm_rows(const float* src, const float* g, float eps, int64_t M, int64_t K, float* dst) {
+// dst [M, K] = rms_norm(src) * g (one compiled copy: the same bits from every caller)
+__attribute__((noinline)) void rms_norm_rows(const float* src, const float* g, float eps, int64_t M, int64_t K, float* dst) {
   for (int64_t m = 0; m < M; ++m) {
     float ss = 0;
     for (int64_t k = 0; k < K; ++k) ss += src[m * K + k] * src[m * K + k];
@@ -478,6 +479,17 @@ std::tuple<torch::Tensor, torch::Tensor> gemv_normed(const torch::Tensor& x, con
   return {gemv_f32(normed, w, type, q8).to(x.scalar_type()), hf.to(x.scalar_type())};
 }
 
+// (rms_norm(x + residual) * weight, x + residual); without a residual (rms_norm(x) * weight, x):
+// the decode stack's final norm, for the steps it does not run
+std::tuple<torch::Tensor, torch::Tensor> rms_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual,
+                                                  const torch::Tensor& weight, double eps) {
+  auto hf = residual.has_value() ? (x.to(torch::kFloat32) + residual->to(torch::kFloat32)).contiguous() : as_f32(x);
+  auto normed = torch::empty_like(hf);
+  rms_norm_rows(hf.data_ptr<float>(), as_f32(weight).data_ptr<float>(), static_cast<float>(eps), hf.size(0),
+                hf.size(1), normed.data_ptr<float>());
+  return {normed.to(x.scalar_type()), hf.to(x.scalar_type())};
+}
+
 // (silu(gate) * up) @ w.T for gate_up = [gate | up]
 torch::Tensor gemv_silu(const torch::Tensor& gate_up, const torch::Tensor& w, int64_t type, bool q8) {
   auto gu = as_f32(gate_up);
@@ -490,10 +502,10 @@ torch::Tensor gemv_silu(const torch::Tensor& gate_up, const torch::Tensor& w, in
   return gemv_f32(act, w, type, q8).to(gate_up.scalar_type());
 }
 
-// dot: 16 lanes of fma(a, b, acc), summed in lane order, then the tail; axpy: fma per value.
-// Without AVX-512 GCC keeps a 16-float vector on the stack between iterations (a store and a
-// reload per step): two 8-float registers there, the same operations.
-#if defined(__AVX2__) && !defined(__AVX512F__)
+// dot: 16 lanes of fma(a, b, acc), summed in lane order, then the tail (fma). With AVX2 (also
+// where AVX-512 is present: dot4 below does the same operations on 4 keys at once) in two
+// 8-float registers: GCC kept a 16-float vector type on the stack without AVX-512.
+#if defined(__AVX2__)
 inline float dot(const float* a, const float* b, int64_t n) {
   int64_t i = 0;
   __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
@@ -509,13 +521,6 @@ inline float dot(const float* a, const float* b, int64_t n) {
   for (; i < n; ++i) s = std::fma(a[i], b[i], s);
   return s;
 }
-
-inline void axpy(float p, const float* x, float* y, int64_t n) {   // y += p * x
-  int64_t i = 0;
-  const __m256 pv = _mm256_set1_ps(p);
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-  for (; i < n; ++i) y[i] = std::fma(p, x[i], y[i]);
-}
 #else
 inline float dot(const float* a, const float* b, int64_t n) {
   int64_t i = 0;
@@ -525,25 +530,83 @@ inline float dot(const float* a, const float* b, int64_t n) {
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
 }
-
-inline void axpy(float p, const float* x, float* y, int64_t n) {   // y += p * x
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    v16f t = loadf(y + i) + p * loadf(x + i);
-    std::memcpy(y + i, &t, 64);
-  }
-  for (; i < n; ++i) y[i] += p * x[i];
-}
 #endif
 
-// neox rotary (rotate-half) of one head: y = x * cos + rotate_half(x) * sin
-inline void rotate(const float* x, const float* cos, const float* sin, float* y, int64_t D) {
+// neox rotary (rotate-half) of one head: y = x * cos + rotate_half(x) * sin; one compiled copy
+// (not inlined), so a k rotated for the cache and the same k rotated for a query's own use
+// have the same bits
+__attribute__((noinline)) void rotate(const float* x, const float* cos, const float* sin, float* y, int64_t D) {
   const int64_t h = D / 2;
   for (int64_t i = 0; i < h; ++i) {
     y[i] = x[i] * cos[i] - x[i + h] * sin[i];
     y[i + h] = x[i + h] * cos[i + h] + x[i] * sin[i + h];
   }
 }
+
+// out[r] = dot(a, rows[r], n) for 4 rows, the same operations as dot() for each: the 16
+// lanes' sums taken in lane order for the 4 rows at once (4x4 transposes of the accumulators)
+inline void dot4(const float* a, const float* const* rows, int64_t n, float* out) {
+#if defined(__AVX2__)
+  __m256 lo[4], hi[4];
+  for (int r = 0; r < 4; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256 a0 = _mm256_loadu_ps(a + i), a1 = _mm256_loadu_ps(a + i + 8);
+    for (int r = 0; r < 4; ++r) {
+      lo[r] = _mm256_fmadd_ps(a0, _mm256_loadu_ps(rows[r] + i), lo[r]);
+      hi[r] = _mm256_fmadd_ps(a1, _mm256_loadu_ps(rows[r] + i + 8), hi[r]);
+    }
+  }
+  __m128 sum = _mm_setzero_ps();   // lane l of the 4 rows, added in order l = 0 .. 15
+  for (const __m256* v : {lo, hi})
+    for (int half = 0; half < 2; ++half) {
+      __m128 r0 = half ? _mm256_extractf128_ps(v[0], 1) : _mm256_castps256_ps128(v[0]);
+      __m128 r1 = half ? _mm256_extractf128_ps(v[1], 1) : _mm256_castps256_ps128(v[1]);
+      __m128 r2 = half ? _mm256_extractf128_ps(v[2], 1) : _mm256_castps256_ps128(v[2]);
+      __m128 r3 = half ? _mm256_extractf128_ps(v[3], 1) : _mm256_castps256_ps128(v[3]);
+      _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+      sum = _mm_add_ps(_mm_add_ps(_mm_add_ps(_mm_add_ps(sum, r0), r1), r2), r3);
+    }
+  _mm_storeu_ps(out, sum);
+  for (; i < n; ++i)
+    for (int r = 0; r < 4; ++r) out[r] = std::fma(a[i], rows[r][i], out[r]);
+#else
+  for (int r = 0; r < 4; ++r) out[r] = dot(a, rows[r], n);
+#endif
+}
+
+// y [n] = the sum over j < L of p[j] * rows[j], each value an fma per j in the order of j from
+// 0, 64 values at a time in registers
+inline void weighted_sum(const float* p, const float* const* rows, int64_t L, int64_t n, float* y) {
+  int64_t d = 0;
+#if defined(__AVX2__)
+  for (; d + 64 <= n; d += 64) {
+    __m256 acc[8];
+    for (int k = 0; k < 8; ++k) acc[k] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < L; ++j) {
+      const __m256 pj = _mm256_set1_ps(p[j]);
+      for (int k = 0; k < 8; ++k) acc[k] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(rows[j] + d + 8 * k), acc[k]);
+    }
+    for (int k = 0; k < 8; ++k) _mm256_storeu_ps(y + d + 8 * k, acc[k]);
+  }
+  for (; d + 8 <= n; d += 8) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t j = 0; j < L; ++j) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(rows[j] + d), acc);
+    _mm256_storeu_ps(y + d, acc);
+  }
+#endif
+  for (; d < n; ++d) {
+    float acc = 0;
+    for (int64_t j = 0; j < L; ++j) acc = std::fma(p[j], rows[j][d], acc);
+    y[d] = acc;
+  }
+}
+
+// one query head's scratch: its rotated q, scores, and the K / V rows of its context
+struct HeadScratch {
+  std::vector<float> qr, scores;
+  std::vector<const float*> krows, vrows;
+};
 
 // An all-decode step's attention inputs as raw pointers (the tensors they point into are held
 // by StepTensors): S sequences, caches [blocks, B, Hkv, D], tables [S, max_blocks], lens [S]
@@ -556,56 +619,50 @@ struct DecodeBatch {
   const float *cos = nullptr, *sin = nullptr;
   float scale = 1;
 
-  // K / V rows are read this many context positions after they are prefetched: a kv head's
-  // row is D floats every Hkv * D, in blocks scattered over the cache, which the hardware
-  // prefetchers did not follow (the loads were ~60% of attend's samples with 64 sequences)
-  static constexpr int64_t AHEAD = 4;
-  static void prefetch(const float* row, int64_t n) {
-#if defined(__x86_64__) || defined(__i386__)
-    for (int64_t i = 0; i < n; i += 16) _mm_prefetch(reinterpret_cast<const char*>(row + i), _MM_HINT_T0);
-#endif
-  }
-
   int64_t cache_row(int64_t s, int64_t j) const {   // context position j of sequence s
     return static_cast<int64_t>(tables[s * max_blocks + j / B]) * B + j % B;
   }
-  // k (rotated) and v of sequence s, kv head g (rows `k_stride` / `v_stride` apart) into the caches
-  void store(const float* k, int64_t k_stride, const float* v, int64_t v_stride, float* kc, float* vc, int64_t s,
-             int64_t g) const {
+  // kr [D] = k (row `k_row` of sequence s's kv head g) rotated to its position
+  void rotate_k(const float* k_row, int64_t s, float* kr) const { rotate(k_row, cos + pos[s] * D, sin + pos[s] * D, kr, D); }
+  // kr (rotated) and v_row of sequence s, kv head g into the caches at its slot
+  void store(const float* kr, const float* v_row, float* kc, float* vc, int64_t s, int64_t g) const {
     if (slots[s] < 0) return;
     const int64_t at = slots[s] * Hkv * D + g * D;
-    rotate(k + s * k_stride + g * D, cos + pos[s] * D, sin + pos[s] * D, kc + at, D);
-    std::memcpy(vc + at, v + s * v_stride + g * D, D * sizeof(float));
+    std::memcpy(kc + at, kr, D * sizeof(float));
+    std::memcpy(vc + at, v_row, D * sizeof(float));
   }
-  // the query heads of kv head g of sequence s (q rows `stride` apart) over its context -> y
-  // [Hq / Hkv, D]; each K / V row is read once for the group's heads, each head's arithmetic
-  // is its own (the same as one head at a time); qr [Hq / Hkv * D], scores, tops: scratch
-  void attend(const float* q, int64_t stride, const float* kc, const float* vc, int64_t s, int64_t g, float* qr,
-              std::vector<float>& scores, std::vector<float>& tops, float* y) const {
-    const int64_t G = Hq / Hkv, L = lens[s];
-    for (int64_t i = 0; i < G; ++i)
-      rotate(q + s * stride + (g * G + i) * D, cos + pos[s] * D, sin + pos[s] * D, qr + i * D, D);
-    scores.resize(G * L);
-    tops.assign(G, -INFINITY);
-    for (int64_t j = 0; j < L; ++j) {
-      if (j + AHEAD < L) prefetch(kc + cache_row(s, j + AHEAD) * Hkv * D + g * D, D);
-      const float* k = kc + cache_row(s, j) * Hkv * D + g * D;
-      for (int64_t i = 0; i < G; ++i) {
-        const float sc = scores[i * L + j] = dot(qr + i * D, k, D) * scale;
-        tops[i] = std::max(tops[i], sc);
+  // query head h of sequence s (q rows `stride` apart) over its context -> y [D]: softmax(q K^T *
+  // scale) V. kr / vr (or null): this step's k (rotated) and v of the head's kv head, read in
+  // place of the cache row at its slot (the values store() writes there), so the heads of one
+  // kv head need not wait for its store
+  void attend(const float* q, int64_t stride, const float* kc, const float* vc, int64_t s, int64_t h,
+              const float* kr, const float* vr, HeadScratch& w, float* y) const {
+    const int64_t g = h / (Hq / Hkv), L = lens[s];
+    w.qr.resize(D);
+    rotate(q + s * stride + h * D, cos + pos[s] * D, sin + pos[s] * D, w.qr.data(), D);
+    w.scores.resize(L);
+    w.krows.resize(L);
+    w.vrows.resize(L);
+    for (int64_t j0 = 0; j0 < L; j0 += B) {   // cache_row(s, j), a block at a time
+      const int64_t row0 = static_cast<int64_t>(tables[s * max_blocks + j0 / B]) * B;
+      for (int64_t j = j0; j < std::min(L, j0 + B); ++j) {
+        const int64_t r = row0 + j - j0;
+        const bool own = kr != nullptr && r == slots[s];
+        w.krows[j] = own ? kr : kc + r * Hkv * D + g * D;
+        w.vrows[j] = own ? vr : vc + r * Hkv * D + g * D;
       }
     }
-    for (int64_t i = 0; i < G; ++i) {
-      float total = 0;
-      for (int64_t j = 0; j < L; ++j) total += (scores[i * L + j] = std::exp(scores[i * L + j] - tops[i]));
-      tops[i] = total;   // now the softmax denominators
-    }
-    std::fill(y, y + G * D, 0.0f);
-    for (int64_t j = 0; j < L; ++j) {
-      if (j + AHEAD < L) prefetch(vc + cache_row(s, j + AHEAD) * Hkv * D + g * D, D);
-      const float* v = vc + cache_row(s, j) * Hkv * D + g * D;
-      for (int64_t i = 0; i < G; ++i) axpy(scores[i * L + j] / tops[i], v, y + i * D, D);
-    }
+    float* sc = w.scores.data();
+    int64_t j = 0;
+    for (; j + 4 <= L; j += 4) dot4(w.qr.data(), w.krows.data() + j, D, sc + j);
+    for (; j < L; ++j) sc[j] = dot(w.qr.data(), w.krows[j], D);
+    float top = -INFINITY;
+    for (j = 0; j < L; ++j) top = std::max(top, sc[j] = sc[j] * scale);
+    for (j = 0; j < L; ++j) sc[j] = std::exp(sc[j] - top);   // independent calls, then their sum
+    float total = 0;
+    for (j = 0; j < L; ++j) total += sc[j];
+    for (j = 0; j < L; ++j) sc[j] = sc[j] / total;
+    weighted_sum(sc, w.vrows.data(), L, D, y);
   }
 };
 
@@ -648,20 +705,22 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   const DecodeBatch b = step.batch(S, Hq, Hkv, D, k_cache, cos_cache, sin_cache, scale);
   float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  std::vector<float> kr(D);
   for (int64_t s = 0; s < S; ++s)   // this step's k (rotated) and v into the cache
-    for (int64_t g = 0; g < Hkv; ++g) b.store(kp, k.stride(0), vp, v.stride(0), kc, vc, s, g);
+    for (int64_t g = 0; g < Hkv; ++g) {
+      b.rotate_k(kp + s * k.stride(0) + g * D, s, kr.data());
+      b.store(kr.data(), vp + s * v.stride(0) + g * D, kc, vc, s, g);
+    }
   auto out = torch::empty({S, Hq * D}, q.options());
   float* o = out.data_ptr<float>();
   int64_t work = 0;
   for (int64_t s = 0; s < S; ++s) work += b.lens[s];
-  // a (sequence, kv head) pair per task, >= ~256K multiply-adds per thread's chunk: one
+  // a (sequence, query head) pair per task, >= ~256K multiply-adds per thread's chunk: one
   // decode's heads at a short context (~20 us) stay on one thread rather than wait for a second one
-  const int64_t G = Hq / Hkv;
-  at::parallel_for(0, S * Hkv, std::max<int64_t>(1, S * Hkv * 262144 / std::max<int64_t>(1, work * Hq * D)),
+  at::parallel_for(0, S * Hq, std::max<int64_t>(1, S * 262144 / std::max<int64_t>(1, work * D)),
                    [&](int64_t t0, int64_t t1) {
-    std::vector<float> qr(G * D), scores, tops;
-    for (int64_t t = t0; t < t1; ++t)
-      b.attend(qp, q.stride(0), kc, vc, t / Hkv, t % Hkv, qr.data(), scores, tops, o + t * G * D);
+    HeadScratch w;
+    for (int64_t t = t0; t < t1; ++t) b.attend(qp, q.stride(0), kc, vc, t / Hq, t % Hq, nullptr, nullptr, w, o + t * D);
   });
   return out;
 }
@@ -671,18 +730,49 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
 // the OS has descheduled (a loaded machine) holds the others up only while it holds a chunk,
 // where a barrier per phase would make every phase wait for it. A thread that arrives late
 // finds the finished phases' chunks all claimed and catches up.
+//
+// Timing (DecodeStack.set_profile, off by default): per thread and kind of phase, the ticks
+// spent claiming and working chunks, the ticks spent waiting for the others, the chunks.
+inline uint64_t ticks() {
+#if defined(__x86_64__) || defined(__i386__)
+  return __rdtsc();
+#else
+  return std::chrono::steady_clock::now().time_since_epoch().count();
+#endif
+}
+
 class Phases {
  public:
-  explicit Phases(int64_t n) : phases_(new Phase[n]) {}
-  // claims and runs chunks of phase i (work(c), c < chunks) until none is left, then waits
-  // until the other threads' chunks are done
-  template <typename Work>
-  void run(int64_t i, int64_t chunks, Work&& work) {
+  // times: [threads][stride][3] (busy, wait, chunks), or null
+  explicit Phases(int64_t n, uint64_t* times = nullptr, int64_t stride = 1)
+      : phases_(new Phase[n]), times_(times), stride_(stride) {}
+  // claims and runs chunks of phase i (first() before this thread's first chunk, then work(c),
+  // c < chunks) until none is left, then waits until the other threads' chunks are done
+  template <typename Work, typename First>
+  void run(int64_t i, int64_t kind, int64_t chunks, Work&& work, First&& first) {
     Phase& p = phases_[i];
-    for (int64_t c; (c = p.next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
+    const uint64_t t0 = times_ ? ticks() : 0;
+    int64_t claimed = 0;
+    for (int64_t c; (c = p.next.fetch_add(1, std::memory_order_relaxed)) < chunks; ++claimed) {
+      if (claimed == 0) first();
       work(c);
       p.done.fetch_add(1, std::memory_order_release);
     }
+    const uint64_t t1 = times_ ? ticks() : 0;
+    wait(p, chunks);
+    if (times_) {
+      uint64_t* t = times_ + (omp_get_thread_num() * stride_ + kind) * 3;
+      t[0] += t1 - t0;
+      t[1] += ticks() - t1;
+      t[2] += claimed;
+    }
+  }
+  template <typename Work>
+  void run(int64_t i, int64_t kind, int64_t chunks, Work&& work) { run(i, kind, chunks, work, [] {}); }
+
+ private:
+  struct alignas(64) Phase { std::atomic<int64_t> next{0}, done{0}; };
+  static void wait(Phase& p, int64_t chunks) {
     for (int spins = 0; p.done.load(std::memory_order_acquire) < chunks; ++spins) {
       if (spins < 4096) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -692,10 +782,9 @@ class Phases {
       else std::this_thread::yield();   // the holder may be waiting for this core
     }
   }
-
- private:
-  struct alignas(64) Phase { std::atomic<int64_t> next{0}, done{0}; };
   std::unique_ptr<Phase[]> phases_;
+  uint64_t* times_;
+  int64_t stride_;
 };
 
 // [begin, end) of chunk c of n over [0, N)
@@ -703,9 +792,12 @@ inline std::pair<int64_t, int64_t> chunk(int64_t N, int64_t c, int64_t n) { retu
 
 // The decoder layers of a Llama stack (no biases, no q/k norm, one rank) for all-decode steps
 // of <= 16 rows: per layer the calls the modules make (gemv_normed, decode_attention, gemv,
-// gemv_normed, gemv_silu), in their order and with their arithmetic, so the same values; but
-// one call for the whole stack and one parallel region (Phases: 7 a layer), instead of a
-// fork-join per product and a Python call per layer.
+// gemv_normed, gemv_silu), with their arithmetic, so the same values; but one call for the
+// whole stack and one parallel region (Phases: 6 a layer), instead of a fork-join per product
+// and a Python call per layer. A norm is no phase of its own: each thread computes it (M x H
+// values, ~1-2 us) before its first chunk of the product that reads it, and the thread that
+// works chunk 0 of that product writes the residual stream (two buffers, alternating: a
+// thread may still read the previous one while it is written).
 class DecodeStack {
  public:
   // per layer: norm1, norm2, qkv, o, gate_up, down (raw blocks), k_cache, v_cache; types:
@@ -733,36 +825,77 @@ class DecodeStack {
     }
   }
 
-  // hidden [M, H] fp32 (the embeddings), residual: None -> (the last layer's output, residual)
+  // hidden [M, H] fp32 (the embeddings), residual: None -> (the last layer's output, residual);
+  // with final_norm (the model's last norm): (rms_norm(output + residual) * final_norm, output +
+  // residual), as rms_norm() computes it
   std::tuple<torch::Tensor, torch::Tensor> run(const torch::Tensor& hidden, const c10::optional<torch::Tensor>& residual,
                                                const torch::Tensor& block_tables, const torch::Tensor& seq_lens,
-                                               const torch::Tensor& slot_mapping, const torch::Tensor& positions) {
+                                               const torch::Tensor& slot_mapping, const torch::Tensor& positions,
+                                               const c10::optional<torch::Tensor>& final_norm) {
     TORCH_CHECK(hidden.dim() == 2 && hidden.size(1) == H_ && hidden.scalar_type() == torch::kFloat32,
                 "hidden: fp32 [M, ", H_, "]");
     const int64_t M = hidden.size(0);
     const auto x0 = hidden.contiguous();
+    const auto res_in = residual.has_value() ? as_f32(*residual) : torch::Tensor();
+    TORCH_CHECK(!res_in.defined() || res_in.sizes() == x0.sizes(), "residual: as hidden");
+    const auto norm_w = final_norm.has_value() ? as_f32(*final_norm) : torch::Tensor();
+    TORCH_CHECK(!norm_w.defined() || norm_w.numel() == H_, "final_norm: [", H_, "]");
     auto out = torch::empty({M, H_}, x0.options());
-    auto res = residual.has_value() ? as_f32(*residual).clone() : x0.clone();   // the residual stream, in place
-    TORCH_CHECK(res.sizes() == x0.sizes(), "residual: as hidden");
+    auto res = torch::empty({M, H_}, x0.options());   // the residual stream's last value
     if (M == 0) return {out, res};
     const StepTensors step(block_tables, seq_lens, slot_mapping, positions);
     std::vector<DecodeBatch> batches;
     for (const Layer& L : layers_) batches.push_back(step.batch(M, Hq_, Hkv_, D_, L.k_cache, cos_, sin_, scale_));
     const int threads = at::get_num_threads();
-    Step st{M, x0.data_ptr<float>(), residual.has_value(), res.data_ptr<float>(), out.data_ptr<float>(),
-            std::vector<float>(M * H_), std::vector<float>(M * (Hq_ + 2 * Hkv_) * D_), std::vector<float>(M * Hq_ * D_),
-            std::vector<float>(M * H_), std::vector<float>(M * 2 * I_), std::vector<float>(M * I_),
-            {}, {}, {}, Phases(PHASES * static_cast<int64_t>(layers_.size())), 4 * threads};
-    st.qnormed.resize(M, H_);
+    if (profile_ && times_.size() != static_cast<size_t>(threads * KINDS * 3)) times_.assign(threads * KINDS * 3, 0);
+    uint64_t* times = profile_ ? times_.data() : nullptr;
+    // the residual stream alternates between two buffers; the last norm (odd) writes res
+    std::vector<float> h_even(M * H_);
+    Step st{M, x0.data_ptr<float>(), res_in.defined() ? res_in.data_ptr<float>() : nullptr, {h_even.data(),
+            res.data_ptr<float>()}, out.data_ptr<float>(), norm_w.defined() ? norm_w.data_ptr<float>() : nullptr,
+            std::vector<float>(M * (Hq_ + 2 * Hkv_) * D_), std::vector<float>(M * Hq_ * D_), std::vector<float>(M * H_),
+            std::vector<float>(M * 2 * I_), std::vector<float>(M * I_), std::vector<float>(M * H_), {}, {},
+            Phases(PHASES * static_cast<int64_t>(layers_.size()) + 1, times, KINDS), 4 * threads};
     st.qattn.resize(M, Hq_ * D_);
     st.qact.resize(M, I_);
-    if (threads <= 1) {
+    const auto wall0 = std::chrono::steady_clock::now();
+    const uint64_t tick0 = ticks();
+    auto team = [&] {   // entry: from the call to this thread's first phase, in the busy column
+      if (times) times[(omp_get_thread_num() * KINDS + KINDS - 1) * 3] += ticks() - tick0;
       work(st, batches);
+    };
+    if (threads <= 1) {
+      team();
     } else {
 #pragma omp parallel num_threads(threads)
-      work(st, batches);
+      team();
     }
+    if (profile_) {
+      runs_ += 1;
+      run_ticks_ += ticks() - tick0;
+      run_ns_ += std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - wall0).count();
+    }
+    if (!norm_w.defined()) std::memcpy(out.data_ptr<float>(), st.down.data(), M * H_ * sizeof(float));
     return {out, res};
+  }
+
+  // Debug timing of run() (off by default): on / off (clears the counters)
+  void set_profile(bool on) {
+    profile_ = on;
+    times_.clear();
+    runs_ = run_ticks_ = 0;
+    run_ns_ = 0;
+  }
+  // since set_profile(true): ([threads, KINDS, 3] float64: per thread and kind of phase (the
+  // 6 of a layer, the final norm, the entry into the team) us working, us waiting, chunks;
+  // runs, wall us)
+  std::tuple<torch::Tensor, int64_t, double> timings() const {
+    const int64_t threads = static_cast<int64_t>(times_.size()) / (KINDS * 3);
+    auto t = torch::empty({threads, KINDS, 3}, torch::kFloat64);
+    const double us = run_ticks_ ? run_ns_ / 1e3 / run_ticks_ : 0;
+    for (size_t i = 0; i < times_.size(); ++i)
+      t.data_ptr<double>()[i] = i % 3 == 2 ? times_[i] : times_[i] * us;
+    return {t, runs_, run_ns_ / 1e3};
   }
 
  private:
@@ -774,76 +907,100 @@ class DecodeStack {
   // one step's state, shared by the team
   struct Step {
     int64_t M;
-    const float* x0;
-    bool has_residual;
-    float *h, *out;   // the residual stream, the last layer's output
-    std::vector<float> normed, qkv, attn, o, gate_up, act;
-    Q8Rows qnormed, qattn, qact;   // normed, attn, act as Q8 blocks (for the products with q8 weights)
+    const float *x0, *res_in;   // the embeddings, the residual given (or null)
+    float* h[2];                // the residual stream after an even / odd norm
+    float* out;                 // the output (with the final norm)
+    const float* final_norm;    // or null
+    std::vector<float> qkv, attn, o, gate_up, act, down;
+    Q8Rows qattn, qact;   // attn, act as Q8 blocks (for the products with q8 weights)
     Phases phases;
     int64_t chunks;   // per product
   };
+  // one thread's own: a norm's input + residual and output, as Q8 blocks too; a head's scratch
+  struct Own {
+    std::vector<float> sum, normed;
+    Q8Rows qnormed;
+    std::vector<float> kr;
+    HeadScratch head;
+  };
 
-  static constexpr int64_t PHASES = 8;   // per layer
+  static constexpr int64_t PHASES = 6;   // per layer: qkv, attention, attention's Q8, o, gate_up, down
+  static constexpr int64_t KINDS = PHASES + 2;   // timed: those, the final norm, the entry
 
-  // out [M, N] = x @ w.T in st.chunks chunks of w's rows (sums of x per chunk: only the
-  // K-quants without AVX-512 need them, and a thread reads x only in a chunk it holds); a q8
-  // weight reads xq, x quantized by an earlier phase
-  void product(Step& st, int64_t phase, const Weight& w, const float* x, const Q8Rows& xq, int64_t K,
+  // norm n of the step (two a layer): sum = x + the residual stream after norm n - 1 (x alone
+  // for the first without a residual), normed = rms_norm(sum) * g and its Q8 blocks
+  void add_norm(const Step& st, int64_t n, const float* x, const float* g, Own& own) const {
+    const float* prev = n > 0 ? st.h[(n - 1) % 2] : st.res_in;
+    const int64_t size = st.M * H_;
+    for (int64_t i = 0; i < size; ++i) own.sum[i] = prev ? x[i] + prev[i] : x[i];
+    rms_norm_rows(own.sum.data(), g, eps_, st.M, H_, own.normed.data());
+    if (q8_)
+      for (int64_t m = 0; m < st.M; ++m) own.qnormed.quantize(own.normed.data(), m, 0, H_ / 32);
+  }
+
+  // out [M, N] = x @ w.T in st.chunks chunks of w's rows, norm n of the step before (each
+  // thread its own), its sum into the residual stream by chunk 0 (sums of x per chunk: only the
+  // K-quants without AVX-512 need them); a q8 weight reads xq, x quantized by an earlier phase
+  template <typename Rows>
+  void normed_product(Step& st, int64_t phase, int64_t kind, int64_t n, const float* x, const torch::Tensor& g,
+                      Own& own, Rows&& rows) const {
+    st.phases.run(phase, kind, st.chunks, [&](int64_t c) {
+      if (c == 0) std::memcpy(st.h[n % 2], own.sum.data(), st.M * H_ * sizeof(float));
+      rows(c);
+    }, [&] { add_norm(st, n, x, g.data_ptr<float>(), own); });
+  }
+  void product(Step& st, int64_t phase, int64_t kind, const Weight& w, const float* x, const Q8Rows& xq, int64_t K,
                float* out) const {
-    st.phases.run(phase, st.chunks, [&](int64_t c) {
+    st.phases.run(phase, kind, st.chunks, [&](int64_t c) {
       auto [n0, n1] = chunk(w.N, c, st.chunks);
       if (w.q8) w.rows_q8(xq, st.M, out, n0, n1);
       else w.rows(x, st.M, K, w.sums(x, st.M, K).data(), out, n0, n1);
     });
   }
 
-  // h = x + h (h = x: the first layer without a residual); normed = rms_norm(h) * g and its Q8
-  // blocks: one chunk
-  void add_norm(Step& st, int64_t phase, const float* x, bool add, const torch::Tensor& g) const {
-    st.phases.run(phase, 1, [&](int64_t) {
-      const int64_t n = st.M * H_;
-      for (int64_t i = 0; i < n; ++i) st.h[i] = add ? x[i] + st.h[i] : x[i];
-      rms_norm_rows(st.h, g.data_ptr<float>(), eps_, st.M, H_, st.normed.data());
-      if (q8_)
-        for (int64_t m = 0; m < st.M; ++m) st.qnormed.quantize(st.normed.data(), m, 0, H_ / 32);
-    });
-  }
-
   // every thread of the team runs this (or the caller alone)
   void work(Step& st, const std::vector<DecodeBatch>& batches) const {
     const int64_t M = st.M, H = H_, I = I_, QKV = (Hq_ + 2 * Hkv_) * D_, A = Hq_ * D_, G = Hq_ / Hkv_;
-    std::vector<float> qr(G * D_), scores, tops;
+    Own own{std::vector<float>(M * H), std::vector<float>(M * H), {}, std::vector<float>(D_), {}};
+    if (q8_) own.qnormed.resize(M, H);
     const float* x = st.x0;
     for (size_t l = 0; l < layers_.size(); ++l) {
       const Layer& L = layers_[l];
       const DecodeBatch& b = batches[l];
-      const int64_t phase = PHASES * static_cast<int64_t>(l);
+      const int64_t phase = PHASES * static_cast<int64_t>(l), n = 2 * static_cast<int64_t>(l);
       float *kc = L.k_cache.data_ptr<float>(), *vc = L.v_cache.data_ptr<float>();
-      add_norm(st, phase, x, l > 0 || st.has_residual, L.norm1);
-      product(st, phase + 1, L.qkv, st.normed.data(), st.qnormed, H, st.qkv.data());
+      normed_product(st, phase, 0, n, x, L.norm1, own, [&](int64_t c) {
+        auto [n0, n1] = chunk(L.qkv.N, c, st.chunks);
+        if (L.qkv.q8) L.qkv.rows_q8(own.qnormed, M, st.qkv.data(), n0, n1);
+        else L.qkv.rows(own.normed.data(), M, H, L.qkv.sums(own.normed.data(), M, H).data(), st.qkv.data(), n0, n1);
+      });
       const float* q = st.qkv.data();
       const bool head_blocks = D_ % 32 == 0;   // a head's output is whole Q8 blocks
-      st.phases.run(phase + 2, M * Hkv_, [&](int64_t t) {   // a kv head of a sequence: its k / v, its q heads
-        const int64_t s = t / Hkv_, g = t % Hkv_;
-        b.store(q + A, QKV, q + A + Hkv_ * D_, QKV, kc, vc, s, g);
-        b.attend(q, QKV, kc, vc, s, g, qr.data(), scores, tops, st.attn.data() + (s * Hq_ + g * G) * D_);
-        if (L.o.q8 && head_blocks) st.qattn.quantize(st.attn.data(), s, g * G * D_ / 32, (g + 1) * G * D_ / 32);
+      // a query head of a sequence, with its kv head's k (rotated) and v from this step's qkv
+      // in place of the cache's row at the slot; the first head of each kv head stores them
+      st.phases.run(phase + 1, 1, M * Hq_, [&](int64_t t) {
+        const int64_t s = t / Hq_, h = t % Hq_, g = h / G;
+        const float* v = q + s * QKV + A + Hkv_ * D_ + g * D_;
+        b.rotate_k(q + s * QKV + A + g * D_, s, own.kr.data());
+        if (h % G == 0) b.store(own.kr.data(), v, kc, vc, s, g);
+        b.attend(q, QKV, kc, vc, s, h, own.kr.data(), v, own.head, st.attn.data() + (s * Hq_ + h) * D_);
+        if (L.o.q8 && head_blocks) st.qattn.quantize(st.attn.data(), s, h * D_ / 32, (h + 1) * D_ / 32);
       });
-      st.phases.run(phase + 3, L.o.q8 && !head_blocks ? 1 : 0, [&](int64_t) {
+      st.phases.run(phase + 2, 2, L.o.q8 && !head_blocks ? 1 : 0, [&](int64_t) {
         for (int64_t m = 0; m < M; ++m) st.qattn.quantize(st.attn.data(), m, 0, A / 32);
       });
-      product(st, phase + 4, L.o, st.attn.data(), st.qattn, A, st.o.data());
-      add_norm(st, phase + 5, st.o.data(), true, L.norm2);
-      st.phases.run(phase + 6, st.chunks, [&](int64_t c) {   // gate and up rows of the same i, then the activation
+      product(st, phase + 3, 3, L.o, st.attn.data(), st.qattn, A, st.o.data());
+      normed_product(st, phase + 4, 4, n + 1, st.o.data(), L.norm2, own, [&](int64_t c) {
+        // gate and up rows of the same i, then the activation
         auto [b0, b1] = chunk(I / 32, c, st.chunks);   // in whole Q8 blocks of act
         const int64_t i0 = 32 * b0, i1 = 32 * b1;
         if (L.gate_up.q8) {
-          L.gate_up.rows_q8(st.qnormed, M, st.gate_up.data(), i0, i1);
-          L.gate_up.rows_q8(st.qnormed, M, st.gate_up.data(), I + i0, I + i1);
+          L.gate_up.rows_q8(own.qnormed, M, st.gate_up.data(), i0, i1);
+          L.gate_up.rows_q8(own.qnormed, M, st.gate_up.data(), I + i0, I + i1);
         } else {
-          const std::vector<float> sums = L.gate_up.sums(st.normed.data(), M, H);
-          L.gate_up.rows(st.normed.data(), M, H, sums.data(), st.gate_up.data(), i0, i1);
-          L.gate_up.rows(st.normed.data(), M, H, sums.data(), st.gate_up.data(), I + i0, I + i1);
+          const std::vector<float> sums = L.gate_up.sums(own.normed.data(), M, H);
+          L.gate_up.rows(own.normed.data(), M, H, sums.data(), st.gate_up.data(), i0, i1);
+          L.gate_up.rows(own.normed.data(), M, H, sums.data(), st.gate_up.data(), I + i0, I + i1);
         }
         for (int64_t m = 0; m < M; ++m) {
           for (int64_t i = i0; i < i1; ++i)
@@ -851,10 +1008,16 @@ class DecodeStack {
           if (L.down.q8) st.qact.quantize(st.act.data(), m, b0, b1);
         }
       });
-      const bool last = l + 1 == layers_.size();
-      product(st, phase + 7, L.down, st.act.data(), st.qact, I, last ? st.out : st.normed.data());
-      x = st.normed.data();   // the next layer's input (add_norm reads it before it writes normed)
+      product(st, phase + 5, 5, L.down, st.act.data(), st.qact, I, st.down.data());
+      x = st.down.data();   // the next layer's input
     }
+    if (st.final_norm)   // out = rms_norm(down + residual) * final_norm, and the sum into the residual
+      st.phases.run(PHASES * static_cast<int64_t>(layers_.size()), PHASES, 1, [&](int64_t) {
+        const int64_t size = M * H;
+        float* h = st.h[1];
+        for (int64_t i = 0; i < size; ++i) h[i] = x[i] + h[i];
+        rms_norm_rows(h, st.final_norm, eps_, M, H, st.out);
+      });
   }
 
   std::vector<torch::Tensor> tensors_;
@@ -864,6 +1027,11 @@ class DecodeStack {
   float eps_;
   torch::Tensor cos_, sin_;
   double scale_;
+  bool profile_ = false;
+  std::vector<uint64_t> times_;
+  int64_t runs_ = 0;
+  uint64_t run_ticks_ = 0;
+  double run_ns_ = 0;
 };
 
 }  // namespace
@@ -875,11 +1043,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize", &dequantize, "GGUF blocks -> fp32 or bf16 [N, K]", no_gil());
   m.def("gemv", &gemv, "x @ w.T on GGUF blocks (fp32 accumulate)", no_gil());
   m.def("gemv_normed", &gemv_normed, "rms_norm(x + residual) @ w.T on GGUF blocks, and x + residual", no_gil());
+  m.def("rms_norm", &rms_norm, "(rms_norm(x + residual) * weight, x + residual)", no_gil());
   m.def("gemv_silu", &gemv_silu, "(silu(gate) * up) @ w.T on GGUF blocks", no_gil());
   m.def("decode_attention", &decode_attention, "rotary, KV store and paged attention of an all-decode step",
         no_gil());
   pybind11::class_<DecodeStack>(m, "DecodeStack")
       .def(pybind11::init<std::vector<torch::Tensor>, std::vector<int64_t>, int64_t, int64_t, int64_t, double,
                           torch::Tensor, torch::Tensor, double, bool>())
-      .def("run", &DecodeStack::run, "the stack's layers of an all-decode step -> (output, residual)", no_gil());
+      .def("run", &DecodeStack::run, "the stack's layers of an all-decode step -> (output, residual)", no_gil())
+      .def("set_profile", &DecodeStack::set_profile, "debug: time run() per thread and phase (clears the counters)")
+      .def("timings", &DecodeStack::timings, "debug: (us working / waiting, chunks per thread and phase; runs; wall us)");
 }

@@ -84,6 +84,12 @@ def gemv_normed(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: tor
     return _load().gemv_normed(x, residual, norm_weight, eps, raw, TYPE_IDS[fmt], q8)
 
 
+def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual) * weight, x + residual), as the decode stack's final norm."""
+    return _load().rms_norm(x, residual, weight, eps)
+
+
 def gemv_silu(gate_up: torch.Tensor, raw: torch.Tensor, fmt: str, q8: bool = False) -> torch.Tensor:
     """(silu(gate) * up) @ dequantize(raw).T for gate_up = [gate | up]."""
     return _load().gemv_silu(gate_up, raw, TYPE_IDS[fmt], q8)
@@ -102,7 +108,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
 def decode_stack(layers: list, types: list[int], num_heads: int, num_kv_heads: int, head_dim: int, eps: float,
                  cos_cache: torch.Tensor, sin_cache: torch.Tensor, scale: float, q8: bool = False):
     """Llama decoder layers' all-decode steps in one C++ call each (DecodeStack.run(hidden,
-    residual, block_tables, seq_lens, slot_mapping, positions) -> (output, residual)): per layer
+    residual, block_tables, seq_lens, slot_mapping, positions, final_norm) -> (output, residual),
+    the output through rms_norm(output + residual) * final_norm where that is not None): per layer
     [norm1, norm2, qkv, o, gate_up, down, k_cache, v_cache] (raw blocks; held, not copied) and
     the four projections' type ids; q8: Q8 activations, as the layers' gemv calls."""
     return _load().DecodeStack([t for layer in layers for t in layer], types, num_heads, num_kv_heads, head_dim, eps,

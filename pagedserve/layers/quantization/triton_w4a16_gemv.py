@@ -7,8 +7,8 @@ benchmarks/w4_gpu.py and benchmarks/w4_gemv_gpu.py (one row, session 8).
     _w4_gemv_fma_kernel   one row per program: FMAs, a nibble masked in place and read as a
                           denormal float (one LOP3 + one FFMA per weight), x prologues (SiLU-
                           and-mul, RMSNorm with the residual add), K split over programs
-                          (summed in the kernel: by its last program from stored partials or
-                          from fp32 atomic sums)
+                          (summed in the kernel: by its last program from stored partials in
+                          split order, or from fp32 atomic sums), optional register prefetch
     _w4_gemv_kernel       a few rows: eight tl.dots per 128-row block
 """
 from __future__ import annotations
@@ -75,31 +75,66 @@ def _w4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, BLOCKS_PER_SPLIT, 
 
 
 @triton.jit
-def _x_nibbles(x_ptr, row, col, up, res_ptr, res_out_ptr, nw_ptr, res_limit, WORDS: tl.constexpr,
-               PROLOGUE: tl.constexpr):
+def _load(ptr, mask, EVICT: tl.constexpr):
+    """tl.load, `mask` None or a bool (tensor); what is masked is undefined (no zeroing moves:
+    only columns past N and blocks past a split's end, whose sums are not used); EVICT:
+    evict-first (weights read once a step: leave L2 to what is read again)."""
+    if mask is None:
+        if EVICT:
+            value = tl.load(ptr, eviction_policy="evict_first")
+        else:
+            value = tl.load(ptr)
+    else:
+        if EVICT:
+            value = tl.load(ptr, mask=mask, eviction_policy="evict_first")
+        else:
+            value = tl.load(ptr, mask=mask)
+    return value
+
+
+@triton.jit
+def _x_load(x_ptr, row, col, up, res_ptr, nw_ptr, live, WORDS: tl.constexpr, PROLOGUE: tl.constexpr):
+    """The raw x operands of K rows col .. col + 8 * WORDS as [WORDS, 8] tiles (see _x_nibbles):
+    (x or gate, up / residual, norm weight), x's tile where one is not used; `live` as in _w_load."""
+    idx = tl.arange(0, WORDS)[:, None] * 8 + tl.arange(0, 8)[None, :]
+    if live is not None:
+        live = tl.zeros([WORDS, 8], dtype=tl.int32) < live
+    a = _load(x_ptr + row + col + idx, live, False)
+    b = a
+    c = a
+    if PROLOGUE == 1:
+        b = _load(x_ptr + row + col + idx + up, live, False)
+    if PROLOGUE == 3:
+        b = _load(res_ptr + row + col + idx, live, False)
+    if PROLOGUE >= 2:
+        c = _load(nw_ptr + col + idx, live, False)
+    return a, b, c
+
+
+@triton.jit
+def _x_nibbles(a, b, c, row, col, res_out_ptr, res_limit, WORDS: tl.constexpr, PROLOGUE: tl.constexpr):
     """x[row + col + 8r + i] (r < WORDS, i < 8) as fp32 times 2**(89 - place of nibble i) (see
-    _w4_gemv_fma_kernel), one [WORDS] vector per nibble i: one [WORDS, 8] load split in
+    _w4_gemv_fma_kernel), one [WORDS] vector per nibble i, from _x_load's tiles split in
     registers (three halvings of the nibble axis); the sum of the unscaled x; and for the
-    norm prologues the sum of squares of h. PROLOGUE: 0 x as it is; 1 SILU: x_ptr holds
-    gate_up = [gate | up] (`up`: the offset of up), x = silu(gate) * up rounded as SiluAndMul
-    rounds it; 2 NORM: h = x, 3 NORM_RESIDUAL: h = x + residual (rounded to x's dtype, stored
-    to res_out where index < res_limit), x = h * the norm weight (the row's rsqrt comes after)."""
+    norm prologues the sum of squares of h. PROLOGUE: 0 x as it is; 1 SILU: a = gate, b = up,
+    x = silu(gate) * up rounded as SiluAndMul rounds it; 2 NORM: h = a, 3 NORM_RESIDUAL:
+    h = a + b (the residual; rounded to x's dtype, stored to res_out where index < res_limit),
+    x = h * c (the norm weight; the row's rsqrt comes after)."""
     offs_i = tl.arange(0, 8)
     idx = tl.arange(0, WORDS)[:, None] * 8 + offs_i[None, :]
-    where = x_ptr + row + col + idx
     sq = 0.0
     if PROLOGUE == 1:
-        xb = silu_mul(tl.load(where), tl.load(where + up), LIBDEVICE).to(tl.float32)
+        xb = silu_mul(a, b, LIBDEVICE).to(tl.float32)
     elif PROLOGUE >= 2:
-        h = tl.load(where)
+        h = a
         if PROLOGUE == 3:
-            h = h + tl.load(res_ptr + row + col + idx)
+            h = h + b
             tl.store(res_out_ptr + row + col + idx, h, mask=idx < res_limit)
         hf = h.to(tl.float32)
         sq = tl.sum(tl.sum(hf * hf, 1), 0)
-        xb = hf * tl.load(nw_ptr + col + idx).to(tl.float32)
+        xb = hf * c.to(tl.float32)
     else:
-        xb = tl.load(where).to(tl.float32)
+        xb = a.to(tl.float32)
     x_sum = tl.sum(tl.sum(xb, 1), 0)
     place = tl.where(offs_i < 5, 4 * offs_i, 4 * offs_i - 12)   # the nibble's bits in _w4_gemv_fma_kernel
     factor = ((127 + 89 - place) << 23).to(tl.float32, bitcast=True)
@@ -115,6 +150,46 @@ def _x_nibbles(x_ptr, row, col, up, res_ptr, res_out_ptr, nw_ptr, res_limit, WOR
 
 
 @triton.jit
+def _w_load(qw_ptr, s_ptr, z_ptr, b, offs_r, offs_n, n_valid, live, stride_qk, stride_sg,
+            GROUP_SIZE: tl.constexpr, WORDS: tl.constexpr, EVEN_N: tl.constexpr, EVICT: tl.constexpr):
+    """K block b's packed words [WORDS, BLOCK_N] and its group's scales and zeros (as stored);
+    `live`: None, or an int32 scalar, 0 to mask the whole block (a prefetch past the end)."""
+    words = qw_ptr + (b * WORDS + offs_r)[:, None].to(tl.int64) * stride_qk + offs_n[None, :]
+    group = (b * WORDS * 8) // GROUP_SIZE
+    if live is None:
+        if EVEN_N:
+            wmask = None
+            smask = None
+        else:
+            wmask = n_valid[None, :]
+            smask = n_valid
+    else:   # live (0 / 1) made a tensor of one value (constant along N: the loads stay vectors)
+        smask = tl.zeros(offs_n.shape, dtype=tl.int32) < live
+        if not EVEN_N:
+            smask = smask & n_valid
+        wmask = (tl.zeros([WORDS, 1], dtype=tl.int32) < live) & smask[None, :]
+    packed = _load(words, wmask, EVICT)
+    scale = _load(s_ptr + group * stride_sg + offs_n, smask, False)
+    zero = _load(z_ptr + group * stride_sg + offs_n, smask, False)
+    return packed, scale, zero
+
+
+@triton.jit
+def _fma_block(packed, scale, zero, x0, x1, x2, x3, x4, x5, x6, x7, x_sum):
+    """One K block's contribution to the [BLOCK_N] sums (see _w4_gemv_fma_kernel)."""
+    high = packed >> 12   # nibbles 5..7 to bits 8..19: below the exponent, like 0..4 in place
+    part = _nibble(packed, 0) * x0[:, None]
+    part += _nibble(packed, 1) * x1[:, None]
+    part += _nibble(packed, 2) * x2[:, None]
+    part += _nibble(packed, 3) * x3[:, None]
+    part += _nibble(packed, 4) * x4[:, None]
+    part += _nibble(high, 2) * x5[:, None]
+    part += _nibble(high, 3) * x6[:, None]
+    part += _nibble(high, 4) * x7[:, None]
+    return (tl.sum(part, 0) * 1.152921504606847e18 - zero.to(tl.float32) * x_sum) * scale.to(tl.float32)   # 2**60
+
+
+@triton.jit
 def _nibble(word, j: tl.constexpr):
     """Bits 4j..4j+3 of `word` left in place (j <= 4: below fp32's exponent), read as a float:
     q * 2**(4j - 149), a denormal (exact: FFMA keeps fp32 denormals unless told to flush)."""
@@ -123,10 +198,11 @@ def _nibble(word, j: tl.constexpr):
 
 @triton.jit
 def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLOCKS_PER_SPLIT, K_BLOCKS,
-                        stride_xm, stride_qk, stride_sg, stride_ym, up, res_ptr, res_out_ptr, nw_ptr, q_ptr, eps,
+                        stride_xm, stride_qk: tl.constexpr, stride_sg, stride_ym, up, res_ptr, res_out_ptr, nw_ptr, q_ptr, eps,
                         GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
                         EVEN_N: tl.constexpr, SPLIT: tl.constexpr, PROLOGUE: tl.constexpr,
-                        NUM_STAGES: tl.constexpr, ATOMIC: tl.constexpr = False):
+                        NUM_STAGES: tl.constexpr, ATOMIC: tl.constexpr = False, SPLITS: tl.constexpr = 1,
+                        PREFETCH: tl.constexpr = False, EVICT: tl.constexpr = False):
     """One row of x per program (M = pid 2) @ W over BLOCK_N columns and a range of K blocks
     of 8 * WORDS rows (inside one group). Meant for BLOCK_N >= 4 * 32 * num_warps: threads
     and warps then lie along N, each thread holds all WORDS words of its columns, loads a
@@ -139,8 +215,9 @@ def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLO
     fp32 throughout.
     y and the partials are [.., M, N] with row stride N (stride_ym). SPLIT: programs along K
     write fp32 partials to p_ptr [splits, M, N]; the last one of an (M, N) tile to arrive (a
-    per-tile counter in c_ptr, reset by it) sums them into y, so split K needs no second
-    launch. Otherwise each writes its sum to y [splits, M, N] (fp32 partials when split).
+    per-tile counter in c_ptr, reset by it) sums them into y in split order (SPLITS, the
+    grid's K extent as a constexpr: every partial's load issued at once, one round trip; the
+    same bits every run), so split K needs no second launch. Otherwise each writes its sum to y [splits, M, N] (fp32 partials when split).
     ATOMIC (with SPLIT): the programs add their sums into p_ptr [M, N] (their squares into
     q_ptr [tiles]) with fp32 atomics instead, zero before the launch; the last one of a tile
     reads them once and leaves them zero (after a barrier: Triton may give the zeroing store
@@ -149,7 +226,10 @@ def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLO
     PROLOGUE (see _x_nibbles): 1 silu(gate) * up; 2, 3 RMSNorm (with the residual add, h
     written out by the programs of the first N block): the block sums see h * norm weight,
     the row's rsqrt(mean(h^2) + eps) scales the sum at the end (the squares of a split's K
-    range summed in q_ptr [splits, M] when split: then only with SPLIT)."""
+    range summed in q_ptr [splits, M] when split: then only with SPLIT).
+    PREFETCH: the next block's weights, scales and x operands are loaded into registers before
+    this block's FMAs (no shared-memory pipeline); EVICT: weights loaded evict-first.
+    stride_qk (N) is a constexpr: the words' rows are immediate offsets from one address."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -162,30 +242,29 @@ def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLO
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     squares = 0.0
     res_limit = tl.where(pid_n == 0, WORDS * 8, 0)
-    for b in tl.range(b_begin, b_end, num_stages=NUM_STAGES):
-        words = qw_ptr + (b * WORDS + offs_r)[:, None].to(tl.int64) * stride_qk + offs_n[None, :]
-        group = (b * WORDS * 8) // GROUP_SIZE
-        if EVEN_N:
-            packed = tl.load(words)
-            scale = tl.load(s_ptr + group * stride_sg + offs_n).to(tl.float32)
-            zero = tl.load(z_ptr + group * stride_sg + offs_n).to(tl.float32)
-        else:
-            packed = tl.load(words, mask=n_valid[None, :], other=0)
-            scale = tl.load(s_ptr + group * stride_sg + offs_n, mask=n_valid, other=0.0).to(tl.float32)
-            zero = tl.load(z_ptr + group * stride_sg + offs_n, mask=n_valid, other=0.0).to(tl.float32)
-        x0, x1, x2, x3, x4, x5, x6, x7, x_sum, sq = _x_nibbles(x_ptr, x_row, b * WORDS * 8, up, res_ptr, res_out_ptr,
-                                                                nw_ptr, res_limit, WORDS, PROLOGUE)
-        squares += sq
-        high = packed >> 12   # nibbles 5..7 to bits 8..19: below the exponent, like 0..4 in place
-        part = _nibble(packed, 0) * x0[:, None]
-        part += _nibble(packed, 1) * x1[:, None]
-        part += _nibble(packed, 2) * x2[:, None]
-        part += _nibble(packed, 3) * x3[:, None]
-        part += _nibble(packed, 4) * x4[:, None]
-        part += _nibble(high, 2) * x5[:, None]
-        part += _nibble(high, 3) * x6[:, None]
-        part += _nibble(high, 4) * x7[:, None]
-        acc += (tl.sum(part, 0) * 1.152921504606847e18 - zero * x_sum) * scale   # 2**60
+    if PREFETCH:   # registers double-buffered: block b + 1's loads issued before block b's FMAs
+        nxt = _w_load(qw_ptr, s_ptr, z_ptr, b_begin, offs_r, offs_n, n_valid, (b_begin < b_end).to(tl.int32), stride_qk,
+                      stride_sg, GROUP_SIZE, WORDS, EVEN_N, EVICT)
+        nxt_x = _x_load(x_ptr, x_row, b_begin * WORDS * 8, up, res_ptr, nw_ptr, (b_begin < b_end).to(tl.int32), WORDS, PROLOGUE)
+        for b in tl.range(b_begin, b_end, num_stages=1):
+            packed, scale, zero = nxt
+            a, r, w = nxt_x
+            nxt = _w_load(qw_ptr, s_ptr, z_ptr, b + 1, offs_r, offs_n, n_valid, (b + 1 < b_end).to(tl.int32), stride_qk,
+                          stride_sg, GROUP_SIZE, WORDS, EVEN_N, EVICT)
+            nxt_x = _x_load(x_ptr, x_row, (b + 1) * WORDS * 8, up, res_ptr, nw_ptr, (b + 1 < b_end).to(tl.int32), WORDS, PROLOGUE)
+            x0, x1, x2, x3, x4, x5, x6, x7, x_sum, sq = _x_nibbles(a, r, w, x_row, b * WORDS * 8, res_out_ptr,
+                                                                    res_limit, WORDS, PROLOGUE)
+            squares += sq
+            acc += _fma_block(packed, scale, zero, x0, x1, x2, x3, x4, x5, x6, x7, x_sum)
+    else:
+        for b in tl.range(b_begin, b_end, num_stages=NUM_STAGES):
+            packed, scale, zero = _w_load(qw_ptr, s_ptr, z_ptr, b, offs_r, offs_n, n_valid, None, stride_qk,
+                                          stride_sg, GROUP_SIZE, WORDS, EVEN_N, EVICT)
+            a, r, w = _x_load(x_ptr, x_row, b * WORDS * 8, up, res_ptr, nw_ptr, None, WORDS, PROLOGUE)
+            x0, x1, x2, x3, x4, x5, x6, x7, x_sum, sq = _x_nibbles(a, r, w, x_row, b * WORDS * 8, res_out_ptr,
+                                                                    res_limit, WORDS, PROLOGUE)
+            squares += sq
+            acc += _fma_block(packed, scale, zero, x0, x1, x2, x3, x4, x5, x6, x7, x_sum)
     row = (pid_k * tl.num_programs(2) + pid_m).to(tl.int64) * stride_ym   # [splits, M, N] when split
     inv_k = 1.0 / (K_BLOCKS * WORDS * 8)
     if SPLIT:
@@ -212,7 +291,7 @@ def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLO
             else:
                 total = tl.zeros([BLOCK_N], dtype=tl.float32)
                 squares = 0.0
-                for s in range(tl.num_programs(1)):
+                for s in tl.static_range(SPLITS):   # unrolled: every load in flight at once, summed in order
                     total += tl.load(p_ptr + (s * tl.num_programs(2) + pid_m).to(tl.int64) * stride_ym + offs_n,
                                      mask=n_valid, other=0.0, cache_modifier=".cg")
                     if PROLOGUE >= 2:
@@ -309,28 +388,32 @@ class GemvConfig:
     words: int = 16     # packed rows per K block of the FMA launch (16: 128 rows of K)
     fixup: bool = True
     atomic: bool = False  # FMA split K: fp32 atomic adds into zeroed sums, one read by the last program
-    #                       (not bitwise repeatable: the adds' order varies)
+    #                       (not bitwise repeatable: the adds' order varies); else the last program
+    #                       sums the stored partials in split order (repeatable)
+    prefetch: bool = False  # FMA: the next K block's loads into registers before this one's FMAs
+    #                         (no shared-memory pipeline: num_stages unused)
+    evict: bool = False     # FMA: weights loaded evict-first
 
 
 FMA_GEMV = GemvConfig()
 DOT_GEMV = GemvConfig(block_n=128, dot=True)
 # (rows bucket, K, N) -> the measured best launch: benchmarks/w4_gpu.py's sweep on an H200
-# (llama-8b's qkv / o / gate_up / down, bf16, group 128; benchmarks/QUANT.md), one row as the
-# decode step ran it (gpu/2026-12-01-h200-w4r: qkv 10.3 us with its RMSNorm prologue, o 8.9,
-# gate_up 28.7; down from 02:56's run, gpu/2026-12-01-h200-w4q: the 1-warp launch took 79 us
-# with the SiLU prologue), 4 and 16 rows from 2026-11-30. The one-row launches were re-timed
-# in session 8 (gpu/2026-12-01-h200-s8-w4g: 10.07 / 8.41 / 26.28 / 17.98 us); the fixed
-# atomic split-K kernel then passed every check on the device (CHECK_SUMMARY failed=0) and its
-# one-row launches below took qkv / o / gate_up / down to 8.6 / 6.8 / 23.0 / 15.9 us in the step,
-# b1_decode 365.5 -> 409.3 tok/s (gpu/2026-12-01-h200-s8-final/w4; QUANT.md, session 8). Their
-# fp32 atomic adds make the last bit of a one-row W4A16 output order-dependent (run to run).
+# (llama-8b's qkv / o / gate_up / down, bf16, group 128; benchmarks/QUANT.md), 4 and 16 rows from
+# 2026-11-30. One row: benchmarks/w4_gemv_gpu.py's sweep with each projection's fused prologue,
+# session 9 (gpu/2026-12-01-h200-s9-w4h): qkv 7.92 us (session 8's launch), o 6.72 and down 12.47
+# (256 columns on two warps, the next block's loads in registers before this one's FMAs, weights
+# evict-first), gate_up 20.34 (8 columns a thread on one warp: the x work and addressing shared
+# by twice the weights); b1_decode 408.8 -> 444.2 tok/s (1.905x bf16; a second call: 444.8, 1.93x,
+# and none of 40 neighbouring launches faster: gpu/2026-12-01-h200-s9-w4h-call2). Split K is summed by fp32
+# atomics: the last bit of a one-row output depends on the order the programs finish (the
+# split-order sum, repeatable, measured 406.1 tok/s with its best launches: not the default).
 # Buckets of more than GEMV_MAX_ROWS rows are used only where the sweep found this kernel
 # faster than the GEMM / dequantize paths (there it did not).
 TUNED: dict[tuple[int, int, int], GemvConfig] = {
     (1, 4096, 6144): GemvConfig(block_n=128, num_warps=1, programs_per_sm=8, words=8, atomic=True),
-    (1, 4096, 4096): GemvConfig(block_n=512, num_warps=4, programs_per_sm=8, words=8, atomic=True),
-    (1, 4096, 28672): GemvConfig(block_n=128, num_warps=1, programs_per_sm=16, words=8, atomic=True),
-    (1, 14336, 4096): GemvConfig(block_n=256, num_warps=2, words=8, atomic=True),
+    (1, 4096, 4096): GemvConfig(block_n=256, num_warps=2, words=8, atomic=True, prefetch=True, evict=True),
+    (1, 4096, 28672): GemvConfig(block_n=256, num_warps=1, programs_per_sm=8, words=8, atomic=True),
+    (1, 14336, 4096): GemvConfig(block_n=256, num_warps=2, words=8, atomic=True, prefetch=True, evict=True),
     (4, 4096, 6144): GemvConfig(block_n=128, dot=True),
     (4, 4096, 4096): GemvConfig(block_n=64, dot=True),
     (4, 4096, 28672): GemvConfig(block_n=128, num_warps=8, dot=True),
@@ -476,8 +559,9 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         k_blocks, x.stride(0), qweight.stride(0), scales.stride(0), n, k if prologue == SILU_AND_MUL else 0,
         qweight if residual is None else residual, qweight if h is None else h, norm_weight, squares, eps,
         GROUP_SIZE=group_size, BLOCK_N=config.block_n, WORDS=config.words, EVEN_N=n % config.block_n == 0,
-        SPLIT=counters is not None, PROLOGUE=prologue, NUM_STAGES=config.num_stages, ATOMIC=sums is not None,
-        num_warps=config.num_warps)
+        SPLIT=counters is not None, PROLOGUE=prologue, NUM_STAGES=1 if config.prefetch else config.num_stages,
+        ATOMIC=sums is not None, SPLITS=splits if counters is not None and sums is None else 1,
+        PREFETCH=config.prefetch, EVICT=config.evict, num_warps=config.num_warps)
     return _sum_splits(partials, x.dtype) if counters is None else y
 
 
