@@ -23,7 +23,9 @@ checkout to measure that one. Engine "pagedserve_int4" is pagedserve with PAGEDS
 "pagedserve_fp32act" is pagedserve with PAGEDSERVE_GGUF_Q8_ACT=0 (the C++ GEMV with fp32
 activations instead of Q8 ones).
 The machine's 1-minute load average at the start and end of each engine's run is recorded
-(a shared machine makes absolute figures noisy: compare engines of the same repeat).
+(a shared machine makes absolute figures noisy: compare engines of the same repeat), and the
+batch's process CPU seconds (batch_cpu_s: at one thread, what the engine itself spent, less
+moved by other processes than the wall time; at more threads it includes spin-waits).
 Usage: python benchmarks/cpu_vs_llamacpp.py [--engines pagedserve,pagedserve_int4,pagedserve_fp32act,llamacpp,transformers] [--llama-python PY]
        [--dtype auto|float32] [--threads N] [--batch N] [--b1-only] [--out FILE.json] [--repeat N]
 """
@@ -89,15 +91,16 @@ def run_pagedserve(p: dict, dtype: str, threads: int, engine: str = "pagedserve"
     t_all = time.perf_counter() - t0
     assert len(out[0].outputs[0].token_ids) == B1_NEW
     b1 = (B1_NEW - 1) / (t_all - t_first)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     outs = gen(p["batch"]) if p["batch"] else []
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     import resource
     return dict(engine=engine, dtype=dtype, torch_threads=torch.get_num_threads(), startup_s=round(startup, 1),
                 b1_decode_tok_s=round(b1, 1), ttft256_ms=_median(ttfts),
                 ttft256_all_ms=[round(t, 1) for t in ttfts], batch_prompts=len(p["batch"]),
-                batch_out_tok_s=round(n_out / wall, 1) if n_out else None, batch_wall_s=round(wall, 2), max_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+                batch_out_tok_s=round(n_out / wall, 1) if n_out else None, batch_wall_s=round(wall, 2),
+                batch_cpu_s=round(cpu, 2), max_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 
 
 def run_llamacpp(p: dict, threads: int) -> dict:
@@ -135,17 +138,17 @@ def run_llamacpp(p: dict, threads: int) -> dict:
     ttfts = [gen(ids, 1)[0] * 1e3 for ids in p["ttft"][1:]]
     first, total = gen(p["b1"], B1_NEW)
     b1 = (B1_NEW - 1) / (total - first)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for ids, n in p["batch"]:
         gen(ids, n)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     import resource
     return dict(engine="llama.cpp", version=llama_cpp.__version__, n_threads=threads, startup_s=round(startup, 1),
                 b1_decode_tok_s=round(b1, 1), ttft256_ms=_median(ttfts),
                 ttft256_all_ms=[round(t, 1) for t in ttfts],
                 batch_prompts=len(p["batch"]),
                 batch_out_tok_s=round(sum(n for _, n in p["batch"]) / wall, 1) if p["batch"] else None,
-                batch_wall_s=round(wall, 2),
+                batch_wall_s=round(wall, 2), batch_cpu_s=round(cpu, 2),
                 max_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 
 
@@ -168,14 +171,15 @@ def run_transformers(p: dict, threads: int) -> dict:
     longest = max(n for _, n in batch)
     with torch.inference_mode():
         model.generate(input_ids[:2, -16:], attention_mask=mask[:2, -16:], max_new_tokens=4, do_sample=False)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         model.generate(input_ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
                        do_sample=False, pad_token_id=pad)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     import resource
     return dict(engine="transformers", torch_threads=torch.get_num_threads(), startup_s=round(startup, 1),
                 batch_prompts=len(batch), batch_out_tok_s=round(sum(n for _, n in batch) / wall, 1),
-                batch_wall_s=round(wall, 2), max_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+                batch_wall_s=round(wall, 2), batch_cpu_s=round(cpu, 2),
+                max_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 
 
 def _median(values: list) -> float | None:

@@ -2,8 +2,9 @@
 GGUF blocks dequantized to fp32, bit-identical to transformers), on the default model.
 
 Variants (dtype="auto" unless said):
-  cpp    the C++ GEMV on the raw blocks (gguf_cpu.cpp, fp32 activations and accumulation) up
-         to CPP_MAX_ROWS rows, a bf16 GEMM on the weight dequantized per call above
+  cpp    the C++ kernels on the raw blocks (gguf_cpu.cpp; Q4_0 / Q4_1 / Q8_0: Q8 activations,
+         integer dots) up to gguf._max_rows rows (CPP_MAX_ROWS; Q8: Q8_MAX_ROWS), a GEMM on
+         the weight dequantized per call above (gguf.gemm_dtype: bf16, or fp32 without native bf16)
   int4   PAGEDSERVE_GGUF_CPP=0 (main's path, and the fallback without a compiler): torch's
          int4 kernel up to 64 rows (bf16 activations), a bf16 GEMM above
   fp32   dtype="float32", the reference

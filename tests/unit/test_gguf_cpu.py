@@ -58,12 +58,13 @@ def q8_reference(x: torch.Tensor, raw: torch.Tensor, fmt: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q8_0"])
-@pytest.mark.parametrize("rows", [1, 3, 4, 7])
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 17, 64])
 def test_q8_gemv_equals_the_torch_reference(fmt, rows):
     """Q8 activations: bit for bit the torch reference of the same arithmetic (17 blocks a
-    row: the odd tail; an all-zero block of x; Q8_0's -128 weights), and within the
-    quantization's error of the exact product."""
-    raw = torch.from_numpy(random_blocks(fmt, 96, 544, seed=rows))
+    row: the odd tail; an all-zero block of x; Q8_0's -128 weights; >= 4 rows: the GEMM's
+    tiles, 17 rows: and a GEMV pass for the last row; 95 weight rows: a tile of one weight
+    row), and within the quantization's error of the exact product."""
+    raw = torch.from_numpy(random_blocks(fmt, 95, 544, seed=rows))
     x = torch.randn(rows, 544, generator=torch.Generator().manual_seed(rows))
     x[0, 32:64] = 0
     out = gguf_cpu.gemv(x, raw, fmt, q8=True)
@@ -71,6 +72,32 @@ def test_q8_gemv_equals_the_torch_reference(fmt, rows):
     exact = x.double() @ dequantize(raw, fmt).double().t()
     assert ((out.double() - exact).abs().max() / exact.abs().max()) < 0.03
     assert not torch.equal(out, gguf_cpu.gemv(x, raw, fmt))   # not the fp32 path
+
+
+def test_q8_long_rows_take_the_gemv_passes():
+    """Rows of more than 64 blocks (K > 2048) are multiplied by the GEMV's passes at any row
+    count: still the reference's bits."""
+    raw = torch.from_numpy(random_blocks("Q4_1", 40, 2112, seed=5))
+    x = torch.randn(9, 2112, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(gguf_cpu.gemv(x, raw, "Q4_1", q8=True), q8_reference(x, raw, "Q4_1"))
+
+
+@pytest.mark.parametrize("fmt", ["Q4_1", "Q8_0"])
+def test_q8_row_does_not_depend_on_the_batch(fmt):
+    """A row's Q8 product is the same bits whether it is multiplied alone (GEMV), among a few
+    rows or among 64 (GEMM tiles), at any of its positions, with one thread or two."""
+    raw = torch.from_numpy(random_blocks(fmt, 200, 576, seed=11))
+    x = torch.randn(64, 576, generator=torch.Generator().manual_seed(11))
+    alone = torch.cat([gguf_cpu.gemv(x[i:i + 1], raw, fmt, q8=True) for i in range(64)])
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for rows in (2, 5, 16, 17, 33, 64):
+                assert torch.equal(gguf_cpu.gemv(x[:rows], raw, fmt, q8=True), alone[:rows])
+                assert torch.equal(gguf_cpu.gemv(x[-rows:], raw, fmt, q8=True), alone[-rows:])
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_q8_only_where_the_type_has_it():
@@ -130,20 +157,21 @@ def test_decode_attention_matches_the_torch_path():
     assert torch.allclose(out, ref.reshape(4, hq * d), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("threads, q8", [(1, True), (2, True), (1, False)])
-def test_decode_stack_equals_the_modules(monkeypatch, threads, q8):
+@pytest.mark.parametrize("threads, q8, seqs", [(1, True, 3), (2, True, 3), (1, False, 3), (2, True, 21)])
+def test_decode_stack_equals_the_modules(monkeypatch, threads, q8, seqs):
     """gguf_cpu.decode_stack (one C++ call for all decoder layers of an all-decode step, one
     team of threads) against the same layers run module by module, on the default model, at
-    one and two threads, with Q8 activations (the default) and fp32 ones: bit-identical logprobs."""
+    one and two threads, with Q8 activations (the default) and fp32 ones, 3 sequences (the
+    GEMV) and 21 (Q8: the GEMM's tiles and a GEMV pass): bit-identical logprobs."""
     import pagedserve.models.llama as llama
     from pagedserve import LLM, SamplingParams
     monkeypatch.setenv("PAGEDSERVE_GGUF_Q8_ACT", "1" if q8 else "0")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        llm = LLM(max_model_len=256, num_kv_blocks=64, max_num_seqs=4, enable_prefix_caching=False)
+        llm = LLM(max_model_len=256, num_kv_blocks=64, max_num_seqs=max(4, seqs), enable_prefix_caching=False)
         params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=3)
-        prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
+        prompts = (["The capital of France is", "def fibonacci(n):", "Once upon a time"] * 7)[:seqs]
         fused, calls, flags = llama.cpu_decode_stack, [], set()
 
         def counted(*args):

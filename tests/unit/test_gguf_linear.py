@@ -11,7 +11,7 @@ import torch
 from pagedserve.layers.embedding import ParallelLMHead
 from pagedserve.layers.linear import QKVParallelLinear, RowParallelLinear
 from pagedserve.layers.quantization import gguf_cpu
-from pagedserve.layers.quantization.gguf import CPP_MAX_ROWS, GGUFConfig
+from pagedserve.layers.quantization.gguf import CPP_MAX_ROWS, Q8_MAX_ROWS, GGUFConfig
 from pagedserve.layers.quantization.gguf_kernels import dequantize
 from pagedserve.models.gguf_packed import _unpermute
 from tests.unit.test_gguf_kernels import random_blocks
@@ -52,10 +52,13 @@ def test_qkv_and_row_layers_multiply_like_dequantized(path, monkeypatch):
         if path == "cpp":
             from tests.unit.test_gguf_cpu import q8_reference
             assert torch.equal(out, q8_reference(x, layer.qweight, layer.quant_method.fmt))
+            batch = torch.randn(Q8_MAX_ROWS, 64)   # the Q8 GEMM up to Q8_MAX_ROWS rows: the same arithmetic
+            assert torch.equal(layer(batch), q8_reference(batch, layer.qweight, layer.quant_method.fmt))
         if path.startswith("cpp"):
             if path == "cpp_fp32_act":
                 assert torch.allclose(out, x @ weight.t(), rtol=1e-5, atol=1e-5)
-            many = torch.randn(CPP_MAX_ROWS + 1, 64)   # more rows: bf16 GEMM on the weight dequantized per call
+            # more rows: a GEMM on the weight dequantized per call (bf16 or fp32: gemm_dtype)
+            many = torch.randn((Q8_MAX_ROWS if path == "cpp" else CPP_MAX_ROWS) + 1, 64)
             ref = many.bfloat16().float() @ weight.bfloat16().float().t()
             assert (layer(many) - ref).abs().max() <= 1e-2 * ref.abs().max()
         elif path == "int4":

@@ -6,10 +6,11 @@ process_weights_after_loading turns them into what the device multiplies fast:
     every type, on CPU              the blocks as they are: the C++ GEMV (gguf_cpu.cpp; Q4_0,
                                     Q4_1, Q8_0: activations quantized to Q8 blocks, integer
                                     dots; PAGEDSERVE_GGUF_Q8_ACT=0 or the other types: fp32
-                                    activations and accumulation) for up to CPP_MAX_ROWS rows,
-                                    with the RMSNorm or SiLU-and-mul before it fused in; more
-                                    rows: a GEMM on the weight dequantized for that call (bf16
-                                    where the CPU has native bf16, else fp32: gemm_dtype)
+                                    activations and accumulation) for up to CPP_MAX_ROWS rows
+                                    (Q8_MAX_ROWS with Q8 activations: an int8 GEMM), with the
+                                    RMSNorm or SiLU-and-mul before it fused in; more rows: a
+                                    GEMM on the weight dequantized for that call (bf16 where
+                                    the CPU has native bf16, else fp32: gemm_dtype)
     Q4_0, Q4_1, Q4_K, Q8_0 on CPU   without a C++ compiler: torch's int4 kernel
                                     (gguf_kernels.to_int4; Q8_0 as two int4 halves)
     Q5_0, Q5_1, Q5_K, Q6_K, or CUDA dequantized once to a float `weight` (the model dtype)
@@ -33,10 +34,13 @@ from pagedserve.layers.quantization.base import (CheckpointTensor, LinearMethod,
 from pagedserve.layers.quantization import gguf_cpu
 from pagedserve.layers.quantization.gguf_kernels import FORMATS, dequantize, int4_matmul, to_int4
 
-# Rows up to which the C++ GEMV multiplies (it reads the weight once per 4 rows); more rows
-# dequantize the weight for that product and run a bf16 GEMM (2026-12-01, 2 cores, 1 thread,
-# 3072x576 Q4_1: 16 rows 0.96 ms against 1.63 ms, 32 rows 3.5 ms against 2.0 ms).
+# Rows up to which the C++ kernels multiply the blocks; more rows dequantize the weight for
+# that product and run a GEMM (gemm_dtype). fp32 activations (the GEMV reads the weight once
+# per 4 rows): 16 (2026-12-01, 1 thread, 3072x576 Q4_1: 16 rows 0.96 ms against 1.63 ms, 32
+# rows 3.5 ms against 2.0 ms). Q8 activations (Q4_0, Q4_1, Q8_0; the GEMM's tiles from 4
+# rows, a row's values the same for any number of rows): Q8_MAX_ROWS, benchmarks/RESULTS.md.
 CPP_MAX_ROWS = 16
+Q8_MAX_ROWS = 64
 
 
 @cache
@@ -90,13 +94,14 @@ def cpu_decode_attention(spec: QuantizationSpec | None) -> Callable | None:
 def cpu_decode_stack(layers: list[nn.Module], positions: torch.Tensor, hidden: torch.Tensor,
                      residual: torch.Tensor | None, meta: Any, norm: nn.Module | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Llama decoder layers' all-decode step (<= CPP_MAX_ROWS rows, fp32) in one C++ call
-    (gguf_cpu.decode_stack: the calls their modules make, so the same values, with one team of
-    threads through all layers) where every layer's attention backend has the C++ decode
-    kernel and its projections run on the C++ GEMV without biases, q/k norms or TP; else None
-    (the modules run). With `norm` (the model's final RMSNorm), the output is normed in the
-    same call, as cpu_final_norm's norm computes it."""
-    if not layers or hidden.shape[0] > CPP_MAX_ROWS or hidden.dtype != torch.float32 \
+    """Llama decoder layers' all-decode step (fp32, up to the rows the layers' products take
+    the C++ kernels for: _max_rows) in one C++ call (gguf_cpu.decode_stack: the calls their
+    modules make, so the same values, with one team of threads through all layers) where every
+    layer's attention backend has the C++ decode kernel and its projections run on the C++
+    GEMV without biases, q/k norms or TP; else None (the modules run). With `norm` (the
+    model's final RMSNorm), the output is normed in the same call, as cpu_final_norm's norm
+    computes it."""
+    if not layers or hidden.shape[0] > Q8_MAX_ROWS or hidden.dtype != torch.float32 \
             or meta.num_decodes != meta.num_seqs:
         return None
     first = layers[0]
@@ -106,7 +111,7 @@ def cpu_decode_stack(layers: list[nn.Module], positions: torch.Tensor, hidden: t
         cached = ((len(layers), caches), _build_stack(layers))
         first.__dict__["_gguf_decode_stack"] = cached
     stack = cached[1]
-    if stack is None:
+    if stack is None or hidden.shape[0] > min(_max_rows(x) for x in _linears(first)):
         return None
     return stack.run(hidden, residual, meta.block_tables, meta.seq_lens, meta.slot_mapping, positions,
                      None if norm is None else norm.weight)
@@ -125,8 +130,7 @@ def _build_stack(layers: list[nn.Module]):
     """The layers' DecodeStack, or None where one of them does not fit it."""
     tensors, types, q8 = [], [], set()
     for layer in layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        attn, linears = layer.self_attn, _linears(layer)
         if getattr(attn.attn.backend, "decode_kernel", None) is None or attn.qk_norm or not all(
                 getattr(x, "gguf_cpp", False) and x.bias is None and x.tp_size == 1 for x in linears):
             return None
@@ -140,6 +144,11 @@ def _build_stack(layers: list[nn.Module]):
     return gguf_cpu.decode_stack(tensors, types, attn.num_heads, attn.num_kv_heads, attn.head_dim,
                                  layers[0].input_layernorm.eps, rope.cos_cache, rope.sin_cache, attn.attn.scale,
                                  q8.pop())
+
+
+def _linears(layer: nn.Module) -> tuple[nn.Module, ...]:
+    attn, mlp = layer.self_attn, layer.mlp
+    return attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj
 
 
 def _create_qweight(layer: nn.Module, fmt: str, rows: int, cols: int, **dims: Any) -> None:
@@ -169,9 +178,14 @@ def _repack(layer: nn.Module, fmt: str, int4: bool, dtype: torch.dtype, keep_raw
         del layer.qweight
 
 
+def _max_rows(layer: nn.Module) -> int:
+    """Rows up to which a product on this layer's blocks runs on the C++ kernels."""
+    return Q8_MAX_ROWS if layer.gguf_q8 and layer.quant_method.fmt in gguf_cpu.Q8_TYPES else CPP_MAX_ROWS
+
+
 def _cpp_rows(layer: nn.Module, x: torch.Tensor) -> bool:
-    """Whether x takes the C++ GEMV on this layer's blocks."""
-    return layer.gguf_cpp and x.shape[0] <= CPP_MAX_ROWS
+    """Whether x takes the C++ kernels on this layer's blocks."""
+    return layer.gguf_cpp and x.shape[0] <= _max_rows(layer)
 
 
 def _matmul(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""The C++ GEMV on GGUF blocks (gguf_cpu.cpp): decode-sized products on the CPU read the
-blocks the loader keeps, fp32 accumulate, no repack. Compiled on first use into torch's
+"""The C++ GEMV on GGUF blocks (gguf_cpu.cpp; Q8 activations: gguf_cpu_q8.cpp, with
+gguf_cpu.h between them): decode-sized products on the CPU read the blocks the loader keeps,
+fp32 accumulate, no repack. Compiled on first use into torch's
 extensions cache (torch.utils.cpp_extension; -O3 -march=native, since it runs where it is
 built); if that fails (no compiler), a warning and None: the callers keep torch's int4 path.
 
@@ -8,8 +9,11 @@ PAGEDSERVE_GGUF_CPP=0 turns it off for the layers loaded while it is set (A/B me
 Q8 activations (Q4_0, Q4_1, Q8_0 weights): the GEMV quantizes x per 32 values to int8 and
 multiplies integers (as llama.cpp's Q4_1 x Q8_1 dot; AVX2, with a scalar fallback of the same
 arithmetic), 7-9x faster per GEMV at one thread than fp32 activations on an AVX2-only EPYC
-(benchmarks/RESULTS.md, issue 19, session 8) but rounded differently from the fp32 reference. PAGEDSERVE_GGUF_Q8_ACT=0 (read when the layers load) keeps fp32
-activations: one prompt at a time, the fp32 reference's greedy ids."""
+(benchmarks/RESULTS.md, issue 19, session 8) but rounded differently from the fp32 reference.
+From 4 rows an int8 GEMM (register tiles of 4 rows x 2 weight rows) does each row's
+arithmetic exactly as the GEMV would: a row's result does not depend on the batch.
+PAGEDSERVE_GGUF_Q8_ACT=0 (read when the layers load) keeps fp32 activations: one prompt at a
+time, the fp32 reference's greedy ids."""
 from __future__ import annotations
 
 import hashlib
@@ -23,8 +27,10 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+Q8_TYPES = ("Q4_0", "Q4_1", "Q8_0")   # the types with Q8 activations (gguf_cpu.h's q8_type)
 TYPE_IDS = {name: i for i, name in enumerate(("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"))}
-_SOURCE = os.path.join(os.path.dirname(__file__), "gguf_cpu.cpp")
+_SOURCES = [os.path.join(os.path.dirname(__file__), name) for name in ("gguf_cpu.cpp", "gguf_cpu_q8.cpp")]
+_HEADER = os.path.join(os.path.dirname(__file__), "gguf_cpu.h")
 
 
 def extension() -> ModuleType | None:
@@ -38,9 +44,9 @@ def _load() -> ModuleType | None:
     from torch.utils.cpp_extension import load
     start = time.perf_counter()
     logger.info("GGUF CPU kernels: compiling or loading %s (torch extensions cache; the first build takes ~30 s)",
-                os.path.basename(_SOURCE))
+                ", ".join(os.path.basename(p) for p in _SOURCES))
     try:
-        module = load(name=f"pagedserve_gguf_cpu_{_source_digest()}", sources=[_SOURCE], verbose=False,
+        module = load(name=f"pagedserve_gguf_cpu_{_source_digest()}", sources=_SOURCES, verbose=False,
                       extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as exc:   # noqa: BLE001  (no compiler, no headers: keep the torch path)
         logger.warning("GGUF CPU kernels unavailable (%s: %s); using torch's int4 kernel", type(exc).__name__,
@@ -51,10 +57,14 @@ def _load() -> ModuleType | None:
 
 
 def _source_digest() -> str:
-    """The build's name carries the source's hash: checkouts of different versions (git
-    worktrees) share torch's extensions cache without rebuilding over each other's build."""
-    with open(_SOURCE, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:12]
+    """The build's name carries the sources' hash (the header's too): checkouts of different
+    versions (git worktrees) share torch's extensions cache without rebuilding over each
+    other's build."""
+    digest = hashlib.sha256()
+    for path in (*_SOURCES, _HEADER):
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:12]
 
 
 def q8_activations() -> bool:
