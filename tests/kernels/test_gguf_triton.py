@@ -69,7 +69,7 @@ def _close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fmt", TYPES)
-@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("m", [1, 3, 16, 37])
 def test_gemv(fmt: str, m: int, dtype: torch.dtype) -> None:
     """Odd N (a ragged last column block), K of 1-3 blocks beyond a tile (split over programs)."""
     for n, kb, seed in ((37, 1, 3), (53, 3, 4), (21, 9, 5)):
@@ -97,9 +97,10 @@ def test_matmul_prefill_rows_is_dequantize_then_matmul(fmt: str) -> None:
     """More than GEMV_MAX_ROWS rows: the weight dequantized to x's dtype, then one matmul:
     exactly x @ reference.to(dtype).T; fewer rows take the GEMV; leading dims kept."""
     raw = random_blocks(fmt, 45, 3, seed=7)
-    x = torch.randn(2, 20, 96, generator=torch.Generator().manual_seed(7)).to(torch.float16)
+    half = triton_gguf.GEMV_MAX_ROWS // 2 + 3
+    x = torch.randn(2, half, 96, generator=torch.Generator().manual_seed(7)).to(torch.float16)
     out = triton_gguf.matmul(x.to(DEVICE), raw.to(DEVICE), fmt)
-    assert out.shape == (2, 20, 45)
+    assert out.shape == (2, half, 45)
     expected = x.to(DEVICE) @ torch_dequantize(raw, fmt, torch.float16).to(DEVICE).T
     assert torch.equal(out, expected)
     small = triton_gguf.matmul(x[0, :3].to(DEVICE), raw.to(DEVICE), fmt)
@@ -115,8 +116,6 @@ def test_rejects_bad_input() -> None:
         triton_gguf.gemv(x, raw, "Q8_0")
     with pytest.raises(ValueError, match="x must be"):
         triton_gguf.gemv(torch.zeros(1, 32, dtype=torch.float16, device=DEVICE), raw, "Q4_1")
-    with pytest.raises(ValueError, match="rows"):
-        triton_gguf.gemv(torch.zeros(17, 64, dtype=torch.float16, device=DEVICE), raw, "Q4_1")
 
 
 _COMPILE_FOR_SM90 = """
@@ -139,3 +138,52 @@ def test_kernels_compile_for_sm90() -> None:
     from tests.kernels.sm90_compile import run
     proc = run(_COMPILE_FOR_SM90)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_gguf_layers_route_to_the_kernels(monkeypatch) -> None:
+    """gguf.py's CUDA routing, run here through the interpreter (the device check forced): a fused
+    QKV layer (Q4_1) and a row layer (Q8_0) keep their blocks and multiply through
+    triton_gguf.matmul (GEMV rows and prefill rows); the Q8_0 embedding looks rows up exactly and
+    its logits take the kernels too. The predicate itself: CUDA, the three types, not the
+    exact fp32 path."""
+    from pagedserve.layers.embedding import ParallelLMHead
+    from pagedserve.layers.linear import QKVParallelLinear, RowParallelLinear
+    from pagedserve.layers.quantization import gguf
+    assert gguf._cuda_packed(torch.device("cuda"), "Q4_1", True) == gguf.CUDA_PACKED
+    assert not gguf._cuda_packed(torch.device("cuda"), "Q5_0", True)
+    assert not gguf._cuda_packed(torch.device("cuda"), "Q8_0", False)
+    assert not gguf._cuda_packed(torch.device("cpu"), "Q8_0", True)
+    assert set(gguf.CUDA_PACKED_TYPES) == set(triton_gguf.TYPE_IDS)
+    monkeypatch.setattr(gguf, "_cuda_packed", lambda device, fmt, int4: int4 and fmt in TYPES)
+    types = {f"l.self_attn.{p}.qweight": "Q4_1" for p in ("q_proj", "k_proj", "v_proj")}
+    types["l.self_attn.o_proj.qweight"] = "Q8_0"
+    types["model.embed_tokens.qweight"] = "Q8_0"
+    config = gguf.GGUFConfig(types)
+    qkv = QKVParallelLinear(64, 16, 4, 2, quant_config=config, prefix="l.self_attn.qkv_proj")
+    o = RowParallelLinear(64, 64, quant_config=config, prefix="l.self_attn.o_proj")
+    shards = {"q": random_blocks("Q4_1", 64, 2, 11), "k": random_blocks("Q4_1", 32, 2, 12),
+              "v": random_blocks("Q4_1", 32, 2, 13)}
+    for shard_id, raw in shards.items():
+        qkv.weight_loader(qkv.qweight, raw, shard_id)
+    o_raw = random_blocks("Q8_0", 64, 2, 14)
+    o.weight_loader(o.qweight, o_raw)
+    method = config.get_embedding_method("model.embed_tokens")
+    embed = ParallelLMHead(96, 64, torch.float32, method)
+    e_raw = random_blocks("Q8_0", 96, 2, 15)
+    embed.weight_loader(embed.qweight, e_raw)
+    for layer in (qkv, o):
+        layer.quant_method.process_weights_after_loading(layer)
+    method.process_weights_after_loading(embed)
+    gen = torch.Generator().manual_seed(16)
+    for layer, weight in ((qkv, torch.cat([torch_dequantize(r, "Q4_1") for r in shards.values()])),
+                          (o, torch_dequantize(o_raw, "Q8_0"))):
+        assert layer.gguf_triton and not hasattr(layer, "weight") and layer.qweight.dtype == torch.uint8
+        for rows in (1, 5, triton_gguf.GEMV_MAX_ROWS + 3):
+            x = torch.randn(rows, 64, generator=gen)
+            _close(layer(x), _reference(x, layer.qweight, layer.quant_method.fmt), torch.float32)
+        torch.testing.assert_close(layer(x), x @ weight.t(), rtol=1e-5, atol=1e-5)
+    ids = torch.tensor([[3, 95], [0, 3]])
+    weight = torch_dequantize(e_raw, "Q8_0")
+    assert embed.gguf_triton and torch.equal(embed.quant_method.embed(embed, ids), weight[ids])
+    hidden = torch.randn(2, 64, generator=gen)
+    _close(embed.quant_method.logits(embed, hidden), _reference(hidden, e_raw, "Q8_0"), torch.float32)
