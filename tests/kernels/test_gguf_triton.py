@@ -127,7 +127,7 @@ for fmt, bb in ((0, 18), (1, 20), (2, 34)):
               types, num_warps=4, num_stages=3)
     build(_gguf_gemv_kernel, dict(FMT=fmt, BB=bb, BLOCK_M=16, BLOCK_N=64, IEEE=True, NUM_STAGES=3),
           dict(types, x_ptr="*fp32"), num_warps=4, num_stages=3)
-    build(_gguf_dequant_kernel, dict(FMT=fmt, BB=bb, BLOCK_N=32), types)
+    build(_gguf_dequant_kernel, dict(FMT=fmt, BB=bb, BLOCK_N=64, BLOCKS=4), types)
 """
 
 

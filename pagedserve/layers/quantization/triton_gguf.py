@@ -115,19 +115,22 @@ def _gguf_gemv_kernel(x_ptr, qw_ptr, hw_ptr, y_ptr, M, N, KB, BLOCKS_PER_SPLIT, 
 
 
 @triton.jit
-def _gguf_dequant_kernel(qw_ptr, hw_ptr, w_ptr, N, KB, FMT: tl.constexpr, BB: tl.constexpr, BLOCK_N: tl.constexpr):
-    """w [N, KB * 32] in w's dtype: block b (pid 1) of BLOCK_N rows (pid 0), d * q (+ m) in fp32
-    (as ggml and gguf_kernels.dequantize compute it), rounded once."""
+def _gguf_dequant_kernel(qw_ptr, hw_ptr, w_ptr, N, KB, FMT: tl.constexpr, BB: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCKS: tl.constexpr):
+    """w [N, KB * 32] in w's dtype: BLOCKS K blocks (pid 1) of BLOCK_N rows (pid 0), d * q (+ m)
+    in fp32 (as ggml and gguf_kernels.dequantize compute it), rounded once."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    b = tl.program_id(1)
     n_valid = rows < N
-    q, d, m = _block(qw_ptr, hw_ptr, rows, b, KB, n_valid, FMT, BB)
-    values = q * d[:, None]
-    if FMT == 1:
-        values = values + m[:, None]
-    cols = b * 32 + _value_cols(FMT)
-    tl.store(w_ptr + rows[:, None].to(tl.int64) * (KB * 32) + cols[None, :], values.to(w_ptr.dtype.element_ty),
-             mask=n_valid[:, None])
+    for i in tl.static_range(BLOCKS):
+        b = tl.program_id(1) * BLOCKS + i
+        valid = n_valid & (rows * 0 + b < KB)
+        q, d, m = _block(qw_ptr, hw_ptr, rows, b, KB, valid, FMT, BB)
+        values = q * d[:, None]
+        if FMT == 1:
+            values = values + m[:, None]
+        cols = b * 32 + _value_cols(FMT)
+        tl.store(w_ptr + rows[:, None].to(tl.int64) * (KB * 32) + cols[None, :], values.to(w_ptr.dtype.element_ty),
+                 mask=valid[:, None])
 
 
 def _check(qweight: torch.Tensor, fmt: str) -> None:
@@ -145,8 +148,8 @@ def dequantize(qweight: torch.Tensor, fmt: str, dtype: torch.dtype) -> torch.Ten
     n, kb, bb = qweight.shape
     w = torch.empty((n, kb * 32), dtype=dtype, device=qweight.device)
     if n and kb:
-        _gguf_dequant_kernel[(triton.cdiv(n, 32), kb)](qweight, qweight.view(torch.float16), w, n, kb,
-                                                       FMT=TYPE_IDS[fmt], BB=bb, BLOCK_N=32)
+        _gguf_dequant_kernel[(triton.cdiv(n, 64), triton.cdiv(kb, 4))](qweight, qweight.view(torch.float16), w, n, kb,
+                                                                       FMT=TYPE_IDS[fmt], BB=bb, BLOCK_N=64, BLOCKS=4)
     return w
 
 
