@@ -172,7 +172,9 @@ def test_gguf_layers_route_to_the_kernels(monkeypatch) -> None:
     e_raw = random_blocks("Q8_0", 96, 2, 15)
     embed.weight_loader(embed.qweight, e_raw)
     for layer in (qkv, o):
+        layer.to(DEVICE)
         layer.quant_method.process_weights_after_loading(layer)
+    embed.to(DEVICE)
     method.process_weights_after_loading(embed)
     gen = torch.Generator().manual_seed(16)
     for layer, weight in ((qkv, torch.cat([torch_dequantize(r, "Q4_1") for r in shards.values()])),
@@ -180,10 +182,10 @@ def test_gguf_layers_route_to_the_kernels(monkeypatch) -> None:
         assert layer.gguf_triton and not hasattr(layer, "weight") and layer.qweight.dtype == torch.uint8
         for rows in (1, 5, triton_gguf.GEMV_MAX_ROWS + 3):
             x = torch.randn(rows, 64, generator=gen)
-            _close(layer(x), _reference(x, layer.qweight, layer.quant_method.fmt), torch.float32)
-        torch.testing.assert_close(layer(x), x @ weight.t(), rtol=1e-5, atol=1e-5)
+            _close(layer(x.to(DEVICE)), _reference(x, layer.qweight.cpu(), layer.quant_method.fmt), torch.float32)
+        torch.testing.assert_close(layer(x.to(DEVICE)).cpu(), x @ weight.t(), rtol=1e-5, atol=1e-5)
     ids = torch.tensor([[3, 95], [0, 3]])
     weight = torch_dequantize(e_raw, "Q8_0")
-    assert embed.gguf_triton and torch.equal(embed.quant_method.embed(embed, ids), weight[ids])
+    assert embed.gguf_triton and torch.equal(embed.quant_method.embed(embed, ids.to(DEVICE)).cpu(), weight[ids])
     hidden = torch.randn(2, 64, generator=gen)
-    _close(embed.quant_method.logits(embed, hidden), _reference(hidden, e_raw, "Q8_0"), torch.float32)
+    _close(embed.quant_method.logits(embed, hidden.to(DEVICE)), _reference(hidden, e_raw, "Q8_0"), torch.float32)

@@ -79,7 +79,7 @@ def _value_cols(FMT: tl.constexpr):
     return cols
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "N", "KB", "BLOCKS_PER_SPLIT"])   # one compile across batch sizes
 def _gguf_gemv_kernel(x_ptr, qw_ptr, hw_ptr, y_ptr, M, N, KB, BLOCKS_PER_SPLIT, stride_xm, stride_ym, stride_ysplit,
                       FMT: tl.constexpr, BB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       IEEE: tl.constexpr, NUM_STAGES: tl.constexpr):
@@ -114,7 +114,7 @@ def _gguf_gemv_kernel(x_ptr, qw_ptr, hw_ptr, y_ptr, M, N, KB, BLOCKS_PER_SPLIT, 
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_valid[:, None] & n_valid[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "KB"])
 def _gguf_dequant_kernel(qw_ptr, hw_ptr, w_ptr, N, KB, FMT: tl.constexpr, BB: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCKS: tl.constexpr):
     """w [N, KB * 32] in w's dtype: BLOCKS K blocks (pid 1) of BLOCK_N rows (pid 0), d * q (+ m)
