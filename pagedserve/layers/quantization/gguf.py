@@ -13,6 +13,10 @@ process_weights_after_loading turns them into what the device multiplies fast:
                                     the CPU has native bf16, else fp32: gemm_dtype)
     Q4_0, Q4_1, Q4_K, Q8_0 on CPU   without a C++ compiler: torch's int4 kernel
                                     (gguf_kernels.to_int4; Q8_0 as two int4 halves)
+    Q4_0, Q4_1, Q8_0 on CUDA        the blocks as they are: triton_gguf's GEMV for up to 16 rows,
+                                    more rows dequantize the layer to the model dtype for that
+                                    call (a Triton kernel) and run cuBLAS
+                                    (PAGEDSERVE_GGUF_CUDA_PACKED=0: dequantized once, as below)
     Q5_0, Q5_1, Q5_K, Q6_K, or CUDA dequantized once to a float `weight` (the model dtype)
 
 The embedding looks rows up in the raw blocks and dequantizes only those (exact fp32).
@@ -22,6 +26,7 @@ projections do not share one type is stored dequantized by the converter and run
 unquantized here."""
 from __future__ import annotations
 
+import os
 from functools import cache
 from typing import Any, Callable
 
@@ -41,6 +46,10 @@ from pagedserve.layers.quantization.gguf_kernels import FORMATS, dequantize, int
 # rows, a row's values the same for any number of rows): Q8_MAX_ROWS, benchmarks/RESULTS.md.
 CPP_MAX_ROWS = 16
 Q8_MAX_ROWS = 64
+# CUDA: keep the types triton_gguf multiplies packed (0: dequantize every type once at load, as
+# before session 9; the A/B of benchmarks/gguf_gpu.sh)
+CUDA_PACKED = os.environ.get("PAGEDSERVE_GGUF_CUDA_PACKED", "1") != "0"
+CUDA_PACKED_TYPES = ("Q4_0", "Q4_1", "Q8_0")   # triton_gguf.TYPE_IDS (imported where used: Triton)
 
 
 @cache
@@ -164,6 +173,9 @@ def _repack(layer: nn.Module, fmt: str, int4: bool, dtype: torch.dtype, keep_raw
     and Q8_0), or a dequantized `weight`."""
     raw = layer.qweight.data
     layer.int4_parts, layer.gguf_cpp, layer.gguf_q8 = None, False, False
+    layer.gguf_triton = _cuda_packed(raw.device, fmt, int4)
+    if layer.gguf_triton:   # the blocks stay (the embedding looks rows up in them too)
+        return
     if int4 and raw.device.type == "cpu" and gguf_cpu.extension() is not None:
         layer.gguf_cpp, layer.gguf_q8 = True, gguf_cpu.q8_activations()
         return
@@ -178,6 +190,12 @@ def _repack(layer: nn.Module, fmt: str, int4: bool, dtype: torch.dtype, keep_raw
         del layer.qweight
 
 
+def _cuda_packed(device: torch.device, fmt: str, int4: bool) -> bool:
+    """Whether a layer keeps its blocks for triton_gguf (CUDA, a type it takes, not dtype=float32's
+    exact path, not turned off)."""
+    return int4 and CUDA_PACKED and device.type == "cuda" and fmt in CUDA_PACKED_TYPES
+
+
 def _max_rows(layer: nn.Module) -> int:
     """Rows up to which a product on this layer's blocks runs on the C++ kernels."""
     return Q8_MAX_ROWS if layer.gguf_q8 and layer.quant_method.fmt in gguf_cpu.Q8_TYPES else CPP_MAX_ROWS
@@ -189,6 +207,9 @@ def _cpp_rows(layer: nn.Module, x: torch.Tensor) -> bool:
 
 
 def _matmul(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if layer.gguf_triton:
+        from pagedserve.layers.quantization import triton_gguf
+        return triton_gguf.matmul(x, layer.qweight, layer.quant_method.fmt)
     if layer.gguf_cpp:
         fmt = layer.quant_method.fmt
         if _cpp_rows(layer, x):
@@ -252,6 +273,10 @@ class GGUFEmbeddingMethod:
         _repack(layer, self.fmt, self.int4, layer.gguf_dtype, keep_raw=True)
 
     def embed(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        if layer.gguf_triton:   # only these rows, exact in fp32 then rounded once, as below
+            from pagedserve.layers.quantization import triton_gguf
+            rows = triton_gguf.dequantize(layer.qweight[ids.reshape(-1)], self.fmt, layer.gguf_dtype)
+            return rows.reshape(*ids.shape, rows.shape[-1])
         if layer.int4_parts is None and not layer.gguf_cpp:
             return torch.nn.functional.embedding(ids, layer.weight)
         rows = layer.qweight[ids]   # only these rows, exact; in one C++ call where it is built (the

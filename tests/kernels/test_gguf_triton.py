@@ -1,0 +1,191 @@
+"""The GGUF block kernels (pagedserve/layers/quantization/triton_gguf.py) against the torch
+reference (gguf_kernels.dequantize, itself checked against gguf.quants.dequantize here): the
+dequantization bit for bit, the GEMV and the prefill path within one rounding of the output,
+for Q4_0, Q4_1 and Q8_0; and the kernels compiled for sm_90 on the CPU."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from pagedserve.layers.quantization import triton_gguf  # noqa: E402
+from pagedserve.layers.quantization.gguf_kernels import dequantize as torch_dequantize  # noqa: E402
+from pagedserve.layers.quantization.triton_w4a16_gemv import GemvConfig  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Triton's CPU interpreter mishandles bfloat16 loads/stores: bf16 runs on the GPU machine only.
+DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+TYPES = ["Q4_0", "Q4_1", "Q8_0"]
+# small launches so that K spans several tiles / splits and N leaves a ragged last block
+SMALL_FMA = GemvConfig(block_n=16, num_warps=4, num_stages=2, programs_per_sm=4)
+SMALL_DOT = GemvConfig(block_n=16, num_warps=4, num_stages=2, programs_per_sm=4, dot=True, block_m=16)
+
+
+def random_blocks(fmt: str, n: int, kb: int, seed: int) -> torch.Tensor:
+    """Raw blocks [n, kb, block_bytes] with random quants and sane fp16 scales (|d| ~ 0.01,
+    Q4_1's m ~ -0.1)."""
+    gen = torch.Generator().manual_seed(seed)
+    nbytes = triton_gguf._BLOCK_BYTES[fmt]
+    raw = torch.randint(0, 256, (n, kb, nbytes), generator=gen, dtype=torch.uint8)
+    d = (torch.rand(n, kb, 1, generator=gen) * 0.02 + 0.001).to(torch.float16)
+    raw[..., 0:2] = d.view(torch.uint8)
+    if fmt == "Q4_1":
+        m = (-torch.rand(n, kb, 1, generator=gen) * 0.2).to(torch.float16)
+        raw[..., 2:4] = m.view(torch.uint8)
+    return raw
+
+
+@pytest.mark.parametrize("fmt", TYPES)
+def test_torch_reference_matches_gguf_package(fmt: str) -> None:
+    """The reference these tests use is the block format as the gguf package reads it."""
+    quants = pytest.importorskip("gguf.quants")
+    from gguf import GGMLQuantizationType
+    raw = random_blocks(fmt, 5, 3, seed=1)
+    ref = quants.dequantize(raw.reshape(5, -1).numpy(), GGMLQuantizationType[fmt])
+    assert np.array_equal(torch_dequantize(raw, fmt).numpy(), ref.astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", TYPES)
+def test_dequantize_bit_exact(fmt: str, dtype: torch.dtype) -> None:
+    raw = random_blocks(fmt, 37, 5, seed=2)
+    out = triton_gguf.dequantize(raw.to(DEVICE), fmt, dtype)
+    assert out.dtype == dtype and out.shape == (37, 160)
+    assert torch.equal(out.cpu(), torch_dequantize(raw, fmt, dtype))
+
+
+def _reference(x: torch.Tensor, raw: torch.Tensor, fmt: str) -> torch.Tensor:
+    return (x.double() @ torch_dequantize(raw, fmt).double().T)
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    """fp32 accumulation and one rounding: within an ulp or two of x's dtype of the exact sum."""
+    assert out.dtype == dtype and out.shape == ref.shape
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", TYPES)
+@pytest.mark.parametrize("m", [1, 3, 16, 37])
+def test_gemv(fmt: str, m: int, dtype: torch.dtype) -> None:
+    """Odd N (a ragged last column block), K of 1-3 blocks beyond a tile (split over programs)."""
+    for n, kb, seed in ((37, 1, 3), (53, 3, 4), (21, 9, 5)):
+        raw = random_blocks(fmt, n, kb, seed=seed + m)
+        x = torch.randn(m, kb * 32, generator=torch.Generator().manual_seed(seed)).to(dtype)
+        config = SMALL_FMA if m == 1 else SMALL_DOT
+        out = triton_gguf.gemv(x.to(DEVICE), raw.to(DEVICE), fmt, config)
+        _close(out, _reference(x, raw, fmt), dtype)
+
+
+@pytest.mark.parametrize("fmt", TYPES)
+def test_gemv_default_launch_and_rows_independent(fmt: str) -> None:
+    """The default launches; a row's result does not depend on the rows beside it (FMA one row
+    against the same row inside a tl.dot of 16, fp32 x: both exact to fp32 rounding)."""
+    raw = random_blocks(fmt, 70, 4, seed=6).to(DEVICE)
+    x = torch.randn(16, 128, generator=torch.Generator().manual_seed(6)).to(DEVICE, torch.float16)
+    many = triton_gguf.gemv(x, raw, fmt)
+    one = triton_gguf.gemv(x[5:6], raw, fmt)
+    _close(many, _reference(x.cpu(), raw.cpu(), fmt), torch.float16)
+    _close(one, _reference(x[5:6].cpu(), raw.cpu(), fmt), torch.float16)
+
+
+@pytest.mark.parametrize("fmt", TYPES)
+def test_matmul_prefill_rows_is_dequantize_then_matmul(fmt: str) -> None:
+    """More than GEMV_MAX_ROWS rows: the weight dequantized to x's dtype, then one matmul:
+    exactly x @ reference.to(dtype).T; fewer rows take the GEMV; leading dims kept."""
+    raw = random_blocks(fmt, 45, 3, seed=7)
+    half = triton_gguf.GEMV_MAX_ROWS // 2 + 3
+    x = torch.randn(2, half, 96, generator=torch.Generator().manual_seed(7)).to(torch.float16)
+    out = triton_gguf.matmul(x.to(DEVICE), raw.to(DEVICE), fmt)
+    assert out.shape == (2, half, 45)
+    expected = x.to(DEVICE) @ torch_dequantize(raw, fmt, torch.float16).to(DEVICE).T
+    assert torch.equal(out, expected)
+    small = triton_gguf.matmul(x[0, :3].to(DEVICE), raw.to(DEVICE), fmt)
+    assert torch.equal(small, triton_gguf.gemv(x[0, :3].to(DEVICE), raw.to(DEVICE), fmt))
+
+
+def test_rejects_bad_input() -> None:
+    raw = random_blocks("Q4_1", 8, 2, seed=8).to(DEVICE)
+    x = torch.zeros(1, 64, dtype=torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match="Q5_0"):
+        triton_gguf.gemv(x, raw, "Q5_0")
+    with pytest.raises(ValueError, match="qweight"):
+        triton_gguf.gemv(x, raw, "Q8_0")
+    with pytest.raises(ValueError, match="x must be"):
+        triton_gguf.gemv(torch.zeros(1, 32, dtype=torch.float16, device=DEVICE), raw, "Q4_1")
+
+
+_COMPILE_FOR_SM90 = """
+from pagedserve.layers.quantization.triton_gguf import _gguf_gemv_kernel, _gguf_dequant_kernel
+types = dict(x_ptr="*bf16", qw_ptr="*u8", hw_ptr="*fp16", y_ptr="*fp32", w_ptr="*bf16")
+for fmt, bb in ((0, 18), (1, 20), (2, 34)):
+    for block_m in (1, 16):
+        build(_gguf_gemv_kernel, dict(FMT=fmt, BB=bb, BLOCK_M=block_m, BLOCK_N=64, IEEE=False, NUM_STAGES=3),
+              types, num_warps=4, num_stages=3)
+    build(_gguf_gemv_kernel, dict(FMT=fmt, BB=bb, BLOCK_M=16, BLOCK_N=64, IEEE=True, NUM_STAGES=3),
+          dict(types, x_ptr="*fp32"), num_warps=4, num_stages=3)
+    build(_gguf_dequant_kernel, dict(FMT=fmt, BB=bb, BLOCK_N=64, BLOCKS=4), types)
+"""
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU tests compile these kernels for the device itself")
+def test_kernels_compile_for_sm90() -> None:
+    """Every kernel variant to a cubin for sm_90 (tests/kernels/sm90_compile.py)."""
+    pytest.importorskip("triton.backends.nvidia")
+    from tests.kernels.sm90_compile import run
+    proc = run(_COMPILE_FOR_SM90)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_gguf_layers_route_to_the_kernels(monkeypatch) -> None:
+    """gguf.py's CUDA routing, run here through the interpreter (the device check forced): a fused
+    QKV layer (Q4_1) and a row layer (Q8_0) keep their blocks and multiply through
+    triton_gguf.matmul (GEMV rows and prefill rows); the Q8_0 embedding looks rows up exactly and
+    its logits take the kernels too. The predicate itself: CUDA, the three types, not the
+    exact fp32 path."""
+    from pagedserve.layers.embedding import ParallelLMHead
+    from pagedserve.layers.linear import QKVParallelLinear, RowParallelLinear
+    from pagedserve.layers.quantization import gguf
+    assert gguf._cuda_packed(torch.device("cuda"), "Q4_1", True) == gguf.CUDA_PACKED
+    assert not gguf._cuda_packed(torch.device("cuda"), "Q5_0", True)
+    assert not gguf._cuda_packed(torch.device("cuda"), "Q8_0", False)
+    assert not gguf._cuda_packed(torch.device("cpu"), "Q8_0", True)
+    assert set(gguf.CUDA_PACKED_TYPES) == set(triton_gguf.TYPE_IDS)
+    monkeypatch.setattr(gguf, "_cuda_packed", lambda device, fmt, int4: int4 and fmt in TYPES)
+    types = {f"l.self_attn.{p}.qweight": "Q4_1" for p in ("q_proj", "k_proj", "v_proj")}
+    types["l.self_attn.o_proj.qweight"] = "Q8_0"
+    types["model.embed_tokens.qweight"] = "Q8_0"
+    config = gguf.GGUFConfig(types)
+    qkv = QKVParallelLinear(64, 16, 4, 2, quant_config=config, prefix="l.self_attn.qkv_proj")
+    o = RowParallelLinear(64, 64, quant_config=config, prefix="l.self_attn.o_proj")
+    shards = {"q": random_blocks("Q4_1", 64, 2, 11), "k": random_blocks("Q4_1", 32, 2, 12),
+              "v": random_blocks("Q4_1", 32, 2, 13)}
+    for shard_id, raw in shards.items():
+        qkv.weight_loader(qkv.qweight, raw, shard_id)
+    o_raw = random_blocks("Q8_0", 64, 2, 14)
+    o.weight_loader(o.qweight, o_raw)
+    method = config.get_embedding_method("model.embed_tokens")
+    embed = ParallelLMHead(96, 64, torch.float32, method)
+    e_raw = random_blocks("Q8_0", 96, 2, 15)
+    embed.weight_loader(embed.qweight, e_raw)
+    for layer in (qkv, o):
+        layer.to(DEVICE)
+        layer.quant_method.process_weights_after_loading(layer)
+    embed.to(DEVICE)
+    method.process_weights_after_loading(embed)
+    gen = torch.Generator().manual_seed(16)
+    for layer, weight in ((qkv, torch.cat([torch_dequantize(r, "Q4_1") for r in shards.values()])),
+                          (o, torch_dequantize(o_raw, "Q8_0"))):
+        assert layer.gguf_triton and not hasattr(layer, "weight") and layer.qweight.dtype == torch.uint8
+        for rows in (1, 5, triton_gguf.GEMV_MAX_ROWS + 3):
+            x = torch.randn(rows, 64, generator=gen)
+            _close(layer(x.to(DEVICE)), _reference(x, layer.qweight.cpu(), layer.quant_method.fmt), torch.float32)
+        torch.testing.assert_close(layer(x.to(DEVICE)).cpu(), x @ weight.t(), rtol=1e-5, atol=1e-5)
+    ids = torch.tensor([[3, 95], [0, 3]])
+    weight = torch_dequantize(e_raw, "Q8_0")
+    assert embed.gguf_triton and torch.equal(embed.quant_method.embed(embed, ids.to(DEVICE)).cpu(), weight[ids])
+    hidden = torch.randn(2, 64, generator=gen)
+    _close(embed.quant_method.logits(embed, hidden.to(DEVICE)), _reference(hidden, e_raw, "Q8_0"), torch.float32)
