@@ -17,7 +17,8 @@ process_weights_after_loading turns them into what the device multiplies fast:
                                     more rows dequantize the layer to the model dtype for that
                                     call (a Triton kernel) and run cuBLAS
                                     (PAGEDSERVE_GGUF_CUDA_PACKED=0: dequantized once, as below)
-    Q5_0, Q5_1, Q5_K, Q6_K, or CUDA dequantized once to a float `weight` (the model dtype)
+    other types on CUDA             dequantized once to a float `weight` (the model dtype), as are
+                                    Q5_0, Q5_1, Q5_K, Q6_K on CPU without the C++ kernels
 
 The embedding looks rows up in the raw blocks and dequantizes only those (exact fp32).
 QuantizationSpec("gguf", {"tensor_types": {checkpoint name: type}}, plus "dequantize": true
