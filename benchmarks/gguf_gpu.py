@@ -1,12 +1,12 @@
 """Issue 19's GPU part (ggufgpu): the default model's GGUF blocks kept packed on CUDA
-(triton_gguf: GEMV up to PAGEDSERVE_GGUF_GEMV_MAX_ROWS rows, dequantize + cuBLAS above) against
-the dequantized-once path it replaces (PAGEDSERVE_GGUF_CUDA_PACKED=0), bf16, one child process
-per variant (the switches are read at import):
+(triton_gguf: GEMV up to triton_gguf.GEMV_MAX_ROWS rows, dequantize + cuBLAS above) against
+the dequantized-once path it replaces (gguf.CUDA_PACKED = False), bf16, one child process
+per variant (each sets its module constants before the engine loads):
 
   fp32      dtype=float32: every layer dequantized to fp32 (the exact path): the reference ids
-  dequant   bf16, PAGEDSERVE_GGUF_CUDA_PACKED=0: weights dequantized to bf16 at load (main's path)
+  dequant   bf16, gguf.CUDA_PACKED = False: weights dequantized to bf16 at load (main's path)
   packed    bf16, the blocks kept (Q4_1 layers, the Q8_0 embedding / tied LM head)
-  packed64  as packed with PAGEDSERVE_GGUF_GEMV_MAX_ROWS=64 (the batch only: does the GEMV beat
+  packed64  as packed with triton_gguf.GEMV_MAX_ROWS = 64 (the batch only: does the GEMV beat
             dequantize + cuBLAS for 17-64 rows?)
 
 Per variant: weight bytes (the runner's), how many layers keep blocks, greedy ids (test_default_
@@ -40,11 +40,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 CARRY = os.path.join(ROOT, ".devcarry", "gguf_model")
 SMOKE_VOCAB = 512
-VARIANTS = {   # name: (dtype, env, workloads)
-    "fp32": ("float32", {}, ("ids",)),
-    "dequant": ("bfloat16", {"PAGEDSERVE_GGUF_CUDA_PACKED": "0"}, ("ids", "b1", "batch")),
-    "packed": ("bfloat16", {}, ("ids", "b1", "batch")),
-    "packed64": ("bfloat16", {"PAGEDSERVE_GGUF_GEMV_MAX_ROWS": "64"}, ("batch",)),
+VARIANTS = {   # name: (dtype, (gguf.CUDA_PACKED, triton_gguf.GEMV_MAX_ROWS), workloads)
+    "fp32": ("float32", (True, 16), ("ids",)),
+    "dequant": ("bfloat16", (False, 16), ("ids", "b1", "batch")),
+    "packed": ("bfloat16", (True, 16), ("ids", "b1", "batch")),
+    "packed64": ("bfloat16", (True, 64), ("batch",)),
 }
 
 
@@ -104,10 +104,10 @@ def unpacked(model: str) -> str:
 
 
 def child(variant: str, model: str, smoke: bool) -> dict:
+    from pagedserve.layers.quantization import gguf, triton_gguf
+    gguf.CUDA_PACKED, triton_gguf.GEMV_MAX_ROWS = VARIANTS[variant][1]
     if smoke:   # the CPU has no CUDA: force triton_gguf's path on it (the interpreter)
-        from pagedserve.layers.quantization import gguf
-        packed = os.environ.get("PAGEDSERVE_GGUF_CUDA_PACKED", "1") != "0"
-        gguf._cuda_packed = lambda device, fmt, int4: packed and int4 and fmt in gguf.CUDA_PACKED_TYPES
+        gguf._cuda_packed = lambda device, fmt, int4: gguf.CUDA_PACKED and int4 and fmt in gguf.CUDA_PACKED_TYPES
     from pagedserve import LLM, SamplingParams
     sys.path.insert(0, HERE)
     from cpu_vs_llamacpp import prompts
@@ -121,7 +121,7 @@ def child(variant: str, model: str, smoke: bool) -> dict:
     runner = llm.engine.core.executor.runner
     res["weight_bytes"] = runner.weight_bytes
     res["packed_layers"] = sum(bool(getattr(m, "gguf_triton", False)) for m in runner.model.modules())
-    res["gemv_max_rows"] = __import__("pagedserve.layers.quantization.triton_gguf", fromlist=["x"]).GEMV_MAX_ROWS
+    res["gemv_max_rows"] = triton_gguf.GEMV_MAX_ROWS
 
     def gen(items):
         return llm.generate([{"prompt_token_ids": ids} for ids, _ in items],
@@ -171,7 +171,7 @@ def run(model: str, smoke: bool, variants: list[str], timeout: float) -> None:
         cmd = [sys.executable, os.path.abspath(__file__), "child", variant, "--model", model] + (["--cpu-smoke"] if smoke else [])
         t0 = time.time()
         try:
-            proc = subprocess.run(cmd, env=dict(env, **VARIANTS[variant][1]), capture_output=True, text=True,
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
                                   timeout=timeout)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             res = json.loads(line[7:]) if line else {"error": (proc.stderr or proc.stdout)[-2000:]}

@@ -16,7 +16,7 @@ process_weights_after_loading turns them into what the device multiplies fast:
     Q4_0, Q4_1, Q8_0 on CUDA        the blocks as they are: triton_gguf's GEMV for up to 16 rows,
                                     more rows dequantize the layer to the model dtype for that
                                     call (a Triton kernel) and run cuBLAS
-                                    (PAGEDSERVE_GGUF_CUDA_PACKED=0: dequantized once, as below)
+                                    (CUDA_PACKED = False: dequantized once, as below)
     other types on CUDA             dequantized once to a float `weight` (the model dtype), as are
                                     Q5_0, Q5_1, Q5_K, Q6_K on CPU without the C++ kernels
 
@@ -27,7 +27,6 @@ projections do not share one type is stored dequantized by the converter and run
 unquantized here."""
 from __future__ import annotations
 
-import os
 from functools import cache
 from typing import Any, Callable
 
@@ -47,9 +46,9 @@ from pagedserve.layers.quantization.gguf_kernels import FORMATS, dequantize, int
 # rows, a row's values the same for any number of rows): Q8_MAX_ROWS, benchmarks/RESULTS.md.
 CPP_MAX_ROWS = 16
 Q8_MAX_ROWS = 64
-# CUDA: keep the types triton_gguf multiplies packed (0: dequantize every type once at load, as
-# before session 9; the A/B of benchmarks/gguf_gpu.sh)
-CUDA_PACKED = os.environ.get("PAGEDSERVE_GGUF_CUDA_PACKED", "1") != "0"
+# CUDA: keep the types triton_gguf multiplies packed (False: dequantize every type once at load,
+# as before session 9; benchmarks/gguf_gpu.py's A/B sets it); triton_gguf.GEMV_MAX_ROWS: its rows
+CUDA_PACKED = True
 CUDA_PACKED_TYPES = ("Q4_0", "Q4_1", "Q8_0")   # triton_gguf.TYPE_IDS (imported where used: Triton)
 
 

@@ -13,7 +13,7 @@ order), for the 32-value types
                                  row), the block's sums scaled by d in fp32 (plus m * sum(x) for
                                  Q4_1), fp32 accumulation, K split over programs where N alone
                                  gives too few (fp32 partials summed in split order:
-                                 triton_w4a16_gemv's _split_k / _sum_splits), one rounding of y
+                                 triton_split_k), one rounding of y
     more rows (prefill)          _gguf_dequant_kernel: the layer's blocks to x's dtype for this
                                  call (computed in fp32 as ggml does, so the values equal
                                  gguf_kernels.dequantize's), then cuBLAS
@@ -23,18 +23,18 @@ dot, block_m); nothing here is tuned yet (the next session's device run: benchma
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from pagedserve.layers.quantization.triton_w4a16_gemv import GemvConfig, _split_k, _sum_splits
+from pagedserve.layers.quantization.triton_split_k import split_k, sum_splits
+from pagedserve.layers.quantization.triton_w4a16_gemv import GemvConfig
 
 # Rows up to which matmul takes the GEMV (the kernel takes any number: tl.dot tiles of 16 rows,
-# each re-reading the blocks); more dequantize + cuBLAS. PAGEDSERVE_GGUF_GEMV_MAX_ROWS: the
-# device run's A/B of the 64-prompt batch (16 against 64); not measured yet.
-GEMV_MAX_ROWS = int(os.environ.get("PAGEDSERVE_GGUF_GEMV_MAX_ROWS", "16"))
+# each re-reading the blocks); more dequantize + cuBLAS. benchmarks/gguf_gpu.py's "packed64"
+# sets 64 for its A/B of the 64-prompt batch (session 9: 16 kept).
+GEMV_MAX_ROWS = 16
 TYPE_IDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}   # the kernels' FMT
 _BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -165,12 +165,12 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, fmt: str, config: GemvConfig | 
     config = config or (ONE_ROW if m == 1 else FEW_ROWS)
     block_m = config.block_m if config.dot else 1
     n_blocks, m_blocks = triton.cdiv(n, config.block_n), triton.cdiv(m, block_m)
-    splits, per_split, partials = _split_k(x, n, kb, n_blocks * m_blocks, config.programs_per_sm)
+    splits, per_split, partials = split_k(x, n, kb, n_blocks * m_blocks, config.programs_per_sm)
     _gguf_gemv_kernel[(n_blocks, splits, m_blocks)](
         x, qweight, qweight.view(torch.float16), partials, m, n, kb, per_split, x.stride(0), partials.stride(1),
         partials.stride(0), FMT=TYPE_IDS[fmt], BB=bb, BLOCK_M=block_m, BLOCK_N=config.block_n,
         IEEE=x.dtype == torch.float32, NUM_STAGES=config.num_stages, num_warps=config.num_warps)
-    return _sum_splits(partials, x.dtype)
+    return sum_splits(partials, x.dtype)
 
 
 def matmul(x: torch.Tensor, qweight: torch.Tensor, fmt: str) -> torch.Tensor:

@@ -31,10 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedserve.layers.quantization.triton_w4a16_gemv import (GEMV_MAX_ROWS, _check, _load_block,
-                                                               _magic_nibble, _num_sms, _sum_splits, _split_k,
-                                                               fast_gemv_fits, gemv_config, rows_bucket,
-                                                               w4a16_gemv)
+from pagedserve.layers.quantization.triton_split_k import num_sms, split_k, sum_splits
+from pagedserve.layers.quantization.triton_w4a16_gemv import (GEMV_MAX_ROWS, _check, _load_block, _magic_nibble,
+                                                               fast_gemv_fits, gemv_config, rows_bucket, w4a16_gemv)
 
 GEMM_MAX_ROWS = 512          # _w4_gemm_kernel, where GEMM_TUNED has the rows' bucket
 GENERIC_GEMM_MAX_ROWS = 256  # act-order (g_idx) layers: the generic GEMM, dequantize + cuBLAS above
@@ -227,13 +226,13 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         raise ValueError(f"w4a16_gemm: needs K ({k}) and the group size ({group_size}) divisible by 128")
     config = config or GemmConfig()
     n_blocks, m_blocks = triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m)
-    splits, per_split, out = _split_k(x, n, k // 128, n_blocks * m_blocks, config.programs_per_sm)
+    splits, per_split, out = split_k(x, n, k // 128, n_blocks * m_blocks, config.programs_per_sm)
     _w4_gemm_kernel[(n_blocks, m_blocks, splits)](
         x, qweight, scales, zeros, out, m, n, per_split, k // 128, x.stride(0), qweight.stride(0), scales.stride(0),
         out.stride(1), out.stride(0), GROUP_SIZE=group_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         IEEE=x.dtype == torch.float32, NUM_STAGES=config.num_stages, SCALE_W=config.scale_w,
         num_warps=config.num_warps)
-    return _sum_splits(out, x.dtype)
+    return sum_splits(out, x.dtype)
 
 
 def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -263,7 +262,7 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
         block_k, one_group = _block_k(group_size, has_g_idx, 128)
         k_blocks = triton.cdiv(k, block_k)
         n_blocks = triton.cdiv(n, block_n)
-        splits = max(1, min(k_blocks, triton.cdiv(4 * _num_sms(x.device), n_blocks)))
+        splits = max(1, min(k_blocks, triton.cdiv(4 * num_sms(x.device), n_blocks)))
         k_per_split = triton.cdiv(k_blocks, splits) * block_k
         splits = triton.cdiv(k, k_per_split)
     else:

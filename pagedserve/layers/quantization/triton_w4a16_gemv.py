@@ -13,13 +13,13 @@ benchmarks/w4_gpu.py and benchmarks/w4_gemv_gpu.py (one row, session 8).
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from pagedserve.layers.quantization.triton_split_k import split_k, sum_splits
 from pagedserve.layers.triton_ops import _LIBDEVICE, silu_mul
 
 GEMV_MAX_ROWS = 16
@@ -329,24 +329,6 @@ def _magic_nibble(word, j: tl.constexpr, zero, dtype: tl.constexpr, scale=None):
     return value.to(dtype)
 
 
-@triton.jit
-def _sum_splits_kernel(p_ptr, y_ptr, SPLITS, SIZE, BLOCK: tl.constexpr):
-    """y = sum over the split axis of fp32 partials [SPLITS, SIZE], rounded once to y's dtype."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < SIZE
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in range(SPLITS):
-        acc += tl.load(p_ptr + s * SIZE + offs, mask=valid, other=0.0)
-    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=valid)
-
-
-@functools.lru_cache(maxsize=8)
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _check(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
            g_idx: torch.Tensor | None) -> tuple[int, int, int]:
     if x.dim() != 2 or x.stride(1) != 1:
@@ -376,7 +358,7 @@ class GemvConfig:
     """A decode-sized launch: BLOCK_N, warps, pipeline stages, how many programs per SM the K
     split aims for (split K only when N alone gives too few), and FMA (_w4_gemv_fma_kernel,
     one row per program, K blocks of 8 * `words` rows; `fixup`: split K summed in the kernel
-    by the last program of a tile, else by _sum_splits_kernel) or tl.dot (_w4_gemv_kernel,
+    by the last program of a tile, else by triton_split_k.sum_splits) or tl.dot (_w4_gemv_kernel,
     `block_m` >= 16 rows per program). benchmarks/w4_gpu.py sweeps them."""
 
     block_n: int = 512
@@ -458,32 +440,12 @@ def _zero_sums(device: torch.device, size: int) -> torch.Tensor | None:
 def _tile_counters(device: torch.device) -> torch.Tensor | None:
     """Arrival counters of the FMA kernel's split-K tiles (each reset to 0 by its last
     program), allocated by a device's first split launch outside CUDA graph capture (None
-    until then: the launch sums its splits with _sum_splits_kernel)."""
+    until then: the launch sums its splits with triton_split_k.sum_splits)."""
     if device not in _TILE_COUNTERS:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
         _TILE_COUNTERS[device] = torch.zeros(1 << 16, dtype=torch.int32, device=device)
     return _TILE_COUNTERS[device]
-
-
-def _split_k(x: torch.Tensor, n: int, k_blocks: int, tiles: int, programs_per_sm: int
-             ) -> tuple[int, int, torch.Tensor]:
-    """(splits, K blocks per split, the output [splits, M, N]: fp32 partials when split) for
-    `tiles` (M, N) tiles aiming at programs_per_sm programs per SM."""
-    splits = max(1, min(k_blocks, triton.cdiv(programs_per_sm * _num_sms(x.device), tiles)))
-    per_split = triton.cdiv(k_blocks, splits)
-    splits = triton.cdiv(k_blocks, per_split)
-    out = torch.empty((splits, x.shape[0], n), dtype=torch.float32 if splits > 1 else x.dtype, device=x.device)
-    return splits, per_split, out
-
-
-def _sum_splits(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if partials.shape[0] == 1:
-        return partials[0]
-    _, m, n = partials.shape
-    y = torch.empty((m, n), dtype=dtype, device=partials.device)
-    _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](partials, y, partials.shape[0], m * n, BLOCK=1024)
-    return y
 
 
 PLAIN, SILU_AND_MUL, RMS_NORM, RMS_NORM_RESIDUAL = 0, 1, 2, 3   # the FMA GEMV's x prologues
@@ -535,7 +497,7 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     block_m = config.block_m if config.dot else 1
     k_blocks = k // (128 if config.dot else 8 * config.words)
     n_blocks, m_blocks = triton.cdiv(n, config.block_n), triton.cdiv(m, block_m)
-    splits, per_split, partials = _split_k(x, n, k_blocks, n_blocks * m_blocks, config.programs_per_sm)
+    splits, per_split, partials = split_k(x, n, k_blocks, n_blocks * m_blocks, config.programs_per_sm)
     if prologue != PLAIN and config.dot:
         raise ValueError("w4a16_gemv: the prologues are the FMA launch's")
     if config.dot:
@@ -544,7 +506,7 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
             x.stride(0), qweight.stride(0), scales.stride(0), partials.stride(1), partials.stride(0),
             GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=config.block_n,
             IEEE=x.dtype == torch.float32, NUM_STAGES=config.num_stages, num_warps=config.num_warps)
-        return _sum_splits(partials, x.dtype)
+        return sum_splits(partials, x.dtype)
     counters = _tile_counters(x.device) if splits > 1 and config.fixup and m * n_blocks <= (1 << 16) else None
     if splits > 1 and counters is None and prologue >= RMS_NORM:
         return None
@@ -562,7 +524,7 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         SPLIT=counters is not None, PROLOGUE=prologue, NUM_STAGES=1 if config.prefetch else config.num_stages,
         ATOMIC=sums is not None, SPLITS=splits if counters is not None and sums is None else 1,
         PREFETCH=config.prefetch, EVICT=config.evict, num_warps=config.num_warps)
-    return _sum_splits(partials, x.dtype) if counters is None else y
+    return sum_splits(partials, x.dtype) if counters is None else y
 
 
 
