@@ -16,6 +16,8 @@ bf16, tests (each guarded: a failure prints its traceback and the next stage run
   models  per model and --variants (default: the library's defaults; swept: with the sweep's
           gemv table; default2: the defaults again; old: session 8's gemv table; base: torch's argmax and
           one pageable copy per step input; unfused: no gemv prologue, no rotary in the KV store;
+          main: no norm in the gemv's tail, norms on up to 8 warps (main before session 10);
+          notail: no norm tail, norms on 4 warps;
           the RMSNorm-prologue gemv, the one-launch decode attention and PDL launches that earlier
           runs A/B'd are deleted): b1_decode tok/s as
           ../shared/bench/peers.py measures it (128-token prompt, 256 greedy tokens, warmed
@@ -449,7 +451,10 @@ VARIANTS = {   # name: (gemv fusions, packed step inputs + Triton argmax)
     "default": (True, True), "base": (True, False), "unfused": (False, False),
     # the library's defaults with the gemv table updated by this run's sweep (SWEPT), and the
     # defaults once more after it (the drift between two runs of one engine)
-    "swept": (True, True), "default2": (True, True), "old": (True, True)}
+    "swept": (True, True), "default2": (True, True), "old": (True, True),
+    # session 10: "main" = the defaults before the gemv's norm tail (a norm launch after o and down,
+    # norm launches on up to 8 warps); "notail" = no tail, the norm launches on 4 warps as now
+    "main": (True, True), "notail": (True, True)}
 # variant "old": the one-row table before session 9's sweep (session 8's CONFIGS)
 OLD_CONFIGS = {(n, k): GemvConfig(*c) for (n, k), c in {
     (3072, 2048): (8, 512, 4, 4), (2048, 2048): (8, 512, 4, 4), (16384, 2048): (8, 1024, 4, 4),
@@ -459,6 +464,20 @@ OLD_CONFIGS = {(n, k): GemvConfig(*c) for (n, k), c in {
 
 
 DEFAULT_FUSION = linear_ops.FUSE_DECODE
+
+
+def set_norm_tail(on: bool, warps: int) -> None:
+    from pagedserve.layers import triton_gemv, triton_ops
+    triton_gemv.set_norm_tail(on)
+    triton_ops.RMS_NORM_WARPS = warps
+
+
+def _tail_defaults() -> tuple[bool, int]:
+    from pagedserve.layers import triton_gemv, triton_ops
+    return triton_gemv.NORM_TAIL, triton_ops.RMS_NORM_WARPS
+
+
+DEFAULT_TAIL = _tail_defaults()
 
 
 @stage("models")
@@ -472,6 +491,7 @@ def models_stage(dev: torch.device, models: list[str], ab: list[str], variants: 
                 RESULTS.setdefault("failed", []).append(f"{model}.{variant}")
             finally:
                 linear_ops.set_decode_fusion(DEFAULT_FUSION)
+                set_norm_tail(*DEFAULT_TAIL)
                 from pagedserve.layers import sampler
                 from pagedserve.worker import input_batch
                 input_batch.PACK_STEP_INPUTS = sampler.TRITON_GREEDY = True
@@ -523,6 +543,8 @@ def run_engine(dev: torch.device, model: str, variant: str, thr512: bool, label:
     from pagedserve.layers import sampler
     from pagedserve.worker import input_batch
     linear_ops.set_decode_fusion(gemv_fusion)
+    if variant in ("main", "notail"):
+        set_norm_tail(False, 8 if variant == "main" else DEFAULT_TAIL[1])
     input_batch.PACK_STEP_INPUTS = sampler.TRITON_GREEDY = packed_inputs
     t0 = time.time()
     kwargs = dict(device="cpu", dtype="float32", max_model_len=512) if SMOKE else \
@@ -539,6 +561,7 @@ def run_engine(dev: torch.device, model: str, variant: str, thr512: bool, label:
     res["b1_decode_tok_s"] = round(new / dt, 1)
     res["same_ids_twice"] = first[0].outputs[0].token_ids == second[0].outputs[0].token_ids
     res["first_ids"] = list(second[0].outputs[0].token_ids[:8])
+    res["ids"] = list(second[0].outputs[0].token_ids)
     graphs = llm.engine.core.executor.runner.graph_runner
     if graphs is not None:
         ctx = int(graphs.seq_lens[0].item())
@@ -570,9 +593,13 @@ def run_engine(dev: torch.device, model: str, variant: str, thr512: bool, label:
         res["thr512"] = run_thr512(llm)
     RESULTS.setdefault("models", {})[label] = res
     if variant != "default" and f"{model}.default" in RESULTS["models"]:   # dummy weights: an ulp may flip a tie
-        same = RESULTS["models"][f"{model}.default"]["first_ids"] == res["first_ids"]
-        log(f"{model}: default and {variant} first ids equal: {same}")
-    log(json.dumps({k: v for k, v in res.items() if k != "profile"}))
+        base = RESULTS["models"][f"{model}.default"]
+        same = base["first_ids"] == res["first_ids"]
+        prefix = next((i for i, (a, b) in enumerate(zip(base["ids"], res["ids"])) if a != b), len(res["ids"]))
+        log(f"{model}: default and {variant} first ids equal: {same}; greedy ids equal for the first "
+            f"{prefix} of {len(res['ids'])}")
+        res["ids_equal_prefix_vs_default"] = prefix
+    log(json.dumps({k: v for k, v in res.items() if k not in ("profile", "ids")}))
     llm.shutdown()
     del llm, graphs
     gc.collect()
