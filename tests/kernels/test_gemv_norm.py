@@ -83,28 +83,36 @@ def test_declines_what_it_cannot_fuse() -> None:
 
 
 _COMPILE_FOR_SM90 = """
+import re
 from pagedserve.layers.triton_gemv import _gemv_kernel
-for prologue, block_m, block_n, block_k in [(0, 1, 4, 512), (1, 1, 8, 1024), (0, 16, 32, 512), (1, 16, 32, 512)]:
-    for block_h in (2048, 4096):
+from pagedserve.layers.triton_ops import _rms_norm_kernel, rms_norm_warps
+
+def reduce_layout(ttgir, h):
+    # the layout the row's sum of squares is reduced in: the reduction tree follows it
+    alias = re.search(r"\\(tensor<%dxf32, (#[a-z0-9]+)>\\) -> f32" % h, ttgir).group(1)
+    return re.search(r"^%s = (.*)$" % alias, ttgir, re.M).group(1)
+
+for block_h in (2048, 4096):
+    norm = build(_rms_norm_kernel, dict(HAS_RESIDUAL=True, BLOCK=block_h), {},
+                 divisible=("x_ptr", "residual_ptr", "weight_ptr", "out_ptr", "x_stride", "res_stride", "out_stride",
+                            "n_cols"), num_warps=rms_norm_warps(block_h))
+    for prologue, block_m, block_n, block_k in [(0, 1, 4, 512), (1, 1, 8, 1024), (1, 1, 16, 512), (0, 16, 32, 512)]:
         c = build(_gemv_kernel, dict(PROLOGUE=prologue, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                                      EVEN_K=True, NUM_STAGES=3, LIBDEVICE=True, NORM_TAIL=True, BLOCK_H=block_h),
                   {"counter_ptr": "*i32", "inv_n": "fp32", "eps": "fp32"},
                   divisible=("x_ptr", "w_ptr", "y_ptr", "res_ptr", "norm_w_ptr", "normed_ptr", "K", "N",
                              "stride_xm", "stride_wn", "stride_ym", "stride_rm", "stride_om"), num_warps=4)
-        plain = build(_gemv_kernel, dict(PROLOGUE=prologue, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                                         EVEN_K=True, NUM_STAGES=3, LIBDEVICE=True, NORM_TAIL=False, BLOCK_H=1),
-                      {"counter_ptr": "*i32", "inv_n": "fp32", "eps": "fp32"},
-                      divisible=("x_ptr", "w_ptr", "y_ptr", "K", "N", "stride_xm", "stride_wn", "stride_ym"),
-                      num_warps=4)
-        print("REGS", prologue, block_m, block_n, block_k, block_h, c.metadata.num_regs if hasattr(c.metadata, "num_regs") else "?", c.metadata.shared,
-              plain.metadata.shared, [l for l in c.asm["cubin"][:0]])
-        assert "atom.acq_rel.gpu" in c.asm["ptx"] and "ld.global.cg" in c.asm["ptx"]
+        ptx = c.asm["ptx"]
+        assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx and "atom.global.gpu.relaxed.exch" in ptx
+        assert reduce_layout(c.asm["ttgir"], block_h) == reduce_layout(norm.asm["ttgir"], block_h), block_h
 """
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU tests compile these kernels for the device itself")
 def test_tail_compiles_for_sm90() -> None:
-    """The tail's launch shapes to cubins for sm_90 (tests/kernels/sm90_compile.py)."""
+    """The tail's launch shapes to cubins for sm_90 (tests/kernels/sm90_compile.py): the ticket an
+    acq_rel atomic, the finished rows read past the L1, the counter reset; the row's sum of
+    squares reduced in the norm kernel's layout (the same tree: the same bits)."""
     pytest.importorskip("triton.backends.nvidia")
     from tests.kernels.sm90_compile import run
     proc = run(_COMPILE_FOR_SM90)
