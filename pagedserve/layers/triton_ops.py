@@ -30,7 +30,7 @@ _LIBDEVICE = os.environ.get("TRITON_INTERPRET") != "1"
 
 @triton.jit
 def add_rms_norm_row(x_row, residual_row, weight_ptr, out_row, n_cols, inv_n, eps, HAS_RESIDUAL: tl.constexpr,
-                     BLOCK: tl.constexpr, X_CACHE: tl.constexpr = ""):
+                     BLOCK: tl.constexpr, X_CACHE: tl.constexpr):
     """One row: (x + residual, written back into residual) normalised into out_row. Shared by
     the norm kernel and the gemv's norm tail (layers/triton_gemv.py), both on RMS_NORM_WARPS
     warps: the same layout, so the same reduction tree and the same bits. X_CACHE: x's load
@@ -53,7 +53,7 @@ def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, x_stride, res_str
                      HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     add_rms_norm_row(x_ptr + row * x_stride, residual_ptr + row * res_stride, weight_ptr, out_ptr + row * out_stride,
-                     n_cols, inv_n, eps, HAS_RESIDUAL, BLOCK)
+                     n_cols, inv_n, eps, HAS_RESIDUAL, BLOCK, "")
 
 
 # Warps of a norm launch: the reduction tree of a row's sum of squares follows the warps, and the
