@@ -4,7 +4,11 @@ fused in front of it (its prologue), so a decode layer launches fewer kernels:
 
 - `gemv(x, w)`: plain;
 - `silu_and_mul_gemv(gate_up, w)`: silu(gate) * up computed per K slice of [gate | up], as
-  the standalone kernel rounds it (the same jit helper, layers/triton_ops.py): bit for bit.
+  the standalone kernel rounds it (the same jit helper, layers/triton_ops.py): bit for bit;
+- `gemv_add_norm(x, w, residual, norm_weight, eps)`: and after it (its tail) residual += y and
+  the RMSNorm of the rows, done by the last program of the launch to finish its tile (a
+  self-resetting arrival counter) with the norm kernel's code on the norm kernel's warps: bit
+  for bit the norm launch it replaces (the o and down projections of a decode layer).
 
 At batch 1-16 a decode step's matmuls are bound by reading the weights: every byte of w is
 read once and the arithmetic is nil. Each program streams a [BLOCK_N, BLOCK_K] slab of w
