@@ -50,12 +50,9 @@ class LlamaAttention(nn.Module):
         self.qk_norm = config.qk_norm
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5, self.num_kv_heads)
 
-    def forward(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """qkv: this layer's qkv_proj output (the decoder layer fuses the norm before it)."""
-        return self.o_proj(self.attend(positions, qkv, meta))
-
     def attend(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """The attention's output before o_proj."""
+        """qkv: this layer's qkv_proj output -> the attention's output, before o_proj (the decoder
+        layer runs the projections: the norms go into their launches)."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         num_tokens = qkv.shape[0]
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
