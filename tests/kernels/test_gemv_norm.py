@@ -15,7 +15,7 @@ from pagedserve.layers.triton_ops import rms_norm, zeroed_counters  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Triton's CPU interpreter mishandles bfloat16 loads/stores: bf16 runs on the GPU machine only.
 DTYPES = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
-CONFIG = GemvConfig(block_n=8, block_k=128, num_warps=4, num_stages=2)
+CONFIG = GemvConfig(block_n=16, block_k=128, num_warps=4, num_stages=2)   # tl.dot at M > 1: block_n >= 16
 
 
 def _case(m: int, n: int, k: int, dtype: torch.dtype, seed: int, silu: bool = False):
