@@ -16,10 +16,8 @@ bf16, tests (each guarded: a failure prints its traceback and the next stage run
   models  per model and --variants (default: the library's defaults; swept: with the sweep's
           gemv table; default2: the defaults again; old: session 8's gemv table; base: torch's argmax and
           one pageable copy per step input; unfused: no gemv prologue, no rotary in the KV store;
-          main: no norm in the gemv's tail, norms on up to 8 warps (main before session 10);
-          notail: no norm tail, norms on 4 warps;
-          the RMSNorm-prologue gemv, the one-launch decode attention and PDL launches that earlier
-          runs A/B'd are deleted): b1_decode tok/s as
+          the RMSNorm-prologue gemv, the one-launch decode attention, PDL launches and the
+          RMSNorm in the o / down gemv's tail that earlier runs A/B'd are deleted): b1_decode tok/s as
           ../shared/bench/peers.py measures it (128-token prompt, 256 greedy tokens, warmed
           once), the decode graph's replay time
           (bs=1, context ~384), a torch.profiler table of one replay (per kernel calls, us,
@@ -451,10 +449,7 @@ VARIANTS = {   # name: (gemv fusions, packed step inputs + Triton argmax)
     "default": (True, True), "base": (True, False), "unfused": (False, False),
     # the library's defaults with the gemv table updated by this run's sweep (SWEPT), and the
     # defaults once more after it (the drift between two runs of one engine)
-    "swept": (True, True), "default2": (True, True), "old": (True, True),
-    # session 10: "main" = the defaults before the gemv's norm tail (a norm launch after o and down,
-    # norm launches on up to 8 warps); "notail" = no tail, the norm launches on 4 warps as now
-    "main": (True, True), "notail": (True, True)}
+    "swept": (True, True), "default2": (True, True), "old": (True, True)}
 # variant "old": the one-row table before session 9's sweep (session 8's CONFIGS)
 OLD_CONFIGS = {(n, k): GemvConfig(*c) for (n, k), c in {
     (3072, 2048): (8, 512, 4, 4), (2048, 2048): (8, 512, 4, 4), (16384, 2048): (8, 1024, 4, 4),
@@ -464,20 +459,6 @@ OLD_CONFIGS = {(n, k): GemvConfig(*c) for (n, k), c in {
 
 
 DEFAULT_FUSION = linear_ops.FUSE_DECODE
-
-
-def set_norm_tail(on: bool, warps: int) -> None:
-    from pagedserve.layers import triton_gemv, triton_ops
-    triton_gemv.set_norm_tail(on)
-    triton_ops.RMS_NORM_WARPS = warps
-
-
-def _tail_defaults() -> tuple[bool, int]:
-    from pagedserve.layers import triton_gemv, triton_ops
-    return triton_gemv.NORM_TAIL, triton_ops.RMS_NORM_WARPS
-
-
-DEFAULT_TAIL = _tail_defaults()
 
 
 @stage("models")
@@ -491,7 +472,6 @@ def models_stage(dev: torch.device, models: list[str], ab: list[str], variants: 
                 RESULTS.setdefault("failed", []).append(f"{model}.{variant}")
             finally:
                 linear_ops.set_decode_fusion(DEFAULT_FUSION)
-                set_norm_tail(*DEFAULT_TAIL)
                 from pagedserve.layers import sampler
                 from pagedserve.worker import input_batch
                 input_batch.PACK_STEP_INPUTS = sampler.TRITON_GREEDY = True
@@ -543,8 +523,6 @@ def run_engine(dev: torch.device, model: str, variant: str, thr512: bool, label:
     from pagedserve.layers import sampler
     from pagedserve.worker import input_batch
     linear_ops.set_decode_fusion(gemv_fusion)
-    if variant in ("main", "notail"):
-        set_norm_tail(False, 8 if variant == "main" else DEFAULT_TAIL[1])
     input_batch.PACK_STEP_INPUTS = sampler.TRITON_GREEDY = packed_inputs
     t0 = time.time()
     kwargs = dict(device="cpu", dtype="float32", max_model_len=512) if SMOKE else \

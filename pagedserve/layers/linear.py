@@ -204,25 +204,6 @@ class RowParallelLinear(LinearBase):
         fused = self.quant_method.apply_silu_and_mul(self, gate_up)
         return self(silu_and_mul(gate_up)) if fused is None else self._reduce(fused)
 
-    def forward_add_norm(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm | None,
-                         silu: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(norm(this layer of x + residual), x + residual), residual updated in place, with the
-        add and the norm in the tail of this layer's gemv launch (triton_gemv.gemv_add_norm:
-        its last program) instead of a norm launch after it; silu: x = [gate | up], SiLU-and-mul
-        first (in the gemv's prologue at one row). Where this layer's matmul is that gemv anyway
-        (float weights, no bias, one rank, decode-sized x: one row into a CONFIGS shape or a
-        weight use_gemv takes); None otherwise, having launched nothing."""
-        if residual is None or norm is None or self.tp_size > 1 or not self._fuses(x):
-            return None
-        from pagedserve.layers.triton_gemv import gemv_add_norm, use_gemv
-        k = x.shape[1] // 2 if silu else x.shape[1]
-        if not (silu and x.shape[0] == 1) and not use_gemv(x[:, :k], self.weight):
-            return None
-        if silu and x.shape[0] > 1:   # the prologue's 16 padded rows cost more than the activation's launch
-            act = silu_and_mul(x)
-            return gemv_add_norm(act, self.weight, residual, norm.weight, norm.eps) or norm(self(act), residual)
-        return gemv_add_norm(x, self.weight, residual, norm.weight, norm.eps, silu=silu)
-
     def _reduce(self, out: torch.Tensor) -> torch.Tensor:
         # the bias is not sharded; added once, after the reduction
         if self.reduce_results and self.tp_size > 1:

@@ -4,11 +4,7 @@ fused in front of it (its prologue), so a decode layer launches fewer kernels:
 
 - `gemv(x, w)`: plain;
 - `silu_and_mul_gemv(gate_up, w)`: silu(gate) * up computed per K slice of [gate | up], as
-  the standalone kernel rounds it (the same jit helper, layers/triton_ops.py): bit for bit;
-- `gemv_add_norm(x, w, residual, norm_weight, eps)`: and after it (its tail) residual += y and
-  the RMSNorm of the rows, done by the last program of the launch to finish its tile (a
-  self-resetting arrival counter) with the norm kernel's code on the norm kernel's warps: bit
-  for bit the norm launch it replaces (the o and down projections of a decode layer).
+  the standalone kernel rounds it (the same jit helper, layers/triton_ops.py): bit for bit.
 
 At batch 1-16 a decode step's matmuls are bound by reading the weights: every byte of w is
 read once and the arithmetic is nil. Each program streams a [BLOCK_N, BLOCK_K] slab of w
@@ -31,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedserve.layers.triton_ops import _LIBDEVICE, add_rms_norm_row, rms_norm_warps, silu_mul, zeroed_counters
+from pagedserve.layers.triton_ops import _LIBDEVICE, silu_mul
 
 MAX_ROWS = 16
 # (Programmatic dependent launch, each gemv placed while the kernel before runs and prefetching its
@@ -40,6 +36,12 @@ MAX_ROWS = 16
 # (Split K at one row, each tile's fp32 partials summed in a fixed order by its last program in
 # the same launch, was checked exact and deterministic on the H200 but slower on all ten llama
 # shapes, by 0.8-6.1 us a call, and level end to end: benchmarks/RESULTS.md, session 9; deleted.)
+# (The residual add + RMSNorm after the o and down gemvs done in their launch's tail, by the last
+# program to finish its tile, was bit for bit the norm kernel and cut 32 / 64 launches a llama-1b /
+# 8b replay, but the tail cost what the norm launch had (1.9-2.4 us a gemv in the replay: the last
+# program's atomic, row reload, reduction and stores are as serial as the norm kernel), so only the
+# ~0.4 us graph gap a launch was saved: replay -0.9% / -0.2%; benchmarks/RESULTS.md, session 10;
+# deleted; the code: branch b1norm, commit 33702fb.)
 MIN_WEIGHT_BYTES = 32 * 2**20
 _DTYPES = (torch.bfloat16, torch.float16)
 
@@ -48,10 +50,8 @@ _PLAIN, _SILU = 0, 1
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-                 counter_ptr, res_ptr, norm_w_ptr, normed_ptr, stride_rm, stride_om, inv_n, eps,
                  PROLOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, LIBDEVICE: tl.constexpr,
-                 NORM_TAIL: tl.constexpr = False, BLOCK_H: tl.constexpr = 1):
+                 EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, LIBDEVICE: tl.constexpr):
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -82,13 +82,6 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
         acc = tl.sum(acc_k, axis=1)[None, :]
     out = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_valid & (offs_n[None, :] < N))
-    if NORM_TAIL:   # the last program to finish its tile: residual add + RMSNorm of the whole rows
-        tl.debug_barrier()   # every thread's tile stored before the arrival is counted
-        if tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1:
-            for row in range(M):
-                add_rms_norm_row(y_ptr + row * stride_ym, res_ptr + row * stride_rm, norm_w_ptr,
-                                 normed_ptr + row * stride_om, N, inv_n, eps, True, BLOCK_H, ".cg")
-            tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")   # clean for the next launch
 
 
 @dataclass(frozen=True)
@@ -153,21 +146,17 @@ def _check(x: torch.Tensor, k: int, weight: torch.Tensor) -> None:
                          f"{x.stride()} and {weight.stride()}")
 
 
-def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None, k: int,
-            tail: tuple | None = None) -> torch.Tensor:
-    """y = the gemv; with `tail` = (counters, residual, norm weight, eps, normed), the launch
-    also leaves residual += y and normed = the RMSNorm of it (its last program)."""
+def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None, k: int
+            ) -> torch.Tensor:
     _check(x, k, weight)
     m, n = x.shape[0], weight.shape[0]
     config = config or config_for(m, n, k)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    counters, residual, norm_weight, eps, normed = tail or (y, y, y, 0.0, y)
     _gemv_kernel[(triton.cdiv(n, config.block_n),)](
         x, weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
-        counters, residual, norm_weight, normed, residual.stride(0), normed.stride(0), 1.0 / n, eps,
         PROLOGUE=prologue, BLOCK_M=1 if m == 1 else 16, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         EVEN_K=k % config.block_k == 0, NUM_STAGES=config.num_stages, LIBDEVICE=_LIBDEVICE,
-        NORM_TAIL=tail is not None, BLOCK_H=triton.next_power_of_2(n) if tail else 1, num_warps=config.num_warps)
+        num_warps=config.num_warps)
     return y
 
 
@@ -185,41 +174,3 @@ def silu_and_mul_gemv(gate_up: torch.Tensor, weight: torch.Tensor, config: GemvC
     if gate_up.dim() != 2 or gate_up.shape[-1] % 2:
         raise ValueError(f"silu_and_mul_gemv: gate_up must be [M, 2K]; got {tuple(gate_up.shape)}")
     return _launch(_SILU, gate_up, weight, config, gate_up.shape[-1] // 2)
-
-
-# The residual add and RMSNorm after a gemv done by the gemv's last program (`gemv_add_norm`)
-# instead of a norm launch of its own; off for A/B measurements (benchmarks/decode_gpu.py).
-NORM_TAIL = True
-
-
-def set_norm_tail(on: bool) -> None:
-    global NORM_TAIL
-    NORM_TAIL = on
-
-
-def gemv_add_norm(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
-                  eps: float, silu: bool = False, config: GemvConfig | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """y = x @ weight.T (silu: x = [gate | up] with SiLU-and-mul in the prologue), then in the
-    same launch residual += y (in place) and normed = RMSNorm(residual) * norm_weight, bit for
-    bit `rms_norm(y, norm_weight, eps, residual)` after the plain launch: each program stores its
-    tile of y and takes a ticket from a self-resetting counter; the last one adds and normalises
-    the finished rows (the norm kernel's code on the same warps) and zeroes the counter. Returns
-    (normed, residual), or None where the launch cannot take the tail (NORM_TAIL off, rows or
-    dtypes outside the gemv's, another warp count than the norm kernel's for this hidden size,
-    no counters while a CUDA graph is captured): the caller launches the norm itself."""
-    k = x.shape[-1] // 2 if silu else x.shape[-1]
-    if not (NORM_TAIL and x.dim() == 2 and not (silu and x.shape[-1] % 2) and 0 < x.shape[0] <= MAX_ROWS and weight.dim() == 2):
-        return None
-    m, n = x.shape[0], weight.shape[0]
-    config = config or config_for(m, n, k)
-    if (residual.shape != (m, n) or residual.dtype != x.dtype or residual.stride(1) != 1
-            or norm_weight.shape != (n,) or norm_weight.dtype != x.dtype or not norm_weight.is_contiguous()
-            or rms_norm_warps(triton.next_power_of_2(n)) != config.num_warps):
-        return None
-    counters = zeroed_counters(x.device, 1)
-    if counters is None:
-        return None
-    normed = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    _launch(_SILU if silu else _PLAIN, x, weight, config, k, (counters, residual, norm_weight, eps, normed))
-    return normed, residual

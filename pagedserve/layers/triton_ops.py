@@ -29,41 +29,20 @@ _LIBDEVICE = os.environ.get("TRITON_INTERPRET") != "1"
 
 
 @triton.jit
-def add_rms_norm_row(x_row, residual_row, weight_ptr, out_row, n_cols, inv_n, eps, HAS_RESIDUAL: tl.constexpr,
-                     BLOCK: tl.constexpr, X_CACHE: tl.constexpr):
-    """One row: (x + residual, written back into residual) normalised into out_row. Shared by
-    the norm kernel and the gemv's norm tail (layers/triton_gemv.py), both on RMS_NORM_WARPS
-    warps: the same layout, so the same reduction tree and the same bits. X_CACHE: x's load
-    cache modifier (".cg": rows other programs of the launch wrote, past this SM's L1)."""
+def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, x_stride, res_stride, out_stride, n_cols, inv_n, eps,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    x = tl.load(x_row + cols, mask=mask, other=0.0, cache_modifier=X_CACHE)
+    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
-        x = x + tl.load(residual_row + cols, mask=mask, other=0.0)
-        tl.store(residual_row + cols, x, mask=mask)
+        x = x + tl.load(residual_ptr + row * res_stride + cols, mask=mask, other=0.0)
+        tl.store(residual_ptr + row * res_stride + cols, x, mask=mask)
     xf = x.to(tl.float32)
     inv = tl.rsqrt(tl.sum(xf * xf, axis=0) * inv_n + eps)
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
     normed = (xf * inv).to(x.dtype)   # LlamaRMSNorm's two rounding points: x * 1/rms, then times the weight
-    tl.store(out_row + cols, (normed * weight).to(x.dtype), mask=mask)
-
-
-@triton.jit
-def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, x_stride, res_stride, out_stride, n_cols, inv_n, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    add_rms_norm_row(x_ptr + row * x_stride, residual_ptr + row * res_stride, weight_ptr, out_ptr + row * out_stride,
-                     n_cols, inv_n, eps, HAS_RESIDUAL, BLOCK, "")
-
-
-# Warps of a norm launch: the reduction tree of a row's sum of squares follows the warps, and the
-# gemv's norm tail runs on its launch's 4 (every CONFIGS entry): 4 here too, so both give the
-# same bits (until session 10 min(BLOCK // 256, 8), which rounded an occasional ulp differently).
-RMS_NORM_WARPS = 4
-
-
-def rms_norm_warps(block: int) -> int:
-    return min(max(block // 256, 1), RMS_NORM_WARPS)
+    tl.store(out_ptr + row * out_stride + cols, (normed * weight).to(x.dtype), mask=mask)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
@@ -80,7 +59,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     _rms_norm_kernel[(x.shape[0],)](x, residual if residual is not None else x, weight, out, x.stride(0),
                                     residual.stride(0) if residual is not None else 0, out.stride(0), x.shape[1],
                                     1.0 / x.shape[1], eps, HAS_RESIDUAL=residual is not None, BLOCK=block,
-                                    num_warps=rms_norm_warps(block))
+                                    num_warps=min(max(block // 256, 1), 8))
     return out
 
 

@@ -50,9 +50,8 @@ class LlamaAttention(nn.Module):
         self.qk_norm = config.qk_norm
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5, self.num_kv_heads)
 
-    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """qkv: this layer's qkv_proj output -> the attention's output, before o_proj (the decoder
-        layer runs the projections: the norms go into their launches)."""
+    def forward(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """qkv: this layer's qkv_proj output (the decoder layer fuses the norm before it)."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         num_tokens = qkv.shape[0]
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
@@ -60,7 +59,8 @@ class LlamaAttention(nn.Module):
         if self.qk_norm:
             q = self.q_norm(q)
             k = self.k_norm(k)
-        return self.attn(q, k, v, meta, rotary=(self.rotary, positions))
+        out = self.attn(q, k, v, meta, rotary=(self.rotary, positions))
+        return self.o_proj(out)
 
 
 class LlamaMLP(nn.Module):
@@ -89,31 +89,12 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
-                meta: AttentionMetadata, next_norm: RMSNorm | None = None, normed: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """-> (hidden, residual, whether hidden is next_norm(hidden + residual) already). normed:
-        `hidden` is this layer's input_layernorm of the residual stream (the previous layer's down
-        projection did it in its launch's tail); next_norm: the norm after this layer (the next
-        one's input_layernorm, or the final norm), done in the tail of the down projection where
-        its launch takes one (RowParallelLinear.forward_add_norm)."""
-        # each norm with the launch next to it: the gemv before it (its tail), else the projection
-        # after it (one launch where a quantized layer fuses them)
-        if normed:
-            qkv = self.self_attn.qkv_proj(hidden)
-        else:
-            qkv, residual = self.self_attn.qkv_proj.forward_normed(hidden, residual, self.input_layernorm)
-        attn, mlp = self.self_attn.attend(positions, qkv, meta), self.mlp
-        fused = self.self_attn.o_proj.forward_add_norm(attn, residual, self.post_attention_layernorm)
-        if fused is not None:
-            hidden, residual = fused
-            gate_up = mlp.gate_up_proj(hidden)
-        else:
-            gate_up, residual = mlp.gate_up_proj.forward_normed(self.self_attn.o_proj(attn), residual,
-                                                                self.post_attention_layernorm)
-        fused = mlp.down_proj.forward_add_norm(gate_up, residual, next_norm, silu=True)
-        if fused is not None:
-            return *fused, True
-        return mlp(gate_up), residual, False
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        # each norm with the projection after it: one launch where a quantized layer fuses them
+        qkv, residual = self.self_attn.qkv_proj.forward_normed(hidden, residual, self.input_layernorm)
+        hidden = self.self_attn(positions, qkv, meta)
+        gate_up, residual = self.mlp.gate_up_proj.forward_normed(hidden, residual, self.post_attention_layernorm)
+        return self.mlp(gate_up), residual
 
 
 Intermediate = tuple[torch.Tensor, torch.Tensor]   # (hidden, residual) between pipeline stages
@@ -150,14 +131,11 @@ class LlamaModel(nn.Module):
         if not hidden.is_cuda and (out := cpu_decode_stack(layers, positions, hidden, residual, meta, norm)) is not None:
             # GGUF blocks on the CPU: an all-decode step's layers (and the final norm) in one C++ call
             return out[0] if self.last else out
-        normed = False
-        for i, layer in enumerate(layers):
-            next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else norm
-            hidden, residual, normed = layer(positions, hidden, residual, meta, next_norm, normed)
+        for layer in layers:
+            hidden, residual = layer(positions, hidden, residual, meta)
         if not self.last:
             return hidden, residual
-        if not normed:
-            hidden, _ = (norm if hidden.is_cuda else cpu_final_norm(layers, norm))(hidden, residual)
+        hidden, _ = (norm if hidden.is_cuda else cpu_final_norm(layers, norm))(hidden, residual)
         return hidden
 
 

@@ -108,8 +108,7 @@ _COMPILE_FOR_SM90 = """
 from pagedserve.layers.triton_gemv import _gemv_kernel
 for prologue, block_m in [(0, 1), (0, 16), (1, 1)]:
     build(_gemv_kernel, dict(PROLOGUE=prologue, BLOCK_M=block_m, BLOCK_N=8 if block_m == 1 else 32,
-                             BLOCK_K=512, EVEN_K=False, NUM_STAGES=4, LIBDEVICE=True, NORM_TAIL=False,
-                             BLOCK_H=1), {"counter_ptr": "*i32"})
+                             BLOCK_K=512, EVEN_K=False, NUM_STAGES=4, LIBDEVICE=True), {})
 """
 
 
