@@ -16,8 +16,8 @@ bf16, tests (each guarded: a failure prints its traceback and the next stage run
   models  per model and --variants (default: the library's defaults; swept: with the sweep's
           gemv table; default2: the defaults again; old: session 8's gemv table; base: torch's argmax and
           one pageable copy per step input; unfused: no gemv prologue, no rotary in the KV store;
-          the RMSNorm-prologue gemv, the one-launch decode attention and PDL launches that earlier
-          runs A/B'd are deleted): b1_decode tok/s as
+          the RMSNorm-prologue gemv, the one-launch decode attention, PDL launches and the
+          RMSNorm in the o / down gemv's tail that earlier runs A/B'd are deleted): b1_decode tok/s as
           ../shared/bench/peers.py measures it (128-token prompt, 256 greedy tokens, warmed
           once), the decode graph's replay time
           (bs=1, context ~384), a torch.profiler table of one replay (per kernel calls, us,
@@ -539,6 +539,7 @@ def run_engine(dev: torch.device, model: str, variant: str, thr512: bool, label:
     res["b1_decode_tok_s"] = round(new / dt, 1)
     res["same_ids_twice"] = first[0].outputs[0].token_ids == second[0].outputs[0].token_ids
     res["first_ids"] = list(second[0].outputs[0].token_ids[:8])
+    res["ids"] = list(second[0].outputs[0].token_ids)
     graphs = llm.engine.core.executor.runner.graph_runner
     if graphs is not None:
         ctx = int(graphs.seq_lens[0].item())
@@ -570,9 +571,13 @@ def run_engine(dev: torch.device, model: str, variant: str, thr512: bool, label:
         res["thr512"] = run_thr512(llm)
     RESULTS.setdefault("models", {})[label] = res
     if variant != "default" and f"{model}.default" in RESULTS["models"]:   # dummy weights: an ulp may flip a tie
-        same = RESULTS["models"][f"{model}.default"]["first_ids"] == res["first_ids"]
-        log(f"{model}: default and {variant} first ids equal: {same}")
-    log(json.dumps({k: v for k, v in res.items() if k != "profile"}))
+        base = RESULTS["models"][f"{model}.default"]
+        same = base["first_ids"] == res["first_ids"]
+        prefix = next((i for i, (a, b) in enumerate(zip(base["ids"], res["ids"])) if a != b), len(res["ids"]))
+        log(f"{model}: default and {variant} first ids equal: {same}; greedy ids equal for the first "
+            f"{prefix} of {len(res['ids'])}")
+        res["ids_equal_prefix_vs_default"] = prefix
+    log(json.dumps({k: v for k, v in res.items() if k not in ("profile", "ids")}))
     llm.shutdown()
     del llm, graphs
     gc.collect()

@@ -36,6 +36,12 @@ MAX_ROWS = 16
 # (Split K at one row, each tile's fp32 partials summed in a fixed order by its last program in
 # the same launch, was checked exact and deterministic on the H200 but slower on all ten llama
 # shapes, by 0.8-6.1 us a call, and level end to end: benchmarks/RESULTS.md, session 9; deleted.)
+# (The residual add + RMSNorm after the o and down gemvs done in their launch's tail, by the last
+# program to finish its tile, was bit for bit the norm kernel and cut 32 / 64 launches a llama-1b /
+# 8b replay, but the tail cost what the norm launch had (1.9-2.4 us a gemv in the replay: the last
+# program's atomic, row reload, reduction and stores are as serial as the norm kernel), so only the
+# ~0.4 us graph gap a launch was saved: replay -0.9% / -0.2%; benchmarks/RESULTS.md, session 10;
+# deleted; the code: branch b1norm, commit 33702fb.)
 MIN_WEIGHT_BYTES = 32 * 2**20
 _DTYPES = (torch.bfloat16, torch.float16)
 
