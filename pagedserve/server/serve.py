@@ -149,6 +149,7 @@ def run_server(args: argparse.Namespace) -> None:
     import uvicorn
 
     from pagedserve.frontend.async_engine import AsyncEngine
+    from pagedserve.frontend.heap import release_free_heap
     from pagedserve.server.app import build_app
 
     configure_default_logging()
@@ -165,6 +166,7 @@ def run_server(args: argparse.Namespace) -> None:
     # the collector's sight, no full collection walks them again (a walk holds the GIL ~0.1-0.4 s)
     gc.collect()
     gc.freeze()
+    release_free_heap()   # start-up's freed temporaries (weights, tokenizer, imports): ~30 MiB of RSS
     logger.info("serving %s on http://%s:%d (engine core %s)", settings.served_model_name, args.host, args.port,
                 "in its own process" if engine_process else "on a thread")
     # open requests get GRACEFUL_SHUTDOWN_S to finish after SIGTERM / Ctrl-C, then are cancelled:

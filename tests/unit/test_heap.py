@@ -1,0 +1,30 @@
+"""frontend/heap.py: malloc_trim through ctypes on glibc (Linux), a no-op elsewhere."""
+from __future__ import annotations
+
+import ctypes
+import platform
+import sys
+
+import pytest
+
+from pagedserve.frontend import heap
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="malloc_trim is glibc's")
+def test_release_free_heap_calls_malloc_trim_on_glibc() -> None:
+    trim = heap._malloc_trim()
+    assert trim is not None and trim.argtypes == [ctypes.c_size_t] and trim.restype is ctypes.c_int
+    assert heap.release_free_heap() is True
+
+
+def test_release_free_heap_is_a_no_op_without_malloc_trim(monkeypatch) -> None:
+    monkeypatch.setattr(heap, "_malloc_trim", lambda: None)
+    assert heap.release_free_heap() is False
+
+
+def test_release_free_heap_passes_zero_padding(monkeypatch) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(heap, "_malloc_trim", lambda: calls.append)
+    assert heap.release_free_heap() is True
+    assert calls == [0]
