@@ -28,3 +28,21 @@ def test_release_free_heap_passes_zero_padding(monkeypatch) -> None:
     monkeypatch.setattr(heap, "_malloc_trim", lambda: calls.append)
     assert heap.release_free_heap() is True
     assert calls == [0]
+
+
+def test_release_free_heap_frees_mkl_buffers_before_the_trim(monkeypatch) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(heap, "_mkl_free_buffers", lambda: lambda: calls.append("mkl"))
+    monkeypatch.setattr(heap, "_malloc_trim", lambda: lambda pad: calls.append(f"trim {pad}"))
+    assert heap.release_free_heap() is True
+    assert calls == ["mkl", "trim 0"]
+
+
+def test_torch_with_mkl_exports_mkl_free_buffers() -> None:
+    import torch
+    if not (sys.platform.startswith("linux") and torch.backends.mkl.is_available()):
+        pytest.skip("torch without MKL")
+    assert heap._mkl_free_buffers() is not None
+    torch.ones(256, 256) @ torch.ones(256, 256)   # MKL's buffers exist; freeing them is harmless
+    heap._mkl_free_buffers()()
+    assert torch.equal(torch.ones(256, 256) @ torch.ones(256, 256), torch.full((256, 256), 256.0))
