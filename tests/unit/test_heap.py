@@ -46,3 +46,12 @@ def test_torch_with_mkl_exports_mkl_free_buffers() -> None:
     torch.ones(256, 256) @ torch.ones(256, 256)   # MKL's buffers exist; freeing them is harmless
     heap._mkl_free_buffers()()
     assert torch.equal(torch.ones(256, 256) @ torch.ones(256, 256), torch.full((256, 256), 256.0))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="mallopt(M_ARENA_MAX) is glibc's")
+def test_limit_arenas_takes_on_glibc() -> None:
+    import subprocess
+    code = "from pagedserve.frontend import heap; print(heap.limit_arenas(1), heap.limit_arenas(8))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout.split()
+    assert out == ["True", "True"]   # in a child: the setting is process-wide
