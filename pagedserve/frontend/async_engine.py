@@ -53,6 +53,7 @@ from pagedserve.core.outputs import EngineStats
 from pagedserve.core.snapshot import EngineSnapshot
 from pagedserve.engine_args import EngineArgs
 from pagedserve.errors import EngineDeadError, RequestFailedError, ValidationError
+from pagedserve.frontend.heap import release_free_heap
 from pagedserve.frontend.input_processor import PromptType
 from pagedserve.frontend.llm_engine import LLMEngine
 from pagedserve.frontend.output_processor import OutputKind
@@ -66,6 +67,7 @@ _END = object()
 PROCESSING_THREADS = 4   # rendering + tokenization; tokenizers release the GIL while encoding
 IDLE_POLL_S = 0.05       # engine process: an idle engine thread reads the core's messages this often
 CPU_SAMPLE_S = 0.5       # the engine thread's CPU time is sampled this often (step timer)
+IDLE_TRIM_S = 1.0        # idle this long after its last step, the engine thread trims the C heap (heap.py)
 
 
 class RequestStream:
@@ -282,20 +284,26 @@ class AsyncEngine:
     def _run(self) -> None:
         idle_wait = IDLE_POLL_S if self.engine.engine_process else None
         cpu_sampled = 0.0
+        trim_at: float | None = None   # IDLE_TRIM_S after the last step of a burst (serve trims after start-up)
         try:
             while True:
                 with self._cond:
                     # a step with an empty core produces nothing: never spin on it
-                    while not (self._commands or self._stopping or self.engine.has_work()):
-                        self._cond.wait(idle_wait)
-                    if self._stopping:
-                        break
-                    commands = list(self._commands)
-                    self._commands.clear()
+                    trim = self._wait_for_work(idle_wait, trim_at)
+                    if not trim:
+                        if self._stopping:
+                            break
+                        commands = list(self._commands)
+                        self._commands.clear()
+                if trim:   # idle for IDLE_TRIM_S: give the freed heap pages back (outside the lock)
+                    trim_at = None
+                    release_free_heap()
+                    continue
                 for command, _ in commands:
                     command()
                 if self.engine.has_work():
                     outputs, self.stats = self.engine.step_with_stats()
+                    trim_at = time.monotonic() + IDLE_TRIM_S
                     self._dispatch(outputs)
                     self._time_steps()
                     for _, stats in self.engine.step_spans:   # one call per core step (an engine process may merge some)
@@ -314,6 +322,19 @@ class AsyncEngine:
             self._fail_open_requests(self._dead or EngineDeadError("the engine was shut down"))
         if not self._stopping:
             self._notify(self._death_listeners, self._dead)
+
+    def _wait_for_work(self, idle_wait: float | None, trim_at: float | None) -> bool:
+        """Under self._cond: sleep until there are commands, work or a stop (False), or until
+        `trim_at` passes with none of them (True)."""
+        while not (self._commands or self._stopping or self.engine.has_work()):
+            if trim_at is None:
+                self._cond.wait(idle_wait)
+                continue
+            left = trim_at - time.monotonic()
+            if left <= 0:
+                return True
+            self._cond.wait(left if idle_wait is None else min(left, idle_wait))
+        return False
 
     def _time_steps(self) -> None:
         """The core steps behind the last step_with_stats(), with the time from each one's

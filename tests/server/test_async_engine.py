@@ -1,6 +1,7 @@
 """AsyncEngine's failure model on a scripted stand-in for LLMEngine (no model): a failing
 request fails alone, a dead loop fails everyone (and /health answers 503 over real HTTP),
-validation errors reach the caller, and an idle loop does not step."""
+validation errors reach the caller, an idle loop does not step (and trims the C heap once
+after a burst)."""
 from __future__ import annotations
 
 import asyncio
@@ -123,6 +124,26 @@ def test_idle_loop_sleeps() -> None:
     steps = scripted.num_steps
     time.sleep(0.3)
     assert scripted.num_steps == steps == 1
+    engine.shutdown()
+
+
+def test_idle_loop_trims_the_heap_once_after_a_burst(monkeypatch) -> None:
+    """IDLE_TRIM_S after its last step the engine thread calls release_free_heap once (not
+    before the first step, not again while idle); the next burst arms it again."""
+    from pagedserve.frontend import async_engine
+    trims: list[int] = []
+    monkeypatch.setattr(async_engine, "IDLE_TRIM_S", 0.1)
+    monkeypatch.setattr(async_engine, "release_free_heap", lambda: trims.append(scripted.num_steps) or True)
+    scripted = ScriptedEngine()
+    engine = AsyncEngine(scripted)
+    time.sleep(0.3)
+    assert trims == []
+    asyncio.run(asyncio.wait_for(_collect(engine, "good"), timeout=10))
+    time.sleep(0.5)
+    assert trims == [1] and scripted.num_steps == 1
+    asyncio.run(asyncio.wait_for(_collect(engine, "again"), timeout=10))
+    time.sleep(0.5)
+    assert trims == [1, 2]
     engine.shutdown()
 
 

@@ -210,3 +210,25 @@ def test_q8_default_model_agrees_with_fp32():
     pairs = list(zip(ids["auto"], ids["float32"]))
     assert all(q8[:2] == ref[:2] for q8, ref in pairs), pairs
     assert sum(a == b for q8, ref in pairs for a, b in zip(q8, ref)) >= 0.5 * 12 * len(prompts), pairs
+
+
+def test_a_recorded_build_imports_without_cpp_extension(tmp_path, monkeypatch) -> None:
+    """_load() records where cpp_extension put the build; the next process imports that file
+    straight (torch.utils.cpp_extension, setuptools never imported); a missing record or a
+    build gone from its path gives None (then cpp_extension builds again)."""
+    import subprocess
+    import sys
+    name = f"pagedserve_gguf_cpu_{gguf_cpu._source_digest()}"
+    monkeypatch.setattr(gguf_cpu, "_built_record", lambda n: str(tmp_path / f"{n}.path"))
+    assert gguf_cpu._import_built(name) is None
+    gguf_cpu._record_built(name, gguf_cpu.extension().__file__)
+    module = gguf_cpu._import_built(name)
+    assert module is not None and module.__file__ == gguf_cpu.extension().__file__ and hasattr(module, "gemv")
+    gguf_cpu._record_built(name, str(tmp_path / "gone.so"))
+    assert gguf_cpu._import_built(name) is None
+    monkeypatch.undo()
+    code = ("import sys; from pagedserve.layers.quantization import gguf_cpu; m = gguf_cpu.extension(); "
+            "print(m is not None, 'torch.utils.cpp_extension' in sys.modules, 'setuptools' in sys.modules)")
+    for _ in range(2):   # the first may build and record; the second must take the record
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600).stdout
+    assert out.split() == ["True", "False", "False"]
