@@ -1,7 +1,10 @@
-"""The C++ GGUF kernels (gguf_cpu.cpp) against the dequantize-then-fp32 reference, every type:
+"""The C++ GGUF kernels (gguf_cpu*.cpp) against the dequantize-then-fp32 reference, every type:
 GEMV within fp32 rounding (relative to sum |x| |w|), the fused RMSNorm / SiLU-and-mul
 prologues against the torch ops, dequantize (fp32 within one rounding, bf16 = RNE of it); the
 Q8-activation GEMV (Q4_0, Q4_1, Q8_0) bit for bit against a torch reference of its arithmetic."""
+import os
+import shutil
+
 import pytest
 import torch
 
@@ -210,3 +213,22 @@ def test_q8_default_model_agrees_with_fp32():
     pairs = list(zip(ids["auto"], ids["float32"]))
     assert all(q8[:2] == ref[:2] for q8, ref in pairs), pairs
     assert sum(a == b for q8, ref in pairs for a, b in zip(q8, ref)) >= 0.5 * 12 * len(prompts), pairs
+
+
+def test_build_name_hashes_every_source(tmp_path, monkeypatch):
+    """The extension's cache name hashes every C++ file of it (the sources compiled, the headers
+    they include): editing any one of them builds a new extension instead of loading the old."""
+    folder = os.path.dirname(gguf_cpu.__file__)
+    on_disk = {name for name in os.listdir(folder) if name.startswith("gguf_cpu") and name.endswith((".cpp", ".h"))}
+    assert {os.path.basename(p) for p in gguf_cpu._SOURCES} == {n for n in on_disk if n.endswith(".cpp")}
+    assert {os.path.basename(p) for p in gguf_cpu._HEADERS} == {n for n in on_disk if n.endswith(".h")}
+    for name in on_disk:
+        shutil.copy(os.path.join(folder, name), tmp_path / name)
+    monkeypatch.setattr(gguf_cpu, "_SOURCES", [str(tmp_path / os.path.basename(p)) for p in gguf_cpu._SOURCES])
+    monkeypatch.setattr(gguf_cpu, "_HEADERS", [str(tmp_path / os.path.basename(p)) for p in gguf_cpu._HEADERS])
+    digests = {gguf_cpu._source_digest()}
+    for name in sorted(on_disk):
+        with open(tmp_path / name, "a") as f:
+            f.write("\n")
+        digests.add(gguf_cpu._source_digest())
+    assert len(digests) == len(on_disk) + 1
