@@ -30,7 +30,7 @@ def test_gemv_matches_dequantized_fp32(fmt, rows):
 
 
 def q8_reference(x: torch.Tensor, raw: torch.Tensor, fmt: str) -> torch.Tensor:
-    """The Q8-activation GEMV's arithmetic (gguf_cpu.cpp) in torch: x [M, K] in blocks of 32,
+    """The Q8-activation GEMV's arithmetic (gguf_cpu_q8.cpp) in torch: x [M, K] in blocks of 32,
     qx = round_half_even(x * (127 / amax)), dx = amax / 127, sx = dx * sum(qx); per block the
     8 lanes of 4-product integer sums, acc[b % 2] = fma(dw * dx, lanes, acc[b % 2]), Q4_1's
     mins[b % 2] = fma(mw, sx, mins[b % 2]); hsum ((0+4)+(2+6)) + ((1+5)+(3+7)), + the mins."""
