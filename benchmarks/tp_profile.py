@@ -26,7 +26,8 @@ def wrap_host_phases() -> None:
     import torch
     from pagedserve.core.engine_core import EngineCore
     from pagedserve.core.scheduler import Scheduler
-    from pagedserve.worker.model_runner import ModelRunner, PendingRunnerOutput
+    from pagedserve.worker.model_runner import ModelRunner
+    from pagedserve.worker.pending_output import PendingRunnerOutput
     from pagedserve.worker.tp_executor import MultiprocTPExecutor, PipelineOutput
     from pagedserve.worker.tp_worker import StepChannel
 

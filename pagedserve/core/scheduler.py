@@ -46,6 +46,7 @@ from typing import Any
 from pagedserve.core import structured_output
 from pagedserve.core.kv_cache_manager import KVCacheManager
 from pagedserve.core.request import Request, RequestStatus
+from pagedserve.core.stop_rules import advance_grammar, check_stop
 from pagedserve.engine_io import (CachedRequestData, ForkedRequestData, ModelRunnerOutput, NewRequestData, RequestId,
                                   SchedulerOutput)
 
@@ -443,8 +444,9 @@ class Scheduler:
             if suspects and rid in suspects:   # it ran a whole step alone: cleared
                 suspects.discard(rid)
                 request.num_step_failures = 0
-            if (constrained and request.grammar is not None and (stop_tokens is None or token in stop_tokens)
-                    and self._advance_grammar(request, token)) or self._check_stop(request, token):
+            if ((constrained and request.grammar is not None and (stop_tokens is None or token in stop_tokens)
+                    and advance_grammar(self.grammars, request, token))
+                    or check_stop(request, token, self.max_model_len)):
                 self.running.remove(request)
                 self._free(request)
             changed.append(request)
@@ -468,34 +470,3 @@ class Scheduler:
             owners = [r.request_id for r in self.running
                       if any(b.block_id in loaded for b in self.kv.req_to_blocks.get(r.request_id, ()))]
             self.requeue_after_failure(owners, suspects=set())
-
-    def _advance_grammar(self, request: Request, token: int) -> bool:
-        """Feed a sampled token to the request's matcher; True (status set) if that ends the
-        request: the grammar terminated (stop), or the token broke it (error; masking
-        should make that impossible)."""
-        accepted, terminated = self.grammars.accept(request, token)
-        if not accepted:
-            request.status = RequestStatus.FINISHED_ERROR
-            request.error = f"sampled token {token} does not match the request's structured_outputs grammar"
-            return True
-        if terminated:
-            request.status = RequestStatus.FINISHED_STOPPED
-            return True
-        return False
-
-    def _check_stop(self, request: Request, token: int) -> bool:
-        """Set a finished status if `token` ends the request; True if it did."""
-        params = request.sampling_params
-        num_output = len(request.output_token_ids)
-        if num_output >= params.min_tokens:
-            if not params.ignore_eos and token in request.eos_token_ids:
-                request.status = RequestStatus.FINISHED_STOPPED
-                return True
-            if token in params.stop_token_ids:
-                request.status = RequestStatus.FINISHED_STOPPED
-                request.stop_reason = token
-                return True
-        if num_output >= request.max_tokens or len(request.prompt_token_ids) + num_output >= self.max_model_len:
-            request.status = RequestStatus.FINISHED_LENGTH_CAPPED
-            return True
-        return False

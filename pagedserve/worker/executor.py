@@ -8,7 +8,8 @@ import torch
 from pagedserve.config import EngineConfig
 from pagedserve.engine_io import Executor, ModelRunnerOutput, SchedulerOutput
 from pagedserve.worker.kv_budget import non_torch_memory, num_host_blocks, num_kv_blocks, resolve_device
-from pagedserve.worker.model_runner import ModelRunner, PendingRunnerOutput
+from pagedserve.worker.model_runner import ModelRunner
+from pagedserve.worker.pending_output import PendingRunnerOutput
 from pagedserve.worker.tp_executor import MultiprocTPExecutor
 
 

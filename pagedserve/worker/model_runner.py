@@ -39,60 +39,10 @@ from pagedserve.worker.cuda_graph import CudaGraphRunner
 from pagedserve.worker.grammar_mask import DeferredSample, GrammarMask, grammar_rows
 from pagedserve.worker.input_batch import BlockTable, CachedRequestState, StepInputs, build_step_inputs
 from pagedserve.worker import input_batch   # its PACK_STEP_INPUTS switch, read per step
+from pagedserve.worker.pending_output import PendingRunnerOutput, to_host
 from pagedserve.worker.sampling_inputs import sample
 
 logger = logging.getLogger(__name__)
-
-
-class PendingRunnerOutput:
-    """A launched step whose sampled tokens are on their way to the host."""
-
-    def __init__(self, output: ModelRunnerOutput, states: list[CachedRequestState], positions: list[int],
-                 token_ids: torch.Tensor, logprobs: tuple[torch.Tensor, ...] | None,
-                 event: torch.cuda.Event | None) -> None:
-        self.output, self.states, self.positions = output, states, positions
-        self.token_ids, self.logprobs, self.event = token_ids, logprobs, event
-
-    def ready(self) -> bool:
-        """Whether get() would return without waiting for the device."""
-        return self.event is None or self.event.query()
-
-    def get(self) -> ModelRunnerOutput:
-        """Wait for the copy, fill the placeholders, and report the tokens."""
-        if self.event is not None:
-            self.event.synchronize()
-        output = self.output
-        tokens = self.token_ids.tolist()
-        for state, pos, token in zip(self.states, self.positions, tokens):
-            state.token_ids[pos] = token
-            if state.counts_outputs:
-                state.count_output(token)
-            if state.pending_pos == pos:
-                state.pending_pos = -1
-        output.sampled_token_ids.update(zip([state.req_id for state in self.states], tokens))
-        if self.logprobs is not None:
-            _collect_logprobs(self.states, *self.logprobs, output)
-        return output
-
-
-def _to_host(tensor: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Start a device -> pinned host copy (the caller records an event after it), into the
-    first rows of `out` if given."""
-    if out is not None:
-        return out[:tensor.shape[0]].copy_(tensor, non_blocking=True)
-    if tensor.device.type != "cuda":
-        return tensor
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    return host.copy_(tensor, non_blocking=True)
-
-
-def _collect_logprobs(states: list[CachedRequestState], token_ids: torch.Tensor, logprobs: torch.Tensor,
-                      ranks: torch.Tensor, output: ModelRunnerOutput) -> None:
-    ids, lps, ranks = token_ids.tolist(), logprobs.tolist(), ranks.tolist()
-    for row, state in enumerate(states):
-        k = state.sampling_params.logprobs
-        if k is not None:
-            output.logprobs[state.req_id] = TokenLogprobs(ids[row][:1 + k], lps[row][:1 + k], ranks[row])
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -392,10 +342,10 @@ class ModelRunner:
                sampled_ids: torch.Tensor | None = None) -> PendingRunnerOutput:
         positions = self._add_placeholders(states)   # filled by PendingRunnerOutput.get()
         self._prev_sampled = sampled.token_ids
-        token_ids = _to_host(sampled.token_ids, sampled_ids)
+        token_ids = to_host(sampled.token_ids, sampled_ids)
         logprobs = None
         if sampled.logprobs is not None:
-            logprobs = tuple(_to_host(t) for t in (sampled.logprob_token_ids, sampled.logprobs,
+            logprobs = tuple(to_host(t) for t in (sampled.logprob_token_ids, sampled.logprobs,
                                                    sampled.sampled_ranks))
         event = None
         if self.device.type == "cuda":

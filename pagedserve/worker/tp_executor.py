@@ -45,7 +45,7 @@ from pagedserve.engine_io import ModelRunnerOutput, SchedulerOutput
 from pagedserve.errors import EngineDeadError
 from pagedserve.layers.parallel import reset_model_parallel
 from pagedserve.worker.kv_budget import resolve_device
-from pagedserve.worker.model_runner import PendingRunnerOutput
+from pagedserve.worker.pending_output import PendingRunnerOutput
 from pagedserve.worker.rank_process import JOINING, LOADED, RankProcess, first_exited, wait_for_milestone
 from pagedserve.worker.shm_queue import ShmMessageQueue
 from pagedserve.worker.tp_worker import (Message, NoopMessage, RankInit, ShutdownMessage, StartMessage, StepChannel,

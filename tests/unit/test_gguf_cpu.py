@@ -1,7 +1,10 @@
-"""The C++ GGUF kernels (gguf_cpu.cpp) against the dequantize-then-fp32 reference, every type:
+"""The C++ GGUF kernels (gguf_cpu*.cpp) against the dequantize-then-fp32 reference, every type:
 GEMV within fp32 rounding (relative to sum |x| |w|), the fused RMSNorm / SiLU-and-mul
 prologues against the torch ops, dequantize (fp32 within one rounding, bf16 = RNE of it); the
 Q8-activation GEMV (Q4_0, Q4_1, Q8_0) bit for bit against a torch reference of its arithmetic."""
+import os
+import shutil
+
 import pytest
 import torch
 
@@ -27,7 +30,7 @@ def test_gemv_matches_dequantized_fp32(fmt, rows):
 
 
 def q8_reference(x: torch.Tensor, raw: torch.Tensor, fmt: str) -> torch.Tensor:
-    """The Q8-activation GEMV's arithmetic (gguf_cpu.cpp) in torch: x [M, K] in blocks of 32,
+    """The Q8-activation GEMV's arithmetic (gguf_cpu_q8.cpp) in torch: x [M, K] in blocks of 32,
     qx = round_half_even(x * (127 / amax)), dx = amax / 127, sx = dx * sum(qx); per block the
     8 lanes of 4-product integer sums, acc[b % 2] = fma(dw * dx, lanes, acc[b % 2]), Q4_1's
     mins[b % 2] = fma(mw, sx, mins[b % 2]); hsum ((0+4)+(2+6)) + ((1+5)+(3+7)), + the mins."""
@@ -232,3 +235,22 @@ def test_a_recorded_build_imports_without_cpp_extension(tmp_path, monkeypatch) -
     for _ in range(2):   # the first may build and record; the second must take the record
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600).stdout
     assert out.split() == ["True", "False", "False"]
+
+
+def test_build_name_hashes_every_source(tmp_path, monkeypatch):
+    """The extension's cache name hashes every C++ file of it (the sources compiled, the headers
+    they include): editing any one of them builds a new extension instead of loading the old."""
+    folder = os.path.dirname(gguf_cpu.__file__)
+    on_disk = {name for name in os.listdir(folder) if name.startswith("gguf_cpu") and name.endswith((".cpp", ".h"))}
+    assert {os.path.basename(p) for p in gguf_cpu._SOURCES} == {n for n in on_disk if n.endswith(".cpp")}
+    assert {os.path.basename(p) for p in gguf_cpu._HEADERS} == {n for n in on_disk if n.endswith(".h")}
+    for name in on_disk:
+        shutil.copy(os.path.join(folder, name), tmp_path / name)
+    monkeypatch.setattr(gguf_cpu, "_SOURCES", [str(tmp_path / os.path.basename(p)) for p in gguf_cpu._SOURCES])
+    monkeypatch.setattr(gguf_cpu, "_HEADERS", [str(tmp_path / os.path.basename(p)) for p in gguf_cpu._HEADERS])
+    digests = {gguf_cpu._source_digest()}
+    for name in sorted(on_disk):
+        with open(tmp_path / name, "a") as f:
+            f.write("\n")
+        digests.add(gguf_cpu._source_digest())
+    assert len(digests) == len(on_disk) + 1

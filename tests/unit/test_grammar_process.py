@@ -258,7 +258,7 @@ def test_a_step_failed_after_its_tokens_were_posted_is_taken_back(checkpoint, mo
     fails (here: fetching its tokens raises once, mid-generation), its requests are
     recomputed and the process rolls their matchers back by that token: the constrained
     request and the plain one beside it end as in a run without the failure."""
-    from pagedserve.worker.model_runner import PendingRunnerOutput
+    from pagedserve.worker.pending_output import PendingRunnerOutput
     llm = _llm(checkpoint)
     regex = "[a-z]{6,30}"
     params = [SamplingParams(max_tokens=30, temperature=0.0, structured_outputs=StructuredOutputsParams(regex=regex)),

@@ -1,5 +1,7 @@
-"""The C++ GEMV on GGUF blocks (gguf_cpu.cpp; Q8 activations: gguf_cpu_q8.cpp, with
-gguf_cpu.h between them): decode-sized products on the CPU read the blocks the loader keeps,
+"""The C++ GEMV on GGUF blocks (gguf_cpu.cpp: the torch functions, DecodeStack, the bindings;
+gguf_cpu_gemv.cpp: the kernels; Q8 activations: gguf_cpu_q8.cpp; gguf_cpu_attention.cpp: the
+decode attention; gguf_cpu.h between them, gguf_cpu_phases.h: DecodeStack's work sharing):
+decode-sized products on the CPU read the blocks the loader keeps,
 fp32 accumulate, no repack. Compiled on first use into torch's
 extensions cache (torch.utils.cpp_extension; -O3 -march=native, since it runs where it is
 built); if that fails (no compiler), a warning and None: the callers keep torch's int4 path.
@@ -31,8 +33,9 @@ logger = logging.getLogger(__name__)
 
 Q8_TYPES = ("Q4_0", "Q4_1", "Q8_0")   # the types with Q8 activations (gguf_cpu.h's q8_type)
 TYPE_IDS = {name: i for i, name in enumerate(("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"))}
-_SOURCES = [os.path.join(os.path.dirname(__file__), name) for name in ("gguf_cpu.cpp", "gguf_cpu_q8.cpp")]
-_HEADER = os.path.join(os.path.dirname(__file__), "gguf_cpu.h")
+_SOURCES = [os.path.join(os.path.dirname(__file__), name)
+            for name in ("gguf_cpu.cpp", "gguf_cpu_gemv.cpp", "gguf_cpu_q8.cpp", "gguf_cpu_attention.cpp")]
+_HEADERS = [os.path.join(os.path.dirname(__file__), name) for name in ("gguf_cpu.h", "gguf_cpu_phases.h")]
 
 
 def extension() -> ModuleType | None:
@@ -103,11 +106,11 @@ def _import_built(name: str) -> ModuleType | None:
 
 
 def _source_digest() -> str:
-    """The build's name carries the sources' hash (the header's too): checkouts of different
+    """The build's name carries the sources' hash (the headers' too): checkouts of different
     versions (git worktrees) share torch's extensions cache without rebuilding over each
     other's build."""
     digest = hashlib.sha256()
-    for path in (*_SOURCES, _HEADER):
+    for path in (*_SOURCES, *_HEADERS):
         with open(path, "rb") as f:
             digest.update(f.read())
     return digest.hexdigest()[:12]

@@ -1,0 +1,41 @@
+"""The token-level stop rules the scheduler applies to each sampled token
+(Scheduler.update_from_output): a constrained request's grammar, then EOS, stop token ids,
+max_tokens and max_model_len. Stop strings are the detokenizer's (frontend)."""
+from __future__ import annotations
+
+from typing import Any
+
+from pagedserve.core.request import Request, RequestStatus
+
+
+def advance_grammar(grammars: Any, request: Request, token: int) -> bool:
+    """Feed a sampled token to the request's matcher; True (status set) if that ends the
+    request: the grammar terminated (stop), or the token broke it (error; masking
+    should make that impossible)."""
+    accepted, terminated = grammars.accept(request, token)
+    if not accepted:
+        request.status = RequestStatus.FINISHED_ERROR
+        request.error = f"sampled token {token} does not match the request's structured_outputs grammar"
+        return True
+    if terminated:
+        request.status = RequestStatus.FINISHED_STOPPED
+        return True
+    return False
+
+
+def check_stop(request: Request, token: int, max_model_len: int) -> bool:
+    """Set a finished status if `token` ends the request; True if it did."""
+    params = request.sampling_params
+    num_output = len(request.output_token_ids)
+    if num_output >= params.min_tokens:
+        if not params.ignore_eos and token in request.eos_token_ids:
+            request.status = RequestStatus.FINISHED_STOPPED
+            return True
+        if token in params.stop_token_ids:
+            request.status = RequestStatus.FINISHED_STOPPED
+            request.stop_reason = token
+            return True
+    if num_output >= request.max_tokens or len(request.prompt_token_ids) + num_output >= max_model_len:
+        request.status = RequestStatus.FINISHED_LENGTH_CAPPED
+        return True
+    return False
