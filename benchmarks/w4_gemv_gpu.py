@@ -1,27 +1,31 @@
-"""The one-row W4A16 GEMV on the GPU machine (issue 18, session 10): gate_up's SiLU-and-mul
-epilogue (its columns interleaved at load: int4.interleave_gate_up) and x handed to down in
-the loop's form (prescale_x: fp32 scaled per nibble, sums per 64 rows), against main's default
-(SiLU in down's prologue), llama-8b b1_decode with each, in one device call (<= 240 s). Stages,
-each a child process with its own time limit:
+"""The one-row W4A16 GEMV on the GPU machine (issue 18, sessions 8-9): old launches against new ones,
+then llama-8b b1_decode with each, in one device call (<= 240 s). Four stages, each a child
+process with its own time limit:
 
+  gemv1     (<= 100 s) exactness first (`CHECK` lines, any failure or launch that does not
+                       compile fails the run): every launch below at 1 and 3 rows on llama-8b's
+                       shapes (qkv 4096->6144, o 4096->4096, gate_up 4096->28672, down
+                       14336->4096; bf16, plus asymmetric zeros and (two launches) fp16 on qkv), each
+                       with the prologue the decode step folds into it (RMSNorm + residual for
+                       qkv / gate_up against RMSNorm then the launch; SiLU-and-mul for down
+                       against SiluAndMul then the launch), the atomic launches' zeroed
+                       scratch and counters left zero, and each launch run 8 times on one input
+                       (`REPEAT`: the split-order launches must give the same bits every time).
+                       Then the sweep (`SWEEP` lines: us per call in CUDA graphs, each call on
+                       its own copy of the weights, 4x L2 in all, with the projection's prologue;
+                       TB/s of int4 weights + scales): OLD = triton_w4a16_gemv.TUNED's one-row
+                       launches (main's default: split K by fp32 atomics), ATOMIC = new atomic
+                       launches (register prefetch, evict-first weights, other shapes), DET =
+                       split K summed by the last program in split order (bitwise repeatable).
+                       `BEST` per shape and group, `FLOOR` per layer; the best of all to
+                       /tmp/w4_gemv_tuned.json, the best DET to /tmp/w4_gemv_det.json (copies
+                       under $OUT). Launches may be swept on some projections only (ONLY).
   e2e_default (<= 45 s) llama-8b dummy W4A16 (compressed-tensors, symmetric, group 128, LM head
-                       bf16), main's path (int4.INTERLEAVE_GATE_UP off): b1_decode, the one-row
-                       graph's replay time, the linears' us per projection in an eager step,
-                       the greedy ids of one prompt (`IDS`).
-  e2e_bf16  (<= 30 s)  bf16 b1_decode, for the ratio.
-  e2e_new   (<= 40 s)  W4A16, this branch's default: gate_up's epilogue + prescaled x for down.
-  e2e_pairs (<= 40 s)  W4A16, the epilogue only (int4.PRESCALE_X off): down reads plain bf16 x.
-  gemv1     (<= 75 s)  exactness first (`CHECK` lines; any failure fails the run): every launch
-                       below at one row against the torch dequantized reference, the epilogue
-                       (interleaved weights) against SiluAndMul of the plain layout, its prescaled
-                       copy against prescale_x, gate_up -> down chained both ways (old: SiLU
-                       prologue; new: epilogue + XF32) against the torch MLP. Then the sweep
-                       (`SWEEP`: us per call in CUDA graphs, each call on its own copy of the
-                       weights, 4x L2 in all): per projection the default launch in each mode
-                       (gate_up: norm prologue, + epilogue, + prescaled copy; down: SiLU
-                       prologue, plain bf16 x, prescaled x; o: plain, prescaled: what o would
-                       save if attention wrote its output prescaled) and a few other launches
-                       of the prescaled modes (their instruction mix changed); `FLOOR`.
+                       bf16) with the static TUNED (the default): b1_decode, then the one-row
+                       graph's replay time and the linears' us per projection in an eager step.
+  e2e_bf16  (<= 30 s)  bf16 b1_decode (main's default path), for the ratio.
+  (gemv1 runs third: the two e2e figures first, in case the sweep runs out of time.)
+  e2e_new   (<= 30 s)  W4A16 with the sweep's best launches.
 
     bash benchmarks/w4_gemv_gpu.sh                        (the device call)
     PYTHONPATH=$PWD python3 benchmarks/w4_gemv_gpu.py --cpu-smoke   the same code on CPU (interpreter)
@@ -29,6 +33,8 @@ each a child process with its own time limit:
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import sys
 
@@ -42,195 +48,223 @@ import torch  # noqa: E402
 
 from benchmarks import w4_gpu  # noqa: E402
 from benchmarks.quant_gpu import FAILED, _rel, _report, emit, run_timing  # noqa: E402
-from benchmarks.w4_gpu import DEVICE, LAYERS, SHAPES, _copies, _name, _timer, _weights  # noqa: E402
-from pagedserve.layers.quantization import int4  # noqa: E402
+from benchmarks.w4_gpu import DEVICE, LAYERS, PROLOGUES, SHAPES, _copies, _name, _timer, _weights  # noqa: E402
 from pagedserve.layers.quantization import triton_w4a16_gemv as t  # noqa: E402
 from pagedserve.layers.quantization.triton_w4a16_gemv import GemvConfig  # noqa: E402
 
-STAGES = {"e2e_default": 45, "e2e_bf16": 30, "e2e_new": 40, "e2e_pairs": 40, "gemv1": 75}
+STAGES = {"e2e_default": 45, "e2e_bf16": 30, "gemv1": 100, "e2e_new": 30}   # the first e2e compiles cold
+TUNED_FILE = "/tmp/w4_gemv_tuned.json"
+DET_FILE = "/tmp/w4_gemv_det.json"
 G = GemvConfig
-PAIRS = int4.PAIRS
-DTYPE = torch.float16 if SMOKE else torch.bfloat16
-# (projection, mode) -> launches; the first is the default (TUNED's on the GPU)
+STATIC = {key[1:]: config for key, config in t.TUNED.items() if key[0] == 1}   # (K, N) -> main's launch
+ONLY: dict[GemvConfig, set] = {}   # launches swept on some projections only (the rest: on all)
+
+
+def _only(layers: str, *configs: GemvConfig) -> list[GemvConfig]:
+    for config in configs:
+        ONLY.setdefault(config, set()).update(layers.split())
+    return list(configs)
+
+
 if SMOKE:
-    DEFAULT = {"qkv": G(block_n=128, words=8, atomic=True), "down": G(block_n=128, words=8, atomic=True, prefetch=True)}
-    OTHER = {"down": [G(block_n=128, words=8, prefetch=True)]}
+    OLD = [G(block_n=32, words=8, atomic=True)]
+    ATOMIC = [G(block_n=32, words=8, atomic=True, prefetch=True, evict=True),
+              *_only("down", G(block_n=16, atomic=True, prefetch=True))]
+    DET = [G(block_n=32, words=8), G(block_n=32, words=8, prefetch=True, evict=True)]
+    FP16 = ATOMIC[:1] + DET[1:2]
 else:
-    DEFAULT = {name: t.TUNED[(1, k, n)] for name, k, n in SHAPES}
-    PF = dict(words=8, atomic=True, prefetch=True, evict=True)
-    OTHER = {"o": [G(block_n=128, num_warps=1, programs_per_sm=8, **PF), G(block_n=256, num_warps=1, programs_per_sm=8, **PF),
-                   G(block_n=512, num_warps=2, programs_per_sm=8, **PF)],
-             "down": [G(block_n=128, num_warps=1, programs_per_sm=8, **PF), G(block_n=256, num_warps=1, **PF),
-                      G(block_n=256, num_warps=2, programs_per_sm=6, **PF), G(block_n=512, num_warps=2, **PF)]}
-MODES = {"qkv": ["norm"], "o": ["plain", "xf32"], "gate_up": ["norm", "pairs", "pairs_xout"],
-         "down": ["silu", "plain", "xf32"]}
-if SMOKE:   # the smoke shapes: qkv stands for gate_up too (its N holds whole runs of 2 x 64)
-    MODES = {"qkv": ["norm", "pairs", "pairs_xout"], "down": ["silu", "plain", "xf32"]}
+    OLD = list(dict.fromkeys(STATIC.values()))   # the default (session 9's first call's best)
+    PF = dict(prefetch=True, evict=True)   # registers double-buffered, weights evict-first
+    GU = dict(block_n=256, num_warps=1, words=8, atomic=True)          # gate_up's: 8 columns a thread
+    DN = dict(block_n=256, num_warps=2, words=8, atomic=True, **PF)    # down's and o's
+    ATOMIC = [   # the runners-up of session 9's two calls (QUANT.md), each on its projection
+        *_only("gate_up", G(**GU, programs_per_sm=6), G(**GU, programs_per_sm=8, num_stages=2),
+               G(block_n=128, num_warps=1, words=8, atomic=True, programs_per_sm=16)),
+        *_only("down", G(**DN, programs_per_sm=6), G(block_n=256, num_warps=2, words=8, atomic=True, prefetch=True),
+               G(block_n=128, num_warps=1, words=8, atomic=True, programs_per_sm=8, **PF)),
+        *_only("qkv", G(block_n=128, num_warps=1, words=8, atomic=True, programs_per_sm=12), G(**DN)),
+        *_only("o", G(block_n=128, num_warps=1, words=8, atomic=True, programs_per_sm=8, **PF),
+               G(**DN, programs_per_sm=3)),
+    ]
+    ATOMIC = [config for config in dict.fromkeys(ATOMIC) if config not in OLD]
+    for (k, n), config in STATIC.items():   # the default launch on its own projection (and where listed above)
+        _only(" ".join(name for name, kk, nn in SHAPES if (kk, nn) == (k, n)), config)
+    # split-order sums of the default launches, each on its own projection: the launch-for-launch
+    # cost of a bitwise repeatable one-row output
+    DET = [dataclasses.replace(config, atomic=False) for config in OLD]
+    for (k, n), config in STATIC.items():
+        _only(" ".join(name for name, kk, nn in SHAPES if (kk, nn) == (k, n)), dataclasses.replace(config, atomic=False))
+    FP16 = [G(**DN), DET[0]]
+GROUPS = (("old", OLD), ("atomic", ATOMIC), ("det", DET))
 
 
-def _launches(name: str, mode: str) -> list[GemvConfig]:
-    return [DEFAULT[name]] + (OTHER.get(name, []) if mode == "xf32" else [])
-
-
-def _call(mode: str, x: torch.Tensor, w4: list, config: GemvConfig):
-    """fn(i): one row through copy i of the weights in `mode` (what the decode step runs)."""
-    k = x.shape[1]
-    if mode == "silu":
-        gate_up = torch.randn(1, 2 * k, device=DEVICE, dtype=x.dtype)
-        return lambda i: t.w4a16_gemv(gate_up[:, :k], *w4[i], 128, config, prologue=t.SILU_AND_MUL)
-    if mode in ("norm", "pairs", "pairs_xout"):
-        residual, h = torch.randn_like(x), torch.empty_like(x)
-        norm = (torch.rand(k, device=DEVICE, dtype=x.dtype) + 0.5, 1e-5, residual, h)
-        n = w4[0][0].shape[1]
-        xout = (torch.empty(1, n // 2, device=DEVICE), torch.empty(1, n // 128, device=DEVICE)) if mode == "pairs_xout" else None
-        pairs = 0 if mode == "norm" else PAIRS
-        return lambda i: t.w4a16_gemv(x, *w4[i], 128, config, prologue=t.RMS_NORM_RESIDUAL, norm=norm, pairs=pairs,
-                                      xout=xout)
-    if mode == "xf32":
-        xs, sums = t.prescale_x(x)
-        return lambda i: t.w4a16_gemv(xs, *w4[i], 128, config, xsums=sums)
-    return lambda i: t.w4a16_gemv(x, *w4[i], 128, config)
-
-
-def _check_one(name: str, mode: str, config: GemvConfig, plain: tuple, weight: torch.Tensor) -> None:
-    """One launch in one mode against the torch reference (fp32 from the dequantized weight)."""
-    from pagedserve.layers.norm import RMSNorm
-    k = weight.shape[0]
-    label = f"{name} {mode} {_name(config)}"
-    x = torch.randn(1, k, device=DEVICE, dtype=DTYPE)
-    try:
-        if mode in ("plain", "xf32"):
-            out = _call(mode, x, [plain], config)(0)
-            ref = x.float() @ weight
-        elif mode == "silu":
-            gate_up = torch.randn(1, 2 * k, device=DEVICE, dtype=DTYPE)
-            out = t.w4a16_gemv(gate_up[:, :k], *plain, 128, config, prologue=t.SILU_AND_MUL)
-            ref = int4.silu_and_mul_pairs(gate_up, k).float() @ weight   # runs of k: [gate | up]
-        else:
-            residual, h = torch.randn_like(x), torch.empty_like(x)
-            norm = RMSNorm(k, 1e-5, DTYPE).to(DEVICE)
-            norm.weight.data = torch.rand(k, device=DEVICE, dtype=DTYPE) + 0.5
-            normed, _ = norm(x, residual.clone())
-            ref = normed.float() @ weight
-            if mode == "norm":
-                out = t.w4a16_gemv(x, *plain, 128, config, prologue=t.RMS_NORM_RESIDUAL,
-                                   norm=(norm.weight, 1e-5, residual, h))
-            else:
-                n = weight.shape[1]
-                mixed = [int4.interleave_gate_up(p, PAIRS) for p in plain]
-                xout = (torch.full((1, n // 2), float("nan"), device=DEVICE),
-                        torch.full((1, n // 128), float("nan"), device=DEVICE)) if mode == "pairs_xout" else None
-                out = t.w4a16_gemv(x, *mixed, 128, config, prologue=t.RMS_NORM_RESIDUAL,
-                                   norm=(norm.weight, 1e-5, residual, h), pairs=PAIRS, xout=xout)
-                ref = int4.silu_and_mul_pairs(int4.interleave_gate_up(ref, PAIRS), PAIRS)
-                if xout is not None:
-                    for part, want in zip(xout, t.prescale_x(out)):
-                        _report(f"w4 xout {label}", _rel(part, want), 1e-5)
-        _report(f"w4 {label}", _rel(out, ref), 1e-2)
-    except Exception as exc:   # a launch that does not compile fails the run, loudly
-        _report(f"w4 {label}", float("inf"), 1e-2, error=f"{type(exc).__name__}: {exc}"[:300])
-
-
-def check_mlp() -> None:
-    """gate_up -> down for one row, both ways, against the torch MLP (norm, matmul, SiLU-and-mul, matmul)."""
-    from pagedserve.layers.norm import RMSNorm
-    k, n, kd, nd = (256, 768, 384, 256) if SMOKE else (4096, 28672, 14336, 4096)
-    gate_up_w, down_w = _weights(k, n, DTYPE, True, 1), _weights(kd, nd, DTYPE, True, 2)
-    gate_up_name = "qkv" if SMOKE else "gate_up"
-    x, residual = torch.randn(1, k, device=DEVICE, dtype=DTYPE), torch.randn(1, k, device=DEVICE, dtype=DTYPE)
-    weight = torch.rand(k, device=DEVICE, dtype=DTYPE) + 0.5
-    norm = RMSNorm(k, 1e-5, DTYPE).to(DEVICE)
-    norm.weight.data = weight
-    from pagedserve.layers.quantization.int4 import dequantize_int4
-    normed, _ = norm(x, residual.clone())
-    act = int4.silu_and_mul_pairs((normed.float() @ dequantize_int4(*gate_up_w, 128, None, torch.float32)).to(DTYPE), n // 2)
-    ref = act.float() @ dequantize_int4(*down_w, 128, None, torch.float32)
-    if SMOKE:   # the smoke's launches stand in for the tuned ones
-        for shape, name in (((1, k, n), "qkv"), ((1, kd, nd), "down")):
-            t.TUNED[shape] = DEFAULT[name]
-    old_gu, _ = t.w4a16_rms_norm_gemv(x, residual.clone(), weight, 1e-5, *gate_up_w, 128, None)
-    old = t.w4a16_gemv(old_gu[:, :n // 2], *down_w, 128, DEFAULT["down"], prologue=t.SILU_AND_MUL)
-    mixed = [int4.interleave_gate_up(p, PAIRS) for p in gate_up_w]
-    xout = (torch.empty(1, n // 2, device=DEVICE), torch.empty(1, n // 128, device=DEVICE))
-    act_new, _ = t.w4a16_rms_norm_gemv(x, residual.clone(), weight, 1e-5, *mixed, 128, None, pairs=PAIRS, xout=xout)
-    new = t.w4a16_prescaled_gemv(*xout, *down_w, 128, None)
-    _report(f"mlp old ({gate_up_name} norm -> down silu)", _rel(old, ref), 1e-2)
-    _report(f"mlp new ({gate_up_name} epilogue -> down xf32)", _rel(new, ref), 1e-2)
-    _report("mlp new vs old activation", _rel(act_new, act.float()), 1e-2)
-
-
-def check_launches() -> None:
-    for name, k, n in SHAPES:
-        if name not in MODES:
-            continue
-        plain = _weights(k, n, DTYPE, True)
-        weight = int4.dequantize_int4(*plain, 128, None, DTYPE).float()
-        for mode in MODES[name]:
-            for config in _launches(name, mode):
-                _check_one(name, mode, config, plain, weight)
-    check_mlp()
+def _scratch_clean(label: str) -> None:
+    """The atomic launches leave their zeroed sums and the split-K counters zero."""
     dirty = sum(int(torch.count_nonzero(s)) for s in list(t._ZERO_SUMS.values()) + list(t._TILE_COUNTERS.values()))
-    _report("scratch left zero", float(dirty), 0.0)
+    _report(f"{label} scratch left zero", float(dirty), 0.0)
 
 
-def sweep() -> None:
-    """Every launch and mode at one row on rotated copies of the weights; FLOOR: a layer's linears."""
-    default_us, best_us = {}, {}
-    for name, k, n in SHAPES:
-        if name not in MODES:
-            continue
-        w4 = [_weights(k, n, DTYPE, True, seed) for seed in range(_copies(k * n // 2))]
-        x = torch.randn(1, k, device=DEVICE, dtype=DTYPE)
-        for mode in MODES[name]:
-            for config in _launches(name, mode):
-                if any(f.startswith(f"w4 {name} {mode} {_name(config)}") for f in FAILED):
-                    continue
+def _fits(name: str, config: GemvConfig) -> bool:
+    """A launch the step can run for this projection: its norm prologue sums split K in the
+    kernel (fixup), or the step would not fuse the norm (w4a16_rms_norm_gemv returns None)."""
+    return (config.fixup or PROLOGUES[name] != t.RMS_NORM_RESIDUAL) and name in ONLY.get(config, {name})
+
+
+def _fused(name: str, config: GemvConfig, x: torch.Tensor, w4: tuple, norm_weight: torch.Tensor,
+           residual: torch.Tensor):
+    """(fused out, unfused reference out) for the projection's prologue with `config`."""
+    from pagedserve.layers.activation import SiluAndMul
+    from pagedserve.layers.norm import RMSNorm
+    k = x.shape[1]
+    if PROLOGUES[name] == t.SILU_AND_MUL:
+        gate_up = torch.cat([x, residual], 1)
+        return (t.w4a16_gemv(gate_up[:, :k], *w4, 128, config, prologue=t.SILU_AND_MUL),
+                t.w4a16_gemv(SiluAndMul()(gate_up), *w4, 128, config))
+    if PROLOGUES[name] == t.RMS_NORM_RESIDUAL:
+        h = torch.empty_like(x)
+        out = t.w4a16_gemv(x, *w4, 128, config, prologue=t.RMS_NORM_RESIDUAL, norm=(norm_weight, 1e-5, residual, h))
+        norm = RMSNorm(k, 1e-5, x.dtype).to(DEVICE)
+        norm.weight.data = norm_weight
+        normed, h_ref = norm(x, residual.clone())
+        if not torch.equal(h, h_ref):
+            FAILED.append(f"{name} {_name(config)}: x + residual")
+        return out, t.w4a16_gemv(normed, *w4, 128, config)
+    return None
+
+
+def _repeat(label: str, config: GemvConfig, x: torch.Tensor, w4: tuple) -> None:
+    """One row through the launch 8 times on one input: how many differ from the first in any
+    bit (`REPEAT`); a split-order (non-atomic) launch must give the same bits every time."""
+    first = t.w4a16_gemv(x, *w4, 128, config)
+    differ = sum(not torch.equal(first, t.w4a16_gemv(x, *w4, 128, config)) for _ in range(7))
+    emit("REPEAT", launch=label, differ_of_7=differ, atomic=config.atomic)
+    if differ and not config.atomic:
+        FAILED.append(f"{label}: not repeatable ({differ} of 7 runs differ)")
+
+
+def check_launches() -> set:
+    """Every OLD, ATOMIC and DET launch against x.float() @ the dequantized weight (1e-2 relative: the
+    bf16 output's own rounding is ~3e-3) at 1 and 3 rows, and its fused prologue against the
+    unfused one (1e-2: the norm is rounded twice there, once here). Returns the failed labels."""
+    from pagedserve.layers.quantization.int4 import dequantize_int4
+    bad = set()
+    for index, (name, k, n) in enumerate(SHAPES):
+        variants = [(torch.float16 if SMOKE else torch.bfloat16, True)]
+        if index == 0:
+            variants += [(torch.float16, True), (torch.bfloat16 if not SMOKE else torch.float16, False)]
+        for dtype, symmetric in variants:
+            w4 = _weights(k, n, dtype, symmetric)
+            weight = dequantize_int4(*w4, 128, None, dtype).float()
+            configs = OLD + ATOMIC + DET if dtype != torch.float16 else FP16   # fp16: fewer compiles
+            for config in [c for c in configs if _fits(name, c)]:
+                label = f"{name} {str(dtype)[6:]} sym={symmetric} {_name(config)}"
                 try:
-                    us = _timer(_call(mode, x, w4, config), len(w4)) * 1e3
+                    for m in (1, 3):
+                        x = torch.randn(m, k, device=DEVICE, dtype=dtype)
+                        err = _rel(t.w4a16_gemv(x, *w4, 128, config), x.float() @ weight)
+                        _report(f"w4 m={m} {label}", err, 1e-2)
+                        bad |= {label} if err > 1e-2 else set()
+                    if (dtype, symmetric) == variants[0]:
+                        _repeat(label, config, x[:1], w4)
+                        x, residual = (torch.randn(1, k, device=DEVICE, dtype=dtype) * 3 for _ in range(2))
+                        pair = _fused(name, config, x, w4, torch.rand(k, device=DEVICE, dtype=dtype) + 0.5, residual)
+                        if pair is not None:
+                            err = float("inf") if pair[0] is None else _rel(*pair)
+                            _report(f"w4 prologue {label}", err, 1e-2)
+                            bad |= {label} if err > 1e-2 else set()
+                except Exception as exc:   # a launch that does not compile fails the run, loudly
+                    _report(f"w4 {label}", float("inf"), 1e-2, error=f"{type(exc).__name__}: {exc}"[:300])
+                    bad.add(label)
+        _scratch_clean(name)
+    return bad
+
+
+def sweep(bad: set) -> None:
+    """Every launch at one row with its prologue, on rotated copies of the weights; the best
+    old (main's static table and the old list) and new launch per shape."""
+    best, chosen, chosen_det = {}, {}, {}
+    totals = {"static": 0.0, "old": 0.0, "atomic": 0.0, "det": 0.0, "any": 0.0}
+    for name, k, n in SHAPES:
+        w4 = [_weights(k, n, torch.bfloat16 if not SMOKE else torch.float16, True, seed)
+              for seed in range(_copies(k * n // 2))]
+        w4_bytes = k * n // 2 + 2 * w4[0][1].numel() * w4[0][1].element_size()
+        x = torch.randn(1, k, device=DEVICE, dtype=w4[0][1].dtype)
+        times = {}
+        for group, configs in GROUPS:
+            for config in [c for c in configs if _fits(name, c)]:
+                label = _name(config)
+                if any(b.endswith(label) and b.startswith(name + " ") for b in bad):
+                    continue   # failed its check (reported there)
+                try:
+                    ms = _timer(w4_gpu._with_prologue(name, x, w4, config), len(w4))
                 except Exception as exc:
-                    _report(f"sweep {name} {mode} {_name(config)}", float("inf"), 0.0, error=f"{type(exc).__name__}: {exc}"[:300])
+                    _report(f"sweep {name} {label}", float("inf"), 0.0, error=f"{type(exc).__name__}: {exc}"[:300])
                     continue
-                emit("SWEEP", layer=name, mode=mode, us=round(us, 2), default=config == DEFAULT[name], launch=_name(config))
-                if config == DEFAULT[name]:
-                    default_us[(name, mode)] = us
-                best_us[(name, mode)] = min(us, best_us.get((name, mode), float("inf")))
-    old = sum(default_us.get((name, mode), 0.0) for name, mode in (("qkv", "norm"), ("o", "plain"), ("gate_up", "norm"),
-                                                                     ("down", "silu")))
-    new = sum(default_us.get((name, mode), 0.0) for name, mode in (("qkv", "norm"), ("o", "plain"),
-                                                                     ("gate_up", "pairs_xout"), ("down", "xf32")))
-    emit("FLOOR", old_layer_us=round(old, 2), new_layer_us=round(new, 2), step_saved_ms=round(LAYERS * (old - new) / 1e3, 3),
-         best={f"{a} {b}": round(us, 2) for (a, b), us in best_us.items()},
-         note="default launches: qkv + o + gate_up + down a layer, old (norm, plain, norm, silu) vs new "
-              "(norm, plain, epilogue + xout, xf32)")
+                times[(group, config)] = ms
+                emit("SWEEP", layer=name, group=group, launch=label, us=round(ms * 1e3, 2),
+                     tb_s=round(w4_bytes / ms / 1e9, 2), static=config == STATIC.get((k, n)))
+        _scratch_clean(f"sweep {name}")
+        if not times:
+            continue
+        static = times.get(("old", STATIC.get((k, n))))
+        for group, _ in GROUPS:
+            mine = {c: ms for (g, c), ms in times.items() if g == group}
+            if mine:
+                config, ms = min(mine.items(), key=lambda kv: kv[1])
+                best[(name, group)] = (config, ms)
+                totals[group] += ms
+                emit("BEST", layer=name, group=group, us=round(ms * 1e3, 2), tb_s=round(w4_bytes / ms / 1e9, 2),
+                     launch=_name(config))
+        (group, config), ms = min(times.items(), key=lambda kv: kv[1])
+        totals["any"] += ms
+        totals["static"] += static if static is not None else float("nan")
+        chosen[f"1,{k},{n}"] = dataclasses.asdict(config)
+        emit("TUNED", layer=name, group=group, us=round(ms * 1e3, 2), static_us=round((static or 0) * 1e3, 2),
+             tb_s=round(w4_bytes / ms / 1e9, 2), launch=_name(config))
+        if (name, "det") in best:
+            chosen_det[f"1,{k},{n}"] = dataclasses.asdict(best[(name, "det")][0])
+        for path, table in ((TUNED_FILE, chosen), (DET_FILE, chosen_det)):
+            for where in [path] + ([os.path.join(os.environ["OUT"], os.path.basename(path))]
+                                   if os.environ.get("OUT") else []):
+                with open(where, "w") as f:
+                    json.dump({"gemv": table}, f)
+    emit("FLOOR", **{f"{key}_layer_us": round(ms * 1e3, 1) for key, ms in totals.items()},
+         step_saved_ms=round(LAYERS * (totals["static"] - totals["any"]), 3),
+         note="sum over the 4 projections of the one-row launch (static: main's TUNED); saved: x layers")
+
+
+def load_tuned(path: str) -> None:
+    if not os.path.exists(path):
+        FAILED.append(f"no {path}: the sweep did not run")
+        return
+    with open(path) as f:
+        for key, config in json.load(f)["gemv"].items():
+            t.TUNED[tuple(int(v) for v in key.split(","))] = GemvConfig(**config)
+    emit("TUNED", loaded={str(key): _name(c) for key, c in t.TUNED.items() if key[0] == 1})
 
 
 def e2e(stage: str) -> None:
     variant = "bf16" if stage == "e2e_bf16" else "w4a16"
-    int4.INTERLEAVE_GATE_UP = stage in ("e2e_new", "e2e_pairs")
-    int4.PRESCALE_X = stage == "e2e_new"
-    emit("SWITCHES", stage=stage, interleave_gate_up=int4.INTERLEAVE_GATE_UP, prescale_x=int4.PRESCALE_X)
+    if stage == "e2e_new":
+        load_tuned(TUNED_FILE)
+    workloads = ("b1_decode",)
     if SMOKE:
         shape = dict(hidden_size=256, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, tie_word_embeddings=False)
-        llm = run_timing(variant, 2, shape=shape, decode_tokens=8, device="cpu", max_model_len=1100, max_num_seqs=4,
-                         workloads=("b1_decode",))
-    else:
-        llm = run_timing(variant, 512, workloads=("b1_decode",))
-    from pagedserve import SamplingParams
-    out = llm.generate([{"prompt_token_ids": list(range(300, 340))}],
-                       SamplingParams(max_tokens=8 if SMOKE else 32, temperature=0.0, ignore_eos=True), use_tqdm=False)
-    emit("IDS", stage=stage, ids=list(out[0].outputs[0].token_ids))
-    if SMOKE:
+        run_timing(variant, 2, shape=shape, decode_tokens=8, device="cpu", max_model_len=1100, max_num_seqs=4,
+                   workloads=workloads)
         return
+    llm = run_timing(variant, 512, workloads=("b1_decode",))
     try:
         w4_gpu.decode_profile(f"{variant}_{stage}", llm)
     except Exception as exc:   # the figures above stand without it
         emit("PROFILE", variant=variant, error=f"{type(exc).__name__}: {exc}"[:300])
 
 
-def warm(workers: int = 8, limit_s: float = 40.0) -> None:
-    """Compile the checks' launches in `workers` processes at once (each runs every workers-th
-    projection-mode's checks, output dropped): Triton's on-disk cache then serves the checks and the sweep."""
+def warm(workers: int = 8, limit_s: float = 60.0) -> None:
+    """Compile every launch before the checks, in `workers` processes at once (each runs the checks
+    of every workers-th launch, its output dropped): Triton's on-disk cache then serves the checks,
+    the sweep and the e2e stages, which compile one kernel at a time (~270 kernels here)."""
     import subprocess
     import time
     start = time.time()
@@ -249,9 +283,9 @@ def run_stage(stage: str) -> None:
     if stage == "gemv1":
         if not SMOKE:
             warm()
-        check_launches()
+        bad = check_launches()
         print(f"CHECK_SUMMARY failed={len(FAILED)} {FAILED[:20]}", flush=True)
-        sweep()
+        sweep(bad)
     else:
         e2e(stage)
     print(f"STAGE_SUMMARY {stage} failed={len(FAILED)} {FAILED[:20]}", flush=True)
@@ -263,24 +297,24 @@ def main() -> None:
     if args and args[0] in STAGES:
         run_stage(args[0])
         return
-    if len(args) == 3 and args[0] == "warm":   # one of warm()'s workers: every n-th (projection, mode)
+    if len(args) == 3 and args[0] == "warm":   # one of warm()'s workers: every n-th launch of each list
         index, workers = int(args[1]), int(args[2])
-        jobs = [(name, k, n, mode) for name, k, n in SHAPES if name in MODES for mode in MODES[name]]
-        for name, k, n, mode in jobs[index::workers]:
-            plain = _weights(k, n, DTYPE, True)
-            weight = int4.dequantize_int4(*plain, 128, None, DTYPE).float()
-            for config in _launches(name, mode):
-                _check_one(name, mode, config, plain, weight)
-        if index == 0:
-            check_mlp()
+        global OLD, ATOMIC, DET, FP16, GROUPS
+        OLD, ATOMIC, DET, FP16 = (configs[index::workers] for configs in (OLD, ATOMIC, DET, FP16))
+        GROUPS = (("old", OLD), ("atomic", ATOMIC), ("det", DET))
+        check_launches()
         return
     if args:
         sys.exit(__doc__)
     log = open(os.path.join(os.environ["OUT"], "w4_gemv_gpu.txt"), "w") if os.environ.get("OUT") else None
+    for path in (TUNED_FILE, DET_FILE):
+        if os.path.exists(path):
+            os.remove(path)
     failed = w4_gpu.run_stages(os.path.abspath(__file__), STAGES, log)
     lines = [line for line in open(log.name)] if log else []
-    summary = [line.strip()[:600] for line in lines if line.startswith(("FLOOR", "RESULT", "CHECK_SUMMARY", "STAGE ", "IDS"))
-               or "linear_us_in_step" in line or "graph_replay" in line or (line.startswith("SWEEP") and '"default": true' in line)]
+    summary = [line.strip()[:400] for line in lines if line.startswith(("BEST", "TUNED", "FLOOR", "RESULT", "CHECK_SUMMARY",
+                                                                         "STAGE "))
+               or "linear_us_in_step" in line or "graph_replay" in line]
     print("==== SUMMARY\n" + "\n".join(summary) + f"\nFAILED_STAGES {failed}", flush=True)
     sys.exit(1 if failed else 0)
 

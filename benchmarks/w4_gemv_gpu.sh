@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# benchmarks/w4_gemv_gpu.py in one device call (<= 240 s): llama-8b b1_decode W4A16 (main's path) / bf16 /
-# W4A16 epilogue + prescaled x (the new default) / epilogue only, then the one-row launches checked and timed per mode.
+# benchmarks/w4_gemv_gpu.py in one device call (<= 240 s): the one-row W4A16 launches checked
+# and swept (old / atomic / split-order), then llama-8b b1_decode W4A16 old / bf16 / W4A16 best / best split-order.
 set -uo pipefail
 export PYTHONPATH=$PWD:$PWD/.devcarry PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; export OUT

@@ -197,10 +197,7 @@ class RowParallelLinear(LinearBase):
     def forward_silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """This layer of silu(gate) * up for gate_up = [gate | up]: one gemv launch for one row
         (the activation in its prologue; a quantized layer's where its LinearMethod has one),
-        else the activation and the matmul. Half the width: already silu(gate) * up (a W4A16
-        gate_up applies it itself: quantization/int4.py)."""
-        if gate_up.shape[-1] == self.input_size_per_partition:
-            return self(gate_up)
+        else the activation and the matmul."""
         if gate_up.shape[0] == 1 and self._fuses(gate_up):
             from pagedserve.layers.triton_gemv import silu_and_mul_gemv
             return self._reduce(silu_and_mul_gemv(gate_up, self.weight))

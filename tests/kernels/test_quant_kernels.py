@@ -126,119 +126,6 @@ def test_fma_gemv_silu_and_mul_prologue(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_fma_gemv_silu_and_mul_epilogue(dtype, monkeypatch):
-    """gate_up's columns interleaved in runs of 64 (int4.interleave_gate_up): the FMA GEMV's
-    epilogue writes silu(gate) * up of its finished sums, the same as SiluAndMul of the plain
-    layout's output (one and two runs of gate and up per tile, a partial last tile; split K in
-    the kernel both ways, or not split), alone and after the RMSNorm prologue; 3 rows: the
-    matmul then the interleaved activation kernel. A tile narrower than a run: no epilogue."""
-    from pagedserve.layers.activation import SiluAndMul
-    from pagedserve.layers.norm import RMSNorm
-    from pagedserve.layers.quantization.int4 import interleave_gate_up, silu_and_mul_pairs
-    torch.manual_seed(7)
-    k, inter = 256, 192
-    plain = _asymmetric_int4(k, 2 * inter, 128, dtype)
-    mixed = [interleave_gate_up(t, 64) for t in plain]
-    assert torch.equal(interleave_gate_up(torch.arange(8).view(1, 8), 2), torch.tensor([[0, 1, 4, 5, 2, 3, 6, 7]]))
-    x, residual = (torch.randn(1, k, device=DEVICE).to(dtype) for _ in range(2))
-    norm = RMSNorm(k, 1e-5, dtype).to(DEVICE)
-    norm.weight.data = (torch.rand(k) + 0.5).to(dtype).to(DEVICE)
-    for config in (GemvConfig(block_n=128), GemvConfig(block_n=256, programs_per_sm=0),
-                   GemvConfig(block_n=256, words=8, atomic=True), GemvConfig(block_n=128, words=8, prefetch=True)):
-        ref = SiluAndMul()(w4a16_gemv(x, *plain, 128, config))
-        out = w4a16_gemv(x, *mixed, 128, config, pairs=64)
-        assert out.shape == (1, inter)
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-        monkeypatch.setitem(triton_w4a16_gemv.TUNED, (1, k, 2 * inter), config)
-        ref, h_ref = triton_w4a16_gemv.w4a16_rms_norm_gemv(x, residual, norm.weight, norm.eps, *plain, 128, None)
-        out, h = triton_w4a16_gemv.w4a16_rms_norm_gemv(x, residual, norm.weight, norm.eps, *mixed, 128, None, pairs=64)
-        assert torch.equal(h, h_ref)
-        torch.testing.assert_close(out, SiluAndMul()(ref), rtol=1e-5, atol=1e-5)
-        xout = (torch.full((1, inter), torch.nan, device=DEVICE), torch.full((1, inter // 64), torch.nan, device=DEVICE))
-        again, _ = triton_w4a16_gemv.w4a16_rms_norm_gemv(x, residual, norm.weight, norm.eps, *mixed, 128, None, pairs=64,
-                                                         xout=xout)
-        assert torch.equal(again, out) or config.atomic   # and its prescaled copy for the next launch:
-        for got, want in zip(xout, triton_w4a16_gemv.prescale_x(again)):
-            torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
-        fused = w4a16_matmul(x, *mixed, 128, pairs=64)   # the tuned launch's epilogue
-        torch.testing.assert_close(fused, SiluAndMul()(w4a16_gemv(x, *plain, 128, config)), rtol=1e-5, atol=1e-5)
-    assert w4a16_gemv(x, *mixed, 128, GemvConfig(block_n=64), pairs=64) is None
-    rows = torch.randn(3, k, device=DEVICE).to(dtype)
-    plain_out = w4a16_matmul(rows, *plain, 128)
-    torch.testing.assert_close(w4a16_matmul(rows, *mixed, 128, pairs=64), SiluAndMul()(plain_out), rtol=1e-5, atol=1e-5)
-    assert torch.equal(silu_and_mul_pairs(interleave_gate_up(plain_out, 64), 64), SiluAndMul()(plain_out))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_fma_gemv_takes_x_prescaled(dtype):
-    """x handed over as the loop uses it (prescale_x: fp32 scaled per nibble, sums per 64 rows):
-    the FMA GEMV then only loads it, and gives the plain launch's result (split K or not,
-    prefetch, 2 rows)."""
-    torch.manual_seed(8)
-    k, n = 512, 96
-    w4 = _asymmetric_int4(k, n, 128, dtype)
-    weight = dequantize_int4(*w4, 128, None, torch.float32)
-    x = torch.randn(2, k, device=DEVICE).to(dtype)
-    xs, sums = triton_w4a16_gemv.prescale_x(x)
-    assert xs.dtype == torch.float32 and sums.shape == (2, k // 64)
-    for config in (GemvConfig(block_n=32, words=8), GemvConfig(block_n=32, words=8, programs_per_sm=0),
-                   GemvConfig(block_n=32, words=8, atomic=True, prefetch=True)):
-        out = w4a16_gemv(xs, *w4, 128, config, xsums=sums)
-        assert out.dtype == dtype
-        torch.testing.assert_close(out, w4a16_gemv(x, *w4, 128, config), rtol=1e-5, atol=1e-5)
-        tol = 1e-4 if dtype == torch.float32 else 2e-3
-        torch.testing.assert_close(out.float(), x.float() @ weight, rtol=tol, atol=tol * 10)
-
-
-def test_w4a16_mlp_hands_down_its_x_prescaled(monkeypatch):
-    """Int4LinearMethod's one-row path (as on CUDA): gate_up's apply_normed returns silu(gate) *
-    up from its interleaved columns with the prescaled copy attached (`w4_prescaled`), which
-    down's apply loads instead of x; the result equals the old path's (norm and matmul on the
-    plain layout, SiLU in down's prologue) and the torch reference's; a tensor without the
-    attribute, or PRESCALE_X off, takes the plain path."""
-    from pagedserve.layers.norm import RMSNorm
-    from pagedserve.layers.quantization import int4
-    from pagedserve.layers.quantization.formats_int4 import GPTQMethod
-    torch.manual_seed(9)
-    dtype, k, inter = torch.float16, 256, 256
-    monkeypatch.setattr(int4, "_kernels_run", lambda x: True)
-    launch = GemvConfig(block_n=128, words=8, atomic=True, prefetch=True)
-    monkeypatch.setitem(triton_w4a16_gemv.TUNED, (1, k, 2 * inter), launch)
-    monkeypatch.setitem(triton_w4a16_gemv.TUNED, (1, inter, k), launch)
-
-    def layer(w4, pairs):
-        module = torch.nn.Module()
-        module.qweight, module.scales, module.zeros = w4
-        module.act_order_perm = module.g_idx = None
-        module.kernel_group_size, module.gate_up_pairs = 128, pairs
-        return module
-    plain = _asymmetric_int4(k, 2 * inter, 128, dtype)
-    gate_up = layer([int4.interleave_gate_up(t, 64) for t in plain], 64)
-    down_w4 = _asymmetric_int4(inter, k, 128, dtype)
-    down = layer(down_w4, 0)
-    method = GPTQMethod(128, desc_act=False, zero_offset=0)
-    norm = RMSNorm(k, 1e-5, dtype)
-    norm.weight.data = (torch.rand(k) + 0.5).to(dtype)
-    x, residual = (torch.randn(1, k).to(dtype) for _ in range(2))
-    act, h = method.apply_normed(gate_up, x, residual, norm)
-    assert act.shape == (1, inter) and len(act.w4_prescaled) == 2
-    normed, h_ref = norm(x, residual.clone())
-    assert torch.equal(h, h_ref)
-    out = method.apply(down, act)
-    old_gate_up, _ = triton_w4a16_gemv.w4a16_rms_norm_gemv(x, residual, norm.weight, norm.eps, *plain, 128, None)
-    old = method.apply_silu_and_mul(down, old_gate_up)
-    torch.testing.assert_close(out, old, rtol=1e-3, atol=1e-3)
-    weight = dequantize_int4(*plain, 128, None, torch.float32)
-    ref = (torch.nn.functional.silu(normed.float() @ weight[:, :inter]) * (normed.float() @ weight[:, inter:]))
-    ref = ref @ dequantize_int4(*down_w4, 128, None, torch.float32)
-    assert (out.float() - ref).norm() / ref.norm() < 5e-3
-    plain_x = method.apply(down, act.clone())   # no attribute: x as it is (on CPU: the fp16 dequantized matmul)
-    assert not torch.equal(plain_x, out) and (plain_x.float() - ref).norm() / ref.norm() < 5e-3
-    monkeypatch.setattr(int4, "PRESCALE_X", False)
-    assert not hasattr(method.apply_normed(gate_up, x, residual, norm)[0], "w4_prescaled")
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_fma_gemv_rms_norm_prologue(dtype, monkeypatch):
     """RMSNorm(x + residual) fused into the FMA GEMV (the row's rsqrt applied to the sums,
     split K summed in the kernel) against RMSNorm then the matmul; x + residual returned."""
@@ -314,11 +201,10 @@ from pagedserve.layers.quantization import triton_w4a16_gemv as g
 POINTERS = {"qw_ptr": "*i32", "c_ptr": "*i32", "g_ptr": "*i32", "p_ptr": "*fp32", "q_ptr": "*fp32"}
 
 
-def compile_sm90(kernel, constants, num_warps=4, pointers=None, **options):
+def compile_sm90(kernel, constants, num_warps=4, **options):
     constants = {**{p.name: p.default for p in kernel.params if p.is_constexpr and p.name not in constants}, **constants}
     names = [name for name in kernel.arg_names if name not in constants]
-    types = {**POINTERS, **(pointers or {})}
-    args = {n: types.get(n, "*bf16") if n.endswith("_ptr") else "fp32" if n == "eps" else "i32" for n in names}
+    args = {n: POINTERS.get(n, "*bf16") if n.endswith("_ptr") else "fp32" if n == "eps" else "i32" for n in names}
     signature = {**args, **{name: "constexpr" for name in constants}}
     order = list(kernel.arg_names)
     signature = {name: signature[name] for name in order}
@@ -338,13 +224,6 @@ variants = {
     "fma split order": (g._w4_gemv_fma_kernel, {**fma, "BLOCK_N": 128, "SPLITS": 10}, 1, {}),
     "fma prefetch": (g._w4_gemv_fma_kernel, {**fma, "BLOCK_N": 128, "NUM_STAGES": 1, "ATOMIC": True, "PREFETCH": True,
                                              "EVICT": True}, 1, {}),
-    "fma pairs xout": (g._w4_gemv_fma_kernel, {**fma, "PAIRS": 64, "XOUT": True, "ATOMIC": True}, 1,
-                       {"pointers": {"xo_ptr": "*fp32", "xso_ptr": "*fp32"}}),
-    "fma xf32": (g._w4_gemv_fma_kernel, {**fma, "PROLOGUE": 0, "NUM_STAGES": 1, "ATOMIC": True,
-                                         "PREFETCH": True, "EVICT": True, "XF32": True}, 2,
-                 {"pointers": {"x_ptr": "*fp32", "res_ptr": "*fp32"}}),
-    "fma plain": (g._w4_gemv_fma_kernel, {**fma, "PROLOGUE": 0, "NUM_STAGES": 1, "ATOMIC": True,
-                                          "PREFETCH": True, "EVICT": True}, 2, {}),
     "dot gemv": (g._w4_gemv_kernel, dict(GROUP_SIZE=128, BLOCK_M=16, BLOCK_N=128, IEEE=False, NUM_STAGES=3), 4, {}),
     "gemm": (t._w4_gemm_kernel, dict(GROUP_SIZE=128, BLOCK_M=64, BLOCK_N=128, IEEE=False, NUM_STAGES=3), 4, {}),
     "gemm scale_w": (t._w4_gemm_kernel, dict(GROUP_SIZE=128, BLOCK_M=64, BLOCK_N=64, IEEE=False, NUM_STAGES=4,
@@ -378,7 +257,7 @@ def sm90_ptx():
 def test_w4a16_kernels_compile_for_sm90(sm90_ptx):
     """The interpreter runs a kernel's Python, not Triton's compiler: what compiles is checked
     here (e.g. a jit helper's early return on a None argument ran on CPU and failed to compile)."""
-    assert len(sm90_ptx) == 15 and all(".entry" in ptx for ptx in sm90_ptx.values())
+    assert len(sm90_ptx) == 12 and all(".entry" in ptx for ptx in sm90_ptx.values())
 
 
 def test_atomic_fix_up_reads_all_sums_before_zeroing_them(sm90_ptx):
@@ -403,37 +282,19 @@ def test_split_order_fix_up_reads_every_partial_in_one_go(sm90_ptx):
     arrive, reset = ptx.index("atom.global.gpu.acq_rel.add"), ptx.index("atom.global.gpu.acq_rel.exch")
     fix_up = ptx[arrive:reset]
     assert len(re.findall(r"ld\.global\.cg", fix_up)) == 10 * 4 + 10
-    assert not re.search(r"^\$L__BB\w+:", fix_up, re.M)   # no block label: nothing branches back into it
+    assert not re.search(r"^\$\w+:", fix_up, re.M)   # no label: nothing branches back into it
     assert not re.search(r"\b(atom|red)\.[\w.]*add\.f32", ptx)
-
-
-def _k_loop(ptx: str) -> list[str]:
-    """The PTX lines of the kernel's K loop (from the target of its backward branch to it)."""
-    lines = ptx.splitlines()
-    back = [i for i, line in enumerate(lines) if re.search(r"bra\s+(\$L__BB0_\d+)", line)]
-    targets = {i: re.search(r"bra\s+(\$L__BB0_\d+)", lines[i]).group(1) for i in back}
-    labels = {m.group(1): i for i, m in enumerate(re.match(r"(\$L__BB0_\d+):", line) for line in lines) if m}
-    loop = next(i for i in back if labels[targets[i]] < i)   # the backward branch closes the K loop
-    return lines[labels[targets[loop]]:loop]
-
-
-def test_prescaled_x_leaves_the_conversion_out_of_the_loop(sm90_ptx):
-    """XF32 (o's and down's launch: 256 columns on 2 warps): the K loop loads x as the FMAs use
-    it; the bf16 -> fp32 conversions left are the 4 columns' scales and zeros (2 a column), none
-    of x's, and no scaling multiply. (The plain launch converts x in the loop: Triton 3.6, the
-    H200 image's, after the broadcast in every thread, 64 conversions and 64 multiplies by the
-    nibbles' powers of two; Triton 3.9 here, once per element before it.)"""
-    def counts(body):
-        text = "\n".join(body)
-        return len(re.findall(r"cvt\.f32\.bf16", text)), len(re.findall(r"mul\.(?:rn\.)?f32\s+%r\d+, %r\d+, 0f", text))
-    assert counts(_k_loop(sm90_ptx["fma xf32"])) == (8, 0)
-    assert counts(_k_loop(sm90_ptx["fma plain"]))[0] >= 8 + 1   # the plain launch: x converted in the loop
 
 
 def test_prefetch_issues_the_next_blocks_loads_before_the_fmas(sm90_ptx):
     """PREFETCH: the loop body loads the next K block's words (8 vector loads, evict-first) before
     its first FMA on the current one, so they are in flight while it computes."""
-    body = _k_loop(sm90_ptx["fma prefetch"])
+    lines = sm90_ptx["fma prefetch"].splitlines()
+    back = [i for i, line in enumerate(lines) if re.search(r"bra\s+(\$L__BB0_\d+)", line)]
+    targets = {i: re.search(r"bra\s+(\$L__BB0_\d+)", lines[i]).group(1) for i in back}
+    labels = {m.group(1): i for i, m in enumerate(re.match(r"(\$L__BB0_\d+):", line) for line in lines) if m}
+    loop = next(i for i in back if labels[targets[i]] < i)   # the backward branch closes the K loop
+    body = lines[labels[targets[loop]]:loop]
     first_fma = next(i for i, line in enumerate(body) if "fma.rn.f32" in line)
     weights = [i for i, line in enumerate(body) if "evict_first" in line and ".v4." in line]
     assert len(weights) == 8 and max(weights) < first_fma

@@ -14,16 +14,6 @@ CUDA: the Triton kernels of triton_w4a16_gemv.py (the GEMVs of decode-sized batc
 triton_w4a16.py (a GEMM with fused dequantization, and dequantize + cuBLAS for large
 batches). CPU: the layer's weight is dequantized on the fly for each matmul (one layer at a
 time, never the model).
-
-A merged gate_up projection (MLP: silu(gate) * up next) has its columns interleaved at load,
-runs of PAIRS gate columns then the matching PAIRS up columns (interleave_gate_up, on each TP
-rank's own [gate | up]), and its matmul returns silu(gate) * up itself [T, I], half the width:
-one row on CUDA in the GEMV's epilogue (each output tile holds matching gate and up sums), other
-paths through one activation kernel over the interleaved output; RowParallelLinear's
-forward_silu_and_mul takes a half-width input as already activated (the down projection then
-reads plain x, whatever its own method). With PRESCALE_X the one-row epilogue also writes its
-output as the FMA GEMV's loop uses it (fp32 scaled per nibble, sums per 64 rows: prescale_x),
-attached to the activation as `w4_prescaled`; a W4A16 down loads that instead of converting x.
 """
 from __future__ import annotations
 
@@ -33,9 +23,6 @@ from torch import nn
 from pagedserve.layers.quantization.base import LinearMethod, check_divisible, replace_param
 
 PACK = 8   # 4-bit values per int32
-PAIRS = 64   # gate_up's columns interleaved in runs of 64 gate, 64 up (0: the layout of the checkpoint)
-INTERLEAVE_GATE_UP = True   # benchmarks switch it off to time the old layout (silu in down's prologue)
-PRESCALE_X = True   # one row on CUDA: the gate_up epilogue also hands down its x prescaled (see apply)
 
 
 def unpack_int32(packed: torch.Tensor, dim: int, order: list[int] | None = None) -> torch.Tensor:
@@ -63,31 +50,12 @@ def pack_int32(values: torch.Tensor, dim: int, order: list[int] | None = None) -
     return packed.movedim(-1, dim).contiguous()
 
 
-def interleave_gate_up(t: torch.Tensor, pairs: int) -> torch.Tensor:
-    """[..., 2I] = [gate | up] along the last dim -> runs of `pairs` gate columns, then the
-    same columns of up (I % pairs == 0)."""
-    *lead, n = t.shape
-    return t.reshape(*lead, 2, n // (2 * pairs), pairs).transpose(-3, -2).reshape(*lead, n).contiguous()
-
-
-def silu_and_mul_pairs(y: torch.Tensor, pairs: int) -> torch.Tensor:
-    """silu(gate) * up [T, I] of an interleaved gate_up output [T, 2I] (torch; CUDA:
-    triton_w4a16.silu_and_mul_pairs), rounded as SiluAndMul rounds it."""
-    v = y.reshape(y.shape[0], -1, 2, pairs)
-    return (torch.nn.functional.silu(v[:, :, 0]) * v[:, :, 1]).reshape(y.shape[0], -1)
-
-
 def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                     g_idx: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """The kernels' layout -> the float weight [K, N] (in `dtype`)."""
     q = unpack_int32(qweight, 0)
     groups = g_idx.long() if g_idx is not None else torch.arange(q.shape[0], device=q.device) // group_size
     return ((q.to(dtype) - zeros.to(dtype)[groups]) * scales.to(dtype)[groups])
-
-
-def _kernels_run(x: torch.Tensor) -> bool:
-    """Whether the fused Triton launches take x (CUDA; tests under TRITON_INTERPRET patch it)."""
-    return x.is_cuda
 
 
 def act_order_permutation(g_idx: torch.Tensor, group_size: int, groups: int) -> torch.Tensor | None:
@@ -164,22 +132,10 @@ class Int4LinearMethod(LinearMethod):
             layer.g_idx = None
         k = qweight.shape[0] * PACK
         layer.kernel_group_size = self.group_size if self.group_size != -1 else k
-        layer.gate_up_pairs = PAIRS if self.interleaves(layer) else 0
-        if layer.gate_up_pairs:
-            for name in ("qweight", "scales", "zeros"):
-                replace_param(layer, name, interleave_gate_up(getattr(layer, name).data, PAIRS))
-
-    @staticmethod
-    def interleaves(layer: nn.Module) -> bool:
-        """Whether the layer is an MLP's merged gate_up (two equal halves of whole runs of
-        PAIRS, no bias) to interleave: its output becomes silu(gate) * up (module docstring)."""
-        sizes = getattr(layer, "output_partition_sizes", [])
-        return (INTERLEAVE_GATE_UP and getattr(layer, "prefix", "").endswith("gate_up_proj") and len(sizes) == 2
-                and sizes[0] == sizes[1] and sizes[0] % PAIRS == 0 and getattr(layer, "bias", None) is None)
 
     def apply_silu_and_mul(self, layer: nn.Module, gate_up: torch.Tensor) -> torch.Tensor | None:
         """One row on CUDA without act-order gathering: the FMA GEMV's SiLU-and-mul prologue."""
-        if not _kernels_run(gate_up) or gate_up.shape[0] != 1 or layer.act_order_perm is not None:
+        if not gate_up.is_cuda or gate_up.shape[0] != 1 or layer.act_order_perm is not None:
             return None
         from pagedserve.layers.quantization.triton_w4a16_gemv import w4a16_silu_and_mul_gemv
         return w4a16_silu_and_mul_gemv(gate_up, layer.qweight, layer.scales, layer.zeros, layer.kernel_group_size,
@@ -187,43 +143,21 @@ class Int4LinearMethod(LinearMethod):
 
     def apply_normed(self, layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module
                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """One row on CUDA without act-order gathering: the FMA GEMV's RMSNorm prologue (and a
-        gate_up's SiLU-and-mul epilogue)."""
-        if not _kernels_run(x) or x.dim() != 2 or x.shape[0] != 1 or layer.act_order_perm is not None:
+        """One row on CUDA without act-order gathering: the FMA GEMV's RMSNorm prologue."""
+        if not x.is_cuda or x.dim() != 2 or x.shape[0] != 1 or layer.act_order_perm is not None:
             return None
         from pagedserve.layers.quantization.triton_w4a16_gemv import w4a16_rms_norm_gemv
-        pairs = getattr(layer, "gate_up_pairs", 0)
-        xout = None
-        if pairs and PRESCALE_X:
-            width = layer.qweight.shape[1] // 2
-            xout = (torch.empty((1, width), dtype=torch.float32, device=x.device),
-                    torch.empty((1, width // 64), dtype=torch.float32, device=x.device))
-        fused = w4a16_rms_norm_gemv(x, residual, norm.weight, norm.eps, layer.qweight, layer.scales, layer.zeros,
-                                    layer.kernel_group_size, layer.g_idx, pairs, xout)
-        if fused is not None and xout is not None:
-            fused[0].w4_prescaled = xout   # read by the next W4A16 layer's apply (down), ignored by others
-        return fused
+        return w4a16_rms_norm_gemv(x, residual, norm.weight, norm.eps, layer.qweight, layer.scales, layer.zeros,
+                                   layer.kernel_group_size, layer.g_idx)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x @ W (+ bias); an interleaved gate_up's: silu(gate) * up (module docstring)."""
-        pairs = getattr(layer, "gate_up_pairs", 0)
-        prescaled = getattr(x, "w4_prescaled", None)   # a gate_up epilogue's xout (one row, CUDA)
-        out = None
-        if prescaled is not None and layer.act_order_perm is None and not pairs:
-            from pagedserve.layers.quantization.triton_w4a16_gemv import w4a16_prescaled_gemv
-            out = w4a16_prescaled_gemv(*prescaled, layer.qweight, layer.scales, layer.zeros, layer.kernel_group_size,
-                                       layer.g_idx)
-        if out is not None:
-            return out if bias is None else out + bias
         if layer.act_order_perm is not None:
             x = x.index_select(1, layer.act_order_perm)
         if x.is_cuda:
             from pagedserve.layers.quantization.triton_w4a16 import w4a16_matmul
-            out = w4a16_matmul(x, layer.qweight, layer.scales, layer.zeros, layer.kernel_group_size, layer.g_idx,
-                               pairs=pairs)
+            out = w4a16_matmul(x, layer.qweight, layer.scales, layer.zeros, layer.kernel_group_size, layer.g_idx)
         else:
             weight = dequantize_int4(layer.qweight, layer.scales, layer.zeros, layer.kernel_group_size,
                                      layer.g_idx, x.dtype)
             out = x @ weight
-            out = silu_and_mul_pairs(out, pairs) if pairs else out
         return out if bias is None else out + bias

@@ -32,7 +32,6 @@ import triton
 import triton.language as tl
 
 from pagedserve.layers.quantization.triton_split_k import num_sms, split_k, sum_splits
-from pagedserve.layers.triton_ops import _LIBDEVICE, silu_mul
 from pagedserve.layers.quantization.triton_w4a16_gemv import (GEMV_MAX_ROWS, _check, _load_block, _magic_nibble,
                                                                fast_gemv_fits, gemv_config, rows_bucket, w4a16_gemv)
 
@@ -236,44 +235,11 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     return sum_splits(out, x.dtype)
 
 
-@triton.jit
-def _silu_and_mul_pairs_kernel(y_ptr, out_ptr, D, PAIRS: tl.constexpr, BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr):
-    """out [T, D] = silu(gate) * up of y [T, 2D] whose columns are runs of PAIRS gate columns
-    then the same PAIRS up columns (int4.interleave_gate_up)."""
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < D
-    gate_at = y_ptr + row * 2 * D + (cols // PAIRS) * (2 * PAIRS) + cols % PAIRS
-    gate = tl.load(gate_at, mask=mask, other=0.0)
-    up = tl.load(gate_at + PAIRS, mask=mask, other=0.0)
-    tl.store(out_ptr + row * D + cols, silu_mul(gate, up, LIBDEVICE), mask=mask)
-
-
-def silu_and_mul_pairs(y: torch.Tensor, pairs: int) -> torch.Tensor:
-    """int4.silu_and_mul_pairs on CUDA (y contiguous [T, 2D]): one kernel, SiluAndMul's rounding."""
-    t, d = y.shape[0], y.shape[1] // 2
-    out = torch.empty((t, d), dtype=y.dtype, device=y.device)
-    block = 1024
-    _silu_and_mul_pairs_kernel[(t, triton.cdiv(d, block))](y, out, d, PAIRS=pairs, BLOCK=block, LIBDEVICE=_LIBDEVICE)
-    return out
-
-
 def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                 group_size: int, g_idx: torch.Tensor | None = None, path: str = "auto", pairs: int = 0
-                 ) -> torch.Tensor:
+                 group_size: int, g_idx: torch.Tensor | None = None, path: str = "auto") -> torch.Tensor:
     """x [M, K] @ W [K, N] -> [M, N] in x's dtype. `path`: auto, gemv, gemm or dequant
     (gemv: _w4_gemv_kernel where fast_gemv_fits, else the generic kernel with split K; auto:
-    GEMM_TUNED's _w4_gemm_kernel launches first). `pairs`: W's columns are gate and up
-    interleaved in runs of `pairs`, the result silu(gate) * up [M, N / 2] (one row: in the FMA
-    GEMV's epilogue where its launch allows, else one activation kernel after the matmul)."""
-    if pairs:
-        m, k, n = _check(x, qweight, scales, zeros, group_size, g_idx)
-        config = gemv_config(m, k, n)
-        out = None
-        if path == "auto" and m == 1 and fast_gemv_fits(k, group_size, g_idx) and config is not None and not config.dot:
-            out = w4a16_gemv(x, qweight, scales, zeros, group_size, config, pairs=pairs)
-        return out if out is not None else silu_and_mul_pairs(
-            w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx, path).contiguous(), pairs)
+    GEMM_TUNED's _w4_gemm_kernel launches first)."""
     m, k, n = _check(x, qweight, scales, zeros, group_size, g_idx)
     fits = fast_gemv_fits(k, group_size, g_idx)
     if path == "auto":

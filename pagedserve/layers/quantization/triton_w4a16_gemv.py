@@ -93,21 +93,15 @@ def _load(ptr, mask, EVICT: tl.constexpr):
 
 
 @triton.jit
-def _x_load(x_ptr, row, col, up, res_ptr, nw_ptr, live, WORDS: tl.constexpr, PROLOGUE: tl.constexpr,
-            XF32: tl.constexpr = False):
+def _x_load(x_ptr, row, col, up, res_ptr, nw_ptr, live, WORDS: tl.constexpr, PROLOGUE: tl.constexpr):
     """The raw x operands of K rows col .. col + 8 * WORDS as [WORDS, 8] tiles (see _x_nibbles):
-    (x or gate, up / residual, norm weight), x's tile where one is not used; `live` as in _w_load.
-    XF32: x already scaled (prescale_x), b the block's sum of x from res_ptr (the row's sums)."""
+    (x or gate, up / residual, norm weight), x's tile where one is not used; `live` as in _w_load."""
     idx = tl.arange(0, WORDS)[:, None] * 8 + tl.arange(0, 8)[None, :]
-    live_block = None
     if live is not None:
-        live_block = live > 0
         live = tl.zeros([WORDS, 8], dtype=tl.int32) < live
     a = _load(x_ptr + row + col + idx, live, False)
     b = a
     c = a
-    if XF32:
-        b = _load(res_ptr + col // (8 * WORDS), live_block, False)
     if PROLOGUE == 1:
         b = _load(x_ptr + row + col + idx + up, live, False)
     if PROLOGUE == 3:
@@ -118,16 +112,14 @@ def _x_load(x_ptr, row, col, up, res_ptr, nw_ptr, live, WORDS: tl.constexpr, PRO
 
 
 @triton.jit
-def _x_nibbles(a, b, c, row, col, res_out_ptr, res_limit, WORDS: tl.constexpr, PROLOGUE: tl.constexpr,
-               XF32: tl.constexpr = False):
+def _x_nibbles(a, b, c, row, col, res_out_ptr, res_limit, WORDS: tl.constexpr, PROLOGUE: tl.constexpr):
     """x[row + col + 8r + i] (r < WORDS, i < 8) as fp32 times 2**(89 - place of nibble i) (see
     _w4_gemv_fma_kernel), one [WORDS] vector per nibble i, from _x_load's tiles split in
     registers (three halvings of the nibble axis); the sum of the unscaled x; and for the
     norm prologues the sum of squares of h. PROLOGUE: 0 x as it is; 1 SILU: a = gate, b = up,
     x = silu(gate) * up rounded as SiluAndMul rounds it; 2 NORM: h = a, 3 NORM_RESIDUAL:
     h = a + b (the residual; rounded to x's dtype, stored to res_out where index < res_limit),
-    x = h * c (the norm weight; the row's rsqrt comes after). XF32 (PROLOGUE 0): a is x scaled
-    already, b its sum (prescale_x): the tile is only split."""
+    x = h * c (the norm weight; the row's rsqrt comes after)."""
     offs_i = tl.arange(0, 8)
     idx = tl.arange(0, WORDS)[:, None] * 8 + offs_i[None, :]
     sq = 0.0
@@ -141,15 +133,12 @@ def _x_nibbles(a, b, c, row, col, res_out_ptr, res_limit, WORDS: tl.constexpr, P
         hf = h.to(tl.float32)
         sq = tl.sum(tl.sum(hf * hf, 1), 0)
         xb = hf * c.to(tl.float32)
-    elif XF32:
-        xb = a
     else:
         xb = a.to(tl.float32)
-    if XF32:
-        x_sum = b
-    else:
-        x_sum = tl.sum(tl.sum(xb, 1), 0)
-        xb = xb * _factors()[None, :]
+    x_sum = tl.sum(tl.sum(xb, 1), 0)
+    place = tl.where(offs_i < 5, 4 * offs_i, 4 * offs_i - 12)   # the nibble's bits in _w4_gemv_fma_kernel
+    factor = ((127 + 89 - place) << 23).to(tl.float32, bitcast=True)
+    xb = xb * factor[None, :]
     even, odd = tl.split(xb.reshape(WORDS, 4, 2))     # i = 2u, 2u + 1
     e0, e1 = tl.split(even.reshape(WORDS, 2, 2))       # i = 4v, 4v + 2
     o0, o1 = tl.split(odd.reshape(WORDS, 2, 2))        # i = 4v + 1, 4v + 3
@@ -158,14 +147,6 @@ def _x_nibbles(a, b, c, row, col, res_out_ptr, res_limit, WORDS: tl.constexpr, P
     x1, x5 = tl.split(o0)
     x3, x7 = tl.split(o1)
     return x0, x1, x2, x3, x4, x5, x6, x7, x_sum, sq
-
-
-@triton.jit
-def _factors():
-    """[8]: 2**(89 - place of nibble i) (see _w4_gemv_fma_kernel), x's scale for nibble i."""
-    offs_i = tl.arange(0, 8)
-    place = tl.where(offs_i < 5, 4 * offs_i, 4 * offs_i - 12)   # the nibble's bits in _w4_gemv_fma_kernel
-    return ((127 + 89 - place) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -218,11 +199,10 @@ def _nibble(word, j: tl.constexpr):
 @triton.jit
 def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLOCKS_PER_SPLIT, K_BLOCKS,
                         stride_xm, stride_qk: tl.constexpr, stride_sg, stride_ym, up, res_ptr, res_out_ptr, nw_ptr, q_ptr, eps,
-                        xo_ptr, xso_ptr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
+                        GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
                         EVEN_N: tl.constexpr, SPLIT: tl.constexpr, PROLOGUE: tl.constexpr,
                         NUM_STAGES: tl.constexpr, ATOMIC: tl.constexpr = False, SPLITS: tl.constexpr = 1,
-                        PREFETCH: tl.constexpr = False, EVICT: tl.constexpr = False, PAIRS: tl.constexpr = 0,
-                        XF32: tl.constexpr = False, XOUT: tl.constexpr = False):
+                        PREFETCH: tl.constexpr = False, EVICT: tl.constexpr = False):
     """One row of x per program (M = pid 2) @ W over BLOCK_N columns and a range of K blocks
     of 8 * WORDS rows (inside one group). Meant for BLOCK_N >= 4 * 32 * num_warps: threads
     and warps then lie along N, each thread holds all WORDS words of its columns, loads a
@@ -249,15 +229,7 @@ def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLO
     range summed in q_ptr [splits, M] when split: then only with SPLIT).
     PREFETCH: the next block's weights, scales and x operands are loaded into registers before
     this block's FMAs (no shared-memory pipeline); EVICT: weights loaded evict-first.
-    stride_qk (N) is a constexpr: the words' rows are immediate offsets from one address.
-    PAIRS > 0 (the SiLU-and-mul epilogue; BLOCK_N % (2 * PAIRS) == 0): W's columns are gate and
-    up interleaved in runs of PAIRS (int4.interleave_gate_up) and y [M, N / 2] gets silu(gate)
-    * up of the finished sums, rounded as SiluAndMul rounds it (so only with the sums whole: no
-    split, or SPLIT).
-    XF32 (PROLOGUE 0, WORDS 8): x is fp32 already scaled per nibble and res_ptr holds its sums
-    per 64 rows ([M, K / 64]; prescale_x): the loop only loads them. XOUT (with PAIRS): the
-    epilogue also writes its output in that form, to xo_ptr [M, N / 2] and xso_ptr [M, N / 128],
-    for the next launch's XF32."""
+    stride_qk (N) is a constexpr: the words' rows are immediate offsets from one address."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -270,31 +242,27 @@ def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLO
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     squares = 0.0
     res_limit = tl.where(pid_n == 0, WORDS * 8, 0)
-    if XF32:
-        res_ptr += pid_m.to(tl.int64) * K_BLOCKS
     if PREFETCH:   # registers double-buffered: block b + 1's loads issued before block b's FMAs
         nxt = _w_load(qw_ptr, s_ptr, z_ptr, b_begin, offs_r, offs_n, n_valid, (b_begin < b_end).to(tl.int32), stride_qk,
                       stride_sg, GROUP_SIZE, WORDS, EVEN_N, EVICT)
-        nxt_x = _x_load(x_ptr, x_row, b_begin * WORDS * 8, up, res_ptr, nw_ptr, (b_begin < b_end).to(tl.int32), WORDS,
-                        PROLOGUE, XF32)
+        nxt_x = _x_load(x_ptr, x_row, b_begin * WORDS * 8, up, res_ptr, nw_ptr, (b_begin < b_end).to(tl.int32), WORDS, PROLOGUE)
         for b in tl.range(b_begin, b_end, num_stages=1):
             packed, scale, zero = nxt
             a, r, w = nxt_x
             nxt = _w_load(qw_ptr, s_ptr, z_ptr, b + 1, offs_r, offs_n, n_valid, (b + 1 < b_end).to(tl.int32), stride_qk,
                           stride_sg, GROUP_SIZE, WORDS, EVEN_N, EVICT)
-            nxt_x = _x_load(x_ptr, x_row, (b + 1) * WORDS * 8, up, res_ptr, nw_ptr, (b + 1 < b_end).to(tl.int32), WORDS,
-                            PROLOGUE, XF32)
+            nxt_x = _x_load(x_ptr, x_row, (b + 1) * WORDS * 8, up, res_ptr, nw_ptr, (b + 1 < b_end).to(tl.int32), WORDS, PROLOGUE)
             x0, x1, x2, x3, x4, x5, x6, x7, x_sum, sq = _x_nibbles(a, r, w, x_row, b * WORDS * 8, res_out_ptr,
-                                                                    res_limit, WORDS, PROLOGUE, XF32)
+                                                                    res_limit, WORDS, PROLOGUE)
             squares += sq
             acc += _fma_block(packed, scale, zero, x0, x1, x2, x3, x4, x5, x6, x7, x_sum)
     else:
         for b in tl.range(b_begin, b_end, num_stages=NUM_STAGES):
             packed, scale, zero = _w_load(qw_ptr, s_ptr, z_ptr, b, offs_r, offs_n, n_valid, None, stride_qk,
                                           stride_sg, GROUP_SIZE, WORDS, EVEN_N, EVICT)
-            a, r, w = _x_load(x_ptr, x_row, b * WORDS * 8, up, res_ptr, nw_ptr, None, WORDS, PROLOGUE, XF32)
+            a, r, w = _x_load(x_ptr, x_row, b * WORDS * 8, up, res_ptr, nw_ptr, None, WORDS, PROLOGUE)
             x0, x1, x2, x3, x4, x5, x6, x7, x_sum, sq = _x_nibbles(a, r, w, x_row, b * WORDS * 8, res_out_ptr,
-                                                                    res_limit, WORDS, PROLOGUE, XF32)
+                                                                    res_limit, WORDS, PROLOGUE)
             squares += sq
             acc += _fma_block(packed, scale, zero, x0, x1, x2, x3, x4, x5, x6, x7, x_sum)
     row = (pid_k * tl.num_programs(2) + pid_m).to(tl.int64) * stride_ym   # [splits, M, N] when split
@@ -330,35 +298,12 @@ def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLO
                         squares += tl.load(q_ptr + s * tl.num_programs(2) + pid_m, cache_modifier=".cg")
             if PROLOGUE >= 2:
                 total = total * tl.rsqrt(squares * inv_k + eps)
-            _store_y(y_ptr, pid_m.to(tl.int64) * stride_ym, pid_n, offs_n, n_valid, total, N, xo_ptr, xso_ptr,
-                     BLOCK_N, PAIRS, XOUT)
+            tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + offs_n, total.to(y_ptr.dtype.element_ty), mask=n_valid)
             tl.atomic_xchg(c_ptr + tile, 0)
     else:
         if PROLOGUE >= 2:
             acc = acc * tl.rsqrt(squares * inv_k + eps)
-        _store_y(y_ptr, row, pid_n, offs_n, n_valid, acc, N, xo_ptr, xso_ptr, BLOCK_N, PAIRS, XOUT)
-
-
-@triton.jit
-def _store_y(y_ptr, row, pid_n, offs_n, n_valid, sums, N, xo_ptr, xso_ptr, BLOCK_N: tl.constexpr,
-             PAIRS: tl.constexpr, XOUT: tl.constexpr):
-    """The tile's finished fp32 sums to y (row: the row's offset in [.., M, N]); PAIRS (see
-    _w4_gemv_fma_kernel): each run of PAIRS gate columns then PAIRS up columns rounded to y's
-    dtype and stored as silu(gate) * up at the tile's BLOCK_N / 2 places of y [M, N / 2]."""
-    dtype = y_ptr.dtype.element_ty
-    if PAIRS == 0:
-        tl.store(y_ptr + row + offs_n, sums.to(dtype), mask=n_valid)
-    else:
-        gate, up = tl.split(tl.permute(sums.reshape(BLOCK_N // (2 * PAIRS), 2, PAIRS), (0, 2, 1)))
-        act = silu_mul(gate.to(dtype), up.to(dtype), LIBDEVICE).reshape(BLOCK_N // 2)
-        offs = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-        tl.store(y_ptr + row // 2 + offs, act, mask=offs < N // 2)
-        if XOUT:   # act as prescale_x makes it: x scaled per nibble, sums per 64 (the tile: whole runs of 64)
-            act = act.to(tl.float32)
-            tl.store(xo_ptr + row // 2 + offs, (act.reshape(BLOCK_N // 16, 8) * _factors()[None, :]).reshape(BLOCK_N // 2),
-                     mask=offs < N // 2)
-            blocks = pid_n * (BLOCK_N // 128) + tl.arange(0, BLOCK_N // 128)
-            tl.store(xso_ptr + row // 128 + blocks, tl.sum(act.reshape(BLOCK_N // 128, 64), 1), mask=blocks < N // 128)
+        tl.store(y_ptr + row + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_valid)
 
 
 @triton.jit
@@ -385,7 +330,7 @@ def _magic_nibble(word, j: tl.constexpr, zero, dtype: tl.constexpr, scale=None):
 
 
 def _check(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-           g_idx: torch.Tensor | None, x_dtype: torch.dtype | None = None) -> tuple[int, int, int]:
+           g_idx: torch.Tensor | None) -> tuple[int, int, int]:
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"w4a16: x must be [M, K] with unit column stride; got {tuple(x.shape)} {x.stride()}")
     if qweight.dtype != torch.int32 or qweight.dim() != 2 or not qweight.is_contiguous():
@@ -394,8 +339,7 @@ def _check(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: 
     n = qweight.shape[1]
     if qweight.shape[0] * 8 != k:
         raise ValueError(f"w4a16: x has K={k} but qweight holds {qweight.shape[0] * 8} rows")
-    x_dtype = x_dtype or x.dtype
-    if x_dtype not in _DTYPES or scales.dtype != x_dtype or zeros.dtype != x_dtype:
+    if x.dtype not in _DTYPES or scales.dtype != x.dtype or zeros.dtype != x.dtype:
         raise ValueError(f"w4a16: x, scales and zeros must share a dtype in {_DTYPES}; got {x.dtype}, "
                          f"{scales.dtype}, {zeros.dtype}")
     groups = -(-k // group_size)
@@ -519,27 +463,13 @@ def w4a16_silu_and_mul_gemv(gate_up: torch.Tensor, qweight: torch.Tensor, scales
     return w4a16_gemv(gate_up[:, :k], qweight, scales, zeros, group_size, config, prologue=SILU_AND_MUL)
 
 
-def w4a16_prescaled_gemv(xs: torch.Tensor, sums: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                         zeros: torch.Tensor, group_size: int, g_idx: torch.Tensor | None) -> torch.Tensor | None:
-    """x @ W for x handed over prescaled (prescale_x's (xs, sums), e.g. a gate_up epilogue's
-    `xout`) where the tuned launch is an FMA one of 8 words; else None (the caller runs x @ W)."""
-    m, k = xs.shape
-    config = gemv_config(m, k, qweight.shape[1])
-    if config is None or config.dot or config.words != 8 or not fast_gemv_fits(k, group_size, g_idx):
-        return None
-    return w4a16_gemv(xs, qweight, scales, zeros, group_size, config, xsums=sums)
-
-
 def w4a16_rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                         qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                        g_idx: torch.Tensor | None, pairs: int = 0, xout: tuple | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
+                        g_idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(RMSNorm(x + residual) @ W, x + residual) (without a residual: of x, and x) for one row
     in one launch of the FMA GEMV where its tuned launch is the FMA one and its K splits (if
     any) can be summed in the kernel; else None (the caller runs the norm, then the matmul).
-    The normalised x is not rounded to x's dtype first (the unfused path rounds it twice).
-    `pairs`: W's gate and up columns interleaved in runs of `pairs`, the output silu(gate) * up
-    (see w4a16_gemv), `xout` its prescaled copy (w4a16_gemv)."""
+    The normalised x is not rounded to x's dtype first (the unfused path rounds it twice)."""
     m, k = x.shape
     config = gemv_config(m, k, qweight.shape[1])
     if (m != 1 or not x.is_contiguous() or (residual is not None and not residual.is_contiguous())
@@ -547,26 +477,20 @@ def w4a16_rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_wei
         return None
     h = x if residual is None else torch.empty_like(x)
     out = w4a16_gemv(x, qweight, scales, zeros, group_size, config, prologue=RMS_NORM if residual is None else
-                     RMS_NORM_RESIDUAL, norm=(norm_weight, eps, residual, h), pairs=pairs, xout=xout)
+                     RMS_NORM_RESIDUAL, norm=(norm_weight, eps, residual, h))
     return None if out is None else (out, h)
 
 
 def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                group_size: int, config: GemvConfig | None = None, prologue: int = PLAIN,
-               norm: tuple | None = None, pairs: int = 0, xsums: torch.Tensor | None = None,
-               xout: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
+               norm: tuple | None = None) -> torch.Tensor | None:
     """x [M, K] (decode-sized) @ W through _w4_gemv_fma_kernel or _w4_gemv_kernel
     (fast_gemv_fits must hold); split K sums fp32 partials (in the FMA kernel, or by one
     more small kernel). `prologue` (FMA only; see _x_nibbles): SILU_AND_MUL, x is the gate half of
     [gate | up] (up right after it in each row); RMS_NORM / RMS_NORM_RESIDUAL with `norm` =
-    (norm weight, eps, residual, h out). `pairs` (FMA only): W's columns are gate and up
-    interleaved in runs of `pairs` (int4.interleave_gate_up), the output silu(gate) * up [M, N / 2]
-    (the SiLU-and-mul epilogue). None where a norm prologue's splits or the epilogue's sums cannot
-    be finished in the kernel (before the split-K counters exist; a launch whose BLOCK_N does not
-    hold whole runs of gate and up). `xsums` (FMA, no prologue, 8 words): x is prescale_x's fp32
-    x, these its sums; the output in the scales' dtype. `xout` (with pairs): (x [M, N / 2] fp32,
-    sums [M, N / 128] fp32) that the epilogue also fills with prescale_x's form of its output."""
-    m, k, n = _check(x, qweight, scales, zeros, group_size, None, None if xsums is None else scales.dtype)
+    (norm weight, eps, residual, h out). None where a norm prologue's splits cannot be summed
+    in the kernel (before the split-K counters exist)."""
+    m, k, n = _check(x, qweight, scales, zeros, group_size, None)
     if not fast_gemv_fits(k, group_size, None):
         raise ValueError(f"w4a16_gemv: needs K ({k}) and the group size ({group_size}) divisible by 128")
     config = config or gemv_config(m, k, n) or DOT_GEMV
@@ -576,13 +500,6 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     splits, per_split, partials = split_k(x, n, k_blocks, n_blocks * m_blocks, config.programs_per_sm)
     if prologue != PLAIN and config.dot:
         raise ValueError("w4a16_gemv: the prologues are the FMA launch's")
-    if pairs and (config.dot or config.block_n % (2 * pairs) or n % (2 * pairs)
-                  or (xout is not None and (config.block_n % 128 or n % 128))):
-        return None
-    if xsums is not None and (config.dot or prologue != PLAIN or config.words != 8 or x.dtype != torch.float32
-                              or xsums.shape != (m, k // 64) or not x.is_contiguous()):
-        raise ValueError("w4a16_gemv: prescaled x (xsums) is an FMA launch's of 8 words, without a prologue")
-    out_dtype = scales.dtype
     if config.dot:
         _w4_gemv_kernel[(n_blocks, splits, m_blocks)](
             x, qweight, scales, zeros, partials, m, n, per_split, k_blocks,
@@ -591,12 +508,9 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
             IEEE=x.dtype == torch.float32, NUM_STAGES=config.num_stages, num_warps=config.num_warps)
         return sum_splits(partials, x.dtype)
     counters = _tile_counters(x.device) if splits > 1 and config.fixup and m * n_blocks <= (1 << 16) else None
-    if splits > 1 and counters is None and (prologue >= RMS_NORM or pairs):
+    if splits > 1 and counters is None and prologue >= RMS_NORM:
         return None
-    if counters is None and splits == 1 and partials.dtype != out_dtype:
-        partials = partials.to(out_dtype)   # prescaled x: [1, M, N] in the output's dtype
-    y = partials if counters is None and not pairs else torch.empty((m, n // 2 if pairs else n), dtype=out_dtype,
-                                                                    device=x.device)
+    y = partials if counters is None else torch.empty((m, n), dtype=x.dtype, device=x.device)
     norm_weight, eps, residual, h = norm or (qweight, 0.0, None, None)
     squares = torch.empty((splits, m), dtype=torch.float32, device=x.device) if prologue >= RMS_NORM else qweight
     sums = _zero_sums(x.device, m * n) if config.atomic and counters is not None and m * n_blocks <= _SQUARES else None
@@ -605,23 +519,12 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     _w4_gemv_fma_kernel[(n_blocks, splits, m)](
         x, qweight, scales, zeros, y, partials, qweight if counters is None else counters, n, per_split,
         k_blocks, x.stride(0), qweight.stride(0), scales.stride(0), n, k if prologue == SILU_AND_MUL else 0,
-        qweight if residual is None and xsums is None else residual if xsums is None else xsums,
-        qweight if h is None else h, norm_weight, squares, eps, *(xout or (partials, partials)),
+        qweight if residual is None else residual, qweight if h is None else h, norm_weight, squares, eps,
         GROUP_SIZE=group_size, BLOCK_N=config.block_n, WORDS=config.words, EVEN_N=n % config.block_n == 0,
         SPLIT=counters is not None, PROLOGUE=prologue, NUM_STAGES=1 if config.prefetch else config.num_stages,
         ATOMIC=sums is not None, SPLITS=splits if counters is not None and sums is None else 1,
-        PREFETCH=config.prefetch, EVICT=config.evict, PAIRS=pairs, XF32=xsums is not None,
-        XOUT=xout is not None, num_warps=config.num_warps)
-    return sum_splits(partials, out_dtype) if counters is None and not pairs else y
-
-
-def prescale_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x [M, K] as fp32 times 2**(89 - place of nibble k % 8), its sums per 64 rows [M, K / 64]):
-    what the FMA GEMV's loop makes of x (_x_nibbles), for a launch with XF32 (w4a16_gemv's xsums)."""
-    place = torch.tensor([0, 4, 8, 12, 16, 8, 12, 16], device=x.device)
-    factor = torch.pow(2.0, (89 - place).double()).float()
-    xf = x.float()
-    return (xf.view(x.shape[0], -1, 8) * factor).view(x.shape).contiguous(), xf.view(x.shape[0], -1, 64).sum(-1)
+        PREFETCH=config.prefetch, EVICT=config.evict, num_warps=config.num_warps)
+    return sum_splits(partials, x.dtype) if counters is None else y
 
 
 
