@@ -23,6 +23,7 @@ from pagedserve.layers.quantization.triton_split_k import split_k, sum_splits
 from pagedserve.layers.triton_ops import _LIBDEVICE, silu_mul
 
 GEMV_MAX_ROWS = 16
+RELAXED_RESET = True   # split K: the tile counter's reset without a fence (benchmarks switch it off to compare)
 LIBDEVICE = tl.constexpr(_LIBDEVICE)   # silu_mul's exp (not under the interpreter)
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -202,7 +203,8 @@ def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLO
                         GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
                         EVEN_N: tl.constexpr, SPLIT: tl.constexpr, PROLOGUE: tl.constexpr,
                         NUM_STAGES: tl.constexpr, ATOMIC: tl.constexpr = False, SPLITS: tl.constexpr = 1,
-                        PREFETCH: tl.constexpr = False, EVICT: tl.constexpr = False):
+                        PREFETCH: tl.constexpr = False, EVICT: tl.constexpr = False,
+                        RELAXED_RESET: tl.constexpr = True):
     """One row of x per program (M = pid 2) @ W over BLOCK_N columns and a range of K blocks
     of 8 * WORDS rows (inside one group). Meant for BLOCK_N >= 4 * 32 * num_warps: threads
     and warps then lie along N, each thread holds all WORDS words of its columns, loads a
@@ -299,7 +301,10 @@ def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLO
             if PROLOGUE >= 2:
                 total = total * tl.rsqrt(squares * inv_k + eps)
             tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + offs_n, total.to(y_ptr.dtype.element_ty), mask=n_valid)
-            tl.atomic_xchg(c_ptr + tile, 0)
+            if RELAXED_RESET:   # the next launch sees it after the kernel boundary: no fence needed
+                tl.atomic_xchg(c_ptr + tile, 0, sem="relaxed")
+            else:   # acq_rel: a MEMBAR.GPU first, waiting on this program's stores before the kernel can end
+                tl.atomic_xchg(c_ptr + tile, 0)
     else:
         if PROLOGUE >= 2:
             acc = acc * tl.rsqrt(squares * inv_k + eps)
@@ -523,7 +528,7 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         GROUP_SIZE=group_size, BLOCK_N=config.block_n, WORDS=config.words, EVEN_N=n % config.block_n == 0,
         SPLIT=counters is not None, PROLOGUE=prologue, NUM_STAGES=1 if config.prefetch else config.num_stages,
         ATOMIC=sums is not None, SPLITS=splits if counters is not None and sums is None else 1,
-        PREFETCH=config.prefetch, EVICT=config.evict, num_warps=config.num_warps)
+        PREFETCH=config.prefetch, EVICT=config.evict, RELAXED_RESET=RELAXED_RESET, num_warps=config.num_warps)
     return sum_splits(partials, x.dtype) if counters is None else y
 
 
