@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# benchmarks/w4_gemv_gpu.py in one device call (<= 240 s): llama-8b b1_decode W4A16 with main's fenced split-K
-# counter reset / bf16 / W4A16 with the relaxed reset, then the default one-row launches checked and timed both ways.
+# benchmarks/w4_gemv_gpu.py in one device call (<= 240 s): the one-row W4A16 launches checked
+# and swept (old / atomic / split-order), then llama-8b b1_decode W4A16 old / bf16 / W4A16 best / best split-order.
 set -uo pipefail
 export PYTHONPATH=$PWD:$PWD/.devcarry PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; export OUT

@@ -23,7 +23,6 @@ from pagedserve.layers.quantization.triton_split_k import split_k, sum_splits
 from pagedserve.layers.triton_ops import _LIBDEVICE, silu_mul
 
 GEMV_MAX_ROWS = 16
-RELAXED_RESET = True   # split K: the tile counter's reset without a fence (benchmarks switch it off to compare)
 LIBDEVICE = tl.constexpr(_LIBDEVICE)   # silu_mul's exp (not under the interpreter)
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -203,8 +202,7 @@ def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLO
                         GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
                         EVEN_N: tl.constexpr, SPLIT: tl.constexpr, PROLOGUE: tl.constexpr,
                         NUM_STAGES: tl.constexpr, ATOMIC: tl.constexpr = False, SPLITS: tl.constexpr = 1,
-                        PREFETCH: tl.constexpr = False, EVICT: tl.constexpr = False,
-                        RELAXED_RESET: tl.constexpr = True):
+                        PREFETCH: tl.constexpr = False, EVICT: tl.constexpr = False):
     """One row of x per program (M = pid 2) @ W over BLOCK_N columns and a range of K blocks
     of 8 * WORDS rows (inside one group). Meant for BLOCK_N >= 4 * 32 * num_warps: threads
     and warps then lie along N, each thread holds all WORDS words of its columns, loads a
@@ -301,10 +299,10 @@ def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLO
             if PROLOGUE >= 2:
                 total = total * tl.rsqrt(squares * inv_k + eps)
             tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + offs_n, total.to(y_ptr.dtype.element_ty), mask=n_valid)
-            if RELAXED_RESET:   # the next launch sees it after the kernel boundary: no fence needed
-                tl.atomic_xchg(c_ptr + tile, 0, sem="relaxed")
-            else:   # acq_rel: a MEMBAR.GPU first, waiting on this program's stores before the kernel can end
-                tl.atomic_xchg(c_ptr + tile, 0)
+            # relaxed: the next launch sees the reset after the kernel boundary; acq_rel (the default)
+            # put a MEMBAR.GPU before it, the tile's last program waiting on its stores before the
+            # kernel could end (0.3-0.65 us a launch on the H200: QUANT.md, session 10)
+            tl.atomic_xchg(c_ptr + tile, 0, sem="relaxed")
     else:
         if PROLOGUE >= 2:
             acc = acc * tl.rsqrt(squares * inv_k + eps)
@@ -391,7 +389,8 @@ DOT_GEMV = GemvConfig(block_n=128, dot=True)
 # (256 columns on two warps, the next block's loads in registers before this one's FMAs, weights
 # evict-first), gate_up 20.34 (8 columns a thread on one warp: the x work and addressing shared
 # by twice the weights); b1_decode 408.8 -> 444.2 tok/s (1.905x bf16; a second call: 444.8, 1.93x,
-# and none of 40 neighbouring launches faster: gpu/2026-12-01-h200-s9-w4h-call2). Split K is summed by fp32
+# and none of 40 neighbouring launches faster: gpu/2026-12-01-h200-s9-w4h-call2; session 10, the tile
+# counter reset without a fence: 444.9 -> 452.3, gpu/2026-12-01-h200-s10-w4i). Split K is summed by fp32
 # atomics: the last bit of a one-row output depends on the order the programs finish (the
 # split-order sum, repeatable, measured 406.1 tok/s with its best launches: not the default).
 # Buckets of more than GEMV_MAX_ROWS rows are used only where the sweep found this kernel
@@ -528,7 +527,7 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         GROUP_SIZE=group_size, BLOCK_N=config.block_n, WORDS=config.words, EVEN_N=n % config.block_n == 0,
         SPLIT=counters is not None, PROLOGUE=prologue, NUM_STAGES=1 if config.prefetch else config.num_stages,
         ATOMIC=sums is not None, SPLITS=splits if counters is not None and sums is None else 1,
-        PREFETCH=config.prefetch, EVICT=config.evict, RELAXED_RESET=RELAXED_RESET, num_warps=config.num_warps)
+        PREFETCH=config.prefetch, EVICT=config.evict, num_warps=config.num_warps)
     return sum_splits(partials, x.dtype) if counters is None else y
 
 
