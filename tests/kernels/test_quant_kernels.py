@@ -273,13 +273,22 @@ def test_atomic_fix_up_reads_all_sums_before_zeroing_them(sm90_ptx):
     assert re.search(r"\b(atom|red)\.[\w.]*add\.f32", ptx)   # the splits' fp32 atomic adds
 
 
+def test_tile_counter_reset_waits_on_nothing(sm90_ptx):
+    """The last program of a split-K tile resets the tile's counter with a relaxed exchange: the
+    next launch sees it (and the zeroed sums) after the kernel boundary, so no fence (an acq_rel
+    exchange is a MEMBAR.GPU that waits on the program's stores before the kernel can end)."""
+    for name in ("fma atomic norm", "fma split order", "fma prefetch"):
+        ptx = sm90_ptx[name]
+        assert "atom.global.gpu.relaxed.exch" in ptx and "acq_rel.exch" not in ptx and "fence" not in ptx
+
+
 def test_split_order_fix_up_reads_every_partial_in_one_go(sm90_ptx):
     """Split K without atomics: the last program of a tile reads all SPLITS partials (4 columns
     a thread on one warp: 4 loads each) and squares with straight-line loads between its arrival
     and the counter's reset (no loop: one round trip, not one per split), summing them in split
     order (the same bits every run)."""
     ptx = sm90_ptx["fma split order"]
-    arrive, reset = ptx.index("atom.global.gpu.acq_rel.add"), ptx.index("atom.global.gpu.acq_rel.exch")
+    arrive, reset = ptx.index("atom.global.gpu.acq_rel.add"), ptx.index("atom.global.gpu.relaxed.exch")
     fix_up = ptx[arrive:reset]
     assert len(re.findall(r"ld\.global\.cg", fix_up)) == 10 * 4 + 10
     assert not re.search(r"^\$\w+:", fix_up, re.M)   # no label: nothing branches back into it

@@ -299,7 +299,10 @@ def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLO
             if PROLOGUE >= 2:
                 total = total * tl.rsqrt(squares * inv_k + eps)
             tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + offs_n, total.to(y_ptr.dtype.element_ty), mask=n_valid)
-            tl.atomic_xchg(c_ptr + tile, 0)
+            # relaxed: the next launch sees the reset after the kernel boundary; acq_rel (the default)
+            # put a MEMBAR.GPU before it, the tile's last program waiting on its stores before the
+            # kernel could end (0.3-0.65 us a launch on the H200: QUANT.md, session 10)
+            tl.atomic_xchg(c_ptr + tile, 0, sem="relaxed")
     else:
         if PROLOGUE >= 2:
             acc = acc * tl.rsqrt(squares * inv_k + eps)
@@ -386,7 +389,8 @@ DOT_GEMV = GemvConfig(block_n=128, dot=True)
 # (256 columns on two warps, the next block's loads in registers before this one's FMAs, weights
 # evict-first), gate_up 20.34 (8 columns a thread on one warp: the x work and addressing shared
 # by twice the weights); b1_decode 408.8 -> 444.2 tok/s (1.905x bf16; a second call: 444.8, 1.93x,
-# and none of 40 neighbouring launches faster: gpu/2026-12-01-h200-s9-w4h-call2). Split K is summed by fp32
+# and none of 40 neighbouring launches faster: gpu/2026-12-01-h200-s9-w4h-call2; session 10, the tile
+# counter reset without a fence: 444.9 -> 452.3, gpu/2026-12-01-h200-s10-w4i). Split K is summed by fp32
 # atomics: the last bit of a one-row output depends on the order the programs finish (the
 # split-order sum, repeatable, measured 406.1 tok/s with its best launches: not the default).
 # Buckets of more than GEMV_MAX_ROWS rows are used only where the sweep found this kernel
