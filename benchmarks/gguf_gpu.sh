@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Issue 19's GPU part (ggufgpu) in one device call (<= 240 s): triton_gguf's kernel tests on the
-# GPU, then benchmarks/gguf_gpu.py: the default model (its first 4 layers: .devcarry/gguf_model,
-# made by `python benchmarks/gguf_gpu.py prepare`) packed against dequantized on CUDA, bf16:
-# greedy ids against fp32's, b1_decode, the 64-prompt batch, weight bytes. Raw under $OUT.
-#   bash benchmarks/gguf_gpu.sh               (carry .devcarry/gguf_model, ~40 MB)
+# Issue 19's GPU part (ggufgpu, ggk) in one device call (<= 240 s): triton_gguf's kernel tests on
+# the GPU, then benchmarks/gguf_gpu.py: (--default-model) the default model (its first 4 layers:
+# .devcarry/gguf_model, made by `python benchmarks/gguf_gpu.py prepare`) packed against dequantized
+# on CUDA, bf16: greedy ids against fp32's, b1_decode, the 64-prompt batch, weight bytes; (default)
+# the GEMV's launch tuning per type and random models of the new types. Raw under $OUT.
+#   bash benchmarks/gguf_gpu.sh               (session 10, no carry: every type's tests, tuning, random
+#                                             models' b1_decode; see the else branch)
+#   bash benchmarks/gguf_gpu.sh --default-model   (session 9's: carry .devcarry/gguf_model, ~40 MB)
 #   bash benchmarks/gguf_gpu.sh --cpu-smoke   (here: the script on the CPU, Triton's interpreter)
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -18,15 +21,34 @@ if [ "$SMOKE" = "--cpu-smoke" ]; then
   TRITON_INTERPRET=1 timeout 300 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_gguf_triton.py -k "gemv_default or route" 2>&1 | tail -3 | tee "$OUT/tests.txt"
   echo "=== model"
   timeout 1500 $PY benchmarks/gguf_gpu.py run --cpu-smoke --timeout 120 2>&1 | tee "$OUT/gguf_gpu.txt" | grep --line-buffered -v "^INFO"
-else
-  # two processes (the compiles are CPU-bound; the Triton cache is shared safely): the GEMV's
-  # parametrized matrix, and the rest
+elif [ "$SMOKE" = "--default-model" ]; then
+  # session 9's run: the default model's 4-layer cut (carry .devcarry/gguf_model)
   PAGEDSERVE_TEST_DEVICE=cuda timeout 75 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_gguf_triton.py \
-    -k "test_gemv and not default" > "$OUT/tests_gemv.txt" 2>&1 &
-  PAGEDSERVE_TEST_DEVICE=cuda timeout 75 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_gguf_triton.py \
-    -k "not (test_gemv and not default)" > "$OUT/tests_rest.txt" 2>&1
-  wait
-  tail -n 5 "$OUT/tests_gemv.txt" "$OUT/tests_rest.txt" | tee "$OUT/tests.txt"
+    -k "Q4_1 or Q8_0" > "$OUT/tests.txt" 2>&1; tail -n 3 "$OUT/tests.txt"
   echo "=== model"
   timeout 155 $PY benchmarks/gguf_gpu.py run --timeout 50 2>&1 | tee "$OUT/gguf_gpu.txt" | grep --line-buffered -v "^INFO"
+else
+  # session 10 (ggk), no carry: every type's kernel tests, a process per type (the compiles are
+  # CPU-bound; the Triton cache is shared safely), each then compiling the tuning grid; the
+  # random models written meanwhile; then the timed tuning; then b1_decode of a random 1B-class
+  # 4-layer model per new type, dequant vs packed, while time is left (the call's 240 s)
+  TYPES="Q4_K Q6_K Q5_K Q5_0 Q5_1 Q4_0 Q4_1 Q8_0"
+  $PY benchmarks/gguf_gpu.py random --warm > "$OUT/random_write.txt" 2>&1 &
+  for t in $TYPES; do
+    ( PAGEDSERVE_TEST_DEVICE=cuda timeout 90 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_gguf_triton.py \
+        -k "$t" > "$OUT/tests_$t.txt" 2>&1
+      timeout 45 $PY benchmarks/gguf_gpu.py tune --types "$t" --warm > "$OUT/warm_$t.txt" 2>&1 ) &
+  done
+  PAGEDSERVE_TEST_DEVICE=cuda timeout 90 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_gguf_triton.py \
+    -k "not (${TYPES// / or })" > "$OUT/tests_rest.txt" 2>&1
+  wait
+  for f in "$OUT"/tests_*.txt; do echo "$(basename "$f" .txt): $(tail -n 1 "$f")"; done | tee "$OUT/tests.txt"
+  grep -l "Error\|error" "$OUT"/warm_*.txt 2>/dev/null | sed 's/^/warm-up errors in /'
+  echo "=== tune (t=${SECONDS}s)"
+  timeout 50 $PY benchmarks/gguf_gpu.py tune --types "${TYPES// /,}" 2>&1 | tee "$OUT/tune.txt" | grep --line-buffered "^TUNE\|Error"
+  LEFT=$((228 - SECONDS))
+  echo "=== random models, b1_decode dequant vs packed (t=${SECONDS}s, ${LEFT}s left)"
+  timeout "$LEFT" $PY benchmarks/gguf_gpu.py random --timeout 40 --budget "$((LEFT - 3))" 2>&1 | tee "$OUT/random.txt" \
+    | grep --line-buffered -v "^INFO"
+  echo "=== done (t=${SECONDS}s)"
 fi
