@@ -160,7 +160,7 @@ def test_gguf_layers_route_to_the_kernels(monkeypatch) -> None:
     """gguf.py's CUDA routing, run here through the interpreter (the device check forced): a fused
     QKV layer (Q4_1) and a row layer (Q8_0) keep their blocks and multiply through
     triton_gguf.matmul (GEMV rows and prefill rows); the Q8_0 embedding looks rows up exactly and
-    its logits take the kernels too. The predicate itself: CUDA, the three types, not the
+    its logits take the kernels too. The predicate itself: CUDA, every type, not the
     exact fp32 path."""
     from pagedserve.layers.embedding import ParallelLMHead
     from pagedserve.layers.linear import QKVParallelLinear, RowParallelLinear

@@ -1,25 +1,35 @@
 """GGUF blocks multiplied as they are stored (issue 19's GPU part): x [M, K] @ W.T with W the raw
-llama.cpp blocks gguf.py keeps, uint8 [N, K / 32, block_bytes] (rows = output features, in HF
-order), for the 32-value types
+llama.cpp blocks gguf.py keeps, uint8 [N, K / block_values, block_bytes] (rows = output features,
+in HF order), for every type gguf_kernels reads (its _unpack is the reference layout):
 
-    Q4_0  18 bytes: fp16 d, 16 bytes of nibbles      value = (q - 8) * d
-    Q4_1  20 bytes: fp16 d, fp16 m, 16 bytes         value = q * d + m
-    Q8_0  34 bytes: fp16 d, 32 int8                  value = q * d
+    Q4_0  18 bytes: fp16 d, 16 bytes of nibbles                value = (q - 8) * d
+    Q4_1  20 bytes: fp16 d, fp16 m, 16 bytes                   value = q * d + m
+    Q5_0  22 bytes: fp16 d, 32-bit qh, 16 bytes                value = ((q | qh bit << 4) - 16) * d
+    Q5_1  24 bytes: fp16 d, fp16 m, qh, 16 bytes               value = (q | qh bit << 4) * d + m
+    Q8_0  34 bytes: fp16 d, 32 int8                            value = q * d
+    Q4_K  144 bytes / 256 values: fp16 d, dmin, 12 bytes of 6-bit scales and mins for 8
+          sub-blocks of 32, 128 bytes of nibbles                value = d * sc * q - dmin * m
+    Q5_K  176 bytes: as Q4_K with 32 bytes of 5th bits before the nibbles
+    Q6_K  210 bytes / 256 values: 128 bytes of low nibbles, 64 of 2-bit highs, 16 int8 scales
+          (one per 16 values), fp16 d                           value = d * sc * (q - 32)
 
-(byte j of a 4-bit block holds value j in its low nibble and value j + 16 in its high one).
+(byte j of a 32-value 4-bit block holds value j in its low nibble and value j + 16 in its high one).
+The kernels walk K in units of one scale (32 values; Q6_K's 16): _unit gives a unit's integers,
+its scale and offset (d * sc and -dmin * m computed in fp32 as ggml does) for BLOCK_N rows.
 
-    M <= GEMV_MAX_ROWS (decode)  _gguf_gemv_kernel: per K block the integers q times x (exact
+    M <= GEMV_MAX_ROWS (decode)  _gguf_gemv_kernel: per unit the integers q times x (exact
                                  integers in x's dtype: a tl.dot for 2..16 rows, FMAs for one
-                                 row), the block's sums scaled by d in fp32 (plus m * sum(x) for
-                                 Q4_1), fp32 accumulation, K split over programs where N alone
-                                 gives too few (fp32 partials summed in split order:
-                                 triton_split_k), one rounding of y
+                                 row), the unit's sums scaled in fp32 (plus offset * sum(x) for
+                                 the types with one), fp32 accumulation, K split over programs
+                                 where N alone gives too few (fp32 partials summed in split
+                                 order: triton_split_k), one rounding of y
     more rows (prefill)          _gguf_dequant_kernel: the layer's blocks to x's dtype for this
                                  call (computed in fp32 as ggml does, so the values equal
                                  gguf_kernels.dequantize's), then cuBLAS
 
 The launch tables are triton_w4a16_gemv's GemvConfig (block_n, warps, stages, programs per SM,
-dot, block_m); nothing here is tuned yet (the next session's device run: benchmarks/gguf_gpu.sh).
+dot, block_m): ONE_ROW / FEW_ROWS, CONFIGS per type where a device run measured better
+(benchmarks/gguf_gpu.py tune).
 """
 from __future__ import annotations
 
