@@ -58,6 +58,7 @@ VARIANTS = {   # name: (dtype, (gguf.CUDA_PACKED, triton_gguf.GEMV_MAX_ROWS), wo
     "dequant": ("bfloat16", (False, 16), ("ids", "b1", "batch")),
     "packed": ("bfloat16", (True, 16), ("ids", "b1", "batch")),
     "packed64": ("bfloat16", (True, 64), ("batch",)),
+    "packed0": ("bfloat16", (True, 16), ("b1", "batch")),   # packed with triton_gguf.CONFIGS = {}: untuned
 }
 
 
@@ -130,6 +131,8 @@ def unpacked(model: str) -> str:
 def child(variant: str, model: str, smoke: bool, random_model: bool = False) -> dict:
     from pagedserve.layers.quantization import gguf, triton_gguf
     gguf.CUDA_PACKED, triton_gguf.GEMV_MAX_ROWS = VARIANTS[variant][1]
+    if variant == "packed0":
+        triton_gguf.CONFIGS = {}
     if random_model:
         return random_child(variant, model, smoke)
     if smoke:   # the CPU has no CUDA: force triton_gguf's path on it (the interpreter)
@@ -231,7 +234,8 @@ def random_model(fmt: str, smoke: bool) -> str:
     return path
 
 
-def run_random(types: list[str], smoke: bool, timeout: float, deadline: float, write_only: bool = False) -> None:
+def run_random(types: list[str], smoke: bool, timeout: float, deadline: float, write_only: bool = False,
+               variants: tuple[str, ...] = ("dequant", "packed")) -> None:
     """Per type: a random model written here, then dequant and packed (child processes) while
     time is left before `deadline` (time.time()); `write_only`: the models only (run in the
     background of the tests)."""
@@ -241,7 +245,7 @@ def run_random(types: list[str], smoke: bool, timeout: float, deadline: float, w
         return
     env = _child_env(smoke)
     results = {"date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()), "shape": RANDOM_MODEL, "types": {}}
-    need = 1.5 * timeout   # a type's two loads and runs; then the last type's time, and a margin
+    need = 0.75 * len(variants) * timeout   # a type's loads and runs; then the last type's time, and a margin
     for fmt in types:
         if time.time() + need > deadline:
             print(f"{fmt}: skipped (time)", flush=True)
@@ -249,7 +253,7 @@ def run_random(types: list[str], smoke: bool, timeout: float, deadline: float, w
         t_type = time.time()
         model = random_model(fmt, smoke)
         row = results["types"][fmt] = {}
-        for variant in ("dequant", "packed"):
+        for variant in variants:
             cmd = [sys.executable, os.path.abspath(__file__), "child", variant, "--model", model, "--random"] + \
                 (["--cpu-smoke"] if smoke else [])
             try:
@@ -268,7 +272,8 @@ def run_random(types: list[str], smoke: bool, timeout: float, deadline: float, w
         print(f"{fmt}: b1_decode tok/s dequant {d['b1_decode_tok_s']} packed {p['b1_decode_tok_s']} "
               f"({p['b1_decode_tok_s'] / d['b1_decode_tok_s'] - 1:+.1%}); weights {d['weight_bytes'] / 1e6:.1f} -> "
               f"{p['weight_bytes'] / 1e6:.1f} MB; packed layers {p['packed_layers']}; ready_s {d['ready_s']} / "
-              f"{p['ready_s']}; ids equal for the first {same} of {len(p['ids'])}", flush=True)
+              f"{p['ready_s']}; ids equal for the first {same} of {len(p['ids'])}"
+              + (f"; untuned packed0 {row['packed0'].get('b1_decode_tok_s')}" if "packed0" in row else ""), flush=True)
     _write("gguf_random.json", results)
 
 
@@ -423,7 +428,8 @@ def main() -> None:
     ap.add_argument("variant", nargs="?")
     ap.add_argument("--model", default=CARRY)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=None, help="run: default fp32,dequant,packed,packed64; "
+                    "random: dequant,packed (packed0: packed without triton_gguf.CONFIGS)")
     ap.add_argument("--timeout", type=float, default=60)
     ap.add_argument("--cpu-smoke", action="store_true")
     ap.add_argument("--random", action="store_true", help="child: a random model (no tokenizer)")
@@ -440,14 +446,15 @@ def main() -> None:
     elif args.what == "random":
         run_random(args.types.split(",") if args.types else list(NEW_TYPES), args.cpu_smoke,
                    args.timeout * (5 if args.cpu_smoke else 1), time.time() + args.budget * (20 if args.cpu_smoke else 1),
-                   args.warm)
+                   args.warm, tuple((args.variants or "dequant,packed").split(",")))
     else:
         model = args.model
         if args.cpu_smoke and model == CARRY:   # a 1-layer cut of its own
             model = "/tmp/gguf_gpu_smoke_model"
             if not os.path.isdir(model):
                 prepare(1, model, SMOKE_VOCAB)
-        run(model, args.cpu_smoke, args.variants.split(","), args.timeout * (10 if args.cpu_smoke else 1))
+        run(model, args.cpu_smoke, (args.variants or "fp32,dequant,packed,packed64").split(","),
+            args.timeout * (10 if args.cpu_smoke else 1))
 
 
 if __name__ == "__main__":

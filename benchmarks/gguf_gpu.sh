@@ -7,6 +7,8 @@
 #   bash benchmarks/gguf_gpu.sh               (session 10, no carry: every type's tests, tuning, random
 #                                             models' b1_decode; see the else branch)
 #   bash benchmarks/gguf_gpu.sh --default-model   (session 9's: carry .devcarry/gguf_model, ~40 MB)
+#   bash benchmarks/gguf_gpu.sh --confirm     (session 10's second call: the tuned launches end to end;
+#                                             carry .devcarry/gguf_model)
 #   bash benchmarks/gguf_gpu.sh --cpu-smoke   (here: the script on the CPU, Triton's interpreter)
 set -uo pipefail
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -27,6 +29,21 @@ elif [ "$SMOKE" = "--default-model" ]; then
     -k "Q4_1 or Q8_0" > "$OUT/tests.txt" 2>&1; tail -n 3 "$OUT/tests.txt"
   echo "=== model"
   timeout 155 $PY benchmarks/gguf_gpu.py run --timeout 50 2>&1 | tee "$OUT/gguf_gpu.txt" | grep --line-buffered -v "^INFO"
+elif [ "$SMOKE" = "--confirm" ]; then
+  # session 10's second call: triton_gguf.CONFIGS (tuned) end to end against the untuned launches
+  # (packed0) and the dequantized path: the default model's 4-layer cut (carry .devcarry/gguf_model),
+  # then the random models of the new types while time is left
+  TYPES=${TYPES:-Q4_K,Q6_K,Q5_K,Q5_0,Q5_1}
+  $PY benchmarks/gguf_gpu.py random --warm --types "$TYPES" > "$OUT/random_write.txt" 2>&1 &
+  echo "=== default model's cut: dequant, packed (tuned), packed0 (untuned)"
+  timeout 100 $PY benchmarks/gguf_gpu.py run --variants dequant,packed,packed0 --timeout 32 2>&1 | tee "$OUT/gguf_gpu.txt" \
+    | grep --line-buffered -v "^INFO"
+  wait
+  LEFT=$((228 - SECONDS))
+  echo "=== random models, b1_decode dequant / packed / packed0 (t=${SECONDS}s, ${LEFT}s left)"
+  timeout "$LEFT" $PY benchmarks/gguf_gpu.py random --types "$TYPES" --variants dequant,packed,packed0 --timeout 35 \
+    --budget "$((LEFT - 3))" 2>&1 | tee "$OUT/random.txt" | grep --line-buffered -v "^INFO"
+  echo "=== done (t=${SECONDS}s)"
 else
   # session 10 (ggk), no carry: every type's kernel tests, a process per type (the compiles are
   # CPU-bound; the Triton cache is shared safely), each then compiling the tuning grid; the
