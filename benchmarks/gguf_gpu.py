@@ -69,8 +69,11 @@ NEW_TYPES = ("Q4_K", "Q6_K", "Q5_K", "Q5_0", "Q5_1")   # the order `random` runs
 ALL_TYPES = ("Q4_0", "Q4_1", "Q8_0") + NEW_TYPES
 TUNE_SHAPES = ((3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192))   # (N, K): qkv, o, gate_up, down
 TUNE_COPIES = 4
-TUNE_GRID = {1: [(bn, w, p) for bn in (32, 64, 128) for w in (2, 4, 8) for p in (2, 4, 8)],    # block_n, warps,
-             4: [(bn, w, p) for bn in (32, 64, 128) for w in (4, 8) for p in (2, 4, 8)]}       # programs per SM
+# (block_n, warps, programs per SM, units per iteration); session 10's first run (unroll 1, block_n
+# 32-128, warps 2-8, 2-8 programs per SM) found 64 / 2 / 4 best at one row, all 1.4-3x cuBLAS's time
+TUNE_GRID = {1: [(bn, w, p, u) for bn in (32, 64) for w in (2, 4) for p in (4, 8, 16) for u in (1, 4, 8)],
+             4: [(bn, 4, p, u) for bn in (64, 128) for p in (2, 4) for u in (1, 2, 4)]}
+RANDOM_TYPES = ("Q4_K", "Q4_1", "Q6_K", "Q5_K", "Q5_0", "Q5_1", "Q8_0", "Q4_0")   # `random`'s order
 
 
 def prepare(layers: int, out: str, vocab: int | None = None) -> None:
@@ -133,6 +136,8 @@ def child(variant: str, model: str, smoke: bool, random_model: bool = False) -> 
     gguf.CUDA_PACKED, triton_gguf.GEMV_MAX_ROWS = VARIANTS[variant][1]
     if variant == "packed0":
         triton_gguf.CONFIGS = {}
+    elif os.environ.get("GGUF_TUNED"):   # this run's tune: its best launches
+        triton_gguf.CONFIGS = tuned_configs(os.environ["GGUF_TUNED"])
     if random_model:
         return random_child(variant, model, smoke)
     if smoke:   # the CPU has no CUDA: force triton_gguf's path on it (the interpreter)
@@ -285,6 +290,21 @@ def _write(name: str, results: dict) -> None:
             json.dump(results, f, indent=1)
 
 
+def _launch(key: str, rows: int):
+    from pagedserve.layers.quantization.triton_gguf import Launch
+    bn, warps, pps, unroll = (int(v) for v in key.split("/"))
+    return Launch(block_n=bn, num_warps=warps, num_stages=3, programs_per_sm=pps, dot=rows > 1, block_m=16,
+                  unroll=unroll)
+
+
+def tuned_configs(path: str) -> dict:
+    """gguf_tune.json -> triton_gguf.CONFIGS: per type (best at one row, best at 4 rows)."""
+    with open(path) as f:
+        types = json.load(f)["types"]
+    return {fmt: (_launch(r["1"]["best"], 1), _launch(r["4"]["best"], 4)) for fmt, r in types.items()
+            if "best" in r.get("1", {}) and "best" in r.get("4", {})}
+
+
 def _blocks_on(device, fmt: str, n: int, k: int, gen):
     """Random raw blocks made on `device` (fast at 1B-class sizes) with the tests' sane scales."""
     import torch
@@ -317,12 +337,11 @@ def tune(types: list[str], warm: bool, smoke: bool) -> None:
     each config's output against the default's first, then times; prints the best per type."""
     import torch
     from pagedserve.layers.quantization import triton_gguf
-    from pagedserve.layers.quantization.triton_w4a16_gemv import GemvConfig
     sys.path.insert(0, ROOT)
     device = "cpu" if smoke else "cuda"
     shapes = ((64, 256), (32, 512)) if smoke else TUNE_SHAPES
     copies = 1 if smoke else TUNE_COPIES
-    grid = {1: TUNE_GRID[1][:2] + [(64, 4, 4)], 4: TUNE_GRID[4][:1] + [(64, 4, 4)]} if smoke else TUNE_GRID
+    grid = {1: [(32, 2, 4, 4), (64, 4, 4, 1)], 4: [(64, 4, 2, 2), (64, 4, 4, 1)]} if smoke else TUNE_GRID
     gen = torch.Generator(device=device).manual_seed(0)
     results = {"date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()), "shapes": shapes, "copies": copies,
                "types": {}}
@@ -339,29 +358,32 @@ def tune(types: list[str], warm: bool, smoke: bool) -> None:
                 return lambda: [triton_gguf.gemv(x, w, fmt, config) for ws in weights for x, w in zip(xs, ws)]
 
             timed = {}
-            for bn, warps, pps in configs:
-                config = GemvConfig(block_n=bn, num_warps=warps, num_stages=3, programs_per_sm=pps, dot=m > 1,
-                                    block_m=16)
+            for bn, warps, pps, unroll in configs:
+                key = f"{bn}/{warps}/{pps}/{unroll}"
+                config = _launch(key, m)
                 try:
                     outs = [triton_gguf.gemv(x, w, fmt, config) for x, w in zip(xs, weights[0])]
                     bad = max(((o.float() - r.float()).abs().max() / r.float().abs().max()).item()
                               for o, r in zip(outs, ref))
                     us = None if warm else round(_graph_us(products(config)) / copies, 2)
                 except Exception as exc:   # a launch that does not compile: noted, the grid goes on
-                    print(f"TUNE {fmt} rows={m} {bn}/{warps}/{pps}: {type(exc).__name__} {str(exc)[:300]}", flush=True)
+                    print(f"TUNE {fmt} rows={m} {key}: {type(exc).__name__} {str(exc)[:300]}", flush=True)
                     continue
-                timed[f"{bn}/{warps}/{pps}"] = dict(rel_err=bad) if warm else dict(us=us, rel_err=bad)
+                timed[key] = dict(rel_err=bad) if warm else dict(us=us, rel_err=bad)
             if warm:
                 row[m] = timed
                 continue
             dense = [[triton_gguf.dequantize(w, fmt, xs[0].dtype) for w in ws] for ws in weights]
             cublas = _graph_us(lambda: [x @ w.t() for ws in dense for x, w in zip(xs, ws)]) / copies
-            d_key = f"{default.block_n}/{default.num_warps}/{default.programs_per_sm}"
+            d_key = f"{default.block_n}/{default.num_warps}/{default.programs_per_sm}/{default.unroll}"
             best = min(timed, key=lambda key: timed[key]["us"])
             worst_err = max(v["rel_err"] for v in timed.values())
-            row[m] = dict(configs=timed, default=d_key, best=best, cublas_bf16_us=round(cublas, 2))
+            gb = sum(w.numel() for w in weights[0]) / 1e3   # bytes of one copy / 1e3: GB/s from us
+            row[m] = dict(configs=timed, default=d_key, best=best, cublas_bf16_us=round(cublas, 2),
+                          best_gb_s=round(gb / timed[best]["us"], 1))
             print(f"TUNE {fmt} rows={m}: default {d_key} {timed[d_key]['us']:.2f} us, best {best} {timed[best]['us']:.2f} us "
-                  f"({timed[best]['us'] / timed[d_key]['us'] - 1:+.1%}), cuBLAS bf16 dequantized {cublas:.2f} us; "
+                  f"({timed[best]['us'] / timed[d_key]['us'] - 1:+.1%}, {gb / timed[best]['us']:.0f} GB/s), "
+                  f"cuBLAS bf16 dequantized {cublas:.2f} us; "
                   f"max rel. diff to default {worst_err:.2e}", flush=True)
         torch.cuda.empty_cache()
     if not warm:

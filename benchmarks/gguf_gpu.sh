@@ -45,27 +45,32 @@ elif [ "$SMOKE" = "--confirm" ]; then
     --budget "$((LEFT - 3))" 2>&1 | tee "$OUT/random.txt" | grep --line-buffered -v "^INFO"
   echo "=== done (t=${SECONDS}s)"
 else
-  # session 10 (ggk), no carry: every type's kernel tests, a process per type (the compiles are
-  # CPU-bound; the Triton cache is shared safely), each then compiling the tuning grid; the
-  # random models written meanwhile; then the timed tuning; then b1_decode of a random 1B-class
-  # 4-layer model per new type, dequant vs packed, while time is left (the call's 240 s)
-  TYPES="Q4_K Q6_K Q5_K Q5_0 Q5_1 Q4_0 Q4_1 Q8_0"
-  $PY benchmarks/gguf_gpu.py random --warm > "$OUT/random_write.txt" 2>&1 &
+  # session 10 (ggk), no carry, <= 8 files under $OUT: every type's kernel tests, a process per type
+  # (the compiles are CPU-bound; the Triton cache is shared safely), each then compiling the tuning
+  # grid; the random models written meanwhile; then the timed tuning (gguf_tune.json); then
+  # b1_decode of a random 1B-class 4-layer model per type, dequant vs packed with the tune's best
+  # launches (GGUF_TUNED), in RANDOM_TYPES' order while time is left (~195 s in all)
+  TYPES="Q4_K Q4_1 Q6_K Q5_K Q5_0 Q5_1 Q8_0 Q4_0"
+  LOGS=/tmp/ggk_logs; mkdir -p "$LOGS"
+  $PY benchmarks/gguf_gpu.py random --warm --types "${TYPES// /,}" > "$LOGS/random_write.txt" 2>&1 &
   for t in $TYPES; do
-    ( PAGEDSERVE_TEST_DEVICE=cuda timeout 90 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_gguf_triton.py \
-        -k "$t" > "$OUT/tests_$t.txt" 2>&1
-      timeout 45 $PY benchmarks/gguf_gpu.py tune --types "$t" --warm > "$OUT/warm_$t.txt" 2>&1 ) &
+    ( PAGEDSERVE_TEST_DEVICE=cuda timeout 60 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_gguf_triton.py \
+        -k "$t" > "$LOGS/tests_$t.txt" 2>&1
+      timeout 50 $PY benchmarks/gguf_gpu.py tune --types "$t" --warm > "$LOGS/warm_$t.txt" 2>&1 ) &
   done
-  PAGEDSERVE_TEST_DEVICE=cuda timeout 90 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_gguf_triton.py \
-    -k "not (${TYPES// / or })" > "$OUT/tests_rest.txt" 2>&1
+  PAGEDSERVE_TEST_DEVICE=cuda timeout 60 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_gguf_triton.py \
+    -k "not (${TYPES// / or })" > "$LOGS/tests_rest.txt" 2>&1
   wait
-  for f in "$OUT"/tests_*.txt; do echo "$(basename "$f" .txt): $(tail -n 1 "$f")"; done | tee "$OUT/tests.txt"
-  grep -l "Error\|error" "$OUT"/warm_*.txt 2>/dev/null | sed 's/^/warm-up errors in /'
+  { for f in "$LOGS"/tests_*.txt; do echo "$(basename "$f" .txt): $(tail -n 1 "$f")"; done
+    echo "--- failures"; grep -h -A40 "^_____" "$LOGS"/tests_*.txt | head -400
+    echo "--- warm-up errors"; grep -h "TUNE.*Error\|Traceback\|Error:" "$LOGS"/warm_*.txt | head -50
+    echo "--- random models"; tail -n 3 "$LOGS/random_write.txt"; } > "$OUT/tests.txt"
+  head -n 12 "$OUT/tests.txt"
   echo "=== tune (t=${SECONDS}s)"
-  timeout 50 $PY benchmarks/gguf_gpu.py tune --types "${TYPES// /,}" 2>&1 | tee "$OUT/tune.txt" | grep --line-buffered "^TUNE\|Error"
-  LEFT=$((228 - SECONDS))
-  echo "=== random models, b1_decode dequant vs packed (t=${SECONDS}s, ${LEFT}s left)"
-  timeout "$LEFT" $PY benchmarks/gguf_gpu.py random --timeout 40 --budget "$((LEFT - 3))" 2>&1 | tee "$OUT/random.txt" \
-    | grep --line-buffered -v "^INFO"
+  timeout 60 $PY benchmarks/gguf_gpu.py tune --types "${TYPES// /,}" 2>&1 | tee "$OUT/tune.txt" | grep --line-buffered "^TUNE\|Error"
+  LEFT=$((195 - SECONDS))
+  echo "=== random models, b1_decode dequant vs packed (tuned) (t=${SECONDS}s, ${LEFT}s left)"
+  GGUF_TUNED="$OUT/gguf_tune.json" timeout "$LEFT" $PY benchmarks/gguf_gpu.py random --types "${TYPES// /,}" \
+    --timeout 30 --budget "$((LEFT - 3))" 2>&1 | tee "$OUT/random.txt" | grep --line-buffered -v "^INFO"
   echo "=== done (t=${SECONDS}s)"
 fi
