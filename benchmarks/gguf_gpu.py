@@ -134,6 +134,7 @@ def unpacked(model: str) -> str:
 def child(variant: str, model: str, smoke: bool, random_model: bool = False) -> dict:
     from pagedserve.layers.quantization import gguf, triton_gguf
     gguf.CUDA_PACKED, triton_gguf.GEMV_MAX_ROWS = VARIANTS[variant][1]
+    gguf.CUDA_PACKED_TYPES = tuple(triton_gguf.TYPE_IDS)   # every type the kernels take, default or not
     if variant == "packed0":
         triton_gguf.CONFIGS = {}
     elif os.environ.get("GGUF_TUNED"):   # this run's tune: its best launches

@@ -170,10 +170,11 @@ def test_gguf_layers_route_to_the_kernels(monkeypatch) -> None:
     from pagedserve.layers.linear import QKVParallelLinear, RowParallelLinear
     from pagedserve.layers.quantization import gguf
     assert gguf._cuda_packed(torch.device("cuda"), "Q4_1", True) == gguf.CUDA_PACKED
-    assert gguf._cuda_packed(torch.device("cuda"), "Q6_K", True) == gguf.CUDA_PACKED
+    for fmt in triton_gguf.TYPE_IDS:
+        assert gguf._cuda_packed(torch.device("cuda"), fmt, True) == (gguf.CUDA_PACKED and fmt in gguf.CUDA_PACKED_TYPES)
     assert not gguf._cuda_packed(torch.device("cuda"), "Q8_0", False)
     assert not gguf._cuda_packed(torch.device("cpu"), "Q8_0", True)
-    assert set(gguf.CUDA_PACKED_TYPES) == set(triton_gguf.TYPE_IDS)
+    assert set(gguf.CUDA_PACKED_TYPES) <= set(triton_gguf.TYPE_IDS)
     monkeypatch.setattr(gguf, "_cuda_packed", lambda device, fmt, int4: int4 and fmt in TYPES)
     types = {f"l.self_attn.{p}.qweight": "Q4_1" for p in ("q_proj", "k_proj", "v_proj")}
     types["l.self_attn.o_proj.qweight"] = "Q8_0"
@@ -296,7 +297,7 @@ def test_random_llama_packed_gives_the_dequantized_ids(fmt: str, tmp_path, monke
         return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)], packed
 
     reference, none = run()   # dtype=float32: dequantized to fp32 at load
-    monkeypatch.setattr(gguf, "_cuda_packed", lambda device, f, int4: f in gguf.CUDA_PACKED_TYPES)
+    monkeypatch.setattr(gguf, "_cuda_packed", lambda device, f, int4: f in triton_gguf.TYPE_IDS)
     ids, packed = run()
     assert none == 0 and packed == 4 + 1   # qkv, o, gate_up, down; the embedding (= LM head)
     assert ids == reference and all(len(t) == 4 for t in ids) and len({i for t in ids for i in t}) >= 2, ids
