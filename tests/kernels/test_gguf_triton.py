@@ -25,7 +25,7 @@ FP16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q8_0": (0,), "Q5_0": (0,), "Q5_1":
                "Q5_K": (0, 2), "Q6_K": (208,)}
 # small launches so that K spans several tiles / splits and N leaves a ragged last block; 3 units
 # an iteration for one row, 2 for 3 rows (a split's last iteration part past its end)
-SMALL_FMA = triton_gguf.Launch(block_n=16, num_warps=4, num_stages=2, programs_per_sm=4, unroll=3)
+SMALL_FMA = triton_gguf.Launch(block_n=16, num_warps=4, num_stages=2, programs_per_sm=4, unroll=3, lanes=True)
 SMALL_DOT = GemvConfig(block_n=16, num_warps=4, num_stages=2, programs_per_sm=4, dot=True, block_m=16)
 SMALL_DOT2 = triton_gguf.Launch(block_n=16, num_warps=4, num_stages=2, programs_per_sm=4, dot=True, block_m=16,
                                 unroll=2)
@@ -143,9 +143,11 @@ for fmt in LAYOUTS:
     c = _constants(fmt)
     for block_m in (1, 16):
         for unroll in (1, 4):
-            build(_gguf_gemv_kernel, dict(c, BLOCK_M=block_m, BLOCK_N=64, IEEE=False, NUM_STAGES=3, UNROLL=unroll),
-                  types, num_warps=4, num_stages=3)
-    build(_gguf_gemv_kernel, dict(c, BLOCK_M=16, BLOCK_N=64, IEEE=True, NUM_STAGES=3, UNROLL=1),
+            build(_gguf_gemv_kernel, dict(c, BLOCK_M=block_m, BLOCK_N=64, IEEE=False, NUM_STAGES=3, UNROLL=unroll,
+                                          LANES=False), types, num_warps=4, num_stages=3)
+    build(_gguf_gemv_kernel, dict(c, BLOCK_M=1, BLOCK_N=64, IEEE=False, NUM_STAGES=3, UNROLL=4, LANES=True),
+          types, num_warps=4, num_stages=3)
+    build(_gguf_gemv_kernel, dict(c, BLOCK_M=16, BLOCK_N=64, IEEE=True, NUM_STAGES=3, UNROLL=1, LANES=False),
           dict(types, x_ptr="*fp32"), num_warps=4, num_stages=3)
     build(_gguf_dequant_kernel, dict(c, BLOCK_N=64, UNITS=128 // c["VB"]), types)
 """

@@ -59,8 +59,10 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 @dataclass(frozen=True)
 class Launch(GemvConfig):
     """GemvConfig plus `unroll`: units per loop iteration of _gguf_gemv_kernel (their loads issued
-    together: one unit's few bytes per row left the GEMV latency-bound, session 10's H200 run)."""
+    together: one unit's few bytes per row left the GEMV latency-bound, session 10's H200 run),
+    and `lanes` (one row): per-lane fp32 sums reduced once after the loop."""
     unroll: int = 1
+    lanes: bool = False
 
 
 ONE_ROW = Launch(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4)
@@ -160,11 +162,12 @@ def _value_cols(FMT: tl.constexpr, VB: tl.constexpr):
 def _gguf_gemv_kernel(x_ptr, qw_ptr, hw_ptr, y_ptr, M, N, KB, UNITS_PER_SPLIT, stride_xm, stride_ym, stride_ysplit,
                       FMT: tl.constexpr, BB: tl.constexpr, VB: tl.constexpr, UPB: tl.constexpr,
                       HAS_MIN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      IEEE: tl.constexpr, NUM_STAGES: tl.constexpr, UNROLL: tl.constexpr):
+                      IEEE: tl.constexpr, NUM_STAGES: tl.constexpr, UNROLL: tl.constexpr, LANES: tl.constexpr):
     """Programs over (N blocks, K splits, M blocks of BLOCK_M rows: 1 for FMAs, >= 16 for tl.dot);
     each unit (VB values) adds scale * (x . q) (+ offset * sum(x) where the type has one) to fp32
-    sums, UNROLL units an iteration (past the split's end masked: scale 0); y [splits, M, N]
-    (fp32 partials when split)."""
+    sums, UNROLL units an iteration (past the split's end masked: scale 0); LANES (one row):
+    the products summed per lane [BLOCK_N, VB] and reduced once at the end instead of per unit;
+    y [splits, M, N] (fp32 partials when split)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -176,6 +179,8 @@ def _gguf_gemv_kernel(x_ptr, qw_ptr, hw_ptr, y_ptr, M, N, KB, UNITS_PER_SPLIT, s
     u_begin = pid_k * UNITS_PER_SPLIT
     u_end = tl.minimum(u_begin + UNITS_PER_SPLIT, KB * UPB)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if LANES:   # one row: per-lane sums, reduced once after the loop (not a reduction per unit)
+        lanes = tl.zeros([BLOCK_N, VB], dtype=tl.float32)
     for u0 in tl.range(u_begin, u_end, UNROLL, num_stages=NUM_STAGES):
         for i in tl.static_range(UNROLL):
             u = u0 + i
@@ -186,15 +191,25 @@ def _gguf_gemv_kernel(x_ptr, qw_ptr, hw_ptr, y_ptr, M, N, KB, UNITS_PER_SPLIT, s
             q, d, mn = _unit(qw_ptr, hw_ptr, rows, u, KB, w_valid, FMT, BB, VB, UPB)
             xs = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + (u * VB + cols)[None, :],
                          mask=x_valid[:, None], other=0.0)
-            if BLOCK_M == 1:
-                part = tl.sum(q * xs.to(tl.float32), 1)[None, :]
-            elif IEEE:
-                part = tl.dot(xs, tl.trans(q), input_precision="ieee")
+            if LANES:
+                xf = xs.to(tl.float32)
+                lanes += q * xf * d[:, None]
+                if HAS_MIN:
+                    lanes += xf * mn[:, None]
+            elif BLOCK_M == 1:
+                acc += tl.sum(q * xs.to(tl.float32), 1)[None, :] * d[None, :]
+                if HAS_MIN:
+                    acc += tl.sum(xs.to(tl.float32), 1)[:, None] * mn[None, :]
             else:
-                part = tl.dot(xs, tl.trans(q.to(xs.dtype)))
-            acc += part * d[None, :]
-            if HAS_MIN:
-                acc += tl.sum(xs.to(tl.float32), 1)[:, None] * mn[None, :]
+                if IEEE:
+                    part = tl.dot(xs, tl.trans(q), input_precision="ieee")
+                else:
+                    part = tl.dot(xs, tl.trans(q.to(xs.dtype)))
+                acc += part * d[None, :]
+                if HAS_MIN:
+                    acc += tl.sum(xs.to(tl.float32), 1)[:, None] * mn[None, :]
+    if LANES:
+        acc = tl.sum(lanes, 1)[None, :]
     out = y_ptr + pid_k * stride_ysplit + offs_m[:, None].to(tl.int64) * stride_ym + rows[None, :]
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_valid[:, None] & n_valid[None, :])
 
@@ -268,6 +283,7 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, fmt: str, config: GemvConfig | 
         x, qweight, qweight.view(torch.float16), partials, m, n, kb, per_split, x.stride(0), partials.stride(1),
         partials.stride(0), **_constants(fmt), BLOCK_M=block_m, BLOCK_N=config.block_n,
         IEEE=x.dtype == torch.float32, NUM_STAGES=config.num_stages, UNROLL=getattr(config, "unroll", 1),
+        LANES=block_m == 1 and getattr(config, "lanes", False),
         num_warps=config.num_warps)
     return sum_splits(partials, x.dtype)
 
