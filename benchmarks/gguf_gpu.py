@@ -139,7 +139,7 @@ def child(variant: str, model: str, smoke: bool, random_model: bool = False) -> 
     gguf.CUDA_PACKED_TYPES = tuple(triton_gguf.TYPE_IDS)   # every type the kernels take, default or not
     if variant == "packed0":
         triton_gguf.CONFIGS = {}
-    elif os.environ.get("GGUF_TUNED"):   # this run's tune: its best launches
+    elif os.path.isfile(os.environ.get("GGUF_TUNED", "")):   # this run's tune: its best launches
         triton_gguf.CONFIGS = tuned_configs(os.environ["GGUF_TUNED"])
     if random_model:
         return random_child(variant, model, smoke)
@@ -393,8 +393,8 @@ def tune(types: list[str], warm: bool, smoke: bool) -> None:
                   f"cuBLAS bf16 dequantized {cublas:.2f} us; "
                   f"max rel. diff to default {worst_err:.2e}", flush=True)
         torch.cuda.empty_cache()
-    if not warm:
-        _write("gguf_tune.json", results)
+        if not warm:   # after each type: a timed-out run keeps the types it finished
+            _write("gguf_tune.json", results)
     print("TUNE done" + (" (warm)" if warm else ""), flush=True)
 
 

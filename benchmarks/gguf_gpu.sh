@@ -56,7 +56,7 @@ else
   for t in $TYPES; do
     ( PAGEDSERVE_TEST_DEVICE=cuda timeout 60 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_gguf_triton.py \
         -k "$t" > "$LOGS/tests_$t.txt" 2>&1
-      timeout 50 $PY benchmarks/gguf_gpu.py tune --types "$t" --warm > "$LOGS/warm_$t.txt" 2>&1 ) &
+      timeout 55 $PY benchmarks/gguf_gpu.py tune --types "$t" --warm > "$LOGS/warm_$t.txt" 2>&1 ) &
   done
   PAGEDSERVE_TEST_DEVICE=cuda timeout 60 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_gguf_triton.py \
     -k "not (${TYPES// / or })" > "$LOGS/tests_rest.txt" 2>&1
@@ -67,7 +67,7 @@ else
     echo "--- random models"; tail -n 3 "$LOGS/random_write.txt"; } > "$OUT/tests.txt"
   head -n 12 "$OUT/tests.txt"
   echo "=== tune (t=${SECONDS}s)"
-  timeout 60 $PY benchmarks/gguf_gpu.py tune --types "${TYPES// /,}" 2>&1 | tee "$OUT/tune.txt" | grep --line-buffered "^TUNE\|Error"
+  timeout 70 $PY benchmarks/gguf_gpu.py tune --types "${TYPES// /,}" 2>&1 | tee "$OUT/tune.txt" | grep --line-buffered "^TUNE\|Error"
   LEFT=$((195 - SECONDS))
   echo "=== random models, b1_decode dequant vs packed (tuned) (t=${SECONDS}s, ${LEFT}s left)"
   GGUF_TUNED="$OUT/gguf_tune.json" timeout "$LEFT" $PY benchmarks/gguf_gpu.py random --types "${TYPES// /,}" \
