@@ -69,12 +69,10 @@ NEW_TYPES = ("Q4_K", "Q6_K", "Q5_K", "Q5_0", "Q5_1")   # the order `random` runs
 ALL_TYPES = ("Q4_0", "Q4_1", "Q8_0") + NEW_TYPES
 TUNE_SHAPES = ((3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192))   # (N, K): qkv, o, gate_up, down
 TUNE_COPIES = 4
-# (block_n, warps, programs per SM, units per iteration); session 10's first run (unroll 1, block_n
-# 32-128, warps 2-8, 2-8 programs per SM) found 64 / 2 / 4 best at one row, all 1.4-3x cuBLAS's time
-# (block_n, warps, programs per SM, units per iteration, lanes)
-TUNE_GRID = {1: [(bn, w, p, u, ln) for bn in (32, 64) for w in (2, 4) for p in (4, 16) for u in (1, 4, 8)
-                 for ln in (0, 1)],
-             4: [(bn, 4, p, u, 0) for bn in (64, 128) for p in (2, 4) for u in (1, 2, 4)]}
+# (block_n, warps, programs per SM). Session 10's second run also tried 4-8 units' loads an
+# iteration (Q6_K -1.6%, the rest slower) and was to try per-lane sums at one row: both deleted.
+TUNE_GRID = {1: [(bn, w, p) for bn in (32, 64, 128) for w in (2, 4, 8) for p in (2, 4, 8)],
+             4: [(bn, w, p) for bn in (32, 64, 128) for w in (4, 8) for p in (2, 4, 8)]}
 RANDOM_TYPES = ("Q4_K", "Q4_1", "Q6_K", "Q5_K", "Q5_0", "Q5_1", "Q8_0", "Q4_0")   # `random`'s order
 
 
@@ -297,10 +295,9 @@ def _write(name: str, results: dict) -> None:
 
 
 def _launch(key: str, rows: int):
-    from pagedserve.layers.quantization.triton_gguf import Launch
-    bn, warps, pps, unroll, lanes = (int(v) for v in key.split("/"))
-    return Launch(block_n=bn, num_warps=warps, num_stages=3, programs_per_sm=pps, dot=rows > 1, block_m=16,
-                  unroll=unroll, lanes=bool(lanes))
+    from pagedserve.layers.quantization.triton_w4a16_gemv import GemvConfig
+    bn, warps, pps = (int(v) for v in key.split("/"))
+    return GemvConfig(block_n=bn, num_warps=warps, num_stages=3, programs_per_sm=pps, dot=rows > 1, block_m=16)
 
 
 def tuned_configs(path: str) -> dict:
@@ -347,7 +344,7 @@ def tune(types: list[str], warm: bool, smoke: bool) -> None:
     device = "cpu" if smoke else "cuda"
     shapes = ((64, 256), (32, 512)) if smoke else TUNE_SHAPES
     copies = 1 if smoke else TUNE_COPIES
-    grid = {1: [(32, 2, 4, 4, 1), (64, 4, 4, 1, 0)], 4: [(64, 4, 2, 2, 0), (64, 4, 4, 1, 0)]} if smoke else TUNE_GRID
+    grid = {1: [(32, 2, 4), (64, 4, 4)], 4: [(64, 4, 2), (64, 4, 4)]} if smoke else TUNE_GRID
     gen = torch.Generator(device=device).manual_seed(0)
     results = {"date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()), "shapes": shapes, "copies": copies,
                "types": {}}
@@ -364,8 +361,8 @@ def tune(types: list[str], warm: bool, smoke: bool) -> None:
                 return lambda: [triton_gguf.gemv(x, w, fmt, config) for ws in weights for x, w in zip(xs, ws)]
 
             timed = {}
-            for bn, warps, pps, unroll, lanes in configs:
-                key = f"{bn}/{warps}/{pps}/{unroll}/{lanes}"
+            for bn, warps, pps in configs:
+                key = f"{bn}/{warps}/{pps}"
                 config = _launch(key, m)
                 try:
                     outs = [triton_gguf.gemv(x, w, fmt, config) for x, w in zip(xs, weights[0])]
@@ -381,8 +378,7 @@ def tune(types: list[str], warm: bool, smoke: bool) -> None:
                 continue
             dense = [[triton_gguf.dequantize(w, fmt, xs[0].dtype) for w in ws] for ws in weights]
             cublas = _graph_us(lambda: [x @ w.t() for ws in dense for x, w in zip(xs, ws)]) / copies
-            d_key = "/".join(str(int(v)) for v in (default.block_n, default.num_warps, default.programs_per_sm,
-                                                    default.unroll, default.lanes))
+            d_key = f"{default.block_n}/{default.num_warps}/{default.programs_per_sm}"
             best = min(timed, key=lambda key: timed[key]["us"])
             worst_err = max(v["rel_err"] for v in timed.values())
             gb = sum(w.numel() for w in weights[0]) / 1e3   # bytes of one copy / 1e3: GB/s from us

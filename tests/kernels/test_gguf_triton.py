@@ -23,12 +23,9 @@ TYPES = ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
 # fp16 fields per type: the scale d first, then Q4_1 / Q5_1's m or the K-quants' dmin
 FP16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q8_0": (0,), "Q5_0": (0,), "Q5_1": (0, 2), "Q4_K": (0, 2),
                "Q5_K": (0, 2), "Q6_K": (208,)}
-# small launches so that K spans several tiles / splits and N leaves a ragged last block; 3 units
-# an iteration for one row, 2 for 3 rows (a split's last iteration part past its end)
-SMALL_FMA = triton_gguf.Launch(block_n=16, num_warps=4, num_stages=2, programs_per_sm=4, unroll=3, lanes=True)
+# small launches so that K spans several tiles / splits and N leaves a ragged last block
+SMALL_FMA = GemvConfig(block_n=16, num_warps=4, num_stages=2, programs_per_sm=4)
 SMALL_DOT = GemvConfig(block_n=16, num_warps=4, num_stages=2, programs_per_sm=4, dot=True, block_m=16)
-SMALL_DOT2 = triton_gguf.Launch(block_n=16, num_warps=4, num_stages=2, programs_per_sm=4, dot=True, block_m=16,
-                                unroll=2)
 
 
 def random_blocks(fmt: str, n: int, kb: int, seed: int, scale: float = 0.02) -> torch.Tensor:
@@ -92,7 +89,7 @@ def test_gemv(fmt: str, m: int, dtype: torch.dtype) -> None:
     for n, kb, seed in shapes:
         raw = random_blocks(fmt, n, kb, seed=seed + m)
         x = torch.randn(m, kb * values_per_block(fmt), generator=torch.Generator().manual_seed(seed)).to(dtype)
-        config = SMALL_FMA if m == 1 else (SMALL_DOT2 if m == 3 else SMALL_DOT)
+        config = SMALL_FMA if m == 1 else SMALL_DOT
         out = triton_gguf.gemv(x.to(DEVICE), raw.to(DEVICE), fmt, config)
         _close(out, _reference(x, raw, fmt), dtype)
 
@@ -142,12 +139,9 @@ types = dict(x_ptr="*bf16", qw_ptr="*u8", hw_ptr="*fp16", y_ptr="*fp32", w_ptr="
 for fmt in LAYOUTS:
     c = _constants(fmt)
     for block_m in (1, 16):
-        for unroll in (1, 4):
-            build(_gguf_gemv_kernel, dict(c, BLOCK_M=block_m, BLOCK_N=64, IEEE=False, NUM_STAGES=3, UNROLL=unroll,
-                                          LANES=False), types, num_warps=4, num_stages=3)
-    build(_gguf_gemv_kernel, dict(c, BLOCK_M=1, BLOCK_N=64, IEEE=False, NUM_STAGES=3, UNROLL=4, LANES=True),
-          types, num_warps=4, num_stages=3)
-    build(_gguf_gemv_kernel, dict(c, BLOCK_M=16, BLOCK_N=64, IEEE=True, NUM_STAGES=3, UNROLL=1, LANES=False),
+        build(_gguf_gemv_kernel, dict(c, BLOCK_M=block_m, BLOCK_N=64, IEEE=False, NUM_STAGES=3),
+              types, num_warps=4, num_stages=3)
+    build(_gguf_gemv_kernel, dict(c, BLOCK_M=16, BLOCK_N=64, IEEE=True, NUM_STAGES=3),
           dict(types, x_ptr="*fp32"), num_warps=4, num_stages=3)
     build(_gguf_dequant_kernel, dict(c, BLOCK_N=64, UNITS=128 // c["VB"]), types)
 """
@@ -173,7 +167,8 @@ def test_gguf_layers_route_to_the_kernels(monkeypatch) -> None:
     from pagedserve.layers.quantization import gguf
     assert gguf._cuda_packed(torch.device("cuda"), "Q4_1", True) == gguf.CUDA_PACKED
     for fmt in triton_gguf.TYPE_IDS:
-        assert gguf._cuda_packed(torch.device("cuda"), fmt, True) == (gguf.CUDA_PACKED and fmt in gguf.CUDA_PACKED_TYPES)
+        packed = gguf.CUDA_PACKED and fmt in gguf.CUDA_PACKED_TYPES
+        assert gguf._cuda_packed(torch.device("cuda"), fmt, True) == packed
     assert not gguf._cuda_packed(torch.device("cuda"), "Q8_0", False)
     assert not gguf._cuda_packed(torch.device("cpu"), "Q8_0", True)
     assert set(gguf.CUDA_PACKED_TYPES) <= set(triton_gguf.TYPE_IDS)

@@ -29,11 +29,12 @@ its scale and offset (d * sc and -dmin * m computed in fp32 as ggml does) for BL
 
 The launch tables are triton_w4a16_gemv's GemvConfig (block_n, warps, stages, programs per SM,
 dot, block_m): ONE_ROW / FEW_ROWS, CONFIGS per type where a device run measured better
-(benchmarks/gguf_gpu.py tune).
+(benchmarks/gguf_gpu.py tune). On 1B-class shapes the GEMV streams 0.4-0.8 TB/s (session 10,
+H200: 1.4-2.6x cuBLAS's time on the bf16-dequantized weight, 3.5x the bytes); issuing 4-8 units'
+loads per iteration did not change that (deleted): benchmarks/RESULTS.md, issue 19.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -54,21 +55,14 @@ TYPE_IDS = {fmt: layout[0] for fmt, layout in LAYOUTS.items()}
 _BLOCK_BYTES = {fmt: layout[1] for fmt, layout in LAYOUTS.items()}
 _WITH_MIN = ("Q4_1", "Q5_1", "Q4_K", "Q5_K")   # value = q * scale + offset (the others: q * scale)
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-@dataclass(frozen=True)
-class Launch(GemvConfig):
-    """GemvConfig plus `unroll`: units per loop iteration of _gguf_gemv_kernel (their loads issued
-    together: one unit's few bytes per row left the GEMV latency-bound, session 10's H200 run),
-    and `lanes` (one row): per-lane fp32 sums reduced once after the loop."""
-    unroll: int = 1
-    lanes: bool = False
-
-
-ONE_ROW = Launch(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4)
-FEW_ROWS = Launch(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4, dot=True, block_m=16)
-# per type (one row, 2..GEMV_MAX_ROWS rows) where a device run measured better than the above
-CONFIGS: dict[str, tuple[GemvConfig, GemvConfig]] = {}
+ONE_ROW = GemvConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4)
+FEW_ROWS = GemvConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4, dot=True, block_m=16)
+# per type (one row, 2..GEMV_MAX_ROWS rows) where a device run measured better than the above:
+# 2 warps at one row, 15-34% less time for one 1B-class layer's four products in both of session
+# 10's H200 runs (benchmarks/gguf_gpu.py tune; Q5_0, Q6_K, Q8_0 within 5%: the default kept)
+_ONE_ROW_2W = GemvConfig(block_n=64, num_warps=2, num_stages=3, programs_per_sm=4)
+CONFIGS: dict[str, tuple[GemvConfig, GemvConfig]] = {fmt: (_ONE_ROW_2W, FEW_ROWS)
+                                                     for fmt in ("Q4_0", "Q4_1", "Q5_1", "Q4_K", "Q5_K")}
 
 
 @triton.jit
@@ -162,12 +156,10 @@ def _value_cols(FMT: tl.constexpr, VB: tl.constexpr):
 def _gguf_gemv_kernel(x_ptr, qw_ptr, hw_ptr, y_ptr, M, N, KB, UNITS_PER_SPLIT, stride_xm, stride_ym, stride_ysplit,
                       FMT: tl.constexpr, BB: tl.constexpr, VB: tl.constexpr, UPB: tl.constexpr,
                       HAS_MIN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      IEEE: tl.constexpr, NUM_STAGES: tl.constexpr, UNROLL: tl.constexpr, LANES: tl.constexpr):
+                      IEEE: tl.constexpr, NUM_STAGES: tl.constexpr):
     """Programs over (N blocks, K splits, M blocks of BLOCK_M rows: 1 for FMAs, >= 16 for tl.dot);
     each unit (VB values) adds scale * (x . q) (+ offset * sum(x) where the type has one) to fp32
-    sums, UNROLL units an iteration (past the split's end masked: scale 0); LANES (one row):
-    the products summed per lane [BLOCK_N, VB] and reduced once at the end instead of per unit;
-    y [splits, M, N] (fp32 partials when split)."""
+    sums; y [splits, M, N] (fp32 partials when split)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -179,37 +171,19 @@ def _gguf_gemv_kernel(x_ptr, qw_ptr, hw_ptr, y_ptr, M, N, KB, UNITS_PER_SPLIT, s
     u_begin = pid_k * UNITS_PER_SPLIT
     u_end = tl.minimum(u_begin + UNITS_PER_SPLIT, KB * UPB)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if LANES:   # one row: per-lane sums, reduced once after the loop (not a reduction per unit)
-        lanes = tl.zeros([BLOCK_N, VB], dtype=tl.float32)
-    for u0 in tl.range(u_begin, u_end, UNROLL, num_stages=NUM_STAGES):
-        for i in tl.static_range(UNROLL):
-            u = u0 + i
-            if UNROLL == 1:
-                w_valid, x_valid = n_valid, m_valid
-            else:
-                w_valid, x_valid = n_valid & (rows * 0 + u < u_end), m_valid & (offs_m * 0 + u < u_end)
-            q, d, mn = _unit(qw_ptr, hw_ptr, rows, u, KB, w_valid, FMT, BB, VB, UPB)
-            xs = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + (u * VB + cols)[None, :],
-                         mask=x_valid[:, None], other=0.0)
-            if LANES:
-                xf = xs.to(tl.float32)
-                lanes += q * xf * d[:, None]
-                if HAS_MIN:
-                    lanes += xf * mn[:, None]
-            elif BLOCK_M == 1:
-                acc += tl.sum(q * xs.to(tl.float32), 1)[None, :] * d[None, :]
-                if HAS_MIN:
-                    acc += tl.sum(xs.to(tl.float32), 1)[:, None] * mn[None, :]
-            else:
-                if IEEE:
-                    part = tl.dot(xs, tl.trans(q), input_precision="ieee")
-                else:
-                    part = tl.dot(xs, tl.trans(q.to(xs.dtype)))
-                acc += part * d[None, :]
-                if HAS_MIN:
-                    acc += tl.sum(xs.to(tl.float32), 1)[:, None] * mn[None, :]
-    if LANES:
-        acc = tl.sum(lanes, 1)[None, :]
+    for u in tl.range(u_begin, u_end, num_stages=NUM_STAGES):
+        q, d, mn = _unit(qw_ptr, hw_ptr, rows, u, KB, n_valid, FMT, BB, VB, UPB)
+        xs = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + (u * VB + cols)[None, :],
+                     mask=m_valid[:, None], other=0.0)
+        if BLOCK_M == 1:
+            part = tl.sum(q * xs.to(tl.float32), 1)[None, :]
+        elif IEEE:
+            part = tl.dot(xs, tl.trans(q), input_precision="ieee")
+        else:
+            part = tl.dot(xs, tl.trans(q.to(xs.dtype)))
+        acc += part * d[None, :]
+        if HAS_MIN:
+            acc += tl.sum(xs.to(tl.float32), 1)[:, None] * mn[None, :]
     out = y_ptr + pid_k * stride_ysplit + offs_m[:, None].to(tl.int64) * stride_ym + rows[None, :]
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_valid[:, None] & n_valid[None, :])
 
@@ -282,9 +256,7 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, fmt: str, config: GemvConfig | 
     _gguf_gemv_kernel[(n_blocks, splits, m_blocks)](
         x, qweight, qweight.view(torch.float16), partials, m, n, kb, per_split, x.stride(0), partials.stride(1),
         partials.stride(0), **_constants(fmt), BLOCK_M=block_m, BLOCK_N=config.block_n,
-        IEEE=x.dtype == torch.float32, NUM_STAGES=config.num_stages, UNROLL=getattr(config, "unroll", 1),
-        LANES=block_m == 1 and getattr(config, "lanes", False),
-        num_warps=config.num_warps)
+        IEEE=x.dtype == torch.float32, NUM_STAGES=config.num_stages, num_warps=config.num_warps)
     return sum_splits(partials, x.dtype)
 
 
