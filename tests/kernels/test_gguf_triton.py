@@ -1,7 +1,9 @@
 """The GGUF block kernels (pagedserve/layers/quantization/triton_gguf.py) against the torch
 reference (gguf_kernels.dequantize, itself checked against gguf.quants.dequantize here): the
 dequantization bit for bit, the GEMV and the prefill path within one rounding of the output,
-for Q4_0, Q4_1 and Q8_0; and the kernels compiled for sm_90 on the CPU."""
+for every type gguf.py keeps packed on CUDA (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K);
+the kernels compiled for sm_90 on the CPU; gguf.py's routing; a tiny random Llama of each type
+loaded packed gives the dequantized model's greedy ids."""
 from __future__ import annotations
 
 import numpy as np
@@ -17,24 +19,34 @@ from pagedserve.layers.quantization.triton_w4a16_gemv import GemvConfig  # noqa:
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Triton's CPU interpreter mishandles bfloat16 loads/stores: bf16 runs on the GPU machine only.
 DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
-TYPES = ["Q4_0", "Q4_1", "Q8_0"]
+TYPES = ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
+# fp16 fields per type: the scale d first, then Q4_1 / Q5_1's m or the K-quants' dmin
+FP16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q8_0": (0,), "Q5_0": (0,), "Q5_1": (0, 2), "Q4_K": (0, 2),
+               "Q5_K": (0, 2), "Q6_K": (208,)}
 # small launches so that K spans several tiles / splits and N leaves a ragged last block
 SMALL_FMA = GemvConfig(block_n=16, num_warps=4, num_stages=2, programs_per_sm=4)
 SMALL_DOT = GemvConfig(block_n=16, num_warps=4, num_stages=2, programs_per_sm=4, dot=True, block_m=16)
 
 
-def random_blocks(fmt: str, n: int, kb: int, seed: int) -> torch.Tensor:
-    """Raw blocks [n, kb, block_bytes] with random quants and sane fp16 scales (|d| ~ 0.01,
-    Q4_1's m ~ -0.1)."""
+def random_blocks(fmt: str, n: int, kb: int, seed: int, scale: float = 0.02) -> torch.Tensor:
+    """Raw blocks [n, kb, block_bytes] with random quants (and K-quant sub-block scales) and sane
+    fp16 scales (d ~ U[0.05, 1.05] * scale, Q4_1 / Q5_1's m ~ -10 scale * U[0, 1], the K-quants'
+    dmin as d)."""
     gen = torch.Generator().manual_seed(seed)
     nbytes = triton_gguf._BLOCK_BYTES[fmt]
     raw = torch.randint(0, 256, (n, kb, nbytes), generator=gen, dtype=torch.uint8)
-    d = (torch.rand(n, kb, 1, generator=gen) * 0.02 + 0.001).to(torch.float16)
-    raw[..., 0:2] = d.view(torch.uint8)
-    if fmt == "Q4_1":
-        m = (-torch.rand(n, kb, 1, generator=gen) * 0.2).to(torch.float16)
-        raw[..., 2:4] = m.view(torch.uint8)
+    at = FP16_FIELDS[fmt]
+    d = (torch.rand(n, kb, 1, generator=gen) * scale + scale / 20).to(torch.float16)
+    raw[..., at[0]:at[0] + 2] = d.view(torch.uint8)
+    if len(at) > 1:
+        m = (-torch.rand(n, kb, 1, generator=gen) * 10 * scale if fmt in ("Q4_1", "Q5_1")
+             else torch.rand(n, kb, 1, generator=gen) * scale + scale / 20).to(torch.float16)
+        raw[..., at[1]:at[1] + 2] = m.view(torch.uint8)
     return raw
+
+
+def values_per_block(fmt: str) -> int:
+    return 256 if fmt.endswith("_K") else 32
 
 
 @pytest.mark.parametrize("fmt", TYPES)
@@ -52,7 +64,7 @@ def test_torch_reference_matches_gguf_package(fmt: str) -> None:
 def test_dequantize_bit_exact(fmt: str, dtype: torch.dtype) -> None:
     raw = random_blocks(fmt, 37, 5, seed=2)
     out = triton_gguf.dequantize(raw.to(DEVICE), fmt, dtype)
-    assert out.dtype == dtype and out.shape == (37, 160)
+    assert out.dtype == dtype and out.shape == (37, 5 * values_per_block(fmt))
     assert torch.equal(out.cpu(), torch_dequantize(raw, fmt, dtype))
 
 
@@ -71,10 +83,12 @@ def _close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("fmt", TYPES)
 @pytest.mark.parametrize("m", [1, 3, 16, 37])
 def test_gemv(fmt: str, m: int, dtype: torch.dtype) -> None:
-    """Odd N (a ragged last column block), K of 1-3 blocks beyond a tile (split over programs)."""
-    for n, kb, seed in ((37, 1, 3), (53, 3, 4), (21, 9, 5)):
+    """Odd N (a ragged last column block), K of 1-3 blocks beyond a tile (split over programs;
+    the K-quants: 1-3 super-blocks of 8 or 16 units)."""
+    shapes = ((37, 1, 3), (53, 3, 4), (21, 9, 5)) if values_per_block(fmt) == 32 else ((37, 1, 3), (21, 3, 5))
+    for n, kb, seed in shapes:
         raw = random_blocks(fmt, n, kb, seed=seed + m)
-        x = torch.randn(m, kb * 32, generator=torch.Generator().manual_seed(seed)).to(dtype)
+        x = torch.randn(m, kb * values_per_block(fmt), generator=torch.Generator().manual_seed(seed)).to(dtype)
         config = SMALL_FMA if m == 1 else SMALL_DOT
         out = triton_gguf.gemv(x.to(DEVICE), raw.to(DEVICE), fmt, config)
         _close(out, _reference(x, raw, fmt), dtype)
@@ -85,7 +99,7 @@ def test_gemv_default_launch_and_rows_independent(fmt: str) -> None:
     """The default launches; a row's result does not depend on the rows beside it (FMA one row
     against the same row inside a tl.dot of 16, fp32 x: both exact to fp32 rounding)."""
     raw = random_blocks(fmt, 70, 4, seed=6).to(DEVICE)
-    x = torch.randn(16, 128, generator=torch.Generator().manual_seed(6)).to(DEVICE, torch.float16)
+    x = torch.randn(16, 4 * values_per_block(fmt), generator=torch.Generator().manual_seed(6)).to(DEVICE, torch.float16)
     many = triton_gguf.gemv(x, raw, fmt)
     one = triton_gguf.gemv(x[5:6], raw, fmt)
     _close(many, _reference(x.cpu(), raw.cpu(), fmt), torch.float16)
@@ -98,7 +112,7 @@ def test_matmul_prefill_rows_is_dequantize_then_matmul(fmt: str) -> None:
     exactly x @ reference.to(dtype).T; fewer rows take the GEMV; leading dims kept."""
     raw = random_blocks(fmt, 45, 3, seed=7)
     half = triton_gguf.GEMV_MAX_ROWS // 2 + 3
-    x = torch.randn(2, half, 96, generator=torch.Generator().manual_seed(7)).to(torch.float16)
+    x = torch.randn(2, half, 3 * values_per_block(fmt), generator=torch.Generator().manual_seed(7)).to(torch.float16)
     out = triton_gguf.matmul(x.to(DEVICE), raw.to(DEVICE), fmt)
     assert out.shape == (2, half, 45)
     expected = x.to(DEVICE) @ torch_dequantize(raw, fmt, torch.float16).to(DEVICE).T
@@ -110,8 +124,8 @@ def test_matmul_prefill_rows_is_dequantize_then_matmul(fmt: str) -> None:
 def test_rejects_bad_input() -> None:
     raw = random_blocks("Q4_1", 8, 2, seed=8).to(DEVICE)
     x = torch.zeros(1, 64, dtype=torch.float16, device=DEVICE)
-    with pytest.raises(ValueError, match="Q5_0"):
-        triton_gguf.gemv(x, raw, "Q5_0")
+    with pytest.raises(ValueError, match="Q2_K"):
+        triton_gguf.gemv(x, raw, "Q2_K")
     with pytest.raises(ValueError, match="qweight"):
         triton_gguf.gemv(x, raw, "Q8_0")
     with pytest.raises(ValueError, match="x must be"):
@@ -120,14 +134,16 @@ def test_rejects_bad_input() -> None:
 
 _COMPILE_FOR_SM90 = """
 from pagedserve.layers.quantization.triton_gguf import _gguf_gemv_kernel, _gguf_dequant_kernel
+from pagedserve.layers.quantization.triton_gguf import LAYOUTS, _constants
 types = dict(x_ptr="*bf16", qw_ptr="*u8", hw_ptr="*fp16", y_ptr="*fp32", w_ptr="*bf16")
-for fmt, bb in ((0, 18), (1, 20), (2, 34)):
+for fmt in LAYOUTS:
+    c = _constants(fmt)
     for block_m in (1, 16):
-        build(_gguf_gemv_kernel, dict(FMT=fmt, BB=bb, BLOCK_M=block_m, BLOCK_N=64, IEEE=False, NUM_STAGES=3),
+        build(_gguf_gemv_kernel, dict(c, BLOCK_M=block_m, BLOCK_N=64, IEEE=False, NUM_STAGES=3),
               types, num_warps=4, num_stages=3)
-    build(_gguf_gemv_kernel, dict(FMT=fmt, BB=bb, BLOCK_M=16, BLOCK_N=64, IEEE=True, NUM_STAGES=3),
+    build(_gguf_gemv_kernel, dict(c, BLOCK_M=16, BLOCK_N=64, IEEE=True, NUM_STAGES=3),
           dict(types, x_ptr="*fp32"), num_warps=4, num_stages=3)
-    build(_gguf_dequant_kernel, dict(FMT=fmt, BB=bb, BLOCK_N=64, BLOCKS=4), types)
+    build(_gguf_dequant_kernel, dict(c, BLOCK_N=64, UNITS=128 // c["VB"]), types)
 """
 
 
@@ -144,16 +160,18 @@ def test_gguf_layers_route_to_the_kernels(monkeypatch) -> None:
     """gguf.py's CUDA routing, run here through the interpreter (the device check forced): a fused
     QKV layer (Q4_1) and a row layer (Q8_0) keep their blocks and multiply through
     triton_gguf.matmul (GEMV rows and prefill rows); the Q8_0 embedding looks rows up exactly and
-    its logits take the kernels too. The predicate itself: CUDA, the three types, not the
+    its logits take the kernels too. The predicate itself: CUDA, every type, not the
     exact fp32 path."""
     from pagedserve.layers.embedding import ParallelLMHead
     from pagedserve.layers.linear import QKVParallelLinear, RowParallelLinear
     from pagedserve.layers.quantization import gguf
     assert gguf._cuda_packed(torch.device("cuda"), "Q4_1", True) == gguf.CUDA_PACKED
-    assert not gguf._cuda_packed(torch.device("cuda"), "Q5_0", True)
+    for fmt in triton_gguf.TYPE_IDS:
+        packed = gguf.CUDA_PACKED and fmt in gguf.CUDA_PACKED_TYPES
+        assert gguf._cuda_packed(torch.device("cuda"), fmt, True) == packed
     assert not gguf._cuda_packed(torch.device("cuda"), "Q8_0", False)
     assert not gguf._cuda_packed(torch.device("cpu"), "Q8_0", True)
-    assert set(gguf.CUDA_PACKED_TYPES) == set(triton_gguf.TYPE_IDS)
+    assert set(gguf.CUDA_PACKED_TYPES) <= set(triton_gguf.TYPE_IDS)
     monkeypatch.setattr(gguf, "_cuda_packed", lambda device, fmt, int4: int4 and fmt in TYPES)
     types = {f"l.self_attn.{p}.qweight": "Q4_1" for p in ("q_proj", "k_proj", "v_proj")}
     types["l.self_attn.o_proj.qweight"] = "Q8_0"
@@ -189,3 +207,94 @@ def test_gguf_layers_route_to_the_kernels(monkeypatch) -> None:
     assert embed.gguf_triton and torch.equal(embed.quant_method.embed(embed, ids.to(DEVICE)).cpu(), weight[ids])
     hidden = torch.randn(2, 64, generator=gen)
     _close(embed.quant_method.logits(embed, hidden.to(DEVICE)), _reference(hidden, e_raw, "Q8_0"), torch.float32)
+
+
+def model_blocks(fmt: str, n: int, kb: int, seed: int, std: float) -> torch.Tensor:
+    """Raw blocks whose values have mean ~0 and rms ~std (a random model that is not degenerate:
+    random_blocks' types with an offset give weights of one sign, whose products swamp the
+    tokens): random quants, d drawn around std / rms(q), Q4_1 / Q5_1's m = -d * mid-q, the
+    K-quants' sub-block scales in 1..8 (Q5_K 1..4) with mins = round(scale * mid-q) and dmin = d."""
+    gen = torch.Generator().manual_seed(seed + 1000)
+    raw = random_blocks(fmt, n, kb, seed)   # the quants (and Q6_K's int8 scales) stay random
+    mid, rms = {"Q4_0": (0, 4.6), "Q4_1": (7.5, 4.6), "Q8_0": (0, 74), "Q5_0": (0, 9.2), "Q5_1": (15.5, 9.2),
+                "Q4_K": (7.5, 4.6), "Q5_K": (15.5, 9.2), "Q6_K": (0, 74 * 18.5)}[fmt]
+    if fmt in ("Q4_K", "Q5_K"):   # 8 scales and 8 mins of 6 bits in 12 bytes (get_scale_min_k4's inverse)
+        sc = torch.randint(1, 9 if fmt == "Q4_K" else 5, (n, kb, 8), generator=gen)
+        mn = (sc * mid).round().long()
+        s = torch.empty(n, kb, 12, dtype=torch.long)
+        s[..., 0:4] = sc[..., :4] | ((sc[..., 4:] >> 4) << 6)
+        s[..., 4:8] = mn[..., :4] | ((mn[..., 4:] >> 4) << 6)
+        s[..., 8:12] = (sc[..., 4:] & 15) | ((mn[..., 4:] & 15) << 4)
+        raw[..., 4:16] = s.to(torch.uint8)
+        rms *= sc.float().pow(2).mean().sqrt().item()
+    d = (std / rms * (0.5 + torch.rand(n, kb, 1, generator=gen))).to(torch.float16)
+    at = FP16_FIELDS[fmt]
+    raw[..., at[0]:at[0] + 2] = d.view(torch.uint8)
+    if len(at) > 1:   # Q4_1 / Q5_1's m, the K-quants' dmin
+        second = d if fmt.endswith("_K") else (-mid * d.float()).to(torch.float16)
+        raw[..., at[1]:at[1] + 2] = second.view(torch.uint8)
+    return raw
+
+
+def write_random_llama(path: str, fmt: str, hidden: int = 256, intermediate: int = 512, layers: int = 2,
+                       vocab: int = 512, heads: int = 4, kv_heads: int = 2, seed: int = 0) -> str:
+    """A random Llama as pagedserve materializes a GGUF file (loader.materialize_gguf: config.json,
+    model.safetensors with every projection and the tied embedding as `fmt`'s raw blocks, fp32
+    norms, gguf_quant.json with the types): the loader's input after the GGUF parse. Weights of
+    mean ~0 (model_blocks), rms 1 / sqrt(K) in the projections and 0.02 in the embedding (tied: larger,
+    a token's own row wins the logits)."""
+    import json
+    import os
+    from safetensors.torch import save_file
+    per = values_per_block(fmt)
+    shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden // heads * kv_heads, hidden),
+              "self_attn.v_proj": (hidden // heads * kv_heads, hidden), "self_attn.o_proj": (hidden, hidden),
+              "mlp.gate_proj": (intermediate, hidden), "mlp.up_proj": (intermediate, hidden),
+              "mlp.down_proj": (hidden, intermediate)}
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {"model.embed_tokens.qweight": model_blocks(fmt, vocab, hidden // per, seed, 0.02),
+               "model.norm.weight": 1 + 0.1 * torch.randn(hidden, generator=gen)}
+    for i in range(layers):
+        for j, (name, (rows, cols)) in enumerate(shapes.items()):
+            tensors[f"model.layers.{i}.{name}.qweight"] = model_blocks(fmt, rows, cols // per, seed + 10 * i + j + 1,
+                                                                      cols ** -0.5)
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            tensors[f"model.layers.{i}.{name}.weight"] = 1 + 0.1 * torch.randn(hidden, generator=gen)
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, "model.safetensors"))
+    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=hidden,
+                  intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
+                  num_key_value_heads=kv_heads, head_dim=hidden // heads, vocab_size=vocab, hidden_act="silu",
+                  max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
+                  attention_bias=False, mlp_bias=False, bos_token_id=1, eos_token_id=2)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    with open(os.path.join(path, "gguf_quant.json"), "w") as f:
+        json.dump({"quant_method": "gguf", "tensor_types": {k: fmt for k in tensors if k.endswith(".qweight")}}, f)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"])   # the types session 10 added
+def test_random_llama_packed_gives_the_dequantized_ids(fmt: str, tmp_path, monkeypatch) -> None:
+    """A 1-layer random Llama of `fmt` loaded with its blocks kept (gguf.py's routing forced for
+    dtype=float32, which dequantizes otherwise; on the CPU through the interpreter: the GEMV's
+    fp32 FMAs / IEEE dots, prefill rows through the Triton dequantize): every projection and the
+    tied embedding stay raw blocks, and the greedy ids equal those of the same model dequantized
+    to fp32 at load."""
+    from pagedserve import LLM, SamplingParams
+    from pagedserve.layers.quantization import gguf
+    model = write_random_llama(str(tmp_path / fmt), fmt, intermediate=256, layers=1)
+    prompts = [{"prompt_token_ids": [5, 77, 301, 12, 9]}, {"prompt_token_ids": list(range(40, 60))}]
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, detokenize=False)
+
+    def run() -> tuple[list[list[int]], int]:
+        llm = LLM(model=model, device=DEVICE, dtype="float32", max_model_len=64, skip_tokenizer_init=True, seed=0,
+                  enforce_eager=True, num_kv_blocks=32)   # small: the GPU run has a test process per type
+        packed = sum(bool(getattr(m, "gguf_triton", False)) for m in llm.engine.core.executor.runner.model.modules())
+        return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)], packed
+
+    reference, none = run()   # dtype=float32: dequantized to fp32 at load
+    monkeypatch.setattr(gguf, "_cuda_packed", lambda device, f, int4: f in triton_gguf.TYPE_IDS)
+    ids, packed = run()
+    assert none == 0 and packed == 4 + 1   # qkv, o, gate_up, down; the embedding (= LM head)
+    assert ids == reference and all(len(t) == 4 for t in ids) and len({i for t in ids for i in t}) >= 2, ids

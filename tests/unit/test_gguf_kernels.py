@@ -57,3 +57,12 @@ def test_int4_dequantize_is_the_kernels_weight(fmt):
         kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.eye(256, dtype=torch.bfloat16), part.packed, 32,
                                                              part.scales_zeros)
         assert torch.equal(ours.bfloat16(), kernel)
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_dequantize_stays_on_the_blocks_device(fmt):
+    """Every helper tensor is made on the blocks' device (CPU-made shift tensors broke Q5_0 / Q5_1 /
+    Q5_K at load on CUDA, session 10's device run): here on the meta device, which refuses a mix."""
+    raw = torch.zeros(3, 2, FORMATS[fmt].nbytes, dtype=torch.uint8, device="meta")
+    out = dequantize(raw, fmt)
+    assert out.device.type == "meta" and out.shape == (3, 2 * FORMATS[fmt].elems)

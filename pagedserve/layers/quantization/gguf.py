@@ -13,12 +13,13 @@ process_weights_after_loading turns them into what the device multiplies fast:
                                     the CPU has native bf16, else fp32: gemm_dtype)
     Q4_0, Q4_1, Q4_K, Q8_0 on CPU   without a C++ compiler: torch's int4 kernel
                                     (gguf_kernels.to_int4; Q8_0 as two int4 halves)
-    Q4_0, Q4_1, Q8_0 on CUDA        the blocks as they are: triton_gguf's GEMV for up to 16 rows,
-                                    more rows dequantize the layer to the model dtype for that
-                                    call (a Triton kernel) and run cuBLAS
+    CUDA_PACKED_TYPES on CUDA       the blocks as they are: triton_gguf's GEMV for up to 16 rows
+                                    (it takes every type), more rows dequantize the layer to the
+                                    model dtype for that call (a Triton kernel) and run cuBLAS
                                     (CUDA_PACKED = False: dequantized once, as below)
-    other types on CUDA             dequantized once to a float `weight` (the model dtype), as are
-                                    Q5_0, Q5_1, Q5_K, Q6_K on CPU without the C++ kernels
+    other types on CUDA, and        dequantized once to a float `weight` (the model dtype), as is
+    Q5_0, Q5_1, Q5_K, Q6_K on CPU   every type with dtype=float32 (the exact path)
+    without the C++ kernels
 
 The embedding looks rows up in the raw blocks and dequantizes only those (exact fp32).
 QuantizationSpec("gguf", {"tensor_types": {checkpoint name: type}}, plus "dequantize": true
@@ -49,7 +50,10 @@ Q8_MAX_ROWS = 64
 # CUDA: keep the types triton_gguf multiplies packed (False: dequantize every type once at load,
 # as before session 9; benchmarks/gguf_gpu.py's A/B sets it); triton_gguf.GEMV_MAX_ROWS: its rows
 CUDA_PACKED = True
-CUDA_PACKED_TYPES = ("Q4_0", "Q4_1", "Q8_0")   # triton_gguf.TYPE_IDS (imported where used: Triton)
+# The types kept packed by default: those whose packed b1_decode on the H200 is at least the
+# dequantized one's (benchmarks/RESULTS.md, issue 19). triton_gguf takes every type (TYPE_IDS);
+# benchmarks/gguf_gpu.py's packed variants set all of them.
+CUDA_PACKED_TYPES = ("Q4_0", "Q4_1", "Q8_0")
 
 
 @cache

@@ -50,7 +50,7 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
 
 def _bits(qh: torch.Tensor, count: int) -> torch.Tensor:
     """Little-endian bytes [..., count / 8] -> bits [..., count] (bit j of the word first)."""
-    shifts = torch.arange(8, dtype=torch.uint8)
+    shifts = torch.arange(8, dtype=torch.uint8, device=qh.device)
     return ((qh.unsqueeze(-1) >> shifts) & 1).reshape(*qh.shape[:-1], count)
 
 
@@ -100,7 +100,7 @@ def _unpack(raw: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor, to
         else:
             # bit (2i) of qh[l] tops sub-block 2i's element l, bit (2i + 1) sub-block 2i + 1's
             qh = raw[..., 16:48]
-            shifts = torch.arange(8, dtype=torch.uint8)
+            shifts = torch.arange(8, dtype=torch.uint8, device=raw.device)
             high = ((qh.unsqueeze(-2) >> shifts.view(8, 1)) & 1).reshape(*lead, 256).to(torch.int32)
             q = _k_quants4(raw[..., 48:176]).to(torch.int32) | (high << 4)
         return (q.reshape(*lead, 8, 32), (d * sc).unsqueeze(-1), (-dmin * m).unsqueeze(-1))
