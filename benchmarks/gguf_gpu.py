@@ -59,6 +59,7 @@ VARIANTS = {   # name: (dtype, (gguf.CUDA_PACKED, triton_gguf.GEMV_MAX_ROWS), wo
     "packed": ("bfloat16", (True, 16), ("ids", "b1", "batch")),
     "packed64": ("bfloat16", (True, 64), ("batch",)),
     "packed0": ("bfloat16", (True, 16), ("b1", "batch")),   # packed with triton_gguf.CONFIGS = {}: untuned
+    "packedall": ("bfloat16", (True, 16), ("ids", "b1", "batch")),   # no gguf.CUDA_PACKED_MAX_ELEMENTS: every layer
 }
 
 
@@ -135,6 +136,8 @@ def child(variant: str, model: str, smoke: bool, random_model: bool = False) -> 
     from pagedserve.layers.quantization import gguf, triton_gguf
     gguf.CUDA_PACKED, triton_gguf.GEMV_MAX_ROWS = VARIANTS[variant][1]
     gguf.CUDA_PACKED_TYPES = tuple(triton_gguf.TYPE_IDS)   # every type the kernels take, default or not
+    if variant == "packedall":
+        gguf.CUDA_PACKED_MAX_ELEMENTS = None
     if variant == "packed0":
         triton_gguf.CONFIGS = {}
     elif os.path.isfile(os.environ.get("GGUF_TUNED", "")):   # this run's tune: its best launches

@@ -35,8 +35,8 @@ elif [ "$SMOKE" = "--confirm" ]; then
   # then the random models of the new types while time is left
   TYPES=${TYPES:-Q4_K,Q6_K,Q5_K,Q5_0,Q5_1}
   $PY benchmarks/gguf_gpu.py random --warm --types "$TYPES" > "$OUT/random_write.txt" 2>&1 &
-  echo "=== default model's cut: dequant, packed (tuned), packed0 (untuned)"
-  timeout 100 $PY benchmarks/gguf_gpu.py run --variants dequant,packed,packed0 --timeout 32 2>&1 | tee "$OUT/gguf_gpu.txt" \
+  echo "=== default model's cut: dequant, packed (the default: small layers), packedall (every layer)"
+  timeout 100 $PY benchmarks/gguf_gpu.py run --variants ${CUT_VARIANTS:-dequant,packed,packedall} --timeout 32 2>&1 | tee "$OUT/gguf_gpu.txt" \
     | grep --line-buffered -v "^INFO"
   wait
   LEFT=$((228 - SECONDS))

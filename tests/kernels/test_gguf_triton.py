@@ -209,6 +209,29 @@ def test_gguf_layers_route_to_the_kernels(monkeypatch) -> None:
     _close(embed.quant_method.logits(embed, hidden.to(DEVICE)), _reference(hidden, e_raw, "Q8_0"), torch.float32)
 
 
+def test_cuda_packs_only_small_layers(monkeypatch) -> None:
+    """A layer of more than CUDA_PACKED_MAX_ELEMENTS weights is dequantized once on CUDA (its
+    product then cuBLAS's, faster there on the H200); one at the limit keeps its blocks."""
+    from pagedserve.layers.linear import RowParallelLinear
+    from pagedserve.layers.quantization import gguf
+    monkeypatch.setattr(gguf, "_cuda_packed", lambda device, fmt, int4: int4 and fmt in TYPES)
+    monkeypatch.setattr(gguf, "CUDA_PACKED_MAX_ELEMENTS", 64 * 64)
+    for rows, packed in ((64, True), (96, False)):
+        config = gguf.GGUFConfig({"l.o_proj.qweight": "Q4_1"})
+        layer = RowParallelLinear(64, rows, quant_config=config, prefix="l.o_proj")
+        blocks = random_blocks("Q4_1", rows, 2, 21)
+        layer.weight_loader(layer.qweight, blocks)
+        layer.to(DEVICE)
+        layer.quant_method.process_weights_after_loading(layer)
+        assert layer.gguf_triton == packed
+        if not packed and DEVICE != "cuda":   # on the CPU it takes the C++ kernels (Q8 activations)
+            continue
+        assert hasattr(layer, "weight") != packed
+        x = torch.randn(3, 64, generator=torch.Generator().manual_seed(22))
+        torch.testing.assert_close(layer(x.to(DEVICE)).float().cpu(), x @ torch_dequantize(blocks, "Q4_1").t(),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def model_blocks(fmt: str, n: int, kb: int, seed: int, std: float) -> torch.Tensor:
     """Raw blocks whose values have mean ~0 and rms ~std (a random model that is not degenerate:
     random_blocks' types with an offset give weights of one sign, whose products swamp the

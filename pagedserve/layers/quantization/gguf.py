@@ -13,11 +13,12 @@ process_weights_after_loading turns them into what the device multiplies fast:
                                     the CPU has native bf16, else fp32: gemm_dtype)
     Q4_0, Q4_1, Q4_K, Q8_0 on CPU   without a C++ compiler: torch's int4 kernel
                                     (gguf_kernels.to_int4; Q8_0 as two int4 halves)
-    CUDA_PACKED_TYPES on CUDA       the blocks as they are: triton_gguf's GEMV for up to 16 rows
+    CUDA_PACKED_TYPES on CUDA       layers of <= CUDA_PACKED_MAX_ELEMENTS weights (small models):
+                                    the blocks as they are: triton_gguf's GEMV for up to 16 rows
                                     (it takes every type), more rows dequantize the layer to the
                                     model dtype for that call (a Triton kernel) and run cuBLAS
                                     (CUDA_PACKED = False: dequantized once, as below)
-    other types on CUDA, and        dequantized once to a float `weight` (the model dtype), as is
+    other types and layers on CUDA, dequantized once to a float `weight` (the model dtype), as is
     Q5_0, Q5_1, Q5_K, Q6_K on CPU   every type with dtype=float32 (the exact path)
     without the C++ kernels
 
@@ -54,6 +55,11 @@ CUDA_PACKED = True
 # dequantized one's (benchmarks/RESULTS.md, issue 19). triton_gguf takes every type (TYPE_IDS);
 # benchmarks/gguf_gpu.py's packed variants set all of them.
 CUDA_PACKED_TYPES = ("Q4_0", "Q4_1", "Q8_0")
+# ... and only layers of at most this many weights (rows x K; None: any). On the H200 the packed
+# GEMV streams 0.4-0.8 TB/s: every 1B-class layer (2048 x 2048 and up) took 1.4-2.6x cuBLAS's time
+# on its bf16 weight (session 10), while the default model's layers (<= 3072 x 576) gained (b1
+# +10%, session 9); larger layers (and a large vocab's embedding / LM head) are dequantized once.
+CUDA_PACKED_MAX_ELEMENTS: int | None = 1 << 22
 
 
 @cache
@@ -177,7 +183,9 @@ def _repack(layer: nn.Module, fmt: str, int4: bool, dtype: torch.dtype, keep_raw
     and Q8_0), or a dequantized `weight`."""
     raw = layer.qweight.data
     layer.int4_parts, layer.gguf_cpp, layer.gguf_q8 = None, False, False
-    layer.gguf_triton = _cuda_packed(raw.device, fmt, int4)
+    elements = raw.shape[0] * raw.shape[1] * FORMATS[fmt].elems
+    layer.gguf_triton = _cuda_packed(raw.device, fmt, int4) and (CUDA_PACKED_MAX_ELEMENTS is None
+                                                                   or elements <= CUDA_PACKED_MAX_ELEMENTS)
     if layer.gguf_triton:   # the blocks stay (the embedding looks rows up in them too)
         return
     if int4 and raw.device.type == "cpu" and gguf_cpu.extension() is not None:
