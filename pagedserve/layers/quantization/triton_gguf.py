@@ -35,7 +35,6 @@ loads per iteration did not change that (deleted): benchmarks/RESULTS.md, issue 
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
