@@ -142,10 +142,10 @@ def child(variant: str, model: str, smoke: bool, random_model: bool = False) -> 
         triton_gguf.CONFIGS = {}
     elif os.path.isfile(os.environ.get("GGUF_TUNED", "")):   # this run's tune: its best launches
         triton_gguf.CONFIGS = tuned_configs(os.environ["GGUF_TUNED"])
-    if random_model:
-        return random_child(variant, model, smoke)
     if smoke:   # the CPU has no CUDA: force triton_gguf's path on it (the interpreter)
         gguf._cuda_packed = lambda device, fmt, int4: gguf.CUDA_PACKED and int4 and fmt in gguf.CUDA_PACKED_TYPES
+    if random_model:
+        return random_child(variant, model, smoke)
     from pagedserve import LLM, SamplingParams
     sys.path.insert(0, HERE)
     from cpu_vs_llamacpp import prompts
@@ -201,11 +201,8 @@ def child(variant: str, model: str, smoke: bool, random_model: bool = False) -> 
 def random_child(variant: str, model: str, smoke: bool) -> dict:
     """A random model (no tokenizer): weight bytes, packed layers, b1_decode and its ids."""
     from pagedserve import LLM, SamplingParams
-    from pagedserve.layers.quantization import gguf
     sys.path.insert(0, HERE)
     from cpu_vs_llamacpp import prompts
-    if smoke:
-        gguf._cuda_packed = lambda device, fmt, int4: gguf.CUDA_PACKED and int4 and fmt in gguf.CUDA_PACKED_TYPES
     t0 = time.perf_counter()
     llm = LLM(model=model, dtype="float16" if smoke else "bfloat16", device="cpu" if smoke else "cuda",
               max_model_len=1024, seed=0, skip_tokenizer_init=True)
@@ -314,10 +311,10 @@ def tuned_configs(path: str) -> dict:
 def _blocks_on(device, fmt: str, n: int, k: int, gen):
     """Random raw blocks made on `device` (fast at 1B-class sizes) with the tests' sane scales."""
     import torch
-    from pagedserve.layers.quantization import triton_gguf
+    from pagedserve.layers.quantization.gguf_kernels import FORMATS
     from tests.kernels.test_gguf_triton import FP16_FIELDS, values_per_block
     kb = k // values_per_block(fmt)
-    raw = torch.randint(0, 256, (n, kb, triton_gguf._BLOCK_BYTES[fmt]), generator=gen, dtype=torch.uint8,
+    raw = torch.randint(0, 256, (n, kb, FORMATS[fmt].nbytes), generator=gen, dtype=torch.uint8,
                         device=device)
     scale = 0.02 / (32 if fmt.endswith("_K") else 8)
     for at in FP16_FIELDS[fmt]:

@@ -13,7 +13,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from pagedserve.layers.quantization import triton_gguf  # noqa: E402
-from pagedserve.layers.quantization.gguf_kernels import dequantize as torch_dequantize  # noqa: E402
+from pagedserve.layers.quantization.gguf_kernels import FORMATS, dequantize as torch_dequantize  # noqa: E402
 from pagedserve.layers.quantization.triton_w4a16_gemv import GemvConfig  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -33,7 +33,7 @@ def random_blocks(fmt: str, n: int, kb: int, seed: int, scale: float = 0.02) -> 
     fp16 scales (d ~ U[0.05, 1.05] * scale, Q4_1 / Q5_1's m ~ -10 scale * U[0, 1], the K-quants'
     dmin as d)."""
     gen = torch.Generator().manual_seed(seed)
-    nbytes = triton_gguf._BLOCK_BYTES[fmt]
+    nbytes = FORMATS[fmt].nbytes
     raw = torch.randint(0, 256, (n, kb, nbytes), generator=gen, dtype=torch.uint8)
     at = FP16_FIELDS[fmt]
     d = (torch.rand(n, kb, 1, generator=gen) * scale + scale / 20).to(torch.float16)
@@ -46,7 +46,7 @@ def random_blocks(fmt: str, n: int, kb: int, seed: int, scale: float = 0.02) -> 
 
 
 def values_per_block(fmt: str) -> int:
-    return 256 if fmt.endswith("_K") else 32
+    return FORMATS[fmt].elems
 
 
 @pytest.mark.parametrize("fmt", TYPES)

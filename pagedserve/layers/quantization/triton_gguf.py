@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedserve.layers.quantization.gguf_kernels import FORMATS
 from pagedserve.layers.quantization.triton_split_k import split_k, sum_splits
 from pagedserve.layers.quantization.triton_w4a16_gemv import GemvConfig
 
@@ -46,12 +47,11 @@ from pagedserve.layers.quantization.triton_w4a16_gemv import GemvConfig
 # each re-reading the blocks); more dequantize + cuBLAS. benchmarks/gguf_gpu.py's "packed64"
 # sets 64 for its A/B of the 64-prompt batch (session 9: 16 kept).
 GEMV_MAX_ROWS = 16
-# type: (the kernels' FMT, block bytes, values per unit (the K step of the loops: one scale, one
-# offset), units per block)
-LAYOUTS = {"Q4_0": (0, 18, 32, 1), "Q4_1": (1, 20, 32, 1), "Q8_0": (2, 34, 32, 1), "Q5_0": (3, 22, 32, 1),
-           "Q5_1": (4, 24, 32, 1), "Q4_K": (5, 144, 32, 8), "Q5_K": (6, 176, 32, 8), "Q6_K": (7, 210, 16, 16)}
+# type: (the kernels' FMT, values per unit (the K step of the loops: one scale, one offset),
+# units per block); block bytes and values per block are gguf_kernels.FORMATS'
+LAYOUTS = {"Q4_0": (0, 32, 1), "Q4_1": (1, 32, 1), "Q8_0": (2, 32, 1), "Q5_0": (3, 32, 1),
+           "Q5_1": (4, 32, 1), "Q4_K": (5, 32, 8), "Q5_K": (6, 32, 8), "Q6_K": (7, 16, 16)}
 TYPE_IDS = {fmt: layout[0] for fmt, layout in LAYOUTS.items()}
-_BLOCK_BYTES = {fmt: layout[1] for fmt, layout in LAYOUTS.items()}
 _WITH_MIN = ("Q4_1", "Q5_1", "Q4_K", "Q5_K")   # value = q * scale + offset (the others: q * scale)
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ONE_ROW = GemvConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=4)
@@ -209,15 +209,16 @@ def _gguf_dequant_kernel(qw_ptr, hw_ptr, w_ptr, N, KB, FMT: tl.constexpr, BB: tl
 def _check(qweight: torch.Tensor, fmt: str) -> None:
     if fmt not in TYPE_IDS:
         raise ValueError(f"triton_gguf: {fmt} is not one of {sorted(TYPE_IDS)}")
-    if (qweight.dtype != torch.uint8 or qweight.dim() != 3 or qweight.shape[2] != _BLOCK_BYTES[fmt]
+    spec = FORMATS[fmt]
+    if (qweight.dtype != torch.uint8 or qweight.dim() != 3 or qweight.shape[2] != spec.nbytes
             or not qweight.is_contiguous()):
-        raise ValueError(f"triton_gguf: qweight must be contiguous uint8 [N, K / {LAYOUTS[fmt][2] * LAYOUTS[fmt][3]}, "
-                         f"{_BLOCK_BYTES[fmt]}] for {fmt}; got {qweight.dtype} {tuple(qweight.shape)}")
+        raise ValueError(f"triton_gguf: qweight must be contiguous uint8 [N, K / {spec.elems}, {spec.nbytes}] "
+                         f"for {fmt}; got {qweight.dtype} {tuple(qweight.shape)}")
 
 
 def _constants(fmt: str) -> dict:
-    type_id, bb, vb, upb = LAYOUTS[fmt]
-    return dict(FMT=type_id, BB=bb, VB=vb, UPB=upb, HAS_MIN=fmt in _WITH_MIN)
+    type_id, vb, upb = LAYOUTS[fmt]
+    return dict(FMT=type_id, BB=FORMATS[fmt].nbytes, VB=vb, UPB=upb, HAS_MIN=fmt in _WITH_MIN)
 
 
 def dequantize(qweight: torch.Tensor, fmt: str, dtype: torch.dtype) -> torch.Tensor:
@@ -225,7 +226,7 @@ def dequantize(qweight: torch.Tensor, fmt: str, dtype: torch.dtype) -> torch.Ten
     values)."""
     _check(qweight, fmt)
     n, kb, _ = qweight.shape
-    _, _, vb, upb = LAYOUTS[fmt]
+    _, vb, upb = LAYOUTS[fmt]
     units = kb * upb
     w = torch.empty((n, units * vb), dtype=dtype, device=qweight.device)
     if n and kb:
@@ -241,7 +242,7 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, fmt: str, config: GemvConfig | 
     _check(qweight, fmt)
     m, k = x.shape
     n, kb, _ = qweight.shape
-    _, _, vb, upb = LAYOUTS[fmt]
+    _, vb, upb = LAYOUTS[fmt]
     units = kb * upb
     if x.dtype not in _DTYPES or x.stride(1) != 1 or k != units * vb:
         raise ValueError(f"triton_gguf: x must be [M, {units * vb}] in {_DTYPES} with unit column stride; "
