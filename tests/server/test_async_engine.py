@@ -139,12 +139,20 @@ def test_idle_loop_trims_the_heap_once_after_a_burst(monkeypatch) -> None:
     time.sleep(0.3)
     assert trims == []
     asyncio.run(asyncio.wait_for(_collect(engine, "good"), timeout=10))
-    time.sleep(0.5)
+    _wait_until(lambda: trims)   # (a busy machine may run the thread late: wait for it, bounded)
+    time.sleep(0.3)   # idle for three more trim intervals: no second trim
     assert trims == [1] and scripted.num_steps == 1
     asyncio.run(asyncio.wait_for(_collect(engine, "again"), timeout=10))
-    time.sleep(0.5)
+    _wait_until(lambda: len(trims) > 1)
+    time.sleep(0.3)
     assert trims == [1, 2]
     engine.shutdown()
+
+
+def _wait_until(done, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def test_dead_engine_over_http_is_503() -> None:
