@@ -112,6 +112,8 @@ class LinearBase(nn.Module):
             return fused
         if residual is None:
             return self(norm(x)), x
+        if x.dtype != residual.dtype:   # an fp32 W4A16 hand-off (w4a16_handoff.py) this layer's launch did not take
+            x = x.to(residual.dtype)
         normed, residual = norm(x, residual)
         return self(normed), residual
 

@@ -120,6 +120,15 @@ class LlamaModel(nn.Module):
         self.own_layers = list(self.layers)[self.stage.start:self.stage.stop]
         if self.last:
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
+        self.handoff: torch.Tensor | None = None   # w4a16_handoff's workspace (plan_handoffs)
+
+    def plan_handoffs(self) -> None:
+        """The one-row W4A16 hand-offs between this stage's linears (w4a16_handoff.py); the
+        stage's last down_proj rounds its output (for the final norm or the next stage)."""
+        from pagedserve.layers.quantization import w4a16_handoff
+        layers = self.own_layers
+        self.handoff = w4a16_handoff.plan([(layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj,
+                                            i + 1 < len(layers)) for i, layer in enumerate(layers)])
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 intermediate: Intermediate | None = None) -> torch.Tensor | Intermediate:
@@ -128,6 +137,8 @@ class LlamaModel(nn.Module):
         else:
             hidden, residual = intermediate
         layers, norm = self.own_layers, self.norm if self.last else None
+        if self.handoff is not None and input_ids.shape[0] == 1:
+            self.handoff.zero_()   # the one-row W4A16 launches add into it
         if not hidden.is_cuda and (out := cpu_decode_stack(layers, positions, hidden, residual, meta, norm)) is not None:
             # GGUF blocks on the CPU: an all-decode step's layers (and the final norm) in one C++ call
             return out[0] if self.last else out
@@ -163,6 +174,10 @@ class LlamaForCausalLM(nn.Module):
                 intermediate: Intermediate | None = None) -> torch.Tensor | Intermediate:
         """The last stage's final hidden states [T, H]; an earlier stage's (hidden, residual)."""
         return self.model(input_ids, positions, meta, intermediate)
+
+    def after_weights_loaded(self) -> None:
+        """Called by the loader once every linear's weights are in their kernel layout."""
+        self.model.plan_handoffs()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """[N, H] -> [N, vocab] on rank 0 (None on other ranks)."""

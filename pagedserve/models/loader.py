@@ -353,3 +353,6 @@ def load_weights(model: nn.Module, source: WeightSource, dtype: torch.dtype) -> 
         method = getattr(module, "quant_method", None)
         if method is not None:
             method.process_weights_after_loading(module)
+    after = getattr(model, "after_weights_loaded", None)
+    if after is not None:
+        after()

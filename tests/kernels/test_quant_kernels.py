@@ -150,6 +150,56 @@ def test_fma_gemv_rms_norm_prologue(dtype, monkeypatch):
             assert (out.float() - ref).norm() / ref.norm() < (1e-6 if dtype == torch.float32 else 2e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fma_gemv_hand_offs_chain_as_the_rounded_launches(dtype, monkeypatch):
+    """One decoder layer's o -> gate_up (RMSNorm + residual) -> down (SiLU) with every output
+    handed on in fp32 (atomic adds into zeroed buffers, no fix-up; gate_up's rsqrt applied by
+    down) against the same launches rounding each output: same residual bits, outputs within
+    the rounding the hand-off leaves out; the sums and squares landed in the buffers given."""
+    from pagedserve.layers.activation import SiluAndMul
+    from pagedserve.layers.norm import RMSNorm
+    torch.manual_seed(9)
+    hidden, inter = 256, 384
+
+    def int4(k, n):
+        return (pack_int32(torch.randint(0, 16, (k, n)), 0).to(DEVICE),
+                (torch.rand(k // 128, n) * 0.02 + 0.01).to(dtype).to(DEVICE),
+                torch.randint(0, 16, (k // 128, n)).to(dtype).to(DEVICE))
+    o, gate_up, down = int4(hidden, hidden), int4(hidden, 2 * inter), int4(inter, hidden)
+    norm = RMSNorm(hidden, 1e-5, dtype).to(DEVICE)
+    norm.weight.data = (torch.rand(hidden) + 0.5).to(dtype).to(DEVICE)
+    attn, residual = (torch.randn(1, hidden, device=DEVICE).to(dtype) for _ in range(2))
+    for config in (GemvConfig(block_n=32, words=8, atomic=True), GemvConfig(block_n=64, words=8, prefetch=True),
+                   GemvConfig(block_n=32, programs_per_sm=0)):
+        for shape in ((hidden, hidden), (hidden, 2 * inter), (inter, hidden)):
+            monkeypatch.setitem(triton_w4a16_gemv.TUNED, (1, *shape), config)
+        # rounded: every launch's output in the model dtype
+        h1 = w4a16_gemv(attn, *o, 128, config)
+        gu_ref, res_ref = triton_w4a16_gemv.w4a16_rms_norm_gemv(h1, residual, norm.weight, norm.eps, *gate_up, 128, None)
+        out_ref = triton_w4a16_gemv.w4a16_silu_and_mul_gemv(gu_ref, *down, 128, None)
+        # handed on: fp32 sums into zeroed buffers
+        buffers = torch.zeros(3, 2 * inter + 1, device=DEVICE)
+        h1_f = w4a16_gemv(attn, *o, 128, config, handoff=buffers[0:1, :hidden])
+        assert h1_f.dtype == torch.float32 and h1_f.data_ptr() == buffers.data_ptr()
+        torch.testing.assert_close(h1_f.to(dtype), h1, rtol=0, atol=2e-3 if dtype == torch.float16 else 1e-5)
+        gu, res = triton_w4a16_gemv.w4a16_rms_norm_gemv(h1_f, residual, norm.weight, norm.eps, *gate_up, 128, None,
+                                                        handoff=buffers[1:2])
+        assert res.dtype == dtype
+        assert torch.equal(res, (h1_f + residual.float()).to(dtype))   # the residual rounded once
+        squares, inv_k, eps = gu.w4a16_unnormed
+        torch.testing.assert_close(squares, res.float().pow(2).sum(1), rtol=1e-5, atol=0)
+        assert inv_k == 1 / hidden and eps == norm.eps
+        gu_normed = gu * torch.rsqrt(squares * inv_k + eps)[:, None]
+        tol = 1e-4 if dtype == torch.float32 else 2e-3
+        torch.testing.assert_close(gu_normed.to(dtype).float(), gu_ref.float(), rtol=tol, atol=tol)
+        out = triton_w4a16_gemv.w4a16_silu_and_mul_gemv(gu, *down, 128, None, handoff=buffers[2:3, :hidden])
+        ref = SiluAndMul()(gu_normed).float() @ dequantize_int4(*down, 128, None, torch.float32)
+        assert (out - ref).norm() / ref.norm() < 1e-5
+        assert (out - out_ref.float()).norm() / out_ref.float().norm() < (1e-5 if dtype == torch.float32 else 3e-3)
+        with pytest.raises(RuntimeError, match="hand-off"):   # nothing but down's prologue may read gate_up's
+            triton_w4a16_gemv.w4a16_silu_and_mul_gemv(gu, *down[:2], down[2], 64, None)
+
+
 def test_auto_path_takes_the_tuned_gemm(monkeypatch):
     """w4a16_matmul's auto path runs _w4_gemm_kernel for a (rows bucket, K, N) in GEMM_TUNED."""
     torch.manual_seed(4)
@@ -198,13 +248,16 @@ from triton.compiler import ASTSource
 from pagedserve.layers.quantization import triton_w4a16 as t
 from pagedserve.layers.quantization import triton_w4a16_gemv as g
 
-POINTERS = {"qw_ptr": "*i32", "c_ptr": "*i32", "g_ptr": "*i32", "p_ptr": "*fp32", "q_ptr": "*fp32"}
+POINTERS = {"qw_ptr": "*i32", "c_ptr": "*i32", "g_ptr": "*i32", "p_ptr": "*fp32", "q_ptr": "*fp32", "xq_ptr": "*fp32"}
+HANDED = {"x_ptr": "*fp32", "y_ptr": "*fp32", "p_ptr": "*fp32"}   # a hand-off in or out
 
 
-def compile_sm90(kernel, constants, num_warps=4, **options):
+def compile_sm90(kernel, constants, num_warps=4, pointers=None, **options):
     constants = {**{p.name: p.default for p in kernel.params if p.is_constexpr and p.name not in constants}, **constants}
     names = [name for name in kernel.arg_names if name not in constants]
-    args = {n: POINTERS.get(n, "*bf16") if n.endswith("_ptr") else "fp32" if n == "eps" else "i32" for n in names}
+    types = {**POINTERS, **(pointers or {})}
+    args = {n: types.get(n, "*bf16") if n.endswith("_ptr") else "fp32" if n in ("eps", "x_inv_k", "x_eps") else "i32"
+            for n in names}
     signature = {**args, **{name: "constexpr" for name in constants}}
     order = list(kernel.arg_names)
     signature = {name: signature[name] for name in order}
@@ -224,6 +277,9 @@ variants = {
     "fma split order": (g._w4_gemv_fma_kernel, {**fma, "BLOCK_N": 128, "SPLITS": 10}, 1, {}),
     "fma prefetch": (g._w4_gemv_fma_kernel, {**fma, "BLOCK_N": 128, "NUM_STAGES": 1, "ATOMIC": True, "PREFETCH": True,
                                              "EVICT": True}, 1, {}),
+    "fma handoff norm": (g._w4_gemv_fma_kernel, {**fma, "SPLIT": False, "HANDOFF": True}, 1, {"pointers": HANDED}),
+    "fma handoff silu": (g._w4_gemv_fma_kernel, {**fma, "SPLIT": False, "HANDOFF": True, "PROLOGUE": 4, "NUM_STAGES": 1,
+                                                 "PREFETCH": True, "EVICT": True}, 2, {"pointers": HANDED}),
     "dot gemv": (g._w4_gemv_kernel, dict(GROUP_SIZE=128, BLOCK_M=16, BLOCK_N=128, IEEE=False, NUM_STAGES=3), 4, {}),
     "gemm": (t._w4_gemm_kernel, dict(GROUP_SIZE=128, BLOCK_M=64, BLOCK_N=128, IEEE=False, NUM_STAGES=3), 4, {}),
     "gemm scale_w": (t._w4_gemm_kernel, dict(GROUP_SIZE=128, BLOCK_M=64, BLOCK_N=64, IEEE=False, NUM_STAGES=4,
@@ -257,7 +313,18 @@ def sm90_ptx():
 def test_w4a16_kernels_compile_for_sm90(sm90_ptx):
     """The interpreter runs a kernel's Python, not Triton's compiler: what compiles is checked
     here (e.g. a jit helper's early return on a None argument ran on CPU and failed to compile)."""
-    assert len(sm90_ptx) == 12 and all(".entry" in ptx for ptx in sm90_ptx.values())
+    assert len(sm90_ptx) == 14 and all(".entry" in ptx for ptx in sm90_ptx.values())
+
+
+def test_hand_off_launches_end_with_their_adds(sm90_ptx):
+    """A hand-off launch (w4a16_handoff.py) adds its fp32 sums (and a norm's squares) with relaxed
+    atomics and ends: no fence, no tile counter, no read-back of the sums."""
+    for name in ("fma handoff norm", "fma handoff silu"):
+        ptx = sm90_ptx[name]
+        adds = re.findall(r"(?:red|atom)\.global\.gpu\.relaxed\.add\.f32", ptx)
+        assert adds and "fence" not in ptx and "membar" not in ptx, name
+        assert not re.search(r"atom\.global\S*\.(?:exch|add\.[su]32)", ptx), name
+        assert "ld.global.cg" not in ptx, name
 
 
 def test_atomic_fix_up_reads_all_sums_before_zeroing_them(sm90_ptx):

@@ -71,6 +71,12 @@ def act_order_permutation(g_idx: torch.Tensor, group_size: int, groups: int) -> 
     return perm
 
 
+def _one_row_gemv(x: torch.Tensor) -> bool:
+    """One row on CUDA (or, for tests, on CPU under w4a16_handoff.ON_CPU): the FMA GEMV's prologues."""
+    from pagedserve.layers.quantization import w4a16_handoff
+    return x.shape[0] == 1 and (x.is_cuda or w4a16_handoff.ON_CPU)
+
+
 class Int4LinearMethod(LinearMethod):
     """The shared matmul; subclasses register their checkpoint's tensors and convert them in
     `to_kernel_layout(layer) -> (qweight, scales, zeros, g_idx)`."""
@@ -135,22 +141,27 @@ class Int4LinearMethod(LinearMethod):
 
     def apply_silu_and_mul(self, layer: nn.Module, gate_up: torch.Tensor) -> torch.Tensor | None:
         """One row on CUDA without act-order gathering: the FMA GEMV's SiLU-and-mul prologue."""
-        if not gate_up.is_cuda or gate_up.shape[0] != 1 or layer.act_order_perm is not None:
+        if not _one_row_gemv(gate_up) or layer.act_order_perm is not None:
             return None
         from pagedserve.layers.quantization.triton_w4a16_gemv import w4a16_silu_and_mul_gemv
         return w4a16_silu_and_mul_gemv(gate_up, layer.qweight, layer.scales, layer.zeros, layer.kernel_group_size,
-                                       layer.g_idx)
+                                       layer.g_idx, getattr(layer, "w4a16_handoff", None))
 
     def apply_normed(self, layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module
                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """One row on CUDA without act-order gathering: the FMA GEMV's RMSNorm prologue."""
-        if not x.is_cuda or x.dim() != 2 or x.shape[0] != 1 or layer.act_order_perm is not None:
+        if not _one_row_gemv(x) or x.dim() != 2 or layer.act_order_perm is not None:
             return None
         from pagedserve.layers.quantization.triton_w4a16_gemv import w4a16_rms_norm_gemv
         return w4a16_rms_norm_gemv(x, residual, norm.weight, norm.eps, layer.qweight, layer.scales, layer.zeros,
-                                   layer.kernel_group_size, layer.g_idx)
+                                   layer.kernel_group_size, layer.g_idx, getattr(layer, "w4a16_handoff", None))
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        handoff = getattr(layer, "w4a16_handoff", None)
+        # w4a16_handoff.py: one row, fp32 out (not gate_up's [1, N + 1], whose prologue declined)
+        if handoff is not None and x.shape[0] == 1 and bias is None and handoff.shape[1] == layer.qweight.shape[1]:
+            from pagedserve.layers.quantization.triton_w4a16_gemv import w4a16_gemv
+            return w4a16_gemv(x, layer.qweight, layer.scales, layer.zeros, layer.kernel_group_size, handoff=handoff)
         if layer.act_order_perm is not None:
             x = x.index_select(1, layer.act_order_perm)
         if x.is_cuda:

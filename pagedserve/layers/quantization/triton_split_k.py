@@ -28,13 +28,17 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def split_count(device: torch.device, k_blocks: int, tiles: int, programs_per_sm: int) -> tuple[int, int]:
+    """(splits, K blocks per split) for `tiles` (M, N) tiles aiming at programs_per_sm programs per SM."""
+    splits = max(1, min(k_blocks, triton.cdiv(programs_per_sm * num_sms(device), tiles)))
+    per_split = triton.cdiv(k_blocks, splits)
+    return triton.cdiv(k_blocks, per_split), per_split
+
+
 def split_k(x: torch.Tensor, n: int, k_blocks: int, tiles: int, programs_per_sm: int
              ) -> tuple[int, int, torch.Tensor]:
-    """(splits, K blocks per split, the output [splits, M, N]: fp32 partials when split) for
-    `tiles` (M, N) tiles aiming at programs_per_sm programs per SM."""
-    splits = max(1, min(k_blocks, triton.cdiv(programs_per_sm * num_sms(x.device), tiles)))
-    per_split = triton.cdiv(k_blocks, splits)
-    splits = triton.cdiv(k_blocks, per_split)
+    """split_count's (splits, K blocks per split), and the output [splits, M, N]: fp32 partials when split."""
+    splits, per_split = split_count(x.device, k_blocks, tiles, programs_per_sm)
     out = torch.empty((splits, x.shape[0], n), dtype=torch.float32 if splits > 1 else x.dtype, device=x.device)
     return splits, per_split, out
 

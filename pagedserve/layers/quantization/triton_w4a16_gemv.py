@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedserve.layers.quantization.triton_split_k import split_k, sum_splits
+from pagedserve.layers.quantization.triton_split_k import split_count, split_k, sum_splits
 from pagedserve.layers.triton_ops import _LIBDEVICE, silu_mul
 
 GEMV_MAX_ROWS = 16
@@ -102,33 +102,40 @@ def _x_load(x_ptr, row, col, up, res_ptr, nw_ptr, live, WORDS: tl.constexpr, PRO
     a = _load(x_ptr + row + col + idx, live, False)
     b = a
     c = a
-    if PROLOGUE == 1:
+    if PROLOGUE == 1 or PROLOGUE == 4:
         b = _load(x_ptr + row + col + idx + up, live, False)
     if PROLOGUE == 3:
         b = _load(res_ptr + row + col + idx, live, False)
-    if PROLOGUE >= 2:
+    if PROLOGUE == 2 or PROLOGUE == 3:
         c = _load(nw_ptr + col + idx, live, False)
     return a, b, c
 
 
 @triton.jit
-def _x_nibbles(a, b, c, row, col, res_out_ptr, res_limit, WORDS: tl.constexpr, PROLOGUE: tl.constexpr):
+def _x_nibbles(a, b, c, row, col, res_out_ptr, res_limit, x_scale, WORDS: tl.constexpr, PROLOGUE: tl.constexpr):
     """x[row + col + 8r + i] (r < WORDS, i < 8) as fp32 times 2**(89 - place of nibble i) (see
     _w4_gemv_fma_kernel), one [WORDS] vector per nibble i, from _x_load's tiles split in
     registers (three halvings of the nibble axis); the sum of the unscaled x; and for the
     norm prologues the sum of squares of h. PROLOGUE: 0 x as it is; 1 SILU: a = gate, b = up,
     x = silu(gate) * up rounded as SiluAndMul rounds it; 2 NORM: h = a, 3 NORM_RESIDUAL:
-    h = a + b (the residual; rounded to x's dtype, stored to res_out where index < res_limit),
-    x = h * c (the norm weight; the row's rsqrt comes after)."""
+    h = a + b (the residual; rounded to the residual's dtype, stored to res_out where index <
+    res_limit; a may be fp32: a hand-off), x = h * c (the norm weight; the row's rsqrt comes
+    after); 4 SILU of a norm launch's hand-off: a, b are fp32 sums before that launch's rsqrt,
+    x_scale, so x = silu(a * x_scale) * (b * x_scale), unrounded."""
     offs_i = tl.arange(0, 8)
     idx = tl.arange(0, WORDS)[:, None] * 8 + offs_i[None, :]
     sq = 0.0
     if PROLOGUE == 1:
         xb = silu_mul(a, b, LIBDEVICE).to(tl.float32)
-    elif PROLOGUE >= 2:
+    elif PROLOGUE == 4:
+        xb = silu_mul(a * x_scale, b * x_scale, LIBDEVICE)
+    elif PROLOGUE == 2 or PROLOGUE == 3:
         h = a
         if PROLOGUE == 3:
-            h = h + b
+            if a.dtype != b.dtype:   # an fp32 hand-off plus the residual: rounded once, as the residual
+                h = (a.to(tl.float32) + b.to(tl.float32)).to(b.dtype)
+            else:
+                h = h + b
             tl.store(res_out_ptr + row + col + idx, h, mask=idx < res_limit)
         hf = h.to(tl.float32)
         sq = tl.sum(tl.sum(hf * hf, 1), 0)
@@ -199,10 +206,11 @@ def _nibble(word, j: tl.constexpr):
 @triton.jit
 def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLOCKS_PER_SPLIT, K_BLOCKS,
                         stride_xm, stride_qk: tl.constexpr, stride_sg, stride_ym, up, res_ptr, res_out_ptr, nw_ptr, q_ptr, eps,
+                        xq_ptr, x_inv_k, x_eps,
                         GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
                         EVEN_N: tl.constexpr, SPLIT: tl.constexpr, PROLOGUE: tl.constexpr,
                         NUM_STAGES: tl.constexpr, ATOMIC: tl.constexpr = False, SPLITS: tl.constexpr = 1,
-                        PREFETCH: tl.constexpr = False, EVICT: tl.constexpr = False):
+                        PREFETCH: tl.constexpr = False, EVICT: tl.constexpr = False, HANDOFF: tl.constexpr = False):
     """One row of x per program (M = pid 2) @ W over BLOCK_N columns and a range of K blocks
     of 8 * WORDS rows (inside one group). Meant for BLOCK_N >= 4 * 32 * num_warps: threads
     and warps then lie along N, each thread holds all WORDS words of its columns, loads a
@@ -223,10 +231,15 @@ def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLO
     reads them once and leaves them zero (after a barrier: Triton may give the zeroing store
     another thread-to-element map than the read): a fix-up of one read however many splits.
     The order of the adds varies, so the last bit of y may differ between runs.
+    HANDOFF (instead of SPLIT): every program adds its fp32 sums into y [M, N] (row stride
+    stride_ym), zero before the launch, and ends: no counter, no read-back, no rounding; y is
+    the hand-off its consumer reads as it is (see w4a16_gemv). With a norm prologue the rsqrt
+    is left to the consumer: the programs of the first N block add their squares into q_ptr [M].
     PROLOGUE (see _x_nibbles): 1 silu(gate) * up; 2, 3 RMSNorm (with the residual add, h
     written out by the programs of the first N block): the block sums see h * norm weight,
     the row's rsqrt(mean(h^2) + eps) scales the sum at the end (the squares of a split's K
-    range summed in q_ptr [splits, M] when split: then only with SPLIT).
+    range summed in q_ptr [splits, M] when split: then only with SPLIT); 4 silu(gate) * up of
+    a norm launch's hand-off, scaled first by rsqrt(xq_ptr[m] * x_inv_k + x_eps).
     PREFETCH: the next block's weights, scales and x operands are loaded into registers before
     this block's FMAs (no shared-memory pipeline); EVICT: weights loaded evict-first.
     stride_qk (N) is a constexpr: the words' rows are immediate offsets from one address."""
@@ -239,6 +252,9 @@ def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLO
     b_begin = pid_k * BLOCKS_PER_SPLIT
     b_end = tl.minimum(b_begin + BLOCKS_PER_SPLIT, K_BLOCKS)
     x_row = pid_m.to(tl.int64) * stride_xm
+    x_scale = 1.0
+    if PROLOGUE == 4:
+        x_scale = tl.rsqrt(tl.load(xq_ptr + pid_m) * x_inv_k + x_eps)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     squares = 0.0
     res_limit = tl.where(pid_n == 0, WORDS * 8, 0)
@@ -253,7 +269,7 @@ def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLO
                           stride_sg, GROUP_SIZE, WORDS, EVEN_N, EVICT)
             nxt_x = _x_load(x_ptr, x_row, (b + 1) * WORDS * 8, up, res_ptr, nw_ptr, (b + 1 < b_end).to(tl.int32), WORDS, PROLOGUE)
             x0, x1, x2, x3, x4, x5, x6, x7, x_sum, sq = _x_nibbles(a, r, w, x_row, b * WORDS * 8, res_out_ptr,
-                                                                    res_limit, WORDS, PROLOGUE)
+                                                                    res_limit, x_scale, WORDS, PROLOGUE)
             squares += sq
             acc += _fma_block(packed, scale, zero, x0, x1, x2, x3, x4, x5, x6, x7, x_sum)
     else:
@@ -262,31 +278,35 @@ def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLO
                                           stride_sg, GROUP_SIZE, WORDS, EVEN_N, EVICT)
             a, r, w = _x_load(x_ptr, x_row, b * WORDS * 8, up, res_ptr, nw_ptr, None, WORDS, PROLOGUE)
             x0, x1, x2, x3, x4, x5, x6, x7, x_sum, sq = _x_nibbles(a, r, w, x_row, b * WORDS * 8, res_out_ptr,
-                                                                    res_limit, WORDS, PROLOGUE)
+                                                                    res_limit, x_scale, WORDS, PROLOGUE)
             squares += sq
             acc += _fma_block(packed, scale, zero, x0, x1, x2, x3, x4, x5, x6, x7, x_sum)
     row = (pid_k * tl.num_programs(2) + pid_m).to(tl.int64) * stride_ym   # [splits, M, N] when split
     inv_k = 1.0 / (K_BLOCKS * WORDS * 8)
-    if SPLIT:
+    if HANDOFF:   # the sums added unrounded into the zeroed hand-off; nothing waits on them here
+        tl.atomic_add(y_ptr + pid_m.to(tl.int64) * stride_ym + offs_n, acc, mask=n_valid, sem="relaxed")
+        if PROLOGUE == 2 or PROLOGUE == 3:
+            tl.atomic_add(q_ptr + pid_m, squares, mask=pid_n == 0, sem="relaxed")
+    elif SPLIT:
         tile = pid_m * tl.num_programs(0) + pid_n
         sums = p_ptr + pid_m.to(tl.int64) * stride_ym + offs_n   # ATOMIC: [M, N], zero between calls
         if ATOMIC:   # squares per tile: the tiles of a row are summed (and zeroed) at different times
             tl.atomic_add(sums, acc, mask=n_valid, sem="relaxed")
-            if PROLOGUE >= 2:
+            if PROLOGUE == 2 or PROLOGUE == 3:
                 tl.atomic_add(q_ptr + tile, squares, sem="relaxed")
         else:
             tl.store(p_ptr + row + offs_n, acc, mask=n_valid)
-            if PROLOGUE >= 2:
+            if PROLOGUE == 2 or PROLOGUE == 3:
                 tl.store(q_ptr + pid_k * tl.num_programs(2) + pid_m, squares)
         tl.debug_barrier()   # every thread's partial stored before the one arrival below
         if tl.atomic_add(c_ptr + tile, 1, sem="acq_rel") == tl.num_programs(1) - 1:
             if ATOMIC:   # one read of the sums, then zero them for the next call
                 total = tl.load(sums, mask=n_valid, other=0.0, cache_modifier=".cg")
-                if PROLOGUE >= 2:
+                if PROLOGUE == 2 or PROLOGUE == 3:
                     squares = tl.load(q_ptr + tile, cache_modifier=".cg")
                 tl.debug_barrier()   # every thread's read done before any thread zeroes
                 tl.store(sums, tl.zeros([BLOCK_N], dtype=tl.float32), mask=n_valid)
-                if PROLOGUE >= 2:
+                if PROLOGUE == 2 or PROLOGUE == 3:
                     tl.store(q_ptr + tile, 0.0)
             else:
                 total = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -294,9 +314,9 @@ def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLO
                 for s in tl.static_range(SPLITS):   # unrolled: every load in flight at once, summed in order
                     total += tl.load(p_ptr + (s * tl.num_programs(2) + pid_m).to(tl.int64) * stride_ym + offs_n,
                                      mask=n_valid, other=0.0, cache_modifier=".cg")
-                    if PROLOGUE >= 2:
+                    if PROLOGUE == 2 or PROLOGUE == 3:
                         squares += tl.load(q_ptr + s * tl.num_programs(2) + pid_m, cache_modifier=".cg")
-            if PROLOGUE >= 2:
+            if PROLOGUE == 2 or PROLOGUE == 3:
                 total = total * tl.rsqrt(squares * inv_k + eps)
             tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + offs_n, total.to(y_ptr.dtype.element_ty), mask=n_valid)
             # relaxed: the next launch sees the reset after the kernel boundary; acq_rel (the default)
@@ -304,7 +324,7 @@ def _w4_gemv_fma_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, p_ptr, c_ptr, N, BLO
             # kernel could end (0.3-0.65 us a launch on the H200: QUANT.md, session 10)
             tl.atomic_xchg(c_ptr + tile, 0, sem="relaxed")
     else:
-        if PROLOGUE >= 2:
+        if PROLOGUE == 2 or PROLOGUE == 3:
             acc = acc * tl.rsqrt(squares * inv_k + eps)
         tl.store(y_ptr + row + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_valid)
 
@@ -333,7 +353,8 @@ def _magic_nibble(word, j: tl.constexpr, zero, dtype: tl.constexpr, scale=None):
 
 
 def _check(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-           g_idx: torch.Tensor | None) -> tuple[int, int, int]:
+           g_idx: torch.Tensor | None, fp32_x: bool = False) -> tuple[int, int, int]:
+    """(M, K, N); `fp32_x`: x may also be fp32 (a hand-off) with scales of another dtype."""
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"w4a16: x must be [M, K] with unit column stride; got {tuple(x.shape)} {x.stride()}")
     if qweight.dtype != torch.int32 or qweight.dim() != 2 or not qweight.is_contiguous():
@@ -342,7 +363,8 @@ def _check(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: 
     n = qweight.shape[1]
     if qweight.shape[0] * 8 != k:
         raise ValueError(f"w4a16: x has K={k} but qweight holds {qweight.shape[0] * 8} rows")
-    if x.dtype not in _DTYPES or scales.dtype != x.dtype or zeros.dtype != x.dtype:
+    if (x.dtype not in _DTYPES or scales.dtype not in _DTYPES or zeros.dtype != scales.dtype
+            or (scales.dtype != x.dtype and not (fp32_x and x.dtype == torch.float32))):
         raise ValueError(f"w4a16: x, scales and zeros must share a dtype in {_DTYPES}; got {x.dtype}, "
                          f"{scales.dtype}, {zeros.dtype}")
     groups = -(-k // group_size)
@@ -351,7 +373,8 @@ def _check(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: 
                          f"{tuple(zeros.shape)}")
     if g_idx is not None and (g_idx.shape != (k,) or g_idx.dtype != torch.int32 or scales.shape[1] != n):
         raise ValueError(f"w4a16: g_idx must be int32 [{k}]; got {g_idx.dtype} {tuple(g_idx.shape)}")
-    if not (scales.is_contiguous() and zeros.is_contiguous() and scales.stride() == zeros.stride()):
+    # (one group: a [1, N] view's row stride is arbitrary and never used)
+    if not (scales.is_contiguous() and zeros.is_contiguous() and (scales.shape[0] == 1 or scales.stride() == zeros.stride())):
         raise ValueError("w4a16: scales and zeros must be contiguous")
     return m, k, n
 
@@ -452,83 +475,121 @@ def _tile_counters(device: torch.device) -> torch.Tensor | None:
     return _TILE_COUNTERS[device]
 
 
-PLAIN, SILU_AND_MUL, RMS_NORM, RMS_NORM_RESIDUAL = 0, 1, 2, 3   # the FMA GEMV's x prologues
+# the FMA GEMV's x prologues; SILU_AND_MUL_UNNORMED: silu(gate) * up of a norm launch's hand-off
+PLAIN, SILU_AND_MUL, RMS_NORM, RMS_NORM_RESIDUAL, SILU_AND_MUL_UNNORMED = 0, 1, 2, 3, 4
 
 
 def w4a16_silu_and_mul_gemv(gate_up: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                            zeros: torch.Tensor, group_size: int, g_idx: torch.Tensor | None) -> torch.Tensor | None:
+                            zeros: torch.Tensor, group_size: int, g_idx: torch.Tensor | None,
+                            handoff: torch.Tensor | None = None) -> torch.Tensor | None:
     """silu(gate) * up @ W for gate_up = [gate | up] [M, 2K] in one launch of the FMA GEMV
-    where its tuned launch is the FMA one (else None: the caller runs the two)."""
+    where its tuned launch is the FMA one (else None: the caller runs the two). gate_up may be
+    a norm launch's hand-off (w4a16_rms_norm_gemv): its rsqrt is applied here. `handoff`: see
+    w4a16_gemv."""
     k = gate_up.shape[-1] // 2
     config = gemv_config(gate_up.shape[0], k, qweight.shape[1])
+    unnormed = getattr(gate_up, "w4a16_unnormed", None)
     if (gate_up.dim() != 2 or gate_up.stride(1) != 1 or config is None or config.dot
             or not fast_gemv_fits(k, group_size, g_idx)):
+        if unnormed is not None:
+            raise RuntimeError("w4a16: a norm launch's hand-off reached a layer that cannot take it")
         return None
-    return w4a16_gemv(gate_up[:, :k], qweight, scales, zeros, group_size, config, prologue=SILU_AND_MUL)
+    return w4a16_gemv(gate_up[:, :k], qweight, scales, zeros, group_size, config,
+                      prologue=SILU_AND_MUL if unnormed is None else SILU_AND_MUL_UNNORMED, handoff=handoff,
+                      x_norm=unnormed)
 
 
 def w4a16_rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                         qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                        g_idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+                        g_idx: torch.Tensor | None, handoff: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(RMSNorm(x + residual) @ W, x + residual) (without a residual: of x, and x) for one row
     in one launch of the FMA GEMV where its tuned launch is the FMA one and its K splits (if
     any) can be summed in the kernel; else None (the caller runs the norm, then the matmul).
-    The normalised x is not rounded to x's dtype first (the unfused path rounds it twice)."""
+    The normalised x is not rounded to x's dtype first (the unfused path rounds it twice).
+    x may be an fp32 hand-off (with a residual). With `handoff` ([1, N + 1] fp32, zero) the
+    output is the hand-off's first N: the sums before the rsqrt, which
+    w4a16_silu_and_mul_gemv applies (the squares at [:, N]); the tensor says so
+    (`w4a16_unnormed`: squares, 1 / K, eps), and nothing else may read it."""
     m, k = x.shape
     config = gemv_config(m, k, qweight.shape[1])
     if (m != 1 or not x.is_contiguous() or (residual is not None and not residual.is_contiguous())
-            or config is None or config.dot or not fast_gemv_fits(k, group_size, g_idx)):
+            or config is None or config.dot or not fast_gemv_fits(k, group_size, g_idx)
+            or (residual is None and x.dtype != scales.dtype)):
         return None
-    h = x if residual is None else torch.empty_like(x)
+    h = x if residual is None else torch.empty_like(residual)
+    n = qweight.shape[1]
+    sums = squares = None
+    if handoff is not None:
+        sums, squares = handoff[:, :n], handoff[:, n]
     out = w4a16_gemv(x, qweight, scales, zeros, group_size, config, prologue=RMS_NORM if residual is None else
-                     RMS_NORM_RESIDUAL, norm=(norm_weight, eps, residual, h))
-    return None if out is None else (out, h)
+                     RMS_NORM_RESIDUAL, norm=(norm_weight, eps, residual, h), handoff=sums, handoff_squares=squares)
+    if out is None:
+        return None
+    if handoff is not None:
+        out.w4a16_unnormed = (squares, 1.0 / k, eps)
+    return out, h
 
 
 def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                group_size: int, config: GemvConfig | None = None, prologue: int = PLAIN,
-               norm: tuple | None = None) -> torch.Tensor | None:
+               norm: tuple | None = None, handoff: torch.Tensor | None = None,
+               handoff_squares: torch.Tensor | None = None, x_norm: tuple | None = None) -> torch.Tensor | None:
     """x [M, K] (decode-sized) @ W through _w4_gemv_fma_kernel or _w4_gemv_kernel
     (fast_gemv_fits must hold); split K sums fp32 partials (in the FMA kernel, or by one
     more small kernel). `prologue` (FMA only; see _x_nibbles): SILU_AND_MUL, x is the gate half of
     [gate | up] (up right after it in each row); RMS_NORM / RMS_NORM_RESIDUAL with `norm` =
-    (norm weight, eps, residual, h out). None where a norm prologue's splits cannot be summed
-    in the kernel (before the split-K counters exist)."""
-    m, k, n = _check(x, qweight, scales, zeros, group_size, None)
+    (norm weight, eps, residual, h out); SILU_AND_MUL_UNNORMED with `x_norm` = (squares [M], 1 / K,
+    eps) of the norm launch whose hand-off x is. None where a norm prologue's splits cannot be
+    summed in the kernel (before the split-K counters exist).
+    `handoff` (FMA only): an fp32 [M, N] that is zero; the programs add their sums into it and it is
+    returned, unrounded (a norm prologue's squares into `handoff_squares` [M], its rsqrt left
+    out): no fix-up at the end of the kernel. x may be fp32 (a hand-off) for the FMA launch."""
+    m, k, n = _check(x, qweight, scales, zeros, group_size, None, fp32_x=True)
     if not fast_gemv_fits(k, group_size, None):
         raise ValueError(f"w4a16_gemv: needs K ({k}) and the group size ({group_size}) divisible by 128")
     config = config or gemv_config(m, k, n) or DOT_GEMV
+    if (prologue != PLAIN or handoff is not None or x.dtype != scales.dtype) and config.dot:
+        raise ValueError("w4a16_gemv: the prologues, hand-offs and fp32 x are the FMA launch's")
     block_m = config.block_m if config.dot else 1
     k_blocks = k // (128 if config.dot else 8 * config.words)
     n_blocks, m_blocks = triton.cdiv(n, config.block_n), triton.cdiv(m, block_m)
-    splits, per_split, partials = split_k(x, n, k_blocks, n_blocks * m_blocks, config.programs_per_sm)
-    if prologue != PLAIN and config.dot:
-        raise ValueError("w4a16_gemv: the prologues are the FMA launch's")
     if config.dot:
+        splits, per_split, partials = split_k(x, n, k_blocks, n_blocks * m_blocks, config.programs_per_sm)
         _w4_gemv_kernel[(n_blocks, splits, m_blocks)](
             x, qweight, scales, zeros, partials, m, n, per_split, k_blocks,
             x.stride(0), qweight.stride(0), scales.stride(0), partials.stride(1), partials.stride(0),
             GROUP_SIZE=group_size, BLOCK_M=block_m, BLOCK_N=config.block_n,
             IEEE=x.dtype == torch.float32, NUM_STAGES=config.num_stages, num_warps=config.num_warps)
         return sum_splits(partials, x.dtype)
-    counters = _tile_counters(x.device) if splits > 1 and config.fixup and m * n_blocks <= (1 << 16) else None
-    if splits > 1 and counters is None and prologue >= RMS_NORM:
-        return None
-    y = partials if counters is None else torch.empty((m, n), dtype=x.dtype, device=x.device)
     norm_weight, eps, residual, h = norm or (qweight, 0.0, None, None)
-    squares = torch.empty((splits, m), dtype=torch.float32, device=x.device) if prologue >= RMS_NORM else qweight
-    sums = _zero_sums(x.device, m * n) if config.atomic and counters is not None and m * n_blocks <= _SQUARES else None
-    if sums is not None:
-        partials, squares = sums, sums[-_SQUARES:]
+    xq, x_inv_k, x_eps = x_norm or (qweight, 0.0, 0.0)
+    if handoff is not None:
+        splits, per_split = split_count(x.device, k_blocks, n_blocks * m, config.programs_per_sm)
+        y = partials = handoff
+        counters, sums, squares = None, None, qweight if handoff_squares is None else handoff_squares
+    else:
+        splits, per_split, partials = split_k(x, n, k_blocks, n_blocks * m, config.programs_per_sm)
+        counters = _tile_counters(x.device) if splits > 1 and config.fixup and m * n_blocks <= (1 << 16) else None
+        if splits > 1 and counters is None and prologue in (RMS_NORM, RMS_NORM_RESIDUAL):
+            return None
+        y = partials if counters is None else torch.empty((m, n), dtype=scales.dtype, device=x.device)
+        squares = (torch.empty((splits, m), dtype=torch.float32, device=x.device)
+                   if prologue in (RMS_NORM, RMS_NORM_RESIDUAL) else qweight)
+        sums = _zero_sums(x.device, m * n) if config.atomic and counters is not None and m * n_blocks <= _SQUARES else None
+        if sums is not None:
+            partials, squares = sums, sums[-_SQUARES:]
     _w4_gemv_fma_kernel[(n_blocks, splits, m)](
         x, qweight, scales, zeros, y, partials, qweight if counters is None else counters, n, per_split,
-        k_blocks, x.stride(0), qweight.stride(0), scales.stride(0), n, k if prologue == SILU_AND_MUL else 0,
+        k_blocks, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0) if handoff is not None else n,
+        k if prologue in (SILU_AND_MUL, SILU_AND_MUL_UNNORMED) else 0,
         qweight if residual is None else residual, qweight if h is None else h, norm_weight, squares, eps,
+        xq, x_inv_k, x_eps,
         GROUP_SIZE=group_size, BLOCK_N=config.block_n, WORDS=config.words, EVEN_N=n % config.block_n == 0,
         SPLIT=counters is not None, PROLOGUE=prologue, NUM_STAGES=1 if config.prefetch else config.num_stages,
         ATOMIC=sums is not None, SPLITS=splits if counters is not None and sums is None else 1,
-        PREFETCH=config.prefetch, EVICT=config.evict, num_warps=config.num_warps)
-    return sum_splits(partials, x.dtype) if counters is None else y
-
-
-
+        PREFETCH=config.prefetch, EVICT=config.evict, HANDOFF=handoff is not None, num_warps=config.num_warps)
+    if handoff is not None:
+        return handoff
+    out = sum_splits(partials, scales.dtype) if counters is None else y
+    return out if out.dtype == scales.dtype else out.to(scales.dtype)

@@ -1,0 +1,66 @@
+"""One-row W4A16 decode: outputs handed on in fp32 instead of rounded by a fix-up.
+
+The one-row W4A16 GEMV splits K over programs and sums the splits with fp32 atomics; a tile's
+last program then waits on the adds, a counter and a read-back before it rounds and stores
+the output (~three dependent L2 round trips at the end of every launch; benchmarks/QUANT.md,
+session 10). Where the consumer is the next W4A16 launch's prologue, that fix-up is not
+needed: the programs add into a buffer that is zero, and the consumer reads the fp32 sums as
+they are. Per decoder layer:
+
+    o_proj   -> fp32 hidden, read by gate_up's RMSNorm + residual prologue
+    gate_up  -> fp32 sums before the norm's rsqrt (and the row's sum of squares), read by
+                down's SiLU prologue, which applies the rsqrt
+    down     -> fp32 hidden, read by the next layer's qkv prologue (not the stage's last layer:
+                the final norm / the next pipeline stage get the rounded output)
+
+Every buffer is a view of one fp32 workspace per model, zeroed at the start of each one-row
+forward (one memset, inside the decode graph); each layer has its own views, so nothing is
+reused within a forward. Only for layers whose one-row launch is the FMA GEMV and without
+tensor parallelism (a row-parallel output is all-reduced in the model dtype). The outputs
+are not rounded where the other path rounds them: the same arithmetic up to bf16 rounding."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+ENABLED = True   # off: every launch rounds its output (the A/B in benchmarks/w4_gemv_gpu.py)
+ON_CPU = False   # tests: plan on CPU tensors too (Triton's interpreter)
+
+
+def _takes(linear: nn.Module) -> bool:
+    """Whether `linear`'s one-row launch is the FMA GEMV that can add into a hand-off."""
+    from pagedserve.layers.quantization.int4 import Int4LinearMethod
+    from pagedserve.layers.quantization.triton_w4a16_gemv import fast_gemv_fits, gemv_config
+    if not isinstance(linear.quant_method, Int4LinearMethod) or getattr(linear, "bias", None) is not None:
+        return False
+    if linear.act_order_perm is not None or linear.g_idx is not None or getattr(linear, "tp_size", 1) != 1:
+        return False
+    if not (linear.qweight.is_cuda or ON_CPU):
+        return False
+    k, n = linear.qweight.shape[0] * 8, linear.qweight.shape[1]
+    config = gemv_config(1, k, n)
+    return config is not None and not config.dot and fast_gemv_fits(k, linear.kernel_group_size, None)
+
+
+def plan(layers: list[tuple[nn.Module, nn.Module, nn.Module, bool]]) -> torch.Tensor | None:
+    """Give each (o_proj, gate_up_proj, down_proj, down hands on) layer whose three linears take
+    it its views (`w4a16_handoff`: [1, N], gate_up's [1, N + 1]) of one workspace, returned
+    (None where no layer does, or ENABLED is off). The caller zeroes it before each one-row forward."""
+    for linears in layers:
+        for linear in linears[:3]:
+            linear.w4a16_handoff = None
+    chosen = [layer for layer in layers if ENABLED and all(_takes(linear) for linear in layer[:3])]
+    if not chosen:
+        return None
+    sizes = [(o.qweight.shape[1], gate_up.qweight.shape[1] + 1, down.qweight.shape[1] if on else 0)
+             for o, gate_up, down, on in chosen]
+    align = 32   # 128-byte aligned views
+    total = sum(-(-size // align) * align for layer in sizes for size in layer)
+    workspace = torch.zeros(total, dtype=torch.float32, device=chosen[0][0].qweight.device)
+    start = 0
+    for (o, gate_up, down, _), layer_sizes in zip(chosen, sizes):
+        for linear, size in zip((o, gate_up, down), layer_sizes):
+            if size:
+                linear.w4a16_handoff = workspace[start:start + size].view(1, size)
+                start += -(-size // align) * align
+    return workspace
