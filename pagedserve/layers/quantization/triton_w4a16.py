@@ -7,8 +7,8 @@ each packed word is loaded once:
                               denormal float (one LOP3 + one FFMA per weight), K split over
                               programs when N alone gives too few (summed in the kernel);
                               these two in triton_w4a16_gemv.py
-    rows <= GEMV_MAX_ROWS     _w4_gemv_kernel: eight tl.dots per 128-row block (or the FMA
-                              kernel per row, where TUNED says)
+    rows <= GEMV_MAX_ROWS     _w4_gemv_kernel (triton_w4a16_blocks.py): eight tl.dots per
+                              128-row block (or the FMA kernel per row, where TUNED says)
     rows <= GEMM_MAX_ROWS     _w4_gemm_kernel where GEMM_TUNED has a launch (one
                               [BLOCK_M, 128] x [128, BLOCK_N] dot per block), else as below
     more rows                 dequantize the layer into a scratch bf16/fp16 weight, then cuBLAS
@@ -32,8 +32,9 @@ import triton
 import triton.language as tl
 
 from pagedserve.layers.quantization.triton_split_k import num_sms, split_k, sum_splits
-from pagedserve.layers.quantization.triton_w4a16_gemv import (GEMV_MAX_ROWS, _check, _load_block, _magic_nibble,
-                                                               fast_gemv_fits, gemv_config, rows_bucket, w4a16_gemv)
+from pagedserve.layers.quantization.triton_w4a16_blocks import _check, _load_block, _magic_nibble
+from pagedserve.layers.quantization.triton_w4a16_gemv import (GEMV_MAX_ROWS, fast_gemv_fits, gemv_config, rows_bucket,
+                                                               w4a16_gemv)
 
 GEMM_MAX_ROWS = 512          # _w4_gemm_kernel, where GEMM_TUNED has the rows' bucket
 GENERIC_GEMM_MAX_ROWS = 256  # act-order (g_idx) layers: the generic GEMM, dequantize + cuBLAS above

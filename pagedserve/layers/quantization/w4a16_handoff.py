@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-ENABLED = True   # off: every launch rounds its output (the A/B in benchmarks/w4_gemv_gpu.py)
+ENABLED = False   # on by default once measured on a GPU (benchmarks/w4_handoff_gpu.py: the A/B)
 ON_CPU = False   # tests: plan on CPU tensors too (Triton's interpreter)
 
 
