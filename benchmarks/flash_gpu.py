@@ -34,16 +34,16 @@ ap.add_argument("--cpu-smoke", action="store_true")
 ap.add_argument("--stages", default="check,micro,engine")
 ARGS, _ = ap.parse_known_args()
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import attn_gpu  # noqa: E402  (parses --cpu-smoke itself: the same SMOKE, DEV and head shapes)
+import attn_common  # noqa: E402  (attn_gpu.py's; parses --cpu-smoke itself: the same SMOKE, DEV and head shapes)
 import torch  # noqa: E402
 
 from attn_engine import GATHERED, SDPA, TRITON, EngineStages  # noqa: E402
-from attn_gpu import Paged, bench_ms, causal_flop, emit  # noqa: E402
+from attn_common import Paged, bench_ms, causal_flop, emit  # noqa: E402
 from pagedserve.attention import triton_prefill_attention as tpa  # noqa: E402
 from pagedserve.attention.triton_prefill_attention import PrefillTiles  # noqa: E402
 from step_profile import StepRecorder, long64_requests  # noqa: E402
 
-SMOKE = attn_gpu.SMOKE
+SMOKE = attn_common.SMOKE
 DTYPE = torch.float32 if SMOKE else torch.bfloat16
 # the tile shape of every launch before session 8 (its loop that read block ids in the tile, the
 # "old" rows of RESULTS.md, was deleted after that session)
@@ -72,7 +72,7 @@ def tiles_mode(name: str):
 
 
 def stage_check() -> bool:
-    ok = attn_gpu.stage_check()
+    ok = attn_common.stage_check()
     qls, cls = ([40, 7, 90, 33], [30, 0, 17, 64]) if SMOKE else \
         ([300, 1000, 37, 2048, 513, 700], [0, 3000, 100, 1500, 129, 4097])
     b = Paged(qls, cls, DTYPE, seed=11)
@@ -175,7 +175,7 @@ def main() -> None:
     if "engine" in stages:
         stage_engine()
     print("\n== flash_gpu summary\n" + "\n".join(SUMMARY), flush=True)
-    emit(stage="flash_done", total_s=round(time.time() - attn_gpu.T_START, 1))
+    emit(stage="flash_done", total_s=round(time.time() - attn_common.T_START, 1))
 
 
 if __name__ == "__main__":

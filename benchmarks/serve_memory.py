@@ -20,24 +20,19 @@ import http.client
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 
+from server_process import ServerProcess, free_port
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MiB = 1024.0
 BASELINE = ("import torch, sys, time; x = torch.ones(64, 64) @ torch.ones(64, 64); "
             "print('ready', flush=True); sys.stdin.read()")
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _status(pid: int) -> dict[str, float]:
@@ -147,22 +142,6 @@ def run_streams(port: int, model: str, n: int, max_tokens: int) -> list[dict]:
     return results
 
 
-def wait_ready(proc: subprocess.Popen, port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/health")
-            if conn.getresponse().status == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError("server not ready")
-
-
 def baseline() -> dict:
     proc = subprocess.Popen([sys.executable, "-c", BASELINE], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
@@ -178,44 +157,34 @@ def serve(args: argparse.Namespace) -> dict:
     env = dict(os.environ)
     env.update(kv.split("=", 1) for kv in args.env)
     cmd = [sys.executable, "-m", "pagedserve.cli", "serve", "--port", str(port), *args.serve_args]
-    with tempfile.NamedTemporaryFile("w+", suffix=".log") as log:
-        proc = subprocess.Popen(cmd, cwd=args.repo, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            t0 = time.monotonic()
-            wait_ready(proc, port, args.ready_timeout)
-            ready_s = time.monotonic() - t0
-            log.seek(0)
-            text = log.read()
-            blocks = kv_pool_bytes(text)
-            model = re.search(r"serving (\S+) on http", text).group(1)
-            kv_bytes = None
-            if blocks:
-                kv_bytes = blocks[0] * blocks[1] * args.kv_bytes_per_token
-            phases = {"ready": snapshot(proc.pid, kv_bytes)}
-            chat = post(port, {"model": model, "max_tokens": 64, "temperature": 0.0,
-                               "messages": [{"role": "user", "content": "Hello, who are you?"}]}, stream=False)
-            phases["chat1"] = snapshot(proc.pid, kv_bytes)
-            t1 = time.monotonic()
-            streams = run_streams(port, model, args.streams, args.max_tokens)
-            streams_s = time.monotonic() - t1
-            phases[f"streams{args.streams}"] = snapshot(proc.pid, kv_bytes)
-            time.sleep(args.idle_s)
-            phases[f"streams{args.streams}_idle"] = snapshot(proc.pid, kv_bytes)
-            tokens = [s["usage"]["prompt_tokens"] + s["usage"]["completion_tokens"] for s in streams]
-            return {"command": cmd[1:], "repo": args.repo, "env": args.env, "model": model, "port": port,
-                    "ready_s": round(ready_s, 1),
-                    "chat1_usage": chat["usage"], "streams": args.streams, "stream_tokens": sum(tokens),
-                    "streams_wall_s": round(streams_s, 1),
-                    "kv_pool": {"blocks": blocks[0] if blocks else None, "bytes": kv_bytes,
-                                "bytes_per_token": args.kv_bytes_per_token},
-                    "phases": phases}
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with tempfile.NamedTemporaryFile(suffix=".log") as log, \
+            ServerProcess(cmd, port, env, args.repo, log.name) as server:
+        ready_s = server.wait_ready(args.ready_timeout)
+        text = server.log_text()
+        pid = server.proc.pid
+        blocks = kv_pool_bytes(text)
+        model = re.search(r"serving (\S+) on http", text).group(1)
+        kv_bytes = None
+        if blocks:
+            kv_bytes = blocks[0] * blocks[1] * args.kv_bytes_per_token
+        phases = {"ready": snapshot(pid, kv_bytes)}
+        chat = post(port, {"model": model, "max_tokens": 64, "temperature": 0.0,
+                           "messages": [{"role": "user", "content": "Hello, who are you?"}]}, stream=False)
+        phases["chat1"] = snapshot(pid, kv_bytes)
+        t1 = time.monotonic()
+        streams = run_streams(port, model, args.streams, args.max_tokens)
+        streams_s = time.monotonic() - t1
+        phases[f"streams{args.streams}"] = snapshot(pid, kv_bytes)
+        time.sleep(args.idle_s)
+        phases[f"streams{args.streams}_idle"] = snapshot(pid, kv_bytes)
+        tokens = [s["usage"]["prompt_tokens"] + s["usage"]["completion_tokens"] for s in streams]
+        return {"command": cmd[1:], "repo": args.repo, "env": args.env, "model": model, "port": port,
+                "ready_s": round(ready_s, 1),
+                "chat1_usage": chat["usage"], "streams": args.streams, "stream_tokens": sum(tokens),
+                "streams_wall_s": round(streams_s, 1),
+                "kv_pool": {"blocks": blocks[0] if blocks else None, "bytes": kv_bytes,
+                            "bytes_per_token": args.kv_bytes_per_token},
+                "phases": phases}
 
 
 def machine() -> str:

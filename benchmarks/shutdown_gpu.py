@@ -18,12 +18,13 @@ ok = under 10 s with none left."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+
+from server_process import ServerProcess, free_port
 
 DRY = os.environ.get("DRY") == "1"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,12 +95,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _finish(case: str, proc: subprocess.Popen, started: list[int], event: float, **extra) -> bool:
     try:
         code = proc.wait(timeout=60)
@@ -152,23 +147,18 @@ def run_llm_case(case: str, model: str) -> bool:
 
 
 def run_server_case(case: str, model: str) -> bool:
-    port = _free_port()
+    port = free_port()
     device = ["--device", "cpu", "--dtype", "float32"] if DRY else ["--gpu-memory-utilization", "0.5"]
-    proc = subprocess.Popen([sys.executable, "-m", "pagedserve.cli", "serve", model, "--load-format", "dummy",
-                             "--skip-tokenizer-init", "-tp", "2", "--max-model-len", "4096", "--host", "127.0.0.1",
-                             "--port", str(port), "--log-level", "warning", "--engine-process", *device],
-                            cwd=REPO, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if urllib.request.urlopen(f"{base}/health", timeout=2).status == 200:
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        print("RESULT " + json.dumps(dict(case=case, ok=False, error="server never healthy")), flush=True)
+    server = ServerProcess([sys.executable, "-m", "pagedserve.cli", "serve", model, "--load-format", "dummy",
+                            "--skip-tokenizer-init", "-tp", "2", "--max-model-len", "4096", "--host", "127.0.0.1",
+                            "--port", str(port), "--log-level", "warning", "--engine-process", *device],
+                           port, cwd=REPO)   # no log file: its output is this script's
+    proc, base = server.proc, server.base_url
+    try:
+        server.wait_ready(240)
+    except RuntimeError as exc:
+        server.kill()
+        print("RESULT " + json.dumps(dict(case=case, ok=False, error=f"server never healthy: {exc}")), flush=True)
         return False
     started = _started(proc.pid)
     body = json.dumps({"model": os.path.basename(model), "prompt": [5, 17, 300, 42], "max_tokens": 3000, "ignore_eos": True}).encode()

@@ -1,8 +1,8 @@
 """Issue 22, start-up: `LLM(llama-8b dummy)` to ready, cold and warm Triton cache, with and
 without compile-ahead (worker/compile_ahead.py) and with the Llama-3 tokenizer loaded either
 way (AutoTokenizer, or load_tokenizer's short way). Each variant is a fresh process running
-benchmarks/serve_gpu.py's startup probe (phases: import, config, tokenizer, weights, KV
-profile, graph capture, first request); a cold variant gets an empty TRITON_CACHE_DIR.
+benchmarks/serve_gpu.py's startup probe (in serve_startup.py; phases: import, config, tokenizer,
+weights, KV profile, graph capture, first request); a cold variant gets an empty TRITON_CACHE_DIR.
 
     python3 benchmarks/startup_gpu.py [--cpu-smoke] [--budget-s 140]
 
@@ -25,11 +25,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import serve_gpu  # noqa: E402
+import serve_startup  # noqa: E402
 os.environ.setdefault("PAGEDSERVE_COMPILE_AHEAD_STRICT", "1")   # a failed compile-ahead fails the run
 
-ROOT = serve_gpu.ROOT
-OUT = serve_gpu.OUT
+ROOT = serve_startup.ROOT
+OUT = serve_startup.OUT
 # (label, Triton cache, compile-ahead threads, tokenizer: None | "auto" | "short"); in order
 # of importance: later ones are skipped when the budget runs out
 VARIANTS = [
@@ -108,7 +108,7 @@ def run_variants(model_dir: Path, cpu: bool, budget_s: float, log) -> list[dict]
             log.write(f"==== {label} timed out\n{exc.stdout}\n{exc.stderr}\n")
             print(f"{label}: timed out", flush=True)
             continue
-        phases = serve_gpu.probe_result(proc, label, log, t0, variant=label)
+        phases = serve_startup.probe_result(proc, label, log, t0, variant=label)
         if phases is not None:
             runs.append(phases)
     return runs
@@ -142,7 +142,7 @@ def main() -> None:
         parser.add_argument("--tokenizer", choices=["auto", "short"])
         parser.add_argument("--cpu-smoke", action="store_true")
         args = parser.parse_args()
-        serve_gpu.startup_probe(args.model_dir, args.cpu_smoke, args.tokenizer is not None,
+        serve_startup.startup_probe(args.model_dir, args.cpu_smoke, args.tokenizer is not None,
                                 lambda: probe_setup(args.workers, args.tokenizer))
         return
     parser = argparse.ArgumentParser()
@@ -150,9 +150,9 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=140.0)
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    model_dir = serve_gpu.make_model_dir(Path("/tmp/models/tiny-llama3tok" if args.cpu_smoke
-                                              else "/tmp/models/llama-8b-llama3tok"),
-                                         serve_gpu.TINY if args.cpu_smoke else serve_gpu.LLAMA_8B)
+    model_dir = serve_startup.make_model_dir(Path("/tmp/models/tiny-llama3tok" if args.cpu_smoke
+                                                  else "/tmp/models/llama-8b-llama3tok"),
+                                             serve_startup.TINY if args.cpu_smoke else serve_startup.LLAMA_8B)
     with open(OUT / "startup_probes.log", "w") as log:
         runs = run_variants(model_dir, args.cpu_smoke, args.budget_s, log)
     problems = checks(runs)

@@ -1,0 +1,68 @@
+"""What the modules of benchmarks/decode_gpu.py share: the --cpu-smoke switch (set before torch
+and Triton are imported), the model shapes, the RESULTS dict that decode_gpu.json is written from,
+the stage wrapper (a failed stage is logged and the next one runs) and the CUDA-graph timer."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+
+SMOKE = "--cpu-smoke" in sys.argv
+if SMOKE:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# peers.py: .devcarry/ (repo root), .. (a copy under .devcarry/NAME/), or ../shared/bench
+sys.path[:0] = [".devcarry", os.path.abspath(".."),
+                os.path.join(os.path.dirname(os.path.abspath(".")), "shared", "bench")]
+
+os.environ.setdefault("PAGEDSERVE_COMPILE_AHEAD_STRICT", "1")   # a failed compile-ahead fails the run
+
+MAX_MODEL_LEN = 2048   # peers.py's: the decode graphs' attention is launched for it
+HBM_TB_S = 4.3   # the issue's bandwidth basis for the ceilings (~287 / ~1,740 tok/s)
+SHAPES = {  # model: dict(hidden, intermediate, layers, heads, kv_heads, vocab)
+    "llama-1b": dict(h=2048, i=8192, layers=16, heads=32, kv=8, vocab=128256),
+    "llama-8b": dict(h=4096, i=14336, layers=32, heads=32, kv=8, vocab=128256),
+    "tiny": dict(h=64, i=128, layers=2, heads=4, kv=2, vocab=512),
+}
+TIED = {"llama-1b": True, "llama-8b": False, "tiny": True}
+RESULTS: dict = {"date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime())}
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def stage(name):
+    def wrap(fn):
+        def run(*args, **kwargs):
+            t0 = time.time()
+            log(f"=== {name}")
+            try:
+                fn(*args, **kwargs)
+            except Exception:   # one stage's failure must not cost the others' device time
+                traceback.print_exc()
+                RESULTS.setdefault("failed", []).append(name)
+            log(f"=== {name} done in {time.time() - t0:.1f} s")
+        return run
+    return wrap
+
+
+def weight_shapes(model: str) -> dict[str, tuple[int, int]]:
+    s = SHAPES[model]
+    d = s["h"] // s["heads"]
+    return {"qkv": ((s["heads"] + 2 * s["kv"]) * d, s["h"]), "o": (s["h"], s["heads"] * d),
+            "gate_up": (2 * s["i"], s["h"]), "down": (s["h"], s["i"]), "lm_head": (s["vocab"], s["h"])}
+
+
+# ----------------------------------------------------------------------------- timing helpers
+def time_us(fn, args_list) -> float:
+    """Per-call microseconds of fn(*args) cycling over args_list, in a CUDA graph of 40 calls
+    (gemv_sweep.py's timer: host launch cost excluded, as in the decode graphs); on CPU one
+    eager call."""
+    if SMOKE:
+        t0 = time.perf_counter()
+        fn(*args_list[0])
+        return (time.perf_counter() - t0) * 1e6
+    from gemv_sweep import time_us as graph_time_us
+    return graph_time_us(lambda args: fn(*args), args_list)
