@@ -11,8 +11,9 @@ spread), then the checks and the per-launch cost of the fix-up. Each stage a chi
   e2e_handoff2   (<= 30 s) the first stage again
   check          (<= 100 s) llama-8b's o -> gate_up -> down at one row with the tuned launches:
                  handed on vs rounded vs x.float() @ the dequantized weights (`CHECK`; the residual
-                 bit for bit); the same launches timed in CUDA graphs on rotated weight copies
-                 (4x L2), rounded vs handed on (`LAUNCH` us: what the fix-up costs a launch); then
+                 bit for bit); the same launches (and qkv's, not handed on in the model yet) timed in
+                 CUDA graphs on rotated weight copies (4x L2), rounded vs handed on (`LAUNCH` us: what
+                 the fix-up costs a launch); then
                  pytest of the hand-off tests natively (the chain kernels, the tiny model in CUDA
                  graphs: ids equal, logprobs within 1e-4).
 
@@ -85,6 +86,7 @@ def check() -> None:
     dtype = torch.float16 if SMOKE else torch.bfloat16
     shapes = {"o": (HIDDEN, HIDDEN), "gate_up": (HIDDEN, 2 * INTER), "down": (INTER, HIDDEN)}
     ws = [_weights(k, n, dtype, True) for k, n in shapes.values()]
+    qkv = (HIDDEN, HIDDEN + HIDDEN // 2)   # llama-8b's 32 + 2 x 8 heads of 128 (not handed on yet: timed only)
     norm_weight = torch.rand(HIDDEN, device=DEVICE, dtype=dtype) + 0.5
     workspace = torch.zeros(HIDDEN + 2 * INTER + 1 + HIDDEN, device=DEVICE)
     buffers = (workspace[:HIDDEN].view(1, -1), workspace[HIDDEN:HIDDEN + 2 * INTER + 1].view(1, -1),
@@ -106,14 +108,18 @@ def check() -> None:
     emit("TUNED", launches={name: w4_gpu._name(t.gemv_config(1, *shape)) for name, shape in shapes.items()})
     # per launch, rounded (the fix-up) vs handed on (atomic adds only), each on its own weight copies
     copies = {name: [_weights(k, n, dtype, True, seed) for seed in range(_copies(k * n // 2))]
-              for name, (k, n) in shapes.items()}
+              for name, (k, n) in {**shapes, "qkv": qkv}.items()}
+    qkv_out = torch.zeros(1, qkv[1] + 1, device=DEVICE)
     x, residual = torch.randn(1, HIDDEN, device=DEVICE, dtype=dtype), torch.randn(1, HIDDEN, device=DEVICE, dtype=dtype)
     h = torch.empty_like(x)
     gate_up_in = torch.randn(1, 2 * INTER, device=DEVICE, dtype=dtype)
     handed_gate_up = workspace[HIDDEN:HIDDEN + 2 * INTER].view(1, -1)
     handed_gate_up.w4a16_unnormed = (buffers[1][:, -1], 1.0 / HIDDEN, 1e-5)
     norm = (norm_weight, 1e-5, residual, h)
-    runs = {
+    runs = {   # qkv: what its fix-up costs, to decide whether rotary + KV store should take a hand-off too
+        "qkv": (lambda i: t.w4a16_gemv(x, *copies["qkv"][i], 128, prologue=t.RMS_NORM_RESIDUAL, norm=norm),
+                lambda i: t.w4a16_gemv(x, *copies["qkv"][i], 128, prologue=t.RMS_NORM_RESIDUAL, norm=norm,
+                                       handoff=qkv_out[:, :-1], handoff_squares=qkv_out[:, -1])),
         "o": (lambda i: t.w4a16_gemv(x, *copies["o"][i], 128),
               lambda i: t.w4a16_gemv(x, *copies["o"][i], 128, handoff=buffers[0])),
         "gate_up": (lambda i: t.w4a16_gemv(x, *copies["gate_up"][i], 128, prologue=t.RMS_NORM_RESIDUAL, norm=norm),
