@@ -1,21 +1,24 @@
 """The one-row W4A16 hand-offs (issue 18, session 11; layers/quantization/w4a16_handoff.py) on the
-GPU machine, in one device call (<= 300 s): llama-8b b1_decode with the hand-offs, with every
-launch rounding its output (main before), bf16 for the ratio, then the hand-offs again (the
-spread), then the checks and the per-launch cost of the fix-up. Each stage a child process:
+GPU machine, in one device call (<= 420 s): llama-8b b1_decode with the hand-offs, with every
+launch rounding its output (main before), with qkv's hand-off too, bf16 for the ratio, then the
+hand-offs again (the spread), then the checks and the per-launch cost of the fix-up. Each stage
+a child process:
 
   e2e_handoff    (<= 45 s, compiles cold) W4A16 (compressed-tensors, symmetric, group 128, LM
                  head bf16), hand-offs on (the default): b1_decode, the one-row graph's replay,
                  the linears' us per projection in an eager step (benchmarks/w4_gpu.py's profile)
   e2e_rounded    (<= 30 s) the same with w4a16_handoff.ENABLED = False
+  e2e_qkv        (<= 40 s) hand-offs with qkv's too (w4a16_handoff.QKV: into rotary + KV store)
   e2e_bf16       (<= 30 s) bf16 b1_decode
   e2e_handoff2   (<= 30 s) the first stage again
-  check          (<= 100 s) llama-8b's o -> gate_up -> down at one row with the tuned launches:
+  check          (<= 200 s) llama-8b's o -> gate_up -> down at one row with the tuned launches:
                  handed on vs rounded vs x.float() @ the dequantized weights (`CHECK`; the residual
                  bit for bit); the same launches (and qkv's, not handed on in the model yet) timed in
                  CUDA graphs on rotated weight copies (4x L2), rounded vs handed on (`LAUNCH` us: what
                  the fix-up costs a launch); then
-                 pytest of the hand-off tests natively (the chain kernels, the tiny model in CUDA
-                 graphs: ids equal, logprobs within 1e-4).
+                 pytest of the hand-off tests natively (the chain kernels, rotary + KV store of an
+                 unnormed hand-off, the tiny model in CUDA graphs with and without qkv's hand-off:
+                 ids equal, logprobs within 1e-4).
 
     bash benchmarks/w4_gemv_gpu.sh w4_handoff_gpu                       (the device call)
     PYTHONPATH=$PWD python3 benchmarks/w4_handoff_gpu.py --cpu-smoke    the same code on CPU
@@ -39,13 +42,14 @@ from benchmarks.quant_gpu import FAILED, _rel, _report, emit, run_timing  # noqa
 from benchmarks.w4_gpu import DEVICE, _copies, _timer, _weights  # noqa: E402
 from pagedserve.layers.quantization import triton_w4a16_gemv as t, w4a16_handoff  # noqa: E402
 
-STAGES = {"e2e_handoff": 45, "e2e_rounded": 30, "e2e_bf16": 30, "e2e_handoff2": 30, "check": 100}
+STAGES = {"e2e_handoff": 45, "e2e_rounded": 30, "e2e_qkv": 40, "e2e_bf16": 30, "e2e_handoff2": 30, "check": 200}
 HIDDEN, INTER = (256, 384) if SMOKE else (4096, 14336)
 
 
 def e2e(stage: str) -> None:
     variant = "bf16" if stage == "e2e_bf16" else "w4a16"
     w4a16_handoff.ENABLED = stage != "e2e_rounded"
+    w4a16_handoff.QKV = stage == "e2e_qkv"
     label = stage.removeprefix("e2e_")
     if SMOKE:
         shape = dict(hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=2, num_attention_heads=4,
@@ -57,7 +61,8 @@ def e2e(stage: str) -> None:
     llm = run_timing(variant, 512, workloads=("b1_decode",))
     model = llm.engine.core.executor.runner.model.model
     emit("HANDOFF", stage=label, planned_layers=sum(getattr(layer.self_attn.o_proj, "w4a16_handoff", None) is not None
-                                                    for layer in model.own_layers))
+                                                    for layer in model.own_layers),
+         qkv_layers=sum(getattr(layer.self_attn.qkv_proj, "w4a16_handoff", None) is not None for layer in model.own_layers))
     try:
         w4_gpu.decode_profile(label, llm)
     except Exception as exc:   # the figures above stand without it
@@ -136,10 +141,11 @@ def check() -> None:
                  handed_us=round(_timer(handed_fn, n) * 1e3, 2))
     if SMOKE:
         return
-    tests = ["tests/kernels/test_quant_kernels.py", "-k", "hand_offs or rms_norm_prologue or silu_and_mul_prologue",
+    tests = ["tests/kernels/test_quant_kernels.py", "tests/kernels/test_store_kv.py", "-k",
+             "hand_off or handed_on or rms_norm_prologue or silu_and_mul_prologue or rotary_store_kv",
              "tests/models/test_w4a16_handoff.py"]
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=150)
     print(proc.stdout[-3000:], proc.stderr[-1000:], flush=True)
     emit("PYTEST", rc=proc.returncode, tail=proc.stdout.strip().splitlines()[-1:] if proc.stdout.strip() else [])
     if proc.returncode:

@@ -49,13 +49,19 @@ def _rotary_store_kv_kernel(
     q_ptr, key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, pos_ptr, cos_ptr, sin_ptr,
     stride_q_token, stride_q_head, stride_key_token, stride_value_token,
     stride_k_cache_block, stride_k_cache_slot, stride_v_cache_block, stride_v_cache_slot, stride_cos,
-    num_q_heads, num_kv_heads,
+    num_q_heads, num_kv_heads, q_out_ptr, stride_qo_token, stride_qo_head, sq_ptr, inv_k, eps,
     BLOCK_SIZE: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, LIBDEVICE: tl.constexpr,
+    SCALED: tl.constexpr = False,
 ):
     """Rotary on the token's query and key heads (in place, as _rotary_kernel in
     layers/triton_ops.py, with its rounding), then the key and value rows into the cache slot
-    (as _store_kv_kernel)."""
+    (as _store_kv_kernel). SCALED: q / k / v are a W4A16 norm launch's fp32 hand-off, each
+    token's row first scaled by rsqrt(sq[token] * inv_k + eps) (the norm's statistic); the
+    rotated query goes to q_out (its dtype) and the key is not written back."""
     token = tl.program_id(0).to(tl.int64)
+    row_scale = 1.0
+    if SCALED:
+        row_scale = tl.rsqrt(tl.load(sq_ptr + token) * inv_k + eps)
     pos = tl.load(pos_ptr + token)
     offs = tl.arange(0, HALF)
     cos = tl.load(cos_ptr + pos * stride_cos + offs).to(tl.float32)[None, :]
@@ -63,17 +69,23 @@ def _rotary_store_kv_kernel(
     heads = tl.arange(0, BLOCK_H)
     q = q_ptr + token * stride_q_token + heads[:, None] * stride_q_head + offs[None, :]
     q_mask = heads[:, None] < num_q_heads
-    q1, q2 = rotate(tl.load(q, mask=q_mask, other=0.0), tl.load(q + HALF, mask=q_mask, other=0.0), cos, sin,
-                    LIBDEVICE)
-    tl.store(q, q1, mask=q_mask)
-    tl.store(q + HALF, q2, mask=q_mask)
+    q1, q2 = tl.load(q, mask=q_mask, other=0.0), tl.load(q + HALF, mask=q_mask, other=0.0)
+    if SCALED:
+        q1, q2 = q1 * row_scale, q2 * row_scale
+        q = q_out_ptr + token * stride_qo_token + heads[:, None] * stride_qo_head + offs[None, :]
+    q1, q2 = rotate(q1, q2, cos, sin, LIBDEVICE)
+    tl.store(q, q1.to(q.dtype.element_ty), mask=q_mask)
+    tl.store(q + HALF, q2.to(q.dtype.element_ty), mask=q_mask)
     row = heads[:, None] * (2 * HALF) + offs[None, :]   # [num_kv_heads, head_dim] rows are contiguous
     kv_mask = heads[:, None] < num_kv_heads
     k = key_ptr + token * stride_key_token + row
-    k1, k2 = rotate(tl.load(k, mask=kv_mask, other=0.0), tl.load(k + HALF, mask=kv_mask, other=0.0), cos, sin,
-                    LIBDEVICE)
-    tl.store(k, k1, mask=kv_mask)
-    tl.store(k + HALF, k2, mask=kv_mask)
+    k1, k2 = tl.load(k, mask=kv_mask, other=0.0), tl.load(k + HALF, mask=kv_mask, other=0.0)
+    if SCALED:
+        k1, k2 = rotate(k1 * row_scale, k2 * row_scale, cos, sin, LIBDEVICE)
+    else:
+        k1, k2 = rotate(k1, k2, cos, sin, LIBDEVICE)
+        tl.store(k, k1, mask=kv_mask)
+        tl.store(k + HALF, k2, mask=kv_mask)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot < 0:
         return
@@ -83,6 +95,8 @@ def _rotary_store_kv_kernel(
     v_dst = v_cache_ptr + (slot // BLOCK_SIZE) * stride_v_cache_block + (slot % BLOCK_SIZE) * stride_v_cache_slot + row
     for half in tl.static_range(2):
         v = tl.load(value_ptr + token * stride_value_token + row + half * HALF, mask=kv_mask)
+        if SCALED:
+            v = v * row_scale
         tl.store(v_dst + half * HALF, v.to(v_cache_ptr.dtype.element_ty), mask=kv_mask)
 
 
@@ -148,26 +162,34 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
 
 def rotary_store_kv(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     cos_cache: torch.Tensor, sin_cache: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+                    v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                    unnormed: tuple[torch.Tensor, torch.Tensor, float, float] | None = None) -> torch.Tensor:
     """Rotary embedding of query [T, Hq, D] (in place) and key [T, Hkv, D] at `positions`
     (cos/sin caches [max_position, D], halves duplicated: layers/rotary.py), then store_kv of
     the rotated key and value: one launch for what rotary_in_place + store_kv do in two, with
-    the same results (query and key rotated in place, the cache written)."""
+    the same results (query and key rotated in place, the cache written). Returns the rotated
+    query. `unnormed` = (query out, squares [T], 1 / K, eps): q / k / v are a W4A16 norm
+    launch's fp32 hand-off (w4a16_handoff.py), each token's row scaled by rsqrt(squares * 1 / K
+    + eps) first; the rotated query goes to `query out` (returned), the key is left as it is."""
     _check_store_inputs(key, value, k_cache, v_cache, slot_mapping)
     head_dim = key.shape[-1]
+    q_out, squares, inv_k, eps = unnormed or (query, query, 0.0, 0.0)
     if query.dim() != 3 or query.shape[0] != key.shape[0] or query.shape[-1] != head_dim or query.stride(2) != 1 \
-            or head_dim & (head_dim - 1) or query.dtype != key.dtype:
+            or head_dim & (head_dim - 1) or query.dtype != key.dtype or q_out.shape != query.shape \
+            or q_out.stride(2) != 1:
         raise ValueError(f"rotary_store_kv: query must be [T, Hq, D] of key's dtype with unit stride on a "
                          f"power-of-two D; got {tuple(query.shape)} {query.dtype}, key {tuple(key.shape)}")
     if cos_cache.shape[-1] != head_dim or sin_cache.stride() != cos_cache.stride() \
             or positions.shape != (key.shape[0],):
         raise ValueError("rotary_store_kv: cos/sin cache or positions do not match the query")
     if key.shape[0] == 0:
-        return
+        return q_out
     _rotary_store_kv_kernel[(key.shape[0],)](
         query, key, value, k_cache, v_cache, slot_mapping, positions, cos_cache, sin_cache,
         query.stride(0), query.stride(1), key.stride(0), value.stride(0),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), cos_cache.stride(0),
-        query.shape[1], key.shape[1],
+        query.shape[1], key.shape[1], q_out, q_out.stride(0), q_out.stride(1), squares, inv_k, eps,
         BLOCK_SIZE=k_cache.shape[1], HALF=head_dim // 2,
-        BLOCK_H=triton.next_power_of_2(max(query.shape[1], key.shape[1])), LIBDEVICE=_LIBDEVICE, num_warps=4)
+        BLOCK_H=triton.next_power_of_2(max(query.shape[1], key.shape[1])), LIBDEVICE=_LIBDEVICE,
+        SCALED=unnormed is not None, num_warps=4)
+    return q_out

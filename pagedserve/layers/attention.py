@@ -25,10 +25,14 @@ class Attention(nn.Module):
         self.backend: AttentionBackend | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
-                rotary: tuple[RotaryEmbedding, torch.Tensor] | None = None) -> torch.Tensor:
+                rotary: tuple[RotaryEmbedding, torch.Tensor] | None = None,
+                unnormed: tuple[torch.Tensor, float, float, torch.dtype] | None = None) -> torch.Tensor:
         """q [T, Hq*D], k/v [T, Hkv*D] -> [T, Hq*D]; mutates this layer's KV cache. With
         `rotary` (the embedding and the positions) q and k are rotated first: for decode-sized
-        batches on the Triton backend in the KV store's launch (and q in place)."""
+        batches on the Triton backend in the KV store's launch (and q in place). `unnormed` =
+        (squares [T], 1 / K, eps, dtype): q / k / v are a W4A16 norm launch's fp32 hand-off
+        (layers/quantization/w4a16_handoff.py), scaled here by the norm's rsqrt and taken to
+        `dtype` (in the KV store's launch where it rotates)."""
         num_tokens = q.shape[0]
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -37,9 +41,16 @@ class Attention(nn.Module):
         if rotary is not None and self.backend.name == "triton" and fuses(q) and rotary[0].uses_triton(q):
             from pagedserve.attention.triton_store_kv import rotary_store_kv
             rope, positions = rotary
-            rotary_store_kv(positions, q, k, v, rope.cos_cache, rope.sin_cache, self.k_cache, self.v_cache,
-                            meta.slot_mapping)
+            if unnormed is not None:
+                squares, inv_k, eps, dtype = unnormed
+                unnormed = (torch.empty(q.shape, dtype=dtype, device=q.device), squares, inv_k, eps)
+            q = rotary_store_kv(positions, q, k, v, rope.cos_cache, rope.sin_cache, self.k_cache, self.v_cache,
+                                meta.slot_mapping, unnormed)
         else:
+            if unnormed is not None:
+                squares, inv_k, eps, dtype = unnormed
+                scale = torch.rsqrt(squares * inv_k + eps)[:, None, None]
+                q, k, v = ((t * scale).to(dtype) for t in (q, k, v))
             if rotary is not None and self.backend.name == "torch" and \
                     (out := self.backend.decode(q, k, v, self.k_cache, self.v_cache, meta, self.scale, rotary)) is not None:
                 return out   # one C++ call (GGUF packed on CPU)

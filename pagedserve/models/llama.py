@@ -54,12 +54,15 @@ class LlamaAttention(nn.Module):
         """qkv: this layer's qkv_proj output (the decoder layer fuses the norm before it)."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         num_tokens = qkv.shape[0]
+        unnormed = getattr(qkv, "w4a16_unnormed", None)   # a W4A16 hand-off: the norm's rsqrt still to apply
+        if unnormed is not None:
+            unnormed = (*unnormed, self.o_proj.params_dtype)
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q = self.q_norm(q)
             k = self.k_norm(k)
-        out = self.attn(q, k, v, meta, rotary=(self.rotary, positions))
+        out = self.attn(q, k, v, meta, rotary=(self.rotary, positions), unnormed=unnormed)
         return self.o_proj(out)
 
 
@@ -127,8 +130,10 @@ class LlamaModel(nn.Module):
         stage's last down_proj rounds its output (for the final norm or the next stage)."""
         from pagedserve.layers.quantization import w4a16_handoff
         layers = self.own_layers
-        self.handoff = w4a16_handoff.plan([(layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj,
-                                            i + 1 < len(layers)) for i, layer in enumerate(layers)])
+        self.handoff = w4a16_handoff.plan([w4a16_handoff.LayerLinears(
+            layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj,
+            down_hands_on=i + 1 < len(layers), qkv_hands_on=not layer.self_attn.qk_norm)
+            for i, layer in enumerate(layers)])
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 intermediate: Intermediate | None = None) -> torch.Tensor | Intermediate:

@@ -125,3 +125,53 @@ def test_rotary_store_kv_matches_rotary_then_store(dtype: torch.dtype, heads: in
     torch.testing.assert_close(q, torch_q, atol=tol, rtol=tol)
     torch.testing.assert_close(caches[0].view(-1, kv_heads, head_dim)[slots[slots >= 0]], torch_k[slots >= 0],
                                atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_rotary_store_kv_of_an_unnormed_hand_off(dtype: torch.dtype) -> None:
+    """A W4A16 norm launch's fp32 hand-off (w4a16_handoff.py): each token's q / k / v scaled by
+    rsqrt(squares / K + eps) in the launch, q rotated into `q out` (its dtype), the cache
+    written; against torch on the scaled rows. The hand-off's key is left as it was."""
+    generator = torch.Generator().manual_seed(11)
+    tokens, heads, kv_heads, head_dim, block_size = 3, 4, 2, 64, 16
+    rope = RotaryEmbedding(head_dim, 512, 10000.0, dtype=dtype).to(DEVICE)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=generator).to(DEVICE) * 40
+    squares = (torch.rand(tokens, generator=generator) * 1e4 + 10).to(DEVICE)
+    positions = torch.tensor([7, 0, 300], device=DEVICE)
+    slots = torch.tensor([9, 40, -1], device=DEVICE)
+    caches = [torch.zeros(4, block_size, kv_heads, head_dim, dtype=dtype, device=DEVICE) for _ in range(2)]
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k, v = q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim), v.view(tokens, kv_heads, head_dim)
+    before = qkv.clone()
+    q_out = torch.empty(q.shape, dtype=dtype, device=DEVICE)
+    got = rotary_store_kv(positions, q, k, v, rope.cos_cache, rope.sin_cache, *caches, slots, (q_out, squares, 1 / 256, 1e-5))
+    assert got is q_out and torch.equal(qkv, before)
+    scale = torch.rsqrt(squares / 256 + 1e-5)[:, None, None]
+    qs, ks, vs = q * scale, k * scale, v * scale
+    cos, sin = (c[positions].float().unsqueeze(1) for c in (rope.cos_cache, rope.sin_cache))
+    torch_q, torch_k = qs * cos + rope._rotate_half(qs) * sin, ks * cos + rope._rotate_half(ks) * sin
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(q_out.float(), torch_q, atol=tol, rtol=tol)
+    live = slots >= 0
+    stored = [c.view(-1, kv_heads, head_dim)[slots[live]].float() for c in caches]
+    torch.testing.assert_close(stored[0], torch_k[live], atol=tol, rtol=tol)
+    torch.testing.assert_close(stored[1], vs[live], atol=tol, rtol=tol)
+    assert not caches[0].view(-1, kv_heads, head_dim)[[i for i in range(64) if i not in (9, 40)]].any()
+
+
+_COMPILE_FOR_SM90 = """
+from pagedserve.attention.triton_store_kv import _rotary_store_kv_kernel as kernel
+ints = {name: "*i64" for name in ("slot_mapping_ptr", "pos_ptr")}
+handed = {name: "*fp32" for name in ("q_ptr", "key_ptr", "value_ptr", "sq_ptr")}
+for scaled, types in ((False, ints), (True, {**ints, **handed})):
+    build(kernel, dict(BLOCK_SIZE=16, HALF=64, BLOCK_H=32, LIBDEVICE=True, SCALED=scaled), types, num_warps=4)
+"""
+
+
+def test_rotary_store_kv_compiles_for_sm90() -> None:
+    """The kernel, plain and scaled (a hand-off's fp32 rows), to a cubin for sm_90 (the
+    interpreter above does not check what compiles; tests/kernels/sm90_compile.py)."""
+    pytest.importorskip("triton.backends.nvidia")
+    from tests.kernels.sm90_compile import run
+    proc = run(_COMPILE_FOR_SM90)
+    assert proc.returncode == 0, proc.stderr[-3000:]

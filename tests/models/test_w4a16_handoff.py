@@ -29,9 +29,10 @@ def w4a16_dir(tmp_path) -> str:
     return str(tmp_path)
 
 
-def _decode(path: str, enabled: bool, monkeypatch) -> tuple[list[int], list[float], LLM]:
+def _decode(path: str, enabled: bool, monkeypatch, qkv: bool = False) -> tuple[list[int], list[float], LLM]:
     monkeypatch.setattr(w4a16_handoff, "ON_CPU", True)
     monkeypatch.setattr(w4a16_handoff, "ENABLED", enabled)
+    monkeypatch.setattr(w4a16_handoff, "QKV", qkv)
     llm = LLM(model=path, device=DEVICE, dtype="float32", skip_tokenizer_init=True, load_format="dummy",
               max_model_len=64, max_logprobs=-1, **({"gpu_memory_utilization": 0.2} if DEVICE == "cuda" else {}))
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=-1)
@@ -39,8 +40,9 @@ def _decode(path: str, enabled: bool, monkeypatch) -> tuple[list[int], list[floa
     return list(out.token_ids), [step[t].logprob for step, t in zip(out.logprobs, out.token_ids)], llm
 
 
-def test_handed_on_decode_equals_the_rounded_launches(w4a16_dir, monkeypatch):
-    ids, logprobs, llm = _decode(w4a16_dir, True, monkeypatch)
+@pytest.mark.parametrize("qkv", [False, True])
+def test_handed_on_decode_equals_the_rounded_launches(w4a16_dir, monkeypatch, qkv):
+    ids, logprobs, llm = _decode(w4a16_dir, True, monkeypatch, qkv)
     model = llm.engine.core.executor.runner.model.model
     assert model.handoff is not None
     layers = model.own_layers
@@ -48,7 +50,8 @@ def test_handed_on_decode_equals_the_rounded_launches(w4a16_dir, monkeypatch):
     assert all(layer.self_attn.o_proj.w4a16_handoff is not None for layer in layers)
     assert [layer.mlp.gate_up_proj.w4a16_handoff.shape for layer in layers] == [(1, 513)] * len(layers)
     assert [layer.mlp.down_proj.w4a16_handoff is not None for layer in layers] == [True] * (len(layers) - 1) + [False]
-    assert getattr(layers[0].self_attn.qkv_proj, "w4a16_handoff", None) is None
+    qkv_views = [layer.self_attn.qkv_proj.w4a16_handoff for layer in layers]   # [q | k | v] and the squares
+    assert [None if view is None else view.shape for view in qkv_views] == [(1, 257) if qkv else None] * len(layers)
     # the last decode step's sums are still in the workspace (it is zeroed before a one-row forward)
     o_out = layers[0].self_attn.o_proj.w4a16_handoff
     assert o_out.abs().sum() > 0

@@ -7,6 +7,9 @@ session 10). Where the consumer is the next W4A16 launch's prologue, that fix-up
 needed: the programs add into a buffer that is zero, and the consumer reads the fp32 sums as
 they are. Per decoder layer:
 
+    qkv_proj -> fp32 sums before the norm's rsqrt (and the row's sum of squares), read by the
+                rotary + KV-store launch, which applies the rsqrt and writes q rounded (QKV
+                switch; not with q/k norms)
     o_proj   -> fp32 hidden, read by gate_up's RMSNorm + residual prologue
     gate_up  -> fp32 sums before the norm's rsqrt (and the row's sum of squares), read by
                 down's SiLU prologue, which applies the rsqrt
@@ -20,11 +23,27 @@ tensor parallelism (a row-parallel output is all-reduced in the model dtype). Th
 are not rounded where the other path rounds them: the same arithmetic up to bf16 rounding."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 ENABLED = False   # on by default once measured on a GPU (benchmarks/w4_handoff_gpu.py: the A/B)
-ON_CPU = False   # tests: plan on CPU tensors too (Triton's interpreter)
+QKV = False       # qkv_proj too (with ENABLED), into rotary + KV store: the same A/B's third variant
+ON_CPU = False    # tests: plan on CPU tensors too (Triton's interpreter)
+
+
+@dataclass
+class LayerLinears:
+    """One decoder layer's linears; `down_hands_on`: down's output goes to another layer of this
+    stage (not the final norm / the next stage); `qkv_hands_on`: its attention takes an unnormed
+    q / k / v (no q/k norm)."""
+    qkv: nn.Module
+    o: nn.Module
+    gate_up: nn.Module
+    down: nn.Module
+    down_hands_on: bool
+    qkv_hands_on: bool
 
 
 def _takes(linear: nn.Module) -> bool:
@@ -42,25 +61,28 @@ def _takes(linear: nn.Module) -> bool:
     return config is not None and not config.dot and fast_gemv_fits(k, linear.kernel_group_size, None)
 
 
-def plan(layers: list[tuple[nn.Module, nn.Module, nn.Module, bool]]) -> torch.Tensor | None:
-    """Give each (o_proj, gate_up_proj, down_proj, down hands on) layer whose three linears take
-    it its views (`w4a16_handoff`: [1, N], gate_up's [1, N + 1]) of one workspace, returned
-    (None where no layer does, or ENABLED is off). The caller zeroes it before each one-row forward."""
-    for linears in layers:
-        for linear in linears[:3]:
+def plan(layers: list[LayerLinears]) -> torch.Tensor | None:
+    """Give each layer whose o / gate_up / down take it their views (`w4a16_handoff`: [1, N];
+    a norm launch's, gate_up's and qkv's, [1, N + 1]) of one workspace, returned (None where no
+    layer does, or ENABLED is off). The caller zeroes it before each one-row forward."""
+    views: list[tuple[nn.Module, int]] = []
+    for layer in layers:
+        for linear in (layer.qkv, layer.o, layer.gate_up, layer.down):
             linear.w4a16_handoff = None
-    chosen = [layer for layer in layers if ENABLED and all(_takes(linear) for linear in layer[:3])]
-    if not chosen:
+        if not (ENABLED and all(_takes(linear) for linear in (layer.o, layer.gate_up, layer.down))):
+            continue
+        if QKV and layer.qkv_hands_on and _takes(layer.qkv):
+            views.append((layer.qkv, layer.qkv.qweight.shape[1] + 1))
+        views += [(layer.o, layer.o.qweight.shape[1]), (layer.gate_up, layer.gate_up.qweight.shape[1] + 1)]
+        if layer.down_hands_on:
+            views.append((layer.down, layer.down.qweight.shape[1]))
+    if not views:
         return None
-    sizes = [(o.qweight.shape[1], gate_up.qweight.shape[1] + 1, down.qweight.shape[1] if on else 0)
-             for o, gate_up, down, on in chosen]
     align = 32   # 128-byte aligned views
-    total = sum(-(-size // align) * align for layer in sizes for size in layer)
-    workspace = torch.zeros(total, dtype=torch.float32, device=chosen[0][0].qweight.device)
+    workspace = torch.zeros(sum(-(-size // align) * align for _, size in views), dtype=torch.float32,
+                            device=views[0][0].qweight.device)
     start = 0
-    for (o, gate_up, down, _), layer_sizes in zip(chosen, sizes):
-        for linear, size in zip((o, gate_up, down), layer_sizes):
-            if size:
-                linear.w4a16_handoff = workspace[start:start + size].view(1, size)
-                start += -(-size // align) * align
+    for linear, size in views:
+        linear.w4a16_handoff = workspace[start:start + size].view(1, size)
+        start += -(-size // align) * align
     return workspace
