@@ -80,7 +80,8 @@ def _allreduce_rank(rank: int, world: int, port: int) -> None:
             bad = [c for c in checks if c[2] is False]
             emit(workload="custom_allreduce_check", reducer=name, ranks=world,
                  exact=all(c[2] is not False for c in checks), in_graph_exact=ok_graph,
-                 same_on_every_rank=all(agree), spin_timeouts=errors, checks=checks, mismatches=bad)
+                 same_on_every_rank=all(agree), max_abs_diff=max(c[3] for c in checks), spin_timeouts=errors,
+                 checks=checks, mismatches=bad)
     # latency: 64 all-reduces captured in one graph (a decode step of llama-8b has 65)
     lat = {}
     for rows in (1, 16, 64, 128, 256, 512, 1024, 2048):

@@ -6,6 +6,8 @@ copied here so the script needs nothing outside the repository. Every mode print
                                                       CUDA graph), latencies (RANKS GPUs, default 2)
   python3 benchmarks/tp_gpu.py ids TP VARIANT OUT.json   greedy ids of 32 prompts x 64 tokens
   python3 benchmarks/tp_gpu.py compare A.json B.json     match rate of two ids files
+  python3 benchmarks/tp_gpu.py summary RESULTS.txt       one line per engine (start-up, KV tokens, thr512,
+                                                      b1_decode, ttft1024) and per ids comparison
   python3 benchmarks/tp_gpu.py peers TP VARIANT [IDS.json]   thr512, b1_decode, ttft1024 (the ids first, if given)
   python3 benchmarks/tp_gpu.py profile TP VARIANT        torch.profiler of TP decode steps (rank 0)
   python3 benchmarks/tp_gpu.py h2d                       a host -> device copy while the GPU is busy
@@ -267,6 +269,45 @@ def compare(a_path: str, b_path: str) -> None:
          token_agreement=round(sum(s == t for x, y in zip(a, b) for s, t in zip(x, y)) / sum(len(x) for x in a), 4))
 
 
+def summary(path: str) -> None:
+    """The RESULT lines of `path` (the other modes' and serve_gpu.py's output, any order) in a few lines."""
+    engines: dict[tuple, dict] = {}
+    matches = []
+    for line in open(path):
+        try:
+            r = json.loads(line[len("RESULT "):]) if line.startswith("RESULT ") else None
+        except ValueError:   # cut short
+            r = None
+        if r is None:
+            continue
+        kind = r.get("workload")
+        if kind == "serve_ready":
+            matches.append(f"serve {r['engine']}: ready in {r['s']} s")
+        elif kind == "serve":
+            pair = lambda k: f"{r[k]['p50']:.1f} / {r[k]['p99']:.1f}"   # noqa: E731
+            matches.append(f"serve {r['engine']} at {r['rate']} req/s: {r['completed']} done, {r['failed']} failed, "
+                           f"{r['out_tok_s']} out tok/s, TTFT P50/P99 {pair('ttft')} ms, TPOT {pair('tpot')} ms")
+        elif kind in ("custom_allreduce_check", "allreduce_latency_in_graph"):
+            matches.append(f"{kind}: " + json.dumps({k: v for k, v in r.items() if k not in ("workload", "checks", "mismatches")}))
+        elif kind == "ids_match":
+            matches.append(f"ids {r['a']} vs {r['b']}: {r['identical']}/{r['prompts']} identical "
+                           f"({r['match_rate']:.1%}), {r['token_agreement']:.1%} of tokens, "
+                           f"mean common prefix {r['mean_common_prefix']}")
+        elif "tp" in r:
+            row = engines.setdefault((r["model"], r["tp"], r["pp"], r["variant"]), {})
+            if kind is None:
+                row.update(startup_s=r["startup_s"], kv_tokens=r["kv_tokens"])
+            elif kind.startswith("thr") and "phases" not in kind:
+                row[f"{kind}_out_tok_s"] = r["out_tok_s"]
+            elif kind == "b1_decode":
+                row["b1_decode_tok_s"] = r["tok_s"]
+            elif kind == "ttft1024":
+                row["ttft1024_ms"] = r["ms"]
+    for (model, tp, pp, variant), row in engines.items():
+        print(f"{model} TP={tp} PP={pp} ({variant}): " + ", ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+    print("\n".join(matches), flush=True)
+
+
 def shard_shapes(tp: int) -> dict[str, tuple[int, int]]:
     """(N, K) of one rank's weight per matmul of MODEL at this TP (KV heads replicated below tp)."""
     m = MODELS[MODEL]
@@ -344,6 +385,9 @@ def main() -> None:
         return
     if mode == "compare":
         compare(sys.argv[2], sys.argv[3])
+        return
+    if mode == "summary":
+        summary(sys.argv[2])
         return
     if mode == "allreduce":
         from tp_allreduce import check_allreduce
