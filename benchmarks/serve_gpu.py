@@ -48,7 +48,13 @@ from server_process import ServerProcess, free_port
 from serve_startup import LLAMA_8B, OUT, ROOT, TINY, emit, make_model_dir, run_startup, startup_probe
 
 SLOS = ["ttft:500", "tpot:50"]
-SERVED_NAME = "llama-8b"
+LLAMA_70B = dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                 num_key_value_heads=8, tie_word_embeddings=False)     # tp_gpu.py's
+# TP_MODEL, MAX_LEN, GPU_UTIL, MAX_SEQS as tp_gpu.py reads them (issue 24, benchmarks/multi4_gpu.sh: the seed's
+# llama-70b command line, 4096 / 0.95 / 128); unset: llama-8b, 2048, 0.85, the engine's max_num_seqs
+MODEL = os.environ.get("TP_MODEL", "llama-8b")
+MAX_LEN, GPU_UTIL, MAX_SEQS = os.environ.get("MAX_LEN", "2048"), os.environ.get("GPU_UTIL", "0.85"), os.environ.get("MAX_SEQS")
+SERVED_NAME = MODEL
 # pagedserve variants: extra `serve` flags, extra environment
 VARIANTS = {"thread": (["--no-engine-process"], {}),
             "process": (["--engine-process"], {}),
@@ -58,7 +64,10 @@ VARIANTS = {"thread": (["--no-engine-process"], {}),
             "process-noswap": (["--engine-process", "--swap-space", "0"], {}),
             # piecewise CUDA graphs for mixed steps (worker/cuda_graph.py; on by default), on / off
             "process-mixedgraph": (["--engine-process"], {"PAGEDSERVE_MIXED_GRAPHS": "1"}),
-            "process-nomixed": (["--engine-process"], {"PAGEDSERVE_MIXED_GRAPHS": "0"})}
+            "process-nomixed": (["--engine-process"], {"PAGEDSERVE_MIXED_GRAPHS": "0"}),
+            # issue 24: four GPUs, tensor parallel 4 and tensor parallel 2 x pipeline parallel 2
+            "tp4": (["--engine-process", "--tensor-parallel-size", "4"], {}),
+            "tp2pp2": (["--engine-process", "--tensor-parallel-size", "2", "--pipeline-parallel-size", "2"], {})}
 
 
 # ---------------------------------------------------------------- servers
@@ -66,7 +75,7 @@ VARIANTS = {"thread": (["--no-engine-process"], {}),
 def server_command(engine: str, model_dir: Path, port: int, cpu: bool, variant: str | None = None
                    ) -> tuple[list[str], dict]:
     common = ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", SERVED_NAME,
-              "--load-format", "dummy", "--max-model-len", "2048", "--seed", "0"]
+              "--load-format", "dummy", "--max-model-len", MAX_LEN, "--seed", "0"] + (["--max-num-seqs", MAX_SEQS] if MAX_SEQS else [])
     env = dict(os.environ)
     if engine == "pagedserve":
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), "/tmp/site_s", env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -75,13 +84,13 @@ def server_command(engine: str, model_dir: Path, port: int, cpu: bool, variant: 
         flags, extra_env = VARIANTS[variant or "thread"]
         env.update(extra_env)
         device = ["--device", "cpu", "--dtype", "float32", "--num-kv-blocks", "512"] if cpu else \
-            ["--dtype", "bfloat16", "--gpu-memory-utilization", "0.85"]
+            ["--dtype", "bfloat16", "--gpu-memory-utilization", GPU_UTIL]
         return [sys.executable, "-m", "pagedserve.cli", "serve", str(model_dir), *common, *device, *flags,
                 "--log-level", "warning"], env
     env.update(PYTHONPATH="/tmp/site_v", VLLM_USE_FLASHINFER_SAMPLER="0", HF_HUB_OFFLINE="1",
                VLLM_NO_USAGE_STATS="1", TOKENIZERS_PARALLELISM="false")
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), *common,
-            "--dtype", "bfloat16", "--gpu-memory-utilization", "0.85"], env
+            "--dtype", "bfloat16", "--gpu-memory-utilization", GPU_UTIL], env
 
 
 class Server(ServerProcess):
@@ -299,8 +308,8 @@ def main() -> None:
     work = Path("/tmp/serve_gpu_work")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    model_dir = make_model_dir(Path("/tmp/models/llama-8b-llama3tok" if not cpu else "/tmp/models/tiny-llama3tok"),
-                               TINY if cpu else LLAMA_8B)
+    model_dir = make_model_dir(Path(f"/tmp/models/{MODEL}-llama3tok" if not cpu else "/tmp/models/tiny-llama3tok"),
+                               TINY if cpu else {"llama-8b": LLAMA_8B, "llama-70b": LLAMA_70B}[MODEL])
     t_all = time.perf_counter()
     deadline = t_all + args.budget_s
     results: dict = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rates": rates,

@@ -2,14 +2,17 @@
 the peers workloads (input U[64,1024], output U[16,512], seed 0: thr512; b1_decode; ttft1024),
 copied here so the script needs nothing outside the repository. Every mode prints RESULT lines.
 
-  python3 benchmarks/tp_gpu.py allreduce              custom all-reduce vs NCCL: sums (eager and in a
-                                                      CUDA graph), latencies (2 GPUs)
+  python3 benchmarks/tp_gpu.py allreduce [RANKS]      custom all-reduce vs NCCL: sums (eager and in a
+                                                      CUDA graph), latencies (RANKS GPUs, default 2)
   python3 benchmarks/tp_gpu.py ids TP VARIANT OUT.json   greedy ids of 32 prompts x 64 tokens
   python3 benchmarks/tp_gpu.py compare A.json B.json     match rate of two ids files
-  python3 benchmarks/tp_gpu.py peers TP VARIANT          thr512, b1_decode, ttft1024
+  python3 benchmarks/tp_gpu.py summary RESULTS.txt       one line per engine (start-up, KV tokens, thr512,
+                                                      b1_decode, ttft1024) and per ids comparison
+  python3 benchmarks/tp_gpu.py peers TP VARIANT [IDS.json]   thr512, b1_decode, ttft1024 (the ids first, if given)
   python3 benchmarks/tp_gpu.py profile TP VARIANT        torch.profiler of TP decode steps (rank 0)
   python3 benchmarks/tp_gpu.py h2d                       a host -> device copy while the GPU is busy
-The profiling stages (profile, h2d, the host phases of peers) live in benchmarks/tp_profile.py.
+The profiling stages (profile, h2d, the host phases of peers) live in benchmarks/tp_profile.py, the
+all-reduce check in benchmarks/tp_allreduce.py.
 
 VARIANT switches issue 17's pieces (each one alone can be measured against `base`):
   base    step messages by NCCL broadcast, NCCL all-reduces, lockstep   (before issue 17)
@@ -20,7 +23,8 @@ VARIANT switches issue 17's pieces (each one alone can be measured against `base
   all4m   all, custom all-reduce up to 4 MiB (decode steps up to 512 rows) instead of 1 MiB
   push    all, with the push all-reduce (two ranks: one one-way signal per all-reduce); push4m up to 4 MiB
           (push4m is the engine's TP=2 default now: time TP=2 as shipped with it)
-TP=1 runs use `all`: there only async scheduling applies (its default on CUDA).
+TP=1 runs use `all`: there only async scheduling applies (its default on CUDA). At TP=4 `all` is the
+engine's default (the push kernel is for two ranks: more take torch's one-shot up to 1 MiB).
 Set ENFORCE_EAGER=1 to run without CUDA graphs, PP=N for N pipeline stages (benchmarks/pp_gpu.sh; the
 shm queue, custom all-reduce and async TP of a variant do not apply under PP; `peers` then also
 prints rank 0's host time per step by phase, *_host_phases); DRY=1 runs every mode
@@ -56,7 +60,8 @@ MODELS = {
 DRY = os.environ.get("DRY") == "1"
 if DRY:   # the gemv sweep's kernels through Triton's interpreter (before anything imports triton)
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# TP_MODEL=llama-70b GPU_UTIL=0.9 MAX_LEN=4096: the seed's large-model case (issue 17 part 5)
+# TP_MODEL=llama-70b GPU_UTIL=0.9 MAX_LEN=4096: the seed's large-model case (issue 17 part 5); MAX_SEQS=128
+# as the seed's vLLM command line (issue 24, benchmarks/multi4_gpu.sh; the engine's default if unset)
 MODEL = "tiny" if DRY else os.environ.get("TP_MODEL", "llama-8b")
 GPU_UTIL, MAX_LEN = float(os.environ.get("GPU_UTIL", "0.85")), int(os.environ.get("MAX_LEN", "2048"))
 THR_N = 16 if DRY else 512
@@ -73,6 +78,7 @@ VARIANTS = {   # name -> (step queue, custom all-reduce up to KiB (0: off), asyn
 
 PP = int(os.environ.get("PP", "1"))
 MAX_BATCHED = int(os.environ["MAX_BATCHED"]) if os.environ.get("MAX_BATCHED") else None   # engine default if unset
+MAX_SEQS = int(os.environ["MAX_SEQS"]) if os.environ.get("MAX_SEQS") else None
 EAGER = os.environ.get("ENFORCE_EAGER") == "1"
 
 
@@ -183,7 +189,7 @@ def make_llm(tp: int, variant: str):
     t0 = time.time()
     device = dict(device="cpu", dtype="float32") if DRY else dict(dtype="bfloat16", gpu_memory_utilization=GPU_UTIL)
     llm = LLM(model=make_model_dir(MODEL), load_format="dummy", skip_tokenizer_init=True, **device,
-              max_model_len=MAX_LEN, seed=0, tensor_parallel_size=tp, pipeline_parallel_size=PP,
+              max_model_len=MAX_LEN, max_num_seqs=MAX_SEQS, seed=0, tensor_parallel_size=tp, pipeline_parallel_size=PP,
               enforce_eager=EAGER, disable_custom_all_reduce=not custom_kb,
               async_scheduling=asynchronous, max_num_batched_tokens=MAX_BATCHED)
     startup = round(time.time() - t0, 1)
@@ -198,7 +204,8 @@ def make_llm(tp: int, variant: str):
          decode_graphs=len(graphs.graphs) if graphs else 0, prefill_graphs=len(graphs.prefill_graphs) if graphs else 0,
          custom_all_reduce=type(parallel._custom_all_reduce).__name__ if parallel._custom_all_reduce else None,
          shm_step_queue=queue is not None,
-         async_scheduling=core.async_scheduling, kv_blocks=core.executor.num_blocks)
+         async_scheduling=core.async_scheduling, kv_blocks=core.executor.num_blocks,
+         kv_tokens=core.executor.num_blocks * core.config.cache.block_size)
     return llm
 
 
@@ -262,122 +269,43 @@ def compare(a_path: str, b_path: str) -> None:
          token_agreement=round(sum(s == t for x, y in zip(a, b) for s, t in zip(x, y)) / sum(len(x) for x in a), 4))
 
 
-def _allreduce_rank(rank: int, world: int, port: int) -> None:
-    """Each custom all-reduce (torch's one-shot, the push kernel) against NCCL: exact sums of
-    bf16/fp32 up to 1024 rows, a misaligned view, a chain of 8 in a CUDA graph replayed on new
-    data, then in-graph latency per all-reduce (64 in one graph, as a decode step's 65)."""
-    import torch
-    import torch.distributed as dist
-    from pagedserve.layers.custom_all_reduce import init_symm_mem_all_reduce
-    torch.cuda.set_device(rank)
-    device = torch.device(f"cuda:{rank}")
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            device_id=device)
-    reducers = {}
-    for kind, name in (("one_shot", "custom"), ("push", "push")):
-        # larger than the engine's 1 MiB: find the crossover
-        reducers[name] = init_symm_mem_all_reduce(device, buffer_bytes=16 << 20, kind=kind)
-    if rank == 0:
-        emit(workload="custom_allreduce_setup", **{name: r is not None for name, r in reducers.items()})
-    reducers = {name: r for name, r in reducers.items() if r is not None}
-    gen = torch.Generator(device=device).manual_seed(1234 + rank)
-    stream = torch.cuda.Stream()
-    for name, reducer in reducers.items():
-        checks = []
-        for dtype in (torch.bfloat16, torch.float32):
-            for rows in (1, 2, 3, 8, 16, 64, 128, 256, 512, 1024):
-                numel = rows * 4096
-                x = torch.randn(numel, generator=gen, device=device, dtype=torch.float32).to(dtype)
-                if not reducer.can_reduce(x):
-                    checks.append((str(dtype), rows, "nccl (too big)", 0.0))
-                    continue
-                ref = x.clone()
-                dist.all_reduce(ref)
-                got = reducer(x)
-                checks.append((str(dtype), rows, bool(torch.equal(got, ref)),
-                               float((got.float() - ref.float()).abs().max())))
-        # a misaligned input (a view one element in)
-        x = torch.randn(16 * 4096 + 8, generator=gen, device=device).to(torch.bfloat16)[1:1 + 16 * 4096]
-        ref = x.clone()
-        dist.all_reduce(ref)
-        checks.append(("misaligned bf16", 16, bool(torch.equal(reducer(x), ref)), 0.0))
-        # inside a CUDA graph: a chain of 8 all-reduces (each the next one's input), replayed on new data
-        x = torch.zeros(16 * 4096, device=device, dtype=torch.bfloat16)
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            y = x
-            for _ in range(8):
-                y = reducer(y) * 0.5
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=stream):
-                y = x
-                for _ in range(8):
-                    y = reducer(y) * 0.5
-        torch.cuda.current_stream().wait_stream(stream)
-        ok_graph = True
-        for trial in range(3):
-            x.copy_(torch.randn(x.numel(), generator=gen, device=device).to(torch.bfloat16))
-            ref = x.clone()
-            for _ in range(8):
-                dist.all_reduce(ref)
-                ref = ref * 0.5
-            graph.replay()
-            torch.cuda.synchronize()
-            ok_graph &= bool(torch.equal(y, ref))
-        errors = int(reducer.error.sum()) if hasattr(reducer, "error") else 0
-        if rank == 0:
-            bad = [c for c in checks if c[2] is False]
-            emit(workload="custom_allreduce_check", reducer=name, exact=all(c[2] is not False for c in checks),
-                 in_graph_exact=ok_graph, spin_timeouts=errors, checks=checks, mismatches=bad)
-    # latency: 64 all-reduces captured in one graph (a decode step of llama-8b has 65)
-    lat = {}
-    for rows in (1, 16, 64, 128, 256, 512, 1024, 2048):
-        t = torch.randn(rows * 4096, generator=gen, device=device).to(torch.bfloat16)
-        for name in ("nccl", *reducers):
-            if name != "nccl" and not reducers[name].can_reduce(t):
-                continue
-
-            def chain():
-                out = t
-                for _ in range(64):
-                    if name == "nccl":
-                        dist.all_reduce(out)   # in place, as RowParallelLinear's fallback
-                    else:
-                        out = reducers[name](out)
-                return out
-            with torch.cuda.stream(stream):
-                chain()
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, stream=stream):
-                    chain()
-            torch.cuda.current_stream().wait_stream(stream)
-            for _ in range(3):
-                g.replay()
-            torch.cuda.synchronize()
-            dist.barrier()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(10):
-                g.replay()
-            end.record()
-            torch.cuda.synchronize()
-            lat[f"{name}_{rows}rows_us"] = round(start.elapsed_time(end) * 1e3 / 640, 2)
-    if rank == 0:
-        emit(workload="allreduce_latency_in_graph", **lat)
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def check_allreduce() -> None:
-    if DRY:
-        emit(workload="custom_allreduce_check", skipped="DRY: needs two GPUs")
-        return
-    import socket
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_allreduce_rank, args=(2, port), nprocs=2)
+def summary(path: str) -> None:
+    """The RESULT lines of `path` (the other modes' and serve_gpu.py's output, any order) in a few lines."""
+    engines: dict[tuple, dict] = {}
+    matches = []
+    for line in open(path):
+        try:
+            r = json.loads(line[len("RESULT "):]) if line.startswith("RESULT ") else None
+        except ValueError:   # cut short
+            r = None
+        if r is None:
+            continue
+        kind = r.get("workload")
+        if kind == "serve_ready":
+            matches.append(f"serve {r['engine']}: ready in {r['s']} s")
+        elif kind == "serve":
+            pair = lambda k: f"{r[k]['p50']:.1f} / {r[k]['p99']:.1f}"   # noqa: E731
+            matches.append(f"serve {r['engine']} at {r['rate']} req/s: {r['completed']} done, {r['failed']} failed, "
+                           f"{r['out_tok_s']} out tok/s, TTFT P50/P99 {pair('ttft')} ms, TPOT {pair('tpot')} ms")
+        elif kind in ("custom_allreduce_check", "allreduce_latency_in_graph"):
+            matches.append(f"{kind}: " + json.dumps({k: v for k, v in r.items() if k not in ("workload", "checks", "mismatches")}))
+        elif kind == "ids_match":
+            matches.append(f"ids {r['a']} vs {r['b']}: {r['identical']}/{r['prompts']} identical "
+                           f"({r['match_rate']:.1%}), {r['token_agreement']:.1%} of tokens, "
+                           f"mean common prefix {r['mean_common_prefix']}")
+        elif "tp" in r:
+            row = engines.setdefault((r["model"], r["tp"], r["pp"], r["variant"]), {})
+            if kind is None:
+                row.update(startup_s=r["startup_s"], kv_tokens=r["kv_tokens"])
+            elif kind.startswith("thr") and "phases" not in kind:
+                row[f"{kind}_out_tok_s"] = r["out_tok_s"]
+            elif kind == "b1_decode":
+                row["b1_decode_tok_s"] = r["tok_s"]
+            elif kind == "ttft1024":
+                row["ttft1024_ms"] = r["ms"]
+    for (model, tp, pp, variant), row in engines.items():
+        print(f"{model} TP={tp} PP={pp} ({variant}): " + ", ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+    print("\n".join(matches), flush=True)
 
 
 def shard_shapes(tp: int) -> dict[str, tuple[int, int]]:
@@ -458,8 +386,12 @@ def main() -> None:
     if mode == "compare":
         compare(sys.argv[2], sys.argv[3])
         return
+    if mode == "summary":
+        summary(sys.argv[2])
+        return
     if mode == "allreduce":
-        check_allreduce()
+        from tp_allreduce import check_allreduce
+        check_allreduce(int(sys.argv[2]) if len(sys.argv) > 2 else 2)
         return
     if mode == "sweep":
         sweep_gemv(int(sys.argv[2]), sys.argv[3])
@@ -479,6 +411,8 @@ def main() -> None:
         run_peers(llm, tp, variant)
         run_profile(llm, tp, variant)
     else:
+        if len(sys.argv) > 4:
+            run_ids(llm, sys.argv[4])
         run_peers(llm, tp, variant)
     llm.shutdown()
     sys.stdout.flush()

@@ -181,8 +181,9 @@ class EngineArgs:
         if batched < 1:
             raise ValidationError(f"max_num_batched_tokens must be >= 1, got {batched}", "max_num_batched_tokens")
         max_num_seqs = self.max_num_seqs or default_max_num_seqs(device)
+        # push is written for two ranks: asked for at more, the one-shot op with the one-shot's size
         one_shot = _choice("PAGEDSERVE_CUSTOM_ALL_REDUCE_KIND", "push" if self.tensor_parallel_size == 2 else "one_shot",
-                           ("one_shot", "push")) == "one_shot"
+                           ("one_shot", "push")) == "one_shot" or self.tensor_parallel_size != 2
         config = EngineConfig(
             model=model_config,
             weights=WeightSource(source.directory, source.gguf_file, self.load_format, self.seed),
@@ -191,8 +192,8 @@ class EngineArgs:
                               self.kv_offloading_size),
             scheduler=SchedulerConfig(max_num_seqs, batched, max_model_len, self.scheduling_policy,
                                       self.preemption_mode or "swap"),
-            # TP=2: the push all-reduce up to 4 MiB (llama-8b decode steps of up to 512 rows); more
-            # ranks: torch's one-shot up to 1 MiB (benchmarks/RESULTS.md, issue 17)
+            # TP=2: the push all-reduce up to 4 MiB (llama-8b decode steps of up to 512 rows); other
+            # sizes: torch's one-shot up to 1 MiB (benchmarks/RESULTS.md, issue 17)
             parallel=ParallelConfig(
                 tensor_parallel_size=self.tensor_parallel_size, distributed_init=distributed_init,
                 pipeline_parallel_size=self.pipeline_parallel_size,

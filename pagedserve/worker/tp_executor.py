@@ -259,7 +259,9 @@ class MultiprocTPExecutor:
                 self._send_shutdown(timeout_s=5.0)
             finally:
                 self._lock.release()
-        for process in self.processes:
+        # last stage first: under TP x PP a rank stopped before its next stage got the shutdown
+        # message from it left that rank's receive failing (a traceback in every TP=2 x PP=2 log)
+        for process in reversed(self.processes):
             process.stop()
         if self._queue is not None:
             self._queue.close()

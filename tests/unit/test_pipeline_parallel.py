@@ -64,6 +64,8 @@ def _check_stages(arch: str, tp: int, checkpoints: dict[str, str], then=None) ->
             then(llm)
     finally:
         llm.shutdown()
+    if then is None:   # every rank left cleanly: none failed a receive from a stage stopped before it
+        assert [p.exitcode for p in llm.engine.core.executor.processes] == [0] * (2 * tp - 1)
 
 
 # every architecture at PP=2 and at TP=2 x PP=2 (llama at PP=2: the killed-stage test below)

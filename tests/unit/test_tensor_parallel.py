@@ -95,6 +95,25 @@ def test_async_tp2_matches_tp1(queue, tiny_checkpoints, monkeypatch):
             assert ref_step.keys() == step.keys()
 
 
+def test_tp4_matches_tp1_and_every_rank_exits_cleanly(tiny_checkpoints):
+    # four ranks: 2 KV heads replicated over 4, three readers of the step queue, async scheduling's
+    # sampled-id broadcast; after shutdown no rank aborted on its way out (it did at exit: code -6)
+    prompts = random_prompts(4, 512, 3, 40, seed=2)
+    reference = _run(_llm(tiny_checkpoints["llama"], 1), prompts)
+    llm = _llm(tiny_checkpoints["llama"], 4, max_num_batched_tokens=32, async_scheduling=True)
+    try:
+        assert llm.engine.core.executor.steps.queue.num_readers == 3
+        got = _run(llm, prompts)
+    finally:
+        llm.shutdown()
+    assert [p.exitcode for p in llm.engine.core.executor.processes] == [0, 0, 0]
+    assert [o.token_ids for o in got] == [o.token_ids for o in reference]
+    for ref, out in zip(reference, got):
+        for ref_step, step in zip(ref.logprobs, out.logprobs):
+            assert ref_step.keys() == step.keys()
+            assert max(abs(step[t].logprob - lp.logprob) for t, lp in ref_step.items()) <= 1e-4
+
+
 def test_default_model_cannot_split_in_two():
     # SmolLM2-135M has 9 attention heads (3 KV heads): TP=2 is impossible, and says why
     with pytest.raises(ValidationError, match=r"num_attention_heads \(9\) is not divisible by "

@@ -129,7 +129,9 @@ def test_the_custom_all_reduce_kernel_is_picked_at_start_up(tiny_checkpoints, mo
         config, _, _ = EngineArgs(model=tiny_checkpoints["llama"], device="cpu", skip_tokenizer_init=True,
                                   tensor_parallel_size=tp).create_config()
         return config.parallel.custom_all_reduce_kind, config.parallel.custom_all_reduce_bytes >> 10
-    assert kind() == ("push", 4096) and kind(tp=1) == ("one_shot", 1024)   # push is for two ranks
+    assert kind() == ("push", 4096) and kind(tp=1) == kind(tp=4) == ("one_shot", 1024)   # push is for two ranks
+    monkeypatch.setenv("PAGEDSERVE_CUSTOM_ALL_REDUCE_KIND", "push")
+    assert kind(tp=4) == ("one_shot", 1024)   # asked for at four ranks: the one-shot op at its own size
     monkeypatch.setenv("PAGEDSERVE_CUSTOM_ALL_REDUCE_KIND", "one_shot")
     assert kind() == ("one_shot", 1024)
     monkeypatch.setenv("PAGEDSERVE_CUSTOM_ALL_REDUCE_MAX_KB", "512")
