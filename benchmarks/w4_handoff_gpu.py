@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from benchmarks import w4_gpu  # noqa: E402
 from benchmarks.quant_gpu import FAILED, _rel, _report, emit, run_timing  # noqa: E402
 from benchmarks.w4_gpu import DEVICE, _copies, _timer, _weights  # noqa: E402
-from pagedserve.layers.quantization import triton_w4a16_gemv as t, w4a16_handoff  # noqa: E402
+from pagedserve.layers.quantization import int4, triton_w4a16_gemv as t, w4a16_handoff  # noqa: E402
 
 STAGES = {"e2e_handoff": 45, "e2e_rounded": 30, "e2e_qkv": 40, "e2e_bf16": 30, "e2e_handoff2": 30, "check": 200}
 HIDDEN, INTER = (256, 384) if SMOKE else (4096, 14336)
@@ -54,7 +54,7 @@ def e2e(stage: str) -> None:
     if SMOKE:
         shape = dict(hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, tie_word_embeddings=False)
-        w4a16_handoff.ON_CPU = True
+        int4.ONE_ROW_GEMV_ON_CPU = True
         run_timing(variant, 2, shape=shape, decode_tokens=8, device="cpu", max_model_len=1100, max_num_seqs=4,
                    workloads=("b1_decode",))
         return

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pagedserve import LLM, SamplingParams
-from pagedserve.layers.quantization import w4a16_handoff
+from pagedserve.layers.quantization import int4, w4a16_handoff
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "quant" / "ct-w4a16-asym"
 PROMPT = [5, 17, 301, 42, 7, 99]
@@ -30,7 +30,7 @@ def w4a16_dir(tmp_path) -> str:
 
 
 def _decode(path: str, enabled: bool, monkeypatch, qkv: bool = False) -> tuple[list[int], list[float], LLM]:
-    monkeypatch.setattr(w4a16_handoff, "ON_CPU", True)
+    monkeypatch.setattr(int4, "ONE_ROW_GEMV_ON_CPU", True)
     monkeypatch.setattr(w4a16_handoff, "ENABLED", enabled)
     monkeypatch.setattr(w4a16_handoff, "QKV", qkv)
     llm = LLM(model=path, device=DEVICE, dtype="float32", skip_tokenizer_init=True, load_format="dummy",

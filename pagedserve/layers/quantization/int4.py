@@ -71,10 +71,14 @@ def act_order_permutation(g_idx: torch.Tensor, group_size: int, groups: int) -> 
     return perm
 
 
+# tests: the one-row FMA GEMV's paths (prologues, w4a16_handoff.py) on CPU tensors too, through
+# Triton's interpreter; on CPU a layer otherwise dequantizes
+ONE_ROW_GEMV_ON_CPU = False
+
+
 def _one_row_gemv(x: torch.Tensor) -> bool:
-    """One row on CUDA (or, for tests, on CPU under w4a16_handoff.ON_CPU): the FMA GEMV's prologues."""
-    from pagedserve.layers.quantization import w4a16_handoff
-    return x.shape[0] == 1 and (x.is_cuda or w4a16_handoff.ON_CPU)
+    """One row on CUDA (or on CPU under ONE_ROW_GEMV_ON_CPU): the FMA GEMV's prologues."""
+    return x.shape[0] == 1 and (x.is_cuda or ONE_ROW_GEMV_ON_CPU)
 
 
 class Int4LinearMethod(LinearMethod):

@@ -30,7 +30,6 @@ from torch import nn
 
 ENABLED = False   # on by default once measured on a GPU (benchmarks/w4_handoff_gpu.py: the A/B)
 QKV = False       # qkv_proj too (with ENABLED), into rotary + KV store: the same A/B's third variant
-ON_CPU = False    # tests: plan on CPU tensors too (Triton's interpreter)
 
 
 @dataclass
@@ -48,13 +47,13 @@ class LayerLinears:
 
 def _takes(linear: nn.Module) -> bool:
     """Whether `linear`'s one-row launch is the FMA GEMV that can add into a hand-off."""
-    from pagedserve.layers.quantization.int4 import Int4LinearMethod
+    from pagedserve.layers.quantization.int4 import ONE_ROW_GEMV_ON_CPU, Int4LinearMethod
     from pagedserve.layers.quantization.triton_w4a16_gemv import fast_gemv_fits, gemv_config
     if not isinstance(linear.quant_method, Int4LinearMethod) or getattr(linear, "bias", None) is not None:
         return False
     if linear.act_order_perm is not None or linear.g_idx is not None or getattr(linear, "tp_size", 1) != 1:
         return False
-    if not (linear.qweight.is_cuda or ON_CPU):
+    if not (linear.qweight.is_cuda or ONE_ROW_GEMV_ON_CPU):
         return False
     k, n = linear.qweight.shape[0] * 8, linear.qweight.shape[1]
     config = gemv_config(1, k, n)
