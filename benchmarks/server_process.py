@@ -1,7 +1,7 @@
 """One server process for the benchmark scripts that start `pagedserve serve` (or vLLM's):
 a free port, the process in its own session with its output in a log file, waiting until an
-endpoint answers 200 (the log's tail reported when it dies or times out), and a stop that
-ends the whole session: SIGTERM, a wait, then SIGKILL. Used by serve_gpu.py, serve_memory.py
+endpoint answers 200 (the log's tail reported when it dies or times out), and a stop:
+SIGTERM to the server, a wait, then SIGKILL to what is left of its session. Used by serve_gpu.py, serve_memory.py
 and shutdown_gpu.py (tests/server/conftest.py keeps its own: tests do not import benchmarks/).
 """
 from __future__ import annotations
@@ -87,13 +87,15 @@ class ServerProcess:
             self._signal_group(signal.SIGKILL)
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        """SIGTERM to the session, up to timeout_s for the exit, then SIGKILL; closes the log."""
+        """SIGTERM to the server (it stops its own engine core), up to timeout_s for the exit, then
+        SIGKILL to whatever is left of the session; closes the log."""
         if self.proc.poll() is None:
-            self._signal_group(signal.SIGTERM)
+            self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
-                self.kill()
-                self.proc.wait(timeout=10)
+                pass
+        self._signal_group(signal.SIGKILL)   # stragglers (or a server that did not exit)
+        self.proc.wait(timeout=10)
         if self.log is not None:
             self.log.close()
