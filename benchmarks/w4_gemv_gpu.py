@@ -47,7 +47,7 @@ if SMOKE:
 import torch  # noqa: E402
 
 from benchmarks import w4_gpu  # noqa: E402
-from benchmarks.quant_gpu import FAILED, _rel, _report, emit, run_timing  # noqa: E402
+from benchmarks.quant_gpu import FAILED, _rel, _report, emit  # noqa: E402
 from benchmarks.w4_gpu import DEVICE, LAYERS, PROLOGUES, SHAPES, _copies, _name, _timer, _weights  # noqa: E402
 from pagedserve.layers.quantization import triton_w4a16_gemv as t  # noqa: E402
 from pagedserve.layers.quantization.triton_w4a16_gemv import GemvConfig  # noqa: E402
@@ -247,18 +247,9 @@ def e2e(stage: str) -> None:
     variant = "bf16" if stage == "e2e_bf16" else "w4a16"
     if stage == "e2e_new":
         load_tuned(TUNED_FILE)
-    workloads = ("b1_decode",)
-    if SMOKE:
-        shape = dict(hidden_size=256, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, tie_word_embeddings=False)
-        run_timing(variant, 2, shape=shape, decode_tokens=8, device="cpu", max_model_len=1100, max_num_seqs=4,
-                   workloads=workloads)
-        return
-    llm = run_timing(variant, 512, workloads=("b1_decode",))
-    try:
-        w4_gpu.decode_profile(f"{variant}_{stage}", llm)
-    except Exception as exc:   # the figures above stand without it
-        emit("PROFILE", variant=variant, error=f"{type(exc).__name__}: {exc}"[:300])
+    llm = w4_gpu.timed_engine(variant, ("b1_decode",))
+    if llm is not None:
+        w4_gpu.try_decode_profile(f"{variant}_{stage}", llm)
 
 
 def warm(workers: int = 8, limit_s: float = 60.0) -> None:

@@ -364,19 +364,33 @@ def load_tuned() -> None:
     emit("TUNED", gemv=len(triton_w4a16_gemv.TUNED), gemm=len(triton_w4a16.GEMM_TUNED))
 
 
-def e2e(variant: str) -> None:
-    if variant == "w4a16":
-        load_tuned()
+def timed_engine(variant: str, workloads: tuple[str, ...] = ("b1_decode", "ttft1024", "thr")):
+    """quant_gpu.run_timing of llama-8b dummy `variant` (thr512), the LLM returned; under --cpu-smoke
+    a 2-layer model on CPU with tiny workloads, and None (the e2e stages of this script,
+    w4_gemv_gpu.py and w4_handoff_gpu.py)."""
     if SMOKE:
         shape = dict(hidden_size=256, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, tie_word_embeddings=False)
-        run_timing(variant, 2, shape=shape, decode_tokens=8, device="cpu", max_model_len=1100, max_num_seqs=4)
-        return
-    llm = run_timing(variant, 512)
+        run_timing(variant, 2, shape=shape, decode_tokens=8, device="cpu", max_model_len=1100, max_num_seqs=4,
+                   workloads=workloads)
+        return None
+    return run_timing(variant, 512, workloads=workloads)
+
+
+def try_decode_profile(label: str, llm) -> None:
+    """decode_profile, its failure one PROFILE line (the figures before it stand without it)."""
     try:
-        decode_profile(variant, llm)
-    except Exception as exc:   # the figures above stand without it
-        emit("PROFILE", variant=variant, error=f"{type(exc).__name__}: {exc}"[:300])
+        decode_profile(label, llm)
+    except Exception as exc:
+        emit("PROFILE", variant=label, error=f"{type(exc).__name__}: {exc}"[:300])
+
+
+def e2e(variant: str) -> None:
+    if variant == "w4a16":
+        load_tuned()
+    llm = timed_engine(variant)
+    if llm is not None:
+        try_decode_profile(variant, llm)
 
 
 def decode_profile(variant: str, llm) -> None:

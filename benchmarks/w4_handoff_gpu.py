@@ -38,7 +38,7 @@ if SMOKE:
 import torch  # noqa: E402
 
 from benchmarks import w4_gpu  # noqa: E402
-from benchmarks.quant_gpu import FAILED, _rel, _report, emit, run_timing  # noqa: E402
+from benchmarks.quant_gpu import FAILED, _rel, _report, emit  # noqa: E402
 from benchmarks.w4_gpu import DEVICE, _copies, _timer, _weights  # noqa: E402
 from pagedserve.layers.quantization import int4, triton_w4a16_gemv as t, w4a16_handoff  # noqa: E402
 
@@ -51,22 +51,15 @@ def e2e(stage: str) -> None:
     w4a16_handoff.ENABLED = stage != "e2e_rounded"
     w4a16_handoff.QKV = stage == "e2e_qkv"
     label = stage.removeprefix("e2e_")
-    if SMOKE:
-        shape = dict(hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, tie_word_embeddings=False)
-        int4.ONE_ROW_GEMV_ON_CPU = True
-        run_timing(variant, 2, shape=shape, decode_tokens=8, device="cpu", max_model_len=1100, max_num_seqs=4,
-                   workloads=("b1_decode",))
+    int4.ONE_ROW_GEMV_ON_CPU = SMOKE   # the smoke's CPU model through the FMA GEMV (interpreter)
+    llm = w4_gpu.timed_engine(variant, ("b1_decode",))
+    if llm is None:
         return
-    llm = run_timing(variant, 512, workloads=("b1_decode",))
     model = llm.engine.core.executor.runner.model.model
     emit("HANDOFF", stage=label, planned_layers=sum(getattr(layer.self_attn.o_proj, "w4a16_handoff", None) is not None
                                                     for layer in model.own_layers),
          qkv_layers=sum(getattr(layer.self_attn.qkv_proj, "w4a16_handoff", None) is not None for layer in model.own_layers))
-    try:
-        w4_gpu.decode_profile(label, llm)
-    except Exception as exc:   # the figures above stand without it
-        emit("PROFILE", variant=label, error=f"{type(exc).__name__}: {exc}"[:300])
+    w4_gpu.try_decode_profile(label, llm)
 
 
 def _chain(ws: list, x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, buffers):
