@@ -35,11 +35,13 @@ def split_count(device: torch.device, k_blocks: int, tiles: int, programs_per_sm
     return triton.cdiv(k_blocks, per_split), per_split
 
 
-def split_k(x: torch.Tensor, n: int, k_blocks: int, tiles: int, programs_per_sm: int
-             ) -> tuple[int, int, torch.Tensor]:
-    """split_count's (splits, K blocks per split), and the output [splits, M, N]: fp32 partials when split."""
+def split_k(x: torch.Tensor, n: int, k_blocks: int, tiles: int, programs_per_sm: int,
+            dtype: torch.dtype | None = None) -> tuple[int, int, torch.Tensor]:
+    """split_count's (splits, K blocks per split), and the output [splits, M, N]: fp32 partials when
+    split, else the output itself in `dtype` (x's by default)."""
     splits, per_split = split_count(x.device, k_blocks, tiles, programs_per_sm)
-    out = torch.empty((splits, x.shape[0], n), dtype=torch.float32 if splits > 1 else x.dtype, device=x.device)
+    out = torch.empty((splits, x.shape[0], n), dtype=torch.float32 if splits > 1 else dtype or x.dtype,
+                      device=x.device)
     return splits, per_split, out
 
 

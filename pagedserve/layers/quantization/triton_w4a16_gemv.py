@@ -473,7 +473,7 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         y = partials = handoff
         counters, sums, squares = None, None, qweight if handoff_squares is None else handoff_squares
     else:
-        splits, per_split, partials = split_k(x, n, k_blocks, n_blocks * m, config.programs_per_sm)
+        splits, per_split, partials = split_k(x, n, k_blocks, n_blocks * m, config.programs_per_sm, scales.dtype)
         counters = _tile_counters(x.device) if splits > 1 and config.fixup and m * n_blocks <= (1 << 16) else None
         if splits > 1 and counters is None and prologue in (RMS_NORM, RMS_NORM_RESIDUAL):
             return None
@@ -495,5 +495,4 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         PREFETCH=config.prefetch, EVICT=config.evict, HANDOFF=handoff is not None, num_warps=config.num_warps)
     if handoff is not None:
         return handoff
-    out = sum_splits(partials, scales.dtype) if counters is None else y
-    return out if out.dtype == scales.dtype else out.to(scales.dtype)
+    return sum_splits(partials, scales.dtype) if counters is None else y
