@@ -7,7 +7,7 @@ import torch
 
 from pagedserve.config import EngineConfig
 from pagedserve.engine_io import Executor, ModelRunnerOutput, SchedulerOutput
-from pagedserve.worker.kv_budget import non_torch_memory, num_host_blocks, num_kv_blocks, resolve_device
+from pagedserve.worker.kv_budget import check_kv_fits, non_torch_memory, num_host_blocks, num_kv_blocks, resolve_device
 from pagedserve.worker.model_runner import ModelRunner
 from pagedserve.worker.pending_output import PendingRunnerOutput
 from pagedserve.worker.tp_executor import MultiprocTPExecutor
@@ -29,6 +29,7 @@ class UniprocExecutor:
         self.runner.load_model()
         self.weight_bytes = self.runner.weight_bytes
         self.num_blocks = num_kv_blocks(config, self.runner, baseline)
+        check_kv_fits(config, self.num_blocks)
         self.runner.init_kv_cache(self.num_blocks)
         self.num_host_blocks = num_host_blocks(config, self.runner)
         self.runner.init_host_cache(self.num_host_blocks)

@@ -53,6 +53,17 @@ def num_kv_blocks(config: EngineConfig, runner: ModelRunner, baseline_non_torch:
     return max(0, int(budget // bytes_per_block))
 
 
+def check_kv_fits(config: EngineConfig, num_blocks: int) -> None:
+    """A KV cache that cannot hold one sequence of max_model_len is a configuration error, said
+    before anything is built on it (the host tier, the CUDA graphs)."""
+    block_size, max_model_len = config.cache.block_size, config.scheduler.max_model_len
+    if num_blocks * block_size < max_model_len:
+        raise ValidationError(
+            f"the KV cache holds {num_blocks * block_size} tokens ({num_blocks} blocks of {block_size}), "
+            f"fewer than max_model_len={max_model_len}: raise gpu_memory_utilization (or "
+            f"kv_cache_memory_gb on CPU) or lower max_model_len", "max_model_len")
+
+
 def num_host_blocks(config: EngineConfig, runner: ModelRunner) -> int:
     """Blocks of the host tier: kv_offloading_size GiB if set, else swap_space GiB, capped at
     what max_num_seqs sequences of max_model_len could hold (as the CPU device cache). The

@@ -42,7 +42,7 @@ from pagedserve.config import EngineConfig
 from pagedserve.engine_io import ModelRunnerOutput, SchedulerOutput
 from pagedserve.layers.custom_all_reduce import init_symm_mem_all_reduce
 from pagedserve.layers.parallel import init_model_parallel, set_custom_all_reduce
-from pagedserve.worker.kv_budget import non_torch_memory, num_host_blocks, num_kv_blocks
+from pagedserve.worker.kv_budget import check_kv_fits, non_torch_memory, num_host_blocks, num_kv_blocks
 from pagedserve.worker.model_runner import ModelRunner
 from pagedserve.worker.pipeline import PipelineLinks
 from pagedserve.worker.rank_process import JOINING, LOADED
@@ -196,6 +196,7 @@ def build_runner(config: EngineConfig, device: torch.device,
         before_all_reduce()
     dist.all_reduce(blocks, op=dist.ReduceOp.MIN)
     num_blocks = int(blocks.item())
+    check_kv_fits(config, num_blocks)
     parallel = config.parallel
     # Not under PP: the symmetric-memory all-reduce rendezvouses on the world group, while a
     # stage's TP group is a subgroup (layers/parallel.py); NCCL on that group takes every tensor.

@@ -34,7 +34,7 @@ def _decode(path: str, enabled: bool, monkeypatch, qkv: bool = False) -> tuple[l
     monkeypatch.setattr(w4a16_handoff, "ENABLED", enabled)
     monkeypatch.setattr(w4a16_handoff, "QKV", qkv)
     llm = LLM(model=path, device=DEVICE, dtype="float32", skip_tokenizer_init=True, load_format="dummy",
-              max_model_len=64, max_logprobs=-1, **({"gpu_memory_utilization": 0.2} if DEVICE == "cuda" else {}))
+              max_model_len=64, max_logprobs=-1, num_kv_blocks=16)
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=-1)
     out = llm.generate([{"prompt_token_ids": PROMPT}], params, use_tqdm=False)[0].outputs[0]
     return list(out.token_ids), [step[t].logprob for step, t in zip(out.logprobs, out.token_ids)], llm

@@ -106,3 +106,14 @@ def test_unknown_and_unsupported_knobs_name_themselves(monkeypatch, kwargs, para
     with pytest.raises(ValidationError) as err:
         LLM(**kwargs)
     assert err.value.param == param and param in str(err.value)
+
+
+def test_a_kv_cache_smaller_than_max_model_len_names_it(tiny_checkpoints) -> None:
+    """Said before the host tier and the graphs are built on it: 0 blocks (a GPU whose
+    gpu_memory_utilization share the forward already takes) once crashed in the host tier."""
+    for blocks in (0, 3):
+        with pytest.raises(ValidationError) as err:
+            LLM(model=tiny_checkpoints["llama"], device="cpu", dtype="float32", skip_tokenizer_init=True,
+                max_model_len=64, block_size=16, num_kv_blocks=blocks, swap_space=1)
+        assert err.value.param == "max_model_len"
+        assert f"holds {blocks * 16} tokens ({blocks} blocks of 16), fewer than max_model_len=64" in str(err.value)
