@@ -103,7 +103,10 @@ VARIANTS = {   # name: (gemv fusions, packed step inputs + Triton argmax)
     "default": (True, True), "base": (True, False), "unfused": (False, False),
     # the library's defaults with the gemv table updated by this run's sweep (SWEPT), and the
     # defaults once more after it (the drift between two runs of one engine)
-    "swept": (True, True), "default2": (True, True), "old": (True, True)}
+    "swept": (True, True), "default2": (True, True), "old": (True, True),
+    # the defaults with rotary and the KV store inside the decode attention launch
+    # (TritonBackend.fused_decode), and the same off once more after it
+    "fusedattn": (True, True), "default3": (True, True)}
 # variant "old": the one-row table before session 9's sweep (session 8's CONFIGS)
 OLD_CONFIGS = {(n, k): GemvConfig(*c) for (n, k), c in {
     (3072, 2048): (8, 512, 4, 4), (2048, 2048): (8, 512, 4, 4), (16384, 2048): (8, 1024, 4, 4),
@@ -164,11 +167,15 @@ def run_model(dev: torch.device, model: str, variant: str, thr512: bool) -> None
         log(f"{label}: gemv table {res_table}")
     elif variant == "old":
         triton_gemv.CONFIGS.update(OLD_CONFIGS)
+    from pagedserve.attention.backend import TritonBackend
+    fused_decode = TritonBackend.fused_decode
+    TritonBackend.fused_decode = variant == "fusedattn" or fused_decode
     try:
         run_engine(dev, model, variant, thr512, label, gemv_fusion, packed_inputs)
     finally:
         triton_gemv.CONFIGS.clear()
         triton_gemv.CONFIGS.update(table)
+        TritonBackend.fused_decode = fused_decode
 
 
 def run_engine(dev: torch.device, model: str, variant: str, thr512: bool, label: str, gemv_fusion: bool,

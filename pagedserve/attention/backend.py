@@ -27,6 +27,11 @@ class AttentionBackend(Protocol):
         """query [T, Hq, D]; key/value [T, Hkv, D] are this step's (already stored in the cache).
         Returns `out` (like query; allocated when None), written for the metadata's tokens."""
 
+    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, rotary: tuple) -> torch.Tensor | None:
+        """Rotary (rotary = (embedding, positions)), KV store and attention of an all-decode
+        step in one call -> [T, Hq * D], or None where the backend has no such call."""
+
 
 class TorchBackend:
     """The torch reference; what the layers share of a step (valid slots, gather indices,
@@ -90,14 +95,18 @@ class TritonBackend:
     # shapes made the cuDNN path 30.9 s vs 25.6 s Triton, while ttft16k's round chunks gained
     # (477 vs 537 ms). So cuDNN takes only chunks whose length and context are multiples of this.
     cudnn_shape_multiple = 1024
+    # All-decode steps: rotary and the KV store inside the decode attention launch (decode()),
+    # one launch a layer instead of two. Off until measured end to end (benchmarks/RESULTS.md).
+    fused_decode = False
 
     def __init__(self) -> None:
         from pagedserve.attention.sdpa_prefill import gather_context, sdpa_available, sdpa_prefill_sequence
-        from pagedserve.attention.triton_paged_attention import paged_attention
+        from pagedserve.attention.triton_paged_attention import RotaryStore, paged_attention
         from pagedserve.attention.triton_prefill_attention import prefill_attention
         from pagedserve.attention.triton_store_kv import store_kv
         self._store_kv = store_kv
         self._paged_attention = paged_attention
+        self._rotary_store = RotaryStore
         self._prefill_attention = prefill_attention
         self._sdpa_available = sdpa_available
         self._sdpa_prefill_sequence = sdpa_prefill_sequence
@@ -105,6 +114,20 @@ class TritonBackend:
 
     def store_kv(self, key, value, k_cache, v_cache, slot_mapping, meta: AttentionMetadata | None = None) -> None:
         self._store_kv(key, value, k_cache, v_cache, slot_mapping)
+
+    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, rotary: tuple) -> torch.Tensor | None:
+        """Rotary (q and k unrotated), KV store and attention of an all-decode step in one launch
+        (fused_decode) -> [T, Hq * D]; None where it does not apply (the caller runs the three).
+        The caller checks that the Triton kernels rotate this query (RotaryEmbedding.uses_triton)."""
+        if not self.fused_decode or meta.max_query_len != 1 or meta.num_decodes != meta.num_seqs:
+            return None
+        rope, positions = rotary
+        out = self._paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                                    scale, 1, meta.max_seq_len, num_decodes=meta.num_decodes,
+                                    rotary_store=self._rotary_store(k, v, meta.slot_mapping, positions,
+                                                                    rope.cos_cache, rope.sin_cache))
+        return out.reshape(q.shape[0], -1)
 
     def attend(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float,
                out: torch.Tensor | None = None) -> torch.Tensor:

@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedserve.layers.triton_ops import _LIBDEVICE, rotate_rows
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
 
@@ -104,7 +106,7 @@ def _online_softmax_step(q, k, v, score_mask, m_i, l_i, acc, scale_log2, DOT_PRE
 # seq_begin/seq_end/num_seqs/num_segments may be 0 or 1: keep them runtime ints (no constexpr
 # specialisation: one compiled variant serves every split count, decode and prefill alike).
 @triton.jit(do_not_specialize=["seq_begin", "seq_end", "stride_block_table", "num_segments", "tiles_per_segment",
-                               "short_tiles", "lone_tiles"])
+                               "short_tiles", "lone_tiles", "stride_new_k", "stride_new_v", "stride_cos"])
 def _paged_attention_kernel(
     out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, partial_active_ptr,
     query_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
@@ -121,6 +123,14 @@ def _paged_attention_kernel(
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr,
     ONE_TILE_PER_SEQ: tl.constexpr,  # every query_len <= BLOCK_Q: program i -> sequence begin + i
     DOT_PRECISION: tl.constexpr,
+    # ROTARY_STORE (decode launches: every query_len 1): the step's query and new key are rotated
+    # here (rotary at pos[token], cos / sin caches with duplicated halves) and the new key and value
+    # stored at slot_mapping[token] by the last active segment; the loop reads the cached keys
+    # before the new one, which is folded in from registers after it (rotary_store_kv + this
+    # kernel in one launch, with the same roundings)
+    new_k_ptr=None, new_v_ptr=None, slot_mapping_ptr=None, pos_ptr=None, cos_ptr=None, sin_ptr=None,
+    stride_new_k=0, stride_new_v=0, stride_cos=0,
+    ROTARY_STORE: tl.constexpr = False, LIBDEVICE: tl.constexpr = False,
 ):
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
@@ -159,6 +169,31 @@ def _paged_attention_kernel(
     q = tl.load(query_ptr + token[:, None] * stride_q_token + head[:, None] * stride_q_head + offs_d[None, :],
                 mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
     query_abs = context_len + query_pos  # absolute position of each row's token
+    load_end = key_end
+    if ROTARY_STORE:
+        HALF: tl.constexpr = HEAD_DIM // 2
+        partner_d = offs_d ^ HALF   # rotate-half's partner (HEAD_DIM is a power of two here)
+        sign = tl.where(offs_d < HALF, -1.0, 1.0)
+        pos = tl.load(pos_ptr + q_start)
+        cos = tl.load(cos_ptr + pos * stride_cos + offs_d).to(tl.float32)
+        sin = tl.load(sin_ptr + pos * stride_cos + offs_d).to(tl.float32)
+        q_partner = tl.load(query_ptr + token[:, None] * stride_q_token + head[:, None] * stride_q_head
+                            + partner_d[None, :], mask=row_valid[:, None], other=0.0)
+        q = rotate_rows(q, q_partner, cos[None, :], sin[None, :], sign[None, :], LIBDEVICE)
+        new_k_row = new_k_ptr + q_start.to(tl.int64) * stride_new_k + kv_head * HEAD_DIM
+        new_k = rotate_rows(tl.load(new_k_row + offs_d), tl.load(new_k_row + partner_d), cos, sin, sign,
+                            LIBDEVICE).to(k_cache_ptr.dtype.element_ty)
+        new_v = tl.load(new_v_ptr + q_start.to(tl.int64) * stride_new_v + kv_head * HEAD_DIM
+                        + offs_d).to(v_cache_ptr.dtype.element_ty)
+        slot = tl.load(slot_mapping_ptr + q_start).to(tl.int64)
+        if (segment == active - 1) & (slot >= 0):
+            tl.store(k_cache_ptr + (slot // BLOCK_SIZE) * stride_k_block + (slot % BLOCK_SIZE) * stride_k_slot
+                     + kv_head.to(tl.int64) * stride_k_head + offs_d, new_k)
+            tl.store(v_cache_ptr + (slot // BLOCK_SIZE) * stride_v_block + (slot % BLOCK_SIZE) * stride_v_slot
+                     + kv_head.to(tl.int64) * stride_v_head + offs_d, new_v)
+        # the new key's slot is not read: it may hold anything (a NaN times p = 0 is a NaN)
+        load_end = key_end - 1
+        query_abs = query_abs - 1
     if (segment == 0) & (kv_head == 0) & (num_segments > 1):   # the reduce's count, per token
         tl.store(partial_active_ptr + token, active, mask=row_valid)
     tile_lo = segment * num_tiles // active
@@ -175,7 +210,7 @@ def _paged_attention_kernel(
     block_id = tl.load(block_table_row + key_pos // BLOCK_SIZE, mask=key_pos < key_end, other=0).to(tl.int64)
     for tile in range(tile_lo, tile_hi):
         key_pos = tile * TILE_N + offs_n
-        key_valid = key_pos < key_end
+        key_valid = key_pos < load_end
         k, v = _load_kv_tile(k_head_ptr, v_head_ptr, block_id, key_pos, key_valid, offs_d, dim_valid,
                              stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, BLOCK_SIZE)
         next_pos = key_pos + TILE_N
@@ -184,6 +219,16 @@ def _paged_attention_kernel(
         # key_pos <= query_abs implies key_pos < key_end for every valid row.
         m_i, l_i, acc = _online_softmax_step(q, k, v, row_valid[:, None] & (key_pos[None, :] <= query_abs[:, None]),
                                              m_i, l_i, acc, scale_log2, DOT_PRECISION)
+    if ROTARY_STORE:   # the new key, in the last active segment (the one whose tiles end at it)
+        s_new = tl.sum(q.to(tl.float32) * new_k.to(tl.float32)[None, :], 1) * scale_log2
+        s_new = tl.where(row_valid & (segment == active - 1), s_new, float("-inf"))
+        m_new = tl.maximum(m_i, s_new)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p_new = tl.math.exp2(s_new - m_safe)
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + p_new
+        acc = acc * alpha[:, None] + p_new.to(new_v.dtype).to(tl.float32)[:, None] * new_v.to(tl.float32)[None, :]
+        m_i = m_new
 
     store_mask = row_valid[:, None] & dim_valid[None, :]
     if active == 1:   # the one segment's output, as the merge of one segment divides (the reduce skips it)
@@ -341,6 +386,38 @@ def choose_splits(num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_
     return SplitPlan(segments, chunk, 0, 0) if segments > 1 else NO_SPLIT
 
 
+@dataclass(frozen=True)
+class RotaryStore:
+    """What rotary_store_kv takes besides the query and the cache, for paged_attention to do its
+    work in the decode launch: key / value [T, Hkv, D] (this step's, unrotated; views with
+    contiguous [Hkv, D] rows), slot_mapping [T] (-1: not stored), positions [T], and the
+    [max_position, D] cos / sin caches with duplicated halves (layers/rotary.py)."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+    slot_mapping: torch.Tensor
+    positions: torch.Tensor
+    cos_cache: torch.Tensor
+    sin_cache: torch.Tensor
+
+    def check(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, max_query_len: int | None,
+              num_decodes: int | None, num_seqs: int) -> None:
+        from pagedserve.attention.triton_store_kv import _check_store_inputs
+        _check_store_inputs(self.key, self.value, k_cache, v_cache, self.slot_mapping)
+        head_dim = query.shape[2]
+        if max_query_len != 1 or num_decodes != num_seqs:
+            raise ValueError(f"rotary_store needs an all-decode batch (max_query_len 1, num_decodes = num_seqs); "
+                             f"got max_query_len={max_query_len}, num_decodes={num_decodes}, num_seqs={num_seqs}")
+        if head_dim & (head_dim - 1) or self.key.shape[0] != query.shape[0] \
+                or self.positions.shape != (query.shape[0],) or self.cos_cache.shape[-1] != head_dim \
+                or self.cos_cache.dim() != 2 or self.sin_cache.stride() != self.cos_cache.stride() \
+                or self.cos_cache.stride(1) != 1 or self.key.dtype != query.dtype:
+            raise ValueError(f"rotary_store: a power-of-two head_dim, key [T, Hkv, D] of the query's dtype, "
+                             f"positions [T] and cos / sin [max_position, D] needed; got query "
+                             f"{tuple(query.shape)}, key {tuple(self.key.shape)} {self.key.dtype}, positions "
+                             f"{tuple(self.positions.shape)}, cos {tuple(self.cos_cache.shape)}")
+
+
 def _check_attention_inputs(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, seq_lens: torch.Tensor,
                             query_start_loc: torch.Tensor | None, out: torch.Tensor | None) -> None:
@@ -387,7 +464,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                     query_start_loc: torch.Tensor, scale: float, max_query_len: int | None,
                     max_seq_len: int | None, num_decodes: int | None = None,
                     out: torch.Tensor | None = None, *, num_splits: int | SplitPlan | None = None,
-                    tiles: TileConfig | None = None) -> torch.Tensor:
+                    tiles: TileConfig | None = None, rotary_store: RotaryStore | None = None) -> torch.Tensor:
     """Causal attention of a ragged mixed batch over the paged KV cache (K/V of the query
     tokens must already be stored). query: [num_tokens, num_heads, head_dim]; returns `out`
     (allocated when None), written for tokens [query_start_loc[0], query_start_loc[-1]) only:
@@ -399,9 +476,14 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     own small-tile launch. None makes no assumption about the order. num_splits: None picks
     split-K automatically (choose_splits), 1 disables it, n > 1 forces n segments (the
     short-context rule: SplitPlan(n)), a SplitPlan forces that plan. tiles: overrides the
-    default tile shapes of every launch (tuning only). Mutates only `out`.
+    default tile shapes of every launch (tuning only). Mutates only `out`, except with
+    rotary_store (an all-decode batch: max_query_len 1, num_decodes = num_seqs), where the
+    query and the new key are rotated and the new key and value stored in the same launch, as
+    rotary_store_kv would before this call (the cache is then mutated; query and key are not).
     """
     _check_attention_inputs(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out)
+    if rotary_store is not None:
+        rotary_store.check(query, k_cache, v_cache, max_query_len, num_decodes, seq_lens.shape[0])
     if max_query_len is None:
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max()) if seq_lens.numel() else 0
     if max_seq_len is None:
@@ -439,7 +521,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         config = tiles or default_tile_config(queries_per_kv, head_dim_pad, launch_max_query_len, query.dtype)
         _launch_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                           out, partials, seq_begin, seq_end, launch_max_query_len, launch_tokens,
-                          config, plan)
+                          config, plan, rotary_store)
     if partials is not None:
         _reduce_segments(out, partials, query_start_loc, plan.num_segments)
     return out
@@ -450,7 +532,7 @@ def _launch_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                       query_start_loc: torch.Tensor, scale: float, out: torch.Tensor,
                       partials: tuple[torch.Tensor, ...] | None,
                       seq_begin: int, seq_end: int, max_query_len: int, max_tokens: int,
-                      config: TileConfig, plan: SplitPlan) -> None:
+                      config: TileConfig, plan: SplitPlan, rotary_store: RotaryStore | None = None) -> None:
     """One kernel launch over sequences [seq_begin, seq_end) whose query tokens number at
     most max_tokens. Writes `out` (one active segment) or the fp32 partials and, per token,
     the count of active segments."""
@@ -464,6 +546,13 @@ def _launch_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     one_tile_per_seq = max_query_len <= block_q and (max_query_len * queries_per_kv <= 16 or max_query_len == 1)
     # Sum over sequences of cdiv(query_len, block_q) <= max_tokens // block_q + num_seqs.
     grid_q = num_launch_seqs if one_tile_per_seq else max(max_tokens, 0) // block_q + num_launch_seqs
+    new = {}
+    if rotary_store is not None:
+        r = rotary_store
+        new = dict(new_k_ptr=r.key, new_v_ptr=r.value, slot_mapping_ptr=r.slot_mapping, pos_ptr=r.positions,
+                   cos_ptr=r.cos_cache, sin_ptr=r.sin_cache, stride_new_k=r.key.stride(0),
+                   stride_new_v=r.value.stride(0), stride_cos=r.cos_cache.stride(0), ROTARY_STORE=True,
+                   LIBDEVICE=_LIBDEVICE)
     _paged_attention_kernel[(grid_q, num_kv_heads, plan.num_segments)](
         out, *(partials if partials is not None else (out, out, out, out)),
         query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
@@ -477,7 +566,7 @@ def _launch_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         BLOCK_M=config.block_m, BLOCK_Q=block_q, TILE_N=config.tile_n,
         ONE_TILE_PER_SEQ=one_tile_per_seq,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages, **new,
     )
 
 

@@ -39,6 +39,9 @@ class Attention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         assert self.backend is not None, "KV cache not bound"
         if rotary is not None and self.backend.name == "triton" and fuses(q) and rotary[0].uses_triton(q):
+            if unnormed is None and (out := self.backend.decode(q, k, v, self.k_cache, self.v_cache, meta,
+                                                                self.scale, rotary)) is not None:
+                return out   # all decodes: rotary and the KV store in the attention launch
             from pagedserve.attention.triton_store_kv import rotary_store_kv
             rope, positions = rotary
             if unnormed is not None:

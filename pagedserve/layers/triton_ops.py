@@ -139,6 +139,22 @@ def rotate(x1, x2, cos, sin, LIBDEVICE: tl.constexpr):
     return out1.to(dt), out2.to(dt)
 
 
+@triton.jit
+def rotate_rows(x, partner, cos, sin, sign, LIBDEVICE: tl.constexpr):
+    """rotate() on whole rows at once: element d is x[d] * cos[d] + sign[d] * partner[d] * sin[d],
+    where partner[d] = x[d ^ half] and sign is -1 on the first half (cos / sin duplicated over the
+    halves), each product rounded as rotate() rounds it; returns x's dtype."""
+    xf, pf = x.to(tl.float32), partner.to(tl.float32)
+    dt = x.dtype
+    if LIBDEVICE:   # a - b and a + (-b) are the same IEEE operation
+        a = libdevice.mul_rn(xf, cos).to(dt).to(tl.float32)
+        b = libdevice.mul_rn(pf, sin).to(dt).to(tl.float32)
+        out = libdevice.add_rn(a, sign * b)
+    else:
+        out = (xf * cos).to(dt).to(tl.float32) + sign * (pf * sin).to(dt).to(tl.float32)
+    return out.to(dt)
+
+
 def rotary_in_place(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_cache: torch.Tensor,
                     sin_cache: torch.Tensor) -> None:
     """Rotate query [T, Hq, D] and key [T, Hk, D] (views allowed: unit stride on D) in place;

@@ -220,3 +220,87 @@ def test_chunked_plan_equals_the_merge_of_forced_segments() -> None:
         outs.append(out)
     assert torch.equal(outs[0][:4], outs[1][:4])
     assert outs[0][4:].isnan().all() and outs[1][4:].isnan().all()
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("queries_per_kv,head_dim,num_splits", [
+    (4, 64, None), (4, 64, 1), (2, 128, 4), (1, 32, SplitPlan(5, 3, 0, 0))])
+def test_rotary_store_in_the_decode_launch(dtype: torch.dtype, queries_per_kv: int, head_dim: int,
+                                          num_splits: int | SplitPlan | None) -> None:
+    """rotary_store: views of one qkv projection, unrotated; the decode launch rotates q and the new
+    key, stores the key and value (the last active segment) and folds the new key in from
+    registers. Against rotary_store_kv then the plain launch: the cache bit for bit, the output
+    within tolerance; the new keys' slots hold NaN before the launch (never read), q / k / v are
+    left as they were, a padded row (slot -1, seq_len 1, as the decode graphs pad) stores nothing,
+    and the rows past the batch are not written."""
+    from pagedserve.attention.triton_store_kv import rotary_store_kv
+    from pagedserve.layers.rotary import RotaryEmbedding
+    num_kv_heads, block_size = 2, 16
+    num_heads = num_kv_heads * queries_per_kv
+    context_lens = [0, 7, 15, 40, 130, 0]   # the last row: a graph's padding (seq_len 1, slot -1)
+    batch = make_batch([1] * len(context_lens), context_lens, num_heads, num_kv_heads, head_dim, block_size,
+                       dtype, seed=head_dim + queries_per_kv)
+    tokens = batch.query.shape[0]   # the batch's rows and NUM_PAD_TOKENS more
+    generator = torch.Generator().manual_seed(5)
+    qkv = torch.randn(tokens, (num_heads + 2 * num_kv_heads) * head_dim, generator=generator).to(DEVICE, dtype)
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    q = q.view(tokens, num_heads, head_dim)
+    k, v = k.view(tokens, num_kv_heads, head_dim), v.view(tokens, num_kv_heads, head_dim)
+    rope = RotaryEmbedding(head_dim, 512, 10000.0, dtype=dtype).to(DEVICE)
+    positions = torch.tensor(context_lens + [0] * NUM_PAD_TOKENS, device=DEVICE)
+    tables = batch.block_tables.cpu()
+    slots = [int(tables[s, c // block_size]) * block_size + c % block_size for s, c in enumerate(context_lens)]
+    slots[-1] = -1
+    slots = torch.tensor(slots + [-1] * NUM_PAD_TOKENS, device=DEVICE)
+    n = len(context_lens)
+    args = (batch.block_tables, batch.seq_lens, batch.query_start_loc, batch.scale, 1, 512)
+
+    ref_qkv, ref_caches = qkv.clone(), [batch.k_cache.clone(), batch.v_cache.clone()]
+    rq, rk, rv = ref_qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    rq = rq.view(tokens, num_heads, head_dim)
+    rk, rv = rk.view(tokens, num_kv_heads, head_dim), rv.view(tokens, num_kv_heads, head_dim)
+    rotary_store_kv(positions, rq, rk, rv, rope.cos_cache, rope.sin_cache, *ref_caches, slots)
+    expected = paged_attention(rq, *ref_caches, *args, num_decodes=n, out=torch.full_like(rq, float("nan")),
+                               num_splits=num_splits)
+
+    caches = [batch.k_cache.clone(), batch.v_cache.clone()]
+    live = slots >= 0
+    for cache in caches:
+        cache.view(-1, num_kv_heads, head_dim)[slots[live]] = float("nan")
+    before = qkv.clone()
+    out = paged_attention(q, *caches, *args, num_decodes=n, out=torch.full_like(q, float("nan")),
+                          num_splits=num_splits,
+                          rotary_store=tpa.RotaryStore(k, v, slots, positions, rope.cos_cache, rope.sin_cache))
+    assert torch.equal(caches[0], ref_caches[0]) and torch.equal(caches[1], ref_caches[1])
+    assert torch.equal(qkv, before)
+    atol, rtol = (1e-5, 1e-5) if dtype == torch.float32 else TOLERANCES[dtype]
+    # the padded row attends to its own key (the plain launch reads a stale cached one): any finite output
+    torch.testing.assert_close(out[:n - 1], expected[:n - 1], atol=atol, rtol=rtol)
+    assert out[n - 1].isfinite().all() and out[n:].isnan().all()
+    with pytest.raises(ValueError, match="all-decode"):
+        paged_attention(q, *caches, *args[:4], 2, 512, num_decodes=n,
+                        rotary_store=tpa.RotaryStore(k, v, slots, positions, rope.cos_cache, rope.sin_cache))
+
+
+_COMPILE_FOR_SM90 = """
+from pagedserve.attention.triton_paged_attention import _paged_attention_kernel as kernel
+types = {name: "*fp32" for name in ("partial_acc_ptr", "partial_max_ptr", "partial_sum_ptr")}
+types.update({name: "*i32" for name in ("partial_active_ptr", "block_tables_ptr", "seq_lens_ptr",
+                                        "query_start_loc_ptr")})
+types.update({name: "*i64" for name in ("slot_mapping_ptr", "pos_ptr")})
+for head_dim, tile_n in ((128, 64), (64, 64)):   # llama-8b's and llama-1b's decode launches
+    for rotary in (False, True):
+        build(kernel, dict(NUM_HEADS=32, QUERIES_PER_KV=4, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim,
+                           BLOCK_SIZE=16, BLOCK_M=16, BLOCK_Q=4, TILE_N=tile_n, ONE_TILE_PER_SEQ=True,
+                           DOT_PRECISION="tf32", ROTARY_STORE=rotary, LIBDEVICE=True), types,
+              num_warps=4, num_stages=3)
+"""
+
+
+def test_decode_kernel_compiles_for_sm90() -> None:
+    """The decode launch, plain and with rotary_store, to a cubin for sm_90 (bf16, the decode
+    graphs' shapes): the interpreter does not check what compiles (tests/kernels/sm90_compile.py)."""
+    pytest.importorskip("triton.backends.nvidia")
+    from tests.kernels.sm90_compile import run
+    proc = run(_COMPILE_FOR_SM90)
+    assert proc.returncode == 0, proc.stderr[-3000:]
