@@ -105,8 +105,9 @@ VARIANTS = {   # name: (gemv fusions, packed step inputs + Triton argmax)
     # defaults once more after it (the drift between two runs of one engine)
     "swept": (True, True), "default2": (True, True), "old": (True, True),
     # the defaults with rotary and the KV store inside the decode attention launch
-    # (TritonBackend.fused_decode), and the same off once more after it
-    "fusedattn": (True, True), "default3": (True, True)}
+    # (TritonBackend.fused_decode), with split-K merged in that launch (MERGE_IN_KERNEL), both,
+    # and the defaults once more after them
+    "fusedattn": (True, True), "merge": (True, True), "fusedmerge": (True, True), "default3": (True, True)}
 # variant "old": the one-row table before session 9's sweep (session 8's CONFIGS)
 OLD_CONFIGS = {(n, k): GemvConfig(*c) for (n, k), c in {
     (3072, 2048): (8, 512, 4, 4), (2048, 2048): (8, 512, 4, 4), (16384, 2048): (8, 1024, 4, 4),
@@ -167,15 +168,17 @@ def run_model(dev: torch.device, model: str, variant: str, thr512: bool) -> None
         log(f"{label}: gemv table {res_table}")
     elif variant == "old":
         triton_gemv.CONFIGS.update(OLD_CONFIGS)
+    from pagedserve.attention import triton_paged_attention as tpa
     from pagedserve.attention.backend import TritonBackend
-    fused_decode = TritonBackend.fused_decode
-    TritonBackend.fused_decode = variant == "fusedattn" or fused_decode
+    fused_decode, merge = TritonBackend.fused_decode, tpa.MERGE_IN_KERNEL
+    TritonBackend.fused_decode = variant in ("fusedattn", "fusedmerge") or fused_decode
+    tpa.MERGE_IN_KERNEL = variant in ("merge", "fusedmerge") or merge
     try:
         run_engine(dev, model, variant, thr512, label, gemv_fusion, packed_inputs)
     finally:
         triton_gemv.CONFIGS.clear()
         triton_gemv.CONFIGS.update(table)
-        TritonBackend.fused_decode = fused_decode
+        TritonBackend.fused_decode, tpa.MERGE_IN_KERNEL = fused_decode, merge
 
 
 def run_engine(dev: torch.device, model: str, variant: str, thr512: bool, label: str, gemv_fusion: bool,

@@ -106,7 +106,7 @@ def _online_softmax_step(q, k, v, score_mask, m_i, l_i, acc, scale_log2, DOT_PRE
 # seq_begin/seq_end/num_seqs/num_segments may be 0 or 1: keep them runtime ints (no constexpr
 # specialisation: one compiled variant serves every split count, decode and prefill alike).
 @triton.jit(do_not_specialize=["seq_begin", "seq_end", "stride_block_table", "num_segments", "tiles_per_segment",
-                               "short_tiles", "lone_tiles", "stride_new_k", "stride_new_v", "stride_cos"])
+                               "short_tiles", "lone_tiles"])
 def _paged_attention_kernel(
     out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, partial_active_ptr,
     query_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
@@ -131,6 +131,9 @@ def _paged_attention_kernel(
     new_k_ptr=None, new_v_ptr=None, slot_mapping_ptr=None, pos_ptr=None, cos_ptr=None, sin_ptr=None,
     stride_new_k=0, stride_new_v=0, stride_cos=0,
     ROTARY_STORE: tl.constexpr = False, LIBDEVICE: tl.constexpr = False,
+    # MERGE (decode launches that split): the last segment of a (token, KV head) to finish merges
+    # the group's partials itself (arrivals: zeroed counters it resets), no reduce launch after
+    arrivals_ptr=None, MERGE: tl.constexpr = False, GROUP_PAD: tl.constexpr = 1, SEG_CHUNK: tl.constexpr = 16,
 ):
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
@@ -240,6 +243,17 @@ def _paged_attention_kernel(
         tl.store(partial_acc_ptr + row[:, None] * HEAD_DIM_PAD + offs_d[None, :], acc, mask=store_mask)
         tl.store(partial_max_ptr + row, m_i, mask=row_valid)
         tl.store(partial_sum_ptr + row, l_i, mask=row_valid)
+        if MERGE:   # query_len 1: the tile's token is q_start
+            tl.debug_barrier()   # every thread's partials stored before the one arrival below
+            arrival = arrivals_ptr + q_start.to(tl.int64) * tl.num_programs(1) + kv_head
+            if tl.atomic_add(arrival, 1, sem="acq_rel") == active - 1:
+                # relaxed: the next launch sees the reset after the kernel boundary
+                tl.atomic_xchg(arrival, 0, sem="relaxed")
+                first = (q_start.to(tl.int64) * NUM_HEADS + kv_head * QUERIES_PER_KV) * num_segments
+                _merge_group(out_ptr + q_start.to(tl.int64) * stride_o_token
+                             + (kv_head * QUERIES_PER_KV).to(tl.int64) * stride_o_head, stride_o_head,
+                             partial_acc_ptr, partial_max_ptr, partial_sum_ptr, first, active, num_segments,
+                             QUERIES_PER_KV, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, SEG_CHUNK)
 
 
 @triton.jit
@@ -269,6 +283,39 @@ def merge_segments(out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, f
         m = m_new
     out = acc / tl.where(total == 0.0, 1.0, total)
     tl.store(out_ptr + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+@triton.jit
+def _merge_group(out_ptr, stride_o_head, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, first_row, num_valid,
+                 num_segments, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 HEAD_DIM_PAD: tl.constexpr, SEG_CHUNK: tl.constexpr):
+    """merge_segments for GROUP consecutive heads of one token at once (head h's partials at rows
+    first_row + h * num_segments + [0, num_valid)), head h's output at out_ptr + h * stride_o_head:
+    the same online merge, the group's loads in flight together."""
+    offs_h = tl.arange(0, GROUP_PAD)
+    offs_s = tl.arange(0, SEG_CHUNK)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    h_valid = offs_h < GROUP
+    m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
+    for start in range(0, num_valid, SEG_CHUNK):
+        valid = h_valid[:, None] & (start + offs_s < num_valid)[None, :]
+        row = first_row + offs_h[:, None] * num_segments + start + offs_s[None, :]
+        seg_max = tl.load(partial_max_ptr + row, mask=valid, other=float("-inf"), cache_modifier=".cg")
+        seg_sum = tl.load(partial_sum_ptr + row, mask=valid, other=0.0, cache_modifier=".cg")
+        seg_acc = tl.load(partial_acc_ptr + row[:, :, None] * HEAD_DIM_PAD + offs_d[None, None, :],
+                          mask=valid[:, :, None], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, tl.max(seg_max, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m - m_safe)
+        weight = tl.math.exp2(seg_max - m_safe[:, None])
+        total = total * alpha + tl.sum(seg_sum * weight, 1)
+        acc = acc * alpha[:, None] + tl.sum(seg_acc * weight[:, :, None], 1)
+        m = m_new
+    out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
+    tl.store(out_ptr + offs_h[:, None] * stride_o_head + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=h_valid[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
 @triton.jit(do_not_specialize=["num_seqs", "num_segments"])
@@ -357,6 +404,22 @@ MAX_SEGMENTS = 64
 MAX_PARTIAL_BYTES = 64 << 20   # the fp32 partials of one launch (graph pools hold them)
 SPLIT_BELOW_PROGRAMS_PER_SM = 4
 MIN_TILES_PER_SPLIT = 8
+# Decode launches that split merge in the kernel: the last segment of each (token, KV head) to
+# finish merges the group's partials (no reduce launch). Off until measured end to end.
+MERGE_IN_KERNEL = False
+_ARRIVALS: dict[torch.device, torch.Tensor] = {}
+_ARRIVAL_COUNT = 1 << 16
+
+
+def _arrivals(device: torch.device, needed: int) -> torch.Tensor | None:
+    """Arrival counters of the in-kernel merge ([token, KV head], each reset to 0 by its last
+    segment), allocated by a device's first such launch outside CUDA graph capture (None until
+    then, or when `needed` does not fit: the launch is merged by the reduce kernel)."""
+    if device not in _ARRIVALS:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        _ARRIVALS[device] = torch.zeros(_ARRIVAL_COUNT, dtype=torch.int32, device=device)
+    return _ARRIVALS[device] if needed <= _ARRIVAL_COUNT else None
 
 
 def choose_splits(num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_len: int, tile_n: int,
@@ -517,12 +580,15 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                     torch.empty(rows, dtype=torch.float32, device=query.device),
                     torch.empty(rows, dtype=torch.float32, device=query.device),
                     torch.empty(num_tokens, dtype=torch.int32, device=query.device))
+    arrivals = None
+    if partials is not None and MERGE_IN_KERNEL and max_query_len == 1:
+        arrivals = _arrivals(query.device, num_tokens * num_kv_heads)
     for seq_begin, seq_end, launch_max_query_len, launch_tokens in launches:
         config = tiles or default_tile_config(queries_per_kv, head_dim_pad, launch_max_query_len, query.dtype)
         _launch_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                           out, partials, seq_begin, seq_end, launch_max_query_len, launch_tokens,
-                          config, plan, rotary_store)
-    if partials is not None:
+                          config, plan, rotary_store, arrivals)
+    if partials is not None and arrivals is None:
         _reduce_segments(out, partials, query_start_loc, plan.num_segments)
     return out
 
@@ -532,7 +598,8 @@ def _launch_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                       query_start_loc: torch.Tensor, scale: float, out: torch.Tensor,
                       partials: tuple[torch.Tensor, ...] | None,
                       seq_begin: int, seq_end: int, max_query_len: int, max_tokens: int,
-                      config: TileConfig, plan: SplitPlan, rotary_store: RotaryStore | None = None) -> None:
+                      config: TileConfig, plan: SplitPlan, rotary_store: RotaryStore | None = None,
+                      arrivals: torch.Tensor | None = None) -> None:
     """One kernel launch over sequences [seq_begin, seq_end) whose query tokens number at
     most max_tokens. Writes `out` (one active segment) or the fp32 partials and, per token,
     the count of active segments."""
@@ -553,6 +620,9 @@ def _launch_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                    cos_ptr=r.cos_cache, sin_ptr=r.sin_cache, stride_new_k=r.key.stride(0),
                    stride_new_v=r.value.stride(0), stride_cos=r.cos_cache.stride(0), ROTARY_STORE=True,
                    LIBDEVICE=_LIBDEVICE)
+    if arrivals is not None:   # every query_len 1 (the caller's max_query_len): merged in the launch
+        group_pad = triton.next_power_of_2(queries_per_kv)
+        new.update(arrivals_ptr=arrivals, MERGE=True, GROUP_PAD=group_pad, SEG_CHUNK=max(8, 64 // group_pad))
     _paged_attention_kernel[(grid_q, num_kv_heads, plan.num_segments)](
         out, *(partials if partials is not None else (out, out, out, out)),
         query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,

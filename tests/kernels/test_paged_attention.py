@@ -282,18 +282,54 @@ def test_rotary_store_in_the_decode_launch(dtype: torch.dtype, queries_per_kv: i
                         rotary_store=tpa.RotaryStore(k, v, slots, positions, rope.cos_cache, rope.sin_cache))
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("queries_per_kv,num_splits", [(4, None), (1, 4), (2, SplitPlan(6, 2, 0, 0)), (8, 3)])
+def test_merge_in_kernel_equals_the_reduce(dtype: torch.dtype, queries_per_kv: int,
+                                          num_splits: int | SplitPlan | None, monkeypatch) -> None:
+    """MERGE_IN_KERNEL: the last segment of each (token, KV head) merges its group's partials in
+    the attention launch; against the reduce kernel's merge of the same partials (the same
+    formulas: fp32 within 1e-6), twice on the same counters (each reset by its last segment:
+    all zero after), rows with one active segment and rows past the batch left to the launch."""
+    batch = make_batch(query_lens=[1] * 5, context_lens=[3, 20, 64, 150, 300], num_heads=2 * queries_per_kv,
+                       num_kv_heads=2, head_dim=64, block_size=16, dtype=dtype, seed=queries_per_kv)
+    outs = []
+    for merge in (False, True, True):
+        monkeypatch.setattr(tpa, "MERGE_IN_KERNEL", merge)
+        out = torch.full_like(batch.query, float("nan"))
+        paged_attention(batch.query, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens,
+                        batch.query_start_loc, batch.scale, 1, 512, num_decodes=5, out=out, num_splits=num_splits)
+        outs.append(out)
+    assert tpa._ARRIVALS and not tpa._ARRIVALS[batch.query.device].any()
+    tol = 1e-6 if dtype == torch.float32 else TOLERANCES[dtype][0]
+    for out in outs[1:]:
+        torch.testing.assert_close(out[:5], outs[0][:5], atol=tol, rtol=tol)
+        assert out[5:].isnan().all()
+    check_against_reference(batch, num_decodes=5, num_splits=num_splits)   # the reduce path itself
+
+
+def test_merge_in_kernel_with_rotary_store(monkeypatch) -> None:
+    """Both decode fusions at once: rotary + KV store in the launch and the in-kernel merge,
+    against rotary_store_kv, the plain launch and the reduce kernel."""
+    monkeypatch.setattr(tpa, "MERGE_IN_KERNEL", True)
+    test_rotary_store_in_the_decode_launch(torch.float32, 4, 64, SplitPlan(5, 1, 0, 0))
+
+
 _COMPILE_FOR_SM90 = """
 from pagedserve.attention.triton_paged_attention import _paged_attention_kernel as kernel
 types = {name: "*fp32" for name in ("partial_acc_ptr", "partial_max_ptr", "partial_sum_ptr")}
 types.update({name: "*i32" for name in ("partial_active_ptr", "block_tables_ptr", "seq_lens_ptr",
                                         "query_start_loc_ptr")})
 types.update({name: "*i64" for name in ("slot_mapping_ptr", "pos_ptr")})
+import inspect
+# what a launch's specialisation knows: pointers and strides multiples of 16 (vectorised loads)
+aligned = tuple(name for name in inspect.signature(kernel.fn).parameters
+                if name.endswith("_ptr") or name.startswith("stride") and name != "stride_block_table")
 for head_dim, tile_n in ((128, 64), (64, 64)):   # llama-8b's and llama-1b's decode launches
     for rotary in (False, True):
         build(kernel, dict(NUM_HEADS=32, QUERIES_PER_KV=4, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim,
                            BLOCK_SIZE=16, BLOCK_M=16, BLOCK_Q=4, TILE_N=tile_n, ONE_TILE_PER_SEQ=True,
-                           DOT_PRECISION="tf32", ROTARY_STORE=rotary, LIBDEVICE=True), types,
-              num_warps=4, num_stages=3)
+                           DOT_PRECISION="tf32", ROTARY_STORE=rotary, LIBDEVICE=True, MERGE=rotary,
+                           GROUP_PAD=4, SEG_CHUNK=16), {**types, "arrivals_ptr": "*i32"}, aligned, num_warps=4, num_stages=3)
 """
 
 
