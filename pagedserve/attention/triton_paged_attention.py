@@ -329,8 +329,11 @@ def _reduce_segments_kernel(
     head = tl.program_id(1)
     if (token < tl.load(query_start_loc_ptr)) | (token >= tl.load(query_start_loc_ptr + num_seqs)):
         return  # padding token (e.g. CUDA-graph batch padding): left untouched
-    active = tl.load(active_ptr + token)   # the attention kernel's count for this token
-    if active == 1:
+    # the attention kernel's count for this token, kept in range: in a compile-ahead dry run
+    # (worker/compile_ahead.py) an attention launch not yet compiled is skipped while this
+    # kernel, compiled, runs on the never-written counts (an illegal address on the H200)
+    active = tl.minimum(tl.load(active_ptr + token), num_segments)
+    if active <= 1:
         return  # its one segment wrote `out`
     merge_segments(out_ptr + token * stride_o_token + head * stride_o_head, partial_acc_ptr, partial_max_ptr,
                    partial_sum_ptr, (token * NUM_HEADS + head) * num_segments, active, HEAD_DIM,
