@@ -201,12 +201,12 @@ def _with_snapshot(stats: EngineStats, snapshot: Any) -> EngineStats:
 
 
 def _stop(process: subprocess.Popen, conn: Connection) -> None:
-    """Ask the core to exit, then make sure: terminate, kill. Idempotent."""
+    """Ask the core to exit, then make sure: kill (it ignores SIGTERM). Idempotent."""
     try:
         conn.send(("shutdown",))
     except (OSError, ValueError):
         pass
-    for signal_it, timeout in ((None, SHUTDOWN_TIMEOUT_S), (process.terminate, 5.0), (process.kill, 5.0)):
+    for signal_it, timeout in ((None, SHUTDOWN_TIMEOUT_S), (process.kill, 5.0)):
         if process.poll() is not None:
             break
         if signal_it is not None:

@@ -17,7 +17,9 @@ tuples (the core's own dataclasses inside):
 Lifetime: the process exits on ("shutdown",), when the pipe closes (the server died, even
 by SIGKILL: the next poll sees EOF) or when its loop raises (after sending ("dead", text));
 its executor (TP ranks) is shut down on the way out. Ctrl-C reaches the whole process
-group: the core ignores SIGINT and lets the server end it, so open requests can finish.
+group, and so does systemd's stop (SIGTERM to every process of the unit): the core ignores
+SIGINT and SIGTERM and lets the server end it, so open requests can finish (the server's
+graceful shutdown waits for them, then stops the core; a core that does not stop is killed).
 """
 from __future__ import annotations
 
@@ -58,7 +60,8 @@ def main(argv: list[str]) -> None:
     """Build the core, report, serve the pipe until told to stop (or the client is gone)."""
     from pagedserve.core.engine_core import EngineCore
     from pagedserve.logger import configure_default_logging
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in (signal.SIGINT, signal.SIGTERM):   # the server's to handle: it ends us
+        signal.signal(signum, signal.SIG_IGN)
     configure_default_logging()
     logging.getLogger("pagedserve").setLevel(int(argv[1]))
     conn = Connection(int(argv[0]))

@@ -93,12 +93,12 @@ class RankProcess:
         self.milestones.update(bytes([b]) for b in data)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Close its stdin (it exits on EOF), then terminate and kill if it lingers; reap it."""
+        """Close its stdin (it exits on EOF), then kill it if it lingers (it ignores SIGTERM); reap it."""
         try:
             self.popen.stdin.close()
         except OSError:
             pass
-        for signal_it in (None, self.popen.terminate, self.popen.kill):
+        for signal_it in (None, self.popen.kill):
             if signal_it is not None:
                 signal_it()
             try:

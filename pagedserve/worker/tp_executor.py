@@ -247,7 +247,7 @@ class MultiprocTPExecutor:
 
     # ---- tear-down ----------------------------------------------------------------------
     def shutdown(self) -> None:
-        """Tell the workers to stop, reap them (terminate, then kill, if they do not), and leave
+        """Tell the workers to stop, reap them (killed if they do not stop), and leave
         the process group. Idempotent; safe after a rank died or a failed set-up."""
         if self._closed:
             return

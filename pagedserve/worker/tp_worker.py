@@ -269,7 +269,8 @@ def _exit_when_stdin_closes() -> None:
 
 def _run_spawned(args: argparse.Namespace) -> None:
     """A rank that rank 0 started on this machine (worker/rank_process.py)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is rank 0's; it shuts us down
+    for signum in (signal.SIGINT, signal.SIGTERM):   # Ctrl-C or a group SIGTERM is rank 0's: it shuts us down
+        signal.signal(signum, signal.SIG_IGN)
     threading.Thread(target=_exit_when_stdin_closes, daemon=True, name="parent-watch").start()
     status = os.fdopen(args.status_fd, "wb", buffering=0)
 

@@ -60,10 +60,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(log_dir: Path, name: str, *extra_args: str, env: dict[str, str] | None = None) -> ServerProcess:
+def start_server(log_dir: Path, name: str, *extra_args: str, env: dict[str, str] | None = None,
+                 new_session: bool = False) -> ServerProcess:
     """`pagedserve serve` on a free loopback port (logs in log_dir/name.log). With `env`, the
     process gets exactly that environment and, if it holds PORT, no --port flag: the port
-    then comes from the environment alone (TGI's launcher setting)."""
+    then comes from the environment alone (TGI's launcher setting). new_session: in a process
+    group of its own (its pid is the group's id), for a signal to the whole group."""
     port_from_env = env is not None and "PORT" in env
     if env is None:
         env = {k: v for k, v in os.environ.items() if k != "PAGEDSERVE_API_KEY"}
@@ -74,7 +76,8 @@ def start_server(log_dir: Path, name: str, *extra_args: str, env: dict[str, str]
         process = subprocess.Popen(
             [sys.executable, "-m", "pagedserve.cli", "serve", "--host", "127.0.0.1", *port_args,
              "--log-level", "warning", *extra_args],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).resolve().parents[2])
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).resolve().parents[2],
+            start_new_session=new_session)
     return ServerProcess(process, port, log_path)
 
 

@@ -114,6 +114,10 @@ def test_dashboard_in_a_browser_while_both_apis_stream(dash_server: ServerProces
             time.sleep(0.5)   # its prompt blocks are cached before the others look them up
             for thread in threads[1:]:
                 thread.start()
+            # a running request's block table: one arrow per logical block (clicked as soon as one is
+            # listed: on a busy CI machine the streams had once ended by the time the checks below were done)
+            page.click("#request-list li:not(.waiting)", timeout=30_000)
+            page.wait_for_selector("#arrows line.arrow", state="attached", timeout=5_000)
 
             # while they stream: the grid's used blocks equal /metrics' (both move; wait for a match)
             matched, shared_seen, prefix_shared, held = False, [], 0, set()
@@ -131,8 +135,6 @@ def test_dashboard_in_a_browser_while_both_apis_stream(dash_server: ServerProces
             assert matched, "the grid never showed /metrics' count of used blocks"
             assert shared_seen and max(shared_seen) > 1, "no shared block (ref count > 1) was shown"
             assert prefix_shared >= 1, "no block of the common prompt prefix was shared by two requests"
-            page.click("#request-list li")   # its block table: one arrow per logical block
-            page.wait_for_selector("#arrows line.arrow", state="attached", timeout=5_000)
             page.screenshot(path=str(tmp_path / "dashboard-streaming.png"), full_page=True)
 
             for thread in threads:

@@ -110,3 +110,28 @@ def test_killed_server_takes_its_core_along(tmp_path) -> None:
         core.wait(timeout=20)   # the core sees its pipe close and exits (psutil.TimeoutExpired otherwise)
     finally:
         server.stop()
+
+
+def test_a_sigterm_to_the_whole_group_lets_open_requests_finish(tmp_path) -> None:
+    """systemd's stop sends SIGTERM to every process of the unit, the engine core's too: the core
+    leaves its end to the server, whose graceful shutdown lets the open request finish (before,
+    the core died at once and the request got an engine-core error), then stops the core."""
+    server = start_server(tmp_path, "group_sigterm", *SMALL, new_session=True)
+    try:
+        server.wait_healthy()
+        core = _core_of(server)
+        with requests.post(f"{server.base_url}/v1/completions", stream=True, timeout=60, json={
+                "model": MODEL, "prompt": "1, 2, 3,", "max_tokens": 20, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}) as r:
+            events = _events(r)
+            first = next(events)
+            os.killpg(server.process.pid, signal.SIGTERM)
+            rest = list(events)
+        chunks = [first] + [e for e in rest if isinstance(e, dict)]
+        assert not [c for c in chunks if "error" in c], chunks
+        assert rest[-1] == "[DONE]" and chunks[-1]["usage"]["completion_tokens"] == 20
+        assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+        assert server.process.wait(timeout=30) == -signal.SIGTERM   # as SIGTERM ends a process
+        core.wait(timeout=20)
+    finally:
+        server.stop()
