@@ -20,9 +20,11 @@ keys <= its position. Keys are read TILE_N at a time through the block table:
 Split-K (flash-decoding): with num_segments > 1 the first `_active_segments` programs (a
 SplitPlan's rule, chosen by choose_splits) each cover one slice of the key tiles and write
 un-normalised partials (acc, running max, running sum) in fp32 plus the token's count of
-active segments; the others exit at once; `_reduce_segments` merges the active ones. A token
-with one active segment gets its output from it directly (the merge of one segment divides
-alike). Softmax runs in fp32 in the log2 domain.
+active segments; the others exit at once; `_reduce_segments` merges the active ones (or, with
+MERGE_IN_KERNEL, the last of a token's KV-head group to finish does, in the same launch). A
+token with one active segment gets its output from it directly (the merge of one segment
+divides alike). Softmax runs in fp32 in the log2 domain. Decode launches can also rotate the
+query and the new key and store the new K/V themselves (paged_attention's rotary_store).
 """
 from __future__ import annotations
 
