@@ -39,7 +39,6 @@ from pagedserve.engine_io import (DeferredSampling, Executor, ModelRunnerOutput,
                                   SchedulerOutput)
 from pagedserve.errors import ValidationError
 from pagedserve.worker.executor import make_executor
-from pagedserve.worker.kv_budget import check_kv_fits
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +58,6 @@ class EngineCore:
         block_size = config.cache.block_size
         num_blocks = executor.num_blocks
         max_model_len = config.scheduler.max_model_len
-        check_kv_fits(config, num_blocks)
         num_host_blocks = getattr(executor, "num_host_blocks", 0)
         logger.info("KV cache: %d blocks of %d tokens = %d tokens; max concurrency at max_model_len=%d: %.1fx; "
                     "host tier: %d blocks = %d tokens", num_blocks, block_size, num_blocks * block_size,
