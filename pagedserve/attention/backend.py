@@ -101,9 +101,9 @@ class TritonBackend:
 
     def __init__(self) -> None:
         from pagedserve.attention.sdpa_prefill import gather_context, sdpa_available, sdpa_prefill_sequence
-        from pagedserve.attention.triton_paged_attention import RotaryStore, paged_attention
+        from pagedserve.attention.triton_paged_attention import paged_attention
         from pagedserve.attention.triton_prefill_attention import prefill_attention
-        from pagedserve.attention.triton_store_kv import store_kv
+        from pagedserve.attention.triton_store_kv import RotaryStore, store_kv
         self._store_kv = store_kv
         self._paged_attention = paged_attention
         self._rotary_store = RotaryStore

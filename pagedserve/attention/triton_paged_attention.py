@@ -20,7 +20,7 @@ keys <= its position. Keys are read TILE_N at a time through the block table:
 Split-K (flash-decoding): with num_segments > 1 the first `_active_segments` programs (a
 SplitPlan's rule, chosen by choose_splits) each cover one slice of the key tiles and write
 un-normalised partials (acc, running max, running sum) in fp32 plus the token's count of
-active segments; the others exit at once; `_reduce_segments` merges the active ones (or, with
+active segments; the others exit at once; triton_segment_merge.py merges the active ones (or, with
 MERGE_IN_KERNEL, the last of a token's KV-head group to finish does, in the same launch). A
 token with one active segment gets its output from it directly (the merge of one segment
 divides alike). Softmax runs in fp32 in the log2 domain. Decode launches can also rotate the
@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedserve.attention.triton_segment_merge import arrivals as _arrivals, merge_group, reduce_segments
+from pagedserve.attention.triton_store_kv import RotaryStore
 from pagedserve.layers.triton_ops import _LIBDEVICE, rotate_rows
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -252,94 +254,10 @@ def _paged_attention_kernel(
                 # relaxed: the next launch sees the reset after the kernel boundary
                 tl.atomic_xchg(arrival, 0, sem="relaxed")
                 first = (q_start.to(tl.int64) * NUM_HEADS + kv_head * QUERIES_PER_KV) * num_segments
-                _merge_group(out_ptr + q_start.to(tl.int64) * stride_o_token
+                merge_group(out_ptr + q_start.to(tl.int64) * stride_o_token
                              + (kv_head * QUERIES_PER_KV).to(tl.int64) * stride_o_head, stride_o_head,
                              partial_acc_ptr, partial_max_ptr, partial_sum_ptr, first, active, num_segments,
                              QUERIES_PER_KV, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, SEG_CHUNK)
-
-
-@triton.jit
-def merge_segments(out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, first_row, num_valid,
-                   HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SEG_CHUNK: tl.constexpr):
-    """One (token, head)'s output at out_ptr from its split-K partials at rows first_row +
-    [0, num_valid) (rows past num_valid count as empty: max -inf, sum 0, acc 0), merged
-    SEG_CHUNK at a time, online."""
-    offs_s = tl.arange(0, SEG_CHUNK)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    m = tl.full([1], float("-inf"), dtype=tl.float32)
-    total = tl.zeros([1], dtype=tl.float32)
-    acc = tl.zeros([HEAD_DIM_PAD], dtype=tl.float32)
-    for start in range(0, num_valid, SEG_CHUNK):
-        seg_valid = start + offs_s < num_valid
-        row = first_row + start + offs_s
-        seg_max = tl.load(partial_max_ptr + row, mask=seg_valid, other=float("-inf"), cache_modifier=".cg")
-        seg_sum = tl.load(partial_sum_ptr + row, mask=seg_valid, other=0.0, cache_modifier=".cg")
-        seg_acc = tl.load(partial_acc_ptr + row[:, None] * HEAD_DIM_PAD + offs_d[None, :],
-                          mask=seg_valid[:, None], other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m, tl.max(seg_max, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m - m_safe)
-        weight = tl.math.exp2(seg_max - m_safe)
-        total = total * alpha + tl.sum(seg_sum * weight, 0)
-        acc = acc * alpha + tl.sum(seg_acc * weight[:, None], 0)
-        m = m_new
-    out = acc / tl.where(total == 0.0, 1.0, total)
-    tl.store(out_ptr + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
-
-
-@triton.jit
-def _merge_group(out_ptr, stride_o_head, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, first_row, num_valid,
-                 num_segments, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 HEAD_DIM_PAD: tl.constexpr, SEG_CHUNK: tl.constexpr):
-    """merge_segments for GROUP consecutive heads of one token at once (head h's partials at rows
-    first_row + h * num_segments + [0, num_valid)), head h's output at out_ptr + h * stride_o_head:
-    the same online merge, the group's loads in flight together."""
-    offs_h = tl.arange(0, GROUP_PAD)
-    offs_s = tl.arange(0, SEG_CHUNK)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    h_valid = offs_h < GROUP
-    m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
-    total = tl.zeros([GROUP_PAD], dtype=tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
-    for start in range(0, num_valid, SEG_CHUNK):
-        valid = h_valid[:, None] & (start + offs_s < num_valid)[None, :]
-        row = first_row + offs_h[:, None] * num_segments + start + offs_s[None, :]
-        seg_max = tl.load(partial_max_ptr + row, mask=valid, other=float("-inf"), cache_modifier=".cg")
-        seg_sum = tl.load(partial_sum_ptr + row, mask=valid, other=0.0, cache_modifier=".cg")
-        seg_acc = tl.load(partial_acc_ptr + row[:, :, None] * HEAD_DIM_PAD + offs_d[None, None, :],
-                          mask=valid[:, :, None], other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m, tl.max(seg_max, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m - m_safe)
-        weight = tl.math.exp2(seg_max - m_safe[:, None])
-        total = total * alpha + tl.sum(seg_sum * weight, 1)
-        acc = acc * alpha[:, None] + tl.sum(seg_acc * weight[:, :, None], 1)
-        m = m_new
-    out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
-    tl.store(out_ptr + offs_h[:, None] * stride_o_head + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=h_valid[:, None] & (offs_d < HEAD_DIM)[None, :])
-
-
-@triton.jit(do_not_specialize=["num_seqs", "num_segments"])
-def _reduce_segments_kernel(
-    out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, active_ptr, query_start_loc_ptr, num_seqs,
-    num_segments, stride_o_token, stride_o_head,
-    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    SEG_CHUNK: tl.constexpr,
-):
-    token = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    if (token < tl.load(query_start_loc_ptr)) | (token >= tl.load(query_start_loc_ptr + num_seqs)):
-        return  # padding token (e.g. CUDA-graph batch padding): left untouched
-    # the attention kernel's count for this token, kept in range: in a compile-ahead dry run
-    # (worker/compile_ahead.py) an attention launch not yet compiled is skipped while this
-    # kernel, compiled, runs on the never-written counts (an illegal address on the H200)
-    active = tl.minimum(tl.load(active_ptr + token), num_segments)
-    if active <= 1:
-        return  # its one segment wrote `out`
-    merge_segments(out_ptr + token * stride_o_token + head * stride_o_head, partial_acc_ptr, partial_max_ptr,
-                   partial_sum_ptr, (token * NUM_HEADS + head) * num_segments, active, HEAD_DIM,
-                   HEAD_DIM_PAD, SEG_CHUNK)
 
 
 @dataclass(frozen=True)
@@ -412,21 +330,6 @@ MIN_TILES_PER_SPLIT = 8
 # Decode launches that split merge in the kernel: the last segment of each (token, KV head) to
 # finish merges the group's partials (no reduce launch). Off until measured end to end.
 MERGE_IN_KERNEL = False
-_ARRIVALS: dict[torch.device, torch.Tensor] = {}
-_ARRIVAL_COUNT = 1 << 16
-
-
-def _arrivals(device: torch.device, needed: int) -> torch.Tensor | None:
-    """Arrival counters of the in-kernel merge ([token, KV head], each reset to 0 by its last
-    segment), allocated by a device's first such launch outside CUDA graph capture (None until
-    then, or when `needed` does not fit: the launch is merged by the reduce kernel)."""
-    if device not in _ARRIVALS:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        _ARRIVALS[device] = torch.zeros(_ARRIVAL_COUNT, dtype=torch.int32, device=device)
-    return _ARRIVALS[device] if needed <= _ARRIVAL_COUNT else None
-
-
 def choose_splits(num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_len: int, tile_n: int,
                   sm_count: int, num_heads: int | None = None, head_dim_pad: int = 128) -> SplitPlan:
     """Split-K for a decode-only batch (prefill never splits) with contexts of at least 4 key
@@ -452,38 +355,6 @@ def choose_splits(num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_
     chunk = max(CHUNK_TILES, triton.cdiv(key_tiles, cap))
     segments = triton.cdiv(key_tiles, chunk)
     return SplitPlan(segments, chunk, 0, 0) if segments > 1 else NO_SPLIT
-
-
-@dataclass(frozen=True)
-class RotaryStore:
-    """What rotary_store_kv takes besides the query and the cache, for paged_attention to do its
-    work in the decode launch: key / value [T, Hkv, D] (this step's, unrotated; views with
-    contiguous [Hkv, D] rows), slot_mapping [T] (-1: not stored), positions [T], and the
-    [max_position, D] cos / sin caches with duplicated halves (layers/rotary.py)."""
-
-    key: torch.Tensor
-    value: torch.Tensor
-    slot_mapping: torch.Tensor
-    positions: torch.Tensor
-    cos_cache: torch.Tensor
-    sin_cache: torch.Tensor
-
-    def check(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, max_query_len: int | None,
-              num_decodes: int | None, num_seqs: int) -> None:
-        from pagedserve.attention.triton_store_kv import _check_store_inputs
-        _check_store_inputs(self.key, self.value, k_cache, v_cache, self.slot_mapping)
-        head_dim = query.shape[2]
-        if max_query_len != 1 or num_decodes != num_seqs:
-            raise ValueError(f"rotary_store needs an all-decode batch (max_query_len 1, num_decodes = num_seqs); "
-                             f"got max_query_len={max_query_len}, num_decodes={num_decodes}, num_seqs={num_seqs}")
-        if head_dim & (head_dim - 1) or self.key.shape[0] != query.shape[0] \
-                or self.positions.shape != (query.shape[0],) or self.cos_cache.shape[-1] != head_dim \
-                or self.cos_cache.dim() != 2 or self.sin_cache.stride() != self.cos_cache.stride() \
-                or self.cos_cache.stride(1) != 1 or self.key.dtype != query.dtype:
-            raise ValueError(f"rotary_store: a power-of-two head_dim, key [T, Hkv, D] of the query's dtype, "
-                             f"positions [T] and cos / sin [max_position, D] needed; got query "
-                             f"{tuple(query.shape)}, key {tuple(self.key.shape)} {self.key.dtype}, positions "
-                             f"{tuple(self.positions.shape)}, cos {tuple(self.cos_cache.shape)}")
 
 
 def _check_attention_inputs(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -594,7 +465,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                           out, partials, seq_begin, seq_end, launch_max_query_len, launch_tokens,
                           config, plan, rotary_store, arrivals)
     if partials is not None and arrivals is None:
-        _reduce_segments(out, partials, query_start_loc, plan.num_segments)
+        reduce_segments(out, partials, query_start_loc, plan.num_segments)
     return out
 
 
@@ -644,16 +515,3 @@ def _launch_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         num_warps=config.num_warps, num_stages=config.num_stages, **new,
     )
 
-
-def _reduce_segments(out: torch.Tensor, partials: tuple[torch.Tensor, ...], query_start_loc: torch.Tensor,
-                     num_splits: int) -> None:
-    """Merge the split-K partials of every real token with more than one active segment into
-    `out` (mutated in place)."""
-    num_tokens, num_heads, head_dim = out.shape
-    _reduce_segments_kernel[(num_tokens, num_heads)](
-        out, *partials, query_start_loc, query_start_loc.shape[0] - 1,
-        num_splits, out.stride(0), out.stride(1),
-        NUM_HEADS=num_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
-        SEG_CHUNK=16,
-        num_warps=4,
-    )

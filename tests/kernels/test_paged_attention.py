@@ -233,7 +233,7 @@ def test_rotary_store_in_the_decode_launch(dtype: torch.dtype, queries_per_kv: i
     within tolerance; the new keys' slots hold NaN before the launch (never read), q / k / v are
     left as they were, a padded row (slot -1, seq_len 1, as the decode graphs pad) stores nothing,
     and the rows past the batch are not written."""
-    from pagedserve.attention.triton_store_kv import rotary_store_kv
+    from pagedserve.attention.triton_store_kv import RotaryStore, rotary_store_kv
     from pagedserve.layers.rotary import RotaryEmbedding
     num_kv_heads, block_size = 2, 16
     num_heads = num_kv_heads * queries_per_kv
@@ -270,7 +270,7 @@ def test_rotary_store_in_the_decode_launch(dtype: torch.dtype, queries_per_kv: i
     before = qkv.clone()
     out = paged_attention(q, *caches, *args, num_decodes=n, out=torch.full_like(q, float("nan")),
                           num_splits=num_splits,
-                          rotary_store=tpa.RotaryStore(k, v, slots, positions, rope.cos_cache, rope.sin_cache))
+                          rotary_store=RotaryStore(k, v, slots, positions, rope.cos_cache, rope.sin_cache))
     assert torch.equal(caches[0], ref_caches[0]) and torch.equal(caches[1], ref_caches[1])
     assert torch.equal(qkv, before)
     atol, rtol = (1e-5, 1e-5) if dtype == torch.float32 else TOLERANCES[dtype]
@@ -279,7 +279,7 @@ def test_rotary_store_in_the_decode_launch(dtype: torch.dtype, queries_per_kv: i
     assert out[n - 1].isfinite().all() and out[n:].isnan().all()
     with pytest.raises(ValueError, match="all-decode"):
         paged_attention(q, *caches, *args[:4], 2, 512, num_decodes=n,
-                        rotary_store=tpa.RotaryStore(k, v, slots, positions, rope.cos_cache, rope.sin_cache))
+                        rotary_store=RotaryStore(k, v, slots, positions, rope.cos_cache, rope.sin_cache))
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
@@ -299,7 +299,9 @@ def test_merge_in_kernel_equals_the_reduce(dtype: torch.dtype, queries_per_kv: i
         paged_attention(batch.query, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens,
                         batch.query_start_loc, batch.scale, 1, 512, num_decodes=5, out=out, num_splits=num_splits)
         outs.append(out)
-    assert tpa._ARRIVALS and not tpa._ARRIVALS[batch.query.device].any()
+    from pagedserve.attention import triton_segment_merge
+    counters = triton_segment_merge._ARRIVALS
+    assert counters and not counters[batch.query.device].any()
     tol = 1e-6 if dtype == torch.float32 else TOLERANCES[dtype][0]
     for out in outs[1:]:
         torch.testing.assert_close(out[:5], outs[0][:5], atol=tol, rtol=tol)
