@@ -95,9 +95,13 @@ class TritonBackend:
     # shapes made the cuDNN path 30.9 s vs 25.6 s Triton, while ttft16k's round chunks gained
     # (477 vs 537 ms). So cuDNN takes only chunks whose length and context are multiples of this.
     cudnn_shape_multiple = 1024
-    # All-decode steps: rotary and the KV store inside the decode attention launch (decode()),
-    # one launch a layer instead of two. Off until measured end to end (benchmarks/RESULTS.md).
-    fused_decode = False
+    # All-decode steps of at most fused_decode_max_seqs sequences: rotary and the KV store inside
+    # the decode attention launch (decode()), one launch a layer instead of two, bit for bit the
+    # same. H200, one layer at context 512 (benchmarks/fused_decode_sweep.py): -1.4..-2.7 us a
+    # layer up to 64 rows, -0.4..-0.6 at 128, +3.9..+4.5 at 256 (each program's rotation costs more
+    # than the launch saved); b1_decode llama-8b +2.8% (benchmarks/RESULTS.md, session 13).
+    fused_decode = True
+    fused_decode_max_seqs = 128
 
     def __init__(self) -> None:
         from pagedserve.attention.sdpa_prefill import gather_context, sdpa_available, sdpa_prefill_sequence
@@ -118,9 +122,11 @@ class TritonBackend:
     def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, rotary: tuple) -> torch.Tensor | None:
         """Rotary (q and k unrotated), KV store and attention of an all-decode step in one launch
-        (fused_decode) -> [T, Hq * D]; None where it does not apply (the caller runs the three).
+        (fused_decode, up to fused_decode_max_seqs sequences) -> [T, Hq * D]; None where it does
+        not apply (the caller runs the three).
         The caller checks that the Triton kernels rotate this query (RotaryEmbedding.uses_triton)."""
-        if not self.fused_decode or meta.max_query_len != 1 or meta.num_decodes != meta.num_seqs:
+        if not self.fused_decode or meta.max_query_len != 1 or meta.num_decodes != meta.num_seqs \
+                or meta.num_seqs > self.fused_decode_max_seqs:
             return None
         rope, positions = rotary
         out = self._paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,

@@ -129,9 +129,8 @@ def _paged_attention_kernel(
     DOT_PRECISION: tl.constexpr,
     # ROTARY_STORE (decode launches: every query_len 1): the step's query and new key are rotated
     # here (rotary at pos[token], cos / sin caches with duplicated halves) and the new key and value
-    # stored at slot_mapping[token] by the last active segment; the loop reads the cached keys
-    # before the new one, which is folded in from registers after it (rotary_store_kv + this
-    # kernel in one launch, with the same roundings)
+    # stored at slot_mapping[token] by the last active segment before it reads their tile
+    # (rotary_store_kv + this kernel in one launch, bit for bit)
     new_k_ptr=None, new_v_ptr=None, slot_mapping_ptr=None, pos_ptr=None, cos_ptr=None, sin_ptr=None,
     stride_new_k=0, stride_new_v=0, stride_cos=0,
     ROTARY_STORE: tl.constexpr = False, LIBDEVICE: tl.constexpr = False,
@@ -176,7 +175,6 @@ def _paged_attention_kernel(
     q = tl.load(query_ptr + token[:, None] * stride_q_token + head[:, None] * stride_q_head + offs_d[None, :],
                 mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
     query_abs = context_len + query_pos  # absolute position of each row's token
-    load_end = key_end
     if ROTARY_STORE:
         HALF: tl.constexpr = HEAD_DIM // 2
         partner_d = offs_d ^ HALF   # rotate-half's partner (HEAD_DIM is a power of two here)
@@ -187,20 +185,9 @@ def _paged_attention_kernel(
         q_partner = tl.load(query_ptr + token[:, None] * stride_q_token + head[:, None] * stride_q_head
                             + partner_d[None, :], mask=row_valid[:, None], other=0.0)
         q = rotate_rows(q, q_partner, cos[None, :], sin[None, :], sign[None, :], LIBDEVICE)
-        new_k_row = new_k_ptr + q_start.to(tl.int64) * stride_new_k + kv_head * HEAD_DIM
-        new_k = rotate_rows(tl.load(new_k_row + offs_d), tl.load(new_k_row + partner_d), cos, sin, sign,
-                            LIBDEVICE).to(k_cache_ptr.dtype.element_ty)
-        new_v = tl.load(new_v_ptr + q_start.to(tl.int64) * stride_new_v + kv_head * HEAD_DIM
-                        + offs_d).to(v_cache_ptr.dtype.element_ty)
-        slot = tl.load(slot_mapping_ptr + q_start).to(tl.int64)
-        if (segment == active - 1) & (slot >= 0):
-            tl.store(k_cache_ptr + (slot // BLOCK_SIZE) * stride_k_block + (slot % BLOCK_SIZE) * stride_k_slot
-                     + kv_head.to(tl.int64) * stride_k_head + offs_d, new_k)
-            tl.store(v_cache_ptr + (slot // BLOCK_SIZE) * stride_v_block + (slot % BLOCK_SIZE) * stride_v_slot
-                     + kv_head.to(tl.int64) * stride_v_head + offs_d, new_v)
-        # the new key's slot is not read: it may hold anything (a NaN times p = 0 is a NaN)
-        load_end = key_end - 1
-        query_abs = query_abs - 1
+        # the loop leaves the new key's tile to the last segment, which rotates and stores the new
+        # key and value after its loop (off the path to the loop's first loads), then reads that
+        # tile back as the plain launch does: the same roundings, bit for bit
     if (segment == 0) & (kv_head == 0) & (num_segments > 1):   # the reduce's count, per token
         tl.store(partial_active_ptr + token, active, mask=row_valid)
     tile_lo = segment * num_tiles // active
@@ -215,9 +202,12 @@ def _paged_attention_kernel(
     # Block ids of the next tile are loaded one iteration ahead, off the K/V loads' critical path.
     key_pos = tile_lo * TILE_N + offs_n
     block_id = tl.load(block_table_row + key_pos // BLOCK_SIZE, mask=key_pos < key_end, other=0).to(tl.int64)
-    for tile in range(tile_lo, tile_hi):
+    loop_hi = tile_hi
+    if ROTARY_STORE:   # the new key's tile (the last segment's last) after the loop, once it is stored
+        loop_hi = tl.where(segment == active - 1, tile_hi - 1, tile_hi)
+    for tile in range(tile_lo, loop_hi):
         key_pos = tile * TILE_N + offs_n
-        key_valid = key_pos < load_end
+        key_valid = key_pos < key_end
         k, v = _load_kv_tile(k_head_ptr, v_head_ptr, block_id, key_pos, key_valid, offs_d, dim_valid,
                              stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, BLOCK_SIZE)
         next_pos = key_pos + TILE_N
@@ -226,16 +216,27 @@ def _paged_attention_kernel(
         # key_pos <= query_abs implies key_pos < key_end for every valid row.
         m_i, l_i, acc = _online_softmax_step(q, k, v, row_valid[:, None] & (key_pos[None, :] <= query_abs[:, None]),
                                              m_i, l_i, acc, scale_log2, DOT_PRECISION)
-    if ROTARY_STORE:   # the new key, in the last active segment (the one whose tiles end at it)
-        s_new = tl.sum(q.to(tl.float32) * new_k.to(tl.float32)[None, :], 1) * scale_log2
-        s_new = tl.where(row_valid & (segment == active - 1), s_new, float("-inf"))
-        m_new = tl.maximum(m_i, s_new)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p_new = tl.math.exp2(s_new - m_safe)
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + p_new
-        acc = acc * alpha[:, None] + p_new.to(new_v.dtype).to(tl.float32)[:, None] * new_v.to(tl.float32)[None, :]
-        m_i = m_new
+    if ROTARY_STORE:
+        if loop_hi < tile_hi:   # the last segment: the new key and value, then their tile
+            cos = tl.load(cos_ptr + pos * stride_cos + offs_d).to(tl.float32)
+            sin = tl.load(sin_ptr + pos * stride_cos + offs_d).to(tl.float32)
+            new_k_row = new_k_ptr + q_start.to(tl.int64) * stride_new_k + kv_head * HEAD_DIM
+            new_k = rotate_rows(tl.load(new_k_row + offs_d), tl.load(new_k_row + partner_d), cos, sin, sign,
+                                LIBDEVICE).to(k_cache_ptr.dtype.element_ty)
+            new_v = tl.load(new_v_ptr + q_start.to(tl.int64) * stride_new_v + kv_head * HEAD_DIM
+                            + offs_d).to(v_cache_ptr.dtype.element_ty)
+            slot = tl.load(slot_mapping_ptr + q_start).to(tl.int64)
+            if slot >= 0:
+                tl.store(k_cache_ptr + (slot // BLOCK_SIZE) * stride_k_block + (slot % BLOCK_SIZE) * stride_k_slot
+                         + kv_head.to(tl.int64) * stride_k_head + offs_d, new_k)
+                tl.store(v_cache_ptr + (slot // BLOCK_SIZE) * stride_v_block + (slot % BLOCK_SIZE) * stride_v_slot
+                         + kv_head.to(tl.int64) * stride_v_head + offs_d, new_v)
+            tl.debug_barrier()   # the stores above performed for the whole program before its loads below
+            key_pos = loop_hi * TILE_N + offs_n
+            k, v = _load_kv_tile(k_head_ptr, v_head_ptr, block_id, key_pos, key_pos < key_end, offs_d, dim_valid,
+                                 stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, BLOCK_SIZE)
+            m_i, l_i, acc = _online_softmax_step(q, k, v, row_valid[:, None] & (key_pos[None, :] <= query_abs[:, None]),
+                                                 m_i, l_i, acc, scale_log2, DOT_PRECISION)
 
     store_mask = row_valid[:, None] & dim_valid[None, :]
     if active == 1:   # the one segment's output, as the merge of one segment divides (the reduce skips it)
@@ -328,8 +329,10 @@ MAX_PARTIAL_BYTES = 64 << 20   # the fp32 partials of one launch (graph pools ho
 SPLIT_BELOW_PROGRAMS_PER_SM = 4
 MIN_TILES_PER_SPLIT = 8
 # Decode launches that split merge in the kernel: the last segment of each (token, KV head) to
-# finish merges the group's partials (no reduce launch). Off until measured end to end.
-MERGE_IN_KERNEL = False
+# finish merges the group's partials (no reduce launch; benchmarks/RESULTS.md, session 13).
+MERGE_IN_KERNEL = True
+
+
 def choose_splits(num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_len: int, tile_n: int,
                   sm_count: int, num_heads: int | None = None, head_dim_pad: int = 128) -> SplitPlan:
     """Split-K for a decode-only batch (prefill never splits) with contexts of at least 4 key
