@@ -12,9 +12,14 @@ too; and transformers' own eager attention against its SDPA, for scale.
 With `unfused` the one-at-a-time run is repeated against the same transformers reference
 with every decode fusion off (set_decode_fusion(False): SiLU-and-mul before the gemv, rotary
 before the KV store, as separate kernels): the A/B of the fused kernels' rounding. The default
-model is a GGUF: its layers dequantize to float weights but keep the GGUF LinearMethod, so the
-gemv prologue does not apply to it; the rotary fusion does.
-Usage: python3 benchmarks/bf16_agreement.py [out.json] [device] [variants] [unfused]"""
+model is a GGUF: its layers keep the GGUF LinearMethod, so the gemv fusions do not apply to it;
+the rotary fusion does.
+With `dequantized` the one-at-a-time run is repeated with gguf.CUDA_PACKED off: on CUDA the
+default model's layers (<= 4M weights) stay packed and a one-row step multiplies them with
+triton_gguf's GEMV on the unrounded fp32 weights, where transformers multiplies the weights
+rounded to bf16 (steps of more than 16 rows dequantize to bf16 for cuBLAS: the batched run
+rounds as transformers does).
+Usage: python3 benchmarks/bf16_agreement.py [out.json] [device] [variants] [unfused] [dequantized]"""
 import gc
 import json
 import os
@@ -146,17 +151,23 @@ def main() -> None:
         result[mode] = agreement(ids, refs)
         print(f"{mode}: {result[mode]['identical']}/{len(PROMPTS)} identical; "
               f"first differences {[r['first_diff'] for r in result[mode]['rows']]}")
-    if unfused:   # each switch set explicitly, whatever the defaults, then put back
-        from pagedserve.layers import linear_ops
-        for key, flag, setter, on in (("one_at_a_time_unfused", "FUSE_DECODE", linear_ops.set_decode_fusion, False),):
-            before = getattr(linear_ops, flag)
-            setter(on)
-            try:
-                result[key] = agreement(run_ours(gguf, device, sp, False, **small)[0], refs)
-            finally:
-                setter(before)
-            print(f"{key}: {result[key]['identical']}/{len(PROMPTS)} identical; "
-                  f"first differences {[r['first_diff'] for r in result[key]['rows']]}")
+    dequantized = "dequantized" in sys.argv[3:]
+    from pagedserve.layers import linear_ops
+    from pagedserve.layers.quantization import gguf as gguf_method
+    # each switch set explicitly, whatever the defaults, then put back: every decode fusion off;
+    # the GGUF layers dequantized to bf16 at load (as transformers' reference) instead of kept packed
+    # for triton_gguf's one-row GEMV, which multiplies the unrounded fp32 weights
+    switches = [("one_at_a_time_unfused", linear_ops, "FUSE_DECODE", linear_ops.set_decode_fusion)] if unfused else []
+    switches += [("one_at_a_time_dequantized", gguf_method, "CUDA_PACKED", None)] if dequantized else []
+    for key, module, flag, setter in switches:
+        before = getattr(module, flag)
+        (setter or (lambda on: setattr(module, flag, on)))(False)
+        try:
+            result[key] = agreement(run_ours(gguf, device, sp, False, **small)[0], refs)
+        finally:
+            (setter or (lambda on: setattr(module, flag, on)))(before)
+        print(f"{key}: {result[key]['identical']}/{len(PROMPTS)} identical; "
+              f"first differences {[r['first_diff'] for r in result[key]['rows']]}")
     if variants:
         eager = hf_generate(gguf, device, prompt_ids, tok.eos_token_id, "eager")
         result["hf_eager_vs_sdpa"] = agreement(eager, refs)

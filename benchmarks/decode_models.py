@@ -107,7 +107,8 @@ VARIANTS = {   # name: (gemv fusions, packed step inputs + Triton argmax)
     # the defaults with rotary and the KV store inside the decode attention launch
     # (TritonBackend.fused_decode), with split-K merged in that launch (MERGE_IN_KERNEL), both,
     # and the defaults once more after them
-    "fusedattn": (True, True), "merge": (True, True), "fusedmerge": (True, True), "default3": (True, True)}
+    "fusedattn": (True, True), "merge": (True, True), "fusedmerge": (True, True), "default3": (True, True),
+    "nofusion": (True, True)}
 # variant "old": the one-row table before session 9's sweep (session 8's CONFIGS)
 OLD_CONFIGS = {(n, k): GemvConfig(*c) for (n, k), c in {
     (3072, 2048): (8, 512, 4, 4), (2048, 2048): (8, 512, 4, 4), (16384, 2048): (8, 1024, 4, 4),
@@ -171,8 +172,8 @@ def run_model(dev: torch.device, model: str, variant: str, thr512: bool) -> None
     from pagedserve.attention import triton_paged_attention as tpa
     from pagedserve.attention.backend import TritonBackend
     fused_decode, merge = TritonBackend.fused_decode, tpa.MERGE_IN_KERNEL
-    TritonBackend.fused_decode = variant in ("fusedattn", "fusedmerge") or fused_decode
-    tpa.MERGE_IN_KERNEL = variant in ("merge", "fusedmerge") or merge
+    TritonBackend.fused_decode = variant in ("fusedattn", "fusedmerge") or (fused_decode and variant != "nofusion")
+    tpa.MERGE_IN_KERNEL = variant in ("merge", "fusedmerge") or (merge and variant != "nofusion")
     try:
         run_engine(dev, model, variant, thr512, label, gemv_fusion, packed_inputs)
     finally:
