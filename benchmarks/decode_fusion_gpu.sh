@@ -8,15 +8,21 @@
 # b1_decode host gap follows the variant or the engine's position (RESULTS.md, session 12). Turning
 # the switches on also needs bf16_agreement.py with them on (the GGUF staged on the device).
 # Session 13 (switches on): `on1` (carry .devcarry/gg1 .devcarry/peers.py: fused_decode_sweep.py, b1_decode
-# default vs nofusion, kernel tests) or `stage` (carry .devcarry/gg1), then `on2` on the same warm machine
+# default vs nofusion, kernel tests) or `stage` (carry .devcarry/gg1 .devcarry/peers.py: the decode graphs
+# of 16-256 rows profiled kernel by kernel), then `on2` on the same warm machine
 # (carry .devcarry/gg2: bf16_agreement.py with `dequantized`, the default model's GPU test).
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PAGEDSERVE_TEST_DEVICE=cuda
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; date -u +%Y-%m-%dT%H:%MZ; } | tee "$OUT/machine.txt"
-if [ "${1:-}" = stage ]; then   # carry .devcarry/gg1: the GGUF's first half only, for on2 next
-  cp .devcarry/gg1/part_aa /tmp/part_aa && echo "STAGED"; exit 0
+if [ "${1:-}" = stage ]; then   # carry .devcarry/gg1 (+ .devcarry/peers.py): the GGUF's first half, for on2
+  cp .devcarry/gg1/part_aa /tmp/part_aa && echo "STAGED"
+  # where a thr512 decode-tail step goes: the 16-256-row decode graphs at context 800, kernel by kernel
+  timeout 240 python3 benchmarks/decode_gpu.py --stages models --models llama-8b,llama-1b --ab "" --variants default \
+      --thr "" --batch-profile 16,64,128,256 > "$OUT/batch_profile.txt" 2>&1; echo "BATCH_PROFILE rc=$?"
+  grep -E "decode graph of|^(gemv|cublas|attention|rms_norm|rotary|silu|total)" "$OUT/batch_profile.txt" | cut -c1-110
+  exit 0
 fi
 if [ "${1:-}" = on1 ]; then   # session 13, switches on by default; carry .devcarry/gg1 and .devcarry/peers.py
   cp .devcarry/gg1/part_aa /tmp/part_aa   # the GGUF's first half, for on2 on the same warm machine

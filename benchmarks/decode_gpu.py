@@ -48,7 +48,7 @@ import time
 # decode_common first: it sets TRITON_INTERPRET for --cpu-smoke before anything imports Triton
 from decode_common import MAX_MODEL_LEN, RESULTS, SHAPES, SMOKE, log, stage, time_us, weight_shapes
 import torch
-from decode_models import VARIANTS, models_stage
+from decode_models import BATCH_PROFILE, VARIANTS, models_stage
 from decode_sweep import ROLES, sweep
 
 from pagedserve.layers.triton_gemv import GemvConfig, gemv, silu_and_mul_gemv
@@ -231,12 +231,15 @@ def main() -> None:
     ap.add_argument("--ab", default="llama-1b,llama-8b", help="models measured in every --variants")
     ap.add_argument("--variants", default="default,base", help=f"of {list(VARIANTS)}; the first for the others")
     ap.add_argument("--thr", default="llama-1b", help="models whose variants also run peers' thr512")
+    ap.add_argument("--batch-profile", default="", help="decode graph sizes (e.g. 64,256) also profiled kernel by "
+                                                        "kernel at context 800 (decode_models.profile_batch)")
     ap.add_argument("--cpu-smoke", action="store_true")
     ap.add_argument("--all-tests", action="store_true", help="tests: the gemv and fused-op tests too")
     ap.add_argument("--roles", default="", help="sweep only these matmuls (qkv,o,gate_up,down,lm_head) over "
                                                 "QUICK_CONFIGS (~30 s for qkv,o,gate_up of two models)")
     args = ap.parse_args()
     ROLES[:] = [r for r in args.roles.split(",") if r]
+    BATCH_PROFILE[:] = [int(r) for r in args.batch_profile.split(",") if r]
     stages, models = args.stages.split(","), args.models.split(",")
     ab = [m for m in args.ab.split(",") if m]
     dev = torch.device("cpu" if SMOKE else "cuda")

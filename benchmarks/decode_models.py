@@ -38,9 +38,9 @@ def bytes_of(kind: str, model: str, ctx: int) -> int:
             "attention": 2 * ctx * kv_row + 2 * s["heads"] * d * 2, "embedding": 2 * s["h"] * 2}.get(kind, 0)
 
 
-def profile_replay(graph, model: str, ctx: int, replays: int = 5) -> dict:
-    """torch.profiler over `replays` replays of the bs=1 decode graph: per kernel (role for
-    the matmuls, by order: qkv, o, gate_up, down per layer, then the LM head) calls, us,
+def profile_replay(graph, model: str, ctx: int, replays: int = 5, rows: int = 1) -> dict:
+    """torch.profiler over `replays` replays of a decode graph of `rows` rows: per kernel (role
+    for the matmuls, by order: qkv, o, gate_up, down per layer, then the LM head) calls, us,
     bytes and GB/s per replay."""
     from torch.profiler import ProfilerActivity, profile
     graph.replay()
@@ -55,11 +55,13 @@ def profile_replay(graph, model: str, ctx: int, replays: int = 5) -> dict:
     if not kernels:
         log("profiler saw no kernels in the graph replay")
         return {}
-    return kernel_table(kernels, model, ctx, replays)
+    return kernel_table(kernels, model, ctx, replays, rows)
 
 
-def kernel_table(kernels: list, model: str, ctx: int, replays: int) -> dict:
-    """The table of profiler kernel events (in launch order) of `replays` decode steps."""
+def kernel_table(kernels: list, model: str, ctx: int, replays: int, rows: int = 1) -> dict:
+    """The table of profiler kernel events (in launch order) of `replays` decode steps of `rows`
+    rows each: a matmul's bytes are its weight's (and its TFLOP/s is printed where rows > 1), the
+    other kernels' bytes are per row times rows."""
     layers, shapes = SHAPES[model]["layers"], weight_shapes(model)
     matmuls = [e for e in kernels if kernel_kind(e.name) in ("gemv", "cublas")]
     per_replay = len(matmuls) // replays
@@ -76,8 +78,9 @@ def kernel_table(kernels: list, model: str, ctx: int, replays: int) -> dict:
         kind = kernel_kind(e.name)
         role = roles.get(id(e))
         key = f"{kind}:{role}" if role else kind
-        nbytes = shapes[role][0] * shapes[role][1] * 2 if role else bytes_of(kind, model, ctx)
-        row = table.setdefault(key, dict(calls=0, us=0.0, bytes=0, names=set()))
+        nbytes = shapes[role][0] * shapes[role][1] * 2 if role else rows * bytes_of(kind, model, ctx)
+        row = table.setdefault(key, dict(calls=0, us=0.0, bytes=0, flop=0, names=set()))
+        row["flop"] += 2 * shapes[role][0] * shapes[role][1] * rows if role else 0
         row["calls"] += 1
         row["us"] += e.time_range.elapsed_us()
         row["bytes"] += nbytes
@@ -89,10 +92,13 @@ def kernel_table(kernels: list, model: str, ctx: int, replays: int) -> dict:
     for key, r in sorted(table.items(), key=lambda kv: -kv[1]["us"]):
         us, nbytes = r["us"] / replays, r["bytes"] / replays
         gbs = nbytes / us / 1e3 if us and nbytes else None
+        tflops = r["flop"] / replays / us / 1e6 if us and r["flop"] and rows > 1 else None
         out[key] = dict(calls=r["calls"] // replays, us=round(us, 1), mb=round(nbytes / 1e6, 3),
                         gb_s=round(gbs) if gbs else None, names=sorted(r["names"]))
+        if tflops:
+            out[key]["tflop_s"] = round(tflops)
         log(f"{key:26s} {r['calls'] // replays:6d} {us:9.1f} {100 * us / total_us:5.1f}% {nbytes / 1e6:9.2f} "
-            f"{gbs or 0:8.0f}  {', '.join(sorted(r['names']))[:90]}")
+            f"{gbs or 0:8.0f}  {f'{tflops:.0f} TFLOP/s ' if tflops else ''}{', '.join(sorted(r['names']))[:90]}")
     log(f"{'total (kernels)':26s} {len(kernels) // replays:6d} {total_us:9.1f} 100.0% {total_bytes / 1e6:9.2f} "
         f"{total_bytes / total_us / 1e3:8.0f}   floor at {HBM_TB_S} TB/s: {total_bytes / HBM_TB_S / 1e6:.1f} us")
     return dict(kernels=out, kernel_us=round(total_us, 1), launches=len(kernels) // replays,
@@ -222,6 +228,11 @@ def run_engine(dev: torch.device, model: str, variant: str, thr512: bool, label:
         log(f"{label}: b1_decode {res['b1_decode_tok_s']} tok/s, replay {res['replay_ms']} ms "
             f"({1e3 / res['replay_ms']:.0f} tok/s if the host were free), context {ctx}")
         res["profile"] = profile_replay(graph, model, ctx)
+        for rows in BATCH_PROFILE:
+            try:
+                res[f"profile_rows{rows}"] = profile_batch(llm, graphs, model, rows, BATCH_CONTEXT)
+            except Exception:   # a diagnostic: the b1 figures and thr512 still come
+                traceback.print_exc()
     else:   # the CPU smoke run: the table code on made-up kernel events
         log(f"{label}: b1_decode {res['b1_decode_tok_s']} tok/s (no CUDA graphs here)")
         from types import SimpleNamespace
@@ -248,6 +259,46 @@ def run_engine(dev: torch.device, model: str, variant: str, thr512: bool, label:
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
+
+
+BATCH_PROFILE: list[int] = []   # decode_gpu.py --batch-profile: graph sizes profiled as profile_batch does
+BATCH_CONTEXT = 800   # ~thr512's mean context in its decode tail (input U[64,1024] + half the output)
+
+
+def profile_batch(llm, graphs, model: str, rows: int, ctx: int) -> dict:
+    """The decode graph of `rows` rows replayed at context `ctx` every row, each row's keys in its
+    own blocks (distinct ids, so the attention reads what a real step reads, not one block over
+    and over), nothing stored (slot -1): where a thr512 decode-tail step's time goes, kernel by
+    kernel (RESULTS.md: ~15.5 ms a step at ~241 rows against ~12 ms of matmul and KV floors)."""
+    if rows not in graphs.graphs:
+        log(f"no decode graph of {rows} rows (captured: {sorted(graphs.graphs)[-4:]} ...)")
+        return {}
+    k_cache = llm.engine.core.executor.runner.kv_caches[0][0]
+    num_blocks, block_size = k_cache.shape[0], k_cache.shape[1]
+    per_row = -(-(ctx + 1) // block_size)
+    if rows * per_row > num_blocks:
+        log(f"{rows} rows x {per_row} blocks > {num_blocks} KV blocks: not profiled")
+        return {}
+    graphs.seq_lens[:rows] = ctx + 1
+    graphs.positions[:rows] = ctx
+    graphs.slot_mapping[:rows] = -1
+    graphs.input_ids[:rows] = torch.arange(100, 100 + rows, device=graphs.input_ids.device)
+    graphs.block_tables[:rows, :per_row] = torch.randperm(rows * per_row, device=graphs.block_tables.device,
+                                                          dtype=torch.int32).view(rows, per_row)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        graphs.graphs[rows].replay()
+    end.record()
+    end.synchronize()
+    replay_ms = start.elapsed_time(end) / 10
+    log(f"{model}: decode graph of {rows} rows at context {ctx}: replay {replay_ms:.3f} ms "
+        f"({rows / replay_ms * 1e3:.0f} tok/s a step)")
+    table = profile_replay(graphs.graphs[rows], model, ctx, rows=rows)
+    graphs.seq_lens[:rows] = 1   # as the runner leaves padding rows
+    graphs.block_tables[:rows] = 0
+    return dict(replay_ms=round(replay_ms, 3), **table)
 
 
 def profile_steps(llm, prompt: dict, replay: dict, tokens: int = 33) -> dict:
