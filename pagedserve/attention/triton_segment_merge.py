@@ -1,9 +1,9 @@
 """Merging the split-K partials of the decode attention (triton_paged_attention.py): each of a
 token's active segments wrote an un-normalised (acc, running max, running sum) in fp32; their
-online merge in the log2 domain gives the token's output. Either the reduce launch after the
-attention (reduce_segments: a program per (token, head)) or, with MERGE_IN_KERNEL, the attention
-launch itself: the last segment of a token's KV-head group to finish (an arrival counter per
-(token, KV head), reset by it) merges the group's heads at once (merge_group)."""
+online merge in the log2 domain (merge_group) gives the token's output. Either the attention
+launch itself (MERGE_IN_KERNEL: the last segment of a token's KV-head group to finish, by an
+arrival counter per (token, KV head) that it resets, merges the group's heads at once) or the
+reduce launch after it (reduce_segments: a program per (token, head), a group of one)."""
 from __future__ import annotations
 
 import torch
@@ -12,41 +12,13 @@ import triton.language as tl
 
 
 @triton.jit
-def merge_segments(out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, first_row, num_valid,
-                   HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SEG_CHUNK: tl.constexpr):
-    """One (token, head)'s output at out_ptr from its split-K partials at rows first_row +
-    [0, num_valid) (rows past num_valid count as empty: max -inf, sum 0, acc 0), merged
-    SEG_CHUNK at a time, online."""
-    offs_s = tl.arange(0, SEG_CHUNK)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    m = tl.full([1], float("-inf"), dtype=tl.float32)
-    total = tl.zeros([1], dtype=tl.float32)
-    acc = tl.zeros([HEAD_DIM_PAD], dtype=tl.float32)
-    for start in range(0, num_valid, SEG_CHUNK):
-        seg_valid = start + offs_s < num_valid
-        row = first_row + start + offs_s
-        seg_max = tl.load(partial_max_ptr + row, mask=seg_valid, other=float("-inf"), cache_modifier=".cg")
-        seg_sum = tl.load(partial_sum_ptr + row, mask=seg_valid, other=0.0, cache_modifier=".cg")
-        seg_acc = tl.load(partial_acc_ptr + row[:, None] * HEAD_DIM_PAD + offs_d[None, :],
-                          mask=seg_valid[:, None], other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m, tl.max(seg_max, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m - m_safe)
-        weight = tl.math.exp2(seg_max - m_safe)
-        total = total * alpha + tl.sum(seg_sum * weight, 0)
-        acc = acc * alpha + tl.sum(seg_acc * weight[:, None], 0)
-        m = m_new
-    out = acc / tl.where(total == 0.0, 1.0, total)
-    tl.store(out_ptr + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
-
-
-@triton.jit
 def merge_group(out_ptr, stride_o_head, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, first_row, num_valid,
                  num_segments, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                  HEAD_DIM_PAD: tl.constexpr, SEG_CHUNK: tl.constexpr):
-    """merge_segments for GROUP consecutive heads of one token at once (head h's partials at rows
-    first_row + h * num_segments + [0, num_valid)), head h's output at out_ptr + h * stride_o_head:
-    the same online merge, the group's loads in flight together."""
+    """The outputs of GROUP consecutive heads of one token (head h's at out_ptr + h * stride_o_head)
+    from their split-K partials (head h's at rows first_row + h * num_segments + [0, num_valid);
+    rows past num_valid count as empty: max -inf, sum 0, acc 0), merged SEG_CHUNK segments at a
+    time, online, the group's loads in flight together."""
     offs_h = tl.arange(0, GROUP_PAD)
     offs_s = tl.arange(0, SEG_CHUNK)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
@@ -90,9 +62,9 @@ def _reduce_segments_kernel(
     active = tl.minimum(tl.load(active_ptr + token), num_segments)
     if active <= 1:
         return  # its one segment wrote `out`
-    merge_segments(out_ptr + token * stride_o_token + head * stride_o_head, partial_acc_ptr, partial_max_ptr,
-                   partial_sum_ptr, (token * NUM_HEADS + head) * num_segments, active, HEAD_DIM,
-                   HEAD_DIM_PAD, SEG_CHUNK)
+    merge_group(out_ptr + token * stride_o_token + head * stride_o_head, stride_o_head, partial_acc_ptr,
+                partial_max_ptr, partial_sum_ptr, (token * NUM_HEADS + head) * num_segments, active, num_segments,
+                1, 1, HEAD_DIM, HEAD_DIM_PAD, SEG_CHUNK)
 
 
 def reduce_segments(out: torch.Tensor, partials: tuple[torch.Tensor, ...], query_start_loc: torch.Tensor,

@@ -361,12 +361,16 @@ for head_dim, tile_n in ((128, 64), (64, 64)):   # llama-8b's and llama-1b's dec
                            BLOCK_SIZE=16, BLOCK_M=16, BLOCK_Q=4, TILE_N=tile_n, ONE_TILE_PER_SEQ=True,
                            DOT_PRECISION="tf32", ROTARY_STORE=rotary, LIBDEVICE=True, MERGE=rotary,
                            GROUP_PAD=4, SEG_CHUNK=16), {**types, "arrivals_ptr": "*i32"}, aligned, num_warps=4, num_stages=3)
+from pagedserve.attention.triton_segment_merge import _reduce_segments_kernel as reduce
+build(reduce, dict(NUM_HEADS=32, HEAD_DIM=128, HEAD_DIM_PAD=128, SEG_CHUNK=16),
+      {**types, "active_ptr": "*i32"}, ("partial_acc_ptr", "out_ptr"), num_warps=4)
 """
 
 
 def test_decode_kernel_compiles_for_sm90() -> None:
-    """The decode launch, plain and with rotary_store, to a cubin for sm_90 (bf16, the decode
-    graphs' shapes): the interpreter does not check what compiles (tests/kernels/sm90_compile.py)."""
+    """The decode launch, plain and with rotary_store, and the reduce launch to cubins for sm_90
+    (bf16, the decode graphs' shapes): the interpreter does not check what compiles
+    (tests/kernels/sm90_compile.py)."""
     pytest.importorskip("triton.backends.nvidia")
     from tests.kernels.sm90_compile import run
     proc = run(_COMPILE_FOR_SM90)
