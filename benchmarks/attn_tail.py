@@ -58,11 +58,12 @@ def _tail_batch(rows: int, lo: int, hi: int, copies: int, seed: int) -> Paged:
 
 
 def _tail_variants(tile_sweep: bool, quick: bool = False):
-    """(name, split rule ("nosplit": forced num_splits=1), chunk tiles, TileConfig or None);
-    chunk sizes in keys kept at 1024 across tile widths in the sweep."""
+    """(name, split rule ("nosplit": forced num_splits=1; "reduce": chunked with the partials merged
+    by the reduce launch, MERGE_IN_KERNEL off), chunk tiles, TileConfig or None); chunk sizes in
+    keys kept at 1024 across tile widths in the sweep."""
     from pagedserve.attention.triton_paged_attention import TileConfig
     variants = [("legacy", "legacy", 16, None), ("chunk8", "chunked", 8, None), ("chunk16", "chunked", 16, None),
-                ("chunk32", "chunked", 32, None), ("nosplit", "nosplit", 16, None)]
+                ("chunk32", "chunked", 32, None), ("chunk32_reduce", "reduce", 32, None), ("nosplit", "nosplit", 16, None)]
     if quick:
         return [v for v in variants if v[0] != "chunk8"]
     if tile_sweep:
@@ -82,30 +83,31 @@ def stage_tail() -> None:
     torch reference on a mixed-length batch under a graph-like bound, and each variant against
     the legacy rule at every shape (bf16 tolerance)."""
     from pagedserve.attention import triton_paged_attention as tpa
-    saved = (tpa.SPLIT_RULE, tpa.CHUNK_TILES)
+    saved = (tpa.SPLIT_RULE, tpa.CHUNK_TILES, tpa.MERGE_IN_KERNEL)
     variants = _tail_variants(tile_sweep=not args.quick, quick=args.quick)
 
     def run(b: Paged, out, bound: int, variant, lo: int = 0, n: int | None = None):
         _, rule, chunk, tiles = variant
-        tpa.SPLIT_RULE, tpa.CHUNK_TILES = ("chunked" if rule == "nosplit" else rule), chunk
+        tpa.SPLIT_RULE, tpa.CHUNK_TILES = ("chunked" if rule in ("nosplit", "reduce") else rule), chunk
+        tpa.MERGE_IN_KERNEL = saved[2] and rule != "reduce"
         try:
             n = len(b.query_lens) if n is None else n   # rows [lo, lo + n): one token each, so qsl[:n + 1]
             return paged_attention(b.query[lo:lo + n], b.k_cache, b.v_cache, b.block_tables[lo:lo + n],
                                    b.seq_lens[lo:lo + n], b.qsl[:n + 1], b.scale, 1, bound, num_decodes=n,
                                    out=out[lo:lo + n], tiles=tiles, num_splits=1 if rule == "nosplit" else None)
         finally:
-            tpa.SPLIT_RULE, tpa.CHUNK_TILES = saved
+            tpa.SPLIT_RULE, tpa.CHUNK_TILES, tpa.MERGE_IN_KERNEL = saved
 
     def plan(rows: int, bound: int, variant) -> str:
         _, rule, chunk, tiles = variant
         if rule == "nosplit":
             return "1"
-        tpa.SPLIT_RULE, tpa.CHUNK_TILES = rule, chunk
+        tpa.SPLIT_RULE, tpa.CHUNK_TILES = ("chunked" if rule == "reduce" else rule), chunk
         try:
             p = tpa.choose_splits(rows, HKV, 1, bound, (tiles.tile_n if tiles else 64 if not SMOKE else 32),
                                   tpa._sm_count(DEV), HQ, triton.next_power_of_2(D))
         finally:
-            tpa.SPLIT_RULE, tpa.CHUNK_TILES = saved
+            tpa.SPLIT_RULE, tpa.CHUNK_TILES, tpa.MERGE_IN_KERNEL = saved
         return f"{p.num_segments}x{p.tiles_per_segment}t" if p.num_segments > 1 else "1"
 
     # correctness: mixed lengths under a graph-like bound, every variant against the fp32 reference
@@ -138,7 +140,8 @@ def stage_tail() -> None:
         kv_bytes = sum(c + 1 for c in b.context_lens[:rows]) * HKV * D * 2 * b.k_cache.element_size()
         out = torch.empty_like(b.query)
         baseline = None
-        for variant in (variants if rows > 1 or SMOKE else [v for v in variants if v[0] in ("legacy", "nosplit")]):
+        for variant in (variants if rows > 1 or SMOKE else
+                        [v for v in variants if v[0] in ("legacy", "chunk32", "chunk32_reduce", "nosplit")]):
             try:
                 got = run(b, out, bound, variant, 0, rows).clone()   # compiles; the check
                 if baseline is None:

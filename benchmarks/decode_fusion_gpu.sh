@@ -22,6 +22,10 @@ if [ "${1:-}" = stage ]; then   # carry .devcarry/gg1 (+ .devcarry/peers.py): th
   timeout 240 python3 benchmarks/decode_gpu.py --stages models --models llama-8b,llama-1b --ab "" --variants default \
       --thr "" --batch-profile 16,64,128,256 > "$OUT/batch_profile.txt" 2>&1; echo "BATCH_PROFILE rc=$?"
   grep -E "decode graph of|^(gemv|cublas|attention|rms_norm|rotary|silu|total)" "$OUT/batch_profile.txt" | cut -c1-110
+  # the in-kernel merge (on by default since session 13) against the reduce launch at long64's /
+  # thr512's decode-tail shapes and batch 1, the kernel alone (chunk32 vs chunk32_reduce)
+  timeout 150 python3 benchmarks/attn_gpu.py --stages tail --quick > "$OUT/tail.txt" 2>&1; echo "TAIL rc=$?"
+  grep -E "^[a-z0-9_]+ +(chunk32|chunk32_reduce|legacy|nosplit) " "$OUT/tail.txt"
   exit 0
 fi
 if [ "${1:-}" = on1 ]; then   # session 13, switches on by default; carry .devcarry/gg1 and .devcarry/peers.py
