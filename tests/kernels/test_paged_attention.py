@@ -224,7 +224,8 @@ def test_chunked_plan_equals_the_merge_of_forced_segments() -> None:
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("queries_per_kv,head_dim,num_splits", [
-    (4, 64, None), (4, 64, 1), (2, 128, 4), (1, 32, SplitPlan(5, 3, 0, 0))])
+    (4, 64, None), (4, 64, 1), (2, 128, 4), (1, 32, SplitPlan(5, 3, 0, 0)),
+    (3, 64, SplitPlan(3, 2, 0, 0)), (8, 128, SplitPlan(4, 2, 0, 0))])   # the default model's 9 / 3; llama-70b's
 def test_rotary_store_in_the_decode_launch(dtype: torch.dtype, queries_per_kv: int, head_dim: int,
                                           num_splits: int | SplitPlan | None) -> None:
     """rotary_store: views of one qkv projection, unrotated; the decode launch rotates q and the new
