@@ -157,15 +157,15 @@ def main() -> None:
     # each switch set explicitly, whatever the defaults, then put back: every decode fusion off;
     # the GGUF layers dequantized to bf16 at load (as transformers' reference) instead of kept packed
     # for triton_gguf's one-row GEMV, which multiplies the unrounded fp32 weights
-    switches = [("one_at_a_time_unfused", linear_ops, "FUSE_DECODE", linear_ops.set_decode_fusion)] if unfused else []
-    switches += [("one_at_a_time_dequantized", gguf_method, "CUDA_PACKED", None)] if dequantized else []
-    for key, module, flag, setter in switches:
-        before = getattr(module, flag)
-        (setter or (lambda on: setattr(module, flag, on)))(False)
+    switches = [("one_at_a_time_unfused", linear_ops.FUSE_DECODE, linear_ops.set_decode_fusion)] if unfused else []
+    switches += [("one_at_a_time_dequantized", gguf_method.CUDA_PACKED,
+                  lambda on: setattr(gguf_method, "CUDA_PACKED", on))] if dequantized else []
+    for key, before, setter in switches:
+        setter(False)
         try:
             result[key] = agreement(run_ours(gguf, device, sp, False, **small)[0], refs)
         finally:
-            (setter or (lambda on: setattr(module, flag, on)))(before)
+            setter(before)
         print(f"{key}: {result[key]['identical']}/{len(PROMPTS)} identical; "
               f"first differences {[r['first_diff'] for r in result[key]['rows']]}")
     if variants:

@@ -110,11 +110,14 @@ VARIANTS = {   # name: (gemv fusions, packed step inputs + Triton argmax)
     # the library's defaults with the gemv table updated by this run's sweep (SWEPT), and the
     # defaults once more after it (the drift between two runs of one engine)
     "swept": (True, True), "default2": (True, True), "old": (True, True),
-    # the defaults with rotary and the KV store inside the decode attention launch
-    # (TritonBackend.fused_decode), with split-K merged in that launch (MERGE_IN_KERNEL), both,
-    # and the defaults once more after them
+    # the decode-attention switches set as DECODE_ATTENTION says, and the defaults once more after them
     "fusedattn": (True, True), "merge": (True, True), "fusedmerge": (True, True), "default3": (True, True),
     "nofusion": (True, True)}
+# variant: (TritonBackend.fused_decode: rotary and the KV store inside the decode attention launch,
+# triton_paged_attention.MERGE_IN_KERNEL: split-K merged in that launch); other variants keep the
+# library's settings (both on since session 13)
+DECODE_ATTENTION = {"fusedattn": (True, False), "merge": (False, True), "fusedmerge": (True, True),
+                    "nofusion": (False, False)}
 # variant "old": the one-row table before session 9's sweep (session 8's CONFIGS)
 OLD_CONFIGS = {(n, k): GemvConfig(*c) for (n, k), c in {
     (3072, 2048): (8, 512, 4, 4), (2048, 2048): (8, 512, 4, 4), (16384, 2048): (8, 1024, 4, 4),
@@ -178,8 +181,7 @@ def run_model(dev: torch.device, model: str, variant: str, thr512: bool) -> None
     from pagedserve.attention import triton_paged_attention as tpa
     from pagedserve.attention.backend import TritonBackend
     fused_decode, merge = TritonBackend.fused_decode, tpa.MERGE_IN_KERNEL
-    TritonBackend.fused_decode = variant in ("fusedattn", "fusedmerge") or (fused_decode and variant != "nofusion")
-    tpa.MERGE_IN_KERNEL = variant in ("merge", "fusedmerge") or (merge and variant != "nofusion")
+    TritonBackend.fused_decode, tpa.MERGE_IN_KERNEL = DECODE_ATTENTION.get(variant, (fused_decode, merge))
     try:
         run_engine(dev, model, variant, thr512, label, gemv_fusion, packed_inputs)
     finally:
