@@ -218,6 +218,8 @@ def _paged_attention_kernel(
                                              m_i, l_i, acc, scale_log2, DOT_PRECISION)
     if ROTARY_STORE:
         if loop_hi < tile_hi:   # the last segment: the new key and value, then their tile
+            # cos / sin and the new key's inputs loaded here, not held across the loop (sm_90 ptxas:
+            # 190 registers with them loaded before it, 166 this way)
             cos = tl.load(cos_ptr + pos * stride_cos + offs_d).to(tl.float32)
             sin = tl.load(sin_ptr + pos * stride_cos + offs_d).to(tl.float32)
             new_k_row = new_k_ptr + q_start.to(tl.int64) * stride_new_k + kv_head * HEAD_DIM
@@ -256,9 +258,9 @@ def _paged_attention_kernel(
                 tl.atomic_xchg(arrival, 0, sem="relaxed")
                 first = (q_start.to(tl.int64) * NUM_HEADS + kv_head * QUERIES_PER_KV) * num_segments
                 merge_group(out_ptr + q_start.to(tl.int64) * stride_o_token
-                             + (kv_head * QUERIES_PER_KV).to(tl.int64) * stride_o_head, stride_o_head,
-                             partial_acc_ptr, partial_max_ptr, partial_sum_ptr, first, active, num_segments,
-                             QUERIES_PER_KV, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, SEG_CHUNK)
+                            + (kv_head * QUERIES_PER_KV).to(tl.int64) * stride_o_head, stride_o_head,
+                            partial_acc_ptr, partial_max_ptr, partial_sum_ptr, first, active, num_segments,
+                            QUERIES_PER_KV, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, SEG_CHUNK)
 
 
 @dataclass(frozen=True)
