@@ -126,6 +126,8 @@ def _prefill_attention_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NEW_KV_FROM_CACHE: tl.constexpr,  # read the new tokens' K/V through the block table too
     CONTEXT_CONTIGUOUS: tl.constexpr,  # one sequence whose context is a contiguous copy (ctx_key/value)
+    SAME_KV_STRIDES: tl.constexpr,  # k_cache and v_cache strides equal: one row offset for both
+    CACHE_I64: tl.constexpr,  # a cache of >= 2**31 elements: its row offsets in int64
     DOT_PRECISION: tl.constexpr,
 ):
     head = tl.program_id(0)
@@ -167,18 +169,42 @@ def _prefill_attention_kernel(
         # tile then hang on no load of their own iteration, and the pipeliner keeps num_stages - 1
         # tiles in flight (reading block ids in the iteration itself, it waited for every copy
         # at the top of each iteration: no overlap of the loads with the dots on sm_90).
-        blk = tl.load(block_table_row + offs_n // BLOCK_SIZE, mask=offs_n < full_end, other=0)
-        for start in range(0, full_end, BLOCK_N):
-            key_pos = start + offs_n
-            slot = key_pos % BLOCK_SIZE
-            k = _load_rows(kc_head, blk.to(tl.int64) * stride_kc_block + slot * stride_kc_slot, key_pos, offs_d,
-                           HEAD_DIM, HEAD_DIM_PAD, False)
-            v = _load_rows(vc_head, blk.to(tl.int64) * stride_vc_block + slot * stride_vc_slot, key_pos, offs_d,
-                           HEAD_DIM, HEAD_DIM_PAD, False)
-            next_pos = key_pos + BLOCK_N
-            blk = tl.load(block_table_row + next_pos // BLOCK_SIZE, mask=next_pos < full_end, other=0)
-            acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, scale_log2, row_valid[:, None], False,
-                                          DOT_PRECISION)
+        if BLOCK_N % BLOCK_SIZE == 0:
+            # Every tile starts on a block boundary, so a row's slot in its block and the block's
+            # index in the tile are the same in every tile: the row offsets' slot term is loop
+            # invariant, and one offset addresses K and V when their caches share strides.
+            tile_block = offs_n // BLOCK_SIZE
+            k_slot = (offs_n % BLOCK_SIZE) * stride_kc_slot
+            v_slot = (offs_n % BLOCK_SIZE) * stride_vc_slot
+            blk = tl.load(block_table_row + tile_block, mask=offs_n < full_end, other=0)
+            for start in range(0, full_end, BLOCK_N):
+                if CACHE_I64:
+                    blk = blk.to(tl.int64)
+                k_off = blk * stride_kc_block + k_slot
+                if SAME_KV_STRIDES:
+                    v_off = k_off
+                else:
+                    v_off = blk * stride_vc_block + v_slot
+                k = _load_rows(kc_head, k_off, offs_n, offs_d, HEAD_DIM, HEAD_DIM_PAD, False)
+                v = _load_rows(vc_head, v_off, offs_n, offs_d, HEAD_DIM, HEAD_DIM_PAD, False)
+                next_start = start + BLOCK_N
+                blk = tl.load(block_table_row + next_start // BLOCK_SIZE + tile_block,
+                              mask=next_start + offs_n < full_end, other=0)
+                acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, scale_log2, row_valid[:, None], False,
+                                              DOT_PRECISION)
+        else:
+            blk = tl.load(block_table_row + offs_n // BLOCK_SIZE, mask=offs_n < full_end, other=0)
+            for start in range(0, full_end, BLOCK_N):
+                key_pos = start + offs_n
+                slot = key_pos % BLOCK_SIZE
+                k = _load_rows(kc_head, blk.to(tl.int64) * stride_kc_block + slot * stride_kc_slot, key_pos, offs_d,
+                               HEAD_DIM, HEAD_DIM_PAD, False)
+                v = _load_rows(vc_head, blk.to(tl.int64) * stride_vc_block + slot * stride_vc_slot, key_pos, offs_d,
+                               HEAD_DIM, HEAD_DIM_PAD, False)
+                next_pos = key_pos + BLOCK_N
+                blk = tl.load(block_table_row + next_pos // BLOCK_SIZE, mask=next_pos < full_end, other=0)
+                acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, scale_log2, row_valid[:, None], False,
+                                              DOT_PRECISION)
     else:
         for start in range(0, full_end, BLOCK_N):
             key_pos = start + offs_n
@@ -244,6 +270,15 @@ class PrefillTiles:
 LARGE_TILES = PrefillTiles(block_m=128, block_n=128, num_warps=8, num_stages=3)
 SMALL_TILES = PrefillTiles(block_m=128, block_n=64, num_warps=8, num_stages=3)
 LARGE_MIN_TOKENS = 1024
+# Caches spanning at least this many elements address their rows in int64 in the context loop (int32
+# offsets cost 2 instructions a row there, int64 ones ~9); a module-level value so that a test can
+# take the int64 path on a small cache.
+I64_CACHE_ELEMENTS = 2**31
+
+
+def _elements_spanned(tensor: torch.Tensor) -> int:
+    """1 + the largest element offset a view's strides reach (numel for a contiguous tensor)."""
+    return 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
 
 
 def default_prefill_tiles(dtype: torch.dtype, head_dim_pad: int, max_tokens: int = 0) -> PrefillTiles:
@@ -301,6 +336,8 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor | None, value: torc
         QUERIES_PER_KV=num_heads // num_kv_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=k_cache.shape[1], BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
         NEW_KV_FROM_CACHE=new_kv_from_cache, CONTEXT_CONTIGUOUS=context is not None,
+        SAME_KV_STRIDES=k_cache.stride() == v_cache.stride(),
+        CACHE_I64=max(_elements_spanned(k_cache), _elements_spanned(v_cache)) >= I64_CACHE_ELEMENTS,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )

@@ -39,10 +39,27 @@ def build(kernel, constexprs: dict, types: dict[str, str], divisible: tuple[str,
     return compiled
 
 
+def build_prefill(tiles, contiguous: bool):
+    """The prefill attention kernel (triton_prefill_attention) at llama-8b's head shape (4 query
+    heads a KV head, D 128, block 16, bf16, K/V caches of equal strides under 2**31 elements) for
+    `tiles` (a PrefillTiles), its context through the block table or a contiguous copy. Constexprs
+    the kernel does not take are dropped, so an older kernel (a git worktree) compiles too."""
+    from pagedserve.attention import triton_prefill_attention as p
+    kernel = p._prefill_attention_kernel
+    names = list(inspect.signature(kernel.fn).parameters)
+    divisible = [n for n in names if n.endswith("_ptr") or (n.startswith("stride") and n != "stride_block_table")]
+    types = {n: "*i32" for n in ("block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr")}
+    shape = dict(QUERIES_PER_KV=4, HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_SIZE=16, NEW_KV_FROM_CACHE=False,
+                 SAME_KV_STRIDES=True, CACHE_I64=False, DOT_PRECISION="tf32", BLOCK_M=tiles.block_m,
+                 BLOCK_N=tiles.block_n, CONTEXT_CONTIGUOUS=contiguous)
+    return build(kernel, {k: v for k, v in shape.items() if k in names}, types, tuple(divisible),
+                 num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+
+
 def run(code: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     # SM90_TRITON_SITE: a folder holding another Triton (e.g. `pip install --no-deps --target DIR
     # triton==3.6.0`, the GPU image's) to compile with instead of this environment's
     env["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("SM90_TRITON_SITE"), os.getcwd()) if p)
-    return subprocess.run([sys.executable, "-c", "from tests.kernels.sm90_compile import build\n" + code],
+    return subprocess.run([sys.executable, "-c", "from tests.kernels.sm90_compile import build, build_prefill\n" + code],
                           env=env, capture_output=True, text=True, timeout=600)

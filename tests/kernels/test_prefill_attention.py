@@ -9,6 +9,8 @@ reference's paged K/V are the same numbers.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -192,13 +194,23 @@ def test_backend_cudnn_only_round_shapes() -> None:
     assert [(token_begin, query_len, context_len) for token_begin, query_len, context_len in calls] == [(1, 32, 16)] * 2   # attended twice
 
 
-@pytest.mark.parametrize("block_size,block_n", [(32, 16), (8, 32)])
-def test_paged_context_loop(block_size: int, block_n: int) -> None:
+@pytest.mark.parametrize("block_size,block_n", [(32, 16), (8, 32), (16, 16)])
+@pytest.mark.parametrize("cache", ["shared_strides", "v_strides_differ", "int64_offsets"])
+def test_paged_context_loop(block_size: int, block_n: int, cache: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The context loop through the block table (block ids loaded a tile ahead): tiles narrower
     and wider than a cache block, contexts of 0, < 1 tile, whole tiles and a partial last
-    tile; the same rows as the reference."""
+    tile; K/V addressed by one row offset (equal strides), by two (v_cache a view with padded
+    rows), and in int64 (the path of caches of >= 2**31 elements); the same rows as the reference."""
+    from pagedserve.attention import triton_prefill_attention as tpa
     batch = make_batch(query_lens=[9, 20, 5, 17], context_lens=[0, 13, 64, 75], num_heads=4, num_kv_heads=2,
                        head_dim=32, block_size=block_size, dtype=torch.float32, seed=block_size + block_n)
+    if cache == "v_strides_differ":
+        padded = torch.full((*batch.v_cache.shape[:3], 40), float("nan"), device=DEVICE)
+        padded[..., :32] = batch.v_cache
+        batch = dataclasses.replace(batch, v_cache=padded[..., :32])
+        assert batch.v_cache.stride() != batch.k_cache.stride()
+    if cache == "int64_offsets":
+        monkeypatch.setattr(tpa, "I64_CACHE_ELEMENTS", 1)
     check(batch, PrefillTiles(32, block_n, 4, 1))
 
 
@@ -214,18 +226,10 @@ def test_default_tiles_by_launch_size() -> None:
 
 
 _COMPILE_FOR_SM90 = """
-import inspect
 from pagedserve.attention import triton_prefill_attention as p
-kernel = p._prefill_attention_kernel
-names = list(inspect.signature(kernel.fn).parameters)
-divisible = [n for n in names if n.endswith("_ptr") or (n.startswith("stride") and n != "stride_block_table")]
-types = {n: "*i32" for n in ("block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr")}
-shape = dict(QUERIES_PER_KV=4, HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_SIZE=16, NEW_KV_FROM_CACHE=False,
-             DOT_PRECISION="tf32")
 for tiles in (p.LARGE_TILES, p.SMALL_TILES):
     for contiguous in (False, True):
-        c = build(kernel, dict(shape, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, CONTEXT_CONTIGUOUS=contiguous),
-                  types, tuple(divisible), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        c = build_prefill(tiles, contiguous)
         assert c.metadata.shared <= 227 * 1024, (tiles, c.metadata.shared)  # sm_90's per-block limit
         waits = [line for line in c.asm["ttgir"].splitlines() if "ttg.async_wait" in line and "num = " in line]
         print(tiles.block_n, contiguous, c.metadata.shared, [w.split("num = ")[1][:1] for w in waits])
