@@ -13,7 +13,10 @@ Cost to the engine: nothing while nobody watches (no snapshot is asked for, no s
 logged). While someone does, a ticker on the event loop asks the engine thread for one
 EngineSnapshot (core/snapshot.py) every SNAPSHOT_INTERVAL_S, or less often: the interval
 stretches to 1 / MAX_COST_SHARE (400) times what the last snapshot cost to build (engine thread)
-and encode (here), so snapshots never take more than ~0.25% of the time. A frame is encoded
+and encode (here), so snapshots never take more than ~0.25% of the time. The cost is the CPU
+time of the two threads (time.thread_time), not the wall time: on a loaded machine a thread
+preempted for 10 ms mid-encode would otherwise stretch the next interval to 4 s, and the page
+would miss whole requests. A frame is encoded
 once, on the event loop, and shared by every viewer; a viewer holds only a flag "something
 new" and its cursor into the step history, so a slow client skips frames (it gets the
 latest snapshot and the steps it missed, up to HISTORY_STEPS) and stalls nobody.
@@ -121,18 +124,18 @@ class DashboardHub:
         loop = self._loop
         if loop is not None:
             try:
-                loop.call_soon_threadsafe(self.publish, snapshot, time.perf_counter())
+                loop.call_soon_threadsafe(self.publish, snapshot)
             except RuntimeError:   # the loop is closed: nobody watches
                 pass
 
-    def publish(self, snapshot: EngineSnapshot, built_at: float | None = None) -> None:
+    def publish(self, snapshot: EngineSnapshot) -> None:
         """Encode a snapshot once and wake every viewer (event loop only)."""
-        started = time.perf_counter()
+        started = time.thread_time()
         if snapshot.steps and self.history and snapshot.steps[0].step <= self.history[-1][0]:
             self.history.clear()   # the engine's step log restarted (nobody watched for a while)
         self.history.extend((s.step, encode_step(s)) for s in snapshot.steps)
         latest = encode_snapshot(snapshot, self.model_name)
-        self._last_cost_s = time.perf_counter() - started + snapshot.build_seconds
+        self._last_cost_s = time.thread_time() - started + snapshot.build_seconds
         changed = bool(snapshot.steps) or _state_of(latest) != _state_of(self.latest)
         self.latest = latest
         self.num_snapshots += 1

@@ -152,21 +152,35 @@ function showSaving(snap, used) {
 }
 
 function renderRequestList(snap) {
+  // items keyed by request id and updated in place: an item stays the same element from
+  // snapshot to snapshot (up to 10 a second), so a click that lands between two of them is
+  // not lost on an element that was just replaced
   const list = $("request-list");
-  list.textContent = "";
+  const old = new Map([...list.children].map((li) => [li.dataset.req, li]));
+  let at = 0;
   const add = (r, waiting) => {
-    const li = document.createElement("li");
-    li.dataset.req = r.id;
+    let li = old.get(r.id);
+    if (li) old.delete(r.id);
+    else {
+      li = document.createElement("li");
+      li.dataset.req = r.id;
+      li.title = r.id;
+      li.onclick = () => {
+        state.selected = state.selected === r.id ? null : r.id;
+        renderRequestList(state.snapshot);
+        renderGrid(state.snapshot);
+      };
+    }
     li.className = (waiting ? "waiting " : "") + (state.selected === r.id ? "selected" : "");
     li.style.borderLeftColor = waiting ? "transparent" : ownerColor(r.id);
     li.textContent = `${short(r.id)}  ${r.prompt}+${r.output} tok, ${r.blocks.length} blk` +
       (r.cached ? `, ${r.cached} cached` : "") + (waiting ? " (waiting)" : "");
-    li.title = r.id;
-    li.onclick = () => { state.selected = state.selected === r.id ? null : r.id; renderRequestList(snap); renderGrid(snap); };
-    list.appendChild(li);
+    if (list.children[at] !== li) list.insertBefore(li, list.children[at] || null);
+    at++;
   };
   snap.running.forEach((r) => add(r, false));
   snap.waiting.forEach((r) => add(r, true));
+  for (const li of old.values()) li.remove();
 }
 
 function renderGrid(snap) {
