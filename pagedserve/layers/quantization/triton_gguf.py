@@ -17,12 +17,16 @@ in HF order), for every type gguf_kernels reads (its _unpack is the reference la
 The kernels walk K in units of one scale (32 values; Q6_K's 16): _unit gives a unit's integers,
 its scale and offset (d * sc and -dmin * m computed in fp32 as ggml does) for BLOCK_N rows.
 
-    M <= GEMV_MAX_ROWS (decode)  _gguf_gemv_kernel: per unit the integers q times x (exact
-                                 integers in x's dtype: a tl.dot for 2..16 rows, FMAs for one
-                                 row), the unit's sums scaled in fp32 (plus offset * sum(x) for
-                                 the types with one), fp32 accumulation, K split over programs
-                                 where N alone gives too few (fp32 partials summed in split
-                                 order: triton_split_k), one rounding of y
+    M <= GEMV_MAX_ROWS (decode)  _gguf_gemv_kernel: per unit the weights dequantized in fp32 and
+                                 rounded to x's dtype (the values the prefill path below and
+                                 transformers multiply), times x (a tl.dot for 2..16 rows, FMAs
+                                 for one row), fp32 accumulation, K split over programs where N
+                                 alone gives too few (fp32 partials summed in split order:
+                                 triton_split_k), one rounding of y. Until session 14 the
+                                 integers were multiplied first and scaled per unit, the
+                                 weights never rounded: the likely cause of bf16 agreement
+                                 with transformers one request at a time reading 19/40 against
+                                 30/40 batched (benchmarks/RESULTS.md, session 13)
     more rows (prefill)          _gguf_dequant_kernel: the layer's blocks to x's dtype for this
                                  call (computed in fp32 as ggml does, so the values equal
                                  gguf_kernels.dequantize's), then cuBLAS
@@ -151,14 +155,25 @@ def _value_cols(FMT: tl.constexpr, VB: tl.constexpr):
     return cols
 
 
+@triton.jit
+def _values(q, scale, offset, HAS_MIN: tl.constexpr):
+    """A unit's weights [BLOCK_N, VB] in fp32: scale * q (+ offset), as ggml computes them; the one
+    expression of both kernels, so that the GEMV multiplies the values the dequantization stores."""
+    values = q * scale[:, None]
+    if HAS_MIN:
+        values = values + offset[:, None]
+    return values
+
+
 @triton.jit(do_not_specialize=["M", "N", "KB", "UNITS_PER_SPLIT"])   # one compile across batch sizes
 def _gguf_gemv_kernel(x_ptr, qw_ptr, hw_ptr, y_ptr, M, N, KB, UNITS_PER_SPLIT, stride_xm, stride_ym, stride_ysplit,
                       FMT: tl.constexpr, BB: tl.constexpr, VB: tl.constexpr, UPB: tl.constexpr,
                       HAS_MIN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       IEEE: tl.constexpr, NUM_STAGES: tl.constexpr):
     """Programs over (N blocks, K splits, M blocks of BLOCK_M rows: 1 for FMAs, >= 16 for tl.dot);
-    each unit (VB values) adds scale * (x . q) (+ offset * sum(x) where the type has one) to fp32
-    sums; y [splits, M, N] (fp32 partials when split)."""
+    each unit's weights are dequantized and rounded to x's dtype (the values the prefill path's
+    dequantization stores, and transformers multiplies), then multiplied with x into fp32 sums;
+    y [splits, M, N] (fp32 partials when split)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -172,17 +187,15 @@ def _gguf_gemv_kernel(x_ptr, qw_ptr, hw_ptr, y_ptr, M, N, KB, UNITS_PER_SPLIT, s
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for u in tl.range(u_begin, u_end, num_stages=NUM_STAGES):
         q, d, mn = _unit(qw_ptr, hw_ptr, rows, u, KB, n_valid, FMT, BB, VB, UPB)
+        w = _values(q, d, mn, HAS_MIN).to(x_ptr.dtype.element_ty)
         xs = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + (u * VB + cols)[None, :],
                      mask=m_valid[:, None], other=0.0)
         if BLOCK_M == 1:
-            part = tl.sum(q * xs.to(tl.float32), 1)[None, :]
+            acc += tl.sum(w.to(tl.float32) * xs.to(tl.float32), 1)[None, :]
         elif IEEE:
-            part = tl.dot(xs, tl.trans(q), input_precision="ieee")
+            acc = tl.dot(xs, tl.trans(w), acc, input_precision="ieee")
         else:
-            part = tl.dot(xs, tl.trans(q.to(xs.dtype)))
-        acc += part * d[None, :]
-        if HAS_MIN:
-            acc += tl.sum(xs.to(tl.float32), 1)[:, None] * mn[None, :]
+            acc = tl.dot(xs, tl.trans(w), acc)
     out = y_ptr + pid_k * stride_ysplit + offs_m[:, None].to(tl.int64) * stride_ym + rows[None, :]
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_valid[:, None] & n_valid[None, :])
 
@@ -198,12 +211,9 @@ def _gguf_dequant_kernel(qw_ptr, hw_ptr, w_ptr, N, KB, FMT: tl.constexpr, BB: tl
         u = tl.program_id(1) * UNITS + i
         valid = n_valid & (rows * 0 + u < KB * UPB)
         q, d, m = _unit(qw_ptr, hw_ptr, rows, u, KB, valid, FMT, BB, VB, UPB)
-        values = q * d[:, None]
-        if HAS_MIN:
-            values = values + m[:, None]
         cols = u * VB + _value_cols(FMT, VB)
         tl.store(w_ptr + rows[:, None].to(tl.int64) * (KB * UPB * VB) + cols[None, :],
-                 values.to(w_ptr.dtype.element_ty), mask=valid[:, None])
+                 _values(q, d, m, HAS_MIN).to(w_ptr.dtype.element_ty), mask=valid[:, None])
 
 
 def _check(qweight: torch.Tensor, fmt: str) -> None:
