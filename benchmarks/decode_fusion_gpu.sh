@@ -45,6 +45,10 @@ if [ "${1:-}" = on1 ]; then   # session 13, switches on by default; carry .devca
 fi
 if [ "${1:-}" = flash ]; then   # carry .devcarry/gg2 .devcarry/peers.py: the prefill kernel, micro and engine
   OUT=$OUT bash benchmarks/flash_gpu.sh
+  # where a long64 prefill step's ~260 ms go, kernel kind by kind (steps 20-27: ~8k prompt tokens each)
+  timeout 150 python3 benchmarks/step_profile.py --workload long64 --variants default --kernels 20:8 \
+      > "$OUT/long64_kernels.txt" 2>&1; echo "LONG64_KERNELS rc=$?"
+  grep -E "^steps|^  " "$OUT/long64_kernels.txt"
   exit 0
 fi
 if [ "${1:-}" = ggb1 ]; then   # after on2 on the same machine (its /tmp/site): nothing to carry

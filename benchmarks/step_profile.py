@@ -3,7 +3,7 @@ prefill tokens, decode rows and the time to the next step's schedule (under asyn
 that is the device time of a step, once the pipeline is full).
 
     PYTHONPATH=$PWD python3 benchmarks/step_profile.py [--workload long64|thr512] [--model llama-8b]
-        [--variants default,mbt16384,seqs512] [--cpu-smoke]
+        [--variants default,mbt16384,seqs512] [--kernels START:COUNT] [--cpu-smoke]
 
 long64: peers_long.py's (64 requests, input 4k-16k, output 64-256, max_model_len 32768);
 thr512: peers.py's (512 requests, input 64-1024, output 16-512, max_model_len 2048, 8 warm-up
@@ -15,7 +15,11 @@ Needs `.devcarry/peers.py` (or ../shared/bench/peers.py) for the model configs. 
 llama-8b: ~35 s per long64 variant, ~25 s per thr512 variant. One `RESULT {json}` per variant:
 the phases (steps with prefill tokens, decode-only steps while prompts wait, the decode tail
 after the last prefill), their step counts, milliseconds and tokens, and decode-only steps by
-batch size.
+batch size. `--kernels START:COUNT` (the first variant only) also records steps START ..
+START + COUNT - 1 with torch.profiler: their device time by kernel kind (the prefill attention's
+Triton kernel and cuDNN's apart, the decode rows' attention, GEMMs, norms, copies, ...) and the
+device's idle time, per step, beside those steps' tokens and wall time (long64's steps 20-27 are
+prefill steps of ~8k tokens with ~30 decode rows riding: where a prefill step's ~260 ms go).
 """
 from __future__ import annotations
 
@@ -79,13 +83,16 @@ def long64_requests(smoke: bool):
 
 
 class StepRecorder:
-    """Wraps EngineCore._schedule: (time, prefill tokens, decode rows, waiting requests) per step."""
+    """Wraps EngineCore._schedule: (time, prefill tokens, decode rows, waiting requests) per step;
+    `on_step`, when set, is called before each step is scheduled (a profiler's step())."""
 
     def __init__(self, core) -> None:
-        self.core, self.rows = core, []
+        self.core, self.rows, self.on_step = core, [], None
         original = core._schedule
 
         def schedule():
+            if self.on_step is not None:
+                self.on_step()
             so = original()
             if so.total_num_scheduled_tokens:
                 counts = list(so.num_scheduled_tokens.values())
@@ -130,11 +137,63 @@ class StepRecorder:
         return out
 
 
+# kinds of a prefill step's kernels ahead of tp_profile.KINDS (first match wins)
+PREFILL_KINDS = ((("prefill_attention",), "prefill_attention_triton"), (("sdpa",), "prefill_attention_cudnn"),
+                 (("fmha",), "prefill_attention_cudnn"), (("flash",), "prefill_attention_cudnn"),
+                 (("cudnn",), "prefill_attention_cudnn"), (("segment_merge",), "prefill_lse_merge"),
+                 (("gather",), "gather"), (("copy_blocks",), "copy_blocks"))
+
+
+def prefill_kind(name: str) -> str:
+    from tp_profile import kernel_kind
+    low = name.lower()
+    return next((kind for keys, kind in PREFILL_KINDS if all(k in low for k in keys)), None) or kernel_kind(name)
+
+
+def start_kernel_profile(recorder: StepRecorder, window: str, smoke: bool):
+    """A torch.profiler recording steps START .. START + COUNT - 1 (recorder.on_step advances it)."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+    start, count = (int(v) for v in window.split(":"))
+    activities = [ProfilerActivity.CPU] if smoke else [ProfilerActivity.CUDA]
+    # on_step runs before each schedule: profiler step k is the k-th scheduled step (row k - 1), so
+    # rows START .. START + COUNT - 1 are its steps START + 1 ..; one warm-up step before them
+    prof = profile(activities=activities, schedule=schedule(wait=start, warmup=1, active=count, repeat=1))
+    prof.start()
+    recorder.on_step = prof.step
+    return prof
+
+
+def kernel_profile(prof, recorder: StepRecorder, window: str, end: float) -> dict:
+    """The profiled steps' device time by kernel kind and idle time (tp_profile.kernel_breakdown),
+    their wall time and tokens (the recorder's rows), printed and returned."""
+    from types import SimpleNamespace
+    from tp_profile import kernel_breakdown
+    from torch.autograd import DeviceType
+    prof.stop()
+    recorder.on_step = None
+    start, count = (int(v) for v in window.split(":"))
+    rows = recorder.rows
+    times = [r[0] for r in rows] + [end]
+    steps = [dict(prefill_tokens=rows[i][1], decode_rows=rows[i][2], wall_ms=round(1e3 * (times[i + 1] - times[i]), 2))
+             for i in range(start, min(start + count, len(rows)))]
+    events = [e for e in prof.events() if e.device_type == DeviceType.CUDA] or \
+        [SimpleNamespace(name=e.name[6:], time_range=e.time_range)   # the CPU smoke run: ops, not kernels
+         for e in prof.events() if e.name.startswith("aten::")]
+    out = dict(window=window, steps=steps, **kernel_breakdown(events, max(len(steps), 1), prefill_kind))
+    print(f"steps {window}: wall ms {[s['wall_ms'] for s in steps]}, prefill tokens "
+          f"{[s['prefill_tokens'] for s in steps]}, decode rows {[s['decode_rows'] for s in steps]}", flush=True)
+    for kind, us in out["busy_us_per_step"].items():
+        print(f"  {kind:28s} {us / 1e3:9.2f} ms a step  {out['launches_per_step'][kind]:8.1f} launches", flush=True)
+    print(f"  {'device idle':28s} {out['idle_us_per_step'] / 1e3:9.2f} ms a step", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", default="default,mbt16384")
     ap.add_argument("--workload", default="long64", choices=["long64", "thr512"])
     ap.add_argument("--model", default="llama-8b")
+    ap.add_argument("--kernels", default="", help="START:COUNT: profile those steps of the first variant")
     ap.add_argument("--cpu-smoke", action="store_true")
     args = ap.parse_args()
     from pagedserve import SamplingParams
@@ -171,9 +230,12 @@ def main() -> None:
             llm.generate([{"prompt_token_ids": [4] + p[1:]} for p, _ in reqs[:8]], params[:8], use_tqdm=False)
         core = llm.engine.core
         recorder = StepRecorder(core)
+        prof = start_kernel_profile(recorder, args.kernels, args.cpu_smoke) if args.kernels and run == 0 else None
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
         end = time.perf_counter()
+        if prof is not None:
+            kernels = kernel_profile(prof, recorder, args.kernels, end)
         gen = sum(len(o.outputs[0].token_ids) for o in outs)
         assert gen == sum(o for _, o in reqs), (gen, sum(o for _, o in reqs))
         result = dict(workload=args.workload, model=args.model, variant=variant,
@@ -181,6 +243,8 @@ def main() -> None:
                       out_tok_s=round(gen / (end - t0), 1), steps=len(recorder.rows),
                       first_step_after_s=round(recorder.rows[0][0] - t0, 3) if recorder.rows else None)
         result.update(recorder.summary(end))
+        if prof is not None:
+            result["kernels"] = kernels
         print("RESULT " + json.dumps(result), flush=True)
         llm.shutdown()
         del llm, core, recorder

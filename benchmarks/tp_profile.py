@@ -101,10 +101,10 @@ def kernel_kind(name: str) -> str:
     return next((kind for keys, kind in KINDS if all(k in low for k in keys)), "other")
 
 
-def kernel_breakdown(kernels: list, steps: int) -> dict:
-    """Device kernels (profiler events) -> per step: us and launches of each kind, and the
-    device's idle time between kernels, by the kind of the kernel before the gap (a gap after
-    the last kernel of a step is the device waiting for the host's next step)."""
+def kernel_breakdown(kernels: list, steps: int, kind_of=kernel_kind) -> dict:
+    """Device kernels (profiler events) -> per step: us and launches of each kind (`kind_of`),
+    and the device's idle time between kernels, by the kind of the kernel before the gap (a gap
+    after the last kernel of a step is the device waiting for the host's next step)."""
     # record_function ranges and ops show up on the device too (host:*, aten::*, nccl:*): not kernels
     kernels = sorted((e for e in kernels if not (e.name.startswith(("host:", "aten::", "nccl:"))
                                                  or e.name == "record_param_comms")),
@@ -112,7 +112,7 @@ def kernel_breakdown(kernels: list, steps: int) -> dict:
     busy: dict[str, list[float]] = {}
     gaps: dict[str, list[float]] = {}
     for i, e in enumerate(kernels):
-        kind = kernel_kind(e.name)
+        kind = kind_of(e.name)
         slot = busy.setdefault(kind, [0.0, 0])
         slot[0] += e.time_range.end - e.time_range.start
         slot[1] += 1
