@@ -26,6 +26,10 @@ if [ "${1:-}" = stage ]; then   # carry .devcarry/gg1 (+ .devcarry/peers.py): th
   timeout 240 python3 benchmarks/decode_gpu.py --stages models --models llama-8b,llama-1b --ab "" --variants default \
       --thr "" --batch-profile 16,64,128,256 > "$OUT/batch_profile.txt" 2>&1; echo "BATCH_PROFILE rc=$?"
   grep -E "decode graph of|^(gemv|cublas|attention|rms_norm|rotary|silu|total)" "$OUT/batch_profile.txt" | cut -c1-110
+  # session 14's decode-launch prologue (loads issued together: seq_len -> {block ids, q, cos / sin}
+  # -> K/V): one layer's fused and plain launch per row count, against session 13's table
+  timeout 90 python3 benchmarks/fused_decode_sweep.py > "$OUT/sweep.txt" 2>&1; echo "SWEEP rc=$?"
+  grep -E "RESULT|Error" "$OUT/sweep.txt" | cut -c1-200
   # the in-kernel merge (on by default since session 13) against the reduce launch at long64's /
   # thr512's decode-tail shapes and batch 1, the kernel alone (chunk32 vs chunk32_reduce)
   timeout 150 python3 benchmarks/attn_gpu.py --stages tail --quick > "$OUT/tail.txt" 2>&1; echo "TAIL rc=$?"

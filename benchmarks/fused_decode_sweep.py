@@ -68,8 +68,7 @@ def case(model: str, batch: int, dev: torch.device) -> dict:
         q, k, v = views("fused")
         outs["fused"] = paged_attention(q, *caches["fused"], tables, seq_lens, qsl, d ** -0.5, 1, BOUND,
                                         num_decodes=batch,
-                                        rotary_store=RotaryStore(k, v, slots, positions, rope.cos_cache,
-                                                                 rope.sin_cache))
+                                        rotary_store=RotaryStore(k, v, slots, rope.cos_cache, rope.sin_cache))
 
     row = dict(model=model, batch=batch)
     fused()   # the fused launch leaves q as it was; the plain path rotates its copy in place

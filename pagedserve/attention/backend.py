@@ -128,11 +128,11 @@ class TritonBackend:
         if not self.fused_decode or meta.max_query_len != 1 or meta.num_decodes != meta.num_seqs \
                 or meta.num_seqs > self.fused_decode_max_seqs:
             return None
-        rope, positions = rotary
+        rope, _ = rotary   # the launch takes each token's position as its seq_len - 1 (RotaryStore)
         out = self._paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                                     scale, 1, meta.max_seq_len, num_decodes=meta.num_decodes,
-                                    rotary_store=self._rotary_store(k, v, meta.slot_mapping, positions,
-                                                                    rope.cos_cache, rope.sin_cache))
+                                    rotary_store=self._rotary_store(k, v, meta.slot_mapping, rope.cos_cache,
+                                                                    rope.sin_cache))
         return out.reshape(q.shape[0], -1)
 
     def attend(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float,

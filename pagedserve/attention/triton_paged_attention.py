@@ -127,11 +127,12 @@ def _paged_attention_kernel(
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr,
     ONE_TILE_PER_SEQ: tl.constexpr,  # every query_len <= BLOCK_Q: program i -> sequence begin + i
     DOT_PRECISION: tl.constexpr,
-    # ROTARY_STORE (decode launches: every query_len 1): the step's query and new key are rotated
+    # ROTARY_STORE (decode launches of all-decode batches: every query_len 1, so token s is sequence
+    # s's: query_start_loc is not read): the step's query and new key are rotated
     # here (rotary at pos[token], cos / sin caches with duplicated halves) and the new key and value
     # stored at slot_mapping[token] by the last active segment before it reads their tile
     # (rotary_store_kv + this kernel in one launch, bit for bit)
-    new_k_ptr=None, new_v_ptr=None, slot_mapping_ptr=None, pos_ptr=None, cos_ptr=None, sin_ptr=None,
+    new_k_ptr=None, new_v_ptr=None, slot_mapping_ptr=None, cos_ptr=None, sin_ptr=None,
     stride_new_k=0, stride_new_v=0, stride_cos=0,
     ROTARY_STORE: tl.constexpr = False, LIBDEVICE: tl.constexpr = False,
     # MERGE (decode launches that split): the last segment of a (token, KV head) to finish merges
@@ -151,11 +152,19 @@ def _paged_attention_kernel(
                                 token_begin, BLOCK_Q)
         seq_first_tile = (tl.load(query_start_loc_ptr + seq_idx) - token_begin) // BLOCK_Q + (seq_idx - seq_begin)
         q_block = q_block_global - seq_first_tile
-    q_start = tl.load(query_start_loc_ptr + seq_idx)
-    query_len = tl.load(query_start_loc_ptr + seq_idx + 1) - q_start
-    if q_block * BLOCK_Q >= query_len:
-        return
+    # The loads below that do not depend on each other are issued together, ahead of the exits
+    # and of the query's rotation: at batch 1 this launch is a chain of dependent round trips to
+    # memory (sequence length -> block ids -> K/V tiles -> partials -> merge), not bandwidth.
     seq_len = tl.load(seq_lens_ptr + seq_idx)
+    if ROTARY_STORE:   # a decode launch of an all-decode batch: sequence s's one token is token s,
+        q_start = seq_idx   # at position seq_len - 1 (input_batch's positions; this kernel's causal
+        query_len = 1       # mask assumes it too): neither query_start_loc nor the positions are read
+        pos = seq_len - 1
+    else:
+        q_start = tl.load(query_start_loc_ptr + seq_idx)
+        query_len = tl.load(query_start_loc_ptr + seq_idx + 1) - q_start
+        if q_block * BLOCK_Q >= query_len:
+            return
     context_len = seq_len - query_len
     # Causal horizon of this tile (exclusive), then this segment's share of the key tiles.
     key_end = tl.minimum(context_len + (q_block + 1) * BLOCK_Q, seq_len)
@@ -172,36 +181,39 @@ def _paged_attention_kernel(
     row_valid = (offs_m < BLOCK_Q * QUERIES_PER_KV) & (query_pos < query_len)
     dim_valid = offs_d < HEAD_DIM
     token = (q_start + query_pos).to(tl.int64)
-    q = tl.load(query_ptr + token[:, None] * stride_q_token + head[:, None] * stride_q_head + offs_d[None, :],
-                mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
+    tile_lo = segment * num_tiles // active
+    tile_hi = (segment + 1) * num_tiles // active
+    block_table_row = block_tables_ptr + seq_idx.to(tl.int64) * stride_block_table
+    # Block ids of the next tile are loaded one iteration ahead, off the K/V loads' critical path;
+    # the first tile's before the query is loaded and rotated, so that its round trip overlaps theirs.
+    key_pos = tile_lo * TILE_N + offs_n
+    block_id = tl.load(block_table_row + key_pos // BLOCK_SIZE, mask=key_pos < key_end, other=0).to(tl.int64)
+    q_rows = query_ptr + token[:, None] * stride_q_token + head[:, None] * stride_q_head
+    q = tl.load(q_rows + offs_d[None, :], mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
     query_abs = context_len + query_pos  # absolute position of each row's token
     if ROTARY_STORE:
         HALF: tl.constexpr = HEAD_DIM // 2
         partner_d = offs_d ^ HALF   # rotate-half's partner (HEAD_DIM is a power of two here)
+        q_partner = tl.load(q_rows + partner_d[None, :], mask=row_valid[:, None], other=0.0)
         sign = tl.where(offs_d < HALF, -1.0, 1.0)
-        pos = tl.load(pos_ptr + q_start)
-        cos = tl.load(cos_ptr + pos * stride_cos + offs_d).to(tl.float32)
-        sin = tl.load(sin_ptr + pos * stride_cos + offs_d).to(tl.float32)
-        q_partner = tl.load(query_ptr + token[:, None] * stride_q_token + head[:, None] * stride_q_head
-                            + partner_d[None, :], mask=row_valid[:, None], other=0.0)
-        q = rotate_rows(q, q_partner, cos[None, :], sin[None, :], sign[None, :], LIBDEVICE)
+        # cos / sin loaded per row ([BLOCK_M, D], q's layout; the same row each): as [D] rows they
+        # were converted to q's layout through shared memory, a barrier that waited for each load
+        # before the next was issued
+        rot = pos * stride_cos + offs_d[None, :] + 0 * offs_m[:, None]
+        cos_rows = tl.load(cos_ptr + rot).to(tl.float32)
+        sin_rows = tl.load(sin_ptr + rot).to(tl.float32)
+        q = rotate_rows(q, q_partner, cos_rows, sin_rows, sign[None, :], LIBDEVICE)
         # the loop leaves the new key's tile to the last segment, which rotates and stores the new
         # key and value after its loop (off the path to the loop's first loads), then reads that
         # tile back as the plain launch does: the same roundings, bit for bit
     if (segment == 0) & (kv_head == 0) & (num_segments > 1):   # the reduce's count, per token
         tl.store(partial_active_ptr + token, active, mask=row_valid)
-    tile_lo = segment * num_tiles // active
-    tile_hi = (segment + 1) * num_tiles // active
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    block_table_row = block_tables_ptr + seq_idx.to(tl.int64) * stride_block_table
     k_head_ptr = k_cache_ptr + kv_head.to(tl.int64) * stride_k_head
     v_head_ptr = v_cache_ptr + kv_head.to(tl.int64) * stride_v_head
-    # Block ids of the next tile are loaded one iteration ahead, off the K/V loads' critical path.
-    key_pos = tile_lo * TILE_N + offs_n
-    block_id = tl.load(block_table_row + key_pos // BLOCK_SIZE, mask=key_pos < key_end, other=0).to(tl.int64)
     loop_hi = tile_hi
     if ROTARY_STORE:   # the new key's tile (the last segment's last) after the loop, once it is stored
         loop_hi = tl.where(segment == active - 1, tile_hi - 1, tile_hi)
@@ -497,7 +509,7 @@ def _launch_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     new = {}
     if rotary_store is not None:
         r = rotary_store
-        new = dict(new_k_ptr=r.key, new_v_ptr=r.value, slot_mapping_ptr=r.slot_mapping, pos_ptr=r.positions,
+        new = dict(new_k_ptr=r.key, new_v_ptr=r.value, slot_mapping_ptr=r.slot_mapping,
                    cos_ptr=r.cos_cache, sin_ptr=r.sin_cache, stride_new_k=r.key.stride(0),
                    stride_new_v=r.value.stride(0), stride_cos=r.cos_cache.stride(0), ROTARY_STORE=True,
                    LIBDEVICE=_LIBDEVICE)

@@ -201,13 +201,13 @@ def rotary_store_kv(positions: torch.Tensor, query: torch.Tensor, key: torch.Ten
 class RotaryStore:
     """What rotary_store_kv takes besides the query and the cache, for paged_attention to do its
     work in the decode launch: key / value [T, Hkv, D] (this step's, unrotated; views with
-    contiguous [Hkv, D] rows), slot_mapping [T] (-1: not stored), positions [T], and the
-    [max_position, D] cos / sin caches with duplicated halves (layers/rotary.py)."""
+    contiguous [Hkv, D] rows), slot_mapping [T] (-1: not stored), and the [max_position, D]
+    cos / sin caches with duplicated halves (layers/rotary.py). No positions: in a decode launch
+    token s is at position seq_lens[s] - 1 (the positions input_batch builds)."""
 
     key: torch.Tensor
     value: torch.Tensor
     slot_mapping: torch.Tensor
-    positions: torch.Tensor
     cos_cache: torch.Tensor
     sin_cache: torch.Tensor
 
@@ -218,11 +218,9 @@ class RotaryStore:
         if max_query_len != 1 or num_decodes != num_seqs:
             raise ValueError(f"rotary_store needs an all-decode batch (max_query_len 1, num_decodes = num_seqs); "
                              f"got max_query_len={max_query_len}, num_decodes={num_decodes}, num_seqs={num_seqs}")
-        if head_dim & (head_dim - 1) or self.key.shape[0] != query.shape[0] \
-                or self.positions.shape != (query.shape[0],) or self.cos_cache.shape[-1] != head_dim \
+        if head_dim & (head_dim - 1) or self.key.shape[0] != query.shape[0] or self.cos_cache.shape[-1] != head_dim \
                 or self.cos_cache.dim() != 2 or self.sin_cache.stride() != self.cos_cache.stride() \
                 or self.cos_cache.stride(1) != 1 or self.key.dtype != query.dtype:
-            raise ValueError(f"rotary_store: a power-of-two head_dim, key [T, Hkv, D] of the query's dtype, "
-                             f"positions [T] and cos / sin [max_position, D] needed; got query "
-                             f"{tuple(query.shape)}, key {tuple(self.key.shape)} {self.key.dtype}, positions "
-                             f"{tuple(self.positions.shape)}, cos {tuple(self.cos_cache.shape)}")
+            raise ValueError(f"rotary_store: a power-of-two head_dim, key [T, Hkv, D] of the query's dtype "
+                             f"and cos / sin [max_position, D] needed; got query {tuple(query.shape)}, key "
+                             f"{tuple(self.key.shape)} {self.key.dtype}, cos {tuple(self.cos_cache.shape)}")

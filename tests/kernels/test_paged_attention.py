@@ -273,13 +273,13 @@ def test_rotary_store_in_the_decode_launch(dtype: torch.dtype, queries_per_kv: i
     before = qkv.clone()
     out = paged_attention(q, *caches, *args, num_decodes=n, out=torch.full_like(q, float("nan")),
                           num_splits=num_splits,
-                          rotary_store=RotaryStore(k, v, slots, positions, rope.cos_cache, rope.sin_cache))
+                          rotary_store=RotaryStore(k, v, slots, rope.cos_cache, rope.sin_cache))
     assert torch.equal(caches[0], ref_caches[0]) and torch.equal(caches[1], ref_caches[1])
     assert torch.equal(qkv, before)
     assert torch.equal(out[:n], expected[:n]) and out[n:].isnan().all()
     with pytest.raises(ValueError, match="all-decode"):
         paged_attention(q, *caches, *args[:4], 2, 512, num_decodes=n,
-                        rotary_store=RotaryStore(k, v, slots, positions, rope.cos_cache, rope.sin_cache))
+                        rotary_store=RotaryStore(k, v, slots, rope.cos_cache, rope.sin_cache))
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
@@ -351,7 +351,7 @@ from pagedserve.attention.triton_paged_attention import _paged_attention_kernel 
 types = {name: "*fp32" for name in ("partial_acc_ptr", "partial_max_ptr", "partial_sum_ptr")}
 types.update({name: "*i32" for name in ("partial_active_ptr", "block_tables_ptr", "seq_lens_ptr",
                                         "query_start_loc_ptr")})
-types.update({name: "*i64" for name in ("slot_mapping_ptr", "pos_ptr")})
+types.update({name: "*i64" for name in ("slot_mapping_ptr",)})
 import inspect
 # what a launch's specialisation knows: pointers and strides multiples of 16 (vectorised loads)
 aligned = tuple(name for name in inspect.signature(kernel.fn).parameters
