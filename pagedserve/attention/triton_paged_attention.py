@@ -433,9 +433,11 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     split-K automatically (choose_splits), 1 disables it, n > 1 forces n segments (the
     short-context rule: SplitPlan(n)), a SplitPlan forces that plan. tiles: overrides the
     default tile shapes of every launch (tuning only). Mutates only `out`, except with
-    rotary_store (an all-decode batch: max_query_len 1, num_decodes = num_seqs), where the
-    query and the new key are rotated and the new key and value stored in the same launch, as
-    rotary_store_kv would before this call (the cache is then mutated; query and key are not).
+    rotary_store (an all-decode batch: max_query_len 1, num_decodes = num_seqs, so token s is
+    sequence s's, query_start_loc being 0, 1, ..., num_seqs, at position seq_lens[s] - 1: the
+    launch reads neither), where the query and the new key are rotated and the new key and value
+    stored in the same launch, as rotary_store_kv would before this call (the cache is then
+    mutated; query and key are not).
     """
     _check_attention_inputs(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out)
     if rotary_store is not None:
