@@ -169,42 +169,32 @@ def _prefill_attention_kernel(
         # tile then hang on no load of their own iteration, and the pipeliner keeps num_stages - 1
         # tiles in flight (reading block ids in the iteration itself, it waited for every copy
         # at the top of each iteration: no overlap of the loads with the dots on sm_90).
-        if BLOCK_N % BLOCK_SIZE == 0:
-            # Every tile starts on a block boundary, so a row's slot in its block and the block's
-            # index in the tile are the same in every tile: the row offsets' slot term is loop
-            # invariant, and one offset addresses K and V when their caches share strides.
-            tile_block = offs_n // BLOCK_SIZE
-            k_slot = (offs_n % BLOCK_SIZE) * stride_kc_slot
-            v_slot = (offs_n % BLOCK_SIZE) * stride_vc_slot
-            blk = tl.load(block_table_row + tile_block, mask=offs_n < full_end, other=0)
-            for start in range(0, full_end, BLOCK_N):
-                if CACHE_I64:
-                    blk = blk.to(tl.int64)
-                k_off = blk * stride_kc_block + k_slot
-                if SAME_KV_STRIDES:
-                    v_off = k_off
-                else:
-                    v_off = blk * stride_vc_block + v_slot
-                k = _load_rows(kc_head, k_off, offs_n, offs_d, HEAD_DIM, HEAD_DIM_PAD, False)
-                v = _load_rows(vc_head, v_off, offs_n, offs_d, HEAD_DIM, HEAD_DIM_PAD, False)
-                next_start = start + BLOCK_N
-                blk = tl.load(block_table_row + next_start // BLOCK_SIZE + tile_block,
-                              mask=next_start + offs_n < full_end, other=0)
-                acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, scale_log2, row_valid[:, None], False,
-                                              DOT_PRECISION)
-        else:
-            blk = tl.load(block_table_row + offs_n // BLOCK_SIZE, mask=offs_n < full_end, other=0)
-            for start in range(0, full_end, BLOCK_N):
-                key_pos = start + offs_n
-                slot = key_pos % BLOCK_SIZE
-                k = _load_rows(kc_head, blk.to(tl.int64) * stride_kc_block + slot * stride_kc_slot, key_pos, offs_d,
-                               HEAD_DIM, HEAD_DIM_PAD, False)
-                v = _load_rows(vc_head, blk.to(tl.int64) * stride_vc_block + slot * stride_vc_slot, key_pos, offs_d,
-                               HEAD_DIM, HEAD_DIM_PAD, False)
-                next_pos = key_pos + BLOCK_N
-                blk = tl.load(block_table_row + next_pos // BLOCK_SIZE, mask=next_pos < full_end, other=0)
-                acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, scale_log2, row_valid[:, None], False,
-                                              DOT_PRECISION)
+        # A tile of whole cache blocks (BLOCK_N a multiple of BLOCK_SIZE: every default shape)
+        # starts on a block boundary, so a row's slot and its block's index in the tile are the
+        # same in every tile (loop invariant); one row offset addresses K and V when their caches
+        # share strides.
+        ALIGNED: tl.constexpr = BLOCK_N % BLOCK_SIZE == 0
+        blk = tl.load(block_table_row + offs_n // BLOCK_SIZE, mask=offs_n < full_end, other=0)
+        for start in range(0, full_end, BLOCK_N):
+            next_start = start + BLOCK_N
+            if ALIGNED:
+                slot = offs_n % BLOCK_SIZE
+                next_block = next_start // BLOCK_SIZE + offs_n // BLOCK_SIZE
+            else:
+                slot = (start + offs_n) % BLOCK_SIZE
+                next_block = (next_start + offs_n) // BLOCK_SIZE
+            if CACHE_I64:
+                blk = blk.to(tl.int64)
+            k_off = blk * stride_kc_block + slot * stride_kc_slot
+            if SAME_KV_STRIDES:
+                v_off = k_off
+            else:
+                v_off = blk * stride_vc_block + slot * stride_vc_slot
+            k = _load_rows(kc_head, k_off, offs_n, offs_d, HEAD_DIM, HEAD_DIM_PAD, False)
+            v = _load_rows(vc_head, v_off, offs_n, offs_d, HEAD_DIM, HEAD_DIM_PAD, False)
+            blk = tl.load(block_table_row + next_block, mask=next_start + offs_n < full_end, other=0)
+            acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, scale_log2, row_valid[:, None], False,
+                                          DOT_PRECISION)
     else:
         for start in range(0, full_end, BLOCK_N):
             key_pos = start + offs_n
