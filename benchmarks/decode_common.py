@@ -1,6 +1,6 @@
 """What the modules of benchmarks/decode_gpu.py share: the --cpu-smoke switch (set before torch
 and Triton are imported), the model shapes, the RESULTS dict that decode_gpu.json is written from,
-the stage wrapper (a failed stage is logged and the next one runs) and the CUDA-graph timer."""
+the stage wrapper (a failed stage is logged and the next one runs) and the CUDA-graph timers."""
 from __future__ import annotations
 
 import os
@@ -56,6 +56,18 @@ def weight_shapes(model: str) -> dict[str, tuple[int, int]]:
 
 
 # ----------------------------------------------------------------------------- timing helpers
+def replay_ms(graph, replays: int) -> float:
+    """Milliseconds per replay of a captured CUDA graph, `replays` back to back (CUDA events)."""
+    import torch
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / replays
+
+
 def time_us(fn, args_list) -> float:
     """Per-call microseconds of fn(*args) cycling over args_list, in a CUDA graph of 40 calls
     (gemv_sweep.py's timer: host launch cost excluded, as in the decode graphs); on CPU one

@@ -9,7 +9,7 @@ import os
 import time
 import traceback
 
-from decode_common import HBM_TB_S, RESULTS, SHAPES, SMOKE, TIED, log, stage, weight_shapes
+from decode_common import HBM_TB_S, RESULTS, SHAPES, SMOKE, TIED, log, replay_ms, stage, weight_shapes
 from decode_sweep import SWEPT
 import torch
 
@@ -218,13 +218,7 @@ def run_engine(dev: torch.device, model: str, variant: str, thr512: bool, label:
         ctx = int(graphs.seq_lens[0].item())
         graph = graphs.graphs[1]
         torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(50):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        res["replay_ms"] = round(start.elapsed_time(end) / 50, 3)
+        res["replay_ms"] = round(replay_ms(graph, 50), 3)
         res["host_gap_ms"] = round(dt * 1e3 / new - res["replay_ms"], 3)   # per token, beside the replay
         res["context"] = ctx
         log(f"{label}: b1_decode {res['b1_decode_tok_s']} tok/s, replay {res['replay_ms']} ms "
@@ -288,19 +282,13 @@ def profile_batch(llm, graphs, model: str, rows: int, ctx: int) -> dict:
     graphs.block_tables[:rows, :per_row] = torch.randperm(rows * per_row, device=graphs.block_tables.device,
                                                           dtype=torch.int32).view(rows, per_row)
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        graphs.graphs[rows].replay()
-    end.record()
-    end.synchronize()
-    replay_ms = start.elapsed_time(end) / 10
-    log(f"{model}: decode graph of {rows} rows at context {ctx}: replay {replay_ms:.3f} ms "
-        f"({rows / replay_ms * 1e3:.0f} tok/s a step)")
+    ms = replay_ms(graphs.graphs[rows], 10)
+    log(f"{model}: decode graph of {rows} rows at context {ctx}: replay {ms:.3f} ms "
+        f"({rows / ms * 1e3:.0f} tok/s a step)")
     table = profile_replay(graphs.graphs[rows], model, ctx, rows=rows)
     graphs.seq_lens[:rows] = 1   # as the runner leaves padding rows
     graphs.block_tables[:rows] = 0
-    return dict(replay_ms=round(replay_ms, 3), **table)
+    return dict(replay_ms=round(ms, 3), **table)
 
 
 def profile_steps(llm, prompt: dict, replay: dict, tokens: int = 33) -> dict:

@@ -6,18 +6,13 @@ engine's), MERGE_IN_KERNEL as the library sets it; each path captured REPS times
 graph, replayed, the time per layer printed; outputs and caches compared bit for bit.
 Usage: PYTHONPATH=$PWD python3 benchmarks/fused_decode_sweep.py [--cpu-smoke]"""
 import json
-import os
-import sys
 
-SMOKE = "--cpu-smoke" in sys.argv
-if SMOKE:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from decode_common import SMOKE, replay_ms   # first: --cpu-smoke sets TRITON_INTERPRET before Triton loads
+import torch
 
-import torch  # noqa: E402
-
-from pagedserve.attention.triton_paged_attention import paged_attention  # noqa: E402
-from pagedserve.attention.triton_store_kv import RotaryStore, rotary_store_kv  # noqa: E402
-from pagedserve.layers.rotary import RotaryEmbedding  # noqa: E402
+from pagedserve.attention.triton_paged_attention import paged_attention
+from pagedserve.attention.triton_store_kv import RotaryStore, rotary_store_kv
+from pagedserve.layers.rotary import RotaryEmbedding
 
 HEADS = {"llama-1b": (32, 8, 64), "llama-8b": (32, 8, 128)}
 BATCHES = [1, 2] if SMOKE else [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
@@ -27,13 +22,7 @@ CONTEXT, BLOCK, BOUND, REPS = (40, 16, 64, 1) if SMOKE else (512, 16, 2048, 16)
 def replay_us(graph) -> float:
     """Microseconds per captured repetition: one warm replay, then 20 timed."""
     graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return round(start.elapsed_time(end) * 1e3 / (20 * REPS), 2)
+    return round(replay_ms(graph, 20) * 1e3 / REPS, 2)
 
 
 def case(model: str, batch: int, dev: torch.device) -> dict:
