@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from pagedserve.attention.triton_segment_merge import arrivals as _arrivals, merge_group, reduce_segments
-from pagedserve.attention.triton_store_kv import RotaryStore
+from pagedserve.attention.triton_store_kv import RotaryStore, slot_row
 from pagedserve.layers.triton_ops import _LIBDEVICE, rotate_rows
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -241,9 +241,9 @@ def _paged_attention_kernel(
                             + offs_d).to(v_cache_ptr.dtype.element_ty)
             slot = tl.load(slot_mapping_ptr + q_start).to(tl.int64)
             if slot >= 0:
-                tl.store(k_cache_ptr + (slot // BLOCK_SIZE) * stride_k_block + (slot % BLOCK_SIZE) * stride_k_slot
+                tl.store(slot_row(k_cache_ptr, slot, stride_k_block, stride_k_slot, BLOCK_SIZE)
                          + kv_head.to(tl.int64) * stride_k_head + offs_d, new_k)
-                tl.store(v_cache_ptr + (slot // BLOCK_SIZE) * stride_v_block + (slot % BLOCK_SIZE) * stride_v_slot
+                tl.store(slot_row(v_cache_ptr, slot, stride_v_block, stride_v_slot, BLOCK_SIZE)
                          + kv_head.to(tl.int64) * stride_v_head + offs_d, new_v)
             tl.debug_barrier()   # the stores above performed for the whole program before its loads below
             key_pos = loop_hi * TILE_N + offs_n

@@ -21,6 +21,12 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
+def slot_row(cache_ptr, slot, stride_block, stride_slot, BLOCK_SIZE: tl.constexpr):
+    """The start of cache slot `slot` (int64; block slot // BLOCK_SIZE, row slot % BLOCK_SIZE)."""
+    return cache_ptr + (slot // BLOCK_SIZE) * stride_block + (slot % BLOCK_SIZE) * stride_slot
+
+
+@triton.jit
 def _store_kv_kernel(
     key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
     stride_key_token, stride_value_token,
@@ -34,14 +40,12 @@ def _store_kv_kernel(
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot < 0:
         return
-    block_id = slot // BLOCK_SIZE
-    offset = slot % BLOCK_SIZE
     cols = tl.arange(0, ROW_PAD)
     mask = cols < ROW
     k = tl.load(key_ptr + token * stride_key_token + cols, mask=mask)
     v = tl.load(value_ptr + token * stride_value_token + cols, mask=mask)
-    k_dst = k_cache_ptr + block_id * stride_k_cache_block + offset * stride_k_cache_slot + cols
-    v_dst = v_cache_ptr + block_id * stride_v_cache_block + offset * stride_v_cache_slot + cols
+    k_dst = slot_row(k_cache_ptr, slot, stride_k_cache_block, stride_k_cache_slot, BLOCK_SIZE) + cols
+    v_dst = slot_row(v_cache_ptr, slot, stride_v_cache_block, stride_v_cache_slot, BLOCK_SIZE) + cols
     tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
@@ -91,10 +95,10 @@ def _rotary_store_kv_kernel(
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot < 0:
         return
-    k_dst = k_cache_ptr + (slot // BLOCK_SIZE) * stride_k_cache_block + (slot % BLOCK_SIZE) * stride_k_cache_slot + row
+    k_dst = slot_row(k_cache_ptr, slot, stride_k_cache_block, stride_k_cache_slot, BLOCK_SIZE) + row
     tl.store(k_dst, k1.to(k_cache_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(k_dst + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=kv_mask)
-    v_dst = v_cache_ptr + (slot // BLOCK_SIZE) * stride_v_cache_block + (slot % BLOCK_SIZE) * stride_v_cache_slot + row
+    v_dst = slot_row(v_cache_ptr, slot, stride_v_cache_block, stride_v_cache_slot, BLOCK_SIZE) + row
     for half in tl.static_range(2):
         v = tl.load(value_ptr + token * stride_value_token + row + half * HALF, mask=kv_mask)
         if SCALED:
