@@ -16,10 +16,10 @@ stretches to 1 / MAX_COST_SHARE (400) times what the last snapshot cost to build
 and encode (here), so snapshots never take more than ~0.25% of the time. The cost is the CPU
 time of the two threads (time.thread_time), not the wall time: on a loaded machine a thread
 preempted for 10 ms mid-encode would otherwise stretch the next interval to 4 s, and the page
-would miss whole requests. A frame is encoded
-once, on the event loop, and shared by every viewer; a viewer holds only a flag "something
-new" and its cursor into the step history, so a slow client skips frames (it gets the
-latest snapshot and the steps it missed, up to HISTORY_STEPS) and stalls nobody.
+would miss whole requests. A frame is encoded once, on the event loop, and shared by every
+viewer; a viewer holds only a flag "something new" and its cursor into the step history, so a
+slow client skips frames (it gets the latest snapshot and the steps it missed, up to
+HISTORY_STEPS) and stalls nobody.
 """
 from __future__ import annotations
 
