@@ -14,12 +14,12 @@ with every decode fusion off (set_decode_fusion(False): SiLU-and-mul before the 
 before the KV store, as separate kernels): the A/B of the fused kernels' rounding. The default
 model is a GGUF: its layers keep the GGUF LinearMethod, so the gemv fusions do not apply to it;
 the rotary fusion does.
-With `dequantized` the one-at-a-time run is repeated with gguf.CUDA_PACKED off: on CUDA the
-default model's layers (<= 4M weights) stay packed and a one-row step multiplies them with
-triton_gguf's GEMV on the unrounded fp32 weights, where transformers multiplies the weights
-rounded to bf16 (steps of more than 16 rows dequantize to bf16 for cuBLAS: the batched run
-rounds as transformers does).
-Usage: python3 benchmarks/bf16_agreement.py [out.json] [device] [variants] [unfused] [dequantized]"""
+With `packed` the one-at-a-time run is repeated with gguf.CUDA_PACKED on
+(PAGEDSERVE_GGUF_CUDA_PACKED=1): the default model's layers (<= 4M weights) keep their blocks and a
+step of up to 16 rows multiplies them with triton_gguf's GEMV (weights dequantized and rounded to
+bf16 in the kernel) instead of the bf16 weights dequantized once at load (the default since
+session 15). H200, session 15: one at a time 21/40 packed against 30/40 dequantized.
+Usage: python3 benchmarks/bf16_agreement.py [out.json] [device] [variants] [unfused] [packed]"""
 import gc
 import json
 import os
@@ -151,17 +151,17 @@ def main() -> None:
         result[mode] = agreement(ids, refs)
         print(f"{mode}: {result[mode]['identical']}/{len(PROMPTS)} identical; "
               f"first differences {[r['first_diff'] for r in result[mode]['rows']]}")
-    dequantized = "dequantized" in sys.argv[3:]
+    packed = "packed" in sys.argv[3:]
     from pagedserve.layers import linear_ops
     from pagedserve.layers.quantization import gguf as gguf_method
     # each switch set explicitly, whatever the defaults, then put back: every decode fusion off;
-    # the GGUF layers dequantized to bf16 at load (as transformers' reference) instead of kept packed
-    # for triton_gguf's one-row GEMV, which multiplies the unrounded fp32 weights
-    switches = [("one_at_a_time_unfused", linear_ops.FUSE_DECODE, linear_ops.set_decode_fusion)] if unfused else []
-    switches += [("one_at_a_time_dequantized", gguf_method.CUDA_PACKED,
-                  lambda on: setattr(gguf_method, "CUDA_PACKED", on))] if dequantized else []
-    for key, before, setter in switches:
-        setter(False)
+    # the GGUF layers kept packed for triton_gguf's GEMV instead of dequantized to bf16 at load
+    switches = [("one_at_a_time_unfused", linear_ops.FUSE_DECODE, linear_ops.set_decode_fusion, False)] \
+        if unfused else []
+    switches += [("one_at_a_time_packed", gguf_method.CUDA_PACKED,
+                  lambda on: setattr(gguf_method, "CUDA_PACKED", on), True)] if packed else []
+    for key, before, setter, value in switches:
+        setter(value)
         try:
             result[key] = agreement(run_ours(gguf, device, sp, False, **small)[0], refs)
         finally:

@@ -1,10 +1,11 @@
 """Issue 19's GPU part (ggufgpu): the default model's GGUF blocks kept packed on CUDA
-(triton_gguf: GEMV up to triton_gguf.GEMV_MAX_ROWS rows, dequantize + cuBLAS above) against
-the dequantized-once path it replaces (gguf.CUDA_PACKED = False), bf16, one child process
-per variant (each sets its module constants before the engine loads):
+(triton_gguf: GEMV up to triton_gguf.GEMV_MAX_ROWS rows, dequantize + cuBLAS above;
+PAGEDSERVE_GGUF_CUDA_PACKED=1) against the dequantized-once path (gguf.CUDA_PACKED = False, the
+default since session 15), bf16, one child process per variant (each sets its module constants
+before the engine loads):
 
   fp32      dtype=float32: every layer dequantized to fp32 (the exact path): the reference ids
-  dequant   bf16, gguf.CUDA_PACKED = False: weights dequantized to bf16 at load (main's path)
+  dequant   bf16, gguf.CUDA_PACKED = False: weights dequantized to bf16 at load (the default)
   packed    bf16, the blocks kept (Q4_1 layers, the Q8_0 embedding / tied LM head)
   packed64  as packed with triton_gguf.GEMV_MAX_ROWS = 64 (the batch only: does the GEMV beat
             dequantize + cuBLAS for 17-64 rows?)

@@ -6,6 +6,10 @@ the kernels compiled for sm_90 on the CPU; gguf.py's routing; a tiny random Llam
 loaded packed gives the dequantized model's greedy ids."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -184,10 +188,9 @@ def test_gguf_layers_route_to_the_kernels(monkeypatch) -> None:
     from pagedserve.layers.embedding import ParallelLMHead
     from pagedserve.layers.linear import QKVParallelLinear, RowParallelLinear
     from pagedserve.layers.quantization import gguf
-    assert gguf._cuda_packed(torch.device("cuda"), "Q4_1", True) == gguf.CUDA_PACKED
+    monkeypatch.setattr(gguf, "CUDA_PACKED", True)   # PAGEDSERVE_GGUF_CUDA_PACKED=1
     for fmt in triton_gguf.TYPE_IDS:
-        packed = gguf.CUDA_PACKED and fmt in gguf.CUDA_PACKED_TYPES
-        assert gguf._cuda_packed(torch.device("cuda"), fmt, True) == packed
+        assert gguf._cuda_packed(torch.device("cuda"), fmt, True) == (fmt in gguf.CUDA_PACKED_TYPES)
     assert not gguf._cuda_packed(torch.device("cuda"), "Q8_0", False)
     assert not gguf._cuda_packed(torch.device("cpu"), "Q8_0", True)
     assert set(gguf.CUDA_PACKED_TYPES) <= set(triton_gguf.TYPE_IDS)
@@ -226,6 +229,19 @@ def test_gguf_layers_route_to_the_kernels(monkeypatch) -> None:
     assert embed.gguf_triton and torch.equal(embed.quant_method.embed(embed, ids.to(DEVICE)).cpu(), weight[ids])
     hidden = torch.randn(2, 64, generator=gen)
     _close(embed.quant_method.logits(embed, hidden.to(DEVICE)), _reference(hidden, e_raw, "Q8_0"), torch.float32)
+
+
+def test_cuda_packing_is_opt_in() -> None:
+    """On CUDA GGUF layers are dequantized once at load unless PAGEDSERVE_GGUF_CUDA_PACKED=1 asks
+    for the blocks to stay (the packed GEMV is slower and rounds differently: benchmarks/RESULTS.md)."""
+    code = ("import importlib, os; from pagedserve.layers.quantization import gguf; import torch; "
+            "cuda = torch.device('cuda'); before = gguf._cuda_packed(cuda, 'Q4_1', True); "
+            "os.environ['PAGEDSERVE_GGUF_CUDA_PACKED'] = '1'; importlib.reload(gguf); "
+            "print(before, gguf._cuda_packed(cuda, 'Q4_1', True))")
+    env = {k: v for k, v in os.environ.items() if k != "PAGEDSERVE_GGUF_CUDA_PACKED"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["False", "True"]
 
 
 def test_cuda_packs_only_small_layers(monkeypatch) -> None:

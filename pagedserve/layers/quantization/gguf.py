@@ -13,14 +13,13 @@ process_weights_after_loading turns them into what the device multiplies fast:
                                     the CPU has native bf16, else fp32: gemm_dtype)
     Q4_0, Q4_1, Q4_K, Q8_0 on CPU   without a C++ compiler: torch's int4 kernel
                                     (gguf_kernels.to_int4; Q8_0 as two int4 halves)
-    CUDA_PACKED_TYPES on CUDA       layers of <= CUDA_PACKED_MAX_ELEMENTS weights (small models):
-                                    the blocks as they are: triton_gguf's GEMV for up to 16 rows
-                                    (it takes every type), more rows dequantize the layer to the
-                                    model dtype for that call (a Triton kernel) and run cuBLAS
-                                    (CUDA_PACKED = False: dequantized once, as below)
-    other types and layers on CUDA, dequantized once to a float `weight` (the model dtype), as is
+    every type on CUDA,             dequantized once to a float `weight` (the model dtype), as is
     Q5_0, Q5_1, Q5_K, Q6_K on CPU   every type with dtype=float32 (the exact path)
     without the C++ kernels
+    CUDA_PACKED_TYPES on CUDA with  layers of <= CUDA_PACKED_MAX_ELEMENTS weights keep their blocks
+    PAGEDSERVE_GGUF_CUDA_PACKED=1   (less memory, slower): triton_gguf's GEMV for up to 16 rows (it
+                                    takes every type), more rows dequantize the layer to the model
+                                    dtype for that call (a Triton kernel) and run cuBLAS
 
 The embedding looks rows up in the raw blocks and dequantizes only those (exact fp32).
 QuantizationSpec("gguf", {"tensor_types": {checkpoint name: type}}, plus "dequantize": true
@@ -29,6 +28,7 @@ projections do not share one type is stored dequantized by the converter and run
 unquantized here."""
 from __future__ import annotations
 
+import os
 from functools import cache
 from typing import Any, Callable
 
@@ -48,17 +48,20 @@ from pagedserve.layers.quantization.gguf_kernels import FORMATS, dequantize, int
 # rows, a row's values the same for any number of rows): Q8_MAX_ROWS, benchmarks/RESULTS.md.
 CPP_MAX_ROWS = 16
 Q8_MAX_ROWS = 64
-# CUDA: keep the types triton_gguf multiplies packed (False: dequantize every type once at load,
-# as before session 9; benchmarks/gguf_gpu.py's A/B sets it); triton_gguf.GEMV_MAX_ROWS: its rows
-CUDA_PACKED = True
+# CUDA: keep the types triton_gguf multiplies packed (PAGEDSERVE_GGUF_CUDA_PACKED=1; benchmarks/
+# gguf_gpu.py's A/B sets it) or dequantize every type once at load (the default since session 15:
+# the whole default model on the H200, bf16, packed against dequantized: b1_decode 674 vs 1,071
+# tok/s, 64 prompts 10.4k vs 28.6k out tok/s, one-at-a-time agreement with transformers 21/40 vs
+# 30/40, for 125 vs 271 MB of weights; benchmarks/RESULTS.md); triton_gguf.GEMV_MAX_ROWS: its rows
+CUDA_PACKED = os.environ.get("PAGEDSERVE_GGUF_CUDA_PACKED", "0") == "1"
 # The types kept packed by default: those whose packed b1_decode on the H200 is at least the
 # dequantized one's (benchmarks/RESULTS.md, issue 19). triton_gguf takes every type (TYPE_IDS);
 # benchmarks/gguf_gpu.py's packed variants set all of them.
 CUDA_PACKED_TYPES = ("Q4_0", "Q4_1", "Q8_0")
 # ... and only layers of at most this many weights (rows x K; None: any). On the H200 the packed
 # GEMV streams 0.4-0.8 TB/s: every 1B-class layer (2048 x 2048 and up) took 1.4-2.6x cuBLAS's time
-# on its bf16 weight (session 10), while the default model's layers (<= 3072 x 576) gained (b1
-# +10%, session 9); larger layers (and a large vocab's embedding / LM head) are dequantized once.
+# on its bf16 weight (session 10); larger layers (and a large vocab's embedding / LM head) are
+# dequantized once even when packing is asked for.
 CUDA_PACKED_MAX_ELEMENTS: int | None = 1 << 22
 
 
