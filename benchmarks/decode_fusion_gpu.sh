@@ -11,7 +11,7 @@
 # default vs nofusion, kernel tests) or `stage` (carry .devcarry/gg1 .devcarry/peers.py: the decode graphs
 # of 16-256 rows profiled kernel by kernel), `flash` (carry .devcarry/gg2 .devcarry/peers.py: flash_gpu.sh,
 # session 14's prefill context loop), then `on2` on the same warm machine (carry .devcarry/gg3:
-# bf16_agreement.py with `dequantized`, the default model's GPU test), then `ggb1` (nothing to carry:
+# bf16_agreement.py with `packed`, the default model's GPU test), then `ggb1` (nothing to carry:
 # the default model's b1_decode and ids, packed vs dequantized). The default GGUF travels in
 # three parts, one a call (benchmarks/stage_devcarry.sh makes them): each call copies the part it
 # carries to /tmp, and on2 joins them.
@@ -55,6 +55,12 @@ if [ "${1:-}" = flash ]; then   # carry .devcarry/gg2 .devcarry/peers.py: the pr
   grep -E "^steps|^  " "$OUT/long64_kernels.txt"
   exit 0
 fi
+if [ "${1:-}" = l64 ]; then   # carry .devcarry/peers.py: long64's prefill launches in the engine vs alone, clocks
+  timeout 400 python3 benchmarks/long64_attention.py > "$OUT/long64_attention.txt" 2>&1; echo "L64 rc=$?"
+  grep -E "RESULT .*(long64_engine|long64_replay_total|long64_gemm|clocks)|Error" "$OUT/long64_attention.txt" | cut -c1-260
+  grep -E "RESULT .*long64_launch" "$OUT/long64_attention.txt" | head -12 | cut -c1-260
+  exit 0
+fi
 if [ "${1:-}" = ggb1 ]; then   # after on2 on the same machine (its /tmp/site): nothing to carry
   # session 14's packed GEMV (weights rounded to x's dtype): the whole default model's b1_decode and
   # greedy ids, packed against dequantized (and the fp32 ids), one child process per variant
@@ -73,7 +79,7 @@ if [ "${1:-}" = on2 ]; then   # carry .devcarry/gg3: the GGUF's last part, the g
       || { echo "GGUF INCOMPLETE: $(ls /tmp/part_a? 2>&1)"; exit 1; }
   python3 -m pip install -q --no-deps --target /tmp/site .devcarry/gg3/whl/gguf-*.whl
   export PYTHONPATH=$PWD:/tmp/site
-  timeout 300 python3 benchmarks/bf16_agreement.py "$OUT/bf16_agreement.json" cuda dequantized 2>&1 | tee "$OUT/bf16.txt" \
+  timeout 300 python3 benchmarks/bf16_agreement.py "$OUT/bf16_agreement.json" cuda packed 2>&1 | tee "$OUT/bf16.txt" \
       | grep -E "identical|RESULT|Error"
   timeout 200 python3 -m pytest -q -p no:cacheprovider tests/models/test_default_model.py > "$OUT/default_model.txt" 2>&1
   echo "DEFAULT_MODEL rc=$? $(tail -1 "$OUT/default_model.txt")"
