@@ -32,8 +32,8 @@ def stage_decode() -> None:
                 for _ in range(32):
                     b.paged(out=out, num_splits=splits)
             result[label] = bench_ms(graph.replay) / 32
-        from pagedserve.attention.triton_paged_attention import _sm_count, choose_splits
-        splits = choose_splits(1, HKV, 1, ctx, 64, _sm_count(DEV)).num_segments
+        from pagedserve.attention.split_plan import choose_splits, sm_count
+        splits = choose_splits(1, HKV, 1, ctx, 64, sm_count(DEV)).num_segments
         emit(stage="decode", context=ctx, auto_splits=splits, us_per_call_auto=round(result["auto"] * 1e3, 2),
              us_per_call_no_split=round(result["off"] * 1e3, 2))
 
@@ -82,13 +82,13 @@ def stage_tail() -> None:
     read once) against PEAK_GBS, the split plan. Checks first: every variant against the fp32
     torch reference on a mixed-length batch under a graph-like bound, and each variant against
     the legacy rule at every shape (bf16 tolerance)."""
-    from pagedserve.attention import triton_paged_attention as tpa
-    saved = (tpa.SPLIT_RULE, tpa.CHUNK_TILES, tpa.MERGE_IN_KERNEL)
+    from pagedserve.attention import split_plan as sp, triton_paged_attention as tpa
+    saved = (sp.SPLIT_RULE, sp.CHUNK_TILES, tpa.MERGE_IN_KERNEL)
     variants = _tail_variants(tile_sweep=not args.quick, quick=args.quick)
 
     def run(b: Paged, out, bound: int, variant, lo: int = 0, n: int | None = None):
         _, rule, chunk, tiles = variant
-        tpa.SPLIT_RULE, tpa.CHUNK_TILES = ("chunked" if rule in ("nosplit", "reduce") else rule), chunk
+        sp.SPLIT_RULE, sp.CHUNK_TILES = ("chunked" if rule in ("nosplit", "reduce") else rule), chunk
         tpa.MERGE_IN_KERNEL = saved[2] and rule != "reduce"
         try:
             n = len(b.query_lens) if n is None else n   # rows [lo, lo + n): one token each, so qsl[:n + 1]
@@ -96,18 +96,18 @@ def stage_tail() -> None:
                                    b.seq_lens[lo:lo + n], b.qsl[:n + 1], b.scale, 1, bound, num_decodes=n,
                                    out=out[lo:lo + n], tiles=tiles, num_splits=1 if rule == "nosplit" else None)
         finally:
-            tpa.SPLIT_RULE, tpa.CHUNK_TILES, tpa.MERGE_IN_KERNEL = saved
+            sp.SPLIT_RULE, sp.CHUNK_TILES, tpa.MERGE_IN_KERNEL = saved
 
     def plan(rows: int, bound: int, variant) -> str:
         _, rule, chunk, tiles = variant
         if rule == "nosplit":
             return "1"
-        tpa.SPLIT_RULE, tpa.CHUNK_TILES = ("chunked" if rule == "reduce" else rule), chunk
+        sp.SPLIT_RULE, sp.CHUNK_TILES = ("chunked" if rule == "reduce" else rule), chunk
         try:
-            p = tpa.choose_splits(rows, HKV, 1, bound, (tiles.tile_n if tiles else 64 if not SMOKE else 32),
-                                  tpa._sm_count(DEV), HQ, triton.next_power_of_2(D))
+            p = sp.choose_splits(rows, HKV, 1, bound, (tiles.tile_n if tiles else 64 if not SMOKE else 32),
+                                 sp.sm_count(DEV), HQ, triton.next_power_of_2(D))
         finally:
-            tpa.SPLIT_RULE, tpa.CHUNK_TILES, tpa.MERGE_IN_KERNEL = saved
+            sp.SPLIT_RULE, sp.CHUNK_TILES, tpa.MERGE_IN_KERNEL = saved
         return f"{p.num_segments}x{p.tiles_per_segment}t" if p.num_segments > 1 else "1"
 
     # correctness: mixed lengths under a graph-like bound, every variant against the fp32 reference

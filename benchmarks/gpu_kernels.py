@@ -20,8 +20,9 @@ import triton.testing
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pagedserve.attention.torch_ref import paged_attention_ref, store_kv_ref  # noqa: E402
+from pagedserve.attention.split_plan import choose_splits  # noqa: E402
 from pagedserve.attention.triton_paged_attention import (  # noqa: E402
-    TileConfig, choose_splits, default_tile_config, paged_attention)
+    TileConfig, default_tile_config, paged_attention)
 from pagedserve.attention.triton_store_kv import store_kv  # noqa: E402
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16

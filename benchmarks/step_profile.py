@@ -8,7 +8,7 @@ that is the device time of a step, once the pipeline is full).
 long64: peers_long.py's (64 requests, input 4k-16k, output 64-256, max_model_len 32768);
 thr512: peers.py's (512 requests, input 64-1024, output 16-512, max_model_len 2048, 8 warm-up
 requests first). Variants: default, mbtN (max_num_batched_tokens N), seqsN (max_num_seqs N),
-legacy (the decode split-K rule before the chunked one: triton_paged_attention.SPLIT_RULE),
+legacy (the decode split-K rule before the chunked one: split_plan.SPLIT_RULE),
 chunkN (chunked split-K, N key tiles a segment), splitwN (legacy, split below N programs per
 SM, default 4), smalltiles (the prefill kernel's 128x64 tiles at every launch size). Each variant starts from the module's split-K defaults.
 Needs `.devcarry/peers.py` (or ../shared/bench/peers.py) for the model configs. On an H200,
@@ -199,24 +199,24 @@ def main() -> None:
     from pagedserve import SamplingParams
     reqs = long64_requests(args.cpu_smoke) if args.workload == "long64" else thr_requests(args.cpu_smoke)
     max_model_len = 2048 if args.cpu_smoke or args.workload == "thr512" else 32768
-    from pagedserve.attention import triton_paged_attention as tpa
+    from pagedserve.attention import split_plan as sp
     from pagedserve.attention import triton_prefill_attention as tpf
-    split_defaults = (tpa.SPLIT_RULE, tpa.CHUNK_TILES, tpa.SPLIT_BELOW_PROGRAMS_PER_SM)
+    split_defaults = (sp.SPLIT_RULE, sp.CHUNK_TILES, sp.SPLIT_BELOW_PROGRAMS_PER_SM)
     large_min = tpf.LARGE_MIN_TOKENS
     for run, variant in enumerate(args.variants.split(",")):
         extra = {}
-        tpa.SPLIT_RULE, tpa.CHUNK_TILES, tpa.SPLIT_BELOW_PROGRAMS_PER_SM = split_defaults
+        sp.SPLIT_RULE, sp.CHUNK_TILES, sp.SPLIT_BELOW_PROGRAMS_PER_SM = split_defaults
         tpf.LARGE_MIN_TOKENS = large_min
         if variant.startswith("mbt"):
             extra["max_num_batched_tokens"] = int(variant[3:])
         elif variant.startswith("seqs"):
             extra["max_num_seqs"] = int(variant[4:])
         elif variant.startswith("splitw"):   # legacy split-K below N programs per SM (1: SMs filled once)
-            tpa.SPLIT_RULE, tpa.SPLIT_BELOW_PROGRAMS_PER_SM = "legacy", int(variant[6:])
+            sp.SPLIT_RULE, sp.SPLIT_BELOW_PROGRAMS_PER_SM = "legacy", int(variant[6:])
         elif variant == "legacy":
-            tpa.SPLIT_RULE = "legacy"
+            sp.SPLIT_RULE = "legacy"
         elif variant.startswith("chunk"):
-            tpa.CHUNK_TILES = int(variant[5:])
+            sp.CHUNK_TILES = int(variant[5:])
         elif variant == "smalltiles":   # the prefill kernel's 128x64 tiles for every launch (before flash22)
             tpf.LARGE_MIN_TOKENS = 1 << 30
         elif variant != "default":
@@ -239,7 +239,7 @@ def main() -> None:
         gen = sum(len(o.outputs[0].token_ids) for o in outs)
         assert gen == sum(o for _, o in reqs), (gen, sum(o for _, o in reqs))
         result = dict(workload=args.workload, model=args.model, variant=variant,
-                      split_rule=f"{tpa.SPLIT_RULE} chunk {tpa.CHUNK_TILES}", startup_s=round(startup, 1), wall_s=round(end - t0, 2),
+                      split_rule=f"{sp.SPLIT_RULE} chunk {sp.CHUNK_TILES}", startup_s=round(startup, 1), wall_s=round(end - t0, 2),
                       out_tok_s=round(gen / (end - t0), 1), steps=len(recorder.rows),
                       first_step_after_s=round(recorder.rows[0][0] - t0, 3) if recorder.rows else None)
         result.update(recorder.summary(end))

@@ -17,8 +17,8 @@ keys <= its position. Keys are read TILE_N at a time through the block table:
 
     key position p -> k_cache[block_tables[s, p // BLOCK_SIZE], p % BLOCK_SIZE, kv_head, :]
 
-Split-K (flash-decoding): with num_segments > 1 the first `_active_segments` programs (a
-SplitPlan's rule, chosen by choose_splits) each cover one slice of the key tiles and write
+Split-K (flash-decoding): with num_segments > 1 the first `active_segments` programs (a
+SplitPlan's rule, chosen by split_plan.choose_splits) each cover one slice of the key tiles and write
 un-normalised partials (acc, running max, running sum) in fp32 plus the token's count of
 active segments; the others exit at once; triton_segment_merge.py merges the active ones (or, with
 MERGE_IN_KERNEL, the last of a token's KV-head group to finish does, in the same launch). A
@@ -28,40 +28,19 @@ query and the new key and store the new K/V themselves (paged_attention's rotary
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from pagedserve.attention.split_plan import SplitPlan, active_segments, choose_splits, sm_count
 from pagedserve.attention.triton_segment_merge import arrivals as _arrivals, merge_group, reduce_segments
 from pagedserve.attention.triton_store_kv import RotaryStore, slot_row
 from pagedserve.layers.triton_ops import _LIBDEVICE, rotate_rows
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
-
-# How a decode's n key tiles (TILE_N keys each, the new key included) are split over the
-# launch's num_segments programs, from the H200 timings
-# of benchmarks/decode_gpu.py's "attn" stage (bs 1, llama-1b / 8b shapes, 2026-12-01):
-# n <= LONE_TILES: one segment (a merge costs more than it saves: 2 tiles 4.9 us alone, 6.5 us
-# split); n <= SHORT_TILES: one tile a segment (6 tiles: 6.4 us against 7.2 at two a segment);
-# longer: TILES_PER_SEGMENT a segment (16 tiles: 7.6 us against 7.9 at one; 32 tiles: 9.6
-# against 13.1), at most num_segments. Segments past the active ones do nothing.
-TILES_PER_SEGMENT = 2
-SHORT_TILES = 8
-LONE_TILES = 2
-
-
-@triton.jit
-def _active_segments(num_tiles, num_segments, tiles_per_segment, short_tiles, lone_tiles):
-    """How many of num_segments programs share num_tiles key tiles (the rule above); segment s
-    of them takes tiles [s * num_tiles // active, (s + 1) * num_tiles // active)."""
-    per_segment = tl.where(num_tiles <= short_tiles, 1, tiles_per_segment)
-    active = tl.minimum(num_segments, tl.maximum(tl.cdiv(num_tiles, per_segment), 1))
-    return tl.where(num_tiles <= lone_tiles, 1, active)
-
 
 @triton.jit
 def _find_seq_idx(query_start_loc_ptr, q_block, seq_begin, seq_end, token_begin,
@@ -117,7 +96,7 @@ def _paged_attention_kernel(
     scale_log2,  # softmax scale * log2(e)
     seq_begin, seq_end,  # this launch covers sequences [seq_begin, seq_end)
     num_segments,  # split-K slices (grid axis 2); 1 writes `out` directly
-    tiles_per_segment, short_tiles, lone_tiles,  # how many of them work: _active_segments
+    tiles_per_segment, short_tiles, lone_tiles,  # how many of them work: active_segments
     stride_q_token, stride_q_head, stride_o_token, stride_o_head,
     stride_k_block, stride_k_slot, stride_k_head,
     stride_v_block, stride_v_slot, stride_v_head,
@@ -169,7 +148,7 @@ def _paged_attention_kernel(
     # Causal horizon of this tile (exclusive), then this segment's share of the key tiles.
     key_end = tl.minimum(context_len + (q_block + 1) * BLOCK_Q, seq_len)
     num_tiles = tl.cdiv(key_end, TILE_N)
-    active = _active_segments(num_tiles, num_segments, tiles_per_segment, short_tiles, lone_tiles)
+    active = active_segments(num_tiles, num_segments, tiles_per_segment, short_tiles, lone_tiles)
     if segment >= active:
         return   # nothing to read (the reduce merges only the active segments)
 
@@ -301,77 +280,9 @@ def default_tile_config(queries_per_kv: int, head_dim_pad: int, max_query_len: i
     return TileConfig(block_m=block_m, tile_n=tile_n, num_warps=8 if block_m >= 128 else 4, num_stages=2)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8  # Triton interpreter: any small number keeps the split heuristics testable
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-@dataclass(frozen=True)
-class SplitPlan:
-    """Split-K of a launch: num_segments programs per (query tile, KV head) (grid axis 2), of
-    which a query tile with n key tiles uses _active_segments(n, num_segments, tiles_per_segment,
-    short_tiles, lone_tiles); both decode kernels take one (they must split alike to round alike)."""
-
-    num_segments: int
-    tiles_per_segment: int = TILES_PER_SEGMENT
-    short_tiles: int = SHORT_TILES
-    lone_tiles: int = LONE_TILES
-
-    def args(self) -> tuple[int, int, int, int]:
-        return self.num_segments, self.tiles_per_segment, self.short_tiles, self.lone_tiles
-
-
-NO_SPLIT = SplitPlan(1)
-
-# The count rule ("legacy"): fewer programs (sequence x KV head) than SMs aim at ~2 programs
-# per SM, >= 1 key tile each; below SPLIT_BELOW_PROGRAMS_PER_SM programs per SM, at ~2x that
-# many programs of >= MIN_TILES_PER_SPLIT tiles each; every sequence gets the same count.
-# "chunked" (the default) keeps that plan unless its segments could exceed CHUNK_TILES key
-# tiles at max_seq_len (in a CUDA graph: max_model_len); then every context is split into
-# segments of CHUNK_TILES (the last one shorter), so programs carry about equal work whatever
-# the mix of context lengths (as FlashInfer's balanced split-KV); the grid holds as many as
-# the bound needs, unused ones exit after three loads. H200, llama-8b heads, the kernel alone
-# (benchmarks/RESULTS.md, "Decode split-K by equal chunks"): 35 rows at 4k-16k 399 -> 364 us
-# (0.91 -> 1.00 of 4 TB/s), 16 rows 254 -> 175, 8 rows 133 -> 89; chunks of 16 tiles cost
-# thr512's shapes (bound 2048) 3-4% (a second, nearly empty segment and its reduce), 32 none.
-SPLIT_RULE = "chunked"
-CHUNK_TILES = 32
-MAX_SEGMENTS = 64
-MAX_PARTIAL_BYTES = 64 << 20   # the fp32 partials of one launch (graph pools hold them)
-SPLIT_BELOW_PROGRAMS_PER_SM = 4
-MIN_TILES_PER_SPLIT = 8
 # Decode launches that split merge in the kernel: the last segment of each (token, KV head) to
 # finish merges the group's partials (no reduce launch; benchmarks/RESULTS.md, session 13).
 MERGE_IN_KERNEL = True
-
-
-def choose_splits(num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_len: int, tile_n: int,
-                  sm_count: int, num_heads: int | None = None, head_dim_pad: int = 128) -> SplitPlan:
-    """Split-K for a decode-only batch (prefill never splits) with contexts of at least 4 key
-    tiles: the count rule, or (SPLIT_RULE "chunked") equal chunks where the count rule's
-    segments could exceed CHUNK_TILES at max_seq_len (comment above). num_heads (query heads;
-    default 4 a KV head) sizes the partials, which stay under MAX_PARTIAL_BYTES."""
-    programs = num_seqs * num_kv_heads
-    key_tiles = triton.cdiv(max_seq_len, tile_n)
-    if max_query_len != 1 or key_tiles < 4:
-        return NO_SPLIT
-    if programs < sm_count:
-        wanted = min(triton.cdiv(2 * sm_count, programs), key_tiles, MAX_SEGMENTS)
-    elif programs < SPLIT_BELOW_PROGRAMS_PER_SM * sm_count:
-        wanted = min(triton.cdiv(2 * SPLIT_BELOW_PROGRAMS_PER_SM * sm_count, programs),
-                     key_tiles // MIN_TILES_PER_SPLIT, MAX_SEGMENTS)
-    else:
-        wanted = 1
-    count = 1 << (max(wanted, 1).bit_length() - 1)
-    if SPLIT_RULE == "legacy" or triton.cdiv(key_tiles, count) <= CHUNK_TILES:
-        return SplitPlan(count) if count >= 2 else NO_SPLIT
-    row_bytes = num_seqs * (num_heads or 4 * num_kv_heads) * (head_dim_pad + 2) * 4
-    cap = max(1, min(MAX_SEGMENTS, MAX_PARTIAL_BYTES // row_bytes))
-    chunk = max(CHUNK_TILES, triton.cdiv(key_tiles, cap))
-    segments = triton.cdiv(key_tiles, chunk)
-    return SplitPlan(segments, chunk, 0, 0) if segments > 1 else NO_SPLIT
 
 
 def _check_attention_inputs(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -463,7 +374,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     if num_splits is None:
         default = tiles or default_tile_config(queries_per_kv, head_dim_pad, max_query_len, query.dtype)
         plan = choose_splits(num_seqs, num_kv_heads, max_query_len, max_seq_len, default.tile_n,
-                             _sm_count(query.device), num_heads, head_dim_pad)
+                             sm_count(query.device), num_heads, head_dim_pad)
     else:
         plan = num_splits if isinstance(num_splits, SplitPlan) else SplitPlan(num_splits)
     if plan.num_segments < 1:

@@ -13,9 +13,9 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
 from pagedserve.attention.torch_ref import paged_attention_ref  # noqa: E402
-from pagedserve.attention import triton_paged_attention as tpa  # noqa: E402
-from pagedserve.attention.triton_paged_attention import (  # noqa: E402
-    SplitPlan, choose_splits, paged_attention)
+from pagedserve.attention import split_plan, triton_paged_attention as tpa  # noqa: E402
+from pagedserve.attention.split_plan import SplitPlan, choose_splits  # noqa: E402
+from pagedserve.attention.triton_paged_attention import paged_attention  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # The interpreter (CPU) runs numpy, which has no bfloat16: half types are tested on CUDA only.
@@ -185,7 +185,7 @@ def test_split_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     assert splits(512, 8, 1, 2048, 64, 132) == 1     # 32 tiles: one chunk (thr512's bound)
     # the partials stay under MAX_PARTIAL_BYTES: 512 rows x 32 heads x 130 floats = 8.5 MB a segment
     assert choose_splits(512, 8, 1, 32768, 64, 132, 32, 128) == SplitPlan(7, 74, 0, 0)
-    monkeypatch.setattr(tpa, "SPLIT_RULE", "legacy")   # below 4 programs per SM: >= 8 tiles a segment
+    monkeypatch.setattr(split_plan, "SPLIT_RULE", "legacy")   # below 4 programs per SM: >= 8 tiles a segment
     assert splits(16, 8, 1, 32768, 64, 132) == 2
     assert splits(35, 8, 1, 32768, 64, 132) == 4
     assert splits(64, 8, 1, 2048, 64, 132) == 2
@@ -198,8 +198,8 @@ def test_decode_rules_match_the_reference(rule: str, monkeypatch: pytest.MonkeyP
     """Enough sequences to fill the interpreter's 8 "SMs": contexts of one chunk, a few, and
     one past the graph-like max_seq_len bound's first segments; each rule's plan (chunks of 2
     tiles here) against the reference."""
-    monkeypatch.setattr(tpa, "SPLIT_RULE", rule)
-    monkeypatch.setattr(tpa, "CHUNK_TILES", 2)   # the count rule's 2 segments of up to 32 tiles exceed it
+    monkeypatch.setattr(split_plan, "SPLIT_RULE", rule)
+    monkeypatch.setattr(split_plan, "CHUNK_TILES", 2)   # the count rule's 2 segments of up to 32 tiles exceed it
     batch = make_batch(query_lens=[1] * 6, context_lens=[0, 20, 64, 150, 300, 33], num_heads=8, num_kv_heads=2,
                        head_dim=64, block_size=16, dtype=torch.float32, seed=21)
     batch.max_seq_len = 1024   # an upper bound, as the decode graphs pass max_model_len

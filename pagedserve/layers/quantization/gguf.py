@@ -54,8 +54,8 @@ Q8_MAX_ROWS = 64
 # tok/s, 64 prompts 10.4k vs 28.6k out tok/s, one-at-a-time agreement with transformers 21/40 vs
 # 30/40, for 125 vs 271 MB of weights; benchmarks/RESULTS.md); triton_gguf.GEMV_MAX_ROWS: its rows
 CUDA_PACKED = os.environ.get("PAGEDSERVE_GGUF_CUDA_PACKED", "0") == "1"
-# The types kept packed by default: those whose packed b1_decode on the H200 is at least the
-# dequantized one's (benchmarks/RESULTS.md, issue 19). triton_gguf takes every type (TYPE_IDS);
+# The types kept packed when asked: those whose one-row GEMV on the H200 was nearest cuBLAS on the
+# dequantized weight (benchmarks/RESULTS.md, issue 19). triton_gguf takes every type (TYPE_IDS);
 # benchmarks/gguf_gpu.py's packed variants set all of them.
 CUDA_PACKED_TYPES = ("Q4_0", "Q4_1", "Q8_0")
 # ... and only layers of at most this many weights (rows x K; None: any). On the H200 the packed
