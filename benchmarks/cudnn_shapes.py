@@ -19,12 +19,13 @@ import time
 import torch
 import triton
 
+from pagedserve.attention.sdpa_prefill import sdpa_with_lse
+
 HQ, HKV, D = 32, 8, 128   # llama-8b
 
 
 def attn(q, k, v, causal):
-    return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False,
-                                                               scale=D ** -0.5)[0]
+    return sdpa_with_lse(q, k, v, causal, D ** -0.5)   # the engine's cuDNN call (sdpa_prefill)
 
 
 def tensors(lq: int, lk: int, batch: int = 1):

@@ -34,13 +34,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from attn_common import Paged, bench_ms, causal_flop, emit  # noqa: E402
+from decode_common import weight_shapes  # noqa: E402
 from pagedserve.attention.backend import TritonBackend  # noqa: E402
 from step_profile import long64_requests, make_llm  # noqa: E402
 
 SMOKE = attn_common.SMOKE
 DTYPE = torch.float32 if SMOKE else torch.bfloat16
 OUT = os.environ.get("OUT", "/tmp/long64_attention")
-GEMMS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}  # llama-8b
 PHASES: list[tuple[str, float]] = []
 
 
@@ -63,7 +63,7 @@ class LaunchTimer:
             lens = meta.seq_lens_host if meta.seq_lens_host is not None else meta.seq_lens.tolist()
             shape = tuple((int(qsl[s + 1] - qsl[s]), int(lens[s] - (qsl[s + 1] - qsl[s])))
                           for s in range(seq_begin, seq_end))
-            start, end = timer._event(), timer._event()
+            start = timer._event()
             result = timer.original(backend, query, key, value, k_cache, v_cache, meta, scale, out, seq_begin,
                                     seq_end, max_tokens)
             end = timer._event()
@@ -151,7 +151,9 @@ def gemms(tokens: int) -> None:
     """The four products of a layer at `tokens` rows, alone (x 32 layers: a prefill step's GEMMs)."""
     phase("gemms")
     total, flop = 0.0, 0.0
-    for name, (n, k) in GEMMS.items():
+    for name, (n, k) in weight_shapes("llama-8b").items():
+        if name == "lm_head":   # a prefill step's LM head takes its sequences' last rows only
+            continue
         if SMOKE:
             n, k = n // 64, k // 64
         x = torch.randn(tokens, k, device=attn_common.DEV).to(DTYPE)
