@@ -12,6 +12,8 @@ import time
 ap = argparse.ArgumentParser()
 ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU through the Triton interpreter")
 ap.add_argument("--stages", default="cudnn_shapes,micro,engine,long64,budget16k")
+ap.add_argument("--skip-check", action="store_true", help="no correctness stage first (engine A/B runs only)")
+ap.add_argument("--modes", default="", help="engine / long64 stages: attn_engine mode names (default: theirs)")
 ap.add_argument("--quick", action="store_true", help="tail: the split rules only (no tile sweep, fewer shapes)")
 args, _ = ap.parse_known_args()  # flash_gpu.py imports this module with its own arguments
 SMOKE = args.cpu_smoke

@@ -22,6 +22,10 @@ SDPA = ("cudnn_by_sequence", TritonBackend.prefill_min_query_len, True, "cudnn")
 GATHERED = ("triton_by_sequence", TritonBackend.prefill_min_query_len, True, "triton")
 TRITON = ("triton_prefill", TritonBackend.prefill_min_query_len, False, "cudnn")
 PAGED = ("paged_only", PAGED_ONLY, False, "cudnn")
+# every prefill chunk of a long step in one cuDNN graph call a layer (cudnn_prefill), K/V paged / gathered
+GRAPH_PAGED = ("cudnn_graph_paged", TritonBackend.prefill_min_query_len, True, "cudnn_graph", "paged")
+GRAPH_GATHERED = ("cudnn_graph_gathered", TritonBackend.prefill_min_query_len, True, "cudnn_graph", "gathered")
+MODES = {mode[0]: mode for mode in (SDPA, GATHERED, TRITON, PAGED, GRAPH_PAGED, GRAPH_GATHERED)}
 
 KERNEL_CLASSES = [  # (class, substrings of the kernel name), first match wins
     ("attn_prefill_kernel", ("_prefill_attention_kernel",)),
@@ -41,12 +45,15 @@ class backend_mode:
         self.mode = mode
 
     def __enter__(self):
-        self.saved = (TritonBackend.prefill_min_query_len, TritonBackend.use_sdpa, TritonBackend.long_chunk_path)
-        TritonBackend.prefill_min_query_len, TritonBackend.use_sdpa, TritonBackend.long_chunk_path = self.mode[1:]
+        self.saved = (TritonBackend.prefill_min_query_len, TritonBackend.use_sdpa, TritonBackend.long_chunk_path,
+                      TritonBackend.cudnn_graph_mode)
+        (TritonBackend.prefill_min_query_len, TritonBackend.use_sdpa, TritonBackend.long_chunk_path,
+         TritonBackend.cudnn_graph_mode) = self.mode[1:4] + (self.mode[4:] or self.saved[3:])
         return self.mode[0]
 
     def __exit__(self, *exc) -> None:
-        TritonBackend.prefill_min_query_len, TritonBackend.use_sdpa, TritonBackend.long_chunk_path = self.saved
+        (TritonBackend.prefill_min_query_len, TritonBackend.use_sdpa, TritonBackend.long_chunk_path,
+         TritonBackend.cudnn_graph_mode) = self.saved
 
 
 class EngineStages:

@@ -41,8 +41,8 @@ import time
 import traceback
 
 # attn_common first: it parses the arguments and sets TRITON_INTERPRET for --cpu-smoke
-from attn_common import OUT, SMOKE, STAGES, T_START, emit, stage_check
-from attn_engine import EngineStages
+from attn_common import OUT, SMOKE, STAGES, T_START, args, emit, stage_check
+from attn_engine import MODES, EngineStages
 from attn_micro import stage_cudnn_shapes, stage_micro
 from attn_tail import stage_decode, stage_tail
 import torch
@@ -55,7 +55,7 @@ def main() -> None:
         impls = getattr(nn_attention, "list_flash_attention_impls", lambda: "n/a")()
         emit(stage="env", device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
              flash_attention_impls=impls)
-    ok = stage_check() if STAGES - {"tail"} else True   # tail checks its own variants
+    ok = stage_check() if STAGES - {"tail"} and not args.skip_check else True   # tail checks its own variants
     if not ok:
         print("CORRECTNESS FAILED: timings skipped", flush=True)
         sys.exit(1)
@@ -85,10 +85,11 @@ def main() -> None:
         t0 = time.time()
         llm = stages.make_llm()
         emit(stage="engine", startup_s=round(time.time() - t0, 1))
+        modes = tuple(MODES[name] for name in args.modes.split(",") if name)
         if "engine" in STAGES:
-            guarded("engine", stages.engine, llm, random.Random(7))
+            guarded("engine", stages.engine, llm, random.Random(7), *(modes and [modes]))
         if "long64" in STAGES:
-            guarded("long64", stages.long64, llm)
+            guarded("long64", stages.long64, llm, *(modes and [modes]))
         if "budget16k" in STAGES:
             llm.shutdown()
             del llm

@@ -79,22 +79,34 @@ class TritonBackend:
     """Decodes and short prefill chunks: the paged kernel (triton_paged_attention). A step whose
     longest chunk has at least `prefill_min_query_len` tokens sends only its decodes there; its
     chunks go to the FlashAttention-style Triton kernel (triton_prefill_attention: new K/V read
-    contiguous, context through the block table), except chunks of at least
-    `sdpa_min_query_len` tokens in eager steps, which run one sequence at a time with the
-    context gathered to contiguous K/V: long_chunk_path "cudnn", torch's cuDNN attention
-    (sdpa_prefill: new part causal + context, merged by LSE) where available, or "triton",
-    the same Triton kernel reading the contiguous copy. The choices read host values only, so
-    a CUDA-graph bucket always takes the same path."""
+    contiguous, context through the block table), except in eager steps with a chunk of at
+    least `sdpa_min_query_len` tokens:
+    - long_chunk_path "cudnn_graph" (the default; needs nvidia-cudnn-frontend, else as "cudnn"):
+      a step with such a chunk whose length or context is not a multiple of
+      cudnn_shape_multiple sends ALL its chunks to one cuDNN graph call a layer that takes the
+      lengths at run time (cudnn_prefill; K/V through the page table); other steps as "cudnn";
+    - "cudnn": those chunks one sequence at a time through torch's cuDNN op (sdpa_prefill: new
+      part causal + gathered context, merged by LSE) when their length and context are
+      multiples of cudnn_shape_multiple, the rest through the Triton kernel;
+    - "triton": those chunks one at a time through the Triton kernel on a contiguous copy of
+      their context.
+    The choices read host values only, so a CUDA-graph bucket always takes the same path."""
 
     name = "triton"
     prefill_min_query_len = 256
     sdpa_min_query_len = 1024
-    use_sdpa = True  # the per-sequence path for long chunks (off: every chunk in one Triton launch)
-    long_chunk_path = "cudnn"  # "cudnn" | "triton"; cuDNN is left (with a warning) if it ever fails
+    use_sdpa = True  # the per-sequence / graph paths for long chunks (off: every chunk in one Triton launch)
+    long_chunk_path = "cudnn_graph"  # a cuDNN path that ever fails is left (with a warning)
     # torch builds (and caches) one cuDNN graph per (s_q, s_kv): on the H200 long64's varied chunk
     # shapes made the cuDNN path 30.9 s vs 25.6 s Triton, while ttft16k's round chunks gained
-    # (477 vs 537 ms). So cuDNN takes only chunks whose length and context are multiples of this.
+    # (477 vs 537 ms). So torch's op takes only chunks whose length and context are multiples of this.
     cudnn_shape_multiple = 1024
+    # The "cudnn_graph" steps' K/V: read through the page table ("paged") or gathered into a packed
+    # copy first ("gathered"): level on long64 (H200: 24.07 / 23.96 s vs 24.03 / 23.98 s), so the
+    # one without the copy's memory. On the same runs the graph path took long64 from 24.26 / 24.56 s
+    # (default before) to ~24.0 s, and lost ttft16k's round chunks (505-512 vs 487-502 ms), which
+    # therefore stay on torch's op (benchmarks/RESULTS.md, session 16).
+    cudnn_graph_mode = "paged"
     # All-decode steps of at most fused_decode_max_seqs sequences: rotary and the KV store inside
     # the decode attention launch (decode()), one launch a layer instead of two, bit for bit the
     # same. H200, one layer at context 512 (benchmarks/fused_decode_sweep.py): -1.4..-2.7 us a
@@ -115,6 +127,7 @@ class TritonBackend:
         self._sdpa_available = sdpa_available
         self._sdpa_prefill_sequence = sdpa_prefill_sequence
         self._gather_context = gather_context
+        self._cudnn_prefill = None   # cudnn_prefill.CudnnPrefill, made at the first step that uses it
 
     def store_kv(self, key, value, k_cache, v_cache, slot_mapping, meta: AttentionMetadata | None = None) -> None:
         self._store_kv(key, value, k_cache, v_cache, slot_mapping)
@@ -150,8 +163,16 @@ class TritonBackend:
         qsl = meta.query_start_loc_host
         if self.use_sdpa and qsl is not None and meta.seq_lens_host is not None \
                 and meta.max_query_len >= self.sdpa_min_query_len:
-            cudnn = self.long_chunk_path == "cudnn" and self._sdpa_available(query.device, query.dtype,
-                                                                             query.shape[2])
+            if self.long_chunk_path == "cudnn_graph" and self._has_uneven_long_chunk(meta) \
+                    and self._cudnn_graph_usable(query):
+                try:
+                    return self._cudnn_prefill(query, k_cache, v_cache, meta, scale, out, num_decodes)
+                except Exception:   # cudnn-frontend's errors are its own types
+                    logger.warning("cuDNN's graph attention failed on a prefill step; long chunks use torch's "
+                                   "cuDNN op / the Triton kernel from now on", exc_info=True)
+                    type(self).long_chunk_path = "cudnn"
+            cudnn = self.long_chunk_path in ("cudnn", "cudnn_graph") and self._sdpa_available(
+                query.device, query.dtype, query.shape[2])
             try:
                 return self._prefill_by_sequence(query, key, value, k_cache, v_cache, meta, scale, out, cudnn)
             except RuntimeError:
@@ -162,6 +183,25 @@ class TritonBackend:
                 type(self).long_chunk_path = "triton"
         return self._triton_prefill(query, key, value, k_cache, v_cache, meta, scale, out, num_decodes,
                                     num_seqs, query.shape[0] - num_decodes)
+
+    def _has_uneven_long_chunk(self, meta: AttentionMetadata) -> bool:
+        """Whether a chunk of >= sdpa_min_query_len tokens has a length or context that is not a
+        multiple of cudnn_shape_multiple (one torch's cuDNN op would not take)."""
+        qsl, seq_lens, multiple = meta.query_start_loc_host, meta.seq_lens_host, self.cudnn_shape_multiple
+        for s in range(meta.num_decodes, meta.num_seqs):
+            query_len = int(qsl[s + 1] - qsl[s])
+            if query_len >= self.sdpa_min_query_len and (query_len % multiple or (int(seq_lens[s]) - query_len)
+                                                          % multiple):
+                return True
+        return False
+
+    def _cudnn_graph_usable(self, query: torch.Tensor) -> bool:
+        if self._cudnn_prefill is None or self._cudnn_prefill.mode != self.cudnn_graph_mode:
+            from pagedserve.attention import cudnn_prefill
+            if not (self._sdpa_available(query.device, query.dtype, query.shape[2]) and cudnn_prefill.available()):
+                return False
+            self._cudnn_prefill = cudnn_prefill.CudnnPrefill(self.cudnn_graph_mode)
+        return True
 
     def _triton_prefill(self, query, key, value, k_cache, v_cache, meta, scale, out, seq_begin, seq_end,
                         max_tokens) -> torch.Tensor:

@@ -185,6 +185,7 @@ def test_backend_cudnn_only_round_shapes() -> None:
     types only)."""
     backend = TritonBackend()
     backend.prefill_min_query_len, backend.sdpa_min_query_len, backend.cudnn_shape_multiple = 8, 16, 16
+    backend.long_chunk_path = "cudnn"
     backend._sdpa_available = lambda device, dtype, head_dim: True
     calls = []
     real = backend._sdpa_prefill_sequence
