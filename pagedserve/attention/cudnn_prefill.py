@@ -1,6 +1,7 @@
 """Every prefill chunk of an eager step in ONE call a layer of cuDNN's fused attention, through
-NVIDIA's cudnn-frontend (`pip install nvidia-cudnn-frontend`, optional: without it, or off CUDA,
-the Triton kernels take these chunks).
+NVIDIA's cudnn-frontend (optional: `pip install 'pagedserve[cuda]'`; without it, or off CUDA, the
+backend's other paths take these chunks). TritonBackend sends a step here only when one of its
+long chunks has a length or context that torch's cuDNN op would need a new graph for.
 
 torch's own cuDNN op (sdpa_prefill) builds a cuDNN graph per (query, key) length, so only round
 chunk shapes could use it. The frontend's graph takes the lengths at run time instead: one graph
