@@ -193,8 +193,7 @@ class _Graph:
             self.table = graph.tensor(name="table", dim=[b, 1, w, 1], stride=[w, w, 1, 1], data_type=int32)
             extra = dict(paged_attention_k_table=self.table, paged_attention_v_table=self.table,
                          paged_attention_max_seq_len_kv=w * block_size)
-            s_kv = w * block_size
-        else:
+        else:   # packed rows of at most W blocks' worth of keys a sequence
             s_kv = w * block_size
             dims, strides = [b, hkv, s_kv, d], [s_kv * hkv * d, d, hkv * d, 1]
             self.k = graph.tensor(name="k", dim=dims, stride=strides, data_type=io_type)
@@ -217,7 +216,7 @@ class _Graph:
         graph.build_plans()
         self.graph = graph
         self.workspace = torch.empty(graph.get_workspace_size(), dtype=torch.uint8, device=query.device)
-        self.mode, self.s_kv = mode, s_kv
+        self.mode = mode
 
     def execute(self, handle, query, k, v, out, inputs: StepInputs) -> None:
         pack = {self.q: query[inputs.token_begin:], self.k: k, self.v: v, self.o: out[inputs.token_begin:],
