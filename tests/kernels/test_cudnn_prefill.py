@@ -14,10 +14,9 @@ pytest.importorskip("triton", reason="triton is not installed")
 from pagedserve.attention import cudnn_prefill  # noqa: E402
 from pagedserve.attention.backend import TritonBackend  # noqa: E402
 from pagedserve.attention.cudnn_prefill import CudnnPrefill, plan_inputs, reference_execute  # noqa: E402
-from pagedserve.attention.metadata import AttentionMetadata  # noqa: E402
 from pagedserve.attention.torch_ref import paged_attention_ref  # noqa: E402
 from tests.kernels.test_paged_attention import DEVICE, TOLERANCES, make_batch  # noqa: E402
-from tests.kernels.test_prefill_attention import new_kv  # noqa: E402
+from tests.kernels.test_prefill_attention import new_kv, step_meta  # noqa: E402
 
 REAL_CUDNN = DEVICE.type == "cuda" and cudnn_prefill.available()
 
@@ -64,12 +63,7 @@ def _step(query_lens, context_lens, num_decodes, dtype, seed, strided_query):
         query = wide[:, :query.shape[1]]
         assert not query.is_contiguous()
     num_tokens = int(batch.query_start_loc[-1])
-    meta = AttentionMetadata(slot_mapping=torch.zeros(num_tokens, dtype=torch.int64, device=DEVICE),
-                             query_start_loc=batch.query_start_loc, seq_lens=batch.seq_lens,
-                             block_tables=batch.block_tables, max_query_len=batch.max_query_len,
-                             max_seq_len=batch.max_seq_len, num_decodes=num_decodes, num_decode_tokens=num_decodes,
-                             query_start_loc_host=batch.query_start_loc.tolist(),
-                             seq_lens_host=batch.seq_lens.tolist())
+    meta = step_meta(batch, num_decodes, host_lists=True)
     expected = paged_attention_ref(batch.query, batch.k_cache, batch.v_cache, batch.block_tables,
                                    batch.seq_lens, batch.query_start_loc, batch.scale, num_decodes)
     return batch, query, meta, expected, num_tokens

@@ -128,6 +128,17 @@ def test_split_chunked_prefill_matches_one_shot() -> None:
     torch.testing.assert_close(tail[23:40], out[23:40], atol=1e-5, rtol=1e-5)
 
 
+def step_meta(batch: Batch, num_decodes: int, host_lists: bool) -> AttentionMetadata:
+    """The metadata of a batch as one step (with the host lists of an eager step or without)."""
+    num_tokens = int(batch.query_start_loc[-1])
+    return AttentionMetadata(slot_mapping=torch.zeros(num_tokens, dtype=torch.int64, device=DEVICE),
+                             query_start_loc=batch.query_start_loc, seq_lens=batch.seq_lens,
+                             block_tables=batch.block_tables, max_query_len=batch.max_query_len,
+                             max_seq_len=batch.max_seq_len, num_decodes=num_decodes, num_decode_tokens=num_decodes,
+                             query_start_loc_host=batch.query_start_loc.tolist() if host_lists else None,
+                             seq_lens_host=batch.seq_lens.tolist() if host_lists else None)
+
+
 def backend_step(query_lens: list[int], context_lens: list[int], num_decodes: int, dtype: torch.dtype,
                  backend: TritonBackend, host_lists: bool, seed: int) -> None:
     """One step through backend.attend against the reference."""
@@ -135,12 +146,7 @@ def backend_step(query_lens: list[int], context_lens: list[int], num_decodes: in
                        head_dim=32, block_size=16, dtype=dtype, seed=seed)
     num_tokens = int(batch.query_start_loc[-1])
     key, value = new_kv(batch)
-    meta = AttentionMetadata(slot_mapping=torch.zeros(num_tokens, dtype=torch.int64, device=DEVICE),
-                             query_start_loc=batch.query_start_loc, seq_lens=batch.seq_lens,
-                             block_tables=batch.block_tables, max_query_len=batch.max_query_len,
-                             max_seq_len=batch.max_seq_len, num_decodes=num_decodes, num_decode_tokens=num_decodes,
-                             query_start_loc_host=batch.query_start_loc.tolist() if host_lists else None,
-                             seq_lens_host=batch.seq_lens.tolist() if host_lists else None)
+    meta = step_meta(batch, num_decodes, host_lists)
     out = backend.attend(batch.query, key, value, batch.k_cache, batch.v_cache, meta, batch.scale)
     expected = paged_attention_ref(batch.query, batch.k_cache, batch.v_cache, batch.block_tables,
                                    batch.seq_lens, batch.query_start_loc, batch.scale, num_decodes)
