@@ -29,8 +29,8 @@ multiturn  64 conversations x 4 turns sharing nothing across conversations: turn
            --host-gib GiB (default 70: all 64 contexts, ~61 GiB, fit). TTFT (submit -> first
            token) of turns 2-4, mean and P99, without the host tier (swap_space=0) and with it;
            target >= 2x lower mean.
-The host pool is pinned in the background from the first step on: startup_s no longer
-includes it; each run waits for it after its warm-up (pin_wait_s) so it times mapped copies.
+The host pool is pinned in the background from the first swap on: startup_s does not
+include it; each run waits for it after its warm-up (pin_wait_s) so it times mapped copies.
 sim        no model: the Scheduler and KVCacheManager alone run the pressure workloads with
            llama-8b's block counts (2048 device blocks, 2048 host blocks = 4 GiB, 1024 seqs,
            8192 tokens a step, lockstep) and print the same counters plus the tokens computed.

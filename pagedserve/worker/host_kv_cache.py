@@ -11,10 +11,13 @@ over all layers: no per-block or per-layer launch, no staging buffer, no host sy
 Pinning 70 GiB takes about half a minute, so it runs in a background thread, in chunks
 (several registrations of one contiguous range; the mapping is per page): start-up is not
 blocked, and until the whole pool is pinned, copies go through the staged path below. It
-starts with the first step, after start-up's CUDA graph capture (a capture in global mode
-forbids other threads' cudaHostRegister). The engine thread adopts the mapped view at the
-first swap after pinning ends, once a round trip through the kernel (the pool's first, last
-and chunk-edge blocks to a scratch device tensor and back) checks it.
+starts with the first swap, not before: while a registration runs, the engine thread's CUDA
+calls (graph launches, copies) wait (on the H200 a 0.25 s batch-1 decode of llama-1b took 1.7 s
+while 4 GiB were pinned the old way; 5-10% slower with _Pinning's pauses: benchmarks/RESULTS.md),
+so a workload that never fills the device cache never pays for it. That is also after start-up's CUDA graph capture (a
+capture in global mode forbids other threads' cudaHostRegister). The engine thread adopts the
+mapped view at the first swap after pinning ends, once a round trip through the kernel (the
+pool's first, last and chunk-edge blocks to a scratch device tensor and back) checks it.
 
 Ordering (the SchedulerOutput's lists, see engine_io): on CUDA the copies run on their own
 stream, which first waits for the work already queued on the compute stream (the previous
@@ -33,6 +36,7 @@ results), with a warning.
 from __future__ import annotations
 
 import logging
+import mmap
 import threading
 import time
 import weakref
@@ -45,7 +49,8 @@ logger = logging.getLogger(__name__)
 
 _CUDA_HOST_REGISTER_PORTABLE_MAPPED = 0x01 | 0x02
 _STAGED_CHUNK_BYTES = 256 * 2**20   # bound on the fallback's device staging tensor
-_PIN_CHUNK_BYTES = 256 * 2**20      # one cudaHostRegister call (~0.1 s) of the background pinning
+_PIN_CHUNK_BYTES = 32 * 2**20       # one cudaHostRegister call of the background pinning (_Pinning)
+_PIN_PAUSE = 3.0                    # the pinning thread sleeps 3x each registration's time after it
 
 
 def _words(cache: torch.Tensor) -> torch.Tensor:
@@ -101,16 +106,28 @@ def check_blocks(pointer: int, nbytes: int, planes: int, num_blocks: int, most: 
 
 
 class _Pinning:
-    """Registers [pointer, pointer + nbytes) chunk by chunk in a daemon thread; `done` is set
-    when it ends, `ok` tells whether every chunk was registered. close() stops it (between
-    chunks) and unregisters what it registered; it holds no reference to the HostKVCache."""
+    """Registers the host tensor `raw` chunk by chunk in a daemon thread; `done` is set when it
+    ends, `ok` tells whether every chunk was registered. close() stops it (between chunks) and
+    unregisters what it registered; it holds no reference to the HostKVCache.
 
-    def __init__(self, pointer: int, nbytes: int, device: torch.device) -> None:
-        self.pointer, self.nbytes, self.device = pointer, nbytes, device
+    While a cudaHostRegister runs, every other CUDA call of the process waits (the driver's
+    lock; on the H200 a decode step's graph launch waited 0.4-0.7 s while 256 MiB chunks were
+    registered back to back: benchmarks/RESULTS.md, issue 22, session 17). So each chunk's pages
+    are first touched here, outside the lock (the registration then only pins them: ~7x
+    shorter), the chunks are small, and after each the thread sleeps `pause` times as long as
+    the registration took, so the engine thread's calls get through between them."""
+
+    def __init__(self, raw: torch.Tensor, device: torch.device, chunk: int | None = None, touch: bool = True,
+                 pause: float | None = None) -> None:
+        self.pointer, self.nbytes, self.device = raw.data_ptr(), raw.numel() * raw.element_size(), device
+        self.chunk, self.touch = chunk or _PIN_CHUNK_BYTES, touch
+        self.pause = _PIN_PAUSE if pause is None else pause
+        self._raw: torch.Tensor | None = raw.view(torch.uint8).view(-1)   # until the thread ends
         self.chunks: list[int] = []
         self.ok = False
         self.error: Exception | None = None
-        self.seconds = 0.0
+        self.seconds = 0.0            # start to end
+        self.register_seconds = 0.0   # of which in cudaHostRegister (the other threads' CUDA calls wait)
         self.stop, self.done = threading.Event(), threading.Event()
         self.thread = threading.Thread(target=self._run, name="host-kv-pinning", daemon=True)
         self.thread.start()
@@ -119,15 +136,23 @@ class _Pinning:
         began = time.monotonic()
         try:
             torch.cuda.set_device(self.device)
-            for start, end in pin_chunks(self.pointer, self.nbytes):
+            for start, end in pin_chunks(self.pointer, self.nbytes, self.chunk):
                 if self.stop.is_set():
                     return
+                if self.touch:   # one byte a page faults it in (the pool is never read before written)
+                    self._raw[start - self.pointer:end - self.pointer:mmap.PAGESIZE].zero_()
+                t0 = time.monotonic()
                 _register(start, end - start)
+                took = time.monotonic() - t0
+                self.register_seconds += took
                 self.chunks.append(start)
+                if self.pause:
+                    self.stop.wait(self.pause * took)
             self.ok = True
         except Exception as exc:   # pageable memory still works, through staged copies
             self.error = exc
         finally:
+            self._raw = None
             self.seconds = time.monotonic() - began
             self.done.set()
 
@@ -176,12 +201,12 @@ class HostKVCache:
         if self.stream is None:
             return "cpu"
         if not self._pin_started or (self._pinning is not None and not self._pinning.done.is_set()):
-            return "staged until pinned (in the background, from the first step on)"
+            return "staged until pinned (in the background, from the first swap on)"
         return "mapped" if self._mapped is not None else "staged"
 
     def _start_pinning(self) -> None:
         self._pin_started = True
-        self._pinning = _Pinning(self._raw.data_ptr(), self._raw.numel(), self.device)
+        self._pinning = _Pinning(self._raw, self.device)
         weakref.finalize(self, self._pinning.close)
 
     def wait_pinned(self) -> bool:
@@ -202,8 +227,8 @@ class HostKVCache:
             return
         self._mapped = self._map(self._raw)
         if self._mapped is not None:
-            logger.info("host KV tier: %.1f GiB pinned in the background in %.1f s; copies mapped",
-                        pinning.nbytes / 2**30, pinning.seconds)
+            logger.info("host KV tier: %.1f GiB pinned in the background in %.1f s (%.2f s of it registering); "
+                        "copies mapped", pinning.nbytes / 2**30, pinning.seconds, pinning.register_seconds)
 
     def _map(self, raw: torch.Tensor) -> torch.Tensor | None:
         """The mapped view as words, after a round trip through the kernel (the first, last and
@@ -244,9 +269,7 @@ class HostKVCache:
 
     def await_loads(self) -> None:
         """Before a forward: the compute stream waits for the last step's swap-ins and
-        write-behind swap-outs. The first call starts the background pinning."""
-        if not self._pin_started:
-            self._start_pinning()
+        write-behind swap-outs."""
         if self._loads is not None:
             torch.cuda.current_stream(self.device).wait_event(self._loads)
             self._loads = None

@@ -3,6 +3,8 @@ host prefix hits, fallback to recompute, abort while swapped out, no leak in eit
 and the worker's copies (CPU: both pools are plain tensors)."""
 from __future__ import annotations
 
+import time
+
 import torch
 
 from pagedserve.core.kv_cache_manager import KVCacheManager
@@ -373,15 +375,47 @@ def test_the_mapped_view_check_covers_blocks_across_chunk_edges(monkeypatch):
 
 
 def test_background_pinning_registers_every_chunk_and_unregisters_on_close(monkeypatch):
-    """The pinning thread's bookkeeping, with the CUDA calls replaced by a log."""
+    """The pinning thread's bookkeeping, with the CUDA calls replaced by a log: every chunk
+    registered in order, each chunk's pages touched first (one zero byte a page, from the
+    chunk's start; nothing else written), all unregistered on close."""
+    import mmap
+
     import pagedserve.worker.host_kv_cache as host_kv_cache
     calls = []
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
-    monkeypatch.setattr(host_kv_cache, "_register", lambda pointer, nbytes: calls.append(("reg", pointer, nbytes)))
-    monkeypatch.setattr(host_kv_cache, "_unregister", lambda pointer: calls.append(("unreg", pointer)))
-    monkeypatch.setattr(host_kv_cache, "_PIN_CHUNK_BYTES", 1024)
-    pinning = host_kv_cache._Pinning(1000, 2100, torch.device("cpu"))
+    raw = torch.full((2 * mmap.PAGESIZE + 100,), 7, dtype=torch.uint8)
+    base = raw.data_ptr()
+
+    def register(pointer, nbytes):
+        calls.append(("reg", pointer - base, nbytes))
+        # touched before it is registered: the chunk's page-stride bytes are already zero
+        assert not raw[pointer - base:pointer - base + nbytes:mmap.PAGESIZE].any()
+
+    monkeypatch.setattr(host_kv_cache, "_register", register)
+    monkeypatch.setattr(host_kv_cache, "_unregister", lambda pointer: calls.append(("unreg", pointer - base)))
+    chunk = mmap.PAGESIZE
+    pinning = host_kv_cache._Pinning(raw, torch.device("cpu"), chunk=chunk, pause=0.0)
     assert pinning.done.wait(10) and pinning.ok and pinning.error is None
-    assert calls == [("reg", 1000, 24), ("reg", 1024, 1024), ("reg", 2048, 1024), ("reg", 3072, 28)]
+    starts = [start - base for start, _ in host_kv_cache.pin_chunks(base, raw.numel(), chunk)]
+    assert [c[1] for c in calls] == starts and sum(c[2] for c in calls) == raw.numel()
+    touched = {i for start, (_, _, n) in zip(starts, calls) for i in range(start, start + n, mmap.PAGESIZE)}
+    assert all(raw[i].item() == (0 if i in touched else 7) for i in range(raw.numel()))
+    assert pinning._raw is None   # the thread let go of the pool
     pinning.close()
-    assert calls[4:] == [("unreg", 1000), ("unreg", 1024), ("unreg", 2048), ("unreg", 3072)] and not pinning.chunks
+    assert calls[len(starts):] == [("unreg", s) for s in starts] and not pinning.chunks
+
+
+def test_background_pinning_pauses_after_each_registration(monkeypatch):
+    """After each cudaHostRegister the thread sleeps `pause` times as long as it took (other
+    threads' CUDA calls wait while one runs): 4 registrations of >= 5 ms with pause 3 take
+    >= 4 x 20 ms in all."""
+    import pagedserve.worker.host_kv_cache as host_kv_cache
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(host_kv_cache, "_register", lambda pointer, nbytes: time.sleep(0.005))
+    monkeypatch.setattr(host_kv_cache, "_unregister", lambda pointer: None)
+    raw = torch.zeros(4096, dtype=torch.uint8)
+    pinning = host_kv_cache._Pinning(raw, torch.device("cpu"), chunk=1024, touch=False, pause=3.0)
+    assert pinning.done.wait(10) and pinning.ok
+    assert len(pinning.chunks) in (4, 5) and pinning.register_seconds >= 0.005 * len(pinning.chunks)
+    assert pinning.seconds >= 4 * pinning.register_seconds * 0.99
+    pinning.close()
