@@ -357,6 +357,26 @@ def test_the_staged_fallback_copies_the_same_blocks():
     assert torch.equal(device[:, 5], device[:, 1])
 
 
+def test_the_host_pool_is_pinned_from_the_first_swap_not_the_first_step(monkeypatch):
+    """On CUDA the pool's pinning (which stalls every other CUDA call while a chunk registers)
+    starts at the first swap: the per-step await_loads does not start it. The CUDA stream
+    calls are stood in for (no copies: empty lists)."""
+    import contextlib
+    from types import SimpleNamespace
+
+    cache = HostKVCache(torch.zeros(4, 6, B, 2, 3), 5)
+    started = []
+    monkeypatch.setattr(cache, "_start_pinning", lambda: started.append(True))
+    cache.stream = SimpleNamespace(wait_stream=lambda stream: None)   # as on CUDA
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    for _ in range(3):
+        cache.await_loads()
+    assert not started and cache.copy_mode == "staged until pinned (in the background, from the first swap on)"
+    cache.swap([], [])
+    assert started == [True]
+
+
 def test_background_pinning_cuts_the_pool_at_chunk_multiples():
     """The chunks registered one by one tile the pool exactly and never share a page."""
     assert pin_chunks(1000, 5000, chunk=1024) == [(1000, 1024), (1024, 2048), (2048, 3072), (3072, 4096),
