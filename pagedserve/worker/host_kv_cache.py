@@ -110,9 +110,9 @@ class _Pinning:
     ends, `ok` tells whether every chunk was registered. close() stops it (between chunks) and
     unregisters what it registered; it holds no reference to the HostKVCache.
 
-    While a cudaHostRegister runs, every other CUDA call of the process waits (the driver's
-    lock; on the H200 a decode step's graph launch waited 0.4-0.7 s while 256 MiB chunks were
-    registered back to back: benchmarks/RESULTS.md, issue 22, session 17). So each chunk's pages
+    While a cudaHostRegister runs, every other CUDA call of the process waits (a lock in the
+    driver, by all appearances: on the H200 a graph replay with a sync waited 0.3-0.7 s at a time
+    while 256 MiB chunks were registered back to back; benchmarks/RESULTS.md, issue 22, session 17). So each chunk's pages
     are first touched here, outside the lock (the registration then only pins them: ~7x
     shorter), the chunks are small, and after each the thread sleeps `pause` times as long as
     the registration took, so the engine thread's calls get through between them."""
