@@ -8,16 +8,17 @@ allocator rounds up to a power of two) and mapped into the device's address spac
 Triton kernel per direction (attention/triton_copy_blocks.py) copies every block of the step
 over all layers: no per-block or per-layer launch, no staging buffer, no host sync.
 
-Pinning 70 GiB takes about half a minute, so it runs in a background thread, in chunks
-(several registrations of one contiguous range; the mapping is per page): start-up is not
-blocked, and until the whole pool is pinned, copies go through the staged path below. It
-starts with the first swap, not before: while a registration runs, the engine thread's CUDA
-calls (graph launches, copies) wait (on the H200 a 0.25 s batch-1 decode of llama-1b took 1.7 s
-while 4 GiB were pinned the old way; 5-10% slower with _Pinning's pauses: benchmarks/RESULTS.md),
-so a workload that never fills the device cache never pays for it. That is also after start-up's CUDA graph capture (a
-capture in global mode forbids other threads' cudaHostRegister). The engine thread adopts the
-mapped view at the first swap after pinning ends, once a round trip through the kernel (the
-pool's first, last and chunk-edge blocks to a scratch device tensor and back) checks it.
+Pinning a large pool takes tens of seconds (4 GiB ~3 s on the H200 with _Pinning's pauses), so
+it runs in a background thread, in chunks (several registrations of one contiguous range; the
+mapping is per page): start-up is not blocked, and until the whole pool is pinned, copies go
+through the staged path below. It starts with the first swap, not before: while a registration
+runs, the engine thread's CUDA calls (graph launches, copies) wait (on the H200 a 0.25 s batch-1
+decode of llama-1b took 1.7 s while 4 GiB were pinned the old way; 5-10% slower with _Pinning's
+pauses: benchmarks/RESULTS.md), so a workload that never fills the device cache never pays for
+it. That is also after start-up's CUDA graph capture (a capture in global mode forbids other
+threads' cudaHostRegister). The engine thread adopts the mapped view at the first swap after
+pinning ends, once a round trip through the kernel (the pool's first, last and chunk-edge blocks
+to a scratch device tensor and back) checks it.
 
 Ordering (the SchedulerOutput's lists, see engine_io): on CUDA the copies run on their own
 stream, which first waits for the work already queued on the compute stream (the previous
@@ -112,10 +113,11 @@ class _Pinning:
 
     While a cudaHostRegister runs, every other CUDA call of the process waits (a lock in the
     driver, by all appearances: on the H200 a graph replay with a sync waited 0.3-0.7 s at a time
-    while 256 MiB chunks were registered back to back; benchmarks/RESULTS.md, issue 22, session 17). So each chunk's pages
-    are first touched here, outside the lock (the registration then only pins them: ~7x
-    shorter), the chunks are small, and after each the thread sleeps `pause` times as long as
-    the registration took, so the engine thread's calls get through between them."""
+    while 256 MiB chunks were registered back to back; benchmarks/RESULTS.md, issue 22, session
+    17). So each chunk's pages are first touched here, outside the lock (the registration then
+    only pins them: ~7x shorter), the chunks are small, and after each the thread sleeps `pause`
+    times as long as the registration took, so the engine thread's calls get through between
+    them."""
 
     def __init__(self, raw: torch.Tensor, device: torch.device, chunk: int | None = None, touch: bool = True,
                  pause: float | None = None) -> None:
