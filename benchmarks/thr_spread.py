@@ -1,10 +1,15 @@
-"""Why thr512 moves ~7% between runs of the same engine (issue 22): llama-1b (dummy weights,
+"""Why thr512 moves between runs of the same engine (issue 22): llama-1b (dummy weights,
 peers.py's set-up and workload) run `--runs` times in one process, each on a fresh engine; per
 run the out tok/s, each core step's wall time (EngineCore.step wrapped: median / p90 / max, the
-time in steps over 20 ms), the engine thread's CPU time over the wall time (near 1: the host is
-the bound), and the GPU's SM clock and power while it ran (nvidia-smi every 100 ms).
+time in steps over 20 ms), the engine thread's CPU time over the wall time (1.0 whatever the
+bound: CUDA's synchronisation spins), the GPU's side (CUDA events around each step's launch:
+the time the GPU spent in steps, and idle between them waiting for the host; per step
+[tokens, span ms, gap after ms] in the json), the garbage collector's pauses by generation
+(count, total ms, longest ms), the start-up time, and with nvidia-smi polling (off with
+--no-smi: session 18 found its queries themselves cost thr512 ~15%) the SM clock and power.
+--ab: odd runs without LLM()'s start-up collection and freeze (pagedserve.llm, session 18).
 
-Usage: python3 benchmarks/thr_spread.py OUT [--runs 4] [--model llama-1b]
+Usage: python3 benchmarks/thr_spread.py OUT [--runs 4] [--model llama-1b] [--no-smi] [--ab]
 """
 from __future__ import annotations
 
@@ -42,11 +47,28 @@ def clocks(path: str, began: float, ended: float) -> dict:
                 sm_mhz_min=min(r[0] for r in rows), power_w_median=statistics.median(r[1] for r in rows))
 
 
-def one_run(model: str, smi_path: str) -> dict:
+def _total(n) -> int:
+    return sum(n.values()) if isinstance(n, dict) else int(n or 0)
+
+
+class _NoFreeze:
+    """Stands in for the gc module in pagedserve.llm: LLM() as before session 18 (no collection,
+    no freeze at start-up) for the A/B's "nofreeze" runs."""
+    collect = staticmethod(lambda *a: 0)
+    freeze = unfreeze = staticmethod(lambda: None)
+    get_freeze_count = staticmethod(lambda: 0)
+
+
+def one_run(model: str, smi_path: str, freeze: bool = True) -> dict:
     from peers import make_model_dir, workload
     from pagedserve import LLM, SamplingParams
+    import pagedserve.llm as llm_module
+    llm_module.gc = gc if freeze else _NoFreeze
+    t_ready = time.perf_counter()
     llm = LLM(model=make_model_dir(model), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
               max_model_len=2048, gpu_memory_utilization=0.85, seed=0)
+    t_ready = time.perf_counter() - t_ready
+    llm_module.gc = gc
     reqs = workload(512)
     prompts = [{"prompt_token_ids": p} for p, _ in reqs]
     sps = [SamplingParams(max_tokens=o, ignore_eos=True, temperature=0.0, detokenize=False) for _, o in reqs]
@@ -63,18 +85,61 @@ def one_run(model: str, smi_path: str) -> dict:
             steps.append(time.perf_counter() - t0)
 
     core.step = timed_step
+    # the GPU's side: an event before and after each step's launch on the runner's stream (the
+    # current one); a gap from one step's end event to the next one's start is the GPU waiting
+    # for the host
+    executor = core.executor
+    launch = executor.execute_model
+    marks: list[tuple] = []
+
+    def timed_launch(so, *args, **kwargs):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        try:
+            return launch(so, *args, **kwargs)
+        finally:
+            e1.record()
+            marks.append((e0, e1, so.num_scheduled_tokens if hasattr(so, "num_scheduled_tokens") else 0))
+
+    if torch.cuda.is_available():
+        executor.execute_model = timed_launch
+    pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    started: list[float] = []
+
+    def on_gc(phase, info):
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            pauses[info["generation"]].append(time.perf_counter() - started.pop())
+
+    gc.callbacks.append(on_gc)
     cpu0, t0, wall0 = time.thread_time(), time.perf_counter(), time.time()
     outs = llm.generate(prompts, sps, use_tqdm=False)
     dt = time.perf_counter() - t0
+    gc.callbacks.remove(on_gc)
     cpu = time.thread_time() - cpu0
     wall1 = time.time()
     core.step = step
+    executor.execute_model = launch
+    if marks:
+        torch.cuda.synchronize()
+    spans = [a.elapsed_time(b) for a, b, _ in marks]
+    gaps = [max(0.0, marks[i][1].elapsed_time(marks[i + 1][0])) for i in range(len(marks) - 1)]
+    tokens = [_total(n) for _, _, n in marks]
+    small = [sp for sp, n in zip(spans, tokens) if n <= 512]
     ms = sorted(s * 1e3 for s in steps)
     res = dict(out_tok_s=round(sum(len(o.outputs[0].token_ids) for o in outs) / dt, 1), wall_s=round(dt, 3),
                steps=len(ms), step_ms_median=round(statistics.median(ms), 3), step_ms_p90=round(ms[int(0.9 * len(ms))], 3),
                step_ms_max=round(ms[-1], 1), in_steps_s=round(sum(ms) / 1e3, 3),
                over_20ms_s=round(sum(m for m in ms if m > 20) / 1e3, 3),
-               engine_thread_cpu_over_wall=round(cpu / dt, 3), **clocks(smi_path, wall0, wall1))
+               engine_thread_cpu_over_wall=round(cpu / dt, 3), gpu_launches=len(marks), freeze=freeze,
+               ready_s=round(t_ready, 2), frozen_objects=gc.get_freeze_count(),
+               gc_ms={g: [len(v), round(sum(v) * 1e3, 1), round(max(v, default=0) * 1e3, 1)] for g, v in pauses.items()},
+               gpu_span_s=round(sum(spans) / 1e3, 3), gpu_idle_between_s=round(sum(gaps) / 1e3, 3),
+               gpu_gaps_over_0_1ms=sum(g > 0.1 for g in gaps), decode_span_ms_median=round(statistics.median(small), 3)
+               if small else None, decode_span_s=round(sum(small) / 1e3, 3),
+               **(clocks(smi_path, wall0, wall1) if smi_path else {}),
+               per_step=[[n, round(sp, 3), round(g, 3)] for n, sp, g in zip(tokens, spans, gaps + [0.0])])
     llm.shutdown()
     return res
 
@@ -84,26 +149,29 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--runs", type=int, default=4)
     ap.add_argument("--model", default="llama-1b")
+    ap.add_argument("--ab", action="store_true", help="odd runs without LLM()'s start-up collect + freeze")
+    ap.add_argument("--no-smi", action="store_true", help="no nvidia-smi polling (its driver queries may stall)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    smi_path = os.path.join(args.out, "smi.csv")
-    smi = subprocess.Popen(["bash", "-c", "while true; do echo \"$(date +%s.%N), $(nvidia-smi --query-gpu=clocks.sm,"
+    smi_path = None if args.no_smi else os.path.join(args.out, "smi.csv")
+    smi = None if args.no_smi else subprocess.Popen(["bash", "-c", "while true; do echo \"$(date +%s.%N), $(nvidia-smi --query-gpu=clocks.sm,"
                             "power.draw --format=csv,noheader,nounits)\"; sleep 0.1; done"],
                            stdout=open(smi_path, "w"), stderr=subprocess.DEVNULL)
     results = dict(date=time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()), machine=torch.cuda.get_device_name(0),
                    model=args.model, load_avg_start=os.getloadavg(), runs=[])
     try:
         for i in range(args.runs):
-            res = one_run(args.model, smi_path)
+            res = one_run(args.model, smi_path, freeze=not (args.ab and i % 2))
             res["load_avg"] = os.getloadavg()
-            log(f"run {i + 1}: {json.dumps(res)}")
+            log(f"run {i + 1}: {json.dumps({k: v for k, v in res.items() if k != 'per_step'})}")
             results["runs"].append(res)
             gc.collect()
             torch.cuda.empty_cache()
             with open(os.path.join(args.out, "thr_spread.json"), "w") as f:
                 json.dump(results, f, indent=1)
     finally:
-        smi.kill()
+        if smi is not None:
+            smi.kill()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The offline API, shaped like vLLM's: LLM(...).generate(prompts, SamplingParams(...))."""
 from __future__ import annotations
 
+import gc
 import logging
 import weakref
 from typing import Any, Sequence
@@ -30,9 +31,19 @@ class LLM:
         args = EngineArgs.from_kwargs(model=model, **kwargs)
         self.engine = LLMEngine(args)
         self._request_counter = 0
+        # Start-up left ~10^5 long-lived objects no full collection has walked (pagedserve's import
+        # runs with the collector off), so the first one fell inside the first generate: ~120 ms
+        # of GIL, one stalled step (H200, llama-1b thr512: 4% of the run; benchmarks/RESULTS.md,
+        # session 18). Collected here and frozen, as the server's engine-core process does, so no
+        # later full collection walks them; unless the application froze objects itself, the
+        # shutdown below unfreezes (the engine's cycles are collectable again).
+        gc.collect()
+        owns_freeze = gc.get_freeze_count() == 0
+        if owns_freeze:
+            gc.freeze()
         # shutdown() runs once: when called, when this LLM is garbage-collected, or at
         # interpreter exit, whichever comes first (no rank process outlives its LLM)
-        self._shutdown = weakref.finalize(self, self.engine.shutdown)
+        self._shutdown = weakref.finalize(self, _release, self.engine, owns_freeze)
 
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
@@ -90,6 +101,14 @@ class LLM:
     def shutdown(self) -> None:
         """Release the engine (and stop its tensor-parallel ranks). Idempotent."""
         self._shutdown()
+
+
+def _release(engine: LLMEngine, owns_freeze: bool) -> None:
+    try:
+        engine.shutdown()
+    finally:
+        if owns_freeze:
+            gc.unfreeze()
 
 
 def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
