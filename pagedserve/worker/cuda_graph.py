@@ -351,6 +351,15 @@ class CudaGraphRunner:
         if size > num:
             self.slot_mapping[num:size].fill_(-1)
 
+    def logits_rows(self, rows: int) -> int:
+        """The rows an LM head of `rows` rows outside these graphs computes (model_runner._logits):
+        past the gemv's range (linear_ops.GEMV_MAX_ROWS: cuBLAS's), the smallest decode bucket
+        holding them, whose matmul the capture ran; else `rows`."""
+        from pagedserve.layers.linear_ops import GEMV_MAX_ROWS
+        if rows <= GEMV_MAX_ROWS or not self.graphs or rows > self.buckets[-1]:
+            return rows
+        return next(b for b in self.buckets if b >= rows)
+
     def can_run(self, inputs: StepInputs) -> bool:
         num = len(inputs.rows)
         return bool(self.graphs) and inputs.meta.num_decodes == num and num <= self.buckets[-1] \

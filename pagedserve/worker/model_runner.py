@@ -229,13 +229,13 @@ class ModelRunner:
             hidden, logits = None, self._replay(graphs.run_prefill, inputs)
         elif graphs is not None and graphs.can_run_mixed(inputs):
             hidden = graphs.run_mixed(inputs)
-            logits = self.model.compute_logits(hidden[inputs.logits_indices])
+            logits = self._logits(hidden, inputs.logits_indices)
         elif self.pipeline is not None:
             hidden = self._stage_forward(inputs)
-            logits = None if hidden is None else self.model.compute_logits(hidden[inputs.logits_indices])
+            logits = None if hidden is None else self._logits(hidden, inputs.logits_indices)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
-            logits = self.model.compute_logits(hidden[inputs.logits_indices])
+            logits = self._logits(hidden, inputs.logits_indices)
         for row, q_len in zip(inputs.rows, inputs.query_lens):
             row.num_computed_tokens += q_len
         if wants_prompt_logprobs and hidden is not None:
@@ -439,6 +439,21 @@ class ModelRunner:
         for k, v in self.kv_caches:
             k[dst] = k[src]
             v[dst] = v[src]
+
+    def _logits(self, hidden: torch.Tensor, indices: torch.Tensor) -> torch.Tensor | None:
+        """compute_logits(hidden[indices]) for a step outside the decode graphs. With decode
+        graphs, a row count in cuBLAS's range (past the gemv's) is padded to the decode bucket
+        at or above it (row 0 repeated, its logits dropped): the LM head's matmul then has an M
+        that capture already ran. cuBLAS spends 5-9 ms of host time on its first matmul of a new
+        M, and mixed / eager steps sample every count of rows: before this, ~5 ms before each
+        prefill step of a first llama-1b engine's thr512 on the H200 (benchmarks/RESULTS.md,
+        session 18), and a fresh server paid it for each new count of rows."""
+        rows = indices.shape[0]
+        padded = rows if self.graph_runner is None else self.graph_runner.logits_rows(rows)
+        if padded == rows:
+            return self.model.compute_logits(hidden[indices])
+        logits = self.model.compute_logits(hidden[torch.nn.functional.pad(indices, (0, padded - rows))])
+        return None if logits is None else logits[:rows]
 
     def _prompt_logprobs(self, inputs: StepInputs, hidden: torch.Tensor
                          ) -> dict[RequestId, list[TokenLogprobs]]:
