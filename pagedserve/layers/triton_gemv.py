@@ -32,7 +32,10 @@ from pagedserve.layers.triton_ops import _LIBDEVICE, silu_mul
 MAX_ROWS = 16
 # (Programmatic dependent launch, each gemv placed while the kernel before runs and prefetching its
 # first weight slices into the L2, was measured slower twice on the H200: 831 vs 951 and 933.7 vs
-# 1,025.6 tok/s on llama-1b, benchmarks/RESULTS.md; deleted.)
+# 1,025.6 tok/s on llama-1b, benchmarks/RESULTS.md; deleted. Nor did o_proj's and gate_up's weights
+# bulk-prefetched into the L2 (cp.async.bulk.prefetch) while the decode attention runs: the gemvs
+# read them from the L2 only 0.5 us a layer faster, the prefetch launch cost 3-4 us; replay +5% /
+# +3%, session 18, branch l2pf.)
 # (Split K at one row, each tile's fp32 partials summed in a fixed order by its last program in
 # the same launch, was checked exact and deterministic on the H200 but slower on all ten llama
 # shapes, by 0.8-6.1 us a call, and level end to end: benchmarks/RESULTS.md, session 9; deleted.)
