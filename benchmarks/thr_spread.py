@@ -7,9 +7,10 @@ the time the GPU spent in steps, and idle between them waiting for the host; per
 [tokens, span ms, gap after ms] in the json), the garbage collector's pauses by generation
 (count, total ms, longest ms), the start-up time, and with nvidia-smi polling (off with
 --no-smi: session 18 found its queries themselves cost thr512 ~15%) the SM clock and power.
---ab: odd runs without LLM()'s start-up collection and freeze (pagedserve.llm, session 18).
+--ab: odd runs without LLM()'s start-up collection and freeze (pagedserve.llm, session 18);
+--no-lmhead-pad: the LM head outside the graphs at its own row count (before a12b9ed).
 
-Usage: python3 benchmarks/thr_spread.py OUT [--runs 4] [--model llama-1b] [--no-smi] [--ab]
+Usage: python3 benchmarks/thr_spread.py OUT [--runs 4] [--model llama-1b] [--no-smi] [--ab] [--no-lmhead-pad]
 """
 from __future__ import annotations
 
@@ -45,6 +46,11 @@ def clocks(path: str, began: float, ended: float) -> dict:
         return {}
     return dict(samples=len(rows), sm_mhz_median=statistics.median(r[0] for r in rows),
                 sm_mhz_min=min(r[0] for r in rows), power_w_median=statistics.median(r[1] for r in rows))
+
+
+def _lmhead_pad() -> bool:
+    from pagedserve.worker.cuda_graph import CudaGraphRunner
+    return CudaGraphRunner.logits_rows.__name__ == "logits_rows"
 
 
 def _total(n) -> int:
@@ -139,6 +145,8 @@ def one_run(model: str, smi_path: str, freeze: bool = True) -> dict:
                gpu_gaps_over_0_1ms=sum(g > 0.1 for g in gaps), decode_span_ms_median=round(statistics.median(small), 3)
                if small else None, decode_span_s=round(sum(small) / 1e3, 3),
                **(clocks(smi_path, wall0, wall1) if smi_path else {}),
+               prefill_gaps_s=round(sum(g for (_, _, n), g in zip(marks, gaps) if _total(n) > 512) / 1e3, 3),
+               lmhead_pad=_lmhead_pad(),
                per_step=[[n, round(sp, 3), round(g, 3)] for n, sp, g in zip(tokens, spans, gaps + [0.0])])
     llm.shutdown()
     return res
@@ -150,9 +158,14 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=4)
     ap.add_argument("--model", default="llama-1b")
     ap.add_argument("--ab", action="store_true", help="odd runs without LLM()'s start-up collect + freeze")
+    ap.add_argument("--no-lmhead-pad", action="store_true",
+                    help="the LM head outside the graphs at its own row count (before session 18's a12b9ed)")
     ap.add_argument("--no-smi", action="store_true", help="no nvidia-smi polling (its driver queries may stall)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if args.no_lmhead_pad:
+        from pagedserve.worker.cuda_graph import CudaGraphRunner
+        CudaGraphRunner.logits_rows = lambda self, rows: rows
     smi_path = None if args.no_smi else os.path.join(args.out, "smi.csv")
     smi = None if args.no_smi else subprocess.Popen(["bash", "-c", "while true; do echo \"$(date +%s.%N), $(nvidia-smi --query-gpu=clocks.sm,"
                             "power.draw --format=csv,noheader,nounits)\"; sleep 0.1; done"],
