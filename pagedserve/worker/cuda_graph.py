@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from pagedserve.attention.metadata import AttentionMetadata
+from pagedserve.layers import linear_ops
 from pagedserve.worker.compile_ahead import compile_ahead
 from pagedserve.worker.input_batch import StepInputs
 
@@ -355,8 +356,7 @@ class CudaGraphRunner:
         """The rows an LM head of `rows` rows outside these graphs computes (model_runner._logits):
         past the gemv's range (linear_ops.GEMV_MAX_ROWS: cuBLAS's), the smallest decode bucket
         holding them, whose matmul the capture ran; else `rows`."""
-        from pagedserve.layers.linear_ops import GEMV_MAX_ROWS
-        if rows <= GEMV_MAX_ROWS or not self.graphs or rows > self.buckets[-1]:
+        if rows <= linear_ops.GEMV_MAX_ROWS or not self.graphs or rows > self.buckets[-1]:
             return rows
         return next(b for b in self.buckets if b >= rows)
 
