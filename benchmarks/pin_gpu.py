@@ -143,23 +143,30 @@ def engine_stage(dev: torch.device, rounds: int, variants: list[str]) -> dict:
 
 
 class GcPauses:
-    """Per generation: how many collections ran and the milliseconds they took (gc.callbacks)."""
+    """Per generation: how many collections ran, the milliseconds they took and the longest one
+    (gc.callbacks); thr_spread.py uses it too."""
 
     def __init__(self) -> None:
         self.began: float | None = None
-        self.counts, self.seconds = [0, 0, 0], [0.0, 0.0, 0.0]
+        self._reset()
         gc.callbacks.append(self._callback)
+
+    def _reset(self) -> None:
+        self.counts, self.seconds, self.longest = [0, 0, 0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]
 
     def _callback(self, phase: str, info: dict) -> None:
         if phase == "start":
             self.began = time.perf_counter()
         elif self.began is not None:
-            self.counts[info["generation"]] += 1
-            self.seconds[info["generation"]] += time.perf_counter() - self.began
+            took, generation = time.perf_counter() - self.began, info["generation"]
+            self.counts[generation] += 1
+            self.seconds[generation] += took
+            self.longest[generation] = max(self.longest[generation], took)
 
     def take(self) -> dict:
-        out = dict(counts=self.counts, ms=[round(s * 1e3, 1) for s in self.seconds])
-        self.counts, self.seconds = [0, 0, 0], [0.0, 0.0, 0.0]
+        out = dict(counts=self.counts, ms=[round(s * 1e3, 1) for s in self.seconds],
+                   longest_ms=[round(s * 1e3, 1) for s in self.longest])
+        self._reset()
         return out
 
     def close(self) -> None:

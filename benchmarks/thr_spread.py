@@ -27,6 +27,8 @@ sys.path[:0] = [".", ".devcarry", os.path.join(os.path.dirname(os.path.abspath("
 
 import torch  # noqa: E402
 
+from pin_gpu import GcPauses  # noqa: E402  (beside this file: the script's directory is on sys.path)
+
 
 def log(msg: str) -> None:
     print(msg, flush=True)
@@ -109,20 +111,12 @@ def one_run(model: str, smi_path: str, freeze: bool = True) -> dict:
 
     if torch.cuda.is_available():
         executor.execute_model = timed_launch
-    pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
-    started: list[float] = []
-
-    def on_gc(phase, info):
-        if phase == "start":
-            started.append(time.perf_counter())
-        elif started:
-            pauses[info["generation"]].append(time.perf_counter() - started.pop())
-
-    gc.callbacks.append(on_gc)
+    pauses = GcPauses()
     cpu0, t0, wall0 = time.thread_time(), time.perf_counter(), time.time()
     outs = llm.generate(prompts, sps, use_tqdm=False)
     dt = time.perf_counter() - t0
-    gc.callbacks.remove(on_gc)
+    gc_run = pauses.take()
+    pauses.close()
     cpu = time.thread_time() - cpu0
     wall1 = time.time()
     core.step = step
@@ -140,7 +134,7 @@ def one_run(model: str, smi_path: str, freeze: bool = True) -> dict:
                over_20ms_s=round(sum(m for m in ms if m > 20) / 1e3, 3),
                engine_thread_cpu_over_wall=round(cpu / dt, 3), gpu_launches=len(marks), freeze=freeze,
                ready_s=round(t_ready, 2), frozen_objects=gc.get_freeze_count(),
-               gc_ms={g: [len(v), round(sum(v) * 1e3, 1), round(max(v, default=0) * 1e3, 1)] for g, v in pauses.items()},
+               gc_ms={g: [gc_run["counts"][g], gc_run["ms"][g], gc_run["longest_ms"][g]] for g in range(3)},
                gpu_span_s=round(sum(spans) / 1e3, 3), gpu_idle_between_s=round(sum(gaps) / 1e3, 3),
                gpu_gaps_over_0_1ms=sum(g > 0.1 for g in gaps), decode_span_ms_median=round(statistics.median(small), 3)
                if small else None, decode_span_s=round(sum(small) / 1e3, 3),
