@@ -109,7 +109,7 @@ def startup_probe(model_dir: str, cpu: bool, tokenizer: bool, setup=None) -> Non
     phases["other"] = phases["llm_total"] - sum(phases.get(k, 0.0) for k in
                                                 ("config", "weights", "kv_profile", "kv_alloc", "graph_capture"))
     phases["gc"], phases["gc_full_collections"] = gc_s
-    print("STARTUP " + json.dumps({**{k: round(v, 3) for k, v in phases.items()},
+    print("STARTUP " + json.dumps({**{k: round(v, 3) if isinstance(v, float) else v for k, v in phases.items()},
                                    "token_ids": list(out[0].outputs[0].token_ids)}), flush=True)
     llm.shutdown()
 

@@ -43,9 +43,21 @@ VARIANTS = [
     ("cold, ahead 1 (serial)", "cold", 1, None),
     ("cold, ahead 4", "cold", 4, None),
 ]
+# --ab DIR: the working tree against the pagedserve package under DIR (e.g. `git archive` of the
+# commit before a change), interleaved, one fresh process each
+AB_VARIANTS = [
+    ("cold, before", "cold", 16, None, "before"),
+    ("cold, now", "cold", 16, None, None),
+    ("cold, now (2)", "cold", 16, None, None),
+    ("cold, before (2)", "cold", 16, None, "before"),
+    ("cold, before (3)", "cold", 16, None, "before"),
+    ("cold, now (3)", "cold", 16, None, None),
+    ("warm, before", "warm", 16, None, "before"),
+    ("warm, now", "warm", 16, None, None),
+]
 KEYS = ("import", "config", "tokenizer", "weights", "kv_profile", "graph_capture", "capture_fwd_decode",
         "capture_fwd_prefill", "ahead_dry_run", "ahead_compile", "compiled_ahead", "late_compiles",
-        "gc", "llm_total", "ready", "first_request", "process_s")
+        "mixed_warmup", "mixed_capture", "capture_one", "gc", "llm_total", "ready", "first_request", "process_s")
 
 
 def probe_setup(workers: int, tokenizer_way: str | None):
@@ -65,33 +77,119 @@ def probe_setup(workers: int, tokenizer_way: str | None):
         print(f"TRITON_COMPILE {'ahead' if inside[0] else 'late'} {kwargs.get('repr', '?')[:300]}", flush=True)
     knobs.runtime.jit_post_compile_hook = on_compile
 
-    compile_all, recording = compile_ahead.compile_all, compile_ahead.recording
+    # per compile-ahead round: its dry run, the rest (the compiles it waits for), each kernel's
+    # own compile time (its thread's wall time) and the longest launcher build; works for the
+    # compile_ahead of any commit (--ab's "before" tree) that has recording() and _build_launcher
+    rounds: list[dict] = []
+    kernel_s: dict[str, float] = {}
 
-    def timed_compile_all(*args, **kwargs):
+    def time_compiles(fn) -> None:
+        original = getattr(fn, "compile", None)
+        if original is None or getattr(original, "_timed", False):
+            return
+
+        def timed(*a, **k):
+            c0 = time.perf_counter()
+            try:
+                return original(*a, **k)
+            finally:
+                name = getattr(fn, "__name__", str(fn))
+                kernel_s[name] = max(kernel_s.get(name, 0.0), time.perf_counter() - c0)
+        timed._timed = True
+        fn.compile = timed
+    import gc
+    from triton.runtime.jit import JITFunction
+    for obj in gc.get_objects():
+        if isinstance(obj, JITFunction):
+            time_compiles(obj)
+    jit_init = JITFunction.__init__
+
+    def timed_init(self, *args, **kwargs):
+        jit_init(self, *args, **kwargs)
+        time_compiles(self)
+    JITFunction.__init__ = timed_init
+
+    ahead, recording, build_launcher = compile_ahead.compile_ahead, compile_ahead.recording, \
+        compile_ahead._build_launcher
+
+    def timed_ahead(*args, **kwargs):
         t0, inside[0] = time.perf_counter(), True
+        rounds.append({})
+        kernel_s.clear()
         try:
-            return compile_all(*args, **kwargs)
+            return ahead(*args, **kwargs)
         finally:
             inside[0] = False
-            figures["ahead_compile"] += time.perf_counter() - t0
+            r = rounds[-1]
+            total = time.perf_counter() - t0
+            r["compile_s"] = round(total - r.get("dry_run_s", 0.0), 3)   # after the dry run
+            figures["ahead_compile"] += r["compile_s"]
+            slowest = max(kernel_s.items(), key=lambda kv: kv[1], default=("-", 0.0))
+            r.update(slowest=slowest[0], slowest_s=round(slowest[1], 3),
+                     kernels={k: round(v, 3) for k, v in sorted(kernel_s.items(), key=lambda kv: -kv[1])})
+
+    def timed_build_launcher(kernel):
+        t0 = time.perf_counter()
+        try:
+            return build_launcher(kernel)
+        finally:
+            if rounds:
+                rounds[-1]["launcher_max_s"] = round(max(rounds[-1].get("launcher_max_s", 0.0),
+                                                         time.perf_counter() - t0), 3)
 
     class TimedRecording:
+        def __init__(self, *args):
+            self.args = args
+
         def __enter__(self):
-            self.t0, self.inner = time.perf_counter(), recording()
+            self.t0, self.inner = time.perf_counter(), recording(*self.args)
             return self.inner.__enter__()
 
         def __exit__(self, *exc):
-            figures["ahead_dry_run"] += time.perf_counter() - self.t0
+            dry = time.perf_counter() - self.t0
+            figures["ahead_dry_run"] += dry
+            if rounds:
+                rounds[-1]["dry_run_s"] = round(dry, 3)
             return self.inner.__exit__(*exc)
-    compile_ahead.compile_all, compile_ahead.recording = timed_compile_all, TimedRecording
+    figures["rounds"] = rounds
+    compile_ahead.compile_ahead, compile_ahead.recording = timed_ahead, TimedRecording
+    compile_ahead._build_launcher = timed_build_launcher
+    for module in ("pagedserve.worker.model_runner", "pagedserve.worker.cuda_graph"):   # imported by name there
+        mod = __import__(module, fromlist=["compile_ahead"])
+        if getattr(mod, "compile_ahead", None) is ahead:
+            mod.compile_ahead = timed_ahead
+    # the graphs' phases: the mixed pieces' eager warm-ups and captures, the decode / prefill graphs
+    from pagedserve.worker.cuda_graph import CudaGraphRunner
+    mixed_forward, capture_one = CudaGraphRunner._mixed_forward, CudaGraphRunner._capture_one
+    for key in ("mixed_warmup", "mixed_capture", "capture_one"):
+        figures[key] = 0.0
+
+    def timed_mixed_forward(self, size, stream, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return mixed_forward(self, size, stream, *args, **kwargs)
+        finally:
+            if stream is not None:
+                figures["mixed_capture"] += time.perf_counter() - t0
+            elif self.pool is not None:   # set just before the capture loop: a warm-up, not the dry run
+                figures["mixed_warmup"] += time.perf_counter() - t0
+
+    def timed_capture_one(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return capture_one(self, *args, **kwargs)
+        finally:
+            figures["capture_one"] += time.perf_counter() - t0
+    CudaGraphRunner._mixed_forward, CudaGraphRunner._capture_one = timed_mixed_forward, timed_capture_one
     return figures
 
 
-def run_variants(model_dir: Path, cpu: bool, budget_s: float, log) -> list[dict]:
+def run_variants(model_dir: Path, cpu: bool, budget_s: float, log, before: Path | None = None) -> list[dict]:
     start = time.perf_counter()
     cache = Path("/tmp/triton_startup_gpu")
     runs = []
-    for label, triton_cache, workers, tokenizer_way in VARIANTS:
+    variants = AB_VARIANTS if before is not None else [(*v, None) for v in VARIANTS]
+    for label, triton_cache, workers, tokenizer_way, tree in variants:
         left = budget_s - (time.perf_counter() - start)
         if left < (35 if triton_cache == "cold" else 20):
             print(f"{label}: skipped, {left:.0f} s left", flush=True)
@@ -99,6 +197,8 @@ def run_variants(model_dir: Path, cpu: bool, budget_s: float, log) -> list[dict]
         if triton_cache == "cold":
             shutil.rmtree(cache, ignore_errors=True)
         env = {**os.environ, "TRITON_CACHE_DIR": str(cache)}
+        if tree == "before":
+            env["PYTHONPATH"] = os.pathsep.join([str(before), env.get("PYTHONPATH", "")])
         flags = (["--cpu-smoke"] if cpu else []) + (["--tokenizer", tokenizer_way] if tokenizer_way else [])
         t0 = time.perf_counter()
         try:
@@ -130,6 +230,9 @@ def markdown(runs: list[dict]) -> str:
              "|---|" + "---|" * len(runs)]
     for key in KEYS:
         lines.append(f"| {key} | " + " | ".join(str(r.get(key, "-")) for r in runs) + " |")
+    lines.append("| compile rounds: dry run / compile (slowest kernel) s | " + " | ".join(
+        "; ".join(f"{x.get('dry_run_s', '-')} / {x.get('compile_s', '-')} ({x.get('slowest', '-')} {x.get('slowest_s', '-')})"
+                  for x in r.get("rounds", [])) or "-" for r in runs) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -148,13 +251,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cpu-smoke", action="store_true")
     parser.add_argument("--budget-s", type=float, default=140.0)
+    parser.add_argument("--ab", type=Path, metavar="DIR",
+                        help="A/B: the working tree against the pagedserve package under DIR")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     model_dir = serve_startup.make_model_dir(Path("/tmp/models/tiny-llama3tok" if args.cpu_smoke
                                                   else "/tmp/models/llama-8b-llama3tok"),
                                              serve_startup.TINY if args.cpu_smoke else serve_startup.LLAMA_8B)
     with open(OUT / "startup_probes.log", "w") as log:
-        runs = run_variants(model_dir, args.cpu_smoke, args.budget_s, log)
+        runs = run_variants(model_dir, args.cpu_smoke, args.budget_s, log, args.ab)
     problems = checks(runs)
     table = markdown(runs)
     result = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": runs, "problems": problems}

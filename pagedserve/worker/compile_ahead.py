@@ -6,9 +6,11 @@ the profile forward and the CUDA graph warm-ups of an 8B model spent ~13 s of a 
 compiling on an H200 (2026-11-30, benchmarks/gpu/2026-11-30-h200-serve). `compile_ahead(dry_run)`
 runs `dry_run` (the forwards about to be run) with every uncompiled Triton launch recorded and
 skipped (Triton's jit_cache_hook; torch's own ops still run, on whatever the skipped kernels
-left in their outputs: a dry run must not keep any result), then compiles what it recorded
-on a thread pool (Triton's AsyncCompileMode + JITFunction.preload, the specialisation the
-launch would have compiled, keyed the same), and builds each kernel's C launcher there too.
+left in their outputs: a dry run must not keep any result), compiling each recorded one on a
+thread pool from the moment it is recorded (Triton's AsyncCompileMode + JITFunction.preload,
+the specialisation the launch would have compiled, keyed the same), builds each kernel's C
+launcher on its thread as soon as the kernel is compiled, and loads every kernel into the CUDA
+context (so a launch in a CUDA graph capture loads nothing: capture needs no warm-up per size).
 Triton's LLVM code generation and the ptxas / gcc child processes run outside the GIL.
 The real launches that follow find the kernels compiled; with a warm cache the threads only
 load them. Any failure here is logged and left to the real launch, which compiles as before.
@@ -63,19 +65,31 @@ _RECORDED = _Recorded()
 
 
 @contextmanager
-def recording() -> Iterator[list[Launch]]:
+def recording(on_record: Callable[[Launch], None] | None = None) -> Iterator[list[Launch]]:
     """Inside, a Triton launch whose specialisation is not compiled in this process is
     appended (once per kernel and key: a _Recorded stand-in takes the key until the end) to
-    the yielded list instead of compiled and launched."""
+    the yielded list instead of compiled and launched, and handed to `on_record` (which may
+    start its compile: Compiler.submit)."""
     from triton import knobs
     launches: list[Launch] = []
     placed: list[tuple[dict, Any]] = []
+    submitting = [False]
 
     def hook(*, key: Any, fn: Any, compile: dict, **_: Any) -> bool:
-        launches.append(Launch(fn.jit_function, compile["specialization_data"]))
+        if submitting[0]:
+            return False   # on_record's own preload: let it compile
+        launch = Launch(fn.jit_function, compile["specialization_data"])
+        launches.append(launch)
         cache = fn.jit_function.device_caches[compile["device"]][0]
         cache[key] = _RECORDED
         placed.append((cache, key))
+        if on_record is not None:
+            submitting[0] = True
+            try:
+                on_record(launch)
+            finally:
+                submitting[0] = False
+                cache[key] = _RECORDED   # newer Triton puts its compile's future there: no launch may wait on it
         return True   # skip the compile and the launch
 
     previous, knobs.runtime.jit_cache_hook = knobs.runtime.jit_cache_hook, hook
@@ -94,45 +108,99 @@ def _build_launcher(kernel: Any) -> None:
     driver.active.launcher_cls(kernel.src, kernel.metadata)
 
 
-def compile_all(launches: list[Launch], workers: int) -> None:
-    """Compile every recorded specialisation on `workers` threads into its JITFunction's
-    cache (AsyncCompileMode waits for them all on exit)."""
-    from triton.runtime._async_compile import AsyncCompileMode
-    futures = []
-    with ThreadPoolExecutor(workers, thread_name_prefix="triton-compile") as pool:
-        with AsyncCompileMode(pool, ignore_errors=True):   # a failed compile is left to the launch
-            for launch in launches:
-                try:
-                    futures.append(launch.kernel.preload(launch.data))
-                except Exception as exc:   # noqa: BLE001 - left to the launch
-                    logger.debug("cannot compile %s ahead: %s", launch.kernel, exc)
-        kernels = [f.result(ignore_errors=True) for f in futures if f is not None]
-        for done in [pool.submit(_build_launcher, k) for k in kernels if k is not None]:
-            if done.exception() is not None:
-                logger.debug("cannot build a Triton launcher ahead: %s", done.exception())
+def _launcher_after(future: Any) -> None:
+    """A compile's done-callback (on its thread): the kernel's launcher, built as soon as the
+    kernel is, rather than after the round's slowest compile."""
+    if future.exception() is None:
+        try:
+            _build_launcher(future.result())
+        except Exception as exc:   # noqa: BLE001 - the launch builds it again (and reports it)
+            logger.debug("cannot build a Triton launcher ahead: %s", exc)
 
 
-def compile_ahead(dry_run: Callable[[], object], workers: int | None = None) -> None:
-    """Record the Triton launches of `dry_run()` (CUDA tensors) and compile them in parallel
-    (see the module docstring). A no-op with 0 workers and under TP or PP: skipping a launch
-    there could desynchronise the ranks' collectives. Never raises for a compile (the real
-    launch retries it) unless STRICT."""
+class Compiler:
+    """Inside, `submit(launch)` starts compiling a recorded specialisation on one of `workers`
+    threads (Triton's AsyncCompileMode + JITFunction.preload: the specialisation the launch
+    would have compiled, keyed the same), its launcher built on that thread once it is
+    compiled. The exit waits for them all and puts each kernel in its JITFunction's cache;
+    `load()` then loads them into the CUDA context (this thread's) and says how many failed."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.futures: list[Any] = []
+        self.failed = 0
+
+    def __enter__(self) -> "Compiler":
+        from triton.runtime._async_compile import AsyncCompileMode
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="triton-compile")
+        self.mode = AsyncCompileMode(self.pool, ignore_errors=True)   # a failed compile is left to the launch
+        self.mode.__enter__()
+        return self
+
+    def submit(self, launch: Launch) -> None:
+        try:
+            future = launch.kernel.preload(launch.data)
+        except Exception as exc:   # noqa: BLE001 - left to the launch
+            self.failed += 1
+            logger.debug("cannot compile %s ahead: %s", launch.kernel, exc)
+            return
+        self.futures.append(future)
+        raw = getattr(future, "future", None)   # Triton's FutureKernel around the pool's future
+        if raw is not None and getattr(future, "kernel", None) is None:
+            raw.add_done_callback(_launcher_after)
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self.mode.__exit__(*exc)   # every compile finished and finalized
+        finally:
+            self.pool.shutdown(wait=True)   # and every launcher built
+
+    def load(self) -> int:
+        for future in self.futures:
+            kernel = None if future is None else future.result(ignore_errors=True)
+            try:
+                kernel._init_handles()
+            except Exception as exc:   # noqa: BLE001 - None (failed compile) or a load error: the launch's
+                self.failed += 1
+                logger.debug("cannot load a Triton kernel ahead: %s", exc)
+        return self.failed
+
+
+def compile_all(launches: list[Launch], workers: int) -> int:
+    """Compile and load every recorded specialisation (Compiler); how many failed."""
+    with Compiler(workers) as compiler:
+        for launch in launches:
+            compiler.submit(launch)
+    return compiler.load()
+
+
+def compile_ahead(dry_run: Callable[[], object], workers: int | None = None) -> bool:
+    """Record the Triton launches of `dry_run()` (CUDA tensors), each compiled on a thread
+    from the moment it is recorded (the compiles overlap the rest of the dry run), and load
+    them (see the module docstring). A no-op with 0 workers and under TP or PP: skipping a
+    launch there could desynchronise the ranks' collectives. Never raises for a compile (the
+    real launch retries it) unless STRICT. True when the dry run ran and every kernel it
+    launches is compiled and loaded."""
     workers = WORKERS if workers is None else workers
     if workers <= 0 or tp_world_size() * pp_world_size() > 1:
-        return
+        return False
     start = time.perf_counter()
     try:
-        with recording() as launches:
-            dry_run()
-        recorded = time.perf_counter()
-        if launches:
-            compile_all(launches, workers)
+        with Compiler(workers) as compiler:
+            with recording(compiler.submit) as launches:
+                dry_run()
+            recorded = time.perf_counter()
+        failed = compiler.load()
     except Exception as exc:   # noqa: BLE001 - the real launch compiles (and reports) it again
         if STRICT:
             raise
         logger.warning("compiling Triton kernels ahead failed (%s: %s); they compile at first launch",
                        type(exc).__name__, exc)
-        return
+        return False
     if launches:
-        logger.info("compiled %d Triton kernel specialisations ahead on %d threads in %.1f s (dry run %.2f s)",
-                    len(launches), workers, time.perf_counter() - recorded, recorded - start)
+        logger.info("compiled %d Triton kernel specialisations ahead on %d threads: dry run %.2f s, then %.1f s%s",
+                    len(launches), workers, recorded - start, time.perf_counter() - recorded,
+                    f"; {failed} left to their first launch" if failed else "")
+    if failed and STRICT:
+        raise RuntimeError(f"{failed} Triton kernels not compiled ahead")
+    return not failed

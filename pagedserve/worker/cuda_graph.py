@@ -183,6 +183,15 @@ class CudaGraphRunner:
         self.attention_calls: list[_AttentionCall] = []
         self.mixed_enabled = True   # benchmarks switch it off for an eager A/B on one engine
         self.pool = None
+        # True once a compile-ahead round with dry_run() compiled and loaded every Triton kernel
+        # the captures launch: capture() then warms up only the first size of each kind
+        self.compiled = False
+
+    def dry_run(self) -> None:
+        """Every forward capture() will record, run eagerly with nothing kept: compile_ahead's
+        dry run (ModelRunner.profile_run joins it to the profile forward's: one compile round)."""
+        self._capture_all(_run_only)
+        self._capture_mixed(None)
 
     def _meta(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(slot_mapping=self.slot_mapping[:bs], query_start_loc=self.query_start_loc[:bs + 1],
@@ -211,8 +220,8 @@ class CudaGraphRunner:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            # a dry run of every forward about to be captured: its Triton kernels compile in parallel
-            compile_ahead(lambda: (self._capture_all(_run_only), self._capture_mixed(None)))
+            if not self.compiled:   # a dry run of every forward about to be captured: its Triton kernels compile in parallel
+                self.compiled = compile_ahead(self.dry_run)
             if self.mixed_buckets:   # the largest graphs first: the pool grows once
                 self.pool = torch.cuda.graph_pool_handle()
                 try:
@@ -220,7 +229,15 @@ class CudaGraphRunner:
                 except Exception:   # noqa: BLE001 - mixed steps run eagerly, as without them
                     logger.warning("capturing the mixed-step graphs failed; mixed steps run eagerly", exc_info=True)
                     self.mixed_graphs, self.mixed_outputs, self.attention_calls = {}, {}, []
-            self._capture_all(lambda forward, size: self._capture_one(forward, size, stream))
+            warmed: set[Callable] = set()
+
+            def capture_one(forward: Callable[[int], Output], size: int) -> tuple[torch.cuda.CUDAGraph, Output]:
+                # a warm-up loads kernels and lazily made handles: with every kernel compiled and
+                # loaded ahead, the first size of each forward needs it, the others only if not
+                warm_up = not self.compiled or forward not in warmed
+                warmed.add(forward)
+                return self._capture_one(forward, size, stream, warm_up)
+            self._capture_all(capture_one)
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         logger.info("captured %d decode CUDA graphs (batch sizes %s..%s), %d prefill graphs (tokens %s..%s) and "
@@ -252,10 +269,12 @@ class CudaGraphRunner:
 
     def _capture_mixed(self, stream: torch.cuda.Stream | None) -> None:
         """Every mixed bucket's pieces, largest first, each after an eager warm-up of its
-        forward; with no stream only the eager forwards (compile_ahead's dry run)."""
+        forward (only the largest's once compile-ahead has compiled and loaded the kernels); with
+        no stream only the eager forwards (compile_ahead's dry run)."""
         self._padding_inputs()
-        for size in reversed(self.mixed_buckets):
-            self._mixed_forward(size, None)
+        for i, size in enumerate(reversed(self.mixed_buckets)):
+            if stream is None or i == 0 or not self.compiled:
+                self._mixed_forward(size, None)
             if stream is not None:
                 self.mixed_graphs[size], self.mixed_outputs[size] = self._mixed_forward(size, stream)
 
@@ -317,9 +336,10 @@ class CudaGraphRunner:
             self.attention_calls = calls
         return pieces, hidden
 
-    def _capture_one(self, forward: Callable[[int], Output], size: int, stream: torch.cuda.Stream
-                     ) -> tuple[torch.cuda.CUDAGraph, Output]:
-        forward(size)               # warm-up (Triton compilation, cuBLAS handles)
+    def _capture_one(self, forward: Callable[[int], Output], size: int, stream: torch.cuda.Stream,
+                     warm_up: bool = True) -> tuple[torch.cuda.CUDAGraph, Output]:
+        if warm_up:
+            forward(size)           # Triton compilation / module loads, cuBLAS handles
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, stream=stream):
             out = forward(size)

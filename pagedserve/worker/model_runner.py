@@ -83,6 +83,7 @@ class ModelRunner:
         self.share_sampled = device_config.async_scheduling and tp_world_size() > 1 and pp_world_size() == 1
         self._forked: dict[RequestId, RequestId] = {}   # this step's new siblings -> parent
         self.graph_runner = None
+        self._uncaptured_graphs: CudaGraphRunner | None = None   # made by profile_run, captured by finish_setup
         # the last launched step's sampled ids on the device (each state's `sampled_row` in them)
         self._prev_sampled: torch.Tensor | None = None
         self.grammar_mask = GrammarMask(device, scheduler.max_num_seqs)   # structured outputs' bitmasks
@@ -141,8 +142,9 @@ class ModelRunner:
         stage captures its own layers (worker/cuda_graph.py)."""
         if self.device.type != "cuda" or self.device_config.enforce_eager:
             return
-        self.graph_runner = self.make_graph_runner()
-        self.graph_runner.capture()
+        graphs, self._uncaptured_graphs = self._uncaptured_graphs or self.make_graph_runner(), None
+        graphs.capture()
+        self.graph_runner = graphs
 
     def make_graph_runner(self) -> CudaGraphRunner:
         """The graph runner of this model (uncaptured); a stage after the first gets static
@@ -183,20 +185,37 @@ class ModelRunner:
             hidden = torch.zeros((num_tokens, self.model_config.hidden_size), dtype=self.model_config.dtype,
                                  device=self.device)
             intermediate = (hidden, hidden.clone())
-        if self.device.type == "cuda":
-            compile_ahead(lambda: self.model(ids, positions, meta, intermediate))   # its Triton kernels, in parallel
-        hidden = self.model(ids, positions, meta, intermediate)
-        if not is_last_stage():
-            del hidden, intermediate
-            return
         rows = min(self.scheduler_config.max_num_seqs, num_tokens)
-        logits = self.model.compute_logits(hidden[:rows])
-        if logits is not None:   # the sampler's largest chunk (see sampling_inputs.sample)
-            rows = min(rows, SAMPLER_CHUNK_ROWS)
-            tensors = SamplingTensors(temperature=torch.ones(rows, device=self.device),
-                                      top_p=torch.full((rows,), 0.9, device=self.device), max_num_logprobs=20)
-            self.sampler(logits[:rows], tensors)
-            greedy_ids(logits[:rows])   # its Triton argmax compiles here, not in the first request
+        sample_rows = min(rows, SAMPLER_CHUNK_ROWS)   # the sampler's largest chunk (see sampling_inputs.sample)
+
+        def forward() -> tuple[torch.Tensor, torch.Tensor | None]:
+            hidden = self.model(ids, positions, meta, intermediate)
+            return hidden, self.model.compute_logits(hidden[:rows]) if is_last_stage() else None
+
+        if self.device.type == "cuda":
+            # one compile round for this forward's Triton kernels, the greedy argmax's and the
+            # CUDA graphs' (their forwards dry-run here on the scratch cache): a round costs
+            # its slowest compile. No sampler in the dry run: skipped kernels leave garbage
+            # logits, and multinomial asserts on NaN.
+            graphs = None
+            if not self.device_config.enforce_eager:
+                graphs = self._uncaptured_graphs = self.make_graph_runner()
+
+            def dry_run() -> None:
+                logits = forward()[1]
+                if logits is not None:
+                    greedy_ids(logits[:sample_rows])
+                if graphs is not None:
+                    graphs.dry_run()
+            compiled = compile_ahead(dry_run)
+            if graphs is not None:
+                graphs.compiled = compiled
+        hidden, logits = forward()
+        if logits is not None:
+            tensors = SamplingTensors(temperature=torch.ones(sample_rows, device=self.device),
+                                      top_p=torch.full((sample_rows,), 0.9, device=self.device), max_num_logprobs=20)
+            self.sampler(logits[:sample_rows], tensors)
+            greedy_ids(logits[:sample_rows])   # its Triton argmax compiles (or is loaded) here, not in the first request
         del hidden, logits
 
     # ---- one step ---------------------------------------------------------------------

@@ -49,7 +49,7 @@ def test_compiled_ahead_launches_compile_nothing(workers, configs, monkeypatch):
     inputs = [_inputs(1, workers), _inputs(5, workers + 1)]
     compiled: list[str] = []
     monkeypatch.setattr(knobs.runtime, "jit_post_compile_hook", lambda **kw: compiled.append(kw["repr"]))
-    compile_ahead(lambda: _forward(inputs, configs), workers=workers)
+    assert compile_ahead(lambda: _forward(inputs, configs), workers=workers) is True   # all compiled and loaded
     ahead = len(compiled)
     outs = _forward(inputs, configs)
     torch.cuda.synchronize()

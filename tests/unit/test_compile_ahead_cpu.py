@@ -7,6 +7,7 @@ It runs in the suite's process: conftest's _triton_language_restored undoes what
 interpreted kernels left patched in triton.language (the compile would trace their ops)."""
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
@@ -26,14 +27,34 @@ def _scale(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * 2, mask=offs < n)
 
 
+class _Utils:
+    """The driver's module loading, as CompiledKernel._init_handles calls it."""
+
+    def __init__(self) -> None:
+        self.loaded: list[str] = []
+
+    def get_device_properties(self, device) -> dict:
+        return {"max_shared_mem": 232448}
+
+    def load_binary(self, name, kernel, shared, device) -> tuple:
+        self.loaded.append(name)
+        return object(), object(), 32, 0, 1024   # module, function, registers, spills, max threads
+
+    def unload_module(self, module) -> None:   # CompiledKernel.__del__ (newer Triton)
+        pass
+
+
 class _Driver:
-    """What JITFunction.run, preload and the launcher build ask of the driver, on the CPU."""
+    """What JITFunction.run, preload, the launcher build and the kernel load ask of the
+    driver, on the CPU."""
 
     def __init__(self) -> None:
         self.launchers: list[str] = []
+        self.utils = _Utils()
 
-    def launcher_cls(self, src, metadata) -> None:
+    def launcher_cls(self, src, metadata) -> object:
         self.launchers.append(src.fn.fn.__name__)
+        return object()
 
     def get_current_device(self) -> int:
         return 0
@@ -55,7 +76,8 @@ class _Driver:
 def fake_driver(monkeypatch):
     fake = _Driver()
     monkeypatch.setattr(driver, "_active", fake)
-    return fake
+    yield fake
+    gc.collect()   # the loaded kernels' __del__ (in reference cycles) while this driver is active
 
 
 def test_dry_run_then_compile_all(fake_driver, tmp_path, monkeypatch):
@@ -70,10 +92,48 @@ def test_dry_run_then_compile_all(fake_driver, tmp_path, monkeypatch):
     assert torch.all(y == 7.0)   # nothing ran
     cache = kernel.device_caches[0][0]
     assert not cache   # the stand-ins are gone
-    compile_ahead.compile_all(launches, workers=2)
+    assert compile_ahead.compile_all(launches, workers=2) == 0   # none left to a launch
     assert {json.loads(launch.data)["key"] for launch in launches} == set(cache)
     assert all(type(compiled).__name__ == "CompiledKernel" for compiled in cache.values())
-    assert fake_driver.launchers == ["_scale", "_scale"]
+    # each launcher built once on its compile's thread, again (from the disk cache on a GPU) by
+    # the load on this thread; both kernels loaded into the context, so no launch loads anything
+    assert fake_driver.launchers == ["_scale"] * 4
+    assert fake_driver.utils.loaded == ["_scale", "_scale"]
+    assert all(compiled.module is not None and compiled._run is not None for compiled in cache.values())
+
+
+def test_compiles_start_while_the_dry_run_goes_on(fake_driver, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    kernel = JITFunction(_scale)
+    x, y = torch.ones(100), torch.full((100,), 7.0)
+    with compile_ahead.Compiler(workers=2) as compiler:
+        with compile_ahead.recording(compiler.submit) as launches:
+            kernel[(2,)](x, y, 100, BLOCK=64)
+            assert len(compiler.futures) == 1   # submitted at its record, the dry run not over
+            kernel[(2,)](x, y, 100, BLOCK=64)   # the stand-in: neither recorded nor submitted again
+            kernel[(2,)](x, y, 100, BLOCK=128)
+            assert len(launches) == len(compiler.futures) == 2
+        assert torch.all(y == 7.0)   # nothing ran
+    assert compiler.load() == 0
+    cache = kernel.device_caches[0][0]
+    assert {json.loads(launch.data)["key"] for launch in launches} == set(cache)
+    assert fake_driver.utils.loaded == ["_scale", "_scale"]
+
+
+def test_compile_ahead_says_whether_every_kernel_is_ready(fake_driver, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    kernel = JITFunction(_scale)
+    x, y = torch.ones(100), torch.empty(100)
+    monkeypatch.setattr(compile_ahead, "STRICT", False)
+    monkeypatch.setattr(compile_ahead, "tp_world_size", lambda: 1)
+    monkeypatch.setattr(compile_ahead, "pp_world_size", lambda: 1)
+    assert compile_ahead.compile_ahead(lambda: kernel[(1,)](x, y, 100, BLOCK=64), workers=2) is True
+    assert compile_ahead.compile_ahead(lambda: None, workers=2) is True   # nothing to compile
+    assert compile_ahead.compile_ahead(lambda: kernel[(1,)](x, y, 100, BLOCK=32), workers=0) is False   # off
+    fake_driver.utils.load_binary = None   # a kernel that cannot load: left to its launch
+    assert compile_ahead.compile_ahead(lambda: kernel[(1,)](x, y, 100, BLOCK=16), workers=2) is False
+    monkeypatch.setattr(compile_ahead, "tp_world_size", lambda: 2)   # TP: never ahead
+    assert compile_ahead.compile_ahead(lambda: kernel[(1,)](x, y, 100, BLOCK=256), workers=2) is False
 
 
 def test_a_failed_dry_run_is_logged_or_raised_when_strict(monkeypatch, caplog):
