@@ -4,7 +4,12 @@ way (AutoTokenizer, or load_tokenizer's short way). Each variant is a fresh proc
 benchmarks/serve_gpu.py's startup probe (in serve_startup.py; phases: import, config, tokenizer,
 weights, KV profile, graph capture, first request); a cold variant gets an empty TRITON_CACHE_DIR.
 
-    python3 benchmarks/startup_gpu.py [--cpu-smoke] [--budget-s 140]
+    python3 benchmarks/startup_gpu.py [--cpu-smoke] [--budget-s 140] [--ab DIR]
+
+--ab DIR: cold / warm pairs of the working tree against the pagedserve package under DIR
+(`git archive COMMIT pagedserve | tar -x -C DIR`), interleaved. Each probe also reports each
+compile-ahead round (dry run, the wait after it, each kernel's compile, the longest launcher
+build) and the graphs' warm-ups and captures.
 
 Checks: every variant generates the same 16 greedy ids (dummy weights, seed 0) and, with
 compile-ahead on, no Triton kernel compiles after it (`late_compiles` 0 up to ready).
@@ -97,17 +102,14 @@ def probe_setup(workers: int, tokenizer_way: str | None):
                 kernel_s[name] = max(kernel_s.get(name, 0.0), time.perf_counter() - c0)
         timed._timed = True
         fn.compile = timed
-    import gc
-    from triton.runtime.jit import JITFunction
-    for obj in gc.get_objects():
-        if isinstance(obj, JITFunction):
-            time_compiles(obj)
-    jit_init = JITFunction.__init__
+    from triton.runtime.jit import JITFunction   # Triton sets fn.compile in create_binder (lazily)
+    create_binder = JITFunction.create_binder
 
-    def timed_init(self, *args, **kwargs):
-        jit_init(self, *args, **kwargs)
+    def timed_create_binder(self, *args, **kwargs):
+        out = create_binder(self, *args, **kwargs)
         time_compiles(self)
-    JITFunction.__init__ = timed_init
+        return out
+    JITFunction.create_binder = timed_create_binder
 
     ahead, recording, build_launcher = compile_ahead.compile_ahead, compile_ahead.recording, \
         compile_ahead._build_launcher

@@ -10,6 +10,7 @@ triton = pytest.importorskip("triton")
 if not torch.cuda.is_available():
     pytest.skip("compile-ahead records compiled launches: CUDA only", allow_module_level=True)
 
+import triton.language as tl  # noqa: E402
 from triton import knobs  # noqa: E402
 
 from pagedserve.layers.triton_gemv import GemvConfig, gemv  # noqa: E402
@@ -59,3 +60,26 @@ def test_compiled_ahead_launches_compile_nothing(workers, configs, monkeypatch):
     gate_up = torch.cat([inputs[0][0], inputs[1][0]], dim=0).repeat(1, 2)
     gate, up = gate_up.float().chunk(2, dim=-1)
     torch.testing.assert_close(outs[-1].float(), torch.nn.functional.silu(gate) * up, rtol=1e-2, atol=1e-2)
+
+
+@triton.jit
+def _add_one(x_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) + 1, mask=offs < n)
+
+
+def test_a_kernel_compiled_ahead_is_captured_without_a_warm_up():
+    """What CudaGraphRunner.capture relies on when compile_ahead returned True: the kernel's
+    first launch ever is inside a capture (compiled and loaded ahead, nothing left to do)."""
+    x = torch.zeros(1000, device="cuda")
+    assert compile_ahead(lambda: _add_one[(4,)](x, 1000, BLOCK=256), workers=2) is True
+    assert torch.count_nonzero(x) == 0   # the dry run launched nothing
+    stream = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        _add_one[(4,)](x, 1000, BLOCK=256)
+    assert torch.count_nonzero(x) == 0   # captured, not run
+    graph.replay()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(x, torch.full_like(x, 2.0))
