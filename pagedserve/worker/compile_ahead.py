@@ -157,7 +157,8 @@ class Compiler:
 
     def load(self) -> int:
         for future in self.futures:
-            kernel = None if future is None else future.result(ignore_errors=True)
+            # a FutureKernel (AsyncCompileMode), or the kernel itself should a Triton return one
+            kernel = future.result(ignore_errors=True) if hasattr(future, "result") else future
             try:
                 kernel._init_handles()
             except Exception as exc:   # noqa: BLE001 - None (failed compile) or a load error: the launch's
