@@ -1,24 +1,42 @@
-"""Decode-sized matmuls (M rows) of llama-1b / llama-8b: cuBLAS (F.linear) against the Triton
-gemv over a grid of launch shapes, weights read from HBM (copies cycled past the L2), each
-call timed inside a CUDA graph of many calls. Prints a table and writes JSON.
-(A first sweep also tried split K in 2-8 with a deterministic fp32 reduction: never in any
-shape's five best, so the kernel has none.) The whole grid is searched at M=1; M=2..16 time the default and M=1's six best.
-Usage: python3 benchmarks/gemv_sweep.py OUT.json [quick]"""
+"""Decode-sized matmuls of 2-64 rows (llama-1b / llama-8b weight shapes): cuBLAS (F.linear) against
+the Triton gemv's tl.dot launches (rows padded to 16 / 32 / 64; plain, or swapped: y.T = w @ x.T),
+weights read from HBM (copies cycled past the L2), each call timed inside a CUDA graph of CALLS
+calls (best of 5 replays). The whole launch grid is searched at 16, 32 and 64 rows; 2, 4 and 8 rows
+time the 16-row sweep's six best, 48 rows the 64-row sweep's. Every launch is checked against the
+fp32 product first. Writes OUT.json: every timing, and `table`, the best launch per (row bucket, N, K)
+or None where cuBLAS was faster (triton_gemv.MCONFIGS's form; load it with `load_table`).
+(The one-row FMA launches, triton_gemv.CONFIGS, come from benchmarks/decode_gpu.py --stages sweep.)
+
+Usage: python3 benchmarks/gemv_sweep.py OUT.json [--models llama-8b,llama-1b] [--rows 2,4,8,16,32,48,64]
+"""
+from __future__ import annotations
+
+import argparse
 import itertools
 import json
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
+import triton
 
-from pagedserve.layers.triton_gemv import DEFAULT_CONFIG, GemvConfig, gemv
+from pagedserve.layers.triton_gemv import DEFAULT_CONFIG, GemvConfig, _gemv_kernel, gemv, row_bucket
+from pagedserve.layers.triton_ops import _LIBDEVICE
 
 SHAPES = {  # name: (N, K)
-    "1b.qkv": (3072, 2048), "1b.o": (2048, 2048), "1b.gate_up": (16384, 2048), "1b.down": (2048, 8192),
-    "1b.lm_head": (128256, 2048),
-    "8b.qkv": (6144, 4096), "8b.o": (4096, 4096), "8b.gate_up": (28672, 4096), "8b.down": (4096, 14336),
-    "8b.lm_head": (128256, 4096),
+    "llama-1b": {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192),
+                 "lm_head": (128256, 2048)},
+    "llama-8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
+                 "lm_head": (128256, 4096)},
 }
 CALLS = 40
+GRID = sorted({GemvConfig(bn, bk, 4, st) for bn, bk, st in itertools.product([16, 32, 64], [256, 512], [3, 4])}
+              | {GemvConfig(32, 512, 8, 4), GemvConfig(16, 1024, 4, 3), DEFAULT_CONFIG}
+              | {GemvConfig(bn, bk, 4, st, True) for bn, bk, st in itertools.product([64, 128], [128, 256], [3, 4, 5])},
+              key=lambda c: (c.swap, c.block_n, c.block_k, c.num_warps, c.num_stages))
+FULL_ROWS = (16, 32, 64)
+FROM = {2: 16, 4: 16, 8: 16, 48: 64}   # rows timed over the top launches of another row count
 
 
 def time_us(fn, weights) -> float:
@@ -43,51 +61,108 @@ def time_us(fn, weights) -> float:
         end.record()
         end.synchronize()
         best = min(best, start.elapsed_time(end) * 1e3 / CALLS)
+    del graph
     return best
 
 
+def precompile(k: int, rows: list[int], device: torch.device) -> None:
+    """Compile every launch of GRID for these row paddings on threads (Triton's compile mostly
+    releases the GIL), so the sweep's first launches do not compile one after another."""
+    w = torch.empty(64, k, device=device, dtype=torch.bfloat16)
+    jobs = []
+    for m, cfg in itertools.product(rows, GRID):
+        x = torch.empty(m, k, device=device, dtype=torch.bfloat16)
+        y = torch.empty(m, 64, device=device, dtype=torch.bfloat16)
+        jobs.append((x, y, m, cfg))
+
+    def one(job):
+        x, y, m, cfg = job
+        try:
+            _gemv_kernel.warmup(x, w, y, m, 64, k, x.stride(0), w.stride(0), y.stride(0), PROLOGUE=0,
+                                BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                                EVEN_K=k % cfg.block_k == 0, NUM_STAGES=cfg.num_stages, LIBDEVICE=_LIBDEVICE,
+                                SWAP=cfg.swap, num_warps=cfg.num_warps, grid=(1,))
+        except Exception as exc:   # noqa: BLE001 - a launch that cannot compile is skipped in the sweep
+            return f"{cfg} m={m}: {type(exc).__name__}"
+        return None
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(16) as pool:
+        failed = [f for f in pool.map(one, jobs) if f]
+    print(f"  precompiled {len(jobs)} launches for K={k} in {time.perf_counter() - t0:.1f} s"
+          + (f"; {len(failed)} failed, e.g. {failed[0]}" if failed else ""), flush=True)
+
+
+def sweep(models: list[str], rows: list[int], device: torch.device) -> dict:
+    results, table = [], {}
+    full = [m for m in rows if m in FULL_ROWS or m not in FROM]
+    # one compile serves every shape: K, N and the strides are runtime ints (all multiples of 16),
+    # and every K here is a multiple of every block_k (EVEN_K)
+    precompile(4096, sorted({max(16, triton.next_power_of_2(m)) for m in rows}), device)
+    for model in models:
+        for role, (n, k) in SHAPES[model].items():
+            nbytes = n * k * 2
+            copies = max(3, -(-600 * 2**20 // nbytes))
+            weights = [torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+            tops: dict[int, list[GemvConfig]] = {}
+            for m in sorted(rows, key=lambda r: (r not in full, r)):
+                x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+                ref = x.float() @ weights[0].float().T
+                scale = ref.abs().max().item()
+                cublas = time_us(lambda w: torch.nn.functional.linear(x, w), weights)
+                candidates = GRID if m in full else sorted(set(tops.get(FROM[m], [])) | {DEFAULT_CONFIG},
+                                                           key=GRID.index)
+                timed = []
+                for cfg in candidates:
+                    try:
+                        err = (gemv(x, weights[0], cfg).float() - ref).abs().max().item() / scale
+                        if not err < 2e-2:
+                            print(f"  {model}.{role} M={m} {cfg}: wrong (rel err {err:.1e})", file=sys.stderr)
+                            continue
+                        timed.append((time_us(lambda w, c=cfg: gemv(x, w, c), weights), cfg, err))
+                    except Exception as exc:   # noqa: BLE001 - e.g. out of shared memory for a big tile
+                        print(f"  {model}.{role} M={m} {cfg}: {type(exc).__name__}", file=sys.stderr)
+                timed.sort(key=lambda item: item[0])
+                tops[m] = [c for _, c, _ in timed[:6]]
+                best_us, best, err = timed[0] if timed else (float("inf"), None, None)
+                default_us = next((t for t, c, _ in timed if c == DEFAULT_CONFIG), None)
+                win = best is not None and best_us < cublas
+                key = f"{row_bucket(m)}x{n}x{k}"
+                if m == row_bucket(m):
+                    table[key] = best.__dict__ if win else None
+                row = dict(model=model, role=role, m=m, n=n, k=k, cublas_us=round(cublas, 2),
+                           default_us=default_us and round(default_us, 2), best_us=round(best_us, 2),
+                           best=best and best.__dict__, rel_err=err, gemv_wins=win,
+                           cublas_tb_s=round(nbytes / cublas / 1e6, 2), best_tb_s=round(nbytes / best_us / 1e6, 2),
+                           top5=[(round(t, 2), c.__dict__) for t, c, _ in timed[:5]])
+                results.append(row)
+                print(f"{model}.{role:8s} M={m:2d}  cuBLAS {cublas:7.2f} us ({row['cublas_tb_s']} TB/s)  default "
+                      f"{default_us or float('nan'):7.2f}  best {best_us:7.2f} ({row['best_tb_s']} TB/s) {best}"
+                      f"{'' if win else '  -> cuBLAS'}", flush=True)
+            del weights
+            torch.cuda.empty_cache()
+    return dict(results=results, table=table)
+
+
+def load_table(path: str) -> dict:
+    """OUT.json's table as triton_gemv.MCONFIGS entries."""
+    table = json.load(open(path))["table"]
+    return {tuple(int(v) for v in key.split("x")): (GemvConfig(**cfg) if cfg else None) for key, cfg in table.items()}
+
+
 def main() -> None:
-    quick = "quick" in sys.argv
-    device = torch.device("cuda")
-    results = []
-    for name, (n, k) in SHAPES.items():
-        nbytes = n * k * 2
-        copies = max(3, -(-600 * 2**20 // nbytes))
-        weights = [torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
-        top_m1 = []
-        for m in ([1] if quick else [1, 2, 4, 8, 16]):
-            x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-            ref = (x.float() @ weights[0].float().T)
-            cublas = time_us(lambda w: torch.nn.functional.linear(x, w), weights)
-            default = DEFAULT_CONFIG
-            err = (gemv(x, weights[0]).float() - ref).abs().max().item() / ref.abs().max().item()
-            candidates = {default} | set(top_m1)
-            if m == 1:
-                for bn, bk, warps, stages in itertools.product([16, 32, 64, 128], [128, 256, 512], [4, 8], [3, 4, 6]):
-                    if bn * bk <= 64 * 512:
-                        candidates.add(GemvConfig(bn, bk, warps, stages))
-            timed = []
-            for cfg in candidates:
-                try:
-                    timed.append((time_us(lambda w, c=cfg: gemv(x, w, c), weights), cfg))
-                except Exception as exc:   # e.g. out of shared memory for a big tile
-                    print(f"  {name} {cfg}: {type(exc).__name__}", file=sys.stderr)
-            timed.sort(key=lambda item: item[0])
-            best_us, best = timed[0]
-            default_us = next(t for t, c in timed if c == default)
-            if m == 1:
-                top_m1 = [c for _, c in timed[:6]]
-            row = dict(shape=name, m=m, n=n, k=k, cublas_us=round(cublas, 2), default_us=round(default_us, 2),
-                       best_us=round(best_us, 2), best=best.__dict__, rel_err=err,
-                       cublas_tb_s=round(nbytes / cublas / 1e6, 2), best_tb_s=round(nbytes / best_us / 1e6, 2),
-                       top5=[(round(t, 2), c.__dict__) for t, c in timed[:5]])
-            results.append(row)
-            print(f"{name:12s} M={m:2d}  cuBLAS {cublas:7.2f} us ({row['cublas_tb_s']} TB/s)  default "
-                  f"{default_us:7.2f}  best {best_us:7.2f} ({row['best_tb_s']} TB/s) {best}  err {err:.1e}",
-                  flush=True)
-        del weights
-        torch.cuda.empty_cache()
-    json.dump(results, open(sys.argv[1], "w"), indent=1)
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--models", default="llama-8b,llama-1b")
+    ap.add_argument("--rows", default="2,4,8,16,32,48,64")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    out = sweep(args.models.split(","), [int(r) for r in args.rows.split(",")], torch.device("cuda"))
+    out.update(machine=f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}",
+               date=time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()), wall_s=round(time.perf_counter() - t0, 1))
+    json.dump(out, open(args.out, "w"), indent=1)
+    print(f"table ({len(out['table'])} entries, {sum(v is not None for v in out['table'].values())} to the gemv): "
+          f"{json.dumps(out['table'])}\nsweep {out['wall_s']} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -204,9 +204,10 @@ class DeviceConfig:
     enforce_eager: bool = False
     seed: int = 0
     async_scheduling: bool = False
-    # Decode batches of at most this many rows use the Triton gemv on CUDA (0: off);
-    # PAGEDSERVE_GEMV_MAX_ROWS at start-up, see layers/linear_ops.py.
-    gemv_max_rows: int = 16
+    # Decode batches of at most this many rows use the Triton gemv on CUDA where it beats
+    # cuBLAS, and the decode fusions (0: off); PAGEDSERVE_GEMV_MAX_ROWS at start-up, see
+    # layers/linear_ops.py (64 since the H200 row-bucket sweep of 2026-12-03; 16 before).
+    gemv_max_rows: int = 64
     # Piecewise CUDA graphs for mixed steps (worker/cuda_graph.py; CUDA, unless enforce_eager);
     # PAGEDSERVE_MIXED_GRAPHS=0 at start-up turns them off.
     mixed_graphs: bool = True

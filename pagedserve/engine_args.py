@@ -204,7 +204,7 @@ class EngineArgs:
             device=DeviceConfig(str(device), self.enforce_eager, self.seed,
                                 self.async_scheduling if self.async_scheduling is not None
                                 else device.type == "cuda" or self.pipeline_parallel_size > 1,
-                                int(os.environ.get("PAGEDSERVE_GEMV_MAX_ROWS", "16")),
+                                int(os.environ.get("PAGEDSERVE_GEMV_MAX_ROWS", "64")),
                                 os.environ.get("PAGEDSERVE_MIXED_GRAPHS", "1") != "0"))
         return config, hf_config, source
 

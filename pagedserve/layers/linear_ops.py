@@ -12,9 +12,10 @@ from torch import nn
 
 # Decode-sized batches (at most this many rows) of bf16/fp16 on CUDA go through the Triton
 # gemv (layers/triton_gemv.py) where it streams the weights faster than cuBLAS
-# (benchmarks/gemv_sweep.py); 0 turns it off (A/B measurements). The runner sets it from
-# DeviceConfig.gemv_max_rows when it loads the model.
-GEMV_MAX_ROWS = 16
+# (benchmarks/gemv_sweep.py: its tables decide per row bucket and weight shape), and take the
+# decode fusions below (rotary + KV store in the attention launch); 0 turns both off (A/B
+# measurements). The runner sets it from DeviceConfig.gemv_max_rows when it loads the model.
+GEMV_MAX_ROWS = 64
 
 
 def set_gemv_max_rows(rows: int) -> None:

@@ -1,4 +1,4 @@
-"""Triton matmul for decode-sized batches: y = x @ w.T for x [M, K] with few rows (M <= 16)
+"""Triton matmul for decode-sized batches: y = x @ w.T for x [M, K] with few rows (M <= 64)
 and an nn.Linear weight w [N, K], bf16 / fp16, on CUDA; optionally with the op that makes x
 fused in front of it (its prologue), so a decode layer launches fewer kernels:
 
@@ -6,18 +6,22 @@ fused in front of it (its prologue), so a decode layer launches fewer kernels:
 - `silu_and_mul_gemv(gate_up, w)`: silu(gate) * up computed per K slice of [gate | up], as
   the standalone kernel rounds it (the same jit helper, layers/triton_ops.py): bit for bit.
 
-At batch 1-16 a decode step's matmuls are bound by reading the weights: every byte of w is
-read once and the arithmetic is nil. Each program streams a [BLOCK_N, BLOCK_K] slab of w
+At batch 1-64 a decode step's matmuls are bound by reading the weights: every byte of w is
+read once and the arithmetic is small. Each program streams a [BLOCK_N, BLOCK_K] slab of w
 over the whole of K through a software pipeline (NUM_STAGES loads in flight), fp32
 accumulation, one rounding of the output. One row (M = 1) is multiplied with FMAs, each lane
-accumulating its products across the slices and one reduction at the end; 2-16 rows go
-through tl.dot on 16 padded rows.
+accumulating its products across the slices and one reduction at the end; 2-64 rows go
+through tl.dot on the rows padded to 16 / 32 / 64, either x @ w.T or swapped, (w @ x.T).T: the
+weight slab is then the MMA's tall operand (sm_90's wgmma wants >= 64 rows there) and the few
+rows its narrow one, which won most large-N shapes on the H200.
 
 Launch shapes: M = 1 by weight shape (CONFIGS, from the sweep in `benchmarks/decode_gpu.py` on
 an H200: the FMA variant beat both cuBLAS and tl.dot on padded rows on every llama-1b/8b shape,
-reaching 3.3-4.6 TB/s on >= 32 MiB weights); M > 1 DEFAULT_CONFIG (32 x 512, 4 warps, 4 stages:
-the best or within 2% on an H100, `benchmarks/gemv_sweep.py`). Plain matmuls go to cuBLAS below
-MIN_WEIGHT_BYTES unless one row meets a CONFIGS shape; fused ones take the gemv at any size.
+reaching 3.3-4.6 TB/s on >= 32 MiB weights); M = 2-64 by row bucket and weight shape (MCONFIGS,
+`benchmarks/gemv_sweep.py` on an H200: the launch, or cuBLAS where it was faster); other shapes
+of 2-16 rows DEFAULT_CONFIG (32 x 512, 4 warps, 4 stages: the best or within 2% on an H100).
+Plain matmuls go to cuBLAS below MIN_WEIGHT_BYTES unless a table names their shape; fused ones
+take the gemv at any size.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ import triton.language as tl
 
 from pagedserve.layers.triton_ops import _LIBDEVICE, silu_mul
 
-MAX_ROWS = 16
+MAX_ROWS = 64
 # (Programmatic dependent launch, each gemv placed while the kernel before runs and prefetching its
 # first weight slices into the L2, was measured slower twice on the H200: 831 vs 951 and 933.7 vs
 # 1,025.6 tok/s on llama-1b, benchmarks/RESULTS.md; deleted. Nor did o_proj's and gate_up's weights
@@ -54,7 +58,8 @@ _PLAIN, _SILU = 0, 1
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                  PROLOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, LIBDEVICE: tl.constexpr):
+                 EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, LIBDEVICE: tl.constexpr,
+                 SWAP: tl.constexpr = False):
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -65,6 +70,8 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     n_valid = offs_n[:, None] < N
     if BLOCK_M == 1:   # one row: per-lane FMAs over the slices, one reduction at the end
         acc_k = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    elif SWAP:   # y.T = w @ x.T: the weight slab is the MMA's tall operand, the rows its narrow one
+        acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
@@ -79,12 +86,18 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
         w = tl.load(w_rows + cols[None, :], mask=w_mask, other=0.0)
         if BLOCK_M == 1:
             acc_k += x.to(tl.float32) * w.to(tl.float32)
+        elif SWAP:
+            acc_t = tl.dot(w, tl.trans(x), acc_t)
         else:
             acc = tl.dot(x, tl.trans(w), acc)
-    if BLOCK_M == 1:
-        acc = tl.sum(acc_k, axis=1)[None, :]
-    out = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_valid & (offs_n[None, :] < N))
+    if SWAP:
+        out_t = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
+        tl.store(out_t, acc_t.to(y_ptr.dtype.element_ty), mask=(offs_m[None, :] < M) & n_valid)
+    else:
+        if BLOCK_M == 1:
+            acc = tl.sum(acc_k, axis=1)[None, :]
+        out = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_valid & (offs_n[None, :] < N))
 
 
 @dataclass(frozen=True)
@@ -93,9 +106,10 @@ class GemvConfig:
     block_k: int = 512
     num_warps: int = 4
     num_stages: int = 4
+    swap: bool = False   # M > 1: y.T = w @ x.T (the weight slab as the MMA's tall operand; block_n >= 64)
 
 
-DEFAULT_CONFIG = GemvConfig()   # M > 1: tl.dot on 16 padded rows (block_n >= 16)
+DEFAULT_CONFIG = GemvConfig()   # M > 1: tl.dot on the rows padded to 16 / 32 / 64 (block_n >= 16)
 # M = 1 (the FMA variant): per weight shape (N, K), the best of the sweep in
 # benchmarks/decode_gpu.py on an H200 (2026-12-01 session 9, cold weights in CUDA graphs, 24-30
 # launch shapes a weight; benchmarks/gpu/2026-12-01-h200-s9-gemv22/): against session 8's table
@@ -115,10 +129,58 @@ CONFIGS: dict[tuple[int, int], GemvConfig] = {
     (128256, 4096): GemvConfig(8, 1024, 4, 4),   # llama-8b lm_head
 }
 M1_DEFAULT = GemvConfig(16, 512, 4, 4)
+# M = 2..MAX_ROWS, by row bucket (the smallest of ROW_BUCKETS >= M: the decode graphs' sizes) and
+# weight shape: the best launch of benchmarks/gemv_sweep.py on an H200 (2026-12-03, session 20, cold
+# weights in CUDA graphs, 26 launch shapes at 16 / 32 / 64 rows, each row count against cuBLAS;
+# benchmarks/gpu/2026-12-03-h200-s20/gemv_rows/), or None where cuBLAS was faster. S: swapped
+# (y.T = w @ x.T), P: plain. Against main's 16-row default launch and cuBLAS above, the decode
+# graphs of 2-64 rows replayed 1.5-6.5% (llama-8b) and 3.8-10% (llama-1b) faster. A bucket > 16
+# with no entry goes to cuBLAS; <= 16 with no entry takes DEFAULT_CONFIG for weights >= MIN_WEIGHT_BYTES.
+ROW_BUCKETS = (2, 4, 8, 16, 32, 48, 64)
+
+
+def S(block_n: int, block_k: int, num_warps: int, num_stages: int) -> GemvConfig:
+    return GemvConfig(block_n, block_k, num_warps, num_stages, True)
+
+
+def P(block_n: int, block_k: int, num_warps: int, num_stages: int) -> GemvConfig:
+    return GemvConfig(block_n, block_k, num_warps, num_stages, False)
+
+
+_BY_SHAPE: dict[tuple[int, int], dict[int, GemvConfig | None]] = {
+    (6144, 4096): {2: S(64, 256, 4, 4), 4: S(64, 256, 4, 4), 8: S(64, 256, 4, 4), 16: S(64, 128, 4, 5),
+                   32: S(64, 256, 4, 4), 48: S(64, 128, 4, 5), 64: S(64, 128, 4, 5)},   # llama-8b qkv
+    (4096, 4096): {2: S(64, 256, 4, 5), 4: S(64, 256, 4, 5), 8: P(32, 512, 4, 4), 16: P(32, 512, 4, 4),
+                   32: S(64, 256, 4, 4), 48: P(32, 256, 4, 4), 64: None},   # llama-8b o
+    (28672, 4096): {2: S(64, 128, 4, 4), 4: S(128, 128, 4, 3), 8: S(64, 128, 4, 4), 16: None,
+                    32: S(64, 128, 4, 4), 48: S(64, 128, 4, 3), 64: S(64, 128, 4, 3)},   # llama-8b gate_up
+    (4096, 14336): {2: P(32, 512, 4, 4), 4: P(32, 512, 4, 4), 8: P(32, 512, 4, 4), 16: P(32, 512, 4, 4),
+                    32: P(32, 512, 4, 4), 48: P(32, 256, 4, 4), 64: P(32, 256, 4, 4)},   # llama-8b down
+    (128256, 4096): {2: S(128, 128, 4, 3), 4: S(128, 128, 4, 3), 8: S(128, 128, 4, 3), 16: S(128, 128, 4, 3),
+                     32: S(128, 128, 4, 4), 48: S(128, 128, 4, 4), 64: S(128, 128, 4, 4)},   # llama-8b lm_head
+    (3072, 2048): {2: S(64, 256, 4, 4), 4: S(64, 256, 4, 4), 8: S(64, 256, 4, 4), 16: S(64, 256, 4, 4),
+                   32: None, 48: None, 64: None},   # llama-1b qkv
+    (2048, 2048): {2: P(16, 512, 4, 4), 4: P(16, 512, 4, 4), 8: P(16, 512, 4, 3), 16: P(16, 512, 4, 3),
+                   32: P(16, 256, 4, 4), 48: P(16, 256, 4, 4), 64: P(16, 256, 4, 4)},   # llama-1b o
+    (16384, 2048): {2: S(64, 128, 4, 4), 4: S(64, 128, 4, 4), 8: S(64, 128, 4, 4), 16: S(64, 128, 4, 3),
+                    32: S(64, 128, 4, 3), 48: S(64, 128, 4, 3), 64: None},   # llama-1b gate_up
+    (2048, 8192): {2: P(16, 512, 4, 4), 4: P(16, 512, 4, 4), 8: P(16, 1024, 4, 3), 16: P(16, 512, 4, 4),
+                   32: None, 48: None, 64: None},   # llama-1b down
+    (128256, 2048): {2: S(128, 128, 4, 3), 4: S(128, 128, 4, 3), 8: S(128, 128, 4, 3), 16: S(128, 128, 4, 3),
+                     32: S(64, 128, 4, 4), 48: S(64, 128, 4, 3), 64: S(128, 128, 4, 4)},   # llama-1b lm_head
+}
+MCONFIGS: dict[tuple[int, int, int], GemvConfig | None] = {
+    (bucket, n, k): cfg for (n, k), row in _BY_SHAPE.items() for bucket, cfg in row.items()}
+
+
+def row_bucket(m: int) -> int:
+    return next(b for b in ROW_BUCKETS if b >= m)
 
 
 def config_for(m: int, n: int, k: int) -> GemvConfig:
-    return CONFIGS.get((n, k), M1_DEFAULT) if m == 1 else DEFAULT_CONFIG
+    if m == 1:
+        return CONFIGS.get((n, k), M1_DEFAULT)
+    return MCONFIGS.get((row_bucket(m), n, k)) or DEFAULT_CONFIG
 
 
 def fusable(x: torch.Tensor, weight: torch.Tensor, max_rows: int = MAX_ROWS) -> bool:
@@ -132,8 +194,14 @@ def use_gemv(x: torch.Tensor, weight: torch.Tensor, max_rows: int = MAX_ROWS) ->
     """Whether the plain gemv beats cuBLAS here: `fusable` and a weight of at least
     MIN_WEIGHT_BYTES, or one row into a weight shape of CONFIGS (a step that samples no row
     computes logits of 0 rows: F.linear)."""
-    return fusable(x, weight, max_rows) and (weight.numel() * weight.element_size() >= MIN_WEIGHT_BYTES
-                                             or x.shape[0] == 1 and tuple(weight.shape) in CONFIGS)
+    if not fusable(x, weight, max_rows):
+        return False
+    m, shape = x.shape[0], tuple(weight.shape)
+    if m == 1 and shape in CONFIGS:
+        return True
+    if m > 1 and (key := (row_bucket(m), *shape)) in MCONFIGS:
+        return MCONFIGS[key] is not None
+    return m <= 16 and weight.numel() * weight.element_size() >= MIN_WEIGHT_BYTES
 
 
 def _check(x: torch.Tensor, k: int, weight: torch.Tensor) -> None:
@@ -157,9 +225,9 @@ def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, config: GemvCo
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, config.block_n),)](
         x, weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
-        PROLOGUE=prologue, BLOCK_M=1 if m == 1 else 16, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        EVEN_K=k % config.block_k == 0, NUM_STAGES=config.num_stages, LIBDEVICE=_LIBDEVICE,
-        num_warps=config.num_warps)
+        PROLOGUE=prologue, BLOCK_M=1 if m == 1 else max(16, triton.next_power_of_2(m)), BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0, NUM_STAGES=config.num_stages, LIBDEVICE=_LIBDEVICE,
+        SWAP=config.swap and m > 1, num_warps=config.num_warps)
     return y
 
 

@@ -33,6 +33,15 @@ def test_gemv_rows(m: int, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [2, 17, 33, 64])
+@pytest.mark.parametrize("swap", [False, True])
+def test_gemv_rows_padded_to_16_32_64(m: int, swap: bool, dtype: torch.dtype) -> None:
+    """2-64 rows through tl.dot on 16 / 32 / 64 padded rows, plain (x @ w.T) or swapped (the weight
+    slab as the tall operand: (w @ x.T).T), ragged N and K."""
+    _check(m, 100 if swap else 50, 300, dtype, GemvConfig(64 if swap else 16, 128, 4, 2, swap), seed=m)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,k", [(96, 512), (50, 300)])
 def test_gemv_one_row_ragged(n: int, k: int, dtype: torch.dtype) -> None:
     """M = 1 (FMAs, no padded rows, no tl.dot: block_n may be below 16)."""
@@ -60,6 +69,18 @@ def test_use_gemv_only_where_it_pays() -> None:
         assert use_gemv(torch.zeros(16, 2048, dtype=torch.bfloat16, device="cuda"), big)
         assert not use_gemv(torch.zeros(17, 2048, dtype=torch.bfloat16, device="cuda"), big)
         assert not use_gemv(torch.zeros(17, 2048, dtype=torch.bfloat16, device="cuda"), big, max_rows=64)
+        # a row bucket's entry decides: a launch (the gemv), None (cuBLAS)
+        from pagedserve.layers import triton_gemv
+        saved = dict(triton_gemv.MCONFIGS)
+        try:
+            triton_gemv.MCONFIGS.update({(32, 8192, 2048): GemvConfig(64, 256, 4, 3, True), (16, 8192, 2048): None})
+            assert use_gemv(torch.zeros(17, 2048, dtype=torch.bfloat16, device="cuda"), big, max_rows=64)
+            assert not use_gemv(torch.zeros(17, 2048, dtype=torch.bfloat16, device="cuda"), big, max_rows=16)
+            assert not use_gemv(torch.zeros(16, 2048, dtype=torch.bfloat16, device="cuda"), big)
+            assert triton_gemv.config_for(20, 8192, 2048) == GemvConfig(64, 256, 4, 3, True)
+        finally:
+            triton_gemv.MCONFIGS.clear()
+            triton_gemv.MCONFIGS.update(saved)
         assert not use_gemv(torch.zeros(0, 2048, dtype=torch.bfloat16, device="cuda"), big)
         assert not use_gemv(torch.zeros(2, 2048, dtype=torch.bfloat16, device="cuda"), big[:3072])
         # one row into a swept shape (llama-1b's qkv, 12 MiB): the gemv won there
@@ -70,7 +91,7 @@ def test_use_gemv_only_where_it_pays() -> None:
 def test_gemv_rejects_bad_input() -> None:
     w = torch.zeros(8, 64, dtype=torch.float16, device=DEVICE)
     with pytest.raises(ValueError, match="rows"):
-        gemv(torch.zeros(17, 64, dtype=torch.float16, device=DEVICE), w)
+        gemv(torch.zeros(65, 64, dtype=torch.float16, device=DEVICE), w)
     with pytest.raises(ValueError, match="dtype"):
         gemv(torch.zeros(1, 64, dtype=torch.float32, device=DEVICE), w)
     with pytest.raises(ValueError, match="weight"):
@@ -97,7 +118,7 @@ def test_silu_and_mul_gemv(m: int, n: int, k: int, dtype: torch.dtype) -> None:
 def test_prologue_launchers_reject_bad_input() -> None:
     w = torch.zeros(8, 64, dtype=torch.float16, device=DEVICE)
     with pytest.raises(ValueError, match="rows"):
-        gemv(torch.zeros(17, 64, dtype=torch.float16, device=DEVICE), w)
+        gemv(torch.zeros(65, 64, dtype=torch.float16, device=DEVICE), w)
     with pytest.raises(ValueError, match="gate_up"):
         silu_and_mul_gemv(torch.zeros(1, 63, dtype=torch.float16, device=DEVICE), w)
     with pytest.raises(ValueError, match="weight"):
@@ -106,9 +127,10 @@ def test_prologue_launchers_reject_bad_input() -> None:
 
 _COMPILE_FOR_SM90 = """
 from pagedserve.layers.triton_gemv import _gemv_kernel
-for prologue, block_m in [(0, 1), (0, 16), (1, 1)]:
-    build(_gemv_kernel, dict(PROLOGUE=prologue, BLOCK_M=block_m, BLOCK_N=8 if block_m == 1 else 32,
-                             BLOCK_K=512, EVEN_K=False, NUM_STAGES=4, LIBDEVICE=True), {})
+for prologue, block_m, swap in [(0, 1, False), (0, 16, False), (1, 1, False), (0, 32, False), (0, 64, True),
+                                (0, 16, True)]:
+    build(_gemv_kernel, dict(PROLOGUE=prologue, BLOCK_M=block_m, BLOCK_N=8 if block_m == 1 else 64,
+                             BLOCK_K=256, EVEN_K=False, NUM_STAGES=4, LIBDEVICE=True, SWAP=swap), {})
 """
 
 
