@@ -44,9 +44,9 @@ def breakdown(rows: list[list[float]], band: tuple[float, float]) -> dict:
         decode_not_after_mixed_p50_ms=p50([s["ms"] for s in decode if not s.get("after_mixed")]),
         in_band_running_p50=p50([s["running"] for s in in_band]),
         decode_by_running={k: dict(n=len(v), p50_ms=p50(v)) for k, v in
-                           sorted(by_size.items(), key=lambda kv: int(kv[0].split("-")[0]))},
+                           sorted(by_size.items(), key=lambda kv: int(kv[0].rsplit("-", 1)[0]))},
         mixed_by_tokens={k: dict(n=len(v), p50_ms=p50(v)) for k, v in
-                         sorted(by_tokens.items(), key=lambda kv: int(kv[0].split("-")[0]))})
+                         sorted(by_tokens.items(), key=lambda kv: int(kv[0].rsplit("-", 1)[0]))})
 
 
 def main() -> None:
