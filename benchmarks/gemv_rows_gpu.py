@@ -5,11 +5,13 @@ weights, bf16, max_model_len 2048, as peers.py), variants interleaved in one pro
   decode fusions, rotary + KV store in the attention launch, up to 16 rows);
 - attn64: PAGEDSERVE_GEMV_MAX_ROWS=64 with no row-bucket table: the decode fusions up to 64 rows,
   cuBLAS for every matmul above 16 rows;
-- gemv64: the same with triton_gemv.MCONFIGS from benchmarks/gemv_sweep.py's table (--table).
+- gemv64: the same with triton_gemv.MCONFIGS from benchmarks/gemv_sweep.py's table (--table; or
+  the library's own table without --table).
 
 Per engine: each decode graph of 1-64 rows replayed at context 800 (every row its own blocks,
-nothing stored), median of 3 x 20 replays (ms); the greedy ids of 24 prompts (32 tokens: steps of
-24 rows) against rows16's; the wall time of 48 prompts x 96 tokens. Prints RESULT lines; writes
+nothing stored), median of 3 x 20 replays (ms); with --thr512 peers.py's thr512 (512 requests,
+input 64-1024, output 16-512); the greedy ids of 24 prompts (32 tokens: steps of
+24 rows) against the first variant's; the wall time of 48 prompts x 96 tokens. Prints RESULT lines; writes
 OUT/gemv_rows.json.
 
 Usage: python3 benchmarks/gemv_rows_gpu.py OUT [--table sweep.json] [--models llama-8b,llama-1b]
@@ -35,7 +37,7 @@ MODELS = {
     "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                      num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
 }
-ROWS = [1, 2, 4, 8, 16, 32, 48, 64]
+ROWS = [1, 2, 4, 8, 16, 32, 48, 64, 80, 96, 128]
 CONTEXT = 800
 
 
@@ -77,14 +79,30 @@ def graph_replays(llm) -> dict:
     return out
 
 
-def run(name: str, variant: str, table: dict) -> dict:
+def thr512(llm) -> float:
+    """peers.py's thr512: out tok/s of 512 requests (input U[64,1024], output U[16,512], seed 0)."""
+    from pagedserve import SamplingParams
+    rng = random.Random(0)
+    reqs = []
+    for _ in range(512):
+        il, ol = rng.randint(64, 1024), rng.randint(16, 512)
+        reqs.append(([rng.randrange(3, 32000) for _ in range(il)], ol))
+    prompts = [{"prompt_token_ids": p} for p, _ in reqs]
+    sps = [SamplingParams(max_tokens=o, ignore_eos=True, temperature=0.0, detokenize=False) for _, o in reqs]
+    llm.generate(prompts[:8], sps[:8], use_tqdm=False)
+    t0 = time.time()
+    outs = llm.generate(prompts, sps, use_tqdm=False)
+    return round(sum(len(o.outputs[0].token_ids) for o in outs) / (time.time() - t0), 1)
+
+
+def run(name: str, variant: str, table: dict, with_thr: bool) -> dict:
     from pagedserve import LLM, SamplingParams
     from pagedserve.layers import triton_gemv
     os.environ["PAGEDSERVE_GEMV_MAX_ROWS"] = "16" if variant.startswith("rows16") else "64"
     saved = dict(triton_gemv.MCONFIGS)
     triton_gemv.MCONFIGS.clear()
     if variant.startswith("gemv64"):
-        triton_gemv.MCONFIGS.update(table)
+        triton_gemv.MCONFIGS.update(table or saved)
     try:
         t0 = time.time()
         llm = LLM(model=model_dir(name), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
@@ -103,6 +121,8 @@ def run(name: str, variant: str, table: dict) -> dict:
         t0 = time.time()
         llm.generate(prompts, sp, use_tqdm=False)
         res["c48_wall_s"] = round(time.time() - t0, 3)
+        if with_thr:
+            res["thr512_out_tok_s"] = thr512(llm)
         llm.shutdown()
         del llm
     finally:
@@ -120,6 +140,7 @@ def main() -> None:
     ap.add_argument("--table", default="")
     ap.add_argument("--models", default="llama-8b,llama-1b")
     ap.add_argument("--variants", default="rows16,gemv64,attn64,rows16,gemv64")
+    ap.add_argument("--thr512", action="store_true")
     args = ap.parse_args()
     from gemv_sweep import load_table
     table = load_table(args.table) if args.table else {}
@@ -128,10 +149,8 @@ def main() -> None:
     for name in args.models.split(","):
         base_ids = None
         for variant in args.variants.split(","):
-            if variant.startswith("gemv64") and not table:
-                continue
-            res = run(name, variant, table)
-            if base_ids is None and variant.startswith("rows16"):
+            res = run(name, variant, table, args.thr512)
+            if base_ids is None:   # the first variant's ids: the others against them
                 base_ids = res["ids"]
             if base_ids is not None:
                 res["ids_equal_prompts"] = sum(a == b for a, b in zip(base_ids, res["ids"]))
@@ -142,11 +161,11 @@ def main() -> None:
                    machine=f"{torch.cuda.get_device_name()}, torch {torch.__version__}",
                    table={"x".join(map(str, k)): (v.__dict__ if v else None) for k, v in table.items()},
                    results=results), open(os.path.join(args.out, "gemv_rows.json"), "w"), indent=1)
-    print("\n| model | variant | " + " | ".join(f"{r} rows" for r in ROWS) + " | c48 s | ids equal (of 24) |")
+    print("\n| model | variant | " + " | ".join(f"{r} rows" for r in ROWS) + " | c48 s | thr512 | ids equal (of 24) |")
     for res in results:
         print(f"| {res['model']} | {res['variant']} | "
               + " | ".join(str(res["replay_ms"].get(r, "-")) for r in ROWS)
-              + f" | {res['c48_wall_s']} | {res.get('ids_equal_prompts', '-')} |")
+              + f" | {res['c48_wall_s']} | {res.get('thr512_out_tok_s', '-')} | {res.get('ids_equal_prompts', '-')} |")
 
 
 if __name__ == "__main__":
