@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import triton
 
-from pagedserve.layers.triton_gemv import DEFAULT_CONFIG, GemvConfig, _gemv_kernel, gemv, row_bucket
+from pagedserve.layers.triton_gemv import DEFAULT_CONFIG, WIDE_DEFAULT, GemvConfig, _gemv_kernel, gemv, row_bucket
 from pagedserve.layers.triton_ops import _LIBDEVICE
 
 SHAPES = {  # name: (N, K)
@@ -29,6 +29,10 @@ SHAPES = {  # name: (N, K)
                  "lm_head": (128256, 2048)},
     "llama-8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
                  "lm_head": (128256, 4096)},
+    # a shape set no table names (Qwen2.5-7B: hidden 3584, 4 KV heads, intermediate 18944): how the
+    # fallbacks (WIDE_DEFAULT for N > K, DEFAULT_CONFIG) do against cuBLAS and the best
+    "qwen2.5-7b": {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584), "down": (3584, 18944),
+                   "lm_head": (152064, 3584)},
 }
 CALLS = 40
 GRID = sorted({GemvConfig(bn, bk, 4, st) for bn, bk, st in itertools.product([16, 32, 64], [256, 512], [3, 4])}
@@ -110,7 +114,7 @@ def sweep(models: list[str], rows: list[int], device: torch.device) -> dict:
                 ref = x.float() @ weights[0].float().T
                 scale = ref.abs().max().item()
                 cublas = time_us(lambda w: torch.nn.functional.linear(x, w), weights)
-                candidates = GRID if m in full else sorted(set(tops.get(FROM[m], [])) | {DEFAULT_CONFIG},
+                candidates = GRID if m in full else sorted(set(tops.get(FROM[m], [])) | {DEFAULT_CONFIG, WIDE_DEFAULT},
                                                            key=GRID.index)
                 timed = []
                 for cfg in candidates:
@@ -126,18 +130,20 @@ def sweep(models: list[str], rows: list[int], device: torch.device) -> dict:
                 tops[m] = [c for _, c, _ in timed[:6]]
                 best_us, best, err = timed[0] if timed else (float("inf"), None, None)
                 default_us = next((t for t, c, _ in timed if c == DEFAULT_CONFIG), None)
+                wide_us = next((t for t, c, _ in timed if c == WIDE_DEFAULT), None)
                 win = best is not None and best_us < cublas
                 key = f"{row_bucket(m)}x{n}x{k}"
                 if m == row_bucket(m):
                     table[key] = best.__dict__ if win else None
                 row = dict(model=model, role=role, m=m, n=n, k=k, cublas_us=round(cublas, 2),
-                           default_us=default_us and round(default_us, 2), best_us=round(best_us, 2),
+                           default_us=default_us and round(default_us, 2), wide_us=wide_us and round(wide_us, 2),
+                           best_us=round(best_us, 2),
                            best=best and best.__dict__, rel_err=err, gemv_wins=win,
                            cublas_tb_s=round(nbytes / cublas / 1e6, 2), best_tb_s=round(nbytes / best_us / 1e6, 2),
                            top5=[(round(t, 2), c.__dict__) for t, c, _ in timed[:5]])
                 results.append(row)
                 print(f"{model}.{role:8s} M={m:2d}  cuBLAS {cublas:7.2f} us ({row['cublas_tb_s']} TB/s)  default "
-                      f"{default_us or float('nan'):7.2f}  best {best_us:7.2f} ({row['best_tb_s']} TB/s) {best}"
+                      f"{default_us or float('nan'):7.2f}  wide {wide_us or float('nan'):7.2f}  best {best_us:7.2f} ({row['best_tb_s']} TB/s) {best}"
                       f"{'' if win else '  -> cuBLAS'}", flush=True)
             del weights
             torch.cuda.empty_cache()

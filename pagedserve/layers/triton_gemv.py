@@ -19,7 +19,7 @@ Launch shapes: M = 1 by weight shape (CONFIGS, from the sweep in `benchmarks/dec
 an H200: the FMA variant beat both cuBLAS and tl.dot on padded rows on every llama-1b/8b shape,
 reaching 3.3-4.6 TB/s on >= 32 MiB weights); M = 2-64 by row bucket and weight shape (MCONFIGS,
 `benchmarks/gemv_sweep.py` on an H200: the launch, or cuBLAS where it was faster); other shapes
-of 2-16 rows DEFAULT_CONFIG (32 x 512, 4 warps, 4 stages: the best or within 2% on an H100).
+of 2-16 rows WIDE_DEFAULT (swapped) for N > K, else DEFAULT_CONFIG (32 x 512, 4 warps, 4 stages).
 Plain matmuls go to cuBLAS below MIN_WEIGHT_BYTES unless a table names their shape; fused ones
 take the gemv at any size.
 """
@@ -177,10 +177,16 @@ def row_bucket(m: int) -> int:
     return next(b for b in ROW_BUCKETS if b >= m)
 
 
+# M = 2-16 into a shape MCONFIGS does not name: swapped for N > K (on the sweep's five such shapes
+# within 2% of each shape's best and 5-20% faster than DEFAULT_CONFIG, which lost to cuBLAS on all
+# five), DEFAULT_CONFIG otherwise (within 0.1-0.6 us of the best on o / down)
+WIDE_DEFAULT = S(64, 128, 4, 5)
+
+
 def config_for(m: int, n: int, k: int) -> GemvConfig:
     if m == 1:
         return CONFIGS.get((n, k), M1_DEFAULT)
-    return MCONFIGS.get((row_bucket(m), n, k)) or DEFAULT_CONFIG
+    return MCONFIGS.get((row_bucket(m), n, k)) or (WIDE_DEFAULT if n > k else DEFAULT_CONFIG)
 
 
 def fusable(x: torch.Tensor, weight: torch.Tensor, max_rows: int = MAX_ROWS) -> bool:

@@ -88,6 +88,20 @@ def test_use_gemv_only_where_it_pays() -> None:
         assert not use_gemv(torch.zeros(1, 2048, dtype=torch.bfloat16, device="cuda"), big[:4096])
 
 
+def test_launch_shape_by_row_bucket() -> None:
+    """One row: the one-row table; 2-64 rows: the row bucket's entry (rows round up to 2 / 4 / 8 /
+    16 / 32 / 48 / 64); a shape no table names: swapped where N > K, the plain default otherwise."""
+    from pagedserve.layers import triton_gemv
+    assert [triton_gemv.row_bucket(m) for m in (2, 3, 5, 9, 17, 33, 49, 64)] == [2, 4, 8, 16, 32, 48, 64, 64]
+    assert triton_gemv.config_for(1, 4096, 4096) == triton_gemv.CONFIGS[(4096, 4096)]
+    assert triton_gemv.config_for(3, 6144, 4096) == triton_gemv.MCONFIGS[(4, 6144, 4096)]
+    assert triton_gemv.config_for(40, 128256, 4096) == triton_gemv.MCONFIGS[(48, 128256, 4096)]
+    assert triton_gemv.MCONFIGS[(64, 4096, 4096)] is None   # cuBLAS won there
+    assert triton_gemv.config_for(4, 9000, 2048) == triton_gemv.WIDE_DEFAULT
+    assert triton_gemv.config_for(4, 2048, 9000) == triton_gemv.DEFAULT_CONFIG
+    assert all(c is None or (c.block_n >= 64 if c.swap else c.block_n >= 16) for c in triton_gemv.MCONFIGS.values())
+
+
 def test_gemv_rejects_bad_input() -> None:
     w = torch.zeros(8, 64, dtype=torch.float16, device=DEVICE)
     with pytest.raises(ValueError, match="rows"):
