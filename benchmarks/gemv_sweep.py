@@ -33,6 +33,14 @@ SHAPES = {  # name: (N, K)
     # fallbacks (WIDE_DEFAULT for N > K, DEFAULT_CONFIG) do against cuBLAS and the best
     "qwen2.5-7b": {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584), "down": (3584, 18944),
                    "lm_head": (152064, 3584)},
+    # one rank's shards under tensor parallelism (columns of qkv / gate_up / the vocabulary split, the
+    # rows of o / down): not in triton_gemv.MCONFIGS yet, their end-to-end A/B needs the GPUs
+    "llama-8b-tp2": {"qkv": (3072, 4096), "o": (4096, 2048), "gate_up": (14336, 4096), "down": (4096, 7168),
+                     "lm_head": (64128, 4096)},
+    "llama-70b-tp2": {"qkv": (5120, 8192), "o": (8192, 4096), "gate_up": (28672, 8192), "down": (8192, 14336),
+                      "lm_head": (64128, 8192)},
+    "llama-70b-tp4": {"qkv": (2560, 8192), "o": (8192, 2048), "gate_up": (14336, 8192), "down": (8192, 7168),
+                      "lm_head": (32064, 8192)},
 }
 CALLS = 40
 GRID = sorted({GemvConfig(bn, bk, 4, st) for bn, bk, st in itertools.product([16, 32, 64], [256, 512], [3, 4])}
