@@ -1,4 +1,6 @@
 """The CUDA-graph bucket lists (pure functions: the graphs themselves need a GPU)."""
+import pytest
+
 from pagedserve.worker.cuda_graph import batch_size_buckets, prefill_token_buckets
 
 
@@ -7,6 +9,16 @@ def test_decode_buckets():
                                        320, 384, 448, 512]
     assert batch_size_buckets(1024) == batch_size_buckets(512)
     assert batch_size_buckets(20) == [1, 2, 4, 8, 16, 20]
+
+
+def test_gemv_row_buckets_are_decode_graph_sizes():
+    """A decode step padded to its graph's size meets the gemv table's row bucket exactly (the
+    launches were timed at those counts), and the table covers every size up to the gemv's limit."""
+    triton_gemv = pytest.importorskip("pagedserve.layers.triton_gemv")
+    sizes = [b for b in batch_size_buckets(512) if 1 < b <= triton_gemv.MAX_ROWS]
+    assert sizes == list(triton_gemv.ROW_BUCKETS)
+    shapes = {(n, k) for (_, n, k) in triton_gemv.MCONFIGS}
+    assert {(b, n, k) for b in sizes for n, k in shapes} == set(triton_gemv.MCONFIGS)
 
 
 def test_prefill_buckets():
