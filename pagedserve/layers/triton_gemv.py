@@ -25,13 +25,18 @@ take the gemv at any size.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
-from pagedserve.layers.triton_ops import _LIBDEVICE, silu_mul
+from pagedserve.layers.triton_ops import _LIBDEVICE, silu_and_mul, silu_mul
+
+logger = logging.getLogger(__name__)
 
 MAX_ROWS = 64
 # (Programmatic dependent launch, each gemv placed while the kernel before runs and prefetching its
@@ -223,18 +228,31 @@ def _check(x: torch.Tensor, k: int, weight: torch.Tensor) -> None:
                          f"{x.stride()} and {weight.stride()}")
 
 
+# Launches this device cannot run (the tables were tuned on an H200's 228 KiB of shared memory per
+# SM; a GPU with less refuses the big tiles): each goes to torch once it has failed.
+_UNFIT: set[tuple[GemvConfig, int, int]] = set()
+
+
 def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None, k: int
             ) -> torch.Tensor:
     _check(x, k, weight)
     m, n = x.shape[0], weight.shape[0]
     config = config or config_for(m, n, k)
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    _gemv_kernel[(triton.cdiv(n, config.block_n),)](
-        x, weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
-        PROLOGUE=prologue, BLOCK_M=1 if m == 1 else max(16, triton.next_power_of_2(m)), BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0, NUM_STAGES=config.num_stages, LIBDEVICE=_LIBDEVICE,
-        SWAP=config.swap and m > 1, num_warps=config.num_warps)
-    return y
+    block_m = 1 if m == 1 else max(16, triton.next_power_of_2(m))
+    if (config, block_m, prologue) not in _UNFIT:
+        y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        try:   # (the resource check comes before the launch: nothing is enqueued when it fails)
+            _gemv_kernel[(triton.cdiv(n, config.block_n),)](
+                x, weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
+                PROLOGUE=prologue, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                EVEN_K=k % config.block_k == 0, NUM_STAGES=config.num_stages, LIBDEVICE=_LIBDEVICE,
+                SWAP=config.swap and m > 1, num_warps=config.num_warps)
+            return y
+        except OutOfResources as exc:
+            _UNFIT.add((config, block_m, prologue))
+            logger.warning("gemv launch %s for %d rows does not fit this GPU (%s): torch's matmul instead",
+                           config, m, exc)
+    return F.linear(x if prologue == _PLAIN else silu_and_mul(x), weight)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:

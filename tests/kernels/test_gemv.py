@@ -102,6 +102,34 @@ def test_launch_shape_by_row_bucket() -> None:
     assert all(c is None or (c.block_n >= 64 if c.swap else c.block_n >= 16) for c in triton_gemv.MCONFIGS.values())
 
 
+def test_a_launch_this_gpu_cannot_fit_goes_to_torch(monkeypatch) -> None:
+    """A launch refused for shared memory (a GPU smaller than the H200 the tables were tuned on)
+    falls back to torch's matmul (SiLU-and-mul first for the prologue launch), and is not tried again."""
+    from triton.runtime.errors import OutOfResources
+    from pagedserve.layers import triton_gemv
+    calls = []
+
+    class Refusing:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                calls.append(kwargs["BLOCK_M"])
+                raise OutOfResources(300_000, 232_448, "shared memory")
+            return launch
+
+    monkeypatch.setattr(triton_gemv, "_gemv_kernel", Refusing())
+    monkeypatch.setattr(triton_gemv, "_UNFIT", set())
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 64, generator=gen).to(DEVICE, torch.float16)
+    w = (torch.randn(40, 64, generator=gen) * 0.05).to(DEVICE, torch.float16)
+    cfg = GemvConfig(64, 128, 4, 5, True)
+    for _ in range(2):
+        assert torch.equal(gemv(x, w, cfg), torch.nn.functional.linear(x, w))
+    assert calls == [16]   # refused once, then remembered
+    gate_up = torch.randn(3, 128, generator=gen).to(DEVICE, torch.float16)
+    assert torch.equal(silu_and_mul_gemv(gate_up, w, cfg), torch.nn.functional.linear(silu_and_mul(gate_up), w))
+    assert calls == [16, 16] and len(triton_gemv._UNFIT) == 2   # the prologue launch is its own
+
+
 def test_gemv_rejects_bad_input() -> None:
     w = torch.zeros(8, 64, dtype=torch.float16, device=DEVICE)
     with pytest.raises(ValueError, match="rows"):
