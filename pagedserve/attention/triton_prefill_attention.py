@@ -23,11 +23,13 @@ needed. Every row sees at least one key, so no row is fully masked.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from pagedserve.attention.triton_paged_attention import _LOG2E, _check_attention_inputs, _find_seq_idx
 
@@ -266,6 +268,20 @@ LARGE_MIN_TOKENS = 1024
 I64_CACHE_ELEMENTS = 2**31
 
 
+# Launch shapes this GPU refused for shared memory (LARGE_TILES takes 224 KB: an H100 / H200 holds
+# it, an A100's 164 KB or a workstation GPU's ~100 KB does not): the next smaller shape from then on.
+_UNFIT: set[PrefillTiles] = set()
+logger = logging.getLogger(__name__)
+
+
+def _with_fallbacks(tiles: PrefillTiles, head_dim_pad: int) -> list[PrefillTiles]:
+    """tiles, then the smaller default shapes (SMALL_TILES, the fp32 one), less those refused."""
+    size = lambda t: t.block_m * t.block_n * t.num_stages   # noqa: E731
+    smallest = default_prefill_tiles(torch.float32, head_dim_pad)
+    chain = [tiles] + [t for t in (SMALL_TILES, smallest) if size(t) < size(tiles)]
+    return [t for t in chain if t not in _UNFIT] or chain[-1:]
+
+
 def _elements_spanned(tensor: torch.Tensor) -> int:
     """1 + the largest element offset a view's strides reach (numel for a contiguous tensor)."""
     return 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
@@ -313,22 +329,29 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor | None, value: torc
     if context is not None and num_launch_seqs != 1:
         raise ValueError("a contiguous context is for a launch of one sequence")
     ctx_key, ctx_value = context if context is not None else (key, value)  # unused when None
-    # Sum over sequences of cdiv(query_len, block_m) <= max_tokens // block_m + num_seqs.
-    grid = (num_heads, max_tokens // tiles.block_m + num_launch_seqs)
-    _prefill_attention_kernel[grid](
-        out, query, key, value, k_cache, v_cache, ctx_key, ctx_value, block_tables, seq_lens, query_start_loc,
-        scale * _LOG2E, seq_begin, seq_end,
-        query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables.stride(0), ctx_key.stride(0), ctx_key.stride(1), ctx_value.stride(0), ctx_value.stride(1),
-        QUERIES_PER_KV=num_heads // num_kv_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-        BLOCK_SIZE=k_cache.shape[1], BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-        NEW_KV_FROM_CACHE=new_kv_from_cache, CONTEXT_CONTIGUOUS=context is not None,
-        SAME_KV_STRIDES=k_cache.stride() == v_cache.stride(),
-        CACHE_I64=max(_elements_spanned(k_cache), _elements_spanned(v_cache)) >= I64_CACHE_ELEMENTS,
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-    )
-    return out
+    for tiles in _with_fallbacks(tiles, head_dim_pad):
+        # Sum over sequences of cdiv(query_len, block_m) <= max_tokens // block_m + num_seqs.
+        grid = (num_heads, max_tokens // tiles.block_m + num_launch_seqs)
+        try:   # (the resource check comes before the launch: nothing is enqueued when it fails)
+            _prefill_attention_kernel[grid](
+                out, query, key, value, k_cache, v_cache, ctx_key, ctx_value, block_tables, seq_lens, query_start_loc,
+                scale * _LOG2E, seq_begin, seq_end,
+                query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+                out.stride(0), out.stride(1),
+                k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+                block_tables.stride(0), ctx_key.stride(0), ctx_key.stride(1), ctx_value.stride(0), ctx_value.stride(1),
+                QUERIES_PER_KV=num_heads // num_kv_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+                BLOCK_SIZE=k_cache.shape[1], BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+                NEW_KV_FROM_CACHE=new_kv_from_cache, CONTEXT_CONTIGUOUS=context is not None,
+                SAME_KV_STRIDES=k_cache.stride() == v_cache.stride(),
+                CACHE_I64=max(_elements_spanned(k_cache), _elements_spanned(v_cache)) >= I64_CACHE_ELEMENTS,
+                DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+                num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+            )
+            return out
+        except OutOfResources as exc:
+            _UNFIT.add(tiles)
+            refused = exc
+            logger.warning("prefill attention tiles %s do not fit this GPU (%s): smaller ones from now on", tiles, exc)
+    raise refused

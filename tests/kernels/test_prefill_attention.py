@@ -93,6 +93,32 @@ def test_wider_tiles(tiles: PrefillTiles | None, dtype: torch.dtype) -> None:
     check(batch, tiles)
 
 
+def test_tiles_the_gpu_refuses_fall_back_to_smaller_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A launch shape refused for shared memory (LARGE_TILES on a GPU smaller than an H100) is
+    retried with the next smaller default shape, the same output, and not tried again."""
+    from triton.runtime.errors import OutOfResources
+    from pagedserve.attention import triton_prefill_attention as tpa
+    real, tried = tpa._prefill_attention_kernel, []
+
+    class RefusingWideTiles:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                tried.append((kwargs["BLOCK_M"], kwargs["BLOCK_N"]))
+                if kwargs["BLOCK_N"] == 32:
+                    raise OutOfResources(300_000, 232_448, "shared memory")
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(tpa, "_prefill_attention_kernel", RefusingWideTiles())
+    monkeypatch.setattr(tpa, "_UNFIT", set())
+    monkeypatch.setattr(tpa, "SMALL_TILES", PrefillTiles(32, 16, 4, 1))
+    batch = make_batch(query_lens=[70, 3], context_lens=[40, 0], num_heads=4, num_kv_heads=1,
+                       head_dim=32, block_size=16, dtype=torch.float32, seed=7)
+    check(batch, PrefillTiles(32, 32, 4, 2))
+    check(batch, PrefillTiles(32, 32, 4, 2))
+    assert tried == [(32, 32), (32, 16), (32, 16)]
+
+
 @pytest.mark.parametrize("context_len", [0, 16, 37])
 def test_contiguous_context_copy(context_len: int) -> None:
     """One sequence whose context comes as a contiguous copy (gathered out of the cache), with a
