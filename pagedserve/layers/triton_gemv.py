@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from pagedserve.layers.linear_ops import GEMV_ANY_SHAPE_ROWS
 from pagedserve.layers.triton_ops import _LIBDEVICE, silu_and_mul, silu_mul
 
 logger = logging.getLogger(__name__)
@@ -139,8 +140,9 @@ M1_DEFAULT = GemvConfig(16, 512, 4, 4)
 # weights in CUDA graphs, 26 launch shapes at 16 / 32 / 64 rows, each row count against cuBLAS;
 # benchmarks/gpu/2026-12-03-h200-s20/gemv_rows/), or None where cuBLAS was faster. S: swapped
 # (y.T = w @ x.T), P: plain. Against main's 16-row default launch and cuBLAS above, the decode
-# graphs of 2-64 rows replayed 1.5-6.5% (llama-8b) and 3.8-10% (llama-1b) faster. A bucket > 16
-# with no entry goes to cuBLAS; <= 16 with no entry takes DEFAULT_CONFIG for weights >= MIN_WEIGHT_BYTES.
+# graphs of 2-64 rows replayed 1.5-6.5% (llama-8b) and 3.8-10% (llama-1b) faster. A bucket past
+# linear_ops.GEMV_ANY_SHAPE_ROWS with no entry goes to cuBLAS; one within it with no entry takes the
+# gemv for weights >= MIN_WEIGHT_BYTES, launched as config_for says.
 ROW_BUCKETS = (2, 4, 8, 16, 32, 48, 64)
 
 
@@ -202,9 +204,10 @@ def fusable(x: torch.Tensor, weight: torch.Tensor, max_rows: int = MAX_ROWS) -> 
 
 
 def use_gemv(x: torch.Tensor, weight: torch.Tensor, max_rows: int = MAX_ROWS) -> bool:
-    """Whether the plain gemv beats cuBLAS here: `fusable` and a weight of at least
-    MIN_WEIGHT_BYTES, or one row into a weight shape of CONFIGS (a step that samples no row
-    computes logits of 0 rows: F.linear)."""
+    """Whether the plain gemv beats cuBLAS here, given `fusable`: one row into a weight shape of
+    CONFIGS; 2-64 rows as MCONFIGS's row bucket says for its shapes; else a weight of at least
+    MIN_WEIGHT_BYTES and at most GEMV_ANY_SHAPE_ROWS rows (a step that samples no row computes
+    logits of 0 rows: F.linear)."""
     if not fusable(x, weight, max_rows):
         return False
     m, shape = x.shape[0], tuple(weight.shape)
@@ -212,7 +215,7 @@ def use_gemv(x: torch.Tensor, weight: torch.Tensor, max_rows: int = MAX_ROWS) ->
         return True
     if m > 1 and (key := (row_bucket(m), *shape)) in MCONFIGS:
         return MCONFIGS[key] is not None
-    return m <= 16 and weight.numel() * weight.element_size() >= MIN_WEIGHT_BYTES
+    return m <= GEMV_ANY_SHAPE_ROWS and weight.numel() * weight.element_size() >= MIN_WEIGHT_BYTES
 
 
 def _check(x: torch.Tensor, k: int, weight: torch.Tensor) -> None:
