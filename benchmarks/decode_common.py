@@ -24,6 +24,8 @@ SHAPES = {  # model: dict(hidden, intermediate, layers, heads, kv_heads, vocab)
     "llama-1b": dict(h=2048, i=8192, layers=16, heads=32, kv=8, vocab=128256),
     "llama-8b": dict(h=4096, i=14336, layers=32, heads=32, kv=8, vocab=128256),
     "tiny": dict(h=64, i=128, layers=2, heads=4, kv=2, vocab=512),
+    "llama-70b": dict(h=8192, i=28672, layers=80, heads=64, kv=8, vocab=128256),
+    "qwen2.5-7b": dict(h=3584, i=18944, layers=28, heads=28, kv=4, vocab=152064),
 }
 TIED = {"llama-1b": True, "llama-8b": False, "tiny": True}
 RESULTS: dict = {"date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime())}
@@ -48,11 +50,13 @@ def stage(name):
     return wrap
 
 
-def weight_shapes(model: str) -> dict[str, tuple[int, int]]:
+def weight_shapes(model: str, tp: int = 1) -> dict[str, tuple[int, int]]:
+    """(N, K) of each matmul of a layer and the LM head; with tp, one rank's shard (the columns of
+    qkv, gate_up and the vocabulary split, the rows of o and down)."""
     s = SHAPES[model]
     d = s["h"] // s["heads"]
-    return {"qkv": ((s["heads"] + 2 * s["kv"]) * d, s["h"]), "o": (s["h"], s["heads"] * d),
-            "gate_up": (2 * s["i"], s["h"]), "down": (s["h"], s["i"]), "lm_head": (s["vocab"], s["h"])}
+    return {"qkv": ((s["heads"] + 2 * s["kv"]) * d // tp, s["h"]), "o": (s["h"], s["heads"] * d // tp),
+            "gate_up": (2 * s["i"] // tp, s["h"]), "down": (s["h"], s["i"] // tp), "lm_head": (s["vocab"] // tp, s["h"])}
 
 
 # ----------------------------------------------------------------------------- timing helpers

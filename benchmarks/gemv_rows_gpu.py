@@ -10,7 +10,8 @@ weights, bf16, max_model_len 2048, as peers.py), variants interleaved in one pro
 
 Per engine: each decode graph of 1-64 rows replayed at context 800 (every row its own blocks,
 nothing stored), median of 3 x 20 replays (ms); with --thr512 peers.py's thr512 (512 requests,
-input 64-1024, output 16-512); the greedy ids of 24 prompts (32 tokens: steps of
+input 64-1024, output 16-512: decode_models.run_thr512, peers.py's own workload where .devcarry/ is
+on PYTHONPATH); the greedy ids of 24 prompts (32 tokens: steps of
 24 rows) against the first variant's; the wall time of 48 prompts x 96 tokens. Prints RESULT lines; writes
 OUT/gemv_rows.json.
 
@@ -31,29 +32,15 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-MODELS = {
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                     num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
-    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                     num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
-}
+from decode_common import replay_ms as timed_replay_ms  # noqa: E402
+from decode_models import model_dir, run_thr512  # noqa: E402
+
 ROWS = [1, 2, 4, 8, 16, 32, 48, 64, 80, 96, 128]
 CONTEXT = 800
 
 
-def model_dir(name: str) -> str:
-    d = f"/tmp/models/{name}"
-    os.makedirs(d, exist_ok=True)
-    json.dump(dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256,
-                   max_position_embeddings=4096, rope_theta=500000.0, rms_norm_eps=1e-5, hidden_act="silu",
-                   torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2, **MODELS[name]),
-              open(f"{d}/config.json", "w"))
-    return d
-
-
 def replay_ms(graph, replays: int = 20) -> float:
-    from decode_common import replay_ms as timed
-    return statistics.median(timed(graph, replays) for _ in range(3))
+    return statistics.median(timed_replay_ms(graph, replays) for _ in range(3))
 
 
 @torch.inference_mode()
@@ -77,22 +64,6 @@ def graph_replays(llm) -> dict:
         graphs.seq_lens[:rows] = 1   # as the runner leaves padding rows
         graphs.block_tables[:rows] = 0
     return out
-
-
-def thr512(llm) -> float:
-    """peers.py's thr512: out tok/s of 512 requests (input U[64,1024], output U[16,512], seed 0)."""
-    from pagedserve import SamplingParams
-    rng = random.Random(0)
-    reqs = []
-    for _ in range(512):
-        il, ol = rng.randint(64, 1024), rng.randint(16, 512)
-        reqs.append(([rng.randrange(3, 32000) for _ in range(il)], ol))
-    prompts = [{"prompt_token_ids": p} for p, _ in reqs]
-    sps = [SamplingParams(max_tokens=o, ignore_eos=True, temperature=0.0, detokenize=False) for _, o in reqs]
-    llm.generate(prompts[:8], sps[:8], use_tqdm=False)
-    t0 = time.time()
-    outs = llm.generate(prompts, sps, use_tqdm=False)
-    return round(sum(len(o.outputs[0].token_ids) for o in outs) / (time.time() - t0), 1)
 
 
 def run(name: str, variant: str, table: dict, with_thr: bool) -> dict:
@@ -122,7 +93,7 @@ def run(name: str, variant: str, table: dict, with_thr: bool) -> dict:
         llm.generate(prompts, sp, use_tqdm=False)
         res["c48_wall_s"] = round(time.time() - t0, 3)
         if with_thr:
-            res["thr512_out_tok_s"] = thr512(llm)
+            res["thr512_out_tok_s"] = run_thr512(llm)["out_tok_s"]
         llm.shutdown()
         del llm
     finally:

@@ -8,6 +8,7 @@ or None where cuBLAS was faster (triton_gemv.MCONFIGS's form; load it with `load
 (The one-row FMA launches, triton_gemv.CONFIGS, come from benchmarks/decode_gpu.py --stages sweep.)
 
 Usage: python3 benchmarks/gemv_sweep.py OUT.json [--models llama-8b,llama-1b] [--rows 2,4,8,16,32,48,64]
+(models: llama-1b / 8b / 70b, qwen2.5-7b, or a rank's shards as e.g. llama-70b-tp4)
 """
 from __future__ import annotations
 
@@ -21,27 +22,17 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import triton
 
+from decode_common import weight_shapes
 from pagedserve.layers.triton_gemv import DEFAULT_CONFIG, WIDE_DEFAULT, GemvConfig, _gemv_kernel, gemv, row_bucket
 from pagedserve.layers.triton_ops import _LIBDEVICE
 
-SHAPES = {  # name: (N, K)
-    "llama-1b": {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192),
-                 "lm_head": (128256, 2048)},
-    "llama-8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
-                 "lm_head": (128256, 4096)},
-    # a shape set no table names (Qwen2.5-7B: hidden 3584, 4 KV heads, intermediate 18944): how the
-    # fallbacks (WIDE_DEFAULT for N > K, DEFAULT_CONFIG) do against cuBLAS and the best
-    "qwen2.5-7b": {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584), "down": (3584, 18944),
-                   "lm_head": (152064, 3584)},
-    # one rank's shards under tensor parallelism (columns of qkv / gate_up / the vocabulary split, the
-    # rows of o / down): not in triton_gemv.MCONFIGS yet, their end-to-end A/B needs the GPUs
-    "llama-8b-tp2": {"qkv": (3072, 4096), "o": (4096, 2048), "gate_up": (14336, 4096), "down": (4096, 7168),
-                     "lm_head": (64128, 4096)},
-    "llama-70b-tp2": {"qkv": (5120, 8192), "o": (8192, 4096), "gate_up": (28672, 8192), "down": (8192, 14336),
-                      "lm_head": (64128, 8192)},
-    "llama-70b-tp4": {"qkv": (2560, 8192), "o": (8192, 2048), "gate_up": (14336, 8192), "down": (8192, 7168),
-                      "lm_head": (32064, 8192)},
-}
+def shapes_of(name: str) -> dict[str, tuple[int, int]]:
+    """A model of decode_common.SHAPES (llama-1b / 8b / 70b; qwen2.5-7b: a shape set no table names,
+    for the fallbacks), or one rank's shards under tensor parallelism as MODEL-tpN."""
+    model, _, tp = name.partition("-tp")
+    return weight_shapes(model, int(tp or 1))
+
+
 CALLS = 40
 GRID = sorted({GemvConfig(bn, bk, 4, st) for bn, bk, st in itertools.product([16, 32, 64], [256, 512], [3, 4])}
               | {GemvConfig(32, 512, 8, 4), GemvConfig(16, 1024, 4, 3), DEFAULT_CONFIG}
@@ -112,7 +103,7 @@ def sweep(models: list[str], rows: list[int], device: torch.device) -> dict:
     # and every K here is a multiple of every block_k (EVEN_K)
     precompile(4096, sorted({max(16, triton.next_power_of_2(m)) for m in rows}), device)
     for model in models:
-        for role, (n, k) in SHAPES[model].items():
+        for role, (n, k) in shapes_of(model).items():
             nbytes = n * k * 2
             copies = max(3, -(-600 * 2**20 // nbytes))
             weights = [torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
