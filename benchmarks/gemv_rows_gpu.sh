@@ -2,7 +2,8 @@
 # Issue 22, decode steps of 2-64 rows on nvidia-h200 (one call, ~4-5 min, nothing to carry):
 # the GPU gemv kernel tests, benchmarks/gemv_sweep.py (2-64 rows x llama-1b / 8b shapes, cuBLAS
 # against the gemv's launches; its table), then benchmarks/gemv_rows_gpu.py (engines A/B: rows16,
-# gemv64 with the table, attn64). Results under $OUT.
+# gemv64 with the table, attn64). Results under $OUT. With --thr512 (E2E_ARGS) carry .devcarry/peers.py:
+# thr512 is then peers.py's own workload.
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
