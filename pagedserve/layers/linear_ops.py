@@ -16,10 +16,6 @@ from torch import nn
 # decode fusions below (rotary + KV store in the attention launch); 0 turns both off (A/B
 # measurements). The runner sets it from DeviceConfig.gemv_max_rows when it loads the model.
 GEMV_MAX_ROWS = 64
-# Up to this many rows the gemv takes a weight of any shape (>= its MIN_WEIGHT_BYTES) and any row
-# count as it comes; past it only the row buckets and shapes its tables name, so an LM head of more
-# rows outside the graphs is padded to its decode bucket (worker/cuda_graph.py's logits_rows).
-GEMV_ANY_SHAPE_ROWS = 16
 
 
 def set_gemv_max_rows(rows: int) -> None:

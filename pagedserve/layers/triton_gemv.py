@@ -34,7 +34,6 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from pagedserve.layers.linear_ops import GEMV_ANY_SHAPE_ROWS
 from pagedserve.layers.triton_ops import _LIBDEVICE, silu_and_mul, silu_mul
 
 logger = logging.getLogger(__name__)
@@ -56,6 +55,10 @@ MAX_ROWS = 64
 # ~0.4 us graph gap a launch was saved: replay -0.9% / -0.2%; benchmarks/RESULTS.md, session 10;
 # deleted; the code: branch b1norm, commit 33702fb.)
 MIN_WEIGHT_BYTES = 32 * 2**20
+# Up to this many rows the gemv takes a weight of any shape (>= MIN_WEIGHT_BYTES) and any row
+# count as it comes; past it only the row buckets and shapes MCONFIGS names, so an LM head of more
+# rows outside the graphs is padded to its decode bucket (worker/cuda_graph.py's logits_rows).
+GEMV_ANY_SHAPE_ROWS = 16
 _DTYPES = (torch.bfloat16, torch.float16)
 
 _PLAIN, _SILU = 0, 1
@@ -141,7 +144,7 @@ M1_DEFAULT = GemvConfig(16, 512, 4, 4)
 # benchmarks/gpu/2026-12-03-h200-s20/gemv_rows/), or None where cuBLAS was faster. S: swapped
 # (y.T = w @ x.T), P: plain. Against main's 16-row default launch and cuBLAS above, the decode
 # graphs of 2-64 rows replayed 1.5-6.5% (llama-8b) and 3.8-10% (llama-1b) faster. A bucket past
-# linear_ops.GEMV_ANY_SHAPE_ROWS with no entry goes to cuBLAS; one within it with no entry takes the
+# GEMV_ANY_SHAPE_ROWS with no entry goes to cuBLAS; one within it with no entry takes the
 # gemv for weights >= MIN_WEIGHT_BYTES, launched as config_for says.
 ROW_BUCKETS = (2, 4, 8, 16, 32, 48, 64)
 

@@ -374,9 +374,10 @@ class CudaGraphRunner:
 
     def logits_rows(self, rows: int) -> int:
         """The rows an LM head of `rows` rows outside these graphs computes (model_runner._logits):
-        past linear_ops.GEMV_ANY_SHAPE_ROWS (cuBLAS's, or a gemv launch tuned per row bucket), the
+        past triton_gemv.GEMV_ANY_SHAPE_ROWS (cuBLAS's, or a gemv launch tuned per row bucket), the
         smallest decode bucket holding them, whose matmul the capture ran; else `rows`."""
-        if rows <= min(linear_ops.GEMV_MAX_ROWS, linear_ops.GEMV_ANY_SHAPE_ROWS) or not self.graphs \
+        from pagedserve.layers.triton_gemv import GEMV_ANY_SHAPE_ROWS
+        if rows <= min(linear_ops.GEMV_MAX_ROWS, GEMV_ANY_SHAPE_ROWS) or not self.graphs \
                 or rows > self.buckets[-1]:
             return rows
         return next(b for b in self.buckets if b >= rows)
