@@ -37,6 +37,7 @@ import triton.language as tl
 from pagedserve.attention.split_plan import SplitPlan, active_segments, choose_splits, sm_count
 from pagedserve.attention.triton_segment_merge import arrivals as _arrivals, merge_group, reduce_segments
 from pagedserve.attention.triton_store_kv import RotaryStore, slot_row
+from pagedserve.layers.triton_launch import launch_fitting
 from pagedserve.layers.triton_ops import _LIBDEVICE, rotate_rows
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -429,7 +430,8 @@ def _launch_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     if arrivals is not None:   # every query_len 1 (the caller's max_query_len): merged in the launch
         group_pad = triton.next_power_of_2(queries_per_kv)
         new.update(arrivals_ptr=arrivals, MERGE=True, GROUP_PAD=group_pad, SEG_CHUNK=max(8, 64 // group_pad))
-    _paged_attention_kernel[(grid_q, num_kv_heads, plan.num_segments)](
+    launch_fitting(
+        _paged_attention_kernel, (grid_q, num_kv_heads, plan.num_segments),
         out, *(partials if partials is not None else (out, out, out, out)),
         query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
         scale * _LOG2E, seq_begin, seq_end, *plan.args(),
@@ -442,6 +444,6 @@ def _launch_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         BLOCK_M=config.block_m, BLOCK_Q=block_q, TILE_N=config.tile_n,
         ONE_TILE_PER_SEQ=one_tile_per_seq,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        num_warps=config.num_warps, num_stages=config.num_stages, **new,
+        num_warps=config.num_warps, stages=config.num_stages, **new,
     )
 

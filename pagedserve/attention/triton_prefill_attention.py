@@ -32,6 +32,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from pagedserve.attention.triton_paged_attention import _LOG2E, _check_attention_inputs, _find_seq_idx
+from pagedserve.layers.triton_launch import launch_fitting
 
 
 @triton.jit
@@ -269,7 +270,9 @@ I64_CACHE_ELEMENTS = 2**31
 
 
 # Launch shapes this GPU refused for shared memory (LARGE_TILES takes 224 KB: an H100 / H200 holds
-# it, an A100's 164 KB or a workstation GPU's ~100 KB does not): the next smaller shape from then on.
+# it, an A100's 164 KB or a workstation GPU's ~100 KB does not): the next smaller shape from then on;
+# the smallest at fewer pipeline stages if it must (fp32 at head_dim 256 takes 100 KiB at its 2 stages:
+# layers/triton_launch.py).
 _UNFIT: set[PrefillTiles] = set()
 logger = logging.getLogger(__name__)
 
@@ -329,11 +332,13 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor | None, value: torc
     if context is not None and num_launch_seqs != 1:
         raise ValueError("a contiguous context is for a launch of one sequence")
     ctx_key, ctx_value = context if context is not None else (key, value)  # unused when None
-    for tiles in _with_fallbacks(tiles, head_dim_pad):
+    chain = _with_fallbacks(tiles, head_dim_pad)
+    for tiles in chain:
         # Sum over sequences of cdiv(query_len, block_m) <= max_tokens // block_m + num_seqs.
         grid = (num_heads, max_tokens // tiles.block_m + num_launch_seqs)
         try:   # (the resource check comes before the launch: nothing is enqueued when it fails)
-            _prefill_attention_kernel[grid](
+            launch_fitting(   # the last shape of the chain at fewer stages too, if it must
+                _prefill_attention_kernel, grid,
                 out, query, key, value, k_cache, v_cache, ctx_key, ctx_value, block_tables, seq_lens, query_start_loc,
                 scale * _LOG2E, seq_begin, seq_end,
                 query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
@@ -347,7 +352,8 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor | None, value: torc
                 SAME_KV_STRIDES=k_cache.stride() == v_cache.stride(),
                 CACHE_I64=max(_elements_spanned(k_cache), _elements_spanned(v_cache)) >= I64_CACHE_ELEMENTS,
                 DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-                num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+                num_warps=tiles.num_warps, stages=tiles.num_stages,
+                min_stages=1 if tiles == chain[-1] else tiles.num_stages,
             )
             return out
         except OutOfResources as exc:

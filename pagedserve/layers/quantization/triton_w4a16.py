@@ -35,6 +35,7 @@ from pagedserve.layers.quantization.triton_split_k import num_sms, split_k, sum_
 from pagedserve.layers.quantization.triton_w4a16_blocks import _check, _load_block, _magic_nibble
 from pagedserve.layers.quantization.triton_w4a16_gemv import (GEMV_MAX_ROWS, fast_gemv_fits, gemv_config, rows_bucket,
                                                                w4a16_gemv)
+from pagedserve.layers.triton_launch import launch_fitting
 
 GEMM_MAX_ROWS = 512          # _w4_gemm_kernel, where GEMM_TUNED has the rows' bucket
 GENERIC_GEMM_MAX_ROWS = 256  # act-order (g_idx) layers: the generic GEMM, dequantize + cuBLAS above
@@ -228,10 +229,11 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     config = config or GemmConfig()
     n_blocks, m_blocks = triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m)
     splits, per_split, out = split_k(x, n, k // 128, n_blocks * m_blocks, config.programs_per_sm)
-    _w4_gemm_kernel[(n_blocks, m_blocks, splits)](
+    launch_fitting(
+        _w4_gemm_kernel, (n_blocks, m_blocks, splits),
         x, qweight, scales, zeros, out, m, n, per_split, k // 128, x.stride(0), qweight.stride(0), scales.stride(0),
         out.stride(1), out.stride(0), GROUP_SIZE=group_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        IEEE=x.dtype == torch.float32, NUM_STAGES=config.num_stages, SCALE_W=config.scale_w,
+        IEEE=x.dtype == torch.float32, stages=config.num_stages, stages_arg="NUM_STAGES", SCALE_W=config.scale_w,
         num_warps=config.num_warps)
     return sum_splits(out, x.dtype)
 
@@ -272,11 +274,12 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
         k_per_split, splits = triton.cdiv(k, block_k) * block_k, 1
     out = torch.empty((splits, m, n), dtype=torch.float32 if splits > 1 else x.dtype, device=x.device)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)
-    _w4a16_kernel[grid](
+    launch_fitting(
+        _w4a16_kernel, grid,
         x, qweight, scales, zeros, gidx, out, m, n, k, k_per_split,
         x.stride(0), qweight.stride(0), scales.stride(0), out.stride(1), out.stride(0),
         GROUP_SIZE=group_size, HAS_GIDX=has_g_idx, ONE_GROUP_PER_BLOCK=one_group,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee, num_warps=4, num_stages=3)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee, num_warps=4, stages=3)
     if splits > 1:
         return out.sum(0).to(x.dtype)
     return out[0]
