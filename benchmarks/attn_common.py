@@ -15,6 +15,11 @@ ap.add_argument("--stages", default="cudnn_shapes,micro,engine,long64,budget16k"
 ap.add_argument("--skip-check", action="store_true", help="no correctness stage first (engine A/B runs only)")
 ap.add_argument("--modes", default="", help="engine / long64 stages: attn_engine mode names (default: theirs)")
 ap.add_argument("--quick", action="store_true", help="tail: the split rules only (no tile sweep, fewer shapes)")
+ap.add_argument("--heads", default="32,8,128", help="query heads, KV heads, head dim (llama-1b: 32,8,64)")
+ap.add_argument("--tiles", default="", help="tail: the sweep's launches as TILE_N:WARPS:STAGES,... (default: its own)")
+ap.add_argument("--chunk-keys", type=int, default=1024, help="tail: the tile sweep's split chunk in keys")
+ap.add_argument("--order", default="random", help="tail: the rows' order by context: random, desc (longest first), asc")
+ap.add_argument("--shapes", default="", help="tail: only these shapes (labels of attn_tail.TAIL_SHAPES)")
 args, _ = ap.parse_known_args()  # flash_gpu.py imports this module with its own arguments
 SMOKE = args.cpu_smoke
 if SMOKE:
@@ -34,7 +39,8 @@ from pagedserve.attention.triton_prefill_attention import prefill_attention  # n
 DEV = torch.device("cpu" if SMOKE else "cuda")
 OUT = os.environ.get("OUT")
 T_START = time.time()
-HQ, HKV, D, BS = (4, 2, 32, 16) if SMOKE else (32, 8, 128, 16)
+HQ, HKV, D = (4, 2, 32) if SMOKE else tuple(int(v) for v in args.heads.split(","))
+BS = 16
 
 
 def emit(**kw) -> None:

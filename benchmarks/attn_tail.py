@@ -45,7 +45,9 @@ TAIL_SHAPES = [("long35", 35, 4096, 16384, 32768), ("long35_even", 35, 10240, 10
                ("b1_128", 1, 128, 128, 2048), ("b1_400", 1, 400, 400, 2048), ("b1_1k", 1, 1024, 1024, 2048),
                ("b1_4k", 1, 4096, 4096, 4096),
                ("long64_4k", 64, 2048, 6144, 32768), ("long16", 16, 4096, 16384, 32768),
-               ("long8", 8, 4096, 16384, 32768), ("thr128_1k", 128, 512, 1536, 2048)]
+               ("long8", 8, 4096, 16384, 32768), ("thr128_1k", 128, 512, 1536, 2048),
+               ("thr256_1k", 256, 300, 1400, 2048), ("thr384_800", 384, 200, 1400, 2048),
+               ("thr512_eq400", 512, 400, 400, 2048), ("thr512_eq1k", 512, 1024, 1024, 2048)]
 TAIL_SMOKE_SHAPES = [("long", 12, 200, 700, 1024), ("thr", 24, 20, 90, 256), ("b1", 1, 150, 150, 256)]
 PEAK_GBS = 4000.0   # ~HBM3e bandwidth reachable by a read kernel on the H200 (4.8 TB/s spec)
 
@@ -53,7 +55,10 @@ PEAK_GBS = 4000.0   # ~HBM3e bandwidth reachable by a read kernel on the H200 (4
 def _tail_batch(rows: int, lo: int, hi: int, copies: int, seed: int) -> Paged:
     """`copies` disjoint batches of `rows` decodes in one cache (contexts uniform in [lo, hi])."""
     rng = random.Random(seed)
-    contexts = [rng.randint(lo, hi) for _ in range(rows)] * copies
+    contexts = [rng.randint(lo, hi) for _ in range(rows)]
+    if args.order != "random":   # the launch order of the rows' programs (grid axis 0)
+        contexts.sort(reverse=args.order == "desc")
+    contexts *= copies
     return Paged([1] * (rows * copies), contexts, torch.float32 if SMOKE else torch.bfloat16, seed=seed)
 
 
@@ -64,12 +69,18 @@ def _tail_variants(tile_sweep: bool, quick: bool = False):
     from pagedserve.attention.triton_paged_attention import TileConfig
     variants = [("legacy", "legacy", 16, None), ("chunk8", "chunked", 8, None), ("chunk16", "chunked", 16, None),
                 ("chunk32", "chunked", 32, None), ("chunk32_reduce", "reduce", 32, None), ("nosplit", "nosplit", 16, None)]
-    if quick:
+    if quick and not args.tiles:
         return [v for v in variants if v[0] != "chunk8"]
+    if quick:
+        variants = [v for v in variants if v[0] == "legacy"]
     if tile_sweep:
-        for tile_n, warps, stages in ([(32, 4, 2), (64, 4, 2)] if SMOKE else
-                                      [(32, 4, 3), (64, 4, 2), (64, 4, 4), (64, 8, 3), (128, 4, 2), (16, 4, 3)]):
-            variants.append((f"chunk1024keys_t{tile_n}w{warps}s{stages}", "chunked", max(1, 1024 // tile_n),
+        sweep = ([(32, 4, 2), (64, 4, 2)] if SMOKE else
+                 [(32, 4, 3), (64, 4, 2), (64, 4, 4), (64, 8, 3), (128, 4, 2), (16, 4, 3)])
+        if args.tiles:
+            sweep = [tuple(int(v) for v in t.split(":")) for t in args.tiles.split(",")]
+        for tile_n, warps, stages in sweep:
+            variants.append((f"chunk{args.chunk_keys}keys_t{tile_n}w{warps}s{stages}", "chunked",
+                             max(1, args.chunk_keys // tile_n),
                              TileConfig(16, tile_n, warps, stages)))
     return variants
 
@@ -84,7 +95,7 @@ def stage_tail() -> None:
     the legacy rule at every shape (bf16 tolerance)."""
     from pagedserve.attention import split_plan as sp, triton_paged_attention as tpa
     saved = (sp.SPLIT_RULE, sp.CHUNK_TILES, tpa.MERGE_IN_KERNEL)
-    variants = _tail_variants(tile_sweep=not args.quick, quick=args.quick)
+    variants = _tail_variants(tile_sweep=not args.quick or bool(args.tiles), quick=args.quick)
 
     def run(b: Paged, out, bound: int, variant, lo: int = 0, n: int | None = None):
         _, rule, chunk, tiles = variant
@@ -132,6 +143,8 @@ def stage_tail() -> None:
     if args.quick and not SMOKE:
         shapes = [s for s in shapes if s[0] in ("long35", "long35_even", "thr512_400", "thr256_600", "long16",
                                                 "b1_128", "b1_400", "b1_4k")]
+    if args.shapes:
+        shapes = [s for s in TAIL_SHAPES if s[0] in args.shapes.split(",")]
     for label, rows, lo, hi, bound in shapes:
         per_call = rows * (lo + hi) // 2 * HKV * D * 2 * 2
         copies = 1 if SMOKE else max(1, min(64, -(-(256 << 20) // per_call)))

@@ -60,7 +60,8 @@ def sweep(dev: torch.device, dtype: torch.dtype, models: list[str]) -> None:
     rows, best = [], {}
     failed: list[str] = []
     for model in (["tiny"] if SMOKE else models):
-        for role, (n, k) in weight_shapes(model).items():
+        name, _, tp = model.partition("-tp")   # MODEL-tpN: one rank's shards under tensor parallelism
+        for role, (n, k) in weight_shapes(name, int(tp or 1)).items():
             if ROLES and role not in ROLES:
                 continue
             configs = sweep_configs(n, k)
