@@ -136,6 +136,27 @@ CONFIGS: dict[tuple[int, int], GemvConfig] = {
     (28672, 4096): GemvConfig(8, 256, 4, 3),     # llama-8b gate_up
     (4096, 14336): GemvConfig(16, 512, 4, 4),    # llama-8b down
     (128256, 4096): GemvConfig(8, 1024, 4, 4),   # llama-8b lm_head
+    # one rank's shards under tensor parallelism (columns of qkv, gate_up and the vocabulary split,
+    # rows of o and down; the same sweep, 2026-12-03 session 22, benchmarks/gpu/2026-12-03-h200-s22/):
+    # us a call against cuBLAS / the M1_DEFAULT gemv: llama-8b TP=2 qkv 8.11 vs 10.84 / 8.42, o 6.01
+    # vs 7.05 / 6.35 (both under MIN_WEIGHT_BYTES: cuBLAS ran them); llama-70b TP=4 o 9.79 vs 10.65 /
+    # 10.82 and down 30.09 vs 30.38 / 31.22 (the default gemv lost to cuBLAS there); every shard's
+    # best beat cuBLAS (1.01-1.33x) and the default launch (1.00-1.10x)
+    (3072, 4096): GemvConfig(4, 512, 4, 4),      # llama-8b TP=2 qkv
+    (4096, 2048): GemvConfig(16, 256, 4, 4),     # llama-8b TP=2 o
+    (14336, 4096): GemvConfig(16, 256, 4, 3),    # llama-8b TP=2 gate_up
+    (4096, 7168): GemvConfig(16, 512, 4, 4),     # llama-8b TP=2 down
+    (64128, 4096): GemvConfig(8, 1024, 4, 4),    # llama-8b TP=2 lm_head
+    (5120, 8192): GemvConfig(8, 256, 4, 4),      # llama-70b TP=2 qkv
+    (8192, 4096): GemvConfig(16, 256, 4, 3),     # llama-70b TP=2 o
+    (28672, 8192): GemvConfig(8, 1024, 8, 4),    # llama-70b TP=2 gate_up
+    (8192, 14336): GemvConfig(32, 256, 4, 4),    # llama-70b TP=2 down
+    (64128, 8192): GemvConfig(4, 512, 4, 4),     # llama-70b TP=2 lm_head
+    (2560, 8192): GemvConfig(4, 512, 4, 4),      # llama-70b TP=4 qkv
+    (8192, 2048): GemvConfig(8, 256, 4, 3),      # llama-70b TP=4 o
+    (14336, 8192): GemvConfig(4, 512, 4, 3),     # llama-70b TP=4 gate_up
+    (8192, 7168): GemvConfig(32, 256, 4, 4),     # llama-70b TP=4 down
+    (32064, 8192): GemvConfig(4, 512, 4, 3),     # llama-70b TP=4 lm_head
 }
 M1_DEFAULT = GemvConfig(16, 512, 4, 4)
 # M = 2..MAX_ROWS, by row bucket (the smallest of ROW_BUCKETS >= M: the decode graphs' sizes) and

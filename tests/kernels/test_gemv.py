@@ -82,10 +82,13 @@ def test_use_gemv_only_where_it_pays() -> None:
             triton_gemv.MCONFIGS.clear()
             triton_gemv.MCONFIGS.update(saved)
         assert not use_gemv(torch.zeros(0, 2048, dtype=torch.bfloat16, device="cuda"), big)
-        assert not use_gemv(torch.zeros(2, 2048, dtype=torch.bfloat16, device="cuda"), big[:3072])
+        # a shape neither table names, under MIN_WEIGHT_BYTES (14 MiB): cuBLAS at 2 rows and at one
+        assert not use_gemv(torch.zeros(2, 2048, dtype=torch.bfloat16, device="cuda"), big[:3584])
         # one row into a swept shape (llama-1b's qkv, 12 MiB): the gemv won there
         assert use_gemv(torch.zeros(1, 2048, dtype=torch.bfloat16, device="cuda"), big[:3072])
-        assert not use_gemv(torch.zeros(1, 2048, dtype=torch.bfloat16, device="cuda"), big[:4096])
+        assert not use_gemv(torch.zeros(1, 2048, dtype=torch.bfloat16, device="cuda"), big[:3584])
+        # and a tensor-parallel shard (llama-8b TP=2's o, 16 MiB)
+        assert use_gemv(torch.zeros(1, 2048, dtype=torch.bfloat16, device="cuda"), big[:4096])
 
 
 def test_launch_shape_by_row_bucket() -> None:
