@@ -4,10 +4,10 @@
 # where llama-8b's head_dim 128 reads 3.9) held back by its launch shape?
 #   1. attn_gpu.py's tail stage at llama-1b heads (32, 8, 64): the decode kernel alone at thr512's
 #      decode shapes and batch 1, every launch shape of TILES checked then timed (~2 min);
-#   2. thr512 on llama-1b (peers.py's workload), one fresh process each, default and the sweep's
-#      best launch shape in interleaved pairs (thr_spread.py --decode-tiles; ~25 s a process);
+#   2. (session 22 only: thr512 on llama-1b, default against the sweep's best launch shape in
+#      interleaved processes, through an A/B hook deleted after the run: commit cae7828)
 #   3. with the time left: the one-row gemv sweep over tensor-parallel shards (decode_gpu.py sweep).
-# Carry .devcarry/peers.py (cp ../shared/bench/peers.py .devcarry/). DRY=1: the CPU smoke of stage 1.
+# DRY=1: the CPU smoke of stage 1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD:$PWD/benchmarks
@@ -46,20 +46,6 @@ print(min(full, key=full.get) if full else "")
 EOF
 )
 echo "best launch shape at the thr shapes: ${BEST:-none}"
-
-if [ -n "$BEST" ] && [ "$BEST" != "64:4:3" ]; then
-  echo "=== 2. thr512 llama-1b: default vs 64=$BEST, interleaved ($(left) s left)"
-  for i in 1 2 3; do
-    for v in def new; do
-      [ "$(left)" -lt 150 ] && break 2
-      extra=(); [ $v = new ] && extra=(--decode-tiles "64=$BEST")
-      timeout 110 python3 benchmarks/thr_spread.py "$OUT/thr_${v}_$i" --runs 1 --no-smi "${extra[@]}" \
-        > "$OUT/thr_${v}_$i.txt" 2>&1
-      echo "$v $i rc=$? $(grep -o '"out_tok_s": [0-9.]*\|"decode_span_s": [0-9.]*\|"gpu_span_s": [0-9.]*' \
-        "$OUT/thr_${v}_$i.txt" | tr '\n' ' ')"
-    done
-  done
-fi
 
 if [ "$(left)" -gt 100 ]; then
   echo "=== 3. one-row gemv over tensor-parallel shards ($(left) s left)"

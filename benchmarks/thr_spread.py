@@ -10,10 +10,7 @@ the time the GPU spent in steps, and idle between them waiting for the host; per
 --ab: odd runs without LLM()'s start-up collection and freeze (pagedserve.llm, session 18);
 --no-lmhead-pad: the LM head outside the graphs at its own row count (before a12b9ed).
 
---decode-tiles 64=128:4:2: the decode attention's launch shape at head_dim 64 (DECODE_TILES).
-
 Usage: python3 benchmarks/thr_spread.py OUT [--runs 4] [--model llama-1b] [--no-smi] [--ab] [--no-lmhead-pad]
-       [--decode-tiles D=T:W:S]
 """
 from __future__ import annotations
 
@@ -158,13 +155,7 @@ def main() -> None:
     ap.add_argument("--no-lmhead-pad", action="store_true",
                     help="the LM head outside the graphs at its own row count (before session 18's a12b9ed)")
     ap.add_argument("--no-smi", action="store_true", help="no nvidia-smi polling (its driver queries may stall)")
-    ap.add_argument("--decode-tiles", default="", help="HEAD_DIM_PAD=TILE_N:WARPS:STAGES: the decode attention's "
-                                                       "launch shape (triton_paged_attention.DECODE_TILES)")
     args = ap.parse_args()
-    if args.decode_tiles:
-        from pagedserve.attention import triton_paged_attention as tpa
-        dim, _, shape = args.decode_tiles.partition("=")
-        tpa.DECODE_TILES[int(dim)] = tuple(int(v) for v in shape.split(":"))
     os.makedirs(args.out, exist_ok=True)
     if args.no_lmhead_pad:
         from pagedserve.worker.cuda_graph import CudaGraphRunner
@@ -174,7 +165,7 @@ def main() -> None:
                             "power.draw --format=csv,noheader,nounits)\"; sleep 0.1; done"],
                            stdout=open(smi_path, "w"), stderr=subprocess.DEVNULL)
     results = dict(date=time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()), machine=torch.cuda.get_device_name(0),
-                   model=args.model, decode_tiles=args.decode_tiles, load_avg_start=os.getloadavg(), runs=[])
+                   model=args.model, load_avg_start=os.getloadavg(), runs=[])
     try:
         for i in range(args.runs):
             res = one_run(args.model, smi_path, freeze=not (args.ab and i % 2))

@@ -266,11 +266,6 @@ class TileConfig:
     num_stages: int
 
 
-# Decode-like launches of 16-bit types by head_dim_pad: (tile_n, num_warps, num_stages) in place of
-# default_tile_config's rule (benchmarks A/B launch shapes through it)
-DECODE_TILES: dict[int, tuple[int, int, int]] = {}
-
-
 def default_tile_config(queries_per_kv: int, head_dim_pad: int, max_query_len: int,
                         dtype: torch.dtype) -> TileConfig:
     """Decode-like launches (every query fits one tile) use the smallest tile that packs the
@@ -281,9 +276,6 @@ def default_tile_config(queries_per_kv: int, head_dim_pad: int, max_query_len: i
     wide = dtype != torch.float32 and head_dim_pad <= 128
     tile_n = 64 if wide else (32 if head_dim_pad <= 128 else 16)
     if max_query_len * queries_per_kv <= group:
-        if dtype != torch.float32 and head_dim_pad in DECODE_TILES:
-            tile_n, warps, stages = DECODE_TILES[head_dim_pad]
-            return TileConfig(block_m=group, tile_n=tile_n, num_warps=warps, num_stages=stages)
         return TileConfig(block_m=group, tile_n=tile_n, num_warps=4, num_stages=3)
     block_m = max(128 if wide else 64, group)
     return TileConfig(block_m=block_m, tile_n=tile_n, num_warps=8 if block_m >= 128 else 4, num_stages=2)
