@@ -34,13 +34,15 @@ def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, x_stride, res_str
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
+    # the weight's load issued with the row's, not after the sum: no load moves across the
+    # reduction's barrier, so there it was one more round trip to memory after the statistic
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
     x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         x = x + tl.load(residual_ptr + row * res_stride + cols, mask=mask, other=0.0)
         tl.store(residual_ptr + row * res_stride + cols, x, mask=mask)
     xf = x.to(tl.float32)
     inv = tl.rsqrt(tl.sum(xf * xf, axis=0) * inv_n + eps)
-    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
     normed = (xf * inv).to(x.dtype)   # LlamaRMSNorm's two rounding points: x * 1/rms, then times the weight
     tl.store(out_ptr + row * out_stride + cols, (normed * weight).to(x.dtype), mask=mask)
 
