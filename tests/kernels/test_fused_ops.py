@@ -71,3 +71,31 @@ def test_launchers_reject_bad_shapes():
         rms_norm(torch.zeros(2, 3, 4, device=DEVICE), torch.ones(4, device=DEVICE), 1e-5)
     with pytest.raises(ValueError, match="silu_and_mul"):
         silu_and_mul(torch.zeros(2, 5, device=DEVICE))
+
+
+_NORM_PTX = """
+import json
+from tests.kernels.sm90_compile import build
+from pagedserve.layers.triton_ops import _rms_norm_kernel
+k = build(_rms_norm_kernel, dict(HAS_RESIDUAL=True, BLOCK=4096),
+          {"n_cols": "i32", "inv_n": "fp32", "eps": "fp32", "x_stride": "i32", "res_stride": "i32", "out_stride": "i32"},
+          ("x_ptr", "residual_ptr", "weight_ptr", "out_ptr", "n_cols", "x_stride", "res_stride", "out_stride"),
+          num_warps=8)
+ops = [op for line in k.asm["ptx"].splitlines() for op in ("ld.global", "shfl.sync", "bar.sync") if op in line]
+print(json.dumps(ops))
+"""
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="compiles for sm_90 on a machine without a GPU")
+def test_rms_norm_issues_every_load_before_the_sum() -> None:
+    """llama-8b's hidden size on 8 warps, as the decode graphs launch it: the weight's load goes out with
+    the row's and the residual's, before the reduction's shuffles and barrier (loaded after the sum, it
+    was one more round trip a norm: 2.15 -> 1.75 us on the H200, benchmarks/RESULTS.md session 22)."""
+    pytest.importorskip("triton.backends.nvidia")
+    import json
+    from tests.kernels.sm90_compile import run
+    proc = run(_NORM_PTX)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ops = json.loads(proc.stdout.strip().splitlines()[-1])
+    first_sum = min(i for i, op in enumerate(ops) if op != "ld.global")
+    assert ops.count("ld.global") == 6 and ops[:first_sum] == ["ld.global"] * 6, ops
