@@ -64,15 +64,16 @@ def _tail_batch(rows: int, lo: int, hi: int, copies: int, seed: int) -> Paged:
 
 def _tail_variants(tile_sweep: bool, quick: bool = False):
     """(name, split rule ("nosplit": forced num_splits=1; "reduce": chunked with the partials merged
-    by the reduce launch, MERGE_IN_KERNEL off), chunk tiles, TileConfig or None); chunk sizes in
-    keys kept at 1024 across tile widths in the sweep."""
+    by the reduce launch, MERGE_IN_KERNEL off; "plan": the SplitPlan in place of the chunk count, from
+    --plans), chunk tiles, TileConfig or None); chunk sizes in keys --chunk-keys across tile widths."""
+    from pagedserve.attention.split_plan import SplitPlan
     from pagedserve.attention.triton_paged_attention import TileConfig
     variants = [("legacy", "legacy", 16, None), ("chunk8", "chunked", 8, None), ("chunk16", "chunked", 16, None),
                 ("chunk32", "chunked", 32, None), ("chunk32_reduce", "reduce", 32, None), ("nosplit", "nosplit", 16, None)]
-    if quick and not args.tiles:
+    if quick and not (args.tiles or args.plans):
         return [v for v in variants if v[0] != "chunk8"]
-    if quick:
-        variants = [v for v in variants if v[0] == "legacy"]
+    if quick:   # with --tiles / --plans: the default rule, then theirs
+        variants = [v for v in variants if v[0] in ("legacy", "nosplit" if args.plans else "legacy")]
     if tile_sweep:
         sweep = ([(32, 4, 2), (64, 4, 2)] if SMOKE else
                  [(32, 4, 3), (64, 4, 2), (64, 4, 4), (64, 8, 3), (128, 4, 2), (16, 4, 3)])
@@ -82,6 +83,10 @@ def _tail_variants(tile_sweep: bool, quick: bool = False):
             variants.append((f"chunk{args.chunk_keys}keys_t{tile_n}w{warps}s{stages}", "chunked",
                              max(1, args.chunk_keys // tile_n),
                              TileConfig(16, tile_n, warps, stages)))
+    for spec in filter(None, args.plans.split(",")):   # forced split plans (the batch-1 shapes)
+        segs, per, tile_n, warps, stages = (int(v) for v in spec.split(":"))
+        variants.append((f"plan{segs}x{per}_t{tile_n}w{warps}s{stages}", "plan", SplitPlan(segs, per, 0, 0),
+                         TileConfig(16, tile_n, warps, stages)))
     return variants
 
 
@@ -105,7 +110,8 @@ def stage_tail() -> None:
             n = len(b.query_lens) if n is None else n   # rows [lo, lo + n): one token each, so qsl[:n + 1]
             return paged_attention(b.query[lo:lo + n], b.k_cache, b.v_cache, b.block_tables[lo:lo + n],
                                    b.seq_lens[lo:lo + n], b.qsl[:n + 1], b.scale, 1, bound, num_decodes=n,
-                                   out=out[lo:lo + n], tiles=tiles, num_splits=1 if rule == "nosplit" else None)
+                                   out=out[lo:lo + n], tiles=tiles,
+                                   num_splits=1 if rule == "nosplit" else chunk if rule == "plan" else None)
         finally:
             sp.SPLIT_RULE, sp.CHUNK_TILES, tpa.MERGE_IN_KERNEL = saved
 
@@ -113,6 +119,8 @@ def stage_tail() -> None:
         _, rule, chunk, tiles = variant
         if rule == "nosplit":
             return "1"
+        if rule == "plan":
+            return f"{chunk.num_segments}x{chunk.tiles_per_segment}t"
         sp.SPLIT_RULE, sp.CHUNK_TILES = ("chunked" if rule == "reduce" else rule), chunk
         try:
             p = sp.choose_splits(rows, HKV, 1, bound, (tiles.tile_n if tiles else 64 if not SMOKE else 32),
@@ -154,7 +162,7 @@ def stage_tail() -> None:
         out = torch.empty_like(b.query)
         baseline = None
         for variant in (variants if rows > 1 or SMOKE else
-                        [v for v in variants if v[0] in ("legacy", "chunk32", "chunk32_reduce", "nosplit")]):
+                        [v for v in variants if v[0] in ("legacy", "chunk32", "chunk32_reduce", "nosplit") or v[1] == "plan"]):
             try:
                 got = run(b, out, bound, variant, 0, rows).clone()   # compiles; the check
                 if baseline is None:
