@@ -27,7 +27,7 @@ API_KEY_ENV = "PAGEDSERVE_API_KEY"
 ENGINE_PROCESS_ENV = "PAGEDSERVE_ENGINE_PROCESS"   # "1" / "0": --engine-process's default
 GIL_PROBE_ENV = "PAGEDSERVE_GIL_PROBE"             # "1": the step timer's GIL probe thread runs
 SWITCH_INTERVAL_ENV = "PAGEDSERVE_SWITCH_INTERVAL_MS"  # CPython's GIL switch interval (default 5 ms)
-GRACEFUL_SHUTDOWN_S = 3.0   # after SIGTERM / Ctrl-C, for open requests (uvicorn timeout_graceful_shutdown)
+GRACEFUL_SHUTDOWN_S = 3.0   # --shutdown-timeout's default: after SIGTERM / Ctrl-C, for open requests
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -70,6 +70,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--disable-frontend-multiprocessing", dest="engine_process", action="store_false",
                         default=argparse.SUPPRESS, help="vLLM's spelling of --no-engine-process")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--shutdown-timeout", type=_seconds, default=GRACEFUL_SHUTDOWN_S, metavar="SECONDS",
+                        help="after SIGTERM / Ctrl-C, how long open requests may go on before they are "
+                             "cancelled (vLLM's flag; 0: at once; default %(default)s)")
     # None where TGI's environment may fill the value in (apply_tgi_settings)
     add_engine_arguments(parser.add_argument_group("engine"),
                          defaults={"dtype": None, "tensor_parallel_size": None},
@@ -171,10 +174,10 @@ def run_server(args: argparse.Namespace) -> None:
     release_free_heap()   # start-up's freed temporaries (weights, tokenizer, imports): ~30 MiB of RSS
     logger.info("serving %s on http://%s:%d (engine core %s)", settings.served_model_name, args.host, args.port,
                 "in its own process" if engine_process else "on a thread")
-    # open requests get GRACEFUL_SHUTDOWN_S to finish after SIGTERM / Ctrl-C, then are cancelled:
-    # the server (and its tensor-parallel ranks) is gone within 10 s
+    # open requests get --shutdown-timeout to finish after SIGTERM / Ctrl-C, then are cancelled: with
+    # the default the server (and its tensor-parallel ranks) is gone within 10 s
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           timeout_keep_alive=5, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+                                           timeout_keep_alive=5, timeout_graceful_shutdown=args.shutdown_timeout))
     died: list[Exception] = []
     if engine_process:   # a dead core process (vLLM's behaviour): its requests got the error; stop serving
         engine.add_death_listener(lambda error: (died.append(error), setattr(server, "should_exit", True)))
@@ -198,6 +201,16 @@ def run_server(args: argparse.Namespace) -> None:
         raise SystemExit(1)
     if terminated:   # end as SIGTERM would have, now that the engine is stopped
         signal.raise_signal(signal.SIGTERM)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0:   # NaN too
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}")
+    return value
 
 
 class _Terminated(Exception):

@@ -115,13 +115,15 @@ def test_killed_server_takes_its_core_along(tmp_path) -> None:
 def test_a_sigterm_to_the_whole_group_lets_open_requests_finish(tmp_path) -> None:
     """systemd's stop sends SIGTERM to every process of the unit, the engine core's too: the core
     leaves its end to the server, whose graceful shutdown lets the open request finish (before,
-    the core died at once and the request got an engine-core error), then stops the core."""
-    server = start_server(tmp_path, "group_sigterm", *SMALL, new_session=True)
+    the core died at once and the request got an engine-core error), then stops the core. The
+    request's 60 tokens get --shutdown-timeout 120 (more than the default 3 s allows even on a quiet
+    machine; a loaded CI machine once cut 20 tokens short at 3 s)."""
+    server = start_server(tmp_path, "group_sigterm", *SMALL, "--shutdown-timeout", "120", new_session=True)
     try:
         server.wait_healthy()
         core = _core_of(server)
         with requests.post(f"{server.base_url}/v1/completions", stream=True, timeout=60, json={
-                "model": MODEL, "prompt": "1, 2, 3,", "max_tokens": 20, "ignore_eos": True, "stream": True,
+                "model": MODEL, "prompt": "1, 2, 3,", "max_tokens": 60, "ignore_eos": True, "stream": True,
                 "stream_options": {"include_usage": True}}) as r:
             events = _events(r)
             first = next(events)
@@ -129,9 +131,33 @@ def test_a_sigterm_to_the_whole_group_lets_open_requests_finish(tmp_path) -> Non
             rest = list(events)
         chunks = [first] + [e for e in rest if isinstance(e, dict)]
         assert not [c for c in chunks if "error" in c], chunks
-        assert rest[-1] == "[DONE]" and chunks[-1]["usage"]["completion_tokens"] == 20
+        assert rest[-1] == "[DONE]" and chunks[-1]["usage"]["completion_tokens"] == 60
         assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
         assert server.process.wait(timeout=30) == -signal.SIGTERM   # as SIGTERM ends a process
         core.wait(timeout=20)
+    finally:
+        server.stop()
+
+
+def test_shutdown_timeout_0_cancels_open_requests_at_once(tmp_path) -> None:
+    """vLLM's --shutdown-timeout 0: SIGTERM cancels an open stream instead of waiting for its 900
+    tokens; the server still ends as SIGTERM does, within seconds."""
+    server = start_server(tmp_path, "shutdown_0", *SMALL, "--no-engine-process", "--shutdown-timeout", "0")
+    try:
+        server.wait_healthy()
+        received = 0
+        with requests.post(f"{server.base_url}/v1/completions", stream=True, timeout=60, json={
+                "model": MODEL, "prompt": "1, 2, 3,", "max_tokens": 900, "ignore_eos": True, "stream": True}) as r:
+            events = _events(r)
+            next(events)
+            os.kill(server.process.pid, signal.SIGTERM)
+            try:
+                for event in events:
+                    received += 1
+                    assert event != "[DONE]"
+            except requests.exceptions.ChunkedEncodingError:
+                pass   # the connection closed mid-stream
+        assert received <= 2   # what was on the wire (the default 3 s let 17 more through on a quiet machine)
+        assert server.process.wait(timeout=20) == -signal.SIGTERM
     finally:
         server.stop()

@@ -77,6 +77,15 @@ def test_serve_flags_build_engine_args() -> None:
                                                                                        tensor_parallel_size=3)
 
 
+@pytest.mark.parametrize("value", ["-1", "nan", "soon"])
+def test_shutdown_timeout_takes_seconds_and_names_itself(value, capsys) -> None:
+    assert make_parser().parse_args([]).shutdown_timeout == 3.0
+    assert make_parser().parse_args(["--shutdown-timeout", "0"]).shutdown_timeout == 0.0
+    with pytest.raises(SystemExit):
+        make_parser().parse_args(["--shutdown-timeout", value])
+    assert f"--shutdown-timeout: must be a number of seconds >= 0, got '{value}'" in capsys.readouterr().err
+
+
 class _RecordedEngine:
     """Stands in for LLMEngine: records the EngineArgs it was built with."""
 
