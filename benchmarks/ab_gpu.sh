@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Issue 22, one nvidia-h200 call: this tree ("now") against the package in $BEFORE ("before"), each
+# in its own process, alternating, for a change to the decode kernels. STEPS (default all, in order):
+#   tests   the kernel tests on the GPU with this tree (bit for bit against the references; ~1-2 min)
+#   sweep   benchmarks/fused_decode_sweep.py: one layer's decode attention, fused (rotary + store in
+#           the launch) vs rotary_store_kv + the plain launch, 1-512 rows, us a layer (~30 s each)
+#   models  decode_gpu.py --stages models on llama-8b and llama-1b: b1_decode, the bs-1 decode replay
+#           and its per-kernel table (~70 s each), twice each way
+# Set-up: git archive COMMIT pagedserve | tar -x -C .devcarry/before; carry .devcarry/before and
+# .devcarry/peers.py. Session 22 ran the models step as norm_ab_gpu.sh (RMSNorm's weight load).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/ab}
+BEFORE=${BEFORE:-.devcarry/before}
+STEPS=${STEPS:-tests,sweep,models}
+mkdir -p "$OUT"
+T0=$(date +%s)
+late() { [ $(( $(date +%s) - T0 )) -gt ${BUDGET:-540} ]; }
+path_of() { if [ "$1" = before ]; then echo "$PWD/$BEFORE:$PWD"; else echo "$PWD"; fi; }
+# from /tmp: `python3 -c` puts the working directory ahead of PYTHONPATH (a run from the repo root
+# printed the repo's package for "before"; the scripts below, whose sys.path[0] is benchmarks/, take $BEFORE's)
+for v in before now; do (cd /tmp && PYTHONPATH=$(path_of $v) python3 -c "import pagedserve, os; print('$v', os.path.dirname(pagedserve.__file__))"); done
+if [[ $STEPS == *tests* ]]; then
+  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_paged_attention.py tests/kernels/test_store_kv.py \
+    > "$OUT/tests.txt" 2>&1
+  echo "tests rc=$? $(( $(date +%s) - T0 )) s: $(tail -1 "$OUT/tests.txt")"
+fi
+if [[ $STEPS == *sweep* ]]; then
+  for v in before now; do
+    late && break
+    PYTHONPATH=$(path_of $v) timeout 120 python3 benchmarks/fused_decode_sweep.py > "$OUT/sweep_$v.txt" 2>&1
+    echo "sweep $v rc=$? $(( $(date +%s) - T0 )) s"; tail -4 "$OUT/sweep_$v.txt"
+  done
+fi
+if [[ $STEPS == *models* ]]; then
+  for i in 1 2; do
+    for v in before now; do
+      late && break 2
+      mkdir -p "$OUT/${v}_$i"
+      PYTHONPATH=$(path_of $v) OUT=$OUT/${v}_$i timeout 170 python3 benchmarks/decode_gpu.py --stages models \
+        --variants default --ab "" --models llama-8b,llama-1b --thr "" > "$OUT/${v}_$i.txt" 2>&1
+      echo "$v $i rc=$? $(( $(date +%s) - T0 )) s"
+      grep -E "b1_decode .* tok/s|paged_attention|rms_norm|total \(kernels\)" "$OUT/${v}_$i.txt"
+    done
+  done
+fi
