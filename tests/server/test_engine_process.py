@@ -157,7 +157,9 @@ def test_shutdown_timeout_0_cancels_open_requests_at_once(tmp_path) -> None:
                     assert event != "[DONE]"
             except requests.exceptions.ChunkedEncodingError:
                 pass   # the connection closed mid-stream
-        assert received <= 2   # what was on the wire (the default 3 s let 17 more through on a quiet machine)
+        # what was on the wire, or made in uvicorn's 0.1 s tick before its shutdown starts (the default
+        # 3 s let 17 through on a quiet 2-core machine)
+        assert received <= 5
         assert server.process.wait(timeout=20) == -signal.SIGTERM
     finally:
         server.stop()
