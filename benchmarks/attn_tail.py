@@ -73,7 +73,7 @@ def _tail_variants(tile_sweep: bool, quick: bool = False):
     if quick and not (args.tiles or args.plans):
         return [v for v in variants if v[0] != "chunk8"]
     if quick:   # with --tiles / --plans: the default rule, then theirs
-        variants = [v for v in variants if v[0] in ("legacy", "nosplit" if args.plans else "legacy")]
+        variants = [v for v in variants if v[0] in (("legacy", "nosplit") if args.plans else ("legacy",))]
     if tile_sweep:
         sweep = ([(32, 4, 2), (64, 4, 2)] if SMOKE else
                  [(32, 4, 3), (64, 4, 2), (64, 4, 4), (64, 8, 3), (128, 4, 2), (16, 4, 3)])
@@ -104,7 +104,9 @@ def stage_tail() -> None:
 
     def run(b: Paged, out, bound: int, variant, lo: int = 0, n: int | None = None):
         _, rule, chunk, tiles = variant
-        sp.SPLIT_RULE, sp.CHUNK_TILES = ("chunked" if rule in ("nosplit", "reduce") else rule), chunk
+        # "plan" passes its SplitPlan as num_splits below: the module's rule and chunk count stay as saved
+        if rule != "plan":
+            sp.SPLIT_RULE, sp.CHUNK_TILES = ("chunked" if rule in ("nosplit", "reduce") else rule), chunk
         tpa.MERGE_IN_KERNEL = saved[2] and rule != "reduce"
         try:
             n = len(b.query_lens) if n is None else n   # rows [lo, lo + n): one token each, so qsl[:n + 1]
