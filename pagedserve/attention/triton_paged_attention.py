@@ -182,10 +182,25 @@ def _paged_attention_kernel(
         rot = pos * stride_cos + offs_d[None, :] + 0 * offs_m[:, None]
         cos_rows = tl.load(cos_ptr + rot).to(tl.float32)
         sin_rows = tl.load(sin_ptr + rot).to(tl.float32)
+        # the new key and value, loaded with the query (one round trip) and stored by the last
+        # segment, whose tile holds them, before its loop reads that tile (as the plain launch reads
+        # it after rotary_store_kv's store: bit for bit); stored after the loop, they cost the last
+        # segment two more round trips at batch 1, where it finishes the launch (session 23)
+        cos = tl.load(cos_ptr + pos * stride_cos + offs_d).to(tl.float32)
+        sin = tl.load(sin_ptr + pos * stride_cos + offs_d).to(tl.float32)
+        new_k_row = new_k_ptr + q_start.to(tl.int64) * stride_new_k + kv_head * HEAD_DIM
+        new_k_in = tl.load(new_k_row + offs_d)
+        new_k_partner = tl.load(new_k_row + partner_d)
+        new_v = tl.load(new_v_ptr + q_start.to(tl.int64) * stride_new_v + kv_head * HEAD_DIM + offs_d)
+        slot = tl.load(slot_mapping_ptr + q_start).to(tl.int64)
         q = rotate_rows(q, q_partner, cos_rows, sin_rows, sign[None, :], LIBDEVICE)
-        # the loop leaves the new key's tile to the last segment, which rotates and stores the new
-        # key and value after its loop (off the path to the loop's first loads), then reads that
-        # tile back as the plain launch does: the same roundings, bit for bit
+        if (slot >= 0) & (segment == active - 1):
+            new_k = rotate_rows(new_k_in, new_k_partner, cos, sin, sign, LIBDEVICE)
+            tl.store(slot_row(k_cache_ptr, slot, stride_k_block, stride_k_slot, BLOCK_SIZE)
+                     + kv_head.to(tl.int64) * stride_k_head + offs_d, new_k.to(k_cache_ptr.dtype.element_ty))
+            tl.store(slot_row(v_cache_ptr, slot, stride_v_block, stride_v_slot, BLOCK_SIZE)
+                     + kv_head.to(tl.int64) * stride_v_head + offs_d, new_v.to(v_cache_ptr.dtype.element_ty))
+        tl.debug_barrier()   # the stores performed for the whole program before its loop's loads
     if (segment == 0) & (kv_head == 0) & (num_segments > 1):   # the reduce's count, per token
         tl.store(partial_active_ptr + token, active, mask=row_valid)
 
@@ -194,10 +209,7 @@ def _paged_attention_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     k_head_ptr = k_cache_ptr + kv_head.to(tl.int64) * stride_k_head
     v_head_ptr = v_cache_ptr + kv_head.to(tl.int64) * stride_v_head
-    loop_hi = tile_hi
-    if ROTARY_STORE:   # the new key's tile (the last segment's last) after the loop, once it is stored
-        loop_hi = tl.where(segment == active - 1, tile_hi - 1, tile_hi)
-    for tile in range(tile_lo, loop_hi):
+    for tile in range(tile_lo, tile_hi):
         key_pos = tile * TILE_N + offs_n
         key_valid = key_pos < key_end
         k, v = _load_kv_tile(k_head_ptr, v_head_ptr, block_id, key_pos, key_valid, offs_d, dim_valid,
@@ -208,30 +220,6 @@ def _paged_attention_kernel(
         # key_pos <= query_abs implies key_pos < key_end for every valid row.
         m_i, l_i, acc = _online_softmax_step(q, k, v, row_valid[:, None] & (key_pos[None, :] <= query_abs[:, None]),
                                              m_i, l_i, acc, scale_log2, DOT_PRECISION)
-    if ROTARY_STORE:
-        if loop_hi < tile_hi:   # the last segment: the new key and value, then their tile
-            # cos / sin and the new key's inputs loaded here, not held across the loop (sm_90 ptxas:
-            # 190 registers with them loaded before it, 166 this way)
-            cos = tl.load(cos_ptr + pos * stride_cos + offs_d).to(tl.float32)
-            sin = tl.load(sin_ptr + pos * stride_cos + offs_d).to(tl.float32)
-            new_k_row = new_k_ptr + q_start.to(tl.int64) * stride_new_k + kv_head * HEAD_DIM
-            new_k = rotate_rows(tl.load(new_k_row + offs_d), tl.load(new_k_row + partner_d), cos, sin, sign,
-                                LIBDEVICE).to(k_cache_ptr.dtype.element_ty)
-            new_v = tl.load(new_v_ptr + q_start.to(tl.int64) * stride_new_v + kv_head * HEAD_DIM
-                            + offs_d).to(v_cache_ptr.dtype.element_ty)
-            slot = tl.load(slot_mapping_ptr + q_start).to(tl.int64)
-            if slot >= 0:
-                tl.store(slot_row(k_cache_ptr, slot, stride_k_block, stride_k_slot, BLOCK_SIZE)
-                         + kv_head.to(tl.int64) * stride_k_head + offs_d, new_k)
-                tl.store(slot_row(v_cache_ptr, slot, stride_v_block, stride_v_slot, BLOCK_SIZE)
-                         + kv_head.to(tl.int64) * stride_v_head + offs_d, new_v)
-            tl.debug_barrier()   # the stores above performed for the whole program before its loads below
-            key_pos = loop_hi * TILE_N + offs_n
-            k, v = _load_kv_tile(k_head_ptr, v_head_ptr, block_id, key_pos, key_pos < key_end, offs_d, dim_valid,
-                                 stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, BLOCK_SIZE)
-            m_i, l_i, acc = _online_softmax_step(q, k, v, row_valid[:, None] & (key_pos[None, :] <= query_abs[:, None]),
-                                                 m_i, l_i, acc, scale_log2, DOT_PRECISION)
-
     store_mask = row_valid[:, None] & dim_valid[None, :]
     if active == 1:   # the one segment's output, as the merge of one segment divides (the reduce skips it)
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]

@@ -368,6 +368,43 @@ build(reduce, dict(NUM_HEADS=32, HEAD_DIM=128, HEAD_DIM_PAD=128, SEG_CHUNK=16),
 """
 
 
+_DECODE_PTX = """
+import inspect, json
+from tests.kernels.sm90_compile import build
+from pagedserve.attention.triton_paged_attention import _paged_attention_kernel as kernel
+types = {name: "*fp32" for name in ("partial_acc_ptr", "partial_max_ptr", "partial_sum_ptr")}
+types.update({name: "*i32" for name in ("partial_active_ptr", "block_tables_ptr", "seq_lens_ptr",
+                                        "query_start_loc_ptr", "arrivals_ptr")})
+types["slot_mapping_ptr"] = "*i64"
+aligned = tuple(name for name in inspect.signature(kernel.fn).parameters
+                if name.endswith("_ptr") or name.startswith("stride") and name != "stride_block_table")
+k = build(kernel, dict(NUM_HEADS=32, QUERIES_PER_KV=4, HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_SIZE=16, BLOCK_M=16,
+                       BLOCK_Q=4, TILE_N=64, ONE_TILE_PER_SEQ=True, DOT_PRECISION="tf32", ROTARY_STORE=True,
+                       LIBDEVICE=True, MERGE=True, GROUP_PAD=4, SEG_CHUNK=16), types, aligned, num_warps=4, num_stages=3)
+names = ("ld.global", "st.global.b16", "cp.async.commit_group", "cp.async.wait_group 0", "atom.global", "bar.sync")
+lines = [" ".join(line.split()) for line in k.asm["ptx"].splitlines()]
+print(json.dumps([name for line in lines for name in names if name in line]))
+"""
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="compiles for sm_90 on a machine without a GPU")
+def test_fused_decode_stores_the_new_key_before_the_loop_reads() -> None:
+    """llama-8b's one-row decode launch (rotary, store, merge) for sm_90: the new key and value go out
+    before the loop issues its first K/V tile, and after the loop no load is issued before the merge's
+    atomic. Stored after the loop, their tile was read back on its own (K, then V after the first dot):
+    the last segment, which finishes a batch-1 launch, paid three dependent round trips more."""
+    pytest.importorskip("triton.backends.nvidia")
+    import json
+    from tests.kernels.sm90_compile import run
+    proc = run(_DECODE_PTX)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ops = json.loads(proc.stdout.strip().splitlines()[-1])
+    first_commit, loop_end = ops.index("cp.async.commit_group"), ops.index("cp.async.wait_group 0")
+    assert ops[:first_commit].count("st.global.b16") == 2, ops   # the new key's and value's rows (bf16)
+    after_loop = ops[loop_end:ops.index("atom.global")]
+    assert "ld.global" not in after_loop, after_loop
+
+
 def test_decode_kernel_compiles_for_sm90() -> None:
     """The decode launch, plain and with rotary_store, and the reduce launch to cubins for sm_90
     (bf16, the decode graphs' shapes): the interpreter does not check what compiles
