@@ -4,8 +4,11 @@
 #   tests   the kernel tests on the GPU with this tree (bit for bit against the references; ~1-2 min)
 #   sweep   benchmarks/fused_decode_sweep.py: one layer's decode attention, fused (rotary + store in
 #           the launch) vs rotary_store_kv + the plain launch, 1-512 rows, us a layer (~30 s each)
+#           (TESTS_K: a pytest -k filter; TESTS_S: its timeout, 200 s: the whole two files take longer)
 #   models  decode_gpu.py --stages models on llama-8b and llama-1b: b1_decode, the bs-1 decode replay
 #           and its per-kernel table (~70 s each), twice each way
+#   fusedmax thr512 (thr_spread.py, llama-1b then llama-8b) with this tree at fused_decode_max_seqs
+#           FUSED_MAX_A then _B (default 128, 512), one process each, alternating, twice (~40-70 s each)
 # Set-up: git archive COMMIT pagedserve | tar -x -C .devcarry/before; carry .devcarry/before and
 # .devcarry/peers.py. Session 22 ran the models step as norm_ab_gpu.sh (RMSNorm's weight load).
 set -uo pipefail
@@ -19,9 +22,10 @@ late() { [ $(( $(date +%s) - T0 )) -gt ${BUDGET:-540} ]; }
 path_of() { if [ "$1" = before ]; then echo "$PWD/$BEFORE:$PWD"; else echo "$PWD"; fi; }
 # from /tmp: `python3 -c` puts the working directory ahead of PYTHONPATH (a run from the repo root
 # printed the repo's package for "before"; the scripts below, whose sys.path[0] is benchmarks/, take $BEFORE's)
-for v in before now; do (cd /tmp && PYTHONPATH=$(path_of $v) python3 -c "import pagedserve, os; print('$v', os.path.dirname(pagedserve.__file__))"); done
+for v in before now; do p=$(path_of $v); (cd /tmp && PYTHONPATH=$p python3 -c "import pagedserve, os; print('$v', os.path.dirname(pagedserve.__file__))"); done
 if [[ $STEPS == *tests* ]]; then
-  timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_paged_attention.py tests/kernels/test_store_kv.py \
+  timeout ${TESTS_S:-200} python3 -m pytest -q -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} \
+    tests/kernels/test_paged_attention.py tests/kernels/test_store_kv.py \
     > "$OUT/tests.txt" 2>&1
   echo "tests rc=$? $(( $(date +%s) - T0 )) s: $(tail -1 "$OUT/tests.txt")"
 fi
@@ -41,6 +45,18 @@ if [[ $STEPS == *models* ]]; then
         --variants default --ab "" --models llama-8b,llama-1b --thr "" > "$OUT/${v}_$i.txt" 2>&1
       echo "$v $i rc=$? $(( $(date +%s) - T0 )) s"
       grep -E "b1_decode .* tok/s|paged_attention|rms_norm|total \(kernels\)" "$OUT/${v}_$i.txt"
+    done
+  done
+fi
+if [[ $STEPS == *fusedmax* ]]; then
+  for model in llama-1b llama-8b; do
+    for i in 1 2; do
+      for m in ${FUSED_MAX_A:-128} ${FUSED_MAX_B:-512}; do
+        late && break 3
+        timeout 150 python3 benchmarks/thr_spread.py "$OUT/thr_${model}_${m}_$i" --runs 1 --no-smi --model $model \
+          --fused-max $m > "$OUT/thr_${model}_${m}_$i.txt" 2>&1
+        echo "thr $model fused_max=$m run $i rc=$? $(( $(date +%s) - T0 )) s: $(grep -o '"out_tok_s": [0-9.]*\|"decode_span_s": [0-9.]*\|"gpu_span_s": [0-9.]*' "$OUT/thr_${model}_${m}_$i.txt" | tr '\n' ' ')"
+      done
     done
   done
 fi

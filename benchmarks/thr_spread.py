@@ -9,8 +9,9 @@ the time the GPU spent in steps, and idle between them waiting for the host; per
 --no-smi: session 18 found its queries themselves cost thr512 ~15%) the SM clock and power.
 --ab: odd runs without LLM()'s start-up collection and freeze (pagedserve.llm, session 18);
 --no-lmhead-pad: the LM head outside the graphs at its own row count (before a12b9ed).
+--fused-max N: rotary + KV store inside the decode launch up to N rows (TritonBackend.fused_decode_max_seqs).
 
-Usage: python3 benchmarks/thr_spread.py OUT [--runs 4] [--model llama-1b] [--no-smi] [--ab] [--no-lmhead-pad]
+Usage: python3 benchmarks/thr_spread.py OUT [--runs 4] [--model llama-1b] [--no-smi] [--ab] [--no-lmhead-pad] [--fused-max N]
 """
 from __future__ import annotations
 
@@ -155,7 +156,12 @@ def main() -> None:
     ap.add_argument("--no-lmhead-pad", action="store_true",
                     help="the LM head outside the graphs at its own row count (before session 18's a12b9ed)")
     ap.add_argument("--no-smi", action="store_true", help="no nvidia-smi polling (its driver queries may stall)")
+    ap.add_argument("--fused-max", type=int, default=None,
+                    help="TritonBackend.fused_decode_max_seqs for these runs (the library's when not given)")
     args = ap.parse_args()
+    if args.fused_max is not None:
+        from pagedserve.attention.backend import TritonBackend
+        TritonBackend.fused_decode_max_seqs = args.fused_max
     os.makedirs(args.out, exist_ok=True)
     if args.no_lmhead_pad:
         from pagedserve.worker.cuda_graph import CudaGraphRunner

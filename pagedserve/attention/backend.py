@@ -109,11 +109,13 @@ class TritonBackend:
     cudnn_graph_mode = "paged"
     # All-decode steps of at most fused_decode_max_seqs sequences: rotary and the KV store inside
     # the decode attention launch (decode()), one launch a layer instead of two, bit for bit the
-    # same. H200, one layer at context 512 (benchmarks/fused_decode_sweep.py): -1.4..-2.7 us a
-    # layer up to 64 rows, -0.4..-0.6 at 128, +3.9..+4.5 at 256 (each program's rotation costs more
-    # than the launch saved); b1_decode llama-8b +2.8% (benchmarks/RESULTS.md, session 13).
+    # same; b1_decode llama-8b +2.8% (session 13). H200, one layer at context 512
+    # (benchmarks/fused_decode_sweep.py; benchmarks/RESULTS.md, session 24): since the new key is
+    # loaded with the query and stored before the loop, -2.0..-3.1 us a layer up to 64 rows and
+    # -4.1..-5.6 us at 256 / 512 rows for llama-8b (before: +4.5 / +49 us, so the cap was 128).
+    # Unmeasured above 512.
     fused_decode = True
-    fused_decode_max_seqs = 128
+    fused_decode_max_seqs = 512
 
     def __init__(self) -> None:
         from pagedserve.attention.sdpa_prefill import gather_context, sdpa_available, sdpa_prefill_sequence
