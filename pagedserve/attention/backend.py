@@ -112,8 +112,9 @@ class TritonBackend:
     # same; b1_decode llama-8b +2.8% (session 13). H200, one layer at context 512
     # (benchmarks/fused_decode_sweep.py; benchmarks/RESULTS.md, session 24): since the new key is
     # loaded with the query and stored before the loop, -2.0..-3.1 us a layer up to 64 rows and
-    # -4.1..-5.6 us at 256 / 512 rows for llama-8b (before: +4.5 / +49 us, so the cap was 128).
-    # Unmeasured above 512.
+    # -4.1..-5.6 us at 256 / 512 rows for llama-8b (before: +4.5 / +49 us, so the cap was 128;
+    # and the layer took this path only up to the gemv's 64 rows until session 24). Unmeasured
+    # above 512.
     fused_decode = True
     fused_decode_max_seqs = 512
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from pagedserve.attention.backend import AttentionBackend
 from pagedserve.attention.metadata import AttentionMetadata
-from pagedserve.layers.linear_ops import fuses
+from pagedserve.layers.linear_ops import decode_fusion, fuses
 from pagedserve.layers.rotary import RotaryEmbedding
 
 
@@ -28,8 +28,9 @@ class Attention(nn.Module):
                 rotary: tuple[RotaryEmbedding, torch.Tensor] | None = None,
                 unnormed: tuple[torch.Tensor, float, float, torch.dtype] | None = None) -> torch.Tensor:
         """q [T, Hq*D], k/v [T, Hkv*D] -> [T, Hq*D]; mutates this layer's KV cache. With
-        `rotary` (the embedding and the positions) q and k are rotated first: for decode-sized
-        batches on the Triton backend in the KV store's launch (and q in place). `unnormed` =
+        `rotary` (the embedding and the positions) q and k are rotated first; on the Triton backend
+        an all-decode step (up to TritonBackend.fused_decode_max_seqs rows) rotates, stores and
+        attends in one launch, other decode-sized batches rotate in the KV store's launch (q in place). `unnormed` =
         (squares [T], 1 / K, eps, dtype): q / k / v are a W4A16 norm launch's fp32 hand-off
         (layers/quantization/w4a16_handoff.py), scaled here by the norm's rsqrt and taken to
         `dtype` (in the KV store's launch where it rotates)."""
@@ -38,10 +39,11 @@ class Attention(nn.Module):
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         assert self.backend is not None, "KV cache not bound"
-        if rotary is not None and self.backend.name == "triton" and fuses(q) and rotary[0].uses_triton(q):
-            if unnormed is None and (out := self.backend.decode(q, k, v, self.k_cache, self.v_cache, meta,
-                                                                self.scale, rotary)) is not None:
-                return out   # all decodes: rotary and the KV store in the attention launch
+        triton_rotary = rotary is not None and self.backend.name == "triton" and rotary[0].uses_triton(q)
+        if triton_rotary and unnormed is None and decode_fusion() and \
+                (out := self.backend.decode(q, k, v, self.k_cache, self.v_cache, meta, self.scale, rotary)) is not None:
+            return out   # all decodes (up to the backend's fused_decode_max_seqs rows, past the gemv's)
+        if triton_rotary and fuses(q):   # few rows: rotary and the KV store in one launch
             from pagedserve.attention.triton_store_kv import rotary_store_kv
             rope, positions = rotary
             if unnormed is not None:

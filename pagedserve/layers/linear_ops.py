@@ -13,7 +13,7 @@ from torch import nn
 # Decode-sized batches (at most this many rows) of bf16/fp16 on CUDA go through the Triton
 # gemv (layers/triton_gemv.py) where it streams the weights faster than cuBLAS
 # (benchmarks/gemv_sweep.py: its tables decide per row bucket and weight shape), and take the
-# decode fusions below (rotary + KV store in the attention launch); 0 turns both off (A/B
+# decode fusions below (rotary + KV store in one launch); 0 turns both off (A/B
 # measurements). The runner sets it from DeviceConfig.gemv_max_rows when it loads the model.
 GEMV_MAX_ROWS = 64
 
@@ -24,14 +24,21 @@ def set_gemv_max_rows(rows: int) -> None:
 
 
 # Decode-sized batches on the gemv path also fuse SiLU-and-mul into the gemv that consumes it,
-# and rotary into the KV store (layers/linear.py, layers/attention.py); off
-# for A/B measurements (benchmarks/decode_gpu.py).
+# and rotary into the KV store (layers/linear.py, layers/attention.py); all-decode steps take
+# rotary and the KV store into the attention launch up to the backend's own row cap
+# (TritonBackend.fused_decode_max_seqs, past GEMV_MAX_ROWS). Off for A/B measurements
+# (benchmarks/decode_gpu.py), as is GEMV_MAX_ROWS = 0.
 FUSE_DECODE = True
 
 
 def set_decode_fusion(on: bool) -> None:
     global FUSE_DECODE
     FUSE_DECODE = on
+
+
+def decode_fusion() -> bool:
+    """Whether the decode fusions are on (FUSE_DECODE, and GEMV_MAX_ROWS not 0)."""
+    return FUSE_DECODE and GEMV_MAX_ROWS > 0
 
 
 # (A one-launch decode attention, rotary + KV store + attention + split-K merge, was measured at

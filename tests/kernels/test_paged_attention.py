@@ -346,6 +346,53 @@ def test_fused_decode_takes_small_all_decode_steps_only(monkeypatch) -> None:
     assert step(1) is None and len(launched) == 2
 
 
+def test_attention_layer_fuses_all_decode_steps_past_the_gemv_rows(monkeypatch) -> None:
+    """The layer hands an all-decode step to TritonBackend.decode whatever the gemv's row cap
+    (GEMV_MAX_ROWS, 64: before session 24 the fused launch was gated by it, so a 65-512-row decode
+    ran rotary, store and attention as three launches); the step past the backend's own cap, a
+    step with a prefill, and the decode fusions off (FUSE_DECODE, GEMV_MAX_ROWS 0) run the
+    unfused launches instead."""
+    from pagedserve.attention.backend import TritonBackend
+    from pagedserve.attention.metadata import AttentionMetadata
+    from pagedserve.layers import linear_ops
+    from pagedserve.layers.attention import Attention
+    from pagedserve.layers.rotary import RotaryEmbedding
+    backend = TritonBackend()
+    fused, unfused = [], []
+    monkeypatch.setattr(backend, "_paged_attention", lambda q, *a, **kw: fused.append(q.shape[0]) or q)
+    monkeypatch.setattr(backend, "attend", lambda q, *a: unfused.append(q.shape[0]) or q)
+    monkeypatch.setattr(backend, "store_kv", lambda *a: None)
+    monkeypatch.setattr(RotaryEmbedding, "uses_triton", lambda self, q: True)   # as on CUDA
+    monkeypatch.setattr(RotaryEmbedding, "forward", lambda self, positions, q, k: (q, k))
+    layer = Attention(2, 8, 1.0, 1)
+    layer.backend = backend
+    rope = RotaryEmbedding(8, 1024, 10000.0)
+    limit = TritonBackend.fused_decode_max_seqs
+    assert linear_ops.GEMV_MAX_ROWS < 200 <= limit
+
+    def step(num_seqs: int, max_query_len: int = 1) -> None:
+        tokens = num_seqs * max_query_len
+        meta = AttentionMetadata(slot_mapping=torch.zeros(tokens, dtype=torch.int64),
+                                 query_start_loc=torch.zeros(num_seqs + 1, dtype=torch.int32),
+                                 seq_lens=torch.ones(num_seqs, dtype=torch.int32),
+                                 block_tables=torch.zeros(num_seqs, 1, dtype=torch.int32),
+                                 max_query_len=max_query_len, max_seq_len=8,
+                                 num_decodes=num_seqs if max_query_len == 1 else 0)
+        q, kv = torch.zeros(tokens, 16), torch.zeros(tokens, 8)
+        assert layer(q, kv, kv, meta, (rope, torch.zeros(tokens, dtype=torch.int64))).shape == (tokens, 16)
+
+    step(200)
+    step(limit + 1)
+    step(100, max_query_len=2)   # a prefill (on CPU rows past fuses(): rotary, store, attend)
+    assert fused == [200] and unfused == [limit + 1, 200]
+    monkeypatch.setattr(linear_ops, "FUSE_DECODE", False)
+    step(200)
+    monkeypatch.setattr(linear_ops, "FUSE_DECODE", True)
+    monkeypatch.setattr(linear_ops, "GEMV_MAX_ROWS", 0)
+    step(200)
+    assert fused == [200] and unfused == [limit + 1, 200, 200, 200]
+
+
 _COMPILE_FOR_SM90 = """
 from pagedserve.attention.triton_paged_attention import _paged_attention_kernel as kernel
 types = {name: "*fp32" for name in ("partial_acc_ptr", "partial_max_ptr", "partial_sum_ptr")}
