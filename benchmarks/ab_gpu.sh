@@ -6,7 +6,7 @@
 #           the launch) vs rotary_store_kv + the plain launch, 1-512 rows, us a layer (~30 s each)
 #           (TESTS_K: a pytest -k filter; TESTS_S: its timeout, 200 s: the whole two files take longer)
 #   models  decode_gpu.py --stages models on llama-8b and llama-1b: b1_decode, the bs-1 decode replay
-#           and its per-kernel table (~70 s each), twice each way
+#           and its per-kernel table (~70 s each), PAIRS times each way (default 2)
 #   fusedmax thr512 (thr_spread.py, llama-1b then llama-8b) with this tree at fused_decode_max_seqs
 #           FUSED_MAX_A then _B (default 128, 512), one process each, alternating, twice (~40-70 s each)
 # Set-up: git archive COMMIT pagedserve | tar -x -C .devcarry/before; carry .devcarry/before and
@@ -37,7 +37,7 @@ if [[ $STEPS == *sweep* ]]; then
   done
 fi
 if [[ $STEPS == *models* ]]; then
-  for i in 1 2; do
+  for i in $(seq ${PAIRS:-2}); do
     for v in before now; do
       late && break 2
       mkdir -p "$OUT/${v}_$i"
