@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # Issue 22, one nvidia-h200 call: this tree ("now") against the package in $BEFORE ("before"), each
-# in its own process, alternating, for a change to the decode kernels. STEPS (default all, in order):
+# in its own process, alternating, for a change to the decode kernels. STEPS (default tests,sweep,models), in order:
 #   tests   the kernel tests on the GPU with this tree (bit for bit against the references; ~1-2 min)
+#           (TESTS_K: a pytest -k filter; TESTS_S: its timeout, 200 s: the whole two files take longer)
 #   sweep   benchmarks/fused_decode_sweep.py: one layer's decode attention, fused (rotary + store in
 #           the launch) vs rotary_store_kv + the plain launch, 1-512 rows, us a layer (~30 s each)
-#           (TESTS_K: a pytest -k filter; TESTS_S: its timeout, 200 s: the whole two files take longer)
 #   models  decode_gpu.py --stages models on llama-8b and llama-1b: b1_decode, the bs-1 decode replay
 #           and its per-kernel table (~70 s each), PAIRS times each way (default 2)
 #   fusedmax thr512 (thr_spread.py, llama-1b then llama-8b) with this tree at fused_decode_max_seqs
-#           FUSED_MAX_A then _B (default 128, 512), one process each, alternating, twice (~40-70 s each)
+#           FUSED_MAX_A then _B (default 64: the layer's path before
+#           session 24; 512), one process each, alternating, twice (~40-70 s each)
+#   tail    attn_gpu.py's tail stage with this tree at llama-8b's then llama-1b's heads: TAIL_SHAPES
+#           (default the one-row shapes and 4 / 16 rows at 400 keys), TAIL_PLANS forced beside the
+#           default (default: the 64-key-tile plan of main before session 24's narrow launch, and the
+#           narrow one: 32-key tiles, 2 stages, thresholds in 32-key tiles) (~40 s each)
 # Set-up: git archive COMMIT pagedserve | tar -x -C .devcarry/before; carry .devcarry/before and
 # .devcarry/peers.py. Session 22 ran the models step as norm_ab_gpu.sh (RMSNorm's weight load).
 set -uo pipefail
@@ -51,12 +56,21 @@ fi
 if [[ $STEPS == *fusedmax* ]]; then
   for model in llama-1b llama-8b; do
     for i in 1 2; do
-      for m in ${FUSED_MAX_A:-128} ${FUSED_MAX_B:-512}; do
+      for m in ${FUSED_MAX_A:-64} ${FUSED_MAX_B:-512}; do
         late && break 3
         timeout 150 python3 benchmarks/thr_spread.py "$OUT/thr_${model}_${m}_$i" --runs 1 --no-smi --model $model \
           --fused-max $m > "$OUT/thr_${model}_${m}_$i.txt" 2>&1
         echo "thr $model fused_max=$m run $i rc=$? $(( $(date +%s) - T0 )) s: $(grep -o '"out_tok_s": [0-9.]*\|"decode_span_s": [0-9.]*\|"gpu_span_s": [0-9.]*' "$OUT/thr_${model}_${m}_$i.txt" | tr '\n' ' ')"
       done
     done
+  done
+fi
+if [[ $STEPS == *tail* ]]; then
+  for heads in 32,8,128 32,8,64; do
+    late && break
+    PYTHONPATH=$PWD timeout 150 python3 benchmarks/attn_gpu.py --stages tail --quick --heads $heads \
+      --shapes ${TAIL_SHAPES:-b1_128,b1_400,b1_1k,b1_4k,b4_400,b16_400} \
+      --plans ${TAIL_PLANS:-32:2:64:4:3:8:2,32:2:32:4:2:16:4} > "$OUT/tail_$heads.txt" 2>&1
+    echo "tail heads $heads rc=$? $(( $(date +%s) - T0 )) s"; grep -A60 "^shape" "$OUT/tail_$heads.txt"
   done
 fi

@@ -19,8 +19,9 @@ ap.add_argument("--heads", default="32,8,128", help="query heads, KV heads, head
 ap.add_argument("--tiles", default="", help="tail: the sweep's launches as TILE_N:WARPS:STAGES,... (default: its own)")
 ap.add_argument("--chunk-keys", type=int, default=1024, help="tail: the tile sweep's split chunk in keys")
 ap.add_argument("--order", default="random", help="tail: the rows' order by context: random, desc (longest first), asc")
-ap.add_argument("--plans", default="", help="tail: forced split plans SEGMENTS:TILES_A_SEGMENT:TILE_N:WARPS:STAGES,... "
-                                            "(the batch-1 shapes' segments and pipeline depth)")
+ap.add_argument("--plans", default="", help="tail: forced split plans SEGMENTS:TILES_A_SEGMENT:TILE_N:WARPS:STAGES"
+                                            "[:SHORT_TILES:LONE_TILES],... (the batch-1 shapes' segments and pipeline "
+                                            "depth; without the last two, no short / lone thresholds)")
 ap.add_argument("--shapes", default="", help="tail: only these shapes (labels of attn_tail.TAIL_SHAPES)")
 args, _ = ap.parse_known_args()  # flash_gpu.py imports this module with its own arguments
 SMOKE = args.cpu_smoke

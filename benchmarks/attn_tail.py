@@ -43,7 +43,7 @@ def stage_decode() -> None:
 TAIL_SHAPES = [("long35", 35, 4096, 16384, 32768), ("long35_even", 35, 10240, 10240, 32768),
                ("thr512_400", 512, 200, 600, 2048), ("thr256_600", 256, 300, 900, 2048),
                ("b1_128", 1, 128, 128, 2048), ("b1_400", 1, 400, 400, 2048), ("b1_1k", 1, 1024, 1024, 2048),
-               ("b1_4k", 1, 4096, 4096, 4096),
+               ("b1_4k", 1, 4096, 4096, 4096), ("b4_400", 4, 400, 400, 2048), ("b16_400", 16, 400, 400, 2048),
                ("long64_4k", 64, 2048, 6144, 32768), ("long16", 16, 4096, 16384, 32768),
                ("long8", 8, 4096, 16384, 32768), ("thr128_1k", 128, 512, 1536, 2048),
                ("thr256_1k", 256, 300, 1400, 2048), ("thr384_800", 384, 200, 1400, 2048),
@@ -84,9 +84,10 @@ def _tail_variants(tile_sweep: bool, quick: bool = False):
                              max(1, args.chunk_keys // tile_n),
                              TileConfig(16, tile_n, warps, stages)))
     for spec in filter(None, args.plans.split(",")):   # forced split plans (the batch-1 shapes)
-        segs, per, tile_n, warps, stages = (int(v) for v in spec.split(":"))
-        variants.append((f"plan{segs}x{per}_t{tile_n}w{warps}s{stages}", "plan", SplitPlan(segs, per, 0, 0),
-                         TileConfig(16, tile_n, warps, stages)))
+        segs, per, tile_n, warps, stages, *short_lone = (int(v) for v in spec.split(":"))
+        short, lone = short_lone or (0, 0)
+        variants.append((f"plan{segs}x{per}_t{tile_n}w{warps}s{stages}" + (f"_s{short}l{lone}" if short_lone else ""),
+                         "plan", SplitPlan(segs, per, short, lone), TileConfig(16, tile_n, warps, stages)))
     return variants
 
 
