@@ -11,7 +11,7 @@
 #           FUSED_MAX_A then _B (default 64: the layer's path before
 #           session 24; 512), one process each, alternating, twice (~40-70 s each)
 #   tail    attn_gpu.py's tail stage with this tree at llama-8b's then llama-1b's heads: TAIL_SHAPES
-#           (default the one-row shapes and 4 / 16 rows at 400 keys), TAIL_PLANS forced beside the
+#           (default the one-row shapes, bounds 2048 to 32768, and 4 / 16 rows at 400 keys), TAIL_PLANS forced beside the
 #           default (default: the 64-key-tile plan of main before session 24's narrow launch, and the
 #           narrow one: 32-key tiles, 2 stages, thresholds in 32-key tiles) (~40 s each)
 # Set-up: git archive COMMIT pagedserve | tar -x -C .devcarry/before; carry .devcarry/before and
@@ -69,7 +69,7 @@ if [[ $STEPS == *tail* ]]; then
   for heads in 32,8,128 32,8,64; do
     late && break
     PYTHONPATH=$PWD timeout 150 python3 benchmarks/attn_gpu.py --stages tail --quick --heads $heads \
-      --shapes ${TAIL_SHAPES:-b1_128,b1_400,b1_1k,b1_4k,b4_400,b16_400} \
+      --shapes ${TAIL_SHAPES:-b1_128,b1_400,b1_1k,b1_4k,b1_400_b32k,b1_16k,b4_400,b16_400} \
       --plans ${TAIL_PLANS:-32:2:64:4:3:8:2,32:2:32:4:2:16:4} > "$OUT/tail_$heads.txt" 2>&1
     echo "tail heads $heads rc=$? $(( $(date +%s) - T0 )) s"; grep -A60 "^shape" "$OUT/tail_$heads.txt"
   done
