@@ -316,12 +316,22 @@ def test_rotary_store_with_the_reduce_kernel(monkeypatch) -> None:
     test_rotary_store_in_the_decode_launch(torch.float32, 4, 64, SplitPlan(5, 1, 0, 0))
 
 
+def _step_metadata(num_seqs: int, max_query_len: int, num_decodes: int):
+    """Metadata of a step whose launches the routing tests below intercept (no cache behind it)."""
+    from pagedserve.attention.metadata import AttentionMetadata
+    tokens = num_seqs * max_query_len
+    return AttentionMetadata(slot_mapping=torch.zeros(tokens, dtype=torch.int64),
+                             query_start_loc=torch.zeros(num_seqs + 1, dtype=torch.int32),
+                             seq_lens=torch.ones(num_seqs, dtype=torch.int32),
+                             block_tables=torch.zeros(num_seqs, 1, dtype=torch.int32),
+                             max_query_len=max_query_len, max_seq_len=8, num_decodes=num_decodes)
+
+
 def test_fused_decode_takes_small_all_decode_steps_only(monkeypatch) -> None:
     """TritonBackend.decode launches rotary + KV store + attention in one kernel for all-decode
     steps of at most fused_decode_max_seqs sequences; a larger step, a step with a prefill, or the
     switch off returns None (the caller then runs rotary_store_kv and the plain launch)."""
     from pagedserve.attention.backend import TritonBackend
-    from pagedserve.attention.metadata import AttentionMetadata
     backend = TritonBackend()
     launched = []
     monkeypatch.setattr(backend, "_paged_attention", lambda q, *args, **kwargs: launched.append(kwargs) or q)
@@ -329,12 +339,7 @@ def test_fused_decode_takes_small_all_decode_steps_only(monkeypatch) -> None:
 
     def step(num_seqs: int, max_query_len: int = 1, num_decodes: int | None = None):
         tokens = num_seqs * max_query_len
-        meta = AttentionMetadata(slot_mapping=torch.zeros(tokens, dtype=torch.int64),
-                                 query_start_loc=torch.zeros(num_seqs + 1, dtype=torch.int32),
-                                 seq_lens=torch.ones(num_seqs, dtype=torch.int32),
-                                 block_tables=torch.zeros(num_seqs, 1, dtype=torch.int32),
-                                 max_query_len=max_query_len, max_seq_len=8,
-                                 num_decodes=num_seqs if num_decodes is None else num_decodes)
+        meta = _step_metadata(num_seqs, max_query_len, num_seqs if num_decodes is None else num_decodes)
         q, kv = torch.zeros(tokens, 2, 8), torch.zeros(tokens, 1, 8)
         return backend.decode(q, kv, kv, torch.empty(0), torch.empty(0), meta, 1.0, (rope, torch.zeros(tokens)))
 
@@ -353,7 +358,6 @@ def test_attention_layer_fuses_all_decode_steps_past_the_gemv_rows(monkeypatch) 
     step with a prefill, and the decode fusions off (FUSE_DECODE, GEMV_MAX_ROWS 0) run the
     unfused launches instead."""
     from pagedserve.attention.backend import TritonBackend
-    from pagedserve.attention.metadata import AttentionMetadata
     from pagedserve.layers import linear_ops
     from pagedserve.layers.attention import Attention
     from pagedserve.layers.rotary import RotaryEmbedding
@@ -372,12 +376,7 @@ def test_attention_layer_fuses_all_decode_steps_past_the_gemv_rows(monkeypatch) 
 
     def step(num_seqs: int, max_query_len: int = 1) -> None:
         tokens = num_seqs * max_query_len
-        meta = AttentionMetadata(slot_mapping=torch.zeros(tokens, dtype=torch.int64),
-                                 query_start_loc=torch.zeros(num_seqs + 1, dtype=torch.int32),
-                                 seq_lens=torch.ones(num_seqs, dtype=torch.int32),
-                                 block_tables=torch.zeros(num_seqs, 1, dtype=torch.int32),
-                                 max_query_len=max_query_len, max_seq_len=8,
-                                 num_decodes=num_seqs if max_query_len == 1 else 0)
+        meta = _step_metadata(num_seqs, max_query_len, num_seqs if max_query_len == 1 else 0)
         q, kv = torch.zeros(tokens, 16), torch.zeros(tokens, 8)
         assert layer(q, kv, kv, meta, (rope, torch.zeros(tokens, dtype=torch.int64))).shape == (tokens, 16)
 
@@ -393,16 +392,21 @@ def test_attention_layer_fuses_all_decode_steps_past_the_gemv_rows(monkeypatch) 
     assert fused == [200] and unfused == [limit + 1, 200, 200, 200]
 
 
-_COMPILE_FOR_SM90 = """
+# the decode kernel's argument types (partials and indices) and what a launch's specialisation
+# knows: pointers and strides multiples of 16 (vectorised loads); for the scripts below
+_DECODE_KERNEL_TYPES = """
+import inspect
 from pagedserve.attention.triton_paged_attention import _paged_attention_kernel as kernel
 types = {name: "*fp32" for name in ("partial_acc_ptr", "partial_max_ptr", "partial_sum_ptr")}
 types.update({name: "*i32" for name in ("partial_active_ptr", "block_tables_ptr", "seq_lens_ptr",
                                         "query_start_loc_ptr")})
-types.update({name: "*i64" for name in ("slot_mapping_ptr",)})
-import inspect
-# what a launch's specialisation knows: pointers and strides multiples of 16 (vectorised loads)
+types["slot_mapping_ptr"] = "*i64"
 aligned = tuple(name for name in inspect.signature(kernel.fn).parameters
                 if name.endswith("_ptr") or name.startswith("stride") and name != "stride_block_table")
+"""
+
+
+_COMPILE_FOR_SM90 = _DECODE_KERNEL_TYPES + """
 for head_dim, tile_n in ((128, 64), (64, 64)):   # llama-8b's and llama-1b's decode launches
     for rotary in (False, True):
         build(kernel, dict(NUM_HEADS=32, QUERIES_PER_KV=4, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim,
@@ -415,19 +419,12 @@ build(reduce, dict(NUM_HEADS=32, HEAD_DIM=128, HEAD_DIM_PAD=128, SEG_CHUNK=16),
 """
 
 
-_DECODE_PTX = """
-import inspect, json
-from tests.kernels.sm90_compile import build
-from pagedserve.attention.triton_paged_attention import _paged_attention_kernel as kernel
-types = {name: "*fp32" for name in ("partial_acc_ptr", "partial_max_ptr", "partial_sum_ptr")}
-types.update({name: "*i32" for name in ("partial_active_ptr", "block_tables_ptr", "seq_lens_ptr",
-                                        "query_start_loc_ptr", "arrivals_ptr")})
-types["slot_mapping_ptr"] = "*i64"
-aligned = tuple(name for name in inspect.signature(kernel.fn).parameters
-                if name.endswith("_ptr") or name.startswith("stride") and name != "stride_block_table")
+_DECODE_PTX = _DECODE_KERNEL_TYPES + """
+import json
 k = build(kernel, dict(NUM_HEADS=32, QUERIES_PER_KV=4, HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_SIZE=16, BLOCK_M=16,
                        BLOCK_Q=4, TILE_N=64, ONE_TILE_PER_SEQ=True, DOT_PRECISION="tf32", ROTARY_STORE=True,
-                       LIBDEVICE=True, MERGE=True, GROUP_PAD=4, SEG_CHUNK=16), types, aligned, num_warps=4, num_stages=3)
+                       LIBDEVICE=True, MERGE=True, GROUP_PAD=4, SEG_CHUNK=16), {**types, "arrivals_ptr": "*i32"},
+          aligned, num_warps=4, num_stages=3)
 names = ("ld.global", "st.global.b16", "cp.async.commit_group", "cp.async.wait_group 0", "atom.global", "bar.sync")
 lines = [" ".join(line.split()) for line in k.asm["ptx"].splitlines()]
 print(json.dumps([name for line in lines for name in names if name in line]))
