@@ -9,7 +9,7 @@
 #           and its per-kernel table (~70 s each), PAIRS times each way (default 2)
 #   fusedmax thr512 (thr_spread.py, llama-1b then llama-8b) with this tree at fused_decode_max_seqs
 #           FUSED_MAX_A then _B (default 64: the layer's path before
-#           session 24; 512), one process each, alternating, twice (~40-70 s each)
+#           session 24; 512), one process each, alternating, PAIRS times (~40-70 s each)
 #   tail    attn_gpu.py's tail stage with this tree at llama-8b's then llama-1b's heads: TAIL_SHAPES
 #           (default the one-row shapes, bounds 2048 to 32768, and 4 / 16 rows at 400 keys), TAIL_PLANS forced beside the
 #           default (default: the 64-key-tile plan of main before session 24's narrow launch, and the
@@ -55,7 +55,7 @@ if [[ $STEPS == *models* ]]; then
 fi
 if [[ $STEPS == *fusedmax* ]]; then
   for model in llama-1b llama-8b; do
-    for i in 1 2; do
+    for i in $(seq ${PAIRS:-2}); do
       for m in ${FUSED_MAX_A:-64} ${FUSED_MAX_B:-512}; do
         late && break 3
         timeout 150 python3 benchmarks/thr_spread.py "$OUT/thr_${model}_${m}_$i" --runs 1 --no-smi --model $model \
