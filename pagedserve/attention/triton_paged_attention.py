@@ -269,6 +269,37 @@ def default_tile_config(queries_per_kv: int, head_dim_pad: int, max_query_len: i
     return TileConfig(block_m=block_m, tile_n=tile_n, num_warps=8 if block_m >= 128 else 4, num_stages=2)
 
 
+# Latency-bound decode launches: all-decode, at most NARROW_MAX_PROGRAMS (sequence, KV head)
+# programs, bounded by at most NARROW_MAX_SEQ_LEN keys (a decode graph's bound is max_model_len),
+# 16-bit types at head_dim <= 128: NARROW_TILE_N-key tiles, 2 stages, one tile a segment up to
+# the count rule's 512 keys (split_plan.SHORT_TILES of 64-key tiles) and lone up to its 128.
+# H200, llama-8b heads (32 / 8 / 128), the kernel alone at bound 2048, one row (attn_gpu.py
+# --stages tail, benchmarks/RESULTS.md session 24): 129 keys 6.8 -> 6.0 us, 401 keys 7.8 -> 6.4,
+# 1,025 keys 9.9 -> 9.6 (64-key tiles: fewer, longer segments were slower still: 1 x 8 tiles
+# 13.9 us at 401 keys). Not measured past one row or a bound of 2048: hence the caps.
+NARROW_TILE_N = 32
+NARROW_MAX_PROGRAMS = 32
+NARROW_MAX_SEQ_LEN = 2048
+
+
+def narrow_decode_launch(num_seqs: int, num_kv_heads: int, queries_per_kv: int, head_dim_pad: int,
+                         max_query_len: int, max_seq_len: int, dtype: torch.dtype, num_heads: int,
+                         device: torch.device) -> tuple[TileConfig, SplitPlan] | None:
+    """The launch shape and split plan of a latency-bound decode launch (above), or None where
+    the default ones apply."""
+    if (max_query_len != 1 or num_seqs * num_kv_heads > NARROW_MAX_PROGRAMS or max_seq_len > NARROW_MAX_SEQ_LEN
+            or dtype == torch.float32 or head_dim_pad > 128):
+        return None
+    plan = choose_splits(num_seqs, num_kv_heads, 1, max_seq_len, NARROW_TILE_N, sm_count(device), num_heads,
+                         head_dim_pad)
+    if plan.num_segments > 1:   # the count rule's thresholds are in 64-key tiles
+        scale = 64 // NARROW_TILE_N
+        plan = SplitPlan(plan.num_segments, plan.tiles_per_segment, plan.short_tiles * scale,
+                         plan.lone_tiles * scale)
+    group = max(16, triton.next_power_of_2(queries_per_kv))
+    return TileConfig(block_m=group, tile_n=NARROW_TILE_N, num_warps=4, num_stages=2), plan
+
+
 # Decode launches that split merge in the kernel: the last segment of each (token, KV head) to
 # finish merges the group's partials (no reduce launch; benchmarks/RESULTS.md, session 13).
 MERGE_IN_KERNEL = True
@@ -360,7 +391,12 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     launches = [(0, num_decodes, 1, num_decodes)] if num_decodes else []
     if num_decodes < num_seqs:
         launches.append((num_decodes, num_seqs, max_query_len, num_tokens - num_decodes))
-    if num_splits is None:
+    narrow = None if num_splits is not None or tiles is not None else narrow_decode_launch(
+        num_seqs, num_kv_heads, queries_per_kv, head_dim_pad, max_query_len, max_seq_len, query.dtype, num_heads,
+        query.device)
+    if narrow is not None:
+        tiles, plan = narrow
+    elif num_splits is None:
         default = tiles or default_tile_config(queries_per_kv, head_dim_pad, max_query_len, query.dtype)
         plan = choose_splits(num_seqs, num_kv_heads, max_query_len, max_seq_len, default.tile_n,
                              sm_count(query.device), num_heads, head_dim_pad)
