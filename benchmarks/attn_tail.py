@@ -125,6 +125,11 @@ def stage_tail() -> None:
             return "1"
         if rule == "plan":
             return f"{chunk.num_segments}x{chunk.tiles_per_segment}t"
+        dtype = torch.float32 if SMOKE else torch.bfloat16
+        narrow = None if tiles else tpa.narrow_decode_launch(rows, HKV, HQ // HKV, triton.next_power_of_2(D), 1,
+                                                             bound, dtype, HQ, DEV)
+        if narrow is not None:   # the launch paged_attention picks for it (32-key tiles)
+            return f"{narrow[1].num_segments}x{narrow[1].tiles_per_segment}t_narrow"
         sp.SPLIT_RULE, sp.CHUNK_TILES = ("chunked" if rule == "reduce" else rule), chunk
         try:
             p = sp.choose_splits(rows, HKV, 1, bound, (tiles.tile_n if tiles else 64 if not SMOKE else 32),
