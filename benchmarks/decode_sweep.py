@@ -5,7 +5,7 @@ from __future__ import annotations
 from decode_common import RESULTS, SMOKE, log, stage, time_us, weight_shapes
 import torch
 
-from pagedserve.layers.triton_gemv import GemvConfig, config_for, gemv, silu_and_mul_gemv
+from pagedserve.layers.triton_gemv import GemvConfig, config_for, gemv, rms_norm_gemv, silu_and_mul_gemv
 
 
 ROLES: list[str] = []   # --roles: the sweep's matmuls (all when empty), over QUICK_CONFIGS
@@ -24,8 +24,9 @@ def sweep_configs(n: int, k: int) -> list[GemvConfig]:
     benchmarks/RESULTS.md, session 9.)"""
     if SMOKE:
         return [GemvConfig(16, 64, 4, 2), GemvConfig(8, 64, 4, 2), GemvConfig(8, 32, 4, 2)]
-    if ROLES:
-        return QUICK_CONFIGS
+    if ROLES:   # and wider slabs: fewer programs to normalise the row in a chained prologue
+        return QUICK_CONFIGS + [GemvConfig(*c) for c in ((16, 256, 4, 3), (16, 128, 4, 4), (32, 128, 4, 4),
+                                                         (32, 256, 4, 3), (16, 512, 8, 4), (32, 256, 8, 4))]
     tiles = ((4, 512), (4, 1024), (8, 256), (8, 512), (8, 1024), (16, 256), (16, 512), (32, 256))
     tiles += () if n >= 16384 else ((2, 1024), (4, 256))   # narrower slabs: more programs
     return [GemvConfig(bn, bk, w, st) for bn, bk in tiles for w, st in ((4, 4), (4, 3), (8, 4)) if bk <= k]
@@ -52,8 +53,8 @@ def check_launches(run, x: torch.Tensor, weights: list, refs: list, cfg: GemvCon
 @stage("sweep")
 def sweep(dev: torch.device, dtype: torch.dtype, models: list[str]) -> None:
     """Every launch shape of sweep_configs, compiled ahead in parallel, checked (check_launches;
-    down with its SiLU-and-mul prologue, as the model runs it, also bit for bit the unfused
-    activation then the same launch), then timed on weights cycled past the L2 in CUDA graphs;
+    down with its SiLU-and-mul prologue and, at TP=1, qkv / gate_up with the norm chain's RMSNorm
+    prologue, as the model runs them, also bit for bit the unfused kernel then the same launch), then timed on weights cycled past the L2 in CUDA graphs;
     the same bits again after the timing. Fills SWEPT."""
     from pagedserve.layers import triton_ops
     from pagedserve.worker.compile_ahead import compile_ahead
@@ -71,6 +72,11 @@ def sweep(dev: torch.device, dtype: torch.dtype, models: list[str]) -> None:
             x = torch.randn(1, 2 * k if role == "down" else k, device=dev).to(dtype)
             act = triton_ops.silu_and_mul(x) if role == "down" else x
             run = silu_and_mul_gemv if role == "down" else gemv
+            if role in ("qkv", "gate_up") and not tp:   # the norm chain's prologue, as a TP=1 model runs it
+                norm_w = (1 + 0.1 * torch.randn(k, device=dev)).to(dtype)
+                sum_sq = x.double().square().sum().reshape(1)
+                act = triton_ops.rms_norm(x, norm_w, 1e-5)
+                run = lambda x_, w, c, nw=norm_w, s=sum_sq: rms_norm_gemv(x_, nw, 1e-5, s, w, c)  # noqa: E731
             refs = [act.float() @ w.float().T for w in weights[:3]]
             if not SMOKE:
                 try:
@@ -82,9 +88,9 @@ def sweep(dev: torch.device, dtype: torch.dtype, models: list[str]) -> None:
             for cfg in configs:
                 try:
                     why = check_launches(run, x, weights[:3], refs, cfg)
-                    if why is None and role == "down" and not torch.equal(run(x, weights[0], cfg),
-                                                                          gemv(act, weights[0], cfg)):
-                        why = "the SiLU prologue differs from the activation kernel then the gemv"
+                    if why is None and run is not gemv and not torch.equal(run(x, weights[0], cfg),
+                                                                           gemv(act, weights[0], cfg)):
+                        why = "the prologue differs from its kernel (SiLU-and-mul / RMSNorm) then the gemv"
                     if why is None:
                         first = run(x, weights[0], cfg)
                         us = time_us(lambda w, c=cfg: run(x, w, c), [(w,) for w in weights])

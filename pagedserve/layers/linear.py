@@ -104,9 +104,8 @@ class LinearBase(nn.Module):
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer of norm(x + residual) (of norm(x) without one) -> (output, x + residual
         or x): a quantized layer's one launch where its LinearMethod has one, else the norm
-        (updating residual in place) and the matmul. (A float gemv with the norm in its
-        prologue was slower on the H200 than the norm kernel then the gemv, and is gone:
-        benchmarks/RESULTS.md, session 7.)"""
+        (updating residual in place) and the matmul. (A one-row forward of float
+        layers skips this: LlamaModel's norm chain takes the norm into the gemvs around it.)"""
         fused = self.quant_method.apply_normed(self, x, residual, norm) if self.bias is None else None
         if fused is not None:
             return fused

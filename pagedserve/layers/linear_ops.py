@@ -41,6 +41,22 @@ def decode_fusion() -> bool:
     return FUSE_DECODE and GEMV_MAX_ROWS > 0
 
 
+# A one-row CUDA forward of float layers chains each residual add + RMSNorm through the gemvs
+# around it (models/llama.py, triton_gemv's add_gemv / rms_norm_gemv) instead of a norm launch
+# between them; with the decode fusions. Off for A/B measurements.
+NORM_CHAIN = True
+NORM_CHAIN_ON_CPU = False   # tests: the chain's launches under Triton's interpreter on CPU (fp16)
+
+
+def set_norm_chain(on: bool) -> None:
+    global NORM_CHAIN
+    NORM_CHAIN = on
+
+
+def norm_chain() -> bool:
+    return NORM_CHAIN and decode_fusion()
+
+
 # (A one-launch decode attention, rotary + KV store + attention + split-K merge, was measured at
 # +0.8% / +0.2% of b1_decode on llama-1b / 8b, 30/40 bf16 agreement, 1.2e-7 from the generic path
 # in one of 8 shapes: deleted in session 8 as a second, inexact path; benchmarks/RESULTS.md.)

@@ -4,7 +4,15 @@ fused in front of it (its prologue), so a decode layer launches fewer kernels:
 
 - `gemv(x, w)`: plain;
 - `silu_and_mul_gemv(gate_up, w)`: silu(gate) * up computed per K slice of [gate | up], as
-  the standalone kernel rounds it (the same jit helper, layers/triton_ops.py): bit for bit.
+  the standalone kernel rounds it (the same jit helper, layers/triton_ops.py): bit for bit;
+- the norm chain, one row (models/llama.py's forward_chained): `add_gemv(x, w, residual, sum_sq)`
+  adds its output into the residual row in place and each program's share of the new row's
+  sum of squares into an fp64 scalar (atomics: the squares of 16-bit values and their sum are
+  exact in fp64, so their order cannot change the bits); `rms_norm_gemv(residual, norm_w, eps,
+  sum_sq, w)` normalises each K slice of the row from that sum as it streams: bit for bit the
+  norm kernel (layers/triton_ops.py, whose sum is fp64 too) then the gemv, and no norm launch
+  between (sessions 7 and 10 had each program reread the row, or the last one norm it, and lost
+  the launch's saving to that serial step; benchmarks/RESULTS.md, session 25).
 
 At batch 1-64 a decode step's matmuls are bound by reading the weights: every byte of w is
 read once and the arithmetic is small. Each program streams a [BLOCK_N, BLOCK_K] slab of w
@@ -34,7 +42,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from pagedserve.layers.triton_ops import _LIBDEVICE, silu_and_mul, silu_mul
+from pagedserve.layers.triton_ops import _LIBDEVICE, rms_apply, rms_inv, rms_norm, silu_and_mul, silu_mul
 
 logger = logging.getLogger(__name__)
 
@@ -61,14 +69,15 @@ MIN_WEIGHT_BYTES = 32 * 2**20
 GEMV_ANY_SHAPE_ROWS = 16
 _DTYPES = (torch.bfloat16, torch.float16)
 
-_PLAIN, _SILU = 0, 1
+_PLAIN, _SILU, _NORM = 0, 1, 2
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                  PROLOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, LIBDEVICE: tl.constexpr,
-                 SWAP: tl.constexpr = False):
+                 SWAP: tl.constexpr = False, norm_w_ptr=None, sum_in_ptr=None, sum_out_ptr=None, inv_k=1.0,
+                 eps=0.0, ADD_OUT: tl.constexpr = False):
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -77,6 +86,11 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     m_valid = offs_m[:, None] < M
     n_valid = offs_n[:, None] < N
+    if PROLOGUE == 2:   # RMSNorm of the one row x (the residual stream), its sum of squares gathered before
+        inv = rms_inv(tl.load(sum_in_ptr), inv_k, eps)
+    if ADD_OUT:   # the residual row this launch adds its output into (one row), loaded before the stream
+        res_ptrs = y_ptr + offs_n[None, :]
+        residual = tl.load(res_ptrs, mask=offs_n[None, :] < N, other=0.0)
     if BLOCK_M == 1:   # one row: per-lane FMAs over the slices, one reduction at the end
         acc_k = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     elif SWAP:   # y.T = w @ x.T: the weight slab is the MMA's tall operand, the rows its narrow one
@@ -90,6 +104,9 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
         if PROLOGUE == 1:   # SiLU-and-mul
             gate = tl.load(x_rows + cols[None, :], mask=x_mask, other=0.0)
             x = silu_mul(gate, tl.load(x_rows + K + cols[None, :], mask=x_mask, other=0.0), LIBDEVICE)
+        elif PROLOGUE == 2:   # RMSNorm, rounded as the norm kernel rounds
+            x = rms_apply(tl.load(x_rows + cols[None, :], mask=x_mask, other=0.0), inv,
+                          tl.load(norm_w_ptr + cols[None, :], mask=cols[None, :] < K, other=0.0))
         else:
             x = tl.load(x_rows + cols[None, :], mask=x_mask, other=0.0)
         w = tl.load(w_rows + cols[None, :], mask=w_mask, other=0.0)
@@ -105,8 +122,14 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     else:
         if BLOCK_M == 1:
             acc = tl.sum(acc_k, axis=1)[None, :]
-        out = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_valid & (offs_n[None, :] < N))
+        if ADD_OUT:   # residual += y as the norm kernel adds it, and the sum's share of this tile
+            h = acc.to(y_ptr.dtype.element_ty) + residual
+            tl.store(res_ptrs, h, mask=offs_n[None, :] < N)
+            hd = h.to(tl.float64)
+            tl.atomic_add(sum_out_ptr, tl.sum(tl.sum(hd * hd, axis=1), axis=0), sem="relaxed")
+        else:
+            out = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+            tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_valid & (offs_n[None, :] < N))
 
 
 @dataclass(frozen=True)
@@ -260,26 +283,57 @@ def _check(x: torch.Tensor, k: int, weight: torch.Tensor) -> None:
 _UNFIT: set[tuple[GemvConfig, int, int]] = set()
 
 
-def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None, k: int
-            ) -> torch.Tensor:
+@dataclass(frozen=True)
+class NormIn:
+    """x is the residual stream's one row, normalised in the prologue: RMSNorm(x) with `weight`
+    and `eps`, x's fp64 sum of squares in `sum_sq` ([1], added up by the launch that wrote x)."""
+    weight: torch.Tensor
+    eps: float
+    sum_sq: torch.Tensor
+
+
+@dataclass(frozen=True)
+class AddOut:
+    """The output added into `residual` ([1, N], in place, rounded as the norm kernel adds) and
+    its fp64 sum of squares into `sum_sq` ([1], zero before the launch) instead of returned."""
+    residual: torch.Tensor
+    sum_sq: torch.Tensor
+
+
+def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None, k: int,
+            norm: NormIn | None = None, add: AddOut | None = None) -> torch.Tensor:
     _check(x, k, weight)
     m, n = x.shape[0], weight.shape[0]
     config = config or config_for(m, n, k)
     block_m = 1 if m == 1 else max(16, triton.next_power_of_2(m))
-    if (config, block_m, prologue) not in _UNFIT:
-        y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    key = (config, block_m, prologue, add is not None)
+    if key not in _UNFIT:
+        y = torch.empty((m, n), dtype=x.dtype, device=x.device) if add is None else add.residual
+        extra = {} if norm is None and add is None else dict(
+            norm_w_ptr=norm.weight if norm else None, sum_in_ptr=norm.sum_sq if norm else None,
+            sum_out_ptr=add.sum_sq if add else None, inv_k=1.0 / k, eps=norm.eps if norm else 0.0,
+            ADD_OUT=add is not None)
         try:   # (the resource check comes before the launch: nothing is enqueued when it fails)
             _gemv_kernel[(triton.cdiv(n, config.block_n),)](
                 x, weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
                 PROLOGUE=prologue, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                 EVEN_K=k % config.block_k == 0, NUM_STAGES=config.num_stages, LIBDEVICE=_LIBDEVICE,
-                SWAP=config.swap and m > 1, num_warps=config.num_warps)
+                SWAP=config.swap and m > 1, num_warps=config.num_warps, **extra)
             return y
         except OutOfResources as exc:
-            _UNFIT.add((config, block_m, prologue))
+            _UNFIT.add(key)
             logger.warning("gemv launch %s for %d rows does not fit this GPU (%s): torch's matmul instead",
                            config, m, exc)
-    return F.linear(x if prologue == _PLAIN else silu_and_mul(x), weight)
+    if prologue == _NORM:
+        x = rms_norm(x, norm.weight, norm.eps)
+    elif prologue == _SILU:
+        x = silu_and_mul(x)
+    y = F.linear(x, weight)
+    if add is None:
+        return y
+    add.residual.add_(y)
+    add.sum_sq.add_(add.residual.double().square().sum())
+    return add.residual
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
@@ -296,3 +350,38 @@ def silu_and_mul_gemv(gate_up: torch.Tensor, weight: torch.Tensor, config: GemvC
     if gate_up.dim() != 2 or gate_up.shape[-1] % 2:
         raise ValueError(f"silu_and_mul_gemv: gate_up must be [M, 2K]; got {tuple(gate_up.shape)}")
     return _launch(_SILU, gate_up, weight, config, gate_up.shape[-1] // 2)
+
+
+def _check_chain(x: torch.Tensor, sum_sq: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+    if x.shape[0] != 1 or not (sum_sq.dtype == torch.float64 and sum_sq.numel() == 1 and sum_sq.device == x.device):
+        raise ValueError(f"norm chain: one row and an fp64 sum of squares [1] on its device; got x "
+                         f"{tuple(x.shape)}, sum_sq {tuple(sum_sq.shape)} {sum_sq.dtype}")
+    if rows is not None and not (rows.dim() == 2 and rows.shape[0] == 1 and rows.dtype == x.dtype
+                                 and rows.stride(1) == 1 and rows.device == x.device):
+        raise ValueError(f"norm chain: residual must be one contiguous row in x's dtype; got {tuple(rows.shape)} "
+                         f"{rows.dtype}")
+
+
+def rms_norm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, sum_sq: torch.Tensor,
+                  weight: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
+    """RMSNorm(x) @ weight.T for one row x, whose fp64 sum of squares `sum_sq` ([1]) the launch that
+    wrote x added up (add_gemv): bit for bit the norm kernel then the gemv. Mutates nothing."""
+    _check_chain(x, sum_sq)
+    if norm_weight.shape != (x.shape[1],) or norm_weight.dtype != x.dtype or not norm_weight.is_contiguous():
+        raise ValueError(f"rms_norm_gemv: norm_weight must be [{x.shape[1]}] in x's dtype; got "
+                         f"{tuple(norm_weight.shape)} {norm_weight.dtype}")
+    return _launch(_NORM, x, weight, config, x.shape[-1], norm=NormIn(norm_weight, eps, sum_sq))
+
+
+def add_gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, sum_sq: torch.Tensor,
+             silu: bool = False, config: GemvConfig | None = None) -> torch.Tensor:
+    """residual += x @ weight.T (silu(gate) * up of x = [gate | up] with `silu`) for one row, in
+    place, rounded as the norm kernel's residual add; adds the new row's fp64 sum of squares into
+    `sum_sq` (zero before, [1]) for the next launch's rms_norm_gemv. Returns residual."""
+    _check_chain(x, sum_sq, residual)
+    if residual.shape[1] != weight.shape[0]:
+        raise ValueError(f"add_gemv: residual has {residual.shape[1]} columns, the weight {weight.shape[0]} rows")
+    k = x.shape[-1] // 2 if silu else x.shape[-1]
+    if silu and x.shape[-1] % 2:
+        raise ValueError(f"add_gemv: gate_up must be [1, 2K]; got {tuple(x.shape)}")
+    return _launch(_SILU if silu else _PLAIN, x, weight, config, k, add=AddOut(residual, sum_sq))

@@ -4,8 +4,10 @@ shapes, dtypes and strides; the torch layers call these only for CUDA tensors.
 
 Arithmetic follows transformers' rounding points, so that bf16 / fp16 outputs match the
 torch ops bit for bit where the order of a reduction allows it:
-- RMSNorm: statistics in fp32 (the mean as sum * (1/n), as torch's mean kernel), the
-  normalised row cast to the input dtype before the weight multiply (LlamaRMSNorm);
+- RMSNorm: the sum of squares in fp64 (exact for 16-bit rows, so independent of the order of
+  the sum: triton_gemv's norm chain gathers it across programs), the mean and 1/rms in fp32
+  (sum * (1/n) + eps, as torch's mean kernel), the normalised row cast to the input dtype
+  before the weight multiply (LlamaRMSNorm);
 - SiLU: x / (1 + exp(-x)) in fp32 with IEEE exp and division (torch's silu kernel), rounded,
   then the product with `up` rounded;
 - rotary: q*cos and rotate_half(q)*sin each rounded to the input dtype, then their sum
@@ -29,6 +31,21 @@ _LIBDEVICE = os.environ.get("TRITON_INTERPRET") != "1"
 
 
 @triton.jit
+def rms_inv(sum_sq, inv_n, eps):
+    """1 / rms from a row's sum of squares, summed in fp64: the squares of 16-bit values are exact
+    there and so is their sum, in any order, while it spans fewer than ~37 binades; so a sum
+    gathered across a gemv's programs (triton_gemv's norm chain) gives the norm kernel's bits."""
+    return tl.rsqrt(tl.fma(sum_sq.to(tl.float32), inv_n, eps))
+
+
+@triton.jit
+def rms_apply(x, inv, weight):
+    """LlamaRMSNorm's two rounding points: x * 1/rms, then times the weight."""
+    normed = (x.to(tl.float32) * inv).to(x.dtype)
+    return (normed * weight).to(x.dtype)
+
+
+@triton.jit
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, x_stride, res_stride, out_stride, n_cols, inv_n, eps,
                      HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
@@ -41,10 +58,9 @@ def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, x_stride, res_str
     if HAS_RESIDUAL:
         x = x + tl.load(residual_ptr + row * res_stride + cols, mask=mask, other=0.0)
         tl.store(residual_ptr + row * res_stride + cols, x, mask=mask)
-    xf = x.to(tl.float32)
-    inv = tl.rsqrt(tl.sum(xf * xf, axis=0) * inv_n + eps)
-    normed = (xf * inv).to(x.dtype)   # LlamaRMSNorm's two rounding points: x * 1/rms, then times the weight
-    tl.store(out_ptr + row * out_stride + cols, (normed * weight).to(x.dtype), mask=mask)
+    xd = x.to(tl.float64)
+    inv = rms_inv(tl.sum(xd * xd, axis=0), inv_n, eps)
+    tl.store(out_ptr + row * out_stride + cols, rms_apply(x, inv, weight), mask=mask)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None

@@ -20,6 +20,7 @@ from pagedserve.layers.attention import Attention
 from pagedserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from pagedserve.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
                                       default_weight_loader)
+from pagedserve.layers.linear_ops import norm_chain
 from pagedserve.layers.norm import RMSNorm
 from pagedserve.layers.parallel import is_first_stage, is_last_stage, pp_rank, pp_world_size, stage_layers
 from pagedserve.layers.quantization.gguf import cpu_decode_stack, cpu_final_norm
@@ -52,6 +53,10 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """qkv: this layer's qkv_proj output (the decoder layer fuses the norm before it)."""
+        return self.o_proj(self.attend(positions, qkv, meta))
+
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The attention output before o_proj [T, heads * head_dim]."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         num_tokens = qkv.shape[0]
         unnormed = getattr(qkv, "w4a16_unnormed", None)   # a W4A16 hand-off: the norm's rsqrt still to apply
@@ -62,8 +67,7 @@ class LlamaAttention(nn.Module):
         if self.qk_norm:
             q = self.q_norm(q)
             k = self.k_norm(k)
-        out = self.attn(q, k, v, meta, rotary=(self.rotary, positions), unnormed=unnormed)
-        return self.o_proj(out)
+        return self.attn(q, k, v, meta, rotary=(self.rotary, positions), unnormed=unnormed)
 
 
 class LlamaMLP(nn.Module):
@@ -99,6 +103,23 @@ class LlamaDecoderLayer(nn.Module):
         gate_up, residual = self.mlp.gate_up_proj.forward_normed(hidden, residual, self.post_attention_layernorm)
         return self.mlp(gate_up), residual
 
+    def forward_chained(self, positions: torch.Tensor, qkv: torch.Tensor, residual: torch.Tensor,
+                        meta: AttentionMetadata, sums: torch.Tensor, next_norm: RMSNorm | None,
+                        next_qkv: nn.Module | None) -> torch.Tensor | None:
+        """One row through this layer with its norms chained through the gemvs (LlamaModel.
+        plan_norm_chain): qkv is this layer's qkv_proj output; o_proj and down_proj add into
+        `residual` in place and sum its squares into sums[0] / sums[1] (zero before), which
+        gate_up's and the next layer's qkv prologue read. Returns the next layer's qkv (None
+        for the last layer)."""
+        from pagedserve.layers.triton_gemv import add_gemv, rms_norm_gemv
+        attn, mlp, norm = self.self_attn, self.mlp, self.post_attention_layernorm
+        add_gemv(attn.attend(positions, qkv, meta), attn.o_proj.weight, residual, sums[0:1])
+        gate_up = rms_norm_gemv(residual, norm.weight, norm.eps, sums[0:1], mlp.gate_up_proj.weight)
+        add_gemv(gate_up, mlp.down_proj.weight, residual, sums[1:2], silu=True)
+        if next_norm is None:
+            return None
+        return rms_norm_gemv(residual, next_norm.weight, next_norm.eps, sums[1:2], next_qkv.weight)
+
 
 Intermediate = tuple[torch.Tensor, torch.Tensor]   # (hidden, residual) between pipeline stages
 
@@ -124,6 +145,41 @@ class LlamaModel(nn.Module):
         if self.last:
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
         self.handoff: torch.Tensor | None = None   # w4a16_handoff's workspace (plan_handoffs)
+        self.norm_sums: torch.Tensor | None = None   # the norm chain's fp64 sums (plan_norm_chain)
+
+    def plan_norm_chain(self) -> None:
+        """Whether a one-row forward chains its norms through the gemvs (LlamaDecoderLayer.
+        forward_chained): on CUDA, one pipeline stage, no tensor parallelism (a row-parallel
+        output is all-reduced before the add), every linear float bf16 / fp16 without a bias. Each
+        layer's two sums of squares live in one fp64 buffer, zeroed by the forward (one memset
+        inside the decode graph)."""
+        from pagedserve.layers import linear_ops
+        from pagedserve.layers.parallel import tp_world_size
+        self.norm_sums = None
+        layers = self.own_layers
+        if not (self.first and self.last and layers and tp_world_size() == 1):
+            return
+        linears = [lin for layer in layers for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                                                       layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+        if all(type(lin.quant_method) is UnquantizedLinearMethod and lin.bias is None
+               and (lin.weight.is_cuda or linear_ops.NORM_CHAIN_ON_CPU)
+               and lin.weight.dtype in (torch.bfloat16, torch.float16) and lin.weight.stride(1) == 1
+               for lin in linears):
+            self.norm_sums = torch.zeros(2 * len(layers), dtype=torch.float64, device=linears[0].weight.device)
+
+    def _forward_chained(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata
+                         ) -> torch.Tensor:
+        """One row with the norms chained through the gemvs: the first layer's input norm and the
+        final norm stay norm launches."""
+        layers, sums = self.own_layers, self.norm_sums
+        sums.zero_()
+        residual = hidden
+        qkv = layers[0].self_attn.qkv_proj(layers[0].input_layernorm(hidden))
+        for i, layer in enumerate(layers):
+            nxt = layers[i + 1] if i + 1 < len(layers) else None
+            qkv = layer.forward_chained(positions, qkv, residual, meta, sums[2 * i:2 * i + 2],
+                                        nxt.input_layernorm if nxt else None, nxt.self_attn.qkv_proj if nxt else None)
+        return self.norm(residual)
 
     def plan_handoffs(self) -> None:
         """The one-row W4A16 hand-offs between this stage's linears (w4a16_handoff.py); the
@@ -142,6 +198,8 @@ class LlamaModel(nn.Module):
         else:
             hidden, residual = intermediate
         layers, norm = self.own_layers, self.norm if self.last else None
+        if self.norm_sums is not None and input_ids.shape[0] == 1 and norm_chain():
+            return self._forward_chained(positions, hidden, meta)
         if self.handoff is not None and input_ids.shape[0] == 1:
             self.handoff.zero_()   # the one-row W4A16 launches add into it
         if not hidden.is_cuda and (out := cpu_decode_stack(layers, positions, hidden, residual, meta, norm)) is not None:
@@ -183,6 +241,7 @@ class LlamaForCausalLM(nn.Module):
     def after_weights_loaded(self) -> None:
         """Called by the loader once every linear's weights are in their kernel layout."""
         self.model.plan_handoffs()
+        self.model.plan_norm_chain()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """[N, H] -> [N, vocab] on rank 0 (None on other ranks)."""

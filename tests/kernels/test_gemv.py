@@ -7,8 +7,9 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from pagedserve.layers.triton_gemv import GemvConfig, gemv, silu_and_mul_gemv, use_gemv  # noqa: E402
-from pagedserve.layers.triton_ops import silu_and_mul  # noqa: E402
+from pagedserve.layers.triton_gemv import (GemvConfig, add_gemv, gemv, rms_norm_gemv,  # noqa: E402
+                                           silu_and_mul_gemv, use_gemv)
+from pagedserve.layers.triton_ops import rms_norm, silu_and_mul  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Triton's CPU interpreter mishandles bfloat16 loads/stores: bf16 runs on the GPU machine only.
@@ -160,6 +161,48 @@ def test_silu_and_mul_gemv(m: int, n: int, k: int, dtype: torch.dtype) -> None:
     torch.testing.assert_close(y, (act.float() @ w.float().T).to(dtype), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden,inner,silu", [(96, 256, False), (100, 300, True), (64, 512, True)])
+def test_norm_chain_is_the_norm_kernel_bit_for_bit(hidden: int, inner: int, silu: bool, dtype: torch.dtype) -> None:
+    """add_gemv (o / down: the output added into the residual row, its fp64 sum of squares gathered
+    across the programs) then rms_norm_gemv (the next qkv / gate_up: RMSNorm in the prologue from
+    that sum): the same bits as the gemv, the norm kernel with its residual add, and the gemv."""
+    gen = torch.Generator().manual_seed(hidden + inner)
+    x = torch.randn(1, 2 * inner if silu else inner, generator=gen).to(DEVICE, dtype)
+    w_out = (torch.randn(hidden, inner, generator=gen) * 0.05).to(DEVICE, dtype)
+    w_next = (torch.randn(2 * inner, hidden, generator=gen) * 0.05).to(DEVICE, dtype)
+    norm_w = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(DEVICE, dtype)
+    residual0 = (3 * torch.randn(1, hidden, generator=gen)).to(DEVICE, dtype)
+
+    y = silu_and_mul_gemv(x, w_out, SMALL) if silu else gemv(x, w_out, SMALL)
+    residual_ref = residual0.clone()
+    next_ref = gemv(rms_norm(y, norm_w, 1e-5, residual_ref), w_next, SMALL)
+
+    residual = residual0.clone()
+    sum_sq = torch.zeros(1, dtype=torch.float64, device=DEVICE)
+    assert add_gemv(x, w_out, residual, sum_sq, silu=silu, config=SMALL) is residual
+    assert torch.equal(residual, residual_ref)
+    assert sum_sq.item() == residual.double().square().sum().item()
+    assert torch.equal(rms_norm_gemv(residual, norm_w, 1e-5, sum_sq, w_next, SMALL), next_ref)
+    assert torch.equal(residual, residual_ref)   # the prologue only reads it
+
+
+def test_norm_chain_rejects_bad_input() -> None:
+    w = torch.zeros(8, 64, dtype=torch.float16, device=DEVICE)
+    row = torch.zeros(1, 64, dtype=torch.float16, device=DEVICE)
+    sum_sq = torch.zeros(1, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match="one row"):
+        rms_norm_gemv(torch.zeros(2, 64, dtype=torch.float16, device=DEVICE), row[0], 1e-5, sum_sq, w)
+    with pytest.raises(ValueError, match="fp64"):
+        rms_norm_gemv(row, row[0], 1e-5, sum_sq.float(), w)
+    with pytest.raises(ValueError, match="norm_weight"):
+        rms_norm_gemv(row, row[0, :32], 1e-5, sum_sq, w)
+    with pytest.raises(ValueError, match="residual"):
+        add_gemv(row, w, torch.zeros(1, 8, dtype=torch.float32, device=DEVICE), sum_sq)
+    with pytest.raises(ValueError, match="columns"):
+        add_gemv(row, w, torch.zeros(1, 16, dtype=torch.float16, device=DEVICE), sum_sq)
+
+
 def test_prologue_launchers_reject_bad_input() -> None:
     w = torch.zeros(8, 64, dtype=torch.float16, device=DEVICE)
     with pytest.raises(ValueError, match="rows"):
@@ -172,16 +215,19 @@ def test_prologue_launchers_reject_bad_input() -> None:
 
 _COMPILE_FOR_SM90 = """
 from pagedserve.layers.triton_gemv import _gemv_kernel
-for prologue, block_m, swap in [(0, 1, False), (0, 16, False), (1, 1, False), (0, 32, False), (0, 64, True),
-                                (0, 16, True)]:
+for prologue, block_m, swap, add in [(0, 1, False, False), (0, 16, False, False), (1, 1, False, False),
+                                     (0, 32, False, False), (0, 64, True, False), (0, 16, True, False),
+                                     (2, 1, False, False), (0, 1, False, True), (1, 1, False, True)]:
     build(_gemv_kernel, dict(PROLOGUE=prologue, BLOCK_M=block_m, BLOCK_N=8 if block_m == 1 else 64,
-                             BLOCK_K=256, EVEN_K=False, NUM_STAGES=4, LIBDEVICE=True, SWAP=swap), {})
+                             BLOCK_K=256, EVEN_K=False, NUM_STAGES=4, LIBDEVICE=True, SWAP=swap, ADD_OUT=add),
+          dict(sum_in_ptr="*fp64", sum_out_ptr="*fp64"))
 """
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU tests compile these kernels for the device itself")
 def test_kernels_compile_for_sm90() -> None:
-    """Every gemv variant to a cubin for sm_90 (tests/kernels/sm90_compile.py)."""
+    """Every gemv variant to a cubin for sm_90 (tests/kernels/sm90_compile.py), the norm chain's too
+    (RMSNorm prologue; the residual add and the fp64 atomic sum in the epilogue)."""
     pytest.importorskip("triton.backends.nvidia")
     from tests.kernels.sm90_compile import run
     proc = run(_COMPILE_FOR_SM90)

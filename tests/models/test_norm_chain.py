@@ -1,0 +1,56 @@
+"""The one-row norm chain (models/llama.py's forward_chained, triton_gemv's add_gemv /
+rms_norm_gemv) through a whole model: a tiny fp16 llama decodes one sequence with each residual
+add + RMSNorm taken into the gemvs around it (under Triton's interpreter on CPU; natively, in
+CUDA graphs, on a GPU) against the same model with norm launches. On a GPU both paths run the
+same gemv launches (the tiny shapes put in its table): the same bits; on CPU the unchained path
+is torch's ops."""
+from __future__ import annotations
+
+import torch
+
+from pagedserve import LLM, SamplingParams
+from pagedserve.layers import linear_ops, triton_gemv
+from tests.helpers import write_tiny_checkpoint
+
+PROMPT = [5, 17, 301, 42, 7, 99]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _decode(path: str, chain: bool, monkeypatch) -> tuple[list[int], list[float], LLM]:
+    monkeypatch.setattr(linear_ops, "NORM_CHAIN_ON_CPU", True)
+    monkeypatch.setattr(linear_ops, "NORM_CHAIN", chain)
+    # the tiny model's shapes in the one-row table: unchained, its linears take the same launches
+    monkeypatch.setattr(triton_gemv, "CONFIGS", {**triton_gemv.CONFIGS, **{
+        shape: triton_gemv.GemvConfig(16, 64, 4, 2) for shape in ((128, 64), (64, 64), (256, 64), (64, 128))}})
+    llm = LLM(model=path, device=DEVICE, dtype="float16", skip_tokenizer_init=True, max_model_len=64,
+              max_logprobs=-1, num_kv_blocks=16)
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=-1)
+    out = llm.generate([{"prompt_token_ids": PROMPT}], params, use_tqdm=False)[0].outputs[0]
+    return list(out.token_ids), [step[t].logprob for step, t in zip(out.logprobs, out.token_ids)], llm
+
+
+def test_chained_decode_equals_the_norm_launches(tmp_path, monkeypatch):
+    path = write_tiny_checkpoint(str(tmp_path), "llama", seed=3)
+    ids, logprobs, llm = _decode(path, True, monkeypatch)
+    model = llm.engine.core.executor.runner.model.model
+    # two sums a layer; the last step's are still there (the forward zeroes them first): each layer's
+    # second is the sum of squares of the residual row the next layer (the final norm) takes
+    assert model.norm_sums is not None and model.norm_sums.shape == (4,) and bool((model.norm_sums > 0).all())
+    llm.shutdown()
+    ref_ids, ref_logprobs, ref_llm = _decode(path, False, monkeypatch)
+    ref_llm.shutdown()
+    assert ids == ref_ids
+    if DEVICE == "cuda":
+        assert logprobs == ref_logprobs
+    else:
+        torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(ref_logprobs), rtol=0, atol=2e-2)
+
+
+def test_a_layer_with_a_bias_does_not_chain(tmp_path, monkeypatch):
+    """qwen2's qkv bias: its norms stay launches (the gemv has no bias)."""
+    monkeypatch.setattr(linear_ops, "NORM_CHAIN_ON_CPU", True)
+    path = write_tiny_checkpoint(str(tmp_path), "qwen2", seed=1)
+    llm = LLM(model=path, device=DEVICE, dtype="float16", skip_tokenizer_init=True, max_model_len=64,
+              num_kv_blocks=16)
+    assert llm.engine.core.executor.runner.model.model.norm_sums is None
+    llm.shutdown()
