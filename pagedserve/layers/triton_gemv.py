@@ -147,16 +147,20 @@ DEFAULT_CONFIG = GemvConfig()   # M > 1: tl.dot on the rows padded to 16 / 32 / 
 # launch shapes a weight; benchmarks/gpu/2026-12-01-h200-s9-gemv22/): against session 8's table
 # the llama-1b decode replay 0.977 vs 0.986 / 0.986 ms, llama-8b 4.267 vs 4.273 / 4.292 ms in one
 # process; on each of these shapes the gemv beat cuBLAS (1.0-1.4x), so plain matmuls of these
-# shapes take the gemv at one row whatever the weight's size
+# shapes take the gemv at one row whatever the weight's size. "norm chain": re-swept with the RMSNorm
+# prologue they run with at TP=1 (session 25, `decode_gpu.py --stages sweep,models --roles qkv,gate_up
+# --variants default,swept,default2`, benchmarks/gpu/2026-12-03-h200-s25/sweep/): wider slabs, fewer
+# programs normalising the row; replay llama-8b 3.973 / 3.976 -> 3.955 ms, llama-1b 0.863 / 0.865 ->
+# 0.854 ms in one process (llama-1b qkv kept: the quick grid's best lost to it)
 CONFIGS: dict[tuple[int, int], GemvConfig] = {
     (3072, 2048): GemvConfig(4, 512, 4, 3),      # llama-1b qkv
     (2048, 2048): GemvConfig(4, 512, 4, 3),      # llama-1b o
-    (16384, 2048): GemvConfig(4, 512, 4, 3),     # llama-1b gate_up
+    (16384, 2048): GemvConfig(32, 256, 4, 3),    # llama-1b gate_up (norm chain)
     (2048, 8192): GemvConfig(8, 1024, 4, 3),     # llama-1b down
     (128256, 2048): GemvConfig(8, 512, 4, 3),    # llama-1b lm_head
-    (6144, 4096): GemvConfig(8, 256, 4, 4),      # llama-8b qkv
+    (6144, 4096): GemvConfig(16, 256, 4, 4),     # llama-8b qkv (norm chain)
     (4096, 4096): GemvConfig(4, 512, 4, 3),      # llama-8b o
-    (28672, 4096): GemvConfig(8, 256, 4, 3),     # llama-8b gate_up
+    (28672, 4096): GemvConfig(16, 256, 4, 3),    # llama-8b gate_up (norm chain)
     (4096, 14336): GemvConfig(16, 512, 4, 4),    # llama-8b down
     (128256, 4096): GemvConfig(8, 1024, 4, 4),   # llama-8b lm_head
     # one rank's shards under tensor parallelism (columns of qkv, gate_up and the vocabulary split,
