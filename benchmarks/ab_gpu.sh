@@ -10,6 +10,8 @@
 #   fusedmax thr512 (thr_spread.py, llama-1b then llama-8b) with this tree at fused_decode_max_seqs
 #           FUSED_MAX_A then _B (default 64: the layer's path before
 #           session 24; 512), one process each, alternating, PAIRS times (~40-70 s each)
+#   thr     thr512 (thr_spread.py, THR_MODELS: llama-1b then llama-8b) before and now, one process
+#           each, alternating, PAIRS times (~40-70 s each)
 #   tail    attn_gpu.py's tail stage with this tree at llama-8b's then llama-1b's heads: TAIL_SHAPES
 #           (default the one-row shapes, bounds 2048 to 32768, and 4 / 16 rows at 400 keys), TAIL_PLANS forced beside the
 #           default (default: the 64-key-tile plan of main before session 24's narrow launch, and the
@@ -61,6 +63,21 @@ if [[ $STEPS == *fusedmax* ]]; then
         timeout 150 python3 benchmarks/thr_spread.py "$OUT/thr_${model}_${m}_$i" --runs 1 --no-smi --model $model \
           --fused-max $m > "$OUT/thr_${model}_${m}_$i.txt" 2>&1
         echo "thr $model fused_max=$m run $i rc=$? $(( $(date +%s) - T0 )) s: $(grep -o '"out_tok_s": [0-9.]*\|"decode_span_s": [0-9.]*\|"gpu_span_s": [0-9.]*' "$OUT/thr_${model}_${m}_$i.txt" | tr '\n' ' ')"
+      done
+    done
+  done
+fi
+if [[ $STEPS == *thr* ]]; then
+  # from a directory whose "." holds no pagedserve (thr_spread.py puts "." first on sys.path)
+  mkdir -p /tmp/thr_wd && ln -sfn "$PWD/.devcarry" /tmp/thr_wd/.devcarry
+  for model in ${THR_MODELS:-llama-1b llama-8b}; do
+    for i in $(seq ${PAIRS:-2}); do
+      for v in before now; do
+        late && break 3
+        p=$(path_of $v); repo=$PWD
+        (cd /tmp/thr_wd && PYTHONPATH=$p timeout 150 python3 "$repo/benchmarks/thr_spread.py" \
+          "$OUT/thr_${model}_${v}_$i" --runs 1 --no-smi --model $model > "$OUT/thr_${model}_${v}_$i.txt" 2>&1)
+        echo "thr $model $v run $i rc=$? $(( $(date +%s) - T0 )) s: $(grep -o '"out_tok_s": [0-9.]*\|"decode_span_s": [0-9.]*\|"gpu_span_s": [0-9.]*' "$OUT/thr_${model}_${v}_$i.txt" | tr '\n' ' ')"
       done
     done
   done

@@ -5,7 +5,7 @@ from __future__ import annotations
 from decode_common import RESULTS, SMOKE, log, stage, time_us, weight_shapes
 import torch
 
-from pagedserve.layers.triton_gemv import GemvConfig, config_for, gemv, rms_norm_gemv, silu_and_mul_gemv
+from pagedserve.layers.triton_gemv import GemvConfig, config_for, gemv, silu_and_mul_gemv
 
 
 ROLES: list[str] = []   # --roles: the sweep's matmuls (all when empty), over QUICK_CONFIGS
@@ -73,6 +73,7 @@ def sweep(dev: torch.device, dtype: torch.dtype, models: list[str]) -> None:
             act = triton_ops.silu_and_mul(x) if role == "down" else x
             run = silu_and_mul_gemv if role == "down" else gemv
             if role in ("qkv", "gate_up") and not tp:   # the norm chain's prologue, as a TP=1 model runs it
+                from pagedserve.layers.triton_gemv import rms_norm_gemv   # (here: ab_gpu.sh runs older trees)
                 norm_w = (1 + 0.1 * torch.randn(k, device=dev)).to(dtype)
                 sum_sq = x.double().square().sum().reshape(1)
                 act = triton_ops.rms_norm(x, norm_w, 1e-5)
