@@ -104,21 +104,22 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(gate_up), residual
 
     def forward_chained(self, positions: torch.Tensor, qkv: torch.Tensor, residual: torch.Tensor,
-                        meta: AttentionMetadata, sums: torch.Tensor, next_norm: RMSNorm | None,
-                        next_qkv: nn.Module | None) -> torch.Tensor | None:
+                        meta: AttentionMetadata, sums: torch.Tensor, nxt: "LlamaDecoderLayer | None"
+                        ) -> torch.Tensor | None:
         """One row through this layer with its norms chained through the gemvs (LlamaModel.
         plan_norm_chain): qkv is this layer's qkv_proj output; o_proj and down_proj add into
         `residual` in place and sum its squares into sums[0] / sums[1] (zero before), which
-        gate_up's and the next layer's qkv prologue read. Returns the next layer's qkv (None
+        gate_up's and the next layer's (`nxt`) qkv prologue read. Returns that layer's qkv (None
         for the last layer)."""
         from pagedserve.layers.triton_gemv import add_gemv, rms_norm_gemv
         attn, mlp, norm = self.self_attn, self.mlp, self.post_attention_layernorm
         add_gemv(attn.attend(positions, qkv, meta), attn.o_proj.weight, residual, sums[0:1])
         gate_up = rms_norm_gemv(residual, norm.weight, norm.eps, sums[0:1], mlp.gate_up_proj.weight)
         add_gemv(gate_up, mlp.down_proj.weight, residual, sums[1:2], silu=True)
-        if next_norm is None:
+        if nxt is None:
             return None
-        return rms_norm_gemv(residual, next_norm.weight, next_norm.eps, sums[1:2], next_qkv.weight)
+        norm = nxt.input_layernorm
+        return rms_norm_gemv(residual, norm.weight, norm.eps, sums[1:2], nxt.self_attn.qkv_proj.weight)
 
 
 Intermediate = tuple[torch.Tensor, torch.Tensor]   # (hidden, residual) between pipeline stages
@@ -177,8 +178,7 @@ class LlamaModel(nn.Module):
         qkv = layers[0].self_attn.qkv_proj(layers[0].input_layernorm(hidden))
         for i, layer in enumerate(layers):
             nxt = layers[i + 1] if i + 1 < len(layers) else None
-            qkv = layer.forward_chained(positions, qkv, residual, meta, sums[2 * i:2 * i + 2],
-                                        nxt.input_layernorm if nxt else None, nxt.self_attn.qkv_proj if nxt else None)
+            qkv = layer.forward_chained(positions, qkv, residual, meta, sums[2 * i:2 * i + 2], nxt)
         return self.norm(residual)
 
     def plan_handoffs(self) -> None:
