@@ -6,6 +6,7 @@ import json
 import sys
 
 import torch
+from decode_common import replay_ms   # (beside this file)
 
 from pagedserve.layers.triton_ops import rms_norm
 
@@ -24,14 +25,7 @@ def main() -> None:
                 for i in range(50):
                     rms_norm(xs[i % 8], w, 1e-5, res[i % 8])
             graph.replay()
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(20):
-                graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            us = start.elapsed_time(end) * 1000 / (20 * 50)
+            us = replay_ms(graph, 20) * 1000 / 50
             print(json.dumps({"label": label, "hidden": hidden, "rows": rows, "us": round(us, 2),
                               "gb_s": round(rows * hidden * 2 * 4 / us / 1e3, 1)}), flush=True)
 
