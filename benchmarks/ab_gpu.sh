@@ -2,7 +2,8 @@
 # Issue 22, one nvidia-h200 call: this tree ("now") against the package in $BEFORE ("before"), each
 # in its own process, alternating, for a change to the decode kernels. STEPS (default tests,sweep,models), in order:
 #   tests   the kernel tests on the GPU with this tree (bit for bit against the references; ~1-2 min)
-#           (TESTS_K: a pytest -k filter; TESTS_S: its timeout, 200 s: the whole two files take longer)
+#           (TESTS_FILES: the files instead of the paged-attention and store tests; TESTS_K: a pytest -k
+#           filter; TESTS_S: its timeout, 200 s: the whole two files take longer)
 #   sweep   benchmarks/fused_decode_sweep.py: one layer's decode attention, fused (rotary + store in
 #           the launch) vs rotary_store_kv + the plain launch, 1-512 rows, us a layer (~30 s each)
 #   models  decode_gpu.py --stages models on llama-8b and llama-1b: b1_decode, the bs-1 decode replay
@@ -32,7 +33,7 @@ path_of() { if [ "$1" = before ]; then echo "$PWD/$BEFORE:$PWD"; else echo "$PWD
 for v in before now; do p=$(path_of $v); (cd /tmp && PYTHONPATH=$p python3 -c "import pagedserve, os; print('$v', os.path.dirname(pagedserve.__file__))"); done
 if [[ $STEPS == *tests* ]]; then
   timeout ${TESTS_S:-200} python3 -m pytest -q -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} \
-    tests/kernels/test_paged_attention.py tests/kernels/test_store_kv.py \
+    ${TESTS_FILES:-tests/kernels/test_paged_attention.py tests/kernels/test_store_kv.py} \
     > "$OUT/tests.txt" 2>&1
   echo "tests rc=$? $(( $(date +%s) - T0 )) s: $(tail -1 "$OUT/tests.txt")"
 fi

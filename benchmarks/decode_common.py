@@ -82,3 +82,36 @@ def time_us(fn, args_list) -> float:
         return (time.perf_counter() - t0) * 1e6
     from gemv_sweep import time_us as graph_time_us
     return graph_time_us(lambda args: fn(*args), args_list)
+
+
+def set_decode_inputs(graphs, rows: int, ctx: int | None, per_row: int = 0) -> dict:
+    """The decode graph of `rows` rows set to replay at context `ctx` (each row's keys in its own
+    blocks, distinct ids; nothing stored: slot -1; no token fed from the sampled ids), or with
+    ctx None back to padding rows (seq_len 1, block row 0). Its static inputs: DecodeStatics'
+    views of the bucket (session 26 on), else the runner's shared tensors (before)."""
+    import torch
+    if hasattr(graphs, "decode"):
+        v = graphs.decode.views(rows)
+    else:
+        v = dict(seq_lens=graphs.seq_lens[:rows], positions=graphs.positions[:rows],
+                 slot_mapping=graphs.slot_mapping[:rows], input_ids=graphs.input_ids[:rows],
+                 block_tables=graphs.block_tables[:rows])
+    if ctx is None:
+        v["seq_lens"].fill_(1)
+        v["block_tables"].zero_()
+        return v
+    v["seq_lens"].fill_(ctx + 1)
+    v["positions"].fill_(ctx)
+    v["slot_mapping"].fill_(-1)
+    if "feed" in v:
+        v["feed"].fill_(-1)
+    v["input_ids"].copy_(torch.arange(100, 100 + rows, device=v["input_ids"].device))
+    v["block_tables"][:, :per_row] = torch.randperm(rows * per_row, device=v["block_tables"].device,
+                                                    dtype=torch.int32).view(rows, per_row)
+    return v
+
+
+def decode_context(graphs) -> int:
+    """The bs-1 decode graph's seq_len as the last step left it (the context it ran at)."""
+    v = graphs.decode.views(1) if hasattr(graphs, "decode") else dict(seq_lens=graphs.seq_lens)
+    return int(v["seq_lens"][0].item())

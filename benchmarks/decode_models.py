@@ -9,7 +9,8 @@ import os
 import time
 import traceback
 
-from decode_common import HBM_TB_S, RESULTS, SHAPES, SMOKE, TIED, log, replay_ms, stage, weight_shapes
+from decode_common import (HBM_TB_S, RESULTS, SHAPES, SMOKE, TIED, decode_context, log, replay_ms, set_decode_inputs,
+                           stage, weight_shapes)
 from decode_sweep import SWEPT
 import torch
 
@@ -221,7 +222,7 @@ def run_engine(dev: torch.device, model: str, variant: str, thr512: bool, label:
     res["ids"] = list(second[0].outputs[0].token_ids)
     graphs = llm.engine.core.executor.runner.graph_runner
     if graphs is not None:
-        ctx = int(graphs.seq_lens[0].item())
+        ctx = decode_context(graphs)
         graph = graphs.graphs[1]
         torch.cuda.synchronize()
         res["replay_ms"] = round(replay_ms(graph, 50), 3)
@@ -282,19 +283,13 @@ def profile_batch(llm, graphs, model: str, rows: int, ctx: int) -> dict:
     if rows * per_row > num_blocks:
         log(f"{rows} rows x {per_row} blocks > {num_blocks} KV blocks: not profiled")
         return {}
-    graphs.seq_lens[:rows] = ctx + 1
-    graphs.positions[:rows] = ctx
-    graphs.slot_mapping[:rows] = -1
-    graphs.input_ids[:rows] = torch.arange(100, 100 + rows, device=graphs.input_ids.device)
-    graphs.block_tables[:rows, :per_row] = torch.randperm(rows * per_row, device=graphs.block_tables.device,
-                                                          dtype=torch.int32).view(rows, per_row)
+    set_decode_inputs(graphs, rows, ctx, per_row)
     torch.cuda.synchronize()
     ms = replay_ms(graphs.graphs[rows], 10)
     log(f"{model}: decode graph of {rows} rows at context {ctx}: replay {ms:.3f} ms "
         f"({rows / ms * 1e3:.0f} tok/s a step)")
     table = profile_replay(graphs.graphs[rows], model, ctx, rows=rows)
-    graphs.seq_lens[:rows] = 1   # as the runner leaves padding rows
-    graphs.block_tables[:rows] = 0
+    set_decode_inputs(graphs, rows, None)   # as the runner leaves padding rows
     return dict(replay_ms=round(ms, 3), **table)
 
 

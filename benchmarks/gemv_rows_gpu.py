@@ -32,7 +32,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from decode_common import replay_ms as timed_replay_ms  # noqa: E402
+from decode_common import replay_ms as timed_replay_ms, set_decode_inputs  # noqa: E402
 from decode_models import model_dir, run_thr512  # noqa: E402
 
 ROWS = [1, 2, 4, 8, 16, 32, 48, 64, 80, 96, 128]
@@ -53,16 +53,10 @@ def graph_replays(llm) -> dict:
     for rows in ROWS:
         if rows not in graphs.graphs:
             continue
-        graphs.seq_lens[:rows] = CONTEXT + 1
-        graphs.positions[:rows] = CONTEXT
-        graphs.slot_mapping[:rows] = -1
-        graphs.input_ids[:rows] = torch.arange(100, 100 + rows, device=graphs.input_ids.device)
-        graphs.block_tables[:rows, :per_row] = torch.randperm(
-            rows * per_row, device=graphs.block_tables.device, dtype=torch.int32).view(rows, per_row)
+        set_decode_inputs(graphs, rows, CONTEXT, per_row)
         torch.cuda.synchronize()
         out[rows] = round(replay_ms(graphs.graphs[rows]), 4)
-        graphs.seq_lens[:rows] = 1   # as the runner leaves padding rows
-        graphs.block_tables[:rows] = 0
+        set_decode_inputs(graphs, rows, None)   # as the runner leaves padding rows
     return out
 
 

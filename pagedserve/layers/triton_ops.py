@@ -253,14 +253,15 @@ ARGMAX_BLOCK = 1024
 ARGMAX_MAX_SPLITS = 64
 
 
-def argmax_rows(x: torch.Tensor, bitmask: torch.Tensor | None = None) -> torch.Tensor:
+def argmax_rows(x: torch.Tensor, bitmask: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """x [rows, n] (unit column stride) -> int64 [rows]: each row's first maximum, NaN the
     largest, as torch.argmax(dim=-1). One launch: a row's slices scanned by up to
     ARGMAX_MAX_SPLITS programs, merged by the last to finish (torch's reduce over one row of
     a 128k vocabulary took 37 us per decode step on an H200: benchmarks/decode_gpu.py).
     `bitmask` (int32 [rows, >= ceil(n / 32)] on x's device, unit column stride): the argmax
     of x with the columns whose bit is 0 set to -inf (a structured-outputs grammar's mask,
-    read here instead of written into x by a launch of its own)."""
+    read here instead of written into x by a launch of its own). `out`: an int64 [rows] tensor
+    written instead of a new one (a decode CUDA graph's static sampled ids)."""
     if x.dim() != 2 or x.stride(1) != 1 or x.shape[1] == 0 or x.shape[1] >= 2**31 - 1:
         raise ValueError(f"argmax_rows: x must be [rows, n > 0] with unit column stride; got {tuple(x.shape)} "
                          f"strides {x.stride()}")
@@ -269,14 +270,18 @@ def argmax_rows(x: torch.Tensor, bitmask: torch.Tensor | None = None) -> torch.T
                                 or bitmask.shape[1] * 32 < n or bitmask.stride(1) != 1):
         raise ValueError(f"argmax_rows: bitmask must be int32 [{rows}, >= {-(-n // 32)}] with unit column stride; "
                          f"got {bitmask.dtype} {tuple(bitmask.shape)}")
-    out = torch.empty(rows, dtype=torch.int64, device=x.device)
+    if out is None:
+        out = torch.empty(rows, dtype=torch.int64, device=x.device)
+    elif out.dtype != torch.int64 or out.shape != (rows,) or out.device != x.device:
+        raise ValueError(f"argmax_rows: out must be int64 [{rows}] on {x.device}; got {out.dtype} "
+                         f"{tuple(out.shape)} on {out.device}")
     if rows == 0:
         return out
     counters = zeroed_counters(x.device, rows)
     if counters is None:
         if bitmask is not None:
             raise ValueError("argmax_rows: a bitmask cannot be read while a CUDA graph is captured")
-        return x.argmax(dim=-1)
+        return torch.argmax(x, dim=-1, out=out)
     splits = max(1, min(ARGMAX_MAX_SPLITS, triton.cdiv(n, 2 * ARGMAX_BLOCK)))
     cols_per_split = triton.cdiv(triton.cdiv(n, splits), ARGMAX_BLOCK) * ARGMAX_BLOCK
     splits = triton.cdiv(n, cols_per_split)   # every split non-empty
@@ -287,3 +292,30 @@ def argmax_rows(x: torch.Tensor, bitmask: torch.Tensor | None = None) -> torch.T
                                    BLOCK=ARGMAX_BLOCK, SPLITS_PAD=triton.next_power_of_2(splits),
                                    HAS_MASK=bitmask is not None, num_warps=4)
     return out
+
+
+@triton.jit
+def _feed_tokens_kernel(ids_ptr, feed_ptr, sampled_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    src = tl.load(feed_ptr + offs, mask=offs < n, other=-1)
+    fed = src >= 0
+    tl.store(ids_ptr + offs, tl.load(sampled_ptr + src, mask=fed, other=0), mask=fed)
+
+
+def feed_tokens(ids: torch.Tensor, feed: torch.Tensor, sampled: torch.Tensor) -> None:
+    """ids[i] = sampled[feed[i]] where feed[i] >= 0, in place (ids, sampled int64; feed int32,
+    as long as ids): a decode CUDA graph's first launch, which takes the tokens the previous
+    step sampled on the device into its input ids (worker/cuda_graph.py). On the CPU, torch."""
+    if ids.dtype != torch.int64 or sampled.dtype != torch.int64 or feed.dtype != torch.int32 \
+            or feed.shape != ids.shape or ids.dim() != 1:
+        raise ValueError(f"feed_tokens: ids int64 [n], feed int32 [n], sampled int64; got {ids.dtype} "
+                         f"{tuple(ids.shape)}, {feed.dtype} {tuple(feed.shape)}, {sampled.dtype}")
+    n = ids.shape[0]
+    if n == 0:
+        return
+    if not ids.is_cuda:
+        fed = feed >= 0
+        ids.copy_(torch.where(fed, sampled[feed.clamp(min=0).long()], ids))
+        return
+    block = min(1024, triton.next_power_of_2(n))
+    _feed_tokens_kernel[(triton.cdiv(n, block),)](ids, feed, sampled, n, BLOCK=block, num_warps=1 if block <= 256 else 4)

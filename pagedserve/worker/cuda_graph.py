@@ -25,7 +25,14 @@ forward is bound by the host launching ~10 kernels per layer:
   (no KV write) and lies past every sequence (attention never reads or writes its row).
 
 Each decode / prefill graph covers embedding -> layers -> final norm -> LM head, so a replay
-returns logits.
+returns logits. A decode graph's inputs (DecodeStatics) arrive in one host -> device copy of
+its bucket's bytes, staged while the step's inputs are built (`stage`), and the graph itself
+begins by taking the tokens the previous step sampled on the device into its input ids
+(`feed_tokens`); a decode graph of at most GRAPH_ARGMAX_ROWS rows ends with the greedy argmax
+into static sampled ids, which the runner takes when every row is plain greedy. Beside the
+replay a b1 step then has that copy and the sampled ids' copy to the host: the six device
+copies, the argmax and the fill it launched before (~30 us a llama-1b step with their gaps,
+benchmarks/RESULTS.md) are gone.
 Under pipeline parallelism each stage captures its own layers: a later stage's graphs read the
 previous stage's (hidden, residual) from static input buffers (the pipeline recv writes the
 step's rows into them before the replay: `receive`), and an earlier stage's graphs end in
@@ -41,6 +48,7 @@ import logging
 import time
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -58,6 +66,9 @@ logger = logging.getLogger(__name__)
 MAX_CAPTURE_SIZE = 512
 MAX_PREFILL_TOKENS = 1024
 MAX_MIXED_TOKENS = 2048
+# Decode graphs of up to this many rows end in the greedy argmax (a step that samples otherwise
+# wastes it: 32 rows of a 128k vocabulary are 16 MB of fp32 logits, ~5 us against a >= 1 ms step).
+GRAPH_ARGMAX_ROWS = 32
 
 
 def batch_size_buckets(max_num_seqs: int) -> list[int]:
@@ -137,6 +148,86 @@ class MixedStatics:
         return self.q[:n], self.k[:n], self.v[:n], self.out[:n]
 
 
+class DecodeStatics:
+    """The decode graphs' static inputs in one device buffer. The graph of bucket b reads b rows
+    laid out from byte 0: input ids (int64), feed (int32: the row of the previous step's sampled
+    ids that becomes this row's token, -1 none), positions and slots (int64), seq_lens (int32)
+    and the block table rows (int32 [b, max_blocks]), each 16-byte aligned; so a step's inputs
+    are one copy of exactly its bucket's bytes from a pinned buffer laid out the same way.
+    Padding rows: slot -1 (no KV write), seq_len 1, block row 0, feed -1."""
+
+    FIELDS = (("input_ids", torch.int64), ("feed", torch.int32), ("positions", torch.int64),
+              ("slot_mapping", torch.int64), ("seq_lens", torch.int32), ("block_tables", torch.int32))
+
+    def __init__(self, max_rows: int, max_blocks: int, device: torch.device) -> None:
+        self.max_blocks = max_blocks
+        self.device = device
+        self.buffer = torch.zeros(self.layout(max_rows)[1], dtype=torch.uint8, device=device)
+        self._views: dict[int, dict[str, torch.Tensor]] = {}
+
+    def layout(self, rows: int) -> tuple[list[tuple[str, torch.dtype, tuple[int, ...], int]], int]:
+        """(name, dtype, shape, byte offset) of each field for `rows` rows, and the bytes in all."""
+        fields, offset = [], 0
+        for name, dtype in self.FIELDS:
+            shape = (rows, self.max_blocks) if name == "block_tables" else (rows,)
+            fields.append((name, dtype, shape, offset))
+            nbytes = dtype.itemsize * rows * (self.max_blocks if name == "block_tables" else 1)
+            offset += -(-nbytes // 16) * 16
+        return fields, offset
+
+    def views(self, rows: int) -> dict[str, torch.Tensor]:
+        """Bucket `rows`'s fields, views of the buffer (what its graph was captured on)."""
+        if rows not in self._views:
+            self._views[rows] = {name: self.buffer[offset:offset + dtype.itemsize * _numel(shape)].view(dtype).view(shape)
+                                 for name, dtype, shape, offset in self.layout(rows)[0]}
+        return self._views[rows]
+
+    def stage(self, rows: int, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """Copy a step's n <= rows rows (`arrays`: each field's n rows; block_tables [n, w <=
+        max_blocks]) into bucket `rows`'s fields, in one copy while the bucket's block table is
+        at most ONE_COPY_TABLE_BYTES (else a second copy of its [n, w] corner: long max_model_len
+        at many rows, whose full rows would be megabytes a step); returns the bucket's views."""
+        fields, total = self.layout(rows)
+        tables = arrays["block_tables"]
+        n, width = tables.shape
+        table_offset = fields[-1][3]
+        whole = rows * self.max_blocks * 4 <= ONE_COPY_TABLE_BYTES
+        copied = total if whole else table_offset
+        host = torch.empty(copied if whole else copied + n * width * 4, dtype=torch.uint8,
+                           pin_memory=self.device.type == "cuda")
+        staging = host.numpy()
+        for name, dtype, shape, offset in fields:
+            array = arrays[name]
+            if name == "block_tables":
+                if whole:
+                    target = staging[offset:total].view(np.int32).reshape(shape)
+                    target[:n, :width] = array
+                    target[:n, width:] = 0
+                    target[n:] = 0
+                else:   # the corner after the other fields; stale rows and columns hold old block ids
+                    staging[copied:].view(np.int32).reshape(n, width)[:] = array
+                continue
+            target = staging[offset:offset + dtype.itemsize * shape[0]].view(_NUMPY[dtype])
+            target[:array.shape[0]] = array
+            target[array.shape[0]:] = _PADDING[name]
+        views = self.views(rows)
+        self.buffer[:copied].copy_(host[:copied], non_blocking=True)
+        if not whole:
+            views["block_tables"][:n, :width].copy_(host[copied:].view(torch.int32).view(n, width), non_blocking=True)
+        return views
+
+
+# A decode bucket's block table up to this many bytes travels whole in the step's one copy (128 rows at
+# max_model_len 2048); past it the [n, w] corner is a second copy, as the step's own table was before.
+ONE_COPY_TABLE_BYTES = 1 << 16
+_NUMPY = {torch.int64: np.int64, torch.int32: np.int32}
+_PADDING = {"input_ids": 0, "feed": -1, "positions": 0, "slot_mapping": -1, "seq_lens": 1}
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return shape[0] * (shape[1] if len(shape) > 1 else 1)
+
+
 def _run_only(forward: Callable[[int], Output], size: int) -> None:
     """compile_ahead's dry-run `record`: runs the forward and returns None, so _capture_all
     keeps nothing (a lambda returning forward's output would be unpacked as a graph)."""
@@ -158,12 +249,18 @@ class CudaGraphRunner:
         max_bs = self.buckets[-1]
         max_tokens = max([max_bs] + self.prefill_buckets + self.mixed_buckets)
         max_blocks = -(-max_model_len // block_size)
+        # the prefill and mixed graphs' tokens; the decode graphs read their own (DecodeStatics)
         self.input_ids = torch.zeros(max_tokens, dtype=torch.int64, device=device)
         self.positions = torch.zeros(max_tokens, dtype=torch.int64, device=device)
         self.slot_mapping = torch.full((max_tokens,), -1, dtype=torch.int64, device=device)
-        self.seq_lens = torch.ones(max_bs, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros((1, max_blocks), dtype=torch.int32, device=device)
+        self.decode = DecodeStatics(max_bs, max_blocks, device)
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros((max_bs, max_blocks), dtype=torch.int32, device=device)
+        self.logits_indices = torch.arange(max_bs, dtype=torch.int64, device=device)
+        # the decode graphs' sampled ids (written by the argmax of those that end in one, else by
+        # take_sampled): a step's fed rows read the previous step's from here
+        self.sampled = torch.zeros(max(max_num_seqs, max_bs), dtype=torch.int64, device=device)
+        self.argmax_buckets: set[int] = set()   # decode buckets whose graph ends in the argmax
         # the prefill graphs' one sequence: [0, query_len], its seq_len, its last token's row
         self.prefill_query_start_loc = torch.zeros(2, dtype=torch.int32, device=device)
         self.prefill_seq_len = torch.ones(1, dtype=torch.int32, device=device)
@@ -194,8 +291,9 @@ class CudaGraphRunner:
         self._capture_mixed(None)
 
     def _meta(self, bs: int) -> AttentionMetadata:
-        return AttentionMetadata(slot_mapping=self.slot_mapping[:bs], query_start_loc=self.query_start_loc[:bs + 1],
-                                 seq_lens=self.seq_lens[:bs], block_tables=self.block_tables[:bs],
+        v = self.decode.views(bs)
+        return AttentionMetadata(slot_mapping=v["slot_mapping"], query_start_loc=self.query_start_loc[:bs + 1],
+                                 seq_lens=v["seq_lens"], block_tables=v["block_tables"],
                                  max_query_len=1, max_seq_len=self.max_model_len, num_decodes=bs,
                                  num_decode_tokens=bs)
 
@@ -203,8 +301,23 @@ class CudaGraphRunner:
         return None if self.stage_in is None else (self.stage_in[0][:num_tokens], self.stage_in[1][:num_tokens])
 
     def _forward(self, bs: int) -> Output:
-        out = self.model(self.input_ids[:bs], self.positions[:bs], self._meta(bs), self._stage_in(bs))
-        return out if isinstance(out, tuple) else self.model.compute_logits(out)
+        """A decode graph: the fed tokens into the input ids, the forward, and up to
+        GRAPH_ARGMAX_ROWS rows the greedy argmax of the logits into the static sampled ids."""
+        from pagedserve.layers.triton_ops import argmax_rows, feed_tokens   # Triton: CUDA only (a test extra on the CPU)
+        v = self.decode.views(bs)
+        feed_tokens(v["input_ids"], v["feed"], self.sampled)
+        # new view objects each forward: eager code keys per-step caches on the tensor (rotary.py on the CPU)
+        out = self.model(v["input_ids"][:bs], v["positions"][:bs], self._meta(bs), self._stage_in(bs))
+        if isinstance(out, tuple):
+            return out
+        logits = self.model.compute_logits(out)
+        if logits is not None and bs <= GRAPH_ARGMAX_ROWS:
+            if logits.is_cuda:
+                argmax_rows(logits, out=self.sampled[:bs])
+            else:   # the CPU's eager runs of this forward (tests)
+                self.sampled[:bs].copy_(logits.argmax(dim=-1))
+            self.argmax_buckets.add(bs)
+        return logits
 
     def _prefill_forward(self, num_tokens: int) -> Output:
         meta = AttentionMetadata(slot_mapping=self.slot_mapping[:num_tokens],
@@ -254,10 +367,16 @@ class CudaGraphRunner:
         (largest first: the pool grows once and later graphs reuse its memory); a `record`
         that returns None keeps nothing (compile_ahead's dry run)."""
         self._padding_inputs()
+        self.argmax_buckets.clear()
+        if self.sampled.is_cuda:   # the graphs' argmax counts its programs in these: grown before capture
+            from pagedserve.layers.triton_ops import zeroed_counters
+            zeroed_counters(self.sampled.device, self.buckets[-1])
         for graphs, outputs, sizes, forward in (
                 (self.prefill_graphs, self.prefill_outputs, self.prefill_buckets, self._prefill_forward),
                 (self.graphs, self.outputs, self.buckets, self._forward)):
             for size in reversed(sizes):
+                if forward == self._forward:   # this bucket's layout of the decode inputs: padding rows
+                    self._decode_padding(size)
                 made = record(forward, size)
                 if made is not None:
                     graphs[size], outputs[size] = made
@@ -266,6 +385,14 @@ class CudaGraphRunner:
         """What the forwards run on while capturing: a one-token sequence, no KV writes."""
         self.prefill_query_start_loc.copy_(torch.tensor([0, 1], dtype=torch.int32))
         self.slot_mapping.fill_(-1)
+
+    def _decode_padding(self, bs: int) -> None:
+        """Decode bucket `bs`'s inputs all padding rows (the buckets' layouts overlap in one
+        buffer: set before each capture)."""
+        v = self.decode.views(bs)
+        for name, value in _PADDING.items():
+            v[name].fill_(value)
+        v["block_tables"].zero_()
 
     def _capture_mixed(self, stream: torch.cuda.Stream | None) -> None:
         """Every mixed bucket's pieces, largest first, each after an eager warm-up of its
@@ -382,22 +509,48 @@ class CudaGraphRunner:
             return rows
         return next(b for b in self.buckets if b >= rows)
 
-    def can_run(self, inputs: StepInputs) -> bool:
-        num = len(inputs.rows)
-        return bool(self.graphs) and inputs.meta.num_decodes == num and num <= self.buckets[-1] \
-            and inputs.meta.max_seq_len <= self.max_model_len
+    def can_stage(self, num: int, max_seq_len: int) -> bool:
+        """An all-decode step of `num` rows and this longest sequence replays a decode graph."""
+        return bool(self.graphs) and num <= self.buckets[-1] and max_seq_len <= self.max_model_len
+
+    def stage(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """An all-decode step's inputs (DecodeStatics.FIELDS' arrays, n rows) into its bucket's
+        static inputs in one copy, before the replay (run): the step's device tensors, n rows
+        each, with query_start_loc and logits_indices (static aranges)."""
+        num = arrays["input_ids"].shape[0]
+        views = self.decode.stage(next(b for b in self.buckets if b >= num), arrays)
+        return {**{name: view[:num] for name, view in views.items()},
+                "query_start_loc": self.query_start_loc[:num + 1], "logits_indices": self.logits_indices[:num]}
+
+    def take_sampled(self, prev: torch.Tensor, feed: np.ndarray) -> np.ndarray:
+        """The previous step's sampled ids (`prev`, device) where the feed rows (indices into
+        `prev`, -1 none) find them: in place when they are these graphs' own; else copied into
+        self.sampled (gathered, the feed renumbered, if `prev` is longer). Returns the feed."""
+        if prev.data_ptr() == self.sampled.data_ptr():
+            return feed
+        if prev.shape[0] <= self.sampled.shape[0]:
+            self.sampled[:prev.shape[0]].copy_(prev, non_blocking=True)
+            return feed
+        fed = np.flatnonzero(feed >= 0)
+        self.sampled[:fed.size].copy_(prev[torch.from_numpy(feed[fed].astype(np.int64)).to(prev.device)])
+        renumbered = np.full_like(feed, -1)
+        renumbered[fed] = np.arange(fed.size, dtype=feed.dtype)
+        return renumbered
+
+    def greedy_ids(self, num: int) -> torch.Tensor | None:
+        """The argmax of the last replayed decode graph's `num` rows of logits (the static
+        sampled ids; the next replay overwrites them), if its graph ends in one."""
+        bs = next(b for b in self.buckets if b >= num)
+        return self.sampled[:num] if bs in self.argmax_buckets else None
 
     def run(self, inputs: StepInputs, receive: Receive | None = None) -> Output:
-        """Logits [num_decodes, vocab] for an all-decode step (None on TP ranks other than 0,
-        which compute no logits; a stage before the last: its (hidden, residual) rows)."""
+        """Logits [num_decodes, vocab] for an all-decode step staged by `stage` (None on TP ranks
+        other than 0, which compute no logits; a stage before the last: its (hidden, residual)
+        rows)."""
+        if not inputs.staged:
+            raise ValueError("CudaGraphRunner.run: the step's inputs were not staged (stage())")
         num = len(inputs.rows)
         bs = next(b for b in self.buckets if b >= num)
-        meta = inputs.meta
-        self._copy_tokens(inputs, bs)
-        self.seq_lens[:num].copy_(meta.seq_lens)
-        self.block_tables[:num, :meta.block_tables.shape[1]].copy_(meta.block_tables)
-        if bs > num:
-            self.seq_lens[num:bs].fill_(1)
         return self._replay(self.graphs[bs], self.outputs[bs], num, bs, receive)
 
     def can_run_mixed(self, inputs: StepInputs) -> bool:

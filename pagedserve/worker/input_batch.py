@@ -9,6 +9,7 @@ persistent BlockTable, not rebuilt from each request's list).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -99,12 +100,22 @@ class StepInputs:
     # Rows whose tokens reach the end of their known tokens: they sample this step.
     logits_indices: torch.Tensor
     sample_rows: list[int]
+    # The tensors are a decode CUDA graph's static inputs, copied there by its stage (the
+    # tokens the previous step sampled on the device are fed inside the graph)
+    staged: bool = False
+
+
+DecodeStage = Callable[[list[CachedRequestState], dict[str, np.ndarray]], dict[str, torch.Tensor] | None]
 
 
 def build_step_inputs(states: list[CachedRequestState], num_scheduled: list[int], block_size: int,
-                      device: torch.device, block_table: BlockTable) -> StepInputs:
+                      device: torch.device, block_table: BlockTable, decode_stage: DecodeStage | None = None
+                      ) -> StepInputs:
     """Flatten the scheduled requests (any order) into decode-first model inputs. Reads the
-    states' `block_row`s of `block_table`; mutates nothing."""
+    states' `block_row`s of `block_table`; mutates nothing. `decode_stage(rows, arrays)`: an
+    all-decode step's arrays (input_ids, positions, slot_mapping, seq_lens, block_tables) go
+    to it first; the device tensors it returns (a decode graph's static inputs, with
+    query_start_loc and logits_indices), or None, and the step is copied as any other."""
     decodes = [i for i, q_len in enumerate(num_scheduled) if q_len == 1]
     num_decodes = len(decodes)
     if num_decodes == len(states):
@@ -134,14 +145,23 @@ def build_step_inputs(states: list[CachedRequestState], num_scheduled: list[int]
     slot_mapping = block_tables[row_of_token, positions // block_size].astype(np.int64) * block_size \
         + positions % block_size
 
-    (slots_t, input_ids_t, positions_t, logits_t, qsl_t, seq_lens_t, tables_t) = to_device(
-        [slot_mapping, input_ids, positions, logits_indices, query_start_loc, seq_lens, block_tables], device)
+    staged = None
+    if decode_stage is not None and num_decodes == len(rows):
+        staged = decode_stage(rows, dict(input_ids=input_ids, positions=positions, slot_mapping=slot_mapping,
+                                         seq_lens=seq_lens, block_tables=block_tables))
+    if staged is not None:
+        slots_t, input_ids_t, positions_t, logits_t, qsl_t, seq_lens_t, tables_t = (staged[name] for name in (
+            "slot_mapping", "input_ids", "positions", "logits_indices", "query_start_loc", "seq_lens", "block_tables"))
+    else:
+        (slots_t, input_ids_t, positions_t, logits_t, qsl_t, seq_lens_t, tables_t) = to_device(
+            [slot_mapping, input_ids, positions, logits_indices, query_start_loc, seq_lens, block_tables], device)
     meta = AttentionMetadata(slot_mapping=slots_t, query_start_loc=qsl_t, seq_lens=seq_lens_t, block_tables=tables_t,
                              max_query_len=max(query_lens), max_seq_len=int(seq_lens.max()),
                              num_decodes=num_decodes, num_decode_tokens=num_decodes,
                              query_start_loc_host=query_start_loc, seq_lens_host=seq_lens)
     return StepInputs(input_ids=input_ids_t, positions=positions_t, meta=meta, rows=rows,
-                      query_lens=query_lens, logits_indices=logits_t, sample_rows=sample_rows.tolist())
+                      query_lens=query_lens, logits_indices=logits_t, sample_rows=sample_rows.tolist(),
+                      staged=staged is not None)
 
 
 # Off: one pageable copy per array, as before (A/B measurements in benchmarks/decode_gpu.py).

@@ -31,7 +31,7 @@ from pagedserve.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerC
 from pagedserve.engine_io import ModelRunnerOutput, RequestId, SchedulerOutput, TokenLogprobs
 from pagedserve.layers.linear import set_gemv_max_rows
 from pagedserve.layers.parallel import broadcast_from_rank0, is_last_stage, pp_world_size, tp_rank, tp_world_size
-from pagedserve.layers.sampler import Sampler, gather_logprobs, greedy_ids
+from pagedserve.layers.sampler import Sampler, SamplerOutput, gather_logprobs, greedy_ids
 from pagedserve.models.loader import load_weights
 from pagedserve.models.registry import resolve_model_class
 from pagedserve.worker.compile_ahead import compile_ahead
@@ -236,13 +236,15 @@ class ModelRunner:
         if not scheduled:
             return ModelRunnerOutput() if self.is_driver else None
         num_scheduled = so.num_scheduled_tokens
+        graphs = self.graph_runner
         inputs = build_step_inputs(scheduled, [num_scheduled[state.req_id] for state in scheduled],
-                                   self.block_size, self.device, self.block_table)
-        self._feed_inflight_tokens(inputs)
+                                   self.block_size, self.device, self.block_table,
+                                   self._stage_decode if graphs is not None else None)
+        if not inputs.staged:   # a staged step's graph feeds them itself
+            self._feed_inflight_tokens(inputs)
         prompt_logprobs = {}
         wants_prompt_logprobs = any(row.sampling_params.prompt_logprobs is not None for row in inputs.rows)
-        graphs = self.graph_runner
-        if graphs is not None and graphs.can_run(inputs):
+        if inputs.staged:
             hidden, logits = None, self._replay(graphs.run, inputs)
         elif graphs is not None and not wants_prompt_logprobs and graphs.can_run_prefill(inputs):
             hidden, logits = None, self._replay(graphs.run_prefill, inputs)
@@ -278,7 +280,11 @@ class ModelRunner:
             if non_block and so.structured_req_ids and so.grammar_bitmask is None:
                 return DeferredSample(self._sample, output, logits, sample_states, so.structured_req_ids)
             rows = grammar_rows(sample_states, so.structured_req_ids) if so.grammar_bitmask is not None else []
-            pending = self._sample(output, logits, sample_states, rows, so.grammar_bitmask)
+            greedy = None
+            if inputs.staged and not rows and not so.structured_req_ids and len(sample_states) == len(inputs.rows) \
+                    and len(row_of_logits) == len(inputs.rows) and all(state.plain_greedy for state in sample_states):
+                greedy = graphs.greedy_ids(len(inputs.rows))   # the graph's own argmax, if it ends in one
+            pending = self._sample(output, logits, sample_states, rows, so.grammar_bitmask, greedy=greedy)
             if non_block:
                 return pending
             self._prev_sampled = None   # resolved at once: no placeholder left to feed
@@ -316,16 +322,20 @@ class ModelRunner:
 
     def _sample(self, output: ModelRunnerOutput, logits: torch.Tensor, states: list[CachedRequestState],
                 grammar_rows: list[int], grammar_bitmask: torch.Tensor | None,
-                sampled_ids: torch.Tensor | None = None) -> PendingRunnerOutput:
+                sampled_ids: torch.Tensor | None = None, greedy: torch.Tensor | None = None) -> PendingRunnerOutput:
         """Rank 0: sample the rows (grammar masks first: mask row i on logits row grammar_rows[i]).
         Under async TP the ids go to every rank on the device; zeros if sampling raised, since
-        the workers wait for them. `sampled_ids`: a host buffer the ids are copied into."""
+        the workers wait for them. `sampled_ids`: a host buffer the ids are copied into.
+        `greedy`: the rows' argmax already taken (a decode graph's; every row plain greedy)."""
         try:
             mask = None
-            if grammar_bitmask is not None:
-                mask = self.grammar_mask.to_device(logits, grammar_rows, grammar_bitmask)
-            sampled = sample(self.sampler, logits, states, self.model_config.vocab_size, self.device,
-                             self.model_config.eos_token_ids, mask)
+            if greedy is not None:   # the graph's static ids: a CPU "host copy" would be the tensor itself (tests)
+                sampled = SamplerOutput(greedy if greedy.is_cuda else greedy.clone())
+            else:
+                if grammar_bitmask is not None:
+                    mask = self.grammar_mask.to_device(logits, grammar_rows, grammar_bitmask)
+                sampled = sample(self.sampler, logits, states, self.model_config.vocab_size, self.device,
+                                 self.model_config.eos_token_ids, mask)
         except Exception:
             if self.share_sampled:
                 broadcast_from_rank0(torch.zeros(len(states), dtype=torch.int64, device=self.device))
@@ -371,6 +381,25 @@ class ModelRunner:
             event = torch.cuda.Event()
             event.record()
         return PendingRunnerOutput(output, states, positions, token_ids, logprobs, event)
+
+    def _stage_decode(self, rows: list[CachedRequestState], arrays: dict[str, np.ndarray]
+                      ) -> dict[str, torch.Tensor] | None:
+        """build_step_inputs' decode_stage: an all-decode step that replays a decode graph has
+        its inputs copied into the graph's static inputs at once, with the feed: for each row
+        whose token is still on the device (its placeholder, the last launched step's sample),
+        the row of that step's sampled ids the graph takes it from."""
+        graphs = self.graph_runner
+        if not graphs.can_stage(len(rows), int(arrays["seq_lens"].max())):
+            return None
+        feed = np.full(len(rows), -1, dtype=np.int32)
+        if self._prev_sampled is not None:
+            for i, state in enumerate(rows):
+                if state.pending_pos == state.num_computed_tokens:
+                    feed[i] = state.sampled_row
+            if (feed >= 0).any():
+                feed = graphs.take_sampled(self._prev_sampled, feed)
+        arrays["feed"] = feed
+        return graphs.stage(arrays)
 
     def _feed_inflight_tokens(self, inputs: StepInputs) -> None:
         """Input ids still on the device (placeholders of the last launched step) are copied
