@@ -20,6 +20,9 @@ from tests.helpers import random_prompts
 from tests.unit.test_mixed_graphs import fake_cuda_graphs
 
 
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")   # the statics' copies on a GPU too
+
+
 def step_arrays(n: int, width: int, base: int = 0) -> dict[str, np.ndarray]:
     return dict(input_ids=np.arange(n, dtype=np.int64) + 100 + base, feed=np.full(n, -1, dtype=np.int32),
                 positions=np.arange(n, dtype=np.int64) + 7, slot_mapping=np.arange(n, dtype=np.int64) * 4 + 3,
@@ -28,7 +31,7 @@ def step_arrays(n: int, width: int, base: int = 0) -> dict[str, np.ndarray]:
 
 
 def test_layout_is_aligned_and_per_bucket():
-    statics = DecodeStatics(8, 5, torch.device("cpu"))
+    statics = DecodeStatics(8, 5, DEV)
     fields, total = statics.layout(3)
     assert [(name, offset) for name, _, _, offset in fields] == [
         ("input_ids", 0), ("feed", 32), ("positions", 48), ("slot_mapping", 80), ("seq_lens", 112),
@@ -43,7 +46,7 @@ def test_layout_is_aligned_and_per_bucket():
 
 
 def test_stage_writes_the_rows_and_pads_the_bucket():
-    statics = DecodeStatics(8, 5, torch.device("cpu"))
+    statics = DecodeStatics(8, 5, DEV)
     statics.buffer.fill_(0x7F)   # stale bytes everywhere
     v = statics.stage(4, step_arrays(3, 2))
     assert v["input_ids"].tolist() == [100, 101, 102, 0]
@@ -58,7 +61,7 @@ def test_stage_of_a_wide_table_copies_its_corner(monkeypatch):
     """Past ONE_COPY_TABLE_BYTES the bucket's table rows are not sent whole: the [n, w] corner is a
     second copy and the rest keeps what it held."""
     monkeypatch.setattr(cuda_graph, "ONE_COPY_TABLE_BYTES", 16)
-    statics = DecodeStatics(8, 5, torch.device("cpu"))
+    statics = DecodeStatics(8, 5, DEV)
     statics.views(4)["block_tables"].fill_(9)
     v = statics.stage(4, step_arrays(3, 2))
     assert v["block_tables"].tolist() == [[1, 2, 9, 9, 9], [3, 4, 9, 9, 9], [5, 6, 9, 9, 9], [9, 9, 9, 9, 9]]
