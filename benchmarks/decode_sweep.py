@@ -2,6 +2,8 @@
 Triton gemv over a grid of launch shapes, each launch checked first; fills SWEPT (variant "swept")."""
 from __future__ import annotations
 
+import inspect
+
 from decode_common import RESULTS, SMOKE, log, stage, time_us, weight_shapes
 import torch
 
@@ -53,8 +55,9 @@ def check_launches(run, x: torch.Tensor, weights: list, refs: list, cfg: GemvCon
 @stage("sweep")
 def sweep(dev: torch.device, dtype: torch.dtype, models: list[str]) -> None:
     """Every launch shape of sweep_configs, compiled ahead in parallel, checked (check_launches;
-    down with its SiLU-and-mul prologue and, at TP=1, qkv / gate_up with the norm chain's RMSNorm
-    prologue, as the model runs them, also bit for bit the unfused kernel then the same launch), then timed on weights cycled past the L2 in CUDA graphs;
+    as the model runs them: at TP=1 qkv / gate_up with the norm chain's RMSNorm prologue, gate_up with
+    its SiLU-and-mul epilogue and down plain; sharded, down with its SiLU-and-mul prologue; each fused
+    launch also bit for bit its unfused kernels and the same launch), then timed on weights cycled past the L2 in CUDA graphs;
     the same bits again after the timing. Fills SWEPT."""
     from pagedserve.layers import triton_ops
     from pagedserve.worker.compile_ahead import compile_ahead
@@ -69,16 +72,28 @@ def sweep(dev: torch.device, dtype: torch.dtype, models: list[str]) -> None:
             nbytes = n * k * 2
             copies = 1 if SMOKE else max(3, -(-600 * 2**20 // nbytes))
             weights = [(torch.randn(n, k, device=dev) * 0.02).to(dtype) for _ in range(copies)]
-            x = torch.randn(1, 2 * k if role == "down" else k, device=dev).to(dtype)
-            act = triton_ops.silu_and_mul(x) if role == "down" else x
-            run = silu_and_mul_gemv if role == "down" else gemv
+            # as the model runs them: at TP=1 the norm chain (qkv / gate_up normalise in their prologue,
+            # gate_up's epilogue takes silu(gate) * up, down reads that: a plain gemv); sharded, down
+            # takes SiLU-and-mul in its prologue
+            from pagedserve.layers import triton_gemv as tg   # an older tree's (ab_gpu.sh): down with the prologue
+            chained = not tp and "silu_out" in inspect.signature(tg.rms_norm_gemv).parameters
+            silu_in = role == "down" and not chained
+            x = torch.randn(1, 2 * k if silu_in else k, device=dev).to(dtype)
+            act = triton_ops.silu_and_mul(x) if silu_in else x
+            run = silu_and_mul_gemv if silu_in else gemv
+            epilogue = None   # what the launch applies to the gemv's output (checked bit for bit)
             if role in ("qkv", "gate_up") and not tp:   # the norm chain's prologue, as a TP=1 model runs it
                 from pagedserve.layers.triton_gemv import rms_norm_gemv   # (here: ab_gpu.sh runs older trees)
                 norm_w = (1 + 0.1 * torch.randn(k, device=dev)).to(dtype)
                 sum_sq = x.double().square().sum().reshape(1)
                 act = triton_ops.rms_norm(x, norm_w, 1e-5)
-                run = lambda x_, w, c, nw=norm_w, s=sum_sq: rms_norm_gemv(x_, nw, 1e-5, s, w, c)  # noqa: E731
+                silu_out = role == "gate_up" and chained
+                epilogue = triton_ops.silu_and_mul if silu_out else None
+                run = lambda x_, w, c, nw=norm_w, s=sum_sq, so=silu_out: (  # noqa: E731
+                    rms_norm_gemv(x_, nw, 1e-5, s, w, c, silu_out=True) if so else rms_norm_gemv(x_, nw, 1e-5, s, w, c))
             refs = [act.float() @ w.float().T for w in weights[:3]]
+            if epilogue is not None:
+                refs = [epilogue(r.to(dtype)).float() for r in refs]
             if not SMOKE:
                 try:
                     compile_ahead(lambda w0=weights[0]: [run(x, w0, c) for c in configs])
@@ -89,9 +104,10 @@ def sweep(dev: torch.device, dtype: torch.dtype, models: list[str]) -> None:
             for cfg in configs:
                 try:
                     why = check_launches(run, x, weights[:3], refs, cfg)
-                    if why is None and run is not gemv and not torch.equal(run(x, weights[0], cfg),
-                                                                           gemv(act, weights[0], cfg)):
-                        why = "the prologue differs from its kernel (SiLU-and-mul / RMSNorm) then the gemv"
+                    if why is None and run is not gemv:
+                        unfused = gemv(act, weights[0], cfg)
+                        if not torch.equal(run(x, weights[0], cfg), unfused if epilogue is None else epilogue(unfused)):
+                            why = "the fused launch differs from its kernels (SiLU-and-mul / RMSNorm) and the gemv"
                     if why is None:
                         first = run(x, weights[0], cfg)
                         us = time_us(lambda w, c=cfg: run(x, w, c), [(w,) for w in weights])

@@ -77,15 +77,20 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                  PROLOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, LIBDEVICE: tl.constexpr,
                  SWAP: tl.constexpr = False, norm_w_ptr=None, sum_in_ptr=None, sum_out_ptr=None, inv_k=1.0,
-                 eps=0.0, ADD_OUT: tl.constexpr = False):
+                 eps=0.0, ADD_OUT: tl.constexpr = False, SILU_OUT: tl.constexpr = False):
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    # SILU_OUT: w = [gate | up] (N = 2 I), lane pairs (2j, 2j + 1) take gate row and up row
+    # i = pid * BLOCK_N / 2 + j (out_i), whose silu(gate) * up the epilogue stores
+    lane = tl.arange(0, BLOCK_N)
+    half = N // 2 if SILU_OUT else N
+    out_i = pid * (BLOCK_N // 2) + lane // 2 if SILU_OUT else pid * BLOCK_N + lane
+    offs_n = out_i + (lane % 2) * half if SILU_OUT else out_i
     offs_k = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + offs_m[:, None] * stride_xm
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     m_valid = offs_m[:, None] < M
-    n_valid = offs_n[:, None] < N
+    n_valid = out_i[:, None] < half
     if PROLOGUE == 2:   # RMSNorm of the one row x (the residual stream), its sum of squares gathered before
         inv = rms_inv(tl.load(sum_in_ptr), inv_k, eps)
     if ADD_OUT:   # the residual row this launch adds its output into (one row), loaded before the stream
@@ -122,7 +127,12 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     else:
         if BLOCK_M == 1:
             acc = tl.sum(acc_k, axis=1)[None, :]
-        if ADD_OUT:   # residual += y as the norm kernel adds it, and the sum's share of this tile
+        if SILU_OUT:   # one row: silu(gate) * up of the rounded outputs, as the standalone kernel rounds it
+            pair = tl.reshape(acc.to(y_ptr.dtype.element_ty), [BLOCK_N // 2, 2])
+            gate, up = tl.split(pair)
+            outs = pid * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+            tl.store(y_ptr + outs, silu_mul(gate, up, LIBDEVICE), mask=outs < half)
+        elif ADD_OUT:   # residual += y as the norm kernel adds it, and the sum's share of this tile
             h = acc.to(y_ptr.dtype.element_ty) + residual
             tl.store(res_ptrs, h, mask=offs_n[None, :] < N)
             hd = h.to(tl.float64)
@@ -305,18 +315,21 @@ class AddOut:
 
 
 def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None, k: int,
-            norm: NormIn | None = None, add: AddOut | None = None) -> torch.Tensor:
+            norm: NormIn | None = None, add: AddOut | None = None, silu_out: bool = False) -> torch.Tensor:
     _check(x, k, weight)
     m, n = x.shape[0], weight.shape[0]
     config = config or config_for(m, n, k)
     block_m = 1 if m == 1 else max(16, triton.next_power_of_2(m))
-    key = (config, block_m, prologue, add is not None)
+    key = (config, block_m, prologue, add is not None, silu_out)
     if key not in _UNFIT:
-        y = torch.empty((m, n), dtype=x.dtype, device=x.device) if add is None else add.residual
-        extra = {} if norm is None and add is None else dict(
+        if add is not None:
+            y = add.residual
+        else:
+            y = torch.empty((m, n // 2 if silu_out else n), dtype=x.dtype, device=x.device)
+        extra = {} if norm is None and add is None and not silu_out else dict(
             norm_w_ptr=norm.weight if norm else None, sum_in_ptr=norm.sum_sq if norm else None,
             sum_out_ptr=add.sum_sq if add else None, inv_k=1.0 / k, eps=norm.eps if norm else 0.0,
-            ADD_OUT=add is not None)
+            ADD_OUT=add is not None, SILU_OUT=silu_out)
         try:   # (the resource check comes before the launch: nothing is enqueued when it fails)
             _gemv_kernel[(triton.cdiv(n, config.block_n),)](
                 x, weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
@@ -333,6 +346,8 @@ def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, config: GemvCo
     elif prologue == _SILU:
         x = silu_and_mul(x)
     y = F.linear(x, weight)
+    if silu_out:
+        return silu_and_mul(y)
     if add is None:
         return y
     add.residual.add_(y)
@@ -367,14 +382,18 @@ def _check_chain(x: torch.Tensor, sum_sq: torch.Tensor, rows: torch.Tensor | Non
 
 
 def rms_norm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, sum_sq: torch.Tensor,
-                  weight: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
+                  weight: torch.Tensor, config: GemvConfig | None = None, silu_out: bool = False) -> torch.Tensor:
     """RMSNorm(x) @ weight.T for one row x, whose fp64 sum of squares `sum_sq` ([1]) the launch that
-    wrote x added up (add_gemv): bit for bit the norm kernel then the gemv. Mutates nothing."""
+    wrote x added up (add_gemv): bit for bit the norm kernel then the gemv. `silu_out` (weight =
+    [gate | up], 2 I rows): silu(gate) * up of that output ([1, I]), bit for bit the SiLU-and-mul
+    kernel after it (each program takes matching gate and up rows). Mutates nothing."""
     _check_chain(x, sum_sq)
     if norm_weight.shape != (x.shape[1],) or norm_weight.dtype != x.dtype or not norm_weight.is_contiguous():
         raise ValueError(f"rms_norm_gemv: norm_weight must be [{x.shape[1]}] in x's dtype; got "
                          f"{tuple(norm_weight.shape)} {norm_weight.dtype}")
-    return _launch(_NORM, x, weight, config, x.shape[-1], norm=NormIn(norm_weight, eps, sum_sq))
+    if silu_out and weight.shape[0] % 2:
+        raise ValueError(f"rms_norm_gemv: silu_out needs a [gate | up] weight of 2 I rows; got {tuple(weight.shape)}")
+    return _launch(_NORM, x, weight, config, x.shape[-1], norm=NormIn(norm_weight, eps, sum_sq), silu_out=silu_out)
 
 
 def add_gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, sum_sq: torch.Tensor,

@@ -187,6 +187,27 @@ def test_norm_chain_is_the_norm_kernel_bit_for_bit(hidden: int, inner: int, silu
     assert torch.equal(residual, residual_ref)   # the prologue only reads it
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden,inner,block_n", [(96, 256, 8), (100, 300, 16), (64, 36, 32)])
+def test_gate_up_silu_epilogue_is_the_silu_kernel_bit_for_bit(hidden: int, inner: int, block_n: int,
+                                                             dtype: torch.dtype) -> None:
+    """rms_norm_gemv(..., silu_out=True) on a [gate | up] weight: each program's lane pairs take gate
+    row i and up row i (ragged: the last program's pairs past I masked), the outputs rounded, then
+    silu(gate) * up as the SiLU-and-mul kernel rounds it: the same bits as gate_up then that kernel."""
+    gen = torch.Generator().manual_seed(hidden + inner + block_n)
+    residual = (3 * torch.randn(1, hidden, generator=gen)).to(DEVICE, dtype)
+    norm_w = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(DEVICE, dtype)
+    w = (torch.randn(2 * inner, hidden, generator=gen) * 0.05).to(DEVICE, dtype)
+    sum_sq = residual.double().square().sum().reshape(1)
+    config = GemvConfig(block_n, 64, 4, 2)
+    gate_up = rms_norm_gemv(residual, norm_w, 1e-5, sum_sq, w, config)
+    act = rms_norm_gemv(residual, norm_w, 1e-5, sum_sq, w, config, silu_out=True)
+    assert act.shape == (1, inner) and act.dtype == dtype
+    assert torch.equal(act, silu_and_mul(gate_up))
+    with pytest.raises(ValueError, match="gate \\| up"):
+        rms_norm_gemv(residual, norm_w, 1e-5, sum_sq, w[:-1], config, silu_out=True)
+
+
 def test_norm_chain_rejects_bad_input() -> None:
     w = torch.zeros(8, 64, dtype=torch.float16, device=DEVICE)
     row = torch.zeros(1, 64, dtype=torch.float16, device=DEVICE)
@@ -219,8 +240,11 @@ for prologue, block_m, swap, add in [(0, 1, False, False), (0, 16, False, False)
                                      (0, 32, False, False), (0, 64, True, False), (0, 16, True, False),
                                      (2, 1, False, False), (0, 1, False, True), (1, 1, False, True)]:
     build(_gemv_kernel, dict(PROLOGUE=prologue, BLOCK_M=block_m, BLOCK_N=8 if block_m == 1 else 64,
-                             BLOCK_K=256, EVEN_K=False, NUM_STAGES=4, LIBDEVICE=True, SWAP=swap, ADD_OUT=add),
+                             BLOCK_K=256, EVEN_K=False, NUM_STAGES=4, LIBDEVICE=True, SWAP=swap, ADD_OUT=add,
+                             SILU_OUT=False),
           dict(sum_in_ptr="*fp64", sum_out_ptr="*fp64"))
+build(_gemv_kernel, dict(PROLOGUE=2, BLOCK_M=1, BLOCK_N=32, BLOCK_K=256, EVEN_K=True, NUM_STAGES=3, LIBDEVICE=True,
+                         SWAP=False, ADD_OUT=False, SILU_OUT=True), dict(sum_in_ptr="*fp64", sum_out_ptr="*fp64"))
 """
 
 
