@@ -12,7 +12,10 @@ fused in front of it (its prologue), so a decode layer launches fewer kernels:
   sum_sq, w)` normalises each K slice of the row from that sum as it streams: bit for bit the
   norm kernel (layers/triton_ops.py, whose sum is fp64 too) then the gemv, and no norm launch
   between (sessions 7 and 10 had each program reread the row, or the last one norm it, and lost
-  the launch's saving to that serial step; benchmarks/RESULTS.md, session 25).
+  the launch's saving to that serial step; benchmarks/RESULTS.md, session 25). gate_up's takes
+  `silu_out=True`: each program's lane pairs hold matching gate and up rows and its epilogue
+  stores silu(gate) * up of the rounded outputs (bit for bit the SiLU-and-mul kernel after it),
+  so down is a plain add_gemv (session 26: llama-1b down 174 -> 156 us a replay, gate_up +6).
 
 At batch 1-64 a decode step's matmuls are bound by reading the weights: every byte of w is
 read once and the arithmetic is small. Each program streams a [BLOCK_N, BLOCK_K] slab of w
