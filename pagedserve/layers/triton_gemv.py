@@ -403,14 +403,11 @@ def rms_norm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, sum_sq
 
 
 def add_gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, sum_sq: torch.Tensor,
-             silu: bool = False, config: GemvConfig | None = None) -> torch.Tensor:
-    """residual += x @ weight.T (silu(gate) * up of x = [gate | up] with `silu`) for one row, in
-    place, rounded as the norm kernel's residual add; adds the new row's fp64 sum of squares into
-    `sum_sq` (zero before, [1]) for the next launch's rms_norm_gemv. Returns residual."""
+             config: GemvConfig | None = None) -> torch.Tensor:
+    """residual += x @ weight.T for one row, in place, rounded as the norm kernel's residual add;
+    adds the new row's fp64 sum of squares into `sum_sq` (zero before, [1]) for the next launch's
+    rms_norm_gemv. Returns residual."""
     _check_chain(x, sum_sq, residual)
     if residual.shape[1] != weight.shape[0]:
         raise ValueError(f"add_gemv: residual has {residual.shape[1]} columns, the weight {weight.shape[0]} rows")
-    k = x.shape[-1] // 2 if silu else x.shape[-1]
-    if silu and x.shape[-1] % 2:
-        raise ValueError(f"add_gemv: gate_up must be [1, 2K]; got {tuple(x.shape)}")
-    return _launch(_SILU if silu else _PLAIN, x, weight, config, k, add=AddOut(residual, sum_sq))
+    return _launch(_PLAIN, x, weight, config, x.shape[-1], add=AddOut(residual, sum_sq))

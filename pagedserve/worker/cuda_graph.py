@@ -45,6 +45,7 @@ query_start_loc.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Callable
 
@@ -178,7 +179,7 @@ class DecodeStatics:
     def views(self, rows: int) -> dict[str, torch.Tensor]:
         """Bucket `rows`'s fields, views of the buffer (what its graph was captured on)."""
         if rows not in self._views:
-            self._views[rows] = {name: self.buffer[offset:offset + dtype.itemsize * _numel(shape)].view(dtype).view(shape)
+            self._views[rows] = {name: self.buffer[offset:offset + dtype.itemsize * math.prod(shape)].view(dtype).view(shape)
                                  for name, dtype, shape, offset in self.layout(rows)[0]}
         return self._views[rows]
 
@@ -222,10 +223,6 @@ class DecodeStatics:
 ONE_COPY_TABLE_BYTES = 1 << 16
 _NUMPY = {torch.int64: np.int64, torch.int32: np.int32}
 _PADDING = {"input_ids": 0, "feed": -1, "positions": 0, "slot_mapping": -1, "seq_lens": 1}
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    return shape[0] * (shape[1] if len(shape) > 1 else 1)
 
 
 def _run_only(forward: Callable[[int], Output], size: int) -> None:
