@@ -37,7 +37,7 @@ import triton.language as tl
 from pagedserve.attention.split_plan import SplitPlan, active_segments, choose_splits, sm_count
 from pagedserve.attention.triton_segment_merge import arrivals as _arrivals, merge_group, reduce_segments
 from pagedserve.attention.triton_store_kv import RotaryStore, slot_row
-from pagedserve.layers.triton_launch import launch_fitting
+from pagedserve.layers.triton_launch import gdc_wait, launch_fitting, pdl_launches
 from pagedserve.layers.triton_ops import _LIBDEVICE, rotate_rows
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -70,6 +70,23 @@ def _load_kv_tile(k_head_ptr, v_head_ptr, block_id, key_pos, key_valid, offs_d, 
     v = tl.load(v_head_ptr + block_id[:, None] * stride_v_block + slot[:, None] * stride_v_slot
                 + offs_d[None, :], mask=kv_mask, other=0.0)
     return k, v
+
+
+@triton.jit
+def _prefetch_lines(ptrs):
+    """prefetch.global.L2 of each address (a hint: nothing waits for it)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_kv_rows(k_head_ptr, v_head_ptr, block_id, slot, stride_k_block, stride_k_slot, stride_v_block,
+                      stride_v_slot, HEAD_DIM_PAD: tl.constexpr, PREFETCH_STEP: tl.constexpr):
+    """The K and V rows of one tile's keys (block ids and slots given) into the L2, one address per
+    128-byte line."""
+    lines = tl.arange(0, HEAD_DIM_PAD // PREFETCH_STEP) * PREFETCH_STEP
+    _prefetch_lines(k_head_ptr + block_id[:, None] * stride_k_block + slot[:, None] * stride_k_slot + lines[None, :])
+    _prefetch_lines(v_head_ptr + block_id[:, None] * stride_v_block + slot[:, None] * stride_v_slot + lines[None, :])
 
 
 @triton.jit
@@ -118,6 +135,12 @@ def _paged_attention_kernel(
     # MERGE (decode launches that split): the last segment of a (token, KV head) to finish merges
     # the group's partials itself (arrivals: zeroed counters it resets), no reduce launch after
     arrivals_ptr=None, MERGE: tl.constexpr = False, GROUP_PAD: tl.constexpr = 1, SEG_CHUNK: tl.constexpr = 16,
+    # WAIT_INPUTS (ROTARY_STORE launches made as programmatic dependent launches, DECODE_PDL): the
+    # program is placed while the projection before it runs, reads what that kernel does not write
+    # (sequence length, block ids, cos / sin, slot), prefetches its first tile's K / V rows into the
+    # L2 (a line every PREFETCH_STEP elements), then waits (griddepcontrol.wait) for the query,
+    # key and value
+    WAIT_INPUTS: tl.constexpr = False, PREFETCH_STEP: tl.constexpr = 64,
 ):
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
@@ -169,12 +192,12 @@ def _paged_attention_kernel(
     key_pos = tile_lo * TILE_N + offs_n
     block_id = tl.load(block_table_row + key_pos // BLOCK_SIZE, mask=key_pos < key_end, other=0).to(tl.int64)
     q_rows = query_ptr + token[:, None] * stride_q_token + head[:, None] * stride_q_head
-    q = tl.load(q_rows + offs_d[None, :], mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
     query_abs = context_len + query_pos  # absolute position of each row's token
+    k_head_ptr = k_cache_ptr + kv_head.to(tl.int64) * stride_k_head
+    v_head_ptr = v_cache_ptr + kv_head.to(tl.int64) * stride_v_head
     if ROTARY_STORE:
         HALF: tl.constexpr = HEAD_DIM // 2
         partner_d = offs_d ^ HALF   # rotate-half's partner (HEAD_DIM is a power of two here)
-        q_partner = tl.load(q_rows + partner_d[None, :], mask=row_valid[:, None], other=0.0)
         sign = tl.where(offs_d < HALF, -1.0, 1.0)
         # cos / sin loaded per row ([BLOCK_M, D], q's layout; the same row each): as [D] rows they
         # were converted to q's layout through shared memory, a barrier that waited for each load
@@ -182,17 +205,24 @@ def _paged_attention_kernel(
         rot = pos * stride_cos + offs_d[None, :] + 0 * offs_m[:, None]
         cos_rows = tl.load(cos_ptr + rot).to(tl.float32)
         sin_rows = tl.load(sin_ptr + rot).to(tl.float32)
+        cos = tl.load(cos_ptr + pos * stride_cos + offs_d).to(tl.float32)
+        sin = tl.load(sin_ptr + pos * stride_cos + offs_d).to(tl.float32)
+        slot = tl.load(slot_mapping_ptr + q_start).to(tl.int64)
+        if WAIT_INPUTS:   # launched early (PDL): what the step's projection does not write was read
+            # above; warm the L2 with the first tile's K / V rows, then wait for the query, key, value
+            _prefetch_kv_rows(k_head_ptr, v_head_ptr, block_id, key_pos % BLOCK_SIZE, stride_k_block,
+                              stride_k_slot, stride_v_block, stride_v_slot, HEAD_DIM_PAD, PREFETCH_STEP)
+            gdc_wait()
         # the new key and value, loaded with the query (one round trip) and stored by the last
         # segment, whose tile holds them, before its loop reads that tile (as the plain launch reads
         # it after rotary_store_kv's store: bit for bit); stored after the loop, they cost the last
         # segment two more round trips at batch 1, where it finishes the launch (session 23)
-        cos = tl.load(cos_ptr + pos * stride_cos + offs_d).to(tl.float32)
-        sin = tl.load(sin_ptr + pos * stride_cos + offs_d).to(tl.float32)
+        q = tl.load(q_rows + offs_d[None, :], mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
+        q_partner = tl.load(q_rows + partner_d[None, :], mask=row_valid[:, None], other=0.0)
         new_k_row = new_k_ptr + q_start.to(tl.int64) * stride_new_k + kv_head * HEAD_DIM
         new_k_in = tl.load(new_k_row + offs_d)
         new_k_partner = tl.load(new_k_row + partner_d)
         new_v = tl.load(new_v_ptr + q_start.to(tl.int64) * stride_new_v + kv_head * HEAD_DIM + offs_d)
-        slot = tl.load(slot_mapping_ptr + q_start).to(tl.int64)
         q = rotate_rows(q, q_partner, cos_rows, sin_rows, sign[None, :], LIBDEVICE)
         if (slot >= 0) & (segment == active - 1):
             new_k = rotate_rows(new_k_in, new_k_partner, cos, sin, sign, LIBDEVICE)
@@ -201,14 +231,14 @@ def _paged_attention_kernel(
             tl.store(slot_row(v_cache_ptr, slot, stride_v_block, stride_v_slot, BLOCK_SIZE)
                      + kv_head.to(tl.int64) * stride_v_head + offs_d, new_v.to(v_cache_ptr.dtype.element_ty))
         tl.debug_barrier()   # the stores performed for the whole program before its loop's loads
+    else:
+        q = tl.load(q_rows + offs_d[None, :], mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
     if (segment == 0) & (kv_head == 0) & (num_segments > 1):   # the reduce's count, per token
         tl.store(partial_active_ptr + token, active, mask=row_valid)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    k_head_ptr = k_cache_ptr + kv_head.to(tl.int64) * stride_k_head
-    v_head_ptr = v_cache_ptr + kv_head.to(tl.int64) * stride_v_head
     for tile in range(tile_lo, tile_hi):
         key_pos = tile * TILE_N + offs_n
         key_valid = key_pos < key_end
@@ -299,6 +329,14 @@ def narrow_decode_launch(num_seqs: int, num_kv_heads: int, queries_per_kv: int, 
     group = max(16, triton.next_power_of_2(queries_per_kv))
     return TileConfig(block_m=group, tile_n=NARROW_TILE_N, num_warps=4, num_stages=2), plan
 
+
+# Decode launches that rotate and store (all-decode batches) are programmatic dependent launches on
+# sm_90+: placed while the qkv projection before them runs (the norm chain's qkv gemv lets them be
+# placed at once: rms_norm_gemv's launch_dependents), they read the sequence length, block ids,
+# cos / sin and slot and warm the L2 with their first K / V tile before they wait for the query,
+# key and value; the chain of dependent round trips that a one-row launch is (above) then starts
+# behind the projection instead of after it.
+DECODE_PDL = True
 
 # Decode launches that split merge in the kernel: the last segment of each (token, KV head) to
 # finish merges the group's partials (no reduce launch; benchmarks/RESULTS.md, session 13).
@@ -451,6 +489,9 @@ def _launch_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                    cos_ptr=r.cos_cache, sin_ptr=r.sin_cache, stride_new_k=r.key.stride(0),
                    stride_new_v=r.value.stride(0), stride_cos=r.cos_cache.stride(0), ROTARY_STORE=True,
                    LIBDEVICE=_LIBDEVICE)
+    if rotary_store is not None and DECODE_PDL and pdl_launches(query.device):
+        new.update(WAIT_INPUTS=True, PREFETCH_STEP=min(128 // query.element_size(), triton.next_power_of_2(head_dim)),
+                   launch_pdl=True)
     if arrivals is not None:   # every query_len 1 (the caller's max_query_len): merged in the launch
         group_pad = triton.next_power_of_2(queries_per_kv)
         new.update(arrivals_ptr=arrivals, MERGE=True, GROUP_PAD=group_pad, SEG_CHUNK=max(8, 64 // group_pad))

@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from pagedserve.layers.triton_launch import gdc_launch_dependents, pdl_launches
 from pagedserve.layers.triton_ops import _LIBDEVICE, rms_apply, rms_inv, rms_norm, silu_and_mul, silu_mul
 
 logger = logging.getLogger(__name__)
@@ -80,7 +81,10 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                  PROLOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, LIBDEVICE: tl.constexpr,
                  SWAP: tl.constexpr = False, norm_w_ptr=None, sum_in_ptr=None, sum_out_ptr=None, inv_k=1.0,
-                 eps=0.0, ADD_OUT: tl.constexpr = False, SILU_OUT: tl.constexpr = False):
+                 eps=0.0, ADD_OUT: tl.constexpr = False, SILU_OUT: tl.constexpr = False,
+                 LAUNCH_DEPENDENTS: tl.constexpr = False):
+    if LAUNCH_DEPENDENTS:   # the kernel after this one (a programmatic dependent launch) may be placed now
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     # SILU_OUT: w = [gate | up] (N = 2 I), lane pairs (2j, 2j + 1) take gate row and up row
@@ -321,7 +325,8 @@ class AddOut:
 
 
 def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None, k: int,
-            norm: NormIn | None = None, add: AddOut | None = None, silu_out: bool = False) -> torch.Tensor:
+            norm: NormIn | None = None, add: AddOut | None = None, silu_out: bool = False,
+            launch_dependents: bool = False) -> torch.Tensor:
     _check(x, k, weight)
     m, n = x.shape[0], weight.shape[0]
     config = config or config_for(m, n, k)
@@ -336,6 +341,8 @@ def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, config: GemvCo
             norm_w_ptr=norm.weight if norm else None, sum_in_ptr=norm.sum_sq if norm else None,
             sum_out_ptr=add.sum_sq if add else None, inv_k=1.0 / k, eps=norm.eps if norm else 0.0,
             ADD_OUT=add is not None, SILU_OUT=silu_out)
+        if launch_dependents and pdl_launches(x.device):
+            extra["LAUNCH_DEPENDENTS"] = True
         try:   # (the resource check comes before the launch: nothing is enqueued when it fails)
             _gemv_kernel[(triton.cdiv(n, config.block_n),)](
                 x, weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
@@ -388,18 +395,22 @@ def _check_chain(x: torch.Tensor, sum_sq: torch.Tensor, rows: torch.Tensor | Non
 
 
 def rms_norm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, sum_sq: torch.Tensor,
-                  weight: torch.Tensor, config: GemvConfig | None = None, silu_out: bool = False) -> torch.Tensor:
+                  weight: torch.Tensor, config: GemvConfig | None = None, silu_out: bool = False,
+                  launch_dependents: bool = False) -> torch.Tensor:
     """RMSNorm(x) @ weight.T for one row x, whose fp64 sum of squares `sum_sq` ([1]) the launch that
     wrote x added up (add_gemv): bit for bit the norm kernel then the gemv. `silu_out` (weight =
     [gate | up], 2 I rows): silu(gate) * up of that output ([1, I]), bit for bit the SiLU-and-mul
-    kernel after it (each program takes matching gate and up rows). Mutates nothing."""
+    kernel after it (each program takes matching gate and up rows). `launch_dependents`: the next
+    kernel, when made a programmatic dependent launch (the decode attention after qkv), may be
+    placed on the SMs as this one starts (it waits for this one's output itself). Mutates nothing."""
     _check_chain(x, sum_sq)
     if norm_weight.shape != (x.shape[1],) or norm_weight.dtype != x.dtype or not norm_weight.is_contiguous():
         raise ValueError(f"rms_norm_gemv: norm_weight must be [{x.shape[1]}] in x's dtype; got "
                          f"{tuple(norm_weight.shape)} {norm_weight.dtype}")
     if silu_out and weight.shape[0] % 2:
         raise ValueError(f"rms_norm_gemv: silu_out needs a [gate | up] weight of 2 I rows; got {tuple(weight.shape)}")
-    return _launch(_NORM, x, weight, config, x.shape[-1], norm=NormIn(norm_weight, eps, sum_sq), silu_out=silu_out)
+    return _launch(_NORM, x, weight, config, x.shape[-1], norm=NormIn(norm_weight, eps, sum_sq), silu_out=silu_out,
+                   launch_dependents=launch_dependents)
 
 
 def add_gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, sum_sq: torch.Tensor,

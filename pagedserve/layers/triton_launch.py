@@ -12,7 +12,15 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from triton.runtime.errors import OutOfResources
+
+try:   # programmatic dependent launch (sm_90+)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    HAS_PDL = True
+except ImportError:   # an older Triton: referenced only in kernels' PDL branches, never taken
+    gdc_launch_dependents = gdc_wait = None
+    HAS_PDL = False
 
 logger = logging.getLogger(__name__)
 
@@ -48,3 +56,17 @@ def launch_fitting(kernel, grid, *args, stages: int, stages_arg: str = "num_stag
         if depth != stages or key is not None:
             _FITTED[key or _shape(kernel, kwargs, stages_arg, stages)] = depth
         return
+
+
+_PDL_DEVICES: dict[int, bool] = {}
+
+
+def pdl_launches(device: torch.device) -> bool:
+    """Whether kernels on `device` can be made programmatic dependent launches (griddepcontrol):
+    a CUDA device of compute capability >= 9.0 and a Triton that has the instructions."""
+    if device.type != "cuda" or not HAS_PDL:
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _PDL_DEVICES:
+        _PDL_DEVICES[index] = torch.cuda.get_device_capability(index) >= (9, 0)
+    return _PDL_DEVICES[index]

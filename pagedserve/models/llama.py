@@ -120,7 +120,9 @@ class LlamaDecoderLayer(nn.Module):
         if nxt is None:
             return None
         norm = nxt.input_layernorm
-        return rms_norm_gemv(residual, norm.weight, norm.eps, sums[1:2], nxt.self_attn.qkv_proj.weight)
+        # the decode attention after it is placed as it starts (a programmatic dependent launch)
+        return rms_norm_gemv(residual, norm.weight, norm.eps, sums[1:2], nxt.self_attn.qkv_proj.weight,
+                             launch_dependents=True)
 
 
 Intermediate = tuple[torch.Tensor, torch.Tensor]   # (hidden, residual) between pipeline stages

@@ -241,10 +241,17 @@ for prologue, block_m, swap, add in [(0, 1, False, False), (0, 16, False, False)
                                      (2, 1, False, False), (0, 1, False, True)]:
     build(_gemv_kernel, dict(PROLOGUE=prologue, BLOCK_M=block_m, BLOCK_N=8 if block_m == 1 else 64,
                              BLOCK_K=256, EVEN_K=False, NUM_STAGES=4, LIBDEVICE=True, SWAP=swap, ADD_OUT=add,
-                             SILU_OUT=False),
+                             SILU_OUT=False, LAUNCH_DEPENDENTS=False),
           dict(sum_in_ptr="*fp64", sum_out_ptr="*fp64"))
 build(_gemv_kernel, dict(PROLOGUE=2, BLOCK_M=1, BLOCK_N=32, BLOCK_K=256, EVEN_K=True, NUM_STAGES=3, LIBDEVICE=True,
-                         SWAP=False, ADD_OUT=False, SILU_OUT=True), dict(sum_in_ptr="*fp64", sum_out_ptr="*fp64"))
+                         SWAP=False, ADD_OUT=False, SILU_OUT=True, LAUNCH_DEPENDENTS=False),
+      dict(sum_in_ptr="*fp64", sum_out_ptr="*fp64"))
+# the norm chain's qkv launch, which lets the decode attention after it be placed as it starts
+k = build(_gemv_kernel, dict(PROLOGUE=2, BLOCK_M=1, BLOCK_N=4, BLOCK_K=512, EVEN_K=True, NUM_STAGES=3,
+                             LIBDEVICE=True, SWAP=False, ADD_OUT=False, SILU_OUT=False, LAUNCH_DEPENDENTS=True),
+          dict(sum_in_ptr="*fp64", sum_out_ptr="*fp64"))
+ptx = k.asm["ptx"]
+assert "griddepcontrol.launch_dependents" in ptx and ptx.index("griddepcontrol.launch_dependents") < ptx.index("ld.global")
 """
 
 

@@ -448,7 +448,8 @@ for head_dim, tile_n in ((128, 64), (64, 64)):   # llama-8b's and llama-1b's dec
         build(kernel, dict(NUM_HEADS=32, QUERIES_PER_KV=4, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim,
                            BLOCK_SIZE=16, BLOCK_M=16, BLOCK_Q=4, TILE_N=tile_n, ONE_TILE_PER_SEQ=True,
                            DOT_PRECISION="tf32", ROTARY_STORE=rotary, LIBDEVICE=True, MERGE=rotary,
-                           GROUP_PAD=4, SEG_CHUNK=16), {**types, "arrivals_ptr": "*i32"}, aligned, num_warps=4, num_stages=3)
+                           GROUP_PAD=4, SEG_CHUNK=16, WAIT_INPUTS=rotary, PREFETCH_STEP=64),
+              {**types, "arrivals_ptr": "*i32"}, aligned, num_warps=4, num_stages=3)
 from pagedserve.attention.triton_segment_merge import _reduce_segments_kernel as reduce
 build(reduce, dict(NUM_HEADS=32, HEAD_DIM=128, HEAD_DIM_PAD=128, SEG_CHUNK=16),
       {**types, "active_ptr": "*i32"}, ("partial_acc_ptr", "out_ptr"), num_warps=4)
@@ -459,9 +460,10 @@ _DECODE_PTX = _DECODE_KERNEL_TYPES + """
 import json
 k = build(kernel, dict(NUM_HEADS=32, QUERIES_PER_KV=4, HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_SIZE=16, BLOCK_M=16,
                        BLOCK_Q=4, TILE_N=64, ONE_TILE_PER_SEQ=True, DOT_PRECISION="tf32", ROTARY_STORE=True,
-                       LIBDEVICE=True, MERGE=True, GROUP_PAD=4, SEG_CHUNK=16), {**types, "arrivals_ptr": "*i32"},
-          aligned, num_warps=4, num_stages=3)
-names = ("ld.global", "st.global.b16", "cp.async.commit_group", "cp.async.wait_group 0", "atom.global", "bar.sync")
+                       LIBDEVICE=True, MERGE=True, GROUP_PAD=4, SEG_CHUNK=16, WAIT_INPUTS=True, PREFETCH_STEP=64),
+          {**types, "arrivals_ptr": "*i32"}, aligned, num_warps=4, num_stages=3)
+names = ("ld.global", "st.global.b16", "cp.async.commit_group", "cp.async.wait_group 0", "atom.global", "bar.sync",
+         "prefetch.global.L2", "griddepcontrol.wait")
 lines = [" ".join(line.split()) for line in k.asm["ptx"].splitlines()]
 print(json.dumps([name for line in lines for name in names if name in line]))
 """
@@ -472,7 +474,9 @@ def test_fused_decode_stores_the_new_key_before_the_loop_reads() -> None:
     """llama-8b's one-row decode launch (rotary, store, merge) for sm_90: the new key and value go out
     before the loop issues its first K/V tile, and after the loop no load is issued before the merge's
     atomic. Stored after the loop, their tile was read back on its own (K, then V after the first dot):
-    the last segment, which finishes a batch-1 launch, paid three dependent round trips more."""
+    the last segment, which finishes a batch-1 launch, paid three dependent round trips more. As a
+    programmatic dependent launch (DECODE_PDL) it prefetches K / V lines and waits (griddepcontrol.wait)
+    after the loads that do not depend on the projection before it, and before those that do."""
     pytest.importorskip("triton.backends.nvidia")
     import json
     from tests.kernels.sm90_compile import run
@@ -481,6 +485,9 @@ def test_fused_decode_stores_the_new_key_before_the_loop_reads() -> None:
     ops = json.loads(proc.stdout.strip().splitlines()[-1])
     first_commit, loop_end = ops.index("cp.async.commit_group"), ops.index("cp.async.wait_group 0")
     assert ops[:first_commit].count("st.global.b16") == 2, ops   # the new key's and value's rows (bf16)
+    wait = ops.index("griddepcontrol.wait")
+    assert ops.count("griddepcontrol.wait") == 1 and ops[:wait].count("prefetch.global.L2") == 2, ops
+    assert ops[:wait].count("ld.global") >= 3 and "ld.global" in ops[wait:ops.index("st.global.b16")], ops
     after_loop = ops[loop_end:ops.index("atom.global")]
     assert "ld.global" not in after_loop, after_loop
 
