@@ -330,12 +330,14 @@ def narrow_decode_launch(num_seqs: int, num_kv_heads: int, queries_per_kv: int, 
     return TileConfig(block_m=group, tile_n=NARROW_TILE_N, num_warps=4, num_stages=2), plan
 
 
-# Decode launches that rotate and store (all-decode batches) are programmatic dependent launches on
-# sm_90+: placed while the qkv projection before them runs (the norm chain's qkv gemv lets them be
-# placed at once: rms_norm_gemv's launch_dependents), they read the sequence length, block ids,
-# cos / sin and slot and warm the L2 with their first K / V tile before they wait for the query,
-# key and value; the chain of dependent round trips that a one-row launch is (above) then starts
-# behind the projection instead of after it.
+# Latency-bound decode launches that rotate and store (narrow_decode_launch's, all-decode) are
+# programmatic dependent launches on sm_90+: placed while the qkv projection before them runs (the
+# norm chain's qkv gemv lets them be placed at once: rms_norm_gemv's launch_dependents), they read
+# the sequence length, block ids, cos / sin and slot and warm the L2 with their first K / V tile
+# before they wait for the query, key and value; the chain of dependent round trips that such a
+# launch is (above) then starts behind the projection instead of after it. H200, one row, context
+# 383 (benchmarks/RESULTS.md, session 27): llama-1b decode replay 0.841 -> 0.821 ms, llama-8b 3.944
+# -> 3.888 ms. Wider launches are bandwidth-bound: not made so.
 DECODE_PDL = True
 
 # Decode launches that split merge in the kernel: the last segment of each (token, KV head) to
@@ -456,7 +458,8 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         config = tiles or default_tile_config(queries_per_kv, head_dim_pad, launch_max_query_len, query.dtype)
         _launch_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                           out, partials, seq_begin, seq_end, launch_max_query_len, launch_tokens,
-                          config, plan, rotary_store, arrivals)
+                          config, plan, rotary_store, arrivals,
+                          wait_inputs=narrow is not None and DECODE_PDL and pdl_launches(query.device))
     if partials is not None and arrivals is None:
         reduce_segments(out, partials, query_start_loc, plan.num_segments)
     return out
@@ -468,7 +471,7 @@ def _launch_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                       partials: tuple[torch.Tensor, ...] | None,
                       seq_begin: int, seq_end: int, max_query_len: int, max_tokens: int,
                       config: TileConfig, plan: SplitPlan, rotary_store: RotaryStore | None = None,
-                      arrivals: torch.Tensor | None = None) -> None:
+                      arrivals: torch.Tensor | None = None, wait_inputs: bool = False) -> None:
     """One kernel launch over sequences [seq_begin, seq_end) whose query tokens number at
     most max_tokens. Writes `out` (one active segment) or the fp32 partials and, per token,
     the count of active segments."""
@@ -489,7 +492,7 @@ def _launch_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                    cos_ptr=r.cos_cache, sin_ptr=r.sin_cache, stride_new_k=r.key.stride(0),
                    stride_new_v=r.value.stride(0), stride_cos=r.cos_cache.stride(0), ROTARY_STORE=True,
                    LIBDEVICE=_LIBDEVICE)
-    if rotary_store is not None and DECODE_PDL and pdl_launches(query.device):
+    if rotary_store is not None and wait_inputs:
         new.update(WAIT_INPUTS=True, PREFETCH_STEP=min(128 // query.element_size(), triton.next_power_of_2(head_dim)),
                    launch_pdl=True)
     if arrivals is not None:   # every query_len 1 (the caller's max_query_len): merged in the launch

@@ -295,6 +295,38 @@ def argmax_rows(x: torch.Tensor, bitmask: torch.Tensor | None = None, out: torch
 
 
 @triton.jit
+def _embed_row_kernel(ids_ptr, weight_ptr, out_ptr, sums_ptr, vocab, n_cols, num_sums, stride_w,
+                      BLOCK: tl.constexpr, SUMS_BLOCK: tl.constexpr):
+    token = tl.load(ids_ptr)
+    token = tl.minimum(tl.maximum(token, 0), vocab - 1).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(weight_ptr + token * stride_w + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + cols, x, mask=mask)
+    xd = x.to(tl.float64)
+    offs = tl.arange(0, SUMS_BLOCK)
+    tl.store(sums_ptr + offs, tl.where(offs == 0, tl.sum(xd * xd, axis=0), 0.0), mask=offs < num_sums)
+
+
+def embed_row(ids: torch.Tensor, weight: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+    """weight's row of the one token id in `ids` ([1], int64; clamped into the vocabulary) as a
+    new [1, H] row, and `sums` (fp64 [n]) set to that row's sum of squares at [0], zero elsewhere:
+    the norm chain's first launch (models/llama.py's forward_chained), in place of the embedding
+    lookup, the sums' memset and the first RMSNorm launch (the first qkv gemv normalises the row
+    from sums[0], as the norm kernel does: the same bits)."""
+    if ids.shape != (1,) or ids.dtype != torch.int64 or weight.dim() != 2 or weight.stride(1) != 1 \
+            or sums.dtype != torch.float64 or sums.dim() != 1 or not sums.is_contiguous():
+        raise ValueError(f"embed_row: ids int64 [1], weight [V, H] with unit column stride, sums fp64 [n]; got "
+                         f"{ids.dtype} {tuple(ids.shape)}, {tuple(weight.shape)}, {sums.dtype} {tuple(sums.shape)}")
+    out = torch.empty(1, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    block = triton.next_power_of_2(weight.shape[1])
+    _embed_row_kernel[(1,)](ids, weight, out, sums, weight.shape[0], weight.shape[1], sums.shape[0], weight.stride(0),
+                            BLOCK=block, SUMS_BLOCK=triton.next_power_of_2(sums.shape[0]),
+                            num_warps=min(max(block // 256, 1), 8))
+    return out
+
+
+@triton.jit
 def _feed_tokens_kernel(ids_ptr, feed_ptr, sampled_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     src = tl.load(feed_ptr + offs, mask=offs < n, other=-1)

@@ -154,14 +154,15 @@ class LlamaModel(nn.Module):
     def plan_norm_chain(self) -> None:
         """Whether a one-row forward chains its norms through the gemvs (LlamaDecoderLayer.
         forward_chained): on CUDA, one pipeline stage, no tensor parallelism (a row-parallel
-        output is all-reduced before the add), every linear float bf16 / fp16 without a bias. Each
-        layer's two sums of squares live in one fp64 buffer, zeroed by the forward (one memset
-        inside the decode graph)."""
+        output is all-reduced before the add), a float embedding, every linear float bf16 / fp16
+        without a bias. The embedded row's sum of squares and each layer's two live in one fp64
+        buffer, which the embedding launch sets (triton_ops.embed_row)."""
         from pagedserve.layers import linear_ops
         from pagedserve.layers.parallel import tp_world_size
         self.norm_sums = None
         layers = self.own_layers
-        if not (self.first and self.last and layers and tp_world_size() == 1):
+        if not (self.first and self.last and layers and tp_world_size() == 1
+                and self.embed_tokens.quant_method is None):
             return
         linears = [lin for layer in layers for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                                                        layer.mlp.gate_up_proj, layer.mlp.down_proj)]
@@ -169,19 +170,21 @@ class LlamaModel(nn.Module):
                and (lin.weight.is_cuda or linear_ops.NORM_CHAIN_ON_CPU)
                and lin.weight.dtype in (torch.bfloat16, torch.float16) and lin.weight.stride(1) == 1
                for lin in linears):
-            self.norm_sums = torch.zeros(2 * len(layers), dtype=torch.float64, device=linears[0].weight.device)
+            self.norm_sums = torch.zeros(2 * len(layers) + 1, dtype=torch.float64, device=linears[0].weight.device)
 
-    def _forward_chained(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata
+    def _forward_chained(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
                          ) -> torch.Tensor:
-        """One row with the norms chained through the gemvs: the first layer's input norm and the
-        final norm stay norm launches."""
+        """One row with the norms chained through the gemvs: one launch embeds the row, sets its
+        sum of squares (sums[0]) and zeroes the layers' sums; the final norm stays a norm launch."""
+        from pagedserve.layers.triton_gemv import rms_norm_gemv
+        from pagedserve.layers.triton_ops import embed_row
         layers, sums = self.own_layers, self.norm_sums
-        sums.zero_()
-        residual = hidden
-        qkv = layers[0].self_attn.qkv_proj(layers[0].input_layernorm(hidden))
+        residual = embed_row(input_ids, self.embed_tokens.weight, sums)
+        norm, first = layers[0].input_layernorm, layers[0].self_attn.qkv_proj
+        qkv = rms_norm_gemv(residual, norm.weight, norm.eps, sums[0:1], first.weight, launch_dependents=True)
         for i, layer in enumerate(layers):
             nxt = layers[i + 1] if i + 1 < len(layers) else None
-            qkv = layer.forward_chained(positions, qkv, residual, meta, sums[2 * i:2 * i + 2], nxt)
+            qkv = layer.forward_chained(positions, qkv, residual, meta, sums[2 * i + 1:2 * i + 3], nxt)
         return self.norm(residual)
 
     def plan_handoffs(self) -> None:
@@ -196,13 +199,13 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 intermediate: Intermediate | None = None) -> torch.Tensor | Intermediate:
+        if self.norm_sums is not None and input_ids.shape[0] == 1 and norm_chain():
+            return self._forward_chained(input_ids, positions, meta)
         if self.first:
             hidden, residual = self.embed_tokens(input_ids), None
         else:
             hidden, residual = intermediate
         layers, norm = self.own_layers, self.norm if self.last else None
-        if self.norm_sums is not None and input_ids.shape[0] == 1 and norm_chain():
-            return self._forward_chained(positions, hidden, meta)
         if self.handoff is not None and input_ids.shape[0] == 1:
             self.handoff.zero_()   # the one-row W4A16 launches add into it
         if not hidden.is_cuda and (out := cpu_decode_stack(layers, positions, hidden, residual, meta, norm)) is not None:

@@ -7,7 +7,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from pagedserve.layers.rotary import RotaryEmbedding  # noqa: E402
-from pagedserve.layers.triton_ops import rms_norm, rotary_in_place, silu_and_mul  # noqa: E402
+from pagedserve.layers.triton_ops import embed_row, rms_norm, rotary_in_place, silu_and_mul  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32] + ([torch.bfloat16, torch.float16] if DEVICE == "cuda" else [])
@@ -64,6 +64,26 @@ def test_rotary_in_place_on_qkv_views(dtype, heads, kv_heads, head_dim):
     torch.testing.assert_close(q, exp_q, atol=TOL[dtype], rtol=TOL[dtype])
     torch.testing.assert_close(k, exp_k, atol=TOL[dtype], rtol=TOL[dtype])
     assert torch.equal(qkv[:, (heads + kv_heads) * head_dim:], v_before)   # V untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hidden,num_sums", [(64, 5), (576, 61), (1000, 1)])
+def test_embed_row_sets_the_norm_chain_sums(dtype, hidden, num_sums):
+    """The norm chain's first launch: the token's row (ids out of range clamped into the vocabulary),
+    its fp64 sum of squares in sums[0] exactly as the norm kernel sums it, every other sum zeroed."""
+    g = torch.Generator().manual_seed(hidden)
+    weight = torch.randn(50, hidden, generator=g).to(DEVICE, dtype)
+    for token, row in ((7, 7), (49, 49), (-3, 0), (50, 49)):
+        sums = torch.full((num_sums,), 3.5, dtype=torch.float64, device=DEVICE)
+        out = embed_row(torch.tensor([token], device=DEVICE), weight, sums)
+        assert out.shape == (1, hidden) and out.dtype == dtype and torch.equal(out[0], weight[row])
+        expected = torch.zeros(num_sums, dtype=torch.float64)
+        expected[0] = weight[row].double().square().sum().item()
+        assert torch.equal(sums.cpu(), expected), (token, sums[:3])
+    with pytest.raises(ValueError, match="embed_row"):
+        embed_row(torch.tensor([1, 2], device=DEVICE), weight, sums)
+    with pytest.raises(ValueError, match="embed_row"):
+        embed_row(torch.tensor([1], device=DEVICE), weight, sums.float())
 
 
 def test_launchers_reject_bad_shapes():

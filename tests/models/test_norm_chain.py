@@ -38,9 +38,10 @@ def test_chained_decode_equals_the_norm_launches(tmp_path, monkeypatch, name):
     path = write_tiny_checkpoint(str(tmp_path), name, seed=3)
     ids, logprobs, llm = _decode(path, name, True, monkeypatch)
     model = llm.engine.core.executor.runner.model.model
-    # two sums a layer; the last step's are still there (the forward zeroes them first): each layer's
-    # second is the sum of squares of the residual row the next layer (the final norm) takes
-    assert model.norm_sums is not None and model.norm_sums.shape == (4,) and bool((model.norm_sums > 0).all())
+    # the embedded row's sum of squares, then two a layer; the last step's are still there (the embedding
+    # launch sets them first): each layer's second is that of the residual row the next layer (the final
+    # norm) takes
+    assert model.norm_sums is not None and model.norm_sums.shape == (5,) and bool((model.norm_sums > 0).all())
     llm.shutdown()
     ref_ids, ref_logprobs, ref_llm = _decode(path, name, False, monkeypatch)
     ref_llm.shutdown()
