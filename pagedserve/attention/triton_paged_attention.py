@@ -24,7 +24,10 @@ active segments; the others exit at once; triton_segment_merge.py merges the act
 MERGE_IN_KERNEL, the last of a token's KV-head group to finish does, in the same launch). A
 token with one active segment gets its output from it directly (the merge of one segment
 divides alike). Softmax runs in fp32 in the log2 domain. Decode launches can also rotate the
-query and the new key and store the new K/V themselves (paged_attention's rotary_store).
+query and the new key and store the new K/V themselves (paged_attention's rotary_store); the
+latency-bound ones are then programmatic dependent launches (DECODE_PDL, WAIT_INPUTS): what the
+projection before them does not write is read before griddepcontrol.wait, the query, key and
+value after it.
 """
 from __future__ import annotations
 

@@ -56,7 +56,9 @@ MAX_ROWS = 64
 # 1,025.6 tok/s on llama-1b, benchmarks/RESULTS.md; deleted. Nor did o_proj's and gate_up's weights
 # bulk-prefetched into the L2 (cp.async.bulk.prefetch) while the decode attention runs: the gemvs
 # read them from the L2 only 0.5 us a layer faster, the prefetch launch cost 3-4 us; replay +5% /
-# +3%, session 18, branch l2pf.)
+# +3%, session 18, branch l2pf. What did pay: only the one-row decode attention as a PDL launch,
+# reading its own dependent chain's first links while the chained qkv gemv, which triggers it as it
+# starts (LAUNCH_DEPENDENTS), runs: llama-1b replay -20 us, session 27.)
 # (Split K at one row, each tile's fp32 partials summed in a fixed order by its last program in
 # the same launch, was checked exact and deterministic on the H200 but slower on all ten llama
 # shapes, by 0.8-6.1 us a call, and level end to end: benchmarks/RESULTS.md, session 9; deleted.)

@@ -7,6 +7,9 @@ at 3 stages) or the paged attention's fp32 prefill-shaped launch at head_dim 256
 Triton checks the need before it enqueues anything, so `launch_fitting` can launch again with
 one stage less: the same tiles in the same order, the same sums, only less of the next tiles
 in flight. The depth that fitted is remembered per kernel and launch shape.
+
+Also here: whether a device takes programmatic dependent launches (`pdl_launches`: sm_90+ and a
+Triton with griddepcontrol), and the gdc_* instructions the kernels that use them import.
 """
 from __future__ import annotations
 
