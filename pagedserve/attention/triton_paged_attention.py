@@ -40,7 +40,7 @@ import triton.language as tl
 from pagedserve.attention.split_plan import SplitPlan, active_segments, choose_splits, sm_count
 from pagedserve.attention.triton_segment_merge import arrivals as _arrivals, merge_group, reduce_segments
 from pagedserve.attention.triton_store_kv import RotaryStore, slot_row
-from pagedserve.layers.triton_launch import gdc_wait, launch_fitting, pdl_launches
+from pagedserve.layers.triton_launch import gdc_launch_dependents, gdc_wait, launch_fitting, pdl_launches
 from pagedserve.layers.triton_ops import _LIBDEVICE, rotate_rows
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -216,6 +216,9 @@ def _paged_attention_kernel(
             _prefetch_kv_rows(k_head_ptr, v_head_ptr, block_id, key_pos % BLOCK_SIZE, stride_k_block,
                               stride_k_slot, stride_v_block, stride_v_slot, HEAD_DIM_PAD, PREFETCH_STEP)
             gdc_wait()
+            # the projection after this launch (o's add_gemv with wait_inputs) may be placed now: the
+            # SMs are free of the qkv gemv, which has finished
+            gdc_launch_dependents()
         # the new key and value, loaded with the query (one round trip) and stored by the last
         # segment, whose tile holds them, before its loop reads that tile (as the plain launch reads
         # it after rotary_store_kv's store: bit for bit); stored after the loop, they cost the last
@@ -340,7 +343,9 @@ def narrow_decode_launch(num_seqs: int, num_kv_heads: int, queries_per_kv: int, 
 # before they wait for the query, key and value; the chain of dependent round trips that such a
 # launch is (above) then starts behind the projection instead of after it. H200, one row, context
 # 383 (benchmarks/RESULTS.md, session 27): llama-1b decode replay 0.841 -> 0.821 ms, llama-8b 3.944
-# -> 3.888 ms. Wider launches are bandwidth-bound: not made so.
+# -> 3.888 ms. Wider launches are bandwidth-bound: not made so. Once its wait is over such a launch
+# lets the o projection after it be placed (the chain's add_gemv with wait_inputs: its first weight
+# slice loaded before it waits; llama-1b +0.7%).
 DECODE_PDL = True
 
 # Decode launches that split merge in the kernel: the last segment of each (token, KV head) to

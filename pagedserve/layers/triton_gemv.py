@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from pagedserve.layers.triton_launch import gdc_launch_dependents, pdl_launches
+from pagedserve.layers.triton_launch import gdc_launch_dependents, gdc_wait, pdl_launches
 from pagedserve.layers.triton_ops import _LIBDEVICE, rms_apply, rms_inv, rms_norm, silu_and_mul, silu_mul
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,10 @@ MAX_ROWS = 64
 # read them from the L2 only 0.5 us a layer faster, the prefetch launch cost 3-4 us; replay +5% /
 # +3%, session 18, branch l2pf. What did pay: only the one-row decode attention as a PDL launch,
 # reading its own dependent chain's first links while the chained qkv gemv, which triggers it as it
-# starts (LAUNCH_DEPENDENTS), runs: llama-1b replay -20 us, session 27.)
+# starts (LAUNCH_DEPENDENTS), runs: llama-1b replay -20 us; and o's add_gemv placed as that
+# attention's wait ends, holding its first weight slice before its own (WAIT_INPUTS): llama-1b
+# b1_decode +0.7%, llama-8b level; with the rest of o's rows prefetched into the L2 as well, the
+# attention it overlapped ran 2.4 / 10.5 us a layer slower: llama-8b -5.5%; session 27.)
 # (Split K at one row, each tile's fp32 partials summed in a fixed order by its last program in
 # the same launch, was checked exact and deterministic on the H200 but slower on all ten llama
 # shapes, by 0.8-6.1 us a call, and level end to end: benchmarks/RESULTS.md, session 9; deleted.)
@@ -78,13 +81,14 @@ _DTYPES = (torch.bfloat16, torch.float16)
 _PLAIN, _SILU, _NORM = 0, 1, 2
 
 
+
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                  PROLOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr, LIBDEVICE: tl.constexpr,
                  SWAP: tl.constexpr = False, norm_w_ptr=None, sum_in_ptr=None, sum_out_ptr=None, inv_k=1.0,
                  eps=0.0, ADD_OUT: tl.constexpr = False, SILU_OUT: tl.constexpr = False,
-                 LAUNCH_DEPENDENTS: tl.constexpr = False):
+                 LAUNCH_DEPENDENTS: tl.constexpr = False, WAIT_INPUTS: tl.constexpr = False):
     if LAUNCH_DEPENDENTS:   # the kernel after this one (a programmatic dependent launch) may be placed now
         gdc_launch_dependents()
     pid = tl.program_id(0)
@@ -111,7 +115,19 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
         acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+    k_start = 0
+    if WAIT_INPUTS:   # one row, plain (a programmatic dependent launch placed while the kernel that
+        # writes x runs): the first weight slice into registers, then wait for x; the first slice's
+        # products, then the loop from the second (the rest of the rows prefetched into the L2 here
+        # too slowed the decode attention they overlapped: llama-8b replay +6%, session 27)
+        w_first = tl.load(w_rows + offs_k[None, :], mask=n_valid if EVEN_K else n_valid & (offs_k[None, :] < K),
+                          other=0.0)
+        gdc_wait()
+        x_first = tl.load(x_rows + offs_k[None, :], mask=m_valid if EVEN_K else m_valid & (offs_k[None, :] < K),
+                          other=0.0)
+        acc_k += x_first.to(tl.float32) * w_first.to(tl.float32)
+        k_start = BLOCK_K
+    for k in tl.range(k_start, K, BLOCK_K, num_stages=NUM_STAGES):
         cols = k + offs_k
         x_mask = m_valid if EVEN_K else m_valid & (cols[None, :] < K)
         w_mask = n_valid if EVEN_K else n_valid & (cols[None, :] < K)
@@ -328,7 +344,7 @@ class AddOut:
 
 def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None, k: int,
             norm: NormIn | None = None, add: AddOut | None = None, silu_out: bool = False,
-            launch_dependents: bool = False) -> torch.Tensor:
+            launch_dependents: bool = False, wait_inputs: bool = False) -> torch.Tensor:
     _check(x, k, weight)
     m, n = x.shape[0], weight.shape[0]
     config = config or config_for(m, n, k)
@@ -345,6 +361,8 @@ def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, config: GemvCo
             ADD_OUT=add is not None, SILU_OUT=silu_out)
         if launch_dependents and pdl_launches(x.device):
             extra["LAUNCH_DEPENDENTS"] = True
+        if wait_inputs and m == 1 and prologue == _PLAIN and pdl_launches(x.device):
+            extra.update(WAIT_INPUTS=True, launch_pdl=True)
         try:   # (the resource check comes before the launch: nothing is enqueued when it fails)
             _gemv_kernel[(triton.cdiv(n, config.block_n),)](
                 x, weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
@@ -398,7 +416,7 @@ def _check_chain(x: torch.Tensor, sum_sq: torch.Tensor, rows: torch.Tensor | Non
 
 def rms_norm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, sum_sq: torch.Tensor,
                   weight: torch.Tensor, config: GemvConfig | None = None, silu_out: bool = False,
-                  launch_dependents: bool = False) -> torch.Tensor:
+                  launch_dependents: bool = False, wait_inputs: bool = False) -> torch.Tensor:
     """RMSNorm(x) @ weight.T for one row x, whose fp64 sum of squares `sum_sq` ([1]) the launch that
     wrote x added up (add_gemv): bit for bit the norm kernel then the gemv. `silu_out` (weight =
     [gate | up], 2 I rows): silu(gate) * up of that output ([1, I]), bit for bit the SiLU-and-mul
@@ -416,11 +434,13 @@ def rms_norm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, sum_sq
 
 
 def add_gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, sum_sq: torch.Tensor,
-             config: GemvConfig | None = None) -> torch.Tensor:
+             config: GemvConfig | None = None, wait_inputs: bool = False) -> torch.Tensor:
     """residual += x @ weight.T for one row, in place, rounded as the norm kernel's residual add;
     adds the new row's fp64 sum of squares into `sum_sq` (zero before, [1]) for the next launch's
-    rms_norm_gemv. Returns residual."""
+    rms_norm_gemv. `wait_inputs`: a programmatic dependent launch (sm_90+) that loads its first weight
+    slice before it waits for x (o_proj after the decode attention, which lets it be placed once its
+    own wait is over). Returns residual."""
     _check_chain(x, sum_sq, residual)
     if residual.shape[1] != weight.shape[0]:
         raise ValueError(f"add_gemv: residual has {residual.shape[1]} columns, the weight {weight.shape[0]} rows")
-    return _launch(_PLAIN, x, weight, config, x.shape[-1], add=AddOut(residual, sum_sq))
+    return _launch(_PLAIN, x, weight, config, x.shape[-1], add=AddOut(residual, sum_sq), wait_inputs=wait_inputs)

@@ -113,7 +113,8 @@ class LlamaDecoderLayer(nn.Module):
         for the last layer)."""
         from pagedserve.layers.triton_gemv import add_gemv, rms_norm_gemv
         attn, mlp, norm = self.self_attn, self.mlp, self.post_attention_layernorm
-        add_gemv(attn.attend(positions, qkv, meta), attn.o_proj.weight, residual, sums[0:1])
+        # o is placed while the decode attention runs (programmatic dependent launches, sm_90+)
+        add_gemv(attn.attend(positions, qkv, meta), attn.o_proj.weight, residual, sums[0:1], wait_inputs=True)
         # silu(gate) * up in gate_up's epilogue: down reads I values, not 2 I through a SiLU prologue
         act = rms_norm_gemv(residual, norm.weight, norm.eps, sums[0:1], mlp.gate_up_proj.weight, silu_out=True)
         add_gemv(act, mlp.down_proj.weight, residual, sums[1:2])

@@ -178,13 +178,15 @@ def test_norm_chain_is_the_norm_kernel_bit_for_bit(hidden: int, inner: int, dtyp
     residual_ref = residual0.clone()
     next_ref = gemv(rms_norm(y, norm_w, 1e-5, residual_ref), w_next, SMALL)
 
-    residual = residual0.clone()
-    sum_sq = torch.zeros(1, dtype=torch.float64, device=DEVICE)
-    assert add_gemv(x, w_out, residual, sum_sq, config=SMALL) is residual
-    assert torch.equal(residual, residual_ref)
-    assert sum_sq.item() == residual.double().square().sum().item()
-    assert torch.equal(rms_norm_gemv(residual, norm_w, 1e-5, sum_sq, w_next, SMALL), next_ref)
-    assert torch.equal(residual, residual_ref)   # the prologue only reads it
+    for wait_inputs in (False, True):   # True on sm_90+: a PDL launch, its first slice loaded before x
+        residual = residual0.clone()
+        sum_sq = torch.zeros(1, dtype=torch.float64, device=DEVICE)
+        assert add_gemv(x, w_out, residual, sum_sq, config=SMALL, wait_inputs=wait_inputs) is residual
+        assert torch.equal(residual, residual_ref)
+        assert sum_sq.item() == residual.double().square().sum().item()
+        assert torch.equal(rms_norm_gemv(residual, norm_w, 1e-5, sum_sq, w_next, SMALL, launch_dependents=True),
+                           next_ref)
+        assert torch.equal(residual, residual_ref)   # the prologue only reads it
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -241,17 +243,25 @@ for prologue, block_m, swap, add in [(0, 1, False, False), (0, 16, False, False)
                                      (2, 1, False, False), (0, 1, False, True)]:
     build(_gemv_kernel, dict(PROLOGUE=prologue, BLOCK_M=block_m, BLOCK_N=8 if block_m == 1 else 64,
                              BLOCK_K=256, EVEN_K=False, NUM_STAGES=4, LIBDEVICE=True, SWAP=swap, ADD_OUT=add,
-                             SILU_OUT=False, LAUNCH_DEPENDENTS=False),
+                             SILU_OUT=False, LAUNCH_DEPENDENTS=False, WAIT_INPUTS=False),
           dict(sum_in_ptr="*fp64", sum_out_ptr="*fp64"))
 build(_gemv_kernel, dict(PROLOGUE=2, BLOCK_M=1, BLOCK_N=32, BLOCK_K=256, EVEN_K=True, NUM_STAGES=3, LIBDEVICE=True,
-                         SWAP=False, ADD_OUT=False, SILU_OUT=True, LAUNCH_DEPENDENTS=False),
+                         SWAP=False, ADD_OUT=False, SILU_OUT=True, LAUNCH_DEPENDENTS=False, WAIT_INPUTS=False),
       dict(sum_in_ptr="*fp64", sum_out_ptr="*fp64"))
 # the norm chain's qkv launch, which lets the decode attention after it be placed as it starts
 k = build(_gemv_kernel, dict(PROLOGUE=2, BLOCK_M=1, BLOCK_N=4, BLOCK_K=512, EVEN_K=True, NUM_STAGES=3,
-                             LIBDEVICE=True, SWAP=False, ADD_OUT=False, SILU_OUT=False, LAUNCH_DEPENDENTS=True),
+                             LIBDEVICE=True, SWAP=False, ADD_OUT=False, SILU_OUT=False, LAUNCH_DEPENDENTS=True,
+                             WAIT_INPUTS=False),
           dict(sum_in_ptr="*fp64", sum_out_ptr="*fp64"))
 ptx = k.asm["ptx"]
 assert "griddepcontrol.launch_dependents" in ptx and ptx.index("griddepcontrol.launch_dependents") < ptx.index("ld.global")
+# o's launch after the decode attention: its first weight slice loaded before it waits, x after
+k = build(_gemv_kernel, dict(PROLOGUE=0, BLOCK_M=1, BLOCK_N=4, BLOCK_K=512, EVEN_K=True, NUM_STAGES=3,
+                             LIBDEVICE=True, SWAP=False, ADD_OUT=True, SILU_OUT=False, LAUNCH_DEPENDENTS=False,
+                             WAIT_INPUTS=True), dict(sum_in_ptr="*fp64", sum_out_ptr="*fp64"))
+ptx = k.asm["ptx"]
+wait = ptx.index("griddepcontrol.wait")
+assert ptx.count("griddepcontrol.wait") == 1 and "ld.global" in ptx[:wait] and "ld.global" in ptx[wait:]
 """
 
 
