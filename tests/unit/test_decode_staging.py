@@ -13,8 +13,9 @@ import torch
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.layers.triton_ops import _feed_tokens_kernel, argmax_rows, feed_tokens
-from pagedserve.worker import cuda_graph
-from pagedserve.worker.cuda_graph import CudaGraphRunner, DecodeStatics
+from pagedserve.worker import graph_statics
+from pagedserve.worker.cuda_graph import CudaGraphRunner
+from pagedserve.worker.graph_statics import DecodeStatics
 from pagedserve.worker.model_runner import ModelRunner
 from tests.helpers import random_prompts
 from tests.unit.test_mixed_graphs import fake_cuda_graphs
@@ -60,7 +61,7 @@ def test_stage_writes_the_rows_and_pads_the_bucket():
 def test_stage_of_a_wide_table_copies_its_corner(monkeypatch):
     """Past ONE_COPY_TABLE_BYTES the bucket's table rows are not sent whole: the [n, w] corner is a
     second copy and the rest keeps what it held."""
-    monkeypatch.setattr(cuda_graph, "ONE_COPY_TABLE_BYTES", 16)
+    monkeypatch.setattr(graph_statics, "ONE_COPY_TABLE_BYTES", 16)
     statics = DecodeStatics(8, 5, DEV)
     statics.views(4)["block_tables"].fill_(9)
     v = statics.stage(4, step_arrays(3, 2))

@@ -14,7 +14,8 @@ import torch
 from pagedserve.engine_args import EngineArgs
 from pagedserve.engine_io import CachedRequestData, NewRequestData, RequestId, SchedulerOutput
 from pagedserve.sampling_params import SamplingParams
-from pagedserve.worker.cuda_graph import CudaGraphRunner, MixedStatics, mixed_token_buckets
+from pagedserve.worker.cuda_graph import CudaGraphRunner, mixed_token_buckets
+from pagedserve.worker.graph_statics import MixedStatics
 from pagedserve.worker.input_batch import build_step_inputs
 from pagedserve.worker.model_runner import ModelRunner
 from tests.helpers import random_prompts, write_tiny_checkpoint
