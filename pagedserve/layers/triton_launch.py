@@ -67,7 +67,7 @@ _PDL_DEVICES: dict[int, bool] = {}
 def pdl_launches(device: torch.device) -> bool:
     """Whether kernels on `device` can be made programmatic dependent launches (griddepcontrol):
     a CUDA device of compute capability >= 9.0 and a Triton that has the instructions."""
-    if device.type != "cuda" or not HAS_PDL:
+    if device.type != "cuda" or not HAS_PDL or torch.version.hip is not None:   # NVIDIA's instructions
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _PDL_DEVICES:

@@ -309,14 +309,14 @@ def _embed_row_kernel(ids_ptr, weight_ptr, out_ptr, sums_ptr, vocab, n_cols, num
 
 
 def embed_row(ids: torch.Tensor, weight: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
-    """weight's row of the one token id in `ids` ([1], int64; clamped into the vocabulary) as a
+    """weight's row of the one token id in `ids` ([1], int64 / int32; clamped into the vocabulary) as a
     new [1, H] row, and `sums` (fp64 [n]) set to that row's sum of squares at [0], zero elsewhere:
     the norm chain's first launch (models/llama.py's forward_chained), in place of the embedding
     lookup, the sums' memset and the first RMSNorm launch (the first qkv gemv normalises the row
     from sums[0], as the norm kernel does: the same bits)."""
-    if ids.shape != (1,) or ids.dtype != torch.int64 or weight.dim() != 2 or weight.stride(1) != 1 \
+    if ids.shape != (1,) or ids.dtype not in (torch.int64, torch.int32) or weight.dim() != 2 or weight.stride(1) != 1 \
             or sums.dtype != torch.float64 or sums.dim() != 1 or not sums.is_contiguous():
-        raise ValueError(f"embed_row: ids int64 [1], weight [V, H] with unit column stride, sums fp64 [n]; got "
+        raise ValueError(f"embed_row: ids int64 / int32 [1], weight [V, H] with unit column stride, sums fp64 [n]; got "
                          f"{ids.dtype} {tuple(ids.shape)}, {tuple(weight.shape)}, {sums.dtype} {tuple(sums.shape)}")
     out = torch.empty(1, weight.shape[1], dtype=weight.dtype, device=weight.device)
     block = triton.next_power_of_2(weight.shape[1])

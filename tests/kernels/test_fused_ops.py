@@ -80,6 +80,8 @@ def test_embed_row_sets_the_norm_chain_sums(dtype, hidden, num_sums):
         expected = torch.zeros(num_sums, dtype=torch.float64)
         expected[0] = weight[row].double().square().sum().item()
         assert torch.equal(sums.cpu(), expected), (token, sums[:3])
+    sums = torch.zeros(num_sums, dtype=torch.float64, device=DEVICE)
+    assert torch.equal(embed_row(torch.tensor([3], dtype=torch.int32, device=DEVICE), weight, sums)[0], weight[3])
     with pytest.raises(ValueError, match="embed_row"):
         embed_row(torch.tensor([1, 2], device=DEVICE), weight, sums)
     with pytest.raises(ValueError, match="embed_row"):
