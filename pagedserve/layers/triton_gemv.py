@@ -81,7 +81,6 @@ _DTYPES = (torch.bfloat16, torch.float16)
 _PLAIN, _SILU, _NORM = 0, 1, 2
 
 
-
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                  PROLOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -416,7 +415,7 @@ def _check_chain(x: torch.Tensor, sum_sq: torch.Tensor, rows: torch.Tensor | Non
 
 def rms_norm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, sum_sq: torch.Tensor,
                   weight: torch.Tensor, config: GemvConfig | None = None, silu_out: bool = False,
-                  launch_dependents: bool = False, wait_inputs: bool = False) -> torch.Tensor:
+                  launch_dependents: bool = False) -> torch.Tensor:
     """RMSNorm(x) @ weight.T for one row x, whose fp64 sum of squares `sum_sq` ([1]) the launch that
     wrote x added up (add_gemv): bit for bit the norm kernel then the gemv. `silu_out` (weight =
     [gate | up], 2 I rows): silu(gate) * up of that output ([1, I]), bit for bit the SiLU-and-mul
