@@ -467,7 +467,8 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         _launch_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                           out, partials, seq_begin, seq_end, launch_max_query_len, launch_tokens,
                           config, plan, rotary_store, arrivals,
-                          wait_inputs=narrow is not None and DECODE_PDL and pdl_launches(query.device))
+                          wait_inputs=rotary_store is not None and narrow is not None and DECODE_PDL
+                          and pdl_launches(query.device))
     if partials is not None and arrivals is None:
         reduce_segments(out, partials, query_start_loc, plan.num_segments)
     return out
@@ -500,7 +501,7 @@ def _launch_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                    cos_ptr=r.cos_cache, sin_ptr=r.sin_cache, stride_new_k=r.key.stride(0),
                    stride_new_v=r.value.stride(0), stride_cos=r.cos_cache.stride(0), ROTARY_STORE=True,
                    LIBDEVICE=_LIBDEVICE)
-    if rotary_store is not None and wait_inputs:
+    if wait_inputs:   # a rotary_store launch (its query, key and value are read after the wait)
         new.update(WAIT_INPUTS=True, PREFETCH_STEP=min(128 // query.element_size(), triton.next_power_of_2(head_dim)),
                    launch_pdl=True)
     if arrivals is not None:   # every query_len 1 (the caller's max_query_len): merged in the launch

@@ -273,7 +273,7 @@ class CudaGraphRunner:
                 (self.graphs, self.outputs, self.buckets, self._forward)):
             for size in reversed(sizes):
                 if forward == self._forward:   # this bucket's layout of the decode inputs: padding rows
-                    self._decode_padding(size)
+                    self.decode.pad(size)
                 made = record(forward, size)
                 if made is not None:
                     graphs[size], outputs[size] = made
@@ -282,14 +282,6 @@ class CudaGraphRunner:
         """What the forwards run on while capturing: a one-token sequence, no KV writes."""
         self.prefill_query_start_loc.copy_(torch.tensor([0, 1], dtype=torch.int32))
         self.slot_mapping.fill_(-1)
-
-    def _decode_padding(self, bs: int) -> None:
-        """Decode bucket `bs`'s inputs all padding rows (the buckets' layouts overlap in one
-        buffer: set before each capture)."""
-        v = self.decode.views(bs)
-        for name, value in DecodeStatics.PADDING.items():
-            v[name].fill_(value)
-        v["block_tables"].zero_()
 
     def _capture_mixed(self, stream: torch.cuda.Stream | None) -> None:
         """Every mixed bucket's pieces, largest first, each after an eager warm-up of its

@@ -73,6 +73,14 @@ class DecodeStatics:
                                  for name, dtype, shape, offset in self.layout(rows)[0]}
         return self._views[rows]
 
+    def pad(self, rows: int) -> None:
+        """Bucket `rows`'s fields all padding rows (the buckets' layouts overlap in the one buffer:
+        what a graph is captured on)."""
+        views = self.views(rows)
+        for name, value in self.PADDING.items():
+            views[name].fill_(value)
+        views["block_tables"].zero_()
+
     def stage(self, rows: int, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         """Copy a step's n <= rows rows (`arrays`: each field's n rows; block_tables [n, w <=
         max_blocks]) into bucket `rows`'s fields, in one copy while the bucket's block table is
