@@ -321,7 +321,7 @@ def _check(x: torch.Tensor, k: int, weight: torch.Tensor) -> None:
 
 # Launches this device cannot run (the tables were tuned on an H200's 228 KiB of shared memory per
 # SM; a GPU with less refuses the big tiles): each goes to torch once it has failed.
-_UNFIT: set[tuple[GemvConfig, int, int]] = set()
+_UNFIT: set[tuple] = set()   # (config, block_m, prologue, add, silu_out, launch_dependents, wait_inputs)
 
 
 @dataclass(frozen=True)
@@ -348,7 +348,9 @@ def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, config: GemvCo
     m, n = x.shape[0], weight.shape[0]
     config = config or config_for(m, n, k)
     block_m = 1 if m == 1 else max(16, triton.next_power_of_2(m))
-    key = (config, block_m, prologue, add is not None, silu_out)
+    launch_dependents = launch_dependents and pdl_launches(x.device)
+    wait_inputs = wait_inputs and m == 1 and prologue == _PLAIN and pdl_launches(x.device)
+    key = (config, block_m, prologue, add is not None, silu_out, launch_dependents, wait_inputs)
     if key not in _UNFIT:
         if add is not None:
             y = add.residual
@@ -358,9 +360,9 @@ def _launch(prologue: int, x: torch.Tensor, weight: torch.Tensor, config: GemvCo
             norm_w_ptr=norm.weight if norm else None, sum_in_ptr=norm.sum_sq if norm else None,
             sum_out_ptr=add.sum_sq if add else None, inv_k=1.0 / k, eps=norm.eps if norm else 0.0,
             ADD_OUT=add is not None, SILU_OUT=silu_out)
-        if launch_dependents and pdl_launches(x.device):
+        if launch_dependents:
             extra["LAUNCH_DEPENDENTS"] = True
-        if wait_inputs and m == 1 and prologue == _PLAIN and pdl_launches(x.device):
+        if wait_inputs:
             extra.update(WAIT_INPUTS=True, launch_pdl=True)
         try:   # (the resource check comes before the launch: nothing is enqueued when it fails)
             _gemv_kernel[(triton.cdiv(n, config.block_n),)](
