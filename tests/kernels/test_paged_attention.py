@@ -206,32 +206,6 @@ def test_decode_rules_match_the_reference(rule: str, monkeypatch: pytest.MonkeyP
     check_against_reference(batch, num_decodes=6)
 
 
-def test_narrow_decode_launch_for_latency_bound_decodes(monkeypatch) -> None:
-    """Few-program 16-bit decode launches bounded by <= 2048 keys take 32-key tiles, 2 stages and
-    the count rule's plan with its thresholds in 32-key tiles (one tile a segment up to 512 keys,
-    lone up to 128); anything else keeps the default launch (None). paged_attention launches
-    with them unless the caller forces a plan or tiles."""
-    from pagedserve.attention.triton_paged_attention import TileConfig, narrow_decode_launch
-    monkeypatch.setattr(tpa, "sm_count", lambda device: 132)   # the H200's
-    bf16, cpu = torch.bfloat16, torch.device("cpu")
-    narrow = (TileConfig(16, 32, 4, 2), SplitPlan(32, 2, 16, 4))
-    assert narrow_decode_launch(1, 8, 4, 128, 1, 2048, bf16, 32, cpu) == narrow   # llama-8b, batch 1
-    assert narrow_decode_launch(4, 8, 4, 64, 1, 2048, torch.float16, 32, cpu) == (
-        TileConfig(16, 32, 4, 2), SplitPlan(8, 2, 16, 4))   # 32 programs: 264 / 32 -> 8 segments
-    for args in ((5, 8, 4, 128, 1, 2048, bf16), (1, 8, 4, 128, 1, 4096, bf16), (1, 8, 4, 128, 2, 2048, bf16),
-                 (1, 8, 4, 256, 1, 2048, bf16), (1, 8, 4, 128, 1, 2048, torch.float32)):
-        assert narrow_decode_launch(*args, 32, cpu) is None, args
-    launched = []
-    monkeypatch.setattr(tpa, "_launch_attention", lambda *a, **kw: launched.append((a[13], a[14])))
-    batch = make_batch([1], [383], 32, 8, 128, 16, torch.float32, seed=1)
-    q, k, v = (t.to(bf16) for t in (batch.query, batch.k_cache, batch.v_cache))
-    for kwargs in ({}, {"num_splits": SplitPlan(32)}, {"tiles": TileConfig(16, 64, 4, 3)}):
-        paged_attention(q, k, v, batch.block_tables, batch.seq_lens, batch.query_start_loc, batch.scale, 1, 2048,
-                        num_decodes=1, **kwargs)
-    assert launched[0] == narrow
-    assert launched[1] == (TileConfig(16, 64, 4, 3), SplitPlan(32)) and launched[2][0] == TileConfig(16, 64, 4, 3)
-
-
 def test_narrow_plan_against_the_reference() -> None:
     """The narrow launch's plan (SplitPlan(n, 2, 16, 4) over 32-key tiles: lone, one tile a
     segment, two a segment) against the torch reference, under a graph's bound."""

@@ -1,0 +1,68 @@
+"""Launch shapes of the paged attention kernel (triton_paged_attention.py): the tile shape of a
+launch (TileConfig: default_tile_config for decode-like and prefill-like launches) and, for the
+latency-bound decode launches, the narrow tiles with their split plan (narrow_decode_launch)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from pagedserve.attention.split_plan import SplitPlan, choose_splits, sm_count
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Launch shape of one attention launch. block_m: rows of a query tile (tokens x packed
+    heads), a power of two >= 16; tile_n: keys per loop step, a power of two >= 16."""
+
+    block_m: int
+    tile_n: int
+    num_warps: int
+    num_stages: int
+
+
+def default_tile_config(queries_per_kv: int, head_dim_pad: int, max_query_len: int,
+                        dtype: torch.dtype) -> TileConfig:
+    """Decode-like launches (every query fits one tile) use the smallest tile that packs the
+    GQA group; prefill launches use one wide tile shape (128 rows for 16-bit types) whatever
+    their length, so K/V tiles are reused across tokens and a serving run meets only two
+    eager kernel variants: none is JIT-compiled in the middle of a run."""
+    group = max(16, triton.next_power_of_2(queries_per_kv))
+    wide = dtype != torch.float32 and head_dim_pad <= 128
+    tile_n = 64 if wide else (32 if head_dim_pad <= 128 else 16)
+    if max_query_len * queries_per_kv <= group:
+        return TileConfig(block_m=group, tile_n=tile_n, num_warps=4, num_stages=3)
+    block_m = max(128 if wide else 64, group)
+    return TileConfig(block_m=block_m, tile_n=tile_n, num_warps=8 if block_m >= 128 else 4, num_stages=2)
+
+
+# Latency-bound decode launches: all-decode, at most NARROW_MAX_PROGRAMS (sequence, KV head)
+# programs, bounded by at most NARROW_MAX_SEQ_LEN keys (a decode graph's bound is max_model_len),
+# 16-bit types at head_dim <= 128: NARROW_TILE_N-key tiles, 2 stages, one tile a segment up to
+# the count rule's 512 keys (split_plan.SHORT_TILES of 64-key tiles) and lone up to its 128.
+# H200, llama-8b heads (32 / 8 / 128), the kernel alone at bound 2048, one row (attn_gpu.py
+# --stages tail, benchmarks/RESULTS.md session 24): 129 keys 6.8 -> 6.0 us, 401 keys 7.8 -> 6.4,
+# 1,025 keys 9.9 -> 9.6 (64-key tiles: fewer, longer segments were slower still: 1 x 8 tiles
+# 13.9 us at 401 keys). Not measured past one row or a bound of 2048: hence the caps.
+NARROW_TILE_N = 32
+NARROW_MAX_PROGRAMS = 32
+NARROW_MAX_SEQ_LEN = 2048
+
+
+def narrow_decode_launch(num_seqs: int, num_kv_heads: int, queries_per_kv: int, head_dim_pad: int,
+                         max_query_len: int, max_seq_len: int, dtype: torch.dtype, num_heads: int,
+                         device: torch.device) -> tuple[TileConfig, SplitPlan] | None:
+    """The launch shape and split plan of a latency-bound decode launch (above), or None where
+    the default ones apply."""
+    if (max_query_len != 1 or num_seqs * num_kv_heads > NARROW_MAX_PROGRAMS or max_seq_len > NARROW_MAX_SEQ_LEN
+            or dtype == torch.float32 or head_dim_pad > 128):
+        return None
+    plan = choose_splits(num_seqs, num_kv_heads, 1, max_seq_len, NARROW_TILE_N, sm_count(device), num_heads,
+                         head_dim_pad)
+    if plan.num_segments > 1:   # the count rule's thresholds are in 64-key tiles
+        scale = 64 // NARROW_TILE_N
+        plan = SplitPlan(plan.num_segments, plan.tiles_per_segment, plan.short_tiles * scale,
+                         plan.lone_tiles * scale)
+    group = max(16, triton.next_power_of_2(queries_per_kv))
+    return TileConfig(block_m=group, tile_n=NARROW_TILE_N, num_warps=4, num_stages=2), plan
