@@ -185,6 +185,18 @@ def kernel_profile(prof, recorder: StepRecorder, window: str, end: float) -> dic
     for kind, us in out["busy_us_per_step"].items():
         print(f"  {kind:28s} {us / 1e3:9.2f} ms a step  {out['launches_per_step'][kind]:8.1f} launches", flush=True)
     print(f"  {'device idle':28s} {out['idle_us_per_step'] / 1e3:9.2f} ms a step", flush=True)
+    by_name: dict = {}   # the heaviest kernels by name: which GEMM, which Triton variant
+    for e in events:
+        if e.name.startswith(("host:", "aten::", "nccl:")):
+            continue
+        slot = by_name.setdefault(e.name[:90], [0.0, 0])
+        slot[0] += e.time_range.end - e.time_range.start
+        slot[1] += 1
+    n = max(len(steps), 1)
+    out["top_kernels"] = [[name, round(us / n, 1), round(c / n, 2)]
+                          for name, (us, c) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:20]]
+    for name, us, c in out["top_kernels"]:
+        print(f"    {us / 1e3:8.3f} ms {c:6.2f}x  {name}", flush=True)
     return out
 
 

@@ -70,12 +70,38 @@ def fuses(x: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
     return weight is None or fusable(x, weight, GEMV_MAX_ROWS)
 
 
+# (rows M, N, K) -> M': row counts at which cuBLAS's own choice of kernel for a weight of this shape
+# is slow and the product of the rows padded to M' is faster, copy included (benchmarks/
+# decode_gemm_sweep.py on an H200, torch 2.11 + CUDA 13, 2026-12-04: llama-8b's gate_up at the 448-row
+# decode bucket took 269 us, 163 padded to 512; RESULTS.md session 28). Decode buckets and mixed-step
+# token counts of llama-1b / 8b shapes; bf16 / fp16 on CUDA only.
+PAD_ROWS: dict[tuple[int, int, int], int] = {
+    (448, 28672, 4096): 512, (320, 6144, 4096): 384, (832, 6144, 4096): 896, (832, 128256, 4096): 864,
+    (416, 3072, 2048): 512, (704, 2048, 2048): 768, (832, 2048, 2048): 864, (576, 2048, 8192): 640,
+    (832, 128256, 2048): 864,
+}
+_PAD_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def padded_linear(x: torch.Tensor, weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """x @ weight.T computed on x's rows copied into the first rows of a [rows, K] buffer: each
+    output row depends on its own input row only, so the padding rows (left uninitialised) change
+    nothing; returns the first x.shape[0] rows (a contiguous view)."""
+    xp = x.new_empty(rows, x.shape[1])
+    xp[:x.shape[0]].copy_(x)
+    return F.linear(xp, weight)[:x.shape[0]]
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T (+ bias): the Triton gemv for few rows of a large weight on CUDA, else F.linear."""
-    if bias is None and x.shape[0] <= GEMV_MAX_ROWS and x.is_cuda:
-        from pagedserve.layers.triton_gemv import gemv, use_gemv
-        if use_gemv(x, weight, GEMV_MAX_ROWS):
-            return gemv(x, weight)
+    """x @ weight.T (+ bias): the Triton gemv for few rows of a large weight on CUDA; cuBLAS on
+    padded rows where PAD_ROWS names the shape; else F.linear."""
+    if bias is None and x.is_cuda:
+        if x.shape[0] <= GEMV_MAX_ROWS:
+            from pagedserve.layers.triton_gemv import gemv, use_gemv
+            if use_gemv(x, weight, GEMV_MAX_ROWS):
+                return gemv(x, weight)
+        elif x.dim() == 2 and weight.dtype in _PAD_DTYPES and (rows := PAD_ROWS.get((x.shape[0], *weight.shape))):
+            return padded_linear(x, weight, rows)
     return F.linear(x, weight, bias)
 
 
