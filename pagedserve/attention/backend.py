@@ -185,7 +185,7 @@ class TritonBackend:
                                "Triton kernel from now on", exc_info=True)
                 type(self).long_chunk_path = "triton"
         return self._triton_prefill(query, key, value, k_cache, v_cache, meta, scale, out, num_decodes,
-                                    num_seqs, query.shape[0] - num_decodes)
+                                    num_seqs, query.shape[0] - num_decodes, meta.max_seq_len)
 
     def _has_uneven_long_chunk(self, meta: AttentionMetadata) -> bool:
         """Whether a chunk of >= sdpa_min_query_len tokens has a length or context that is not a
@@ -207,9 +207,10 @@ class TritonBackend:
         return True
 
     def _triton_prefill(self, query, key, value, k_cache, v_cache, meta, scale, out, seq_begin, seq_end,
-                        max_tokens) -> torch.Tensor:
+                        max_tokens, max_keys) -> torch.Tensor:
         return self._prefill_attention(query, key, value, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                       meta.query_start_loc, scale, out, seq_begin, seq_end, max_tokens)
+                                       meta.query_start_loc, scale, out, seq_begin, seq_end, max_tokens,
+                                       max_keys=max_keys)
 
     def _prefill_by_sequence(self, query, key, value, k_cache, v_cache, meta, scale, out,
                              cudnn: bool) -> torch.Tensor:
@@ -227,7 +228,7 @@ class TritonBackend:
                 continue
             if run_begin is not None:
                 self._triton_prefill(query, key, value, k_cache, v_cache, meta, scale, out, run_begin, s,
-                                     int(qsl[s] - qsl[run_begin]))
+                                     int(qsl[s] - qsl[run_begin]), max(int(n) for n in seq_lens[run_begin:s]))
                 run_begin = None
             if s == meta.num_seqs:
                 break
@@ -238,7 +239,8 @@ class TritonBackend:
                 context = self._gather_context(k_cache, v_cache, meta.block_tables[s], context_len) \
                     if context_len else None
                 self._prefill_attention(query, key, value, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                        meta.query_start_loc, scale, out, s, s + 1, query_len, context=context)
+                                        meta.query_start_loc, scale, out, s, s + 1, query_len, context=context,
+                                        max_keys=int(seq_lens[s]))
         return out
 
 

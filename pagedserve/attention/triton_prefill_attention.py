@@ -263,6 +263,15 @@ class PrefillTiles:
 LARGE_TILES = PrefillTiles(block_m=128, block_n=128, num_warps=8, num_stages=3)
 SMALL_TILES = PrefillTiles(block_m=128, block_n=64, num_warps=8, num_stages=3)
 LARGE_MIN_TOKENS = 1024
+# Launches whose longest sequence (cached context + new tokens) is at most SHORT_MAX_KEYS keys: a
+# prefill step of many short prompts (peers.py's thr512: ~13 prompts of 64-1024 tokens a step), where
+# a program's few key tiles cannot amortise a 128-row tile's start and its half-masked diagonal. By
+# head_dim_pad (64 below 64 too). H200, bf16, a thr512 step of 8,192 tokens: llama-1b heads 172 -> 104
+# us (64 x 64, 4 warps), llama-8b heads 254 -> 187 us (64 x 32, 4 warps) against LARGE_TILES
+# (benchmarks/prefill_short.py; RESULTS.md session 28).
+SHORT_TILES = {64: PrefillTiles(block_m=64, block_n=64, num_warps=4, num_stages=3),
+               128: PrefillTiles(block_m=64, block_n=32, num_warps=4, num_stages=3)}
+SHORT_MAX_KEYS = 2048
 # Caches spanning at least this many elements address their rows in int64 in the context loop (int32
 # offsets cost 2 instructions a row there, int64 ones ~9); a module-level value so that a test can
 # take the int64 path on a small cache.
@@ -290,10 +299,15 @@ def _elements_spanned(tensor: torch.Tensor) -> int:
     return 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
 
 
-def default_prefill_tiles(dtype: torch.dtype, head_dim_pad: int, max_tokens: int = 0) -> PrefillTiles:
-    """LARGE_TILES / SMALL_TILES for 16-bit types by the launch's token bound; fp32 tiles stay
-    small enough for the register file (fp32 is the parity/test dtype, not the fast one)."""
+def default_prefill_tiles(dtype: torch.dtype, head_dim_pad: int, max_tokens: int = 0,
+                          max_keys: int | None = None) -> PrefillTiles:
+    """16-bit types: SHORT_TILES when the launch's longest sequence (max_keys: context + new
+    tokens, where the caller knows it) is at most SHORT_MAX_KEYS, else LARGE_TILES / SMALL_TILES by
+    the launch's token bound; fp32 tiles stay small enough for the register file (fp32 is the
+    parity/test dtype, not the fast one)."""
     if dtype != torch.float32 and head_dim_pad <= 128:
+        if max_keys is not None and max_keys <= SHORT_MAX_KEYS:
+            return SHORT_TILES[max(head_dim_pad, 64)]
         return LARGE_TILES if max_tokens >= LARGE_MIN_TOKENS else SMALL_TILES
     return PrefillTiles(block_m=64, block_n=32 if head_dim_pad <= 128 else 16, num_warps=4, num_stages=2)
 
@@ -303,7 +317,8 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor | None, value: torc
                       seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
                       out: torch.Tensor, seq_begin: int, seq_end: int, max_tokens: int,
                       tiles: PrefillTiles | None = None,
-                      context: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                      context: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      max_keys: int | None = None) -> torch.Tensor:
     """Causal attention of the prefill chunks of sequences [seq_begin, seq_end): query
     [num_tokens, num_heads, D], key/value [num_tokens, num_kv_heads, D] of this step (any token
     stride, contiguous last dim), each chunk's earlier context in k_cache/v_cache through
@@ -311,6 +326,7 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor | None, value: torc
     stored before attention). max_tokens: a host upper bound on these sequences' new tokens
     (the grid). context: for a launch of ONE sequence, its context K/V as contiguous copies
     [context_len, num_kv_heads, D] (gathered once; read faster than through the block table).
+    max_keys: a host upper bound on these sequences' lengths (context + new), for the tiles.
     Writes `out` rows of these sequences only (and returns it); never syncs with the device."""
     _check_attention_inputs(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out)
     num_heads, head_dim = query.shape[1], query.shape[2]
@@ -323,7 +339,7 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor | None, value: torc
         raise ValueError(f"key/value must be [num_tokens, {num_kv_heads}, {head_dim}] {query.dtype} with a "
                          f"contiguous last dim; got {tuple(key.shape)} {key.dtype}, {tuple(value.shape)}")
     head_dim_pad = triton.next_power_of_2(head_dim)
-    tiles = tiles or default_prefill_tiles(query.dtype, head_dim_pad, max_tokens)
+    tiles = tiles or default_prefill_tiles(query.dtype, head_dim_pad, max_tokens, max_keys)
     if tiles.block_m % tiles.block_n:
         raise ValueError(f"block_m={tiles.block_m} must be a multiple of block_n={tiles.block_n}")
     num_launch_seqs = seq_end - seq_begin

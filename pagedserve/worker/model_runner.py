@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import mmap
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -201,10 +202,16 @@ class ModelRunner:
             if not self.device_config.enforce_eager:
                 graphs = self._uncaptured_graphs = self.make_graph_runner()
 
+            short = min(num_tokens, 512)   # a short prompt's prefill launch takes other tiles (SHORT_TILES)
+            short_meta = replace(meta, slot_mapping=meta.slot_mapping[:short], query_start_loc=meta.query_start_loc.new_tensor(
+                [0, short]), seq_lens=meta.seq_lens.new_tensor([short]), max_query_len=short, max_seq_len=short)
+
             def dry_run() -> None:
                 logits = forward()[1]
                 if logits is not None:
                     greedy_ids(logits[:sample_rows])
+                self.model(ids[:short], positions[:short], short_meta,
+                           None if intermediate is None else tuple(t[:short] for t in intermediate))
                 if graphs is not None:
                     graphs.dry_run()
             compiled = compile_ahead(dry_run)

@@ -119,6 +119,37 @@ def test_tiles_the_gpu_refuses_fall_back_to_smaller_ones(monkeypatch: pytest.Mon
     assert tried == [(32, 32), (32, 16), (32, 16)]
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_short_tiles(head_dim: int) -> None:
+    """SHORT_TILES (64-row tiles, 64 / 32 keys) on fresh and continued chunks, 16-bit as the
+    engine launches them: several key tiles per row tile, diagonals off tile edges."""
+    from pagedserve.attention import triton_prefill_attention as tpa
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float16
+    batch = make_batch(query_lens=[130, 7, 64], context_lens=[0, 70, 33], num_heads=4, num_kv_heads=2,
+                       head_dim=head_dim, block_size=16, dtype=dtype, seed=head_dim)
+    check(batch, tpa.SHORT_TILES[head_dim])
+
+
+def test_backend_passes_longest_sequence() -> None:
+    """The tiles follow the launch's longest sequence: a run of short chunks passes the longest of
+    its own sequences (context + new), a one-sequence launch its own length, the plain path the
+    step's max_seq_len."""
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+    backend = TritonBackend()
+    seen = []
+    real = backend._prefill_attention
+    backend._prefill_attention = lambda *a, **kw: seen.append((a[10], a[11], kw.get("max_keys"))) or real(*a, **kw)
+    backend.prefill_min_query_len, backend.sdpa_min_query_len = 8, 20
+    backend.long_chunk_path, backend.cudnn_shape_multiple = "triton", 1
+    backend_step([1, 9, 5, 33, 12, 21], [40, 30, 0, 17, 3, 0], 1, dtype, backend, host_lists=True, seed=17)
+    # seqs 1-2 (lengths 39, 5), seq 3 alone (50), seq 4 (15), seq 5 alone (21); attended twice
+    assert seen == [(1, 3, 39), (3, 4, 50), (4, 5, 15), (5, 6, 21)] * 2
+    seen.clear()
+    backend.use_sdpa = False
+    backend_step([1, 9, 5], [40, 30, 0], 1, dtype, backend, host_lists=True, seed=3)
+    assert seen == [(1, 3, 41)] * 2   # the step's max_seq_len: the decode row's 41 keys included
+
+
 @pytest.mark.parametrize("context_len", [0, 16, 37])
 def test_contiguous_context_copy(context_len: int) -> None:
     """One sequence whose context comes as a contiguous copy (gathered out of the cache), with a
@@ -258,9 +289,24 @@ def test_default_tiles_by_launch_size() -> None:
     assert tpa.default_prefill_tiles(torch.bfloat16, 256, 8192) == PrefillTiles(64, 16, 4, 2)
 
 
+def test_default_tiles_for_short_sequences() -> None:
+    """A 16-bit launch whose longest sequence (context + new) is at most SHORT_MAX_KEYS keys takes
+    SHORT_TILES by head dim, whatever its token count; longer ones, fp32 and head_dim > 128 as
+    before."""
+    from pagedserve.attention import triton_prefill_attention as tpa
+    short = tpa.SHORT_MAX_KEYS
+    assert tpa.default_prefill_tiles(torch.bfloat16, 64, 8192, short) == tpa.SHORT_TILES[64] == PrefillTiles(64, 64, 4, 3)
+    assert tpa.default_prefill_tiles(torch.bfloat16, 128, 8192, 300) == tpa.SHORT_TILES[128] == PrefillTiles(64, 32, 4, 3)
+    assert tpa.default_prefill_tiles(torch.float16, 32, 100, 100) == tpa.SHORT_TILES[64]
+    assert tpa.default_prefill_tiles(torch.bfloat16, 128, 8192, short + 1) == tpa.LARGE_TILES
+    assert tpa.default_prefill_tiles(torch.bfloat16, 128, 600, short + 1) == tpa.SMALL_TILES
+    assert tpa.default_prefill_tiles(torch.float32, 128, 8192, 100) == PrefillTiles(64, 32, 4, 2)
+    assert tpa.default_prefill_tiles(torch.bfloat16, 256, 8192, 100) == PrefillTiles(64, 16, 4, 2)
+
+
 _COMPILE_FOR_SM90 = """
 from pagedserve.attention import triton_prefill_attention as p
-for tiles in (p.LARGE_TILES, p.SMALL_TILES):
+for tiles in (p.LARGE_TILES, p.SMALL_TILES, *p.SHORT_TILES.values()):
     for contiguous in (False, True):
         c = build_prefill(tiles, contiguous)
         assert c.metadata.shared <= 227 * 1024, (tiles, c.metadata.shared)  # sm_90's per-block limit
