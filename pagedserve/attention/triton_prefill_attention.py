@@ -265,12 +265,16 @@ SMALL_TILES = PrefillTiles(block_m=128, block_n=64, num_warps=8, num_stages=3)
 LARGE_MIN_TOKENS = 1024
 # Launches whose longest sequence (cached context + new tokens) is at most SHORT_MAX_KEYS keys: a
 # prefill step of many short prompts (peers.py's thr512: ~13 prompts of 64-1024 tokens a step), where
-# a program's few key tiles cannot amortise a 128-row tile's start and its half-masked diagonal. By
-# head_dim_pad (64 below 64 too). H200, bf16, a thr512 step of 8,192 tokens: llama-1b heads 172 -> 104
-# us (64 x 64, 4 warps), llama-8b heads 254 -> 187 us (64 x 32, 4 warps) against LARGE_TILES
-# (benchmarks/prefill_short.py; RESULTS.md session 28).
-SHORT_TILES = {64: PrefillTiles(block_m=64, block_n=64, num_warps=4, num_stages=3),
-               128: PrefillTiles(block_m=64, block_n=32, num_warps=4, num_stages=3)}
+# a program's few key tiles cannot amortise a 128-row tile's start and its half-masked diagonal:
+# 64 x 64 tiles, 4 warps. H200, bf16, against LARGE_TILES (benchmarks/prefill_short.py; RESULTS.md
+# session 28): a thr512 step of 8,192 tokens 172 -> 105 us at llama-1b's heads, 254 -> 206 us at
+# llama-8b's; 2 x 2048 fresh 134 -> 110 / 199 -> 184; 4 chunks of 512 after 1,536 cached 128 -> 91 /
+# 168 -> 160; 8 of 256 after 768 (llama-8b's heads) 110 -> 120, the one loss measured. (64 x 32 tiles
+# were faster still on fresh prompts at head_dim 128, 187 us a thr512 step, and slower after a
+# context: 179 / 124 us on the last two.) Past SHORT_MAX_KEYS at head_dim 128 LARGE_TILES wins (4,096
+# keys: 323 against 351); at head_dim 64 SMALL_TILES does at every length measured (8,192 fresh: 645
+# us against 780), so LARGE_TILES is for head dims above 64 only.
+SHORT_TILES = PrefillTiles(block_m=64, block_n=64, num_warps=4, num_stages=3)
 SHORT_MAX_KEYS = 2048
 # Caches spanning at least this many elements address their rows in int64 in the context loop (int32
 # offsets cost 2 instructions a row there, int64 ones ~9); a module-level value so that a test can
@@ -302,13 +306,13 @@ def _elements_spanned(tensor: torch.Tensor) -> int:
 def default_prefill_tiles(dtype: torch.dtype, head_dim_pad: int, max_tokens: int = 0,
                           max_keys: int | None = None) -> PrefillTiles:
     """16-bit types: SHORT_TILES when the launch's longest sequence (max_keys: context + new
-    tokens, where the caller knows it) is at most SHORT_MAX_KEYS, else LARGE_TILES / SMALL_TILES by
-    the launch's token bound; fp32 tiles stay small enough for the register file (fp32 is the
+    tokens, where the caller knows it) is at most SHORT_MAX_KEYS, else LARGE_TILES (head dims above
+    64) / SMALL_TILES by the launch's token bound; fp32 tiles stay small enough for the register file (fp32 is the
     parity/test dtype, not the fast one)."""
     if dtype != torch.float32 and head_dim_pad <= 128:
         if max_keys is not None and max_keys <= SHORT_MAX_KEYS:
-            return SHORT_TILES[max(head_dim_pad, 64)]
-        return LARGE_TILES if max_tokens >= LARGE_MIN_TOKENS else SMALL_TILES
+            return SHORT_TILES
+        return LARGE_TILES if max_tokens >= LARGE_MIN_TOKENS and head_dim_pad > 64 else SMALL_TILES
     return PrefillTiles(block_m=64, block_n=32 if head_dim_pad <= 128 else 16, num_warps=4, num_stages=2)
 
 

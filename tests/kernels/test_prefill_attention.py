@@ -121,13 +121,13 @@ def test_tiles_the_gpu_refuses_fall_back_to_smaller_ones(monkeypatch: pytest.Mon
 
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_short_tiles(head_dim: int) -> None:
-    """SHORT_TILES (64-row tiles, 64 / 32 keys) on fresh and continued chunks, 16-bit as the
-    engine launches them: several key tiles per row tile, diagonals off tile edges."""
+    """SHORT_TILES (64 x 64) on fresh and continued chunks, 16-bit as the engine launches them:
+    several key tiles per row tile, diagonals off tile edges."""
     from pagedserve.attention import triton_prefill_attention as tpa
     dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float16
     batch = make_batch(query_lens=[130, 7, 64], context_lens=[0, 70, 33], num_heads=4, num_kv_heads=2,
                        head_dim=head_dim, block_size=16, dtype=dtype, seed=head_dim)
-    check(batch, tpa.SHORT_TILES[head_dim])
+    check(batch, tpa.SHORT_TILES)
 
 
 def test_backend_passes_longest_sequence() -> None:
@@ -283,7 +283,8 @@ def test_default_tiles_by_launch_size() -> None:
     SMALL_TILES; fp32 and head_dim > 128 keep small tiles."""
     from pagedserve.attention import triton_prefill_attention as tpa
     assert tpa.default_prefill_tiles(torch.bfloat16, 128, 8192) == tpa.LARGE_TILES == PrefillTiles(128, 128, 8, 3)
-    assert tpa.default_prefill_tiles(torch.float16, 64, tpa.LARGE_MIN_TOKENS) == tpa.LARGE_TILES
+    assert tpa.default_prefill_tiles(torch.float16, 128, tpa.LARGE_MIN_TOKENS) == tpa.LARGE_TILES
+    assert tpa.default_prefill_tiles(torch.bfloat16, 64, 8192) == tpa.SMALL_TILES   # head_dim 64: never LARGE
     assert tpa.default_prefill_tiles(torch.bfloat16, 128, tpa.LARGE_MIN_TOKENS - 1) == tpa.SMALL_TILES
     assert tpa.default_prefill_tiles(torch.float32, 128, 8192) == PrefillTiles(64, 32, 4, 2)
     assert tpa.default_prefill_tiles(torch.bfloat16, 256, 8192) == PrefillTiles(64, 16, 4, 2)
@@ -295,9 +296,10 @@ def test_default_tiles_for_short_sequences() -> None:
     before."""
     from pagedserve.attention import triton_prefill_attention as tpa
     short = tpa.SHORT_MAX_KEYS
-    assert tpa.default_prefill_tiles(torch.bfloat16, 64, 8192, short) == tpa.SHORT_TILES[64] == PrefillTiles(64, 64, 4, 3)
-    assert tpa.default_prefill_tiles(torch.bfloat16, 128, 8192, 300) == tpa.SHORT_TILES[128] == PrefillTiles(64, 32, 4, 3)
-    assert tpa.default_prefill_tiles(torch.float16, 32, 100, 100) == tpa.SHORT_TILES[64]
+    assert tpa.default_prefill_tiles(torch.bfloat16, 64, 8192, short) == tpa.SHORT_TILES == PrefillTiles(64, 64, 4, 3)
+    assert tpa.default_prefill_tiles(torch.bfloat16, 128, 8192, 300) == tpa.SHORT_TILES
+    assert tpa.default_prefill_tiles(torch.float16, 32, 100, 100) == tpa.SHORT_TILES
+    assert tpa.default_prefill_tiles(torch.bfloat16, 64, 8192, short + 1) == tpa.SMALL_TILES
     assert tpa.default_prefill_tiles(torch.bfloat16, 128, 8192, short + 1) == tpa.LARGE_TILES
     assert tpa.default_prefill_tiles(torch.bfloat16, 128, 600, short + 1) == tpa.SMALL_TILES
     assert tpa.default_prefill_tiles(torch.float32, 128, 8192, 100) == PrefillTiles(64, 32, 4, 2)
@@ -306,7 +308,7 @@ def test_default_tiles_for_short_sequences() -> None:
 
 _COMPILE_FOR_SM90 = """
 from pagedserve.attention import triton_prefill_attention as p
-for tiles in (p.LARGE_TILES, p.SMALL_TILES, *p.SHORT_TILES.values()):
+for tiles in (p.LARGE_TILES, p.SMALL_TILES, p.SHORT_TILES):
     for contiguous in (False, True):
         c = build_prefill(tiles, contiguous)
         assert c.metadata.shared <= 227 * 1024, (tiles, c.metadata.shared)  # sm_90's per-block limit
