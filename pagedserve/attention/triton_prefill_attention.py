@@ -306,9 +306,9 @@ def _elements_spanned(tensor: torch.Tensor) -> int:
 def default_prefill_tiles(dtype: torch.dtype, head_dim_pad: int, max_tokens: int = 0,
                           max_keys: int | None = None) -> PrefillTiles:
     """16-bit types: SHORT_TILES when the launch's longest sequence (max_keys: context + new
-    tokens, where the caller knows it) is at most SHORT_MAX_KEYS, else LARGE_TILES (head dims above
-    64) / SMALL_TILES by the launch's token bound; fp32 tiles stay small enough for the register file (fp32 is the
-    parity/test dtype, not the fast one)."""
+    tokens, where the caller knows it) is at most SHORT_MAX_KEYS, else LARGE_TILES (head dims
+    above 64) / SMALL_TILES by the launch's token bound; fp32 tiles stay small enough for the
+    register file (fp32 is the parity/test dtype, not the fast one)."""
     if dtype != torch.float32 and head_dim_pad <= 128:
         if max_keys is not None and max_keys <= SHORT_MAX_KEYS:
             return SHORT_TILES

@@ -202,9 +202,11 @@ class ModelRunner:
             if not self.device_config.enforce_eager:
                 graphs = self._uncaptured_graphs = self.make_graph_runner()
 
-            short = min(num_tokens, 512)   # a short prompt's prefill launch takes other tiles (SHORT_TILES)
-            short_meta = replace(meta, slot_mapping=meta.slot_mapping[:short], query_start_loc=meta.query_start_loc.new_tensor(
-                [0, short]), seq_lens=meta.seq_lens.new_tensor([short]), max_query_len=short, max_seq_len=short)
+            # a short prompt's prefill launch takes other tiles (SHORT_TILES): compiled in the same round
+            short = min(num_tokens, 512)
+            short_meta = replace(meta, slot_mapping=meta.slot_mapping[:short],
+                                 query_start_loc=meta.query_start_loc.new_tensor([0, short]),
+                                 seq_lens=meta.seq_lens.new_tensor([short]), max_query_len=short, max_seq_len=short)
 
             def dry_run() -> None:
                 logits = forward()[1]
