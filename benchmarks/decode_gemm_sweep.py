@@ -10,6 +10,7 @@ engine runs it, took at most WIN of F.linear's time at M (linear_ops.PAD_ROWS's 
 80-512 rows here: slower than cuBLAS on every shape but one; benchmarks/RESULTS.md.)
 
 Usage: python3 benchmarks/decode_gemm_sweep.py OUT.json [--models llama-8b,llama-1b] [--rows 64:1024:32]
+(models: llama-1b / 8b / 70b, qwen2.5-7b, or a rank's shards as e.g. llama-70b-tp4)
 """
 from __future__ import annotations
 
@@ -20,8 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from decode_common import weight_shapes
-from gemv_sweep import time_us
+from gemv_sweep import shapes_of, time_us
 
 WIN = 0.93         # a padded call goes into the table where it takes at most this share of F.linear's time
 MIN_SAVED_US = 2.0
@@ -38,7 +38,7 @@ def padded(x: torch.Tensor, w: torch.Tensor, rows: int) -> torch.Tensor:
 def sweep(models: list[str], rows: list[int], device: torch.device) -> dict:
     results, table = [], {}
     for model in models:
-        for role, (n, k) in weight_shapes(model).items():
+        for role, (n, k) in shapes_of(model).items():
             nbytes = n * k * 2
             copies = max(3, -(-600 * 2**20 // nbytes))
             weights = [torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
@@ -59,7 +59,7 @@ def sweep(models: list[str], rows: list[int], device: torch.device) -> dict:
                                     floor_us=round(floor, 2), pad_to=target, pad_us=pad_us and round(pad_us, 2),
                                     tflops=round(2 * m * n * k / plain[m] / 1e6, 1)))
                 mark = f"  pad -> {target}: {pad_us:6.1f}" if pad_us is not None else ""
-                print(f"{model[6:]}.{role:7s} M={m:4d} floor {floor:6.1f} cuBLAS {plain[m]:6.1f}{mark}"
+                print(f"{model.removeprefix('llama-')}.{role:7s} M={m:4d} floor {floor:6.1f} cuBLAS {plain[m]:6.1f}{mark}"
                       f"{'  *' if f'{m}x{n}x{k}' in table else ''}", flush=True)
             del weights, xs
             torch.cuda.empty_cache()
