@@ -22,17 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from gemv_sweep import shapes_of, time_us
+from pagedserve.layers.linear_ops import padded_linear
 
 WIN = 0.93         # a padded call goes into the table where it takes at most this share of F.linear's time
 MIN_SAVED_US = 2.0
 PEAK_TFLOPS, PEAK_TBS = 790.0, 4.3
-
-
-def padded(x: torch.Tensor, w: torch.Tensor, rows: int) -> torch.Tensor:
-    """F.linear on x's rows padded to `rows` (what linear_ops.linear does for a PAD_ROWS entry)."""
-    xp = x.new_empty(rows, x.shape[1])
-    xp[:x.shape[0]].copy_(x)
-    return F.linear(xp, w)[:x.shape[0]]
 
 
 def sweep(models: list[str], rows: list[int], device: torch.device) -> dict:
@@ -50,8 +44,8 @@ def sweep(models: list[str], rows: list[int], device: torch.device) -> dict:
                 pad_us = None
                 if target is not None and plain[target] < WIN * plain[m]:
                     ref = F.linear(xs[m], weights[0])
-                    err = (padded(xs[m], weights[0], target).float() - ref.float()).abs().max().item()
-                    pad_us = time_us(lambda w, x=xs[m], t=target: padded(x, w, t), weights)
+                    err = (padded_linear(xs[m], weights[0], target).float() - ref.float()).abs().max().item()
+                    pad_us = time_us(lambda w, x=xs[m], t=target: padded_linear(x, w, t), weights)
                     if pad_us <= WIN * plain[m] and plain[m] - pad_us >= MIN_SAVED_US and err < 0.05:
                         table[f"{m}x{n}x{k}"] = target
                 floor = max(2 * m * n * k / PEAK_TFLOPS / 1e6, nbytes / PEAK_TBS / 1e6)
