@@ -10,7 +10,6 @@ Usage: python3 benchmarks/prefill_short.py [--cases 1x2048,2x4096,1x1024@3072] [
 from __future__ import annotations
 
 import inspect
-import random
 
 import torch
 import triton
@@ -18,18 +17,13 @@ import triton
 from pagedserve.attention.triton_prefill_attention import PrefillTiles, default_prefill_tiles, prefill_attention
 
 
-def thr_step_lengths(budget: int = 8192, skip: int = 8) -> list[int]:
-    """Input lengths of peers.py's thr512 requests (seed 0) after the first `skip`, packed up to
-    `budget` tokens (the last one cut), as a prefill step of that workload takes them."""
-    rng = random.Random(0)
-    lens = []
-    for _ in range(512):
-        il = rng.randint(64, 1024)
-        rng.randint(16, 512)
-        lens.append(il)
+def thr_step_lengths(budget: int = 8192) -> list[int]:
+    """Input lengths of peers.py's thr512 requests (step_profile.thr_requests: its workload, seed 0)
+    packed up to `budget` tokens (the last one cut), as the workload's first prefill step takes them."""
+    from step_profile import thr_requests
     out, total = [], 0
-    for il in lens[skip:]:
-        take = min(il, budget - total)
+    for prompt, _ in thr_requests(False):
+        take = min(len(prompt), budget - total)
         out.append(take)
         total += take
         if total >= budget:
