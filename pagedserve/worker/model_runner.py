@@ -212,8 +212,9 @@ class ModelRunner:
                 logits = forward()[1]
                 if logits is not None:
                     greedy_ids(logits[:sample_rows])
-                self.model(ids[:short], positions[:short], short_meta,
-                           None if intermediate is None else tuple(t[:short] for t in intermediate))
+                if short < num_tokens:
+                    self.model(ids[:short], positions[:short], short_meta,
+                               None if intermediate is None else tuple(t[:short] for t in intermediate))
                 if graphs is not None:
                     graphs.dry_run()
             compiled = compile_ahead(dry_run)

@@ -296,7 +296,8 @@ def test_default_tiles_for_short_sequences() -> None:
     before."""
     from pagedserve.attention import triton_prefill_attention as tpa
     short = tpa.SHORT_MAX_KEYS
-    assert tpa.default_prefill_tiles(torch.bfloat16, 64, 8192, short) == tpa.SHORT_TILES == PrefillTiles(64, 64, 4, 3)
+    assert tpa.SHORT_TILES == PrefillTiles(64, 64, 4, 3)
+    assert tpa.default_prefill_tiles(torch.bfloat16, 64, 8192, short) == tpa.SHORT_TILES
     assert tpa.default_prefill_tiles(torch.bfloat16, 128, 8192, 300) == tpa.SHORT_TILES
     assert tpa.default_prefill_tiles(torch.float16, 32, 100, 100) == tpa.SHORT_TILES
     assert tpa.default_prefill_tiles(torch.bfloat16, 64, 8192, short + 1) == tpa.SMALL_TILES
