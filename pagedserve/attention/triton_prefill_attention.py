@@ -264,10 +264,10 @@ LARGE_TILES = PrefillTiles(block_m=128, block_n=128, num_warps=8, num_stages=3)
 SMALL_TILES = PrefillTiles(block_m=128, block_n=64, num_warps=8, num_stages=3)
 LARGE_MIN_TOKENS = 1024
 # Launches whose longest sequence (cached context + new tokens) is at most SHORT_MAX_KEYS keys: a
-# prefill step of many short prompts (peers.py's thr512: ~13 prompts of 64-1024 tokens a step), where
+# prefill step of many short prompts (peers.py's thr512: 13-17 prompts of 64-1024 tokens a step), where
 # a program's few key tiles cannot amortise a 128-row tile's start and its half-masked diagonal:
 # 64 x 64 tiles, 4 warps. H200, bf16, against LARGE_TILES (benchmarks/prefill_short.py; RESULTS.md
-# session 28): a thr512 step of 8,192 tokens 172 -> 105 us at llama-1b's heads, 254 -> 206 us at
+# session 28): 13 prompts of thr512's lengths, 8,192 tokens, 172 -> 105 us at llama-1b's heads, 254 -> 206 us at
 # llama-8b's; 2 x 2048 fresh 134 -> 110 / 199 -> 184; 4 chunks of 512 after 1,536 cached 128 -> 91 /
 # 168 -> 160; 8 of 256 after 768 (llama-8b's heads) 110 -> 120, the one loss measured. (64 x 32 tiles
 # were faster still on fresh prompts at head_dim 128, 187 us a thr512 step, and slower after a
