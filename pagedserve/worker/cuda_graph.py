@@ -183,7 +183,7 @@ class CudaGraphRunner:
 
     def dry_run(self) -> None:
         """Every forward capture() will record, run eagerly with nothing kept: compile_ahead's
-        dry run (ModelRunner.profile_run joins it to the profile forward's: one compile round)."""
+        dry run (worker/profile_run.py joins it to the profile forward's: one compile round)."""
         self._capture_all(_run_only)
         self._capture_mixed(None)
 

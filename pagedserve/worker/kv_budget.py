@@ -9,6 +9,7 @@ import torch
 from pagedserve.config import EngineConfig
 from pagedserve.errors import ValidationError
 from pagedserve.worker.model_runner import ModelRunner
+from pagedserve.worker.profile_run import profile_run
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def _profile_cuda_kv_budget(config: EngineConfig, runner: ModelRunner, baseline_
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    runner.profile_run(config.scheduler.max_num_batched_tokens)
+    profile_run(runner, config.scheduler.max_num_batched_tokens)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
     total = torch.cuda.mem_get_info()[1]

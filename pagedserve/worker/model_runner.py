@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import mmap
 import time
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -32,10 +31,9 @@ from pagedserve.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerC
 from pagedserve.engine_io import ModelRunnerOutput, RequestId, SchedulerOutput, TokenLogprobs
 from pagedserve.layers.linear import set_gemv_max_rows
 from pagedserve.layers.parallel import broadcast_from_rank0, is_last_stage, pp_world_size, tp_rank, tp_world_size
-from pagedserve.layers.sampler import Sampler, SamplerOutput, gather_logprobs, greedy_ids
+from pagedserve.layers.sampler import Sampler, SamplerOutput, gather_logprobs
 from pagedserve.models.loader import load_weights
 from pagedserve.models.registry import resolve_model_class
-from pagedserve.worker.compile_ahead import compile_ahead
 from pagedserve.worker.cuda_graph import CudaGraphRunner
 from pagedserve.worker.grammar_mask import DeferredSample, GrammarMask, grammar_rows
 from pagedserve.worker.input_batch import BlockTable, CachedRequestState, StepInputs, build_step_inputs
@@ -84,7 +82,7 @@ class ModelRunner:
         self.share_sampled = device_config.async_scheduling and tp_world_size() > 1 and pp_world_size() == 1
         self._forked: dict[RequestId, RequestId] = {}   # this step's new siblings -> parent
         self.graph_runner = None
-        self._uncaptured_graphs: CudaGraphRunner | None = None   # made by profile_run, captured by finish_setup
+        self.uncaptured_graphs: CudaGraphRunner | None = None   # made by profile_run, captured by finish_setup
         # the last launched step's sampled ids on the device (each state's `sampled_row` in them)
         self._prev_sampled: torch.Tensor | None = None
         self.grammar_mask = GrammarMask(device, scheduler.max_num_seqs)   # structured outputs' bitmasks
@@ -143,7 +141,7 @@ class ModelRunner:
         stage captures its own layers (worker/cuda_graph.py)."""
         if self.device.type != "cuda" or self.device_config.enforce_eager:
             return
-        graphs, self._uncaptured_graphs = self._uncaptured_graphs or self.make_graph_runner(), None
+        graphs, self.uncaptured_graphs = self.uncaptured_graphs or self.make_graph_runner(), None
         graphs.capture()
         self.graph_runner = graphs
 
@@ -157,76 +155,6 @@ class ModelRunner:
         return CudaGraphRunner(self.model, sched.max_num_seqs, sched.max_model_len, self.block_size, self.device,
                                sched.max_num_batched_tokens, (model.hidden_size, model.dtype) if takes_hidden else None,
                                mixed)
-
-    @torch.inference_mode()
-    def profile_run(self, num_tokens: int) -> None:
-        """A forward of `num_tokens` prompt tokens, logits of max_num_seqs rows and a sampler pass,
-        against a one-block scratch cache (stores skipped), to measure peak memory."""
-        from pagedserve.attention.metadata import AttentionMetadata
-        from pagedserve.layers.sampler import SamplingTensors
-        from pagedserve.worker.sampling_inputs import SAMPLER_CHUNK_ROWS
-        num_tokens = min(num_tokens, self.scheduler_config.max_model_len)
-        backend = select_backend(self.device, self.model_config.quantization)
-        for layer in self.model.attention_layers():
-            shape = (1, self.block_size, layer.num_kv_heads, layer.head_dim)
-            layer.k_cache = torch.zeros(shape, dtype=self.model_config.dtype, device=self.device)
-            layer.v_cache = torch.zeros_like(layer.k_cache)
-            layer.backend = backend
-        num_blocks = -(-num_tokens // self.block_size)
-        meta = AttentionMetadata(
-            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=self.device),
-            query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=self.device),
-            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=self.device),
-            block_tables=torch.zeros((1, num_blocks), dtype=torch.int32, device=self.device),
-            max_query_len=num_tokens, max_seq_len=num_tokens, num_decodes=0)
-        ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
-        positions = torch.arange(num_tokens, device=self.device)
-        intermediate = None
-        if self.pipeline is not None and self.pipeline.prev is not None:
-            hidden = torch.zeros((num_tokens, self.model_config.hidden_size), dtype=self.model_config.dtype,
-                                 device=self.device)
-            intermediate = (hidden, hidden.clone())
-        rows = min(self.scheduler_config.max_num_seqs, num_tokens)
-        sample_rows = min(rows, SAMPLER_CHUNK_ROWS)   # the sampler's largest chunk (see sampling_inputs.sample)
-
-        def forward() -> tuple[torch.Tensor, torch.Tensor | None]:
-            hidden = self.model(ids, positions, meta, intermediate)
-            return hidden, self.model.compute_logits(hidden[:rows]) if is_last_stage() else None
-
-        if self.device.type == "cuda":
-            # one compile round for this forward's Triton kernels, the greedy argmax's and the
-            # CUDA graphs' (their forwards dry-run here on the scratch cache): a round costs
-            # its slowest compile. No sampler in the dry run: skipped kernels leave garbage
-            # logits, and multinomial asserts on NaN.
-            graphs = None
-            if not self.device_config.enforce_eager:
-                graphs = self._uncaptured_graphs = self.make_graph_runner()
-
-            # a short prompt's prefill launch takes other tiles (SHORT_TILES): compiled in the same round
-            short = min(num_tokens, 512)
-            short_meta = replace(meta, slot_mapping=meta.slot_mapping[:short],
-                                 query_start_loc=meta.query_start_loc.new_tensor([0, short]),
-                                 seq_lens=meta.seq_lens.new_tensor([short]), max_query_len=short, max_seq_len=short)
-
-            def dry_run() -> None:
-                logits = forward()[1]
-                if logits is not None:
-                    greedy_ids(logits[:sample_rows])
-                if short < num_tokens:
-                    self.model(ids[:short], positions[:short], short_meta,
-                               None if intermediate is None else tuple(t[:short] for t in intermediate))
-                if graphs is not None:
-                    graphs.dry_run()
-            compiled = compile_ahead(dry_run)
-            if graphs is not None:
-                graphs.compiled = compiled
-        hidden, logits = forward()
-        if logits is not None:
-            tensors = SamplingTensors(temperature=torch.ones(sample_rows, device=self.device),
-                                      top_p=torch.full((sample_rows,), 0.9, device=self.device), max_num_logprobs=20)
-            self.sampler(logits[:sample_rows], tensors)
-            greedy_ids(logits[:sample_rows])   # its Triton argmax compiles (or is loaded) here, not in the first request
-        del hidden, logits
 
     # ---- one step ---------------------------------------------------------------------
     @torch.inference_mode()

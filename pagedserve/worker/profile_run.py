@@ -1,0 +1,90 @@
+"""Start-up's profiled forward (CUDA): one forward of max_num_batched_tokens prompt tokens, logits
+and a sampler pass against a one-block scratch cache, whose peak memory sizes the KV cache
+(worker/kv_budget.py), and, in the same compile round, a dry run of every Triton launch the first
+requests and the CUDA graphs will take (worker/compile_ahead.py)."""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import torch
+
+from pagedserve.attention.backend import select_backend
+from pagedserve.attention.metadata import AttentionMetadata
+from pagedserve.layers.parallel import is_last_stage
+from pagedserve.layers.sampler import SamplingTensors, greedy_ids
+from pagedserve.worker.compile_ahead import compile_ahead
+from pagedserve.worker.sampling_inputs import SAMPLER_CHUNK_ROWS
+
+if TYPE_CHECKING:
+    from pagedserve.worker.model_runner import ModelRunner
+
+SHORT_DRY_RUN_TOKENS = 512   # a short prompt's prefill launch takes other tiles (SHORT_TILES)
+
+
+@torch.inference_mode()
+def profile_run(runner: ModelRunner, num_tokens: int) -> None:
+    """A forward of `num_tokens` prompt tokens, logits of max_num_seqs rows and a sampler pass,
+    against a one-block scratch cache (stores skipped), to measure peak memory. On CUDA the
+    runner's graph runner is made here (uncaptured: ModelRunner.finish_setup captures it once the
+    KV cache exists) and its forwards dry-run with this one."""
+    device, dtype, sched = runner.device, runner.model_config.dtype, runner.scheduler_config
+    num_tokens = min(num_tokens, sched.max_model_len)
+    backend = select_backend(device, runner.model_config.quantization)
+    for layer in runner.model.attention_layers():
+        shape = (1, runner.block_size, layer.num_kv_heads, layer.head_dim)
+        layer.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+        layer.v_cache = torch.zeros_like(layer.k_cache)
+        layer.backend = backend
+    num_blocks = -(-num_tokens // runner.block_size)
+    meta = AttentionMetadata(
+        slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=device),
+        query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=device),
+        seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=device),
+        block_tables=torch.zeros((1, num_blocks), dtype=torch.int32, device=device),
+        max_query_len=num_tokens, max_seq_len=num_tokens, num_decodes=0)
+    ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
+    positions = torch.arange(num_tokens, device=device)
+    intermediate = None
+    if runner.pipeline is not None and runner.pipeline.prev is not None:
+        hidden = torch.zeros((num_tokens, runner.model_config.hidden_size), dtype=dtype, device=device)
+        intermediate = (hidden, hidden.clone())
+    rows = min(sched.max_num_seqs, num_tokens)
+    sample_rows = min(rows, SAMPLER_CHUNK_ROWS)   # the sampler's largest chunk (see sampling_inputs.sample)
+
+    def forward() -> tuple[torch.Tensor, torch.Tensor | None]:
+        hidden = runner.model(ids, positions, meta, intermediate)
+        return hidden, runner.model.compute_logits(hidden[:rows]) if is_last_stage() else None
+
+    if device.type == "cuda":
+        # one compile round for this forward's Triton kernels, the greedy argmax's and the
+        # CUDA graphs' (their forwards dry-run here on the scratch cache): a round costs
+        # its slowest compile. No sampler in the dry run: skipped kernels leave garbage
+        # logits, and multinomial asserts on NaN.
+        graphs = None
+        if not runner.device_config.enforce_eager:
+            graphs = runner.uncaptured_graphs = runner.make_graph_runner()
+        short = min(num_tokens, SHORT_DRY_RUN_TOKENS)
+        short_meta = replace(meta, slot_mapping=meta.slot_mapping[:short],
+                             query_start_loc=meta.query_start_loc.new_tensor([0, short]),
+                             seq_lens=meta.seq_lens.new_tensor([short]), max_query_len=short, max_seq_len=short)
+
+        def dry_run() -> None:
+            logits = forward()[1]
+            if logits is not None:
+                greedy_ids(logits[:sample_rows])
+            if short < num_tokens:   # compiled in the same round
+                runner.model(ids[:short], positions[:short], short_meta,
+                             None if intermediate is None else tuple(t[:short] for t in intermediate))
+            if graphs is not None:
+                graphs.dry_run()
+        compiled = compile_ahead(dry_run)
+        if graphs is not None:
+            graphs.compiled = compiled
+    hidden, logits = forward()
+    if logits is not None:
+        tensors = SamplingTensors(temperature=torch.ones(sample_rows, device=device),
+                                  top_p=torch.full((sample_rows,), 0.9, device=device), max_num_logprobs=20)
+        runner.sampler(logits[:sample_rows], tensors)
+        greedy_ids(logits[:sample_rows])   # its Triton argmax compiles (or is loaded) here, not in the first request
+    del hidden, logits
