@@ -16,7 +16,7 @@ RequestId = NewType("RequestId", str)
 BlockId = NewType("BlockId", int)
 
 
-@dataclass
+@dataclass(slots=True)
 class NewRequestData:
     """A request the runner has not seen (or must rebuild after preemption)."""
 
@@ -28,7 +28,7 @@ class NewRequestData:
     num_computed_tokens: int
 
 
-@dataclass
+@dataclass(slots=True)
 class CachedRequestData:
     """A request already in the runner's batch: only what changed."""
 

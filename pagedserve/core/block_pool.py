@@ -22,7 +22,7 @@ from pagedserve.engine_io import BlockId
 BlockHash = NewType("BlockHash", int)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class KVCacheBlock:
     block_id: BlockId
     ref_cnt: int = 0

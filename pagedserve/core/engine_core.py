@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 _QUEUED, _SCHEDULED = RequestEventType.QUEUED, RequestEventType.SCHEDULED
 _FIRST_TOKEN, _FINISHED = RequestEventType.FIRST_TOKEN, RequestEventType.FINISHED
+_RUNNING_STATUS = RequestStatus.RUNNING
 # a launched step: its scheduler output and its result (or what launching it raised)
 _Launched = tuple[SchedulerOutput, ModelRunnerOutput | PendingOutput | DeferredSampling | Exception]
 
@@ -350,11 +351,13 @@ class EngineCore:
                     del self._awaiting_first_token[rid]
         logprobs = runner_output.logprobs
         outputs = []
-        for request in changed:
-            rid, reason = request.request_id, request.get_finish_reason()
-            outputs.append(EngineCoreOutput(rid, [request.output_token_ids[-1]], reason, request.stop_reason,
-                                            logprobs.get(rid) if logprobs else None, None,
-                                            max(request.num_cached_tokens, 0), request.error))
+        append = outputs.append
+        for request in changed:   # every row that got a token, every step: kept lean
+            rid = request.request_id
+            reason = None if request.status == _RUNNING_STATUS else request.get_finish_reason()
+            append(EngineCoreOutput(rid, [request.output_token_ids[-1]], reason, request.stop_reason,
+                                    logprobs.get(rid) if logprobs else None, None,
+                                    max(request.num_cached_tokens, 0), request.error))
             if reason is not None:
                 events.append(RequestEvent(rid, _FINISHED, now, reason))
         for rid, prompt_logprobs in runner_output.prompt_logprobs.items():

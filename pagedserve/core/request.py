@@ -33,7 +33,7 @@ _FINISH_REASONS = {
 }
 
 
-@dataclass(eq=False)   # identity: `running.remove(request)` must not compare every field of every request
+@dataclass(eq=False, slots=True)   # identity: `running.remove(request)` must not compare every field of every request
 class Request:
     """Token counters obey: num_computed_tokens <= num_tokens = len(prompt) + len(output).
 

@@ -209,27 +209,30 @@ class Scheduler:
         blocked = False   # a preemption was needed but its victim has work in flight
         running = self.running
         max_seqs = self._max_seqs_per_step()
+        # read once: this loop runs for every running request every step (host time a row)
+        allocate_slots, describe, suspects = self.kv.allocate_slots, self._describe, self.suspects
+        micro_batched, defer_grammar, max_model_len = self.micro_batches > 1, self.defer_grammar, self.max_model_len
         while index < len(running) and budget > 0 and len(scheduled) < max_seqs:
             request = running[index]
-            if isolate and (scheduled or request.request_id not in self.suspects):
+            if isolate and (scheduled or request.request_id not in suspects):
                 index += 1
                 continue
             num_inflight = request.num_inflight_samples
             # lockstep filling: its mask needs the token in flight; under PP the first stage
             # would wait for it (PP never defers the grammar: EngineCore)
-            if num_inflight and (self.micro_batches > 1
-                                 or constrained and request.grammar is not None and not self.defer_grammar):
+            if num_inflight and (micro_batched or constrained and request.grammar is not None and not defer_grammar):
                 index += 1
                 continue
-            num_tokens = len(request.prompt_token_ids) + len(request.output_token_ids) + num_inflight
+            num_prompt = len(request.prompt_token_ids)
+            num_known = num_prompt + len(request.output_token_ids)   # request.num_tokens
+            num_tokens = num_known + num_inflight
             num_new = min(num_tokens - request.num_computed_tokens - request.num_unresolved_tokens, budget)
             # skip if the token in flight ends the request by length: schedule nothing more
-            if num_new <= 0 or (num_inflight and (
-                    num_tokens - len(request.prompt_token_ids) >= request.max_tokens
-                    or num_tokens >= self.max_model_len)):
+            if num_new <= 0 or (num_inflight and (num_tokens - num_prompt >= request.max_tokens
+                                                  or num_tokens >= max_model_len)):
                 index += 1
                 continue
-            while not self.kv.allocate_slots(request, num_new):
+            while not allocate_slots(request, num_new):
                 victim = running[-1]
                 if victim.num_unresolved_tokens:
                     blocked = True
@@ -240,7 +243,7 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                self._describe(request, num_new, out)
+                describe(request, num_new, out, num_known)
                 scheduled.append(request)
                 budget -= num_new
                 index += 1
@@ -364,17 +367,18 @@ class Scheduler:
         out.num_scheduled_tokens.pop(request.request_id, None)
         logger.debug("preempted %s", request.request_id)
 
-    def _describe(self, request: Request, num_new: int, out: SchedulerOutput) -> None:
+    def _describe(self, request: Request, num_new: int, out: SchedulerOutput, num_tokens: int | None = None) -> None:
         """Schedule `num_new` tokens of `request` (its blocks are final for this step): tell
         the runner, then count the work as in flight until update_from_output. New (or resumed)
         requests go in full, known ones as block diffs; `_sent_blocks` remembers (count, last
-        block id) of what the runner holds."""
+        block id) of what the runner holds. `num_tokens`: request.num_tokens if the caller has it."""
         rid = request.request_id
         out.num_scheduled_tokens[rid] = num_new
         blocks = self.kv.req_to_blocks[rid]
         num_ahead = request.num_computed_tokens + request.num_unresolved_tokens
         output_token_ids = request.output_token_ids
-        num_tokens = len(request.prompt_token_ids) + len(output_token_ids)
+        if num_tokens is None:
+            num_tokens = len(request.prompt_token_ids) + len(output_token_ids)
         sent = self._sent_blocks.get(rid)
         if sent is None:
             out.new_requests.append(NewRequestData(
@@ -383,12 +387,15 @@ class Scheduler:
             self._sent_blocks[rid] = (len(blocks), blocks[-1].block_id if blocks else -1)
         else:
             num_sent, last_sent = sent
-            new_block_ids, replaced = [], None
-            if num_sent != len(blocks) or (num_sent and blocks[-1].block_id != last_sent):
+            num_blocks = len(blocks)
+            if num_sent == num_blocks and (not num_sent or blocks[-1].block_id == last_sent):
+                new_block_ids, replaced = [], None   # the common case: the runner holds them all
+            else:
+                replaced = None
                 if num_sent and blocks[num_sent - 1].block_id != last_sent:   # copy-on-write moved it
                     replaced = blocks[num_sent - 1].block_id
                 new_block_ids = [b.block_id for b in blocks[num_sent:]]
-                self._sent_blocks[rid] = (len(blocks), blocks[-1].block_id)
+                self._sent_blocks[rid] = (num_blocks, blocks[-1].block_id)
             out.cached_requests.append(CachedRequestData(
                 rid, new_block_ids, num_ahead, replaced, num_tokens,
                 output_token_ids[-1] if output_token_ids else None))

@@ -19,7 +19,7 @@ from pagedserve.engine_io import RequestId
 from pagedserve.sampling_params import SamplingParams
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class CachedRequestState:
     req_id: RequestId
     token_ids: list[int]              # prompt + outputs sampled so far

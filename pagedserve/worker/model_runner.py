@@ -375,8 +375,9 @@ class ModelRunner:
             for token in new.token_ids[new.num_prompt_tokens:]:
                 state.count_output(token)
             self._add_state(state)
-        for cached in so.cached_requests:
-            state = self.states[cached.req_id]
+        states = self.states
+        for cached in so.cached_requests:   # every running row, every step: kept lean
+            state = states[cached.req_id]
             if cached.replaced_last_block is not None:
                 state.block_ids[-1] = cached.replaced_last_block
                 self.block_table.write(state.block_row, len(state.block_ids) - 1, [cached.replaced_last_block])
@@ -385,7 +386,10 @@ class ModelRunner:
                 state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
             if cached.last_token_id is not None:
-                self._learn_token(state, cached.num_tokens - 1, cached.last_token_id)
+                pos, token_ids = cached.num_tokens - 1, state.token_ids
+                # on rank 0 the token is there already (PendingRunnerOutput.get filled it)
+                if pos == len(token_ids) or pos < len(token_ids) and token_ids[pos] == -1:
+                    self._learn_token(state, pos, cached.last_token_id)
         self._forked = {}
         for fork in so.forked_requests:
             parent = self.states[fork.parent_req_id]
