@@ -76,9 +76,10 @@ if [[ $STEPS == *thr* ]]; then
       for v in before now; do
         late && break 3
         p=$(path_of $v); repo=$PWD
+        echo "gpu before: $(nvidia-smi --query-gpu=clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active --format=csv,noheader 2>&1)"
         (cd /tmp/thr_wd && PYTHONPATH=$p timeout 150 python3 "$repo/benchmarks/thr_spread.py" \
           "$OUT/thr_${model}_${v}_$i" --runs 1 --no-smi --model $model > "$OUT/thr_${model}_${v}_$i.txt" 2>&1)
-        echo "thr $model $v run $i rc=$? $(( $(date +%s) - T0 )) s: $(grep -o '"out_tok_s": [0-9.]*\|"decode_span_s": [0-9.]*\|"gpu_span_s": [0-9.]*' "$OUT/thr_${model}_${v}_$i.txt" | tr '\n' ' ')"
+        echo "thr $model $v run $i rc=$? $(( $(date +%s) - T0 )) s: $(grep -o '"out_tok_s": [0-9.]*\|"decode_span_s": [0-9.]*\|"gpu_span_s": [0-9.]*\|"host_wait_s": [0-9.]*' "$OUT/thr_${model}_${v}_$i.txt" | tr '\n' ' ')"
       done
     done
   done

@@ -11,7 +11,8 @@ mean host time per decode step at `num` requests, in alternating blocks of steps
 with a viewer (snapshots requested as the server's ticker does: every 100 ms of wall time,
 or less often when the last one cost more than 0.25% of that interval; each encoded as the
 server does: on the server that runs on the event loop, here it is counted in the step).
-Usage: python benchmarks/host_overhead.py [num_requests] [--profile | --viewer]"""
+`--phases`: the async step split by phase (print_phases) instead.
+Usage: python benchmarks/host_overhead.py [num_requests] [--profile | --viewer | --phases]"""
 import cProfile
 import io
 import pstats
@@ -68,11 +69,14 @@ def start_decoding(engine, num: int, max_tokens: int) -> None:
         engine.step()
 
 
-def decode_step_times(llm: LLM, timer: ModelTimer, num: int, prof: cProfile.Profile | None = None) -> list[float]:
+def decode_step_times(llm: LLM, timer: ModelTimer, num: int, prof: cProfile.Profile | None = None,
+                      on_start=None) -> list[float]:
     """Seconds per engine step (core + output processing), less the model's forward, logits
-    and sampling, once all `num` requests decode."""
+    and sampling, once all `num` requests decode (`on_start` called then)."""
     engine = llm.engine
     start_decoding(engine, num, WARMUP_STEPS + TIMED_STEPS + 64)
+    if on_start is not None:
+        on_start()
     times = []
     for _ in range(TIMED_STEPS):
         if prof is not None:
@@ -141,6 +145,54 @@ def viewer_overhead(llm: LLM, timer: ModelTimer, num: int, block: int = 150, pai
     return spent[False], spent[True], snapshots, snapshot_s, log_s[0]
 
 
+def print_phases(llm: LLM, timer: ModelTimer, num: int, steps: int = 200) -> None:
+    """Host ms a step in each phase of a decode step at `num` rows: each wrapped call's wall
+    time (less the model's), summed per step, the median over `steps` steps (nested phases
+    are listed under their callers)."""
+    from pagedserve.core import engine_core, scheduler
+    from pagedserve.frontend import output_processor
+    from pagedserve.worker import model_runner, pending_output
+    phases = [(scheduler.Scheduler, "schedule"), (scheduler.Scheduler, "update_from_output"),
+              (engine_core.EngineCore, "_update"), (output_processor.OutputProcessor, "process_outputs"),
+              (model_runner.ModelRunner, "execute_model"), (model_runner.ModelRunner, "_update_states"),
+              (model_runner.ModelRunner, "_sample"), (pending_output.PendingRunnerOutput, "get"),
+              (model_runner, "build_step_inputs")]
+    spent = {name: 0.0 for _, name in phases}
+    saved = []
+    for owner, name in phases:
+        fn = getattr(owner, name)
+        saved.append((owner, name, fn))
+
+        def timed(*args, _fn=fn, _name=name, **kwargs):
+            t0, model_s = time.perf_counter(), timer.seconds
+            try:
+                return _fn(*args, **kwargs)
+            finally:
+                spent[_name] += time.perf_counter() - t0 - (timer.seconds - model_s)
+        setattr(owner, name, timed)
+    engine = llm.engine
+    start_decoding(engine, num, WARMUP_STEPS + steps + 64)
+    per_step = {name: [] for name in spent}
+    totals = []
+    for _ in range(steps):
+        spent.update({name: 0.0 for name in spent})
+        t0, model_s = time.perf_counter(), timer.seconds
+        engine.step()
+        totals.append(time.perf_counter() - t0 - (timer.seconds - model_s))
+        for name, sec in spent.items():
+            per_step[name].append(sec)
+    for i in range(num):
+        engine.abort_request(f"r{i}")
+    while engine.has_unfinished_requests():
+        engine.step()
+    for owner, name, fn in saved:
+        setattr(owner, name, fn)
+    print(f"phases at {num} rows, median of {steps} steps (host ms a step; step {statistics.median(totals) * 1e3:.3f},"
+          f" min {min(totals) * 1e3:.3f}):")
+    for name, secs in per_step.items():
+        print(f"  {name:<22} {statistics.median(secs) * 1e3:7.3f}")
+
+
 def main() -> None:
     import torch
     torch.set_num_threads(1)   # the tiny model gains nothing from threads; fewer timing outliers
@@ -166,6 +218,10 @@ def main() -> None:
                   f"({log_s / watched_s * 100:.2f}%)")
             llm.engine.shutdown()
             continue
+        if "--phases" in sys.argv:   # async only
+            print_phases(llm, timer, num)
+            llm.engine.shutdown()
+            break
         small, large = (min(statistics.median(decode_step_times(llm, timer, n)) for _ in range(REPEATS))
                         for n in (num // 4, num))
         per_row = (large - small) / (num - num // 4)

@@ -112,6 +112,19 @@ def one_run(model: str, smi_path: str, freeze: bool = True) -> dict:
 
     if torch.cuda.is_available():
         executor.execute_model = timed_launch
+    # the host's side: how long the engine thread waits for a step's sampled ids (the device
+    # behind the host); ~0 a step means the host is the bound
+    from pagedserve.worker import pending_output
+    get, waits = pending_output.PendingRunnerOutput.get, []
+
+    def timed_get(self):
+        w0 = time.perf_counter()
+        if self.event is not None and not self.event.query():
+            self.event.synchronize()
+        waits.append(time.perf_counter() - w0)
+        return get(self)
+
+    pending_output.PendingRunnerOutput.get = timed_get
     pauses = GcPauses()
     cpu0, t0, wall0 = time.thread_time(), time.perf_counter(), time.time()
     outs = llm.generate(prompts, sps, use_tqdm=False)
@@ -122,6 +135,7 @@ def one_run(model: str, smi_path: str, freeze: bool = True) -> dict:
     wall1 = time.time()
     core.step = step
     executor.execute_model = launch
+    pending_output.PendingRunnerOutput.get = get
     if marks:
         torch.cuda.synchronize()
     spans = [a.elapsed_time(b) for a, b, _ in marks]
@@ -140,6 +154,8 @@ def one_run(model: str, smi_path: str, freeze: bool = True) -> dict:
                gpu_gaps_over_0_1ms=sum(g > 0.1 for g in gaps), decode_span_ms_median=round(statistics.median(small), 3)
                if small else None, decode_span_s=round(sum(small) / 1e3, 3),
                **(clocks(smi_path, wall0, wall1) if smi_path else {}),
+               host_wait_s=round(sum(waits), 3), host_wait_ms_median=round(statistics.median(waits) * 1e3, 3)
+               if waits else None,
                prefill_gaps_s=round(sum(g for (_, _, n), g in zip(marks, gaps) if _total(n) > 512) / 1e3, 3),
                lmhead_pad=_lmhead_pad(),
                per_step=[[n, round(sp, 3), round(g, 3)] for n, sp, g in zip(tokens, spans, gaps + [0.0])])
