@@ -120,7 +120,7 @@ def main() -> None:
                      kv_mb=round(kv_bytes / 1e6, 1), gb_s=round(kv_bytes / us / 1e3, 1))
             print("RESULT " + json.dumps(r), flush=True)
             results.append(r)
-            del graph, cache
+            del graph, cache, step
             torch.cuda.empty_cache()
     print(f"\n{'shape':<14}" + "".join(f"{lay:>12}" for lay in args.layouts.split(",")) + "   (us a launch)")
     for label, *_ in SHAPES:
