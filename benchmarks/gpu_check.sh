@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: check and time everything on the GPU machine. Results under $OUT.
-# Usage (device tool): bash benchmarks/gpu_check.sh [stages...]
+# Usage (device tool): bash benchmarks/gpu_check.sh [stages...]   (tests: TEST_FILES, TESTS_S)
 #   stages: kernels tests peers1b peers8b hf1b hf8b profile1b bf16 bf16variants sweep gemv ttftdiag
 # bf16 needs the default model's GGUF (98 MB, more than one call carries): carry its two halves
 # (`split -b 49181216`) in two calls on the same warm machine, then
@@ -16,7 +16,9 @@ for stage in "$@"; do
   echo "=== $stage"
   case $stage in
     kernels) timeout 200 python3 benchmarks/gpu_kernels.py 2>&1 | tee "$OUT/kernels.txt" | tail -30 ;;
-    tests) PAGEDSERVE_TEST_DEVICE=cuda timeout 480 python3 -m pytest -x -q -p no:cacheprovider tests/kernels tests/models/test_parity.py 2>&1 | tail -15 ;;
+    # no longer one call (session 29: 493 of ~700 passed in 480 s, then the timeout): TEST_FILES splits it
+    tests) PAGEDSERVE_TEST_DEVICE=cuda timeout ${TESTS_S:-540} python3 -m pytest -x -q -p no:cacheprovider --durations=20 \
+             ${TEST_FILES:-tests/kernels tests/models/test_parity.py} 2>&1 | tail -40 ;;
     peers1b) timeout 400 python3 .devcarry/peers.py pagedserve llama-1b 2>&1 | tee "$OUT/peers1b.txt" | grep -E "RESULT|Error|error" ;;
     peers8b) timeout 500 python3 .devcarry/peers.py pagedserve llama-8b 2>&1 | tee "$OUT/peers8b.txt" | grep -E "RESULT|Error|error|KV cache" ;;
     hf1b) timeout 300 python3 .devcarry/peers.py hf llama-1b 2>&1 | grep RESULT | tee "$OUT/hf1b.txt" ;;
