@@ -1,7 +1,8 @@
 """Why thr512 moves between runs of the same engine (issue 22): llama-1b (dummy weights,
 peers.py's set-up and workload) run `--runs` times in one process, each on a fresh engine; per
 run the out tok/s, each core step's wall time (EngineCore.step wrapped: median / p90 / max, the
-time in steps over 20 ms), the engine thread's CPU time over the wall time (1.0 whatever the
+time in steps over 20 ms), the Triton compiles inside the timed run (late_compiles: each stalls its
+step), the engine thread's CPU time over the wall time (1.0 whatever the
 bound: CUDA's synchronisation spins), the GPU's side (CUDA events around each step's launch:
 the time the GPU spent in steps, and idle between them waiting for the host; per step
 [tokens, span ms, gap after ms] in the json), the garbage collector's pauses by generation
@@ -68,6 +69,12 @@ class _NoFreeze:
     get_freeze_count = staticmethod(lambda: 0)
 
 
+def _late_compiles() -> list:
+    """compile_ahead.LATE_COMPILES (empty for a tree from before session 29, which has none)."""
+    from pagedserve.worker import compile_ahead
+    return getattr(compile_ahead, "LATE_COMPILES", [])
+
+
 def one_run(model: str, smi_path: str, freeze: bool = True) -> dict:
     from peers import make_model_dir, workload
     from pagedserve import LLM, SamplingParams
@@ -82,6 +89,7 @@ def one_run(model: str, smi_path: str, freeze: bool = True) -> dict:
     prompts = [{"prompt_token_ids": p} for p, _ in reqs]
     sps = [SamplingParams(max_tokens=o, ignore_eos=True, temperature=0.0, detokenize=False) for _, o in reqs]
     llm.generate(prompts[:8], sps[:8], use_tqdm=False)
+    late_before = len(_late_compiles())
     core = llm.engine.core
     steps: list[float] = []
     step = core.step
@@ -158,6 +166,8 @@ def one_run(model: str, smi_path: str, freeze: bool = True) -> dict:
                if waits else None,
                prefill_gaps_s=round(sum(g for (_, _, n), g in zip(marks, gaps) if _total(n) > 512) / 1e3, 3),
                lmhead_pad=_lmhead_pad(),
+               # Triton compiles inside the timed run: specialisations start-up did not take (each stalls its step)
+               late_compiles=[[name, round(sec, 2)] for name, sec in _late_compiles()[late_before:]],
                per_step=[[n, round(sp, 3), round(g, 3)] for n, sp, g in zip(tokens, spans, gaps + [0.0])])
     llm.shutdown()
     return res

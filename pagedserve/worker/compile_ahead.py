@@ -102,6 +102,63 @@ def recording(on_record: Callable[[Launch], None] | None = None) -> Iterator[lis
                 del cache[key]
 
 
+# (kernel and specialisation, seconds) of each Triton compile after start-up in this process
+# (watch_late_compiles); benchmarks/thr_spread.py reports them
+LATE_COMPILES: list[tuple[str, float]] = []
+LATE_COMPILE_WARN_S = 0.1   # shorter: a load from Triton's disk cache, logged at DEBUG only
+
+
+def describe_specialisation(name: str, compile: dict) -> str:
+    """`kernel(arg: type [%16 where Triton assumes divisibility by 16], constexpr=value, ...)
+    [warps, stages]` from a Triton hook's compile data: what tells two specialisations apart."""
+    constants, attrs = compile.get("constants", {}), (compile.get("configs") or [{}])[0]
+    args = []
+    for i, (arg, kind) in enumerate(compile.get("signature", {}).items()):
+        if kind == "constexpr":
+            args.append(f"{arg}={constants.get((i,), '?')}")
+        else:
+            divisible = any(attr[0] == "tt.divisibility" for attr in attrs.get((i,), ()))
+            args.append(f"{arg}: {kind}{' %16' if divisible else ''}")
+    return f"{name}({', '.join(args)}) [warps {compile.get('num_warps')}, stages {compile.get('num_stages')}]"
+
+
+def watch_late_compiles() -> bool:
+    """From now on, log each Triton specialisation this process compiles (or loads from the
+    disk cache) at a real launch: after start-up the step that launches it waits for the
+    compile, ~0.5-2 s on a cold cache, so one the dry runs did not take is a start-up gap (a
+    WARNING from LATE_COMPILE_WARN_S on, naming the kernel and its argument specialisation).
+    Chains whatever cache hook is set (recording() sets its own and puts this one back). Not
+    under TP or PP, whose kernels compile at first launch by design (compile_ahead). True when
+    installed (once a process)."""
+    from triton import knobs
+    if tp_world_size() * pp_world_size() > 1 or getattr(knobs.runtime.jit_cache_hook, "late_watch", False):
+        return False
+    previous_cache, previous_post = knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook
+    started: dict[Any, float] = {}
+
+    def cache_hook(**kwargs: Any) -> bool:
+        if previous_cache is not None and previous_cache(**kwargs):
+            return True
+        if not kwargs["is_manual_warmup"]:
+            started[kwargs["key"]] = time.perf_counter()
+        return False
+
+    def post_hook(**kwargs: Any) -> Any:
+        begun = started.pop(kwargs["key"], None)
+        if begun is not None:
+            seconds = time.perf_counter() - begun
+            name = describe_specialisation(kwargs["fn"].name, kwargs["compile"])
+            LATE_COMPILES.append((name, seconds))
+            logger.log(logging.WARNING if seconds >= LATE_COMPILE_WARN_S else logging.DEBUG,
+                       "Triton compiled %s at its first launch after start-up in %.2f s (the step waited; "
+                       "the start-up dry runs did not take this specialisation)", name, seconds)
+        return previous_post(**kwargs) if previous_post is not None else None
+
+    cache_hook.late_watch = True
+    knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = cache_hook, post_hook
+    return True
+
+
 def _build_launcher(kernel: Any) -> None:
     """The compiled kernel's C launcher (a gcc run on a cold cache, cached on disk)."""
     from triton.runtime.driver import driver

@@ -34,6 +34,7 @@ from pagedserve.layers.parallel import broadcast_from_rank0, is_last_stage, pp_w
 from pagedserve.layers.sampler import Sampler, SamplerOutput, gather_logprobs
 from pagedserve.models.loader import load_weights
 from pagedserve.models.registry import resolve_model_class
+from pagedserve.worker.compile_ahead import watch_late_compiles
 from pagedserve.worker.cuda_graph import CudaGraphRunner
 from pagedserve.worker.grammar_mask import DeferredSample, GrammarMask, grammar_rows
 from pagedserve.worker.input_batch import BlockTable, CachedRequestState, StepInputs, build_step_inputs
@@ -138,12 +139,15 @@ class ModelRunner:
     def finish_setup(self) -> None:
         """After the KV cache exists: capture decode and prefill CUDA graphs on GPU (unless
         enforce_eager), and with DeviceConfig.mixed_graphs the mixed steps' pieces; a pipeline
-        stage captures its own layers (worker/cuda_graph.py)."""
-        if self.device.type != "cuda" or self.device_config.enforce_eager:
+        stage captures its own layers (worker/cuda_graph.py). Then any later Triton compile is
+        logged (compile_ahead.watch_late_compiles)."""
+        if self.device.type != "cuda":
             return
-        graphs, self.uncaptured_graphs = self.uncaptured_graphs or self.make_graph_runner(), None
-        graphs.capture()
-        self.graph_runner = graphs
+        if not self.device_config.enforce_eager:
+            graphs, self.uncaptured_graphs = self.uncaptured_graphs or self.make_graph_runner(), None
+            graphs.capture()
+            self.graph_runner = graphs
+        watch_late_compiles()
 
     def make_graph_runner(self) -> CudaGraphRunner:
         """The graph runner of this model (uncaptured); a stage after the first gets static

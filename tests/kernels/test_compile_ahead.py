@@ -35,6 +35,7 @@ def _forward(inputs, configs) -> list[torch.Tensor]:
 def test_dry_run_records_once_and_launches_nothing():
     x, w = _inputs(3, 0)
     config = GemvConfig(block_n=16, block_k=32, num_warps=1, num_stages=2)
+    previous = knobs.runtime.jit_cache_hook   # an engine started earlier in the process leaves its watch
     with recording() as launches:
         outs = [gemv(x, w, config) for _ in range(3)]
     torch.cuda.synchronize()
@@ -42,7 +43,7 @@ def test_dry_run_records_once_and_launches_nothing():
     # the kernel did not run: nothing equal to the product was written (NaN never equals)
     ref = (x.float() @ w.float().T).half()
     assert not any(torch.equal(out, ref) for out in outs)
-    assert knobs.runtime.jit_cache_hook is None   # restored
+    assert knobs.runtime.jit_cache_hook is previous   # restored
 
 
 @pytest.mark.parametrize("workers,configs", [(1, (A, B)), (4, (B, A))])

@@ -146,3 +146,38 @@ def test_a_failed_dry_run_is_logged_or_raised_when_strict(monkeypatch, caplog):
     monkeypatch.setattr(compile_ahead, "STRICT", True)
     with pytest.raises(ValueError, match="not enough values"):
         compile_ahead.compile_ahead(broken, workers=1)
+
+
+def test_a_compile_after_start_up_is_logged(fake_driver, tmp_path, monkeypatch, caplog):
+    """watch_late_compiles (ModelRunner.finish_setup on CUDA): a real launch that compiles is
+    recorded and logged with its kernel and specialisation; a launch of a compiled key, a
+    compile_all (start-up's preloads) and a dry run's records are not."""
+    from triton import knobs
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(knobs.runtime, "jit_cache_hook", None)   # restored after the test
+    monkeypatch.setattr(knobs.runtime, "jit_post_compile_hook", None)
+    monkeypatch.setattr(compile_ahead, "LATE_COMPILES", [])
+    monkeypatch.setattr(compile_ahead, "LATE_COMPILE_WARN_S", 0.0)
+    monkeypatch.setattr(compile_ahead, "tp_world_size", lambda: 1)
+    monkeypatch.setattr(compile_ahead, "pp_world_size", lambda: 1)
+    kernel = JITFunction(_scale)
+    x, y = torch.ones(100), torch.empty(100)
+    with compile_ahead.recording() as launches:
+        kernel[(2,)](x, y, 100, BLOCK=32)
+    assert compile_ahead.watch_late_compiles() is True
+    assert compile_ahead.watch_late_compiles() is False   # once
+    assert compile_ahead.compile_all(launches, workers=1) == 0   # a preload, as at start-up: not late
+    with compile_ahead.recording() as dry:   # a dry run's record: its own hook, then ours again
+        kernel[(2,)](x, y, 100, BLOCK=16)
+    assert len(dry) == 1 and knobs.runtime.jit_cache_hook.late_watch
+    assert compile_ahead.LATE_COMPILES == []
+    for block in (32, 64, 64, 128):
+        with pytest.raises(TypeError):   # compiled (or found), then the stand-in driver's launcher cannot run
+            kernel[(2,)](x, y, 100, BLOCK=block)
+    late = [name for name, _ in compile_ahead.LATE_COMPILES]
+    assert late == [f"_scale(x_ptr: *fp32 %16, y_ptr: *fp32 %16, n: i32, BLOCK={block}) [warps 4, stages 3]"
+                    for block in (64, 128)], late
+    assert caplog.text.count("Triton compiled _scale(") == 2 and "at its first launch after start-up" in caplog.text
+    with pytest.raises(TypeError):   # n = 96: divisible by 16, another specialisation of the same kernel
+        kernel[(2,)](x, y, 96, BLOCK=64)
+    assert compile_ahead.LATE_COMPILES[-1][0].startswith("_scale(x_ptr: *fp32 %16, y_ptr: *fp32 %16, n: i32 %16, ")
