@@ -168,6 +168,9 @@ def one_run(model: str, smi_path: str, freeze: bool = True) -> dict:
                lmhead_pad=_lmhead_pad(),
                # Triton compiles inside the timed run: specialisations start-up did not take (each stalls its step)
                late_compiles=[[name, round(sec, 2)] for name, sec in _late_compiles()[late_before:]],
+               # [launch index, tokens, GPU span ms] of the three longest launches (a stall shows which step)
+               longest_launches=[[i, tokens[i], round(spans[i], 1)]
+                                 for i in sorted(range(len(spans)), key=spans.__getitem__)[-3:][::-1]],
                per_step=[[n, round(sp, 3), round(g, 3)] for n, sp, g in zip(tokens, spans, gaps + [0.0])])
     llm.shutdown()
     return res
