@@ -69,6 +69,8 @@ def profile_run(runner: ModelRunner, num_tokens: int) -> None:
                              query_start_loc=meta.query_start_loc.new_tensor([0, short]),
                              seq_lens=meta.seq_lens.new_tensor([short]), max_query_len=short, max_seq_len=short)
 
+        mixed = mixed_step_metas(runner, backend, meta, num_tokens) if intermediate is None else []
+
         def dry_run() -> None:
             logits = forward()[1]
             if logits is not None:
@@ -76,6 +78,9 @@ def profile_run(runner: ModelRunner, num_tokens: int) -> None:
             if short < num_tokens:   # compiled in the same round
                 runner.model(ids[:short], positions[:short], short_meta,
                              None if intermediate is None else tuple(t[:short] for t in intermediate))
+            for step in mixed:   # the decode rows of mixed steps: their launch has no rotary inside
+                size = step.slot_mapping.shape[0]
+                runner.model(ids[:size], positions[:size], step, None)
             if graphs is not None:
                 graphs.dry_run()
         compiled = compile_ahead(dry_run)
@@ -88,3 +93,37 @@ def profile_run(runner: ModelRunner, num_tokens: int) -> None:
         runner.sampler(logits[:sample_rows], tensors)
         greedy_ids(logits[:sample_rows])   # its Triton argmax compiles (or is loaded) here, not in the first request
     del hidden, logits
+
+
+def mixed_step_metas(runner: ModelRunner, backend, meta: AttentionMetadata, num_tokens: int
+                     ) -> list[AttentionMetadata]:
+    """One eager step's metadata (on the scratch cache, stores skipped) per kernel specialisation
+    that a mixed step's decode rows can take (triton_paged_attention.decode_launch_shapes): rows
+    decodes of the returned longest context, beside one prompt chunk of the backend's
+    prefill_min_query_len tokens, as a step of max_num_batched_tokens = num_tokens can hold."""
+    chunk = getattr(backend, "prefill_min_query_len", None)
+    if chunk is None:
+        return []
+    from pagedserve.attention.triton_paged_attention import decode_launch_shapes
+    layer = next(iter(runner.model.attention_layers()), None)
+    if layer is None:
+        return []
+    sched, device = runner.scheduler_config, meta.slot_mapping.device
+    max_rows = min(sched.max_num_seqs - 1, num_tokens - chunk)
+    if max_rows < 1 or chunk > sched.max_model_len:
+        return []
+    shapes = decode_launch_shapes(layer.num_heads, layer.num_kv_heads, layer.head_dim, runner.model_config.dtype,
+                                  device, max_rows, chunk, sched.max_model_len)
+    metas = []
+    for rows, longest in shapes:
+        seq_lens = [longest] * rows + [chunk]
+        starts = list(range(rows + 1)) + [rows + chunk]
+        metas.append(AttentionMetadata(
+            slot_mapping=torch.full((rows + chunk,), -1, dtype=torch.int64, device=device),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            block_tables=torch.zeros((rows + 1, -(-sched.max_model_len // runner.block_size)), dtype=torch.int32,
+                                     device=device),
+            max_query_len=chunk, max_seq_len=longest, num_decodes=rows, num_decode_tokens=rows,
+            query_start_loc_host=starts, seq_lens_host=seq_lens))
+    return metas

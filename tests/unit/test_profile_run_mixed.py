@@ -1,0 +1,86 @@
+"""Start-up's dry run covers the decode launches of mixed steps (worker/profile_run.py,
+mixed_step_metas): the decode graphs' launches rotate and store inside the kernel, a mixed step's
+decode rows do not, so without these dry steps their specialisations compile at a run's first
+mixed steps (session 29: a machine's first thr512 process stalled 1.0-1.6 s in one step). Checked on
+the CPU through the Triton backend's own decisions: each dry step's decode rows take a distinct
+launch variant (tiles, split, in-kernel merge, no rotary), and together every variant that any
+mixed step of 1..max_num_seqs - 1 decode rows, at any context up to max_model_len, would take."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from pagedserve.attention import paged_launch, triton_paged_attention as tpa  # noqa: E402
+from pagedserve.attention.backend import TritonBackend  # noqa: E402
+from pagedserve.attention.metadata import AttentionMetadata  # noqa: E402
+from pagedserve.attention.paged_launch import default_tile_config  # noqa: E402
+from pagedserve.worker.profile_run import mixed_step_metas  # noqa: E402
+
+H200_SMS = 132
+
+
+def _runner(heads: tuple[int, int, int], max_num_seqs: int, max_model_len: int) -> SimpleNamespace:
+    layer = SimpleNamespace(num_heads=heads[0], num_kv_heads=heads[1], head_dim=heads[2])
+    return SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs, max_model_len=max_model_len),
+                           model=SimpleNamespace(attention_layers=lambda: [layer]),
+                           model_config=SimpleNamespace(dtype=torch.bfloat16), block_size=16)
+
+
+def _decode_variants(backend: TritonBackend, meta: AttentionMetadata, heads, monkeypatch) -> list[tuple]:
+    """The variant of each paged-attention launch attend() makes for `meta` (launches recorded, not run)."""
+    launched = []
+
+    def record(query, k_cache, v_cache, block_tables, seq_lens, qsl, scale, out, partials, seq_begin, seq_end,
+               max_query_len, max_tokens, config, plan, rotary_store=None, arrivals=None, wait_inputs=False):
+        launched.append((max_query_len, config, partials is not None, arrivals is not None, rotary_store is not None))
+
+    monkeypatch.setattr(tpa, "_launch_attention", record)
+    monkeypatch.setattr(backend, "_triton_prefill", lambda *args, **kwargs: None)
+    num_heads, num_kv_heads, head_dim = heads
+    tokens = meta.slot_mapping.shape[0]
+    cache = torch.zeros(1, 16, num_kv_heads, head_dim, dtype=torch.bfloat16)
+    backend.attend(torch.zeros(tokens, num_heads, head_dim, dtype=torch.bfloat16), None, None, cache, cache, meta,
+                   head_dim ** -0.5)
+    return launched
+
+
+@pytest.mark.parametrize("heads,max_num_seqs,max_model_len,num_tokens", [
+    ((32, 8, 64), 512, 2048, 2048),      # llama-1b, thr512's engine
+    ((32, 8, 128), 256, 32768, 8192),    # llama-8b at long context
+    ((16, 2, 64), 1024, 4096, 16384),    # fewer KV heads: narrow launches up to 16 rows
+])
+def test_dry_steps_take_every_decode_launch_variant_of_mixed_steps(heads, max_num_seqs, max_model_len, num_tokens,
+                                                                    monkeypatch):
+    for module in (tpa, paged_launch):   # the H200's count: the CPU's stand-in (8) would split differently
+        monkeypatch.setattr(module, "sm_count", lambda device: H200_SMS)
+    backend = TritonBackend()
+    chunk = backend.prefill_min_query_len
+    probe = AttentionMetadata(torch.zeros(1, dtype=torch.int64), torch.zeros(2, dtype=torch.int32),
+                              torch.ones(1, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32), 1, 1)
+    metas = mixed_step_metas(_runner(heads, max_num_seqs, max_model_len), backend, probe, num_tokens)
+    seen = []
+    for meta in metas:
+        assert meta.num_decodes < meta.num_seqs and meta.max_query_len == chunk == int(meta.seq_lens[-1])
+        assert meta.slot_mapping.shape[0] == meta.num_decodes + chunk <= num_tokens
+        assert torch.equal(meta.query_start_loc, torch.tensor(meta.query_start_loc_host, dtype=torch.int32))
+        launches = _decode_variants(backend, meta, heads, monkeypatch)
+        assert len(launches) == 1   # the decode rows' launch (the prompt chunk's is the prefill kernel's)
+        max_query_len, config, split, merged, rotary = launches[0]
+        assert max_query_len == 1 and not rotary and merged == split
+        seen.append((config, split))
+    assert len(set(seen)) == len(seen) >= 2   # one dry step per variant
+    # every variant a mixed step's decode rows can take: every row count, contexts from the
+    # chunk's length (the step's longest sequence is at least its chunk) up to max_model_len
+    num_heads, num_kv_heads, head_dim = heads
+    expected = set()
+    for rows in range(1, min(max_num_seqs - 1, num_tokens - chunk) + 1):
+        for longest in range(chunk, max_model_len + 1, 64):
+            tiles, plan, _ = tpa.launch_plan(rows, num_heads, num_kv_heads, head_dim, 1, longest, torch.bfloat16,
+                                          torch.device("cpu"))
+            expected.add((tiles or default_tile_config(num_heads // num_kv_heads, head_dim, 1, torch.bfloat16),
+                          plan.num_segments > 1))
+    assert set(seen) == expected
