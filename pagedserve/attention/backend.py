@@ -160,9 +160,10 @@ class TritonBackend:
                                          num_decodes=num_decodes, out=out)
         out = torch.empty_like(query) if out is None else out
         if num_decodes:  # the leading decodes alone: one token each, tokens [0, num_decodes)
-            self._paged_attention(query, k_cache, v_cache, meta.block_tables[:num_decodes],
+            # (their rows only: a split launch sizes its fp32 partials and in-kernel merge by its tokens)
+            self._paged_attention(query[:num_decodes], k_cache, v_cache, meta.block_tables[:num_decodes],
                                   meta.seq_lens[:num_decodes], meta.query_start_loc[:num_decodes + 1],
-                                  scale, 1, meta.max_seq_len, num_decodes=num_decodes, out=out)
+                                  scale, 1, meta.max_seq_len, num_decodes=num_decodes, out=out[:num_decodes])
         qsl = meta.query_start_loc_host
         if self.use_sdpa and qsl is not None and meta.seq_lens_host is not None \
                 and meta.max_query_len >= self.sdpa_min_query_len:

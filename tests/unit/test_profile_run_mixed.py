@@ -36,7 +36,8 @@ def _decode_variants(backend: TritonBackend, meta: AttentionMetadata, heads, mon
 
     def record(query, k_cache, v_cache, block_tables, seq_lens, qsl, scale, out, partials, seq_begin, seq_end,
                max_query_len, max_tokens, config, plan, rotary_store=None, arrivals=None, wait_inputs=False):
-        launched.append((max_query_len, config, partials is not None, arrivals is not None, rotary_store is not None))
+        launched.append((max_query_len, config, partials is not None, arrivals is not None, rotary_store is not None,
+                         query.shape[0], out.shape[0], None if partials is None else partials[0].shape[0]))
 
     monkeypatch.setattr(tpa, "_launch_attention", record)
     monkeypatch.setattr(backend, "_triton_prefill", lambda *args, **kwargs: None)
@@ -46,6 +47,12 @@ def _decode_variants(backend: TritonBackend, meta: AttentionMetadata, heads, mon
     backend.attend(torch.zeros(tokens, num_heads, head_dim, dtype=torch.bfloat16), None, None, cache, cache, meta,
                    head_dim ** -0.5)
     return launched
+
+
+def launches_segments(meta: AttentionMetadata, heads) -> int:
+    _, plan, _ = tpa.launch_plan(meta.num_decodes, heads[0], heads[1], heads[2], 1, meta.max_seq_len, torch.bfloat16,
+                                 torch.device("cpu"))
+    return plan.num_segments
 
 
 @pytest.mark.parametrize("heads,max_num_seqs,max_model_len,num_tokens", [
@@ -69,8 +76,11 @@ def test_dry_steps_take_every_decode_launch_variant_of_mixed_steps(heads, max_nu
         assert torch.equal(meta.query_start_loc, torch.tensor(meta.query_start_loc_host, dtype=torch.int32))
         launches = _decode_variants(backend, meta, heads, monkeypatch)
         assert len(launches) == 1   # the decode rows' launch (the prompt chunk's is the prefill kernel's)
-        max_query_len, config, split, merged, rotary = launches[0]
+        max_query_len, config, split, merged, rotary, query_rows, out_rows, partial_rows = launches[0]
         assert max_query_len == 1 and not rotary and merged == split
+        # the decode rows' tokens only: partials sized by them, merged in the launch at any step size
+        assert query_rows == out_rows == meta.num_decodes
+        assert partial_rows is None or partial_rows == meta.num_decodes * heads[0] * launches_segments(meta, heads)
         seen.append((config, split))
     assert len(set(seen)) == len(seen) >= 2   # one dry step per variant
     # every variant a mixed step's decode rows can take: every row count, contexts from the
@@ -84,3 +94,22 @@ def test_dry_steps_take_every_decode_launch_variant_of_mixed_steps(heads, max_nu
             expected.add((tiles or default_tile_config(num_heads // num_kv_heads, head_dim, 1, torch.bfloat16),
                           plan.num_segments > 1))
     assert set(seen) == expected
+
+
+def test_a_large_mixed_steps_decode_launch_is_sized_by_its_decode_rows(monkeypatch):
+    """5 decodes beside 16 prompt chunks of 1,000 tokens (a thr512 step at max_num_batched_tokens
+    16384): the decode launch's partials hold 5 tokens, not 16,005 (~1 GB at llama-1b's heads and
+    8 segments), and it merges in the kernel (the arrival counters cover 5 x 8, not 16,005 x 8 >
+    65,536), as the dry steps' launch does: the same specialisation."""
+    for module in (tpa, paged_launch):
+        monkeypatch.setattr(module, "sm_count", lambda device: H200_SMS)
+    heads, rows, chunk, prompts = (32, 8, 64), 5, 1000, 16
+    seq_lens = [16000] * rows + [chunk] * prompts
+    starts = list(range(rows + 1)) + [rows + chunk * (i + 1) for i in range(prompts)]
+    meta = AttentionMetadata(torch.full((starts[-1],), -1, dtype=torch.int64), torch.tensor(starts, dtype=torch.int32),
+                             torch.tensor(seq_lens, dtype=torch.int32), torch.zeros(rows + prompts, 1000, dtype=torch.int32),
+                             chunk, 16000, rows, rows, starts, seq_lens)
+    (launch,) = _decode_variants(TritonBackend(), meta, heads, monkeypatch)
+    max_query_len, config, split, merged, rotary, query_rows, out_rows, partial_rows = launch
+    assert split and merged and not rotary
+    assert query_rows == out_rows == rows and partial_rows == rows * 32 * launches_segments(meta, heads)
