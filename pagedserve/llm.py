@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from pagedserve.engine_args import EngineArgs
 from pagedserve.errors import ValidationError
+from pagedserve.frontend.gc_policy import hot_loop_collector
 from pagedserve.frontend.input_processor import PromptType
 from pagedserve.frontend.llm_engine import LLMEngine
 from pagedserve.logger import configure_default_logging
@@ -86,11 +87,13 @@ class LLM:
         results: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm)
         try:
-            while len(results) < len(ids):
-                for output in self.engine.step():
-                    if output.finished:
-                        results[output.request_id] = output
-                        bar.update(1)
+            wanted = set(ids)   # the engine may hold other requests (added to llm.engine directly)
+            with hot_loop_collector():   # no gen-0 collection every step (frontend/gc_policy.py)
+                while len(results) < len(ids):
+                    for output in self.engine.step():
+                        if output.finished and output.request_id in wanted:
+                            results[output.request_id] = output
+                            bar.update(1)
         finally:
             bar.close()
             for request_id in ids:

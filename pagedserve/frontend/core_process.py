@@ -35,6 +35,7 @@ from multiprocessing.connection import Connection
 
 from pagedserve.config import EngineConfig
 from pagedserve.core.outputs import EngineCoreOutput, EngineCoreOutputs
+from pagedserve.frontend.gc_policy import raise_gen0_threshold
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ def main(argv: list[str]) -> None:
     # full collection walks them again (a walk holds the GIL ~0.1-0.4 s, a stalled step)
     gc.collect()
     gc.freeze()
+    raise_gen0_threshold()   # no gen-0 collection every step (frontend/gc_policy.py)
     outbox = None
     try:
         conn.send(("ready", CoreInfo(core.num_kv_blocks, config.cache.block_size, core.weight_bytes)))

@@ -152,6 +152,7 @@ def run_server(args: argparse.Namespace) -> None:
     import uvicorn
 
     from pagedserve.frontend.async_engine import AsyncEngine
+    from pagedserve.frontend.gc_policy import raise_gen0_threshold
     from pagedserve.frontend.heap import limit_arenas, release_free_heap
     from pagedserve.server.app import build_app
 
@@ -171,6 +172,7 @@ def run_server(args: argparse.Namespace) -> None:
     # the collector's sight, no full collection walks them again (a walk holds the GIL ~0.1-0.4 s)
     gc.collect()
     gc.freeze()
+    raise_gen0_threshold()   # the engine's steps (on a thread here, or in its process) make no gen-0 collection each
     release_free_heap()   # start-up's freed temporaries (weights, tokenizer, imports): ~30 MiB of RSS
     logger.info("serving %s on http://%s:%d (engine core %s)", settings.served_model_name, args.host, args.port,
                 "in its own process" if engine_process else "on a thread")

@@ -58,3 +58,57 @@ def test_an_application_freeze_is_left_alone(tiny_checkpoints):
         assert 0 < gc.get_freeze_count() <= before   # nor to undo
     finally:
         gc.unfreeze()
+
+
+def test_generate_runs_without_a_gen0_collection_each_step_and_restores_the_threshold(tiny_checkpoints):
+    """frontend/gc_policy.py: generate's loop runs at HOT_GEN0_THRESHOLD; the application's
+    thresholds come back after (also when a step raises), and a higher one of its own stays."""
+    from pagedserve.frontend.gc_policy import HOT_GEN0_THRESHOLD, hot_loop_collector
+    before = gc.get_threshold()
+    llm = _llm(tiny_checkpoints)
+    seen = []
+    step = llm.engine.step
+
+    def recording_step():
+        seen.append(gc.get_threshold())
+        return step()
+
+    llm.engine.step = recording_step
+    try:
+        assert len(_generate(llm)) == 3
+        assert seen and all(t == (HOT_GEN0_THRESHOLD, *before[1:]) for t in seen), seen
+        assert gc.get_threshold() == before
+
+        def failing_step():
+            raise RuntimeError("step failed")
+
+        llm.engine.step = failing_step
+        try:
+            _generate(llm)
+        except RuntimeError:
+            pass
+        assert gc.get_threshold() == before
+        gc.set_threshold(100_000, *before[1:])   # the application's own, higher: left alone
+        with hot_loop_collector():
+            assert gc.get_threshold()[0] == 100_000
+        gc.set_threshold(0, *before[1:])   # collection off by threshold: stays off
+        with hot_loop_collector():
+            assert gc.get_threshold()[0] == 0
+    finally:
+        gc.set_threshold(*before)
+        llm.shutdown()
+
+
+def test_generate_waits_for_its_own_requests_only(tiny_checkpoints):
+    """A request added to llm.engine directly, finishing during generate, is neither counted as
+    one of generate's nor returned (they counted before: a KeyError once enough had finished)."""
+    llm = _llm(tiny_checkpoints)
+    try:
+        for other in ("a", "b"):   # as many as generate's, done first: the loop used to stop on them
+            llm.engine.add_request(other, {"prompt_token_ids": [9, 8]}, SamplingParams(max_tokens=1, ignore_eos=True))
+        outs = llm.generate([{"prompt_token_ids": [5, 6, 7]}, {"prompt_token_ids": [1, 2]}],
+                            SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), use_tqdm=False)
+        assert [len(o.outputs[0].token_ids) for o in outs] == [4, 4]
+        assert [o.prompt_token_ids for o in outs] == [[5, 6, 7], [1, 2]]
+    finally:
+        llm.shutdown()
