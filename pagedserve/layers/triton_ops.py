@@ -209,7 +209,9 @@ def zeroed_counters(device: torch.device, size: int) -> torch.Tensor | None:
     return holder[-1]
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+# mask_stride: the grammar's bitmask words a row (its vocabulary / 32), not the model's: one
+# specialisation for any, the one start-up's dry run compiles (worker/profile_run.py)
+@triton.jit(do_not_specialize=["num_splits", "mask_stride"])
 def _argmax_kernel(x_ptr, part_val_ptr, part_idx_ptr, counter_ptr, out_ptr, n_cols, stride_row, num_splits,
                    cols_per_split, mask_ptr, mask_stride, BLOCK: tl.constexpr, SPLITS_PAD: tl.constexpr,
                    HAS_MASK: tl.constexpr):

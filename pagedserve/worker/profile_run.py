@@ -75,6 +75,10 @@ def profile_run(runner: ModelRunner, num_tokens: int) -> None:
             logits = forward()[1]
             if logits is not None:
                 greedy_ids(logits[:sample_rows])
+                # and the argmax that reads a structured-outputs bitmask (else the first such request
+                # compiles it, stalling every running request on a cold cache)
+                greedy_ids(logits[:sample_rows], torch.zeros((sample_rows, -(-logits.shape[1] // 32)),
+                                                             dtype=torch.int32, device=device))
             if short < num_tokens:   # compiled in the same round
                 runner.model(ids[:short], positions[:short], short_meta,
                              None if intermediate is None else tuple(t[:short] for t in intermediate))

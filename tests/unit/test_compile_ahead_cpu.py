@@ -181,3 +181,23 @@ def test_a_compile_after_start_up_is_logged(fake_driver, tmp_path, monkeypatch, 
     with pytest.raises(TypeError):   # n = 96: divisible by 16, another specialisation of the same kernel
         kernel[(2,)](x, y, 96, BLOCK=64)
     assert compile_ahead.LATE_COMPILES[-1][0].startswith("_scale(x_ptr: *fp32 %16, y_ptr: *fp32 %16, n: i32 %16, ")
+
+
+def test_one_masked_argmax_specialisation_serves_any_grammar_width(fake_driver, tmp_path, monkeypatch):
+    """profile_run's dry run launches the bitmask-reading argmax once, with the model's vocabulary
+    / 32 words a row; a grammar's bitmask may be narrower or wider (its own vocabulary): the row
+    stride is not specialised, so that one compile serves every request's mask."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from pagedserve.layers import triton_ops
+    kernel = triton_ops._argmax_kernel
+    if isinstance(kernel, InterpretedFunction):   # conftest's TRITON_INTERPRET: the real JITFunction, same options
+        kernel = JITFunction(kernel.fn, **{k: v for k, v in kernel.kwargs.items() if v is not None})
+    monkeypatch.setattr(triton_ops, "_argmax_kernel", kernel)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    logits = torch.zeros(4, 2000, dtype=torch.bfloat16)
+    with compile_ahead.recording() as launches:
+        triton_ops.argmax_rows(logits)
+        for words in (63, 64, 80, 100):   # 63 = ceil(2000 / 32); 64 and 80 divisible by 16, 100 by 4 only
+            triton_ops.argmax_rows(logits, torch.zeros(4, words, dtype=torch.int32))
+    masked = [launch for launch in launches if json.loads(launch.data)["constant_vals"][-1] is True]
+    assert len(launches) == 2 and len(masked) == 1, [json.loads(launch.data)["constant_vals"] for launch in launches]
