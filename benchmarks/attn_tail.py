@@ -101,6 +101,7 @@ def stage_tail() -> None:
     torch reference on a mixed-length batch under a graph-like bound, and each variant against
     the legacy rule at every shape (bf16 tolerance)."""
     from pagedserve.attention import split_plan as sp, triton_paged_attention as tpa
+    from pagedserve.attention.paged_launch import narrow_decode_launch
     saved = (sp.SPLIT_RULE, sp.CHUNK_TILES, tpa.MERGE_IN_KERNEL)
     variants = _tail_variants(tile_sweep=not args.quick or bool(args.tiles), quick=args.quick)
 
@@ -126,7 +127,7 @@ def stage_tail() -> None:
         if rule == "plan":
             return f"{chunk.num_segments}x{chunk.tiles_per_segment}t"
         dtype = torch.float32 if SMOKE else torch.bfloat16
-        narrow = None if tiles else tpa.narrow_decode_launch(rows, HKV, HQ // HKV, triton.next_power_of_2(D), 1,
+        narrow = None if tiles else narrow_decode_launch(rows, HKV, HQ // HKV, triton.next_power_of_2(D), 1,
                                                              bound, dtype, HQ, DEV)
         if narrow is not None:   # the launch paged_attention picks for it (32-key tiles)
             return f"{narrow[1].num_segments}x{narrow[1].tiles_per_segment}t_narrow"

@@ -1,6 +1,8 @@
 """Launch shapes of the paged attention kernel (triton_paged_attention.py): the tile shape of a
 launch (TileConfig: default_tile_config for decode-like and prefill-like launches) and, for the
-latency-bound decode launches, the narrow tiles with their split plan (narrow_decode_launch)."""
+latency-bound decode launches, the narrow tiles with their split plan (narrow_decode_launch);
+a call's tiles and split plan (launch_plan), and the decode launches' variants start-up dry-runs
+(decode_launch_shapes)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -66,3 +68,49 @@ def narrow_decode_launch(num_seqs: int, num_kv_heads: int, queries_per_kv: int, 
                          plan.lone_tiles * scale)
     group = max(16, triton.next_power_of_2(queries_per_kv))
     return TileConfig(block_m=group, tile_n=NARROW_TILE_N, num_warps=4, num_stages=2), plan
+
+
+def launch_plan(num_seqs: int, num_heads: int, num_kv_heads: int, head_dim_pad: int, max_query_len: int,
+                max_seq_len: int, dtype: torch.dtype, device: torch.device,
+                num_splits: int | SplitPlan | None = None, tiles: TileConfig | None = None
+                ) -> tuple[TileConfig | None, SplitPlan, bool]:
+    """paged_attention's tiles (None: each launch's default_tile_config), split plan, and whether
+    it is a narrow (latency-bound decode) launch."""
+    queries_per_kv = num_heads // num_kv_heads
+    narrow = None if num_splits is not None or tiles is not None else narrow_decode_launch(
+        num_seqs, num_kv_heads, queries_per_kv, head_dim_pad, max_query_len, max_seq_len, dtype, num_heads, device)
+    if narrow is not None:
+        return *narrow, True
+    if num_splits is None:
+        default = tiles or default_tile_config(queries_per_kv, head_dim_pad, max_query_len, dtype)
+        return tiles, choose_splits(num_seqs, num_kv_heads, max_query_len, max_seq_len, default.tile_n,
+                                    sm_count(device), num_heads, head_dim_pad), False
+    return tiles, num_splits if isinstance(num_splits, SplitPlan) else SplitPlan(num_splits), False
+
+
+def decode_launch_shapes(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                         device: torch.device, max_rows: int, min_seq_len: int, max_seq_len: int
+                         ) -> list[tuple[int, int]]:
+    """(decode rows, longest sequence of the step) for each kernel specialisation a decode
+    launch without rotary can take (its tiles, split or not) with 1..max_rows rows and a longest
+    sequence in [min_seq_len, max_seq_len]: the decode rows of mixed steps (and of all-decode
+    steps past TritonBackend.fused_decode_max_seqs), which the decode graphs (rotary inside
+    their launch) do not compile. Start-up dry-runs one step of each (worker/profile_run.py):
+    else the first mixed step of each compiles it (session 29: a machine's first thr512 process,
+    cold Triton cache, stalled 1.0-1.6 s in one step; one after an attention benchmark had
+    compiled these launches did not)."""
+    head_dim_pad = triton.next_power_of_2(head_dim)
+    bounds, bound = [], max(min_seq_len, 1)
+    while bound < max_seq_len:
+        bounds.append(bound)
+        bound *= 2
+    bounds.append(max_seq_len)
+    shapes: dict[tuple[TileConfig, bool], tuple[int, int]] = {}
+    # every count up to 64 (narrow launches: <= 32 programs), then every 8th: past 64 rows the
+    # split / no-split regions are each wider than that
+    for rows in sorted({*range(1, min(max_rows, 64) + 1), *range(64, max_rows + 1, 8), max_rows}):
+        for bound in bounds:
+            tiles, plan, _ = launch_plan(rows, num_heads, num_kv_heads, head_dim_pad, 1, bound, dtype, device)
+            tiles = tiles or default_tile_config(num_heads // num_kv_heads, head_dim_pad, 1, dtype)
+            shapes.setdefault((tiles, plan.num_segments > 1), (rows, bound))
+    return list(shapes.values())

@@ -35,8 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedserve.attention.paged_launch import TileConfig, default_tile_config, narrow_decode_launch
-from pagedserve.attention.split_plan import SplitPlan, active_segments, choose_splits, sm_count
+from pagedserve.attention.paged_launch import TileConfig, default_tile_config, launch_plan
+from pagedserve.attention.split_plan import SplitPlan, active_segments
 from pagedserve.attention.triton_segment_merge import arrivals as _arrivals, merge_group, reduce_segments
 from pagedserve.attention.triton_store_kv import RotaryStore, slot_row
 from pagedserve.layers.triton_launch import gdc_launch_dependents, gdc_wait, launch_fitting, pdl_launches
@@ -405,52 +405,6 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     if partials is not None and arrivals is None:
         reduce_segments(out, partials, query_start_loc, plan.num_segments)
     return out
-
-
-def launch_plan(num_seqs: int, num_heads: int, num_kv_heads: int, head_dim_pad: int, max_query_len: int,
-                max_seq_len: int, dtype: torch.dtype, device: torch.device,
-                num_splits: int | SplitPlan | None = None, tiles: TileConfig | None = None
-                ) -> tuple[TileConfig | None, SplitPlan, bool]:
-    """paged_attention's tiles (None: each launch's default_tile_config), split plan, and whether
-    it is a narrow (latency-bound decode) launch."""
-    queries_per_kv = num_heads // num_kv_heads
-    narrow = None if num_splits is not None or tiles is not None else narrow_decode_launch(
-        num_seqs, num_kv_heads, queries_per_kv, head_dim_pad, max_query_len, max_seq_len, dtype, num_heads, device)
-    if narrow is not None:
-        return *narrow, True
-    if num_splits is None:
-        default = tiles or default_tile_config(queries_per_kv, head_dim_pad, max_query_len, dtype)
-        return tiles, choose_splits(num_seqs, num_kv_heads, max_query_len, max_seq_len, default.tile_n,
-                                    sm_count(device), num_heads, head_dim_pad), False
-    return tiles, num_splits if isinstance(num_splits, SplitPlan) else SplitPlan(num_splits), False
-
-
-def decode_launch_shapes(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                         device: torch.device, max_rows: int, min_seq_len: int, max_seq_len: int
-                         ) -> list[tuple[int, int]]:
-    """(decode rows, longest sequence of the step) for each kernel specialisation a decode
-    launch without rotary can take (its tiles, split or not) with 1..max_rows rows and a longest
-    sequence in [min_seq_len, max_seq_len]: the decode rows of mixed steps (and of all-decode
-    steps past TritonBackend.fused_decode_max_seqs), which the decode graphs (rotary inside
-    their launch) do not compile. Start-up dry-runs one step of each (worker/profile_run.py):
-    else the first mixed step of each compiles it (session 29: a machine's first thr512 process,
-    cold Triton cache, stalled 1.0-1.6 s in one step; one after an attention benchmark had
-    compiled these launches did not)."""
-    head_dim_pad = triton.next_power_of_2(head_dim)
-    bounds, bound = [], max(min_seq_len, 1)
-    while bound < max_seq_len:
-        bounds.append(bound)
-        bound *= 2
-    bounds.append(max_seq_len)
-    shapes: dict[tuple[TileConfig, bool], tuple[int, int]] = {}
-    # every count up to 64 (narrow launches: <= 32 programs), then every 8th: past 64 rows the
-    # split / no-split regions are each wider than that
-    for rows in sorted({*range(1, min(max_rows, 64) + 1), *range(64, max_rows + 1, 8), max_rows}):
-        for bound in bounds:
-            tiles, plan, _ = launch_plan(rows, num_heads, num_kv_heads, head_dim_pad, 1, bound, dtype, device)
-            tiles = tiles or default_tile_config(num_heads // num_kv_heads, head_dim_pad, 1, dtype)
-            shapes.setdefault((tiles, plan.num_segments > 1), (rows, bound))
-    return list(shapes.values())
 
 
 def _launch_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

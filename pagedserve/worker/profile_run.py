@@ -102,13 +102,13 @@ def profile_run(runner: ModelRunner, num_tokens: int) -> None:
 def mixed_step_metas(runner: ModelRunner, backend, meta: AttentionMetadata, num_tokens: int
                      ) -> list[AttentionMetadata]:
     """One eager step's metadata (on the scratch cache, stores skipped) per kernel specialisation
-    that a mixed step's decode rows can take (triton_paged_attention.decode_launch_shapes): rows
+    that a mixed step's decode rows can take (paged_launch.decode_launch_shapes): rows
     decodes of the returned longest context, beside one prompt chunk of the backend's
     prefill_min_query_len tokens, as a step of max_num_batched_tokens = num_tokens can hold."""
     chunk = getattr(backend, "prefill_min_query_len", None)
     if chunk is None:
         return []
-    from pagedserve.attention.triton_paged_attention import decode_launch_shapes
+    from pagedserve.attention.paged_launch import decode_launch_shapes
     layer = next(iter(runner.model.attention_layers()), None)
     if layer is None:
         return []

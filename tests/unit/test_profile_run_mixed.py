@@ -50,7 +50,7 @@ def _decode_variants(backend: TritonBackend, meta: AttentionMetadata, heads, mon
 
 
 def launches_segments(meta: AttentionMetadata, heads) -> int:
-    _, plan, _ = tpa.launch_plan(meta.num_decodes, heads[0], heads[1], heads[2], 1, meta.max_seq_len, torch.bfloat16,
+    _, plan, _ = paged_launch.launch_plan(meta.num_decodes, heads[0], heads[1], heads[2], 1, meta.max_seq_len, torch.bfloat16,
                                  torch.device("cpu"))
     return plan.num_segments
 
@@ -62,8 +62,8 @@ def launches_segments(meta: AttentionMetadata, heads) -> int:
 ])
 def test_dry_steps_take_every_decode_launch_variant_of_mixed_steps(heads, max_num_seqs, max_model_len, num_tokens,
                                                                     monkeypatch):
-    for module in (tpa, paged_launch):   # the H200's count: the CPU's stand-in (8) would split differently
-        monkeypatch.setattr(module, "sm_count", lambda device: H200_SMS)
+    # the H200's count: the CPU's stand-in (8) would split differently
+    monkeypatch.setattr(paged_launch, "sm_count", lambda device: H200_SMS)
     backend = TritonBackend()
     chunk = backend.prefill_min_query_len
     probe = AttentionMetadata(torch.zeros(1, dtype=torch.int64), torch.zeros(2, dtype=torch.int32),
@@ -89,7 +89,7 @@ def test_dry_steps_take_every_decode_launch_variant_of_mixed_steps(heads, max_nu
     expected = set()
     for rows in range(1, min(max_num_seqs - 1, num_tokens - chunk) + 1):
         for longest in range(chunk, max_model_len + 1, 64):
-            tiles, plan, _ = tpa.launch_plan(rows, num_heads, num_kv_heads, head_dim, 1, longest, torch.bfloat16,
+            tiles, plan, _ = paged_launch.launch_plan(rows, num_heads, num_kv_heads, head_dim, 1, longest, torch.bfloat16,
                                           torch.device("cpu"))
             expected.add((tiles or default_tile_config(num_heads // num_kv_heads, head_dim, 1, torch.bfloat16),
                           plan.num_segments > 1))
@@ -101,8 +101,7 @@ def test_a_large_mixed_steps_decode_launch_is_sized_by_its_decode_rows(monkeypat
     16384): the decode launch's partials hold 5 tokens, not 16,005 (~1 GB at llama-1b's heads and
     8 segments), and it merges in the kernel (the arrival counters cover 5 x 8, not 16,005 x 8 >
     65,536), as the dry steps' launch does: the same specialisation."""
-    for module in (tpa, paged_launch):
-        monkeypatch.setattr(module, "sm_count", lambda device: H200_SMS)
+    monkeypatch.setattr(paged_launch, "sm_count", lambda device: H200_SMS)
     heads, rows, chunk, prompts = (32, 8, 64), 5, 1000, 16
     seq_lens = [16000] * rows + [chunk] * prompts
     starts = list(range(rows + 1)) + [rows + chunk * (i + 1) for i in range(prompts)]
