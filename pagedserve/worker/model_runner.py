@@ -390,10 +390,7 @@ class ModelRunner:
                 state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
             if cached.last_token_id is not None:
-                pos, token_ids = cached.num_tokens - 1, state.token_ids
-                # on rank 0 the token is there already (PendingRunnerOutput.get filled it)
-                if pos == len(token_ids) or pos < len(token_ids) and token_ids[pos] == -1:
-                    self._learn_token(state, pos, cached.last_token_id)
+                self._learn_token(state, cached.num_tokens - 1, cached.last_token_id)
         self._forked = {}
         for fork in so.forked_requests:
             parent = self.states[fork.parent_req_id]
