@@ -11,8 +11,9 @@ mean host time per decode step at `num` requests, in alternating blocks of steps
 with a viewer (snapshots requested as the server's ticker does: every 100 ms of wall time,
 or less often when the last one cost more than 0.25% of that interval; each encoded as the
 server does: on the server that runs on the event loop, here it is counted in the step).
-`--phases`: the async step split by phase (print_phases) instead.
-Usage: python benchmarks/host_overhead.py [num_requests] [--profile | --viewer | --phases]"""
+`--phases`: the async step split by phase (print_phases) instead. `--gc`: the async step with
+CPython's gen-0 threshold as it is and as LLM.generate runs it, alternating (gc_ab).
+Usage: python benchmarks/host_overhead.py [num_requests] [--profile | --viewer | --phases | --gc]"""
 import cProfile
 import io
 import pstats
@@ -70,15 +71,15 @@ def start_decoding(engine, num: int, max_tokens: int) -> None:
 
 
 def decode_step_times(llm: LLM, timer: ModelTimer, num: int, prof: cProfile.Profile | None = None,
-                      on_start=None) -> list[float]:
+                      on_start=None, steps: int = TIMED_STEPS) -> list[float]:
     """Seconds per engine step (core + output processing), less the model's forward, logits
     and sampling, once all `num` requests decode (`on_start` called then)."""
     engine = llm.engine
-    start_decoding(engine, num, WARMUP_STEPS + TIMED_STEPS + 64)
+    start_decoding(engine, num, WARMUP_STEPS + steps + 64)
     if on_start is not None:
         on_start()
     times = []
-    for _ in range(TIMED_STEPS):
+    for _ in range(steps):
         if prof is not None:
             prof.enable()
         t0, model_s = time.perf_counter(), timer.seconds
@@ -193,6 +194,37 @@ def print_phases(llm: LLM, timer: ModelTimer, num: int, steps: int = 200) -> Non
         print(f"  {name:<22} {statistics.median(secs) * 1e3:7.3f}")
 
 
+def gc_ab(llm: LLM, timer: ModelTimer, num: int, pairs: int = 4, steps: int = 200) -> None:
+    """`--gc`: host ms a decode step at `num` rows with CPython's gen-0 threshold as it is and at
+    gc_policy.HOT_GEN0_THRESHOLD (what LLM.generate's loop runs at), alternating rounds of
+    `steps` steps in this process, with the collections each round made and their time."""
+    import gc
+    from pagedserve.frontend.gc_policy import HOT_GEN0_THRESHOLD
+    spent = {"n": 0, "s": 0.0, "t0": 0.0}
+
+    def count(phase: str, info: dict) -> None:
+        if phase == "start":
+            spent["t0"] = time.perf_counter()
+        else:
+            spent["n"] += 1
+            spent["s"] += time.perf_counter() - spent["t0"]
+
+    base = gc.get_threshold()
+    gc.callbacks.append(count)
+    try:
+        for _ in range(pairs):
+            for threshold in (base, (HOT_GEN0_THRESHOLD, *base[1:])):
+                gc.set_threshold(*threshold)
+                spent.update(n=0, s=0.0)
+                t = decode_step_times(llm, timer, num, steps=steps)
+                print(f"gen-0 threshold {threshold[0]}: {num} rows, host median {statistics.median(t) * 1e3:.3f} ms, "
+                      f"mean {statistics.mean(t) * 1e3:.3f} ms; {spent['n']} collections, {spent['s'] * 1e3:.1f} ms "
+                      f"(in the round's {steps} steps and its start-up)", flush=True)
+    finally:
+        gc.callbacks.remove(count)
+        gc.set_threshold(*base)
+
+
 def main() -> None:
     import torch
     torch.set_num_threads(1)   # the tiny model gains nothing from threads; fewer timing outliers
@@ -218,8 +250,8 @@ def main() -> None:
                   f"({log_s / watched_s * 100:.2f}%)")
             llm.engine.shutdown()
             continue
-        if "--phases" in sys.argv:   # async only
-            print_phases(llm, timer, num)
+        if "--phases" in sys.argv or "--gc" in sys.argv:   # async only
+            (print_phases if "--phases" in sys.argv else gc_ab)(llm, timer, num)
             llm.engine.shutdown()
             break
         small, large = (min(statistics.median(decode_step_times(llm, timer, n)) for _ in range(REPEATS))
