@@ -124,7 +124,7 @@ def main() -> None:
             del graph
         res["overlap_vs_seq"] = round(res["overlap"] / res["seq"], 3)
         print("RESULT " + json.dumps(res), flush=True)
-        del cache
+        cache = None   # the next row count builds its own pool
         torch.cuda.empty_cache()
 
 

@@ -2,7 +2,9 @@
 the prefix cache.
 
 Invariants:
-- a block is in the free queue iff its ref_cnt == 0;
+- a block is in the free queue iff its ref_cnt == 0; the queue is the never-used blocks (ids
+  from `_fresh` up, made as objects on first use) followed by `_free`, the blocks freed after
+  use;
 - a free block keeps its hash (and stays findable) until it is handed out again, so a
   later request can revive it (lazy eviction); the free queue's head is evicted first;
 - `cached` maps a hash to at most one block, and that block's `block_hash` is the key.
@@ -47,37 +49,46 @@ class BlockPool:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
-        self.blocks = [KVCacheBlock(BlockId(i), on_host=on_host) for i in range(num_blocks)]
+        # Blocks never handed out yet are ids [_fresh, num_blocks): the head of the free queue,
+        # in id order (they were its first entries and nothing that reaches the queue later
+        # goes ahead of them), made as objects only when first used. A pool of millions of
+        # blocks (a small model on a large GPU) then costs nothing to build.
+        self.blocks = _Blocks(num_blocks, on_host)
+        self._fresh = 0
         # called with a hashed block about to lose its hash because it is handed out again
         # (not on uncache: that KV may be unwritten)
         self.on_evict: Callable[[KVCacheBlock], None] | None = None
-        # block_id -> None; insertion order = eviction order (head first).
-        self._free: OrderedDict[BlockId, None] = OrderedDict((b.block_id, None) for b in self.blocks)
+        # block_id -> None for blocks freed after use; insertion order = eviction order (head first).
+        self._free: OrderedDict[BlockId, None] = OrderedDict()
         self.cached: dict[BlockHash, KVCacheBlock] = {}
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        return self.num_blocks - self._fresh + len(self._free)
 
     def usage(self) -> float:
         """Fraction of blocks held by live requests (0.0 .. 1.0)."""
-        return 1.0 - len(self._free) / self.num_blocks
+        return 1.0 - self.num_free_blocks / self.num_blocks
 
     def free_block_ids(self) -> list[BlockId]:
         """Free blocks in eviction order (for tests and reports)."""
-        return list(self._free)
+        return [BlockId(i) for i in range(self._fresh, self.num_blocks)] + list(self._free)
 
     def peek_free(self, count: int) -> list[KVCacheBlock]:
         """The first `count` free blocks in eviction order (next to be handed out)."""
-        return [self.blocks[block_id] for block_id in islice(self._free, count)]
+        fresh = min(count, self.num_blocks - self._fresh)
+        return [self.blocks[i] for i in range(self._fresh, self._fresh + fresh)] + \
+            [self.blocks[block_id] for block_id in islice(self._free, count - fresh)]
 
     def allocate(self, count: int) -> list[KVCacheBlock]:
         """Pop `count` blocks from the head of the free queue, evicting their cached hashes.
         The caller checked num_free_blocks first."""
-        if count > len(self._free):
-            raise RuntimeError(f"cannot allocate {count} blocks, {len(self._free)} free")
-        out = []
-        for _ in range(count):
+        if count > self.num_free_blocks:
+            raise RuntimeError(f"cannot allocate {count} blocks, {self.num_free_blocks} free")
+        fresh = min(count, self.num_blocks - self._fresh)
+        out = self.blocks.take(self._fresh, fresh)
+        self._fresh += fresh
+        for _ in range(count - fresh):
             block_id, _ = self._free.popitem(last=False)
             block = self.blocks[block_id]
             if block.block_hash is not None and self.on_evict is not None:
@@ -134,3 +145,39 @@ class BlockPool:
         block.block_hash = block_hash
         block.token_ids = token_ids
         self.cached.setdefault(block_hash, block)
+
+
+class _Blocks:
+    """The pool's blocks by id, each made on first access (a list that grows on demand)."""
+
+    __slots__ = ("_list", "_size", "_on_host")
+
+    def __init__(self, size: int, on_host: bool) -> None:
+        self._list: list[KVCacheBlock] = []
+        self._size, self._on_host = size, on_host
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, index: int | slice):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._size))]
+        if not 0 <= index < self._size:
+            raise IndexError(f"block {index} of a pool of {self._size}")
+        if index >= len(self._list):
+            self._grow(index + 1)
+        return self._list[index]
+
+    def _grow(self, size: int) -> None:
+        made, on_host = len(self._list), self._on_host
+        self._list.extend(KVCacheBlock(BlockId(i), on_host=on_host) for i in range(made, size))
+
+    def take(self, start: int, count: int) -> list[KVCacheBlock]:
+        """Blocks start .. start + count - 1, handed out for the first time: reference count 1."""
+        if count <= 0:
+            return []
+        self._grow(start + count)
+        out = self._list[start:start + count]
+        for block in out:
+            block.ref_cnt = 1
+        return out

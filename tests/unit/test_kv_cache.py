@@ -33,6 +33,33 @@ def test_pool_allocate_free_order():
         pool.allocate(7)
 
 
+def test_pool_of_millions_builds_nothing_ahead():
+    """A small model on a large GPU gets tens of millions of blocks (16M for the tiny test models
+    on an H200): the pool makes a block only when it is first handed out or looked at, and
+    hands out never-used blocks first, in id order, before any freed one (as the eager pool)."""
+    import tracemalloc
+    tracemalloc.start()
+    pool = BlockPool(20_000_000)
+    built = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert built < 1 << 20, built   # the eager pool: ~3 GB of block objects and free-list entries
+    a = pool.allocate(3)
+    assert [b.block_id for b in a] == [0, 1, 2] and pool.num_free_blocks == 20_000_000 - 3
+    pool.free([a[2], a[1]])
+    assert [b.block_id for b in pool.peek_free(3)] == [3, 4, 5]
+    assert [b.block_id for b in pool.allocate(2)] == [3, 4]
+    assert pool.blocks[2] is a[2] and pool.blocks[7].ref_cnt == 0 and len(pool.blocks) == 20_000_000
+    small = BlockPool(4)
+    first = small.allocate(4)
+    small.free([first[1], first[3]])
+    assert small.free_block_ids() == [1, 3] and [b.block_id for b in small.peek_free(5)] == [1, 3]
+    assert [b.block_id for b in small.allocate(2)] == [1, 3] and small.num_free_blocks == 0
+    with pytest.raises(RuntimeError):
+        small.allocate(1)
+    with pytest.raises(IndexError):
+        small.blocks[4]
+
+
 def test_allocate_on_demand_and_free():
     m = KVCacheManager(num_blocks=8, block_size=B)
     r = req("a", list(range(10)))                     # 10 tokens -> 3 blocks
