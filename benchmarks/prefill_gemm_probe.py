@@ -10,12 +10,15 @@ This times, at prefill shapes (us, median; the operands are far larger than the 
   triton_fused  the Triton kernel below for each config, writing [T, I]
   triton_plain  the same kernel without the epilogue's multiply (one accumulator, plain GEMM of
                 the gate half: compare with cuBLAS on [T, I] to see Triton's own rate)
+  tma*          the same through TMA tensor descriptors, one program a tile, or persistent (P: one
+                program an SM walking the tiles), optionally warp-specialised (W)
 and checks the fused output against today's path (max abs difference, bf16).
-Usage: python3 benchmarks/prefill_gemm_probe.py [--tokens 8192] [--models llama-1b,llama-8b]
+Usage: python3 benchmarks/prefill_gemm_probe.py [--tokens 8192] [--models llama-1b,llama-8b] [--pointer N]
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 
@@ -23,6 +26,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from pagedserve.layers.triton_ops import silu_and_mul, silu_mul
 
@@ -31,6 +35,10 @@ CONFIGS = [  # BM, BN (per half), BK, warps, stages, group
     (128, 128, 64, 8, 3, 8), (128, 128, 64, 8, 4, 8), (128, 64, 64, 4, 4, 8), (128, 128, 32, 8, 4, 8),
     (64, 128, 64, 4, 4, 8), (128, 64, 64, 8, 4, 8), (256, 64, 64, 8, 3, 8), (128, 128, 64, 4, 3, 8),
 ]
+# the TMA kernel: config, then (persistent, warp-specialised); session 30's pointer kernel was best at the first
+TMA_CONFIGS = [(cfg, mode) for cfg in [(128, 128, 64, 8, 3, 8), (128, 128, 64, 8, 4, 8), (128, 64, 64, 4, 4, 8),
+                                      (128, 128, 64, 4, 3, 8), (128, 64, 64, 8, 4, 8)]
+               for mode in [(False, False), (True, False), (True, True)]]
 
 
 @triton.jit
@@ -68,6 +76,50 @@ def _gate_up_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride
     tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :], res, mask=m_mask)
 
 
+@triton.jit
+def _gate_up_tma_kernel(x_desc, w_desc, out_desc, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                        GROUP: tl.constexpr, NUM_PROGRAMS: tl.constexpr, FUSE: tl.constexpr, WS: tl.constexpr):
+    """The same product through TMA tensor descriptors; with NUM_PROGRAMS < the tile count each program
+    walks tiles NUM_PROGRAMS apart (persistent: one program an SM)."""
+    num_m, num_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+    per_group = GROUP * num_n
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=True, warp_specialize=WS):
+        first_m = (tile // per_group) * GROUP
+        rows_in_group = min(num_m - first_m, GROUP)
+        off_m = (first_m + (tile % per_group) % rows_in_group) * BM
+        off_n = ((tile % per_group) // rows_in_group) * BN
+        acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+        for ki in range(tl.cdiv(K, BK)):
+            a = x_desc.load([off_m, ki * BK])
+            acc_g = tl.dot(a, w_desc.load([off_n, ki * BK]).T, acc_g)
+            if FUSE:
+                acc_u = tl.dot(a, w_desc.load([N + off_n, ki * BK]).T, acc_u)
+        if FUSE:
+            res = silu_mul(acc_g.to(out_desc.dtype), acc_u.to(out_desc.dtype), False)
+        else:
+            res = acc_g.to(out_desc.dtype)
+        out_desc.store([off_m, off_n], res)
+
+
+def gate_up_silu_tma(x: torch.Tensor, w: torch.Tensor, cfg, fuse: bool = True, persistent: bool = True,
+                     ws: bool = False, programs: int | None = None) -> torch.Tensor:
+    """persistent: one program an SM (or `programs`), each walking tiles; else one program a tile."""
+    bm, bn, bk, warps, stages, group = cfg
+    m, k = x.shape
+    n = w.shape[0] // 2
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    if programs is None:
+        programs = min(tiles, torch.cuda.get_device_properties(x.device).multi_processor_count) \
+            if persistent and x.is_cuda else tiles
+    _gate_up_tma_kernel[(programs,)](TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk]),
+                                     TensorDescriptor.from_tensor(out, [bm, bn]), m, n, k, BM=bm, BN=bn, BK=bk,
+                                     GROUP=group, NUM_PROGRAMS=programs, FUSE=fuse, WS=ws, num_warps=warps,
+                                     num_stages=stages)
+    return out
+
+
 def gate_up_silu(x: torch.Tensor, w: torch.Tensor, cfg, fuse: bool = True) -> torch.Tensor:
     bm, bn, bk, warps, stages, group = cfg
     m, k = x.shape
@@ -83,6 +135,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--models", default="llama-1b,llama-8b")
+    ap.add_argument("--pointer", type=int, default=1, help="how many of the pointer kernel's configs (session 30: 8)")
     args = ap.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
     print(json.dumps(dict(device=torch.cuda.get_device_name(), triton=triton.__version__, tokens=args.tokens,
@@ -102,16 +155,20 @@ def main() -> None:
                    cublas_silu=bench(lambda: silu_and_mul(F.linear(x, w))),
                    cublas_half=bench(lambda: F.linear(x, w[:inter])))
         res["cublas_tflops"] = round(flop / res["cublas"] / 1e6, 1)
-        for cfg in CONFIGS:
+        variants = [(f"ptr{cfg}", functools.partial(gate_up_silu, cfg=cfg)) for cfg in CONFIGS[:args.pointer]]
+        variants += [(f"tma{cfg}{'P' if pers else ''}{'W' if ws else ''}",
+                      functools.partial(gate_up_silu_tma, cfg=cfg, persistent=pers, ws=ws)) for cfg, (pers, ws) in TMA_CONFIGS]
+        for label, fn in variants:
             try:
-                out = gate_up_silu(x, w, cfg)
+                out = fn(x, w)
                 err = (out.float() - ref.float()).abs().max().item()
-                fused, plain = bench(lambda: gate_up_silu(x, w, cfg)), bench(lambda: gate_up_silu(x, w, cfg, False))
-                res[str(cfg)] = dict(fused=fused, plain_half=plain, err=round(err, 4),
-                                     tflops=round(flop / fused / 1e6, 1))
-            except Exception as e:   # noqa: BLE001 - a config out of resources: report and go on
-                res[str(cfg)] = repr(e)[:120]
-            print(model, cfg, res[str(cfg)], flush=True)
+                fused, plain = bench(lambda: fn(x, w)), bench(lambda: fn(x, w, fuse=False))
+                res[label] = dict(fused=fused, plain_half=plain, err=round(err, 4), tflops=round(flop / fused / 1e6, 1))
+            except Exception as e:   # noqa: BLE001 - a config out of resources or not built: report and go on
+                res[label] = repr(e)[:120]
+            print(model, label, res[label], flush=True)
+        best = min((v["fused"], k) for k, v in res.items() if isinstance(v, dict))
+        res["best"] = dict(label=best[1], fused=best[0], vs_cublas_silu=round(best[0] / res["cublas_silu"], 3))
         print("RESULT " + json.dumps(res), flush=True)
 
 
