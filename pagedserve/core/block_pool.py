@@ -77,8 +77,9 @@ class BlockPool:
     def peek_free(self, count: int) -> list[KVCacheBlock]:
         """The first `count` free blocks in eviction order (next to be handed out)."""
         fresh = min(count, self.num_blocks - self._fresh)
-        return [self.blocks[i] for i in range(self._fresh, self._fresh + fresh)] + \
-            [self.blocks[block_id] for block_id in islice(self._free, count - fresh)]
+        made = self.blocks.made   # a freed block was made when first handed out
+        return self.blocks.span(self._fresh, self._fresh + fresh) + \
+            [made[block_id] for block_id in islice(self._free, count - fresh)]
 
     def allocate(self, count: int) -> list[KVCacheBlock]:
         """Pop `count` blocks from the head of the free queue, evicting their cached hashes.
@@ -86,11 +87,14 @@ class BlockPool:
         if count > self.num_free_blocks:
             raise RuntimeError(f"cannot allocate {count} blocks, {self.num_free_blocks} free")
         fresh = min(count, self.num_blocks - self._fresh)
-        out = self.blocks.take(self._fresh, fresh)
+        out = self.blocks.span(self._fresh, self._fresh + fresh)
+        for block in out:
+            block.ref_cnt = 1
         self._fresh += fresh
+        made = self.blocks.made
         for _ in range(count - fresh):
             block_id, _ = self._free.popitem(last=False)
-            block = self.blocks[block_id]
+            block = made[block_id]
             if block.block_hash is not None and self.on_evict is not None:
                 self.on_evict(block)
             self._evict(block)
@@ -148,12 +152,12 @@ class BlockPool:
 
 
 class _Blocks:
-    """The pool's blocks by id, each made on first access (a list that grows on demand)."""
+    """The pool's blocks by id, each made on first access: `made` holds ids 0 .. len(made) - 1."""
 
-    __slots__ = ("_list", "_size", "_on_host")
+    __slots__ = ("made", "_size", "_on_host")
 
     def __init__(self, size: int, on_host: bool) -> None:
-        self._list: list[KVCacheBlock] = []
+        self.made: list[KVCacheBlock] = []
         self._size, self._on_host = size, on_host
 
     def __len__(self) -> int:
@@ -164,20 +168,12 @@ class _Blocks:
             return [self[i] for i in range(*index.indices(self._size))]
         if not 0 <= index < self._size:
             raise IndexError(f"block {index} of a pool of {self._size}")
-        if index >= len(self._list):
-            self._grow(index + 1)
-        return self._list[index]
+        return self.span(index, index + 1)[0]
 
-    def _grow(self, size: int) -> None:
-        made, on_host = len(self._list), self._on_host
-        self._list.extend(KVCacheBlock(BlockId(i), on_host=on_host) for i in range(made, size))
-
-    def take(self, start: int, count: int) -> list[KVCacheBlock]:
-        """Blocks start .. start + count - 1, handed out for the first time: reference count 1."""
-        if count <= 0:
-            return []
-        self._grow(start + count)
-        out = self._list[start:start + count]
-        for block in out:
-            block.ref_cnt = 1
-        return out
+    def span(self, start: int, stop: int) -> list[KVCacheBlock]:
+        """Blocks start .. stop - 1 (within the pool), made first where they are not yet."""
+        made = self.made
+        if stop > len(made):
+            on_host = self._on_host
+            made.extend(KVCacheBlock(BlockId(i), on_host=on_host) for i in range(len(made), stop))
+        return made[start:stop]
