@@ -12,21 +12,19 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/machine.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/machine.txt"
 date -u +%Y-%m-%dT%H:%MZ | tee -a "$OUT/machine.txt"
+run_tests() {   # the GPU test files given, within TESTS_S seconds
+  PAGEDSERVE_TEST_DEVICE=cuda timeout ${TESTS_S:-540} python3 -m pytest -x -q -p no:cacheprovider --durations=20 "$@" 2>&1 | tail -40
+}
 for stage in "$@"; do
   echo "=== $stage"
   case $stage in
     kernels) timeout 200 python3 benchmarks/gpu_kernels.py 2>&1 | tee "$OUT/kernels.txt" | tail -30 ;;
-    # no longer one call (session 29: 493 of ~700 passed in 480 s, then the timeout): TEST_FILES splits it
-    tests) PAGEDSERVE_TEST_DEVICE=cuda timeout ${TESTS_S:-540} python3 -m pytest -x -q -p no:cacheprovider --durations=20 \
-             ${TEST_FILES:-tests/kernels tests/models/test_parity.py} 2>&1 | tail -40 ;;
-    # the same in three calls (session 30: ~370 s, ~300 s, and the parity file at ~18 s a test before 3e0f623)
-    tests_a) TEST_FILES="tests/kernels/test_paged_attention.py tests/kernels/test_gemv.py tests/kernels/test_paged_launch.py
-             tests/kernels/test_argmax.py tests/kernels/test_fused_ops.py tests/kernels/test_prefill_attention.py
-             tests/kernels/test_compile_ahead.py" TESTS_S=${TESTS_S:-540} bash "$0" tests | tail -40 ;;
-    tests_b) TEST_FILES="tests/kernels/test_quant_kernels.py tests/kernels/test_gguf_triton.py tests/kernels/test_store_kv.py
-             tests/kernels/test_triton_launch.py tests/kernels/test_copy_blocks.py tests/kernels/test_cudnn_prefill.py
-             tests/kernels/test_push_all_reduce.py" TESTS_S=${TESTS_S:-540} bash "$0" tests | tail -40 ;;
-    tests_c) TEST_FILES=tests/models/test_parity.py TESTS_S=${TESTS_S:-540} bash "$0" tests | tail -40 ;;
+    # no longer one call (session 29: 493 of ~700 passed in 480 s, then the timeout): TEST_FILES splits it,
+    # or tests_a / tests_b / tests_c (session 30: ~370 s, ~300 s, and the parity file at ~18 s a test before 3e0f623)
+    tests) run_tests ${TEST_FILES:-tests/kernels tests/models/test_parity.py} ;;
+    tests_a) run_tests tests/kernels/test_{paged_attention,gemv,paged_launch,argmax,fused_ops,prefill_attention,compile_ahead}.py ;;
+    tests_b) run_tests tests/kernels/test_{quant_kernels,gguf_triton,store_kv,triton_launch,copy_blocks,cudnn_prefill,push_all_reduce}.py ;;
+    tests_c) run_tests tests/models/test_parity.py ;;
     peers1b) timeout 400 python3 .devcarry/peers.py pagedserve llama-1b 2>&1 | tee "$OUT/peers1b.txt" | grep -E "RESULT|Error|error" ;;
     peers8b) timeout 500 python3 .devcarry/peers.py pagedserve llama-8b 2>&1 | tee "$OUT/peers8b.txt" | grep -E "RESULT|Error|error|KV cache" ;;
     hf1b) timeout 300 python3 .devcarry/peers.py hf llama-1b 2>&1 | grep RESULT | tee "$OUT/hf1b.txt" ;;
