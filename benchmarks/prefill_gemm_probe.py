@@ -42,16 +42,28 @@ TMA_CONFIGS = [(cfg, mode) for cfg in [(128, 128, 64, 8, 3, 8), (128, 128, 64, 8
 
 
 @triton.jit
+def _grouped_tile(tile, num_m, num_n, GROUP: tl.constexpr):
+    """(row block, column block) of tile number `tile`, GROUP row blocks walked together (the
+    weight's column blocks stay in the L2 across them)."""
+    per_group = GROUP * num_n
+    first_m = (tile // per_group) * GROUP
+    rows_in_group = min(num_m - first_m, GROUP)
+    return first_m + (tile % per_group) % rows_in_group, (tile % per_group) // rows_in_group
+
+
+@triton.jit
+def _epilogue(acc_g, acc_u, dtype: tl.constexpr, FUSE: tl.constexpr):
+    """silu(gate) * up rounded as today's path (each product to `dtype` first), or the gate alone."""
+    if FUSE:
+        return silu_mul(acc_g.to(dtype), acc_u.to(dtype), False)
+    return acc_g.to(dtype)
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
                     FUSE: tl.constexpr):
-    pid = tl.program_id(0)
-    num_m, num_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
-    per_group = GROUP * num_n
-    first_m = (pid // per_group) * GROUP
-    rows_in_group = min(num_m - first_m, GROUP)
-    pid_m = first_m + (pid % per_group) % rows_in_group
-    pid_n = (pid % per_group) // rows_in_group
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_k = tl.arange(0, BK)
@@ -69,11 +81,8 @@ def _gate_up_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride
         x += BK
         wg += BK
         wu += BK
-    if FUSE:
-        res = silu_mul(acc_g.to(out_ptr.dtype.element_ty), acc_u.to(out_ptr.dtype.element_ty), False)
-    else:
-        res = acc_g.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :], res, mask=m_mask)
+    tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :],
+             _epilogue(acc_g, acc_u, out_ptr.dtype.element_ty, FUSE), mask=m_mask)
 
 
 @triton.jit
@@ -82,12 +91,9 @@ def _gate_up_tma_kernel(x_desc, w_desc, out_desc, M, N, K, BM: tl.constexpr, BN:
     """The same product through TMA tensor descriptors; with NUM_PROGRAMS < the tile count each program
     walks tiles NUM_PROGRAMS apart (persistent: one program an SM)."""
     num_m, num_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
-    per_group = GROUP * num_n
     for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=True, warp_specialize=WS):
-        first_m = (tile // per_group) * GROUP
-        rows_in_group = min(num_m - first_m, GROUP)
-        off_m = (first_m + (tile % per_group) % rows_in_group) * BM
-        off_n = ((tile % per_group) // rows_in_group) * BN
+        pid_m, pid_n = _grouped_tile(tile, num_m, num_n, GROUP)
+        off_m, off_n = pid_m * BM, pid_n * BN
         acc_g = tl.zeros((BM, BN), dtype=tl.float32)
         acc_u = tl.zeros((BM, BN), dtype=tl.float32)
         for ki in range(tl.cdiv(K, BK)):
@@ -95,11 +101,7 @@ def _gate_up_tma_kernel(x_desc, w_desc, out_desc, M, N, K, BM: tl.constexpr, BN:
             acc_g = tl.dot(a, w_desc.load([off_n, ki * BK]).T, acc_g)
             if FUSE:
                 acc_u = tl.dot(a, w_desc.load([N + off_n, ki * BK]).T, acc_u)
-        if FUSE:
-            res = silu_mul(acc_g.to(out_desc.dtype), acc_u.to(out_desc.dtype), False)
-        else:
-            res = acc_g.to(out_desc.dtype)
-        out_desc.store([off_m, off_n], res)
+        out_desc.store([off_m, off_n], _epilogue(acc_g, acc_u, out_desc.dtype, FUSE))
 
 
 def gate_up_silu_tma(x: torch.Tensor, w: torch.Tensor, cfg, fuse: bool = True, persistent: bool = True,
