@@ -253,9 +253,21 @@ def _argmax_kernel(x_ptr, part_val_ptr, part_idx_ptr, counter_ptr, out_ptr, n_co
 
 ARGMAX_BLOCK = 1024
 ARGMAX_MAX_SPLITS = 64
+# rows x splits a launch aims at: a row alone keeps up to 64 programs (3.5 us over 128,256 columns
+# on an H200), many rows fewer, longer ones; 64 a row at every row count was 52.6 us at 410 rows, this
+# 34.2 (benchmarks/argmax_sweep.py; RESULTS.md, session 31)
+ARGMAX_PROGRAMS = 1024
 
 
-def argmax_rows(x: torch.Tensor, bitmask: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+def argmax_splits(rows: int, n: int) -> int:
+    """How many programs scan one row of `n` columns when `rows` rows go in one launch: enough for
+    ~ARGMAX_PROGRAMS programs in all (a row alone: up to ARGMAX_MAX_SPLITS), each at least two
+    ARGMAX_BLOCK iterations (argmax_rows then drops any split left empty)."""
+    return max(1, min(ARGMAX_MAX_SPLITS, triton.cdiv(n, 2 * ARGMAX_BLOCK), triton.cdiv(ARGMAX_PROGRAMS, max(rows, 1))))
+
+
+def argmax_rows(x: torch.Tensor, bitmask: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                splits: int | None = None) -> torch.Tensor:
     """x [rows, n] (unit column stride) -> int64 [rows]: each row's first maximum, NaN the
     largest, as torch.argmax(dim=-1). One launch: a row's slices scanned by up to
     ARGMAX_MAX_SPLITS programs, merged by the last to finish (torch's reduce over one row of
@@ -263,7 +275,8 @@ def argmax_rows(x: torch.Tensor, bitmask: torch.Tensor | None = None, out: torch
     `bitmask` (int32 [rows, >= ceil(n / 32)] on x's device, unit column stride): the argmax
     of x with the columns whose bit is 0 set to -inf (a structured-outputs grammar's mask,
     read here instead of written into x by a launch of its own). `out`: an int64 [rows] tensor
-    written instead of a new one (a decode CUDA graph's static sampled ids)."""
+    written instead of a new one (a decode CUDA graph's static sampled ids). `splits`: programs a
+    row (1 to ARGMAX_MAX_SPLITS; default argmax_splits(rows, n): benchmarks/argmax_sweep.py)."""
     if x.dim() != 2 or x.stride(1) != 1 or x.shape[1] == 0 or x.shape[1] >= 2**31 - 1:
         raise ValueError(f"argmax_rows: x must be [rows, n > 0] with unit column stride; got {tuple(x.shape)} "
                          f"strides {x.stride()}")
@@ -284,14 +297,17 @@ def argmax_rows(x: torch.Tensor, bitmask: torch.Tensor | None = None, out: torch
         if bitmask is not None:
             raise ValueError("argmax_rows: a bitmask cannot be read while a CUDA graph is captured")
         return torch.argmax(x, dim=-1, out=out)
-    splits = max(1, min(ARGMAX_MAX_SPLITS, triton.cdiv(n, 2 * ARGMAX_BLOCK)))
+    if splits is None:
+        splits = argmax_splits(rows, n)
+    elif not 1 <= splits <= ARGMAX_MAX_SPLITS:
+        raise ValueError(f"argmax_rows: splits must be in [1, {ARGMAX_MAX_SPLITS}]; got {splits}")
     cols_per_split = triton.cdiv(triton.cdiv(n, splits), ARGMAX_BLOCK) * ARGMAX_BLOCK
     splits = triton.cdiv(n, cols_per_split)   # every split non-empty
     part_val = torch.empty(rows * splits, dtype=torch.float32, device=x.device)
     part_idx = torch.empty(rows * splits, dtype=torch.int32, device=x.device)
     _argmax_kernel[(rows, splits)](x, part_val, part_idx, counters, out, n, x.stride(0), splits, cols_per_split,
                                    x if bitmask is None else bitmask, 0 if bitmask is None else bitmask.stride(0),
-                                   BLOCK=ARGMAX_BLOCK, SPLITS_PAD=triton.next_power_of_2(splits),
+                                   BLOCK=ARGMAX_BLOCK, SPLITS_PAD=ARGMAX_MAX_SPLITS,   # one compile for any split
                                    HAS_MASK=bitmask is not None, num_warps=4)
     return out
 

@@ -30,6 +30,33 @@ def test_argmax_rows_equals_torch(dtype: torch.dtype, n: int) -> None:
     assert int(triton_ops._counter_holder(DEVICE)[-1].abs().sum()) == 0
 
 
+@pytest.mark.parametrize("splits", [1, 2, 3, 7, 64])
+def test_every_split_count_equals_torch(splits: int) -> None:
+    """Whatever programs a row the launch takes (argmax_rows's `splits`, what argmax_splits picks by
+    the row count), ties across slices go to the first index and the counters end zeroed; a
+    count past the columns' slices drops the empty ones, one out of range is refused."""
+    n = 9000
+    x = torch.randn(5, n, generator=torch.Generator().manual_seed(splits))
+    x[0, 100] = x[0, n - 5] = x[0].max() + 1            # a tie in the first and the last slice
+    x[1, 4100] = x[1, 8191] = x[1].max() + 1            # in two middle slices
+    x[2] = float("-inf")
+    x = x.to(DEVICE)
+    assert torch.equal(argmax_rows(x, splits=splits), x.argmax(dim=-1))
+    assert int(triton_ops._counter_holder(DEVICE)[-1].abs().sum()) == 0
+    with pytest.raises(ValueError, match="splits"):
+        argmax_rows(x, splits=triton_ops.ARGMAX_MAX_SPLITS + 1)
+
+
+def test_split_rule_by_rows() -> None:
+    """A row alone keeps the most programs (the batch-1 step's launch, unchanged); many rows take
+    fewer, ~ARGMAX_PROGRAMS in all (the H200 sweep of session 31); short rows at least two blocks
+    a program."""
+    vocab = 128256
+    assert [triton_ops.argmax_splits(r, vocab) for r in (1, 16, 32, 64, 128, 256, 410, 512, 4096)] == \
+        [63, 63, 32, 16, 8, 4, 3, 2, 1]
+    assert triton_ops.argmax_splits(1, 1000) == 1 and triton_ops.argmax_splits(1, 49152) == 24
+
+
 def test_strided_rows_and_repeat() -> None:
     full = torch.randn(5, 3000, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     view = full[::2, 7:2900]
