@@ -90,6 +90,12 @@ def set_decode_inputs(graphs, rows: int, ctx: int | None, per_row: int = 0) -> d
     ctx None back to padding rows (seq_len 1, block row 0). Its static inputs: DecodeStatics'
     views of the bucket (session 26 on), else the runner's shared tensors (before)."""
     import torch
+    with torch.inference_mode():   # the statics are inference tensors (made under the engine's inference mode)
+        return _set_decode_inputs(graphs, rows, ctx, per_row)
+
+
+def _set_decode_inputs(graphs, rows: int, ctx: int | None, per_row: int) -> dict:
+    import torch
     if hasattr(graphs, "decode"):
         v = graphs.decode.views(rows)
     else:
