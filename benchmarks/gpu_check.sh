@@ -20,7 +20,7 @@ for stage in "$@"; do
   case $stage in
     kernels) timeout 200 python3 benchmarks/gpu_kernels.py 2>&1 | tee "$OUT/kernels.txt" | tail -30 ;;
     # no longer one call (session 29: 493 of ~700 passed in 480 s, then the timeout): TEST_FILES splits it,
-    # or tests_a / tests_b / tests_c (session 30: ~370 s, ~300 s, and the parity file at ~18 s a test before 3e0f623)
+    # or tests_a / tests_b / tests_c (session 31: 393 s, 252 s, 47 s: tests_c and tests_b fit one call)
     tests) run_tests ${TEST_FILES:-tests/kernels tests/models/test_parity.py} ;;
     tests_a) run_tests tests/kernels/test_{paged_attention,gemv,paged_launch,argmax,fused_ops,prefill_attention,compile_ahead}.py ;;
     tests_b) run_tests tests/kernels/test_{quant_kernels,gguf_triton,store_kv,triton_launch,copy_blocks,cudnn_prefill,push_all_reduce}.py ;;
