@@ -1,6 +1,7 @@
 """Triton paged attention for a ragged mixed batch (prefill chunks and decodes in one call).
 
-Grid: (query tiles, num_kv_heads, num_segments). A query tile packs BLOCK_Q consecutive
+Grid: (query tiles, num_kv_heads, num_segments), or for decode launches (num_kv_heads, sequences,
+num_segments): HEADS_FIRST, a sequence's heads adjacent in launch order. A query tile packs BLOCK_Q consecutive
 tokens of ONE sequence times the QUERIES_PER_KV query heads that share the program's KV
 head, so every K/V tile is loaded once per KV head (GQA packing):
 
@@ -143,15 +144,23 @@ def _paged_attention_kernel(
     # L2 (a line every PREFETCH_STEP elements), then waits (griddepcontrol.wait) for the query,
     # key and value
     WAIT_INPUTS: tl.constexpr = False, PREFETCH_STEP: tl.constexpr = 64,
+    # HEADS_FIRST: grid (num_kv_heads, query tiles, segments), a sequence's KV heads adjacent in
+    # launch order (they read the same KV blocks at about the same time)
+    HEADS_FIRST: tl.constexpr = False,
 ):
-    kv_head = tl.program_id(1)
+    if HEADS_FIRST:
+        kv_head, tile_pid, num_tile_pids, num_kv_programs = tl.program_id(0), tl.program_id(1), tl.num_programs(1), \
+            tl.num_programs(0)
+    else:
+        kv_head, tile_pid, num_tile_pids, num_kv_programs = tl.program_id(1), tl.program_id(0), tl.num_programs(0), \
+            tl.num_programs(1)
     segment = tl.program_id(2)
     if ONE_TILE_PER_SEQ:
-        seq_idx = seq_begin + tl.program_id(0)
+        seq_idx = seq_begin + tile_pid
         q_block = 0
     else:
         # Reversed so the heaviest (latest, most keys) tiles start first.
-        q_block_global = tl.num_programs(0) - 1 - tl.program_id(0)
+        q_block_global = num_tile_pids - 1 - tile_pid
         token_begin = tl.load(query_start_loc_ptr + seq_begin)
         seq_idx = _find_seq_idx(query_start_loc_ptr, q_block_global, seq_begin, seq_end,
                                 token_begin, BLOCK_Q)
@@ -267,7 +276,7 @@ def _paged_attention_kernel(
         tl.store(partial_sum_ptr + row, l_i, mask=row_valid)
         if MERGE:   # query_len 1: the tile's token is q_start
             tl.debug_barrier()   # every thread's partials stored before the one arrival below
-            arrival = arrivals_ptr + q_start.to(tl.int64) * tl.num_programs(1) + kv_head
+            arrival = arrivals_ptr + q_start.to(tl.int64) * num_kv_programs + kv_head
             if tl.atomic_add(arrival, 1, sem="acq_rel") == active - 1:
                 # relaxed: the next launch sees the reset after the kernel boundary
                 tl.atomic_xchg(arrival, 0, sem="relaxed")
@@ -289,6 +298,14 @@ def _paged_attention_kernel(
 # lets the o projection after it be placed (the chain's add_gemv with wait_inputs: its first weight
 # slice loaded before it waits; llama-1b +0.7%).
 DECODE_PDL = True
+
+# Decode launches (one query tile a sequence) take the grid (num_kv_heads, sequences, segments): a
+# sequence's KV-head programs adjacent in launch order read its KV blocks (all heads' rows
+# interleaved in each) at about the same time instead of a few hundred programs apart. H200, thr512's
+# decode contexts U[300, 1300], 448 rows: llama-1b heads 200.0 -> 189.2 us (3.71 -> 3.93 TB/s),
+# llama-8b heads 367.0 -> 357.5; 256 rows -1.1% / -1.5%, 64 rows level; the same bits
+# (benchmarks/attn_ncu.py --heads-first; RESULTS.md, session 31). Prefill launches keep the old grid.
+DECODE_HEADS_FIRST = True
 
 # Decode launches that split merge in the kernel: the last segment of each (token, KV head) to
 # finish merges the group's partials (no reduce launch; benchmarks/RESULTS.md, session 13).
@@ -440,8 +457,12 @@ def _launch_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     if arrivals is not None:   # every query_len 1 (the caller's max_query_len): merged in the launch
         group_pad = triton.next_power_of_2(queries_per_kv)
         new.update(arrivals_ptr=arrivals, MERGE=True, GROUP_PAD=group_pad, SEG_CHUNK=max(8, 64 // group_pad))
+    if one_tile_per_seq and DECODE_HEADS_FIRST and grid_q < 65536:   # CUDA's grid y limit
+        new.update(HEADS_FIRST=True)
+    grid = (num_kv_heads, grid_q, plan.num_segments) if new.get("HEADS_FIRST") else \
+        (grid_q, num_kv_heads, plan.num_segments)
     launch_fitting(
-        _paged_attention_kernel, (grid_q, num_kv_heads, plan.num_segments),
+        _paged_attention_kernel, grid,
         out, *(partials if partials is not None else (out, out, out, out)),
         query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
         scale * _LOG2E, seq_begin, seq_end, *plan.args(),

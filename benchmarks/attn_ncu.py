@@ -1,0 +1,81 @@
+"""The paged decode attention at a thr512 decode step's shape, launched a few times, and a plain
+copy of the same bytes after it: a target for Nsight Compute (issue 22). Session 22 fitted each
+wide decode launch to ~17-30 us plus its bytes at 4.2-4.4 TB/s and could not place the fixed part
+with events alone; ncu's sections (speed of light, memory, occupancy, launch, warp states) can.
+
+Usage (device; ncu reads the counters on the Firecracker machines, H200.md):
+  ncu --clock-control none --kernel-name regex:_paged_attention_kernel --launch-skip 3 --launch-count 1 \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+      --section WarpStateStats python3 benchmarks/attn_ncu.py --heads 32,8,64 --rows 448
+  (the copy: --kernel-name regex:copy --launch-skip 0 --launch-count 1)
+Without ncu it prints us a call (CUDA events) and the KV bytes' rate, as a check of the shape;
+--heads-first also A/Bs the decode grid's order (triton_paged_attention.DECODE_HEADS_FIRST off / on, CUDA
+graphs of 16 launches, 7 interleaved rounds, medians) and checks the outputs bit for bit.
+"""
+from __future__ import annotations
+
+import random
+import sys
+
+from attn_common import DEV, HKV, HQ, Paged, D, args   # --heads (parsed there)
+import torch
+
+
+def main() -> None:
+    rows = int(sys.argv[sys.argv.index("--rows") + 1]) if "--rows" in sys.argv else 448
+    lo, hi = 300, 1300   # thr512's decode contexts (input U[64, 1024] + the outputs so far), mean 800
+    rng = random.Random(0)
+    b = Paged([1] * rows, [rng.randint(lo, hi) for _ in range(rows)], torch.bfloat16, seed=0)
+    out = torch.empty_like(b.query)
+    kv_bytes = sum(c + 1 for c in b.context_lens) * HKV * D * 2 * 2
+    src = torch.empty(kv_bytes // 2, dtype=torch.bfloat16, device=DEV).normal_()
+    dst = torch.empty_like(src)
+    for _ in range(5):
+        b.paged(out=out)
+    if DEV.type != "cuda":   # --cpu-smoke: the shape builds and runs
+        print(f"smoke: {rows} rows, heads {HQ}/{HKV}/{D}, KV {kv_bytes} bytes")
+        return
+    torch.cuda.synchronize()
+    a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(20):
+        b.paged(out=out)
+    e.record()
+    torch.cuda.synchronize()
+    us = a.elapsed_time(e) * 1000 / 20
+    if "--heads-first" in sys.argv:   # A/B: interleaved rounds of the default grid and heads-first
+        from pagedserve.attention import triton_paged_attention as tpa
+        ref = b.paged(out=torch.empty_like(out)).clone()
+        tpa.DECODE_HEADS_FIRST = True
+        same = torch.equal(b.paged(out=torch.empty_like(out)), ref)
+        graphs = {}
+        for flag in (False, True):
+            tpa.DECODE_HEADS_FIRST = flag
+            b.paged(out=out)
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for _ in range(16):
+                    b.paged(out=out)
+            graphs[flag] = g
+        tpa.DECODE_HEADS_FIRST = False
+        times = {False: [], True: []}
+        for _ in range(7):
+            for flag in (False, True):
+                a.record()
+                graphs[flag].replay()
+                e.record()
+                torch.cuda.synchronize()
+                times[flag].append(a.elapsed_time(e) * 1000 / 16)
+        med = {k: sorted(v)[3] for k, v in times.items()}
+        print(f"heads-first A/B ({HQ}/{HKV}/{D}, {rows} rows): default {med[False]:.1f} us "
+              f"({kv_bytes / med[False] / 1e6:.3f} TB/s), heads-first {med[True]:.1f} us "
+              f"({kv_bytes / med[True] / 1e6:.3f} TB/s); outputs equal: {same}")
+    dst.copy_(src)   # the copy: kv_bytes read and as many written
+    torch.cuda.synchronize()
+    print(f"heads {HQ}/{HKV}/{D}, {rows} rows, contexts U[{lo}, {hi}]: {us:.1f} us a call, KV "
+          f"{kv_bytes / 1e6:.1f} MB, {kv_bytes / us / 1e6:.3f} TB/s (args {vars(args)})")
+
+
+if __name__ == "__main__":
+    main()
