@@ -11,8 +11,10 @@ the time the GPU spent in steps, and idle between them waiting for the host; per
 --ab: odd runs without LLM()'s start-up collection and freeze (pagedserve.llm, session 18);
 --no-lmhead-pad: the LM head outside the graphs at its own row count (before a12b9ed).
 --fused-max N: rotary + KV store inside the decode launch up to N rows (TritonBackend.fused_decode_max_seqs).
+--no-heads-first: decode attention launches on the old grid (sequences fastest; before session 31's e864e59).
 
 Usage: python3 benchmarks/thr_spread.py OUT [--runs 4] [--model llama-1b] [--no-smi] [--ab] [--no-lmhead-pad] [--fused-max N]
+       [--no-heads-first]
 """
 from __future__ import annotations
 
@@ -187,7 +189,12 @@ def main() -> None:
     ap.add_argument("--no-smi", action="store_true", help="no nvidia-smi polling (its driver queries may stall)")
     ap.add_argument("--fused-max", type=int, default=None,
                     help="TritonBackend.fused_decode_max_seqs for these runs (the library's when not given)")
+    ap.add_argument("--no-heads-first", action="store_true",
+                    help="triton_paged_attention.DECODE_HEADS_FIRST off (the decode grid before session 31)")
     args = ap.parse_args()
+    if args.no_heads_first:
+        from pagedserve.attention import triton_paged_attention
+        triton_paged_attention.DECODE_HEADS_FIRST = False
     if args.fused_max is not None:
         from pagedserve.attention.backend import TritonBackend
         TritonBackend.fused_decode_max_seqs = args.fused_max
@@ -200,7 +207,7 @@ def main() -> None:
                             "power.draw --format=csv,noheader,nounits)\"; sleep 0.1; done"],
                            stdout=open(smi_path, "w"), stderr=subprocess.DEVNULL)
     results = dict(date=time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()), machine=torch.cuda.get_device_name(0),
-                   model=args.model, load_avg_start=os.getloadavg(), runs=[])
+                   model=args.model, load_avg_start=os.getloadavg(), heads_first=not args.no_heads_first, runs=[])
     try:
         for i in range(args.runs):
             res = one_run(args.model, smi_path, freeze=not (args.ab and i % 2))
