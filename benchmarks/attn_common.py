@@ -16,7 +16,8 @@ ap.add_argument("--skip-check", action="store_true", help="no correctness stage 
 ap.add_argument("--modes", default="", help="engine / long64 stages: attn_engine mode names (default: theirs)")
 ap.add_argument("--quick", action="store_true", help="tail: the split rules only (no tile sweep, fewer shapes)")
 ap.add_argument("--heads", default="32,8,128", help="query heads, KV heads, head dim (llama-1b: 32,8,64)")
-ap.add_argument("--tiles", default="", help="tail: the sweep's launches as TILE_N:WARPS:STAGES,... (default: its own)")
+ap.add_argument("--tiles", default="", help="tail: the sweep's launches as TILE_N:WARPS:STAGES[:MAX_REGISTERS],... "
+                                            "(default: its own)")
 ap.add_argument("--chunk-keys", type=int, default=1024, help="tail: the tile sweep's split chunk in keys")
 ap.add_argument("--order", default="random", help="tail: the rows' order by context: random, desc (longest first), asc")
 ap.add_argument("--plans", default="", help="tail: forced split plans SEGMENTS:TILES_A_SEGMENT:TILE_N:WARPS:STAGES"

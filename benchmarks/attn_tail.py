@@ -80,10 +80,10 @@ def _tail_variants(tile_sweep: bool, quick: bool = False):
                  [(32, 4, 3), (64, 4, 2), (64, 4, 4), (64, 8, 3), (128, 4, 2), (16, 4, 3)])
         if args.tiles:
             sweep = [tuple(int(v) for v in t.split(":")) for t in args.tiles.split(",")]
-        for tile_n, warps, stages in sweep:
-            variants.append((f"chunk{args.chunk_keys}keys_t{tile_n}w{warps}s{stages}", "chunked",
-                             max(1, args.chunk_keys // tile_n),
-                             TileConfig(16, tile_n, warps, stages)))
+        for tile_n, warps, stages, *regs in sweep:   # TILE_N:WARPS:STAGES[:MAX_REGISTERS]
+            variants.append((f"chunk{args.chunk_keys}keys_t{tile_n}w{warps}s{stages}" + (f"r{regs[0]}" if regs else ""),
+                             "chunked", max(1, args.chunk_keys // tile_n),
+                             TileConfig(16, tile_n, warps, stages, regs[0] if regs else None)))
     for spec in filter(None, args.plans.split(",")):   # forced split plans (the batch-1 shapes)
         segs, per, tile_n, warps, stages, *short_lone = (int(v) for v in spec.split(":"))
         short, lone = short_lone or (0, 0)

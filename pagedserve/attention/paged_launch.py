@@ -16,12 +16,15 @@ from pagedserve.attention.split_plan import SplitPlan, choose_splits, sm_count
 @dataclass(frozen=True)
 class TileConfig:
     """Launch shape of one attention launch. block_m: rows of a query tile (tokens x packed
-    heads), a power of two >= 16; tile_n: keys per loop step, a power of two >= 16."""
+    heads), a power of two >= 16; tile_n: keys per loop step, a power of two >= 16.
+    max_registers: a cap on registers a thread (Triton's maxnreg; None: the compiler's choice),
+    for sweeps of the decode launch's occupancy (benchmarks/attn_gpu.py --tiles T:W:S:R)."""
 
     block_m: int
     tile_n: int
     num_warps: int
     num_stages: int
+    max_registers: int | None = None
 
 
 def default_tile_config(queries_per_kv: int, head_dim_pad: int, max_query_len: int,

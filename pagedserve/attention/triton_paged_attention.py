@@ -457,6 +457,8 @@ def _launch_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     if arrivals is not None:   # every query_len 1 (the caller's max_query_len): merged in the launch
         group_pad = triton.next_power_of_2(queries_per_kv)
         new.update(arrivals_ptr=arrivals, MERGE=True, GROUP_PAD=group_pad, SEG_CHUNK=max(8, 64 // group_pad))
+    if config.max_registers is not None:
+        new.update(maxnreg=config.max_registers)
     if one_tile_per_seq and DECODE_HEADS_FIRST and grid_q < 65536:   # CUDA's grid y limit
         new.update(HEADS_FIRST=True)
     grid = (num_kv_heads, grid_q, plan.num_segments) if new.get("HEADS_FIRST") else \

@@ -215,6 +215,24 @@ def test_narrow_plan_against_the_reference() -> None:
     check_against_reference(batch, num_decodes=6, num_splits=SplitPlan(8, 2, 16, 4))
 
 
+@pytest.mark.parametrize("max_registers", [None, 64])
+def test_register_cap_is_the_same_launch(max_registers: int | None) -> None:
+    """TileConfig.max_registers (Triton's maxnreg, for occupancy sweeps of the decode launch) changes
+    how the launch is compiled, not what it computes: a decode batch against the torch reference and
+    bit for bit against the uncapped launch."""
+    from pagedserve.attention.paged_launch import TileConfig
+    batch = make_batch(query_lens=[1] * 5, context_lens=[0, 33, 100, 250, 17], num_heads=8, num_kv_heads=2,
+                       head_dim=64, block_size=16, dtype=torch.float32, seed=7)
+    args = (batch.query, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc,
+            batch.scale, 1, 512)
+    capped = paged_attention(*args, num_decodes=5, tiles=TileConfig(16, 64, 4, 3, max_registers))
+    plain = paged_attention(*args, num_decodes=5, tiles=TileConfig(16, 64, 4, 3))
+    expected = paged_attention_ref(batch.query, batch.k_cache, batch.v_cache, batch.block_tables, batch.seq_lens,
+                                   batch.query_start_loc, batch.scale, 5)
+    torch.testing.assert_close(capped[:5], expected[:5], atol=1e-5, rtol=1e-5)
+    assert torch.equal(capped[:5], plain[:5])
+
+
 def test_chunked_plan_equals_the_merge_of_forced_segments() -> None:
     """Exits of unused segments and one-segment rows writing `out` directly round as the
     full merge would: a plan with chunks of 3 tiles against the same plan over more segments."""
