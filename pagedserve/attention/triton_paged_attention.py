@@ -149,11 +149,11 @@ def _paged_attention_kernel(
     HEADS_FIRST: tl.constexpr = False,
 ):
     if HEADS_FIRST:
-        kv_head, tile_pid, num_tile_pids, num_kv_programs = tl.program_id(0), tl.program_id(1), tl.num_programs(1), \
-            tl.num_programs(0)
+        kv_head, tile_pid = tl.program_id(0), tl.program_id(1)
+        num_kv_programs, num_tile_pids = tl.num_programs(0), tl.num_programs(1)
     else:
-        kv_head, tile_pid, num_tile_pids, num_kv_programs = tl.program_id(1), tl.program_id(0), tl.num_programs(0), \
-            tl.num_programs(1)
+        tile_pid, kv_head = tl.program_id(0), tl.program_id(1)
+        num_tile_pids, num_kv_programs = tl.num_programs(0), tl.num_programs(1)
     segment = tl.program_id(2)
     if ONE_TILE_PER_SEQ:
         seq_idx = seq_begin + tile_pid
@@ -459,10 +459,10 @@ def _launch_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         new.update(arrivals_ptr=arrivals, MERGE=True, GROUP_PAD=group_pad, SEG_CHUNK=max(8, 64 // group_pad))
     if config.max_registers is not None:
         new.update(maxnreg=config.max_registers)
-    if one_tile_per_seq and DECODE_HEADS_FIRST and grid_q < 65536:   # CUDA's grid y limit
+    heads_first = one_tile_per_seq and DECODE_HEADS_FIRST and grid_q < 65536   # CUDA's grid y limit
+    if heads_first:
         new.update(HEADS_FIRST=True)
-    grid = (num_kv_heads, grid_q, plan.num_segments) if new.get("HEADS_FIRST") else \
-        (grid_q, num_kv_heads, plan.num_segments)
+    grid = (num_kv_heads, grid_q, plan.num_segments) if heads_first else (grid_q, num_kv_heads, plan.num_segments)
     launch_fitting(
         _paged_attention_kernel, grid,
         out, *(partials if partials is not None else (out, out, out, out)),
