@@ -5,8 +5,9 @@ Until session 31 every row took up to 64 programs of 2,048 columns whatever the 
 410-row llama-1b step launched ~26k programs that each read 4 KB and then counted their arrival
 with an atomic (session 28's profile: 73 us a step, ~1.4 TB/s). Each launch here follows a copy
 into its logits, as the LM head's write leaves them (the copy's own time, timed alone, is
-subtracted); both inside a CUDA graph of CALLS pairs, best of 5 replays; every launch is checked
-against torch.argmax first. Prints us a launch for each (vocabulary, rows, splits), the default
+subtracted); both replayed in CUDA graphs (triton.testing.do_bench_cudagraph, its minimum; session
+31's figures came from a hand-written loop of the same kind: 20 calls a graph, best of 5 replays);
+every launch is checked against torch.argmax first. Prints us a launch for each (vocabulary, rows, splits), the default
 rule's pick, and the best.
 Usage: python3 benchmarks/argmax_sweep.py OUT.json [--vocab 128256,49152] [--rows 1,...,512]
 """
@@ -17,29 +18,15 @@ import json
 import time
 
 import torch
+from triton.testing import do_bench_cudagraph
 
 from pagedserve.layers import triton_ops
 
-CALLS = 20
 SPLITS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 63]   # 63: the old rule's at 128,256 columns
 
 
 def graph_us(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(CALLS):
-            fn()
-    best = float("inf")
-    for _ in range(5):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        best = min(best, a.elapsed_time(b) * 1000 / CALLS)
-    return best
+    return do_bench_cudagraph(fn, return_mode="min") * 1e3
 
 
 def main() -> None:
