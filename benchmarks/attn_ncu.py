@@ -7,7 +7,9 @@ Usage (device; ncu reads the counters on the Firecracker machines, H200.md):
   ncu --clock-control none --kernel-name regex:_paged_attention_kernel --launch-skip 3 --launch-count 1 \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
       --section WarpStateStats python3 benchmarks/attn_ncu.py --heads 32,8,64 --rows 448
-  (the copy: --kernel-name regex:copy --launch-skip 0 --launch-count 1)
+  (the copy, in the NVTX range "copy": --nvtx --nvtx-include copy/ --launch-count 1 instead of the kernel name,
+  skip and count: its kernel is torch's vectorized_elementwise_kernel, which the set-up launches too; session 31's
+  --kernel-name regex:copy matched nothing)
 Without ncu it prints us a call (CUDA events) and the KV bytes' rate, as a check of the shape;
 --heads-first also A/Bs the decode grid's order (triton_paged_attention.DECODE_HEADS_FIRST off / on, CUDA
 graphs of 16 launches, 7 interleaved rounds, medians) and checks the outputs bit for bit.
@@ -71,7 +73,8 @@ def main() -> None:
         print(f"heads-first A/B ({HQ}/{HKV}/{D}, {rows} rows): default {med[False]:.1f} us "
               f"({kv_bytes / med[False] / 1e6:.3f} TB/s), heads-first {med[True]:.1f} us "
               f"({kv_bytes / med[True] / 1e6:.3f} TB/s); outputs equal: {same}")
-    dst.copy_(src)   # the copy: kv_bytes read and as many written
+    with torch.cuda.nvtx.range("copy"):   # the copy: kv_bytes read and as many written
+        dst.copy_(src)
     torch.cuda.synchronize()
     print(f"heads {HQ}/{HKV}/{D}, {rows} rows, contexts U[{lo}, {hi}]: {us:.1f} us a call, KV "
           f"{kv_bytes / 1e6:.1f} MB, {kv_bytes / us / 1e6:.3f} TB/s (args {vars(args)})")
