@@ -19,6 +19,9 @@ ap.add_argument("--heads", default="32,8,128", help="query heads, KV heads, head
 ap.add_argument("--tiles", default="", help="tail: the sweep's launches as TILE_N:WARPS:STAGES[:MAX_REGISTERS],... "
                                             "(default: its own)")
 ap.add_argument("--chunk-keys", type=int, default=1024, help="tail: the tile sweep's split chunk in keys")
+ap.add_argument("--tile-rule", default="chunked", choices=("chunked", "legacy"),
+                help="tail: the tile sweep's split rule: chunked at --chunk-keys, or the engine's own (legacy: one "
+                     "segment a sequence at thr512's shapes, the launch the decode graphs run)")
 ap.add_argument("--order", default="random", help="tail: the rows' order by context: random, desc (longest first), asc")
 ap.add_argument("--plans", default="", help="tail: forced split plans SEGMENTS:TILES_A_SEGMENT:TILE_N:WARPS:STAGES"
                                             "[:SHORT_TILES:LONE_TILES],... (the batch-1 shapes' segments and pipeline "

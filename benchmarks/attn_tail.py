@@ -81,8 +81,10 @@ def _tail_variants(tile_sweep: bool, quick: bool = False):
         if args.tiles:
             sweep = [tuple(int(v) for v in t.split(":")) for t in args.tiles.split(",")]
         for tile_n, warps, stages, *regs in sweep:   # TILE_N:WARPS:STAGES[:MAX_REGISTERS]
-            variants.append((f"chunk{args.chunk_keys}keys_t{tile_n}w{warps}s{stages}" + (f"r{regs[0]}" if regs else ""),
-                             "chunked", max(1, args.chunk_keys // tile_n),
+            legacy = args.tile_rule == "legacy"
+            variants.append(((f"legacy_t{tile_n}" if legacy else f"chunk{args.chunk_keys}keys_t{tile_n}")
+                             + f"w{warps}s{stages}" + (f"r{regs[0]}" if regs else ""),
+                             args.tile_rule, 16 if legacy else max(1, args.chunk_keys // tile_n),
                              TileConfig(16, tile_n, warps, stages, regs[0] if regs else None)))
     for spec in filter(None, args.plans.split(",")):   # forced split plans (the batch-1 shapes)
         segs, per, tile_n, warps, stages, *short_lone = (int(v) for v in spec.split(":"))
