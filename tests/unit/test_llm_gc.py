@@ -61,22 +61,28 @@ def test_an_application_freeze_is_left_alone(tiny_checkpoints):
 
 
 def test_generate_runs_without_a_gen0_collection_each_step_and_restores_the_threshold(tiny_checkpoints):
-    """frontend/gc_policy.py: generate's loop runs at HOT_GEN0_THRESHOLD; the application's
-    thresholds come back after (also when a step raises), and a higher one of its own stays."""
+    """frontend/gc_policy.py: generate adds its requests and runs its loop at HOT_GEN0_THRESHOLD;
+    the application's thresholds come back after (also when a step raises), and a higher one of
+    its own stays."""
     from pagedserve.frontend.gc_policy import HOT_GEN0_THRESHOLD, hot_loop_collector
     before = gc.get_threshold()
     llm = _llm(tiny_checkpoints)
-    seen = []
-    step = llm.engine.step
+    seen, added = [], []
+    step, add_request = llm.engine.step, llm.engine.add_request
 
     def recording_step():
         seen.append(gc.get_threshold())
         return step()
 
-    llm.engine.step = recording_step
+    def recording_add(*args, **kwargs):
+        added.append(gc.get_threshold())
+        return add_request(*args, **kwargs)
+
+    llm.engine.step, llm.engine.add_request = recording_step, recording_add
     try:
         assert len(_generate(llm)) == 3
         assert seen and all(t == (HOT_GEN0_THRESHOLD, *before[1:]) for t in seen), seen
+        assert added == [(HOT_GEN0_THRESHOLD, *before[1:])], added   # its one request
         assert gc.get_threshold() == before
 
         def failing_step():
