@@ -9,8 +9,8 @@ H200: 483 gen-0 and 44 gen-1 collections a run, 50-80 ms of a host-bound run; be
 session 29). At HOT_GEN0_THRESHOLD a collection comes only once that many survive (reference
 cycles), so what it bounds, the uncollected cyclic garbage, stays small (~50k objects).
 
-`hot_loop_collector()` raises the threshold around LLM.generate's loop and restores it after
-(the application's process); the engine-core process and the server, whose process is ours,
+`hot_loop_collector()` raises the threshold around LLM.generate (adding its requests, then its
+loop) and restores it after (the application's process); the engine-core process and the server, whose process is ours,
 keep it raised (`raise_gen0_threshold()`). A threshold the application set higher, or a
 disabled collector, is left as it is.
 """
