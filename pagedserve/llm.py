@@ -76,36 +76,32 @@ class LLM:
         # no gen-0 collection every step (frontend/gc_policy.py), nor while the requests are added: at
         # CPython's 700 a thr512 batch's 512 took ~7 gen-0 collections and a gen-1 (~7 ms, H200 host)
         with hot_loop_collector():
-            return self._add_and_step(prompts, params, use_tqdm, add_special_tokens)
-
-    def _add_and_step(self, prompts: list[PromptType], params: list[SamplingParams], use_tqdm: bool,
-                      add_special_tokens: bool) -> list[RequestOutput]:
-        ids = []
-        try:
-            for prompt, sp in zip(prompts, params):
-                request_id = str(self._request_counter)
-                self._request_counter += 1
-                self.engine.add_request(request_id, prompt, sp, add_special_tokens=add_special_tokens)
-                ids.append(request_id)
-        except Exception:
-            for request_id in ids:
-                self.engine.abort_request(request_id)
-            raise
-        results: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm)
-        try:
-            wanted = set(ids)   # the engine may hold other requests (added to llm.engine directly)
-            while len(results) < len(ids):
-                for output in self.engine.step():
-                    if output.finished and output.request_id in wanted:
-                        results[output.request_id] = output
-                        bar.update(1)
-        finally:
-            bar.close()
-            for request_id in ids:
-                if request_id not in results:
+            ids = []
+            try:
+                for prompt, sp in zip(prompts, params):
+                    request_id = str(self._request_counter)
+                    self._request_counter += 1
+                    self.engine.add_request(request_id, prompt, sp, add_special_tokens=add_special_tokens)
+                    ids.append(request_id)
+            except Exception:
+                for request_id in ids:
                     self.engine.abort_request(request_id)
-        return [results[request_id] for request_id in ids]
+                raise
+            results: dict[str, RequestOutput] = {}
+            bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm)
+            try:
+                wanted = set(ids)   # the engine may hold other requests (added to llm.engine directly)
+                while len(results) < len(ids):
+                    for output in self.engine.step():
+                        if output.finished and output.request_id in wanted:
+                            results[output.request_id] = output
+                            bar.update(1)
+            finally:
+                bar.close()
+                for request_id in ids:
+                    if request_id not in results:
+                        self.engine.abort_request(request_id)
+            return [results[request_id] for request_id in ids]
 
     def shutdown(self) -> None:
         """Release the engine (and stop its tensor-parallel ranks). Idempotent."""

@@ -10,8 +10,8 @@ session 29). At HOT_GEN0_THRESHOLD a collection comes only once that many surviv
 cycles), so what it bounds, the uncollected cyclic garbage, stays small (~50k objects).
 
 `hot_loop_collector()` raises the threshold around LLM.generate (adding its requests, then its
-loop) and restores it after (the application's process); the engine-core process and the server, whose process is ours,
-keep it raised (`raise_gen0_threshold()`). A threshold the application set higher, or a
+loop) and restores it after (the application's process); the engine-core process and the server,
+whose process is ours, keep it raised (`raise_gen0_threshold()`). A threshold the application set higher, or a
 disabled collector, is left as it is.
 """
 from __future__ import annotations
