@@ -116,12 +116,12 @@ def build_step_inputs(states: list[CachedRequestState], num_scheduled: list[int]
     all-decode step's arrays (input_ids, positions, slot_mapping, seq_lens, block_tables) go
     to it first; the device tensors it returns (a decode graph's static inputs, with
     query_start_loc and logits_indices), or None, and the step is copied as any other."""
-    decodes = [i for i, q_len in enumerate(num_scheduled) if q_len == 1]
-    num_decodes = len(decodes)
+    num_decodes = num_scheduled.count(1)
     if num_decodes == len(states):
         rows, query_lens = states, num_scheduled
     else:
-        order = decodes + [i for i, q_len in enumerate(num_scheduled) if q_len != 1]
+        order = [i for i, q_len in enumerate(num_scheduled) if q_len == 1] \
+            + [i for i, q_len in enumerate(num_scheduled) if q_len != 1]
         rows = [states[i] for i in order]
         query_lens = [num_scheduled[i] for i in order]
     starts = [state.num_computed_tokens for state in rows]
@@ -129,19 +129,26 @@ def build_step_inputs(states: list[CachedRequestState], num_scheduled: list[int]
     for state, start, q_len in zip(rows[num_decodes:], starts[num_decodes:], query_lens[num_decodes:]):
         token_ids += state.token_ids[start:start + q_len]
     input_ids = np.array(token_ids, dtype=np.int64)
-    query_start_loc = np.zeros(len(rows) + 1, dtype=np.int32)
-    np.cumsum(query_lens, out=query_start_loc[1:])
     starts_np = np.array(starts, dtype=np.int64)
-    seq_lens = (starts_np + query_lens).astype(np.int32)
     # row r's tokens: input_ids[query_start_loc[r]:query_start_loc[r + 1]] at positions
     # starts[r] .. seq_lens[r] - 1; the row samples if seq_lens[r] reaches its known tokens
-    positions = np.arange(len(token_ids), dtype=np.int64) + np.repeat(starts_np - query_start_loc[:-1], query_lens)
+    if num_decodes == len(rows):   # every step of a decode phase: one token a row, no list conversions
+        query_start_loc = np.arange(num_decodes + 1, dtype=np.int32)
+        seq_lens = (starts_np + 1).astype(np.int32)
+        positions = starts_np
+        row_of_token = np.arange(num_decodes)
+    else:
+        lens_np = np.array(query_lens, dtype=np.int64)
+        query_start_loc = np.zeros(len(rows) + 1, dtype=np.int32)
+        np.cumsum(lens_np, out=query_start_loc[1:])
+        seq_lens = (starts_np + lens_np).astype(np.int32)
+        positions = np.arange(len(token_ids), dtype=np.int64) + np.repeat(starts_np - query_start_loc[:-1], lens_np)
+        row_of_token = np.repeat(np.arange(len(rows)), lens_np)
     sample_rows = np.flatnonzero(seq_lens == np.array([len(state.token_ids) for state in rows]))
     logits_indices = query_start_loc[1:][sample_rows].astype(np.int64) - 1
-    max_blocks = max(len(state.block_ids) for state in rows)
+    max_blocks = max([len(state.block_ids) for state in rows])
     block_tables = block_table.array[[state.block_row for state in rows], :max_blocks]
     # slot = block_table[pos // block_size] * block_size + pos % block_size
-    row_of_token = np.repeat(np.arange(len(rows)), query_lens)
     slot_mapping = block_tables[row_of_token, positions // block_size].astype(np.int64) * block_size \
         + positions % block_size
 

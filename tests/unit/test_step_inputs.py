@@ -1,0 +1,57 @@
+"""build_step_inputs: the flat model inputs of a step, exactly, for an all-decode step (its own
+branch: no per-step list conversions) and a mixed one (decode rows first, prompt chunks after)."""
+import torch
+
+from pagedserve.sampling_params import SamplingParams
+from pagedserve.worker.input_batch import BlockTable, CachedRequestState, build_step_inputs
+
+BLOCK = 4
+
+
+def _state(name: str, tokens: list[int], num_prompt: int, blocks: list[int], computed: int,
+           table: BlockTable) -> CachedRequestState:
+    state = CachedRequestState(name, tokens, num_prompt, SamplingParams(temperature=0.0), blocks, computed)
+    state.block_row = table.add(blocks)
+    return state
+
+
+def _ints(t: torch.Tensor) -> list[int]:
+    return t.tolist()
+
+
+def test_all_decode_step() -> None:
+    table = BlockTable(4)
+    a = _state("a", [11, 12, 13, 14, 15, 16], 5, [7, 2], 5, table)   # feeds token 5 (16), samples
+    b = _state("b", [21, 22, 23], 3, [9], 2, table)                     # feeds its last prompt token
+    c = _state("c", list(range(30, 39)), 4, [1, 4, 8], 8, table)        # feeds token 8 at block 8's start
+    inputs = build_step_inputs([a, b, c], [1, 1, 1], BLOCK, torch.device("cpu"), table)
+    assert inputs.rows == [a, b, c] and inputs.query_lens == [1, 1, 1]
+    assert _ints(inputs.input_ids) == [16, 23, 38]
+    assert _ints(inputs.positions) == [5, 2, 8]
+    assert inputs.positions.dtype == torch.int64 and inputs.meta.slot_mapping.dtype == torch.int64
+    # slot = block_table[pos // 4] * 4 + pos % 4
+    assert _ints(inputs.meta.slot_mapping) == [2 * 4 + 1, 9 * 4 + 2, 8 * 4 + 0]
+    assert _ints(inputs.meta.query_start_loc) == [0, 1, 2, 3] and inputs.meta.query_start_loc.dtype == torch.int32
+    assert _ints(inputs.meta.seq_lens) == [6, 3, 9] and inputs.meta.seq_lens.dtype == torch.int32
+    assert inputs.meta.block_tables.tolist() == [[7, 2, 0], [9, 0, 0], [1, 4, 8]]
+    assert (inputs.meta.num_decodes, inputs.meta.max_query_len, inputs.meta.max_seq_len) == (3, 1, 9)
+    assert inputs.sample_rows == [0, 1, 2] and _ints(inputs.logits_indices) == [0, 1, 2]
+
+
+def test_mixed_step_puts_decodes_first() -> None:
+    table = BlockTable(4)
+    p = _state("p", list(range(100, 110)), 10, [3, 5, 6], 4, table)   # prompt chunk 4..9: samples after it
+    d = _state("d", [41, 42, 43, 44], 3, [2], 3, table)                # decode row
+    q = _state("q", list(range(200, 209)), 9, [10, 11, 12], 0, table)  # first chunk 0..4 of 9: no sample
+    inputs = build_step_inputs([p, d, q], [6, 1, 5], BLOCK, torch.device("cpu"), table)
+    assert inputs.rows == [d, p, q] and inputs.query_lens == [1, 6, 5]
+    assert _ints(inputs.input_ids) == [44] + list(range(104, 110)) + list(range(200, 205))
+    assert _ints(inputs.positions) == [3, 4, 5, 6, 7, 8, 9, 0, 1, 2, 3, 4]
+    assert _ints(inputs.meta.query_start_loc) == [0, 1, 7, 12]
+    assert _ints(inputs.meta.seq_lens) == [4, 10, 5]
+    blocks = {d: [2], p: [3, 5, 6], q: [10, 11, 12]}
+    want_slots = [blocks[row][pos // BLOCK] * BLOCK + pos % BLOCK
+                  for row, start, n in ((d, 3, 1), (p, 4, 6), (q, 0, 5)) for pos in range(start, start + n)]
+    assert _ints(inputs.meta.slot_mapping) == want_slots
+    assert inputs.meta.num_decodes == 1 and inputs.meta.max_query_len == 6 and inputs.meta.max_seq_len == 10
+    assert inputs.sample_rows == [0, 1] and _ints(inputs.logits_indices) == [0, 6]
