@@ -333,11 +333,11 @@ class ModelRunner:
         graphs = self.graph_runner
         if not graphs.can_stage(len(rows), int(arrays["seq_lens"].max())):
             return None
-        feed = np.full(len(rows), -1, dtype=np.int32)
-        if self._prev_sampled is not None:
-            for i, state in enumerate(rows):
-                if state.pending_pos == state.num_computed_tokens:
-                    feed[i] = state.sampled_row
+        if self._prev_sampled is None:
+            feed = np.full(len(rows), -1, dtype=np.int32)
+        else:
+            feed = np.array([state.sampled_row if state.pending_pos == state.num_computed_tokens else -1
+                             for state in rows], dtype=np.int32)
             if (feed >= 0).any():
                 feed = graphs.take_sampled(self._prev_sampled, feed)
         arrays["feed"] = feed
