@@ -338,7 +338,8 @@ class EngineCore:
         failed = self.finish_requests(request_ids, RequestStatus.FINISHED_ERROR)
         now = time.monotonic()
         self._events += [RequestEvent(r.request_id, _FINISHED, now, "abort") for r in failed]
-        return [EngineCoreOutput(r.request_id, finish_reason="abort", error=error) for r in failed]
+        return [EngineCoreOutput(r.request_id, list(r.output_token_ids) if r.report_final_only else [], "abort",
+                                 error=error) for r in failed]
 
     def _update(self, so: SchedulerOutput, runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
         changed = self.scheduler.update_from_output(so, runner_output)
@@ -353,13 +354,20 @@ class EngineCore:
         outputs = []
         append = outputs.append
         for request in changed:   # every row that got a token, every step: kept lean
+            if request.status == _RUNNING_STATUS:
+                if request.report_final_only:
+                    continue
+                reason, new_token_ids = None, [request.output_token_ids[-1]]
+            else:
+                reason = request.get_finish_reason()
+                new_token_ids = list(request.output_token_ids) if request.report_final_only \
+                    else [request.output_token_ids[-1]]
+                if reason is not None:
+                    events.append(RequestEvent(request.request_id, _FINISHED, now, reason))
             rid = request.request_id
-            reason = None if request.status == _RUNNING_STATUS else request.get_finish_reason()
-            append(EngineCoreOutput(rid, [request.output_token_ids[-1]], reason, request.stop_reason,
+            append(EngineCoreOutput(rid, new_token_ids, reason, request.stop_reason,
                                     logprobs.get(rid) if logprobs else None, None,
                                     max(request.num_cached_tokens, 0), request.error))
-            if reason is not None:
-                events.append(RequestEvent(rid, _FINISHED, now, reason))
         for rid, prompt_logprobs in runner_output.prompt_logprobs.items():
             for out in outputs:
                 if out.req_id == rid:

@@ -68,6 +68,10 @@ class Request:
     grammar: Any = None
     grammar_matcher: Any = None
     error: str | None = None   # why the core failed it (FINISHED_ERROR), for the frontend
+    # The frontend reads this sequence only once it ends (a final-only output with no stop
+    # strings and no logprobs: LLM.generate, non-streaming server requests): the core reports
+    # its tokens all at once when it finishes, not one output a step (EngineCore._update).
+    report_final_only: bool = False
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -98,6 +98,10 @@ class LLMEngine:
         report_logprobs = params.logprobs is not None
         params = self._internal_params(params)
         parent, forks = self.input_processor.make_requests(request_id, processed, params, strict_length)
+        if output_kind == OutputKind.FINAL_ONLY and not params.stop and params.logprobs is None \
+                and params.prompt_logprobs is None:   # nothing to see before the end: one output, at the end
+            for request in (parent, *forks):
+                request.report_final_only = True
         if params.structured_outputs is not None:   # compiled here, off the engine thread (cached)
             grammar = self.grammar_compiler.compile(params.structured_outputs)
             for request in (parent, *forks):

@@ -231,3 +231,38 @@ def test_a_dropped_core_is_freed_without_the_cycle_collector():
         assert ref() is None
     finally:
         gc.enable()
+
+
+def quiet(rid: str, max_tokens: int) -> Request:
+    """A request the frontend reads only at its end (LLMEngine sets this for final-only outputs
+    with no stop strings and no logprobs)."""
+    req = Request(RequestId(rid), [1, 2, 3, 4, 5], SamplingParams(max_tokens=max_tokens), max_tokens=max_tokens)
+    req.report_final_only = True
+    return req
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["lockstep", "async"])
+def test_a_final_only_request_is_reported_once_with_all_its_tokens(async_scheduling):
+    core = make_core(FakeExecutor(max_concurrent_batches=2), async_scheduling)
+    core.add_request(quiet("q", max_tokens=4))
+    core.add_request(request("d", max_tokens=3))
+    outputs, events = run_to_end(core)
+    assert [(o.req_id, o.new_token_ids, o.finish_reason) for o in outputs if o.req_id == "q"] == [
+        ("q", [TOKEN] * 4, "length")]
+    assert [(o.new_token_ids, o.finish_reason) for o in outputs if o.req_id == "d"] == [
+        ([TOKEN], None), ([TOKEN], None), ([TOKEN], "length")]
+    # its events are as any request's: a first token, then finished
+    mine = [e.type for e in events if e.req_id == "q"]
+    assert mine.count(RequestEventType.FIRST_TOKEN) == 1 and mine[-1] is RequestEventType.FINISHED
+
+
+def test_a_failing_final_only_request_reports_the_tokens_it_had():
+    executor = FakeExecutor()
+    core = make_core(executor)
+    core.add_request(quiet("q", max_tokens=6))
+    assert core.step().outputs + core.step().outputs == []   # two tokens sampled, none reported yet
+    assert core.scheduler.requests["q"].output_token_ids == [TOKEN, TOKEN]
+    executor.poisoned = "q"
+    outputs, _ = run_to_end(core, limit=5)
+    assert [(o.req_id, o.new_token_ids, o.finish_reason, o.error) for o in outputs] == [
+        ("q", [TOKEN, TOKEN], "abort", "RuntimeError: bad value in q")]
