@@ -354,20 +354,16 @@ class EngineCore:
         outputs = []
         append = outputs.append
         for request in changed:   # every row that got a token, every step: kept lean
-            if request.status == _RUNNING_STATUS:
-                if request.report_final_only:
-                    continue
-                reason, new_token_ids = None, [request.output_token_ids[-1]]
-            else:
-                reason = request.get_finish_reason()
-                new_token_ids = list(request.output_token_ids) if request.report_final_only \
-                    else [request.output_token_ids[-1]]
-                if reason is not None:
-                    events.append(RequestEvent(request.request_id, _FINISHED, now, reason))
+            running, final_only = request.status == _RUNNING_STATUS, request.report_final_only
+            if running and final_only:
+                continue   # reported once, when it finishes
             rid = request.request_id
-            append(EngineCoreOutput(rid, new_token_ids, reason, request.stop_reason,
-                                    logprobs.get(rid) if logprobs else None, None,
+            reason = None if running else request.get_finish_reason()
+            append(EngineCoreOutput(rid, list(request.output_token_ids) if final_only else [request.output_token_ids[-1]],
+                                    reason, request.stop_reason, logprobs.get(rid) if logprobs else None, None,
                                     max(request.num_cached_tokens, 0), request.error))
+            if reason is not None:
+                events.append(RequestEvent(rid, _FINISHED, now, reason))
         for rid, prompt_logprobs in runner_output.prompt_logprobs.items():
             for out in outputs:
                 if out.req_id == rid:
