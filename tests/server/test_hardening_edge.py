@@ -7,9 +7,11 @@ One server for the module (with the API key), one more with tiny admission limit
 from __future__ import annotations
 
 import json
+import random
 import statistics
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
@@ -304,6 +306,101 @@ def test_405_has_allow_header(edge) -> None:
     response = requests.get(f"{edge.base_url}/v1/completions", headers=AUTH, timeout=30)
     assert response.status_code == 405 and "POST" in response.headers["allow"]
     assert response.json()["error"]["code"] == 405
+
+
+# ---- every route, random mixes of bad fields: a 4xx naming one, never a 5xx --------------
+
+ODD_VALUES = [None, -1, 0, 7, -2**63 - 1, 2**64, 10**30, 1e308, -1e308, 0.5, -0.5, "", "x" * 3000, "\u0000",
+              "\ud800", "<|im_start|>", "{", [], [-1], [2**40], [""], [[1, 2]], [None], [{}], {}, {"a": 1},
+              {"1": 1e308}, {"-1": 5}, {"abc": 1}, {"5": None}, True, float("nan"), float("inf"),
+              {"type": "json_object"}, {"type": "json_schema", "json_schema": {}},
+              {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectt"}}},
+              {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/nope"}}},
+              {"type": "string", "pattern": "(("}, [0] * 2000]
+LENGTHS = [None, 0, 2, -1, 2**31, 1.5, "3", True]   # bounded: a case never generates more than 2 tokens
+OPENAI_FIELDS = ["model", "temperature", "top_p", "top_k", "min_p", "n", "best_of", "stop", "stop_token_ids", "seed",
+                 "logit_bias", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens",
+                 "prompt_logprobs", "stream", "stream_options", "truncate_prompt_tokens", "allowed_token_ids",
+                 "guided_json", "guided_regex", "guided_choice", "guided_grammar", "response_format",
+                 "include_stop_str_in_output", "skip_special_tokens", "return_token_ids", "request_id", "cache_salt",
+                 "structured_outputs", "priority", "use_beam_search", "vllm_xargs", "user"]
+ROUTE_FIELDS = {
+    "/v1/completions": ({"prompt": "Hi", "max_tokens": 2, "ignore_eos": True}, "max_tokens",
+                        OPENAI_FIELDS + ["prompt", "logprobs", "echo", "suffix", "add_special_tokens"]),
+    "/v1/chat/completions": ({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "ignore_eos": True},
+                             "max_completion_tokens",
+                             OPENAI_FIELDS + ["messages", "logprobs", "top_logprobs", "tools", "tool_choice",
+                                              "parallel_tool_calls", "chat_template", "chat_template_kwargs",
+                                              "add_generation_prompt", "continue_final_message", "echo", "documents",
+                                              "metadata", "modalities", "functions", "function_call"]),
+    "/tokenize": ({"prompt": "Hi"}, None, ["prompt", "messages", "add_special_tokens", "add_generation_prompt",
+                                           "return_token_strs", "tools", "model"]),
+    "/detokenize": ({"tokens": [1, 2]}, None, ["tokens", "model"]),
+}
+TGI_PARAMETERS = ["temperature", "top_p", "top_k", "typical_p", "repetition_penalty", "frequency_penalty", "seed",
+                  "stop", "do_sample", "details", "decoder_input_details", "return_full_text", "truncate",
+                  "watermark", "best_of", "top_n_tokens", "grammar", "adapter_id"]
+
+
+def _odd_body(rng: random.Random) -> tuple[str, dict]:
+    """A valid body of a random route with one to three fields set to odd values."""
+    path = rng.choice([*ROUTE_FIELDS, "/generate", "/generate_stream", "/"])
+    if path in ROUTE_FIELDS:
+        base, length_field, fields = ROUTE_FIELDS[path]
+        body = json.loads(json.dumps(base))
+        for _ in range(rng.randint(1, 3)):
+            if length_field is not None and rng.random() < 0.15:
+                body["max_tokens" if rng.random() < 0.5 else length_field] = rng.choice(LENGTHS)
+            else:
+                body[rng.choice(fields)] = rng.choice(ODD_VALUES)
+        if body.get("max_tokens", 2) is None and body.get("max_completion_tokens") is None:
+            body["max_completion_tokens" if path.startswith("/v1/chat") else "max_tokens"] = 2
+        return path, body
+    body = {"inputs": "Hi", "parameters": {"max_new_tokens": 2}}
+    for _ in range(rng.randint(1, 3)):
+        roll = rng.random()
+        if roll < 0.1:
+            body["inputs"] = rng.choice(ODD_VALUES)
+        elif roll < 0.15:
+            body["parameters"]["max_new_tokens"] = rng.choice(LENGTHS[1:])
+        else:
+            body["parameters"][rng.choice(TGI_PARAMETERS)] = rng.choice(ODD_VALUES)
+    return path, body
+
+
+def _assert_clear_answer(path: str, body: dict, response: requests.Response) -> None:
+    case = (path, json.dumps(body, default=str)[:300], response.status_code, response.text[:300])
+    assert response.status_code in (200, 400, 404, 422), case
+    if response.status_code == 200:   # an accepted body streams no error either
+        assert '"error"' not in response.text, case
+    elif path in ROUTE_FIELDS:
+        error = response.json()["error"]
+        assert error["param"] and error["code"] == response.status_code, case
+    else:
+        error = response.json()["error"]
+        assert response.status_code == 422 and response.json()["error_type"] == "validation", case
+        assert any(name in error for name in ("inputs", "parameters", *TGI_PARAMETERS, "max_new_tokens")), case
+
+
+def test_random_odd_bodies_get_a_4xx_naming_a_field_never_a_5xx(edge, reference_text) -> None:
+    """400 seeded bodies across the OpenAI and TGI routes, each valid but for one to three
+    fields set to odd values (wrong types, out-of-range numbers, NaN, lone surrogates, broken
+    schemas...), sent from two threads while good streams run: each gets 200 or a 4xx whose
+    body names a field, and the good streams finish with the text they get alone."""
+    rng = random.Random(16)
+    cases = [_odd_body(rng) for _ in range(400)]
+
+    def send(case: tuple[str, dict]) -> requests.Response:
+        path, body = case
+        return post(edge, path, data=json.dumps(body, allow_nan=True).encode("utf-8", "surrogatepass"))
+
+    with GoodTraffic(edge.base_url, count=4) as good, ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(send, cases))
+    good.check(reference_text)
+    for (path, body), response in zip(cases, answers):
+        _assert_clear_answer(path, body, response)
+    statuses = {response.status_code for response in answers}
+    assert {200, 400, 422} <= statuses   # the mix reaches the engine as well as both validators
 
 
 # ---- item 5: admission limit (a second server with tiny limits) ------------------------
