@@ -91,6 +91,8 @@ class EngineCore:
         self._events: list[RequestEvent] = []                  # since the last step
         self._unscheduled: dict[RequestId, Request] = {}       # queued, never scheduled
         self._awaiting_first_token: dict[RequestId, Request] = {}
+        self._num_prompt_tokens = 0       # EngineStats.prompt_tokens
+        self._num_generation_tokens = 0   # EngineStats.generation_tokens
         self._step_log: StepLog | None = None   # while a viewer watches (core/snapshot.py)
 
     @property
@@ -139,7 +141,8 @@ class EngineCore:
         return EngineStats(len(scheduler.running), len(scheduler.waiting), usage,
                            scheduler.stats.num_preemptions, kv.stats.queries, kv.stats.hits,
                            scheduler.stats.num_batched_tokens, kv.host_usage(), kv.stats.blocks_swapped_out,
-                           kv.stats.blocks_swapped_in, kv.stats.host_hits,
+                           kv.stats.blocks_swapped_in, kv.stats.host_hits, self._num_prompt_tokens,
+                           self._num_generation_tokens,
                            log.take(scheduler, usage) if log is not None and log.requested else None)
 
     def request_snapshot(self) -> None:
@@ -342,7 +345,8 @@ class EngineCore:
                                  error=error) for r in failed]
 
     def _update(self, so: SchedulerOutput, runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
-        changed = self.scheduler.update_from_output(so, runner_output)
+        changed = self.scheduler.update_from_output(so, runner_output)   # each got one token
+        self._num_generation_tokens += len(changed)
         now = time.monotonic()
         events = self._events
         if self._awaiting_first_token:
@@ -350,6 +354,8 @@ class EngineCore:
                 if request.output_token_ids:
                     events.append(RequestEvent(rid, _FIRST_TOKEN, now))
                     del self._awaiting_first_token[rid]
+                    if not request.index:   # n > 1: the siblings (index 1...) share this prefill
+                        self._num_prompt_tokens += request.num_prompt_tokens
         logprobs = runner_output.logprobs
         outputs = []
         append = outputs.append

@@ -44,6 +44,10 @@ class EngineStats:
     kv_offload_blocks_swapped_out: int = 0  # cumulative device -> host block copies
     kv_offload_blocks_swapped_in: int = 0   # cumulative host -> device block copies
     kv_offload_host_prefix_hits: int = 0    # cumulative prompt tokens loaded from the host tier
+    # cumulative, counted as vLLM V1 counts them: a request's prompt when its first token arrives
+    # (once for n > 1: its sequences share one prefill), every sampled token in the step it arrives
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
     snapshot: EngineSnapshot | None = None   # only when requested (EngineCore.request_snapshot)
 
 

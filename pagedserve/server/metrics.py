@@ -1,7 +1,7 @@
 """Prometheus metrics: vLLM V1's names under the `pagedserve:` prefix, each with a
 `model_name` label (TGI's `tgi_*` metrics for the TGI routes are at the end). Gauges and
-engine-cumulative counters are read from AsyncEngine.stats (the core's EngineStats of the
-last step) at scrape time; per-request counters and histograms are fed by the engine's
+engine-cumulative counters (prompt and generation tokens among them, counted as the core
+runs) are read from AsyncEngine.stats (the core's EngineStats of the last step) at scrape time; per-request counters and histograms are fed by the engine's
 finish listener with FinishedRequestStats (called on the engine thread; prometheus_client
 is thread-safe)."""
 from __future__ import annotations
@@ -97,6 +97,9 @@ class _EngineStateCollector(Collector):
             yield gauge
         for name, doc, value in (
                 ("num_preemptions", "Cumulative number of preemptions.", stats.num_preemptions),
+                # as the engine runs, not when requests end (vLLM V1): rate() follows the throughput
+                ("prompt_tokens", "Number of prefill tokens processed.", stats.prompt_tokens),
+                ("generation_tokens", "Number of generation tokens processed.", stats.generation_tokens),
                 ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", stats.prefix_cache_queries),
                 ("prefix_cache_hits", "Prompt tokens served from the prefix cache.", stats.prefix_cache_hits),
                 ("kv_offload_blocks_swapped_out", "KV blocks copied to the host tier (preemption by swap, "
@@ -117,10 +120,6 @@ class ServerMetrics:
         self.registry.register(_EngineStateCollector(engine, model_name))
         labels = ["model_name"]
         reg = self.registry
-        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Number of prefill tokens processed.", labels,
-                                     registry=reg).labels(model_name)
-        self.generation_tokens = Counter(PREFIX + "generation_tokens", "Number of generation tokens processed.",
-                                         labels, registry=reg).labels(model_name)
         success = Counter(PREFIX + "request_success", "Count of finished requests, by finish reason.",
                           labels + ["finished_reason"], registry=reg)
         self.request_success = {reason: success.labels(model_name, reason) for reason in FINISH_REASONS}
@@ -190,8 +189,6 @@ class ServerMetrics:
             self.iteration_tokens.observe(stats.num_batched_tokens)
 
     def observe_finished(self, stats: FinishedRequestStats) -> None:
-        self.prompt_tokens.inc(stats.num_prompt_tokens)
-        self.generation_tokens.inc(stats.num_generation_tokens)
         counter = self.request_success.get(stats.finish_reason)
         if counter is None:
             counter = self._success.labels(self.model_name, stats.finish_reason)

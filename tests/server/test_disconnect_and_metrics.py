@@ -51,6 +51,31 @@ def test_non_stream_disconnect_aborts(server) -> None:
     assert _abort_count(after) == before + 1
 
 
+def test_token_counters_move_while_a_request_runs(server) -> None:
+    """prompt_tokens_total and generation_tokens_total count as the engine runs (vLLM V1), not
+    when requests end: a non-streaming request (which the core reports only at its end) moves
+    them while it runs, and the tokens it got before its client left stay counted."""
+    prompt, generation = ("pagedserve:prompt_tokens_total", LABEL), ("pagedserve:generation_tokens_total", LABEL)
+    before = wait_idle(server.base_url)
+    num_prompt = requests.post(f"{server.base_url}/tokenize", json={"prompt": LONG["prompt"]}, timeout=30).json()["count"]
+    body = json.dumps(LONG).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        deadline = time.monotonic() + 30
+        while True:
+            busy = scrape_metrics(server.base_url)
+            if busy[generation] - before[generation] >= 4:
+                break
+            assert time.monotonic() < deadline, "no generated token was counted while the request ran"
+            time.sleep(0.05)
+        assert busy[("pagedserve:num_requests_running", LABEL)] == 1   # 4000 tokens: minutes on CPU
+        assert busy[prompt] - before[prompt] == num_prompt
+    after = wait_idle(server.base_url, timeout=30)
+    assert after[generation] >= busy[generation]   # the aborted request's tokens stay counted
+    assert after[prompt] - before[prompt] == num_prompt
+
+
 def test_metrics_counters_move(server) -> None:
     before = wait_idle(server.base_url)
     response = requests.post(f"{server.base_url}/v1/completions", timeout=60, json={

@@ -82,7 +82,7 @@ def test_a_request_through_two_lockstep_steps():
     # 5 prompt tokens in blocks of 4: 2 of 32 blocks held; nothing cached yet
     assert first.stats == EngineStats(num_running=1, num_waiting=0, kv_cache_usage=2 / NUM_BLOCKS,
                                       num_preemptions=0, prefix_cache_queries=5, prefix_cache_hits=0,
-                                      num_batched_tokens=5)
+                                      num_batched_tokens=5, prompt_tokens=5, generation_tokens=1)
     assert [(e.req_id, e.type, e.finish_reason) for e in first.events] == [
         ("a", RequestEventType.QUEUED, None), ("a", RequestEventType.SCHEDULED, None),
         ("a", RequestEventType.FIRST_TOKEN, None)]
@@ -92,7 +92,7 @@ def test_a_request_through_two_lockstep_steps():
     second = core.step()
     assert second.outputs == [EngineCoreOutput(RequestId("a"), [TOKEN], "length", None,
                                                TokenLogprobs([TOKEN], [-0.5], 1), None, 0)]
-    assert second.stats == EngineStats(0, 0, 0.0, 0, 5, 0, 1)   # the decode step: 1 token
+    assert second.stats == EngineStats(0, 0, 0.0, 0, 5, 0, 1, prompt_tokens=5, generation_tokens=2)   # a decode step
     assert [(e.req_id, e.type, e.finish_reason) for e in second.events] == [
         ("a", RequestEventType.FINISHED, "length")]
     assert second.events[0].timestamp >= times[2]
@@ -266,3 +266,27 @@ def test_a_failing_final_only_request_reports_the_tokens_it_had():
     outputs, _ = run_to_end(core, limit=5)
     assert [(o.req_id, o.new_token_ids, o.finish_reason, o.error) for o in outputs] == [
         ("q", [TOKEN, TOKEN], "abort", "RuntimeError: bad value in q")]
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["lockstep", "async"])
+def test_token_counters_move_as_the_core_runs(async_scheduling):
+    """EngineStats.prompt_tokens counts a prompt when its first token arrives (once for a family
+    of parallel samples: one prefill), generation_tokens each token in the step it is sampled,
+    final-only or not (as vLLM V1's counters: /metrics' rate() follows the engine, not request
+    ends); a request aborted before its first token adds nothing."""
+    core = make_core(FakeExecutor(max_concurrent_batches=2), async_scheduling)
+    params = SamplingParams(max_tokens=3, n=2)
+    parent, fork = (Request(RequestId(f"p-{i}"), [1, 2, 3, 4, 5, 6], params, max_tokens=3, parent_id=RequestId("p"),
+                            index=i) for i in range(2))
+    core.add_request(parent, [fork])
+    core.add_request(quiet("q", max_tokens=3))   # 5 prompt tokens, reported only at its end
+    core.add_request(request("gone"))
+    core.abort_requests([RequestId("gone")])
+    seen = []
+    while core.has_unfinished_requests():
+        stats = core.step().stats
+        seen.append((stats.prompt_tokens, stats.generation_tokens, core.has_unfinished_requests()))
+        assert len(seen) < 10
+    assert seen[-1][:2] == (6 + 5, 3 * 3)
+    assert [s[:2] for s in seen] == sorted(s[:2] for s in seen)   # they only grow
+    assert (6 + 5, 3, True) in seen   # the first tokens counted while all three still run
