@@ -57,7 +57,7 @@ from pagedserve.frontend.heap import release_free_heap
 from pagedserve.frontend.input_processor import PromptType
 from pagedserve.frontend.llm_engine import LLMEngine
 from pagedserve.frontend.output_processor import OutputKind
-from pagedserve.frontend.request_metrics import FinishListener
+from pagedserve.frontend.request_metrics import FinishListener, FirstTokenListener
 from pagedserve.frontend.step_timing import StepTime, StepTimer
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
@@ -185,6 +185,10 @@ class AsyncEngine:
     def add_finish_listener(self, listener: FinishListener) -> None:
         """Called on the engine thread for each finished, aborted or failed request; must be quick."""
         self.engine.add_finish_listener(listener)
+
+    def add_first_token_listener(self, listener: FirstTokenListener) -> None:
+        """Called on the engine thread with each request's time to first token as it arrives; must be quick."""
+        self.engine.add_first_token_listener(listener)
 
     def add_step_listener(self, listener: Callable[[EngineStats], None]) -> None:
         """Called on the engine thread with the core's stats after every step; must be quick."""

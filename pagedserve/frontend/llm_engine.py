@@ -18,7 +18,7 @@ from pagedserve.frontend.core_client import CoreClient
 from pagedserve.frontend.core_process import StepSpan
 from pagedserve.frontend.input_processor import InputProcessor, ProcessedPrompt, PromptType
 from pagedserve.frontend.output_processor import OutputKind, OutputProcessor
-from pagedserve.frontend.request_metrics import FinishListener, RequestMetrics
+from pagedserve.frontend.request_metrics import FinishListener, FirstTokenListener, RequestMetrics
 from pagedserve.frontend.structured_output import GrammarCompiler
 from pagedserve.models.loader import load_tokenizer
 from pagedserve.outputs import RequestOutput
@@ -80,6 +80,10 @@ class LLMEngine:
     def add_finish_listener(self, listener: FinishListener) -> None:
         """Called (on the driver thread) with each finished, aborted or failed request's stats."""
         self.request_metrics.listeners.append(listener)
+
+    def add_first_token_listener(self, listener: FirstTokenListener) -> None:
+        """Called (on the driver thread) with each request's time to first token as it arrives."""
+        self.request_metrics.first_token_listeners.append(listener)
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
                     output_kind: OutputKind = OutputKind.FINAL_ONLY, strict_length: bool = False,

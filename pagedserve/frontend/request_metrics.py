@@ -32,6 +32,7 @@ class FinishedRequestStats:
 
 
 FinishListener = Callable[[FinishedRequestStats], None]
+FirstTokenListener = Callable[[float], None]   # a request's time to first token (s), when it arrives
 
 
 @dataclass(slots=True)
@@ -49,6 +50,7 @@ class _Timing:
 class RequestMetrics:
     def __init__(self) -> None:
         self.listeners: list[FinishListener] = []
+        self.first_token_listeners: list[FirstTokenListener] = []
         self._requests: dict[str, _Timing] = {}
         self._of_core_id: dict[RequestId, _Timing] = {}
 
@@ -69,6 +71,11 @@ class RequestMetrics:
             if kind is RequestEventType.FIRST_TOKEN:
                 if timing.first_token_time is None:
                     timing.first_token_time = event.timestamp
+                    for listener in self.first_token_listeners:
+                        try:
+                            listener(event.timestamp - timing.arrival_time)
+                        except Exception:
+                            logger.exception("first-token listener failed")
             elif kind is RequestEventType.SCHEDULED:
                 if timing.first_scheduled_time is None:
                     timing.first_scheduled_time = event.timestamp

@@ -1,9 +1,10 @@
 """Prometheus metrics: vLLM V1's names under the `pagedserve:` prefix, each with a
 `model_name` label (TGI's `tgi_*` metrics for the TGI routes are at the end). Gauges and
 engine-cumulative counters (prompt and generation tokens among them, counted as the core
-runs) are read from AsyncEngine.stats (the core's EngineStats of the last step) at scrape time; per-request counters and histograms are fed by the engine's
-finish listener with FinishedRequestStats (called on the engine thread; prometheus_client
-is thread-safe)."""
+runs) are read from AsyncEngine.stats (the core's EngineStats of the last step) at scrape
+time; time to first token is observed by the engine's first-token listener as each first
+token arrives, the other per-request counters and histograms by its finish listener with
+FinishedRequestStats (both called on the engine thread; prometheus_client is thread-safe)."""
 from __future__ import annotations
 
 import bisect
@@ -159,6 +160,7 @@ class ServerMetrics:
         self._add_cache_config_info(engine)
         engine.add_step_listener(self.observe_step)
         engine.add_finish_listener(self.observe_finished)
+        engine.add_first_token_listener(self.observe_first_token)
         self.tgi = TGIMetrics(engine, reg)
 
     def _add_cache_config_info(self, engine: AsyncEngine) -> None:
@@ -188,6 +190,9 @@ class ServerMetrics:
         if stats.num_batched_tokens:
             self.iteration_tokens.observe(stats.num_batched_tokens)
 
+    def observe_first_token(self, ttft_s: float) -> None:
+        self.ttft.observe(max(ttft_s, 0.0))   # when it arrives, as vLLM V1 (not when the request ends)
+
     def observe_finished(self, stats: FinishedRequestStats) -> None:
         counter = self.request_success.get(stats.finish_reason)
         if counter is None:
@@ -209,7 +214,6 @@ class ServerMetrics:
             queued = stats.arrival_time if stats.queued_time is None else stats.queued_time
             self.queue_time.observe(max(stats.first_scheduled_time - queued, 0.0))
         if stats.first_token_time is not None:
-            self.ttft.observe(max(stats.first_token_time - stats.arrival_time, 0.0))
             if stats.num_generation_tokens > 1:
                 self.tpot.observe(max(stats.finish_time - stats.first_token_time, 0.0)
                                   / (stats.num_generation_tokens - 1))

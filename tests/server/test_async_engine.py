@@ -35,6 +35,9 @@ class ScriptedEngine:
     def add_finish_listener(self, listener) -> None:
         pass
 
+    def add_first_token_listener(self, listener) -> None:
+        pass
+
     def has_work(self) -> bool:
         return bool(self.pending)
 

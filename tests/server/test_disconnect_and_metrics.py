@@ -52,10 +52,12 @@ def test_non_stream_disconnect_aborts(server) -> None:
 
 
 def test_token_counters_move_while_a_request_runs(server) -> None:
-    """prompt_tokens_total and generation_tokens_total count as the engine runs (vLLM V1), not
-    when requests end: a non-streaming request (which the core reports only at its end) moves
-    them while it runs, and the tokens it got before its client left stay counted."""
+    """prompt_tokens_total, generation_tokens_total and the time to first token are counted as
+    the engine runs (vLLM V1), not when requests end: a non-streaming request (which the core
+    reports only at its end) moves them while it runs, and the tokens it got before its client
+    left stay counted."""
     prompt, generation = ("pagedserve:prompt_tokens_total", LABEL), ("pagedserve:generation_tokens_total", LABEL)
+    ttft = ("pagedserve:time_to_first_token_seconds_count", LABEL)
     before = wait_idle(server.base_url)
     num_prompt = requests.post(f"{server.base_url}/tokenize", json={"prompt": LONG["prompt"]}, timeout=30).json()["count"]
     body = json.dumps(LONG).encode()
@@ -71,7 +73,9 @@ def test_token_counters_move_while_a_request_runs(server) -> None:
             time.sleep(0.05)
         assert busy[("pagedserve:num_requests_running", LABEL)] == 1   # 4000 tokens: minutes on CPU
         assert busy[prompt] - before[prompt] == num_prompt
+        assert busy[ttft] - before[ttft] == 1
     after = wait_idle(server.base_url, timeout=30)
+    assert after[ttft] - before[ttft] == 1   # once, not again when it ended
     assert after[generation] >= busy[generation]   # the aborted request's tokens stay counted
     assert after[prompt] - before[prompt] == num_prompt
 
