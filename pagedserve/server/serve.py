@@ -4,10 +4,12 @@ uvicorn. `python -m pagedserve.entrypoints.openai.api_server` runs the same comm
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -91,7 +93,7 @@ def make_parser() -> argparse.ArgumentParser:
 def engine_args_from(args: argparse.Namespace) -> EngineArgs:
     """EngineArgs from the generated engine flags (after apply_tgi_settings, or without it)."""
     return EngineArgs(**{**engine_kwargs(args), "model": _model(args), "dtype": args.dtype or "auto",
-                         "tensor_parallel_size": args.tensor_parallel_size or 1})
+                         "tensor_parallel_size": 1 if args.tensor_parallel_size is None else args.tensor_parallel_size})
 
 
 def server_settings_from(args: argparse.Namespace) -> ServerSettings:
@@ -147,6 +149,27 @@ def load_chat_template(value: str | None) -> str | None:
     return value
 
 
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads (as vLLM does): a port out of range or
+    taken, or a host that is not this machine's, fails at once, not after the load."""
+    if not 0 <= port <= 65535:
+        raise ValidationError(f"--port must be in 0-65535, got {port}", "port")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise ValidationError(f"--host {host!r}: {exc.strerror}", "host") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn: restart over TIME_WAIT
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise ValidationError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
+                              "host" if exc.errno == errno.EADDRNOTAVAIL else "port") from None
+    return sock
+
+
 def run_server(args: argparse.Namespace) -> None:
     """Load the model, then serve until interrupted."""
     import uvicorn
@@ -162,6 +185,7 @@ def run_server(args: argparse.Namespace) -> None:
     settings = server_settings_from(args)
     if os.environ.get(SWITCH_INTERVAL_ENV):   # a diagnostic knob: how much of the GIL's hand-over delay matters
         sys.setswitchinterval(float(os.environ[SWITCH_INTERVAL_ENV]) / 1e3)
+    listener = bind_listener(args.host, args.port)
     engine_process = engine_process_from(args)
     if not engine_process and "MALLOC_ARENA_MAX" not in os.environ:
         limit_arenas(1)   # before any thread starts: the CPU server's threads share one heap (-5 to -7 MiB)
@@ -189,7 +213,7 @@ def run_server(args: argparse.Namespace) -> None:
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     terminated = False
     try:
-        server.run()
+        server.run(sockets=[listener])
     except KeyboardInterrupt:
         pass
     except _Terminated:

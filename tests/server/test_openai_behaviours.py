@@ -7,6 +7,7 @@ One server for the module (two served names); a second with --enable-force-inclu
 bounded in count and time."""
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import threading
@@ -293,3 +294,25 @@ def test_missing_feature_flag_fails_clearly() -> None:
     result = subprocess.run([sys.executable, "-m", "pagedserve.cli", "serve", "--enable-lora"],
                             capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
     assert result.returncode == 2 and "--enable-lora: not supported by pagedserve (no LoRA adapters)" in result.stderr
+
+
+def _serve_fails(*flags: str) -> str:
+    """stderr of `pagedserve serve FLAGS`, which must exit 2 (a clear error) before loading the model."""
+    result = subprocess.run([sys.executable, "-m", "pagedserve.cli", "serve", *flags], capture_output=True, text=True,
+                            timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "model loaded" not in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+    return result.stderr
+
+
+def test_a_bad_or_taken_port_fails_before_the_model_loads() -> None:
+    """The socket is bound first (as vLLM does): a port out of range, or one another process
+    listens on, is a clear error at once, not a traceback after the load."""
+    assert "--port must be in 0-65535, got 99999 (parameter: port)" in _serve_fails("--port", "99999")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        stderr = _serve_fails("--host", "127.0.0.1", "--port", str(port))
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use (parameter: port)" in stderr
+    assert "tensor_parallel_size must be >= 1, got 0" in _serve_fails("--tensor-parallel-size", "0")
