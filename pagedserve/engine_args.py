@@ -53,7 +53,9 @@ class EngineArgs:
     block_size: int = _knob(16, "tokens per KV cache block (a power of two)")
     max_num_seqs: int | None = _knob(None, "most sequences in one step (default: 1024 on GPUs with 70 GiB or "
                                            "more, else 256, as vLLM)")
-    max_num_batched_tokens: int | None = _knob(None, "most tokens in one step (default: 8192 on CUDA, else 2048)")
+    max_num_batched_tokens: int | None = _knob(None, "most tokens in one step (default: 8192 on CUDA, 16384 for "
+                                                     "the offline LLM on GPUs with 70 GiB or more, as vLLM; "
+                                                     "2048 on CPU)")
     enable_prefix_caching: bool = _knob(True, "reuse the KV cache blocks of shared prompt prefixes")
     seed: int = _knob(0, "random seed of the engine (dummy weights, and sampling without a request seed)")
     load_format: str = _knob("auto", "auto, safetensors, pt, gguf or dummy (random weights)")
@@ -142,7 +144,7 @@ class EngineArgs:
             raise ValidationError("trust_remote_code is not supported: only built-in architectures run",
                                   "trust_remote_code")
 
-    def create_config(self) -> tuple[EngineConfig, Any, ModelSource]:
+    def create_config(self, offline: bool = False) -> tuple[EngineConfig, Any, ModelSource]:
         """Resolve the model (offline), read its config once, check every cross-field rule.
         The environment is read here, once: PAGEDSERVE_GEMV_MAX_ROWS, PAGEDSERVE_MIXED_GRAPHS, PAGEDSERVE_TP_STEP_QUEUE,
         PAGEDSERVE_CUSTOM_ALL_REDUCE_MAX_KB / _KIND, and MASTER_ADDR /
@@ -177,7 +179,7 @@ class EngineArgs:
             max_model_len = model_config.max_position_embeddings
         batched = self.max_num_batched_tokens
         if batched is None:
-            batched = 8192 if device.type == "cuda" else 2048
+            batched = default_max_num_batched_tokens(device, offline)
         if batched < 1:
             raise ValidationError(f"max_num_batched_tokens must be >= 1, got {batched}", "max_num_batched_tokens")
         max_num_seqs = self.max_num_seqs or default_max_num_seqs(device)
@@ -233,16 +235,31 @@ def _choice(variable: str, default: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def _big_gpu(device: torch.device) -> bool:
+    """vLLM's line for its larger defaults: a GPU with 70 GiB or more, A100 excepted."""
+    if device.type != "cuda":
+        return False
+    props = torch.cuda.get_device_properties(device)
+    return props.total_memory >= 70 * 2**30 and "A100" not in props.name
+
+
 def default_max_num_seqs(device: torch.device) -> int:
     """vLLM's rule: 1024 concurrent sequences on GPUs with 70 GiB or more (A100 excepted),
     256 elsewhere. Big batches amortise each step's weight reads and host work; the sampler
     and CUDA graphs keep their memory bounded whatever this is (SAMPLER_CHUNK_ROWS,
     MAX_CAPTURE_SIZE)."""
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        if props.total_memory >= 70 * 2**30 and "A100" not in props.name:
-            return 1024
-    return 256
+    return 1024 if _big_gpu(device) else 256
+
+
+def default_max_num_batched_tokens(device: torch.device, offline: bool) -> int:
+    """Tokens a step: 2048 on CPU, 8192 on CUDA; the offline LLM takes vLLM's LLM-class budget
+    of 16384 on GPUs with 70 GiB or more (A100 excepted), where half as many prefill steps
+    start every prompt's decode sooner (benchmarks/RESULTS.md, session 33). The server keeps
+    8192 (vLLM's API-server default there too): a step's length is every running stream's
+    inter-token latency."""
+    if device.type != "cuda":
+        return 2048
+    return 16384 if offline and _big_gpu(device) else 8192
 
 
 def derived_max_len(model: ModelConfig) -> int:

@@ -30,7 +30,7 @@ class LLM:
         output unless the application configured it (logger.py)."""
         configure_default_logging()
         args = EngineArgs.from_kwargs(model=model, **kwargs)
-        self.engine = LLMEngine(args)
+        self.engine = LLMEngine(args, offline=True)
         self._request_counter = 0
         # Start-up left ~10^5 long-lived objects no full collection has walked (pagedserve's import
         # runs with the collector off), so the first one fell inside the first generate: ~120 ms

@@ -123,7 +123,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from pagedserve.engine_args import EngineArgs
     from pagedserve.models.loader import load_tokenizer
 
-    config, _, source = EngineArgs.from_kwargs(**engine_kwargs(args)).create_config()
+    config, _, source = EngineArgs.from_kwargs(**engine_kwargs(args)).create_config(offline=True)
     tokenizer = None
     if args.dataset_name in ("random-text", "sharegpt") and not args.skip_tokenizer_init:
         tokenizer = load_tokenizer(source, args.tokenizer)

@@ -41,10 +41,11 @@ class ProcessedRequest:
 
 
 class LLMEngine:
-    def __init__(self, args: EngineArgs, engine_process: bool = False) -> None:
+    def __init__(self, args: EngineArgs, engine_process: bool = False, offline: bool = False) -> None:
+        """`offline`: for LLM (its defaults may differ from a server's: default_max_num_batched_tokens)."""
         self.args = args
         self.engine_process = engine_process
-        self.config, self.hf_config, source = args.create_config()
+        self.config, self.hf_config, source = args.create_config(offline)
         # the tokenizer (transformers' import, tokenizer.json: seconds) loads on a thread while
         # the core builds the model and its KV cache, which mostly waits on the device
         with ThreadPoolExecutor(1, thread_name_prefix="tokenizer-load") as pool:

@@ -90,9 +90,11 @@ class _RecordedEngine:
     """Stands in for LLMEngine: records the EngineArgs it was built with."""
 
     built: list[EngineArgs] = []
+    offline: list[bool] = []
 
-    def __init__(self, args: EngineArgs) -> None:
+    def __init__(self, args: EngineArgs, offline: bool = False) -> None:
         self.built.append(args)
+        self.offline.append(offline)
 
     def shutdown(self) -> None:
         pass
@@ -100,9 +102,11 @@ class _RecordedEngine:
 
 def test_llm_takes_exactly_the_engine_args(monkeypatch) -> None:
     built = _RecordedEngine.built = []
+    offline = _RecordedEngine.offline = []
     monkeypatch.setattr(pagedserve.llm, "LLMEngine", _RecordedEngine)
     LLM(**NON_DEFAULTS)
     assert built == [EngineArgs(**NON_DEFAULTS)]
+    assert offline == [True]   # the offline defaults (default_max_num_batched_tokens)
     LLM("positional/model", speculative_config=None)   # an unsupported knob at its default is fine
     assert built[-1] == EngineArgs(model="positional/model")
 
@@ -126,3 +130,23 @@ def test_a_kv_cache_smaller_than_max_model_len_names_it(tiny_checkpoints) -> Non
                 max_model_len=64, block_size=16, num_kv_blocks=blocks, swap_space=1)
         assert err.value.param == "max_model_len"
         assert f"holds {blocks * 16} tokens ({blocks} blocks of 16), fewer than max_model_len=64" in str(err.value)
+
+
+@pytest.mark.parametrize("name,gib,offline,expected", [
+    ("NVIDIA H200", 141, True, 16384), ("NVIDIA H200", 141, False, 8192),
+    ("NVIDIA H100 80GB HBM3", 80, True, 16384), ("NVIDIA A100-SXM4-80GB", 80, True, 8192),
+    ("NVIDIA L4", 22, True, 8192), ("NVIDIA L4", 22, False, 8192)])
+def test_default_token_budget_follows_vllm(monkeypatch, name, gib, offline, expected) -> None:
+    """vLLM's LLM-class budget on 70 GiB+ GPUs (A100 excepted) for the offline engine; 8192 for
+    the server and smaller GPUs; 2048 on CPU. The larger concurrency default follows the same line."""
+    import types
+
+    import torch
+
+    from pagedserve.engine_args import default_max_num_batched_tokens, default_max_num_seqs
+    props = types.SimpleNamespace(name=name, total_memory=gib * 2**30)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    cuda = torch.device("cuda", 0)
+    assert default_max_num_batched_tokens(cuda, offline) == expected
+    assert default_max_num_seqs(cuda) == (1024 if gib >= 70 and "A100" not in name else 256)
+    assert default_max_num_batched_tokens(torch.device("cpu"), offline) == 2048
