@@ -90,6 +90,10 @@ class TritonBackend:
       multiples of cudnn_shape_multiple, the rest through the Triton kernel;
     - "triton": those chunks one at a time through the Triton kernel on a contiguous copy of
       their context.
+    Before those, with `use_fa4` (flash-attn-4 installed, Hopper / Blackwell): such a step sends
+    ALL its chunks to one FlashAttention-4 call a layer (fa4_prefill, K/V gathered into packed
+    rows) once `prepare_fa4` has compiled its kernel (the model runner's set-up, where
+    max_model_len reaches fa4_prefill.MIN_MODEL_LEN); without it, the paths above.
     The choices read host values only, so a CUDA-graph bucket always takes the same path."""
 
     name = "triton"
@@ -107,6 +111,10 @@ class TritonBackend:
     # (default before) to ~24.0 s, and lost ttft16k's round chunks (505-512 vs 487-502 ms), which
     # therefore stay on torch's op (benchmarks/RESULTS.md, session 16).
     cudnn_graph_mode = "paged"
+    # FlashAttention-4 for the steps above, where installed: on the H200 its kernel ran the long
+    # chunks' shapes 4-17% faster than torch's cuDNN op (benchmarks/RESULTS.md, session 35). A
+    # call that fails leaves it (with a warning) for the cuDNN paths.
+    use_fa4 = True
     # All-decode steps of at most fused_decode_max_seqs sequences: rotary and the KV store inside
     # the decode attention launch (decode()), one launch a layer instead of two, bit for bit the
     # same; b1_decode llama-8b +2.8% (session 13). H200, one layer at context 512
@@ -131,6 +139,17 @@ class TritonBackend:
         self._sdpa_prefill_sequence = sdpa_prefill_sequence
         self._gather_context = gather_context
         self._cudnn_prefill = None   # cudnn_prefill.CudnnPrefill, made at the first step that uses it
+        self._fa4 = None   # fa4_prefill.Fa4Prefill, compiled by prepare_fa4
+
+    def prepare_fa4(self, dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int,
+                    device: torch.device) -> bool:
+        """Compile FA4's prefill kernel for this model's layers where it is available (the model
+        runner's set-up); whether long chunks will take it."""
+        from pagedserve.attention import fa4_prefill
+        if not self.use_fa4 or not fa4_prefill.available(device, dtype, head_dim):
+            return False
+        self._fa4 = self._fa4 or fa4_prefill.Fa4Prefill()
+        return self._fa4.prepare(dtype, num_heads, num_kv_heads, head_dim, device)
 
     def store_kv(self, key, value, k_cache, v_cache, slot_mapping, meta: AttentionMetadata | None = None) -> None:
         self._store_kv(key, value, k_cache, v_cache, slot_mapping)
@@ -167,6 +186,13 @@ class TritonBackend:
         qsl = meta.query_start_loc_host
         if self.use_sdpa and qsl is not None and meta.seq_lens_host is not None \
                 and meta.max_query_len >= self.sdpa_min_query_len:
+            if self.use_fa4 and self._fa4 is not None and self._fa4.ready():
+                try:
+                    return self._fa4(query, k_cache, v_cache, meta, scale, out, num_decodes)
+                except Exception:   # the CuTe DSL's errors are its own types
+                    logger.warning("FlashAttention-4 failed on a prefill step; long chunks use the cuDNN paths "
+                                   "from now on", exc_info=True)
+                    type(self).use_fa4 = False
             if self.long_chunk_path == "cudnn_graph" and self._has_uneven_long_chunk(meta) \
                     and self._cudnn_graph_usable(query):
                 try:

@@ -67,6 +67,17 @@ class StepInputs:
     kv_rows: int = 0
 
 
+def packed_kv_slots(tables: torch.Tensor, kv_lens: Sequence[int], block_size: int) -> torch.Tensor:
+    """The cache slots of keys [0, kv_lens[i]) of each sequence i of `tables` (its device block
+    table rows), packed one sequence after another: [sum(kv_lens)] int64 on the tables' device.
+    Key j of sequence i is in slot tables[i, j // block_size] * block_size + j % block_size."""
+    lens_t = torch.tensor(kv_lens, dtype=torch.int64)
+    starts = torch.cumsum(lens_t, 0) - lens_t
+    seq_of = _to_device(torch.repeat_interleave(torch.arange(len(kv_lens)), lens_t), tables.device)
+    pos = _to_device(torch.arange(int(lens_t.sum())) - torch.repeat_interleave(starts, lens_t), tables.device)
+    return tables.long()[seq_of, pos // block_size] * block_size + pos % block_size
+
+
 def plan_inputs(query_start_loc: Sequence[int], seq_lens: Sequence[int], block_tables: torch.Tensor,
                 seq_begin: int, seq_end: int, q_token_stride: int, o_token_stride: int, kv_token_elems: int,
                 block_size: int, mode: str, floor: tuple[int, int, int] = (1, 1, 1)) -> StepInputs:
@@ -103,12 +114,7 @@ def plan_inputs(query_start_loc: Sequence[int], seq_lens: Sequence[int], block_t
         page_table[:n, :width].copy_(tables)
         page_table = page_table.view(batch, 1, table_width, 1)
     else:
-        # slot of key j of sequence i: tables[i, j // block_size] * block_size + j % block_size
-        lens_t = torch.tensor(kv_lens, dtype=torch.int64)
-        total = int(lens_t.sum())
-        seq_of = _to_device(torch.repeat_interleave(torch.arange(n), lens_t), device)
-        pos = _to_device(torch.arange(total) - torch.repeat_interleave(torch.tensor(kv_starts[:n]), lens_t), device)
-        kv_slots = tables.long()[seq_of, pos // block_size] * block_size + pos % block_size
+        kv_slots = packed_kv_slots(tables, kv_lens, block_size)
         if pad:   # each padding sequence's one key: slot 0 (any valid row; no query reads it)
             kv_slots = torch.cat([kv_slots, torch.zeros(pad, dtype=torch.int64, device=device)])
         kv_offsets = offs[2].view(batch + 1, 1, 1, 1)

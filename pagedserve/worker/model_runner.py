@@ -147,7 +147,17 @@ class ModelRunner:
             graphs, self.uncaptured_graphs = self.uncaptured_graphs or self.make_graph_runner(), None
             graphs.capture()
             self.graph_runner = graphs
+        self._prepare_fa4()
         watch_late_compiles()
+
+    def _prepare_fa4(self) -> None:
+        """FlashAttention-4's prefill kernel compiled for the layers' backend (attention/fa4_prefill.py)
+        where it is installed and prompts of fa4_prefill.MIN_MODEL_LEN tokens fit."""
+        from pagedserve.attention.fa4_prefill import MIN_MODEL_LEN
+        layer = self.model.attention_layers()[0]
+        if self.scheduler_config.max_model_len >= MIN_MODEL_LEN and hasattr(layer.backend, "prepare_fa4"):
+            layer.backend.prepare_fa4(self.model_config.dtype, layer.num_heads, layer.num_kv_heads, layer.head_dim,
+                                      self.device)
 
     def make_graph_runner(self) -> CudaGraphRunner:
         """The graph runner of this model (uncaptured); a stage after the first gets static
