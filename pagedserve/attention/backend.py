@@ -188,7 +188,8 @@ class TritonBackend:
                 and meta.max_query_len >= self.sdpa_min_query_len:
             if self.use_fa4 and self._fa4 is not None and self._fa4.ready():
                 try:
-                    return self._fa4(query, k_cache, v_cache, meta, scale, out, num_decodes)
+                    if self._fa4(query, k_cache, v_cache, meta, scale, out, num_decodes) is not None:
+                        return out
                 except Exception:   # the CuTe DSL's errors are its own types
                     logger.warning("FlashAttention-4 failed on a prefill step; long chunks use the cuDNN paths "
                                    "from now on", exc_info=True)

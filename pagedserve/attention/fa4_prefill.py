@@ -45,6 +45,10 @@ logger = logging.getLogger(__name__)
 # set-up compiles the kernel (~4.6 s cold on the H200) only where prompts this long fit: an engine of
 # max_model_len 2048 (peers.py's) has chunks of at most 2048 tokens, which the cuDNN op runs nearly as fast
 MIN_MODEL_LEN = 4096
+# a step whose sequences hold more keys than this many per token of the step takes the cuDNN paths: the
+# packed K/V copy (4 KiB a key for llama-8b) then stays below the step's own MLP activations (57 KiB a
+# token), which the start-up profile sized the KV cache around
+MAX_KEYS_PER_TOKEN = 4
 SLOW_CALL_S = 1.0   # host time of one call past which it compiled something (a call queues in ~0.1 ms)
 
 
@@ -182,9 +186,13 @@ class Fa4Prefill:
         return self._inputs
 
     def __call__(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta, scale: float,
-                 out: torch.Tensor, seq_begin: int) -> torch.Tensor:
+                 out: torch.Tensor, seq_begin: int) -> torch.Tensor | None:
         """Attention of sequences [seq_begin, num_seqs) of the step (its prefill chunks, their
-        K/V already stored) into out; needs the step's host lists (eager steps)."""
+        K/V already stored) into out; needs the step's host lists (eager steps). None (nothing
+        done) where their keys pass MAX_KEYS_PER_TOKEN a token of the step."""
+        if sum(int(n) for n in meta.seq_lens_host[seq_begin:meta.num_seqs]) > \
+                MAX_KEYS_PER_TOKEN * int(meta.query_start_loc_host[meta.num_seqs]):
+            return None
         inputs = self._step_inputs(meta, seq_begin, k_cache.shape[1])
         rows = slice(inputs.token_begin, inputs.token_begin + inputs.num_tokens)
         k, v = gather_kv(k_cache, inputs), gather_kv(v_cache, inputs)

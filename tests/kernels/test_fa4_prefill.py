@@ -130,6 +130,19 @@ def test_real_kernel_compiled_ahead_compiles_nothing_more(head_dim: int) -> None
         interface.cute.compile = real_compile
 
 
+def test_steps_with_many_keys_a_token_take_the_cudnn_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step whose prefill sequences hold more than MAX_KEYS_PER_TOKEN keys a token of the step is not
+    gathered: the cuDNN graph attends it."""
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+    fa4 = Fa4Prefill(executor=lambda *a: reference_execute(*a), compiler=lambda *a: None)
+    assert fa4.prepare(dtype, 4, 2, HEAD_DIM, DEVICE)
+    backend, graph_calls = _backend(fa4)
+    _attend(backend, STEPS[2], dtype)   # 30 + 21 tokens, 30 + 85 keys: 2.3 a token
+    monkeypatch.setattr(fa4_prefill, "MAX_KEYS_PER_TOKEN", 2)
+    _attend(backend, STEPS[2], dtype)
+    assert graph_calls == [2] and backend.use_fa4
+
+
 def test_failing_fa4_call_falls_back(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """A call that raises is logged once, the step is attended by the cuDNN graph and the backend stays
     off FA4."""
