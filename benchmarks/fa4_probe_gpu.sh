@@ -11,6 +11,7 @@
 #     tests  the FA4 / cuDNN / prefill kernel tests on the GPU with FA4 installed
 #     ab     peers_long.py llama-8b without FA4 (A) and with it (B), A B A B, one process each
 #            (carry .devcarry/peers.py .devcarry/peers_long.py .devcarry/cfe: cuDNN's frontend in both)
+#     a / b  one peers_long.py process of A / of B (`a b p8 a b`: as many as LIMIT allows)
 #     p8     peers.py llama-8b with FA4 installed (start-up; thr512's prompts never start its compile)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/fa4_stage
@@ -19,6 +20,7 @@ FA4=/tmp/fa4_site:/tmp/fa4_site/nvidia_cutlass_dsl/dsl_packages
 START=$SECONDS
 left() { echo $(( ${LIMIT:-570} - (SECONDS - START) )); }
 piece=${1:--}; shift || true
+na=0 nb=0
 [ "$piece" != - ] && cp .devcarry/f"$piece"/piece.* /tmp/fa4_stage/ && echo "STAGED $(ls /tmp/fa4_stage | tr '\n' ' ')"
 if [ ! -d /tmp/fa4_site/flash_attn ] && [ "$(ls /tmp/fa4_stage | wc -l)" = 3 ]; then
   mkdir -p /tmp/fa4_unp && cat /tmp/fa4_stage/piece.* | tar x -C /tmp/fa4_unp \
@@ -39,7 +41,10 @@ for mode in "$@"; do
     tests) PYTHONPATH=$PWD:$FA4:/tmp/cfe_site PAGEDSERVE_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:cacheprovider \
              tests/kernels/test_fa4_prefill.py tests/kernels/test_cudnn_prefill.py 2>&1 | tee "$OUT/tests.txt" | tail -15 ;;
     ab) for i in 1 2; do long "A$i" "$PWD:/tmp/cfe_site"; long "B$i" "$PWD:/tmp/cfe_site:$FA4"; done ;;
-    p8) PYTHONPATH=$PWD:/tmp/cfe_site:$FA4 timeout 200 python3 .devcarry/peers.py pagedserve llama-8b 2>&1 \
+    a) long "A$((++na))" "$PWD:/tmp/cfe_site" ;;
+    b) long "B$((++nb))" "$PWD:/tmp/cfe_site:$FA4" ;;
+    p8) [ "$(left)" -lt 45 ] && { echo "SKIP p8 (time)"; continue; }
+        PYTHONPATH=$PWD:/tmp/cfe_site:$FA4 timeout 200 python3 .devcarry/peers.py pagedserve llama-8b 2>&1 \
           | tee "$OUT/p8.txt" | grep -E "RESULT|FlashAttention-4" | cut -c1-250 ;;
     *) echo "unknown mode $mode" ;;
   esac
