@@ -14,9 +14,9 @@ before (a fresh 16k chunk 657.6 against 618.2 TFLOP/s; 3,000 after 9,000 686 aga
 paged-KV path, on this engine's 16-token pages (below its TMA page size), 5-15% slower than the
 packed one: hence the gather (~1/40 of the attention's time at those shapes).
 
-FA4 compiles (CuTe DSL -> cubin) one kernel per configuration at its first call: ~4.6 s on the H200,
-almost all of it holding the GIL (compiled on a background thread while long64 ran, it stalled the
-engine's host thread: long64 22.0 -> 25.9 s). So the model runner compiles it at the end of set-up
+FA4 compiles (CuTe DSL -> cubin) one kernel per configuration at its first call: ~4.7 s on the H200,
+after ~7 s importing the DSL, both holding the GIL (compiled on a background thread while long64 ran,
+it stalled the engine's host thread: long64 22.0 -> 25.9 s). So the model runner compiles it at the end of set-up
 (`Fa4Prefill.prepare`), where max_model_len reaches MIN_MODEL_LEN, under torch's FakeTensorMode (nothing
 is launched), with FA4's on-disk cache on (a later start loads it). Every call fixes what would
 otherwise select another kernel (num_splits 1, the lengths given as host ints past one tile, no
@@ -60,6 +60,9 @@ def available(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
         return False
     if torch.cuda.get_device_capability(device)[0] not in (9, 10):
         return False
+    # FA4's on-disk kernel cache (a later start loads what this one compiled): read when it is first
+    # imported, which finding its module below does
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
     try:
         return importlib.util.find_spec("flash_attn.cute.interface") is not None
     except (ImportError, ValueError):
@@ -130,7 +133,6 @@ def compile_kernel(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_d
     """Compile (and cache in this process) the kernel every step's call uses, launching nothing:
     the call on fake tensors of the steps' layout (q a strided view of the qkv rows), lengths past
     one tile (as every step's: TritonBackend.sdpa_min_query_len, 1,024, is past it)."""
-    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")   # read when FA4 is first imported
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
         rows, keys = 640, 896
