@@ -1,10 +1,7 @@
 #!/usr/bin/env bash
 # Issue 22, FlashAttention-4 for long prefill chunks (pagedserve/attention/fa4_prefill.py) on nvidia-h200.
 # flash-attn-4 and its CuTe DSL wheels (~99 MB; the image has cuda-bindings, protobuf and einops) travel in three
-# pieces, one a call (carry .devcarry/fK), made by
-#   mkdir -p .devcarry/fa4w && pip download --pre --no-deps ... flash-attn-4==4.0.0b40 nvidia-cutlass-dsl-libs-{base,core,cu13}==4.8.1
-#   quack-kernels torch-c-dlpack-ext apache-tvm-ffi==0.1.11 (cp312, manylinux_2_28) into it, then
-#   tar cf - -C .devcarry fa4w | split -b 36m -d -a 1 - piece. (piece.K into .devcarry/fK)
+# pieces, one a call (carry .devcarry/fK), made by `bash benchmarks/fa4_pack.sh`.
 #   bash benchmarks/fa4_probe_gpu.sh K [MODE...]   copies piece K (- for none); once all three are there,
 #   installs into /tmp/fa4_site; then each MODE:
 #     run    benchmarks/fa4_probe.py (FA4 against torch's cuDNN op, the kernels alone)
