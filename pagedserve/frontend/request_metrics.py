@@ -71,11 +71,7 @@ class RequestMetrics:
             if kind is RequestEventType.FIRST_TOKEN:
                 if timing.first_token_time is None:
                     timing.first_token_time = event.timestamp
-                    for listener in self.first_token_listeners:
-                        try:
-                            listener(event.timestamp - timing.arrival_time)
-                        except Exception:
-                            logger.exception("first-token listener failed")
+                    _notify(self.first_token_listeners, event.timestamp - timing.arrival_time, "first-token")
             elif kind is RequestEventType.SCHEDULED:
                 if timing.first_scheduled_time is None:
                     timing.first_scheduled_time = event.timestamp
@@ -111,8 +107,13 @@ class RequestMetrics:
         stats = FinishedRequestStats(reason, timing.num_prompt_tokens, timing.num_generation_tokens,
                                      timing.arrival_time, timing.queued_time, timing.first_scheduled_time,
                                      timing.first_token_time, time.monotonic())
-        for listener in self.listeners:
-            try:
-                listener(stats)
-            except Exception:
-                logger.exception("finish listener failed")
+        _notify(self.listeners, stats, "finish")
+
+
+def _notify(listeners: list, arg, what: str) -> None:
+    """Call each listener with arg; one that raises is logged and the others still run."""
+    for listener in listeners:
+        try:
+            listener(arg)
+        except Exception:
+            logger.exception("%s listener failed", what)
