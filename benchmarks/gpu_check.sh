@@ -23,7 +23,7 @@ for stage in "$@"; do
     # or tests_a / tests_b / tests_c (session 31: 393 s, 252 s, 47 s: tests_c and tests_b fit one call)
     tests) run_tests ${TEST_FILES:-tests/kernels tests/models/test_parity.py} ;;
     tests_a) run_tests tests/kernels/test_{paged_attention,paged_attention_sm90,gemv,paged_launch,argmax,fused_ops,prefill_attention,compile_ahead}.py ;;
-    tests_b) run_tests tests/kernels/test_{quant_kernels,gguf_triton,store_kv,triton_launch,copy_blocks,cudnn_prefill,push_all_reduce}.py ;;
+    tests_b) run_tests tests/kernels/test_{quant_kernels,gguf_triton,store_kv,triton_launch,copy_blocks,cudnn_prefill,fa4_prefill,push_all_reduce}.py ;;
     tests_c) run_tests tests/models/test_parity.py ;;
     peers1b) timeout 400 python3 .devcarry/peers.py pagedserve llama-1b 2>&1 | tee "$OUT/peers1b.txt" | grep -E "RESULT|Error|error" ;;
     peers8b) timeout 500 python3 .devcarry/peers.py pagedserve llama-8b 2>&1 | tee "$OUT/peers8b.txt" | grep -E "RESULT|Error|error|KV cache" ;;
