@@ -112,7 +112,7 @@ class TritonBackend:
     # therefore stay on torch's op (benchmarks/RESULTS.md, session 16).
     cudnn_graph_mode = "paged"
     # FlashAttention-4 for the steps above, where installed: on the H200 its kernel ran the long
-    # chunks' shapes 4-17% faster than torch's cuDNN op (benchmarks/RESULTS.md, session 35). A
+    # chunks' shapes 3-17% faster than torch's cuDNN op (benchmarks/RESULTS.md, session 35). A
     # call that fails leaves it (with a warning) for the cuDNN paths.
     use_fa4 = True
     # All-decode steps of at most fused_decode_max_seqs sequences: rotary and the KV store inside

@@ -9,10 +9,10 @@ Blackwell), the K/V of each chunk's sequence gathered out of the paged cache int
                keys [0, C + j], as in every other backend
 
 Why (benchmarks/RESULTS.md, session 35; benchmarks/fa4_probe.py on the H200, llama-8b heads, bf16):
-FA4's Hopper kernel ran the long-prefill shapes 4-17% faster than torch's cuDNN op, the default
+FA4's Hopper kernel ran the long-prefill shapes 3-17% faster than torch's cuDNN op, the default
 before (a fresh 16k chunk 657.6 against 618.2 TFLOP/s; 3,000 after 9,000 686 against 568), and its
-paged-KV path, on this engine's 16-token pages (below its TMA page size), 5-15% slower than the
-packed one: hence the gather (~1/40 of the attention's time at those shapes).
+paged-KV path, on this engine's 16-token pages (below its TMA page size), 11-27% slower than the
+packed one: hence the gather (an index_select of each K and V, ~2-5% of the attention's time at those shapes).
 
 FA4 compiles (CuTe DSL -> cubin) one kernel per configuration at its first call: ~4.7 s on the H200,
 after ~7 s importing the DSL, both holding the GIL (compiled on a background thread while long64 ran,
