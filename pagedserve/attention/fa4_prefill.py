@@ -65,7 +65,11 @@ def available(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
     try:
         return importlib.util.find_spec("flash_attn.cute.interface") is not None
-    except (ImportError, ValueError):
+    except ImportError:   # not installed (or FlashAttention-2's flash_attn without cute)
+        return False
+    except Exception:     # installed but does not import here (its CUDA DSL libraries, ...)
+        logger.warning("flash-attn-4 is installed but does not import; long prefill chunks keep the cuDNN paths",
+                       exc_info=True)
         return False
 
 

@@ -180,6 +180,24 @@ def test_compile_failure_keeps_the_cudnn_paths(caplog: pytest.LogCaptureFixture)
     assert graph_calls == [3, 2] and TritonBackend.use_fa4 is True
 
 
+def test_an_fa4_that_does_not_import_is_unavailable(monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """Installed but failing at import (a missing CUDA library, ...): a warning and the cuDNN paths, not a
+    failed start-up."""
+    def broken_find_spec(name):
+        raise OSError("libcuda.so.1: cannot open shared object file")
+
+    monkeypatch.setattr(fa4_prefill.importlib.util, "find_spec", broken_find_spec)
+    monkeypatch.setattr(fa4_prefill.torch.cuda, "get_device_capability", lambda device: (9, 0))
+    fa4_prefill.available.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="pagedserve.attention.fa4_prefill"):
+            assert not fa4_prefill.available(torch.device("cuda", 0), torch.bfloat16, 128)
+        assert "does not import" in caplog.text
+    finally:
+        fa4_prefill.available.cache_clear()
+
+
 def test_unavailable_off_hopper() -> None:
     """Off CUDA, in fp32 or at a head dim the kernel does not take, FA4 is not available."""
     assert not fa4_prefill.available(torch.device("cpu"), torch.bfloat16, 128)
