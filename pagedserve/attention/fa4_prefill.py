@@ -42,7 +42,7 @@ from pagedserve.attention.cudnn_prefill import _to_device, packed_kv_slots
 
 logger = logging.getLogger(__name__)
 
-# set-up compiles the kernel (~4.6 s cold on the H200) only where prompts this long fit: an engine of
+# set-up imports FA4 and compiles its kernel (~12 s on the H200 the first time) only where prompts this long fit: an engine of
 # max_model_len 2048 (peers.py's) has chunks of at most 2048 tokens, which the cuDNN op runs nearly as fast
 MIN_MODEL_LEN = 4096
 # a step whose sequences hold more keys than this many per token of the step takes the cuDNN paths: the
@@ -55,7 +55,8 @@ SLOW_CALL_S = 1.0   # host time of one call past which it compiled something (a 
 @functools.cache
 def available(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     """Whether FA4 can take this layer's prefill: CUDA compute capability 9.x / 10.x, fp16 / bf16,
-    a head dim it compiles for, flash-attn-4 installed (found without importing it)."""
+    a head dim it compiles for, flash-attn-4 installed and importable (finding its module imports the
+    package: ~7 s on the H200, the CuTe DSL; a process asks once)."""
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or head_dim % 8 or head_dim > 128:
         return False
     if torch.cuda.get_device_capability(device)[0] not in (9, 10):
