@@ -42,8 +42,9 @@ from pagedserve.attention.cudnn_prefill import _to_device, packed_kv_slots
 
 logger = logging.getLogger(__name__)
 
-# set-up imports FA4 and compiles its kernel (~12 s on the H200 the first time) only where prompts this long fit: an engine of
-# max_model_len 2048 (peers.py's) has chunks of at most 2048 tokens, which the cuDNN op runs nearly as fast
+# set-up imports FA4 and compiles its kernel (~12 s on the H200 the first time) only where prompts this
+# long fit: an engine of max_model_len 2048 (peers.py's) has chunks of at most 2048 tokens, which the cuDNN
+# op runs nearly as fast
 MIN_MODEL_LEN = 4096
 # a step whose sequences hold more keys than this many per token of the step takes the cuDNN paths: the
 # packed K/V copy (4 KiB a key for llama-8b) then stays below the step's own MLP activations (57 KiB a
