@@ -143,6 +143,29 @@ def test_steps_with_many_keys_a_token_take_the_cudnn_paths(monkeypatch: pytest.M
     assert graph_calls == [2] and backend.use_fa4
 
 
+def test_a_call_that_compiles_is_logged_once(monkeypatch: pytest.MonkeyPatch,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    """A kernel call that spends more than SLOW_CALL_S on the host (a compile the set-up did not do) is
+    logged, once; the step's output is the call's."""
+    import time
+
+    def slow_call(q, k, v, cu_q, cu_k, max_q, max_k, scale, out):
+        time.sleep(0.05)
+        inputs = fa4_prefill.Fa4Inputs(0, q.shape[0], max_q, max_k, cu_q, cu_k, torch.empty(0))
+        reference_execute(q, k, v, inputs, scale, out)
+
+    monkeypatch.setattr(fa4_prefill, "_kernel_call", slow_call)
+    monkeypatch.setattr(fa4_prefill, "SLOW_CALL_S", 0.01)
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+    fa4 = Fa4Prefill(compiler=lambda *a: None)
+    assert fa4.prepare(dtype, 4, 2, HEAD_DIM, DEVICE)
+    backend, graph_calls = _backend(fa4)
+    with caplog.at_level(logging.WARNING, logger="pagedserve.attention.fa4_prefill"):
+        _attend(backend, STEPS[0], dtype)
+        _attend(backend, STEPS[1], dtype)
+    assert caplog.text.count("it compiled a kernel") == 1 and graph_calls == []
+
+
 def test_failing_fa4_call_falls_back(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """A call that raises is logged once, the step is attended by the cuDNN graph and the backend stays
     off FA4."""
