@@ -116,3 +116,31 @@ def test_prompt_logprobs_are_named(runner, hf_model):
         assert entry.token_ids[0] == prompt[pos + 1]
         assert entry.logprobs[0] == pytest.approx(reference[pos, prompt[pos + 1]].item(), abs=1e-4)
     assert out.sampled_token_ids == {A: int(reference[-1].argmax())}
+
+
+@pytest.mark.parametrize("max_model_len, prepared", [(4096, True), (2048, False)])
+def test_set_up_prepares_fa4_only_for_long_contexts(checkpoint, max_model_len: int, prepared: bool) -> None:
+    """The runner's set-up asks the layers' backend to compile FlashAttention-4's prefill kernel, with the
+    layers' dtype, heads and head dim, only where max_model_len reaches fa4_prefill.MIN_MODEL_LEN (an
+    engine of 2048 never pays its import and compile)."""
+    config, _, _ = EngineArgs(model=checkpoint, device="cpu", dtype="float32", max_model_len=max_model_len,
+                              allow_long_max_model_len=True, block_size=BLOCK_SIZE, num_kv_blocks=16,
+                              skip_tokenizer_init=True).create_config()
+    runner = ModelRunner(config.model, config.cache, config.scheduler, config.device, config.weights,
+                         torch.device("cpu"))
+    runner.load_model()
+    runner.init_kv_cache(16)
+    calls = []
+
+    class Backend:   # stands in for TritonBackend (CPU runs the torch reference, which has no FA4)
+        def prepare_fa4(self, *args):
+            calls.append(args)
+            return True
+
+    layers = runner.model.attention_layers()
+    for layer in layers:
+        layer.backend = Backend() if layer is layers[0] else layer.backend
+    runner._prepare_fa4()
+    layer = layers[0]
+    expected = [(torch.float32, layer.num_heads, layer.num_kv_heads, layer.head_dim, torch.device("cpu"))]
+    assert calls == (expected if prepared else [])
