@@ -124,7 +124,8 @@ def plan_inputs(query_start_loc: Sequence[int], seq_lens: Sequence[int], block_t
 
 
 def gather_kv(cache: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
-    """The packed K or V rows [kv_rows, Hkv, D] of a gathered step (one index_select)."""
+    """The packed K or V rows [kv_rows, Hkv, D] of a gathered step (one index_select); also
+    fa4_prefill's, whose Fa4Inputs carry kv_slots alike."""
     return cache.view(-1, *cache.shape[2:]).index_select(0, inputs.kv_slots)
 
 

@@ -38,7 +38,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from pagedserve.attention.cudnn_prefill import _to_device, packed_kv_slots
+from pagedserve.attention.cudnn_prefill import _to_device, gather_kv, packed_kv_slots
 
 logger = logging.getLogger(__name__)
 
@@ -105,11 +105,6 @@ def plan_inputs(query_start_loc: Sequence[int], seq_lens: Sequence[int], block_t
     return Fa4Inputs(token_begin, cu_q[-1], max(q_lens), max(kv_lens), cu[0], cu[1], slots)
 
 
-def gather_kv(cache: torch.Tensor, inputs: Fa4Inputs) -> torch.Tensor:
-    """The packed K or V rows [sum of seq_lens, Hkv, D] (one index_select)."""
-    return cache.view(-1, *cache.shape[2:]).index_select(0, inputs.kv_slots)
-
-
 def reference_execute(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: Fa4Inputs, scale: float,
                       out: torch.Tensor) -> None:
     """What the kernel computes (fp32 math): q / out the step's rows from token_begin, k / v packed."""
@@ -159,7 +154,6 @@ class Fa4Prefill:
         self.executor = executor
         self.compiler = compiler or compile_kernel
         self.state = "cold"    # -> "ready" | "failed"
-        self.compile_s: float | None = None
         self._meta = None
         self._step_key: tuple | None = None
         self._inputs: Fa4Inputs | None = None
@@ -180,16 +174,19 @@ class Fa4Prefill:
             logger.warning("FlashAttention-4 did not compile; long prefill chunks keep the cuDNN paths", exc_info=True)
             self.state = "failed"
             return False
-        self.compile_s = time.perf_counter() - t0
         logger.info("FlashAttention-4 prefill kernel ready in %.1f s (compiled, or loaded from its cache)",
-                    self.compile_s)
+                    time.perf_counter() - t0)
         self.state = "ready"
         return True
 
-    def _step_inputs(self, meta, seq_begin: int, block_size: int) -> Fa4Inputs:
-        if meta is not self._meta or self._step_key != (seq_begin, block_size):   # once a step, every layer
+    def _step_inputs(self, meta, seq_begin: int, block_size: int) -> Fa4Inputs | None:
+        """The step's inputs, planned once a step for every layer; None where its sequences' keys pass
+        MAX_KEYS_PER_TOKEN a token of the step."""
+        if meta is not self._meta or self._step_key != (seq_begin, block_size):
+            fits = sum(int(n) for n in meta.seq_lens_host[seq_begin:meta.num_seqs]) <= \
+                MAX_KEYS_PER_TOKEN * int(meta.query_start_loc_host[meta.num_seqs])
             self._inputs = plan_inputs(meta.query_start_loc_host, meta.seq_lens_host, meta.block_tables,
-                                       seq_begin, meta.num_seqs, block_size)
+                                       seq_begin, meta.num_seqs, block_size) if fits else None
             self._meta, self._step_key = meta, (seq_begin, block_size)
         return self._inputs
 
@@ -198,10 +195,9 @@ class Fa4Prefill:
         """Attention of sequences [seq_begin, num_seqs) of the step (its prefill chunks, their
         K/V already stored) into out; needs the step's host lists (eager steps). None (nothing
         done) where their keys pass MAX_KEYS_PER_TOKEN a token of the step."""
-        if sum(int(n) for n in meta.seq_lens_host[seq_begin:meta.num_seqs]) > \
-                MAX_KEYS_PER_TOKEN * int(meta.query_start_loc_host[meta.num_seqs]):
-            return None
         inputs = self._step_inputs(meta, seq_begin, k_cache.shape[1])
+        if inputs is None:
+            return None
         rows = slice(inputs.token_begin, inputs.token_begin + inputs.num_tokens)
         k, v = gather_kv(k_cache, inputs), gather_kv(v_cache, inputs)
         if self.executor is not None:
@@ -214,6 +210,6 @@ class Fa4Prefill:
         if host_s > SLOW_CALL_S and not self._slow_logged:
             self._slow_logged = True
             logger.warning("a FlashAttention-4 prefill call took %.1f s on the host: it compiled a kernel the "
-                           "background compile did not (step of %d rows, %d sequences)", host_s,
+                           "set-up compile did not (step of %d rows, %d sequences)", host_s,
                            inputs.num_tokens, len(inputs.cu_seqlens_q) - 1)
         return out

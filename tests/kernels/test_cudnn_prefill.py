@@ -69,6 +69,17 @@ def _step(query_lens, context_lens, num_decodes, dtype, seed, strided_query):
     return batch, query, meta, expected, num_tokens
 
 
+def attend_step(backend, query_lens, context_lens, num_decodes, dtype, seed) -> None:
+    """One step (strided query) through backend.attend against the reference; rows past the step's
+    tokens stay untouched."""
+    batch, query, meta, expected, num_tokens = _step(query_lens, context_lens, num_decodes, dtype, seed, True)
+    out = torch.full_like(batch.query, float("nan"))
+    backend.attend(query, None, None, batch.k_cache, batch.v_cache, meta, batch.scale, out=out)
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(out[:num_tokens], expected[:num_tokens], atol=atol, rtol=rtol)
+    assert out[num_tokens:].isnan().all(), "rows past the step's tokens were written"
+
+
 def _backend(mode: str, real: bool) -> TritonBackend:
     backend = TritonBackend()
     backend.prefill_min_query_len, backend.sdpa_min_query_len = 8, 20
@@ -87,12 +98,7 @@ def test_backend_cudnn_graph_step(mode: str, real: bool) -> None:
     for query_lens, context_lens, num_decodes, seed in (([1, 1, 24, 9, 40], [30, 3, 17, 0, 50], 2, 5),
                                                          ([1, 33, 2], [7, 0, 40], 1, 6),
                                                          ([1, 1, 24, 9, 40], [30, 3, 17, 0, 50], 2, 8)):
-        batch, query, meta, expected, num_tokens = _step(query_lens, context_lens, num_decodes, dtype, seed, True)
-        out = torch.full_like(batch.query, float("nan"))
-        backend.attend(query, None, None, batch.k_cache, batch.v_cache, meta, batch.scale, out=out)
-        atol, rtol = TOLERANCES[dtype]
-        torch.testing.assert_close(out[:num_tokens], expected[:num_tokens], atol=atol, rtol=rtol)
-        assert out[num_tokens:].isnan().all(), "rows past the step's tokens were written"
+        attend_step(backend, query_lens, context_lens, num_decodes, dtype, seed)
         assert backend.long_chunk_path == "cudnn_graph"
     assert backend._cudnn_prefill._floor == (4, 1024, 64)
     if real:   # one graph per cache (the first and third steps' caches have one shape)

@@ -1,5 +1,5 @@
 """fa4_prefill: the inputs a step's prefill chunks give FlashAttention-4 (exact values), TritonBackend
-routing long steps to it once its background compile is done (the cuDNN paths before, and after a
+routing long steps to it once set-up has compiled its kernel (the cuDNN paths before, and after a
 failure), against paged_attention_ref. Off CUDA (or without flash-attn-4) the kernel call is
 replaced by reference_execute, which reads the same inputs as the kernel is specified to (packed
 K/V by cu_seqlens, bottom-right causal); on a Hopper / Blackwell GPU with flash-attn-4 the real
@@ -17,8 +17,8 @@ from pagedserve.attention.backend import TritonBackend  # noqa: E402
 from pagedserve.attention.cudnn_prefill import CudnnPrefill  # noqa: E402
 from pagedserve.attention.cudnn_prefill import reference_execute as cudnn_reference  # noqa: E402
 from pagedserve.attention.fa4_prefill import Fa4Prefill, plan_inputs, reference_execute  # noqa: E402
-from tests.kernels.test_cudnn_prefill import _step  # noqa: E402
-from tests.kernels.test_paged_attention import DEVICE, TOLERANCES  # noqa: E402
+from tests.kernels.test_cudnn_prefill import attend_step  # noqa: E402
+from tests.kernels.test_paged_attention import DEVICE  # noqa: E402
 
 REAL_FA4 = DEVICE.type == "cuda" and fa4_prefill.available(DEVICE, torch.bfloat16, 64)
 
@@ -54,12 +54,7 @@ def _backend(fa4: Fa4Prefill | None) -> tuple[TritonBackend, list]:
 
 def _attend(backend, step, dtype) -> None:
     query_lens, context_lens, num_decodes, seed = step
-    batch, query, meta, expected, num_tokens = _step(query_lens, context_lens, num_decodes, dtype, seed, True)
-    out = torch.full_like(batch.query, float("nan"))
-    backend.attend(query, None, None, batch.k_cache, batch.v_cache, meta, batch.scale, out=out)
-    atol, rtol = TOLERANCES[dtype]
-    torch.testing.assert_close(out[:num_tokens], expected[:num_tokens], atol=atol, rtol=rtol)
-    assert out[num_tokens:].isnan().all(), "rows past the step's tokens were written"
+    attend_step(backend, query_lens, context_lens, num_decodes, dtype, seed)
 
 
 STEPS = [([1, 1, 24, 9, 40], [30, 3, 17, 0, 50], 2, 5), ([1, 33, 2], [7, 0, 40], 1, 6), ([30, 21], [0, 64], 0, 7)]
