@@ -136,27 +136,33 @@ class _Pinning:
 
     def _run(self) -> None:
         began = time.monotonic()
-        try:
+        try:   # inference mode: the pool is an inference tensor (made in the runner's set-up), which only
+            # in-place writes under it may touch, and the mode is per thread
             torch.cuda.set_device(self.device)
-            for start, end in pin_chunks(self.pointer, self.nbytes, self.chunk):
-                if self.stop.is_set():
-                    return
-                if self.touch:   # one byte a page faults it in (the pool is never read before written)
-                    self._raw[start - self.pointer:end - self.pointer:mmap.PAGESIZE].zero_()
-                t0 = time.monotonic()
-                _register(start, end - start)
-                took = time.monotonic() - t0
-                self.register_seconds += took
-                self.chunks.append(start)
-                if self.pause:
-                    self.stop.wait(self.pause * took)
-            self.ok = True
+            with torch.inference_mode():
+                self.ok = self._pin_all()
         except Exception as exc:   # pageable memory still works, through staged copies
             self.error = exc
         finally:
             self._raw = None
             self.seconds = time.monotonic() - began
             self.done.set()
+
+    def _pin_all(self) -> bool:
+        """Touch and register every chunk; False if close() stopped it first."""
+        for start, end in pin_chunks(self.pointer, self.nbytes, self.chunk):
+            if self.stop.is_set():
+                return False
+            if self.touch:   # one byte a page faults it in (the pool is never read before written)
+                self._raw[start - self.pointer:end - self.pointer:mmap.PAGESIZE].zero_()
+            t0 = time.monotonic()
+            _register(start, end - start)
+            took = time.monotonic() - t0
+            self.register_seconds += took
+            self.chunks.append(start)
+            if self.pause:
+                self.stop.wait(self.pause * took)
+        return True
 
     def close(self) -> None:
         self.stop.set()

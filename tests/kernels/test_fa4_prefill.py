@@ -80,8 +80,8 @@ def test_backend_routes_long_steps_to_fa4_once_prepared(real: bool) -> None:
     assert fa4.state == "cold" and graph_calls == [3]
     if real:
         assert backend.prepare_fa4(dtype, 4, 2, HEAD_DIM, DEVICE)
-    else:   # off CUDA FA4 is never available: prepare the stand-in directly
-        assert not backend.prepare_fa4(dtype, 4, 2, HEAD_DIM, DEVICE)
+    else:   # the backend prepares only where FA4 is available (never off CUDA); then the stand-in directly
+        assert backend.prepare_fa4(dtype, 4, 2, HEAD_DIM, DEVICE) == REAL_FA4
         assert fa4.prepare(dtype, 4, 2, HEAD_DIM, DEVICE) and fa4.prepare(dtype, 4, 2, HEAD_DIM, DEVICE)
         assert compiles == [(dtype, 4, 2, HEAD_DIM)]   # once
     for step in STEPS:
