@@ -136,8 +136,8 @@ class _Pinning:
 
     def _run(self) -> None:
         began = time.monotonic()
-        try:   # inference mode: the pool is an inference tensor (made in the runner's set-up), which only
-            # in-place writes under it may touch, and the mode is per thread
+        try:   # inference mode: the runner starts this at a step's first swap, under its inference mode, where
+            # the byte view self._raw became an inference tensor, writable only under the mode (per thread)
             torch.cuda.set_device(self.device)
             with torch.inference_mode():
                 self.ok = self._pin_all()

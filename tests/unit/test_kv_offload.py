@@ -399,16 +399,15 @@ def test_the_mapped_view_check_covers_blocks_across_chunk_edges(monkeypatch):
 def test_background_pinning_registers_every_chunk_and_unregisters_on_close(monkeypatch, inference):
     """The pinning thread's bookkeeping, with the CUDA calls replaced by a log: every chunk
     registered in order, each chunk's pages touched first (one zero byte a page, from the
-    chunk's start; nothing else written), all unregistered on close. Also for a pool made
-    under inference mode (as the runner's set-up makes it; the thread is not in it): on the
-    H100 the touch failed there and swaps fell back to staged copies."""
+    chunk's start; nothing else written), all unregistered on close. Also started under
+    inference mode (as the runner starts it, at a step's first swap; the thread itself is not
+    in the mode): on the GPU the touch of that view failed and swaps fell back to staged copies."""
     import mmap
 
     import pagedserve.worker.host_kv_cache as host_kv_cache
     calls = []
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
-    with torch.inference_mode(inference):   # the engine makes the pool in the runner's set-up, under it
-        raw = torch.full((2 * mmap.PAGESIZE + 100,), 7, dtype=torch.uint8)
+    raw = torch.full((2 * mmap.PAGESIZE + 100,), 7, dtype=torch.uint8)
     base = raw.data_ptr()
 
     def register(pointer, nbytes):
@@ -419,7 +418,7 @@ def test_background_pinning_registers_every_chunk_and_unregisters_on_close(monke
     monkeypatch.setattr(host_kv_cache, "_register", register)
     monkeypatch.setattr(host_kv_cache, "_unregister", lambda pointer: calls.append(("unreg", pointer - base)))
     chunk = mmap.PAGESIZE
-    with torch.inference_mode(inference):   # and starts the thread at a step's first swap, under it too
+    with torch.inference_mode(inference):
         pinning = host_kv_cache._Pinning(raw, torch.device("cpu"), chunk=chunk, pause=0.0)
     assert pinning.done.wait(10) and pinning.ok and pinning.error is None
     starts = [start - base for start, _ in host_kv_cache.pin_chunks(base, raw.numel(), chunk)]
