@@ -20,7 +20,8 @@ def _ranked(step: dict[int, Logprob]) -> list[tuple[int, Logprob]]:
     return sorted(step.items(), key=lambda item: (item[1].rank is None, item[1].rank or 0))
 
 
-def _clamp(value: float) -> float:
+def clamp_logprob(value: float) -> float:
+    """-inf (a masked token) and below -> MIN_LOGPROB: JSON has no infinities."""
     return max(value, MIN_LOGPROB)
 
 
@@ -46,8 +47,8 @@ class CompletionLogprobs:
             else:
                 chosen = step.get(token_id)
                 token = self.ctx.token_str(token_id, chosen, self.as_token_ids)
-                token_logprobs.append(_clamp(chosen.logprob) if chosen is not None else None)
-                top_logprobs.append({self.ctx.token_str(tid, lp, self.as_token_ids): _clamp(lp.logprob)
+                token_logprobs.append(clamp_logprob(chosen.logprob) if chosen is not None else None)
+                top_logprobs.append({self.ctx.token_str(tid, lp, self.as_token_ids): clamp_logprob(lp.logprob)
                                      for tid, lp in _ranked(step)})
             tokens.append(token)
             text_offset.append(self.offset)
@@ -65,8 +66,8 @@ def chat_logprobs(ctx: ServerContext, token_ids: list[int], logprobs: list[dict[
         top = []
         for tid, lp in (_ranked(step) if top_logprobs < 0 else _ranked(step)[:top_logprobs]):   # -1: all
             text = ctx.token_str(tid, lp, as_token_ids)
-            top.append({"token": text, "logprob": _clamp(lp.logprob), "bytes": list(text.encode("utf-8"))})
-        content.append({"token": token, "logprob": _clamp(chosen.logprob) if chosen is not None else MIN_LOGPROB,
+            top.append({"token": text, "logprob": clamp_logprob(lp.logprob), "bytes": list(text.encode("utf-8"))})
+        content.append({"token": token, "logprob": clamp_logprob(chosen.logprob) if chosen is not None else MIN_LOGPROB,
                         "bytes": list(token.encode("utf-8")), "top_logprobs": top})
     return {"content": content}
 
@@ -76,5 +77,5 @@ def prompt_logprobs_json(prompt_logprobs: PromptLogprobs | None) -> list[dict[st
     if prompt_logprobs is None:
         return None
     return [None if step is None else
-            {str(tid): {"logprob": _clamp(lp.logprob), "rank": lp.rank, "decoded_token": lp.decoded_token}
+            {str(tid): {"logprob": clamp_logprob(lp.logprob), "rank": lp.rank, "decoded_token": lp.decoded_token}
              for tid, lp in step.items()} for step in prompt_logprobs]

@@ -19,6 +19,7 @@ from pagedserve.server import structured
 from pagedserve.server.context import ServerContext
 from pagedserve.server.errors import API, IncompleteGenerationError, describe
 from pagedserve.server.metrics import TGIMetrics
+from pagedserve.server.openai_logprobs import clamp_logprob
 from pagedserve.server.streaming import sse_event, unless_disconnected
 from pagedserve.server.tgi_protocol import ValidGenerateRequest
 
@@ -35,7 +36,9 @@ class TokenBuilder:
     def token(self, token_id: int, logprob: float | None, text: str | None = None) -> dict[str, Any]:
         if text is None:
             text = self.ctx.decode([token_id])
-        return {"id": token_id, "text": text, "logprob": logprob, "special": token_id in self.special_ids}
+        # -inf (a token a grammar masked, among top_n_tokens) is not JSON: clamped as the OpenAI routes do
+        return {"id": token_id, "text": text, "logprob": None if logprob is None else clamp_logprob(logprob),
+                "special": token_id in self.special_ids}
 
     def from_entry(self, token_id: int, entry: dict[int, Logprob] | None, text: str | None = None) -> dict[str, Any]:
         chosen = entry.get(token_id) if entry else None

@@ -4,6 +4,7 @@ burst, decoder_input_details, top_n_tokens, truncate, /tokenize in both shapes, 
 configuration from TGI's environment variables alone, reflected in /info."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -157,6 +158,22 @@ def test_top_n_tokens(server) -> None:
     for token, top in zip(d["tokens"], d["top_tokens"]):
         assert len(top) == 3 and top[0]["id"] == token["id"]   # greedy: the chosen token is the best
         assert [t["logprob"] for t in top] == sorted((t["logprob"] for t in top), reverse=True)
+
+
+@pytest.mark.parametrize("route", ["/generate", "/generate_stream"])
+def test_top_n_tokens_under_a_grammar(server, route) -> None:
+    """The regex "a" leaves one token possible at the first step: its alternatives' -inf logprobs
+    come back clamped at -9999.0 (JSON has no infinities; the request failed with a 500 before)."""
+    response = _post(server.base_url, {"max_new_tokens": 2, "top_n_tokens": 3,
+                                       "grammar": {"type": "regex", "value": "a"}}, route=route)
+    assert response.status_code == 200, response.text
+    if route == "/generate":
+        first = response.json()["details"]["top_tokens"][0]
+    else:
+        events = [line[5:] for line in response.text.splitlines() if line.startswith("data:")]
+        first = json.loads(events[0])["top_tokens"]
+    assert first[0]["text"] == "a" and first[0]["logprob"] > -9999.0
+    assert [t["logprob"] for t in first[1:]] == [-9999.0, -9999.0]
 
 
 def test_truncate_keeps_last_tokens(server) -> None:
