@@ -164,13 +164,19 @@ def greedy_ids(logits: torch.Tensor, bitmask: torch.Tensor | None = None) -> tor
     return argmax_rows_host(logits)
 
 
-def apply_bias_and_min_tokens(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
-    """Add logit_bias, then set the stop tokens of rows still under min_tokens to -inf."""
+def apply_bias_and_min_tokens(logits: torch.Tensor, t: SamplingTensors, constrained: bool = False) -> torch.Tensor:
+    """Add logit_bias, then set the stop tokens of rows still under min_tokens to -inf.
+    `constrained` (a structured-outputs bitmask was applied): a row whose grammar allows only
+    stop tokens (it is complete) keeps them, min_tokens or not; the grammar is the hard
+    constraint (masking its last tokens too left nothing to sample and failed the request)."""
     if t.bias_rows is not None:
         logits = logits.index_put((t.bias_rows, t.bias_tokens), t.bias_values, accumulate=True)
     if t.mask_rows is not None:
-        logits = logits.index_put((t.mask_rows, t.mask_tokens),
-                                  torch.tensor(float("-inf"), device=logits.device))
+        masked = logits.index_put((t.mask_rows, t.mask_tokens), torch.tensor(float("-inf"), device=logits.device))
+        if constrained:
+            nothing_left = torch.isneginf(masked).all(dim=-1, keepdim=True)
+            masked = torch.where(nothing_left, logits, masked)
+        logits = masked
     return logits
 
 
@@ -202,7 +208,7 @@ class Sampler:
             apply_token_bitmask(logits, bitmask)
         logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if t.max_num_logprobs is not None else None
-        logits = apply_bias_and_min_tokens(logits, t)
+        logits = apply_bias_and_min_tokens(logits, t, constrained=bitmask is not None)
         logits = apply_penalties(logits, t)
         greedy = argmax_rows_host(logits)   # exact argmax for temperature 0, after bias and penalties
         if t.all_greedy:

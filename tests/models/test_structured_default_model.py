@@ -73,3 +73,21 @@ def test_regex_choice_and_grammar_outputs_match(llm):
     assert re.fullmatch(r"The answer is (yes|no|[0-9][0-9]?)\.", answer.outputs[0].text), answer.outputs[0].text
     assert all(c.text in choices and c.finish_reason == "stop" for c in cities.outputs)
     assert all(o.outputs[0].finish_reason == "stop" for o in (phone, capital, answer))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_grammar_that_can_only_end_wins_over_min_tokens(llm, temperature):
+    """regex "a" with min_tokens 2: after "a" the grammar allows only EOS, which min_tokens masks;
+    the grammar wins (the request failed in the engine, a 500 over HTTP, before). A grammar that
+    can go on still honours min_tokens: "a+" ends after at least 2 tokens."""
+    prompt = _chat_prompt(llm, "Say a.")
+    complete, longer = llm.generate(
+        [prompt, prompt],
+        [SamplingParams(max_tokens=4, temperature=temperature, seed=3, min_tokens=2,
+                        structured_outputs=StructuredOutputsParams(regex="a")),
+         SamplingParams(max_tokens=4, temperature=temperature, seed=3, min_tokens=2,
+                        structured_outputs=StructuredOutputsParams(regex="a+"))], use_tqdm=False)
+    out = complete.outputs[0]
+    assert (out.text, out.finish_reason, len(out.token_ids)) == ("a", "stop", 2)   # "a", then EOS
+    out = longer.outputs[0]
+    assert re.fullmatch("a+", out.text) and len(out.token_ids) >= 2, (out.text, out.token_ids)

@@ -403,6 +403,93 @@ def test_random_odd_bodies_get_a_4xx_naming_a_field_never_a_5xx(edge, reference_
     assert {200, 400, 422} <= statuses   # the mix reaches the engine as well as both validators
 
 
+# ---- every route, random mixes of valid fields: 200 with no error, or a 4xx naming one -------
+
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+VALID_OPENAI = {
+    "n": [1, 2, 3], "best_of": [3, 4], "temperature": [0, 0.7, 1.5], "top_p": [0.5, 1.0], "top_k": [-1, 1, 50],
+    "min_p": [0, 0.1], "seed": [1, 123], "stop": ["\n", [".", "!"], ["the"]], "stream": [False, True],
+    "stream_options": [{"include_usage": True}], "presence_penalty": [0.5, -1.0], "frequency_penalty": [1.0],
+    "repetition_penalty": [1.3], "logit_bias": [{"1": 5}, {"100": -100, "200": 100}], "min_tokens": [0, 2],
+    "ignore_eos": [False, True], "stop_token_ids": [[2], [1, 2]], "include_stop_str_in_output": [True],
+    "prompt_logprobs": [0, 2], "skip_special_tokens": [False], "guided_choice": [["yes", "no"]],
+    "guided_regex": ["[0-9]{3}", "a"], "response_format": [{"type": "json_object"}, {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {
+            "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}}]}
+VALID_ROUTE = {
+    "/v1/completions": ({"prompt": ["Hi", "Bye"]}, {"logprobs": [0, 1, 5], "echo": [True],
+                                                   "prompt": ["Hello", [1, 2, 3], [[5, 6], [7]]]}),
+    "/v1/chat/completions": ({"messages": [{"role": "user", "content": "What's the weather in Paris?"}]},
+                             {"logprobs": [True], "top_logprobs": [0, 3], "tools": [[TOOL]],
+                              "tool_choice": ["none", "required", {"type": "function",
+                                                                   "function": {"name": "get_weather"}}]}),
+}
+VALID_TGI = {"temperature": [0.5, 1.0], "top_k": [5], "top_p": [0.9], "do_sample": [False, True], "seed": [3],
+             "stop": [["\n"]], "details": [True], "decoder_input_details": [True], "return_full_text": [True],
+             "best_of": [2], "top_n_tokens": [2], "repetition_penalty": [1.2], "typical_p": [0.5], "truncate": [3],
+             "grammar": [{"type": "json", "value": {"type": "object"}}, {"type": "regex", "value": "[a-z]+"}]}
+
+
+def _valid_body(rng: random.Random) -> tuple[str, dict]:
+    """A random route's body with two to six fields set to valid values (at most 4 tokens a
+    sequence)."""
+    path = rng.choice([*VALID_ROUTE, "/generate", "/generate_stream"])
+    if path in VALID_ROUTE:
+        body, extra = VALID_ROUTE[path]
+        body, options = json.loads(json.dumps(body)), {**VALID_OPENAI, **extra}
+        for field in rng.sample(sorted(options), rng.randint(2, 6)):
+            body[field] = rng.choice(options[field])
+        body["max_tokens"] = rng.choice([1, 4])
+        # the combinations the API refuses, left out: stream_options without a stream, top_logprobs
+        # without logprobs, two constraints, tools with the server's default "auto", min_tokens >
+        # max_tokens, best_of in a stream
+        if "stream_options" in body:
+            body["stream"] = True
+        if "top_logprobs" in body:
+            body["logprobs"] = True
+        constraints = []
+        if path.startswith("/v1/chat") and ("tools" in body or "tool_choice" in body):
+            body["tools"] = [TOOL]
+            body.setdefault("tool_choice", "none")
+            constraints += ["tool_choice"] if body["tool_choice"] != "none" else []
+        constraints += [field for field in ("guided_choice", "guided_regex", "response_format") if field in body]
+        for field in constraints[1:]:
+            del body[field]
+        if body.get("min_tokens"):
+            body["max_tokens"] = 4
+        if body.get("stream"):   # best_of > n is not streamed
+            body.pop("best_of", None)
+        return path, body
+    parameters = {"max_new_tokens": rng.choice([1, 4])}
+    for field in rng.sample(sorted(VALID_TGI), rng.randint(2, 6)):
+        parameters[field] = rng.choice(VALID_TGI[field])
+    if "best_of" in parameters:   # TGI: sampling only, no stream
+        parameters["do_sample"] = True
+    if path == "/generate_stream":
+        parameters.pop("best_of", None)
+        parameters.pop("decoder_input_details", None)
+    return path, {"inputs": rng.choice(["Hello", "The capital of France is"]), "parameters": parameters}
+
+
+def test_random_valid_mixes_answer_200_without_errors(edge, reference_text) -> None:
+    """120 seeded bodies mixing valid fields (grammars with logprobs, n / best_of, echo,
+    prompt_logprobs, tools, streams...) from two threads while good streams run: each is a 200
+    carrying no error (a stream ends with [DONE]); the combinations the APIs refuse are left out
+    of the mix, so a 4xx (which must name a field) is the exception. (TGI's top_n_tokens under a grammar answered 500 before: a
+    masked token's -inf logprob is not JSON.)"""
+    rng = random.Random(36)
+    cases = [_valid_body(rng) for _ in range(120)]
+    with GoodTraffic(edge.base_url, count=3) as good, ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda case: post(edge, *case), cases))
+    good.check(reference_text)
+    for (path, body), response in zip(cases, answers):
+        _assert_clear_answer(path, body, response)
+        if response.status_code == 200 and path.startswith("/v1") and body.get("stream"):
+            assert response.text.rstrip().endswith("data: [DONE]"), (path, body, response.text[-300:])
+    assert sum(response.status_code == 200 for response in answers) >= 0.95 * len(cases)
+
+
 # ---- item 5: admission limit (a second server with tiny limits) ------------------------
 
 def test_overload_is_503_or_429_with_retry_after(tmp_path_factory) -> None:

@@ -182,6 +182,32 @@ def test_logit_bias_and_min_tokens_masks():
     assert torch.equal(ours, expected)
 
 
+def _bitmask(allowed_rows: list[list[int]]) -> torch.Tensor:
+    """xgrammar's layout: int32 [rows, VOCAB / 32], bit t % 32 of word t // 32 set where t is allowed."""
+    words = torch.zeros(len(allowed_rows), VOCAB // 32, dtype=torch.int64)
+    for row, allowed in enumerate(allowed_rows):
+        for token in allowed:
+            words[row, token // 32] |= 1 << (token % 32)
+    return words.to(torch.int32)
+
+
+def test_a_complete_grammar_wins_over_min_tokens():
+    """Rows under min_tokens whose grammar allows only EOS (row 0: complete) or EOS and one
+    more token (row 1): row 0 samples EOS, row 1 the other token, at every temperature; the
+    stop tokens stay masked in the row of an unconstrained request (row 2)."""
+    params = [SamplingParams(min_tokens=2, temperature=t) for t in (0.0, 1.0)]
+    for p in params:
+        states = [make_state(p), make_state(p), make_state(p)]
+        logits = random_logits(3, seed=9)
+        logits[:, EOS[0]] = 50.0
+        bitmask = _bitmask([[EOS[0]], [EOS[0], 9], list(range(VOCAB))])
+        tensors = build_sampling_tensors(states, VOCAB, torch.device("cpu"), EOS)
+        assert Sampler()(logits.clone(), tensors, bitmask).token_ids.tolist()[:2] == [EOS[0], 9]
+        assert Sampler()(logits.clone(), tensors, bitmask).token_ids[2].item() != EOS[0]
+        unconstrained = apply_bias_and_min_tokens(logits, tensors)
+        assert torch.isneginf(unconstrained[:, EOS[0]]).all()   # without a grammar min_tokens always masks
+
+
 # ---- the draw -------------------------------------------------------------------------
 
 def sample(rows: list[SamplingParams], logits: torch.Tensor, outputs: list[list[int]] | None = None
