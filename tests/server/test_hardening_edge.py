@@ -464,8 +464,9 @@ def _valid_body(rng: random.Random) -> tuple[str, dict]:
     parameters = {"max_new_tokens": rng.choice([1, 4])}
     for field in rng.sample(sorted(VALID_TGI), rng.randint(2, 6)):
         parameters[field] = rng.choice(VALID_TGI[field])
-    if "best_of" in parameters:   # TGI: sampling only, no stream
+    if "best_of" in parameters:   # TGI: sampling only, unseeded, no stream
         parameters["do_sample"] = True
+        parameters.pop("seed", None)
     if path == "/generate_stream":
         parameters.pop("best_of", None)
         parameters.pop("decoder_input_details", None)
