@@ -59,14 +59,18 @@ class LLM:
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | Sequence[SamplingParams]
              | None = None, use_tqdm: bool = True, chat_template: str | None = None,
-             add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[RequestOutput]:
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             tools: list[dict] | None = None, chat_template_kwargs: dict | None = None,
+             documents: list[dict] | None = None) -> list[RequestOutput]:
         """One conversation (a list of {"role", "content"}) or a list of conversations, rendered
-        with the model's chat template (or `chat_template`)."""
+        with the model's chat template (or `chat_template`); `tools`, `documents` and
+        `chat_template_kwargs` are passed to the template as vLLM's LLM.chat does."""
         if not messages:
             raise ValidationError("messages must not be empty", "messages")
         conversations = [messages] if isinstance(messages[0], dict) else messages
         processor = self.engine.input_processor
-        prompts = [processor.render_chat(conv, chat_template, add_generation_prompt, continue_final_message)
+        prompts = [processor.render_chat(conv, chat_template, add_generation_prompt, continue_final_message, tools,
+                                         documents, chat_template_kwargs)
                    for conv in conversations]
         params = _per_prompt(sampling_params, len(prompts))
         return self._run(prompts, params, use_tqdm, add_special_tokens=False)

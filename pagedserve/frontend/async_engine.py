@@ -24,7 +24,8 @@ processed request (LLMEngine.add_processed). For the server's own use:
 
     async def tokenize_prompt(prompt: str, add_special_tokens: bool = True) -> list[int]
     async def render_chat_async(messages, chat_template=None, add_generation_prompt=True,
-                                continue_final_message=False, tools=None) -> str
+                                continue_final_message=False, tools=None, documents=None,
+                                chat_template_kwargs=None) -> str
         (a request's own chat_template renders under a deadline and size caps:
         ValidationError("chat_template") past them; see frontend/chat_template.py)
 
@@ -158,19 +159,21 @@ class AsyncEngine:
 
     def render_chat(self, messages: list[dict], chat_template: str | None = None,
                     add_generation_prompt: bool = True, continue_final_message: bool = False,
-                    tools: list[dict] | None = None) -> str:
+                    tools: list[dict] | None = None, documents: list[dict] | None = None,
+                    chat_template_kwargs: dict | None = None) -> str:
         """Chat template -> prompt text (`tools`: OpenAI function tools, for templates that
-        render them). Safe off the engine thread: rendering reads only the tokenizer's
-        template. Raises ValidationError."""
+        render them; documents and chat_template_kwargs: InputProcessor.render_chat). Safe off
+        the engine thread: rendering reads only the tokenizer's template. Raises ValidationError."""
         return self.engine.input_processor.render_chat(messages, chat_template, add_generation_prompt,
-                                                       continue_final_message, tools)
+                                                       continue_final_message, tools, documents, chat_template_kwargs)
 
     async def render_chat_async(self, messages: list[dict], chat_template: str | None = None,
                                 add_generation_prompt: bool = True, continue_final_message: bool = False,
-                                tools: list[dict] | None = None) -> str:
+                                tools: list[dict] | None = None, documents: list[dict] | None = None,
+                                chat_template_kwargs: dict | None = None) -> str:
         """render_chat in the worker pool (a request's template under its bounds)."""
         return await self._in_pool(self.render_chat, messages, chat_template, add_generation_prompt,
-                                   continue_final_message, tools)
+                                   continue_final_message, tools, documents, chat_template_kwargs)
 
     async def tokenize_prompt(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
         """Text -> token ids in the worker pool. Raises ValidationError without a tokenizer."""

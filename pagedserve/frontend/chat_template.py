@@ -85,7 +85,8 @@ def _deadline_tracer(deadline: float) -> Callable:
 
 def render_untrusted_template(source: str, conversation: list[dict[str, Any]], add_generation_prompt: bool,
                               continue_final_message: bool, special_tokens: dict[str, Any],
-                              deadline_s: float = RENDER_DEADLINE_S, tools: list[dict] | None = None) -> str:
+                              deadline_s: float = RENDER_DEADLINE_S, tools: list[dict] | None = None,
+                              variables: dict[str, Any] | None = None) -> str:
     """Render a request's chat template; raises ValidationError("chat_template") past a bound
     or on any template error. Installs (and removes) a trace function in the calling thread."""
     if not isinstance(source, str) or len(source) > MAX_TEMPLATE_CHARS:
@@ -96,8 +97,9 @@ def render_untrusted_template(source: str, conversation: list[dict[str, Any]], a
     try:
         template = _compile(source)
         pieces, size = [], 0
-        for piece in template.generate(messages=conversation, add_generation_prompt=add_generation_prompt,
-                                       tools=tools, **special_tokens):
+        context = {**special_tokens, **(variables or {}), "messages": conversation,
+                   "add_generation_prompt": add_generation_prompt, "tools": tools}
+        for piece in template.generate(**context):
             size += len(piece)
             if size > MAX_RENDERED_CHARS:
                 raise _TemplateBoundExceeded(f"the rendered prompt is longer than {MAX_RENDERED_CHARS} characters")

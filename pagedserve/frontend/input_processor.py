@@ -137,23 +137,28 @@ class InputProcessor:
 
     def render_chat(self, messages: list[dict], chat_template: str | None = None,
                     add_generation_prompt: bool = True, continue_final_message: bool = False,
-                    tools: list[dict] | None = None) -> str:
+                    tools: list[dict] | None = None, documents: list[dict] | None = None,
+                    chat_template_kwargs: dict[str, Any] | None = None) -> str:
         """One conversation -> the prompt text, through the model's chat template (from
         tokenizer_config.json or the GGUF metadata) or `chat_template`. The text already
-        holds the template's special tokens: tokenize it with add_special_tokens=False."""
+        holds the template's special tokens: tokenize it with add_special_tokens=False.
+        `documents` (retrieved texts, for templates that render them) and `chat_template_kwargs`
+        (more variables for the template, e.g. Qwen3's enable_thinking) as vLLM takes them."""
         if self.tokenizer is None:
             raise ValidationError("chat needs a tokenizer", "messages")
         if add_generation_prompt and continue_final_message:
             raise ValidationError("add_generation_prompt and continue_final_message cannot both be true",
                                   "continue_final_message")
         conversation = normalize_messages(messages)
+        variables = template_variables(documents, chat_template_kwargs)
         if chat_template is not None:   # the request's own: untrusted, rendered under bounds
             return render_untrusted_template(chat_template, conversation, add_generation_prompt,
-                                             continue_final_message, self._special_tokens(), tools=tools)
+                                             continue_final_message, self._special_tokens(), tools=tools,
+                                             variables=variables)
         try:
             return self.tokenizer.apply_chat_template(
                 conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message, tokenize=False, tools=tools)
+                continue_final_message=continue_final_message, tokenize=False, tools=tools, **variables)
         except (ValueError, TypeError, OverflowError, jinja2.TemplateError) as exc:
             raise ValidationError(f"cannot apply the chat template: {exc}", "chat_template") from exc
 
@@ -161,6 +166,37 @@ class InputProcessor:
         """bos_token, eos_token, ... as the model's template sees them."""
         tokens = getattr(self.tokenizer, "special_tokens_map", {}) or {}
         return {name: value for name, value in tokens.items() if isinstance(value, str)}
+
+
+# apply_chat_template's own arguments and the variables render_chat sets: chat_template_kwargs
+# may not name them (vLLM's resolve_chat_template_kwargs drops such keys; a 400 says why here)
+RESERVED_TEMPLATE_VARIABLES = frozenset({
+    "messages", "conversation", "tools", "documents", "add_generation_prompt", "continue_final_message",
+    "chat_template", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs"})
+
+
+def template_variables(documents: Any, chat_template_kwargs: Any) -> dict[str, Any]:
+    """The extra variables a chat template renders with: `documents` (a list of dicts of
+    strings) and the keys of `chat_template_kwargs` (identifiers, none reserved)."""
+    variables: dict[str, Any] = {}
+    if documents is not None:
+        if not isinstance(documents, list) or not all(
+                isinstance(d, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in d.items())
+                for d in documents):
+            raise ValidationError("documents must be a list of {string: string} dicts", "documents")
+        variables["documents"] = documents
+    if chat_template_kwargs is not None:
+        if not isinstance(chat_template_kwargs, dict):
+            raise ValidationError("chat_template_kwargs must be an object", "chat_template_kwargs")
+        for key in chat_template_kwargs:
+            if not isinstance(key, str) or not key.isidentifier():
+                raise ValidationError(f"chat_template_kwargs key {key!r} is not an identifier", "chat_template_kwargs")
+            if key in RESERVED_TEMPLATE_VARIABLES:
+                raise ValidationError(f"chat_template_kwargs cannot set {key!r}: it is the request's own field or a "
+                                      "rendering option", "chat_template_kwargs")
+        variables.update(chat_template_kwargs)
+    return variables
 
 
 def normalize_messages(messages: Any) -> list[dict[str, Any]]:

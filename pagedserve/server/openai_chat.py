@@ -43,7 +43,8 @@ async def create_chat_completion(ctx: ServerContext, request: ChatCompletionRequ
     messages = [m.as_template_message(position) for position, m in enumerate(request.messages)]
     prompt = await ctx.engine.render_chat_async(messages, request.chat_template or ctx.settings.chat_template,
                                                 request.add_generation_prompt, request.continue_final_message,
-                                                template_tools(request.tools))
+                                                template_tools(request.tools), request.documents,
+                                                request.chat_template_kwargs)
     [prompt] = await truncate_prompts(ctx, [prompt], request.truncate_prompt_tokens, request.add_special_tokens)
     response_id, engine_id = new_request_id("chatcmpl", request.request_id)
     kind = OutputKind.DELTA if request.stream else OutputKind.FINAL_ONLY

@@ -146,7 +146,6 @@ UNSUPPORTED: dict[str, tuple] = {
     "use_beam_search": (False,), "length_penalty": (1.0,), "priority": (0,),
     "allowed_token_ids": (None,), "guided_whitespace_pattern": (None,), "logits_processors": (None,),
     "kv_transfer_params": (None,), "vllm_xargs": (None,), "suffix": (None, ""),
-    "chat_template_kwargs": (None, {}), "documents": (None, []),
     # OpenAI chat fields that would change the output: accepted only when off (H3, issue 16 #13)
     "reasoning_effort": (None,), "verbosity": (None,), "web_search_options": (None,), "audio": (None,),
     "modalities": (None, ["text"]), "functions": (None, []), "function_call": (None, "none", "auto"),

@@ -38,6 +38,8 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    documents: list[Any] | None = None
     tools: list[Any] | None = None   # rendered by the chat template, as on /v1/chat/completions
     return_token_strs: bool = False
     # TGI's
@@ -97,7 +99,8 @@ async def _vllm_tokens(ctx: ServerContext, body: TokenizeRequest) -> dict[str, A
         text = await ctx.engine.render_chat_async([m.as_template_message() for m in body.messages],
                                                   body.chat_template or ctx.settings.chat_template,
                                                   body.add_generation_prompt, body.continue_final_message,
-                                                  _template_tools(body.tools))
+                                                  _template_tools(body.tools), body.documents,
+                                                  body.chat_template_kwargs)
         add_special = bool(body.add_special_tokens)   # the template already has them
     else:
         text = body.prompt or ""

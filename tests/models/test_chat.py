@@ -128,3 +128,36 @@ def test_bad_template_and_flags_name_the_parameter(llm):
         llm.chat(SINGLE, GREEDY, continue_final_message=True, use_tqdm=False)
     assert info.value.param == "continue_final_message"
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_template_variables_tools_documents_and_kwargs(llm, hf_tokenizer):
+    """tools, documents and chat_template_kwargs reach the template as vLLM's LLM.chat passes them:
+    the model's own template renders exactly as transformers' apply_chat_template with the same
+    arguments, and a custom template sees each variable."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    documents = [{"title": "Paris", "text": "Paris is the capital of France."}]
+    (own,) = llm.chat(SINGLE, GREEDY, tools=tools, documents=documents, chat_template_kwargs={"enable_thinking": False},
+                      use_tqdm=False)
+    assert own.prompt == hf_render(hf_tokenizer, SINGLE, tools=tools, documents=documents, enable_thinking=False)[0]
+    template = ("{% for d in documents %}<doc {{ d.title }}>{{ d.text }}</doc>{% endfor %}"
+                "{% for t in tools %}<tool {{ t.function.name }}>{% endfor %}"
+                "{% for m in messages %}[{{ m.role }}] {{ m.content }}{% endfor %}"
+                "{% if enable_thinking %}<think>{% else %}<no_think>{% endif %}")
+    outs = [llm.chat(SINGLE, GREEDY, chat_template=template, tools=tools, documents=documents,
+                     chat_template_kwargs={"enable_thinking": thinking}, use_tqdm=False)[0] for thinking in (True, False)]
+    body = "<doc Paris>Paris is the capital of France.</doc><tool get_weather>[user] What is the capital of France?"
+    assert [o.prompt for o in outs] == [body + "<think>", body + "<no_think>"]
+
+
+@pytest.mark.parametrize("kwargs,param", [
+    ({"chat_template_kwargs": {"add_generation_prompt": False}}, "chat_template_kwargs"),   # reserved: its own field
+    ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
+    ({"chat_template_kwargs": {"not an identifier": 1}}, "chat_template_kwargs"),
+    ({"chat_template_kwargs": ["enable_thinking"]}, "chat_template_kwargs"),
+    ({"documents": [{"title": 3}]}, "documents"),
+    ({"documents": "text"}, "documents"),
+])
+def test_bad_template_variables_name_the_parameter(llm, kwargs, param):
+    with pytest.raises(ValidationError) as info:
+        llm.chat(SINGLE, GREEDY, use_tqdm=False, **kwargs)
+    assert info.value.param == param

@@ -107,6 +107,32 @@ def test_tokenize_errors_in_the_shape_of_the_body(server) -> None:
     assert vllm.status_code == 400 and vllm.json()["error"]["param"] == "parameters"
 
 
+def test_chat_template_kwargs_and_documents_reach_the_template(server) -> None:
+    """vLLM's chat_template_kwargs and documents: a request's own template sees them (/tokenize's ids
+    are those of the text it should render); with the model's template a chat completion counts the
+    prompt /tokenize renders from the same fields; a reserved key is a 400 naming the field."""
+    template = ("{% for d in documents %}<doc>{{ d.text }}</doc>{% endfor %}"
+                "{% for m in messages %}{{ m.content }}{% endfor %}{% if enable_thinking %}<think>{% endif %}")
+    messages = [{"role": "user", "content": "Hi"}]
+    extra = {"documents": [{"text": "Paris is in France."}], "chat_template_kwargs": {"enable_thinking": True}}
+
+    def tokenize(**body) -> list[int]:
+        response = requests.post(f"{server.base_url}/tokenize", json=body, timeout=30)
+        assert response.status_code == 200, response.text
+        return response.json()["tokens"]
+
+    expected = tokenize(prompt="<doc>Paris is in France.</doc>Hi<think>", add_special_tokens=False)
+    assert tokenize(messages=messages, chat_template=template, **extra) == expected
+    assert tokenize(messages=messages, chat_template=template) == tokenize(prompt="Hi", add_special_tokens=False)
+    url = f"{server.base_url}/v1/chat/completions"
+    body = {"messages": messages, "max_tokens": 2, "temperature": 0, **extra}
+    response = requests.post(url, json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["prompt_tokens"] == len(tokenize(messages=messages, **extra))
+    bad = requests.post(url, json={**body, "chat_template_kwargs": {"tools": []}}, timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "chat_template_kwargs", bad.text
+
+
 def test_body_size_limit_in_the_route_family_body(server) -> None:
     big = json.dumps({"inputs": "a" * (17 * 2**20)}).encode()
     response = requests.post(f"{server.base_url}/generate", data=big, timeout=30)
