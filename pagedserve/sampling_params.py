@@ -82,6 +82,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None   # vLLM's: only these tokens may be sampled
     structured_outputs: StructuredOutputsParams | None = None
 
     @property
@@ -95,7 +96,7 @@ class SamplingParams:
         """Greedy with nothing that changes the logits or asks for more than the token: the
         runner's fast path (one argmax, no per-row sampling tensors)."""
         return self.temperature < _SAMPLING_EPS and not self.logit_bias and not self.min_tokens and self.logprobs is None \
-            and not self.reads_output_history
+            and not self.reads_output_history and self.allowed_token_ids is None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -105,6 +106,8 @@ class SamplingParams:
         else:
             self.stop = _as_list(self.stop, "stop")
         self.stop_token_ids = _as_list(self.stop_token_ids or [], "stop_token_ids")
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = _as_list(self.allowed_token_ids, "allowed_token_ids")
         if self.top_k == -1:
             self.top_k = 0
         if self.logit_bias:
@@ -165,6 +168,10 @@ class SamplingParams:
             for token_id, bias in self.logit_bias.items():
                 _check(-100.0 <= bias <= 100.0, "logit_bias", f"logit_bias values must be in [-100, 100], got {bias}")
                 _check(token_id >= 0, "logit_bias", f"logit_bias token ids must be non-negative, got {token_id}")
+        if self.allowed_token_ids is not None:
+            _check(bool(self.allowed_token_ids) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                        for t in self.allowed_token_ids), "allowed_token_ids",
+                   "allowed_token_ids must be a non-empty list of non-negative token ids")
         _check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
                "structured_outputs", "structured_outputs must be a StructuredOutputsParams")
 

@@ -91,7 +91,8 @@ class InputProcessor:
             wanted = self.vocab_size if value == -1 else value
             if self.max_logprobs != -1 and wanted > self.max_logprobs:
                 raise ValidationError(f"{name} must be at most {self.max_logprobs} (max_logprobs), got {value}", name)
-        for name, tokens in (("logit_bias", list(params.logit_bias or {})), ("stop_token_ids", params.stop_token_ids)):
+        for name, tokens in (("logit_bias", list(params.logit_bias or {})), ("stop_token_ids", params.stop_token_ids),
+                             ("allowed_token_ids", params.allowed_token_ids or [])):
             bad = next((t for t in tokens if t >= self.vocab_size), None)
             if bad is not None:
                 raise ValidationError(f"{name}: token id {bad} is out of vocabulary (size {self.vocab_size})", name)

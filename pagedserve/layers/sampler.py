@@ -2,7 +2,7 @@
 rows of seeded requests (each draws from its own generator, so its tokens do not depend on
 what else is in the batch).
 
-Order: logit_bias and min_tokens masks -> penalties (repetition, frequency, presence) ->
+Order: allowed_token_ids, logit_bias and min_tokens masks -> penalties (repetition, frequency, presence) ->
 greedy argmax for temperature 0 -> temperature -> top-k -> top-p -> min-p -> typical-p ->
 sample. Logprobs are those of the model's raw distribution (log_softmax of the logits
 before any processing), which is vLLM's default ("raw_logprobs"): temperature, penalties,
@@ -37,6 +37,9 @@ class SamplingTensors:
     bias_tokens: torch.Tensor | None = None
     bias_values: torch.Tensor | None = None
     mask_rows: torch.Tensor | None = None            # min_tokens: (row, token) set to -inf
+    allow_rows: torch.Tensor | None = None           # allowed_token_ids: (row, token) kept, the row's others -inf
+    allow_tokens: torch.Tensor | None = None
+    restricted: torch.Tensor | None = None           # [rows] bool: the row has allowed_token_ids
     mask_tokens: torch.Tensor | None = None
     all_greedy: bool = False
     generators: dict[int, torch.Generator] = field(default_factory=dict)
@@ -164,19 +167,22 @@ def greedy_ids(logits: torch.Tensor, bitmask: torch.Tensor | None = None) -> tor
     return argmax_rows_host(logits)
 
 
-def apply_bias_and_min_tokens(logits: torch.Tensor, t: SamplingTensors, constrained: bool = False) -> torch.Tensor:
-    """Add logit_bias, then set the stop tokens of rows still under min_tokens to -inf.
-    `constrained` (a structured-outputs bitmask was applied): a row whose grammar allows only
-    stop tokens (it is complete) keeps them, min_tokens or not; the grammar is the hard
-    constraint (masking its last tokens too left nothing to sample and failed the request)."""
+def apply_bias_and_min_tokens(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """allowed_token_ids (a row's other tokens -inf), then logit_bias, then the stop tokens of
+    rows still under min_tokens to -inf, except in a row that would have nothing left: one whose
+    structured-outputs grammar (applied before) or allowed_token_ids allow only stop tokens keeps
+    them; those are the hard constraints (masking their last tokens too left nothing to sample
+    and failed the request)."""
+    if t.allow_rows is not None:
+        allowed = torch.zeros_like(logits, dtype=torch.bool).index_put_(
+            (t.allow_rows, t.allow_tokens), torch.tensor(True, device=logits.device))
+        logits = logits.masked_fill(t.restricted[:, None] & ~allowed, float("-inf"))
     if t.bias_rows is not None:
         logits = logits.index_put((t.bias_rows, t.bias_tokens), t.bias_values, accumulate=True)
     if t.mask_rows is not None:
         masked = logits.index_put((t.mask_rows, t.mask_tokens), torch.tensor(float("-inf"), device=logits.device))
-        if constrained:
-            nothing_left = torch.isneginf(masked).all(dim=-1, keepdim=True)
-            masked = torch.where(nothing_left, logits, masked)
-        logits = masked
+        nothing_left = torch.isneginf(masked).all(dim=-1, keepdim=True)
+        logits = torch.where(nothing_left, logits, masked)
     return logits
 
 
@@ -202,13 +208,13 @@ class Sampler:
         """`bitmask`: the rows' structured-outputs token bitmask on the logits' device
         (token_bitmask_to_device), applied before anything else."""
         if t.all_greedy and t.max_num_logprobs is None and t.bias_rows is None and t.mask_rows is None \
-                and t.output_counts is None:
+                and t.allow_rows is None and t.output_counts is None:
             return SamplerOutput(token_ids=greedy_ids(logits, bitmask))   # same ids as on the fp32 copy
         if bitmask is not None:
             apply_token_bitmask(logits, bitmask)
         logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if t.max_num_logprobs is not None else None
-        logits = apply_bias_and_min_tokens(logits, t, constrained=bitmask is not None)
+        logits = apply_bias_and_min_tokens(logits, t)
         logits = apply_penalties(logits, t)
         greedy = argmax_rows_host(logits)   # exact argmax for temperature 0, after bias and penalties
         if t.all_greedy:

@@ -69,7 +69,7 @@ class _SamplingFields(_Strict):
     length_penalty: float = 1.0
     priority: int = 0
     truncate_prompt_tokens: int | None = None   # keep the last k prompt tokens (-1: max_model_len)
-    allowed_token_ids: list[int] | None = None
+    allowed_token_ids: list[int] | None = None   # only these tokens may be sampled
     guided_json: Any = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
@@ -129,7 +129,8 @@ class _SamplingFields(_Strict):
             max_tokens=max_tokens, min_tokens=self.min_tokens, logprobs=logprobs,
             prompt_logprobs=self.prompt_logprobs, skip_special_tokens=self.skip_special_tokens,
             spaces_between_special_tokens=self.spaces_between_special_tokens,
-            logit_bias=_logit_bias(self.logit_bias), structured_outputs=self.structured_params())
+            logit_bias=_logit_bias(self.logit_bias), allowed_token_ids=self.allowed_token_ids,
+            structured_outputs=self.structured_params())
 
     def structured_constraint(self) -> structured.Constraint | None:
         """The request's one structured-output constraint (response_format, structured_outputs
@@ -144,7 +145,7 @@ class _SamplingFields(_Strict):
 # Fields accepted only at these values (their default, or an explicit "off").
 UNSUPPORTED: dict[str, tuple] = {
     "use_beam_search": (False,), "length_penalty": (1.0,), "priority": (0,),
-    "allowed_token_ids": (None,), "guided_whitespace_pattern": (None,), "logits_processors": (None,),
+    "guided_whitespace_pattern": (None,), "logits_processors": (None,),
     "kv_transfer_params": (None,), "vllm_xargs": (None,), "suffix": (None, ""),
     # OpenAI chat fields that would change the output: accepted only when off (H3, issue 16 #13)
     "reasoning_effort": (None,), "verbosity": (None,), "web_search_options": (None,), "audio": (None,),

@@ -37,10 +37,13 @@ class CachedRequestState:
     block_row: int = -1     # this request's row of the runner's BlockTable
     counts_outputs: bool = field(init=False)
     plain_greedy: bool = field(init=False)   # SamplingParams.is_plain_greedy, read every step
+    allowed_tokens: torch.Tensor | None = field(init=False)   # allowed_token_ids, once, as a sorted CPU tensor
 
     def __post_init__(self) -> None:
         self.counts_outputs = self.sampling_params.reads_output_history
         self.plain_greedy = self.sampling_params.is_plain_greedy
+        allowed = self.sampling_params.allowed_token_ids
+        self.allowed_tokens = None if allowed is None else torch.tensor(sorted(set(allowed)), dtype=torch.int64)
 
     @property
     def num_output_tokens(self) -> int:

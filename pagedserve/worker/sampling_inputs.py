@@ -1,7 +1,7 @@
 """Turn the sampling parameters of the rows that sample this step into SamplingTensors.
 
 One Python pass over the rows collects plain lists (and flat (row, token) index lists for
-the sparse parts: logit_bias, min_tokens masks, output counts, prompt tokens); each tensor
+the sparse parts: logit_bias, min_tokens masks, allowed_token_ids, output counts, prompt tokens); each tensor
 is then built in one call. Optional tensors stay None when no row uses the feature, so the
 common case (greedy or plain temperature) costs one argmax or one softmax.
 
@@ -43,6 +43,7 @@ class _Columns:
     bias_values: list[float] = field(default_factory=list)
     mask_rows: list[int] = field(default_factory=list)
     mask_tokens: list[int] = field(default_factory=list)
+    allowed: list[tuple[int, torch.Tensor]] = field(default_factory=list)   # (row, its allowed_tokens)
     generators: dict[int, torch.Generator] = field(default_factory=dict)
     max_logprobs: int | None = None
 
@@ -87,6 +88,14 @@ def build_sampling_tensors(states: list[CachedRequestState], vocab_size: int, de
     if c.mask_rows:
         t.mask_rows = _tensor(c.mask_rows, torch.int64, device)
         t.mask_tokens = _tensor(c.mask_tokens, torch.int64, device)
+    if c.allowed:   # the rows' cached id tensors: no per-token Python work a step
+        rows = torch.tensor([row for row, _ in c.allowed])
+        lengths = torch.tensor([len(tokens) for _, tokens in c.allowed])
+        t.allow_rows = torch.repeat_interleave(rows, lengths).to(device, non_blocking=True)
+        t.allow_tokens = torch.cat([tokens for _, tokens in c.allowed]).to(device, non_blocking=True)
+        restricted = torch.zeros(len(states), dtype=torch.bool)
+        restricted[rows] = True
+        t.restricted = restricted.to(device, non_blocking=True)
     t.generators = c.generators
     t.max_num_logprobs = c.max_logprobs
     return t
@@ -115,6 +124,8 @@ def _collect_row(c: _Columns, row: int, state: CachedRequestState, vocab_size: i
             c.bias_rows.append(row)
             c.bias_tokens.append(token)
             c.bias_values.append(value)
+    if state.allowed_tokens is not None:
+        c.allowed.append((row, state.allowed_tokens))
     if state.num_output_tokens < p.min_tokens:
         stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
         for token in sorted(stops):

@@ -49,3 +49,21 @@ def test_greedy_ids_equal_transformers(llm, hf_model):
 def test_capital_of_france(llm):
     out = llm.generate("The capital of France is", SamplingParams(max_tokens=20, temperature=0), use_tqdm=False)
     assert out[0].outputs[0].text.startswith(" Paris")
+
+
+def test_allowed_token_ids_greedy_equals_transformers_prefix_allowed_tokens(llm, hf_model):
+    """vLLM's allowed_token_ids: the greedy ids equal transformers' generate restricted by
+    prefix_allowed_tokens_fn to the same set, in a batch beside an unrestricted request (which
+    keeps its own greedy ids)."""
+    tokenizer = llm.get_tokenizer()
+    allowed = sorted({t for word in (" Paris", " London", " the", " is", " a", ",", ".") for t in
+                      tokenizer(word, add_special_tokens=False).input_ids})
+    restricted, free = llm.generate(PROMPTS[:2], [SamplingParams(max_tokens=12, temperature=0.0, allowed_token_ids=allowed),
+                                                  SamplingParams(max_tokens=12, temperature=0.0)], use_tqdm=False)
+    ids = tokenizer(PROMPTS[0], return_tensors="pt").input_ids.to(TEST_DEVICE)
+    with torch.no_grad():
+        ref = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
+                                prefix_allowed_tokens_fn=lambda batch, sent: allowed)[0, ids.shape[1]:].tolist()
+    assert restricted.outputs[0].token_ids == ref and set(ref) <= set(allowed)
+    alone = llm.generate(PROMPTS[1], SamplingParams(max_tokens=12, temperature=0.0), use_tqdm=False)[0]
+    assert free.outputs[0].token_ids == alone.outputs[0].token_ids

@@ -133,6 +133,23 @@ def test_chat_template_kwargs_and_documents_reach_the_template(server) -> None:
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "chat_template_kwargs", bad.text
 
 
+def test_allowed_token_ids(server) -> None:
+    """vLLM's allowed_token_ids: sampled and greedy choices stay in the set; an id past the
+    vocabulary or an empty list is a 400 naming the field."""
+    url = f"{server.base_url}/v1/completions"
+    allowed = [11, 12, 13, 14]
+    for temperature in (0.0, 1.0):
+        response = requests.post(url, json={"prompt": "Hello", "max_tokens": 6, "ignore_eos": True, "n": 2,
+                                            "temperature": temperature, "seed": 1, "allowed_token_ids": allowed,
+                                            "return_token_ids": True}, timeout=60)
+        assert response.status_code == 200, response.text
+        for choice in response.json()["choices"]:
+            assert len(choice["token_ids"]) == 6 and set(choice["token_ids"]) <= set(allowed), choice
+    for bad in ([10**7], []):
+        response = requests.post(url, json={"prompt": "Hello", "max_tokens": 2, "allowed_token_ids": bad}, timeout=30)
+        assert response.status_code == 400 and response.json()["error"]["param"] == "allowed_token_ids", response.text
+
+
 def test_body_size_limit_in_the_route_family_body(server) -> None:
     big = json.dumps({"inputs": "a" * (17 * 2**20)}).encode()
     response = requests.post(f"{server.base_url}/generate", data=big, timeout=30)

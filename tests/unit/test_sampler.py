@@ -208,6 +208,35 @@ def test_a_complete_grammar_wins_over_min_tokens():
         assert torch.isneginf(unconstrained[:, EOS[0]]).all()   # without a grammar min_tokens always masks
 
 
+def test_allowed_token_ids_restrict_greedy_and_sampled_rows():
+    """Row 0 greedy and row 1 sampled (200 seeded draws) stay in their allowed set; row 2 (no
+    list) keeps its own argmax; row 3 allows only EOS under min_tokens: EOS (the hard constraint
+    wins, as a complete grammar does)."""
+    allowed = [5, 9, 300]
+    logits = random_logits(4, seed=11)
+    logits[:, 400] = 30.0   # everyone's favourite, allowed in row 2 only
+    greedy = SamplingParams(temperature=0.0, allowed_token_ids=allowed)
+    states = [make_state(greedy), make_state(SamplingParams(temperature=1.0, allowed_token_ids=[9, 300])),
+              make_state(SamplingParams(temperature=0.0, logit_bias={1: 0.5})),
+              make_state(SamplingParams(temperature=0.0, min_tokens=3, allowed_token_ids=[EOS[0]]))]
+    tensors = build_sampling_tensors(states, VOCAB, torch.device("cpu"), EOS)
+    tokens = Sampler()(logits.clone(), tensors).token_ids.tolist()
+    assert tokens[0] == max(allowed, key=lambda t: logits[0, t].item())
+    assert tokens[2:] == [400, EOS[0]]
+    torch.manual_seed(0)
+    draws = {Sampler()(logits.clone(), tensors).token_ids[1].item() for _ in range(200)}
+    assert draws <= {9, 300}
+    assert not greedy.is_plain_greedy   # the runner's one-argmax fast path would ignore the list
+
+
+@pytest.mark.parametrize("value", [[], [-1], ["5"], [True], 5])
+def test_allowed_token_ids_validation(value):
+    from pagedserve.errors import ValidationError
+    with pytest.raises(ValidationError) as info:
+        SamplingParams(allowed_token_ids=value)
+    assert info.value.param == "allowed_token_ids"
+
+
 # ---- the draw -------------------------------------------------------------------------
 
 def sample(rows: list[SamplingParams], logits: torch.Tensor, outputs: list[list[int]] | None = None
