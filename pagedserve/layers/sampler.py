@@ -37,10 +37,10 @@ class SamplingTensors:
     bias_tokens: torch.Tensor | None = None
     bias_values: torch.Tensor | None = None
     mask_rows: torch.Tensor | None = None            # min_tokens: (row, token) set to -inf
+    mask_tokens: torch.Tensor | None = None
     allow_rows: torch.Tensor | None = None           # allowed_token_ids: (row, token) kept, the row's others -inf
     allow_tokens: torch.Tensor | None = None
     restricted: torch.Tensor | None = None           # [rows] bool: the row has allowed_token_ids
-    mask_tokens: torch.Tensor | None = None
     all_greedy: bool = False
     generators: dict[int, torch.Generator] = field(default_factory=dict)
     max_num_logprobs: int | None = None
