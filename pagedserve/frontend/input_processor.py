@@ -96,6 +96,10 @@ class InputProcessor:
             bad = next((t for t in tokens if t >= self.vocab_size), None)
             if bad is not None:
                 raise ValidationError(f"{name}: token id {bad} is out of vocabulary (size {self.vocab_size})", name)
+        if params.allowed_token_ids is not None and params.structured_outputs is not None:
+            # two token masks whose intersection may be empty at any step: nothing left to sample
+            raise ValidationError("allowed_token_ids cannot be combined with a structured-outputs constraint "
+                                  "(response_format, structured_outputs, guided_*, tool_choice)", "allowed_token_ids")
         if not params.detokenize and params.stop:
             raise ValidationError("stop strings need detokenize=True", "stop")
         room = self.max_model_len - num_prompt_tokens
