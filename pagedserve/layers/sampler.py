@@ -40,7 +40,6 @@ class SamplingTensors:
     mask_tokens: torch.Tensor | None = None
     allow_rows: torch.Tensor | None = None           # allowed_token_ids: (row, token) kept, the row's others -inf
     allow_tokens: torch.Tensor | None = None
-    restricted: torch.Tensor | None = None           # [rows] bool: the row has allowed_token_ids
     all_greedy: bool = False
     generators: dict[int, torch.Generator] = field(default_factory=dict)
     max_num_logprobs: int | None = None
@@ -176,7 +175,8 @@ def apply_bias_and_min_tokens(logits: torch.Tensor, t: SamplingTensors) -> torch
     if t.allow_rows is not None:
         allowed = torch.zeros_like(logits, dtype=torch.bool).index_put_(
             (t.allow_rows, t.allow_tokens), torch.tensor(True, device=logits.device))
-        logits = logits.masked_fill(t.restricted[:, None] & ~allowed, float("-inf"))
+        restricted = allowed.any(dim=-1, keepdim=True)   # the rows that have a list (never empty)
+        logits = logits.masked_fill(restricted & ~allowed, float("-inf"))
     if t.bias_rows is not None:
         logits = logits.index_put((t.bias_rows, t.bias_tokens), t.bias_values, accumulate=True)
     if t.mask_rows is not None:

@@ -93,9 +93,6 @@ def build_sampling_tensors(states: list[CachedRequestState], vocab_size: int, de
         lengths = torch.tensor([len(tokens) for _, tokens in c.allowed])
         t.allow_rows = torch.repeat_interleave(rows, lengths).to(device, non_blocking=True)
         t.allow_tokens = torch.cat([tokens for _, tokens in c.allowed]).to(device, non_blocking=True)
-        restricted = torch.zeros(len(states), dtype=torch.bool)
-        restricted[rows] = True
-        t.restricted = restricted.to(device, non_blocking=True)
     t.generators = c.generators
     t.max_num_logprobs = c.max_logprobs
     return t
