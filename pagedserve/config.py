@@ -167,7 +167,7 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
-    policy: str = "continuous"   # "continuous" | "static"
+    policy: str = "continuous"   # "continuous" | "priority" | "static" (core/scheduler.py)
     preemption_mode: str = "swap"   # "swap" (to the host tier when it has room, else recompute) | "recompute"
 
 

@@ -31,6 +31,9 @@ NOT_SUPPORTED = {
 }
 
 
+SCHEDULING_POLICIES = ("continuous", "fcfs", "priority", "static")
+
+
 def _knob(default: Any, help: str, **cli: Any) -> Any:
     """An EngineArgs field: its default and its help text (the CLI flags are generated from
     the fields: `--max-model-len` from max_model_len; `cli` may add aliases or choices)."""
@@ -71,8 +74,10 @@ class EngineArgs:
                                                    "custom all-reduce over NVLink peer memory for small tensors)")
     kv_cache_memory_gb: float | None = _knob(None, "KV cache size on CPU, in GB")
     num_kv_blocks: int | None = _knob(None, "number of KV cache blocks (instead of sizing them from memory)")
-    scheduling_policy: str = _knob("continuous", "continuous (requests join and leave the batch every step) or "
-                                                 "static (one batch at a time)", choices=("continuous", "static"))
+    scheduling_policy: str = _knob("continuous", "continuous (requests join and leave the batch every step, first "
+                                                 "come first served; vLLM's fcfs is the same), priority (continuous, "
+                                                 "lower request priority first, vLLM's priority) or static (one "
+                                                 "batch at a time)", choices=SCHEDULING_POLICIES)
     trust_remote_code: bool = _knob(False, "not supported: only built-in architectures run")
     max_logprobs: int = _knob(20, "most logprobs and prompt_logprobs a request may ask for (-1: no cap; a "
                                   "request's -1 means the whole vocabulary and needs a cap at least that large)")
@@ -128,8 +133,9 @@ class EngineArgs:
         if self.load_format not in LOAD_FORMATS:
             raise ValidationError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}",
                                   "load_format")
-        if self.scheduling_policy not in ("continuous", "static"):
-            raise ValidationError(f"scheduling_policy must be continuous or static, got {self.scheduling_policy!r}",
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValidationError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, got "
+                                  f"{self.scheduling_policy!r}",
                                   "scheduling_policy")
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < -1:
             raise ValidationError(f"max_logprobs must be -1 (no cap) or >= 0, got {self.max_logprobs}", "max_logprobs")
@@ -192,7 +198,8 @@ class EngineArgs:
             cache=CacheConfig(self.block_size, self.enable_prefix_caching, self.kv_cache_memory_gb,
                               self.num_kv_blocks, self.gpu_memory_utilization, float(self.swap_space),
                               self.kv_offloading_size),
-            scheduler=SchedulerConfig(max_num_seqs, batched, max_model_len, self.scheduling_policy,
+            scheduler=SchedulerConfig(max_num_seqs, batched, max_model_len,
+                                      "continuous" if self.scheduling_policy == "fcfs" else self.scheduling_policy,
                                       self.preemption_mode or "swap"),
             # TP=2: the push all-reduce up to 4 MiB (llama-8b decode steps of up to 512 rows); other
             # sizes: torch's one-shot up to 1 MiB (benchmarks/RESULTS.md, issue 17)

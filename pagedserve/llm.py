@@ -51,11 +51,14 @@ class LLM:
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Run every prompt to completion; outputs in input order."""
+                 use_tqdm: bool = True, priority: Sequence[int] | None = None) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs in input order. `priority`: one per prompt
+        (lower runs first), with scheduling_policy="priority" (vLLM's LLM.generate argument)."""
         prompts = _as_prompt_list(prompts)
         params = _per_prompt(sampling_params, len(prompts))
-        return self._run(prompts, params, use_tqdm)
+        if priority is not None and (isinstance(priority, (str, bytes)) or len(priority) != len(prompts)):
+            raise ValidationError(f"priority must be a list of one integer per prompt ({len(prompts)})", "priority")
+        return self._run(prompts, params, use_tqdm, priorities=priority)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | Sequence[SamplingParams]
              | None = None, use_tqdm: bool = True, chat_template: str | None = None,
@@ -76,16 +79,17 @@ class LLM:
         return self._run(prompts, params, use_tqdm, add_special_tokens=False)
 
     def _run(self, prompts: list[PromptType], params: list[SamplingParams], use_tqdm: bool,
-             add_special_tokens: bool = True) -> list[RequestOutput]:
+             add_special_tokens: bool = True, priorities: Sequence[int] | None = None) -> list[RequestOutput]:
         # no gen-0 collection every step (frontend/gc_policy.py), nor while the requests are added: at
         # CPython's 700 a thr512 batch's 512 took ~7 gen-0 collections and a gen-1 (~7 ms, H200 host)
         with hot_loop_collector():
             ids = []
             try:
-                for prompt, sp in zip(prompts, params):
+                for i, (prompt, sp) in enumerate(zip(prompts, params)):
                     request_id = str(self._request_counter)
                     self._request_counter += 1
-                    self.engine.add_request(request_id, prompt, sp, add_special_tokens=add_special_tokens)
+                    self.engine.add_request(request_id, prompt, sp, add_special_tokens=add_special_tokens,
+                                            priority=priorities[i] if priorities is not None else 0)
                     ids.append(request_id)
             except Exception:
                 for request_id in ids:

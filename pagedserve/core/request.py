@@ -51,6 +51,10 @@ class Request:
     # Parallel sampling: the sibling sequences of one user request share `parent_id`.
     parent_id: RequestId | None = None
     index: int = 0
+    # Scheduling policy "priority": lower runs first; ties in arrival order (arrival_index, set
+    # by the scheduler when the request is added; a request's parallel samples share it)
+    priority: int = 0
+    arrival_index: int = 0
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     # Scheduled in steps whose results are not back yet (async scheduling keeps one step in

@@ -3,6 +3,12 @@ its num_tokens under a per-step token budget. Prefill, chunked prefill, decode, 
 hits and recompute after preemption all fall out of that rule. First come, first served;
 preemption evicts the newest running request.
 
+Policy "priority" (vLLM's): the waiting and the running queue are kept in (priority, arrival)
+order, lower priority values first, so the best request is admitted first, running requests
+get the step's token budget in that order, and preemption evicts the worst (the lowest
+priority, the latest arrival among equals). A waiting request never preempts a running one:
+it is admitted ahead of every worse one as soon as a sequence slot and its blocks are free.
+
 Preemption by swap (preemption_mode "swap", the default when a host tier exists): the
 victim's blocks go to the host tier (KVCacheManager.swap_out) and it waits, at the head of
 the queue, with its num_computed_tokens kept; resuming, it gets fresh device blocks that the
@@ -37,6 +43,7 @@ no request joins until every request of the batch has finished.
 """
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 from collections import deque
@@ -52,6 +59,12 @@ from pagedserve.engine_io import (CachedRequestData, ForkedRequestData, ModelRun
 
 logger = logging.getLogger(__name__)
 _RUNNING = RequestStatus.RUNNING
+POLICIES = ("continuous", "priority", "static")
+
+
+def _queue_key(request: Request) -> tuple[int, int]:
+    """Policy "priority": the order of both queues."""
+    return request.priority, request.arrival_index
 
 
 @dataclass
@@ -71,8 +84,8 @@ class Scheduler:
     def __init__(self, kv_cache_manager: KVCacheManager, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int, policy: str = "continuous",
                  preemption_mode: str = "swap") -> None:
-        if policy not in ("continuous", "static"):
-            raise ValueError(f"scheduling policy must be 'continuous' or 'static', got {policy!r}")
+        if policy not in POLICIES:
+            raise ValueError(f"scheduling policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         if preemption_mode not in ("swap", "recompute"):
             raise ValueError(f"preemption_mode must be 'swap' or 'recompute', got {preemption_mode!r}")
         self.swap = preemption_mode == "swap" and kv_cache_manager.host is not None
@@ -81,6 +94,8 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.policy = policy
+        self.by_priority = policy == "priority"
+        self._num_arrivals = 0
         self.requests: dict[RequestId, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -105,7 +120,9 @@ class Scheduler:
         """Queue a request; `forks` are its parallel-sampling siblings, forked from it once
         its prompt is computed."""
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        self._num_arrivals += 1
+        request.arrival_index = self._num_arrivals
+        self._enqueue(request)
         self.num_history_dependent += request.sampling_params.reads_output_history
         if request.grammar is not None:
             self.num_constrained += 1
@@ -114,6 +131,7 @@ class Scheduler:
             self.pending_forks[request.request_id] = forks
             for child in forks:
                 self.requests[child.request_id] = child
+                child.arrival_index = request.arrival_index
                 self.num_history_dependent += child.sampling_params.reads_output_history
                 if child.grammar is not None:
                     self.num_constrained += 1
@@ -169,8 +187,26 @@ class Scheduler:
                     self._requeued_since_last_step.add(rid)
                 requeued.append(request)
         for request in reversed(requeued):
-            self.waiting.appendleft(request)
+            self._enqueue(request, front=True)
         return give_up
+
+    def _enqueue(self, request: Request, front: bool = False) -> None:
+        """Into the waiting queue: at its back (`front`: preempted or requeued, at its head), or
+        under policy "priority" at its place in (priority, arrival) order."""
+        if self.by_priority:
+            self.waiting.insert(bisect.bisect_right(self.waiting, _queue_key(request), key=_queue_key), request)
+        elif front:
+            self.waiting.appendleft(request)
+        else:
+            self.waiting.append(request)
+
+    def _add_running(self, request: Request) -> None:
+        """Into the running queue: at its back, or under policy "priority" at its place in
+        (priority, arrival) order (its tail is then the preemption victim)."""
+        if self.by_priority:
+            self.running.insert(bisect.bisect_right(self.running, _queue_key(request), key=_queue_key), request)
+        else:
+            self.running.append(request)
 
     def uncache(self, request_ids: list[RequestId]) -> None:
         for rid in request_ids:
@@ -251,7 +287,7 @@ class Scheduler:
             break
 
         forming_static_batch = self.policy == "static" and not self.running
-        can_admit = not preempted and not blocked and (self.policy == "continuous" or forming_static_batch)
+        can_admit = not preempted and not blocked and (self.policy != "static" or forming_static_batch)
         # A static batch is formed in one step: its members join even past this step's token
         # budget (their prefill then proceeds in chunks), as long as their prompts fit the pool.
         reserve = self.kv.pool.num_free_blocks
@@ -284,7 +320,7 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
-            self.running.append(request)
+            self._add_running(request)
             num_seqs += family
             if num_new > 0:
                 self._describe(request, num_new, out)
@@ -361,7 +397,7 @@ class Scheduler:
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self.stats.num_preemptions += 1
-        self.waiting.appendleft(request)
+        self._enqueue(request, front=True)
         if self._sent_blocks.pop(request.request_id, None) is not None:
             out.preempted_req_ids.add(request.request_id)
         out.num_scheduled_tokens.pop(request.request_id, None)
@@ -421,7 +457,7 @@ class Scheduler:
                 child.num_cached_tokens = parent.num_cached_tokens
                 child.first_scheduled_time = parent.first_scheduled_time
                 child.status = RequestStatus.RUNNING
-                self.running.append(child)
+                self._add_running(child)
                 if child.grammar is not None:
                     self._constrained_samples.append(child)
                 child_blocks = self.kv.req_to_blocks[child.request_id]

@@ -27,13 +27,14 @@ class ProcessedPrompt:
 class InputProcessor:
     def __init__(self, tokenizer: Any, vocab_size: int, max_model_len: int,
                  eos_token_ids: tuple[int, ...], max_logprobs: int = MAX_LOGPROBS,
-                 max_num_seqs: int = 2**31) -> None:
+                 max_num_seqs: int = 2**31, priority_scheduling: bool = False) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
         self.max_logprobs = max_logprobs   # -1: no cap
         self.max_num_seqs = max_num_seqs   # n and best_of are capped by it
+        self.priority_scheduling = priority_scheduling   # scheduling policy "priority": requests carry one
 
     def process_prompt(self, prompt: PromptType, add_special_tokens: bool = True) -> ProcessedPrompt:
         """A string, a token id list, or a dict (vLLM's TextPrompt / TokensPrompt): "prompt" or
@@ -123,8 +124,9 @@ class InputProcessor:
         return params
 
     def make_requests(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
-                      strict_length: bool = False) -> tuple[Request, list[Request]]:
+                      strict_length: bool = False, priority: int = 0) -> tuple[Request, list[Request]]:
         """The request and, for n > 1 (or best_of), its siblings to fork after the prefill."""
+        self.check_priority(priority)
         max_tokens = self.check_params(params, len(prompt.prompt_token_ids), strict_length)
         params = self.resolve_params(params)
         num_seqs = max(params.n, params.best_of or 1)
@@ -137,8 +139,18 @@ class InputProcessor:
                     child_params.seed = (params.seed + index) % 2**64 if index else params.seed
             rid = RequestId(request_id if num_seqs == 1 else f"{request_id}-{index}")
             requests.append(Request(rid, prompt.prompt_token_ids, child_params, self.eos_token_ids, max_tokens,
-                                    cache_salt=prompt.cache_salt, parent_id=RequestId(request_id) if num_seqs > 1 else None, index=index))
+                                    cache_salt=prompt.cache_salt, parent_id=RequestId(request_id) if num_seqs > 1 else None,
+                                    index=index, priority=priority))
         return requests[0], requests[1:]
+
+    def check_priority(self, priority: object) -> None:
+        """An int (not a bool) in int64's range; other than 0 only under scheduling policy
+        "priority" (vLLM: "Priority scheduling is not enabled")."""
+        if not isinstance(priority, int) or isinstance(priority, bool) or not -2**63 <= priority < 2**63:
+            raise ValidationError(f"priority must be an integer in int64's range, got {priority!r}", "priority")
+        if priority and not self.priority_scheduling:
+            raise ValidationError(f"priority {priority} needs priority scheduling: start the engine with "
+                                  f"scheduling_policy='priority' (--scheduling-policy priority)", "priority")
 
     def render_chat(self, messages: list[dict], chat_template: str | None = None,
                     add_generation_prompt: bool = True, continue_final_message: bool = False,

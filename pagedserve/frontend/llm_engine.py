@@ -63,7 +63,8 @@ class LLMEngine:
         self.eos_token_ids = tuple(sorted(eos))
         self.input_processor = InputProcessor(self.tokenizer, model.vocab_size, self.config.scheduler.max_model_len,
                                               self.eos_token_ids, args.max_logprobs,
-                                              self.config.scheduler.max_num_seqs)
+                                              self.config.scheduler.max_num_seqs,
+                                              self.config.scheduler.policy == "priority")
         self.output_processor = OutputProcessor(self.tokenizer)
         self.grammar_compiler = GrammarCompiler(self.tokenizer, model.vocab_size, self.eos_token_ids)
         self.request_metrics = RequestMetrics()
@@ -88,21 +89,22 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
                     output_kind: OutputKind = OutputKind.FINAL_ONLY, strict_length: bool = False,
-                    add_special_tokens: bool = True) -> None:
+                    add_special_tokens: bool = True, priority: int = 0) -> None:
         """Validate and queue; raises ValidationError (nothing is queued then)."""
         self.add_processed(self.process_request(request_id, prompt, params, output_kind, strict_length,
-                                                add_special_tokens))
+                                                add_special_tokens, priority))
 
     def process_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
                         output_kind: OutputKind = OutputKind.FINAL_ONLY, strict_length: bool = False,
-                        add_special_tokens: bool = True) -> ProcessedRequest:
+                        add_special_tokens: bool = True, priority: int = 0) -> ProcessedRequest:
         """Tokenize and validate, touching no engine state: safe on any thread, concurrently
-        (the AsyncEngine runs it in a worker pool). Raises ValidationError."""
+        (the AsyncEngine runs it in a worker pool). Raises ValidationError. `priority`: under
+        scheduling policy "priority", lower runs first (else it must be 0, as in vLLM)."""
         arrival_time = time.monotonic()
         processed = self.input_processor.process_prompt(prompt, add_special_tokens)
         report_logprobs = params.logprobs is not None
         params = self._internal_params(params)
-        parent, forks = self.input_processor.make_requests(request_id, processed, params, strict_length)
+        parent, forks = self.input_processor.make_requests(request_id, processed, params, strict_length, priority)
         if output_kind == OutputKind.FINAL_ONLY and not params.stop and params.logprobs is None \
                 and params.prompt_logprobs is None:   # nothing to see before the end: one output, at the end
             for request in (parent, *forks):

@@ -50,7 +50,7 @@ async def create_chat_completion(ctx: ServerContext, request: ChatCompletionRequ
     kind = OutputKind.DELTA if request.stream else OutputKind.FINAL_ONLY
     with structured.naming(constraint):   # compile errors name the request's field
         streams = await add_prompts(ctx.engine, engine_id, [request.engine_prompt(prompt)], params, kind,
-                                    request.add_special_tokens)
+                                    request.add_special_tokens, request.priority)
     observe = params_observer(raw_request, params.n, params.max_tokens, ctx.engine.max_model_len)
     builder = _ChatBuilder(ctx, request, response_id, observe, plan)
     if request.stream:

@@ -34,7 +34,8 @@ async def create_completion(ctx: ServerContext, request: CompletionRequest, raw_
     response_id, engine_id = new_request_id("cmpl", request.request_id)
     kind = OutputKind.DELTA if request.stream else OutputKind.FINAL_ONLY
     with structured.naming(request.structured_constraint()):   # compile errors name the request's field
-        streams = await add_prompts(ctx.engine, engine_id, prompts, params, kind, request.add_special_tokens)
+        streams = await add_prompts(ctx.engine, engine_id, prompts, params, kind, request.add_special_tokens,
+                                    request.priority)
     observe = params_observer(raw_request, params.n, params.max_tokens, ctx.engine.max_model_len)
     builder = _CompletionBuilder(ctx, request, response_id, observe)
     if request.stream:

@@ -64,10 +64,10 @@ class _SamplingFields(_Strict):
     return_token_ids: bool | None = None   # prompt_token_ids / token_ids in the response (vLLM)
     request_id: str | None = None
     cache_salt: str | None = None   # salts this request's prefix-cache hashes
-    # vLLM extras accepted only at their neutral value (see UNSUPPORTED)
+    # vLLM extras (those in UNSUPPORTED accepted only at their neutral value)
     use_beam_search: bool = False
     length_penalty: float = 1.0
-    priority: int = 0
+    priority: int = 0   # scheduling policy "priority": lower runs first (else only 0; frontend/input_processor.py)
     truncate_prompt_tokens: int | None = None   # keep the last k prompt tokens (-1: max_model_len)
     allowed_token_ids: list[int] | None = None   # only these tokens may be sampled
     guided_json: Any = None
@@ -144,7 +144,7 @@ class _SamplingFields(_Strict):
 
 # Fields accepted only at these values (their default, or an explicit "off").
 UNSUPPORTED: dict[str, tuple] = {
-    "use_beam_search": (False,), "length_penalty": (1.0,), "priority": (0,),
+    "use_beam_search": (False,), "length_penalty": (1.0,),
     "guided_whitespace_pattern": (None,), "logits_processors": (None,),
     "kv_transfer_params": (None,), "vllm_xargs": (None,), "suffix": (None, ""),
     # OpenAI chat fields that would change the output: accepted only when off (H3, issue 16 #13)

@@ -50,11 +50,12 @@ class SSEResponse(StreamingResponse):
 
 
 async def add_prompts(engine: AsyncEngine, request_id: str, prompts: Sequence[PromptType], params: SamplingParams,
-                      output_kind: OutputKind, add_special_tokens: bool) -> list[RequestStream]:
+                      output_kind: OutputKind, add_special_tokens: bool, priority: int = 0) -> list[RequestStream]:
     """Add every prompt at once (one engine iteration); all or nothing."""
     results = await asyncio.gather(
         *(engine.add_request(f"{request_id}-{i}", prompt, params, output_kind, strict_length=True,
-                             add_special_tokens=add_special_tokens) for i, prompt in enumerate(prompts)),
+                             add_special_tokens=add_special_tokens, priority=priority)
+          for i, prompt in enumerate(prompts)),
         return_exceptions=True)
     streams = [r for r in results if isinstance(r, RequestStream)]
     errors = [r for r in results if isinstance(r, BaseException)]

@@ -2,7 +2,8 @@
 through real server processes: the same greedy text as the offline engine, structured outputs
 across the pipe, /metrics and /debug/steps fed from the core process; a killed core fails its
 open requests with an error and the server exits; a killed server leaves no core behind.
-Also the chat stream's first chunk (the role) goes out only with the first output, as vLLM's."""
+Also the chat stream's first chunk (the role) goes out only with the first output, as vLLM's,
+and `--scheduling-policy priority`: a request's priority crosses the pipe and orders the queue."""
 from __future__ import annotations
 
 import json
@@ -26,8 +27,10 @@ SMALL = ("--engine-process", "--dtype", "float32", "--max-model-len", "1024", "-
 
 @pytest.fixture(scope="module")
 def one_seq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """One sequence at a time: a second request waits until the first one ends."""
-    yield from serving(tmp_path_factory, "engine_process", *SMALL, "--max-num-seqs", "1")
+    """One sequence at a time: a second request waits until the first one ends (priority
+    scheduling: requests without a priority are first come, first served as by default)."""
+    yield from serving(tmp_path_factory, "engine_process", *SMALL, "--max-num-seqs", "1",
+                       "--scheduling-policy", "priority")
 
 
 def _core_of(server: ServerProcess) -> psutil.Process:
@@ -83,6 +86,40 @@ def test_chat_role_chunk_goes_out_with_the_first_output(one_seq) -> None:
     assert received[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert received[1]["choices"][0]["delta"]["content"]   # the first token's text right behind it
     assert received[-1] == "[DONE]"
+
+
+def test_priority_orders_the_queue_across_the_core_pipe(one_seq) -> None:
+    """While a request holds the only slot, a priority 10 completion and then a priority -5 chat
+    wait; when the slot frees, the later, more urgent one runs first, whole, then the other."""
+    holder = requests.post(f"{one_seq.base_url}/v1/completions", json={
+        "model": MODEL, "prompt": "1, 2, 3,", "max_tokens": 900, "ignore_eos": True, "stream": True},
+        stream=True, timeout=60)
+    holder_events = _events(holder)   # kept: a dropped generator would close the stream
+    next(holder_events)   # the slot is taken
+    finished: list[str] = []
+    errors: list[str] = []
+
+    def send(name: str, path: str, body: dict) -> None:
+        response = requests.post(f"{one_seq.base_url}{path}", timeout=120, json={
+            "model": MODEL, "max_tokens": 8, "ignore_eos": True, **body})
+        (finished if response.status_code == 200 else errors).append(name if response.status_code == 200
+                                                                     else response.text)
+
+    low = threading.Thread(target=send, args=("low", "/v1/completions", {"prompt": "Hello", "priority": 10}))
+    high = threading.Thread(target=send, args=("high", "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "Hi"}], "priority": -5}))
+    low.start()
+    time.sleep(1.0)   # low is queued first
+    high.start()
+    time.sleep(1.0)
+    assert finished == [] and errors == []
+    holder.close()   # abort: the slot frees
+    for thread in (low, high):
+        thread.join(120)
+    assert errors == [] and finished == ["high", "low"]
+    bad = requests.post(f"{one_seq.base_url}/v1/completions", timeout=30, json={
+        "model": MODEL, "prompt": "Hi", "max_tokens": 1, "priority": 2**63})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "priority"
 
 
 def test_killed_core_fails_open_requests_and_the_server_exits(tmp_path) -> None:

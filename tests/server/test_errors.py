@@ -33,6 +33,7 @@ def _assert_error(response: requests.Response, status: int, param: str | None, e
     (CHAT, {"messages": MESSAGES, "max_completion_tokens": 100000}, "max_tokens"),
     (COMPLETIONS, {"prompt": "hi", "suffix": "!"}, "suffix"),
     (COMPLETIONS, {"prompt": "hi", "use_beam_search": True}, "use_beam_search"),
+    (CHAT, {"messages": MESSAGES, "priority": 1}, "priority"),   # needs --scheduling-policy priority (as vLLM)
     (COMPLETIONS, {"prompt": "hi", "made_up_field": 1}, "made_up_field"),
     # tools without tool_choice mean "auto", which needs --enable-auto-tool-choice (as vLLM)
     (CHAT, {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),

@@ -1,5 +1,6 @@
 """Scheduler: token budget, chunked prefill mixed with decodes, FCFS admission, preemption
-(newest first) and resume by recompute, max_num_seqs, and the static policy."""
+(newest first) and resume by recompute, max_num_seqs, the static policy and the priority
+policy (admission, budget and preemption in (priority, arrival) order)."""
 from __future__ import annotations
 
 from pagedserve.core.kv_cache_manager import KVCacheManager
@@ -15,9 +16,9 @@ def make(num_blocks=64, budget=16, max_seqs=8, max_len=64, policy="continuous") 
     return Scheduler(KVCacheManager(num_blocks, B), max_seqs, budget, max_len, policy)
 
 
-def req(rid: str, prompt_len: int, max_tokens: int = 4, start: int = 0) -> Request:
+def req(rid: str, prompt_len: int, max_tokens: int = 4, start: int = 0, priority: int = 0) -> Request:
     return Request(RequestId(rid), list(range(start, start + prompt_len)), SamplingParams(max_tokens=max_tokens),
-                   max_tokens=max_tokens)
+                   max_tokens=max_tokens, priority=priority)
 
 
 def run_step(s: Scheduler) -> tuple[SchedulerOutput, list[Request]]:
@@ -178,3 +179,78 @@ def test_static_batch_limited_by_kv_pool():
         s.add_request(req(f"r{i}", 12, max_tokens=2, start=20 * i))   # 4 blocks each with room to grow
     run_step(s)
     assert [r.request_id for r in s.running] == ["r0", "r1"]
+
+
+def test_priority_policy_admits_lowest_value_first_ties_in_arrival_order():
+    s = make(budget=100, max_seqs=2, policy="priority")
+    for rid, priority in [("a", 5), ("b", 1), ("c", 5), ("d", -3), ("e", 1)]:
+        s.add_request(req(rid, 4, start=10 * ord(rid[0]), priority=priority))
+    assert [r.request_id for r in s.waiting] == ["d", "b", "e", "a", "c"]
+    out, _ = run_step(s)
+    assert list(out.num_scheduled_tokens) == ["d", "b"]
+    assert [r.request_id for r in s.running] == ["d", "b"]
+    s.finish_requests([RequestId("d")], RequestStatus.FINISHED_ABORTED)
+    s.add_request(req("f", 4, start=500, priority=1))   # after e among the 1s
+    out, _ = run_step(s)
+    assert list(out.num_scheduled_tokens) == ["b", "e"] and [r.request_id for r in s.waiting] == ["f", "a", "c"]
+
+
+def test_priority_policy_budget_goes_to_the_best_running_request_first():
+    # c arrives last but is the most urgent: it is admitted ahead of the others (its prefill
+    # first), then it is the running queue's head and takes the budget before them
+    s = make(budget=10, max_seqs=4, policy="priority")
+    s.add_request(req("a", 8, max_tokens=6, priority=2))
+    out, _ = run_step(s)
+    assert out.num_scheduled_tokens == {"a": 8}
+    s.add_request(req("b", 12, max_tokens=6, start=100, priority=2))
+    s.add_request(req("c", 12, max_tokens=6, start=200, priority=0))
+    out, _ = run_step(s)
+    assert out.num_scheduled_tokens == {"a": 1, "c": 9}
+    assert [r.request_id for r in s.running] == ["c", "a"] and [r.request_id for r in s.waiting] == ["b"]
+    out, _ = run_step(s)
+    assert out.num_scheduled_tokens == {"c": 3, "a": 1, "b": 6}
+    assert [r.request_id for r in s.running] == ["c", "a", "b"]
+
+
+def test_priority_policy_preempts_the_lowest_priority_not_the_newest():
+    # 5 blocks of 4 tokens: "low" (priority 9) came first, "high" (priority 0) second; when
+    # both need a third block, FCFS would evict the newest (high); priority evicts low
+    s = make(num_blocks=5, budget=100, max_len=40, policy="priority")
+    s.add_request(req("low", 8, max_tokens=10, priority=9))
+    s.add_request(req("high", 8, max_tokens=10, start=50, priority=0))
+    out, _ = run_step(s)
+    assert out.num_scheduled_tokens == {"high": 8, "low": 8}
+    assert s.kv.block_ids("high") == [0, 1] and s.kv.block_ids("low") == [2, 3]
+    out, _ = run_step(s)
+    assert s.kv.block_ids("high") == [0, 1, 4] and out.num_scheduled_tokens == {"high": 1}
+    assert out.preempted_req_ids == {"low"} and s.waiting[0].request_id == "low"
+    finished = []
+    for _ in range(100):
+        if not s.has_unfinished():
+            break
+        _, changed = run_step(s)
+        finished += [r.request_id for r in changed if r.is_finished()]
+    assert finished == ["high", "low"] and s.kv.pool.num_free_blocks == 5
+
+
+def test_priority_policy_preempted_request_waits_behind_better_ones():
+    # a preempted request goes back at its place by (priority, arrival), not at the head
+    s = make(num_blocks=5, budget=100, max_len=40, max_seqs=2, policy="priority")
+    s.add_request(req("low", 8, max_tokens=10, priority=9))
+    s.add_request(req("high", 8, max_tokens=10, start=50, priority=0))
+    run_step(s)
+    s.add_request(req("mid", 4, max_tokens=2, start=90, priority=5))
+    out, _ = run_step(s)
+    assert out.preempted_req_ids == {"low"}
+    assert [r.request_id for r in s.waiting] == ["mid", "low"]
+
+
+def test_parallel_samples_share_their_parents_place():
+    s = make(budget=100, max_seqs=8, policy="priority")
+    s.add_request(req("late", 4, priority=0))
+    parent = req("p", 4, start=40, priority=0)
+    forks = [req("p-1", 4, start=40, priority=0)]
+    s.add_request(parent, forks)
+    assert forks[0].arrival_index == parent.arrival_index == 2
+    out, _ = run_step(s)
+    assert [r.request_id for r in s.running] == ["late", "p", "p-1"]
