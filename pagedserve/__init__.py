@@ -22,11 +22,11 @@ try:
     from pagedserve.errors import EngineDeadError, ModelLoadError, OverloadedError, ValidationError
     from pagedserve.llm import LLM
     from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput
-    from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
+    from pagedserve.sampling_params import BeamSearchParams, SamplingParams, StructuredOutputsParams
 finally:
     if _gc_enabled:
         _gc.enable()
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput", "Logprob", "ValidationError",
+__all__ = ["LLM", "SamplingParams", "BeamSearchParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput", "Logprob", "ValidationError",
            "OverloadedError", "EngineDeadError", "ModelLoadError", "__version__"]

@@ -10,12 +10,13 @@ from tqdm.auto import tqdm
 
 from pagedserve.engine_args import EngineArgs
 from pagedserve.errors import ValidationError
+from pagedserve.frontend.beam_search import BeamSearch, BeamSearchOutput, step_logprobs
 from pagedserve.frontend.gc_policy import hot_loop_collector
 from pagedserve.frontend.input_processor import PromptType
 from pagedserve.frontend.llm_engine import LLMEngine
 from pagedserve.logger import configure_default_logging
 from pagedserve.outputs import RequestOutput
-from pagedserve.sampling_params import SamplingParams
+from pagedserve.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,38 @@ class LLM:
         if priority is not None and (isinstance(priority, (str, bytes)) or len(priority) != len(prompts)):
             raise ValidationError(f"priority must be a list of one integer per prompt ({len(prompts)})", "priority")
         return self._run(prompts, params, use_tqdm, priorities=priority)
+
+    def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,
+                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """vLLM's LLM.beam_search (frontend/beam_search.py): for each prompt the `beam_width` best
+        sequences, best first; each step runs every prompt's beams as one batch of one-token
+        requests (the prefix cache keeps what beams share). A sequence's `tokens` and `text`
+        include the prompt, as vLLM's do."""
+        prompts = _as_prompt_list(prompts)
+        processor = self.engine.input_processor
+        searches: list[tuple[BeamSearch, str | None]] = []
+        for prompt in prompts:
+            processed = processor.process_prompt(prompt)
+            processor.check_beam_search(len(processed.prompt_token_ids), params.beam_width, params.max_tokens)
+            searches.append((BeamSearch(processed.prompt_token_ids, params, self.engine.eos_token_ids),
+                             processed.cache_salt))
+        with tqdm(total=params.max_tokens, desc="Beam search", disable=not use_tqdm) as bar:
+            while live := [(search, salt) for search, salt in searches if not search.done]:
+                step = [({"prompt_token_ids": beam.tokens, "cache_salt": salt} if salt else
+                         {"prompt_token_ids": beam.tokens}, search.step_params)
+                        for search, salt in live for beam in search.beams]
+                outputs = iter(self._run([p for p, _ in step], [sp for _, sp in step], use_tqdm=False))
+                for search, _ in live:
+                    search.advance([step_logprobs(next(outputs)) for _ in search.beams])
+                bar.update(1)
+        tokenizer = self.engine.tokenizer
+        results = []
+        for search, _ in searches:
+            best = search.best()
+            for beam in best:
+                beam.text = tokenizer.decode(beam.tokens) if tokenizer is not None else None
+            results.append(BeamSearchOutput(best))
+        return results
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | Sequence[SamplingParams]
              | None = None, use_tqdm: bool = True, chat_template: str | None = None,

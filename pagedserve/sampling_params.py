@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -188,3 +189,27 @@ def _as_list(value: object, param: str) -> list:
     if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
         raise ValidationError(f"{param} must be a list, got {value!r}", param)
     return list(value)
+
+
+@dataclass(frozen=True)
+class BeamSearchParams:
+    """vLLM's BeamSearchParams, for LLM.beam_search (frontend/beam_search.py)."""
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0   # accepted as vLLM does: beams are ranked by the model's raw logprobs
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False   # the end-of-sequence token in a completed beam's token ids
+
+    def __post_init__(self) -> None:
+        for name in ("beam_width", "max_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValidationError(f"{name} must be an integer >= 1, got {value!r}", name)
+        for name in ("temperature", "length_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValidationError(f"{name} must be a finite number, got {value!r}", name)
+        if self.temperature < 0:
+            raise ValidationError(f"temperature must be non-negative, got {self.temperature}", "temperature")

@@ -113,6 +113,20 @@ class InputProcessor:
                 f"{params.max_tokens} in max_tokens)", "max_tokens")
         return min(params.max_tokens, room)
 
+    def check_beam_search(self, num_prompt_tokens: int, beam_width: int, max_tokens: int,
+                          width_param: str = "beam_width") -> None:
+        """A beam search's limits: its 2 * width logprobs a step within max_logprobs (the error
+        names `width_param`: n on the OpenAI routes), its beams within max_model_len."""
+        if self.max_logprobs != -1 and 2 * beam_width > self.max_logprobs:
+            raise ValidationError(f"a beam search of width {beam_width} asks for {2 * beam_width} logprobs a step; "
+                                  f"the engine allows {self.max_logprobs} (max_logprobs): width at most "
+                                  f"{self.max_logprobs // 2}", width_param)
+        if num_prompt_tokens + max_tokens > self.max_model_len:
+            raise ValidationError(
+                f"this model's maximum context length is {self.max_model_len} tokens; the request asks for "
+                f"{num_prompt_tokens + max_tokens} ({num_prompt_tokens} in the prompt, {max_tokens} in max_tokens)",
+                "max_tokens")
+
     def resolve_params(self, params: SamplingParams) -> SamplingParams:
         """logprobs / prompt_logprobs of -1 mean the whole vocabulary (a copy is returned)."""
         if params.logprobs != -1 and params.prompt_logprobs != -1:

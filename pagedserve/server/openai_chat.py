@@ -19,6 +19,7 @@ from pagedserve.frontend.output_processor import OutputKind
 from pagedserve.errors import ValidationError
 from pagedserve.outputs import CompletionOutput, RequestOutput
 from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
+from pagedserve.server.beam import FinishedStream, beam_search_outputs
 from pagedserve.server.context import ServerContext, new_request_id
 from pagedserve.server.errors import error_payload
 from pagedserve.server.openai_common import params_observer, truncate_prompts, usage_options, warn_ignored_fields
@@ -47,6 +48,14 @@ async def create_chat_completion(ctx: ServerContext, request: ChatCompletionRequ
                                                 request.chat_template_kwargs)
     [prompt] = await truncate_prompts(ctx, [prompt], request.truncate_prompt_tokens, request.add_special_tokens)
     response_id, engine_id = new_request_id("chatcmpl", request.request_id)
+    if request.use_beam_search:
+        [final] = await beam_search_outputs(ctx, request, params, [prompt], engine_id, request.add_special_tokens,
+                                            raw_request)
+        builder = _ChatBuilder(ctx, request, response_id, params_observer(
+            raw_request, params.n, params.max_tokens, ctx.engine.max_model_len), plan)
+        if request.stream:
+            return SSEResponse(builder.stream([FinishedStream(final)]))
+        return JSONResponse(builder.response(final))
     kind = OutputKind.DELTA if request.stream else OutputKind.FINAL_ONLY
     with structured.naming(constraint):   # compile errors name the request's field
         streams = await add_prompts(ctx.engine, engine_id, [request.engine_prompt(prompt)], params, kind,

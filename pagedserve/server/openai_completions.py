@@ -1,5 +1,5 @@
-"""POST /v1/completions: one engine request per prompt; choice index = prompt index * n +
-sequence index (as vLLM numbers them). A stream reports each choice's finish_reason once;
+"""POST /v1/completions: one engine request per prompt (or, with use_beam_search, one beam
+search: server/beam.py); choice index = prompt index * n + sequence index (as vLLM numbers them). A stream reports each choice's finish_reason once;
 every non-streamed choice carries `prompt_logprobs` (null unless asked for), as vLLM's."""
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pagedserve.frontend.async_engine import RequestStream
 from pagedserve.frontend.output_processor import OutputKind
 from pagedserve.outputs import CompletionOutput, RequestOutput
 from pagedserve.server import structured
+from pagedserve.server.beam import FinishedStream, beam_search_outputs
 from pagedserve.server.context import ServerContext, new_request_id
 from pagedserve.server.errors import error_payload
 from pagedserve.server.openai_common import params_observer, truncate_prompts, usage_options, warn_ignored_fields
@@ -30,8 +31,16 @@ async def create_completion(ctx: ServerContext, request: CompletionRequest, raw_
     params = request.to_sampling_params()
     prompts = await truncate_prompts(ctx, request.prompts(), request.truncate_prompt_tokens,
                                      request.add_special_tokens)
-    prompts = [request.engine_prompt(prompt) for prompt in prompts]
     response_id, engine_id = new_request_id("cmpl", request.request_id)
+    if request.use_beam_search:
+        finals = await beam_search_outputs(ctx, request, params, prompts, engine_id, request.add_special_tokens,
+                                           raw_request)
+        builder = _CompletionBuilder(ctx, request, response_id, params_observer(
+            raw_request, params.n, params.max_tokens, ctx.engine.max_model_len))
+        if request.stream:
+            return SSEResponse(builder.stream([FinishedStream(final) for final in finals]))
+        return JSONResponse(builder.response(finals))
+    prompts = [request.engine_prompt(prompt) for prompt in prompts]
     kind = OutputKind.DELTA if request.stream else OutputKind.FINAL_ONLY
     with structured.naming(request.structured_constraint()):   # compile errors name the request's field
         streams = await add_prompts(ctx.engine, engine_id, prompts, params, kind, request.add_special_tokens,

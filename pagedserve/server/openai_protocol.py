@@ -65,7 +65,7 @@ class _SamplingFields(_Strict):
     request_id: str | None = None
     cache_salt: str | None = None   # salts this request's prefix-cache hashes
     # vLLM extras (those in UNSUPPORTED accepted only at their neutral value)
-    use_beam_search: bool = False
+    use_beam_search: bool = False   # n beams (server/beam.py)
     length_penalty: float = 1.0
     priority: int = 0   # scheduling policy "priority": lower runs first (else only 0; frontend/input_processor.py)
     truncate_prompt_tokens: int | None = None   # keep the last k prompt tokens (-1: max_model_len)
@@ -87,6 +87,8 @@ class _SamplingFields(_Strict):
             if hasattr(self, name) and getattr(self, name) not in neutral:
                 raise ValidationError(f"{name} is not supported by this server", name)
         self.structured_constraint()   # structured-output fields: a 400 naming the field (structured.py)
+        if self.length_penalty != 1.0 and not self.use_beam_search:
+            raise ValidationError("length_penalty only applies with use_beam_search", "length_penalty")
         if self.cache_salt is not None and not self.cache_salt:
             raise ValidationError("cache_salt must be a non-empty string if given", "cache_salt")
         if self.stream_options is not None and not self.stream:
@@ -144,7 +146,6 @@ class _SamplingFields(_Strict):
 
 # Fields accepted only at these values (their default, or an explicit "off").
 UNSUPPORTED: dict[str, tuple] = {
-    "use_beam_search": (False,), "length_penalty": (1.0,),
     "guided_whitespace_pattern": (None,), "logits_processors": (None,),
     "kv_transfer_params": (None,), "vllm_xargs": (None,), "suffix": (None, ""),
     # OpenAI chat fields that would change the output: accepted only when off (H3, issue 16 #13)

@@ -32,7 +32,7 @@ def _assert_error(response: requests.Response, status: int, param: str | None, e
     (COMPLETIONS, {"prompt": "hi", "max_tokens": 8192}, "max_tokens"),   # 1 prompt token + 8192 > max_model_len
     (CHAT, {"messages": MESSAGES, "max_completion_tokens": 100000}, "max_tokens"),
     (COMPLETIONS, {"prompt": "hi", "suffix": "!"}, "suffix"),
-    (COMPLETIONS, {"prompt": "hi", "use_beam_search": True}, "use_beam_search"),
+    (COMPLETIONS, {"prompt": "hi", "use_beam_search": True, "stop": ["."]}, "stop"),   # not applied by beam search
     (CHAT, {"messages": MESSAGES, "priority": 1}, "priority"),   # needs --scheduling-policy priority (as vLLM)
     (COMPLETIONS, {"prompt": "hi", "made_up_field": 1}, "made_up_field"),
     # tools without tool_choice mean "auto", which needs --enable-auto-tool-choice (as vLLM)
