@@ -11,11 +11,12 @@ from tqdm.auto import tqdm
 from pagedserve.engine_args import EngineArgs
 from pagedserve.errors import ValidationError
 from pagedserve.frontend.beam_search import BeamSearch, BeamSearchOutput, step_logprobs
+from pagedserve.frontend.embedding_engine import EmbeddingEngine, pooling_model
 from pagedserve.frontend.gc_policy import hot_loop_collector
 from pagedserve.frontend.input_processor import PromptType
 from pagedserve.frontend.llm_engine import LLMEngine
 from pagedserve.logger import configure_default_logging
-from pagedserve.outputs import RequestOutput
+from pagedserve.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 from pagedserve.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,9 @@ class LLM:
         output unless the application configured it (logger.py)."""
         configure_default_logging()
         args = EngineArgs.from_kwargs(model=model, **kwargs)
-        self.engine = LLMEngine(args, offline=True)
+        # an embedding model (frontend/embedding_engine.py) gets the pooling engine: embed() only
+        self.engine: LLMEngine | EmbeddingEngine = (EmbeddingEngine(args) if pooling_model(args.model) is not None
+                                                    else LLMEngine(args, offline=True))
         self._request_counter = 0
         # Start-up left ~10^5 long-lived objects no full collection has walked (pagedserve's import
         # runs with the collector off), so the first one fell inside the first generate: ~120 ms
@@ -55,11 +58,32 @@ class LLM:
                  use_tqdm: bool = True, priority: Sequence[int] | None = None) -> list[RequestOutput]:
         """Run every prompt to completion; outputs in input order. `priority`: one per prompt
         (lower runs first), with scheduling_policy="priority" (vLLM's LLM.generate argument)."""
+        self._generative()
         prompts = _as_prompt_list(prompts)
         params = _per_prompt(sampling_params, len(prompts))
         if priority is not None and (isinstance(priority, (str, bytes)) or len(priority) != len(prompts)):
             raise ValidationError(f"priority must be a list of one integer per prompt ({len(prompts)})", "priority")
         return self._run(prompts, params, use_tqdm, priorities=priority)
+
+    def embed(self, prompts: PromptType | Sequence[PromptType], truncate_prompt_tokens: int | None = None,
+              use_tqdm: bool = False) -> list[EmbeddingRequestOutput]:
+        """vLLM's LLM.embed, for an embedding model (a folder whose config.json names BertModel):
+        one vector per prompt, pooled and normalised as its sentence-transformers modules say."""
+        if not isinstance(self.engine, EmbeddingEngine):
+            raise ValidationError("LLM.embed needs an embedding model (e.g. a sentence-transformers BertModel "
+                                  "folder); this one generates text", "model")
+        prompts = _as_prompt_list(prompts)
+        ids = [self.engine.process_prompt(p, truncate_prompt_tokens) for p in prompts]
+        vectors = self.engine.embed_ids(ids)
+        first = self._request_counter
+        self._request_counter += len(prompts)
+        return [EmbeddingRequestOutput(str(first + i), EmbeddingOutput(vector), prompt_ids)
+                for i, (prompt_ids, vector) in enumerate(zip(ids, vectors))]
+
+    def _generative(self) -> LLMEngine:
+        if isinstance(self.engine, EmbeddingEngine):
+            raise ValidationError("this model is an embedding model: use LLM.embed()", "model")
+        return self.engine
 
     def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,
                     use_tqdm: bool = False) -> list[BeamSearchOutput]:
@@ -68,7 +92,7 @@ class LLM:
         requests (the prefix cache keeps what beams share). A sequence's `tokens` and `text`
         include the prompt, as vLLM's do."""
         prompts = _as_prompt_list(prompts)
-        processor = self.engine.input_processor
+        processor = self._generative().input_processor
         searches: list[tuple[BeamSearch, str | None]] = []
         for prompt in prompts:
             processed = processor.process_prompt(prompt)
@@ -104,7 +128,7 @@ class LLM:
         if not messages:
             raise ValidationError("messages must not be empty", "messages")
         conversations = [messages] if isinstance(messages[0], dict) else messages
-        processor = self.engine.input_processor
+        processor = self._generative().input_processor
         prompts = [processor.render_chat(conv, chat_template, add_generation_prompt, continue_final_message, tools,
                                          documents, chat_template_kwargs)
                    for conv in conversations]

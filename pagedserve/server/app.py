@@ -5,7 +5,7 @@ everything (unknown routes included).
     GET  /health                GET  /version                 GET /metrics
     GET  /debug/steps           the engine's step timing (frontend/step_timing.py); ?reset=1 restarts it,
                                 ?raw=N adds the last N steps
-    POST /tokenize              POST /detokenize
+    POST /tokenize              POST /detokenize              POST /v1/embeddings (a 400: embeddings.py serves those)
 and text-generation-inference's routes (tgi_routes.py): POST /generate, /generate_stream, /;
 GET /info; POST /tokenize with {"inputs": ...} answers in TGI's shape (tokenize.py).
 The live dashboard (GET /dashboard and its stream): dashboard.py.
@@ -18,18 +18,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pagedserve import __version__
+from pagedserve.errors import ValidationError
 from pagedserve.frontend.async_engine import CPU_SAMPLE_S, AsyncEngine
 from pagedserve.server.context import AdmissionLimit, ServerContext, ServerSettings
 from pagedserve.server.dashboard import DashboardHub, add_dashboard_routes
-from pagedserve.server.errors import (HTTPError, MethodNotAllowedError, NotFoundError, ServiceUnavailableError,
-                                      api_of, error_response)
+from pagedserve.server.errors import ServiceUnavailableError, error_response, http_exception
 from pagedserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from pagedserve.server.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
 from pagedserve.server.openai_chat import create_chat_completion
@@ -61,7 +61,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, tgi_settings: TGISe
     app = FastAPI(title="pagedserve", version=__version__, lifespan=lifespan)
     app.state.ctx = ctx
     app.state.metrics = metrics
-    app.add_exception_handler(StarletteHTTPException, _http_exception)   # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, http_exception)   # type: ignore[arg-type]
     tgi_settings = tgi_settings or TGISettings()
     admission = AdmissionLimit(engine.max_num_seqs + settings.max_waiting_requests, settings.max_concurrent_requests,
                                tgi_settings.max_concurrent_requests)
@@ -85,17 +85,6 @@ async def _sample_loop_cpu(engine: AsyncEngine) -> None:
         await asyncio.sleep(CPU_SAMPLE_S)
 
 
-async def _http_exception(request: Request, exc: StarletteHTTPException) -> Response:
-    if exc.status_code == 404:
-        error: HTTPError = NotFoundError(f"no route for {request.method} {request.url.path}")
-    elif exc.status_code == 405:   # Starlette's exception carries the Allow header
-        error = MethodNotAllowedError(f"{request.method} is not allowed on {request.url.path}",
-                                      headers=exc.headers)
-    else:
-        error = HTTPError(str(exc.detail), status=exc.status_code, headers=exc.headers)
-    return error_response(error, api_of(request.url.path))
-
-
 def _add_openai_routes(app: FastAPI, ctx: ServerContext, admission: AdmissionLimit) -> None:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -113,6 +102,11 @@ def _add_openai_routes(app: FastAPI, ctx: ServerContext, admission: AdmissionLim
         except Exception as exc:
             return error_response(exc)
 
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:   # served by an embedding model's app (embeddings.py)
+        return error_response(ValidationError(f"the model {ctx.model_name!r} generates text: /v1/embeddings needs "
+                                              "an embedding model", "model"))
+
     @app.get("/v1/models")
     async def models() -> Response:
         return models_response(ctx)
@@ -122,10 +116,12 @@ def _add_openai_routes(app: FastAPI, ctx: ServerContext, admission: AdmissionLim
         return tokenizer_info_response(ctx)
 
 
-def _add_info_routes(app: FastAPI, ctx: ServerContext, metrics: ServerMetrics) -> None:
+def add_health_routes(app: FastAPI, engine: Any, metrics: Any) -> None:
+    """/health (503 once `engine.is_healthy` is false), /version, /metrics (`metrics.render()`):
+    this app's and the embedding app's (embeddings.py)."""
     @app.get("/health")
     async def health() -> Response:
-        if ctx.engine.is_healthy:
+        if engine.is_healthy:
             return Response(status_code=200)
         return error_response(ServiceUnavailableError("the engine is dead; restart the server"))
 
@@ -136,6 +132,10 @@ def _add_info_routes(app: FastAPI, ctx: ServerContext, metrics: ServerMetrics) -
     @app.get("/metrics")
     async def metrics_route() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+
+def _add_info_routes(app: FastAPI, ctx: ServerContext, metrics: ServerMetrics) -> None:
+    add_health_routes(app, ctx.engine, metrics)
 
     @app.get("/debug/steps")
     async def step_timing(reset: bool = False, raw: int = 0) -> Response:

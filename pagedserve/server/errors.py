@@ -199,3 +199,15 @@ ERROR_STATUSES: dict[API, dict[int, str]] = {
               422: "invalid request: the message names the field", 424: "the generation failed",
               429: "overloaded (see Retry-After)"},
 }
+
+
+async def http_exception(request: Any, exc: Any) -> JSONResponse:
+    """Starlette's HTTPException (no route, wrong method, ...) in the API's error body."""
+    if exc.status_code == 404:
+        error: HTTPError = NotFoundError(f"no route for {request.method} {request.url.path}")
+    elif exc.status_code == 405:   # Starlette's exception carries the Allow header
+        error = MethodNotAllowedError(f"{request.method} is not allowed on {request.url.path}",
+                                      headers=exc.headers)
+    else:
+        error = HTTPError(str(exc.detail), status=exc.status_code, headers=exc.headers)
+    return error_response(error, api_of(request.url.path))

@@ -175,6 +175,8 @@ def run_server(args: argparse.Namespace) -> None:
     import uvicorn
 
     from pagedserve.frontend.async_engine import AsyncEngine
+    from pagedserve.frontend.embedding_engine import AsyncEmbeddingEngine, pooling_model
+    from pagedserve.server.embeddings import build_embedding_app
     from pagedserve.frontend.gc_policy import raise_gen0_threshold
     from pagedserve.frontend.heap import limit_arenas, release_free_heap
     from pagedserve.server.app import build_app
@@ -189,9 +191,15 @@ def run_server(args: argparse.Namespace) -> None:
     engine_process = engine_process_from(args)
     if not engine_process and "MALLOC_ARENA_MAX" not in os.environ:
         limit_arenas(1)   # before any thread starts: the CPU server's threads share one heap (-5 to -7 MiB)
-    engine = AsyncEngine.from_engine_args(engine_args_from(args), engine_process=engine_process,
-                                          probe_gil=os.environ.get(GIL_PROBE_ENV) == "1")
-    app = build_app(engine, settings, tgi_settings)
+    engine_args = engine_args_from(args)
+    if pooling_model(engine_args.model) is not None:   # an embedding model: /v1/embeddings (server/embeddings.py)
+        engine_process = False
+        engine = AsyncEmbeddingEngine.from_engine_args(engine_args)
+        app = build_embedding_app(engine, settings)
+    else:
+        engine = AsyncEngine.from_engine_args(engine_args, engine_process=engine_process,
+                                              probe_gil=os.environ.get(GIL_PROBE_ENV) == "1")
+        app = build_app(engine, settings, tgi_settings)
     # the hundreds of thousands of objects start-up made live as long as the server: frozen, out of
     # the collector's sight, no full collection walks them again (a walk holds the GIL ~0.1-0.4 s)
     gc.collect()

@@ -1,0 +1,275 @@
+"""Embedding models (vLLM's pooling runner): prompts -> token ids -> batches -> one vector each.
+
+A folder whose config.json names a pooling architecture (models/bert.py) is served by this
+engine instead of LLMEngine: no KV cache, no scheduler, no sampling. `EmbeddingEngine` checks
+and tokenizes prompts and runs them in batches of at most max_num_seqs rows and
+max_num_batched_tokens padded tokens (sorted by length, so a batch pads little);
+`AsyncEmbeddingEngine` (the server) runs one thread that forms each batch round-robin over
+the requests waiting, one input of each in turn, so a request of 2,048 inputs shares every
+batch with the ones that came after it instead of going first."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import threading
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, Callable
+
+from pagedserve.config import resolve_dtype
+from pagedserve.engine_args import EngineArgs
+from pagedserve.errors import EngineDeadError, ModelLoadError, RequestFailedError, ValidationError
+from pagedserve.models.bert import POOLING_ARCHITECTURES, read_pooling_config
+from pagedserve.models.loader import ModelSource, load_tokenizer, resolve_model
+from pagedserve.worker.kv_budget import resolve_device
+from pagedserve.worker.pooling_runner import PoolingRunner
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BATCHED_TOKENS = {"cpu": 4096, "cuda": 32768}   # padded tokens in one batch
+
+
+def pooling_model(model: str | None) -> ModelSource | None:
+    """The model's folder if its config.json names a pooling (embedding) architecture."""
+    if model is None:
+        return None   # the embedded default is a generative GGUF
+    source = resolve_model(model)
+    if source.gguf_file:
+        return None
+    config = _read_config(source.directory)
+    return source if set(config.get("architectures") or ()) & set(POOLING_ARCHITECTURES) else None
+
+
+def _read_config(directory: str) -> dict[str, Any]:
+    try:
+        with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read the model config in {directory}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{directory}/config.json is not a JSON object")
+    return data
+
+
+class EmbeddingEngine:
+    """Synchronous: process_prompt (any thread) and embed_ids (one thread at a time)."""
+
+    def __init__(self, args: EngineArgs) -> None:
+        args.validate()
+        self.device = resolve_device(args.device)
+        source = resolve_model(args.model)
+        config = _read_config(source.directory)
+        pooling, seq_limit = read_pooling_config(source.directory)
+        positions = int(config.get("max_position_embeddings", 512))
+        if args.max_model_len is not None and args.max_model_len > positions:
+            raise ValidationError(f"max_model_len {args.max_model_len} exceeds the model's max_position_embeddings "
+                                  f"{positions}", "max_model_len")
+        self.max_model_len = args.max_model_len or min(positions, seq_limit or positions)
+        self.max_num_seqs = args.max_num_seqs or 256
+        self.max_num_batched_tokens = max(args.max_num_batched_tokens or DEFAULT_BATCHED_TOKENS[self.device.type],
+                                          self.max_model_len)
+        self.vocab_size = int(config["vocab_size"])
+        dtype = resolve_dtype(args.dtype, config.get("torch_dtype") or config.get("dtype"), self.device.type)
+        self.tokenizer = None if args.skip_tokenizer_init else load_tokenizer(source, args.tokenizer)
+        self.runner = PoolingRunner(source.directory, SimpleNamespace(**config), pooling, dtype, self.device)
+        self.dimensions = self.runner.dimensions
+
+    def process_prompt(self, prompt: Any, truncate_prompt_tokens: int | None = None, add_special_tokens: bool = True,
+                       param: str = "prompt") -> list[int]:
+        """A string, a token id list, or vLLM's {"prompt"} / {"prompt_token_ids"} -> checked
+        token ids. truncate_prompt_tokens k (-1: max_model_len): a text is cut by the tokenizer
+        to k tokens (its special tokens kept), a token id list to its last k."""
+        keep = None
+        if truncate_prompt_tokens is not None:
+            if isinstance(truncate_prompt_tokens, bool) or not isinstance(truncate_prompt_tokens, int) or \
+                    not (truncate_prompt_tokens == -1 or 1 <= truncate_prompt_tokens <= self.max_model_len):
+                raise ValidationError(f"truncate_prompt_tokens must be -1 or 1..{self.max_model_len}, got "
+                                      f"{truncate_prompt_tokens!r}", "truncate_prompt_tokens")
+            keep = self.max_model_len if truncate_prompt_tokens == -1 else truncate_prompt_tokens
+        if isinstance(prompt, dict):
+            prompt = prompt["prompt_token_ids"] if "prompt_token_ids" in prompt else prompt.get("prompt")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValidationError("text prompts need a tokenizer (skip_tokenizer_init is set)", param)
+            kwargs = {"truncation": True, "max_length": keep} if keep is not None else {}
+            ids = self.tokenizer(prompt, add_special_tokens=add_special_tokens, **kwargs)["input_ids"]
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)[-keep:] if keep is not None else list(prompt)
+            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise ValidationError(f"token id {bad} is out of vocabulary (size {self.vocab_size})", param)
+        else:
+            raise ValidationError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}",
+                                  param)
+        if not ids:
+            raise ValidationError("a prompt must hold at least one token", param)
+        if len(ids) > self.max_model_len:
+            raise ValidationError(f"this model's maximum context length is {self.max_model_len} tokens; a prompt has "
+                                  f"{len(ids)} (truncate_prompt_tokens cuts it)", param)
+        return ids
+
+    def batches(self, lengths: list[int]) -> list[list[int]]:
+        """Indices into `lengths`, shortest first, in batches of at most max_num_seqs rows and
+        max_num_batched_tokens padded tokens."""
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        batches: list[list[int]] = []
+        for index in order:
+            current = batches[-1] if batches else None
+            if current is None or len(current) >= self.max_num_seqs or \
+                    lengths[index] * (len(current) + 1) > self.max_num_batched_tokens:
+                batches.append([index])
+            else:
+                current.append(index)
+        return batches
+
+    def embed_ids(self, id_lists: list[list[int]]) -> list[list[float]]:
+        vectors: list[list[float] | None] = [None] * len(id_lists)
+        for batch in self.batches([len(ids) for ids in id_lists]):
+            for index, vector in zip(batch, self.runner.embed([id_lists[i] for i in batch])):
+                vectors[index] = vector
+        return vectors   # type: ignore[return-value]
+
+    def shutdown(self) -> None:
+        pass
+
+
+@dataclass
+class _Input:
+    ids: list[int]
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+
+
+class AsyncEmbeddingEngine:
+    """The server's: `embed` from the event loop; batches run on one thread, round-robin
+    over the requests waiting (one input of each in turn)."""
+
+    def __init__(self, engine: EmbeddingEngine) -> None:
+        self.engine = engine
+        self._cond = threading.Condition()
+        self._queues: OrderedDict[int, deque[_Input]] = OrderedDict()   # request -> inputs not yet run
+        self._next_key = 0
+        self._stopping = False
+        self._dead: EngineDeadError | None = None
+        self._processing = ThreadPoolExecutor(2, thread_name_prefix="pagedserve-tokenize")
+        self._thread = threading.Thread(target=self._run, name="pagedserve-embed", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> "AsyncEmbeddingEngine":
+        return cls(EmbeddingEngine(args))
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def num_waiting(self) -> int:
+        with self._cond:
+            return sum(len(queue) for queue in self._queues.values())
+
+    @property
+    def is_healthy(self) -> bool:
+        return self._dead is None and self._thread.is_alive()
+
+    async def process(self, function: Callable[..., Any], *args: Any) -> Any:
+        """`function(*args)` in the tokenizing pool (never on the event loop)."""
+        return await asyncio.get_running_loop().run_in_executor(self._processing, function, *args)
+
+    async def embed(self, id_lists: list[list[int]]) -> list[list[float]]:
+        """One vector per token id list (each already checked by process_prompt). Cancelled,
+        its inputs not yet run are dropped."""
+        if self._dead is not None:
+            raise self._dead
+        loop = asyncio.get_running_loop()
+        inputs = [_Input(ids, loop.create_future(), loop) for ids in id_lists]
+        with self._cond:
+            if self._stopping:
+                raise EngineDeadError("the embedding engine is shutting down")
+            key, self._next_key = self._next_key, self._next_key + 1
+            self._queues[key] = deque(inputs)
+            self._cond.notify()
+        try:
+            return list(await asyncio.gather(*(item.future for item in inputs)))
+        finally:
+            with self._cond:
+                self._queues.pop(key, None)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+        self._processing.shutdown(wait=False, cancel_futures=True)
+
+    def _take_batch(self) -> list[_Input]:
+        """Round-robin over the requests, one input of each in turn, while the batch fits."""
+        engine, batch, longest = self.engine, [], 0
+        while self._queues and len(batch) < engine.max_num_seqs:
+            key, queue = next(iter(self._queues.items()))
+            item = queue[0]
+            widest = max(longest, len(item.ids))
+            if batch and widest * (len(batch) + 1) > engine.max_num_batched_tokens:
+                break
+            queue.popleft()
+            if queue:
+                self._queues.move_to_end(key)
+            else:
+                del self._queues[key]
+            if not item.future.cancelled():
+                batch.append(item)
+                longest = widest
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queues and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                batch = self._take_batch()
+            if not batch:
+                continue
+            try:
+                vectors = self.engine.runner.embed([item.ids for item in batch])
+            except Exception as exc:   # this batch's requests fail; the engine goes on
+                logger.exception("an embedding batch of %d inputs failed", len(batch))
+                failed = RequestFailedError(f"the embedding batch failed: {type(exc).__name__}: {exc}")
+                for item in batch:
+                    _settle_threadsafe(item, None, failed)
+                continue
+            for item, vector in zip(batch, vectors):
+                _settle_threadsafe(item, vector, None)
+        error = EngineDeadError("the embedding engine has stopped")
+        self._dead = error
+        with self._cond:
+            for queue in self._queues.values():
+                for item in queue:
+                    _settle_threadsafe(item, None, error)
+            self._queues.clear()
+
+
+def _settle_threadsafe(item: _Input, value: Any, error: BaseException | None) -> None:
+    try:
+        item.loop.call_soon_threadsafe(_settle, item.future, value, error)
+    except RuntimeError:   # its event loop is closed: nobody waits any more
+        pass
+
+
+def _settle(future: asyncio.Future, value: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)

@@ -1,0 +1,170 @@
+"""POST /v1/embeddings (OpenAI's, with vLLM's extras), and the app that serves an embedding model
+(frontend/embedding_engine.py): /v1/embeddings, /v1/models, /tokenize, /health, /version,
+/metrics. The text-generation routes answer such a server with a 400 naming `model`, and a
+text-generation server answers /v1/embeddings the same way (app.py), as vLLM does.
+
+`input`: a string, a list of strings, a token id list or a list of those (at most
+MAX_EMBEDDING_INPUTS); `encoding_format` "float" or "base64" (little-endian float32, as
+OpenAI's client decodes it); `dimensions` only at the model's own size; vLLM's
+`truncate_prompt_tokens` and `add_special_tokens`."""
+from __future__ import annotations
+
+import base64
+import struct
+import time
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Literal, Union
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pagedserve import __version__
+from pagedserve.errors import ValidationError
+from pagedserve.frontend.embedding_engine import AsyncEmbeddingEngine
+from pagedserve.server.context import AdmissionLimit, ServerContext, ServerSettings, new_request_id
+from pagedserve.server.app import add_health_routes
+from pagedserve.server.errors import error_response, http_exception
+from pagedserve.server.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
+from pagedserve.server.openai_models import models_response
+from pagedserve.server.openai_protocol import _Strict
+from pagedserve.server.request_body import parse_body, read_json
+
+MAX_EMBEDDING_INPUTS = 2048   # OpenAI's cap on `input` entries
+GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions", "/generate", "/generate_stream", "/")
+
+
+class EmbeddingRequest(_Strict):
+    input: Union[str, list[str], list[int], list[list[int]]]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    truncate_prompt_tokens: int | None = None   # vLLM: keep k tokens (-1: max_model_len)
+    add_special_tokens: bool = True             # vLLM
+    request_id: str | None = None               # vLLM
+    priority: int = Field(default=0)            # vLLM's field; no scheduler here: only 0
+
+    def inputs(self) -> list[str | list[int]]:
+        value = self.input
+        if isinstance(value, str) or (isinstance(value, list) and value and isinstance(value[0], int)):
+            return [value]
+        if not value:
+            raise ValidationError("input must not be empty", "input")
+        if len(value) > MAX_EMBEDDING_INPUTS:
+            raise ValidationError(f"input supports up to {MAX_EMBEDDING_INPUTS} entries; given {len(value)}", "input")
+        return list(value)
+
+    def check_supported(self) -> None:
+        if self.priority != 0:
+            raise ValidationError("priority is not supported for embeddings (no scheduling policy here)", "priority")
+
+
+class EmbeddingMetrics:
+    """vLLM-named counters for an embedding server (its own registry)."""
+
+    def __init__(self, engine: AsyncEmbeddingEngine, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = {"model_name": model_name}
+        self.prompt_tokens = Counter("pagedserve:prompt_tokens", "Number of prefill tokens processed.",
+                                     labelnames=list(labels), registry=self.registry).labels(**labels)
+        self.requests = Counter("pagedserve:request_success", "Count of successfully processed requests.",
+                                labelnames=list(labels), registry=self.registry).labels(**labels)
+        self.latency = Histogram("pagedserve:e2e_request_latency_seconds", "Histogram of e2e request latency.",
+                                 labelnames=list(labels), registry=self.registry,
+                                 buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)).labels(**labels)
+        waiting = Gauge("pagedserve:num_requests_waiting", "Inputs waiting to be embedded.", labelnames=list(labels),
+                        registry=self.registry).labels(**labels)
+        waiting.set_function(lambda: engine.num_waiting)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+async def create_embedding(ctx: ServerContext, request: EmbeddingRequest, metrics: EmbeddingMetrics) -> Response:
+    started = time.monotonic()
+    ctx.check_model(request.model)
+    engine: AsyncEmbeddingEngine = ctx.engine   # type: ignore[assignment]
+    if request.dimensions is not None and request.dimensions != engine.engine.dimensions:
+        raise ValidationError(f"dimensions: this model's embeddings have {engine.engine.dimensions} and cannot be "
+                              f"shortened (not a Matryoshka model); got {request.dimensions}", "dimensions")
+    inputs = request.inputs()
+    process = engine.engine.process_prompt
+    id_lists = await engine.process(lambda: [process(item, request.truncate_prompt_tokens, request.add_special_tokens,
+                                                     "input") for item in inputs])
+    vectors = await engine.embed(id_lists)
+    response_id, _ = new_request_id("embd", request.request_id)
+    data = [{"object": "embedding", "index": i,
+             "embedding": _base64(vector) if request.encoding_format == "base64" else vector}
+            for i, vector in enumerate(vectors)]
+    num_tokens = sum(len(ids) for ids in id_lists)
+    metrics.prompt_tokens.inc(num_tokens)
+    metrics.requests.inc()
+    metrics.latency.observe(time.monotonic() - started)
+    return JSONResponse({"id": response_id, "object": "list", "created": int(time.time()), "model": ctx.model_name,
+                         "data": data, "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens}})
+
+
+def _base64(vector: list[float]) -> str:
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+
+
+def build_embedding_app(engine: AsyncEmbeddingEngine, settings: ServerSettings) -> FastAPI:
+    """An app serving an embedding model; its lifespan ends with engine.shutdown()."""
+    ctx = ServerContext(engine, settings)   # type: ignore[arg-type]
+    metrics = EmbeddingMetrics(engine, settings.served_model_name)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.shutdown()
+
+    app = FastAPI(title="pagedserve", version=__version__, lifespan=lifespan)
+    app.state.ctx = ctx
+    app.add_exception_handler(StarletteHTTPException, http_exception)   # type: ignore[arg-type]
+    admission = AdmissionLimit(engine.engine.max_num_seqs + settings.max_waiting_requests,
+                               settings.max_concurrent_requests)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        try:
+            body = parse_body(EmbeddingRequest, await read_json(request))
+            return await admission.admit(1).respond(lambda: create_embedding(ctx, body, metrics))
+        except Exception as exc:
+            return error_response(exc)
+
+    for path in GENERATION_ROUTES:
+        app.add_api_route(path, _not_generative(ctx), methods=["POST"])
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        return models_response(ctx)
+
+    add_health_routes(app, engine, metrics)
+
+    @app.post("/tokenize")
+    async def tokenize_route(request: Request) -> Response:
+        try:
+            body = await read_json(request)
+            if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
+                raise ValidationError("prompt must be a string", "prompt")
+            ids = await engine.process(engine.engine.process_prompt, body["prompt"], None,
+                                       bool(body.get("add_special_tokens", True)))
+            return JSONResponse({"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids})
+        except Exception as exc:
+            return error_response(exc)
+
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
+    if settings.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+    return app
+
+
+def _not_generative(ctx: ServerContext) -> Any:
+    async def route(request: Request) -> Response:
+        return error_response(ValidationError(
+            f"the model {ctx.model_name!r} is an embedding model: it serves /v1/embeddings, not "
+            f"{request.url.path}", "model"))
+    return route

@@ -1,0 +1,96 @@
+"""/v1/embeddings through a real server process on all-MiniLM-L6-v2 (server/embeddings.py), with
+OpenAI's own client: the offline LLM.embed's vectors, float and base64; bad input is a 400
+naming the field while good requests run; the text-generation routes answer an embedding
+server with a 400 naming `model`, and the generative `server` answers /v1/embeddings so."""
+from __future__ import annotations
+
+import base64
+import struct
+import threading
+from typing import Iterator
+
+import pytest
+import requests
+from openai import OpenAI
+
+from pagedserve import LLM
+from tests.helpers import minilm_path
+from tests.server.conftest import ServerProcess, serving
+
+TEXTS = ["Hello world", "Paged attention stores the KV cache in blocks.", "a"]
+
+
+@pytest.fixture(scope="module")
+def embed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    yield from serving(tmp_path_factory, "embed_server", minilm_path(), "--served-model-name", "minilm")
+
+
+@pytest.fixture(scope="module")
+def reference() -> list[list[float]]:
+    llm = LLM(model=minilm_path())
+    try:
+        return [o.outputs.embedding for o in llm.embed(TEXTS)]
+    finally:
+        llm.shutdown()
+
+
+def _close(a: list[float], b: list[float]) -> bool:
+    return len(a) == len(b) and max(abs(x - y) for x, y in zip(a, b)) < 1e-5
+
+
+def test_openai_client_gets_the_offline_vectors(embed_server, reference) -> None:
+    client = OpenAI(base_url=f"{embed_server.base_url}/v1", api_key="none")
+    result = client.embeddings.create(model="minilm", input=TEXTS)   # the client asks for base64 and decodes it
+    assert [d.index for d in result.data] == [0, 1, 2]
+    assert all(_close(d.embedding, ref) for d, ref in zip(result.data, reference))
+    assert result.usage.prompt_tokens == result.usage.total_tokens > len(TEXTS) * 2
+    floats = client.embeddings.create(model="minilm", input=TEXTS[1], encoding_format="float")
+    assert _close(floats.data[0].embedding, reference[1])
+    raw = requests.post(f"{embed_server.base_url}/v1/embeddings", timeout=30,
+                        json={"input": [TEXTS[2]], "encoding_format": "base64"}).json()
+    decoded = list(struct.unpack("<384f", base64.b64decode(raw["data"][0]["embedding"])))
+    assert _close(decoded, reference[2]) and raw["model"] == "minilm" and raw["object"] == "list"
+    ids = requests.post(f"{embed_server.base_url}/tokenize", json={"prompt": TEXTS[0]}, timeout=30).json()["tokens"]
+    by_ids = requests.post(f"{embed_server.base_url}/v1/embeddings", json={"input": ids}, timeout=30).json()
+    assert _close(by_ids["data"][0]["embedding"], reference[0])
+    models = requests.get(f"{embed_server.base_url}/v1/models", timeout=30).json()
+    assert models["data"][0]["id"] == "minilm" and models["data"][0]["max_model_len"] == 256
+    metrics = requests.get(f"{embed_server.base_url}/metrics", timeout=30).text
+    assert 'pagedserve:request_success_total{model_name="minilm"}' in metrics
+
+
+def test_bad_input_is_a_400_naming_the_field_while_good_requests_run(embed_server, reference) -> None:
+    url = f"{embed_server.base_url}/v1/embeddings"
+    good: list[bool] = []
+
+    def good_requests() -> None:
+        for _ in range(10):
+            body = requests.post(url, json={"input": TEXTS}, timeout=60).json()
+            good.append(all(_close(d["embedding"], r) for d, r in zip(body["data"], reference)))
+
+    thread = threading.Thread(target=good_requests)
+    thread.start()
+    cases = [({"input": []}, "input"), ({"input": "x", "dimensions": 128}, "dimensions"),
+             ({"input": "x", "encoding_format": "int8"}, "encoding_format"),
+             ({"input": "word " * 300}, "input"), ({"input": [[5, 10**6]]}, "input"),
+             ({"input": ["x"] * 2049}, "input"), ({"input": "x", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+             ({"input": "x", "priority": 1}, "priority"), ({"input": "x", "made_up": 1}, "made_up"),
+             ({"input": 5}, "input"), ({}, "input")]
+    for body, param in cases:
+        response = requests.post(url, json=body, timeout=60)
+        assert response.status_code == 400, (body, response.text)
+        assert response.json()["error"]["param"] == param, (body, response.text)
+    unknown = requests.post(url, json={"input": "x", "model": "other"}, timeout=30)
+    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "model"
+    cut = requests.post(url, json={"input": "word " * 300, "truncate_prompt_tokens": 16}, timeout=30).json()
+    assert cut["usage"]["prompt_tokens"] == 16
+    for path in ("/v1/completions", "/v1/chat/completions", "/generate"):
+        response = requests.post(f"{embed_server.base_url}{path}", json={"prompt": "x"}, timeout=30)
+        assert response.status_code == 400 and response.json()["error"]["param"] == "model", path
+    thread.join(120)
+    assert good == [True] * 10
+
+
+def test_a_text_generation_server_refuses_embeddings(server) -> None:
+    response = requests.post(f"{server.base_url}/v1/embeddings", json={"input": "x"}, timeout=30)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "model"
