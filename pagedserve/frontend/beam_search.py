@@ -99,8 +99,9 @@ class BeamSearch:
             for token, entry in logprobs.items():
                 total = beam.cum_logprob + entry.logprob
                 if token in self.eos:
-                    self.completed.append(BeamSearchSequence(beam.tokens + [token] if include_eos else list(beam.tokens),
-                                                             beam.logprobs + [logprobs], total, finish_reason="stop"))
+                    tokens = beam.tokens + [token] if include_eos else list(beam.tokens)
+                    self.completed.append(BeamSearchSequence(tokens, beam.logprobs + [logprobs], total,
+                                                             finish_reason="stop"))
                 else:
                     candidates.append((total, token, beam, logprobs))
         candidates.sort(key=lambda c: -c[0])   # stable: ties stay in beam, then rank, order

@@ -34,13 +34,18 @@ DEFAULT_BATCHED_TOKENS = {"cpu": 4096, "cuda": 32768}   # padded tokens in one b
 
 
 def pooling_model(model: str | None) -> ModelSource | None:
-    """The model's folder if its config.json names a pooling (embedding) architecture."""
+    """The model's folder if its config.json names a pooling (embedding) architecture; None
+    otherwise, and for a model that cannot be found or read (the generative engine's loading
+    then says why, as it always has)."""
     if model is None:
         return None   # the embedded default is a generative GGUF
-    source = resolve_model(model)
-    if source.gguf_file:
+    try:
+        source = resolve_model(model)
+        if source.gguf_file:
+            return None
+        config = _read_config(source.directory)
+    except ModelLoadError:
         return None
-    config = _read_config(source.directory)
     return source if set(config.get("architectures") or ()) & set(POOLING_ARCHITECTURES) else None
 
 
@@ -79,7 +84,7 @@ class EmbeddingEngine:
         self.dimensions = self.runner.dimensions
 
     def process_prompt(self, prompt: Any, truncate_prompt_tokens: int | None = None, add_special_tokens: bool = True,
-                       param: str = "prompt") -> list[int]:
+                       param: str = "prompt", truncate_hint: str = "truncate_prompt_tokens") -> list[int]:
         """A string, a token id list, or vLLM's {"prompt"} / {"prompt_token_ids"} -> checked
         token ids. truncate_prompt_tokens k (-1: max_model_len): a text is cut by the tokenizer
         to k tokens (its special tokens kept), a token id list to its last k."""
@@ -109,7 +114,7 @@ class EmbeddingEngine:
             raise ValidationError("a prompt must hold at least one token", param)
         if len(ids) > self.max_model_len:
             raise ValidationError(f"this model's maximum context length is {self.max_model_len} tokens; a prompt has "
-                                  f"{len(ids)} (truncate_prompt_tokens cuts it)", param)
+                                  f"{len(ids)} ({truncate_hint} cuts it)", param)
         return ids
 
     def batches(self, lengths: list[int]) -> list[list[int]]:
@@ -142,6 +147,7 @@ class _Input:
     ids: list[int]
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
+    normalize: bool
 
 
 class AsyncEmbeddingEngine:
@@ -184,13 +190,16 @@ class AsyncEmbeddingEngine:
         """`function(*args)` in the tokenizing pool (never on the event loop)."""
         return await asyncio.get_running_loop().run_in_executor(self._processing, function, *args)
 
-    async def embed(self, id_lists: list[list[int]]) -> list[list[float]]:
-        """One vector per token id list (each already checked by process_prompt). Cancelled,
-        its inputs not yet run are dropped."""
+    async def embed(self, id_lists: list[list[int]], normalize: bool | None = None) -> list[list[float]]:
+        """One vector per token id list (each already checked by process_prompt), normalised
+        as the model's pooling says unless `normalize` says otherwise. Cancelled, its inputs
+        not yet run are dropped."""
         if self._dead is not None:
             raise self._dead
         loop = asyncio.get_running_loop()
-        inputs = [_Input(ids, loop.create_future(), loop) for ids in id_lists]
+        if normalize is None:
+            normalize = self.engine.runner.pooling.normalize
+        inputs = [_Input(ids, loop.create_future(), loop, normalize) for ids in id_lists]
         with self._cond:
             if self._stopping:
                 raise EngineDeadError("the embedding engine is shutting down")
@@ -241,7 +250,7 @@ class AsyncEmbeddingEngine:
             if not batch:
                 continue
             try:
-                vectors = self.engine.runner.embed([item.ids for item in batch])
+                vectors = self.engine.runner.embed([item.ids for item in batch], [item.normalize for item in batch])
             except Exception as exc:   # this batch's requests fail; the engine goes on
                 logger.exception("an embedding batch of %d inputs failed", len(batch))
                 failed = RequestFailedError(f"the embedding batch failed: {type(exc).__name__}: {exc}")

@@ -62,8 +62,10 @@ def read_pooling_config(directory: str) -> tuple[PoolingConfig, int | None]:
     return PoolingConfig(method, normalize), max_len if isinstance(max_len, int) and max_len > 0 else None
 
 
-def pool(hidden: torch.Tensor, mask: torch.Tensor, config: PoolingConfig) -> torch.Tensor:
-    """[B, L, H] hidden states of a padded batch (mask [B, L], True on real tokens) -> [B, H]."""
+def pool(hidden: torch.Tensor, mask: torch.Tensor, config: PoolingConfig,
+         normalize: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, L, H] hidden states of a padded batch (mask [B, L], True on real tokens) -> [B, H]
+    float32, L2-normalised as the config says or, given `normalize` ([B] bool), where it is true."""
     if config.method == "cls":
         pooled = hidden[:, 0]
     elif config.method == "last":
@@ -74,7 +76,9 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, config: PoolingConfig) -> tor
         weights = mask[..., None].to(hidden.dtype)
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
     pooled = pooled.float()
-    return F.normalize(pooled, p=2, dim=-1) if config.normalize else pooled
+    if normalize is None:
+        return F.normalize(pooled, p=2, dim=-1) if config.normalize else pooled
+    return torch.where(normalize[:, None], F.normalize(pooled, p=2, dim=-1), pooled)
 
 
 class _Attention(nn.Module):

@@ -32,9 +32,9 @@ class FinishedStream:
         pass
 
 
-async def beam_search_outputs(ctx: ServerContext, request: CompletionRequest | ChatCompletionRequest, params: SamplingParams,
-                              prompts: Sequence[str | list[int]], engine_id: str, add_special_tokens: bool,
-                              raw_request: Request) -> list[RequestOutput]:
+async def beam_search_outputs(ctx: ServerContext, request: CompletionRequest | ChatCompletionRequest,
+                              params: SamplingParams, prompts: Sequence[str | list[int]], engine_id: str,
+                              add_special_tokens: bool, raw_request: Request) -> list[RequestOutput]:
     """Each prompt's beam search, concurrently; every limit is checked before any runs."""
     processor = ctx.engine.engine.input_processor
     processor.check_priority(request.priority)

@@ -1,6 +1,7 @@
 """POST /v1/embeddings (OpenAI's, with vLLM's extras), and the app that serves an embedding model
-(frontend/embedding_engine.py): /v1/embeddings, /v1/models, /tokenize, /health, /version,
-/metrics. The text-generation routes answer such a server with a 400 naming `model`, and a
+(frontend/embedding_engine.py): /v1/embeddings, text-embeddings-inference's /embed (`inputs`,
+`normalize`, `truncate`; a JSON array of vectors; errors in TGI's body), /v1/models,
+/tokenize, /health, /version, /metrics. The text-generation routes answer such a server with a 400 naming `model`, and a
 text-generation server answers /v1/embeddings the same way (app.py), as vLLM does.
 
 `input`: a string, a list of strings, a token id list or a list of those (at most
@@ -26,7 +27,7 @@ from pagedserve.errors import ValidationError
 from pagedserve.frontend.embedding_engine import AsyncEmbeddingEngine
 from pagedserve.server.context import AdmissionLimit, ServerContext, ServerSettings, new_request_id
 from pagedserve.server.app import add_health_routes
-from pagedserve.server.errors import error_response, http_exception
+from pagedserve.server.errors import API, error_response, http_exception
 from pagedserve.server.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
 from pagedserve.server.openai_models import models_response
 from pagedserve.server.openai_protocol import _Strict
@@ -48,18 +49,61 @@ class EmbeddingRequest(_Strict):
     priority: int = Field(default=0)            # vLLM's field; no scheduler here: only 0
 
     def inputs(self) -> list[str | list[int]]:
-        value = self.input
-        if isinstance(value, str) or (isinstance(value, list) and value and isinstance(value[0], int)):
-            return [value]
-        if not value:
-            raise ValidationError("input must not be empty", "input")
-        if len(value) > MAX_EMBEDDING_INPUTS:
-            raise ValidationError(f"input supports up to {MAX_EMBEDDING_INPUTS} entries; given {len(value)}", "input")
-        return list(value)
+        return _input_list(self.input, "input")
 
     def check_supported(self) -> None:
         if self.priority != 0:
             raise ValidationError("priority is not supported for embeddings (no scheduling policy here)", "priority")
+
+
+class EmbedRequest(_Strict):
+    """text-embeddings-inference's POST /embed (HF's embedding server): a JSON array of vectors back."""
+
+    inputs: Union[str, list[str], list[int], list[list[int]]]
+    normalize: bool = True
+    truncate: bool = False
+    truncation_direction: Literal["right", "Right"] = "right"   # TEI's "left" is not supported
+    prompt_name: None = None   # sentence-transformers prompts: not supported
+    dimensions: int | None = None
+
+    def inputs_list(self) -> list[str | list[int]]:
+        return _input_list(self.inputs, "inputs")
+
+
+def _input_list(value: str | list, name: str) -> list[str | list[int]]:
+    """One text or token id list, or a non-empty list of up to MAX_EMBEDDING_INPUTS of them."""
+    if isinstance(value, str) or (isinstance(value, list) and value and isinstance(value[0], int)):
+        return [value]
+    if not value:
+        raise ValidationError(f"{name} must not be empty", name)
+    if len(value) > MAX_EMBEDDING_INPUTS:
+        raise ValidationError(f"{name} supports up to {MAX_EMBEDDING_INPUTS} entries; given {len(value)}", name)
+    return list(value)
+
+
+async def create_tei_embedding(ctx: ServerContext, request: EmbedRequest, metrics: EmbeddingMetrics) -> Response:
+    started = time.monotonic()
+    engine: AsyncEmbeddingEngine = ctx.engine   # type: ignore[assignment]
+    if request.dimensions is not None and request.dimensions != engine.engine.dimensions:
+        raise ValidationError(f"dimensions: this model's embeddings have {engine.engine.dimensions}; got "
+                              f"{request.dimensions}", "dimensions")
+    inputs, limit = request.inputs_list(), engine.max_model_len
+
+    def process() -> list[list[int]]:
+        id_lists = []
+        for item in inputs:   # truncate: the first max_model_len tokens (TEI's right side)
+            if isinstance(item, list) and request.truncate:
+                item = item[:limit]
+            id_lists.append(engine.engine.process_prompt(item, -1 if request.truncate else None, True, "inputs",
+                                                         '"truncate": true'))
+        return id_lists
+
+    id_lists = await engine.process(process)
+    vectors = await engine.embed(id_lists, request.normalize)
+    metrics.prompt_tokens.inc(sum(len(ids) for ids in id_lists))
+    metrics.requests.inc()
+    metrics.latency.observe(time.monotonic() - started)
+    return JSONResponse(vectors)
 
 
 class EmbeddingMetrics:
@@ -124,16 +168,28 @@ def build_embedding_app(engine: AsyncEmbeddingEngine, settings: ServerSettings) 
     app = FastAPI(title="pagedserve", version=__version__, lifespan=lifespan)
     app.state.ctx = ctx
     app.add_exception_handler(StarletteHTTPException, http_exception)   # type: ignore[arg-type]
-    admission = AdmissionLimit(engine.engine.max_num_seqs + settings.max_waiting_requests,
+    # inputs in flight: one full request beyond max_num_seqs + --max-waiting-requests (each input
+    # is at most max_model_len tokens, so the ids held stay bounded); past it a 503 with Retry-After
+    admission = AdmissionLimit(MAX_EMBEDDING_INPUTS + engine.engine.max_num_seqs + settings.max_waiting_requests,
                                settings.max_concurrent_requests)
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:
         try:
             body = parse_body(EmbeddingRequest, await read_json(request))
-            return await admission.admit(1).respond(lambda: create_embedding(ctx, body, metrics))
+            admitted = admission.admit(len(body.inputs()))
+            return await admitted.respond(lambda: create_embedding(ctx, body, metrics))
         except Exception as exc:
             return error_response(exc)
+
+    @app.post("/embed")
+    async def tei_embed(request: Request) -> Response:
+        try:
+            body = parse_body(EmbedRequest, await read_json(request))
+            admitted = admission.admit(len(body.inputs_list()))
+            return await admitted.respond(lambda: create_tei_embedding(ctx, body, metrics))
+        except Exception as exc:
+            return error_response(exc, API.TGI)
 
     for path in GENERATION_ROUTES:
         app.add_api_route(path, _not_generative(ctx), methods=["POST"])

@@ -46,8 +46,9 @@ class PoolingRunner:
                     pooling.method, ", normalized" if pooling.normalize else "", self.dimensions)
 
     @torch.inference_mode()
-    def embed(self, batch: list[list[int]]) -> list[list[float]]:
-        """One vector per token id list (float32 values as Python floats)."""
+    def embed(self, batch: list[list[int]], normalize: list[bool] | None = None) -> list[list[float]]:
+        """One vector per token id list (float32 values as Python floats), L2-normalised as the
+        model's pooling says or, given `normalize`, where it is true."""
         length = max(len(ids) for ids in batch)
         input_ids = torch.full((len(batch), length), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), length), dtype=torch.bool)
@@ -55,4 +56,5 @@ class PoolingRunner:
             input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
             mask[row, :len(ids)] = True
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        return pool(self.model(input_ids, mask), mask, self.pooling).cpu().tolist()
+        rows = None if normalize is None else torch.tensor(normalize, dtype=torch.bool, device=self.device)
+        return pool(self.model(input_ids, mask), mask, self.pooling, rows).cpu().tolist()

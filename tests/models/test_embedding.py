@@ -17,6 +17,7 @@ from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 from pagedserve import LLM
 from pagedserve.errors import ValidationError
 from pagedserve.frontend.embedding_engine import AsyncEmbeddingEngine
+from pagedserve.models.bert import PoolingConfig
 from tests.helpers import minilm_path
 
 TEXTS = ["Hello world", "The quick brown fox jumps over the lazy dog, and then over it again.",
@@ -115,10 +116,12 @@ def test_batches_shortest_first_within_rows_and_padded_tokens(minilm) -> None:
 
 
 class _RecordingRunner:
+    pooling = PoolingConfig("mean", True)
+
     def __init__(self) -> None:
         self.batches: list[list[list[int]]] = []
 
-    def embed(self, batch: list[list[int]]) -> list[list[float]]:
+    def embed(self, batch: list[list[int]], normalize: list[bool] | None = None) -> list[list[float]]:
         self.batches.append(batch)
         return [[float(ids[0])] for ids in batch]
 

@@ -73,7 +73,8 @@ def test_bad_input_is_a_400_naming_the_field_while_good_requests_run(embed_serve
     cases = [({"input": []}, "input"), ({"input": "x", "dimensions": 128}, "dimensions"),
              ({"input": "x", "encoding_format": "int8"}, "encoding_format"),
              ({"input": "word " * 300}, "input"), ({"input": [[5, 10**6]]}, "input"),
-             ({"input": ["x"] * 2049}, "input"), ({"input": "x", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+             ({"input": ["x"] * 2049}, "input"),
+             ({"input": "x", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
              ({"input": "x", "priority": 1}, "priority"), ({"input": "x", "made_up": 1}, "made_up"),
              ({"input": 5}, "input"), ({}, "input")]
     for body, param in cases:
@@ -94,3 +95,22 @@ def test_bad_input_is_a_400_naming_the_field_while_good_requests_run(embed_serve
 def test_a_text_generation_server_refuses_embeddings(server) -> None:
     response = requests.post(f"{server.base_url}/v1/embeddings", json={"input": "x"}, timeout=30)
     assert response.status_code == 400 and response.json()["error"]["param"] == "model"
+
+
+def test_tei_embed_route(embed_server, reference) -> None:
+    """text-embeddings-inference's POST /embed: an array of vectors; normalize false gives the
+    raw mean (whose normalisation is the reference); errors in TGI's body with 422."""
+    url = f"{embed_server.base_url}/embed"
+    vectors = requests.post(url, json={"inputs": TEXTS}, timeout=30).json()
+    assert all(_close(v, r) for v, r in zip(vectors, reference))
+    [raw] = requests.post(url, json={"inputs": TEXTS[0], "normalize": False}, timeout=30).json()
+    norm = sum(x * x for x in raw) ** 0.5
+    assert abs(norm - 1) > 1e-3 and _close([x / norm for x in raw], reference[0])
+    assert len(requests.post(url, json={"inputs": "word " * 300, "truncate": True}, timeout=30).json()) == 1
+    for body, param in [({"inputs": "word " * 300}, '"truncate": true'),
+                        ({"inputs": "x", "prompt_name": "query"}, "prompt_name"),
+                        ({"inputs": "x", "truncation_direction": "left"}, "truncation_direction"),
+                        ({"inputs": []}, "inputs")]:
+        response = requests.post(url, json=body, timeout=30)
+        assert response.status_code == 422 and response.json()["error_type"] == "validation", (body, response.text)
+        assert param in response.json()["error"], (body, response.text)   # TGI's body names no param: the text does

@@ -413,6 +413,7 @@ VALID_OPENAI = {
     "stream_options": [{"include_usage": True}], "presence_penalty": [0.5, -1.0], "frequency_penalty": [1.0],
     "repetition_penalty": [1.3], "logit_bias": [{"1": 5}, {"100": -100, "200": 100}], "min_tokens": [0, 2],
     "ignore_eos": [False, True], "stop_token_ids": [[2], [1, 2]], "include_stop_str_in_output": [True],
+    "use_beam_search": [True],
     "prompt_logprobs": [0, 2], "skip_special_tokens": [False], "guided_choice": [["yes", "no"]],
     "guided_regex": ["[0-9]{3}", "a"], "response_format": [{"type": "json_object"}, {
         "type": "json_schema", "json_schema": {"name": "x", "schema": {
@@ -429,6 +430,10 @@ VALID_TGI = {"temperature": [0.5, 1.0], "top_k": [5], "top_p": [0.9], "do_sample
              "stop": [["\n"]], "details": [True], "decoder_input_details": [True], "return_full_text": [True],
              "best_of": [2], "top_n_tokens": [2], "repetition_penalty": [1.2], "typical_p": [0.5], "truncate": [3],
              "grammar": [{"type": "json", "value": {"type": "object"}}, {"type": "regex", "value": "[a-z]+"}]}
+
+
+BEAM_REFUSED = ("stop", "stop_token_ids", "min_tokens", "logit_bias", "presence_penalty", "frequency_penalty",
+                "repetition_penalty", "prompt_logprobs", "best_of", "guided_choice", "guided_regex", "response_format")
 
 
 def _valid_body(rng: random.Random) -> tuple[str, dict]:
@@ -460,6 +465,12 @@ def _valid_body(rng: random.Random) -> tuple[str, dict]:
             body["max_tokens"] = 4
         if body.get("stream"):   # best_of > n is not streamed
             body.pop("best_of", None)
+        if body.get("use_beam_search"):   # n beams: what a beam search does not apply is refused
+            for field in BEAM_REFUSED:
+                body.pop(field, None)
+            if body.get("tool_choice") not in (None, "none"):
+                body["tool_choice"] = "none"
+            body["length_penalty"] = rng.choice([0.5, 1.0, 2.0])
         return path, body
     parameters = {"max_new_tokens": rng.choice([1, 4])}
     for field in rng.sample(sorted(VALID_TGI), rng.randint(2, 6)):
@@ -475,7 +486,7 @@ def _valid_body(rng: random.Random) -> tuple[str, dict]:
 
 def test_random_valid_mixes_answer_200_without_errors(edge, reference_text) -> None:
     """120 seeded bodies mixing valid fields (grammars with logprobs, n / best_of, echo,
-    prompt_logprobs, tools, streams...) from two threads while good streams run: each is a 200
+    prompt_logprobs, tools, streams, beam search...) from two threads while good streams run: each is a 200
     carrying no error (a stream ends with [DONE]); the combinations the APIs refuse are left out
     of the mix, so a 4xx (which must name a field) is the exception. (TGI's top_n_tokens under a grammar answered 500 before: a
     masked token's -inf logprob is not JSON.)"""
