@@ -31,6 +31,9 @@ from pagedserve.worker.pooling_runner import PoolingRunner
 logger = logging.getLogger(__name__)
 
 DEFAULT_BATCHED_TOKENS = {"cpu": 4096, "cuda": 32768}   # padded tokens in one batch
+# engine knobs with a meaning for an embedding model only at these values (else a ValidationError)
+_EMBEDDING_KNOBS = (("tensor_parallel_size", (1,)), ("pipeline_parallel_size", (1,)), ("quantization", (None,)),
+                    ("scheduling_policy", ("continuous", "fcfs")), ("load_format", ("auto", "safetensors", "pt")))
 
 
 def pooling_model(model: str | None) -> ModelSource | None:
@@ -65,6 +68,10 @@ class EmbeddingEngine:
 
     def __init__(self, args: EngineArgs) -> None:
         args.validate()
+        for name, allowed in _EMBEDDING_KNOBS:
+            if getattr(args, name) not in allowed:
+                raise ValidationError(f"{name}={getattr(args, name)!r} does not apply to an embedding model "
+                                      f"(one device, its checkpoint's weights)", name)
         self.device = resolve_device(args.device)
         source = resolve_model(args.model)
         config = _read_config(source.directory)

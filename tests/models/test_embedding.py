@@ -94,6 +94,9 @@ def test_limits_truncation_and_the_wrong_model_kind(minilm, tiny_checkpoints) ->
     with pytest.raises(ValidationError) as info:
         minilm.generate(["Hello"])
     assert info.value.param == "model"
+    with pytest.raises(ValidationError) as info:   # knobs an embedding model has no use for are refused
+        LLM(model=minilm_path(), tensor_parallel_size=2)
+    assert info.value.param == "tensor_parallel_size"
     generative = LLM(model=tiny_checkpoints["llama"], device="cpu", skip_tokenizer_init=True, num_kv_blocks=16,
                      max_model_len=64)
     try:

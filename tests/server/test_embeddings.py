@@ -114,3 +114,56 @@ def test_tei_embed_route(embed_server, reference) -> None:
         response = requests.post(url, json=body, timeout=30)
         assert response.status_code == 422 and response.json()["error_type"] == "validation", (body, response.text)
         assert param in response.json()["error"], (body, response.text)   # TGI's body names no param: the text does
+
+
+ODD = [None, -1, 0, 2**64, 1e308, 0.5, "", "x" * 3000, "\u0000", "\ud800", [], [-1], [2**40], [""], [[]], [[1, 2]],
+       [None], [{}], {}, {"a": 1}, True, "float", "base64", 384, -2, 1, [101, 102], ["a", 5]]
+FIELDS = {"/v1/embeddings": ({"input": "Hi"}, ["input", "model", "encoding_format", "dimensions", "user",
+                                               "truncate_prompt_tokens", "add_special_tokens", "request_id", "priority"]),
+          "/embed": ({"inputs": "Hi"}, ["inputs", "normalize", "truncate", "truncation_direction", "prompt_name",
+                                        "dimensions"])}
+
+
+def test_random_odd_bodies_never_get_a_5xx(embed_server, reference) -> None:
+    """150 seeded bodies with one to three fields set to odd values, from two threads while good
+    requests run: a 200, or a 4xx that names what is wrong (OpenAI's `param`, TEI's message)."""
+    import json
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+    rng = random.Random(37)
+    cases = []
+    for _ in range(150):
+        path = rng.choice(sorted(FIELDS))
+        base, fields = FIELDS[path]
+        body = dict(base)
+        for _ in range(rng.randint(1, 3)):
+            body[rng.choice(fields)] = rng.choice(ODD)
+        cases.append((path, body))
+    good: list[bool] = []
+
+    def good_requests() -> None:
+        for _ in range(8):
+            data = requests.post(f"{embed_server.base_url}/v1/embeddings", json={"input": TEXTS}, timeout=60).json()
+            good.append(all(_close(d["embedding"], r) for d, r in zip(data["data"], reference)))
+
+    def send(case: tuple[str, dict]) -> requests.Response:
+        path, body = case
+        data = json.dumps(body, allow_nan=True).encode()
+        return requests.post(f"{embed_server.base_url}{path}", data=data, timeout=60,
+                             headers={"content-type": "application/json"})
+
+    thread = threading.Thread(target=good_requests)
+    thread.start()
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(send, cases))
+    thread.join(120)
+    assert good == [True] * 8
+    for (path, body), response in zip(cases, answers):
+        assert response.status_code < 500, (path, body, response.text)
+        if response.status_code >= 400:
+            error = response.json()
+            if path == "/embed":
+                assert error["error_type"] == "validation" and error["error"], (body, error)
+            else:
+                assert error["error"]["param"], (body, error)
+    assert {200, 400, 422} <= {r.status_code for r in answers}
