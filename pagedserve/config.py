@@ -117,7 +117,7 @@ def architecture_of(hf_config: Any) -> str:
 
 
 _ARCH_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                       "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+                       "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"}
 
 
 def _rope_parameters(hf_config: Any) -> dict[str, Any]:
@@ -138,6 +138,10 @@ def _rope_theta(hf_config: Any) -> float:
 def _rope_scaling(hf_config: Any) -> dict[str, Any] | None:
     params = _rope_parameters(hf_config) or dict(getattr(hf_config, "rope_scaling", None) or {})
     params.pop("rope_theta", None)
+    partial = params.pop("partial_rotary_factor", None) or getattr(hf_config, "partial_rotary_factor", None)
+    if partial not in (None, 1, 1.0):   # Phi-4-mini, StableLM: rotary on part of each head
+        raise ValidationError(f"partial_rotary_factor {partial} is not supported (rotary over whole heads only)",
+                              "rope_scaling")
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type in (None, "default"):
         return None

@@ -14,7 +14,7 @@ TINY_COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hi
 
 
 def tiny_config(name: str):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
     if name == "llama":
         return LlamaConfig(**TINY_COMMON, rope_theta=10000.0, tie_word_embeddings=False)
     if name == "llama3_tied":
@@ -25,6 +25,8 @@ def tiny_config(name: str):
         return MistralConfig(**TINY_COMMON, sliding_window=None, tie_word_embeddings=False)
     if name == "qwen2":
         return Qwen2Config(**TINY_COMMON, tie_word_embeddings=False, use_sliding_window=False)
+    if name == "phi3":   # fused qkv_proj / gate_up_proj in the checkpoint
+        return Phi3Config(**TINY_COMMON, tie_word_embeddings=False, sliding_window=None)
     if name == "qwen3":
         return Qwen3Config(**TINY_COMMON, head_dim=32, tie_word_embeddings=False, use_sliding_window=False)
     raise KeyError(name)

@@ -1,5 +1,5 @@
 """The Llama family: Llama 2/3 (rope_scaling "llama3", tied embeddings), Mistral, Qwen2
-(QKV bias) and Qwen3 (per-head q/k RMSNorm). One implementation; the differences are
+(QKV bias), Qwen3 (per-head q/k RMSNorm) and Phi-3 / Phi-4 (fused checkpoint tensors). One implementation; the differences are
 ModelConfig fields (attention_bias, qk_norm, rope_scaling, tie_word_embeddings).
 
 Inputs are one flat ragged batch: input_ids [T], positions [T]. Under pipeline parallelism a
@@ -347,3 +347,29 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
     pass
+
+
+class Phi3ForCausalLM(LlamaForCausalLM):
+    """Phi-3 / Phi-4: Llama's layers; the checkpoint keeps q, k, v in one `qkv_proj` and gate,
+    up in one `gate_up_proj`, split here into the parts Llama's loader shards per rank."""
+
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
+        c = self.config
+        q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        parts = {"self_attn.qkv_proj.": (("self_attn.q_proj.", 0, q), ("self_attn.k_proj.", q, q + kv),
+                                         ("self_attn.v_proj.", q + kv, q + 2 * kv)),
+                 "mlp.gate_up_proj.": (("mlp.gate_proj.", 0, c.intermediate_size),
+                                       ("mlp.up_proj.", c.intermediate_size, 2 * c.intermediate_size))}
+
+        def split() -> Iterable[tuple[str, Any]]:
+            for name, tensor in weights:
+                fused = next((key for key in parts if key in name), None)
+                if fused is None:
+                    yield name, tensor
+                    continue
+                if c.quantization is not None:
+                    raise ValueError(f"{name}: quantized Phi-3 checkpoints (fused qkv / gate_up) are not supported")
+                for part, start, end in parts[fused]:
+                    yield name.replace(fused, part), tensor[start:end]
+
+        return super().load_weights(split())

@@ -81,6 +81,19 @@ def test_unsupported_engine_features_are_rejected(tiny_checkpoints):
     assert err.value.param == "block_size"
 
 
+def test_partial_rotary_is_refused_not_computed_wrong(tmp_path):
+    """Phi-4-mini's partial_rotary_factor 0.75 (rotary over part of each head) would run as full
+    rotary and give other tokens: refused, naming rope_scaling."""
+    from transformers import AutoModelForCausalLM, Phi3Config
+    config = Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                        partial_rotary_factor=0.75, pad_token_id=0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    with pytest.raises(ValidationError) as err:
+        LLM(model=str(tmp_path), device="cpu", skip_tokenizer_init=True)
+    assert err.value.param == "rope_scaling" and "partial_rotary_factor 0.75" in str(err.value)
+
+
 def test_kv_cache_smaller_than_max_model_len(tiny_checkpoints):
     with pytest.raises(ValidationError) as err:
         LLM(model=tiny_checkpoints["llama"], device="cpu", max_model_len=128, num_kv_blocks=4, block_size=16,
