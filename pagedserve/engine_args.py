@@ -97,6 +97,11 @@ class EngineArgs:
     preemption_mode: str | None = _knob(None, "swap (to the host tier while it has room, else recompute) or "
                                               "recompute (default: swap when the host tier exists)",
                                         choices=("swap", "recompute"))
+    runner: str = _knob("auto", "auto (an embedding model's folder, e.g. a sentence-transformers BertModel, is "
+                                "served for embeddings, anything else generates), generate or pooling: vLLM's "
+                                "--runner, checked against the model", choices=("auto", "generate", "pooling"))
+    task: str = _knob("auto", "vLLM's older name for runner: auto, generate, embed (or embedding)",
+                      choices=("auto", "generate", "embed", "embedding"))
     quantization: str | None = _knob(None, "quantization method (vLLM's names): compressed-tensors, gptq, awq, fp8, "
                                            "bitsandbytes (default: the checkpoint's quantization_config); fp8, "
                                            "fp8-per-channel and bitsandbytes also quantize a float checkpoint at "
@@ -133,6 +138,12 @@ class EngineArgs:
         if self.load_format not in LOAD_FORMATS:
             raise ValidationError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}",
                                   "load_format")
+        if self.runner not in ("auto", "generate", "pooling"):
+            raise ValidationError(f"runner must be auto, generate or pooling, got {self.runner!r}", "runner")
+        if self.task not in ("auto", "generate", "embed", "embedding"):
+            raise ValidationError(f"task must be auto, generate, embed or embedding, got {self.task!r}", "task")
+        if {self.runner, self.task} in ({"pooling", "generate"}, {"generate", "embed"}, {"generate", "embedding"}):
+            raise ValidationError(f"runner={self.runner!r} and task={self.task!r} disagree", "task")
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ValidationError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, got "
                                   f"{self.scheduling_policy!r}",

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from pagedserve.engine_args import EngineArgs
 from pagedserve.errors import ValidationError
 from pagedserve.frontend.beam_search import BeamSearch, BeamSearchOutput, step_logprobs
-from pagedserve.frontend.embedding_engine import EmbeddingEngine, pooling_model
+from pagedserve.frontend.embedding_engine import EmbeddingEngine, use_pooling
 from pagedserve.frontend.gc_policy import hot_loop_collector
 from pagedserve.frontend.input_processor import PromptType
 from pagedserve.frontend.llm_engine import LLMEngine
@@ -33,7 +33,7 @@ class LLM:
         configure_default_logging()
         args = EngineArgs.from_kwargs(model=model, **kwargs)
         # an embedding model (frontend/embedding_engine.py) gets the pooling engine: embed() only
-        self.engine: LLMEngine | EmbeddingEngine = (EmbeddingEngine(args) if pooling_model(args.model) is not None
+        self.engine: LLMEngine | EmbeddingEngine = (EmbeddingEngine(args) if use_pooling(args)
                                                     else LLMEngine(args, offline=True))
         self._request_counter = 0
         # Start-up left ~10^5 long-lived objects no full collection has walked (pagedserve's import

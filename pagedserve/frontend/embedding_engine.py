@@ -52,6 +52,22 @@ def pooling_model(model: str | None) -> ModelSource | None:
     return source if set(config.get("architectures") or ()) & set(POOLING_ARCHITECTURES) else None
 
 
+def use_pooling(args: EngineArgs) -> bool:
+    """Whether `args` make an embedding engine: the model decides, and runner / task (vLLM's
+    flags), when given, must agree with it (decoder models as embedding models are not
+    supported)."""
+    is_pooling = pooling_model(args.model) is not None
+    if args.runner == "pooling" or args.task in ("embed", "embedding"):
+        if not is_pooling:
+            raise ValidationError("an embedding runner needs an embedding model (a BertModel folder); decoder models "
+                                  "as embedding models are not supported", "runner" if args.runner == "pooling"
+                                  else "task")
+    elif (args.runner == "generate" or args.task == "generate") and is_pooling:
+        raise ValidationError("this model is an embedding model (BertModel): it cannot generate text",
+                              "runner" if args.runner == "generate" else "task")
+    return is_pooling
+
+
 def _read_config(directory: str) -> dict[str, Any]:
     try:
         with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:

@@ -175,7 +175,7 @@ def run_server(args: argparse.Namespace) -> None:
     import uvicorn
 
     from pagedserve.frontend.async_engine import AsyncEngine
-    from pagedserve.frontend.embedding_engine import AsyncEmbeddingEngine, pooling_model
+    from pagedserve.frontend.embedding_engine import AsyncEmbeddingEngine, use_pooling
     from pagedserve.server.embeddings import build_embedding_app
     from pagedserve.frontend.gc_policy import raise_gen0_threshold
     from pagedserve.frontend.heap import limit_arenas, release_free_heap
@@ -192,7 +192,7 @@ def run_server(args: argparse.Namespace) -> None:
     if not engine_process and "MALLOC_ARENA_MAX" not in os.environ:
         limit_arenas(1)   # before any thread starts: the CPU server's threads share one heap (-5 to -7 MiB)
     engine_args = engine_args_from(args)
-    if pooling_model(engine_args.model) is not None:   # an embedding model: /v1/embeddings (server/embeddings.py)
+    if use_pooling(engine_args):   # an embedding model: /v1/embeddings (server/embeddings.py)
         engine_process = False
         engine = AsyncEmbeddingEngine.from_engine_args(engine_args)
         app = build_embedding_app(engine, settings)

@@ -97,6 +97,18 @@ def test_limits_truncation_and_the_wrong_model_kind(minilm, tiny_checkpoints) ->
     with pytest.raises(ValidationError) as info:   # knobs an embedding model has no use for are refused
         LLM(model=minilm_path(), tensor_parallel_size=2)
     assert info.value.param == "tensor_parallel_size"
+    with pytest.raises(ValidationError) as info:   # vLLM's --runner / --task, checked against the model
+        LLM(model=minilm_path(), runner="generate")
+    assert info.value.param == "runner"
+    with pytest.raises(ValidationError) as info:
+        LLM(model=tiny_checkpoints["llama"], device="cpu", task="embed")
+    assert info.value.param == "task"
+    with pytest.raises(ValidationError) as info:
+        LLM(model=minilm_path(), runner="pooling", task="generate")
+    assert info.value.param == "task"
+    explicit = LLM(model=minilm_path(), runner="pooling", task="embed")
+    assert len(explicit.embed("x")[0].outputs.embedding) == 384
+    explicit.shutdown()
     generative = LLM(model=tiny_checkpoints["llama"], device="cpu", skip_tokenizer_init=True, num_kv_blocks=16,
                      max_model_len=64)
     try:

@@ -28,7 +28,7 @@ NON_DEFAULTS = {"model": "some/model", "tokenizer": "some/tokenizer", "dtype": "
                 "scheduling_policy": "static", "trust_remote_code": True, "max_logprobs": 5,
                 "allow_long_max_model_len": True, "pipeline_parallel_size": 2,
                 "distributed_executor_backend": "ray", "swap_space": 2.5, "kv_offloading_size": 8.0,
-                "preemption_mode": "recompute", "quantization": "fp8"}
+                "preemption_mode": "recompute", "quantization": "fp8", "runner": "generate", "task": "generate"}
 
 
 def _options(parser: argparse.ArgumentParser) -> set[str]:
