@@ -55,6 +55,17 @@ class ModelConfig:
     max_model_len: int
     sliding_window: int | None = None
     quantization: QuantizationSpec | None = None   # None: float weights
+    # mixture of experts (Mixtral, Qwen3-MoE; layers/moe.py): the sparse layers' indices, their
+    # experts, each token's top_k of them, the experts' intermediate size, top-k renormalised
+    moe_layers: tuple[int, ...] = ()
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.moe_layers)
 
     @staticmethod
     def from_hf(hf_config: Any, dtype: torch.dtype, max_model_len: int | None) -> "ModelConfig":
@@ -93,18 +104,38 @@ class ModelConfig:
             max_position_embeddings=max_pos,
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
             attention_bias=bool(getattr(hf_config, "attention_bias", False)) or arch == "Qwen2ForCausalLM",
-            qk_norm=arch == "Qwen3ForCausalLM",
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             hidden_act=getattr(hf_config, "hidden_act", "silu"),
             eos_token_ids=eos_ids,
             bos_token_id=getattr(hf_config, "bos_token_id", None),
             dtype=dtype,
             max_model_len=max_model_len,
             sliding_window=sliding,
+            **_moe_fields(hf_config, arch),
         )
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
         return dict(self.rope_scaling) if self.rope_scaling else None
+
+
+def _moe_fields(hf_config: Any, arch: str) -> dict[str, Any]:
+    """ModelConfig's mixture-of-experts fields: Mixtral's every layer (top-k renormalised),
+    Qwen3-MoE's layers by decoder_sparse_step and mlp_only_layers (norm_topk_prob)."""
+    if arch == "MixtralForCausalLM":
+        return dict(moe_layers=tuple(range(hf_config.num_hidden_layers)), num_experts=hf_config.num_local_experts,
+                    num_experts_per_tok=hf_config.num_experts_per_tok,
+                    moe_intermediate_size=hf_config.intermediate_size, norm_topk_prob=True)
+    if arch == "Qwen3MoeForCausalLM":
+        step = getattr(hf_config, "decoder_sparse_step", 1) or 1
+        dense = set(getattr(hf_config, "mlp_only_layers", ()) or ())
+        layers = tuple(i for i in range(hf_config.num_hidden_layers)
+                       if hf_config.num_experts > 0 and i not in dense and (i + 1) % step == 0)
+        return dict(moe_layers=layers, num_experts=hf_config.num_experts,
+                    num_experts_per_tok=hf_config.num_experts_per_tok,
+                    moe_intermediate_size=hf_config.moe_intermediate_size,
+                    norm_topk_prob=bool(getattr(hf_config, "norm_topk_prob", False)))
+    return {}
 
 
 def architecture_of(hf_config: Any) -> str:
@@ -117,7 +148,8 @@ def architecture_of(hf_config: Any) -> str:
 
 
 _ARCH_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                       "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"}
+                       "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM",
+                       "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
 def _rope_parameters(hf_config: Any) -> dict[str, Any]:

@@ -221,7 +221,8 @@ class EngineArgs:
                 else int(os.environ.get("PAGEDSERVE_CUSTOM_ALL_REDUCE_MAX_KB", "1024" if one_shot else "4096")) << 10,
                 custom_all_reduce_kind="one_shot" if one_shot else "push",
                 step_queue=_choice("PAGEDSERVE_TP_STEP_QUEUE", "shm", ("shm", "broadcast"))),
-            device=DeviceConfig(str(device), self.enforce_eager, self.seed,
+            # mixture-of-experts layers sync with the host per layer (layers/moe.py): no CUDA graphs
+            device=DeviceConfig(str(device), self.enforce_eager or model_config.is_moe, self.seed,
                                 self.async_scheduling if self.async_scheduling is not None
                                 else device.type == "cuda" or self.pipeline_parallel_size > 1,
                                 int(os.environ.get("PAGEDSERVE_GEMV_MAX_ROWS", "64")),

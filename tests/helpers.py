@@ -14,7 +14,8 @@ TINY_COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hi
 
 
 def tiny_config(name: str):
-    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+    from transformers import (LlamaConfig, MistralConfig, MixtralConfig, Phi3Config, Qwen2Config, Qwen3Config,
+                              Qwen3MoeConfig)
     if name == "llama":
         return LlamaConfig(**TINY_COMMON, rope_theta=10000.0, tie_word_embeddings=False)
     if name == "llama3_tied":
@@ -27,6 +28,13 @@ def tiny_config(name: str):
         return Qwen2Config(**TINY_COMMON, tie_word_embeddings=False, use_sliding_window=False)
     if name == "phi3":   # fused qkv_proj / gate_up_proj in the checkpoint
         return Phi3Config(**TINY_COMMON, tie_word_embeddings=False, sliding_window=None)
+    if name == "mixtral":   # 4 experts, 2 a token, in every layer
+        return MixtralConfig(**TINY_COMMON, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False,
+                             sliding_window=None)
+    if name == "qwen3_moe":   # 8 experts, 2 a token, not renormalised; layer 1 dense (mlp_only_layers)
+        return Qwen3MoeConfig(**TINY_COMMON, head_dim=32, num_experts=8, num_experts_per_tok=2,
+                              moe_intermediate_size=48, norm_topk_prob=False, mlp_only_layers=[1],
+                              tie_word_embeddings=False, use_sliding_window=False)
     if name == "qwen3":
         return Qwen3Config(**TINY_COMMON, head_dim=32, tie_word_embeddings=False, use_sliding_window=False)
     raise KeyError(name)

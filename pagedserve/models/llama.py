@@ -1,6 +1,8 @@
 """The Llama family: Llama 2/3 (rope_scaling "llama3", tied embeddings), Mistral, Qwen2
-(QKV bias), Qwen3 (per-head q/k RMSNorm) and Phi-3 / Phi-4 (fused checkpoint tensors). One implementation; the differences are
-ModelConfig fields (attention_bias, qk_norm, rope_scaling, tie_word_embeddings).
+(QKV bias), Qwen3 (per-head q/k RMSNorm), Phi-3 / Phi-4 (fused checkpoint tensors), and
+Mixtral / Qwen3-MoE (sparse mixture-of-experts MLPs, layers/moe.py). One implementation; the
+differences are ModelConfig fields (attention_bias, qk_norm, rope_scaling, tie_word_embeddings,
+moe_layers).
 
 Inputs are one flat ragged batch: input_ids [T], positions [T]. Under pipeline parallelism a
 stage builds only its decoder layers (the others are empty placeholders, so checkpoint names
@@ -9,6 +11,7 @@ a stage that is not the last returns its (hidden, residual) for the next one, wh
 them as `intermediate`."""
 from __future__ import annotations
 
+import re
 from typing import Any, Iterable
 
 import torch
@@ -21,6 +24,7 @@ from pagedserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from pagedserve.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
                                       default_weight_loader)
 from pagedserve.layers.linear_ops import norm_chain
+from pagedserve.layers.moe import SparseMoE
 from pagedserve.layers.norm import RMSNorm
 from pagedserve.layers.parallel import is_first_stage, is_last_stage, pp_rank, pp_world_size, stage_layers
 from pagedserve.layers.quantization.gguf import cpu_decode_stack, cpu_final_norm
@@ -88,10 +92,17 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, quant_config: QuantizationConfig | None = None,
-                 prefix: str = "") -> None:
+                 prefix: str = "", index: int = 0) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, rotary, quant_config, f"{prefix}.self_attn")
-        self.mlp = LlamaMLP(config, quant_config, f"{prefix}.mlp")
+        self.moe = index in config.moe_layers   # a sparse mixture-of-experts MLP (layers/moe.py)
+        if self.moe:
+            if quant_config is not None:
+                raise ValueError("quantized mixture-of-experts checkpoints are not supported")
+            self.mlp = SparseMoE(config.hidden_size, config.moe_intermediate_size, config.num_experts,
+                                 config.num_experts_per_tok, config.norm_topk_prob, config.dtype)
+        else:
+            self.mlp = LlamaMLP(config, quant_config, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
 
@@ -100,6 +111,9 @@ class LlamaDecoderLayer(nn.Module):
         # each norm with the projection after it: one launch where a quantized layer fuses them
         qkv, residual = self.self_attn.qkv_proj.forward_normed(hidden, residual, self.input_layernorm)
         hidden = self.self_attn(positions, qkv, meta)
+        if self.moe:
+            hidden, residual = self.post_attention_layernorm(hidden, residual)
+            return self.mlp(hidden), residual
         gate_up, residual = self.mlp.gate_up_proj.forward_normed(hidden, residual, self.post_attention_layernorm)
         return self.mlp(gate_up), residual
 
@@ -142,7 +156,7 @@ class LlamaModel(nn.Module):
         rotary = RotaryEmbedding(config.head_dim, max(config.max_position_embeddings, config.max_model_len),
                                  config.rope_theta, config.rope_scaling_dict, config.dtype)
         self.quant_config = quant_config
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary, quant_config, f"model.layers.{i}")
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary, quant_config, f"model.layers.{i}", i)
                                     if i in self.stage else nn.Identity() for i in range(config.num_layers))
         # this stage's layers as a plain list: slicing the ModuleList per step built a new one
         # (30 add_module calls, ~150 us of a ~10 ms CPU decode step)
@@ -163,7 +177,7 @@ class LlamaModel(nn.Module):
         self.norm_sums = None
         layers = self.own_layers
         if not (self.first and self.last and layers and tp_world_size() == 1
-                and self.embed_tokens.quant_method is None):
+                and self.embed_tokens.quant_method is None) or any(layer.moe for layer in layers):
             return
         linears = [lin for layer in layers for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                                                        layer.mlp.gate_up_proj, layer.mlp.down_proj)]
@@ -193,6 +207,9 @@ class LlamaModel(nn.Module):
         stage's last down_proj rounds its output (for the final norm or the next stage)."""
         from pagedserve.layers.quantization import w4a16_handoff
         layers = self.own_layers
+        if any(layer.moe for layer in layers):   # float experts only: nothing to hand on
+            self.handoff = None
+            return
         self.handoff = w4a16_handoff.plan([w4a16_handoff.LayerLinears(
             layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj,
             down_hands_on=i + 1 < len(layers), qkv_hands_on=not layer.self_attn.qk_norm)
@@ -224,6 +241,10 @@ class LlamaForCausalLM(nn.Module):
     # checkpoint suffix -> (our parameter suffix, shard id)
     stacked_params = [(".qkv_proj", ".q_proj", "q"), (".qkv_proj", ".k_proj", "k"), (".qkv_proj", ".v_proj", "v"),
                       (".gate_up_proj", ".gate_proj", 0), (".gate_up_proj", ".up_proj", 1)]
+    # a mixture-of-experts layer's checkpoint names (within model.layers.N.): the router, and
+    # expert e's gate, up and down projections (Qwen3-MoE's; Mixtral's below)
+    moe_router = "mlp.gate"
+    moe_experts = ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj", "mlp.experts.{e}.down_proj")
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -278,6 +299,8 @@ class LlamaForCausalLM(nn.Module):
                     ("mlp.gate_proj", "mlp.gate_up_proj", c.intermediate_size, c.hidden_size),
                     ("mlp.up_proj", "mlp.gate_up_proj", c.intermediate_size, c.hidden_size),
                     ("mlp.down_proj", "mlp.down_proj", c.hidden_size, c.intermediate_size)):
+                if fused not in method:   # a mixture-of-experts layer's MLP: below
+                    continue
                 for suffix, tensor in method[fused].checkpoint_tensors(out, inp, c.dtype).items():
                     shapes[f"{pre}{name}.{suffix}"] = tensor.shape if tensor == CheckpointTensor(tensor.shape) else tensor
             shapes.update({pre + "input_layernorm.weight": (c.hidden_size,),
@@ -288,6 +311,14 @@ class LlamaForCausalLM(nn.Module):
             if c.qk_norm:
                 shapes.update({pre + "self_attn.q_norm.weight": (c.head_dim,),
                                pre + "self_attn.k_norm.weight": (c.head_dim,)})
+            if i in c.moe_layers:
+                shapes[f"{pre}{self.moe_router}.weight"] = (c.num_experts, c.hidden_size)
+                gate, up, down = self.moe_experts
+                inner = c.moe_intermediate_size
+                for e in range(c.num_experts):
+                    shapes.update({f"{pre}{gate.format(e=e)}.weight": (inner, c.hidden_size),
+                                   f"{pre}{up.format(e=e)}.weight": (inner, c.hidden_size),
+                                   f"{pre}{down.format(e=e)}.weight": (c.hidden_size, inner)})
         if not c.tie_word_embeddings:
             shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
         return shapes
@@ -296,7 +327,8 @@ class LlamaForCausalLM(nn.Module):
         """Layer i's linear methods by layer name: its own on this pipeline stage, else the ones
         the quantization config would give it (another stage holds it; dummy weights are still
         drawn for every layer, so every PP size sees the same model)."""
-        names = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+        names = ("self_attn.qkv_proj", "self_attn.o_proj") + \
+            (() if i in self.config.moe_layers else ("mlp.gate_up_proj", "mlp.down_proj"))
         if i in self.model.stage:
             layer = self.model.layers[i]
             return {name: layer.get_submodule(name).quant_method for name in names}
@@ -311,8 +343,11 @@ class LlamaForCausalLM(nn.Module):
         loaded: set[str] = set()
         # a later pipeline stage holds a tied LM head without the embedding it shares
         tied_head_alone = self.config.tie_word_embeddings and self.model.last and not self.model.first
+        moe = _MoeNames(self) if self.config.is_moe else None
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name:
+                continue
+            if moe is not None and moe.load(name, tensor, params, loaded):
                 continue
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
@@ -337,8 +372,56 @@ class LlamaForCausalLM(nn.Module):
         return loaded
 
 
+class _MoeNames:
+    """Routes a mixture-of-experts checkpoint's router and expert tensors to their layer: the
+    router is a plain parameter, an expert projection goes into the stacked expert weights
+    (SparseMoE.load_expert); those count as loaded once every expert's three are in."""
+
+    def __init__(self, model: LlamaForCausalLM) -> None:
+        layer = r"model\.layers\.(\d+)\."
+        self.router = re.compile(layer + re.escape(model.moe_router) + r"\.weight$")
+        self.experts = [(kind, re.compile(layer + re.escape(template).replace(r"\{e\}", r"(\d+)") + r"\.weight$"))
+                        for kind, template in zip(("gate", "up", "down"), model.moe_experts)]
+        self.layers = model.model.layers
+        self.count: dict[int, int] = {}
+        self.needed = 3 * model.config.num_experts
+
+    def load(self, name: str, tensor: Any, params: dict[str, nn.Parameter], loaded: set[str]) -> bool:
+        match = self.router.match(name)
+        if match:
+            target = f"model.layers.{match.group(1)}.mlp.gate.weight"
+            if target in params:
+                default_weight_loader(params[target], tensor)
+                loaded.add(target)
+            return True
+        for kind, pattern in self.experts:
+            match = pattern.match(name)
+            if match:
+                index, expert = int(match.group(1)), int(match.group(2))
+                layer = self.layers[index]
+                if isinstance(layer, LlamaDecoderLayer):   # on this pipeline stage
+                    layer.mlp.load_expert(expert, kind, tensor[:] if not isinstance(tensor, torch.Tensor) else tensor)
+                    self.count[index] = self.count.get(index, 0) + 1
+                    if self.count[index] == self.needed:
+                        loaded.update({f"model.layers.{index}.mlp.w13", f"model.layers.{index}.mlp.w2"})
+                return True
+        return False
+
+
 class MistralForCausalLM(LlamaForCausalLM):
     pass
+
+
+class MixtralForCausalLM(LlamaForCausalLM):
+    """Mistral's layers with a sparse mixture of experts (w1 gate, w3 up, w2 down) in every layer."""
+
+    moe_router = "block_sparse_moe.gate"
+    moe_experts = ("block_sparse_moe.experts.{e}.w1", "block_sparse_moe.experts.{e}.w3",
+                   "block_sparse_moe.experts.{e}.w2")
+
+
+class Qwen3MoeForCausalLM(LlamaForCausalLM):
+    """Qwen3's layers (q/k norms) with sparse mixture-of-experts MLPs (dense where mlp_only_layers says)."""
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):

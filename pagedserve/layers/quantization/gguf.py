@@ -143,7 +143,7 @@ def cpu_final_norm(layers: list[nn.Module], norm: nn.Module) -> Callable:
     """The final norm for the steps the decode stack does not run: where the layers run on the
     C++ GEMV, the C++ norm the stack applies (the same values for a sequence whichever runs its
     step), else `norm` itself."""
-    if layers and getattr(layers[-1].mlp.down_proj, "gguf_cpp", False):
+    if layers and getattr(getattr(layers[-1].mlp, "down_proj", None), "gguf_cpp", False):
         return lambda x, residual: gguf_cpu.rms_norm(x, residual, norm.weight, norm.eps)
     return norm
 
@@ -151,6 +151,8 @@ def cpu_final_norm(layers: list[nn.Module], norm: nn.Module) -> Callable:
 def _build_stack(layers: list[nn.Module]):
     """The layers' DecodeStack, or None where one of them does not fit it."""
     tensors, types, q8 = [], [], set()
+    if any(getattr(layer, "moe", False) for layer in layers):   # mixture-of-experts MLPs: the modules run
+        return None
     for layer in layers:
         attn, linears = layer.self_attn, _linears(layer)
         if getattr(attn.attn.backend, "decode_kernel", None) is None or attn.qk_norm or not all(
