@@ -168,6 +168,36 @@ def test_async_engine_forms_batches_round_robin(minilm) -> None:
     assert runner.batches == [[[10], [20], [30], [11]], [[31], [12], [13], [14]]]
 
 
+def test_async_engine_drops_a_cancelled_requests_inputs_and_fails_after_shutdown(minilm) -> None:
+    """A request cancelled while queued (its client left) has its inputs dropped, not run; after
+    shutdown a new request gets EngineDeadError and /health's is_healthy is false."""
+    from pagedserve.errors import EngineDeadError
+    engine = minilm.engine
+    saved, runner = engine.runner, _RecordingRunner()
+    engine.runner = runner
+    async_engine = AsyncEmbeddingEngine(engine)
+    try:
+        async def main() -> None:
+            with async_engine._cond:   # hold the thread: both requests queue
+                gone = asyncio.ensure_future(async_engine.embed([[50], [51]]))
+                kept = asyncio.ensure_future(async_engine.embed([[60]]))
+                await asyncio.sleep(0.05)
+                gone.cancel()
+                await asyncio.sleep(0.05)
+            assert await kept == [[60.0]]
+            assert gone.cancelled()
+
+        asyncio.run(main())
+        assert runner.batches == [[[60]]]
+        assert async_engine.is_healthy
+    finally:
+        async_engine.shutdown()
+        engine.runner = saved
+    assert not async_engine.is_healthy
+    with pytest.raises(EngineDeadError):
+        asyncio.run(async_engine.embed([[1]]))
+
+
 def test_checkpoint_without_the_pooler_and_with_a_bert_prefix(tmp_path) -> None:
     """A BertForMaskedLM-style file ("bert." names, an MLM head) loads: prefixes dropped, heads ignored."""
     torch.manual_seed(1)
