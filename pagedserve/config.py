@@ -62,6 +62,7 @@ class ModelConfig:
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = True
+    shared_expert_intermediate_size: int = 0   # Qwen2-MoE: a dense expert every token takes, gated
 
     @property
     def is_moe(self) -> bool:
@@ -103,7 +104,8 @@ class ModelConfig:
             rope_scaling=tuple(sorted(rope_scaling.items())) if rope_scaling else None,
             max_position_embeddings=max_pos,
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
-            attention_bias=bool(getattr(hf_config, "attention_bias", False)) or arch == "Qwen2ForCausalLM",
+            attention_bias=bool(getattr(hf_config, "attention_bias", False))
+            or arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM"),
             qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             hidden_act=getattr(hf_config, "hidden_act", "silu"),
             eos_token_ids=eos_ids,
@@ -121,12 +123,13 @@ class ModelConfig:
 
 def _moe_fields(hf_config: Any, arch: str) -> dict[str, Any]:
     """ModelConfig's mixture-of-experts fields: Mixtral's every layer (top-k renormalised),
-    Qwen3-MoE's layers by decoder_sparse_step and mlp_only_layers (norm_topk_prob)."""
+    Qwen2-MoE's and Qwen3-MoE's layers by decoder_sparse_step and mlp_only_layers
+    (norm_topk_prob; Qwen2-MoE's gated shared expert)."""
     if arch == "MixtralForCausalLM":
         return dict(moe_layers=tuple(range(hf_config.num_hidden_layers)), num_experts=hf_config.num_local_experts,
                     num_experts_per_tok=hf_config.num_experts_per_tok,
                     moe_intermediate_size=hf_config.intermediate_size, norm_topk_prob=True)
-    if arch == "Qwen3MoeForCausalLM":
+    if arch in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
         step = getattr(hf_config, "decoder_sparse_step", 1) or 1
         dense = set(getattr(hf_config, "mlp_only_layers", ()) or ())
         layers = tuple(i for i in range(hf_config.num_hidden_layers)
@@ -134,7 +137,8 @@ def _moe_fields(hf_config: Any, arch: str) -> dict[str, Any]:
         return dict(moe_layers=layers, num_experts=hf_config.num_experts,
                     num_experts_per_tok=hf_config.num_experts_per_tok,
                     moe_intermediate_size=hf_config.moe_intermediate_size,
-                    norm_topk_prob=bool(getattr(hf_config, "norm_topk_prob", False)))
+                    norm_topk_prob=bool(getattr(hf_config, "norm_topk_prob", False)),
+                    shared_expert_intermediate_size=getattr(hf_config, "shared_expert_intermediate_size", 0) or 0)
     return {}
 
 
@@ -149,7 +153,8 @@ def architecture_of(hf_config: Any) -> str:
 
 _ARCH_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                        "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM",
-                       "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+                       "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                       "qwen2_moe": "Qwen2MoeForCausalLM"}
 
 
 def _rope_parameters(hf_config: Any) -> dict[str, Any]:

@@ -14,8 +14,8 @@ TINY_COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hi
 
 
 def tiny_config(name: str):
-    from transformers import (LlamaConfig, MistralConfig, MixtralConfig, Phi3Config, Qwen2Config, Qwen3Config,
-                              Qwen3MoeConfig)
+    from transformers import (LlamaConfig, MistralConfig, MixtralConfig, Phi3Config, Qwen2Config, Qwen2MoeConfig,
+                              Qwen3Config, Qwen3MoeConfig)
     if name == "llama":
         return LlamaConfig(**TINY_COMMON, rope_theta=10000.0, tie_word_embeddings=False)
     if name == "llama3_tied":
@@ -35,6 +35,10 @@ def tiny_config(name: str):
         return Qwen3MoeConfig(**TINY_COMMON, head_dim=32, num_experts=8, num_experts_per_tok=2,
                               moe_intermediate_size=48, norm_topk_prob=False, mlp_only_layers=[1],
                               tie_word_embeddings=False, use_sliding_window=False)
+    if name == "qwen2_moe":   # 4 experts, 2 a token, a gated shared expert, QKV bias
+        return Qwen2MoeConfig(**TINY_COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                              shared_expert_intermediate_size=96, norm_topk_prob=False, tie_word_embeddings=False,
+                              use_sliding_window=False)
     if name == "qwen3":
         return Qwen3Config(**TINY_COMMON, head_dim=32, tie_word_embeddings=False, use_sliding_window=False)
     raise KeyError(name)
@@ -44,7 +48,7 @@ def write_tiny_checkpoint(path: str, name: str, seed: int = 0, **save_kwargs) ->
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(name), dtype=torch.float32)
-    if name == "qwen2":   # transformers zero-initialises biases; make them matter
+    if name in ("qwen2", "qwen2_moe"):   # transformers zero-initialises biases; make them matter
         with torch.no_grad():
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):

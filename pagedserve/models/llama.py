@@ -1,6 +1,6 @@
 """The Llama family: Llama 2/3 (rope_scaling "llama3", tied embeddings), Mistral, Qwen2
 (QKV bias), Qwen3 (per-head q/k RMSNorm), Phi-3 / Phi-4 (fused checkpoint tensors), and
-Mixtral / Qwen3-MoE (sparse mixture-of-experts MLPs, layers/moe.py). One implementation; the
+Mixtral / Qwen2-MoE / Qwen3-MoE (sparse mixture-of-experts MLPs, layers/moe.py). One implementation; the
 differences are ModelConfig fields (attention_bias, qk_norm, rope_scaling, tie_word_embeddings,
 moe_layers).
 
@@ -100,7 +100,8 @@ class LlamaDecoderLayer(nn.Module):
             if quant_config is not None:
                 raise ValueError("quantized mixture-of-experts checkpoints are not supported")
             self.mlp = SparseMoE(config.hidden_size, config.moe_intermediate_size, config.num_experts,
-                                 config.num_experts_per_tok, config.norm_topk_prob, config.dtype)
+                                 config.num_experts_per_tok, config.norm_topk_prob, config.dtype,
+                                 config.shared_expert_intermediate_size)
         else:
             self.mlp = LlamaMLP(config, quant_config, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
@@ -245,6 +246,8 @@ class LlamaForCausalLM(nn.Module):
     # expert e's gate, up and down projections (Qwen3-MoE's; Mixtral's below)
     moe_router = "mlp.gate"
     moe_experts = ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj", "mlp.experts.{e}.down_proj")
+    moe_shared = ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj")
+    moe_shared_gate = "mlp.shared_expert_gate"   # Qwen2-MoE's shared expert and its gate
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -319,6 +322,12 @@ class LlamaForCausalLM(nn.Module):
                     shapes.update({f"{pre}{gate.format(e=e)}.weight": (inner, c.hidden_size),
                                    f"{pre}{up.format(e=e)}.weight": (inner, c.hidden_size),
                                    f"{pre}{down.format(e=e)}.weight": (c.hidden_size, inner)})
+                if c.shared_expert_intermediate_size:
+                    shared, (gate, up, down) = c.shared_expert_intermediate_size, self.moe_shared
+                    shapes.update({f"{pre}{gate}.weight": (shared, c.hidden_size),
+                                   f"{pre}{up}.weight": (shared, c.hidden_size),
+                                   f"{pre}{down}.weight": (c.hidden_size, shared),
+                                   f"{pre}{self.moe_shared_gate}.weight": (1, c.hidden_size)})
         if not c.tie_word_embeddings:
             shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
         return shapes
@@ -382,28 +391,34 @@ class _MoeNames:
         self.router = re.compile(layer + re.escape(model.moe_router) + r"\.weight$")
         self.experts = [(kind, re.compile(layer + re.escape(template).replace(r"\{e\}", r"(\d+)") + r"\.weight$"))
                         for kind, template in zip(("gate", "up", "down"), model.moe_experts)]
+        self.shared = [(kind, re.compile(layer + re.escape(name) + r"\.weight$"))
+                       for kind, name in zip(("gate", "up", "down"), model.moe_shared)]
+        self.shared_gate = re.compile(layer + re.escape(model.moe_shared_gate) + r"\.weight$")
         self.layers = model.model.layers
         self.count: dict[int, int] = {}
-        self.needed = 3 * model.config.num_experts
+        self.needed = 3 * model.config.num_experts + (3 if model.config.shared_expert_intermediate_size else 0)
 
     def load(self, name: str, tensor: Any, params: dict[str, nn.Parameter], loaded: set[str]) -> bool:
-        match = self.router.match(name)
-        if match:
-            target = f"model.layers.{match.group(1)}.mlp.gate.weight"
-            if target in params:
-                default_weight_loader(params[target], tensor)
-                loaded.add(target)
-            return True
-        for kind, pattern in self.experts:
+        for pattern, target in ((self.router, "mlp.gate.weight"), (self.shared_gate, "mlp.shared_expert_gate.weight")):
             match = pattern.match(name)
             if match:
-                index, expert = int(match.group(1)), int(match.group(2))
+                target = f"model.layers.{match.group(1)}.{target}"
+                if target in params:
+                    default_weight_loader(params[target], tensor)
+                    loaded.add(target)
+                return True
+        for kind, pattern in self.experts + self.shared:
+            match = pattern.match(name)
+            if match:
+                index = int(match.group(1))
+                expert = int(match.group(2)) if pattern.groups == 2 else None   # None: the shared expert
                 layer = self.layers[index]
                 if isinstance(layer, LlamaDecoderLayer):   # on this pipeline stage
                     layer.mlp.load_expert(expert, kind, tensor[:] if not isinstance(tensor, torch.Tensor) else tensor)
                     self.count[index] = self.count.get(index, 0) + 1
                     if self.count[index] == self.needed:
-                        loaded.update({f"model.layers.{index}.mlp.w13", f"model.layers.{index}.mlp.w2"})
+                        loaded.update(f"model.layers.{index}.mlp.{p}" for p in ("w13", "w2", "shared_w13", "shared_w2")
+                                      if f"model.layers.{index}.mlp.{p}" in params)
                 return True
         return False
 
@@ -418,6 +433,10 @@ class MixtralForCausalLM(LlamaForCausalLM):
     moe_router = "block_sparse_moe.gate"
     moe_experts = ("block_sparse_moe.experts.{e}.w1", "block_sparse_moe.experts.{e}.w3",
                    "block_sparse_moe.experts.{e}.w2")
+
+
+class Qwen2MoeForCausalLM(LlamaForCausalLM):
+    """Qwen2's layers (QKV bias) with sparse mixture-of-experts MLPs and a gated shared expert."""
 
 
 class Qwen3MoeForCausalLM(LlamaForCausalLM):

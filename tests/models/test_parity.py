@@ -9,7 +9,7 @@ import torch
 from pagedserve import LLM, SamplingParams
 from tests.helpers import TEST_DEVICE, hf_greedy, random_prompts
 
-ARCHS = ["llama", "llama3_tied", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen3_moe"]
+ARCHS = ["llama", "llama3_tied", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen3_moe", "qwen2_moe"]
 NEW_TOKENS = 24
 
 

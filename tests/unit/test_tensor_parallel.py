@@ -22,7 +22,7 @@ from pagedserve.errors import EngineDeadError, ValidationError
 from tests.helpers import random_prompts, write_tiny_checkpoint
 from tests.server.conftest import start_server
 
-ARCHS = ["llama", "llama3_tied", "mistral", "qwen2", "qwen3", "phi3", "qwen3_moe"]
+ARCHS = ["llama", "llama3_tied", "mistral", "qwen2", "qwen3", "phi3", "qwen3_moe", "qwen2_moe"]
 NEW_TOKENS = 12
 REPO = Path(__file__).resolve().parents[2]
 PARAMS = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True, logprobs=3)
