@@ -67,6 +67,11 @@ def _queue_key(request: Request) -> tuple[int, int]:
     return request.priority, request.arrival_index
 
 
+def _insert_in_order(queue: deque[Request] | list[Request], request: Request) -> None:
+    """Into a queue kept in _queue_key order, after its equals."""
+    queue.insert(bisect.bisect_right(queue, _queue_key(request), key=_queue_key), request)
+
+
 @dataclass
 class SchedulerStats:
     num_running: int = 0
@@ -194,7 +199,7 @@ class Scheduler:
         """Into the waiting queue: at its back (`front`: preempted or requeued, at its head), or
         under policy "priority" at its place in (priority, arrival) order."""
         if self.by_priority:
-            self.waiting.insert(bisect.bisect_right(self.waiting, _queue_key(request), key=_queue_key), request)
+            _insert_in_order(self.waiting, request)
         elif front:
             self.waiting.appendleft(request)
         else:
@@ -204,7 +209,7 @@ class Scheduler:
         """Into the running queue: at its back, or under policy "priority" at its place in
         (priority, arrival) order (its tail is then the preemption victim)."""
         if self.by_priority:
-            self.running.insert(bisect.bisect_right(self.running, _queue_key(request), key=_queue_key), request)
+            _insert_in_order(self.running, request)
         else:
             self.running.append(request)
 

@@ -414,7 +414,7 @@ class _MoeNames:
                 expert = int(match.group(2)) if pattern.groups == 2 else None   # None: the shared expert
                 layer = self.layers[index]
                 if isinstance(layer, LlamaDecoderLayer):   # on this pipeline stage
-                    layer.mlp.load_expert(expert, kind, tensor[:] if not isinstance(tensor, torch.Tensor) else tensor)
+                    layer.mlp.load_expert(expert, kind, tensor)   # it slices its rank's part (lazily, from a file)
                     self.count[index] = self.count.get(index, 0) + 1
                     if self.count[index] == self.needed:
                         loaded.update(f"model.layers.{index}.mlp.{p}" for p in ("w13", "w2", "shared_w13", "shared_w2")

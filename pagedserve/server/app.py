@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -29,7 +29,7 @@ from pagedserve.errors import ValidationError
 from pagedserve.frontend.async_engine import CPU_SAMPLE_S, AsyncEngine
 from pagedserve.server.context import AdmissionLimit, ServerContext, ServerSettings
 from pagedserve.server.dashboard import DashboardHub, add_dashboard_routes
-from pagedserve.server.errors import ServiceUnavailableError, error_response, http_exception
+from pagedserve.server.errors import API, ServiceUnavailableError, error_response, http_exception
 from pagedserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from pagedserve.server.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
 from pagedserve.server.openai_chat import create_chat_completion
@@ -85,22 +85,27 @@ async def _sample_loop_cpu(engine: AsyncEngine) -> None:
         await asyncio.sleep(CPU_SAMPLE_S)
 
 
-def _add_openai_routes(app: FastAPI, ctx: ServerContext, admission: AdmissionLimit) -> None:
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
+def add_admitted_route(app: FastAPI, path: str, body_model: type, admission: AdmissionLimit,
+                       count: Callable[[Any], int], respond: Callable[[Any, Request], Awaitable[Response]],
+                       api: API = API.OPENAI) -> None:
+    """POST `path`: the body parsed as `body_model`, admitted for count(body) engine requests
+    (held until the response is sent), answered by respond(body, request); any error in `api`'s
+    body. This app's OpenAI routes and the embedding app's routes (embeddings.py)."""
+    async def route(request: Request) -> Response:
         try:
-            body = parse_body(CompletionRequest, await read_json(request))
-            return await admission.admit(len(body.prompts())).respond(lambda: create_completion(ctx, body, request))
+            body = parse_body(body_model, await read_json(request))
+            return await admission.admit(count(body)).respond(lambda: respond(body, request))
         except Exception as exc:
-            return error_response(exc)
+            return error_response(exc, api)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        try:
-            body = parse_body(ChatCompletionRequest, await read_json(request))
-            return await admission.admit(1).respond(lambda: create_chat_completion(ctx, body, request))
-        except Exception as exc:
-            return error_response(exc)
+    app.add_api_route(path, route, methods=["POST"])
+
+
+def _add_openai_routes(app: FastAPI, ctx: ServerContext, admission: AdmissionLimit) -> None:
+    add_admitted_route(app, "/v1/completions", CompletionRequest, admission, lambda body: len(body.prompts()),
+                       lambda body, request: create_completion(ctx, body, request))
+    add_admitted_route(app, "/v1/chat/completions", ChatCompletionRequest, admission, lambda body: 1,
+                       lambda body, request: create_chat_completion(ctx, body, request))
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:   # served by an embedding model's app (embeddings.py)

@@ -14,7 +14,7 @@ import base64
 import struct
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Literal, Union
+from typing import Any, AsyncIterator, Callable, Literal, Union
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -26,12 +26,12 @@ from pagedserve import __version__
 from pagedserve.errors import ValidationError
 from pagedserve.frontend.embedding_engine import AsyncEmbeddingEngine
 from pagedserve.server.context import AdmissionLimit, ServerContext, ServerSettings, new_request_id
-from pagedserve.server.app import add_health_routes
+from pagedserve.server.app import add_admitted_route, add_health_routes
 from pagedserve.server.errors import API, error_response, http_exception
 from pagedserve.server.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
 from pagedserve.server.openai_models import models_response
 from pagedserve.server.openai_protocol import _Strict
-from pagedserve.server.request_body import parse_body, read_json
+from pagedserve.server.request_body import read_json
 
 MAX_EMBEDDING_INPUTS = 2048   # OpenAI's cap on `input` entries
 GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions", "/generate", "/generate_stream", "/")
@@ -81,31 +81,6 @@ def _input_list(value: str | list, name: str) -> list[str | list[int]]:
     return list(value)
 
 
-async def create_tei_embedding(ctx: ServerContext, request: EmbedRequest, metrics: EmbeddingMetrics) -> Response:
-    started = time.monotonic()
-    engine: AsyncEmbeddingEngine = ctx.engine   # type: ignore[assignment]
-    if request.dimensions is not None and request.dimensions != engine.engine.dimensions:
-        raise ValidationError(f"dimensions: this model's embeddings have {engine.engine.dimensions}; got "
-                              f"{request.dimensions}", "dimensions")
-    inputs, limit = request.inputs_list(), engine.max_model_len
-
-    def process() -> list[list[int]]:
-        id_lists = []
-        for item in inputs:   # truncate: the first max_model_len tokens (TEI's right side)
-            if isinstance(item, list) and request.truncate:
-                item = item[:limit]
-            id_lists.append(engine.engine.process_prompt(item, -1 if request.truncate else None, True, "inputs",
-                                                         '"truncate": true'))
-        return id_lists
-
-    id_lists = await engine.process(process)
-    vectors = await engine.embed(id_lists, request.normalize)
-    metrics.prompt_tokens.inc(sum(len(ids) for ids in id_lists))
-    metrics.requests.inc()
-    metrics.latency.observe(time.monotonic() - started)
-    return JSONResponse(vectors)
-
-
 class EmbeddingMetrics:
     """vLLM-named counters for an embedding server (its own registry)."""
 
@@ -128,31 +103,51 @@ class EmbeddingMetrics:
 
 
 async def create_embedding(ctx: ServerContext, request: EmbeddingRequest, metrics: EmbeddingMetrics) -> Response:
-    started = time.monotonic()
     ctx.check_model(request.model)
-    engine: AsyncEmbeddingEngine = ctx.engine   # type: ignore[assignment]
-    if request.dimensions is not None and request.dimensions != engine.engine.dimensions:
-        raise ValidationError(f"dimensions: this model's embeddings have {engine.engine.dimensions} and cannot be "
-                              f"shortened (not a Matryoshka model); got {request.dimensions}", "dimensions")
-    inputs = request.inputs()
-    process = engine.engine.process_prompt
-    id_lists = await engine.process(lambda: [process(item, request.truncate_prompt_tokens, request.add_special_tokens,
-                                                     "input") for item in inputs])
-    vectors = await engine.embed(id_lists)
+    process_prompt = ctx.engine.engine.process_prompt
+    id_lists, vectors = await _embed(ctx, metrics, request.inputs(), request.dimensions, lambda item: process_prompt(
+        item, request.truncate_prompt_tokens, request.add_special_tokens, "input"))
     response_id, _ = new_request_id("embd", request.request_id)
     data = [{"object": "embedding", "index": i,
              "embedding": _base64(vector) if request.encoding_format == "base64" else vector}
             for i, vector in enumerate(vectors)]
     num_tokens = sum(len(ids) for ids in id_lists)
-    metrics.prompt_tokens.inc(num_tokens)
-    metrics.requests.inc()
-    metrics.latency.observe(time.monotonic() - started)
     return JSONResponse({"id": response_id, "object": "list", "created": int(time.time()), "model": ctx.model_name,
                          "data": data, "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens}})
 
 
 def _base64(vector: list[float]) -> str:
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+
+
+async def create_tei_embedding(ctx: ServerContext, request: EmbedRequest, metrics: EmbeddingMetrics) -> Response:
+    limit, truncate = ctx.engine.max_model_len, request.truncate
+
+    def process(item: str | list[int]) -> list[int]:
+        if isinstance(item, list) and truncate:   # the first max_model_len tokens (TEI's right side)
+            item = item[:limit]
+        return ctx.engine.engine.process_prompt(item, -1 if truncate else None, True, "inputs", '"truncate": true')
+
+    _, vectors = await _embed(ctx, metrics, request.inputs_list(), request.dimensions, process, request.normalize)
+    return JSONResponse(vectors)
+
+
+async def _embed(ctx: ServerContext, metrics: EmbeddingMetrics, inputs: list[str | list[int]], dimensions: int | None,
+                 process: Callable[[str | list[int]], list[int]], normalize: bool | None = None
+                 ) -> tuple[list[list[int]], list[list[float]]]:
+    """Both routes' work: `dimensions` checked, each input made token ids by `process` (in the
+    tokenizing pool), embedded, counted in the metrics. Returns (token ids, vectors)."""
+    started = time.monotonic()
+    engine: AsyncEmbeddingEngine = ctx.engine   # type: ignore[assignment]
+    if dimensions is not None and dimensions != engine.engine.dimensions:
+        raise ValidationError(f"dimensions: this model's embeddings have {engine.engine.dimensions} and cannot be "
+                              f"shortened (not a Matryoshka model); got {dimensions}", "dimensions")
+    id_lists = await engine.process(lambda: [process(item) for item in inputs])
+    vectors = await engine.embed(id_lists, normalize)
+    metrics.prompt_tokens.inc(sum(len(ids) for ids in id_lists))
+    metrics.requests.inc()
+    metrics.latency.observe(time.monotonic() - started)
+    return id_lists, vectors
 
 
 def build_embedding_app(engine: AsyncEmbeddingEngine, settings: ServerSettings) -> FastAPI:
@@ -173,23 +168,10 @@ def build_embedding_app(engine: AsyncEmbeddingEngine, settings: ServerSettings) 
     admission = AdmissionLimit(MAX_EMBEDDING_INPUTS + engine.engine.max_num_seqs + settings.max_waiting_requests,
                                settings.max_concurrent_requests)
 
-    @app.post("/v1/embeddings")
-    async def embeddings(request: Request) -> Response:
-        try:
-            body = parse_body(EmbeddingRequest, await read_json(request))
-            admitted = admission.admit(len(body.inputs()))
-            return await admitted.respond(lambda: create_embedding(ctx, body, metrics))
-        except Exception as exc:
-            return error_response(exc)
-
-    @app.post("/embed")
-    async def tei_embed(request: Request) -> Response:
-        try:
-            body = parse_body(EmbedRequest, await read_json(request))
-            admitted = admission.admit(len(body.inputs_list()))
-            return await admitted.respond(lambda: create_tei_embedding(ctx, body, metrics))
-        except Exception as exc:
-            return error_response(exc, API.TGI)
+    add_admitted_route(app, "/v1/embeddings", EmbeddingRequest, admission, lambda body: len(body.inputs()),
+                       lambda body, _: create_embedding(ctx, body, metrics))
+    add_admitted_route(app, "/embed", EmbedRequest, admission, lambda body: len(body.inputs_list()),
+                       lambda body, _: create_tei_embedding(ctx, body, metrics), API.TGI)
 
     for path in GENERATION_ROUTES:
         app.add_api_route(path, _not_generative(ctx), methods=["POST"])
