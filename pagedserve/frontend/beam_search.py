@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from pagedserve.errors import RequestFailedError, ValidationError
+from pagedserve.frontend.output_processor import OutputKind
 from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput
 from pagedserve.sampling_params import BeamSearchParams, SamplingParams
 
@@ -159,7 +160,6 @@ async def run_async(engine: AsyncEngine, request_id: str, prompt_token_ids: list
     """One prompt's beam search through the async engine: each step's beams as concurrent
     one-token requests (a ValidationError of the first step is the request's). Cancelled (the
     client left), the step's requests are aborted."""
-    from pagedserve.frontend.output_processor import OutputKind
     search = BeamSearch(prompt_token_ids, params, eos_token_ids, num_logprobs)
 
     async def one(rid: str, tokens: list[int]) -> RequestOutput:

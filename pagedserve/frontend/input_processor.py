@@ -107,11 +107,14 @@ class InputProcessor:
         if params.max_tokens is None:
             return room
         if strict_length and params.max_tokens > room:
-            raise ValidationError(
-                f"this model's maximum context length is {self.max_model_len} tokens; the request asks for "
-                f"{num_prompt_tokens + params.max_tokens} ({num_prompt_tokens} in the prompt, "
-                f"{params.max_tokens} in max_tokens)", "max_tokens")
+            raise self._too_long(num_prompt_tokens, params.max_tokens)
         return min(params.max_tokens, room)
+
+    def _too_long(self, num_prompt_tokens: int, max_tokens: int) -> ValidationError:
+        return ValidationError(
+            f"this model's maximum context length is {self.max_model_len} tokens; the request asks for "
+            f"{num_prompt_tokens + max_tokens} ({num_prompt_tokens} in the prompt, {max_tokens} in max_tokens)",
+            "max_tokens")
 
     def check_beam_search(self, num_prompt_tokens: int, beam_width: int, max_tokens: int,
                           width_param: str = "beam_width") -> None:
@@ -122,10 +125,7 @@ class InputProcessor:
                                   f"the engine allows {self.max_logprobs} (max_logprobs): width at most "
                                   f"{self.max_logprobs // 2}", width_param)
         if num_prompt_tokens + max_tokens > self.max_model_len:
-            raise ValidationError(
-                f"this model's maximum context length is {self.max_model_len} tokens; the request asks for "
-                f"{num_prompt_tokens + max_tokens} ({num_prompt_tokens} in the prompt, {max_tokens} in max_tokens)",
-                "max_tokens")
+            raise self._too_long(num_prompt_tokens, max_tokens)
 
     def resolve_params(self, params: SamplingParams) -> SamplingParams:
         """logprobs / prompt_logprobs of -1 mean the whole vocabulary (a copy is returned)."""
