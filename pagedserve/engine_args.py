@@ -97,9 +97,11 @@ class EngineArgs:
     preemption_mode: str | None = _knob(None, "swap (to the host tier while it has room, else recompute) or "
                                               "recompute (default: swap when the host tier exists)",
                                         choices=("swap", "recompute"))
-    runner: str = _knob("auto", "auto (an embedding model's folder, e.g. a sentence-transformers BertModel, is "
-                                "served for embeddings, anything else generates), generate or pooling: vLLM's "
-                                "--runner, checked against the model", choices=("auto", "generate", "pooling"))
+    runner: str = _knob("auto", "auto (an embedding model's folder, a sentence-transformers BertModel or a "
+                                "decoder's backbone such as MistralModel, is served for embeddings, anything else "
+                                "generates), generate or pooling (also a generative decoder as an embedding model: "
+                                "Qwen3-Embedding): vLLM's --runner, checked against the model",
+                        choices=("auto", "generate", "pooling"))
     task: str = _knob("auto", "vLLM's older name for runner: auto, generate, embed (or embedding)",
                       choices=("auto", "generate", "embed", "embedding"))
     quantization: str | None = _knob(None, "quantization method (vLLM's names): compressed-tensors, gptq, awq, fp8, "

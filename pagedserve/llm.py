@@ -67,11 +67,12 @@ class LLM:
 
     def embed(self, prompts: PromptType | Sequence[PromptType], truncate_prompt_tokens: int | None = None,
               use_tqdm: bool = False) -> list[EmbeddingRequestOutput]:
-        """vLLM's LLM.embed, for an embedding model (a folder whose config.json names BertModel):
-        one vector per prompt, pooled and normalised as its sentence-transformers modules say."""
+        """vLLM's LLM.embed, for an embedding model (a BertModel folder, a decoder's backbone, or a
+        decoder under runner="pooling"): one vector per prompt, pooled and normalised as its
+        sentence-transformers modules say."""
         if not isinstance(self.engine, EmbeddingEngine):
-            raise ValidationError("LLM.embed needs an embedding model (e.g. a sentence-transformers BertModel "
-                                  "folder); this one generates text", "model")
+            raise ValidationError("LLM.embed needs an embedding model (a sentence-transformers BertModel folder, or a "
+                                  "decoder with runner=\"pooling\"); this one generates text", "model")
         prompts = _as_prompt_list(prompts)
         ids = [self.engine.process_prompt(p, truncate_prompt_tokens) for p in prompts]
         vectors = self.engine.embed_ids(ids)

@@ -57,6 +57,35 @@ def write_tiny_checkpoint(path: str, name: str, seed: int = 0, **save_kwargs) ->
     return path
 
 
+def write_backbone(path: str, name: str, architecture: str, pooling: str | None = None, seed: int = 0,
+                   **config_overrides) -> str:
+    """A tiny random decoder's backbone alone (flat tensor names: embed_tokens.weight, layers.0...,
+    no lm_head), its config naming `architecture`, and with `pooling` sentence-transformers'
+    modules (that pooling, then Normalize)."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+    config = tiny_config(name)
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).model.save_pretrained(path)
+    with open(os.path.join(path, "config.json")) as f:
+        data = json.load(f)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({**data, "architectures": [architecture]}, f)
+    if pooling is not None:
+        os.makedirs(os.path.join(path, "1_Pooling"))
+        with open(os.path.join(path, "1_Pooling", "config.json"), "w") as f:
+            json.dump({"word_embedding_dimension": config.hidden_size, f"pooling_mode_{pooling}": True}, f)
+        with open(os.path.join(path, "modules.json"), "w") as f:
+            json.dump([{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                       {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+                       {"idx": 2, "name": "2", "path": "2_Normalize",
+                        "type": "sentence_transformers.models.Normalize"}], f)
+    return path
+
+
 def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     """transformers' greedy generate for one unpadded prompt; the new token ids."""
     ids = torch.tensor([prompt_ids])

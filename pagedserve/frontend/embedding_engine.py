@@ -16,17 +16,19 @@ import os
 import threading
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 from typing import Any, Callable
 
 from pagedserve.config import resolve_dtype
 from pagedserve.engine_args import EngineArgs
 from pagedserve.errors import EngineDeadError, ModelLoadError, RequestFailedError, ValidationError
-from pagedserve.models.bert import POOLING_ARCHITECTURES, read_pooling_config
-from pagedserve.models.loader import ModelSource, load_tokenizer, resolve_model
+from pagedserve.config import ModelConfig
+from pagedserve.models.bert import POOLING_ARCHITECTURES, PoolingConfig, read_pooling_config
+from pagedserve.models.loader import load_hf_config, load_tokenizer, resolve_model
+from pagedserve.models.registry import BACKBONE_ARCHITECTURES, MODEL_REGISTRY
 from pagedserve.worker.kv_budget import resolve_device
-from pagedserve.worker.pooling_runner import PoolingRunner
+from pagedserve.worker.pooling_runner import DecoderPoolingRunner, PoolingRunner
 
 logger = logging.getLogger(__name__)
 
@@ -36,36 +38,38 @@ _EMBEDDING_KNOBS = (("tensor_parallel_size", (1,)), ("pipeline_parallel_size", (
                     ("scheduling_policy", ("continuous", "fcfs")), ("load_format", ("auto", "safetensors", "pt")))
 
 
-def pooling_model(model: str | None) -> ModelSource | None:
-    """The model's folder if its config.json names a pooling (embedding) architecture; None
-    otherwise, and for a model that cannot be found or read (the generative engine's loading
-    then says why, as it always has)."""
+def _architectures(model: str | None) -> list[str] | None:
+    """The architectures a model folder's config.json names; None for the embedded default, a
+    GGUF file and a model that cannot be found or read (the generative engine's loading then
+    says why, as it always has)."""
     if model is None:
         return None   # the embedded default is a generative GGUF
     try:
         source = resolve_model(model)
         if source.gguf_file:
             return None
-        config = _read_config(source.directory)
+        return list(_read_config(source.directory).get("architectures") or ())
     except ModelLoadError:
         return None
-    return source if set(config.get("architectures") or ()) & set(POOLING_ARCHITECTURES) else None
 
 
 def use_pooling(args: EngineArgs) -> bool:
-    """Whether `args` make an embedding engine: the model decides, and runner / task (vLLM's
-    flags), when given, must agree with it (decoder models as embedding models are not
-    supported)."""
-    is_pooling = pooling_model(args.model) is not None
+    """Whether `args` make an embedding engine (vLLM's pooling runner). An encoder (BertModel)
+    or a decoder's backbone alone (MistralModel, Qwen3Model, ...: no LM head) is one by itself;
+    a generative decoder (Qwen3ForCausalLM: Qwen3-Embedding's checkpoints) when runner "pooling"
+    or task "embed" asks, as in vLLM. A runner / task that the model cannot serve is refused."""
+    archs = set(_architectures(args.model) or ())
+    embedding_only = bool(archs & (set(POOLING_ARCHITECTURES) | set(BACKBONE_ARCHITECTURES)))
+    asked = "runner" if args.runner != "auto" else "task"
     if args.runner == "pooling" or args.task in ("embed", "embedding"):
-        if not is_pooling:
-            raise ValidationError("an embedding runner needs an embedding model (a BertModel folder); decoder models "
-                                  "as embedding models are not supported", "runner" if args.runner == "pooling"
-                                  else "task")
-    elif (args.runner == "generate" or args.task == "generate") and is_pooling:
-        raise ValidationError("this model is an embedding model (BertModel): it cannot generate text",
-                              "runner" if args.runner == "generate" else "task")
-    return is_pooling
+        if not embedding_only and not archs & set(MODEL_REGISTRY):
+            raise ValidationError("an embedding runner needs a model folder with an encoder (BertModel) or a decoder "
+                                  f"of {', '.join(sorted(MODEL_REGISTRY))} (a GGUF file is not one)", asked)
+        return True
+    if (args.runner == "generate" or args.task == "generate") and embedding_only:
+        raise ValidationError(f"this model ({', '.join(sorted(archs))}) has no language-model head: it is an "
+                              "embedding model and cannot generate text", asked)
+    return embedding_only
 
 
 def _read_config(directory: str) -> dict[str, Any]:
@@ -91,19 +95,33 @@ class EmbeddingEngine:
         self.device = resolve_device(args.device)
         source = resolve_model(args.model)
         config = _read_config(source.directory)
-        pooling, seq_limit = read_pooling_config(source.directory)
+        encoder = bool(set(config.get("architectures") or ()) & set(POOLING_ARCHITECTURES))
+        # vLLM's defaults without sentence-transformers files: an encoder's CLS, a decoder's last token
+        pooling, seq_limit = read_pooling_config(source.directory, PoolingConfig("cls" if encoder else "last"))
         positions = int(config.get("max_position_embeddings", 512))
         if args.max_model_len is not None and args.max_model_len > positions:
             raise ValidationError(f"max_model_len {args.max_model_len} exceeds the model's max_position_embeddings "
                                   f"{positions}", "max_model_len")
-        self.max_model_len = args.max_model_len or min(positions, seq_limit or positions)
+        window = None if encoder or config.get("use_sliding_window") is False else config.get("sliding_window")
+        self.max_model_len = args.max_model_len or min(positions, seq_limit or positions, window or positions)
         self.max_num_seqs = args.max_num_seqs or 256
         self.max_num_batched_tokens = max(args.max_num_batched_tokens or DEFAULT_BATCHED_TOKENS[self.device.type],
                                           self.max_model_len)
         self.vocab_size = int(config["vocab_size"])
         dtype = resolve_dtype(args.dtype, config.get("torch_dtype") or config.get("dtype"), self.device.type)
         self.tokenizer = None if args.skip_tokenizer_init else load_tokenizer(source, args.tokenizer)
-        self.runner = PoolingRunner(source.directory, SimpleNamespace(**config), pooling, dtype, self.device)
+        if encoder:
+            self.runner = PoolingRunner(source.directory, SimpleNamespace(**config), pooling, dtype, self.device)
+        else:
+            if config.get("quantization_config"):
+                raise ValidationError("a quantized checkpoint as an embedding model is not supported", "model")
+            hf_config = load_hf_config(source)
+            # a backbone alone (Qwen3Model) is served by its generative class (Qwen3ForCausalLM)
+            hf_config.architectures = [BACKBONE_ARCHITECTURES.get(a, a) for a in config.get("architectures") or ()]
+            model_config = ModelConfig.from_hf(hf_config, dtype, self.max_model_len)
+            self.runner = DecoderPoolingRunner(source.directory, replace(model_config, tie_word_embeddings=True),
+                                               pooling, self.max_num_batched_tokens, self.max_num_seqs, self.device,
+                                               args.seed)
         self.dimensions = self.runner.dimensions
 
     def process_prompt(self, prompt: Any, truncate_prompt_tokens: int | None = None, add_special_tokens: bool = True,

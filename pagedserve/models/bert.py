@@ -27,15 +27,15 @@ class PoolingConfig:
     normalize: bool = True
 
 
-def read_pooling_config(directory: str) -> tuple[PoolingConfig, int | None]:
+def read_pooling_config(directory: str, default: PoolingConfig = PoolingConfig()) -> tuple[PoolingConfig, int | None]:
     """The pooling of a sentence-transformers folder (modules.json, its Pooling module's
-    config.json) and its max_seq_length; CLS + normalize and None without one."""
+    config.json) and its max_seq_length; `default` and None without one."""
     try:
         with open(os.path.join(directory, "modules.json"), encoding="utf-8") as f:
             modules = json.load(f)
     except (OSError, ValueError):
-        return PoolingConfig(), None
-    method, normalize = "cls", False
+        return default, None
+    method, normalize = default.method, False
     for module in modules if isinstance(modules, list) else []:
         kind = str(module.get("type", ""))
         if kind.endswith(".Pooling"):
@@ -75,7 +75,33 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, config: PoolingConfig,
     else:
         weights = mask[..., None].to(hidden.dtype)
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-    pooled = pooled.float()
+    return normalized(pooled.float(), config, normalize)
+
+
+def pool_ragged(hidden: torch.Tensor, lengths: list[int], config: PoolingConfig,
+                normalize: torch.Tensor | None = None) -> torch.Tensor:
+    """`pool` for a ragged batch: hidden [T, H] holds the sequences of `lengths` one after the
+    other (an all-prefill step's tokens) -> [B, H] float32."""
+    device = hidden.device
+    counts = torch.tensor(lengths, device=device)
+    ends = torch.cumsum(counts, 0)
+    if config.method == "cls":
+        pooled = hidden[ends - counts].float()
+    elif config.method == "last":
+        pooled = hidden[ends - 1].float()
+    else:
+        rows = torch.repeat_interleave(torch.arange(len(lengths), device=device), counts)
+        start = torch.full((len(lengths), hidden.shape[1]), float("-inf") if config.method == "max" else 0.0,
+                           dtype=torch.float32, device=device)
+        if config.method == "max":
+            pooled = start.scatter_reduce_(0, rows[:, None].expand(-1, hidden.shape[1]), hidden.float(), "amax")
+        else:
+            pooled = start.index_add_(0, rows, hidden.float()) / counts[:, None]
+    return normalized(pooled, config, normalize)
+
+
+def normalized(pooled: torch.Tensor, config: PoolingConfig, normalize: torch.Tensor | None) -> torch.Tensor:
+    """L2-normalised as the config says or, given `normalize` ([B] bool), where it is true."""
     if normalize is None:
         return F.normalize(pooled, p=2, dim=-1) if config.normalize else pooled
     return torch.where(normalize[:, None], F.normalize(pooled, p=2, dim=-1), pooled)

@@ -356,6 +356,8 @@ class LlamaForCausalLM(nn.Module):
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name:
                 continue
+            if not name.startswith(("model.", "lm_head.")):   # a backbone's checkpoint (Qwen3-Embedding's)
+                name = "model." + name
             if moe is not None and moe.load(name, tensor, params, loaded):
                 continue
             if name == "lm_head.weight" and self.config.tie_word_embeddings:

@@ -18,6 +18,15 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
 }
 
+# a decoder's backbone alone, without its LM head (e5-mistral's MistralModel): an embedding model
+# only, served by the generative class it is the backbone of (worker/pooling_runner.py)
+BACKBONE_ARCHITECTURES: dict[str, str] = {
+    "LlamaModel": "LlamaForCausalLM",
+    "MistralModel": "MistralForCausalLM",
+    "Qwen2Model": "Qwen2ForCausalLM",
+    "Qwen3Model": "Qwen3ForCausalLM",
+}
+
 
 def supported_architectures() -> list[str]:
     return sorted(MODEL_REGISTRY)

@@ -110,7 +110,8 @@ def _add_openai_routes(app: FastAPI, ctx: ServerContext, admission: AdmissionLim
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:   # served by an embedding model's app (embeddings.py)
         return error_response(ValidationError(f"the model {ctx.model_name!r} generates text: /v1/embeddings needs "
-                                              "an embedding model", "model"))
+                                              "an embedding model (a decoder serves one under --runner pooling)",
+                                              "model"))
 
     @app.get("/v1/models")
     async def models() -> Response:

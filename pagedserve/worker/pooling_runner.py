@@ -1,6 +1,11 @@
-"""The embedding models' runner (vLLM's pooling runner): an encoder's weights, a padded batch of
-token id lists in, one pooled vector per list out. No KV cache, no sampling, no policy: the
-frontend's EmbeddingEngine decides what goes in a batch."""
+"""The embedding models' runners (vLLM's pooling runner): a batch of token id lists in, one
+pooled vector per list out. No sampling, no policy: the frontend's EmbeddingEngine decides what
+goes in a batch.
+
+PoolingRunner: an encoder (BertModel), on a padded batch.
+DecoderPoolingRunner: a decoder (Qwen3-Embedding, e5-mistral, ... : the generative models'
+classes), the batch as one all-prefill step, ragged, on the paged attention path through a
+scratch KV cache that holds one batch (no context, nothing kept between batches)."""
 from __future__ import annotations
 
 import glob
@@ -12,8 +17,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from pagedserve.attention.backend import select_backend
+from pagedserve.attention.metadata import AttentionMetadata
+from pagedserve.config import CacheConfig, ModelConfig, WeightSource
 from pagedserve.errors import ModelLoadError
-from pagedserve.models.bert import BertModel, PoolingConfig, pool
+from pagedserve.models.bert import BertModel, PoolingConfig, pool, pool_ragged
+from pagedserve.models.loader import load_weights
+from pagedserve.models.registry import resolve_model_class
 
 logger = logging.getLogger(__name__)
 
@@ -58,3 +68,61 @@ class PoolingRunner:
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         rows = None if normalize is None else torch.tensor(normalize, dtype=torch.bool, device=self.device)
         return pool(self.model(input_ids, mask), mask, self.pooling, rows).cpu().tolist()
+
+
+class DecoderPoolingRunner:
+    """A decoder's final hidden states (after its last norm), pooled per sequence. The model is
+    the generative one (models/registry.py) with its LM head tied to the embedding: it never
+    computes logits, so a checkpoint's lm_head is skipped and holds no memory. The scratch KV
+    cache holds `max_tokens` tokens in blocks of CacheConfig.block_size (each sequence rounds up
+    to a block: `max_seqs` blocks more); on the CPU only the pages a batch writes are resident."""
+
+    def __init__(self, directory: str, config: ModelConfig, pooling: PoolingConfig, max_tokens: int,
+                 max_seqs: int, device: torch.device, seed: int = 0) -> None:
+        from pagedserve.worker.model_runner import _zeros
+        start = time.monotonic()
+        self.device, self.pooling = device, pooling
+        self.block_size = CacheConfig.block_size
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = resolve_model_class(config.architecture)(config)
+        load_weights(model, WeightSource(directory, None, "auto", seed), config.dtype)
+        self.model = model.eval()
+        layers = model.attention_layers()
+        num_blocks = -(-max_tokens // self.block_size) + max_seqs
+        shape = (num_blocks, self.block_size, layers[0].num_kv_heads, layers[0].head_dim)
+        self.kv_cache = _zeros((2 * len(layers), *shape), config.dtype, device)
+        backend = select_backend(device, None)
+        for i, layer in enumerate(layers):
+            layer.k_cache, layer.v_cache, layer.backend = self.kv_cache[2 * i], self.kv_cache[2 * i + 1], backend
+        self.dimensions = config.hidden_size
+        logger.info("embedding model (%s) loaded in %.1f s (%s pooling%s, %d dimensions; scratch KV %d tokens)",
+                    config.architecture, time.monotonic() - start, pooling.method,
+                    ", normalized" if pooling.normalize else "", self.dimensions, num_blocks * self.block_size)
+
+    @torch.inference_mode()
+    def embed(self, batch: list[list[int]], normalize: list[bool] | None = None) -> list[list[float]]:
+        """One vector per token id list, as PoolingRunner.embed: every list a fresh prompt in one
+        forward (query_start_loc / seq_lens / block_tables of a step with no cached context)."""
+        lengths = [len(ids) for ids in batch]
+        blocks = [-(-n // self.block_size) for n in lengths]
+        firsts = [sum(blocks[:row]) for row in range(len(batch))]
+        table = torch.zeros((len(batch), max(blocks)), dtype=torch.int32)
+        slots, positions = [], []
+        for row, (n, first, count) in enumerate(zip(lengths, firsts, blocks)):
+            table[row, :count] = torch.arange(first, first + count, dtype=torch.int32)
+            slots.append(torch.arange(n) + first * self.block_size)
+            positions.append(torch.arange(n))
+        starts = [0]
+        for n in lengths:
+            starts.append(starts[-1] + n)
+        device = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.cat(slots).to(device), query_start_loc=torch.tensor(starts, dtype=torch.int32).to(device),
+            seq_lens=torch.tensor(lengths, dtype=torch.int32).to(device), block_tables=table.to(device),
+            max_query_len=max(lengths), max_seq_len=max(lengths), num_decodes=0,
+            query_start_loc_host=starts, seq_lens_host=lengths)
+        ids = torch.tensor([t for row in batch for t in row], dtype=torch.long).to(device)
+        hidden = self.model(ids, torch.cat(positions).to(device), meta)   # [T, H]
+        rows = None if normalize is None else torch.tensor(normalize, dtype=torch.bool, device=device)
+        return pool_ragged(hidden, lengths, self.pooling, rows).cpu().tolist()

@@ -101,7 +101,7 @@ def test_limits_truncation_and_the_wrong_model_kind(minilm, tiny_checkpoints) ->
         LLM(model=minilm_path(), runner="generate")
     assert info.value.param == "runner"
     with pytest.raises(ValidationError) as info:
-        LLM(model=tiny_checkpoints["llama"], device="cpu", task="embed")
+        LLM(task="embed")   # the embedded default is a GGUF file (decoders as embedding models: test_embedding_decoder)
     assert info.value.param == "task"
     with pytest.raises(ValidationError) as info:
         LLM(model=minilm_path(), runner="pooling", task="generate")

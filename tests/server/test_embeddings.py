@@ -1,10 +1,13 @@
 """/v1/embeddings through a real server process on all-MiniLM-L6-v2 (server/embeddings.py), with
 OpenAI's own client: the offline LLM.embed's vectors, float and base64; bad input is a 400
 naming the field while good requests run; the text-generation routes answer an embedding
-server with a 400 naming `model`, and the generative `server` answers /v1/embeddings so."""
+server with a 400 naming `model`, and the generative `server` answers /v1/embeddings so. A
+decoder under --runner pooling (Qwen3-Embedding's layout) serves the offline vectors too."""
 from __future__ import annotations
 
 import base64
+import os
+import shutil
 import struct
 import threading
 from typing import Iterator
@@ -14,7 +17,7 @@ import requests
 from openai import OpenAI
 
 from pagedserve import LLM
-from tests.helpers import minilm_path
+from tests.helpers import minilm_path, write_backbone
 from tests.server.conftest import ServerProcess, serving
 
 TEXTS = ["Hello world", "Paged attention stores the KV cache in blocks.", "a"]
@@ -167,3 +170,33 @@ def test_random_odd_bodies_never_get_a_5xx(embed_server, reference) -> None:
             else:
                 assert error["error"]["param"], (body, error)
     assert {200, 400, 422} <= {r.status_code for r in answers}
+
+
+@pytest.fixture(scope="module")
+def decoder_folder(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random Qwen3 backbone in Qwen3-Embedding's layout (last token, normalised) with
+    all-MiniLM's tokenizer (its vocabulary: 30,522 ids)."""
+    path = write_backbone(str(tmp_path_factory.mktemp("qwen3_embed")), "qwen3", "Qwen3ForCausalLM",
+                          pooling="lasttoken", vocab_size=30522, max_position_embeddings=128)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(os.path.join(minilm_path(), name), path)
+    return path
+
+
+def test_a_decoder_under_runner_pooling_serves_the_offline_vectors(tmp_path_factory, decoder_folder) -> None:
+    llm = LLM(model=decoder_folder, runner="pooling")
+    try:
+        reference = [o.outputs.embedding for o in llm.embed(TEXTS)]
+    finally:
+        llm.shutdown()
+    for proc in serving(tmp_path_factory, "decoder_embed_server", decoder_folder, "--runner", "pooling",
+                        "--served-model-name", "qwen3-embed"):
+        client = OpenAI(base_url=f"{proc.base_url}/v1", api_key="none")
+        result = client.embeddings.create(model="qwen3-embed", input=TEXTS)
+        assert all(_close(d.embedding, ref) for d, ref in zip(result.data, reference))
+        assert len(result.data[0].embedding) == 64
+        too_long = requests.post(f"{proc.base_url}/v1/embeddings", json={"input": "word " * 200}, timeout=30)
+        assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "input"
+        chat = requests.post(f"{proc.base_url}/v1/chat/completions", timeout=30,
+                             json={"messages": [{"role": "user", "content": "x"}]})
+        assert chat.status_code == 400 and chat.json()["error"]["param"] == "model"
