@@ -21,6 +21,7 @@ _gc.disable()
 try:
     from pagedserve.errors import EngineDeadError, ModelLoadError, OverloadedError, ValidationError
     from pagedserve.llm import LLM
+    from pagedserve.lora_request import LoRARequest
     from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput
     from pagedserve.sampling_params import BeamSearchParams, SamplingParams, StructuredOutputsParams
 finally:
@@ -28,5 +29,5 @@ finally:
         _gc.enable()
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "BeamSearchParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput", "Logprob", "ValidationError",
+__all__ = ["LLM", "LoRARequest", "SamplingParams", "BeamSearchParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput", "Logprob", "ValidationError",
            "OverloadedError", "EngineDeadError", "ModelLoadError", "__version__"]

@@ -204,12 +204,24 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA adapters (vLLM's enable_lora): `max_loras` of them on the device at once (the ones a
+    step can mix: core/lora_slots.py), each of rank <= max_lora_rank; the runner keeps up to
+    `max_cpu_loras` loaded on the host."""
+
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int = 1
+
+
+@dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
     policy: str = "continuous"   # "continuous" | "priority" | "static" (core/scheduler.py)
     preemption_mode: str = "swap"   # "swap" (to the host tier when it has room, else recompute) | "recompute"
+    lora: LoRAConfig | None = None   # None: no adapters
 
 
 @dataclass(frozen=True)

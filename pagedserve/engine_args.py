@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from pagedserve.config import (CacheConfig, architecture_of, DeviceConfig, EngineConfig, ModelConfig, ParallelConfig,
-                               SchedulerConfig, WeightSource, resolve_dtype)
+from pagedserve.config import (CacheConfig, architecture_of, DeviceConfig, EngineConfig, LoRAConfig, ModelConfig,
+                               ParallelConfig, SchedulerConfig, WeightSource, resolve_dtype)
 from pagedserve.errors import ValidationError
 from pagedserve.layers.quantization import get_quantization_config
 from pagedserve.layers.quantization.detect import QuantizationError, checkpoint_quantization, resolve_quantization
@@ -26,7 +26,6 @@ logger = logging.getLogger(__name__)
 # vLLM knobs we accept only at their default, with why.
 NOT_SUPPORTED = {
     "speculative_config": "speculative decoding is not supported yet",
-    "enable_lora": "LoRA adapters are not supported yet",
     "kv_cache_dtype": "a KV cache dtype other than the model dtype is not supported yet",
 }
 
@@ -108,6 +107,11 @@ class EngineArgs:
                                            "bitsandbytes (default: the checkpoint's quantization_config); fp8, "
                                            "fp8-per-channel and bitsandbytes also quantize a float checkpoint at "
                                            "load", aliases=("-q",))
+    enable_lora: bool = _knob(False, "serve LoRA adapters (PEFT folders): requests name one (LoRARequest, or the "
+                                     "server's --lora-modules by model name); CUDA graphs are off with it")
+    max_loras: int = _knob(1, "LoRA adapters one step can mix (their device slots)")
+    max_lora_rank: int = _knob(16, "the largest LoRA rank an adapter may have")
+    max_cpu_loras: int | None = _knob(None, "LoRA adapters kept loaded on the host (default: max_loras)")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineArgs":
@@ -159,6 +163,10 @@ class EngineArgs:
         if self.preemption_mode not in (None, "swap", "recompute"):
             raise ValidationError(f"preemption_mode must be swap or recompute, got {self.preemption_mode!r}",
                                   "preemption_mode")
+        for name in ("max_loras", "max_lora_rank", "max_cpu_loras"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValidationError(f"{name} must be an integer >= 1, got {value!r}", name)
         if self.trust_remote_code:
             raise ValidationError("trust_remote_code is not supported: only built-in architectures run",
                                   "trust_remote_code")
@@ -213,7 +221,9 @@ class EngineArgs:
                               self.kv_offloading_size),
             scheduler=SchedulerConfig(max_num_seqs, batched, max_model_len,
                                       "continuous" if self.scheduling_policy == "fcfs" else self.scheduling_policy,
-                                      self.preemption_mode or "swap"),
+                                      self.preemption_mode or "swap",
+                                      LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras or self.max_loras)
+                                      if self.enable_lora else None),
             # TP=2: the push all-reduce up to 4 MiB (llama-8b decode steps of up to 512 rows); other
             # sizes: torch's one-shot up to 1 MiB (benchmarks/RESULTS.md, issue 17)
             parallel=ParallelConfig(
@@ -223,8 +233,9 @@ class EngineArgs:
                 else int(os.environ.get("PAGEDSERVE_CUSTOM_ALL_REDUCE_MAX_KB", "1024" if one_shot else "4096")) << 10,
                 custom_all_reduce_kind="one_shot" if one_shot else "push",
                 step_queue=_choice("PAGEDSERVE_TP_STEP_QUEUE", "shm", ("shm", "broadcast"))),
-            # mixture-of-experts layers sync with the host per layer (layers/moe.py): no CUDA graphs
-            device=DeviceConfig(str(device), self.enforce_eager or model_config.is_moe, self.seed,
+            # mixture-of-experts layers sync with the host per layer (layers/moe.py), LoRA's token
+            # slots change per step outside any graph's static inputs: no CUDA graphs for either
+            device=DeviceConfig(str(device), self.enforce_eager or model_config.is_moe or self.enable_lora, self.seed,
                                 self.async_scheduling if self.async_scheduling is not None
                                 else device.type == "cuda" or self.pipeline_parallel_size > 1,
                                 int(os.environ.get("PAGEDSERVE_GEMV_MAX_ROWS", "64")),

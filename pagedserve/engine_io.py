@@ -26,6 +26,7 @@ class NewRequestData:
     sampling_params: SamplingParams
     block_ids: list[BlockId]
     num_computed_tokens: int
+    lora_slot: int = -1             # its LoRA adapter's device slot; -1: the base model
 
 
 @dataclass(slots=True)
@@ -74,12 +75,14 @@ class SchedulerOutput:
     # the last `num_swap_out_behind` swap-outs copy free device blocks (write-behind): they
     # run after the swap-ins; this step's forward need not wait for them, the next one does
     num_swap_out_behind: int = 0
+    # LoRA adapters (LoRARequest) to load into device slots before this step's forward
+    lora_loads: list[tuple[int, Any]] = field(default_factory=list)
 
     @property
     def has_work(self) -> bool:
         """Anything for the runner to do: tokens to compute, state to drop, or blocks to copy."""
         return bool(self.total_num_scheduled_tokens or self.finished_req_ids or self.preempted_req_ids
-                    or self.blocks_to_swap_out or self.blocks_to_swap_in)
+                    or self.blocks_to_swap_out or self.blocks_to_swap_in or self.lora_loads)
 
 
 class TokenLogprobs(NamedTuple):

@@ -12,6 +12,7 @@ from pagedserve.engine_args import EngineArgs
 from pagedserve.errors import ValidationError
 from pagedserve.frontend.beam_search import BeamSearch, BeamSearchOutput, step_logprobs
 from pagedserve.frontend.embedding_engine import EmbeddingEngine, use_pooling
+from pagedserve.lora_request import LoRARequest
 from pagedserve.frontend.gc_policy import hot_loop_collector
 from pagedserve.frontend.input_processor import PromptType
 from pagedserve.frontend.llm_engine import LLMEngine
@@ -55,15 +56,18 @@ class LLM:
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True, priority: Sequence[int] | None = None) -> list[RequestOutput]:
-        """Run every prompt to completion; outputs in input order. `priority`: one per prompt
-        (lower runs first), with scheduling_policy="priority" (vLLM's LLM.generate argument)."""
+                 use_tqdm: bool = True, lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+                 priority: Sequence[int] | None = None) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs in input order. `lora_request`: the LoRA
+        adapter, for every prompt or one per prompt (None: the base model), with enable_lora.
+        `priority`: one per prompt (lower runs first), with scheduling_policy="priority" (vLLM's
+        LLM.generate arguments)."""
         self._generative()
         prompts = _as_prompt_list(prompts)
         params = _per_prompt(sampling_params, len(prompts))
         if priority is not None and (isinstance(priority, (str, bytes)) or len(priority) != len(prompts)):
             raise ValidationError(f"priority must be a list of one integer per prompt ({len(prompts)})", "priority")
-        return self._run(prompts, params, use_tqdm, priorities=priority)
+        return self._run(prompts, params, use_tqdm, priorities=priority, loras=_per_prompt_lora(lora_request, len(prompts)))
 
     def embed(self, prompts: PromptType | Sequence[PromptType], truncate_prompt_tokens: int | None = None,
               use_tqdm: bool = False) -> list[EmbeddingRequestOutput]:
@@ -122,10 +126,11 @@ class LLM:
              | None = None, use_tqdm: bool = True, chat_template: str | None = None,
              add_generation_prompt: bool = True, continue_final_message: bool = False,
              tools: list[dict] | None = None, chat_template_kwargs: dict | None = None,
-             documents: list[dict] | None = None) -> list[RequestOutput]:
+             documents: list[dict] | None = None, lora_request: LoRARequest | None = None) -> list[RequestOutput]:
         """One conversation (a list of {"role", "content"}) or a list of conversations, rendered
         with the model's chat template (or `chat_template`); `tools`, `documents` and
-        `chat_template_kwargs` are passed to the template as vLLM's LLM.chat does."""
+        `chat_template_kwargs` are passed to the template as vLLM's LLM.chat does; `lora_request`
+        as in generate."""
         if not messages:
             raise ValidationError("messages must not be empty", "messages")
         conversations = [messages] if isinstance(messages[0], dict) else messages
@@ -134,10 +139,12 @@ class LLM:
                                          documents, chat_template_kwargs)
                    for conv in conversations]
         params = _per_prompt(sampling_params, len(prompts))
-        return self._run(prompts, params, use_tqdm, add_special_tokens=False)
+        return self._run(prompts, params, use_tqdm, add_special_tokens=False,
+                         loras=_per_prompt_lora(lora_request, len(prompts)))
 
     def _run(self, prompts: list[PromptType], params: list[SamplingParams], use_tqdm: bool,
-             add_special_tokens: bool = True, priorities: Sequence[int] | None = None) -> list[RequestOutput]:
+             add_special_tokens: bool = True, priorities: Sequence[int] | None = None,
+             loras: list[LoRARequest | None] | None = None) -> list[RequestOutput]:
         # no gen-0 collection every step (frontend/gc_policy.py), nor while the requests are added: at
         # CPython's 700 a thr512 batch's 512 took ~7 gen-0 collections and a gen-1 (~7 ms, H200 host)
         with hot_loop_collector():
@@ -147,7 +154,8 @@ class LLM:
                     request_id = str(self._request_counter)
                     self._request_counter += 1
                     self.engine.add_request(request_id, prompt, sp, add_special_tokens=add_special_tokens,
-                                            priority=priorities[i] if priorities is not None else 0)
+                                            priority=priorities[i] if priorities is not None else 0,
+                                            lora_request=loras[i] if loras is not None else None)
                     ids.append(request_id)
             except Exception:
                 for request_id in ids:
@@ -194,6 +202,16 @@ def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptTy
     if not prompts:
         raise ValidationError("prompts must not be empty", "prompts")
     return prompts
+
+
+def _per_prompt_lora(lora: LoRARequest | Sequence[LoRARequest | None] | None, count: int
+                     ) -> list[LoRARequest | None] | None:
+    if lora is None or isinstance(lora, LoRARequest):
+        return None if lora is None else [lora] * count
+    if isinstance(lora, (str, bytes)) or not isinstance(lora, Sequence) or len(lora) != count:
+        raise ValidationError(f"lora_request must be a LoRARequest or a list of one per prompt ({count})",
+                              "lora_request")
+    return list(lora)
 
 
 def _per_prompt(params: SamplingParams | Sequence[SamplingParams] | None, count: int) -> list[SamplingParams]:

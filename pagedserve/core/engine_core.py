@@ -68,7 +68,8 @@ class EngineCore:
                                                num_host_blocks)
         self.scheduler = Scheduler(self.kv_cache_manager, config.scheduler.max_num_seqs,
                                    config.scheduler.max_num_batched_tokens, max_model_len,
-                                   config.scheduler.policy, config.scheduler.preemption_mode)
+                                   config.scheduler.policy, config.scheduler.preemption_mode,
+                                   config.scheduler.lora.max_loras if config.scheduler.lora else 0)
         self.async_scheduling = config.device.async_scheduling and executor.max_concurrent_batches > 1
         self.scheduler.micro_batches = max(1, getattr(config.parallel, "pipeline_parallel_size", 1))
         # picked once; an unbound function, so the core holds no reference cycle to itself (a

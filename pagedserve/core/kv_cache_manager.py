@@ -121,7 +121,9 @@ class KVCacheManager:
     def _block_hashes(self, request: Request, num_full_blocks: int) -> list[BlockHash]:
         """The request's chained hashes for its first `num_full_blocks` blocks (memoised)."""
         hashes = self.req_to_hashes.setdefault(request.request_id, [])
-        extra = (request.cache_salt,) if request.cache_salt else None
+        # a salt or an adapter: blocks are shared only between requests with the same ones
+        lora = request.lora_request
+        extra = (request.cache_salt, lora.lora_int_id if lora else None) if request.cache_salt or lora else None
         size = self.block_size
         while len(hashes) < num_full_blocks:
             i = len(hashes)

@@ -76,6 +76,9 @@ class Request:
     # strings and no logprobs: LLM.generate, non-streaming server requests): the core reports
     # its tokens all at once when it finishes, not one output a step (EngineCore._update).
     report_final_only: bool = False
+    # LoRA: the adapter (None: the base model) and, while it runs, its device slot (core/lora_slots.py)
+    lora_request: Any = None
+    lora_slot: int = -1
 
     @property
     def num_prompt_tokens(self) -> int:

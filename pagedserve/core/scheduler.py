@@ -52,6 +52,7 @@ from typing import Any
 
 from pagedserve.core import structured_output
 from pagedserve.core.kv_cache_manager import KVCacheManager
+from pagedserve.core.lora_slots import LoraSlots
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.stop_rules import advance_grammar, check_stop
 from pagedserve.engine_io import (CachedRequestData, ForkedRequestData, ModelRunnerOutput, NewRequestData, RequestId,
@@ -88,7 +89,7 @@ class Scheduler:
 
     def __init__(self, kv_cache_manager: KVCacheManager, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int, policy: str = "continuous",
-                 preemption_mode: str = "swap") -> None:
+                 preemption_mode: str = "swap", max_loras: int = 0) -> None:
         if policy not in POLICIES:
             raise ValueError(f"scheduling policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         if preemption_mode not in ("swap", "recompute"):
@@ -119,6 +120,7 @@ class Scheduler:
         self.grammars: Any = structured_output.InlineGrammars()   # EngineCore may pick ProcessGrammars
         self.stats = SchedulerStats()
         self.micro_batches = 1   # pipeline stages to keep busy (set by EngineCore)
+        self.lora_slots = LoraSlots(max_loras) if max_loras else None
 
     # ---- queue management -------------------------------------------------------------
     def add_request(self, request: Request, forks: list[Request] | None = None) -> None:
@@ -188,6 +190,8 @@ class Scheduler:
                 self.kv.free(request)
                 request.num_computed_tokens = 0
                 request.status = RequestStatus.PREEMPTED
+                if self.lora_slots is not None:
+                    self.lora_slots.release(request)
                 if self._sent_blocks.pop(rid, None) is not None:
                     self._requeued_since_last_step.add(rid)
                 requeued.append(request)
@@ -221,6 +225,8 @@ class Scheduler:
 
     def _free(self, request: Request) -> None:
         self.suspects.discard(request.request_id)
+        if self.lora_slots is not None:
+            self.lora_slots.release(request)
         self.kv.forget(request)
         if self.requests.pop(request.request_id, None) is not None:
             self.num_history_dependent -= request.sampling_params.reads_output_history
@@ -299,6 +305,7 @@ class Scheduler:
         num_seqs = self._num_running_seqs()
         if isolate:
             can_admit = can_admit and not scheduled and self._suspect_first()
+        lora_slots, passed_over = self.lora_slots, []   # LoRA: waiting requests whose adapter finds no slot now
         while can_admit and self.waiting and num_seqs < self.max_num_seqs and len(scheduled) < max_seqs \
                 and (budget > 0 or forming_static_batch):
             request = self.waiting[0]
@@ -306,6 +313,9 @@ class Scheduler:
             family = 1 + len(self.pending_forks.get(request.request_id, ()))
             if num_seqs + family > self.max_num_seqs:
                 break
+            if lora_slots is not None and not lora_slots.acquire(request):
+                passed_over.append(self.waiting.popleft())
+                continue
             if forming_static_batch:
                 reserve -= self.kv.blocks_needed(request.num_tokens + 1)
                 if reserve < 0 and self.running:
@@ -315,6 +325,8 @@ class Scheduler:
                 hits, num_hit_tokens = self.kv.get_computed_blocks(request)
             num_new = min(request.num_tokens - request.num_computed_tokens - num_hit_tokens, budget)
             if not self.kv.allocate_slots(request, num_new, hits):
+                if lora_slots is not None:
+                    lora_slots.release(request)
                 break
             if self.kv.is_loading(request):   # it runs next step, after its blocks are copied in
                 num_new = 0
@@ -334,12 +346,15 @@ class Scheduler:
             if isolate:
                 break
 
+        self.waiting.extendleft(reversed(passed_over))   # at the head again, in their order
         if isolate and not scheduled:   # no suspect can run alone now (memory): stop isolating
             self.suspects.clear()
         out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
         self.stats.num_batched_tokens = out.total_num_scheduled_tokens
         if self.pending_forks:
             self._fork_completed_prompts(scheduled, out)
+        if lora_slots is not None:
+            out.lora_loads = lora_slots.take_loads()
         out.blocks_to_copy = self.kv.take_pending_copies()
         out.blocks_to_swap_out, out.blocks_to_swap_in, out.num_swap_out_behind = self.kv.take_swaps()
         if self._constrained_samples:
@@ -400,6 +415,8 @@ class Scheduler:
         else:
             request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
+        if self.lora_slots is not None:
+            self.lora_slots.release(request)
         request.num_preemptions += 1
         self.stats.num_preemptions += 1
         self._enqueue(request, front=True)
@@ -424,7 +441,7 @@ class Scheduler:
         if sent is None:
             out.new_requests.append(NewRequestData(
                 rid, request.all_token_ids, len(request.prompt_token_ids), request.sampling_params,
-                [b.block_id for b in blocks], num_ahead))
+                [b.block_id for b in blocks], num_ahead, request.lora_slot))
             self._sent_blocks[rid] = (len(blocks), blocks[-1].block_id if blocks else -1)
         else:
             num_sent, last_sent = sent
@@ -456,6 +473,8 @@ class Scheduler:
             del self.pending_forks[parent.request_id]
             for child in forks:
                 self.kv.fork(parent, child)
+                if self.lora_slots is not None:
+                    self.lora_slots.acquire(child)   # the parent holds the adapter's slot: it never fails
                 child.num_computed_tokens = parent.num_computed_tokens
                 child.num_unresolved_tokens = parent.num_unresolved_tokens   # in flight, as the parent's
                 child.num_inflight_samples = parent.num_inflight_samples

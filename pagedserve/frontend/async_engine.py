@@ -50,6 +50,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable
 
+from pagedserve.lora_request import LoRARequest
 from pagedserve.core.outputs import EngineStats
 from pagedserve.core.snapshot import EngineSnapshot
 from pagedserve.engine_args import EngineArgs
@@ -218,13 +219,14 @@ class AsyncEngine:
     # ---- the event-loop API --------------------------------------------------------------
     async def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
                           output_kind: OutputKind = OutputKind.DELTA, strict_length: bool = False,
-                          add_special_tokens: bool = True, priority: int = 0) -> RequestStream:
+                          add_special_tokens: bool = True, priority: int = 0,
+                          lora_request: LoRARequest | None = None) -> RequestStream:
         """Queue a request; returns its stream once the engine accepted it. Raises the
         ValidationError of a bad request (nothing is queued then) or EngineDeadError."""
         if self._dead is not None:
             raise self._dead
         processed = await self._in_pool(self.engine.process_request, request_id, prompt, params, output_kind,
-                                        strict_length, add_special_tokens, priority)
+                                        strict_length, add_special_tokens, priority, lora_request)
         loop = asyncio.get_running_loop()
         stream = RequestStream(request_id, self, loop)
         accepted: asyncio.Future[None] = loop.create_future()
@@ -248,12 +250,13 @@ class AsyncEngine:
 
     async def generate(self, prompt: PromptType, params: SamplingParams, request_id: str | None = None,
                        output_kind: OutputKind = OutputKind.DELTA, strict_length: bool = False,
-                       add_special_tokens: bool = True, priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       add_special_tokens: bool = True, priority: int = 0,
+                       lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as they come. Validation errors are raised before the first
         output; leaving the loop early (or being cancelled) aborts the request."""
         request_id = request_id or uuid.uuid4().hex
         stream = await self.add_request(request_id, prompt, params, output_kind, strict_length, add_special_tokens,
-                                        priority)
+                                        priority, lora_request)
         try:
             async for output in stream:
                 yield output

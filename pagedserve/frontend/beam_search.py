@@ -156,7 +156,7 @@ def step_logprobs(output: RequestOutput) -> dict[int, Logprob]:
 
 async def run_async(engine: AsyncEngine, request_id: str, prompt_token_ids: list[int], prompt: str | None,
                     params: BeamSearchParams, eos_token_ids: tuple[int, ...], num_logprobs: int | None = None,
-                    cache_salt: str | None = None, priority: int = 0) -> RequestOutput:
+                    cache_salt: str | None = None, priority: int = 0, lora_request: Any = None) -> RequestOutput:
     """One prompt's beam search through the async engine: each step's beams as concurrent
     one-token requests (a ValidationError of the first step is the request's). Cancelled (the
     client left), the step's requests are aborted."""
@@ -168,7 +168,7 @@ async def run_async(engine: AsyncEngine, request_id: str, prompt_token_ids: list
         if cache_salt is not None:
             prompt_dict["cache_salt"] = cache_salt
         async for final in engine.generate(prompt_dict, search.step_params, rid, OutputKind.FINAL_ONLY,
-                                           priority=priority):
+                                           priority=priority, lora_request=lora_request):
             pass
         return final
 

@@ -20,7 +20,11 @@ from pagedserve.frontend.input_processor import InputProcessor, ProcessedPrompt,
 from pagedserve.frontend.output_processor import OutputKind, OutputProcessor
 from pagedserve.frontend.request_metrics import FinishListener, FirstTokenListener, RequestMetrics
 from pagedserve.frontend.structured_output import GrammarCompiler
+from pagedserve.errors import ValidationError
+from pagedserve.lora_request import LoRARequest
+from pagedserve.models.llama import lora_module_shapes
 from pagedserve.models.loader import load_tokenizer
+from pagedserve.models.lora_adapter import inspect_adapter
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
@@ -68,6 +72,7 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
         self.grammar_compiler = GrammarCompiler(self.tokenizer, model.vocab_size, self.eos_token_ids)
         self.request_metrics = RequestMetrics()
+        self._adapters: dict[int, LoRARequest] = {}   # LoRA adapters checked (check_lora), by id
         self.children: dict[str, list[RequestId]] = {}
         self.step_spans: list[tuple[StepSpan, EngineStats]] = []   # the core steps behind the last step()
 
@@ -89,22 +94,28 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
                     output_kind: OutputKind = OutputKind.FINAL_ONLY, strict_length: bool = False,
-                    add_special_tokens: bool = True, priority: int = 0) -> None:
+                    add_special_tokens: bool = True, priority: int = 0, lora_request: LoRARequest | None = None
+                    ) -> None:
         """Validate and queue; raises ValidationError (nothing is queued then)."""
         self.add_processed(self.process_request(request_id, prompt, params, output_kind, strict_length,
-                                                add_special_tokens, priority))
+                                                add_special_tokens, priority, lora_request))
 
     def process_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
                         output_kind: OutputKind = OutputKind.FINAL_ONLY, strict_length: bool = False,
-                        add_special_tokens: bool = True, priority: int = 0) -> ProcessedRequest:
+                        add_special_tokens: bool = True, priority: int = 0,
+                        lora_request: LoRARequest | None = None) -> ProcessedRequest:
         """Tokenize and validate, touching no engine state: safe on any thread, concurrently
         (the AsyncEngine runs it in a worker pool). Raises ValidationError. `priority`: under
-        scheduling policy "priority", lower runs first (else it must be 0, as in vLLM)."""
+        scheduling policy "priority", lower runs first (else it must be 0, as in vLLM).
+        `lora_request`: the LoRA adapter to run with (an engine with enable_lora)."""
         arrival_time = time.monotonic()
+        self.check_lora(lora_request)
         processed = self.input_processor.process_prompt(prompt, add_special_tokens)
         report_logprobs = params.logprobs is not None
         params = self._internal_params(params)
         parent, forks = self.input_processor.make_requests(request_id, processed, params, strict_length, priority)
+        for request in (parent, *forks):
+            request.lora_request = lora_request
         if output_kind == OutputKind.FINAL_ONLY and not params.stop and params.logprobs is None \
                 and params.prompt_logprobs is None:   # nothing to see before the end: one output, at the end
             for request in (parent, *forks):
@@ -115,6 +126,27 @@ class LLMEngine:
                 request.grammar = grammar
         return ProcessedRequest(request_id, processed, parent.sampling_params, parent, forks, output_kind,
                                 report_logprobs, arrival_time)
+
+    def check_lora(self, lora_request: LoRARequest | None) -> None:
+        """A LoRARequest this engine can run: enable_lora, its adapter readable and fitting the
+        model (models/lora_adapter.inspect_adapter, once per adapter id), and its id not another
+        adapter's. Raises ValidationError naming lora_request."""
+        if lora_request is None:
+            return
+        if not isinstance(lora_request, LoRARequest):
+            raise ValidationError(f"lora_request must be a LoRARequest, got {type(lora_request).__name__}",
+                                  "lora_request")
+        lora = self.config.scheduler.lora
+        if lora is None:
+            raise ValidationError("LoRA adapters need an engine started with enable_lora=True (--enable-lora)",
+                                  "lora_request")
+        known = self._adapters.get(lora_request.lora_int_id)
+        if known is not None and known.lora_path != lora_request.lora_path:
+            raise ValidationError(f"lora_int_id {lora_request.lora_int_id} is already the adapter at "
+                                  f"{known.lora_path!r}: one id per adapter", "lora_request")
+        if known is None:
+            inspect_adapter(lora_request.lora_path, lora_module_shapes(self.config.model), lora.max_lora_rank)
+            self._adapters[lora_request.lora_int_id] = lora_request
 
     def add_processed(self, request: ProcessedRequest) -> None:
         """Queue a processed request (driver thread only); raises ValidationError if it can

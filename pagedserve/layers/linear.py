@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from pagedserve.layers.activation import silu_and_mul
+from pagedserve.layers.lora import LoraWeights
 from pagedserve.layers.linear_ops import (_copy, as_tensor, default_weight_loader, fuses, linear,  # noqa: F401
                                           narrow, set_gemv_max_rows)
 from pagedserve.layers.norm import RMSNorm
@@ -52,6 +53,7 @@ class LinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
+        self.lora: LoraWeights | None = None   # enable_lora (LoRA adapters: layers/lora.py)
 
     # The shard of this rank, in features: (offset in the parameter, size, start in the checkpoint).
     def output_shard(self, shard_id: Any) -> tuple[int, int, int]:
@@ -94,7 +96,39 @@ class LinearBase(nn.Module):
         _copy(dest, as_tensor(loaded))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quant_method.apply(self, x, self.bias)
+        out = self.quant_method.apply(self, x, self.bias)
+        return out if self.lora is None else self._add_lora(x, out)
+
+    def _add_lora(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        delta = self.lora.delta(x)
+        return out if delta is None else out + delta
+
+    # LoRA: the logical output slices an adapter targets (shard ids), and the factors' sharding
+    lora_slices: tuple = (None,)
+
+    def enable_lora(self, num_slots: int, max_rank: int, device: torch.device) -> None:
+        """Room for `num_slots` adapters of rank <= max_rank on this layer (zeros: no effect);
+        the fused norm / activation launches are skipped from now on (they never see x)."""
+        self.lora = LoraWeights(num_slots, max_rank, len(self.lora_slices), self.input_size_per_partition,
+                                self.output_size_per_partition, self.params_dtype, device)
+
+    def set_lora(self, slot: int, factors: dict, scaling: float) -> None:
+        """Adapter factors {shard id: (A [r, in], B [out, r])} as the checkpoint holds them
+        (whole, unsharded) into `slot`, this rank's part; slices missing stay zero."""
+        lora = self.lora
+        lora.clear(slot)
+        for index, shard_id in enumerate(self.lora_slices):
+            if shard_id not in factors:
+                continue
+            a, b = factors[shard_id]
+            if self.splits_input:
+                size = self.input_size_per_partition
+                a = a[:, self.tp_rank * size:(self.tp_rank + 1) * size]
+            offset = 0
+            if self.splits_output:
+                offset, size, start = self.output_shard(shard_id)
+                b = b[start:start + size]
+            lora.set_slice(slot, index, a, b * scaling, offset)
 
     def _fuses(self, x: torch.Tensor) -> bool:
         """Decode-sized x on CUDA into float weights without a bias: the gemv with a prologue."""
@@ -106,7 +140,8 @@ class LinearBase(nn.Module):
         or x): a quantized layer's one launch where its LinearMethod has one, else the norm
         (updating residual in place) and the matmul. (A one-row forward of float
         layers skips this: LlamaModel's norm chain takes the norm into the gemvs around it.)"""
-        fused = self.quant_method.apply_normed(self, x, residual, norm) if self.bias is None else None
+        fused = self.quant_method.apply_normed(self, x, residual, norm) \
+            if self.bias is None and self.lora is None else None
         if fused is not None:
             return fused
         if residual is None:
@@ -135,6 +170,8 @@ class ColumnParallelLinear(LinearBase):
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel outputs stacked (gate and up); shard_id indexes `output_sizes`."""
 
+    lora_slices = (0, 1)
+
     def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False,
                  dtype: torch.dtype = torch.float32, quant_config: QuantizationConfig | None = None,
                  prefix: str = "") -> None:
@@ -154,6 +191,8 @@ class QKVParallelLinear(ColumnParallelLinear):
     """Q, K and V projections in one matmul. Query heads are split across ranks; KV heads
     too when there are at least tp of them, otherwise each rank holds a replica of the KV
     head its query heads use."""
+
+    lora_slices = ("q", "k", "v")
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
                  bias: bool = False, dtype: torch.dtype = torch.float32,
@@ -193,12 +232,16 @@ class RowParallelLinear(LinearBase):
                          quant_config, prefix, None, in_features, out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._reduce(self.quant_method.apply(self, x))
+        out = self.quant_method.apply(self, x)
+        # LoRA: this rank's partial delta joins the partial sums before their all-reduce
+        return self._reduce(out if self.lora is None else self._add_lora(x, out))
 
     def forward_silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """This layer of silu(gate) * up for gate_up = [gate | up]: one gemv launch for one row
         (the activation in its prologue; a quantized layer's where its LinearMethod has one),
         else the activation and the matmul."""
+        if self.lora is not None:
+            return self(silu_and_mul(gate_up))
         if gate_up.shape[0] == 1 and self._fuses(gate_up):
             from pagedserve.layers.triton_gemv import silu_and_mul_gemv
             return self._reduce(silu_and_mul_gemv(gate_up, self.weight))

@@ -37,6 +37,7 @@ from pagedserve.server.openai_completions import create_completion
 from pagedserve.server.openai_models import models_response, tokenizer_info_response
 from pagedserve.server.openapi_docs import document_openapi
 from pagedserve.server.openai_protocol import ChatCompletionRequest, CompletionRequest
+from pagedserve.server.lora_routes import add_lora_routes, runtime_updates_allowed
 from pagedserve.server.request_body import parse_body, read_json
 from pagedserve.server.tgi_routes import tgi_router
 from pagedserve.server.tgi_protocol import GenerateRequest
@@ -68,6 +69,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, tgi_settings: TGISe
     _add_openai_routes(app, ctx, admission)
     _add_info_routes(app, ctx, metrics)
     app.include_router(tgi_router(ctx, tgi_settings, metrics.tgi, admission))
+    if runtime_updates_allowed(engine.engine.config.scheduler.lora is not None):
+        add_lora_routes(app, ctx)
     add_dashboard_routes(app, DashboardHub(engine, settings.served_model_name), settings.dashboard_results_dir)
     document_openapi(app, {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
                            "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest,

@@ -7,7 +7,7 @@ then [DONE], as vLLM's does."""
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Sequence
 
 from fastapi import Request
 
@@ -34,7 +34,8 @@ class FinishedStream:
 
 async def beam_search_outputs(ctx: ServerContext, request: CompletionRequest | ChatCompletionRequest,
                               params: SamplingParams, prompts: Sequence[str | list[int]], engine_id: str,
-                              add_special_tokens: bool, raw_request: Request) -> list[RequestOutput]:
+                              add_special_tokens: bool, raw_request: Request, lora_request: Any = None
+                              ) -> list[RequestOutput]:
     """Each prompt's beam search, concurrently; every limit is checked before any runs."""
     processor = ctx.engine.engine.input_processor
     processor.check_priority(request.priority)
@@ -48,6 +49,6 @@ async def beam_search_outputs(ctx: ServerContext, request: CompletionRequest | C
         searches.append((ids, prompt if isinstance(prompt, str) else None, beam))
     eos = ctx.engine.engine.eos_token_ids
     work = asyncio.gather(*(run_async(ctx.engine, f"{engine_id}-{i}", ids, text, beam, eos, num_logprobs,
-                                      request.cache_salt, request.priority)
+                                      request.cache_salt, request.priority, lora_request)
                             for i, (ids, text, beam) in enumerate(searches)))
     return await unless_disconnected(work, raw_request)

@@ -13,6 +13,7 @@ from starlette.responses import Response, StreamingResponse
 
 from pagedserve.errors import OverloadedError
 from pagedserve.frontend.async_engine import AsyncEngine
+from pagedserve.lora_request import LoRARequest
 from pagedserve.outputs import Logprob
 from pagedserve.server.bench_results import DEFAULT_RESULTS_DIR
 from pagedserve.server.errors import NotFoundError
@@ -46,6 +47,8 @@ class ServerSettings:
     tool_call_parser: str | None = None          # one of tool_calls.TOOL_CALL_PARSERS
     # issue 23: where /dashboard/results reads benchmark figures (fixed at start-up)
     dashboard_results_dir: Path = DEFAULT_RESULTS_DIR
+    # --lora-modules: LoRA adapters served under their own model names (TGI's adapter_id too)
+    lora_modules: tuple[LoRARequest, ...] = ()
 
 
 @dataclass
@@ -53,6 +56,11 @@ class ServerContext:
     engine: AsyncEngine
     settings: ServerSettings
     created: int = field(default_factory=lambda: int(time.time()))
+    # LoRA adapters by model name: --lora-modules', and those loaded at run time (lora_routes.py)
+    loras: dict[str, LoRARequest] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.loras.update((lora.lora_name, lora) for lora in self.settings.lora_modules)
 
     @property
     def model_name(self) -> str:
@@ -62,12 +70,21 @@ class ServerContext:
     def served_model_names(self) -> tuple[str, ...]:
         return (self.settings.served_model_name, *self.settings.served_model_aliases)
 
-    def check_model(self, model: str | None) -> None:
+    def check_model(self, model: str | None) -> LoRARequest | None:
         """An absent model means the served one, and so do the placeholders TGI's clients send
-        on the shared chat route (TGI ignores the field); any other name is a 404 (OpenAI's
-        and vLLM's NotFoundError) naming `model`."""
-        if model is not None and model not in self.served_model_names and model not in TGI_CLIENT_PLACEHOLDERS:
+        on the shared chat route (TGI ignores the field); a --lora-modules name is the base
+        model with that adapter (returned); any other name is a 404 (OpenAI's and vLLM's
+        NotFoundError) naming `model`."""
+        if model is None or model in self.served_model_names or model in TGI_CLIENT_PLACEHOLDERS:
+            return None
+        lora = self.loras.get(model)
+        if lora is None:
             raise NotFoundError(f"The model `{model}` does not exist.", "model")
+        return lora
+
+    def response_model(self, model: str | None) -> str:
+        """The `model` a response names: a LoRA adapter's own name (as vLLM), else the served name."""
+        return model if model in self.loras else self.model_name
 
     def token_str(self, token_id: int, logprob: Logprob | None = None, as_token_id: bool = False) -> str:
         """A token as OpenAI logprobs show it: its own decoded text, or `token_id:N`."""

@@ -36,7 +36,7 @@ ASSISTANT = "assistant"
 
 async def create_chat_completion(ctx: ServerContext, request: ChatCompletionRequest,
                                  raw_request: Request) -> Response:
-    ctx.check_model(request.model)
+    lora = ctx.check_model(request.model)
     warn_ignored_fields(request, "/v1/chat/completions")
     params = request.to_sampling_params()
     plan = request.tool_plan(ctx.settings.enable_auto_tool_choice, ctx.settings.tool_call_parser)
@@ -50,7 +50,7 @@ async def create_chat_completion(ctx: ServerContext, request: ChatCompletionRequ
     response_id, engine_id = new_request_id("chatcmpl", request.request_id)
     if request.use_beam_search:
         [final] = await beam_search_outputs(ctx, request, params, [prompt], engine_id, request.add_special_tokens,
-                                            raw_request)
+                                            raw_request, lora)
         builder = _ChatBuilder(ctx, request, response_id, params_observer(
             raw_request, params.n, params.max_tokens, ctx.engine.max_model_len), plan)
         if request.stream:
@@ -59,7 +59,7 @@ async def create_chat_completion(ctx: ServerContext, request: ChatCompletionRequ
     kind = OutputKind.DELTA if request.stream else OutputKind.FINAL_ONLY
     with structured.naming(constraint):   # compile errors name the request's field
         streams = await add_prompts(ctx.engine, engine_id, [request.engine_prompt(prompt)], params, kind,
-                                    request.add_special_tokens, request.priority)
+                                    request.add_special_tokens, request.priority, lora)
     observe = params_observer(raw_request, params.n, params.max_tokens, ctx.engine.max_model_len)
     builder = _ChatBuilder(ctx, request, response_id, observe, plan)
     if request.stream:
@@ -138,7 +138,7 @@ class _ChatBuilder:
                 choice["token_ids"] = list(completion.token_ids)
             choices.append(choice)
         body = {"id": self.response_id, "object": "chat.completion", "created": self.created,
-                "model": self.ctx.model_name, "choices": choices, "usage": self.usage.as_dict(),
+                "model": self.ctx.response_model(self.request.model), "choices": choices, "usage": self.usage.as_dict(),
                 "prompt_logprobs": None}
         if self.request.prompt_logprobs is not None:
             body["prompt_logprobs"] = prompt_logprobs_json(output.prompt_logprobs)
@@ -250,7 +250,7 @@ class _ChatBuilder:
 
     def _envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.response_id, "object": "chat.completion.chunk", "created": self.created,
-                "model": self.ctx.model_name, "choices": choices}
+                "model": self.ctx.response_model(self.request.model), "choices": choices}
 
     def _logprobs(self, completion: CompletionOutput) -> dict[str, Any] | None:
         if not self.request.logprobs or completion.logprobs is None:

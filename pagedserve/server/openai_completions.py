@@ -26,7 +26,7 @@ from pagedserve.server.usage import Usage
 
 
 async def create_completion(ctx: ServerContext, request: CompletionRequest, raw_request: Request) -> Response:
-    ctx.check_model(request.model)
+    lora = ctx.check_model(request.model)
     warn_ignored_fields(request, "/v1/completions")
     params = request.to_sampling_params()
     prompts = await truncate_prompts(ctx, request.prompts(), request.truncate_prompt_tokens,
@@ -34,7 +34,7 @@ async def create_completion(ctx: ServerContext, request: CompletionRequest, raw_
     response_id, engine_id = new_request_id("cmpl", request.request_id)
     if request.use_beam_search:
         finals = await beam_search_outputs(ctx, request, params, prompts, engine_id, request.add_special_tokens,
-                                           raw_request)
+                                           raw_request, lora)
         builder = _CompletionBuilder(ctx, request, response_id, params_observer(
             raw_request, params.n, params.max_tokens, ctx.engine.max_model_len))
         if request.stream:
@@ -44,7 +44,7 @@ async def create_completion(ctx: ServerContext, request: CompletionRequest, raw_
     kind = OutputKind.DELTA if request.stream else OutputKind.FINAL_ONLY
     with structured.naming(request.structured_constraint()):   # compile errors name the request's field
         streams = await add_prompts(ctx.engine, engine_id, prompts, params, kind, request.add_special_tokens,
-                                    request.priority)
+                                    request.priority, lora)
     observe = params_observer(raw_request, params.n, params.max_tokens, ctx.engine.max_model_len)
     builder = _CompletionBuilder(ctx, request, response_id, observe)
     if request.stream:
@@ -102,7 +102,7 @@ class _CompletionBuilder:
                 choices.append(choice)
         choices.sort(key=lambda c: c["index"])
         return {"id": self.response_id, "object": "text_completion", "created": self.created,
-                "model": self.ctx.model_name, "choices": choices, "usage": self.usage.as_dict()}
+                "model": self.ctx.response_model(self.request.model), "choices": choices, "usage": self.usage.as_dict()}
 
     async def stream(self, streams: list[RequestStream]) -> AsyncIterator[str]:
         include_usage, continuous = usage_options(self.request.stream_options,
@@ -128,7 +128,7 @@ class _CompletionBuilder:
 
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.response_id, "object": "text_completion", "created": self.created,
-                "model": self.ctx.model_name, "choices": choices}
+                "model": self.ctx.response_model(self.request.model), "choices": choices}
 
     def _choice(self, prompt_index: int, output: RequestOutput, completion: CompletionOutput) -> dict[str, Any]:
         index = prompt_index * self.n + completion.index

@@ -22,6 +22,10 @@ def models_response(ctx: ServerContext) -> Response:
                               "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
                               "organization": "*", "group": None, "is_blocking": False}]}
              for name in ctx.served_model_names]
+    # LoRA adapters (--lora-modules), as vLLM lists them: their path as root, the base as parent
+    cards += [{"id": lora.lora_name, "object": "model", "created": created, "owned_by": "pagedserve",
+               "root": lora.lora_path, "parent": ctx.model_name, "max_model_len": ctx.engine.max_model_len,
+               "permission": cards[0]["permission"]} for lora in list(ctx.loras.values())]
     return JSONResponse({"object": "list", "data": cards})
 
 

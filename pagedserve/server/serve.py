@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import errno
 import gc
+import json
 import logging
 import os
 import signal
@@ -16,6 +17,7 @@ from pathlib import Path
 from pagedserve.engine_args import EngineArgs
 from pagedserve.errors import ValidationError
 from pagedserve.logger import configure_default_logging
+from pagedserve.lora_request import LoRARequest
 from pagedserve.models.default_model import DEFAULT_MODEL_NAME
 from pagedserve.server.compat_flags import add_compat_arguments
 from pagedserve.server.context import DEFAULT_MAX_REQUEST_BODY_BYTES, DEFAULT_MAX_WAITING_REQUESTS, ServerSettings
@@ -49,6 +51,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help=f"require `Authorization: Bearer KEY` on /v1, the TGI generation routes, /tokenize "
                              f"and /detokenize (default: env {API_KEY_ENV}, else API_KEY)")
     parser.add_argument("--chat-template", default=None, help="a Jinja template, or a file holding one")
+    parser.add_argument("--lora-modules", default=None, nargs="+", metavar="NAME=PATH",
+                        help="LoRA adapters (PEFT folders) served under their own model names, as name=path or "
+                             "vLLM's JSON {\"name\": ..., \"path\": ...}; needs --enable-lora")
     parser.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_REQUEST_BODY_BYTES,
                         help="larger bodies get 413 (default: 16 MiB)")
     parser.add_argument("--max-waiting-requests", type=int, default=DEFAULT_MAX_WAITING_REQUESTS,
@@ -105,6 +110,7 @@ def server_settings_from(args: argparse.Namespace) -> ServerSettings:
         raise ValidationError("--enable-auto-tool-choice requires --tool-call-parser", "tool_call_parser")
     names = args.served_model_name or [served_name_of(model)]
     return ServerSettings(served_model_name=names[0], served_model_aliases=tuple(names[1:]),
+                          lora_modules=lora_modules_from(args, names),
                           return_tokens_as_token_ids=args.return_tokens_as_token_ids,
                           enable_force_include_usage=args.enable_force_include_usage,
                           enable_auto_tool_choice=getattr(args, "enable_auto_tool_choice", False),
@@ -117,6 +123,31 @@ def server_settings_from(args: argparse.Namespace) -> ServerSettings:
                           max_concurrent_requests=_given_max_concurrent_requests(args),
                           **({"dashboard_results_dir": Path(args.dashboard_results_dir).expanduser().resolve()}
                              if getattr(args, "dashboard_results_dir", None) else {}))
+
+
+def lora_modules_from(args: argparse.Namespace, model_names: list[str]) -> tuple[LoRARequest, ...]:
+    """--lora-modules' adapters, ids 1.. in the order given (checked against the model once the
+    engine exists: LLMEngine.check_lora)."""
+    specs = getattr(args, "lora_modules", None) or []
+    if specs and not getattr(args, "enable_lora", False):
+        raise ValidationError("--lora-modules needs --enable-lora", "enable_lora")
+    adapters: list[LoRARequest] = []
+    for spec in specs:
+        if spec.lstrip().startswith("{"):
+            try:
+                fields = json.loads(spec)
+                name, path = fields["name"], fields["path"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValidationError(f"--lora-modules {spec!r}: a JSON module needs \"name\" and \"path\" ({exc})",
+                                      "lora_modules") from None
+        else:
+            name, sep, path = spec.partition("=")
+            if not sep:
+                raise ValidationError(f"--lora-modules {spec!r}: expected name=path", "lora_modules")
+        if not isinstance(name, str) or not name or name in model_names or any(a.lora_name == name for a in adapters):
+            raise ValidationError(f"--lora-modules: the name {name!r} is empty or already taken", "lora_modules")
+        adapters.append(LoRARequest(name, len(adapters) + 1, os.path.expanduser(str(path))))
+    return tuple(adapters)
 
 
 def _given_max_concurrent_requests(args: argparse.Namespace) -> int | None:
@@ -199,6 +230,12 @@ def run_server(args: argparse.Namespace) -> None:
     else:
         engine = AsyncEngine.from_engine_args(engine_args, engine_process=engine_process,
                                               probe_gil=os.environ.get(GIL_PROBE_ENV) == "1")
+        try:
+            for lora in settings.lora_modules:   # a bad adapter stops the start, naming it
+                engine.engine.check_lora(lora)
+        except ValidationError:
+            engine.shutdown()
+            raise
         app = build_app(engine, settings, tgi_settings)
     # the hundreds of thousands of objects start-up made live as long as the server: frozen, out of
     # the collector's sight, no full collection walks them again (a walk holds the GIL ~0.1-0.4 s)

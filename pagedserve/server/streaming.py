@@ -14,6 +14,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from starlette.types import Send
 
+from pagedserve.lora_request import LoRARequest
 from pagedserve.frontend.async_engine import AsyncEngine, RequestStream
 from pagedserve.frontend.input_processor import PromptType
 from pagedserve.frontend.output_processor import OutputKind
@@ -50,11 +51,12 @@ class SSEResponse(StreamingResponse):
 
 
 async def add_prompts(engine: AsyncEngine, request_id: str, prompts: Sequence[PromptType], params: SamplingParams,
-                      output_kind: OutputKind, add_special_tokens: bool, priority: int = 0) -> list[RequestStream]:
+                      output_kind: OutputKind, add_special_tokens: bool, priority: int = 0,
+                      lora_request: LoRARequest | None = None) -> list[RequestStream]:
     """Add every prompt at once (one engine iteration); all or nothing."""
     results = await asyncio.gather(
         *(engine.add_request(f"{request_id}-{i}", prompt, params, output_kind, strict_length=True,
-                             add_special_tokens=add_special_tokens, priority=priority)
+                             add_special_tokens=add_special_tokens, priority=priority, lora_request=lora_request)
           for i, prompt in enumerate(prompts)),
         return_exceptions=True)
     streams = [r for r in results if isinstance(r, RequestStream)]

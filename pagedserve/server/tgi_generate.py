@@ -12,6 +12,7 @@ from typing import Any, AsyncIterator, Callable
 
 from fastapi import Request
 
+from pagedserve.errors import ValidationError
 from pagedserve.frontend.async_engine import RequestStream
 from pagedserve.frontend.output_processor import OutputKind
 from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput, tgi_finish_reason
@@ -55,9 +56,15 @@ class TokenBuilder:
 
 
 async def start(ctx: ServerContext, valid: ValidGenerateRequest, kind: OutputKind) -> RequestStream:
+    lora = None
+    if valid.adapter_id is not None and valid.adapter_id != ctx.model_name:   # TGI: the base model's own id
+        lora = ctx.loras.get(valid.adapter_id)
+        if lora is None:
+            raise ValidationError(f"adapter_id {valid.adapter_id!r} is not one of this server's LoRA adapters "
+                                  f"({', '.join(ctx.loras) or 'none loaded'})")
     with structured.naming(valid.constraint):   # a grammar that fails to compile: 422 naming parameters.grammar
         return await ctx.engine.add_request(f"tgi-{uuid.uuid4().hex}", {"prompt_token_ids": valid.input_ids},
-                                            valid.params, kind, strict_length=True)
+                                            valid.params, kind, strict_length=True, lora_request=lora)
 
 
 async def generate(ctx: ServerContext, valid: ValidGenerateRequest, raw_request: Request,

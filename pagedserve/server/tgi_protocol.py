@@ -70,6 +70,7 @@ class ValidGenerateRequest:
     top_n_tokens: int
     return_full_text: bool
     constraint: structured.Constraint | None = None   # parameters.grammar (its compile errors name it)
+    adapter_id: str | None = None   # a LoRA adapter's name (--lora-modules / TGI's --lora-adapters)
 
 
 def validate(request: GenerateRequest, settings: TGISettings, max_total_tokens: int, tokenizer: Any,
@@ -96,7 +97,8 @@ def validate(request: GenerateRequest, settings: TGISettings, max_total_tokens: 
         prompt_logprobs=0 if p.decoder_input_details else None,
         structured_outputs=None if constraint is None else constraint.params)
     return ValidGenerateRequest(request.inputs, input_ids, params, best_of, sampling, seed, p.details,
-                                p.decoder_input_details, top_n_tokens, bool(p.return_full_text), constraint)
+                                p.decoder_input_details, top_n_tokens, bool(p.return_full_text), constraint,
+                                p.adapter_id)
 
 
 def _check_best_of(p: GenerateParameters, settings: TGISettings, stream: bool) -> int:
@@ -142,8 +144,6 @@ def _check_ranges(p: GenerateParameters, settings: TGISettings) -> None:
                               f"Given: {p.top_n_tokens}")
     if p.watermark:
         raise ValidationError("watermark is not supported")
-    if p.adapter_id is not None:
-        raise ValidationError("adapter_id is not supported: this server serves one model without adapters")
 
 
 def _check_inputs(request: GenerateRequest, settings: TGISettings, max_total_tokens: int,

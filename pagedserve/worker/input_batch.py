@@ -35,6 +35,7 @@ class CachedRequestState:
     pending_pos: int = -1
     sampled_row: int = -1   # row of the last launched step's samples (valid while pending_pos >= 0)
     block_row: int = -1     # this request's row of the runner's BlockTable
+    lora_slot: int = -1     # its LoRA adapter's device slot; -1: the base model
     counts_outputs: bool = field(init=False)
     plain_greedy: bool = field(init=False)   # SamplingParams.is_plain_greedy, read every step
     allowed_tokens: torch.Tensor | None = field(init=False)   # allowed_token_ids, once, as a sorted CPU tensor

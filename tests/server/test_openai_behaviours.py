@@ -291,9 +291,11 @@ def test_logprobs_minus_one_is_the_whole_vocabulary(srv, flagged) -> None:
 
 
 def test_missing_feature_flag_fails_clearly() -> None:
-    result = subprocess.run([sys.executable, "-m", "pagedserve.cli", "serve", "--enable-lora"],
+    result = subprocess.run([sys.executable, "-m", "pagedserve.cli", "serve", "--speculative-config", "{}"],
                             capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
-    assert result.returncode == 2 and "--enable-lora: not supported by pagedserve (no LoRA adapters)" in result.stderr
+    assert result.returncode == 2 and "--speculative-config: not supported by pagedserve (no speculative decoding)" \
+        in result.stderr
+    assert "--lora-modules needs --enable-lora" in _serve_fails("--lora-modules", "a=/nowhere")
 
 
 def _serve_fails(*flags: str) -> str:

@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("worker", ("pagedserve.worker",)),
     ("model", ("pagedserve.layers", "pagedserve.attention", "pagedserve.models")),
     ("leaf", ("pagedserve.config", "pagedserve.errors", "pagedserve.logger", "pagedserve.sampling_params",
+              "pagedserve.lora_request",
               "pagedserve.outputs", "pagedserve.engine_io")),
 ]
 RANK = {name: rank for rank, (name, _) in enumerate(reversed(LAYERS))}   # leaf 0 .. server 5

@@ -1,0 +1,142 @@
+"""LoRA adapters (layers/lora.py, core/lora_slots.py, models/lora_adapter.py) against transformers:
+each request's greedy ids equal those of transformers' model with that request's adapter merged
+into its weights, with adapters of different ranks and targets and the base model mixed in one
+batch; with fewer device slots than adapters (slots reloaded); the same prompt under the base
+model and an adapter (the prefix cache keeps them apart); Phi-3's fused projections; n > 1 and
+preemption; and what is refused, naming lora_request."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from pagedserve import LLM, LoRARequest, SamplingParams
+from pagedserve.errors import ValidationError
+from tests.helpers import TEST_DEVICE, hf_greedy, random_prompts, write_lora_adapter
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_checkpoints, tmp_path_factory):
+    """Three adapters of the tiny Llama: every projection at rank 8, q / v only at rank 4 with
+    rsLoRA scaling, and the MLP only at rank 16; with their merged references."""
+    base = tiny_checkpoints["llama"]
+    root = tmp_path_factory.mktemp("lora")
+    specs = [("all", dict(seed=1)), ("qv", dict(seed=2, rank=4, targets=("q_proj", "v_proj"), use_rslora=True)),
+             ("mlp", dict(seed=3, rank=16, alpha=8, targets=("gate_proj", "up_proj", "down_proj")))]
+    made = {}
+    for i, (name, spec) in enumerate(specs, start=1):
+        merged = write_lora_adapter(base, str(root / name), **spec)
+        made[name] = (LoRARequest(name, i, str(root / name)), merged)
+    return base, made
+
+
+def _check(llm: LLM, prompts: list[list[int]], loras: list, references: dict, params=GREEDY) -> None:
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, lora_request=loras, use_tqdm=False)
+    for prompt, lora, output in zip(prompts, loras, outputs):
+        want = hf_greedy(references[lora], prompt, params.max_tokens)
+        assert [list(c.token_ids) for c in output.outputs] == [want] * params.n, (lora and lora.lora_name, prompt)
+
+
+def test_mixed_adapters_and_base_in_one_batch(adapters) -> None:
+    from transformers import AutoModelForCausalLM
+    base, made = adapters
+    references = {None: AutoModelForCausalLM.from_pretrained(base).eval()} | {lora: m for lora, m in made.values()}
+    loras = [made["all"][0], made["qv"][0], None, made["mlp"][0], made["all"][0], None, made["qv"][0]]
+    prompts = random_prompts(len(loras), 512, 3, 30, seed=4)
+    # one prompt of two full KV blocks and more under two adapters and the base: no shared blocks
+    prompts[1] = prompts[2] = prompts[4] = random_prompts(1, 512, 40, 40, seed=9)[0]
+    llm = LLM(model=base, enable_lora=True, max_loras=3, skip_tokenizer_init=True, device=TEST_DEVICE)
+    try:
+        _check(llm, prompts, loras, references)
+        _check(llm, prompts, loras, references)   # again: the prefix cache now holds every prompt
+    finally:
+        llm.shutdown()
+
+
+def test_fewer_slots_than_adapters_n_and_preemption(adapters) -> None:
+    """One device slot: each step runs one adapter's requests (and the base model's); adapters
+    are reloaded into the slot as the queue moves. A KV cache of 24 blocks of 4 preempts; n=2."""
+    from transformers import AutoModelForCausalLM
+    base, made = adapters
+    references = {None: AutoModelForCausalLM.from_pretrained(base).eval()} | {lora: m for lora, m in made.values()}
+    loras = [made["all"][0], made["qv"][0], None, made["mlp"][0], made["qv"][0], made["all"][0]]
+    prompts = random_prompts(len(loras), 512, 10, 40, seed=5)
+    llm = LLM(model=base, enable_lora=True, max_loras=1, max_cpu_loras=2, num_kv_blocks=24, block_size=4, max_model_len=48,
+              skip_tokenizer_init=True, device=TEST_DEVICE)
+    try:
+        _check(llm, prompts, loras, references, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, n=2))
+        assert llm.engine.core.scheduler.stats.num_preemptions > 0
+    finally:
+        llm.shutdown()
+
+
+def test_phi3_fused_projections(tiny_checkpoints, tmp_path) -> None:
+    """Phi-3's checkpoints (and adapters) name qkv_proj and gate_up_proj: one A, B over the slices."""
+    base = tiny_checkpoints["phi3"]
+    merged = write_lora_adapter(base, str(tmp_path / "a"), seed=7, targets=("qkv_proj", "o_proj", "gate_up_proj"))
+    lora = LoRARequest("phi", 1, str(tmp_path / "a"))
+    prompts = random_prompts(3, 512, 4, 20, seed=6)
+    llm = LLM(model=base, enable_lora=True, skip_tokenizer_init=True, device=TEST_DEVICE)
+    try:
+        _check(llm, prompts, [lora] * 3, {lora: merged})
+    finally:
+        llm.shutdown()
+
+
+def test_what_is_refused_names_lora_request(adapters, tiny_checkpoints, tmp_path) -> None:
+    base, made = adapters
+    lora = made["all"][0]
+    plain = LLM(model=base, skip_tokenizer_init=True, num_kv_blocks=64)
+    try:
+        with pytest.raises(ValidationError) as error:
+            plain.generate([[1, 2, 3]], GREEDY, lora_request=lora)
+        assert error.value.param == "lora_request" and "enable_lora" in str(error.value)
+    finally:
+        plain.shutdown()
+    llm = LLM(model=base, enable_lora=True, max_lora_rank=8, skip_tokenizer_init=True, num_kv_blocks=64)
+    other = write_lora_adapter(tiny_checkpoints["qwen3"], str(tmp_path / "qwen3"), seed=1)   # another model's shapes
+    del other
+    head = tmp_path / "head"
+    write_lora_adapter(base, str(head), seed=1, targets=("lm_head",))
+    dora = tmp_path / "dora"
+    write_lora_adapter(base, str(dora), seed=1, use_dora=True)
+    try:
+        cases = [(made["mlp"][0], "rank 16"), (LoRARequest("x", 9, str(tmp_path / "qwen3")), "do not fit"),
+                 (LoRARequest("h", 10, str(head)), "lm_head"), (LoRARequest("d", 11, str(dora)), "DoRA"),
+                 (LoRARequest("n", 12, str(tmp_path / "missing")), "adapter_config.json"),
+                 (LoRARequest("again", 1, str(head)), "one id per adapter"), ("all", "LoRARequest")]
+        llm.generate([[1, 2, 3]], GREEDY, lora_request=lora)   # id 1 is now this adapter
+        for bad, words in cases:
+            with pytest.raises(ValidationError) as error:
+                llm.generate([[1, 2, 3]], GREEDY, lora_request=bad)
+            assert error.value.param == "lora_request" and words in str(error.value), (bad, str(error.value))
+        with pytest.raises(ValidationError) as error:
+            LoRARequest("zero", 0, str(head))
+        assert error.value.param == "lora_request"
+        with pytest.raises(ValidationError) as error:
+            llm.generate([[1, 2, 3], [4, 5]], GREEDY, lora_request=[lora])
+        assert error.value.param == "lora_request"
+    finally:
+        llm.shutdown()
+    with open(os.path.join(head, "adapter_config.json")) as f:
+        assert json.load(f)["target_modules"] == ["lm_head"]
+
+
+@pytest.mark.parametrize("split", [dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2)])
+def test_tensor_and_pipeline_parallel(adapters, split) -> None:
+    """TP=2: A whole and B split on the column-parallel layers, A split on the row-parallel ones
+    (each rank's partial delta joins the all-reduce); PP=2: each stage loads its own layers."""
+    from transformers import AutoModelForCausalLM
+    base, made = adapters
+    references = {None: AutoModelForCausalLM.from_pretrained(base).eval()} | {lora: m for lora, m in made.values()}
+    loras = [made["all"][0], None, made["qv"][0], made["mlp"][0]]
+    prompts = random_prompts(len(loras), 512, 3, 30, seed=8)
+    llm = LLM(model=base, enable_lora=True, max_loras=2, skip_tokenizer_init=True, device="cpu", dtype="float32",
+              max_model_len=128, **split)
+    try:
+        _check(llm, prompts, loras, references)
+    finally:
+        llm.shutdown()
