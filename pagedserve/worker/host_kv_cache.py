@@ -11,14 +11,16 @@ over all layers: no per-block or per-layer launch, no staging buffer, no host sy
 Pinning a large pool takes tens of seconds (4 GiB ~3 s on the H200 with _Pinning's pauses), so
 it runs in a background thread, in chunks (several registrations of one contiguous range; the
 mapping is per page): start-up is not blocked, and until the whole pool is pinned, copies go
-through the staged path below. It starts with the first swap, not before: while a registration
-runs, the engine thread's CUDA calls (graph launches, copies) wait (on the H200 a 0.25 s batch-1
-decode of llama-1b took 1.7 s while 4 GiB were pinned the old way; 5-10% slower with _Pinning's
-pauses: benchmarks/RESULTS.md), so a workload that never fills the device cache never pays for
-it. That is also after start-up's CUDA graph capture (a capture in global mode forbids other
-threads' cudaHostRegister). The engine thread adopts the mapped view at the first swap after
-pinning ends, once a round trip through the kernel (the pool's first, last and chunk-edge blocks
-to a scratch device tensor and back) checks it.
+through the staged path below. The runner starts it at the end of start-up (after the CUDA graph
+capture: a capture in global mode forbids other threads' cudaHostRegister), while the engine is
+idle: while a registration runs, the engine thread's CUDA calls (graph launches, copies) wait (on
+the H200 a 0.25 s batch-1 decode of llama-1b took 1.7 s while 4 GiB were pinned the old way; 5-10%
+slower with _Pinning's pauses), and under load a registration stalled a step 75-120 ms on an H100
+host. Started at the first swap instead (before session 38), the pinning and the staged copies
+met a busy engine: ttft1024 after thr512 113-280 ms against 23-28 ms pinned at start-up
+(benchmarks/RESULTS.md, issue 22, session 38). The engine thread adopts the mapped view at the
+first swap after pinning ends, once a round trip through the kernel (the pool's first, last and
+chunk-edge blocks to a scratch device tensor and back) checks it.
 
 Ordering (the SchedulerOutput's lists, see engine_io): on CUDA the copies run on their own
 stream, which first waits for the work already queued on the compute stream (the previous
@@ -209,8 +211,13 @@ class HostKVCache:
         if self.stream is None:
             return "cpu"
         if not self._pin_started or (self._pinning is not None and not self._pinning.done.is_set()):
-            return "staged until pinned (in the background, from the first swap on)"
+            return "staged until pinned (in the background, from the end of start-up)"
         return "mapped" if self._mapped is not None else "staged"
+
+    def start_pinning(self) -> None:
+        """Begin the background pinning now (the runner: at the end of start-up, while idle)."""
+        if self.stream is not None and not self._pin_started:
+            self._start_pinning()
 
     def _start_pinning(self) -> None:
         self._pin_started = True

@@ -31,7 +31,6 @@ from pagedserve.attention.backend import select_backend
 from pagedserve.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig, WeightSource
 from pagedserve.engine_io import ModelRunnerOutput, RequestId, SchedulerOutput, TokenLogprobs
 from pagedserve.layers.linear import set_gemv_max_rows
-from pagedserve.layers.lora import set_token_slots
 from pagedserve.models.llama import lora_module_shapes
 from pagedserve.models.lora_adapter import inspect_adapter, load_adapter
 from pagedserve.layers.parallel import broadcast_from_rank0, is_last_stage, pp_world_size, tp_rank, tp_world_size
@@ -156,6 +155,11 @@ class ModelRunner:
             graphs.capture()
             self.graph_runner = graphs
         self._prepare_fa4()
+        if self.host_cache is not None:
+            # the host tier pinned now, while idle: the first swaps of a busy engine through staged
+            # pageable copies, with registrations stalling its CUDA calls, made ttft1024 after thr512
+            # 113-280 ms against 23 (H100; benchmarks/RESULTS.md, issue 22, session 38)
+            self.host_cache.start_pinning()
         watch_late_compiles()
 
     def _prepare_fa4(self) -> None:
@@ -205,7 +209,7 @@ class ModelRunner:
         if not inputs.staged:   # a staged step's graph feeds them itself
             self._feed_inflight_tokens(inputs)
         if self.scheduler_config.lora is not None:
-            set_token_slots(self._token_slots(inputs))
+            self.model.lora_step.set(self._token_slots(inputs))
         prompt_logprobs = {}
         wants_prompt_logprobs = any(row.sampling_params.prompt_logprobs is not None for row in inputs.rows)
         if inputs.staged:

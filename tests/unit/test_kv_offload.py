@@ -358,9 +358,10 @@ def test_the_staged_fallback_copies_the_same_blocks():
     assert torch.equal(device[:, 5], device[:, 1])
 
 
-def test_the_host_pool_is_pinned_from_the_first_swap_not_the_first_step(monkeypatch):
+def test_the_host_pool_is_pinned_from_start_up_or_the_first_swap_not_a_step(monkeypatch):
     """On CUDA the pool's pinning (which stalls every other CUDA call while a chunk registers)
-    starts at the first swap: the per-step await_loads does not start it. The CUDA stream
+    starts when the runner's start-up ends (start_pinning), or at the first swap if nothing
+    started it: the per-step await_loads does not; starting twice starts once. The CUDA stream
     calls are stood in for (no copies: empty lists)."""
     import contextlib
     from types import SimpleNamespace
@@ -373,9 +374,17 @@ def test_the_host_pool_is_pinned_from_the_first_swap_not_the_first_step(monkeypa
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     for _ in range(3):
         cache.await_loads()
-    assert not started and cache.copy_mode == "staged until pinned (in the background, from the first swap on)"
+    assert not started and cache.copy_mode == "staged until pinned (in the background, from the end of start-up)"
     cache.swap([], [])
     assert started == [True]
+    other = HostKVCache(torch.zeros(4, 6, B, 2, 3), 5)
+    monkeypatch.setattr(other, "_start_pinning", lambda: (started.append("other"), setattr(other, "_pin_started", True)))
+    other.start_pinning()   # on the CPU (no stream) nothing is pinned
+    assert started == [True]
+    other.stream = cache.stream
+    other.start_pinning()
+    other.start_pinning()
+    assert started == [True, "other"]
 
 
 def test_background_pinning_cuts_the_pool_at_chunk_multiples():
