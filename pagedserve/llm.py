@@ -11,13 +11,14 @@ from tqdm.auto import tqdm
 from pagedserve.engine_args import EngineArgs
 from pagedserve.errors import ValidationError
 from pagedserve.frontend.beam_search import BeamSearch, BeamSearchOutput, step_logprobs
-from pagedserve.frontend.embedding_engine import EmbeddingEngine, use_pooling
+from pagedserve.frontend.embedding_engine import EmbeddingEngine, score_pairs, use_pooling
 from pagedserve.lora_request import LoRARequest
 from pagedserve.frontend.gc_policy import hot_loop_collector
 from pagedserve.frontend.input_processor import PromptType
 from pagedserve.frontend.llm_engine import LLMEngine
 from pagedserve.logger import configure_default_logging
-from pagedserve.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
+from pagedserve.outputs import (EmbeddingOutput, EmbeddingRequestOutput, RequestOutput, ScoringOutput,
+                                ScoringRequestOutput)
 from pagedserve.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -74,9 +75,11 @@ class LLM:
         """vLLM's LLM.embed, for an embedding model (a BertModel folder, a decoder's backbone, or a
         decoder under runner="pooling"): one vector per prompt, pooled and normalised as its
         sentence-transformers modules say."""
-        if not isinstance(self.engine, EmbeddingEngine):
+        if not isinstance(self.engine, EmbeddingEngine) or self.engine.is_classifier:
             raise ValidationError("LLM.embed needs an embedding model (a sentence-transformers BertModel folder, or a "
-                                  "decoder with runner=\"pooling\"); this one generates text", "model")
+                                  "decoder with runner=\"pooling\"); this one "
+                                  + ("scores pairs: use LLM.score" if isinstance(self.engine, EmbeddingEngine)
+                                     else "generates text"), "model")
         prompts = _as_prompt_list(prompts)
         ids = [self.engine.process_prompt(p, truncate_prompt_tokens) for p in prompts]
         vectors = self.engine.embed_ids(ids)
@@ -84,6 +87,20 @@ class LLM:
         self._request_counter += len(prompts)
         return [EmbeddingRequestOutput(str(first + i), EmbeddingOutput(vector), prompt_ids)
                 for i, (prompt_ids, vector) in enumerate(zip(ids, vectors))]
+
+    def score(self, data_1: str | Sequence[str], data_2: str | Sequence[str],
+              truncate_prompt_tokens: int | None = None, use_tqdm: bool = False) -> list[ScoringRequestOutput]:
+        """vLLM's LLM.score: one text against each of data_2, or pairwise (two lists of one length).
+        A cross-encoder (BertForSequenceClassification) scores each pair's relevance (the sigmoid
+        of its logit); an embedding model the cosine similarity of the two texts' vectors."""
+        if not isinstance(self.engine, EmbeddingEngine):
+            raise ValidationError("LLM.score needs a cross-encoder or an embedding model; this one generates text",
+                                  "model")
+        pairs = score_pairs(data_1, data_2)
+        scores, _ = self.engine.score(pairs, truncate_prompt_tokens)
+        first = self._request_counter
+        self._request_counter += len(pairs)
+        return [ScoringRequestOutput(str(first + i), ScoringOutput(score)) for i, score in enumerate(scores)]
 
     def _generative(self) -> LLMEngine:
         if isinstance(self.engine, EmbeddingEngine):

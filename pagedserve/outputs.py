@@ -59,6 +59,20 @@ class EmbeddingRequestOutput:
     finished: bool = True
 
 
+@dataclass
+class ScoringOutput:
+    score: float
+
+
+@dataclass
+class ScoringRequestOutput:
+    """vLLM's ScoringRequestOutput: `outputs.score` is the pair's score."""
+
+    request_id: str
+    outputs: ScoringOutput
+    finished: bool = True
+
+
 def tgi_finish_reason(reason: str | None, stop_reason: int | str | None) -> str | None:
     """Engine reason -> TGI finish_reason ("eos_token", "stop_sequence", "length")."""
     if reason is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import threading
 from collections import OrderedDict, deque
@@ -111,7 +112,9 @@ class EmbeddingEngine:
         dtype = resolve_dtype(args.dtype, config.get("torch_dtype") or config.get("dtype"), self.device.type)
         self.tokenizer = None if args.skip_tokenizer_init else load_tokenizer(source, args.tokenizer)
         if encoder:
-            self.runner = PoolingRunner(source.directory, SimpleNamespace(**config), pooling, dtype, self.device)
+            # config.json as attributes; num_labels as transformers derives it (a cross-encoder's head)
+            hf_config = SimpleNamespace(**{"num_labels": len(config.get("id2label") or {"0": 0}), **config})
+            self.runner = PoolingRunner(source.directory, hf_config, pooling, dtype, self.device)
         else:
             if config.get("quantization_config"):
                 raise ValidationError("a quantized checkpoint as an embedding model is not supported", "model")
@@ -123,19 +126,14 @@ class EmbeddingEngine:
                                                pooling, self.max_num_batched_tokens, self.max_num_seqs, self.device,
                                                args.seed)
         self.dimensions = self.runner.dimensions
+        self.is_classifier = self.runner.is_classifier   # a cross-encoder: pairs in, relevance out
 
     def process_prompt(self, prompt: Any, truncate_prompt_tokens: int | None = None, add_special_tokens: bool = True,
                        param: str = "prompt", truncate_hint: str = "truncate_prompt_tokens") -> list[int]:
         """A string, a token id list, or vLLM's {"prompt"} / {"prompt_token_ids"} -> checked
         token ids. truncate_prompt_tokens k (-1: max_model_len): a text is cut by the tokenizer
         to k tokens (its special tokens kept), a token id list to its last k."""
-        keep = None
-        if truncate_prompt_tokens is not None:
-            if isinstance(truncate_prompt_tokens, bool) or not isinstance(truncate_prompt_tokens, int) or \
-                    not (truncate_prompt_tokens == -1 or 1 <= truncate_prompt_tokens <= self.max_model_len):
-                raise ValidationError(f"truncate_prompt_tokens must be -1 or 1..{self.max_model_len}, got "
-                                      f"{truncate_prompt_tokens!r}", "truncate_prompt_tokens")
-            keep = self.max_model_len if truncate_prompt_tokens == -1 else truncate_prompt_tokens
+        keep = self._keep(truncate_prompt_tokens)
         if isinstance(prompt, dict):
             prompt = prompt["prompt_token_ids"] if "prompt_token_ids" in prompt else prompt.get("prompt")
         if isinstance(prompt, str):
@@ -158,6 +156,33 @@ class EmbeddingEngine:
                                   f"{len(ids)} ({truncate_hint} cuts it)", param)
         return ids
 
+    def process_pair(self, text_1: Any, text_2: Any, truncate_prompt_tokens: int | None = None,
+                     param: str = "text_2", truncate_hint: str = "truncate_prompt_tokens") -> tuple[list[int], list[int]]:
+        """A cross-encoder's (query, document) pair -> (token ids, token types), as its tokenizer
+        joins them; cut to truncate_prompt_tokens (-1: max_model_len) longest text first."""
+        if not isinstance(text_1, str) or not isinstance(text_2, str):
+            raise ValidationError("a cross-encoder scores pairs of texts (strings)", param)
+        if self.tokenizer is None:
+            raise ValidationError("text pairs need a tokenizer (skip_tokenizer_init is set)", param)
+        keep = self._keep(truncate_prompt_tokens)
+        kwargs = {"truncation": True, "max_length": keep} if keep is not None else {}
+        encoded = self.tokenizer(text_1, text_2, return_token_type_ids=True, **kwargs)
+        ids = encoded["input_ids"]
+        if len(ids) > self.max_model_len:
+            raise ValidationError(f"this model's maximum context length is {self.max_model_len} tokens; a pair has "
+                                  f"{len(ids)} ({truncate_hint} cuts it)", param)
+        return ids, encoded["token_type_ids"]
+
+    def _keep(self, truncate_prompt_tokens: int | None) -> int | None:
+        """truncate_prompt_tokens checked: the tokens to keep, or None."""
+        if truncate_prompt_tokens is None:
+            return None
+        if isinstance(truncate_prompt_tokens, bool) or not isinstance(truncate_prompt_tokens, int) or \
+                not (truncate_prompt_tokens == -1 or 1 <= truncate_prompt_tokens <= self.max_model_len):
+            raise ValidationError(f"truncate_prompt_tokens must be -1 or 1..{self.max_model_len}, got "
+                                  f"{truncate_prompt_tokens!r}", "truncate_prompt_tokens")
+        return self.max_model_len if truncate_prompt_tokens == -1 else truncate_prompt_tokens
+
     def batches(self, lengths: list[int]) -> list[list[int]]:
         """Indices into `lengths`, shortest first, in batches of at most max_num_seqs rows and
         max_num_batched_tokens padded tokens."""
@@ -172,12 +197,30 @@ class EmbeddingEngine:
                 current.append(index)
         return batches
 
-    def embed_ids(self, id_lists: list[list[int]]) -> list[list[float]]:
+    def embed_ids(self, id_lists: list[list[int]], token_types: list[list[int]] | None = None) -> list[list[float]]:
+        """The runner's vector of each id list (a cross-encoder's: [logit], of each pair)."""
         vectors: list[list[float] | None] = [None] * len(id_lists)
         for batch in self.batches([len(ids) for ids in id_lists]):
-            for index, vector in zip(batch, self.runner.embed([id_lists[i] for i in batch])):
+            types = None if token_types is None else [token_types[i] for i in batch]
+            for index, vector in zip(batch, self.runner.embed([id_lists[i] for i in batch], None, types)):
                 vectors[index] = vector
         return vectors   # type: ignore[return-value]
+
+    def score(self, pairs: list[tuple[Any, Any]], truncate_prompt_tokens: int | None = None
+              ) -> tuple[list[float], int]:
+        """vLLM's scores of (text_1, text_2) pairs and the tokens they took: a cross-encoder's
+        relevance (the sigmoid of its logit, as sentence-transformers' CrossEncoder), an embedding
+        model's cosine similarity of the two texts' vectors."""
+        if self.is_classifier:
+            encoded = [self.process_pair(a, b, truncate_prompt_tokens) for a, b in pairs]
+            logits = self.embed_ids([ids for ids, _ in encoded], [types for _, types in encoded])
+            return [relevance(logit[0]) for logit in logits], sum(len(ids) for ids, _ in encoded)
+        texts = list(dict.fromkeys(text for pair in pairs for text in pair if isinstance(text, str)))
+        if any(not isinstance(text, str) for pair in pairs for text in pair):
+            raise ValidationError("scores are of texts (strings)", "text_2")
+        id_lists = [self.process_prompt(text, truncate_prompt_tokens, param="text_2") for text in texts]
+        vectors = dict(zip(texts, self.embed_ids(id_lists)))
+        return [cosine(vectors[a], vectors[b]) for a, b in pairs], sum(len(ids) for ids in id_lists)
 
     def shutdown(self) -> None:
         pass
@@ -189,6 +232,7 @@ class _Input:
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     normalize: bool
+    types: list[int] | None = None   # a cross-encoder pair's token types
 
 
 class AsyncEmbeddingEngine:
@@ -231,7 +275,8 @@ class AsyncEmbeddingEngine:
         """`function(*args)` in the tokenizing pool (never on the event loop)."""
         return await asyncio.get_running_loop().run_in_executor(self._processing, function, *args)
 
-    async def embed(self, id_lists: list[list[int]], normalize: bool | None = None) -> list[list[float]]:
+    async def embed(self, id_lists: list[list[int]], normalize: bool | None = None,
+                    token_types: list[list[int]] | None = None) -> list[list[float]]:
         """One vector per token id list (each already checked by process_prompt), normalised
         as the model's pooling says unless `normalize` says otherwise. Cancelled, its inputs
         not yet run are dropped."""
@@ -240,7 +285,8 @@ class AsyncEmbeddingEngine:
         loop = asyncio.get_running_loop()
         if normalize is None:
             normalize = self.engine.runner.pooling.normalize
-        inputs = [_Input(ids, loop.create_future(), loop, normalize) for ids in id_lists]
+        inputs = [_Input(ids, loop.create_future(), loop, normalize, token_types[i] if token_types else None)
+                  for i, ids in enumerate(id_lists)]
         with self._cond:
             if self._stopping:
                 raise EngineDeadError("the embedding engine is shutting down")
@@ -291,7 +337,8 @@ class AsyncEmbeddingEngine:
             if not batch:
                 continue
             try:
-                vectors = self.engine.runner.embed([item.ids for item in batch], [item.normalize for item in batch])
+                vectors = self.engine.runner.embed([item.ids for item in batch], [item.normalize for item in batch],
+                                                   [item.types for item in batch])
             except Exception as exc:   # this batch's requests fail; the engine goes on
                 logger.exception("an embedding batch of %d inputs failed", len(batch))
                 failed = RequestFailedError(f"the embedding batch failed: {type(exc).__name__}: {exc}")
@@ -323,3 +370,30 @@ def _settle(future: asyncio.Future, value: Any, error: BaseException | None) -> 
         future.set_exception(error)
     else:
         future.set_result(value)
+
+
+def relevance(logit: float) -> float:
+    """A cross-encoder's one logit as a score in (0, 1)."""
+    return 1.0 / (1.0 + math.exp(-logit)) if logit >= 0 else math.exp(logit) / (1.0 + math.exp(logit))
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    norm = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
+    return sum(x * y for x, y in zip(a, b)) / norm if norm else 0.0
+
+
+def score_pairs(text_1: Any, text_2: Any, names: tuple[str, str] = ("text_1", "text_2")) -> list[tuple[Any, Any]]:
+    """vLLM's pairing: one text_1 against every text_2, or pairwise when both are lists of one
+    length (a single text_2 pairs with a one-entry text_1)."""
+    first = [text_1] if isinstance(text_1, str) else list(text_1) if isinstance(text_1, (list, tuple)) else None
+    second = [text_2] if isinstance(text_2, str) else list(text_2) if isinstance(text_2, (list, tuple)) else None
+    if not first or first is None:
+        raise ValidationError(f"{names[0]} must be a text or a non-empty list of texts", names[0])
+    if not second or second is None:
+        raise ValidationError(f"{names[1]} must be a text or a non-empty list of texts", names[1])
+    if len(first) == 1:
+        return [(first[0], text) for text in second]
+    if len(first) != len(second):
+        raise ValidationError(f"{names[0]} has {len(first)} texts and {names[1]} {len(second)}: give one "
+                              f"{names[0]}, or as many as {names[1]}", names[1])
+    return list(zip(first, second))

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from pagedserve.layers.activation import silu_and_mul
-from pagedserve.layers.lora import LoraWeights
+from pagedserve.layers.lora import LoraStep, LoraWeights
 from pagedserve.layers.linear_ops import (_copy, as_tensor, default_weight_loader, fuses, linear,  # noqa: F401
                                           narrow, set_gemv_max_rows)
 from pagedserve.layers.norm import RMSNorm
@@ -106,10 +106,10 @@ class LinearBase(nn.Module):
     # LoRA: the logical output slices an adapter targets (shard ids), and the factors' sharding
     lora_slices: tuple = (None,)
 
-    def enable_lora(self, num_slots: int, max_rank: int, device: torch.device) -> None:
+    def enable_lora(self, step: LoraStep, num_slots: int, max_rank: int, device: torch.device) -> None:
         """Room for `num_slots` adapters of rank <= max_rank on this layer (zeros: no effect);
         the fused norm / activation launches are skipped from now on (they never see x)."""
-        self.lora = LoraWeights(num_slots, max_rank, len(self.lora_slices), self.input_size_per_partition,
+        self.lora = LoraWeights(step, num_slots, max_rank, len(self.lora_slices), self.input_size_per_partition,
                                 self.output_size_per_partition, self.params_dtype, device)
 
     def set_lora(self, slot: int, factors: dict, scaling: float) -> None:

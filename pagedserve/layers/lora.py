@@ -15,26 +15,29 @@ two dense matmuls of inner size S * n * R (small: vLLM's default is one slot of 
 kernel of its own, the same code on the CPU and on CUDA. A row-parallel layer adds its partial
 delta before the all-reduce: the sum over ranks of (x_r @ a_r.T) @ b.T is the whole delta.
 
-The step's token -> slot map is set once per forward (`set_token_slots`) by the model runner;
-None (no token of the step has an adapter) skips every delta."""
+The step's token -> slot map is set once per forward (`LoraStep.set`, one object per model, shared
+by its layers) by the model runner; None (no token of the step has an adapter) skips every delta."""
 from __future__ import annotations
 
 import torch
 
-_token_slots: torch.Tensor | None = None   # [num_tokens] int64, -1 = no adapter
-_masks: dict[int, torch.Tensor] = {}        # this step's masks by column count
+class LoraStep:
+    """A model's current step for its LoRA layers: each token's slot, and the masks made of it."""
 
+    def __init__(self) -> None:
+        self.slots: torch.Tensor | None = None    # [num_tokens] int64, -1 = no adapter
+        self.masks: dict[int, torch.Tensor] = {}  # this step's masks by column count
 
-def set_token_slots(slots: torch.Tensor | None) -> None:
-    """The step's token -> slot map (None: no adapter anywhere in the step)."""
-    global _token_slots
-    _token_slots = slots
-    _masks.clear()
+    def set(self, slots: torch.Tensor | None) -> None:
+        """The step's token -> slot map (None: no adapter anywhere in the step)."""
+        self.slots = slots
+        self.masks = {}
 
 
 class LoraWeights:
-    def __init__(self, num_slots: int, max_rank: int, num_slices: int, in_features: int, out_features: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, step: LoraStep, num_slots: int, max_rank: int, num_slices: int, in_features: int,
+                 out_features: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.step = step
         self.num_slots, self.max_rank, self.num_slices = num_slots, max_rank, num_slices
         width = num_slots * num_slices * max_rank
         self.a = torch.zeros((width, in_features), dtype=dtype, device=device)
@@ -59,12 +62,12 @@ class LoraWeights:
 
     def delta(self, x: torch.Tensor) -> torch.Tensor | None:
         """The adapters' contribution to this layer's output for the step's tokens, or None."""
-        slots = _token_slots
-        if slots is None:
+        step = self.step
+        if step.slots is None:
             return None
         width = self.a.shape[0]
-        mask = _masks.get(width)
+        mask = step.masks.get(width)
         if mask is None or mask.shape[0] != x.shape[0]:
-            mask = (slots[:x.shape[0], None] == self.column_slot[None, :]).to(x.dtype)
-            _masks[width] = mask
+            mask = (step.slots[:x.shape[0], None] == self.column_slot[None, :]).to(x.dtype)
+            step.masks[width] = mask
         return ((x @ self.a.t()) * mask) @ self.b.t()

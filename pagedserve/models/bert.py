@@ -16,7 +16,9 @@ from torch import nn
 
 from pagedserve.errors import ModelLoadError
 
-POOLING_ARCHITECTURES = ("BertModel",)
+# cross-encoders (rerankers): a query / document pair in, one relevance logit out (score.py routes)
+CLASSIFIER_ARCHITECTURES = ("BertForSequenceClassification",)
+POOLING_ARCHITECTURES = ("BertModel",) + CLASSIFIER_ARCHITECTURES
 _ACTIVATIONS = {"gelu": lambda x: F.gelu(x), "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
                 "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
 
@@ -174,10 +176,11 @@ class _Embeddings(nn.Module):
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, token_types: torch.Tensor | None = None) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)[None] \
-            + self.token_type_embeddings.weight[0]   # one segment: token type 0
+        # one segment (token type 0), or a pair's two (a cross-encoder's query and document)
+        types = self.token_type_embeddings.weight[0] if token_types is None else self.token_type_embeddings(token_types)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)[None] + types
         return self.LayerNorm(x)
 
 
@@ -200,8 +203,9 @@ class BertModel(nn.Module):
         self.embeddings = _Embeddings(config)
         self.encoder = _Encoder(config)
 
-    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = self.embeddings(input_ids)
+    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, token_types: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        x = self.embeddings(input_ids, token_types)
         for layer in self.encoder.layer:
             x = layer(x, mask)
         return x
@@ -218,3 +222,29 @@ class BertModel(nn.Module):
         missing, unexpected = self.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ModelLoadError(f"BERT checkpoint does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+class BertForSequenceClassification(nn.Module):
+    """transformers' BertForSequenceClassification as a cross-encoder: the encoder, the pooler
+    (dense + tanh over the first token) and the classifier -> [B, num_labels] logits. Only
+    num_labels == 1 (a relevance score) is served."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.bert = BertModel(config)
+        self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, token_types: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        hidden = self.bert(input_ids, mask, token_types)
+        return self.classifier(torch.tanh(self.pooler(hidden[:, 0])))
+
+    def load_checkpoint(self, tensors: dict[str, torch.Tensor]) -> None:
+        head = {"bert.pooler.dense.weight": "pooler.weight", "bert.pooler.dense.bias": "pooler.bias",
+                "classifier.weight": "classifier.weight", "classifier.bias": "classifier.bias"}
+        missing = sorted(set(head) - set(tensors))
+        if missing:
+            raise ModelLoadError(f"cross-encoder checkpoint lacks {', '.join(missing)}")
+        self.load_state_dict({ours: tensors[theirs] for theirs, ours in head.items()}, strict=False)
+        self.bert.load_checkpoint({name: t for name, t in tensors.items() if name not in head})

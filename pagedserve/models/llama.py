@@ -19,6 +19,7 @@ from torch import nn
 
 from pagedserve.attention.metadata import AttentionMetadata
 from pagedserve.config import ModelConfig
+from pagedserve.layers.lora import LoraStep
 from pagedserve.layers.attention import Attention
 from pagedserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from pagedserve.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
@@ -304,9 +305,10 @@ class LlamaForCausalLM(nn.Module):
         W4A16 hand-offs, the GGUF CPU decode stack) are off from now on."""
         model = self.model
         model.lora, model.norm_sums, model.handoff = True, None, None
+        self.lora_step = LoraStep()   # the runner sets each step's token slots here
         for i in model.stage:
             for linear in self._lora_linears(model.layers[i]).values():
-                linear.enable_lora(num_slots, max_rank, device)
+                linear.enable_lora(self.lora_step, num_slots, max_rank, device)
 
     @staticmethod
     def _lora_linears(layer: LlamaDecoderLayer) -> dict[str, nn.Module]:

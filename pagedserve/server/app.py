@@ -69,7 +69,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, tgi_settings: TGISe
     _add_openai_routes(app, ctx, admission)
     _add_info_routes(app, ctx, metrics)
     app.include_router(tgi_router(ctx, tgi_settings, metrics.tgi, admission))
-    if runtime_updates_allowed(engine.engine.config.scheduler.lora is not None):
+    if runtime_updates_allowed() and engine.engine.config.scheduler.lora is not None:
         add_lora_routes(app, ctx)
     add_dashboard_routes(app, DashboardHub(engine, settings.served_model_name), settings.dashboard_results_dir)
     document_openapi(app, {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
@@ -110,11 +110,13 @@ def _add_openai_routes(app: FastAPI, ctx: ServerContext, admission: AdmissionLim
     add_admitted_route(app, "/v1/chat/completions", ChatCompletionRequest, admission, lambda body: 1,
                        lambda body, request: create_chat_completion(ctx, body, request))
 
-    @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:   # served by an embedding model's app (embeddings.py)
-        return error_response(ValidationError(f"the model {ctx.model_name!r} generates text: /v1/embeddings needs "
-                                              "an embedding model (a decoder serves one under --runner pooling)",
-                                              "model"))
+        return error_response(ValidationError(f"the model {ctx.model_name!r} generates text: {request.url.path} needs "
+                                              "an embedding model or a cross-encoder (a decoder serves embeddings "
+                                              "under --runner pooling)", "model"))
+
+    for path in ("/v1/embeddings", "/score", "/v1/score", "/v1/rerank", "/v2/rerank", "/rerank"):
+        app.add_api_route(path, embeddings, methods=["POST"])
 
     @app.get("/v1/models")
     async def models() -> Response:

@@ -1,6 +1,7 @@
 """POST /v1/embeddings (OpenAI's, with vLLM's extras), and the app that serves an embedding model
 (frontend/embedding_engine.py): /v1/embeddings, text-embeddings-inference's /embed (`inputs`,
-`normalize`, `truncate`; a JSON array of vectors; errors in TGI's body), /v1/models,
+`normalize`, `truncate`; a JSON array of vectors; errors in TGI's body), the scoring routes
+(score.py: /score, /rerank and their /v1, /v2 spellings; a cross-encoder serves only those), /v1/models,
 /tokenize, /health, /version, /metrics. The text-generation routes answer such a server with a 400 naming `model`, and a
 text-generation server answers /v1/embeddings the same way (app.py), as vLLM does.
 
@@ -31,7 +32,9 @@ from pagedserve.server.errors import API, error_response, http_exception
 from pagedserve.server.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
 from pagedserve.server.openai_models import models_response
 from pagedserve.server.openai_protocol import _Strict
-from pagedserve.server.request_body import read_json
+from pagedserve.server.request_body import parse_body, read_json
+from pagedserve.server.score import (RerankRequest, ScoreRequest, TEIRerankRequest, create_rerank, create_score,
+                                     create_tei_rerank, rerank_body)
 
 MAX_EMBEDDING_INPUTS = 2048   # OpenAI's cap on `input` entries
 GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions", "/generate", "/generate_stream", "/")
@@ -104,6 +107,7 @@ class EmbeddingMetrics:
 
 async def create_embedding(ctx: ServerContext, request: EmbeddingRequest, metrics: EmbeddingMetrics) -> Response:
     ctx.check_model(request.model)
+    _not_cross_encoder(ctx)
     process_prompt = ctx.engine.engine.process_prompt
     id_lists, vectors = await _embed(ctx, metrics, request.inputs(), request.dimensions, lambda item: process_prompt(
         item, request.truncate_prompt_tokens, request.add_special_tokens, "input"))
@@ -120,7 +124,14 @@ def _base64(vector: list[float]) -> str:
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
 
 
+def _not_cross_encoder(ctx: ServerContext) -> None:
+    if ctx.engine.engine.is_classifier:
+        raise ValidationError(f"the model {ctx.model_name!r} is a cross-encoder: it scores pairs (/score, /rerank) "
+                              "and has no embeddings", "model")
+
+
 async def create_tei_embedding(ctx: ServerContext, request: EmbedRequest, metrics: EmbeddingMetrics) -> Response:
+    _not_cross_encoder(ctx)
     limit, truncate = ctx.engine.max_model_len, request.truncate
 
     def process(item: str | list[int]) -> list[int]:
@@ -172,6 +183,26 @@ def build_embedding_app(engine: AsyncEmbeddingEngine, settings: ServerSettings) 
                        lambda body, _: create_embedding(ctx, body, metrics))
     add_admitted_route(app, "/embed", EmbedRequest, admission, lambda body: len(body.inputs_list()),
                        lambda body, _: create_tei_embedding(ctx, body, metrics), API.TGI)
+    for path in ("/score", "/v1/score"):
+        add_admitted_route(app, path, ScoreRequest, admission, lambda body: len(body.pairs()),
+                           lambda body, _: create_score(ctx, body))
+    for path in ("/v1/rerank", "/v2/rerank"):
+        add_admitted_route(app, path, RerankRequest, admission, lambda body: len(body.pairs()),
+                           lambda body, _: create_rerank(ctx, body))
+
+    @app.post("/rerank")   # Jina's / Cohere's body, or TEI's (it holds `texts`): answered in its own API's
+    async def rerank(request: Request) -> Response:
+        # a body that is not even JSON is answered as TEI's if it names `texts`
+        api = API.TGI if b'"texts"' in await request.body() else API.OPENAI
+        try:
+            raw = await read_json(request)
+            kind = rerank_body(raw)
+            api = API.TGI if kind is TEIRerankRequest else API.OPENAI
+            body = parse_body(kind, raw)
+            respond = create_tei_rerank if kind is TEIRerankRequest else create_rerank
+            return await admission.admit(len(body.pairs())).respond(lambda: respond(ctx, body))
+        except Exception as exc:
+            return error_response(exc, api)
 
     for path in GENERATION_ROUTES:
         app.add_api_route(path, _not_generative(ctx), methods=["POST"])

@@ -35,8 +35,8 @@ class UnloadLoRAAdapterRequest(BaseModel):
     lora_int_id: int | None = None   # vLLM's field; the name decides
 
 
-def runtime_updates_allowed(enable_lora: bool) -> bool:
-    return enable_lora and os.environ.get(ALLOW_ENV, "").strip().lower() in ("1", "true")
+def runtime_updates_allowed() -> bool:
+    return os.environ.get(ALLOW_ENV, "").strip().lower() in ("1", "true")
 
 
 def add_lora_routes(app: FastAPI, ctx: ServerContext) -> None:

@@ -21,7 +21,7 @@ from pagedserve.attention.backend import select_backend
 from pagedserve.attention.metadata import AttentionMetadata
 from pagedserve.config import CacheConfig, ModelConfig, WeightSource
 from pagedserve.errors import ModelLoadError
-from pagedserve.models.bert import BertModel, PoolingConfig, pool, pool_ragged
+from pagedserve.models.bert import BertForSequenceClassification, BertModel, PoolingConfig, pool, pool_ragged
 from pagedserve.models.loader import load_weights
 from pagedserve.models.registry import resolve_model_class
 
@@ -48,26 +48,40 @@ class PoolingRunner:
         self.device = device
         self.pooling = pooling
         self.pad_id = int(getattr(hf_config, "pad_token_id", 0) or 0)
-        model = BertModel(hf_config)
+        # a cross-encoder: pairs in (with token types), a relevance logit out (score.py routes)
+        self.is_classifier = BertForSequenceClassification.__name__ in (getattr(hf_config, "architectures", None) or ())
+        if self.is_classifier and hf_config.num_labels != 1:
+            raise ModelLoadError("a sequence classifier with more than one label is not supported (cross-encoders "
+                                 "with one relevance logit are)")
+        model = (BertForSequenceClassification if self.is_classifier else BertModel)(hf_config)
         model.load_checkpoint(_checkpoint_tensors(directory))
         self.model = model.to(device=device, dtype=dtype).eval()
-        self.dimensions = hf_config.hidden_size
-        logger.info("embedding model loaded in %.1f s (%s pooling%s, %d dimensions)", time.monotonic() - start,
-                    pooling.method, ", normalized" if pooling.normalize else "", self.dimensions)
+        self.dimensions = 1 if self.is_classifier else hf_config.hidden_size
+        logger.info("%s loaded in %.1f s (%s)", "cross-encoder" if self.is_classifier else "embedding model",
+                    time.monotonic() - start, "one relevance logit a pair" if self.is_classifier else
+                    f"{pooling.method} pooling{', normalized' if pooling.normalize else ''}, {self.dimensions} "
+                    "dimensions")
 
     @torch.inference_mode()
-    def embed(self, batch: list[list[int]], normalize: list[bool] | None = None) -> list[list[float]]:
+    def embed(self, batch: list[list[int]], normalize: list[bool] | None = None,
+              token_types: list[list[int] | None] | None = None) -> list[list[float]]:
         """One vector per token id list (float32 values as Python floats), L2-normalised as the
-        model's pooling says or, given `normalize`, where it is true."""
+        model's pooling says or, given `normalize`, where it is true; a cross-encoder's is its
+        one logit, for a pair whose `token_types` (0: the first text, 1: the second) are given."""
         length = max(len(ids) for ids in batch)
         input_ids = torch.full((len(batch), length), self.pad_id, dtype=torch.long)
+        types = torch.zeros((len(batch), length), dtype=torch.long)
         mask = torch.zeros((len(batch), length), dtype=torch.bool)
         for row, ids in enumerate(batch):
             input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
             mask[row, :len(ids)] = True
-        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+            if token_types is not None and token_types[row] is not None:
+                types[row, :len(ids)] = torch.tensor(token_types[row], dtype=torch.long)
+        input_ids, mask, types = input_ids.to(self.device), mask.to(self.device), types.to(self.device)
+        if self.is_classifier:
+            return self.model(input_ids, mask, types).float().cpu().tolist()
         rows = None if normalize is None else torch.tensor(normalize, dtype=torch.bool, device=self.device)
-        return pool(self.model(input_ids, mask), mask, self.pooling, rows).cpu().tolist()
+        return pool(self.model(input_ids, mask, types), mask, self.pooling, rows).cpu().tolist()
 
 
 class DecoderPoolingRunner:
@@ -100,9 +114,12 @@ class DecoderPoolingRunner:
                     config.architecture, time.monotonic() - start, pooling.method,
                     ", normalized" if pooling.normalize else "", self.dimensions, num_blocks * self.block_size)
 
+    is_classifier = False
+
     @torch.inference_mode()
-    def embed(self, batch: list[list[int]], normalize: list[bool] | None = None) -> list[list[float]]:
-        """One vector per token id list, as PoolingRunner.embed: every list a fresh prompt in one
+    def embed(self, batch: list[list[int]], normalize: list[bool] | None = None,
+              token_types: list[list[int] | None] | None = None) -> list[list[float]]:
+        """One vector per token id list, as PoolingRunner.embed (no token types here): every list a fresh prompt in one
         forward (query_start_loc / seq_lens / block_tables of a step with no cached context)."""
         lengths = [len(ids) for ids in batch]
         blocks = [-(-n // self.block_size) for n in lengths]

@@ -26,7 +26,7 @@ TEXTS = ["Hello world", "The quick brown fox jumps over the lazy dog, and then o
 
 @pytest.fixture(scope="module")
 def minilm() -> LLM:
-    llm = LLM(model=minilm_path())
+    llm = LLM(model=minilm_path(), dtype="float32")
     yield llm
     llm.shutdown()
 
@@ -62,7 +62,7 @@ def test_bert_without_sentence_transformers_files_pools_cls(tmp_path) -> None:
     config = BertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=64, hidden_act="gelu_new")
     BertModel(config).save_pretrained(tmp_path)   # architectures: ["BertModel"]
-    llm = LLM(model=str(tmp_path), skip_tokenizer_init=True)
+    llm = LLM(model=str(tmp_path), skip_tokenizer_init=True, dtype="float32")
     try:
         prompts = [[2, 17, 45, 3], [2, 99, 3], [2, 5, 6, 7, 8, 9, 10, 3]]
         mine = torch.tensor([o.outputs.embedding for o in llm.embed([{"prompt_token_ids": p} for p in prompts])])
@@ -136,7 +136,7 @@ class _RecordingRunner:
     def __init__(self) -> None:
         self.batches: list[list[list[int]]] = []
 
-    def embed(self, batch: list[list[int]], normalize: list[bool] | None = None) -> list[list[float]]:
+    def embed(self, batch: list[list[int]], normalize: list[bool] | None = None, token_types=None) -> list[list[float]]:
         self.batches.append(batch)
         return [[float(ids[0])] for ids in batch]
 
@@ -210,7 +210,7 @@ def test_checkpoint_without_the_pooler_and_with_a_bert_prefix(tmp_path) -> None:
     config.architectures = ["BertModel"]
     (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
     assert os.path.isfile(tmp_path / "model.safetensors")
-    llm = LLM(model=str(tmp_path), skip_tokenizer_init=True)
+    llm = LLM(model=str(tmp_path), skip_tokenizer_init=True, dtype="float32")
     try:
         [out] = llm.embed([[2, 7, 9, 3]])
     finally:

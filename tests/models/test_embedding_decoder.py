@@ -33,7 +33,7 @@ def _vectors(llm: LLM, prompts: list[list[int]]) -> list[torch.Tensor]:
 
 def test_qwen3_embedding_layout_last_token_matches_transformers(tmp_path) -> None:
     path = write_backbone(str(tmp_path), "qwen3", "Qwen3ForCausalLM", pooling="lasttoken")
-    llm = LLM(model=path, runner="pooling", skip_tokenizer_init=True, device=TEST_DEVICE)
+    llm = LLM(model=path, runner="pooling", skip_tokenizer_init=True, device=TEST_DEVICE, dtype="float32")
     try:
         batched = _vectors(llm, PROMPTS)
         alone = [_vectors(llm, [p])[0] for p in PROMPTS]
@@ -50,7 +50,7 @@ def test_backbone_architecture_is_an_embedding_model_by_itself(tmp_path) -> None
     """MistralModel (no LM head) with no sentence-transformers files: vLLM's decoder default,
     the last token normalised; asking it to generate is refused naming the flag."""
     path = write_backbone(str(tmp_path), "mistral", "MistralModel", seed=3)
-    llm = LLM(model=path, skip_tokenizer_init=True, device=TEST_DEVICE)
+    llm = LLM(model=path, skip_tokenizer_init=True, device=TEST_DEVICE, dtype="float32")
     try:
         got = _vectors(llm, PROMPTS)
     finally:
@@ -70,14 +70,14 @@ def test_causal_lm_checkpoint_with_task_embed_mean_pooling(tmp_path) -> None:
     for name in ("modules.json", "1_Pooling"):
         os.rename(tmp_path / "st" / name, tmp_path / name)
     prompts = random_prompts(6, 512, 1, 40, seed=2)
-    llm = LLM(model=path, task="embed", skip_tokenizer_init=True, device=TEST_DEVICE)
+    llm = LLM(model=path, task="embed", skip_tokenizer_init=True, device=TEST_DEVICE, dtype="float32")
     try:
         got = _vectors(llm, prompts)
     finally:
         llm.shutdown()
     for vector, hidden in zip(got, _hf_hidden(path, prompts)):
         assert (vector - F.normalize(hidden.mean(0), dim=-1)).abs().max() < 1e-5
-    generative = LLM(model=path, skip_tokenizer_init=True, device=TEST_DEVICE)
+    generative = LLM(model=path, skip_tokenizer_init=True, device=TEST_DEVICE, dtype="float32")
     try:
         out = generative.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(max_tokens=3, ignore_eos=True))
         assert len(out[0].outputs[0].token_ids) == 3

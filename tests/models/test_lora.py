@@ -48,7 +48,7 @@ def test_mixed_adapters_and_base_in_one_batch(adapters) -> None:
     prompts = random_prompts(len(loras), 512, 3, 30, seed=4)
     # one prompt of two full KV blocks and more under two adapters and the base: no shared blocks
     prompts[1] = prompts[2] = prompts[4] = random_prompts(1, 512, 40, 40, seed=9)[0]
-    llm = LLM(model=base, enable_lora=True, max_loras=3, skip_tokenizer_init=True, device=TEST_DEVICE)
+    llm = LLM(model=base, enable_lora=True, max_loras=3, skip_tokenizer_init=True, device=TEST_DEVICE, dtype="float32")
     try:
         _check(llm, prompts, loras, references)
         _check(llm, prompts, loras, references)   # again: the prefix cache now holds every prompt
@@ -65,7 +65,7 @@ def test_fewer_slots_than_adapters_n_and_preemption(adapters) -> None:
     loras = [made["all"][0], made["qv"][0], None, made["mlp"][0], made["qv"][0], made["all"][0]]
     prompts = random_prompts(len(loras), 512, 10, 40, seed=5)
     llm = LLM(model=base, enable_lora=True, max_loras=1, max_cpu_loras=2, num_kv_blocks=24, block_size=4, max_model_len=48,
-              skip_tokenizer_init=True, device=TEST_DEVICE)
+              skip_tokenizer_init=True, device=TEST_DEVICE, dtype="float32")
     try:
         _check(llm, prompts, loras, references, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, n=2))
         assert llm.engine.core.scheduler.stats.num_preemptions > 0
@@ -79,7 +79,7 @@ def test_phi3_fused_projections(tiny_checkpoints, tmp_path) -> None:
     merged = write_lora_adapter(base, str(tmp_path / "a"), seed=7, targets=("qkv_proj", "o_proj", "gate_up_proj"))
     lora = LoRARequest("phi", 1, str(tmp_path / "a"))
     prompts = random_prompts(3, 512, 4, 20, seed=6)
-    llm = LLM(model=base, enable_lora=True, skip_tokenizer_init=True, device=TEST_DEVICE)
+    llm = LLM(model=base, enable_lora=True, skip_tokenizer_init=True, device=TEST_DEVICE, dtype="float32")
     try:
         _check(llm, prompts, [lora] * 3, {lora: merged})
     finally:

@@ -48,7 +48,8 @@ class ScriptedEngine:
         self.add_processed(self.process_request(request_id, prompt, params, output_kind, strict_length,
                                                 add_special_tokens))
 
-    def process_request(self, request_id, prompt, params, output_kind, strict_length, add_special_tokens, priority=0):
+    def process_request(self, request_id, prompt, params, output_kind, strict_length, add_special_tokens, priority=0,
+                        lora_request=None):
         if prompt == "invalid":
             raise ValidationError("prompt is invalid", "prompt")
         return request_id, prompt

@@ -124,18 +124,26 @@ ODD = [None, -1, 0, 2**64, 1e308, 0.5, "", "x" * 3000, "\u0000", "\ud800", [], [
 FIELDS = {"/v1/embeddings": ({"input": "Hi"}, ["input", "model", "encoding_format", "dimensions", "user",
                                                "truncate_prompt_tokens", "add_special_tokens", "request_id", "priority"]),
           "/embed": ({"inputs": "Hi"}, ["inputs", "normalize", "truncate", "truncation_direction", "prompt_name",
-                                        "dimensions"])}
+                                        "dimensions"]),
+          "/v1/score": ({"text_1": "Hi", "text_2": ["a", "b"]}, ["text_1", "text_2", "model", "truncate_prompt_tokens",
+                                                                "request_id", "priority"]),
+          "/v1/rerank": ({"query": "Hi", "documents": ["a", "b"]}, ["query", "documents", "top_n", "return_documents",
+                                                                    "truncate_prompt_tokens", "model"]),
+          "/rerank": ({"query": "Hi", "texts": ["a"]}, ["query", "texts", "raw_scores", "return_text", "truncate",
+                                                        "truncation_direction"])}
+TEI_PATHS = ("/embed", "/rerank")   # TGI's error body (their bodies here are TEI's)
 
 
 def test_random_odd_bodies_never_get_a_5xx(embed_server, reference) -> None:
-    """150 seeded bodies with one to three fields set to odd values, from two threads while good
-    requests run: a 200, or a 4xx that names what is wrong (OpenAI's `param`, TEI's message)."""
+    """250 seeded bodies with one to three fields set to odd values (embeddings, scores, reranks),
+    from two threads while good requests run: a 200, or a 4xx that names what is wrong (OpenAI's
+    `param`, TEI's message)."""
     import json
     import random
     from concurrent.futures import ThreadPoolExecutor
     rng = random.Random(37)
     cases = []
-    for _ in range(150):
+    for _ in range(250):
         path = rng.choice(sorted(FIELDS))
         base, fields = FIELDS[path]
         body = dict(base)
@@ -165,7 +173,7 @@ def test_random_odd_bodies_never_get_a_5xx(embed_server, reference) -> None:
         assert response.status_code < 500, (path, body, response.text)
         if response.status_code >= 400:
             error = response.json()
-            if path == "/embed":
+            if path in TEI_PATHS:
                 assert error["error_type"] == "validation" and error["error"], (body, error)
             else:
                 assert error["error"]["param"], (body, error)

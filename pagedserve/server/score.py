@@ -1,0 +1,136 @@
+"""Scoring routes of an embedding model's server (embeddings.py's app), as vLLM and TEI serve them:
+
+    POST /score, /v1/score     vLLM's: text_1 (a text, or a list) against text_2 -> data[i].score
+    POST /rerank, /v1/rerank,  Jina / Cohere's (vLLM's): query and documents -> results sorted by
+         /v2/rerank            relevance_score, best first, top_n of them
+    POST /rerank with "texts"  text-embeddings-inference's: [{"index", "score", "text"?}], best first;
+                               raw_scores gives a cross-encoder's logits; errors in TGI's body
+
+A cross-encoder (BertForSequenceClassification) scores a pair by the sigmoid of its logit; an
+embedding model by the cosine similarity of the two texts' vectors (TEI's /rerank needs a
+cross-encoder, as TEI's does). Pairs run through the engine's round-robin batches."""
+from __future__ import annotations
+
+import time
+from typing import Any, Union
+
+from fastapi.responses import JSONResponse, Response
+from pydantic import Field
+
+from pagedserve.errors import ValidationError
+from pagedserve.frontend.embedding_engine import AsyncEmbeddingEngine, cosine, relevance, score_pairs
+from pagedserve.server.context import ServerContext, new_request_id
+from pagedserve.server.openai_protocol import _Strict
+
+MAX_SCORE_PAIRS = 2048   # pairs in one request (as MAX_EMBEDDING_INPUTS)
+
+
+class ScoreRequest(_Strict):
+    text_1: Union[str, list[str]]
+    text_2: Union[str, list[str]]
+    model: str | None = None
+    truncate_prompt_tokens: int | None = None
+    request_id: str | None = None
+    priority: int = Field(default=0)   # vLLM's field; no scheduler here: only 0
+
+    def pairs(self) -> list[tuple[Any, Any]]:
+        return _bounded(score_pairs(self.text_1, self.text_2), "text_2")
+
+
+class RerankRequest(_Strict):
+    """Jina's and Cohere's rerank body, as vLLM takes it."""
+
+    query: str
+    documents: list[str]
+    model: str | None = None
+    top_n: int = 0   # 0: every document
+    return_documents: bool = True
+    truncate_prompt_tokens: int | None = None
+    request_id: str | None = None
+    priority: int = Field(default=0)
+
+    def pairs(self) -> list[tuple[Any, Any]]:
+        if self.top_n < 0:
+            raise ValidationError(f"top_n must be >= 0, got {self.top_n}", "top_n")
+        return _bounded(score_pairs(self.query, self.documents, ("query", "documents")), "documents")
+
+
+class TEIRerankRequest(_Strict):
+    """text-embeddings-inference's POST /rerank."""
+
+    query: str
+    texts: list[str]
+    raw_scores: bool = False
+    return_text: bool = False
+    truncate: bool = False
+    truncation_direction: str = "right"
+
+    def pairs(self) -> list[tuple[Any, Any]]:
+        if self.truncation_direction.lower() != "right":
+            raise ValidationError("truncation_direction left is not supported", "truncation_direction")
+        return _bounded(score_pairs(self.query, self.texts, ("query", "texts")), "texts")
+
+
+def _bounded(pairs: list[tuple[Any, Any]], name: str) -> list[tuple[Any, Any]]:
+    if len(pairs) > MAX_SCORE_PAIRS:
+        raise ValidationError(f"{name} supports up to {MAX_SCORE_PAIRS} pairs; given {len(pairs)}", name)
+    return pairs
+
+
+def rerank_body(body: Any) -> type[_Strict]:
+    """Which /rerank a body is: TEI's holds `texts`, Jina's / Cohere's `documents`."""
+    return TEIRerankRequest if isinstance(body, dict) and "texts" in body else RerankRequest
+
+
+async def score(ctx: ServerContext, pairs: list[tuple[Any, Any]], truncate: int | None, param: str
+                ) -> tuple[list[float], list[float] | None, int]:
+    """(scores, a cross-encoder's logits or None, tokens) of the pairs, tokenized in the pool and
+    run through the engine's batches."""
+    engine: AsyncEmbeddingEngine = ctx.engine   # type: ignore[assignment]
+    model = engine.engine
+    if model.is_classifier:
+        encoded = await engine.process(lambda: [model.process_pair(a, b, truncate, param) for a, b in pairs])
+        logits = [row[0] for row in await engine.embed([ids for ids, _ in encoded], None,
+                                                       [types for _, types in encoded])]
+        return [relevance(x) for x in logits], logits, sum(len(ids) for ids, _ in encoded)
+    texts = list(dict.fromkeys(text for pair in pairs for text in pair))
+    id_lists = await engine.process(lambda: [model.process_prompt(t, truncate, param=param) for t in texts])
+    vectors = dict(zip(texts, await engine.embed(id_lists)))
+    return [cosine(vectors[a], vectors[b]) for a, b in pairs], None, sum(len(ids) for ids in id_lists)
+
+
+async def create_score(ctx: ServerContext, request: ScoreRequest) -> Response:
+    ctx.check_model(request.model)
+    _no_priority(request.priority)
+    scores, _, tokens = await score(ctx, request.pairs(), request.truncate_prompt_tokens, "text_2")
+    response_id, _ = new_request_id("score", request.request_id)
+    return JSONResponse({"id": response_id, "object": "list", "created": int(time.time()), "model": ctx.model_name,
+                         "data": [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)],
+                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+async def create_rerank(ctx: ServerContext, request: RerankRequest) -> Response:
+    ctx.check_model(request.model)
+    _no_priority(request.priority)
+    scores, _, tokens = await score(ctx, request.pairs(), request.truncate_prompt_tokens, "documents")
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])[:request.top_n or None]
+    results = [{"index": i, "relevance_score": scores[i],
+                **({"document": {"text": request.documents[i]}} if request.return_documents else {})} for i in order]
+    response_id, _ = new_request_id("rerank", request.request_id)
+    return JSONResponse({"id": response_id, "model": ctx.model_name, "usage": {"total_tokens": tokens},
+                         "results": results})
+
+
+async def create_tei_rerank(ctx: ServerContext, request: TEIRerankRequest) -> Response:
+    if not ctx.engine.engine.is_classifier:
+        raise ValidationError("model is not a re-ranker model", "model")
+    scores, logits, _ = await score(ctx, request.pairs(), -1 if request.truncate else None, "texts")
+    values = logits if request.raw_scores else scores
+    order = sorted(range(len(values)), key=lambda i: -values[i])
+    return JSONResponse([{"index": i, "score": values[i], **({"text": request.texts[i]} if request.return_text else {})}
+                         for i in order])
+
+
+def _no_priority(priority: int) -> None:
+    if priority != 0:
+        raise ValidationError("priority is not supported for scores (no scheduling policy here)", "priority")
