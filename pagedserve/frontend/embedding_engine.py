@@ -64,8 +64,8 @@ def use_pooling(args: EngineArgs) -> bool:
     asked = "runner" if args.runner != "auto" else "task"
     if args.runner == "pooling" or args.task in ("embed", "embedding"):
         if not embedding_only and not archs & set(MODEL_REGISTRY):
-            raise ValidationError("an embedding runner needs a model folder with an encoder (BertModel) or a decoder "
-                                  f"of {', '.join(sorted(MODEL_REGISTRY))} (a GGUF file is not one)", asked)
+            raise ValidationError("an embedding runner needs a model folder with an encoder (BERT, RoBERTa, XLM-R) or "
+                                  f"a decoder of {', '.join(sorted(MODEL_REGISTRY))} (a GGUF file is not one)", asked)
         return True
     if (args.runner == "generate" or args.task == "generate") and embedding_only:
         raise ValidationError(f"this model ({', '.join(sorted(archs))}) has no language-model head: it is an "

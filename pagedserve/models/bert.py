@@ -17,8 +17,11 @@ from torch import nn
 from pagedserve.errors import ModelLoadError
 
 # cross-encoders (rerankers): a query / document pair in, one relevance logit out (score.py routes)
-CLASSIFIER_ARCHITECTURES = ("BertForSequenceClassification",)
-POOLING_ARCHITECTURES = ("BertModel",) + CLASSIFIER_ARCHITECTURES
+CLASSIFIER_ARCHITECTURES = ("BertForSequenceClassification", "RobertaForSequenceClassification",
+                            "XLMRobertaForSequenceClassification")
+POOLING_ARCHITECTURES = ("BertModel", "RobertaModel", "XLMRobertaModel") + CLASSIFIER_ARCHITECTURES
+# RoBERTa's position ids (XLM-R: bge-m3, bge-reranker) count from the padding id + 1, as transformers' do
+_ROBERTA_MODEL_TYPES = ("roberta", "xlm-roberta")
 _ACTIVATIONS = {"gelu": lambda x: F.gelu(x), "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
                 "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
 
@@ -175,12 +178,18 @@ class _Embeddings(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        roberta = getattr(config, "model_type", "bert") in _ROBERTA_MODEL_TYPES
+        self.padding_idx = int(getattr(config, "pad_token_id", 1) or 0) if roberta else None
 
     def forward(self, input_ids: torch.Tensor, token_types: torch.Tensor | None = None) -> torch.Tensor:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        if self.padding_idx is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        else:   # a token's position is padding_idx + its rank among the row's non-padding tokens
+            real = input_ids.ne(self.padding_idx).long()
+            positions = torch.cumsum(real, dim=1) * real + self.padding_idx
         # one segment (token type 0), or a pair's two (a cross-encoder's query and document)
         types = self.token_type_embeddings.weight[0] if token_types is None else self.token_type_embeddings(token_types)
-        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)[None] + types
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + types
         return self.LayerNorm(x)
 
 
@@ -215,7 +224,7 @@ class BertModel(nn.Module):
         and position_ids buffers ignored); every parameter must be there."""
         state = {}
         for name, tensor in tensors.items():
-            name = name.removeprefix("bert.")
+            name = name.removeprefix("bert.").removeprefix("roberta.")
             if name.startswith(("pooler.", "cls.")) or name.endswith("position_ids"):
                 continue
             state[name] = tensor
@@ -226,14 +235,16 @@ class BertModel(nn.Module):
 
 class BertForSequenceClassification(nn.Module):
     """transformers' BertForSequenceClassification as a cross-encoder: the encoder, the pooler
-    (dense + tanh over the first token) and the classifier -> [B, num_labels] logits. Only
-    num_labels == 1 (a relevance score) is served."""
+    (dense + tanh over the first token) and the classifier -> [B, num_labels] logits; RoBERTa's
+    and XLM-R's (`roberta`: their head is classifier.dense + tanh + classifier.out_proj on the
+    first token, no pooler). Only num_labels == 1 (a relevance score) is served."""
 
     def __init__(self, config: Any) -> None:
         super().__init__()
         self.bert = BertModel(config)
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.roberta = getattr(config, "model_type", "bert") in _ROBERTA_MODEL_TYPES
 
     def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, token_types: torch.Tensor | None = None
                 ) -> torch.Tensor:
@@ -243,6 +254,9 @@ class BertForSequenceClassification(nn.Module):
     def load_checkpoint(self, tensors: dict[str, torch.Tensor]) -> None:
         head = {"bert.pooler.dense.weight": "pooler.weight", "bert.pooler.dense.bias": "pooler.bias",
                 "classifier.weight": "classifier.weight", "classifier.bias": "classifier.bias"}
+        if self.roberta:
+            head = {"classifier.dense.weight": "pooler.weight", "classifier.dense.bias": "pooler.bias",
+                    "classifier.out_proj.weight": "classifier.weight", "classifier.out_proj.bias": "classifier.bias"}
         missing = sorted(set(head) - set(tensors))
         if missing:
             raise ModelLoadError(f"cross-encoder checkpoint lacks {', '.join(missing)}")

@@ -21,7 +21,8 @@ from pagedserve.attention.backend import select_backend
 from pagedserve.attention.metadata import AttentionMetadata
 from pagedserve.config import CacheConfig, ModelConfig, WeightSource
 from pagedserve.errors import ModelLoadError
-from pagedserve.models.bert import BertForSequenceClassification, BertModel, PoolingConfig, pool, pool_ragged
+from pagedserve.models.bert import (CLASSIFIER_ARCHITECTURES, BertForSequenceClassification, BertModel, PoolingConfig,
+                                   pool, pool_ragged)
 from pagedserve.models.loader import load_weights
 from pagedserve.models.registry import resolve_model_class
 
@@ -49,7 +50,7 @@ class PoolingRunner:
         self.pooling = pooling
         self.pad_id = int(getattr(hf_config, "pad_token_id", 0) or 0)
         # a cross-encoder: pairs in (with token types), a relevance logit out (score.py routes)
-        self.is_classifier = BertForSequenceClassification.__name__ in (getattr(hf_config, "architectures", None) or ())
+        self.is_classifier = bool(set(getattr(hf_config, "architectures", None) or ()) & set(CLASSIFIER_ARCHITECTURES))
         if self.is_classifier and hf_config.num_labels != 1:
             raise ModelLoadError("a sequence classifier with more than one label is not supported (cross-encoders "
                                  "with one relevance logit are)")
@@ -57,6 +58,8 @@ class PoolingRunner:
         model.load_checkpoint(_checkpoint_tensors(directory))
         self.model = model.to(device=device, dtype=dtype).eval()
         self.dimensions = 1 if self.is_classifier else hf_config.hidden_size
+        # one segment type (RoBERTa / XLM-R): a pair's second text has no type of its own
+        self.token_types = int(getattr(hf_config, "type_vocab_size", 2)) > 1
         logger.info("%s loaded in %.1f s (%s)", "cross-encoder" if self.is_classifier else "embedding model",
                     time.monotonic() - start, "one relevance logit a pair" if self.is_classifier else
                     f"{pooling.method} pooling{', normalized' if pooling.normalize else ''}, {self.dimensions} "
@@ -75,7 +78,7 @@ class PoolingRunner:
         for row, ids in enumerate(batch):
             input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
             mask[row, :len(ids)] = True
-            if token_types is not None and token_types[row] is not None:
+            if token_types is not None and token_types[row] is not None and self.token_types:
                 types[row, :len(ids)] = torch.tensor(token_types[row], dtype=torch.long)
         input_ids, mask, types = input_ids.to(self.device), mask.to(self.device), types.to(self.device)
         if self.is_classifier:

@@ -218,3 +218,25 @@ def test_checkpoint_without_the_pooler_and_with_a_bert_prefix(tmp_path) -> None:
     with torch.no_grad():
         cls = model.eval()(torch.tensor([[2, 7, 9, 3]])).last_hidden_state[0, 0]
     assert (torch.tensor(out.outputs.embedding) - F.normalize(cls, dim=-1)).abs().max().item() < 1e-5
+
+
+def test_xlm_roberta_model_matches_transformers(tmp_path) -> None:
+    """bge-m3's architecture (XLMRobertaModel): positions from the padding id + 1, CLS pooling and
+    normalisation without sentence-transformers files; a padded batch equals each prompt alone."""
+    from transformers import XLMRobertaConfig, XLMRobertaModel
+    torch.manual_seed(6)
+    XLMRobertaModel(XLMRobertaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=66, type_vocab_size=1,
+                                     pad_token_id=1, initializer_range=0.3,
+                                     architectures=["XLMRobertaModel"])).save_pretrained(str(tmp_path))
+    prompts = [[0, 5, 9, 100, 2], [0, 7, 2], list(range(3, 60))]
+    llm = LLM(model=str(tmp_path), skip_tokenizer_init=True, dtype="float32")
+    try:
+        got = [torch.tensor(o.outputs.embedding) for o in llm.embed([{"prompt_token_ids": p} for p in prompts])]
+    finally:
+        llm.shutdown()
+    model = AutoModel.from_pretrained(str(tmp_path)).eval()
+    for vector, ids in zip(got, prompts):
+        with torch.no_grad():
+            want = F.normalize(model(torch.tensor([ids])).last_hidden_state[0, 0], dim=-1)
+        assert (vector - want).abs().max() < 1e-5

@@ -10,7 +10,8 @@ import shutil
 
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import (AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification,
+                          XLMRobertaConfig, XLMRobertaForSequenceClassification)
 
 from pagedserve import LLM
 from pagedserve.errors import ValidationError
@@ -20,13 +21,18 @@ QUERY = "What is the capital of France?"
 DOCS = ["Paris is the capital of France.", "Bananas are yellow.", "France's capital city is Paris, on the Seine."]
 
 
-def write_cross_encoder(path: str, seed: int = 0) -> str:
+def write_cross_encoder(path: str, seed: int = 0, xlm_roberta: bool = False) -> str:
+    """A tiny random cross-encoder (BERT's, or XLM-R's: bge-reranker's architecture) with MiniLM's tokenizer."""
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=30522, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, max_position_embeddings=128, num_labels=1, type_vocab_size=2,
-                        initializer_range=0.3,
-                        architectures=["BertForSequenceClassification"])
-    BertForSequenceClassification(config).save_pretrained(path)
+    sizes = dict(vocab_size=30522, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_labels=1, initializer_range=0.3)
+    if xlm_roberta:   # positions count from pad_token_id + 1 (so max_position_embeddings is 2 more)
+        XLMRobertaForSequenceClassification(XLMRobertaConfig(
+            **sizes, max_position_embeddings=130, type_vocab_size=1, pad_token_id=1,
+            architectures=["XLMRobertaForSequenceClassification"])).save_pretrained(path)
+    else:
+        BertForSequenceClassification(BertConfig(**sizes, max_position_embeddings=128, type_vocab_size=2,
+                                                 architectures=["BertForSequenceClassification"])).save_pretrained(path)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
         shutil.copy(os.path.join(minilm_path(), name), path)
     return path
@@ -39,9 +45,11 @@ def cross_encoder(tmp_path_factory) -> str:
 
 def _hf_scores(path: str, pairs: list[tuple[str, str]]) -> list[float]:
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = BertForSequenceClassification.from_pretrained(path).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    one_type = model.config.type_vocab_size == 1   # XLM-R's tokenizer gives no second segment
     with torch.no_grad():
-        return [float(torch.sigmoid(model(**tokenizer(a, b, return_tensors="pt")).logits[0, 0])) for a, b in pairs]
+        return [float(torch.sigmoid(model(**tokenizer(a, b, return_tensors="pt", return_token_type_ids=not one_type)
+                                          ).logits[0, 0])) for a, b in pairs]
 
 
 def test_cross_encoder_matches_transformers(cross_encoder) -> None:
@@ -101,3 +109,16 @@ def test_a_generative_model_cannot_score() -> None:
         assert error.value.param == "model"
     finally:
         llm.shutdown()
+
+
+def test_xlm_roberta_cross_encoder_matches_transformers(tmp_path) -> None:
+    """bge-reranker's architecture: XLM-R positions (from the padding id + 1), its classifier head
+    (dense, tanh, out_proj) on the first token, one token type."""
+    path = write_cross_encoder(str(tmp_path / "xlmr"), seed=4, xlm_roberta=True)
+    llm = LLM(model=path, dtype="float32")
+    try:
+        got = [o.outputs.score for o in llm.score(QUERY, DOCS)]   # one batch: the shorter pairs padded
+    finally:
+        llm.shutdown()
+    want = _hf_scores(path, [(QUERY, d) for d in DOCS])
+    assert max(abs(a - b) for a, b in zip(got, want)) < 1e-5 and len(set(round(g, 4) for g in got)) == 3
