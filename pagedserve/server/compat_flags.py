@@ -24,7 +24,6 @@ NO_OP_FLAGS: dict[str, tuple[bool, str]] = {
 # flag -> the missing feature (True: the flag takes a value)
 MISSING_FEATURE_FLAGS: dict[str, tuple[bool, str]] = {
     "--speculative-config": (True, "speculative decoding"),
-    "--reasoning-parser": (True, "reasoning output parsing"),
 }
 
 

@@ -49,6 +49,7 @@ class ServerSettings:
     dashboard_results_dir: Path = DEFAULT_RESULTS_DIR
     # --lora-modules: LoRA adapters served under their own model names (TGI's adapter_id too)
     lora_modules: tuple[LoRARequest, ...] = ()
+    reasoning_parser: str | None = None   # --reasoning-parser (server/reasoning.py): chat's `reasoning` apart
 
 
 @dataclass

@@ -26,6 +26,7 @@ from pagedserve.server.openai_common import params_observer, truncate_prompts, u
 from pagedserve.server.openai_logprobs import chat_logprobs, prompt_logprobs_json
 from pagedserve.server.openai_protocol import ChatCompletionRequest
 from pagedserve.server import structured
+from pagedserve.server.reasoning import ReasoningStream, message_fields, split
 from pagedserve.server.streaming import (DONE_EVENT, SSEResponse, add_prompts, close_all, final_outputs,
                                          merge_streams, sse_event, unless_disconnected)
 from pagedserve.server.tool_calls import ToolCallStream, ToolPlan, template_tools
@@ -101,6 +102,7 @@ class _ChatBuilder:
     observed: bool = False
     tool_streams: dict[int, ToolCallStream] = field(default_factory=dict)   # per choice, when tools are active
     held_logprobs: dict[int, list] = field(default_factory=dict)   # per choice: of text not sent yet
+    reasoning_streams: dict[int, ReasoningStream] = field(default_factory=dict)   # per choice, with a parser
 
     @property
     def role(self) -> str:
@@ -150,15 +152,22 @@ class _ChatBuilder:
         """The choice's message and finish_reason: with tools, calls found in (or forced on)
         the output become tool_calls (content null when nothing else was said) and a
         finished call's finish_reason is "tool_calls"."""
+        text, extra = completion.text, {}
+        parser = self.ctx.settings.reasoning_parser
+        if parser is not None:   # the chain of thought apart (server/reasoning.py); the answer is the rest
+            reasoning, answer = split(text, parser)
+            text, extra = answer or "", message_fields(reasoning)
         if self.request.tools is None:
-            return {"role": self.role, "content": self.echo_text + completion.text}, completion.finish_reason
-        parsed = self.tool_plan.parse(completion.text)
+            content = self.echo_text + text
+            return {"role": self.role, "content": content if content or parser is None else None, **extra}, \
+                completion.finish_reason
+        parsed = self.tool_plan.parse(text)
         content = self.echo_text + (parsed.content or "")
         finish_reason = completion.finish_reason
         if parsed.tool_calls and finish_reason == "stop":
             finish_reason = "tool_calls"
         return ({"role": self.role, "content": content or None,
-                 "tool_calls": [call.as_dict() for call in parsed.tool_calls]}, finish_reason)
+                 "tool_calls": [call.as_dict() for call in parsed.tool_calls], **extra}, finish_reason)
 
     async def stream(self, streams: list[RequestStream]) -> AsyncIterator[str]:
         include_usage, continuous = usage_options(self.request.stream_options,
@@ -206,6 +215,8 @@ class _ChatBuilder:
 
     def _deltas(self, completion: CompletionOutput) -> list[dict[str, Any]]:
         self.usage.add_completion(len(completion.token_ids))
+        if self.ctx.settings.reasoning_parser is not None:
+            return self._reasoning_deltas(completion)
         if self.tool_plan.active:
             return self._tool_deltas(completion)
         chunks = []
@@ -221,24 +232,51 @@ class _ChatBuilder:
             chunks.append(self._chunk(completion.index, {}, None, completion.finish_reason, completion.stop_reason))
         return chunks
 
-    def _tool_deltas(self, completion: CompletionOutput) -> list[dict[str, Any]]:
-        """Tool calls streamed as OpenAI does (tool_calls.ToolCallStream). Logprobs of tokens
-        whose text is held back ride on the next chunk sent (at the latest the finish chunk)."""
+    def _reasoning_deltas(self, completion: CompletionOutput) -> list[dict[str, Any]]:
+        """With a reasoning parser: the chain of thought as `reasoning` deltas, the answer as
+        `content` deltas (or into the tool-call stream); held logprobs as in _tool_deltas."""
+        index = completion.index
+        stream = self.reasoning_streams.setdefault(index, ReasoningStream(self.ctx.settings.reasoning_parser))
+        finished = completion.finish_reason is not None
+        parts = stream.feed(completion.text, finished)
+        if self.tool_plan.active:
+            reasoning = [self._chunk(index, message_fields(part)) for kind, part in parts if kind == "reasoning"]
+            answer = "".join(part for kind, part in parts if kind == "content")
+            return reasoning + self._tool_deltas(completion, answer, with_logprobs=not reasoning)
+        chunks = [self._chunk(index, message_fields(part) if kind == "reasoning" else {"content": part})
+                  for kind, part in parts]
+        if finished:
+            self.finished.add(index)
+            chunks.append(self._chunk(index, {}, None, completion.finish_reason, completion.stop_reason))
+        self._attach_logprobs(completion, chunks)
+        return chunks
+
+    def _attach_logprobs(self, completion: CompletionOutput, chunks: list[dict[str, Any]]) -> None:
+        """This output's logprobs, and any held, on the first chunk sent; held if none is."""
+        logprobs = self._logprobs(completion)
+        if logprobs is not None:
+            held = self.held_logprobs.setdefault(completion.index, [])
+            held += logprobs["content"]
+            if chunks and held:
+                chunks[0]["choices"][0]["logprobs"] = {"content": held}
+                self.held_logprobs[completion.index] = []
+
+    def _tool_deltas(self, completion: CompletionOutput, text: str | None = None,
+                     with_logprobs: bool = True) -> list[dict[str, Any]]:
+        """Tool calls streamed as OpenAI does (tool_calls.ToolCallStream), from `text` (default:
+        the output's new text). Logprobs of tokens whose text is held back ride on the next
+        chunk sent (at the latest the finish chunk)."""
         index = completion.index
         tool_stream = self.tool_streams.setdefault(index, ToolCallStream(self.tool_plan))
         finished = completion.finish_reason is not None
-        chunks = [self._chunk(index, delta) for delta in tool_stream.feed(completion.text, finished)]
+        text = completion.text if text is None else text
+        chunks = [self._chunk(index, delta) for delta in tool_stream.feed(text, finished)]
         if finished:
             self.finished.add(index)
             chunks.append(self._chunk(index, {}, None, tool_stream.finish_reason(completion.finish_reason),
                                       completion.stop_reason))
-        logprobs = self._logprobs(completion)
-        if logprobs is not None:
-            held = self.held_logprobs.setdefault(index, [])
-            held += logprobs["content"]
-            if chunks and held:
-                chunks[0]["choices"][0]["logprobs"] = {"content": held}
-                self.held_logprobs[index] = []
+        if with_logprobs:
+            self._attach_logprobs(completion, chunks)
         return chunks
 
     def _chunk(self, index: int, delta: dict[str, Any], logprobs: dict | None = None,

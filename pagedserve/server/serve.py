@@ -22,6 +22,7 @@ from pagedserve.models.default_model import DEFAULT_MODEL_NAME
 from pagedserve.server.compat_flags import add_compat_arguments
 from pagedserve.server.context import DEFAULT_MAX_REQUEST_BODY_BYTES, DEFAULT_MAX_WAITING_REQUESTS, ServerSettings
 from pagedserve.server.engine_flags import add_engine_arguments, engine_kwargs
+from pagedserve.server.reasoning import REASONING_PARSERS
 from pagedserve.server.tool_calls import TOOL_CALL_PARSERS
 from pagedserve.server.tgi_settings import DEFAULT_PORT, add_tgi_arguments, apply_tgi_settings
 
@@ -51,6 +52,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help=f"require `Authorization: Bearer KEY` on /v1, the TGI generation routes, /tokenize "
                              f"and /detokenize (default: env {API_KEY_ENV}, else API_KEY)")
     parser.add_argument("--chat-template", default=None, help="a Jinja template, or a file holding one")
+    parser.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS,
+                        help="a reasoning model's <think> ... </think> returned apart, as chat's `reasoning` "
+                             "(and reasoning_content) beside `content`")
     parser.add_argument("--lora-modules", default=None, nargs="+", metavar="NAME=PATH",
                         help="LoRA adapters (PEFT folders) served under their own model names, as name=path or "
                              "vLLM's JSON {\"name\": ..., \"path\": ...}; needs --enable-lora")
@@ -111,6 +115,7 @@ def server_settings_from(args: argparse.Namespace) -> ServerSettings:
     names = args.served_model_name or [served_name_of(model)]
     return ServerSettings(served_model_name=names[0], served_model_aliases=tuple(names[1:]),
                           lora_modules=lora_modules_from(args, names),
+                          reasoning_parser=getattr(args, "reasoning_parser", None),
                           return_tokens_as_token_ids=args.return_tokens_as_token_ids,
                           enable_force_include_usage=args.enable_force_include_usage,
                           enable_auto_tool_choice=getattr(args, "enable_auto_tool_choice", False),
