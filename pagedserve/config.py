@@ -182,11 +182,15 @@ def _rope_scaling(hf_config: Any) -> dict[str, Any] | None:
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type in (None, "default"):
         return None
-    if rope_type not in ("llama3", "linear"):
-        raise ValidationError(f"rope_scaling type {rope_type!r} is not supported (supported: llama3, linear)",
+    if rope_type not in ("llama3", "linear", "yarn"):
+        raise ValidationError(f"rope_scaling type {rope_type!r} is not supported (supported: llama3, linear, yarn)",
                               "rope_scaling")
     params["rope_type"] = rope_type
     params.pop("type", None)
+    if rope_type == "yarn" and params.get("factor") is None:   # transformers' default: the positions' ratio
+        max_pos = getattr(hf_config, "max_position_embeddings", None)
+        if max_pos and params.get("original_max_position_embeddings"):
+            params["factor"] = max_pos / params["original_max_position_embeddings"]
     return params
 
 

@@ -107,6 +107,10 @@ class EngineArgs:
                                            "bitsandbytes (default: the checkpoint's quantization_config); fp8, "
                                            "fp8-per-channel and bitsandbytes also quantize a float checkpoint at "
                                            "load", aliases=("-q",))
+    hf_overrides: str | None = _knob(None, "a JSON object (offline also a dict) of Hugging Face config fields to "
+                                           "override, as vLLM's (e.g. YaRN: '{\"rope_scaling\": {\"rope_type\": "
+                                           "\"yarn\", \"factor\": 4.0, \"original_max_position_embeddings\": "
+                                           "32768}}')")
     enable_lora: bool = _knob(False, "serve LoRA adapters (PEFT folders): requests name one (LoRARequest, or the "
                                      "server's --lora-modules by model name); CUDA graphs are off with it")
     max_loras: int = _knob(1, "LoRA adapters one step can mix (their device slots)")
@@ -192,7 +196,7 @@ class EngineArgs:
                                       self.pipeline_parallel_size)
             source = materialize_gguf(source, check_split if self.tensor_parallel_size * self.pipeline_parallel_size > 1
                                       else None)
-        hf_config = load_hf_config(source)
+        hf_config = apply_hf_overrides(load_hf_config(source), self.hf_overrides)
         resolve_model_class(architecture_of(hf_config))
         dtype = resolve_dtype(self.dtype, getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None),
                               device.type)
@@ -292,6 +296,32 @@ def default_max_num_batched_tokens(device: torch.device, offline: bool) -> int:
     if device.type != "cuda":
         return 2048
     return 16384 if offline and _big_gpu(device) else 8192
+
+
+def apply_hf_overrides(hf_config: Any, overrides: str | dict | None) -> Any:
+    """hf_overrides (a dict, or its JSON) set on the model's config; a `rope_scaling` override also
+    replaces transformers 5's `rope_parameters` (which ModelConfig reads first), keeping its theta."""
+    if overrides is None:
+        return hf_config
+    if isinstance(overrides, str):
+        try:
+            overrides = json.loads(overrides)
+        except ValueError as exc:
+            raise ValidationError(f"hf_overrides is not JSON: {exc}", "hf_overrides") from None
+    if not isinstance(overrides, dict):
+        raise ValidationError("hf_overrides must be a JSON object of config fields", "hf_overrides")
+    old = getattr(hf_config, "rope_parameters", None)
+    theta = old.get("rope_theta") if isinstance(old, dict) else None
+    theta = theta if theta is not None else getattr(hf_config, "rope_theta", None)
+    for key, value in overrides.items():
+        setattr(hf_config, key, value)
+    rope = overrides.get("rope_scaling")
+    if isinstance(rope, dict) and "rope_parameters" not in overrides:
+        hf_config.rope_parameters = {**({"rope_theta": theta} if theta is not None else {}), **rope}
+        params = hf_config.rope_parameters   # transformers' setter may fill the theta from its own (None)
+        if isinstance(params, dict) and params.get("rope_theta") is None and theta is not None:
+            params["rope_theta"] = theta
+    return hf_config
 
 
 def derived_max_len(model: ModelConfig) -> int:

@@ -58,4 +58,4 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]
     root = tmp_path_factory.mktemp("tiny")
     return {name: write_tiny_checkpoint(str(root / name), name) for name in
             ("llama", "llama3_tied", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen3_moe",
-             "qwen2_moe")}
+             "qwen2_moe", "qwen2_yarn")}

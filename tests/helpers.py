@@ -26,6 +26,9 @@ def tiny_config(name: str):
         return MistralConfig(**TINY_COMMON, sliding_window=None, tie_word_embeddings=False)
     if name == "qwen2":
         return Qwen2Config(**TINY_COMMON, tie_word_embeddings=False, use_sliding_window=False)
+    if name == "qwen2_yarn":   # YaRN past 32 positions (Qwen2.5's long-context setting)
+        return Qwen2Config(**TINY_COMMON, tie_word_embeddings=False, use_sliding_window=False, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32})
     if name == "phi3":   # fused qkv_proj / gate_up_proj in the checkpoint
         return Phi3Config(**TINY_COMMON, tie_word_embeddings=False, sliding_window=None)
     if name == "mixtral":   # 4 experts, 2 a token, in every layer
@@ -48,7 +51,7 @@ def write_tiny_checkpoint(path: str, name: str, seed: int = 0, **save_kwargs) ->
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(name), dtype=torch.float32)
-    if name in ("qwen2", "qwen2_moe"):   # transformers zero-initialises biases; make them matter
+    if name in ("qwen2", "qwen2_yarn", "qwen2_moe"):   # transformers zero-initialises biases; make them matter
         with torch.no_grad():
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):

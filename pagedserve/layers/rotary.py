@@ -1,5 +1,7 @@
 """Rotary position embedding (neox / rotate-half style, as transformers' Llama), with the
-"llama3" and "linear" scalings. cos/sin are precomputed for max_position positions."""
+"llama3", "linear" and "yarn" scalings (YaRN: frequencies blended between interpolated and
+extrapolated by a ramp over the dimensions, cos/sin scaled by its attention factor). cos/sin are
+precomputed for max_position positions."""
 from __future__ import annotations
 
 import math
@@ -17,6 +19,8 @@ def _inv_freq(head_dim: int, base: float, scaling: dict[str, Any] | None) -> tor
     factor = float(scaling["factor"])
     if scaling["rope_type"] == "linear":
         return inv_freq / factor
+    if scaling["rope_type"] == "yarn":
+        return _yarn_inv_freq(head_dim, base, factor, scaling)
     low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
     old_len = float(scaling["original_max_position_embeddings"])
     low_wavelen, high_wavelen = old_len / low, old_len / high
@@ -26,6 +30,40 @@ def _inv_freq(head_dim: int, base: float, scaling: dict[str, Any] | None) -> tor
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
     return torch.where(medium, smoothed, scaled)
+
+
+def _yarn_inv_freq(dim: int, base: float, factor: float, scaling: dict[str, Any]) -> torch.Tensor:
+    """YaRN's frequencies, as transformers' _compute_yarn_parameters computes them."""
+    original = float(scaling["original_max_position_embeddings"])
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    pos_freqs = base ** (torch.arange(0, dim, 2, device="cpu").float() / dim)
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp   # the high-frequency dimensions keep their frequency
+    return (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+
+
+def attention_factor(scaling: dict[str, Any] | None) -> float:
+    """The factor YaRN scales cos / sin by (1 for the other scalings)."""
+    if not scaling or scaling["rope_type"] != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    factor, m, m_all = float(scaling["factor"]), scaling.get("mscale"), scaling.get("mscale_all_dim")
+    return float(mscale(factor, m) / mscale(factor, m_all)) if m and m_all else mscale(factor)
 
 
 class RotaryEmbedding(nn.Module):
@@ -38,8 +76,9 @@ class RotaryEmbedding(nn.Module):
         inv_freq = _inv_freq(head_dim, base, scaling).to(torch.get_default_device())
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos_cache", emb.cos().to(dtype), persistent=False)
-        self.register_buffer("sin_cache", emb.sin().to(dtype), persistent=False)
+        scale = attention_factor(scaling)
+        self.register_buffer("cos_cache", (emb.cos() * scale).to(dtype), persistent=False)
+        self.register_buffer("sin_cache", (emb.sin() * scale).to(dtype), persistent=False)
         self._positions: torch.Tensor | None = None
         self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
 

@@ -9,7 +9,8 @@ import torch
 from pagedserve import LLM, SamplingParams
 from tests.helpers import TEST_DEVICE, hf_greedy, random_prompts
 
-ARCHS = ["llama", "llama3_tied", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen3_moe", "qwen2_moe"]
+ARCHS = ["llama", "llama3_tied", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen3_moe", "qwen2_moe",
+         "qwen2_yarn"]
 NEW_TOKENS = 24
 
 
@@ -150,3 +151,20 @@ def test_single_prefills_keep_parity(tiny_checkpoints, references):
         # every prompt's prefill, the second time only its uncached tail
         assert replays[:len(prompts)] == [len(p) for p in prompts]
         assert replays[len(prompts):] == [len(p) - (len(p) - 1) // 4 * 4 for p in prompts]
+
+
+def test_yarn_through_hf_overrides(tiny_checkpoints, references, tmp_path):
+    """vLLM's hf_overrides turns YaRN on for a checkpoint saved without it (Qwen2.5's long-context
+    recipe): the plain Qwen2 checkpoint with the override gives the YaRN checkpoint's greedy ids
+    (same weights: both written from seed 0); a bad override is refused naming it."""
+    from pagedserve.errors import ValidationError
+    from tests.helpers import write_tiny_checkpoint
+    prompts, expected = references["qwen2_yarn"]
+    assert write_tiny_checkpoint(str(tmp_path / "plain"), "qwen2")
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    llm = _llm(str(tmp_path / "plain"), skip_tokenizer_init=True, hf_overrides={"rope_scaling": yarn})
+    assert _generate(llm, prompts) == expected
+    llm.shutdown()
+    with pytest.raises(ValidationError) as error:
+        _llm(str(tmp_path / "plain"), skip_tokenizer_init=True, hf_overrides="{not json")
+    assert error.value.param == "hf_overrides"

@@ -29,7 +29,8 @@ NON_DEFAULTS = {"model": "some/model", "tokenizer": "some/tokenizer", "dtype": "
                 "allow_long_max_model_len": True, "pipeline_parallel_size": 2,
                 "distributed_executor_backend": "ray", "swap_space": 2.5, "kv_offloading_size": 8.0,
                 "preemption_mode": "recompute", "quantization": "fp8", "runner": "generate", "task": "generate",
-                "enable_lora": True, "max_loras": 3, "max_lora_rank": 64, "max_cpu_loras": 4}
+                "enable_lora": True, "max_loras": 3, "max_lora_rank": 64, "max_cpu_loras": 4,
+                "hf_overrides": '{"rope_scaling": {"rope_type": "yarn"}}'}
 
 
 def _options(parser: argparse.ArgumentParser) -> set[str]:
