@@ -11,14 +11,14 @@ from tqdm.auto import tqdm
 from pagedserve.engine_args import EngineArgs
 from pagedserve.errors import ValidationError
 from pagedserve.frontend.beam_search import BeamSearch, BeamSearchOutput, step_logprobs
-from pagedserve.frontend.embedding_engine import EmbeddingEngine, score_pairs, use_pooling
+from pagedserve.frontend.embedding_engine import EmbeddingEngine, class_probs, score_pairs, use_pooling
 from pagedserve.lora_request import LoRARequest
 from pagedserve.frontend.gc_policy import hot_loop_collector
 from pagedserve.frontend.input_processor import PromptType
 from pagedserve.frontend.llm_engine import LLMEngine
 from pagedserve.logger import configure_default_logging
-from pagedserve.outputs import (EmbeddingOutput, EmbeddingRequestOutput, RequestOutput, ScoringOutput,
-                                ScoringRequestOutput)
+from pagedserve.outputs import (ClassificationOutput, ClassificationRequestOutput, EmbeddingOutput,
+                                EmbeddingRequestOutput, RequestOutput, ScoringOutput, ScoringRequestOutput)
 from pagedserve.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,8 @@ class LLM:
         if not isinstance(self.engine, EmbeddingEngine) or self.engine.is_classifier:
             raise ValidationError("LLM.embed needs an embedding model (a sentence-transformers BertModel folder, or a "
                                   "decoder with runner=\"pooling\"); this one "
-                                  + ("scores pairs: use LLM.score" if isinstance(self.engine, EmbeddingEngine)
+                                  + ("is a sequence classifier: use LLM.classify (LLM.score with one label)"
+                                     if isinstance(self.engine, EmbeddingEngine)
                                      else "generates text"), "model")
         prompts = _as_prompt_list(prompts)
         ids = [self.engine.process_prompt(p, truncate_prompt_tokens) for p in prompts]
@@ -101,6 +102,21 @@ class LLM:
         first = self._request_counter
         self._request_counter += len(pairs)
         return [ScoringRequestOutput(str(first + i), ScoringOutput(score)) for i, score in enumerate(scores)]
+
+    def classify(self, prompts: PromptType | Sequence[PromptType], truncate_prompt_tokens: int | None = None,
+                 use_tqdm: bool = False) -> list[ClassificationRequestOutput]:
+        """vLLM's LLM.classify, for a sequence classifier (Bert / RoBERTa / XLM-R
+        ForSequenceClassification): each prompt's class probabilities (softmax; one label: sigmoid)."""
+        if not isinstance(self.engine, EmbeddingEngine) or not self.engine.is_classifier:
+            raise ValidationError("LLM.classify needs a sequence classifier (a *ForSequenceClassification folder)",
+                                  "model")
+        prompts = _as_prompt_list(prompts)
+        ids = [self.engine.process_prompt(p, truncate_prompt_tokens) for p in prompts]
+        logits = self.engine.embed_ids(ids)
+        first = self._request_counter
+        self._request_counter += len(prompts)
+        return [ClassificationRequestOutput(str(first + i), ClassificationOutput(class_probs(row)), prompt_ids)
+                for i, (prompt_ids, row) in enumerate(zip(ids, logits))]
 
     def _generative(self) -> LLMEngine:
         if isinstance(self.engine, EmbeddingEngine):

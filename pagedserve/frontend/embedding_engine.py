@@ -126,7 +126,8 @@ class EmbeddingEngine:
                                                pooling, self.max_num_batched_tokens, self.max_num_seqs, self.device,
                                                args.seed)
         self.dimensions = self.runner.dimensions
-        self.is_classifier = self.runner.is_classifier   # a cross-encoder: pairs in, relevance out
+        self.is_classifier = self.runner.is_classifier   # a sequence classifier: /classify; one label: a cross-encoder
+        self.labels: list[str] = getattr(self.runner, "labels", [])
 
     def process_prompt(self, prompt: Any, truncate_prompt_tokens: int | None = None, add_special_tokens: bool = True,
                        param: str = "prompt", truncate_hint: str = "truncate_prompt_tokens") -> list[int]:
@@ -206,11 +207,18 @@ class EmbeddingEngine:
                 vectors[index] = vector
         return vectors   # type: ignore[return-value]
 
+    def check_cross_encoder(self) -> None:
+        """Scores need one relevance logit (a classifier of more labels classifies: /classify)."""
+        if self.is_classifier and len(self.labels) != 1:
+            raise ValidationError(f"this model classifies into {len(self.labels)} labels: scores need a cross-encoder "
+                                  "(one label); use classify", "model")
+
     def score(self, pairs: list[tuple[Any, Any]], truncate_prompt_tokens: int | None = None
               ) -> tuple[list[float], int]:
         """vLLM's scores of (text_1, text_2) pairs and the tokens they took: a cross-encoder's
         relevance (the sigmoid of its logit, as sentence-transformers' CrossEncoder), an embedding
         model's cosine similarity of the two texts' vectors."""
+        self.check_cross_encoder()
         if self.is_classifier:
             encoded = [self.process_pair(a, b, truncate_prompt_tokens) for a, b in pairs]
             logits = self.embed_ids([ids for ids, _ in encoded], [types for _, types in encoded])
@@ -397,3 +405,14 @@ def score_pairs(text_1: Any, text_2: Any, names: tuple[str, str] = ("text_1", "t
         raise ValidationError(f"{names[0]} has {len(first)} texts and {names[1]} {len(second)}: give one "
                               f"{names[0]}, or as many as {names[1]}", names[1])
     return list(zip(first, second))
+
+
+def class_probs(logits: list[float]) -> list[float]:
+    """A classifier's probabilities, as vLLM's classify gives them: the softmax of its logits, or
+    the sigmoid of a single one."""
+    if len(logits) == 1:
+        return [relevance(logits[0])]
+    top = max(logits)
+    exps = [math.exp(x - top) for x in logits]
+    total = sum(exps)
+    return [e / total for e in exps]

@@ -115,7 +115,8 @@ def _add_openai_routes(app: FastAPI, ctx: ServerContext, admission: AdmissionLim
                                               "an embedding model or a cross-encoder (a decoder serves embeddings "
                                               "under --runner pooling)", "model"))
 
-    for path in ("/v1/embeddings", "/score", "/v1/score", "/v1/rerank", "/v2/rerank", "/rerank"):
+    for path in ("/v1/embeddings", "/score", "/v1/score", "/v1/rerank", "/v2/rerank", "/rerank", "/classify",
+                 "/predict"):
         app.add_api_route(path, embeddings, methods=["POST"])
 
     @app.get("/v1/models")

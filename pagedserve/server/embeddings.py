@@ -33,7 +33,8 @@ from pagedserve.server.middleware import APIKeyMiddleware, BodySizeLimitMiddlewa
 from pagedserve.server.openai_models import models_response
 from pagedserve.server.openai_protocol import _Strict
 from pagedserve.server.request_body import parse_body, read_json
-from pagedserve.server.score import (RerankRequest, ScoreRequest, TEIRerankRequest, create_rerank, create_score,
+from pagedserve.server.score import (ClassifyRequest, PredictRequest, RerankRequest, ScoreRequest, TEIRerankRequest,
+                                     create_classification, create_rerank, create_score, create_tei_prediction,
                                      create_tei_rerank, rerank_body)
 
 MAX_EMBEDDING_INPUTS = 2048   # OpenAI's cap on `input` entries
@@ -126,8 +127,8 @@ def _base64(vector: list[float]) -> str:
 
 def _not_cross_encoder(ctx: ServerContext) -> None:
     if ctx.engine.engine.is_classifier:
-        raise ValidationError(f"the model {ctx.model_name!r} is a cross-encoder: it scores pairs (/score, /rerank) "
-                              "and has no embeddings", "model")
+        raise ValidationError(f"the model {ctx.model_name!r} is a sequence classifier: it serves /classify (and with "
+                              "one label /score and /rerank) and has no embeddings", "model")
 
 
 async def create_tei_embedding(ctx: ServerContext, request: EmbedRequest, metrics: EmbeddingMetrics) -> Response:
@@ -189,6 +190,10 @@ def build_embedding_app(engine: AsyncEmbeddingEngine, settings: ServerSettings) 
     for path in ("/v1/rerank", "/v2/rerank"):
         add_admitted_route(app, path, RerankRequest, admission, lambda body: len(body.pairs()),
                            lambda body, _: create_rerank(ctx, body))
+    add_admitted_route(app, "/classify", ClassifyRequest, admission, lambda body: len(body.inputs()),
+                       lambda body, _: create_classification(ctx, body))
+    add_admitted_route(app, "/predict", PredictRequest, admission, lambda body: len(body.inputs_list()),
+                       lambda body, _: create_tei_prediction(ctx, body), API.TGI)
 
     @app.post("/rerank")   # Jina's / Cohere's body, or TEI's (it holds `texts`): answered in its own API's
     async def rerank(request: Request) -> Response:

@@ -1,10 +1,13 @@
-"""Scoring routes of an embedding model's server (embeddings.py's app), as vLLM and TEI serve them:
+"""Scoring and classification routes of an embedding model's server (embeddings.py's app), as vLLM
+and TEI serve them:
 
     POST /score, /v1/score     vLLM's: text_1 (a text, or a list) against text_2 -> data[i].score
     POST /rerank, /v1/rerank,  Jina / Cohere's (vLLM's): query and documents -> results sorted by
          /v2/rerank            relevance_score, best first, top_n of them
     POST /rerank with "texts"  text-embeddings-inference's: [{"index", "score", "text"?}], best first;
                                raw_scores gives a cross-encoder's logits; errors in TGI's body
+    POST /classify             vLLM's: each input's class probabilities (data[i].probs, label)
+    POST /predict              TEI's: [{"score", "label"}] best first (a list of those for a list)
 
 A cross-encoder (BertForSequenceClassification) scores a pair by the sigmoid of its logit; an
 embedding model by the cosine similarity of the two texts' vectors (TEI's /rerank needs a
@@ -18,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
 from pagedserve.errors import ValidationError
-from pagedserve.frontend.embedding_engine import AsyncEmbeddingEngine, cosine, relevance, score_pairs
+from pagedserve.frontend.embedding_engine import AsyncEmbeddingEngine, class_probs, cosine, relevance, score_pairs
 from pagedserve.server.context import ServerContext, new_request_id
 from pagedserve.server.openai_protocol import _Strict
 
@@ -88,6 +91,7 @@ async def score(ctx: ServerContext, pairs: list[tuple[Any, Any]], truncate: int 
     run through the engine's batches."""
     engine: AsyncEmbeddingEngine = ctx.engine   # type: ignore[assignment]
     model = engine.engine
+    model.check_cross_encoder()
     if model.is_classifier:
         encoded = await engine.process(lambda: [model.process_pair(a, b, truncate, param) for a, b in pairs])
         logits = [row[0] for row in await engine.embed([ids for ids, _ in encoded], None,
@@ -122,7 +126,7 @@ async def create_rerank(ctx: ServerContext, request: RerankRequest) -> Response:
 
 
 async def create_tei_rerank(ctx: ServerContext, request: TEIRerankRequest) -> Response:
-    if not ctx.engine.engine.is_classifier:
+    if not ctx.engine.engine.is_classifier or len(ctx.engine.engine.labels) != 1:
         raise ValidationError("model is not a re-ranker model", "model")
     scores, logits, _ = await score(ctx, request.pairs(), -1 if request.truncate else None, "texts")
     values = logits if request.raw_scores else scores
@@ -134,3 +138,78 @@ async def create_tei_rerank(ctx: ServerContext, request: TEIRerankRequest) -> Re
 def _no_priority(priority: int) -> None:
     if priority != 0:
         raise ValidationError("priority is not supported for scores (no scheduling policy here)", "priority")
+
+
+class ClassifyRequest(_Strict):
+    """vLLM's /classify body."""
+
+    input: Union[str, list[str]]
+    model: str | None = None
+    truncate_prompt_tokens: int | None = None
+    request_id: str | None = None
+    priority: int = Field(default=0)
+
+    def inputs(self) -> list[str]:
+        return _texts(self.input, "input")
+
+
+class PredictRequest(_Strict):
+    """text-embeddings-inference's POST /predict (one text, or a list of them)."""
+
+    inputs: Union[str, list[str]]
+    raw_scores: bool = False
+    truncate: bool = False
+    truncation_direction: str = "right"
+
+    def inputs_list(self) -> list[str]:
+        if self.truncation_direction.lower() != "right":
+            raise ValidationError("truncation_direction left is not supported", "truncation_direction")
+        return _texts(self.inputs, "inputs")
+
+
+def _texts(value: str | list[str], name: str) -> list[str]:
+    texts = [value] if isinstance(value, str) else list(value)
+    if not texts:
+        raise ValidationError(f"{name} must not be empty", name)
+    if len(texts) > MAX_SCORE_PAIRS:
+        raise ValidationError(f"{name} supports up to {MAX_SCORE_PAIRS} texts; given {len(texts)}", name)
+    return texts
+
+
+async def classify(ctx: ServerContext, texts: list[str], truncate: int | None, param: str
+                   ) -> tuple[list[list[float]], int]:
+    """(each text's logits, tokens), tokenized in the pool, run through the engine's batches."""
+    engine: AsyncEmbeddingEngine = ctx.engine   # type: ignore[assignment]
+    model = engine.engine
+    if not model.is_classifier:
+        raise ValidationError(f"the model {ctx.model_name!r} is not a sequence classifier: /classify needs one", "model")
+    id_lists = await engine.process(lambda: [model.process_prompt(t, truncate, param=param) for t in texts])
+    return await engine.embed(id_lists), sum(len(ids) for ids in id_lists)
+
+
+async def create_classification(ctx: ServerContext, request: ClassifyRequest) -> Response:
+    ctx.check_model(request.model)
+    _no_priority(request.priority)
+    logits, tokens = await classify(ctx, request.inputs(), request.truncate_prompt_tokens, "input")
+    labels = ctx.engine.engine.labels
+    data = []
+    for i, row in enumerate(logits):
+        probs = class_probs(row)
+        data.append({"index": i, "label": labels[max(range(len(probs)), key=probs.__getitem__)], "probs": probs,
+                     "num_classes": len(probs)})
+    response_id, _ = new_request_id("classify", request.request_id)
+    return JSONResponse({"id": response_id, "object": "list", "created": int(time.time()), "model": ctx.model_name,
+                         "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens,
+                                                 "completion_tokens": 0}})
+
+
+async def create_tei_prediction(ctx: ServerContext, request: PredictRequest) -> Response:
+    texts = request.inputs_list()
+    logits, _ = await classify(ctx, texts, -1 if request.truncate else None, "inputs")
+    labels = ctx.engine.engine.labels
+    answers = []
+    for row in logits:
+        values = row if request.raw_scores else class_probs(row)
+        answers.append([{"score": values[i], "label": labels[i]}
+                        for i in sorted(range(len(values)), key=lambda i: -values[i])])
+    return JSONResponse(answers[0] if isinstance(request.inputs, str) else answers)

@@ -51,17 +51,17 @@ class PoolingRunner:
         self.pad_id = int(getattr(hf_config, "pad_token_id", 0) or 0)
         # a cross-encoder: pairs in (with token types), a relevance logit out (score.py routes)
         self.is_classifier = bool(set(getattr(hf_config, "architectures", None) or ()) & set(CLASSIFIER_ARCHITECTURES))
-        if self.is_classifier and hf_config.num_labels != 1:
-            raise ModelLoadError("a sequence classifier with more than one label is not supported (cross-encoders "
-                                 "with one relevance logit are)")
         model = (BertForSequenceClassification if self.is_classifier else BertModel)(hf_config)
         model.load_checkpoint(_checkpoint_tensors(directory))
         self.model = model.to(device=device, dtype=dtype).eval()
-        self.dimensions = 1 if self.is_classifier else hf_config.hidden_size
+        self.dimensions = hf_config.num_labels if self.is_classifier else hf_config.hidden_size
+        # a classifier's labels by index (id2label), "LABEL_i" where the config names none
+        self.labels = [str((getattr(hf_config, "id2label", None) or {}).get(str(i), f"LABEL_{i}"))
+                       for i in range(self.dimensions)] if self.is_classifier else []
         # one segment type (RoBERTa / XLM-R): a pair's second text has no type of its own
         self.token_types = int(getattr(hf_config, "type_vocab_size", 2)) > 1
-        logger.info("%s loaded in %.1f s (%s)", "cross-encoder" if self.is_classifier else "embedding model",
-                    time.monotonic() - start, "one relevance logit a pair" if self.is_classifier else
+        logger.info("%s loaded in %.1f s (%s)", "sequence classifier" if self.is_classifier else "embedding model",
+                    time.monotonic() - start, f"{self.dimensions} labels" if self.is_classifier else
                     f"{pooling.method} pooling{', normalized' if pooling.normalize else ''}, {self.dimensions} "
                     "dimensions")
 

@@ -21,11 +21,15 @@ QUERY = "What is the capital of France?"
 DOCS = ["Paris is the capital of France.", "Bananas are yellow.", "France's capital city is Paris, on the Seine."]
 
 
-def write_cross_encoder(path: str, seed: int = 0, xlm_roberta: bool = False) -> str:
-    """A tiny random cross-encoder (BERT's, or XLM-R's: bge-reranker's architecture) with MiniLM's tokenizer."""
+def write_cross_encoder(path: str, seed: int = 0, xlm_roberta: bool = False, labels: list[str] | None = None) -> str:
+    """A tiny random cross-encoder (BERT's, or XLM-R's: bge-reranker's architecture) with MiniLM's
+    tokenizer; with `labels`, a sequence classifier of those classes."""
     torch.manual_seed(seed)
     sizes = dict(vocab_size=30522, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_labels=1, initializer_range=0.3)
+    if labels:
+        sizes.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                     label2id={label: i for i, label in enumerate(labels)})
     if xlm_roberta:   # positions count from pad_token_id + 1 (so max_position_embeddings is 2 more)
         XLMRobertaForSequenceClassification(XLMRobertaConfig(
             **sizes, max_position_embeddings=130, type_vocab_size=1, pad_token_id=1,
@@ -122,3 +126,25 @@ def test_xlm_roberta_cross_encoder_matches_transformers(tmp_path) -> None:
         llm.shutdown()
     want = _hf_scores(path, [(QUERY, d) for d in DOCS])
     assert max(abs(a - b) for a, b in zip(got, want)) < 1e-5 and len(set(round(g, 4) for g in got)) == 3
+
+
+def test_classifier_probs_match_transformers(tmp_path) -> None:
+    """vLLM's LLM.classify: a three-label classifier's softmax, as transformers'; its label names;
+    scores (one relevance logit) are refused for it, naming model."""
+    labels = ["negative", "neutral", "positive"]
+    path = write_cross_encoder(str(tmp_path / "cls"), seed=5, labels=labels)
+    llm = LLM(model=path, dtype="float32")
+    try:
+        got = llm.classify(DOCS)
+        assert llm.engine.labels == labels
+        with pytest.raises(ValidationError) as error:
+            llm.score(QUERY, DOCS)
+        assert error.value.param == "model" and "classify" in str(error.value)
+    finally:
+        llm.shutdown()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    for output, text in zip(got, DOCS):
+        with torch.no_grad():
+            want = torch.softmax(model(**tokenizer(text, return_tensors="pt")).logits[0], -1)
+        assert output.outputs.num_classes == 3 and (torch.tensor(output.outputs.probs) - want).abs().max() < 1e-5

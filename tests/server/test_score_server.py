@@ -96,6 +96,31 @@ def test_bad_input_names_the_field_while_good_requests_run(score_server, referen
 
 
 def test_a_text_generation_server_refuses_scores(server) -> None:
-    for path in ("/v1/score", "/rerank", "/v2/rerank"):
+    for path in ("/v1/score", "/rerank", "/v2/rerank", "/classify"):
         response = requests.post(f"{server.base_url}{path}", json={"text_1": "a", "text_2": "b"}, timeout=30)
         assert response.status_code == 400 and response.json()["error"]["param"] == "model", path
+
+
+def test_classify_and_tei_predict(tmp_path_factory) -> None:
+    """vLLM's /classify and TEI's /predict on a three-label classifier: the offline probabilities,
+    the best label first in TEI's answer; score routes refuse it naming model."""
+    labels = ["negative", "neutral", "positive"]
+    folder = write_cross_encoder(str(tmp_path_factory.mktemp("classifier") / "model"), seed=5, labels=labels)
+    llm = LLM(model=folder, dtype="float32")
+    try:
+        reference = [o.outputs.probs for o in llm.classify(DOCS)]
+    finally:
+        llm.shutdown()
+    for proc in serving(tmp_path_factory, "classify_server", folder, "--dtype", "float32"):
+        body = requests.post(f"{proc.base_url}/classify", json={"input": DOCS}, timeout=60).json()
+        assert [d["num_classes"] for d in body["data"]] == [3, 3, 3]
+        assert all(_close(d["probs"], ref) for d, ref in zip(body["data"], reference))
+        assert [d["label"] for d in body["data"]] == [labels[max(range(3), key=ref.__getitem__)] for ref in reference]
+        one = requests.post(f"{proc.base_url}/predict", json={"inputs": DOCS[0]}, timeout=60).json()
+        assert [p["label"] for p in one] == sorted(labels, key=lambda label: -reference[0][labels.index(label)])
+        assert _close([p["score"] for p in one], sorted(reference[0], reverse=True))
+        assert len(requests.post(f"{proc.base_url}/predict", json={"inputs": DOCS}, timeout=60).json()) == 3
+        refused = requests.post(f"{proc.base_url}/v1/score", json={"text_1": QUERY, "text_2": DOCS}, timeout=60)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "model"
+        empty = requests.post(f"{proc.base_url}/classify", json={"input": []}, timeout=60)
+        assert empty.status_code == 400 and empty.json()["error"]["param"] == "input"
