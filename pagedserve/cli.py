@@ -10,6 +10,7 @@ from pagedserve.bench.cli import add_bench_arguments, run_bench
 from pagedserve.errors import PagedServeError
 from pagedserve.logger import configure_default_logging
 from pagedserve.server.engine_flags import add_engine_arguments, engine_kwargs
+from pagedserve.server.run_batch import add_run_batch_arguments, run_batch
 from pagedserve.server.serve import add_serve_arguments, run_server
 
 
@@ -49,6 +50,8 @@ COMMANDS: dict[str, Command] = {
     "serve": Command("serve a model over an OpenAI-compatible HTTP API", add_serve_arguments, run_server),
     "generate": Command("complete one prompt offline and print the text", _add_generate_arguments, _run_generate),
     "bench": Command("benchmark throughput, latency or a running server", add_bench_arguments, run_bench),
+    "run-batch": Command("run an OpenAI batch file (JSONL) offline, as vLLM's run-batch", add_run_batch_arguments,
+                         run_batch),
 }
 
 
