@@ -38,6 +38,7 @@ from pagedserve.server.openai_models import models_response, tokenizer_info_resp
 from pagedserve.server.openapi_docs import document_openapi
 from pagedserve.server.openai_protocol import ChatCompletionRequest, CompletionRequest
 from pagedserve.server.lora_routes import add_lora_routes, runtime_updates_allowed
+from pagedserve.server.openai_responses import ResponsesRequest, create_response
 from pagedserve.server.request_body import parse_body, read_json
 from pagedserve.server.tgi_routes import tgi_router
 from pagedserve.server.tgi_protocol import GenerateRequest
@@ -109,6 +110,8 @@ def _add_openai_routes(app: FastAPI, ctx: ServerContext, admission: AdmissionLim
                        lambda body, request: create_completion(ctx, body, request))
     add_admitted_route(app, "/v1/chat/completions", ChatCompletionRequest, admission, lambda body: 1,
                        lambda body, request: create_chat_completion(ctx, body, request))
+    add_admitted_route(app, "/v1/responses", ResponsesRequest, admission, lambda body: 1,
+                       lambda body, request: create_response(ctx, body, request))
 
     async def embeddings(request: Request) -> Response:   # served by an embedding model's app (embeddings.py)
         return error_response(ValidationError(f"the model {ctx.model_name!r} generates text: {request.url.path} needs "

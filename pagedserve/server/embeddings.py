@@ -38,7 +38,7 @@ from pagedserve.server.score import (ClassifyRequest, PredictRequest, RerankRequ
                                      create_tei_rerank, rerank_body)
 
 MAX_EMBEDDING_INPUTS = 2048   # OpenAI's cap on `input` entries
-GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions", "/generate", "/generate_stream", "/")
+GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/generate", "/generate_stream", "/")
 
 
 class EmbeddingRequest(_Strict):

@@ -1,0 +1,202 @@
+"""POST /v1/responses: OpenAI's Responses API (as vLLM serves it) over the chat route's machinery.
+`instructions` (a system message) and `input` (a text, or a list of role / content messages) are
+rendered by the chat template; `max_output_tokens`, `temperature`, `top_p`, `seed`, and
+`text.format` json_schema / json_object (structured outputs) map to the chat request's fields.
+The answer is one `message` output item with one `output_text` part; a stream sends OpenAI's
+events (response.created ... response.output_text.delta ... response.completed), each with its
+sequence_number. Nothing is stored: `previous_response_id`, `background` and tools are refused
+naming the field."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator, Literal, Union
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import Field
+
+from pagedserve.errors import ValidationError
+from pagedserve.frontend.output_processor import OutputKind
+from pagedserve.outputs import RequestOutput
+from pagedserve.server import structured
+from pagedserve.server.context import ServerContext, new_request_id
+from pagedserve.server.errors import error_payload
+from pagedserve.server.openai_common import truncate_prompts
+from pagedserve.server.openai_protocol import ChatCompletionRequest, _Strict
+from pagedserve.server.request_body import parse_body
+from pagedserve.server.streaming import (SSEResponse, add_prompts, close_all, final_outputs, merge_streams,
+                                         unless_disconnected)
+
+
+class InputText(_Strict):
+    type: Literal["input_text", "output_text", "text"]
+    text: str
+    annotations: list[Any] | None = None
+
+
+class InputMessage(_Strict):
+    type: Literal["message"] | None = None
+    role: Literal["user", "system", "developer", "assistant"]
+    content: Union[str, list[InputText]]
+    id: str | None = None
+    status: str | None = None
+
+    def as_chat(self) -> dict[str, Any]:
+        text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class ResponsesRequest(_Strict):
+    input: Union[str, list[InputMessage]]
+    model: str | None = None
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None                      # vLLM's extra
+    stream: bool = False
+    store: bool | None = None                    # accepted: nothing is stored either way
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    text: dict[str, Any] | None = None           # {"format": {"type": "text" | "json_object" | "json_schema", ...}}
+    tool_choice: Literal["none", "auto"] | None = None
+    tools: list[Any] | None = None
+    parallel_tool_calls: bool | None = None
+    truncation: Literal["disabled"] | None = None
+    service_tier: str | None = None
+    previous_response_id: None = None
+    background: Literal[False] | None = None
+    include: list[str] | None = None
+    request_id: str | None = None
+    priority: int = 0
+
+    def check_supported(self) -> None:
+        if self.tools:
+            raise ValidationError("tools are not supported on /v1/responses (use /v1/chat/completions)", "tools")
+        if self.include:
+            raise ValidationError(f"include {self.include} is not supported", "include")
+        if isinstance(self.input, list) and not self.input:
+            raise ValidationError("input must not be empty", "input")
+
+    def chat_request(self) -> ChatCompletionRequest:
+        """The chat request this one is (its checks and sampling parameters are the chat route's)."""
+        messages = [{"role": "system", "content": self.instructions}] if self.instructions else []
+        messages += [{"role": "user", "content": self.input}] if isinstance(self.input, str) \
+            else [m.as_chat() for m in self.input]
+        body: dict[str, Any] = {"messages": messages, "priority": self.priority}
+        for ours, theirs in (("max_output_tokens", "max_tokens"), ("temperature", "temperature"),
+                             ("top_p", "top_p"), ("seed", "seed")):
+            if getattr(self, ours) is not None:
+                body[theirs] = getattr(self, ours)
+        fmt = (self.text or {}).get("format") or {"type": "text"}
+        if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+            raise ValidationError("text.format must be {\"type\": \"text\" | \"json_object\" | \"json_schema\"}",
+                                  "text.format")
+        if fmt["type"] == "json_object":
+            body["response_format"] = {"type": "json_object"}
+        elif fmt["type"] == "json_schema":
+            body["response_format"] = {"type": "json_schema", "json_schema": {
+                key: fmt[key] for key in ("name", "schema", "strict", "description") if key in fmt}}
+        try:   # the chat route's checks, their errors named by this request's fields
+            return parse_body(ChatCompletionRequest, body)
+        except ValidationError as exc:
+            param = exc.param or ""
+            ours = {"max_tokens": "max_output_tokens", "messages": "input"}.get(param.split(".")[0], param)
+            if param.startswith("response_format"):
+                ours = "text.format"
+            raise ValidationError(exc.message.replace(param, ours) if param else exc.message, ours or None) from None
+
+
+async def create_response(ctx: ServerContext, request: ResponsesRequest, raw_request: Request) -> Response:
+    lora = ctx.check_model(request.model)
+    chat = request.chat_request()
+    params = chat.to_sampling_params()
+    prompt = await ctx.engine.render_chat_async([m.as_template_message(i) for i, m in enumerate(chat.messages)],
+                                                ctx.settings.chat_template)
+    [prompt] = await truncate_prompts(ctx, [prompt], None, chat.add_special_tokens)
+    response_id, engine_id = new_request_id("resp", request.request_id)
+    kind = OutputKind.DELTA if request.stream else OutputKind.FINAL_ONLY
+    with structured.naming(chat.structured_constraint()):
+        streams = await add_prompts(ctx.engine, engine_id, [chat.engine_prompt(prompt)], params, kind,
+                                    chat.add_special_tokens, chat.priority, lora)
+    builder = _ResponseBuilder(ctx, request, response_id)
+    if request.stream:
+        return SSEResponse(builder.stream(streams))
+    try:
+        [final] = await unless_disconnected(final_outputs(streams), raw_request)
+    finally:
+        close_all(streams)
+    completion = final.outputs[0]
+    return JSONResponse(builder.body(completion.text, len(final.prompt_token_ids), len(completion.token_ids),
+                                     completion.finish_reason))
+
+
+class _ResponseBuilder:
+    def __init__(self, ctx: ServerContext, request: ResponsesRequest, response_id: str) -> None:
+        self.ctx, self.request, self.id = ctx, request, response_id
+        self.created = int(time.time())
+        self.item_id = f"msg_{uuid.uuid4().hex}"
+        self.sequence = 0
+
+    def body(self, text: str | None, prompt_tokens: int, output_tokens: int, finish_reason: str | None,
+             status: str | None = None) -> dict[str, Any]:
+        """The Response object; `text` None: in progress (no output yet)."""
+        if status is None:
+            status = "completed" if finish_reason != "length" else "incomplete"
+        request = self.request
+        output = [] if text is None else [self.item("completed", text)]
+        return {"id": self.id, "object": "response", "created_at": self.created, "status": status,
+                "model": self.ctx.response_model(request.model), "output": output,
+                "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+                "error": None, "instructions": request.instructions, "max_output_tokens": request.max_output_tokens,
+                "temperature": request.temperature, "top_p": request.top_p, "metadata": request.metadata or {},
+                "parallel_tool_calls": bool(request.parallel_tool_calls), "tool_choice": request.tool_choice or "none",
+                "tools": [], "text": request.text or {"format": {"type": "text"}}, "truncation": "disabled",
+                "previous_response_id": None, "reasoning": None, "store": False, "user": request.user,
+                "usage": None if text is None else {
+                    "input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+                    "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                    "total_tokens": prompt_tokens + output_tokens}}
+
+    def item(self, status: str, text: str | None) -> dict[str, Any]:
+        content = [] if text is None else [self.part(text)]
+        return {"id": self.item_id, "type": "message", "status": status, "role": "assistant", "content": content}
+
+    @staticmethod
+    def part(text: str) -> dict[str, Any]:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+    def event(self, kind: str, **fields: Any) -> str:
+        payload = {"type": kind, "sequence_number": self.sequence, **fields}
+        self.sequence += 1
+        return f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+    async def stream(self, streams: list) -> AsyncIterator[str]:
+        where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
+        text, prompt_tokens, output_tokens, finish_reason = "", 0, 0, None
+        try:
+            yield self.event("response.created", response=self.body(None, 0, 0, None, "in_progress"))
+            yield self.event("response.in_progress", response=self.body(None, 0, 0, None, "in_progress"))
+            yield self.event("response.output_item.added", output_index=0, item=self.item("in_progress", None))
+            yield self.event("response.content_part.added", **where, part=self.part(""))
+            async for _, output in merge_streams(streams):
+                output: RequestOutput
+                completion = output.outputs[0]
+                prompt_tokens = len(output.prompt_token_ids)
+                output_tokens += len(completion.token_ids)
+                finish_reason = completion.finish_reason or finish_reason
+                if completion.text:
+                    text += completion.text
+                    yield self.event("response.output_text.delta", **where, delta=completion.text, logprobs=[])
+            yield self.event("response.output_text.done", **where, text=text, logprobs=[])
+            yield self.event("response.content_part.done", **where, part=self.part(text))
+            yield self.event("response.output_item.done", output_index=0, item=self.item("completed", text))
+            final = self.body(text, prompt_tokens, output_tokens, finish_reason)
+            yield self.event("response.completed" if final["status"] == "completed" else "response.incomplete",
+                             response=final)
+        except Exception as exc:
+            yield self.event("error", **error_payload(exc)["error"])
+        finally:
+            close_all(streams)
