@@ -144,7 +144,9 @@ class EngineCore:
                            scheduler.stats.num_batched_tokens, kv.host_usage(), kv.stats.blocks_swapped_out,
                            kv.stats.blocks_swapped_in, kv.stats.host_hits, self._num_prompt_tokens,
                            self._num_generation_tokens,
-                           log.take(scheduler, usage) if log is not None and log.requested else None)
+                           log.take(scheduler, usage) if log is not None and log.requested else None,
+                           *(_adapters(scheduler.running), _adapters(scheduler.waiting))
+                           if scheduler.lora_slots is not None else ())
 
     def request_snapshot(self) -> None:
         """The next stats (a step's, or stats()) carry an EngineSnapshot; steps are logged for
@@ -391,3 +393,8 @@ class EngineCore:
     def shutdown(self) -> None:
         self.scheduler.grammars.shutdown()
         self.executor.shutdown()
+
+
+def _adapters(requests) -> tuple[str, ...]:
+    """The LoRA adapters' names of these requests, each once, sorted."""
+    return tuple(sorted({r.lora_request.lora_name for r in requests if r.lora_request is not None}))

@@ -49,6 +49,9 @@ class EngineStats:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     snapshot: EngineSnapshot | None = None   # only when requested (EngineCore.request_snapshot)
+    # LoRA (enable_lora): the adapters of the running and of the waiting requests, by name
+    running_loras: tuple[str, ...] = ()
+    waiting_loras: tuple[str, ...] = ()
 
 
 class RequestEventType(enum.Enum):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import threading
+import time
 from typing import Any, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -112,6 +113,14 @@ class _EngineStateCollector(Collector):
             counter = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
             counter.add_metric(labels, value)
             yield counter
+        config = getattr(getattr(self.engine, "engine", None), "config", None)
+        lora = getattr(getattr(config, "scheduler", None), "lora", None)
+        if lora is not None:   # vLLM's: the adapters in use now, as labels; the value is the time of the sample
+            info = GaugeMetricFamily(PREFIX + "lora_requests_info", "Running stats on lora requests.",
+                                     labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
+            info.add_metric([",".join(stats.running_loras), ",".join(stats.waiting_loras), str(lora.max_loras)],
+                            time.time())
+            yield info
 
 
 class ServerMetrics:

@@ -140,3 +140,26 @@ def test_tensor_and_pipeline_parallel(adapters, split) -> None:
         _check(llm, prompts, loras, references)
     finally:
         llm.shutdown()
+
+
+def test_engine_stats_name_the_adapters_in_use(adapters) -> None:
+    """vLLM's lora_requests_info comes from these: waiting adapters, then running ones (one slot:
+    the second adapter waits while the first runs)."""
+    base, made = adapters
+    llm = LLM(model=base, enable_lora=True, max_loras=1, skip_tokenizer_init=True, device="cpu", dtype="float32",
+              num_kv_blocks=64)
+    try:
+        engine = llm.engine
+        for i, name in enumerate(("qv", "all", "qv")):
+            engine.add_request(str(i), {"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=4),
+                               lora_request=made[name][0])
+        stats = engine.core.stats()
+        assert (stats.running_loras, stats.waiting_loras) == ((), ("all", "qv"))
+        engine.step()
+        stats = engine.core.stats()
+        assert (stats.running_loras, stats.waiting_loras) == (("qv",), ("all",))
+        while engine.has_unfinished_requests():
+            engine.step()
+        assert engine.core.stats().running_loras == ()
+    finally:
+        llm.shutdown()

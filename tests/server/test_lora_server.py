@@ -84,6 +84,8 @@ def test_adapter_and_base_side_by_side(lora_server, expected) -> None:
     chat = requests.post(f"{lora_server.base_url}/v1/chat/completions", timeout=120, json={
         "model": "smol-lora", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
     assert chat.status_code == 200 and chat.json()["model"] == "smol-lora"
+    metrics = requests.get(f"{lora_server.base_url}/metrics", timeout=30).text
+    assert 'pagedserve:lora_requests_info{max_lora="1",running_lora_adapters="",waiting_lora_adapters=""}' in metrics
     models = {m["id"]: m for m in requests.get(f"{lora_server.base_url}/v1/models", timeout=30).json()["data"]}
     assert models["smol-lora"]["parent"] == "smol" and models["smol-lora"]["root"].endswith("/a")
     missing = requests.post(url, json={"model": "other-lora", "prompt": PROMPT}, timeout=30)
