@@ -41,7 +41,7 @@ async def create_chat_completion(ctx: ServerContext, request: ChatCompletionRequ
     warn_ignored_fields(request, "/v1/chat/completions")
     params = request.to_sampling_params()
     plan = request.tool_plan(ctx.settings.enable_auto_tool_choice, ctx.settings.tool_call_parser)
-    constraint = _tool_constraint(plan, params) or request.structured_constraint()
+    constraint = tool_constraint(plan, params) or request.structured_constraint()
     messages = [m.as_template_message(position) for position, m in enumerate(request.messages)]
     prompt = await ctx.engine.render_chat_async(messages, request.chat_template or ctx.settings.chat_template,
                                                 request.add_generation_prompt, request.continue_final_message,
@@ -72,7 +72,7 @@ async def create_chat_completion(ctx: ServerContext, request: ChatCompletionRequ
     return JSONResponse(builder.response(finals[0]))
 
 
-def _tool_constraint(plan: ToolPlan, params: SamplingParams) -> structured.Constraint | None:
+def tool_constraint(plan: ToolPlan, params: SamplingParams) -> structured.Constraint | None:
     """tool_choice "required" or a named function: the output follows the tools' schema
     (set on params); None for "none" / "auto"."""
     schema = plan.schema()

@@ -4,8 +4,11 @@ rendered by the chat template; `max_output_tokens`, `temperature`, `top_p`, `see
 `text.format` json_schema / json_object (structured outputs) map to the chat request's fields.
 The answer is one `message` output item with one `output_text` part; a stream sends OpenAI's
 events (response.created ... response.output_text.delta ... response.completed), each with its
-sequence_number. Nothing is stored: `previous_response_id`, `background` and tools are refused
-naming the field."""
+sequence_number. Function tools (`tools` of type function, `tool_choice`) are the chat route's
+(its rules, its parsers): calls come back as `function_call` items (a stream holds the output until
+it ends, then sends the items), and earlier turns' `function_call` / `function_call_output` input
+items reach the template as the assistant's tool_calls and tool messages. Nothing is stored:
+`previous_response_id` and `background` are refused naming the field."""
 from __future__ import annotations
 
 import json
@@ -19,7 +22,6 @@ from pydantic import Field
 
 from pagedserve.errors import ValidationError
 from pagedserve.frontend.output_processor import OutputKind
-from pagedserve.outputs import RequestOutput
 from pagedserve.server import structured
 from pagedserve.server.context import ServerContext, new_request_id
 from pagedserve.server.errors import error_payload
@@ -28,6 +30,8 @@ from pagedserve.server.openai_protocol import ChatCompletionRequest, _Strict
 from pagedserve.server.request_body import parse_body
 from pagedserve.server.streaming import (SSEResponse, add_prompts, close_all, final_outputs, merge_streams,
                                          unless_disconnected)
+from pagedserve.server.openai_chat import tool_constraint
+from pagedserve.server.tool_calls import ToolPlan, template_tools
 
 
 class InputText(_Strict):
@@ -48,8 +52,45 @@ class InputMessage(_Strict):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
+class FunctionCallItem(_Strict):
+    """An earlier turn's call, as the Responses API echoes it back in `input`."""
+
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+    id: str | None = None
+    status: str | None = None
+
+
+class FunctionCallOutputItem(_Strict):
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str
+    id: str | None = None
+    status: str | None = None
+
+
+def _chat_messages(items: list[Any]) -> list[dict[str, Any]]:
+    """Input items -> chat messages: consecutive function_call items become one assistant turn's
+    tool_calls, a function_call_output a tool message."""
+    messages: list[dict[str, Any]] = []
+    for item in items:
+        if isinstance(item, FunctionCallItem):
+            call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}}
+            if messages and messages[-1]["role"] == "assistant" and messages[-1].get("tool_calls"):
+                messages[-1]["tool_calls"].append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif isinstance(item, FunctionCallOutputItem):
+            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+        else:
+            messages.append(item.as_chat())
+    return messages
+
+
 class ResponsesRequest(_Strict):
-    input: Union[str, list[InputMessage]]
+    input: Union[str, list[Union[InputMessage, FunctionCallItem, FunctionCallOutputItem]]]
     model: str | None = None
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1)
@@ -61,8 +102,8 @@ class ResponsesRequest(_Strict):
     metadata: dict[str, str] | None = None
     user: str | None = None
     text: dict[str, Any] | None = None           # {"format": {"type": "text" | "json_object" | "json_schema", ...}}
-    tool_choice: Literal["none", "auto"] | None = None
-    tools: list[Any] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
     parallel_tool_calls: bool | None = None
     truncation: Literal["disabled"] | None = None
     service_tier: str | None = None
@@ -73,8 +114,8 @@ class ResponsesRequest(_Strict):
     priority: int = 0
 
     def check_supported(self) -> None:
-        if self.tools:
-            raise ValidationError("tools are not supported on /v1/responses (use /v1/chat/completions)", "tools")
+        if any(tool.get("type") != "function" for tool in self.tools or ()):
+            raise ValidationError("tools: only function tools are supported", "tools")
         if self.include:
             raise ValidationError(f"include {self.include} is not supported", "include")
         if isinstance(self.input, list) and not self.input:
@@ -84,8 +125,16 @@ class ResponsesRequest(_Strict):
         """The chat request this one is (its checks and sampling parameters are the chat route's)."""
         messages = [{"role": "system", "content": self.instructions}] if self.instructions else []
         messages += [{"role": "user", "content": self.input}] if isinstance(self.input, str) \
-            else [m.as_chat() for m in self.input]
+            else _chat_messages(self.input)
         body: dict[str, Any] = {"messages": messages, "priority": self.priority}
+        if self.tools:   # the Responses API's flat function tools -> the chat route's
+            body["tools"] = [{"type": "function", "function": {k: v for k, v in tool.items() if k != "type"}}
+                             for tool in self.tools]
+        choice = self.tool_choice
+        if isinstance(choice, dict) and choice.get("type") == "function" and "name" in choice:
+            choice = {"type": "function", "function": {"name": choice["name"]}}
+        if choice is not None:
+            body["tool_choice"] = choice
         for ours, theirs in (("max_output_tokens", "max_tokens"), ("temperature", "temperature"),
                              ("top_p", "top_p"), ("seed", "seed")):
             if getattr(self, ours) is not None:
@@ -104,6 +153,8 @@ class ResponsesRequest(_Strict):
         except ValidationError as exc:
             param = exc.param or ""
             ours = {"max_tokens": "max_output_tokens", "messages": "input"}.get(param.split(".")[0], param)
+            if param.startswith(("tools", "tool_choice")):
+                ours = param.split(".")[0]
             if param.startswith("response_format"):
                 ours = "text.format"
             raise ValidationError(exc.message.replace(param, ours) if param else exc.message, ours or None) from None
@@ -113,15 +164,17 @@ async def create_response(ctx: ServerContext, request: ResponsesRequest, raw_req
     lora = ctx.check_model(request.model)
     chat = request.chat_request()
     params = chat.to_sampling_params()
+    plan = chat.tool_plan(ctx.settings.enable_auto_tool_choice, ctx.settings.tool_call_parser)
+    constraint = tool_constraint(plan, params) or chat.structured_constraint()
     prompt = await ctx.engine.render_chat_async([m.as_template_message(i) for i, m in enumerate(chat.messages)],
-                                                ctx.settings.chat_template)
+                                                ctx.settings.chat_template, tools=template_tools(chat.tools))
     [prompt] = await truncate_prompts(ctx, [prompt], None, chat.add_special_tokens)
     response_id, engine_id = new_request_id("resp", request.request_id)
     kind = OutputKind.DELTA if request.stream else OutputKind.FINAL_ONLY
-    with structured.naming(chat.structured_constraint()):
+    with structured.naming(constraint):
         streams = await add_prompts(ctx.engine, engine_id, [chat.engine_prompt(prompt)], params, kind,
                                     chat.add_special_tokens, chat.priority, lora)
-    builder = _ResponseBuilder(ctx, request, response_id)
+    builder = _ResponseBuilder(ctx, request, response_id, plan)
     if request.stream:
         return SSEResponse(builder.stream(streams))
     try:
@@ -134,11 +187,23 @@ async def create_response(ctx: ServerContext, request: ResponsesRequest, raw_req
 
 
 class _ResponseBuilder:
-    def __init__(self, ctx: ServerContext, request: ResponsesRequest, response_id: str) -> None:
-        self.ctx, self.request, self.id = ctx, request, response_id
+    def __init__(self, ctx: ServerContext, request: ResponsesRequest, response_id: str, plan: ToolPlan) -> None:
+        self.ctx, self.request, self.id, self.plan = ctx, request, response_id, plan
         self.created = int(time.time())
         self.item_id = f"msg_{uuid.uuid4().hex}"
         self.sequence = 0
+
+    def output_items(self, text: str) -> list[dict[str, Any]]:
+        """The finished output: the message (unless only calls were made) and a function_call
+        item per tool call found in (or forced on) the text."""
+        if not self.plan.active:
+            return [self.item("completed", text)]
+        parsed = self.plan.parse(text)
+        items = [self.item("completed", parsed.content or "")] if parsed.content or not parsed.tool_calls else []
+        for call in parsed.tool_calls:   # (a stream builds the body once and sends these very items)
+            items.append({"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call.id,
+                          "name": call.name, "arguments": call.arguments, "status": "completed"})
+        return items
 
     def body(self, text: str | None, prompt_tokens: int, output_tokens: int, finish_reason: str | None,
              status: str | None = None) -> dict[str, Any]:
@@ -146,14 +211,15 @@ class _ResponseBuilder:
         if status is None:
             status = "completed" if finish_reason != "length" else "incomplete"
         request = self.request
-        output = [] if text is None else [self.item("completed", text)]
+        output = [] if text is None else self.output_items(text)
         return {"id": self.id, "object": "response", "created_at": self.created, "status": status,
                 "model": self.ctx.response_model(request.model), "output": output,
                 "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
                 "error": None, "instructions": request.instructions, "max_output_tokens": request.max_output_tokens,
                 "temperature": request.temperature, "top_p": request.top_p, "metadata": request.metadata or {},
-                "parallel_tool_calls": bool(request.parallel_tool_calls), "tool_choice": request.tool_choice or "none",
-                "tools": [], "text": request.text or {"format": {"type": "text"}}, "truncation": "disabled",
+                "parallel_tool_calls": request.parallel_tool_calls is not False,
+                "tool_choice": request.tool_choice or ("auto" if request.tools else "none"),
+                "tools": request.tools or [], "text": request.text or {"format": {"type": "text"}}, "truncation": "disabled",
                 "previous_response_id": None, "reasoning": None, "store": False, "user": request.user,
                 "usage": None if text is None else {
                     "input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
@@ -174,29 +240,67 @@ class _ResponseBuilder:
         return f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
     async def stream(self, streams: list) -> AsyncIterator[str]:
-        where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
-        text, prompt_tokens, output_tokens, finish_reason = "", 0, 0, None
+        """OpenAI's events: created, in_progress, the output's items, completed (or incomplete);
+        an error after the 200 is an `error` event."""
         try:
             yield self.event("response.created", response=self.body(None, 0, 0, None, "in_progress"))
             yield self.event("response.in_progress", response=self.body(None, 0, 0, None, "in_progress"))
-            yield self.event("response.output_item.added", output_index=0, item=self.item("in_progress", None))
-            yield self.event("response.content_part.added", **where, part=self.part(""))
-            async for _, output in merge_streams(streams):
-                output: RequestOutput
-                completion = output.outputs[0]
-                prompt_tokens = len(output.prompt_token_ids)
-                output_tokens += len(completion.token_ids)
-                finish_reason = completion.finish_reason or finish_reason
-                if completion.text:
-                    text += completion.text
-                    yield self.event("response.output_text.delta", **where, delta=completion.text, logprobs=[])
-            yield self.event("response.output_text.done", **where, text=text, logprobs=[])
-            yield self.event("response.content_part.done", **where, part=self.part(text))
-            yield self.event("response.output_item.done", output_index=0, item=self.item("completed", text))
-            final = self.body(text, prompt_tokens, output_tokens, finish_reason)
-            yield self.event("response.completed" if final["status"] == "completed" else "response.incomplete",
-                             response=final)
+            async for event in (self._held_events(streams) if self.plan.active else self._live_events(streams)):
+                yield event
         except Exception as exc:
             yield self.event("error", **error_payload(exc)["error"])
         finally:
             close_all(streams)
+
+    def _finished(self, final: dict[str, Any]) -> str:
+        return self.event("response.completed" if final["status"] == "completed" else "response.incomplete",
+                          response=final)
+
+    async def _live_events(self, streams: list) -> AsyncIterator[str]:
+        """No tools: the one message item, its text delta by delta as it is generated."""
+        where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
+        text, prompt_tokens, output_tokens, finish_reason = "", 0, 0, None
+        yield self.event("response.output_item.added", output_index=0, item=self.item("in_progress", None))
+        yield self.event("response.content_part.added", **where, part=self.part(""))
+        async for _, output in merge_streams(streams):
+            completion = output.outputs[0]
+            prompt_tokens = len(output.prompt_token_ids)
+            output_tokens += len(completion.token_ids)
+            finish_reason = completion.finish_reason or finish_reason
+            if completion.text:
+                text += completion.text
+                yield self.event("response.output_text.delta", **where, delta=completion.text, logprobs=[])
+        yield self.event("response.output_text.done", **where, text=text, logprobs=[])
+        yield self.event("response.content_part.done", **where, part=self.part(text))
+        yield self.event("response.output_item.done", output_index=0, item=self.item("completed", text))
+        yield self._finished(self.body(text, prompt_tokens, output_tokens, finish_reason))
+
+    async def _held_events(self, streams: list) -> AsyncIterator[str]:
+        """With tools: the output is parsed once it ends, then each item is sent as OpenAI streams it
+        (a message's text in one delta, a call's arguments in one delta)."""
+        text, prompt_tokens, output_tokens, finish_reason = "", 0, 0, None
+        async for _, output in merge_streams(streams):
+            completion = output.outputs[0]
+            prompt_tokens = len(output.prompt_token_ids)
+            output_tokens += len(completion.token_ids)
+            finish_reason = completion.finish_reason or finish_reason
+            text += completion.text
+        final = self.body(text, prompt_tokens, output_tokens, finish_reason)
+        for index, item in enumerate(final["output"]):
+            yield self.event("response.output_item.added", output_index=index,
+                             item={**item, "status": "in_progress",
+                                   **({"content": []} if item["type"] == "message" else {"arguments": ""})})
+            if item["type"] == "message":
+                where = {"item_id": item["id"], "output_index": index, "content_index": 0}
+                content = item["content"][0]["text"]
+                yield self.event("response.content_part.added", **where, part=self.part(""))
+                yield self.event("response.output_text.delta", **where, delta=content, logprobs=[])
+                yield self.event("response.output_text.done", **where, text=content, logprobs=[])
+                yield self.event("response.content_part.done", **where, part=self.part(content))
+            else:
+                where = {"item_id": item["id"], "output_index": index}
+                yield self.event("response.function_call_arguments.delta", **where, delta=item["arguments"])
+                yield self.event("response.function_call_arguments.done", **where, arguments=item["arguments"],
+                                 name=item["name"])
+            yield self.event("response.output_item.done", output_index=index, item=item)
+        yield self._finished(final)
