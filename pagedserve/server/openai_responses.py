@@ -8,7 +8,9 @@ sequence_number. Function tools (`tools` of type function, `tool_choice`) are th
 (its rules, its parsers): calls come back as `function_call` items (a stream holds the output until
 it ends, then sends the items), and earlier turns' `function_call` / `function_call_output` input
 items reach the template as the assistant's tool_calls and tool messages. Nothing is stored:
-`previous_response_id` and `background` are refused naming the field."""
+`previous_response_id` and `background` are refused naming the field. With --reasoning-parser the
+chain of thought comes first as a `reasoning` item (its text as `reasoning_text`, streamed as
+response.reasoning_text.delta events), the answer as the message."""
 from __future__ import annotations
 
 import json
@@ -31,6 +33,7 @@ from pagedserve.server.request_body import parse_body
 from pagedserve.server.streaming import (SSEResponse, add_prompts, close_all, final_outputs, merge_streams,
                                          unless_disconnected)
 from pagedserve.server.openai_chat import tool_constraint
+from pagedserve.server.reasoning import ReasoningStream, split
 from pagedserve.server.tool_calls import ToolPlan, template_tools
 
 
@@ -191,15 +194,25 @@ class _ResponseBuilder:
         self.ctx, self.request, self.id, self.plan = ctx, request, response_id, plan
         self.created = int(time.time())
         self.item_id = f"msg_{uuid.uuid4().hex}"
+        self.reasoning_id = f"rs_{uuid.uuid4().hex}"
         self.sequence = 0
 
     def output_items(self, text: str) -> list[dict[str, Any]]:
-        """The finished output: the message (unless only calls were made) and a function_call
-        item per tool call found in (or forced on) the text."""
+        """The finished output: a reasoning item (with a reasoning parser, when the model
+        reasoned), the message (unless only calls were made or only reasoning came) and a
+        function_call item per tool call found in (or forced on) the answer."""
+        items = []
+        parser = self.ctx.settings.reasoning_parser
+        if parser is not None:
+            reasoning, answer = split(text, parser)
+            text = answer or ""
+            if reasoning is not None:
+                items.append(self.reasoning_item("completed", reasoning))
         if not self.plan.active:
-            return [self.item("completed", text)]
+            return items + ([self.item("completed", text)] if text or not items else [])
         parsed = self.plan.parse(text)
-        items = [self.item("completed", parsed.content or "")] if parsed.content or not parsed.tool_calls else []
+        if parsed.content or not (parsed.tool_calls or items):
+            items.append(self.item("completed", parsed.content or ""))
         for call in parsed.tool_calls:   # (a stream builds the body once and sends these very items)
             items.append({"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call.id,
                           "name": call.name, "arguments": call.arguments, "status": "completed"})
@@ -225,6 +238,10 @@ class _ResponseBuilder:
                     "input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
                     "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
                     "total_tokens": prompt_tokens + output_tokens}}
+
+    def reasoning_item(self, status: str, text: str | None) -> dict[str, Any]:
+        return {"id": self.reasoning_id, "type": "reasoning", "status": status, "summary": [],
+                "content": [] if text is None else [{"type": "reasoning_text", "text": text}]}
 
     def item(self, status: str, text: str | None) -> dict[str, Any]:
         content = [] if text is None else [self.part(text)]
@@ -257,23 +274,70 @@ class _ResponseBuilder:
                           response=final)
 
     async def _live_events(self, streams: list) -> AsyncIterator[str]:
-        """No tools: the one message item, its text delta by delta as it is generated."""
-        where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
-        text, prompt_tokens, output_tokens, finish_reason = "", 0, 0, None
-        yield self.event("response.output_item.added", output_index=0, item=self.item("in_progress", None))
-        yield self.event("response.content_part.added", **where, part=self.part(""))
+        """No tools: the text delta by delta as it is generated, into the message item (with a
+        reasoning parser, the thought first into a reasoning item, the answer then into the
+        message; items open as their first text comes)."""
+        parser = self.ctx.settings.reasoning_parser
+        split_stream = ReasoningStream(parser) if parser is not None else None
+        whole, prompt_tokens, output_tokens, finish_reason = "", 0, 0, None
+        texts = {"reasoning": "", "content": ""}
+        opened: list[str] = []   # the kinds of item opened, in output order
+
+        def events(kind: str, part: str) -> list[str]:
+            out = []
+            if kind not in opened:
+                if opened:   # the reasoning item ends as the answer begins
+                    out += self._close_live("reasoning", 0, texts["reasoning"])
+                opened.append(kind)
+                index = len(opened) - 1
+                if kind == "reasoning":
+                    out.append(self.event("response.output_item.added", output_index=index,
+                                          item=self.reasoning_item("in_progress", None)))
+                else:
+                    out.append(self.event("response.output_item.added", output_index=index,
+                                          item=self.item("in_progress", None)))
+                    out.append(self.event("response.content_part.added", item_id=self.item_id, output_index=index,
+                                          content_index=0, part=self.part("")))
+            texts[kind] += part
+            index = opened.index(kind)
+            if kind == "reasoning":
+                out.append(self.event("response.reasoning_text.delta", item_id=self.reasoning_id, output_index=index,
+                                      content_index=0, delta=part))
+            else:
+                out.append(self.event("response.output_text.delta", item_id=self.item_id, output_index=index,
+                                      content_index=0, delta=part, logprobs=[]))
+            return out
+
         async for _, output in merge_streams(streams):
             completion = output.outputs[0]
             prompt_tokens = len(output.prompt_token_ids)
             output_tokens += len(completion.token_ids)
             finish_reason = completion.finish_reason or finish_reason
-            if completion.text:
-                text += completion.text
-                yield self.event("response.output_text.delta", **where, delta=completion.text, logprobs=[])
-        yield self.event("response.output_text.done", **where, text=text, logprobs=[])
-        yield self.event("response.content_part.done", **where, part=self.part(text))
-        yield self.event("response.output_item.done", output_index=0, item=self.item("completed", text))
-        yield self._finished(self.body(text, prompt_tokens, output_tokens, finish_reason))
+            whole += completion.text
+            parts = split_stream.feed(completion.text, completion.finish_reason is not None) if split_stream \
+                else [("content", completion.text)] if completion.text else []
+            for kind, part in parts:
+                for event in events(kind, part):
+                    yield event
+        if not opened:   # nothing came: an empty message, as the whole response has
+            opened.append("content")
+            yield self.event("response.output_item.added", output_index=0, item=self.item("in_progress", None))
+            yield self.event("response.content_part.added", item_id=self.item_id, output_index=0, content_index=0,
+                             part=self.part(""))
+        for event in self._close_live(opened[-1], len(opened) - 1, texts[opened[-1]]):
+            yield event
+        yield self._finished(self.body(whole, prompt_tokens, output_tokens, finish_reason))
+
+    def _close_live(self, kind: str, index: int, text: str) -> list[str]:
+        if kind == "reasoning":
+            return [self.event("response.reasoning_text.done", item_id=self.reasoning_id, output_index=index,
+                               content_index=0, text=text),
+                    self.event("response.output_item.done", output_index=index,
+                               item=self.reasoning_item("completed", text))]
+        where = {"item_id": self.item_id, "output_index": index, "content_index": 0}
+        return [self.event("response.output_text.done", **where, text=text, logprobs=[]),
+                self.event("response.content_part.done", **where, part=self.part(text)),
+                self.event("response.output_item.done", output_index=index, item=self.item("completed", text))]
 
     async def _held_events(self, streams: list) -> AsyncIterator[str]:
         """With tools: the output is parsed once it ends, then each item is sent as OpenAI streams it
@@ -289,8 +353,14 @@ class _ResponseBuilder:
         for index, item in enumerate(final["output"]):
             yield self.event("response.output_item.added", output_index=index,
                              item={**item, "status": "in_progress",
-                                   **({"content": []} if item["type"] == "message" else {"arguments": ""})})
-            if item["type"] == "message":
+                                   **({"arguments": ""} if item["type"] == "function_call" else {"content": []})})
+            if item["type"] == "reasoning":
+                thought = item["content"][0]["text"]
+                yield self.event("response.reasoning_text.delta", item_id=item["id"], output_index=index,
+                                 content_index=0, delta=thought)
+                yield self.event("response.reasoning_text.done", item_id=item["id"], output_index=index,
+                                 content_index=0, text=thought)
+            elif item["type"] == "message":
                 where = {"item_id": item["id"], "output_index": index, "content_index": 0}
                 content = item["content"][0]["text"]
                 yield self.event("response.content_part.added", **where, part=self.part(""))

@@ -50,3 +50,27 @@ def test_an_unclosed_thought_is_all_reasoning(reasoning_server) -> None:
     message = requests.post(f"{reasoning_server.base_url}/v1/chat/completions", json=body, timeout=60).json()[
         "choices"][0]["message"]
     assert message["content"] is None and message["reasoning"] and "<think>" not in message["reasoning"]
+
+
+def test_responses_api_reasoning_items(reasoning_server) -> None:
+    """/v1/responses under the parser: the thought as a reasoning item first, the answer as the
+    message, whole and streamed alike. A JSON-string schema makes the output `"abc</think>Paris"`,
+    so deepseek_r1 reads `"abc` as reasoning and `Paris"` as the answer."""
+    schema = {"type": "string", "enum": ["abc</think>Paris"]}
+    body = {"model": "SmolLM2-135M-Instruct", "input": "Capital of France?", "max_output_tokens": 20,
+            "temperature": 0, "text": {"format": {"type": "json_schema", "name": "a", "schema": schema}}}
+    whole = requests.post(f"{reasoning_server.base_url}/v1/responses", json=body, timeout=60).json()
+    assert [item["type"] for item in whole["output"]] == ["reasoning", "message"]
+    assert whole["output"][0]["content"][0]["text"] == '"abc' and whole["output"][1]["content"][0]["text"] == 'Paris"'
+    events = []
+    with requests.post(f"{reasoning_server.base_url}/v1/responses", json={**body, "stream": True}, stream=True,
+                       timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith(b"data: "):
+                events.append(json.loads(line[6:]))
+    thought = "".join(e["delta"] for e in events if e["type"] == "response.reasoning_text.delta")
+    answer = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    assert (thought, answer) == ('"abc', 'Paris"')
+    added = [(e["output_index"], e["item"]["type"]) for e in events if e["type"] == "response.output_item.added"]
+    assert added == [(0, "reasoning"), (1, "message")] and events[-1]["type"] == "response.completed"
+    assert [i["type"] for i in events[-1]["response"]["output"]] == ["reasoning", "message"]
