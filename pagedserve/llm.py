@@ -124,11 +124,11 @@ class LLM:
         return self.engine
 
     def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,
-                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+                    use_tqdm: bool = False, lora_request: LoRARequest | None = None) -> list[BeamSearchOutput]:
         """vLLM's LLM.beam_search (frontend/beam_search.py): for each prompt the `beam_width` best
         sequences, best first; each step runs every prompt's beams as one batch of one-token
-        requests (the prefix cache keeps what beams share). A sequence's `tokens` and `text`
-        include the prompt, as vLLM's do."""
+        requests (the prefix cache keeps what beams share), with `lora_request`'s adapter if given.
+        A sequence's `tokens` and `text` include the prompt, as vLLM's do."""
         prompts = _as_prompt_list(prompts)
         processor = self._generative().input_processor
         searches: list[tuple[BeamSearch, str | None]] = []
@@ -142,7 +142,8 @@ class LLM:
                 step = [({"prompt_token_ids": beam.tokens, "cache_salt": salt} if salt else
                          {"prompt_token_ids": beam.tokens}, search.step_params)
                         for search, salt in live for beam in search.beams]
-                outputs = iter(self._run([p for p, _ in step], [sp for _, sp in step], use_tqdm=False))
+                outputs = iter(self._run([p for p, _ in step], [sp for _, sp in step], use_tqdm=False,
+                                         loras=_per_prompt_lora(lora_request, len(step))))
                 for search, _ in live:
                     search.advance([step_logprobs(next(outputs)) for _ in search.beams])
                 bar.update(1)

@@ -163,3 +163,25 @@ def test_engine_stats_name_the_adapters_in_use(adapters) -> None:
         assert engine.core.stats().running_loras == ()
     finally:
         llm.shutdown()
+
+
+def test_beam_search_with_an_adapter(adapters) -> None:
+    """LLM.beam_search(lora_request=...): the adapter's beams are transformers' num_beams on the
+    merged weights (no end-of-sequence token in these checkpoints)."""
+    import torch
+
+    from pagedserve import BeamSearchParams
+    base, made = adapters
+    lora, merged = made["qv"]
+    prompt = random_prompts(1, 512, 6, 6, seed=11)[0]
+    llm = LLM(model=base, enable_lora=True, skip_tokenizer_init=True, device="cpu", dtype="float32",
+              num_kv_blocks=64)
+    try:
+        [result] = llm.beam_search([{"prompt_token_ids": prompt}], BeamSearchParams(beam_width=3, max_tokens=5),
+                                   lora_request=lora)
+    finally:
+        llm.shutdown()
+    with torch.no_grad():
+        want = merged.generate(torch.tensor([prompt]), num_beams=3, num_return_sequences=3, max_new_tokens=5,
+                               do_sample=False, early_stopping=True, length_penalty=1.0)
+    assert [seq.tokens for seq in result.sequences] == want.tolist()
