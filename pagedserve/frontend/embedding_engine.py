@@ -126,6 +126,10 @@ class EmbeddingEngine:
                                                pooling, self.max_num_batched_tokens, self.max_num_seqs, self.device,
                                                args.seed)
         self.dimensions = self.runner.dimensions
+        # Matryoshka (vLLM reads the same config fields): any shorter size, or the ones listed
+        listed = config.get("matryoshka_dimensions")
+        self.matryoshka: tuple[int, ...] | bool = tuple(listed) if isinstance(listed, list) and listed \
+            else bool(config.get("is_matryoshka"))
         self.is_classifier = self.runner.is_classifier   # a sequence classifier: /classify; one label: a cross-encoder
         self.labels: list[str] = getattr(self.runner, "labels", [])
 
@@ -156,6 +160,20 @@ class EmbeddingEngine:
             raise ValidationError(f"this model's maximum context length is {self.max_model_len} tokens; a prompt has "
                                   f"{len(ids)} ({truncate_hint} cuts it)", param)
         return ids
+
+    def check_dimensions(self, dimensions: int | None) -> None:
+        """`dimensions` the model can give: its own, or a Matryoshka model's shorter ones."""
+        if dimensions is None or dimensions == self.dimensions:
+            return
+        if not self.matryoshka:
+            raise ValidationError(f"dimensions: this model's embeddings have {self.dimensions} and cannot be "
+                                  f"shortened (not a Matryoshka model); got {dimensions}", "dimensions")
+        allowed = self.matryoshka if isinstance(self.matryoshka, tuple) else None
+        if isinstance(dimensions, bool) or not isinstance(dimensions, int) or not 1 <= dimensions <= self.dimensions \
+                or (allowed is not None and dimensions not in allowed):
+            sizes = f"one of {list(allowed)}" if allowed else f"1..{self.dimensions}"
+            raise ValidationError(f"dimensions must be {sizes} for this Matryoshka model, got {dimensions}",
+                                  "dimensions")
 
     def process_pair(self, text_1: Any, text_2: Any, truncate_prompt_tokens: int | None = None,
                      param: str = "text_2", truncate_hint: str = "truncate_prompt_tokens") -> tuple[list[int], list[int]]:
@@ -416,3 +434,12 @@ def class_probs(logits: list[float]) -> list[float]:
     exps = [math.exp(x - top) for x in logits]
     total = sum(exps)
     return [e / total for e in exps]
+
+
+def shorten(vector: list[float], dimensions: int, normalize: bool) -> list[float]:
+    """A Matryoshka vector's first `dimensions` entries, L2-normalised again when it was."""
+    head = vector[:dimensions]
+    if not normalize:
+        return head
+    norm = math.sqrt(sum(x * x for x in head))
+    return [x / norm for x in head] if norm else head

@@ -7,7 +7,8 @@ text-generation server answers /v1/embeddings the same way (app.py), as vLLM doe
 
 `input`: a string, a list of strings, a token id list or a list of those (at most
 MAX_EMBEDDING_INPUTS); `encoding_format` "float" or "base64" (little-endian float32, as
-OpenAI's client decodes it); `dimensions` only at the model's own size; vLLM's
+OpenAI's client decodes it); `dimensions` at the model's own size, or shorter for a Matryoshka model
+(its config's is_matryoshka / matryoshka_dimensions: the vector's first entries, normalised again); vLLM's
 `truncate_prompt_tokens` and `add_special_tokens`."""
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pagedserve import __version__
 from pagedserve.errors import ValidationError
-from pagedserve.frontend.embedding_engine import AsyncEmbeddingEngine
+from pagedserve.frontend.embedding_engine import AsyncEmbeddingEngine, shorten
 from pagedserve.server.context import AdmissionLimit, ServerContext, ServerSettings, new_request_id
 from pagedserve.server.app import add_admitted_route, add_health_routes
 from pagedserve.server.errors import API, error_response, http_exception
@@ -151,11 +152,12 @@ async def _embed(ctx: ServerContext, metrics: EmbeddingMetrics, inputs: list[str
     tokenizing pool), embedded, counted in the metrics. Returns (token ids, vectors)."""
     started = time.monotonic()
     engine: AsyncEmbeddingEngine = ctx.engine   # type: ignore[assignment]
-    if dimensions is not None and dimensions != engine.engine.dimensions:
-        raise ValidationError(f"dimensions: this model's embeddings have {engine.engine.dimensions} and cannot be "
-                              f"shortened (not a Matryoshka model); got {dimensions}", "dimensions")
+    engine.engine.check_dimensions(dimensions)
     id_lists = await engine.process(lambda: [process(item) for item in inputs])
     vectors = await engine.embed(id_lists, normalize)
+    if dimensions is not None and dimensions != engine.engine.dimensions:   # a Matryoshka model's prefix
+        renormalize = engine.engine.runner.pooling.normalize if normalize is None else normalize
+        vectors = [shorten(vector, dimensions, renormalize) for vector in vectors]
     metrics.prompt_tokens.inc(sum(len(ids) for ids in id_lists))
     metrics.requests.inc()
     metrics.latency.observe(time.monotonic() - started)

@@ -185,7 +185,8 @@ def decoder_folder(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny random Qwen3 backbone in Qwen3-Embedding's layout (last token, normalised) with
     all-MiniLM's tokenizer (its vocabulary: 30,522 ids)."""
     path = write_backbone(str(tmp_path_factory.mktemp("qwen3_embed")), "qwen3", "Qwen3ForCausalLM",
-                          pooling="lasttoken", vocab_size=30522, max_position_embeddings=128)
+                          pooling="lasttoken", vocab_size=30522, max_position_embeddings=128,
+                          matryoshka_dimensions=[16, 32, 64])   # a Matryoshka model (Qwen3-Embedding is one)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
         shutil.copy(os.path.join(minilm_path(), name), path)
     return path
@@ -208,3 +209,12 @@ def test_a_decoder_under_runner_pooling_serves_the_offline_vectors(tmp_path_fact
         chat = requests.post(f"{proc.base_url}/v1/chat/completions", timeout=30,
                              json={"messages": [{"role": "user", "content": "x"}]})
         assert chat.status_code == 400 and chat.json()["error"]["param"] == "model"
+        # Matryoshka: the first 16 entries, normalised again; sizes outside the config's list are refused
+        short = client.embeddings.create(model="qwen3-embed", input=TEXTS[0], dimensions=16).data[0].embedding
+        head = reference[0][:16]
+        norm = sum(x * x for x in head) ** 0.5
+        assert _close(short, [x / norm for x in head])
+        for bad in (20, 128):
+            response = requests.post(f"{proc.base_url}/v1/embeddings", json={"input": "x", "dimensions": bad},
+                                     timeout=30)
+            assert response.status_code == 400 and response.json()["error"]["param"] == "dimensions"
