@@ -313,9 +313,11 @@ def apply_hf_overrides(hf_config: Any, overrides: str | dict | None) -> Any:
     old = getattr(hf_config, "rope_parameters", None)
     theta = old.get("rope_theta") if isinstance(old, dict) else None
     theta = theta if theta is not None else getattr(hf_config, "rope_theta", None)
-    for key, value in overrides.items():
-        setattr(hf_config, key, value)
     rope = overrides.get("rope_scaling")
+    for key, value in overrides.items():
+        if key == "rope_scaling" and isinstance(old, dict):
+            continue   # transformers 5 keeps it in rope_parameters (set below; its rope_scaling setter is deprecated)
+        setattr(hf_config, key, value)
     if isinstance(rope, dict) and "rope_parameters" not in overrides:
         hf_config.rope_parameters = {**({"rope_theta": theta} if theta is not None else {}), **rope}
         params = hf_config.rope_parameters   # transformers' setter may fill the theta from its own (None)
