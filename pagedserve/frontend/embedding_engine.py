@@ -84,6 +84,30 @@ def _read_config(directory: str) -> dict[str, Any]:
     return data
 
 
+@dataclass
+class ScoreBatch:
+    """Scoring's runner inputs and how its outputs become scores: a cross-encoder's relevance (the
+    sigmoid of its logit, as sentence-transformers' CrossEncoder), or an embedding model's cosine
+    similarity of the two texts' vectors (`texts`: the distinct texts the id lists are of)."""
+
+    pairs: list[tuple[Any, Any]]
+    id_lists: list[list[int]]
+    token_types: list[list[int]] | None
+    texts: list[str] | None
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(ids) for ids in self.id_lists)
+
+    def scores(self, vectors: list[list[float]]) -> tuple[list[float], list[float] | None]:
+        """(scores, a cross-encoder's logits or None) from the runner's vectors of id_lists."""
+        if self.texts is None:
+            logits = [row[0] for row in vectors]
+            return [relevance(x) for x in logits], logits
+        by_text = dict(zip(self.texts, vectors))
+        return [cosine(by_text[a], by_text[b]) for a, b in self.pairs], None
+
+
 class EmbeddingEngine:
     """Synchronous: process_prompt (any thread) and embed_ids (one thread at a time)."""
 
@@ -231,22 +255,26 @@ class EmbeddingEngine:
             raise ValidationError(f"this model classifies into {len(self.labels)} labels: scores need a cross-encoder "
                                   "(one label); use classify", "model")
 
-    def score(self, pairs: list[tuple[Any, Any]], truncate_prompt_tokens: int | None = None
-              ) -> tuple[list[float], int]:
-        """vLLM's scores of (text_1, text_2) pairs and the tokens they took: a cross-encoder's
-        relevance (the sigmoid of its logit, as sentence-transformers' CrossEncoder), an embedding
-        model's cosine similarity of the two texts' vectors."""
+    def score_batch(self, pairs: list[tuple[Any, Any]], truncate_prompt_tokens: int | None = None,
+                    param: str = "text_2") -> ScoreBatch:
+        """The runner's inputs for scoring (text_1, text_2) pairs (any thread: tokenizing only): a
+        cross-encoder's pairs with their token types, an embedding model's distinct texts."""
         self.check_cross_encoder()
         if self.is_classifier:
-            encoded = [self.process_pair(a, b, truncate_prompt_tokens) for a, b in pairs]
-            logits = self.embed_ids([ids for ids, _ in encoded], [types for _, types in encoded])
-            return [relevance(logit[0]) for logit in logits], sum(len(ids) for ids, _ in encoded)
-        texts = list(dict.fromkeys(text for pair in pairs for text in pair if isinstance(text, str)))
+            encoded = [self.process_pair(a, b, truncate_prompt_tokens, param) for a, b in pairs]
+            return ScoreBatch(pairs, [ids for ids, _ in encoded], [types for _, types in encoded], None)
         if any(not isinstance(text, str) for pair in pairs for text in pair):
-            raise ValidationError("scores are of texts (strings)", "text_2")
-        id_lists = [self.process_prompt(text, truncate_prompt_tokens, param="text_2") for text in texts]
-        vectors = dict(zip(texts, self.embed_ids(id_lists)))
-        return [cosine(vectors[a], vectors[b]) for a, b in pairs], sum(len(ids) for ids in id_lists)
+            raise ValidationError("scores are of texts (strings)", param)
+        texts = list(dict.fromkeys(text for pair in pairs for text in pair))
+        return ScoreBatch(pairs, [self.process_prompt(text, truncate_prompt_tokens, param=param) for text in texts],
+                          None, texts)
+
+    def score(self, pairs: list[tuple[Any, Any]], truncate_prompt_tokens: int | None = None
+              ) -> tuple[list[float], int]:
+        """vLLM's scores of the pairs and the tokens they took (ScoreBatch.scores)."""
+        batch = self.score_batch(pairs, truncate_prompt_tokens)
+        scores, _ = batch.scores(self.embed_ids(batch.id_lists, batch.token_types))
+        return scores, batch.num_tokens
 
     def shutdown(self) -> None:
         pass

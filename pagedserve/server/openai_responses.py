@@ -189,6 +189,25 @@ async def create_response(ctx: ServerContext, request: ResponsesRequest, raw_req
                                      completion.finish_reason))
 
 
+class _Tally:
+    """A streamed choice's totals as its outputs (deltas) come: text, tokens, finish reason."""
+
+    def __init__(self) -> None:
+        self.text, self.prompt_tokens, self.output_tokens, self.finish_reason = "", 0, 0, None
+
+    def add(self, output: Any) -> Any:
+        """Count one output; returns its completion (the delta)."""
+        completion = output.outputs[0]
+        self.prompt_tokens = len(output.prompt_token_ids)
+        self.output_tokens += len(completion.token_ids)
+        self.finish_reason = completion.finish_reason or self.finish_reason
+        self.text += completion.text
+        return completion
+
+    def body(self, builder: "_ResponseBuilder") -> dict[str, Any]:
+        return builder.body(self.text, self.prompt_tokens, self.output_tokens, self.finish_reason)
+
+
 class _ResponseBuilder:
     def __init__(self, ctx: ServerContext, request: ResponsesRequest, response_id: str, plan: ToolPlan) -> None:
         self.ctx, self.request, self.id, self.plan = ctx, request, response_id, plan
@@ -279,7 +298,7 @@ class _ResponseBuilder:
         message; items open as their first text comes)."""
         parser = self.ctx.settings.reasoning_parser
         split_stream = ReasoningStream(parser) if parser is not None else None
-        whole, prompt_tokens, output_tokens, finish_reason = "", 0, 0, None
+        tally = _Tally()
         texts = {"reasoning": "", "content": ""}
         opened: list[str] = []   # the kinds of item opened, in output order
 
@@ -309,11 +328,7 @@ class _ResponseBuilder:
             return out
 
         async for _, output in merge_streams(streams):
-            completion = output.outputs[0]
-            prompt_tokens = len(output.prompt_token_ids)
-            output_tokens += len(completion.token_ids)
-            finish_reason = completion.finish_reason or finish_reason
-            whole += completion.text
+            completion = tally.add(output)
             parts = split_stream.feed(completion.text, completion.finish_reason is not None) if split_stream \
                 else [("content", completion.text)] if completion.text else []
             for kind, part in parts:
@@ -326,7 +341,7 @@ class _ResponseBuilder:
                              part=self.part(""))
         for event in self._close_live(opened[-1], len(opened) - 1, texts[opened[-1]]):
             yield event
-        yield self._finished(self.body(whole, prompt_tokens, output_tokens, finish_reason))
+        yield self._finished(tally.body(self))
 
     def _close_live(self, kind: str, index: int, text: str) -> list[str]:
         if kind == "reasoning":
@@ -342,14 +357,10 @@ class _ResponseBuilder:
     async def _held_events(self, streams: list) -> AsyncIterator[str]:
         """With tools: the output is parsed once it ends, then each item is sent as OpenAI streams it
         (a message's text in one delta, a call's arguments in one delta)."""
-        text, prompt_tokens, output_tokens, finish_reason = "", 0, 0, None
+        tally = _Tally()
         async for _, output in merge_streams(streams):
-            completion = output.outputs[0]
-            prompt_tokens = len(output.prompt_token_ids)
-            output_tokens += len(completion.token_ids)
-            finish_reason = completion.finish_reason or finish_reason
-            text += completion.text
-        final = self.body(text, prompt_tokens, output_tokens, finish_reason)
+            tally.add(output)
+        final = tally.body(self)
         for index, item in enumerate(final["output"]):
             yield self.event("response.output_item.added", output_index=index,
                              item={**item, "status": "in_progress",

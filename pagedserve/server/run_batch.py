@@ -55,7 +55,11 @@ def run_batch(args: argparse.Namespace) -> None:
 
 def _read_lines(path: str) -> list[str]:
     try:
-        text = sys.stdin.read() if path == "-" else open(os.path.expanduser(path), encoding="utf-8").read()
+        if path == "-":
+            text = sys.stdin.read()
+        else:
+            with open(os.path.expanduser(path), encoding="utf-8") as f:
+                text = f.read()
     except OSError as exc:
         raise ValidationError(f"cannot read the input file: {exc}", "input_file") from None
     return [line for line in text.splitlines() if line.strip()]

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
 from pagedserve.errors import ValidationError
-from pagedserve.frontend.embedding_engine import AsyncEmbeddingEngine, class_probs, cosine, relevance, score_pairs
+from pagedserve.frontend.embedding_engine import AsyncEmbeddingEngine, class_probs, score_pairs
 from pagedserve.server.context import ServerContext, new_request_id
 from pagedserve.server.openai_protocol import _Strict
 
@@ -87,20 +87,12 @@ def rerank_body(body: Any) -> type[_Strict]:
 
 async def score(ctx: ServerContext, pairs: list[tuple[Any, Any]], truncate: int | None, param: str
                 ) -> tuple[list[float], list[float] | None, int]:
-    """(scores, a cross-encoder's logits or None, tokens) of the pairs, tokenized in the pool and
-    run through the engine's batches."""
+    """(scores, a cross-encoder's logits or None, tokens) of the pairs (EmbeddingEngine.score_batch),
+    tokenized in the pool and run through the engine's batches."""
     engine: AsyncEmbeddingEngine = ctx.engine   # type: ignore[assignment]
-    model = engine.engine
-    model.check_cross_encoder()
-    if model.is_classifier:
-        encoded = await engine.process(lambda: [model.process_pair(a, b, truncate, param) for a, b in pairs])
-        logits = [row[0] for row in await engine.embed([ids for ids, _ in encoded], None,
-                                                       [types for _, types in encoded])]
-        return [relevance(x) for x in logits], logits, sum(len(ids) for ids, _ in encoded)
-    texts = list(dict.fromkeys(text for pair in pairs for text in pair))
-    id_lists = await engine.process(lambda: [model.process_prompt(t, truncate, param=param) for t in texts])
-    vectors = dict(zip(texts, await engine.embed(id_lists)))
-    return [cosine(vectors[a], vectors[b]) for a, b in pairs], None, sum(len(ids) for ids in id_lists)
+    batch = await engine.process(engine.engine.score_batch, pairs, truncate, param)
+    scores, logits = batch.scores(await engine.embed(batch.id_lists, None, batch.token_types))
+    return scores, logits, batch.num_tokens
 
 
 async def create_score(ctx: ServerContext, request: ScoreRequest) -> Response:

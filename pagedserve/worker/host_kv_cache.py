@@ -227,8 +227,7 @@ class HostKVCache:
     def wait_pinned(self) -> bool:
         """Block until the background pinning ends (starting it if no step did) and adopt the
         mapped view; True if mapped (benchmarks and checks; the engine never waits)."""
-        if self.stream is not None and not self._pin_started:
-            self._start_pinning()
+        self.start_pinning()
         if self._pinning is not None:
             self._pinning.done.wait()
             self._adopt()
