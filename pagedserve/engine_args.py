@@ -112,7 +112,7 @@ class EngineArgs:
                                            "\"yarn\", \"factor\": 4.0, \"original_max_position_embeddings\": "
                                            "32768}}')")
     enable_lora: bool = _knob(False, "serve LoRA adapters (PEFT folders): requests name one (LoRARequest, or the "
-                                     "server's --lora-modules by model name); CUDA graphs are off with it")
+                                     "server's --lora-modules by model name)")
     max_loras: int = _knob(1, "LoRA adapters one step can mix (their device slots)")
     max_lora_rank: int = _knob(16, "the largest LoRA rank an adapter may have")
     max_cpu_loras: int | None = _knob(None, "LoRA adapters kept loaded on the host (default: max_loras)")
@@ -237,9 +237,8 @@ class EngineArgs:
                 else int(os.environ.get("PAGEDSERVE_CUSTOM_ALL_REDUCE_MAX_KB", "1024" if one_shot else "4096")) << 10,
                 custom_all_reduce_kind="one_shot" if one_shot else "push",
                 step_queue=_choice("PAGEDSERVE_TP_STEP_QUEUE", "shm", ("shm", "broadcast"))),
-            # mixture-of-experts layers sync with the host per layer (layers/moe.py), LoRA's token
-            # slots change per step outside any graph's static inputs: no CUDA graphs for either
-            device=DeviceConfig(str(device), self.enforce_eager or model_config.is_moe or self.enable_lora, self.seed,
+            # mixture-of-experts layers sync with the host per layer (layers/moe.py): no CUDA graphs
+            device=DeviceConfig(str(device), self.enforce_eager or model_config.is_moe, self.seed,
                                 self.async_scheduling if self.async_scheduling is not None
                                 else device.type == "cuda" or self.pipeline_parallel_size > 1,
                                 int(os.environ.get("PAGEDSERVE_GEMV_MAX_ROWS", "64")),

@@ -42,6 +42,12 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     group.add_argument("--kv-cache-memory-gb", type=float, default=None)
     group.add_argument("--num-kv-blocks", type=int, default=None)
+    group.add_argument("--enable-lora", action="store_true")
+    group.add_argument("--max-loras", type=int, default=1)
+    group.add_argument("--max-lora-rank", type=int, default=16)
+    group.add_argument("--lora-path", default=None,
+                       help="a PEFT adapter folder: each request runs it under one of --max-loras ids, drawn at "
+                            "random as vLLM's benchmark does (implies --enable-lora)")
 
 
 def _add_output_arguments(parser: argparse.ArgumentParser) -> None:

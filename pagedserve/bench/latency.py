@@ -17,7 +17,7 @@ import numpy as np
 
 from pagedserve.bench.datasets import random_requests
 from pagedserve.bench.metrics import Distribution, distribution
-from pagedserve.bench.throughput import engine_kwargs, forced_params
+from pagedserve.bench.throughput import engine_kwargs, forced_params, lora_requests
 
 
 @dataclass
@@ -49,7 +49,8 @@ def run_latency(args: argparse.Namespace) -> LatencyResult:
         batch = random_requests(args.batch_size, args.input_len, 1, seed=args.seed + 1000 * next(prompt_sets),
                                 vocab_high=min(32000, vocab))
         start = time.perf_counter()
-        llm.generate([r.offline_prompt() for r in batch], forced_params(max_tokens), use_tqdm=False)
+        llm.generate([r.offline_prompt() for r in batch], forced_params(max_tokens), use_tqdm=False,
+                     lora_request=lora_requests(args, len(batch)))
         return time.perf_counter() - start
 
     try:

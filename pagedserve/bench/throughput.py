@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import random
 import logging
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -20,7 +22,7 @@ logger = logging.getLogger(__name__)
 ENGINE_FLAGS = ("model", "tokenizer", "dtype", "max_model_len", "block_size", "max_num_seqs",
                 "max_num_batched_tokens", "enable_prefix_caching", "seed", "load_format", "skip_tokenizer_init",
                 "device", "gpu_memory_utilization", "enforce_eager", "tensor_parallel_size", "kv_cache_memory_gb",
-                "num_kv_blocks")
+                "num_kv_blocks", "enable_lora", "max_loras", "max_lora_rank")
 
 
 @dataclass
@@ -47,7 +49,21 @@ def make_result(label: str, requests: Sequence[SampleRequest], elapsed_s: float,
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {name: getattr(args, name) for name in ENGINE_FLAGS if hasattr(args, name)}
+    kwargs = {name: getattr(args, name) for name in ENGINE_FLAGS if hasattr(args, name)}
+    if getattr(args, "lora_path", None):
+        kwargs["enable_lora"] = True
+    return kwargs
+
+
+def lora_requests(args: argparse.Namespace, count: int) -> list | None:
+    """--lora-path: each request's adapter, one of --max-loras ids of that folder drawn at random
+    (seeded), as vLLM's throughput benchmark does; None without it."""
+    if not getattr(args, "lora_path", None):
+        return None
+    from pagedserve.lora_request import LoRARequest
+    rng = random.Random(args.seed)
+    adapters = [LoRARequest(f"lora{i}", i, args.lora_path) for i in range(1, args.max_loras + 1)]
+    return [rng.choice(adapters) for _ in range(count)]
 
 
 def forced_params(output_len: int) -> Any:
@@ -67,8 +83,9 @@ def run_pagedserve(args: argparse.Namespace, requests: Sequence[SampleRequest], 
         core = llm.engine.core
         probe = KVUsageProbe(core.scheduler).install()
         start = time.perf_counter()
+        loras = lora_requests(args, len(requests))
         outputs = llm.generate([r.offline_prompt() for r in requests], [forced_params(r.output_len) for r in requests],
-                               use_tqdm=not args.disable_tqdm)
+                               use_tqdm=not args.disable_tqdm, lora_request=loras)
         elapsed = time.perf_counter() - start
         probe.remove()
         output_tokens = [len(o.outputs[0].token_ids) for o in outputs]
@@ -76,8 +93,9 @@ def run_pagedserve(args: argparse.Namespace, requests: Sequence[SampleRequest], 
         report = kv_memory_report(lengths, core.config.cache.block_size, core.config.scheduler.max_model_len,
                                   core.num_kv_blocks, probe.samples)
         capped = sum(n < r.output_len for n, r in zip(output_tokens, requests))
+        extra = {} if loras is None else {"lora_requests": dict(Counter(lora.lora_name for lora in loras))}
         result = make_result(f"pagedserve {policy}", requests, elapsed, sum(output_tokens), scheduling=policy,
-                             num_steps=len(probe.samples), length_capped_requests=capped)
+                             num_steps=len(probe.samples), length_capped_requests=capped, **extra)
         result.kv_memory = report.to_dict()
         return result, probe.samples
     finally:
@@ -123,6 +141,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from pagedserve.engine_args import EngineArgs
     from pagedserve.models.loader import load_tokenizer
 
+    if getattr(args, "lora_path", None) and args.backend != "pagedserve":
+        from pagedserve.errors import ValidationError
+        raise ValidationError("--lora-path runs the pagedserve backend only (--backend pagedserve)", "lora_path")
     config, _, source = EngineArgs.from_kwargs(**engine_kwargs(args)).create_config(offline=True)
     tokenizer = None
     if args.dataset_name in ("random-text", "sharegpt") and not args.skip_tokenizer_init:

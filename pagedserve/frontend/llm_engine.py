@@ -22,9 +22,8 @@ from pagedserve.frontend.request_metrics import FinishListener, FirstTokenListen
 from pagedserve.frontend.structured_output import GrammarCompiler
 from pagedserve.errors import ValidationError
 from pagedserve.lora_request import LoRARequest
-from pagedserve.models.llama import lora_module_shapes
 from pagedserve.models.loader import load_tokenizer
-from pagedserve.models.lora_adapter import inspect_adapter
+from pagedserve.models.lora_adapter import inspect_adapter, lora_module_shapes
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 

@@ -106,10 +106,10 @@ class LinearBase(nn.Module):
     # LoRA: the logical output slices an adapter targets (shard ids), and the factors' sharding
     lora_slices: tuple = (None,)
 
-    def enable_lora(self, step: LoraStep, num_slots: int, max_rank: int, device: torch.device) -> None:
-        """Room for `num_slots` adapters of rank <= max_rank on this layer (zeros: no effect);
-        the fused norm / activation launches are skipped from now on (they never see x)."""
-        self.lora = LoraWeights(step, num_slots, max_rank, len(self.lora_slices), self.input_size_per_partition,
+    def enable_lora(self, step: LoraStep, device: torch.device) -> None:
+        """Room for the step's slots of adapters on this layer (zeros: no effect); the fused
+        norm / activation launches are skipped from now on (they never see x)."""
+        self.lora = LoraWeights(step, len(self.lora_slices), self.input_size_per_partition,
                                 self.output_size_per_partition, self.params_dtype, device)
 
     def set_lora(self, slot: int, factors: dict, scaling: float) -> None:

@@ -16,33 +16,70 @@ kernel of its own, the same code on the CPU and on CUDA. A row-parallel layer ad
 delta before the all-reduce: the sum over ranks of (x_r @ a_r.T) @ b.T is the whole delta.
 
 The step's token -> slot map is set once per forward (`LoraStep.set`, one object per model, shared
-by its layers) by the model runner; None (no token of the step has an adapter) skips every delta."""
+by its layers) by the model runner, which writes the masks into static buffers (one per slice
+count) that CUDA graphs read at replay: the graphs captured with LoRA on always add the deltas
+(rows of the base model's tokens, and a bucket's padded rows, are zero in the masks). An eager
+forward whose step has no adapter anywhere skips every delta."""
 from __future__ import annotations
 
 import torch
 
-class LoraStep:
-    """A model's current step for its LoRA layers: each token's slot, and the masks made of it."""
 
-    def __init__(self) -> None:
-        self.slots: torch.Tensor | None = None    # [num_tokens] int64, -1 = no adapter
-        self.masks: dict[int, torch.Tensor] = {}  # this step's masks by column count
+class LoraStep:
+    """A model's current step for its LoRA layers: each token's slot, as masks in static buffers
+    of `capacity` rows (the most tokens a step has: larger eager steps get masks of their own)."""
+
+    def __init__(self, num_slots: int, max_rank: int, capacity: int, device: torch.device) -> None:
+        self.num_slots, self.max_rank, self.capacity, self.device = num_slots, max_rank, capacity, device
+        self.active = False                  # some token of this step has an adapter
+        self.slots: torch.Tensor | None = None   # this step's [num_tokens] int64 slots (-1: none), while active
+        self.rows = 0                        # the masks' rows written since last zeroed
+        # slice count -> (each column's slot, the static mask [capacity, columns])
+        self.masks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def register(self, num_slices: int, dtype: torch.dtype) -> torch.Tensor:
+        """A layer of `num_slices` output slices joins: its columns' slots (set-up, before any capture)."""
+        if num_slices not in self.masks:
+            column_slot = torch.arange(self.num_slots, device=self.device).repeat_interleave(num_slices * self.max_rank)
+            mask = torch.zeros((self.capacity, column_slot.numel()), dtype=dtype, device=self.device)
+            self.masks[num_slices] = (column_slot, mask)
+        return self.masks[num_slices][0]
 
     def set(self, slots: torch.Tensor | None) -> None:
-        """The step's token -> slot map (None: no adapter anywhere in the step)."""
-        self.slots = slots
-        self.masks = {}
+        """The step's token -> slot map (None: no adapter anywhere in the step); rewrites the rows
+        of the static masks that this step or the last one touched."""
+        self.active, self.slots = slots is not None, slots
+        n = 0 if slots is None or slots.shape[0] > self.capacity else slots.shape[0]
+        for column_slot, mask in self.masks.values():
+            if n:
+                mask[:n] = slots[:, None] == column_slot[None, :]
+            if self.rows > n:
+                mask[n:self.rows] = 0
+        self.rows = n
+
+    def mask(self, num_slices: int, rows: int) -> torch.Tensor | None:
+        """The step's mask for a layer of `num_slices` slices over `rows` tokens; None: no delta
+        (an eager forward of a step without adapters)."""
+        column_slot, mask = self.masks[num_slices]
+        if rows > self.capacity:   # an eager step past the static rows
+            return None if not self.active else (self.slots[:rows, None] == column_slot[None, :]).to(mask.dtype)
+        return mask[:rows] if self.active or _capturing(mask) else None
+
+
+def _capturing(mask: torch.Tensor) -> bool:
+    """A CUDA graph is being captured: it records the delta whatever this step holds."""
+    return mask.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 class LoraWeights:
-    def __init__(self, step: LoraStep, num_slots: int, max_rank: int, num_slices: int, in_features: int,
-                 out_features: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, step: LoraStep, num_slices: int, in_features: int, out_features: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
         self.step = step
-        self.num_slots, self.max_rank, self.num_slices = num_slots, max_rank, num_slices
-        width = num_slots * num_slices * max_rank
+        self.num_slots, self.max_rank, self.num_slices = step.num_slots, step.max_rank, num_slices
+        width = self.num_slots * num_slices * self.max_rank
         self.a = torch.zeros((width, in_features), dtype=dtype, device=device)
         self.b = torch.zeros((out_features, width), dtype=dtype, device=device)
-        self.column_slot = torch.arange(num_slots, device=device).repeat_interleave(num_slices * max_rank)
+        step.register(num_slices, dtype)
 
     def columns(self, slot: int, index: int, rank: int) -> slice:
         start = (slot * self.num_slices + index) * self.max_rank
@@ -62,12 +99,7 @@ class LoraWeights:
 
     def delta(self, x: torch.Tensor) -> torch.Tensor | None:
         """The adapters' contribution to this layer's output for the step's tokens, or None."""
-        step = self.step
-        if step.slots is None:
+        mask = self.step.mask(self.num_slices, x.shape[0])
+        if mask is None:
             return None
-        width = self.a.shape[0]
-        mask = step.masks.get(width)
-        if mask is None or mask.shape[0] != x.shape[0]:
-            mask = (step.slots[:x.shape[0], None] == self.column_slot[None, :]).to(x.dtype)
-            step.masks[width] = mask
-        return ((x @ self.a.t()) * mask) @ self.b.t()
+        return ((x @ self.a.t()) * mask.to(x.dtype)) @ self.b.t()

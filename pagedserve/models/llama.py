@@ -32,6 +32,7 @@ from pagedserve.layers.quantization.gguf import cpu_decode_stack, cpu_final_norm
 from pagedserve.layers.quantization import (CheckpointTensor, LinearMethod, QuantizationConfig, UnquantizedLinearMethod,
                                             embedding_method, get_quantization_config)
 from pagedserve.layers.rotary import RotaryEmbedding
+from pagedserve.models.lora_adapter import factors_by_linear, lora_linears
 
 
 class LlamaAttention(nn.Module):
@@ -143,30 +144,6 @@ class LlamaDecoderLayer(nn.Module):
 
 
 Intermediate = tuple[torch.Tensor, torch.Tensor]   # (hidden, residual) between pipeline stages
-
-# LoRA: an adapter's module (within model.layers.N.) -> (the linear that holds it here, shard id)
-LORA_TARGETS = {"self_attn.q_proj": ("self_attn.qkv_proj", "q"), "self_attn.k_proj": ("self_attn.qkv_proj", "k"),
-                "self_attn.v_proj": ("self_attn.qkv_proj", "v"), "self_attn.o_proj": ("self_attn.o_proj", None),
-                "mlp.gate_proj": ("mlp.gate_up_proj", 0), "mlp.up_proj": ("mlp.gate_up_proj", 1),
-                "mlp.down_proj": ("mlp.down_proj", None)}
-LINEAR_SLICES = {"self_attn.qkv_proj": ("q", "k", "v"), "mlp.gate_up_proj": (0, 1)}
-
-
-def lora_module_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
-    """The modules a LoRA adapter may target in this model, (in, out) of each unsharded: the
-    attention and dense MLP projections of every layer, and Phi-3's fused qkv_proj / gate_up_proj
-    (what its checkpoints, and so its adapters, name)."""
-    hidden, inter = config.hidden_size, config.intermediate_size
-    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    shapes = {"self_attn.q_proj": (hidden, q), "self_attn.k_proj": (hidden, kv), "self_attn.v_proj": (hidden, kv),
-              "self_attn.o_proj": (q, hidden)}
-    dense = {"mlp.gate_proj": (hidden, inter), "mlp.up_proj": (hidden, inter), "mlp.down_proj": (inter, hidden)}
-    if config.architecture == "Phi3ForCausalLM":
-        shapes = {"self_attn.qkv_proj": (hidden, q + 2 * kv), "self_attn.o_proj": (q, hidden)}
-        dense = {"mlp.gate_up_proj": (hidden, 2 * inter), "mlp.down_proj": (inter, hidden)}
-    return {f"model.layers.{i}.{name}": shape for i in range(config.num_layers)
-            for name, shape in (shapes | ({} if i in config.moe_layers else dense)).items()}
-
 
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, quant_config: QuantizationConfig | None = None) -> None:
@@ -299,44 +276,24 @@ class LlamaForCausalLM(nn.Module):
         self.model.plan_handoffs()
         self.model.plan_norm_chain()
 
-    def enable_lora(self, num_slots: int, max_rank: int, device: torch.device) -> None:
+    def enable_lora(self, num_slots: int, max_rank: int, capacity: int, device: torch.device) -> None:
         """Room for `num_slots` LoRA adapters on this stage's attention and dense MLP linears
-        (layers/lora.py); the one-row paths that skip a linear's forward (the norm chain, the
-        W4A16 hand-offs, the GGUF CPU decode stack) are off from now on."""
+        (layers/lora.py; masks for steps of up to `capacity` tokens); the one-row paths that skip
+        a linear's forward (the norm chain, the W4A16 hand-offs, the GGUF CPU decode stack) are
+        off from now on."""
         model = self.model
         model.lora, model.norm_sums, model.handoff = True, None, None
-        self.lora_step = LoraStep()   # the runner sets each step's token slots here
+        self.lora_step = LoraStep(num_slots, max_rank, capacity, device)   # the runner sets each step's slots here
         for i in model.stage:
-            for linear in self._lora_linears(model.layers[i]).values():
-                linear.enable_lora(self.lora_step, num_slots, max_rank, device)
-
-    @staticmethod
-    def _lora_linears(layer: LlamaDecoderLayer) -> dict[str, nn.Module]:
-        names = ["self_attn.qkv_proj", "self_attn.o_proj"] + ([] if layer.moe else ["mlp.gate_up_proj", "mlp.down_proj"])
-        return {name: layer.get_submodule(name) for name in names}
+            for linear in lora_linears(model.layers[i]).values():
+                linear.enable_lora(self.lora_step, device)
 
     def set_lora(self, slot: int, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """An adapter's factors (models/lora_adapter.load_adapter: module -> (A, B scaled), the
         modules lora_module_shapes allows) into `slot` of this stage's layers."""
-        c = self.config
-        fused_sizes = {"self_attn.qkv_proj": [c.num_heads * c.head_dim] + [c.num_kv_heads * c.head_dim] * 2,
-                       "mlp.gate_up_proj": [c.intermediate_size] * 2}
         for i in self.model.stage:
-            layer = self.model.layers[i]
-            by_linear: dict[str, dict] = {}
-            prefix = f"model.layers.{i}."
-            for name, (a, b) in factors.items():
-                if not name.startswith(prefix):
-                    continue
-                module = name[len(prefix):]
-                if module in fused_sizes:   # Phi-3's fused projections: one A, B split by the slices' sizes
-                    slices = LINEAR_SLICES[module]
-                    parts = b.split(fused_sizes[module])
-                    by_linear.setdefault(module, {}).update({s: (a, part) for s, part in zip(slices, parts)})
-                else:
-                    linear, shard = LORA_TARGETS[module]
-                    by_linear.setdefault(linear, {})[shard] = (a, b)
-            for name, linear in self._lora_linears(layer).items():
+            by_linear = factors_by_linear(self.config, i, factors)
+            for name, linear in lora_linears(self.model.layers[i]).items():
                 linear.set_lora(slot, by_linear.get(name, {}), 1.0)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:

@@ -1,5 +1,6 @@
 """PEFT LoRA adapters (adapter_config.json + adapter_model.safetensors / .bin): read and checked
-against the model before any request uses one (frontend), loaded as factors per module (worker).
+against the model before any request uses one (frontend), loaded as factors per module (worker)
+and mapped onto the decoder layers' linears (models/llama.py's enable_lora / set_lora).
 
 Tensor names are PEFT's: `base_model.model.<module>.lora_A.weight` [r, in] and `...lora_B.weight`
 [out, r], <module> a name of the base model (model.layers.3.self_attn.q_proj). Each module's
@@ -17,8 +18,15 @@ from typing import Any
 
 import torch
 
+from pagedserve.config import ModelConfig
 from pagedserve.errors import ValidationError
 
+# an adapter's module (within model.layers.N.) -> (the linear that holds it here, shard id)
+LORA_TARGETS = {"self_attn.q_proj": ("self_attn.qkv_proj", "q"), "self_attn.k_proj": ("self_attn.qkv_proj", "k"),
+                "self_attn.v_proj": ("self_attn.qkv_proj", "v"), "self_attn.o_proj": ("self_attn.o_proj", None),
+                "mlp.gate_proj": ("mlp.gate_up_proj", 0), "mlp.up_proj": ("mlp.gate_up_proj", 1),
+                "mlp.down_proj": ("mlp.down_proj", None)}
+LINEAR_SLICES = {"self_attn.qkv_proj": ("q", "k", "v"), "mlp.gate_up_proj": (0, 1)}   # Phi-3's fused ones
 _PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.default)?\.weight$")
 
@@ -128,3 +136,47 @@ def load_adapter(path: str, modules: dict[str, tuple[int, int, int, float]]
         factors.setdefault(match["module"], {})[match["factor"]] = tensor
     return {module: (factors[module]["A"], factors[module]["B"].float() * scaling)
             for module, (_, _, _, scaling) in modules.items()}
+
+
+def lora_module_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """The modules a LoRA adapter may target in this model, (in, out) of each unsharded: the
+    attention and dense MLP projections of every layer, and Phi-3's fused qkv_proj / gate_up_proj
+    (what its checkpoints, and so its adapters, name)."""
+    hidden, inter = config.hidden_size, config.intermediate_size
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    shapes = {"self_attn.q_proj": (hidden, q), "self_attn.k_proj": (hidden, kv), "self_attn.v_proj": (hidden, kv),
+              "self_attn.o_proj": (q, hidden)}
+    dense = {"mlp.gate_proj": (hidden, inter), "mlp.up_proj": (hidden, inter), "mlp.down_proj": (inter, hidden)}
+    if config.architecture == "Phi3ForCausalLM":
+        shapes = {"self_attn.qkv_proj": (hidden, q + 2 * kv), "self_attn.o_proj": (q, hidden)}
+        dense = {"mlp.gate_up_proj": (hidden, 2 * inter), "mlp.down_proj": (inter, hidden)}
+    return {f"model.layers.{i}.{name}": shape for i in range(config.num_layers)
+            for name, shape in (shapes | ({} if i in config.moe_layers else dense)).items()}
+
+
+def lora_linears(layer: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """A decoder layer's linears that carry adapters: attention's, and the dense MLP's (not experts')."""
+    names = ["self_attn.qkv_proj", "self_attn.o_proj"] + ([] if layer.moe else ["mlp.gate_up_proj", "mlp.down_proj"])
+    return {name: layer.get_submodule(name) for name in names}
+
+
+def factors_by_linear(config: ModelConfig, layer_index: int, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+                      ) -> dict[str, dict]:
+    """Layer `layer_index`'s part of an adapter's factors (load_adapter's), by the linear that
+    holds them: {linear name: {shard id: (A, B)}}; Phi-3's fused projections' one B is split by
+    the slices' sizes (one A for all)."""
+    fused_sizes = {"self_attn.qkv_proj": [config.num_heads * config.head_dim] + [config.num_kv_heads * config.head_dim] * 2,
+                   "mlp.gate_up_proj": [config.intermediate_size] * 2}
+    prefix = f"model.layers.{layer_index}."
+    by_linear: dict[str, dict] = {}
+    for name, (a, b) in factors.items():
+        if not name.startswith(prefix):
+            continue
+        module = name[len(prefix):]
+        if module in fused_sizes:
+            by_linear.setdefault(module, {}).update(dict(zip(LINEAR_SLICES[module], ((a, part) for part in
+                                                                                    b.split(fused_sizes[module])))))
+        else:
+            linear, shard = LORA_TARGETS[module]
+            by_linear.setdefault(linear, {})[shard] = (a, b)
+    return by_linear

@@ -31,8 +31,7 @@ from pagedserve.attention.backend import select_backend
 from pagedserve.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig, WeightSource
 from pagedserve.engine_io import ModelRunnerOutput, RequestId, SchedulerOutput, TokenLogprobs
 from pagedserve.layers.linear import set_gemv_max_rows
-from pagedserve.models.llama import lora_module_shapes
-from pagedserve.models.lora_adapter import inspect_adapter, load_adapter
+from pagedserve.models.lora_adapter import inspect_adapter, load_adapter, lora_module_shapes
 from pagedserve.layers.parallel import broadcast_from_rank0, is_last_stage, pp_world_size, tp_rank, tp_world_size
 from pagedserve.layers.sampler import Sampler, SamplerOutput, gather_logprobs
 from pagedserve.models.loader import load_weights
@@ -103,7 +102,9 @@ class ModelRunner:
         load_weights(model, self.weights, self.model_config.dtype)
         if self.scheduler_config.lora is not None:
             lora = self.scheduler_config.lora
-            model.enable_lora(lora.max_loras, lora.max_lora_rank, self.device)
+            sched = self.scheduler_config   # a step's tokens: at most the budget, or a decode graph's bucket
+            model.enable_lora(lora.max_loras, lora.max_lora_rank,
+                              max(sched.max_num_batched_tokens, sched.max_num_seqs), self.device)
         self.model = model.eval()
         # what the weights hold on this rank (the KV cache budget is what is left after them)
         self.weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))

@@ -25,7 +25,7 @@ from pagedserve.bench.backends import RequestInput
 from pagedserve.bench.metrics import compute_metrics
 from pagedserve.bench.serve import run_load
 from pagedserve.cli import main as cli_main
-from tests.helpers import write_tiny_checkpoint
+from tests.helpers import write_lora_adapter, write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -245,3 +245,22 @@ def test_serve_tgi_cli_against_fake_tgi(fake_tgi, tmp_path) -> None:
     assert (m["completed"], m["failed"], m["total_output_tokens"]) == (4, 0, 12)
     assert len(fake_tgi.bodies) == 5   # the initial test request, then the 4
     assert all(isinstance(b["inputs"], str) and b["inputs"] for b in fake_tgi.bodies)
+
+
+def test_throughput_and_latency_with_lora_adapters(tmp_path, capsys) -> None:
+    """--lora-path (vLLM's flag): every request runs the adapter under one of --max-loras ids."""
+    model = write_tiny_checkpoint(str(tmp_path / "tiny"), "llama")
+    write_lora_adapter(model, str(tmp_path / "lora"), seed=1)
+    out = tmp_path / "thr.json"
+    common = ("--model", model, "--skip-tokenizer-init", "--max-model-len", "128", "--lora-path", str(tmp_path / "lora"),
+              "--max-loras", "2", "--disable-tqdm")
+    _bench("throughput", *common, "--num-prompts", "8", "--random-input-len", "16", "--random-output-len", "4",
+           "--result-filename", str(out))
+    (result,) = json.loads(out.read_text())["results"]
+    runs = result["extra"]["lora_requests"]
+    assert set(runs) == {"lora1", "lora2"} and sum(runs.values()) == 8 and result["total_output_tokens"] == 32
+    _bench("latency", *common, "--batch-size", "2", "--input-len", "8", "--output-len", "3", "--num-iters", "1",
+           "--num-iters-warmup", "0", "--result-filename", str(tmp_path / "lat.json"))
+    assert cli_main(["bench", "throughput", *common, "--backend", "hf"]) != 0
+    assert "--lora-path runs the pagedserve backend only" in capsys.readouterr().err
+

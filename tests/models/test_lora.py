@@ -56,6 +56,33 @@ def test_mixed_adapters_and_base_in_one_batch(adapters) -> None:
         llm.shutdown()
 
 
+def test_adapters_under_emulated_cuda_graphs(adapters, monkeypatch) -> None:
+    """The decode and prefill graphs with LoRA, emulated on the CPU (tests/unit/test_decode_staging):
+    a capture records every delta whatever the step held, and a replay reruns it over its bucket's
+    rows, reading the static masks the runner rewrote for that step (zero for the base model's
+    tokens, the bucket's padding, and every row of a step without adapters)."""
+    from transformers import AutoModelForCausalLM
+
+    from pagedserve.layers import lora as lora_layer
+    from tests.unit.test_decode_staging import emulate_graphs
+    base, made = adapters
+    references = {None: AutoModelForCausalLM.from_pretrained(base).eval()} | {lora: m for lora, m in made.values()}
+    replays = emulate_graphs(monkeypatch)
+    monkeypatch.setattr(lora_layer, "_capturing", lambda mask: True)   # every forward is a graph's
+    loras = [made["all"][0], None, made["qv"][0], made["mlp"][0], None]
+    prompts = random_prompts(len(loras), 512, 3, 30, seed=8)
+    llm = LLM(model=base, enable_lora=True, max_loras=3, skip_tokenizer_init=True, device="cpu", dtype="float32",
+              block_size=4, num_kv_blocks=200, max_num_seqs=6)
+    try:
+        assert llm.engine.core.executor.runner.graph_runner is not None
+        _check(llm, prompts, loras, references)
+        decode_replays = len(replays)
+        _check(llm, prompts[1:2] + prompts[4:], [None, None], references)   # base only, after the adapters' steps
+        assert decode_replays > 0 and len(replays) > decode_replays
+    finally:
+        llm.shutdown()
+
+
 def test_fewer_slots_than_adapters_n_and_preemption(adapters) -> None:
     """One device slot: each step runs one adapter's requests (and the base model's); adapters
     are reloaded into the slot as the queue moves. A KV cache of 24 blocks of 4 preempts; n=2."""
