@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import mmap
 import time
-from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -31,7 +30,6 @@ from pagedserve.attention.backend import select_backend
 from pagedserve.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig, WeightSource
 from pagedserve.engine_io import ModelRunnerOutput, RequestId, SchedulerOutput, TokenLogprobs
 from pagedserve.layers.linear import set_gemv_max_rows
-from pagedserve.models.lora_adapter import inspect_adapter, load_adapter, lora_module_shapes
 from pagedserve.layers.parallel import broadcast_from_rank0, is_last_stage, pp_world_size, tp_rank, tp_world_size
 from pagedserve.layers.sampler import Sampler, SamplerOutput, gather_logprobs
 from pagedserve.models.loader import load_weights
@@ -41,6 +39,7 @@ from pagedserve.worker.cuda_graph import CudaGraphRunner
 from pagedserve.worker.grammar_mask import DeferredSample, GrammarMask, grammar_rows
 from pagedserve.worker.input_batch import BlockTable, CachedRequestState, StepInputs, build_step_inputs
 from pagedserve.worker import input_batch   # its PACK_STEP_INPUTS switch, read per step
+from pagedserve.worker.lora_manager import LoraManager
 from pagedserve.worker.pending_output import PendingRunnerOutput, to_host
 from pagedserve.worker.sampling_inputs import sample
 
@@ -89,7 +88,7 @@ class ModelRunner:
         # the last launched step's sampled ids on the device (each state's `sampled_row` in them)
         self._prev_sampled: torch.Tensor | None = None
         self.grammar_mask = GrammarMask(device, scheduler.max_num_seqs)   # structured outputs' bitmasks
-        self._lora_cache: OrderedDict[int, dict] = OrderedDict()   # LoRA adapters on the host, by id (_load_lora)
+        self.lora: LoraManager | None = None   # enable_lora: the adapters in the model's slots
 
     # ---- set-up -----------------------------------------------------------------------
     def load_model(self) -> None:
@@ -100,11 +99,10 @@ class ModelRunner:
         with torch.device(self.device):
             model = cls(self.model_config)
         load_weights(model, self.weights, self.model_config.dtype)
-        if self.scheduler_config.lora is not None:
-            lora = self.scheduler_config.lora
-            sched = self.scheduler_config   # a step's tokens: at most the budget, or a decode graph's bucket
-            model.enable_lora(lora.max_loras, lora.max_lora_rank,
-                              max(sched.max_num_batched_tokens, sched.max_num_seqs), self.device)
+        sched = self.scheduler_config
+        if sched.lora is not None:   # a step's tokens: at most the budget, or a decode graph's bucket
+            self.lora = LoraManager(model, self.model_config, sched.lora,
+                                    max(sched.max_num_batched_tokens, sched.max_num_seqs), self.device)
         self.model = model.eval()
         # what the weights hold on this rank (the KV cache budget is what is left after them)
         self.weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
@@ -191,7 +189,7 @@ class ModelRunner:
         waiting for the device."""
         self._update_states(so)
         for slot, lora_request in so.lora_loads:
-            self._load_lora(slot, lora_request)
+            self.lora.load(slot, lora_request)
         if self.host_cache is not None and self.host_cache.stream is not None:
             self.host_cache.await_loads()   # the last step's swap-ins land before this forward
         if so.blocks_to_swap_out or so.blocks_to_swap_in:
@@ -209,8 +207,8 @@ class ModelRunner:
                                    self._stage_decode if graphs is not None else None)
         if not inputs.staged:   # a staged step's graph feeds them itself
             self._feed_inflight_tokens(inputs)
-        if self.scheduler_config.lora is not None:
-            self.model.lora_step.set(self._token_slots(inputs))
+        if self.lora is not None:
+            self.lora.set_step(inputs)
         prompt_logprobs = {}
         wants_prompt_logprobs = any(row.sampling_params.prompt_logprobs is not None for row in inputs.rows)
         if inputs.staged:
@@ -432,30 +430,6 @@ class ModelRunner:
             child.lora_slot = parent.lora_slot
             self._add_state(child)
             self._forked[fork.req_id] = fork.parent_req_id
-
-    def _load_lora(self, slot: int, lora_request) -> None:
-        """An adapter (checked by the frontend) into a device slot of every LoRA layer of this
-        rank; its host copy is kept for the next time (the `max_cpu_loras` most recent)."""
-        cache, key = self._lora_cache, lora_request.lora_int_id
-        factors = cache.pop(key, None)
-        if factors is None:
-            info = inspect_adapter(lora_request.lora_path, lora_module_shapes(self.model_config),
-                                   self.scheduler_config.lora.max_lora_rank)
-            factors = load_adapter(lora_request.lora_path, info.modules)
-        cache[key] = factors
-        while len(cache) > max(1, self.scheduler_config.lora.max_cpu_loras):
-            cache.pop(next(iter(cache)))
-        self.model.set_lora(slot, factors)
-        logger.info("LoRA adapter %s (id %d) loaded into slot %d", lora_request.lora_name, key, slot)
-
-    @staticmethod
-    def _token_slots(inputs: StepInputs) -> torch.Tensor | None:
-        """Each token's adapter slot this step (-1: none), or None when no row has an adapter."""
-        slots = [row.lora_slot for row in inputs.rows]
-        if max(slots) < 0:
-            return None
-        per_token = np.repeat(np.array(slots, dtype=np.int64), inputs.query_lens)
-        return torch.from_numpy(per_token).to(inputs.input_ids.device)
 
     @staticmethod
     def _learn_token(state: CachedRequestState, pos: int, token: int) -> None:
