@@ -54,8 +54,9 @@ from pagedserve.core import structured_output
 from pagedserve.core.kv_cache_manager import KVCacheManager
 from pagedserve.core.lora_slots import LoraSlots
 from pagedserve.core.request import Request, RequestStatus
+from pagedserve.core.runner_blocks import RunnerBlocks
 from pagedserve.core.stop_rules import advance_grammar, check_stop
-from pagedserve.engine_io import (CachedRequestData, ForkedRequestData, ModelRunnerOutput, NewRequestData, RequestId,
+from pagedserve.engine_io import (ForkedRequestData, ModelRunnerOutput, NewRequestData, RequestId,
                                   SchedulerOutput)
 
 logger = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.pending_forks: dict[RequestId, list[Request]] = {}
-        self._sent_blocks: dict[RequestId, tuple[int, int]] = {}   # what the runner knows
+        self.runner_blocks = RunnerBlocks(kv_cache_manager)   # what the runner holds
         self._finished_since_last_step: set[RequestId] = set()
         self.num_history_dependent = 0   # live requests whose sampling reads earlier outputs
         self.num_constrained = 0         # live requests with a structured-outputs grammar
@@ -192,7 +193,7 @@ class Scheduler:
                 request.status = RequestStatus.PREEMPTED
                 if self.lora_slots is not None:
                     self.lora_slots.release(request)
-                if self._sent_blocks.pop(rid, None) is not None:
+                if self.runner_blocks.forget(rid):
                     self._requeued_since_last_step.add(rid)
                 requeued.append(request)
         for request in reversed(requeued):
@@ -233,7 +234,7 @@ class Scheduler:
             if request.grammar is not None:
                 self.num_constrained -= 1
                 self.grammars.release(request)
-        if self._sent_blocks.pop(request.request_id, None) is not None:
+        if self.runner_blocks.forget(request.request_id):
             self._finished_since_last_step.add(request.request_id)
 
     def has_unfinished(self) -> bool:
@@ -420,43 +421,21 @@ class Scheduler:
         request.num_preemptions += 1
         self.stats.num_preemptions += 1
         self._enqueue(request, front=True)
-        if self._sent_blocks.pop(request.request_id, None) is not None:
+        if self.runner_blocks.forget(request.request_id):
             out.preempted_req_ids.add(request.request_id)
         out.num_scheduled_tokens.pop(request.request_id, None)
         logger.debug("preempted %s", request.request_id)
 
     def _describe(self, request: Request, num_new: int, out: SchedulerOutput, num_tokens: int | None = None) -> None:
         """Schedule `num_new` tokens of `request` (its blocks are final for this step): tell
-        the runner, then count the work as in flight until update_from_output. New (or resumed)
-        requests go in full, known ones as block diffs; `_sent_blocks` remembers (count, last
-        block id) of what the runner holds. `num_tokens`: request.num_tokens if the caller has it."""
-        rid = request.request_id
-        out.num_scheduled_tokens[rid] = num_new
-        blocks = self.kv.req_to_blocks[rid]
+        the runner (in full, or what changed: RunnerBlocks), then count the work as in flight
+        until update_from_output. `num_tokens`: request.num_tokens if the caller has it."""
+        out.num_scheduled_tokens[request.request_id] = num_new
         num_ahead = request.num_computed_tokens + request.num_unresolved_tokens
-        output_token_ids = request.output_token_ids
         if num_tokens is None:
-            num_tokens = len(request.prompt_token_ids) + len(output_token_ids)
-        sent = self._sent_blocks.get(rid)
-        if sent is None:
-            out.new_requests.append(NewRequestData(
-                rid, request.all_token_ids, len(request.prompt_token_ids), request.sampling_params,
-                [b.block_id for b in blocks], num_ahead, request.lora_slot))
-            self._sent_blocks[rid] = (len(blocks), blocks[-1].block_id if blocks else -1)
-        else:
-            num_sent, last_sent = sent
-            num_blocks = len(blocks)
-            if num_sent == num_blocks and (not num_sent or blocks[-1].block_id == last_sent):
-                new_block_ids, replaced = [], None   # the common case: the runner holds them all
-            else:
-                replaced = None
-                if num_sent and blocks[num_sent - 1].block_id != last_sent:   # copy-on-write moved it
-                    replaced = blocks[num_sent - 1].block_id
-                new_block_ids = [b.block_id for b in blocks[num_sent:]]
-                self._sent_blocks[rid] = (num_blocks, blocks[-1].block_id)
-            out.cached_requests.append(CachedRequestData(
-                rid, new_block_ids, num_ahead, replaced, num_tokens,
-                output_token_ids[-1] if output_token_ids else None))
+            num_tokens = len(request.prompt_token_ids) + len(request.output_token_ids)
+        data = self.runner_blocks.describe(request, num_ahead, num_tokens)
+        (out.new_requests if isinstance(data, NewRequestData) else out.cached_requests).append(data)
         request.num_unresolved_tokens += num_new
         if num_ahead + num_new >= num_tokens + request.num_inflight_samples:
             request.num_inflight_samples += 1
@@ -484,8 +463,7 @@ class Scheduler:
                 self._add_running(child)
                 if child.grammar is not None:
                     self._constrained_samples.append(child)
-                child_blocks = self.kv.req_to_blocks[child.request_id]
-                self._sent_blocks[child.request_id] = (len(child_blocks), child_blocks[-1].block_id)
+                self.runner_blocks.mark_known(child.request_id)
                 out.forked_requests.append(ForkedRequestData(child.request_id, parent.request_id,
                                                              child.sampling_params))
                 out.num_scheduled_tokens[child.request_id] = out.num_scheduled_tokens[parent.request_id]
