@@ -19,7 +19,6 @@ previous step's samples (no host round trip).
 from __future__ import annotations
 
 import logging
-import mmap
 import time
 
 import numpy as np
@@ -39,24 +38,12 @@ from pagedserve.worker.cuda_graph import CudaGraphRunner
 from pagedserve.worker.grammar_mask import DeferredSample, GrammarMask, grammar_rows
 from pagedserve.worker.input_batch import BlockTable, CachedRequestState, StepInputs, build_step_inputs
 from pagedserve.worker import input_batch   # its PACK_STEP_INPUTS switch, read per step
+from pagedserve.worker.kv_pool import kv_zeros
 from pagedserve.worker.lora_manager import LoraManager
 from pagedserve.worker.pending_output import PendingRunnerOutput, to_host
 from pagedserve.worker.sampling_inputs import sample
 
 logger = logging.getLogger(__name__)
-
-
-def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """torch.zeros; on the CPU a private anonymous mapping of 4 KiB pages (the OS's zero pages;
-    no huge pages, which numpy's arrays ask for), so the KV pool is resident only as far as
-    blocks have been written, not all at start-up."""
-    if device.type != "cpu":
-        return torch.zeros(shape, dtype=dtype, device=device)
-    nbytes = int(np.prod(shape)) * torch.tensor([], dtype=dtype).element_size()
-    pages = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_NOHUGEPAGE"):   # Linux: also where transparent huge pages are "always"
-        pages.madvise(mmap.MADV_NOHUGEPAGE)
-    return torch.frombuffer(pages, dtype=torch.uint8)[:nbytes].view(dtype).view(shape)   # holds `pages`
 
 
 class ModelRunner:
@@ -119,13 +106,13 @@ class ModelRunner:
     def init_kv_cache(self, num_blocks: int) -> None:
         """Allocate K and V per layer, [num_blocks, block_size, num_kv_heads, head_dim], zeroed
         (masked-out reads must never meet NaN; on the CPU a page is resident once a block on it
-        is written: _zeros), and bind them to the attention layers. They are
+        is written: kv_pool.kv_zeros), and bind them to the attention layers. They are
         the planes of one tensor [2 * num_layers, num_blocks, ...] (`kv_cache`), so the host
         tier copies a block of every layer in one op."""
         backend = select_backend(self.device, self.model_config.quantization)
         layers = self.model.attention_layers()
         shape = (num_blocks, self.block_size, layers[0].num_kv_heads, layers[0].head_dim)
-        self.kv_cache = _zeros((2 * len(layers), *shape), self.model_config.dtype, self.device)
+        self.kv_cache = kv_zeros((2 * len(layers), *shape), self.model_config.dtype, self.device)
         self.kv_caches = []
         for i, layer in enumerate(layers):
             k, v = self.kv_cache[2 * i], self.kv_cache[2 * i + 1]

@@ -25,6 +25,7 @@ from pagedserve.models.bert import (CLASSIFIER_ARCHITECTURES, BertForSequenceCla
                                    pool, pool_ragged)
 from pagedserve.models.loader import load_weights
 from pagedserve.models.registry import resolve_model_class
+from pagedserve.worker.kv_pool import kv_zeros
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,6 @@ class DecoderPoolingRunner:
 
     def __init__(self, directory: str, config: ModelConfig, pooling: PoolingConfig, max_tokens: int,
                  max_seqs: int, device: torch.device, seed: int = 0) -> None:
-        from pagedserve.worker.model_runner import _zeros
         start = time.monotonic()
         self.device, self.pooling = device, pooling
         self.block_size = CacheConfig.block_size
@@ -108,7 +108,7 @@ class DecoderPoolingRunner:
         layers = model.attention_layers()
         num_blocks = -(-max_tokens // self.block_size) + max_seqs
         shape = (num_blocks, self.block_size, layers[0].num_kv_heads, layers[0].head_dim)
-        self.kv_cache = _zeros((2 * len(layers), *shape), config.dtype, device)
+        self.kv_cache = kv_zeros((2 * len(layers), *shape), config.dtype, device)
         backend = select_backend(device, None)
         for i, layer in enumerate(layers):
             layer.k_cache, layer.v_cache, layer.backend = self.kv_cache[2 * i], self.kv_cache[2 * i + 1], backend
