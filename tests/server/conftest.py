@@ -2,10 +2,12 @@
 per session and killed at the end; the offline engine for reference outputs."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,3 +142,73 @@ def wait_idle(base_url: str, timeout: float = 60.0) -> dict[tuple[str, tuple], f
         if time.monotonic() > deadline:
             raise TimeoutError(f"server still busy after {timeout} s")
         time.sleep(0.1)
+
+
+# ---- the hardening tests' server, and good traffic beside bad requests ---------------------
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+GOOD = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0.0, "ignore_eos": True}
+
+
+@pytest.fixture(scope="session")
+def edge(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
+    """The hardening tests' server (test_hardening_edge.py, test_edge_fuzz.py): the API key, 8 sequences."""
+    yield from serving(tmp_path_factory, "edge", "--api-key", API_KEY, "--max-num-seqs", "8",
+                        "--max-model-len", "1024", "--num-kv-blocks", "256", "--dtype", "float32")
+
+
+@pytest.fixture(scope="session")
+def reference_text(edge: ServerProcess) -> str:
+    response = requests.post(f"{edge.base_url}/v1/completions", json=GOOD, headers=AUTH, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["text"]
+
+
+class GoodTraffic:
+    """`count` streamed greedy completions on threads; check() asserts each finished with
+    the text the same request gets alone."""
+
+    def __init__(self, base_url: str, count: int = 3) -> None:
+        self.base_url = base_url
+        self.results: list[tuple[int, str]] = []
+        self.threads = [threading.Thread(target=self._one, daemon=True) for _ in range(count)]
+
+    def _one(self) -> None:
+        text, status = "", -1
+        try:
+            with requests.post(f"{self.base_url}/v1/completions", json={**GOOD, "stream": True}, headers=AUTH,
+                               stream=True, timeout=60) as response:
+                status = response.status_code
+                for line in response.iter_lines():
+                    if line.startswith(b"data: ") and line != b"data: [DONE]":
+                        chunk = json.loads(line[6:])
+                        text += "".join(c["text"] for c in chunk.get("choices", []))
+        except requests.RequestException as exc:
+            text = f"failed: {exc}"
+        self.results.append((status, text))
+
+    def __enter__(self) -> "GoodTraffic":
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for thread in self.threads:
+            thread.join(timeout=90)
+
+    def check(self, expected: str) -> None:
+        assert len(self.results) == len(self.threads)
+        assert all(status == 200 for status, _ in self.results), self.results
+        assert all(text == expected for _, text in self.results), (self.results, expected)
+
+
+def post(server: ServerProcess, path: str, body: object = None, data: bytes | str | None = None,
+         **kwargs: object) -> requests.Response:
+    if data is not None:
+        return requests.post(f"{server.base_url}{path}", data=data, timeout=120,
+                             headers={**AUTH, "Content-Type": "application/json"}, **kwargs)
+    return requests.post(f"{server.base_url}{path}", json=body, headers=AUTH, timeout=120, **kwargs)
+
+
+def openai_param(response: requests.Response) -> str | None:
+    return response.json()["error"]["param"]
