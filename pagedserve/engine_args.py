@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from pagedserve.config import (CacheConfig, architecture_of, DeviceConfig, EngineConfig, LoRAConfig, ModelConfig,
+from pagedserve.config import (KV_CACHE_DTYPES, CacheConfig, architecture_of, DeviceConfig, EngineConfig, LoRAConfig, ModelConfig,
                                ParallelConfig, SchedulerConfig, WeightSource, resolve_dtype)
 from pagedserve.errors import ValidationError
 from pagedserve.layers.quantization import get_quantization_config
@@ -26,7 +26,6 @@ logger = logging.getLogger(__name__)
 # vLLM knobs we accept only at their default, with why.
 NOT_SUPPORTED = {
     "speculative_config": "speculative decoding is not supported yet",
-    "kv_cache_dtype": "a KV cache dtype other than the model dtype is not supported yet",
 }
 
 
@@ -93,6 +92,10 @@ class EngineArgs:
                                    "recomputed, and evicted prefix-cache blocks are kept there; 0 turns it off")
     kv_offloading_size: float | None = _knob(None, "size of the host tier in GiB, instead of swap_space (vLLM V1's "
                                                    "name for the CPU tier of the prefix cache; one pool serves both)")
+    kv_cache_dtype: str = _knob("auto", "the KV cache's element type: auto (the model's dtype) or fp8 / fp8_e4m3 / "
+                                        "fp8_e5m2 (one byte a value, twice the tokens in the same memory; stored "
+                                        "at scale 1.0, read back into the model's dtype)",
+                                choices=tuple(KV_CACHE_DTYPES))
     preemption_mode: str | None = _knob(None, "swap (to the host tier while it has room, else recompute) or "
                                               "recompute (default: swap when the host tier exists)",
                                         choices=("swap", "recompute"))
@@ -164,6 +167,9 @@ class EngineArgs:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (int, float)) or not 0 <= value < float("inf")):
                 raise ValidationError(f"{name} must be a number of GiB >= 0, got {value!r}", name)
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValidationError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got "
+                                  f"{self.kv_cache_dtype!r}", "kv_cache_dtype")
         if self.preemption_mode not in (None, "swap", "recompute"):
             raise ValidationError(f"preemption_mode must be swap or recompute, got {self.preemption_mode!r}",
                                   "preemption_mode")
@@ -222,7 +228,7 @@ class EngineArgs:
             weights=WeightSource(source.directory, source.gguf_file, self.load_format, self.seed),
             cache=CacheConfig(self.block_size, self.enable_prefix_caching, self.kv_cache_memory_gb,
                               self.num_kv_blocks, self.gpu_memory_utilization, float(self.swap_space),
-                              self.kv_offloading_size),
+                              self.kv_offloading_size, self.kv_cache_dtype),
             scheduler=SchedulerConfig(max_num_seqs, batched, max_model_len,
                                       "continuous" if self.scheduling_policy == "fcfs" else self.scheduling_policy,
                                       self.preemption_mode or "swap",

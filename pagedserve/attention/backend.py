@@ -9,7 +9,7 @@ import torch
 
 from pagedserve.attention.metadata import AttentionMetadata
 from pagedserve.config import QuantizationSpec
-from pagedserve.attention.torch_ref import StepPlan, store_kv_ref
+from pagedserve.attention.torch_ref import StepPlan, as_cached, store_kv_ref
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,8 @@ class TritonBackend:
       multiples of cudnn_shape_multiple, the rest through the Triton kernel;
     - "triton": those chunks one at a time through the Triton kernel on a contiguous copy of
       their context.
+    With an FP8 cache (kv_cache_dtype) the kernels read K/V back into the query's dtype; the
+    cuDNN graph and FA4 paths are skipped (torch's op takes the gathered context, converted).
     Before those, with `use_fa4` (flash-attn-4 installed, Hopper / Blackwell): such a step sends
     ALL its chunks to one FlashAttention-4 call a layer (fa4_prefill, K/V gathered into packed
     rows) once `prepare_fa4` has compiled its kernel (the model runner's set-up, where
@@ -178,6 +180,8 @@ class TritonBackend:
                                          meta.query_start_loc, scale, meta.max_query_len, meta.max_seq_len,
                                          num_decodes=num_decodes, out=out)
         out = torch.empty_like(query) if out is None else out
+        if k_cache.dtype != query.dtype:   # an FP8 cache: the chunks' own keys as the cache holds them
+            key, value = as_cached(key, k_cache.dtype), as_cached(value, v_cache.dtype)
         if num_decodes:  # the leading decodes alone: one token each, tokens [0, num_decodes)
             # (their rows only: a split launch sizes its fp32 partials and in-kernel merge by its tokens)
             self._paged_attention(query[:num_decodes], k_cache, v_cache, meta.block_tables[:num_decodes],
@@ -186,7 +190,9 @@ class TritonBackend:
         qsl = meta.query_start_loc_host
         if self.use_sdpa and qsl is not None and meta.seq_lens_host is not None \
                 and meta.max_query_len >= self.sdpa_min_query_len:
-            if self.use_fa4 and self._fa4 is not None and self._fa4.ready():
+            # an FP8 cache (kv_cache_dtype): FA4 and the cuDNN graph read K/V as the query's dtype
+            same_dtype = k_cache.dtype == query.dtype
+            if self.use_fa4 and same_dtype and self._fa4 is not None and self._fa4.ready():
                 try:
                     if self._fa4(query, k_cache, v_cache, meta, scale, out, num_decodes) is not None:
                         return out
@@ -194,7 +200,7 @@ class TritonBackend:
                     logger.warning("FlashAttention-4 failed on a prefill step; long chunks use the cuDNN paths "
                                    "from now on", exc_info=True)
                     type(self).use_fa4 = False
-            if self.long_chunk_path == "cudnn_graph" and self._has_uneven_long_chunk(meta) \
+            if self.long_chunk_path == "cudnn_graph" and same_dtype and self._has_uneven_long_chunk(meta) \
                     and self._cudnn_graph_usable(query):
                 try:
                     return self._cudnn_prefill(query, k_cache, v_cache, meta, scale, out, num_decodes)

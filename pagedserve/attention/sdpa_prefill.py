@@ -104,6 +104,8 @@ def sdpa_prefill_sequence(query: torch.Tensor, key: torch.Tensor, value: torch.T
         target.copy_(o_new[0].transpose(0, 1))
         return
     k_ctx, v_ctx = gather_context(k_cache, v_cache, block_table_row, context_len)
+    if k_ctx.dtype != q.dtype:   # an FP8 cache (kv_cache_dtype)
+        k_ctx, v_ctx = k_ctx.to(q.dtype), v_ctx.to(q.dtype)
     o_ctx, lse_ctx = sdpa_with_lse(q, k_ctx.transpose(0, 1).unsqueeze(0), v_ctx.transpose(0, 1).unsqueeze(0),
                                    False, scale)
     merge_by_lse(target, o_new[0].transpose(0, 1), lse_new.contiguous(), o_ctx[0].transpose(0, 1),

@@ -10,6 +10,35 @@ import torch
 import torch.nn.functional as F
 
 
+FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+
+
+def to_cache(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    """x in the cache's element type, viewed as the cache's storage for index_copy_ (an FP8
+    cache as bytes: the CPU has no FP8 index_copy_); FP8 saturates at its largest finite value
+    (never NaN or inf), as the GPU's conversion does."""
+    if cache.element_size() != 1:
+        return x.to(cache.dtype)
+    bound = FP8_MAX[cache.dtype]
+    return x.clamp(-bound, bound).to(cache.dtype).view(torch.uint8)
+
+
+def as_cached(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
+    """x as an FP8 cache of `cache_dtype` holds it, back in x's dtype (x itself for other caches):
+    the new tokens' K/V that a prefill kernel reads from the step's tensors, so that every key is
+    the cache's (as vLLM's attention reads every key from the cache)."""
+    if cache_dtype not in FP8_MAX:
+        return x
+    bound = FP8_MAX[cache_dtype]
+    return x.clamp(-bound, bound).to(cache_dtype).to(x.dtype)
+
+
+def _rows(cache: torch.Tensor) -> torch.Tensor:
+    """The cache as [slots, heads, head_dim] of its storage type (an FP8 cache as bytes)."""
+    flat = cache.view(-1, *cache.shape[2:])
+    return flat.view(torch.uint8) if cache.element_size() == 1 else flat
+
+
 def store_kv_ref(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Write key/value [num_tokens, num_kv_heads, head_dim] into the cache at slot_mapping;
@@ -17,12 +46,8 @@ def store_kv_ref(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
     valid = slot_mapping >= 0
     if not bool(valid.all()):
         key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
-    block_size = k_cache.shape[1]
-    flat_k = k_cache.view(-1, *k_cache.shape[2:])
-    flat_v = v_cache.view(-1, *v_cache.shape[2:])
-    assert flat_k.shape[0] == k_cache.shape[0] * block_size
-    flat_k.index_copy_(0, slot_mapping, key.to(k_cache.dtype))
-    flat_v.index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+    _rows(k_cache).index_copy_(0, slot_mapping, to_cache(key, k_cache))
+    _rows(v_cache).index_copy_(0, slot_mapping, to_cache(value, v_cache))
 
 
 def _gather_context(cache: torch.Tensor, block_tables: torch.Tensor, max_seq_len: int) -> torch.Tensor:
@@ -120,8 +145,8 @@ class StepPlan:
     def store(self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         if self.valid is not None:
             key, value = key[self.valid], value[self.valid]
-        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, self.slots, key.to(k_cache.dtype))
-        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, self.slots, value.to(v_cache.dtype))
+        _rows(k_cache).index_copy_(0, self.slots, to_cache(key, k_cache))
+        _rows(v_cache).index_copy_(0, self.slots, to_cache(value, v_cache))
 
     def attend(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
         out = torch.empty_like(query)

@@ -39,7 +39,7 @@ import triton.language as tl
 from pagedserve.attention.paged_launch import TileConfig, default_tile_config, launch_plan
 from pagedserve.attention.split_plan import SplitPlan, active_segments
 from pagedserve.attention.triton_segment_merge import arrivals as _arrivals, merge_group, reduce_segments
-from pagedserve.attention.triton_store_kv import RotaryStore, slot_row
+from pagedserve.attention.triton_store_kv import RotaryStore, fp8_operands, slot_row, to_cache
 from pagedserve.layers.triton_launch import gdc_launch_dependents, gdc_wait, launch_fitting, pdl_launches
 from pagedserve.layers.triton_ops import _LIBDEVICE, rotate_rows
 
@@ -96,6 +96,8 @@ def _prefetch_kv_rows(k_head_ptr, v_head_ptr, block_id, slot, stride_k_block, st
 def _online_softmax_step(q, k, v, score_mask, m_i, l_i, acc, scale_log2, DOT_PRECISION: tl.constexpr):
     """Fold one key tile into the running (max, sum, acc) of the rows of q (log2 domain, fp32);
     rows with no unmasked key so far stay at max -inf, sum 0, acc 0."""
+    if k.dtype.is_fp8():   # an FP8 cache (kv_cache_dtype): fp8_operands
+        q, k, v = fp8_operands(q, k, v)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
     s = tl.where(score_mask, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -241,9 +243,9 @@ def _paged_attention_kernel(
         if (slot >= 0) & (segment == active - 1):
             new_k = rotate_rows(new_k_in, new_k_partner, cos, sin, sign, LIBDEVICE)
             tl.store(slot_row(k_cache_ptr, slot, stride_k_block, stride_k_slot, BLOCK_SIZE)
-                     + kv_head.to(tl.int64) * stride_k_head + offs_d, new_k.to(k_cache_ptr.dtype.element_ty))
+                     + kv_head.to(tl.int64) * stride_k_head + offs_d, to_cache(new_k, k_cache_ptr))
             tl.store(slot_row(v_cache_ptr, slot, stride_v_block, stride_v_slot, BLOCK_SIZE)
-                     + kv_head.to(tl.int64) * stride_v_head + offs_d, new_v.to(v_cache_ptr.dtype.element_ty))
+                     + kv_head.to(tl.int64) * stride_v_head + offs_d, to_cache(new_v, v_cache_ptr))
         tl.debug_barrier()   # the stores performed for the whole program before its loop's loads
     else:
         q = tl.load(q_rows + offs_d[None, :], mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
@@ -324,9 +326,10 @@ def _check_attention_inputs(query: torch.Tensor, k_cache: torch.Tensor, v_cache:
         raise ValueError(f"query heads/head_dim {tuple(query.shape[1:])} do not fit the cache's "
                          f"[num_kv_heads, head_dim] {tuple(k_cache.shape[2:])} (num_heads must be "
                          f"a multiple of num_kv_heads)")
-    if query.dtype not in _FLOAT_DTYPES or k_cache.dtype != query.dtype or v_cache.dtype != query.dtype:
-        raise ValueError(f"query, k_cache, v_cache must share one dtype in {_FLOAT_DTYPES}; got "
-                         f"{query.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if query.dtype not in _FLOAT_DTYPES or v_cache.dtype != k_cache.dtype \
+            or k_cache.dtype not in (query.dtype, torch.float8_e4m3fn, torch.float8_e5m2):
+        raise ValueError(f"query, k_cache, v_cache must share one dtype in {_FLOAT_DTYPES} (or the caches one FP8 "
+                         f"type); got {query.dtype}, {k_cache.dtype}, {v_cache.dtype}")
     for name, tensor in (("query", query), ("k_cache", k_cache), ("v_cache", v_cache)):
         if tensor.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dim; strides {tensor.stride()}")
@@ -413,7 +416,8 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     if partials is not None and MERGE_IN_KERNEL and max_query_len == 1:
         arrivals = _arrivals(query.device, num_tokens * num_kv_heads)
     for seq_begin, seq_end, launch_max_query_len, launch_tokens in launches:
-        config = tiles or default_tile_config(queries_per_kv, head_dim_pad, launch_max_query_len, query.dtype)
+        config = tiles or default_tile_config(queries_per_kv, head_dim_pad, launch_max_query_len, query.dtype,
+                                              k_cache.element_size() == 1)
         _launch_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                           out, partials, seq_begin, seq_end, launch_max_query_len, launch_tokens,
                           config, plan, rotary_store, arrivals,
@@ -452,7 +456,7 @@ def _launch_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                    stride_new_v=r.value.stride(0), stride_cos=r.cos_cache.stride(0), ROTARY_STORE=True,
                    LIBDEVICE=_LIBDEVICE)
     if wait_inputs:   # a rotary_store launch (its query, key and value are read after the wait)
-        new.update(WAIT_INPUTS=True, PREFETCH_STEP=min(128 // query.element_size(), triton.next_power_of_2(head_dim)),
+        new.update(WAIT_INPUTS=True, PREFETCH_STEP=min(128 // k_cache.element_size(), triton.next_power_of_2(head_dim)),
                    launch_pdl=True)
     if arrivals is not None:   # every query_len 1 (the caller's max_query_len): merged in the launch
         group_pad = triton.next_power_of_2(queries_per_kv)

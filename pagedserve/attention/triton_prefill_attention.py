@@ -32,6 +32,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from pagedserve.attention.triton_paged_attention import _LOG2E, _check_attention_inputs, _find_seq_idx
+from pagedserve.attention.triton_store_kv import fp8_operands
 from pagedserve.layers.triton_launch import launch_fitting
 
 
@@ -40,6 +41,8 @@ def _softmax_step(q, k, v, acc, m_i, l_i, scale_log2, mask, APPLY_MASK: tl.const
                   DOT_PRECISION: tl.constexpr):
     """One online-softmax step of a [BLOCK_M, D] query tile over a [BLOCK_N, D] K/V tile; m_i is
     the running max of the scaled scores (log2 domain), so the scale and the max fold into one FMA."""
+    if k.dtype.is_fp8():   # an FP8 cache (kv_cache_dtype): fp8_operands
+        q, k, v = fp8_operands(q, k, v)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if APPLY_MASK:
         s = tl.where(mask, s, float("-inf"))

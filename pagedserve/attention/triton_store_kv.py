@@ -18,6 +18,30 @@ import triton.language as tl
 from pagedserve.layers.triton_ops import _LIBDEVICE, rotate
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+CACHE_DTYPES = _FLOAT_DTYPES + (torch.float8_e4m3fn, torch.float8_e5m2)   # kv_cache_dtype fp8: one byte a value
+
+
+@triton.jit
+def fp8_operands(q, k, v):
+    """The dot operands over an FP8 cache's k / v tile: fp32 for an fp32 query; else all three
+    fp16. FP8 converts to fp16 exactly, one instruction a pair; K / V converted to a bf16 query's
+    dtype instead took thr512 llama-8b from 9.39k to 8.50k out tok/s on an H200 (benchmarks/RESULTS.md)."""
+    if q.dtype == tl.float32:   # a compile-time branch: one return (Triton 3.6 checks every return's types)
+        k, v = k.to(tl.float32), v.to(tl.float32)
+    else:
+        q, k, v = q.to(tl.float16), k.to(tl.float16), v.to(tl.float16)
+    return q, k, v
+
+
+@triton.jit
+def to_cache(x, cache_ptr):
+    """x in the cache's element type; an FP8 cache saturates at its largest finite value (E4M3
+    +-448, E5M2 +-57344; torch_ref.to_cache), never NaN or inf."""
+    if cache_ptr.dtype.element_ty == tl.float8e4nv:
+        x = tl.clamp(x.to(tl.float32), -448.0, 448.0)
+    elif cache_ptr.dtype.element_ty == tl.float8e5:
+        x = tl.clamp(x.to(tl.float32), -57344.0, 57344.0)
+    return x.to(cache_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -46,8 +70,8 @@ def _store_kv_kernel(
     v = tl.load(value_ptr + token * stride_value_token + cols, mask=mask)
     k_dst = slot_row(k_cache_ptr, slot, stride_k_cache_block, stride_k_cache_slot, BLOCK_SIZE) + cols
     v_dst = slot_row(v_cache_ptr, slot, stride_v_cache_block, stride_v_cache_slot, BLOCK_SIZE) + cols
-    tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(k_dst, to_cache(k, k_cache_ptr), mask=mask)
+    tl.store(v_dst, to_cache(v, v_cache_ptr), mask=mask)
 
 
 @triton.jit
@@ -96,14 +120,14 @@ def _rotary_store_kv_kernel(
     if slot < 0:
         return
     k_dst = slot_row(k_cache_ptr, slot, stride_k_cache_block, stride_k_cache_slot, BLOCK_SIZE) + row
-    tl.store(k_dst, k1.to(k_cache_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(k_dst + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(k_dst, to_cache(k1, k_cache_ptr), mask=kv_mask)
+    tl.store(k_dst + HALF, to_cache(k2, k_cache_ptr), mask=kv_mask)
     v_dst = slot_row(v_cache_ptr, slot, stride_v_cache_block, stride_v_cache_slot, BLOCK_SIZE) + row
     for half in tl.static_range(2):
         v = tl.load(value_ptr + token * stride_value_token + row + half * HALF, mask=kv_mask)
         if SCALED:
             v = v * row_scale
-        tl.store(v_dst + half * HALF, v.to(v_cache_ptr.dtype.element_ty), mask=kv_mask)
+        tl.store(v_dst + half * HALF, to_cache(v, v_cache_ptr), mask=kv_mask)
 
 
 def _check_rows_contiguous(name: str, tensor: torch.Tensor) -> None:
@@ -129,8 +153,8 @@ def _check_store_inputs(key: torch.Tensor, value: torch.Tensor, k_cache: torch.T
     if slot_mapping.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"slot_mapping must be int32 or int64; got {slot_mapping.dtype}")
     for name, tensor in (("key", key), ("value", value), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if tensor.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"{name} must be float16, bfloat16 or float32; got {tensor.dtype}")
+        if tensor.dtype not in (CACHE_DTYPES if name.endswith("cache") else _FLOAT_DTYPES):
+            raise ValueError(f"{name} must be float16, bfloat16 or float32 (a cache also FP8); got {tensor.dtype}")
         if tensor.device != key.device:
             raise ValueError(f"{name} is on {tensor.device}, key is on {key.device}")
         _check_rows_contiguous(name, tensor)

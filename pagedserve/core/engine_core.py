@@ -60,10 +60,10 @@ class EngineCore:
         num_blocks = executor.num_blocks
         max_model_len = config.scheduler.max_model_len
         num_host_blocks = getattr(executor, "num_host_blocks", 0)
-        logger.info("KV cache: %d blocks of %d tokens = %d tokens; max concurrency at max_model_len=%d: %.1fx; "
-                    "host tier: %d blocks = %d tokens", num_blocks, block_size, num_blocks * block_size,
-                    max_model_len, num_blocks * block_size / max_model_len, num_host_blocks,
-                    num_host_blocks * block_size)
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens (%s); max concurrency at max_model_len=%d: "
+                    "%.1fx; host tier: %d blocks = %d tokens", num_blocks, block_size, num_blocks * block_size,
+                    config.cache.cache_dtype, max_model_len, num_blocks * block_size / max_model_len,
+                    num_host_blocks, num_host_blocks * block_size)
         self.kv_cache_manager = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching,
                                                num_host_blocks)
         self.scheduler = Scheduler(self.kv_cache_manager, config.scheduler.max_num_seqs,

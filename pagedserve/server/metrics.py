@@ -180,7 +180,7 @@ class ServerMetrics:
             return
         info = {name: str(getattr(cache, name)) for name in
                 ("block_size", "enable_prefix_caching", "gpu_memory_utilization", "kv_cache_memory_gb",
-                 "num_kv_blocks", "swap_space", "kv_offloading_size")}
+                 "num_kv_blocks", "swap_space", "kv_offloading_size", "cache_dtype")}
         gauge = Gauge(PREFIX + "cache_config_info", "Information of the LLMEngine CacheConfig.", list(info),
                       registry=self.registry)
         gauge.labels(**info).set(1)

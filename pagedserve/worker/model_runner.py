@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from pagedserve.attention.backend import select_backend
-from pagedserve.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig, WeightSource
+from pagedserve.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig, WeightSource, kv_cache_torch_dtype
 from pagedserve.engine_io import ModelRunnerOutput, RequestId, SchedulerOutput, TokenLogprobs
 from pagedserve.layers.linear import set_gemv_max_rows
 from pagedserve.layers.parallel import broadcast_from_rank0, is_last_stage, pp_world_size, tp_rank, tp_world_size
@@ -55,6 +55,7 @@ class ModelRunner:
         self.weights = weights
         self.device = device
         self.block_size = cache.block_size
+        self.kv_dtype = kv_cache_torch_dtype(cache.cache_dtype, model.dtype)   # the KV cache's elements
         self.states: dict[RequestId, CachedRequestState] = {}
         self.block_table = BlockTable(-(-scheduler.max_model_len // self.block_size))
         self.generators: dict[RequestId, torch.Generator] = {}
@@ -99,7 +100,7 @@ class ModelRunner:
 
     def kv_bytes_per_block(self) -> int:
         layer = self.model.attention_layers()[0]
-        element = torch.tensor([], dtype=self.model_config.dtype).element_size()
+        element = torch.tensor([], dtype=self.kv_dtype).element_size()
         num_layers = len(self.model.attention_layers())   # this pipeline stage's
         return 2 * num_layers * self.block_size * layer.num_kv_heads * layer.head_dim * element
 
@@ -112,7 +113,7 @@ class ModelRunner:
         backend = select_backend(self.device, self.model_config.quantization)
         layers = self.model.attention_layers()
         shape = (num_blocks, self.block_size, layers[0].num_kv_heads, layers[0].head_dim)
-        self.kv_cache = kv_zeros((2 * len(layers), *shape), self.model_config.dtype, self.device)
+        self.kv_cache = kv_zeros((2 * len(layers), *shape), self.kv_dtype, self.device)
         self.kv_caches = []
         for i, layer in enumerate(layers):
             k, v = self.kv_cache[2 * i], self.kv_cache[2 * i + 1]

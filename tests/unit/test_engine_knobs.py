@@ -28,7 +28,8 @@ NON_DEFAULTS = {"model": "some/model", "tokenizer": "some/tokenizer", "dtype": "
                 "scheduling_policy": "static", "trust_remote_code": True, "max_logprobs": 5,
                 "allow_long_max_model_len": True, "pipeline_parallel_size": 2,
                 "distributed_executor_backend": "ray", "swap_space": 2.5, "kv_offloading_size": 8.0,
-                "preemption_mode": "recompute", "quantization": "fp8", "runner": "generate", "task": "generate",
+                "preemption_mode": "recompute", "kv_cache_dtype": "fp8", "quantization": "fp8", "runner": "generate",
+                "task": "generate",
                 "enable_lora": True, "max_loras": 3, "max_lora_rank": 64, "max_cpu_loras": 4,
                 "hf_overrides": '{"rope_scaling": {"rope_type": "yarn"}}'}
 
@@ -114,8 +115,7 @@ def test_llm_takes_exactly_the_engine_args(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("kwargs,param", [(dict(no_such_knob=1), "no_such_knob"),
-                                          (dict(speculative_config={"method": "ngram"}), "speculative_config"),
-                                          (dict(kv_cache_dtype="fp8"), "kv_cache_dtype")])
+                                          (dict(speculative_config={"method": "ngram"}), "speculative_config")])
 def test_unknown_and_unsupported_knobs_name_themselves(monkeypatch, kwargs, param) -> None:
     monkeypatch.setattr(pagedserve.llm, "LLMEngine", lambda args: None)
     with pytest.raises(ValidationError) as err:

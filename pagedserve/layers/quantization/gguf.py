@@ -155,7 +155,8 @@ def _build_stack(layers: list[nn.Module]):
         return None
     for layer in layers:
         attn, linears = layer.self_attn, _linears(layer)
-        if getattr(attn.attn.backend, "decode_kernel", None) is None or attn.qk_norm or not all(
+        if getattr(attn.attn.backend, "decode_kernel", None) is None or attn.qk_norm \
+                or attn.attn.k_cache.dtype != torch.float32 or not all(
                 getattr(x, "gguf_cpp", False) and x.bias is None and x.tp_size == 1 for x in linears):
             return None
         q8.update(x.gguf_q8 for x in linears)

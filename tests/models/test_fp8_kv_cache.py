@@ -1,0 +1,73 @@
+"""kv_cache_dtype fp8 (vLLM's): the KV cache holds one byte a value, so the same memory holds
+more tokens, and greedy ids equal transformers' with its keys (after rotary) and values rounded
+to the same FP8 format, as the cache stores them (scale 1.0, saturating): the rounding is the
+only difference from the model's own attention."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagedserve import LLM, SamplingParams
+from pagedserve.errors import ValidationError
+from tests.helpers import TEST_DEVICE, hf_greedy, random_prompts
+
+FORMATS = {"fp8": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def _rounded(x: torch.Tensor, fp8: torch.dtype) -> torch.Tensor:
+    bound = torch.finfo(fp8).max
+    return x.clamp(-bound, bound).to(fp8).to(x.dtype)
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_greedy_ids_equal_transformers_over_fp8_rounded_kv(tiny_checkpoints, monkeypatch, name) -> None:
+    import transformers.models.llama.modeling_llama as modeling
+    from transformers import AutoModelForCausalLM
+    fp8, path = FORMATS[name], tiny_checkpoints["llama"]
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    rotary = modeling.apply_rotary_pos_emb
+
+    def rotary_then_round(q, k, *args, **kwargs):
+        q, k = rotary(q, k, *args, **kwargs)
+        return q, _rounded(k, fp8)
+    monkeypatch.setattr(modeling, "apply_rotary_pos_emb", rotary_then_round)
+    for layer in reference.model.layers:
+        layer.self_attn.v_proj.register_forward_hook(lambda module, inputs, out: _rounded(out, fp8))
+    prompts = random_prompts(6, 512, 3, 40, seed=21)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    llm = LLM(model=path, kv_cache_dtype=name, skip_tokenizer_init=True, device=TEST_DEVICE, dtype="float32",
+              block_size=4, num_kv_blocks=256)
+    try:
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        ids = [list(o.outputs[0].token_ids) for o in outputs]
+        assert ids == [hf_greedy(reference, p, 12) for p in prompts]
+        assert llm.engine.core.executor.runner.kv_cache.dtype == fp8
+    finally:
+        llm.shutdown()
+    # the rounding shows: transformers' own attention gives other ids for some prompt
+    monkeypatch.setattr(modeling, "apply_rotary_pos_emb", rotary)
+    plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    assert ids != [hf_greedy(plain, p, 12) for p in prompts]
+
+
+def test_fp8_cache_holds_more_tokens_in_the_same_memory(tiny_checkpoints) -> None:
+    """The same kv_cache_memory_gb: blocks of 1-byte values instead of the model's fp32, exactly."""
+    path = tiny_checkpoints["llama"]
+    blocks = {}
+    for name in ("auto", "fp8"):
+        llm = LLM(model=path, kv_cache_dtype=name, skip_tokenizer_init=True, device="cpu", dtype="float32",
+                  kv_cache_memory_gb=0.01, swap_space=0)
+        try:
+            runner = llm.engine.core.executor.runner
+            blocks[name] = (llm.engine.core.kv_cache_manager.num_blocks, runner.kv_bytes_per_block())
+        finally:
+            llm.shutdown()
+    assert blocks["auto"][1] == 4 * blocks["fp8"][1]
+    assert blocks["fp8"][0] == int(0.01 * 2**30 // blocks["fp8"][1]) and blocks["auto"][0] == int(
+        0.01 * 2**30 // blocks["auto"][1])
+
+
+def test_unknown_kv_cache_dtype_is_refused_by_name(tiny_checkpoints) -> None:
+    with pytest.raises(ValidationError) as error:
+        LLM(model=tiny_checkpoints["llama"], kv_cache_dtype="int4", skip_tokenizer_init=True)
+    assert error.value.param == "kv_cache_dtype" and "fp8_e5m2" in str(error.value)
