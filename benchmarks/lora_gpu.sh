@@ -3,6 +3,7 @@
 # rank-16 adapter on every projection of llama-1b / llama-8b (dummy weights, peers.py's configs)
 # against the base model, with graphs and eager: `pagedserve bench latency` (batch 1) and
 # `bench throughput` (peers' 512-request workload, --max-loras 4 ids of one adapter).
+# (`python3 -m pagedserve.bench.cli`: the GPU image has no server stack, which `pagedserve bench` imports.)
 #   [LORA_THR=0] bash benchmarks/lora_gpu.sh [tests] [MODEL...]     (carry .devcarry/peers.py)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -21,11 +22,11 @@ for model in "$@"; do
     extra=()
     [ "$mode" != base ] && extra=(--lora-path "/tmp/lora-$model" --max-loras 4)
     [ "$mode" = lora-eager ] && extra+=(--enforce-eager)
-    timeout 200 python3 -m pagedserve.cli bench latency "${common[@]}" "${extra[@]}" --batch-size 1 --input-len 128 \
+    timeout 200 python3 -m pagedserve.bench.cli latency "${common[@]}" "${extra[@]}" --batch-size 1 --input-len 128 \
       --output-len 256 --num-iters 3 --result-filename "$OUT/lat-$model-$mode.json" > "$OUT/lat-$model-$mode.log" 2>&1
     echo "b1 $model $mode rc=$? $(grep -i 'tok/s\|tokens/s' "$OUT/lat-$model-$mode.log" | tail -1)"
     [ "$mode" = lora-eager ] || [ "${LORA_THR:-1}" = 0 ] && continue   # LORA_THR=0: batch-1 latency only
-    timeout 300 python3 -m pagedserve.cli bench throughput "${common[@]}" "${extra[@]}" --dataset-name peers \
+    timeout 300 python3 -m pagedserve.bench.cli throughput "${common[@]}" "${extra[@]}" --dataset-name peers \
       --num-prompts 512 --result-filename "$OUT/thr-$model-$mode.json" > "$OUT/thr-$model-$mode.log" 2>&1
     echo "thr512 $model $mode rc=$? $(grep 'pagedserve continuous' "$OUT/thr-$model-$mode.log")"
   done
