@@ -71,3 +71,22 @@ def test_unknown_kv_cache_dtype_is_refused_by_name(tiny_checkpoints) -> None:
     with pytest.raises(ValidationError) as error:
         LLM(model=tiny_checkpoints["llama"], kv_cache_dtype="int4", skip_tokenizer_init=True)
     assert error.value.param == "kv_cache_dtype" and "fp8_e5m2" in str(error.value)
+
+
+def test_fp8_blocks_swap_to_the_host_tier_and_back_exactly(tiny_checkpoints) -> None:
+    """The host tier copies an FP8 cache's bytes: requests preempted by swap in a 24-block cache
+    continue with the ids they get in a cache that never preempts."""
+    path = tiny_checkpoints["llama"]
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(6, 512, 20, 40, seed=3)]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    ids, swaps = [], []
+    for blocks in (24, 256):
+        llm = LLM(model=path, kv_cache_dtype="fp8", skip_tokenizer_init=True, device="cpu", dtype="float32",
+                  block_size=4, num_kv_blocks=blocks, max_model_len=64)
+        try:
+            ids.append([list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)])
+            swaps.append(llm.engine.core.scheduler.stats.num_swap_preemptions)
+        finally:
+            llm.shutdown()
+    assert swaps[0] > 0 and swaps[1] == 0
+    assert ids[0] == ids[1]
