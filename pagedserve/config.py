@@ -208,11 +208,12 @@ class CacheConfig:
     cache_dtype: str = "auto"   # vLLM's kv_cache_dtype: "auto" (the model's) or an FP8 format (KV_CACHE_DTYPES)
 
 
-# vLLM's kv_cache_dtype names -> the KV cache's element type (None: the model's dtype). FP8 caches
-# store K and V at a scale of 1.0 (vLLM's default without calibrated scales), E4M3 saturating at
-# +-448; attention reads them back into the model's dtype.
+# kv_cache_dtype names (vLLM's, and TGI's --kv-cache-dtype fp8_e4m3fn) -> the KV cache's element type
+# (None: the model's dtype). FP8 caches store K and V at a scale of 1.0 (vLLM's default without
+# calibrated scales), saturating at the format's largest finite value; attention reads them back
+# into the model's dtype.
 KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
-                   "fp8_e5m2": torch.float8_e5m2}
+                   "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
 def kv_cache_torch_dtype(cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:

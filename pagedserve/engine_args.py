@@ -92,9 +92,9 @@ class EngineArgs:
                                    "recomputed, and evicted prefix-cache blocks are kept there; 0 turns it off")
     kv_offloading_size: float | None = _knob(None, "size of the host tier in GiB, instead of swap_space (vLLM V1's "
                                                    "name for the CPU tier of the prefix cache; one pool serves both)")
-    kv_cache_dtype: str = _knob("auto", "the KV cache's element type: auto (the model's dtype) or fp8 / fp8_e4m3 / "
-                                        "fp8_e5m2 (one byte a value, twice the tokens in the same memory; stored "
-                                        "at scale 1.0, read back into the model's dtype)",
+    kv_cache_dtype: str = _knob("auto", "the KV cache's element type: auto (the model's dtype) or fp8 / fp8_e4m3 "
+                                        "(TGI: fp8_e4m3fn) / fp8_e5m2 (one byte a value, twice the tokens in the "
+                                        "same memory; stored at scale 1.0, read back into the model's dtype)",
                                 choices=tuple(KV_CACHE_DTYPES))
     preemption_mode: str | None = _knob(None, "swap (to the host tier while it has room, else recompute) or "
                                               "recompute (default: swap when the host tier exists)",

@@ -51,19 +51,21 @@ def test_greedy_ids_equal_transformers_over_fp8_rounded_kv(tiny_checkpoints, mon
 
 
 def test_fp8_cache_holds_more_tokens_in_the_same_memory(tiny_checkpoints) -> None:
-    """The same kv_cache_memory_gb: blocks of 1-byte values instead of the model's fp32, exactly."""
+    """The same kv_cache_memory_gb: blocks of 1-byte values instead of the model's fp32, exactly
+    (under TGI's name for E4M3)."""
     path = tiny_checkpoints["llama"]
     blocks = {}
-    for name in ("auto", "fp8"):
+    for name in ("auto", "fp8_e4m3fn"):
         llm = LLM(model=path, kv_cache_dtype=name, skip_tokenizer_init=True, device="cpu", dtype="float32",
                   kv_cache_memory_gb=0.01, swap_space=0)
         try:
             runner = llm.engine.core.executor.runner
             blocks[name] = (llm.engine.core.kv_cache_manager.num_blocks, runner.kv_bytes_per_block())
+            assert runner.kv_cache.dtype == (torch.float32 if name == "auto" else torch.float8_e4m3fn)
         finally:
             llm.shutdown()
-    assert blocks["auto"][1] == 4 * blocks["fp8"][1]
-    assert blocks["fp8"][0] == int(0.01 * 2**30 // blocks["fp8"][1]) and blocks["auto"][0] == int(
+    assert blocks["auto"][1] == 4 * blocks["fp8_e4m3fn"][1]
+    assert blocks["fp8_e4m3fn"][0] == int(0.01 * 2**30 // blocks["fp8_e4m3fn"][1]) and blocks["auto"][0] == int(
         0.01 * 2**30 // blocks["auto"][1])
 
 
