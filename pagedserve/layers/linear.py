@@ -100,8 +100,7 @@ class LinearBase(nn.Module):
         return out if self.lora is None else self._add_lora(x, out)
 
     def _add_lora(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        delta = self.lora.delta(x)
-        return out if delta is None else out + delta
+        return self.lora.add_to(x, out)
 
     # LoRA: the logical output slices an adapter targets (shard ids), and the factors' sharding
     lora_slices: tuple = (None,)

@@ -97,9 +97,13 @@ class LoraWeights:
         self.a[cols] = a.to(self.a.dtype)
         self.b[out_offset:out_offset + b.shape[0], cols] = b.to(self.b.dtype)
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The adapters' contribution to this layer's output for the step's tokens, or None."""
+    def add_to(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out plus the adapters' contribution for the step's tokens x [T, in] (out itself when
+        the step has none): the second matmul adds into out (addmm), three launches a layer."""
         mask = self.step.mask(self.num_slices, x.shape[0])
         if mask is None:
-            return None
-        return ((x @ self.a.t()) * mask.to(x.dtype)) @ self.b.t()
+            return out
+        shrunk = (x @ self.a.t()) * mask.to(x.dtype)
+        if out.dim() == 2 and out.dtype == shrunk.dtype:
+            return torch.addmm(out, shrunk, self.b.t())
+        return out + shrunk @ self.b.t()
