@@ -3,6 +3,7 @@ everything (unknown routes included).
 
     POST /v1/completions        POST /v1/chat/completions     GET /v1/models
     GET  /health                GET  /version                 GET /metrics
+    GET|POST /ping, POST /invocations   SageMaker's: /health, and any route by its body (invocations.py)
     GET  /debug/steps           the engine's step timing (frontend/step_timing.py); ?reset=1 restarts it,
                                 ?raw=N adds the last N steps
     POST /tokenize              POST /detokenize              POST /v1/embeddings (a 400: embeddings.py serves those)
@@ -30,6 +31,7 @@ from pagedserve.frontend.async_engine import CPU_SAMPLE_S, AsyncEngine
 from pagedserve.server.context import AdmissionLimit, ServerContext, ServerSettings
 from pagedserve.server.dashboard import DashboardHub, add_dashboard_routes
 from pagedserve.server.errors import API, ServiceUnavailableError, error_response, http_exception
+from pagedserve.server.invocations import GENERATE_ROUTES, InvocationsMiddleware
 from pagedserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from pagedserve.server.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
 from pagedserve.server.openai_chat import create_chat_completion
@@ -76,6 +78,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, tgi_settings: TGISe
     document_openapi(app, {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
                            "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest,
                            "/generate": GenerateRequest, "/generate_stream": GenerateRequest, "/": GenerateRequest})
+    app.add_middleware(InvocationsMiddleware, routes=GENERATE_ROUTES)   # inside the size limit and the key
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)   # outermost: before the body is read
@@ -132,13 +135,14 @@ def _add_openai_routes(app: FastAPI, ctx: ServerContext, admission: AdmissionLim
 
 
 def add_health_routes(app: FastAPI, engine: Any, metrics: Any) -> None:
-    """/health (503 once `engine.is_healthy` is false), /version, /metrics (`metrics.render()`):
+    """/health and /ping (503 once `engine.is_healthy` is false), /version, /metrics (`metrics.render()`):
     this app's and the embedding app's (embeddings.py)."""
-    @app.get("/health")
     async def health() -> Response:
         if engine.is_healthy:
             return Response(status_code=200)
         return error_response(ServiceUnavailableError("the engine is dead; restart the server"))
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/ping", health, methods=["GET", "POST"])   # SageMaker's health check (vLLM, TGI)
 
     @app.get("/version")
     async def version() -> Response:

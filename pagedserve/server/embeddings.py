@@ -29,6 +29,7 @@ from pagedserve.errors import ValidationError
 from pagedserve.frontend.embedding_engine import AsyncEmbeddingEngine, shorten
 from pagedserve.server.context import AdmissionLimit, ServerContext, ServerSettings, new_request_id
 from pagedserve.server.app import add_admitted_route, add_health_routes
+from pagedserve.server.invocations import EMBEDDING_ROUTES, InvocationsMiddleware
 from pagedserve.server.errors import API, error_response, http_exception
 from pagedserve.server.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
 from pagedserve.server.openai_models import models_response
@@ -232,6 +233,7 @@ def build_embedding_app(engine: AsyncEmbeddingEngine, settings: ServerSettings) 
         except Exception as exc:
             return error_response(exc)
 
+    app.add_middleware(InvocationsMiddleware, routes=EMBEDDING_ROUTES)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)

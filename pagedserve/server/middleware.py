@@ -13,7 +13,8 @@ from pagedserve.server.errors import HTTPError, RequestTooLargeError, Unauthoriz
 # Routes that touch the model need the key: every /v1 route, TGI's generation routes, and
 # the tokenizer routes; and the dashboard (its page, stream and figures). /health, /metrics,
 # /version and /info stay open (as vLLM and TGI).
-GUARDED_PATHS = frozenset({"/generate", "/generate_stream", "/", "/tokenize", "/detokenize", "/tokenizer_info"})
+GUARDED_PATHS = frozenset({"/generate", "/generate_stream", "/", "/tokenize", "/detokenize", "/tokenizer_info",
+                           "/invocations"})
 DASHBOARD_COOKIE = b"pagedserve_api_key"   # the dashboard page's key form sets it (browsers send no header)
 
 
@@ -41,7 +42,7 @@ document.cookie="pagedserve_api_key="+encodeURIComponent(document.getElementById
 ";path=/dashboard;SameSite=Strict";location.reload();};</script></body></html>"""
 
 
-async def _send_error(send: Send, path: str, error: HTTPError, headers: list | None = None) -> None:
+async def send_error(send: Send, path: str, error: HTTPError, headers: list | None = None) -> None:
     info = describe(error, api_of(path))
     body = json.dumps(info.body()).encode()
     own = [(name.lower().encode(), value.encode()) for name, value in (info.headers or {}).items()]
@@ -75,7 +76,7 @@ class APIKeyMiddleware:
                                         (b"www-authenticate", b"Bearer")]})
                 await send({"type": "http.response.body", "body": LOGIN_PAGE})
                 return
-            await _send_error(send, scope["path"], UnauthorizedError(
+            await send_error(send, scope["path"], UnauthorizedError(
                 "missing or invalid API key: send `Authorization: Bearer <key>`", "api_key"),
                 [(b"www-authenticate", b"Bearer")])
             return
@@ -97,7 +98,7 @@ class BodySizeLimitMiddleware:
         declared = dict(scope["headers"]).get(b"content-length")
         too_large = RequestTooLargeError(f"the request body is larger than {self.max_bytes} bytes", None)
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await _send_error(send, scope["path"], too_large)
+            await send_error(send, scope["path"], too_large)
             return
         received = 0
 

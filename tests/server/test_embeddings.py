@@ -119,6 +119,22 @@ def test_tei_embed_route(embed_server, reference) -> None:
         assert param in response.json()["error"], (body, response.text)   # TGI's body names no param: the text does
 
 
+def test_invocations_and_ping_on_an_embedding_server(embed_server, reference) -> None:
+    """SageMaker's /invocations answers each body as the route its fields name (`input`: vLLM's
+    embeddings, `inputs`: TEI's /embed, `text_1`: /score); /ping is /health."""
+    url = embed_server.base_url
+    assert requests.get(f"{url}/ping", timeout=10).status_code == 200
+    openai = requests.post(f"{url}/invocations", json={"input": TEXTS}, timeout=30).json()
+    assert all(_close(d["embedding"], r) for d, r in zip(openai["data"], reference))
+    assert all(_close(v, r) for v, r in zip(requests.post(f"{url}/invocations", json={"inputs": TEXTS},
+                                                          timeout=30).json(), reference))
+    pair = {"text_1": TEXTS[0], "text_2": TEXTS[1]}
+    assert requests.post(f"{url}/invocations", json=pair, timeout=30).json()["data"] == \
+        requests.post(f"{url}/score", json=pair, timeout=30).json()["data"]
+    refused = requests.post(f"{url}/invocations", json={"messages": []}, timeout=30)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "body"
+
+
 ODD = [None, -1, 0, 2**64, 1e308, 0.5, "", "x" * 3000, "\u0000", "\ud800", [], [-1], [2**40], [""], [[]], [[1, 2]],
        [None], [{}], {}, {"a": 1}, True, "float", "base64", 384, -2, 1, [101, 102], ["a", 5]]
 FIELDS = {"/v1/embeddings": ({"input": "Hi"}, ["input", "model", "encoding_format", "dimensions", "user",

@@ -76,6 +76,9 @@ def test_body_size_limit_is_413(server) -> None:
         yield b'"}'
     _assert_error(requests.post(server.base_url + COMPLETIONS, data=chunked(), timeout=30), 413, None,
                   "RequestTooLargeError")
+    # SageMaker's /invocations reads the body before it knows the route: under the same limit
+    _assert_error(requests.post(server.base_url + "/invocations", data=chunked(), timeout=30), 413, None,
+                  "RequestTooLargeError")
 
 
 def test_streamed_request_errors_before_streaming(server) -> None:
