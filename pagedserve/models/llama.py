@@ -11,7 +11,6 @@ a stage that is not the last returns its (hidden, residual) for the next one, wh
 them as `intermediate`."""
 from __future__ import annotations
 
-import re
 from typing import Any, Iterable
 
 import torch
@@ -33,6 +32,7 @@ from pagedserve.layers.quantization import (CheckpointTensor, LinearMethod, Quan
                                             embedding_method, get_quantization_config)
 from pagedserve.layers.rotary import RotaryEmbedding
 from pagedserve.models.lora_adapter import factors_by_linear, lora_linears
+from pagedserve.models.moe_names import MoeNames
 
 
 class LlamaAttention(nn.Module):
@@ -374,7 +374,7 @@ class LlamaForCausalLM(nn.Module):
         loaded: set[str] = set()
         # a later pipeline stage holds a tied LM head without the embedding it shares
         tied_head_alone = self.config.tie_word_embeddings and self.model.last and not self.model.first
-        moe = _MoeNames(self) if self.config.is_moe else None
+        moe = MoeNames(self) if self.config.is_moe else None
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name:
                 continue
@@ -403,48 +403,6 @@ class LlamaForCausalLM(nn.Module):
                 getattr(param, "weight_loader", default_weight_loader)(param, tensor)
                 loaded.add(name)
         return loaded
-
-
-class _MoeNames:
-    """Routes a mixture-of-experts checkpoint's router and expert tensors to their layer: the
-    router is a plain parameter, an expert projection goes into the stacked expert weights
-    (SparseMoE.load_expert); those count as loaded once every expert's three are in."""
-
-    def __init__(self, model: LlamaForCausalLM) -> None:
-        layer = r"model\.layers\.(\d+)\."
-        self.router = re.compile(layer + re.escape(model.moe_router) + r"\.weight$")
-        self.experts = [(kind, re.compile(layer + re.escape(template).replace(r"\{e\}", r"(\d+)") + r"\.weight$"))
-                        for kind, template in zip(("gate", "up", "down"), model.moe_experts)]
-        self.shared = [(kind, re.compile(layer + re.escape(name) + r"\.weight$"))
-                       for kind, name in zip(("gate", "up", "down"), model.moe_shared)]
-        self.shared_gate = re.compile(layer + re.escape(model.moe_shared_gate) + r"\.weight$")
-        self.layers = model.model.layers
-        self.count: dict[int, int] = {}
-        self.needed = 3 * model.config.num_experts + (3 if model.config.shared_expert_intermediate_size else 0)
-
-    def load(self, name: str, tensor: Any, params: dict[str, nn.Parameter], loaded: set[str]) -> bool:
-        for pattern, target in ((self.router, "mlp.gate.weight"), (self.shared_gate, "mlp.shared_expert_gate.weight")):
-            match = pattern.match(name)
-            if match:
-                target = f"model.layers.{match.group(1)}.{target}"
-                if target in params:
-                    default_weight_loader(params[target], tensor)
-                    loaded.add(target)
-                return True
-        for kind, pattern in self.experts + self.shared:
-            match = pattern.match(name)
-            if match:
-                index = int(match.group(1))
-                expert = int(match.group(2)) if pattern.groups == 2 else None   # None: the shared expert
-                layer = self.layers[index]
-                if isinstance(layer, LlamaDecoderLayer):   # on this pipeline stage
-                    layer.mlp.load_expert(expert, kind, tensor)   # it slices its rank's part (lazily, from a file)
-                    self.count[index] = self.count.get(index, 0) + 1
-                    if self.count[index] == self.needed:
-                        loaded.update(f"model.layers.{index}.mlp.{p}" for p in ("w13", "w2", "shared_w13", "shared_w2")
-                                      if f"model.layers.{index}.mlp.{p}" in params)
-                return True
-        return False
 
 
 class MistralForCausalLM(LlamaForCausalLM):
