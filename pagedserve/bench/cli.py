@@ -95,6 +95,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model name sent in requests (default: the first of "
                                                       "/v1/models); also the tokenizer source when needed")
     parser.add_argument("--served-model-name", default=None, help="model name sent in requests")
+    parser.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME",
+                        help="LoRA adapters the server serves (its --lora-modules names): each request names one, "
+                             "drawn at random (seeded), as vLLM's bench serve; TGI: parameters.adapter_id")
     parser.add_argument("--tokenizer", default=None, help="tokenizer for text datasets and text backends")
     parser.add_argument("--api-key", default=None, help="sent as Authorization: Bearer KEY")
     parser.add_argument("--request-rate", default="inf",

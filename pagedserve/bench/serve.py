@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import random
 import time
 from dataclasses import asdict
 from typing import Any, Sequence
@@ -57,6 +58,7 @@ def make_inputs(args: argparse.Namespace, requests: Sequence[SampleRequest], api
                 tokenizer: Any | None) -> list[RequestInput]:
     needs_text = BACKENDS[args.backend][2]
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    adapters, pick = getattr(args, "lora_modules", None), random.Random(args.seed)
     inputs = []
     for request in requests:
         prompt: str | list[int]
@@ -71,8 +73,10 @@ def make_inputs(args: argparse.Namespace, requests: Sequence[SampleRequest], api
         else:
             prompt = tokenizer.decode(request.prompt_token_ids)
             prompt_len = len(tokenizer(prompt, add_special_tokens=False).input_ids)
-        inputs.append(RequestInput(api_url, model, prompt, prompt_len, request.output_len, args.ignore_eos,
-                                   headers))
+        name = pick.choice(adapters) if adapters else None   # a LoRA adapter by its served name
+        inputs.append(RequestInput(api_url, model if name is None or args.backend == "tgi" else name, prompt,
+                                   prompt_len, request.output_len, args.ignore_eos, headers,
+                                   {"adapter_id": name} if name is not None and args.backend == "tgi" else {}))
     return inputs
 
 

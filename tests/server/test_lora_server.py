@@ -132,3 +132,18 @@ def test_runtime_load_and_unload(lora_server, adapter, expected, server) -> None
     assert gone.status_code == 404 and gone.json()["error"]["param"] == "lora_name"
     assert requests.post(f"{server.base_url}/v1/load_lora_adapter", timeout=30,
                          json={"lora_name": "a", "lora_path": adapter}).status_code == 404
+
+
+def test_bench_serve_names_adapters(lora_server, tmp_path) -> None:
+    """`pagedserve bench serve --lora-modules` (vLLM's): each request names one of the adapters, at
+    random; a name the server does not serve fails its requests (so the names reach the server)."""
+    from pagedserve.cli import main as cli_main
+    common = ["bench", "serve", "--base-url", lora_server.base_url, "--num-prompts", "8", "--random-input-len", "16",
+              "--random-output-len", "4", "--ignore-eos", "--disable-tqdm", "--skip-initial-test"]
+    assert cli_main([*common, "--lora-modules", "smol-lora", "smol", "--result-filename", str(tmp_path / "a.json")]) == 0
+    (run,) = json.loads((tmp_path / "a.json").read_text())["runs"]
+    assert run["metrics"]["completed"] == 8 and run["metrics"]["failed"] == 0
+    assert cli_main([*common, "--lora-modules", "smol-lora", "no-such-lora", "--result-filename",
+                     str(tmp_path / "b.json")]) == 0
+    (run,) = json.loads((tmp_path / "b.json").read_text())["runs"]
+    assert 0 < run["metrics"]["failed"] < 8 and run["metrics"]["completed"] == 8 - run["metrics"]["failed"]
