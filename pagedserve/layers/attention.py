@@ -23,6 +23,16 @@ class Attention(nn.Module):
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
         self.backend: AttentionBackend | None = None
+        # An FP8 checkpoint's KV scales (k_scale / v_scale, set_kv_scales): an FP8 cache holds K / k_scale
+        # and V / v_scale; ignored with a cache of the model's dtype (as vLLM)
+        self.k_scale = self.v_scale = 1.0
+
+    def set_kv_scales(self, k_scale: float | None = None, v_scale: float | None = None) -> None:
+        for name, value in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if value is not None:
+                if not (value > 0 and value < float("inf")):
+                    raise ValueError(f"the checkpoint's {name} must be a positive finite number, got {value}")
+                setattr(self, name, float(value))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
                 rotary: tuple[RotaryEmbedding, torch.Tensor] | None = None,
@@ -39,9 +49,22 @@ class Attention(nn.Module):
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         assert self.backend is not None, "KV cache not bound"
+        scale, v_scale = self.scale, None
+        if (self.k_scale != 1.0 or self.v_scale != 1.0) and self.k_cache.element_size() == 1:
+            # the cache holds K / k_scale and V / v_scale (rotary is linear: the rotated key's too);
+            # scores take k_scale in the softmax scale, the output v_scale
+            k, v = k * (1.0 / self.k_scale), v * (1.0 / self.v_scale)
+            scale, v_scale = self.scale * self.k_scale, self.v_scale
+        out = self._attend(q, k, v, meta, scale, rotary, unnormed)
+        return out if v_scale is None else out.mul_(v_scale)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, scale: float,
+                rotary: tuple[RotaryEmbedding, torch.Tensor] | None,
+                unnormed: tuple[torch.Tensor, float, float, torch.dtype] | None) -> torch.Tensor:
+        num_tokens = q.shape[0]
         triton_rotary = rotary is not None and self.backend.name == "triton" and rotary[0].uses_triton(q)
         if triton_rotary and unnormed is None and decode_fusion() and \
-                (out := self.backend.decode(q, k, v, self.k_cache, self.v_cache, meta, self.scale, rotary)) is not None:
+                (out := self.backend.decode(q, k, v, self.k_cache, self.v_cache, meta, scale, rotary)) is not None:
             return out   # all decodes (up to the backend's fused_decode_max_seqs rows, past the gemv's)
         if triton_rotary and fuses(q):   # few rows: rotary and the KV store in one launch
             from pagedserve.attention.triton_store_kv import rotary_store_kv
@@ -57,10 +80,10 @@ class Attention(nn.Module):
                 scale = torch.rsqrt(squares * inv_k + eps)[:, None, None]
                 q, k, v = ((t * scale).to(dtype) for t in (q, k, v))
             if rotary is not None and self.backend.name == "torch" and \
-                    (out := self.backend.decode(q, k, v, self.k_cache, self.v_cache, meta, self.scale, rotary)) is not None:
+                    (out := self.backend.decode(q, k, v, self.k_cache, self.v_cache, meta, scale, rotary)) is not None:
                 return out   # one C++ call (GGUF packed on CPU)
             if rotary is not None:
                 q, k = rotary[0](rotary[1], q, k)
             self.backend.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping, meta)
-        out = self.backend.attend(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        out = self.backend.attend(q, k, v, self.k_cache, self.v_cache, meta, scale)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)

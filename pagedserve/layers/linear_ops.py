@@ -115,7 +115,12 @@ def narrow(loaded: Any, dim: int, start: int, size: int) -> torch.Tensor:
 
 
 def as_tensor(loaded: Any) -> torch.Tensor:
-    return loaded if isinstance(loaded, torch.Tensor) else loaded[:]
+    if isinstance(loaded, torch.Tensor):
+        return loaded
+    try:
+        return loaded[:]
+    except IndexError:   # a 0-dim safetensors slice (an FP8 checkpoint's k_scale) takes no slice
+        return loaded[()]
 
 
 def _copy(param: torch.Tensor, data: torch.Tensor) -> None:

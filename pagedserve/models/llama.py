@@ -11,6 +11,7 @@ a stage that is not the last returns its (hidden, residual) for the next one, wh
 them as `intermediate`."""
 from __future__ import annotations
 
+import re
 from typing import Any, Iterable
 
 import torch
@@ -22,7 +23,7 @@ from pagedserve.layers.lora import LoraStep
 from pagedserve.layers.attention import Attention
 from pagedserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from pagedserve.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
-                                      default_weight_loader)
+                                      as_tensor, default_weight_loader)
 from pagedserve.layers.linear_ops import norm_chain
 from pagedserve.layers.moe import SparseMoE
 from pagedserve.layers.norm import RMSNorm
@@ -240,6 +241,12 @@ class LlamaModel(nn.Module):
         return hidden
 
 
+# an FP8 checkpoint's per-layer KV cache scales, as the formats name them (compressed-tensors /
+# llm-compressor: self_attn.k_scale; ModelOpt: self_attn.k_proj.k_scale; AutoFP8: k_proj.output_scale)
+_KV_SCALE = re.compile(r"model\.layers\.(?P<layer>\d+)\.self_attn\.(?:(?:attn\.|[kv]_proj\.)?(?P<kv>[kv])_scale"
+                       r"|(?P<proj>[kv])_proj\.output_scale)$")
+
+
 class LlamaForCausalLM(nn.Module):
     # checkpoint suffix -> (our parameter suffix, shard id)
     stacked_params = [(".qkv_proj", ".q_proj", "q"), (".qkv_proj", ".k_proj", "k"), (".qkv_proj", ".v_proj", "v"),
@@ -381,6 +388,12 @@ class LlamaForCausalLM(nn.Module):
             if not name.startswith(("model.", "lm_head.")):   # a backbone's checkpoint (Qwen3-Embedding's)
                 name = "model." + name
             if moe is not None and moe.load(name, tensor, params, loaded):
+                continue
+            if (kv_scale := _KV_SCALE.match(name)) is not None:   # an FP8 checkpoint's KV scales
+                layer = self.model.layers[int(kv_scale["layer"])]
+                if isinstance(layer, LlamaDecoderLayer):   # on this pipeline stage
+                    kind = kv_scale["kv"] or kv_scale["proj"]
+                    layer.self_attn.attn.set_kv_scales(**{f"{kind}_scale": float(as_tensor(tensor).float().max())})
                 continue
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue

@@ -92,3 +92,48 @@ def test_fp8_blocks_swap_to_the_host_tier_and_back_exactly(tiny_checkpoints) -> 
             llm.shutdown()
     assert swaps[0] > 0 and swaps[1] == 0
     assert ids[0] == ids[1]
+
+
+def test_checkpoint_kv_scales(tiny_checkpoints, tmp_path, monkeypatch) -> None:
+    """An FP8 checkpoint's per-layer KV scales (llm-compressor's self_attn.k_scale / v_scale; AutoFP8's
+    k_proj.output_scale): the cache holds round(K / k_scale) and round(V / v_scale), so greedy ids equal
+    transformers' with K and V rounded on that grid, and differ from the scale-1.0 rounding's."""
+    import shutil
+
+    import transformers.models.llama.modeling_llama as modeling
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+    fp8, path = torch.float8_e4m3fn, str(tmp_path / "scaled")
+    shutil.copytree(tiny_checkpoints["llama"], path)
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    layers = len(reference.model.layers)
+    k_scales, v_scales = [0.02 * (i + 1) for i in range(layers)], [0.01 + 0.005 * i for i in range(layers)]
+    scales = {f"model.layers.{i}.self_attn.k_scale": torch.tensor(k) for i, k in enumerate(k_scales)}
+    scales.update({f"model.layers.{i}.self_attn.v_proj.output_scale": torch.tensor([v]) for i, v in enumerate(v_scales)})
+    save_file(scales, f"{path}/kv_scales.safetensors")
+    layer_of = {id(layer.self_attn): i for i, layer in enumerate(reference.model.layers)}
+    rotary, current = modeling.apply_rotary_pos_emb, []
+
+    def rotary_then_round(q, k, *args, **kwargs):
+        q, k = rotary(q, k, *args, **kwargs)
+        scale = k_scales[current[-1]]
+        return q, _rounded(k / scale, fp8) * scale
+    monkeypatch.setattr(modeling, "apply_rotary_pos_emb", rotary_then_round)
+    for layer in reference.model.layers:
+        layer.self_attn.register_forward_pre_hook(lambda module, args: current.append(layer_of[id(module)]))
+        index = layer_of[id(layer.self_attn)]
+        layer.self_attn.v_proj.register_forward_hook(
+            lambda module, inputs, out, s=v_scales[index]: _rounded(out / s, fp8) * s)
+    prompts = random_prompts(5, 512, 3, 40, seed=22)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    ids = {}
+    for name, folder in (("scaled", path), ("unit", tiny_checkpoints["llama"])):
+        llm = LLM(model=folder, kv_cache_dtype="fp8", skip_tokenizer_init=True, device=TEST_DEVICE, dtype="float32",
+                  block_size=4, num_kv_blocks=256)
+        try:
+            outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+            ids[name] = [list(o.outputs[0].token_ids) for o in outputs]
+        finally:
+            llm.shutdown()
+    assert ids["scaled"] == [hf_greedy(reference, p, 12) for p in prompts]
+    assert ids["scaled"] != ids["unit"]

@@ -115,6 +115,27 @@ def test_bad_quantization_configs_fail_at_load(tmp_path):
         _llm(path)
 
 
+def test_compressed_tensors_kv_cache_scheme(tmp_path):
+    """llm-compressor's kv_cache_scheme: FP8 with static per-tensor scales loads (the scales reach the
+    layers, used under kv_cache_dtype fp8); other schemes are refused by name."""
+    scheme = {"type": "float", "num_bits": 8, "strategy": "tensor", "dynamic": False, "symmetric": True}
+    with pytest.raises(ValueError, match="kv_cache_scheme"):
+        _llm(_copy_with_config(tmp_path / "a", "ct-fp8-static", kv_cache_scheme={**scheme, "type": "int"}))
+    path = _copy_with_config(tmp_path / "b", "ct-fp8-static", kv_cache_scheme=scheme)
+    from safetensors.torch import save_file
+    import torch
+    layers = json.loads((Path(path) / "config.json").read_text())["num_hidden_layers"]
+    save_file({f"model.layers.{i}.self_attn.{kv}_scale": torch.tensor(0.5 + i + (kv == "v"))
+               for i in range(layers) for kv in "kv"}, os.path.join(path, "kv_scales.safetensors"))
+    llm = _llm(path, kv_cache_dtype="fp8")
+    try:
+        attention = [layer.self_attn.attn for layer in llm.engine.core.executor.runner.model.model.layers]
+        assert [(a.k_scale, a.v_scale) for a in attention] == [(0.5 + i, 1.5 + i) for i in range(layers)]
+        assert len(_greedy(llm, PROMPTS[:1])[0]) == NEW_TOKENS
+    finally:
+        llm.shutdown()
+
+
 def test_quantization_argument_against_the_checkpoint():
     with pytest.raises(ValidationError, match=r"quantization='awq' conflicts with the checkpoint's "
                                               r"quantization_config \(quant_method 'gptq'\)"):

@@ -46,8 +46,11 @@ class CompressedTensorsConfig(QuantizationConfig):
         fmt = config.get("format")
         if config.get("sparsity_config"):
             raise ValueError("compressed-tensors: sparsity_config (sparse checkpoints) is not supported")
-        if config.get("kv_cache_scheme"):
-            raise ValueError("compressed-tensors: kv_cache_scheme (a quantized KV cache) is not supported")
+        kv = config.get("kv_cache_scheme")
+        if kv and (kv.get("type") != "float" or kv.get("num_bits") != 8 or kv.get("strategy", "tensor") != "tensor"
+                   or kv.get("dynamic")):
+            raise ValueError(f"compressed-tensors: kv_cache_scheme {kv} is not supported: only FP8 with static "
+                             "per-tensor scales (self_attn.k_scale / v_scale, used under kv_cache_dtype fp8)")
         groups = config.get("config_groups")
         if not isinstance(groups, dict) or not groups:
             raise ValueError("compressed-tensors: quantization_config.config_groups is missing or empty")
