@@ -135,6 +135,10 @@ class EmbeddingEngine:
         self.vocab_size = int(config["vocab_size"])
         dtype = resolve_dtype(args.dtype, config.get("torch_dtype") or config.get("dtype"), self.device.type)
         self.tokenizer = None if args.skip_tokenizer_init else load_tokenizer(source, args.tokenizer)
+        # A fast tokenizer's truncation is state it sets for each call (and resets for the next call
+        # without it): requests tokenized on several threads take turns, or a request's cut was lost
+        # to another's reset (a 400 "a prompt has 302 tokens" under load).
+        self._tokenizer_lock = threading.Lock()
         if encoder:
             # config.json as attributes; num_labels as transformers derives it (a cross-encoder's head)
             hf_config = SimpleNamespace(**{"num_labels": len(config.get("id2label") or {"0": 0}), **config})
@@ -169,7 +173,8 @@ class EmbeddingEngine:
             if self.tokenizer is None:
                 raise ValidationError("text prompts need a tokenizer (skip_tokenizer_init is set)", param)
             kwargs = {"truncation": True, "max_length": keep} if keep is not None else {}
-            ids = self.tokenizer(prompt, add_special_tokens=add_special_tokens, **kwargs)["input_ids"]
+            with self._tokenizer_lock:
+                ids = self.tokenizer(prompt, add_special_tokens=add_special_tokens, **kwargs)["input_ids"]
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             ids = list(prompt)[-keep:] if keep is not None else list(prompt)
             bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
@@ -209,7 +214,8 @@ class EmbeddingEngine:
             raise ValidationError("text pairs need a tokenizer (skip_tokenizer_init is set)", param)
         keep = self._keep(truncate_prompt_tokens)
         kwargs = {"truncation": True, "max_length": keep} if keep is not None else {}
-        encoded = self.tokenizer(text_1, text_2, return_token_type_ids=True, **kwargs)
+        with self._tokenizer_lock:
+            encoded = self.tokenizer(text_1, text_2, return_token_type_ids=True, **kwargs)
         ids = encoded["input_ids"]
         if len(ids) > self.max_model_len:
             raise ValidationError(f"this model's maximum context length is {self.max_model_len} tokens; a pair has "

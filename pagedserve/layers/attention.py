@@ -77,8 +77,8 @@ class Attention(nn.Module):
         else:
             if unnormed is not None:
                 squares, inv_k, eps, dtype = unnormed
-                scale = torch.rsqrt(squares * inv_k + eps)[:, None, None]
-                q, k, v = ((t * scale).to(dtype) for t in (q, k, v))
+                rsqrt = torch.rsqrt(squares * inv_k + eps)[:, None, None]
+                q, k, v = ((t * rsqrt).to(dtype) for t in (q, k, v))
             if rotary is not None and self.backend.name == "torch" and \
                     (out := self.backend.decode(q, k, v, self.k_cache, self.v_cache, meta, scale, rotary)) is not None:
                 return out   # one C++ call (GGUF packed on CPU)

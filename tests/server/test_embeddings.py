@@ -86,8 +86,8 @@ def test_bad_input_is_a_400_naming_the_field_while_good_requests_run(embed_serve
         assert response.json()["error"]["param"] == param, (body, response.text)
     unknown = requests.post(url, json={"input": "x", "model": "other"}, timeout=30)
     assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "model"
-    cut = requests.post(url, json={"input": "word " * 300, "truncate_prompt_tokens": 16}, timeout=30).json()
-    assert cut["usage"]["prompt_tokens"] == 16
+    cut = requests.post(url, json={"input": "word " * 300, "truncate_prompt_tokens": 16}, timeout=30)
+    assert cut.status_code == 200 and cut.json()["usage"]["prompt_tokens"] == 16, cut.text
     for path in ("/v1/completions", "/v1/chat/completions", "/generate"):
         response = requests.post(f"{embed_server.base_url}{path}", json={"prompt": "x"}, timeout=30)
         assert response.status_code == 400 and response.json()["error"]["param"] == "model", path
@@ -117,6 +117,28 @@ def test_tei_embed_route(embed_server, reference) -> None:
         response = requests.post(url, json=body, timeout=30)
         assert response.status_code == 422 and response.json()["error_type"] == "validation", (body, response.text)
         assert param in response.json()["error"], (body, response.text)   # TGI's body names no param: the text does
+
+
+def test_truncation_holds_while_other_requests_tokenize(embed_server) -> None:
+    """A fast tokenizer's truncation is state set per call: under concurrent requests a cut request's
+    truncation was reset by another's call before it encoded (a 400 "a prompt has 302 tokens").
+    Eight threads mix cut and uncut requests: every one is a 200, the cut ones at 16 tokens."""
+    url, failures = f"{embed_server.base_url}/v1/embeddings", []
+
+    def send(thread: int) -> None:
+        for _ in range(8):
+            cut = thread % 2 == 1
+            body = {"input": "word " * 300, "truncate_prompt_tokens": 16} if cut else {"input": TEXTS}
+            response = requests.post(url, json=body, timeout=60)
+            if response.status_code != 200 or (cut and response.json()["usage"]["prompt_tokens"] != 16):
+                failures.append((thread, response.status_code, response.text[:200]))
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not failures, failures[:3]
 
 
 def test_invocations_and_ping_on_an_embedding_server(embed_server, reference) -> None:
