@@ -13,30 +13,32 @@ import torch.nn.functional as F
 FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
 
 
+def _to_fp8(x: torch.Tensor, fp8: torch.dtype) -> torch.Tensor:
+    """x in an FP8 type, saturating at its largest finite value (never NaN or inf), as the GPU's
+    conversion does (triton_store_kv.to_cache)."""
+    bound = FP8_MAX[fp8]
+    return x.clamp(-bound, bound).to(fp8)
+
+
 def to_cache(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
     """x in the cache's element type, viewed as the cache's storage for index_copy_ (an FP8
-    cache as bytes: the CPU has no FP8 index_copy_); FP8 saturates at its largest finite value
-    (never NaN or inf), as the GPU's conversion does."""
-    if cache.element_size() != 1:
+    cache as bytes: the CPU has no FP8 index_copy_)."""
+    if cache.dtype not in FP8_MAX:
         return x.to(cache.dtype)
-    bound = FP8_MAX[cache.dtype]
-    return x.clamp(-bound, bound).to(cache.dtype).view(torch.uint8)
+    return _to_fp8(x, cache.dtype).view(torch.uint8)
 
 
 def as_cached(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
     """x as an FP8 cache of `cache_dtype` holds it, back in x's dtype (x itself for other caches):
     the new tokens' K/V that a prefill kernel reads from the step's tensors, so that every key is
     the cache's (as vLLM's attention reads every key from the cache)."""
-    if cache_dtype not in FP8_MAX:
-        return x
-    bound = FP8_MAX[cache_dtype]
-    return x.clamp(-bound, bound).to(cache_dtype).to(x.dtype)
+    return _to_fp8(x, cache_dtype).to(x.dtype) if cache_dtype in FP8_MAX else x
 
 
 def _rows(cache: torch.Tensor) -> torch.Tensor:
     """The cache as [slots, heads, head_dim] of its storage type (an FP8 cache as bytes)."""
     flat = cache.view(-1, *cache.shape[2:])
-    return flat.view(torch.uint8) if cache.element_size() == 1 else flat
+    return flat.view(torch.uint8) if cache.dtype in FP8_MAX else flat
 
 
 def store_kv_ref(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,

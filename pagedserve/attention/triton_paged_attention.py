@@ -38,6 +38,7 @@ import triton.language as tl
 
 from pagedserve.attention.paged_launch import TileConfig, default_tile_config, launch_plan
 from pagedserve.attention.split_plan import SplitPlan, active_segments
+from pagedserve.attention.torch_ref import FP8_MAX
 from pagedserve.attention.triton_segment_merge import arrivals as _arrivals, merge_group, reduce_segments
 from pagedserve.attention.triton_store_kv import RotaryStore, fp8_operands, slot_row, to_cache
 from pagedserve.layers.triton_launch import gdc_launch_dependents, gdc_wait, launch_fitting, pdl_launches
@@ -327,7 +328,7 @@ def _check_attention_inputs(query: torch.Tensor, k_cache: torch.Tensor, v_cache:
                          f"[num_kv_heads, head_dim] {tuple(k_cache.shape[2:])} (num_heads must be "
                          f"a multiple of num_kv_heads)")
     if query.dtype not in _FLOAT_DTYPES or v_cache.dtype != k_cache.dtype \
-            or k_cache.dtype not in (query.dtype, torch.float8_e4m3fn, torch.float8_e5m2):
+            or k_cache.dtype not in (query.dtype, *FP8_MAX):
         raise ValueError(f"query, k_cache, v_cache must share one dtype in {_FLOAT_DTYPES} (or the caches one FP8 "
                          f"type); got {query.dtype}, {k_cache.dtype}, {v_cache.dtype}")
     for name, tensor in (("query", query), ("k_cache", k_cache), ("v_cache", v_cache)):

@@ -15,10 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedserve.attention.torch_ref import FP8_MAX
 from pagedserve.layers.triton_ops import _LIBDEVICE, rotate
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-CACHE_DTYPES = _FLOAT_DTYPES + (torch.float8_e4m3fn, torch.float8_e5m2)   # kv_cache_dtype fp8: one byte a value
+CACHE_DTYPES = _FLOAT_DTYPES + tuple(FP8_MAX)   # kv_cache_dtype fp8: one byte a value
 
 
 @triton.jit

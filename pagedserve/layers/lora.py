@@ -37,13 +37,13 @@ class LoraStep:
         # slice count -> (each column's slot, the static mask [capacity, columns])
         self.masks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def register(self, num_slices: int, dtype: torch.dtype) -> torch.Tensor:
-        """A layer of `num_slices` output slices joins: its columns' slots (set-up, before any capture)."""
+    def register(self, num_slices: int, dtype: torch.dtype) -> None:
+        """A layer of `num_slices` output slices joins: its columns' slots and static mask (set-up,
+        before any capture; one pair per slice count)."""
         if num_slices not in self.masks:
             column_slot = torch.arange(self.num_slots, device=self.device).repeat_interleave(num_slices * self.max_rank)
             mask = torch.zeros((self.capacity, column_slot.numel()), dtype=dtype, device=self.device)
             self.masks[num_slices] = (column_slot, mask)
-        return self.masks[num_slices][0]
 
     def set(self, slots: torch.Tensor | None) -> None:
         """The step's token -> slot map (None: no adapter anywhere in the step); rewrites the rows

@@ -10,15 +10,12 @@ Pure ASGI: the body is read once (through the size limit that wraps this middlew
 fields looked at, and replayed to the app under the target's path."""
 from __future__ import annotations
 
-import asyncio
-import json
-
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pagedserve.errors import ValidationError
 from pagedserve.server.errors import HTTPError
 from pagedserve.server.middleware import send_error
-from pagedserve.server.request_body import OFF_LOOP_BYTES
+from pagedserve.server.request_body import decode_json_off_loop
 
 INVOCATIONS = "/invocations"
 GENERATE_ROUTES = (("messages", "/v1/chat/completions"), ("prompt", "/v1/completions"), ("inputs", "/"),
@@ -55,8 +52,8 @@ class InvocationsMiddleware:
                     break
             raw = b"".join(chunks)
             try:
-                body = await asyncio.to_thread(json.loads, raw) if len(raw) > OFF_LOOP_BYTES else json.loads(raw)
-            except (ValueError, RecursionError):
+                body = await decode_json_off_loop(raw, check=False)   # the route checks its values
+            except ValidationError:
                 body = None   # not JSON: the error below names the body (the routes' own checks never run)
             target = invocation_target(body, self.routes)
         except (HTTPError, ValidationError) as exc:

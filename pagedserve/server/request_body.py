@@ -29,7 +29,11 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 async def read_json(request: Request, check: bool = True) -> Any:
     """The body as JSON, checked by check_json_value unless `check` is false (the caller
     then checks it once it knows the route family). Raises ValidationError."""
-    raw = await request.body()
+    return await decode_json_off_loop(await request.body(), check)
+
+
+async def decode_json_off_loop(raw: bytes, check: bool = True) -> Any:
+    """decode_json, in a worker thread for bodies over OFF_LOOP_BYTES."""
     if len(raw) > OFF_LOOP_BYTES:
         return await asyncio.to_thread(decode_json, raw, check)
     return decode_json(raw, check)
