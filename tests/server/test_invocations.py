@@ -8,7 +8,7 @@ import json
 
 import requests
 
-from tests.server.conftest import API_KEY
+from tests.server.conftest import API_KEY, GOOD, GoodTraffic
 
 CHAT = {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8, "temperature": 0.0}
 COMPLETION = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0.0, "ignore_eos": True}
@@ -45,14 +45,18 @@ def test_invocations_answers_as_the_route_its_body_names(server) -> None:
 
 
 def test_invocations_refuses_a_body_it_cannot_place(server, auth_server) -> None:
-    for data in (json.dumps({"text": "hi"}), json.dumps(["messages"]), "{not json"):
-        response = requests.post(f"{server.base_url}/invocations", data=data, timeout=30,
-                                 headers={"Content-Type": "application/json"})
-        assert response.status_code == 400, (data, response.text)
-        error = response.json()["error"]
-        assert error["param"] == "body" and "messages" in error["message"] and "inputs" in error["message"]
-    bad = _post(server, "/invocations", {**CHAT, "temperature": -1})   # the route's own checks, its own answer
-    assert bad.status_code == 400 and bad.json()["error"]["param"] == "temperature"
+    """While good streams run: each is answered alone, and they finish with the text they get alone."""
+    expected = _post(server, "/v1/completions", GOOD).json()["choices"][0]["text"]
+    with GoodTraffic(server.base_url) as good:
+        for data in (json.dumps({"text": "hi"}), json.dumps(["messages"]), "{not json"):
+            response = requests.post(f"{server.base_url}/invocations", data=data, timeout=30,
+                                     headers={"Content-Type": "application/json"})
+            assert response.status_code == 400, (data, response.text)
+            error = response.json()["error"]
+            assert error["param"] == "body" and "messages" in error["message"] and "inputs" in error["message"]
+        bad = _post(server, "/invocations", {**CHAT, "temperature": -1})   # the route's own checks, its own answer
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "temperature"
+    good.check(expected)
     assert _post(auth_server, "/invocations", CHAT).status_code == 401
     ok = _post(auth_server, "/invocations", CHAT, headers={"Authorization": f"Bearer {API_KEY}"})
     assert ok.status_code == 200 and ok.json()["object"] == "chat.completion"
