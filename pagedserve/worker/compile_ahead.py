@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -127,6 +128,8 @@ def watch_late_compiles() -> bool:
     disk cache) at a real launch: after start-up the step that launches it waits for the
     compile, ~0.5-2 s on a cold cache, so one the dry runs did not take is a start-up gap (a
     WARNING from LATE_COMPILE_WARN_S on, naming the kernel and its argument specialisation).
+    Only this thread's launches count: the host KV tier's pinning thread compiles its copy
+    kernel off the steps.
     Chains whatever cache hook is set (recording() sets its own and puts this one back). Not
     under TP or PP, whose kernels compile at first launch by design (compile_ahead). True when
     installed (once a process)."""
@@ -135,11 +138,12 @@ def watch_late_compiles() -> bool:
         return False
     previous_cache, previous_post = knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook
     started: dict[Any, float] = {}
+    engine_thread = threading.get_ident()   # another thread's compile (the host tier's check) holds no step
 
     def cache_hook(**kwargs: Any) -> bool:
         if previous_cache is not None and previous_cache(**kwargs):
             return True
-        if not kwargs["is_manual_warmup"]:
+        if not kwargs["is_manual_warmup"] and threading.get_ident() == engine_thread:
             started[kwargs["key"]] = time.perf_counter()
         return False
 

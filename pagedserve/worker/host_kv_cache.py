@@ -18,9 +18,10 @@ the H200 a 0.25 s batch-1 decode of llama-1b took 1.7 s while 4 GiB were pinned 
 slower with _Pinning's pauses), and under load a registration stalled a step 75-120 ms on an H100
 host. Started at the first swap instead (before session 38), the pinning and the staged copies
 met a busy engine: ttft1024 after thr512 113-280 ms against 23-28 ms pinned at start-up
-(benchmarks/RESULTS.md, issue 22, session 38). The engine thread adopts the mapped view at the
-first swap after pinning ends, once a round trip through the kernel (the pool's first, last and
-chunk-edge blocks to a scratch device tensor and back) checks it.
+(benchmarks/RESULTS.md, issue 22, session 38). The pinning thread then makes the mapped view and
+checks it with a round trip through the kernel (the pool's first, last and chunk-edge blocks to
+a scratch device tensor and back; a lock keeps the engine's staged copies out of those blocks
+meanwhile); the engine thread adopts the view at its first swap after that, waiting for nothing.
 
 Ordering (the SchedulerOutput's lists, see engine_io): on CUDA the copies run on their own
 stream, which first waits for the work already queued on the compute stream (the previous
@@ -38,11 +39,13 @@ results), with a warning.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import mmap
 import threading
 import time
 import weakref
+from typing import Callable
 
 import torch
 
@@ -64,6 +67,18 @@ def _words(cache: torch.Tensor) -> torch.Tensor:
         if raw.shape[2] % size == 0:
             return raw.view(dtype)
     return raw
+
+
+def pair_ids(pairs: list[tuple[BlockId, BlockId]]) -> torch.Tensor:
+    """[2, n rounded up to even] int64: the pairs' sources, then their destinations, each row
+    contiguous (a transpose of [n, 2] is not when n == 1: `contiguous()` keeps its strides,
+    size-1 dims being exempt), padded with zeros so the second row starts 16 bytes aligned, as
+    the first does. Triton specialises a pointer on 16-byte alignment: with odd counts the copy
+    kernel had a second specialisation, compiled at the first odd swap (100 ms into ttft1024
+    on a cold cache, an H100; benchmarks/RESULTS.md, issue 22, session 40)."""
+    width = len(pairs) + len(pairs) % 2
+    pad = [0] * (width - len(pairs))
+    return torch.tensor([s for s, _ in pairs] + pad + [d for _, d in pairs] + pad, dtype=torch.int64).view(2, width)
 
 
 class _CudaArray:
@@ -119,11 +134,17 @@ class _Pinning:
     17). So each chunk's pages are first touched here, outside the lock (the registration then
     only pins them: ~7x shorter), the chunks are small, and after each the thread sleeps `pause`
     times as long as the registration took, so the engine thread's calls get through between
-    them."""
+    them. Then `check(raw)` (if given) makes and checks the mapped view in this thread too, off
+    the engine's steps: its round trip through the copy kernel (a compile on a cold Triton
+    cache) and the host pattern work took 19-342 ms of the first step that swapped when the
+    engine thread ran it (ttft1024 after thr512 on an H100, warm / cold cache: 45.5 / 456.9 ms,
+    24.1 / 24.5 ms now; benchmarks/RESULTS.md, issue 22, session 40)."""
 
     def __init__(self, raw: torch.Tensor, device: torch.device, chunk: int | None = None, touch: bool = True,
-                 pause: float | None = None) -> None:
+                 pause: float | None = None, check: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.pointer, self.nbytes, self.device = raw.data_ptr(), raw.numel() * raw.element_size(), device
+        self.check = check
+        self.mapped: torch.Tensor | None = None   # check(raw)'s result, once every chunk is registered
         self.chunk, self.touch = chunk or _PIN_CHUNK_BYTES, touch
         self.pause = _PIN_PAUSE if pause is None else pause
         self._raw: torch.Tensor | None = raw.view(torch.uint8).view(-1)   # until the thread ends
@@ -143,10 +164,12 @@ class _Pinning:
             torch.cuda.set_device(self.device)
             with torch.inference_mode():
                 self.ok = self._pin_all()
+                if self.ok and self.check is not None:
+                    self.mapped = self.check(self._raw)
         except Exception as exc:   # pageable memory still works, through staged copies
             self.error = exc
         finally:
-            self._raw = None
+            self._raw = self.check = None
             self.seconds = time.monotonic() - began
             self.done.set()
 
@@ -174,6 +197,44 @@ class _Pinning:
         self.chunks = []
 
 
+def _map_pool(raw: torch.Tensor, *, host: torch.Tensor, device: torch.device, num_blocks: int,
+              lock: threading.Lock) -> torch.Tensor:
+    """The registered pool `raw` (bytes of `host`, [planes, num_blocks, ...]) as a CUDA view of
+    words, after a round trip through the copy kernel: the first, last and chunk-edge blocks to
+    a scratch device tensor and back, on a stream of its own. Runs in the pinning thread; holds
+    `lock` while the pattern is in those blocks (their contents are restored). Raises if the
+    view cannot be made or a block comes back different."""
+    from pagedserve.attention.triton_copy_blocks import copy_blocks
+    view = torch.as_tensor(_CudaArray(raw), device=device)
+    mapped = _words(view.view(host.dtype).view(host.shape))
+    host_words = _words(host)
+    planes, words = mapped.shape[0], mapped.shape[2]
+    ends = check_blocks(raw.data_ptr(), raw.numel(), planes, num_blocks)
+    n = len(ends)
+    pattern = torch.arange(planes * n * words, dtype=torch.int64).to(mapped.dtype).view(planes, n, words)
+    scratch = torch.zeros(planes, n, words, dtype=mapped.dtype, device=device)
+    src = torch.tensor(ends, dtype=torch.int64, device=device)
+    dst = torch.arange(n, dtype=torch.int64, device=device)
+    stream = torch.cuda.Stream(device)
+    with lock:
+        saved = host_words[:, ends].clone()   # they may hold swapped-out blocks
+        try:
+            host_words[:, ends] = pattern
+            with torch.cuda.stream(stream):
+                copy_blocks(mapped, scratch, src, dst)                            # host -> device
+                stream.synchronize()
+                ok = torch.equal(scratch.cpu(), pattern)
+                scratch.zero_()
+                copy_blocks(scratch, mapped, dst, src)                            # device -> host
+                stream.synchronize()
+            ok = ok and not host_words[:, ends].any()
+        finally:
+            host_words[:, ends] = saved
+    if not ok:
+        raise RuntimeError("a block copied through the mapped view came back different")
+    return mapped
+
+
 class HostKVCache:
     """`num_blocks` host blocks shaped like `device_cache`'s. `swap()` is called by the runner
     once per step that carries copies."""
@@ -195,6 +256,9 @@ class HostKVCache:
         self._raw = raw
         self._pinning: _Pinning | None = None   # until the mapped view is adopted (or refused)
         self._pin_started = False
+        # held by swap() until the mapped view is adopted, and by the pinning thread's check while it
+        # writes its pattern into pool blocks: the staged copies never meet it
+        self._pool_lock = threading.Lock()
         if self.device.type == "cuda":
             self.stream = torch.cuda.Stream(self.device)
         self._device_words = _words(device_cache)
@@ -221,7 +285,8 @@ class HostKVCache:
 
     def _start_pinning(self) -> None:
         self._pin_started = True
-        self._pinning = _Pinning(self._raw, self.device)
+        self._pinning = _Pinning(self._raw, self.device, check=functools.partial(
+            _map_pool, host=self.host, device=self.device, num_blocks=self.num_blocks, lock=self._pool_lock))
         weakref.finalize(self, self._pinning.close)
 
     def wait_pinned(self) -> bool:
@@ -234,52 +299,17 @@ class HostKVCache:
         return self.mapped
 
     def _adopt(self) -> None:
-        """The pinning ended: check and adopt the mapped view (engine thread, between steps)."""
+        """The pinning thread ended: adopt the mapped view it made and checked (engine thread,
+        between steps: nothing here waits)."""
         pinning, self._pinning = self._pinning, None
-        if not pinning.ok:
-            logger.warning("host KV tier: %s; swaps use staged copies from pageable memory", pinning.error)
+        if not pinning.ok or pinning.mapped is None:
+            logger.warning("host KV tier: %s; swaps use staged copies from pageable memory",
+                           pinning.error or "the pinning was stopped")
             return
-        self._mapped = self._map(self._raw)
-        if self._mapped is not None:
-            logger.info("host KV tier: %.1f GiB pinned in the background in %.1f s (%.2f s of it registering); "
-                        "copies mapped", pinning.nbytes / 2**30, pinning.seconds, pinning.register_seconds)
-
-    def _map(self, raw: torch.Tensor) -> torch.Tensor | None:
-        """The mapped view as words, after a round trip through the kernel (the first, last and
-        chunk-edge host blocks <-> a scratch device tensor; their contents are kept); None
-        (with a warning) if that fails."""
-        try:
-            from pagedserve.attention.triton_copy_blocks import copy_blocks
-            view = torch.as_tensor(_CudaArray(raw), device=self.device)
-            mapped = _words(view.view(self.device_cache.dtype).view(self.host.shape))
-            host_words = _words(self.host)
-            planes, words = mapped.shape[0], mapped.shape[2]
-            ends = check_blocks(raw.data_ptr(), raw.numel(), planes, self.num_blocks)
-            saved = host_words[:, ends].clone()   # they may hold swapped-out blocks
-            n = len(ends)
-            pattern = torch.arange(planes * n * words, dtype=torch.int64).to(mapped.dtype).view(planes, n, words)
-            try:
-                host_words[:, ends] = pattern
-                scratch = torch.zeros(planes, n, words, dtype=mapped.dtype, device=self.device)
-                src = torch.tensor(ends, dtype=torch.int64, device=self.device)
-                dst = torch.arange(n, dtype=torch.int64, device=self.device)
-                self.stream.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(self.stream):
-                    copy_blocks(mapped, scratch, src, dst)                            # host -> device
-                    self.stream.synchronize()
-                    ok = torch.equal(scratch.cpu(), pattern)
-                    scratch.zero_()
-                    copy_blocks(scratch, mapped, dst, src)                            # device -> host
-                    self.stream.synchronize()
-                ok = ok and not host_words[:, ends].any()
-            finally:
-                host_words[:, ends] = saved
-            if not ok:
-                raise RuntimeError("a block copied through the mapped view came back different")
-            return mapped
-        except Exception as exc:
-            logger.warning("host KV tier: no mapped view of the pinned pool (%s); swaps use staged copies", exc)
-            return None
+        self._mapped, pinning.mapped = pinning.mapped, None
+        logger.info("host KV tier: %.1f GiB pinned and its mapped view checked in the background in %.1f s "
+                    "(%.2f s of it registering); copies mapped", pinning.nbytes / 2**30, pinning.seconds,
+                    pinning.register_seconds)
 
     def await_loads(self) -> None:
         """Before a forward: the compute stream waits for the last step's swap-ins and
@@ -305,6 +335,14 @@ class HostKVCache:
             self._start_pinning()
         elif self._pinning is not None and self._pinning.done.is_set():
             self._adopt()
+        if self._pinning is None:
+            self._swap_cuda(swap_out, swap_in, behind)
+        else:
+            with self._pool_lock:   # the pinning thread's check may write pool blocks
+                self._swap_cuda(swap_out, swap_in, behind)
+
+    def _swap_cuda(self, swap_out: list[tuple[BlockId, BlockId]], swap_in: list[tuple[BlockId, BlockId]],
+                   behind: list[tuple[BlockId, BlockId]]) -> None:
         compute = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(compute)
         mapped = self._mapped is not None
@@ -325,15 +363,13 @@ class HostKVCache:
     def _copy(self, src: torch.Tensor, dst: torch.Tensor, pairs: list[tuple[BlockId, BlockId]]) -> None:
         if not pairs:
             return
-        # [2, n]: sources then destinations, each row contiguous (a transpose of [n, 2] is not
-        # when n == 1: `contiguous()` keeps its strides, size-1 dims being exempt)
-        ids = torch.tensor([s for s, _ in pairs] + [d for _, d in pairs], dtype=torch.int64).view(2, -1)
+        ids = pair_ids(pairs)
         if src.device.type == "cuda":
             from pagedserve.attention.triton_copy_blocks import copy_blocks
             ids = ids.pin_memory().to(self.device, non_blocking=True)
-            copy_blocks(src, dst, ids[0], ids[1])
+            copy_blocks(src, dst, ids[0, :len(pairs)], ids[1, :len(pairs)])
         else:
-            dst[:, ids[1]] = src[:, ids[0]]
+            dst[:, ids[1, :len(pairs)]] = src[:, ids[0, :len(pairs)]]
 
     def _staged(self, src: torch.Tensor, dst: torch.Tensor, pairs: list[tuple[BlockId, BlockId]]) -> None:
         """Fallback: gather, transfer, scatter, in chunks (device memory stays bounded)."""

@@ -453,3 +453,122 @@ def test_background_pinning_pauses_after_each_registration(monkeypatch):
     assert len(pinning.chunks) in (4, 5) and pinning.register_seconds >= 0.005 * len(pinning.chunks)
     assert pinning.seconds >= 4 * pinning.register_seconds * 0.99
     pinning.close()
+
+
+def _as_on_cuda(monkeypatch, cache: HostKVCache) -> None:
+    """Stand-ins for the CUDA stream calls of swap() and for the registrations (no copies run:
+    the tests pass empty lists or count on the staged path's CPU tensors)."""
+    import contextlib
+    from types import SimpleNamespace
+
+    import pagedserve.worker.host_kv_cache as host_kv_cache
+    cache.stream = SimpleNamespace(wait_stream=lambda stream: None)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(wait_stream=lambda s: None))
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(host_kv_cache, "_register", lambda pointer, nbytes: None)
+    monkeypatch.setattr(host_kv_cache, "_unregister", lambda pointer: None)
+
+
+def test_the_mapped_view_is_made_and_checked_in_the_pinning_thread(monkeypatch):
+    """The check of the pinned pool's mapped view (a round trip through the copy kernel: a
+    Triton compile on a cold cache, and host pattern work) runs in the pinning thread, under
+    the pool lock; the engine's swap only adopts its result. A failed check leaves staged
+    copies, with its error."""
+    import threading
+
+    import pagedserve.worker.host_kv_cache as host_kv_cache
+    calls = []
+    view = torch.zeros(3)
+
+    def check(raw, *, host, device, num_blocks, lock):
+        calls.append((threading.get_ident(), lock is cache._pool_lock, num_blocks, raw.numel() == host.numel() * 4))
+        return view
+
+    monkeypatch.setattr(host_kv_cache, "_map_pool", check)
+    cache = HostKVCache(torch.zeros(4, 6, B, 2, 3), 5)
+    _as_on_cuda(monkeypatch, cache)
+    cache.start_pinning()
+    pinning = cache._pinning
+    assert pinning.done.wait(10) and cache.copy_mode == "staged"   # not adopted yet: no swap since
+    assert calls == [(calls[0][0], True, 5, True)] and calls[0][0] != threading.get_ident()
+    cache.swap([], [])
+    assert cache._mapped is view and cache.copy_mode == "mapped" and len(calls) == 1
+    pinning.close()   # "unregisters" its chunks while _unregister is stood in for (on a GPU the real
+    # one, from the finalizer after the test, leaves a CUDA error the next test's first call reports)
+
+    def failing(raw, **_):
+        raise RuntimeError("a block copied through the mapped view came back different")
+
+    monkeypatch.setattr(host_kv_cache, "_map_pool", failing)
+    other = HostKVCache(torch.zeros(4, 6, B, 2, 3), 5)
+    _as_on_cuda(monkeypatch, other)
+    other.start_pinning()
+    pinning = other._pinning
+    assert not other.wait_pinned() and other.copy_mode == "staged"
+    pinning.close()
+
+
+def test_staged_swaps_wait_while_the_check_holds_the_pool(monkeypatch):
+    """Until the mapped view is adopted, a swap (staged copies into the pool) takes the pool
+    lock: while the pinning thread's check has its pattern in pool blocks, the swap waits, and
+    its copy lands after the check restored them."""
+    import threading
+
+    import pagedserve.worker.host_kv_cache as host_kv_cache
+    holding, release = threading.Event(), threading.Event()
+
+    def check(raw, *, host, device, num_blocks, lock):
+        with lock:
+            saved = host[:, 2].clone()
+            host[:, 2] = -1.0   # the pattern
+            holding.set()
+            release.wait(10)
+            host[:, 2] = saved
+        raise RuntimeError("no mapped view on the CPU")
+
+    monkeypatch.setattr(host_kv_cache, "_map_pool", check)
+    device = torch.randn(4, 6, B, 2, 3)
+    cache = HostKVCache(device, 5)
+    _as_on_cuda(monkeypatch, cache)
+    cache.start_pinning()
+    pinning = cache._pinning
+    assert holding.wait(10)
+    swapped = threading.Event()
+    worker = threading.Thread(target=lambda: (cache.swap([(1, 2)], []), swapped.set()))
+    worker.start()
+    assert not swapped.wait(0.3)   # the check holds the pool
+    release.set()
+    assert swapped.wait(10)
+    worker.join()
+    assert torch.equal(cache.host[:, 2], device[:, 1])   # the swap's copy, not the restored contents
+    pinning.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the mapped view needs CUDA")
+def test_the_pinned_pool_is_mapped_and_swaps_through_it_exactly():
+    """On CUDA: the pool pinned, its view checked in the background and adopted; blocks go out
+    to the host and back bit for bit through the mapped copies."""
+    device = torch.randn(6, 9, B, 2, 16, device="cuda")
+    before = device.clone()
+    cache = HostKVCache(device, 7)
+    assert cache.wait_pinned() and cache.copy_mode == "mapped"
+    cache.swap([(1, 6), (4, 0)], [])
+    torch.cuda.synchronize()
+    assert torch.equal(cache.host[:, 6], before[:, 1].cpu()) and torch.equal(cache.host[:, 0], before[:, 4].cpu())
+    cache.swap([], [(6, 7), (0, 8)])
+    cache.await_loads()
+    torch.cuda.synchronize()
+    assert torch.equal(device[:, 7], before[:, 1]) and torch.equal(device[:, 8], before[:, 4])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 19])
+def test_copy_ids_rows_start_16_bytes_aligned(n):
+    """The copy kernel's source and destination id rows both start 16-byte aligned whatever the
+    pair count (Triton specialises pointers on it: an odd count compiled a second kernel)."""
+    from pagedserve.worker.host_kv_cache import pair_ids
+    pairs = [(i, 100 + i) for i in range(n)]
+    ids = pair_ids(pairs)
+    assert ids[0, :n].tolist() == list(range(n)) and ids[1, :n].tolist() == [100 + i for i in range(n)]
+    assert ids.shape == (2, n + n % 2)
+    assert ids[0].data_ptr() % 16 == 0 and ids[1].data_ptr() % 16 == 0 and ids[1, :n].stride(0) == 1
