@@ -47,7 +47,7 @@ def _yarn_inv_freq(dim: int, base: float, factor: float, scaling: dict[str, Any]
     if low == high:
         high += 0.001
     pos_freqs = base ** (torch.arange(0, dim, 2, device="cpu").float() / dim)
-    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1)
     extrapolation = 1 - ramp   # the high-frequency dimensions keep their frequency
     return (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
 

@@ -2,6 +2,7 @@
 CPU, gpu_memory_utilization after a profiled peak forward on GPU."""
 from __future__ import annotations
 
+import gc
 import logging
 
 import torch
@@ -82,7 +83,10 @@ def _profile_cuda_kv_budget(config: EngineConfig, runner: ModelRunner, baseline_
     allocates besides it: the peak of a profiled forward at max_num_batched_tokens plus a
     sampler pass (weights included), and the non-torch memory it added since
     `baseline_non_torch` (cuBLAS workspaces, kernel modules). As in vLLM, the CUDA context
-    that existed before the model was loaded is not charged to gpu_memory_utilization."""
+    that existed before the model was loaded is not charged to gpu_memory_utilization. An
+    earlier engine of this process that nothing reaches but a reference cycle is collected
+    first: its KV cache (most of the GPU) counted as this one's and left it 0 blocks."""
+    gc.collect()
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()

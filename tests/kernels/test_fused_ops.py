@@ -121,3 +121,18 @@ def test_rms_norm_issues_every_load_before_the_sum() -> None:
     ops = json.loads(proc.stdout.strip().splitlines()[-1])
     first_sum = min(i for i, op in enumerate(ops) if op != "ld.global")
     assert ops.count("ld.global") == 6 and ops[:first_sum] == ["ld.global"] * 6, ops
+
+
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "linear", "factor": 2.0},
+                                     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+                                     {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}])
+def test_rotary_tables_build_under_another_default_device(scaling):
+    """The model is built under its device as the default (CUDA on a GPU): the frequencies are
+    computed on the CPU (as transformers does) and only the tables move. YaRN's ramp once took
+    the default device and failed to build any YaRN model on a GPU (the meta device stands in
+    for CUDA here: it checks devices, not values)."""
+    cpu = RotaryEmbedding(64, 128, 10000.0, scaling)
+    with torch.device("meta"):
+        meta = RotaryEmbedding(64, 128, 10000.0, scaling)
+    assert meta.cos_cache.device.type == "meta" and meta.cos_cache.shape == cpu.cos_cache.shape
