@@ -77,7 +77,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, tgi_settings: TGISe
     add_dashboard_routes(app, DashboardHub(engine, settings.served_model_name), settings.dashboard_results_dir)
     document_openapi(app, {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
                            "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest,
-                           "/generate": GenerateRequest, "/generate_stream": GenerateRequest, "/": GenerateRequest})
+                           "/generate": GenerateRequest, "/generate_stream": GenerateRequest, "/": GenerateRequest},
+                     invocations=GENERATE_ROUTES)
     app.add_middleware(InvocationsMiddleware, routes=GENERATE_ROUTES)   # inside the size limit and the key
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     if settings.api_key:

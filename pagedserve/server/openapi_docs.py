@@ -16,16 +16,33 @@ from pagedserve.server.errors import API, ERROR_STATUSES, OpenAIErrorBody, TGIEr
 _REF = "#/components/schemas/{model}"
 
 
-def document_openapi(app: FastAPI, request_bodies: dict[str, type[BaseModel]]) -> None:
+def document_openapi(app: FastAPI, request_bodies: dict[str, type[BaseModel]],
+                     invocations: tuple[tuple[str, str], ...] = ()) -> None:
     """Make app.openapi() publish `request_bodies` (POST path -> model) and every route's
-    error responses; the schema is built once, on first use."""
+    error responses, and `POST /invocations` (a middleware, invisible to FastAPI) with its
+    `invocations` (field, path) dispatch, its body one of those paths' models; the schema is
+    built once, on first use."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             app.openapi_schema = _build(app, request_bodies)
+            if invocations:
+                app.openapi_schema["paths"]["/invocations"] = _invocations(request_bodies, invocations)
         return app.openapi_schema
 
     app.openapi = openapi   # type: ignore[method-assign]
+
+
+def _invocations(request_bodies: dict[str, type[BaseModel]], routes: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    refs = {request_bodies[path].__name__: path for _, path in routes if path in request_bodies}
+    dispatch = ", ".join(f"`{field}` -> {path}" for field, path in routes)
+    return {"post": {
+        "summary": "Invocations (SageMaker)", "operationId": "invocations",
+        "description": f"Served by the route the body's first present field names: {dispatch}.",
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "oneOf": [{"$ref": _REF.format(model=name)} for name in refs]}}}},
+        "responses": {"200": {"description": "the chosen route's response"}, **_error_responses(api_of("/invocations"))},
+    }}
 
 
 def _build(app: FastAPI, request_bodies: dict[str, type[BaseModel]]) -> dict[str, Any]:

@@ -233,6 +233,14 @@ def test_openapi_documents_bodies_and_errors(edge) -> None:
     assert "inputs" in schema["components"]["schemas"]["GenerateRequest"]["properties"]
     assert {"422", "429"} <= set(generate["responses"]) and "requestBody" in generate
     assert "requestBody" in schema["paths"]["/v1/chat/completions"]["post"]
+    invocations = schema["paths"]["/invocations"]["post"]   # a middleware: documented by hand
+    one_of = invocations["requestBody"]["content"]["application/json"]["schema"]["oneOf"]
+    assert [r["$ref"].rsplit("/", 1)[1] for r in one_of] == ["ChatCompletionRequest", "CompletionRequest",
+                                                             "GenerateRequest"]
+    assert all(r["$ref"].rsplit("/", 1)[1] in schema["components"]["schemas"] for r in one_of)
+    assert {"400", "413"} <= set(invocations["responses"]) and "`messages` -> /v1/chat/completions" in \
+        invocations["description"]
+    assert {"get", "post"} <= set(schema["paths"]["/ping"])
 
 
 def test_405_has_allow_header(edge) -> None:
