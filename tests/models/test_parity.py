@@ -172,3 +172,18 @@ def test_yarn_through_hf_overrides(tiny_checkpoints, references, tmp_path):
     with pytest.raises(ValidationError) as error:
         _llm(str(tmp_path / "plain"), skip_tokenizer_init=True, hf_overrides="{not json")
     assert error.value.param == "hf_overrides"
+
+
+def test_every_architecture_builds_under_another_default_device(tiny_checkpoints):
+    """The runner builds the model under its device as the default (CUDA on a GPU): every
+    architecture builds with every parameter and buffer there (the meta device stands in for
+    CUDA), nothing computed on one device meeting a tensor on another (YaRN's tables once did:
+    no YaRN model could be built on a GPU)."""
+    from pagedserve.engine_args import EngineArgs
+    from pagedserve.models.registry import resolve_model_class
+    for name, path in sorted(tiny_checkpoints.items()):
+        config = EngineArgs(model=path, skip_tokenizer_init=True, device="cpu").create_config(offline=True)[0]
+        with torch.device("meta"):
+            model = resolve_model_class(config.model.architecture)(config.model)
+        tensors = [*model.named_parameters(), *model.named_buffers()]
+        assert tensors and all(t.device.type == "meta" for _, t in tensors), name
