@@ -33,6 +33,7 @@ from pagedserve.server.invocations import EMBEDDING_ROUTES, InvocationsMiddlewar
 from pagedserve.server.errors import API, error_response, http_exception
 from pagedserve.server.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
 from pagedserve.server.openai_models import models_response
+from pagedserve.server.openapi_docs import document_openapi
 from pagedserve.server.openai_protocol import _Strict
 from pagedserve.server.request_body import parse_body, read_json
 from pagedserve.server.score import (ClassifyRequest, PredictRequest, RerankRequest, ScoreRequest, TEIRerankRequest,
@@ -233,6 +234,10 @@ def build_embedding_app(engine: AsyncEmbeddingEngine, settings: ServerSettings) 
         except Exception as exc:
             return error_response(exc)
 
+    document_openapi(app, {"/v1/embeddings": EmbeddingRequest, "/embed": EmbedRequest, "/score": ScoreRequest,
+                           "/v1/score": ScoreRequest, "/v1/rerank": RerankRequest, "/v2/rerank": RerankRequest,
+                           "/rerank": RerankRequest, "/classify": ClassifyRequest, "/predict": PredictRequest},
+                     invocations=EMBEDDING_ROUTES)
     app.add_middleware(InvocationsMiddleware, routes=EMBEDDING_ROUTES)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     if settings.api_key:

@@ -34,7 +34,7 @@ class API(enum.Enum):
     TGI = "tgi"
 
 
-TGI_PATHS = frozenset({"/generate", "/generate_stream", "/", "/info", "/embed"})   # /embed: TEI's
+TGI_PATHS = frozenset({"/generate", "/generate_stream", "/", "/info", "/embed", "/predict"})   # /embed, /predict: TEI's
 
 
 def api_of(path: str) -> API:

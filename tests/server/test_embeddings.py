@@ -155,6 +155,14 @@ def test_invocations_and_ping_on_an_embedding_server(embed_server, reference) ->
         requests.post(f"{url}/score", json=pair, timeout=30).json()["data"]
     refused = requests.post(f"{url}/invocations", json={"messages": []}, timeout=30)
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "body"
+    schema = requests.get(f"{url}/openapi.json", timeout=30).json()   # the bodies and /invocations documented
+    body = schema["paths"]["/invocations"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert [r["$ref"].rsplit("/", 1)[1] for r in body["oneOf"]] == ["EmbeddingRequest", "EmbedRequest",
+                                                                    "ScoreRequest", "RerankRequest"]
+    embed = schema["paths"]["/embed"]["post"]
+    assert embed["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/EmbedRequest")
+    assert embed["responses"]["413"]["content"]["application/json"]["schema"]["$ref"].endswith("/TGIErrorBody")
+    assert "input" in schema["components"]["schemas"]["EmbeddingRequest"]["properties"]
 
 
 ODD = [None, -1, 0, 2**64, 1e308, 0.5, "", "x" * 3000, "\u0000", "\ud800", [], [-1], [2**40], [""], [[]], [[1, 2]],
