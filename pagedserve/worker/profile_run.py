@@ -32,8 +32,10 @@ def profile_run(runner: ModelRunner, num_tokens: int) -> None:
     num_tokens = min(num_tokens, sched.max_model_len)
     backend = select_backend(device, runner.model_config.quantization)
     for layer in runner.model.attention_layers():
+        # of the KV cache's element type: the dry runs below take the launches the real cache will
+        # (an FP8 cache's compiled late, 1.1-1.5 s stalls in a first thr512 run; RESULTS.md, session 40)
         shape = (1, runner.block_size, layer.num_kv_heads, layer.head_dim)
-        layer.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+        layer.k_cache = torch.zeros(shape, dtype=runner.kv_dtype, device=device)
         layer.v_cache = torch.zeros_like(layer.k_cache)
         layer.backend = backend
     num_blocks = -(-num_tokens // runner.block_size)

@@ -137,3 +137,19 @@ def test_checkpoint_kv_scales(tiny_checkpoints, tmp_path, monkeypatch) -> None:
             llm.shutdown()
     assert ids["scaled"] == [hf_greedy(reference, p, 12) for p in prompts]
     assert ids["scaled"] != ids["unit"]
+
+
+def test_start_up_dry_runs_take_the_fp8_cache(tiny_checkpoints) -> None:
+    """profile_run's scratch cache (whose forwards the compile-ahead dry runs take) has the KV
+    cache's element type: with a bf16 scratch cache the FP8 decode launches of mixed steps
+    compiled at their first real launch (1.1-1.5 s stalls on an H100)."""
+    from pagedserve.worker.profile_run import profile_run
+    llm = LLM(model=tiny_checkpoints["llama"], kv_cache_dtype="fp8", skip_tokenizer_init=True, device="cpu",
+              dtype="float32", num_kv_blocks=64, swap_space=0)
+    try:
+        runner = llm.engine.core.executor.runner
+        profile_run(runner, 16)
+        layers = runner.model.attention_layers()
+        assert all(layer.k_cache.dtype == layer.v_cache.dtype == torch.float8_e4m3fn for layer in layers)
+    finally:
+        llm.shutdown()
