@@ -256,8 +256,8 @@ class HostKVCache:
         self._raw = raw
         self._pinning: _Pinning | None = None   # until the mapped view is adopted (or refused)
         self._pin_started = False
-        # held by swap() until the mapped view is adopted, and by the pinning thread's check while it
-        # writes its pattern into pool blocks: the staged copies never meet it
+        # held by swap(), and by the pinning thread's check while it writes its pattern into pool
+        # blocks: the staged copies never meet it
         self._pool_lock = threading.Lock()
         if self.device.type == "cuda":
             self.stream = torch.cuda.Stream(self.device)
@@ -335,20 +335,13 @@ class HostKVCache:
             self._start_pinning()
         elif self._pinning is not None and self._pinning.done.is_set():
             self._adopt()
-        if self._pinning is None:
-            self._swap_cuda(swap_out, swap_in, behind)
-        else:
-            with self._pool_lock:   # the pinning thread's check may write pool blocks
-                self._swap_cuda(swap_out, swap_in, behind)
-
-    def _swap_cuda(self, swap_out: list[tuple[BlockId, BlockId]], swap_in: list[tuple[BlockId, BlockId]],
-                   behind: list[tuple[BlockId, BlockId]]) -> None:
         compute = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(compute)
         mapped = self._mapped is not None
         copy = self._copy if mapped else self._staged
         host = self._mapped if mapped else self._host_words
-        with torch.cuda.stream(self.stream):
+        # the pinning thread's check may have its pattern in pool blocks until the view is adopted
+        with self._pool_lock, torch.cuda.stream(self.stream):
             if swap_out:
                 copy(self._device_words, host, swap_out)
                 compute.wait_stream(self.stream)   # the forward may overwrite their sources
