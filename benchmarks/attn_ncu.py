@@ -13,6 +13,7 @@ Usage (device; ncu reads the counters on the Firecracker machines, H200.md):
 Without ncu it prints us a call (CUDA events) and the KV bytes' rate, as a check of the shape;
 --heads-first also A/Bs the decode grid's order (triton_paged_attention.DECODE_HEADS_FIRST off / on, CUDA
 graphs of 16 launches, 7 interleaved rounds, medians) and checks the outputs bit for bit.
+--fp8: the cache in FP8 E4M3 (kv_cache_dtype fp8), the same values rounded (benchmarks/fp8_ncu.sh runs both).
 """
 from __future__ import annotations
 
@@ -28,8 +29,10 @@ def main() -> None:
     lo, hi = 300, 1300   # thr512's decode contexts (input U[64, 1024] + the outputs so far), mean 800
     rng = random.Random(0)
     b = Paged([1] * rows, [rng.randint(lo, hi) for _ in range(rows)], torch.bfloat16, seed=0)
+    if "--fp8" in sys.argv:
+        b.k_cache, b.v_cache = b.k_cache.to(torch.float8_e4m3fn), b.v_cache.to(torch.float8_e4m3fn)
     out = torch.empty_like(b.query)
-    kv_bytes = sum(c + 1 for c in b.context_lens) * HKV * D * 2 * 2
+    kv_bytes = sum(c + 1 for c in b.context_lens) * HKV * D * 2 * b.k_cache.element_size()
     src = torch.empty(kv_bytes // 2, dtype=torch.bfloat16, device=DEV).normal_()
     dst = torch.empty_like(src)
     for _ in range(5):
