@@ -343,7 +343,7 @@ class EngineCore:
         self.scheduler.uncache(request_ids)   # their last step may not have written its KV
         failed = self.finish_requests(request_ids, RequestStatus.FINISHED_ERROR)
         now = time.monotonic()
-        self._events += [RequestEvent(r.request_id, _FINISHED, now, "abort") for r in failed]
+        self._events += [RequestEvent(r.request_id, _FINISHED, now, "abort", len(r.output_token_ids)) for r in failed]
         return [EngineCoreOutput(r.request_id, list(r.output_token_ids) if r.report_final_only else [], "abort",
                                  error=error) for r in failed]
 
@@ -372,7 +372,7 @@ class EngineCore:
                                     reason, request.stop_reason, logprobs.get(rid) if logprobs else None, None,
                                     max(request.num_cached_tokens, 0), request.error))
             if reason is not None:
-                events.append(RequestEvent(rid, _FINISHED, now, reason))
+                events.append(RequestEvent(rid, _FINISHED, now, reason, len(request.output_token_ids)))
         for rid, prompt_logprobs in runner_output.prompt_logprobs.items():
             for out in outputs:
                 if out.req_id == rid:

@@ -67,6 +67,10 @@ class RequestEvent:
     type: RequestEventType
     timestamp: float
     finish_reason: str | None = None   # FINISHED only
+    # FINISHED only: the sequence's output tokens (a final-only request's frontend has seen none
+    # of them when it aborts: its metrics take the count from here, frontend/request_metrics.py);
+    # None in the core process's answer to an abort of a sequence it no longer ran
+    num_output_tokens: int | None = None
 
 
 @dataclass(slots=True)

@@ -8,8 +8,8 @@ step() returns what the core's steps produced since the last call: it blocks unt
 outputs message arrives, then takes every other one already there (merged: outputs and
 events in order, the latest stats), so a frontend that fell behind catches up in one pass.
 `step_spans` then holds each of those core steps' StepSpan and stats (for the step timer).
-A request is unfinished here from add_request until an output finishes it, or it is aborted
-or finished from this side. A dead core process (its pipe closed, or its ("dead", why)) makes
+A request is unfinished here from add_request until an output finishes it, the core answers
+its abort, or it is finished from this side. A dead core process (its pipe closed, or its ("dead", why)) makes
 step() raise EngineDeadError. The process runs core_process.main in a fresh interpreter (nothing is re-imported from the user's `__main__`, as for TP ranks), joined
 by a socket pair that multiprocessing.connection frames; it exits by itself when this side
 goes away (EOF).
@@ -100,11 +100,15 @@ class CoreClient:
         return self.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
     def finish_requests(self, request_ids: list[RequestId], status: RequestStatus) -> list[Request]:
-        """Sent to the core; nothing comes back for them (the core's Requests stay there)."""
+        """Sent to the core (the core's Requests stay there). An abort is answered: its ids stay
+        unfinished here until the core's ("aborted", ...) arrives with a FINISHED event and the
+        token count of each that it still ran (a final-only request's metrics wait for them)."""
         if request_ids:
-            self._send(("abort",  request_ids) if status == RequestStatus.FINISHED_ABORTED
-                       else ("finish", request_ids, status))
-            self._live.difference_update(request_ids)
+            if status == RequestStatus.FINISHED_ABORTED:
+                self._send(("abort", request_ids))
+            else:
+                self._send(("finish", request_ids, status))
+                self._live.difference_update(request_ids)
         return []
 
     def request_snapshot(self) -> None:
@@ -185,7 +189,12 @@ class CoreClient:
             self._die(f"the engine core process exited (exit code {self._process.returncode})")
         if message[0] == "dead":
             self._die(f"the engine core died: {message[1]}")
-        _, outputs, span = message
+        if message[0] == "aborted":
+            _, ids, outputs = message
+            self._live.difference_update(ids)
+            span = None
+        else:
+            _, outputs, span = message
         self._stats = outputs.stats
         self._pending.append((outputs, span))
 

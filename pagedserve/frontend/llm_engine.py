@@ -159,7 +159,8 @@ class LLMEngine:
         self.output_processor.add_request(request_id, ids, processed.prompt, processed.prompt_token_ids,
                                           request.params, request.output_kind, request.report_logprobs)
         self.request_metrics.add(request_id, ids, len(processed.prompt_token_ids),
-                                 request.output_kind == OutputKind.DELTA, request.arrival_time)
+                                 request.output_kind == OutputKind.DELTA, request.arrival_time,
+                                 request.parent.report_final_only)
 
     def is_alive(self) -> bool:
         """Whether the executor (every TP rank) is alive; cheap, safe from any thread."""
@@ -177,10 +178,13 @@ class LLMEngine:
         """Abort a request; its last output (finish_reason "abort"), or None if it is unknown
         or already finished."""
         ids = self.children.pop(request_id, [])
-        self.core.abort_requests(ids)
+        finished = self.core.abort_requests(ids)   # the core in this process: its Requests (else [])
         output = self.output_processor.abort_request(request_id)
-        if output is not None:
-            self.request_metrics.observe(output)
+        if output is not None:   # the token counts a final-only request's output lacks: here, or as events
+            if self.engine_process:
+                self.request_metrics.observe(output, await_counts=True)
+            else:
+                self.request_metrics.observe(output, {r.request_id: len(r.output_token_ids) for r in finished})
         return output
 
     def has_unfinished_requests(self) -> bool:

@@ -45,6 +45,9 @@ class _Timing:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     num_generation_tokens: int = 0
+    final_only: bool = False    # the core reports each sequence only at its end (LLMEngine.process_request)
+    finish_time: float | None = None   # aborted, its counts awaited from the core process
+    awaiting: int = 0           # of its sequences' FINISHED events (with their token counts)
 
 
 class RequestMetrics:
@@ -53,10 +56,14 @@ class RequestMetrics:
         self.first_token_listeners: list[FirstTokenListener] = []
         self._requests: dict[str, _Timing] = {}
         self._of_core_id: dict[RequestId, _Timing] = {}
+        # aborted final-only requests' sequences whose token counts the core process still owes
+        # (its answer to the abort comes before any event of a later request of the same id, but
+        # an id aborted again before that answer, a reuse vLLM forbids too, may take the wrong count)
+        self._awaiting: dict[RequestId, _Timing] = {}
 
     def add(self, request_id: str, core_ids: list[RequestId], num_prompt_tokens: int, delta: bool,
-            arrival_time: float) -> None:
-        timing = _Timing(core_ids, num_prompt_tokens, delta, arrival_time)
+            arrival_time: float, final_only: bool = False) -> None:
+        timing = _Timing(core_ids, num_prompt_tokens, delta, arrival_time, final_only=final_only)
         self._requests[request_id] = timing
         for core_id in core_ids:
             self._of_core_id[core_id] = timing
@@ -64,6 +71,9 @@ class RequestMetrics:
     def record(self, events: list[RequestEvent]) -> None:
         """A step's events; the first of each kind among a request's sequences counts."""
         for event in events:
+            if event.type is RequestEventType.FINISHED and event.req_id in self._awaiting:
+                self._counted(self._awaiting.pop(event.req_id), event.num_output_tokens)
+                continue
             timing = self._of_core_id.get(event.req_id)
             if timing is None:
                 continue
@@ -81,9 +91,13 @@ class RequestMetrics:
             else:   # FINISHED: this sequence reports nothing more
                 del self._of_core_id[event.req_id]
 
-    def observe(self, output: RequestOutput) -> None:
+    def observe(self, output: RequestOutput, aborted: dict[RequestId, int] | None = None,
+                await_counts: bool = False) -> None:
         """Count an output's tokens and set its metrics; a finished request is reported to
-        the listeners and forgotten."""
+        the listeners and forgotten. The output of a final-only request aborted here holds none
+        of the tokens its open sequences made: `aborted` gives their counts (the core in this
+        process: {core id: output tokens}), or with `await_counts` they come as the core
+        process's FINISHED events (record), the request reported once the last arrives."""
         timing = self._requests.get(output.request_id)
         if timing is None:
             return
@@ -93,20 +107,35 @@ class RequestMetrics:
         if timing.first_token_time is not None:
             metrics["first_token_time"] = timing.first_token_time
         output.metrics = metrics
-        if output.finished:
-            self._finish(output, timing)
-
-    def _finish(self, output: RequestOutput, timing: _Timing) -> None:
-        del self._requests[output.request_id]
-        for core_id in timing.core_ids:
-            self._of_core_id.pop(core_id, None)
-        if not self.listeners:
+        if not output.finished:
             return
+        del self._requests[output.request_id]
         reasons = {c.finish_reason for c in output.outputs}
         reason = "abort" if "abort" in reasons else "length" if "length" in reasons else "stop"
+        # its sequences whose FINISHED event has not come (the others' tokens are in the output)
+        open_ids = [core_id for core_id in timing.core_ids if self._of_core_id.pop(core_id, None) is not None]
+        if reason == "abort" and timing.final_only and open_ids:
+            if aborted is not None:
+                timing.num_generation_tokens += sum(aborted.get(core_id, 0) for core_id in open_ids)
+            elif await_counts:
+                timing.finish_time, timing.awaiting = time.monotonic(), len(open_ids)
+                self._awaiting.update(dict.fromkeys(open_ids, timing))
+                return
+        self._report(timing, reason, time.monotonic())
+
+    def _counted(self, timing: _Timing, num_tokens: int | None) -> None:
+        """One awaited sequence's count came; the request is reported with the last."""
+        timing.num_generation_tokens += num_tokens or 0
+        timing.awaiting -= 1
+        if not timing.awaiting:
+            self._report(timing, "abort", timing.finish_time)
+
+    def _report(self, timing: _Timing, reason: str, finish_time: float) -> None:
+        if not self.listeners:
+            return
         stats = FinishedRequestStats(reason, timing.num_prompt_tokens, timing.num_generation_tokens,
                                      timing.arrival_time, timing.queued_time, timing.first_scheduled_time,
-                                     timing.first_token_time, time.monotonic())
+                                     timing.first_token_time, finish_time)
         _notify(self.listeners, stats, "finish")
 
 

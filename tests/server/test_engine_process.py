@@ -3,7 +3,8 @@ through real server processes: the same greedy text as the offline engine, struc
 across the pipe, /metrics and /debug/steps fed from the core process; a killed core fails its
 open requests with an error and the server exits; a killed server leaves no core behind.
 Also the chat stream's first chunk (the role) goes out only with the first output, as vLLM's,
-and `--scheduling-policy priority`: a request's priority crosses the pipe and orders the queue."""
+and `--scheduling-policy priority`: a request's priority crosses the pipe and orders the queue; an aborted
+non-streaming request's tokens reach /metrics' per-request histogram."""
 from __future__ import annotations
 
 import json
@@ -120,6 +121,23 @@ def test_priority_orders_the_queue_across_the_core_pipe(one_seq) -> None:
     bad = requests.post(f"{one_seq.base_url}/v1/completions", timeout=30, json={
         "model": MODEL, "prompt": "Hi", "max_tokens": 1, "priority": 2**63})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "priority"
+
+
+def test_an_aborted_final_only_request_counts_the_cores_tokens(one_seq) -> None:
+    """A non-streaming request is final-only (the core reports it once, at its end): its client
+    gone, the server aborts it, and its tokens still reach the per-request histogram, exactly the
+    engine's count, from the core process's answer to the abort."""
+    before = wait_idle(one_seq.base_url)
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        requests.post(f"{one_seq.base_url}/v1/completions", timeout=(10, 2.0), json={
+            "model": MODEL, "prompt": "1, 2, 3,", "max_tokens": 900, "ignore_eos": True})
+    after = wait_idle(one_seq.base_url)
+
+    def delta(name: str, labels: tuple = LABEL) -> float:
+        return after.get((name, labels), 0.0) - before.get((name, labels), 0.0)
+    assert delta("pagedserve:request_success_total", (("finished_reason", "abort"), *LABEL)) == 1
+    generated = delta("pagedserve:generation_tokens_total")
+    assert 0 < generated < 900 and delta("pagedserve:request_generation_tokens_sum") == generated
 
 
 def test_killed_core_fails_open_requests_and_the_server_exits(tmp_path) -> None:
