@@ -129,7 +129,7 @@ def test_an_aborted_final_only_request_counts_the_cores_tokens(one_seq) -> None:
     engine's count, from the core process's answer to the abort."""
     before = wait_idle(one_seq.base_url)
     with pytest.raises(requests.exceptions.ReadTimeout):
-        requests.post(f"{one_seq.base_url}/v1/completions", timeout=(10, 2.0), json={
+        requests.post(f"{one_seq.base_url}/v1/completions", timeout=(10, 4.0), json={
             "model": MODEL, "prompt": "1, 2, 3,", "max_tokens": 900, "ignore_eos": True})
     after = wait_idle(one_seq.base_url)
 
