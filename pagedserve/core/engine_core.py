@@ -112,9 +112,14 @@ class EngineCore:
             self._unscheduled[queued.request_id] = queued
             self._events.append(RequestEvent(queued.request_id, _QUEUED, now))
 
-    def abort_requests(self, request_ids: list[RequestId]) -> list[Request]:
-        """Finish these requests now and free their blocks (unknown ids are ignored)."""
-        return self.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+    def abort_requests(self, request_ids: list[RequestId]) -> list[RequestEvent]:
+        """Finish these requests now and free their blocks (unknown ids are ignored). The answer:
+        a FINISHED event for each id, with its output token count where the core ran it (None
+        where not): a final-only request's frontend has read none of its tokens."""
+        finished = self.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+        counts = {r.request_id: len(r.output_token_ids) for r in finished}
+        now = time.monotonic()
+        return [RequestEvent(rid, _FINISHED, now, "abort", counts.get(rid)) for rid in request_ids]
 
     def finish_requests(self, request_ids: list[RequestId], status: RequestStatus) -> list[Request]:
         finished = self.scheduler.finish_requests(request_ids, status)

@@ -29,7 +29,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from pagedserve.config import EngineConfig
-from pagedserve.core.outputs import EngineCoreOutputs, EngineStats
+from pagedserve.core.outputs import EngineCoreOutputs, EngineStats, RequestEvent
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.engine_io import RequestId
 from pagedserve.errors import EngineDeadError, ValidationError
@@ -96,8 +96,10 @@ class CoreClient:
         self._send(("add", request, forks))
         self._live.update([request.request_id, *(f.request_id for f in forks)])
 
-    def abort_requests(self, request_ids: list[RequestId]) -> list[Request]:
-        return self.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+    def abort_requests(self, request_ids: list[RequestId]) -> list[RequestEvent]:
+        """EngineCore's answer (its FINISHED events) comes later, as a step's events."""
+        self.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+        return []
 
     def finish_requests(self, request_ids: list[RequestId], status: RequestStatus) -> list[Request]:
         """Sent to the core (the core's Requests stay there). An abort is answered: its ids stay

@@ -13,8 +13,8 @@ tuples (the core's own dataclasses inside):
     core -> client   ("ready", CoreInfo)   ("failed", exception)   ("dead", text)
                      ("outputs", EngineCoreOutputs, StepSpan | None)   one per step, or the
                      stats after commands that found the core idle
-                     ("aborted", [ids], EngineCoreOutputs)   the answer to each abort: a FINISHED
-                     event for each id, with its output token count where the core still ran it
+                     ("aborted", [ids], EngineCoreOutputs)   the answer to each abort: its
+                     events (EngineCore.abort_requests), a FINISHED one per id with its token count
 
 Lifetime: the process exits on ("shutdown",), when the pipe closes (the server died, even
 by SIGKILL: the next poll sees EOF) or when its loop raises (after sending ("dead", text));
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 from pagedserve.config import EngineConfig
-from pagedserve.core.outputs import EngineCoreOutput, EngineCoreOutputs, RequestEvent, RequestEventType
+from pagedserve.core.outputs import EngineCoreOutput, EngineCoreOutputs
 from pagedserve.frontend.gc_policy import raise_gen0_threshold
 
 logger = logging.getLogger(__name__)
@@ -184,11 +184,8 @@ def _apply(core, outbox: _Outbox, message: tuple) -> None:
             failed = [EngineCoreOutput(r.request_id, finish_reason="abort", error=error) for r in [request, *forks]]
             outbox.put(("outputs", EngineCoreOutputs(failed, core.stats(), []), None))
     elif kind == "abort":   # answered at once: the client waits for it (its metrics need the token counts)
-        ids = message[1]
-        counts = {r.request_id: len(r.output_token_ids) for r in core.abort_requests(ids)}
-        now = time.monotonic()
-        events = [RequestEvent(rid, RequestEventType.FINISHED, now, "abort", counts.get(rid)) for rid in ids]
-        outbox.put(("aborted", ids, EngineCoreOutputs([], core.stats(), events)))
+        events = core.abort_requests(message[1])
+        outbox.put(("aborted", message[1], EngineCoreOutputs([], core.stats(), events)))
     elif kind == "finish":
         core.finish_requests(message[1], message[2])
     elif kind == "snapshot":

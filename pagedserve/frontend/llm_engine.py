@@ -178,13 +178,13 @@ class LLMEngine:
         """Abort a request; its last output (finish_reason "abort"), or None if it is unknown
         or already finished."""
         ids = self.children.pop(request_id, [])
-        finished = self.core.abort_requests(ids)   # the core in this process: its Requests (else [])
+        # the core's answer: FINISHED events with the token counts a final-only request's output
+        # lacks (a core process's come later, as a step's events)
+        answer = self.core.abort_requests(ids)
         output = self.output_processor.abort_request(request_id)
-        if output is not None:   # the token counts a final-only request's output lacks: here, or as events
-            if self.engine_process:
-                self.request_metrics.observe(output, await_counts=True)
-            else:
-                self.request_metrics.observe(output, {r.request_id: len(r.output_token_ids) for r in finished})
+        if output is not None:
+            self.request_metrics.observe(output, await_counts=True)
+        self.request_metrics.record(answer)
         return output
 
     def has_unfinished_requests(self) -> bool:

@@ -46,7 +46,7 @@ class _Timing:
     first_token_time: float | None = None
     num_generation_tokens: int = 0
     final_only: bool = False    # the core reports each sequence only at its end (LLMEngine.process_request)
-    finish_time: float | None = None   # aborted, its counts awaited from the core process
+    finish_time: float | None = None   # aborted, its counts awaited from the core
     awaiting: int = 0           # of its sequences' FINISHED events (with their token counts)
 
 
@@ -56,7 +56,7 @@ class RequestMetrics:
         self.first_token_listeners: list[FirstTokenListener] = []
         self._requests: dict[str, _Timing] = {}
         self._of_core_id: dict[RequestId, _Timing] = {}
-        # aborted final-only requests' sequences whose token counts the core process still owes
+        # aborted final-only requests' sequences whose token counts the core still owes
         # (its answer to the abort comes before any event of a later request of the same id, but
         # an id aborted again before that answer, a reuse vLLM forbids too, may take the wrong count)
         self._awaiting: dict[RequestId, _Timing] = {}
@@ -91,13 +91,12 @@ class RequestMetrics:
             else:   # FINISHED: this sequence reports nothing more
                 del self._of_core_id[event.req_id]
 
-    def observe(self, output: RequestOutput, aborted: dict[RequestId, int] | None = None,
-                await_counts: bool = False) -> None:
+    def observe(self, output: RequestOutput, await_counts: bool = False) -> None:
         """Count an output's tokens and set its metrics; a finished request is reported to
-        the listeners and forgotten. The output of a final-only request aborted here holds none
-        of the tokens its open sequences made: `aborted` gives their counts (the core in this
-        process: {core id: output tokens}), or with `await_counts` they come as the core
-        process's FINISHED events (record), the request reported once the last arrives."""
+        the listeners and forgotten. The output of a final-only request aborted here
+        (`await_counts`) holds none of the tokens its open sequences made: their counts come
+        as the core's answer to the abort (FINISHED events, record), and the request is
+        reported once the last arrives."""
         timing = self._requests.get(output.request_id)
         if timing is None:
             return
@@ -114,13 +113,10 @@ class RequestMetrics:
         reason = "abort" if "abort" in reasons else "length" if "length" in reasons else "stop"
         # its sequences whose FINISHED event has not come (the others' tokens are in the output)
         open_ids = [core_id for core_id in timing.core_ids if self._of_core_id.pop(core_id, None) is not None]
-        if reason == "abort" and timing.final_only and open_ids:
-            if aborted is not None:
-                timing.num_generation_tokens += sum(aborted.get(core_id, 0) for core_id in open_ids)
-            elif await_counts:
-                timing.finish_time, timing.awaiting = time.monotonic(), len(open_ids)
-                self._awaiting.update(dict.fromkeys(open_ids, timing))
-                return
+        if reason == "abort" and timing.final_only and open_ids and await_counts:
+            timing.finish_time, timing.awaiting = time.monotonic(), len(open_ids)
+            self._awaiting.update(dict.fromkeys(open_ids, timing))
+            return
         self._report(timing, reason, time.monotonic())
 
     def _counted(self, timing: _Timing, num_tokens: int | None) -> None:

@@ -1,8 +1,8 @@
 """The finish stats of an aborted final-only request count the tokens the core made for it
 (frontend/request_metrics.py): the core reports such a request only at its end, so its frontend
-has seen none of them when it aborts. In the engine's own process the counts come with the abort;
-from a core process, as the FINISHED events of the core's answer, and the request is reported when
-the last arrives (exact counts, against the core's own)."""
+has seen none of them when it aborts. The core answers the abort with FINISHED events that carry
+the counts (in the engine's own process at once, from a core process as a later step's events),
+and the request is reported when the last arrives (exact counts, against the core's own)."""
 from __future__ import annotations
 
 import time
@@ -31,10 +31,11 @@ def _metrics() -> tuple[RequestMetrics, list]:
     return metrics, stats
 
 
-def test_counts_given_with_the_abort_or_awaited_as_events() -> None:
+def test_counts_answered_with_the_abort_or_later_as_events() -> None:
     metrics, stats = _metrics()
     metrics.add("here", ["here"], 2, delta=False, arrival_time=0.0, final_only=True)
-    metrics.observe(_aborted("here", []), aborted={"here": 4})   # the core in this process
+    metrics.observe(_aborted("here", []), await_counts=True)
+    metrics.record([RequestEvent("here", FINISHED, time.monotonic(), "abort", 4)])   # the core in this process
     assert [(s.finish_reason, s.num_generation_tokens) for s in stats] == [("abort", 4)]
 
     metrics.add("there", ["there"], 2, delta=False, arrival_time=0.0, final_only=True)
