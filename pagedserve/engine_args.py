@@ -119,6 +119,10 @@ class EngineArgs:
     max_loras: int = _knob(1, "LoRA adapters one step can mix (their device slots)")
     max_lora_rank: int = _knob(16, "the largest LoRA rank an adapter may have")
     max_cpu_loras: int | None = _knob(None, "LoRA adapters kept loaded on the host (default: max_loras)")
+    grammar_compile_timeout: float = _knob(20.0, "server: seconds a request's structured-outputs grammar may take "
+                                                 "to compile (in child processes, queueing included) before the "
+                                                 "compile is stopped and the request gets a 400 naming its field; "
+                                                 "the offline LLM compiles in-process, unbounded")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineArgs":
@@ -163,6 +167,9 @@ class EngineArgs:
                                   "scheduling_policy")
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < -1:
             raise ValidationError(f"max_logprobs must be -1 (no cap) or >= 0, got {self.max_logprobs}", "max_logprobs")
+        if not self.grammar_compile_timeout > 0:
+            raise ValidationError(f"grammar_compile_timeout must be > 0 seconds, got {self.grammar_compile_timeout}",
+                                  "grammar_compile_timeout")
         for name in ("swap_space", "kv_offloading_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (int, float)) or not 0 <= value < float("inf")):

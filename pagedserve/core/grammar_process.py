@@ -109,18 +109,29 @@ def region_tensors(layout: _Layout) -> tuple[Any, Any]:
     return region[:cap * 8].view(torch.int64), region[ids_bytes:].view(torch.int32).view(cap, width)
 
 
-def _write_payload(data: bytes) -> str:
+def write_payload(data: bytes) -> str:
+    """`data` in a file (in /dev/shm where there is one) that read_payload reads and removes."""
     fd, path = tempfile.mkstemp(prefix="pagedserve-grammar-", dir=_PAYLOAD_DIR)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     return path
 
 
-def _read_payload(path: str) -> bytes:
+def read_payload(path: str) -> bytes:
     with open(path, "rb") as f:
         data = f.read()
     os.unlink(path)
     return data
+
+
+def module_command(module: str, *args: str) -> tuple[list[str], dict[str, str]]:
+    """(argv, environment) that run `python -m module args` on this interpreter with this
+    package importable (not the working directory's copy)."""
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    safe_path = ["-P"] if sys.version_info >= (3, 11) else []
+    return [sys.executable, *safe_path, "-m", module, *args], env
 
 
 class GrammarProcess:
@@ -132,14 +143,10 @@ class GrammarProcess:
         self.shm = shared_memory.SharedMemory(create=True, size=_Layout.nbytes(cap, width))
         self.layout = _Layout(self.shm.buf, cap, width)
         self.layout.header[:] = 0
-        info_path = _write_payload(tokenizer_info.serialize_json().encode())
-        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-        safe_path = ["-P"] if sys.version_info >= (3, 11) else []   # this package, not the working directory's
-        self.popen = subprocess.Popen(
-            [sys.executable, *safe_path, "-m", "pagedserve.core.grammar_process", self.shm.name, str(cap), str(width),
-             info_path, str(os.getpid())], stdin=subprocess.PIPE, env=env)
+        info_path = write_payload(tokenizer_info.serialize_json().encode())
+        argv, env = module_command("pagedserve.core.grammar_process", self.shm.name, str(cap), str(width),
+                                   info_path, str(os.getpid()))
+        self.popen = subprocess.Popen(argv, stdin=subprocess.PIPE, env=env)
         self._messages: list[tuple] = []
         self._posted = 0
         self.waits, self.wait_seconds = 0, 0.0   # what the engine thread spent in wait()
@@ -151,7 +158,7 @@ class GrammarProcess:
     # ---- control messages, sent with the next post ------------------------------------
     def add_grammar(self, key: int, compiled: Any) -> None:
         """Make `compiled` (an xgrammar CompiledGrammar) known as `key`."""
-        self._messages.append(("grammar", key, _write_payload(compiled.serialize_json().encode())))
+        self._messages.append(("grammar", key, write_payload(compiled.serialize_json().encode())))
 
     def drop_grammar(self, key: int) -> None:
         self._messages.append(("drop", key))
@@ -203,7 +210,7 @@ class GrammarProcess:
             messages, self._messages = self._messages, []
             data = pickle.dumps(messages)
             if len(data) > 32768:   # never fill the pipe (64 KiB): big messages go through a file
-                data = pickle.dumps([("file", _write_payload(data))])
+                data = pickle.dumps([("file", write_payload(data))])
         self._posted += 1
         self._post_time = time.perf_counter()
         header[POSTED] = self._posted   # before the frame: the process reads the header after it
@@ -291,7 +298,7 @@ def _loop(shm, cap: int, width: int, info_path: str, parent_pid: int, torch, xgr
     layout = _Layout(shm.buf, cap, width)
     header = layout.header
     mask = torch.from_numpy(layout.mask)   # xgrammar's fill takes a torch tensor
-    info = xgrammar.TokenizerInfo.deserialize_json(_read_payload(info_path).decode())
+    info = xgrammar.TokenizerInfo.deserialize_json(read_payload(info_path).decode())
     grammars: dict[int, Any] = {}
     matchers: dict[int, Any] = {}   # slot -> matcher (slots may outnumber a step's rows: preempted ones keep theirs)
     terminated: set[int] = set()    # slots whose matcher took a stop token that ended its grammar
@@ -385,7 +392,7 @@ def _unpack(messages: list[tuple]) -> list[tuple]:
     """The messages, those sent through a file read in."""
     out = []
     for message in messages:
-        out += _unpack(pickle.loads(_read_payload(message[1]))) if message[0] == "file" else [message]
+        out += _unpack(pickle.loads(read_payload(message[1]))) if message[0] == "file" else [message]
     return out
 
 
@@ -397,7 +404,7 @@ def _apply(messages: list[tuple], grammars: dict[int, Any], matchers: dict[int, 
         if kind in ("open", "close"):
             terminated.discard(message[1])
         if kind == "grammar":
-            grammars[message[1]] = xgrammar.CompiledGrammar.deserialize_json(_read_payload(message[2]).decode(), info)
+            grammars[message[1]] = xgrammar.CompiledGrammar.deserialize_json(read_payload(message[2]).decode(), info)
         elif kind == "drop":
             grammars.pop(message[1], None)
         elif kind == "open":

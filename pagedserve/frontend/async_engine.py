@@ -62,11 +62,12 @@ from pagedserve.frontend.output_processor import OutputKind
 from pagedserve.frontend.request_metrics import FinishListener, FirstTokenListener
 from pagedserve.frontend.step_timing import StepTime, StepTimer
 from pagedserve.outputs import RequestOutput
-from pagedserve.sampling_params import SamplingParams
+from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 _END = object()
 PROCESSING_THREADS = 4   # rendering + tokenization; tokenizers release the GIL while encoding
+COMPILE_WAITERS = 32     # threads that wait on grammar compile processes (frontend/grammar_compile.py)
 IDLE_POLL_S = 0.05       # engine process: an idle engine thread reads the core's messages this often
 CPU_SAMPLE_S = 0.5       # the engine thread's CPU time is sampled this often (step timer)
 IDLE_TRIM_S = 1.0        # idle this long after its last step, the engine thread trims the C heap (heap.py)
@@ -112,8 +113,13 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, start: bool = True, probe_gil: bool = False) -> None:
+    def __init__(self, engine: LLMEngine, start: bool = True, probe_gil: bool = False,
+                 grammar_compile_timeout: float = EngineArgs.grammar_compile_timeout) -> None:
         self.engine = engine
+        # a grammar compiles in a child process under a deadline, awaited on a pool of its own:
+        # a slow one never holds up the tokenizing of other requests (frontend/grammar_compile.py)
+        engine.grammar_compiler.isolate(grammar_compile_timeout)
+        self._compiling = ThreadPoolExecutor(COMPILE_WAITERS, thread_name_prefix="pagedserve-grammars")
         self.step_timer = StepTimer(probe_gil)
         self._death_listeners: list[Callable[[EngineDeadError], None]] = []
         self._cond = threading.Condition()
@@ -133,7 +139,8 @@ class AsyncEngine:
     @classmethod
     def from_engine_args(cls, args: EngineArgs, engine_process: bool = False, probe_gil: bool = False) -> "AsyncEngine":
         """`engine_process`: the core in a process of its own; `probe_gil`: the step timer's GIL probe."""
-        return cls(LLMEngine(args, engine_process=engine_process), probe_gil=probe_gil)
+        return cls(LLMEngine(args, engine_process=engine_process), probe_gil=probe_gil,
+                   grammar_compile_timeout=args.grammar_compile_timeout)
 
     # ---- read-only facts, safe from any thread ------------------------------------------
     @property
@@ -183,6 +190,19 @@ class AsyncEngine:
         return await self._in_pool(lambda: list(self.engine.tokenizer.encode(prompt,
                                                                           add_special_tokens=add_special_tokens)))
 
+    async def compile_grammar(self, params: StructuredOutputsParams) -> Any:
+        """The compiled grammar (cached), from a compile process, within the compile timeout;
+        ValidationError naming the field otherwise. Cancelling this kills the compile."""
+        compiler = self.engine.grammar_compiler
+        deadline = time.monotonic() + (compiler.timeout_s or 0.0)
+        cancel = threading.Event()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._compiling, compiler.compile, params,
+                                                                    deadline, cancel)
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+
     async def _in_pool(self, function: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._processing, function, *args)
 
@@ -225,8 +245,11 @@ class AsyncEngine:
         ValidationError of a bad request (nothing is queued then) or EngineDeadError."""
         if self._dead is not None:
             raise self._dead
+        grammar = None
+        if params.structured_outputs is not None:
+            grammar = await self.compile_grammar(params.structured_outputs)
         processed = await self._in_pool(self.engine.process_request, request_id, prompt, params, output_kind,
-                                        strict_length, add_special_tokens, priority, lora_request)
+                                        strict_length, add_special_tokens, priority, lora_request, grammar)
         loop = asyncio.get_running_loop()
         stream = RequestStream(request_id, self, loop)
         accepted: asyncio.Future[None] = loop.create_future()
@@ -278,6 +301,7 @@ class AsyncEngine:
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
         self._processing.shutdown(wait=False, cancel_futures=True)
+        self._compiling.shutdown(wait=False, cancel_futures=True)
         self.step_timer.close()
         if not self._thread.is_alive():
             self.engine.shutdown()

@@ -8,6 +8,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from pagedserve.core.engine_core import EngineCore
 from pagedserve.core.outputs import EngineStats
@@ -102,11 +103,13 @@ class LLMEngine:
     def process_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
                         output_kind: OutputKind = OutputKind.FINAL_ONLY, strict_length: bool = False,
                         add_special_tokens: bool = True, priority: int = 0,
-                        lora_request: LoRARequest | None = None) -> ProcessedRequest:
+                        lora_request: LoRARequest | None = None, grammar: Any = None) -> ProcessedRequest:
         """Tokenize and validate, touching no engine state: safe on any thread, concurrently
         (the AsyncEngine runs it in a worker pool). Raises ValidationError. `priority`: under
         scheduling policy "priority", lower runs first (else it must be 0, as in vLLM).
-        `lora_request`: the LoRA adapter to run with (an engine with enable_lora)."""
+        `lora_request`: the LoRA adapter to run with (an engine with enable_lora). `grammar`:
+        params.structured_outputs already compiled (the AsyncEngine compiles apart); else it
+        is compiled here."""
         arrival_time = time.monotonic()
         self.check_lora(lora_request)
         processed = self.input_processor.process_prompt(prompt, add_special_tokens)
@@ -119,8 +122,9 @@ class LLMEngine:
                 and params.prompt_logprobs is None:   # nothing to see before the end: one output, at the end
             for request in (parent, *forks):
                 request.report_final_only = True
-        if params.structured_outputs is not None:   # compiled here, off the engine thread (cached)
-            grammar = self.grammar_compiler.compile(params.structured_outputs)
+        if params.structured_outputs is not None:   # off the engine thread (cached)
+            if grammar is None:
+                grammar = self.grammar_compiler.compile(params.structured_outputs)
             for request in (parent, *forks):
                 request.grammar = grammar
         return ProcessedRequest(request_id, processed, parent.sampling_params, parent, forks, output_kind,
@@ -226,4 +230,5 @@ class LLMEngine:
         return results, core_outputs.stats
 
     def shutdown(self) -> None:
+        self.grammar_compiler.close()
         self.core.shutdown()

@@ -3,9 +3,12 @@
 One GrammarCompiler per engine, built on first use from the engine's tokenizer (with the
 model's vocabulary size, which may exceed the tokenizer's, and the engine's EOS ids as the
 grammar's stop tokens). xgrammar's compiler caches compiled grammars by their text, so a
-schema compiles once however many requests send it. `compile` is thread-safe: it runs in
-LLMEngine.process_request (the AsyncEngine's processing pool, off the event loop and off the
-engine thread). An invalid schema, regex or grammar is a ValidationError naming the field.
+schema compiles once however many requests send it. `compile` is thread-safe. Offline it runs
+in LLMEngine.process_request; in the server (AsyncEngine) in child processes
+(frontend/grammar_compile.py), awaited on threads of their own, so a slow grammar delays
+only its own request, never the tokenizing of others, and is killed past its deadline or
+when its client goes. An invalid schema, regex or grammar, one that admits no output and
+one past the deadline are ValidationErrors naming the field.
 
 The compiled grammar is opaque to everything above the core: it rides on the core Request
 (`Request.grammar`), where core/structured_output.py gives each sequence its own matcher.
@@ -17,6 +20,7 @@ import functools
 import json
 import re
 import threading
+import time
 from typing import Any
 
 from pagedserve.errors import ValidationError
@@ -29,65 +33,132 @@ OBJECTS_KEPT = 256
 
 
 class GrammarCompiler:
-    """Compiles StructuredOutputsParams for one tokenizer; safe from any thread."""
+    """Compiles StructuredOutputsParams for one tokenizer; safe from any thread. In-process by
+    default (the offline LLM); after `isolate()` (the server) in child processes, each compile
+    under the caller's deadline (frontend/grammar_compile.py)."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: tuple[int, ...]) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
         self._compiler = None
+        self._info = None
+        self._processes = None   # grammar_compile.CompileProcesses once isolated
+        self.timeout_s: float | None = None
         self._lock = threading.Lock()
         # one CompiledGrammar object per distinct constraint (LRU): the core sends a grammar
         # to its grammar process once per object (core/structured_output.ProcessGrammars)
         self._objects: collections.OrderedDict[tuple[str, str], Any] = collections.OrderedDict()
 
+    def _tokenizer_info(self) -> Any:
+        with self._lock:
+            if self._info is None:
+                import xgrammar
+                self._info = xgrammar.TokenizerInfo.from_huggingface(
+                    self.tokenizer, vocab_size=self.vocab_size, stop_token_ids=list(self.eos_token_ids) or None)
+            return self._info
+
     def _get(self):
+        info = self._tokenizer_info()
         with self._lock:
             if self._compiler is None:
                 import xgrammar
-                info = xgrammar.TokenizerInfo.from_huggingface(
-                    self.tokenizer, vocab_size=self.vocab_size, stop_token_ids=list(self.eos_token_ids) or None)
                 self._compiler = xgrammar.GrammarCompiler(info, max_threads=2, cache_limit_bytes=CACHE_LIMIT_BYTES)
             return self._compiler
 
-    def compile(self, params: StructuredOutputsParams) -> Any:
+    def isolate(self, timeout_s: float, processes: int = 2) -> None:
+        """Compile in `processes` child processes from now on: a compile that is not done
+        `timeout_s` after its request asked (queueing included) is killed and the request gets
+        a ValidationError naming its field; one whose caller gave up (cancel) is killed too.
+        Nothing changes without a tokenizer (no request can carry a grammar then)."""
+        if self.tokenizer is None or self._processes is not None:
+            return
+        from pagedserve.frontend.grammar_compile import CompileProcesses
+        self.timeout_s = timeout_s
+        self._processes = CompileProcesses(lambda: self._tokenizer_info().serialize_json(), processes)
+
+    def close(self) -> None:
+        if self._processes is not None:
+            self._processes.close()
+
+    def compile(self, params: StructuredOutputsParams, deadline: float | None = None,
+                cancel: threading.Event | None = None) -> Any:
         """The xgrammar CompiledGrammar for `params` (the same object for the same constraint
         while it stays among the last OBJECTS_KEPT); ValidationError naming the field if it
-        cannot compile."""
+        cannot compile, admits no output or (isolated) is not compiled by `deadline` (a
+        time.monotonic() value; default: timeout_s from now). `cancel` set: the caller is gone,
+        the compile is stopped (GrammarCompileCancelled)."""
         key = (params.kind, json.dumps(getattr(params, params.kind)))   # key order matters (property order)
         with self._lock:
             compiled = self._objects.get(key)
             if compiled is not None:
                 self._objects.move_to_end(key)
                 return compiled
-        compiled = self._compile(params)
+        if self.tokenizer is None:
+            raise ValidationError("structured_outputs needs a tokenizer (the engine runs with "
+                                  "skip_tokenizer_init=True)", "structured_outputs")
+        if self._processes is None:
+            compiled = compile_constraint(self._get(), params.kind, getattr(params, params.kind))
+        else:
+            compiled = self._compile_isolated(params, deadline, cancel)
         with self._lock:
             compiled = self._objects.setdefault(key, compiled)
             while len(self._objects) > OBJECTS_KEPT:
                 self._objects.popitem(last=False)
         return compiled
 
-    def _compile(self, params: StructuredOutputsParams) -> Any:
-        if self.tokenizer is None:
-            raise ValidationError("structured_outputs needs a tokenizer (the engine runs with "
-                                  "skip_tokenizer_init=True)", "structured_outputs")
-        compiler = self._get()
+    def _compile_isolated(self, params: StructuredOutputsParams, deadline: float | None,
+                          cancel: threading.Event | None) -> Any:
+        from pagedserve.frontend.grammar_compile import GrammarCompileTimeout
+        import xgrammar
         kind = params.kind
+        if deadline is None:
+            deadline = time.monotonic() + self.timeout_s
         try:
-            if kind == "json":
-                return compiler.compile_grammar(json_schema_ebnf(json.dumps(params.json)))
-            if kind == "json_object":
-                return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
-            if kind == "regex":
-                return compiler.compile_regex(params.regex)
-            if kind == "grammar":
-                return compiler.compile_grammar(params.grammar)
-            return compiler.compile_grammar(choice_grammar(params.choice))
-        except (RuntimeError, ValueError, TypeError) as exc:
-            text = _CPP_PREFIX.sub("", str(exc)).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            what = {"json": "JSON schema", "json_object": "JSON object grammar", "regex": "regex",
-                    "grammar": "grammar", "choice": "choice"}[kind]
-            raise ValidationError(f"structured_outputs.{kind}: invalid {what}: {text}", kind) from None
+            status, payload = self._processes.run((kind, getattr(params, kind)), deadline, cancel)
+        except GrammarCompileTimeout:
+            raise ValidationError(f"structured_outputs.{kind}: the {WHAT[kind]} did not compile within "
+                                  f"{self.timeout_s:g} s (the server's --grammar-compile-timeout); simplify it",
+                                  kind) from None
+        except RuntimeError as exc:   # the child died on it (xgrammar crashed or ran out of memory)
+            raise ValidationError(f"structured_outputs.{kind}: the {WHAT[kind]} could not be compiled: {exc}",
+                                  kind) from None
+        if status != "ok":
+            raise ValidationError(payload, kind)
+        return xgrammar.CompiledGrammar.deserialize_json(payload, self._tokenizer_info())
+
+
+WHAT = {"json": "JSON schema", "json_object": "JSON object grammar", "regex": "regex", "grammar": "grammar",
+        "choice": "choice"}
+
+
+def compile_constraint(compiler: Any, kind: str, value: Any) -> Any:
+    """One constraint (a StructuredOutputsParams field's kind and value) compiled by an xgrammar
+    GrammarCompiler, checked to admit some output: ValidationError naming `kind` if it does
+    not compile, or if no token can start it (its language is empty: `root ::= root`, the
+    regex `[^\\s\\S]`), which masking would otherwise turn into a failed request."""
+    import xgrammar
+    try:
+        if kind == "json":
+            compiled = compiler.compile_grammar(json_schema_ebnf(json.dumps(value)))
+        elif kind == "json_object":
+            compiled = compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
+        elif kind == "regex":
+            compiled = compiler.compile_regex(value)
+        elif kind == "grammar":
+            compiled = compiler.compile_grammar(value)
+        else:
+            compiled = compiler.compile_grammar(choice_grammar(value))
+    except (RuntimeError, ValueError, TypeError) as exc:
+        text = _CPP_PREFIX.sub("", str(exc)).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValidationError(f"structured_outputs.{kind}: invalid {WHAT[kind]}: {text}", kind) from None
+    matcher = xgrammar.GrammarMatcher(compiled)
+    bitmask = xgrammar.allocate_token_bitmask(1, compiled.tokenizer_info.vocab_size)
+    matcher.fill_next_token_bitmask(bitmask)
+    if not bool(bitmask.any()):
+        raise ValidationError(f"structured_outputs.{kind}: the {WHAT[kind]} admits no output (no token can "
+                              "start a string it accepts)", kind)
+    return compiled
 
 
 # xgrammar (0.2.9; its issue #286) lets a string with minLength/maxLength take any character but

@@ -54,6 +54,8 @@ async def add_prompts(engine: AsyncEngine, request_id: str, prompts: Sequence[Pr
                       output_kind: OutputKind, add_special_tokens: bool, priority: int = 0,
                       lora_request: LoRARequest | None = None) -> list[RequestStream]:
     """Add every prompt at once (one engine iteration); all or nothing."""
+    if params.structured_outputs is not None and len(prompts) > 1:   # one compile, then cache hits
+        await engine.compile_grammar(params.structured_outputs)
     results = await asyncio.gather(
         *(engine.add_request(f"{request_id}-{i}", prompt, params, output_kind, strict_length=True,
                              add_special_tokens=add_special_tokens, priority=priority, lora_request=lora_request)

@@ -13,6 +13,7 @@ import requests
 from pagedserve.core.outputs import EngineStats
 from pagedserve.errors import EngineDeadError, RequestFailedError, ValidationError
 from pagedserve.frontend.async_engine import AsyncEngine
+from pagedserve.frontend.structured_output import GrammarCompiler
 from pagedserve.outputs import CompletionOutput, RequestOutput
 from pagedserve.sampling_params import SamplingParams
 from tests.server.conftest import free_port
@@ -27,6 +28,7 @@ class ScriptedEngine:
     tokenizer = None
     engine_process = False
     step_spans: list = []   # no core steps to time
+    grammar_compiler = GrammarCompiler(None, 0, ())   # no tokenizer: no grammars
 
     def __init__(self) -> None:
         self.pending: dict[str, str] = {}
@@ -49,7 +51,7 @@ class ScriptedEngine:
                                                 add_special_tokens))
 
     def process_request(self, request_id, prompt, params, output_kind, strict_length, add_special_tokens, priority=0,
-                        lora_request=None):
+                        lora_request=None, grammar=None):
         if prompt == "invalid":
             raise ValidationError("prompt is invalid", "prompt")
         return request_id, prompt

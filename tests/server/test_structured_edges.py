@@ -201,6 +201,10 @@ def test_tgi_text_generation_with_grammar(structured_server) -> None:
      "response_format.json_schema.schema"),
     ("/v1/chat/completions", {"messages": MESSAGES, "guided_json": {"type": "object", "properties": 3}}, "guided_json"),
     ("/v1/chat/completions", {"messages": MESSAGES, "guided_choice": ["a"], "guided_regex": "a"}, "guided_choice"),
+    # languages with no string in them: compiled fine, but no token could ever be sampled
+    ("/v1/completions", {"prompt": "x", "guided_grammar": "root ::= root"}, "guided_grammar"),
+    ("/v1/completions", {"prompt": "x", "guided_grammar": "root ::= a\na ::= root"}, "guided_grammar"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "guided_regex": "[^\\s\\S]"}, "guided_regex"),
 ])
 def test_invalid_constraints_are_4xx_while_others_run(structured_server, route, body, param) -> None:
     base = structured_server.base_url

@@ -31,7 +31,7 @@ NON_DEFAULTS = {"model": "some/model", "tokenizer": "some/tokenizer", "dtype": "
                 "preemption_mode": "recompute", "kv_cache_dtype": "fp8", "quantization": "fp8", "runner": "generate",
                 "task": "generate",
                 "enable_lora": True, "max_loras": 3, "max_lora_rank": 64, "max_cpu_loras": 4,
-                "hf_overrides": '{"rope_scaling": {"rope_type": "yarn"}}'}
+                "hf_overrides": '{"rope_scaling": {"rope_type": "yarn"}}', "grammar_compile_timeout": 7.5}
 
 
 def _options(parser: argparse.ArgumentParser) -> set[str]:
