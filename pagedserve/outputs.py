@@ -42,6 +42,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)   # "arrival_time", "first_token_time"
     error: str | None = None   # why the engine failed this request (its finish_reason is "abort")
+    error_param: str | None = None   # the request's own parameter that caused that failure, if one did
 
 
 @dataclass

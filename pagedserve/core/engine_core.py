@@ -277,8 +277,8 @@ class EngineCore:
                 sampled = so, deferred.grammar_rows
         except Exception as exc:
             self._in_flight.append((so, exc))
-        for request, error in fill.failed:
-            self._late_outputs += self._fail_requests([request.request_id], error)
+        for request, error, param in fill.failed:
+            self._late_outputs += self._fail_requests([request.request_id], error, param)
         return sampled
 
     def _resolve(self) -> list[EngineCoreOutput]:
@@ -344,13 +344,14 @@ class EngineCore:
         give_up = self.scheduler.requeue_after_failure(step_ids + others, suspects=set(step_ids))
         return self._fail_requests(give_up, error)
 
-    def _fail_requests(self, request_ids: list[RequestId], error: str) -> list[EngineCoreOutput]:
+    def _fail_requests(self, request_ids: list[RequestId], error: str,
+                       param: str | None = None) -> list[EngineCoreOutput]:
         self.scheduler.uncache(request_ids)   # their last step may not have written its KV
         failed = self.finish_requests(request_ids, RequestStatus.FINISHED_ERROR)
         now = time.monotonic()
         self._events += [RequestEvent(r.request_id, _FINISHED, now, "abort", len(r.output_token_ids)) for r in failed]
         return [EngineCoreOutput(r.request_id, list(r.output_token_ids) if r.report_final_only else [], "abort",
-                                 error=error) for r in failed]
+                                 error=error, error_param=param) for r in failed]
 
     def _update(self, so: SchedulerOutput, runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
         changed = self.scheduler.update_from_output(so, runner_output)   # each got one token
@@ -375,7 +376,7 @@ class EngineCore:
             reason = None if running else request.get_finish_reason()
             append(EngineCoreOutput(rid, list(request.output_token_ids) if final_only else [request.output_token_ids[-1]],
                                     reason, request.stop_reason, logprobs.get(rid) if logprobs else None, None,
-                                    max(request.num_cached_tokens, 0), request.error))
+                                    max(request.num_cached_tokens, 0), request.error, request.error_param))
             if reason is not None:
                 events.append(RequestEvent(rid, _FINISHED, now, reason, len(request.output_token_ids)))
         for rid, prompt_logprobs in runner_output.prompt_logprobs.items():

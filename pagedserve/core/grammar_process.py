@@ -8,7 +8,8 @@ the engine, talking through one shared-memory segment:
 
     header   int64 [POSTED, DONE, NUM_ACCEPT, NUM_FILL, STOP, FAILED,
                     then the process's time so far (ns): waiting for tokens, accepting, filling]
-    accepts  int32 slot[cap], int32 row[cap] -> int8 accepted[cap] (written back)
+    accepts  int32 slot[cap], int32 row[cap] -> int8 accepted[cap] (written back: 1, or 0 refused,
+             -1 refused with no token allowed: core/structured_output.admits_nothing)
     fills    int32 slot[cap] (-1: all tokens allowed)
     --- page-aligned, one region (page-locked in place by the runner on CUDA) ---
     ids      int64 [cap]: a step's sampled ids, copied there by the device (-1: not yet)
@@ -223,7 +224,7 @@ class GrammarProcess:
     def wait(self, timeout: float = WAIT_TIMEOUT_S) -> tuple[Any, Any]:
         """The posted step's result: (mask rows [num fills, width] int32 tensor, a view of the
         segment valid until the next post; accepted [num accepts] int8, 0 where a token broke
-        its grammar). Spins (holding the GIL; after ~2 ms it sleeps between looks); raises
+        its grammar, -1 where the grammar allowed no token at all). Spins (holding the GIL; after ~2 ms it sleeps between looks); raises
         GrammarProcessError if the process failed or is gone."""
         header, posted = self.layout.header, self._posted
         spins = 0
@@ -295,6 +296,7 @@ def _serve(shm_name: str, cap: int, width: int, info_path: str, parent_pid: int)
 
 
 def _loop(shm, cap: int, width: int, info_path: str, parent_pid: int, torch, xgrammar) -> None:
+    from pagedserve.core.structured_output import admits_nothing
     layout = _Layout(shm.buf, cap, width)
     header = layout.header
     mask = torch.from_numpy(layout.mask)   # xgrammar's fill takes a torch tensor
@@ -335,7 +337,7 @@ def _loop(shm, cap: int, width: int, info_path: str, parent_pid: int, torch, xgr
                 ok = matcher is not None and matcher.accept_token(token)
                 if ok and token in stop_ids and matcher.is_terminated():
                     terminated.add(slot)
-                results.append(ok)
+                results.append(1 if ok else -1 if admits_nothing(matcher, info.vocab_size) else 0)
             if n:
                 accepted[:n] = results
             accepted_at = time.perf_counter_ns()

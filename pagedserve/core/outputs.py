@@ -22,6 +22,7 @@ class EngineCoreOutput:
     new_prompt_logprobs: list[TokenLogprobs] | None = None
     num_cached_tokens: int = 0
     error: str | None = None   # why the engine failed this request (finish_reason "abort")
+    error_param: str | None = None   # the request's parameter that caused it (a 4xx), if it did
 
     @property
     def finished(self) -> bool:

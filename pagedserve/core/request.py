@@ -72,6 +72,9 @@ class Request:
     grammar: Any = None
     grammar_matcher: Any = None
     error: str | None = None   # why the core failed it (FINISHED_ERROR), for the frontend
+    # set when the request's own parameters caused that failure: the frontend raises a
+    # ValidationError naming it (a 4xx), not an engine failure
+    error_param: str | None = None
     # The frontend reads this sequence only once it ends (a final-only output with no stop
     # strings and no logprobs: LLM.generate, non-streaming server requests): the core reports
     # its tokens all at once when it finishes, not one output a step (EngineCore._update).

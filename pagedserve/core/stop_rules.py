@@ -10,17 +10,38 @@ from pagedserve.core.request import Request, RequestStatus
 
 def advance_grammar(grammars: Any, request: Request, token: int) -> bool:
     """Feed a sampled token to the request's matcher; True (status set) if that ends the
-    request: the grammar terminated (stop), or the token broke it (error; masking
-    should make that impossible)."""
+    request: the grammar terminated (stop), or it refused the token (error: the request's
+    own if it had nothing to sample, see refusal; else mask_failure)."""
     accepted, terminated = grammars.accept(request, token)
     if not accepted:
         request.status = RequestStatus.FINISHED_ERROR
-        request.error = f"sampled token {token} does not match the request's structured_outputs grammar"
+        if grammars.refused_by_request(request):
+            request.error, request.error_param = refusal(token), REFUSED_PARAM
+        else:
+            request.error = mask_failure(token)
         return True
     if terminated:
         request.status = RequestStatus.FINISHED_STOPPED
         return True
     return False
+
+
+REFUSED_PARAM = "structured_outputs"   # the parameter a refused token's failure names
+
+
+def refusal(token: int) -> str:
+    """Why a request fails whose grammar refused its sampled token and allows no token at
+    all there: a grammar with no continuation after this prefix (the regex `a[^\\s\\S]`
+    after "a"). The request's own doing: the frontend raises a ValidationError naming
+    REFUSED_PARAM."""
+    return ("structured_outputs: no token can continue the output: the grammar admits no continuation after "
+            f"the text generated so far (token {token} was sampled from an empty choice and refused)")
+
+
+def mask_failure(token: int) -> str:
+    """Why a request fails whose grammar refused a token although it allowed others: the
+    mask did not reach the sampler (the engine's fault)."""
+    return f"sampled token {token} does not match the request's structured_outputs grammar"
 
 
 def check_stop(request: Request, token: int, max_model_len: int) -> bool:

@@ -31,6 +31,7 @@ import logging
 from typing import Any
 
 from pagedserve.core.request import Request, RequestStatus
+from pagedserve.core.stop_rules import REFUSED_PARAM, mask_failure, refusal
 
 logger = logging.getLogger(__name__)
 _RUNNING = RequestStatus.RUNNING
@@ -85,6 +86,18 @@ def fill_bitmask(requests: list[Request], buffer: Any) -> Any:
     return bitmask
 
 
+def admits_nothing(matcher: Any, vocab_size: int) -> bool:
+    """Whether the matcher allows no next token at all. Asked only when it refused a sampled
+    token: then the request had nothing to sample (its grammar's doing), unless masking
+    failed (the engine's). (allowed_token_ids, a second mask, cannot come with a grammar.)"""
+    import xgrammar
+    if matcher is None or matcher.is_terminated():
+        return False
+    bits = xgrammar.allocate_token_bitmask(1, vocab_size)
+    matcher.fill_next_token_bitmask(bits)
+    return not bool(bits.any())
+
+
 def accept(request: Request, token: int) -> tuple[bool, bool]:
     """Advance the request's matcher by `token`: (accepted, terminated). Terminated: the
     grammar is complete and its stop token was accepted. One call per row: xgrammar's
@@ -96,14 +109,21 @@ def accept(request: Request, token: int) -> tuple[bool, bool]:
     return True, matcher.is_terminated()
 
 
+def refused_by_request(request: Request) -> bool:
+    """After its matcher (on this thread) refused a token: whether the request had nothing to
+    sample (admits_nothing)."""
+    return admits_nothing(request.grammar_matcher, request.grammar.tokenizer_info.vocab_size)
+
+
 class PendingFill:
     """A step's bitmask on its way: `result()` (once) returns it; `failed` then lists the
-    requests to fail, with why (ProcessGrammars only: a token their grammar refused, or their
-    matcher lost with a grammar process that died)."""
+    requests to fail, with why and the parameter to blame if it was their own doing
+    (ProcessGrammars only: a token their grammar refused, or their matcher lost with a
+    grammar process that died)."""
 
     def __init__(self, result: Any) -> None:
         self._result = result
-        self.failed: list[tuple[Request, str]] = []
+        self.failed: list[tuple[Request, str, str | None]] = []
 
     def result(self) -> Any:
         return self._result()
@@ -123,6 +143,9 @@ class InlineGrammars:
 
     def accept(self, request: Request, token: int) -> tuple[bool, bool]:
         return accept(request, token)
+
+    def refused_by_request(self, request: Request) -> bool:
+        return refused_by_request(request)
 
     def sampled_ids(self) -> None:
         return None   # the runner's own copy
@@ -176,7 +199,7 @@ class ProcessGrammars:
         self._slot_grammar: dict[int, int] = {}   # slot -> id(grammar)
         self._next_key = 0
         self._lost: set[str] = set()   # request ids whose matcher died with a process
-        self._unreported: list[tuple[Request, str]] = []   # failures of a step nobody took the mask of
+        self._unreported: list[tuple[Request, str, str | None]] = []   # failures of a step nobody took the mask of
         self._epoch = 0   # bumped when a slot is released or rolled back: the last post's slots may not serve again
         self._last: tuple = ([], [], [], -1)   # the last post's fills: row ids, rows, slots, epoch
 
@@ -285,7 +308,7 @@ class ProcessGrammars:
         pending.failed = failed
         return pending
 
-    def _fills(self, rows: list[Request], failed: list[tuple[Request, str]]) -> list[int]:
+    def _fills(self, rows: list[Request], failed: list[tuple[Request, str, str | None]]) -> list[int]:
         """The slot of each row (opened if new; -1: finished, or lost, which fails it)."""
         slots, lost = self._slots, self._lost
         fills = []
@@ -295,7 +318,7 @@ class ProcessGrammars:
                 fills.append(-1)
             elif lost and request.request_id in lost:
                 fills.append(-1)
-                failed.append((request, "its grammar matcher was lost: the grammar process died"))
+                failed.append((request, "its grammar matcher was lost: the grammar process died", None))
             else:
                 fills.append(self._open(request) if slot is None else slot)
         return fills
@@ -320,14 +343,14 @@ class ProcessGrammars:
         self._grammars, self._slot_grammar = {}, {}
         self._epoch += 1
 
-    def _collect(self, posted: list[Request], failed: list[tuple[Request, str]]) -> Any:
+    def _collect(self, posted: list[Request], failed: list[tuple[Request, str, str | None]]) -> Any:
         mask, accepted = self.process.wait()
-        if not accepted.all():
+        if not (accepted == 1).all():   # 0: refused, -1: refused with nothing to sample (the request's own)
             ids = self.process.layout.ids
             rows = self.process.layout.accept_row
-            failed += [(request, f"sampled token {int(ids[rows[i]])} does not match the request's "
-                                 "structured_outputs grammar")
-                       for i, (request, ok) in enumerate(zip(posted, accepted)) if not ok]
+            failed += [(request, refusal(int(ids[rows[i]])), REFUSED_PARAM) if ok == -1 else
+                       (request, mask_failure(int(ids[rows[i]])), None)
+                       for i, (request, ok) in enumerate(zip(posted, accepted.tolist())) if ok != 1]
         return mask
 
     def shutdown(self) -> None:

@@ -412,7 +412,9 @@ class AsyncEngine:
             if output.finished:
                 del self._streams[output.request_id]
                 # an abort we did not ask for (ours are untracked first): the engine failed it
-                if output.error is not None or any(c.finish_reason == "abort" for c in output.outputs):
+                if output.error_param is not None:   # the request's own parameters did it: a 4xx
+                    item = ValidationError(output.error or "invalid request", output.error_param)
+                elif output.error is not None or any(c.finish_reason == "abort" for c in output.outputs):
                     item = RequestFailedError(f"request {output.request_id} failed in the engine"
                                               + (f": {output.error}" if output.error else ""))
             batches.setdefault(stream._loop, []).append((stream, item))

@@ -52,6 +52,7 @@ class RequestState:
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     num_cached_tokens: int = 0
     error: str | None = None   # why the engine failed it
+    error_param: str | None = None   # the request's parameter that caused that, if one did
     prompt_logprobs_sent: bool = False
 
     def finished(self) -> bool:
@@ -101,7 +102,7 @@ class OutputProcessor:
             state, seq = entry
             touched[state.request_id] = state
             if out.error:
-                state.error = out.error
+                state.error, state.error_param = out.error, out.error_param
             if out.new_prompt_logprobs and state.prompt_logprobs is not None:
                 state.prompt_logprobs.extend(self._logprob_dicts(e) for e in out.new_prompt_logprobs)
             state.num_cached_tokens = out.num_cached_tokens
@@ -187,7 +188,8 @@ class OutputProcessor:
             prompt_logprobs = None
         state.prompt_logprobs_sent = prompt_logprobs is not None or state.prompt_logprobs_sent
         return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, completions, finished,
-                             prompt_logprobs, state.num_cached_tokens, error=state.error)
+                             prompt_logprobs, state.num_cached_tokens, error=state.error,
+                             error_param=state.error_param)
 
     def _completion(self, state: RequestState, seq: SequenceState, delta: bool, finished: bool,
                     index: int) -> CompletionOutput:

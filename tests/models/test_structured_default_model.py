@@ -91,3 +91,23 @@ def test_a_grammar_that_can_only_end_wins_over_min_tokens(llm, temperature):
     assert (out.text, out.finish_reason, len(out.token_ids)) == ("a", "stop", 2)   # "a", then EOS
     out = longer.outputs[0]
     assert re.fullmatch("a+", out.text) and len(out.token_ids) >= 2, (out.text, out.token_ids)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])   # matchers on the engine thread / in the grammar process
+def test_a_grammar_with_no_way_on_fails_as_the_requests_own_doing(async_scheduling):
+    """The regex "a[^\\s\\S]" compiles and allows "a", then no token at all: the request fails
+    with error_param "structured_outputs" (a 400 over HTTP, not an engine failure), beside a
+    request that runs to its end."""
+    llm = LLM(device=TEST_DEVICE, dtype="float32", max_model_len=256, async_scheduling=async_scheduling)
+    try:
+        tokenizer = llm.get_tokenizer()
+        prompt = _chat_prompt(llm, "Say a.")
+        a = tokenizer.encode("a", add_special_tokens=False)
+        params = [SamplingParams(max_tokens=6, temperature=0.0, structured_outputs=StructuredOutputsParams(regex=r"a[^\s\S]")),
+                  SamplingParams(max_tokens=6, temperature=0.0, structured_outputs=StructuredOutputsParams(regex="a+"))]
+        dead, fine = llm.generate([prompt] * len(params), params, use_tqdm=False)
+        assert dead.outputs[0].finish_reason == "abort" and dead.error_param == "structured_outputs"
+        assert dead.outputs[0].token_ids[0] == a[0] and "no token can continue the output" in dead.error
+        assert fine.error is None and re.fullmatch("a+", fine.outputs[0].text)
+    finally:
+        llm.shutdown()

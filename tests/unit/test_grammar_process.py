@@ -77,6 +77,7 @@ def test_a_refused_token_fails_its_request_with_a_clear_error(checkpoint, monkey
     assert failed.outputs[0].finish_reason == "abort"
     token = failed.outputs[0].token_ids[0]
     assert failed.error == f"sampled token {token} does not match the request's structured_outputs grammar"
+    assert failed.error_param is None   # the engine's failure (its mask was lost), not the request's
     assert failed.outputs[0].token_ids == [alone[0]]   # the refused token, nothing after it
     assert ok.error is None and ok.outputs[0].token_ids == alone
 
@@ -248,7 +249,7 @@ def test_more_slots_than_rows_and_tokens_that_land_after_the_post(checkpoint, mo
         pending = step([rows[0], rows[3]], [tokenizer.encode("c", add_special_tokens=False)[0], refused], [rows[3]])
         assert torch.equal(pending.result(), reference_bitmask([rows[3]]))
         assert pending.failed == [(rows[3], f"sampled token {refused} does not match the request's "
-                                            "structured_outputs grammar")]
+                                            "structured_outputs grammar", None)]   # it allowed others: not its own
     finally:
         grammars.shutdown()
 
