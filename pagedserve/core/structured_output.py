@@ -132,7 +132,6 @@ class PendingFill:
 class InlineGrammars:
     """The matchers on the engine thread."""
 
-    tokens_from_device = False   # accepted in update_from_output, from the host's copy
     stop_tokens = None   # every sampled token goes to accept()
 
     def __init__(self) -> None:
@@ -184,7 +183,6 @@ class ProcessGrammars:
     at once, so the process accepts as soon as the copy lands."""
 
     MAX_IDLE_GRAMMARS = 64
-    tokens_from_device = True
 
     def __init__(self, max_rows: int) -> None:
         self.max_rows = max(max_rows, 1)

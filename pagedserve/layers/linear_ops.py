@@ -48,11 +48,6 @@ NORM_CHAIN = True
 NORM_CHAIN_ON_CPU = False   # tests: the chain's launches under Triton's interpreter on CPU (fp16)
 
 
-def set_norm_chain(on: bool) -> None:
-    global NORM_CHAIN
-    NORM_CHAIN = on
-
-
 def norm_chain() -> bool:
     return NORM_CHAIN and decode_fusion()
 

@@ -129,9 +129,6 @@ class QuantizationConfig:
         but GGUF)."""
         return None
 
-    def weight_description(self) -> str:
-        return self.name
-
 
 def skipped(patterns: list[str], prefix: str) -> bool:
     """Whether a layer is in a format's list of modules left unquantized (substrings of the

@@ -100,9 +100,6 @@ class GGUFConfig(QuantizationConfig):
         fmt = self._type_of([prefix])
         return GGUFEmbeddingMethod(fmt, self.int4) if fmt else None
 
-    def weight_description(self) -> str:
-        return "gguf (" + ", ".join(sorted(set(self.tensor_types.values()))) + ")"
-
 
 def cpu_decode_attention(spec: QuantizationSpec | None) -> Callable | None:
     """The C++ decode attention (gguf_cpu.decode_attention) for a model whose GGUF blocks run on
