@@ -296,7 +296,7 @@ def _serve(shm_name: str, cap: int, width: int, info_path: str, parent_pid: int)
 
 
 def _loop(shm, cap: int, width: int, info_path: str, parent_pid: int, torch, xgrammar) -> None:
-    from pagedserve.core.structured_output import admits_nothing
+    from pagedserve.core.stop_rules import admits_nothing
     layout = _Layout(shm.buf, cap, width)
     header = layout.header
     mask = torch.from_numpy(layout.mask)   # xgrammar's fill takes a torch tensor

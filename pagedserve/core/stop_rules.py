@@ -38,6 +38,18 @@ def refusal(token: int) -> str:
             f"the text generated so far (token {token} was sampled from an empty choice and refused)")
 
 
+def admits_nothing(matcher: Any, vocab_size: int) -> bool:
+    """Whether the matcher allows no next token at all. Asked only when it refused a sampled
+    token: then the request had nothing to sample (its grammar's doing), unless masking
+    failed (the engine's). (allowed_token_ids, a second mask, cannot come with a grammar.)"""
+    import xgrammar
+    if matcher is None or matcher.is_terminated():
+        return False
+    bits = xgrammar.allocate_token_bitmask(1, vocab_size)
+    matcher.fill_next_token_bitmask(bits)
+    return not bool(bits.any())
+
+
 def mask_failure(token: int) -> str:
     """Why a request fails whose grammar refused a token although it allowed others: the
     mask did not reach the sampler (the engine's fault)."""

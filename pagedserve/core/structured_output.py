@@ -31,7 +31,7 @@ import logging
 from typing import Any
 
 from pagedserve.core.request import Request, RequestStatus
-from pagedserve.core.stop_rules import REFUSED_PARAM, mask_failure, refusal
+from pagedserve.core.stop_rules import REFUSED_PARAM, admits_nothing, mask_failure, refusal
 
 logger = logging.getLogger(__name__)
 _RUNNING = RequestStatus.RUNNING
@@ -84,18 +84,6 @@ def fill_bitmask(requests: list[Request], buffer: Any) -> Any:
             indices.append(row)
     _batch_matcher().batch_fill_next_token_bitmask(matchers, bitmask, indices)
     return bitmask
-
-
-def admits_nothing(matcher: Any, vocab_size: int) -> bool:
-    """Whether the matcher allows no next token at all. Asked only when it refused a sampled
-    token: then the request had nothing to sample (its grammar's doing), unless masking
-    failed (the engine's). (allowed_token_ids, a second mask, cannot come with a grammar.)"""
-    import xgrammar
-    if matcher is None or matcher.is_terminated():
-        return False
-    bits = xgrammar.allocate_token_bitmask(1, vocab_size)
-    matcher.fill_next_token_bitmask(bits)
-    return not bool(bits.any())
 
 
 def accept(request: Request, token: int) -> tuple[bool, bool]:

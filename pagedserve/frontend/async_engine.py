@@ -55,6 +55,7 @@ from pagedserve.core.outputs import EngineStats
 from pagedserve.core.snapshot import EngineSnapshot
 from pagedserve.engine_args import EngineArgs
 from pagedserve.errors import EngineDeadError, RequestFailedError, ValidationError
+from pagedserve.frontend.grammar_compile import isolate
 from pagedserve.frontend.heap import release_free_heap
 from pagedserve.frontend.input_processor import PromptType
 from pagedserve.frontend.llm_engine import LLMEngine
@@ -118,7 +119,7 @@ class AsyncEngine:
         self.engine = engine
         # a grammar compiles in a child process under a deadline, awaited on a pool of its own:
         # a slow one never holds up the tokenizing of other requests (frontend/grammar_compile.py)
-        engine.grammar_compiler.isolate(grammar_compile_timeout)
+        isolate(engine.grammar_compiler, grammar_compile_timeout)
         self._compiling = ThreadPoolExecutor(COMPILE_WAITERS, thread_name_prefix="pagedserve-grammars")
         self.step_timer = StepTimer(probe_gil)
         self._death_listeners: list[Callable[[EngineDeadError], None]] = []

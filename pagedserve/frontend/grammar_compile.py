@@ -27,17 +27,20 @@ import weakref
 from typing import Any, Callable
 
 from pagedserve.core.grammar_process import module_command, read_payload, write_payload
+from pagedserve.errors import ValidationError
+from pagedserve.frontend.structured_output import (CACHE_LIMIT_BYTES, GrammarCompileCancelled, GrammarCompiler,
+                                                   GrammarCompileTimeout, compile_constraint)
 
 CHILD_NICE = 10      # the engine thread and the tokenizers go first on a busy host
 POLL_S = 0.05        # how often a waiting caller looks at its deadline and cancel flag
 
 
-class GrammarCompileTimeout(Exception):
-    """The deadline passed before the compile was done (its child is killed)."""
-
-
-class GrammarCompileCancelled(Exception):
-    """The caller gave up (its client went away); its child is killed."""
+def isolate(compiler: GrammarCompiler, timeout_s: float, processes: int = 2) -> None:
+    """`compiler` compiles in up to `processes` children from now on, each compile within
+    `timeout_s` of its request (GrammarCompiler.isolate). Nothing changes without a
+    tokenizer (no request can carry a grammar then) or if it is isolated already."""
+    if compiler.tokenizer is not None and compiler.timeout_s is None:
+        compiler.isolate(CompileProcesses(compiler.tokenizer_info_json, processes), timeout_s)
 
 
 class _Child:
@@ -148,8 +151,6 @@ def _serve(info_path: str) -> None:
     except OSError:
         pass
     import xgrammar
-    from pagedserve.errors import ValidationError
-    from pagedserve.frontend.structured_output import CACHE_LIMIT_BYTES, compile_constraint
     info = xgrammar.TokenizerInfo.deserialize_json(read_payload(info_path).decode())
     compiler = xgrammar.GrammarCompiler(info, max_threads=2, cache_limit_bytes=CACHE_LIMIT_BYTES)
     stdin = sys.stdin.buffer

@@ -5,7 +5,7 @@ model's vocabulary size, which may exceed the tokenizer's, and the engine's EOS 
 grammar's stop tokens). xgrammar's compiler caches compiled grammars by their text, so a
 schema compiles once however many requests send it. `compile` is thread-safe. Offline it runs
 in LLMEngine.process_request; in the server (AsyncEngine) in child processes
-(frontend/grammar_compile.py), awaited on threads of their own, so a slow grammar delays
+(frontend/grammar_compile.py, which builds on this module), awaited on threads of their own, so a slow grammar delays
 only its own request, never the tokenizing of others, and is killed past its deadline or
 when its client goes. An invalid schema, regex or grammar, one that admits no output and
 one past the deadline are ValidationErrors naming the field.
@@ -66,16 +66,16 @@ class GrammarCompiler:
                 self._compiler = xgrammar.GrammarCompiler(info, max_threads=2, cache_limit_bytes=CACHE_LIMIT_BYTES)
             return self._compiler
 
-    def isolate(self, timeout_s: float, processes: int = 2) -> None:
-        """Compile in `processes` child processes from now on: a compile that is not done
-        `timeout_s` after its request asked (queueing included) is killed and the request gets
-        a ValidationError naming its field; one whose caller gave up (cancel) is killed too.
-        Nothing changes without a tokenizer (no request can carry a grammar then)."""
-        if self.tokenizer is None or self._processes is not None:
-            return
-        from pagedserve.frontend.grammar_compile import CompileProcesses
+    def tokenizer_info_json(self) -> str:
+        return self._tokenizer_info().serialize_json()
+
+    def isolate(self, processes: Any, timeout_s: float) -> None:
+        """Compile through `processes` (grammar_compile.CompileProcesses: child processes) from
+        now on: a compile not done `timeout_s` after its request asked (queueing included) is
+        stopped and the request gets a ValidationError naming its field; one whose caller gave
+        up (cancel) is stopped too. See grammar_compile.isolate."""
         self.timeout_s = timeout_s
-        self._processes = CompileProcesses(lambda: self._tokenizer_info().serialize_json(), processes)
+        self._processes = processes
 
     def close(self) -> None:
         if self._processes is not None:
@@ -109,7 +109,6 @@ class GrammarCompiler:
 
     def _compile_isolated(self, params: StructuredOutputsParams, deadline: float | None,
                           cancel: threading.Event | None) -> Any:
-        from pagedserve.frontend.grammar_compile import GrammarCompileTimeout
         import xgrammar
         kind = params.kind
         if deadline is None:
@@ -126,6 +125,14 @@ class GrammarCompiler:
         if status != "ok":
             raise ValidationError(payload, kind)
         return xgrammar.CompiledGrammar.deserialize_json(payload, self._tokenizer_info())
+
+
+class GrammarCompileTimeout(Exception):
+    """The deadline passed before an isolated compile was done (its child is killed)."""
+
+
+class GrammarCompileCancelled(Exception):
+    """The caller of an isolated compile gave up (its client went away); its child is killed."""
 
 
 WHAT = {"json": "JSON schema", "json_object": "JSON object grammar", "regex": "regex", "grammar": "grammar",

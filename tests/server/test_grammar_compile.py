@@ -13,8 +13,8 @@ import pytest
 import requests
 
 from pagedserve.errors import ValidationError
-from pagedserve.frontend.grammar_compile import GrammarCompileCancelled
-from pagedserve.frontend.structured_output import GrammarCompiler
+from pagedserve.frontend.grammar_compile import isolate
+from pagedserve.frontend.structured_output import GrammarCompileCancelled, GrammarCompiler
 from pagedserve.sampling_params import StructuredOutputsParams
 from tests.server.conftest import serving
 
@@ -34,7 +34,7 @@ def compilers(offline_llm):
     engine = offline_llm.engine
     inline = engine.grammar_compiler   # the offline engine's: in-process
     isolated = GrammarCompiler(inline.tokenizer, inline.vocab_size, inline.eos_token_ids)
-    isolated.isolate(timeout_s=60.0, processes=1)
+    isolate(isolated, timeout_s=60.0, processes=1)
     yield inline, isolated
     isolated.close()
 
