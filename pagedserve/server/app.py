@@ -5,7 +5,7 @@ everything (unknown routes included).
     GET  /health                GET  /version                 GET /metrics
     GET|POST /ping, POST /invocations   SageMaker's: /health, and any route by its body (invocations.py)
     GET  /debug/steps           the engine's step timing (frontend/step_timing.py); ?reset=1 restarts it,
-                                ?raw=N adds the last N steps
+                                ?raw=N adds the last N steps (behind the API key, as /debug/*)
     POST /tokenize              POST /detokenize              POST /v1/embeddings (a 400: embeddings.py serves those)
 and text-generation-inference's routes (tgi_routes.py): POST /generate, /generate_stream, /;
 GET /info; POST /tokenize with {"inputs": ...} answers in TGI's shape (tokenize.py).
@@ -21,7 +21,8 @@ import logging
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -30,7 +31,8 @@ from pagedserve.errors import ValidationError
 from pagedserve.frontend.async_engine import CPU_SAMPLE_S, AsyncEngine
 from pagedserve.server.context import AdmissionLimit, ServerContext, ServerSettings
 from pagedserve.server.dashboard import DashboardHub, add_dashboard_routes
-from pagedserve.server.errors import API, ServiceUnavailableError, error_response, http_exception
+from pagedserve.server.errors import (API, ServiceUnavailableError, error_response, http_exception,
+                                      request_validation_error)
 from pagedserve.server.invocations import GENERATE_ROUTES, InvocationsMiddleware
 from pagedserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from pagedserve.server.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
@@ -66,6 +68,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings, tgi_settings: TGISe
     app.state.ctx = ctx
     app.state.metrics = metrics
     app.add_exception_handler(StarletteHTTPException, http_exception)   # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, request_validation_error)   # type: ignore[arg-type]
     tgi_settings = tgi_settings or TGISettings()
     admission = AdmissionLimit(engine.max_num_seqs + settings.max_waiting_requests, settings.max_concurrent_requests,
                                tgi_settings.max_concurrent_requests)
@@ -158,7 +161,7 @@ def _add_info_routes(app: FastAPI, ctx: ServerContext, metrics: ServerMetrics) -
     add_health_routes(app, ctx.engine, metrics)
 
     @app.get("/debug/steps")
-    async def step_timing(reset: bool = False, raw: int = 0) -> Response:
+    async def step_timing(reset: bool = False, raw: int = Query(0, ge=0)) -> Response:
         summary = ctx.engine.step_timer.summary()
         if raw > 0:   # the last `raw` steps: [begin, end, tokens, running, deliver_s]
             summary["raw"] = ctx.engine.step_timer.raw(raw)

@@ -15,8 +15,10 @@ import logging
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from starlette.requests import ClientDisconnect
 
 from pagedserve.errors import (EngineDeadError, OverloadedError, RequestAbortedError, RequestFailedError,
                                ValidationError)
@@ -82,6 +84,10 @@ class ClientDisconnected(HTTPError):
         super().__init__(message, param)
 
 
+class RequestTimeoutError(HTTPError):
+    """The request's body stalled mid-way (connections.RequestDeadline)."""
+
+
 class ServiceUnavailableError(HTTPError):
     pass
 
@@ -112,10 +118,12 @@ ERRORS: dict[type[BaseException], _Row] = {
     MethodNotAllowedError: _Row(405, "MethodNotAllowedError", 405, "validation", "method not allowed"),
     RequestTooLargeError: _Row(413, "RequestTooLargeError", 413, "validation", "request too large"),
     ClientDisconnected: _Row(499, "ClientClosedRequest", 499, "validation", "the client closed the connection"),
+    RequestTimeoutError: _Row(408, "RequestTimeoutError", 408, "validation", "the request did not arrive in time"),
     ServiceUnavailableError: _Row(503, "ServiceUnavailableError", 503, "validation", "service unavailable"),
     IncompleteGenerationError: _Row(500, "InternalServerError", 500, "incomplete_generation",
                                     "the request ended without its output"),
 }
+ERRORS[ClientDisconnect] = ERRORS[ClientDisconnected]   # Starlette's: the client left while its body uploaded
 
 
 @dataclass(frozen=True)
@@ -145,6 +153,8 @@ def describe(exc: BaseException, api: API = API.OPENAI) -> ErrorInfo:
         logger.exception("unexpected error while serving a request", exc_info=exc)
         status, error_type = (500, "InternalServerError") if api is API.OPENAI else (500, "generation")
         return ErrorInfo(api, status, error_type, f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, (ClientDisconnected, ClientDisconnect)):   # nobody reads the answer: no error to log
+        logger.debug("the client closed the connection before its response (%s)", type(exc).__name__)
     status, error_type = (row.openai_status, row.openai_type) if api is API.OPENAI else (row.tgi_status, row.tgi_type)
     if isinstance(exc, HTTPError) and exc.status is not None:
         status = exc.status
@@ -211,3 +221,13 @@ async def http_exception(request: Any, exc: Any) -> JSONResponse:
     else:
         error = HTTPError(str(exc.detail), status=exc.status_code, headers=exc.headers)
     return error_response(error, api_of(request.url.path))
+
+
+async def request_validation_error(request: Any, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's check of a route's declared parameters (/debug/steps?raw=abc) in the API's
+    error body, naming the parameter."""
+    error = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    loc = tuple(error.get("loc", ()))
+    param = ".".join(str(part) for part in loc[1:] if part != "") or None   # loc[0]: "query", "path", ...
+    message = f"{param}: {error.get('msg')}" if param else str(error.get("msg"))
+    return error_response(ValidationError(message, param), api_of(request.url.path))

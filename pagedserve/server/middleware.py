@@ -4,22 +4,27 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 from urllib.parse import unquote_to_bytes
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pagedserve.server.errors import HTTPError, RequestTooLargeError, UnauthorizedError, api_of, describe
 
+logger = logging.getLogger(__name__)
+
 # Routes that touch the model need the key: every /v1 route, TGI's generation routes, and
-# the tokenizer routes; and the dashboard (its page, stream and figures). /health, /metrics,
-# /version and /info stay open (as vLLM and TGI).
+# the tokenizer routes; and the dashboard (its page, stream and figures) and /debug/* (the
+# engine's step timing, which ?reset=1 restarts). /health, /metrics, /version and /info stay
+# open (as vLLM and TGI).
 GUARDED_PATHS = frozenset({"/generate", "/generate_stream", "/", "/tokenize", "/detokenize", "/tokenizer_info",
                            "/invocations"})
 DASHBOARD_COOKIE = b"pagedserve_api_key"   # the dashboard page's key form sets it (browsers send no header)
 
 
 def needs_api_key(path: str) -> bool:
-    return path.startswith("/v1") or path in GUARDED_PATHS or is_dashboard(path)
+    return path.startswith(("/v1", "/debug")) or path in GUARDED_PATHS or is_dashboard(path)
 
 
 def is_dashboard(path: str) -> bool:
@@ -85,7 +90,9 @@ class APIKeyMiddleware:
 
 class BodySizeLimitMiddleware:
     """413 for a declared Content-Length over the limit; a chunked body that grows past it
-    makes `receive` raise RequestTooLargeError, which the route answers as a 413."""
+    makes `receive` raise RequestTooLargeError, which the route answers as a 413. A client
+    that leaves while its body uploads ends a route that read the body outside its error
+    handling here, quietly (no traceback: nobody is there to answer)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -111,4 +118,7 @@ class BodySizeLimitMiddleware:
                     raise too_large
             return message
 
-        await self.app(scope, limited_receive, send)
+        try:
+            await self.app(scope, limited_receive, send)
+        except ClientDisconnect:
+            logger.debug("the client closed the connection while sending %s", scope["path"])

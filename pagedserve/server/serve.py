@@ -33,6 +33,7 @@ ENGINE_PROCESS_ENV = "PAGEDSERVE_ENGINE_PROCESS"   # "1" / "0": --engine-process
 GIL_PROBE_ENV = "PAGEDSERVE_GIL_PROBE"             # "1": the step timer's GIL probe thread runs
 SWITCH_INTERVAL_ENV = "PAGEDSERVE_SWITCH_INTERVAL_MS"  # CPython's GIL switch interval (default 5 ms)
 GRACEFUL_SHUTDOWN_S = 3.0   # --shutdown-timeout's default: after SIGTERM / Ctrl-C, for open requests
+REQUEST_READ_TIMEOUT_S = 10.0   # --timeout-request-read's default (connections.py)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -49,8 +50,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--enable-force-include-usage", action="store_true",
                         help="every streamed OpenAI response ends with a usage chunk, as if include_usage were set")
     parser.add_argument("--api-key", default=None,
-                        help=f"require `Authorization: Bearer KEY` on /v1, the TGI generation routes, /tokenize "
-                             f"and /detokenize (default: env {API_KEY_ENV}, else API_KEY)")
+                        help=f"require `Authorization: Bearer KEY` on /v1, the TGI generation routes, /tokenize, "
+                             f"/detokenize, /dashboard and /debug (default: env {API_KEY_ENV}, else API_KEY)")
     parser.add_argument("--chat-template", default=None, help="a Jinja template, or a file holding one")
     parser.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS,
                         help="a reasoning model's <think> ... </think> returned apart, as chat's `reasoning` "
@@ -81,6 +82,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--disable-frontend-multiprocessing", dest="engine_process", action="store_false",
                         default=argparse.SUPPRESS, help="vLLM's spelling of --no-engine-process")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--timeout-request-read", type=_seconds, default=REQUEST_READ_TIMEOUT_S, metavar="SECONDS",
+                        help="a request's headers must all arrive within this time of its first byte (of the "
+                             "connection's opening, for the first), and its body may pause no longer than this; "
+                             "past it the connection is closed (a stalled body answered 408 first). Generating "
+                             "the response is not bounded by it (0: no deadline; default %(default)s)")
     parser.add_argument("--shutdown-timeout", type=_seconds, default=GRACEFUL_SHUTDOWN_S, metavar="SECONDS",
                         help="after SIGTERM / Ctrl-C, how long open requests may go on before they are "
                              "cancelled (vLLM's flag; 0: at once; default %(default)s)")
@@ -195,7 +201,8 @@ def bind_listener(host: str, port: int) -> socket.socket:
                                                              flags=socket.AI_PASSIVE)[0]
     except socket.gaierror as exc:
         raise ValidationError(f"--host {host!r}: {exc.strerror}", "host") from None
-    sock = socket.socket(family, kind, proto)
+    from pagedserve.server.connections import Listener
+    sock = Listener(family, kind, proto)   # its accept() ends asyncio's EMFILE burst (connections.py)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn: restart over TIME_WAIT
     try:
         sock.bind(address)
@@ -216,6 +223,7 @@ def run_server(args: argparse.Namespace) -> None:
     from pagedserve.frontend.gc_policy import raise_gen0_threshold
     from pagedserve.frontend.heap import limit_arenas, release_free_heap
     from pagedserve.server.app import build_app
+    from pagedserve.server.connections import Server, raise_open_file_limit, request_deadline_protocol
 
     configure_default_logging()
     logging.getLogger("pagedserve").setLevel(args.log_level.upper())
@@ -223,6 +231,7 @@ def run_server(args: argparse.Namespace) -> None:
     settings = server_settings_from(args)
     if os.environ.get(SWITCH_INTERVAL_ENV):   # a diagnostic knob: how much of the GIL's hand-over delay matters
         sys.setswitchinterval(float(os.environ[SWITCH_INTERVAL_ENV]) / 1e3)
+    raise_open_file_limit()   # every open connection holds a descriptor: the soft limit (often 1024) up to the hard one
     listener = bind_listener(args.host, args.port)
     engine_process = engine_process_from(args)
     if not engine_process and "MALLOC_ARENA_MAX" not in os.environ:
@@ -251,9 +260,11 @@ def run_server(args: argparse.Namespace) -> None:
     logger.info("serving %s on http://%s:%d (engine core %s)", settings.served_model_name, args.host, args.port,
                 "in its own process" if engine_process else "on a thread")
     # open requests get --shutdown-timeout to finish after SIGTERM / Ctrl-C, then are cancelled: with
-    # the default the server (and its tensor-parallel ranks) is gone within 10 s
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           timeout_keep_alive=5, timeout_graceful_shutdown=args.shutdown_timeout))
+    # the default the server (and its tensor-parallel ranks) is gone within 10 s. A connection idle
+    # between requests is closed after 5 s; one slow to send its request, after --timeout-request-read
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                   http=request_deadline_protocol(args.timeout_request_read),
+                                   timeout_keep_alive=5, timeout_graceful_shutdown=args.shutdown_timeout))
     died: list[Exception] = []
     if engine_process:   # a dead core process (vLLM's behaviour): its requests got the error; stop serving
         engine.add_death_listener(lambda error: (died.append(error), setattr(server, "should_exit", True)))
