@@ -1,6 +1,12 @@
 """POST /v1/completions: one engine request per prompt (or, with use_beam_search, one beam
 search: server/beam.py); choice index = prompt index * n + sequence index (as vLLM numbers them). A stream reports each choice's finish_reason once;
-every non-streamed choice carries `prompt_logprobs` (null unless asked for), as vLLM's."""
+every non-streamed choice carries `prompt_logprobs` (null unless asked for), as vLLM's.
+
+`echo` with max_tokens 0 (vLLM's echo_without_generation, OpenAI's legacy API): each choice is the
+prompt, with `logprobs` the prompt's token logprobs, finish_reason "length". The engine runs one
+token (its prompt logprobs need a forward pass) taken whole (FINAL_ONLY, one chunk a choice when
+streamed); the text and logprobs leave that token out, and, as vLLM's, usage.completion_tokens and
+return_token_ids' `token_ids` count it."""
 from __future__ import annotations
 
 import time
@@ -41,7 +47,8 @@ async def create_completion(ctx: ServerContext, request: CompletionRequest, raw_
             return SSEResponse(builder.stream([FinishedStream(final) for final in finals]))
         return JSONResponse(builder.response(finals))
     prompts = [request.engine_prompt(prompt) for prompt in prompts]
-    kind = OutputKind.DELTA if request.stream else OutputKind.FINAL_ONLY
+    # echo without generation: the prompt logprobs whole, in the one output there is
+    kind = OutputKind.DELTA if request.stream and not request.echo_without_generation else OutputKind.FINAL_ONLY
     with structured.naming(request.structured_constraint()):   # compile errors name the request's field
         streams = await add_prompts(ctx.engine, engine_id, prompts, params, kind, request.add_special_tokens,
                                     request.priority, lora)
@@ -137,8 +144,12 @@ class _CompletionBuilder:
             state = _ChoiceState(CompletionLogprobs(self.ctx, self.as_token_ids), echo_pending=bool(self.request.echo))
             self.choices[index] = state
         text, token_ids, logprobs = completion.text, completion.token_ids, completion.logprobs
+        finish_reason, stop_reason = completion.finish_reason, completion.stop_reason
         output_token_ids = list(token_ids)
         self.usage.add_completion(len(token_ids))
+        if self.request.echo_without_generation:   # the one token the engine ran is not shown
+            text, token_ids, logprobs = "", [], []
+            finish_reason, stop_reason = "length", None
         if state.echo_pending:
             state.echo_pending = False
             text = self._prompt_text(output) + text
@@ -149,13 +160,13 @@ class _CompletionBuilder:
         if self.request.logprobs is not None and logprobs is not None:
             logprobs_json = state.logprobs.build(token_ids, logprobs)
         choice = {"index": index, "text": text, "logprobs": logprobs_json,
-                  "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason}
+                  "finish_reason": finish_reason, "stop_reason": stop_reason}
         if self.request.return_token_ids:
             if state.first:
                 choice["prompt_token_ids"] = list(output.prompt_token_ids)
             choice["token_ids"] = output_token_ids
         state.first = False
-        state.finished = completion.finish_reason is not None
+        state.finished = finish_reason is not None
         return choice
 
     def _prompt_text(self, output: RequestOutput) -> str:

@@ -81,11 +81,14 @@ class _SamplingFields(_Strict):
     logits_processors: Any = None
     kv_transfer_params: Any = None
     vllm_xargs: Any = None
+    early_stopping: bool = False   # vLLM's beam-search option: only its default (UNSUPPORTED)
+    bad_words: list[str] | None = None   # vLLM's sampling parameter: only empty (UNSUPPORTED)
 
     def check_supported(self) -> None:
         for name, neutral in UNSUPPORTED.items():
             if hasattr(self, name) and getattr(self, name) not in neutral:
-                raise ValidationError(f"{name} is not supported by this server", name)
+                why = UNSUPPORTED_WHY.get(name)
+                raise ValidationError(f"{name} is not supported by this server" + (f": {why}" if why else ""), name)
         self.structured_constraint()   # structured-output fields: a 400 naming the field (structured.py)
         if self.length_penalty != 1.0 and not self.use_beam_search:
             raise ValidationError("length_penalty only applies with use_beam_search", "length_penalty")
@@ -151,6 +154,17 @@ UNSUPPORTED: dict[str, tuple] = {
     # OpenAI chat fields that would change the output: accepted only when off (H3, issue 16 #13)
     "reasoning_effort": (None,), "verbosity": (None,), "web_search_options": (None,), "audio": (None,),
     "modalities": (None, ["text"]), "functions": (None, []), "function_call": (None, "none", "auto"),
+    # vLLM extras accepted at their default only
+    "early_stopping": (False,), "bad_words": (None, []), "mm_processor_kwargs": (None, {}),
+}
+
+# Why a field of UNSUPPORTED is refused, where its name does not say it (added to the 400's message).
+UNSUPPORTED_WHY: dict[str, str] = {
+    "early_stopping": "beam search runs each beam to max_tokens or its end-of-sequence token (vLLM's beam "
+                      "search; only false is accepted)",
+    "bad_words": "the engine cannot ban token sequences (only [] is accepted; allowed_token_ids or logit_bias "
+                 "restrict single tokens)",
+    "mm_processor_kwargs": "the model takes text only (only null or {} is accepted)",
 }
 
 # OpenAI spec fields accepted and ignored (they do not change the output); a warning is logged.
@@ -183,6 +197,18 @@ class CompletionRequest(_SamplingFields):
     suffix: str | None = None
     add_special_tokens: bool = True
 
+    @property
+    def echo_without_generation(self) -> bool:
+        """`echo` with max_tokens 0 (OpenAI's legacy API, vLLM): the prompt (and its logprobs)
+        back, nothing generated. The engine runs one token, which the route leaves out."""
+        return bool(self.echo) and self.max_tokens == 0
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.echo_without_generation and self.use_beam_search:
+            raise ValidationError("max_tokens 0 (echo without generation) cannot be used with use_beam_search",
+                                  "max_tokens")
+
     def prompts(self) -> list[str | list[int]]:
         """The prompt as a list of engine prompts (text or token ids)."""
         prompt = self.prompt
@@ -195,7 +221,7 @@ class CompletionRequest(_SamplingFields):
         return list(prompt)   # type: ignore[arg-type]
 
     def to_sampling_params(self) -> SamplingParams:
-        params = self.sampling_params(self.max_tokens, self.logprobs)
+        params = self.sampling_params(1 if self.echo_without_generation else self.max_tokens, self.logprobs)
         if self.echo and self.logprobs is not None and params.prompt_logprobs is None:
             params.prompt_logprobs = self.logprobs   # echoed prompt tokens carry logprobs too
         return params
@@ -267,6 +293,7 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     documents: list[Any] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None   # vLLM's: only null or {} (text only; UNSUPPORTED)
 
     def check_supported(self) -> None:
         super().check_supported()

@@ -124,6 +124,9 @@ async def unless_disconnected(awaitable: Awaitable[T], request: Request) -> T:
     finally:
         if not work.done():
             work.cancel()
+            # retrieved once it settles: a gather's future can end with an exception rather
+            # than cancelled, which asyncio would log as never retrieved
+            work.add_done_callback(lambda done: done.cancelled() or done.exception())
         watcher.cancel()
     if not work.done() or work.cancelled():
         raise ClientDisconnected()

@@ -1,5 +1,8 @@
 """TGI's generation responses from engine outputs: POST /generate's
 {"generated_text", "details"} and POST /generate_stream's one SSE event per token.
+As TGI's, `details` comes only when asked for (parameters.details, or decoder_input_details on
+/generate); otherwise /generate answers {"generated_text"} and the stream's last event has
+"details": null.
 
 best_of=N runs N sampled sequences (n=N): the answer is the one with the highest cumulative
 logprob, the others go to details.best_of_sequences. Sequence i is seeded seed + i."""
@@ -80,7 +83,7 @@ async def generate(ctx: ServerContext, valid: ValidGenerateRequest, raw_request:
     sequences = sorted(final.outputs, key=lambda c: c.index)
     best = max(sequences, key=lambda c: c.cumulative_logprob or 0.0) if len(sequences) > 1 else sequences[0]
     body: dict[str, Any] = {"generated_text": _text(valid, best)}
-    if valid.details:
+    if valid.details or valid.decoder_input_details:   # TGI's rule (its server.rs generate_internal)
         details = _sequence_details(builder, valid, best, _seed(valid, best))
         details["prefill"] = _prefill(builder, final) if valid.decoder_input_details else []
         if len(sequences) > 1:

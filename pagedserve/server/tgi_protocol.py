@@ -29,7 +29,7 @@ class GenerateParameters(BaseModel):
 
     best_of: int | None = Field(default=None, ge=1)
     decoder_input_details: bool = False
-    details: bool = True
+    details: bool = False   # TGI's serde default; /generate gives details with decoder_input_details too
     do_sample: bool = False
     frequency_penalty: float | None = None
     max_new_tokens: int | None = Field(default=None, ge=0)

@@ -153,7 +153,7 @@ def test_decoder_input_details(server) -> None:
 
 
 def test_top_n_tokens(server) -> None:
-    d = _post(server.base_url, {"max_new_tokens": 4, "top_n_tokens": 3}).json()["details"]
+    d = _post(server.base_url, {"max_new_tokens": 4, "top_n_tokens": 3, "details": True}).json()["details"]
     assert len(d["top_tokens"]) == 4
     for token, top in zip(d["tokens"], d["top_tokens"]):
         assert len(top) == 3 and top[0]["id"] == token["id"]   # greedy: the chosen token is the best
@@ -164,7 +164,7 @@ def test_top_n_tokens(server) -> None:
 def test_top_n_tokens_under_a_grammar(server, route) -> None:
     """The regex "a" leaves one token possible at the first step: its alternatives' -inf logprobs
     come back clamped at -9999.0 (JSON has no infinities; the request failed with a 500 before)."""
-    response = _post(server.base_url, {"max_new_tokens": 2, "top_n_tokens": 3,
+    response = _post(server.base_url, {"max_new_tokens": 2, "top_n_tokens": 3, "details": True,
                                        "grammar": {"type": "regex", "value": "a"}}, route=route)
     assert response.status_code == 200, response.text
     if route == "/generate":
@@ -182,7 +182,7 @@ def test_truncate_keeps_last_tokens(server) -> None:
     d = _post(server.base_url, {"max_new_tokens": 2, "truncate": 5, "decoder_input_details": True},
               inputs=long_input).json()["details"]
     assert [t["id"] for t in d["prefill"]] == ids[-5:]
-    events = _post(server.base_url, {"max_new_tokens": 2, "truncate": 5}, route="/generate_stream",
+    events = _post(server.base_url, {"max_new_tokens": 2, "truncate": 5, "details": True}, route="/generate_stream",
                    inputs=long_input).text
     assert '"input_length":5' in events
 
@@ -252,7 +252,7 @@ def test_api_key_guards_tgi_routes(auth_server) -> None:
     denied = _post(auth_server.base_url, {"max_new_tokens": 2})
     assert denied.status_code == 401 and denied.json()["error_type"] == "authentication"
     allowed = requests.post(f"{auth_server.base_url}/generate", headers={"Authorization": f"Bearer {API_KEY}"},
-                            json={"inputs": PROMPT, "parameters": {"max_new_tokens": 2}}, timeout=60)
+                            json={"inputs": PROMPT, "parameters": {"max_new_tokens": 2, "details": True}}, timeout=60)
     assert allowed.status_code == 200 and allowed.json()["details"]["generated_tokens"] == 2
     assert requests.get(f"{auth_server.base_url}/info", timeout=10).json()["max_total_tokens"] == 1024
 
