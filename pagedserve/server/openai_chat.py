@@ -61,6 +61,7 @@ async def create_chat_completion(ctx: ServerContext, request: ChatCompletionRequ
     with structured.naming(constraint):   # compile errors name the request's field
         streams = await add_prompts(ctx.engine, engine_id, [request.engine_prompt(prompt)], params, kind,
                                     request.add_special_tokens, request.priority, lora)
+    streams = structured.named_streams(streams, constraint)   # and a grammar's dead end found later
     observe = params_observer(raw_request, params.n, params.max_tokens, ctx.engine.max_model_len)
     builder = _ChatBuilder(ctx, request, response_id, observe, plan)
     if request.stream:

@@ -49,9 +49,11 @@ async def create_completion(ctx: ServerContext, request: CompletionRequest, raw_
     prompts = [request.engine_prompt(prompt) for prompt in prompts]
     # echo without generation: the prompt logprobs whole, in the one output there is
     kind = OutputKind.DELTA if request.stream and not request.echo_without_generation else OutputKind.FINAL_ONLY
-    with structured.naming(request.structured_constraint()):   # compile errors name the request's field
+    constraint = request.structured_constraint()
+    with structured.naming(constraint):   # compile errors name the request's field
         streams = await add_prompts(ctx.engine, engine_id, prompts, params, kind, request.add_special_tokens,
                                     request.priority, lora)
+    streams = structured.named_streams(streams, constraint)   # and a grammar's dead end found later
     observe = params_observer(raw_request, params.n, params.max_tokens, ctx.engine.max_model_len)
     builder = _CompletionBuilder(ctx, request, response_id, observe)
     if request.stream:

@@ -275,7 +275,7 @@ async def _start(ctx: ServerContext, request: ResponsesRequest, engine_id: str, 
     with structured.naming(constraint):
         streams = await add_prompts(ctx.engine, engine_id, [chat.engine_prompt(prompt)], params, kind,
                                     chat.add_special_tokens, chat.priority, lora)
-    return plan, streams
+    return plan, structured.named_streams(streams, constraint)
 
 
 class _Tally:

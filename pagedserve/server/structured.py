@@ -11,7 +11,8 @@
 A request carries at most one constraint; two are a 400 naming both fields. Every error names
 the request's own field (e.g. `response_format.json_schema.schema`, `guided_regex`,
 `parameters.grammar`): shape errors here, and the engine's compile errors (named `json`,
-`regex`, ... by the engine) through `naming()` around the engine's add_request."""
+`regex`, ... by the engine) through `naming()` around the engine's add_request, and the
+errors of a grammar found to have no way on mid-generation through `named_streams()`."""
 from __future__ import annotations
 
 import json
@@ -61,6 +62,29 @@ def naming(constraint: Constraint | None) -> Iterator[None]:
         if constraint is None or exc.param not in _ENGINE_PARAMS:
             raise
         raise constraint.error(exc) from None
+
+
+class NamedStream:
+    """A request stream whose errors name the request's own field like naming()'s: a grammar
+    with no way on is found mid-generation (the core fails the request with a ValidationError
+    naming structured_outputs). The stream's other attributes are the stream's."""
+
+    def __init__(self, stream: Any, constraint: Constraint) -> None:
+        self.stream, self.constraint = stream, constraint
+
+    def __aiter__(self) -> "NamedStream":
+        return self
+
+    async def __anext__(self) -> Any:
+        with naming(self.constraint):
+            return await self.stream.__anext__()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def named_streams(streams: list[Any], constraint: Constraint | None) -> list[Any]:
+    return streams if constraint is None else [NamedStream(stream, constraint) for stream in streams]
 
 
 def _build(field: str, **kwargs: Any) -> Constraint:

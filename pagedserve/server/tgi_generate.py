@@ -66,8 +66,9 @@ async def start(ctx: ServerContext, valid: ValidGenerateRequest, kind: OutputKin
             raise ValidationError(f"adapter_id {valid.adapter_id!r} is not one of this server's LoRA adapters "
                                   f"({', '.join(ctx.loras) or 'none loaded'})")
     with structured.naming(valid.constraint):   # a grammar that fails to compile: 422 naming parameters.grammar
-        return await ctx.engine.add_request(f"tgi-{uuid.uuid4().hex}", {"prompt_token_ids": valid.input_ids},
-                                            valid.params, kind, strict_length=True, lora_request=lora)
+        stream = await ctx.engine.add_request(f"tgi-{uuid.uuid4().hex}", {"prompt_token_ids": valid.input_ids},
+                                              valid.params, kind, strict_length=True, lora_request=lora)
+    return structured.named_streams([stream], valid.constraint)[0]   # and a grammar's dead end found later
 
 
 async def generate(ctx: ServerContext, valid: ValidGenerateRequest, raw_request: Request,

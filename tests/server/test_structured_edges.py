@@ -224,3 +224,33 @@ def test_invalid_constraints_are_4xx_while_others_run(structured_server, route, 
     finally:
         runner.join(timeout=120)
     assert good and good[0].status_code == 200 and re.fullmatch("[0-9 ]+", good[0].json()["choices"][0]["text"])
+
+
+def test_a_grammar_with_no_way_on_is_a_4xx_naming_the_field(structured_server) -> None:
+    """The regex a[^\\s\\S] compiles and starts ("a"), then admits nothing: found only while
+    generating, it is still the request's own error (400 / an error event with code 400 /
+    TGI's 422), naming the request's field, while a good request beside it answers."""
+    base = structured_server.base_url
+    good: list[requests.Response] = []
+    runner = threading.Thread(target=lambda: good.append(requests.post(f"{base}/v1/completions", timeout=120, json={
+        "prompt": "Count:", "max_tokens": 8, "temperature": 0, "guided_regex": "[0-9 ]+"})))
+    runner.start()
+    try:
+        body = {"prompt": "Say a:", "max_tokens": 4, "guided_regex": "a[^\\s\\S]"}
+        response = requests.post(f"{base}/v1/completions", json=body, timeout=60)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == "guided_regex" and "no token can continue the output" in error["message"]
+        streamed = requests.post(f"{base}/v1/chat/completions", timeout=60, stream=True, json={
+            "messages": MESSAGES, "max_tokens": 4, "stream": True,
+            "response_format": {"type": "regex", "value": "a[^\\s\\S]"}})
+        events = [line for line in streamed.iter_lines() if line.startswith(b"data: {")]
+        last = json.loads(events[-1][len(b"data: "):])
+        assert last["error"]["code"] == 400 and last["error"]["param"] == "response_format"
+        tgi = requests.post(f"{base}/generate", timeout=60, json={
+            "inputs": "x", "parameters": {"max_new_tokens": 4, "grammar": {"type": "regex", "value": "a[^\\s\\S]"}}})
+        assert tgi.status_code == 422 and tgi.json()["error_type"] == "validation"
+        assert tgi.json()["error"].startswith("parameters.grammar")
+    finally:
+        runner.join(timeout=120)
+    assert good and good[0].status_code == 200 and re.fullmatch("[0-9 ]+", good[0].json()["choices"][0]["text"])
