@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import re
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import jsonschema
@@ -193,6 +195,27 @@ def test_tgi_text_generation_with_grammar(structured_server) -> None:
     jsonschema.validate(json.loads(response.json()["choices"][0]["message"]["content"]), SCHEMA)
 
 
+@contextmanager
+def a_good_request_beside(base: str) -> Iterator[None]:
+    """A constrained completion running meanwhile, which must answer 200 and match."""
+    good: list[requests.Response] = []
+    runner = threading.Thread(target=lambda: good.append(requests.post(f"{base}/v1/completions", timeout=120, json={
+        "prompt": "Count:", "max_tokens": 16, "temperature": 0, "guided_regex": "[0-9 ]+"})))
+    runner.start()
+    try:
+        yield
+    finally:
+        runner.join(timeout=120)
+    assert good and good[0].status_code == 200 and re.fullmatch("[0-9 ]+", good[0].json()["choices"][0]["text"])
+
+
+def _tgi_grammar_is_422(base: str, regex: str) -> None:
+    tgi = requests.post(f"{base}/generate", timeout=60, json={
+        "inputs": "x", "parameters": {"max_new_tokens": 4, "grammar": {"type": "regex", "value": regex}}})
+    assert tgi.status_code == 422 and tgi.json()["error_type"] == "validation"
+    assert tgi.json()["error"].startswith("parameters.grammar")
+
+
 @pytest.mark.parametrize("route, body, param", [
     ("/v1/completions", {"prompt": "x", "guided_regex": "("}, "guided_regex"),
     ("/v1/completions", {"prompt": "x", "structured_outputs": {"grammar": "root ::= foo"}}, "structured_outputs.grammar"),
@@ -208,22 +231,12 @@ def test_tgi_text_generation_with_grammar(structured_server) -> None:
 ])
 def test_invalid_constraints_are_4xx_while_others_run(structured_server, route, body, param) -> None:
     base = structured_server.base_url
-    good: list[requests.Response] = []
-    runner = threading.Thread(target=lambda: good.append(requests.post(f"{base}/v1/completions", timeout=120, json={
-        "prompt": "Count:", "max_tokens": 16, "temperature": 0, "guided_regex": "[0-9 ]+"})))
-    runner.start()
-    try:
+    with a_good_request_beside(base):
         response = requests.post(base + route, json={"max_tokens": 4, **body}, timeout=60)
         assert response.status_code == 400, response.text
         error = response.json()["error"]
         assert error["param"] == param and param in error["message"]
-        tgi = requests.post(f"{base}/generate", timeout=60, json={
-            "inputs": "x", "parameters": {"max_new_tokens": 4, "grammar": {"type": "regex", "value": "("}}})
-        assert tgi.status_code == 422 and tgi.json()["error_type"] == "validation"
-        assert tgi.json()["error"].startswith("parameters.grammar")
-    finally:
-        runner.join(timeout=120)
-    assert good and good[0].status_code == 200 and re.fullmatch("[0-9 ]+", good[0].json()["choices"][0]["text"])
+        _tgi_grammar_is_422(base, "(")
 
 
 def test_a_grammar_with_no_way_on_is_a_4xx_naming_the_field(structured_server) -> None:
@@ -231,11 +244,7 @@ def test_a_grammar_with_no_way_on_is_a_4xx_naming_the_field(structured_server) -
     generating, it is still the request's own error (400 / an error event with code 400 /
     TGI's 422), naming the request's field, while a good request beside it answers."""
     base = structured_server.base_url
-    good: list[requests.Response] = []
-    runner = threading.Thread(target=lambda: good.append(requests.post(f"{base}/v1/completions", timeout=120, json={
-        "prompt": "Count:", "max_tokens": 8, "temperature": 0, "guided_regex": "[0-9 ]+"})))
-    runner.start()
-    try:
+    with a_good_request_beside(base):
         body = {"prompt": "Say a:", "max_tokens": 4, "guided_regex": "a[^\\s\\S]"}
         response = requests.post(f"{base}/v1/completions", json=body, timeout=60)
         assert response.status_code == 400, response.text
@@ -247,10 +256,4 @@ def test_a_grammar_with_no_way_on_is_a_4xx_naming_the_field(structured_server) -
         events = [line for line in streamed.iter_lines() if line.startswith(b"data: {")]
         last = json.loads(events[-1][len(b"data: "):])
         assert last["error"]["code"] == 400 and last["error"]["param"] == "response_format"
-        tgi = requests.post(f"{base}/generate", timeout=60, json={
-            "inputs": "x", "parameters": {"max_new_tokens": 4, "grammar": {"type": "regex", "value": "a[^\\s\\S]"}}})
-        assert tgi.status_code == 422 and tgi.json()["error_type"] == "validation"
-        assert tgi.json()["error"].startswith("parameters.grammar")
-    finally:
-        runner.join(timeout=120)
-    assert good and good[0].status_code == 200 and re.fullmatch("[0-9 ]+", good[0].json()["choices"][0]["text"])
+        _tgi_grammar_is_422(base, "a[^\\s\\S]")
