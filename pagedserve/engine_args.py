@@ -120,9 +120,10 @@ class EngineArgs:
     max_lora_rank: int = _knob(16, "the largest LoRA rank an adapter may have")
     max_cpu_loras: int | None = _knob(None, "LoRA adapters kept loaded on the host (default: max_loras)")
     grammar_compile_timeout: float = _knob(20.0, "server: seconds a request's structured-outputs grammar may take "
-                                                 "to compile (in child processes, queueing included) before the "
-                                                 "compile is stopped and the request gets a 400 naming its field; "
-                                                 "the offline LLM compiles in-process, unbounded")
+                                                 "to compile (in a child process) before the compile is stopped and "
+                                                 "the request gets a 400 naming its field; waiting for a free compile "
+                                                 "process is bounded by twice this (then 503); the offline LLM "
+                                                 "compiles in-process, unbounded")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineArgs":

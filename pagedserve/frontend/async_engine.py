@@ -192,14 +192,13 @@ class AsyncEngine:
                                                                           add_special_tokens=add_special_tokens)))
 
     async def compile_grammar(self, params: StructuredOutputsParams) -> Any:
-        """The compiled grammar (cached), from a compile process, within the compile timeout;
-        ValidationError naming the field otherwise. Cancelling this kills the compile."""
+        """The compiled grammar (cached), from a compile process (grammar_compile.py): a
+        ValidationError naming the field if it does not compile within the compile timeout,
+        OverloadedError if no process came free within it. Cancelling this kills the compile."""
         compiler = self.engine.grammar_compiler
-        deadline = time.monotonic() + (compiler.timeout_s or 0.0)
         cancel = threading.Event()
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._compiling, compiler.compile, params,
-                                                                    deadline, cancel)
+            return await asyncio.get_running_loop().run_in_executor(self._compiling, compiler.compile, params, cancel)
         except asyncio.CancelledError:
             cancel.set()
             raise

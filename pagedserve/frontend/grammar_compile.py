@@ -5,19 +5,26 @@ tens of seconds, cannot be interrupted inside its thread, and holds cores meanwh
 the server (GrammarCompiler.isolate) compiles in up to N children of its own:
 
     caller thread (AsyncEngine's compile pool)       child (python -m pagedserve.frontend.grammar_compile)
-      take an idle child (or start one) by the deadline  TokenizerInfo from a payload file, a compiler
+      take an idle child (smallest job first) in time    TokenizerInfo from a payload file, a compiler
       frame (kind, value) -> child stdin   ---------->   compile_constraint(), at nice +10
-      wait on child stdout until the deadline  <------   frame ("ok", CompiledGrammar JSON) | ("invalid", text)
-      past the deadline or cancelled: kill the child (the next job starts another)
+      wait on child stdout, `timeout` at most  <------   frame ("ok", CompiledGrammar JSON) | ("invalid", text)
+      past it or cancelled: kill the child (the next job starts another)
 
-A child serves one job at a time and keeps xgrammar's compile cache while it lives. Frames
+A compile is bounded by the timeout and waiting for a child by twice that: a request whose
+grammar compiles quickly waits at most one round of others' slow compiles (and goes first
+among the waiting: smallest job first), then compiles; past the wait it is refused as an
+overload (503 with Retry-After), past the compile as its own (400 naming its field).
+
+A child serves one job at a time and keeps xgrammar's compile cache while it lives; its first
+frame says it has started (its start, ~1.5 s of imports, is not counted as compile time). Frames
 are a 4-byte little-endian length and a pickle. The child exits when its stdin closes (the
 server shut it down or is gone); its stdout carries only frames (fd 1 goes to stderr)."""
 from __future__ import annotations
 
+import heapq
+import itertools
 import os
 import pickle
-import queue
 import select
 import subprocess
 import sys
@@ -28,11 +35,12 @@ from typing import Any, Callable
 
 from pagedserve.core.grammar_process import module_command, read_payload, write_payload
 from pagedserve.errors import ValidationError
-from pagedserve.frontend.structured_output import (CACHE_LIMIT_BYTES, GrammarCompileCancelled, GrammarCompiler,
-                                                   GrammarCompileTimeout, compile_constraint)
+from pagedserve.frontend.structured_output import (CACHE_LIMIT_BYTES, GrammarCompileBusy, GrammarCompileCancelled,
+                                                   GrammarCompiler, GrammarCompileTimeout, compile_constraint)
 
 CHILD_NICE = 10      # the engine thread and the tokenizers go first on a busy host
 POLL_S = 0.05        # how often a waiting caller looks at its deadline and cancel flag
+STARTUP_S = 120.0    # a new child's start (imports, the tokenizer's info) is not the compile's time
 
 
 def isolate(compiler: GrammarCompiler, timeout_s: float, processes: int = 2) -> None:
@@ -48,11 +56,18 @@ class _Child:
         argv, env = module_command(__name__, write_payload(info_json.encode()))
         self.popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self._finalizer = weakref.finalize(self, _kill, self.popen)
+        self.ready = False
 
-    def run(self, job: tuple[str, Any], deadline: float, cancel: threading.Event | None) -> tuple[str, str]:
-        data = pickle.dumps(job)
+    def run(self, data: bytes, timeout_s: float, cancel: threading.Event | None) -> tuple[str, str]:
+        """`data`: a pickled job, given `timeout_s` once the child has started."""
+        if not self.ready:   # its first frame says it has started
+            self._frame(time.monotonic() + STARTUP_S, cancel)
+            self.ready = True
         self.popen.stdin.write(len(data).to_bytes(4, "little") + data)
         self.popen.stdin.flush()
+        return self._frame(time.monotonic() + timeout_s, cancel)
+
+    def _frame(self, deadline: float, cancel: threading.Event | None) -> Any:
         head = self._read(4, deadline, cancel)
         return pickle.loads(self._read(int.from_bytes(head, "little"), deadline, cancel))
 
@@ -89,55 +104,70 @@ def _kill(popen: subprocess.Popen) -> None:
 
 
 class CompileProcesses:
-    """Up to `count` children, started on first need; thread-safe."""
+    """`count` children, all started at the first job (and one again after each one killed);
+    thread-safe. Waiting callers take a free child smallest job first, so a quick grammar
+    goes ahead of slow ones still waiting."""
 
     def __init__(self, info_json: Callable[[], str], count: int) -> None:
         self._info_json = info_json
-        self._idle: queue.LifoQueue[_Child | None] = queue.LifoQueue()
-        for _ in range(max(count, 1)):
-            self._idle.put(None)
+        self._cond = threading.Condition()
+        self._idle: list[_Child | None] = [None] * max(count, 1)
+        self._waiting: list[tuple[int, int]] = []   # heap of (job size, arrival)
+        self._arrivals = itertools.count()
         self._closed = False
 
-    def run(self, job: tuple[str, Any], deadline: float, cancel: threading.Event | None = None) -> tuple[str, str]:
+    def run(self, job: tuple[str, Any], timeout_s: float, cancel: threading.Event | None = None) -> tuple[str, str]:
         """("ok", the CompiledGrammar's JSON) or ("invalid", the ValidationError's message).
-        Raises GrammarCompileTimeout / GrammarCompileCancelled (waiting for a child included),
-        or RuntimeError if the child died on the job."""
-        child = self._take(deadline, cancel)
+        Waits up to twice `timeout_s` for a free child (one round of others' compiles;
+        GrammarCompileBusy past it), then gives the compile `timeout_s` once the child has
+        started (GrammarCompileTimeout past it; the child is killed); raises
+        GrammarCompileCancelled once `cancel` is set, or RuntimeError if the child died."""
+        data = pickle.dumps(job)
+        with self._cond:   # the first job starts them all: a burst after it finds them started
+            if not self._closed and all(child is None for child in self._idle):
+                self._idle = [_Child(self._info_json()) for _ in self._idle]
+        child = self._take(len(data), time.monotonic() + 2 * timeout_s, cancel)
         try:
             if child is None:
                 child = _Child(self._info_json())
-            return child.run(job, deadline, cancel)
+            return child.run(data, timeout_s, cancel)
         except BaseException:
             if child is not None:
                 child.kill()
                 child = None
             raise
         finally:
-            if self._closed and child is not None:
-                child.kill()
-            else:
-                self._idle.put(child)
+            with self._cond:
+                if self._closed and child is not None:
+                    child.kill()
+                else:
+                    self._idle.append(child)
+                    self._cond.notify_all()
 
-    def _take(self, deadline: float, cancel: threading.Event | None) -> _Child | None:
-        while True:
-            if cancel is not None and cancel.is_set():
-                raise GrammarCompileCancelled()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise GrammarCompileTimeout()
+    def _take(self, size: int, deadline: float, cancel: threading.Event | None) -> _Child | None:
+        me = (size, next(self._arrivals))
+        with self._cond:
+            heapq.heappush(self._waiting, me)
             try:
-                return self._idle.get(timeout=min(left, POLL_S))
-            except queue.Empty:
-                continue
+                while not (self._idle and self._waiting[0] == me):
+                    if cancel is not None and cancel.is_set():
+                        raise GrammarCompileCancelled()
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise GrammarCompileBusy()
+                    self._cond.wait(min(left, POLL_S))
+                return self._idle.pop()
+            finally:
+                self._waiting.remove(me)
+                heapq.heapify(self._waiting)
+                self._cond.notify_all()
 
     def close(self) -> None:
         """Stop the idle children (busy ones stop when their job returns)."""
-        self._closed = True
-        while True:
-            try:
-                child = self._idle.get_nowait()
-            except queue.Empty:
-                return
+        with self._cond:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for child in idle:
             if child is not None:
                 child.kill()
 
@@ -154,6 +184,13 @@ def _serve(info_path: str) -> None:
     info = xgrammar.TokenizerInfo.deserialize_json(read_payload(info_path).decode())
     compiler = xgrammar.GrammarCompiler(info, max_threads=2, cache_limit_bytes=CACHE_LIMIT_BYTES)
     stdin = sys.stdin.buffer
+
+    def send(reply: tuple[str, str]) -> None:
+        data = pickle.dumps(reply)
+        out.write(len(data).to_bytes(4, "little") + data)
+        out.flush()
+
+    send(("ready", ""))
     while True:
         head = stdin.read(4)
         if len(head) < 4:
@@ -163,9 +200,7 @@ def _serve(info_path: str) -> None:
             reply = ("ok", compile_constraint(compiler, kind, value).serialize_json())
         except ValidationError as exc:
             reply = ("invalid", exc.message)
-        data = pickle.dumps(reply)
-        out.write(len(data).to_bytes(4, "little") + data)
-        out.flush()
+        send(reply)
 
 
 if __name__ == "__main__":

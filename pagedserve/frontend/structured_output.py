@@ -20,10 +20,9 @@ import functools
 import json
 import re
 import threading
-import time
 from typing import Any
 
-from pagedserve.errors import ValidationError
+from pagedserve.errors import OverloadedError, ValidationError
 from pagedserve.sampling_params import StructuredOutputsParams
 
 # xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:123: "
@@ -71,9 +70,9 @@ class GrammarCompiler:
 
     def isolate(self, processes: Any, timeout_s: float) -> None:
         """Compile through `processes` (grammar_compile.CompileProcesses: child processes) from
-        now on: a compile not done `timeout_s` after its request asked (queueing included) is
-        stopped and the request gets a ValidationError naming its field; one whose caller gave
-        up (cancel) is stopped too. See grammar_compile.isolate."""
+        now on: a compile running past `timeout_s` is stopped and its request gets a
+        ValidationError naming its field; one whose caller gave up (cancel) is stopped too;
+        waiting for a process is bounded by twice `timeout_s`. See grammar_compile.isolate."""
         self.timeout_s = timeout_s
         self._processes = processes
 
@@ -81,13 +80,12 @@ class GrammarCompiler:
         if self._processes is not None:
             self._processes.close()
 
-    def compile(self, params: StructuredOutputsParams, deadline: float | None = None,
-                cancel: threading.Event | None = None) -> Any:
+    def compile(self, params: StructuredOutputsParams, cancel: threading.Event | None = None) -> Any:
         """The xgrammar CompiledGrammar for `params` (the same object for the same constraint
         while it stays among the last OBJECTS_KEPT); ValidationError naming the field if it
-        cannot compile, admits no output or (isolated) is not compiled by `deadline` (a
-        time.monotonic() value; default: timeout_s from now). `cancel` set: the caller is gone,
-        the compile is stopped (GrammarCompileCancelled)."""
+        cannot compile, admits no output or (isolated) does not compile within timeout_s;
+        OverloadedError if (isolated) no compile process came free within twice that. `cancel`
+        set: the caller is gone, the compile is stopped (GrammarCompileCancelled)."""
         key = (params.kind, json.dumps(getattr(params, params.kind)))   # key order matters (property order)
         with self._lock:
             compiled = self._objects.get(key)
@@ -100,21 +98,21 @@ class GrammarCompiler:
         if self._processes is None:
             compiled = compile_constraint(self._get(), params.kind, getattr(params, params.kind))
         else:
-            compiled = self._compile_isolated(params, deadline, cancel)
+            compiled = self._compile_isolated(params, cancel)
         with self._lock:
             compiled = self._objects.setdefault(key, compiled)
             while len(self._objects) > OBJECTS_KEPT:
                 self._objects.popitem(last=False)
         return compiled
 
-    def _compile_isolated(self, params: StructuredOutputsParams, deadline: float | None,
-                          cancel: threading.Event | None) -> Any:
+    def _compile_isolated(self, params: StructuredOutputsParams, cancel: threading.Event | None) -> Any:
         import xgrammar
         kind = params.kind
-        if deadline is None:
-            deadline = time.monotonic() + self.timeout_s
         try:
-            status, payload = self._processes.run((kind, getattr(params, kind)), deadline, cancel)
+            status, payload = self._processes.run((kind, getattr(params, kind)), self.timeout_s, cancel)
+        except GrammarCompileBusy:
+            raise OverloadedError(f"every grammar compile process stayed busy for {2 * self.timeout_s:g} s; "
+                                  "retry later") from None
         except GrammarCompileTimeout:
             raise ValidationError(f"structured_outputs.{kind}: the {WHAT[kind]} did not compile within "
                                   f"{self.timeout_s:g} s (the server's --grammar-compile-timeout); simplify it",
@@ -128,7 +126,11 @@ class GrammarCompiler:
 
 
 class GrammarCompileTimeout(Exception):
-    """The deadline passed before an isolated compile was done (its child is killed)."""
+    """An isolated compile ran past its timeout (its child is killed)."""
+
+
+class GrammarCompileBusy(Exception):
+    """No compile process came free within twice the timeout."""
 
 
 class GrammarCompileCancelled(Exception):
