@@ -153,7 +153,7 @@ class GrammarProcess:
         self.waits, self.wait_seconds = 0, 0.0   # what the engine thread spent in wait()
         self.window_seconds = 0.0   # from each post to its wait: the process's head start
         self._post_time = 0.0
-        self._finalizer = weakref.finalize(self, _stop, self.popen, self.shm, self.layout.header)
+        self._finalizer = weakref.finalize(self, _stop, self.popen, self.shm, self.layout.header, info_path)
         self.ids, self.mask = region_tensors(self.layout)   # share the segment's memory
 
     # ---- control messages, sent with the next post ------------------------------------
@@ -260,7 +260,7 @@ class GrammarProcess:
         self._finalizer()
 
 
-def _stop(popen: subprocess.Popen, shm: shared_memory.SharedMemory, header: Any) -> None:
+def _stop(popen: subprocess.Popen, shm: shared_memory.SharedMemory, header: Any, info_path: str) -> None:
     header[STOP] = 1
     header[POSTED] += 1
     try:
@@ -279,6 +279,10 @@ def _stop(popen: subprocess.Popen, shm: shared_memory.SharedMemory, header: Any)
     try:
         shm.unlink()
     except FileNotFoundError:
+        pass
+    try:
+        os.unlink(info_path)   # a process stopped before it read its payload
+    except OSError:
         pass
 
 

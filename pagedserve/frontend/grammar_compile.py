@@ -53,9 +53,10 @@ def isolate(compiler: GrammarCompiler, timeout_s: float, processes: int = 2) -> 
 
 class _Child:
     def __init__(self, info_json: str) -> None:
-        argv, env = module_command(__name__, write_payload(info_json.encode()))
+        info_path = write_payload(info_json.encode())   # the child removes it once read
+        argv, env = module_command(__name__, info_path)
         self.popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
-        self._finalizer = weakref.finalize(self, _kill, self.popen)
+        self._finalizer = weakref.finalize(self, _kill, self.popen, info_path)
         self.ready = False
 
     def run(self, data: bytes, timeout_s: float, cancel: threading.Event | None) -> tuple[str, str]:
@@ -90,11 +91,15 @@ class _Child:
         self._finalizer()
 
 
-def _kill(popen: subprocess.Popen) -> None:
+def _kill(popen: subprocess.Popen, info_path: str) -> None:
     try:
         popen.kill()
         popen.wait(5)
     except Exception:
+        pass
+    try:
+        os.unlink(info_path)   # a child killed before it read its payload
+    except OSError:
         pass
     for stream in (popen.stdin, popen.stdout):
         try:

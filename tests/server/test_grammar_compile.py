@@ -6,6 +6,7 @@ ones; the offline engine's in-process compile and the isolated one give the same
 the same errors."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -157,3 +158,12 @@ def test_the_timeout_must_be_positive() -> None:
         with pytest.raises(ValidationError) as info:
             EngineArgs(grammar_compile_timeout=value).validate()
         assert info.value.param == "grammar_compile_timeout"
+
+
+def test_a_child_stopped_before_it_started_leaves_no_payload(compilers) -> None:
+    from pagedserve.frontend.grammar_compile import _Child
+    child = _Child(compilers[1].tokenizer_info_json())
+    path = child.popen.args[-1]
+    assert os.path.exists(path)   # the tokenizer's info, 1.6 MB in /dev/shm, until the child reads it
+    child.kill()
+    assert not os.path.exists(path)
