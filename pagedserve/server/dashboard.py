@@ -2,7 +2,9 @@
 
     GET /dashboard                  the page (static files in dashboard_static/, no build step)
     GET /dashboard/static/{name}    its script and style sheet (a fixed set of files)
-    GET /dashboard/events           Server-Sent Events: one frame per engine snapshot, <= 10 a second
+    GET /dashboard/events           Server-Sent Events: one frame per engine snapshot, <= 10 a second;
+                                    at most MAX_VIEWERS at once (a 503 past that), each counted
+                                    when its request is answered and given back however it ends
     GET /dashboard/results          figures from the results directory (bench_results.py)
 
 With an API key set, every one of them needs it (middleware.py): the Authorization header,
@@ -35,6 +37,7 @@ from typing import AsyncIterator
 
 from fastapi import FastAPI
 from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.types import Receive, Scope, Send
 
 from pagedserve.core.snapshot import EngineSnapshot, RequestView, StepView
 from pagedserve.frontend.async_engine import AsyncEngine
@@ -75,10 +78,21 @@ class DashboardHub:
         engine.add_snapshot_listener(self._from_engine_thread)
 
     # ---- viewers ------------------------------------------------------------------------
-    async def stream(self) -> AsyncIterator[str]:
-        """One viewer's SSE frames until it goes away."""
+    def admit(self) -> _Viewer | None:
+        """A new viewer, counted now (when its request is answered, before its stream starts,
+        so simultaneous requests cannot all pass the check); None when MAX_VIEWERS watch.
+        Its place is given back by leave(), which ViewerResponse calls however it ends."""
+        if len(self.viewers) >= MAX_VIEWERS:
+            return None
         viewer = _Viewer()
         self._join(viewer)
+        return viewer
+
+    async def stream(self, viewer: _Viewer | None = None) -> AsyncIterator[str]:
+        """One viewer's SSE frames until it goes away (`viewer`: one admit() returned)."""
+        if viewer is None:
+            viewer = _Viewer()
+            self._join(viewer)
         try:
             yield ": connected\n\n"
             if self.latest is not None:
@@ -92,7 +106,7 @@ class DashboardHub:
                 viewer.wake.clear()
                 yield self._frame(viewer)
         finally:
-            self._leave(viewer)
+            self.leave(viewer)
 
     def _join(self, viewer: _Viewer) -> None:
         self._loop = asyncio.get_running_loop()
@@ -100,7 +114,10 @@ class DashboardHub:
         if self._ticker is None or self._ticker.done():
             self._ticker = asyncio.create_task(self._tick())
 
-    def _leave(self, viewer: _Viewer) -> None:
+    def leave(self, viewer: _Viewer) -> None:
+        """Give back `viewer`'s place (idempotent); the last one out stops the snapshots."""
+        if viewer not in self.viewers:
+            return
         self.viewers.discard(viewer)
         if not self.viewers:
             if self._ticker is not None:
@@ -142,6 +159,23 @@ class DashboardHub:
         if changed:   # an idle engine's snapshots repeat themselves: nothing to send
             for viewer in self.viewers:
                 viewer.wake.set()
+
+
+class ViewerResponse(SSEResponse):
+    """One admitted viewer's stream. Its place is given back however the response ends: the
+    stream's own `finally` runs only if the stream started, so __call__ gives it back too
+    (the client gone before the first frame, the response cancelled or failing to start)."""
+
+    def __init__(self, hub: DashboardHub, viewer: _Viewer) -> None:
+        super().__init__(hub.stream(viewer))
+        self.hub = hub
+        self.viewer = viewer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.hub.leave(self.viewer)
 
 
 def _state_of(encoded: str | None) -> str | None:
@@ -203,9 +237,10 @@ def add_dashboard_routes(app: FastAPI, hub: DashboardHub, results_dir: Path) -> 
 
     @app.get("/dashboard/events")
     async def events() -> Response:
-        if len(hub.viewers) >= MAX_VIEWERS:
+        viewer = hub.admit()   # counted here, in the same event-loop turn as the check
+        if viewer is None:
             return error_response(ServiceUnavailableError(f"at most {MAX_VIEWERS} dashboard viewers at a time"))
-        return SSEResponse(hub.stream())
+        return ViewerResponse(hub, viewer)
 
     @app.get("/dashboard/results")
     async def results() -> Response:

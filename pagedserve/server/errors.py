@@ -117,7 +117,8 @@ ERRORS: dict[type[BaseException], _Row] = {
     NotFoundError: _Row(404, "NotFoundError", 404, "validation", "not found"),
     MethodNotAllowedError: _Row(405, "MethodNotAllowedError", 405, "validation", "method not allowed"),
     RequestTooLargeError: _Row(413, "RequestTooLargeError", 413, "validation", "request too large"),
-    ClientDisconnected: _Row(499, "ClientClosedRequest", 499, "validation", "the client closed the connection"),
+    # TGI's type for a request its client dropped: its router counts tgi_request_failure{err="dropped"}
+    ClientDisconnected: _Row(499, "ClientClosedRequest", 499, "dropped", "the client closed the connection"),
     RequestTimeoutError: _Row(408, "RequestTimeoutError", 408, "validation", "the request did not arrive in time"),
     ServiceUnavailableError: _Row(503, "ServiceUnavailableError", 503, "validation", "service unavailable"),
     IncompleteGenerationError: _Row(500, "InternalServerError", 500, "incomplete_generation",

@@ -233,7 +233,7 @@ class ServerMetrics:
 
 # ---- TGI's metrics (text-generation-inference's names, no prefix, no model label) ----------
 
-TGI_ERROR_TYPES = ("validation", "overloaded", "generation", "incomplete_generation")
+TGI_ERROR_TYPES = ("validation", "overloaded", "generation", "incomplete_generation", "dropped")
 TGI_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 TGI_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 

@@ -3,9 +3,10 @@ SamplingParams. Unknown fields are a 400 naming the field; known fields we do no
 are accepted only at their neutral value, otherwise a 400 naming them."""
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from pagedserve.errors import ValidationError
 from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
@@ -227,14 +228,44 @@ class CompletionRequest(_SamplingFields):
         return params
 
 
+# Content part types of OpenAI's and vLLM's chat API that carry media: a 400 saying the model
+# takes text only (vLLM answers them on a multimodal model; OpenAI's API, on a vision model).
+MEDIA_PART_TYPES = frozenset({"image_url", "input_image", "image_pil", "image_embeds", "input_audio", "audio_url",
+                              "audio_embeds", "video_url", "video_embeds", "file", "input_file", "prompt_embeds"})
+
+
 class TextContentPart(_Strict):
+    """A chat content part: only {"type": "text", "text": str}; any other type is a 400 naming
+    the part (messages.i.content.j) and its type."""
+
     type: Literal["text"]
     text: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, value: Any) -> Any:
+        kind = value.get("type") if isinstance(value, dict) else None
+        if isinstance(kind, str) and kind != "text":
+            shown = kind if len(kind) <= 64 else kind[:64] + "..."
+            why = "this model takes text only" if kind in MEDIA_PART_TYPES else "only 'text' parts are"
+            raise PydanticCustomError("content_part_type", "content part type '{kind}' is not supported ({why})",
+                                      {"kind": shown, "why": why})
+        return value
+
+
+def _content_kind(value: Any) -> str:
+    """Which member of ChatMessage.content to validate against (errors name only that one)."""
+    return "list[TextContentPart]" if isinstance(value, list) else "str"
 
 
 class ChatMessage(_Strict):
     role: str
-    content: str | list[TextContentPart] | None = None
+    # A callable discriminator: a list is checked only as content parts (its error names the
+    # part), anything else only as a string; the tags hold "[" or are "str", so the parser
+    # leaves them out of the field's name.
+    content: Annotated[Union[Annotated[str, Tag("str")],
+                             Annotated[list[TextContentPart], Tag("list[TextContentPart]")]],
+                       Discriminator(_content_kind)] | None = None
     name: str | None = None
     # OpenAI spec fields of earlier turns: accepted when they hold nothing (H3, issue 16 #13)
     refusal: None = None
@@ -242,6 +273,27 @@ class ChatMessage(_Strict):
     tool_call_id: str | None = None
     audio: None = None
     function_call: None = None
+
+    @field_validator("role")
+    @classmethod
+    def _role_named(cls, role: str) -> str:
+        if not role.strip():
+            raise PydanticCustomError("role", "must be a non-empty string (such as 'system', 'user', 'assistant' "
+                                      "or 'tool')")
+        return role
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content_shape(cls, content: Any) -> Any:
+        if content is None or isinstance(content, str):
+            return content
+        if not isinstance(content, list):
+            raise PydanticCustomError("content_type", "must be a string or a list of content parts "
+                                      "({\"type\": \"text\", \"text\": ...})")
+        if not content:   # OpenAI's 400 too (an array needs one item)
+            raise PydanticCustomError("empty_array", "empty array: content must be a string or a list of at "
+                                      "least one content part")
+        return content
 
     def as_template_message(self, position: int = 0) -> dict[str, Any]:
         """The message as given; the frontend's render_chat flattens content parts (the

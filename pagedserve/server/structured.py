@@ -16,6 +16,7 @@ errors of a grammar found to have no way on mid-generation through `named_stream
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -47,9 +48,14 @@ class Constraint:
         return _named(exc, self.field)
 
 
+_ENGINE_PREFIX = re.compile(r"^structured_outputs(\.\w+)?: ")   # how the engine's messages begin
+
+
 def _named(exc: ValidationError, field: str) -> ValidationError:
-    message = exc.message if exc.message.startswith(field) else f"{field}: {exc.message}"
-    return ValidationError(message, field)
+    """`exc` under the request's field: "guided_json: invalid JSON schema: ...", not
+    "guided_json: structured_outputs.json: invalid JSON schema: ..."."""
+    message = _ENGINE_PREFIX.sub("", exc.message)
+    return ValidationError(message if message.startswith(field) else f"{field}: {message}", field)
 
 
 @contextmanager

@@ -8,6 +8,7 @@ best_of=N runs N sampled sequences (n=N): the answer is the one with the highest
 logprob, the others go to details.best_of_sequences. Sequence i is seeded seed + i."""
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from pagedserve.frontend.output_processor import OutputKind
 from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput, tgi_finish_reason
 from pagedserve.server import structured
 from pagedserve.server.context import ServerContext
-from pagedserve.server.errors import API, IncompleteGenerationError, describe
+from pagedserve.server.errors import API, ClientDisconnected, IncompleteGenerationError, describe
 from pagedserve.server.metrics import TGIMetrics
 from pagedserve.server.openai_logprobs import clamp_logprob
 from pagedserve.server.streaming import sse_event, unless_disconnected
@@ -150,6 +151,9 @@ async def generate_stream(ctx: ServerContext, valid: ValidGenerateRequest, strea
         error = describe(exc, API.TGI)
         metrics.observe_failure(error.type)
         yield sse_event(error.body(), API.TGI)
+    except (GeneratorExit, asyncio.CancelledError):   # the client went away mid-stream: TGI's "dropped"
+        metrics.observe_failure(describe(ClientDisconnected(), API.TGI).type)
+        raise
     finally:
         stream.close()
         on_close()

@@ -39,7 +39,7 @@ def _assert_error(response: requests.Response, status: int, param: str | None, e
     (CHAT, {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
     (CHAT, {"messages": MESSAGES, "response_format": {"type": "json_object", "made_up": 1}}, "response_format"),
     (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-     "messages.0.content"),
+     "messages.0.content.0"),
     (COMPLETIONS, {"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
     (COMPLETIONS, {"prompt": "hi", "logprobs": 21}, "logprobs"),
     (COMPLETIONS, {"prompt": [10**9]}, "prompt"),

@@ -28,7 +28,7 @@ TWO_PARTS = [{"role": "user", "content": [{"type": "text", "text": "first part"}
     (RequestAbortedError(), (500, "RequestAbortedError"), (500, "incomplete_generation")),
     (UnauthorizedError("no key", "api_key"), (401, "AuthenticationError"), (401, "authentication")),
     (RequestTooLargeError("big"), (413, "RequestTooLargeError"), (413, "validation")),
-    (ClientDisconnected(), (499, "ClientClosedRequest"), (499, "validation")),
+    (ClientDisconnected(), (499, "ClientClosedRequest"), (499, "dropped")),
     (IncompleteGenerationError("cut"), (500, "InternalServerError"), (500, "incomplete_generation")),
     (KeyError("surprise"), (500, "InternalServerError"), (500, "generation")),
 ])

@@ -125,6 +125,10 @@ def test_engine_compile_errors_are_renamed() -> None:
     with pytest.raises(ValidationError) as info, structured.naming(constraint):
         raise ValidationError("prompt too long", "prompt")   # not the constraint's: unchanged
     assert info.value.param == "prompt"
+    constraint = structured.from_openai(_chat(guided_json={"type": "object"}))
+    with pytest.raises(ValidationError) as info, structured.naming(constraint):
+        raise ValidationError("structured_outputs.json: invalid JSON schema: bad", "json")
+    assert (info.value.param, info.value.message) == ("guided_json", "guided_json: invalid JSON schema: bad")
 
 
 # --- through a real server --------------------------------------------------------------------
