@@ -19,11 +19,12 @@ from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from pagedserve.config import resolve_dtype
 from pagedserve.engine_args import EngineArgs
 from pagedserve.errors import EngineDeadError, ModelLoadError, RequestFailedError, ValidationError
+from pagedserve.frontend.input_processor import InputProcessor
 from pagedserve.config import ModelConfig
 from pagedserve.models.bert import POOLING_ARCHITECTURES, PoolingConfig, read_pooling_config
 from pagedserve.models.loader import load_hf_config, load_tokenizer, resolve_model
@@ -32,6 +33,7 @@ from pagedserve.worker.kv_budget import resolve_device
 from pagedserve.worker.pooling_runner import DecoderPoolingRunner, PoolingRunner
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_BATCHED_TOKENS = {"cpu": 4096, "cuda": 32768}   # padded tokens in one batch
 # engine knobs with a meaning for an embedding model only at these values (else a ValidationError)
@@ -88,15 +90,19 @@ def _read_config(directory: str) -> dict[str, Any]:
 class ScoreBatch:
     """Scoring's runner inputs and how its outputs become scores: a cross-encoder's relevance (the
     sigmoid of its logit, as sentence-transformers' CrossEncoder), or an embedding model's cosine
-    similarity of the two texts' vectors (`texts`: the distinct texts the id lists are of)."""
+    similarity of the two texts' vectors (`texts`: the distinct texts the id lists are of, each run
+    once). `usage_tokens`: what vLLM's score usage counts, each pair's tokens (an embedding model's
+    pair: both texts' and, if the tokenizer has a pad token, one more: vLLM joins the two with it)."""
 
     pairs: list[tuple[Any, Any]]
     id_lists: list[list[int]]
     token_types: list[list[int]] | None
     texts: list[str] | None
+    usage_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:
+        """The tokens the runner takes (what the server's prompt_tokens metric counts)."""
         return sum(len(ids) for ids in self.id_lists)
 
     def scores(self, vectors: list[list[float]]) -> tuple[list[float], list[float] | None]:
@@ -205,21 +211,28 @@ class EmbeddingEngine:
                                   "dimensions")
 
     def process_pair(self, text_1: Any, text_2: Any, truncate_prompt_tokens: int | None = None,
-                     param: str = "text_2", truncate_hint: str = "truncate_prompt_tokens") -> tuple[list[int], list[int]]:
+                     names: tuple[str, str] = ("text_1", "text_2"), truncate_hint: str = "truncate_prompt_tokens"
+                     ) -> tuple[list[int], list[int]]:
         """A cross-encoder's (query, document) pair -> (token ids, token types), as its tokenizer
-        joins them; cut to truncate_prompt_tokens (-1: max_model_len) longest text first."""
-        if not isinstance(text_1, str) or not isinstance(text_2, str):
-            raise ValidationError("a cross-encoder scores pairs of texts (strings)", param)
+        joins them; cut to truncate_prompt_tokens (-1: max_model_len) longest text first. Errors
+        name the request field of the text at fault (`names`: the two sides' fields): a pair
+        too long names the side whose text is the longer."""
+        for text, name in ((text_1, names[0]), (text_2, names[1])):
+            if not isinstance(text, str):
+                raise ValidationError("a cross-encoder scores pairs of texts (strings)", name)
         if self.tokenizer is None:
-            raise ValidationError("text pairs need a tokenizer (skip_tokenizer_init is set)", param)
+            raise ValidationError("text pairs need a tokenizer (skip_tokenizer_init is set)", names[0])
         keep = self._keep(truncate_prompt_tokens)
         kwargs = {"truncation": True, "max_length": keep} if keep is not None else {}
         with self._tokenizer_lock:
             encoded = self.tokenizer(text_1, text_2, return_token_type_ids=True, **kwargs)
         ids = encoded["input_ids"]
         if len(ids) > self.max_model_len:
-            raise ValidationError(f"this model's maximum context length is {self.max_model_len} tokens; a pair has "
-                                  f"{len(ids)} ({truncate_hint} cuts it)", param)
+            with self._tokenizer_lock:
+                first, second = (len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in (text_1, text_2))
+            raise ValidationError(f"this model's maximum context length is {self.max_model_len} tokens; a pair of "
+                                  f"{names[0]} ({first} tokens) and {names[1]} ({second}) has {len(ids)} "
+                                  f"({truncate_hint} cuts it)", names[0] if first > second else names[1])
         return ids, encoded["token_type_ids"]
 
     def _keep(self, truncate_prompt_tokens: int | None) -> int | None:
@@ -262,18 +275,29 @@ class EmbeddingEngine:
                                   "(one label); use classify", "model")
 
     def score_batch(self, pairs: list[tuple[Any, Any]], truncate_prompt_tokens: int | None = None,
-                    param: str = "text_2") -> ScoreBatch:
+                    names: tuple[str, str] = ("text_1", "text_2"), truncate_hint: str = "truncate_prompt_tokens",
+                    stop: threading.Event | None = None) -> ScoreBatch:
         """The runner's inputs for scoring (text_1, text_2) pairs (any thread: tokenizing only): a
-        cross-encoder's pairs with their token types, an embedding model's distinct texts."""
+        cross-encoder's pairs with their token types, an embedding model's distinct texts. Errors
+        name the field (`names`: the request's two sides) of the text at fault; `stop` set (the
+        request was cancelled), tokenizing ends before the next text (Stopped)."""
         self.check_cross_encoder()
         if self.is_classifier:
-            encoded = [self.process_pair(a, b, truncate_prompt_tokens, param) for a, b in pairs]
-            return ScoreBatch(pairs, [ids for ids, _ in encoded], [types for _, types in encoded], None)
-        if any(not isinstance(text, str) for pair in pairs for text in pair):
-            raise ValidationError("scores are of texts (strings)", param)
+            encoded = [self.process_pair(a, b, truncate_prompt_tokens, names, truncate_hint)
+                       for a, b in until_stopped(pairs, stop)]
+            id_lists = [ids for ids, _ in encoded]
+            return ScoreBatch(pairs, id_lists, [types for _, types in encoded], None,
+                              sum(len(ids) for ids in id_lists))
+        for side, name in enumerate(names):
+            if any(not isinstance(pair[side], str) for pair in pairs):
+                raise ValidationError("scores are of texts (strings)", name)
+        firsts = {a for a, _ in pairs}
         texts = list(dict.fromkeys(text for pair in pairs for text in pair))
-        return ScoreBatch(pairs, [self.process_prompt(text, truncate_prompt_tokens, param=param) for text in texts],
-                          None, texts)
+        id_lists = [self.process_prompt(text, truncate_prompt_tokens, param=names[0] if text in firsts else names[1],
+                                        truncate_hint=truncate_hint) for text in until_stopped(texts, stop)]
+        lengths = {text: len(ids) for text, ids in zip(texts, id_lists)}
+        pad = 0 if getattr(self.tokenizer, "pad_token_id", None) is None else 1
+        return ScoreBatch(pairs, id_lists, None, texts, sum(lengths[a] + pad + lengths[b] for a, b in pairs))
 
     def score(self, pairs: list[tuple[Any, Any]], truncate_prompt_tokens: int | None = None
               ) -> tuple[list[float], int]:
@@ -316,7 +340,11 @@ class AsyncEmbeddingEngine:
 
     @property
     def tokenizer(self) -> Any:
-        return self.engine.tokenizer
+        """The model's tokenizer for the server's routes (/tokenize, /detokenize): its encoding
+        calls take the engine's tokenizer lock, as process_prompt's do (a fast tokenizer's
+        truncation is state each call sets: an unlocked call would undo a request's cut)."""
+        tokenizer = self.engine.tokenizer
+        return None if tokenizer is None else _LockedTokenizer(tokenizer, self.engine._tokenizer_lock)
 
     @property
     def max_model_len(self) -> int:
@@ -334,6 +362,27 @@ class AsyncEmbeddingEngine:
     async def process(self, function: Callable[..., Any], *args: Any) -> Any:
         """`function(*args)` in the tokenizing pool (never on the event loop)."""
         return await asyncio.get_running_loop().run_in_executor(self._processing, function, *args)
+
+    async def process_stoppable(self, function: Callable[[threading.Event], T]) -> T:
+        """`function(stop)` in the tokenizing pool; cancelled (its client left), `stop` is set,
+        so a function that loops over until_stopped(items, stop) ends before its next item
+        rather than tokenizing a request nobody waits for."""
+        stop = threading.Event()
+        try:
+            return await self.process(function, stop)
+        except asyncio.CancelledError:
+            stop.set()
+            raise
+
+    async def render_chat_async(self, messages: list[dict], chat_template: str | None = None,
+                                add_generation_prompt: bool = True, continue_final_message: bool = False,
+                                tools: list[dict] | None = None, documents: list[dict] | None = None,
+                                chat_template_kwargs: dict | None = None) -> str:
+        """/tokenize's `messages` through the model's chat template (InputProcessor.render_chat,
+        as the generating engine renders them), in the tokenizing pool."""
+        processor = InputProcessor(self.engine.tokenizer, self.engine.vocab_size, self.max_model_len, ())
+        return await self.process(processor.render_chat, messages, chat_template, add_generation_prompt,
+                                  continue_final_message, tools, documents, chat_template_kwargs)
 
     async def embed(self, id_lists: list[list[int]], normalize: bool | None = None,
                     token_types: list[list[int]] | None = None) -> list[list[float]]:
@@ -414,6 +463,40 @@ class AsyncEmbeddingEngine:
                 for item in queue:
                     _settle_threadsafe(item, None, error)
             self._queues.clear()
+
+
+class Stopped(Exception):
+    """until_stopped's: the request was cancelled mid-way (nobody reads this)."""
+
+
+def until_stopped(items: Iterable[T], stop: threading.Event | None) -> Iterator[T]:
+    """`items`, raising Stopped before the next one once `stop` is set."""
+    for item in items:
+        if stop is not None and stop.is_set():
+            raise Stopped()
+        yield item
+
+
+class _LockedTokenizer:
+    """A tokenizer whose encoding calls (`tokenizer(...)`, `encode`) hold `lock`; anything else
+    is the tokenizer's own."""
+
+    def __init__(self, tokenizer: Any, lock: threading.Lock) -> None:
+        self._tokenizer, self._lock = tokenizer, lock
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return self._tokenizer(*args, **kwargs)
+
+    def encode(self, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return self._tokenizer.encode(*args, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self._tokenizer)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tokenizer, name)
 
 
 def _settle_threadsafe(item: _Input, value: Any, error: BaseException | None) -> None:

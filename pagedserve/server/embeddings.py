@@ -2,8 +2,14 @@
 (frontend/embedding_engine.py): /v1/embeddings, text-embeddings-inference's /embed (`inputs`,
 `normalize`, `truncate`; a JSON array of vectors; errors in TGI's body), the scoring routes
 (score.py: /score, /rerank and their /v1, /v2 spellings; a cross-encoder serves only those), /v1/models,
-/tokenize, /health, /version, /metrics. The text-generation routes answer such a server with a 400 naming `model`, and a
-text-generation server answers /v1/embeddings the same way (app.py), as vLLM does.
+/tokenize and /detokenize (the generating server's own handlers, tokenize.py), /health, /version, /metrics. The
+text-generation routes answer such a server with a 400 naming `model`, and a text-generation server answers
+/v1/embeddings the same way (app.py), as vLLM does.
+
+Every embedding, scoring and classification route races its work against the client's disconnect
+(streaming.unless_disconnected, as the generating routes do): a client that leaves cancels its
+request, whose inputs not yet run leave the engine's queue (AsyncEmbeddingEngine.embed), whose
+tokenizing stops (process_stoppable) and whose admission is given back at once.
 
 `input`: a string, a list of strings, a token id list or a list of those (at most
 MAX_EMBEDDING_INPUTS); `encoding_format` "float" or "base64" (little-endian float32, as
@@ -16,7 +22,7 @@ import base64
 import struct
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable, Literal, Union
+from typing import Any, AsyncIterator, Awaitable, Callable, Literal, Union
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -26,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pagedserve import __version__
 from pagedserve.errors import ValidationError
-from pagedserve.frontend.embedding_engine import AsyncEmbeddingEngine, shorten
+from pagedserve.frontend.embedding_engine import AsyncEmbeddingEngine, shorten, until_stopped
 from pagedserve.server.context import AdmissionLimit, ServerContext, ServerSettings, new_request_id
 from pagedserve.server.app import add_admitted_route, add_health_routes
 from pagedserve.server.invocations import EMBEDDING_ROUTES, InvocationsMiddleware
@@ -39,6 +45,8 @@ from pagedserve.server.request_body import parse_body, read_json
 from pagedserve.server.score import (ClassifyRequest, PredictRequest, RerankRequest, ScoreRequest, TEIRerankRequest,
                                      create_classification, create_rerank, create_score, create_tei_prediction,
                                      create_tei_rerank, rerank_body)
+from pagedserve.server.streaming import unless_disconnected
+from pagedserve.server.tokenize import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
 
 MAX_EMBEDDING_INPUTS = 2048   # OpenAI's cap on `input` entries
 GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/generate", "/generate_stream", "/")
@@ -105,6 +113,13 @@ class EmbeddingMetrics:
                         registry=self.registry).labels(**labels)
         waiting.set_function(lambda: engine.num_waiting)
 
+    def observe(self, started: float, num_tokens: int) -> None:
+        """One successful request (embeddings, scores, classes) that ran `num_tokens` tokens,
+        begun at time.monotonic() `started`."""
+        self.prompt_tokens.inc(num_tokens)
+        self.requests.inc()
+        self.latency.observe(time.monotonic() - started)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -155,14 +170,12 @@ async def _embed(ctx: ServerContext, metrics: EmbeddingMetrics, inputs: list[str
     started = time.monotonic()
     engine: AsyncEmbeddingEngine = ctx.engine   # type: ignore[assignment]
     engine.engine.check_dimensions(dimensions)
-    id_lists = await engine.process(lambda: [process(item) for item in inputs])
+    id_lists = await engine.process_stoppable(lambda stop: [process(item) for item in until_stopped(inputs, stop)])
     vectors = await engine.embed(id_lists, normalize)
     if dimensions is not None and dimensions != engine.engine.dimensions:   # a Matryoshka model's prefix
         renormalize = engine.engine.runner.pooling.normalize if normalize is None else normalize
         vectors = [shorten(vector, dimensions, renormalize) for vector in vectors]
-    metrics.prompt_tokens.inc(sum(len(ids) for ids in id_lists))
-    metrics.requests.inc()
-    metrics.latency.observe(time.monotonic() - started)
+    metrics.observe(started, sum(len(ids) for ids in id_lists))
     return id_lists, vectors
 
 
@@ -184,20 +197,21 @@ def build_embedding_app(engine: AsyncEmbeddingEngine, settings: ServerSettings) 
     admission = AdmissionLimit(MAX_EMBEDDING_INPUTS + engine.engine.max_num_seqs + settings.max_waiting_requests,
                                settings.max_concurrent_requests)
 
-    add_admitted_route(app, "/v1/embeddings", EmbeddingRequest, admission, lambda body: len(body.inputs()),
-                       lambda body, _: create_embedding(ctx, body, metrics))
-    add_admitted_route(app, "/embed", EmbedRequest, admission, lambda body: len(body.inputs_list()),
-                       lambda body, _: create_tei_embedding(ctx, body, metrics), API.TGI)
+    def add_route(path: str, body_model: type, count: Callable[[Any], int],
+                  create: Callable[[ServerContext, Any, EmbeddingMetrics], Awaitable[Response]],
+                  api: API = API.OPENAI) -> None:
+        """An admitted route whose work ends when its client leaves (unless_disconnected)."""
+        add_admitted_route(app, path, body_model, admission, count,
+                           lambda body, request: unless_disconnected(create(ctx, body, metrics), request), api)
+
+    add_route("/v1/embeddings", EmbeddingRequest, lambda body: len(body.inputs()), create_embedding)
+    add_route("/embed", EmbedRequest, lambda body: len(body.inputs_list()), create_tei_embedding, API.TGI)
     for path in ("/score", "/v1/score"):
-        add_admitted_route(app, path, ScoreRequest, admission, lambda body: len(body.pairs()),
-                           lambda body, _: create_score(ctx, body))
+        add_route(path, ScoreRequest, lambda body: len(body.pairs()), create_score)
     for path in ("/v1/rerank", "/v2/rerank"):
-        add_admitted_route(app, path, RerankRequest, admission, lambda body: len(body.pairs()),
-                           lambda body, _: create_rerank(ctx, body))
-    add_admitted_route(app, "/classify", ClassifyRequest, admission, lambda body: len(body.inputs()),
-                       lambda body, _: create_classification(ctx, body))
-    add_admitted_route(app, "/predict", PredictRequest, admission, lambda body: len(body.inputs_list()),
-                       lambda body, _: create_tei_prediction(ctx, body), API.TGI)
+        add_route(path, RerankRequest, lambda body: len(body.pairs()), create_rerank)
+    add_route("/classify", ClassifyRequest, lambda body: len(body.inputs()), create_classification)
+    add_route("/predict", PredictRequest, lambda body: len(body.inputs_list()), create_tei_prediction, API.TGI)
 
     @app.post("/rerank")   # Jina's / Cohere's body, or TEI's (it holds `texts`): answered in its own API's
     async def rerank(request: Request) -> Response:
@@ -209,7 +223,8 @@ def build_embedding_app(engine: AsyncEmbeddingEngine, settings: ServerSettings) 
             api = API.TGI if kind is TEIRerankRequest else API.OPENAI
             body = parse_body(kind, raw)
             respond = create_tei_rerank if kind is TEIRerankRequest else create_rerank
-            return await admission.admit(len(body.pairs())).respond(lambda: respond(ctx, body))
+            return await admission.admit(len(body.pairs())).respond(
+                lambda: unless_disconnected(respond(ctx, body, metrics), request))
         except Exception as exc:
             return error_response(exc, api)
 
@@ -222,21 +237,16 @@ def build_embedding_app(engine: AsyncEmbeddingEngine, settings: ServerSettings) 
 
     add_health_routes(app, engine, metrics)
 
-    @app.post("/tokenize")
-    async def tokenize_route(request: Request) -> Response:
-        try:
-            body = await read_json(request)
-            if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
-                raise ValidationError("prompt must be a string", "prompt")
-            ids = await engine.process(engine.engine.process_prompt, body["prompt"], None,
-                                       bool(body.get("add_special_tokens", True)))
-            return JSONResponse({"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids})
-        except Exception as exc:
-            return error_response(exc)
+    # the generating server's /tokenize and /detokenize (vLLM's bodies, TGI's `inputs`): a prompt of
+    # any length is counted (max_model_len beside it), as vLLM's are
+    for path, handler, verb, param in (("/tokenize", tokenize, "tokenizing", "prompt"),
+                                       ("/detokenize", detokenize, "detokenizing", "tokens")):
+        app.post(path)(_needs_tokenizer(ctx, handler, verb, param))
 
     document_openapi(app, {"/v1/embeddings": EmbeddingRequest, "/embed": EmbedRequest, "/score": ScoreRequest,
                            "/v1/score": ScoreRequest, "/v1/rerank": RerankRequest, "/v2/rerank": RerankRequest,
-                           "/rerank": RerankRequest, "/classify": ClassifyRequest, "/predict": PredictRequest},
+                           "/rerank": RerankRequest, "/classify": ClassifyRequest, "/predict": PredictRequest,
+                           "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest},
                      invocations=EMBEDDING_ROUTES)
     app.add_middleware(InvocationsMiddleware, routes=EMBEDDING_ROUTES)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_body_bytes)
@@ -250,4 +260,13 @@ def _not_generative(ctx: ServerContext) -> Any:
         return error_response(ValidationError(
             f"the model {ctx.model_name!r} is an embedding model: it serves /v1/embeddings, not "
             f"{request.url.path}", "model"))
+    return route
+
+
+def _needs_tokenizer(ctx: Any, handler: Any, verb: str, param: str) -> Any:
+    """A /tokenize or /detokenize route: the handler, or a 400 naming `param` without a tokenizer."""
+    async def route(request: Request) -> Response:
+        if ctx.engine.tokenizer is None:
+            return error_response(ValidationError(f"{verb} needs a tokenizer (skip_tokenizer_init is set)", param))
+        return await handler(ctx, request)
     return route

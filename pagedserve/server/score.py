@@ -11,19 +11,27 @@ and TEI serve them:
 
 A cross-encoder (BertForSequenceClassification) scores a pair by the sigmoid of its logit; an
 embedding model by the cosine similarity of the two texts' vectors (TEI's /rerank needs a
-cross-encoder, as TEI's does). Pairs run through the engine's round-robin batches."""
+cross-encoder, as TEI's does). Pairs run through the engine's round-robin batches.
+
+Each successful request counts in the server's metrics (embeddings.EmbeddingMetrics: a request,
+the tokens run) as an embedding request does. `usage` counts what vLLM's does: each pair's tokens
+(an embedding model's pair: both texts' tokens and one pad token between them, vLLM's joined pair),
+though a text that occurs in several pairs runs once."""
 from __future__ import annotations
 
 import time
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
 from pagedserve.errors import ValidationError
-from pagedserve.frontend.embedding_engine import AsyncEmbeddingEngine, class_probs, score_pairs
+from pagedserve.frontend.embedding_engine import AsyncEmbeddingEngine, class_probs, score_pairs, until_stopped
 from pagedserve.server.context import ServerContext, new_request_id
 from pagedserve.server.openai_protocol import _Strict
+
+if TYPE_CHECKING:
+    from pagedserve.server.embeddings import EmbeddingMetrics
 
 MAX_SCORE_PAIRS = 2048   # pairs in one request (as MAX_EMBEDDING_INPUTS)
 
@@ -85,30 +93,37 @@ def rerank_body(body: Any) -> type[_Strict]:
     return TEIRerankRequest if isinstance(body, dict) and "texts" in body else RerankRequest
 
 
-async def score(ctx: ServerContext, pairs: list[tuple[Any, Any]], truncate: int | None, param: str
+async def score(ctx: ServerContext, metrics: EmbeddingMetrics, pairs: list[tuple[Any, Any]], truncate: int | None,
+                names: tuple[str, str], hint: str = "truncate_prompt_tokens"
                 ) -> tuple[list[float], list[float] | None, int]:
-    """(scores, a cross-encoder's logits or None, tokens) of the pairs (EmbeddingEngine.score_batch),
-    tokenized in the pool and run through the engine's batches."""
+    """(scores, a cross-encoder's logits or None, usage tokens) of the pairs
+    (EmbeddingEngine.score_batch; errors name the side of `names` at fault, `hint` the request's
+    truncation option), tokenized in the pool, run through the engine's batches, counted in `metrics`."""
+    started = time.monotonic()
     engine: AsyncEmbeddingEngine = ctx.engine   # type: ignore[assignment]
-    batch = await engine.process(engine.engine.score_batch, pairs, truncate, param)
+    batch = await engine.process_stoppable(
+        lambda stop: engine.engine.score_batch(pairs, truncate, names, hint, stop))
     scores, logits = batch.scores(await engine.embed(batch.id_lists, None, batch.token_types))
-    return scores, logits, batch.num_tokens
+    metrics.observe(started, batch.num_tokens)
+    return scores, logits, batch.usage_tokens
 
 
-async def create_score(ctx: ServerContext, request: ScoreRequest) -> Response:
+async def create_score(ctx: ServerContext, request: ScoreRequest, metrics: EmbeddingMetrics) -> Response:
     ctx.check_model(request.model)
     _no_priority(request.priority)
-    scores, _, tokens = await score(ctx, request.pairs(), request.truncate_prompt_tokens, "text_2")
+    scores, _, tokens = await score(ctx, metrics, request.pairs(), request.truncate_prompt_tokens,
+                                    ("text_1", "text_2"))
     response_id, _ = new_request_id("score", request.request_id)
     return JSONResponse({"id": response_id, "object": "list", "created": int(time.time()), "model": ctx.model_name,
                          "data": [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)],
                          "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
 
-async def create_rerank(ctx: ServerContext, request: RerankRequest) -> Response:
+async def create_rerank(ctx: ServerContext, request: RerankRequest, metrics: EmbeddingMetrics) -> Response:
     ctx.check_model(request.model)
     _no_priority(request.priority)
-    scores, _, tokens = await score(ctx, request.pairs(), request.truncate_prompt_tokens, "documents")
+    scores, _, tokens = await score(ctx, metrics, request.pairs(), request.truncate_prompt_tokens,
+                                    ("query", "documents"))
     order = sorted(range(len(scores)), key=lambda i: -scores[i])[:request.top_n or None]
     results = [{"index": i, "relevance_score": scores[i],
                 **({"document": {"text": request.documents[i]}} if request.return_documents else {})} for i in order]
@@ -117,10 +132,11 @@ async def create_rerank(ctx: ServerContext, request: RerankRequest) -> Response:
                          "results": results})
 
 
-async def create_tei_rerank(ctx: ServerContext, request: TEIRerankRequest) -> Response:
+async def create_tei_rerank(ctx: ServerContext, request: TEIRerankRequest, metrics: EmbeddingMetrics) -> Response:
     if not ctx.engine.engine.is_classifier or len(ctx.engine.engine.labels) != 1:
         raise ValidationError("model is not a re-ranker model", "model")
-    scores, logits, _ = await score(ctx, request.pairs(), -1 if request.truncate else None, "texts")
+    scores, logits, _ = await score(ctx, metrics, request.pairs(), -1 if request.truncate else None,
+                                    ("query", "texts"), '"truncate": true')
     values = logits if request.raw_scores else scores
     order = sorted(range(len(values)), key=lambda i: -values[i])
     return JSONResponse([{"index": i, "score": values[i], **({"text": request.texts[i]} if request.return_text else {})}
@@ -168,21 +184,27 @@ def _texts(value: str | list[str], name: str) -> list[str]:
     return texts
 
 
-async def classify(ctx: ServerContext, texts: list[str], truncate: int | None, param: str
-                   ) -> tuple[list[list[float]], int]:
-    """(each text's logits, tokens), tokenized in the pool, run through the engine's batches."""
+async def classify(ctx: ServerContext, metrics: EmbeddingMetrics, texts: list[str], truncate: int | None, param: str,
+                   hint: str = "truncate_prompt_tokens") -> tuple[list[list[float]], int]:
+    """(each text's logits, tokens), tokenized in the pool, run through the engine's batches,
+    counted in `metrics`."""
+    started = time.monotonic()
     engine: AsyncEmbeddingEngine = ctx.engine   # type: ignore[assignment]
     model = engine.engine
     if not model.is_classifier:
         raise ValidationError(f"the model {ctx.model_name!r} is not a sequence classifier: /classify needs one", "model")
-    id_lists = await engine.process(lambda: [model.process_prompt(t, truncate, param=param) for t in texts])
-    return await engine.embed(id_lists), sum(len(ids) for ids in id_lists)
+    id_lists = await engine.process_stoppable(lambda stop: [
+        model.process_prompt(t, truncate, param=param, truncate_hint=hint) for t in until_stopped(texts, stop)])
+    logits = await engine.embed(id_lists)
+    tokens = sum(len(ids) for ids in id_lists)
+    metrics.observe(started, tokens)
+    return logits, tokens
 
 
-async def create_classification(ctx: ServerContext, request: ClassifyRequest) -> Response:
+async def create_classification(ctx: ServerContext, request: ClassifyRequest, metrics: EmbeddingMetrics) -> Response:
     ctx.check_model(request.model)
     _no_priority(request.priority)
-    logits, tokens = await classify(ctx, request.inputs(), request.truncate_prompt_tokens, "input")
+    logits, tokens = await classify(ctx, metrics, request.inputs(), request.truncate_prompt_tokens, "input")
     labels = ctx.engine.engine.labels
     data = []
     for i, row in enumerate(logits):
@@ -195,9 +217,9 @@ async def create_classification(ctx: ServerContext, request: ClassifyRequest) ->
                                                  "completion_tokens": 0}})
 
 
-async def create_tei_prediction(ctx: ServerContext, request: PredictRequest) -> Response:
+async def create_tei_prediction(ctx: ServerContext, request: PredictRequest, metrics: EmbeddingMetrics) -> Response:
     texts = request.inputs_list()
-    logits, _ = await classify(ctx, texts, -1 if request.truncate else None, "inputs")
+    logits, _ = await classify(ctx, metrics, texts, -1 if request.truncate else None, "inputs", '"truncate": true')
     labels = ctx.engine.engine.labels
     answers = []
     for row in logits:
