@@ -14,17 +14,17 @@ from pagedserve.server.errors import HTTPError, RequestTooLargeError, Unauthoriz
 
 logger = logging.getLogger(__name__)
 
-# Routes that touch the model need the key: every /v1 route, TGI's generation routes, and
-# the tokenizer routes; and the dashboard (its page, stream and figures) and /debug/* (the
-# engine's step timing, which ?reset=1 restarts). /health, /metrics, /version and /info stay
-# open (as vLLM and TGI).
+# Routes that touch the model need the key: every /v1 and /v2 route, TGI's generation routes,
+# the embedding server's scoring routes (TEI's and vLLM's), and the tokenizer routes; and the
+# dashboard (its page, stream and figures) and /debug/* (the engine's step timing, which
+# ?reset=1 restarts). /health, /metrics, /version and /info stay open (as vLLM and TGI).
 GUARDED_PATHS = frozenset({"/generate", "/generate_stream", "/", "/tokenize", "/detokenize", "/tokenizer_info",
-                           "/invocations"})
+                           "/invocations", "/score", "/rerank", "/classify", "/embed", "/predict"})
 DASHBOARD_COOKIE = b"pagedserve_api_key"   # the dashboard page's key form sets it (browsers send no header)
 
 
 def needs_api_key(path: str) -> bool:
-    return path.startswith(("/v1", "/debug")) or path in GUARDED_PATHS or is_dashboard(path)
+    return path.startswith(("/v1/", "/v2/", "/debug")) or path in GUARDED_PATHS or is_dashboard(path)
 
 
 def is_dashboard(path: str) -> bool:

@@ -31,3 +31,14 @@ def test_openai_client_with_and_without_key(auth_server) -> None:
     bad = openai.OpenAI(base_url=f"{auth_server.base_url}/v1", api_key="nope", timeout=30, max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
+
+
+@pytest.mark.parametrize("path, guarded", [
+    ("/v1/embeddings", True), ("/v2/rerank", True), ("/score", True), ("/rerank", True), ("/classify", True),
+    ("/embed", True), ("/predict", True), ("/tokenize", True), ("/debug/steps", True), ("/dashboard", True),
+    ("/health", False), ("/metrics", False), ("/version", False), ("/info", False), ("/ping", False),
+])
+def test_every_route_that_runs_the_model_needs_the_key(path, guarded) -> None:
+    """The embedding server's scoring routes (vLLM's and TEI's) are guarded like /v1's."""
+    from pagedserve.server.middleware import needs_api_key
+    assert needs_api_key(path) is guarded
