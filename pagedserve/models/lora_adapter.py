@@ -1,6 +1,9 @@
 """PEFT LoRA adapters (adapter_config.json + adapter_model.safetensors / .bin): read and checked
-against the model before any request uses one (frontend), loaded as factors per module (worker)
-and mapped onto the decoder layers' linears (models/llama.py's enable_lora / set_lora).
+against the model before any request uses one (frontend: inspect_adapter), loaded as factors per
+module (worker: load_adapter, which checks again what it reads) and mapped onto the decoder
+layers' linears (models/llama.py's enable_lora / set_lora). Adapter folders are untrusted input:
+every adapter_config.json field read here is checked for PEFT's type and range, and any fault
+is a ValidationError naming the caller's parameter.
 
 Tensor names are PEFT's: `base_model.model.<module>.lora_A.weight` [r, in] and `...lora_B.weight`
 [out, r], <module> a name of the base model (model.layers.3.self_attn.q_proj). Each module's
@@ -40,102 +43,223 @@ class AdapterInfo:
     modules: dict[str, tuple[int, int, int, float]]
 
 
-def _config(path: str, param: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Config:
+    """What adapter_config.json says that matters here, checked (_config)."""
+
+    alpha: float
+    alpha_pattern: tuple[tuple[re.Pattern, float], ...]   # (module pattern, its lora_alpha), in order
+    use_rslora: bool
+
+
+_FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_DTYPE_NAMES = {dtype: name for name, dtype in _FLOAT_DTYPES.items()}
+
+
+def _shown(value: Any) -> str:
+    """A config value as its JSON, cut short."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _number(value: Any, integer: bool) -> float | None:
+    """A JSON number as PEFT takes it: a finite one, or an integer >= 1; None if it is not."""
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        return None
+    if integer:
+        return value if value >= 1 else None
+    try:
+        value = float(value)
+    except OverflowError:   # an integer past float's range
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _config(path: str, param: str) -> _Config:
+    """adapter_config.json, every field read here checked: PEFT's types and ranges, patterns that
+    compile, and the features this engine does not run refused by name."""
     try:
         with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as f:
             config = json.load(f)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:   # RecursionError: JSON nested too deep
         raise ValidationError(f"cannot read the LoRA adapter at {path!r} (adapter_config.json): {exc}", param) from exc
     if not isinstance(config, dict):
         raise ValidationError(f"{path}/adapter_config.json is not a JSON object", param)
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ValidationError(f"adapter {path!r} is {config.get('peft_type')}, not LoRA", param)
-    for key, ok, why in (("use_dora", not config.get("use_dora"), "DoRA"),
-                         ("bias", config.get("bias", "none") == "none", "trained biases"),
-                         ("modules_to_save", not config.get("modules_to_save"), "modules_to_save")):
-        if not ok:
-            raise ValidationError(f"adapter {path!r}: {why} ({key}) is not supported", param)
-    return config
+
+    def bad(field: str, should: str) -> ValidationError:
+        return ValidationError(f"adapter {path!r}: adapter_config.json's {field} must be {should}, got "
+                               f"{_shown(config[field])}", param)
+
+    def flag(field: str) -> bool:   # PEFT's booleans; null (or absent) is PEFT's default, false
+        value = config.get(field)
+        if value is not None and not isinstance(value, bool):
+            raise bad(field, "true or false")
+        return bool(value)
+
+    def number(field: str, value: Any, integer: bool = False) -> float:
+        checked = _number(value, integer)
+        if checked is None:
+            raise bad(field, "an integer >= 1" if integer else "a finite number")
+        return checked
+
+    def patterns(field: str, integer: bool) -> tuple[tuple[re.Pattern, float], ...]:
+        value = config.get(field)
+        if value is None:
+            return ()
+        if not isinstance(value, dict):
+            raise bad(field, "an object of module name patterns")
+        compiled = []
+        for pattern, item in value.items():
+            try:
+                re.compile(pattern)   # its own error first (positions in its own text)
+                regex = re.compile(rf"(^|\.){pattern}$")
+            except re.error as exc:
+                raise ValidationError(f"adapter {path!r}: adapter_config.json's {field} pattern {_shown(pattern)} is "
+                                      f"not a regular expression ({exc})", param) from None
+            checked = _number(item, integer)
+            if checked is None:
+                raise ValidationError(f"adapter {path!r}: adapter_config.json's {field} gives {_shown(pattern)} "
+                                      f"{_shown(item)}: {'an integer >= 1' if integer else 'a finite number'} "
+                                      "is needed", param)
+            compiled.append((regex, checked))
+        return tuple(compiled)
+
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise ValidationError(f"adapter {path!r} is {_shown(peft_type)} (peft_type), not LoRA", param)
+    if flag("use_dora"):
+        raise ValidationError(f"adapter {path!r}: DoRA (use_dora) is not supported", param)
+    bias = config.get("bias")
+    if bias in ("all", "lora_only"):
+        raise ValidationError(f"adapter {path!r}: trained biases (bias) is not supported", param)
+    if bias not in (None, "none"):
+        raise bad("bias", '"none", "all" or "lora_only"')
+    saved = config.get("modules_to_save")
+    if saved is not None and not isinstance(saved, list):
+        raise bad("modules_to_save", "a list of module names or null")
+    if saved:
+        raise ValidationError(f"adapter {path!r}: saved modules (modules_to_save) are not supported", param)
+    targets = config.get("target_modules")   # which modules PEFT wrapped: the factors themselves decide here
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as exc:
+            raise ValidationError(f"adapter {path!r}: adapter_config.json's target_modules {_shown(targets)} is not a "
+                                  f"regular expression ({exc})", param) from None
+    elif targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise bad("target_modules", "a list of module names or a regular expression")
+    if "r" in config:   # each module's rank is its factors' (rank_pattern's when PEFT trained it so)
+        number("r", config["r"], integer=True)
+    patterns("rank_pattern", integer=True)
+    alpha = number("lora_alpha", config["lora_alpha"]) if "lora_alpha" in config else 8.0   # PEFT's default
+    return _Config(alpha, patterns("alpha_pattern", integer=False), flag("use_rslora"))
 
 
-def _weights_file(path: str) -> str:
+def _weights_file(path: str, param: str) -> str:
     for name in ("adapter_model.safetensors", "adapter_model.bin"):
         if os.path.isfile(os.path.join(path, name)):
             return os.path.join(path, name)
-    raise ValidationError(f"the LoRA adapter at {path!r} has no adapter_model.safetensors", "lora_request")
+    raise ValidationError(f"the LoRA adapter at {path!r} has no adapter_model.safetensors", param)
 
 
-def _shapes(file: str) -> dict[str, tuple[int, ...]]:
-    if file.endswith(".safetensors"):
-        from safetensors import safe_open
-        with safe_open(file, "pt") as f:
-            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-    return {key: tuple(t.shape) for key, t in torch.load(file, map_location="cpu", weights_only=True).items()}
-
-
-def _scaling(module: str, rank: int, config: dict[str, Any]) -> float:
-    alpha = config.get("lora_alpha", 8)
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if re.search(rf"(^|\.){pattern}$", module):
-            alpha = value
-    return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
-
-
-def inspect_adapter(path: str, module_shapes: dict[str, tuple[int, int]], max_rank: int,
-                    param: str = "lora_request") -> AdapterInfo:
-    """Check an adapter folder against the model: every module it targets is one of
-    `module_shapes` (name -> (in, out) of the unsharded layer), A and B fit it, ranks <= max_rank.
-    Reads names and shapes only."""
-    config = _config(path, param)
+def _read(path: str, param: str, shapes_only: bool) -> dict[str, tuple[tuple[int, ...], str, torch.Tensor | None]]:
+    """The weights file's tensors: name -> (shape, dtype name (safetensors'), the tensor unless
+    `shapes_only`)."""
+    file = _weights_file(path, param)
     try:
-        shapes = _shapes(_weights_file(path))
-    except ValidationError as exc:
-        raise ValidationError(str(exc), param) from exc
+        if file.endswith(".safetensors") and shapes_only:
+            from safetensors import safe_open
+            with safe_open(file, "pt") as f:
+                return {key: (tuple(f.get_slice(key).get_shape()), f.get_slice(key).get_dtype(), None)
+                        for key in f.keys()}
+        if file.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            tensors = load_file(file)
+        else:
+            tensors = torch.load(file, map_location="cpu", weights_only=True)
+        if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+            raise ValueError("not a mapping of names to tensors")
     except Exception as exc:
         raise ValidationError(f"cannot read the LoRA adapter at {path!r}: {exc}", param) from exc
-    factors: dict[str, dict[str, tuple[int, ...]]] = {}
-    for key, shape in shapes.items():
+    return {str(key): (tuple(t.shape), _DTYPE_NAMES.get(t.dtype, str(t.dtype).removeprefix("torch.")),
+                       None if shapes_only else t) for key, t in tensors.items()}
+
+
+def _scaling(module: str, rank: int, config: _Config) -> float:
+    alpha = config.alpha
+    for pattern, value in config.alpha_pattern:
+        if pattern.search(module):
+            alpha = value
+    return alpha / (math.sqrt(rank) if config.use_rslora else rank)
+
+
+def _check(path: str, config: _Config, tensors: dict[str, tuple], module_shapes: dict[str, tuple[int, int]],
+           max_rank: int, param: str) -> tuple[AdapterInfo, dict[str, dict[str, str]]]:
+    """The factors against the model: every module one of `module_shapes`, its A [r, in] and
+    B [out, r] floating-point matrices that fit it, 1 <= r <= max_rank. Returns the info and each
+    module's tensor names ({"A": ..., "B": ...})."""
+    keys: dict[str, dict[str, str]] = {}
+    for key, (shape, dtype, _) in tensors.items():
         match = _KEY.match(key.removeprefix(_PREFIX))
         if match is None:
             raise ValidationError(f"adapter {path!r}: tensor {key!r} is not a LoRA factor of a linear layer "
                                   "(embedding LoRA, DoRA magnitudes and saved modules are not supported)", param)
-        factors.setdefault(match["module"], {})[match["factor"]] = shape
-    if not factors:
+        if len(shape) != 2:
+            raise ValidationError(f"adapter {path!r}: tensor {key!r} of shape {list(shape)} is not a matrix", param)
+        if dtype not in _FLOAT_DTYPES:
+            raise ValidationError(f"adapter {path!r}: tensor {key!r} has dtype {dtype}: LoRA factors are float32, "
+                                  "float16, bfloat16 or float64", param)
+        pair = keys.setdefault(match["module"], {})
+        if match["factor"] in pair:
+            raise ValidationError(f"adapter {path!r}: {match['module']}'s lora_{match['factor']} is there twice "
+                                  f"({pair[match['factor']]!r} and {key!r})", param)
+        pair[match["factor"]] = key
+    if not keys:
         raise ValidationError(f"adapter {path!r} holds no LoRA factors", param)
     modules = {}
-    for module, pair in sorted(factors.items()):
+    for module, pair in sorted(keys.items()):
         if module not in module_shapes:
             raise ValidationError(f"adapter {path!r} targets {module!r}: LoRA is supported on the attention and "
                                   "MLP projections of the decoder layers only", param)
         if set(pair) != {"A", "B"}:
             raise ValidationError(f"adapter {path!r}: {module} lacks its lora_{'B' if 'A' in pair else 'A'}", param)
-        (rank, in_features), (out_features, rank_b) = pair["A"], pair["B"]
+        a_shape, b_shape = tensors[pair["A"]][0], tensors[pair["B"]][0]
+        (rank, in_features), (out_features, rank_b) = a_shape, b_shape
         if (in_features, out_features) != module_shapes[module] or rank != rank_b:
-            raise ValidationError(f"adapter {path!r}: {module}'s factors {pair['A']} / {pair['B']} do not fit the "
+            raise ValidationError(f"adapter {path!r}: {module}'s factors {a_shape} / {b_shape} do not fit the "
                                   f"layer (in {module_shapes[module][0]}, out {module_shapes[module][1]}): an adapter "
                                   "of another base model?", param)
+        if rank < 1:
+            raise ValidationError(f"adapter {path!r}: {module}'s factors have rank 0", param)
         if rank > max_rank:
             raise ValidationError(f"adapter {path!r}: rank {rank} of {module} exceeds max_lora_rank {max_rank} "
                                   "(--max-lora-rank)", param)
         modules[module] = (rank, in_features, out_features, _scaling(module, rank, config))
-    return AdapterInfo(path, max(m[0] for m in modules.values()), modules)
+    return AdapterInfo(path, max(m[0] for m in modules.values()), modules), keys
 
 
-def load_adapter(path: str, modules: dict[str, tuple[int, int, int, float]]
-                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """module -> (A [r, in], B * scaling [out, r]) on the CPU, for an adapter inspect_adapter passed."""
-    file = _weights_file(path)
-    if file.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        tensors = load_file(file)
-    else:
-        tensors = torch.load(file, map_location="cpu", weights_only=True)
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        match = _KEY.match(key.removeprefix(_PREFIX))
-        factors.setdefault(match["module"], {})[match["factor"]] = tensor
-    return {module: (factors[module]["A"], factors[module]["B"].float() * scaling)
-            for module, (_, _, _, scaling) in modules.items()}
+def inspect_adapter(path: str, module_shapes: dict[str, tuple[int, int]], max_rank: int,
+                    param: str = "lora_request") -> AdapterInfo:
+    """Check an adapter folder against the model: its adapter_config.json (_config), every module
+    it targets one of `module_shapes` (name -> (in, out) of the unsharded layer), A and B fit it,
+    ranks <= max_rank. Reads names, shapes and dtypes only. Raises ValidationError naming `param`."""
+    config = _config(path, param)
+    return _check(path, config, _read(path, param, shapes_only=True), module_shapes, max_rank, param)[0]
+
+
+def load_adapter(path: str, module_shapes: dict[str, tuple[int, int]], max_rank: int, param: str = "lora_request"
+                 ) -> tuple[AdapterInfo, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Read an adapter folder whole and check what was read as inspect_adapter does (the files
+    may have changed since that check): its info and module -> (A [r, in], B * scaling [out, r])
+    on the CPU. Raises ValidationError naming `param`."""
+    config = _config(path, param)
+    tensors = _read(path, param, shapes_only=False)
+    info, keys = _check(path, config, tensors, module_shapes, max_rank, param)
+    return info, {module: (tensors[keys[module]["A"]][2], tensors[keys[module]["B"]][2].float() * scaling)
+                  for module, (_, _, _, scaling) in info.modules.items()}
 
 
 def lora_module_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:

@@ -2,7 +2,9 @@
 vLLM: they read adapter folders named by the request) and the engine has enable_lora:
 
     POST /v1/load_lora_adapter    {"lora_name", "lora_path"}: checked against the model, then
-                                  served under its name (a 400 naming lora_name if taken)
+                                  served under its name (a 400 naming lora_name if taken, being
+                                  loaded by another request, or a name `model` resolves before
+                                  adapters; a 400 naming lora_request if the folder is refused)
     POST /v1/unload_lora_adapter  {"lora_name"}: no longer served (a 404 if unknown); requests
                                   running with it finish
 """
@@ -16,7 +18,7 @@ from pydantic import BaseModel, ConfigDict
 
 from pagedserve.errors import ValidationError
 from pagedserve.lora_request import LoRARequest
-from pagedserve.server.context import ServerContext, off_loop
+from pagedserve.server.context import TGI_CLIENT_PLACEHOLDERS, ServerContext, off_loop
 from pagedserve.server.errors import NotFoundError, error_response
 from pagedserve.server.request_body import parse_body, read_json
 
@@ -39,19 +41,40 @@ def runtime_updates_allowed() -> bool:
     return os.environ.get(ALLOW_ENV, "").strip().lower() in ("1", "true")
 
 
+def reserved_model_names(served_model_names: tuple[str, ...] | list[str]) -> frozenset[str]:
+    """The `model` names ServerContext.check_model resolves before any adapter (the served names
+    and TGI clients' placeholders): an adapter named so could never be used."""
+    return frozenset(served_model_names) | TGI_CLIENT_PLACEHOLDERS
+
+
 def add_lora_routes(app: FastAPI, ctx: ServerContext) -> None:
     next_id = [max((lora.lora_int_id for lora in ctx.loras.values()), default=0) + 1]
+    loading: set[str] = set()   # names whose load awaits its check (event loop only, as ctx.loras)
 
     @app.post("/v1/load_lora_adapter")
     async def load(request: Request) -> Response:
         try:
             body = parse_body(LoadLoRAAdapterRequest, await read_json(request))
-            if body.lora_name in ctx.loras or body.lora_name in ctx.served_model_names:
-                raise ValidationError(f"The lora adapter '{body.lora_name}' has already been loaded.", "lora_name")
-            lora = LoRARequest(body.lora_name, next_id[0], os.path.expanduser(body.lora_path))
-            await off_loop(ctx.engine.engine.check_lora, lora)   # reads the folder: off the event loop
+            name = body.lora_name
+            if not name:
+                raise ValidationError("lora_name must be a non-empty string", "lora_name")
+            if not body.lora_path:
+                raise ValidationError("lora_path must be a non-empty string", "lora_path")
+            if name in reserved_model_names(ctx.served_model_names):
+                raise ValidationError(f"The lora adapter name '{name}' is reserved: a request naming it as `model` "
+                                      "runs the base model", "lora_name")
+            if name in ctx.loras or name in loading:
+                raise ValidationError(f"The lora adapter '{name}' has already been loaded.", "lora_name")
+            # the name and the id are taken before the check awaits: a concurrent load of the same
+            # name is refused above, and every load gets an id of its own
+            lora = LoRARequest(name, next_id[0], os.path.expanduser(body.lora_path))
             next_id[0] += 1
-            ctx.loras[lora.lora_name] = lora
+            loading.add(name)
+            try:
+                await off_loop(ctx.engine.engine.check_lora, lora)   # reads the folder: off the event loop
+            finally:
+                loading.discard(name)
+            ctx.loras[name] = lora
             return PlainTextResponse(f"Success: LoRA adapter '{lora.lora_name}' added successfully.")
         except Exception as exc:
             return error_response(exc)

@@ -139,6 +139,7 @@ def server_settings_from(args: argparse.Namespace) -> ServerSettings:
 def lora_modules_from(args: argparse.Namespace, model_names: list[str]) -> tuple[LoRARequest, ...]:
     """--lora-modules' adapters, ids 1.. in the order given (checked against the model once the
     engine exists: LLMEngine.check_lora)."""
+    from pagedserve.server.lora_routes import reserved_model_names
     specs = getattr(args, "lora_modules", None) or []
     if specs and not getattr(args, "enable_lora", False):
         raise ValidationError("--lora-modules needs --enable-lora", "enable_lora")
@@ -157,6 +158,9 @@ def lora_modules_from(args: argparse.Namespace, model_names: list[str]) -> tuple
                 raise ValidationError(f"--lora-modules {spec!r}: expected name=path", "lora_modules")
         if not isinstance(name, str) or not name or name in model_names or any(a.lora_name == name for a in adapters):
             raise ValidationError(f"--lora-modules: the name {name!r} is empty or already taken", "lora_modules")
+        if name in reserved_model_names(model_names):
+            raise ValidationError(f"--lora-modules: the name {name!r} is reserved: a request naming it as `model` "
+                                  "runs the base model", "lora_modules")
         adapters.append(LoRARequest(name, len(adapters) + 1, os.path.expanduser(str(path))))
     return tuple(adapters)
 
