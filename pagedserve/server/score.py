@@ -20,7 +20,7 @@ though a text that occurs in several pairs runs once."""
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Protocol, Union
 
 from fastapi.responses import JSONResponse, Response
 from pydantic import Field
@@ -30,8 +30,12 @@ from pagedserve.frontend.embedding_engine import AsyncEmbeddingEngine, class_pro
 from pagedserve.server.context import ServerContext, new_request_id
 from pagedserve.server.openai_protocol import _Strict
 
-if TYPE_CHECKING:
-    from pagedserve.server.embeddings import EmbeddingMetrics
+
+
+class EmbeddingMetrics(Protocol):
+    """What these routes count in (embeddings.EmbeddingMetrics; not imported: it imports us)."""
+
+    def observe(self, started: float, num_tokens: int) -> None: ...
 
 MAX_SCORE_PAIRS = 2048   # pairs in one request (as MAX_EMBEDDING_INPUTS)
 
