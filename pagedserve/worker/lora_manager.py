@@ -68,8 +68,9 @@ class LoraManager:
     def set_step(self, inputs: StepInputs) -> None:
         """Each token's adapter slot this step (-1: none; None when no row has an adapter)."""
         slots = [row.lora_slot for row in inputs.rows]
-        for slot in self.failed.keys() & set(slots):   # an adapter whose load failed: read it again, or fail
-            self.load(slot, self.failed[slot])
+        if self.failed:   # an adapter whose load failed: read it again, or fail
+            for slot in self.failed.keys() & set(slots):
+                self.load(slot, self.failed[slot])
         per_token = None
         if max(slots) >= 0:
             per_token = torch.from_numpy(np.repeat(np.array(slots, dtype=np.int64), inputs.query_lens)
