@@ -62,6 +62,7 @@ from pagedserve.frontend.llm_engine import LLMEngine
 from pagedserve.frontend.output_processor import OutputKind
 from pagedserve.frontend.request_metrics import FinishListener, FirstTokenListener
 from pagedserve.frontend.step_timing import StepTime, StepTimer
+from pagedserve.frontend.stoppable import run_stoppable
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
 
@@ -195,13 +196,7 @@ class AsyncEngine:
         """The compiled grammar (cached), from a compile process (grammar_compile.py): a
         ValidationError naming the field if it does not compile within the compile timeout,
         OverloadedError if no process came free within it. Cancelling this kills the compile."""
-        compiler = self.engine.grammar_compiler
-        cancel = threading.Event()
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._compiling, compiler.compile, params, cancel)
-        except asyncio.CancelledError:
-            cancel.set()
-            raise
+        return await run_stoppable(self._compiling, self.engine.grammar_compiler.compile, params)
 
     async def _in_pool(self, function: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._processing, function, *args)

@@ -19,12 +19,13 @@ from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, TypeVar
 
 from pagedserve.config import resolve_dtype
 from pagedserve.engine_args import EngineArgs
 from pagedserve.errors import EngineDeadError, ModelLoadError, RequestFailedError, ValidationError
 from pagedserve.frontend.input_processor import InputProcessor
+from pagedserve.frontend.stoppable import run_stoppable, until_stopped
 from pagedserve.config import ModelConfig
 from pagedserve.models.bert import POOLING_ARCHITECTURES, PoolingConfig, read_pooling_config
 from pagedserve.models.loader import load_hf_config, load_tokenizer, resolve_model
@@ -367,12 +368,7 @@ class AsyncEmbeddingEngine:
         """`function(stop)` in the tokenizing pool; cancelled (its client left), `stop` is set,
         so a function that loops over until_stopped(items, stop) ends before its next item
         rather than tokenizing a request nobody waits for."""
-        stop = threading.Event()
-        try:
-            return await self.process(function, stop)
-        except asyncio.CancelledError:
-            stop.set()
-            raise
+        return await run_stoppable(self._processing, function)
 
     async def render_chat_async(self, messages: list[dict], chat_template: str | None = None,
                                 add_generation_prompt: bool = True, continue_final_message: bool = False,
@@ -463,18 +459,6 @@ class AsyncEmbeddingEngine:
                 for item in queue:
                     _settle_threadsafe(item, None, error)
             self._queues.clear()
-
-
-class Stopped(Exception):
-    """until_stopped's: the request was cancelled mid-way (nobody reads this)."""
-
-
-def until_stopped(items: Iterable[T], stop: threading.Event | None) -> Iterator[T]:
-    """`items`, raising Stopped before the next one once `stop` is set."""
-    for item in items:
-        if stop is not None and stop.is_set():
-            raise Stopped()
-        yield item
 
 
 class _LockedTokenizer:

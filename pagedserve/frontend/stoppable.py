@@ -1,0 +1,34 @@
+"""Work on a pool thread that stops when the coroutine awaiting it is cancelled (its client
+left): `run_stoppable` hands the function a threading.Event that is set then; the function
+looks at it (`until_stopped` over its items) or hands it on (a grammar compile kills its
+child process: grammar_compile.py)."""
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import Executor
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
+
+
+class Stopped(Exception):
+    """until_stopped's: the request was cancelled mid-way (nobody reads this)."""
+
+
+def until_stopped(items: Iterable[T], stop: threading.Event | None) -> Iterator[T]:
+    """`items`, raising Stopped before the next one once `stop` is set."""
+    for item in items:
+        if stop is not None and stop.is_set():
+            raise Stopped()
+        yield item
+
+
+async def run_stoppable(executor: Executor, function: Callable[..., T], *args: Any) -> T:
+    """`function(*args, stop)` on `executor`; if this is cancelled, `stop` is set."""
+    stop = threading.Event()
+    try:
+        return await asyncio.get_running_loop().run_in_executor(executor, function, *args, stop)
+    except asyncio.CancelledError:
+        stop.set()
+        raise
