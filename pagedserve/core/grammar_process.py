@@ -9,7 +9,7 @@ the engine, talking through one shared-memory segment:
     header   int64 [POSTED, DONE, NUM_ACCEPT, NUM_FILL, STOP, FAILED,
                     then the process's time so far (ns): waiting for tokens, accepting, filling]
     accepts  int32 slot[cap], int32 row[cap] -> int8 accepted[cap] (written back: 1, or 0 refused,
-             -1 refused with no token allowed: core/structured_output.admits_nothing)
+             -1 refused with no token allowed: core/stop_rules.admits_nothing)
     fills    int32 slot[cap] (-1: all tokens allowed)
     --- page-aligned, one region (page-locked in place by the runner on CUDA) ---
     ids      int64 [cap]: a step's sampled ids, copied there by the device (-1: not yet)
@@ -125,6 +125,14 @@ def read_payload(path: str) -> bytes:
     return data
 
 
+def discard_payload(path: str) -> None:
+    """Remove a payload its reader never read (a process stopped before it started)."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def module_command(module: str, *args: str) -> tuple[list[str], dict[str, str]]:
     """(argv, environment) that run `python -m module args` on this interpreter with this
     package importable (not the working directory's copy)."""
@@ -224,8 +232,9 @@ class GrammarProcess:
     def wait(self, timeout: float = WAIT_TIMEOUT_S) -> tuple[Any, Any]:
         """The posted step's result: (mask rows [num fills, width] int32 tensor, a view of the
         segment valid until the next post; accepted [num accepts] int8, 0 where a token broke
-        its grammar, -1 where the grammar allowed no token at all). Spins (holding the GIL; after ~2 ms it sleeps between looks); raises
-        GrammarProcessError if the process failed or is gone."""
+        its grammar, -1 where the grammar allowed no token at all). Spins (holding the GIL;
+        after ~2 ms it sleeps between looks); raises GrammarProcessError if the process failed
+        or is gone."""
         header, posted = self.layout.header, self._posted
         spins = 0
         deadline = None
@@ -280,10 +289,7 @@ def _stop(popen: subprocess.Popen, shm: shared_memory.SharedMemory, header: Any,
         shm.unlink()
     except FileNotFoundError:
         pass
-    try:
-        os.unlink(info_path)   # a process stopped before it read its payload
-    except OSError:
-        pass
+    discard_payload(info_path)
 
 
 # ---- the process --------------------------------------------------------------------------

@@ -97,12 +97,6 @@ def accept(request: Request, token: int) -> tuple[bool, bool]:
     return True, matcher.is_terminated()
 
 
-def refused_by_request(request: Request) -> bool:
-    """After its matcher (on this thread) refused a token: whether the request had nothing to
-    sample (admits_nothing)."""
-    return admits_nothing(request.grammar_matcher, request.grammar.tokenizer_info.vocab_size)
-
-
 class PendingFill:
     """A step's bitmask on its way: `result()` (once) returns it; `failed` then lists the
     requests to fail, with why and the parameter to blame if it was their own doing
@@ -132,7 +126,8 @@ class InlineGrammars:
         return accept(request, token)
 
     def refused_by_request(self, request: Request) -> bool:
-        return refused_by_request(request)
+        """After its matcher refused a token: whether the request had nothing to sample."""
+        return admits_nothing(request.grammar_matcher, request.grammar.tokenizer_info.vocab_size)
 
     def sampled_ids(self) -> None:
         return None   # the runner's own copy

@@ -33,7 +33,7 @@ import time
 import weakref
 from typing import Any, Callable
 
-from pagedserve.core.grammar_process import module_command, read_payload, write_payload
+from pagedserve.core.grammar_process import discard_payload, module_command, read_payload, write_payload
 from pagedserve.errors import ValidationError
 from pagedserve.frontend.structured_output import (CACHE_LIMIT_BYTES, GrammarCompileBusy, GrammarCompileCancelled,
                                                    GrammarCompiler, GrammarCompileTimeout, compile_constraint)
@@ -97,10 +97,7 @@ def _kill(popen: subprocess.Popen, info_path: str) -> None:
         popen.wait(5)
     except Exception:
         pass
-    try:
-        os.unlink(info_path)   # a child killed before it read its payload
-    except OSError:
-        pass
+    discard_payload(info_path)
     for stream in (popen.stdin, popen.stdout):
         try:
             stream.close()

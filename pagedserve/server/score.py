@@ -26,18 +26,18 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
 from pagedserve.errors import ValidationError
-from pagedserve.frontend.embedding_engine import AsyncEmbeddingEngine, class_probs, score_pairs, until_stopped
+from pagedserve.frontend.embedding_engine import AsyncEmbeddingEngine, class_probs, score_pairs
+from pagedserve.frontend.stoppable import until_stopped
 from pagedserve.server.context import ServerContext, new_request_id
 from pagedserve.server.openai_protocol import _Strict
 
+MAX_SCORE_PAIRS = 2048   # pairs in one request (as MAX_EMBEDDING_INPUTS)
 
 
 class EmbeddingMetrics(Protocol):
     """What these routes count in (embeddings.EmbeddingMetrics; not imported: it imports us)."""
 
     def observe(self, started: float, num_tokens: int) -> None: ...
-
-MAX_SCORE_PAIRS = 2048   # pairs in one request (as MAX_EMBEDDING_INPUTS)
 
 
 class ScoreRequest(_Strict):
