@@ -88,11 +88,8 @@ class DashboardHub:
         self._join(viewer)
         return viewer
 
-    async def stream(self, viewer: _Viewer | None = None) -> AsyncIterator[str]:
+    async def stream(self, viewer: _Viewer) -> AsyncIterator[str]:
         """One viewer's SSE frames until it goes away (`viewer`: one admit() returned)."""
-        if viewer is None:
-            viewer = _Viewer()
-            self._join(viewer)
         try:
             yield ": connected\n\n"
             if self.latest is not None:

@@ -42,7 +42,7 @@ def test_snapshots_are_asked_for_only_while_someone_watches():
     async def main():
         engine = FakeEngine()
         hub = DashboardHub(engine, "m")
-        stream = hub.stream()
+        stream = hub.stream(hub.admit())
         assert await stream.__anext__() == ": connected\n\n"
         await asyncio.sleep(0.35)   # the ticker: one request every 0.1 s
         asked = engine.calls.count("request")
@@ -58,7 +58,7 @@ def test_a_slow_viewer_skips_frames_but_gets_every_step(monkeypatch):
     async def main():
         engine = FakeEngine()
         hub = DashboardHub(engine, "m")
-        stream = hub.stream()
+        stream = hub.stream(hub.admit())
         await stream.__anext__()
         for i in range(50):   # the viewer reads nothing meanwhile
             hub.publish(snapshot(range(2 * i + 1, 2 * i + 3), used=1 + i % 8))
