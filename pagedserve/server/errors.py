@@ -92,6 +92,15 @@ class ServiceUnavailableError(HTTPError):
     pass
 
 
+class ServerShuttingDownError(ServiceUnavailableError):
+    """The server stopped (SIGTERM / Ctrl-C) before the request finished: it was still open when
+    --shutdown-timeout ran out (middleware.AnswerShutdownCancellation). Retrying elsewhere may help."""
+
+    def __init__(self, message: str = "the server is shutting down: the request was cancelled before it finished",
+                 param: str | None = None) -> None:
+        super().__init__(message, param)
+
+
 class IncompleteGenerationError(HTTPError):
     """A request ended without the output it owed (its last token, or any output)."""
 
@@ -121,6 +130,8 @@ ERRORS: dict[type[BaseException], _Row] = {
     ClientDisconnected: _Row(499, "ClientClosedRequest", 499, "dropped", "the client closed the connection"),
     RequestTimeoutError: _Row(408, "RequestTimeoutError", 408, "validation", "the request did not arrive in time"),
     ServiceUnavailableError: _Row(503, "ServiceUnavailableError", 503, "validation", "service unavailable"),
+    # TGI's clients know "overloaded" as the retryable kind (text_generation's OverloadedError)
+    ServerShuttingDownError: _Row(503, "ServiceUnavailableError", 503, "overloaded", "the server is shutting down"),
     IncompleteGenerationError: _Row(500, "InternalServerError", 500, "incomplete_generation",
                                     "the request ended without its output"),
 }
@@ -184,6 +195,12 @@ def error_payload(exc: BaseException, api: API = API.OPENAI) -> dict[str, Any]:
     return describe(exc, api).body()
 
 
+def response_error_fields(exc: BaseException) -> dict[str, Any]:
+    """The fields of the Responses API's `error` event for `exc` (its message, code, param): the
+    OpenAI error body's but `type`, which is the event's own ("error")."""
+    return {key: value for key, value in describe(exc).body()["error"].items() if key != "type"}
+
+
 # The bodies above as schemas, for /openapi.json (openapi_docs.py).
 class OpenAIErrorDetail(BaseModel):
     message: str
@@ -205,10 +222,12 @@ class TGIErrorBody(BaseModel):
 ERROR_STATUSES: dict[API, dict[int, str]] = {
     API.OPENAI: {400: "invalid request: `param` names the field", 401: "missing or wrong API key",
                  404: "unknown model or route", 405: "method not allowed (see the Allow header)",
-                 413: "request body too large", 503: "overloaded (see Retry-After) or the engine is dead"},
+                 413: "request body too large",
+                 503: "overloaded (see Retry-After), the engine is dead, or the server shut down before the "
+                      "request finished"},
     API.TGI: {401: "missing or wrong API key", 413: "request body too large",
               422: "invalid request: the message names the field", 424: "the generation failed",
-              429: "overloaded (see Retry-After)"},
+              429: "overloaded (see Retry-After)", 503: "the server shut down before the request finished"},
 }
 
 

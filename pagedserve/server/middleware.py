@@ -1,16 +1,21 @@
-"""Pure-ASGI middleware (no buffering of streamed responses): the API-key check and a
-request body size limit. Both answer in the route family's error body (errors.py)."""
+"""Pure-ASGI middleware (no buffering of streamed responses): the API-key check, a request
+body size limit, and the answer of a request the server's shutdown cancelled. All answer in
+the route family's error body (errors.py)."""
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
+import re
 from urllib.parse import unquote_to_bytes
 
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pagedserve.server.errors import HTTPError, RequestTooLargeError, UnauthorizedError, api_of, describe
+from pagedserve.server.errors import (API, HTTPError, RequestTooLargeError, ServerShuttingDownError, UnauthorizedError,
+                                      api_of, describe, response_error_fields)
+from pagedserve.server.streaming import DONE_EVENT, sse_event
 
 logger = logging.getLogger(__name__)
 
@@ -122,3 +127,110 @@ class BodySizeLimitMiddleware:
             await self.app(scope, limited_receive, send)
         except ClientDisconnect:
             logger.debug("the client closed the connection while sending %s", scope["path"])
+
+
+_SEQUENCE_NUMBER = re.compile(rb'"sequence_number":(\d+)')
+
+
+class AnswerShutdownCancellation:
+    """A request still open when the server's graceful shutdown (--shutdown-timeout after
+    SIGTERM / Ctrl-C) runs out is cancelled by uvicorn: its task gets CancelledError, which
+    uvicorn would answer with a text/plain 500 (or a stream cut off mid-body) and a traceback.
+    Here it is answered instead, once the route's own cleanup ran (its engine requests aborted):
+
+    - no response started yet: 503 in the route family's error body (ServerShuttingDownError);
+    - a Server-Sent Events stream under way: a last error event in the stream's own framing
+      (OpenAI's `data: {"error": ...}` then `data: [DONE]`, TGI's `data:{"error": ..., "error_type": ...}`,
+      the Responses API's `event: error` with the next sequence number), then the stream's end;
+      the dashboard's stream just ends;
+    - a response already sent whole: nothing; any other response cut off mid-body: the
+      connection is closed (uvicorn's one-line "without completing response" log).
+
+    The cancellation ends there (uvicorn's own handler swallows it too: nothing awaits the
+    request's task). A CancelledError that is not this task's own cancellation passes through,
+    as before. Wraps the whole app (serve.py), so both servers and every route have it; the
+    family is the request's path's (/invocations and a TEI body on /rerank: OpenAI's), except
+    that a stream's framing is read from what it sent."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = _Sent()
+
+        async def watched_send(message: Message) -> None:
+            state.saw(message)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched_send)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            cancelling = getattr(task, "cancelling", None)   # Python >= 3.11
+            if task is None or (cancelling is not None and cancelling() == 0):
+                raise   # not a cancellation of this request's task
+            if cancelling is not None:
+                task.uncancel()   # type: ignore[union-attr]
+            await self._answer(scope, send, state)
+
+    @staticmethod
+    async def _answer(scope: Scope, send: Send, state: "_Sent") -> None:
+        path = scope["path"]
+        error = ServerShuttingDownError()
+        try:
+            if not state.started:
+                logger.info("%s %s was still open when the server shut down: answered 503", scope.get("method"), path)
+                await send_error(send, path, error, [(b"connection", b"close")])
+            elif state.complete:
+                logger.debug("%s %s was cancelled at shutdown after its response", scope.get("method"), path)
+            elif state.event_stream:
+                logger.info("%s %s was still streaming when the server shut down: its stream was ended",
+                            scope.get("method"), path)
+                await send({"type": "http.response.body", "body": final_error_event(path, state.last_chunk, error),
+                            "more_body": False})
+            else:   # returning leaves the response unfinished: uvicorn closes the connection
+                logger.info("%s %s was cut off mid-response when the server shut down", scope.get("method"), path)
+        except (Exception, asyncio.CancelledError) as exc:   # the connection broke, or the loop is closing
+            logger.debug("could not answer %s at shutdown: %r", path, exc)
+
+
+class _Sent:
+    """What a request has sent so far: whether its response started, whether it is an event
+    stream, whether it is complete, and its last body chunk."""
+
+    started = False
+    complete = False
+    event_stream = False
+    last_chunk = b""
+
+    def saw(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+            headers = message.get("headers", ())
+            content_type = next((value for name, value in headers if name.lower() == b"content-type"), b"")
+            self.event_stream = content_type.lower().startswith(b"text/event-stream")
+        elif message["type"] == "http.response.body":
+            body = message.get("body", b"")
+            if body:
+                self.last_chunk = bytes(body)
+            if not message.get("more_body", False):
+                self.complete = True
+
+
+def final_error_event(path: str, last_chunk: bytes, error: BaseException) -> bytes:
+    """The event that ends a stream with `error`, framed as the stream's last event was (or,
+    before any event, as the path's route frames its events)."""
+    if is_dashboard(path):
+        return b""
+    if last_chunk.startswith(b"event: ") or (not last_chunk and path == "/v1/responses"):
+        numbers = _SEQUENCE_NUMBER.findall(last_chunk)
+        payload = {"type": "error", "sequence_number": int(numbers[-1]) + 1 if numbers else 0,
+                   **response_error_fields(error)}
+        return f"event: error\ndata: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
+    tgi = last_chunk.startswith(b"data:") and not last_chunk.startswith(b"data: ")
+    api = API.TGI if tgi or (not last_chunk and api_of(path) is API.TGI) else API.OPENAI
+    event = sse_event(describe(error, api).body(), api)
+    return (event if api is API.TGI else event + DONE_EVENT).encode()

@@ -31,7 +31,7 @@ from pagedserve.errors import ValidationError
 from pagedserve.frontend.output_processor import OutputKind
 from pagedserve.server import structured
 from pagedserve.server.context import ServerContext, new_request_id
-from pagedserve.server.errors import error_payload
+from pagedserve.server.errors import response_error_fields
 from pagedserve.server.openai_common import truncate_prompts
 from pagedserve.server.openai_logprobs import chat_logprobs
 from pagedserve.server.openai_protocol import ChatCompletionRequest, _Strict
@@ -393,7 +393,7 @@ class _ResponseBuilder:
             async for event in (self._held_events(streams) if self.plan.active else self._live_events(streams)):
                 yield event
         except Exception as exc:
-            yield self.event("error", **error_payload(exc)["error"])
+            yield self.event("error", **response_error_fields(exc))
         finally:
             close_all(streams)
 

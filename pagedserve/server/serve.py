@@ -228,6 +228,7 @@ def run_server(args: argparse.Namespace) -> None:
     from pagedserve.frontend.heap import limit_arenas, release_free_heap
     from pagedserve.server.app import build_app
     from pagedserve.server.connections import Server, raise_open_file_limit, request_deadline_protocol
+    from pagedserve.server.middleware import AnswerShutdownCancellation
 
     configure_default_logging()
     logging.getLogger("pagedserve").setLevel(args.log_level.upper())
@@ -263,10 +264,13 @@ def run_server(args: argparse.Namespace) -> None:
     release_free_heap()   # start-up's freed temporaries (weights, tokenizer, imports): ~30 MiB of RSS
     logger.info("serving %s on http://%s:%d (engine core %s)", settings.served_model_name, args.host, args.port,
                 "in its own process" if engine_process else "on a thread")
-    # open requests get --shutdown-timeout to finish after SIGTERM / Ctrl-C, then are cancelled: with
-    # the default the server (and its tensor-parallel ranks) is gone within 10 s. A connection idle
-    # between requests is closed after 5 s; one slow to send its request, after --timeout-request-read
-    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+    # open requests get --shutdown-timeout to finish after SIGTERM / Ctrl-C, then are cancelled (and
+    # answered: 503, or a stream's last error event, AnswerShutdownCancellation): with the default
+    # the server (and its tensor-parallel ranks) is gone within 10 s. New connections are refused
+    # from the signal on. A connection idle between requests is closed after 5 s; one slow to send
+    # its request, after --timeout-request-read
+    server = Server(uvicorn.Config(AnswerShutdownCancellation(app), host=args.host, port=args.port,
+                                   log_level=args.log_level,
                                    http=request_deadline_protocol(args.timeout_request_read),
                                    timeout_keep_alive=5, timeout_graceful_shutdown=args.shutdown_timeout))
     died: list[Exception] = []
