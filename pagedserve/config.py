@@ -223,8 +223,8 @@ def kv_cache_torch_dtype(cache_dtype: str, model_dtype: torch.dtype) -> torch.dt
 @dataclass(frozen=True)
 class LoRAConfig:
     """LoRA adapters (vLLM's enable_lora): `max_loras` of them on the device at once (the ones a
-    step can mix: core/lora_slots.py), each of rank <= max_lora_rank; the runner keeps up to
-    `max_cpu_loras` loaded on the host."""
+    step can mix: core/lora_slots.py), each of rank <= max_lora_rank; `max_cpu_loras` of them are
+    kept read on the host (frontend/lora_registry.py: more while more are in use)."""
 
     max_loras: int = 1
     max_lora_rank: int = 16

@@ -118,7 +118,8 @@ class EngineArgs:
                                      "server's --lora-modules by model name)")
     max_loras: int = _knob(1, "LoRA adapters one step can mix (their device slots)")
     max_lora_rank: int = _knob(16, "the largest LoRA rank an adapter may have")
-    max_cpu_loras: int | None = _knob(None, "LoRA adapters kept loaded on the host (default: max_loras)")
+    max_cpu_loras: int | None = _knob(None, "LoRA adapters kept read on the host, least recently used dropped "
+                                            "first unless a request runs it (default: max_loras)")
     grammar_compile_timeout: float = _knob(20.0, "server: seconds a request's structured-outputs grammar may take "
                                                  "to compile (in a child process) before the compile is stopped and "
                                                  "the request gets a 400 naming its field; waiting for a free compile "
@@ -185,6 +186,9 @@ class EngineArgs:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValidationError(f"{name} must be an integer >= 1, got {value!r}", name)
+        if self.max_cpu_loras is not None and isinstance(self.max_loras, int) and self.max_cpu_loras < self.max_loras:
+            raise ValidationError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})",
+                                  "max_cpu_loras")   # vLLM's rule
         if self.trust_remote_code:
             raise ValidationError("trust_remote_code is not supported: only built-in architectures run",
                                   "trust_remote_code")

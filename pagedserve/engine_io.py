@@ -1,6 +1,7 @@
 """The core <-> worker contract: what the scheduler hands the model runner each step, what
 comes back, and the Executor interface the core drives. A leaf module: it belongs to neither
-package and imports nothing of pagedserve but the sampling parameters the runner needs.
+package and imports nothing of pagedserve but the sampling parameters the runner needs (and
+LoadedLoRA, the adapters' factors that Executor.add_lora hands the ranks).
 
 Everything here is small and picklable: under tensor parallelism a SchedulerOutput is
 broadcast to every rank. New requests travel in full, running ones as diffs.
@@ -10,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, NewType, Protocol, runtime_checkable
 
+from pagedserve.lora_request import LoadedLoRA
 from pagedserve.sampling_params import SamplingParams
 
 RequestId = NewType("RequestId", str)
@@ -75,7 +77,8 @@ class SchedulerOutput:
     # the last `num_swap_out_behind` swap-outs copy free device blocks (write-behind): they
     # run after the swap-ins; this step's forward need not wait for them, the next one does
     num_swap_out_behind: int = 0
-    # LoRA adapters (LoRARequest) to load into device slots before this step's forward
+    # LoRA adapters (LoRARequest) to copy into device slots before this step's forward, from the
+    # ranks' host caches (Executor.add_lora put them there)
     lora_loads: list[tuple[int, Any]] = field(default_factory=list)
 
     @property
@@ -147,5 +150,12 @@ class Executor(Protocol):
 
     def check_health(self) -> None:
         """Raise EngineDeadError if the executor can no longer run steps."""
+
+    def add_lora(self, lora: LoadedLoRA) -> None:
+        """Every rank's host cache keeps this adapter's factors (already read and checked), for
+        the steps that copy it into a device slot (SchedulerOutput.lora_loads)."""
+
+    def remove_lora(self, lora_int_id: int) -> None:
+        """Every rank drops that adapter's host copy (unknown ids are ignored)."""
 
     def shutdown(self) -> None: ...

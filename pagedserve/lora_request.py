@@ -1,7 +1,10 @@
-"""vLLM's LoRARequest: which adapter a request runs with (`vllm.lora.request.LoRARequest`)."""
+"""vLLM's LoRARequest: which adapter a request runs with (`vllm.lora.request.LoRARequest`); and
+LoadedLoRA, an adapter's factors as read once when it is registered (frontend/lora_registry.py),
+on their way to every rank's host cache (EngineCore.add_lora)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from pagedserve.errors import ValidationError
 
@@ -23,3 +26,18 @@ class LoRARequest:
             raise ValidationError("lora_name must be a non-empty string", "lora_request")
         if not isinstance(self.lora_path, str) or not self.lora_path:
             raise ValidationError("lora_path must be a non-empty string", "lora_request")
+
+
+@dataclass(frozen=True)
+class LoadedLoRA:
+    """An adapter read and checked against the model (models/lora_adapter.load_adapter): its
+    factors on the host, module name (model.layers.N.self_attn.q_proj) -> (A [r, in], B * scaling
+    [out, r]), CPU tensors in the model's dtype, whole (each rank takes its part when it copies
+    them into a device slot)."""
+
+    lora_request: LoRARequest
+    factors: dict[str, tuple[Any, Any]]
+
+    @property
+    def lora_int_id(self) -> int:
+        return self.lora_request.lora_int_id

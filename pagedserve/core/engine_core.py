@@ -38,6 +38,7 @@ from pagedserve.core.structured_output import PendingFill, ProcessGrammars
 from pagedserve.engine_io import (DeferredSampling, Executor, ModelRunnerOutput, PendingOutput, RequestId,
                                   SchedulerOutput)
 from pagedserve.errors import ValidationError
+from pagedserve.lora_request import LoadedLoRA
 from pagedserve.worker.executor import make_executor
 
 logger = logging.getLogger(__name__)
@@ -111,6 +112,17 @@ class EngineCore:
         for queued in [request, *(forks or ())]:
             self._unscheduled[queued.request_id] = queued
             self._events.append(RequestEvent(queued.request_id, _QUEUED, now))
+
+    def add_lora(self, lora: LoadedLoRA) -> None:
+        """vLLM's add_lora utility call, between steps: every rank's host cache keeps the adapter
+        the frontend read and checked (frontend/lora_registry.py), before any request runs it; a
+        step that puts it in a device slot then only copies it. Nothing is read here."""
+        self.executor.add_lora(lora)
+
+    def remove_lora(self, lora_int_id: int) -> None:
+        """The ranks drop an adapter's host copy (no request runs it; its device slot, if it holds
+        one still, keeps it until another adapter takes the slot)."""
+        self.executor.remove_lora(lora_int_id)
 
     def abort_requests(self, request_ids: list[RequestId]) -> list[RequestEvent]:
         """Finish these requests now and free their blocks (unknown ids are ignored). The answer:

@@ -1,8 +1,8 @@
 """CoreClient: EngineCore's face in the server process when the core runs in a process of
 its own (frontend/core_process.py; the server's --engine-process). LLMEngine drives it
-exactly as it drives an EngineCore (add_request, abort_requests, finish_requests, step,
-has_unfinished_requests, stats, request_snapshot, stop_snapshots, is_alive, shutdown), from
-one thread; commands are sent at once, without waiting for the core.
+exactly as it drives an EngineCore (add_request, abort_requests, finish_requests, add_lora,
+remove_lora, step, has_unfinished_requests, stats, request_snapshot, stop_snapshots, is_alive,
+shutdown), from one thread; commands are sent at once, without waiting for the core.
 
 step() returns what the core's steps produced since the last call: it blocks until one
 outputs message arrives, then takes every other one already there (merged: outputs and
@@ -34,6 +34,7 @@ from pagedserve.core.request import Request, RequestStatus
 from pagedserve.engine_io import RequestId
 from pagedserve.errors import EngineDeadError, ValidationError
 from pagedserve.frontend.core_process import CoreInfo, StepSpan
+from pagedserve.lora_request import LoadedLoRA
 
 logger = logging.getLogger(__name__)
 STARTUP_POLL_S = 0.5
@@ -112,6 +113,14 @@ class CoreClient:
                 self._send(("finish", request_ids, status))
                 self._live.difference_update(request_ids)
         return []
+
+    def add_lora(self, lora: LoadedLoRA) -> None:
+        """The adapter's factors go to the core (pickled: copied once into its process), ahead of
+        the requests that run it."""
+        self._send(("add_lora", lora))
+
+    def remove_lora(self, lora_int_id: int) -> None:
+        self._send(("remove_lora", lora_int_id))
 
     def request_snapshot(self) -> None:
         self._send(("snapshot",))

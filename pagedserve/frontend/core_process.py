@@ -9,6 +9,7 @@ main([FD, LOG_LEVEL]) in a fresh interpreter (core_client.CORE_MAIN): FD is this
 tuples (the core's own dataclasses inside):
 
     client -> core   ("add", Request, [forks])    ("abort", [ids])    ("finish", [ids], RequestStatus)
+                     ("add_lora", LoadedLoRA)   ("remove_lora", lora_int_id)
                      ("snapshot",)   ("stop_snapshots",)   ("shutdown",)
     core -> client   ("ready", CoreInfo)   ("failed", exception)   ("dead", text)
                      ("outputs", EngineCoreOutputs, StepSpan | None)   one per step, or the
@@ -188,6 +189,10 @@ def _apply(core, outbox: _Outbox, message: tuple) -> None:
         outbox.put(("aborted", message[1], EngineCoreOutputs([], core.stats(), events)))
     elif kind == "finish":
         core.finish_requests(message[1], message[2])
+    elif kind == "add_lora":
+        core.add_lora(message[1])
+    elif kind == "remove_lora":
+        core.remove_lora(message[1])
     elif kind == "snapshot":
         core.request_snapshot()
     elif kind == "stop_snapshots":

@@ -18,13 +18,12 @@ from pagedserve.engine_io import RequestId
 from pagedserve.frontend.core_client import CoreClient
 from pagedserve.frontend.core_process import StepSpan
 from pagedserve.frontend.input_processor import InputProcessor, ProcessedPrompt, PromptType
+from pagedserve.frontend.lora_registry import LoraRegistry
 from pagedserve.frontend.output_processor import OutputKind, OutputProcessor
 from pagedserve.frontend.request_metrics import FinishListener, FirstTokenListener, RequestMetrics
 from pagedserve.frontend.structured_output import GrammarCompiler
-from pagedserve.errors import ValidationError
-from pagedserve.lora_request import LoRARequest
+from pagedserve.lora_request import LoadedLoRA, LoRARequest
 from pagedserve.models.loader import load_tokenizer
-from pagedserve.models.lora_adapter import inspect_adapter, lora_module_shapes
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
@@ -42,6 +41,7 @@ class ProcessedRequest:
     output_kind: OutputKind
     report_logprobs: bool
     arrival_time: float
+    lora: LoadedLoRA | None = None   # its LoRA adapter, read (LoraRegistry.get): the ranks get it first
 
 
 class LLMEngine:
@@ -72,7 +72,7 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
         self.grammar_compiler = GrammarCompiler(self.tokenizer, model.vocab_size, self.eos_token_ids)
         self.request_metrics = RequestMetrics()
-        self._adapters: dict[int, LoRARequest] = {}   # LoRA adapters checked (check_lora), by id
+        self.loras = LoraRegistry(model, self.config.scheduler.lora)   # LoRA adapters, read once (add_lora)
         self.children: dict[str, list[RequestId]] = {}
         self.step_spans: list[tuple[StepSpan, EngineStats]] = []   # the core steps behind the last step()
 
@@ -111,7 +111,7 @@ class LLMEngine:
         params.structured_outputs already compiled (the AsyncEngine compiles apart); else it
         is compiled here."""
         arrival_time = time.monotonic()
-        self.check_lora(lora_request)
+        lora = self.loras.get(lora_request)   # a new adapter is read here, off the engine thread
         processed = self.input_processor.process_prompt(prompt, add_special_tokens)
         report_logprobs = params.logprobs is not None
         params = self._internal_params(params)
@@ -128,28 +128,14 @@ class LLMEngine:
             for request in (parent, *forks):
                 request.grammar = grammar
         return ProcessedRequest(request_id, processed, parent.sampling_params, parent, forks, output_kind,
-                                report_logprobs, arrival_time)
+                                report_logprobs, arrival_time, lora)
 
-    def check_lora(self, lora_request: LoRARequest | None) -> None:
-        """A LoRARequest this engine can run: enable_lora, its adapter readable and fitting the
-        model (models/lora_adapter.inspect_adapter, once per adapter id), and its id not another
-        adapter's. Raises ValidationError naming lora_request."""
-        if lora_request is None:
-            return
-        if not isinstance(lora_request, LoRARequest):
-            raise ValidationError(f"lora_request must be a LoRARequest, got {type(lora_request).__name__}",
-                                  "lora_request")
-        lora = self.config.scheduler.lora
-        if lora is None:
-            raise ValidationError("LoRA adapters need an engine started with enable_lora=True (--enable-lora)",
-                                  "lora_request")
-        known = self._adapters.get(lora_request.lora_int_id)
-        if known is not None and known.lora_path != lora_request.lora_path:
-            raise ValidationError(f"lora_int_id {lora_request.lora_int_id} is already the adapter at "
-                                  f"{known.lora_path!r}: one id per adapter", "lora_request")
-        if known is None:
-            inspect_adapter(lora_request.lora_path, lora_module_shapes(self.config.model), lora.max_lora_rank)
-            self._adapters[lora_request.lora_int_id] = lora_request
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        """Register a LoRA adapter (vLLM's add_lora: the server's load route, --lora-modules):
+        read whole and checked against the model now, on the caller's thread (any: it touches no
+        engine state), and kept on the host (frontend/lora_registry.py); requests naming it never
+        wait for its files. Raises ValidationError naming lora_request (and the adapter)."""
+        self.loras.get(lora_request)
 
     def add_processed(self, request: ProcessedRequest) -> None:
         """Queue a processed request (driver thread only); raises ValidationError if it can
@@ -157,7 +143,11 @@ class LLMEngine:
         request_id, processed = request.request_id, request.processed
         if request_id in self.children:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if request.lora is not None:   # every rank's host cache holds the adapter before its request
+            self.loras.install(request.lora, self.core)
         self.core.add_request(request.parent, request.forks)
+        if request.lora is not None:
+            self.loras.hold(request_id, request.lora.lora_int_id)
         ids = [request.parent.request_id] + [f.request_id for f in request.forks]
         self.children[request_id] = ids
         self.output_processor.add_request(request_id, ids, processed.prompt, processed.prompt_token_ids,
@@ -182,6 +172,8 @@ class LLMEngine:
         """Abort a request; its last output (finish_reason "abort"), or None if it is unknown
         or already finished."""
         ids = self.children.pop(request_id, [])
+        if self.loras.has_held:
+            self.loras.release(request_id, self.core)
         # the core's answer: FINISHED events with the token counts a final-only request's output
         # lacks (a core process's come later, as a step's events)
         answer = self.core.abort_requests(ids)
@@ -227,6 +219,8 @@ class LLMEngine:
             self.request_metrics.observe(result)
             if result.finished:
                 self.children.pop(result.request_id, None)
+                if self.loras.has_held:
+                    self.loras.release(result.request_id, self.core)
         return results, core_outputs.stats
 
     def shutdown(self) -> None:

@@ -1,9 +1,9 @@
-"""PEFT LoRA adapters (adapter_config.json + adapter_model.safetensors / .bin): read and checked
-against the model before any request uses one (frontend: inspect_adapter), loaded as factors per
-module (worker: load_adapter, which checks again what it reads) and mapped onto the decoder
-layers' linears (models/llama.py's enable_lora / set_lora). Adapter folders are untrusted input:
-every adapter_config.json field read here is checked for PEFT's type and range, and any fault
-is a ValidationError naming the caller's parameter.
+"""PEFT LoRA adapters (adapter_config.json + adapter_model.safetensors / .bin): read whole and
+checked against the model once, when registered (load_adapter, from frontend/lora_registry.py;
+inspect_adapter checks names, shapes and dtypes only), as factors per module, mapped onto the
+decoder layers' linears (models/llama.py's enable_lora / set_lora). Adapter folders are
+untrusted input: every adapter_config.json field read here is checked for PEFT's type and
+range, and any fault is a ValidationError naming the caller's parameter.
 
 Tensor names are PEFT's: `base_model.model.<module>.lora_A.weight` [r, in] and `...lora_B.weight`
 [out, r], <module> a name of the base model (model.layers.3.self_attn.q_proj). Each module's
@@ -176,8 +176,9 @@ def _read(path: str, param: str, shapes_only: bool) -> dict[str, tuple[tuple[int
                 return {key: (tuple(f.get_slice(key).get_shape()), f.get_slice(key).get_dtype(), None)
                         for key in f.keys()}
         if file.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            tensors = load_file(file)
+            from safetensors.torch import load
+            with open(file, "rb") as f:   # into memory: load_file's mapped tensors fault (SIGBUS) once it is rewritten
+                tensors = load(f.read())
         else:
             tensors = torch.load(file, map_location="cpu", weights_only=True)
         if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
@@ -250,16 +251,29 @@ def inspect_adapter(path: str, module_shapes: dict[str, tuple[int, int]], max_ra
     return _check(path, config, _read(path, param, shapes_only=True), module_shapes, max_rank, param)[0]
 
 
-def load_adapter(path: str, module_shapes: dict[str, tuple[int, int]], max_rank: int, param: str = "lora_request"
-                 ) -> tuple[AdapterInfo, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """Read an adapter folder whole and check what was read as inspect_adapter does (the files
-    may have changed since that check): its info and module -> (A [r, in], B * scaling [out, r])
-    on the CPU. Raises ValidationError naming `param`."""
+def load_adapter(path: str, module_shapes: dict[str, tuple[int, int]], max_rank: int, param: str = "lora_request",
+                 dtype: torch.dtype | None = None) -> tuple[AdapterInfo, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Read an adapter folder whole and check it as inspect_adapter does: its info and module ->
+    (A [r, in], B * scaling [out, r]) on the CPU, in `dtype` if given (the model's: what the
+    device slots hold). Every value must be finite (in `dtype`): a NaN or an infinity in one
+    slot's factors would reach every token of a step that runs any adapter (another slot's
+    columns are masked by a multiplication by zero, and NaN * 0 is NaN). Raises ValidationError
+    naming `param`."""
     config = _config(path, param)
     tensors = _read(path, param, shapes_only=False)
     info, keys = _check(path, config, tensors, module_shapes, max_rank, param)
-    return info, {module: (tensors[keys[module]["A"]][2], tensors[keys[module]["B"]][2].float() * scaling)
-                  for module, (_, _, _, scaling) in info.modules.items()}
+    factors = {}
+    for module, (_, _, _, scaling) in info.modules.items():
+        pair = tensors[keys[module]["A"]][2], tensors[keys[module]["B"]][2].float() * scaling
+        if dtype is not None:
+            pair = tuple(factor.to(dtype) for factor in pair)
+        for name, factor in zip(("lora_A", "lora_B * scaling"), pair):
+            if not bool(torch.isfinite(factor).all()):
+                raise ValidationError(f"adapter {path!r}: {module}'s {name} holds NaN or infinite values"
+                                      + (f" (in {str(dtype).removeprefix('torch.')})" if dtype is not None else ""),
+                                      param)
+        factors[module] = pair
+    return info, factors
 
 
 def lora_module_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:

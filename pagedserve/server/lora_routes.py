@@ -1,10 +1,13 @@
 """vLLM's runtime LoRA routes, served only when VLLM_ALLOW_RUNTIME_LORA_UPDATING is true (as in
 vLLM: they read adapter folders named by the request) and the engine has enable_lora:
 
-    POST /v1/load_lora_adapter    {"lora_name", "lora_path"}: checked against the model, then
-                                  served under its name (a 400 naming lora_name if taken, being
-                                  loaded by another request, or a name `model` resolves before
-                                  adapters; a 400 naming lora_request if the folder is refused)
+    POST /v1/load_lora_adapter    {"lora_name", "lora_path"}: read whole and checked against the
+                                  model (LLMEngine.add_lora: off the event loop and the engine
+                                  thread; the engine never reads it again while it stays cached),
+                                  then served under its name (a 400 naming lora_name if taken,
+                                  being loaded by another request, or a name `model` resolves
+                                  before adapters; a 400 naming lora_request if the folder is
+                                  refused: running requests never notice)
     POST /v1/unload_lora_adapter  {"lora_name"}: no longer served (a 404 if unknown); requests
                                   running with it finish
 """
@@ -71,7 +74,7 @@ def add_lora_routes(app: FastAPI, ctx: ServerContext) -> None:
             next_id[0] += 1
             loading.add(name)
             try:
-                await off_loop(ctx.engine.engine.check_lora, lora)   # reads the folder: off the event loop
+                await off_loop(ctx.engine.engine.add_lora, lora)   # reads the folder: off the event loop
             finally:
                 loading.discard(name)
             ctx.loras[name] = lora

@@ -138,7 +138,7 @@ def server_settings_from(args: argparse.Namespace) -> ServerSettings:
 
 def lora_modules_from(args: argparse.Namespace, model_names: list[str]) -> tuple[LoRARequest, ...]:
     """--lora-modules' adapters, ids 1.. in the order given (checked against the model once the
-    engine exists: LLMEngine.check_lora)."""
+    engine exists: LLMEngine.add_lora reads and checks each)."""
     from pagedserve.server.lora_routes import reserved_model_names
     specs = getattr(args, "lora_modules", None) or []
     if specs and not getattr(args, "enable_lora", False):
@@ -251,7 +251,7 @@ def run_server(args: argparse.Namespace) -> None:
                                               probe_gil=os.environ.get(GIL_PROBE_ENV) == "1")
         try:
             for lora in settings.lora_modules:   # a bad adapter stops the start, naming it
-                engine.engine.check_lora(lora)
+                engine.engine.add_lora(lora)
         except ValidationError:
             engine.shutdown()
             raise

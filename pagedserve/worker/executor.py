@@ -7,6 +7,7 @@ import torch
 
 from pagedserve.config import EngineConfig
 from pagedserve.engine_io import Executor, ModelRunnerOutput, SchedulerOutput
+from pagedserve.lora_request import LoadedLoRA
 from pagedserve.worker.kv_budget import check_kv_fits, non_torch_memory, num_host_blocks, num_kv_blocks, resolve_device
 from pagedserve.worker.model_runner import ModelRunner
 from pagedserve.worker.pending_output import PendingRunnerOutput
@@ -41,6 +42,12 @@ class UniprocExecutor:
 
     def check_health(self) -> None:
         """Nothing to check in-process: a failed step raises from execute_model."""
+
+    def add_lora(self, lora: LoadedLoRA) -> None:
+        self.runner.add_lora(lora)
+
+    def remove_lora(self, lora_int_id: int) -> None:
+        self.runner.remove_lora(lora_int_id)
 
     def shutdown(self) -> None:
         pass

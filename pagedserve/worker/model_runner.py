@@ -31,6 +31,7 @@ from pagedserve.engine_io import ModelRunnerOutput, RequestId, SchedulerOutput, 
 from pagedserve.layers.linear import set_gemv_max_rows
 from pagedserve.layers.parallel import broadcast_from_rank0, is_last_stage, pp_world_size, tp_rank, tp_world_size
 from pagedserve.layers.sampler import Sampler, SamplerOutput, gather_logprobs
+from pagedserve.lora_request import LoadedLoRA
 from pagedserve.models.loader import load_weights
 from pagedserve.models.registry import resolve_model_class
 from pagedserve.worker.compile_ahead import watch_late_compiles
@@ -89,8 +90,8 @@ class ModelRunner:
         load_weights(model, self.weights, self.model_config.dtype)
         sched = self.scheduler_config
         if sched.lora is not None:   # a step's tokens: at most the budget, or a decode graph's bucket
-            self.lora = LoraManager(model, self.model_config, sched.lora,
-                                    max(sched.max_num_batched_tokens, sched.max_num_seqs), self.device)
+            self.lora = LoraManager(model, sched.lora, max(sched.max_num_batched_tokens, sched.max_num_seqs),
+                                    self.device)
         self.model = model.eval()
         # what the weights hold on this rank (the KV cache budget is what is left after them)
         self.weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
@@ -168,6 +169,13 @@ class ModelRunner:
         return CudaGraphRunner(self.model, sched.max_num_seqs, sched.max_model_len, self.block_size, self.device,
                                sched.max_num_batched_tokens, (model.hidden_size, model.dtype) if takes_hidden else None,
                                mixed)
+
+    # ---- LoRA adapters' host copies (between steps) ----------------------------------------
+    def add_lora(self, lora: LoadedLoRA) -> None:
+        self.lora.add(lora)
+
+    def remove_lora(self, lora_int_id: int) -> None:
+        self.lora.remove(lora_int_id)
 
     # ---- one step ---------------------------------------------------------------------
     @torch.inference_mode()

@@ -44,13 +44,14 @@ from pagedserve.config import EngineConfig
 from pagedserve.engine_io import ModelRunnerOutput, SchedulerOutput
 from pagedserve.errors import EngineDeadError
 from pagedserve.layers.parallel import reset_model_parallel
+from pagedserve.lora_request import LoadedLoRA
 from pagedserve.worker.kv_budget import resolve_device
 from pagedserve.worker.pending_output import PendingRunnerOutput
 from pagedserve.worker.rank_process import JOINING, LOADED, RankProcess, first_exited, wait_for_milestone
 from pagedserve.worker.shm_queue import ShmMessageQueue
-from pagedserve.worker.tp_worker import (Message, NoopMessage, RankInit, ShutdownMessage, StartMessage, StepChannel,
-                                         StepMessage, broadcast_message, build_runner, init_distributed, setup_parallel,
-                                         step_group)
+from pagedserve.worker.tp_worker import (AddLoraMessage, Message, NoopMessage, RankInit, RemoveLoraMessage,
+                                         ShutdownMessage, StartMessage, StepChannel, StepMessage, broadcast_message,
+                                         build_runner, init_distributed, setup_parallel, step_group)
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +174,29 @@ class MultiprocTPExecutor:
                 raise
             self._launches += 1
         return PipelineOutput(self, self._launches)
+
+    def add_lora(self, lora: LoadedLoRA) -> None:
+        """Every rank's host cache gets the adapter's factors, as rank 0 holds them (one message;
+        a large one goes through the step group's broadcast): the ranks never read its files."""
+        self._to_every_rank(AddLoraMessage(lora))
+        self.runner.add_lora(lora)
+
+    def remove_lora(self, lora_int_id: int) -> None:
+        self._to_every_rank(RemoveLoraMessage(lora_int_id))
+        self.runner.remove_lora(lora_int_id)
+
+    def _to_every_rank(self, message: Message) -> None:
+        """A message between steps (in step order: under the lock); one that cannot be sent
+        leaves the ranks out of step, so the executor is dead."""
+        self.check_health()
+        with self._lock:
+            try:
+                self._send(message)
+            except Exception as exc:
+                raise self._mark_dead(f"sending {type(message).__name__} to the workers failed: {exc}") from exc
+            except BaseException:
+                self._interrupted = True
+                raise
 
     def _send(self, message: Message, timeout_s: float | None = None) -> None:
         """To every rank: the step channel (stage 0, if it has other ranks), then on down the

@@ -14,6 +14,9 @@ group: the default NCCL group on GPU, the gloo group on CPU):
 
     StartMessage(config, step_queue)   once, right after the group forms
     StepMessage(so) | NoopMessage() | ShutdownMessage()   until shutdown
+    AddLoraMessage(lora) | RemoveLoraMessage(id)   between steps: this rank's host cache of LoRA
+                                       adapters (the factors rank 0's frontend read: no rank reads
+                                       an adapter's files, so none can fail on them)
 
 Under pipeline parallelism only stage 0's ranks get the step messages by broadcast (on a gloo
 group of stage 0); each rank forwards every message to its peer in the next stage, which
@@ -42,6 +45,7 @@ from pagedserve.config import EngineConfig
 from pagedserve.engine_io import ModelRunnerOutput, SchedulerOutput
 from pagedserve.layers.custom_all_reduce import init_symm_mem_all_reduce
 from pagedserve.layers.parallel import init_model_parallel, set_custom_all_reduce
+from pagedserve.lora_request import LoadedLoRA
 from pagedserve.worker.kv_budget import check_kv_fits, non_torch_memory, num_host_blocks, num_kv_blocks
 from pagedserve.worker.model_runner import ModelRunner
 from pagedserve.worker.pipeline import PipelineLinks
@@ -75,7 +79,17 @@ class ShutdownMessage:
     pass
 
 
-Message = StartMessage | StepMessage | NoopMessage | ShutdownMessage
+@dataclass(frozen=True)
+class AddLoraMessage:
+    lora: LoadedLoRA
+
+
+@dataclass(frozen=True)
+class RemoveLoraMessage:
+    lora_int_id: int
+
+
+Message = StartMessage | StepMessage | NoopMessage | ShutdownMessage | AddLoraMessage | RemoveLoraMessage
 
 
 @dataclass(frozen=True)
@@ -139,6 +153,10 @@ def run_message(message: Message, runner: ModelRunner, pipe: PipelineLinks | Non
     output = None
     if isinstance(message, StepMessage):
         output = runner.execute_model(message.scheduler_output, non_block=answers)
+    elif isinstance(message, AddLoraMessage):
+        runner.add_lora(message.lora)
+    elif isinstance(message, RemoveLoraMessage):
+        runner.remove_lora(message.lora_int_id)
     answer(pipe, unsent)
     return output
 

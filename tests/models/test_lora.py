@@ -3,11 +3,16 @@ each request's greedy ids equal those of transformers' model with that request's
 into its weights, with adapters of different ranks and targets and the base model mixed in one
 batch; with fewer device slots than adapters (slots reloaded); the same prompt under the base
 model and an adapter (the prefix cache keeps them apart); Phi-3's fused projections; n > 1 and
-preemption; and what is refused, naming lora_request."""
+preemption; and what is refused, naming lora_request. An adapter is read once, when registered,
+off the engine thread: files deleted or corrupted after that change nothing (under TP too), and a
+corrupt adapter fails its registration alone."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import shutil
+import threading
 
 import pytest
 
@@ -212,3 +217,149 @@ def test_beam_search_with_an_adapter(adapters) -> None:
         want = merged.generate(torch.tensor([prompt]), num_beams=3, num_return_sequences=3, max_new_tokens=5,
                                do_sample=False, early_stopping=True, length_penalty=1.0)
     assert [seq.tokens for seq in result.sequences] == want.tolist()
+
+
+def _drain(engine) -> dict[str, list[int]]:
+    """Step the engine until it is idle: each finished request's ids (a failed one's error)."""
+    done = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                done[output.request_id] = output.error or list(output.outputs[0].token_ids)
+    return done
+
+
+def _nan_copy(path: str, to) -> str:
+    """A copy of an adapter folder with one NaN in a lora_B factor."""
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(path, to)
+    tensors = load_file(os.path.join(to, "adapter_model.safetensors"))
+    tensors[next(key for key in sorted(tensors) if "lora_B" in key)][0, 0] = float("nan")
+    save_file(tensors, os.path.join(to, "adapter_model.safetensors"))
+    return str(to)
+
+
+def test_files_deleted_after_registration_change_nothing(adapters, tmp_path) -> None:
+    """Offline, an adapter is registered (read whole) by the first request naming it: with its
+    folder deleted right after, that request and a later one still run it (exact ids)."""
+    base, made = adapters
+    lora, merged = made["all"]
+    folder = tmp_path / "all"
+    shutil.copytree(lora.lora_path, folder)
+    copy = LoRARequest("copy", 7, str(folder))
+    prompts = random_prompts(2, 512, 5, 20, seed=12)
+    llm = LLM(model=base, enable_lora=True, skip_tokenizer_init=True, device=TEST_DEVICE, dtype="float32",
+              num_kv_blocks=64)
+    try:
+        llm.engine.add_request("first", {"prompt_token_ids": prompts[0]}, GREEDY, lora_request=copy)
+        shutil.rmtree(folder)
+        assert _drain(llm.engine) == {"first": hf_greedy(merged, prompts[0], GREEDY.max_tokens)}
+        _check(llm, prompts[1:], [copy], {copy: merged})
+    finally:
+        llm.shutdown()
+
+
+def test_a_corrupt_adapter_fails_its_registration_alone(adapters, tmp_path) -> None:
+    """A NaN in an adapter's factors (in a device slot it would turn every token of a step that
+    runs any adapter into NaN: another slot's columns are masked by multiplying by zero) and an
+    unreadable weights file are refused when the adapter is registered, naming lora_request and
+    the adapter; a base-model request running meanwhile gets the ids it gets alone."""
+    from transformers import AutoModelForCausalLM
+    base, made = adapters
+    good = made["all"][0].lora_path
+    garbage = tmp_path / "garbage"
+    shutil.copytree(good, garbage)
+    (garbage / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+    bad = [LoRARequest("nan", 20, _nan_copy(good, tmp_path / "nan")), LoRARequest("garbage", 21, str(garbage))]
+    prompt = random_prompts(1, 512, 12, 12, seed=13)[0]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    llm = LLM(model=base, enable_lora=True, max_loras=2, skip_tokenizer_init=True, device=TEST_DEVICE,
+              dtype="float32", num_kv_blocks=64)
+    errors = []
+    try:
+        llm.engine.add_request("base", {"prompt_token_ids": prompt}, params)
+        llm.engine.step()
+        for lora in bad:
+            try:
+                llm.engine.add_request(lora.lora_name, {"prompt_token_ids": prompt}, params, lora_request=lora)
+            except ValidationError as exc:
+                errors.append(exc)
+            llm.engine.step()
+        outputs = _drain(llm.engine)
+    finally:
+        llm.shutdown()
+    assert outputs["base"] == hf_greedy(AutoModelForCausalLM.from_pretrained(base).eval(), prompt, 16)
+    assert [(e.param, f"LoRA adapter {lora.lora_name!r}" in str(e)) for e, lora in zip(errors, bad)] == \
+        [("lora_request", True)] * 2, [str(e) for e in errors]
+    assert "NaN or infinite" in str(errors[0]) and "cannot read" in str(errors[1])
+
+
+def test_tensor_parallel_ranks_never_read_adapter_files(adapters, tmp_path) -> None:
+    """TP=2: rank 0's frontend reads an adapter when it is registered and every rank gets its copy:
+    the folder corrupted right after, the adapter still runs on both ranks, a registration of the
+    corrupt folder is refused, and the engine goes on (no rank fails on the files)."""
+    from transformers import AutoModelForCausalLM
+    base, made = adapters
+    lora, merged = made["qv"]
+    folder = tmp_path / "qv"
+    shutil.copytree(lora.lora_path, folder)
+    prompts = random_prompts(2, 512, 5, 20, seed=14)
+    llm = LLM(model=base, enable_lora=True, skip_tokenizer_init=True, device="cpu", dtype="float32",
+              max_model_len=128, tensor_parallel_size=2)
+    engine = llm.engine
+    try:
+        engine.add_request("lora", {"prompt_token_ids": prompts[0]}, GREEDY,
+                           lora_request=LoRARequest("copy", 7, str(folder)))
+        (folder / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+        engine.add_request("base", {"prompt_token_ids": prompts[1]}, GREEDY)
+        engine.step()   # the adapter goes into its device slot on both ranks
+        with pytest.raises(ValidationError) as error:
+            engine.add_request("bad", {"prompt_token_ids": prompts[1]}, GREEDY,
+                               lora_request=LoRARequest("bad", 8, str(folder)))
+        assert error.value.param == "lora_request" and "'bad'" in str(error.value)
+        outputs = _drain(engine)
+        assert engine.is_alive()
+    finally:
+        llm.shutdown()
+    assert outputs == {"lora": hf_greedy(merged, prompts[0], GREEDY.max_tokens),
+                       "base": hf_greedy(AutoModelForCausalLM.from_pretrained(base).eval(), prompts[1],
+                                         GREEDY.max_tokens)}
+
+
+@pytest.mark.parametrize("engine_process", [False, True])
+def test_the_server_engine_reads_an_adapter_once_off_its_thread(adapters, monkeypatch, engine_process) -> None:
+    """The AsyncEngine: an adapter's files are read once, in this process's input pool (never on
+    the engine thread, nor in an engine-core process), for two requests one after the other."""
+    from pagedserve.engine_args import EngineArgs
+    from pagedserve.frontend.async_engine import AsyncEngine
+    from pagedserve.frontend.llm_engine import LLMEngine
+    from pagedserve.frontend.output_processor import OutputKind
+    from pagedserve.models import lora_adapter
+    base, made = adapters
+    lora, merged = made["mlp"]
+    reads, read = [], lora_adapter._read
+
+    def spy(path: str, param: str, shapes_only: bool):
+        if not shapes_only:
+            reads.append((path, threading.current_thread().name))
+        return read(path, param, shapes_only)
+    monkeypatch.setattr(lora_adapter, "_read", spy)
+    prompt = random_prompts(1, 512, 9, 9, seed=15)[0]
+    engine = AsyncEngine(LLMEngine(EngineArgs(model=base, enable_lora=True, device="cpu", dtype="float32",
+                                              num_kv_blocks=64, skip_tokenizer_init=True),
+                                   engine_process=engine_process))
+
+    async def run() -> list[list[int]]:
+        ids = []
+        for _ in range(2):
+            async for output in engine.generate({"prompt_token_ids": prompt}, GREEDY, output_kind=OutputKind.FINAL_ONLY,
+                                                lora_request=lora):
+                final = output
+            ids.append(list(final.outputs[0].token_ids))
+        return ids
+    try:
+        ids = asyncio.run(run())
+    finally:
+        engine.shutdown()
+    assert ids == [hf_greedy(merged, prompt, GREEDY.max_tokens)] * 2
+    assert [(path, name.startswith("pagedserve-inputs")) for path, name in reads] == [(lora.lora_path, True)], reads

@@ -1,9 +1,10 @@
-"""LoRA adapters' edges through a real server process (--enable-lora, one device slot, runtime
-loading on): an adapter_config.json with bad values is a 400 naming lora_request (and stops a
-start with the one-line error, exit 2); the names `model` resolves before adapters are refused as
-adapter names; two loads at once each get the name (or a 400) and an id of their own; an adapter
-whose files go away after loading fails its requests with a clear error, never runs another
-adapter's weights, and runs again once its files are back."""
+"""LoRA adapters' edges through a real server process (--enable-lora, one device slot, four kept
+on the host, runtime loading on): an adapter_config.json with bad values is a 400 naming
+lora_request (and stops a start with the one-line error, exit 2), as is a corrupt adapter, while
+the requests running meanwhile go on untouched; the names `model` resolves before adapters are
+refused as adapter names; two loads at once each get the name (or a 400) and an id of their own;
+an adapter whose files go away after loading runs as before (read once, when loaded), and only
+once dropped from the host cache does a request for it get a 400, alone."""
 from __future__ import annotations
 
 import errno
@@ -20,7 +21,7 @@ from typing import Iterator
 import pytest
 import requests
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from tests.server.conftest import ServerProcess, free_port, serving
 from tests.server.test_lora_server import write_default_model_adapter
@@ -40,7 +41,8 @@ def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 def lora_edge(tmp_path_factory: pytest.TempPathFactory, adapters) -> Iterator[ServerProcess]:
     env = {k: v for k, v in os.environ.items() if k != "PAGEDSERVE_API_KEY"} | {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
     yield from serving(tmp_path_factory, "lora_edge", *ARGS, "--served-model-name", "smol", "smol-alias",
-                       "--enable-lora", "--max-loras", "1", "--lora-modules", f"a={adapters['a']}", env=env)
+                       "--enable-lora", "--max-loras", "1", "--max-cpu-loras", "4", "--lora-modules",
+                       f"a={adapters['a']}", env=env)
 
 
 def _load(base: str, name: str, path: str) -> requests.Response:
@@ -125,7 +127,7 @@ def test_concurrent_loads_take_a_name_and_an_id_each(lora_edge, adapters, tmp_pa
     finally:
         os.close(fd)
     first.join(60)
-    os.remove(fifo)   # a plain file again: the runner reads the folder at the adapter's first use
+    os.remove(fifo)   # a plain file again: an adapter dropped from the host cache is read again
     fifo.write_text(json.dumps(CONFIG))
     assert results["first"].status_code == 200 and other.status_code == 200, (results["first"].text, other.text)
     assert second.status_code == 400 and second.json()["error"]["param"] == "lora_name", second.text
@@ -136,26 +138,56 @@ def test_concurrent_loads_take_a_name_and_an_id_each(lora_edge, adapters, tmp_pa
 
 
 def test_adapter_files_gone_after_loading(lora_edge, adapters, tmp_path) -> None:
-    """The runner reads an adapter at its first use in a slot: with its weights deleted since the
-    load, each request with it fails with a clear error (the server's fault: a 500) and never
-    runs the slot's previous adapter; with the file back, it runs."""
+    """An adapter is read whole when it is loaded: its folder deleted afterwards, it runs as before
+    (copied back into the one device slot from the host cache after another adapter took it).
+    Dropped from the host cache (four adapters loaded since), it is read again when a request
+    names it: that request alone gets a 400 naming lora_request."""
     base = lora_edge.base_url
-    gone = tmp_path / "gone"
+    gone, twin = tmp_path / "gone", tmp_path / "twin"
     shutil.copytree(adapters["c"], gone)
+    shutil.copytree(adapters["c"], twin)
     assert _load(base, "gone", str(gone)).status_code == 200
-    a_text = _text(base, "a")   # the one slot now holds a
-    weights = gone / "adapter_model.safetensors"
-    held = weights.read_bytes()
-    weights.unlink()
-    for _ in range(2):
-        response = _complete(base, "gone")
-        assert response.status_code == 500, response.text
-        message = response.json()["error"]["message"]
-        assert "'gone' could not be read" in message and "has no adapter_model.safetensors" in message, message
-    weights.write_bytes(held)
-    assert _load(base, "gone-again", str(gone)).status_code == 200
+    assert _load(base, "twin", str(twin)).status_code == 200
+    shutil.rmtree(gone)
     text = _text(base, "gone")
-    assert text == _text(base, "gone-again") and text != a_text
+    a_text = _text(base, "a")   # the one slot now holds a
+    assert _text(base, "gone") == text == _text(base, "twin") and text != a_text
+    for i in range(4):
+        assert _load(base, f"push{i}", adapters["b"]).status_code == 200
+    response = _complete(base, "gone")
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "lora_request" and "LoRA adapter 'gone': cannot read" in error["message"], error
+    assert _text(base, "a") == a_text and _text(base, "twin") == text
+
+
+def test_a_corrupt_adapter_is_a_400_and_running_requests_go_on(lora_edge, adapters, tmp_path) -> None:
+    """A NaN in an adapter's factors (in a device slot it would turn every token of a step that
+    runs any adapter into NaN) and a weights file that is not safetensors are refused when loaded,
+    a 400 naming lora_request and the adapter; a base-model request running meanwhile gets the
+    text it gets alone."""
+    base = lora_edge.base_url
+    nan, garbage = tmp_path / "nan", tmp_path / "garbage"
+    for folder in (nan, garbage):
+        shutil.copytree(adapters["a"], folder)
+    tensors = load_file(nan / "adapter_model.safetensors")
+    tensors[next(key for key in sorted(tensors) if "lora_B" in key)][0, 0] = float("nan")
+    save_file(tensors, nan / "adapter_model.safetensors")
+    (garbage / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+    body = {"model": "smol", "prompt": PROMPT, "max_tokens": 40, "temperature": 0}
+    url = f"{base}/v1/completions"
+    alone = requests.post(url, json=body, timeout=120).json()["choices"][0]["text"]
+    meanwhile: dict[str, requests.Response] = {}
+    running = threading.Thread(target=lambda: meanwhile.setdefault("base", requests.post(url, json=body, timeout=120)))
+    running.start()
+    for name, folder in (("nan", nan), ("garbage", garbage)):
+        response = _load(base, name, str(folder))
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == "lora_request" and f"LoRA adapter '{name}'" in error["message"], error
+    assert _complete(base, "nan").status_code == 404   # never served
+    running.join(120)
+    assert meanwhile["base"].status_code == 200 and meanwhile["base"].json()["choices"][0]["text"] == alone
 
 
 def test_start_up_refusals_are_one_line(adapters, tmp_path) -> None:

@@ -123,6 +123,14 @@ def test_unknown_and_unsupported_knobs_name_themselves(monkeypatch, kwargs, para
     assert err.value.param == param and param in str(err.value)
 
 
+def test_max_cpu_loras_below_max_loras_names_itself() -> None:
+    """vLLM's rule: the host keeps at least the adapters the device slots hold."""
+    with pytest.raises(ValidationError) as err:
+        EngineArgs(enable_lora=True, max_loras=2, max_cpu_loras=1).validate()
+    assert err.value.param == "max_cpu_loras" and "max_loras (2)" in str(err.value)
+    EngineArgs(enable_lora=True, max_loras=2, max_cpu_loras=2).validate()
+
+
 def test_a_kv_cache_smaller_than_max_model_len_names_it(tiny_checkpoints) -> None:
     """Said before the host tier and the graphs are built on it: 0 blocks (a GPU whose
     gpu_memory_utilization share the forward already takes) once crashed in the host tier."""
