@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from pagedserve.errors import ValidationError
@@ -85,19 +85,36 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None   # vLLM's: only these tokens may be sampled
     structured_outputs: StructuredOutputsParams | None = None
+    # vLLM's: words never generated. Each is tokenized as written (leading spaces stripped) and
+    # with one leading space; a token sequence's last token is banned at a step whose latest
+    # output tokens are the rest of that sequence (its only token: at every step).
+    bad_words: list[str] | None = None
+    # bad_words as token sequences, set by the input processor (the engine's tokenizer); internal
+    _bad_words_token_ids: list[list[int]] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def bad_words_token_ids(self) -> list[list[int]] | None:
+        """The token sequences bad_words ban (None until the input processor tokenized them)."""
+        return self._bad_words_token_ids
+
+    @property
+    def has_penalties(self) -> bool:
+        """Repetition, frequency or presence penalties: they count the tokens sampled so far."""
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
     @property
     def reads_output_history(self) -> bool:
-        """Penalties read the tokens sampled so far: such a request needs each step's tokens
-        on the host before the next step is built (no async scheduling while it runs)."""
-        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+        """Penalties and bad words of several tokens read the tokens sampled so far: such a
+        request needs each step's tokens on the host before the next step is built (no async
+        scheduling while it runs)."""
+        return self.has_penalties or any(len(ids) > 1 for ids in self._bad_words_token_ids or ())
 
     @property
     def is_plain_greedy(self) -> bool:
         """Greedy with nothing that changes the logits or asks for more than the token: the
         runner's fast path (one argmax, no per-row sampling tensors)."""
         return self.temperature < _SAMPLING_EPS and not self.logit_bias and not self.min_tokens and self.logprobs is None \
-            and not self.reads_output_history and self.allowed_token_ids is None
+            and not self.reads_output_history and self.allowed_token_ids is None and not self.bad_words
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -109,6 +126,12 @@ class SamplingParams:
         self.stop_token_ids = _as_list(self.stop_token_ids or [], "stop_token_ids")
         if self.allowed_token_ids is not None:
             self.allowed_token_ids = _as_list(self.allowed_token_ids, "allowed_token_ids")
+        self.bad_words = [] if self.bad_words is None else _as_list(self.bad_words, "bad_words")   # None: [] (vLLM)
+        not_str = next((i for i, word in enumerate(self.bad_words) if not isinstance(word, str)), None)
+        if not_str is not None:
+            raise ValidationError(f"bad_words must be a list of strings; {self.bad_words[not_str]!r:.80} is not one",
+                                  "bad_words")
+        self.bad_words = list(dict.fromkeys(self.bad_words))   # duplicates dropped, as vLLM does
         if self.top_k == -1:
             self.top_k = 0
         if self.logit_bias:

@@ -48,6 +48,7 @@ class BeamSearchOutput:
 _NOT_APPLIED = (("stop", lambda p: bool(p.stop)), ("stop_token_ids", lambda p: bool(p.stop_token_ids)),
                 ("min_tokens", lambda p: p.min_tokens > 0), ("logit_bias", lambda p: bool(p.logit_bias)),
                 ("allowed_token_ids", lambda p: p.allowed_token_ids is not None),
+                ("bad_words", lambda p: bool(p.bad_words)),   # vLLM's beam search ignores them
                 ("presence_penalty", lambda p: p.presence_penalty != 0.0),
                 ("frequency_penalty", lambda p: p.frequency_penalty != 0.0),
                 ("repetition_penalty", lambda p: p.repetition_penalty != 1.0),

@@ -15,6 +15,8 @@ from pagedserve.sampling_params import SamplingParams
 
 PromptType = Union[str, dict, list[int]]
 MAX_LOGPROBS = 20
+MAX_BAD_WORD_SEQUENCES = 128        # token sequences a request's bad_words make (vLLM's VLLM_MAX_NUM_BAD_WORDS)
+MAX_BAD_WORD_TOKENS = 1024          # their tokens together (vLLM's VLLM_MAX_BAD_WORDS_TOTAL_TOKENS)
 
 
 @dataclass
@@ -137,12 +139,44 @@ class InputProcessor:
                 setattr(params, name, self.vocab_size)
         return params
 
+    def bad_words_token_ids(self, bad_words: list[str]) -> list[list[int]]:
+        """vLLM's tokenization of bad_words (SamplingParams.update_from_tokenizer): each word,
+        leading spaces stripped, without special tokens; then with one leading space, kept if
+        that gives as many tokens and another first token (a word-start variant: " Paris"
+        beside "Paris"). A word of no tokens, too many sequences or tokens, or an id past the
+        model's vocabulary is a ValidationError naming bad_words."""
+        if self.tokenizer is None:
+            raise ValidationError("bad_words need a tokenizer (skip_tokenizer_init=True)", "bad_words")
+        sequences: list[list[int]] = []
+        num_tokens = 0
+        for word in bad_words:
+            plain = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            if not plain:
+                raise ValidationError(f"bad_words entries must tokenize to at least one token; {word!r:.80} "
+                                      "gives none", "bad_words")
+            spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            for ids in (plain, spaced) if len(spaced) == len(plain) and spaced[0] != plain[0] else (plain,):
+                sequences.append(list(ids))
+                num_tokens += len(ids)
+                if len(sequences) > MAX_BAD_WORD_SEQUENCES or num_tokens > MAX_BAD_WORD_TOKENS:
+                    raise ValidationError(f"bad_words make more than {MAX_BAD_WORD_SEQUENCES} token sequences or "
+                                          f"{MAX_BAD_WORD_TOKENS} tokens (each word counts once, or twice with "
+                                          "its leading-space form)", "bad_words")
+        bad = next((t for ids in sequences for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValidationError(f"bad_words: token id {bad} is out of vocabulary (size {self.vocab_size})",
+                                  "bad_words")
+        return sequences
+
     def make_requests(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
                       strict_length: bool = False, priority: int = 0) -> tuple[Request, list[Request]]:
         """The request and, for n > 1 (or best_of), its siblings to fork after the prefill."""
         self.check_priority(priority)
         max_tokens = self.check_params(params, len(prompt.prompt_token_ids), strict_length)
         params = self.resolve_params(params)
+        if params.bad_words:   # tokenized on a copy (the caller's params may serve other prompts)
+            params = params.clone()
+            params._bad_words_token_ids = self.bad_words_token_ids(params.bad_words)
         num_seqs = max(params.n, params.best_of or 1)
         requests = []
         for index in range(num_seqs):

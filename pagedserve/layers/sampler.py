@@ -2,7 +2,7 @@
 rows of seeded requests (each draws from its own generator, so its tokens do not depend on
 what else is in the batch).
 
-Order: allowed_token_ids, logit_bias and min_tokens masks -> penalties (repetition, frequency, presence) ->
+Order: allowed_token_ids, bad words, logit_bias and min_tokens masks -> penalties (repetition, frequency, presence) ->
 greedy argmax for temperature 0 -> temperature -> top-k -> top-p -> min-p -> typical-p ->
 sample. Logprobs are those of the model's raw distribution (log_softmax of the logits
 before any processing), which is vLLM's default ("raw_logprobs"): temperature, penalties,
@@ -40,6 +40,8 @@ class SamplingTensors:
     mask_tokens: torch.Tensor | None = None
     allow_rows: torch.Tensor | None = None           # allowed_token_ids: (row, token) kept, the row's others -inf
     allow_tokens: torch.Tensor | None = None
+    ban_rows: torch.Tensor | None = None             # bad_words: (row, token) set to -inf this step
+    ban_tokens: torch.Tensor | None = None
     all_greedy: bool = False
     generators: dict[int, torch.Generator] = field(default_factory=dict)
     max_num_logprobs: int | None = None
@@ -167,16 +169,18 @@ def greedy_ids(logits: torch.Tensor, bitmask: torch.Tensor | None = None) -> tor
 
 
 def apply_bias_and_min_tokens(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
-    """allowed_token_ids (a row's other tokens -inf), then logit_bias, then the stop tokens of
-    rows still under min_tokens to -inf, except in a row that would have nothing left: one whose
-    structured-outputs grammar (applied before) or allowed_token_ids allow only stop tokens keeps
-    them; those are the hard constraints (masking their last tokens too left nothing to sample
-    and failed the request)."""
+    """allowed_token_ids (a row's other tokens -inf), then the tokens bad_words ban this step
+    (-inf), then logit_bias, then the stop tokens of rows still under min_tokens to -inf, except
+    in a row that would have nothing left: one whose structured-outputs grammar (applied
+    before), allowed_token_ids or bad words allow only stop tokens keeps them; those are the hard
+    constraints (masking their last tokens too left nothing to sample and failed the request)."""
     if t.allow_rows is not None:
         allowed = torch.zeros_like(logits, dtype=torch.bool).index_put_(
             (t.allow_rows, t.allow_tokens), torch.tensor(True, device=logits.device))
         restricted = allowed.any(dim=-1, keepdim=True)   # the rows that have a list (never empty)
         logits = logits.masked_fill(restricted & ~allowed, float("-inf"))
+    if t.ban_rows is not None:
+        logits = logits.index_put((t.ban_rows, t.ban_tokens), torch.tensor(float("-inf"), device=logits.device))
     if t.bias_rows is not None:
         logits = logits.index_put((t.bias_rows, t.bias_tokens), t.bias_values, accumulate=True)
     if t.mask_rows is not None:
@@ -208,7 +212,7 @@ class Sampler:
         """`bitmask`: the rows' structured-outputs token bitmask on the logits' device
         (token_bitmask_to_device), applied before anything else."""
         if t.all_greedy and t.max_num_logprobs is None and t.bias_rows is None and t.mask_rows is None \
-                and t.allow_rows is None and t.output_counts is None:
+                and t.allow_rows is None and t.ban_rows is None and t.output_counts is None:
             return SamplerOutput(token_ids=greedy_ids(logits, bitmask))   # same ids as on the fp32 copy
         if bitmask is not None:
             apply_token_bitmask(logits, bitmask)

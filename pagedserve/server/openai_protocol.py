@@ -83,7 +83,7 @@ class _SamplingFields(_Strict):
     kv_transfer_params: Any = None
     vllm_xargs: Any = None
     early_stopping: bool = False   # vLLM's beam-search option: only its default (UNSUPPORTED)
-    bad_words: list[str] | None = None   # vLLM's sampling parameter: only empty (UNSUPPORTED)
+    bad_words: list[str] | None = None   # vLLM's: words never generated (SamplingParams.bad_words)
 
     def check_supported(self) -> None:
         for name, neutral in UNSUPPORTED.items():
@@ -136,7 +136,7 @@ class _SamplingFields(_Strict):
             prompt_logprobs=self.prompt_logprobs, skip_special_tokens=self.skip_special_tokens,
             spaces_between_special_tokens=self.spaces_between_special_tokens,
             logit_bias=_logit_bias(self.logit_bias), allowed_token_ids=self.allowed_token_ids,
-            structured_outputs=self.structured_params())
+            bad_words=self.bad_words, structured_outputs=self.structured_params())
 
     def structured_constraint(self) -> structured.Constraint | None:
         """The request's one structured-output constraint (response_format, structured_outputs
@@ -156,15 +156,13 @@ UNSUPPORTED: dict[str, tuple] = {
     "reasoning_effort": (None,), "verbosity": (None,), "web_search_options": (None,), "audio": (None,),
     "modalities": (None, ["text"]), "functions": (None, []), "function_call": (None, "none", "auto"),
     # vLLM extras accepted at their default only
-    "early_stopping": (False,), "bad_words": (None, []), "mm_processor_kwargs": (None, {}),
+    "early_stopping": (False,), "mm_processor_kwargs": (None, {}),
 }
 
 # Why a field of UNSUPPORTED is refused, where its name does not say it (added to the 400's message).
 UNSUPPORTED_WHY: dict[str, str] = {
     "early_stopping": "beam search runs each beam to max_tokens or its end-of-sequence token (vLLM's beam "
                       "search; only false is accepted)",
-    "bad_words": "the engine cannot ban token sequences (only [] is accepted; allowed_token_ids or logit_bias "
-                 "restrict single tokens)",
     "mm_processor_kwargs": "the model takes text only (only null or {} is accepted)",
 }
 

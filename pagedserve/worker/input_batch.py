@@ -17,6 +17,7 @@ import torch
 from pagedserve.attention.metadata import AttentionMetadata
 from pagedserve.engine_io import RequestId
 from pagedserve.sampling_params import SamplingParams
+from pagedserve.worker.bad_words import BadWords
 
 
 @dataclass(eq=False, slots=True)
@@ -39,12 +40,15 @@ class CachedRequestState:
     counts_outputs: bool = field(init=False)
     plain_greedy: bool = field(init=False)   # SamplingParams.is_plain_greedy, read every step
     allowed_tokens: torch.Tensor | None = field(init=False)   # allowed_token_ids, once, as a sorted CPU tensor
+    bad_words: BadWords | None = field(init=False)   # bad_words' token sequences, grouped once
 
     def __post_init__(self) -> None:
-        self.counts_outputs = self.sampling_params.reads_output_history
+        self.counts_outputs = self.sampling_params.has_penalties
         self.plain_greedy = self.sampling_params.is_plain_greedy
         allowed = self.sampling_params.allowed_token_ids
         self.allowed_tokens = None if allowed is None else torch.tensor(sorted(set(allowed)), dtype=torch.int64)
+        sequences = self.sampling_params.bad_words_token_ids
+        self.bad_words = BadWords(sequences) if sequences else None
 
     @property
     def num_output_tokens(self) -> int:

@@ -1,7 +1,7 @@
 """Turn the sampling parameters of the rows that sample this step into SamplingTensors.
 
 One Python pass over the rows collects plain lists (and flat (row, token) index lists for
-the sparse parts: logit_bias, min_tokens masks, allowed_token_ids, output counts, prompt tokens); each tensor
+the sparse parts: logit_bias, min_tokens masks, allowed_token_ids, bad words, output counts, prompt tokens); each tensor
 is then built in one call. Optional tensors stay None when no row uses the feature, so the
 common case (greedy or plain temperature) costs one argmax or one softmax.
 
@@ -44,6 +44,8 @@ class _Columns:
     mask_rows: list[int] = field(default_factory=list)
     mask_tokens: list[int] = field(default_factory=list)
     allowed: list[tuple[int, torch.Tensor]] = field(default_factory=list)   # (row, its allowed_tokens)
+    ban_rows: list[int] = field(default_factory=list)   # bad_words: (row, token) banned this step
+    ban_tokens: list[int] = field(default_factory=list)
     generators: dict[int, torch.Generator] = field(default_factory=dict)
     max_logprobs: int | None = None
 
@@ -88,6 +90,9 @@ def build_sampling_tensors(states: list[CachedRequestState], vocab_size: int, de
     if c.mask_rows:
         t.mask_rows = _tensor(c.mask_rows, torch.int64, device)
         t.mask_tokens = _tensor(c.mask_tokens, torch.int64, device)
+    if c.ban_rows:
+        t.ban_rows = _tensor(c.ban_rows, torch.int64, device)
+        t.ban_tokens = _tensor(c.ban_tokens, torch.int64, device)
     if c.allowed:   # the rows' cached id tensors: no per-token Python work a step
         rows = torch.tensor([row for row, _ in c.allowed])
         lengths = torch.tensor([len(tokens) for _, tokens in c.allowed])
@@ -123,6 +128,10 @@ def _collect_row(c: _Columns, row: int, state: CachedRequestState, vocab_size: i
             c.bias_values.append(value)
     if state.allowed_tokens is not None:
         c.allowed.append((row, state.allowed_tokens))
+    if state.bad_words is not None:
+        banned = state.bad_words.banned(state.token_ids, state.num_prompt_tokens)
+        c.ban_rows.extend([row] * len(banned))
+        c.ban_tokens.extend(banned)
     if state.num_output_tokens < p.min_tokens:
         stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
         for token in sorted(stops):

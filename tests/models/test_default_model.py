@@ -67,3 +67,78 @@ def test_allowed_token_ids_greedy_equals_transformers_prefix_allowed_tokens(llm,
     assert restricted.outputs[0].token_ids == ref and set(ref) <= set(allowed)
     alone = llm.generate(PROMPTS[1], SamplingParams(max_tokens=12, temperature=0.0), use_tqdm=False)[0]
     assert free.outputs[0].token_ids == alone.outputs[0].token_ids
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["lockstep", "async"])
+def scheduled_llm(request):
+    engine = LLM(device=TEST_DEVICE, dtype="float32", max_model_len=256, num_kv_blocks=128,
+                 async_scheduling=request.param)
+    assert engine.engine.core.async_scheduling == request.param
+    yield engine
+    engine.shutdown()
+
+
+def _contains(ids: list[int], sequence: list[int]) -> bool:
+    return any(ids[i:i + len(sequence)] == sequence for i in range(len(ids) - len(sequence) + 1))
+
+
+BAD_WORDS = {"Paris": ["Paris"], "answer is": ["answer is"], "both": ["Paris", "answer is"]}
+BAD_WORDS_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def bad_words_references(hf_model):
+    """transformers' greedy ids for PROMPTS[0]: plain, and under bad_words_ids for each entry of
+    BAD_WORDS (each word's tokens as written and with a leading space); with those sequences."""
+    from transformers import AutoTokenizer
+    path = default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    ids = tokenizer(PROMPTS[0], return_tensors="pt").input_ids.to(TEST_DEVICE)
+    refs = {}
+    for name, words in (("plain", []), *BAD_WORDS.items()):
+        sequences = [tokenizer.encode(text, add_special_tokens=False) for word in words for text in (word, " " + word)]
+        with torch.no_grad():
+            refs[name] = sequences, hf_model.generate(
+                ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=BAD_WORDS_TOKENS,
+                bad_words_ids=sequences or None)[0, ids.shape[1]:].tolist()
+    return refs
+
+
+def test_bad_words_greedy_equals_transformers_bad_words_ids(scheduled_llm, bad_words_references):
+    """vLLM's bad_words, in lockstep and with async scheduling: greedy on "The capital of France
+    is" gives " Paris" ... " answer is"; banning "Paris" (one token, both spellings) or "answer is"
+    (" is" only right after " answer") gives transformers' greedy ids under bad_words_ids of the
+    same sequences (each word as written and with a leading space), in one batch beside a plain
+    request, which keeps its own ids. "is Paris" bans nothing here: " is" ends the prompt, and
+    vLLM matches bad words against the output only (transformers would ban " Paris")."""
+    greedy = dict(max_tokens=BAD_WORDS_TOKENS, temperature=0.0)
+    params = [SamplingParams(**greedy), *(SamplingParams(**greedy, bad_words=w) for w in BAD_WORDS.values()),
+              SamplingParams(**greedy, bad_words=["is Paris"])]
+    outs = [o.outputs[0].token_ids for o in scheduled_llm.generate([PROMPTS[0]] * len(params), params,
+                                                                   use_tqdm=False)]
+    plain = bad_words_references["plain"][1]
+    assert outs[0] == plain and outs[-1] == plain
+    for name, got in zip(BAD_WORDS, outs[1:]):
+        sequences, ref = bad_words_references[name]
+        assert any(_contains(plain, seq) for seq in sequences), name   # greedy does say it
+        assert not any(_contains(got, seq) for seq in sequences), (name, got)
+        assert got == ref, name
+    is_ = scheduled_llm.get_tokenizer().encode(" is", add_special_tokens=False)
+    assert len(is_) == 1 and is_[0] in outs[2]   # " is" is banned only right after " answer"
+
+
+def test_bad_words_with_a_structured_outputs_grammar(scheduled_llm):
+    """bad_words beside a grammar (with async scheduling, the grammar process's deferred
+    sampling): greedy picks "The answer is yes"; with "answer is" banned the grammar's other
+    choice, and " is" never follows " answer" in the ids."""
+    from pagedserve import StructuredOutputsParams
+    choice = StructuredOutputsParams(choice=["The answer is yes", "The answer was no"])
+    prompt = "Question: is Paris the capital of France? Reply:"
+    plain, banned = scheduled_llm.generate([prompt] * 2, [
+        SamplingParams(max_tokens=12, temperature=0.0, structured_outputs=choice),
+        SamplingParams(max_tokens=12, temperature=0.0, structured_outputs=choice, bad_words=["answer is"])],
+        use_tqdm=False)
+    answer_is = scheduled_llm.get_tokenizer().encode(" answer is", add_special_tokens=False)
+    assert plain.outputs[0].text == "The answer is yes" and _contains(plain.outputs[0].token_ids, answer_is)
+    assert banned.outputs[0].text == "The answer was no"
+    assert not _contains(banned.outputs[0].token_ids, answer_is)

@@ -72,7 +72,7 @@ def test_what_beam_search_does_not_apply_is_a_400_naming_it(server) -> None:
     for extra, param in [({"stop": ["x"]}, "stop"), ({"presence_penalty": 0.5}, "presence_penalty"),
                          ({"n": 11}, "n"), ({"structured_outputs": {"choice": ["a", "b"]}}, "use_beam_search"),
                          ({"max_tokens": 10**6}, "max_tokens"), ({"logit_bias": {"5": 1}}, "logit_bias"),
-                         ({"priority": 3}, "priority")]:
+                         ({"priority": 3}, "priority"), ({"bad_words": ["Hello"]}, "bad_words")]:
         response = _post(server, "/v1/completions", {**base, **extra})
         assert response.status_code == 400, (extra, response.text)
         if param is not None:

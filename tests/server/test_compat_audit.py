@@ -2,8 +2,8 @@
 real clients: `echo` with max_tokens 0 on /v1/completions (vLLM's echo without generation: the
 prompt and its logprobs, nothing generated), /v1/responses errors naming the Responses request's
 own fields, its `reasoning` and `top_logprobs` (+ include message.output_text.logprobs), TGI's
-`details` only when asked for, vLLM's early_stopping / mm_processor_kwargs / bad_words at their
-defaults, and no asyncio noise in the log after a client leaves a beam search."""
+`details` only when asked for, vLLM's early_stopping / mm_processor_kwargs at their defaults,
+and no asyncio noise in the log after a client leaves a beam search."""
 from __future__ import annotations
 
 import json
@@ -147,21 +147,19 @@ def test_tgi_details_only_when_asked_for(server) -> None:
 
 
 def test_vllm_extras_at_their_default(server) -> None:
-    """vLLM's early_stopping (false: this beam search, as vLLM's, has no early stop),
-    mm_processor_kwargs (null or {}: the model takes text only) and bad_words ([]: the engine
-    cannot ban sequences) are accepted at their defaults; anything else is a 400 naming them."""
+    """vLLM's early_stopping (false: this beam search, as vLLM's, has no early stop) and
+    mm_processor_kwargs (null or {}: the model takes text only) are accepted at their defaults;
+    anything else is a 400 naming them."""
     chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0}
     reference = _post(server, "/v1/chat/completions", chat).json()["choices"][0]["message"]["content"]
-    for extra in ({"mm_processor_kwargs": None}, {"mm_processor_kwargs": {}}, {"bad_words": []}):
+    for extra in ({"mm_processor_kwargs": None}, {"mm_processor_kwargs": {}}):
         response = _post(server, "/v1/chat/completions", {**chat, **extra})
         assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"] == reference
     beams = {"model": MODEL, "prompt": "Hi", "max_tokens": 2, "n": 2, "use_beam_search": True}
     assert _post(server, "/v1/completions", {**beams, "early_stopping": False}).status_code == 200
     for path, body, param in (("/v1/completions", {**beams, "early_stopping": True}, "early_stopping"),
                               ("/v1/chat/completions", {**chat, "mm_processor_kwargs": {"size": 3}},
-                               "mm_processor_kwargs"),
-                              ("/v1/chat/completions", {**chat, "bad_words": ["Hello"]}, "bad_words"),
-                              ("/v1/completions", {"prompt": "Hi", "bad_words": ["Hello"]}, "bad_words")):
+                               "mm_processor_kwargs")):
         response = _post(server, path, body)
         assert response.status_code == 400, (body, response.text)
         assert response.json()["error"]["param"] == param and param in response.json()["error"]["message"]

@@ -376,9 +376,11 @@ class _CountOps(TorchDispatchMode):
 def _ops_for_batch(num_rows: int, num_seeded: int) -> int:
     rows = [SamplingParams(temperature=0.8, top_k=20, top_p=0.9, min_p=0.01, typical_p=0.95,
                            repetition_penalty=1.2, frequency_penalty=0.3, presence_penalty=0.2,
-                           logit_bias={3: 1.0}, min_tokens=5, logprobs=3,
+                           logit_bias={3: 1.0}, min_tokens=5, logprobs=3, bad_words=["x"],
                            seed=row if row < num_seeded else None)
             for row in range(num_rows)]
+    for p in rows:   # bad_words as the input processor tokenizes them: bans 9 always, 5 after an output 4
+        p._bad_words_token_ids = [[9], [4, 5]]
     tensors = build_sampling_tensors([make_state(p, outputs=[4, 4]) for p in rows], VOCAB,
                                      torch.device("cpu"), EOS)
     logits = random_logits(num_rows, seed=15)
