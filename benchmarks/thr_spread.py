@@ -13,9 +13,10 @@ the time the GPU spent in steps, and idle between them waiting for the host; per
 --fused-max N: rotary + KV store inside the decode launch up to N rows (TritonBackend.fused_decode_max_seqs).
 --no-heads-first: decode attention launches on the old grid (sequences fastest; before session 31's e864e59).
 --mbt N: max_num_batched_tokens N (the library's default when not given).
+--kv-cache-dtype D: the engine's kv_cache_dtype.
 
 Usage: python3 benchmarks/thr_spread.py OUT [--runs 4] [--model llama-1b] [--no-smi] [--ab] [--no-lmhead-pad] [--fused-max N]
-       [--no-heads-first] [--mbt N]
+       [--no-heads-first] [--mbt N] [--kv-cache-dtype D]
 """
 from __future__ import annotations
 
@@ -78,14 +79,15 @@ def _late_compiles() -> list:
     return getattr(compile_ahead, "LATE_COMPILES", [])
 
 
-def one_run(model: str, smi_path: str, freeze: bool = True, mbt: int | None = None) -> dict:
+def one_run(model: str, smi_path: str, freeze: bool = True, mbt: int | None = None, kv_cache_dtype: str = "auto") -> dict:
     from peers import make_model_dir, workload
     from pagedserve import LLM, SamplingParams
     import pagedserve.llm as llm_module
     llm_module.gc = gc if freeze else _NoFreeze
     t_ready = time.perf_counter()
     llm = LLM(model=make_model_dir(model), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
-              max_model_len=2048, gpu_memory_utilization=0.85, seed=0, max_num_batched_tokens=mbt)
+              max_model_len=2048, gpu_memory_utilization=0.85, seed=0, max_num_batched_tokens=mbt,
+              kv_cache_dtype=kv_cache_dtype)
     t_ready = time.perf_counter() - t_ready
     llm_module.gc = gc
     reqs = workload(512)
@@ -193,6 +195,7 @@ def main() -> None:
     ap.add_argument("--no-heads-first", action="store_true",
                     help="triton_paged_attention.DECODE_HEADS_FIRST off (the decode grid before session 31)")
     ap.add_argument("--mbt", type=int, default=None, help="max_num_batched_tokens (the library's default when not given)")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="kv_cache_dtype (auto: the model's)")
     args = ap.parse_args()
     if args.no_heads_first:
         from pagedserve.attention import triton_paged_attention
@@ -213,7 +216,8 @@ def main() -> None:
                    max_num_batched_tokens=args.mbt, runs=[])
     try:
         for i in range(args.runs):
-            res = one_run(args.model, smi_path, freeze=not (args.ab and i % 2), mbt=args.mbt)
+            res = one_run(args.model, smi_path, freeze=not (args.ab and i % 2), mbt=args.mbt,
+                          kv_cache_dtype=args.kv_cache_dtype)
             res["load_avg"] = os.getloadavg()
             log(f"run {i + 1}: {json.dumps({k: v for k, v in res.items() if k != 'per_step'})}")
             results["runs"].append(res)

@@ -22,7 +22,10 @@ def build(kernel, constexprs: dict, types: dict[str, str], divisible: tuple[str,
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     sig = {}
-    for name in inspect.signature(kernel.fn).parameters:
+    params = inspect.signature(kernel.fn).parameters
+    constexprs = {**{name: p.default for name, p in params.items()   # a launch's defaults, as Triton's
+                     if "constexpr" in str(p.annotation) and p.default is not inspect.Parameter.empty}, **constexprs}
+    for name in params:
         if name in constexprs:
             sig[name] = "constexpr"
         elif name in types:
