@@ -11,12 +11,14 @@ from pagedserve.core.request import Request, RequestStatus
 def advance_grammar(grammars: Any, request: Request, token: int) -> bool:
     """Feed a sampled token to the request's matcher; True (status set) if that ends the
     request: the grammar terminated (stop), or it refused the token (error: the request's
-    own if it had nothing to sample, see refusal; else mask_failure)."""
+    own if it had nothing to sample, see refusal and banned_all; else mask_failure)."""
     accepted, terminated = grammars.accept(request, token)
     if not accepted:
         request.status = RequestStatus.FINISHED_ERROR
         if grammars.refused_by_request(request):
             request.error, request.error_param = refusal(token), REFUSED_PARAM
+        elif request.sampling_params.bad_words:   # the grammar allowed tokens, the request banned them all
+            request.error, request.error_param = banned_all(token), "bad_words"
         else:
             request.error = mask_failure(token)
         return True
@@ -48,6 +50,16 @@ def admits_nothing(matcher: Any, vocab_size: int) -> bool:
     bits = xgrammar.allocate_token_bitmask(1, vocab_size)
     matcher.fill_next_token_bitmask(bits)
     return not bool(bits.any())
+
+
+def banned_all(token: int) -> str:
+    """Why a request fails whose grammar refused its sampled token although it allowed others,
+    where the request has bad_words: they banned every token the grammar allowed there (the
+    row had nothing left to sample). The request's own doing, named as bad_words: masking is
+    exact (tested against xgrammar), so a lost mask is not the likely cause."""
+    return ("bad_words: no token can continue the output: bad_words ban every token the structured-outputs "
+            f"grammar allows after the text generated so far (token {token} was sampled from an empty choice and "
+            "refused)")
 
 
 def mask_failure(token: int) -> str:

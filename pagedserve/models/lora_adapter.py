@@ -165,6 +165,21 @@ def _weights_file(path: str, param: str) -> str:
     raise ValidationError(f"the LoRA adapter at {path!r} has no adapter_model.safetensors", param)
 
 
+_SIZE_SLACK = 64 << 20   # a weights file's header / pickle framing, beyond its tensors' bytes
+
+
+def _check_size(path: str, module_shapes: dict[str, tuple[int, int]], max_rank: int, param: str) -> None:
+    """The weights file no larger than any adapter of this model can be (every module targeted at
+    max_rank in 8-byte values): it is read whole into memory, so a larger one is refused before
+    a byte of it is read."""
+    file = _weights_file(path, param)
+    bound = 8 * max_rank * sum(fan_in + fan_out for fan_in, fan_out in module_shapes.values()) + _SIZE_SLACK
+    size = os.path.getsize(file)
+    if size > bound:
+        raise ValidationError(f"the LoRA adapter at {path!r} has a weights file of {size} bytes, more than any "
+                              f"adapter of this model up to rank {max_rank} holds ({bound} bytes)", param)
+
+
 def _read(path: str, param: str, shapes_only: bool) -> dict[str, tuple[tuple[int, ...], str, torch.Tensor | None]]:
     """The weights file's tensors: name -> (shape, dtype name (safetensors'), the tensor unless
     `shapes_only`)."""
@@ -260,6 +275,9 @@ def load_adapter(path: str, module_shapes: dict[str, tuple[int, int]], max_rank:
     columns are masked by a multiplication by zero, and NaN * 0 is NaN). Raises ValidationError
     naming `param`."""
     config = _config(path, param)
+    _check_size(path, module_shapes, max_rank, param)
+    if _weights_file(path, param).endswith(".safetensors"):   # names and shapes from the header first
+        _check(path, config, _read(path, param, shapes_only=True), module_shapes, max_rank, param)
     tensors = _read(path, param, shapes_only=False)
     info, keys = _check(path, config, tensors, module_shapes, max_rank, param)
     factors = {}

@@ -61,3 +61,17 @@ def test_bad_words_that_are_not_a_list_of_strings_are_a_400_naming_them(server) 
         assert error["param"] == param and "bad_words" in error["message"], (body, error)
     for value in ([], None, ["Paris", "answer is"]):   # a list of strings, even empty, or null
         assert _post(server, "/v1/completions", {**completion, "bad_words": value}).status_code == 200, value
+
+
+def test_bad_words_banning_all_a_grammar_allows_is_a_400_naming_them(server) -> None:
+    """A grammar that allows only "a", with "a" banned: the row has nothing left to sample; the
+    request's own doing, a 400 naming bad_words (was the engine's 500, 'sampled token 0 does not
+    match the grammar'), and the server answers the next request."""
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "guided_regex": "a",
+            "bad_words": ["a"]}
+    response = _post(server, "/v1/completions", body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "bad_words" and "ban every token" in error["message"], error
+    allowed = _post(server, "/v1/completions", {**body, "bad_words": ["b"]})
+    assert allowed.status_code == 200 and allowed.json()["choices"][0]["text"] == "a", allowed.text

@@ -105,6 +105,9 @@ class FakeTokenizer:
     TABLE = {"Paris": [11], " Paris": [12], "answer is": [13, 14], " answer is": [15, 14],
              "foo": [16], " foo": [16, 17], "bar": [18], " bar": [18], "big": [99], " big": [99]}
 
+    def get_vocab(self) -> dict[str, int]:
+        return {"x" * 8: 0}
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         assert add_special_tokens is False
         if text in self.TABLE:
@@ -162,3 +165,29 @@ def test_bad_words_must_be_a_list_of_strings(value):
 def test_bad_words_normalisation_as_vllm():
     assert SamplingParams().bad_words == [] and SamplingParams(bad_words=None).bad_words == []
     assert SamplingParams(bad_words=("a", "b", "a")).bad_words == ["a", "b"]
+
+
+def test_words_longer_than_the_token_limit_can_hold_are_refused_untokenized() -> None:
+    """Words longer together than MAX_BAD_WORD_TOKENS tokens of the vocabulary's longest entry can
+    hold are refused from their length, before the tokenizer sees them (a 15 MB word held an input
+    thread ~20 s, twice); a long word under that bound is still tokenized and counted."""
+    from pagedserve.frontend.input_processor import MAX_BAD_WORD_TOKENS, InputProcessor
+
+    class Tokenizer:
+        calls = 0
+
+        def get_vocab(self):
+            return {"a": 0, "bb": 1, "ccc": 2}
+
+        def encode(self, text, add_special_tokens=False):
+            Tokenizer.calls += 1
+            return [0] * len(text)
+
+    processor = InputProcessor(Tokenizer(), 3, 64, (2,))
+    assert processor.longest_token_chars == 3
+    with pytest.raises(ValidationError, match="characters long") as refused:
+        processor.bad_words_token_ids(["x" * (3 * MAX_BAD_WORD_TOKENS)])
+    assert refused.value.param == "bad_words" and Tokenizer.calls == 0
+    with pytest.raises(ValidationError, match="token sequences or"):   # under the bound: tokenized, then counted
+        processor.bad_words_token_ids(["x" * 1100])
+    assert Tokenizer.calls > 0

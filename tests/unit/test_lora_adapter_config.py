@@ -92,3 +92,19 @@ def test_scaling_from_a_good_config(tmp_path) -> None:
     assert inspect_adapter(rs, SHAPES, 16).modules[Q][3] == 4.0
     default = _adapter(tmp_path / "default", {"alpha_pattern": None})   # PEFT's default lora_alpha, 8
     assert inspect_adapter(default, SHAPES, 16).modules[V][3] == 4.0
+
+
+def test_a_weights_file_larger_than_any_adapter_is_refused_before_it_is_read(tmp_path, monkeypatch) -> None:
+    """The weights file is read whole into memory: one larger than any adapter of the model can be
+    (a sparse 8 GiB file here: a load route's 36 s and ~8 GB before) is refused from its size
+    alone, naming the parameter; a good file of the same adapter still loads."""
+    from pagedserve.models import lora_adapter
+    good = _adapter(tmp_path / "good", {"r": 2, "lora_alpha": 2})
+    assert set(load_adapter(good, SHAPES, 4)[1]) == set(SHAPES)
+    big = _adapter(tmp_path / "big", {"r": 2, "lora_alpha": 2})
+    with open(os.path.join(big, "adapter_model.safetensors"), "r+b") as f:
+        f.truncate(8 << 30)
+    monkeypatch.setattr(lora_adapter, "_read", lambda *a, **k: pytest.fail("the file was read"))
+    with pytest.raises(ValidationError, match="bytes, more than any adapter") as refused:
+        load_adapter(big, SHAPES, 4, param="lora_path")
+    assert refused.value.param == "lora_path"
