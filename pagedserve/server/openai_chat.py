@@ -104,6 +104,11 @@ class _ChatBuilder:
     tool_streams: dict[int, ToolCallStream] = field(default_factory=dict)   # per choice, when tools are active
     held_logprobs: dict[int, list] = field(default_factory=dict)   # per choice: of text not sent yet
     reasoning_streams: dict[int, ReasoningStream] = field(default_factory=dict)   # per choice, with a parser
+    # the response's `model`, fixed when the request starts (an adapter unloaded meanwhile keeps its name)
+    model: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.model = self.ctx.response_model(self.request.model)
 
     @property
     def role(self) -> str:
@@ -141,7 +146,7 @@ class _ChatBuilder:
                 choice["token_ids"] = list(completion.token_ids)
             choices.append(choice)
         body = {"id": self.response_id, "object": "chat.completion", "created": self.created,
-                "model": self.ctx.response_model(self.request.model), "choices": choices, "usage": self.usage.as_dict(),
+                "model": self.model, "choices": choices, "usage": self.usage.as_dict(),
                 "prompt_logprobs": None}
         if self.request.prompt_logprobs is not None:
             body["prompt_logprobs"] = prompt_logprobs_json(output.prompt_logprobs)
@@ -289,7 +294,7 @@ class _ChatBuilder:
 
     def _envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.response_id, "object": "chat.completion.chunk", "created": self.created,
-                "model": self.ctx.response_model(self.request.model), "choices": choices}
+                "model": self.model, "choices": choices}
 
     def _logprobs(self, completion: CompletionOutput) -> dict[str, Any] | None:
         if not self.request.logprobs or completion.logprobs is None:

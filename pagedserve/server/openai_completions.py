@@ -84,6 +84,11 @@ class _CompletionBuilder:
     usage: Usage = field(default_factory=Usage)
     created: int = field(default_factory=lambda: int(time.time()))   # this response's time
     observed: set[int] = field(default_factory=set)
+    # the response's `model`, fixed when the request starts (an adapter unloaded meanwhile keeps its name)
+    model: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.model = self.ctx.response_model(self.request.model)
 
     @property
     def as_token_ids(self) -> bool:
@@ -111,7 +116,7 @@ class _CompletionBuilder:
                 choices.append(choice)
         choices.sort(key=lambda c: c["index"])
         return {"id": self.response_id, "object": "text_completion", "created": self.created,
-                "model": self.ctx.response_model(self.request.model), "choices": choices, "usage": self.usage.as_dict()}
+                "model": self.model, "choices": choices, "usage": self.usage.as_dict()}
 
     async def stream(self, streams: list[RequestStream]) -> AsyncIterator[str]:
         include_usage, continuous = usage_options(self.request.stream_options,
@@ -137,7 +142,7 @@ class _CompletionBuilder:
 
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.response_id, "object": "text_completion", "created": self.created,
-                "model": self.ctx.response_model(self.request.model), "choices": choices}
+                "model": self.model, "choices": choices}
 
     def _choice(self, prompt_index: int, output: RequestOutput, completion: CompletionOutput) -> dict[str, Any]:
         index = prompt_index * self.n + completion.index

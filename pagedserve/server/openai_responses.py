@@ -310,6 +310,7 @@ class _Tally:
 class _ResponseBuilder:
     def __init__(self, ctx: ServerContext, request: ResponsesRequest, response_id: str, plan: ToolPlan) -> None:
         self.ctx, self.request, self.id, self.plan = ctx, request, response_id, plan
+        self.model = ctx.response_model(request.model)   # fixed at the start: an adapter unloaded meanwhile keeps it
         self.created = int(time.time())
         self.item_id = f"msg_{uuid.uuid4().hex}"
         self.reasoning_id = f"rs_{uuid.uuid4().hex}"
@@ -352,7 +353,7 @@ class _ResponseBuilder:
         request = self.request
         output = [] if text is None else self.output_items(text, logprobs)
         return {"id": self.id, "object": "response", "created_at": self.created, "status": status,
-                "model": self.ctx.response_model(request.model), "output": output,
+                "model": self.model, "output": output,
                 "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
                 "error": None, "instructions": request.instructions, "max_output_tokens": request.max_output_tokens,
                 "temperature": request.temperature, "top_p": request.top_p, "metadata": request.metadata or {},

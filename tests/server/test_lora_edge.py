@@ -201,3 +201,24 @@ def test_start_up_refusals_are_one_line(adapters, tmp_path) -> None:
                                 cwd=Path(__file__).resolve().parents[2])
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
         assert words in result.stderr, result.stderr[-2000:]
+
+
+def test_an_adapter_unloaded_mid_request_keeps_its_name_in_the_response(lora_edge, adapters) -> None:
+    """A streamed completion with an adapter keeps the adapter's name as its `model` in every chunk
+    after the adapter is unloaded mid-stream (the response named the served model once the
+    registry no longer knew the name)."""
+    base = lora_edge.base_url
+    assert _load(base, "leaving", adapters["b"]).status_code == 200
+    models = []
+    with requests.post(f"{base}/v1/completions", stream=True, timeout=120, json={
+            "model": "leaving", "prompt": PROMPT, "max_tokens": 40, "ignore_eos": True, "temperature": 0,
+            "stream": True}) as response:
+        for line in response.iter_lines():
+            if line.startswith(b"data: {"):
+                models.append(json.loads(line[len(b"data: "):])["model"])
+                if len(models) == 1:
+                    unloaded = requests.post(f"{base}/v1/unload_lora_adapter", json={"lora_name": "leaving"},
+                                             timeout=60)
+                    assert unloaded.status_code == 200, unloaded.text
+    assert len(models) > 5 and set(models) == {"leaving"}, models
+    assert "leaving" not in _models(base)
