@@ -217,6 +217,15 @@ def bind_listener(host: str, port: int) -> socket.socket:
     return sock
 
 
+def answered_cancellations(record: logging.LogRecord) -> bool:
+    """uvicorn logs its cancellation of the requests still open when --shutdown-timeout runs out
+    at ERROR; they are answered (503 / a stream's last error event: AnswerShutdownCancellation),
+    a normal end of a graceful shutdown: an INFO line."""
+    if record.levelno == logging.ERROR and "timeout graceful shutdown exceeded" in str(record.msg):
+        record.levelno, record.levelname = logging.INFO, "INFO"
+    return True
+
+
 def run_server(args: argparse.Namespace) -> None:
     """Load the model, then serve until interrupted."""
     import uvicorn
@@ -273,6 +282,7 @@ def run_server(args: argparse.Namespace) -> None:
                                    log_level=args.log_level,
                                    http=request_deadline_protocol(args.timeout_request_read),
                                    timeout_keep_alive=5, timeout_graceful_shutdown=args.shutdown_timeout))
+    logging.getLogger("uvicorn.error").addFilter(answered_cancellations)   # after uvicorn's logging config
     died: list[Exception] = []
     if engine_process:   # a dead core process (vLLM's behaviour): its requests got the error; stop serving
         engine.add_death_listener(lambda error: (died.append(error), setattr(server, "should_exit", True)))

@@ -107,6 +107,8 @@ def test_open_requests_get_503_or_a_final_error_event_at_shutdown(tmp_path) -> N
     log = server.log_tail(200_000)
     for bad in ("Traceback", "CancelledError", "Exception in ASGI application", "500 Internal Server Error"):
         assert bad not in log, log[-6000:]
+    cancelled = [line for line in log.splitlines() if "timeout graceful shutdown exceeded" in line]
+    assert cancelled and all(line.startswith("INFO") for line in cancelled), cancelled   # answered: not an error
 
 
 # ---- the middleware in process --------------------------------------------------------------
