@@ -103,18 +103,11 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
     @property
-    def reads_output_history(self) -> bool:
-        """Penalties and bad words of several tokens read the tokens sampled so far: such a
-        request needs each step's tokens on the host before the next step is built (no async
-        scheduling while it runs)."""
-        return self.has_penalties or any(len(ids) > 1 for ids in self._bad_words_token_ids or ())
-
-    @property
     def is_plain_greedy(self) -> bool:
         """Greedy with nothing that changes the logits or asks for more than the token: the
         runner's fast path (one argmax, no per-row sampling tensors)."""
         return self.temperature < _SAMPLING_EPS and not self.logit_bias and not self.min_tokens and self.logprobs is None \
-            and not self.reads_output_history and self.allowed_token_ids is None and not self.bad_words
+            and not self.has_penalties and self.allowed_token_ids is None and not self.bad_words
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -194,8 +194,6 @@ class EngineCore:
     def _step_async(self) -> EngineCoreOutputs:
         outputs: list[EngineCoreOutput] = []
         queue = self._in_flight
-        if queue and self.scheduler.num_history_dependent:
-            outputs = self._resolve()   # lockstep: the next step needs these tokens on the host
         so = self._schedule()
         # the step in flight gets the mask filled while the outputs were handed over and `so`
         # scheduled, and is sampled; its tokens go to the grammar process from the device, and
@@ -215,8 +213,8 @@ class EngineCore:
                 outputs += self._update(previous[0], result)
         if launched is not None:
             queue.append(launched)
-        if launched is not None and (not launched[0].num_scheduled_tokens or self.scheduler.num_history_dependent):
-            outputs += self._resolve()   # nothing to wait for, or lockstep
+        if launched is not None and not launched[0].num_scheduled_tokens:
+            outputs += self._resolve()   # nothing to wait for
         return self._result(outputs)
 
     def _schedule(self) -> SchedulerOutput:

@@ -109,7 +109,6 @@ class Scheduler:
         self.pending_forks: dict[RequestId, list[Request]] = {}
         self.runner_blocks = RunnerBlocks(kv_cache_manager)   # what the runner holds
         self._finished_since_last_step: set[RequestId] = set()
-        self.num_history_dependent = 0   # live requests whose sampling reads earlier outputs
         self.num_constrained = 0         # live requests with a structured-outputs grammar
         # After a failed step: its requests, each scheduled alone until it samples a token
         # (EngineCore._fail); a suspect that fails alone is failed.
@@ -131,7 +130,6 @@ class Scheduler:
         self._num_arrivals += 1
         request.arrival_index = self._num_arrivals
         self._enqueue(request)
-        self.num_history_dependent += request.sampling_params.reads_output_history
         if request.grammar is not None:
             self.num_constrained += 1
             self.grammars.prepare(request)
@@ -140,7 +138,6 @@ class Scheduler:
             for child in forks:
                 self.requests[child.request_id] = child
                 child.arrival_index = request.arrival_index
-                self.num_history_dependent += child.sampling_params.reads_output_history
                 if child.grammar is not None:
                     self.num_constrained += 1
                     self.grammars.prepare(child)
@@ -230,7 +227,6 @@ class Scheduler:
             self.lora_slots.release(request)
         self.kv.forget(request)
         if self.requests.pop(request.request_id, None) is not None:
-            self.num_history_dependent -= request.sampling_params.reads_output_history
             if request.grammar is not None:
                 self.num_constrained -= 1
                 self.grammars.release(request)

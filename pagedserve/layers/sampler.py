@@ -42,6 +42,7 @@ class SamplingTensors:
     allow_tokens: torch.Tensor | None = None
     ban_rows: torch.Tensor | None = None             # bad_words: (row, token) set to -inf this step
     ban_tokens: torch.Tensor | None = None
+    ban_active: torch.Tensor | None = None           # bool per ban: it applies (None: all do)
     all_greedy: bool = False
     generators: dict[int, torch.Generator] = field(default_factory=dict)
     max_num_logprobs: int | None = None
@@ -180,7 +181,11 @@ def apply_bias_and_min_tokens(logits: torch.Tensor, t: SamplingTensors) -> torch
         restricted = allowed.any(dim=-1, keepdim=True)   # the rows that have a list (never empty)
         logits = logits.masked_fill(restricted & ~allowed, float("-inf"))
     if t.ban_rows is not None:
-        logits = logits.index_put((t.ban_rows, t.ban_tokens), torch.tensor(float("-inf"), device=logits.device))
+        if t.ban_active is None:
+            logits = logits.index_put((t.ban_rows, t.ban_tokens), torch.tensor(float("-inf"), device=logits.device))
+        else:   # -inf where a ban applies, 0 where not; summed, so one applying ban of a (row, token) wins
+            logits = logits.index_put((t.ban_rows, t.ban_tokens), torch.where(
+                t.ban_active, float("-inf"), 0.0).to(logits.dtype), accumulate=True)
     if t.bias_rows is not None:
         logits = logits.index_put((t.bias_rows, t.bias_tokens), t.bias_values, accumulate=True)
     if t.mask_rows is not None:

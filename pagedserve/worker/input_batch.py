@@ -41,6 +41,7 @@ class CachedRequestState:
     plain_greedy: bool = field(init=False)   # SamplingParams.is_plain_greedy, read every step
     allowed_tokens: torch.Tensor | None = field(init=False)   # allowed_token_ids, once, as a sorted CPU tensor
     bad_words: BadWords | None = field(init=False)   # bad_words' token sequences, grouped once
+    _prompt_ids: torch.Tensor | None = field(init=False, default=None)   # prompt_ids(): on the device, once
 
     def __post_init__(self) -> None:
         self.counts_outputs = self.sampling_params.has_penalties
@@ -49,6 +50,12 @@ class CachedRequestState:
         self.allowed_tokens = None if allowed is None else torch.tensor(sorted(set(allowed)), dtype=torch.int64)
         sequences = self.sampling_params.bad_words_token_ids
         self.bad_words = BadWords(sequences) if sequences else None
+
+    def prompt_ids(self, device: torch.device) -> torch.Tensor:
+        """The prompt's ids on `device` (int64), copied there at the first call (repetition penalty)."""
+        if self._prompt_ids is None:
+            self._prompt_ids = torch.tensor(self.token_ids[:self.num_prompt_tokens], dtype=torch.int64).to(device)
+        return self._prompt_ids
 
     @property
     def num_output_tokens(self) -> int:

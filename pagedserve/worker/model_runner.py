@@ -298,7 +298,7 @@ class ModelRunner:
                 if grammar_bitmask is not None:
                     mask = self.grammar_mask.to_device(logits, grammar_rows, grammar_bitmask)
                 sampled = sample(self.sampler, logits, states, self.model_config.vocab_size, self.device,
-                                 self.model_config.eos_token_ids, mask)
+                                 self.model_config.eos_token_ids, mask, self._prev_sampled)
         except Exception:
             if self.share_sampled:
                 broadcast_from_rank0(torch.zeros(len(states), dtype=torch.int64, device=self.device))

@@ -1,9 +1,16 @@
 """Turn the sampling parameters of the rows that sample this step into SamplingTensors.
 
 One Python pass over the rows collects plain lists (and flat (row, token) index lists for
-the sparse parts: logit_bias, min_tokens masks, allowed_token_ids, bad words, output counts, prompt tokens); each tensor
+the sparse parts: logit_bias, min_tokens masks, allowed_token_ids, bad words, output counts); each tensor
 is then built in one call. Optional tensors stay None when no row uses the feature, so the
 common case (greedy or plain temperature) costs one argmax or one softmax.
+
+Penalties and bad words read a row's output history. With async scheduling its latest token
+may still be on the device (a -1 placeholder, the last launched step's `sampled_row`): the
+penalties' counts take it from `prev_sampled` there, and a bad word waiting on it bans its last
+token only where it matches (BadWords.banned), so no such request holds the engine in lockstep.
+The penalties' [rows, vocab] counts and prompt masks are built on the device from the sparse
+lists (a repetition-penalised row's prompt ids are copied there once, CachedRequestState.prompt_ids).
 
 `sample` runs the sampler over at most SAMPLER_CHUNK_ROWS rows at a time: its float32 working
 set (logits, log-softmax, sort values and indices, probabilities: ~40 bytes per row per
@@ -36,8 +43,9 @@ class _Columns:
     count_rows: list[int] = field(default_factory=list)
     count_tokens: list[int] = field(default_factory=list)
     count_values: list[int] = field(default_factory=list)
-    prompt_rows: list[int] = field(default_factory=list)
-    prompt_tokens: list[int] = field(default_factory=list)
+    pending_rows: list[int] = field(default_factory=list)   # penalised rows whose latest token is on the device
+    pending_src: list[int] = field(default_factory=list)    # ... its row of prev_sampled
+    prompts: list[tuple[int, torch.Tensor]] = field(default_factory=list)   # (row, its prompt ids on the device)
     bias_rows: list[int] = field(default_factory=list)
     bias_tokens: list[int] = field(default_factory=list)
     bias_values: list[float] = field(default_factory=list)
@@ -46,32 +54,41 @@ class _Columns:
     allowed: list[tuple[int, torch.Tensor]] = field(default_factory=list)   # (row, its allowed_tokens)
     ban_rows: list[int] = field(default_factory=list)   # bad_words: (row, token) banned this step
     ban_tokens: list[int] = field(default_factory=list)
+    ban_src: list[int] = field(default_factory=list)    # -1, or: only if prev_sampled[src] == ban_if
+    ban_if: list[int] = field(default_factory=list)
     generators: dict[int, torch.Generator] = field(default_factory=dict)
     max_logprobs: int | None = None
 
 
 def sample(sampler: Sampler, logits: torch.Tensor, states: list[CachedRequestState], vocab_size: int,
-           device: torch.device, eos_token_ids: tuple[int, ...], bitmask: torch.Tensor | None = None
-           ) -> SamplerOutput:
+           device: torch.device, eos_token_ids: tuple[int, ...], bitmask: torch.Tensor | None = None,
+           prev_sampled: torch.Tensor | None = None) -> SamplerOutput:
     """Sample one token per row of `logits` (row i belongs to states[i]), in chunks of rows.
-    `bitmask`: the rows' structured-outputs token bitmask on the device (Sampler)."""
+    `bitmask`: the rows' structured-outputs token bitmask on the device (Sampler).
+    `prev_sampled`: the last launched step's sampled ids on the device (rows' placeholders)."""
     if len(states) <= SAMPLER_CHUNK_ROWS or all(state.plain_greedy for state in states):   # one pass
-        return sampler(logits, build_sampling_tensors(states, vocab_size, device, eos_token_ids), bitmask)
+        return sampler(logits, build_sampling_tensors(states, vocab_size, device, eos_token_ids, prev_sampled),
+                       bitmask)
     return SamplerOutput.cat([
         sampler(logits[start:start + SAMPLER_CHUNK_ROWS],
-                build_sampling_tensors(states[start:start + SAMPLER_CHUNK_ROWS], vocab_size, device, eos_token_ids),
+                build_sampling_tensors(states[start:start + SAMPLER_CHUNK_ROWS], vocab_size, device, eos_token_ids,
+                                       prev_sampled),
                 None if bitmask is None else bitmask[start:start + SAMPLER_CHUNK_ROWS])
         for start in range(0, len(states), SAMPLER_CHUNK_ROWS)])
 
 
 def build_sampling_tensors(states: list[CachedRequestState], vocab_size: int, device: torch.device,
-                           eos_token_ids: tuple[int, ...]) -> SamplingTensors:
-    """Reads the states; mutates nothing. Rows are in `states` order."""
+                           eos_token_ids: tuple[int, ...], prev_sampled: torch.Tensor | None = None
+                           ) -> SamplingTensors:
+    """Reads the states (mutates nothing but a row's cached prompt ids). Rows are in `states`
+    order. A row whose latest token is a placeholder needs `prev_sampled`, the ids it is in."""
     if all(state.plain_greedy for state in states):   # the common case: one argmax
         return SamplingTensors(temperature=torch.zeros(len(states), device=device), all_greedy=True)
     c = _Columns()
     for row, state in enumerate(states):
-        _collect_row(c, row, state, vocab_size, eos_token_ids)
+        _collect_row(c, row, state, vocab_size, eos_token_ids, device)
+    if (c.pending_rows or any(src >= 0 for src in c.ban_src)) and prev_sampled is None:
+        raise RuntimeError("a row's latest token is a placeholder, but no step's sampled ids were given")
     t = SamplingTensors(temperature=_tensor(c.temperature, torch.float32, device))
     t.all_greedy = all(value < 1e-5 for value in c.temperature)
     if any(k < vocab_size for k in c.top_k):
@@ -82,7 +99,7 @@ def build_sampling_tensors(states: list[CachedRequestState], vocab_size: int, de
         t.min_p = _tensor(c.min_p, torch.float32, device)
     if any(p < 1.0 for p in c.typical_p):
         t.typical_p = _tensor(c.typical_p, torch.float32, device)
-    _add_penalties(t, c, len(states), vocab_size, device)
+    _add_penalties(t, c, len(states), vocab_size, device, prev_sampled)
     if c.bias_rows:
         t.bias_rows = _tensor(c.bias_rows, torch.int64, device)
         t.bias_tokens = _tensor(c.bias_tokens, torch.int64, device)
@@ -93,6 +110,9 @@ def build_sampling_tensors(states: list[CachedRequestState], vocab_size: int, de
     if c.ban_rows:
         t.ban_rows = _tensor(c.ban_rows, torch.int64, device)
         t.ban_tokens = _tensor(c.ban_tokens, torch.int64, device)
+        if any(src >= 0 for src in c.ban_src):   # some bans wait on a placeholder's token
+            src = _tensor(c.ban_src, torch.int64, device)
+            t.ban_active = (src < 0) | (prev_sampled[src.clamp(min=0)] == _tensor(c.ban_if, torch.int64, device))
     if c.allowed:   # the rows' cached id tensors: no per-token Python work a step
         rows = torch.tensor([row for row, _ in c.allowed])
         lengths = torch.tensor([len(tokens) for _, tokens in c.allowed])
@@ -104,7 +124,7 @@ def build_sampling_tensors(states: list[CachedRequestState], vocab_size: int, de
 
 
 def _collect_row(c: _Columns, row: int, state: CachedRequestState, vocab_size: int,
-                 eos_token_ids: tuple[int, ...]) -> None:
+                 eos_token_ids: tuple[int, ...], device: torch.device) -> None:
     p = state.sampling_params
     c.temperature.append(p.temperature)
     c.top_k.append(p.top_k if 0 < p.top_k < vocab_size else vocab_size)
@@ -114,13 +134,15 @@ def _collect_row(c: _Columns, row: int, state: CachedRequestState, vocab_size: i
     c.repetition.append(p.repetition_penalty)
     c.frequency.append(p.frequency_penalty)
     c.presence.append(p.presence_penalty)
-    if p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:
+    if state.counts_outputs:   # penalties: the outputs' counts (the host's, and a placeholder's on the device)
         c.count_rows.extend([row] * len(state.output_counts))
         c.count_tokens.extend(state.output_counts.keys())
         c.count_values.extend(state.output_counts.values())
+        if state.pending_pos >= 0:
+            c.pending_rows.append(row)
+            c.pending_src.append(state.sampled_row)
         if p.repetition_penalty != 1.0:
-            c.prompt_rows.extend([row] * state.num_prompt_tokens)
-            c.prompt_tokens.extend(state.token_ids[:state.num_prompt_tokens])
+            c.prompts.append((row, state.prompt_ids(device)))
     for token, value in (p.logit_bias or {}).items():
         if token < vocab_size:
             c.bias_rows.append(row)
@@ -129,9 +151,15 @@ def _collect_row(c: _Columns, row: int, state: CachedRequestState, vocab_size: i
     if state.allowed_tokens is not None:
         c.allowed.append((row, state.allowed_tokens))
     if state.bad_words is not None:
-        banned = state.bad_words.banned(state.token_ids, state.num_prompt_tokens)
-        c.ban_rows.extend([row] * len(banned))
+        banned, conditional = state.bad_words.banned(state.token_ids, state.num_prompt_tokens)
+        c.ban_rows.extend([row] * (len(banned) + len(conditional)))
         c.ban_tokens.extend(banned)
+        c.ban_src.extend([-1] * len(banned))
+        c.ban_if.extend([-1] * len(banned))
+        for token, condition in conditional:
+            c.ban_tokens.append(token)
+            c.ban_src.append(state.sampled_row)
+            c.ban_if.append(condition)
     if state.num_output_tokens < p.min_tokens:
         stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
         for token in sorted(stops):
@@ -149,21 +177,30 @@ def _tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Ten
 
 
 def _add_penalties(t: SamplingTensors, c: _Columns, num_rows: int, vocab_size: int,
-                   device: torch.device) -> None:
+                   device: torch.device, prev_sampled: torch.Tensor | None) -> None:
     use_rep = any(v != 1.0 for v in c.repetition)
     use_freq = any(v != 0.0 for v in c.frequency)
     use_pres = any(v != 0.0 for v in c.presence)
     if not (use_rep or use_freq or use_pres):
         return
-    counts = torch.zeros(num_rows, vocab_size, dtype=torch.int32)
+    # on the device from the sparse lists: a [128, 128k] int32 table built on the host and
+    # copied over was ~65 MB a step for every step a penalised request ran
+    counts = torch.zeros(num_rows, vocab_size, dtype=torch.int32, device=device)
     if c.count_rows:
-        counts[torch.tensor(c.count_rows), torch.tensor(c.count_tokens)] = torch.tensor(
-            c.count_values, dtype=torch.int32)
-    prompt_mask = torch.zeros(num_rows, vocab_size, dtype=torch.bool)
-    if c.prompt_rows:
-        prompt_mask[torch.tensor(c.prompt_rows), torch.tensor(c.prompt_tokens)] = True
-    t.output_counts = counts.to(device)
-    t.prompt_mask = prompt_mask.to(device)
+        counts.index_put_((_tensor(c.count_rows, torch.int64, device), _tensor(c.count_tokens, torch.int64, device)),
+                          _tensor(c.count_values, torch.int32, device))
+    if c.pending_rows:   # each placeholder's token, once
+        src = _tensor(c.pending_src, torch.int64, device)
+        counts.index_put_((_tensor(c.pending_rows, torch.int64, device), prev_sampled[src]),
+                          torch.ones(len(c.pending_rows), dtype=torch.int32, device=device), accumulate=True)
+    prompt_mask = torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=device)
+    if c.prompts:
+        rows = torch.tensor([row for row, _ in c.prompts])
+        lengths = torch.tensor([len(ids) for _, ids in c.prompts])
+        prompt_mask.index_put_((torch.repeat_interleave(rows, lengths).to(device, non_blocking=True),
+                                torch.cat([ids for _, ids in c.prompts])), torch.tensor(True, device=device))
+    t.output_counts = counts
+    t.prompt_mask = prompt_mask
     if use_rep:
         t.repetition_penalty = _tensor(c.repetition, torch.float32, device)
     if use_freq:

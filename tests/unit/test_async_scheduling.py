@@ -131,3 +131,28 @@ def test_a_request_whose_every_step_raises_fails_alone(tiny_checkpoints, async_s
     assert not llm.engine.core.scheduler.suspects
     pool = llm.engine.core.kv_cache_manager.pool
     assert pool.num_free_blocks == pool.num_blocks
+
+
+def test_penalised_requests_keep_steps_in_flight_and_lockstep_ids(tiny_checkpoints):
+    """Penalties read each row's outputs, the latest still on the device under async scheduling
+    (the sampler counts it there): a batch of penalised requests beside plain ones keeps a step in
+    flight (no lockstep for the engine) and gives lockstep's ids. Negative penalties make the
+    random model repeat what it said (its latest token most of all: a latest token left uncounted
+    would show)."""
+    params = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, **extra) for extra in (
+        dict(frequency_penalty=-2.0), dict(presence_penalty=-2.0), dict(repetition_penalty=0.3),
+        {}, dict(frequency_penalty=-1.0, repetition_penalty=1.3), {}, dict(presence_penalty=-1.0), {})]
+    plain = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)] * len(params)
+    lockstep_llm = _llm(tiny_checkpoints["llama"], False)
+    lockstep = [o.outputs[0].token_ids for o in lockstep_llm.generate(PROMPTS, params, use_tqdm=False)]
+    unpenalised = [o.outputs[0].token_ids for o in lockstep_llm.generate(PROMPTS, plain, use_tqdm=False)]
+    assert sum(a != b for a, b in zip(lockstep, unpenalised)) >= 4   # the penalties do change the ids
+    engine = _llm(tiny_checkpoints["llama"], True).engine
+    for i, (prompt, sp) in enumerate(zip(PROMPTS, params)):
+        engine.add_request(f"r{i}", prompt, sp)
+    results, in_flight = {}, 0
+    while engine.has_unfinished_requests():
+        results.update({o.request_id: o for o in engine.step() if o.finished})
+        in_flight += bool(engine.core._in_flight)
+    assert in_flight >= 8   # a step stayed on the device between engine steps
+    assert [results[f"r{i}"].outputs[0].token_ids for i in range(len(params))] == lockstep

@@ -89,14 +89,54 @@ def test_sampled_rows_never_draw_a_banned_token():
     assert 5 not in draws and 20 not in draws
 
 
-def test_bad_words_leave_the_fast_path_and_keep_lockstep_only_when_they_read_history():
-    """A request with bad words is never plain greedy (the one-argmax path ignores bans); one
-    whose sequences are all one token reads no history (async scheduling stays on for it)."""
+def test_bad_words_leave_the_fast_path():
+    """A request with bad words is never plain greedy (the one-argmax path ignores bans), and
+    keeps no output counts (penalties only)."""
     single, multi = params_with([[5], [6]], temperature=0.0), params_with([[5], [10, 20]], temperature=0.0)
     assert not single.is_plain_greedy and not multi.is_plain_greedy
-    assert not single.reads_output_history and multi.reads_output_history
     assert SamplingParams(temperature=0.0).is_plain_greedy
-    assert not state_after(multi, []).counts_outputs   # no output counts kept for bans (penalties only)
+    assert not state_after(multi, []).counts_outputs
+
+
+def pending_state(params: SamplingParams, outputs: list[int], sampled_row: int) -> CachedRequestState:
+    """A row after `outputs` and one more output still on the device (async scheduling's -1
+    placeholder, in row `sampled_row` of the last launched step's sampled ids)."""
+    state = state_after(params, outputs)
+    state.pending_pos = len(state.token_ids)
+    state.token_ids.append(-1)
+    state.sampled_row = sampled_row
+    return state
+
+
+def banned_while_pending(params: SamplingParams, outputs: list[int], pending_token: int) -> set[int]:
+    """banned_by_step's set for a row whose latest output, `pending_token`, is still a placeholder:
+    the sampler reads it from the previous step's ids on the device (row 1 of them here)."""
+    logits = torch.randn(1, VOCAB, generator=torch.Generator().manual_seed(len(outputs)))
+    prev_sampled = torch.tensor([pending_token + 1, pending_token, pending_token + 2])
+    processed = apply_bias_and_min_tokens(logits.clone(), build_sampling_tensors(
+        [pending_state(params, outputs, 1)], VOCAB, CPU, EOS, prev_sampled))
+    kept = ~torch.isneginf(processed)
+    assert torch.equal(processed[kept], logits[kept])
+    return set(torch.isneginf(processed[0]).nonzero().flatten().tolist())
+
+
+def test_bans_that_wait_on_a_placeholder_apply_only_where_its_token_matches():
+    """With async scheduling the row's latest output is on the device when it is sampled: the
+    bans equal those of the same history fully on the host, for every pending token."""
+    params = params_with([[5], [10, 20], [30, 31, 32], [30, 33, 34], [7, 20]], temperature=0.0)
+    histories = [[10], [3, 10], [7], [30, 31], [30, 33], [31, 31], [9, 30, 31], [30, 10], [10, 3], [33]]
+    for history in histories:
+        *outputs, last = history
+        assert banned_while_pending(params, outputs, last) == banned_by_step(params, history), history
+    # the first output pending: the prompt's 10 (PROMPT ends with it) still bans nothing
+    assert banned_while_pending(params, [], 3) == {5}
+    assert banned_while_pending(params, [], 10) == {5, 20}
+
+
+def test_a_placeholder_without_the_previous_ids_is_an_error():
+    params = params_with([[10, 20]], temperature=0.0)
+    with pytest.raises(RuntimeError, match="placeholder"):
+        build_sampling_tensors([pending_state(params, [10], 0)], VOCAB, CPU, EOS)
 
 
 class FakeTokenizer:
@@ -137,7 +177,6 @@ def test_make_requests_tokenizes_on_a_copy():
     request, _ = proc.make_requests("r", prompt, params)
     assert request.sampling_params.bad_words_token_ids == [[11], [12], [13, 14], [15, 14]]
     assert params.bad_words_token_ids is None        # the caller's object is untouched
-    assert request.sampling_params.reads_output_history
     plain, _ = proc.make_requests("s", prompt, SamplingParams())
     assert plain.sampling_params.bad_words_token_ids is None
 

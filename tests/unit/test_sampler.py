@@ -153,6 +153,30 @@ def test_frequency_and_presence_penalties_formula():
     assert ours[0, 60].item() == logits[0, 60].item()
 
 
+def test_penalties_count_a_placeholder_token_from_the_device():
+    """With async scheduling a row's latest output is still a -1 placeholder on the host when the
+    row is sampled: the penalties count it from the previous step's ids (prev_sampled, at the
+    row's sampled_row), and equal those of the same outputs fully on the host."""
+    params = [SamplingParams(frequency_penalty=0.5, presence_penalty=0.25), SamplingParams(repetition_penalty=1.4),
+              SamplingParams(frequency_penalty=1.0)]
+    histories = [[3, 3, 10], [60, 11], [44]]   # the last of each still on the device when pending
+    prev_sampled = torch.tensor([10, 99, 44, 11])   # rows 0, 3, 2 of the previous step hold them
+    pending = []
+    for p, out, src in zip(params, histories, [0, 3, 2]):
+        state = make_state(p, prompt=[3, 50, 60], outputs=out[:-1])
+        state.pending_pos, state.sampled_row = len(state.token_ids), src
+        state.token_ids.append(-1)
+        pending.append(state)
+    host = [make_state(p, prompt=[3, 50, 60], outputs=out) for p, out in zip(params, histories)]
+    logits = random_logits(len(params), seed=6)
+    logits[1, 11], logits[2, 44] = 2.0, 1.5
+    cpu = torch.device("cpu")
+    ours = apply_penalties(logits, build_sampling_tensors(pending, VOCAB, cpu, EOS, prev_sampled))
+    assert torch.equal(ours, apply_penalties(logits, build_sampling_tensors(host, VOCAB, cpu, EOS)))
+    assert ours[0, 10].item() == pytest.approx(logits[0, 10].item() - 0.75)
+    assert ours[1, 11].item() == pytest.approx(2.0 / 1.4) and ours[2, 44].item() == pytest.approx(0.5)
+
+
 def test_penalties_combined_order_repetition_then_frequency_presence():
     p = SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25)
     state = make_state(p, prompt=[4], outputs=[6, 6])
