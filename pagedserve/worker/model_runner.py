@@ -42,7 +42,7 @@ from pagedserve.worker import input_batch   # its PACK_STEP_INPUTS switch, read 
 from pagedserve.worker.kv_pool import kv_zeros
 from pagedserve.worker.lora_manager import LoraManager
 from pagedserve.worker.pending_output import PendingRunnerOutput, to_host
-from pagedserve.worker.sampling_inputs import sample
+from pagedserve.worker.sampling_inputs import SAMPLER_CHUNK_ROWS, sample
 
 logger = logging.getLogger(__name__)
 
@@ -481,11 +481,19 @@ class ModelRunner:
             if k is not None and start < state.num_prompt_tokens:
                 # positions start..end-1 predict tokens start+1..end (within the prompt)
                 end = min(state.num_computed_tokens, state.num_prompt_tokens - 1)
-                if end > start:
-                    logits = self.model.compute_logits(hidden[offset:offset + end - start])
-                    if logits is not None:
-                        targets = torch.tensor(state.token_ids[start + 1:end + 1], device=logits.device)
-                        ids, lps, ranks = gather_logprobs(logits.float().log_softmax(-1), targets, k)
-                        out[state.req_id] = list(map(TokenLogprobs, ids.tolist(), lps.tolist(), ranks.tolist()))
+                rows = []
+                # SAMPLER_CHUNK_ROWS positions at a time, the sampler's profiled working set: a
+                # whole 8k-token chunk's fp32 log-softmax over a 128k vocabulary is ~4 GB, taken
+                # from what the KV cache was sized to leave
+                for lo in range(start, end, SAMPLER_CHUNK_ROWS):
+                    hi = min(lo + SAMPLER_CHUNK_ROWS, end)
+                    logits = self.model.compute_logits(hidden[offset + lo - start:offset + hi - start])
+                    if logits is None:
+                        break
+                    targets = torch.tensor(state.token_ids[lo + 1:hi + 1], device=logits.device)
+                    ids, lps, ranks = gather_logprobs(logits.float().log_softmax(-1), targets, k)
+                    rows += map(TokenLogprobs, ids.tolist(), lps.tolist(), ranks.tolist())
+                if rows:
+                    out[state.req_id] = rows
             offset += q_len
         return out

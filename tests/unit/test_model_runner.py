@@ -118,6 +118,28 @@ def test_prompt_logprobs_are_named(runner, hf_model):
     assert out.sampled_token_ids == {A: int(reference[-1].argmax())}
 
 
+def test_prompt_logprobs_are_computed_a_bounded_chunk_of_positions_at_a_time(runner, hf_model, monkeypatch):
+    """The LM head and fp32 log-softmax of prompt_logprobs run SAMPLER_CHUNK_ROWS positions at a
+    time (the sampler's profiled working set; a whole chunk's is GBs on a large vocabulary), with
+    the same entries as one pass."""
+    from pagedserve.worker import model_runner
+    monkeypatch.setattr(model_runner, "SAMPLER_CHUNK_ROWS", 3)
+    seen = []
+    real = runner.model.compute_logits
+    monkeypatch.setattr(runner.model, "compute_logits", lambda h: seen.append(h.shape[0]) or real(h))
+    prompt = list(range(30, 41))   # 11 tokens: positions 0..9 predict tokens 1..10
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, prompt_logprobs=2)
+    out = step(runner, {A: 11}, new_requests=[NewRequestData(A, prompt, 11, params, [1, 2, 3], 0)])
+    assert seen[1:] == [3, 3, 3, 1]   # after the step's sampled row: 10 positions in chunks of 3
+    with torch.no_grad():
+        reference = hf_model(torch.tensor([prompt])).logits[0].log_softmax(-1)
+    entries = out.prompt_logprobs[A]
+    assert [entry.token_ids[0] for entry in entries] == prompt[1:]
+    for pos, entry in enumerate(entries):
+        assert entry.token_ids[1:] == reference[pos].topk(2).indices.tolist()
+        assert entry.logprobs[0] == pytest.approx(reference[pos, prompt[pos + 1]].item(), abs=1e-4)
+
+
 @pytest.mark.parametrize("max_model_len, prepared", [(4096, True), (2048, False)])
 def test_set_up_prepares_fa4_only_for_long_contexts(checkpoint, max_model_len: int, prepared: bool) -> None:
     """The runner's set-up asks the layers' backend to compile FlashAttention-4's prefill kernel, with the
