@@ -3,7 +3,8 @@ project's rule that no request may slow another): peers.py's thr512 (llama dummy
 U[64, 1024], output U[16, 512], greedy) run in one process on one engine as
 
   base  every request plain greedy
-  one   request 0 with frequency_penalty 0.5 (greedy still), the other 511 plain
+  one   the request of the most output tokens with frequency_penalty 0.5 (greedy still), the
+        other 511 plain
   all   every request with frequency_penalty 0.5 and repetition_penalty 1.1
 
 and the out tok/s of each (one warm-up of 8 requests first; `--rounds` interleaved rounds).
@@ -16,6 +17,7 @@ Prints one `RESULT {json}` line per run.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -27,35 +29,39 @@ sys.path[:0] = [os.environ.get("TREE", "."), ".devcarry", os.path.join(os.path.d
 
 def selfcheck() -> None:
     """On the GPU: penalties and bad words of rows whose latest token is still on the device
-    (async placeholders) equal those of the same histories on the host (the unit tests' cases,
-    tests/unit/test_sampler.py and test_bad_words.py, on CUDA tensors)."""
+    (async placeholders: the OutputHistory holds it, bans wait on prev_sampled) equal those of
+    the same outputs known on the host (tests/unit/test_sampler.py and test_bad_words.py's
+    cases, on CUDA tensors)."""
     import torch
     from pagedserve.layers.sampler import apply_bias_and_min_tokens, apply_penalties
     from pagedserve.sampling_params import SamplingParams
     from pagedserve.worker.input_batch import CachedRequestState
+    from pagedserve.worker.output_history import OutputHistory
     from pagedserve.worker.sampling_inputs import build_sampling_tensors
     dev, vocab = torch.device("cuda"), 128256
+    history = OutputHistory(dev)
 
-    def state(params, outputs, pending=None):
+    def state(params, outputs):
         s = CachedRequestState("r", [3, 50, 60], 3, params, [0], 3)
-        for t in outputs:
-            s.append_output(t)
-        if pending is not None:
-            s.pending_pos, s.sampled_row = len(s.token_ids), pending
-            s.token_ids.append(-1)
+        s.token_ids += outputs
+        history.add(s)
         return s
 
     params = [SamplingParams(frequency_penalty=0.5, presence_penalty=0.25), SamplingParams(repetition_penalty=1.4)]
     for p in params:
         p._bad_words_token_ids = [[5], [10, 20], [30, 31, 32]]
     histories = [[3, 3, 10], [30, 31]]
-    prev = torch.tensor([7, 31, 10], device=dev)
+    pending = [state(p, h[:-1]) for p, h in zip(params, histories)]
+    prev = torch.tensor([h[-1] for h in histories], device=dev)
+    history.append(pending, prev)
+    for s in pending:
+        s.pending_pos, s.sampled_row = len(s.token_ids), pending.index(s)
+        s.token_ids.append(-1)
     logits = torch.randn(2, vocab, device=dev)
-    pend = build_sampling_tensors([state(p, h[:-1], src) for p, h, src in zip(params, histories, [2, 1])], vocab, dev,
-                                  (2,), prev)
-    host = build_sampling_tensors([state(p, h) for p, h in zip(params, histories)], vocab, dev, (2,))
-    a = apply_penalties(apply_bias_and_min_tokens(logits.clone(), pend), pend)
-    b = apply_penalties(apply_bias_and_min_tokens(logits.clone(), host), host)
+    a_t = build_sampling_tensors(pending, vocab, dev, (2,), prev, history)
+    b_t = build_sampling_tensors([state(p, h) for p, h in zip(params, histories)], vocab, dev, (2,), None, history)
+    a = apply_penalties(apply_bias_and_min_tokens(logits.clone(), a_t), a_t)
+    b = apply_penalties(apply_bias_and_min_tokens(logits.clone(), b_t), b_t)
     ok = torch.equal(a, b) and bool(torch.isneginf(a[0, 20])) and bool(torch.isneginf(a[1, 32]))
     print("RESULT " + json.dumps(dict(selfcheck="placeholder penalties and bans on cuda", equal=ok)), flush=True)
 
@@ -77,11 +83,13 @@ def main() -> None:
     reqs = workload(args.n)
     prompts = [{"prompt_token_ids": p} for p, _ in reqs]
 
+    longest = max(range(len(reqs)), key=lambda i: reqs[i][1])   # alive for the whole run
+
     def params(kind: str) -> list:
         out = []
         for i, (_, o) in enumerate(reqs):
             extra = {}
-            if kind == "all" or (kind == "one" and i == 0):
+            if kind == "all" or (kind == "one" and i == longest):
                 extra = dict(frequency_penalty=0.5)
                 if kind == "all":
                     extra["repetition_penalty"] = 1.1
@@ -96,8 +104,10 @@ def main() -> None:
             outs = llm.generate(prompts, sps, use_tqdm=False)
             dt = time.time() - t0
             gen = sum(len(o.outputs[0].token_ids) for o in outs)
+            # the ids' digest: the old (lockstep) and new trees' should match where the batches do
+            digest = hashlib.sha256(json.dumps([o.outputs[0].token_ids for o in outs]).encode()).hexdigest()[:16]
             print("RESULT " + json.dumps(dict(tree=os.environ.get("TREE", "."), model=args.model, kind=kind, round=r, wall_s=round(dt, 2),
-                                              out_tok_s=round(gen / dt, 1))), flush=True)
+                                              out_tok_s=round(gen / dt, 1), ids=digest)), flush=True)
 
 
 if __name__ == "__main__":

@@ -29,15 +29,15 @@ class CachedRequestState:
     block_ids: list[int]
     num_computed_tokens: int
     generator: torch.Generator | None = None
-    # Occurrences of each output token, kept only for rows whose penalties read them.
-    output_counts: dict[int, int] = field(default_factory=dict)
     # Async scheduling: index in token_ids of the latest sampled token still on the device
     # (a -1 placeholder until its step is resolved), else -1.
     pending_pos: int = -1
     sampled_row: int = -1   # row of the last launched step's samples (valid while pending_pos >= 0)
     block_row: int = -1     # this request's row of the runner's BlockTable
     lora_slot: int = -1     # its LoRA adapter's device slot; -1: the base model
-    counts_outputs: bool = field(init=False)
+    history_row: int = -1   # penalties: its row of the runner's OutputHistory (-1: none), and
+    history_len: int = 0    # how many outputs are written there
+    counts_outputs: bool = field(init=False)   # penalties: its outputs are kept on the device (OutputHistory)
     plain_greedy: bool = field(init=False)   # SamplingParams.is_plain_greedy, read every step
     allowed_tokens: torch.Tensor | None = field(init=False)   # allowed_token_ids, once, as a sorted CPU tensor
     bad_words: BadWords | None = field(init=False)   # bad_words' token sequences, grouped once
@@ -63,11 +63,6 @@ class CachedRequestState:
 
     def append_output(self, token: int) -> None:
         self.token_ids.append(token)
-        self.count_output(token)
-
-    def count_output(self, token: int) -> None:
-        if self.counts_outputs:
-            self.output_counts[token] = self.output_counts.get(token, 0) + 1
 
 
 class BlockTable:

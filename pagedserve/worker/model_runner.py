@@ -42,6 +42,7 @@ from pagedserve.worker import input_batch   # its PACK_STEP_INPUTS switch, read 
 from pagedserve.worker.kv_pool import kv_zeros
 from pagedserve.worker.lora_manager import LoraManager
 from pagedserve.worker.pending_output import PendingRunnerOutput, to_host
+from pagedserve.worker.output_history import OutputHistory
 from pagedserve.worker.sampling_inputs import SAMPLER_CHUNK_ROWS, sample
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class ModelRunner:
         # the last launched step's sampled ids on the device (each state's `sampled_row` in them)
         self._prev_sampled: torch.Tensor | None = None
         self.grammar_mask = GrammarMask(device, scheduler.max_num_seqs)   # structured outputs' bitmasks
+        self.history = OutputHistory(device)   # penalised rows' outputs, where they are sampled
         self.lora: LoraManager | None = None   # enable_lora: the adapters in the model's slots
 
     # ---- set-up -----------------------------------------------------------------------
@@ -298,7 +300,8 @@ class ModelRunner:
                 if grammar_bitmask is not None:
                     mask = self.grammar_mask.to_device(logits, grammar_rows, grammar_bitmask)
                 sampled = sample(self.sampler, logits, states, self.model_config.vocab_size, self.device,
-                                 self.model_config.eos_token_ids, mask, self._prev_sampled)
+                                 self.model_config.eos_token_ids, mask, self._prev_sampled, self.history)
+                self.history.append(states, sampled.token_ids)
         except Exception:
             if self.share_sampled:
                 broadcast_from_rank0(torch.zeros(len(states), dtype=torch.int64, device=self.device))
@@ -398,9 +401,9 @@ class ModelRunner:
                                        new.sampling_params, list(new.block_ids), new.num_computed_tokens,
                                        generator)
             state.lora_slot = new.lora_slot
-            for token in new.token_ids[new.num_prompt_tokens:]:
-                state.count_output(token)
             self._add_state(state)
+            if state.counts_outputs and self.is_driver:   # the rank that samples
+                self.history.add(state)
         states = self.states
         for cached in so.cached_requests:   # every running row, every step: kept lean
             state = states[cached.req_id]
@@ -422,9 +425,11 @@ class ModelRunner:
                 self.generators[fork.req_id] = generator
             child = CachedRequestState(fork.req_id, list(parent.token_ids), parent.num_prompt_tokens,
                                        fork.sampling_params, list(parent.block_ids), parent.num_computed_tokens,
-                                       generator, dict(parent.output_counts))
+                                       generator)
             child.lora_slot = parent.lora_slot
             self._add_state(child)
+            if child.counts_outputs and self.is_driver:
+                self.history.fork(child, parent)
             self._forked[fork.req_id] = fork.parent_req_id
 
     @staticmethod
@@ -447,6 +452,7 @@ class ModelRunner:
         state = self.states.pop(req_id, None)
         if state is not None:
             self.block_table.remove(state.block_row)
+            self.history.remove(state)
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         src = torch.tensor([s for s, _ in copies], device=self.device)

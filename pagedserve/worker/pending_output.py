@@ -30,8 +30,6 @@ class PendingRunnerOutput:
         tokens = self.token_ids.tolist()
         for state, pos, token in zip(self.states, self.positions, tokens):
             state.token_ids[pos] = token
-            if state.counts_outputs:
-                state.count_output(token)
             if state.pending_pos == pos:
                 state.pending_pos = -1
         output.sampled_token_ids.update(zip([state.req_id for state in self.states], tokens))

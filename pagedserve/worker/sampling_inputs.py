@@ -5,12 +5,13 @@ the sparse parts: logit_bias, min_tokens masks, allowed_token_ids, bad words, ou
 is then built in one call. Optional tensors stay None when no row uses the feature, so the
 common case (greedy or plain temperature) costs one argmax or one softmax.
 
-Penalties and bad words read a row's output history. With async scheduling its latest token
-may still be on the device (a -1 placeholder, the last launched step's `sampled_row`): the
-penalties' counts take it from `prev_sampled` there, and a bad word waiting on it bans its last
-token only where it matches (BadWords.banned), so no such request holds the engine in lockstep.
-The penalties' [rows, vocab] counts and prompt masks are built on the device from the sparse
-lists (a repetition-penalised row's prompt ids are copied there once, CachedRequestState.prompt_ids).
+Penalties and bad words read a row's output history, whose latest token may still be on the
+device under async scheduling (a -1 placeholder on the host). The penalties count the outputs
+where they are: the runner's OutputHistory on the device, one scatter-add a chunk; their prompt
+masks come from each row's prompt ids, copied there once (CachedRequestState.prompt_ids). A
+bad word waiting on a placeholder bans its last token only where the placeholder's token
+(`prev_sampled`, at the row's sampled_row) matches (BadWords.banned). So no such request holds
+the engine in lockstep, and no [rows, vocab] table is built on the host.
 
 `sample` runs the sampler over at most SAMPLER_CHUNK_ROWS rows at a time: its float32 working
 set (logits, log-softmax, sort values and indices, probabilities: ~40 bytes per row per
@@ -24,6 +25,7 @@ import torch
 
 from pagedserve.layers.sampler import Sampler, SamplerOutput, SamplingTensors
 from pagedserve.worker.input_batch import CachedRequestState
+from pagedserve.worker.output_history import OutputHistory
 
 SAMPLER_CHUNK_ROWS = 128
 
@@ -40,11 +42,8 @@ class _Columns:
     repetition: list[float] = field(default_factory=list)
     frequency: list[float] = field(default_factory=list)
     presence: list[float] = field(default_factory=list)
-    count_rows: list[int] = field(default_factory=list)
-    count_tokens: list[int] = field(default_factory=list)
-    count_values: list[int] = field(default_factory=list)
-    pending_rows: list[int] = field(default_factory=list)   # penalised rows whose latest token is on the device
-    pending_src: list[int] = field(default_factory=list)    # ... its row of prev_sampled
+    counted_rows: list[int] = field(default_factory=list)   # penalised rows, and their states
+    counted: list[CachedRequestState] = field(default_factory=list)
     prompts: list[tuple[int, torch.Tensor]] = field(default_factory=list)   # (row, its prompt ids on the device)
     bias_rows: list[int] = field(default_factory=list)
     bias_tokens: list[int] = field(default_factory=list)
@@ -62,33 +61,37 @@ class _Columns:
 
 def sample(sampler: Sampler, logits: torch.Tensor, states: list[CachedRequestState], vocab_size: int,
            device: torch.device, eos_token_ids: tuple[int, ...], bitmask: torch.Tensor | None = None,
-           prev_sampled: torch.Tensor | None = None) -> SamplerOutput:
+           prev_sampled: torch.Tensor | None = None, history: OutputHistory | None = None) -> SamplerOutput:
     """Sample one token per row of `logits` (row i belongs to states[i]), in chunks of rows.
     `bitmask`: the rows' structured-outputs token bitmask on the device (Sampler).
-    `prev_sampled`: the last launched step's sampled ids on the device (rows' placeholders)."""
+    `prev_sampled`: the last launched step's sampled ids on the device (rows' placeholders);
+    `history`: the penalised rows' outputs (build_sampling_tensors)."""
     if len(states) <= SAMPLER_CHUNK_ROWS or all(state.plain_greedy for state in states):   # one pass
-        return sampler(logits, build_sampling_tensors(states, vocab_size, device, eos_token_ids, prev_sampled),
-                       bitmask)
+        return sampler(logits, build_sampling_tensors(states, vocab_size, device, eos_token_ids, prev_sampled,
+                                                      history), bitmask)
     return SamplerOutput.cat([
         sampler(logits[start:start + SAMPLER_CHUNK_ROWS],
                 build_sampling_tensors(states[start:start + SAMPLER_CHUNK_ROWS], vocab_size, device, eos_token_ids,
-                                       prev_sampled),
+                                       prev_sampled, history),
                 None if bitmask is None else bitmask[start:start + SAMPLER_CHUNK_ROWS])
         for start in range(0, len(states), SAMPLER_CHUNK_ROWS)])
 
 
 def build_sampling_tensors(states: list[CachedRequestState], vocab_size: int, device: torch.device,
-                           eos_token_ids: tuple[int, ...], prev_sampled: torch.Tensor | None = None
-                           ) -> SamplingTensors:
+                           eos_token_ids: tuple[int, ...], prev_sampled: torch.Tensor | None = None,
+                           history: OutputHistory | None = None) -> SamplingTensors:
     """Reads the states (mutates nothing but a row's cached prompt ids). Rows are in `states`
-    order. A row whose latest token is a placeholder needs `prev_sampled`, the ids it is in."""
+    order. Bad words waiting on a placeholder need `prev_sampled`, the ids it is in; penalised
+    rows need `history`, which holds their outputs (each state's history_row)."""
     if all(state.plain_greedy for state in states):   # the common case: one argmax
         return SamplingTensors(temperature=torch.zeros(len(states), device=device), all_greedy=True)
     c = _Columns()
     for row, state in enumerate(states):
         _collect_row(c, row, state, vocab_size, eos_token_ids, device)
-    if (c.pending_rows or any(src >= 0 for src in c.ban_src)) and prev_sampled is None:
+    if any(src >= 0 for src in c.ban_src) and prev_sampled is None:
         raise RuntimeError("a row's latest token is a placeholder, but no step's sampled ids were given")
+    if c.counted and (history is None or any(state.history_row < 0 for state in c.counted)):
+        raise RuntimeError("penalised rows need their outputs in an OutputHistory")
     t = SamplingTensors(temperature=_tensor(c.temperature, torch.float32, device))
     t.all_greedy = all(value < 1e-5 for value in c.temperature)
     if any(k < vocab_size for k in c.top_k):
@@ -99,7 +102,7 @@ def build_sampling_tensors(states: list[CachedRequestState], vocab_size: int, de
         t.min_p = _tensor(c.min_p, torch.float32, device)
     if any(p < 1.0 for p in c.typical_p):
         t.typical_p = _tensor(c.typical_p, torch.float32, device)
-    _add_penalties(t, c, len(states), vocab_size, device, prev_sampled)
+    _add_penalties(t, c, len(states), vocab_size, device, history)
     if c.bias_rows:
         t.bias_rows = _tensor(c.bias_rows, torch.int64, device)
         t.bias_tokens = _tensor(c.bias_tokens, torch.int64, device)
@@ -134,13 +137,9 @@ def _collect_row(c: _Columns, row: int, state: CachedRequestState, vocab_size: i
     c.repetition.append(p.repetition_penalty)
     c.frequency.append(p.frequency_penalty)
     c.presence.append(p.presence_penalty)
-    if state.counts_outputs:   # penalties: the outputs' counts (the host's, and a placeholder's on the device)
-        c.count_rows.extend([row] * len(state.output_counts))
-        c.count_tokens.extend(state.output_counts.keys())
-        c.count_values.extend(state.output_counts.values())
-        if state.pending_pos >= 0:
-            c.pending_rows.append(row)
-            c.pending_src.append(state.sampled_row)
+    if state.counts_outputs:   # penalties: its outputs are counted from the history on the device
+        c.counted_rows.append(row)
+        c.counted.append(state)
         if p.repetition_penalty != 1.0:
             c.prompts.append((row, state.prompt_ids(device)))
     for token, value in (p.logit_bias or {}).items():
@@ -177,22 +176,15 @@ def _tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Ten
 
 
 def _add_penalties(t: SamplingTensors, c: _Columns, num_rows: int, vocab_size: int,
-                   device: torch.device, prev_sampled: torch.Tensor | None) -> None:
+                   device: torch.device, history: OutputHistory | None) -> None:
     use_rep = any(v != 1.0 for v in c.repetition)
     use_freq = any(v != 0.0 for v in c.frequency)
     use_pres = any(v != 0.0 for v in c.presence)
     if not (use_rep or use_freq or use_pres):
         return
-    # on the device from the sparse lists: a [128, 128k] int32 table built on the host and
-    # copied over was ~65 MB a step for every step a penalised request ran
-    counts = torch.zeros(num_rows, vocab_size, dtype=torch.int32, device=device)
-    if c.count_rows:
-        counts.index_put_((_tensor(c.count_rows, torch.int64, device), _tensor(c.count_tokens, torch.int64, device)),
-                          _tensor(c.count_values, torch.int32, device))
-    if c.pending_rows:   # each placeholder's token, once
-        src = _tensor(c.pending_src, torch.int64, device)
-        counts.index_put_((_tensor(c.pending_rows, torch.int64, device), prev_sampled[src]),
-                          torch.ones(len(c.pending_rows), dtype=torch.int32, device=device), accumulate=True)
+    # counted on the device: a [128, 128k] int32 table built on the host and copied over was
+    # ~65 MB a step for every step a penalised request ran
+    counts = history.counts(c.counted_rows, c.counted, num_rows, vocab_size)
     prompt_mask = torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=device)
     if c.prompts:
         rows = torch.tensor([row for row, _ in c.prompts])

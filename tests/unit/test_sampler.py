@@ -16,10 +16,12 @@ from pagedserve.layers.sampler import (Sampler, apply_bias_and_min_tokens, apply
                                        apply_temperature_and_filters)
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.worker.input_batch import CachedRequestState
+from pagedserve.worker.output_history import OutputHistory
 from pagedserve.worker.sampling_inputs import build_sampling_tensors
 
 VOCAB = 512
 EOS = (7,)
+HISTORY = OutputHistory(torch.device("cpu"))   # the penalised states' outputs, as the runner keeps them
 
 
 def make_state(params: SamplingParams, prompt: list[int] | None = None, outputs: list[int] | None = None,
@@ -32,6 +34,8 @@ def make_state(params: SamplingParams, prompt: list[int] | None = None, outputs:
     state = CachedRequestState("r", list(prompt), len(prompt), params, [0], len(prompt), generator)
     for token in outputs:
         state.append_output(token)
+    if state.counts_outputs:
+        HISTORY.add(state)
     return state
 
 
@@ -82,7 +86,7 @@ FILTER_ROWS = [
 def test_filters_match_transformers_per_row():
     logits = random_logits(len(FILTER_ROWS), seed=0)
     states = [make_state(p) for p in FILTER_ROWS]
-    tensors = build_sampling_tensors(states, VOCAB, torch.device("cpu"), EOS)
+    tensors = build_sampling_tensors(states, VOCAB, torch.device("cpu"), EOS, history=HISTORY)
     ours = apply_temperature_and_filters(logits, tensors)
     kept = torch.isfinite(ours).sum(dim=-1).tolist()
     for row, params in enumerate(FILTER_ROWS):
@@ -106,7 +110,7 @@ def test_filters_match_transformers_random_params(seed):
             for _ in range(24)]
     logits = random_logits(len(rows), seed=100 + seed, scale=float(pick([1.0, 3.0, 6.0])))
     ours = apply_temperature_and_filters(
-        logits, build_sampling_tensors([make_state(p) for p in rows], VOCAB, torch.device("cpu"), EOS))
+        logits, build_sampling_tensors([make_state(p) for p in rows], VOCAB, torch.device("cpu"), EOS, history=HISTORY))
     for row, params in enumerate(rows):
         assert_same_processed(ours[row:row + 1], hf_filters(logits[row:row + 1].clone(), params))
 
@@ -120,7 +124,7 @@ def test_repetition_penalty_matches_transformers():
     logits = random_logits(len(states), seed=4)
     # seen tokens on both sides of zero, so both branches (divide / multiply) are taken
     logits[0, 5], logits[0, 9], logits[2, 44], logits[2, 40] = 2.5, -1.5, -3.0, 4.0
-    tensors = build_sampling_tensors(states, VOCAB, torch.device("cpu"), EOS)
+    tensors = build_sampling_tensors(states, VOCAB, torch.device("cpu"), EOS, history=HISTORY)
     ours = apply_penalties(logits, tensors)
     for row, (pen, prompt, out) in enumerate(zip(penalties, prompts, outputs)):
         input_ids = torch.tensor([prompt + out])
@@ -140,7 +144,7 @@ def test_frequency_and_presence_penalties_formula():
               SamplingParams(frequency_penalty=-0.7, presence_penalty=0.4)]
     states = [make_state(p, prompt=[3, 50, 60], outputs=out) for p, out in zip(params, outputs)]
     logits = random_logits(len(states), seed=5)
-    ours = apply_penalties(logits, build_sampling_tensors(states, VOCAB, torch.device("cpu"), EOS))
+    ours = apply_penalties(logits, build_sampling_tensors(states, VOCAB, torch.device("cpu"), EOS, history=HISTORY))
     expected = logits.clone()
     for row, (p, out) in enumerate(zip(params, outputs)):
         for token in set(out):   # prompt tokens are not penalized by frequency/presence
@@ -155,26 +159,50 @@ def test_frequency_and_presence_penalties_formula():
 
 def test_penalties_count_a_placeholder_token_from_the_device():
     """With async scheduling a row's latest output is still a -1 placeholder on the host when the
-    row is sampled: the penalties count it from the previous step's ids (prev_sampled, at the
-    row's sampled_row), and equal those of the same outputs fully on the host."""
+    row is sampled: the penalties count the outputs in the runner's OutputHistory, where each
+    step's sampled ids were appended on the device, and equal those of the same outputs known on
+    the host."""
     params = [SamplingParams(frequency_penalty=0.5, presence_penalty=0.25), SamplingParams(repetition_penalty=1.4),
-              SamplingParams(frequency_penalty=1.0)]
-    histories = [[3, 3, 10], [60, 11], [44]]   # the last of each still on the device when pending
-    prev_sampled = torch.tensor([10, 99, 44, 11])   # rows 0, 3, 2 of the previous step hold them
-    pending = []
-    for p, out, src in zip(params, histories, [0, 3, 2]):
-        state = make_state(p, prompt=[3, 50, 60], outputs=out[:-1])
-        state.pending_pos, state.sampled_row = len(state.token_ids), src
+              SamplingParams(frequency_penalty=1.0), SamplingParams(temperature=0.0)]
+    histories = [[3, 3, 10], [60, 11], [44], [44, 45]]   # the last of each sampled by the step in flight
+    pending = [make_state(p, prompt=[3, 50, 60], outputs=out[:-1]) for p, out in zip(params, histories)]
+    HISTORY.append(pending, torch.tensor([out[-1] for out in histories]))
+    for state in pending:
+        state.pending_pos, state.sampled_row = len(state.token_ids), 0
         state.token_ids.append(-1)
-        pending.append(state)
     host = [make_state(p, prompt=[3, 50, 60], outputs=out) for p, out in zip(params, histories)]
     logits = random_logits(len(params), seed=6)
     logits[1, 11], logits[2, 44] = 2.0, 1.5
     cpu = torch.device("cpu")
-    ours = apply_penalties(logits, build_sampling_tensors(pending, VOCAB, cpu, EOS, prev_sampled))
-    assert torch.equal(ours, apply_penalties(logits, build_sampling_tensors(host, VOCAB, cpu, EOS)))
+    ours = apply_penalties(logits, build_sampling_tensors(pending, VOCAB, cpu, EOS, history=HISTORY))
+    assert torch.equal(ours, apply_penalties(logits, build_sampling_tensors(host, VOCAB, cpu, EOS, history=HISTORY)))
     assert ours[0, 10].item() == pytest.approx(logits[0, 10].item() - 0.75)
     assert ours[1, 11].item() == pytest.approx(2.0 / 1.4) and ours[2, 44].item() == pytest.approx(0.5)
+    assert torch.equal(ours[3], logits[3])
+    assert pending[3].history_row == -1   # no penalties: no row kept
+
+
+def test_output_history_rows_are_reused_and_grow():
+    """Rows freed by finished requests are taken again; a row grows past its width; a fork
+    copies its parent's outputs, the one still on the device too."""
+    history = OutputHistory(torch.device("cpu"))
+    params = SamplingParams(frequency_penalty=1.0)
+    states = [CachedRequestState(str(i), [1, 2, 9, 9], 2, params, [0], 2) for i in range(20)]
+    for state in states:
+        history.add(state)
+    assert sorted(s.history_row for s in states) == list(range(20)) and history.ids.shape[0] == 32
+    history.remove(states[4])
+    late = CachedRequestState("late", [1, 2], 2, params, [0], 2)
+    history.add(late)
+    assert late.history_row == 4 and states[4].history_row == -1
+    for step in range(300):
+        history.append([late, states[0]], torch.tensor([step % 7, 5]))
+    assert late.history_len == 300 and history.ids.shape[1] >= 300
+    child = CachedRequestState("child", [1, 2, -1], 2, params, [0], 2)
+    history.fork(child, late)
+    counts = history.counts([0, 2], [child, states[0]], 3, 16)
+    assert counts[0, :7].tolist() == [43, 43, 43, 43, 43, 43, 42] and counts[0, 7:].sum() == 0
+    assert counts[1].sum() == 0 and counts[2, 9] == 2 and counts[2, 5] == 300
 
 
 def test_penalties_combined_order_repetition_then_frequency_presence():
@@ -182,7 +210,7 @@ def test_penalties_combined_order_repetition_then_frequency_presence():
     state = make_state(p, prompt=[4], outputs=[6, 6])
     logits = torch.zeros(1, VOCAB)
     logits[0, 4], logits[0, 6], logits[0, 8] = 3.0, -1.0, 1.0
-    ours = apply_penalties(logits, build_sampling_tensors([state], VOCAB, torch.device("cpu"), EOS))
+    ours = apply_penalties(logits, build_sampling_tensors([state], VOCAB, torch.device("cpu"), EOS, history=HISTORY))
     assert ours[0, 4].item() == 1.5                      # prompt: repetition only
     assert ours[0, 6].item() == -2.0 - 2 * 0.5 - 0.25     # output: repetition, then -freq*count - presence
     assert ours[0, 8].item() == 1.0
@@ -196,7 +224,7 @@ def test_logit_bias_and_min_tokens_masks():
         make_state(SamplingParams(min_tokens=3, ignore_eos=True, stop_token_ids=[31])),
     ]
     logits = random_logits(3, seed=6)
-    tensors = build_sampling_tensors(states, VOCAB, torch.device("cpu"), EOS)
+    tensors = build_sampling_tensors(states, VOCAB, torch.device("cpu"), EOS, history=HISTORY)
     ours = apply_bias_and_min_tokens(logits, tensors)
     expected = logits.clone()
     expected[0, 10] += 5.0
@@ -225,7 +253,7 @@ def test_a_complete_grammar_wins_over_min_tokens():
         logits = random_logits(3, seed=9)
         logits[:, EOS[0]] = 50.0
         bitmask = _bitmask([[EOS[0]], [EOS[0], 9], list(range(VOCAB))])
-        tensors = build_sampling_tensors(states, VOCAB, torch.device("cpu"), EOS)
+        tensors = build_sampling_tensors(states, VOCAB, torch.device("cpu"), EOS, history=HISTORY)
         assert Sampler()(logits.clone(), tensors, bitmask).token_ids.tolist()[:2] == [EOS[0], 9]
         assert Sampler()(logits.clone(), tensors, bitmask).token_ids[2].item() != EOS[0]
         unconstrained = apply_bias_and_min_tokens(logits, tensors)
@@ -243,7 +271,7 @@ def test_allowed_token_ids_restrict_greedy_and_sampled_rows():
     states = [make_state(greedy), make_state(SamplingParams(temperature=1.0, allowed_token_ids=[9, 300])),
               make_state(SamplingParams(temperature=0.0, logit_bias={1: 0.5})),
               make_state(SamplingParams(temperature=0.0, min_tokens=3, allowed_token_ids=[EOS[0]]))]
-    tensors = build_sampling_tensors(states, VOCAB, torch.device("cpu"), EOS)
+    tensors = build_sampling_tensors(states, VOCAB, torch.device("cpu"), EOS, history=HISTORY)
     tokens = Sampler()(logits.clone(), tensors).token_ids.tolist()
     assert tokens[0] == max(allowed, key=lambda t: logits[0, t].item())
     assert tokens[2:] == [400, EOS[0]]
@@ -267,7 +295,7 @@ def sample(rows: list[SamplingParams], logits: torch.Tensor, outputs: list[list[
            ) -> torch.Tensor:
     outputs = outputs or [[] for _ in rows]
     states = [make_state(p, outputs=out) for p, out in zip(rows, outputs)]
-    return Sampler()(logits, build_sampling_tensors(states, VOCAB, torch.device("cpu"), EOS)).token_ids
+    return Sampler()(logits, build_sampling_tensors(states, VOCAB, torch.device("cpu"), EOS, history=HISTORY)).token_ids
 
 
 def test_top_k_1_equals_greedy():
@@ -332,7 +360,7 @@ def test_seeded_rows_do_not_depend_on_the_batch():
         states = [make_state(p) for p in row_params]
         sampler, out = Sampler(), []
         for _ in range(steps):
-            tensors = build_sampling_tensors(states, VOCAB, torch.device("cpu"), EOS)
+            tensors = build_sampling_tensors(states, VOCAB, torch.device("cpu"), EOS, history=HISTORY)
             out.append(sampler(row_logits, tensors).token_ids.tolist())
         return [list(col) for col in zip(*out)]
 
@@ -367,7 +395,7 @@ def test_logprobs_are_raw_whatever_the_processing():
             SamplingParams(temperature=0.0, logprobs=2, repetition_penalty=1.5),
             SamplingParams(temperature=1.0)]
     states = [make_state(p, outputs=[int(logits[1].argmax())]) for p in rows]
-    out = Sampler()(logits, build_sampling_tensors(states, VOCAB, torch.device("cpu"), EOS))
+    out = Sampler()(logits, build_sampling_tensors(states, VOCAB, torch.device("cpu"), EOS, history=HISTORY))
     raw = logits.log_softmax(-1)
     assert out.token_ids[0].item() == 0      # the bias decided the draw ...
     assert out.logprob_token_ids.shape == (3, 6)   # sampled token + top-5 (the batch's max)
@@ -383,7 +411,7 @@ def test_logprobs_are_raw_whatever_the_processing():
 
 def test_no_logprobs_requested_means_none_computed():
     out = Sampler()(random_logits(2, seed=14), build_sampling_tensors(
-        [make_state(SamplingParams(temperature=0.0))] * 2, VOCAB, torch.device("cpu"), EOS))
+        [make_state(SamplingParams(temperature=0.0))] * 2, VOCAB, torch.device("cpu"), EOS, history=HISTORY))
     assert out.logprobs is None and out.logprob_token_ids is None
 
 
@@ -406,7 +434,7 @@ def _ops_for_batch(num_rows: int, num_seeded: int) -> int:
     for p in rows:   # bad_words as the input processor tokenizes them: bans 9 always, 5 after an output 4
         p._bad_words_token_ids = [[9], [4, 5]]
     tensors = build_sampling_tensors([make_state(p, outputs=[4, 4]) for p in rows], VOCAB,
-                                     torch.device("cpu"), EOS)
+                                     torch.device("cpu"), EOS, history=HISTORY)
     logits = random_logits(num_rows, seed=15)
     with _CountOps() as counter:
         Sampler()(logits, tensors)
@@ -435,7 +463,7 @@ def test_sampling_in_chunks_equals_one_pass(monkeypatch):
     for chunk in (len(params), 4, 1):
         monkeypatch.setattr(sampling_inputs, "SAMPLER_CHUNK_ROWS", chunk)
         states = [make_state(p) for p in params]   # fresh generators: same draws each time
-        results.append(sampling_inputs.sample(Sampler(), logits, states, VOCAB, torch.device("cpu"), EOS))
+        results.append(sampling_inputs.sample(Sampler(), logits, states, VOCAB, torch.device("cpu"), EOS, history=HISTORY))
     one = results[0]
     assert one.token_ids[2].item() == 11 and one.token_ids[4].item() != EOS[0]
     for out in results[1:]:

@@ -1,0 +1,88 @@
+"""The output tokens of the requests whose penalties count them, kept on the device.
+
+Repetition, frequency and presence penalties read each row's outputs so far. The runner keeps
+them where they are sampled: one row of an int32 [rows, columns] table per penalised request
+(grown by doubling, rows reused), the tokens written there by the step that samples them, so
+the next step's counts never wait for the host and no request holds the engine in lockstep
+(async scheduling: the host learns a step's tokens a step later). A step's counts are one
+scatter-add over the rows' tables; no [rows, vocab] table is built on the host.
+"""
+from __future__ import annotations
+
+import torch
+
+from pagedserve.worker.input_batch import CachedRequestState
+
+
+class OutputHistory:
+    """The table and its free rows; a state's row and length are its history_row and history_len."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.ids = torch.zeros((0, 0), dtype=torch.int32, device=device)
+        self._free: list[int] = []
+
+    def add(self, state: CachedRequestState) -> None:
+        """Give `state` a row holding its outputs so far (all known on the host: a new or resumed
+        request, or a fork of one whose outputs are known)."""
+        outputs = state.token_ids[state.num_prompt_tokens:]
+        if not self._free:
+            self._grow(max(2 * self.ids.shape[0], 16), self.ids.shape[1])
+        state.history_row = self._free.pop()
+        state.history_len = len(outputs)
+        if outputs:
+            self._grow(self.ids.shape[0], len(outputs))
+            self.ids[state.history_row, :len(outputs)] = torch.tensor(outputs, dtype=torch.int32).to(self.device)
+
+    def fork(self, child: CachedRequestState, parent: CachedRequestState) -> None:
+        """A parallel sample's row: a copy of its parent's (a token still on its way to the host too)."""
+        if not self._free:
+            self._grow(max(2 * self.ids.shape[0], 16), self.ids.shape[1])
+        child.history_row = self._free.pop()
+        child.history_len = parent.history_len
+        if parent.history_row >= 0:
+            self.ids[child.history_row] = self.ids[parent.history_row]
+
+    def remove(self, state: CachedRequestState) -> None:
+        if state.history_row >= 0:
+            self._free.append(state.history_row)
+            state.history_row = -1
+
+    def append(self, states: list[CachedRequestState], sampled: torch.Tensor) -> None:
+        """After a step sampled `sampled[i]` for states[i]: append it to each penalised row."""
+        rows = [i for i, state in enumerate(states) if state.history_row >= 0]
+        if not rows:
+            return
+        columns = [states[i].history_len for i in rows]
+        self._grow(self.ids.shape[0], max(columns) + 1)
+        index = torch.tensor([[states[i].history_row for i in rows], columns, rows]).to(self.device, non_blocking=True)
+        self.ids[index[0], index[1]] = sampled[index[2]].to(torch.int32)
+        for i in rows:
+            states[i].history_len += 1
+
+    def counts(self, rows: list[int], states: list[CachedRequestState], num_rows: int, vocab_size: int
+               ) -> torch.Tensor:
+        """[num_rows, vocab_size] int32: row rows[j] counts states[j]'s outputs, the rest 0."""
+        width = max(state.history_len for state in states)
+        counts = torch.zeros(num_rows, vocab_size + 1, dtype=torch.int32, device=self.device)
+        if width:
+            index = torch.tensor([[state.history_row for state in states], [state.history_len for state in states],
+                                  rows]).to(self.device, non_blocking=True)
+            tokens = self.ids[index[0], :width].long()
+            tokens.masked_fill_(torch.arange(width, device=self.device) >= index[1][:, None], vocab_size)
+            table = torch.full((num_rows, width), vocab_size, dtype=torch.int64, device=self.device)
+            table[index[2]] = tokens
+            counts.scatter_add_(1, table, torch.ones_like(table, dtype=torch.int32))
+        return counts[:, :vocab_size]   # column vocab_size gathered the padding
+
+    def _grow(self, rows: int, columns: int) -> None:
+        old_rows, old_columns = self.ids.shape
+        if rows <= old_rows and columns <= old_columns:
+            return
+        columns = max(columns, old_columns)
+        if columns > old_columns:
+            columns = max(columns, 2 * old_columns, 256)
+        grown = torch.zeros((max(rows, old_rows), columns), dtype=torch.int32, device=self.device)
+        grown[:old_rows, :old_columns] = self.ids
+        self.ids = grown
+        self._free.extend(range(rows - 1, old_rows - 1, -1))
