@@ -12,7 +12,8 @@ Usage (device; ncu reads the counters on the Firecracker machines, H200.md):
   --kernel-name regex:copy matched nothing)
 Without ncu it prints us a call (CUDA events) and the KV bytes' rate, as a check of the shape;
 --heads-first also A/Bs the decode grid's order (triton_paged_attention.DECODE_HEADS_FIRST off / on, CUDA
-graphs of 16 launches, 7 interleaved rounds, medians) and checks the outputs bit for bit.
+graphs of 16 launches, 7 interleaved rounds, medians) and checks the outputs bit for bit; --ab NAME does the
+same for another of that module's switches (e.g. DECODE_PREFETCH_TABLE).
 --fp8: the cache in FP8 E4M3 (kv_cache_dtype fp8), the same values rounded (benchmarks/fp8_ncu.sh runs both).
 """
 from __future__ import annotations
@@ -48,14 +49,16 @@ def main() -> None:
     e.record()
     torch.cuda.synchronize()
     us = a.elapsed_time(e) * 1000 / 20
-    if "--heads-first" in sys.argv:   # A/B: interleaved rounds of the default grid and heads-first
+    if "--heads-first" in sys.argv or "--ab" in sys.argv:   # A/B: interleaved rounds, a switch off / on
         from pagedserve.attention import triton_paged_attention as tpa
+        name = sys.argv[sys.argv.index("--ab") + 1] if "--ab" in sys.argv else "DECODE_HEADS_FIRST"
+        setattr(tpa, name, False)
         ref = b.paged(out=torch.empty_like(out)).clone()
-        tpa.DECODE_HEADS_FIRST = True
+        setattr(tpa, name, True)
         same = torch.equal(b.paged(out=torch.empty_like(out)), ref)
         graphs = {}
         for flag in (False, True):
-            tpa.DECODE_HEADS_FIRST = flag
+            setattr(tpa, name, flag)
             b.paged(out=out)
             torch.cuda.synchronize()
             g = torch.cuda.CUDAGraph()
@@ -63,7 +66,7 @@ def main() -> None:
                 for _ in range(16):
                     b.paged(out=out)
             graphs[flag] = g
-        tpa.DECODE_HEADS_FIRST = False
+        setattr(tpa, name, True)
         times = {False: [], True: []}
         for _ in range(7):
             for flag in (False, True):
@@ -73,8 +76,8 @@ def main() -> None:
                 torch.cuda.synchronize()
                 times[flag].append(a.elapsed_time(e) * 1000 / 16)
         med = {k: sorted(v)[3] for k, v in times.items()}
-        print(f"heads-first A/B ({HQ}/{HKV}/{D}, {rows} rows): default {med[False]:.1f} us "
-              f"({kv_bytes / med[False] / 1e6:.3f} TB/s), heads-first {med[True]:.1f} us "
+        print(f"{name} A/B ({HQ}/{HKV}/{D}, {rows} rows{', fp8' if '--fp8' in sys.argv else ''}): off {med[False]:.1f} us "
+              f"({kv_bytes / med[False] / 1e6:.3f} TB/s), on {med[True]:.1f} us "
               f"({kv_bytes / med[True] / 1e6:.3f} TB/s); outputs equal: {same}")
     with torch.cuda.nvtx.range("copy"):   # the copy: kv_bytes read and as many written
         dst.copy_(src)

@@ -106,8 +106,9 @@ def main() -> None:
             gen = sum(len(o.outputs[0].token_ids) for o in outs)
             # the ids' digest: the old (lockstep) and new trees' should match where the batches do
             digest = hashlib.sha256(json.dumps([o.outputs[0].token_ids for o in outs]).encode()).hexdigest()[:16]
-            print("RESULT " + json.dumps(dict(tree=os.environ.get("TREE", "."), model=args.model, kind=kind, round=r, wall_s=round(dt, 2),
-                                              out_tok_s=round(gen / dt, 1), ids=digest)), flush=True)
+            print("RESULT " + json.dumps(dict(tree=os.environ.get("TREE", "."), model=args.model, kind=kind, round=r,
+                                              wall_s=round(dt, 2), out_tok_s=round(gen / dt, 1), ids=digest)),
+                  flush=True)
 
 
 if __name__ == "__main__":
