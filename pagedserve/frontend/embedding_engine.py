@@ -25,6 +25,7 @@ from pagedserve.config import resolve_dtype
 from pagedserve.engine_args import EngineArgs
 from pagedserve.errors import EngineDeadError, ModelLoadError, RequestFailedError, ValidationError
 from pagedserve.frontend.input_processor import InputProcessor
+from pagedserve.frontend.prompt_bound import TokensAtLeast, prompt_length_bound
 from pagedserve.frontend.stoppable import run_stoppable, until_stopped
 from pagedserve.config import ModelConfig
 from pagedserve.models.bert import POOLING_ARCHITECTURES, PoolingConfig, read_pooling_config
@@ -235,6 +236,11 @@ class EmbeddingEngine:
                                   f"{names[0]} ({first} tokens) and {names[1]} ({second}) has {len(ids)} "
                                   f"({truncate_hint} cuts it)", names[0] if first > second else names[1])
         return ids, encoded["token_type_ids"]
+
+    def tokens_at_least(self, text: str) -> TokensAtLeast | None:
+        """prompt_bound's proof that `text` cannot fit max_model_len, else None (its tokenizer
+        calls under this engine's lock)."""
+        return prompt_length_bound(self.tokenizer).at_least(text, self.max_model_len + 1, self._tokenizer_lock)
 
     def _keep(self, truncate_prompt_tokens: int | None) -> int | None:
         """truncate_prompt_tokens checked: the tokens to keep, or None."""

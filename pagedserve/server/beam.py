@@ -14,7 +14,7 @@ from fastapi import Request
 from pagedserve.frontend.beam_search import from_sampling_params, run_async
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
-from pagedserve.server.context import ServerContext
+from pagedserve.server.context import ServerContext, off_loop
 from pagedserve.server.openai_protocol import ChatCompletionRequest, CompletionRequest
 from pagedserve.server.streaming import unless_disconnected
 
@@ -42,6 +42,8 @@ async def beam_search_outputs(ctx: ServerContext, request: CompletionRequest | C
     num_logprobs = processor.vocab_size if params.logprobs == -1 else params.logprobs
     searches = []
     for prompt in prompts:
+        if isinstance(prompt, str):   # one that surely cannot fit is refused before it is tokenized whole
+            await off_loop(processor.check_text_length, prompt)
         ids = list(prompt) if isinstance(prompt, list) else await ctx.engine.tokenize_prompt(prompt, add_special_tokens)
         max_tokens = params.max_tokens if params.max_tokens is not None else ctx.engine.max_model_len - len(ids)
         beam = from_sampling_params(params, request.length_penalty, max(max_tokens, 1))

@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from pagedserve.errors import ValidationError
+from pagedserve.frontend.prompt_bound import prompt_length_bound
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.server import structured
 from pagedserve.server.tgi_settings import TGISettings
@@ -156,6 +157,11 @@ def _check_inputs(request: GenerateRequest, settings: TGISettings, max_total_tok
     if p.truncate is not None and (p.truncate == 0 or p.truncate > max_input_tokens):
         raise ValidationError(f"`truncate` must be strictly positive and less than {max_input_tokens}. "
                               f"Given: {p.truncate}")
+    if p.truncate is None:   # refused before tokenizing it whole where it surely cannot fit
+        found = prompt_length_bound(tokenizer).at_least(request.inputs, max_input_tokens + 1)
+        if found is not None:
+            raise ValidationError(f"`inputs` must have less than {max_input_tokens} tokens. Given: at least "
+                                  f"{found.tokens} ({found.reason})")
     input_ids = tokenizer.encode(request.inputs, add_special_tokens=request.add_special_tokens)
     if p.truncate is not None:
         input_ids = input_ids[-p.truncate:]   # keep the last `truncate` tokens

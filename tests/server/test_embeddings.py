@@ -6,10 +6,12 @@ decoder under --runner pooling (Qwen3-Embedding's layout) serves the offline vec
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import struct
 import threading
+import time
 from typing import Iterator
 
 import pytest
@@ -139,6 +141,37 @@ def test_truncation_holds_while_other_requests_tokenize(embed_server) -> None:
     for thread in threads:
         thread.join(120)
     assert not failures, failures[:3]
+
+
+def test_a_15_mb_input_is_refused_at_once_and_a_plain_one_beside_it_is_answered(embed_server, reference) -> None:
+    """A 15 MB text (~3M tokens for a 256-token model) is refused from a prefix's tokens
+    (prompt_bound.PromptLengthBound), not after tokenizing it whole (~12 s of a tokenizing
+    thread each): /v1/embeddings a 400 naming input, TEI's /embed a 422 naming "truncate": true;
+    a plain request sent beside them gets its vector."""
+    text = "the capital of France is Paris " * (15_000_000 // 31)
+    bodies = {"/v1/embeddings": json.dumps({"model": "minilm", "input": text}).encode(),
+              "/embed": json.dumps({"inputs": text}).encode()}
+    results: dict[str, tuple[requests.Response, float]] = {}
+
+    def send(path: str) -> None:
+        started = time.monotonic()
+        response = requests.post(f"{embed_server.base_url}{path}", data=bodies[path],
+                                 headers={"Content-Type": "application/json"}, timeout=120)
+        results[path] = response, time.monotonic() - started
+
+    threads = [threading.Thread(target=send, args=(path,), daemon=True) for path in bodies]
+    for thread in threads:
+        thread.start()
+    plain = requests.post(f"{embed_server.base_url}/v1/embeddings", json={"model": "minilm", "input": TEXTS[0]},
+                          timeout=60)
+    for thread in threads:
+        thread.join(120)
+    assert plain.status_code == 200 and _close(plain.json()["data"][0]["embedding"], reference[0]), plain.text
+    (openai, openai_s), (tei, tei_s) = results["/v1/embeddings"], results["/embed"]
+    assert openai_s < 6 and tei_s < 6, (openai_s, tei_s)   # generous for a busy 2-core machine; ~12 s each before
+    assert openai.status_code == 400 and openai.json()["error"]["param"] == "input", openai.text[:500]
+    assert "maximum context length is 256 tokens; a prompt has at least" in openai.json()["error"]["message"]
+    assert tei.status_code == 422 and '"truncate": true' in tei.json()["error"], tei.text[:500]
 
 
 def test_invocations_and_ping_on_an_embedding_server(embed_server, reference) -> None:
