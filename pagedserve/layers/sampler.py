@@ -31,8 +31,11 @@ class SamplingTensors:
     repetition_penalty: torch.Tensor | None = None   # [B]
     frequency_penalty: torch.Tensor | None = None
     presence_penalty: torch.Tensor | None = None
-    prompt_mask: torch.Tensor | None = None          # [B, V] bool: token occurs in the prompt
-    output_counts: torch.Tensor | None = None        # [B, V] int: occurrences in the output
+    # penalties' seen tokens, one entry an occurrence: (row, token), and whether the output (or,
+    # under a repetition penalty, the prompt) holds it; rows without penalties have none
+    seen_rows: torch.Tensor | None = None            # [N] int64
+    seen_tokens: torch.Tensor | None = None          # [N] int64
+    seen_in_output: torch.Tensor | None = None       # [N] bool
     bias_rows: torch.Tensor | None = None            # logit_bias as (row, token, value) triples
     bias_tokens: torch.Tensor | None = None
     bias_values: torch.Tensor | None = None
@@ -77,16 +80,36 @@ class SamplerOutput:
 
 
 def apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """Repetition (prompt and output tokens: divided by the penalty where positive, else
+    multiplied), then frequency (minus the penalty times the output count) and presence (minus
+    the penalty once an output holds the token), as vLLM / transformers. Only the seen (row,
+    token) pairs change, so only they are computed: the entries are sorted by (row, token), each
+    gets its pair's output count from a cumulative sum over its run, and every entry of a run
+    writes the same value. A dense [rows, vocab] pass per penalty cost ~2.5 ms a step at
+    llama-1b's thr512 with penalties on every request. No host synchronisation."""
+    if t.seen_rows is None or t.seen_rows.numel() == 0:
+        return logits
+    keys, order = torch.sort(t.seen_rows * logits.shape[1] + t.seen_tokens)
+    rows, tokens, in_output = t.seen_rows[order], t.seen_tokens[order], t.seen_in_output[order]
+    n = keys.shape[0]
+    index = torch.arange(n, device=keys.device)
+    starts = torch.ones(n, dtype=torch.bool, device=keys.device)
+    starts[1:] = keys[1:] != keys[:-1]
+    ends = torch.ones_like(starts)
+    ends[:-1] = starts[1:]
+    run_start = torch.where(starts, index, 0).cummax(0).values
+    run_end = torch.where(ends, index, n).flip(0).cummin(0).values.flip(0)
+    outputs_so_far = in_output.cumsum(0)
+    count = outputs_so_far[run_end] - outputs_so_far[run_start] + in_output[run_start]
+    value = logits[rows, tokens]
     if t.repetition_penalty is not None:
-        seen = t.prompt_mask | (t.output_counts > 0)
-        penalty = t.repetition_penalty[:, None].expand_as(logits)
-        penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-        logits = torch.where(seen, penalized, logits)
+        penalty = t.repetition_penalty[rows]
+        value = torch.where(value > 0, value / penalty, value * penalty)
     if t.frequency_penalty is not None:
-        logits = logits - t.frequency_penalty[:, None] * t.output_counts
+        value = value - t.frequency_penalty[rows] * count
     if t.presence_penalty is not None:
-        logits = logits - t.presence_penalty[:, None] * (t.output_counts > 0)
-    return logits
+        value = value - t.presence_penalty[rows] * (count > 0)
+    return logits.index_put((rows, tokens), value)
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
@@ -217,7 +240,7 @@ class Sampler:
         """`bitmask`: the rows' structured-outputs token bitmask on the logits' device
         (token_bitmask_to_device), applied before anything else."""
         if t.all_greedy and t.max_num_logprobs is None and t.bias_rows is None and t.mask_rows is None \
-                and t.allow_rows is None and t.ban_rows is None and t.output_counts is None:
+                and t.allow_rows is None and t.ban_rows is None and t.seen_rows is None:
             return SamplerOutput(token_ids=greedy_ids(logits, bitmask))   # same ids as on the fp32 copy
         if bitmask is not None:
             apply_token_bitmask(logits, bitmask)

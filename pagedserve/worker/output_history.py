@@ -4,8 +4,8 @@ Repetition, frequency and presence penalties read each row's outputs so far. The
 them where they are sampled: one row of an int32 [rows, columns] table per penalised request
 (grown by doubling, rows reused), the tokens written there by the step that samples them, so
 the next step's counts never wait for the host and no request holds the engine in lockstep
-(async scheduling: the host learns a step's tokens a step later). A step's counts are one
-scatter-add over the rows' tables; no [rows, vocab] table is built on the host.
+(async scheduling: the host learns a step's tokens a step later). A step reads them as flat
+(row, token) entries (layers/sampler.apply_penalties works on those alone).
 """
 from __future__ import annotations
 
@@ -60,20 +60,23 @@ class OutputHistory:
         for i in rows:
             states[i].history_len += 1
 
-    def counts(self, rows: list[int], states: list[CachedRequestState], num_rows: int, vocab_size: int
-               ) -> torch.Tensor:
-        """[num_rows, vocab_size] int32: row rows[j] counts states[j]'s outputs, the rest 0."""
-        width = max(state.history_len for state in states)
-        counts = torch.zeros(num_rows, vocab_size + 1, dtype=torch.int32, device=self.device)
-        if width:
-            index = torch.tensor([[state.history_row for state in states], [state.history_len for state in states],
-                                  rows]).to(self.device, non_blocking=True)
-            tokens = self.ids[index[0], :width].long()
-            tokens.masked_fill_(torch.arange(width, device=self.device) >= index[1][:, None], vocab_size)
-            table = torch.full((num_rows, width), vocab_size, dtype=torch.int64, device=self.device)
-            table[index[2]] = tokens
-            counts.scatter_add_(1, table, torch.ones_like(table, dtype=torch.int32))
-        return counts[:, :vocab_size]   # column vocab_size gathered the padding
+    def entries(self, rows: list[int], states: list[CachedRequestState]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One entry an output token of states[j], on the device: (rows[j], the token), flat (no
+        synchronisation: the host knows each row's length)."""
+        lengths = [state.history_len for state in states]
+        total = sum(lengths)
+        if not total:
+            empty = torch.zeros(0, dtype=torch.int64, device=self.device)
+            return empty, empty
+        starts = [0]
+        for length in lengths[:-1]:
+            starts.append(starts[-1] + length)
+        table = torch.tensor([rows, [state.history_row for state in states], starts, lengths]
+                             ).to(self.device, non_blocking=True)
+        per_row = table[3]
+        spread = torch.repeat_interleave(table[:3], per_row, dim=1, output_size=total)
+        columns = torch.arange(total, device=self.device) - spread[2]
+        return spread[0], self.ids[spread[1], columns].long()
 
     def _grow(self, rows: int, columns: int) -> None:
         old_rows, old_columns = self.ids.shape

@@ -6,9 +6,10 @@ is then built in one call. Optional tensors stay None when no row uses the featu
 common case (greedy or plain temperature) costs one argmax or one softmax.
 
 Penalties and bad words read a row's output history, whose latest token may still be on the
-device under async scheduling (a -1 placeholder on the host). The penalties count the outputs
-where they are: the runner's OutputHistory on the device, one scatter-add a chunk; their prompt
-masks come from each row's prompt ids, copied there once (CachedRequestState.prompt_ids). A
+device under async scheduling (a -1 placeholder on the host). The penalties read the outputs
+where they are, the runner's OutputHistory on the device, and each row's prompt ids, copied
+there once (CachedRequestState.prompt_ids), as flat (row, token) entries (Sampler's
+apply_penalties). A
 bad word waiting on a placeholder bans its last token only where the placeholder's token
 (`prev_sampled`, at the row's sampled_row) matches (BadWords.banned). So no such request holds
 the engine in lockstep, and no [rows, vocab] table is built on the host.
@@ -102,7 +103,7 @@ def build_sampling_tensors(states: list[CachedRequestState], vocab_size: int, de
         t.min_p = _tensor(c.min_p, torch.float32, device)
     if any(p < 1.0 for p in c.typical_p):
         t.typical_p = _tensor(c.typical_p, torch.float32, device)
-    _add_penalties(t, c, len(states), vocab_size, device, history)
+    _add_penalties(t, c, device, history)
     if c.bias_rows:
         t.bias_rows = _tensor(c.bias_rows, torch.int64, device)
         t.bias_tokens = _tensor(c.bias_tokens, torch.int64, device)
@@ -175,24 +176,24 @@ def _tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Ten
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
-def _add_penalties(t: SamplingTensors, c: _Columns, num_rows: int, vocab_size: int,
-                   device: torch.device, history: OutputHistory | None) -> None:
+def _add_penalties(t: SamplingTensors, c: _Columns, device: torch.device, history: OutputHistory | None) -> None:
     use_rep = any(v != 1.0 for v in c.repetition)
     use_freq = any(v != 0.0 for v in c.frequency)
     use_pres = any(v != 0.0 for v in c.presence)
     if not (use_rep or use_freq or use_pres):
         return
-    # counted on the device: a [128, 128k] int32 table built on the host and copied over was
-    # ~65 MB a step for every step a penalised request ran
-    counts = history.counts(c.counted_rows, c.counted, num_rows, vocab_size)
-    prompt_mask = torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=device)
+    # the seen tokens as flat (row, token) entries on the device: outputs from the history, prompts
+    # from each row's cached ids (a [rows, vocab] table a step cost ~65 MB at a 128k vocabulary)
+    rows, tokens = history.entries(c.counted_rows, c.counted)
+    in_output = torch.ones(rows.shape[0], dtype=torch.bool, device=device)
     if c.prompts:
-        rows = torch.tensor([row for row, _ in c.prompts])
-        lengths = torch.tensor([len(ids) for _, ids in c.prompts])
-        prompt_mask.index_put_((torch.repeat_interleave(rows, lengths).to(device, non_blocking=True),
-                                torch.cat([ids for _, ids in c.prompts])), torch.tensor(True, device=device))
-    t.output_counts = counts
-    t.prompt_mask = prompt_mask
+        lengths = [ids.shape[0] for _, ids in c.prompts]
+        prompt_rows = torch.tensor([row for row, _ in c.prompts]).to(device, non_blocking=True)
+        rows = torch.cat([rows, torch.repeat_interleave(
+            prompt_rows, torch.tensor(lengths).to(device, non_blocking=True), output_size=sum(lengths))])
+        tokens = torch.cat([tokens, *(ids for _, ids in c.prompts)])
+        in_output = torch.cat([in_output, torch.zeros(sum(lengths), dtype=torch.bool, device=device)])
+    t.seen_rows, t.seen_tokens, t.seen_in_output = rows, tokens, in_output
     if use_rep:
         t.repetition_penalty = _tensor(c.repetition, torch.float32, device)
     if use_freq:

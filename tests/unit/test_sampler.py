@@ -200,9 +200,53 @@ def test_output_history_rows_are_reused_and_grow():
     assert late.history_len == 300 and history.ids.shape[1] >= 300
     child = CachedRequestState("child", [1, 2, -1], 2, params, [0], 2)
     history.fork(child, late)
-    counts = history.counts([0, 2], [child, states[0]], 3, 16)
+    rows, tokens = history.entries([0, 2], [child, states[0]])
+    counts = torch.zeros(3, 16, dtype=torch.int64).index_put_((rows, tokens), torch.ones_like(rows), accumulate=True)
     assert counts[0, :7].tolist() == [43, 43, 43, 43, 43, 43, 42] and counts[0, 7:].sum() == 0
     assert counts[1].sum() == 0 and counts[2, 9] == 2 and counts[2, 5] == 300
+    assert rows.tolist() == [0] * 300 + [2] * 302 and tokens[300:302].tolist() == [9, 9]
+
+
+def dense_penalties(logits: torch.Tensor, states: list[CachedRequestState]) -> torch.Tensor:
+    """The penalties as [rows, vocab] passes (the sampler's form before session 44), from the
+    states' host token lists: the reference the sparse form must equal bit for bit."""
+    rows = len(states)
+    counts = torch.zeros(rows, VOCAB, dtype=torch.int32)
+    prompt = torch.zeros(rows, VOCAB, dtype=torch.bool)
+    for row, state in enumerate(states):
+        for token in state.token_ids[state.num_prompt_tokens:]:
+            counts[row, token] += 1
+        if state.sampling_params.repetition_penalty != 1.0:
+            prompt[row, state.token_ids[:state.num_prompt_tokens]] = True
+    rep = torch.tensor([s.sampling_params.repetition_penalty for s in states])
+    freq = torch.tensor([s.sampling_params.frequency_penalty for s in states])
+    pres = torch.tensor([s.sampling_params.presence_penalty for s in states])
+    seen = prompt | (counts > 0)
+    penalty = rep[:, None].expand_as(logits)
+    logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+    logits = logits - freq[:, None] * counts
+    return logits - pres[:, None] * (counts > 0)
+
+
+def test_sparse_penalties_equal_the_dense_passes_bit_for_bit():
+    """Random rows (some without penalties, repeated tokens, prompt and output overlapping,
+    empty outputs): the sorted-entries form changes exactly the dense form's values."""
+    rng = torch.Generator().manual_seed(9)
+    for trial in range(20):
+        states = []
+        for row in range(7):
+            kind = int(torch.randint(0, 5, (1,), generator=rng))
+            params = [SamplingParams(), SamplingParams(repetition_penalty=1.35),
+                      SamplingParams(frequency_penalty=0.7, presence_penalty=-0.4),
+                      SamplingParams(repetition_penalty=0.8, frequency_penalty=-1.1),
+                      SamplingParams(presence_penalty=1.9)][kind]
+            high = 12 if trial % 2 else VOCAB   # few distinct tokens: long runs
+            prompt = torch.randint(0, high, (int(torch.randint(1, 30, (1,), generator=rng)),), generator=rng).tolist()
+            outputs = torch.randint(0, high, (int(torch.randint(0, 40, (1,), generator=rng)),), generator=rng).tolist()
+            states.append(make_state(params, prompt=prompt, outputs=outputs))
+        logits = random_logits(len(states), seed=100 + trial)
+        tensors = build_sampling_tensors(states, VOCAB, torch.device("cpu"), EOS, history=HISTORY)
+        assert torch.equal(apply_penalties(logits.clone(), tensors), dense_penalties(logits.clone(), states)), trial
 
 
 def test_penalties_combined_order_repetition_then_frequency_presence():
