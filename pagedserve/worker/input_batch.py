@@ -54,7 +54,8 @@ class CachedRequestState:
     def prompt_ids(self, device: torch.device) -> torch.Tensor:
         """The prompt's ids on `device` (int64), copied there at the first call (repetition penalty)."""
         if self._prompt_ids is None:
-            self._prompt_ids = torch.tensor(self.token_ids[:self.num_prompt_tokens], dtype=torch.int64).to(device)
+            self._prompt_ids = torch.tensor(self.token_ids[:self.num_prompt_tokens], dtype=torch.int64).to(
+                device, non_blocking=True)   # no wait for the step in flight
         return self._prompt_ids
 
     @property

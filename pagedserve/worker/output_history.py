@@ -32,7 +32,8 @@ class OutputHistory:
         state.history_len = len(outputs)
         if outputs:
             self._grow(self.ids.shape[0], len(outputs))
-            self.ids[state.history_row, :len(outputs)] = torch.tensor(outputs, dtype=torch.int32).to(self.device)
+            self.ids[state.history_row, :len(outputs)] = torch.tensor(outputs, dtype=torch.int32).to(
+                self.device, non_blocking=True)   # no wait for the step in flight
 
     def fork(self, child: CachedRequestState, parent: CachedRequestState) -> None:
         """A parallel sample's row: a copy of its parent's (a token still on its way to the host too)."""

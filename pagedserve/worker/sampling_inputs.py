@@ -1,18 +1,17 @@
 """Turn the sampling parameters of the rows that sample this step into SamplingTensors.
 
 One Python pass over the rows collects plain lists (and flat (row, token) index lists for
-the sparse parts: logit_bias, min_tokens masks, allowed_token_ids, bad words, output counts); each tensor
-is then built in one call. Optional tensors stay None when no row uses the feature, so the
+the sparse parts: logit_bias, min_tokens masks, allowed_token_ids, bad words); each tensor is
+then built in one call. Optional tensors stay None when no row uses the feature, so the
 common case (greedy or plain temperature) costs one argmax or one softmax.
 
 Penalties and bad words read a row's output history, whose latest token may still be on the
 device under async scheduling (a -1 placeholder on the host). The penalties read the outputs
 where they are, the runner's OutputHistory on the device, and each row's prompt ids, copied
-there once (CachedRequestState.prompt_ids), as flat (row, token) entries (Sampler's
-apply_penalties). A
-bad word waiting on a placeholder bans its last token only where the placeholder's token
-(`prev_sampled`, at the row's sampled_row) matches (BadWords.banned). So no such request holds
-the engine in lockstep, and no [rows, vocab] table is built on the host.
+there once (CachedRequestState.prompt_ids), as flat (row, token) entries (the sampler's
+apply_penalties). A bad word waiting on a placeholder bans its last token only where the
+placeholder's token (`prev_sampled`, at the row's sampled_row) matches (BadWords.banned). So
+no such request holds the engine in lockstep, and no [rows, vocab] table is built.
 
 `sample` runs the sampler over at most SAMPLER_CHUNK_ROWS rows at a time: its float32 working
 set (logits, log-softmax, sort values and indices, probabilities: ~40 bytes per row per
