@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pagedserve import __version__
 from pagedserve.errors import ValidationError
-from pagedserve.frontend.embedding_engine import AsyncEmbeddingEngine, EmbeddingEngine, shorten
+from pagedserve.frontend.embedding_engine import AsyncEmbeddingEngine, shorten
 from pagedserve.frontend.stoppable import until_stopped
 from pagedserve.server.context import AdmissionLimit, ServerContext, ServerSettings, new_request_id
 from pagedserve.server.app import add_admitted_route, add_health_routes
@@ -128,15 +128,9 @@ class EmbeddingMetrics:
 async def create_embedding(ctx: ServerContext, request: EmbeddingRequest, metrics: EmbeddingMetrics) -> Response:
     ctx.check_model(request.model)
     _not_cross_encoder(ctx)
-    engine: EmbeddingEngine = ctx.engine.engine
-    truncate = request.truncate_prompt_tokens
-
-    def process(item: str | list[int]) -> list[int]:
-        if truncate is None:
-            _refuse_too_long(engine, item, "input", "truncate_prompt_tokens")
-        return engine.process_prompt(item, truncate, request.add_special_tokens, "input")
-
-    id_lists, vectors = await _embed(ctx, metrics, request.inputs(), request.dimensions, process)
+    process_prompt = ctx.engine.engine.process_prompt
+    id_lists, vectors = await _embed(ctx, metrics, request.inputs(), request.dimensions, lambda item: process_prompt(
+        item, request.truncate_prompt_tokens, request.add_special_tokens, "input"))
     response_id, _ = new_request_id("embd", request.request_id)
     data = [{"object": "embedding", "index": i,
              "embedding": _base64(vector) if request.encoding_format == "base64" else vector}
@@ -163,26 +157,10 @@ async def create_tei_embedding(ctx: ServerContext, request: EmbedRequest, metric
     def process(item: str | list[int]) -> list[int]:
         if isinstance(item, list) and truncate:   # the first max_model_len tokens (TEI's right side)
             item = item[:limit]
-        if not truncate:
-            _refuse_too_long(ctx.engine.engine, item, "inputs", '"truncate": true')
         return ctx.engine.engine.process_prompt(item, -1 if truncate else None, True, "inputs", '"truncate": true')
 
     _, vectors = await _embed(ctx, metrics, request.inputs_list(), request.dimensions, process, request.normalize)
     return JSONResponse(vectors)
-
-
-def _refuse_too_long(engine: EmbeddingEngine, item: Any, param: str, truncate_hint: str) -> None:
-    """A text input that surely makes more than max_model_len tokens is refused before it is
-    tokenized whole (prompt_bound.PromptLengthBound: a 15 MB input held a tokenizing thread
-    for seconds to reach the same 400); a text that may fit is left to process_prompt."""
-    if isinstance(item, dict) and "prompt_token_ids" not in item:
-        item = item.get("prompt")
-    if not isinstance(item, str) or engine.tokenizer is None:
-        return
-    found = engine.tokens_at_least(item)
-    if found is not None:
-        raise ValidationError(f"this model's maximum context length is {engine.max_model_len} tokens; a prompt has "
-                              f"at least {found.tokens} ({found.reason}; {truncate_hint} cuts it)", param)
 
 
 async def _embed(ctx: ServerContext, metrics: EmbeddingMetrics, inputs: list[str | list[int]], dimensions: int | None,

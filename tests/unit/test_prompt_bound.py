@@ -38,9 +38,9 @@ class Counting:
     def __init__(self, tokenizer) -> None:
         self.tokenizer, self.chars = tokenizer, 0
 
-    def __call__(self, text, **kwargs):
-        self.chars += len(text)
-        return self.tokenizer(text, **kwargs)
+    def __call__(self, *texts, **kwargs):   # one text, or a pair
+        self.chars += sum(map(len, texts))
+        return self.tokenizer(*texts, **kwargs)
 
     def encode(self, text, **kwargs):
         self.chars += len(text)
@@ -213,3 +213,28 @@ def test_a_tokenizer_without_a_pipeline_gets_no_bound() -> None:
     assert bound.longest_token is None and bound.probe_edge is None
     assert bound.at_least("x" * 100_000, 10) is None
     assert prompt_length_bound(None).at_least("x" * 100, 10) is None
+
+
+def test_embedding_engines_refuse_15_mb_inputs_and_pairs_without_tokenizing_them(tmp_path) -> None:
+    """The pooling engine's prompts (/v1/embeddings, TEI /embed, /classify) and a cross-encoder's
+    pairs (/score, /rerank) take the same bound: a 15 MB text is refused naming its own field,
+    after a prefix, not whole; with truncation asked for, it is tokenized (keeping the first
+    tokens needs the text), and a pair of short texts is scored as before."""
+    from pagedserve import LLM
+    from tests.models.test_score import write_cross_encoder
+    llm = LLM(model=write_cross_encoder(str(tmp_path / "cross"), seed=3))
+    try:
+        engine = llm.engine
+        engine.tokenizer = counting = Counting(engine.tokenizer)
+        big = "the capital of France is Paris " * (BIG // 31)
+        with pytest.raises(ValidationError, match="at least") as refused:
+            engine.process_pair("a query", big, names=("text_1", "text_2"))
+        assert refused.value.param == "text_2"
+        with pytest.raises(ValidationError, match="at least") as refused:
+            engine.process_prompt({"prompt": big}, param="input")
+        assert refused.value.param == "input" and counting.chars < 100_000
+        ids, types = engine.process_pair("a query", "a document")
+        assert len(ids) == len(types) > 4
+        assert len(engine.process_prompt(big[:200_000], truncate_prompt_tokens=-1)) == engine.max_model_len
+    finally:
+        llm.shutdown()
