@@ -26,9 +26,7 @@ class OutputHistory:
         """Give `state` a row holding its outputs so far (all known on the host: a new or resumed
         request, or a fork of one whose outputs are known)."""
         outputs = state.token_ids[state.num_prompt_tokens:]
-        if not self._free:
-            self._grow(max(2 * self.ids.shape[0], 16), self.ids.shape[1])
-        state.history_row = self._free.pop()
+        state.history_row = self._take_row()
         state.history_len = len(outputs)
         if outputs:
             self._grow(self.ids.shape[0], len(outputs))
@@ -37,9 +35,7 @@ class OutputHistory:
 
     def fork(self, child: CachedRequestState, parent: CachedRequestState) -> None:
         """A parallel sample's row: a copy of its parent's (a token still on its way to the host too)."""
-        if not self._free:
-            self._grow(max(2 * self.ids.shape[0], 16), self.ids.shape[1])
-        child.history_row = self._free.pop()
+        child.history_row = self._take_row()
         child.history_len = parent.history_len
         if parent.history_row >= 0:
             self.ids[child.history_row] = self.ids[parent.history_row]
@@ -78,6 +74,11 @@ class OutputHistory:
         spread = torch.repeat_interleave(table[:3], per_row, dim=1, output_size=total)
         columns = torch.arange(total, device=self.device) - spread[2]
         return spread[0], self.ids[spread[1], columns].long()
+
+    def _take_row(self) -> int:
+        if not self._free:
+            self._grow(max(2 * self.ids.shape[0], 16), self.ids.shape[1])
+        return self._free.pop()
 
     def _grow(self, rows: int, columns: int) -> None:
         old_rows, old_columns = self.ids.shape

@@ -187,9 +187,9 @@ def _add_penalties(t: SamplingTensors, c: _Columns, device: torch.device, histor
     in_output = torch.ones(rows.shape[0], dtype=torch.bool, device=device)
     if c.prompts:
         lengths = [ids.shape[0] for _, ids in c.prompts]
-        prompt_rows = torch.tensor([row for row, _ in c.prompts]).to(device, non_blocking=True)
-        rows = torch.cat([rows, torch.repeat_interleave(
-            prompt_rows, torch.tensor(lengths).to(device, non_blocking=True), output_size=sum(lengths))])
+        prompt_rows = _tensor([row for row, _ in c.prompts], torch.int64, device)
+        rows = torch.cat([rows, torch.repeat_interleave(prompt_rows, _tensor(lengths, torch.int64, device),
+                                                        output_size=sum(lengths))])
         tokens = torch.cat([tokens, *(ids for _, ids in c.prompts)])
         in_output = torch.cat([in_output, torch.zeros(sum(lengths), dtype=torch.bool, device=device)])
     t.seen_rows, t.seen_tokens, t.seen_in_output = rows, tokens, in_output
