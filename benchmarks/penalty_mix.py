@@ -30,7 +30,7 @@ sys.path[:0] = [os.environ.get("TREE", "."), ".devcarry", os.path.join(os.path.d
 def selfcheck() -> None:
     """On the GPU: penalties and bad words of rows whose latest token is still on the device
     (async placeholders: the OutputHistory holds it, bans wait on prev_sampled) equal those of
-    the same outputs known on the host (tests/unit/test_sampler.py and test_bad_words.py's
+    the same outputs known on the host (tests/unit/test_penalties.py and test_bad_words.py's
     cases, on CUDA tensors)."""
     import torch
     from pagedserve.layers.sampler import apply_bias_and_min_tokens, apply_penalties
