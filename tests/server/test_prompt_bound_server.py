@@ -1,34 +1,32 @@
 """A 15 MB text prompt through the float32 `server` (a real HTTP server on the default model,
 max_model_len 8192): its 400 (TGI: 422) names the parameter and comes from the prompt's length
 (prompt_bound.PromptLengthBound), not after tokenizing it whole (13-33 s of an input thread
-each, which delayed every request behind them); a plain request sent beside them is answered."""
+each, which delayed every request behind them; the message's "at least" says which: the count
+came from the bound); a plain request sent beside them is answered. How little of the text is
+tokenized is pinned in tests/unit/test_prompt_bound.py by counting characters, not by time."""
 from __future__ import annotations
 
 import json
 import threading
-import time
 
 import requests
 
 MODEL = "SmolLM2-135M-Instruct"
 TEXT = "the capital of France is Paris " * (15_000_000 // 31)   # 15 MB, ~3M tokens
 PLAIN = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
-BOUND_S = 6.0   # generous for a busy 2-core machine (~0.2-0.7 s here); each took 11-15 s before, and they queued
 
 
-def _post(server, path: str, data: bytes) -> tuple[requests.Response, float]:
-    started = time.monotonic()
-    response = requests.post(f"{server.base_url}{path}", data=data, headers={"Content-Type": "application/json"},
-                             timeout=120)
-    return response, time.monotonic() - started
+def _post(server, path: str, data: bytes) -> requests.Response:
+    return requests.post(f"{server.base_url}{path}", data=data, headers={"Content-Type": "application/json"},
+                         timeout=120)
 
 
-def _check_refused(path: str, response: requests.Response, elapsed: float) -> None:
-    assert elapsed < BOUND_S, (path, elapsed)
+def _check_refused(path: str, response: requests.Response) -> None:
     if path.startswith("/generate"):   # TGI's shape: a 422 validation error
         assert response.status_code == 422, (path, response.text[:500])
         body = response.json()
         assert body["error_type"] == "validation" and "`inputs` must have less than 8191 tokens" in body["error"]
+        assert "Given: at least" in body["error"], body["error"]
     else:
         assert response.status_code == 400, (path, response.text[:500])
         error = response.json()["error"]
@@ -44,7 +42,7 @@ def test_a_15_mb_prompt_is_refused_at_once_and_a_plain_request_beside_it_is_answ
                                        "max_tokens": 4},
               "/generate": {"inputs": TEXT, "parameters": {"max_new_tokens": 4}}}
     data = {path: json.dumps(body).encode() for path, body in bodies.items()}
-    results: dict[str, tuple[requests.Response, float]] = {}
+    results: dict[str, requests.Response] = {}
 
     def send(path: str) -> None:
         results[path] = _post(server, path, data[path])
@@ -58,8 +56,8 @@ def test_a_15_mb_prompt_is_refused_at_once_and_a_plain_request_beside_it_is_answ
     assert plain.status_code == 200, plain.text
     assert plain.json()["choices"][0]["text"] == reference.json()["choices"][0]["text"]
     assert set(results) == set(data)
-    for path, (response, elapsed) in results.items():
-        _check_refused(path, response, elapsed)
+    for path, response in results.items():
+        _check_refused(path, response)
 
 
 def test_a_15_mb_prompt_on_the_other_text_paths_is_refused_at_once(server) -> None:
@@ -68,5 +66,4 @@ def test_a_15_mb_prompt_on_the_other_text_paths_is_refused_at_once(server) -> No
                        ("/v1/completions", {"model": MODEL, "prompt": TEXT, "max_tokens": 4, "n": 2,
                                             "use_beam_search": True}),
                        ("/generate_stream", {"inputs": TEXT, "parameters": {"max_new_tokens": 4}})):
-        response, elapsed = _post(server, path, json.dumps(body).encode())
-        _check_refused(path, response, elapsed)
+        _check_refused(path, _post(server, path, json.dumps(body).encode()))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 
 import pytest
 
@@ -113,13 +112,11 @@ def test_a_15_mb_prompt_is_refused_without_tokenizing_it(tokenizer) -> None:
     processor = InputProcessor(counting, 49152, 8192, (2,))
     words = "the capital of France is Paris " * (BIG // 31)
     for text in (words, "a" * BIG, " " * BIG, "é" * BIG):
-        started = time.monotonic()
         with pytest.raises(ValidationError, match=r"the prompt is at least \d+ tokens long \(.*\); max_model_len is "
                                                   r"8192 and at least one token must be generated") as refused:
             processor.process_prompt(text)
         assert refused.value.param == "prompt"
-        assert counting.chars == 0   # its length alone: nothing was tokenized
-        assert time.monotonic() - started < 5   # was 13-33 s
+        assert counting.chars == 0   # its length alone: nothing was tokenized (whole, 13-33 s each)
     # a dict prompt (vLLM's TextPrompt) and the offline engine's path are the same call
     with pytest.raises(ValidationError, match="at least"):
         processor.process_prompt({"prompt": words})
