@@ -11,7 +11,7 @@ and the out tok/s of each (one warm-up of 8 requests first; `--rounds` interleav
 `one` against `base` is the cost a penalised request puts on the others.
 
 Usage (device; peers.py copied into the git-ignored .devcarry/):
-  [TREE=.devcarry/main] python3 benchmarks/penalty_mix.py [--model llama-1b] [--rounds 2] [--n 512]
+  [TREE=.devcarry/main] python3 benchmarks/penalty_mix.py [--model llama-1b] [--rounds 2] [--n 512] [--profile all]
 Prints one `RESULT {json}` line per run.
 """
 from __future__ import annotations
@@ -75,6 +75,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--n", type=int, default=512)
     ap.add_argument("--kinds", default="base,one,all")
+    ap.add_argument("--profile", default="", help="after the rounds, run this kind once under cProfile and print "
+                                                   "the functions of the most own and cumulative time")
     args = ap.parse_args()
     from peers import make_model_dir, workload
     from pagedserve import LLM, SamplingParams
@@ -109,6 +111,17 @@ def main() -> None:
             print("RESULT " + json.dumps(dict(tree=os.environ.get("TREE", "."), model=args.model, kind=kind, round=r,
                                               wall_s=round(dt, 2), out_tok_s=round(gen / dt, 1), ids=digest)),
                   flush=True)
+    if args.profile:
+        import cProfile
+        import pstats
+        sps = params(args.profile)
+        with cProfile.Profile() as prof:
+            t0 = time.time()
+            llm.generate(prompts, sps, use_tqdm=False)
+        print(f"PROFILE {args.profile}: wall {time.time() - t0:.2f} s under cProfile", flush=True)
+        stats = pstats.Stats(prof)
+        stats.sort_stats("tottime").print_stats(25)
+        stats.sort_stats("cumulative").print_stats(40)
 
 
 if __name__ == "__main__":

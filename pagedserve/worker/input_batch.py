@@ -35,13 +35,18 @@ class CachedRequestState:
     sampled_row: int = -1   # row of the last launched step's samples (valid while pending_pos >= 0)
     block_row: int = -1     # this request's row of the runner's BlockTable
     lora_slot: int = -1     # its LoRA adapter's device slot; -1: the base model
-    history_row: int = -1   # penalties: its row of the runner's OutputHistory (-1: none), and
-    history_len: int = 0    # how many outputs are written there
+    history_row: int = -1   # penalties: its row of the runner's OutputHistory (-1: none),
+    history_len: int = 0    # how many ids are written there,
+    history_prompt: int = 0   # of which the first are its prompt's (repetition penalty), the rest outputs
     counts_outputs: bool = field(init=False)   # penalties: its outputs are kept on the device (OutputHistory)
     plain_greedy: bool = field(init=False)   # SamplingParams.is_plain_greedy, read every step
     allowed_tokens: torch.Tensor | None = field(init=False)   # allowed_token_ids, once, as a sorted CPU tensor
     bad_words: BadWords | None = field(init=False)   # bad_words' token sequences, grouped once
-    _prompt_ids: torch.Tensor | None = field(init=False, default=None)   # prompt_ids(): on the device, once
+    # the sampler's per-row values, read every step (sampling_inputs): temperature, top_k,
+    # top_p, min_p, typical_p, repetition, frequency and presence penalties; and whether the row
+    # needs more than those and its penalties' history (bias, masks, bans, a seed, logprobs)
+    sampling_row: tuple = field(init=False)
+    sampling_extras: bool = field(init=False)
 
     def __post_init__(self) -> None:
         self.counts_outputs = self.sampling_params.has_penalties
@@ -50,13 +55,10 @@ class CachedRequestState:
         self.allowed_tokens = None if allowed is None else torch.tensor(sorted(set(allowed)), dtype=torch.int64)
         sequences = self.sampling_params.bad_words_token_ids
         self.bad_words = BadWords(sequences) if sequences else None
-
-    def prompt_ids(self, device: torch.device) -> torch.Tensor:
-        """The prompt's ids on `device` (int64), copied there at the first call (repetition penalty)."""
-        if self._prompt_ids is None:
-            self._prompt_ids = torch.tensor(self.token_ids[:self.num_prompt_tokens], dtype=torch.int64).to(
-                device, non_blocking=True)   # no wait for the step in flight
-        return self._prompt_ids
+        p = self.sampling_params
+        self.sampling_row = (p.temperature, p.top_k, p.top_p, p.min_p, p.typical_p, p.repetition_penalty,
+                             p.frequency_penalty, p.presence_penalty)
+        self.sampling_extras = bool(p.logit_bias or allowed is not None or self.bad_words or p.min_tokens or self.generator is not None or p.logprobs is not None)
 
     @property
     def num_output_tokens(self) -> int:

@@ -1,13 +1,17 @@
-"""The output tokens of the requests whose penalties count them, kept on the device.
+"""The tokens the penalties of a request read, kept on the device.
 
-Repetition, frequency and presence penalties read each row's outputs so far. The runner keeps
-them where they are sampled: one row of an int32 [rows, columns] table per penalised request
-(grown by doubling, rows reused), the tokens written there by the step that samples them, so
-the next step's counts never wait for the host and no request holds the engine in lockstep
-(async scheduling: the host learns a step's tokens a step later). A step reads them as flat
-(row, token) entries (layers/sampler.apply_penalties works on those alone).
+Repetition, frequency and presence penalties read each row's outputs so far (and a repetition
+penalty its prompt). The runner keeps them where they are sampled: one row of an int32 [rows,
+columns] table per penalised request (grown by doubling, rows reused): the prompt's ids first
+where a repetition penalty reads them, then the outputs, each written there by the step that
+samples it, so the next step's counts never wait for the host and no request holds the engine
+in lockstep (async scheduling: the host learns a step's tokens a step later). A step reads them
+as flat (row, token, in output) entries with one gather (layers/sampler.apply_penalties works
+on those alone).
 """
 from __future__ import annotations
+
+import itertools
 
 import torch
 
@@ -15,7 +19,8 @@ from pagedserve.worker.input_batch import CachedRequestState
 
 
 class OutputHistory:
-    """The table and its free rows; a state's row and length are its history_row and history_len."""
+    """The table and its free rows. A state's row is its history_row, holding history_len ids of
+    which the first history_prompt are its prompt's."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -24,19 +29,20 @@ class OutputHistory:
 
     def add(self, state: CachedRequestState) -> None:
         """Give `state` a row holding its outputs so far (all known on the host: a new or resumed
-        request, or a fork of one whose outputs are known)."""
-        outputs = state.token_ids[state.num_prompt_tokens:]
+        request), after its prompt's ids where a repetition penalty reads them."""
+        prompt = state.num_prompt_tokens if state.sampling_params.repetition_penalty != 1.0 else 0
+        ids = state.token_ids[state.num_prompt_tokens - prompt:]
         state.history_row = self._take_row()
-        state.history_len = len(outputs)
-        if outputs:
-            self._grow(self.ids.shape[0], len(outputs))
-            self.ids[state.history_row, :len(outputs)] = torch.tensor(outputs, dtype=torch.int32).to(
+        state.history_prompt, state.history_len = prompt, len(ids)
+        if ids:
+            self._grow(self.ids.shape[0], len(ids))
+            self.ids[state.history_row, :len(ids)] = torch.tensor(ids, dtype=torch.int32).to(
                 self.device, non_blocking=True)   # no wait for the step in flight
 
     def fork(self, child: CachedRequestState, parent: CachedRequestState) -> None:
         """A parallel sample's row: a copy of its parent's (a token still on its way to the host too)."""
         child.history_row = self._take_row()
-        child.history_len = parent.history_len
+        child.history_prompt, child.history_len = parent.history_prompt, parent.history_len
         if parent.history_row >= 0:
             self.ids[child.history_row] = self.ids[parent.history_row]
 
@@ -57,23 +63,22 @@ class OutputHistory:
         for i in rows:
             states[i].history_len += 1
 
-    def entries(self, rows: list[int], states: list[CachedRequestState]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One entry an output token of states[j], on the device: (rows[j], the token), flat (no
-        synchronisation: the host knows each row's length)."""
+    def entries(self, rows: list[int], states: list[CachedRequestState]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One entry an id of states[j]'s row, on the device, flat: rows[j], the token, and
+        whether it is an output (else a prompt id). No synchronisation: the host knows each
+        row's length."""
         lengths = [state.history_len for state in states]
         total = sum(lengths)
         if not total:
             empty = torch.zeros(0, dtype=torch.int64, device=self.device)
-            return empty, empty
-        starts = [0]
-        for length in lengths[:-1]:
-            starts.append(starts[-1] + length)
-        table = torch.tensor([rows, [state.history_row for state in states], starts, lengths]
-                             ).to(self.device, non_blocking=True)
-        per_row = table[3]
-        spread = torch.repeat_interleave(table[:3], per_row, dim=1, output_size=total)
+            return empty, empty, empty.bool()
+        starts = list(itertools.accumulate(lengths, initial=0))[:-1]
+        table = torch.tensor([rows, [state.history_row for state in states], starts,
+                              [state.history_prompt for state in states], lengths]).to(self.device, non_blocking=True)
+        spread = torch.repeat_interleave(table[:4], table[4], dim=1, output_size=total)
         columns = torch.arange(total, device=self.device) - spread[2]
-        return spread[0], self.ids[spread[1], columns].long()
+        return spread[0], self.ids[spread[1], columns].long(), columns >= spread[3]
 
     def _take_row(self) -> int:
         if not self._free:

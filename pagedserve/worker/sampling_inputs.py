@@ -1,14 +1,15 @@
 """Turn the sampling parameters of the rows that sample this step into SamplingTensors.
 
-One Python pass over the rows collects plain lists (and flat (row, token) index lists for
-the sparse parts: logit_bias, min_tokens masks, allowed_token_ids, bad words); each tensor is
-then built in one call. Optional tensors stay None when no row uses the feature, so the
-common case (greedy or plain temperature) costs one argmax or one softmax.
+The per-row values come from each state's sampling_row (made once per request), the float
+columns in use in one tensor and one copy; a Python pass visits only the rows that need more
+(flat (row, token) index lists for the sparse parts: logit_bias, min_tokens masks,
+allowed_token_ids, bad words, penalties). Optional tensors stay None when no row uses the
+feature, so the common case (greedy or plain temperature) costs one argmax or one softmax.
 
 Penalties and bad words read a row's output history, whose latest token may still be on the
 device under async scheduling (a -1 placeholder on the host). The penalties read the outputs
-where they are, the runner's OutputHistory on the device, and each row's prompt ids, copied
-there once (CachedRequestState.prompt_ids), as flat (row, token) entries (the sampler's
+where they are, the runner's OutputHistory on the device (which also holds the prompt's ids
+where a repetition penalty reads them), as flat (row, token, in output) entries (the sampler's
 apply_penalties). A bad word waiting on a placeholder bans its last token only where the
 placeholder's token (`prev_sampled`, at the row's sampled_row) matches (BadWords.banned). So
 no such request holds the engine in lockstep, and no [rows, vocab] table is built.
@@ -16,6 +17,8 @@ no such request holds the engine in lockstep, and no [rows, vocab] table is buil
 `sample` runs the sampler over at most SAMPLER_CHUNK_ROWS rows at a time: its float32 working
 set (logits, log-softmax, sort values and indices, probabilities: ~40 bytes per row per
 vocabulary entry) is then bounded whatever max_num_seqs is, and the KV cache keeps that memory.
+Greedy rows without logprobs need less than half of that, so they go GREEDY_CHUNK_ROWS at a
+time (chunk_rows).
 """
 from __future__ import annotations
 
@@ -23,28 +26,19 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pagedserve.layers.sampler import _EPS as _GREEDY_EPS
 from pagedserve.layers.sampler import Sampler, SamplerOutput, SamplingTensors
 from pagedserve.worker.input_batch import CachedRequestState
 from pagedserve.worker.output_history import OutputHistory
 
 SAMPLER_CHUNK_ROWS = 128
+GREEDY_CHUNK_ROWS = 2 * SAMPLER_CHUNK_ROWS   # chunk_rows
 
 
 @dataclass
 class _Columns:
-    """Per-row values and flat sparse indices, filled by the one pass over the rows."""
+    """Flat sparse indices, filled by the pass over the rows that need more than their values."""
 
-    temperature: list[float] = field(default_factory=list)
-    top_k: list[int] = field(default_factory=list)
-    top_p: list[float] = field(default_factory=list)
-    min_p: list[float] = field(default_factory=list)
-    typical_p: list[float] = field(default_factory=list)
-    repetition: list[float] = field(default_factory=list)
-    frequency: list[float] = field(default_factory=list)
-    presence: list[float] = field(default_factory=list)
-    counted_rows: list[int] = field(default_factory=list)   # penalised rows, and their states
-    counted: list[CachedRequestState] = field(default_factory=list)
-    prompts: list[tuple[int, torch.Tensor]] = field(default_factory=list)   # (row, its prompt ids on the device)
     bias_rows: list[int] = field(default_factory=list)
     bias_tokens: list[int] = field(default_factory=list)
     bias_values: list[float] = field(default_factory=list)
@@ -59,6 +53,18 @@ class _Columns:
     max_logprobs: int | None = None
 
 
+def chunk_rows(states: list[CachedRequestState]) -> int:
+    """How many rows one sampler pass takes. Greedy rows without logprobs never sort, softmax
+    or log-softmax: their float32 working set is the logits' copy and its out-of-place edits
+    (penalties, bias, bans, masks: at most ~17 bytes per row per vocabulary entry, with
+    min_tokens' masks), so GREEDY_CHUNK_ROWS of them fit the bound the memory profile measured
+    for SAMPLER_CHUNK_ROWS rows of the full path (~40 bytes; tests/kernels/test_sampler_memory.py
+    checks it on CUDA)."""
+    if all(state.sampling_row[0] < _GREEDY_EPS and state.sampling_params.logprobs is None for state in states):
+        return GREEDY_CHUNK_ROWS
+    return SAMPLER_CHUNK_ROWS
+
+
 def sample(sampler: Sampler, logits: torch.Tensor, states: list[CachedRequestState], vocab_size: int,
            device: torch.device, eos_token_ids: tuple[int, ...], bitmask: torch.Tensor | None = None,
            prev_sampled: torch.Tensor | None = None, history: OutputHistory | None = None) -> SamplerOutput:
@@ -66,43 +72,56 @@ def sample(sampler: Sampler, logits: torch.Tensor, states: list[CachedRequestSta
     `bitmask`: the rows' structured-outputs token bitmask on the device (Sampler).
     `prev_sampled`: the last launched step's sampled ids on the device (rows' placeholders);
     `history`: the penalised rows' outputs (build_sampling_tensors)."""
-    if len(states) <= SAMPLER_CHUNK_ROWS or all(state.plain_greedy for state in states):   # one pass
+    size = len(states) if all(state.plain_greedy for state in states) else chunk_rows(states)
+    if len(states) <= size:   # one pass
         return sampler(logits, build_sampling_tensors(states, vocab_size, device, eos_token_ids, prev_sampled,
                                                       history), bitmask)
     return SamplerOutput.cat([
-        sampler(logits[start:start + SAMPLER_CHUNK_ROWS],
-                build_sampling_tensors(states[start:start + SAMPLER_CHUNK_ROWS], vocab_size, device, eos_token_ids,
+        sampler(logits[start:start + size],
+                build_sampling_tensors(states[start:start + size], vocab_size, device, eos_token_ids,
                                        prev_sampled, history),
-                None if bitmask is None else bitmask[start:start + SAMPLER_CHUNK_ROWS])
-        for start in range(0, len(states), SAMPLER_CHUNK_ROWS)])
+                None if bitmask is None else bitmask[start:start + size])
+        for start in range(0, len(states), size)])
 
 
 def build_sampling_tensors(states: list[CachedRequestState], vocab_size: int, device: torch.device,
                            eos_token_ids: tuple[int, ...], prev_sampled: torch.Tensor | None = None,
                            history: OutputHistory | None = None) -> SamplingTensors:
-    """Reads the states (mutates nothing but a row's cached prompt ids). Rows are in `states`
-    order. Bad words waiting on a placeholder need `prev_sampled`, the ids it is in; penalised
-    rows need `history`, which holds their outputs (each state's history_row)."""
+    """Reads the states (mutates nothing). Rows are in `states` order. Bad words waiting on a
+    placeholder need `prev_sampled`, the ids it is in; penalised rows need `history`, which holds
+    their outputs (each state's history_row)."""
     if all(state.plain_greedy for state in states):   # the common case: one argmax
         return SamplingTensors(temperature=torch.zeros(len(states), device=device), all_greedy=True)
+    temperature, top_k, top_p, min_p, typical_p, repetition, frequency, presence = zip(
+        *(state.sampling_row for state in states))
     c = _Columns()
     for row, state in enumerate(states):
-        _collect_row(c, row, state, vocab_size, eos_token_ids, device)
-    if any(src >= 0 for src in c.ban_src) and prev_sampled is None:
+        if state.sampling_extras:
+            _collect_row(c, row, state, vocab_size, eos_token_ids)
+    if c.ban_rows and prev_sampled is None and max(c.ban_src) >= 0:
         raise RuntimeError("a row's latest token is a placeholder, but no step's sampled ids were given")
-    if c.counted and (history is None or any(state.history_row < 0 for state in c.counted)):
-        raise RuntimeError("penalised rows need their outputs in an OutputHistory")
-    t = SamplingTensors(temperature=_tensor(c.temperature, torch.float32, device))
-    t.all_greedy = all(value < 1e-5 for value in c.temperature)
-    if any(k < vocab_size for k in c.top_k):
-        t.top_k = _tensor(c.top_k, torch.int64, device)
-    if any(p < 1.0 for p in c.top_p):
-        t.top_p = _tensor(c.top_p, torch.float32, device)
-    if any(p > 0.0 for p in c.min_p):
-        t.min_p = _tensor(c.min_p, torch.float32, device)
-    if any(p < 1.0 for p in c.typical_p):
-        t.typical_p = _tensor(c.typical_p, torch.float32, device)
-    _add_penalties(t, c, device, history)
+    # the float columns in use (C-level min / max / any over each: no per-row Python), in one tensor and one copy
+    used = {"top_p": min(top_p) < 1.0, "min_p": max(min_p) > 0.0, "typical_p": min(typical_p) < 1.0,
+            "repetition_penalty": min(repetition) != 1.0 or max(repetition) != 1.0,
+            "frequency_penalty": any(frequency), "presence_penalty": any(presence)}
+    columns = {"top_p": top_p, "min_p": min_p, "typical_p": typical_p, "repetition_penalty": repetition,
+               "frequency_penalty": frequency, "presence_penalty": presence}
+    names = [name for name, on in used.items() if on]
+    floats = _tensor([temperature, *(columns[name] for name in names)], torch.float32, device)
+    t = SamplingTensors(temperature=floats[0])
+    for i, name in enumerate(names, 1):
+        setattr(t, name, floats[i])
+    t.all_greedy = max(temperature) < _GREEDY_EPS
+    if any(0 < k < vocab_size for k in top_k):
+        t.top_k = _tensor([k if 0 < k < vocab_size else vocab_size for k in top_k], torch.int64, device)
+    if used["repetition_penalty"] or used["frequency_penalty"] or used["presence_penalty"]:
+        counted = [(row, state) for row, state in enumerate(states) if state.counts_outputs]
+        if history is None or min(state.history_row for _, state in counted) < 0:
+            raise RuntimeError("penalised rows need their outputs in an OutputHistory")
+        # the seen tokens as flat (row, token, in output) entries on the device, from the history
+        # (a [rows, vocab] table a step cost ~65 MB at a 128k vocabulary)
+        rows, counted_states = zip(*counted)
+        t.seen_rows, t.seen_tokens, t.seen_in_output = history.entries(list(rows), list(counted_states))
     if c.bias_rows:
         t.bias_rows = _tensor(c.bias_rows, torch.int64, device)
         t.bias_tokens = _tensor(c.bias_tokens, torch.int64, device)
@@ -113,7 +132,7 @@ def build_sampling_tensors(states: list[CachedRequestState], vocab_size: int, de
     if c.ban_rows:
         t.ban_rows = _tensor(c.ban_rows, torch.int64, device)
         t.ban_tokens = _tensor(c.ban_tokens, torch.int64, device)
-        if any(src >= 0 for src in c.ban_src):   # some bans wait on a placeholder's token
+        if max(c.ban_src) >= 0:   # some bans wait on a placeholder's token
             src = _tensor(c.ban_src, torch.int64, device)
             t.ban_active = (src < 0) | (prev_sampled[src.clamp(min=0)] == _tensor(c.ban_if, torch.int64, device))
     if c.allowed:   # the rows' cached id tensors: no per-token Python work a step
@@ -127,21 +146,9 @@ def build_sampling_tensors(states: list[CachedRequestState], vocab_size: int, de
 
 
 def _collect_row(c: _Columns, row: int, state: CachedRequestState, vocab_size: int,
-                 eos_token_ids: tuple[int, ...], device: torch.device) -> None:
+                 eos_token_ids: tuple[int, ...]) -> None:
+    """A row that needs more than its sampling_row values (its sampling_extras)."""
     p = state.sampling_params
-    c.temperature.append(p.temperature)
-    c.top_k.append(p.top_k if 0 < p.top_k < vocab_size else vocab_size)
-    c.top_p.append(p.top_p)
-    c.min_p.append(p.min_p)
-    c.typical_p.append(p.typical_p)
-    c.repetition.append(p.repetition_penalty)
-    c.frequency.append(p.frequency_penalty)
-    c.presence.append(p.presence_penalty)
-    if state.counts_outputs:   # penalties: its outputs are counted from the history on the device
-        c.counted_rows.append(row)
-        c.counted.append(state)
-        if p.repetition_penalty != 1.0:
-            c.prompts.append((row, state.prompt_ids(device)))
     for token, value in (p.logit_bias or {}).items():
         if token < vocab_size:
             c.bias_rows.append(row)
@@ -173,29 +180,3 @@ def _collect_row(c: _Columns, row: int, state: CachedRequestState, vocab_size: i
 
 def _tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-
-
-def _add_penalties(t: SamplingTensors, c: _Columns, device: torch.device, history: OutputHistory | None) -> None:
-    use_rep = any(v != 1.0 for v in c.repetition)
-    use_freq = any(v != 0.0 for v in c.frequency)
-    use_pres = any(v != 0.0 for v in c.presence)
-    if not (use_rep or use_freq or use_pres):
-        return
-    # the seen tokens as flat (row, token) entries on the device: outputs from the history, prompts
-    # from each row's cached ids (a [rows, vocab] table a step cost ~65 MB at a 128k vocabulary)
-    rows, tokens = history.entries(c.counted_rows, c.counted)
-    in_output = torch.ones(rows.shape[0], dtype=torch.bool, device=device)
-    if c.prompts:
-        lengths = [ids.shape[0] for _, ids in c.prompts]
-        prompt_rows = _tensor([row for row, _ in c.prompts], torch.int64, device)
-        rows = torch.cat([rows, torch.repeat_interleave(prompt_rows, _tensor(lengths, torch.int64, device),
-                                                        output_size=sum(lengths))])
-        tokens = torch.cat([tokens, *(ids for _, ids in c.prompts)])
-        in_output = torch.cat([in_output, torch.zeros(sum(lengths), dtype=torch.bool, device=device)])
-    t.seen_rows, t.seen_tokens, t.seen_in_output = rows, tokens, in_output
-    if use_rep:
-        t.repetition_penalty = _tensor(c.repetition, torch.float32, device)
-    if use_freq:
-        t.frequency_penalty = _tensor(c.frequency, torch.float32, device)
-    if use_pres:
-        t.presence_penalty = _tensor(c.presence, torch.float32, device)

@@ -100,11 +100,30 @@ def test_output_history_rows_are_reused_and_grow():
     assert late.history_len == 300 and history.ids.shape[1] >= 300
     child = CachedRequestState("child", [1, 2, -1], 2, params, [0], 2)
     history.fork(child, late)
-    rows, tokens = history.entries([0, 2], [child, states[0]])
+    rows, tokens, in_output = history.entries([0, 2], [child, states[0]])
+    assert in_output.all()   # no repetition penalty: no prompt ids kept
     counts = torch.zeros(3, 16, dtype=torch.int64).index_put_((rows, tokens), torch.ones_like(rows), accumulate=True)
     assert counts[0, :7].tolist() == [43, 43, 43, 43, 43, 43, 42] and counts[0, 7:].sum() == 0
     assert counts[1].sum() == 0 and counts[2, 9] == 2 and counts[2, 5] == 300
     assert rows.tolist() == [0] * 300 + [2] * 302 and tokens[300:302].tolist() == [9, 9]
+
+
+def test_output_history_holds_the_prompt_where_a_repetition_penalty_reads_it():
+    """A repetition-penalised row holds its prompt's ids, then its outputs (the step's appends
+    after them); entries mark which are outputs. Its fork keeps both."""
+    history = OutputHistory(torch.device("cpu"))
+    rep = CachedRequestState("rep", [7, 8, 7, 30, 31], 3, SamplingParams(repetition_penalty=1.3), [0], 3)
+    freq = CachedRequestState("freq", [7, 8, 30], 2, SamplingParams(frequency_penalty=1.0), [0], 2)
+    for state in (rep, freq):
+        history.add(state)
+    assert (rep.history_prompt, rep.history_len, freq.history_prompt, freq.history_len) == (3, 5, 0, 1)
+    history.append([freq, rep], torch.tensor([40, 41]))
+    child = CachedRequestState("child", [7, 8, 7, 30, 31, -1], 3, rep.sampling_params, [0], 3)
+    history.fork(child, rep)
+    rows, tokens, in_output = history.entries([5, 0, 2], [rep, freq, child])
+    assert rows.tolist() == [5] * 6 + [0] * 2 + [2] * 6
+    assert tokens.tolist() == [7, 8, 7, 30, 31, 41, 30, 40, 7, 8, 7, 30, 31, 41]
+    assert in_output.tolist() == [False] * 3 + [True] * 5 + [False] * 3 + [True] * 3
 
 
 def dense_penalties(logits: torch.Tensor, states: list[CachedRequestState]) -> torch.Tensor:

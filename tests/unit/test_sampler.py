@@ -371,6 +371,31 @@ def test_sampling_in_chunks_equals_one_pass(monkeypatch):
             assert torch.equal(out.logprobs[row, :1 + k], one.logprobs[row, :1 + k])
 
 
+def test_greedy_rows_are_sampled_in_larger_chunks(monkeypatch):
+    """Greedy rows without logprobs (penalties, bias, min_tokens, bad words on) go
+    GREEDY_CHUNK_ROWS at a time, others SAMPLER_CHUNK_ROWS; the ids equal one pass's."""
+    from pagedserve.worker import sampling_inputs
+    greedy = [SamplingParams(temperature=0.0, frequency_penalty=0.5, repetition_penalty=1.2),
+              SamplingParams(temperature=0.0, logit_bias={11: 100.0}), SamplingParams(temperature=0.0, min_tokens=5),
+              SamplingParams(temperature=0.0, presence_penalty=-2.0), SamplingParams(temperature=0.0)]
+    greedy[1]._bad_words_token_ids = [[11]]   # the ban wins over the bias
+    monkeypatch.setattr(sampling_inputs, "SAMPLER_CHUNK_ROWS", 1)
+    monkeypatch.setattr(sampling_inputs, "GREEDY_CHUNK_ROWS", 2)
+    assert sampling_inputs.chunk_rows([make_state(p) for p in greedy]) == 2
+    assert sampling_inputs.chunk_rows([make_state(p) for p in greedy + [SamplingParams(temperature=0.5)]]) == 1
+    assert sampling_inputs.chunk_rows([make_state(SamplingParams(temperature=0.0, logprobs=1))]) == 1
+    calls = []
+    real = Sampler.__call__
+    monkeypatch.setattr(Sampler, "__call__", lambda self, x, t, b=None: calls.append(x.shape[0]) or real(self, x, t, b))
+    logits = random_logits(len(greedy), seed=21)
+    logits[2, EOS[0]] = 1e4   # masked by min_tokens
+    states = [make_state(p, prompt=[1, 2, 3], outputs=[4, 4, 5]) for p in greedy]
+    chunked = sampling_inputs.sample(Sampler(), logits, states, VOCAB, torch.device("cpu"), EOS, history=HISTORY)
+    assert calls == [2, 2, 1]
+    one = Sampler()(logits, build_sampling_tensors(states, VOCAB, torch.device("cpu"), EOS, history=HISTORY))
+    assert torch.equal(chunked.token_ids, one.token_ids) and chunked.token_ids[1] != 11 and chunked.token_ids[2] != EOS[0]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_host_argmax_equals_torch_argmax(dtype):
     """The CPU argmax through numpy gives torch.argmax's ids: first maximum on ties, a NaN as
