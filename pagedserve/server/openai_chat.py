@@ -24,7 +24,7 @@ from pagedserve.server.context import ServerContext, new_request_id
 from pagedserve.server.errors import error_payload
 from pagedserve.server.openai_common import params_observer, truncate_prompts, usage_options, warn_ignored_fields
 from pagedserve.server.openai_logprobs import chat_logprobs, prompt_logprobs_json
-from pagedserve.server.openai_protocol import ChatCompletionRequest
+from pagedserve.server.openai_protocol import ChatCompletionRequest, effort_template_kwargs
 from pagedserve.server import structured
 from pagedserve.server.reasoning import ReasoningStream, message_fields, split
 from pagedserve.server.streaming import (DONE_EVENT, SSEResponse, add_prompts, close_all, final_outputs,
@@ -46,7 +46,8 @@ async def create_chat_completion(ctx: ServerContext, request: ChatCompletionRequ
     prompt = await ctx.engine.render_chat_async(messages, request.chat_template or ctx.settings.chat_template,
                                                 request.add_generation_prompt, request.continue_final_message,
                                                 template_tools(request.tools), request.documents,
-                                                request.chat_template_kwargs)
+                                                {**effort_template_kwargs(request.reasoning_effort),
+                                                 **(request.chat_template_kwargs or {})} or None)
     [prompt] = await truncate_prompts(ctx, [prompt], request.truncate_prompt_tokens, request.add_special_tokens)
     response_id, engine_id = new_request_id("chatcmpl", request.request_id)
     if request.use_beam_search:

@@ -148,12 +148,22 @@ class _SamplingFields(_Strict):
         return None if constraint is None else constraint.params
 
 
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high"]
+
+
+def effort_template_kwargs(effort: str | None) -> dict[str, Any]:
+    """OpenAI's reasoning effort as vLLM hands it to the chat template: `reasoning_effort`, and
+    `enable_thinking` false for "none", else true. A template that reads neither (a model that
+    does not reason) renders the same prompt."""
+    return {} if effort is None else {"reasoning_effort": effort, "enable_thinking": effort != "none"}
+
+
 # Fields accepted only at these values (their default, or an explicit "off").
 UNSUPPORTED: dict[str, tuple] = {
     "guided_whitespace_pattern": (None,), "logits_processors": (None,),
     "kv_transfer_params": (None,), "vllm_xargs": (None,), "suffix": (None, ""),
     # OpenAI chat fields that would change the output: accepted only when off (H3, issue 16 #13)
-    "reasoning_effort": (None,), "verbosity": (None,), "web_search_options": (None,), "audio": (None,),
+    "verbosity": (None,), "web_search_options": (None,), "audio": (None,),
     "modalities": (None, ["text"]), "functions": (None, []), "function_call": (None, "none", "auto"),
     # vLLM extras accepted at their default only
     "early_stopping": (False,), "mm_processor_kwargs": (None, {}),
@@ -328,7 +338,7 @@ class ChatCompletionRequest(_SamplingFields):
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
     prediction: dict[str, Any] | None = None
-    reasoning_effort: str | None = None
+    reasoning_effort: ReasoningEffort | None = None   # reaches the chat template (effort_template_kwargs)
     verbosity: str | None = None
     web_search_options: dict[str, Any] | None = None
     audio: dict[str, Any] | None = None

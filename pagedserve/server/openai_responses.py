@@ -34,7 +34,7 @@ from pagedserve.server.context import ServerContext, new_request_id
 from pagedserve.server.errors import response_error_fields
 from pagedserve.server.openai_common import truncate_prompts
 from pagedserve.server.openai_logprobs import chat_logprobs
-from pagedserve.server.openai_protocol import ChatCompletionRequest, _Strict
+from pagedserve.server.openai_protocol import ChatCompletionRequest, ReasoningEffort, _Strict, effort_template_kwargs
 from pagedserve.server.request_body import parse_body
 from pagedserve.server.streaming import (SSEResponse, add_prompts, close_all, final_outputs, merge_streams,
                                          unless_disconnected)
@@ -102,18 +102,15 @@ def _chat_messages(items: list[Any]) -> tuple[list[dict[str, Any]], list[int]]:
 
 
 class Reasoning(_Strict):
-    """OpenAI's reasoning options. As vLLM does, `effort` reaches the chat template (as
-    `reasoning_effort`, and `enable_thinking` false for "none", else true): a template that
-    reads neither (a model that does not reason) renders the same prompt."""
+    """OpenAI's reasoning options. As vLLM does, `effort` reaches the chat template
+    (effort_template_kwargs)."""
 
-    effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    effort: ReasoningEffort | None = None
     summary: Literal["auto", "concise", "detailed"] | None = None
     generate_summary: Literal["auto", "concise", "detailed"] | None = None   # summary's older name
 
     def template_kwargs(self) -> dict[str, Any] | None:
-        if self.effort is None:
-            return None
-        return {"reasoning_effort": self.effort, "enable_thinking": self.effort != "none"}
+        return effort_template_kwargs(self.effort) or None
 
 
 OUTPUT_LOGPROBS = "message.output_text.logprobs"   # the one `include` value served

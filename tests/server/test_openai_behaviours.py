@@ -161,7 +161,8 @@ def test_spec_fields_accepted_and_ignored(client, srv, references) -> None:
 
 
 @pytest.mark.parametrize("extra, param", [
-    ({"reasoning_effort": "high"}, "reasoning_effort"),
+    ({"verbosity": "high"}, "verbosity"),
+    ({"reasoning_effort": "extreme"}, "reasoning_effort"),   # not one of OpenAI's values
     ({"modalities": ["text", "audio"]}, "modalities"),
     ({"web_search_options": {}}, "web_search_options"),
     ({"messages": [{"role": "assistant", "content": None,   # tool_calls are accepted; bad arguments are not
@@ -237,6 +238,27 @@ def test_chat_echo_continues_last_message(client, srv, references) -> None:
         stream = list(client.chat.completions.create(**kwargs, stream=True, extra_body={**body, "echo": True}))
     assert echoed.choices[0].message.content == "Red, green" + plain.choices[0].message.content
     assert "".join(c.choices[0].delta.content or "" for c in stream) == echoed.choices[0].message.content
+
+
+def test_reasoning_effort_reaches_the_chat_template(client, srv, references) -> None:
+    """Chat's reasoning_effort reaches the template as vLLM hands it (reasoning_effort, and
+    enable_thinking false only for "none"), under the request's own chat_template_kwargs; the
+    default model's template reads neither, so its answer is the one without."""
+    template = ("{% if enable_thinking %}Think {{ reasoning_effort }} and hard. {% endif %}"
+                "{{ messages[0]['content'] }}")
+    kwargs = dict(model=MODEL, messages=CHAT, max_tokens=4, temperature=0)
+
+    def prompt_tokens(**extra) -> int:
+        return client.chat.completions.create(**kwargs, extra_body={"chat_template": template, **extra}
+                                              ).usage.prompt_tokens
+    with background(srv, references):
+        plain = client.chat.completions.create(**kwargs)
+        effort = client.chat.completions.create(**kwargs, reasoning_effort="high")
+        bare, high, none = prompt_tokens(), prompt_tokens(reasoning_effort="high"), prompt_tokens(reasoning_effort="none")
+        minimal = prompt_tokens(reasoning_effort="minimal")
+        overridden = prompt_tokens(reasoning_effort="high", chat_template_kwargs={"enable_thinking": False})
+    assert effort.choices[0].message.content == plain.choices[0].message.content
+    assert high > bare and minimal > bare and none == bare and overridden == bare
 
 
 def test_tokenizer_info(srv) -> None:
