@@ -142,3 +142,27 @@ def test_bad_words_with_a_structured_outputs_grammar(scheduled_llm):
     assert plain.outputs[0].text == "The answer is yes" and _contains(plain.outputs[0].token_ids, answer_is)
     assert banned.outputs[0].text == "The answer was no"
     assert not _contains(banned.outputs[0].token_ids, answer_is)
+
+
+def test_repetition_penalty_greedy_equals_transformers(scheduled_llm, hf_model):
+    """repetition_penalty over the prompt and the output (vLLM's and transformers'), in lockstep and
+    with async scheduling (the prompt's ids and each step's token read on the device): greedy ids
+    equal transformers' generate with the same penalty, in one batch beside plain requests, which
+    keep their own greedy ids; the penalty does change the ids."""
+    prompts = PROMPTS[:4]
+    tokenizer = scheduled_llm.get_tokenizer()
+    refs = {}
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(TEST_DEVICE)
+        for penalty in (1.0, 1.5):
+            with torch.no_grad():
+                refs[prompt, penalty] = hf_model.generate(
+                    ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=BAD_WORDS_TOKENS,
+                    repetition_penalty=penalty)[0, ids.shape[1]:].tolist()
+    batch = [(prompt, penalty) for prompt in prompts for penalty in (1.5, 1.0)]
+    outs = scheduled_llm.generate([p for p, _ in batch], [
+        SamplingParams(max_tokens=BAD_WORDS_TOKENS, temperature=0.0, repetition_penalty=penalty) for _, penalty in batch],
+        use_tqdm=False)
+    assert sum(refs[p, 1.5] != refs[p, 1.0] for p in prompts) >= 2
+    for key, out in zip(batch, outs):
+        assert out.outputs[0].token_ids == refs[key], key
