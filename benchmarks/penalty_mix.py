@@ -6,6 +6,7 @@ U[64, 1024], output U[16, 512], greedy) run in one process on one engine as
   one   the request of the most output tokens with frequency_penalty 0.5 (greedy still), the
         other 511 plain
   all   every request with frequency_penalty 0.5 and repetition_penalty 1.1
+  sampled  every request sampled: temperature 0.8, top_p 0.95 (what serving clients send)
 
 and the out tok/s of each (one warm-up of 8 requests first; `--rounds` interleaved rounds).
 `one` against `base` is the cost a penalised request puts on the others.
@@ -91,11 +92,14 @@ def main() -> None:
         out = []
         for i, (_, o) in enumerate(reqs):
             extra = {}
-            if kind == "all" or (kind == "one" and i == longest):
+            if kind == "sampled":
+                extra = dict(top_p=0.95)
+            elif kind == "all" or (kind == "one" and i == longest):
                 extra = dict(frequency_penalty=0.5)
                 if kind == "all":
                     extra["repetition_penalty"] = 1.1
-            out.append(SamplingParams(max_tokens=o, ignore_eos=True, temperature=0.0, detokenize=False, **extra))
+            out.append(SamplingParams(max_tokens=o, ignore_eos=True, temperature=0.8 if kind == "sampled" else 0.0,
+                                      detokenize=False, **extra))
         return out
 
     llm.generate(prompts[:8], params("all")[:8], use_tqdm=False)

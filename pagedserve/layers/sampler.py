@@ -47,6 +47,7 @@ class SamplingTensors:
     ban_tokens: torch.Tensor | None = None
     ban_active: torch.Tensor | None = None           # bool per ban: it applies (None: all do)
     all_greedy: bool = False
+    max_top_k: int | None = None   # the largest top_k in use below the vocabulary size (host-side)
     generators: dict[int, torch.Generator] = field(default_factory=dict)
     max_num_logprobs: int | None = None
 
@@ -145,6 +146,31 @@ def apply_typical_p(logits: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     remove_sorted[:, 0] = False
     remove = remove_sorted.scatter(1, sorted_idx, remove_sorted)
     return logits.masked_fill(remove, float("-inf"))
+
+
+TRITON_SAMPLING = True   # off: the sort-based path on CUDA too (A/B in benchmarks/sampler_gpu.py)
+
+
+def _nucleus_kernel_fits(logits: torch.Tensor, t: SamplingTensors) -> bool:
+    """Temperature, top-k and top-p only, on CUDA: triton_sampling draws from the nucleus
+    without sorting the vocabulary."""
+    if not (TRITON_SAMPLING and logits.is_cuda and t.min_p is None and t.typical_p is None):
+        return False
+    from pagedserve.layers import triton_sampling
+    return t.top_k is None or (t.max_top_k is not None and t.max_top_k <= triton_sampling.MAX_TOP_K)
+
+
+def _sample_nucleus(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """The draws of apply_temperature_and_filters + _random_sample, by triton_sampling's
+    rejection from the nucleus (greedy rows draw too; the caller keeps their argmax)."""
+    from pagedserve.layers import triton_sampling
+    temperature = torch.where(t.temperature < _EPS, torch.ones_like(t.temperature), t.temperature)
+    logits = logits / temperature[:, None]
+    if t.top_k is not None:
+        logits = triton_sampling.top_k_mask(logits, t.top_k, t.max_top_k)
+    top_p = t.top_p if t.top_p is not None else torch.ones_like(t.temperature)
+    return triton_sampling.sample_top_p(logits, top_p, triton_sampling.draw_uniforms(
+        logits.shape[0], t.generators, logits.device))
 
 
 def _random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
@@ -247,8 +273,10 @@ class Sampler:
         if t.all_greedy:
             tokens = greedy
         else:
-            logits = apply_temperature_and_filters(logits, t)
-            sampled = _random_sample(logits.softmax(dim=-1), t.generators)
+            sampled = _sample_nucleus(logits, t) if _nucleus_kernel_fits(logits, t) else None
+            if sampled is None:
+                logits = apply_temperature_and_filters(logits, t)
+                sampled = _random_sample(logits.softmax(dim=-1), t.generators)
             tokens = torch.where(t.temperature < _EPS, greedy, sampled)
         out = SamplerOutput(token_ids=tokens)
         if raw_logprobs is not None:

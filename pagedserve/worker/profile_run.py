@@ -94,11 +94,16 @@ def profile_run(runner: ModelRunner, num_tokens: int) -> None:
             graphs.compiled = compiled
     hidden, logits = forward()
     if logits is not None:
-        tensors = SamplingTensors(temperature=torch.ones(sample_rows, device=device),
-                                  top_p=torch.full((sample_rows,), 0.9, device=device), max_num_logprobs=20)
-        runner.sampler(logits[:sample_rows], tensors)
+        runner.sampler(logits[:sample_rows], profiled_sampling_tensors(sample_rows, device))
         greedy_ids(logits[:sample_rows])   # its Triton argmax compiles (or is loaded) here, not in the first request
     del hidden, logits
+
+
+def profiled_sampling_tensors(rows: int, device: torch.device) -> SamplingTensors:
+    """The sampler's largest working set, which the memory profile measures: the sort-based path
+    (top-p, min-p: not the nucleus kernel, which needs far less) with 20 logprobs."""
+    return SamplingTensors(temperature=torch.ones(rows, device=device), top_p=torch.full((rows,), 0.9, device=device),
+                           min_p=torch.zeros(rows, device=device), max_num_logprobs=20)
 
 
 def mixed_step_metas(runner: ModelRunner, backend, meta: AttentionMetadata, num_tokens: int

@@ -114,6 +114,7 @@ def build_sampling_tensors(states: list[CachedRequestState], vocab_size: int, de
     t.all_greedy = max(temperature) < _GREEDY_EPS
     if any(0 < k < vocab_size for k in top_k):
         t.top_k = _tensor([k if 0 < k < vocab_size else vocab_size for k in top_k], torch.int64, device)
+        t.max_top_k = max(k for k in top_k if 0 < k < vocab_size)
     if used["repetition_penalty"] or used["frequency_penalty"] or used["presence_penalty"]:
         counted = [(row, state) for row, state in enumerate(states) if state.counts_outputs]
         if history is None or min(state.history_row for _, state in counted) < 0:

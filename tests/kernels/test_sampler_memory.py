@@ -7,10 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagedserve.layers.sampler import Sampler, SamplingTensors
+from pagedserve.layers.sampler import Sampler
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.worker.input_batch import CachedRequestState
 from pagedserve.worker.output_history import OutputHistory
+from pagedserve.worker.profile_run import profiled_sampling_tensors
 from pagedserve.worker.sampling_inputs import GREEDY_CHUNK_ROWS, SAMPLER_CHUNK_ROWS, build_sampling_tensors
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -30,9 +31,7 @@ def test_greedy_chunk_fits_the_profiled_sampler_working_set():
     dev = torch.device("cuda")
     gen = torch.Generator().manual_seed(0)
     full_logits = torch.randn(SAMPLER_CHUNK_ROWS, VOCAB, device=dev).bfloat16()
-    full = SamplingTensors(temperature=torch.ones(SAMPLER_CHUNK_ROWS, device=dev),
-                           top_p=torch.full((SAMPLER_CHUNK_ROWS,), 0.9, device=dev), max_num_logprobs=20)
-    profiled = _peak(lambda: Sampler()(full_logits, full))
+    profiled = _peak(lambda: Sampler()(full_logits, profiled_sampling_tensors(SAMPLER_CHUNK_ROWS, dev)))
 
     history = OutputHistory(dev)
     params = SamplingParams(temperature=0.0, repetition_penalty=1.2, frequency_penalty=0.5, presence_penalty=0.1,
