@@ -254,7 +254,7 @@ def apply_temperature_and_filters(logits: torch.Tensor, t: SamplingTensors) -> t
 
 class Sampler:
     """Stateless; every tensor op covers the whole batch. The only Python loop is over the
-    seeded rows in `_random_sample`."""
+    seeded rows (`_random_sample`, or triton_sampling.draw_uniforms on the nucleus kernel's path)."""
 
     def __call__(self, logits: torch.Tensor, t: SamplingTensors, bitmask: torch.Tensor | None = None
                  ) -> SamplerOutput:
