@@ -32,7 +32,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pagedserve import __version__
 from pagedserve.errors import ValidationError
-from pagedserve.frontend.embedding_engine import AsyncEmbeddingEngine, shorten
+from pagedserve.frontend.async_embedding_engine import AsyncEmbeddingEngine
+from pagedserve.frontend.embedding_engine import shorten
 from pagedserve.frontend.stoppable import until_stopped
 from pagedserve.server.context import AdmissionLimit, ServerContext, ServerSettings, new_request_id
 from pagedserve.server.app import add_admitted_route, add_health_routes

@@ -89,7 +89,8 @@ def _open_output(path: str) -> Any:
 async def _run(engine_args: Any, settings: ServerSettings,
                lines: list[tuple[int, bytes]]) -> list[dict[str, Any]]:
     from pagedserve.frontend.async_engine import AsyncEngine
-    from pagedserve.frontend.embedding_engine import AsyncEmbeddingEngine, use_pooling
+    from pagedserve.frontend.async_embedding_engine import AsyncEmbeddingEngine
+    from pagedserve.frontend.embedding_engine import use_pooling
     from pagedserve.server.app import build_app
     from pagedserve.server.embeddings import build_embedding_app
     if use_pooling(engine_args):

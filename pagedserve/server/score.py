@@ -26,7 +26,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
 from pagedserve.errors import ValidationError
-from pagedserve.frontend.embedding_engine import AsyncEmbeddingEngine, class_probs, score_pairs
+from pagedserve.frontend.async_embedding_engine import AsyncEmbeddingEngine
+from pagedserve.frontend.embedding_engine import class_probs, score_pairs
 from pagedserve.frontend.stoppable import until_stopped
 from pagedserve.server.context import ServerContext, new_request_id
 from pagedserve.server.openai_protocol import _Strict

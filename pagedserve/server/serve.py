@@ -231,7 +231,8 @@ def run_server(args: argparse.Namespace) -> None:
     import uvicorn
 
     from pagedserve.frontend.async_engine import AsyncEngine
-    from pagedserve.frontend.embedding_engine import AsyncEmbeddingEngine, use_pooling
+    from pagedserve.frontend.async_embedding_engine import AsyncEmbeddingEngine
+    from pagedserve.frontend.embedding_engine import use_pooling
     from pagedserve.server.embeddings import build_embedding_app
     from pagedserve.frontend.gc_policy import raise_gen0_threshold
     from pagedserve.frontend.heap import limit_arenas, release_free_heap

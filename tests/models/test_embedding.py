@@ -16,7 +16,7 @@ from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 
 from pagedserve import LLM
 from pagedserve.errors import ValidationError
-from pagedserve.frontend.embedding_engine import AsyncEmbeddingEngine
+from pagedserve.frontend.async_embedding_engine import AsyncEmbeddingEngine
 from pagedserve.models.bert import PoolingConfig
 from tests.helpers import minilm_path
 
