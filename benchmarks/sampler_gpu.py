@@ -1,7 +1,7 @@
 """The sampler alone on the GPU, at decode batch sizes and Llama-3's vocabulary: ms a call (CUDA
 events, median of 20 after 3 warm-ups; the host's time inside the call included) of
 sampling_inputs.sample over bf16 logits, for the sampling settings clients send, with the
-nucleus kernel (sampler.TRITON_SAMPLING) on and off; and the sort-based path's pieces alone.
+nucleus kernel (sampler.NUCLEUS_SAMPLING) on and off; and the sort-based path's pieces alone.
 Usage (device): [SETTINGS=top_p,top_k_top_p] [PARTS=0] python3 benchmarks/sampler_gpu.py [rows ...]"""
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def main() -> None:
         logits = (torch.randn(rows, VOCAB, device=dev) * 3).bfloat16()
         chosen = os.environ.get("SETTINGS", ",".join(SETTINGS)).split(",")
         for kernel, (name, kwargs) in [(k, (n, SETTINGS[n])) for n in chosen for k in (False, True)]:
-            sampler_module.TRITON_SAMPLING = kernel
+            sampler_module.NUCLEUS_SAMPLING = kernel
             history = OutputHistory(dev)
             states = []
             for i in range(rows):

@@ -47,9 +47,25 @@ class SamplingTensors:
     ban_tokens: torch.Tensor | None = None
     ban_active: torch.Tensor | None = None           # bool per ban: it applies (None: all do)
     all_greedy: bool = False
-    max_top_k: int | None = None   # the largest top_k in use below the vocabulary size (host-side)
+    # the nucleus path (nucleus.py) per row, decided by the row's own parameters so that a seeded
+    # row's draws never depend on its batch: the rows that need the sort-based path (min_p,
+    # typical_p, a top_k above nucleus.MAX_TOP_K; None: every row if min_p / typical_p are set,
+    # else none), and the largest top_k below the vocabulary size among the others (host-side)
+    sort_rows: list[int] | None = None
+    max_top_k: int | None = None
     generators: dict[int, torch.Generator] = field(default_factory=dict)
     max_num_logprobs: int | None = None
+
+    def select(self, rows: list[int], index: torch.Tensor) -> "SamplingTensors":
+        """The draw's parameters of `rows` (their indices also as `index` on the device), in that
+        order: what _draw needs of a subset of the batch."""
+        def pick(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.index_select(0, index)
+        position = {row: i for i, row in enumerate(rows)}
+        return SamplingTensors(temperature=pick(self.temperature), top_k=pick(self.top_k), top_p=pick(self.top_p),
+                               min_p=pick(self.min_p), typical_p=pick(self.typical_p), max_top_k=self.max_top_k,
+                               sort_rows=None, generators={position[row]: g for row, g in self.generators.items()
+                                                           if row in position})
 
 
 @dataclass
@@ -148,29 +164,49 @@ def apply_typical_p(logits: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(remove, float("-inf"))
 
 
-TRITON_SAMPLING = True   # off: the sort-based path on CUDA too (A/B in benchmarks/sampler_gpu.py)
+NUCLEUS_SAMPLING = True   # off: the sort-based path (A/B in benchmarks/sampler_gpu.py)
 
 
-def _nucleus_kernel_fits(logits: torch.Tensor, t: SamplingTensors) -> bool:
-    """Temperature, top-k and top-p only, on CUDA: triton_sampling draws from the nucleus
-    without sorting the vocabulary."""
-    if not (TRITON_SAMPLING and logits.is_cuda and t.min_p is None and t.typical_p is None):
-        return False
-    from pagedserve.layers import triton_sampling
-    return t.top_k is None or (t.max_top_k is not None and t.max_top_k <= triton_sampling.MAX_TOP_K)
+def _draw(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """Every row's draw from softmax(logits / T) under its filters: by rejection from the nucleus
+    (nucleus.py: no vocabulary sort; CUDA and CPU) for temperature / top-k / top-p rows, through
+    apply_temperature_and_filters and the exponential race for the rest (t.sort_rows). Each row
+    takes its way by its own parameters, never its batch's."""
+    rows = logits.shape[0]
+    sort_rows = t.sort_rows
+    if sort_rows is None:   # tensors built by hand: the sort-based path for all if any row needs it
+        needs_sort = t.min_p is not None or t.typical_p is not None or (t.top_k is not None and t.max_top_k is None)
+        sort_rows = list(range(rows)) if needs_sort else []
+    if not NUCLEUS_SAMPLING or logits.device.type not in ("cuda", "cpu"):
+        sort_rows = list(range(rows))
+    if len(sort_rows) == rows:
+        return _random_sample(apply_temperature_and_filters(logits, t).softmax(dim=-1), t.generators)
+    if not sort_rows:
+        return _sample_nucleus(logits, t)
+    sort_set = set(sort_rows)
+    nucleus_rows = [row for row in range(rows) if row not in sort_set]
+    sampled = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    for subset, draw in ((nucleus_rows, _sample_nucleus), (sort_rows, lambda x, s: _random_sample(
+            apply_temperature_and_filters(x, s).softmax(dim=-1), s.generators))):
+        index = torch.tensor(subset, device=logits.device)
+        sampled.index_copy_(0, index, draw(logits.index_select(0, index), t.select(subset, index)))
+    return sampled
 
 
 def _sample_nucleus(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
-    """The draws of apply_temperature_and_filters + _random_sample, by triton_sampling's
-    rejection from the nucleus (greedy rows draw too; the caller keeps their argmax)."""
-    from pagedserve.layers import triton_sampling
+    """The draws of apply_temperature_and_filters + _random_sample, by rejection from the
+    nucleus (nucleus.py; greedy rows draw too: the caller keeps their argmax)."""
+    from pagedserve.layers import nucleus
     temperature = torch.where(t.temperature < _EPS, torch.ones_like(t.temperature), t.temperature)
     logits = logits / temperature[:, None]
-    if t.top_k is not None:
-        logits = triton_sampling.top_k_mask(logits, t.top_k, t.max_top_k)
+    if t.top_k is not None and t.max_top_k is not None:   # (None: every such row's top_k is off)
+        logits = nucleus.top_k_mask(logits, t.top_k, t.max_top_k)
     top_p = t.top_p if t.top_p is not None else torch.ones_like(t.temperature)
-    return triton_sampling.sample_top_p(logits, top_p, triton_sampling.draw_uniforms(
-        logits.shape[0], t.generators, logits.device))
+    uniforms = nucleus.draw_uniforms(logits.shape[0], t.generators, logits.device)
+    if logits.is_cuda:
+        from pagedserve.layers import triton_sampling
+        return triton_sampling.sample_top_p(logits, top_p, uniforms)
+    return nucleus.sample_top_p(logits, top_p, uniforms)
 
 
 def _random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
@@ -254,7 +290,7 @@ def apply_temperature_and_filters(logits: torch.Tensor, t: SamplingTensors) -> t
 
 class Sampler:
     """Stateless; every tensor op covers the whole batch. The only Python loop is over the
-    seeded rows (`_random_sample`, or triton_sampling.draw_uniforms on the nucleus kernel's path)."""
+    seeded rows (`_random_sample`, or nucleus.draw_uniforms on the nucleus path)."""
 
     def __call__(self, logits: torch.Tensor, t: SamplingTensors, bitmask: torch.Tensor | None = None
                  ) -> SamplerOutput:
@@ -273,11 +309,7 @@ class Sampler:
         if t.all_greedy:
             tokens = greedy
         else:
-            sampled = _sample_nucleus(logits, t) if _nucleus_kernel_fits(logits, t) else None
-            if sampled is None:
-                logits = apply_temperature_and_filters(logits, t)
-                sampled = _random_sample(logits.softmax(dim=-1), t.generators)
-            tokens = torch.where(t.temperature < _EPS, greedy, sampled)
+            tokens = torch.where(t.temperature < _EPS, greedy, _draw(logits, t))
         out = SamplerOutput(token_ids=tokens)
         if raw_logprobs is not None:
             out.logprob_token_ids, out.logprobs, out.sampled_ranks = gather_logprobs(

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pagedserve.layers.nucleus import MAX_TOP_K
 from pagedserve.layers.sampler import _EPS as _GREEDY_EPS
 from pagedserve.layers.sampler import Sampler, SamplerOutput, SamplingTensors
 from pagedserve.worker.input_batch import CachedRequestState
@@ -112,9 +113,16 @@ def build_sampling_tensors(states: list[CachedRequestState], vocab_size: int, de
     for i, name in enumerate(names, 1):
         setattr(t, name, floats[i])
     t.all_greedy = max(temperature) < _GREEDY_EPS
-    if any(0 < k < vocab_size for k in top_k):
+    largest_k = max((k for k in top_k if 0 < k < vocab_size), default=None)
+    if largest_k is not None:
         t.top_k = _tensor([k if 0 < k < vocab_size else vocab_size for k in top_k], torch.int64, device)
-        t.max_top_k = max(k for k in top_k if 0 < k < vocab_size)
+    # each row's way to draw, by its own parameters (Sampler: the nucleus path or the sort-based one)
+    t.sort_rows = [] if not (used["min_p"] or used["typical_p"] or (largest_k or 0) > MAX_TOP_K) else [
+        row for row, (k, floor, mass) in enumerate(zip(top_k, min_p, typical_p))
+        if floor > 0.0 or mass < 1.0 or MAX_TOP_K < k < vocab_size]
+    sort_set = set(t.sort_rows)
+    t.max_top_k = max((k for row, k in enumerate(top_k) if 0 < k < vocab_size and row not in sort_set), default=None) \
+        if sort_set else largest_k
     if used["repetition_penalty"] or used["frequency_penalty"] or used["presence_penalty"]:
         counted = [(row, state) for row, state in enumerate(states) if state.counts_outputs]
         if history is None or min(state.history_row for _, state in counted) < 0:

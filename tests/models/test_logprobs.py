@@ -57,7 +57,7 @@ def check_position(entry: dict, actual: int, ref_row: torch.Tensor, k: int, llm:
     SamplingParams(temperature=0.0, max_tokens=8, logprobs=5, prompt_logprobs=3),
     # processing changes the draw, never the reported (raw) logprobs
     SamplingParams(temperature=0.7, top_k=20, repetition_penalty=1.3, logit_bias={11: 3.0}, seed=3,
-                   max_tokens=8, logprobs=4, prompt_logprobs=0),
+                   max_tokens=8, ignore_eos=True, logprobs=4, prompt_logprobs=0),
 ], ids=["greedy", "sampled"])
 def test_logprobs_match_transformers(llm, reference, params):
     outputs = llm.generate(PROMPTS, params, use_tqdm=False)

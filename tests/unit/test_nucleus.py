@@ -1,23 +1,41 @@
-"""triton_sampling: draws from the top-p nucleus without sorting (Triton's interpreter on CPU,
-the kernel on CUDA). Every draw lies in the nucleus the sort-based rule defines, the draws follow
-the nucleus renormalised, top-k masks as transformers' warper, seeded rows do not depend on the
-batch; on CUDA the Sampler takes this path for temperature / top-k / top-p rows."""
+"""nucleus.py: draws from the top-p nucleus without sorting, in torch ops (CPU) and as the Triton
+kernel (triton_sampling.py: Triton's interpreter on CPU, the kernel on CUDA). Every draw lies in
+the nucleus the sort-based rule defines, the draws follow the nucleus renormalised, both forms draw
+the same tokens from the same uniforms, top-k masks as transformers' warper, seeded rows do not
+depend on the batch; the Sampler takes this path for temperature / top-k / top-p rows."""
 from __future__ import annotations
+
+import importlib.util
 
 import pytest
 import torch
+from transformers.generation.logits_process import TopKLogitsWarper
 
-pytest.importorskip("triton", reason="triton is not installed")
-from transformers.generation.logits_process import TopKLogitsWarper  # noqa: E402
-
-from pagedserve.layers import sampler as sampler_module  # noqa: E402
-from pagedserve.layers.sampler import Sampler, SamplingTensors  # noqa: E402
-from pagedserve.layers.triton_sampling import BLOCK, ROUNDS, draw_uniforms, sample_top_p, top_k_mask  # noqa: E402
+from pagedserve.layers import nucleus
+from pagedserve.layers import sampler as sampler_module
+from pagedserve.layers.nucleus import ROUNDS, draw_uniforms, top_k_mask
+from pagedserve.layers.sampler import Sampler, SamplingTensors
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BLOCK = 2048   # the kernel's (triton_sampling.BLOCK): a masked first block of it
 
 
-def nucleus(logits: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _kernel(logits: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    from pagedserve.layers import triton_sampling
+    assert triton_sampling.BLOCK == BLOCK
+    return triton_sampling.sample_top_p(logits, top_p, uniforms)
+
+
+def _torch(logits: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    return nucleus.sample_top_p(logits.cpu(), top_p.cpu(), uniforms.cpu()).to(logits.device)
+
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+FORMS = [pytest.param(_torch, id="torch"),
+         pytest.param(_kernel, id="kernel", marks=pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed"))]
+
+
+def sort_rule(logits: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The sort-based rule in float64: token t is kept iff the mass above it is under top_p;
     returns (kept, the kept tokens' renormalised probabilities over the vocabulary)."""
     p = logits.double().softmax(-1)
@@ -29,12 +47,13 @@ def nucleus(logits: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Ten
     return kept, q / q.sum()
 
 
+@pytest.mark.parametrize("sample_top_p", FORMS)
 @pytest.mark.parametrize("top_p, scale", [(0.8, 0.7), (0.3, 1.5), (1.0, 1.0)])
-def test_draws_follow_the_nucleus(top_p: float, scale: float) -> None:
+def test_draws_follow_the_nucleus(sample_top_p, top_p: float, scale: float) -> None:
     gen = torch.Generator().manual_seed(int(top_p * 10))
     vocab, rows = 40, 800
     logits = torch.randn(vocab, generator=gen) * scale
-    kept, q = nucleus(logits, top_p)
+    kept, q = sort_rule(logits, top_p)
     assert 1 < int(kept.sum()) or top_p < 0.5
     ids = sample_top_p(logits[None].repeat(rows, 1).to(DEVICE), torch.full((rows,), top_p, device=DEVICE),
                        torch.rand(rows, ROUNDS, generator=gen).to(DEVICE)).cpu()
@@ -44,7 +63,8 @@ def test_draws_follow_the_nucleus(top_p: float, scale: float) -> None:
     assert ((freq - q).abs() <= 4.5 * (q * (1 - q) / rows).sqrt() + 1e-9).all(), (freq - q).abs().max()
 
 
-def test_masked_entries_are_never_drawn_and_ties_go_together() -> None:
+@pytest.mark.parametrize("sample_top_p", FORMS)
+def test_masked_entries_are_never_drawn_and_ties_go_together(sample_top_p) -> None:
     """-inf entries have no mass; tokens of one logit are kept or dropped together (the 4 tied at
     the top hold 0.9 of the mass: top_p 0.5 keeps all four)."""
     logits = torch.full((64,), float("-inf"))
@@ -56,7 +76,8 @@ def test_masked_entries_are_never_drawn_and_ties_go_together() -> None:
     assert set(ids.tolist()) == {3, 9, 17, 40}
 
 
-def test_a_masked_first_block_leaves_the_sum_finite() -> None:
+@pytest.mark.parametrize("sample_top_p", FORMS)
+def test_a_masked_first_block_leaves_the_sum_finite(sample_top_p) -> None:
     """A top-k mask leaves whole blocks of -inf: a row whose first BLOCK entries are masked
     draws from its nucleus (not, after every round rejected, its argmax alone)."""
     vocab, rows = BLOCK + 300, 150
@@ -64,11 +85,12 @@ def test_a_masked_first_block_leaves_the_sum_finite() -> None:
     logits[BLOCK + 10:BLOCK + 14] = torch.tensor([2.0, 1.9, 1.8, 1.7])
     ids = sample_top_p(logits[None].repeat(rows, 1).to(DEVICE), torch.full((rows,), 0.9, device=DEVICE),
                        torch.rand(rows, ROUNDS, generator=torch.Generator().manual_seed(2)).to(DEVICE)).cpu()
-    kept, q = nucleus(logits, 0.9)
+    kept, q = sort_rule(logits, 0.9)
     assert kept[ids].all() and len(set(ids.tolist())) == int(kept.sum()) == 4
 
 
-def test_a_row_of_minus_inf_takes_its_argmax() -> None:
+@pytest.mark.parametrize("sample_top_p", FORMS)
+def test_a_row_of_minus_inf_takes_its_argmax(sample_top_p) -> None:
     """Nothing to draw (every entry -inf): index 0, the argmax's, and no read outside the row."""
     logits = torch.full((2, 100), float("-inf"))
     logits[1, 7] = 0.0
@@ -88,7 +110,8 @@ def test_top_k_mask_equals_transformers_warper() -> None:
     assert int(torch.isfinite(ours[1]).sum()) == 10
 
 
-def test_seeded_rows_do_not_depend_on_the_batch() -> None:
+@pytest.mark.parametrize("sample_top_p", FORMS)
+def test_seeded_rows_do_not_depend_on_the_batch(sample_top_p) -> None:
     logits = torch.randn(3, 500, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     top_p = torch.tensor([0.9, 0.9, 0.5], device=DEVICE)
 
@@ -101,8 +124,17 @@ def test_seeded_rows_do_not_depend_on_the_batch() -> None:
     assert first[0] == again[1] and first[2] == again[0]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Sampler takes the kernel on CUDA only")
-def test_sampler_takes_the_kernel_for_top_p_rows(monkeypatch) -> None:
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_the_kernel_and_the_torch_form_draw_the_same_tokens() -> None:
+    """The same uniforms give the same tokens (one algorithm twice), rejections included."""
+    gen = torch.Generator().manual_seed(8)
+    logits = (torch.randn(64, 300, generator=gen) * torch.linspace(0.3, 3.0, 64)[:, None]).to(DEVICE)
+    top_p = torch.rand(64, generator=gen).clamp(min=0.05).to(DEVICE)
+    uniforms = torch.rand(64, ROUNDS, generator=gen).to(DEVICE)
+    assert torch.equal(_kernel(logits, top_p, uniforms), _torch(logits, top_p, uniforms))
+
+
+def test_sampler_takes_the_nucleus_path_for_top_p_rows(monkeypatch) -> None:
     calls = []
     real = sampler_module._sample_nucleus
     monkeypatch.setattr(sampler_module, "_sample_nucleus", lambda x, t: calls.append(x.shape) or real(x, t))
@@ -112,9 +144,40 @@ def test_sampler_takes_the_kernel_for_top_p_rows(monkeypatch) -> None:
                         top_k=torch.tensor([1000, 1000, 20, 1000], device=DEVICE), max_top_k=20)
     out = Sampler()(logits, t)
     assert calls == [(4, 1000)] and out.token_ids[0] == logits[0].argmax()
-    kept, _ = nucleus(logits[3].cpu() / 0.5, 0.3)
+    kept, _ = sort_rule(logits[3].cpu() / 0.5, 0.3)
     assert kept[out.token_ids[3].cpu()]
     assert out.token_ids[2] in logits[2].topk(20).indices
     t.min_p = torch.zeros(4, device=DEVICE)   # min_p: the sort-based path
     Sampler()(logits, t)
     assert len(calls) == 1
+
+
+def test_each_row_takes_its_own_way_so_seeded_rows_ignore_their_batch(monkeypatch) -> None:
+    """A min_p or typical_p row (the sort-based path) beside temperature / top-p rows (the nucleus
+    path): each row's way is its own, so a seeded top-p row draws the same tokens alone as beside
+    them, and the nucleus path sees only its rows."""
+    from pagedserve.sampling_params import SamplingParams
+    from pagedserve.worker.input_batch import CachedRequestState
+    from pagedserve.worker.sampling_inputs import build_sampling_tensors
+    vocab = 200
+    logits = (torch.randn(4, vocab, generator=torch.Generator().manual_seed(9)) * 0.5).to(DEVICE)
+    params = [SamplingParams(temperature=0.9, top_p=0.9, seed=21), SamplingParams(temperature=1.0, min_p=0.2),
+              SamplingParams(temperature=1.0, typical_p=0.5, seed=3), SamplingParams(temperature=0.8, top_k=30)]
+    shapes = []
+    real = sampler_module._sample_nucleus
+    monkeypatch.setattr(sampler_module, "_sample_nucleus", lambda x, t: shapes.append(x.shape[0]) or real(x, t))
+
+    def draws(rows: list[int], steps: int = 12) -> list[list[int]]:
+        states = []
+        for row in rows:
+            p = params[row]
+            generator = None if p.seed is None else torch.Generator(device=DEVICE).manual_seed(p.seed)
+            states.append(CachedRequestState(str(row), [1, 2], 2, p, [0], 2, generator))
+        tensors = [build_sampling_tensors(states, vocab, DEVICE, (0,)) for _ in range(steps)]
+        return [Sampler()(logits[rows], t).token_ids.tolist() for t in tensors]
+
+    together = draws([0, 1, 2, 3])
+    assert set(shapes) == {2}   # rows 0 and 3 only
+    alone = draws([0])
+    assert [step[0] for step in together] == [step[0] for step in alone]
+    assert len({step[0] for step in alone}) > 3
