@@ -1,5 +1,6 @@
 """Sampled decode on the CPU: the default model (its GGUF, CPU), `--batch` prompts x `--tokens`
-output tokens (ignore_eos), greedy and then temperature 0.8 / top_p 0.9, out tok/s of each
+output tokens (ignore_eos), greedy, temperature 0.8 / top_p 0.9 and temperature 0.8 / min_p 0.05
+(llama.cpp's default min_p), out tok/s of each
 (after one warm-up generate). TREE: the pagedserve checkout to import (an A/B puts the old one
 beside: `git archive OLD pagedserve | tar -x -C DIR`).
 
@@ -25,7 +26,8 @@ def main() -> None:
     from pagedserve import LLM, SamplingParams
     llm = LLM(device="cpu")
     prompts = [f"Story number {i}: once upon a time" for i in range(args.batch)]
-    kinds = {"greedy": dict(temperature=0.0), "top_p": dict(temperature=0.8, top_p=0.9, seed=None)}
+    kinds = {"greedy": dict(temperature=0.0), "top_p": dict(temperature=0.8, top_p=0.9),
+             "min_p": dict(temperature=0.8, min_p=0.05)}
     llm.generate(prompts[:4], SamplingParams(max_tokens=4), use_tqdm=False)
     for r in range(args.rounds):
         for kind, extra in kinds.items():

@@ -45,11 +45,16 @@ def top_k_mask(logits: torch.Tensor, top_k: torch.Tensor, max_k: int) -> torch.T
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def sample_top_p(logits: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+def sample_top_p(logits: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tensor,
+                 min_p: torch.Tensor | None = None) -> torch.Tensor:
     """The kernel's draws in torch ops over the rows at once (CPU: no vocabulary-wide sort and no
     vocabulary-wide random draw; after the first round only the rows still drawing run, and the
     loop reads whether any is left, which on the CPU waits for nothing). Same arguments as
-    triton_sampling.sample_top_p; a row of -inf gives index 0 (its argmax)."""
+    triton_sampling.sample_top_p; a row of -inf gives index 0 (its argmax).
+    `min_p` (float32 [rows], 0 = off): draws only among the tokens of at least min_p times the
+    row's largest probability (vLLM's min-p, applied after top-p): the first round's candidates
+    start there, while the top-p test still weighs the whole row, so the draw is from the nucleus
+    and that floor together, renormalised, as the sort-based path's (top-p, then min-p masks)."""
     rows = logits.shape[0]
     top = logits.max(dim=-1, keepdim=True).values
     mass = torch.exp(logits - torch.where(top > float("-inf"), top, 0.0))   # -inf entries: 0
@@ -57,11 +62,15 @@ def sample_top_p(logits: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tens
     token = torch.zeros(rows, dtype=torch.int64, device=logits.device)
     low = torch.full((rows,), float("-inf"), dtype=logits.dtype, device=logits.device)
     candidates = total.clone()
+    if min_p is not None:   # p >= min_p * p_max  <=>  logit >= max + log(min_p): candidates above the float below
+        floor = torch.nextafter(top[:, 0] + torch.log(min_p), torch.tensor(float("-inf"), dtype=logits.dtype))
+        low = torch.where(min_p > 0, floor, low)
+        candidates = torch.where(logits > low[:, None], mass, 0.0).sum(dim=-1)
     active = torch.nonzero(total > 0).squeeze(1)
     for r in range(ROUNDS):
         if active.numel() == 0:
             break
-        if r == 0 and active.numel() == rows:   # every row, every entry a candidate: no copies
+        if r == 0 and active.numel() == rows and min_p is None:   # every entry a candidate: no copies
             x, e = logits, mass
             held = e
         else:

@@ -48,9 +48,10 @@ class SamplingTensors:
     ban_active: torch.Tensor | None = None           # bool per ban: it applies (None: all do)
     all_greedy: bool = False
     # the nucleus path (nucleus.py) per row, decided by the row's own parameters so that a seeded
-    # row's draws never depend on its batch: the rows that need the sort-based path (min_p,
-    # typical_p, a top_k above nucleus.MAX_TOP_K; None: every row if min_p / typical_p are set,
-    # else none), and the largest top_k below the vocabulary size among the others (host-side)
+    # row's draws never depend on its batch: the rows that need the sort-based path (typical_p, a
+    # top_k above nucleus.MAX_TOP_K, min_p but on the CPU; None: every row if min_p / typical_p
+    # are set, else none), and the largest top_k below the vocabulary size among the others
+    # (host-side)
     sort_rows: list[int] | None = None
     max_top_k: int | None = None
     generators: dict[int, torch.Generator] = field(default_factory=dict)
@@ -169,7 +170,8 @@ NUCLEUS_SAMPLING = True   # off: the sort-based path (A/B in benchmarks/sampler_
 
 def _draw(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     """Every row's draw from softmax(logits / T) under its filters: by rejection from the nucleus
-    (nucleus.py: no vocabulary sort; CUDA and CPU) for temperature / top-k / top-p rows, through
+    (nucleus.py: no vocabulary sort; CUDA and CPU) for temperature / top-k / top-p rows (and
+    min-p on the CPU), through
     apply_temperature_and_filters and the exponential race for the rest (t.sort_rows). Each row
     takes its way by its own parameters, never its batch's."""
     rows = logits.shape[0]
@@ -203,10 +205,10 @@ def _sample_nucleus(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
         logits = nucleus.top_k_mask(logits, t.top_k, t.max_top_k)
     top_p = t.top_p if t.top_p is not None else torch.ones_like(t.temperature)
     uniforms = nucleus.draw_uniforms(logits.shape[0], t.generators, logits.device)
-    if logits.is_cuda:
+    if logits.is_cuda:   # (min_p rows take the sort-based path there: t.sort_rows)
         from pagedserve.layers import triton_sampling
         return triton_sampling.sample_top_p(logits, top_p, uniforms)
-    return nucleus.sample_top_p(logits, top_p, uniforms)
+    return nucleus.sample_top_p(logits, top_p, uniforms, t.min_p)
 
 
 def _random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:

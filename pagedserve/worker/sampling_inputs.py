@@ -117,9 +117,11 @@ def build_sampling_tensors(states: list[CachedRequestState], vocab_size: int, de
     if largest_k is not None:
         t.top_k = _tensor([k if 0 < k < vocab_size else vocab_size for k in top_k], torch.int64, device)
     # each row's way to draw, by its own parameters (Sampler: the nucleus path or the sort-based one)
-    t.sort_rows = [] if not (used["min_p"] or used["typical_p"] or (largest_k or 0) > MAX_TOP_K) else [
+    # (min_p: the nucleus path's CPU form takes it, the kernel not yet)
+    floor_sorts = used["min_p"] and device.type != "cpu"
+    t.sort_rows = [] if not (floor_sorts or used["typical_p"] or (largest_k or 0) > MAX_TOP_K) else [
         row for row, (k, floor, mass) in enumerate(zip(top_k, min_p, typical_p))
-        if floor > 0.0 or mass < 1.0 or MAX_TOP_K < k < vocab_size]
+        if (floor > 0.0 and floor_sorts) or mass < 1.0 or MAX_TOP_K < k < vocab_size]
     sort_set = set(t.sort_rows)
     t.max_top_k = max((k for row, k in enumerate(top_k) if 0 < k < vocab_size and row not in sort_set), default=None) \
         if sort_set else largest_k
