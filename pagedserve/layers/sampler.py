@@ -182,17 +182,22 @@ def _draw(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     if not NUCLEUS_SAMPLING or logits.device.type not in ("cuda", "cpu"):
         sort_rows = list(range(rows))
     if len(sort_rows) == rows:
-        return _random_sample(apply_temperature_and_filters(logits, t).softmax(dim=-1), t.generators)
+        return _sample_sorted(logits, t)
     if not sort_rows:
         return _sample_nucleus(logits, t)
     sort_set = set(sort_rows)
     nucleus_rows = [row for row in range(rows) if row not in sort_set]
     sampled = torch.empty(rows, dtype=torch.int64, device=logits.device)
-    for subset, draw in ((nucleus_rows, _sample_nucleus), (sort_rows, lambda x, s: _random_sample(
-            apply_temperature_and_filters(x, s).softmax(dim=-1), s.generators))):
+    for subset, draw in ((nucleus_rows, _sample_nucleus), (sort_rows, _sample_sorted)):
         index = torch.tensor(subset, device=logits.device)
         sampled.index_copy_(0, index, draw(logits.index_select(0, index), t.select(subset, index)))
     return sampled
+
+
+def _sample_sorted(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """The sort-based path: the filters as masks (apply_temperature_and_filters), then the
+    exponential race over the softmax."""
+    return _random_sample(apply_temperature_and_filters(logits, t).softmax(dim=-1), t.generators)
 
 
 def _sample_nucleus(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:

@@ -58,7 +58,8 @@ class CachedRequestState:
         p = self.sampling_params
         self.sampling_row = (p.temperature, p.top_k, p.top_p, p.min_p, p.typical_p, p.repetition_penalty,
                              p.frequency_penalty, p.presence_penalty)
-        self.sampling_extras = bool(p.logit_bias or allowed is not None or self.bad_words or p.min_tokens or self.generator is not None or p.logprobs is not None)
+        self.sampling_extras = bool(p.logit_bias or allowed is not None or self.bad_words or p.min_tokens
+                                    or self.generator is not None or p.logprobs is not None)
 
     @property
     def num_output_tokens(self) -> int:
