@@ -257,6 +257,9 @@ def test_reasoning_effort_reaches_the_chat_template(client, srv, references) -> 
         bare, high, none = prompt_tokens(), prompt_tokens(reasoning_effort="high"), prompt_tokens(reasoning_effort="none")
         minimal = prompt_tokens(reasoning_effort="minimal")
         overridden = prompt_tokens(reasoning_effort="high", chat_template_kwargs={"enable_thinking": False})
+        bad = requests.post(f"{srv.base_url}/v1/chat/completions", timeout=30,
+                            json={"model": MODEL, "messages": CHAT, "max_tokens": 4, "reasoning_effort": "extreme"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "reasoning_effort", bad.text
     assert effort.choices[0].message.content == plain.choices[0].message.content
     assert high > bare and minimal > bare and none == bare and overridden == bare
 
