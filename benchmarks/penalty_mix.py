@@ -7,6 +7,8 @@ U[64, 1024], output U[16, 512], greedy) run in one process on one engine as
         other 511 plain
   all   every request with frequency_penalty 0.5 and repetition_penalty 1.1
   sampled  every request sampled: temperature 0.8, top_p 0.95 (what serving clients send)
+  sampled_k  temperature 0.8, top_k 50, top_p 0.95
+  min_p  temperature 0.8, min_p 0.05
 
 and the out tok/s of each (one warm-up of 8 requests first; `--rounds` interleaved rounds).
 `one` against `base` is the cost a penalised request puts on the others.
@@ -26,6 +28,9 @@ import time
 
 # TREE: the pagedserve tree to import (an A/B stages the old one in .devcarry/main)
 sys.path[:0] = [os.environ.get("TREE", "."), ".devcarry", os.path.join(os.path.dirname(os.path.abspath(".")), "shared", "bench")]
+
+
+SAMPLED = ("sampled", "sampled_k", "min_p")
 
 
 def selfcheck() -> None:
@@ -94,11 +99,15 @@ def main() -> None:
             extra = {}
             if kind == "sampled":
                 extra = dict(top_p=0.95)
+            elif kind == "sampled_k":
+                extra = dict(top_k=50, top_p=0.95)
+            elif kind == "min_p":
+                extra = dict(min_p=0.05)
             elif kind == "all" or (kind == "one" and i == longest):
                 extra = dict(frequency_penalty=0.5)
                 if kind == "all":
                     extra["repetition_penalty"] = 1.1
-            out.append(SamplingParams(max_tokens=o, ignore_eos=True, temperature=0.8 if kind == "sampled" else 0.0,
+            out.append(SamplingParams(max_tokens=o, ignore_eos=True, temperature=0.8 if kind in SAMPLED else 0.0,
                                       detokenize=False, **extra))
         return out
 

@@ -2,15 +2,19 @@
 events, median of 20 after 3 warm-ups; the host's time inside the call included) of
 sampling_inputs.sample over bf16 logits, for the sampling settings clients send, with the
 nucleus kernel (sampler.NUCLEUS_SAMPLING) on and off; and the sort-based path's pieces alone.
-Usage (device): [SETTINGS=top_p,top_k_top_p] [PARTS=0] python3 benchmarks/sampler_gpu.py [rows ...]"""
+Usage (device): [SETTINGS=top_p,top_k_top_p] [PARTS=0] [PROFILE=1] python3 benchmarks/sampler_gpu.py [rows ...]
+PROFILE=1: after each timed setting, torch.profiler's table over 5 more calls (the kernel on only)."""
 from __future__ import annotations
 
 import json
 import os
 import sys
 
-sys.path.insert(0, os.getcwd())   # run from the repository root
+sys.path.insert(0, os.environ.get("TREE", os.getcwd()))   # run from the repository root (TREE: another tree)
 import torch  # noqa: E402
+
+sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
+from cuda_events import median_ms  # noqa: E402
 
 from pagedserve.layers import sampler as sampler_module  # noqa: E402
 from pagedserve.layers.sampler import Sampler  # noqa: E402
@@ -40,17 +44,7 @@ def parts(rows: int, dev: torch.device) -> None:
               "argmax": lambda: x.argmax(dim=-1), "topk 64": lambda: x.topk(64, dim=-1)}
     idx = x.sort(dim=-1).indices
     for name, fn in pieces.items():
-        times = []
-        for it in range(23):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            if it >= 3:
-                times.append(start.elapsed_time(end))
-        times.sort()
-        print("RESULT " + json.dumps(dict(rows=rows, piece=name, ms=round(times[len(times) // 2], 3))), flush=True)
+        print("RESULT " + json.dumps(dict(rows=rows, piece=name, ms=round(median_ms(fn), 3))), flush=True)
 
 
 def main() -> None:
@@ -71,19 +65,17 @@ def main() -> None:
                 if state.counts_outputs:
                     history.add(state)
                 states.append(state)
-            times = []
-            for it in range(23):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                torch.cuda.synchronize()
-                start.record()
-                sample(Sampler(), logits, states, VOCAB, dev, (2,), history=history)
-                end.record()
-                torch.cuda.synchronize()
-                if it >= 3:
-                    times.append(start.elapsed_time(end))
-            times.sort()
-            print("RESULT " + json.dumps(dict(rows=rows, setting=name, kernel=kernel,
-                                              ms=round(times[len(times) // 2], 3))), flush=True)
+            ms = median_ms(lambda: sample(Sampler(), logits, states, VOCAB, dev, (2,), history=history))
+            print("RESULT " + json.dumps(dict(tree=os.environ.get("TREE", "."), rows=rows, setting=name, kernel=kernel,
+                                              ms=round(ms, 3))), flush=True)
+            if kernel and os.environ.get("PROFILE") == "1":
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                        torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    for _ in range(5):
+                        sample(Sampler(), logits, states, VOCAB, dev, (2,), history=history)
+                    torch.cuda.synchronize()
+                print(f"PROFILE rows={rows} setting={name} (5 calls)")
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14), flush=True)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ exponential race) sorts every row's whole vocabulary: at 512 rows of Llama-3's 1
 12.6 ms a decode step on an H100, three llama-1b forwards (benchmarks/sampler_gpu.py).
 
 Here each row draws by rejection, as FlashInfer's top-p sampler does (on CUDA one Triton program
-a row, triton_sampling.py; elsewhere sample_top_p below, the same steps over the rows at once):
+a row reading the model's logits in place, triton_sampling.py; elsewhere sample_top_p below, the
+same steps over the rows at once):
 1. one pass for the row's maximum and its softmax normaliser Z (online);
 2. a draw from the candidates (tokens whose logit is above `low`, at first all) by walking the
    row's cumulative mass in vocabulary order to a uniform point of it (inverse CDF);
@@ -22,8 +23,9 @@ splits them in its sort's order); sums are fp32 in vocabulary order, so a token 
 lies within rounding of top_p * Z may be judged otherwise than a sorted cumulative sum would.
 
 top_k runs first as a mask (the k-th largest logit from torch.topk; ties at it kept, as
-transformers' warper), so top-p is judged on the top-k tokens renormalised, as in the sort-based
-path. The uniforms come from the caller: a seeded row's from its own generator (ROUNDS a step),
+transformers' warper; the kernel takes the k-th value and masks as it loads), so top-p is judged
+on the top-k tokens renormalised, as in the sort-based path. min_p is a floor on the first
+round's candidates (sample_top_p's docstring). The uniforms come from the caller: a seeded row's from its own generator (ROUNDS a step),
 so its draws do not depend on the batch.
 """
 from __future__ import annotations
@@ -35,14 +37,18 @@ MAX_TOP_K = 4096   # a larger top_k: the sort-based path (torch.topk's cost grow
 _MIN_UNIFORM = 2.0 ** -25   # a draw's point stays above 0: the walk's first index then holds mass
 
 
+def kth_values(logits: torch.Tensor, top_k: torch.Tensor, max_k: int) -> torch.Tensor:
+    """Each row's k-th largest logit ([rows], the logits' dtype; -inf where k is the vocabulary
+    size: off). `max_k`: the largest k below the vocabulary size (the caller knows it on the
+    host)."""
+    kth = logits.topk(max_k, dim=-1).values.gather(1, (top_k.clamp(max=max_k) - 1)[:, None])[:, 0]
+    return torch.where(top_k >= logits.shape[1], float("-inf"), kth)
+
+
 def top_k_mask(logits: torch.Tensor, top_k: torch.Tensor, max_k: int) -> torch.Tensor:
     """logits with every entry below its row's k-th largest set to -inf (ties at the k-th kept,
-    as transformers' TopKLogitsWarper); rows whose k is the vocabulary size (off) unchanged.
-    `max_k`: the largest k below the vocabulary size (the caller knows it on the host)."""
-    vocab = logits.shape[1]
-    kth = logits.topk(max_k, dim=-1).values.gather(1, (top_k.clamp(max=max_k) - 1)[:, None])
-    kth = torch.where(top_k[:, None] >= vocab, float("-inf"), kth)
-    return logits.masked_fill(logits < kth, float("-inf"))
+    as transformers' TopKLogitsWarper); rows whose k is the vocabulary size (off) unchanged."""
+    return logits.masked_fill(logits < kth_values(logits, top_k, max_k)[:, None], float("-inf"))
 
 
 def sample_top_p(logits: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tensor,

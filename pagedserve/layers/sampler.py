@@ -170,15 +170,15 @@ NUCLEUS_SAMPLING = True   # off: the sort-based path (A/B in benchmarks/sampler_
 
 def _draw(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     """Every row's draw from softmax(logits / T) under its filters: by rejection from the nucleus
-    (nucleus.py: no vocabulary sort; CUDA and CPU) for temperature / top-k / top-p rows (and
-    min-p on the CPU), through
-    apply_temperature_and_filters and the exponential race for the rest (t.sort_rows). Each row
-    takes its way by its own parameters, never its batch's."""
+    (nucleus.py: no vocabulary sort; CUDA and CPU) for temperature / top-k / top-p / min-p rows,
+    through apply_temperature_and_filters and the exponential race for the rest (t.sort_rows:
+    typical_p, a top_k above nucleus.MAX_TOP_K). Each row takes its way by its own parameters,
+    never its batch's."""
     rows = logits.shape[0]
     sort_rows = t.sort_rows
     if sort_rows is None:   # tensors built by hand: the sort-based path for all if any row needs it
-        needs_sort = t.min_p is not None or t.typical_p is not None or (t.top_k is not None and t.max_top_k is None)
-        sort_rows = list(range(rows)) if needs_sort else []
+        sort_rows = list(range(rows)) if t.typical_p is not None or (t.top_k is not None and t.max_top_k is None) \
+            else []
     if not NUCLEUS_SAMPLING or logits.device.type not in ("cuda", "cpu"):
         sort_rows = list(range(rows))
     if len(sort_rows) == rows:
@@ -202,17 +202,21 @@ def _sample_sorted(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
 
 def _sample_nucleus(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     """The draws of apply_temperature_and_filters + _random_sample, by rejection from the
-    nucleus (nucleus.py; greedy rows draw too: the caller keeps their argmax)."""
+    nucleus (nucleus.py). On CUDA one kernel reads `logits` in place, whatever their dtype, and
+    gives temperature-0 rows their argmax; on the CPU greedy rows draw too (the caller keeps
+    their argmax)."""
     from pagedserve.layers import nucleus
-    temperature = torch.where(t.temperature < _EPS, torch.ones_like(t.temperature), t.temperature)
-    logits = logits / temperature[:, None]
-    if t.top_k is not None and t.max_top_k is not None:   # (None: every such row's top_k is off)
-        logits = nucleus.top_k_mask(logits, t.top_k, t.max_top_k)
+    top_k = t.top_k is not None and t.max_top_k is not None   # (max_top_k None: every such row's top_k is off)
     top_p = t.top_p if t.top_p is not None else torch.ones_like(t.temperature)
     uniforms = nucleus.draw_uniforms(logits.shape[0], t.generators, logits.device)
-    if logits.is_cuda:   # (min_p rows take the sort-based path there: t.sort_rows)
+    if logits.is_cuda:
         from pagedserve.layers import triton_sampling
-        return triton_sampling.sample_top_p(logits, top_p, uniforms)
+        kth = nucleus.kth_values(logits, t.top_k, t.max_top_k) if top_k else None
+        return triton_sampling.sample_rows(logits, t.temperature, top_p, uniforms, kth, t.min_p)
+    temperature = torch.where(t.temperature < _EPS, torch.ones_like(t.temperature), t.temperature)
+    logits = logits / temperature[:, None]
+    if top_k:
+        logits = nucleus.top_k_mask(logits, t.top_k, t.max_top_k)
     return nucleus.sample_top_p(logits, top_p, uniforms, t.min_p)
 
 
@@ -303,11 +307,16 @@ class Sampler:
                  ) -> SamplerOutput:
         """`bitmask`: the rows' structured-outputs token bitmask on the logits' device
         (token_bitmask_to_device), applied before anything else."""
-        if t.all_greedy and t.max_num_logprobs is None and t.bias_rows is None and t.mask_rows is None \
-                and t.allow_rows is None and t.ban_rows is None and t.seen_rows is None:
+        plain = t.max_num_logprobs is None and t.bias_rows is None and t.mask_rows is None \
+            and t.allow_rows is None and t.ban_rows is None and t.seen_rows is None
+        if plain and t.all_greedy:
             return SamplerOutput(token_ids=greedy_ids(logits, bitmask))   # same ids as on the fp32 copy
         if bitmask is not None:
             apply_token_bitmask(logits, bitmask)
+        if plain and t.sort_rows == [] and logits.is_cuda and NUCLEUS_SAMPLING:
+            # every row on the nucleus kernel, which reads the logits in place (no float32 copy) and
+            # gives greedy rows their argmax: what sampling_inputs.draws_in_place lets sample whole
+            return SamplerOutput(token_ids=_sample_nucleus(logits, t))
         logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if t.max_num_logprobs is not None else None
         logits = apply_bias_and_min_tokens(logits, t)

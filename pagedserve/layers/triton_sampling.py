@@ -1,5 +1,9 @@
-"""The nucleus draw of nucleus.py as one Triton program a row (CUDA): a max / normaliser pass,
-then per round a walk of the cumulative mass to the draw and a pass for the mass above it."""
+"""The nucleus draw of nucleus.py as one Triton program a row (CUDA), reading the model's logits
+where they are (any float dtype, any row stride): the temperature, the top-k threshold and the
+min-p floor are applied as each block is loaded, so no [rows, vocab] float32 copy is made. Per
+row: a max / normaliser pass (which also gives the argmax: temperature-0 rows stop there), a
+pass for the mass above the min-p floor where one is set, then per round a walk of the
+cumulative mass to the draw and a pass for the mass above it."""
 from __future__ import annotations
 
 import torch
@@ -7,22 +11,39 @@ import triton
 import triton.language as tl
 
 from pagedserve.layers.nucleus import ROUNDS
+from pagedserve.layers.sampler import _EPS as GREEDY_EPS   # a temperature below it: the argmax
 
-BLOCK = 2048       # vocabulary entries a program reads at a time
+BLOCK = 4096       # vocabulary entries a program reads at a time (benchmarks/sampler_sweep.py: 4096 x 16 warps)
+NUM_WARPS = 16
 
 
 @triton.jit
-def _top_p_sample_kernel(logits_ptr, stride_row, top_p_ptr, uniform_ptr, out_ptr, vocab,
-                         ROUNDS: tl.constexpr, BLOCK: tl.constexpr):
+def _scaled(base, start, offs, vocab, temperature, kth):
+    """One block of a row as the draw sees it: logit / temperature, -inf below the top-k
+    threshold `kth` (raw units) and past the row's end."""
+    raw = tl.load(base + start + offs, mask=start + offs < vocab, other=float("-inf")).to(tl.float32)
+    return tl.where(raw >= kth, tl.math.div_rn(raw, temperature), float("-inf"))
+
+
+@triton.jit
+def _sample_kernel(logits_ptr, stride_row, temperature_ptr, kth_ptr, top_p_ptr, min_p_ptr, uniform_ptr, out_ptr,
+                   vocab, HAS_KTH: tl.constexpr, HAS_MIN_P: tl.constexpr, ROUNDS: tl.constexpr,
+                   BLOCK: tl.constexpr, EPS: tl.constexpr):
     row = tl.program_id(0)
     base = logits_ptr + row.to(tl.int64) * stride_row
     offs = tl.arange(0, BLOCK)
+    temperature = tl.load(temperature_ptr + row)
+    greedy = temperature < EPS
+    temperature = tl.where(greedy, 1.0, temperature)
+    kth = float("-inf")
+    if HAS_KTH:
+        kth = tl.load(kth_ptr + row)
     # pass 1: the maximum (and its first index) and Z = sum exp(x - max), online
     m = float("-inf")
     z = 0.0
     best = 0
     for start in range(0, vocab, BLOCK):
-        x = tl.load(base + start + offs, mask=start + offs < vocab, other=float("-inf")).to(tl.float32)
+        x = _scaled(base, start, offs, vocab, temperature, kth)
         block_max = tl.max(x, 0)
         if block_max > m:
             best = start + tl.argmax(x, 0)
@@ -33,10 +54,22 @@ def _top_p_sample_kernel(logits_ptr, stride_row, top_p_ptr, uniform_ptr, out_ptr
             + tl.sum(tl.where(x > float("-inf"), tl.exp(x - m_new), 0.0), 0)
         m = m_new
     top_p = tl.load(top_p_ptr + row)
-    low = float("-inf")   # the candidates: logits above low
+    low = float("-inf")   # the candidates: finite entries above low (at or above it while inclusive)
+    inclusive = 0
     candidates = z        # their mass
     token = best          # the fallback: the argmax is always in the nucleus
     r = 0
+    if greedy:
+        r = ROUNDS
+    if HAS_MIN_P:
+        min_p = tl.load(min_p_ptr + row)
+        if (min_p > 0.0) & (r < ROUNDS):   # p >= min_p * p_max  <=>  x >= max + log(min_p)
+            low = m + tl.log(min_p)
+            inclusive = 1
+            candidates = 0.0
+            for start in range(0, vocab, BLOCK):
+                x = _scaled(base, start, offs, vocab, temperature, kth)
+                candidates += tl.sum(tl.where((x >= low) & (x > float("-inf")), tl.exp(x - m), 0.0), 0)
     while r < ROUNDS:
         target = tl.load(uniform_ptr + row * ROUNDS + r) * candidates
         # the draw: the first candidate where the running mass reaches target (the last
@@ -46,8 +79,9 @@ def _top_p_sample_kernel(logits_ptr, stride_row, top_p_ptr, uniform_ptr, out_ptr
         last = -1
         start = 0
         while start < vocab:
-            x = tl.load(base + start + offs, mask=start + offs < vocab, other=float("-inf")).to(tl.float32)
-            p = tl.where(x > low, tl.exp(x - m), 0.0)
+            x = _scaled(base, start, offs, vocab, temperature, kth)
+            keep = ((x > low) | ((x >= low) & (inclusive != 0))) & (x > float("-inf"))
+            p = tl.where(keep, tl.exp(x - m), 0.0)
             block_mass = tl.sum(p, 0)
             last = tl.maximum(last, tl.max(tl.where(p > 0.0, start + offs, -1), 0))
             if (running + block_mass >= target) & (block_mass > 0.0):
@@ -63,35 +97,51 @@ def _top_p_sample_kernel(logits_ptr, stride_row, top_p_ptr, uniform_ptr, out_ptr
         if drawn < 0:   # no candidate at all (every entry -inf): the argmax
             r = ROUNDS
         else:
-            x_drawn = tl.load(base + drawn).to(tl.float32)
+            x_drawn = tl.math.div_rn(tl.load(base + drawn).to(tl.float32), temperature)   # (a candidate: >= kth)
             # the mass strictly above the drawn token's logit
             above = 0.0
             for start2 in range(0, vocab, BLOCK):
-                x = tl.load(base + start2 + offs, mask=start2 + offs < vocab, other=float("-inf")).to(tl.float32)
+                x = _scaled(base, start2, offs, vocab, temperature, kth)
                 above += tl.sum(tl.where(x > x_drawn, tl.exp(x - m), 0.0), 0)
             if above < top_p * z:
                 token = drawn
                 r = ROUNDS
             else:
                 low = x_drawn
+                inclusive = 0
                 candidates = above
                 r += 1
     tl.store(out_ptr + row, token.to(tl.int64))
 
 
-def sample_top_p(logits: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """One token id a row of `logits` (float32 [rows, vocab], unit column stride: temperature
-    and masks applied; -inf entries are never drawn, a row of -inf gives its argmax), from its
-    top-p nucleus (top_p float32 [rows]; 1 keeps every token), drawn with `uniforms` (float32
-    [rows, ROUNDS] in [0, 1): nucleus.draw_uniforms)."""
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tensor,
+                kth: torch.Tensor | None = None, min_p: torch.Tensor | None = None) -> torch.Tensor:
+    """One token id a row of `logits` ([rows, vocab], any float dtype, unit column stride; read in
+    place): a row of temperature < GREEDY_EPS takes its argmax (the first maximum); the others
+    draw from softmax(logits / temperature) restricted to the logits at or above `kth` (raw units,
+    the top-k threshold, -inf or None: off), to its top-p nucleus (top_p [rows], 1 keeps every
+    token) and, where min_p [rows] > 0, to the tokens of at least min_p times the largest
+    probability (nucleus.sample_top_p's floor: the top-p test still weighs the whole row), using
+    `uniforms` (float32 [rows, ROUNDS] in [0, 1): nucleus.draw_uniforms). -inf entries are never
+    drawn; a row of -inf gives its argmax (index 0)."""
     rows, vocab = logits.shape
-    if logits.dtype != torch.float32 or logits.stride(1) != 1 or top_p.shape != (rows,) \
-            or uniforms.shape != (rows, ROUNDS) or not uniforms.is_contiguous():
-        raise ValueError(f"sample_top_p: need float32 [rows, vocab] logits with unit column stride, top_p [rows] and "
-                         f"uniforms [rows, {ROUNDS}]; got {logits.dtype} {tuple(logits.shape)} strides "
-                         f"{logits.stride()}, {tuple(top_p.shape)}, {tuple(uniforms.shape)}")
+    if not logits.is_floating_point() or logits.stride(1) != 1 or temperature.shape != (rows,) \
+            or top_p.shape != (rows,) or uniforms.shape != (rows, ROUNDS) or not uniforms.is_contiguous() \
+            or (kth is not None and kth.shape != (rows,)) or (min_p is not None and min_p.shape != (rows,)):
+        raise ValueError(f"sample_rows: need float [rows, vocab] logits with unit column stride, [rows] temperature, "
+                         f"top_p, kth and min_p, and uniforms [rows, {ROUNDS}]; got {logits.dtype} "
+                         f"{tuple(logits.shape)} strides {logits.stride()}, {tuple(temperature.shape)}, "
+                         f"{tuple(top_p.shape)}, {tuple(uniforms.shape)}")
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     if rows:
-        _top_p_sample_kernel[(rows,)](logits, logits.stride(0), top_p.to(torch.float32).contiguous(), uniforms, out,
-                                      vocab, ROUNDS=ROUNDS, BLOCK=BLOCK, num_warps=8)
+        def f32(x: torch.Tensor | None) -> torch.Tensor:
+            return top_p if x is None else x.to(torch.float32).contiguous()   # (unread when None)
+        _sample_kernel[(rows,)](logits, logits.stride(0), f32(temperature), f32(kth), f32(top_p), f32(min_p),
+                                uniforms, out, vocab, HAS_KTH=kth is not None, HAS_MIN_P=min_p is not None,
+                                ROUNDS=ROUNDS, BLOCK=BLOCK, EPS=GREEDY_EPS, num_warps=NUM_WARPS)
     return out
+
+
+def sample_top_p(logits: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """sample_rows at temperature 1 without top-k or min-p (nucleus.sample_top_p's arguments)."""
+    return sample_rows(logits, torch.ones(logits.shape[0], device=logits.device), top_p, uniforms)

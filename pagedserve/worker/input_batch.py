@@ -16,6 +16,7 @@ import torch
 
 from pagedserve.attention.metadata import AttentionMetadata
 from pagedserve.engine_io import RequestId
+from pagedserve.layers.nucleus import MAX_TOP_K
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.worker.bad_words import BadWords
 
@@ -47,6 +48,7 @@ class CachedRequestState:
     # needs more than those and its penalties' history (bias, masks, bans, a seed, logprobs)
     sampling_row: tuple = field(init=False)
     sampling_extras: bool = field(init=False)
+    plain_draw: bool = field(init=False)
 
     def __post_init__(self) -> None:
         self.counts_outputs = self.sampling_params.has_penalties
@@ -60,6 +62,11 @@ class CachedRequestState:
                              p.frequency_penalty, p.presence_penalty)
         self.sampling_extras = bool(p.logit_bias or allowed is not None or self.bad_words or p.min_tokens
                                     or self.generator is not None or p.logprobs is not None)
+        # only temperature / top-k (up to nucleus.MAX_TOP_K) / top-p / min-p / a seed: the nucleus
+        # kernel draws it from the model's logits in place (sampling_inputs.draws_in_place)
+        self.plain_draw = not (p.logit_bias or allowed is not None or self.bad_words or p.min_tokens
+                               or p.logprobs is not None or self.counts_outputs or p.typical_p < 1.0
+                               or p.top_k > MAX_TOP_K)
 
     @property
     def num_output_tokens(self) -> int:

@@ -101,9 +101,11 @@ def profile_run(runner: ModelRunner, num_tokens: int) -> None:
 
 def profiled_sampling_tensors(rows: int, device: torch.device) -> SamplingTensors:
     """The sampler's largest working set, which the memory profile measures: the sort-based path
-    (top-p, min-p: not the nucleus kernel, which needs far less) with 20 logprobs."""
-    return SamplingTensors(temperature=torch.ones(rows, device=device), top_p=torch.full((rows,), 0.9, device=device),
-                           min_p=torch.zeros(rows, device=device), max_num_logprobs=20)
+    (typical-p takes it; the nucleus path needs far less) with top-p, min-p and 20 logprobs."""
+    def full(value: float) -> torch.Tensor:
+        return torch.full((rows,), value, device=device)
+    return SamplingTensors(temperature=full(1.0), top_p=full(0.9), min_p=full(0.05), typical_p=full(0.9),
+                           max_num_logprobs=20)
 
 
 def mixed_step_metas(runner: ModelRunner, backend, meta: AttentionMetadata, num_tokens: int

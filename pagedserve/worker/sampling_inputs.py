@@ -18,7 +18,8 @@ no such request holds the engine in lockstep, and no [rows, vocab] table is buil
 set (logits, log-softmax, sort values and indices, probabilities: ~40 bytes per row per
 vocabulary entry) is then bounded whatever max_num_seqs is, and the KV cache keeps that memory.
 Greedy rows without logprobs need less than half of that, so they go GREEDY_CHUNK_ROWS at a
-time (chunk_rows).
+time (chunk_rows). Rows that make no float32 copy at all (plain greedy; on CUDA, rows that only
+draw: draws_in_place) go in one pass.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pagedserve.layers import sampler as sampler_module
 from pagedserve.layers.nucleus import MAX_TOP_K
 from pagedserve.layers.sampler import _EPS as _GREEDY_EPS
 from pagedserve.layers.sampler import Sampler, SamplerOutput, SamplingTensors
@@ -54,6 +56,15 @@ class _Columns:
     max_logprobs: int | None = None
 
 
+def draws_in_place(states: list[CachedRequestState], device: torch.device) -> bool:
+    """Whether the rows need no float32 copy of their logits, so one sampler pass takes them all:
+    plain greedy rows (one argmax), and on CUDA rows that only draw (Sampler: the nucleus kernel
+    reads the logits in place; CachedRequestState.plain_draw)."""
+    if all(state.plain_greedy for state in states):
+        return True
+    return device.type == "cuda" and sampler_module.NUCLEUS_SAMPLING and all(state.plain_draw for state in states)
+
+
 def chunk_rows(states: list[CachedRequestState]) -> int:
     """How many rows one sampler pass takes. Greedy rows without logprobs never sort, softmax
     or log-softmax: their float32 working set is the logits' copy and its out-of-place edits
@@ -73,7 +84,7 @@ def sample(sampler: Sampler, logits: torch.Tensor, states: list[CachedRequestSta
     `bitmask`: the rows' structured-outputs token bitmask on the device (Sampler).
     `prev_sampled`: the last launched step's sampled ids on the device (rows' placeholders);
     `history`: the penalised rows' outputs (build_sampling_tensors)."""
-    size = len(states) if all(state.plain_greedy for state in states) else chunk_rows(states)
+    size = len(states) if draws_in_place(states, device) else chunk_rows(states)
     if len(states) <= size:   # one pass
         return sampler(logits, build_sampling_tensors(states, vocab_size, device, eos_token_ids, prev_sampled,
                                                       history), bitmask)
@@ -117,11 +128,8 @@ def build_sampling_tensors(states: list[CachedRequestState], vocab_size: int, de
     if largest_k is not None:
         t.top_k = _tensor([k if 0 < k < vocab_size else vocab_size for k in top_k], torch.int64, device)
     # each row's way to draw, by its own parameters (Sampler: the nucleus path or the sort-based one)
-    # (min_p: the nucleus path's CPU form takes it, the kernel not yet)
-    floor_sorts = used["min_p"] and device.type != "cpu"
-    t.sort_rows = [] if not (floor_sorts or used["typical_p"] or (largest_k or 0) > MAX_TOP_K) else [
-        row for row, (k, floor, mass) in enumerate(zip(top_k, min_p, typical_p))
-        if (floor > 0.0 and floor_sorts) or mass < 1.0 or MAX_TOP_K < k < vocab_size]
+    t.sort_rows = [] if not (used["typical_p"] or (largest_k or 0) > MAX_TOP_K) else [
+        row for row, (k, mass) in enumerate(zip(top_k, typical_p)) if mass < 1.0 or MAX_TOP_K < k < vocab_size]
     sort_set = set(t.sort_rows)
     t.max_top_k = max((k for row, k in enumerate(top_k) if 0 < k < vocab_size and row not in sort_set), default=None) \
         if sort_set else largest_k

@@ -13,11 +13,11 @@ from transformers.generation.logits_process import TopKLogitsWarper
 
 from pagedserve.layers import nucleus
 from pagedserve.layers import sampler as sampler_module
-from pagedserve.layers.nucleus import ROUNDS, draw_uniforms, top_k_mask
+from pagedserve.layers.nucleus import MAX_TOP_K, ROUNDS, draw_uniforms, top_k_mask
 from pagedserve.layers.sampler import Sampler, SamplingTensors
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BLOCK = 2048   # the kernel's (triton_sampling.BLOCK): a masked first block of it
+BLOCK = 4096   # the kernel's (triton_sampling.BLOCK): a masked first block of it
 
 
 def _kernel(logits: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -63,11 +63,26 @@ def test_draws_follow_the_nucleus(sample_top_p, top_p: float, scale: float) -> N
     assert ((freq - q).abs() <= 4.5 * (q * (1 - q) / rows).sqrt() + 1e-9).all(), (freq - q).abs().max()
 
 
+def _kernel_min_p(logits, top_p, uniforms, min_p):
+    from pagedserve.layers import triton_sampling
+    return triton_sampling.sample_rows(logits, torch.ones(logits.shape[0], device=logits.device), top_p, uniforms,
+                                       min_p=min_p)
+
+
+def _torch_min_p(logits, top_p, uniforms, min_p):
+    return nucleus.sample_top_p(logits.cpu(), top_p.cpu(), uniforms.cpu(), min_p.cpu()).to(logits.device)
+
+
+@pytest.mark.parametrize("sample_min_p", [
+    pytest.param(_torch_min_p, id="torch"),
+    # (under Triton's interpreter 3,000 rows take ~30 s a case: the kernel's min_p draws are pinned to the torch
+    # form's there by test_the_kernel_reads_bf16_logits_in_place_with_every_filter)
+    pytest.param(_kernel_min_p, id="kernel", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
 @pytest.mark.parametrize("top_p, min_p", [(0.9, 0.2), (0.5, 0.05), (1.0, 0.6)])
-def test_min_p_draws_follow_the_nucleus_above_the_floor(top_p: float, min_p: float) -> None:
-    """The CPU form with min_p: draws from the top-p nucleus (of the whole row) intersected with
-    the tokens of at least min_p times the largest probability, renormalised (the sort-based
-    path masks top-p, then min-p)."""
+def test_min_p_draws_follow_the_nucleus_above_the_floor(sample_min_p, top_p: float, min_p: float) -> None:
+    """With min_p: draws from the top-p nucleus (of the whole row) intersected with the tokens of
+    at least min_p times the largest probability, renormalised (the sort-based path masks top-p,
+    then min-p)."""
     gen = torch.Generator().manual_seed(int(min_p * 100))
     vocab, rows = 40, 3000
     logits = torch.randn(vocab, generator=gen) * 0.8
@@ -77,8 +92,8 @@ def test_min_p_draws_follow_the_nucleus_above_the_floor(top_p: float, min_p: flo
     q = torch.where(kept, p, 0.0)
     q /= q.sum()
     assert 1 < int(kept.sum()) < vocab
-    ids = nucleus.sample_top_p(logits[None].repeat(rows, 1), torch.full((rows,), top_p),
-                               torch.rand(rows, ROUNDS, generator=gen), torch.full((rows,), min_p))
+    ids = sample_min_p(logits[None].repeat(rows, 1).to(DEVICE), torch.full((rows,), top_p, device=DEVICE),
+                       torch.rand(rows, ROUNDS, generator=gen).to(DEVICE), torch.full((rows,), min_p, device=DEVICE)).cpu()
     assert kept[ids].all()
     freq = torch.bincount(ids, minlength=vocab).double() / rows
     assert ((freq - q).abs() <= 4.5 * (q * (1 - q) / rows).sqrt() + 1e-9).all(), (freq - q).abs().max()
@@ -168,15 +183,18 @@ def test_sampler_takes_the_nucleus_path_for_top_p_rows(monkeypatch) -> None:
     kept, _ = sort_rule(logits[3].cpu() / 0.5, 0.3)
     assert kept[out.token_ids[3].cpu()]
     assert out.token_ids[2] in logits[2].topk(20).indices
-    t.min_p = torch.zeros(4, device=DEVICE)   # min_p: the sort-based path
+    t.min_p = torch.zeros(4, device=DEVICE)   # min_p: the nucleus path too
     Sampler()(logits, t)
-    assert len(calls) == 1
+    assert len(calls) == 2
+    t.typical_p = torch.ones(4, device=DEVICE)   # typical_p: the sort-based path
+    Sampler()(logits, t)
+    assert len(calls) == 2
 
 
 def test_each_row_takes_its_own_way_so_seeded_rows_ignore_their_batch(monkeypatch) -> None:
-    """A min_p or typical_p row (the sort-based path) beside temperature / top-p rows (the nucleus
+    """A typical_p row (the sort-based path) beside temperature / top-p / min_p rows (the nucleus
     path): each row's way is its own, so a seeded top-p row draws the same tokens alone as beside
-    them, and the nucleus path sees only its rows."""
+    it, and the nucleus path sees only its rows."""
     from pagedserve.sampling_params import SamplingParams
     from pagedserve.worker.input_batch import CachedRequestState
     from pagedserve.worker.sampling_inputs import build_sampling_tensors
@@ -198,7 +216,91 @@ def test_each_row_takes_its_own_way_so_seeded_rows_ignore_their_batch(monkeypatc
         return [Sampler()(logits[rows], t).token_ids.tolist() for t in tensors]
 
     together = draws([0, 1, 2, 3])
-    assert set(shapes) == {3 if DEVICE.type == "cpu" else 2}   # rows 0 and 3 (and min_p's on the CPU)
+    assert set(shapes) == {3}   # rows 0, 1 (min_p) and 3
     alone = draws([0])
     assert [step[0] for step in together] == [step[0] for step in alone]
     assert len({step[0] for step in alone}) > 3
+
+
+def _reference_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tensor,
+                    top_k: torch.Tensor, max_k: int, min_p: torch.Tensor) -> torch.Tensor:
+    """What the Sampler's CPU way does with the same rows: float32 copy, temperature, top-k mask,
+    the torch form's draw; greedy rows their argmax."""
+    x = logits.float().cpu()
+    temperature, top_k = temperature.cpu(), top_k.cpu()
+    scaled = top_k_mask(x / torch.where(temperature < 1e-5, 1.0, temperature)[:, None], top_k, max_k)
+    drawn = nucleus.sample_top_p(scaled, top_p.cpu(), uniforms.cpu(), min_p.cpu())
+    return torch.where(temperature < 1e-5, x.argmax(dim=-1), drawn)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_the_kernel_reads_bf16_logits_in_place_with_every_filter() -> None:
+    """sample_rows on bf16 logits, a strided view (no copy made), with per-row temperatures
+    (greedy rows among them), top-k thresholds, top-p and min-p: the same tokens as the float32
+    copy through the CPU's steps, from the same uniforms."""
+    from pagedserve.layers import triton_sampling
+    gen = torch.Generator().manual_seed(12)
+    rows, vocab = 48, 2 * BLOCK + 800   # two blocks and a part: the masks cross a block's edge
+    wide = (torch.randn(rows, vocab + 70, generator=gen) * 2.5).bfloat16().to(DEVICE)
+    logits = wide[:, 35:35 + vocab]
+    temperature = torch.rand(rows, generator=gen) * 1.5 + 0.2
+    temperature[::7] = 0.0
+    top_k = torch.where(torch.rand(rows, generator=gen) < 0.5, torch.randint(1, 300, (rows,), generator=gen), vocab)
+    top_p = torch.where(torch.rand(rows, generator=gen) < 0.7, torch.rand(rows, generator=gen) * 0.9 + 0.05, 1.0)
+    min_p = torch.where(torch.rand(rows, generator=gen) < 0.4, torch.rand(rows, generator=gen) * 0.3, 0.0)
+    uniforms = torch.rand(rows, ROUNDS, generator=gen)
+    max_k = int(top_k[top_k < vocab].max())
+    kth = nucleus.kth_values(logits, top_k.to(DEVICE), max_k)
+    assert kth.dtype == torch.bfloat16
+    ours = triton_sampling.sample_rows(logits, temperature.to(DEVICE), top_p.to(DEVICE), uniforms.to(DEVICE), kth,
+                                       min_p.to(DEVICE)).cpu()
+    expected = _reference_rows(logits, temperature, top_p, uniforms, top_k, max_k, min_p)
+    assert torch.equal(ours, expected)
+    greedy = temperature < 1e-5
+    assert torch.equal(ours[greedy], logits.float().cpu()[greedy].argmax(dim=-1))
+    assert len(set(ours[~greedy].tolist())) > rows // 2   # draws, not argmaxes
+
+
+def test_plain_draw_rows_are_sampled_whole_on_cuda_only() -> None:
+    """sampling_inputs.draws_in_place: rows that only draw (temperature, top-k up to MAX_TOP_K,
+    top-p, min-p, a seed) go in one sampler pass on CUDA (the kernel makes no copy); a row with
+    logprobs, penalties, bias, typical-p or a large top-k sends the step back to chunks."""
+    from pagedserve.sampling_params import SamplingParams
+    from pagedserve.worker.input_batch import CachedRequestState
+    from pagedserve.worker.sampling_inputs import draws_in_place
+
+    def state(**kwargs) -> CachedRequestState:
+        return CachedRequestState("r", [1, 2], 2, SamplingParams(**kwargs), [0], 2)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    plain = [state(temperature=0.8, top_p=0.9), state(temperature=0.0), state(temperature=1.0, top_k=50, min_p=0.1),
+             state(temperature=0.7, seed=3)]
+    assert draws_in_place(plain, cuda) and not draws_in_place(plain, cpu)
+    assert draws_in_place([state(temperature=0.0)], cpu)   # plain greedy: one argmax anywhere
+    for other in (dict(logprobs=2), dict(frequency_penalty=0.5), dict(logit_bias={3: 1.0}), dict(typical_p=0.9),
+                  dict(top_k=MAX_TOP_K + 1), dict(min_tokens=2)):
+        assert not draws_in_place(plain + [state(temperature=0.8, **other)], cuda), other
+    sampler_module.NUCLEUS_SAMPLING = False
+    try:
+        assert not draws_in_place(plain, cuda)
+    finally:
+        sampler_module.NUCLEUS_SAMPLING = True
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_sampler_hands_plain_rows_the_model_logits_on_cuda(monkeypatch) -> None:
+    """On CUDA, a batch of rows that only draw reaches the kernel as the model's bf16 logits (no
+    float32 copy); greedy rows among them keep their argmax."""
+    from pagedserve.sampling_params import SamplingParams
+    from pagedserve.worker.input_batch import CachedRequestState
+    from pagedserve.worker.sampling_inputs import sample
+    seen = []
+    real = sampler_module._sample_nucleus
+    monkeypatch.setattr(sampler_module, "_sample_nucleus", lambda x, t: seen.append(x.dtype) or real(x, t))
+    vocab = 5000
+    logits = (torch.randn(300, vocab, device="cuda") * 3).bfloat16()
+    states = [CachedRequestState(str(i), [1, 2], 2, SamplingParams(temperature=0.0 if i % 3 == 0 else 0.9,
+                                                                   top_p=0.9, min_p=0.02 * (i % 2)), [0], 2)
+              for i in range(300)]
+    out = sample(Sampler(), logits, states, vocab, torch.device("cuda"), (2,))
+    assert seen == [torch.bfloat16]   # one pass, over all 300 rows (chunks hold 128)
+    assert torch.equal(out.token_ids[::3], logits[::3].argmax(dim=-1))

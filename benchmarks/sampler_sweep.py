@@ -1,0 +1,44 @@
+"""The nucleus kernel's tile (triton_sampling.BLOCK, NUM_WARPS) swept on the GPU: ms a call of
+sample_rows over bf16 logits of Llama-3's vocabulary (temperature 0.8, top_p 0.95; CUDA events,
+median of 20 after 3 warm-ups), and torch.topk's k-th value (top_k 50) alone.
+Usage (device): python3 benchmarks/sampler_sweep.py [rows ...]"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.getcwd())
+import torch  # noqa: E402
+
+from pagedserve.layers import nucleus, triton_sampling  # noqa: E402
+
+sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
+from cuda_events import median_ms  # noqa: E402
+
+VOCAB = 128256
+
+
+def main() -> None:
+    dev = torch.device("cuda")
+    for rows in [int(a) for a in sys.argv[1:]] or [128, 512]:
+        logits = (torch.randn(rows, VOCAB, device=dev) * 3).bfloat16()
+        temperature = torch.full((rows,), 0.8, device=dev)
+        top_p = torch.full((rows,), 0.95, device=dev)
+        uniforms = torch.rand(rows, nucleus.ROUNDS, device=dev)
+        reference = None
+        for block in (1024, 2048, 4096, 8192):
+            for warps in (4, 8, 16):
+                triton_sampling.BLOCK, triton_sampling.NUM_WARPS = block, warps
+                ids = triton_sampling.sample_rows(logits, temperature, top_p, uniforms)
+                reference = ids if reference is None else reference
+                ms = median_ms(lambda: triton_sampling.sample_rows(logits, temperature, top_p, uniforms))
+                print("RESULT " + json.dumps(dict(rows=rows, block=block, warps=warps, ms=round(ms, 4),
+                                                  same_ids=bool(torch.equal(ids, reference)))), flush=True)
+        top_k = torch.full((rows,), 50, device=dev)
+        print("RESULT " + json.dumps(dict(rows=rows, piece="kth_values k=50 bf16",
+                                          ms=round(median_ms(lambda: nucleus.kth_values(logits, top_k, 50)), 4))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
