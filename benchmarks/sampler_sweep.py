@@ -1,14 +1,14 @@
 """The nucleus kernel's tile (triton_sampling.BLOCK, NUM_WARPS) swept on the GPU: ms a call of
 sample_rows over bf16 logits of Llama-3's vocabulary (temperature 0.8, top_p 0.95; CUDA events,
 median of 20 after 3 warm-ups), and torch.topk's k-th value (top_k 50) alone.
-Usage (device): python3 benchmarks/sampler_sweep.py [rows ...]"""
+Usage (device): [TREE=.devcarry/main] [TILES=4096x16,...] python3 benchmarks/sampler_sweep.py [rows ...]"""
 from __future__ import annotations
 
 import json
 import os
 import sys
 
-sys.path.insert(0, os.getcwd())
+sys.path.insert(0, os.environ.get("TREE", os.getcwd()))   # TREE: another tree's pagedserve
 import torch  # noqa: E402
 
 from pagedserve.layers import nucleus, triton_sampling  # noqa: E402
@@ -27,17 +27,22 @@ def main() -> None:
         top_p = torch.full((rows,), 0.95, device=dev)
         uniforms = torch.rand(rows, nucleus.ROUNDS, device=dev)
         reference = None
-        for block in (1024, 2048, 4096, 8192):
-            for warps in (4, 8, 16):
-                triton_sampling.BLOCK, triton_sampling.NUM_WARPS = block, warps
-                ids = triton_sampling.sample_rows(logits, temperature, top_p, uniforms)
-                reference = ids if reference is None else reference
-                ms = median_ms(lambda: triton_sampling.sample_rows(logits, temperature, top_p, uniforms))
-                print("RESULT " + json.dumps(dict(rows=rows, block=block, warps=warps, ms=round(ms, 4),
-                                                  same_ids=bool(torch.equal(ids, reference)))), flush=True)
+        tiles = [tuple(int(v) for v in t.split("x")) for t in os.environ["TILES"].split(",")] if "TILES" in os.environ \
+            else [(block, warps) for block in (1024, 2048, 4096, 8192) for warps in (4, 8, 16)]
+        for block, warps in tiles:
+            triton_sampling.BLOCK, triton_sampling.NUM_WARPS = block, warps
+            ids = triton_sampling.sample_rows(logits, temperature, top_p, uniforms)
+            reference = ids if reference is None else reference
+            ms = median_ms(lambda: triton_sampling.sample_rows(logits, temperature, top_p, uniforms))
+            print("RESULT " + json.dumps(dict(tree=os.environ.get("TREE", "."), rows=rows, block=block, warps=warps,
+                                              ms=round(ms, 4),
+                                              same_ids=bool(torch.equal(ids, reference)))), flush=True)
         top_k = torch.full((rows,), 50, device=dev)
-        print("RESULT " + json.dumps(dict(rows=rows, piece="kth_values k=50 bf16",
-                                          ms=round(median_ms(lambda: nucleus.kth_values(logits, top_k, 50)), 4))), flush=True)
+        pieces = {"kth_values k=50 bf16": lambda: nucleus.kth_values(logits, top_k, 50),
+                  "topk(50, sorted=False).amin bf16": lambda: logits.topk(50, dim=-1, sorted=False).values.amin(-1),
+                  "topk(50) fp32": lambda: logits.float().topk(50, dim=-1)}
+        for piece, fn in pieces.items():
+            print("RESULT " + json.dumps(dict(rows=rows, piece=piece, ms=round(median_ms(fn), 4))), flush=True)
 
 
 if __name__ == "__main__":

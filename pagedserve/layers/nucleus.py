@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 
+GREEDY_EPS = 1e-5  # a temperature below it: the argmax (the sampler's, and the kernel's greedy rows)
 ROUNDS = 32        # draws a row at most
 MAX_TOP_K = 4096   # a larger top_k: the sort-based path (torch.topk's cost grows with k)
 _MIN_UNIFORM = 2.0 ** -25   # a draw's point stays above 0: the walk's first index then holds mass

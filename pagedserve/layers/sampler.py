@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-_EPS = 1e-5
+from pagedserve.layers.nucleus import GREEDY_EPS as _EPS
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The nucleus draw of nucleus.py as one Triton program a row (CUDA), reading the model's logits
-where they are (any float dtype, any row stride): the temperature, the top-k threshold and the
-min-p floor are applied as each block is loaded, so no [rows, vocab] float32 copy is made. Per
+where they are (any float dtype, any row stride): the temperature (a factor of each mass's
+exponent), the top-k threshold and the min-p floor are applied as each block is loaded, so no
+[rows, vocab] float32 copy is made. Per
 row: a max / normaliser pass (which also gives the argmax: temperature-0 rows stop there), a
 pass for the mass above the min-p floor where one is set, then per round a walk of the
 cumulative mass to the draw and a pass for the mass above it."""
@@ -10,48 +11,54 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedserve.layers.nucleus import ROUNDS
-from pagedserve.layers.sampler import _EPS as GREEDY_EPS   # a temperature below it: the argmax
+from pagedserve.layers.nucleus import GREEDY_EPS, ROUNDS
 
-BLOCK = 4096       # vocabulary entries a program reads at a time (benchmarks/sampler_sweep.py: 4096 x 16 warps)
+BLOCK = 8192       # vocabulary entries a program reads at a time (benchmarks/sampler_sweep.py: 8192 x 16 warps)
 NUM_WARPS = 16
 
 
+LOG2_E = 1.4426950408889634
+
+
 @triton.jit
-def _scaled(base, start, offs, vocab, temperature, kth):
-    """One block of a row as the draw sees it: logit / temperature, -inf below the top-k
-    threshold `kth` (raw units) and past the row's end."""
+def _masked(base, start, offs, vocab, kth):
+    """One block of a row's logits in float32, -inf below the top-k threshold `kth` and past the
+    row's end."""
     raw = tl.load(base + start + offs, mask=start + offs < vocab, other=float("-inf")).to(tl.float32)
-    return tl.where(raw >= kth, tl.math.div_rn(raw, temperature), float("-inf"))
+    return tl.where(raw >= kth, raw, float("-inf"))
 
 
 @triton.jit
 def _sample_kernel(logits_ptr, stride_row, temperature_ptr, kth_ptr, top_p_ptr, min_p_ptr, uniform_ptr, out_ptr,
                    vocab, HAS_KTH: tl.constexpr, HAS_MIN_P: tl.constexpr, ROUNDS: tl.constexpr,
-                   BLOCK: tl.constexpr, EPS: tl.constexpr):
+                   BLOCK: tl.constexpr, EPS: tl.constexpr, LOG2_E: tl.constexpr):
+    # Everything stays in the logits' own units: the mass of x is exp((x - max) / T), computed as
+    # exp2((x - max) * log2(e) / T), so no element is divided (the comparisons are unchanged by a
+    # positive scale).
     row = tl.program_id(0)
     base = logits_ptr + row.to(tl.int64) * stride_row
     offs = tl.arange(0, BLOCK)
     temperature = tl.load(temperature_ptr + row)
     greedy = temperature < EPS
     temperature = tl.where(greedy, 1.0, temperature)
+    scale = LOG2_E / temperature
     kth = float("-inf")
     if HAS_KTH:
         kth = tl.load(kth_ptr + row)
-    # pass 1: the maximum (and its first index) and Z = sum exp(x - max), online
+    # pass 1: the maximum (and its first index) and Z = sum of the masses, online
     m = float("-inf")
     z = 0.0
     best = 0
     for start in range(0, vocab, BLOCK):
-        x = _scaled(base, start, offs, vocab, temperature, kth)
+        x = _masked(base, start, offs, vocab, kth)
         block_max = tl.max(x, 0)
         if block_max > m:
             best = start + tl.argmax(x, 0)
         m_new = tl.maximum(m, block_max)
         # masked (-inf) entries add nothing, also while every entry so far is masked (exp(-inf -
         # -inf) is NaN: a top-k mask leaves whole blocks so)
-        z = tl.where(m == float("-inf"), 0.0, z * tl.exp(m - m_new)) \
-            + tl.sum(tl.where(x > float("-inf"), tl.exp(x - m_new), 0.0), 0)
+        z = tl.where(m == float("-inf"), 0.0, z * tl.exp2((m - m_new) * scale)) \
+            + tl.sum(tl.where(x > float("-inf"), tl.exp2((x - m_new) * scale), 0.0), 0)
         m = m_new
     top_p = tl.load(top_p_ptr + row)
     low = float("-inf")   # the candidates: finite entries above low (at or above it while inclusive)
@@ -63,13 +70,13 @@ def _sample_kernel(logits_ptr, stride_row, temperature_ptr, kth_ptr, top_p_ptr, 
         r = ROUNDS
     if HAS_MIN_P:
         min_p = tl.load(min_p_ptr + row)
-        if (min_p > 0.0) & (r < ROUNDS):   # p >= min_p * p_max  <=>  x >= max + log(min_p)
-            low = m + tl.log(min_p)
+        if (min_p > 0.0) & (r < ROUNDS):   # p >= min_p * p_max  <=>  x >= max + T * log(min_p)
+            low = m + temperature * tl.log(min_p)
             inclusive = 1
             candidates = 0.0
             for start in range(0, vocab, BLOCK):
-                x = _scaled(base, start, offs, vocab, temperature, kth)
-                candidates += tl.sum(tl.where((x >= low) & (x > float("-inf")), tl.exp(x - m), 0.0), 0)
+                x = _masked(base, start, offs, vocab, kth)
+                candidates += tl.sum(tl.where((x >= low) & (x > float("-inf")), tl.exp2((x - m) * scale), 0.0), 0)
     while r < ROUNDS:
         target = tl.load(uniform_ptr + row * ROUNDS + r) * candidates
         # the draw: the first candidate where the running mass reaches target (the last
@@ -79,9 +86,9 @@ def _sample_kernel(logits_ptr, stride_row, temperature_ptr, kth_ptr, top_p_ptr, 
         last = -1
         start = 0
         while start < vocab:
-            x = _scaled(base, start, offs, vocab, temperature, kth)
+            x = _masked(base, start, offs, vocab, kth)
             keep = ((x > low) | ((x >= low) & (inclusive != 0))) & (x > float("-inf"))
-            p = tl.where(keep, tl.exp(x - m), 0.0)
+            p = tl.where(keep, tl.exp2((x - m) * scale), 0.0)
             block_mass = tl.sum(p, 0)
             last = tl.maximum(last, tl.max(tl.where(p > 0.0, start + offs, -1), 0))
             if (running + block_mass >= target) & (block_mass > 0.0):
@@ -97,12 +104,12 @@ def _sample_kernel(logits_ptr, stride_row, temperature_ptr, kth_ptr, top_p_ptr, 
         if drawn < 0:   # no candidate at all (every entry -inf): the argmax
             r = ROUNDS
         else:
-            x_drawn = tl.math.div_rn(tl.load(base + drawn).to(tl.float32), temperature)   # (a candidate: >= kth)
+            x_drawn = tl.load(base + drawn).to(tl.float32)   # (a candidate: >= kth)
             # the mass strictly above the drawn token's logit
             above = 0.0
             for start2 in range(0, vocab, BLOCK):
-                x = _scaled(base, start2, offs, vocab, temperature, kth)
-                above += tl.sum(tl.where(x > x_drawn, tl.exp(x - m), 0.0), 0)
+                x = _masked(base, start2, offs, vocab, kth)
+                above += tl.sum(tl.where(x > x_drawn, tl.exp2((x - m) * scale), 0.0), 0)
             if above < top_p * z:
                 token = drawn
                 r = ROUNDS
@@ -138,7 +145,7 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
             return top_p if x is None else x.to(torch.float32).contiguous()   # (unread when None)
         _sample_kernel[(rows,)](logits, logits.stride(0), f32(temperature), f32(kth), f32(top_p), f32(min_p),
                                 uniforms, out, vocab, HAS_KTH=kth is not None, HAS_MIN_P=min_p is not None,
-                                ROUNDS=ROUNDS, BLOCK=BLOCK, EPS=GREEDY_EPS, num_warps=NUM_WARPS)
+                                ROUNDS=ROUNDS, BLOCK=BLOCK, EPS=GREEDY_EPS, LOG2_E=LOG2_E, num_warps=NUM_WARPS)
     return out
 
 

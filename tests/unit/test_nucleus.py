@@ -17,7 +17,7 @@ from pagedserve.layers.nucleus import MAX_TOP_K, ROUNDS, draw_uniforms, top_k_ma
 from pagedserve.layers.sampler import Sampler, SamplingTensors
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BLOCK = 4096   # the kernel's (triton_sampling.BLOCK): a masked first block of it
+BLOCK = 8192   # the kernel's (triton_sampling.BLOCK): a masked first block of it
 
 
 def _kernel(logits: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
