@@ -27,10 +27,10 @@ from torch import nn
 
 from pagedserve.attention.backend import select_backend
 from pagedserve.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig, WeightSource, kv_cache_torch_dtype
-from pagedserve.engine_io import ModelRunnerOutput, RequestId, SchedulerOutput, TokenLogprobs
+from pagedserve.engine_io import ModelRunnerOutput, RequestId, SchedulerOutput
 from pagedserve.layers.linear import set_gemv_max_rows
 from pagedserve.layers.parallel import broadcast_from_rank0, is_last_stage, pp_world_size, tp_rank, tp_world_size
-from pagedserve.layers.sampler import Sampler, SamplerOutput, gather_logprobs
+from pagedserve.layers.sampler import Sampler, SamplerOutput
 from pagedserve.lora_request import LoadedLoRA
 from pagedserve.models.loader import load_weights
 from pagedserve.models.registry import resolve_model_class
@@ -43,7 +43,8 @@ from pagedserve.worker.kv_pool import kv_zeros
 from pagedserve.worker.lora_manager import LoraManager
 from pagedserve.worker.pending_output import PendingRunnerOutput, to_host
 from pagedserve.worker.output_history import OutputHistory
-from pagedserve.worker.sampling_inputs import SAMPLER_CHUNK_ROWS, sample
+from pagedserve.worker.prompt_logprobs import compute_prompt_logprobs
+from pagedserve.worker.sampling_inputs import sample
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +226,7 @@ class ModelRunner:
         for row, q_len in zip(inputs.rows, inputs.query_lens):
             row.num_computed_tokens += q_len
         if wants_prompt_logprobs and hidden is not None:
-            prompt_logprobs = self._prompt_logprobs(inputs, hidden)
+            prompt_logprobs = compute_prompt_logprobs(self.model, inputs, hidden)
         sample_states = [inputs.rows[r] for r in inputs.sample_rows]
         row_of_logits = list(range(len(sample_states)))
         for child_id, parent_id in self._forked.items():   # siblings sample from the parent's row
@@ -475,31 +476,3 @@ class ModelRunner:
             return self.model.compute_logits(hidden[indices])
         logits = self.model.compute_logits(hidden[torch.nn.functional.pad(indices, (0, padded - rows))])
         return None if logits is None else logits[:rows]
-
-    def _prompt_logprobs(self, inputs: StepInputs, hidden: torch.Tensor
-                         ) -> dict[RequestId, list[TokenLogprobs]]:
-        """For rows asking prompt_logprobs: logprobs of each prompt token given its prefix."""
-        out: dict[RequestId, list[TokenLogprobs]] = {}
-        offset = 0
-        for state, q_len in zip(inputs.rows, inputs.query_lens):
-            k = state.sampling_params.prompt_logprobs
-            start = state.num_computed_tokens - q_len
-            if k is not None and start < state.num_prompt_tokens:
-                # positions start..end-1 predict tokens start+1..end (within the prompt)
-                end = min(state.num_computed_tokens, state.num_prompt_tokens - 1)
-                rows = []
-                # SAMPLER_CHUNK_ROWS positions at a time, the sampler's profiled working set: a
-                # whole 8k-token chunk's fp32 log-softmax over a 128k vocabulary is ~4 GB, taken
-                # from what the KV cache was sized to leave
-                for lo in range(start, end, SAMPLER_CHUNK_ROWS):
-                    hi = min(lo + SAMPLER_CHUNK_ROWS, end)
-                    logits = self.model.compute_logits(hidden[offset + lo - start:offset + hi - start])
-                    if logits is None:
-                        break
-                    targets = torch.tensor(state.token_ids[lo + 1:hi + 1], device=logits.device)
-                    ids, lps, ranks = gather_logprobs(logits.float().log_softmax(-1), targets, k)
-                    rows += map(TokenLogprobs, ids.tolist(), lps.tolist(), ranks.tolist())
-                if rows:
-                    out[state.req_id] = rows
-            offset += q_len
-        return out

@@ -122,8 +122,8 @@ def test_prompt_logprobs_are_computed_a_bounded_chunk_of_positions_at_a_time(run
     """The LM head and fp32 log-softmax of prompt_logprobs run SAMPLER_CHUNK_ROWS positions at a
     time (the sampler's profiled working set; a whole chunk's is GBs on a large vocabulary), with
     the same entries as one pass."""
-    from pagedserve.worker import model_runner
-    monkeypatch.setattr(model_runner, "SAMPLER_CHUNK_ROWS", 3)
+    from pagedserve.worker import prompt_logprobs
+    monkeypatch.setattr(prompt_logprobs, "SAMPLER_CHUNK_ROWS", 3)
     seen = []
     real = runner.model.compute_logits
     monkeypatch.setattr(runner.model, "compute_logits", lambda h: seen.append(h.shape[0]) or real(h))
