@@ -22,7 +22,7 @@ worker pool, never on the event loop nor on the engine thread: a huge prompt or 
 template stalls neither /health nor the running streams. The engine thread only queues the
 processed request (LLMEngine.add_processed). For the server's own use:
 
-    async def tokenize_prompt(prompt: str, add_special_tokens: bool = True) -> list[int]
+    async def tokenize_prompt(prompt: str, add_special_tokens: bool = True, keep_last: int | None = None) -> list[int]
     async def render_chat_async(messages, chat_template=None, add_generation_prompt=True,
                                 continue_final_message=False, tools=None, documents=None,
                                 chat_template_kwargs=None) -> str
@@ -60,6 +60,7 @@ from pagedserve.frontend.heap import release_free_heap
 from pagedserve.frontend.input_processor import PromptType
 from pagedserve.frontend.llm_engine import LLMEngine
 from pagedserve.frontend.output_processor import OutputKind
+from pagedserve.frontend.prompt_bound import prompt_length_bound
 from pagedserve.frontend.request_metrics import FinishListener, FirstTokenListener
 from pagedserve.frontend.step_timing import StepTime, StepTimer
 from pagedserve.frontend.stoppable import run_stoppable
@@ -185,12 +186,24 @@ class AsyncEngine:
         return await self._in_pool(self.render_chat, messages, chat_template, add_generation_prompt,
                                    continue_final_message, tools, documents, chat_template_kwargs)
 
-    async def tokenize_prompt(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
-        """Text -> token ids in the worker pool. Raises ValidationError without a tokenizer."""
-        if self.engine.tokenizer is None:
+    async def tokenize_prompt(self, prompt: str, add_special_tokens: bool = True,
+                              keep_last: int | None = None) -> list[int]:
+        """Text -> token ids in the worker pool; `keep_last` k: only the last k, read from a
+        suffix of the text where that is exact (PromptLengthBound.tail_ids: a 15 MB prompt cut
+        to its last tokens need not hold a tokenizing thread for seconds). Raises ValidationError
+        without a tokenizer."""
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
             raise ValidationError("tokenizing needs a tokenizer (skip_tokenizer_init=True)", "prompt")
-        return await self._in_pool(lambda: list(self.engine.tokenizer.encode(prompt,
-                                                                          add_special_tokens=add_special_tokens)))
+
+        def encode() -> list[int]:
+            if keep_last is not None:
+                tail = prompt_length_bound(tokenizer).tail_ids(prompt, keep_last, add_special_tokens)
+                if tail is not None:
+                    return tail
+            ids = list(tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
+            return ids[-keep_last:] if keep_last is not None else ids
+        return await self._in_pool(encode)
 
     async def compile_grammar(self, params: StructuredOutputsParams) -> Any:
         """The compiled grammar (cached), from a compile process (grammar_compile.py): a

@@ -175,6 +175,8 @@ class EmbeddingEngine:
                 raise ValidationError("text prompts need a tokenizer (skip_tokenizer_init is set)", param)
             if keep is None:
                 self._refuse_if_too_long(prompt, param, truncate_hint)
+            else:   # only the prefix its first `keep` tokens surely come from (a 15 MB text need not be read)
+                prompt = prompt_length_bound(self.tokenizer).head_text(prompt, keep, self._tokenizer_lock)
             kwargs = {"truncation": True, "max_length": keep} if keep is not None else {}
             with self._tokenizer_lock:
                 ids = self.tokenizer(prompt, add_special_tokens=add_special_tokens, **kwargs)["input_ids"]

@@ -79,6 +79,7 @@ class PromptLengthBound:
         self.lead_extra = 0                     # > 0: some lead bytes make no token; their characters have
                                                 # at least this many bytes more (which do)
         self.probe_edge: int | None = None      # the probe's: None where the pipeline is not local
+        self._specials: tuple[list[int] | None, int] | None = None   # _appended_specials, once read
         try:
             backend = tokenizer.backend_tokenizer
             normalizers = _pipeline_parts(backend.normalizer, "normalizers")
@@ -145,6 +146,73 @@ class PromptLengthBound:
                 return TokensAtLeast(tokens, f"counted in its first {size} characters")
             size *= 4
         return None
+
+    def tail_ids(self, text: str, keep: int, add_special_tokens: bool = True,
+                 lock: ContextManager[Any] | None = None) -> list[int] | None:
+        """tokenizer.encode(text, add_special_tokens)[-keep:] (truncate_prompt_tokens: the last
+        `keep` tokens) from a suffix of the text, or None: tokenize it whole (a pipeline that is
+        not local, or a text not far longer than `keep` tokens can cover). The mirror of the
+        prefix probe: the suffix's tokens of its pre-tokens after the first PROBE_SPARED_WORDS,
+        starting past its first probe_edge characters, are the whole text's last tokens; once
+        `keep` of them (with any special tokens the tokenizer appends) are known, that is the
+        answer. A suffix of PROBE_CHARS_PER_TOKEN * keep + probe_edge characters first, x4 while
+        that is at most half the text. `lock`: held while the tokenizer runs."""
+        appended = self._appended_specials(lock) if add_special_tokens else []
+        if self.probe_edge is None or appended is None or keep < 1:
+            return None
+        size = PROBE_CHARS_PER_TOKEN * keep + self.probe_edge
+        while size <= len(text) // 2:
+            with lock if lock is not None else contextlib.nullcontext():
+                encoding = self.tokenizer(text[-size:], add_special_tokens=False, return_offsets_mapping=True)
+            sure = self._sure_tail(encoding)
+            if sure is not None and len(sure) + len(appended) >= keep:
+                return (sure + appended)[-keep:]
+            size *= 4
+        return None
+
+    def head_text(self, text: str, keep: int, lock: ContextManager[Any] | None = None) -> str:
+        """A prefix of `text` whose first `keep` tokens are surely the whole text's (the prefix
+        probe's count), or the text itself: what a tokenizer truncating to `keep` tokens
+        (special tokens included) from the right needs to read."""
+        if self.probe_edge is None or self._appended_specials(lock) is None or keep <= self._special_count(lock):
+            return text   # (a cut to fewer tokens than the specials: the tokenizer's own business)
+        size = PROBE_CHARS_PER_TOKEN * keep + self.probe_edge
+        while size <= len(text) // 2:
+            with lock if lock is not None else contextlib.nullcontext():
+                if self.prefix_tokens(text, size) >= keep:
+                    return text[:size]
+            size *= 4
+        return text
+
+    def _sure_tail(self, encoding: Any) -> list[int] | None:
+        """The ids of a suffix's encoding from its first sure token on (None if a token after it
+        belongs to no pre-token: no claim is made then)."""
+        words = encoding.word_ids()
+        for i, (word, (start, _)) in enumerate(zip(words, encoding["offset_mapping"])):
+            if word is not None and word >= PROBE_SPARED_WORDS and start >= self.probe_edge:
+                return list(encoding["input_ids"][i:]) if None not in words[i:] else None
+        return []
+
+    def _appended_specials(self, lock: ContextManager[Any] | None = None) -> list[int] | None:
+        """The ids the tokenizer appends after a text's own with add_special_tokens (BERT's [SEP]; none
+        for Llama's), or None if its specials do not just surround the text's ids (read once)."""
+        return self._read_specials(lock)[0]
+
+    def _special_count(self, lock: ContextManager[Any] | None = None) -> int:
+        """How many special tokens the tokenizer adds to a text in all."""
+        return self._read_specials(lock)[1]
+
+    def _read_specials(self, lock: ContextManager[Any] | None) -> tuple[list[int] | None, int]:
+        if self._specials is None:
+            try:
+                with lock if lock is not None else contextlib.nullcontext():
+                    plain = list(self.tokenizer("a b", add_special_tokens=False)["input_ids"])
+                    full = list(self.tokenizer("a b", add_special_tokens=True)["input_ids"])
+            except Exception:
+                plain, full = [], []
+            starts = [i for i in range(len(full) - len(plain) + 1) if plain and full[i:i + len(plain)] == plain]
+            self._specials = (full[starts[0] + len(plain):] if starts else None, len(full) - len(plain))
+        return self._specials
 
     def counted_units(self, text: str) -> int:
         """How many of the text's units (UTF-8 bytes for a byte-level BPE, else characters) some

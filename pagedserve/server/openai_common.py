@@ -36,13 +36,14 @@ def warn_ignored_fields(request: Any, route: str) -> None:
 async def truncate_prompts(ctx: ServerContext, prompts: list[str | list[int]], truncate: int | None,
                            add_special_tokens: bool) -> list[str | list[int]]:
     """Prompts cut to their last k tokens (vLLM's truncate_prompt_tokens); text prompts are
-    tokenized in the engine's processing pool, never on the event loop."""
+    tokenized in the engine's processing pool, never on the event loop, from a suffix where
+    that gives the same tokens (AsyncLLMEngine.tokenize_prompt)."""
     keep = check_truncate_prompt_tokens(truncate, ctx.engine.max_model_len)
     if keep is None:
         return prompts
     truncated: list[str | list[int]] = []
     for prompt in prompts:
-        ids = prompt if isinstance(prompt, list) else await ctx.engine.tokenize_prompt(prompt, add_special_tokens)
+        ids = prompt if isinstance(prompt, list) else await ctx.engine.tokenize_prompt(prompt, add_special_tokens, keep)
         truncated.append(list(ids[-keep:]))
     return truncated
 

@@ -212,8 +212,16 @@ def test_unknown_model_is_404_and_aliases_work(client, srv, references) -> None:
 # ---- 17: vLLM request features ---------------------------------------------------------------
 
 def test_return_token_ids_and_truncate_prompt_tokens(client, srv, references) -> None:
+    """truncate_prompt_tokens keeps the last k tokens; a 12 MB prompt cut so is read from a suffix
+    (PromptLengthBound.tail_ids), not tokenized whole, and gets the same last ids as a short text
+    of the same ending, while good streams run beside it."""
     full = requests.post(f"{srv.base_url}/tokenize", json={"prompt": PROMPT}, timeout=10).json()["tokens"]
+    huge = "One two three four. " * 600_000 + PROMPT
+    ending = requests.post(f"{srv.base_url}/tokenize", json={"prompt": huge[-400:]}, timeout=10).json()["tokens"]
     with background(srv, references):
+        cut = requests.post(f"{srv.base_url}/v1/completions", timeout=120, json={
+            "model": MODEL, "prompt": huge, "max_tokens": 2, "temperature": 0, "return_token_ids": True,
+            "truncate_prompt_tokens": 6})
         result = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0,
                                            extra_body={"return_token_ids": True, "truncate_prompt_tokens": 3})
         chat = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4, temperature=0,
@@ -222,6 +230,8 @@ def test_return_token_ids_and_truncate_prompt_tokens(client, srv, references) ->
                              json={"model": MODEL, "prompt": PROMPT, "truncate_prompt_tokens": k}) for k in (0, -2, 5000)]
     choice = result.choices[0].model_extra
     assert choice["prompt_token_ids"] == full[-3:] and result.usage.prompt_tokens == 3
+    assert cut.status_code == 200, cut.text[:300]
+    assert cut.json()["choices"][0]["prompt_token_ids"] == ending[-6:] and cut.json()["usage"]["prompt_tokens"] == 6
     assert len(choice["token_ids"]) == 4
     assert chat.model_extra["prompt_token_ids"] and len(chat.choices[0].model_extra["token_ids"]) == 4
     for response in bad:

@@ -182,6 +182,11 @@ def test_truncate_keeps_last_tokens(server) -> None:
     d = _post(server.base_url, {"max_new_tokens": 2, "truncate": 5, "decoder_input_details": True},
               inputs=long_input).json()["details"]
     assert [t["id"] for t in d["prefill"]] == ids[-5:]
+    # a 12 MB input cut to its last tokens is read from a suffix, with the same ids
+    huge = "One two three four five six seven eight nine ten. " * 240_000 + PROMPT
+    d = _post(server.base_url, {"max_new_tokens": 2, "truncate": 5, "decoder_input_details": True},
+              inputs=huge).json()["details"]
+    assert [t["id"] for t in d["prefill"]] == ids[-5:]
     events = _post(server.base_url, {"max_new_tokens": 2, "truncate": 5, "details": True}, route="/generate_stream",
                    inputs=long_input).text
     assert '"input_length":5' in events

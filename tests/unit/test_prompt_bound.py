@@ -235,3 +235,62 @@ def test_embedding_engines_refuse_15_mb_inputs_and_pairs_without_tokenizing_them
         assert len(engine.process_prompt(big[:200_000], truncate_prompt_tokens=-1)) == engine.max_model_len
     finally:
         llm.shutdown()
+
+
+PIECES = ["a", "Z", " ", "  ", "\n", "\r\n", "\t", "1", "234", "'s", "'", "!", "?!", "é", "e\u0301", "\u0301",
+          "中文", "\U0001F600", "\x04", "<|im_start|>", "<|im_end|>", "<|im_st", "[SEP]", "[MASK]", "Ġ", "#" * 10,
+          " " * 30, " the", " capital", " of", " France", "don't", "İ", "\u00a0", "\u200b"]
+
+
+def test_the_last_tokens_read_from_a_suffix_are_the_whole_texts(tokenizer, minilm) -> None:
+    """tail_ids (truncate_prompt_tokens: the last k tokens) from a suffix of a long random text of
+    the pieces that stress a cut (contractions, combining marks, added tokens cut in two, long runs)
+    equals the whole text's last k ids, with and without special tokens, on the default tokenizer,
+    a Llama 3 split, an NFC normalizer and a WordPiece (whose [SEP] is appended); and it reads only
+    a suffix."""
+    tokenizers = {"default": tokenizer, "llama3 split": variant(tokenizer, pre_tokenizer=LLAMA3_SPLIT),
+                  "nfc": variant(tokenizer, normalizer={"type": "NFC"}), "wordpiece": minilm}
+    rng = random.Random(46)
+    for name, tok in tokenizers.items():
+        counting = Counting(tok)
+        bound = PromptLengthBound(counting)
+        read = 0
+        for trial in range(40):
+            parts = rng.choices(PIECES, k=rng.randint(2000, 6000))
+            if rng.random() < 0.3:
+                parts.insert(rng.randrange(len(parts) + 1), rng.choice(PIECES) * rng.randint(20, 300))
+            text = "".join(parts)
+            keep, specials = rng.choice([1, 2, 7, 50, 200]), trial % 2 == 0
+            counting.chars = 0
+            tail = bound.tail_ids(text, keep, specials)
+            read += counting.chars
+            assert tail is not None, (name, trial)
+            assert tail == tok.encode(text, add_special_tokens=specials)[-keep:], (name, trial, keep, specials)
+        assert read < 40 * 6000 * 4 // 4, (name, read)   # a small part of what the texts hold
+    sep = minilm.convert_tokens_to_ids("[SEP]")
+    assert PromptLengthBound(minilm).tail_ids("word " * 5000, 3, True)[-1] == sep
+
+
+def test_a_text_not_far_longer_than_its_tail_is_tokenized_whole(tokenizer) -> None:
+    """No suffix probe where the text is short against the tokens kept, or where the pipeline is not
+    local (the caller then tokenizes it whole)."""
+    bound = PromptLengthBound(tokenizer)
+    assert bound.tail_ids("a few words here", 3) is None
+    assert bound.tail_ids("word " * 100, 200) is None
+    not_local = variant(tokenizer, normalizer={"type": "Replace", "pattern": {"Regex": "a+"}, "content": "b"})
+    assert PromptLengthBound(not_local).tail_ids("word " * 100_000, 3) is None
+
+
+def test_the_first_tokens_read_from_a_prefix_are_the_whole_texts(minilm) -> None:
+    """head_text (the embedding route's truncation from the right): the text the tokenizer needs to
+    read for its first k tokens; truncating it gives the whole text's truncated ids."""
+    bound = PromptLengthBound(minilm)
+    rng = random.Random(7)
+    for trial in range(30):
+        text = "".join(rng.choices(PIECES, k=rng.randint(2000, 5000)))
+        keep = rng.choice([3, 16, 128])
+        head = bound.head_text(text, keep)
+        assert len(head) < len(text) // 2, trial
+        cut = minilm(head, truncation=True, max_length=keep)["input_ids"]
+        assert cut == minilm(text, truncation=True, max_length=keep)["input_ids"], (trial, keep)
+    assert bound.head_text("short text", 16) == "short text"
