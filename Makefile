@@ -15,4 +15,4 @@ generate: $(SETUP)
 	.venv/bin/pagedserve generate "The capital of France is" $(ARGS)
 
 test: $(SETUP)
-	.venv/bin/python -m pytest -q -p no:cacheprovider $(ARGS)
+	.venv/bin/python -m pytest -q -p no:cacheprovider --durations=30 $(ARGS)
