@@ -7,8 +7,11 @@ HTTP/1.1 protocol class) bounds that:
 
 - headers: a request's headers must all arrive within `timeout` of its first byte (of the
   connection's opening, for the first request); past it the connection is closed;
-- body: it may pause no longer than `timeout` between reads (nginx's client_body_timeout);
-  past it the request is answered 408 (in the route family's error body) and the connection
+- body: it may pause no longer than `timeout` between reads (nginx's client_body_timeout), and
+  it must keep an average of MIN_BODY_RATE bytes a second: each MIN_BODY_RATE bytes received buy
+  one more second past `timeout` from the body's start (Apache mod_reqtimeout's MinRate), so a
+  body trickled a byte at a time, never quite stalling, cannot hold the connection for ever;
+  past either the request is answered 408 (in the route family's error body) and the connection
   closed. Time the server itself stopped reading (flow control) does not count.
 
 Once a request has arrived whole the deadline is off: generating the response takes as long
@@ -35,6 +38,7 @@ from pagedserve.server.middleware import send_error
 logger = logging.getLogger(__name__)
 
 ACCEPT_ERROR_LOG_INTERVAL_S = 10.0
+MIN_BODY_RATE = 500   # bytes a second a request body must average (Apache mod_reqtimeout's default MinRate)
 _ACCEPT_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
@@ -82,6 +86,8 @@ class RequestDeadline(asyncio.Protocol):
     _deadline: asyncio.TimerHandle | None = None
     _waiting_for: tuple[str, Any] | None = None   # ("headers", the previous cycle) or ("body", its cycle)
     _since = 0.0   # when that wait began, or the body last made progress
+    _body_start = 0.0   # when the body's wait began (or the server last paused reading it)
+    _body_bytes = 0     # bytes received since then
     _answering: asyncio.Task | None = None   # the 408 on its way
 
     def connection_made(self, transport: asyncio.Transport) -> None:   # type: ignore[override]
@@ -90,7 +96,7 @@ class RequestDeadline(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)   # type: ignore[misc]
-        self._watch()
+        self._watch(len(data))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._deadline is not None:
@@ -108,8 +114,8 @@ class RequestDeadline(asyncio.Protocol):
             return ("body", cycle)
         return None
 
-    def _watch(self) -> None:
-        """After bytes arrived (or the connection opened): start, move or stop the deadline."""
+    def _watch(self, received: int = 0) -> None:
+        """After `received` bytes arrived (or the connection opened): start, move or stop the deadline."""
         if self.request_read_timeout <= 0 or self.transport.is_closing():
             return
         phase = self._phase()
@@ -120,9 +126,20 @@ class RequestDeadline(asyncio.Protocol):
             self._waiting_for = None
             return
         if phase != self._waiting_for or phase[0] == "body":   # a new wait, or the body's progress
+            if phase != self._waiting_for:
+                self._body_start, self._body_bytes = self.loop.time(), 0
             self._waiting_for, self._since = phase, self.loop.time()
+            self._body_bytes += received
         if self._deadline is None:
-            self._deadline = self.loop.call_at(self._since + self.request_read_timeout, self._check)
+            self._deadline = self.loop.call_at(self._due(), self._check)
+
+    def _due(self) -> float:
+        """When the wait ends: `timeout` after the last progress, and for a body also when its bytes
+        fall behind MIN_BODY_RATE (one second more for each MIN_BODY_RATE bytes)."""
+        due = self._since + self.request_read_timeout
+        if self._waiting_for is not None and self._waiting_for[0] == "body":
+            due = min(due, self._body_start + self.request_read_timeout + self._body_bytes / MIN_BODY_RATE)
+        return due
 
     def _check(self) -> None:
         self._deadline = None
@@ -133,9 +150,10 @@ class RequestDeadline(asyncio.Protocol):
             return
         now = self.loop.time()
         if phase != self._waiting_for or (phase[0] == "body" and self.flow.read_paused):
-            self._waiting_for, self._since = phase, now   # a new wait, or the server is not reading
-        if now < self._since + self.request_read_timeout:
-            self._deadline = self.loop.call_at(self._since + self.request_read_timeout, self._check)
+            # a new wait, or the server is not reading: the clocks start again
+            self._waiting_for, self._since, self._body_start, self._body_bytes = phase, now, now, 0
+        if now < self._due():
+            self._deadline = self.loop.call_at(self._due(), self._check)
             return
         cycle = phase[1]
         if phase[0] == "body" and not cycle.response_started:
@@ -149,10 +167,18 @@ class RequestDeadline(asyncio.Protocol):
         """408 through the cycle's own ASGI send, then the route (waiting for the body) sees a
         disconnect and its answer goes nowhere."""
         if (self._phase() != ("body", cycle) or cycle.response_started or self.transport.is_closing()
-                or self.loop.time() < self._since + self.request_read_timeout):
+                or self.loop.time() < self._due()):
             return   # since the check: the body arrived (or moved on: the deadline is re-armed), or it closed
-        logger.debug("closing a connection: a request body stalled for %.1f s", self.request_read_timeout)
-        error = RequestTimeoutError(f"the request body stalled: nothing arrived for {self.request_read_timeout:g} s")
+        now = self.loop.time()
+        if now >= self._since + self.request_read_timeout:
+            logger.debug("closing a connection: a request body stalled for %.1f s", self.request_read_timeout)
+            error = RequestTimeoutError(
+                f"the request body stalled: nothing arrived for {self.request_read_timeout:g} s")
+        else:
+            logger.debug("closing a connection: a request body slower than %d bytes/s", MIN_BODY_RATE)
+            error = RequestTimeoutError(
+                f"the request body arrived too slowly: {self._body_bytes} bytes in {now - self._body_start:.1f} s "
+                f"(at least {MIN_BODY_RATE} bytes a second are needed past the first {self.request_read_timeout:g} s)")
         try:
             await send_error(cycle.send, cycle.scope["path"], error, [(b"connection", b"close")])
         except Exception as exc:   # the connection broke meanwhile

@@ -84,7 +84,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--timeout-request-read", type=_seconds, default=REQUEST_READ_TIMEOUT_S, metavar="SECONDS",
                         help="a request's headers must all arrive within this time of its first byte (of the "
-                             "connection's opening, for the first), and its body may pause no longer than this; "
+                             "connection's opening, for the first), and its body may pause no longer than this "
+                             "nor average under 500 bytes a second past it; "
                              "past it the connection is closed (a stalled body answered 408 first). Generating "
                              "the response is not bounded by it (0: no deadline; default %(default)s)")
     parser.add_argument("--shutdown-timeout", type=_seconds, default=GRACEFUL_SHUTDOWN_S, metavar="SECONDS",

@@ -1,6 +1,7 @@
 """Clients that send too little, through a real server and raw sockets: a connection that
 sends nothing, part of its headers or part of its body is closed after --timeout-request-read
-(a stalled body answered 408 in the error body) while other clients are served and long
+(a stalled body answered 408 in the error body; so is a body trickled a byte at a time below
+connections.MIN_BODY_RATE) while other clients are served and long
 responses are not cut; a client that leaves mid-body is no server error (no traceback); at
 the open-file limit the accept error is one log line, not a flood; the soft open-file limit
 is raised to the hard one at start-up.
@@ -95,8 +96,9 @@ def _slow_non_streamed(server: ServerProcess) -> str:
 
 
 def _trickled_body(server: ServerProcess) -> tuple[bytes, float]:
-    """A body sent in 4 pieces 0.4 deadlines apart (1.6 in all): progress, never a stall."""
-    body = json.dumps({"prompt": "Hello there, world"}).encode()
+    """A body of ~1.2 KB sent in 4 pieces 0.4 deadlines apart (1.6 in all): progress, never a stall,
+    and above MIN_BODY_RATE past the first deadline."""
+    body = json.dumps({"prompt": "Hello there, world " * 60}).encode()
     sock = _connect(server, b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                             b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body))
     start, piece = time.monotonic(), -(-len(body) // 4)
@@ -107,11 +109,28 @@ def _trickled_body(server: ServerProcess) -> tuple[bytes, float]:
     return data, time.monotonic() - start
 
 
+def _body_a_byte_at_a_time(server: ServerProcess) -> tuple[bytes, float, float]:
+    """A 400-byte body sent a byte every 0.3 deadlines, never stalling, until the server stops it:
+    what it answered, and when it started and closed."""
+    sock = _connect(server, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: 400\r\n\r\n")
+    start = time.monotonic()
+    try:
+        for _ in range(400):
+            time.sleep(0.3 * DEADLINE_S)
+            sock.sendall(b" ")
+    except OSError:   # the server closed the connection
+        pass
+    data, closed = _read_until_closed(sock)
+    return data, start, closed
+
+
 def test_slow_connections_are_closed_while_others_are_served(slow) -> None:
-    with ThreadPoolExecutor(3) as pool:
+    with ThreadPoolExecutor(4) as pool:
         stream = pool.submit(_stream_past_the_deadline, slow)
         non_streamed = pool.submit(_slow_non_streamed, slow)
         trickled = pool.submit(_trickled_body, slow)
+        bytewise = pool.submit(_body_a_byte_at_a_time, slow)
         opened = time.monotonic()
         idle = _connect(slow)
         partial_headers = _connect(slow, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Le")
@@ -138,6 +157,13 @@ def test_slow_connections_are_closed_while_others_are_served(slow) -> None:
         data, took = trickled.result(timeout=60)
         assert took > DEADLINE_S and data.startswith(b"HTTP/1.1 200 "), data   # slow but steady: served
         assert json.loads(data.partition(b"\r\n\r\n")[2])["count"] > 0
+        # a byte every 0.3 deadlines never stalls, but falls below MIN_BODY_RATE: a 408 after the first deadline
+        data, start, closed = bytewise.result(timeout=60)
+        assert 0.8 * DEADLINE_S < closed - start < DEADLINE_S + 4, closed - start
+        head, _, payload = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408 "), head
+        error = json.loads(payload)["error"]
+        assert error["code"] == 408 and "too slowly" in error["message"] and "500 bytes a second" in error["message"]
 
 
 # the routes that read a body, and a body cut short
