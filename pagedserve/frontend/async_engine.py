@@ -189,21 +189,16 @@ class AsyncEngine:
     async def tokenize_prompt(self, prompt: str, add_special_tokens: bool = True,
                               keep_last: int | None = None) -> list[int]:
         """Text -> token ids in the worker pool; `keep_last` k: only the last k, read from a
-        suffix of the text where that is exact (PromptLengthBound.tail_ids: a 15 MB prompt cut
+        suffix of the text where that is exact (PromptLengthBound.last_ids: a 15 MB prompt cut
         to its last tokens need not hold a tokenizing thread for seconds). Raises ValidationError
         without a tokenizer."""
         tokenizer = self.engine.tokenizer
         if tokenizer is None:
             raise ValidationError("tokenizing needs a tokenizer (skip_tokenizer_init=True)", "prompt")
 
-        def encode() -> list[int]:
-            if keep_last is not None:
-                tail = prompt_length_bound(tokenizer).tail_ids(prompt, keep_last, add_special_tokens)
-                if tail is not None:
-                    return tail
-            ids = list(tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
-            return ids[-keep_last:] if keep_last is not None else ids
-        return await self._in_pool(encode)
+        if keep_last is not None:
+            return await self._in_pool(prompt_length_bound(tokenizer).last_ids, prompt, keep_last, add_special_tokens)
+        return await self._in_pool(lambda: list(tokenizer.encode(prompt, add_special_tokens=add_special_tokens)))
 
     async def compile_grammar(self, params: StructuredOutputsParams) -> Any:
         """The compiled grammar (cached), from a compile process (grammar_compile.py): a

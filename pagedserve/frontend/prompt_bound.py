@@ -170,6 +170,14 @@ class PromptLengthBound:
             size *= 4
         return None
 
+    def last_ids(self, text: str, keep: int, add_special_tokens: bool = True) -> list[int]:
+        """tokenizer.encode(text, add_special_tokens)[-keep:]: from a suffix where tail_ids can
+        tell, else from the whole text (truncate_prompt_tokens, TGI's truncate)."""
+        tail = self.tail_ids(text, keep, add_special_tokens)
+        if tail is not None:
+            return tail
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))[-keep:]
+
     def head_text(self, text: str, keep: int, lock: ContextManager[Any] | None = None) -> str:
         """A prefix of `text` whose first `keep` tokens are surely the whole text's (the prefix
         probe's count), or the text itself: what a tokenizer truncating to `keep` tokens

@@ -25,8 +25,8 @@ lies within rounding of top_p * Z may be judged otherwise than a sorted cumulati
 top_k runs first as a mask (the k-th largest logit from torch.topk; ties at it kept, as
 transformers' warper; the kernel takes the k-th value and masks as it loads), so top-p is judged
 on the top-k tokens renormalised, as in the sort-based path. min_p is a floor on the first
-round's candidates (sample_top_p's docstring). The uniforms come from the caller: a seeded row's from its own generator (ROUNDS a step),
-so its draws do not depend on the batch.
+round's candidates (sample_top_p's docstring). The uniforms come from the caller: a seeded row's
+from its own generator (ROUNDS a step), so its draws do not depend on the batch.
 """
 from __future__ import annotations
 

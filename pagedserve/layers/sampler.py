@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from pagedserve.layers import nucleus
 from pagedserve.layers.nucleus import GREEDY_EPS as _EPS
 
 
@@ -49,9 +50,9 @@ class SamplingTensors:
     all_greedy: bool = False
     # the nucleus path (nucleus.py) per row, decided by the row's own parameters so that a seeded
     # row's draws never depend on its batch: the rows that need the sort-based path (typical_p, a
-    # top_k above nucleus.MAX_TOP_K, min_p but on the CPU; None: every row if min_p / typical_p
-    # are set, else none), and the largest top_k below the vocabulary size among the others
-    # (host-side)
+    # top_k above nucleus.MAX_TOP_K; None, for tensors built by hand: every row if typical_p is set
+    # or top_k is without max_top_k, else none), and the largest top_k below the vocabulary size
+    # among the others (host-side)
     sort_rows: list[int] | None = None
     max_top_k: int | None = None
     generators: dict[int, torch.Generator] = field(default_factory=dict)
@@ -205,7 +206,6 @@ def _sample_nucleus(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     nucleus (nucleus.py). On CUDA one kernel reads `logits` in place, whatever their dtype, and
     gives temperature-0 rows their argmax; on the CPU greedy rows draw too (the caller keeps
     their argmax)."""
-    from pagedserve.layers import nucleus
     top_k = t.top_k is not None and t.max_top_k is not None   # (max_top_k None: every such row's top_k is off)
     top_p = t.top_p if t.top_p is not None else torch.ones_like(t.temperature)
     uniforms = nucleus.draw_uniforms(logits.shape[0], t.generators, logits.device)

@@ -162,13 +162,10 @@ def _check_inputs(request: GenerateRequest, settings: TGISettings, max_total_tok
         if found is not None:
             raise ValidationError(f"`inputs` must have less than {max_input_tokens} tokens. Given: at least "
                                   f"{found.tokens} ({found.reason})")
-    input_ids = None
     if p.truncate is not None:   # keep the last `truncate` tokens: read from a suffix where that is exact
-        input_ids = prompt_length_bound(tokenizer).tail_ids(request.inputs, p.truncate, request.add_special_tokens)
-    if input_ids is None:
+        input_ids = prompt_length_bound(tokenizer).last_ids(request.inputs, p.truncate, request.add_special_tokens)
+    else:
         input_ids = tokenizer.encode(request.inputs, add_special_tokens=request.add_special_tokens)
-        if p.truncate is not None:
-            input_ids = input_ids[-p.truncate:]
     input_length = len(input_ids)
     max_new_tokens = p.max_new_tokens if p.max_new_tokens is not None else max(max_total_tokens - input_length, 1)
     if input_length + max_new_tokens > max_total_tokens:

@@ -60,13 +60,11 @@ class CachedRequestState:
         p = self.sampling_params
         self.sampling_row = (p.temperature, p.top_k, p.top_p, p.min_p, p.typical_p, p.repetition_penalty,
                              p.frequency_penalty, p.presence_penalty)
-        self.sampling_extras = bool(p.logit_bias or allowed is not None or self.bad_words or p.min_tokens
-                                    or self.generator is not None or p.logprobs is not None)
+        edits = bool(p.logit_bias or allowed is not None or self.bad_words or p.min_tokens or p.logprobs is not None)
+        self.sampling_extras = edits or self.generator is not None
         # only temperature / top-k (up to nucleus.MAX_TOP_K) / top-p / min-p / a seed: the nucleus
         # kernel draws it from the model's logits in place (sampling_inputs.draws_in_place)
-        self.plain_draw = not (p.logit_bias or allowed is not None or self.bad_words or p.min_tokens
-                               or p.logprobs is not None or self.counts_outputs or p.typical_p < 1.0
-                               or p.top_k > MAX_TOP_K)
+        self.plain_draw = not (edits or self.counts_outputs or p.typical_p < 1.0 or p.top_k > MAX_TOP_K)
 
     @property
     def num_output_tokens(self) -> int:
