@@ -1,6 +1,7 @@
 """The nucleus kernel's tile (triton_sampling.BLOCK, NUM_WARPS) swept on the GPU: ms a call of
 sample_rows over bf16 logits of Llama-3's vocabulary (temperature 0.8, top_p 0.95; CUDA events,
-median of 20 after 3 warm-ups), and torch.topk's k-th value (top_k 50) alone.
+median of 20 after 3 warm-ups), and the top-k threshold alone: nucleus.kth_values against a
+whole-row torch.topk at several k.
 Usage (device): [TREE=.devcarry/main] [TILES=4096x16,...] python3 benchmarks/sampler_sweep.py [rows ...]"""
 from __future__ import annotations
 
@@ -37,10 +38,13 @@ def main() -> None:
             print("RESULT " + json.dumps(dict(tree=os.environ.get("TREE", "."), rows=rows, block=block, warps=warps,
                                               ms=round(ms, 4),
                                               same_ids=bool(torch.equal(ids, reference)))), flush=True)
-        top_k = torch.full((rows,), 50, device=dev)
-        pieces = {"kth_values k=50 bf16": lambda: nucleus.kth_values(logits, top_k, 50),
-                  "topk(50, sorted=False).amin bf16": lambda: logits.topk(50, dim=-1, sorted=False).values.amin(-1),
-                  "topk(50) fp32": lambda: logits.float().topk(50, dim=-1)}
+        pieces = {}
+        for k in (1, 20, 50, 200, 500, 4096):
+            top_k = torch.full((rows,), k, device=dev)
+            same = torch.equal(nucleus.kth_values(logits, top_k, k), logits.topk(k, dim=-1).values[:, -1])
+            pieces[f"kth_values k={k} bf16 (equal to whole-row topk: {same})"] = \
+                lambda top_k=top_k, k=k: nucleus.kth_values(logits, top_k, k)
+            pieces[f"whole-row topk({k}) bf16"] = lambda k=k: logits.topk(k, dim=-1).values[:, -1]
         for piece, fn in pieces.items():
             print("RESULT " + json.dumps(dict(rows=rows, piece=piece, ms=round(median_ms(fn), 4))), flush=True)
 
