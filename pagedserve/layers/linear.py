@@ -109,7 +109,8 @@ class LinearBase(nn.Module):
         """Room for the step's slots of adapters on this layer (zeros: no effect); the fused
         norm / activation launches are skipped from now on (they never see x)."""
         self.lora = LoraWeights(step, len(self.lora_slices), self.input_size_per_partition,
-                                self.output_size_per_partition, self.params_dtype, device)
+                                self.output_size_per_partition, self.params_dtype, device,
+                                self.quant_method.independent_rows(self) if device.type == "cpu" else 0)
 
     def set_lora(self, slot: int, factors: dict, scaling: float) -> None:
         """Adapter factors {shard id: (A [r, in], B [out, r])} as the checkpoint holds them

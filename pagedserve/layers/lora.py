@@ -12,7 +12,9 @@ gate_up_proj; one for o_proj / down_proj) and every slot, the adapters' factors 
 
 and adds  ((x @ a.T) * mask) @ b.T  where mask[t, c] is 1 when column c belongs to token t's slot:
 two dense matmuls of inner size S * n * R (small: vLLM's default is one slot of rank 16), no
-kernel of its own, the same code on the CPU and on CUDA. A row-parallel layer adds its partial
+kernel of its own, the same code on the CPU and on CUDA; where the base product does each row's
+arithmetic alike whatever the batch (GGUF's C++ kernels on the CPU), the deltas go through
+gguf_cpu.row_matmul, which does too (LoraWeights). A row-parallel layer adds its partial
 delta before the all-reduce: the sum over ranks of (x_r @ a_r.T) @ b.T is the whole delta.
 
 The step's token -> slot map is set once per forward (`LoraStep.set`, one object per model, shared
@@ -23,6 +25,8 @@ forward whose step has no adapter anywhere skips every delta."""
 from __future__ import annotations
 
 import torch
+
+from pagedserve.layers.quantization import gguf_cpu
 
 
 class LoraStep:
@@ -72,13 +76,25 @@ def _capturing(mask: torch.Tensor) -> bool:
 
 
 class LoraWeights:
+    """One linear layer's adapters. `independent_rows` (CPU): up to that many tokens the base
+    product does each row's arithmetic alike whatever the batch (the GGUF C++ kernels), and so do
+    the deltas: the factors are kept transposed and multiplied by gguf_cpu.row_matmul, each
+    output summed in one order (torch's CPU matmul rounds a row differently at one row and at
+    several, which an adapter's deltas carry through every later layer)."""
+
     def __init__(self, step: LoraStep, num_slices: int, in_features: int, out_features: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, independent_rows: int = 0) -> None:
         self.step = step
         self.num_slots, self.max_rank, self.num_slices = step.num_slots, step.max_rank, num_slices
+        self.independent_rows = independent_rows
         width = self.num_slots * num_slices * self.max_rank
-        self.a = torch.zeros((width, in_features), dtype=dtype, device=device)
-        self.b = torch.zeros((out_features, width), dtype=dtype, device=device)
+        if independent_rows:   # a [width, in] and b [out, width] as views of their transposes
+            self.a_t = torch.zeros((in_features, width), dtype=dtype, device=device)
+            self.b_t = torch.zeros((width, out_features), dtype=dtype, device=device)
+            self.a, self.b = self.a_t.t(), self.b_t.t()
+        else:
+            self.a = torch.zeros((width, in_features), dtype=dtype, device=device)
+            self.b = torch.zeros((out_features, width), dtype=dtype, device=device)
         step.register(num_slices, dtype)
 
     def columns(self, slot: int, index: int, rank: int) -> slice:
@@ -103,6 +119,8 @@ class LoraWeights:
         mask = self.step.mask(self.num_slices, x.shape[0])
         if mask is None:
             return out
+        if x.shape[0] <= self.independent_rows:
+            return out + gguf_cpu.row_matmul(gguf_cpu.row_matmul(x, self.a_t) * mask.to(x.dtype), self.b_t)
         shrunk = (x @ self.a.t()) * mask.to(x.dtype)
         if out.dim() == 2 and out.dtype == shrunk.dtype:
             return torch.addmm(out, shrunk, self.b.t())

@@ -15,6 +15,7 @@ import shutil
 import threading
 
 import pytest
+import torch
 
 from pagedserve import LLM, LoRARequest, SamplingParams
 from pagedserve.errors import ValidationError
@@ -363,3 +364,37 @@ def test_the_server_engine_reads_an_adapter_once_off_its_thread(adapters, monkey
         engine.shutdown()
     assert ids == [hf_greedy(merged, prompt, GREEDY.max_tokens)] * 2
     assert [(path, name.startswith("pagedserve-inputs")) for path, name in reads] == [(lora.lora_path, True)], reads
+
+
+@pytest.mark.skipif(TEST_DEVICE != "cpu", reason="the GGUF C++ kernels' batch invariance is the CPU's")
+def test_an_adapters_rows_on_the_default_model_do_not_depend_on_the_batch(tmp_path) -> None:
+    """On the default model (GGUF, the C++ kernels on the CPU, each row's arithmetic alike up to
+    their row bound) a request with an adapter gets the same logprobs, to the bit, alone and in a
+    batch of adapter and base requests: the deltas too are summed in one order whatever the rows
+    (torch's matmul rounded them differently at one row and at several, and this adapter's large
+    deltas carried that into other tokens)."""
+    from pagedserve.layers.quantization import gguf_cpu
+    from tests.server.test_lora_server import write_default_model_adapter
+    if gguf_cpu.extension() is None:
+        pytest.skip("no compiler for the GGUF C++ kernels")
+    x, wt = torch.randn(7, 576), torch.randn(576, 48)
+    rows = gguf_cpu.row_matmul(x, wt)
+    assert torch.equal(rows[2:3], gguf_cpu.row_matmul(x[2:3], wt))
+    assert torch.allclose(rows, x @ wt, rtol=1e-4, atol=1e-4)
+    lora = LoRARequest("smol", 1, write_default_model_adapter(str(tmp_path / "a")))
+    llm = LLM(enable_lora=True, max_model_len=512, num_kv_blocks=128)
+    params = SamplingParams(max_tokens=12, temperature=0.0, logprobs=1)
+    prompts = ["The capital of France is", "Once upon a time", "def fib(n):", "List three colours:"]
+    loras = [lora, None, lora, lora]
+    try:
+        alone = [llm.generate(p, params, lora_request=r, use_tqdm=False)[0].outputs[0] for p, r in zip(prompts, loras)]
+        batch = [o.outputs[0] for o in llm.generate(prompts, params, lora_request=loras, use_tqdm=False)]
+        base = llm.generate(prompts[0], params, use_tqdm=False)[0].outputs[0]
+    finally:
+        llm.shutdown()
+
+    def logprobs(out) -> list[float]:
+        return [entry[token].logprob for token, entry in zip(out.token_ids, out.logprobs)]
+    assert base.token_ids != alone[0].token_ids   # the adapter is on
+    assert [o.token_ids for o in batch] == [o.token_ids for o in alone]
+    assert [logprobs(o) for o in batch] == [logprobs(o) for o in alone]

@@ -99,6 +99,12 @@ class LinearMethod:
         this method has no such kernel for these inputs (the caller runs the norm first)."""
         return None
 
+    def independent_rows(self, layer: nn.Module) -> int:
+        """Up to how many rows x a product on this layer computes each row alike whatever the
+        other rows (a request's values independent of its batch; 0: not at all). The LoRA deltas
+        keep that up to the same count (layers/lora.py)."""
+        return 0
+
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         pass
 

@@ -256,6 +256,11 @@ class GGUFLinearMethod(LinearMethod):
         out = _matmul(layer, x)
         return out if bias is None else out + bias
 
+    def independent_rows(self, layer) -> int:
+        """The C++ kernels' rows (gguf_cpu.py: the GEMV, and from 4 rows the Q8 GEMM, do each row's
+        arithmetic alike)."""
+        return _max_rows(layer) if layer.gguf_cpp else 0
+
     def apply_normed(self, layer, x: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module
                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(norm(x + residual) @ w.T, x + residual) in one C++ call, or None (not fused here)."""

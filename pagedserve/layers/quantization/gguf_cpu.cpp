@@ -69,6 +69,43 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& w, int64_t type,
   return gemv_f32(as_f32(x), w, type, q8).to(x.scalar_type());
 }
 
+// out [M, N] = x [M, K] @ wt [K, N] in fp32, every out[m, n] summed over k in order
+// (out[m, :] += x[m, k] * wt[k, :], 16 columns a vector): a row's values depend neither on M nor
+// on the rows' split among threads. The LoRA deltas beside the batch-invariant GGUF products
+// (layers/lora.py); torch's CPU matmul rounds a row differently at M = 1 and M > 1.
+__attribute__((noinline)) void row_matmul_rows(const float* x, const float* wt, int64_t K, int64_t N, int64_t m0,
+                                               int64_t m1, float* out) {
+  const int64_t vec = N / 16 * 16;
+  for (int64_t m = m0; m < m1; ++m) {
+    float* o = out + m * N;
+    std::memset(o, 0, N * sizeof(float));
+    for (int64_t k = 0; k < K; ++k) {
+      const float a = x[m * K + k];
+      const float* w = wt + k * N;
+      for (int64_t n = 0; n < vec; n += 16) {
+        v16f acc = loadf(o + n);
+        acc += a * loadf(w + n);
+        std::memcpy(o + n, &acc, 64);
+      }
+      for (int64_t n = vec; n < N; ++n) o[n] += a * w[n];
+    }
+  }
+}
+
+torch::Tensor row_matmul(const torch::Tensor& x, const torch::Tensor& wt) {
+  TORCH_CHECK(x.dim() == 2 && wt.dim() == 2 && x.size(1) == wt.size(0), "row_matmul: x [M, K], wt [K, N]");
+  auto xf = as_f32(x), wf = as_f32(wt);
+  const int64_t M = xf.size(0), K = xf.size(1), N = wf.size(1);
+  auto out = torch::empty({M, N}, xf.options());
+  if (M > 0 && N > 0) {
+    const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, K * N));
+    at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
+      row_matmul_rows(xf.data_ptr<float>(), wf.data_ptr<float>(), K, N, m0, m1, out.data_ptr<float>());
+    });
+  }
+  return out.to(x.scalar_type());
+}
+
 // The elementwise parts, one definition each: the module calls and the decode stack compute
 // the same values.
 // dst [M, K] = rms_norm(src) * g (one compiled copy: the same bits from every caller)
@@ -429,6 +466,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize", &dequantize, "GGUF blocks -> fp32 or bf16 [N, K]", no_gil());
   m.def("gemv", &gemv, "x @ w.T on GGUF blocks (fp32 accumulate)", no_gil());
   m.def("gemv_normed", &gemv_normed, "rms_norm(x + residual) @ w.T on GGUF blocks, and x + residual", no_gil());
+  m.def("row_matmul", &row_matmul, "x @ wt in fp32, each row's values independent of the batch", no_gil());
   m.def("rms_norm", &rms_norm, "(rms_norm(x + residual) * weight, x + residual)", no_gil());
   m.def("gemv_silu", &gemv_silu, "(silu(gate) * up) @ w.T on GGUF blocks", no_gil());
   m.def("decode_attention", &decode_attention, "rotary, KV store and paged attention of an all-decode step",

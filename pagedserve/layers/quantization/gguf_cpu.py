@@ -127,6 +127,12 @@ def gemv(x: torch.Tensor, raw: torch.Tensor, fmt: str, q8: bool = False) -> torc
     return _load().gemv(x, raw, TYPE_IDS[fmt], q8)
 
 
+def row_matmul(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ wt [K, N] in x's dtype (fp32 inside), each row's values computed alike whatever
+    M is (torch's CPU matmul rounds a row differently at M = 1 and M > 1)."""
+    return _load().row_matmul(x, wt)
+
+
 def gemv_normed(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                 raw: torch.Tensor, fmt: str, q8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual) * norm_weight @ dequantize(raw).T, x + residual); x without a residual."""
