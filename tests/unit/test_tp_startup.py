@@ -20,6 +20,7 @@ import pytest
 
 from pagedserve import LLM
 from pagedserve.errors import EngineDeadError
+from pagedserve.worker.tp_executor import DEFAULT_TIMEOUT_S
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -91,7 +92,9 @@ def test_a_rank_that_dies_while_starting_fails_the_engine_at_once(mode, expected
     with pytest.raises(EngineDeadError, match=expected):
         LLM(model=tiny_checkpoints["llama"], device="cpu", dtype="float32", skip_tokenizer_init=True,
             max_model_len=128, tensor_parallel_size=2)
-    assert time.monotonic() - start < 30
+    # at once: not after the ranks' start-up timeout (DEFAULT_TIMEOUT_S, 600 s); the bound leaves a
+    # busy CI machine room to start and import the rank
+    assert time.monotonic() - start < DEFAULT_TIMEOUT_S / 5
     _wait_no_children(10)
 
 

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Session 47, call 1: the top-k threshold from group candidates (nucleus.kth_values). Old tree (HEAD before it) in
-# .devcarry/main. CUDA tests of the sampling paths; kth_values against a whole-row topk (sampler_sweep.py); the
-# sampler alone, old / new; thr512 llama-1b and llama-8b with top_k + top_p (penalty_mix kind sampled_k) old / new /
-# old / new; on an H200 also the peers' standing figures.
+# .devcarry/main. The nucleus tests on CUDA; kth_values against a whole-row topk (sampler_sweep.py); the sampler
+# alone, old / new; thr512 with top_k + top_p (penalty_mix kind sampled_k): llama-1b old / new / old / new, llama-8b
+# old / new.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,power.limit,clocks.max.sm --format=csv,noheader | tee "$OUT/call1.txt"
-timeout 200 python3 -m pytest -q -p no:cacheprovider tests/unit/test_nucleus.py tests/unit/test_sampler.py 2>&1 \
+timeout 200 python3 -m pytest -q -p no:cacheprovider tests/unit/test_nucleus.py 2>&1 \
   | grep -E "passed|failed|^FAILED" | tee -a "$OUT/call1.txt"
 TILES=8192x16 timeout 120 python3 benchmarks/sampler_sweep.py 128 512 2>&1 | grep -E "RESULT|Error" | grep -v block \
   | tee -a "$OUT/call1.txt"
@@ -15,15 +15,9 @@ for tree in .devcarry/main .; do
   TREE=$tree SETTINGS=top_p,top_k_top_p PARTS=0 timeout 120 python3 benchmarks/sampler_gpu.py 128 512 \
     2>&1 | grep -E "RESULT|Error" | grep -v '"kernel": false' | tee -a "$OUT/call1.txt"
 done
-for model in llama-1b llama-8b; do
-  for tree in .devcarry/main . .devcarry/main .; do
-    TREE=$tree timeout 150 python3 benchmarks/penalty_mix.py --model "$model" --rounds 1 --kinds base,sampled_k \
-      2>&1 | grep -E "RESULT|Error|error" | tee -a "$OUT/call1.txt"
-  done
+for run in "llama-1b .devcarry/main" "llama-1b ." "llama-1b .devcarry/main" "llama-1b ." "llama-8b .devcarry/main" \
+           "llama-8b ."; do
+  set -- $run
+  TREE=$2 timeout 120 python3 benchmarks/penalty_mix.py --model "$1" --rounds 1 --kinds base,sampled_k \
+    2>&1 | grep -E "RESULT|Error|error" | tee -a "$OUT/call1.txt"
 done
-if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
-  for model in llama-1b llama-8b; do
-    PYTHONPATH=$PWD timeout 200 python3 .devcarry/peers.py pagedserve $model 2>&1 | grep -E "RESULT|Error" \
-      | tee -a "$OUT/call1.txt"
-  done
-fi
