@@ -2,8 +2,9 @@
 events, median of 20 after 3 warm-ups; the host's time inside the call included) of
 sampling_inputs.sample over bf16 logits, for the sampling settings clients send, with the
 nucleus kernel (sampler.NUCLEUS_SAMPLING) on and off; and the sort-based path's pieces alone.
-Usage (device): [SETTINGS=top_p,top_k_top_p] [PARTS=0] [PROFILE=1] python3 benchmarks/sampler_gpu.py [rows ...]
-PROFILE=1: after each timed setting, torch.profiler's table over 5 more calls (the kernel on only)."""
+Usage (device): [SETTINGS=top_p,top_k_top_p] [PARTS=0] [PROFILE=1] [CPROFILE=1] python3 benchmarks/sampler_gpu.py [rows ...]
+PROFILE=1: after each timed setting, torch.profiler's table over 5 more calls (the kernel on only);
+CPROFILE=1: cProfile's functions by own time over 50 more calls (the host's side)."""
 from __future__ import annotations
 
 import json
@@ -68,6 +69,17 @@ def main() -> None:
             ms = median_ms(lambda: sample(Sampler(), logits, states, VOCAB, dev, (2,), history=history))
             print("RESULT " + json.dumps(dict(tree=os.environ.get("TREE", "."), rows=rows, setting=name, kernel=kernel,
                                               ms=round(ms, 3))), flush=True)
+            if kernel and os.environ.get("CPROFILE") == "1":   # the host's side: Python time by function
+                import cProfile
+                import pstats
+                profile = cProfile.Profile()
+                profile.enable()
+                for _ in range(50):
+                    sample(Sampler(), logits, states, VOCAB, dev, (2,), history=history)
+                torch.cuda.synchronize()
+                profile.disable()
+                print(f"CPROFILE rows={rows} setting={name} (50 calls)")
+                pstats.Stats(profile).sort_stats("tottime").print_stats(22)
             if kernel and os.environ.get("PROFILE") == "1":
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                         torch.profiler.ProfilerActivity.CUDA]) as prof:

@@ -15,6 +15,7 @@ for tree in .devcarry/main .; do
   TREE=$tree SETTINGS=top_p,top_k_top_p PARTS=0 timeout 120 python3 benchmarks/sampler_gpu.py 128 512 \
     2>&1 | grep -E "RESULT|Error" | grep -v '"kernel": false' | tee -a "$OUT/call1.txt"
 done
+TREE=. SETTINGS=top_p PARTS=0 CPROFILE=1 timeout 60 python3 benchmarks/sampler_gpu.py 512 > "$OUT/call1_cprofile.txt" 2>&1
 for run in "llama-1b .devcarry/main" "llama-1b ." "llama-1b .devcarry/main" "llama-1b ." "llama-8b .devcarry/main" \
            "llama-8b ."; do
   set -- $run
