@@ -35,34 +35,15 @@ import torch
 GREEDY_EPS = 1e-5  # a temperature below it: the argmax (the sampler's, and the kernel's greedy rows)
 ROUNDS = 32        # draws a row at most
 MAX_TOP_K = 4096   # a larger top_k: the sort-based path (torch.topk's cost grows with k)
-GROUP = 32         # kth_values' group width
 _MIN_UNIFORM = 2.0 ** -25   # a draw's point stays above 0: the walk's first index then holds mass
 
 
 def kth_values(logits: torch.Tensor, top_k: torch.Tensor, max_k: int) -> torch.Tensor:
     """Each row's k-th largest logit ([rows], the logits' dtype; -inf where k is the vocabulary
     size: off). `max_k`: the largest k below the vocabulary size (the caller knows it on the
-    host).
-
-    Where max_k is small against the vocabulary, torch.topk runs on candidates only: the row is
-    cut in groups of GROUP entries, and the max_k groups of largest maximum hold every one of the
-    row's max_k largest values. (Of the k-th largest group maximum L, every value above L lies in
-    a group whose maximum beats L, so among those groups; and each of the k groups holds a value
-    at or above L, so the k-th largest of their union is the row's.) One read of the row for the
-    group maxima, then two topk over [rows, vocab / GROUP] and [rows, max_k * GROUP] (0.60 ms on
-    an H100 for 512 rows of 128k at k = 50 when the whole rows went through topk)."""
-    rows, vocab = logits.shape
-    groups = vocab // GROUP
-    if max_k * 8 <= groups:
-        whole = logits[:, :groups * GROUP].unflatten(1, (groups, GROUP))
-        chosen = whole.amax(dim=-1).topk(max_k, dim=-1).indices
-        candidates = whole.gather(1, chosen[:, :, None].expand(-1, -1, GROUP)).flatten(1)
-        if groups * GROUP < vocab:   # the last, partial group: all candidates
-            candidates = torch.cat([candidates, logits[:, groups * GROUP:]], dim=1)
-    else:
-        candidates = logits
-    kth = candidates.topk(max_k, dim=-1).values.gather(1, (top_k.clamp(max=max_k) - 1)[:, None])[:, 0]
-    return torch.where(top_k >= vocab, float("-inf"), kth)
+    host)."""
+    kth = logits.topk(max_k, dim=-1).values.gather(1, (top_k.clamp(max=max_k) - 1)[:, None])[:, 0]
+    return torch.where(top_k >= logits.shape[1], float("-inf"), kth)
 
 
 def top_k_mask(logits: torch.Tensor, top_k: torch.Tensor, max_k: int) -> torch.Tensor:

@@ -157,38 +157,6 @@ def test_top_k_mask_equals_transformers_warper() -> None:
     assert int(torch.isfinite(ours[1]).sum()) == 10
 
 
-def test_kth_values_from_group_candidates_equal_a_whole_row_topk() -> None:
-    """kth_values reads torch.topk over the GROUP-wide groups of largest maximum only (where max_k
-    is small against the vocabulary): the k-th values equal a whole-row topk's, with ties at and
-    across the k-th, -inf entries, rows strided in a wider buffer, bf16, and a last partial group."""
-    gen = torch.Generator().manual_seed(11)
-    checked = 0
-    for trial in range(120):
-        vocab = int(torch.randint(nucleus.GROUP * 8, 6000, (1,), generator=gen))
-        rows = int(torch.randint(1, 12, (1,), generator=gen))
-        wide = torch.randn(rows, vocab + 9, generator=gen)
-        if trial % 4 == 1:
-            wide = (wide * 3).round()   # many ties, also among the groups' maxima
-        elif trial % 4 == 2:
-            wide = wide.bfloat16()
-        elif trial % 4 == 3:
-            wide[:, ::3] = float("-inf")
-        logits = wide[:, 4:4 + vocab].to(DEVICE)
-        max_k = int(torch.randint(1, vocab // (8 * nucleus.GROUP) + 1, (1,), generator=gen))
-        top_k = torch.randint(1, max_k + 1, (rows,), generator=gen)
-        top_k[0] = vocab   # off
-        ours = nucleus.kth_values(logits, top_k.to(DEVICE), max_k).cpu()
-        whole = logits.topk(max_k, dim=-1).values.cpu().gather(1, (top_k.clamp(max=max_k) - 1)[:, None])[:, 0]
-        assert torch.equal(ours, torch.where(top_k >= vocab, float("-inf"), whole)), trial
-        checked += vocab % nucleus.GROUP != 0
-    assert checked > 60   # most trials end in a partial group
-    rows = torch.zeros(3, 64 * nucleus.GROUP)
-    rows[:, 5] = 9.0   # the three largest values in one group: the k-th is still found
-    rows[:, 6] = 8.0
-    rows[:, 7] = 7.0
-    assert nucleus.kth_values(rows.to(DEVICE), torch.tensor([1, 2, 3], device=DEVICE), 3).tolist() == [9.0, 8.0, 7.0]
-
-
 @pytest.mark.parametrize("sample_top_p", FORMS)
 def test_seeded_rows_do_not_depend_on_the_batch(sample_top_p) -> None:
     logits = torch.randn(3, 500, generator=torch.Generator().manual_seed(4)).to(DEVICE)
