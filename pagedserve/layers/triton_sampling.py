@@ -149,6 +149,80 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     return out
 
 
+@triton.jit
+def _order_key(x):
+    """fp32 -> int32 whose signed order is the floats' (-inf lowest; an involution on the bits)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _kth_kernel(logits_ptr, stride_row, top_k_ptr, out_ptr, vocab, SHIFT: tl.constexpr, GROUP: tl.constexpr,
+                PIVOTS: tl.constexpr, BLOCK: tl.constexpr):
+    # Each row's k-th largest logit by counting: c(t) = how many keys are >= t falls as t grows, and
+    # the k-th largest key is the largest t with c(t) >= k. Keys are the logits' order keys (>> SHIFT: the
+    # low fp32 bits a bf16 or fp16 value never sets). Invariant: c(lo) >= k > c(hi); each pass counts
+    # PIVOTS evenly spaced keys between them and keeps the bracket around k, until hi = lo + 1.
+    row = tl.program_id(0)
+    base = logits_ptr + row.to(tl.int64) * stride_row
+    k = tl.load(top_k_ptr + row).to(tl.int32)
+    offs = tl.arange(0, BLOCK)
+    # pass 1: the largest key, and the least of the GROUP-wide groups' maxima: every group holds a
+    # key at or above it, so at least ceil(vocab / GROUP) keys are
+    top = tl.full((), -2147483647 - 1, tl.int32)
+    floor = tl.full((), 2147483647, tl.int32)
+    for start in range(0, vocab, BLOCK):
+        x = tl.load(base + start + offs, mask=start + offs < vocab, other=float("-inf")).to(tl.float32)
+        key = _order_key(x) >> SHIFT
+        top = tl.maximum(top, tl.max(key, 0))
+        group_max = tl.max(tl.reshape(key, (BLOCK // GROUP, GROUP)), 1)
+        group_start = start + tl.arange(0, BLOCK // GROUP) * GROUP
+        floor = tl.minimum(floor, tl.min(tl.where(group_start < vocab, group_max, 2147483647), 0))
+    lo = tl.where((vocab + GROUP - 1) // GROUP >= k, floor, (-2147483647 - 1) >> SHIFT).to(tl.int64)
+    hi = tl.where(k >= vocab, lo + 1, top.to(tl.int64) + 1)   # (top_k off: no search)
+    step_pivots = 1 + tl.arange(0, PIVOTS).to(tl.int64)
+    while hi - lo > 1:
+        step = (hi - lo + PIVOTS) // (PIVOTS + 1)
+        pivots = tl.minimum(lo + step * step_pivots, hi - 1)
+        pivots32 = pivots.to(tl.int32)
+        counts = tl.zeros((PIVOTS,), dtype=tl.int32)
+        for start in range(0, vocab, BLOCK):
+            x = tl.load(base + start + offs, mask=start + offs < vocab, other=float("-inf")).to(tl.float32)
+            key = _order_key(x) >> SHIFT
+            # (an entry past the row's end is -inf: never above a pivot, which is above lo)
+            counts += tl.sum((key[None, :] >= pivots32[:, None]).to(tl.int32), 1)
+        enough = counts >= k
+        new_lo = tl.max(tl.where(enough, pivots, lo), 0)
+        hi = tl.min(tl.where(enough, hi, pivots), 0)
+        lo = new_lo
+    kth = lo.to(tl.int32)
+    kth = (kth << SHIFT) + tl.where(kth < 0, (1 << SHIFT) - 1, 0)   # a negative value's key has its low bits set
+    value = (kth ^ ((kth >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    tl.store(out_ptr + row, tl.where(k >= vocab, float("-inf"), value))
+
+
+KTH_BLOCK = 4096      # kth_rows' block, groups and pivots a pass
+KTH_NUM_WARPS = 16
+KTH_PIVOTS = 16
+
+
+def kth_rows(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Each row's top_k-th largest logit (float32 [rows]; -inf where top_k >= the vocabulary: off),
+    from `logits` [rows, vocab] (any float dtype, unit column stride; read in place) by counting:
+    one pass for the row's largest value and a lower bound, then passes of KTH_PIVOTS counts each
+    (~3 at a bf16 row of 128k entries). nucleus.kth_values' values, for any k."""
+    rows, vocab = logits.shape
+    if not logits.is_floating_point() or logits.stride(1) != 1 or top_k.shape != (rows,):
+        raise ValueError(f"kth_rows: need float [rows, vocab] logits with unit column stride and [rows] top_k; got "
+                         f"{logits.dtype} {tuple(logits.shape)} strides {logits.stride()}, {tuple(top_k.shape)}")
+    out = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    if rows:
+        shift = {torch.bfloat16: 16, torch.float16: 13}.get(logits.dtype, 0)   # the fp32 bits always zero
+        _kth_kernel[(rows,)](logits, logits.stride(0), top_k.contiguous(), out, vocab, SHIFT=shift, GROUP=32,
+                             PIVOTS=KTH_PIVOTS, BLOCK=KTH_BLOCK, num_warps=KTH_NUM_WARPS)
+    return out
+
+
 def sample_top_p(logits: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """sample_rows at temperature 1 without top-k or min-p (nucleus.sample_top_p's arguments)."""
     return sample_rows(logits, torch.ones(logits.shape[0], device=logits.device), top_p, uniforms)
