@@ -4,7 +4,8 @@
 # alone, old / new; thr512 with top_k + top_p (penalty_mix kind sampled_k): llama-1b old / new / old / new, llama-8b
 # old / new.
 # Call 3 (the top-k threshold by counting, triton_sampling.kth_rows, against the old tree's torch.topk):
-#   CALL=call3 KTH=2048x8x16,4096x8x16,4096x16x16,8192x16x16,4096x16x32 bash call1.sh
+#   CALL=call3 KTH=2048x8x16,4096x16x16,8192x16x16 RUNS="llama-1b:.devcarry/main llama-1b:. llama-1b:.devcarry/main
+#   llama-1b:." bash call1.sh
 set -uo pipefail
 CALL=${CALL:-call1}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -19,9 +20,8 @@ for tree in .devcarry/main .; do
     2>&1 | grep -E "RESULT|Error" | grep -v '"kernel": false' | tee -a "$OUT/$CALL.txt"
 done
 [ "$CALL" = call1 ] && TREE=. SETTINGS=top_p PARTS=0 CPROFILE=1 timeout 60 python3 benchmarks/sampler_gpu.py 512 > "$OUT/${CALL}_cprofile.txt" 2>&1
-for run in "llama-1b .devcarry/main" "llama-1b ." "llama-1b .devcarry/main" "llama-1b ." "llama-8b .devcarry/main" \
-           "llama-8b ."; do
-  set -- $run
+for run in ${RUNS:-llama-1b:.devcarry/main llama-1b:. llama-1b:.devcarry/main llama-1b:. llama-8b:.devcarry/main llama-8b:.}; do
+  set -- ${run/:/ }
   TREE=$2 timeout 120 python3 benchmarks/penalty_mix.py --model "$1" --rounds 1 --kinds base,sampled_k \
     2>&1 | grep -E "RESULT|Error|error" | tee -a "$OUT/$CALL.txt"
 done
