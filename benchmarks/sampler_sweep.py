@@ -1,9 +1,8 @@
 """The nucleus kernel's tile (triton_sampling.BLOCK, NUM_WARPS) swept on the GPU: ms a call of
 sample_rows over bf16 logits of Llama-3's vocabulary (temperature 0.8, top_p 0.95; CUDA events,
-median of 20 after 3 warm-ups), and the top-k threshold alone at several k: nucleus.kth_values (torch.topk)
-against triton_sampling.kth_rows (counting).
-KTH=BLOCKxWARPSxPIVOTS,...: kth_rows' launch swept (default the module's).
-Usage (device): [TREE=.devcarry/main] [TILES=4096x16,...] [KTH=...] python3 benchmarks/sampler_sweep.py [rows ...]"""
+median of 20 after 3 warm-ups), and the top-k threshold alone (nucleus.kth_values: torch.topk) at
+several k.
+Usage (device): [TREE=.devcarry/main] [TILES=4096x16,...] python3 benchmarks/sampler_sweep.py [rows ...]"""
 from __future__ import annotations
 
 import json
@@ -42,22 +41,9 @@ def main() -> None:
         pieces = {}
         for k in (1, 20, 50, 200, 500, 4096):
             top_k = torch.full((rows,), k, device=dev)
-            same = torch.equal(triton_sampling.kth_rows(logits, top_k), nucleus.kth_values(logits, top_k, k).float())
             pieces[f"kth_values k={k} bf16"] = lambda top_k=top_k, k=k: nucleus.kth_values(logits, top_k, k)
-            pieces[f"kth_rows k={k} bf16 (equal: {same})"] = lambda top_k=top_k: triton_sampling.kth_rows(logits, top_k)
         for piece, fn in pieces.items():
             print("RESULT " + json.dumps(dict(rows=rows, piece=piece, ms=round(median_ms(fn), 4))), flush=True)
-        default = (triton_sampling.KTH_BLOCK, triton_sampling.KTH_NUM_WARPS, triton_sampling.KTH_PIVOTS)
-        launches = [tuple(int(v) for v in c.split("x")) for c in os.environ["KTH"].split(",")] if "KTH" in os.environ \
-            else []
-        for block, warps, pivots in launches:
-            triton_sampling.KTH_BLOCK, triton_sampling.KTH_NUM_WARPS, triton_sampling.KTH_PIVOTS = block, warps, pivots
-            for k in (50, 500):
-                top_k = torch.full((rows,), k, device=dev)
-                ms = median_ms(lambda: triton_sampling.kth_rows(logits, top_k))
-                print("RESULT " + json.dumps(dict(rows=rows, piece=f"kth_rows k={k}", block=block, warps=warps,
-                                                  pivots=pivots, ms=round(ms, 4))), flush=True)
-        triton_sampling.KTH_BLOCK, triton_sampling.KTH_NUM_WARPS, triton_sampling.KTH_PIVOTS = default
 
 
 if __name__ == "__main__":

@@ -211,7 +211,7 @@ def _sample_nucleus(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     uniforms = nucleus.draw_uniforms(logits.shape[0], t.generators, logits.device)
     if logits.is_cuda:
         from pagedserve.layers import triton_sampling
-        kth = triton_sampling.kth_rows(logits, t.top_k) if top_k else None
+        kth = nucleus.kth_values(logits, t.top_k, t.max_top_k) if top_k else None
         return triton_sampling.sample_rows(logits, t.temperature, top_p, uniforms, kth, t.min_p)
     temperature = torch.where(t.temperature < _EPS, torch.ones_like(t.temperature), t.temperature)
     logits = logits / temperature[:, None]

@@ -272,33 +272,6 @@ def test_the_kernel_reads_bf16_logits_in_place_with_every_filter() -> None:
     assert len(set(ours[~greedy].tolist())) > rows // 2   # draws, not argmaxes
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_the_kth_kernel_finds_torch_topks_value(dtype, monkeypatch) -> None:
-    """kth_rows (the top-k threshold by counting) gives each row's k-th largest value exactly as
-    torch.topk does: over strided rows, with ties at and across the k-th, -inf entries, negative
-    rows, k from 1 to past the groups' bound (4 * 32 entries here) and k = vocab (off: -inf)."""
-    from pagedserve.layers import triton_sampling
-    if DEVICE.type == "cpu":
-        monkeypatch.setattr(triton_sampling, "KTH_BLOCK", 512)
-    gen = torch.Generator().manual_seed(21)
-    rows, vocab = 24, 3 * 512 + 130   # three blocks and a part
-    wide = torch.randn(rows, vocab + 9, generator=gen) * 3
-    wide[1:4] = wide[1:4].round()          # ties
-    wide[4:6, ::3] = float("-inf")
-    wide[6:8] -= 40.0                       # every value negative
-    wide[8] = float("-inf")                 # nothing but -inf
-    logits = wide.to(dtype)[:, 4:4 + vocab].to(DEVICE)
-    top_k = torch.tensor([1, 2, 40, 7, 300, 1, 50, 1000, 3, 129, vocab - 1, vocab, 17, 64, 128, 5, 1, 2, 3, 4,
-                          vocab, 600, 900, 31])
-    ours = triton_sampling.kth_rows(logits, top_k.to(DEVICE)).cpu()
-    x = logits.float().cpu()
-    expected = torch.stack([x[row].topk(int(k)).values[-1] if k < vocab else torch.tensor(float("-inf"))
-                            for row, k in enumerate(top_k.tolist())])
-    assert ours.dtype == torch.float32 and torch.equal(ours, expected)
-    assert torch.equal(ours[:10], nucleus.kth_values(logits[:10], top_k[:10].to(DEVICE), 1000).float().cpu())
-
-
 def test_plain_draw_rows_are_sampled_whole_on_cuda_only() -> None:
     """sampling_inputs.draws_in_place: rows that only draw (temperature, top-k up to MAX_TOP_K,
     top-p, min-p, a seed) go in one sampler pass on CUDA (the kernel makes no copy); a row with
