@@ -1,7 +1,8 @@
 """The nucleus kernel's tile (triton_sampling.BLOCK, NUM_WARPS) swept on the GPU: ms a call of
 sample_rows over bf16 logits of Llama-3's vocabulary (temperature 0.8, top_p 0.95; CUDA events,
-median of 20 after 3 warm-ups), and the top-k threshold alone (nucleus.kth_values: torch.topk) at
-several k.
+median of 20 after 3 warm-ups), and the top-k threshold alone at several k: nucleus.kth_values
+(torch.topk, sorted, then the k-th column) beside two other torch forms of the same value, torch.kthvalue
+(the (vocab - k + 1)-th smallest) and topk(sorted=False).min, each checked equal to it.
 Usage (device): [TREE=.devcarry/main] [TILES=4096x16,...] python3 benchmarks/sampler_sweep.py [rows ...]"""
 from __future__ import annotations
 
@@ -38,12 +39,20 @@ def main() -> None:
             print("RESULT " + json.dumps(dict(tree=os.environ.get("TREE", "."), rows=rows, block=block, warps=warps,
                                               ms=round(ms, 4),
                                               same_ids=bool(torch.equal(ids, reference)))), flush=True)
-        pieces = {}
         for k in (1, 20, 50, 200, 500, 4096):
             top_k = torch.full((rows,), k, device=dev)
-            pieces[f"kth_values k={k} bf16"] = lambda top_k=top_k, k=k: nucleus.kth_values(logits, top_k, k)
-        for piece, fn in pieces.items():
-            print("RESULT " + json.dumps(dict(rows=rows, piece=piece, ms=round(median_ms(fn), 4))), flush=True)
+            forms = {"kth_values": lambda: nucleus.kth_values(logits, top_k, k),
+                     "kthvalue": lambda: logits.kthvalue(VOCAB - k + 1, dim=-1).values,
+                     "topk_unsorted_min": lambda: logits.topk(k, dim=-1, sorted=False).values.min(dim=-1).values}
+            reference = forms["kth_values"]()
+            for form, fn in forms.items():
+                try:
+                    same = bool(torch.equal(fn(), reference))
+                    ms = round(median_ms(fn), 4)
+                except RuntimeError as error:   # (a dtype a form's CUDA op does not take)
+                    same, ms = False, str(error)[:80]
+                print("RESULT " + json.dumps(dict(rows=rows, piece=f"{form} k={k} bf16", ms=ms, same=same)),
+                      flush=True)
 
 
 if __name__ == "__main__":
