@@ -67,14 +67,19 @@ def simulate(lengths: list[tuple[int, int]], budget: int, decode_rows: list[int]
     return steps, seconds
 
 
+def thr512_lengths() -> list[tuple[int, int]]:
+    """peers.py's thr512 requests as (prompt, output) lengths."""
+    from peers import workload
+    return [(len(p), o) for p, o in workload(512)]
+
+
 def padded_rows(budget: int) -> None:
     """The rows thr512's decode-only steps pad up to their graph's bucket (all, and above 180 rows, where the GEMMs
     of an 8B model are bound by compute), with cuda_graph.batch_size_buckets and with finer ones."""
     import bisect
-    from peers import workload
     from pagedserve.worker.cuda_graph import batch_size_buckets
     rows: list[int] = []
-    simulate([(len(p), o) for p, o in workload(512)], budget, rows)
+    simulate(thr512_lengths(), budget, rows)
     small = [1, 2, 4, 8] + list(range(16, 129, 16))
     for name, buckets in (("today's", batch_size_buckets(512)), ("every 32 above 128", small + list(range(160, 513, 32))),
                           ("every 16 above 128", small + list(range(144, 513, 16)))):
@@ -84,8 +89,7 @@ def padded_rows(budget: int) -> None:
 
 
 def main(budgets: list[int]) -> None:
-    from peers import workload
-    lengths = [(len(p), o) for p, o in workload(512)]
+    lengths = thr512_lengths()
     out_tokens = sum(o for _, o in lengths)
     for budget in budgets:
         steps, seconds = simulate(lengths, budget)
