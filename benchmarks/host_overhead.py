@@ -13,7 +13,9 @@ or less often when the last one cost more than 0.25% of that interval; each enco
 server does: on the server that runs on the event loop, here it is counted in the step).
 `--phases`: the async step split by phase (print_phases) instead. `--gc`: the async step with
 CPython's gen-0 threshold as it is and as LLM.generate runs it, alternating (gc_ab).
-Usage: python benchmarks/host_overhead.py [num_requests] [--profile | --viewer | --phases | --gc]"""
+`--window K`: host ms per decode step (each row's token) at one step a schedule and at decode
+windows of K (num_scheduler_steps), alternating blocks in one engine (window_ab).
+Usage: python benchmarks/host_overhead.py [num_requests] [--profile | --viewer | --phases | --gc | --window K]"""
 import cProfile
 import io
 import pstats
@@ -225,19 +227,54 @@ def gc_ab(llm: LLM, timer: ModelTimer, num: int, pairs: int = 4, steps: int = 20
         gc.set_threshold(*base)
 
 
+def window_ab(llm: LLM, timer: ModelTimer, num: int, window: int, pairs: int = 4, tokens: int = 96) -> None:
+    """Host ms per decode step at `num` rows with num_scheduler_steps 1 and `window`, in
+    alternating blocks of `tokens` tokens a row (the scheduler's knob flipped between blocks)."""
+    engine = llm.engine
+    scheduler = engine.core.scheduler
+    start_decoding(engine, num, WARMUP_STEPS + 2 * pairs * (tokens + 2 * window) + 64)
+    row = scheduler.requests["r0"]
+    per_step: dict[int, list[float]] = {1: [], window: []}
+    for _ in range(pairs):
+        for k in (1, window):
+            scheduler.num_scheduler_steps = k
+            for _ in range(2):   # the window in flight when the knob flips, at the old size
+                engine.step()
+            start, host = len(row.output_token_ids), 0.0
+            while len(row.output_token_ids) - start < tokens:
+                t0, model_s = time.perf_counter(), timer.seconds
+                engine.step()
+                host += time.perf_counter() - t0 - (timer.seconds - model_s)
+            per_step[k].append(host / (len(row.output_token_ids) - start))
+    for k, values in per_step.items():
+        print(f"num_scheduler_steps {k}: {num} rows, host ms per decode step "
+              f"{' / '.join(f'{v * 1e3:.3f}' for v in values)} (median {statistics.median(values) * 1e3:.3f})")
+    for i in range(num):
+        engine.abort_request(f"r{i}")
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
 def main() -> None:
     import torch
     torch.set_num_threads(1)   # the tiny model gains nothing from threads; fewer timing outliers
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    if "--window" in sys.argv:
+        args.remove(sys.argv[sys.argv.index("--window") + 1])
     num = int(args[0]) if args else 256
     path = write_micro_checkpoint(tempfile.mkdtemp())
     for async_scheduling in (True, False):
-        viewer = "--viewer" in sys.argv   # longer runs: 2048 positions (the micro model's rope extends them)
+        # longer runs: 2048 positions (the micro model's rope extends them)
+        viewer = "--viewer" in sys.argv or "--window" in sys.argv
         llm = LLM(model=path, device="cpu", dtype="float32", max_model_len=2048 if viewer else 512,
                   allow_long_max_model_len=viewer, skip_tokenizer_init=True, async_scheduling=async_scheduling,
                   max_num_seqs=num)
         timer = ModelTimer(llm.engine.core.executor.runner)
         decode_step_times(llm, timer, 4)
+        if "--window" in sys.argv:   # async only
+            window_ab(llm, timer, num, int(sys.argv[sys.argv.index("--window") + 1]))
+            llm.engine.shutdown()
+            break
         if viewer:
             off, on, snapshots, snapshot_s, log_s = viewer_overhead(llm, timer, num)
             watched_s = sum(on)

@@ -14,9 +14,10 @@ the time the GPU spent in steps, and idle between them waiting for the host; per
 --no-heads-first: decode attention launches on the old grid (sequences fastest; before session 31's e864e59).
 --mbt N: max_num_batched_tokens N (the library's default when not given).
 --kv-cache-dtype D: the engine's kv_cache_dtype.
+--steps K: num_scheduler_steps K (decode windows: a "step" of the per-step figures is then a schedule).
 
 Usage: python3 benchmarks/thr_spread.py OUT [--runs 4] [--model llama-1b] [--no-smi] [--ab] [--no-lmhead-pad] [--fused-max N]
-       [--no-heads-first] [--mbt N] [--kv-cache-dtype D]
+       [--no-heads-first] [--mbt N] [--kv-cache-dtype D] [--steps K]
 """
 from __future__ import annotations
 
@@ -79,7 +80,8 @@ def _late_compiles() -> list:
     return getattr(compile_ahead, "LATE_COMPILES", [])
 
 
-def one_run(model: str, smi_path: str, freeze: bool = True, mbt: int | None = None, kv_cache_dtype: str = "auto") -> dict:
+def one_run(model: str, smi_path: str, freeze: bool = True, mbt: int | None = None, kv_cache_dtype: str = "auto",
+            steps: int | None = None) -> dict:
     from peers import make_model_dir, workload
     from pagedserve import LLM, SamplingParams
     import pagedserve.llm as llm_module
@@ -87,7 +89,7 @@ def one_run(model: str, smi_path: str, freeze: bool = True, mbt: int | None = No
     t_ready = time.perf_counter()
     llm = LLM(model=make_model_dir(model), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
               max_model_len=2048, gpu_memory_utilization=0.85, seed=0, max_num_batched_tokens=mbt,
-              kv_cache_dtype=kv_cache_dtype)
+              kv_cache_dtype=kv_cache_dtype, num_scheduler_steps=steps)
     t_ready = time.perf_counter() - t_ready
     llm_module.gc = gc
     reqs = workload(512)
@@ -196,6 +198,9 @@ def main() -> None:
                     help="triton_paged_attention.DECODE_HEADS_FIRST off (the decode grid before session 31)")
     ap.add_argument("--mbt", type=int, default=None, help="max_num_batched_tokens (the library's default when not given)")
     ap.add_argument("--kv-cache-dtype", default="auto", help="kv_cache_dtype (auto: the model's)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="num_scheduler_steps (decode windows; the library's default when not given). With windows "
+                         "the per-step figures are per schedule")
     args = ap.parse_args()
     if args.no_heads_first:
         from pagedserve.attention import triton_paged_attention
@@ -213,11 +218,11 @@ def main() -> None:
                            stdout=open(smi_path, "w"), stderr=subprocess.DEVNULL)
     results = dict(date=time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()), machine=torch.cuda.get_device_name(0),
                    model=args.model, load_avg_start=os.getloadavg(), heads_first=not args.no_heads_first,
-                   max_num_batched_tokens=args.mbt, runs=[])
+                   max_num_batched_tokens=args.mbt, num_scheduler_steps=args.steps, runs=[])
     try:
         for i in range(args.runs):
             res = one_run(args.model, smi_path, freeze=not (args.ab and i % 2), mbt=args.mbt,
-                          kv_cache_dtype=args.kv_cache_dtype)
+                          kv_cache_dtype=args.kv_cache_dtype, steps=args.steps)
             res["load_avg"] = os.getloadavg()
             log(f"run {i + 1}: {json.dumps({k: v for k, v in res.items() if k != 'per_step'})}")
             results["runs"].append(res)

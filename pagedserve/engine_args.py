@@ -57,6 +57,10 @@ class EngineArgs:
     max_num_batched_tokens: int | None = _knob(None, "most tokens in one step (default: 8192 on CUDA, 16384 for "
                                                      "the offline LLM on GPUs with 70 GiB or more, as vLLM; "
                                                      "2048 on CPU)")
+    num_scheduler_steps: int | None = _knob(None, "decode steps one schedule runs while every running request "
+                                                  "decodes and nothing waiting could join (vLLM V0's multi-step "
+                                                  "scheduling: the host's work a token shrinks, tokens arrive that "
+                                                  "many at a time; one process only, not under TP or PP; default 1)")
     enable_prefix_caching: bool = _knob(True, "reuse the KV cache blocks of shared prompt prefixes")
     seed: int = _knob(0, "random seed of the engine (dummy weights, and sampling without a request seed)")
     load_format: str = _knob("auto", "auto, safetensors, pt, gguf or dummy (random weights)")
@@ -167,6 +171,10 @@ class EngineArgs:
             raise ValidationError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, got "
                                   f"{self.scheduling_policy!r}",
                                   "scheduling_policy")
+        steps = self.num_scheduler_steps
+        if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 64):
+            raise ValidationError(f"num_scheduler_steps must be an integer from 1 to 64, got {steps!r}",
+                                  "num_scheduler_steps")
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < -1:
             raise ValidationError(f"max_logprobs must be -1 (no cap) or >= 0, got {self.max_logprobs}", "max_logprobs")
         if not self.grammar_compile_timeout > 0:
@@ -245,7 +253,8 @@ class EngineArgs:
                                       "continuous" if self.scheduling_policy == "fcfs" else self.scheduling_policy,
                                       self.preemption_mode or "swap",
                                       LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras or self.max_loras)
-                                      if self.enable_lora else None),
+                                      if self.enable_lora else None,
+                                      self.num_scheduler_steps or 1),
             # TP=2: the push all-reduce up to 4 MiB (llama-8b decode steps of up to 512 rows); other
             # sizes: torch's one-shot up to 1 MiB (benchmarks/RESULTS.md, issue 17)
             parallel=ParallelConfig(

@@ -80,6 +80,9 @@ class SchedulerOutput:
     # LoRA adapters (LoRARequest) to copy into device slots before this step's forward, from the
     # ranks' host caches (Executor.add_lora put them there)
     lora_loads: list[tuple[int, Any]] = field(default_factory=list)
+    # A decode window (Scheduler._window): the runner runs this many steps of one token a row,
+    # each fed the last one's samples on the device; the sampled tokens come back per step
+    num_steps: int = 1
 
     @property
     def has_work(self) -> bool:
@@ -109,10 +112,18 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[RequestId, list[TokenLogprobs]] = field(default_factory=dict)
 
 
-class PendingOutput(Protocol):
-    """A launched step whose output is on its way to the host."""
+@dataclass
+class WindowOutput:
+    """A decode window's outputs (SchedulerOutput.num_steps > 1): one ModelRunnerOutput a
+    step, in order; the core applies them one after the other."""
 
-    def get(self) -> ModelRunnerOutput: ...
+    steps: list[ModelRunnerOutput]
+
+
+class PendingOutput(Protocol):
+    """A launched step (or decode window) whose output is on its way to the host."""
+
+    def get(self) -> ModelRunnerOutput | WindowOutput: ...
 
 
 @runtime_checkable
@@ -136,7 +147,8 @@ class Executor(Protocol):
     """What the core drives. `num_blocks` KV blocks exist on every rank, and `num_host_blocks`
     host-tier blocks (0: none; an executor without the attribute has none).
 
-    execute_model(so, non_block=False) runs one step and returns its ModelRunnerOutput; with
+    execute_model(so, non_block=False) runs one step and returns its ModelRunnerOutput (so.num_steps
+    > 1: a WindowOutput; only a one-process executor gets such a step); with
     non_block=True it may return a PendingOutput at once (resolved by `.get()`), or a
     DeferredSampling when the step's grammar bitmask is deferred, which the core only asks for
     when `max_concurrent_batches` > 1 (async scheduling)."""
@@ -146,7 +158,7 @@ class Executor(Protocol):
     num_host_blocks: int
 
     def execute_model(self, so: SchedulerOutput, non_block: bool = False
-                      ) -> ModelRunnerOutput | PendingOutput | DeferredSampling: ...
+                      ) -> ModelRunnerOutput | WindowOutput | PendingOutput | DeferredSampling: ...
 
     def check_health(self) -> None:
         """Raise EngineDeadError if the executor can no longer run steps."""

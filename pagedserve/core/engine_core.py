@@ -36,7 +36,7 @@ from pagedserve.core.scheduler import Scheduler
 from pagedserve.core.snapshot import StepLog
 from pagedserve.core.structured_output import PendingFill, ProcessGrammars
 from pagedserve.engine_io import (DeferredSampling, Executor, ModelRunnerOutput, PendingOutput, RequestId,
-                                  SchedulerOutput)
+                                  SchedulerOutput, WindowOutput)
 from pagedserve.errors import ValidationError
 from pagedserve.lora_request import LoadedLoRA
 from pagedserve.worker.executor import make_executor
@@ -73,6 +73,9 @@ class EngineCore:
                                    config.scheduler.lora.max_loras if config.scheduler.lora else 0)
         self.async_scheduling = config.device.async_scheduling and executor.max_concurrent_batches > 1
         self.scheduler.micro_batches = max(1, getattr(config.parallel, "pipeline_parallel_size", 1))
+        # decode windows (one process: a TP worker learns a step's tokens only from the next schedule)
+        if config.parallel.world_size == 1:
+            self.scheduler.num_scheduler_steps = config.scheduler.num_scheduler_steps
         # picked once; an unbound function, so the core holds no reference cycle to itself (a
         # bound method would keep a dropped engine's KV cache alive until the cycle collector ran)
         self._step_impl = EngineCore._step_async if self.async_scheduling else EngineCore._step_lockstep
@@ -321,7 +324,7 @@ class EngineCore:
         try:
             if isinstance(pending, Exception):
                 return pending
-            return pending if isinstance(pending, ModelRunnerOutput) else pending.get()
+            return pending if isinstance(pending, (ModelRunnerOutput, WindowOutput)) else pending.get()
         except Exception as exc:
             return exc
 
@@ -363,7 +366,9 @@ class EngineCore:
         return [EngineCoreOutput(r.request_id, list(r.output_token_ids) if r.report_final_only else [], "abort",
                                  error=error, error_param=param) for r in failed]
 
-    def _update(self, so: SchedulerOutput, runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
+    def _update(self, so: SchedulerOutput, runner_output: ModelRunnerOutput | WindowOutput) -> list[EngineCoreOutput]:
+        if isinstance(runner_output, WindowOutput):   # a decode window: its steps in order
+            return [out for step in runner_output.steps for out in self._update(so, step)]
         changed = self.scheduler.update_from_output(so, runner_output)   # each got one token
         self._num_generation_tokens += len(changed)
         now = time.monotonic()

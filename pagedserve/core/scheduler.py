@@ -121,6 +121,8 @@ class Scheduler(StepRecovery):
         self.grammars: Any = structured_output.InlineGrammars()   # EngineCore may pick ProcessGrammars
         self.stats = SchedulerStats()
         self.micro_batches = 1   # pipeline stages to keep busy (set by EngineCore)
+        # decode steps one schedule may run (num_scheduler_steps; EngineCore sets it): _window
+        self.num_scheduler_steps = 1
         self.lora_slots = LoraSlots(max_loras) if max_loras else None
 
     # ---- queue management -------------------------------------------------------------
@@ -220,6 +222,7 @@ class Scheduler(StepRecovery):
         blocked = False   # a preemption was needed but its victim has work in flight
         running = self.running
         max_seqs = self._max_seqs_per_step()
+        steps = out.num_steps = self._window() if self.num_scheduler_steps > 1 else 1
         # read once: this loop runs for every running request every step (host time a row)
         allocate_slots, describe, suspects = self.kv.allocate_slots, self._describe, self.suspects
         micro_batched, defer_grammar, max_model_len = self.micro_batches > 1, self.defer_grammar, self.max_model_len
@@ -243,7 +246,7 @@ class Scheduler(StepRecovery):
                                                   or num_tokens >= max_model_len)):
                 index += 1
                 continue
-            while not allocate_slots(request, num_new):
+            while not allocate_slots(request, num_new + steps - 1):
                 victim = running[-1]
                 if victim.num_unresolved_tokens:
                     blocked = True
@@ -254,7 +257,7 @@ class Scheduler(StepRecovery):
                 if victim is request:
                     break
             else:
-                describe(request, num_new, out, num_known)
+                describe(request, num_new, out, num_known, steps)
                 scheduled.append(request)
                 budget -= num_new
                 index += 1
@@ -325,6 +328,30 @@ class Scheduler(StepRecovery):
             self._name_constrained_rows(out)
         return out
 
+    def _window(self) -> int:
+        """How many decode steps this schedule runs: num_scheduler_steps when each running
+        request decodes one token a step and nothing else can happen before the window ends
+        (nothing waits that could join, no grammar, fork, suspect or pipeline micro-batches,
+        and the pool has a spare block or two a row, so no preemption), else 1. Each row gets
+        slots for all the window's tokens; update_from_output applies them one step at a time,
+        and a row that stops inside the window drops the tokens after its stop."""
+        running, steps = self.running, self.num_scheduler_steps
+        if not running or (self.waiting and self._num_running_seqs() < self.max_num_seqs) or self.suspects \
+                or self.num_constrained or self.pending_forks or self.micro_batches > 1 \
+                or len(running) > self.max_num_batched_tokens \
+                or self.kv.pool.num_free_blocks < len(running) * (1 + -(-steps // self.kv.block_size)):
+            return 1
+        last = self.max_model_len + 1 - steps   # the window writes positions num_tokens - 1 ... + steps - 1
+        max_model_len = self.max_model_len
+        for r in running:
+            num_prompt = len(r.prompt_token_ids)
+            num_tokens = num_prompt + len(r.output_token_ids) + r.num_inflight_samples
+            if r.num_inflight_samples and (num_tokens - num_prompt >= r.max_tokens or num_tokens >= max_model_len):
+                continue   # its tokens in flight end it: schedule() passes it over
+            if num_tokens - r.num_computed_tokens - r.num_unresolved_tokens != 1 or num_tokens > last:
+                return 1
+        return steps
+
     def _max_seqs_per_step(self) -> int:
         """Under PP, 1/micro_batches of the sequences that could run (at least 1); a static
         batch still forms in one step."""
@@ -389,19 +416,21 @@ class Scheduler(StepRecovery):
         out.num_scheduled_tokens.pop(request.request_id, None)
         logger.debug("preempted %s", request.request_id)
 
-    def _describe(self, request: Request, num_new: int, out: SchedulerOutput, num_tokens: int | None = None) -> None:
+    def _describe(self, request: Request, num_new: int, out: SchedulerOutput, num_tokens: int | None = None,
+                  steps: int = 1) -> None:
         """Schedule `num_new` tokens of `request` (its blocks are final for this step): tell
         the runner (in full, or what changed: RunnerBlocks), then count the work as in flight
-        until update_from_output. `num_tokens`: request.num_tokens if the caller has it."""
+        until update_from_output. `num_tokens`: request.num_tokens if the caller has it.
+        `steps` > 1 (a decode window, _window): one token a step, each step's sample in flight."""
         out.num_scheduled_tokens[request.request_id] = num_new
         num_ahead = request.num_computed_tokens + request.num_unresolved_tokens
         if num_tokens is None:
             num_tokens = len(request.prompt_token_ids) + len(request.output_token_ids)
         data = self.runner_blocks.describe(request, num_ahead, num_tokens)
         (out.new_requests if isinstance(data, NewRequestData) else out.cached_requests).append(data)
-        request.num_unresolved_tokens += num_new
+        request.num_unresolved_tokens += num_new * steps
         if num_ahead + num_new >= num_tokens + request.num_inflight_samples:
-            request.num_inflight_samples += 1
+            request.num_inflight_samples += steps
             if request.grammar is not None:
                 self._constrained_samples.append(request)
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from pagedserve.attention.backend import select_backend
 from pagedserve.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig, WeightSource, kv_cache_torch_dtype
-from pagedserve.engine_io import ModelRunnerOutput, RequestId, SchedulerOutput
+from pagedserve.engine_io import ModelRunnerOutput, RequestId, SchedulerOutput, WindowOutput
 from pagedserve.layers.linear import set_gemv_max_rows
 from pagedserve.layers.parallel import broadcast_from_rank0, is_last_stage, pp_world_size, tp_rank, tp_world_size
 from pagedserve.layers.sampler import Sampler, SamplerOutput
@@ -41,7 +41,7 @@ from pagedserve.worker.input_batch import BlockTable, CachedRequestState, StepIn
 from pagedserve.worker import input_batch   # its PACK_STEP_INPUTS switch, read per step
 from pagedserve.worker.kv_pool import kv_zeros
 from pagedserve.worker.lora_manager import LoraManager
-from pagedserve.worker.pending_output import PendingRunnerOutput, to_host
+from pagedserve.worker.pending_output import PendingRunnerOutput, PendingWindow, to_host
 from pagedserve.worker.output_history import OutputHistory
 from pagedserve.worker.prompt_logprobs import compute_prompt_logprobs
 from pagedserve.worker.sampling_inputs import sample
@@ -183,9 +183,9 @@ class ModelRunner:
     # ---- one step ---------------------------------------------------------------------
     @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput, non_block: bool = False
-                      ) -> ModelRunnerOutput | PendingRunnerOutput | None:
-        """Run one step. `non_block` (driver only): return a PendingRunnerOutput without
-        waiting for the device."""
+                      ) -> ModelRunnerOutput | WindowOutput | PendingRunnerOutput | PendingWindow | None:
+        """Run one step, or so.num_steps of them (a decode window: a WindowOutput). `non_block`
+        (driver only): return a PendingRunnerOutput (PendingWindow) without waiting for the device."""
         self._update_states(so)
         for slot, lora_request in so.lora_loads:
             self.lora.load(slot, lora_request)
@@ -199,6 +199,22 @@ class ModelRunner:
                      if state is not None and state.req_id not in self._forked]
         if not scheduled:
             return ModelRunnerOutput() if self.is_driver else None
+        if so.num_steps == 1:
+            return self._run_step(so, scheduled, non_block)
+        # a decode window: each step is an ordinary async step, its inputs built from the states
+        # the last one left (positions one on, its sampled ids fed on the device); nothing waits
+        steps = [self._run_step(so, scheduled, True) for _ in range(so.num_steps)]
+        if not self.is_driver:
+            return None
+        window = PendingWindow(steps)
+        if non_block:
+            return window
+        self._prev_sampled = None   # resolved at once: no placeholder left to feed
+        return window.get()
+
+    def _run_step(self, so: SchedulerOutput, scheduled: list[CachedRequestState], non_block: bool
+                  ) -> ModelRunnerOutput | PendingRunnerOutput | DeferredSample | None:
+        """One forward and its sampling for the `scheduled` states, with so's token counts."""
         num_scheduled = so.num_scheduled_tokens
         graphs = self.graph_runner
         inputs = build_step_inputs(scheduled, [num_scheduled[state.req_id] for state in scheduled],

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from pagedserve.engine_io import ModelRunnerOutput, TokenLogprobs
+from pagedserve.engine_io import ModelRunnerOutput, TokenLogprobs, WindowOutput
 from pagedserve.worker.input_batch import CachedRequestState
 
 
@@ -36,6 +36,22 @@ class PendingRunnerOutput:
         if self.logprobs is not None:
             _collect_logprobs(self.states, *self.logprobs, output)
         return output
+
+
+class PendingWindow:
+    """A launched decode window (SchedulerOutput.num_steps > 1): its steps' outputs, each on
+    its way to the host."""
+
+    def __init__(self, steps: list[PendingRunnerOutput | ModelRunnerOutput]) -> None:
+        self.steps = steps
+
+    def ready(self) -> bool:
+        last = self.steps[-1]
+        return isinstance(last, ModelRunnerOutput) or last.ready()
+
+    def get(self) -> WindowOutput:
+        """Wait for every step's copy; their outputs in order (each fills its placeholders)."""
+        return WindowOutput([step if isinstance(step, ModelRunnerOutput) else step.get() for step in self.steps])
 
 
 def to_host(tensor: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
