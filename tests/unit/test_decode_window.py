@@ -10,13 +10,14 @@ from __future__ import annotations
 import collections
 
 import pytest
+import torch
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, WeightSource
 from pagedserve.core.engine_core import EngineCore
 from pagedserve.core.request import RequestStatus
 from pagedserve.core.scheduler import Scheduler
-from pagedserve.engine_args import EngineArgs
+from pagedserve.engine_args import EngineArgs, default_num_scheduler_steps
 from pagedserve.engine_io import ModelRunnerOutput
 from pagedserve.errors import ValidationError
 from tests.helpers import random_prompts
@@ -214,6 +215,17 @@ def test_windows_only_in_one_process(tp):
                           scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64,
                                                     num_scheduler_steps=8))
     assert EngineCore(config, FakeExecutor()).scheduler.num_scheduler_steps == (8 if tp == 1 else 1)
+
+
+def test_the_default_window(tiny_checkpoints):
+    """4 for the offline LLM on CUDA; 1 for the server and on the CPU; an explicit value wins."""
+    assert default_num_scheduler_steps(torch.device("cuda"), offline=True) == 4
+    assert default_num_scheduler_steps(torch.device("cuda"), offline=False) == 1
+    assert default_num_scheduler_steps(torch.device("cpu"), offline=True) == 1
+    path = tiny_checkpoints["llama"]
+    for steps, offline, expected in ((None, True, 1), (None, False, 1), (3, False, 3)):
+        config = EngineArgs(model=path, device="cpu", num_scheduler_steps=steps).create_config(offline)[0]
+        assert config.scheduler.num_scheduler_steps == expected
 
 
 @pytest.mark.parametrize("value", [0, 65, True, 2.0, "4"])
