@@ -181,6 +181,24 @@ def test_windows_through_the_decode_graphs(tiny_checkpoints, monkeypatch):
     assert_same(window, single)
 
 
+def test_parallel_samples_share_blocks_through_windows(tiny_checkpoints):
+    """n > 1: the siblings share the prompt's blocks (the partial last one copied on write
+    inside a window's slots) and sample as without windows."""
+    path = tiny_checkpoints["llama"]
+    results = []
+    for steps in (1, 4):
+        llm = LLM(model=path, device="cpu", dtype="float32", max_model_len=128, skip_tokenizer_init=True,
+                  block_size=4, num_kv_blocks=200, num_scheduler_steps=steps)
+        try:
+            outs = llm.generate(PROMPTS[:2], SamplingParams(n=3, temperature=0.9, seed=11, max_tokens=19,
+                                                            ignore_eos=True), use_tqdm=False)
+            results.append([[c.token_ids for c in o.outputs] for o in outs])
+        finally:
+            llm.shutdown()
+    assert results[0] == results[1] and all(len(ids) == 19 for o in results[1] for ids in o)
+    assert len({tuple(ids) for ids in results[1][0]}) == 3   # three different samples
+
+
 def test_stop_strings_and_eos_inside_a_window():
     """A stop string or a stop token met inside a window ends the request at the same token as
     one step a schedule would (the default model, its tokenizer: the detokenizer finds the string)."""
