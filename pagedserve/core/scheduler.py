@@ -332,9 +332,10 @@ class Scheduler(StepRecovery):
         """How many decode steps this schedule runs: num_scheduler_steps when each running
         request decodes one token a step and nothing else can happen before the window ends
         (nothing waits that could join, no grammar, fork, suspect or pipeline micro-batches,
-        and the pool has a spare block or two a row, so no preemption), else 1. Each row gets
-        slots for all the window's tokens; update_from_output applies them one step at a time,
-        and a row that stops inside the window drops the tokens after its stop."""
+        and the pool has a spare block or two a row, so no preemption), else 1; never longer than
+        the most tokens any row still may take (a batch ending together ends with its window).
+        Each row gets slots for all the window's tokens; update_from_output applies them one
+        step at a time, and a row that stops inside the window drops the tokens after its stop."""
         running, steps = self.running, self.num_scheduler_steps
         if not running or (self.waiting and self._num_running_seqs() < self.max_num_seqs) or self.suspects \
                 or self.num_constrained or self.pending_forks or self.micro_batches > 1 \
@@ -342,15 +343,18 @@ class Scheduler(StepRecovery):
                 or self.kv.pool.num_free_blocks < len(running) * (1 + -(-steps // self.kv.block_size)):
             return 1
         last = self.max_model_len + 1 - steps   # the window writes positions num_tokens - 1 ... + steps - 1
-        max_model_len = self.max_model_len
+        max_model_len, most = self.max_model_len, 1
         for r in running:
             num_prompt = len(r.prompt_token_ids)
             num_tokens = num_prompt + len(r.output_token_ids) + r.num_inflight_samples
-            if r.num_inflight_samples and (num_tokens - num_prompt >= r.max_tokens or num_tokens >= max_model_len):
+            left = r.max_tokens - (num_tokens - num_prompt)   # tokens it may still take after those
+            if r.num_inflight_samples and (left <= 0 or num_tokens >= max_model_len):
                 continue   # its tokens in flight end it: schedule() passes it over
             if num_tokens - r.num_computed_tokens - r.num_unresolved_tokens != 1 or num_tokens > last:
                 return 1
-        return steps
+            if left > most:
+                most = left
+        return min(steps, most)
 
     def _max_seqs_per_step(self) -> int:
         """Under PP, 1/micro_batches of the sequences that could run (at least 1); a static

@@ -55,12 +55,24 @@ def test_a_window_holds_its_tokens_and_drops_them_after_a_stop():
         assert [r.request_id for r in changed] == ["a"]
     assert a.output_token_ids == [7, 11, 13, 15, 17]
     assert (a.num_computed_tokens, a.num_unresolved_tokens, a.num_inflight_samples) == (10, 0, 0)
-    last = s.schedule()   # one token left: a whole window, the 3 after it dropped
-    assert last.num_steps == 4 and s.kv.block_ids("a") == [0, 1, 3, 5]
-    for token in (19, 21, 23, 25):
-        s.update_from_output(last, ModelRunnerOutput(sampled_token_ids={"a": token}))
+    last = s.schedule()   # one token left, for every row: no longer window than that
+    assert last.num_steps == 1 and s.kv.block_ids("a") == [0, 1, 3]
+    s.update_from_output(last, ModelRunnerOutput(sampled_token_ids={"a": 19}))
     assert a.output_token_ids == [7, 11, 13, 15, 17, 19] and a.status == RequestStatus.FINISHED_LENGTH_CAPPED
     assert s.kv.pool.num_free_blocks == 64
+
+
+def test_a_window_is_no_longer_than_the_longest_row_left():
+    s = windowed(budget=16)
+    s.add_request(req("a", 6, max_tokens=4))
+    s.add_request(req("b", 6, max_tokens=3, start=100))
+    first = s.schedule()
+    s.update_from_output(first, ModelRunnerOutput(sampled_token_ids={"a": 7, "b": 7}))
+    window = s.schedule()   # a may take 3 more, b 2: a window of 3, b's last one dropped
+    assert window.num_steps == 3 and s.requests["a"].num_inflight_samples == 3
+    for token in (8, 9, 10):
+        s.update_from_output(window, ModelRunnerOutput(sampled_token_ids={"a": token, "b": token}))
+    assert not s.requests and s.kv.pool.num_free_blocks == 64
 
 
 def test_windows_in_flight_count_like_single_steps():
