@@ -111,8 +111,7 @@ def test_one_step_when_a_window_could_not_run_whole(case):
         pass   # a's query would be at position 10, its window's last at 13 >= 12
     elif case == "prefill":
         s.add_request(req("b", 30, start=100))
-        s.schedule()                               # b joins with 15 of its 30 tokens
-        s.max_num_seqs = 2
+        s.schedule()                               # b joins with 15 of its 30 tokens: 15 more to go
     elif case == "constrained":
         s.num_constrained = 1
     elif case == "suspect":
