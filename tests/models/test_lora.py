@@ -62,11 +62,13 @@ def test_mixed_adapters_and_base_in_one_batch(adapters) -> None:
         llm.shutdown()
 
 
-def test_adapters_under_emulated_cuda_graphs(adapters, monkeypatch) -> None:
+@pytest.mark.parametrize("steps", [1, 4])
+def test_adapters_under_emulated_cuda_graphs(adapters, monkeypatch, steps) -> None:
     """The decode and prefill graphs with LoRA, emulated on the CPU (tests/unit/test_decode_staging):
     a capture records every delta whatever the step held, and a replay reruns it over its bucket's
     rows, reading the static masks the runner rewrote for that step (zero for the base model's
-    tokens, the bucket's padding, and every row of a step without adapters)."""
+    tokens, the bucket's padding, and every row of a step without adapters). `steps` 4: decode
+    windows (the offline LLM's default on CUDA), each step of a window setting its masks again."""
     from transformers import AutoModelForCausalLM
 
     from pagedserve.layers import lora as lora_layer
@@ -78,7 +80,7 @@ def test_adapters_under_emulated_cuda_graphs(adapters, monkeypatch) -> None:
     loras = [made["all"][0], None, made["qv"][0], made["mlp"][0], None]
     prompts = random_prompts(len(loras), 512, 3, 30, seed=8)
     llm = LLM(model=base, enable_lora=True, max_loras=3, skip_tokenizer_init=True, device="cpu", dtype="float32",
-              block_size=4, num_kv_blocks=200, max_num_seqs=6)
+              block_size=4, num_kv_blocks=200, max_num_seqs=6, num_scheduler_steps=steps)
     try:
         assert llm.engine.core.executor.runner.graph_runner is not None
         _check(llm, prompts, loras, references)
