@@ -264,10 +264,11 @@ def main() -> None:
     num = int(args[0]) if args else 256
     path = write_micro_checkpoint(tempfile.mkdtemp())
     for async_scheduling in (True, False):
+        viewer = "--viewer" in sys.argv
         # longer runs: 2048 positions (the micro model's rope extends them)
-        viewer = "--viewer" in sys.argv or "--window" in sys.argv
-        llm = LLM(model=path, device="cpu", dtype="float32", max_model_len=2048 if viewer else 512,
-                  allow_long_max_model_len=viewer, skip_tokenizer_init=True, async_scheduling=async_scheduling,
+        long_runs = viewer or "--window" in sys.argv
+        llm = LLM(model=path, device="cpu", dtype="float32", max_model_len=2048 if long_runs else 512,
+                  allow_long_max_model_len=long_runs, skip_tokenizer_init=True, async_scheduling=async_scheduling,
                   max_num_seqs=num)
         timer = ModelTimer(llm.engine.core.executor.runner)
         decode_step_times(llm, timer, 4)

@@ -342,8 +342,8 @@ class Scheduler(StepRecovery):
                 or len(running) > self.max_num_batched_tokens \
                 or self.kv.pool.num_free_blocks < len(running) * (1 + -(-steps // self.kv.block_size)):
             return 1
-        last = self.max_model_len + 1 - steps   # the window writes positions num_tokens - 1 ... + steps - 1
         max_model_len, most = self.max_model_len, 1
+        last = max_model_len + 1 - steps   # the window writes positions num_tokens - 1 ... + steps - 1
         for r in running:
             num_prompt = len(r.prompt_token_ids)
             num_tokens = num_prompt + len(r.output_token_ids) + r.num_inflight_samples

@@ -45,10 +45,6 @@ class PendingWindow:
     def __init__(self, steps: list[PendingRunnerOutput | ModelRunnerOutput]) -> None:
         self.steps = steps
 
-    def ready(self) -> bool:
-        last = self.steps[-1]
-        return isinstance(last, ModelRunnerOutput) or last.ready()
-
     def get(self) -> WindowOutput:
         """Wait for every step's copy; their outputs in order (each fills its placeholders)."""
         return WindowOutput([step if isinstance(step, ModelRunnerOutput) else step.get() for step in self.steps])
