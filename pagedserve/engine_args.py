@@ -60,8 +60,9 @@ class EngineArgs:
     num_scheduler_steps: int | None = _knob(None, "decode steps one schedule runs while every running request "
                                                   "decodes and nothing waiting could join (vLLM V0's multi-step "
                                                   "scheduling: the host's work a token shrinks, tokens arrive that "
-                                                  "many at a time; one process only, not under TP or PP; default: "
-                                                  "4 for the offline LLM on CUDA, else 1)")
+                                                  "many at a time; not under PP, and under TP only with async "
+                                                  "scheduling; default: 4 for the offline LLM on one CUDA GPU, "
+                                                  "else 1)")
     enable_prefix_caching: bool = _knob(True, "reuse the KV cache blocks of shared prompt prefixes")
     seed: int = _knob(0, "random seed of the engine (dummy weights, and sampling without a request seed)")
     load_format: str = _knob("auto", "auto, safetensors, pt, gguf or dummy (random weights)")
@@ -255,7 +256,8 @@ class EngineArgs:
                                       self.preemption_mode or "swap",
                                       LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras or self.max_loras)
                                       if self.enable_lora else None,
-                                      self.num_scheduler_steps or default_num_scheduler_steps(device, offline)),
+                                      self.num_scheduler_steps or default_num_scheduler_steps(
+                                          device, offline, self.tensor_parallel_size * self.pipeline_parallel_size)),
             # TP=2: the push all-reduce up to 4 MiB (llama-8b decode steps of up to 512 rows); other
             # sizes: torch's one-shot up to 1 MiB (benchmarks/RESULTS.md, issue 17)
             parallel=ParallelConfig(
@@ -325,13 +327,14 @@ def default_max_num_batched_tokens(device: torch.device, offline: bool) -> int:
     return 16384 if offline and _big_gpu(device) else 8192
 
 
-def default_num_scheduler_steps(device: torch.device, offline: bool) -> int:
-    """Decode windows of 4 steps for the offline LLM on CUDA: its host then never bounds a decode
+def default_num_scheduler_steps(device: torch.device, offline: bool, world_size: int = 1) -> int:
+    """Decode windows of 4 steps for the offline LLM on one CUDA GPU: its host then never bounds a decode
     phase (thr512 llama-1b on an H100 whose engine had half a core: 29.1-30.4k -> 40.7-41.2k out
     tok/s, b1_decode 449-464 -> 762 tok/s; level on a fast host, benchmarks/RESULTS.md session 49).
     The server keeps 1: a request that arrives during a window waits for its end, and streams
-    would get their tokens K at a time. CPU: 1 (its steps are the model's compute)."""
-    return 4 if offline and device.type == "cuda" else 1
+    would get their tokens K at a time. CPU: 1 (its steps are the model's compute). Several ranks:
+    1 (windows under async TP are tested on the CPU's gloo ranks, not yet measured on GPUs)."""
+    return 4 if offline and device.type == "cuda" and world_size == 1 else 1
 
 
 def apply_hf_overrides(hf_config: Any, overrides: str | dict | None) -> Any:

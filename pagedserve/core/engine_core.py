@@ -73,8 +73,11 @@ class EngineCore:
                                    config.scheduler.lora.max_loras if config.scheduler.lora else 0)
         self.async_scheduling = config.device.async_scheduling and executor.max_concurrent_batches > 1
         self.scheduler.micro_batches = max(1, getattr(config.parallel, "pipeline_parallel_size", 1))
-        # decode windows (one process: a TP worker learns a step's tokens only from the next schedule)
-        if config.parallel.world_size == 1:
+        # decode windows: in one process, or under async TP, where every rank takes each step's
+        # sampled ids from rank 0's device broadcast (model_runner.share_sampled); not in lockstep
+        # TP (a worker learns a step's tokens only from the next schedule) nor under PP
+        parallel = config.parallel
+        if parallel.world_size == 1 or (config.device.async_scheduling and parallel.pipeline_parallel_size == 1):
             self.scheduler.num_scheduler_steps = config.scheduler.num_scheduler_steps
         # picked once; an unbound function, so the core holds no reference cycle to itself (a
         # bound method would keep a dropped engine's KV cache alive until the cycle collector ran)

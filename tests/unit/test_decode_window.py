@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pagedserve import LLM, SamplingParams
-from pagedserve.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, WeightSource
+from pagedserve.config import CacheConfig, DeviceConfig, EngineConfig, ParallelConfig, SchedulerConfig, WeightSource
 from pagedserve.core.engine_core import EngineCore
 from pagedserve.core.request import RequestStatus
 from pagedserve.core.scheduler import Scheduler
@@ -236,21 +236,28 @@ def test_stop_strings_and_eos_inside_a_window():
     assert reason_s == reason_e == "stop" and len(ids_s) == 11 and ids_e[-1] == stop_e and len(ids_e) == 14
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_windows_only_in_one_process(tp):
-    """Under TP a worker learns a step's tokens from the next schedule: one step a schedule."""
+@pytest.mark.parametrize("tp, pp, async_scheduling, expected", [
+    (1, 1, False, 8), (2, 1, True, 8), (2, 1, False, 1), (1, 2, True, 1), (2, 2, True, 1)])
+def test_windows_where_every_rank_takes_the_ids_from_rank_0(tp, pp, async_scheduling, expected):
+    """One process, or async TP (each step's ids reach the workers by rank 0's device broadcast);
+    lockstep TP keeps one step a schedule (a worker learns a step's tokens from the next
+    schedule), and so does PP (its last stage samples)."""
     config = EngineConfig(model=None, weights=WeightSource("unused"),  # type: ignore[arg-type]
-                          cache=CacheConfig(block_size=4), parallel=ParallelConfig(tensor_parallel_size=tp),
+                          cache=CacheConfig(block_size=4),
+                          parallel=ParallelConfig(tensor_parallel_size=tp, pipeline_parallel_size=pp),
                           scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64,
-                                                    num_scheduler_steps=8))
-    assert EngineCore(config, FakeExecutor()).scheduler.num_scheduler_steps == (8 if tp == 1 else 1)
+                                                    num_scheduler_steps=8),
+                          device=DeviceConfig(async_scheduling=async_scheduling))
+    assert EngineCore(config, FakeExecutor()).scheduler.num_scheduler_steps == expected
 
 
 def test_the_default_window(tiny_checkpoints):
-    """4 for the offline LLM on CUDA; 1 for the server and on the CPU; an explicit value wins."""
+    """4 for the offline LLM on one CUDA GPU; 1 for the server, on the CPU and over several
+    ranks; an explicit value wins."""
     assert default_num_scheduler_steps(torch.device("cuda"), offline=True) == 4
     assert default_num_scheduler_steps(torch.device("cuda"), offline=False) == 1
     assert default_num_scheduler_steps(torch.device("cpu"), offline=True) == 1
+    assert default_num_scheduler_steps(torch.device("cuda"), offline=True, world_size=2) == 1
     path = tiny_checkpoints["llama"]
     for steps, offline, expected in ((None, True, 1), (None, False, 1), (3, False, 3)):
         config = EngineArgs(model=path, device="cpu", num_scheduler_steps=steps).create_config(offline)[0]

@@ -18,6 +18,7 @@ import pytest
 import requests
 
 from pagedserve import LLM, SamplingParams
+from pagedserve.core.scheduler import Scheduler
 from pagedserve.errors import EngineDeadError, ValidationError
 from tests.helpers import random_prompts, write_tiny_checkpoint
 from tests.server.conftest import start_server
@@ -70,18 +71,24 @@ def test_tp2_matches_tp1(arch, tiny_checkpoints):
                 assert abs(step[token].logprob - lp.logprob) <= 1e-4
 
 
-@pytest.mark.parametrize("queue", ["shm", "broadcast"])
-def test_async_tp2_matches_tp1(queue, tiny_checkpoints, monkeypatch):
+@pytest.mark.parametrize("queue, steps", [("shm", 4), ("broadcast", 1)])
+def test_async_tp2_matches_tp1(queue, steps, tiny_checkpoints, monkeypatch):
     # async scheduling under TP: workers take rank 0's sampled ids from the device broadcast;
-    # chunked prefill and requests finishing at different steps on both step transports
+    # chunked prefill and requests finishing at different steps on both step transports; with
+    # decode windows of 4 (every rank runs the window's steps, each fed the last one's ids)
     monkeypatch.setenv("PAGEDSERVE_TP_STEP_QUEUE", queue)
+    windows = []
+    window = Scheduler._window
+    monkeypatch.setattr(Scheduler, "_window", lambda self: windows.append(window(self)) or windows[-1])
     prompts = random_prompts(4, 512, 3, 40, seed=3)
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=2) for n in (12, 3, 7, 1)]
     reference = [o.outputs[0] for o in _llm(tiny_checkpoints["llama"], 1).generate(
         [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)]
-    llm = _llm(tiny_checkpoints["llama"], 2, max_num_batched_tokens=32, async_scheduling=True)
+    llm = _llm(tiny_checkpoints["llama"], 2, max_num_batched_tokens=32, async_scheduling=True,
+               num_scheduler_steps=steps)
     try:
         assert llm.engine.core.async_scheduling and llm.engine.core.executor.max_concurrent_batches == 2
+        assert llm.engine.core.scheduler.num_scheduler_steps == steps
         assert (llm.engine.core.executor.steps.queue is not None) == (queue == "shm")
         got = [o.outputs[0] for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,
                                                  use_tqdm=False)]
@@ -93,6 +100,7 @@ def test_async_tp2_matches_tp1(queue, tiny_checkpoints, monkeypatch):
     for ref, out in zip(reference, got):
         for ref_step, step in zip(ref.logprobs, out.logprobs):
             assert ref_step.keys() == step.keys()
+    assert (max(windows, default=1) > 1) == (steps > 1)   # windows ran where asked for
 
 
 def test_tp4_matches_tp1_and_every_rank_exits_cleanly(tiny_checkpoints):
