@@ -81,8 +81,10 @@ class SchedulerOutput:
     # ranks' host caches (Executor.add_lora put them there)
     lora_loads: list[tuple[int, Any]] = field(default_factory=list)
     # A decode window (Scheduler._window): the runner runs this many steps of one token a row,
-    # each fed the last one's samples on the device; the sampled tokens come back per step
+    # each fed the last one's samples on the device; the sampled tokens come back per step.
+    # Rows that reach their max_tokens sooner run only their first `window_row_steps[id]` steps.
     num_steps: int = 1
+    window_row_steps: dict[RequestId, int] | None = None
 
     @property
     def has_work(self) -> bool:

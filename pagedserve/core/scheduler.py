@@ -123,6 +123,7 @@ class Scheduler(StepRecovery):
         self.micro_batches = 1   # pipeline stages to keep busy (set by EngineCore)
         # decode steps one schedule may run (num_scheduler_steps; EngineCore sets it): _window
         self.num_scheduler_steps = 1
+        self._short_rows: dict[RequestId, int] = {}   # the last window's rows that run fewer of its steps
         self.lora_slots = LoraSlots(max_loras) if max_loras else None
 
     # ---- queue management -------------------------------------------------------------
@@ -223,6 +224,7 @@ class Scheduler(StepRecovery):
         running = self.running
         max_seqs = self._max_seqs_per_step()
         steps = out.num_steps = self._window() if self.num_scheduler_steps > 1 else 1
+        short = out.window_row_steps = self._short_rows if steps > 1 else None
         # read once: this loop runs for every running request every step (host time a row)
         allocate_slots, describe, suspects = self.kv.allocate_slots, self._describe, self.suspects
         micro_batched, defer_grammar, max_model_len = self.micro_batches > 1, self.defer_grammar, self.max_model_len
@@ -246,7 +248,8 @@ class Scheduler(StepRecovery):
                                                   or num_tokens >= max_model_len)):
                 index += 1
                 continue
-            while not allocate_slots(request, num_new + steps - 1):
+            row_steps = short.get(request.request_id, steps) if short else steps
+            while not allocate_slots(request, num_new + row_steps - 1):
                 victim = running[-1]
                 if victim.num_unresolved_tokens:
                     blocked = True
@@ -257,7 +260,7 @@ class Scheduler(StepRecovery):
                 if victim is request:
                     break
             else:
-                describe(request, num_new, out, num_known, steps)
+                describe(request, num_new, out, num_known, row_steps)
                 scheduled.append(request)
                 budget -= num_new
                 index += 1
@@ -334,15 +337,18 @@ class Scheduler(StepRecovery):
         (nothing waits that could join, no grammar, fork, suspect or pipeline micro-batches,
         and the pool has a spare block or two a row, so no preemption), else 1; never longer than
         the most tokens any row still may take (a batch ending together ends with its window).
-        Each row gets slots for all the window's tokens; update_from_output applies them one
-        step at a time, and a row that stops inside the window drops the tokens after its stop."""
+        Each row gets slots for all the window's tokens, or for as many as it may still take
+        (_short_rows: it runs only that many of the window's steps); update_from_output applies
+        them one step at a time, and a row that stops inside the window drops the tokens after
+        its stop."""
         running, steps = self.running, self.num_scheduler_steps
+        self._short_rows = {}
         if not running or (self.waiting and self._num_running_seqs() < self.max_num_seqs) or self.suspects \
                 or self.num_constrained or self.pending_forks or self.micro_batches > 1 \
                 or len(running) > self.max_num_batched_tokens \
                 or self.kv.pool.num_free_blocks < len(running) * (1 + -(-steps // self.kv.block_size)):
             return 1
-        max_model_len, most = self.max_model_len, 1
+        max_model_len, most, short = self.max_model_len, 1, []
         last = max_model_len + 1 - steps   # the window writes positions num_tokens - 1 ... + steps - 1
         for r in running:
             num_prompt = len(r.prompt_token_ids)
@@ -354,7 +360,11 @@ class Scheduler(StepRecovery):
                 return 1
             if left > most:
                 most = left
-        return min(steps, most)
+            if left < steps:
+                short.append((r.request_id, left))
+        steps = min(steps, most)
+        self._short_rows = {rid: left for rid, left in short if left < steps}
+        return steps
 
     def _max_seqs_per_step(self) -> int:
         """Under PP, 1/micro_batches of the sequences that could run (at least 1); a static

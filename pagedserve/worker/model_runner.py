@@ -202,8 +202,15 @@ class ModelRunner:
         if so.num_steps == 1:
             return self._run_step(so, scheduled, non_block)
         # a decode window: each step is an ordinary async step, its inputs built from the states
-        # the last one left (positions one on, its sampled ids fed on the device); nothing waits
-        steps = [self._run_step(so, scheduled, True) for _ in range(so.num_steps)]
+        # the last one left (positions one on, its sampled ids fed on the device, each row from
+        # its own row of them); nothing waits. A row with all its tokens leaves the window.
+        steps, short = [], so.window_row_steps
+        for step in range(so.num_steps):
+            if short and step:
+                scheduled = [state for state in scheduled if short.get(state.req_id, step + 1) > step]
+                if not scheduled:   # every row has its tokens (the longest was preempted)
+                    break
+            steps.append(self._run_step(so, scheduled, True))
         if not self.is_driver:
             return None
         window = PendingWindow(steps)

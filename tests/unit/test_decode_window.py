@@ -20,6 +20,7 @@ from pagedserve.core.scheduler import Scheduler
 from pagedserve.engine_args import EngineArgs, default_num_scheduler_steps
 from pagedserve.engine_io import ModelRunnerOutput
 from pagedserve.errors import ValidationError
+from pagedserve.worker.model_runner import ModelRunner
 from tests.helpers import random_prompts
 from tests.unit.test_decode_staging import emulate_graphs
 from tests.unit.test_engine_core import FakeExecutor
@@ -40,17 +41,19 @@ def test_a_window_holds_its_tokens_and_drops_them_after_a_stop():
     assert (first.num_steps, first.num_scheduled_tokens) == (1, {"a": 6, "b": 3})
     s.update_from_output(first, ModelRunnerOutput(sampled_token_ids={"a": 7, "b": 8}))
     window = s.schedule()
-    assert (window.num_steps, window.num_scheduled_tokens) == (4, {"a": 1, "b": 1})
-    # slots for 4 tokens each: a's positions 6..9 need a 3rd block, b's 3..6 a 2nd
-    assert s.kv.block_ids("a") == [0, 1, 3] and s.kv.block_ids("b") == [2, 4]
+    # b may take one token more: it runs the window's first step only
+    assert (window.num_steps, window.num_scheduled_tokens, window.window_row_steps) == (4, {"a": 1, "b": 1}, {"b": 1})
+    # slots for 4 tokens: a's positions 6..9 need a 3rd block; b's one token, position 3, fits its 1st
+    assert s.kv.block_ids("a") == [0, 1, 3] and s.kv.block_ids("b") == [2]
     assert [(c.req_id, c.new_block_ids, c.num_computed_tokens) for c in window.cached_requests] == [
-        ("a", [3], 6), ("b", [4], 3)]
-    a = s.requests["a"]
-    assert (a.num_unresolved_tokens, a.num_inflight_samples) == (4, 4)
+        ("a", [3], 6), ("b", [], 3)]
+    a, b = s.requests["a"], s.requests["b"]
+    assert (a.num_unresolved_tokens, a.num_inflight_samples, b.num_unresolved_tokens, b.num_inflight_samples) == (
+        4, 4, 1, 1)
     changed = s.update_from_output(window, ModelRunnerOutput(sampled_token_ids={"a": 11, "b": 12}))
     assert [r.request_id for r in changed] == ["a", "b"] and "b" not in s.requests   # b's 2nd token: length
     assert s.kv.pool.num_free_blocks == 61
-    for token in (13, 15, 17):   # b's later tokens are dropped
+    for token in (13, 15, 17):   # tokens of a row after its stop are dropped (here b's: the runner sends none)
         changed = s.update_from_output(window, ModelRunnerOutput(sampled_token_ids={"a": token, "b": token + 1}))
         assert [r.request_id for r in changed] == ["a"]
     assert a.output_token_ids == [7, 11, 13, 15, 17]
@@ -68,10 +71,13 @@ def test_a_window_is_no_longer_than_the_longest_row_left():
     s.add_request(req("b", 6, max_tokens=3, start=100))
     first = s.schedule()
     s.update_from_output(first, ModelRunnerOutput(sampled_token_ids={"a": 7, "b": 7}))
-    window = s.schedule()   # a may take 3 more, b 2: a window of 3, b's last one dropped
-    assert window.num_steps == 3 and s.requests["a"].num_inflight_samples == 3
-    for token in (8, 9, 10):
+    window = s.schedule()   # a may take 3 more, b 2: a window of 3, b in its first two steps
+    assert (window.num_steps, window.window_row_steps) == (3, {"b": 2})
+    assert (s.requests["a"].num_inflight_samples, s.requests["b"].num_inflight_samples) == (3, 2)
+    for token in (8, 9):
         s.update_from_output(window, ModelRunnerOutput(sampled_token_ids={"a": token, "b": token}))
+    assert list(s.requests) == ["a"]
+    s.update_from_output(window, ModelRunnerOutput(sampled_token_ids={"a": 10}))
     assert not s.requests and s.kv.pool.num_free_blocks == 64
 
 
@@ -84,13 +90,14 @@ def test_windows_in_flight_count_like_single_steps():
     first = s.schedule()
     s.update_from_output(first, ModelRunnerOutput(sampled_token_ids={"a": 1, "b": 1}))
     w1 = s.schedule()
-    w2 = s.schedule()   # w1 in flight: a's 5 tokens (1 + 4) leave one to go, so a runs again
+    w2 = s.schedule()   # w1 in flight: a's 5 tokens (1 + 4) leave one to go, so a runs w2's first step
     assert (w1.num_steps, w2.num_steps) == (4, 4) and w2.num_scheduled_tokens == {"a": 1, "b": 1}
+    assert (w1.window_row_steps, w2.window_row_steps) == ({}, {"a": 1})
     assert [c.num_computed_tokens for c in w2.cached_requests] == [9, 9]
     w3 = s.schedule()   # a's 9 tokens in flight reach max_tokens: only b
     assert (w3.num_steps, w3.num_scheduled_tokens) == (4, {"b": 1})
     b = s.requests["b"]
-    assert (b.num_unresolved_tokens, b.num_inflight_samples, s.requests["a"].num_inflight_samples) == (12, 12, 8)
+    assert (b.num_unresolved_tokens, b.num_inflight_samples, s.requests["a"].num_inflight_samples) == (12, 12, 5)
     for window in (w1, w2):
         for step in range(4):
             s.update_from_output(window, ModelRunnerOutput(sampled_token_ids={"a": 10 + step, "b": 20 + step}))
@@ -141,15 +148,22 @@ def _params():
 
 
 def _generate(path, steps, async_scheduling, monkeypatch=None):
+    """The outputs, and (with monkeypatch) a Counter of the windows' lengths, whose key "rows"
+    counts the rows the runner computed over all steps."""
     windows = collections.Counter()
     if monkeypatch is not None:
-        window = Scheduler._window
+        window, run_step = Scheduler._window, ModelRunner._run_step
 
         def counted(self):
             k = window(self)
             windows[k] += 1
             return k
+
+        def counted_rows(self, so, scheduled, non_block):
+            windows["rows"] += len(scheduled)
+            return run_step(self, so, scheduled, non_block)
         monkeypatch.setattr(Scheduler, "_window", counted)
+        monkeypatch.setattr(ModelRunner, "_run_step", counted_rows)
     llm = LLM(model=path, device="cpu", dtype="float32", max_model_len=128, skip_tokenizer_init=True,
               async_scheduling=async_scheduling, block_size=4, num_kv_blocks=200, max_num_seqs=8,
               num_scheduler_steps=steps)
@@ -158,11 +172,14 @@ def _generate(path, steps, async_scheduling, monkeypatch=None):
         return [(o.outputs[0].token_ids, o.outputs[0].logprobs or [], o.outputs[0].finish_reason) for o in outs], windows
     finally:
         llm.shutdown()
+        if monkeypatch is not None:
+            monkeypatch.undo()
 
 
 def assert_same(window, single) -> None:
     """Token ids, finish reasons and the logprobs' tokens and ranks exactly; logprob values to
-    1e-4 (a window's steps keep rows that stopped inside it, so fp32 matmuls see other batch sizes)."""
+    1e-4 (a window's steps keep rows that stopped inside it on a stop token or string, so fp32
+    matmuls may see other batch sizes)."""
     assert [(ids, reason) for ids, _, reason in window] == [(ids, reason) for ids, _, reason in single]
     for (_, lps_w, _), (_, lps_s, _) in zip(window, single):
         assert [{t: lp.rank for t, lp in d.items()} for d in lps_w] == [{t: lp.rank for t, lp in d.items()} for d in lps_s]
@@ -173,12 +190,14 @@ def assert_same(window, single) -> None:
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_windows_give_the_single_step_tokens(tiny_checkpoints, monkeypatch, async_scheduling):
     tiny_llama = tiny_checkpoints["llama"]
-    single, _ = _generate(tiny_llama, 1, async_scheduling)
+    single, one_step = _generate(tiny_llama, 1, async_scheduling, monkeypatch)
     window, windows = _generate(tiny_llama, 4, async_scheduling, monkeypatch)
     assert windows[4] >= 5 and windows[1] >= 1   # windows ran (and the prompts' step did not)
     assert [len(ids) for ids, _, _ in window] == [3, 8, 21, 18, 17, 28, 26]
     assert sum(len(lps) for _, lps, _ in window) == 17 + 26
     assert_same(window, single)
+    # every request ends by length: a row leaves its window with its last token, computing no row more
+    assert windows["rows"] == one_step["rows"]
 
 
 def test_windows_through_the_decode_graphs(tiny_checkpoints, monkeypatch):
