@@ -14,8 +14,10 @@ server does: on the server that runs on the event loop, here it is counted in th
 `--phases`: the async step split by phase (print_phases) instead. `--gc`: the async step with
 CPython's gen-0 threshold as it is and as LLM.generate runs it, alternating (gc_ab).
 `--window K`: host ms per decode step (each row's token) at one step a schedule and at decode
-windows of K (num_scheduler_steps), alternating blocks in one engine (window_ab).
-Usage: python benchmarks/host_overhead.py [num_requests] [--profile | --viewer | --phases | --gc | --window K]"""
+windows of K (num_scheduler_steps), alternating blocks in one engine (window_ab); with `--tp N`,
+over N tensor-parallel ranks (gloo; async TP, whose workers take each step's ids from rank 0):
+rank 0's host ms, which then include its waits for the workers in the all-reduces.
+Usage: python benchmarks/host_overhead.py [num_requests] [--profile | --viewer | --phases | --gc | --window K [--tp N]]"""
 import cProfile
 import io
 import pstats
@@ -259,8 +261,10 @@ def main() -> None:
     import torch
     torch.set_num_threads(1)   # the tiny model gains nothing from threads; fewer timing outliers
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    if "--window" in sys.argv:
-        args.remove(sys.argv[sys.argv.index("--window") + 1])
+    for flag in ("--window", "--tp"):
+        if flag in sys.argv:
+            args.remove(sys.argv[sys.argv.index(flag) + 1])
+    tp = int(sys.argv[sys.argv.index("--tp") + 1]) if "--tp" in sys.argv else 1
     num = int(args[0]) if args else 256
     path = write_micro_checkpoint(tempfile.mkdtemp())
     for async_scheduling in (True, False):
@@ -269,7 +273,7 @@ def main() -> None:
         long_runs = viewer or "--window" in sys.argv
         llm = LLM(model=path, device="cpu", dtype="float32", max_model_len=2048 if long_runs else 512,
                   allow_long_max_model_len=long_runs, skip_tokenizer_init=True, async_scheduling=async_scheduling,
-                  max_num_seqs=num)
+                  max_num_seqs=num, tensor_parallel_size=tp)
         timer = ModelTimer(llm.engine.core.executor.runner)
         decode_step_times(llm, timer, 4)
         if "--window" in sys.argv:   # async only
