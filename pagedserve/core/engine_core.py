@@ -79,6 +79,10 @@ class EngineCore:
         parallel = config.parallel
         if parallel.world_size == 1 or (config.device.async_scheduling and parallel.pipeline_parallel_size == 1):
             self.scheduler.num_scheduler_steps = config.scheduler.num_scheduler_steps
+        elif config.scheduler.num_scheduler_steps > 1:
+            logger.warning("num_scheduler_steps=%d runs one step a schedule here: decode windows need one process "
+                           "or tensor parallelism with async scheduling, and no pipeline parallelism",
+                           config.scheduler.num_scheduler_steps)
         # picked once; an unbound function, so the core holds no reference cycle to itself (a
         # bound method would keep a dropped engine's KV cache alive until the cycle collector ran)
         self._step_impl = EngineCore._step_async if self.async_scheduling else EngineCore._step_lockstep

@@ -257,17 +257,19 @@ def test_stop_strings_and_eos_inside_a_window():
 
 @pytest.mark.parametrize("tp, pp, async_scheduling, expected", [
     (1, 1, False, 8), (2, 1, True, 8), (2, 1, False, 1), (1, 2, True, 1), (2, 2, True, 1)])
-def test_windows_where_every_rank_takes_the_ids_from_rank_0(tp, pp, async_scheduling, expected):
+def test_windows_where_every_rank_takes_the_ids_from_rank_0(tp, pp, async_scheduling, expected, caplog):
     """One process, or async TP (each step's ids reach the workers by rank 0's device broadcast);
     lockstep TP keeps one step a schedule (a worker learns a step's tokens from the next
-    schedule), and so does PP (its last stage samples)."""
+    schedule), and so does PP (its last stage samples), with a warning naming the knob."""
     config = EngineConfig(model=None, weights=WeightSource("unused"),  # type: ignore[arg-type]
                           cache=CacheConfig(block_size=4),
                           parallel=ParallelConfig(tensor_parallel_size=tp, pipeline_parallel_size=pp),
                           scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64,
                                                     num_scheduler_steps=8),
                           device=DeviceConfig(async_scheduling=async_scheduling))
-    assert EngineCore(config, FakeExecutor()).scheduler.num_scheduler_steps == expected
+    with caplog.at_level("WARNING", logger="pagedserve.core.engine_core"):
+        assert EngineCore(config, FakeExecutor()).scheduler.num_scheduler_steps == expected
+    assert ("num_scheduler_steps=8 runs one step a schedule" in caplog.text) == (expected == 1)
 
 
 def test_the_default_window(tiny_checkpoints):
