@@ -1,8 +1,8 @@
 """Decode windows on a GPU (num_scheduler_steps): the same tokens as one step a schedule through
 the CUDA graphs, in one engine whose scheduler's knob is flipped between two generate calls.
-llama-1b with dummy weights (peers.py's config), 64 prompts of 16-200 tokens, every request the
-same max_tokens (so no row stops inside a window and every step's batch is the same in both
-modes: bf16 results are then bit for bit), 56 greedy rows and 8 seeded top-p rows.
+llama-1b with dummy weights (peers.py's config), 64 prompts of 16-200 tokens, each request 8-96
+tokens ending by length (a row leaves its window at its last token, so every step's batch is the
+same in both modes: bf16 results are then bit for bit), 56 greedy rows and 8 seeded top-p rows.
 Usage: PYTHONPATH=$PWD python3 benchmarks/window_gpu.py [K]   (K default 4; peers.py beside it or in .devcarry)"""
 import os
 import random
@@ -21,9 +21,10 @@ def main() -> None:
               max_model_len=2048, gpu_memory_utilization=0.85, seed=0)
     rng = random.Random(1)
     prompts = [{"prompt_token_ids": [rng.randrange(3, 32000) for _ in range(rng.randint(16, 200))]} for _ in range(64)]
-    params = [SamplingParams(max_tokens=96, ignore_eos=True, temperature=0.0, detokenize=False)] * 56
-    params += [SamplingParams(max_tokens=96, ignore_eos=True, temperature=0.8, top_p=0.9, seed=i, detokenize=False)
-               for i in range(8)]
+    lengths = [rng.randint(8, 96) for _ in range(64)]
+    params = [SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.0, detokenize=False) for n in lengths[:56]]
+    params += [SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.8, top_p=0.9, seed=i, detokenize=False)
+               for i, n in enumerate(lengths[56:])]
     scheduler = llm.engine.core.scheduler
     ids = {}
     for steps in (1, k, 1, k):
