@@ -1,10 +1,11 @@
 """Decode windows (num_scheduler_steps, vLLM V0's multi-step scheduling): one schedule runs K
 decode steps when every running request decodes and nothing waiting could join. The scheduler
 gives each row slots for the window's K tokens and counts them in flight; the runner runs K
-ordinary steps, each fed the last one's samples; the core applies the K outputs in order, and a
-row that stops inside the window drops the tokens after its stop. The tokens are the same as one
-step a schedule: greedy, seeded sampling, logprobs, stop strings, eager and through the decode
-graphs (emulated on the CPU), lockstep and async."""
+ordinary steps, each fed the last one's samples (a row that may take fewer tokens leaves after its
+last); the core applies the K outputs in order, and a row that stops inside the window on a stop
+token or string drops the tokens after its stop. The tokens are the same as one step a schedule:
+greedy, seeded sampling, logprobs, stop strings, eager and through the decode graphs (emulated on
+the CPU), lockstep and async (and under async TP: tests/unit/test_tensor_parallel.py)."""
 from __future__ import annotations
 
 import collections
