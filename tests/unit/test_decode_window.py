@@ -9,6 +9,7 @@ the CPU), lockstep and async (and under async TP: tests/unit/test_tensor_paralle
 from __future__ import annotations
 
 import collections
+import contextlib
 
 import pytest
 import torch
@@ -150,31 +151,31 @@ def _params():
 
 def _generate(path, steps, async_scheduling, monkeypatch=None):
     """The outputs, and (with monkeypatch) a Counter of the windows' lengths, whose key "rows"
-    counts the rows the runner computed over all steps."""
+    counts the rows the runner computed over all steps (the counting undone on return; patches
+    the caller made stay)."""
     windows = collections.Counter()
-    if monkeypatch is not None:
-        window, run_step = Scheduler._window, ModelRunner._run_step
+    with monkeypatch.context() if monkeypatch is not None else contextlib.nullcontext() as patch:
+        if patch is not None:
+            window, run_step = Scheduler._window, ModelRunner._run_step
 
-        def counted(self):
-            k = window(self)
-            windows[k] += 1
-            return k
+            def counted(self):
+                k = window(self)
+                windows[k] += 1
+                return k
 
-        def counted_rows(self, so, scheduled, non_block):
-            windows["rows"] += len(scheduled)
-            return run_step(self, so, scheduled, non_block)
-        monkeypatch.setattr(Scheduler, "_window", counted)
-        monkeypatch.setattr(ModelRunner, "_run_step", counted_rows)
-    llm = LLM(model=path, device="cpu", dtype="float32", max_model_len=128, skip_tokenizer_init=True,
-              async_scheduling=async_scheduling, block_size=4, num_kv_blocks=200, max_num_seqs=8,
-              num_scheduler_steps=steps)
-    try:
-        outs = llm.generate(PROMPTS, _params(), use_tqdm=False)
-        return [(o.outputs[0].token_ids, o.outputs[0].logprobs or [], o.outputs[0].finish_reason) for o in outs], windows
-    finally:
-        llm.shutdown()
-        if monkeypatch is not None:
-            monkeypatch.undo()
+            def counted_rows(self, so, scheduled, non_block):
+                windows["rows"] += len(scheduled)
+                return run_step(self, so, scheduled, non_block)
+            patch.setattr(Scheduler, "_window", counted)
+            patch.setattr(ModelRunner, "_run_step", counted_rows)
+        llm = LLM(model=path, device="cpu", dtype="float32", max_model_len=128, skip_tokenizer_init=True,
+                  async_scheduling=async_scheduling, block_size=4, num_kv_blocks=200, max_num_seqs=8,
+                  num_scheduler_steps=steps)
+        try:
+            outs = llm.generate(PROMPTS, _params(), use_tqdm=False)
+        finally:
+            llm.shutdown()
+    return [(o.outputs[0].token_ids, o.outputs[0].logprobs or [], o.outputs[0].finish_reason) for o in outs], windows
 
 
 def assert_same(window, single) -> None:
