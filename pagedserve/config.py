@@ -239,7 +239,7 @@ class SchedulerConfig:
     policy: str = "continuous"   # "continuous" | "priority" | "static" (core/scheduler.py)
     preemption_mode: str = "swap"   # "swap" (to the host tier when it has room, else recompute) | "recompute"
     lora: LoRAConfig | None = None   # None: no adapters
-    num_scheduler_steps: int = 1   # decode steps one schedule may run (core/scheduler.py: Scheduler._window)
+    num_scheduler_steps: int = 1   # decode steps one schedule may run (core/decode_window.py)
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,7 @@ class SchedulerOutput:
     # LoRA adapters (LoRARequest) to copy into device slots before this step's forward, from the
     # ranks' host caches (Executor.add_lora put them there)
     lora_loads: list[tuple[int, Any]] = field(default_factory=list)
-    # A decode window (Scheduler._window): the runner runs this many steps of one token a row,
+    # A decode window (core/decode_window.py): the runner runs this many steps of one token a row,
     # each fed the last one's samples on the device; the sampled tokens come back per step.
     # Rows that reach their max_tokens sooner run only their first `window_row_steps[id]` steps.
     num_steps: int = 1

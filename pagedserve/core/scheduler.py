@@ -38,6 +38,10 @@ for the last one), so the steps in flight are disjoint micro-batches; each step 
 1/PP of the sequences that could run, so the next one finds requests left for it. Prompt
 chunks, which need no sampled token, follow each other down the pipeline.
 
+Decode windows (num_scheduler_steps > 1, core/decode_window.py): when nothing could join or
+change before it ends, one schedule runs up to K decode steps of one token a row; each row
+gets slots and in-flight samples for all the steps it runs.
+
 Policy "static" (for the static-vs-continuous benchmark): a batch is admitted together and
 no request joins until every request of the batch has finished.
 """
@@ -51,6 +55,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pagedserve.core import structured_output
+from pagedserve.core.decode_window import plan_window
 from pagedserve.core.kv_cache_manager import KVCacheManager
 from pagedserve.core.lora_slots import LoraSlots
 from pagedserve.core.request import Request, RequestStatus
@@ -121,9 +126,8 @@ class Scheduler(StepRecovery):
         self.grammars: Any = structured_output.InlineGrammars()   # EngineCore may pick ProcessGrammars
         self.stats = SchedulerStats()
         self.micro_batches = 1   # pipeline stages to keep busy (set by EngineCore)
-        # decode steps one schedule may run (num_scheduler_steps; EngineCore sets it): _window
+        # decode steps one schedule may run (num_scheduler_steps; EngineCore sets it): decode_window.py
         self.num_scheduler_steps = 1
-        self._short_rows: dict[RequestId, int] = {}   # the last window's rows that run fewer of its steps
         self.lora_slots = LoraSlots(max_loras) if max_loras else None
 
     # ---- queue management -------------------------------------------------------------
@@ -223,8 +227,11 @@ class Scheduler(StepRecovery):
         blocked = False   # a preemption was needed but its victim has work in flight
         running = self.running
         max_seqs = self._max_seqs_per_step()
-        steps = out.num_steps = self._window() if self.num_scheduler_steps > 1 else 1
-        short = out.window_row_steps = self._short_rows if steps > 1 else None
+        steps, short = 1, None
+        if self.num_scheduler_steps > 1 and self._window_may_open():
+            steps, short = plan_window(running, self.num_scheduler_steps, self.kv.pool.num_free_blocks,
+                                       self.kv.block_size, self.max_model_len, self.max_num_batched_tokens)
+        out.num_steps, out.window_row_steps = steps, short
         # read once: this loop runs for every running request every step (host time a row)
         allocate_slots, describe, suspects = self.kv.allocate_slots, self._describe, self.suspects
         micro_batched, defer_grammar, max_model_len = self.micro_batches > 1, self.defer_grammar, self.max_model_len
@@ -331,40 +338,12 @@ class Scheduler(StepRecovery):
             self._name_constrained_rows(out)
         return out
 
-    def _window(self) -> int:
-        """How many decode steps this schedule runs: num_scheduler_steps when each running
-        request decodes one token a step and nothing else can happen before the window ends
-        (nothing waits that could join, no grammar, fork, suspect or pipeline micro-batches,
-        and the pool has a spare block or two a row, so no preemption), else 1; never longer than
-        the most tokens any row still may take (a batch ending together ends with its window).
-        Each row gets slots for all the window's tokens, or for as many as it may still take
-        (_short_rows: it runs only that many of the window's steps); update_from_output applies
-        them one step at a time, and a row that stops inside the window drops the tokens after
-        its stop."""
-        running, steps = self.running, self.num_scheduler_steps
-        self._short_rows = {}
-        if not running or (self.waiting and self._num_running_seqs() < self.max_num_seqs) or self.suspects \
-                or self.num_constrained or self.pending_forks or self.micro_batches > 1 \
-                or len(running) > self.max_num_batched_tokens \
-                or self.kv.pool.num_free_blocks < len(running) * (1 + -(-steps // self.kv.block_size)):
-            return 1
-        max_model_len, most, short = self.max_model_len, 1, []
-        last = max_model_len + 1 - steps   # the window writes positions num_tokens - 1 ... + steps - 1
-        for r in running:
-            num_prompt = len(r.prompt_token_ids)
-            num_tokens = num_prompt + len(r.output_token_ids) + r.num_inflight_samples
-            left = r.max_tokens - (num_tokens - num_prompt)   # tokens it may still take after those
-            if r.num_inflight_samples and (left <= 0 or num_tokens >= max_model_len):
-                continue   # its tokens in flight end it: schedule() passes it over
-            if num_tokens - r.num_computed_tokens - r.num_unresolved_tokens != 1 or num_tokens > last:
-                return 1
-            if left > most:
-                most = left
-            if left < steps:
-                short.append((r.request_id, left))
-        steps = min(steps, most)
-        self._short_rows = {rid: left for rid, left in short if left < steps}
-        return steps
+    def _window_may_open(self) -> bool:
+        """Nothing that one step a schedule would act on can happen inside a decode window
+        (core/decode_window.py): nothing waits that could join, no grammar, fork, suspect or
+        pipeline micro-batches."""
+        return not ((self.waiting and self._num_running_seqs() < self.max_num_seqs) or self.suspects
+                    or self.num_constrained or self.pending_forks or self.micro_batches > 1)
 
     def _max_seqs_per_step(self) -> int:
         """Under PP, 1/micro_batches of the sequences that could run (at least 1); a static
@@ -435,7 +414,7 @@ class Scheduler(StepRecovery):
         """Schedule `num_new` tokens of `request` (its blocks are final for this step): tell
         the runner (in full, or what changed: RunnerBlocks), then count the work as in flight
         until update_from_output. `num_tokens`: request.num_tokens if the caller has it.
-        `steps` > 1 (a decode window, _window): one token a step, each step's sample in flight."""
+        `steps` > 1 (a decode window, decode_window.py): one token a step, each step's sample in flight."""
         out.num_scheduled_tokens[request.request_id] = num_new
         num_ahead = request.num_computed_tokens + request.num_unresolved_tokens
         if num_tokens is None:

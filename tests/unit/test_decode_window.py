@@ -156,17 +156,18 @@ def _generate(path, steps, async_scheduling, monkeypatch=None):
     windows = collections.Counter()
     with monkeypatch.context() if monkeypatch is not None else contextlib.nullcontext() as patch:
         if patch is not None:
-            window, run_step = Scheduler._window, ModelRunner._run_step
+            schedule, run_step = Scheduler.schedule, ModelRunner._run_step
 
             def counted(self):
-                k = window(self)
-                windows[k] += 1
-                return k
+                out = schedule(self)
+                if out.num_scheduled_tokens:
+                    windows[out.num_steps] += 1
+                return out
 
             def counted_rows(self, so, scheduled, non_block):
                 windows["rows"] += len(scheduled)
                 return run_step(self, so, scheduled, non_block)
-            patch.setattr(Scheduler, "_window", counted)
+            patch.setattr(Scheduler, "schedule", counted)
             patch.setattr(ModelRunner, "_run_step", counted_rows)
         llm = LLM(model=path, device="cpu", dtype="float32", max_model_len=128, skip_tokenizer_init=True,
                   async_scheduling=async_scheduling, block_size=4, num_kv_blocks=200, max_num_seqs=8,
