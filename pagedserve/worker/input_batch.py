@@ -73,6 +73,17 @@ class CachedRequestState:
     def append_output(self, token: int) -> None:
         self.token_ids.append(token)
 
+    def learn_token(self, pos: int, token: int) -> None:
+        """The scheduler's token at `pos` (a SchedulerOutput's last_token_id): appended if new
+        here; on a worker under async TP it may fill a placeholder (rank 0's placeholders are
+        filled by PendingRunnerOutput.get())."""
+        if len(self.token_ids) == pos:
+            self.append_output(token)
+        elif pos < len(self.token_ids) and self.token_ids[pos] == -1:
+            self.token_ids[pos] = token
+            if self.pending_pos == pos:
+                self.pending_pos = -1
+
 
 class BlockTable:
     """The block ids of every request the runner holds, one persistent int32 row each
@@ -188,6 +199,25 @@ def build_step_inputs(states: list[CachedRequestState], num_scheduled: list[int]
     return StepInputs(input_ids=input_ids_t, positions=positions_t, meta=meta, rows=rows,
                       query_lens=query_lens, logits_indices=logits_t, sample_rows=sample_rows.tolist(),
                       staged=staged is not None)
+
+
+def feed_inflight_tokens(inputs: StepInputs, prev_sampled: torch.Tensor) -> None:
+    """Input ids still on the device (placeholders of the last launched step) are copied into
+    `inputs` from that step's sampled ids, `prev_sampled` (each row's `sampled_row` of it). With
+    one step in flight, a placeholder still pending at launch always belongs to the last
+    launched step."""
+    rows, query_lens = inputs.rows, np.array(inputs.query_lens)
+    offsets = np.array([state.pending_pos - state.num_computed_tokens for state in rows])
+    fed = np.flatnonzero((offsets >= 0) & (offsets < query_lens))
+    if fed.size:
+        dst = (np.cumsum(query_lens) - query_lens + offsets)[fed]
+        src = np.array([state.sampled_row for state in rows])[fed]
+        if PACK_STEP_INPUTS and dst[-1] == src[-1] == fed.size - 1 and (dst == src).all():
+            # steady decode: the previous step's rows in place
+            inputs.input_ids[:fed.size].copy_(prev_sampled[:fed.size])
+            return
+        index = torch.from_numpy(np.stack([dst, src])).to(prev_sampled.device, non_blocking=True)
+        inputs.input_ids[index[0]] = prev_sampled[index[1]]
 
 
 # Off: one pageable copy per array, as before (A/B measurements in benchmarks/decode_gpu.py).

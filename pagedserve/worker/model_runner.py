@@ -37,8 +37,8 @@ from pagedserve.models.registry import resolve_model_class
 from pagedserve.worker.compile_ahead import watch_late_compiles
 from pagedserve.worker.cuda_graph import CudaGraphRunner
 from pagedserve.worker.grammar_mask import DeferredSample, GrammarMask, grammar_rows
-from pagedserve.worker.input_batch import BlockTable, CachedRequestState, StepInputs, build_step_inputs
-from pagedserve.worker import input_batch   # its PACK_STEP_INPUTS switch, read per step
+from pagedserve.worker.input_batch import (BlockTable, CachedRequestState, StepInputs, build_step_inputs,
+                                           feed_inflight_tokens)
 from pagedserve.worker.kv_pool import kv_zeros
 from pagedserve.worker.lora_manager import LoraManager
 from pagedserve.worker.pending_output import PendingRunnerOutput, PendingWindow, to_host
@@ -227,8 +227,8 @@ class ModelRunner:
         inputs = build_step_inputs(scheduled, [num_scheduled[state.req_id] for state in scheduled],
                                    self.block_size, self.device, self.block_table,
                                    self._stage_decode if graphs is not None else None)
-        if not inputs.staged:   # a staged step's graph feeds them itself
-            self._feed_inflight_tokens(inputs)
+        if not inputs.staged and self._prev_sampled is not None:   # a staged step's graph feeds them itself
+            feed_inflight_tokens(inputs, self._prev_sampled)
         if self.lora is not None:
             self.lora.set_step(inputs)
         prompt_logprobs = {}
@@ -391,25 +391,6 @@ class ModelRunner:
         arrays["feed"] = feed
         return graphs.stage(arrays)
 
-    def _feed_inflight_tokens(self, inputs: StepInputs) -> None:
-        """Input ids still on the device (placeholders of the last launched step) are copied
-        there from that step's sampled ids. With one step in flight, a placeholder still
-        pending at launch always belongs to the last launched step."""
-        if self._prev_sampled is None:
-            return
-        rows, query_lens = inputs.rows, np.array(inputs.query_lens)
-        offsets = np.array([state.pending_pos - state.num_computed_tokens for state in rows])
-        fed = np.flatnonzero((offsets >= 0) & (offsets < query_lens))
-        if fed.size:
-            dst = (np.cumsum(query_lens) - query_lens + offsets)[fed]
-            src = np.array([state.sampled_row for state in rows])[fed]
-            if input_batch.PACK_STEP_INPUTS and dst[-1] == src[-1] == fed.size - 1 and (dst == src).all():
-                # steady decode: the previous step's rows in place
-                inputs.input_ids[:fed.size].copy_(self._prev_sampled[:fed.size])
-                return
-            index = torch.from_numpy(np.stack([dst, src])).to(self.device, non_blocking=True)
-            inputs.input_ids[index[0]] = self._prev_sampled[index[1]]
-
     def _update_states(self, so: SchedulerOutput) -> None:
         for rid in so.finished_req_ids:
             self._drop_state(rid)
@@ -439,7 +420,7 @@ class ModelRunner:
                 state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
             if cached.last_token_id is not None:
-                self._learn_token(state, cached.num_tokens - 1, cached.last_token_id)
+                state.learn_token(cached.num_tokens - 1, cached.last_token_id)
         self._forked = {}
         for fork in so.forked_requests:
             parent = self.states[fork.parent_req_id]
@@ -455,17 +436,6 @@ class ModelRunner:
             if child.counts_outputs and self.is_driver:
                 self.history.fork(child, parent)
             self._forked[fork.req_id] = fork.parent_req_id
-
-    @staticmethod
-    def _learn_token(state: CachedRequestState, pos: int, token: int) -> None:
-        """The scheduler's token at `pos`: appended if new here; on a worker under async TP it
-        may fill a placeholder (rank 0's placeholders are filled by PendingRunnerOutput.get())."""
-        if len(state.token_ids) == pos:
-            state.append_output(token)
-        elif pos < len(state.token_ids) and state.token_ids[pos] == -1:
-            state.token_ids[pos] = token
-            if state.pending_pos == pos:
-                state.pending_pos = -1
 
     def _add_state(self, state: CachedRequestState) -> None:
         self._drop_state(state.req_id)

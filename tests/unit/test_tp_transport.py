@@ -9,7 +9,6 @@ from pagedserve.engine_io import RequestId
 from pagedserve.layers import custom_all_reduce, parallel
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.worker.input_batch import CachedRequestState
-from pagedserve.worker.model_runner import ModelRunner
 from pagedserve.worker.shm_queue import ShmMessageQueue
 
 
@@ -103,12 +102,12 @@ def test_a_worker_fills_its_placeholders_when_the_scheduler_learns_their_tokens(
     # async TP: a worker keeps rank 0's placeholders; SchedulerOutputs later carry the tokens
     state = CachedRequestState(RequestId("r"), [5, 6, -1, -1], 2, SamplingParams(), [0], 3)
     state.pending_pos = 3
-    ModelRunner._learn_token(state, 2, 7)   # an older placeholder (already fed on the device)
+    state.learn_token(2, 7)   # an older placeholder (already fed on the device)
     assert state.token_ids == [5, 6, 7, -1] and state.pending_pos == 3
-    ModelRunner._learn_token(state, 3, 8)   # the pending one
+    state.learn_token(3, 8)   # the pending one
     assert state.token_ids == [5, 6, 7, 8] and state.pending_pos == -1
-    ModelRunner._learn_token(state, 4, 9)   # lockstep: a token the worker never saw
-    ModelRunner._learn_token(state, 4, 1)   # known already: kept
+    state.learn_token(4, 9)   # lockstep: a token the worker never saw
+    state.learn_token(4, 1)   # known already: kept
     assert state.token_ids == [5, 6, 7, 8, 9]
 
 
