@@ -284,6 +284,14 @@ class DeviceConfig:
     mixed_graphs: bool = True
 
 
+def shares_sampled_ids(async_scheduling: bool, tensor_parallel_size: int, pipeline_parallel_size: int) -> bool:
+    """Async TP without PP: rank 0 broadcasts each step's sampled ids on the device and every
+    rank feeds them to its next step itself (model_runner.share_sampled), so every rank can run
+    a decode window's steps (EngineCore's gate). Lockstep TP workers learn a step's tokens only
+    from the next SchedulerOutput; under PP the last stage sends its output back to rank 0."""
+    return async_scheduling and tensor_parallel_size > 1 and pipeline_parallel_size == 1
+
+
 @dataclass(frozen=True)
 class WeightSource:
     """Where the worker reads the weights: a folder, the GGUF file inside it if that is the

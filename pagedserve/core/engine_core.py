@@ -28,7 +28,7 @@ import logging
 import time
 from collections import deque
 
-from pagedserve.config import EngineConfig
+from pagedserve.config import EngineConfig, shares_sampled_ids
 from pagedserve.core.kv_cache_manager import KVCacheManager
 from pagedserve.core.outputs import EngineCoreOutput, EngineCoreOutputs, EngineStats, RequestEvent, RequestEventType
 from pagedserve.core.request import Request, RequestStatus
@@ -73,11 +73,11 @@ class EngineCore:
                                    config.scheduler.lora.max_loras if config.scheduler.lora else 0)
         self.async_scheduling = config.device.async_scheduling and executor.max_concurrent_batches > 1
         self.scheduler.micro_batches = max(1, getattr(config.parallel, "pipeline_parallel_size", 1))
-        # decode windows: in one process, or under async TP, where every rank takes each step's
-        # sampled ids from rank 0's device broadcast (model_runner.share_sampled); not in lockstep
-        # TP (a worker learns a step's tokens only from the next schedule) nor under PP
+        # decode windows: in one process, or where every rank takes each step's sampled ids from
+        # rank 0's device broadcast (shares_sampled_ids: async TP, no PP)
         parallel = config.parallel
-        if parallel.world_size == 1 or (config.device.async_scheduling and parallel.pipeline_parallel_size == 1):
+        if parallel.world_size == 1 or shares_sampled_ids(config.device.async_scheduling, parallel.tensor_parallel_size,
+                                                          parallel.pipeline_parallel_size):
             self.scheduler.num_scheduler_steps = config.scheduler.num_scheduler_steps
         elif config.scheduler.num_scheduler_steps > 1:
             logger.warning("num_scheduler_steps=%d runs one step a schedule here: decode windows need one process "

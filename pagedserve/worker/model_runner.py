@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from pagedserve.attention.backend import select_backend
-from pagedserve.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig, WeightSource, kv_cache_torch_dtype
+from pagedserve.config import (CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig, WeightSource, kv_cache_torch_dtype,
+                               shares_sampled_ids)
 from pagedserve.engine_io import ModelRunnerOutput, RequestId, SchedulerOutput, WindowOutput
 from pagedserve.layers.linear import set_gemv_max_rows
 from pagedserve.layers.parallel import broadcast_from_rank0, is_last_stage, pp_world_size, tp_rank, tp_world_size
@@ -71,8 +72,8 @@ class ModelRunner:
         self.host_cache = None   # HostKVCache (init_host_cache)
         self.is_driver = tp_rank() == 0 and is_last_stage()
         self.pipeline = None   # PipelineLinks under pipeline parallelism (set by tp_worker.build_runner)
-        # not under PP: the last stage samples and sends its output back to rank 0
-        self.share_sampled = device_config.async_scheduling and tp_world_size() > 1 and pp_world_size() == 1
+        # async TP: every rank takes each step's sampled ids from rank 0's broadcast (decode windows need it)
+        self.share_sampled = shares_sampled_ids(device_config.async_scheduling, tp_world_size(), pp_world_size())
         self._forked: dict[RequestId, RequestId] = {}   # this step's new siblings -> parent
         self.graph_runner = None
         self.uncaptured_graphs: CudaGraphRunner | None = None   # made by profile_run, captured by finish_setup
