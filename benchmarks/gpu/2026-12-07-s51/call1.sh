@@ -5,5 +5,5 @@
 #      (default 1 here), no llama-8b                                                          -> $OUT/call1.txt
 # Carry .devcarry (peers*.py from ../shared/bench).
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-timeout 90 python3 benchmarks/topk_gpu.py 128 512 2>&1 | tail -4 | tee "$OUT/topk.txt"
+timeout 90 python3 benchmarks/topk_gpu.py 128 512 2>&1 | tail -6 | tee "$OUT/topk.txt"
 PAIRS_1B=${PAIRS_1B:-1} PAIRS_8B=0 bash benchmarks/gpu/2026-12-06-s49/call1.sh
