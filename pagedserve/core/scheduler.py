@@ -218,23 +218,41 @@ class Scheduler(StepRecovery):
             out.preempted_req_ids |= self._requeued_since_last_step
             self._requeued_since_last_step = set()
         isolate = bool(self.suspects)   # one suspect alone per step, nothing else
-        constrained = self.num_constrained > 0
-        budget = self.max_num_batched_tokens
         scheduled: list[Request] = []
-        preempted: list[Request] = []
-
-        index = 0
-        blocked = False   # a preemption was needed but its victim has work in flight
-        running = self.running
         max_seqs = self._max_seqs_per_step()
-        steps, short = 1, None
         if self.num_scheduler_steps > 1 and self._window_may_open():
-            steps, short = plan_window(running, self.num_scheduler_steps, self.kv.pool.num_free_blocks,
-                                       self.kv.block_size, self.max_model_len, self.max_num_batched_tokens)
-        out.num_steps, out.window_row_steps = steps, short
+            out.num_steps, out.window_row_steps = plan_window(
+                self.running, self.num_scheduler_steps, self.kv.pool.num_free_blocks, self.kv.block_size,
+                self.max_model_len, self.max_num_batched_tokens)
+        budget, may_admit = self._schedule_running(out, scheduled, isolate, max_seqs)
+        if may_admit:
+            self._admit_waiting(out, scheduled, budget, isolate, max_seqs)
+        if isolate and not scheduled:   # no suspect can run alone now (memory): stop isolating
+            self.suspects.clear()
+        out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
+        self.stats.num_batched_tokens = out.total_num_scheduled_tokens
+        if self.pending_forks:
+            self._fork_completed_prompts(scheduled, out)
+        if self.lora_slots is not None:
+            out.lora_loads = self.lora_slots.take_loads()
+        out.blocks_to_copy = self.kv.take_pending_copies()
+        out.blocks_to_swap_out, out.blocks_to_swap_in, out.num_swap_out_behind = self.kv.take_swaps()
+        if self._constrained_samples:
+            self._name_constrained_rows(out)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, scheduled: list[Request], isolate: bool, max_seqs: int
+                          ) -> tuple[int, bool]:
+        """The running requests' tokens, in queue order, under the step's budget (preempting
+        from the back of the queue when the pool is full); each one scheduled is appended to
+        `scheduled`. Returns the budget left and whether waiting requests may be admitted
+        (not after a preemption, nor when one was needed but its victim has work in flight)."""
+        budget, index, running = self.max_num_batched_tokens, 0, self.running
+        steps, short = out.num_steps, out.window_row_steps
         # read once: this loop runs for every running request every step (host time a row)
         allocate_slots, describe, suspects = self.kv.allocate_slots, self._describe, self.suspects
         micro_batched, defer_grammar, max_model_len = self.micro_batches > 1, self.defer_grammar, self.max_model_len
+        constrained, admit = self.num_constrained > 0, True
         while index < len(running) and budget > 0 and len(scheduled) < max_seqs:
             request = running[index]
             if isolate and (scheduled or request.request_id not in suspects):
@@ -259,31 +277,33 @@ class Scheduler(StepRecovery):
             while not allocate_slots(request, num_new + row_steps - 1):
                 victim = running[-1]
                 if victim.num_unresolved_tokens:
-                    blocked = True
-                    break
+                    return budget, False   # blocked: the next step, with that work resolved, may preempt
                 running.pop()
                 self._preempt(victim, out)
-                preempted.append(victim)
+                admit = False
                 if victim is request:
-                    break
-            else:
-                describe(request, num_new, out, num_known, row_steps)
-                scheduled.append(request)
-                budget -= num_new
-                index += 1
-                continue
-            break
+                    return budget, False
+            describe(request, num_new, out, num_known, row_steps)
+            scheduled.append(request)
+            budget -= num_new
+            index += 1
+        return budget, admit
 
+    def _admit_waiting(self, out: SchedulerOutput, scheduled: list[Request], budget: int, isolate: bool,
+                       max_seqs: int) -> None:
+        """Waiting requests join, in queue order, while sequence slots, the budget and the pool
+        allow (prefix-cache hits counted as computed); a static batch is formed in one step."""
         forming_static_batch = self.policy == "static" and not self.running
-        can_admit = not preempted and not blocked and (self.policy != "static" or forming_static_batch)
+        if self.policy == "static" and not forming_static_batch:
+            return
+        if isolate and (scheduled or not self._suspect_first()):
+            return
         # A static batch is formed in one step: its members join even past this step's token
         # budget (their prefill then proceeds in chunks), as long as their prompts fit the pool.
         reserve = self.kv.pool.num_free_blocks
         num_seqs = self._num_running_seqs()
-        if isolate:
-            can_admit = can_admit and not scheduled and self._suspect_first()
         lora_slots, passed_over = self.lora_slots, []   # LoRA: waiting requests whose adapter finds no slot now
-        while can_admit and self.waiting and num_seqs < self.max_num_seqs and len(scheduled) < max_seqs \
+        while self.waiting and num_seqs < self.max_num_seqs and len(scheduled) < max_seqs \
                 and (budget > 0 or forming_static_batch):
             request = self.waiting[0]
             # parallel samples count: a parent joins only when all its sequences fit
@@ -322,21 +342,7 @@ class Scheduler(StepRecovery):
                 budget -= num_new
             if isolate:
                 break
-
         self.waiting.extendleft(reversed(passed_over))   # at the head again, in their order
-        if isolate and not scheduled:   # no suspect can run alone now (memory): stop isolating
-            self.suspects.clear()
-        out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
-        self.stats.num_batched_tokens = out.total_num_scheduled_tokens
-        if self.pending_forks:
-            self._fork_completed_prompts(scheduled, out)
-        if lora_slots is not None:
-            out.lora_loads = lora_slots.take_loads()
-        out.blocks_to_copy = self.kv.take_pending_copies()
-        out.blocks_to_swap_out, out.blocks_to_swap_in, out.num_swap_out_behind = self.kv.take_swaps()
-        if self._constrained_samples:
-            self._name_constrained_rows(out)
-        return out
 
     def _window_may_open(self) -> bool:
         """Nothing that one step a schedule would act on can happen inside a decode window
