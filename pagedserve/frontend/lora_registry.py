@@ -14,7 +14,10 @@ first), but never one that a live request runs with (its rank copies may be need
 a preemption, or once its device slot went to another adapter): while more adapters than that
 are in use, they are all kept, until their requests end. An adapter dropped is read again, off
 the engine thread like the first time, when a request names it next (its files must still be
-there then; a read that fails fails that request alone, as a ValidationError).
+there then; a read that fails fails that request alone, as a ValidationError). With the core in
+a process of its own (the server's --engine-process), an adapter's factors are held twice on the
+host, here and in the core's rank 0: this copy is what a request that got it before a drop
+installs again, so no request ever waits for, or fails on, a file read on the driver thread.
 
 Threads: get runs on any thread (under a lock); install / hold / release only on the engine's
 driver thread, the one that talks to the core: the ranks' caches follow this one, an adapter
