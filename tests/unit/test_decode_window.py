@@ -232,6 +232,45 @@ def test_parallel_samples_share_blocks_through_windows(tiny_checkpoints):
     assert len({tuple(ids) for ids in results[1][0]}) == 3   # three different samples
 
 
+@pytest.mark.parametrize("preemption_mode", ["recompute", "swap"])
+def test_windows_between_preemptions_give_the_single_step_tokens(tiny_checkpoints, monkeypatch, preemption_mode):
+    """A pool too small for the batch: requests are preempted (recomputed, or swapped to the
+    host tier and back) between windows, prompts are prefilled in chunks beside decoding rows,
+    with a shared prefix, n = 2 and seeded draws; every
+    request ends by length, so each step's batch is one step a schedule's and the ids are equal."""
+    prefix = random_prompts(1, 512, 16, 16, seed=5)[0]
+    prompts = [{"prompt_token_ids": prefix + p} for p in random_prompts(12, 512, 1, 30, seed=6)]
+    params = [SamplingParams(max_tokens=8 + 3 * i, ignore_eos=True, n=2 if i % 5 == 1 else 1,
+                             **(dict(temperature=0.8, top_p=0.9, seed=i) if i % 3 == 0 else dict(temperature=0.0)))
+              for i in range(12)]
+    results, counts = [], []
+    for steps in (1, 4):
+        with monkeypatch.context() as patch:
+            windows = collections.Counter()
+            schedule = Scheduler.schedule
+
+            def counted(self):
+                out = schedule(self)
+                windows[out.num_steps] += 1
+                return out
+            patch.setattr(Scheduler, "schedule", counted)
+            llm = LLM(model=tiny_checkpoints["llama"], device="cpu", dtype="float32", max_model_len=128,
+                      skip_tokenizer_init=True, async_scheduling=True, block_size=4, num_kv_blocks=60,
+                      max_num_seqs=8, max_num_batched_tokens=32, num_scheduler_steps=steps,
+                      preemption_mode=preemption_mode)
+            try:
+                outs = llm.generate(prompts, params, use_tqdm=False)
+                stats = llm.engine.core.scheduler.stats
+                counts.append((windows[4], stats.num_preemptions, stats.num_swap_preemptions))
+            finally:
+                llm.shutdown()
+        results.append([[c.token_ids for c in o.outputs] for o in outs])
+    assert results[1] == results[0] and [len(o[0]) for o in results[1]] == [8 + 3 * i for i in range(12)]
+    (_, single_preemptions, _), (windows_run, preemptions, swaps) = counts
+    assert windows_run >= 5 and single_preemptions > 0 and preemptions > 0
+    assert (swaps > 0) == (preemption_mode == "swap")
+
+
 def test_stop_strings_and_eos_inside_a_window():
     """A stop string or a stop token met inside a window ends the request at the same token as
     one step a schedule would (the default model, its tokenizer: the detokenizer finds the string)."""
