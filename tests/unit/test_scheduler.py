@@ -100,6 +100,24 @@ def test_preemption_newest_first_and_resume():
     assert s.kv.pool.num_free_blocks == 5
 
 
+def test_a_step_that_preempts_admits_nothing():
+    # priority: w (better than c) waits while a and b need a block each and the pool is full:
+    # c is preempted and frees 3 blocks, a and b take one each, and one stays free; w would fit
+    # it, but a step that preempted admits nothing (the next step looks at the pool again)
+    s = make(num_blocks=7, budget=100, max_len=40, policy="priority")
+    s.add_request(req("a", 8, max_tokens=8))
+    s.add_request(req("b", 8, max_tokens=8, start=20))
+    s.add_request(req("c", 12, max_tokens=8, start=40, priority=1))
+    run_step(s)
+    assert s.kv.pool.num_free_blocks == 0
+    s.add_request(req("w", 3, max_tokens=8, start=60))
+    out, _ = run_step(s)
+    assert out.num_scheduled_tokens == {"a": 1, "b": 1} and out.preempted_req_ids == {"c"}
+    assert [r.request_id for r in s.waiting] == ["w", "c"] and s.kv.pool.num_free_blocks == 1
+    out, _ = run_step(s)
+    assert out.num_scheduled_tokens == {"a": 1, "b": 1, "w": 3} and s.kv.block_ids("w") == [4]
+
+
 def test_preempted_request_is_resent_in_full():
     s = make(num_blocks=4, budget=100, max_len=40)
     s.add_request(req("a", 8, max_tokens=8))
