@@ -149,6 +149,18 @@ def _params():
     return params
 
 
+def count_windows(patch: pytest.MonkeyPatch, windows: collections.Counter) -> None:
+    """Through `patch`: each schedule that runs something counts its steps in windows[K]."""
+    schedule = Scheduler.schedule
+
+    def counted(self):
+        out = schedule(self)
+        if out.num_scheduled_tokens:
+            windows[out.num_steps] += 1
+        return out
+    patch.setattr(Scheduler, "schedule", counted)
+
+
 def _generate(path, steps, async_scheduling, monkeypatch=None):
     """The outputs, and (with monkeypatch) a Counter of the windows' lengths, whose key "rows"
     counts the rows the runner computed over all steps (the counting undone on return; patches
@@ -156,18 +168,12 @@ def _generate(path, steps, async_scheduling, monkeypatch=None):
     windows = collections.Counter()
     with monkeypatch.context() if monkeypatch is not None else contextlib.nullcontext() as patch:
         if patch is not None:
-            schedule, run_step = Scheduler.schedule, ModelRunner._run_step
-
-            def counted(self):
-                out = schedule(self)
-                if out.num_scheduled_tokens:
-                    windows[out.num_steps] += 1
-                return out
+            run_step = ModelRunner._run_step
 
             def counted_rows(self, so, scheduled, non_block):
                 windows["rows"] += len(scheduled)
                 return run_step(self, so, scheduled, non_block)
-            patch.setattr(Scheduler, "schedule", counted)
+            count_windows(patch, windows)
             patch.setattr(ModelRunner, "_run_step", counted_rows)
         llm = LLM(model=path, device="cpu", dtype="float32", max_model_len=128, skip_tokenizer_init=True,
                   async_scheduling=async_scheduling, block_size=4, num_kv_blocks=200, max_num_seqs=8,
@@ -247,13 +253,7 @@ def test_windows_between_preemptions_give_the_single_step_tokens(tiny_checkpoint
     for steps in (1, 4):
         with monkeypatch.context() as patch:
             windows = collections.Counter()
-            schedule = Scheduler.schedule
-
-            def counted(self):
-                out = schedule(self)
-                windows[out.num_steps] += 1
-                return out
-            patch.setattr(Scheduler, "schedule", counted)
+            count_windows(patch, windows)
             llm = LLM(model=tiny_checkpoints["llama"], device="cpu", dtype="float32", max_model_len=128,
                       skip_tokenizer_init=True, async_scheduling=True, block_size=4, num_kv_blocks=60,
                       max_num_seqs=8, max_num_batched_tokens=32, num_scheduler_steps=steps,
