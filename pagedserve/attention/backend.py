@@ -127,6 +127,9 @@ class TritonBackend:
     # above 512.
     fused_decode = True
     fused_decode_max_seqs = 512
+    # All-decode steps of at least triton_cascade.CASCADE_MIN_ROWS rows sharing a cached prefix of at
+    # least CASCADE_MIN_KEYS keys read it once for all rows (triton_cascade; the fused decode launch).
+    cascade = True
 
     def __init__(self) -> None:
         from pagedserve.attention.sdpa_prefill import gather_context, sdpa_available, sdpa_prefill_sequence
@@ -169,7 +172,8 @@ class TritonBackend:
         out = self._paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                                     scale, 1, meta.max_seq_len, num_decodes=meta.num_decodes,
                                     rotary_store=self._rotary_store(k, v, meta.slot_mapping, rope.cos_cache,
-                                                                    rope.sin_cache))
+                                                                    rope.sin_cache),
+                                    cascade=meta.cascade if self.cascade else None)
         return out.reshape(q.shape[0], -1)
 
     def attend(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float,

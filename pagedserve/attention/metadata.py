@@ -32,6 +32,9 @@ class AttentionMetadata:
     query_start_loc_host / seq_lens_host: the same on the host (eager steps; None in CUDA-graph
                      steps, whose values change at replay): long prefill chunks use them to run
                      torch's fused attention one sequence at a time
+    cascade:         an all-decode step's shared prefix (attention/triton_cascade.py), or None: no
+                     cascade launch: (cascade_len int32 [rows], each row's shared keys, 0 none;
+                     cascade_row int32 [1], the row whose block table holds them)
     """
 
     slot_mapping: torch.Tensor
@@ -44,6 +47,7 @@ class AttentionMetadata:
     num_decode_tokens: int = 0
     query_start_loc_host: Sequence[int] | None = None
     seq_lens_host: Sequence[int] | None = None
+    cascade: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def num_seqs(self) -> int:

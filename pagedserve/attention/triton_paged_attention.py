@@ -38,6 +38,7 @@ import triton.language as tl
 
 from pagedserve.attention.paged_launch import TileConfig, default_tile_config, launch_plan
 from pagedserve.attention.split_plan import SplitPlan, active_segments
+from pagedserve.attention.triton_cascade import cascade_prefix, merge_prefix
 from pagedserve.attention.torch_ref import FP8_MAX
 from pagedserve.attention.triton_segment_merge import arrivals as _arrivals, merge_group, reduce_segments
 from pagedserve.attention.triton_store_kv import RotaryStore, fp8_operands, slot_row, to_cache
@@ -112,7 +113,7 @@ def _online_softmax_step(q, k, v, score_mask, m_i, l_i, acc, scale_log2, DOT_PRE
 
 # seq_begin/seq_end/num_seqs/num_segments may be 0 or 1: keep them runtime ints (no constexpr
 # specialisation: one compiled variant serves every split count, decode and prefill alike).
-@triton.jit(do_not_specialize=["seq_begin", "seq_end", "stride_block_table", "num_segments", "tiles_per_segment",
+@triton.jit(do_not_specialize=["seq_begin", "seq_end", "stride_block_table", "num_segments", "tiles_per_segment", "prefix_segments",
                                "short_tiles", "lone_tiles"])
 def _paged_attention_kernel(
     out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, partial_active_ptr,
@@ -150,6 +151,11 @@ def _paged_attention_kernel(
     # HEADS_FIRST: grid (num_kv_heads, query tiles, segments), a sequence's KV heads adjacent in
     # launch order (they read the same KV blocks at about the same time)
     HEADS_FIRST: tl.constexpr = False,
+    # CASCADE (ROTARY_STORE launches after triton_cascade's prefix launch): keys [0, cascade_len[s]) of
+    # a row s whose seq_len exceeds it were read there; this launch reads the rest, and its segment 0
+    # starts from the prefix partials (prefix_segments slices each)
+    cascade_len_ptr=None, prefix_acc_ptr=None, prefix_max_ptr=None, prefix_sum_ptr=None, prefix_segments=1,
+    CASCADE: tl.constexpr = False,
 ):
     if HEADS_FIRST:
         kv_head, tile_pid = tl.program_id(0), tl.program_id(1)
@@ -183,9 +189,13 @@ def _paged_attention_kernel(
         if q_block * BLOCK_Q >= query_len:
             return
     context_len = seq_len - query_len
+    key_begin = 0
+    if CASCADE:   # the shared prefix's keys (this row's: 0 if it has none) were read by the prefix launch
+        prefix_len = tl.load(cascade_len_ptr + seq_idx)
+        key_begin = tl.where(seq_len > prefix_len, prefix_len, 0)
     # Causal horizon of this tile (exclusive), then this segment's share of the key tiles.
     key_end = tl.minimum(context_len + (q_block + 1) * BLOCK_Q, seq_len)
-    num_tiles = tl.cdiv(key_end, TILE_N)
+    num_tiles = tl.cdiv(key_end - key_begin, TILE_N)
     active = active_segments(num_tiles, num_segments, tiles_per_segment, short_tiles, lone_tiles)
     if segment >= active:
         return   # nothing to read (the reduce merges only the active segments)
@@ -203,7 +213,7 @@ def _paged_attention_kernel(
     block_table_row = block_tables_ptr + seq_idx.to(tl.int64) * stride_block_table
     # Block ids of the next tile are loaded one iteration ahead, off the K/V loads' critical path;
     # the first tile's before the query is loaded and rotated, so that its round trip overlaps theirs.
-    key_pos = tile_lo * TILE_N + offs_n
+    key_pos = key_begin + tile_lo * TILE_N + offs_n
     block_id = tl.load(block_table_row + key_pos // BLOCK_SIZE, mask=key_pos < key_end, other=0).to(tl.int64)
     q_rows = query_ptr + token[:, None] * stride_q_token + head[:, None] * stride_q_head
     query_abs = context_len + query_pos  # absolute position of each row's token
@@ -256,8 +266,12 @@ def _paged_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    if CASCADE:
+        if (segment == 0) & (key_begin > 0):
+            m_i, l_i, acc = merge_prefix(m_i, l_i, acc, prefix_acc_ptr, prefix_max_ptr, prefix_sum_ptr, token, head,
+                                         row_valid, prefix_segments, NUM_HEADS, HEAD_DIM, HEAD_DIM_PAD)
     for tile in range(tile_lo, tile_hi):
-        key_pos = tile * TILE_N + offs_n
+        key_pos = key_begin + tile * TILE_N + offs_n
         key_valid = key_pos < key_end
         k, v = _load_kv_tile(k_head_ptr, v_head_ptr, block_id, key_pos, key_valid, offs_d, dim_valid,
                              stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, BLOCK_SIZE)
@@ -362,7 +376,8 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                     query_start_loc: torch.Tensor, scale: float, max_query_len: int | None,
                     max_seq_len: int | None, num_decodes: int | None = None,
                     out: torch.Tensor | None = None, *, num_splits: int | SplitPlan | None = None,
-                    tiles: TileConfig | None = None, rotary_store: RotaryStore | None = None) -> torch.Tensor:
+                    tiles: TileConfig | None = None, rotary_store: RotaryStore | None = None,
+                    cascade: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Causal attention of a ragged mixed batch over the paged KV cache (K/V of the query
     tokens must already be stored). query: [num_tokens, num_heads, head_dim]; returns `out`
     (allocated when None), written for tokens [query_start_loc[0], query_start_loc[-1]) only:
@@ -379,11 +394,16 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     sequence s's, query_start_loc being 0, 1, ..., num_seqs, at position seq_lens[s] - 1: the
     launch reads neither), where the query and the new key are rotated and the new key and value
     stored in the same launch, as rotary_store_kv would before this call (the cache is then
-    mutated; query and key are not).
+    mutated; query and key are not). cascade (with rotary_store): (cascade_len, cascade_row), int32
+    on the device: row s's keys [0, cascade_len[s]) are the prefix it shares with the other rows of
+    that length, held by row cascade_row[0]'s block table (triton_cascade: read once for them all;
+    its length 0: none).
     """
     _check_attention_inputs(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out)
     if rotary_store is not None:
         rotary_store.check(query, k_cache, v_cache, max_query_len, num_decodes, seq_lens.shape[0])
+    elif cascade is not None:
+        raise ValueError("paged_attention: cascade needs rotary_store (an all-decode launch)")
     if max_query_len is None:
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max()) if seq_lens.numel() else 0
     if max_seq_len is None:
@@ -416,14 +436,17 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     arrivals = None
     if partials is not None and MERGE_IN_KERNEL and max_query_len == 1:
         arrivals = _arrivals(query.device, num_tokens * num_kv_heads)
+    if cascade is not None:
+        cascade = (cascade[0], *cascade_prefix(query, k_cache, v_cache, block_tables, seq_lens, cascade,
+                                               rotary_store.cos_cache, rotary_store.sin_cache, scale))
     for seq_begin, seq_end, launch_max_query_len, launch_tokens in launches:
         config = tiles or default_tile_config(queries_per_kv, head_dim_pad, launch_max_query_len, query.dtype,
                                               k_cache.element_size() == 1)
         _launch_attention(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                           out, partials, seq_begin, seq_end, launch_max_query_len, launch_tokens,
                           config, plan, rotary_store, arrivals,
-                          wait_inputs=rotary_store is not None and narrow and DECODE_PDL
-                          and pdl_launches(query.device))
+                          wait_inputs=rotary_store is not None and narrow and DECODE_PDL and cascade is None
+                          and pdl_launches(query.device), cascade=cascade)
     if partials is not None and arrivals is None:
         reduce_segments(out, partials, query_start_loc, plan.num_segments)
     return out
@@ -435,7 +458,8 @@ def _launch_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                       partials: tuple[torch.Tensor, ...] | None,
                       seq_begin: int, seq_end: int, max_query_len: int, max_tokens: int,
                       config: TileConfig, plan: SplitPlan, rotary_store: RotaryStore | None = None,
-                      arrivals: torch.Tensor | None = None, wait_inputs: bool = False) -> None:
+                      arrivals: torch.Tensor | None = None, wait_inputs: bool = False,
+                      cascade: tuple | None = None) -> None:
     """One kernel launch over sequences [seq_begin, seq_end) whose query tokens number at
     most max_tokens. Writes `out` (one active segment) or the fp32 partials and, per token,
     the count of active segments."""
@@ -462,6 +486,9 @@ def _launch_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     if arrivals is not None:   # every query_len 1 (the caller's max_query_len): merged in the launch
         group_pad = triton.next_power_of_2(queries_per_kv)
         new.update(arrivals_ptr=arrivals, MERGE=True, GROUP_PAD=group_pad, SEG_CHUNK=max(8, 64 // group_pad))
+    if cascade is not None:   # (cascade_len, prefix acc, max, sum, segments): paged_attention's cascade_len
+        new.update(cascade_len_ptr=cascade[0], prefix_acc_ptr=cascade[1], prefix_max_ptr=cascade[2],
+                   prefix_sum_ptr=cascade[3], prefix_segments=cascade[4], CASCADE=True)
     if config.max_registers is not None:
         new.update(maxnreg=config.max_registers)
     heads_first = one_tile_per_seq and DECODE_HEADS_FIRST and grid_q < 65536   # CUDA's grid y limit

@@ -52,6 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pagedserve.attention.cascade_plan import CASCADE_MIN_ROWS
 from pagedserve.attention.metadata import AttentionMetadata
 from pagedserve.layers import linear_ops
 from pagedserve.worker.compile_ahead import compile_ahead
@@ -134,13 +135,18 @@ def _run_only(forward: Callable[[int], Output], size: int) -> None:
 class CudaGraphRunner:
     def __init__(self, model: nn.Module, max_num_seqs: int, max_model_len: int, block_size: int,
                  device: torch.device, max_num_batched_tokens: int = MAX_PREFILL_TOKENS,
-                 stage_input: tuple[int, torch.dtype] | None = None, mixed: bool = False) -> None:
+                 stage_input: tuple[int, torch.dtype] | None = None, mixed: bool = False,
+                 cascade: bool = False) -> None:
         """`stage_input`: (hidden size, dtype) of the hidden states a pipeline stage after the
         first receives (None: this model embeds the token ids itself). `mixed`: capture the
-        piecewise graphs of mixed steps too (one stage, one rank only)."""
+        piecewise graphs of mixed steps too (one stage, one rank only). `cascade`: the decode
+        buckets of at least cascade_plan.CASCADE_MIN_ROWS rows get a second graph whose
+        attention reads the rows' shared prefix once (attention/triton_cascade.py), replayed
+        for the steps that have one (StepInputs.cascade_len)."""
         self.model = model
         self.max_model_len = max_model_len
         self.buckets = batch_size_buckets(max_num_seqs)
+        self.cascade_buckets = [b for b in self.buckets if b >= CASCADE_MIN_ROWS] if cascade else []
         self.prefill_buckets = prefill_token_buckets(min(max_num_batched_tokens, max_model_len))
         self.mixed_buckets = mixed_token_buckets(max_num_batched_tokens) if mixed and stage_input is None else []
         max_bs = self.buckets[-1]
@@ -168,6 +174,8 @@ class CudaGraphRunner:
             self.stage_in = (hidden, torch.zeros_like(hidden))
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, Output] = {}
+        self.cascade_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.cascade_outputs: dict[int, Output] = {}
         self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.prefill_outputs: dict[int, Output] = {}
         # mixed steps: per bucket, its pieces (one more than attention calls) and final hidden states
@@ -187,24 +195,26 @@ class CudaGraphRunner:
         self._capture_all(_run_only)
         self._capture_mixed(None)
 
-    def _meta(self, bs: int) -> AttentionMetadata:
+    def _meta(self, bs: int, cascade: bool = False) -> AttentionMetadata:
         v = self.decode.views(bs)
         return AttentionMetadata(slot_mapping=v["slot_mapping"], query_start_loc=self.query_start_loc[:bs + 1],
                                  seq_lens=v["seq_lens"], block_tables=v["block_tables"],
                                  max_query_len=1, max_seq_len=self.max_model_len, num_decodes=bs,
-                                 num_decode_tokens=bs)
+                                 num_decode_tokens=bs,
+                                 cascade=(v["cascade_len"], v["cascade_row"]) if cascade else None)
 
     def _stage_in(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None if self.stage_in is None else (self.stage_in[0][:num_tokens], self.stage_in[1][:num_tokens])
 
-    def _forward(self, bs: int) -> Output:
+    def _forward(self, bs: int, cascade: bool = False) -> Output:
         """A decode graph: the fed tokens into the input ids, the forward, and up to
-        GRAPH_ARGMAX_ROWS rows the greedy argmax of the logits into the static sampled ids."""
+        GRAPH_ARGMAX_ROWS rows the greedy argmax of the logits into the static sampled ids.
+        `cascade`: its attention takes the static cascade_len / cascade_row (the cascade graphs)."""
         from pagedserve.layers.triton_ops import argmax_rows, feed_tokens   # Triton: CUDA only (a test extra on the CPU)
         v = self.decode.views(bs)
         feed_tokens(v["input_ids"], v["feed"], self.sampled)
         # new view objects each forward: eager code keys per-step caches on the tensor (rotary.py on the CPU)
-        out = self.model(v["input_ids"][:bs], v["positions"][:bs], self._meta(bs), self._stage_in(bs))
+        out = self.model(v["input_ids"][:bs], v["positions"][:bs], self._meta(bs, cascade), self._stage_in(bs))
         if isinstance(out, tuple):
             return out
         logits = self.model.compute_logits(out)
@@ -215,6 +225,9 @@ class CudaGraphRunner:
                 self.sampled[:bs].copy_(logits.argmax(dim=-1))
             self.argmax_buckets.add(bs)
         return logits
+
+    def _cascade_forward(self, bs: int) -> Output:
+        return self._forward(bs, cascade=True)
 
     def _prefill_forward(self, num_tokens: int) -> Output:
         meta = AttentionMetadata(slot_mapping=self.slot_mapping[:num_tokens],
@@ -250,9 +263,9 @@ class CudaGraphRunner:
             self._capture_all(capture_one)
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
-        logger.info("captured %d decode CUDA graphs (batch sizes %s..%s), %d prefill graphs (tokens %s..%s) and "
-                    "%d mixed-step buckets of %d pieces (tokens %s..%s) in %.1f s", len(self.graphs),
-                    self.buckets[0], self.buckets[-1], len(self.prefill_graphs),
+        logger.info("captured %d decode CUDA graphs (batch sizes %s..%s; %d more with cascade attention), %d prefill "
+                    "graphs (tokens %s..%s) and %d mixed-step buckets of %d pieces (tokens %s..%s) in %.1f s",
+                    len(self.graphs), self.buckets[0], self.buckets[-1], len(self.cascade_graphs), len(self.prefill_graphs),
                     self.prefill_buckets[0] if self.prefill_buckets else "-",
                     self.prefill_buckets[-1] if self.prefill_buckets else "-", len(self.mixed_graphs),
                     len(self.attention_calls) + 1, self.mixed_buckets[0] if self.mixed_buckets else "-",
@@ -270,9 +283,10 @@ class CudaGraphRunner:
             zeroed_counters(self.sampled.device, self.buckets[-1])
         for graphs, outputs, sizes, forward in (
                 (self.prefill_graphs, self.prefill_outputs, self.prefill_buckets, self._prefill_forward),
-                (self.graphs, self.outputs, self.buckets, self._forward)):
+                (self.graphs, self.outputs, self.buckets, self._forward),
+                (self.cascade_graphs, self.cascade_outputs, self.cascade_buckets, self._cascade_forward)):
             for size in reversed(sizes):
-                if forward == self._forward:   # this bucket's layout of the decode inputs: padding rows
+                if forward != self._prefill_forward:   # this bucket's layout of the decode inputs: padding rows
                     self.decode.pad(size)
                 made = record(forward, size)
                 if made is not None:
@@ -440,6 +454,8 @@ class CudaGraphRunner:
             raise ValueError("CudaGraphRunner.run: the step's inputs were not staged (stage())")
         num = len(inputs.rows)
         bs = next(b for b in self.buckets if b >= num)
+        if inputs.cascade_len and bs in self.cascade_graphs:
+            return self._replay(self.cascade_graphs[bs], self.cascade_outputs[bs], num, bs, receive)
         return self._replay(self.graphs[bs], self.outputs[bs], num, bs, receive)
 
     def can_run_mixed(self, inputs: StepInputs) -> bool:

@@ -42,13 +42,16 @@ class DecodeStatics:
     """The decode graphs' static inputs in one device buffer. The graph of bucket b reads b rows
     laid out from byte 0: input ids (int64), feed (int32: the row of the previous step's sampled
     ids that becomes this row's token, -1 none), positions and slots (int64), seq_lens (int32)
-    and the block table rows (int32 [b, max_blocks]), each 16-byte aligned; so a step's inputs
+    each row's shared prefix keys and the row holding them (int32, and int32 [1]:
+    attention/triton_cascade.py; 0: none) and the block table rows (int32 [b, max_blocks]), each 16-byte aligned; so a step's inputs
     are one copy of exactly its bucket's bytes from a pinned buffer laid out the same way.
     Padding rows: slot -1 (no KV write), seq_len 1, block row 0, feed -1."""
 
     FIELDS = (("input_ids", torch.int64), ("feed", torch.int32), ("positions", torch.int64),
-              ("slot_mapping", torch.int64), ("seq_lens", torch.int32), ("block_tables", torch.int32))
-    PADDING = {"input_ids": 0, "feed": -1, "positions": 0, "slot_mapping": -1, "seq_lens": 1}   # block rows: 0
+              ("slot_mapping", torch.int64), ("seq_lens", torch.int32), ("cascade_len", torch.int32),
+              ("cascade_row", torch.int32), ("block_tables", torch.int32))   # (block_tables last: stage() may copy it apart)
+    PADDING = {"input_ids": 0, "feed": -1, "positions": 0, "slot_mapping": -1, "seq_lens": 1,
+               "cascade_len": 0, "cascade_row": 0}   # block rows: 0
 
     def __init__(self, max_rows: int, max_blocks: int, device: torch.device) -> None:
         self.max_blocks = max_blocks
@@ -60,10 +63,9 @@ class DecodeStatics:
         """(name, dtype, shape, byte offset) of each field for `rows` rows, and the bytes in all."""
         fields, offset = [], 0
         for name, dtype in self.FIELDS:
-            shape = (rows, self.max_blocks) if name == "block_tables" else (rows,)
+            shape = (rows, self.max_blocks) if name == "block_tables" else (1,) if name == "cascade_row" else (rows,)
             fields.append((name, dtype, shape, offset))
-            nbytes = dtype.itemsize * rows * (self.max_blocks if name == "block_tables" else 1)
-            offset += -(-nbytes // 16) * 16
+            offset += -(-(dtype.itemsize * math.prod(shape)) // 16) * 16
         return fields, offset
 
     def views(self, rows: int) -> dict[str, torch.Tensor]:
@@ -96,8 +98,8 @@ class DecodeStatics:
                            pin_memory=self.device.type == "cuda")
         staging = host.numpy()
         for name, dtype, shape, offset in fields:
-            array = arrays[name]
             if name == "block_tables":
+                array = tables
                 if whole:
                     target = staging[offset:total].view(np.int32).reshape(shape)
                     target[:n, :width] = array
@@ -107,8 +109,9 @@ class DecodeStatics:
                     staging[copied:].view(np.int32).reshape(n, width)[:] = array
                 continue
             target = staging[offset:offset + dtype.itemsize * shape[0]].view(_NUMPY[dtype])
-            target[:array.shape[0]] = array
-            target[array.shape[0]:] = self.PADDING[name]
+            array = arrays.get(name, ())   # (the cascade's: absent where the step has none)
+            target[:len(array)] = array
+            target[len(array):] = self.PADDING[name]
         views = self.views(rows)
         self.buffer[:copied].copy_(host[:copied], non_blocking=True)
         if not whole:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from pagedserve.attention.metadata import AttentionMetadata
+from pagedserve.attention.cascade_plan import shared_prefix
 from pagedserve.engine_io import RequestId
 from pagedserve.layers.nucleus import MAX_TOP_K
 from pagedserve.sampling_params import SamplingParams
@@ -133,19 +134,23 @@ class StepInputs:
     # The tensors are a decode CUDA graph's static inputs, copied there by its stage (the
     # tokens the previous step sampled on the device are fed inside the graph)
     staged: bool = False
+    # An all-decode step's shared prefix keys (cascade_plan.shared_prefix; 0: no cascade)
+    cascade_len: int = 0
 
 
 DecodeStage = Callable[[list[CachedRequestState], dict[str, np.ndarray]], dict[str, torch.Tensor] | None]
 
 
 def build_step_inputs(states: list[CachedRequestState], num_scheduled: list[int], block_size: int,
-                      device: torch.device, block_table: BlockTable, decode_stage: DecodeStage | None = None
-                      ) -> StepInputs:
+                      device: torch.device, block_table: BlockTable, decode_stage: DecodeStage | None = None,
+                      cascade: bool = False) -> StepInputs:
     """Flatten the scheduled requests (any order) into decode-first model inputs. Reads the
     states' `block_row`s of `block_table`; mutates nothing. `decode_stage(rows, arrays)`: an
-    all-decode step's arrays (input_ids, positions, slot_mapping, seq_lens, block_tables) go
-    to it first; the device tensors it returns (a decode graph's static inputs, with
-    query_start_loc and logits_indices), or None, and the step is copied as any other."""
+    all-decode step's arrays (input_ids, positions, slot_mapping, seq_lens, block_tables, and
+    cascade_len / cascade_row where a shared prefix is found) go to it first; the device tensors it returns (a decode
+    graph's static inputs, with query_start_loc and logits_indices), or None, and the step is
+    copied as any other. `cascade`: an all-decode step looks for the prefix its rows share
+    (attention/cascade_plan.shared_prefix)."""
     num_decodes = num_scheduled.count(1)
     if num_decodes == len(states):
         rows, query_lens = states, num_scheduled
@@ -182,23 +187,29 @@ def build_step_inputs(states: list[CachedRequestState], num_scheduled: list[int]
     slot_mapping = block_tables[row_of_token, positions // block_size].astype(np.int64) * block_size \
         + positions % block_size
 
+    cascade_len, cascade_row, per_row = shared_prefix(block_tables, seq_lens, block_size) \
+        if cascade and num_decodes == len(rows) else (0, 0, None)
+    extra = {"cascade_len": per_row, "cascade_row": np.array([cascade_row], dtype=np.int32)} if cascade_len else {}
     staged = None
     if decode_stage is not None and num_decodes == len(rows):
         staged = decode_stage(rows, dict(input_ids=input_ids, positions=positions, slot_mapping=slot_mapping,
-                                         seq_lens=seq_lens, block_tables=block_tables))
+                                         seq_lens=seq_lens, block_tables=block_tables, **extra))
     if staged is not None:
         slots_t, input_ids_t, positions_t, logits_t, qsl_t, seq_lens_t, tables_t = (staged[name] for name in (
             "slot_mapping", "input_ids", "positions", "logits_indices", "query_start_loc", "seq_lens", "block_tables"))
+        cascade_t = (staged["cascade_len"], staged["cascade_row"]) if cascade_len else None
     else:
-        (slots_t, input_ids_t, positions_t, logits_t, qsl_t, seq_lens_t, tables_t) = to_device(
-            [slot_mapping, input_ids, positions, logits_indices, query_start_loc, seq_lens, block_tables], device)
+        (slots_t, input_ids_t, positions_t, logits_t, qsl_t, seq_lens_t, tables_t, *cascade_t) = to_device(
+            [slot_mapping, input_ids, positions, logits_indices, query_start_loc, seq_lens, block_tables,
+             *extra.values()], device)
+        cascade_t = tuple(cascade_t) if cascade_t else None
     meta = AttentionMetadata(slot_mapping=slots_t, query_start_loc=qsl_t, seq_lens=seq_lens_t, block_tables=tables_t,
                              max_query_len=max(query_lens), max_seq_len=int(seq_lens.max()),
                              num_decodes=num_decodes, num_decode_tokens=num_decodes,
-                             query_start_loc_host=query_start_loc, seq_lens_host=seq_lens)
+                             query_start_loc_host=query_start_loc, seq_lens_host=seq_lens, cascade=cascade_t)
     return StepInputs(input_ids=input_ids_t, positions=positions_t, meta=meta, rows=rows,
                       query_lens=query_lens, logits_indices=logits_t, sample_rows=sample_rows.tolist(),
-                      staged=staged is not None)
+                      staged=staged is not None, cascade_len=cascade_len)
 
 
 def feed_inflight_tokens(inputs: StepInputs, prev_sampled: torch.Tensor) -> None:

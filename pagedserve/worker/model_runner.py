@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pagedserve.attention.backend import select_backend
+from pagedserve.attention.backend import TritonBackend, select_backend
 from pagedserve.config import (CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig, WeightSource, kv_cache_torch_dtype,
                                shares_sampled_ids)
 from pagedserve.engine_io import ModelRunnerOutput, RequestId, SchedulerOutput, WindowOutput
@@ -172,7 +172,13 @@ class ModelRunner:
         mixed = self.device_config.mixed_graphs and tp_world_size() == 1 and self.pipeline is None
         return CudaGraphRunner(self.model, sched.max_num_seqs, sched.max_model_len, self.block_size, self.device,
                                sched.max_num_batched_tokens, (model.hidden_size, model.dtype) if takes_hidden else None,
-                               mixed)
+                               mixed, self.cascade)
+
+    @property
+    def cascade(self) -> bool:
+        """Whether all-decode steps look for a shared prefix to read once (attention/triton_cascade.py:
+        the Triton backend's fused decode launch, CUDA; benchmarks flip TritonBackend.cascade for an A/B)."""
+        return self.device.type == "cuda" and TritonBackend.cascade and TritonBackend.fused_decode
 
     # ---- LoRA adapters' host copies (between steps) ----------------------------------------
     def add_lora(self, lora: LoadedLoRA) -> None:
@@ -227,7 +233,7 @@ class ModelRunner:
         graphs = self.graph_runner
         inputs = build_step_inputs(scheduled, [num_scheduled[state.req_id] for state in scheduled],
                                    self.block_size, self.device, self.block_table,
-                                   self._stage_decode if graphs is not None else None)
+                                   self._stage_decode if graphs is not None else None, self.cascade)
         if not inputs.staged and self._prev_sampled is not None:   # a staged step's graph feeds them itself
             feed_inflight_tokens(inputs, self._prev_sampled)
         if self.lora is not None:

@@ -36,8 +36,9 @@ def test_layout_is_aligned_and_per_bucket():
     fields, total = statics.layout(3)
     assert [(name, offset) for name, _, _, offset in fields] == [
         ("input_ids", 0), ("feed", 32), ("positions", 48), ("slot_mapping", 80), ("seq_lens", 112),
-        ("block_tables", 128)]
-    assert total == 128 + 64   # 3 x 5 int32 = 60 bytes, rounded to 16
+        ("cascade_len", 128), ("cascade_row", 144), ("block_tables", 160)]
+    assert total == 160 + 64   # 3 x 5 int32 = 60 bytes, rounded to 16
+    assert statics.views(3)["cascade_row"].shape == (1,)   # one value a step, whatever the rows
     assert statics.buffer.numel() == statics.layout(8)[1]
     one, three = statics.views(1), statics.views(3)
     # every bucket's input ids start at byte 0: one prefix of the buffer
@@ -56,6 +57,11 @@ def test_stage_writes_the_rows_and_pads_the_bucket():
     assert v["slot_mapping"].tolist() == [3, 7, 11, -1]       # padding: no KV write
     assert v["seq_lens"].tolist() == [8, 9, 10, 1]
     assert v["block_tables"].tolist() == [[1, 2, 0, 0, 0], [3, 4, 0, 0, 0], [5, 6, 0, 0, 0], [0, 0, 0, 0, 0]]
+    assert v["cascade_len"].tolist() == [0] * 4 and v["cascade_row"].tolist() == [0]   # none: 0 over stale bytes
+    v = statics.stage(4, {**step_arrays(3, 2), "cascade_len": np.array([0, 272, 272], dtype=np.int32),
+                          "cascade_row": np.array([2], dtype=np.int32)})
+    assert v["cascade_len"].tolist() == [0, 272, 272, 0] and v["cascade_row"].tolist() == [2]
+    assert v["seq_lens"].tolist() == [8, 9, 10, 1]
 
 
 def test_stage_of_a_wide_table_copies_its_corner(monkeypatch):
@@ -171,3 +177,50 @@ def test_engine_with_staged_graphs_gives_the_eager_ids(tiny_checkpoints, monkeyp
     assert [ids for ids, _ in staged] == [ids for ids, _ in eager]
     lp_staged, lp_eager = staged[5][1], eager[5][1]
     assert len(lp_staged) == 9 and [sorted(d) for d in lp_staged] == [sorted(d) for d in lp_eager]
+
+
+def test_shared_prefix_steps_replay_the_cascade_graphs(tiny_checkpoints, monkeypatch):
+    """Rows that share a cached prompt prefix: their decode steps are staged with each row's
+    shared keys and the row holding them, and replay the bucket's cascade graph (whose attention
+    takes them: attention/triton_cascade.py, CUDA; the CPU's backend reads every key as before,
+    so the ids are the eager engine's); a step without a shared prefix replays the plain graph.
+    Thresholds lowered to this test's 6 rows and 24 shared keys."""
+    from pagedserve.attention import cascade_plan
+    from pagedserve.worker import cuda_graph
+    tiny_llama = tiny_checkpoints["llama"]
+    monkeypatch.setattr(cascade_plan, "CASCADE_MIN_ROWS", 4)
+    monkeypatch.setattr(cuda_graph, "CASCADE_MIN_ROWS", 4)
+    monkeypatch.setattr(cascade_plan, "CASCADE_MIN_KEYS", 8)
+    prefix = random_prompts(1, 512, 24, 24, seed=3)[0]
+    suffixes = random_prompts(6, 512, 3, 6, seed=4)
+    warm = [{"prompt_token_ids": prefix + [7]}]   # the prefix's 6 blocks cached before the batch arrives
+    prompts = [{"prompt_token_ids": prefix + s} for s in suffixes]
+    params = [SamplingParams(temperature=0.0, max_tokens=6 + i, ignore_eos=True) for i in range(6)]
+
+    def generate():
+        llm = LLM(model=tiny_llama, device="cpu", dtype="float32", max_model_len=128, skip_tokenizer_init=True,
+                  async_scheduling=True, block_size=4, num_kv_blocks=200, max_num_seqs=8)
+        try:
+            llm.generate(warm, [SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)], use_tqdm=False)
+            return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        finally:
+            llm.shutdown()
+    eager = generate()
+    emulate_graphs(monkeypatch)
+    monkeypatch.setattr(ModelRunner, "cascade", property(lambda self: True))
+    seen, run = [], CudaGraphRunner.run
+
+    def spy(self, inputs, receive=None):
+        bs = next(b for b in self.buckets if b >= len(inputs.rows))
+        views = self.decode.views(bs)
+        seen.append((len(inputs.rows), inputs.cascade_len, views["cascade_len"].tolist(),
+                     views["cascade_row"].tolist(), bs in self.cascade_graphs))
+        return run(self, inputs, receive)
+    monkeypatch.setattr(CudaGraphRunner, "run", spy)
+    assert generate() == eager
+    cascaded = [s for s in seen if s[1]]
+    # every decode step of >= 4 rows shares the 24 prefix keys (the rows' prompts' own blocks differ)
+    assert cascaded and all(s[1] == 24 and s[4] for s in cascaded)
+    for rows, _, per_row, row, _ in cascaded:
+        assert per_row[:rows] == [24] * rows and set(per_row[rows:]) <= {0} and 0 <= row[0] < rows
+    assert [s[0] for s in seen if not s[1]] and all(s[0] < 4 or not s[4] for s in seen if not s[1])

@@ -1,0 +1,183 @@
+"""Cascade attention for decode steps whose rows share a cached prefix (a system prompt, n > 1
+samples): the shared keys are read once a step for all those rows, not once a row.
+
+A decode row's keys are [0, seq_len). Where many rows of an all-decode step hold the same block
+ids for their first blocks (prefix caching shares them), positions [0, P) hold the same keys and
+values for each of them: cascade_plan.shared_prefix finds P, the rows (cascade_len[s] = P, 0 for
+the others) and a row r0 among them whose block table is read for the prefix; P is at most each
+such row's seq_len - 1, so the row's new key (stored by the decode launch) lies past it. Per layer:
+1. this module's launch: the sharing rows' query heads of one KV head form query tiles (rows x
+   queries per KV head, as a prefill tile packs tokens x heads) against the prefix's keys: a
+   dense, matmul-shaped pass whose K / V tiles each serve BLOCK_M query rows, split over
+   `num_segments` slices of the prefix; each (row, head, slice) writes un-normalised fp32
+   partials (acc, running max, running sum; the log2 domain of triton_paged_attention's online
+   softmax);
+2. the decode launch (triton_paged_attention, CASCADE) reads only keys [cascade_len[s], seq_len)
+   of each row, and its segment 0 starts from the row's prefix partials instead of from nothing:
+   the online softmax continued, so the split merge after it is unchanged.
+The query is rotated here as the decode launch rotates it (the same rotate_rows at the row's
+position seq_len - 1: the same bits), since the decode launch rotates its own copy.
+
+Other rows (cascade_len 0, a graph's padding rows among them) read their whole context in the
+decode launch as without a cascade. The lengths are device values (r0's 0: no cascade, this
+launch exits at once), so one CUDA graph serves every prefix; the model runner captures such
+graphs beside the plain ones (worker/cuda_graph.py) and replays them when P > 0.
+
+At 256 rows of llama-8b sharing a 2,048-token prefix (peers_long.py's prefix256) a step's
+attention reads 256 x 2,112 keys (69 GB) without the cascade; with it ~0.3 GB of prefix (each
+K / V tile from the L2 for its query tiles) plus the rows' own 64-192 keys.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pagedserve.attention.split_plan import sm_count
+from pagedserve.layers.triton_ops import _LIBDEVICE, rotate_rows
+
+BLOCK_M = 64
+TILE_N = 64
+
+
+@triton.jit(do_not_specialize=["num_rows", "num_segments", "stride_block_table"])
+def _cascade_prefix_kernel(
+    part_acc_ptr, part_max_ptr, part_sum_ptr,
+    query_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, cascade_len_ptr, cascade_row_ptr,
+    cos_ptr, sin_ptr, num_rows, num_segments, scale_log2,
+    stride_q_token, stride_q_head, stride_block_table,
+    stride_k_block, stride_k_slot, stride_k_head, stride_v_block, stride_v_slot, stride_v_head, stride_cos,
+    NUM_HEADS: tl.constexpr, QUERIES_PER_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    LIBDEVICE: tl.constexpr,
+):
+    kv_head, tile, segment = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    prefix_row = tl.load(cascade_row_ptr)
+    prefix_len = tl.load(cascade_len_ptr + prefix_row)
+    if prefix_len == 0:
+        return
+    ROWS: tl.constexpr = BLOCK_M // QUERIES_PER_KV
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, TILE_N)
+    row = tile * ROWS + offs_m // QUERIES_PER_KV
+    head = kv_head * QUERIES_PER_KV + offs_m % QUERIES_PER_KV
+    lane = (offs_m < ROWS * QUERIES_PER_KV) & (row < num_rows)
+    seq_len = tl.load(seq_lens_ptr + row, mask=lane, other=0)
+    member = tl.load(cascade_len_ptr + row, mask=lane, other=0) == prefix_len
+    row_valid = lane & member & (seq_len > prefix_len)
+    if tl.max(row_valid.to(tl.int32), 0) == 0:
+        return
+    # the query at its position seq_len - 1, rotated as the decode launch rotates it
+    HALF: tl.constexpr = HEAD_DIM // 2
+    partner_d = offs_d ^ HALF
+    sign = tl.where(offs_d < HALF, -1.0, 1.0)
+    pos = tl.maximum(seq_len - 1, 0)
+    rot = pos[:, None] * stride_cos + offs_d[None, :]
+    cos_rows = tl.load(cos_ptr + rot).to(tl.float32)
+    sin_rows = tl.load(sin_ptr + rot).to(tl.float32)
+    q_rows = query_ptr + row.to(tl.int64)[:, None] * stride_q_token + head[:, None] * stride_q_head
+    q = tl.load(q_rows + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+    q_partner = tl.load(q_rows + partner_d[None, :], mask=row_valid[:, None], other=0.0)
+    q = rotate_rows(q, q_partner, cos_rows, sin_rows, sign[None, :], LIBDEVICE)
+
+    num_tiles = tl.cdiv(prefix_len, TILE_N)
+    tile_lo = segment * num_tiles // num_segments
+    tile_hi = (segment + 1) * num_tiles // num_segments
+    block_table_ptr = block_tables_ptr + prefix_row.to(tl.int64) * stride_block_table
+    k_head_ptr = k_cache_ptr + kv_head.to(tl.int64) * stride_k_head
+    v_head_ptr = v_cache_ptr + kv_head.to(tl.int64) * stride_v_head
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for t in range(tile_lo, tile_hi):
+        key_pos = t * TILE_N + offs_n
+        key_valid = key_pos < prefix_len
+        block_id = tl.load(block_table_ptr + key_pos // BLOCK_SIZE, mask=key_valid, other=0).to(tl.int64)
+        slot = key_pos % BLOCK_SIZE
+        k = tl.load(k_head_ptr + block_id[:, None] * stride_k_block + slot[:, None] * stride_k_slot
+                    + offs_d[None, :], mask=key_valid[:, None], other=0.0)
+        v = tl.load(v_head_ptr + block_id[:, None] * stride_v_block + slot[:, None] * stride_v_slot
+                    + offs_d[None, :], mask=key_valid[:, None], other=0.0)
+        qq, kk, vv = q, k, v
+        if k.dtype.is_fp8():   # an FP8 cache: the decode launch's operand types
+            if q.dtype == tl.float32:
+                kk, vv = k.to(tl.float32), v.to(tl.float32)
+            else:
+                qq, kk, vv = q.to(tl.float16), k.to(tl.float16), v.to(tl.float16)
+        s = tl.dot(qq, tl.trans(kk), input_precision=DOT_PRECISION) * scale_log2
+        s = tl.where(row_valid[:, None] & key_valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(vv.dtype), vv, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    part = (row.to(tl.int64) * NUM_HEADS + head) * num_segments + segment
+    tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_valid[:, None])
+    tl.store(part_max_ptr + part, m_i, mask=row_valid)
+    tl.store(part_sum_ptr + part, l_i, mask=row_valid)
+
+
+@triton.jit
+def merge_prefix(m_i, l_i, acc, part_acc_ptr, part_max_ptr, part_sum_ptr, token, head, row_valid, num_segments,
+                 NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    """The decode launch's running (max, sum, acc) of its rows continued with their prefix
+    partials (every slice of _cascade_prefix_kernel's), as if its loop had read those keys."""
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    first = (token * NUM_HEADS + head) * num_segments
+    for s in range(num_segments):
+        m_s = tl.load(part_max_ptr + first + s, mask=row_valid, other=float("-inf"))
+        l_s = tl.load(part_sum_ptr + first + s, mask=row_valid, other=0.0)
+        a_s = tl.load(part_acc_ptr + (first + s)[:, None] * HEAD_DIM + offs_d[None, :],
+                      mask=row_valid[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+        m_new = tl.maximum(m_i, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        beta = tl.math.exp2(m_s - m_safe)
+        l_i = l_i * alpha + l_s * beta
+        acc = acc * alpha[:, None] + a_s * beta[:, None]
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+def prefix_segments(num_rows: int, num_kv_heads: int, queries_per_kv: int, device: torch.device) -> int:
+    """Slices of the prefix a launch of `num_rows` rows splits over: about two programs an SM."""
+    programs = num_kv_heads * triton.cdiv(num_rows, BLOCK_M // queries_per_kv)
+    return max(1, min(16, triton.cdiv(2 * sm_count(device), programs)))
+
+
+def cascade_prefix(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                   seq_lens: torch.Tensor, cascade: tuple[torch.Tensor, torch.Tensor], cos_cache: torch.Tensor,
+                   sin_cache: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Step 1 above for an all-decode batch (query [rows, Hq, D] unrotated, row s at position
+    seq_lens[s] - 1). cascade (int32, on the device): each row's shared keys ([>= rows]: P for the
+    rows that share the prefix, 0 for the others) and the row whose block table holds it ([1]; its
+    P 0: no cascade this step). Returns the prefix partials (acc [rows * Hq * segments, D], max and
+    sum [rows * Hq * segments], fp32) and their segment count."""
+    rows, num_heads, head_dim = query.shape
+    num_kv_heads = k_cache.shape[2]
+    queries_per_kv = num_heads // num_kv_heads
+    cascade_len, cascade_row = cascade
+    if head_dim & (head_dim - 1) or queries_per_kv > BLOCK_M or cascade_len.shape[0] < rows \
+            or cascade_row.shape != (1,) or cascade_len.dtype != torch.int32 or cascade_row.dtype != torch.int32:
+        raise ValueError(f"cascade_prefix: a power-of-two head_dim, at most {BLOCK_M} query heads a KV head, int32 "
+                         f"cascade lengths a row and an int32 [1] prefix row needed; got query {tuple(query.shape)}, "
+                         f"{tuple(cascade_len.shape)} {cascade_len.dtype}, {tuple(cascade_row.shape)}")
+    segments = prefix_segments(rows, num_kv_heads, queries_per_kv, query.device)
+    n = rows * num_heads * segments
+    acc = torch.empty(n, head_dim, dtype=torch.float32, device=query.device)
+    running_max = torch.empty(n, dtype=torch.float32, device=query.device)
+    running_sum = torch.empty(n, dtype=torch.float32, device=query.device)
+    grid = (num_kv_heads, triton.cdiv(rows, BLOCK_M // queries_per_kv), segments)
+    _cascade_prefix_kernel[grid](
+        acc, running_max, running_sum, query, k_cache, v_cache, block_tables, seq_lens, cascade_len, cascade_row,
+        cos_cache, sin_cache, rows, segments, scale * 1.4426950408889634,
+        query.stride(0), query.stride(1), block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), cos_cache.stride(0),
+        NUM_HEADS=num_heads, QUERIES_PER_KV=queries_per_kv, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_M=BLOCK_M, TILE_N=TILE_N, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        LIBDEVICE=_LIBDEVICE, num_warps=4, num_stages=2)
+    return acc, running_max, running_sum, segments

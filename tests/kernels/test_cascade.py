@@ -1,0 +1,206 @@
+"""Cascade attention (attention/triton_cascade.py): decode rows that share a cached prefix read it
+in one launch for all rows, and the decode launch continues from its partials. Against the plain
+rotary_store decode launch on the same batch: the same cache bits, outputs within fp32 rounding
+(the sums run in another order), and with cascade_len 0 the same bits."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed")
+from pagedserve.attention import cascade_plan  # noqa: E402
+from pagedserve.attention.split_plan import SplitPlan  # noqa: E402
+from pagedserve.attention.cascade_plan import shared_prefix  # noqa: E402
+from pagedserve.attention.triton_paged_attention import paged_attention  # noqa: E402
+from pagedserve.attention.triton_store_kv import RotaryStore  # noqa: E402
+from pagedserve.layers.rotary import RotaryEmbedding  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPES = [torch.float32, torch.bfloat16] if DEVICE.type == "cuda" else [torch.float32]
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
+
+
+def _batch(context_lens: list[int], shared_blocks: int, num_heads: int, num_kv_heads: int, head_dim: int,
+           dtype: torch.dtype, block_size: int = 16, seed: int = 0):
+    """Rows whose block tables begin with the same `shared_blocks` ids (the others their own), a
+    cache of random keys, one unrotated qkv row each, the rows' slots (the last row a graph's
+    padding: seq_len 1, slot -1)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = len(context_lens)
+    own = [-(-(c + 1) // block_size) - shared_blocks for c in context_lens]
+    num_blocks = shared_blocks + sum(max(n, 1) for n in own) + 2
+    ids = torch.randperm(num_blocks, generator=g).tolist()
+    shared, rest = ids[:shared_blocks], ids[shared_blocks:]
+    width = max(shared_blocks + max(n, 1) for n in own) + 1
+    tables = torch.zeros(rows, width, dtype=torch.int32)
+    for r, n in enumerate(own):
+        mine = [rest.pop() for _ in range(max(n, 1))]
+        tables[r, :shared_blocks + len(mine)] = torch.tensor(shared + mine, dtype=torch.int32)
+    tables[-1] = 0
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(DEVICE, dtype)
+    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(DEVICE, dtype)
+    seq_lens = torch.tensor([c + 1 for c in context_lens[:-1]] + [1], dtype=torch.int32)
+    slots = [int(tables[r, c // block_size]) * block_size + c % block_size for r, c in enumerate(context_lens[:-1])]
+    qkv = torch.randn(rows, (num_heads + 2 * num_kv_heads) * head_dim, generator=g).to(DEVICE, dtype)
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    return (q.view(rows, num_heads, head_dim), k.view(rows, num_kv_heads, head_dim),
+            v.view(rows, num_kv_heads, head_dim), k_cache, v_cache, tables.to(DEVICE), seq_lens.to(DEVICE),
+            torch.tensor(slots + [-1], device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("queries_per_kv,head_dim,prefix,num_splits", [
+    (4, 64, 96, None), (4, 64, 40, SplitPlan(3, 1, 0, 0)), (3, 64, 130, SplitPlan(4, 2, 0, 0)),
+    (8, 32, 200, 1)])
+def test_cascade_matches_the_plain_decode_launch(dtype, queries_per_kv, head_dim, prefix, num_splits) -> None:
+    """Rows of contexts 200-300 sharing 13 blocks (208 keys), the prefix read through row 3's
+    table; cascade lengths inside them (40: not a block's multiple; 130, 200: not a tile's), the
+    splits the decode launch may take. A row whose context is the prefix alone (seq_len = prefix +
+    1) reads only its new key past it; row 1 takes no part (cascade_len 0: its own whole context),
+    nor does the padding row."""
+    num_kv_heads = 2
+    num_heads = num_kv_heads * queries_per_kv
+    context_lens = [208, 230, 300, 250, 217, prefix, 0]
+    q, k, v, k_cache, v_cache, tables, seq_lens, slots = _batch(context_lens, 13, num_heads, num_kv_heads,
+                                                                 head_dim, dtype, seed=prefix)
+    rope = RotaryEmbedding(head_dim, 1024, 10000.0, dtype=dtype).to(DEVICE)
+    n = len(context_lens)
+    qsl = torch.arange(n + 1, dtype=torch.int32, device=DEVICE)
+
+    def run(lengths):
+        caches = [k_cache.clone(), v_cache.clone()]
+        cascade = None if lengths is None else (torch.tensor(lengths, dtype=torch.int32, device=DEVICE),
+                                                torch.tensor([3], dtype=torch.int32, device=DEVICE))
+        out = paged_attention(q, *caches, tables, seq_lens, qsl, 0.125, 1, 1024, num_decodes=n,
+                              out=torch.full_like(q, float("nan")), num_splits=num_splits,
+                              rotary_store=RotaryStore(k, v, slots, rope.cos_cache, rope.sin_cache), cascade=cascade)
+        return out, caches
+
+    expected, ref_caches = run(None)
+    out, caches = run([prefix, 0, prefix, prefix, prefix, prefix, 0])
+    assert torch.equal(caches[0], ref_caches[0]) and torch.equal(caches[1], ref_caches[1])
+    torch.testing.assert_close(out[:n - 1], expected[:n - 1], atol=TOL[dtype], rtol=TOL[dtype])
+    assert torch.equal(out[1], expected[1])   # no part in it: the plain launch's bits
+    assert not torch.equal(out[:n - 1], expected[:n - 1]) or dtype != torch.float32   # the sums did change order
+    off, _ = run([0] * n)   # no cascade this step (a graph's padding): the CASCADE launch gives the plain bits
+    assert torch.equal(off[:n], expected[:n])
+
+
+def test_a_wrong_prefix_gives_other_outputs() -> None:
+    """The check has teeth: a cascade length past the shared blocks (row 1's own blocks read
+    through row 0's table) changes that row's output."""
+    q, k, v, k_cache, v_cache, tables, seq_lens, slots = _batch([100, 120, 0], 2, 8, 2, 64, torch.float32)
+    rope = RotaryEmbedding(64, 1024, 10000.0, dtype=torch.float32).to(DEVICE)
+    qsl = torch.arange(4, dtype=torch.int32, device=DEVICE)
+    outs = [paged_attention(q, k_cache.clone(), v_cache.clone(), tables, seq_lens, qsl, 0.125, 1, 1024,
+                            num_decodes=3, rotary_store=RotaryStore(k, v, slots, rope.cos_cache, rope.sin_cache),
+                            cascade=None if c is None else (torch.tensor([c, c, 0], dtype=torch.int32, device=DEVICE),
+                                                            torch.zeros(1, dtype=torch.int32, device=DEVICE)))
+            for c in (None, 32, 64)]
+    torch.testing.assert_close(outs[1][:2], outs[0][:2], atol=2e-5, rtol=2e-5)
+    assert (outs[2][1] - outs[0][1]).abs().max() > 1e-2
+
+
+def test_shared_prefix(monkeypatch) -> None:
+    """The keys the rows that hold the last row's first block (else the first row's) share: whole
+    common blocks, at most their min(seq_len) - 1; none below the row or key thresholds."""
+    monkeypatch.setattr(cascade_plan, "CASCADE_MIN_ROWS", 3)
+    monkeypatch.setattr(cascade_plan, "CASCADE_MIN_KEYS", 64)
+    tables = np.zeros((4, 12), dtype=np.int32)
+    tables[:, :6] = [7, 3, 9, 1, 4, 8]
+    tables[:, 6:] = np.arange(24).reshape(4, 6) + 20
+    seq_lens = np.array([180, 170, 190, 175], dtype=np.int32)
+
+    def plan(t, lens=seq_lens):
+        keys, row, per_row = shared_prefix(t, lens, 16)
+        return keys, row, None if per_row is None else per_row.tolist()
+    assert plan(tables) == (96, 3, [96] * 4)                                     # 6 blocks of 16
+    tables[2, 5] = 99
+    assert plan(tables) == (80, 3, [80] * 4)                                     # row 2 leaves at block 5
+    assert plan(tables, np.array([180, 70, 190, 175], dtype=np.int32)) == (69, 3, [69] * 4)   # row 1's new key at 69
+    assert plan(tables, np.array([180, 60, 190, 175], dtype=np.int32)) == (0, 0, None)      # 59 keys: too few
+    tables[0, :6] = [5, 6, 9, 1, 4, 8]   # the first row computed the prefix itself (its own blocks)
+    assert plan(tables) == (80, 3, [0, 80, 80, 80])
+    tables[3, 0] = 11                    # the last row is alone: the first row's group, too small
+    assert plan(tables) == (0, 0, None)
+    tables[0, :2] = [7, 3]               # the last row alone, the first row's group of 3 shares 5 blocks
+    assert plan(tables) == (80, 0, [80, 80, 80, 0])
+    assert plan(tables[:2], seq_lens[:2]) == (0, 0, None)                       # 2 rows: too few
+
+
+_CASCADE_FOR_SM90 = """
+import inspect
+from pagedserve.attention.triton_paged_attention import _paged_attention_kernel as decode
+from pagedserve.attention.triton_cascade import _cascade_prefix_kernel as prefix
+i32 = ("block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr", "partial_active_ptr", "arrivals_ptr",
+       "cascade_len_ptr", "cascade_row_ptr")
+f32 = ("partial_acc_ptr", "partial_max_ptr", "partial_sum_ptr", "prefix_acc_ptr", "prefix_max_ptr",
+       "prefix_sum_ptr", "part_acc_ptr", "part_max_ptr", "part_sum_ptr")
+types = {**{n: "*i32" for n in i32}, **{n: "*fp32" for n in f32}, "slot_mapping_ptr": "*i64"}
+for kernel in (decode, prefix):
+    aligned = tuple(n for n in inspect.signature(kernel.fn).parameters
+                    if n.endswith("_ptr") or n.startswith("stride") and n != "stride_block_table")
+    if kernel is decode:   # the cascade graphs' decode launch (>= 64 rows: not narrow, no PDL), merged in the kernel
+        for head_dim in (128, 64):
+            build(kernel, dict(NUM_HEADS=32, QUERIES_PER_KV=4, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim,
+                               BLOCK_SIZE=16, BLOCK_M=16, BLOCK_Q=4, TILE_N=64, ONE_TILE_PER_SEQ=True,
+                               DOT_PRECISION="tf32", ROTARY_STORE=True, LIBDEVICE=True, MERGE=True, GROUP_PAD=4,
+                               SEG_CHUNK=16, HEADS_FIRST=True, CASCADE=True), types, aligned, num_warps=4,
+                  num_stages=3)
+    else:
+        for head_dim in (128, 64):
+            build(kernel, dict(NUM_HEADS=32, QUERIES_PER_KV=4, HEAD_DIM=head_dim, BLOCK_SIZE=16, BLOCK_M=64,
+                               TILE_N=64, DOT_PRECISION="tf32", LIBDEVICE=True), types, aligned, num_warps=4,
+                  num_stages=2)
+"""
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="compiles for sm_90 on a machine without a GPU")
+def test_cascade_kernels_compile_for_sm90() -> None:
+    """The prefix launch and the decode launch with CASCADE to cubins for sm_90 (bf16, llama-8b's
+    and llama-1b's head dims): the interpreter does not check what compiles
+    (tests/kernels/sm90_compile.py)."""
+    pytest.importorskip("triton.backends.nvidia")
+    from tests.kernels.sm90_compile import run
+    proc = run(_CASCADE_FOR_SM90)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="the cascade runs in the CUDA engine's fused decode launch")
+def test_engine_with_cascade_gives_the_plain_tokens(tmp_path, monkeypatch) -> None:
+    """An engine on CUDA (fp32, decode graphs): 64 requests sharing a 320-token cached prompt
+    prefix, greedy with logprobs, with the cascade on and off (the runner reads
+    TritonBackend.cascade every step): the same ids, logprobs within fp32 rounding, and the
+    cascade graphs replayed for the decode steps."""
+    from transformers import LlamaConfig
+
+    from pagedserve import LLM, SamplingParams
+    from pagedserve.attention.backend import TritonBackend
+    from pagedserve.worker.cuda_graph import CudaGraphRunner
+    LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
+                num_key_value_heads=2, max_position_embeddings=2048).save_pretrained(tmp_path)
+    llm = LLM(model=str(tmp_path), load_format="dummy", skip_tokenizer_init=True, dtype="float32", max_model_len=1024,
+              gpu_memory_utilization=0.3, seed=0)
+    replays, run = [], CudaGraphRunner.run
+
+    def spy(self, inputs, receive=None):
+        replays.append(inputs.cascade_len)
+        return run(self, inputs, receive)
+    monkeypatch.setattr(CudaGraphRunner, "run", spy)
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(3, 4000, (320,), generator=g).tolist()
+    prompts = [{"prompt_token_ids": prefix + torch.randint(3, 4000, (8,), generator=g).tolist()} for _ in range(64)]
+    params = SamplingParams(max_tokens=16, ignore_eos=True, temperature=0.0, logprobs=1, detokenize=False)
+    llm.generate([{"prompt_token_ids": prefix + [5]}], [params], use_tqdm=False)   # the prefix cached first
+    outs = {}
+    for cascade in (False, True):
+        monkeypatch.setattr(TritonBackend, "cascade", cascade)
+        replays.clear()
+        outs[cascade] = [o.outputs[0] for o in llm.generate(prompts, [params] * 64, use_tqdm=False)]
+        assert any(replays) == cascade and (not cascade or sum(r == 320 for r in replays) >= 10), replays
+    for plain, cascaded in zip(outs[False], outs[True]):
+        assert cascaded.token_ids == plain.token_ids
+        for a, b, token in zip(plain.logprobs, cascaded.logprobs, plain.token_ids):
+            assert abs(a[token].logprob - b[token].logprob) < 1e-4
+    llm.shutdown()
