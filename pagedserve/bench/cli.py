@@ -19,6 +19,9 @@ def _add_dataset_arguments(parser: argparse.ArgumentParser, default_name: str) -
     group.add_argument("--random-output-len", type=int, default=64)
     group.add_argument("--random-range-ratio", type=float, default=0.0,
                        help="lengths drawn uniformly from [L*(1-r), L*(1+r)]")
+    group.add_argument("--random-prefix-len", type=int, default=0,
+                       help="random: this many token ids every prompt begins with (a shared system prompt), "
+                            "before its own --random-input-len")
     group.add_argument("--sharegpt-output-len", type=int, default=None,
                        help="override the gpt turn's token count as output length")
     group.add_argument("--seed", type=int, default=0)

@@ -1,6 +1,7 @@
 """Benchmark request sets: what to send (token ids or text) and how many tokens to ask for.
 
-    random      token ids, seeded; lengths fixed or drawn from [L*(1-r), L*(1+r)]
+    random      token ids, seeded; lengths fixed or drawn from [L*(1-r), L*(1+r)], after a prefix
+                of --random-prefix-len ids every prompt shares (vLLM's flag: a system prompt)
     peers       the workload of ../shared/bench/peers.py: workload(n, seed) -- input U[64,1024],
                 output U[16,512], ids randrange(3, 32000), one random.Random(seed)
     random-text random token ids from the tokenizer's ordinary vocabulary, decoded to text;
@@ -47,16 +48,20 @@ def _lengths(rng: random.Random, length: int, range_ratio: float) -> int:
 
 
 def random_requests(num: int, input_len: int, output_len: int, range_ratio: float = 0.0, seed: int = 0,
-                    vocab_low: int = 3, vocab_high: int = 32000) -> list[SampleRequest]:
-    """Token-id prompts; ids uniform in [vocab_low, vocab_high)."""
+                    vocab_low: int = 3, vocab_high: int = 32000, prefix_len: int = 0) -> list[SampleRequest]:
+    """Token-id prompts; ids uniform in [vocab_low, vocab_high). `prefix_len` ids drawn first
+    begin every prompt (its length adds to the drawn one, as vLLM's --random-prefix-len)."""
     _check_random(num, input_len, output_len, range_ratio, vocab_low, vocab_high)
+    if prefix_len < 0:
+        raise ValidationError(f"--random-prefix-len must be >= 0, got {prefix_len}", "random_prefix_len")
     rng = random.Random(seed)
+    prefix = [rng.randrange(vocab_low, vocab_high) for _ in range(prefix_len)]
     requests = []
     for _ in range(num):
         prompt_len = _lengths(rng, input_len, range_ratio)
         out_len = _lengths(rng, output_len, range_ratio)
-        ids = [rng.randrange(vocab_low, vocab_high) for _ in range(prompt_len)]
-        requests.append(SampleRequest(prompt_len, out_len, prompt_token_ids=ids))
+        ids = prefix + [rng.randrange(vocab_low, vocab_high) for _ in range(prompt_len)]
+        requests.append(SampleRequest(len(ids), out_len, prompt_token_ids=ids))
     return requests
 
 
@@ -166,7 +171,8 @@ def load_requests(args: Any, tokenizer: Any | None, vocab_size: int | None = Non
     if name == "random":
         high = min(32000, vocab_size) if vocab_size else 32000
         return random_requests(args.num_prompts, args.random_input_len, args.random_output_len,
-                               args.random_range_ratio, args.seed, vocab_high=high)
+                               args.random_range_ratio, args.seed, vocab_high=high,
+                               prefix_len=getattr(args, "random_prefix_len", 0))
     if tokenizer is None:
         raise ValidationError(f"--dataset-name {name} needs a tokenizer (drop --skip-tokenizer-init, "
                               "or give --tokenizer)", "dataset_name")

@@ -110,7 +110,11 @@ def test_random_fixed_and_ranged_lengths() -> None:
     assert {r.output_len for r in ranged} <= set(range(10, 31))
     assert min(r.prompt_len for r in ranged) < 60 and max(r.prompt_len for r in ranged) > 140
     assert ranged[0].offline_prompt() == {"prompt_token_ids": ranged[0].prompt_token_ids}
-    for bad in (dict(num=0), dict(input_len=0), dict(range_ratio=1.0), dict(range_ratio=-0.1)):
+    shared = random_requests(4, 10, 5, seed=3, prefix_len=16)   # vLLM's --random-prefix-len
+    assert [(r.prompt_len, len(r.prompt_token_ids)) for r in shared] == [(26, 26)] * 4
+    assert len({tuple(r.prompt_token_ids[:16]) for r in shared}) == 1
+    assert len({tuple(r.prompt_token_ids[16:]) for r in shared}) == 4
+    for bad in (dict(num=0), dict(input_len=0), dict(range_ratio=1.0), dict(range_ratio=-0.1), dict(prefix_len=-1)):
         kwargs = dict(num=2, input_len=8, output_len=4, range_ratio=0.0) | bad
         with pytest.raises(ValidationError):
             random_requests(**kwargs)
