@@ -18,6 +18,7 @@ python3 -m pip install -q --no-deps --target /tmp/cfe_site .devcarry/cfe/*.whl
 echo "== peers_long ($(( $(date +%s) - T0 )) s)" | tee -a "$OUT/call2.txt"
 PYTHONPATH=$PWD:/tmp/cfe_site timeout ${LONG_S:-190} python3 .devcarry/peers_long.py pagedserve llama-8b 2>&1 \
   | grep -E "RESULT|Error" | tee -a "$OUT/call2.txt"
-echo "== peers llama-8b ($(( $(date +%s) - T0 )) s)" | tee -a "$OUT/call2.txt"
-PYTHONPATH=$PWD timeout $(( ${BUDGET:-580} - ($(date +%s) - T0) )) python3 .devcarry/peers.py pagedserve llama-8b 2>&1 \
+LEFT=$(( ${BUDGET:-580} - ($(date +%s) - T0) ))
+echo "== peers llama-8b ($(( $(date +%s) - T0 )) s, ${LEFT} s left)" | tee -a "$OUT/call2.txt"
+[ "$LEFT" -gt 90 ] && PYTHONPATH=$PWD timeout $LEFT python3 .devcarry/peers.py pagedserve llama-8b 2>&1 \
   | grep -E "RESULT|Error" | tee -a "$OUT/call2.txt"
