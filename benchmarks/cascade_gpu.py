@@ -5,7 +5,9 @@ step), in an order that puts each mode first and last; then the same tokens chec
 a 1,024-token prefix, 48 greedy tokens each, the same prompts in both modes (the second run finds
 every prompt cached: the decode steps are what differs), bf16 ids compared row by row.
 
-Usage: PYTHONPATH=$PWD python3 benchmarks/cascade_gpu.py [ORDER]   (ORDER of 0 / 1, default 01100110)"""
+Usage: PYTHONPATH=$PWD python3 benchmarks/cascade_gpu.py [ORDER] [--profile]   (ORDER of 0 / 1, default 01100110)
+--profile: then one prefix256 run each way under torch.profiler (prefix256_window.profiled_run: device busy, gaps,
+and the top kernels by device time into $OUT/prefix256_cascade{0,1}_top.txt)."""
 import json
 import os
 import random
@@ -16,7 +18,7 @@ sys.path[:0] = [os.path.join(os.path.dirname(__file__), "..", ".devcarry"), "/wo
 
 from pagedserve import SamplingParams  # noqa: E402
 from pagedserve.attention.backend import TritonBackend  # noqa: E402
-from benchmarks.prefix256_window import make_engine  # noqa: E402 (peers_long.py's llama-8b engine)
+from benchmarks.prefix256_window import make_engine, profiled_run  # noqa: E402 (peers_long.py's engine)
 
 
 def shared(seed: int, n: int, prefix: int, suffix: int):
@@ -26,7 +28,8 @@ def shared(seed: int, n: int, prefix: int, suffix: int):
 
 
 def main() -> None:
-    order = sys.argv[1] if len(sys.argv) > 1 else "01100110"
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    order = args[0] if args else "01100110"
     llm = make_engine()
     greedy = lambda n: SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.0, detokenize=False)  # noqa: E731
     TritonBackend.cascade = True
@@ -56,6 +59,13 @@ def main() -> None:
     first = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), 48) for a, b in zip(ids["0"], ids["1"])]
     print("RESULT " + json.dumps(dict(workload="cascade same tokens", rows=64, identical_rows=same,
                                       first_difference_min=min(first), tokens_equal=sum(first))), flush=True)
+    if "--profile" in sys.argv:
+        out_dir = os.environ.get("OUT", "/tmp")
+        for mode in ("0", "1"):
+            TritonBackend.cascade = mode == "1"
+            print("RESULT " + json.dumps(dict(workload="prefix256 profiled", cascade=mode,
+                                              **profiled_run(llm, 70 + int(mode), out_dir, f"cascade{mode}"))),
+                  flush=True)
 
 
 if __name__ == "__main__":

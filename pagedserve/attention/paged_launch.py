@@ -78,12 +78,12 @@ def narrow_decode_launch(num_seqs: int, num_kv_heads: int, queries_per_kv: int, 
 
 def launch_plan(num_seqs: int, num_heads: int, num_kv_heads: int, head_dim_pad: int, max_query_len: int,
                 max_seq_len: int, dtype: torch.dtype, device: torch.device,
-                num_splits: int | SplitPlan | None = None, tiles: TileConfig | None = None
-                ) -> tuple[TileConfig | None, SplitPlan, bool]:
+                num_splits: int | SplitPlan | None = None, tiles: TileConfig | None = None,
+                allow_narrow: bool = True) -> tuple[TileConfig | None, SplitPlan, bool]:
     """paged_attention's tiles (None: each launch's default_tile_config), split plan, and whether
-    it is a narrow (latency-bound decode) launch."""
+    it is a narrow (latency-bound decode) launch (never where allow_narrow is False)."""
     queries_per_kv = num_heads // num_kv_heads
-    narrow = None if num_splits is not None or tiles is not None else narrow_decode_launch(
+    narrow = None if num_splits is not None or tiles is not None or not allow_narrow else narrow_decode_launch(
         num_seqs, num_kv_heads, queries_per_kv, head_dim_pad, max_query_len, max_seq_len, dtype, num_heads, device)
     if narrow is not None:
         return *narrow, True
