@@ -113,8 +113,8 @@ def _online_softmax_step(q, k, v, score_mask, m_i, l_i, acc, scale_log2, DOT_PRE
 
 # seq_begin/seq_end/num_seqs/num_segments may be 0 or 1: keep them runtime ints (no constexpr
 # specialisation: one compiled variant serves every split count, decode and prefill alike).
-@triton.jit(do_not_specialize=["seq_begin", "seq_end", "stride_block_table", "num_segments", "tiles_per_segment", "prefix_segments",
-                               "short_tiles", "lone_tiles"])
+@triton.jit(do_not_specialize=["seq_begin", "seq_end", "stride_block_table", "num_segments", "tiles_per_segment",
+                               "short_tiles", "lone_tiles", "prefix_segments"])
 def _paged_attention_kernel(
     out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, partial_active_ptr,
     query_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
@@ -489,7 +489,7 @@ def _launch_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     if arrivals is not None:   # every query_len 1 (the caller's max_query_len): merged in the launch
         group_pad = triton.next_power_of_2(queries_per_kv)
         new.update(arrivals_ptr=arrivals, MERGE=True, GROUP_PAD=group_pad, SEG_CHUNK=max(8, 64 // group_pad))
-    if cascade is not None:   # (cascade_len, prefix acc, max, sum, segments): paged_attention's cascade_len
+    if cascade is not None:   # (each row's prefix keys, then cascade_prefix's acc, max, sum and segments)
         new.update(cascade_len_ptr=cascade[0], prefix_acc_ptr=cascade[1], prefix_max_ptr=cascade[2],
                    prefix_sum_ptr=cascade[3], prefix_segments=cascade[4], CASCADE=True)
     if config.max_registers is not None:

@@ -265,7 +265,8 @@ class CudaGraphRunner:
         torch.cuda.synchronize()
         logger.info("captured %d decode CUDA graphs (batch sizes %s..%s; %d more with cascade attention), %d prefill "
                     "graphs (tokens %s..%s) and %d mixed-step buckets of %d pieces (tokens %s..%s) in %.1f s",
-                    len(self.graphs), self.buckets[0], self.buckets[-1], len(self.cascade_graphs), len(self.prefill_graphs),
+                    len(self.graphs), self.buckets[0], self.buckets[-1], len(self.cascade_graphs),
+                    len(self.prefill_graphs),
                     self.prefill_buckets[0] if self.prefill_buckets else "-",
                     self.prefill_buckets[-1] if self.prefill_buckets else "-", len(self.mixed_graphs),
                     len(self.attention_calls) + 1, self.mixed_buckets[0] if self.mixed_buckets else "-",

@@ -41,15 +41,17 @@ class MixedStatics:
 class DecodeStatics:
     """The decode graphs' static inputs in one device buffer. The graph of bucket b reads b rows
     laid out from byte 0: input ids (int64), feed (int32: the row of the previous step's sampled
-    ids that becomes this row's token, -1 none), positions and slots (int64), seq_lens (int32)
-    each row's shared prefix keys and the row holding them (int32, and int32 [1]:
-    attention/triton_cascade.py; 0: none) and the block table rows (int32 [b, max_blocks]), each 16-byte aligned; so a step's inputs
-    are one copy of exactly its bucket's bytes from a pinned buffer laid out the same way.
-    Padding rows: slot -1 (no KV write), seq_len 1, block row 0, feed -1."""
+    ids that becomes this row's token, -1 none), positions and slots (int64), seq_lens (int32),
+    each row's shared prefix keys (int32) and the row whose table holds them (int32 [1]; both
+    attention/triton_cascade.py's, 0: none), and the block table rows (int32 [b, max_blocks]),
+    each 16-byte aligned; so a step's inputs are one copy of exactly its bucket's bytes from a
+    pinned buffer laid out the same way. Padding rows: slot -1 (no KV write), seq_len 1, block
+    row 0, feed -1, prefix keys 0."""
 
     FIELDS = (("input_ids", torch.int64), ("feed", torch.int32), ("positions", torch.int64),
               ("slot_mapping", torch.int64), ("seq_lens", torch.int32), ("cascade_len", torch.int32),
-              ("cascade_row", torch.int32), ("block_tables", torch.int32))   # (block_tables last: stage() may copy it apart)
+              ("cascade_row", torch.int32),
+              ("block_tables", torch.int32))   # (block_tables last: stage() may copy it apart)
     PADDING = {"input_ids": 0, "feed": -1, "positions": 0, "slot_mapping": -1, "seq_lens": 1,
                "cascade_len": 0, "cascade_row": 0}   # block rows: 0
 
