@@ -87,6 +87,28 @@ def test_cascade_matches_the_plain_decode_launch(dtype, queries_per_kv, head_dim
     assert torch.equal(off[:n], expected[:n])
 
 
+def test_cascade_over_an_fp8_cache() -> None:
+    """kv_cache_dtype fp8: the prefix launch reads E4M3 keys and values as the decode launch does
+    (fp32 for an fp32 query), so the cascade matches the plain launch within fp32 rounding, and the
+    new keys' FP8 bytes are the same."""
+    context_lens = [208, 230, 300, 250, 0]
+    q, k, v, k_cache, v_cache, tables, seq_lens, slots = _batch(context_lens, 13, 8, 2, 64, torch.float32, seed=9)
+    k_cache, v_cache = (c.clamp(-8, 8).to(torch.float8_e4m3fn) for c in (k_cache, v_cache))
+    rope = RotaryEmbedding(64, 1024, 10000.0, dtype=torch.float32).to(DEVICE)
+    qsl = torch.arange(6, dtype=torch.int32, device=DEVICE)
+    outs, caches = [], []
+    for lengths in (None, [200, 200, 200, 200, 0]):
+        cache = [k_cache.clone(), v_cache.clone()]
+        cascade = None if lengths is None else (torch.tensor(lengths, dtype=torch.int32, device=DEVICE),
+                                                torch.tensor([2], dtype=torch.int32, device=DEVICE))
+        outs.append(paged_attention(q, *cache, tables, seq_lens, qsl, 0.125, 1, 1024, num_decodes=5,
+                                    rotary_store=RotaryStore(k, v, slots, rope.cos_cache, rope.sin_cache),
+                                    cascade=cascade))
+        caches.append(cache)
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(*caches))
+    torch.testing.assert_close(outs[1][:4], outs[0][:4], atol=2e-5, rtol=2e-5)
+
+
 def test_a_wrong_prefix_gives_other_outputs() -> None:
     """The check has teeth: a cascade length past the shared blocks (row 1's own blocks read
     through row 0's table) changes that row's output."""
@@ -153,13 +175,22 @@ for kernel in (decode, prefix):
             build(kernel, dict(NUM_HEADS=32, QUERIES_PER_KV=4, HEAD_DIM=head_dim, BLOCK_SIZE=16, BLOCK_M=64,
                                TILE_N=64, DOT_PRECISION="tf32", LIBDEVICE=True), types, aligned, num_warps=4,
                   num_stages=2)
+    fp8 = {**types, "k_cache_ptr": "*fp8e4nv", "v_cache_ptr": "*fp8e4nv"}   # kv_cache_dtype fp8
+    if kernel is decode:
+        build(kernel, dict(NUM_HEADS=32, QUERIES_PER_KV=4, HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_SIZE=16, BLOCK_M=16,
+                           BLOCK_Q=4, TILE_N=64, ONE_TILE_PER_SEQ=True, DOT_PRECISION="tf32", ROTARY_STORE=True,
+                           LIBDEVICE=True, MERGE=True, GROUP_PAD=4, SEG_CHUNK=16, HEADS_FIRST=True, CASCADE=True),
+              fp8, aligned, num_warps=2, num_stages=3)
+    else:
+        build(kernel, dict(NUM_HEADS=32, QUERIES_PER_KV=4, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_M=64, TILE_N=64,
+                           DOT_PRECISION="tf32", LIBDEVICE=True), fp8, aligned, num_warps=4, num_stages=2)
 """
 
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="compiles for sm_90 on a machine without a GPU")
 def test_cascade_kernels_compile_for_sm90() -> None:
     """The prefix launch and the decode launch with CASCADE to cubins for sm_90 (bf16, llama-8b's
-    and llama-1b's head dims): the interpreter does not check what compiles
+    and llama-1b's head dims; an FP8 cache): the interpreter does not check what compiles
     (tests/kernels/sm90_compile.py)."""
     pytest.importorskip("triton.backends.nvidia")
     from tests.kernels.sm90_compile import run
