@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from pagedserve.attention.split_plan import sm_count
+from pagedserve.attention.triton_kv_tile import load_kv_tile, online_softmax_step
 from pagedserve.layers.triton_ops import _LIBDEVICE, rotate_rows
 
 BLOCK_M = 64
@@ -90,30 +91,15 @@ def _cascade_prefix_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for t in range(tile_lo, tile_hi):
+    dim_valid = offs_d < HEAD_DIM   # (all: a power of two)
+    for t in range(tile_lo, tile_hi):   # the decode launch's own tile loads and softmax step
         key_pos = t * TILE_N + offs_n
         key_valid = key_pos < prefix_len
         block_id = tl.load(block_table_ptr + key_pos // BLOCK_SIZE, mask=key_valid, other=0).to(tl.int64)
-        slot = key_pos % BLOCK_SIZE
-        k = tl.load(k_head_ptr + block_id[:, None] * stride_k_block + slot[:, None] * stride_k_slot
-                    + offs_d[None, :], mask=key_valid[:, None], other=0.0)
-        v = tl.load(v_head_ptr + block_id[:, None] * stride_v_block + slot[:, None] * stride_v_slot
-                    + offs_d[None, :], mask=key_valid[:, None], other=0.0)
-        qq, kk, vv = q, k, v
-        if k.dtype.is_fp8():   # an FP8 cache: the decode launch's operand types
-            if q.dtype == tl.float32:
-                kk, vv = k.to(tl.float32), v.to(tl.float32)
-            else:
-                qq, kk, vv = q.to(tl.float16), k.to(tl.float16), v.to(tl.float16)
-        s = tl.dot(qq, tl.trans(kk), input_precision=DOT_PRECISION) * scale_log2
-        s = tl.where(row_valid[:, None] & key_valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(vv.dtype), vv, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+        k, v = load_kv_tile(k_head_ptr, v_head_ptr, block_id, key_pos, key_valid, offs_d, dim_valid,
+                            stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, BLOCK_SIZE)
+        m_i, l_i, acc = online_softmax_step(q, k, v, row_valid[:, None] & key_valid[None, :], m_i, l_i, acc,
+                                            scale_log2, DOT_PRECISION)
     part = (row.to(tl.int64) * NUM_HEADS + head) * num_segments + segment
     tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_valid[:, None])
     tl.store(part_max_ptr + part, m_i, mask=row_valid)

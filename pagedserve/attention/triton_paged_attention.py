@@ -39,9 +39,10 @@ import triton.language as tl
 from pagedserve.attention.paged_launch import TileConfig, default_tile_config, launch_plan
 from pagedserve.attention.split_plan import SplitPlan, active_segments
 from pagedserve.attention.triton_cascade import cascade_prefix, merge_prefix
+from pagedserve.attention.triton_kv_tile import load_kv_tile, online_softmax_step
 from pagedserve.attention.torch_ref import FP8_MAX
 from pagedserve.attention.triton_segment_merge import arrivals as _arrivals, merge_group, reduce_segments
-from pagedserve.attention.triton_store_kv import RotaryStore, fp8_operands, slot_row, to_cache
+from pagedserve.attention.triton_store_kv import RotaryStore, slot_row, to_cache
 from pagedserve.layers.triton_launch import gdc_launch_dependents, gdc_wait, launch_fitting, pdl_launches
 from pagedserve.layers.triton_ops import _LIBDEVICE, rotate_rows
 
@@ -65,19 +66,6 @@ def _find_seq_idx(query_start_loc_ptr, q_block, seq_begin, seq_end, token_begin,
 
 
 @triton.jit
-def _load_kv_tile(k_head_ptr, v_head_ptr, block_id, key_pos, key_valid, offs_d, dim_valid,
-                  stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, BLOCK_SIZE: tl.constexpr):
-    """One [TILE_N, HEAD_DIM_PAD] tile of K and of V of one KV head (block ids per key given)."""
-    slot = key_pos % BLOCK_SIZE
-    kv_mask = key_valid[:, None] & dim_valid[None, :]
-    k = tl.load(k_head_ptr + block_id[:, None] * stride_k_block + slot[:, None] * stride_k_slot
-                + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_head_ptr + block_id[:, None] * stride_v_block + slot[:, None] * stride_v_slot
-                + offs_d[None, :], mask=kv_mask, other=0.0)
-    return k, v
-
-
-@triton.jit
 def _prefetch_lines(ptrs):
     """prefetch.global.L2 of each address (a hint: nothing waits for it)."""
     tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
@@ -92,23 +80,6 @@ def _prefetch_kv_rows(k_head_ptr, v_head_ptr, block_id, slot, stride_k_block, st
     lines = tl.arange(0, HEAD_DIM_PAD // PREFETCH_STEP) * PREFETCH_STEP
     _prefetch_lines(k_head_ptr + block_id[:, None] * stride_k_block + slot[:, None] * stride_k_slot + lines[None, :])
     _prefetch_lines(v_head_ptr + block_id[:, None] * stride_v_block + slot[:, None] * stride_v_slot + lines[None, :])
-
-
-@triton.jit
-def _online_softmax_step(q, k, v, score_mask, m_i, l_i, acc, scale_log2, DOT_PRECISION: tl.constexpr):
-    """Fold one key tile into the running (max, sum, acc) of the rows of q (log2 domain, fp32);
-    rows with no unmasked key so far stay at max -inf, sum 0, acc 0."""
-    if k.dtype.is_fp8():   # an FP8 cache (kv_cache_dtype): fp8_operands
-        q, k, v = fp8_operands(q, k, v)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-    s = tl.where(score_mask, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked rows stay at 0
-    p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-    return m_new, l_i, acc
 
 
 # seq_begin/seq_end/num_seqs/num_segments may be 0 or 1: keep them runtime ints (no constexpr
@@ -273,14 +244,14 @@ def _paged_attention_kernel(
     for tile in range(tile_lo, tile_hi):
         key_pos = key_begin + tile * TILE_N + offs_n
         key_valid = key_pos < key_end
-        k, v = _load_kv_tile(k_head_ptr, v_head_ptr, block_id, key_pos, key_valid, offs_d, dim_valid,
-                             stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, BLOCK_SIZE)
+        k, v = load_kv_tile(k_head_ptr, v_head_ptr, block_id, key_pos, key_valid, offs_d, dim_valid,
+                            stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, BLOCK_SIZE)
         next_pos = key_pos + TILE_N
         block_id = tl.load(block_table_row + next_pos // BLOCK_SIZE, mask=next_pos < key_end,
                            other=0).to(tl.int64)
         # key_pos <= query_abs implies key_pos < key_end for every valid row.
-        m_i, l_i, acc = _online_softmax_step(q, k, v, row_valid[:, None] & (key_pos[None, :] <= query_abs[:, None]),
-                                             m_i, l_i, acc, scale_log2, DOT_PRECISION)
+        m_i, l_i, acc = online_softmax_step(q, k, v, row_valid[:, None] & (key_pos[None, :] <= query_abs[:, None]),
+                                            m_i, l_i, acc, scale_log2, DOT_PRECISION)
     store_mask = row_valid[:, None] & dim_valid[None, :]
     if active == 1:   # the one segment's output, as the merge of one segment divides (the reduce skips it)
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
