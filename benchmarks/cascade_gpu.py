@@ -7,18 +7,18 @@ every prompt cached: the decode steps are what differs), bf16 ids compared row b
 
 Usage: PYTHONPATH=$PWD python3 benchmarks/cascade_gpu.py [ORDER] [--profile]   (ORDER of 0 / 1, default 01100110)
 --profile: then one prefix256 run each way under torch.profiler (prefix256_window.profiled_run: device busy, gaps,
-and the top kernels by device time into $OUT/prefix256_cascade{0,1}_top.txt)."""
+and the top kernels by device time into $OUT/prefix256_cascade{0,1}_top.txt). The engine and the prefix256 runs are
+prefix256_window.py's (make_engine, timed_run)."""
 import json
 import os
 import random
 import sys
-import time
 
 sys.path[:0] = [os.path.join(os.path.dirname(__file__), "..", ".devcarry"), "/work/shared/bench"]
 
 from pagedserve import SamplingParams  # noqa: E402
 from pagedserve.attention.backend import TritonBackend  # noqa: E402
-from benchmarks.prefix256_window import make_engine, profiled_run  # noqa: E402 (peers_long.py's engine)
+from benchmarks.prefix256_window import make_engine, profiled_run, timed_run  # noqa: E402
 
 
 def shared(seed: int, n: int, prefix: int, suffix: int):
@@ -33,16 +33,12 @@ def main() -> None:
     llm = make_engine()
     greedy = lambda n: SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.0, detokenize=False)  # noqa: E731
     TritonBackend.cascade = True
-    llm.generate(shared(99, 256, 2048, 64), [greedy(16)] * 256, use_tqdm=False)   # warm-up
+    timed_run(llm, 99)   # warm-up
     walls = {"0": [], "1": []}
     for i, mode in enumerate(order):
         TritonBackend.cascade = mode == "1"
-        prompts = shared(1000 + i, 256, 2048, 64)
-        t0 = time.perf_counter()
-        outs = llm.generate(prompts, [greedy(128)] * 256, use_tqdm=False)
-        dt = time.perf_counter() - t0
+        dt, gen = timed_run(llm, i)   # prefix256, its own prefix each run
         walls[mode].append(dt)
-        gen = sum(len(o.outputs[0].token_ids) for o in outs)
         print(f"prefix256 cascade={mode}: {gen} tokens in {dt:.3f} s ({gen / dt:,.0f} out tok/s)", flush=True)
     mean = {m: sum(v) / len(v) for m, v in walls.items() if v}
     print("RESULT " + json.dumps(dict(workload="prefix256 cascade A/B", order=order,
