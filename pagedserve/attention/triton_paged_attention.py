@@ -410,9 +410,10 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     arrivals = None
     if partials is not None and MERGE_IN_KERNEL and max_query_len == 1:
         arrivals = _arrivals(query.device, num_tokens * num_kv_heads)
+    prefix = None   # the decode launch's cascade arguments: each row's prefix keys and the prefix launch's partials
     if cascade is not None:
-        cascade = (cascade[0], *cascade_prefix(query, k_cache, v_cache, block_tables, seq_lens, cascade,
-                                               rotary_store.cos_cache, rotary_store.sin_cache, scale))
+        prefix = (cascade[0], *cascade_prefix(query, k_cache, v_cache, block_tables, seq_lens, cascade,
+                                              rotary_store.cos_cache, rotary_store.sin_cache, scale))
     for seq_begin, seq_end, launch_max_query_len, launch_tokens in launches:
         config = tiles or default_tile_config(queries_per_kv, head_dim_pad, launch_max_query_len, query.dtype,
                                               k_cache.element_size() == 1)
@@ -420,7 +421,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                           out, partials, seq_begin, seq_end, launch_max_query_len, launch_tokens,
                           config, plan, rotary_store, arrivals,
                           wait_inputs=rotary_store is not None and narrow and DECODE_PDL
-                          and pdl_launches(query.device), cascade=cascade)
+                          and pdl_launches(query.device), prefix=prefix)
     if partials is not None and arrivals is None:
         reduce_segments(out, partials, query_start_loc, plan.num_segments)
     return out
@@ -433,7 +434,7 @@ def _launch_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                       seq_begin: int, seq_end: int, max_query_len: int, max_tokens: int,
                       config: TileConfig, plan: SplitPlan, rotary_store: RotaryStore | None = None,
                       arrivals: torch.Tensor | None = None, wait_inputs: bool = False,
-                      cascade: tuple | None = None) -> None:
+                      prefix: tuple | None = None) -> None:
     """One kernel launch over sequences [seq_begin, seq_end) whose query tokens number at
     most max_tokens. Writes `out` (one active segment) or the fp32 partials and, per token,
     the count of active segments."""
@@ -460,9 +461,9 @@ def _launch_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     if arrivals is not None:   # every query_len 1 (the caller's max_query_len): merged in the launch
         group_pad = triton.next_power_of_2(queries_per_kv)
         new.update(arrivals_ptr=arrivals, MERGE=True, GROUP_PAD=group_pad, SEG_CHUNK=max(8, 64 // group_pad))
-    if cascade is not None:   # (each row's prefix keys, then cascade_prefix's acc, max, sum and segments)
-        new.update(cascade_len_ptr=cascade[0], prefix_acc_ptr=cascade[1], prefix_max_ptr=cascade[2],
-                   prefix_sum_ptr=cascade[3], prefix_segments=cascade[4], CASCADE=True)
+    if prefix is not None:   # (each row's prefix keys, then cascade_prefix's acc, max, sum and segments)
+        new.update(cascade_len_ptr=prefix[0], prefix_acc_ptr=prefix[1], prefix_max_ptr=prefix[2],
+                   prefix_sum_ptr=prefix[3], prefix_segments=prefix[4], CASCADE=True)
     if config.max_registers is not None:
         new.update(maxnreg=config.max_registers)
     heads_first = one_tile_per_seq and DECODE_HEADS_FIRST and grid_q < 65536   # CUDA's grid y limit

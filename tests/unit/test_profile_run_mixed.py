@@ -36,7 +36,7 @@ def _decode_variants(backend: TritonBackend, meta: AttentionMetadata, heads, mon
 
     def record(query, k_cache, v_cache, block_tables, seq_lens, qsl, scale, out, partials, seq_begin, seq_end,
                max_query_len, max_tokens, config, plan, rotary_store=None, arrivals=None, wait_inputs=False,
-               cascade=None):
+               prefix=None):
         launched.append((max_query_len, config, partials is not None, arrivals is not None, rotary_store is not None,
                          query.shape[0], out.shape[0], None if partials is None else partials[0].shape[0]))
 
