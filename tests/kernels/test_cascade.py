@@ -25,23 +25,32 @@ def _batch(context_lens: list[int], shared_blocks: int, num_heads: int, num_kv_h
            dtype: torch.dtype, block_size: int = 16, seed: int = 0):
     """Rows whose block tables begin with the same `shared_blocks` ids (the others their own), a
     cache of random keys, one unrotated qkv row each, the rows' slots (the last row a graph's
-    padding: seq_len 1, slot -1)."""
+    padding: seq_len 1, slot -1). A row whose new key lies inside the shared blocks holds its own
+    copy of the block it writes and of those after it, as copy-on-write gives it: two rows never
+    write or read one slot in a launch (on a GPU the order of those programs is not fixed)."""
     g = torch.Generator().manual_seed(seed)
     rows = len(context_lens)
-    own = [-(-(c + 1) // block_size) - shared_blocks for c in context_lens]
-    num_blocks = shared_blocks + sum(max(n, 1) for n in own) + 2
+    kept = [min(shared_blocks, c // block_size) for c in context_lens]   # shared blocks before the new key's
+    own = [max(-(-(c + 1) // block_size), shared_blocks) - n for c, n in zip(context_lens, kept)]
+    num_blocks = shared_blocks + sum(own) + 2
     ids = torch.randperm(num_blocks, generator=g).tolist()
     shared, rest = ids[:shared_blocks], ids[shared_blocks:]
-    width = max(shared_blocks + max(n, 1) for n in own) + 1
+    width = max(n + m for n, m in zip(kept, own)) + 1
     tables = torch.zeros(rows, width, dtype=torch.int32)
-    for r, n in enumerate(own):
-        mine = [rest.pop() for _ in range(max(n, 1))]
-        tables[r, :shared_blocks + len(mine)] = torch.tensor(shared + mine, dtype=torch.int32)
+    copies = []   # (own block, the shared block it copies)
+    for r, (n, m) in enumerate(zip(kept, own)):
+        mine = [rest.pop() for _ in range(m)]
+        copies += [(b, shared[n + j]) for j, b in enumerate(mine) if n + j < shared_blocks]
+        tables[r, :n + m] = torch.tensor(shared[:n] + mine, dtype=torch.int32)
     tables[-1] = 0
-    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(DEVICE, dtype)
-    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(DEVICE, dtype)
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g)
+    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g)
+    for b, src in copies:
+        k_cache[b], v_cache[b] = k_cache[src], v_cache[src]
+    k_cache, v_cache = k_cache.to(DEVICE, dtype), v_cache.to(DEVICE, dtype)
     seq_lens = torch.tensor([c + 1 for c in context_lens[:-1]] + [1], dtype=torch.int32)
     slots = [int(tables[r, c // block_size]) * block_size + c % block_size for r, c in enumerate(context_lens[:-1])]
+    assert len(set(s // block_size for s in slots) & set(shared)) == 0   # no row writes a shared block
     qkv = torch.randn(rows, (num_heads + 2 * num_kv_heads) * head_dim, generator=g).to(DEVICE, dtype)
     q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
     return (q.view(rows, num_heads, head_dim), k.view(rows, num_kv_heads, head_dim),
