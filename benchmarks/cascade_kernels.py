@@ -1,0 +1,157 @@
+"""Cascade attention's two launches at prefix256's decode shape (llama-8b heads 32 / 8 / 128, bf16,
+256 rows sharing a 2,048-token cached prefix, each with 64-192 keys of its own, block size 16, a
+CUDA graph's plan for max_model_len 32768), timed alone: where session 52's 1.50x went. Its
+profile (H100): plain decode launch 441 us a layer; with the cascade 109 us (decode) + 74 us
+(prefix), where the bytes and FLOPs allow ~40 + ~15.
+
+Each variant is a CUDA graph of 16 calls, replayed 7 times interleaved with the others (medians);
+the outputs are checked against the plain launch (bf16 rounding, 2e-2).
+  plain              paged_attention, rotary_store, no cascade (the graph's plan)
+  cascade            the same with the cascade (prefix launch + decode launch)
+  cascade_nosplit    the same, decode plan NO_SPLIT (the plan's 14 empty segments a row not launched)
+  prefix[...]        triton_cascade.cascade_prefix alone under a tile config (BLOCK_M, TILE_N, warps,
+                     stages, programs an SM, block-id prefetch)
+Usage: PYTHONPATH=$PWD python3 benchmarks/cascade_kernels.py [--quick]   (CPU: a tiny smoke, Triton's interpreter)
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pagedserve.attention import triton_cascade as tc  # noqa: E402
+from pagedserve.attention.split_plan import NO_SPLIT  # noqa: E402
+from pagedserve.attention.triton_paged_attention import paged_attention  # noqa: E402
+from pagedserve.attention.triton_store_kv import RotaryStore  # noqa: E402
+from pagedserve.layers.rotary import RotaryEmbedding  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEV = torch.device("cuda" if CUDA else "cpu")
+HQ, HKV, D, BS = (32, 8, 128, 16) if CUDA else (8, 2, 64, 16)
+ROWS, PREFIX, OWN = (256, 2048, (64, 192)) if CUDA else (8, 64, (8, 40))
+MAX_LEN = 32768 if CUDA else 1024
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+
+
+def batch(seed: int = 0):
+    """ROWS decode rows: PREFIX shared keys (the same block ids), then each row's own blocks."""
+    rng = random.Random(seed)
+    shared = PREFIX // BS
+    own = [rng.randint(*OWN) for _ in range(ROWS)]
+    own_blocks = [-(-(n + 1) // BS) for n in own]
+    num_blocks = shared + sum(own_blocks) + 1
+    ids = torch.randperm(num_blocks).tolist()
+    width = shared + max(own_blocks)
+    tables = torch.zeros(ROWS, width, dtype=torch.int32)
+    slots, at = [], shared
+    for r, n in enumerate(own_blocks):
+        mine = ids[at:at + n]
+        at += n
+        tables[r, :shared + n] = torch.tensor(ids[:shared] + mine, dtype=torch.int32)
+        pos = PREFIX + own[r]
+        slots.append(mine[own[r] // BS] * BS + pos % BS)
+    g = torch.Generator().manual_seed(seed)
+    kc = torch.randn(num_blocks, BS, HKV, D, generator=g).to(DEV, DTYPE)
+    vc = torch.randn(num_blocks, BS, HKV, D, generator=g).to(DEV, DTYPE)
+    q = torch.randn(ROWS, HQ, D, generator=g).to(DEV, DTYPE)
+    k = torch.randn(ROWS, HKV, D, generator=g).to(DEV, DTYPE)
+    v = torch.randn(ROWS, HKV, D, generator=g).to(DEV, DTYPE)
+    seq_lens = torch.tensor([PREFIX + n + 1 for n in own], dtype=torch.int32, device=DEV)
+    rope = RotaryEmbedding(D, MAX_LEN, 500000.0, dtype=DTYPE).to(DEV)
+    store = RotaryStore(k, v, torch.tensor(slots, device=DEV), rope.cos_cache, rope.sin_cache)
+    cascade = (torch.full((ROWS,), PREFIX, dtype=torch.int32, device=DEV),
+               torch.tensor([ROWS - 1], dtype=torch.int32, device=DEV))
+    qsl = torch.arange(ROWS + 1, dtype=torch.int32, device=DEV)
+    kv_bytes = (PREFIX + sum(own)) * HKV * D * 2 * kc.element_size()
+    return dict(q=q, kc=kc, vc=vc, tables=tables.to(DEV), seq_lens=seq_lens, qsl=qsl, store=store, cascade=cascade,
+                own_keys=sum(own), kv_bytes=kv_bytes)
+
+
+def attend(b, cascade: bool, num_splits=None):
+    out = torch.empty_like(b["q"])
+    return lambda: paged_attention(b["q"], b["kc"], b["vc"], b["tables"], b["seq_lens"], b["qsl"], D ** -0.5, 1,
+                                   MAX_LEN, num_decodes=ROWS, out=out, num_splits=num_splits,
+                                   rotary_store=b["store"], cascade=b["cascade"] if cascade else None)
+
+
+def prefix_only(b):
+    return lambda: tc.cascade_prefix(b["q"], b["kc"], b["vc"], b["tables"], b["seq_lens"], b["cascade"],
+                                     b["store"].cos_cache, b["store"].sin_cache, D ** -0.5)
+
+
+CONFIGS = {   # BLOCK_M, TILE_N, NUM_WARPS, NUM_STAGES, PROGRAMS_PER_SM, PREFETCH_IDS
+    "64/64/w4/s2/p2/pf0": (64, 64, 4, 2, 2, False),   # session 52's
+    "64/64/w4/s2/p2": (64, 64, 4, 2, 2, True),
+    "64/64/w4/s3/p2": (64, 64, 4, 3, 2, True),
+    "64/64/w4/s2/p4": (64, 64, 4, 2, 4, True),
+    "128/64/w8/s2/p2": (128, 64, 8, 2, 2, True),
+    "128/64/w8/s3/p2": (128, 64, 8, 3, 2, True),
+    "128/64/w4/s2/p2": (128, 64, 4, 2, 2, True),
+    "128/128/w8/s2/p2": (128, 128, 8, 2, 2, True),
+    "64/128/w4/s2/p2": (64, 128, 4, 2, 2, True),
+    "128/64/w8/s2/p4": (128, 64, 8, 2, 4, True),
+}
+
+
+def set_config(cfg) -> None:
+    tc.BLOCK_M, tc.TILE_N, tc.NUM_WARPS, tc.NUM_STAGES, tc.PROGRAMS_PER_SM, tc.PREFETCH_IDS = cfg
+
+
+def graph_of(fn, calls: int = 16):
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    return g
+
+
+def main() -> None:
+    b = batch()
+    base = CONFIGS["64/64/w4/s2/p2/pf0"]
+    set_config(base)
+    ref = attend(b, False)().clone()
+    errors = {}
+    for name, cfg in CONFIGS.items():
+        set_config(cfg)
+        errors[name] = float(f"{(attend(b, True)().float() - ref.float()).abs().max().item():.2g}")
+    set_config(base)
+    errors["nosplit"] = float(f"{(attend(b, True, NO_SPLIT)().float() - ref.float()).abs().max().item():.2g}")
+    print("RESULT " + json.dumps(dict(workload="cascade max abs error vs plain", **errors)), flush=True)
+    if not CUDA:
+        return
+    variants = {"plain": (base, attend(b, False)), "cascade": (base, attend(b, True)),
+                "cascade_nosplit": (base, attend(b, True, NO_SPLIT))}
+    configs = CONFIGS if "--quick" not in sys.argv else dict(list(CONFIGS.items())[:3])
+    for name, cfg in configs.items():
+        variants[f"prefix[{name}]"] = (cfg, prefix_only(b))
+        if name != "64/64/w4/s2/p2/pf0":
+            variants[f"cascade[{name}]"] = (cfg, attend(b, True))
+    graphs = {}
+    for name, (cfg, fn) in variants.items():
+        set_config(cfg)
+        graphs[name] = graph_of(fn)
+    times = {n: [] for n in graphs}
+    for _ in range(7):
+        for name, g in graphs.items():
+            a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            g.replay()
+            e.record()
+            torch.cuda.synchronize()
+            times[name].append(a.elapsed_time(e) * 1000 / 16)
+    us = {n: round(sorted(t)[3], 1) for n, t in times.items()}
+    print("RESULT " + json.dumps(dict(workload="cascade kernels us a call", device=torch.cuda.get_device_name(),
+                                      rows=ROWS, prefix=PREFIX, own_keys=b["own_keys"], kv_gb=b["kv_bytes"] / 1e9,
+                                      **us)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
