@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from pagedserve.attention.split_plan import SplitPlan, choose_splits, sm_count
+from pagedserve.attention.split_plan import SplitPlan, capped_plan, choose_splits, sm_count
 
 
 @dataclass(frozen=True)
@@ -76,21 +76,38 @@ def narrow_decode_launch(num_seqs: int, num_kv_heads: int, queries_per_kv: int, 
     return TileConfig(block_m=group, tile_n=NARROW_TILE_N, num_warps=4, num_stages=2), plan
 
 
+# Cascade launches (attention/triton_cascade: the decode launch after the prefix launch, where the rows
+# sharing the prefix read only their own keys, a few tiles each): 32-key tiles, 2 stages (more programs an
+# SM), and at most CASCADE_MAX_SEGMENTS segments (a graph's chunked plan for max_model_len 32768 at 256
+# rows has 15, 14 of which exit at once for every such row). H100, prefix256's shape (256 rows, llama-8b
+# heads; benchmarks/cascade_kernels.py, RESULTS.md session 53): that decode launch ~98 us a layer under
+# the default tiles and plan; 32-key tiles and 2 stages -14 us, no split at all -21 us.
+CASCADE_MAX_SEGMENTS = 4
+
+
 def launch_plan(num_seqs: int, num_heads: int, num_kv_heads: int, head_dim_pad: int, max_query_len: int,
                 max_seq_len: int, dtype: torch.dtype, device: torch.device,
                 num_splits: int | SplitPlan | None = None, tiles: TileConfig | None = None,
-                allow_narrow: bool = True) -> tuple[TileConfig | None, SplitPlan, bool]:
+                cascade: bool = False) -> tuple[TileConfig | None, SplitPlan, bool]:
     """paged_attention's tiles (None: each launch's default_tile_config), split plan, and whether
-    it is a narrow (latency-bound decode) launch (never where allow_narrow is False)."""
+    it is a narrow (latency-bound decode) launch. cascade: a cascade's decode launch (above; never
+    narrow)."""
     queries_per_kv = num_heads // num_kv_heads
-    narrow = None if num_splits is not None or tiles is not None or not allow_narrow else narrow_decode_launch(
+    if cascade and tiles is None:
+        wide = dtype != torch.float32 and head_dim_pad <= 128
+        tiles = TileConfig(block_m=max(16, triton.next_power_of_2(queries_per_kv)), tile_n=32 if wide else 16,
+                           num_warps=4, num_stages=2)
+    narrow = None if num_splits is not None or tiles is not None else narrow_decode_launch(
         num_seqs, num_kv_heads, queries_per_kv, head_dim_pad, max_query_len, max_seq_len, dtype, num_heads, device)
     if narrow is not None:
         return *narrow, True
     if num_splits is None:
         default = tiles or default_tile_config(queries_per_kv, head_dim_pad, max_query_len, dtype)
-        return tiles, choose_splits(num_seqs, num_kv_heads, max_query_len, max_seq_len, default.tile_n,
-                                    sm_count(device), num_heads, head_dim_pad), False
+        plan = choose_splits(num_seqs, num_kv_heads, max_query_len, max_seq_len, default.tile_n,
+                             sm_count(device), num_heads, head_dim_pad)
+        if cascade:
+            plan = capped_plan(plan, triton.cdiv(max_seq_len, default.tile_n), CASCADE_MAX_SEGMENTS)
+        return tiles, plan, False
     return tiles, num_splits if isinstance(num_splits, SplitPlan) else SplitPlan(num_splits), False
 
 

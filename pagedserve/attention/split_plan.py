@@ -101,3 +101,14 @@ def choose_splits(num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_
     chunk = max(CHUNK_TILES, triton.cdiv(key_tiles, cap))
     segments = triton.cdiv(key_tiles, chunk)
     return SplitPlan(segments, chunk, 0, 0) if segments > 1 else NO_SPLIT
+
+
+def capped_plan(plan: SplitPlan, key_tiles: int, cap: int) -> SplitPlan:
+    """plan with at most `cap` segments for contexts of up to key_tiles tiles: a chunked plan's
+    chunks widened to cover them, the count rule's count lowered."""
+    if plan.num_segments <= cap:
+        return plan
+    if plan.short_tiles == 0 and plan.lone_tiles == 0:   # chunked: segments of tiles_per_segment tiles
+        return SplitPlan(cap, max(plan.tiles_per_segment, triton.cdiv(key_tiles, cap)), 0, 0)
+    return SplitPlan(cap, plan.tiles_per_segment, plan.short_tiles, plan.lone_tiles)
+

@@ -37,15 +37,16 @@ from pagedserve.attention.split_plan import sm_count
 from pagedserve.attention.triton_kv_tile import load_kv_tile, online_softmax_step
 from pagedserve.layers.triton_ops import _LIBDEVICE, rotate_rows
 
-# The prefix launch's tiles (benchmarks/cascade_kernels.py times others): query rows (rows x queries per KV
-# head) a program, keys a step, warps, pipeline stages, and about how many programs an SM the prefix's
-# slices make; PREFETCH_IDS loads a step's block ids one step ahead (as the decode launch does)
+# The prefix launch's tiles: query rows (rows x queries per KV head) a program, keys a step, warps, pipeline
+# stages, and about how many programs an SM the prefix's slices make. H100, prefix256's shape (256 rows, llama-8b
+# heads, 2,048 keys; benchmarks/cascade_kernels.py, RESULTS.md session 53): 64 / 64 / 4 warps / 2 stages 69.8 us,
+# 3 stages 60.2; 128-row tiles (4 or 8 warps, 2 or 3 stages), 128-key tiles or 4 programs an SM 73-104 us;
+# loading block ids a step ahead 69.8 against 68.8 without (not kept).
 BLOCK_M = 64
 TILE_N = 64
 NUM_WARPS = 4
-NUM_STAGES = 2
+NUM_STAGES = 3
 PROGRAMS_PER_SM = 2
-PREFETCH_IDS = True
 
 
 @triton.jit(do_not_specialize=["num_rows", "num_segments", "stride_block_table"])
@@ -57,7 +58,7 @@ def _cascade_prefix_kernel(
     stride_k_block, stride_k_slot, stride_k_head, stride_v_block, stride_v_slot, stride_v_head, stride_cos,
     NUM_HEADS: tl.constexpr, QUERIES_PER_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    LIBDEVICE: tl.constexpr, PREFETCH_IDS: tl.constexpr = True,
+    LIBDEVICE: tl.constexpr,
 ):
     kv_head, tile, segment = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     prefix_row = tl.load(cascade_row_ptr)
@@ -99,19 +100,12 @@ def _cascade_prefix_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     dim_valid = offs_d < HEAD_DIM   # (all: a power of two)
-    key_pos = tile_lo * TILE_N + offs_n
-    block_id = tl.load(block_table_ptr + key_pos // BLOCK_SIZE, mask=key_pos < prefix_len, other=0).to(tl.int64)
     for t in range(tile_lo, tile_hi):   # the decode launch's own tile loads and softmax step
         key_pos = t * TILE_N + offs_n
         key_valid = key_pos < prefix_len
-        if not PREFETCH_IDS:
-            block_id = tl.load(block_table_ptr + key_pos // BLOCK_SIZE, mask=key_valid, other=0).to(tl.int64)
+        block_id = tl.load(block_table_ptr + key_pos // BLOCK_SIZE, mask=key_valid, other=0).to(tl.int64)
         k, v = load_kv_tile(k_head_ptr, v_head_ptr, block_id, key_pos, key_valid, offs_d, dim_valid,
                             stride_k_block, stride_k_slot, stride_v_block, stride_v_slot, BLOCK_SIZE)
-        if PREFETCH_IDS:   # the next step's block ids, off its K / V loads' critical path
-            next_pos = key_pos + TILE_N
-            block_id = tl.load(block_table_ptr + next_pos // BLOCK_SIZE, mask=next_pos < prefix_len,
-                               other=0).to(tl.int64)
         m_i, l_i, acc = online_softmax_step(q, k, v, row_valid[:, None] & key_valid[None, :], m_i, l_i, acc,
                                             scale_log2, DOT_PRECISION)
     part = (row.to(tl.int64) * NUM_HEADS + head) * num_segments + segment
@@ -179,5 +173,5 @@ def cascade_prefix(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         v_cache.stride(2), cos_cache.stride(0),
         NUM_HEADS=num_heads, QUERIES_PER_KV=queries_per_kv, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_M=BLOCK_M, TILE_N=TILE_N, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        LIBDEVICE=_LIBDEVICE, PREFETCH_IDS=PREFETCH_IDS, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        LIBDEVICE=_LIBDEVICE, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return acc, running_max, running_sum, segments

@@ -393,11 +393,8 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     launches = [(0, num_decodes, 1, num_decodes)] if num_decodes else []
     if num_decodes < num_seqs:
         launches.append((num_decodes, num_seqs, max_query_len, num_tokens - num_decodes))
-    # a cascade launch takes the default tiles: the engine's cascades (>= 64 rows) are never narrow, and on an
-    # H100 the one narrow case tried (bf16, 7 rows, 32-key tiles, 16 segments) missed the plain launch by more
-    # than bf16's rounding, which the interpreter's fp32 run of the same plan does not (RESULTS.md, session 52)
     tiles, plan, narrow = launch_plan(num_seqs, num_heads, num_kv_heads, head_dim_pad, max_query_len, max_seq_len,
-                                      query.dtype, query.device, num_splits, tiles, allow_narrow=cascade is None)
+                                      query.dtype, query.device, num_splits, tiles, cascade=cascade is not None)
     if plan.num_segments < 1:
         raise ValueError(f"num_splits must be >= 1 or None; got {num_splits}")
     partials = None

@@ -12,6 +12,7 @@ pytest.importorskip("triton", reason="triton is not installed")
 from pagedserve.attention import cascade_plan  # noqa: E402
 from pagedserve.attention.split_plan import SplitPlan  # noqa: E402
 from pagedserve.attention.cascade_plan import shared_prefix  # noqa: E402
+from pagedserve.attention.paged_launch import launch_plan  # noqa: E402
 from pagedserve.attention.triton_paged_attention import paged_attention  # noqa: E402
 from pagedserve.attention.triton_store_kv import RotaryStore  # noqa: E402
 from pagedserve.layers.rotary import RotaryEmbedding  # noqa: E402
@@ -77,12 +78,17 @@ def test_cascade_matches_the_plain_decode_launch(dtype, queries_per_kv, head_dim
     n = len(context_lens)
     qsl = torch.arange(n + 1, dtype=torch.int32, device=DEVICE)
 
+    # the plain launch under the cascade launch's tiles and plan (paged_launch.launch_plan's cascade), so that the
+    # rows outside the prefix round alike
+    tiles, plan, _ = launch_plan(n, num_heads, num_kv_heads, head_dim, 1, 1024, dtype, DEVICE, num_splits, cascade=True)
+
     def run(lengths):
         caches = [k_cache.clone(), v_cache.clone()]
         cascade = None if lengths is None else (torch.tensor(lengths, dtype=torch.int32, device=DEVICE),
                                                 torch.tensor([3], dtype=torch.int32, device=DEVICE))
         out = paged_attention(q, *caches, tables, seq_lens, qsl, 0.125, 1, 1024, num_decodes=n,
-                              out=torch.full_like(q, float("nan")), num_splits=num_splits,
+                              out=torch.full_like(q, float("nan")), num_splits=plan if cascade is None else num_splits,
+                              tiles=tiles if cascade is None else None,
                               rotary_store=RotaryStore(k, v, slots, rope.cos_cache, rope.sin_cache), cascade=cascade)
         return out, caches
 

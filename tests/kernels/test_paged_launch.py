@@ -37,3 +37,21 @@ def test_narrow_decode_launch_for_latency_bound_decodes(monkeypatch) -> None:
                         num_decodes=1, **kwargs)
     assert launched[0] == narrow
     assert launched[1] == (TileConfig(16, 64, 4, 3), SplitPlan(32)) and launched[2][0] == TileConfig(16, 64, 4, 3)
+
+
+def test_cascade_decode_launch_plan(monkeypatch) -> None:
+    """A cascade's decode launch (launch_plan cascade=True): 32-key tiles and 2 stages (16-key for fp32), never
+    narrow, and at most CASCADE_MAX_SEGMENTS segments: a CUDA graph's chunked plan (bound 32768, 256 rows of
+    llama-8b: 15 segments of 69 tiles) becomes 4 segments of 256 tiles; the count rule's count is lowered; a plan the
+    caller forces is kept."""
+    monkeypatch.setattr(paged_launch, "sm_count", lambda device: 132)
+    bf16, cpu = torch.bfloat16, torch.device("cpu")
+    assert paged_launch.launch_plan(256, 32, 8, 128, 1, 32768, bf16, cpu, tiles=TileConfig(16, 32, 4, 2))[1] \
+        == SplitPlan(15, 69, 0, 0)   # the plain launch under the same tiles
+    assert paged_launch.launch_plan(256, 32, 8, 128, 1, 32768, bf16, cpu, cascade=True) == (
+        TileConfig(16, 32, 4, 2), SplitPlan(4, 256, 0, 0), False)
+    assert paged_launch.launch_plan(1, 32, 8, 128, 1, 2048, bf16, cpu, cascade=True) == (   # not narrow
+        TileConfig(16, 32, 4, 2), SplitPlan(4, 2, 8, 2), False)
+    assert paged_launch.launch_plan(64, 32, 8, 128, 1, 2048, torch.float32, cpu, cascade=True)[0] \
+        == TileConfig(16, 16, 4, 2)
+    assert paged_launch.launch_plan(256, 32, 8, 128, 1, 32768, bf16, cpu, 6, cascade=True)[1] == SplitPlan(6)
