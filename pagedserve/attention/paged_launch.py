@@ -81,7 +81,8 @@ def narrow_decode_launch(num_seqs: int, num_kv_heads: int, queries_per_kv: int, 
 # SM), and at most CASCADE_MAX_SEGMENTS segments (a graph's chunked plan for max_model_len 32768 at 256
 # rows has 15, 14 of which exit at once for every such row). H100, prefix256's shape (256 rows, llama-8b
 # heads; benchmarks/cascade_kernels.py, RESULTS.md session 53): that decode launch ~98 us a layer under
-# the default tiles and plan; 32-key tiles and 2 stages -14 us, no split at all -21 us.
+# the default tiles and plan; 32-key tiles and 2 stages -14 us, no split at all -21 us; these tiles and
+# 4 segments: ~70 us (the cascade 118.6 us with its prefix launch, no split 115.1; the plain launch 453).
 CASCADE_MAX_SEGMENTS = 4
 
 

@@ -39,14 +39,15 @@ from pagedserve.layers.triton_ops import _LIBDEVICE, rotate_rows
 
 # The prefix launch's tiles: query rows (rows x queries per KV head) a program, keys a step, warps, pipeline
 # stages, and about how many programs an SM the prefix's slices make. H100, prefix256's shape (256 rows, llama-8b
-# heads, 2,048 keys; benchmarks/cascade_kernels.py, RESULTS.md session 53): 64 / 64 / 4 warps / 2 stages 69.8 us,
-# 3 stages 60.2; 128-row tiles (4 or 8 warps, 2 or 3 stages), 128-key tiles or 4 programs an SM 73-104 us;
-# loading block ids a step ahead 69.8 against 68.8 without (not kept).
+# heads, 2,048 keys; benchmarks/cascade_kernels.py, RESULTS.md session 53), us a layer: session 52's 64 / 64 /
+# 4 warps / 2 stages / 2 programs an SM 69.7-70.7; 3 stages 63.0-64.9 (4: 63.8-66.2); 3 stages and 1 program an
+# SM (2 slices of 1,024 keys: 256 programs, one wave at 2 resident an SM) 47.6-49.1. 128-row tiles (4 or 8 warps,
+# 2 or 3 stages), 128-key tiles or 4 programs an SM: 73-104. Block ids loaded a step ahead: no gain.
 BLOCK_M = 64
 TILE_N = 64
 NUM_WARPS = 4
 NUM_STAGES = 3
-PROGRAMS_PER_SM = 2
+PROGRAMS_PER_SM = 1
 
 
 @triton.jit(do_not_specialize=["num_rows", "num_segments", "stride_block_table"])
