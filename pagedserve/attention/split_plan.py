@@ -111,4 +111,3 @@ def capped_plan(plan: SplitPlan, key_tiles: int, cap: int) -> SplitPlan:
     if plan.short_tiles == 0 and plan.lone_tiles == 0:   # chunked: segments of tiles_per_segment tiles
         return SplitPlan(cap, max(plan.tiles_per_segment, triton.cdiv(key_tiles, cap)), 0, 0)
     return SplitPlan(cap, plan.tiles_per_segment, plan.short_tiles, plan.lone_tiles)
-

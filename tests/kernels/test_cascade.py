@@ -178,27 +178,27 @@ types = {**{n: "*i32" for n in i32}, **{n: "*fp32" for n in f32}, "slot_mapping_
 for kernel in (decode, prefix):
     aligned = tuple(n for n in inspect.signature(kernel.fn).parameters
                     if n.endswith("_ptr") or n.startswith("stride") and n != "stride_block_table")
-    if kernel is decode:   # the cascade graphs' decode launch (>= 64 rows: not narrow, no PDL), merged in the kernel
+    if kernel is decode:   # the cascade graphs' decode launch (>= 64 rows: launch_plan's cascade tiles, no PDL)
         for head_dim in (128, 64):
             build(kernel, dict(NUM_HEADS=32, QUERIES_PER_KV=4, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim,
-                               BLOCK_SIZE=16, BLOCK_M=16, BLOCK_Q=4, TILE_N=64, ONE_TILE_PER_SEQ=True,
+                               BLOCK_SIZE=16, BLOCK_M=16, BLOCK_Q=4, TILE_N=32, ONE_TILE_PER_SEQ=True,
                                DOT_PRECISION="tf32", ROTARY_STORE=True, LIBDEVICE=True, MERGE=True, GROUP_PAD=4,
                                SEG_CHUNK=16, HEADS_FIRST=True, CASCADE=True), types, aligned, num_warps=4,
-                  num_stages=3)
+                  num_stages=2)
     else:
         for head_dim in (128, 64):
             build(kernel, dict(NUM_HEADS=32, QUERIES_PER_KV=4, HEAD_DIM=head_dim, BLOCK_SIZE=16, BLOCK_M=64,
                                TILE_N=64, DOT_PRECISION="tf32", LIBDEVICE=True), types, aligned, num_warps=4,
-                  num_stages=2)
+                  num_stages=3)
     fp8 = {**types, "k_cache_ptr": "*fp8e4nv", "v_cache_ptr": "*fp8e4nv"}   # kv_cache_dtype fp8
     if kernel is decode:
         build(kernel, dict(NUM_HEADS=32, QUERIES_PER_KV=4, HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_SIZE=16, BLOCK_M=16,
-                           BLOCK_Q=4, TILE_N=64, ONE_TILE_PER_SEQ=True, DOT_PRECISION="tf32", ROTARY_STORE=True,
+                           BLOCK_Q=4, TILE_N=32, ONE_TILE_PER_SEQ=True, DOT_PRECISION="tf32", ROTARY_STORE=True,
                            LIBDEVICE=True, MERGE=True, GROUP_PAD=4, SEG_CHUNK=16, HEADS_FIRST=True, CASCADE=True),
-              fp8, aligned, num_warps=2, num_stages=3)
+              fp8, aligned, num_warps=4, num_stages=2)
     else:
         build(kernel, dict(NUM_HEADS=32, QUERIES_PER_KV=4, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_M=64, TILE_N=64,
-                           DOT_PRECISION="tf32", LIBDEVICE=True), fp8, aligned, num_warps=4, num_stages=2)
+                           DOT_PRECISION="tf32", LIBDEVICE=True), fp8, aligned, num_warps=4, num_stages=3)
 """
 
 
