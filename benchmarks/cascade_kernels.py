@@ -91,7 +91,7 @@ CONFIGS = {   # the prefix launch's BLOCK_M, TILE_N, NUM_WARPS, NUM_STAGES, PROG
     "64/64/w4/s2/p2": (64, 64, 4, 2, 2),   # session 52's
     "64/64/w4/s3/p2": (64, 64, 4, 3, 2),
     "64/64/w4/s4/p2": (64, 64, 4, 4, 2),
-    "64/64/w4/s3/p1": (64, 64, 4, 3, 1),   # session 53.s (the default)
+    "64/64/w4/s3/p1": (64, 64, 4, 3, 1),   # session 53's (the default)
     "128/64/w8/s3/p2": (128, 64, 8, 3, 2),
 }
 DEFAULT = "64/64/w4/s3/p1"
@@ -100,7 +100,7 @@ S52_TILES = TileConfig(16, 64, 4, 3) if CUDA else TileConfig(16, 32, 4, 3)
 
 
 def set_config(cfg) -> None:
-    tc.BLOCK_M, tc.TILE_N, tc.NUM_WARPS, tc.NUM_STAGES, tc.PROGRAMS_PER_SM = cfg[:5]
+    tc.BLOCK_M, tc.TILE_N, tc.NUM_WARPS, tc.NUM_STAGES, tc.PROGRAMS_PER_SM = cfg
 
 
 def graph_of(fn, calls: int = 16):
