@@ -26,6 +26,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from benchmarks.decode_common import replay_ms  # noqa: E402
 from pagedserve.attention import triton_cascade as tc  # noqa: E402
 from pagedserve.attention.paged_launch import TileConfig, launch_plan  # noqa: E402
 from pagedserve.attention.split_plan import NO_SPLIT  # noqa: E402
@@ -139,12 +140,7 @@ def main() -> None:
     times = {n: [] for n in graphs}
     for _ in range(7):
         for name, g in graphs.items():
-            a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            g.replay()
-            e.record()
-            torch.cuda.synchronize()
-            times[name].append(a.elapsed_time(e) * 1000 / 16)
+            times[name].append(replay_ms(g, 1) * 1000 / 16)
     us = {n: round(sorted(t)[3], 1) for n, t in times.items()}
     print("RESULT " + json.dumps(dict(workload="cascade kernels us a call", device=torch.cuda.get_device_name(),
                                       rows=ROWS, prefix=PREFIX, own_keys=b["own_keys"], kv_gb=b["kv_bytes"] / 1e9,
