@@ -5,14 +5,20 @@ step), in an order that puts each mode first and last; then the same tokens chec
 a 1,024-token prefix, 48 greedy tokens each, the same prompts in both modes (the second run finds
 every prompt cached: the decode steps are what differs), bf16 ids compared row by row.
 
-Usage: PYTHONPATH=$PWD python3 benchmarks/cascade_gpu.py [ORDER] [--profile]   (ORDER of 0 / 1, default 01100110)
+Usage: PYTHONPATH=$PWD python3 benchmarks/cascade_gpu.py [ORDER] [--profile] [--mix]   (ORDER of 0 / 1, default 01100110)
 --profile: then one prefix256 run each way under torch.profiler (prefix256_window.profiled_run: device busy, gaps,
 and the top kernels by device time into $OUT/prefix256_cascade{0,1}_top.txt). The engine and the prefix256 runs are
-prefix256_window.py's (make_engine, timed_run)."""
+prefix256_window.py's (make_engine, timed_run).
+--mix: prefixmix instead, the cascade in mixed steps: 1,024 requests of one 2,048-token system prompt + 64 tokens,
+output lengths U[16, 240], on an engine of max_num_seqs 256, so that rows finish at different steps and the requests
+waiting take their places: most steps are mixed (a new prompt's 64-token chunk beside ~255 decode rows). Counts the
+mixed steps and those that took the cascade; its same-tokens check: 384 requests (1,024 shared + 32, 8-48 tokens
+out) on that engine, cached, run without the cascade twice (the noise: steps of other rows) and with it once."""
 import json
 import os
 import random
 import sys
+import time
 
 sys.path[:0] = [os.path.join(os.path.dirname(__file__), "..", ".devcarry"), "/work/shared/bench"]
 
@@ -27,9 +33,80 @@ def shared(seed: int, n: int, prefix: int, suffix: int):
     return [{"prompt_token_ids": sysp + [rng.randrange(3, 32000) for _ in range(suffix)]} for _ in range(n)]
 
 
+def mix_workload(seed: int, n: int = 1024, prefix: int = 2048, suffix: int = 64, out: tuple[int, int] = (16, 240)):
+    """Its own prompts each seed (no run hits another's cached prefix); the same output lengths."""
+    rng, lengths = random.Random(2000 + seed), random.Random(5)
+    sysp = [rng.randrange(3, 32000) for _ in range(prefix)]
+    prompts = [{"prompt_token_ids": sysp + [rng.randrange(3, 32000) for _ in range(suffix)]} for _ in range(n)]
+    params = [SamplingParams(max_tokens=lengths.randint(*out), ignore_eos=True, temperature=0.0, detokenize=False)
+              for _ in range(n)]
+    return prompts, params
+
+
+def mixed_steps_spy() -> dict:
+    """Counts the steps that replay the mixed graphs, and those of them whose decode rows took the cascade."""
+    from pagedserve.worker.cuda_graph import CudaGraphRunner
+    counts = {"mixed": 0, "mixed_cascade": 0}
+    run_mixed = CudaGraphRunner.run_mixed
+
+    def spy(self, inputs):
+        counts["mixed"] += 1
+        counts["mixed_cascade"] += bool(inputs.cascade_len)
+        return run_mixed(self, inputs)
+    CudaGraphRunner.run_mixed = spy
+    return counts
+
+
+def main_mix(order: str) -> None:
+    from benchmarks.prefix256_window import SMOKE
+    llm = make_engine(max_num_seqs=256)
+    counts = mixed_steps_spy()
+    small = dict(n=64, prefix=256, suffix=16, out=(4, 24)) if SMOKE else {}
+
+    def run(seed: int) -> tuple[float, int]:
+        prompts, params = mix_workload(seed, **small)
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        return time.perf_counter() - t0, sum(len(o.outputs[0].token_ids) for o in outs)
+    TritonBackend.cascade = True
+    run(99)   # warm-up
+    walls, steps = {"0": [], "1": []}, {}
+    for i, mode in enumerate(order):
+        TritonBackend.cascade = mode == "1"
+        counts.update(mixed=0, mixed_cascade=0)
+        dt, gen = run(i)
+        walls[mode].append(dt)
+        steps[mode] = dict(counts)
+        print(f"prefixmix cascade={mode}: {gen} tokens in {dt:.3f} s ({gen / dt:,.0f} out tok/s), {counts['mixed']} "
+              f"mixed steps, {counts['mixed_cascade']} with the cascade", flush=True)
+    mean = {m: sum(v) / len(v) for m, v in walls.items() if v}
+    print("RESULT " + json.dumps(dict(workload="prefixmix cascade A/B", order=order, tokens=gen,
+                                      wall_s={m: [round(x, 3) for x in v] for m, v in walls.items()},
+                                      out_tok_s={m: round(gen / x, 1) for m, x in mean.items()}, steps=steps,
+                                      speedup=round(mean["0"] / mean["1"], 3) if len(mean) == 2 else None)),
+          flush=True)
+    prompts, params = mix_workload(7, 384, 1024, 32, (8, 48))
+    ids = []
+    for mode in "001":   # the first run caches every prompt
+        TritonBackend.cascade = mode == "1"
+        counts.update(mixed=0, mixed_cascade=0)
+        ids.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+    first = lambda a, b: [next((i for i, (x, y) in enumerate(zip(r, s)) if x != y), len(r))   # noqa: E731
+                          for r, s in zip(a, b)]
+    total = sum(len(r) for r in ids[0])
+    print("RESULT " + json.dumps(dict(workload="prefixmix same tokens", rows=len(prompts), tokens=total,
+                                      mixed_steps=counts["mixed"], mixed_cascade_steps=counts["mixed_cascade"],
+                                      identical_rows=sum(a == b for a, b in zip(ids[1], ids[2])),
+                                      tokens_equal=sum(first(ids[1], ids[2])),
+                                      noise_identical_rows=sum(a == b for a, b in zip(ids[0], ids[1])),
+                                      noise_tokens_equal=sum(first(ids[0], ids[1])))), flush=True)
+
+
 def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     order = args[0] if args else "01100110"
+    if "--mix" in sys.argv:
+        return main_mix(args[0] if args else "0110")
     llm = make_engine()
     greedy = lambda n: SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.0, detokenize=False)  # noqa: E731
     TritonBackend.cascade = True

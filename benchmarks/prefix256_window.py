@@ -26,14 +26,15 @@ from pagedserve import LLM, SamplingParams  # noqa: E402
 SMOKE = os.environ.get("SMOKE") == "1"
 
 
-def make_engine() -> LLM:
+def make_engine(**kwargs) -> LLM:
+    """The engine (kwargs: more engine arguments, e.g. max_num_seqs)."""
     if SMOKE:
         from transformers import LlamaConfig
         d = tempfile.mkdtemp()
         LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096).save_pretrained(d)
         return LLM(model=d, load_format="dummy", skip_tokenizer_init=True, dtype="float32", max_model_len=4096,
-                   seed=0)
+                   seed=0, **kwargs)
     from peers import make_model_dir
     d = make_model_dir("llama-8b")
     cfg = json.load(open(f"{d}/config.json"))
@@ -42,7 +43,7 @@ def make_engine() -> LLM:
     os.makedirs(d, exist_ok=True)
     json.dump(cfg, open(f"{d}/config.json", "w"))
     return LLM(model=d, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", max_model_len=32768,
-               gpu_memory_utilization=0.85, seed=0)
+               gpu_memory_utilization=0.85, seed=0, **kwargs)
 
 
 def workload(seed: int):

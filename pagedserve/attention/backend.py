@@ -127,8 +127,9 @@ class TritonBackend:
     # above 512.
     fused_decode = True
     fused_decode_max_seqs = 512
-    # All-decode steps of at least triton_cascade.CASCADE_MIN_ROWS rows sharing a cached prefix of at
-    # least CASCADE_MIN_KEYS keys read it once for all rows (triton_cascade; the fused decode launch).
+    # The decode rows of a step (all-decode, or beside prompt chunks) when at least
+    # cascade_plan.CASCADE_MIN_ROWS of them share a cached prefix of at least CASCADE_MIN_KEYS keys:
+    # it is read once for all of them (triton_cascade; in the fused decode launch or the plain one).
     cascade = True
 
     def __init__(self) -> None:
@@ -179,10 +180,12 @@ class TritonBackend:
     def attend(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float,
                out: torch.Tensor | None = None) -> torch.Tensor:
         num_decodes, num_seqs = meta.num_decodes, meta.num_seqs
+        # the decode rows' shared prefix (mixed steps, all-decode steps past the fused launch's rows)
+        cascade = meta.cascade if self.cascade and num_decodes else None
         if meta.max_query_len < self.prefill_min_query_len or num_decodes >= num_seqs:
             return self._paged_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                          meta.query_start_loc, scale, meta.max_query_len, meta.max_seq_len,
-                                         num_decodes=num_decodes, out=out)
+                                         num_decodes=num_decodes, out=out, cascade=cascade)
         out = torch.empty_like(query) if out is None else out
         if k_cache.dtype != query.dtype:   # an FP8 cache: the chunks' own keys as the cache holds them
             key, value = as_cached(key, k_cache.dtype), as_cached(value, v_cache.dtype)
@@ -190,7 +193,8 @@ class TritonBackend:
             # (their rows only: a split launch sizes its fp32 partials and in-kernel merge by its tokens)
             self._paged_attention(query[:num_decodes], k_cache, v_cache, meta.block_tables[:num_decodes],
                                   meta.seq_lens[:num_decodes], meta.query_start_loc[:num_decodes + 1],
-                                  scale, 1, meta.max_seq_len, num_decodes=num_decodes, out=out[:num_decodes])
+                                  scale, 1, meta.max_seq_len, num_decodes=num_decodes, out=out[:num_decodes],
+                                  cascade=cascade)
         qsl = meta.query_start_loc_host
         if self.use_sdpa and qsl is not None and meta.seq_lens_host is not None \
                 and meta.max_query_len >= self.sdpa_min_query_len:

@@ -1,5 +1,5 @@
-"""Which decode steps take cascade attention (attention/triton_cascade.py), decided on the host
-from the step's block tables: numpy only (the model runner imports it on every device)."""
+"""Which steps' decode rows take cascade attention (attention/triton_cascade.py), decided on the
+host from the step's block tables: numpy only (the model runner imports it on every device)."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,7 +12,8 @@ CASCADE_MIN_KEYS = 256
 
 
 def shared_prefix(block_tables: np.ndarray, seq_lens: np.ndarray, block_size: int) -> tuple[int, int, np.ndarray]:
-    """The prefix rows of an all-decode step share: (P, r0, per-row keys), where the rows whose
+    """The prefix a step's decode rows share (the arrays of those rows only: a mixed step's
+    decode-first rows [0, num_decodes)): (P, r0, per-row keys), where the rows whose
     first block is row r0's (r0 the last row, else the first: prefix caching shares the blocks of
     requests admitted after the prefix was computed, so the earliest rows may hold their own
     copies) hold the same block ids for their first P keys, P a whole number of blocks at most

@@ -32,8 +32,8 @@ class AttentionMetadata:
     query_start_loc_host / seq_lens_host: the same on the host (eager steps; None in CUDA-graph
                      steps, whose values change at replay): long prefill chunks use them to run
                      torch's fused attention one sequence at a time
-    cascade:         an all-decode step's shared prefix (attention/triton_cascade.py), or None: no
-                     cascade launch: (cascade_len int32 [rows], each row's shared keys, 0 none;
+    cascade:         the shared prefix of the step's decode rows (attention/triton_cascade.py), or None:
+                     no cascade launch: (cascade_len int32 [>= decode rows], each row's shared keys, 0 none;
                      cascade_row int32 [1], the row whose block table holds them)
     """
 

@@ -113,8 +113,8 @@ def launch_plan(num_seqs: int, num_heads: int, num_kv_heads: int, head_dim_pad: 
 
 
 def decode_launch_shapes(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                         device: torch.device, max_rows: int, min_seq_len: int, max_seq_len: int
-                         ) -> list[tuple[int, int]]:
+                         device: torch.device, max_rows: int, min_seq_len: int, max_seq_len: int,
+                         cascade: bool = False, min_rows: int = 1) -> list[tuple[int, int]]:
     """(decode rows, longest sequence of the step) for each kernel specialisation a decode
     launch without rotary can take (its tiles, split or not) with 1..max_rows rows and a longest
     sequence in [min_seq_len, max_seq_len]: the decode rows of mixed steps (and of all-decode
@@ -122,7 +122,8 @@ def decode_launch_shapes(num_heads: int, num_kv_heads: int, head_dim: int, dtype
     their launch) do not compile. Start-up dry-runs one step of each (worker/profile_run.py):
     else the first mixed step of each compiles it (session 29: a machine's first thr512 process,
     cold Triton cache, stalled 1.0-1.6 s in one step; one after an attention benchmark had
-    compiled these launches did not)."""
+    compiled these launches did not). cascade: those of the cascade's decode launch (launch_plan's
+    cascade tiles and plan) for min_rows..max_rows rows."""
     head_dim_pad = triton.next_power_of_2(head_dim)
     bounds, bound = [], max(min_seq_len, 1)
     while bound < max_seq_len:
@@ -133,8 +134,11 @@ def decode_launch_shapes(num_heads: int, num_kv_heads: int, head_dim: int, dtype
     # every count up to 64 (narrow launches: <= 32 programs), then every 8th: past 64 rows the
     # split / no-split regions are each wider than that
     for rows in sorted({*range(1, min(max_rows, 64) + 1), *range(64, max_rows + 1, 8), max_rows}):
+        if rows < min_rows:
+            continue
         for bound in bounds:
-            tiles, plan, _ = launch_plan(rows, num_heads, num_kv_heads, head_dim_pad, 1, bound, dtype, device)
+            tiles, plan, _ = launch_plan(rows, num_heads, num_kv_heads, head_dim_pad, 1, bound, dtype, device,
+                                         cascade=cascade)
             tiles = tiles or default_tile_config(num_heads // num_kv_heads, head_dim_pad, 1, dtype)
             shapes.setdefault((tiles, plan.num_segments > 1), (rows, bound))
     return list(shapes.values())

@@ -15,8 +15,11 @@ such row's seq_len - 1, so the row's new key (stored by the decode launch) lies 
 2. the decode launch (triton_paged_attention, CASCADE) reads only keys [cascade_len[s], seq_len)
    of each row, and its segment 0 starts from the row's prefix partials instead of from nothing:
    the online softmax continued, so the split merge after it is unchanged.
-The query is rotated here as the decode launch rotates it (the same rotate_rows at the row's
-position seq_len - 1: the same bits), since the decode launch rotates its own copy.
+In the fused decode launch (rotary_store) the query is rotated here as that launch rotates it (the
+same rotate_rows at the row's position seq_len - 1: the same bits), since it rotates its own copy.
+The decode rows of a mixed step (and of an all-decode step past the fused launch's rows) come
+rotated, their keys stored: the same two launches, without the rotation, in a paged_attention
+call of their own (the step's other rows keep their usual launch).
 
 Other rows (cascade_len 0, a graph's padding rows among them) read their whole context in the
 decode launch as without a cascade. The lengths are device values (r0's 0: no cascade, this
@@ -59,7 +62,7 @@ def _cascade_prefix_kernel(
     stride_k_block, stride_k_slot, stride_k_head, stride_v_block, stride_v_slot, stride_v_head, stride_cos,
     NUM_HEADS: tl.constexpr, QUERIES_PER_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    LIBDEVICE: tl.constexpr,
+    LIBDEVICE: tl.constexpr, ROTATE: tl.constexpr = True,
 ):
     kv_head, tile, segment = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     prefix_row = tl.load(cascade_row_ptr)
@@ -78,18 +81,18 @@ def _cascade_prefix_kernel(
     row_valid = lane & member & (seq_len > prefix_len)
     if tl.max(row_valid.to(tl.int32), 0) == 0:
         return
-    # the query at its position seq_len - 1, rotated as the decode launch rotates it
-    HALF: tl.constexpr = HEAD_DIM // 2
-    partner_d = offs_d ^ HALF
-    sign = tl.where(offs_d < HALF, -1.0, 1.0)
-    pos = tl.maximum(seq_len - 1, 0)
-    rot = pos[:, None] * stride_cos + offs_d[None, :]
-    cos_rows = tl.load(cos_ptr + rot).to(tl.float32)
-    sin_rows = tl.load(sin_ptr + rot).to(tl.float32)
     q_rows = query_ptr + row.to(tl.int64)[:, None] * stride_q_token + head[:, None] * stride_q_head
     q = tl.load(q_rows + offs_d[None, :], mask=row_valid[:, None], other=0.0)
-    q_partner = tl.load(q_rows + partner_d[None, :], mask=row_valid[:, None], other=0.0)
-    q = rotate_rows(q, q_partner, cos_rows, sin_rows, sign[None, :], LIBDEVICE)
+    if ROTATE:   # the query at its position seq_len - 1, rotated as the fused decode launch rotates it
+        HALF: tl.constexpr = HEAD_DIM // 2
+        partner_d = offs_d ^ HALF
+        sign = tl.where(offs_d < HALF, -1.0, 1.0)
+        pos = tl.maximum(seq_len - 1, 0)
+        rot = pos[:, None] * stride_cos + offs_d[None, :]
+        cos_rows = tl.load(cos_ptr + rot).to(tl.float32)
+        sin_rows = tl.load(sin_ptr + rot).to(tl.float32)
+        q_partner = tl.load(q_rows + partner_d[None, :], mask=row_valid[:, None], other=0.0)
+        q = rotate_rows(q, q_partner, cos_rows, sin_rows, sign[None, :], LIBDEVICE)
 
     num_tiles = tl.cdiv(prefix_len, TILE_N)
     tile_lo = segment * num_tiles // num_segments
@@ -144,13 +147,15 @@ def prefix_segments(num_rows: int, num_kv_heads: int, queries_per_kv: int, devic
 
 
 def cascade_prefix(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                   seq_lens: torch.Tensor, cascade: tuple[torch.Tensor, torch.Tensor], cos_cache: torch.Tensor,
-                   sin_cache: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Step 1 above for an all-decode batch (query [rows, Hq, D] unrotated, row s at position
-    seq_lens[s] - 1). cascade (int32, on the device): each row's shared keys ([>= rows]: P for the
-    rows that share the prefix, 0 for the others) and the row whose block table holds it ([1]; its
-    P 0: no cascade this step). Returns the prefix partials (acc [rows * Hq * segments, D], max and
-    sum [rows * Hq * segments], fp32) and their segment count."""
+                   seq_lens: torch.Tensor, cascade: tuple[torch.Tensor, torch.Tensor], cos_cache: torch.Tensor | None,
+                   sin_cache: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Step 1 above for an all-decode batch (query [rows, Hq, D], row s at position seq_lens[s] - 1:
+    unrotated where cos_cache / sin_cache are given, as the fused decode launch takes it; rotated
+    already where they are None, as a mixed step's decode rows are). cascade (int32, on the device):
+    each row's shared keys ([>= rows]: P for the rows that share the prefix, 0 for the others) and
+    the row whose block table holds it ([1]; its P 0: no cascade this step). Returns the prefix
+    partials (acc [rows * Hq * segments, D], max and sum [rows * Hq * segments], fp32) and their
+    segment count."""
     rows, num_heads, head_dim = query.shape
     num_kv_heads = k_cache.shape[2]
     queries_per_kv = num_heads // num_kv_heads
@@ -166,13 +171,14 @@ def cascade_prefix(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     running_max = torch.empty(n, dtype=torch.float32, device=query.device)
     running_sum = torch.empty(n, dtype=torch.float32, device=query.device)
     grid = (num_kv_heads, triton.cdiv(rows, BLOCK_M // queries_per_kv), segments)
+    rotate = cos_cache is not None
     _cascade_prefix_kernel[grid](
         acc, running_max, running_sum, query, k_cache, v_cache, block_tables, seq_lens, cascade_len, cascade_row,
-        cos_cache, sin_cache, rows, segments, scale * 1.4426950408889634,
+        cos_cache if rotate else query, sin_cache if rotate else query, rows, segments, scale * 1.4426950408889634,
         query.stride(0), query.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), cos_cache.stride(0),
+        v_cache.stride(2), cos_cache.stride(0) if rotate else 0,
         NUM_HEADS=num_heads, QUERIES_PER_KV=queries_per_kv, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_M=BLOCK_M, TILE_N=TILE_N, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        LIBDEVICE=_LIBDEVICE, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        LIBDEVICE=_LIBDEVICE, ROTATE=rotate, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return acc, running_max, running_sum, segments

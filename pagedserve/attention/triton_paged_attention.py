@@ -365,16 +365,17 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     sequence s's, query_start_loc being 0, 1, ..., num_seqs, at position seq_lens[s] - 1: the
     launch reads neither), where the query and the new key are rotated and the new key and value
     stored in the same launch, as rotary_store_kv would before this call (the cache is then
-    mutated; query and key are not). cascade (with rotary_store): (cascade_len, cascade_row), int32
-    on the device: row s's keys [0, cascade_len[s]) are the prefix it shares with the other rows of
-    that length, held by row cascade_row[0]'s block table (triton_cascade: read once for them all;
-    its length 0: none).
+    mutated; query and key are not). cascade: (cascade_len, cascade_row), int32 on the device: decode
+    row s's keys [0, cascade_len[s]) are the prefix it shares with the other rows of that length,
+    held by row cascade_row[0]'s block table (triton_cascade: read once for them all; its length 0:
+    none). It needs the decode-first order (num_decodes); the decode rows of a mixed batch then take
+    a call of their own (the cascade's tiles and plan), the other rows their usual launch.
     """
     _check_attention_inputs(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out)
     if rotary_store is not None:
         rotary_store.check(query, k_cache, v_cache, max_query_len, num_decodes, seq_lens.shape[0])
-    elif cascade is not None:
-        raise ValueError("paged_attention: cascade needs rotary_store (an all-decode launch)")
+    if cascade is not None and not num_decodes:
+        raise ValueError("paged_attention: cascade needs decode rows first (num_decodes >= 1)")
     if max_query_len is None:
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max()) if seq_lens.numel() else 0
     if max_seq_len is None:
@@ -389,8 +390,15 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     num_decodes = num_decodes or 0
     if not 0 <= num_decodes <= num_seqs:
         raise ValueError(f"num_decodes={num_decodes} must lie in [0, num_seqs={num_seqs}]")
+    if cascade is not None and num_decodes < num_seqs:   # a mixed batch: its decode rows first, in a call of their own
+        paged_attention(query[:num_decodes], k_cache, v_cache, block_tables[:num_decodes], seq_lens[:num_decodes],
+                        query_start_loc[:num_decodes + 1], scale, 1, max_seq_len, num_decodes, out[:num_decodes],
+                        cascade=cascade)
+        cascade, decode_done = None, True
+    else:
+        decode_done = False
     # (seq_begin, seq_end, max_query_len, token upper bound) of each launch
-    launches = [(0, num_decodes, 1, num_decodes)] if num_decodes else []
+    launches = [(0, num_decodes, 1, num_decodes)] if num_decodes and not decode_done else []
     if num_decodes < num_seqs:
         launches.append((num_decodes, num_seqs, max_query_len, num_tokens - num_decodes))
     tiles, plan, narrow = launch_plan(num_seqs, num_heads, num_kv_heads, head_dim_pad, max_query_len, max_seq_len,
@@ -409,8 +417,8 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         arrivals = _arrivals(query.device, num_tokens * num_kv_heads)
     prefix = None   # the decode launch's cascade arguments: each row's prefix keys and the prefix launch's partials
     if cascade is not None:
-        prefix = (cascade[0], *cascade_prefix(query, k_cache, v_cache, block_tables, seq_lens, cascade,
-                                              rotary_store.cos_cache, rotary_store.sin_cache, scale))
+        rope = (rotary_store.cos_cache, rotary_store.sin_cache) if rotary_store is not None else (None, None)
+        prefix = (cascade[0], *cascade_prefix(query, k_cache, v_cache, block_tables, seq_lens, cascade, *rope, scale))
     for seq_begin, seq_end, launch_max_query_len, launch_tokens in launches:
         config = tiles or default_tile_config(queries_per_kv, head_dim_pad, launch_max_query_len, query.dtype,
                                               k_cache.element_size() == 1)

@@ -134,7 +134,7 @@ class StepInputs:
     # The tensors are a decode CUDA graph's static inputs, copied there by its stage (the
     # tokens the previous step sampled on the device are fed inside the graph)
     staged: bool = False
-    # An all-decode step's shared prefix keys (cascade_plan.shared_prefix; 0: no cascade)
+    # The prefix keys the step's decode rows share (cascade_plan.shared_prefix; 0: no cascade)
     cascade_len: int = 0
 
 
@@ -149,7 +149,7 @@ def build_step_inputs(states: list[CachedRequestState], num_scheduled: list[int]
     all-decode step's arrays (input_ids, positions, slot_mapping, seq_lens, block_tables, and
     cascade_len / cascade_row where a shared prefix is found) go to it first; the device tensors it returns (a decode
     graph's static inputs, with query_start_loc and logits_indices), or None, and the step is
-    copied as any other. `cascade`: an all-decode step looks for the prefix its rows share
+    copied as any other. `cascade`: the step looks for the prefix its decode rows share
     (attention/cascade_plan.shared_prefix)."""
     num_decodes = num_scheduled.count(1)
     if num_decodes == len(states):
@@ -187,8 +187,8 @@ def build_step_inputs(states: list[CachedRequestState], num_scheduled: list[int]
     slot_mapping = block_tables[row_of_token, positions // block_size].astype(np.int64) * block_size \
         + positions % block_size
 
-    cascade_len, cascade_row, per_row = shared_prefix(block_tables, seq_lens, block_size) \
-        if cascade and num_decodes == len(rows) else (0, 0, None)
+    cascade_len, cascade_row, per_row = shared_prefix(block_tables[:num_decodes], seq_lens[:num_decodes], block_size) \
+        if cascade and num_decodes else (0, 0, None)
     extra = {"cascade_len": per_row, "cascade_row": np.array([cascade_row], dtype=np.int32)} if cascade_len else {}
     staged = None
     if decode_stage is not None and num_decodes == len(rows):

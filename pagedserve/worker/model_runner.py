@@ -176,9 +176,9 @@ class ModelRunner:
 
     @property
     def cascade(self) -> bool:
-        """Whether all-decode steps look for a shared prefix to read once (attention/triton_cascade.py:
-        the Triton backend's fused decode launch, CUDA; benchmarks flip TritonBackend.cascade for an A/B)."""
-        return self.device.type == "cuda" and TritonBackend.cascade and TritonBackend.fused_decode
+        """Whether a step's decode rows look for a shared prefix to read once (attention/triton_cascade.py:
+        the Triton backend's decode launches, CUDA; benchmarks flip TritonBackend.cascade for an A/B)."""
+        return self.device.type == "cuda" and TritonBackend.cascade
 
     # ---- LoRA adapters' host copies (between steps) ----------------------------------------
     def add_lora(self, lora: LoadedLoRA) -> None:

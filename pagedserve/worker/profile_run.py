@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pagedserve.attention.backend import select_backend
+from pagedserve.attention.cascade_plan import CASCADE_MIN_ROWS
 from pagedserve.attention.metadata import AttentionMetadata
 from pagedserve.layers.parallel import is_last_stage
 from pagedserve.layers.sampler import SamplingTensors, greedy_ids
@@ -113,7 +114,8 @@ def mixed_step_metas(runner: ModelRunner, backend, meta: AttentionMetadata, num_
     """One eager step's metadata (on the scratch cache, stores skipped) per kernel specialisation
     that a mixed step's decode rows can take (paged_launch.decode_launch_shapes): rows
     decodes of the returned longest context, beside one prompt chunk of the backend's
-    prefill_min_query_len tokens, as a step of max_num_batched_tokens = num_tokens can hold."""
+    prefill_min_query_len tokens, as a step of max_num_batched_tokens = num_tokens can hold;
+    with the cascade on (runner.cascade), those of decode rows that share a prefix too."""
     chunk = getattr(backend, "prefill_min_query_len", None)
     if chunk is None:
         return []
@@ -125,12 +127,19 @@ def mixed_step_metas(runner: ModelRunner, backend, meta: AttentionMetadata, num_
     max_rows = min(sched.max_num_seqs - 1, num_tokens - chunk)
     if max_rows < 1 or chunk > sched.max_model_len:
         return []
-    shapes = decode_launch_shapes(layer.num_heads, layer.num_kv_heads, layer.head_dim, runner.model_config.dtype,
-                                  device, max_rows, chunk, sched.max_model_len)
+    shapes = [(rows, longest, False) for rows, longest in decode_launch_shapes(
+        layer.num_heads, layer.num_kv_heads, layer.head_dim, runner.model_config.dtype, device, max_rows, chunk,
+        sched.max_model_len)]
+    if runner.cascade and max_rows >= CASCADE_MIN_ROWS:   # decode rows sharing a prefix: the cascade's launches
+        shapes += [(rows, longest, True) for rows, longest in decode_launch_shapes(
+            layer.num_heads, layer.num_kv_heads, layer.head_dim, runner.model_config.dtype, device, max_rows, chunk,
+            sched.max_model_len, cascade=True, min_rows=CASCADE_MIN_ROWS)]
     metas = []
-    for rows, longest in shapes:
+    for rows, longest, cascade in shapes:
         seq_lens = [longest] * rows + [chunk]
         starts = list(range(rows + 1)) + [rows + chunk]
+        shared = (torch.full((rows,), longest - 1, dtype=torch.int32, device=device),
+                  torch.zeros(1, dtype=torch.int32, device=device)) if cascade else None
         metas.append(AttentionMetadata(
             slot_mapping=torch.full((rows + chunk,), -1, dtype=torch.int64, device=device),
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
@@ -138,5 +147,5 @@ def mixed_step_metas(runner: ModelRunner, backend, meta: AttentionMetadata, num_
             block_tables=torch.zeros((rows + 1, -(-sched.max_model_len // runner.block_size)), dtype=torch.int32,
                                      device=device),
             max_query_len=chunk, max_seq_len=longest, num_decodes=rows, num_decode_tokens=rows,
-            query_start_loc_host=starts, seq_lens_host=seq_lens))
+            query_start_loc_host=starts, seq_lens_host=seq_lens, cascade=shared))
     return metas

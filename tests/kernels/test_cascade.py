@@ -124,6 +124,49 @@ def test_cascade_over_an_fp8_cache() -> None:
     torch.testing.assert_close(outs[1][:4], outs[0][:4], atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cascade_for_the_decode_rows_of_a_mixed_batch(dtype) -> None:
+    """A mixed batch (the decode rows' queries rotated and their keys stored, as in a mixed step):
+    its decode rows take the cascade in a call of their own, without the rotation, and match the
+    plain launch within fp32 rounding (row 1, no part in it, too); the prompt chunks after them
+    (one reading the shared blocks as its context) keep their usual launch: the plain call's bits."""
+    num_heads, num_kv_heads, head_dim, block_size = 8, 2, 64, 16
+    decode_lens = [208, 230, 300, 250, 217]
+    q, k, v, k_cache, v_cache, tables, seq_lens, slots = _batch(decode_lens + [0], 13, num_heads, num_kv_heads,
+                                                                 head_dim, dtype, seed=5)
+    nd = len(decode_lens)
+    for r in range(nd):   # the mixed step's store of the decode rows' keys (store_kv, before attention)
+        block, offset = divmod(int(slots[r]), block_size)
+        k_cache[block, offset], v_cache[block, offset] = k[r], v[r]
+    # two prompt chunks: 40 tokens after the 13 shared blocks (3 blocks of their own), 24 with no context (2)
+    g = torch.Generator().manual_seed(6)
+    first_new = k_cache.shape[0]
+    k_cache = torch.cat([k_cache, torch.randn(5, block_size, num_kv_heads, head_dim, generator=g).to(DEVICE, dtype)])
+    v_cache = torch.cat([v_cache, torch.randn(5, block_size, num_kv_heads, head_dim, generator=g).to(DEVICE, dtype)])
+    width = max(tables.shape[1], 16)
+    all_tables = torch.zeros(nd + 2, width, dtype=torch.int32, device=DEVICE)
+    all_tables[:nd, :tables.shape[1]] = tables[:nd]
+    all_tables[nd, :16] = torch.cat([tables[0, :13], torch.arange(first_new, first_new + 3, device=DEVICE,
+                                                                    dtype=torch.int32)])
+    all_tables[nd + 1, :2] = torch.arange(first_new + 3, first_new + 5, device=DEVICE, dtype=torch.int32)
+    lens = torch.cat([seq_lens[:nd], torch.tensor([248, 24], dtype=torch.int32, device=DEVICE)])
+    qsl = torch.tensor(list(range(nd + 1)) + [nd + 40, nd + 64], dtype=torch.int32, device=DEVICE)
+    query = torch.cat([q[:nd], torch.randn(64, num_heads, head_dim, generator=g).to(DEVICE, dtype)])
+
+    def run(cascade):
+        return paged_attention(query, k_cache, v_cache, all_tables, lens, qsl, 0.125, 40, 301, num_decodes=nd,
+                               out=torch.full_like(query, float("nan")), cascade=cascade)
+    expected = run(None)
+    lengths = torch.tensor([208, 0, 208, 208, 208], dtype=torch.int32, device=DEVICE)
+    out = run((lengths, torch.tensor([3], dtype=torch.int32, device=DEVICE)))
+    assert torch.equal(out[nd:], expected[nd:])
+    torch.testing.assert_close(out[:nd], expected[:nd], atol=TOL[dtype], rtol=TOL[dtype])
+    assert not torch.equal(out[:nd], expected[:nd]) or dtype != torch.float32   # the sums did change order
+    wrong = run((torch.full((nd,), 224, dtype=torch.int32, device=DEVICE), torch.tensor([3], dtype=torch.int32,
+                                                                                          device=DEVICE)))
+    assert (wrong[1] - expected[1]).abs().max() > 1e-2   # row 1's own block 14 read through row 3's table: teeth
+
+
 def test_a_wrong_prefix_gives_other_outputs() -> None:
     """The check has teeth: a cascade length past the shared blocks (row 1's own blocks read
     through row 0's table) changes that row's output."""
@@ -178,18 +221,19 @@ types = {**{n: "*i32" for n in i32}, **{n: "*fp32" for n in f32}, "slot_mapping_
 for kernel in (decode, prefix):
     aligned = tuple(n for n in inspect.signature(kernel.fn).parameters
                     if n.endswith("_ptr") or n.startswith("stride") and n != "stride_block_table")
-    if kernel is decode:   # the cascade graphs' decode launch (>= 64 rows: launch_plan's cascade tiles, no PDL)
-        for head_dim in (128, 64):
+    # the cascade graphs' decode launch (>= 64 rows: launch_plan's cascade tiles, no PDL), and a mixed step's
+    # (its query rotated before: no ROTARY_STORE, no ROTATE in the prefix launch)
+    for rotary, head_dim in ((True, 128), (True, 64), (False, 128)):
+        if kernel is decode:
             build(kernel, dict(NUM_HEADS=32, QUERIES_PER_KV=4, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim,
                                BLOCK_SIZE=16, BLOCK_M=16, BLOCK_Q=4, TILE_N=32, ONE_TILE_PER_SEQ=True,
-                               DOT_PRECISION="tf32", ROTARY_STORE=True, LIBDEVICE=True, MERGE=True, GROUP_PAD=4,
+                               DOT_PRECISION="tf32", ROTARY_STORE=rotary, LIBDEVICE=rotary, MERGE=True, GROUP_PAD=4,
                                SEG_CHUNK=16, HEADS_FIRST=True, CASCADE=True), types, aligned, num_warps=4,
                   num_stages=2)
-    else:
-        for head_dim in (128, 64):
+        else:
             build(kernel, dict(NUM_HEADS=32, QUERIES_PER_KV=4, HEAD_DIM=head_dim, BLOCK_SIZE=16, BLOCK_M=64,
-                               TILE_N=64, DOT_PRECISION="tf32", LIBDEVICE=True), types, aligned, num_warps=4,
-                  num_stages=3)
+                               TILE_N=64, DOT_PRECISION="tf32", LIBDEVICE=True, ROTATE=rotary), types, aligned,
+                  num_warps=4, num_stages=3)
     fp8 = {**types, "k_cache_ptr": "*fp8e4nv", "v_cache_ptr": "*fp8e4nv"}   # kv_cache_dtype fp8
     if kernel is decode:
         build(kernel, dict(NUM_HEADS=32, QUERIES_PER_KV=4, HEAD_DIM=128, HEAD_DIM_PAD=128, BLOCK_SIZE=16, BLOCK_M=16,
@@ -245,6 +289,48 @@ def test_engine_with_cascade_gives_the_plain_tokens(tmp_path, monkeypatch) -> No
         replays.clear()
         outs[cascade] = [o.outputs[0] for o in llm.generate(prompts, [params] * 64, use_tqdm=False)]
         assert any(replays) == cascade and (not cascade or sum(r == 320 for r in replays) >= 10), replays
+    for plain, cascaded in zip(outs[False], outs[True]):
+        assert cascaded.token_ids == plain.token_ids
+        for a, b, token in zip(plain.logprobs, cascaded.logprobs, plain.token_ids):
+            assert abs(a[token].logprob - b[token].logprob) < 1e-4
+    llm.shutdown()
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="the cascade runs in the Triton backend's launches (CUDA)")
+def test_engine_mixed_steps_with_cascade_give_the_plain_tokens(tmp_path, monkeypatch) -> None:
+    """An engine on CUDA (fp32, max_num_seqs 72): 160 requests sharing a 320-token cached prefix with
+    output lengths 4-40, so that waiting requests take finished rows' places beside ~70 decode rows
+    (mixed steps, the piecewise graphs with an eager attention): with the cascade on, mixed steps
+    take it, and the ids and logprobs are those without it."""
+    from transformers import LlamaConfig
+
+    from pagedserve import LLM, SamplingParams
+    from pagedserve.attention.backend import TritonBackend
+    from pagedserve.worker.cuda_graph import CudaGraphRunner
+    LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
+                num_key_value_heads=2, max_position_embeddings=2048).save_pretrained(tmp_path)
+    llm = LLM(model=str(tmp_path), load_format="dummy", skip_tokenizer_init=True, dtype="float32", max_model_len=1024,
+              gpu_memory_utilization=0.3, seed=0, max_num_seqs=72)
+    mixed, run_mixed = [], CudaGraphRunner.run_mixed
+
+    def spy(self, inputs):
+        mixed.append((inputs.meta.num_decodes, inputs.cascade_len))
+        return run_mixed(self, inputs)
+    monkeypatch.setattr(CudaGraphRunner, "run_mixed", spy)
+    g = torch.Generator().manual_seed(1)
+    prefix = torch.randint(3, 4000, (320,), generator=g).tolist()
+    prompts = [{"prompt_token_ids": prefix + torch.randint(3, 4000, (8,), generator=g).tolist()} for _ in range(160)]
+    params = [SamplingParams(max_tokens=int(n), ignore_eos=True, temperature=0.0, logprobs=1, detokenize=False)
+              for n in torch.randint(4, 41, (160,), generator=g)]
+    llm.generate([{"prompt_token_ids": prefix + [5]}], [params[0]], use_tqdm=False)   # the prefix cached first
+    outs = {}
+    for cascade in (False, True):
+        monkeypatch.setattr(TritonBackend, "cascade", cascade)
+        mixed.clear()
+        outs[cascade] = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert any(n for _, n in mixed) == cascade, mixed
+        if cascade:   # the mixed steps of >= 64 decode rows share the prefix
+            assert sum(n == 320 for d, n in mixed if d >= 64) >= 10, mixed
     for plain, cascaded in zip(outs[False], outs[True]):
         assert cascaded.token_ids == plain.token_ids
         for a, b, token in zip(plain.logprobs, cascaded.logprobs, plain.token_ids):

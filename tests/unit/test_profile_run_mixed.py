@@ -23,11 +23,12 @@ from pagedserve.worker.profile_run import mixed_step_metas  # noqa: E402
 H200_SMS = 132
 
 
-def _runner(heads: tuple[int, int, int], max_num_seqs: int, max_model_len: int) -> SimpleNamespace:
+def _runner(heads: tuple[int, int, int], max_num_seqs: int, max_model_len: int, cascade: bool = False
+            ) -> SimpleNamespace:
     layer = SimpleNamespace(num_heads=heads[0], num_kv_heads=heads[1], head_dim=heads[2])
     return SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs, max_model_len=max_model_len),
                            model=SimpleNamespace(attention_layers=lambda: [layer]),
-                           model_config=SimpleNamespace(dtype=torch.bfloat16), block_size=16)
+                           model_config=SimpleNamespace(dtype=torch.bfloat16), block_size=16, cascade=cascade)
 
 
 def _decode_variants(backend: TritonBackend, meta: AttentionMetadata, heads, monkeypatch) -> list[tuple]:
@@ -38,9 +39,11 @@ def _decode_variants(backend: TritonBackend, meta: AttentionMetadata, heads, mon
                max_query_len, max_tokens, config, plan, rotary_store=None, arrivals=None, wait_inputs=False,
                prefix=None):
         launched.append((max_query_len, config, partials is not None, arrivals is not None, rotary_store is not None,
-                         query.shape[0], out.shape[0], None if partials is None else partials[0].shape[0]))
+                         query.shape[0], out.shape[0], None if partials is None else partials[0].shape[0],
+                         prefix is not None))
 
     monkeypatch.setattr(tpa, "_launch_attention", record)
+    monkeypatch.setattr(tpa, "cascade_prefix", lambda *args: (None, None, None, 1))   # the prefix launch: not run
     monkeypatch.setattr(backend, "_triton_prefill", lambda *args, **kwargs: None)
     num_heads, num_kv_heads, head_dim = heads
     tokens = meta.slot_mapping.shape[0]
@@ -77,8 +80,8 @@ def test_dry_steps_take_every_decode_launch_variant_of_mixed_steps(heads, max_nu
         assert torch.equal(meta.query_start_loc, torch.tensor(meta.query_start_loc_host, dtype=torch.int32))
         launches = _decode_variants(backend, meta, heads, monkeypatch)
         assert len(launches) == 1   # the decode rows' launch (the prompt chunk's is the prefill kernel's)
-        max_query_len, config, split, merged, rotary, query_rows, out_rows, partial_rows = launches[0]
-        assert max_query_len == 1 and not rotary and merged == split
+        max_query_len, config, split, merged, rotary, query_rows, out_rows, partial_rows, cascade = launches[0]
+        assert max_query_len == 1 and not rotary and merged == split and not cascade
         # the decode rows' tokens only: partials sized by them, merged in the launch at any step size
         assert query_rows == out_rows == meta.num_decodes
         assert partial_rows is None or partial_rows == meta.num_decodes * heads[0] * launches_segments(meta, heads)
@@ -110,6 +113,45 @@ def test_a_large_mixed_steps_decode_launch_is_sized_by_its_decode_rows(monkeypat
                              torch.tensor(seq_lens, dtype=torch.int32), torch.zeros(rows + prompts, 1000, dtype=torch.int32),
                              chunk, 16000, rows, rows, starts, seq_lens)
     (launch,) = _decode_variants(TritonBackend(), meta, heads, monkeypatch)
-    max_query_len, config, split, merged, rotary, query_rows, out_rows, partial_rows = launch
+    max_query_len, config, split, merged, rotary, query_rows, out_rows, partial_rows, _ = launch
     assert split and merged and not rotary
     assert query_rows == out_rows == rows and partial_rows == rows * 32 * launches_segments(meta, heads)
+
+
+@pytest.mark.parametrize("heads,max_num_seqs,max_model_len,num_tokens", [
+    ((32, 8, 128), 256, 32768, 8192),    # llama-8b at long context (prefix256's engine has more rows)
+    ((32, 8, 64), 512, 2048, 2048),      # llama-1b
+])
+def test_dry_steps_take_every_cascade_launch_variant_of_mixed_steps(heads, max_num_seqs, max_model_len, num_tokens,
+                                                                    monkeypatch):
+    """With the cascade on, the dry steps also hold decode rows that share a prefix (>= CASCADE_MIN_ROWS of
+    them): their decode launch (the cascade's tiles and capped plan, no rotary) in every variant such rows can
+    take; the plain dry steps are unchanged."""
+    from pagedserve.attention.cascade_plan import CASCADE_MIN_ROWS
+    monkeypatch.setattr(paged_launch, "sm_count", lambda device: H200_SMS)
+    backend = TritonBackend()
+    chunk = backend.prefill_min_query_len
+    probe = AttentionMetadata(torch.zeros(1, dtype=torch.int64), torch.zeros(2, dtype=torch.int32),
+                              torch.ones(1, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32), 1, 1)
+    plain = mixed_step_metas(_runner(heads, max_num_seqs, max_model_len), backend, probe, num_tokens)
+    metas = mixed_step_metas(_runner(heads, max_num_seqs, max_model_len, cascade=True), backend, probe, num_tokens)
+    assert [m.num_decodes for m in metas if m.cascade is None] == [m.num_decodes for m in plain]
+    seen = []
+    for meta in (m for m in metas if m.cascade is not None):
+        lengths, row = meta.cascade
+        assert meta.num_decodes >= CASCADE_MIN_ROWS and lengths.tolist() == [meta.max_seq_len - 1] * meta.num_decodes
+        assert row.tolist() == [0]
+        (launch,) = _decode_variants(backend, meta, heads, monkeypatch)
+        max_query_len, config, split, merged, rotary, query_rows, out_rows, _, cascade = launch
+        assert max_query_len == 1 and not rotary and cascade and merged == split
+        assert query_rows == out_rows == meta.num_decodes
+        seen.append((config, split))
+    assert len(set(seen)) == len(seen) >= 1
+    num_heads, num_kv_heads, head_dim = heads
+    expected = set()
+    for rows in range(CASCADE_MIN_ROWS, min(max_num_seqs - 1, num_tokens - chunk) + 1):
+        for longest in range(chunk, max_model_len + 1, 64):
+            tiles, plan, _ = paged_launch.launch_plan(rows, num_heads, num_kv_heads, head_dim, 1, longest,
+                                                      torch.bfloat16, torch.device("cpu"), cascade=True)
+            expected.add((tiles, plan.num_segments > 1))
+    assert set(seen) == expected

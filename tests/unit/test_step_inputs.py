@@ -55,3 +55,25 @@ def test_mixed_step_puts_decodes_first() -> None:
     assert _ints(inputs.meta.slot_mapping) == want_slots
     assert inputs.meta.num_decodes == 1 and inputs.meta.max_query_len == 6 and inputs.meta.max_seq_len == 10
     assert inputs.sample_rows == [0, 1] and _ints(inputs.logits_indices) == [0, 6]
+
+
+def test_mixed_step_finds_the_prefix_its_decode_rows_share(monkeypatch) -> None:
+    """cascade=True: the decode rows of a mixed step (first in row order) are searched for a shared
+    prefix; the prompt chunk after them, whose table holds the same blocks, takes no part. Thresholds
+    lowered to 3 rows and 8 keys (cascade_plan)."""
+    from pagedserve.attention import cascade_plan
+    monkeypatch.setattr(cascade_plan, "CASCADE_MIN_ROWS", 3)
+    monkeypatch.setattr(cascade_plan, "CASCADE_MIN_KEYS", 8)
+    table = BlockTable(6)
+    shared = [7, 2, 9]   # 12 keys
+    decodes = [_state(f"d{i}", list(range(20)), 14, shared + [20 + i, 30 + i], 14 + i, table) for i in range(3)]
+    chunk = _state("p", list(range(40)), 40, shared + [40, 41, 42], 12, table)   # a chunk of 8 after the prefix
+    inputs = build_step_inputs([chunk, *decodes], [8, 1, 1, 1], BLOCK, torch.device("cpu"), table, cascade=True)
+    assert inputs.rows == [*decodes, chunk] and inputs.meta.num_decodes == 3
+    assert inputs.cascade_len == 12
+    lengths, row = inputs.meta.cascade
+    assert _ints(lengths) == [12, 12, 12] and _ints(row) == [2]   # the decode rows only; the last of them holds it
+    plain = build_step_inputs([chunk, *decodes], [8, 1, 1, 1], BLOCK, torch.device("cpu"), table)
+    assert plain.cascade_len == 0 and plain.meta.cascade is None
+    two = build_step_inputs([chunk, *decodes[:2]], [8, 1, 1], BLOCK, torch.device("cpu"), table, cascade=True)
+    assert two.cascade_len == 0 and two.meta.cascade is None   # 2 decode rows: below the threshold
