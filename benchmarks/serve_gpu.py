@@ -2,6 +2,7 @@
 
     python3 benchmarks/serve_gpu.py [--cpu-smoke] [--engines pagedserve,vllm] [--rates 8,16,32,inf]
                                     [--num-prompts 200] [--skip-startup] [--variants thread,process]
+                                    [--prefix-len N]
     python3 benchmarks/serve_gpu.py startup MODEL_DIR [--cpu-smoke]     (one probe; run by the above)
 
 1. startup: `LLM(model=llama-8b dummy, load_format="dummy", skip_tokenizer_init=True, ...)` in a
@@ -65,6 +66,8 @@ VARIANTS = {"thread": (["--no-engine-process"], {}),
             # piecewise CUDA graphs for mixed steps (worker/cuda_graph.py; on by default), on / off
             "process-mixedgraph": (["--engine-process"], {"PAGEDSERVE_MIXED_GRAPHS": "1"}),
             "process-nomixed": (["--engine-process"], {"PAGEDSERVE_MIXED_GRAPHS": "0"}),
+            # cascade attention for decode rows that share a cached prefix (on by default), off (vLLM's flag)
+            "process-nocascade": (["--engine-process", "--disable-cascade-attn"], {}),
             # issue 24: four GPUs, tensor parallel 4 and tensor parallel 2 x pipeline parallel 2
             "tp4": (["--engine-process", "--tensor-parallel-size", "4"], {}),
             "tp2pp2": (["--engine-process", "--tensor-parallel-size", "2", "--pipeline-parallel-size", "2"], {})}
@@ -105,17 +108,27 @@ class Server(ServerProcess):
                          name=f"{engine} server")
 
 
+# --prefix-len N: every prompt of a rate begins with one N-token system prompt (the random dataset's
+# --random-prefix-len, a new one per rate), then the peers' shapes: input 544 +- 88% (65-1,023), output
+# 264 +- 88% (32-496)
+PREFIX_SHAPES = ["--random-input-len", "544", "--random-output-len", "264", "--random-range-ratio", "0.88"]
+
+
 def bench_rate(server: Server, rate: str, num: int, seed: int, cpu: bool, deadline_s: float,
-               result_path: Path) -> dict | None:
+               result_path: Path, prefix_len: int = 0) -> dict | None:
     """One `pagedserve bench serve` run, in this process; the server is killed (so the run
     ends with failed requests) if it outlasts deadline_s."""
     from pagedserve.bench.cli import main as bench_main
     argv = ["serve", "--base-url", server.base_url, "--backend", "openai", "--model", SERVED_NAME,
-            "--dataset-name", "random" if cpu else "peers", "--num-prompts", str(num), "--seed", str(seed),
+            "--dataset-name", "random" if cpu or prefix_len else "peers", "--num-prompts", str(num), "--seed", str(seed),
             "--ignore-eos", "--request-rate", rate, "--goodput", *SLOS, "--metric-percentiles", "50,90,99",
             "--result-filename", str(result_path), "--disable-tqdm", "--skip-initial-test"]
     if cpu:
         argv += ["--random-input-len", "40", "--random-output-len", "10", "--random-range-ratio", "0.6"]
+    elif prefix_len:
+        argv += PREFIX_SHAPES
+    if prefix_len:
+        argv += ["--random-prefix-len", str(prefix_len)]
     watchdog = threading.Timer(deadline_s, server.kill)
     watchdog.start()
     try:
@@ -143,7 +156,7 @@ def step_timing(server: Server, reset: bool, raw: int = 0) -> dict | None:
 
 
 def run_engine(engine: str, model_dir: Path, rates: list[str], num: int, cpu: bool, work: Path,
-               deadline: float, variant: str | None = None) -> dict:
+               deadline: float, variant: str | None = None, prefix_len: int = 0) -> dict:
     """Start, warm up, every rate that still fits before `deadline` (perf_counter), stop."""
     label = f"{engine}-{variant}" if variant else engine
     record: dict = {"engine": label, "variant": variant, "runs": [], "skipped_rates": []}
@@ -164,7 +177,7 @@ def run_engine(engine: str, model_dir: Path, rates: list[str], num: int, cpu: bo
                 continue
             step_timing(server, reset=True)
             report = bench_rate(server, rate, num, 1000 + i, cpu, (num / float(rate) if rate != "inf" else 0) + 60,
-                                work / f"{label}_{rate}.json")
+                                work / f"{label}_{rate}.json", prefix_len)
             steps = step_timing(server, reset=False, raw=20000)
             if steps is not None:   # every step of the rate, to its own file
                 (OUT / f"steps_{label}_{rate}.json").write_text(json.dumps(steps.pop("raw", [])))
@@ -300,6 +313,8 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=560.0, help="stop starting work after this long")
     parser.add_argument("--min-engine-s", type=float, default=150.0,
                         help="start an engine's server only with this much of the budget left")
+    parser.add_argument("--prefix-len", type=int, default=0,
+                        help="a shared system prompt of this many tokens before every prompt (PREFIX_SHAPES)")
     args = parser.parse_args()
     cpu = args.cpu_smoke
     rates = (args.rates or ("8,inf" if cpu else "8,16,32,inf")).split(",")
@@ -315,7 +330,8 @@ def main() -> None:
     results: dict = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rates": rates,
                      "variants": args.variants.split(","),
                      "num_prompts_per_rate": num, "slos": SLOS, "model_dir": str(model_dir),
-                     "dataset": "random token ids 64-1024 in / 16-512 out (peers)" if not cpu else "random tiny",
+                     "dataset": "random tiny" if cpu else f"{args.prefix_len} shared + random token ids 65-1023 "
+                     f"in / 32-496 out" if args.prefix_len else "random token ids 64-1024 in / 16-512 out (peers)",
                      "startup": [], "engines": []}
     if not args.skip_startup:
         with open(OUT / "startup.log", "w") as log:
@@ -331,7 +347,8 @@ def main() -> None:
             print(f"{engine}: skipped, too little time left", flush=True)
             results["engines"].append({"engine": engine, "runs": [], "error": "skipped: out of time"})
             continue
-        results["engines"].append(run_engine(engine, model_dir, rates, num, cpu, work, deadline, variant))
+        results["engines"].append(run_engine(engine, model_dir, rates, num, cpu, work, deadline, variant,
+                                             args.prefix_len))
         (OUT / "serve_gpu.json").write_text(json.dumps(results, indent=1))
     if args.no_http:
         results["no_http"] = run_no_http(model_dir, cpu, deadline)

@@ -282,6 +282,8 @@ class DeviceConfig:
     # Piecewise CUDA graphs for mixed steps (worker/cuda_graph.py; CUDA, unless enforce_eager);
     # PAGEDSERVE_MIXED_GRAPHS=0 at start-up turns them off.
     mixed_graphs: bool = True
+    # Cascade attention for decode rows that share a cached prefix (CUDA; EngineArgs.disable_cascade_attn)
+    cascade_attn: bool = True
 
 
 def shares_sampled_ids(async_scheduling: bool, tensor_parallel_size: int, pipeline_parallel_size: int) -> bool:

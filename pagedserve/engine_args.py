@@ -71,6 +71,9 @@ class EngineArgs:
     device: str = _knob("auto", "auto, cpu, cuda or cuda:N")
     gpu_memory_utilization: float = _knob(0.9, "share of the GPU memory for weights, activations and KV cache")
     enforce_eager: bool = _knob(False, "run eagerly: no CUDA graphs")
+    disable_cascade_attn: bool = _knob(False, "CUDA: decode rows that share a cached prefix read it each "
+                                              "for itself, not once for them all (cascade attention: the same "
+                                              "results up to the sums' rounding order; vLLM's flag)")
     async_scheduling: bool | None = _knob(None, "schedule the next step while the current one runs "
                                                 "(default: on for CUDA, and with pipeline_parallel_size > 1)")
     tensor_parallel_size: int = _knob(1, "number of GPUs to shard the model over", aliases=("-tp",))
@@ -272,7 +275,8 @@ class EngineArgs:
                                 self.async_scheduling if self.async_scheduling is not None
                                 else device.type == "cuda" or self.pipeline_parallel_size > 1,
                                 int(os.environ.get("PAGEDSERVE_GEMV_MAX_ROWS", "64")),
-                                os.environ.get("PAGEDSERVE_MIXED_GRAPHS", "1") != "0"))
+                                os.environ.get("PAGEDSERVE_MIXED_GRAPHS", "1") != "0",
+                                cascade_attn=not self.disable_cascade_attn))
         return config, hf_config, source
 
     def _quantization(self, source: ModelSource):

@@ -177,8 +177,9 @@ class ModelRunner:
     @property
     def cascade(self) -> bool:
         """Whether a step's decode rows look for a shared prefix to read once (attention/triton_cascade.py:
-        the Triton backend's decode launches, CUDA; benchmarks flip TritonBackend.cascade for an A/B)."""
-        return self.device.type == "cuda" and TritonBackend.cascade
+        the Triton backend's decode launches, CUDA; off with disable_cascade_attn; benchmarks flip
+        TritonBackend.cascade for an A/B in one engine)."""
+        return self.device.type == "cuda" and TritonBackend.cascade and self.device_config.cascade_attn
 
     # ---- LoRA adapters' host copies (between steps) ----------------------------------------
     def add_lora(self, lora: LoadedLoRA) -> None:

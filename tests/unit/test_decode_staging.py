@@ -224,3 +224,24 @@ def test_shared_prefix_steps_replay_the_cascade_graphs(tiny_checkpoints, monkeyp
     for rows, _, per_row, row, _ in cascaded:
         assert per_row[:rows] == [24] * rows and set(per_row[rows:]) <= {0} and 0 <= row[0] < rows
     assert [s[0] for s in seen if not s[1]] and all(s[0] < 4 or not s[4] for s in seen if not s[1])
+
+
+def test_disable_cascade_attn_turns_the_runner_s_cascade_off(tiny_checkpoints, monkeypatch):
+    """disable_cascade_attn (vLLM's flag) reaches the device config, and the runner then looks for no
+    shared prefix (ModelRunner.cascade: CUDA only; TritonBackend.cascade is the in-engine A/B switch)."""
+    from types import SimpleNamespace
+
+    from pagedserve.attention.backend import TritonBackend
+    from pagedserve.config import DeviceConfig
+    from pagedserve.engine_args import EngineArgs
+    monkeypatch.setattr(TritonBackend, "cascade", True)
+    for disable in (False, True):
+        config, _, _ = EngineArgs(model=tiny_checkpoints["llama"], device="cpu", skip_tokenizer_init=True,
+                                  disable_cascade_attn=disable).create_config()
+        assert config.device.cascade_attn is not disable
+        for device, want in (("cuda", not disable), ("cpu", False)):
+            runner = SimpleNamespace(device=torch.device(device), device_config=config.device)
+            assert ModelRunner.cascade.fget(runner) is want
+    monkeypatch.setattr(TritonBackend, "cascade", False)
+    on = DeviceConfig(cascade_attn=True)
+    assert ModelRunner.cascade.fget(SimpleNamespace(device=torch.device("cuda"), device_config=on)) is False

@@ -22,7 +22,7 @@ NAMES = [f.name for f in fields(EngineArgs)]
 NON_DEFAULTS = {"model": "some/model", "tokenizer": "some/tokenizer", "dtype": "bfloat16", "max_model_len": 333,
                 "block_size": 32, "max_num_seqs": 7, "max_num_batched_tokens": 99, "num_scheduler_steps": 6, "enable_prefix_caching": False,
                 "seed": 5, "load_format": "dummy", "skip_tokenizer_init": True, "device": "cpu",
-                "gpu_memory_utilization": 0.5, "enforce_eager": True, "async_scheduling": False,
+                "gpu_memory_utilization": 0.5, "enforce_eager": True, "disable_cascade_attn": True, "async_scheduling": False,
                 "tensor_parallel_size": 2, "disable_custom_all_reduce": True, "kv_cache_memory_gb": 1.5,
                 "num_kv_blocks": 12,
                 "scheduling_policy": "static", "trust_remote_code": True, "max_logprobs": 5,
