@@ -5,7 +5,7 @@ step), in an order that puts each mode first and last; then the same tokens chec
 a 1,024-token prefix, 48 greedy tokens each, the same prompts in both modes (the second run finds
 every prompt cached: the decode steps are what differs), bf16 ids compared row by row.
 
-Usage: PYTHONPATH=$PWD python3 benchmarks/cascade_gpu.py [ORDER] [--profile] [--mix]   (ORDER of 0 / 1, default 01100110)
+Usage: PYTHONPATH=$PWD python3 benchmarks/cascade_gpu.py [ORDER] [--profile] [--mix]   (ORDER: 0 / 1, default 01100110)
 --profile: then one prefix256 run each way under torch.profiler (prefix256_window.profiled_run: device busy, gaps,
 and the top kernels by device time into $OUT/prefix256_cascade{0,1}_top.txt). The engine and the prefix256 runs are
 prefix256_window.py's (make_engine, timed_run).
@@ -58,10 +58,15 @@ def mixed_steps_spy() -> dict:
 
 
 def main_mix(order: str) -> None:
+    """MAX_SEQS (default 256), MIX_N (requests, default 1,024) and MIN_ROWS (cascade_plan.CASCADE_MIN_ROWS for
+    this engine, its decode graphs included) from the environment."""
     from benchmarks.prefix256_window import SMOKE
-    llm = make_engine(max_num_seqs=256)
+    from pagedserve.attention import cascade_plan
+    if "MIN_ROWS" in os.environ:
+        cascade_plan.CASCADE_MIN_ROWS = int(os.environ["MIN_ROWS"])
+    llm = make_engine(max_num_seqs=int(os.environ.get("MAX_SEQS", "256")))
     counts = mixed_steps_spy()
-    small = dict(n=64, prefix=256, suffix=16, out=(4, 24)) if SMOKE else {}
+    small = dict(n=64, prefix=256, suffix=16, out=(4, 24)) if SMOKE else {"n": int(os.environ.get("MIX_N", "1024"))}
 
     def run(seed: int) -> tuple[float, int]:
         prompts, params = mix_workload(seed, **small)

@@ -13,7 +13,8 @@ the outputs' largest difference from the plain launch is printed (bf16 rounding)
   cascade_nosplit    the cascade, the decode launch not split at all
   prefix[...]        triton_cascade.cascade_prefix alone under a tile config (BLOCK_M, TILE_N, warps,
                      stages, programs an SM)
-Usage: PYTHONPATH=$PWD python3 benchmarks/cascade_kernels.py   (CPU: a tiny smoke, Triton's interpreter)
+Usage: [ROWS=256] PYTHONPATH=$PWD python3 benchmarks/cascade_kernels.py   (CPU: a tiny smoke, Triton's interpreter)
+ROWS: the decode rows (session 54: fewer, for the cascade's row threshold)
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from pagedserve.layers.rotary import RotaryEmbedding  # noqa: E402
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
 HQ, HKV, D, BS = (32, 8, 128, 16) if CUDA else (8, 2, 64, 16)
-ROWS, PREFIX, OWN = (256, 2048, (64, 192)) if CUDA else (8, 64, (8, 40))
+ROWS, PREFIX, OWN = (int(os.environ.get("ROWS", "256")), 2048, (64, 192)) if CUDA else (8, 64, (8, 40))
 MAX_LEN = 32768 if CUDA else 1024
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 

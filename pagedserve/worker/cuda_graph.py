@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pagedserve.attention.cascade_plan import CASCADE_MIN_ROWS
+from pagedserve.attention import cascade_plan
 from pagedserve.attention.metadata import AttentionMetadata
 from pagedserve.layers import linear_ops
 from pagedserve.worker.compile_ahead import compile_ahead
@@ -146,7 +146,7 @@ class CudaGraphRunner:
         self.model = model
         self.max_model_len = max_model_len
         self.buckets = batch_size_buckets(max_num_seqs)
-        self.cascade_buckets = [b for b in self.buckets if b >= CASCADE_MIN_ROWS] if cascade else []
+        self.cascade_buckets = [b for b in self.buckets if b >= cascade_plan.CASCADE_MIN_ROWS] if cascade else []
         self.prefill_buckets = prefill_token_buckets(min(max_num_batched_tokens, max_model_len))
         self.mixed_buckets = mixed_token_buckets(max_num_batched_tokens) if mixed and stage_input is None else []
         max_bs = self.buckets[-1]

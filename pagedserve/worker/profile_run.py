@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pagedserve.attention.backend import select_backend
-from pagedserve.attention.cascade_plan import CASCADE_MIN_ROWS
+from pagedserve.attention import cascade_plan
 from pagedserve.attention.metadata import AttentionMetadata
 from pagedserve.layers.parallel import is_last_stage
 from pagedserve.layers.sampler import SamplingTensors, greedy_ids
@@ -130,10 +130,10 @@ def mixed_step_metas(runner: ModelRunner, backend, meta: AttentionMetadata, num_
     shapes = [(rows, longest, False) for rows, longest in decode_launch_shapes(
         layer.num_heads, layer.num_kv_heads, layer.head_dim, runner.model_config.dtype, device, max_rows, chunk,
         sched.max_model_len)]
-    if runner.cascade and max_rows >= CASCADE_MIN_ROWS:   # decode rows sharing a prefix: the cascade's launches
+    if runner.cascade and max_rows >= cascade_plan.CASCADE_MIN_ROWS:   # decode rows sharing a prefix: its launches
         shapes += [(rows, longest, True) for rows, longest in decode_launch_shapes(
             layer.num_heads, layer.num_kv_heads, layer.head_dim, runner.model_config.dtype, device, max_rows, chunk,
-            sched.max_model_len, cascade=True, min_rows=CASCADE_MIN_ROWS)]
+            sched.max_model_len, cascade=True, min_rows=cascade_plan.CASCADE_MIN_ROWS)]
     metas = []
     for rows, longest, cascade in shapes:
         seq_lens = [longest] * rows + [chunk]

@@ -186,10 +186,8 @@ def test_shared_prefix_steps_replay_the_cascade_graphs(tiny_checkpoints, monkeyp
     so the ids are the eager engine's); a step without a shared prefix replays the plain graph.
     Thresholds lowered to this test's 6 rows and 24 shared keys."""
     from pagedserve.attention import cascade_plan
-    from pagedserve.worker import cuda_graph
     tiny_llama = tiny_checkpoints["llama"]
     monkeypatch.setattr(cascade_plan, "CASCADE_MIN_ROWS", 4)
-    monkeypatch.setattr(cuda_graph, "CASCADE_MIN_ROWS", 4)
     monkeypatch.setattr(cascade_plan, "CASCADE_MIN_KEYS", 8)
     prefix = random_prompts(1, 512, 24, 24, seed=3)[0]
     suffixes = random_prompts(6, 512, 3, 6, seed=4)
