@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-# A decode step takes the cascade from this many rows (fewer: the decode graphs below it are
-# captured once, and a few rows' shared reads are a small part of the step) and a shared prefix
-# of at least this many keys.
-CASCADE_MIN_ROWS = 64
+# A step's decode rows take the cascade from this many rows sharing a prefix of at least this many
+# keys (vLLM's rule: >= 8 requests, >= 256 common keys). H100, llama-8b heads, 2,048 shared keys
+# (benchmarks/cascade_kernels.py ROWS=N, RESULTS.md session 54), us a layer plain / cascade: 8 rows
+# 38.7 / 25.1, 16 rows 47.3 / 28.5, 32 rows 79.5 / 40.6, 64 rows 130.5 / 53.4; prefixmix at
+# max_num_seqs 12 / 32: 1.03x / 1.11x (the threshold was 64 until then).
+CASCADE_MIN_ROWS = 8
 CASCADE_MIN_KEYS = 256
 
 

@@ -221,7 +221,7 @@ types = {**{n: "*i32" for n in i32}, **{n: "*fp32" for n in f32}, "slot_mapping_
 for kernel in (decode, prefix):
     aligned = tuple(n for n in inspect.signature(kernel.fn).parameters
                     if n.endswith("_ptr") or n.startswith("stride") and n != "stride_block_table")
-    # the cascade graphs' decode launch (>= 64 rows: launch_plan's cascade tiles, no PDL), and a mixed step's
+    # the cascade graphs' decode launch (>= 8 rows: launch_plan's cascade tiles, no PDL), and a mixed step's
     # (its query rotated before: no ROTARY_STORE, no ROTATE in the prefix launch)
     for rotary, head_dim in ((True, 128), (True, 64), (False, 128)):
         if kernel is decode:
@@ -329,7 +329,7 @@ def test_engine_mixed_steps_with_cascade_give_the_plain_tokens(tmp_path, monkeyp
         mixed.clear()
         outs[cascade] = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
         assert any(n for _, n in mixed) == cascade, mixed
-        if cascade:   # the mixed steps of >= 64 decode rows share the prefix
+        if cascade:   # the mixed steps of >= 64 decode rows share the prefix (the cascade takes >= 8)
             assert sum(n == 320 for d, n in mixed if d >= 64) >= 10, mixed
     for plain, cascaded in zip(outs[False], outs[True]):
         assert cascaded.token_ids == plain.token_ids
