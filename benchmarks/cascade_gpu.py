@@ -45,15 +45,15 @@ def mix_workload(seed: int, n: int = 1024, prefix: int = 2048, suffix: int = 64,
 
 def mixed_steps_spy() -> dict:
     """Counts the steps that replay the mixed graphs, and those of them whose decode rows took the cascade."""
-    from pagedserve.worker.cuda_graph import CudaGraphRunner
+    from pagedserve.worker.mixed_graphs import MixedGraphs
     counts = {"mixed": 0, "mixed_cascade": 0}
-    run_mixed = CudaGraphRunner.run_mixed
+    run_mixed = MixedGraphs.run
 
     def spy(self, inputs):
         counts["mixed"] += 1
         counts["mixed_cascade"] += bool(inputs.cascade_len)
         return run_mixed(self, inputs)
-    CudaGraphRunner.run_mixed = spy
+    MixedGraphs.run = spy
     return counts
 
 

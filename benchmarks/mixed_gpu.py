@@ -1,6 +1,6 @@
 """Piecewise CUDA graphs for MIXED steps (issue 22; worker/cuda_graph.py, PAGEDSERVE_MIXED_GRAPHS=1):
 correctness and per-step timing on one engine, graphs on vs off (the runner's
-`graph_runner.mixed_enabled` switch: same weights, same KV cache, same process).
+`graph_runner.mixed.enabled` switch: same weights, same KV cache, same process).
 
     PYTHONPATH=$PWD python3 benchmarks/mixed_gpu.py [--model llama-8b] [--cpu-smoke]
 
@@ -70,7 +70,7 @@ class StepClock:
         self.replay_checks_left, self.replay_checks = 0, []
         graphs = self.runner.graph_runner
         if graphs is not None:
-            run_mixed = graphs.run_mixed
+            run_mixed = graphs.mixed.run
 
             def counted(inputs):
                 self.mixed_runs += 1
@@ -83,7 +83,7 @@ class StepClock:
                     except Exception as exc:   # noqa: BLE001 - reported, the run goes on
                         self.replay_checks.append(dict(error=f"{type(exc).__name__}: {exc}"))
                 return hidden
-            graphs.run_mixed = counted
+            graphs.mixed.run = counted
         compute_logits = self.runner.model.compute_logits
 
         def recorded(hidden):
@@ -111,7 +111,7 @@ class StepClock:
 
     def set_graphs(self, on: bool) -> None:
         if self.runner.graph_runner is not None:
-            self.runner.graph_runner.mixed_enabled = on
+            self.runner.graph_runner.mixed.enabled = on
 
 
 def emulate_graphs(llm) -> None:
@@ -120,26 +120,26 @@ def emulate_graphs(llm) -> None:
     the replay check, the switch) runs as on the GPU."""
     runner = llm.engine.core.executor.runner
     graphs = runner.make_graph_runner()
-    assert graphs.mixed_buckets, "PAGEDSERVE_MIXED_GRAPHS did not reach the runner"
-    graphs.mixed_graphs = {size: [] for size in graphs.mixed_buckets}
+    assert graphs.mixed.buckets, "PAGEDSERVE_MIXED_GRAPHS did not reach the runner"
+    graphs.mixed.graphs = {size: [] for size in graphs.mixed.buckets}
 
     def replay(inputs):
         num = inputs.input_ids.shape[0]
-        size = next(s for s in graphs.mixed_buckets if s >= num)
+        size = next(s for s in graphs.mixed.buckets if s >= num)
         graphs._copy_tokens(inputs, size)
-        return graphs._mixed_forward(size, None, inputs.meta)[1][:num]
-    graphs.run_mixed = replay
+        return graphs.mixed.forward(size, None, inputs.meta)[1][:num]
+    graphs.mixed.run = replay
     runner.graph_runner = graphs
 
 
 def replay_check(graphs, inputs, replayed, torch) -> dict:
-    """The step again through the same pieces run eagerly (`_mixed_forward` with the step's
+    """The step again through the same pieces run eagerly (`MixedGraphs.forward` with the step's
     metadata, same padded bucket, so the same shapes and kernels): must equal the replay bit
     for bit. Rewrites the step's KV entries (with the same values when it does)."""
     num = inputs.input_ids.shape[0]
-    size = next(s for s in graphs.mixed_buckets if s >= num)
+    size = next(s for s in graphs.mixed.buckets if s >= num)
     graphs._copy_tokens(inputs, size)
-    _, eager = graphs._mixed_forward(size, None, inputs.meta)
+    _, eager = graphs.mixed.forward(size, None, inputs.meta)
     eager = eager[:num]
     return dict(tokens=num, bucket=size, decodes=inputs.meta.num_decodes, equal=bool(torch.equal(replayed, eager)),
                 max_abs=float((replayed.float() - eager.float()).abs().max()))
@@ -240,11 +240,11 @@ def main() -> int:
     t_import = time.perf_counter()
     import torch
     from step_profile import make_llm
-    from pagedserve.worker import cuda_graph
+    from pagedserve.worker import mixed_graphs
     watch = LogWatch()
     logging.getLogger("pagedserve").addHandler(watch)
     mixed_capture_s = [0.0]
-    capture_mixed = cuda_graph.CudaGraphRunner._capture_mixed
+    capture_mixed = mixed_graphs.MixedGraphs.capture
 
     def timed_capture(self, stream):
         t0 = time.perf_counter()
@@ -252,15 +252,15 @@ def main() -> int:
         if stream is not None:
             torch.cuda.synchronize()
             mixed_capture_s[0] += time.perf_counter() - t0
-    cuda_graph.CudaGraphRunner._capture_mixed = timed_capture
+    mixed_graphs.MixedGraphs.capture = timed_capture
     t0 = time.perf_counter()
     llm = make_llm(smoke, args.model, 2048, **({"async_scheduling": True} if smoke else {}))   # as on CUDA
     startup_s = time.perf_counter() - t0
     graphs = llm.engine.core.executor.runner.graph_runner
     emit(phase="startup", model="tiny-cpu" if smoke else args.model, llm_s=round(startup_s, 2),
          import_s=round(t0 - t_import, 2), mixed_capture_s=round(mixed_capture_s[0], 2),
-         mixed_buckets=len(graphs.mixed_graphs) if graphs else 0,
-         pieces_per_bucket=len(graphs.attention_calls) + 1 if graphs else 0,
+         mixed_buckets=len(graphs.mixed.graphs) if graphs else 0,
+         pieces_per_bucket=len(graphs.mixed.attention_calls) + 1 if graphs else 0,
          capture_log=[m for m in watch.messages if m.startswith("captured") or "failed" in m])
     failed = []
     if smoke:

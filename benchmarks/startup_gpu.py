@@ -162,7 +162,8 @@ def probe_setup(workers: int, tokenizer_way: str | None):
             mod.compile_ahead = timed_ahead
     # the graphs' phases: the mixed pieces' eager warm-ups and captures, the decode / prefill graphs
     from pagedserve.worker.cuda_graph import CudaGraphRunner
-    mixed_forward, capture_one = CudaGraphRunner._mixed_forward, CudaGraphRunner._capture_one
+    from pagedserve.worker.mixed_graphs import MixedGraphs
+    mixed_forward, capture_one = MixedGraphs.forward, CudaGraphRunner._capture_one
     for key in ("mixed_warmup", "mixed_capture", "capture_one"):
         figures[key] = 0.0
 
@@ -173,7 +174,7 @@ def probe_setup(workers: int, tokenizer_way: str | None):
         finally:
             if stream is not None:
                 figures["mixed_capture"] += time.perf_counter() - t0
-            elif self.pool is not None:   # set just before the capture loop: a warm-up, not the dry run
+            elif self.runner.pool is not None:   # set just before the capture loop: a warm-up, not the dry run
                 figures["mixed_warmup"] += time.perf_counter() - t0
 
     def timed_capture_one(self, *args, **kwargs):
@@ -182,7 +183,7 @@ def probe_setup(workers: int, tokenizer_way: str | None):
             return capture_one(self, *args, **kwargs)
         finally:
             figures["capture_one"] += time.perf_counter() - t0
-    CudaGraphRunner._mixed_forward, CudaGraphRunner._capture_one = timed_mixed_forward, timed_capture_one
+    MixedGraphs.forward, CudaGraphRunner._capture_one = timed_mixed_forward, timed_capture_one
     return figures
 
 

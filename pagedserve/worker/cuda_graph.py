@@ -12,17 +12,8 @@ forward is bound by the host launching ~10 kernels per layer:
   only the real query rows; the logits of the chunk's last token come back. An eager 1024-token
   prefill of llama-1b took the host 7-15 ms to launch, the device ~5 ms.
 
-- mixed steps (PIECEWISE, `mixed=True`; PAGEDSERVE_MIXED_GRAPHS=0 turns it off): any other step of at most
-  MAX_MIXED_TOKENS tokens, e.g. a new prompt's chunk beside the running decodes. One set of
-  graphs per total-token-count bucket (mixed_token_buckets), split at every attention call:
-  piece 0 runs embedding -> layer 0's norm, QKV, rotary and KV store and copies q/k/v into
-  static buffers; attention then runs EAGERLY on them with the step's real metadata (the
-  same backend call, so the same kernels as an eager step: decodes, chunks with cached
-  context, long chunks per sequence), writing a static output that piece 1 (o_proj, MLP,
-  layer 1 up to its attention) reads; the last piece ends at the final norm and returns the
-  hidden states (logits are taken eagerly, as in an eager step). This is vLLM V1's default
-  for mixed batches (piecewise graphs around an eager attention); a padded token has slot -1
-  (no KV write) and lies past every sequence (attention never reads or writes its row).
+- mixed steps (`mixed=True`): the piecewise graphs of worker/mixed_graphs.py (MixedGraphs), which
+  read this runner's static token buffers and share its memory pool.
 
 Each decode / prefill graph covers embedding -> layers -> final norm -> LM head, so a replay
 returns logits. A decode graph's inputs (graph_statics.DecodeStatics) arrive in one host -> device copy of
@@ -56,8 +47,9 @@ from pagedserve.attention import cascade_plan
 from pagedserve.attention.metadata import AttentionMetadata
 from pagedserve.layers import linear_ops
 from pagedserve.worker.compile_ahead import compile_ahead
-from pagedserve.worker.graph_statics import DecodeStatics, MixedStatics
+from pagedserve.worker.graph_statics import DecodeStatics
 from pagedserve.worker.input_batch import StepInputs
+from pagedserve.worker.mixed_graphs import MixedGraphs, mixed_token_buckets
 
 Output = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None   # logits, a stage's (hidden, residual), or None
 Receive = Callable[[torch.Tensor, torch.Tensor], None]   # fills (hidden, residual) views in place
@@ -67,7 +59,6 @@ logger = logging.getLogger(__name__)
 
 MAX_CAPTURE_SIZE = 512
 MAX_PREFILL_TOKENS = 1024
-MAX_MIXED_TOKENS = 2048
 # Decode graphs of up to this many rows end in the greedy argmax (a step that samples otherwise
 # wastes it: 32 rows of a 128k vocabulary are 16 MB of fp32 logits, ~5 us against a >= 1 ms step).
 GRAPH_ARGMAX_ROWS = 32
@@ -89,41 +80,6 @@ def prefill_token_buckets(max_tokens: int) -> list[int]:
     most 63 tokens (6% at 1024), 17 graphs for 1024."""
     limit = min(max_tokens, MAX_PREFILL_TOKENS)
     return [s for s in [16, 32] + list(range(64, MAX_PREFILL_TOKENS + 1, 64)) if s <= limit]
-
-
-def mixed_token_buckets(max_tokens: int) -> list[int]:
-    """32, then every 64 up to 1024, every 128 up to min(max_tokens, MAX_MIXED_TOKENS): a step
-    pads by at most 63 tokens below 1024 tokens (6% at 1024), 127 above; 25 buckets for 2048.
-    A step of fewer than 32 tokens pads to 32 (its matmuls cost about the same)."""
-    limit = min(max_tokens, MAX_MIXED_TOKENS)
-    sizes = [32] + list(range(64, 1025, 64)) + list(range(1152, MAX_MIXED_TOKENS + 1, 128))
-    return [s for s in sizes if s <= limit]
-
-
-class _AttentionCall:
-    """The attention of one layer between two pieces: its backend, caches and scale."""
-
-    def __init__(self, backend, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> None:
-        self.backend, self.k_cache, self.v_cache, self.scale = backend, k_cache, v_cache, scale
-
-
-class _SplitBackend:
-    """Stands in for every attention layer's backend while the mixed graphs are warmed up and
-    captured: each attend() copies q/k/v into the static buffers, ends the current piece and
-    starts the next (`split`), and returns the static output the next piece reads. Everything
-    else is the real backend's."""
-
-    def __init__(self, inner, split: Callable) -> None:
-        self.inner, self.name, self.split = inner, inner.name, split
-
-    def __getattr__(self, name: str):
-        return getattr(self.inner, name)
-
-    def store_kv(self, *args, **kwargs) -> None:
-        self.inner.store_kv(*args, **kwargs)
-
-    def attend(self, query, key, value, k_cache, v_cache, meta, scale, out=None) -> torch.Tensor:
-        return self.split(self.inner, query, key, value, k_cache, v_cache, scale)
 
 
 def _run_only(forward: Callable[[int], Output], size: int) -> None:
@@ -148,9 +104,9 @@ class CudaGraphRunner:
         self.buckets = batch_size_buckets(max_num_seqs)
         self.cascade_buckets = [b for b in self.buckets if b >= cascade_plan.CASCADE_MIN_ROWS] if cascade else []
         self.prefill_buckets = prefill_token_buckets(min(max_num_batched_tokens, max_model_len))
-        self.mixed_buckets = mixed_token_buckets(max_num_batched_tokens) if mixed and stage_input is None else []
+        mixed_buckets = mixed_token_buckets(max_num_batched_tokens) if mixed and stage_input is None else []
         max_bs = self.buckets[-1]
-        max_tokens = max([max_bs] + self.prefill_buckets + self.mixed_buckets)
+        max_tokens = max([max_bs] + self.prefill_buckets + mixed_buckets)
         max_blocks = -(-max_model_len // block_size)
         # the prefill and mixed graphs' tokens; the decode graphs read their own (DecodeStatics)
         self.input_ids = torch.zeros(max_tokens, dtype=torch.int64, device=device)
@@ -178,12 +134,7 @@ class CudaGraphRunner:
         self.cascade_outputs: dict[int, Output] = {}
         self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.prefill_outputs: dict[int, Output] = {}
-        # mixed steps: per bucket, its pieces (one more than attention calls) and final hidden states
-        self.mixed_graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
-        self.mixed_outputs: dict[int, torch.Tensor] = {}
-        self.mixed_statics = MixedStatics(self.mixed_buckets[-1] if self.mixed_buckets else 0)
-        self.attention_calls: list[_AttentionCall] = []
-        self.mixed_enabled = True   # benchmarks switch it off for an eager A/B on one engine
+        self.mixed = MixedGraphs(self, mixed_buckets)   # mixed steps' pieces (worker/mixed_graphs.py)
         self.pool = None
         # True once a compile-ahead round with dry_run() compiled and loaded every Triton kernel
         # the captures launch: capture() then warms up only the first size of each kind
@@ -193,7 +144,7 @@ class CudaGraphRunner:
         """Every forward capture() will record, run eagerly with nothing kept: compile_ahead's
         dry run (worker/profile_run.py joins it to the profile forward's: one compile round)."""
         self._capture_all(_run_only)
-        self._capture_mixed(None)
+        self.mixed.capture(None)
 
     def _meta(self, bs: int, cascade: bool = False) -> AttentionMetadata:
         v = self.decode.views(bs)
@@ -245,13 +196,13 @@ class CudaGraphRunner:
         with torch.cuda.stream(stream):
             if not self.compiled:   # a dry run of every forward about to be captured: its Triton kernels compile in parallel
                 self.compiled = compile_ahead(self.dry_run)
-            if self.mixed_buckets:   # the largest graphs first: the pool grows once
+            if self.mixed.buckets:   # the largest graphs first: the pool grows once
                 self.pool = torch.cuda.graph_pool_handle()
                 try:
-                    self._capture_mixed(stream)
+                    self.mixed.capture(stream)
                 except Exception:   # noqa: BLE001 - mixed steps run eagerly, as without them
                     logger.warning("capturing the mixed-step graphs failed; mixed steps run eagerly", exc_info=True)
-                    self.mixed_graphs, self.mixed_outputs, self.attention_calls = {}, {}, []
+                    self.mixed.clear()
             warmed: set[Callable] = set()
 
             def capture_one(forward: Callable[[int], Output], size: int) -> tuple[torch.cuda.CUDAGraph, Output]:
@@ -268,9 +219,9 @@ class CudaGraphRunner:
                     len(self.graphs), self.buckets[0], self.buckets[-1], len(self.cascade_graphs),
                     len(self.prefill_graphs),
                     self.prefill_buckets[0] if self.prefill_buckets else "-",
-                    self.prefill_buckets[-1] if self.prefill_buckets else "-", len(self.mixed_graphs),
-                    len(self.attention_calls) + 1, self.mixed_buckets[0] if self.mixed_buckets else "-",
-                    self.mixed_buckets[-1] if self.mixed_buckets else "-", time.monotonic() - start)
+                    self.prefill_buckets[-1] if self.prefill_buckets else "-", len(self.mixed.graphs),
+                    len(self.mixed.attention_calls) + 1, self.mixed.buckets[0] if self.mixed.buckets else "-",
+                    self.mixed.buckets[-1] if self.mixed.buckets else "-", time.monotonic() - start)
 
     def _capture_all(self, record: Callable[[Callable[[int], Output], int],
                                             tuple[torch.cuda.CUDAGraph, Output] | None]) -> None:
@@ -297,75 +248,6 @@ class CudaGraphRunner:
         """What the forwards run on while capturing: a one-token sequence, no KV writes."""
         self.prefill_query_start_loc.copy_(torch.tensor([0, 1], dtype=torch.int32))
         self.slot_mapping.fill_(-1)
-
-    def _capture_mixed(self, stream: torch.cuda.Stream | None) -> None:
-        """Every mixed bucket's pieces, largest first, each after an eager warm-up of its
-        forward (only the largest's once compile-ahead has compiled and loaded the kernels); with
-        no stream only the eager forwards (compile_ahead's dry run)."""
-        self._padding_inputs()
-        for i, size in enumerate(reversed(self.mixed_buckets)):
-            if stream is None or i == 0 or not self.compiled:
-                self._mixed_forward(size, None)
-            if stream is not None:
-                self.mixed_graphs[size], self.mixed_outputs[size] = self._mixed_forward(size, stream)
-
-    def _mixed_forward(self, size: int, stream: torch.cuda.Stream | None, attend_meta: AttentionMetadata | None = None
-                       ) -> tuple[list[torch.cuda.CUDAGraph], torch.Tensor]:
-        """The model's forward over the static inputs' first `size` tokens with every attention
-        call split out: captured as pieces on `stream`, or all run eagerly (None), attention on
-        `attend_meta`'s tokens (default: the capture metadata's one token). Returns the pieces
-        and the final hidden states (static when captured). What run_mixed replays, so run
-        eagerly with a step's metadata it computes what the replay does (tests/unit)."""
-        meta = AttentionMetadata(slot_mapping=self.slot_mapping[:size], query_start_loc=self.prefill_query_start_loc,
-                                 seq_lens=self.prefill_seq_len, block_tables=self.block_tables[:1],
-                                 max_query_len=size, max_seq_len=self.max_model_len, num_decodes=0)
-        attend_meta = attend_meta or meta
-        live = size if attend_meta is meta else int(attend_meta.query_start_loc_host[-1])
-        pieces: list[torch.cuda.CUDAGraph] = []
-        calls: list[_AttentionCall] = []
-
-        def next_piece() -> None:
-            if pieces:
-                pieces[-1].capture_end()
-            pieces.append(torch.cuda.CUDAGraph())
-            pieces[-1].capture_begin(pool=self.pool)
-
-        def split(inner, query, key, value, k_cache, v_cache, scale) -> torch.Tensor:
-            self.mixed_statics.fill(query, key, value)
-            calls.append(_AttentionCall(inner, k_cache, v_cache, scale))
-            if stream is None:
-                q, k, v, out = self.mixed_statics.views(live)
-                inner.attend(q, k, v, k_cache, v_cache, attend_meta, scale, out=out)
-            else:
-                next_piece()
-            return self.mixed_statics.out[:size]
-
-        layers = self.model.attention_layers()
-        backends = [layer.backend for layer in layers]
-        for layer in layers:
-            layer.backend = _SplitBackend(layer.backend, split)
-        try:
-            if stream is not None:
-                torch.cuda.synchronize()
-                next_piece()
-            hidden = self.model(self.input_ids[:size], self.positions[:size], meta)
-        except Exception:
-            if pieces:
-                try:   # leave no capture open on the stream
-                    pieces[-1].capture_end()
-                except Exception:   # noqa: BLE001 - the first error is the one raised
-                    pass
-            raise
-        finally:
-            for layer, backend in zip(layers, backends):
-                layer.backend = backend
-        if stream is not None:
-            pieces[-1].capture_end()
-            if self.attention_calls and len(calls) != len(self.attention_calls):
-                raise RuntimeError(f"mixed bucket {size}: {len(calls)} attention calls, "
-                                   f"{len(self.attention_calls)} in the first bucket")
-            self.attention_calls = calls
-        return pieces, hidden
 
     def _capture_one(self, forward: Callable[[int], Output], size: int, stream: torch.cuda.Stream,
                      warm_up: bool = True) -> tuple[torch.cuda.CUDAGraph, Output]:
@@ -458,27 +340,6 @@ class CudaGraphRunner:
         if inputs.cascade_len and bs in self.cascade_graphs:
             return self._replay(self.cascade_graphs[bs], self.cascade_outputs[bs], num, bs, receive)
         return self._replay(self.graphs[bs], self.outputs[bs], num, bs, receive)
-
-    def can_run_mixed(self, inputs: StepInputs) -> bool:
-        """Any step of at most the largest mixed bucket of tokens, once they are captured."""
-        return (self.mixed_enabled and bool(self.mixed_graphs) and inputs.input_ids.shape[0] <= self.mixed_buckets[-1]
-                and inputs.meta.max_seq_len <= self.max_model_len)
-
-    def run_mixed(self, inputs: StepInputs) -> torch.Tensor:
-        """The final hidden states [num_tokens, hidden] of a step: the bucket's pieces replayed
-        in turn, each layer's attention run eagerly between them on the static q/k/v with the
-        step's own metadata."""
-        num = inputs.input_ids.shape[0]
-        size = next(s for s in self.mixed_buckets if s >= num)
-        self._copy_tokens(inputs, size)
-        q, k, v, out = self.mixed_statics.views(num)
-        meta = inputs.meta
-        pieces = self.mixed_graphs[size]
-        for piece, call in zip(pieces, self.attention_calls):
-            piece.replay()
-            call.backend.attend(q, k, v, call.k_cache, call.v_cache, meta, call.scale, out=out)
-        pieces[-1].replay()
-        return self.mixed_outputs[size][:num]
 
     def can_run_prefill(self, inputs: StepInputs) -> bool:
         """One sequence whose chunk ends its prompt (it samples), no decodes, at most the

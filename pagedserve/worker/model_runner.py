@@ -245,8 +245,8 @@ class ModelRunner:
             hidden, logits = None, self._replay(graphs.run, inputs)
         elif graphs is not None and not wants_prompt_logprobs and graphs.can_run_prefill(inputs):
             hidden, logits = None, self._replay(graphs.run_prefill, inputs)
-        elif graphs is not None and graphs.can_run_mixed(inputs):
-            hidden = graphs.run_mixed(inputs)
+        elif graphs is not None and graphs.mixed.can_run(inputs):
+            hidden = graphs.mixed.run(inputs)
             logits = self._logits(hidden, inputs.logits_indices)
         elif self.pipeline is not None:
             hidden = self._stage_forward(inputs)

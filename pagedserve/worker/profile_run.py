@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pagedserve.attention.backend import select_backend
 from pagedserve.attention import cascade_plan
+from pagedserve.attention.backend import select_backend
 from pagedserve.attention.metadata import AttentionMetadata
 from pagedserve.layers.parallel import is_last_stage
 from pagedserve.layers.sampler import SamplingTensors, greedy_ids

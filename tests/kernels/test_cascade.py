@@ -306,17 +306,17 @@ def test_engine_mixed_steps_with_cascade_give_the_plain_tokens(tmp_path, monkeyp
 
     from pagedserve import LLM, SamplingParams
     from pagedserve.attention.backend import TritonBackend
-    from pagedserve.worker.cuda_graph import CudaGraphRunner
+    from pagedserve.worker.mixed_graphs import MixedGraphs
     LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
                 num_key_value_heads=2, max_position_embeddings=2048).save_pretrained(tmp_path)
     llm = LLM(model=str(tmp_path), load_format="dummy", skip_tokenizer_init=True, dtype="float32", max_model_len=1024,
               gpu_memory_utilization=0.3, seed=0, max_num_seqs=72)
-    mixed, run_mixed = [], CudaGraphRunner.run_mixed
+    mixed, run_mixed = [], MixedGraphs.run
 
     def spy(self, inputs):
         mixed.append((inputs.meta.num_decodes, inputs.cascade_len))
         return run_mixed(self, inputs)
-    monkeypatch.setattr(CudaGraphRunner, "run_mixed", spy)
+    monkeypatch.setattr(MixedGraphs, "run", spy)
     g = torch.Generator().manual_seed(1)
     prefix = torch.randint(3, 4000, (320,), generator=g).tolist()
     prompts = [{"prompt_token_ids": prefix + torch.randint(3, 4000, (8,), generator=g).tolist()} for _ in range(160)]

@@ -1,5 +1,5 @@
-"""Piecewise graphs of mixed steps (worker/cuda_graph.py), the parts that need no GPU: the token
-buckets, the static buffers, and the split forward run eagerly. `_mixed_forward(size, None,
+"""Piecewise graphs of mixed steps (worker/mixed_graphs.py), the parts that need no GPU: the token
+buckets, the static buffers, and the split forward run eagerly. `MixedGraphs.forward(size, None,
 meta)` runs what a replay runs (the pieces over the padded static inputs, each layer's
 attention on the static q/k/v with the step's own metadata), so on the CPU it must give the
 eager forward's hidden states and KV cache: decodes and a chunk with cached context in one
@@ -14,7 +14,8 @@ import torch
 from pagedserve.engine_args import EngineArgs
 from pagedserve.engine_io import CachedRequestData, NewRequestData, RequestId, SchedulerOutput
 from pagedserve.sampling_params import SamplingParams
-from pagedserve.worker.cuda_graph import CudaGraphRunner, mixed_token_buckets
+from pagedserve.worker.cuda_graph import CudaGraphRunner
+from pagedserve.worker.mixed_graphs import mixed_token_buckets
 from pagedserve.worker.graph_statics import MixedStatics
 from pagedserve.worker.input_batch import build_step_inputs
 from pagedserve.worker.model_runner import ModelRunner
@@ -75,11 +76,11 @@ def test_split_forward_equals_eager(tmp_path):
         want_cache = runner.kv_cache.clone()
         runner.kv_cache.copy_(before)
         graphs = CudaGraphRunner(runner.model, 4, 64, 4, torch.device("cpu"), 64, mixed=True)
-        assert graphs.mixed_buckets == [32, 64] and not graphs.can_run_mixed(inputs)   # nothing captured
+        assert graphs.mixed.buckets == [32, 64] and not graphs.mixed.can_run(inputs)   # nothing captured
         graphs.input_ids.fill_(3)   # stale tokens in the padding rows
         graphs._copy_tokens(inputs, 32)
         assert graphs.slot_mapping[3:32].eq(-1).all() and torch.equal(graphs.input_ids[:3], inputs.input_ids)
-        pieces, hidden = graphs._mixed_forward(32, None, inputs.meta)
+        pieces, hidden = graphs.mixed.forward(32, None, inputs.meta)
     assert pieces == [] and hidden.shape[0] == 32
     torch.testing.assert_close(hidden[:3], want, rtol=1e-5, atol=1e-5)
     # the same writes (matmuls over 32 rows instead of 3 may round differently), none for the padding
@@ -142,8 +143,8 @@ def test_capture_and_replay_order(tmp_path, monkeypatch):
     FakeGraph.log = []
     graphs.capture()
     num_layers = len(runner.model.attention_layers())
-    assert sorted(graphs.mixed_graphs) == [32, 64] and len(graphs.attention_calls) == num_layers
-    assert all(len(pieces) == num_layers + 1 for pieces in graphs.mixed_graphs.values())
+    assert sorted(graphs.mixed.graphs) == [32, 64] and len(graphs.mixed.attention_calls) == num_layers
+    assert all(len(pieces) == num_layers + 1 for pieces in graphs.mixed.graphs.values())
     kinds = [kind for kind, _ in FakeGraph.log]
     assert kinds == ["begin", "end"] * (len(kinds) // 2)   # one capture at a time
     assert len(kinds) == 2 * (2 * (num_layers + 1) + len(graphs.graphs) + len(graphs.prefill_graphs))
@@ -163,10 +164,10 @@ def test_capture_and_replay_order(tmp_path, monkeypatch):
     first = runner.execute_model(SchedulerOutput(num_scheduled_tokens={a: 7, b: 4}, total_num_scheduled_tokens=11,
                                          new_requests=[NewRequestData(a, prompt_a, 7, GREEDY, [5, 2], 0),
                                                        NewRequestData(b, prompt_b[:6], 6, GREEDY, [9, 3], 0)]))
-    assert [pid for _, pid in FakeGraph.log] == [id(p) for p in graphs.mixed_graphs[32]]
+    assert [pid for _, pid in FakeGraph.log] == [id(p) for p in graphs.mixed.graphs[32]]
     assert len(metas) == num_layers and len({id(m) for m in metas}) == 1 and metas[0].num_seqs == 2
     assert int(metas[0].query_start_loc_host[-1]) == 11
-    graphs.mixed_enabled = False   # the A/B switch: a mixed step (a decodes, b's last chunk) runs eagerly
+    graphs.mixed.enabled = False   # the A/B switch: a mixed step (a decodes, b's last chunk) runs eagerly
     FakeGraph.log = []
     runner.execute_model(SchedulerOutput(num_scheduled_tokens={a: 1, b: 2}, total_num_scheduled_tokens=3,
                                          cached_requests=[CachedRequestData(a, [], 7, None, 8, first.sampled_token_ids[a]),
@@ -189,7 +190,7 @@ def test_failed_mixed_capture_leaves_the_others(tmp_path, monkeypatch, caplog):
     graphs = CudaGraphRunner(runner.model, 4, 64, 4, torch.device("cpu"), 64, mixed=True)
     FakeGraph.log = []
     graphs.capture()
-    assert graphs.mixed_graphs == {} and graphs.attention_calls == [] and graphs.graphs and graphs.prefill_graphs
+    assert graphs.mixed.graphs == {} and graphs.mixed.attention_calls == [] and graphs.graphs and graphs.prefill_graphs
     assert "mixed-step graphs failed" in caplog.text
     kinds = [kind for kind, _ in FakeGraph.log]
     assert kinds == ["begin", "end"] * (len(kinds) // 2)   # the failed piece's capture was ended
