@@ -279,7 +279,7 @@ class DeviceConfig:
     # cuBLAS, and the decode fusions (0: off); PAGEDSERVE_GEMV_MAX_ROWS at start-up, see
     # layers/linear_ops.py (64 since the H200 row-bucket sweep of 2026-12-03; 16 before).
     gemv_max_rows: int = 64
-    # Piecewise CUDA graphs for mixed steps (worker/cuda_graph.py; CUDA, unless enforce_eager);
+    # Piecewise CUDA graphs for mixed steps (worker/mixed_graphs.py; CUDA, unless enforce_eager);
     # PAGEDSERVE_MIXED_GRAPHS=0 at start-up turns them off.
     mixed_graphs: bool = True
     # Cascade attention for decode rows that share a cached prefix (CUDA; EngineArgs.disable_cascade_attn)
