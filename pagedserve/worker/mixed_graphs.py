@@ -15,16 +15,13 @@ graph memory pool.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable
 
 import torch
 
 from pagedserve.attention.metadata import AttentionMetadata
 from pagedserve.worker.graph_statics import MixedStatics
 from pagedserve.worker.input_batch import StepInputs
-
-if TYPE_CHECKING:
-    from pagedserve.worker.cuda_graph import CudaGraphRunner
 
 MAX_MIXED_TOKENS = 2048
 
@@ -66,9 +63,10 @@ class _SplitBackend:
 
 class MixedGraphs:
     """Per bucket of `buckets`, the pieces (one more than attention calls) and the final hidden
-    states of a mixed step's forward over `runner`'s static token buffers."""
+    states of a mixed step's forward over `runner`'s static token buffers (`runner`: the
+    cuda_graph.CudaGraphRunner that holds this one; not imported here, which imports this)."""
 
-    def __init__(self, runner: CudaGraphRunner, buckets: list[int]) -> None:
+    def __init__(self, runner: Any, buckets: list[int]) -> None:
         self.runner, self.buckets = runner, buckets
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
         self.outputs: dict[int, torch.Tensor] = {}
