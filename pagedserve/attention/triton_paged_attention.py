@@ -390,15 +390,14 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     num_decodes = num_decodes or 0
     if not 0 <= num_decodes <= num_seqs:
         raise ValueError(f"num_decodes={num_decodes} must lie in [0, num_seqs={num_seqs}]")
+    decode_launch = num_decodes > 0
     if cascade is not None and num_decodes < num_seqs:   # a mixed batch: its decode rows first, in a call of their own
         paged_attention(query[:num_decodes], k_cache, v_cache, block_tables[:num_decodes], seq_lens[:num_decodes],
                         query_start_loc[:num_decodes + 1], scale, 1, max_seq_len, num_decodes, out[:num_decodes],
                         cascade=cascade)
-        cascade, decode_done = None, True
-    else:
-        decode_done = False
+        cascade, decode_launch = None, False
     # (seq_begin, seq_end, max_query_len, token upper bound) of each launch
-    launches = [(0, num_decodes, 1, num_decodes)] if num_decodes and not decode_done else []
+    launches = [(0, num_decodes, 1, num_decodes)] if decode_launch else []
     if num_decodes < num_seqs:
         launches.append((num_decodes, num_seqs, max_query_len, num_tokens - num_decodes))
     tiles, plan, narrow = launch_plan(num_seqs, num_heads, num_kv_heads, head_dim_pad, max_query_len, max_seq_len,

@@ -127,13 +127,12 @@ def mixed_step_metas(runner: ModelRunner, backend, meta: AttentionMetadata, num_
     max_rows = min(sched.max_num_seqs - 1, num_tokens - chunk)
     if max_rows < 1 or chunk > sched.max_model_len:
         return []
-    shapes = [(rows, longest, False) for rows, longest in decode_launch_shapes(
+    kinds = [(False, 1)]   # (cascade, fewest rows): decode rows sharing a prefix take the cascade's launches
+    if runner.cascade and max_rows >= cascade_plan.CASCADE_MIN_ROWS:
+        kinds.append((True, cascade_plan.CASCADE_MIN_ROWS))
+    shapes = [(rows, longest, cascade) for cascade, min_rows in kinds for rows, longest in decode_launch_shapes(
         layer.num_heads, layer.num_kv_heads, layer.head_dim, runner.model_config.dtype, device, max_rows, chunk,
-        sched.max_model_len)]
-    if runner.cascade and max_rows >= cascade_plan.CASCADE_MIN_ROWS:   # decode rows sharing a prefix: its launches
-        shapes += [(rows, longest, True) for rows, longest in decode_launch_shapes(
-            layer.num_heads, layer.num_kv_heads, layer.head_dim, runner.model_config.dtype, device, max_rows, chunk,
-            sched.max_model_len, cascade=True, min_rows=cascade_plan.CASCADE_MIN_ROWS)]
+        sched.max_model_len, cascade=cascade, min_rows=min_rows)]
     metas = []
     for rows, longest, cascade in shapes:
         seq_lens = [longest] * rows + [chunk]

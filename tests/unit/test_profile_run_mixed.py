@@ -53,6 +53,27 @@ def _decode_variants(backend: TritonBackend, meta: AttentionMetadata, heads, mon
     return launched
 
 
+def _probe() -> AttentionMetadata:
+    """mixed_step_metas' profile metadata (only its device is read)."""
+    return AttentionMetadata(torch.zeros(1, dtype=torch.int64), torch.zeros(2, dtype=torch.int32),
+                             torch.ones(1, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32), 1, 1)
+
+
+def _every_variant(heads, min_rows: int, max_rows: int, chunk: int, max_model_len: int, cascade: bool = False) -> set:
+    """(tiles, split) of every decode launch a mixed step's min_rows..max_rows decode rows can take,
+    contexts from the chunk's length (the step's longest sequence is at least its chunk) up to
+    max_model_len (cascade: the cascade's decode launch)."""
+    num_heads, num_kv_heads, head_dim = heads
+    variants = set()
+    for rows in range(min_rows, max_rows + 1):
+        for longest in range(chunk, max_model_len + 1, 64):
+            tiles, plan, _ = paged_launch.launch_plan(rows, num_heads, num_kv_heads, head_dim, 1, longest,
+                                                      torch.bfloat16, torch.device("cpu"), cascade=cascade)
+            variants.add((tiles or default_tile_config(num_heads // num_kv_heads, head_dim, 1, torch.bfloat16),
+                          plan.num_segments > 1))
+    return variants
+
+
 def launches_segments(meta: AttentionMetadata, heads) -> int:
     _, plan, _ = paged_launch.launch_plan(meta.num_decodes, heads[0], heads[1], heads[2], 1, meta.max_seq_len, torch.bfloat16,
                                  torch.device("cpu"))
@@ -70,8 +91,7 @@ def test_dry_steps_take_every_decode_launch_variant_of_mixed_steps(heads, max_nu
     monkeypatch.setattr(paged_launch, "sm_count", lambda device: H200_SMS)
     backend = TritonBackend()
     chunk = backend.prefill_min_query_len
-    probe = AttentionMetadata(torch.zeros(1, dtype=torch.int64), torch.zeros(2, dtype=torch.int32),
-                              torch.ones(1, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32), 1, 1)
+    probe = _probe()
     metas = mixed_step_metas(_runner(heads, max_num_seqs, max_model_len), backend, probe, num_tokens)
     seen = []
     for meta in metas:
@@ -89,15 +109,7 @@ def test_dry_steps_take_every_decode_launch_variant_of_mixed_steps(heads, max_nu
     assert len(set(seen)) == len(seen) >= 2   # one dry step per variant
     # every variant a mixed step's decode rows can take: every row count, contexts from the
     # chunk's length (the step's longest sequence is at least its chunk) up to max_model_len
-    num_heads, num_kv_heads, head_dim = heads
-    expected = set()
-    for rows in range(1, min(max_num_seqs - 1, num_tokens - chunk) + 1):
-        for longest in range(chunk, max_model_len + 1, 64):
-            tiles, plan, _ = paged_launch.launch_plan(rows, num_heads, num_kv_heads, head_dim, 1, longest, torch.bfloat16,
-                                          torch.device("cpu"))
-            expected.add((tiles or default_tile_config(num_heads // num_kv_heads, head_dim, 1, torch.bfloat16),
-                          plan.num_segments > 1))
-    assert set(seen) == expected
+    assert set(seen) == _every_variant(heads, 1, min(max_num_seqs - 1, num_tokens - chunk), chunk, max_model_len)
 
 
 def test_a_large_mixed_steps_decode_launch_is_sized_by_its_decode_rows(monkeypatch):
@@ -131,8 +143,7 @@ def test_dry_steps_take_every_cascade_launch_variant_of_mixed_steps(heads, max_n
     monkeypatch.setattr(paged_launch, "sm_count", lambda device: H200_SMS)
     backend = TritonBackend()
     chunk = backend.prefill_min_query_len
-    probe = AttentionMetadata(torch.zeros(1, dtype=torch.int64), torch.zeros(2, dtype=torch.int32),
-                              torch.ones(1, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32), 1, 1)
+    probe = _probe()
     plain = mixed_step_metas(_runner(heads, max_num_seqs, max_model_len), backend, probe, num_tokens)
     metas = mixed_step_metas(_runner(heads, max_num_seqs, max_model_len, cascade=True), backend, probe, num_tokens)
     assert [m.num_decodes for m in metas if m.cascade is None] == [m.num_decodes for m in plain]
@@ -147,11 +158,5 @@ def test_dry_steps_take_every_cascade_launch_variant_of_mixed_steps(heads, max_n
         assert query_rows == out_rows == meta.num_decodes
         seen.append((config, split))
     assert len(set(seen)) == len(seen) >= 1
-    num_heads, num_kv_heads, head_dim = heads
-    expected = set()
-    for rows in range(CASCADE_MIN_ROWS, min(max_num_seqs - 1, num_tokens - chunk) + 1):
-        for longest in range(chunk, max_model_len + 1, 64):
-            tiles, plan, _ = paged_launch.launch_plan(rows, num_heads, num_kv_heads, head_dim, 1, longest,
-                                                      torch.bfloat16, torch.device("cpu"), cascade=True)
-            expected.add((tiles, plan.num_segments > 1))
-    assert set(seen) == expected
+    assert set(seen) == _every_variant(heads, CASCADE_MIN_ROWS, min(max_num_seqs - 1, num_tokens - chunk), chunk,
+                                       max_model_len, cascade=True)
