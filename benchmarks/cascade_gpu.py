@@ -13,7 +13,9 @@ prefix256_window.py's (make_engine, timed_run).
 output lengths U[16, 240], on an engine of max_num_seqs 256, so that rows finish at different steps and the requests
 waiting take their places: most steps are mixed (a new prompt's 64-token chunk beside ~255 decode rows). Counts the
 mixed steps and those that took the cascade; its same-tokens check: 384 requests (1,024 shared + 32, 8-48 tokens
-out) on that engine, cached, run without the cascade twice (the noise: steps of other rows) and with it once."""
+out) on that engine, cached, run without the cascade twice (the noise: steps of other rows) and with it once.
+PROMPTS=k (--mix): k system prompts, the requests taking them in turn (several groups a step); ORDER may then hold
+g: the cascade for the largest group of a step only (session 54's one group a step, emulated)."""
 import json
 import os
 import random
@@ -33,11 +35,14 @@ def shared(seed: int, n: int, prefix: int, suffix: int):
     return [{"prompt_token_ids": sysp + [rng.randrange(3, 32000) for _ in range(suffix)]} for _ in range(n)]
 
 
-def mix_workload(seed: int, n: int = 1024, prefix: int = 2048, suffix: int = 64, out: tuple[int, int] = (16, 240)):
-    """Its own prompts each seed (no run hits another's cached prefix); the same output lengths."""
+def mix_workload(seed: int, n: int = 1024, prefix: int = 2048, suffix: int = 64, out: tuple[int, int] = (16, 240),
+                 num_prompts: int = 1):
+    """Its own prompts each seed (no run hits another's cached prefix); the same output lengths.
+    num_prompts system prompts, request i taking prompt i % num_prompts."""
     rng, lengths = random.Random(2000 + seed), random.Random(5)
-    sysp = [rng.randrange(3, 32000) for _ in range(prefix)]
-    prompts = [{"prompt_token_ids": sysp + [rng.randrange(3, 32000) for _ in range(suffix)]} for _ in range(n)]
+    sysps = [[rng.randrange(3, 32000) for _ in range(prefix)] for _ in range(num_prompts)]
+    prompts = [{"prompt_token_ids": sysps[i % num_prompts] + [rng.randrange(3, 32000) for _ in range(suffix)]}
+               for i in range(n)]
     params = [SamplingParams(max_tokens=lengths.randint(*out), ignore_eos=True, temperature=0.0, detokenize=False)
               for _ in range(n)]
     return prompts, params
@@ -57,16 +62,36 @@ def mixed_steps_spy() -> dict:
     return counts
 
 
+def one_group_switch() -> dict:
+    """Wraps the runner's shared_prefix: while switch["one"], a step's groups past the first (the
+    largest) are dropped, their rows reading their whole context as without a cascade."""
+    from pagedserve.worker import input_batch
+    plan, switch = input_batch.shared_prefix, {"one": False}
+
+    def first_group_only(*args):
+        keys, arrays = plan(*args)
+        if keys and switch["one"]:
+            bounds = arrays["cascade_groups"]
+            arrays["cascade_len"][arrays["cascade_rows"][bounds[1]:]] = 0
+            bounds[2:] = bounds[1]
+            keys = int(arrays["cascade_len"].max())
+        return keys, arrays
+    input_batch.shared_prefix = first_group_only
+    return switch
+
+
 def main_mix(order: str) -> None:
-    """MAX_SEQS (default 256), MIX_N (requests, default 1,024) and MIN_ROWS (cascade_plan.CASCADE_MIN_ROWS for
-    this engine, its decode graphs included) from the environment."""
+    """MAX_SEQS (default 256), MIX_N (requests, default 1,024), MIN_ROWS (cascade_plan.CASCADE_MIN_ROWS for
+    this engine, its decode graphs included) and PROMPTS (system prompts, default 1) from the environment."""
     from benchmarks.prefix256_window import SMOKE
     from pagedserve.attention import cascade_plan
     if "MIN_ROWS" in os.environ:
         cascade_plan.CASCADE_MIN_ROWS = int(os.environ["MIN_ROWS"])
     llm = make_engine(max_num_seqs=int(os.environ.get("MAX_SEQS", "256")))
     counts = mixed_steps_spy()
+    switch = one_group_switch()
     small = dict(n=64, prefix=256, suffix=16, out=(4, 24)) if SMOKE else {"n": int(os.environ.get("MIX_N", "1024"))}
+    small["num_prompts"] = int(os.environ.get("PROMPTS", "1"))
 
     def run(seed: int) -> tuple[float, int]:
         prompts, params = mix_workload(seed, **small)
@@ -75,9 +100,10 @@ def main_mix(order: str) -> None:
         return time.perf_counter() - t0, sum(len(o.outputs[0].token_ids) for o in outs)
     TritonBackend.cascade = True
     run(99)   # warm-up
-    walls, steps = {"0": [], "1": []}, {}
+    walls, steps = {mode: [] for mode in "01g"}, {}
     for i, mode in enumerate(order):
-        TritonBackend.cascade = mode == "1"
+        TritonBackend.cascade = mode != "0"
+        switch["one"] = mode == "g"
         counts.update(mixed=0, mixed_cascade=0)
         dt, gen = run(i)
         walls[mode].append(dt)
@@ -86,11 +112,13 @@ def main_mix(order: str) -> None:
               f"mixed steps, {counts['mixed_cascade']} with the cascade", flush=True)
     mean = {m: sum(v) / len(v) for m, v in walls.items() if v}
     print("RESULT " + json.dumps(dict(workload="prefixmix cascade A/B", order=order, tokens=gen,
-                                      wall_s={m: [round(x, 3) for x in v] for m, v in walls.items()},
+                                      prompts=small["num_prompts"],
+                                      wall_s={m: [round(x, 3) for x in v] for m, v in walls.items() if v},
                                       out_tok_s={m: round(gen / x, 1) for m, x in mean.items()}, steps=steps,
-                                      speedup=round(mean["0"] / mean["1"], 3) if len(mean) == 2 else None)),
-          flush=True)
-    prompts, params = mix_workload(7, 384, 1024, 32, (8, 48))
+                                      speedup={m: round(mean["0"] / x, 3) for m, x in mean.items() if m != "0"}
+                                      if "0" in mean else None)), flush=True)
+    switch["one"] = False
+    prompts, params = mix_workload(7, 384, 1024, 32, (8, 48), small["num_prompts"])
     ids = []
     for mode in "001":   # the first run caches every prompt
         TritonBackend.cascade = mode == "1"

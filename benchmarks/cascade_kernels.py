@@ -28,7 +28,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from benchmarks.decode_common import replay_ms  # noqa: E402
-from pagedserve.attention import triton_cascade as tc  # noqa: E402
+from pagedserve.attention import cascade_plan, triton_cascade as tc  # noqa: E402
 from pagedserve.attention.paged_launch import TileConfig, launch_plan  # noqa: E402
 from pagedserve.attention.split_plan import NO_SPLIT  # noqa: E402
 from pagedserve.attention.triton_paged_attention import paged_attention  # noqa: E402
@@ -70,7 +70,8 @@ def batch(seed: int = 0):
     rope = RotaryEmbedding(D, MAX_LEN, 500000.0, dtype=DTYPE).to(DEV)
     store = RotaryStore(k, v, torch.tensor(slots, device=DEV), rope.cos_cache, rope.sin_cache)
     cascade = (torch.full((ROWS,), PREFIX, dtype=torch.int32, device=DEV),
-               torch.tensor([ROWS - 1], dtype=torch.int32, device=DEV))
+               torch.arange(ROWS, dtype=torch.int32, device=DEV),
+               torch.tensor([0] + [ROWS] * cascade_plan.CASCADE_MAX_GROUPS, dtype=torch.int32, device=DEV))
     qsl = torch.arange(ROWS + 1, dtype=torch.int32, device=DEV)
     kv_bytes = (PREFIX + sum(own)) * HKV * D * 2 * kc.element_size()
     return dict(q=q, kc=kc, vc=vc, tables=tables.to(DEV), seq_lens=seq_lens, qsl=qsl, store=store, cascade=cascade,

@@ -11,32 +11,53 @@ import numpy as np
 # max_num_seqs 12 / 32: 1.03x / 1.11x (the threshold was 64 until then).
 CASCADE_MIN_ROWS = 8
 CASCADE_MIN_KEYS = 256
+# Groups of rows a step reads prefixes once for (several system prompts): the prefix launch's grid holds
+# this many - 1 spare tiles a launch (a power of two: the launch reads the bounds as one vector).
+CASCADE_MAX_GROUPS = 4
 
 
-def shared_prefix(block_tables: np.ndarray, seq_lens: np.ndarray, block_size: int) -> tuple[int, int, np.ndarray]:
-    """The prefix a step's decode rows share (the arrays of those rows only: a mixed step's
-    decode-first rows [0, num_decodes)): (P, r0, per-row keys), where the rows whose
-    first block is row r0's (r0 the last row, else the first: prefix caching shares the blocks of
-    requests admitted after the prefix was computed, so the earliest rows may hold their own
-    copies) hold the same block ids for their first P keys, P a whole number of blocks at most
-    each such row's seq_len - 1 (its new key lies past it); per-row keys ([rows] int32) is P for
-    those rows, 0 for the others. (0, 0, None) below CASCADE_MIN_ROWS such rows or
+def shared_prefix(block_tables: np.ndarray, seq_lens: np.ndarray, block_size: int) -> tuple[int, dict[str, np.ndarray]]:
+    """The prefixes groups of a step's decode rows share (the arrays of those rows only: a mixed
+    step's decode-first rows [0, num_decodes)). A group: at least CASCADE_MIN_ROWS rows that hold
+    one block id for key CASCADE_MIN_KEYS - 1 (so, prefix caching chaining each block to the ones
+    before it, the same ids before it: one system prompt; a chat template's common first tokens
+    alone make no group), up to CASCADE_MAX_GROUPS of them, the largest first. A group's prefix P:
+    the whole blocks its rows hold alike, at most each row's seq_len - 1 (its new key lies past
+    it). Returns (the longest P, the device arrays): cascade_len (int32 [rows], each row's P, 0
+    outside the groups), cascade_rows (int32 [members]: the groups' rows, group after group, each
+    in row order) and cascade_groups (int32 [CASCADE_MAX_GROUPS + 1]: group g is cascade_rows
+    [groups[g]:groups[g + 1]], empty past the last); (0, {}) where no group reaches
     CASCADE_MIN_KEYS keys."""
     rows = block_tables.shape[0]
-    if rows < CASCADE_MIN_ROWS or block_tables.shape[1] == 0:
-        return 0, 0, None
-    first = block_tables[:, 0]
-    for r0 in (rows - 1, 0):
-        members = first == first[r0]
-        if np.count_nonzero(members) >= CASCADE_MIN_ROWS:
-            break
-    else:   # the common case (no shared prefix): two column compares
-        return 0, 0, None
-    limit = int(seq_lens[members].min()) - 1
-    width = min(block_tables.shape[1], -(-limit // block_size))
-    same = (block_tables[members, :width] == block_tables[r0, :width]).all(axis=0)
-    blocks = width if same.all() else int(np.argmin(same))
-    keys = min(blocks * block_size, limit)
-    if keys < CASCADE_MIN_KEYS:
-        return 0, 0, None
-    return keys, r0, np.where(members, keys, 0).astype(np.int32)
+    column = -(-CASCADE_MIN_KEYS // block_size) - 1   # the block of key CASCADE_MIN_KEYS - 1
+    if rows < CASCADE_MIN_ROWS or block_tables.shape[1] <= column:
+        return 0, {}
+    candidates = np.flatnonzero(seq_lens > CASCADE_MIN_KEYS)   # (shorter rows: the column is no block of theirs)
+    key = block_tables[candidates, column]
+    ordered = np.sort(key)
+    if candidates.size < CASCADE_MIN_ROWS \
+            or not np.any(ordered[CASCADE_MIN_ROWS - 1:] == ordered[:1 - CASCADE_MIN_ROWS]):
+        return 0, {}   # the common case (no block id CASCADE_MIN_ROWS times): a sort and a compare
+    order = candidates[np.argsort(key, kind="stable")]
+    bounds = np.concatenate(([0], np.flatnonzero(np.diff(ordered)) + 1, [order.size]))
+    sizes = np.diff(bounds)
+    big = np.flatnonzero(sizes >= CASCADE_MIN_ROWS)
+    per_row = np.zeros(rows, dtype=np.int32)
+    members, groups, longest = [], [0], 0
+    for g in big[np.argsort(-sizes[big], kind="stable")][:CASCADE_MAX_GROUPS]:
+        group = order[bounds[g]:bounds[g + 1]]
+        limit = int(seq_lens[group].min()) - 1
+        width = min(block_tables.shape[1], -(-limit // block_size))
+        same = (block_tables[group, :width] == block_tables[group[0], :width]).all(axis=0)
+        keys = min((width if same.all() else int(np.argmin(same))) * block_size, limit)
+        if keys < CASCADE_MIN_KEYS:   # (a row's table differs before the column: not prefix caching's sharing)
+            continue
+        per_row[group] = keys
+        members.append(group)
+        groups.append(groups[-1] + len(group))
+        longest = max(longest, keys)
+    if not members:
+        return 0, {}
+    groups += [groups[-1]] * (CASCADE_MAX_GROUPS + 1 - len(groups))
+    return longest, {"cascade_len": per_row, "cascade_rows": np.concatenate(members).astype(np.int32),
+                     "cascade_groups": np.array(groups, dtype=np.int32)}

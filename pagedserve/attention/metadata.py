@@ -32,9 +32,10 @@ class AttentionMetadata:
     query_start_loc_host / seq_lens_host: the same on the host (eager steps; None in CUDA-graph
                      steps, whose values change at replay): long prefill chunks use them to run
                      torch's fused attention one sequence at a time
-    cascade:         the shared prefix of the step's decode rows (attention/triton_cascade.py), or None:
+    cascade:         the shared prefixes of the step's decode rows (attention/triton_cascade.py), or None:
                      no cascade launch: (cascade_len int32 [>= decode rows], each row's shared keys, 0 none;
-                     cascade_row int32 [1], the row whose block table holds them)
+                     cascade_rows int32 [>= decode rows], the groups' rows; cascade_groups int32
+                     [CASCADE_MAX_GROUPS + 1], the groups' bounds in cascade_rows: cascade_plan.shared_prefix)
     """
 
     slot_mapping: torch.Tensor
@@ -47,7 +48,7 @@ class AttentionMetadata:
     num_decode_tokens: int = 0
     query_start_loc_host: Sequence[int] | None = None
     seq_lens_host: Sequence[int] | None = None
-    cascade: tuple[torch.Tensor, torch.Tensor] | None = None
+    cascade: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -348,7 +348,7 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                     max_seq_len: int | None, num_decodes: int | None = None,
                     out: torch.Tensor | None = None, *, num_splits: int | SplitPlan | None = None,
                     tiles: TileConfig | None = None, rotary_store: RotaryStore | None = None,
-                    cascade: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                    cascade: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Causal attention of a ragged mixed batch over the paged KV cache (K/V of the query
     tokens must already be stored). query: [num_tokens, num_heads, head_dim]; returns `out`
     (allocated when None), written for tokens [query_start_loc[0], query_start_loc[-1]) only:
@@ -365,10 +365,10 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     sequence s's, query_start_loc being 0, 1, ..., num_seqs, at position seq_lens[s] - 1: the
     launch reads neither), where the query and the new key are rotated and the new key and value
     stored in the same launch, as rotary_store_kv would before this call (the cache is then
-    mutated; query and key are not). cascade: (cascade_len, cascade_row), int32 on the device: decode
-    row s's keys [0, cascade_len[s]) are the prefix it shares with the other rows of that length,
-    held by row cascade_row[0]'s block table (triton_cascade: read once for them all; its length 0:
-    none). It needs the decode-first order (num_decodes); the decode rows of a mixed batch then take
+    mutated; query and key are not). cascade: (cascade_len, cascade_rows, cascade_groups), int32 on
+    the device (cascade_plan.shared_prefix's arrays): decode row s's keys [0, cascade_len[s]) are the
+    prefix it shares with the other rows of its group (triton_cascade: read once for them all; no
+    group: none). It needs the decode-first order (num_decodes); the decode rows of a mixed batch then take
     a call of their own (the cascade's tiles and plan), the other rows their usual launch.
     """
     _check_attention_inputs(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out)

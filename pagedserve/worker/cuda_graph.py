@@ -152,7 +152,8 @@ class CudaGraphRunner:
                                  seq_lens=v["seq_lens"], block_tables=v["block_tables"],
                                  max_query_len=1, max_seq_len=self.max_model_len, num_decodes=bs,
                                  num_decode_tokens=bs,
-                                 cascade=(v["cascade_len"], v["cascade_row"]) if cascade else None)
+                                 cascade=(v["cascade_len"], v["cascade_rows"], v["cascade_groups"]) if cascade
+                                 else None)
 
     def _stage_in(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None if self.stage_in is None else (self.stage_in[0][:num_tokens], self.stage_in[1][:num_tokens])
@@ -160,7 +161,8 @@ class CudaGraphRunner:
     def _forward(self, bs: int, cascade: bool = False) -> Output:
         """A decode graph: the fed tokens into the input ids, the forward, and up to
         GRAPH_ARGMAX_ROWS rows the greedy argmax of the logits into the static sampled ids.
-        `cascade`: its attention takes the static cascade_len / cascade_row (the cascade graphs)."""
+        `cascade`: its attention takes the static cascade_len / cascade_rows / cascade_groups (the
+        cascade graphs)."""
         from pagedserve.layers.triton_ops import argmax_rows, feed_tokens   # Triton: CUDA only (a test extra on the CPU)
         v = self.decode.views(bs)
         feed_tokens(v["input_ids"], v["feed"], self.sampled)

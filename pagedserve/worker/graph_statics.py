@@ -13,6 +13,8 @@ import math
 import numpy as np
 import torch
 
+from pagedserve.attention.cascade_plan import CASCADE_MAX_GROUPS
+
 
 class MixedStatics:
     """The static tensors the pieces and the eager attention share: q/k/v in, attention out,
@@ -42,18 +44,19 @@ class DecodeStatics:
     """The decode graphs' static inputs in one device buffer. The graph of bucket b reads b rows
     laid out from byte 0: input ids (int64), feed (int32: the row of the previous step's sampled
     ids that becomes this row's token, -1 none), positions and slots (int64), seq_lens (int32),
-    each row's shared prefix keys (int32) and the row whose table holds them (int32 [1]; both
-    attention/triton_cascade.py's, 0: none), and the block table rows (int32 [b, max_blocks]),
+    each row's shared prefix keys (int32), the prefix groups' rows (int32) and their bounds (int32
+    [CASCADE_MAX_GROUPS + 1]; the three attention/cascade_plan.shared_prefix's, 0: none), and the
+    block table rows (int32 [b, max_blocks]),
     each 16-byte aligned; so a step's inputs are one copy of exactly its bucket's bytes from a
     pinned buffer laid out the same way. Padding rows: slot -1 (no KV write), seq_len 1, block
     row 0, feed -1, prefix keys 0."""
 
     FIELDS = (("input_ids", torch.int64), ("feed", torch.int32), ("positions", torch.int64),
               ("slot_mapping", torch.int64), ("seq_lens", torch.int32), ("cascade_len", torch.int32),
-              ("cascade_row", torch.int32),
+              ("cascade_rows", torch.int32), ("cascade_groups", torch.int32),
               ("block_tables", torch.int32))   # (block_tables last: stage() may copy it apart)
     PADDING = {"input_ids": 0, "feed": -1, "positions": 0, "slot_mapping": -1, "seq_lens": 1,
-               "cascade_len": 0, "cascade_row": 0}   # block rows: 0
+               "cascade_len": 0, "cascade_rows": 0, "cascade_groups": 0}   # block rows: 0
 
     def __init__(self, max_rows: int, max_blocks: int, device: torch.device) -> None:
         self.max_blocks = max_blocks
@@ -65,7 +68,8 @@ class DecodeStatics:
         """(name, dtype, shape, byte offset) of each field for `rows` rows, and the bytes in all."""
         fields, offset = [], 0
         for name, dtype in self.FIELDS:
-            shape = (rows, self.max_blocks) if name == "block_tables" else (1,) if name == "cascade_row" else (rows,)
+            shape = (rows, self.max_blocks) if name == "block_tables" \
+                else (CASCADE_MAX_GROUPS + 1,) if name == "cascade_groups" else (rows,)
             fields.append((name, dtype, shape, offset))
             offset += -(-(dtype.itemsize * math.prod(shape)) // 16) * 16
         return fields, offset

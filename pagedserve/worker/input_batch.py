@@ -134,7 +134,7 @@ class StepInputs:
     # The tensors are a decode CUDA graph's static inputs, copied there by its stage (the
     # tokens the previous step sampled on the device are fed inside the graph)
     staged: bool = False
-    # The prefix keys the step's decode rows share (cascade_plan.shared_prefix; 0: no cascade)
+    # The longest prefix a group of the step's decode rows shares (cascade_plan.shared_prefix; 0: no cascade)
     cascade_len: int = 0
 
 
@@ -147,8 +147,9 @@ def build_step_inputs(states: list[CachedRequestState], num_scheduled: list[int]
     """Flatten the scheduled requests (any order) into decode-first model inputs. Reads the
     states' `block_row`s of `block_table`; mutates nothing. `decode_stage(rows, arrays)`: an
     all-decode step's arrays (input_ids, positions, slot_mapping, seq_lens, block_tables, and
-    cascade_len / cascade_row where a shared prefix is found) go to it first; the device tensors it returns (a decode
-    graph's static inputs, with query_start_loc and logits_indices), or None, and the step is
+    cascade_len / cascade_rows / cascade_groups where a shared prefix is found) go to it first; the
+    device tensors it returns (a decode graph's static inputs, with query_start_loc and
+    logits_indices), or None, and the step is
     copied as any other. `cascade`: the step looks for the prefix its decode rows share
     (attention/cascade_plan.shared_prefix)."""
     num_decodes = num_scheduled.count(1)
@@ -187,9 +188,8 @@ def build_step_inputs(states: list[CachedRequestState], num_scheduled: list[int]
     slot_mapping = block_tables[row_of_token, positions // block_size].astype(np.int64) * block_size \
         + positions % block_size
 
-    cascade_len, cascade_row, per_row = shared_prefix(block_tables[:num_decodes], seq_lens[:num_decodes], block_size) \
-        if cascade and num_decodes else (0, 0, None)
-    extra = {"cascade_len": per_row, "cascade_row": np.array([cascade_row], dtype=np.int32)} if cascade_len else {}
+    cascade_len, extra = shared_prefix(block_tables[:num_decodes], seq_lens[:num_decodes], block_size) \
+        if cascade and num_decodes else (0, {})
     staged = None
     if decode_stage is not None and num_decodes == len(rows):
         staged = decode_stage(rows, dict(input_ids=input_ids, positions=positions, slot_mapping=slot_mapping,
@@ -197,7 +197,7 @@ def build_step_inputs(states: list[CachedRequestState], num_scheduled: list[int]
     if staged is not None:
         slots_t, input_ids_t, positions_t, logits_t, qsl_t, seq_lens_t, tables_t = (staged[name] for name in (
             "slot_mapping", "input_ids", "positions", "logits_indices", "query_start_loc", "seq_lens", "block_tables"))
-        cascade_t = (staged["cascade_len"], staged["cascade_row"]) if cascade_len else None
+        cascade_t = tuple(staged[name] for name in extra) if cascade_len else None
     else:
         (slots_t, input_ids_t, positions_t, logits_t, qsl_t, seq_lens_t, tables_t, *cascade_t) = to_device(
             [slot_mapping, input_ids, positions, logits_indices, query_start_loc, seq_lens, block_tables,

@@ -138,7 +138,9 @@ def mixed_step_metas(runner: ModelRunner, backend, meta: AttentionMetadata, num_
         seq_lens = [longest] * rows + [chunk]
         starts = list(range(rows + 1)) + [rows + chunk]
         shared = (torch.full((rows,), longest - 1, dtype=torch.int32, device=device),
-                  torch.zeros(1, dtype=torch.int32, device=device)) if cascade else None
+                  torch.arange(rows, dtype=torch.int32, device=device),
+                  torch.tensor([0] + [rows] * cascade_plan.CASCADE_MAX_GROUPS, dtype=torch.int32, device=device)
+                  ) if cascade else None
         metas.append(AttentionMetadata(
             slot_mapping=torch.full((rows + chunk,), -1, dtype=torch.int64, device=device),
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),

@@ -149,9 +149,9 @@ def test_dry_steps_take_every_cascade_launch_variant_of_mixed_steps(heads, max_n
     assert [m.num_decodes for m in metas if m.cascade is None] == [m.num_decodes for m in plain]
     seen = []
     for meta in (m for m in metas if m.cascade is not None):
-        lengths, row = meta.cascade
+        lengths, members, bounds = meta.cascade
         assert meta.num_decodes >= CASCADE_MIN_ROWS and lengths.tolist() == [meta.max_seq_len - 1] * meta.num_decodes
-        assert row.tolist() == [0]
+        assert members.tolist() == list(range(meta.num_decodes)) and bounds.tolist() == [0] + [meta.num_decodes] * 4
         (launch,) = _decode_variants(backend, meta, heads, monkeypatch)
         max_query_len, config, split, merged, rotary, query_rows, out_rows, _, cascade = launch
         assert max_query_len == 1 and not rotary and cascade and merged == split

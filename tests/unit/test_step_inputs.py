@@ -71,8 +71,9 @@ def test_mixed_step_finds_the_prefix_its_decode_rows_share(monkeypatch) -> None:
     inputs = build_step_inputs([chunk, *decodes], [8, 1, 1, 1], BLOCK, torch.device("cpu"), table, cascade=True)
     assert inputs.rows == [*decodes, chunk] and inputs.meta.num_decodes == 3
     assert inputs.cascade_len == 12
-    lengths, row = inputs.meta.cascade
-    assert _ints(lengths) == [12, 12, 12] and _ints(row) == [2]   # the decode rows only; the last of them holds it
+    lengths, members, bounds = inputs.meta.cascade
+    assert _ints(lengths) == [12, 12, 12] and _ints(members) == [0, 1, 2]   # the decode rows only: one group
+    assert _ints(bounds) == [0, 3, 3, 3, 3]
     plain = build_step_inputs([chunk, *decodes], [8, 1, 1, 1], BLOCK, torch.device("cpu"), table)
     assert plain.cascade_len == 0 and plain.meta.cascade is None
     two = build_step_inputs([chunk, *decodes[:2]], [8, 1, 1], BLOCK, torch.device("cpu"), table, cascade=True)
