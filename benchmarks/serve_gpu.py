@@ -2,7 +2,7 @@
 
     python3 benchmarks/serve_gpu.py [--cpu-smoke] [--engines pagedserve,vllm] [--rates 8,16,32,inf]
                                     [--num-prompts 200] [--skip-startup] [--variants thread,process]
-                                    [--prefix-len N]
+                                    [--prefix-len N [--num-prefixes K]]
     python3 benchmarks/serve_gpu.py startup MODEL_DIR [--cpu-smoke]     (one probe; run by the above)
 
 1. startup: `LLM(model=llama-8b dummy, load_format="dummy", skip_tokenizer_init=True, ...)` in a
@@ -112,10 +112,17 @@ class Server(ServerProcess):
 # --random-prefix-len, a new one per rate), then the peers' shapes: input 544 +- 88% (65-1,023), output
 # 264 +- 88% (32-496)
 PREFIX_SHAPES = ["--random-input-len", "544", "--random-output-len", "264", "--random-range-ratio", "0.88"]
+# --num-prefixes K (with --prefix-len N): K system prompts of N tokens, each before its share of the prompts, 544
+# tokens of their own and 264 out each (40 and 10 in the CPU smoke; the prefix_repetition dataset, vLLM's; new
+# prompts per rate)
+def repetition_shapes(cpu: bool) -> list[str]:
+    return ["--prefix-repetition-suffix-len", "40" if cpu else "544", "--prefix-repetition-output-len",
+            "10" if cpu else "264"]
+
 
 
 def bench_rate(server: Server, rate: str, num: int, seed: int, cpu: bool, deadline_s: float,
-               result_path: Path, prefix_len: int = 0) -> dict | None:
+               result_path: Path, prefix_len: int = 0, num_prefixes: int = 1) -> dict | None:
     """One `pagedserve bench serve` run, in this process; the server is killed (so the run
     ends with failed requests) if it outlasts deadline_s."""
     from pagedserve.bench.cli import main as bench_main
@@ -127,7 +134,11 @@ def bench_rate(server: Server, rate: str, num: int, seed: int, cpu: bool, deadli
         argv += ["--random-input-len", "40", "--random-output-len", "10", "--random-range-ratio", "0.6"]
     elif prefix_len:
         argv += PREFIX_SHAPES
-    if prefix_len:
+    if prefix_len and num_prefixes > 1:
+        argv[argv.index("--dataset-name") + 1] = "prefix_repetition"
+        argv += repetition_shapes(cpu) + ["--prefix-repetition-prefix-len", str(prefix_len),
+                                          "--prefix-repetition-num-prefixes", str(num_prefixes)]
+    elif prefix_len:
         argv += ["--random-prefix-len", str(prefix_len)]
     watchdog = threading.Timer(deadline_s, server.kill)
     watchdog.start()
@@ -156,7 +167,7 @@ def step_timing(server: Server, reset: bool, raw: int = 0) -> dict | None:
 
 
 def run_engine(engine: str, model_dir: Path, rates: list[str], num: int, cpu: bool, work: Path,
-               deadline: float, variant: str | None = None, prefix_len: int = 0) -> dict:
+               deadline: float, variant: str | None = None, prefix_len: int = 0, num_prefixes: int = 1) -> dict:
     """Start, warm up, every rate that still fits before `deadline` (perf_counter), stop."""
     label = f"{engine}-{variant}" if variant else engine
     record: dict = {"engine": label, "variant": variant, "runs": [], "skipped_rates": []}
@@ -177,7 +188,7 @@ def run_engine(engine: str, model_dir: Path, rates: list[str], num: int, cpu: bo
                 continue
             step_timing(server, reset=True)
             report = bench_rate(server, rate, num, 1000 + i, cpu, (num / float(rate) if rate != "inf" else 0) + 60,
-                                work / f"{label}_{rate}.json", prefix_len)
+                                work / f"{label}_{rate}.json", prefix_len, num_prefixes)
             steps = step_timing(server, reset=False, raw=20000)
             if steps is not None:   # every step of the rate, to its own file
                 (OUT / f"steps_{label}_{rate}.json").write_text(json.dumps(steps.pop("raw", [])))
@@ -315,6 +326,8 @@ def main() -> None:
                         help="start an engine's server only with this much of the budget left")
     parser.add_argument("--prefix-len", type=int, default=0,
                         help="a shared system prompt of this many tokens before every prompt (PREFIX_SHAPES)")
+    parser.add_argument("--num-prefixes", type=int, default=1,
+                        help="with --prefix-len: this many system prompts (repetition_shapes)")
     args = parser.parse_args()
     cpu = args.cpu_smoke
     rates = (args.rates or ("8,inf" if cpu else "8,16,32,inf")).split(",")
@@ -330,8 +343,10 @@ def main() -> None:
     results: dict = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rates": rates,
                      "variants": args.variants.split(","),
                      "num_prompts_per_rate": num, "slos": SLOS, "model_dir": str(model_dir),
-                     "dataset": "random tiny" if cpu else f"{args.prefix_len} shared + random token ids 65-1023 "
-                     f"in / 32-496 out" if args.prefix_len else "random token ids 64-1024 in / 16-512 out (peers)",
+                     "dataset": "random tiny" if cpu else f"{args.num_prefixes} x {args.prefix_len} shared + 544 "
+                     f"random token ids in / 264 out (prefix_repetition)" if args.prefix_len and args.num_prefixes > 1
+                     else f"{args.prefix_len} shared + random token ids 65-1023 in / 32-496 out" if args.prefix_len
+                     else "random token ids 64-1024 in / 16-512 out (peers)",
                      "startup": [], "engines": []}
     if not args.skip_startup:
         with open(OUT / "startup.log", "w") as log:
@@ -348,7 +363,7 @@ def main() -> None:
             results["engines"].append({"engine": engine, "runs": [], "error": "skipped: out of time"})
             continue
         results["engines"].append(run_engine(engine, model_dir, rates, num, cpu, work, deadline, variant,
-                                             args.prefix_len))
+                                             args.prefix_len, args.num_prefixes))
         (OUT / "serve_gpu.json").write_text(json.dumps(results, indent=1))
     if args.no_http:
         results["no_http"] = run_no_http(model_dir, cpu, deadline)

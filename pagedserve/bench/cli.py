@@ -10,9 +10,11 @@ from pagedserve.errors import ValidationError
 
 def _add_dataset_arguments(parser: argparse.ArgumentParser, default_name: str) -> None:
     group = parser.add_argument_group("dataset")
-    group.add_argument("--dataset-name", default=default_name, choices=["random", "peers", "random-text", "sharegpt"],
+    group.add_argument("--dataset-name", default=default_name,
+                       choices=["random", "peers", "random-text", "sharegpt", "prefix_repetition"],
                        help="random: token ids; peers: ../shared/bench/peers.py's workload (input U[64,1024], "
-                            "output U[16,512]); random-text: decoded random tokens; sharegpt: --dataset-path")
+                            "output U[16,512]); random-text: decoded random tokens; sharegpt: --dataset-path; "
+                            "prefix_repetition: token ids, several shared prefixes (vLLM's)")
     group.add_argument("--dataset-path", default=None, help="ShareGPT-format JSON file")
     group.add_argument("--num-prompts", type=int, default=64)
     group.add_argument("--random-input-len", type=int, default=256)
@@ -22,6 +24,13 @@ def _add_dataset_arguments(parser: argparse.ArgumentParser, default_name: str) -
     group.add_argument("--random-prefix-len", type=int, default=0,
                        help="random: this many token ids every prompt begins with (a shared system prompt), "
                             "before its own --random-input-len")
+    group.add_argument("--prefix-repetition-prefix-len", type=int, default=256,
+                       help="prefix_repetition: each prefix's token ids (a system prompt)")
+    group.add_argument("--prefix-repetition-suffix-len", type=int, default=256,
+                       help="prefix_repetition: each prompt's own token ids after its prefix")
+    group.add_argument("--prefix-repetition-num-prefixes", type=int, default=10,
+                       help="prefix_repetition: the prefixes; --num-prompts // this many prompts each")
+    group.add_argument("--prefix-repetition-output-len", type=int, default=128)
     group.add_argument("--sharegpt-output-len", type=int, default=None,
                        help="override the gpt turn's token count as output length")
     group.add_argument("--seed", type=int, default=0)

@@ -8,6 +8,10 @@
                 prompt_len is the length of the text re-encoded
     sharegpt    a ShareGPT-format JSON file: prompt = first human turn, output length = token
                 count of the first gpt turn after it (vLLM's rule; pairs under 4 tokens skipped)
+    prefix_repetition  vLLM's: --prefix-repetition-num-prefixes random prefixes (system prompts) of
+                --prefix-repetition-prefix-len token ids, --num-prompts // num-prefixes requests
+                each (that prefix + a suffix of --prefix-repetition-suffix-len ids), each asking
+                --prefix-repetition-output-len tokens, shuffled
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from typing import Any
 
 from pagedserve.errors import ValidationError
 
-DATASET_NAMES = ("random", "peers", "random-text", "sharegpt")
+DATASET_NAMES = ("random", "peers", "random-text", "sharegpt", "prefix_repetition")
 HUMAN_ROLES = ("human", "user")
 GPT_ROLES = ("gpt", "assistant", "chatgpt", "bard", "bing")
 MIN_SHAREGPT_TOKENS = 4
@@ -62,6 +66,34 @@ def random_requests(num: int, input_len: int, output_len: int, range_ratio: floa
         out_len = _lengths(rng, output_len, range_ratio)
         ids = prefix + [rng.randrange(vocab_low, vocab_high) for _ in range(prompt_len)]
         requests.append(SampleRequest(len(ids), out_len, prompt_token_ids=ids))
+    return requests
+
+
+def prefix_repetition_requests(num: int, prefix_len: int = 256, suffix_len: int = 256, num_prefixes: int = 10,
+                               output_len: int = 128, seed: int = 0, vocab_low: int = 3,
+                               vocab_high: int = 32000) -> list[SampleRequest]:
+    """Token-id prompts in num_prefixes groups of num // num_prefixes (vLLM's rule: the rest
+    dropped), each group's prompts beginning with its own prefix_len ids, then suffix_len ids of
+    their own; output_len tokens each; shuffled (seeded)."""
+    if num < 1:
+        raise ValidationError(f"--num-prompts must be >= 1, got {num}", "num_prompts")
+    for name, value, least in (("prefix_len", prefix_len, 0), ("suffix_len", suffix_len, 0),
+                               ("output_len", output_len, 1), ("num_prefixes", num_prefixes, 1)):
+        if value < least:
+            raise ValidationError(f"--prefix-repetition-{name.replace('_', '-')} must be >= {least}, got {value}",
+                                  f"prefix_repetition_{name}")
+    if num_prefixes > num or prefix_len + suffix_len < 1:
+        raise ValidationError(f"--prefix-repetition-num-prefixes ({num_prefixes}) must be at most --num-prompts "
+                              f"({num}) and the prompts at least one token long", "prefix_repetition_num_prefixes")
+    rng = random.Random(seed)
+    draw = lambda n: [rng.randrange(vocab_low, vocab_high) for _ in range(n)]   # noqa: E731
+    requests = []
+    for _ in range(num_prefixes):
+        prefix = draw(prefix_len)
+        for _ in range(num // num_prefixes):
+            ids = prefix + draw(suffix_len)
+            requests.append(SampleRequest(len(ids), output_len, prompt_token_ids=ids))
+    rng.shuffle(requests)
     return requests
 
 
@@ -168,11 +200,15 @@ def load_requests(args: Any, tokenizer: Any | None, vocab_size: int | None = Non
     name = args.dataset_name
     if name == "peers":
         return peers_requests(args.num_prompts, args.seed)
+    high = min(32000, vocab_size) if vocab_size else 32000
     if name == "random":
-        high = min(32000, vocab_size) if vocab_size else 32000
         return random_requests(args.num_prompts, args.random_input_len, args.random_output_len,
                                args.random_range_ratio, args.seed, vocab_high=high,
                                prefix_len=getattr(args, "random_prefix_len", 0))
+    if name == "prefix_repetition":
+        return prefix_repetition_requests(args.num_prompts, args.prefix_repetition_prefix_len,
+                                          args.prefix_repetition_suffix_len, args.prefix_repetition_num_prefixes,
+                                          args.prefix_repetition_output_len, args.seed, vocab_high=high)
     if tokenizer is None:
         raise ValidationError(f"--dataset-name {name} needs a tokenizer (drop --skip-tokenizer-init, "
                               "or give --tokenizer)", "dataset_name")

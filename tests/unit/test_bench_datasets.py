@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from pagedserve.bench.datasets import (first_exchange, load_requests, ordinary_token_ids, peers_requests,
+                                       prefix_repetition_requests,
                                        random_requests, random_text_requests, sharegpt_requests)
 from pagedserve.errors import ValidationError
 
@@ -120,6 +121,31 @@ def test_random_fixed_and_ranged_lengths() -> None:
             random_requests(**kwargs)
 
 
+def test_prefix_repetition_groups_prompts_behind_their_prefixes() -> None:
+    """vLLM's prefix_repetition: num_prefixes prefixes, num // num_prefixes prompts each (the rest
+    dropped), each prefix + its own suffix, a fixed output length, shuffled; seeded."""
+    requests = prefix_repetition_requests(11, prefix_len=12, suffix_len=5, num_prefixes=3, output_len=7, seed=4,
+                                          vocab_high=512)
+    assert len(requests) == 9 and {(r.prompt_len, r.output_len, len(r.prompt_token_ids)) for r in requests} == {
+        (17, 7, 17)}
+    assert all(3 <= t < 512 for r in requests for t in r.prompt_token_ids)
+    by_prefix = {}
+    for r in requests:
+        by_prefix.setdefault(tuple(r.prompt_token_ids[:12]), []).append(tuple(r.prompt_token_ids[12:]))
+    assert sorted(len(v) for v in by_prefix.values()) == [3, 3, 3]
+    assert len({s for v in by_prefix.values() for s in v}) == 9   # each prompt its own suffix
+    assert [tuple(r.prompt_token_ids[:12]) for r in requests[:3]] != [next(iter(by_prefix))] * 3   # shuffled
+    again = prefix_repetition_requests(11, prefix_len=12, suffix_len=5, num_prefixes=3, output_len=7, seed=4,
+                                       vocab_high=512)
+    assert [r.prompt_token_ids for r in again] == [r.prompt_token_ids for r in requests]
+    for bad, param in ((dict(num_prefixes=0), "num_prefixes"), (dict(num_prefixes=12), "num_prefixes"),
+                       (dict(prefix_len=-1), "prefix_len"), (dict(output_len=0), "output_len"),
+                       (dict(prefix_len=0, suffix_len=0), "num_prefixes")):
+        with pytest.raises(ValidationError) as err:
+            prefix_repetition_requests(**(dict(num=11) | bad))
+        assert err.value.param == f"prefix_repetition_{param}"
+
+
 def test_peers_preset_pinned() -> None:
     requests = peers_requests(3)
     assert [(r.prompt_len, r.output_len, r.prompt_token_ids[:3]) for r in requests] == [
@@ -154,6 +180,18 @@ def test_load_requests_by_name(sharegpt_file, word_tokenizer) -> None:
     assert len(load_requests(SimpleNamespace(**{**vars(args), "dataset_name": "peers"}), None)) == 3
     assert len(load_requests(SimpleNamespace(**{**vars(args), "dataset_name": "sharegpt",
                                                 "dataset_path": sharegpt_file}), word_tokenizer)) == 3
+    import argparse
+
+    from pagedserve.bench.cli import add_throughput_arguments
+    parser = argparse.ArgumentParser()
+    add_throughput_arguments(parser)   # the CLI's flags (vLLM's names) reach the dataset
+    cli = parser.parse_args(["--dataset-name", "prefix_repetition", "--num-prompts", "8",
+                             "--prefix-repetition-prefix-len", "32", "--prefix-repetition-suffix-len", "4",
+                             "--prefix-repetition-num-prefixes", "2", "--prefix-repetition-output-len", "5"])
+    repeated = load_requests(cli, None, vocab_size=50)
+    assert len(repeated) == 8 and {(r.prompt_len, r.output_len) for r in repeated} == {(36, 5)}
+    assert len({tuple(r.prompt_token_ids[:32]) for r in repeated}) == 2 and max(
+        t for r in repeated for t in r.prompt_token_ids) < 50
     for name, tokenizer in (("sharegpt", word_tokenizer), ("sharegpt", None), ("random-text", None)):
         with pytest.raises(ValidationError):
             load_requests(SimpleNamespace(**{**vars(args), "dataset_name": name}), tokenizer)
