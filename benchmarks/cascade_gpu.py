@@ -72,7 +72,7 @@ def one_group_switch() -> dict:
         keys, arrays = plan(*args)
         if keys and switch["one"]:
             bounds = arrays["cascade_groups"]
-            arrays["cascade_len"][arrays["cascade_rows"][bounds[1]:]] = 0
+            arrays["cascade_len"][arrays["cascade_rows"][bounds[1]:bounds[-1]]] = 0
             bounds[2:] = bounds[1]
             keys = int(arrays["cascade_len"].max())
         return keys, arrays

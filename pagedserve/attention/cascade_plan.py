@@ -24,8 +24,8 @@ def shared_prefix(block_tables: np.ndarray, seq_lens: np.ndarray, block_size: in
     alone make no group), up to CASCADE_MAX_GROUPS of them, the largest first. A group's prefix P:
     the whole blocks its rows hold alike, at most each row's seq_len - 1 (its new key lies past
     it). Returns (the longest P, the device arrays): cascade_len (int32 [rows], each row's P, 0
-    outside the groups), cascade_rows (int32 [members]: the groups' rows, group after group, each
-    in row order) and cascade_groups (int32 [CASCADE_MAX_GROUPS + 1]: group g is cascade_rows
+    outside the groups), cascade_rows (int32 [rows]: the groups' rows, group after group, each in
+    row order, then 0) and cascade_groups (int32 [CASCADE_MAX_GROUPS + 1]: group g is cascade_rows
     [groups[g]:groups[g + 1]], empty past the last); (0, {}) where no group reaches
     CASCADE_MIN_KEYS keys."""
     rows = block_tables.shape[0]
@@ -59,5 +59,6 @@ def shared_prefix(block_tables: np.ndarray, seq_lens: np.ndarray, block_size: in
     if not members:
         return 0, {}
     groups += [groups[-1]] * (CASCADE_MAX_GROUPS + 1 - len(groups))
-    return longest, {"cascade_len": per_row, "cascade_rows": np.concatenate(members).astype(np.int32),
-                     "cascade_groups": np.array(groups, dtype=np.int32)}
+    listed = np.zeros(rows, dtype=np.int32)   # (a row a decode row, as the launch checks: 0 past the members)
+    listed[:groups[-1]] = np.concatenate(members)
+    return longest, {"cascade_len": per_row, "cascade_rows": listed, "cascade_groups": np.array(groups, dtype=np.int32)}

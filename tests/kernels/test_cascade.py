@@ -253,10 +253,10 @@ def test_shared_prefix(monkeypatch) -> None:
     tables[2, 5] = 99
     assert plan(tables) == (80, [80] * 4, [0, 1, 2, 3], [0, 4, 4, 4, 4])          # row 2 leaves at block 5
     assert plan(tables, np.array([180, 70, 190, 175], dtype=np.int32))[:2] == (69, [69] * 4)   # row 1's new key at 69
-    assert plan(tables, np.array([180, 60, 190, 175], dtype=np.int32)) == (80, [80, 0, 80, 80], [0, 2, 3],
+    assert plan(tables, np.array([180, 60, 190, 175], dtype=np.int32)) == (80, [80, 0, 80, 80], [0, 2, 3, 0],
                                                                             [0, 3, 3, 3, 3])   # row 1 short: left out
     tables[0, :6] = [50, 51, 52, 53, 54, 55]   # the first row computed the prefix itself (its own blocks)
-    assert plan(tables) == (80, [0, 80, 80, 80], [1, 2, 3], [0, 3, 3, 3, 3])
+    assert plan(tables) == (80, [0, 80, 80, 80], [1, 2, 3, 0], [0, 3, 3, 3, 3])
     tables[3, :6] = [7, 3, 9, 60, 61, 62]      # the last row shares 3 blocks only: two rows are left, too few
     assert plan(tables) == (0, {})
     assert plan(tables[:2], seq_lens[:2]) == (0, {})                               # 2 rows: too few
@@ -270,9 +270,10 @@ def test_shared_prefix(monkeypatch) -> None:
     tables[1::2, 1:5] = np.arange(30, 34)
     tables[7, 1:5] = np.arange(40, 44)
     seq_lens = np.full(8, 170, dtype=np.int32)
-    assert plan(tables, seq_lens) == (128, [128, 80, 128, 80, 128, 80, 128, 0], [0, 2, 4, 6, 1, 3, 5], [0, 4, 7, 7, 7])
+    assert plan(tables, seq_lens) == (128, [128, 80, 128, 80, 128, 80, 128, 0], [0, 2, 4, 6, 1, 3, 5, 0],
+                                      [0, 4, 7, 7, 7])
     monkeypatch.setattr(cascade_plan, "CASCADE_MAX_GROUPS", 1)   # the largest group only
-    assert plan(tables, seq_lens) == (128, [128, 0, 128, 0, 128, 0, 128, 0], [0, 2, 4, 6], [0, 4])
+    assert plan(tables, seq_lens) == (128, [128, 0, 128, 0, 128, 0, 128, 0], [0, 2, 4, 6, 0, 0, 0, 0], [0, 4])
 
 
 _CASCADE_FOR_SM90 = """

@@ -59,8 +59,9 @@ def test_mixed_step_puts_decodes_first() -> None:
 
 def test_mixed_step_finds_the_prefix_its_decode_rows_share(monkeypatch) -> None:
     """cascade=True: the decode rows of a mixed step (first in row order) are searched for a shared
-    prefix; the prompt chunk after them, whose table holds the same blocks, takes no part. Thresholds
-    lowered to 3 rows and 8 keys (cascade_plan)."""
+    prefix; the prompt chunk after them, whose table holds the same blocks, takes no part, nor does
+    a decode row of blocks of its own (the group's list is still a row a decode row, as the launch
+    checks). Thresholds lowered to 3 rows and 8 keys (cascade_plan)."""
     from pagedserve.attention import cascade_plan
     monkeypatch.setattr(cascade_plan, "CASCADE_MIN_ROWS", 3)
     monkeypatch.setattr(cascade_plan, "CASCADE_MIN_KEYS", 8)
@@ -68,11 +69,13 @@ def test_mixed_step_finds_the_prefix_its_decode_rows_share(monkeypatch) -> None:
     shared = [7, 2, 9]   # 12 keys
     decodes = [_state(f"d{i}", list(range(20)), 14, shared + [20 + i, 30 + i], 14 + i, table) for i in range(3)]
     chunk = _state("p", list(range(40)), 40, shared + [40, 41, 42], 12, table)   # a chunk of 8 after the prefix
-    inputs = build_step_inputs([chunk, *decodes], [8, 1, 1, 1], BLOCK, torch.device("cpu"), table, cascade=True)
-    assert inputs.rows == [*decodes, chunk] and inputs.meta.num_decodes == 3
+    alone = _state("a", list(range(20)), 14, [50, 51, 52, 53, 54], 16, table)
+    inputs = build_step_inputs([chunk, *decodes, alone], [8, 1, 1, 1, 1], BLOCK, torch.device("cpu"), table,
+                               cascade=True)
+    assert inputs.rows == [*decodes, alone, chunk] and inputs.meta.num_decodes == 4
     assert inputs.cascade_len == 12
     lengths, members, bounds = inputs.meta.cascade
-    assert _ints(lengths) == [12, 12, 12] and _ints(members) == [0, 1, 2]   # the decode rows only: one group
+    assert _ints(lengths) == [12, 12, 12, 0] and _ints(members) == [0, 1, 2, 0]   # the decode rows only: one group
     assert _ints(bounds) == [0, 3, 3, 3, 3]
     plain = build_step_inputs([chunk, *decodes], [8, 1, 1, 1], BLOCK, torch.device("cpu"), table)
     assert plain.cascade_len == 0 and plain.meta.cascade is None
