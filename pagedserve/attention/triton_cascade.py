@@ -11,10 +11,9 @@ past it, and any member's block table holds the prefix. Per layer:
 1. this module's launch: a group's query heads of one KV head form query tiles (members x
    queries per KV head, as a prefill tile packs tokens x heads; each group's members in tiles
    of their own) against its prefix's keys: a dense, matmul-shaped pass whose K / V tiles each
-   serve BLOCK_M query rows, split over
-   `num_segments` slices of the prefix; each (row, head, slice) writes un-normalised fp32
-   partials (acc, running max, running sum; the log2 domain of triton_paged_attention's online
-   softmax);
+   serve BLOCK_M query rows, split over `num_segments` slices of the prefix; each (row, head,
+   slice) writes un-normalised fp32 partials (acc, running max, running sum; the log2 domain of
+   triton_paged_attention's online softmax);
 2. the decode launch (triton_paged_attention, CASCADE) reads only keys [cascade_len[s], seq_len)
    of each row, and its segment 0 starts from the row's prefix partials instead of from nothing:
    the online softmax continued, so the split merge after it is unchanged.
