@@ -11,10 +11,13 @@ the outputs' largest difference from the plain launch is printed (bf16 rounding)
   cascade            the same with the cascade (prefix launch + decode launch), the defaults
   cascade_s52        session 52's: prefix launch 2 stages, decode launch default tiles, uncapped plan
   cascade_nosplit    the cascade, the decode launch not split at all
+  cascade_plaintiles the cascade, the decode launch under the plain launch's tiles and plan
   prefix[...]        triton_cascade.cascade_prefix alone under a tile config (BLOCK_M, TILE_N, warps,
                      stages, programs an SM)
 Usage: [ROWS=256] PYTHONPATH=$PWD python3 benchmarks/cascade_kernels.py   (CPU: a tiny smoke, Triton's interpreter)
-ROWS: the decode rows (session 54: fewer, for the cascade's row threshold)
+ROWS: the decode rows (session 54: fewer, for the cascade's row threshold). MEMBERS (default ROWS): only rows
+[0, MEMBERS) take the cascade (one group); the others read their whole context in the cascade's decode launch, as
+rows of other prompts do when one group of a step takes it (session 55)
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ DEV = torch.device("cuda" if CUDA else "cpu")
 HQ, HKV, D, BS = (32, 8, 128, 16) if CUDA else (8, 2, 64, 16)
 ROWS, PREFIX, OWN = (int(os.environ.get("ROWS", "256")), 2048, (64, 192)) if CUDA else (8, 64, (8, 40))
 MAX_LEN = 32768 if CUDA else 1024
+MEMBERS = int(os.environ.get("MEMBERS", ROWS))
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 
 
@@ -69,9 +73,9 @@ def batch(seed: int = 0):
     seq_lens = torch.tensor([PREFIX + n + 1 for n in own], dtype=torch.int32, device=DEV)
     rope = RotaryEmbedding(D, MAX_LEN, 500000.0, dtype=DTYPE).to(DEV)
     store = RotaryStore(k, v, torch.tensor(slots, device=DEV), rope.cos_cache, rope.sin_cache)
-    cascade = (torch.full((ROWS,), PREFIX, dtype=torch.int32, device=DEV),
+    cascade = (torch.tensor([PREFIX] * MEMBERS + [0] * (ROWS - MEMBERS), dtype=torch.int32, device=DEV),
                torch.arange(ROWS, dtype=torch.int32, device=DEV),
-               torch.tensor([0] + [ROWS] * cascade_plan.CASCADE_MAX_GROUPS, dtype=torch.int32, device=DEV))
+               torch.tensor([0] + [MEMBERS] * cascade_plan.CASCADE_MAX_GROUPS, dtype=torch.int32, device=DEV))
     qsl = torch.arange(ROWS + 1, dtype=torch.int32, device=DEV)
     kv_bytes = (PREFIX + sum(own)) * HKV * D * 2 * kc.element_size()
     return dict(q=q, kc=kc, vc=vc, tables=tables.to(DEV), seq_lens=seq_lens, qsl=qsl, store=store, cascade=cascade,
@@ -121,9 +125,11 @@ def main() -> None:
     set_config(CONFIGS[DEFAULT])
     ref = attend(b, False)().clone()
     s52_plan = launch_plan(ROWS, HQ, HKV, D, 1, MAX_LEN, DTYPE, DEV, tiles=S52_TILES)[1]
+    plain_tiles, plain_plan, _ = launch_plan(ROWS, HQ, HKV, D, 1, MAX_LEN, DTYPE, DEV)
     variants = {"plain": (DEFAULT, attend(b, False)), "cascade": (DEFAULT, attend(b, True)),
                 "cascade_s52": ("64/64/w4/s2/p2", attend(b, True, s52_plan, S52_TILES)),
-                "cascade_nosplit": (DEFAULT, attend(b, True, NO_SPLIT))}
+                "cascade_nosplit": (DEFAULT, attend(b, True, NO_SPLIT)),
+                "cascade_plaintiles": (DEFAULT, attend(b, True, plain_plan, plain_tiles))}
     for name in CONFIGS:
         variants[f"prefix[{name}]"] = (name, prefix_only(b))
     errors = {}
@@ -145,7 +151,8 @@ def main() -> None:
             times[name].append(replay_ms(g, 1) * 1000 / 16)
     us = {n: round(sorted(t)[3], 1) for n, t in times.items()}
     print("RESULT " + json.dumps(dict(workload="cascade kernels us a call", device=torch.cuda.get_device_name(),
-                                      rows=ROWS, prefix=PREFIX, own_keys=b["own_keys"], kv_gb=b["kv_bytes"] / 1e9,
+                                      rows=ROWS, members=MEMBERS, prefix=PREFIX, own_keys=b["own_keys"],
+                                      kv_gb=b["kv_bytes"] / 1e9,
                                       **us)), flush=True)
 
 
