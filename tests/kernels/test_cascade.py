@@ -237,7 +237,8 @@ def test_a_wrong_prefix_gives_other_outputs() -> None:
 def test_shared_prefix(monkeypatch) -> None:
     """Groups of rows that hold one block id for key CASCADE_MIN_KEYS - 1 (64 here: column 3), the
     largest first, up to CASCADE_MAX_GROUPS: whole common blocks, at most their min(seq_len) - 1;
-    rows too short to reach the column left out; none below the row or key thresholds."""
+    rows too short to reach the column left out; none below the row or key thresholds, nor where
+    the other rows read more than twice the groups' shared keys (CASCADE_MIN_SHARE)."""
     monkeypatch.setattr(cascade_plan, "CASCADE_MIN_ROWS", 3)
     monkeypatch.setattr(cascade_plan, "CASCADE_MIN_KEYS", 64)
     tables = np.zeros((4, 12), dtype=np.int32)
@@ -272,8 +273,13 @@ def test_shared_prefix(monkeypatch) -> None:
     seq_lens = np.full(8, 170, dtype=np.int32)
     assert plan(tables, seq_lens) == (128, [128, 80, 128, 80, 128, 80, 128, 0], [0, 2, 4, 6, 1, 3, 5, 0],
                                       [0, 4, 7, 7, 7])
+    seq_lens[[1, 3, 5, 7]] = [600, 400, 300, 300]   # the groups' 752 shared keys against 300: taken
+    assert plan(tables, seq_lens)[0] == 128
     monkeypatch.setattr(cascade_plan, "CASCADE_MAX_GROUPS", 1)   # the largest group only
+    seq_lens[[1, 3, 5, 7]] = 170
     assert plan(tables, seq_lens) == (128, [128, 0, 128, 0, 128, 0, 128, 0], [0, 2, 4, 6, 0, 0, 0, 0], [0, 4])
+    seq_lens[[1, 3, 5, 7]] = [600, 400, 300, 300]   # 512 shared keys against 1,600 the others read: not taken
+    assert plan(tables, seq_lens) == (0, {})
 
 
 _CASCADE_FOR_SM90 = """
