@@ -15,10 +15,12 @@ CASCADE_MIN_KEYS = 256
 # this many - 1 spare tiles a launch (a power of two: the launch reads the bounds as one vector).
 CASCADE_MAX_GROUPS = 4
 # A step takes the cascade only where its groups' shared keys (each member's P) are at least this share of the
-# keys its other decode rows read: those rows read their whole context in the cascade's decode launch, whose tiles
-# suit rows of few own keys. prefixmix with 4 prompts, one group of a quarter of the rows taking it (session 55,
-# H100): 0.98x of no cascade, its shared keys 0.32 of the others'; every group: 1.41x.
-CASCADE_MIN_SHARE = 0.5
+# keys its other decode rows read: the prefix launch costs 35-47 us a layer whatever the group's size, and the other
+# rows read their whole context under the cascade's decode plan. H100, llama-8b heads, 256 rows, 2,048 shared keys
+# (cascade_kernels.py MEMBERS=m, session 55), us a layer plain / cascade: m 256 447 / 117; m 128 (share 0.94) 450 /
+# 320; m 64 (0.31) 450 / 422; m 32 (0.13) 447 / 495. prefixmix with 4 prompts, one group of a quarter of the rows
+# taking it (0.31): 0.98x of none; every group: 1.41x; 8 prompts, 4 groups of half the rows: 1.10x.
+CASCADE_MIN_SHARE = 0.35
 
 
 def shared_prefix(block_tables: np.ndarray, seq_lens: np.ndarray, block_size: int) -> tuple[int, dict[str, np.ndarray]]:
