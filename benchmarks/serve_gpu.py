@@ -112,13 +112,14 @@ class Server(ServerProcess):
 # --random-prefix-len, a new one per rate), then the peers' shapes: input 544 +- 88% (65-1,023), output
 # 264 +- 88% (32-496)
 PREFIX_SHAPES = ["--random-input-len", "544", "--random-output-len", "264", "--random-range-ratio", "0.88"]
+
+
 # --num-prefixes K (with --prefix-len N): K system prompts of N tokens, each before its share of the prompts, 544
 # tokens of their own and 264 out each (40 and 10 in the CPU smoke; the prefix_repetition dataset, vLLM's; new
 # prompts per rate)
 def repetition_shapes(cpu: bool) -> list[str]:
     return ["--prefix-repetition-suffix-len", "40" if cpu else "544", "--prefix-repetition-output-len",
             "10" if cpu else "264"]
-
 
 
 def bench_rate(server: Server, rate: str, num: int, seed: int, cpu: bool, deadline_s: float,
