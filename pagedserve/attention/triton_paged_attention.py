@@ -49,6 +49,7 @@ from pagedserve.layers.triton_ops import _LIBDEVICE, rotate_rows
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
 
+
 @triton.jit
 def _find_seq_idx(query_start_loc_ptr, q_block, seq_begin, seq_end, token_begin,
                   BLOCK_Q: tl.constexpr):
