@@ -22,6 +22,8 @@ import random
 import sys
 import time
 
+import numpy as np
+
 sys.path[:0] = [os.path.join(os.path.dirname(__file__), "..", ".devcarry"), "/work/shared/bench"]
 
 from pagedserve import SamplingParams  # noqa: E402
@@ -65,16 +67,17 @@ def mixed_steps_spy() -> dict:
 def one_group_switch() -> dict:
     """Wraps the runner's shared_prefix: while switch["one"], a step's groups past the first (the
     largest) are dropped, their rows reading their whole context as without a cascade."""
+    from pagedserve.attention import cascade_plan
     from pagedserve.worker import input_batch
     plan, switch = input_batch.shared_prefix, {"one": False}
 
     def first_group_only(*args):
         keys, arrays = plan(*args)
         if keys and switch["one"]:
-            bounds = arrays["cascade_groups"]
-            arrays["cascade_len"][arrays["cascade_rows"][bounds[1]:bounds[-1]]] = 0
-            bounds[2:] = bounds[1]
-            keys = int(arrays["cascade_len"].max())
+            first = arrays["cascade_rows"][:arrays["cascade_groups"][1]]
+            per_row = np.zeros_like(arrays["cascade_len"])
+            per_row[first] = arrays["cascade_len"][first]
+            keys, arrays = int(per_row.max()), cascade_plan.cascade_arrays(per_row, [first])
         return keys, arrays
     input_batch.shared_prefix = first_group_only
     return switch

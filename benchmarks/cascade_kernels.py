@@ -25,6 +25,7 @@ import json
 import os
 import random
 
+import numpy as np
 import torch
 
 if not torch.cuda.is_available():
@@ -73,9 +74,8 @@ def batch(seed: int = 0):
     seq_lens = torch.tensor([PREFIX + n + 1 for n in own], dtype=torch.int32, device=DEV)
     rope = RotaryEmbedding(D, MAX_LEN, 500000.0, dtype=DTYPE).to(DEV)
     store = RotaryStore(k, v, torch.tensor(slots, device=DEV), rope.cos_cache, rope.sin_cache)
-    cascade = (torch.tensor([PREFIX] * MEMBERS + [0] * (ROWS - MEMBERS), dtype=torch.int32, device=DEV),
-               torch.arange(ROWS, dtype=torch.int32, device=DEV),
-               torch.tensor([0] + [MEMBERS] * cascade_plan.CASCADE_MAX_GROUPS, dtype=torch.int32, device=DEV))
+    cascade = tuple(torch.from_numpy(a).to(DEV) for a in cascade_plan.cascade_arrays(
+        np.array([PREFIX] * MEMBERS + [0] * (ROWS - MEMBERS)), [np.arange(MEMBERS)]).values())
     qsl = torch.arange(ROWS + 1, dtype=torch.int32, device=DEV)
     kv_bytes = (PREFIX + sum(own)) * HKV * D * 2 * kc.element_size()
     return dict(q=q, kc=kc, vc=vc, tables=tables.to(DEV), seq_lens=seq_lens, qsl=qsl, store=store, cascade=cascade,

@@ -51,7 +51,7 @@ def shared_prefix(block_tables: np.ndarray, seq_lens: np.ndarray, block_size: in
     sizes = np.diff(bounds)
     big = np.flatnonzero(sizes >= CASCADE_MIN_ROWS)
     per_row = np.zeros(rows, dtype=np.int32)
-    members, groups, longest = [], [0], 0
+    members, longest = [], 0
     for g in big[np.argsort(-sizes[big], kind="stable")][:CASCADE_MAX_GROUPS]:
         group = order[bounds[g]:bounds[g + 1]]
         limit = int(seq_lens[group].min()) - 1
@@ -62,12 +62,22 @@ def shared_prefix(block_tables: np.ndarray, seq_lens: np.ndarray, block_size: in
             continue
         per_row[group] = keys
         members.append(group)
-        groups.append(groups[-1] + len(group))
         longest = max(longest, keys)
     others = seq_lens[per_row == 0].sum(dtype=np.int64)
     if not members or per_row.sum(dtype=np.int64) < CASCADE_MIN_SHARE * others:
         return 0, {}
-    groups += [groups[-1]] * (CASCADE_MAX_GROUPS + 1 - len(groups))
-    listed = np.zeros(rows, dtype=np.int32)   # (a row a decode row, as the launch checks: 0 past the members)
-    listed[:groups[-1]] = np.concatenate(members)
-    return longest, {"cascade_len": per_row, "cascade_rows": listed, "cascade_groups": np.array(groups, dtype=np.int32)}
+    return longest, cascade_arrays(per_row, members)
+
+
+def cascade_arrays(per_row: np.ndarray, groups: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """The cascade's device arrays (int32) for each row's prefix keys `per_row` and the groups'
+    rows (at most CASCADE_MAX_GROUPS, each in the order its tiles take them): cascade_len,
+    cascade_rows (the groups' rows one after another, one entry a row as the launch checks, 0 past
+    the members) and cascade_groups (the CASCADE_MAX_GROUPS + 1 bounds, empty groups past the last)."""
+    bounds = np.zeros(CASCADE_MAX_GROUPS + 1, dtype=np.int32)
+    bounds[1:len(groups) + 1] = np.cumsum([len(group) for group in groups], dtype=np.int32)
+    bounds[len(groups) + 1:] = bounds[len(groups)]
+    listed = np.zeros(len(per_row), dtype=np.int32)
+    if groups:
+        listed[:bounds[-1]] = np.concatenate(groups)
+    return {"cascade_len": np.asarray(per_row, dtype=np.int32), "cascade_rows": listed, "cascade_groups": bounds}

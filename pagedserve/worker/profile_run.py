@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from pagedserve.attention import cascade_plan
@@ -137,10 +138,8 @@ def mixed_step_metas(runner: ModelRunner, backend, meta: AttentionMetadata, num_
     for rows, longest, cascade in shapes:
         seq_lens = [longest] * rows + [chunk]
         starts = list(range(rows + 1)) + [rows + chunk]
-        shared = (torch.full((rows,), longest - 1, dtype=torch.int32, device=device),
-                  torch.arange(rows, dtype=torch.int32, device=device),
-                  torch.tensor([0] + [rows] * cascade_plan.CASCADE_MAX_GROUPS, dtype=torch.int32, device=device)
-                  ) if cascade else None
+        shared = tuple(torch.from_numpy(a).to(device) for a in cascade_plan.cascade_arrays(
+            np.full(rows, longest - 1), [np.arange(rows)]).values()) if cascade else None
         metas.append(AttentionMetadata(
             slot_mapping=torch.full((rows + chunk,), -1, dtype=torch.int64, device=device),
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),

@@ -68,12 +68,9 @@ def _cascade(lengths: list[int], order: list[int] | None = None) -> tuple[torch.
     """The cascade's device arrays (cascade_plan.shared_prefix's) for rows' prefix keys: the rows of
     one nonzero length one group, in `order` of the lengths (else the order they first appear)."""
     order = order or list(dict.fromkeys(n for n in lengths if n))
-    members = [[r for r, n in enumerate(lengths) if n == length] for length in order]
-    bounds = np.cumsum([0] + [len(m) for m in members]).tolist()
-    bounds += [bounds[-1]] * (cascade_plan.CASCADE_MAX_GROUPS + 1 - len(bounds))
-    rows = [r for m in members for r in m]
-    return tuple(torch.tensor(a, dtype=torch.int32, device=DEVICE)
-                 for a in (lengths, rows + [0] * (len(lengths) - len(rows)), bounds))
+    members = [np.array([r for r, n in enumerate(lengths) if n == length]) for length in order]
+    arrays = cascade_plan.cascade_arrays(np.array(lengths), members)
+    return tuple(torch.from_numpy(a).to(DEVICE) for a in arrays.values())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
