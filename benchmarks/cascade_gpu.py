@@ -15,9 +15,7 @@ waiting take their places: most steps are mixed (a new prompt's 64-token chunk b
 mixed steps and those that took the cascade; its same-tokens check: 384 requests (1,024 shared + 32, 8-48 tokens
 out) on that engine, cached, run without the cascade twice (the noise: steps of other rows) and with it once.
 PROMPTS=k (--mix): k system prompts, the requests taking them in turn (several groups a step); ORDER may then hold
-g: the cascade for the largest group of a step only (session 54's one group a step, emulated).
-OVERLAP=1: triton_cascade.OVERLAP on for this process (its graphs are captured with the prefix launch beside the
-decode launch; session 56), so an A/B of it is two processes."""
+g: the cascade for the largest group of a step only (session 54's one group a step, emulated)."""
 import json
 import os
 import random
@@ -29,12 +27,8 @@ import numpy as np
 sys.path[:0] = [os.path.join(os.path.dirname(__file__), "..", ".devcarry"), "/work/shared/bench"]
 
 from pagedserve import SamplingParams  # noqa: E402
-from pagedserve.attention import triton_cascade  # noqa: E402
 from pagedserve.attention.backend import TritonBackend  # noqa: E402
 from benchmarks.prefix256_window import make_engine, profiled_run, timed_run  # noqa: E402
-
-
-triton_cascade.OVERLAP = os.environ.get("OVERLAP") == "1"   # before the engine captures its graphs
 
 
 def shared(seed: int, n: int, prefix: int, suffix: int):
@@ -121,7 +115,7 @@ def main_mix(order: str) -> None:
               f"mixed steps, {counts['mixed_cascade']} with the cascade", flush=True)
     mean = {m: sum(v) / len(v) for m, v in walls.items() if v}
     print("RESULT " + json.dumps(dict(workload="prefixmix cascade A/B", order=order, tokens=gen,
-                                      prompts=small["num_prompts"], overlap=triton_cascade.OVERLAP,
+                                      prompts=small["num_prompts"],
                                       wall_s={m: [round(x, 3) for x in v] for m, v in walls.items() if v},
                                       out_tok_s={m: round(gen / x, 1) for m, x in mean.items()}, steps=steps,
                                       speedup={m: round(mean["0"] / x, 3) for m, x in mean.items() if m != "0"}
@@ -161,7 +155,6 @@ def main() -> None:
         print(f"prefix256 cascade={mode}: {gen} tokens in {dt:.3f} s ({gen / dt:,.0f} out tok/s)", flush=True)
     mean = {m: sum(v) / len(v) for m, v in walls.items() if v}
     print("RESULT " + json.dumps(dict(workload="prefix256 cascade A/B", order=order,
-                                      overlap=triton_cascade.OVERLAP,
                                       wall_s={m: [round(x, 3) for x in v] for m, v in walls.items()},
                                       out_tok_s={m: round(256 * 128 / x, 1) for m, x in mean.items()},
                                       speedup=round(mean["0"] / mean["1"], 3) if len(mean) == 2 else None)),

@@ -12,8 +12,6 @@ the outputs' largest difference from the plain launch is printed (bf16 rounding)
   cascade_s52        session 52's: prefix launch 2 stages, decode launch default tiles, uncapped plan
   cascade_nosplit    the cascade, the decode launch not split at all
   cascade_plaintiles the cascade, the decode launch under the plain launch's tiles and plan
-  cascade_overlap    the cascade with triton_cascade.OVERLAP: the prefix launch on a side stream beside the
-                     decode launch, the member rows merged after both (session 56)
   prefix[...]        triton_cascade.cascade_prefix alone under a tile config (BLOCK_M, TILE_N, warps,
                      stages, programs an SM)
 Usage: [ROWS=256] PYTHONPATH=$PWD python3 benchmarks/cascade_kernels.py   (CPU: a tiny smoke, Triton's interpreter)
@@ -91,17 +89,6 @@ def attend(b, cascade: bool, num_splits=None, tiles=None):
                                    rotary_store=b["store"], cascade=b["cascade"] if cascade else None)
 
 
-def overlapped(fn):
-    """fn with triton_cascade.OVERLAP on while it runs (and is captured)."""
-    def call():
-        tc.OVERLAP = True
-        try:
-            return fn()
-        finally:
-            tc.OVERLAP = False
-    return call
-
-
 def prefix_only(b):
     return lambda: tc.cascade_prefix(b["q"], b["kc"], b["vc"], b["tables"], b["seq_lens"], b["cascade"],
                                      b["store"].cos_cache, b["store"].sin_cache, D ** -0.5)
@@ -142,8 +129,7 @@ def main() -> None:
     variants = {"plain": (DEFAULT, attend(b, False)), "cascade": (DEFAULT, attend(b, True)),
                 "cascade_s52": ("64/64/w4/s2/p2", attend(b, True, s52_plan, S52_TILES)),
                 "cascade_nosplit": (DEFAULT, attend(b, True, NO_SPLIT)),
-                "cascade_plaintiles": (DEFAULT, attend(b, True, plain_plan, plain_tiles)),
-                "cascade_overlap": (DEFAULT, overlapped(attend(b, True)))}
+                "cascade_plaintiles": (DEFAULT, attend(b, True, plain_plan, plain_tiles))}
     for name in CONFIGS:
         variants[f"prefix[{name}]"] = (name, prefix_only(b))
     errors = {}

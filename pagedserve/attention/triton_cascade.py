@@ -39,7 +39,6 @@ import triton
 import triton.language as tl
 
 from pagedserve.attention.split_plan import sm_count
-from pagedserve.attention.triton_segment_merge import fold_segments, store_group
 from pagedserve.attention.triton_kv_tile import load_kv_tile, online_softmax_step
 from pagedserve.layers.triton_ops import _LIBDEVICE, rotate_rows
 
@@ -54,14 +53,6 @@ TILE_N = 64
 NUM_WARPS = 4
 NUM_STAGES = 3
 PROGRAMS_PER_SM = 1
-
-# OVERLAP: on CUDA the prefix launch runs on a side stream beside the decode launch (a fork and a join in a
-# CUDA graph), not before it: the prefix launch is one wave of latency-bound programs (H100, prefix256: ~47 us a
-# layer whatever the group's size), the decode launch many waves of bandwidth-bound ones (~70 us). The decode
-# launch then leaves its member rows' partials (CASCADE_DEFER) and cascade_merge, after the join, merges them
-# with the prefix's. Off until measured (benchmarks/cascade_kernels.py's "cascade_overlap").
-OVERLAP = False
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
 @triton.jit(do_not_specialize=["num_segments", "stride_block_table"])
@@ -164,39 +155,17 @@ def prefix_segments(num_rows: int, num_kv_heads: int, queries_per_kv: int, devic
     return max(1, min(16, triton.cdiv(PROGRAMS_PER_SM * sm_count(device), programs)))
 
 
-def prefix_partials(query: torch.Tensor, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """The prefix launch's outputs for the decode rows of query [rows, Hq, D]: fp32 acc [rows * Hq *
-    segments, D], max and sum [rows * Hq * segments] (uninitialised), and the segment count."""
-    rows, num_heads, head_dim = query.shape
-    segments = prefix_segments(rows, num_kv_heads, num_heads // num_kv_heads, query.device)
-    n = rows * num_heads * segments
-    return (torch.empty(n, head_dim, dtype=torch.float32, device=query.device),
-            torch.empty(n, dtype=torch.float32, device=query.device),
-            torch.empty(n, dtype=torch.float32, device=query.device), segments)
-
-
-def side_stream(device: torch.device) -> torch.cuda.Stream | None:
-    """The stream the prefix launch takes under OVERLAP (None off CUDA: the launches run in order)."""
-    if device.type != "cuda":
-        return None
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    return _SIDE_STREAMS[device]
-
-
 def cascade_prefix(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                    seq_lens: torch.Tensor, cascade: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                   cos_cache: torch.Tensor | None, sin_cache: torch.Tensor | None, scale: float,
-                   partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None,
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+                   cos_cache: torch.Tensor | None, sin_cache: torch.Tensor | None,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Step 1 above for an all-decode batch (query [rows, Hq, D], row s at position seq_lens[s] - 1:
     unrotated where cos_cache / sin_cache are given, as the fused decode launch takes it; rotated
     already where they are None, as a mixed step's decode rows are). cascade (int32, on the device;
     cascade_plan.shared_prefix's arrays): each row's shared keys ([>= rows]: its group's P, 0
     outside the groups), the groups' members ([>= rows]) and the groups' bounds in them ([2^k + 1];
     all equal: no cascade this step). Returns the prefix partials (acc [rows * Hq * segments, D],
-    max and sum [rows * Hq * segments], fp32) and their segment count: `partials` (prefix_partials's)
-    where given."""
+    max and sum [rows * Hq * segments], fp32) and their segment count."""
     rows, num_heads, head_dim = query.shape
     num_kv_heads = k_cache.shape[2]
     queries_per_kv = num_heads // num_kv_heads
@@ -208,7 +177,11 @@ def cascade_prefix(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         raise ValueError(f"cascade_prefix: a power-of-two head_dim, at most {BLOCK_M} query heads a KV head, int32 "
                          f"cascade lengths and members a row and 2^k + 1 int32 group bounds needed; got query "
                          f"{tuple(query.shape)}, {[(tuple(t.shape), t.dtype) for t in cascade]}")
-    acc, running_max, running_sum, segments = partials or prefix_partials(query, num_kv_heads)
+    segments = prefix_segments(rows, num_kv_heads, queries_per_kv, query.device)
+    n = rows * num_heads * segments
+    acc = torch.empty(n, head_dim, dtype=torch.float32, device=query.device)
+    running_max = torch.empty(n, dtype=torch.float32, device=query.device)
+    running_sum = torch.empty(n, dtype=torch.float32, device=query.device)
     # each group's members in tiles of their own: at most max_groups - 1 more tiles than the rows fill
     grid = (num_kv_heads, triton.cdiv(rows, BLOCK_M // queries_per_kv) + max_groups - 1, segments)
     rotate = cos_cache is not None
@@ -223,45 +196,3 @@ def cascade_prefix(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         BLOCK_M=BLOCK_M, TILE_N=TILE_N, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         LIBDEVICE=_LIBDEVICE, MAX_GROUPS=max_groups, ROTATE=rotate, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return acc, running_max, running_sum, segments
-
-
-@triton.jit(do_not_specialize=["num_segments", "prefix_segments"])
-def _cascade_merge_kernel(
-    out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, partial_active_ptr,
-    prefix_acc_ptr, prefix_max_ptr, prefix_sum_ptr, seq_lens_ptr, cascade_len_ptr,
-    num_segments, prefix_segments, stride_o_token, stride_o_head,
-    NUM_HEADS: tl.constexpr, QUERIES_PER_KV: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    SEG_CHUNK: tl.constexpr,
-):
-    row, kv_head = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    prefix_len = tl.load(cascade_len_ptr + row)
-    if (prefix_len == 0) | (tl.load(seq_lens_ptr + row) <= prefix_len):
-        return   # not a member this step: the decode launch wrote its output
-    first_head = row * NUM_HEADS + kv_head * QUERIES_PER_KV
-    active = tl.minimum(tl.load(partial_active_ptr + row), num_segments)
-    m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
-    total = tl.zeros([GROUP_PAD], dtype=tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
-    m, total, acc = fold_segments(m, total, acc, partial_acc_ptr, partial_max_ptr, partial_sum_ptr,
-                                  first_head * num_segments, active, num_segments, QUERIES_PER_KV, GROUP_PAD,
-                                  HEAD_DIM, SEG_CHUNK)
-    m, total, acc = fold_segments(m, total, acc, prefix_acc_ptr, prefix_max_ptr, prefix_sum_ptr,
-                                  first_head * prefix_segments, prefix_segments, prefix_segments, QUERIES_PER_KV,
-                                  GROUP_PAD, HEAD_DIM, SEG_CHUNK)
-    store_group(out_ptr + row * stride_o_token + (kv_head * QUERIES_PER_KV).to(tl.int64) * stride_o_head,
-                stride_o_head, total, acc, QUERIES_PER_KV, GROUP_PAD, HEAD_DIM, HEAD_DIM)
-
-
-def cascade_merge(out: torch.Tensor, partials: tuple[torch.Tensor, ...], num_segments: int,
-                  prefix: tuple[torch.Tensor, ...], seq_lens: torch.Tensor, num_kv_heads: int) -> None:
-    """OVERLAP's last step: the outputs of the member rows of out [rows, Hq, D] (those whose
-    prefix[0] cascade_len is nonzero and below their seq_len) from the decode launch's partials
-    (CASCADE_DEFER: acc, max, sum a (row, head, segment) of num_segments, and each row's count of
-    them) and the prefix launch's (prefix: cascade_len, acc, max, sum, segments), online in the log2
-    domain; the other rows untouched."""
-    rows, num_heads, head_dim = out.shape
-    queries_per_kv = num_heads // num_kv_heads
-    _cascade_merge_kernel[(rows, num_kv_heads)](
-        out, *partials, *prefix[1:4], seq_lens, prefix[0], num_segments, prefix[4], out.stride(0), out.stride(1),
-        NUM_HEADS=num_heads, QUERIES_PER_KV=queries_per_kv, GROUP_PAD=triton.next_power_of_2(queries_per_kv),
-        HEAD_DIM=head_dim, SEG_CHUNK=4, num_warps=4)

@@ -32,16 +32,13 @@ value after it.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
 from pagedserve.attention.paged_launch import TileConfig, default_tile_config, launch_plan
 from pagedserve.attention.split_plan import SplitPlan, active_segments
-from pagedserve.attention import triton_cascade
-from pagedserve.attention.triton_cascade import cascade_prefix, merge_prefix, prefix_partials
+from pagedserve.attention.triton_cascade import cascade_prefix, merge_prefix
 from pagedserve.attention.triton_kv_tile import load_kv_tile, online_softmax_step
 from pagedserve.attention.torch_ref import FP8_MAX
 from pagedserve.attention.triton_segment_merge import arrivals as _arrivals, merge_group, reduce_segments
@@ -128,11 +125,9 @@ def _paged_attention_kernel(
     HEADS_FIRST: tl.constexpr = False,
     # CASCADE (ROTARY_STORE launches after triton_cascade's prefix launch): keys [0, cascade_len[s]) of
     # a row s whose seq_len exceeds it were read there; this launch reads the rest, and its segment 0
-    # starts from the prefix partials (prefix_segments slices each). CASCADE_DEFER (the prefix launch
-    # runs beside this one: triton_cascade.OVERLAP): such a row's segments all write their partials (and
-    # segment 0 its count), merged with the prefix's by triton_cascade.cascade_merge after both
+    # starts from the prefix partials (prefix_segments slices each)
     cascade_len_ptr=None, prefix_acc_ptr=None, prefix_max_ptr=None, prefix_sum_ptr=None, prefix_segments=1,
-    CASCADE: tl.constexpr = False, CASCADE_DEFER: tl.constexpr = False,
+    CASCADE: tl.constexpr = False,
 ):
     if HEADS_FIRST:
         kv_head, tile_pid = tl.program_id(0), tl.program_id(1)
@@ -237,20 +232,13 @@ def _paged_attention_kernel(
         tl.debug_barrier()   # the stores performed for the whole program before its loop's loads
     else:
         q = tl.load(q_rows + offs_d[None, :], mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
-    # own: this launch gives the row's output (not a row whose prefix is merged after it, CASCADE_DEFER)
-    if CASCADE_DEFER:
-        own = key_begin == 0
-        counted = (num_segments > 1) | (key_begin > 0)
-    else:
-        own = True
-        counted = num_segments > 1
-    if (segment == 0) & (kv_head == 0) & counted:   # the reduce's (or cascade_merge's) count, per token
+    if (segment == 0) & (kv_head == 0) & (num_segments > 1):   # the reduce's count, per token
         tl.store(partial_active_ptr + token, active, mask=row_valid)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    if CASCADE and not CASCADE_DEFER:
+    if CASCADE:
         if (segment == 0) & (key_begin > 0):
             m_i, l_i, acc = merge_prefix(m_i, l_i, acc, prefix_acc_ptr, prefix_max_ptr, prefix_sum_ptr, token, head,
                                          row_valid, prefix_segments, NUM_HEADS, HEAD_DIM, HEAD_DIM_PAD)
@@ -266,7 +254,7 @@ def _paged_attention_kernel(
         m_i, l_i, acc = online_softmax_step(q, k, v, row_valid[:, None] & (key_pos[None, :] <= query_abs[:, None]),
                                             m_i, l_i, acc, scale_log2, DOT_PRECISION)
     store_mask = row_valid[:, None] & dim_valid[None, :]
-    if (active == 1) & own:   # the one segment's output, as the merge of one segment divides
+    if active == 1:   # the one segment's output, as the merge of one segment divides (the reduce skips it)
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(out_ptr + token[:, None] * stride_o_token + head[:, None] * stride_o_head + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=store_mask)
@@ -276,17 +264,16 @@ def _paged_attention_kernel(
         tl.store(partial_max_ptr + row, m_i, mask=row_valid)
         tl.store(partial_sum_ptr + row, l_i, mask=row_valid)
         if MERGE:   # query_len 1: the tile's token is q_start
-            if own:
-                tl.debug_barrier()   # every thread's partials stored before the one arrival below
-                arrival = arrivals_ptr + q_start.to(tl.int64) * num_kv_programs + kv_head
-                if tl.atomic_add(arrival, 1, sem="acq_rel") == active - 1:
-                    # relaxed: the next launch sees the reset after the kernel boundary
-                    tl.atomic_xchg(arrival, 0, sem="relaxed")
-                    first = (q_start.to(tl.int64) * NUM_HEADS + kv_head * QUERIES_PER_KV) * num_segments
-                    merge_group(out_ptr + q_start.to(tl.int64) * stride_o_token
-                                + (kv_head * QUERIES_PER_KV).to(tl.int64) * stride_o_head, stride_o_head,
-                                partial_acc_ptr, partial_max_ptr, partial_sum_ptr, first, active, num_segments,
-                                QUERIES_PER_KV, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, SEG_CHUNK)
+            tl.debug_barrier()   # every thread's partials stored before the one arrival below
+            arrival = arrivals_ptr + q_start.to(tl.int64) * num_kv_programs + kv_head
+            if tl.atomic_add(arrival, 1, sem="acq_rel") == active - 1:
+                # relaxed: the next launch sees the reset after the kernel boundary
+                tl.atomic_xchg(arrival, 0, sem="relaxed")
+                first = (q_start.to(tl.int64) * NUM_HEADS + kv_head * QUERIES_PER_KV) * num_segments
+                merge_group(out_ptr + q_start.to(tl.int64) * stride_o_token
+                            + (kv_head * QUERIES_PER_KV).to(tl.int64) * stride_o_head, stride_o_head,
+                            partial_acc_ptr, partial_max_ptr, partial_sum_ptr, first, active, num_segments,
+                            QUERIES_PER_KV, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD, SEG_CHUNK)
 
 
 # Latency-bound decode launches that rotate and store (narrow_decode_launch's, all-decode) are
@@ -418,29 +405,20 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                                       query.dtype, query.device, num_splits, tiles, cascade=cascade is not None)
     if plan.num_segments < 1:
         raise ValueError(f"num_splits must be >= 1 or None; got {num_splits}")
-    split = plan.num_segments > 1
-    defer = cascade is not None and triton_cascade.OVERLAP   # the member rows' outputs by cascade_merge
     partials = None
-    if split or defer:
+    if plan.num_segments > 1:
         rows = num_tokens * num_heads * plan.num_segments
         partials = (torch.empty(rows, head_dim_pad, dtype=torch.float32, device=query.device),
                     torch.empty(rows, dtype=torch.float32, device=query.device),
                     torch.empty(rows, dtype=torch.float32, device=query.device),
                     torch.empty(num_tokens, dtype=torch.int32, device=query.device))
     arrivals = None
-    if split and MERGE_IN_KERNEL and max_query_len == 1:
+    if partials is not None and MERGE_IN_KERNEL and max_query_len == 1:
         arrivals = _arrivals(query.device, num_tokens * num_kv_heads)
     prefix = None   # the decode launch's cascade arguments: each row's prefix keys and the prefix launch's partials
-    side = None
     if cascade is not None:
         rope = (rotary_store.cos_cache, rotary_store.sin_cache) if rotary_store is not None else (None, None)
-        buffers = prefix_partials(query, num_kv_heads)   # (made on this stream: freed on it, after the merge)
-        side = triton_cascade.side_stream(query.device) if defer else None
-        if side is not None:   # the prefix launch forks off beside the decode launch
-            side.wait_stream(torch.cuda.current_stream(query.device))
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            prefix = (cascade[0], *cascade_prefix(query, k_cache, v_cache, block_tables, seq_lens, cascade, *rope,
-                                                  scale, buffers))
+        prefix = (cascade[0], *cascade_prefix(query, k_cache, v_cache, block_tables, seq_lens, cascade, *rope, scale))
     for seq_begin, seq_end, launch_max_query_len, launch_tokens in launches:
         config = tiles or default_tile_config(queries_per_kv, head_dim_pad, launch_max_query_len, query.dtype,
                                               k_cache.element_size() == 1)
@@ -448,13 +426,9 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                           out, partials, seq_begin, seq_end, launch_max_query_len, launch_tokens,
                           config, plan, rotary_store, arrivals,
                           wait_inputs=rotary_store is not None and narrow and DECODE_PDL
-                          and pdl_launches(query.device), prefix=prefix, defer=defer)
-    if split and arrivals is None:
+                          and pdl_launches(query.device), prefix=prefix)
+    if partials is not None and arrivals is None:
         reduce_segments(out, partials, query_start_loc, plan.num_segments)
-    if side is not None:   # ... and joins it
-        torch.cuda.current_stream(query.device).wait_stream(side)
-    if defer:
-        triton_cascade.cascade_merge(out, partials, plan.num_segments, prefix, seq_lens, num_kv_heads)
     return out
 
 
@@ -465,7 +439,7 @@ def _launch_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                       seq_begin: int, seq_end: int, max_query_len: int, max_tokens: int,
                       config: TileConfig, plan: SplitPlan, rotary_store: RotaryStore | None = None,
                       arrivals: torch.Tensor | None = None, wait_inputs: bool = False,
-                      prefix: tuple | None = None, defer: bool = False) -> None:
+                      prefix: tuple | None = None) -> None:
     """One kernel launch over sequences [seq_begin, seq_end) whose query tokens number at
     most max_tokens. Writes `out` (one active segment) or the fp32 partials and, per token,
     the count of active segments."""
@@ -494,7 +468,7 @@ def _launch_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         new.update(arrivals_ptr=arrivals, MERGE=True, GROUP_PAD=group_pad, SEG_CHUNK=max(8, 64 // group_pad))
     if prefix is not None:   # (each row's prefix keys, then cascade_prefix's acc, max, sum and segments)
         new.update(cascade_len_ptr=prefix[0], prefix_acc_ptr=prefix[1], prefix_max_ptr=prefix[2],
-                   prefix_sum_ptr=prefix[3], prefix_segments=prefix[4], CASCADE=True, CASCADE_DEFER=defer)
+                   prefix_sum_ptr=prefix[3], prefix_segments=prefix[4], CASCADE=True)
     if config.max_registers is not None:
         new.update(maxnreg=config.max_registers)
     heads_first = one_tile_per_seq and DECODE_HEADS_FIRST and grid_q < 65536   # CUDA's grid y limit

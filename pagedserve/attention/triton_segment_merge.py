@@ -12,17 +12,20 @@ import triton.language as tl
 
 
 @triton.jit
-def fold_segments(m, total, acc, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, first_row, num_valid,
-                  num_segments, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                  SEG_CHUNK: tl.constexpr):
-    """The running (max, sum, acc) of GROUP consecutive heads continued with their split-K partials
-    (head h's at rows first_row + h * num_segments + [0, num_valid); rows past num_valid count as
-    empty: max -inf, sum 0, acc 0), SEG_CHUNK segments at a time, online, the group's loads in
-    flight together."""
+def merge_group(out_ptr, stride_o_head, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, first_row, num_valid,
+                 num_segments, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 HEAD_DIM_PAD: tl.constexpr, SEG_CHUNK: tl.constexpr):
+    """The outputs of GROUP consecutive heads of one token (head h's at out_ptr + h * stride_o_head)
+    from their split-K partials (head h's at rows first_row + h * num_segments + [0, num_valid);
+    rows past num_valid count as empty: max -inf, sum 0, acc 0), merged SEG_CHUNK segments at a
+    time, online, the group's loads in flight together."""
     offs_h = tl.arange(0, GROUP_PAD)
     offs_s = tl.arange(0, SEG_CHUNK)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     h_valid = offs_h < GROUP
+    m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
     for start in range(0, num_valid, SEG_CHUNK):
         valid = h_valid[:, None] & (start + offs_s < num_valid)[None, :]
         row = first_row + offs_h[:, None] * num_segments + start + offs_s[None, :]
@@ -37,32 +40,9 @@ def fold_segments(m, total, acc, partial_acc_ptr, partial_max_ptr, partial_sum_p
         total = total * alpha + tl.sum(seg_sum * weight, 1)
         acc = acc * alpha[:, None] + tl.sum(seg_acc * weight[:, :, None], 1)
         m = m_new
-    return m, total, acc
-
-
-@triton.jit
-def store_group(out_ptr, stride_o_head, total, acc, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-                HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
-    """GROUP consecutive heads' outputs (head h's at out_ptr + h * stride_o_head): acc / sum."""
-    offs_h = tl.arange(0, GROUP_PAD)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
     out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
     tl.store(out_ptr + offs_h[:, None] * stride_o_head + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=(offs_h < GROUP)[:, None] & (offs_d < HEAD_DIM)[None, :])
-
-
-@triton.jit
-def merge_group(out_ptr, stride_o_head, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, first_row, num_valid,
-                 num_segments, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 HEAD_DIM_PAD: tl.constexpr, SEG_CHUNK: tl.constexpr):
-    """The outputs of GROUP consecutive heads of one token (head h's at out_ptr + h * stride_o_head)
-    from their split-K partials (fold_segments from nothing)."""
-    m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
-    total = tl.zeros([GROUP_PAD], dtype=tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
-    m, total, acc = fold_segments(m, total, acc, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, first_row,
-                                  num_valid, num_segments, GROUP, GROUP_PAD, HEAD_DIM_PAD, SEG_CHUNK)
-    store_group(out_ptr, stride_o_head, total, acc, GROUP, GROUP_PAD, HEAD_DIM, HEAD_DIM_PAD)
+             mask=h_valid[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
 @triton.jit(do_not_specialize=["num_seqs", "num_segments"])

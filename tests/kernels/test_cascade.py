@@ -9,7 +9,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
-from pagedserve.attention import cascade_plan, triton_cascade  # noqa: E402
+from pagedserve.attention import cascade_plan  # noqa: E402
 from pagedserve.attention.split_plan import SplitPlan  # noqa: E402
 from pagedserve.attention.cascade_plan import shared_prefix  # noqa: E402
 from pagedserve.attention.paged_launch import launch_plan  # noqa: E402
@@ -20,14 +20,6 @@ from pagedserve.layers.rotary import RotaryEmbedding  # noqa: E402
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.bfloat16] if DEVICE.type == "cuda" else [torch.float32]
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
-
-
-@pytest.fixture(params=[False, True], ids=["after", "overlap"])
-def overlap(request, monkeypatch) -> bool:
-    """Both orders of the prefix launch: before the decode launch (whose segment 0 starts from its
-    partials), or beside it (triton_cascade.OVERLAP: the member rows' partials merged after both)."""
-    monkeypatch.setattr(triton_cascade, "OVERLAP", request.param)
-    return request.param
 
 
 def _batch(context_lens: list[int], shared_blocks: int, num_heads: int, num_kv_heads: int, head_dim: int,
@@ -85,8 +77,7 @@ def _cascade(lengths: list[int], order: list[int] | None = None) -> tuple[torch.
 @pytest.mark.parametrize("queries_per_kv,head_dim,prefix,num_splits", [
     (4, 64, 96, None), (4, 64, 40, SplitPlan(3, 1, 0, 0)), (3, 64, 130, SplitPlan(4, 2, 0, 0)),
     (8, 32, 200, 1)])
-def test_cascade_matches_the_plain_decode_launch(dtype, queries_per_kv, head_dim, prefix, num_splits,
-                                                 overlap) -> None:
+def test_cascade_matches_the_plain_decode_launch(dtype, queries_per_kv, head_dim, prefix, num_splits) -> None:
     """Rows of contexts 200-300 sharing 13 blocks (208 keys), the prefix read through row 0's
     table; cascade lengths inside them (40: not a block's multiple; 130, 200: not a tile's), the
     splits the decode launch may take. A row whose context is the prefix alone (seq_len = prefix +
@@ -125,7 +116,7 @@ def test_cascade_matches_the_plain_decode_launch(dtype, queries_per_kv, head_dim
 
 
 @pytest.mark.parametrize("queries_per_kv", [4, 16])
-def test_cascade_for_two_groups_of_rows(queries_per_kv, overlap) -> None:
+def test_cascade_for_two_groups_of_rows(queries_per_kv) -> None:
     """Two system prompts: rows 0, 2, 4, 6 share one set of 13 blocks, rows 1, 3, 5, 7, 8 another
     (interleaved), each group reading its prefix (200 and 176 keys) through its own tiles (16 rows
     a tile, or 4 at 16 queries a KV head: the second group then spans two tiles), listed second
@@ -186,7 +177,7 @@ def test_cascade_over_an_fp8_cache() -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cascade_for_the_decode_rows_of_a_mixed_batch(dtype, overlap) -> None:
+def test_cascade_for_the_decode_rows_of_a_mixed_batch(dtype) -> None:
     """A mixed batch (the decode rows' queries rotated and their keys stored, as in a mixed step):
     its decode rows take the cascade in a call of their own, without the rotation, and match the
     plain launch within fp32 rounding (row 1, no part in it, too); the prompt chunks after them
@@ -291,7 +282,7 @@ def test_shared_prefix(monkeypatch) -> None:
 _CASCADE_FOR_SM90 = """
 import inspect
 from pagedserve.attention.triton_paged_attention import _paged_attention_kernel as decode
-from pagedserve.attention.triton_cascade import _cascade_prefix_kernel as prefix, _cascade_merge_kernel as merge
+from pagedserve.attention.triton_cascade import _cascade_prefix_kernel as prefix
 i32 = ("block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr", "partial_active_ptr", "arrivals_ptr",
        "cascade_len_ptr", "cascade_rows_ptr", "cascade_groups_ptr")
 f32 = ("partial_acc_ptr", "partial_max_ptr", "partial_sum_ptr", "prefix_acc_ptr", "prefix_max_ptr",
@@ -307,8 +298,8 @@ for kernel in (decode, prefix):
             build(kernel, dict(NUM_HEADS=32, QUERIES_PER_KV=4, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim,
                                BLOCK_SIZE=16, BLOCK_M=16, BLOCK_Q=4, TILE_N=32, ONE_TILE_PER_SEQ=True,
                                DOT_PRECISION="tf32", ROTARY_STORE=rotary, LIBDEVICE=rotary, MERGE=True, GROUP_PAD=4,
-                               SEG_CHUNK=16, HEADS_FIRST=True, CASCADE=True, CASCADE_DEFER=rotary), types,
-                  aligned, num_warps=4, num_stages=2)
+                               SEG_CHUNK=16, HEADS_FIRST=True, CASCADE=True), types, aligned, num_warps=4,
+                  num_stages=2)
         else:
             build(kernel, dict(NUM_HEADS=32, QUERIES_PER_KV=4, HEAD_DIM=head_dim, BLOCK_SIZE=16, BLOCK_M=64,
                                TILE_N=64, DOT_PRECISION="tf32", LIBDEVICE=True, MAX_GROUPS=4, ROTATE=rotary), types,
@@ -322,19 +313,13 @@ for kernel in (decode, prefix):
     else:
         build(kernel, dict(NUM_HEADS=32, QUERIES_PER_KV=4, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_M=64, TILE_N=64,
                            DOT_PRECISION="tf32", LIBDEVICE=True, MAX_GROUPS=4), fp8, aligned, num_warps=4, num_stages=3)
-# OVERLAP's merge after the join (llama-8b's and llama-1b's head dims)
-for head_dim in (128, 64):
-    build(merge, dict(NUM_HEADS=32, QUERIES_PER_KV=4, GROUP_PAD=4, HEAD_DIM=head_dim, SEG_CHUNK=4), types,
-          tuple(n for n in inspect.signature(merge.fn).parameters if n.endswith("_ptr") or n.startswith("stride")),
-          num_warps=4)
 """
 
 
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="compiles for sm_90 on a machine without a GPU")
 def test_cascade_kernels_compile_for_sm90() -> None:
-    """The prefix launch, the decode launch with CASCADE (and CASCADE_DEFER) and OVERLAP's merge to
-    cubins for sm_90 (bf16, llama-8b's and llama-1b's head dims; an FP8 cache): the interpreter does
-    not check what compiles
+    """The prefix launch and the decode launch with CASCADE to cubins for sm_90 (bf16, llama-8b's
+    and llama-1b's head dims; an FP8 cache): the interpreter does not check what compiles
     (tests/kernels/sm90_compile.py)."""
     pytest.importorskip("triton.backends.nvidia")
     from tests.kernels.sm90_compile import run
@@ -343,7 +328,7 @@ def test_cascade_kernels_compile_for_sm90() -> None:
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="the cascade runs in the CUDA engine's fused decode launch")
-def test_engine_with_cascade_gives_the_plain_tokens(tmp_path, monkeypatch, overlap) -> None:
+def test_engine_with_cascade_gives_the_plain_tokens(tmp_path, monkeypatch) -> None:
     """An engine on CUDA (fp32, decode graphs): 64 requests, half sharing a 320-token cached prompt
     prefix and half a 352-token one (two system prompts), greedy with logprobs, with the cascade on
     and off (the runner reads TritonBackend.cascade every step): the same ids, logprobs within
@@ -392,7 +377,7 @@ def test_engine_with_cascade_gives_the_plain_tokens(tmp_path, monkeypatch, overl
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="the cascade runs in the Triton backend's launches (CUDA)")
-def test_engine_mixed_steps_with_cascade_give_the_plain_tokens(tmp_path, monkeypatch, overlap) -> None:
+def test_engine_mixed_steps_with_cascade_give_the_plain_tokens(tmp_path, monkeypatch) -> None:
     """An engine on CUDA (fp32, max_num_seqs 72): 160 requests sharing a 320-token cached prefix with
     output lengths 4-40, so that waiting requests take finished rows' places beside ~70 decode rows
     (mixed steps, the piecewise graphs with an eager attention): with the cascade on, mixed steps
