@@ -84,12 +84,15 @@ def one_group_switch() -> dict:
 
 
 def main_mix(order: str) -> None:
-    """MAX_SEQS (default 256), MIX_N (requests, default 1,024), MIN_ROWS (cascade_plan.CASCADE_MIN_ROWS for
-    this engine, its decode graphs included) and PROMPTS (system prompts, default 1) from the environment."""
+    """MAX_SEQS (default 256), MIX_N (requests, default 1,024), MIN_ROWS and MAX_GROUPS (cascade_plan's
+    CASCADE_MIN_ROWS and CASCADE_MAX_GROUPS for this engine, its decode graphs included) and PROMPTS (system
+    prompts, default 1) from the environment."""
     from benchmarks.prefix256_window import SMOKE
     from pagedserve.attention import cascade_plan
     if "MIN_ROWS" in os.environ:
         cascade_plan.CASCADE_MIN_ROWS = int(os.environ["MIN_ROWS"])
+    if "MAX_GROUPS" in os.environ:   # a power of two (the prefix launch's group lanes)
+        cascade_plan.CASCADE_MAX_GROUPS = int(os.environ["MAX_GROUPS"])
     llm = make_engine(max_num_seqs=int(os.environ.get("MAX_SEQS", "256")))
     counts = mixed_steps_spy()
     switch = one_group_switch()

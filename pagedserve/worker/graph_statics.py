@@ -13,7 +13,7 @@ import math
 import numpy as np
 import torch
 
-from pagedserve.attention.cascade_plan import CASCADE_MAX_GROUPS
+from pagedserve.attention import cascade_plan
 
 
 class MixedStatics:
@@ -69,7 +69,7 @@ class DecodeStatics:
         fields, offset = [], 0
         for name, dtype in self.FIELDS:
             shape = (rows, self.max_blocks) if name == "block_tables" \
-                else (CASCADE_MAX_GROUPS + 1,) if name == "cascade_groups" else (rows,)
+                else (cascade_plan.CASCADE_MAX_GROUPS + 1,) if name == "cascade_groups" else (rows,)
             fields.append((name, dtype, shape, offset))
             offset += -(-(dtype.itemsize * math.prod(shape)) // 16) * 16
         return fields, offset

@@ -238,6 +238,7 @@ def test_shared_prefix(monkeypatch) -> None:
     the groups' shared keys are under 0.35 of what the other rows read (CASCADE_MIN_SHARE)."""
     monkeypatch.setattr(cascade_plan, "CASCADE_MIN_ROWS", 3)
     monkeypatch.setattr(cascade_plan, "CASCADE_MIN_KEYS", 64)
+    monkeypatch.setattr(cascade_plan, "CASCADE_MAX_GROUPS", 4)   # (5 bounds below)
     tables = np.zeros((4, 12), dtype=np.int32)
     tables[:, :6] = [7, 3, 9, 1, 4, 8]
     tables[:, 6:] = np.arange(24).reshape(4, 6) + 20

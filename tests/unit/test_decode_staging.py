@@ -36,9 +36,9 @@ def test_layout_is_aligned_and_per_bucket():
     fields, total = statics.layout(3)
     assert [(name, offset) for name, _, _, offset in fields] == [
         ("input_ids", 0), ("feed", 32), ("positions", 48), ("slot_mapping", 80), ("seq_lens", 112),
-        ("cascade_len", 128), ("cascade_rows", 144), ("cascade_groups", 160), ("block_tables", 192)]
-    assert total == 192 + 64   # 3 x 5 int32 = 60 bytes, rounded to 16
-    assert statics.views(3)["cascade_groups"].shape == (5,)   # CASCADE_MAX_GROUPS + 1 bounds, whatever the rows
+        ("cascade_len", 128), ("cascade_rows", 144), ("cascade_groups", 160), ("block_tables", 208)]
+    assert total == 208 + 64   # 9 group bounds: 36 bytes, rounded to 48; 3 x 5 int32 = 60 bytes, rounded to 16
+    assert statics.views(3)["cascade_groups"].shape == (9,)   # CASCADE_MAX_GROUPS + 1 bounds, whatever the rows
     assert statics.buffer.numel() == statics.layout(8)[1]
     one, three = statics.views(1), statics.views(3)
     # every bucket's input ids start at byte 0: one prefix of the buffer
@@ -57,12 +57,12 @@ def test_stage_writes_the_rows_and_pads_the_bucket():
     assert v["slot_mapping"].tolist() == [3, 7, 11, -1]       # padding: no KV write
     assert v["seq_lens"].tolist() == [8, 9, 10, 1]
     assert v["block_tables"].tolist() == [[1, 2, 0, 0, 0], [3, 4, 0, 0, 0], [5, 6, 0, 0, 0], [0, 0, 0, 0, 0]]
-    assert v["cascade_len"].tolist() == [0] * 4 and v["cascade_groups"].tolist() == [0] * 5   # none: 0 over stale
+    assert v["cascade_len"].tolist() == [0] * 4 and v["cascade_groups"].tolist() == [0] * 9   # none: 0 over stale
     v = statics.stage(4, {**step_arrays(3, 2), "cascade_len": np.array([0, 272, 272], dtype=np.int32),
                           "cascade_rows": np.array([1, 2], dtype=np.int32),
-                          "cascade_groups": np.array([0, 2, 2, 2, 2], dtype=np.int32)})
+                          "cascade_groups": np.array([0] + [2] * 8, dtype=np.int32)})
     assert v["cascade_len"].tolist() == [0, 272, 272, 0] and v["cascade_rows"].tolist() == [1, 2, 0, 0]
-    assert v["cascade_groups"].tolist() == [0, 2, 2, 2, 2]
+    assert v["cascade_groups"].tolist() == [0] + [2] * 8
     assert v["seq_lens"].tolist() == [8, 9, 10, 1]
 
 
@@ -223,7 +223,7 @@ def test_shared_prefix_steps_replay_the_cascade_graphs(tiny_checkpoints, monkeyp
     assert cascaded and all(s[1] == 24 and s[4] for s in cascaded)
     for rows, _, per_row, (members, bounds), _ in cascaded:   # one group: every row, in row order
         assert per_row[:rows] == [24] * rows and set(per_row[rows:]) <= {0}
-        assert members[:rows] == list(range(rows)) and bounds == [0] + [rows] * 4
+        assert members[:rows] == list(range(rows)) and bounds == [0] + [rows] * 8
     assert [s[0] for s in seen if not s[1]] and all(s[0] < 4 or not s[4] for s in seen if not s[1])
 
 

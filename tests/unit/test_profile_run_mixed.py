@@ -139,6 +139,7 @@ def test_dry_steps_take_every_cascade_launch_variant_of_mixed_steps(heads, max_n
     """With the cascade on, the dry steps also hold decode rows that share a prefix (>= CASCADE_MIN_ROWS of
     them): their decode launch (the cascade's tiles and capped plan, no rotary) in every variant such rows can
     take; the plain dry steps are unchanged."""
+    from pagedserve.attention import cascade_plan
     from pagedserve.attention.cascade_plan import CASCADE_MIN_ROWS
     monkeypatch.setattr(paged_launch, "sm_count", lambda device: H200_SMS)
     backend = TritonBackend()
@@ -151,7 +152,8 @@ def test_dry_steps_take_every_cascade_launch_variant_of_mixed_steps(heads, max_n
     for meta in (m for m in metas if m.cascade is not None):
         lengths, members, bounds = meta.cascade
         assert meta.num_decodes >= CASCADE_MIN_ROWS and lengths.tolist() == [meta.max_seq_len - 1] * meta.num_decodes
-        assert members.tolist() == list(range(meta.num_decodes)) and bounds.tolist() == [0] + [meta.num_decodes] * 4
+        assert members.tolist() == list(range(meta.num_decodes))
+        assert bounds.tolist() == [0] + [meta.num_decodes] * cascade_plan.CASCADE_MAX_GROUPS   # one group of them all
         (launch,) = _decode_variants(backend, meta, heads, monkeypatch)
         max_query_len, config, split, merged, rotary, query_rows, out_rows, _, cascade = launch
         assert max_query_len == 1 and not rotary and cascade and merged == split

@@ -76,7 +76,7 @@ def test_mixed_step_finds_the_prefix_its_decode_rows_share(monkeypatch) -> None:
     assert inputs.cascade_len == 12
     lengths, members, bounds = inputs.meta.cascade
     assert _ints(lengths) == [12, 12, 12, 0] and _ints(members) == [0, 1, 2, 0]   # the decode rows only: one group
-    assert _ints(bounds) == [0, 3, 3, 3, 3]
+    assert _ints(bounds) == [0] + [3] * cascade_plan.CASCADE_MAX_GROUPS   # the other groups empty
     plain = build_step_inputs([chunk, *decodes], [8, 1, 1, 1], BLOCK, torch.device("cpu"), table)
     assert plain.cascade_len == 0 and plain.meta.cascade is None
     two = build_step_inputs([chunk, *decodes[:2]], [8, 1, 1], BLOCK, torch.device("cpu"), table, cascade=True)
