@@ -34,13 +34,14 @@ class StructuredOutputsParams:
         if len(given) != 1:
             raise ValidationError("structured_outputs takes exactly one of json, regex, choice, grammar or "
                                   f"json_object, got {', '.join(given) or 'none'}", "structured_outputs")
-        if isinstance(self.json, str):
-            try:
-                self.json = json.loads(self.json)
-            except ValueError as exc:
-                raise ValidationError(f"structured_outputs.json is not valid JSON: {exc}", "json") from None
-        if self.json is not None and not isinstance(self.json, dict):
-            raise ValidationError("structured_outputs.json must be a JSON schema object", "json")
+        if self.json is not None:
+            if isinstance(self.json, str):
+                try:
+                    self.json = json.loads(self.json)
+                except ValueError as exc:
+                    raise ValidationError(f"structured_outputs.json is not valid JSON: {exc}", "json") from None
+            if not isinstance(self.json, dict):   # ("null" too: it would leave no constraint at all)
+                raise ValidationError("structured_outputs.json must be a JSON schema object", "json")
         for name in ("regex", "grammar"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):

@@ -16,7 +16,7 @@ from pagedserve.engine_args import EngineArgs
 from pagedserve.errors import EngineDeadError, RequestFailedError
 from pagedserve.frontend.embedding_engine import EmbeddingEngine
 from pagedserve.frontend.input_processor import InputProcessor
-from pagedserve.frontend.stoppable import run_stoppable
+from pagedserve.frontend.stoppable import in_pool, run_stoppable
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -73,7 +73,7 @@ class AsyncEmbeddingEngine:
 
     async def process(self, function: Callable[..., Any], *args: Any) -> Any:
         """`function(*args)` in the tokenizing pool (never on the event loop)."""
-        return await asyncio.get_running_loop().run_in_executor(self._processing, function, *args)
+        return await in_pool(self._processing, function, *args)
 
     async def process_stoppable(self, function: Callable[[threading.Event], T]) -> T:
         """`function(stop)` in the tokenizing pool; cancelled (its client left), `stop` is set,

@@ -63,7 +63,7 @@ from pagedserve.frontend.output_processor import OutputKind
 from pagedserve.frontend.prompt_bound import prompt_length_bound
 from pagedserve.frontend.request_metrics import FinishListener, FirstTokenListener
 from pagedserve.frontend.step_timing import StepTime, StepTimer
-from pagedserve.frontend.stoppable import run_stoppable
+from pagedserve.frontend.stoppable import in_pool, run_stoppable
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams, StructuredOutputsParams
 
@@ -207,7 +207,7 @@ class AsyncEngine:
         return await run_stoppable(self._compiling, self.engine.grammar_compiler.compile, params)
 
     async def _in_pool(self, function: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._processing, function, *args)
+        return await in_pool(self._processing, function, *args)
 
     def add_finish_listener(self, listener: FinishListener) -> None:
         """Called on the engine thread for each finished, aborted or failed request; must be quick."""

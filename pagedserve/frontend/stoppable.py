@@ -24,11 +24,26 @@ def until_stopped(items: Iterable[T], stop: threading.Event | None) -> Iterator[
         yield item
 
 
+def surfacing(function: Callable[..., T], *args: Any) -> T:
+    """function(*args), a StopIteration it raises turned into a RuntimeError: a pool's future
+    cannot hand a StopIteration to asyncio (its callback fails), so the coroutine awaiting it
+    would wait for ever."""
+    try:
+        return function(*args)
+    except StopIteration as exc:
+        raise RuntimeError(f"{getattr(function, '__qualname__', function)!s} raised StopIteration") from exc
+
+
+async def in_pool(executor: Executor | None, function: Callable[..., T], *args: Any) -> T:
+    """`function(*args)` on `executor` (None: the loop's default pool), awaited (surfacing)."""
+    return await asyncio.get_running_loop().run_in_executor(executor, surfacing, function, *args)
+
+
 async def run_stoppable(executor: Executor, function: Callable[..., T], *args: Any) -> T:
     """`function(*args, stop)` on `executor`; if this is cancelled, `stop` is set."""
     stop = threading.Event()
     try:
-        return await asyncio.get_running_loop().run_in_executor(executor, function, *args, stop)
+        return await in_pool(executor, function, *args, stop)
     except asyncio.CancelledError:
         stop.set()
         raise

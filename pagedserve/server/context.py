@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from starlette.responses import Response, StreamingResponse
 
 from pagedserve.errors import OverloadedError
 from pagedserve.frontend.async_engine import AsyncEngine
+from pagedserve.frontend.stoppable import surfacing
 from pagedserve.lora_request import LoRARequest
 from pagedserve.outputs import Logprob
 from pagedserve.server.bench_results import DEFAULT_RESULTS_DIR
@@ -108,7 +110,7 @@ def new_request_id(prefix: str, requested: str | None = None) -> tuple[str, str]
 async def off_loop(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run CPU-bound request work (tokenizing, rendering a chat template) in a worker thread
     so the event loop (and /health) stays responsive whatever the request holds."""
-    return await asyncio.to_thread(function, *args, **kwargs)
+    return await asyncio.to_thread(surfacing, functools.partial(function, **kwargs), *args)
 
 
 class AdmissionLimit:

@@ -87,6 +87,9 @@ def test_no_constraint_is_none() -> None:
      "response_format.json_schema.schema"),
     ({"response_format": {"type": "json", "value": 3}}, "response_format"),
     ({"guided_json": "{not json"}, "guided_json"),
+    ({"guided_json": "null"}, "guided_json"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": "null"}}},
+     "response_format.json_schema.schema"),
     ({"guided_regex": ""}, "guided_regex"),
     ({"guided_choice": []}, "guided_choice"),
     ({"guided_whitespace_pattern": " "}, "guided_whitespace_pattern"),
@@ -109,6 +112,7 @@ def test_tgi_grammar_translates(grammar, expected) -> None:
 
 
 @pytest.mark.parametrize("grammar", [{"type": "json"}, {"type": "json", "value": [1]}, {"type": "json", "value": "{x"},
+                                     {"type": "json", "value": "null"},
                                      {"type": "regex", "value": 3}, {"type": "ebnf", "value": "x"}, "a+",
                                      {"type": "regex", "value": "a", "extra": 1}])
 def test_bad_tgi_grammar_names_parameters_grammar(grammar) -> None:
@@ -228,6 +232,8 @@ def _tgi_grammar_is_422(base: str, regex: str) -> None:
      "response_format.json_schema.schema"),
     ("/v1/chat/completions", {"messages": MESSAGES, "guided_json": {"type": "object", "properties": 3}}, "guided_json"),
     ("/v1/chat/completions", {"messages": MESSAGES, "guided_choice": ["a"], "guided_regex": "a"}, "guided_choice"),
+    # a JSON text of null: once no constraint at all, and a request that never answered
+    ("/v1/chat/completions", {"messages": MESSAGES, "guided_json": "null"}, "guided_json"),
     # languages with no string in them: compiled fine, but no token could ever be sampled
     ("/v1/completions", {"prompt": "x", "guided_grammar": "root ::= root"}, "guided_grammar"),
     ("/v1/completions", {"prompt": "x", "guided_grammar": "root ::= a\na ::= root"}, "guided_grammar"),

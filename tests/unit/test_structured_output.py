@@ -159,6 +159,16 @@ def test_invalid_grammar_is_a_validation_error_naming_the_field(llm, field, valu
     assert not llm.engine.has_unfinished_requests()
 
 
+@pytest.mark.parametrize("value", ["null", "", "[1]", "3", "\"x\"", [1], 3])
+def test_json_must_be_a_schema_object(value):
+    """json given as anything but an object (a JSON text of one, or one) names the field: "null"
+    once left no constraint at all, and the request's compile, on a pool thread, raised StopIteration
+    from `kind`, which hung it (a pool future cannot hand that exception to asyncio)."""
+    with pytest.raises(ValidationError) as info:
+        StructuredOutputsParams(json=value)
+    assert info.value.param == "json"
+
+
 def test_no_tokenizer_rejects_structured_outputs(checkpoint):
     llm = LLM(model=checkpoint, device="cpu", dtype="float32", max_model_len=64, skip_tokenizer_init=True,
               num_kv_blocks=16)
