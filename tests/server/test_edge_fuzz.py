@@ -21,7 +21,7 @@ ODD_VALUES = [None, -1, 0, 7, -2**63 - 1, 2**64, 10**30, 1e308, -1e308, 0.5, -0.
               {"type": "json_object"}, {"type": "json_schema", "json_schema": {}},
               {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectt"}}},
               {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/nope"}}},
-              {"type": "string", "pattern": "(("}, [0] * 2000]
+              {"type": "string", "pattern": "(("}, [0] * 2000, "null", "[1]"]   # (JSON texts: guided_json's)
 LENGTHS = [None, 0, 2, -1, 2**31, 1.5, "3", True]   # bounded: a case never generates more than 2 tokens
 OPENAI_FIELDS = ["model", "temperature", "top_p", "top_k", "min_p", "n", "best_of", "stop", "stop_token_ids", "seed",
                  "logit_bias", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens",
