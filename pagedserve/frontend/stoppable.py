@@ -1,7 +1,8 @@
-"""Work on a pool thread that stops when the coroutine awaiting it is cancelled (its client
-left): `run_stoppable` hands the function a threading.Event that is set then; the function
-looks at it (`until_stopped` over its items) or hands it on (a grammar compile kills its
-child process: grammar_compile.py)."""
+"""Request work on a pool thread, awaited: `in_pool` (a StopIteration raised there reaches the
+coroutine as a RuntimeError, where asyncio would never have resolved the await), and
+`run_stoppable`, whose function stops when the coroutine awaiting it is cancelled (its client
+left): it gets a threading.Event that is set then, and looks at it (`until_stopped` over its
+items) or hands it on (a grammar compile kills its child process: grammar_compile.py)."""
 from __future__ import annotations
 
 import asyncio
