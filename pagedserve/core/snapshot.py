@@ -157,7 +157,6 @@ class StepLog:
         self._num_taken, self._last_time, self.requested = self.num_steps, now, False
         return snapshot
 
-
     def _step_view(self, step: int, when: float, so: SchedulerOutput | None, events: list[RequestEvent],
                    num_outputs: int) -> StepView:
         scheduled = so.num_scheduled_tokens if so is not None else {}

@@ -146,6 +146,7 @@ class LlamaDecoderLayer(nn.Module):
 
 Intermediate = tuple[torch.Tensor, torch.Tensor]   # (hidden, residual) between pipeline stages
 
+
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, quant_config: QuantizationConfig | None = None) -> None:
         super().__init__()

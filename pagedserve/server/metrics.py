@@ -148,6 +148,7 @@ class ServerMetrics:
                                       "Inter-token latency in seconds (each request's mean gap, once per gap).",
                                       model_name, ITL_BUCKETS)
         reg.register(self.itl)
+
         def histogram(name: str, doc: str, buckets) -> Any:
             return Histogram(PREFIX + name, doc, labels, buckets=buckets, registry=reg).labels(model_name)
 

@@ -43,6 +43,7 @@ def test_dashboard_routes_need_the_key(dash_server: ServerProcess):
     figures = requests.get(f"{base}/dashboard/results", headers=AUTH, timeout=10).json()["figures"]
     engines = {f["engine"] for f in figures}
     assert {"pagedserve continuous", "pagedserve static", "transformers", "vllm 0.24.0"} <= engines
+
     def thr512(machine: str) -> dict:
         return {f["engine"]: f["value"] for f in figures if f["machine"] == machine and f["model"] == "llama-1b"
                 and f["workload"] == "thr512" and f["metric"] == "output throughput"}

@@ -169,6 +169,8 @@ def to_int4(raw: torch.Tensor, fmt: str) -> list[Int4Weight]:
 # greedy ids on this path may depend on the batch; dtype=float32 is the exact path.
 # PAGEDSERVE_GGUF_INT4_MAX_ROWS=0: the int4 kernel for every product.
 INT4_MAX_ROWS = int(os.environ.get("PAGEDSERVE_GGUF_INT4_MAX_ROWS", "64")) or None
+
+
 @functools.cache
 def _block_n() -> int:
     """torch's CPU int4 layout is [N / B, K, B / 2] bytes, byte j of a row holding output rows j
