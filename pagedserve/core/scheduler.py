@@ -3,6 +3,13 @@ its num_tokens under a per-step token budget. Prefill, chunked prefill, decode, 
 hits and recompute after preemption all fall out of that rule. First come, first served;
 preemption evicts the newest running request.
 
+One exception keeps a long prompt from holding shorter work back: a prefill (or recompute)
+with more than half the budget left leaves up to half of each step to the running requests
+behind it and to the waiting prompts that need fewer tokens than it has left, which are then
+admitted past the longer waiting ones (_yield_to_shorter). A running request behind it thus
+still gets its decode step, and a short prompt its first token a step after it arrives rather
+than after the long prompt's whole prefill.
+
 Policy "priority" (vLLM's): the waiting and the running queue are kept in (priority, arrival)
 order, lower priority values first, so the best request is admitted first, running requests
 get the step's token budget in that order, and preemption evicts the worst (the lowest
@@ -48,6 +55,7 @@ no request joins until every request of the batch has finished.
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import time
 from collections import deque
@@ -68,6 +76,7 @@ from pagedserve.engine_io import (ForkedRequestData, ModelRunnerOutput, NewReque
 logger = logging.getLogger(__name__)
 _RUNNING = RequestStatus.RUNNING
 POLICIES = ("continuous", "priority", "static")
+YIELD_SCAN = 32   # waiting requests a long prefill's yield looks at (_yield_to_shorter)
 
 
 def _queue_key(request: Request) -> tuple[int, int]:
@@ -89,6 +98,13 @@ class SchedulerStats:
     num_batched_tokens: int = 0
     num_swapped: int = 0       # waiting requests whose blocks are in the host tier
     num_swap_preemptions: int = 0   # cumulative preemptions by swap (of num_preemptions)
+
+
+@dataclass(frozen=True)
+class Yielded:
+    """A step's long prefill left part of its budget to the waiting prompts shorter than it."""
+    shorter_than: int   # its tokens left: waiting prompts that need as many or more are passed over
+    priority: int       # policy "priority": no waiting request worse than it joins with that budget
 
 
 class Scheduler(StepRecovery):
@@ -224,9 +240,9 @@ class Scheduler(StepRecovery):
             out.num_steps, out.window_row_steps = plan_window(
                 self.running, self.num_scheduler_steps, self.kv.pool.num_free_blocks, self.kv.block_size,
                 self.max_model_len, self.max_num_batched_tokens)
-        budget, may_admit = self._schedule_running(out, scheduled, isolate, max_seqs)
+        budget, may_admit, yielded = self._schedule_running(out, scheduled, isolate, max_seqs)
         if may_admit:
-            self._admit_waiting(out, scheduled, budget, isolate, max_seqs)
+            self._admit_waiting(out, scheduled, budget, isolate, max_seqs, yielded)
         if isolate and not scheduled:   # no suspect can run alone now (memory): stop isolating
             self.suspects.clear()
         out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
@@ -242,12 +258,15 @@ class Scheduler(StepRecovery):
         return out
 
     def _schedule_running(self, out: SchedulerOutput, scheduled: list[Request], isolate: bool, max_seqs: int
-                          ) -> tuple[int, bool]:
+                          ) -> tuple[int, bool, Yielded | None]:
         """The running requests' tokens, in queue order, under the step's budget (preempting
         from the back of the queue when the pool is full); each one scheduled is appended to
-        `scheduled`. Returns the budget left and whether waiting requests may be admitted
-        (not after a preemption, nor when one was needed but its victim has work in flight)."""
+        `scheduled`. Returns the budget left, whether waiting requests may be admitted (not
+        after a preemption, nor when one was needed but its victim has work in flight) and
+        whether a long prefill left part of the budget to shorter waiting prompts
+        (`_yield_to_shorter`)."""
         budget, index, running = self.max_num_batched_tokens, 0, self.running
+        half, reserved, yielded = budget // 2, 0, None
         steps, short = out.num_steps, out.window_row_steps
         # read once: this loop runs for every running request every step (host time a row)
         allocate_slots, describe, suspects = self.kv.allocate_slots, self._describe, self.suspects
@@ -267,7 +286,16 @@ class Scheduler(StepRecovery):
             num_prompt = len(request.prompt_token_ids)
             num_known = num_prompt + len(request.output_token_ids)   # request.num_tokens
             num_tokens = num_known + num_inflight
-            num_new = min(num_tokens - request.num_computed_tokens - request.num_unresolved_tokens, budget)
+            num_left = num_tokens - request.num_computed_tokens - request.num_unresolved_tokens
+            num_new = min(num_left, budget)
+            # a long prefill (or recompute) leaves up to half the budget to the shorter work behind it
+            if num_left > half and not isolate and (self.waiting or index + 1 < len(running)):
+                if yielded is None:   # the first: at least half of what is left, so it never stalls
+                    yielded = Yielded(num_left, request.priority)
+                    reserved = self._yield_to_shorter(yielded, half, index + 1)
+                    num_new = min(num_new, max(budget - reserved, budget // 2))
+                else:                 # another long one behind it takes what the shorter work leaves
+                    num_new = min(num_new, budget - reserved)
             # skip if the token in flight ends the request by length: schedule nothing more
             if num_new <= 0 or (num_inflight and (num_tokens - num_prompt >= request.max_tokens
                                                   or num_tokens >= max_model_len)):
@@ -277,22 +305,55 @@ class Scheduler(StepRecovery):
             while not allocate_slots(request, num_new + row_steps - 1):
                 victim = running[-1]
                 if victim.num_unresolved_tokens:
-                    return budget, False   # blocked: the next step, with that work resolved, may preempt
+                    return budget, False, None   # blocked: the next step, with that work resolved, may preempt
                 running.pop()
                 self._preempt(victim, out)
                 admit = False
                 if victim is request:
-                    return budget, False
+                    return budget, False, None
             describe(request, num_new, out, num_known, row_steps)
             scheduled.append(request)
             budget -= num_new
             index += 1
-        return budget, admit
+        return budget, admit, yielded if reserved else None
+
+    def _yield_to_shorter(self, yielded: Yielded, most: int, behind: int) -> int:
+        """Tokens a long prefill leaves this step to the work behind it that needs fewer than its
+        `yielded.shorter_than` (at most `most`, half the budget): the running requests after it
+        (from `behind`; a decode needs one) and the waiting that could be admitted (the first
+        YIELD_SCAN). Without it a short request waits for a long prompt's whole prefill (8k
+        tokens on a 2-core CPU: ~28 s) before its first token, and one admitted behind it gets
+        no decode step until that prefill ends. Under policy "priority" nobody worse than the
+        long prefill or than a longer waiting prompt ahead counts. 0 under policy "static" and
+        pipeline parallelism (a step there is a micro-batch: the next one takes the rest)."""
+        if self.policy == "static" or self.micro_batches > 1:
+            return 0
+        reserved, worst, by_priority = 0, yielded.priority, self.by_priority
+        for row in itertools.islice(self.running, behind, None):
+            if reserved >= most or by_priority and row.priority > worst:
+                break
+            need = row.num_tokens + row.num_inflight_samples - row.num_computed_tokens - row.num_unresolved_tokens
+            if need < yielded.shorter_than:
+                reserved += max(need, 0)
+        num_seqs = self._num_running_seqs()
+        for waiting, _ in zip(self.waiting, range(YIELD_SCAN)):
+            if reserved >= most or num_seqs >= self.max_num_seqs or by_priority and waiting.priority > worst:
+                break
+            need = waiting.num_tokens - waiting.num_computed_tokens
+            if need >= yielded.shorter_than:
+                worst = min(worst, waiting.priority)   # it waits its turn; nobody worse passes it
+                continue
+            reserved += need
+            num_seqs += 1 + len(self.pending_forks.get(waiting.request_id, ()))
+        return min(reserved, most)
 
     def _admit_waiting(self, out: SchedulerOutput, scheduled: list[Request], budget: int, isolate: bool,
-                       max_seqs: int) -> None:
+                       max_seqs: int, yielded: Yielded | None = None) -> None:
         """Waiting requests join, in queue order, while sequence slots, the budget and the pool
-        allow (prefix-cache hits counted as computed); a static batch is formed in one step."""
+        allow (prefix-cache hits counted as computed); a static batch is formed in one step.
+        `yielded`: a long prefill left budget to shorter prompts (_yield_to_shorter), so the
+        waiting that need as many tokens or more are passed over (they keep their place at the
+        head), and under policy "priority" none worse than it or than those passed over joins."""
         forming_static_batch = self.policy == "static" and not self.running
         if self.policy == "static" and not forming_static_batch:
             return
@@ -303,6 +364,7 @@ class Scheduler(StepRecovery):
         reserve = self.kv.pool.num_free_blocks
         num_seqs = self._num_running_seqs()
         lora_slots, passed_over = self.lora_slots, []   # LoRA: waiting requests whose adapter finds no slot now
+        worst = yielded.priority if yielded is not None else 0
         while self.waiting and num_seqs < self.max_num_seqs and len(scheduled) < max_seqs \
                 and (budget > 0 or forming_static_batch):
             request = self.waiting[0]
@@ -310,6 +372,13 @@ class Scheduler(StepRecovery):
             family = 1 + len(self.pending_forks.get(request.request_id, ()))
             if num_seqs + family > self.max_num_seqs:
                 break
+            if yielded is not None:   # a long prefill left this budget to shorter prompts
+                if self.by_priority and request.priority > worst or len(passed_over) >= YIELD_SCAN:
+                    break
+                if request.num_tokens - request.num_computed_tokens >= yielded.shorter_than:
+                    worst = min(worst, request.priority)   # it waits its turn; nobody worse passes it
+                    passed_over.append(self.waiting.popleft())
+                    continue
             if lora_slots is not None and not lora_slots.acquire(request):
                 passed_over.append(self.waiting.popleft())
                 continue

@@ -2,7 +2,12 @@
 chunk) plus a bad request every 200 ms against one server; at the end nothing runs or
 waits, the KV cache is empty, no 5xx was seen, and every stream read to the end has the
 greedy text of the same request sent alone. Bounded: 8 tokens a stream, --max-num-seqs 8
-(so the 64 queue), every thread joined with a timeout, the whole test under ~90 s."""
+(so the 64 queue), every thread joined with a timeout, the whole test under ~90 s.
+
+And one long prompt does not hold a short one back: with a 16-token budget a step, a
+480-token prompt's prefill takes 30 steps, and a short request sent once it runs is
+answered before it ends (core/scheduler.py: a long prefill leaves shorter work half the
+budget)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +17,7 @@ import time
 import pytest
 import requests
 
-from tests.server.conftest import ServerProcess, serving, wait_idle
+from tests.server.conftest import ServerProcess, scrape_metrics, serving, wait_idle
 
 NUM_STREAMS = 64
 PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The three primary colors are",
@@ -37,7 +42,7 @@ TIME_LIMIT_S = 90.0
 @pytest.fixture(scope="module")
 def load_server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
     yield from serving(tmp_path_factory, "load", "--max-num-seqs", "8", "--max-model-len", "512",
-                        "--num-kv-blocks", "256", "--dtype", "float32")
+                        "--num-kv-blocks", "256", "--dtype", "float32", "--max-num-batched-tokens", "16")
 
 
 def _body(prompt: str, stream: bool) -> dict:
@@ -107,3 +112,32 @@ def test_64_streams_with_disconnects_and_bad_requests(load_server) -> None:
 def _model(samples: dict) -> str:
     return next(dict(labels)["model_name"] for (name, labels), _ in samples.items()
                 if name == "pagedserve:num_requests_running")
+
+
+def test_a_short_request_is_answered_while_a_long_prompt_is_still_in_prefill(load_server) -> None:
+    base = load_server.base_url
+    short = _body(PROMPTS[0], False) | {"max_tokens": 3}
+    alone = requests.post(f"{base}/v1/completions", json=short, timeout=60)
+    assert alone.status_code == 200, alone.text
+    wait_idle(base, timeout=30)
+    done: dict[str, tuple[float, int, str]] = {}
+
+    def send(name: str, body: dict) -> None:
+        response = requests.post(f"{base}/v1/completions", json=body, timeout=TIME_LIMIT_S)
+        done[name] = (time.monotonic(), response.status_code, response.text)
+
+    long_body = {"prompt": " hello" * 480, "max_tokens": 1, "temperature": 0.0}
+    long_thread = threading.Thread(target=send, args=("long", long_body), daemon=True)
+    long_thread.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:   # the long prompt runs: its prefill has ~30 steps to go
+        samples = scrape_metrics(base)
+        if samples[("pagedserve:num_requests_running", (("model_name", _model(samples)),))] >= 1:
+            break
+        time.sleep(0.01)
+    send("short", short)
+    long_thread.join(timeout=TIME_LIMIT_S)
+    assert done["long"][1] == 200 and done["short"][1] == 200, done
+    assert json.loads(done["long"][2])["usage"]["prompt_tokens"] >= 480
+    assert done["short"][0] < done["long"][0], "the short request waited for the long prompt's prefill"
+    assert json.loads(done["short"][2])["choices"][0]["text"] == alone.json()["choices"][0]["text"]

@@ -272,3 +272,112 @@ def test_parallel_samples_share_their_parents_place():
     assert forks[0].arrival_index == parent.arrival_index == 2
     out, _ = run_step(s)
     assert [r.request_id for r in s.running] == ["late", "p", "p-1"]
+
+
+def test_a_long_prefill_leaves_a_short_prompt_room_in_the_next_step():
+    # budget 16: a 40-token prompt would take every step's budget until its prefill ends
+    s = make(budget=16, max_len=64)
+    s.add_request(req("long", 40))
+    out, _ = run_step(s)
+    assert out.num_scheduled_tokens == {"long": 16}
+    s.add_request(req("short", 5, start=100))
+    out, _ = run_step(s)
+    # 24 left (> half the budget): it leaves the short prompt its 5 tokens
+    assert out.num_scheduled_tokens == {"long": 11, "short": 5}
+    assert s.requests["short"].output_token_ids == [7]
+    out, _ = run_step(s)   # nothing waits: the whole budget again
+    assert out.num_scheduled_tokens == {"long": 13, "short": 1}
+    assert s.requests["long"].output_token_ids == [7]
+
+
+def test_a_long_prefill_leaves_at_most_half_the_budget():
+    s = make(budget=16, max_len=64)
+    s.add_request(req("long", 48))
+    run_step(s)
+    s.add_request(req("mid", 20, start=100))   # shorter than the 32 left, longer than half the budget
+    out, _ = run_step(s)
+    assert out.num_scheduled_tokens == {"long": 8, "mid": 8}
+
+
+def test_a_waiting_prompt_as_long_as_the_prefill_keeps_its_place():
+    s = make(budget=16, max_len=64)
+    s.add_request(req("long", 40))
+    run_step(s)                                   # 24 left
+    s.add_request(req("longer", 30, start=100))   # it waits its turn, first in the queue
+    s.add_request(req("short", 3, start=200))
+    out, _ = run_step(s)
+    assert out.num_scheduled_tokens == {"long": 13, "short": 3}
+    assert [r.request_id for r in s.waiting] == ["longer"]
+    s2 = make(budget=16, max_len=64)              # nothing shorter waits: the budget as before
+    s2.add_request(req("long", 40))
+    run_step(s2)
+    s2.add_request(req("longer", 30, start=100))
+    out, _ = run_step(s2)
+    assert out.num_scheduled_tokens == {"long": 16}
+    out, _ = run_step(s2)
+    assert out.num_scheduled_tokens == {"long": 8, "longer": 8}
+
+
+def test_a_short_prefill_and_decodes_leave_nothing():
+    s = make(budget=16, max_len=64)
+    s.add_request(req("a", 12))   # 12 > half, but the whole prompt in one step
+    s.add_request(req("b", 6, start=100))
+    out, _ = run_step(s)
+    assert out.num_scheduled_tokens == {"a": 12, "b": 4}
+    s.add_request(req("c", 3, start=200))
+    out, _ = run_step(s)   # b's 2 left: nothing long runs, c joins as before
+    assert out.num_scheduled_tokens == {"a": 1, "b": 2, "c": 3}
+
+
+def test_priority_policy_a_long_prefill_leaves_room_only_to_no_worse_prompts():
+    s = make(budget=16, max_len=64, policy="priority")
+    s.add_request(req("long", 40, priority=1))
+    run_step(s)
+    s.add_request(req("worse", 3, start=100, priority=2))
+    out, _ = run_step(s)
+    assert out.num_scheduled_tokens == {"long": 16}
+    s.add_request(req("equal", 3, start=200, priority=1))
+    out, _ = run_step(s)   # 8 left: no longer long, "equal" joins with what is left
+    assert out.num_scheduled_tokens == {"long": 8, "equal": 3, "worse": 3}
+    s = make(budget=16, max_len=64, policy="priority")
+    s.add_request(req("long", 40, priority=1))
+    run_step(s)
+    s.add_request(req("longer", 30, start=100, priority=0))   # better, and waits its turn
+    s.add_request(req("short", 3, start=200, priority=1))     # worse than it: does not pass it
+    s.add_request(req("best", 3, start=300, priority=0))      # no worse: passes it
+    out, _ = run_step(s)
+    assert out.num_scheduled_tokens == {"long": 13, "best": 3}
+    assert [r.request_id for r in s.waiting] == ["longer", "short"]
+
+
+def test_static_policy_never_yields():
+    s = make(budget=16, max_len=64, policy="static")
+    s.add_request(req("long", 40))
+    run_step(s)
+    s.add_request(req("short", 5, start=100))
+    out, _ = run_step(s)
+    assert out.num_scheduled_tokens == {"long": 16}
+
+
+def test_a_long_prefill_leaves_the_decodes_behind_it_their_tokens():
+    s = make(budget=16, max_len=64)
+    s.add_request(req("long", 48))
+    run_step(s)
+    s.add_request(req("short", 5, start=100))
+    s.add_request(req("other", 2, start=200))
+    out, _ = run_step(s)
+    assert out.num_scheduled_tokens == {"long": 9, "short": 5, "other": 2}
+    out, _ = run_step(s)   # 23 left, nothing waits: the two decodes behind it still get theirs
+    assert out.num_scheduled_tokens == {"long": 14, "short": 1, "other": 1}
+
+
+def test_a_long_prefill_behind_older_rows_still_gets_half_of_what_is_left():
+    s = make(budget=16, max_len=64, max_seqs=16)
+    for i in range(10):
+        s.add_request(req(f"d{i}", 1, max_tokens=20, start=10 * i))
+    s.add_request(req("long", 40, start=500))
+    out, _ = run_step(s)
+    assert out.num_scheduled_tokens == {**{f"d{i}": 1 for i in range(10)}, "long": 6}
+    s.add_request(req("short", 5, start=600))
+    out, _ = run_step(s)   # 6 left after the decodes, 5 reserved: it takes half of the 6
+    assert out.num_scheduled_tokens == {**{f"d{i}": 1 for i in range(10)}, "long": 3, "short": 3}
