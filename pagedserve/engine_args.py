@@ -56,7 +56,7 @@ class EngineArgs:
                                            "more, else 256, as vLLM)")
     max_num_batched_tokens: int | None = _knob(None, "most tokens in one step (default: 8192 on CUDA, 16384 for "
                                                      "the offline LLM on GPUs with 70 GiB or more, as vLLM; "
-                                                     "2048 on CPU)")
+                                                     "on CPU 512, 1024 for the offline LLM)")
     num_scheduler_steps: int | None = _knob(None, "decode steps one schedule runs while every running request "
                                                   "decodes and nothing waiting could join (vLLM V0's multi-step "
                                                   "scheduling: the host's work a token shrinks, tokens arrive that "
@@ -321,13 +321,16 @@ def default_max_num_seqs(device: torch.device) -> int:
 
 
 def default_max_num_batched_tokens(device: torch.device, offline: bool) -> int:
-    """Tokens a step: 2048 on CPU, 8192 on CUDA; the offline LLM takes vLLM's LLM-class budget
-    of 16384 on GPUs with 70 GiB or more (A100 excepted), where half as many prefill steps
-    start every prompt's decode sooner (benchmarks/RESULTS.md, session 33). The server keeps
-    8192 (vLLM's API-server default there too): a step's length is every running stream's
-    inter-token latency."""
+    """Tokens a step: 8192 on CUDA; the offline LLM takes vLLM's LLM-class budget of 16384 on
+    GPUs with 70 GiB or more (A100 excepted), where half as many prefill steps start every
+    prompt's decode sooner (benchmarks/RESULTS.md, session 33). The server keeps 8192 (vLLM's
+    API-server default there too): a step's length is every running stream's inter-token
+    latency. CPU: 1024 offline, 512 for the server; a 2-core CPU prefills faster in those
+    chunks than in 2048-token ones (7,800 tokens: 35.2 -> 28.8-29.5 s at 1024), and the
+    server's streams wait one 512-token step, not one 2048-token step, while a long prompt
+    is prefilled (RESULTS.md, session 57)."""
     if device.type != "cuda":
-        return 2048
+        return 1024 if offline else 512
     return 16384 if offline and _big_gpu(device) else 8192
 
 

@@ -148,7 +148,7 @@ def test_a_kv_cache_smaller_than_max_model_len_names_it(tiny_checkpoints) -> Non
     ("NVIDIA L4", 22, True, 8192), ("NVIDIA L4", 22, False, 8192)])
 def test_default_token_budget_follows_vllm(monkeypatch, name, gib, offline, expected) -> None:
     """vLLM's LLM-class budget on 70 GiB+ GPUs (A100 excepted) for the offline engine; 8192 for
-    the server and smaller GPUs; 2048 on CPU. The larger concurrency default follows the same line."""
+    the server and smaller GPUs; on CPU 1024 offline and 512 for the server. The larger concurrency default follows the same line."""
     import types
 
     import torch
@@ -159,4 +159,4 @@ def test_default_token_budget_follows_vllm(monkeypatch, name, gib, offline, expe
     cuda = torch.device("cuda", 0)
     assert default_max_num_batched_tokens(cuda, offline) == expected
     assert default_max_num_seqs(cuda) == (1024 if gib >= 70 and "A100" not in name else 256)
-    assert default_max_num_batched_tokens(torch.device("cpu"), offline) == 2048
+    assert default_max_num_batched_tokens(torch.device("cpu"), offline) == (1024 if offline else 512)
