@@ -9,11 +9,14 @@ from __future__ import annotations
 import random
 import sys
 import time
+from typing import Callable
 
 from pagedserve import LLM, SamplingParams
 
 
-def main(budget: int) -> None:
+def warm_engine(budget: int) -> tuple[LLM, random.Random, Callable[[int], dict], Callable[[int], SamplingParams]]:
+    """An engine at this budget after one short request, the random source of its prompts, a maker of
+    random n-token prompts, and of greedy n-token forced-length parameters."""
     llm = LLM(max_num_batched_tokens=budget)
     rng = random.Random(0)
 
@@ -24,6 +27,11 @@ def main(budget: int) -> None:
         return SamplingParams(max_tokens=n, ignore_eos=True, temperature=0)
 
     llm.generate([prompt(300)], [params(4)], use_tqdm=False)   # warm-up
+    return llm, rng, prompt, params
+
+
+def main(budget: int) -> None:
+    llm, rng, prompt, params = warm_engine(budget)
     res = {}
     t = time.time()
     llm.generate([prompt(7800)], [params(1)], use_tqdm=False)

@@ -6,6 +6,9 @@ slot = block_id * block_size + offset.
 """
 from __future__ import annotations
 
+from functools import cache
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -110,11 +113,51 @@ def paged_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     return out
 
 
+# Chunks of at least this many tokens take chunk_attention on the CPU; shorter ones one masked
+# call: 2 cores, 9 query heads over 3: a 128-token chunk after 1,024 cached 4.0 ms either way,
+# 256 after 2,048 15.8 ms masked, 12.8 ms split (benchmarks/RESULTS.md, session 58).
+CHUNK_SPLIT_MIN_QUERY = 256
+
+
+@cache
+def cpu_flash_with_lse() -> Callable | None:
+    """torch's CPU flash attention that also returns the log-sum-exp, taking fewer K/V heads
+    than query heads, or None where this torch's lacks either."""
+    try:
+        op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        q, kv = torch.zeros(1, 2, 2, 8), torch.zeros(1, 1, 2, 8)
+        op(q, kv, kv, is_causal=True)
+    except (AttributeError, RuntimeError):
+        return None
+    return op
+
+
+def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                    flash: Callable) -> torch.Tensor:
+    """One sequence's prefill chunk: q [1, L, Hq, D], k/v [1, S, Hkv, D] (S >= L; the last L
+    rows are the chunk's own keys) -> [1, L, Hq, D]. Two flash calls with no mask, merged by
+    their log-sum-exp: the chunk's own keys causal (top-left is right: L == L) and the S - L
+    keys before them whole. The same attention as the masked call, in fewer FLOPs: the masked
+    call runs every block, a mask per block (a 2,048-token chunk after 5,752 cached tokens on
+    2 cores: 0.30 s masked, 0.21 s split; benchmarks/RESULTS.md, session 58)."""
+    context = k.shape[1] - q.shape[1]
+    qt = q.transpose(1, 2)
+    o_new, lse_new = flash(qt, k[:, context:].transpose(1, 2), v[:, context:].transpose(1, 2), is_causal=True,
+                           scale=scale)
+    if not context:
+        return o_new.transpose(1, 2)
+    o_ctx, lse_ctx = flash(qt, k[:, :context].transpose(1, 2), v[:, :context].transpose(1, 2), scale=scale)
+    # the new part's share of the softmax: exp(lse_new) / (exp(lse_new) + exp(lse_ctx))
+    share = torch.sigmoid(lse_new - lse_ctx).unsqueeze(-1)
+    return torch.lerp(o_ctx.float(), o_new.float(), share).to(q.dtype).transpose(1, 2)
+
+
 class StepPlan:
     """What paged_attention_ref and store_kv_ref derive from the step's metadata, derived
     once per step instead of once per layer: the valid slots, and per group of sequences
     (the decodes together, then each longer chunk) its token rows, the cache rows to gather
-    and the attention mask. The same arithmetic as the functions above."""
+    and the attention mask. The same attention as the functions above; on the CPU a chunk of
+    CHUNK_SPLIT_MIN_QUERY tokens or more takes chunk_attention (no mask) where torch has the op."""
 
     def __init__(self, block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                  slot_mapping: torch.Tensor, num_decodes: int, block_size: int) -> None:
@@ -139,6 +182,9 @@ class StepPlan:
         max_seq_len = int(seq_lens.max())
         num_blocks = (max_seq_len + block_size - 1) // block_size
         index = block_tables[:, :num_blocks].reshape(-1).long()
+        if max_q >= CHUNK_SPLIT_MIN_QUERY and seq_lens.device.type == "cpu" and cpu_flash_with_lse() is not None:
+            self.groups.append((lo, hi, index, num_seqs, max_seq_len, None))   # one chunk: chunk_attention
+            return
         key_pos = torch.arange(max_seq_len, device=seq_lens.device)
         query_pos = (seq_lens - query_lens)[:, None] + torch.arange(max_q, device=seq_lens.device)[None, :]
         mask = (key_pos[None, None, :] <= query_pos[:, :, None]) & (key_pos[None, None, :] < seq_lens[:, None, None])
@@ -157,6 +203,10 @@ class StepPlan:
             q = query[lo:hi].view(num_seqs, (hi - lo) // num_seqs, *query.shape[1:])
             k = k_cache.index_select(0, index).view(num_seqs, -1, *k_cache.shape[2:])[:, :max_seq_len]
             v = v_cache.index_select(0, index).view(num_seqs, -1, *v_cache.shape[2:])[:, :max_seq_len]
+            if mask is None:
+                o = chunk_attention(q, k.to(q.dtype), v.to(q.dtype), scale, cpu_flash_with_lse())
+                out[lo:hi] = o.reshape(hi - lo, *query.shape[1:])
+                continue
             o = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
                 attn_mask=mask, scale=scale, enable_gqa=k.shape[2] != num_heads)

@@ -1,0 +1,68 @@
+"""The CPU backend's step attention (torch_ref.StepPlan) against the masked reference
+(paged_attention_ref): a prefill chunk of CHUNK_SPLIT_MIN_QUERY tokens or more takes two flash
+calls with no mask, merged by their log-sum-exp (chunk_attention); the decodes and shorter chunks
+stay masked calls."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagedserve.attention.torch_ref import (CHUNK_SPLIT_MIN_QUERY, StepPlan, cpu_flash_with_lse, paged_attention_ref,
+                                            store_kv_ref)
+
+BLOCK = 16
+
+
+def _batch(dtype: torch.dtype, cache_dtype: torch.dtype, heads: int, kv_heads: int, context: list[int],
+           query: list[int], seed: int = 0):
+    """Sequences of context[i] cached tokens and query[i] new ones (all K/V already in a
+    shuffled paged cache), as the runner's metadata gives them."""
+    gen = torch.Generator().manual_seed(seed)
+    head_dim, num_blocks = 64, 160
+    k_cache = torch.zeros(num_blocks, BLOCK, kv_heads, head_dim, dtype=cache_dtype)
+    v_cache = torch.zeros_like(k_cache)
+    seq_lens = torch.tensor([c + q for c, q in zip(context, query)])
+    per_seq = num_blocks // len(query)
+    order = torch.randperm(num_blocks, generator=gen)
+    block_tables = torch.stack([order[i * per_seq:(i + 1) * per_seq] for i in range(len(query))]).int()
+    for s, n in enumerate(seq_lens.tolist()):
+        slots = torch.tensor([int(block_tables[s, p // BLOCK]) * BLOCK + p % BLOCK for p in range(n)])
+        store_kv_ref(torch.randn(n, kv_heads, head_dim, generator=gen).to(dtype),
+                     torch.randn(n, kv_heads, head_dim, generator=gen).to(dtype), k_cache, v_cache, slots)
+    query_start_loc = torch.tensor([0] + torch.tensor(query).cumsum(0).tolist())
+    q = torch.randn(sum(query), heads, head_dim, generator=gen).to(dtype)
+    return q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
+
+
+@pytest.mark.parametrize("dtype,cache_dtype,heads,kv_heads,tolerance", [
+    (torch.float32, torch.float32, 9, 3, 2e-6),            # the default model's GQA
+    (torch.float32, torch.float32, 4, 4, 2e-6),
+    (torch.bfloat16, torch.bfloat16, 8, 2, 1.6e-2),        # one bf16 rounding of the output
+    (torch.float32, torch.float8_e4m3fn, 8, 2, 2e-6),      # kv_cache_dtype fp8: K/V read back as fp32
+])
+def test_chunks_without_a_mask_equal_the_masked_reference(dtype, cache_dtype, heads, kv_heads, tolerance):
+    # two decodes, a short chunk after cached context (masked), a fresh prompt, a chunk whose context
+    # ends mid-block
+    context, query = [20, 33, 40, 0, 75], [1, 1, CHUNK_SPLIT_MIN_QUERY - 1, CHUNK_SPLIT_MIN_QUERY, 300]
+    q, k_cache, v_cache, block_tables, seq_lens, query_start_loc = _batch(dtype, cache_dtype, heads, kv_heads,
+                                                                          context, query)
+    plan = StepPlan(block_tables, seq_lens, query_start_loc, torch.full((q.shape[0],), -1), 2, BLOCK)
+    assert cpu_flash_with_lse() is not None   # torch >= 2.5 on the CPU: the chunks take chunk_attention
+    assert [group[5] is None for group in plan.groups] == [False, False, True, True]
+    assert [(group[0], group[1]) for group in plan.groups] == [(0, 2), (2, 257), (257, 513), (513, 813)]
+    got = plan.attend(q, k_cache, v_cache, 0.125)
+    want = paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, 0.125)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert (got.float() - want.float()).abs().max().item() <= tolerance
+
+
+def test_without_the_op_the_chunks_keep_the_mask(monkeypatch):
+    """A torch whose CPU flash op lacks the log-sum-exp or GQA: every group masked, same result."""
+    import pagedserve.attention.torch_ref as torch_ref
+    monkeypatch.setattr(torch_ref, "cpu_flash_with_lse", lambda: None)
+    q, k_cache, v_cache, block_tables, seq_lens, query_start_loc = _batch(torch.float32, torch.float32, 9, 3,
+                                                                          [5, 40], [1, 300], seed=1)
+    plan = StepPlan(block_tables, seq_lens, query_start_loc, torch.full((q.shape[0],), -1), 1, BLOCK)
+    assert all(group[5] is not None for group in plan.groups)
+    want = paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, 0.125)
+    assert torch.allclose(plan.attend(q, k_cache, v_cache, 0.125), want, atol=2e-6, rtol=0)
