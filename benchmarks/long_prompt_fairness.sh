@@ -10,13 +10,8 @@ set -euo pipefail
 CODE=${1:-$PWD}; RESULT=${2:-/tmp/long_prompt_fairness.json}
 PY=${PY:-$PWD/.venv/bin/python}; PORT=${PORT:-8390}
 LONG_N=${LONG_N:-3}; LONG_LEN=${LONG_LEN:-7800}; SHORT_N=${SHORT_N:-24}; SHORT_RATE=${SHORT_RATE:-0.4}
-LOG=$(mktemp)
-(cd "$CODE" && exec env PYTHONPATH="$CODE" "$PY" -c "from pagedserve.cli import main; main()" serve --port "$PORT" \
-  ${SERVER_ARGS:-}) > "$LOG" 2>&1 &   # from CODE: `python -c` puts the working directory first on the path
-SERVER=$!
-trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null' EXIT
-sleep 1; echo "== server from $(readlink "/proc/$SERVER/cwd")"
-for _ in $(seq 120); do curl -sf "localhost:$PORT/health" >/dev/null && break; sleep 1; done
+source "$(dirname "$0")/cpu_server.sh"
+start_server "$CODE" "$PORT"
 bench() { PYTHONPATH=$PWD "$PY" -c "from pagedserve.cli import main; main()" bench serve --port "$PORT" \
   --dataset-name random --ignore-eos --disable-tqdm --skip-initial-test "$@"; }
 bench --num-prompts "$LONG_N" --random-input-len "$LONG_LEN" --random-output-len 8 --random-range-ratio 0 \

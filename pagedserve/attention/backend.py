@@ -47,14 +47,30 @@ class TorchBackend:
 
     def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, rotary: tuple) -> torch.Tensor | None:
-        """Rotary, KV store and attention of an all-decode fp32 step in one call of the decode
-        kernel -> [T, Hq * D]; None where there is none (the caller runs the three)."""
-        if self.decode_kernel is None or meta.num_decodes != meta.num_seqs or q.dtype != torch.float32 \
+        """Rotary, KV store and attention of an fp32 step's decodes in one call of the decode
+        kernel -> [T, Hq * D]: an all-decode step whole; in a mixed step the decodes (its first
+        rows) so, and its chunks rotated, stored and attended by the plan. None where there is no
+        kernel or no decode (the caller runs the three). The kernel reads each decode's own
+        blocks; the plan's decode group gathers every decode's padded to the longest (32 decodes
+        of 200-1,000 tokens, 2 cores: 4.4 ms a layer against 12.9; benchmarks/RESULTS.md, session 58)."""
+        if self.decode_kernel is None or not meta.num_decodes or q.dtype != torch.float32 \
                 or k_cache.dtype != torch.float32:
             return None
         rope, positions = rotary
-        return self.decode_kernel(q, k, v, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.slot_mapping,
-                                  positions, rope.cos_cache, rope.sin_cache, scale)
+        decodes = meta.num_decodes
+        if decodes == meta.num_seqs:
+            return self.decode_kernel(q, k, v, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.slot_mapping,
+                                      positions, rope.cos_cache, rope.sin_cache, scale)
+        out = torch.empty(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)
+        out[:decodes] = self.decode_kernel(q[:decodes], k[:decodes], v[:decodes], k_cache, v_cache,
+                                           meta.block_tables[:decodes], meta.seq_lens[:decodes],
+                                           meta.slot_mapping[:decodes], positions[:decodes], rope.cos_cache,
+                                           rope.sin_cache, scale)
+        chunk_q, chunk_k = rope(positions[decodes:], q[decodes:], k[decodes:])
+        store_kv_ref(chunk_k, v[decodes:], k_cache, v_cache, meta.slot_mapping[decodes:])
+        chunks = self._plan_for(meta, k_cache.shape[1]).attend(chunk_q, k_cache, v_cache, scale, skip_decodes=True)
+        out[decodes:] = chunks.flatten(1)
+        return out
 
     def _plan_for(self, meta: AttentionMetadata, block_size: int) -> StepPlan:
         if meta is not self._meta:

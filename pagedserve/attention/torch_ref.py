@@ -167,6 +167,7 @@ class StepPlan:
         query_lens = query_start_loc[1:] - query_start_loc[:-1]
         seq_lens = seq_lens.to(query_lens.dtype)
         starts = query_start_loc.tolist()
+        self.num_decodes = num_decodes
         self.groups: list[tuple[int, int, torch.Tensor, int, int, torch.Tensor]] = []
         if num_decodes:
             self._add(0, num_decodes, num_decodes, block_tables[:num_decodes], seq_lens[:num_decodes],
@@ -196,10 +197,15 @@ class StepPlan:
         _rows(k_cache).index_copy_(0, self.slots, to_cache(key, k_cache))
         _rows(v_cache).index_copy_(0, self.slots, to_cache(value, v_cache))
 
-    def attend(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+    def attend(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
+               skip_decodes: bool = False) -> torch.Tensor:
+        """The step's attention, [T, Hq, D] like query; with skip_decodes, query and the result
+        hold only the rows after the decodes (their attention is the caller's)."""
         out = torch.empty_like(query)
         num_heads = query.shape[1]
-        for lo, hi, index, num_seqs, max_seq_len, mask in self.groups:
+        first = self.num_decodes if skip_decodes else 0
+        for lo, hi, index, num_seqs, max_seq_len, mask in self.groups[1 if skip_decodes and first else 0:]:
+            lo, hi = lo - first, hi - first
             q = query[lo:hi].view(num_seqs, (hi - lo) // num_seqs, *query.shape[1:])
             k = k_cache.index_select(0, index).view(num_seqs, -1, *k_cache.shape[2:])[:, :max_seq_len]
             v = v_cache.index_select(0, index).view(num_seqs, -1, *v_cache.shape[2:])[:, :max_seq_len]

@@ -66,3 +66,47 @@ def test_without_the_op_the_chunks_keep_the_mask(monkeypatch):
     assert all(group[5] is not None for group in plan.groups)
     want = paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, 0.125)
     assert torch.allclose(plan.attend(q, k_cache, v_cache, 0.125), want, atol=2e-6, rtol=0)
+
+
+def test_mixed_step_decodes_take_the_decode_kernel(monkeypatch):
+    """GGUF packed on the CPU (TorchBackend with gguf_cpu.decode_attention): in a mixed step the
+    decodes take the C++ kernel, the chunks the plan; outputs and caches equal the backend without
+    the kernel (rotary, store, the masked decode group)."""
+    from pagedserve.attention.backend import TorchBackend
+    from pagedserve.attention.metadata import AttentionMetadata
+    from pagedserve.layers.quantization import gguf_cpu
+    from pagedserve.layers.rotary import RotaryEmbedding
+    if gguf_cpu.extension() is None:
+        pytest.skip("the C++ kernels did not build here (no compiler)")
+    context, query = [20, 33, 75, 0, 40], [1, 1, 1, CHUNK_SPLIT_MIN_QUERY, 9]
+    q, k_cache, v_cache, block_tables, seq_lens, query_start_loc = _batch(torch.float32, torch.float32, 9, 3,
+                                                                          context, query, seed=2)
+    gen = torch.Generator().manual_seed(3)
+    k, v = torch.randn(q.shape[0], 3, 64, generator=gen), torch.randn(q.shape[0], 3, 64, generator=gen)
+    positions = torch.cat([torch.arange(c, c + n) for c, n in zip(context, query)])
+    slots = torch.tensor([int(block_tables[s, p // BLOCK]) * BLOCK + p % BLOCK
+                          for s, (c, n) in enumerate(zip(context, query)) for p in range(c, c + n)])
+    meta = AttentionMetadata(slot_mapping=slots, query_start_loc=query_start_loc, seq_lens=seq_lens,
+                             block_tables=block_tables, max_query_len=max(query), max_seq_len=int(seq_lens.max()),
+                             num_decodes=3, num_decode_tokens=3)
+    rope = RotaryEmbedding(64, 4096, 10000.0)
+    calls = []
+
+    def kernel(*args):
+        calls.append(args[0].shape[0])
+        return gguf_cpu.decode_attention(*args)
+
+    results = []
+    for backend in (TorchBackend(kernel), TorchBackend()):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        out = backend.decode(q, k, v, kc, vc, meta, 0.125, (rope, positions))
+        if out is None:   # no kernel: the layer's own way (layers/attention.py)
+            rq, rk = rope(positions, q, k)
+            backend.store_kv(rk, v, kc, vc, slots, meta)
+            out = backend.attend(rq, rk, v, kc, vc, meta, 0.125).flatten(1)
+        results.append((out, kc, vc))
+    assert calls == [3]   # the three decodes, once
+    (got, got_k, got_v), (want, want_k, want_v) = results
+    assert torch.allclose(got_k, want_k, atol=1e-6, rtol=0) and torch.equal(got_v, want_v)
+    assert got.shape == want.shape == (q.shape[0], 9 * 64)
+    assert (got - want).abs().max().item() <= 2e-5
