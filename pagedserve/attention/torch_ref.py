@@ -137,7 +137,8 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     """One sequence's prefill chunk: q [1, L, Hq, D], k/v [1, S, Hkv, D] (S >= L; the last L
     rows are the chunk's own keys) -> [1, L, Hq, D]. Two flash calls with no mask, merged by
     their log-sum-exp: the chunk's own keys causal (top-left is right: L == L) and the S - L
-    keys before them whole. The same attention as the masked call, in fewer FLOPs: the masked
+    keys before them whole (as sdpa_prefill splits a long chunk on CUDA; that module needs
+    Triton). The same attention as the masked call, in fewer FLOPs: the masked
     call runs every block, a mask per block (a 2,048-token chunk after 5,752 cached tokens on
     2 cores: 0.30 s masked, 0.21 s split; benchmarks/RESULTS.md, session 58)."""
     context = k.shape[1] - q.shape[1]
@@ -204,7 +205,7 @@ class StepPlan:
         out = torch.empty_like(query)
         num_heads = query.shape[1]
         first = self.num_decodes if skip_decodes else 0
-        for lo, hi, index, num_seqs, max_seq_len, mask in self.groups[1 if skip_decodes and first else 0:]:
+        for lo, hi, index, num_seqs, max_seq_len, mask in (self.groups[1:] if first else self.groups):
             lo, hi = lo - first, hi - first
             q = query[lo:hi].view(num_seqs, (hi - lo) // num_seqs, *query.shape[1:])
             k = k_cache.index_select(0, index).view(num_seqs, -1, *k_cache.shape[2:])[:, :max_seq_len]

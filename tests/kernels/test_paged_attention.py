@@ -6,8 +6,6 @@ query_start_loc[-1] that must stay untouched. Tolerances are per dtype (TOLERANC
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 
@@ -16,53 +14,12 @@ from pagedserve.attention.torch_ref import paged_attention_ref  # noqa: E402
 from pagedserve.attention import split_plan, triton_paged_attention as tpa  # noqa: E402
 from pagedserve.attention.split_plan import SplitPlan, choose_splits  # noqa: E402
 from pagedserve.attention.triton_paged_attention import paged_attention  # noqa: E402
+from tests.paged_batch import DEVICE, NUM_PAD_TOKENS, Batch, make_batch  # noqa: E402,F401  (the other kernel tests' too)
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # The interpreter (CPU) runs numpy, which has no bfloat16: half types are tested on CUDA only.
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16] if DEVICE.type == "cuda" else [torch.float32]
 # (atol, rtol) against the reference computed in the same dtype.
 TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (2e-2, 2e-2), torch.float16: (5e-3, 5e-3)}
-NUM_PAD_TOKENS = 3
-
-
-@dataclass
-class Batch:
-    query: torch.Tensor  # [num_tokens + NUM_PAD_TOKENS, num_heads, head_dim]
-    k_cache: torch.Tensor
-    v_cache: torch.Tensor
-    block_tables: torch.Tensor
-    seq_lens: torch.Tensor
-    query_start_loc: torch.Tensor
-    max_query_len: int
-    max_seq_len: int
-    scale: float
-
-
-def make_batch(query_lens: list[int], context_lens: list[int], num_heads: int, num_kv_heads: int,
-               head_dim: int, block_size: int, dtype: torch.dtype, seed: int) -> Batch:
-    """Sequence s has context_lens[s] cached tokens and query_lens[s] new ones (already stored)."""
-    generator = torch.Generator().manual_seed(seed)
-    seq_lens = [c + q for c, q in zip(context_lens, query_lens)]
-    blocks_per_seq = [-(-n // block_size) for n in seq_lens]
-    num_blocks = sum(blocks_per_seq) + 3  # spare blocks full of junk
-    block_ids = torch.randperm(num_blocks, generator=generator).to(torch.int32)
-    block_tables = torch.zeros(len(seq_lens), max(blocks_per_seq) + 2, dtype=torch.int32)
-    used = 0
-    for s, count in enumerate(blocks_per_seq):
-        block_tables[s, :count] = block_ids[used:used + count]
-        used += count
-    cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    num_tokens = sum(query_lens)
-    query = torch.randn(num_tokens + NUM_PAD_TOKENS, num_heads, head_dim, generator=generator)
-    query_start_loc = torch.tensor([0] + query_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    return Batch(
-        query=query.to(DEVICE, dtype),
-        k_cache=torch.randn(cache_shape, generator=generator).to(DEVICE, dtype),
-        v_cache=torch.randn(cache_shape, generator=generator).to(DEVICE, dtype),
-        block_tables=block_tables.to(DEVICE),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
-        query_start_loc=query_start_loc.to(DEVICE),
-        max_query_len=max(query_lens), max_seq_len=max(seq_lens), scale=head_dim ** -0.5)
 
 
 def check_against_reference(batch: Batch, num_decodes: int | None, num_splits: int | None = None) -> None:

@@ -7,31 +7,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagedserve.attention.torch_ref import (CHUNK_SPLIT_MIN_QUERY, StepPlan, cpu_flash_with_lse, paged_attention_ref,
-                                            store_kv_ref)
+from pagedserve.attention.torch_ref import CHUNK_SPLIT_MIN_QUERY, StepPlan, cpu_flash_with_lse, paged_attention_ref
+from tests.paged_batch import make_batch
 
 BLOCK = 16
+CPU = torch.device("cpu")
 
 
 def _batch(dtype: torch.dtype, cache_dtype: torch.dtype, heads: int, kv_heads: int, context: list[int],
            query: list[int], seed: int = 0):
-    """Sequences of context[i] cached tokens and query[i] new ones (all K/V already in a
-    shuffled paged cache), as the runner's metadata gives them."""
-    gen = torch.Generator().manual_seed(seed)
-    head_dim, num_blocks = 64, 160
-    k_cache = torch.zeros(num_blocks, BLOCK, kv_heads, head_dim, dtype=cache_dtype)
-    v_cache = torch.zeros_like(k_cache)
-    seq_lens = torch.tensor([c + q for c, q in zip(context, query)])
-    per_seq = num_blocks // len(query)
-    order = torch.randperm(num_blocks, generator=gen)
-    block_tables = torch.stack([order[i * per_seq:(i + 1) * per_seq] for i in range(len(query))]).int()
-    for s, n in enumerate(seq_lens.tolist()):
-        slots = torch.tensor([int(block_tables[s, p // BLOCK]) * BLOCK + p % BLOCK for p in range(n)])
-        store_kv_ref(torch.randn(n, kv_heads, head_dim, generator=gen).to(dtype),
-                     torch.randn(n, kv_heads, head_dim, generator=gen).to(dtype), k_cache, v_cache, slots)
-    query_start_loc = torch.tensor([0] + torch.tensor(query).cumsum(0).tolist())
-    q = torch.randn(sum(query), heads, head_dim, generator=gen).to(dtype)
-    return q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
+    """tests/paged_batch.make_batch on the CPU (its padding rows left out), the cache in cache_dtype."""
+    batch = make_batch(query, context, heads, kv_heads, 64, BLOCK, dtype, seed, device=CPU)
+    q = batch.query[:int(batch.query_start_loc[-1])]
+    k_cache, v_cache = batch.k_cache.to(cache_dtype), batch.v_cache.to(cache_dtype)
+    return q, k_cache, v_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc
 
 
 @pytest.mark.parametrize("dtype,cache_dtype,heads,kv_heads,tolerance", [
