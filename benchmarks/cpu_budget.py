@@ -14,10 +14,12 @@ from typing import Callable
 from pagedserve import LLM, SamplingParams
 
 
-def warm_engine(budget: int) -> tuple[LLM, random.Random, Callable[[int], dict], Callable[[int], SamplingParams]]:
-    """An engine at this budget after one short request, the random source of its prompts, a maker of
-    random n-token prompts, and of greedy n-token forced-length parameters."""
-    llm = LLM(max_num_batched_tokens=budget)
+def warm_engine(budget: int, **engine_args) -> tuple[LLM, random.Random, Callable[[int], dict],
+                                                    Callable[[int], SamplingParams]]:
+    """An engine at this budget (on the default model unless engine_args say otherwise) after one short request,
+    the random source of its prompts, a maker of random n-token prompts, and of greedy n-token forced-length
+    parameters."""
+    llm = LLM(max_num_batched_tokens=budget, **engine_args)
     rng = random.Random(0)
 
     def prompt(n: int) -> dict:

@@ -99,7 +99,7 @@ def engine_run() -> dict[tuple, list[float]]:
     reqs = long64_requests(SMOKE)
     if SMOKE:   # the Triton backend on the CPU (interpreter), so that the timer has launches to see
         from pagedserve.worker import model_runner
-        model_runner.select_backend = lambda device, quantization=None: TritonBackend()
+        model_runner.select_backend = lambda device: TritonBackend()
     llm = make_llm(SMOKE, "llama-8b", 2048 if SMOKE else 32768)
     params = [SamplingParams(max_tokens=o, ignore_eos=True, temperature=0.0, detokenize=False) for _, o in reqs]
     prompts = [{"prompt_token_ids": p} for p, _ in reqs]

@@ -8,7 +8,6 @@ from typing import Callable, Protocol
 import torch
 
 from pagedserve.attention.metadata import AttentionMetadata
-from pagedserve.config import QuantizationSpec
 from pagedserve.attention.torch_ref import StepPlan, as_cached, store_kv_ref
 
 logger = logging.getLogger(__name__)
@@ -43,7 +42,7 @@ class TorchBackend:
     def __init__(self, decode_kernel: Callable | None = None) -> None:
         self._meta: AttentionMetadata | None = None
         self._plan: StepPlan | None = None
-        self.decode_kernel = decode_kernel   # GGUF packed on CPU: gguf_cpu.decode_attention
+        self.decode_kernel = decode_kernel   # on CPU: gguf_cpu.decode_attention (select_backend)
 
     def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, rotary: tuple) -> torch.Tensor | None:
@@ -302,10 +301,11 @@ class TritonBackend:
         return out
 
 
-def select_backend(device: torch.device, quantization: QuantizationSpec | None = None) -> AttentionBackend:
-    """Triton on CUDA, the torch reference elsewhere (with the C++ decode kernel for GGUF
-    blocks on the C++ kernels)."""
+def select_backend(device: torch.device, decodes: bool = True) -> AttentionBackend:
+    """Triton on CUDA, the torch reference elsewhere; for a model that decodes (not an encoder's
+    pooling), fp32 decodes on CPU take the C++ decode kernel (gguf_cpu.decode_attention: each
+    sequence's own blocks, not the plan's padded group; fp32 in another order than SDPA's)."""
     if device.type == "cuda":
         return TritonBackend()
-    from pagedserve.layers.quantization.gguf import cpu_decode_attention
-    return TorchBackend(cpu_decode_attention(quantization))
+    from pagedserve.layers.quantization import gguf_cpu
+    return TorchBackend(gguf_cpu.decode_attention if decodes and gguf_cpu.extension() is not None else None)

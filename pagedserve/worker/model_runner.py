@@ -115,7 +115,7 @@ class ModelRunner:
         is written: kv_pool.kv_zeros), and bind them to the attention layers. They are
         the planes of one tensor [2 * num_layers, num_blocks, ...] (`kv_cache`), so the host
         tier copies a block of every layer in one op."""
-        backend = select_backend(self.device, self.model_config.quantization)
+        backend = select_backend(self.device)
         layers = self.model.attention_layers()
         shape = (num_blocks, self.block_size, layers[0].num_kv_heads, layers[0].head_dim)
         self.kv_cache = kv_zeros((2 * len(layers), *shape), self.kv_dtype, self.device)

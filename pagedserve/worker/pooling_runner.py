@@ -109,7 +109,7 @@ class DecoderPoolingRunner:
         num_blocks = -(-max_tokens // self.block_size) + max_seqs
         shape = (num_blocks, self.block_size, layers[0].num_kv_heads, layers[0].head_dim)
         self.kv_cache = kv_zeros((2 * len(layers), *shape), config.dtype, device)
-        backend = select_backend(device, None)
+        backend = select_backend(device, decodes=False)
         for i, layer in enumerate(layers):
             layer.k_cache, layer.v_cache, layer.backend = self.kv_cache[2 * i], self.kv_cache[2 * i + 1], backend
         self.dimensions = config.hidden_size

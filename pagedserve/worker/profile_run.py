@@ -32,7 +32,7 @@ def profile_run(runner: ModelRunner, num_tokens: int) -> None:
     KV cache exists) and its forwards dry-run with this one."""
     device, dtype, sched = runner.device, runner.model_config.dtype, runner.scheduler_config
     num_tokens = min(num_tokens, sched.max_model_len)
-    backend = select_backend(device, runner.model_config.quantization)
+    backend = select_backend(device)
     for layer in runner.model.attention_layers():
         # of the KV cache's element type: the dry runs below take the launches the real cache will
         # (an FP8 cache's compiled late, 1.1-1.5 s stalls in a first thr512 run; RESULTS.md, session 40)

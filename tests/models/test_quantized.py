@@ -14,7 +14,7 @@ import pytest
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.errors import ModelLoadError, ValidationError
-from tests.helpers import hf_greedy, random_prompts
+from tests.helpers import assert_greedy_close, hf_greedy, random_prompts
 from tests.quant_reference import online_reference, reference_model
 
 ROOT = Path(__file__).resolve().parents[1] / "fixtures" / "quant"
@@ -50,9 +50,12 @@ def float_logprobs() -> dict[int, float]:
 @pytest.mark.parametrize("name", FIXTURES)
 def test_greedy_ids_equal_the_dequantized_reference(name, float_logprobs):
     reference = reference_model(str(ROOT / name))
-    expected = [hf_greedy(reference, p, NEW_TOKENS) for p in PROMPTS]
     llm = _llm(str(ROOT / name), max_num_batched_tokens=32)   # a batch, prefills chunked
-    assert _greedy(llm) == expected
+    # dynamic int8 / FP8 activations turn a last-bit rounding into a quantization step, so near-ties may part:
+    # ct-w8a8-int8's prompt 0 at step 3, where the reference's cached generate takes 271 while its own full
+    # forward scores 326 best (3.2313 vs 3.2296), as pagedserve's decode kernel does
+    for prompt, got in zip(PROMPTS, _greedy(llm)):
+        assert_greedy_close(reference, prompt, got, hf_greedy(reference, prompt, NEW_TOKENS))
     # the quantization is not ignored: the first token's logprobs move off the float model's
     got = _first_logprobs(llm)
     assert max(abs(got[t] - float_logprobs[t]) for t in float_logprobs) > 1e-2

@@ -99,3 +99,31 @@ def test_mixed_step_decodes_take_the_decode_kernel(monkeypatch):
     assert torch.allclose(got_k, want_k, atol=1e-6, rtol=0) and torch.equal(got_v, want_v)
     assert got.shape == want.shape == (q.shape[0], 9 * 64)
     assert (got - want).abs().max().item() <= 2e-5
+
+
+def test_fp32_checkpoint_decodes_through_the_kernel_with_transformers_ids(tmp_path, monkeypatch):
+    """A safetensors checkpoint in fp32 on the CPU: select_backend gives the generative model the C++
+    decode kernel (and an encoder's pooling none); a batch's decodes, mixed steps among them, go
+    through it, and the greedy ids equal transformers'."""
+    from pagedserve import LLM, SamplingParams
+    from pagedserve.attention.backend import select_backend
+    from pagedserve.layers.quantization import gguf_cpu
+    from tests.helpers import hf_greedy, random_prompts, write_tiny_checkpoint
+    if gguf_cpu.extension() is None:
+        pytest.skip("the C++ kernels did not build here (no compiler)")
+    assert select_backend(CPU).decode_kernel is gguf_cpu.decode_attention
+    assert select_backend(CPU, decodes=False).decode_kernel is None
+    rows = []
+    kernel = gguf_cpu.decode_attention
+    monkeypatch.setattr(gguf_cpu, "decode_attention", lambda q, *rest: rows.append(q.shape[0]) or kernel(q, *rest))
+    path = write_tiny_checkpoint(str(tmp_path / "llama"), "llama")
+    prompts = random_prompts(4, 256, 5, 40, seed=7)
+    llm = LLM(model=path, device="cpu", dtype="float32", skip_tokenizer_init=True, max_model_len=128,
+              max_num_batched_tokens=32)   # prompts chunked: later prompts' chunks share steps with decodes
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    from transformers import AutoModelForCausalLM
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(reference, p, 8) for p in prompts]
+    layers = reference.config.num_hidden_layers
+    assert len(rows) % layers == 0 and sum(rows) == 4 * 7 * layers   # each decode token of each layer, once

@@ -35,7 +35,6 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from pagedserve.config import QuantizationSpec
 from pagedserve.layers.quantization.base import (CheckpointTensor, LinearMethod, QuantizationConfig,
                                                  checkpoint_names, make_param)
 from pagedserve.layers.quantization import gguf_cpu
@@ -99,15 +98,6 @@ class GGUFConfig(QuantizationConfig):
     def get_embedding_method(self, prefix: str) -> "GGUFEmbeddingMethod | None":
         fmt = self._type_of([prefix])
         return GGUFEmbeddingMethod(fmt, self.int4) if fmt else None
-
-
-def cpu_decode_attention(spec: QuantizationSpec | None) -> Callable | None:
-    """The C++ decode attention (gguf_cpu.decode_attention) for a model whose GGUF blocks run on
-    the C++ kernels (their rounding already differs from the fp32 reference's); None for every
-    other model, which keeps torch's attention (dtype=float32 stays exact)."""
-    if spec is None or spec.method != "gguf" or spec.config.get("dequantize") or gguf_cpu.extension() is None:
-        return None
-    return gguf_cpu.decode_attention
 
 
 def cpu_decode_stack(layers: list[nn.Module], positions: torch.Tensor, hidden: torch.Tensor,
