@@ -308,4 +308,5 @@ def select_backend(device: torch.device, decodes: bool = True) -> AttentionBacke
     if device.type == "cuda":
         return TritonBackend()
     from pagedserve.layers.quantization import gguf_cpu
-    return TorchBackend(gguf_cpu.decode_attention if decodes and gguf_cpu.extension() is not None else None)
+    cpu_kernel = decodes and device.type == "cpu" and gguf_cpu.extension() is not None
+    return TorchBackend(gguf_cpu.decode_attention if cpu_kernel else None)
