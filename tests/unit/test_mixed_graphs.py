@@ -152,12 +152,20 @@ def test_capture_and_replay_order(tmp_path, monkeypatch):
 
     runner.graph_runner = graphs
     metas = []
-    attend = type(runner.model.attention_layers()[0].backend).attend
+    backend_type = type(runner.model.attention_layers()[0].backend)
+    attend, decode = backend_type.attend, backend_type.decode
 
     def spy(self, query, key, value, k_cache, v_cache, meta, scale, out=None):
         metas.append(meta)
         return attend(self, query, key, value, k_cache, v_cache, meta, scale, out)
-    monkeypatch.setattr(type(runner.model.attention_layers()[0].backend), "attend", spy)
+
+    def decode_spy(self, q, k, v, k_cache, v_cache, meta, scale, rotary):   # a step with decodes: the C++ kernel
+        out = decode(self, q, k, v, k_cache, v_cache, meta, scale, rotary)
+        if out is not None:
+            metas.append(meta)
+        return out
+    monkeypatch.setattr(backend_type, "attend", spy)
+    monkeypatch.setattr(backend_type, "decode", decode_spy)
     a, b = RequestId("a"), RequestId("b")
     prompt_a, prompt_b = random_prompts(2, 512, 7, 7, seed=5)
     FakeGraph.log = []
