@@ -1,6 +1,7 @@
 """The C++ GEMV on GGUF blocks (gguf_cpu.cpp: the torch functions, DecodeStack, the bindings;
 gguf_cpu_gemv.cpp: the kernels; Q8 activations: gguf_cpu_q8.cpp; gguf_cpu_attention.cpp: the
-decode attention; gguf_cpu.h between them, gguf_cpu_phases.h: DecodeStack's work sharing):
+decode attention, which every generative model's fp32 decodes on the CPU take, GGUF or not:
+attention/backend.select_backend; gguf_cpu.h between them, gguf_cpu_phases.h: DecodeStack's work sharing):
 decode-sized products on the CPU read the blocks the loader keeps,
 fp32 accumulate, no repack. Compiled on first use into torch's
 extensions cache (torch.utils.cpp_extension; -O3 -march=native, since it runs where it is
@@ -54,16 +55,17 @@ def _load() -> ModuleType | None:
         return module
     from torch.utils.cpp_extension import load
     start = time.perf_counter()
-    logger.info("GGUF CPU kernels: compiling or loading %s (torch extensions cache; the first build takes ~30 s)",
+    logger.info("C++ CPU kernels (GGUF GEMV, decode attention): compiling or loading %s (torch extensions cache; "
+                "the first build takes ~30 s)",
                 ", ".join(os.path.basename(p) for p in _SOURCES))
     try:
         module = load(name=name, sources=_SOURCES, verbose=False,
                       extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as exc:   # noqa: BLE001  (no compiler, no headers: keep the torch path)
-        logger.warning("GGUF CPU kernels unavailable (%s: %s); using torch's int4 kernel", type(exc).__name__,
-                       str(exc).splitlines()[-1] if str(exc) else "")
+        logger.warning("C++ CPU kernels unavailable (%s: %s); GGUF layers use torch's int4 kernel, decodes torch's "
+                       "SDPA", type(exc).__name__, str(exc).splitlines()[-1] if str(exc) else "")
         return None
-    logger.info("GGUF CPU kernels ready in %.1f s", time.perf_counter() - start)
+    logger.info("C++ CPU kernels ready in %.1f s", time.perf_counter() - start)
     _record_built(name, module.__file__)
     return module
 
@@ -101,7 +103,7 @@ def _import_built(name: str) -> ModuleType | None:
         spec.loader.exec_module(module)
     except Exception:   # noqa: BLE001  (missing, stale or unreadable: rebuild through cpp_extension)
         return None
-    logger.info("GGUF CPU kernels loaded from %s", path)
+    logger.info("C++ CPU kernels loaded from %s", path)
     return module
 
 
