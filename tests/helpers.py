@@ -110,8 +110,8 @@ def assert_greedy_close(model, prompt_ids: list[int], got: list[int], expected: 
     with torch.no_grad():
         logits = model(torch.tensor([prompt_ids + expected[:part]])).logits[0, -1].float()
     gap = float(logits.max() - logits[got[part]])
-    assert gap <= margin, f"step {part}: token {got[part]} scores {gap:.4g} below the reference's best " \
-                          f"{expected[part]} (allowed {margin}); got {got}, expected {expected}"
+    assert gap <= margin, f"step {part}: token {got[part]} scores {gap:.4g} below the reference's best logit there " \
+                          f"(allowed {margin}; its generate took {expected[part]}); got {got}, expected {expected}"
 
 
 def random_prompts(count: int, vocab: int, min_len: int, max_len: int, seed: int = 0) -> list[list[int]]:
